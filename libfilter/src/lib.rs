@@ -1,0 +1,21 @@
+//! libfilter — the resume-key filter's library.
+//!
+//! - [`model`]: what a handle is (resume key, client, share mode, durability…),
+//!   as types that refuse bad values.
+//! - [`share`]: the share-mode algebra (pure).
+//! - [`store`]: the LMDB tables (heed), versioned records, schema and epoch.
+//! - [`proto`]: the frontend ↔ filterd wire protocol, the only place its
+//!   messages are defined.
+//! - [`client`]: the API a frontend links to: connect, open, resume, close,
+//!   events. A third-party file server needs nothing else.
+//! - [`sys`]: the syscall backend (openat2, file handles, SCM_RIGHTS), the one
+//!   module allowed `unsafe`.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod model;
+pub mod proto;
+pub mod share;
+pub mod store;
+pub mod sys;

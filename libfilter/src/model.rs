@@ -1,0 +1,634 @@
+//! The state model: what the filter knows about every open handle.
+//!
+//! Everything a peer sends is decoded straight into these types ("parse, don't
+//! validate"): a [`RelPath`] cannot hold `..`, an [`Access`] cannot be empty, a
+//! [`Protocol`] name cannot be garbage. The share-mode algebra over these types
+//! lives in [`crate::share`]; the LMDB codecs in [`crate::store`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+/// Longest path a client may name, in bytes (smbl/1 and nfsl/1 agree).
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Longest client identity or owner string a frontend may send, in bytes.
+pub const MAX_IDENT_BYTES: usize = 1024;
+
+/// A model value that a peer sent and that the model refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// The path is empty, absolute, has an empty, `.` or `..` component, a NUL,
+    /// or is longer than [`MAX_PATH_BYTES`].
+    #[error("invalid path: {0}")]
+    InvalidPath(&'static str),
+    /// A protocol or instance name is empty, too long or has characters other
+    /// than `[A-Za-z0-9._-]`.
+    #[error("invalid name {0:?}: use 1-64 characters from [A-Za-z0-9._-]")]
+    InvalidName(String),
+    /// A client identity or owner is empty or longer than [`MAX_IDENT_BYTES`].
+    #[error("invalid identity: must be 1..={MAX_IDENT_BYTES} bytes")]
+    InvalidIdentity,
+    /// An access or share word that is not `read`, `write` or `delete`.
+    #[error("unknown access right {0:?}")]
+    UnknownRight(String),
+    /// An access mask with no right at all.
+    #[error("access must name at least one right")]
+    EmptyAccess,
+    /// A resume key that is not a UUID.
+    #[error("invalid resume key {0:?}")]
+    InvalidResumeKey(String),
+}
+
+/// The key of the handle table: names one open for its whole life, across
+/// client reconnects, frontend replacement and daemon restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ResumeKey(pub Uuid);
+
+impl ResumeKey {
+    /// A fresh random key.
+    pub fn new_random() -> Self {
+        ResumeKey(Uuid::new_v4())
+    }
+    /// The 16 bytes used as the LMDB key.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Display for ResumeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for ResumeKey {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s)
+            .map(ResumeKey)
+            .map_err(|_| ModelError::InvalidResumeKey(s.chars().take(64).collect()))
+    }
+}
+
+/// A client-chosen id for a durable open (SMB durable v2 create GUID, or any
+/// frontend's equivalent): identifies the open for reconnect and create replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CreateGuid(pub Uuid);
+
+impl fmt::Display for CreateGuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// Identity of a file: device and inode number, as `fstat` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FileId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl fmt::Display for FileId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.dev, self.ino)
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Checks and wraps a name.
+            pub fn new(s: impl Into<String>) -> Result<Self, ModelError> {
+                let s = s.into();
+                if valid_name(&s) {
+                    Ok($name(s))
+                } else {
+                    Err(ModelError::InvalidName(s.chars().take(80).collect()))
+                }
+            }
+            /// The name as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// The protocol a frontend speaks (`smb`, `nfs`, or a third party's own). A
+    /// handle can only be resumed through a frontend of its own protocol.
+    Protocol
+);
+name_type!(
+    /// The name of a frontend instance. A new process that says hello with the
+    /// name of a dead instance takes over its handles.
+    InstanceName
+);
+
+/// Who owns a handle at the protocol level: an SMB-like client GUID plus user,
+/// an NFS-like client id, ... Opaque to the filter, compared for equality on
+/// resume (invariant 6).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ClientId(String);
+
+impl ClientId {
+    /// Checks and wraps a client identity.
+    pub fn new(s: impl Into<String>) -> Result<Self, ModelError> {
+        let s = s.into();
+        if s.is_empty() || s.len() > MAX_IDENT_BYTES {
+            return Err(ModelError::InvalidIdentity);
+        }
+        Ok(ClientId(s))
+    }
+    /// The identity as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ClientId::new(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A client path: relative, `/`-separated, no empty, `.` or `..` component, no
+/// NUL, at most [`MAX_PATH_BYTES`]. It is only ever handed to `openat2` with
+/// `RESOLVE_BENEATH` — never joined onto a host path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct RelPath(String);
+
+impl RelPath {
+    /// Checks and wraps a client path.
+    pub fn new(s: impl Into<String>) -> Result<Self, ModelError> {
+        let s = s.into();
+        if s.is_empty() {
+            return Err(ModelError::InvalidPath("empty"));
+        }
+        if s.len() > MAX_PATH_BYTES {
+            return Err(ModelError::InvalidPath("longer than 4096 bytes"));
+        }
+        if s.contains('\0') {
+            return Err(ModelError::InvalidPath("contains NUL"));
+        }
+        if s.starts_with('/') {
+            return Err(ModelError::InvalidPath("absolute"));
+        }
+        for comp in s.split('/') {
+            match comp {
+                "" => return Err(ModelError::InvalidPath("empty component")),
+                "." | ".." => return Err(ModelError::InvalidPath("`.` or `..` component")),
+                _ => {}
+            }
+        }
+        Ok(RelPath(s))
+    }
+    /// The path as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The parent directory, if the path has more than one component.
+    pub fn parent(&self) -> Option<RelPath> {
+        self.0.rsplit_once('/').map(|(p, _)| RelPath(p.to_owned()))
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for RelPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        RelPath::new(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A set of the three rights of the share model: read, write, delete.
+/// Used both for what an open does ([`Access`]) and what it lets others do
+/// ([`ShareAccess`]). Serialized as a list of words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Rights(u8);
+
+impl Rights {
+    /// Read data.
+    pub const READ: Rights = Rights(1);
+    /// Write data (includes truncate and extend).
+    pub const WRITE: Rights = Rights(2);
+    /// Delete or rename the file.
+    pub const DELETE: Rights = Rights(4);
+    /// No right.
+    pub const NONE: Rights = Rights(0);
+    /// All three rights.
+    pub const ALL: Rights = Rights(7);
+
+    /// Builds a set from the low three bits; higher bits are dropped.
+    pub fn from_bits_truncate(b: u8) -> Rights {
+        Rights(b & 7)
+    }
+    /// The raw bits.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+    /// Whether every right in `other` is in `self`.
+    pub fn contains(self, other: Rights) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Whether `self` has no right.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// Union.
+    pub fn union(self, other: Rights) -> Rights {
+        Rights(self.0 | other.0)
+    }
+    fn words(self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.contains(Rights::READ) {
+            v.push("read");
+        }
+        if self.contains(Rights::WRITE) {
+            v.push("write");
+        }
+        if self.contains(Rights::DELETE) {
+            v.push("delete");
+        }
+        v
+    }
+    /// Parses `read`, `write`, `delete` words.
+    pub fn from_words<'a>(words: impl IntoIterator<Item = &'a str>) -> Result<Rights, ModelError> {
+        let mut r = Rights::NONE;
+        for w in words {
+            r = r.union(match w {
+                "read" => Rights::READ,
+                "write" => Rights::WRITE,
+                "delete" => Rights::DELETE,
+                other => return Err(ModelError::UnknownRight(other.chars().take(32).collect())),
+            });
+        }
+        Ok(r)
+    }
+}
+
+impl fmt::Display for Rights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s: String = [(Rights::READ, 'R'), (Rights::WRITE, 'W'), (Rights::DELETE, 'D')]
+            .iter()
+            .map(|(r, c)| if self.contains(*r) { *c } else { '-' })
+            .collect();
+        f.write_str(&s)
+    }
+}
+
+impl Serialize for Rights {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.words().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rights {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let words = Vec::<String>::deserialize(d)?;
+        Rights::from_words(words.iter().map(String::as_str)).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What an open does to the file: a non-empty [`Rights`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Access(Rights);
+
+impl Access {
+    /// Checks that at least one right is asked for.
+    pub fn new(r: Rights) -> Result<Access, ModelError> {
+        if r.is_empty() {
+            Err(ModelError::EmptyAccess)
+        } else {
+            Ok(Access(r))
+        }
+    }
+    /// The rights.
+    pub fn rights(self) -> Rights {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Access {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Access::new(Rights::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What an open lets other opens do meanwhile (may be empty: share none).
+pub type ShareAccess = Rights;
+
+/// How an open treats an existing or missing file (smbl/1 dispositions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Disposition {
+    /// Must exist.
+    Open,
+    /// Must not exist.
+    Create,
+    /// Open, or create if missing.
+    OpenIf,
+    /// Must exist; truncated.
+    Overwrite,
+    /// Truncated if it exists, else created.
+    OverwriteIf,
+    /// Replaced if it exists (here: truncated), else created.
+    Supersede,
+}
+
+/// What an open did to the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreateAction {
+    /// An existing file was opened unchanged.
+    Opened,
+    /// A new file was created.
+    Created,
+    /// An existing file was truncated.
+    Overwritten,
+    /// An existing file was replaced.
+    Superseded,
+}
+
+impl fmt::Display for CreateAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CreateAction::Opened => "opened",
+            CreateAction::Created => "created",
+            CreateAction::Overwritten => "overwritten",
+            CreateAction::Superseded => "superseded",
+        })
+    }
+}
+
+/// Default durable timeout when a frontend asks for 0, in milliseconds.
+pub const DEFAULT_DURABLE_TIMEOUT_MS: u32 = 60_000;
+
+/// How long a handle outlives the loss of its client or frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Durability {
+    /// Closed when its client or frontend goes away. Never waits on an fsync.
+    None,
+    /// Kept disconnected for `timeout_ms` after its client or frontend goes away;
+    /// lives in daemon memory, so it does not survive a daemon crash.
+    Durable {
+        /// Disconnected lifetime.
+        timeout_ms: u32,
+    },
+    /// Like durable, and also survives a daemon crash: its record is on stable
+    /// storage before the open is acknowledged.
+    Persistent {
+        /// Disconnected lifetime.
+        timeout_ms: u32,
+    },
+}
+
+impl Durability {
+    /// The disconnected lifetime, if the handle has one.
+    pub fn timeout_ms(self) -> Option<u32> {
+        match self {
+            Durability::None => None,
+            Durability::Durable { timeout_ms } | Durability::Persistent { timeout_ms } => {
+                Some(timeout_ms)
+            }
+        }
+    }
+    /// Whether the handle's record must be on stable storage.
+    pub fn is_persistent(self) -> bool {
+        matches!(self, Durability::Persistent { .. })
+    }
+    /// Short word for tables.
+    pub fn word(self) -> &'static str {
+        match self {
+            Durability::None => "none",
+            Durability::Durable { .. } => "durable",
+            Durability::Persistent { .. } => "persistent",
+        }
+    }
+    /// Replaces a zero timeout by the default and caps it at `max_ms`.
+    pub fn normalized(self, max_ms: u32) -> Durability {
+        let fix = |t: u32| {
+            let t = if t == 0 { DEFAULT_DURABLE_TIMEOUT_MS } else { t };
+            t.min(max_ms)
+        };
+        match self {
+            Durability::None => Durability::None,
+            Durability::Durable { timeout_ms } => Durability::Durable {
+                timeout_ms: fix(timeout_ms),
+            },
+            Durability::Persistent { timeout_ms } => Durability::Persistent {
+                timeout_ms: fix(timeout_ms),
+            },
+        }
+    }
+}
+
+/// Whether a handle's client is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum ConnState {
+    /// Attached to a live frontend connection.
+    Connected,
+    /// Its client or frontend went away at `since_ms` (Unix ms); it keeps its
+    /// share modes until `expires_ms`, when it is closed for good.
+    Disconnected {
+        /// When it was disconnected, Unix ms.
+        since_ms: u64,
+        /// When it expires, Unix ms.
+        expires_ms: u64,
+    },
+    /// After a daemon restart its file could not be reopened (deleted
+    /// meanwhile). Kept for the operator to see; holds no share mode.
+    Lost,
+}
+
+impl ConnState {
+    /// Short word for tables.
+    pub fn word(self) -> &'static str {
+        match self {
+            ConnState::Connected => "connected",
+            ConnState::Disconnected { .. } => "disconnected",
+            ConnState::Lost => "lost",
+        }
+    }
+}
+
+/// A kernel file handle from `name_to_handle_at`: reopens the file after a
+/// daemon restart even if it was renamed meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KernelHandle {
+    /// `handle_type` from `struct file_handle`.
+    pub handle_type: i32,
+    /// `f_handle` bytes, hex-encoded in JSON.
+    #[serde(with = "hex_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        s.serialize_str(&hex)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 || s.len() > 256 {
+            return Err(serde::de::Error::custom("bad hex length"));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| {
+                s.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| serde::de::Error::custom("bad hex digit"))
+            })
+            .collect()
+    }
+}
+
+/// Everything the filter keeps about one open handle. Persistent handles'
+/// records live in LMDB (`handles` db); others only in daemon memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandleRecord {
+    /// The handle's resume key.
+    pub key: ResumeKey,
+    /// Protocol of the frontend that opened it.
+    pub protocol: Protocol,
+    /// Frontend instance that holds (or last held) it.
+    pub frontend: InstanceName,
+    /// Protocol client that owns it.
+    pub client: ClientId,
+    /// Client-chosen id of a durable open, if any.
+    pub create_guid: Option<CreateGuid>,
+    /// Protocol-level owner (NFS-like open-owner), if any.
+    pub owner: Option<String>,
+    /// The path it was opened by (the file may have been renamed since).
+    pub path: RelPath,
+    /// The file's identity.
+    pub file: FileId,
+    /// Kernel file handle, for durable and persistent handles.
+    pub kernel_handle: Option<KernelHandle>,
+    /// What the open does.
+    pub access: Access,
+    /// What it lets others do.
+    pub share: ShareAccess,
+    /// How long it outlives its client.
+    pub durability: Durability,
+    /// Attached or not.
+    pub conn: ConnState,
+    /// What the open did to the file.
+    pub create_action: CreateAction,
+    /// When it was opened, Unix ms.
+    pub opened_ms: u64,
+}
+
+/// Current wall-clock time in Unix milliseconds. Persisted times use the wall
+/// clock because they must mean something after a restart.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relpath_refuses_escapes() {
+        for bad in ["", "/etc/passwd", "a/../b", "..", ".", "a//b", "a/", "a\0b"] {
+            assert!(RelPath::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(RelPath::new("x".repeat(4097)).is_err());
+        assert!(RelPath::new("x".repeat(4096)).is_ok());
+        for good in ["a", "a/b/c", "..a", "a..", ".hidden/x"] {
+            assert!(RelPath::new(good).is_ok(), "{good:?} refused");
+        }
+        assert_eq!(RelPath::new("a/b/c").unwrap().parent().unwrap().as_str(), "a/b");
+        assert!(RelPath::new("a").unwrap().parent().is_none());
+    }
+
+    #[test]
+    fn rights_roundtrip_json() {
+        let r: Rights = serde_json::from_str(r#"["read","delete"]"#).unwrap();
+        assert_eq!(r, Rights::READ.union(Rights::DELETE));
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"["read","delete"]"#);
+        assert!(serde_json::from_str::<Rights>(r#"["exec"]"#).is_err());
+        assert!(serde_json::from_str::<Access>(r#"[]"#).is_err());
+        assert_eq!(r.to_string(), "R-D");
+    }
+
+    #[test]
+    fn durability_normalizes() {
+        assert_eq!(
+            Durability::Durable { timeout_ms: 0 }.normalized(300_000),
+            Durability::Durable { timeout_ms: 60_000 }
+        );
+        assert_eq!(
+            Durability::Persistent { timeout_ms: 999_999 }.normalized(300_000),
+            Durability::Persistent { timeout_ms: 300_000 }
+        );
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(Protocol::new("smb").is_ok());
+        assert!(Protocol::new("").is_err());
+        assert!(InstanceName::new("a b").is_err());
+        assert!(ClientId::new("").is_err());
+    }
+}

@@ -1,0 +1,541 @@
+//! The frontend ↔ filterd wire protocol (version 1). The only place message
+//! types are defined.
+//!
+//! Transport: a Unix `SOCK_SEQPACKET` socket; one message = one packet = one
+//! UTF-8 JSON document of at most [`MAX_FRAME`] bytes. The first frame each way
+//! is a hello ([`Hello`] / [`HelloReply`]) carrying the version and feature
+//! bits. After that the peer sends [`RequestFrame`]s, each with an id of its
+//! choosing; the daemon answers each with exactly one [`ServerFrame::Reply`]
+//! carrying the same id, in any order (requests may be pipelined), and may push
+//! [`ServerFrame::Event`]s at any time. A reply to an open or a resume carries
+//! the file descriptor as `SCM_RIGHTS` ancillary data.
+//!
+//! Decoding never panics: an oversized packet, bad JSON, an unknown request or
+//! a bad field becomes a typed [`WireError`] reply (with the request id when
+//! it could be read) and the connection stays usable.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    Access, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
+    HandleRecord, InstanceName, Protocol, RelPath, ResumeKey, ShareAccess,
+};
+
+/// The protocol version this library speaks.
+pub const PROTO_VERSION: u32 = 1;
+/// Feature bits this library understands (none defined yet).
+pub const FEATURES: u64 = 0;
+/// Largest frame either side sends or accepts, in bytes.
+pub const MAX_FRAME: usize = 64 * 1024;
+/// Most file descriptors one frame may carry.
+pub const MAX_FDS: usize = 1;
+
+/// First frame from a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must be [`PROTO_VERSION`].
+    pub version: u32,
+    /// Feature bits the peer wants; unknown bits are ignored.
+    #[serde(default)]
+    pub features: u64,
+    /// Who is attaching.
+    pub role: Role,
+}
+
+/// Who is attaching.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Role {
+    /// A protocol server. A second live connection with the same instance name
+    /// is refused; a new one after the old one died takes over its handles.
+    Frontend {
+        /// The protocol it speaks.
+        protocol: Protocol,
+        /// Its instance name.
+        instance: InstanceName,
+    },
+    /// An operator tool (filterctl): may inspect and expire, not open.
+    Control,
+}
+
+/// The daemon's answer to a hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// The daemon's protocol version.
+    pub version: u32,
+    /// Feature bits granted.
+    pub features: u64,
+    /// Incremented at every daemon start: a frontend that sees it change knows
+    /// the daemon restarted.
+    pub epoch: u64,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// A request with the id its reply will carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    /// Chosen by the peer; echoed in the reply.
+    pub id: u64,
+    /// The request.
+    #[serde(flatten)]
+    pub req: Request,
+}
+
+/// Every request a peer can make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum Request {
+    /// Open (or create) a file beneath the export root. Frontend only.
+    Open(OpenRequest),
+    /// Reattach a disconnected durable or persistent handle. Frontend only.
+    Resume(ResumeRequest),
+    /// Close a handle for good. Frontend only.
+    Close {
+        /// The handle.
+        key: ResumeKey,
+    },
+    /// The handle's client lost its connection: a durable or persistent handle
+    /// becomes disconnected (its timeout starts), another one is closed.
+    /// Frontend only.
+    Detach {
+        /// The handle.
+        key: ResumeKey,
+    },
+    /// Daemon status.
+    Status,
+    /// All handles.
+    Handles,
+    /// One handle.
+    Handle {
+        /// The handle.
+        key: ResumeKey,
+    },
+    /// Open files and their holders.
+    Files,
+    /// Attached frontends.
+    Frontends,
+    /// Counters.
+    Stats,
+    /// Expire a disconnected handle now. Control only.
+    Expire {
+        /// The handle.
+        key: ResumeKey,
+    },
+}
+
+impl Request {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Open(_) => "open",
+            Request::Resume(_) => "resume",
+            Request::Close { .. } => "close",
+            Request::Detach { .. } => "detach",
+            Request::Status => "status",
+            Request::Handles => "handles",
+            Request::Handle { .. } => "handle",
+            Request::Files => "files",
+            Request::Frontends => "frontends",
+            Request::Stats => "stats",
+            Request::Expire { .. } => "expire",
+        }
+    }
+}
+
+/// Open a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenRequest {
+    /// The protocol client that will own the handle.
+    pub client: ClientId,
+    /// Path beneath the export root.
+    pub path: RelPath,
+    /// What the open does.
+    pub access: Access,
+    /// What it lets others do.
+    pub share: ShareAccess,
+    /// What to do when the file exists or not.
+    pub disposition: Disposition,
+    /// How long the handle outlives its client.
+    pub durability: Durability,
+    /// The client's id for this open (durable opens).
+    #[serde(default)]
+    pub create_guid: Option<CreateGuid>,
+    /// Protocol-level owner, if any.
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// Which handle to resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "by")]
+pub enum ResumeTarget {
+    /// By resume key.
+    Key {
+        /// The handle.
+        key: ResumeKey,
+    },
+    /// By the client's create GUID.
+    CreateGuid {
+        /// The client's id for the open.
+        create_guid: CreateGuid,
+    },
+}
+
+/// Resume a disconnected handle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeRequest {
+    /// Must be the client that owns the handle (invariant 6).
+    pub client: ClientId,
+    /// Which handle.
+    #[serde(flatten)]
+    pub target: ResumeTarget,
+}
+
+/// Why a request failed. Typed on the wire; frontends map these onto their
+/// protocol's statuses in one place each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame could not be decoded (bad JSON, bad field, too large).
+    BadFrame,
+    /// The hello named a version this daemon does not speak.
+    UnsupportedVersion,
+    /// A request was sent before a hello, or a second hello.
+    ProtocolViolation,
+    /// A request the peer's role may not make.
+    NotPermitted,
+    /// A frontend with this instance name is attached already.
+    InstanceBusy,
+    /// The file does not exist.
+    NotFound,
+    /// A directory on the path does not exist.
+    PathNotFound,
+    /// The file exists (create).
+    Collision,
+    /// The path leaves the export root, or permission denied.
+    AccessDenied,
+    /// The path names a directory or something else that is not a file.
+    NotAFile,
+    /// A live open's share mode conflicts.
+    SharingViolation,
+    /// A disconnected persistent open holds the file, or the daemon is
+    /// recovering: retry later.
+    FileNotAvailable,
+    /// No such handle (or not resumable: connected, expired, closed).
+    NoSuchHandle,
+    /// The handle belongs to another client or protocol.
+    NotOwner,
+    /// The state store or the filesystem is full.
+    DiskFull,
+    /// A limit was reached (handles, frontends).
+    LimitReached,
+    /// A fault in the daemon; the message says which.
+    Internal,
+}
+
+/// A failed request: the code is what peers act on, the message is for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct WireError {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// Details for a person.
+    pub message: String,
+}
+
+impl WireError {
+    /// Builds an error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A granted open or resume. The reply frame carries the descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opened {
+    /// The handle's resume key.
+    pub key: ResumeKey,
+    /// What the original open did to the file (also on a resume).
+    pub create_action: CreateAction,
+    /// File size at open or resume.
+    pub size: u64,
+    /// The file.
+    pub file: FileId,
+    /// The durability granted (timeouts normalized).
+    pub durability: Durability,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Reply {
+    /// Open or resume granted; one descriptor attached.
+    Opened(Opened),
+    /// Done, nothing to report.
+    Done,
+    /// Daemon status.
+    Status(StatusInfo),
+    /// Handles.
+    Handles {
+        /// The handles.
+        handles: Vec<HandleView>,
+    },
+    /// One handle.
+    Handle(HandleView),
+    /// Files.
+    Files {
+        /// The files.
+        files: Vec<FileView>,
+    },
+    /// Frontends.
+    Frontends {
+        /// The frontends.
+        frontends: Vec<FrontendView>,
+    },
+    /// Counters.
+    Stats(Stats),
+}
+
+/// One frame from the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "frame")]
+pub enum ServerFrame {
+    /// Answer to a hello.
+    Hello(HelloReply),
+    /// Answer to a request (`id` is null when the request's id could not be read).
+    Reply {
+        /// The request's id.
+        id: Option<u64>,
+        /// Its outcome.
+        result: Result<Reply, WireError>,
+    },
+    /// Something happened to a handle of this frontend.
+    Event(Event),
+}
+
+/// Pushed by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum Event {
+    /// A disconnected handle reached its timeout and was closed.
+    Expired {
+        /// The handle.
+        key: ResumeKey,
+    },
+    /// A disconnected durable handle was closed so a conflicting open could
+    /// proceed.
+    Purged {
+        /// The handle.
+        key: ResumeKey,
+    },
+    /// Client-side only: the connection to the daemon was lost.
+    ConnectionLost,
+}
+
+/// A handle as filterctl shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandleView {
+    /// The stored record.
+    #[serde(flatten)]
+    pub record: HandleRecord,
+    /// Whether the daemon holds an open descriptor for it.
+    pub fd_open: bool,
+}
+
+/// A file with open handles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileView {
+    /// The file.
+    pub file: FileId,
+    /// A path it was opened by.
+    pub path: RelPath,
+    /// Its handles.
+    pub holders: Vec<FileHolder>,
+}
+
+/// A handle on a file, as the share check sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHolder {
+    /// The handle.
+    pub key: ResumeKey,
+    /// Its access.
+    pub access: Access,
+    /// Its share.
+    pub share: ShareAccess,
+    /// Its durability.
+    pub durability: Durability,
+    /// Attached or not.
+    pub conn: ConnState,
+}
+
+/// An attached frontend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendView {
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// Its instance name.
+    pub instance: InstanceName,
+    /// Its process id (SO_PEERCRED).
+    pub pid: i32,
+    /// Its user id (SO_PEERCRED).
+    pub uid: u32,
+    /// When it attached, Unix ms.
+    pub attached_ms: u64,
+    /// Handles it holds.
+    pub handles: u64,
+}
+
+/// Daemon status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// Process id.
+    pub pid: u32,
+    /// Daemon epoch.
+    pub epoch: u64,
+    /// Export root.
+    pub root: String,
+    /// State directory.
+    pub state_dir: String,
+    /// Milliseconds since start.
+    pub uptime_ms: u64,
+    /// Handles by connection state: connected, disconnected, lost.
+    pub handles_connected: u64,
+    /// Disconnected handles.
+    pub handles_disconnected: u64,
+    /// Lost handles.
+    pub handles_lost: u64,
+    /// Attached frontends.
+    pub frontends: u64,
+    /// Whether the recovery window is open.
+    pub recovering: bool,
+    /// Whether local access is mediated through fanotify.
+    pub fanotify: bool,
+    /// Schema version of the store.
+    pub schema_version: u32,
+}
+
+/// Counters since daemon start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Opens granted.
+    pub opens: u64,
+    /// Opens refused (any reason).
+    pub opens_refused: u64,
+    /// Sharing violations.
+    pub sharing_violations: u64,
+    /// Refused because a disconnected persistent open holds the file.
+    pub not_available: u64,
+    /// Handles resumed.
+    pub resumes: u64,
+    /// Handles closed by request.
+    pub closes: u64,
+    /// Handles that became disconnected.
+    pub disconnects: u64,
+    /// Disconnected handles expired.
+    pub expiries: u64,
+    /// Disconnected durable handles purged by a conflicting open.
+    pub purges: u64,
+    /// Replayed requests recognised (create GUID, lock sequence, op id).
+    pub replays_detected: u64,
+    /// Lease breaks sent.
+    pub breaks: u64,
+    /// Persistent handles reopened at start.
+    pub recoveries: u64,
+    /// Handles found lost at start.
+    pub recoveries_lost: u64,
+    /// LMDB write transactions committed.
+    pub commits: u64,
+    /// Store operations in those commits.
+    pub committed_ops: u64,
+    /// Frames refused as malformed.
+    pub bad_frames: u64,
+    /// Frontend connections accepted.
+    pub frontends_attached: u64,
+    /// Frontend connections lost.
+    pub frontends_lost: u64,
+}
+
+/// Encodes a frame, refusing one larger than [`MAX_FRAME`].
+pub fn encode<T: Serialize>(frame: &T) -> Result<Vec<u8>, WireError> {
+    let bytes = serde_json::to_vec(frame)
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("encode: {e}")))?;
+    if bytes.len() > MAX_FRAME {
+        return Err(WireError::new(
+            ErrorCode::BadFrame,
+            format!("frame of {} bytes exceeds {MAX_FRAME}", bytes.len()),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Decodes a hello.
+pub fn decode_hello(bytes: &[u8]) -> Result<Hello, WireError> {
+    serde_json::from_slice(bytes).map_err(|e| WireError::new(ErrorCode::BadFrame, format!("bad hello: {e}")))
+}
+
+/// Decodes a request. On failure, returns the request id too when it could be
+/// read, so the rejection can name it.
+pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, (Option<u64>, WireError)> {
+    serde_json::from_slice::<RequestFrame>(bytes).map_err(|e| {
+        #[derive(Deserialize)]
+        struct IdOnly {
+            id: u64,
+        }
+        let id = serde_json::from_slice::<IdOnly>(bytes).ok().map(|x| x.id);
+        (id, WireError::new(ErrorCode::BadFrame, format!("bad request: {e}")))
+    })
+}
+
+/// Decodes a frame from the daemon.
+pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, WireError> {
+    serde_json::from_slice(bytes).map_err(|e| WireError::new(ErrorCode::BadFrame, format!("bad server frame: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Rights;
+
+    #[test]
+    fn request_roundtrip() {
+        let f = RequestFrame {
+            id: 7,
+            req: Request::Open(OpenRequest {
+                client: ClientId::new("c1").unwrap(),
+                path: RelPath::new("a/b").unwrap(),
+                access: Access::new(Rights::READ).unwrap(),
+                share: Rights::ALL,
+                disposition: Disposition::OpenIf,
+                durability: Durability::Persistent { timeout_ms: 0 },
+                create_guid: None,
+                owner: None,
+            }),
+        };
+        let b = encode(&f).unwrap();
+        assert_eq!(decode_request(&b).unwrap(), f);
+    }
+
+    #[test]
+    fn bad_requests_are_typed_errors() {
+        let cases: &[&[u8]] = &[
+            b"",
+            b"\xff\xfe",
+            b"[]",
+            b"{\"id\": 3}",
+            b"{\"id\": 3, \"op\": \"format_disk\"}",
+            b"{\"id\": 3, \"op\": \"open\", \"client\": \"c\", \"path\": \"../x\", \"access\": [\"read\"], \"share\": [], \"disposition\": \"open\", \"durability\": {\"kind\": \"none\"}}",
+            b"{\"id\": -1, \"op\": \"status\"}",
+        ];
+        for c in cases {
+            let (id, e) = decode_request(c).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadFrame);
+            if c.starts_with(b"{\"id\": 3") {
+                assert_eq!(id, Some(3));
+            }
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! The state store: one LMDB environment in the state directory, through heed.
+//!
+//! Each table is a typed database whose codecs are declared here, beside it.
+//! Records carry a version byte; decoding an unknown version or a corrupt
+//! record gives a [`StoreError`], never a panic. `meta` holds the schema
+//! version (with a migration path), the daemon epoch and the clean-shutdown
+//! flag.
+//!
+//! One writer: filterd, which holds the state dir's lock file. Any process may
+//! open the environment read-only (filterctl's post-mortem view).
+//!
+//! Commits are durable: the environment is opened without `NO_SYNC`, so
+//! `commit` returns only after LMDB has fsync'd. Only persistent state is
+//! written here; non-persistent handles live in daemon memory and therefore
+//! never wait on an fsync (invariant 1).
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use heed::types::{Bytes, Str, Unit};
+use heed::{BoxedError, BytesDecode, BytesEncode, Database, Env, EnvFlags};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::model::{ClientId, CreateGuid, FileId, HandleRecord, ResumeKey};
+
+/// The schema this build writes. Bump it together with a step in [`migrate`].
+pub const SCHEMA_VERSION: u32 = 1;
+/// Version byte in front of every record value.
+const RECORD_VERSION: u8 = 1;
+/// Default LMDB map size (sparse; grows the file only as used).
+pub const DEFAULT_MAP_SIZE: usize = 4 << 30;
+
+/// Store failures, one variant per cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// LMDB returned an error.
+    #[error("lmdb")]
+    Lmdb(#[from] heed::Error),
+    /// The state dir could not be prepared.
+    #[error("state directory {path}")]
+    Dir {
+        /// The directory.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state dir was written by a newer build.
+    #[error("state directory has schema version {found}; this build understands up to {SCHEMA_VERSION}")]
+    SchemaTooNew {
+        /// The version found.
+        found: u32,
+    },
+    /// The environment has no rkfilter schema (read-only open of an empty dir).
+    #[error("no rkfilter state found (missing database {0})")]
+    Missing(&'static str),
+    /// A stored record could not be decoded.
+    #[error("corrupt record in {table}: {reason}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The LMDB map or the disk is full.
+    #[error("state store is full")]
+    Full,
+}
+
+impl StoreError {
+    fn from_heed(e: heed::Error) -> StoreError {
+        match e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full,
+            heed::Error::Io(ref io) if io.raw_os_error() == Some(libc::ENOSPC) => StoreError::Full,
+            heed::Error::Mdb(heed::MdbError::Other(c)) if c == libc::ENOSPC => StoreError::Full,
+            e => StoreError::Lmdb(e),
+        }
+    }
+}
+
+/// Codec: a resume key as its 16 bytes.
+pub enum ResumeKeyCodec {}
+
+impl<'a> BytesEncode<'a> for ResumeKeyCodec {
+    type EItem = ResumeKey;
+    fn bytes_encode(item: &'a ResumeKey) -> Result<Cow<'a, [u8]>, BoxedError> {
+        Ok(Cow::Borrowed(item.as_bytes()))
+    }
+}
+
+impl<'a> BytesDecode<'a> for ResumeKeyCodec {
+    type DItem = ResumeKey;
+    fn bytes_decode(bytes: &'a [u8]) -> Result<ResumeKey, BoxedError> {
+        let arr: [u8; 16] = bytes.try_into().map_err(|_| "resume key is not 16 bytes")?;
+        Ok(ResumeKey(uuid::Uuid::from_bytes(arr)))
+    }
+}
+
+/// Codec: a versioned record — one version byte, then JSON.
+pub struct Versioned<T>(std::marker::PhantomData<T>);
+
+impl<'a, T: Serialize + 'a> BytesEncode<'a> for Versioned<T> {
+    type EItem = T;
+    fn bytes_encode(item: &'a T) -> Result<Cow<'a, [u8]>, BoxedError> {
+        let mut v = vec![RECORD_VERSION];
+        serde_json::to_writer(&mut v, item)?;
+        Ok(Cow::Owned(v))
+    }
+}
+
+impl<'a, T: DeserializeOwned + 'a> BytesDecode<'a> for Versioned<T> {
+    type DItem = T;
+    fn bytes_decode(bytes: &'a [u8]) -> Result<T, BoxedError> {
+        decode_record(bytes).map_err(Into::into)
+    }
+}
+
+/// Decodes a versioned record; exposed for fuzzing and filterctl.
+pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    match bytes.split_first() {
+        None => Err("empty record".into()),
+        Some((&RECORD_VERSION, body)) => serde_json::from_slice(body).map_err(|e| e.to_string()),
+        Some((v, _)) => Err(format!("unknown record version {v}")),
+    }
+}
+
+/// Key of the `guids` table: (client identity, create GUID).
+pub fn guid_key(client: &ClientId, guid: &CreateGuid) -> Vec<u8> {
+    let c = client.as_str().as_bytes();
+    let mut k = Vec::with_capacity(c.len() + 17);
+    k.extend_from_slice(guid.0.as_bytes());
+    k.push(0);
+    k.extend_from_slice(c);
+    k
+}
+
+/// Key of the `files` table: file id then resume key, so a prefix scan lists
+/// the handles of one file.
+pub fn file_key(file: FileId, key: ResumeKey) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&file.dev.to_be_bytes());
+    k[8..16].copy_from_slice(&file.ino.to_be_bytes());
+    k[16..].copy_from_slice(key.as_bytes());
+    k
+}
+
+/// One change to persistent state. A batch of them commits in one transaction.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    /// Insert or replace a handle record and its index entries.
+    PutHandle(Box<HandleRecord>),
+    /// Remove a handle record and its index entries.
+    DeleteHandle(Box<HandleRecord>),
+}
+
+/// What `meta` says.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MetaInfo {
+    /// Schema version.
+    pub schema_version: u32,
+    /// Epoch of the last daemon start.
+    pub epoch: u64,
+    /// Whether the last daemon stopped cleanly.
+    pub clean_shutdown: bool,
+}
+
+/// The LMDB environment and its typed tables.
+pub struct Store {
+    env: Env,
+    meta: Database<Str, Bytes>,
+    handles: Database<ResumeKeyCodec, Versioned<HandleRecord>>,
+    guids: Database<Bytes, ResumeKeyCodec>,
+    files: Database<Bytes, Unit>,
+    /// (resume key or session, op id) → recorded reply. Filled by the
+    /// exactly-once work; created now so the schema is complete.
+    #[allow(dead_code)]
+    replay: Database<Bytes, Bytes>,
+    /// op id → a non-idempotent filesystem change in flight.
+    #[allow(dead_code)]
+    intents: Database<Bytes, Bytes>,
+    /// Protocol client records.
+    #[allow(dead_code)]
+    clients: Database<Bytes, Bytes>,
+}
+
+const META_SCHEMA: &str = "schema_version";
+const META_EPOCH: &str = "epoch";
+const META_CLEAN: &str = "clean_shutdown";
+
+/// Upgrades a store from an older schema, one step at a time, inside the
+/// caller's transaction. There are no older schemas yet.
+fn migrate(_txn: &mut heed::RwTxn<'_>, from: u32) -> Result<(), StoreError> {
+    if from > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew { found: from });
+    }
+    Ok(())
+}
+
+fn read_u64(b: Option<&[u8]>) -> u64 {
+    b.and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes).unwrap_or(0)
+}
+
+fn read_u32(b: Option<&[u8]>) -> Option<u32> {
+    b.and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir` for writing.
+    pub fn open(dir: &Path, map_size: usize) -> Result<Store, StoreError> {
+        let db_dir = dir.join("lmdb");
+        std::fs::create_dir_all(&db_dir).map_err(|source| StoreError::Dir {
+            path: db_dir.display().to_string(),
+            source,
+        })?;
+        let env = crate::sys::open_lmdb(&db_dir, 8, map_size, EnvFlags::empty()).map_err(StoreError::from_heed)?;
+        let mut txn = env.write_txn()?;
+        let meta: Database<Str, Bytes> = env.create_database(&mut txn, Some("meta"))?;
+        let found = read_u32(meta.get(&txn, META_SCHEMA)?);
+        match found {
+            None => meta.put(&mut txn, META_SCHEMA, &SCHEMA_VERSION.to_le_bytes())?,
+            Some(v) if v > SCHEMA_VERSION => return Err(StoreError::SchemaTooNew { found: v }),
+            Some(v) if v < SCHEMA_VERSION => {
+                migrate(&mut txn, v)?;
+                meta.put(&mut txn, META_SCHEMA, &SCHEMA_VERSION.to_le_bytes())?;
+            }
+            Some(_) => {}
+        }
+        let store = Store {
+            meta,
+            handles: env.create_database(&mut txn, Some("handles"))?,
+            guids: env.create_database(&mut txn, Some("guids"))?,
+            files: env.create_database(&mut txn, Some("files"))?,
+            replay: env.create_database(&mut txn, Some("replay"))?,
+            intents: env.create_database(&mut txn, Some("intents"))?,
+            clients: env.create_database(&mut txn, Some("clients"))?,
+            env: env.clone(),
+        };
+        txn.commit().map_err(StoreError::from_heed)?;
+        Ok(store)
+    }
+
+    /// Opens the store in `dir` read-only (filterctl post-mortem).
+    pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
+        let db_dir = dir.join("lmdb");
+        if !db_dir.join("data.mdb").exists() {
+            return Err(StoreError::Missing("data.mdb"));
+        }
+        let env = crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, EnvFlags::READ_ONLY)?;
+        let txn = env.read_txn()?;
+        let meta: Database<Str, Bytes> = env.open_database(&txn, Some("meta"))?.ok_or(StoreError::Missing("meta"))?;
+        let found = read_u32(meta.get(&txn, META_SCHEMA)?).ok_or(StoreError::Missing("schema_version"))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { found });
+        }
+        let store = Store {
+            meta,
+            handles: env.open_database(&txn, Some("handles"))?.ok_or(StoreError::Missing("handles"))?,
+            guids: env.open_database(&txn, Some("guids"))?.ok_or(StoreError::Missing("guids"))?,
+            files: env.open_database(&txn, Some("files"))?.ok_or(StoreError::Missing("files"))?,
+            replay: env.open_database(&txn, Some("replay"))?.ok_or(StoreError::Missing("replay"))?,
+            intents: env.open_database(&txn, Some("intents"))?.ok_or(StoreError::Missing("intents"))?,
+            clients: env.open_database(&txn, Some("clients"))?.ok_or(StoreError::Missing("clients"))?,
+            env: env.clone(),
+        };
+        txn.commit()?;
+        Ok(store)
+    }
+
+    /// Starts a daemon epoch: increments the epoch and clears the clean flag,
+    /// durably. Returns the new epoch and whether the last run stopped cleanly.
+    pub fn begin_epoch(&self) -> Result<(u64, bool), StoreError> {
+        let mut txn = self.env.write_txn()?;
+        let epoch = read_u64(self.meta.get(&txn, META_EPOCH)?) + 1;
+        let was_clean = self.meta.get(&txn, META_CLEAN)?.map(|b| b == [1]).unwrap_or(true);
+        self.meta.put(&mut txn, META_EPOCH, &epoch.to_le_bytes())?;
+        self.meta.put(&mut txn, META_CLEAN, &[0])?;
+        txn.commit().map_err(StoreError::from_heed)?;
+        Ok((epoch, was_clean))
+    }
+
+    /// Records a clean shutdown.
+    pub fn mark_clean_shutdown(&self) -> Result<(), StoreError> {
+        let mut txn = self.env.write_txn()?;
+        self.meta.put(&mut txn, META_CLEAN, &[1])?;
+        txn.commit().map_err(StoreError::from_heed)
+    }
+
+    /// Reads `meta`.
+    pub fn meta(&self) -> Result<MetaInfo, StoreError> {
+        let txn = self.env.read_txn()?;
+        Ok(MetaInfo {
+            schema_version: read_u32(self.meta.get(&txn, META_SCHEMA)?).unwrap_or(0),
+            epoch: read_u64(self.meta.get(&txn, META_EPOCH)?),
+            clean_shutdown: self.meta.get(&txn, META_CLEAN)?.map(|b| b == [1]).unwrap_or(false),
+        })
+    }
+
+    /// Applies a batch in one write transaction and commits it durably.
+    pub fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let mut txn = self.env.write_txn().map_err(StoreError::from_heed)?;
+        for op in ops {
+            match op {
+                StoreOp::PutHandle(rec) => {
+                    self.handles.put(&mut txn, &rec.key, rec).map_err(StoreError::from_heed)?;
+                    self.files
+                        .put(&mut txn, &file_key(rec.file, rec.key), &())
+                        .map_err(StoreError::from_heed)?;
+                    if let Some(g) = &rec.create_guid {
+                        self.guids
+                            .put(&mut txn, &guid_key(&rec.client, g), &rec.key)
+                            .map_err(StoreError::from_heed)?;
+                    }
+                }
+                StoreOp::DeleteHandle(rec) => {
+                    self.handles.delete(&mut txn, &rec.key)?;
+                    self.files.delete(&mut txn, &file_key(rec.file, rec.key))?;
+                    if let Some(g) = &rec.create_guid {
+                        let gk = guid_key(&rec.client, g);
+                        // Only drop the index entry if it still points here.
+                        if self.guids.get(&txn, &gk)? == Some(rec.key) {
+                            self.guids.delete(&mut txn, &gk)?;
+                        }
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(StoreError::from_heed)
+    }
+
+    /// Every handle record; a record that does not decode is reported as an
+    /// error in its place (with its key when the key decodes), not skipped.
+    pub fn handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
+        let txn = self.env.read_txn()?;
+        let raw = self.handles.remap_types::<Bytes, Bytes>();
+        let mut out = Vec::new();
+        for item in raw.iter(&txn)? {
+            let (k, v) = item?;
+            let rec = decode_record::<HandleRecord>(v).map_err(|reason| StoreError::Corrupt {
+                table: "handles",
+                reason: format!("key {}: {reason}", hex(k)),
+            });
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// One handle record.
+    pub fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
+        let txn = self.env.read_txn()?;
+        let raw = self.handles.remap_types::<ResumeKeyCodec, Bytes>();
+        match raw.get(&txn, &key)? {
+            None => Ok(None),
+            Some(v) => decode_record(v).map(Some).map_err(|reason| StoreError::Corrupt {
+                table: "handles",
+                reason,
+            }),
+        }
+    }
+
+    /// Entries in the `files` and `guids` indexes (for consistency checks).
+    pub fn index_counts(&self) -> Result<(u64, u64), StoreError> {
+        let txn = self.env.read_txn()?;
+        Ok((self.files.len(&txn)?, self.guids.len(&txn)?))
+    }
+
+    /// Writes raw bytes as a handle record: for tests of corrupt-record handling.
+    #[doc(hidden)]
+    pub fn put_raw_handle(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut txn = self.env.write_txn()?;
+        self.handles.remap_types::<Bytes, Bytes>().put(&mut txn, key, value)?;
+        txn.commit().map_err(StoreError::from_heed)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    fn rec(path: &str) -> HandleRecord {
+        HandleRecord {
+            key: ResumeKey::new_random(),
+            protocol: Protocol::new("smb").unwrap(),
+            frontend: InstanceName::new("smb1").unwrap(),
+            client: ClientId::new("c").unwrap(),
+            create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+            owner: None,
+            path: RelPath::new(path).unwrap(),
+            file: FileId { dev: 1, ino: 2 },
+            kernel_handle: Some(KernelHandle { handle_type: 1, bytes: vec![1, 2, 3] }),
+            access: Access::new(Rights::READ).unwrap(),
+            share: Rights::ALL,
+            durability: Durability::Persistent { timeout_ms: 1000 },
+            conn: ConnState::Connected,
+            create_action: CreateAction::Created,
+            opened_ms: 5,
+        }
+    }
+
+    #[test]
+    fn put_list_delete_and_reopen() {
+        let dir = std::env::temp_dir().join(format!("rkf-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let r = rec("a");
+        {
+            let s = Store::open(&dir, 1 << 24).unwrap();
+            assert_eq!(s.begin_epoch().unwrap(), (1, true));
+            s.apply(&[StoreOp::PutHandle(Box::new(r.clone()))]).unwrap();
+            assert_eq!(s.index_counts().unwrap(), (1, 1));
+            s.put_raw_handle(&[9; 16], b"\x07junk").unwrap();
+        }
+        {
+            let s = Store::open(&dir, 1 << 24).unwrap();
+            assert_eq!(s.begin_epoch().unwrap(), (2, false));
+            let hs = s.handles().unwrap();
+            assert_eq!(hs.len(), 2);
+            assert!(hs.iter().any(|h| h.as_ref().ok() == Some(&r)));
+            assert!(hs.iter().any(|h| matches!(h, Err(StoreError::Corrupt { .. }))));
+            s.apply(&[StoreOp::DeleteHandle(Box::new(r.clone()))]).unwrap();
+            assert_eq!(s.index_counts().unwrap(), (0, 0));
+            assert_eq!(s.handle(r.key).unwrap(), None);
+            s.mark_clean_shutdown().unwrap();
+        }
+        let s = Store::open_read_only(&dir).unwrap();
+        assert!(s.meta().unwrap().clean_shutdown);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn record_decoder_rejects_garbage() {
+        assert!(decode_record::<HandleRecord>(b"").is_err());
+        assert!(decode_record::<HandleRecord>(b"\x02{}").is_err());
+        assert!(decode_record::<HandleRecord>(b"\x01{}").is_err());
+        assert!(decode_record::<HandleRecord>(b"\x01{\"key\":1}").is_err());
+    }
+}

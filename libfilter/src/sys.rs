@@ -1,0 +1,270 @@
+//! The syscall backend: the only module allowed `unsafe`.
+//!
+//! `openat2` (confined path resolution), `name_to_handle_at` /
+//! `open_by_handle_at` (kernel file handles that survive renames), and opening
+//! the LMDB environment (heed marks it `unsafe` because the same file must not
+//! be opened twice in one process with different options). Everything returns
+//! `OwnedFd` and `std::io::Error`.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use crate::model::KernelHandle;
+
+/// `RESOLVE_NO_MAGICLINKS` from `<linux/openat2.h>`.
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+/// `RESOLVE_BENEATH` from `<linux/openat2.h>`.
+const RESOLVE_BENEATH: u64 = 0x08;
+/// `MAX_HANDLE_SZ` from `<linux/exportfs.h>`.
+const MAX_HANDLE_SZ: usize = 128;
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Opens `path` relative to `dir` with `openat2`, refusing any resolution that
+/// leaves `dir` (`..`, absolute symlinks, symlinks pointing out) with `EXDEV`,
+/// and any magic link (`/proc/self/fd/N` style) with `ELOOP`.
+pub fn openat2_beneath(dir: BorrowedFd<'_>, path: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let cpath = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let how = OpenHow {
+        flags: u64::try_from(flags | libc::O_CLOEXEC).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        mode: if flags & libc::O_CREAT != 0 { u64::from(mode) } else { 0 },
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+    };
+    loop {
+        // SAFETY: `cpath` is a NUL-terminated string and `how` a properly
+        // initialised `struct open_how` that both outlive the call; the size
+        // passed is the size of that struct.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                cpath.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if r >= 0 {
+            let fd = i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+            // SAFETY: the kernel just returned this descriptor to us; nothing
+            // else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        // openat2 returns EAGAIN when a concurrent rename raced the
+        // resolution; retrying is what the man page prescribes.
+        if e.raw_os_error() != Some(libc::EAGAIN) && e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+#[repr(C)]
+struct FileHandleBuf {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// The kernel file handle of the file `fd` refers to (`name_to_handle_at` with
+/// `AT_EMPTY_PATH`).
+pub fn file_handle_of(fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {
+    let mut buf = FileHandleBuf {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `buf` is a `struct file_handle` with room for MAX_HANDLE_SZ
+    // bytes as `handle_bytes` says; the empty path is NUL-terminated; both
+    // out-pointers are valid for the duration of the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut buf as *mut FileHandleBuf,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = usize::try_from(buf.handle_bytes).unwrap_or(usize::MAX).min(MAX_HANDLE_SZ);
+    Ok(KernelHandle {
+        handle_type: buf.handle_type,
+        bytes: buf.f_handle.get(..n).unwrap_or_default().to_vec(),
+    })
+}
+
+/// Reopens a file by its kernel handle on the filesystem `mount_fd` lives on
+/// (needs `CAP_DAC_READ_SEARCH`). A file renamed since is still found; a
+/// deleted one gives `ESTALE`.
+pub fn open_by_handle(mount_fd: BorrowedFd<'_>, h: &KernelHandle, flags: i32) -> io::Result<OwnedFd> {
+    if h.bytes.len() > MAX_HANDLE_SZ {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut buf = FileHandleBuf {
+        handle_bytes: u32::try_from(h.bytes.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        handle_type: h.handle_type,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    if let Some(dst) = buf.f_handle.get_mut(..h.bytes.len()) {
+        dst.copy_from_slice(&h.bytes);
+    }
+    // SAFETY: `buf` is a valid `struct file_handle` whose `handle_bytes` does
+    // not exceed its buffer; it outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd.as_raw_fd(),
+            &mut buf as *mut FileHandleBuf,
+            flags | libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens an LMDB environment with the given named-database count, map size
+/// and flags.
+pub fn open_lmdb(
+    path: &Path,
+    max_dbs: u32,
+    map_size: usize,
+    flags: heed::EnvFlags,
+) -> heed::Result<heed::Env> {
+    let mut opts = heed::EnvOpenOptions::new();
+    opts.max_dbs(max_dbs).map_size(map_size).max_readers(256);
+    // SAFETY: heed requires that an environment is not opened twice in one
+    // process and that flags be consistent; the store opens each state dir
+    // once per process (filterd holds an exclusive lock file, filterctl opens
+    // it once per run).
+    unsafe {
+        opts.flags(flags);
+        opts.open(path)
+    }
+}
+
+/// What [`recv_packet`] read.
+#[derive(Debug)]
+pub enum Packet {
+    /// A whole packet of `len` bytes (in the caller's buffer) and the
+    /// descriptors it carried.
+    Data {
+        /// Bytes read.
+        len: usize,
+        /// Descriptors received (`SCM_RIGHTS`), already close-on-exec.
+        fds: Vec<OwnedFd>,
+    },
+    /// The packet did not fit the buffer (or carried too many descriptors);
+    /// it was discarded, with its descriptors closed.
+    Truncated,
+    /// The peer closed the connection.
+    Eof,
+}
+
+/// Receives one `SOCK_SEQPACKET` packet into `buf`, taking ownership of any
+/// descriptors it carries. A packet larger than `buf` is reported as
+/// [`Packet::Truncated`] — never partially delivered.
+pub fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Packet> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+    let (len, flags, raw_fds) = loop {
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(v) = c {
+                            fds.extend(v);
+                        }
+                    }
+                }
+                break (msg.bytes, msg.flags, fds);
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    };
+    let fds: Vec<OwnedFd> = raw_fds
+        .into_iter()
+        // SAFETY: SCM_RIGHTS just installed these descriptors in our table;
+        // nothing else owns them, so each is wrapped exactly once.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+        return Ok(Packet::Truncated);
+    }
+    if len == 0 && fds.is_empty() {
+        return Ok(Packet::Eof);
+    }
+    Ok(Packet::Data { len, fds })
+}
+
+/// Sends one packet, with at most one descriptor as `SCM_RIGHTS`. Never
+/// raises SIGPIPE.
+pub fn send_packet(sock: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [std::io::IoSlice::new(bytes)];
+    let raw;
+    let cmsgs: &[ControlMessage<'_>] = match fd {
+        Some(f) => {
+            raw = [f.as_raw_fd()];
+            &[ControlMessage::ScmRights(&raw)]
+        }
+        None => &[],
+    };
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn openat2_confines() {
+        let dir = std::env::temp_dir().join(format!("rkf-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/f"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../etc/passwd", dir.join("sub/rel")).unwrap();
+        std::os::unix::fs::symlink("f", dir.join("sub/ok")).unwrap();
+        let root = std::fs::File::open(&dir).unwrap();
+        let r = root.as_fd();
+        assert!(openat2_beneath(r, "sub/f", libc::O_RDONLY, 0).is_ok());
+        assert!(openat2_beneath(r, "sub/ok", libc::O_RDONLY, 0).is_ok());
+        for bad in ["abs", "sub/rel", "../etc/passwd", "/etc/passwd"] {
+            let e = openat2_beneath(r, bad, libc::O_RDONLY, 0).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EXDEV), "{bad}");
+        }
+        let f = openat2_beneath(r, "sub/f", libc::O_RDONLY, 0).unwrap();
+        let h = file_handle_of(f.as_fd());
+        // tmpfs and most disk filesystems support file handles.
+        if let Ok(h) = h {
+            assert!(!h.bytes.is_empty());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
