@@ -1,1 +1,205 @@
-fn main(){}
+//! filterd — the resume-key filter daemon.
+//!
+//! One per export root. Performs the opens of every attached frontend beneath
+//! the root, owns every handle's descriptor, and keeps persistent handle state
+//! in an LMDB environment in the state directory. This file is the thin shell:
+//! flags, the state-dir lock, recovery, and the threads (listener, one reader
+//! per connection, the engine, the committer) — see `docs/ARCHITECTURE.md`.
+#![forbid(unsafe_code)]
+
+mod committer;
+mod conn;
+mod engine;
+mod failpoint;
+mod fsops;
+mod observability;
+
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use crossbeam_channel::bounded;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use tracing::{error, info, warn};
+
+use libfilter::store::Store;
+
+/// The rkfilter daemon: performs opens beneath an export root for protocol
+/// frontends and keeps every handle's state crash-safe in LMDB.
+#[derive(Parser, Debug)]
+#[command(name = "filterd", version, about, long_about = None)]
+struct Args {
+    /// The export root: every client path is resolved beneath it.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// State directory: LMDB environment, lock file, default socket.
+    #[arg(long, value_name = "DIR")]
+    state: PathBuf,
+    /// Unix socket frontends and filterctl attach to [default: STATE/filterd.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Do not mediate local access with fanotify.
+    #[arg(long)]
+    no_fanotify: bool,
+    /// How long a conflicting request waits for a lease-break ack.
+    #[arg(long, value_name = "N", default_value_t = 35_000)]
+    break_timeout_ms: u64,
+    /// Cap on the disconnected lifetime of durable and persistent handles.
+    #[arg(long, value_name = "N", default_value_t = 300_000)]
+    durable_timeout_max_ms: u32,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = observability::LogFormat::Text)]
+    log_format: observability::LogFormat,
+    /// Wait for the active daemon on this state dir to die, then take over.
+    #[arg(long)]
+    standby: bool,
+    /// LMDB map size in MiB (the file grows only as used).
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    map_size_mib: usize,
+}
+
+fn main() {
+    let args = Args::parse();
+    observability::init(args.log_format);
+    failpoint::init();
+    if let Err(e) = run(args) {
+        error!("{e:#}");
+        eprintln!("filterd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Takes the state dir's lock: exclusive, so one active daemon per state dir.
+fn lock_state(state: &std::path::Path, standby: bool) -> anyhow::Result<Flock<File>> {
+    let path = state.join("filterd.lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o640)
+        .open(&path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    let mut f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            if !standby {
+                bail!(
+                    "another filterd (pid {}) is active on state dir {}; stop it first, or start this one with --standby to take over when it dies",
+                    holder.trim(),
+                    state.display()
+                );
+            }
+            info!(
+                active_pid = holder.trim(),
+                "standby: waiting for the active filterd to exit"
+            );
+            Flock::lock(f, FlockArg::LockExclusive)
+                .map_err(|(_, e)| e)
+                .context("waiting for the state lock")?
+        }
+        Err((_, e)) => return Err(e).context("locking the state dir"),
+    };
+    use std::io::{Seek, Write};
+    f.set_len(0)?;
+    f.rewind()?;
+    write!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // Signals are taken synchronously by the main thread; block them before
+    // any thread exists so every thread inherits the mask.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGTERM);
+    sigs.add(Signal::SIGINT);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&sigs), None)?;
+
+    if !args.state.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(&args.state)
+            .with_context(|| format!("creating state dir {}", args.state.display()))?;
+    }
+    let state = args.state.canonicalize()?;
+    let root_path = args
+        .root
+        .canonicalize()
+        .with_context(|| format!("export root {}", args.root.display()))?;
+    if !root_path.is_dir() {
+        bail!("export root {} is not a directory", root_path.display());
+    }
+    let _lock = lock_state(&state, args.standby)?;
+    let root = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(&root_path)
+        .with_context(|| format!("opening export root {}", root_path.display()))?;
+    let fanotify = false;
+    if !args.no_fanotify {
+        warn!("local-access mediation (fanotify) is not in this build yet; running as with --no-fanotify");
+    }
+
+    let store =
+        Arc::new(Store::open(&state, args.map_size_mib << 20).context("opening the state store")?);
+    let (epoch, was_clean) = store.begin_epoch()?;
+    info!(epoch, clean_previous_shutdown = was_clean, root = %root_path.display(), state = %state.display(), "filterd starting");
+
+    let (cmd_tx, cmd_rx) = bounded(4096);
+    let (commit_tx, commit_rx) = bounded(64);
+    let counters = Arc::new(engine::CommitCounters::default());
+    let mut eng = engine::Engine::new(
+        engine::Config {
+            max_durable_timeout_ms: args.durable_timeout_max_ms,
+            root_display: root_path.display().to_string(),
+            state_display: state.display().to_string(),
+            fanotify,
+        },
+        root.into(),
+        epoch,
+        commit_tx,
+        counters.clone(),
+    );
+    eng.recover(&store).context("restart recovery")?;
+
+    let committer = {
+        let (store, tx, counters) = (store.clone(), cmd_tx.clone(), counters.clone());
+        std::thread::Builder::new()
+            .name("committer".into())
+            .spawn(move || committer::run(store, commit_rx, tx, counters))?
+    };
+    let engine_thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || eng.run(cmd_rx))?;
+
+    let socket_path = args.socket.unwrap_or_else(|| state.join("filterd.sock"));
+    let listener = conn::listen_at(&socket_path)?;
+    {
+        let (tx, p) = (cmd_tx.clone(), socket_path.clone());
+        std::thread::Builder::new()
+            .name("listener".into())
+            .spawn(move || conn::accept_loop(listener, p, tx))?;
+    }
+    info!(socket = %socket_path.display(), "serving");
+
+    let sig = sigs.wait()?;
+    info!(signal = ?sig, "shutting down");
+    let _ = cmd_tx.send(engine::Command::Shutdown);
+    drop(cmd_tx);
+    if engine_thread.join().is_err() {
+        error!("engine thread panicked");
+    }
+    if committer.join().is_err() {
+        error!("committer thread panicked");
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    store.mark_clean_shutdown()?;
+    info!("clean shutdown");
+    Ok(())
+}

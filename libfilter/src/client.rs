@@ -122,8 +122,13 @@ fn connect_socket(path: &Path) -> Result<OwnedFd, ClientError> {
         path: path.display().to_string(),
         source,
     };
-    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| err(e.into()))?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| err(e.into()))?;
     let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
     connect(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
     Ok(fd)
@@ -131,7 +136,11 @@ fn connect_socket(path: &Path) -> Result<OwnedFd, ClientError> {
 
 impl FilterClient {
     /// Attaches as a frontend of `protocol` named `instance`.
-    pub fn connect_frontend(path: &Path, protocol: Protocol, instance: InstanceName) -> Result<Self, ClientError> {
+    pub fn connect_frontend(
+        path: &Path,
+        protocol: Protocol,
+        instance: InstanceName,
+    ) -> Result<Self, ClientError> {
         Self::connect(path, Role::Frontend { protocol, instance })
     }
 
@@ -153,7 +162,9 @@ impl FilterClient {
         let reply = match sys::recv_packet(sock.as_fd(), &mut buf)? {
             Packet::Data { len, .. } => proto::decode_server(buf.get(..len).unwrap_or_default())?,
             Packet::Eof => return Err(ClientError::Disconnected),
-            Packet::Truncated => return Err(ClientError::Unexpected("oversized hello reply".into())),
+            Packet::Truncated => {
+                return Err(ClientError::Unexpected("oversized hello reply".into()))
+            }
         };
         let hello = match reply {
             ServerFrame::Hello(h) => h,
@@ -206,7 +217,11 @@ impl FilterClient {
         let bytes = proto::encode(&RequestFrame { id, req })?;
         let (tx, rx) = bounded(1);
         {
-            let mut p = self.inner.pending.lock().map_err(|_| ClientError::Disconnected)?;
+            let mut p = self
+                .inner
+                .pending
+                .lock()
+                .map_err(|_| ClientError::Disconnected)?;
             if self.inner.dead.load(Ordering::Acquire) {
                 return Err(ClientError::Disconnected);
             }
@@ -227,7 +242,9 @@ impl FilterClient {
                 self.forget(id);
                 Err(ClientError::Timeout(self.timeout))
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Err(ClientError::Disconnected)
+            }
         }
     }
 
@@ -241,9 +258,14 @@ impl FilterClient {
         match r {
             (Reply::Opened(info), mut fds) if fds.len() == 1 => match fds.pop() {
                 Some(fd) => Ok(OpenedHandle { info, fd }),
-                None => Err(ClientError::Unexpected("open reply without descriptor".into())),
+                None => Err(ClientError::Unexpected(
+                    "open reply without descriptor".into(),
+                )),
             },
-            (other, fds) => Err(ClientError::Unexpected(format!("{other:?} with {} fds", fds.len()))),
+            (other, fds) => Err(ClientError::Unexpected(format!(
+                "{other:?} with {} fds",
+                fds.len()
+            ))),
         }
     }
 
@@ -268,7 +290,11 @@ impl FilterClient {
     }
 
     /// Resumes a disconnected handle by the client's create GUID.
-    pub fn resume_by_guid(&self, client: ClientId, create_guid: CreateGuid) -> Result<OpenedHandle, ClientError> {
+    pub fn resume_by_guid(
+        &self,
+        client: ClientId,
+        create_guid: CreateGuid,
+    ) -> Result<OpenedHandle, ClientError> {
         Self::expect_opened(self.call(Request::Resume(ResumeRequest {
             client,
             target: ResumeTarget::CreateGuid { create_guid },
@@ -312,7 +338,10 @@ fn reader_loop(inner: Arc<Inner>, events: Sender<Event>, mut buf: Vec<u8>) {
             }
         };
         match frame {
-            ServerFrame::Reply { id: Some(id), result } => {
+            ServerFrame::Reply {
+                id: Some(id),
+                result,
+            } => {
                 let slot = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
                 if let Some(tx) = slot {
                     let _ = tx.send((result, fds));
@@ -337,6 +366,7 @@ struct Closer(Arc<Inner>);
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        let _ = nix::sys::socket::shutdown(self.0.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let _ =
+            nix::sys::socket::shutdown(self.0.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
     }
 }

@@ -279,7 +279,7 @@ impl Rights {
         self.0 == 0
     }
     /// Union.
-    pub fn union(self, other: Rights) -> Rights {
+    pub const fn union(self, other: Rights) -> Rights {
         Rights(self.0 | other.0)
     }
     fn words(self) -> Vec<&'static str> {
@@ -312,10 +312,14 @@ impl Rights {
 
 impl fmt::Display for Rights {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s: String = [(Rights::READ, 'R'), (Rights::WRITE, 'W'), (Rights::DELETE, 'D')]
-            .iter()
-            .map(|(r, c)| if self.contains(*r) { *c } else { '-' })
-            .collect();
+        let s: String = [
+            (Rights::READ, 'R'),
+            (Rights::WRITE, 'W'),
+            (Rights::DELETE, 'D'),
+        ]
+        .iter()
+        .map(|(r, c)| if self.contains(*r) { *c } else { '-' })
+        .collect();
         f.write_str(&s)
     }
 }
@@ -459,7 +463,11 @@ impl Durability {
     /// Replaces a zero timeout by the default and caps it at `max_ms`.
     pub fn normalized(self, max_ms: u32) -> Durability {
         let fix = |t: u32| {
-            let t = if t == 0 { DEFAULT_DURABLE_TIMEOUT_MS } else { t };
+            let t = if t == 0 {
+                DEFAULT_DURABLE_TIMEOUT_MS
+            } else {
+                t
+            };
             t.min(max_ms)
         };
         match self {
@@ -598,7 +606,10 @@ mod tests {
         for good in ["a", "a/b/c", "..a", "a..", ".hidden/x"] {
             assert!(RelPath::new(good).is_ok(), "{good:?} refused");
         }
-        assert_eq!(RelPath::new("a/b/c").unwrap().parent().unwrap().as_str(), "a/b");
+        assert_eq!(
+            RelPath::new("a/b/c").unwrap().parent().unwrap().as_str(),
+            "a/b"
+        );
         assert!(RelPath::new("a").unwrap().parent().is_none());
     }
 
@@ -619,8 +630,13 @@ mod tests {
             Durability::Durable { timeout_ms: 60_000 }
         );
         assert_eq!(
-            Durability::Persistent { timeout_ms: 999_999 }.normalized(300_000),
-            Durability::Persistent { timeout_ms: 300_000 }
+            Durability::Persistent {
+                timeout_ms: 999_999
+            }
+            .normalized(300_000),
+            Durability::Persistent {
+                timeout_ms: 300_000
+            }
         );
     }
 

@@ -122,6 +122,8 @@ pub enum Request {
         /// The handle.
         key: ResumeKey,
     },
+    /// Expire every disconnected handle now. Control only.
+    PurgeDisconnected,
 }
 
 impl Request {
@@ -139,6 +141,7 @@ impl Request {
             Request::Frontends => "frontends",
             Request::Stats => "stats",
             Request::Expire { .. } => "expire",
+            Request::PurgeDisconnected => "purge_disconnected",
         }
     }
 }
@@ -224,6 +227,10 @@ pub enum ErrorCode {
     FileNotAvailable,
     /// No such handle (or not resumable: connected, expired, closed).
     NoSuchHandle,
+    /// The client already has an open with this create GUID.
+    DuplicateCreateGuid,
+    /// The request needs something this filesystem or build does not offer.
+    Unsupported,
     /// The handle belongs to another client or protocol.
     NotOwner,
     /// The state store or the filesystem is full.
@@ -298,9 +305,17 @@ pub enum Reply {
     },
     /// Counters.
     Stats(Stats),
+    /// How many handles a purge expired.
+    Purged {
+        /// Handles expired.
+        count: u64,
+    },
 }
 
 /// One frame from the daemon.
+// Frames are built, encoded and dropped at once; boxing the reply would only
+// add an allocation per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "frame")]
 pub enum ServerFrame {
@@ -474,7 +489,8 @@ pub fn encode<T: Serialize>(frame: &T) -> Result<Vec<u8>, WireError> {
 
 /// Decodes a hello.
 pub fn decode_hello(bytes: &[u8]) -> Result<Hello, WireError> {
-    serde_json::from_slice(bytes).map_err(|e| WireError::new(ErrorCode::BadFrame, format!("bad hello: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| WireError::new(ErrorCode::BadFrame, format!("bad hello: {e}")))
 }
 
 /// Decodes a request. On failure, returns the request id too when it could be
@@ -486,13 +502,17 @@ pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, (Option<u64>, WireEr
             id: u64,
         }
         let id = serde_json::from_slice::<IdOnly>(bytes).ok().map(|x| x.id);
-        (id, WireError::new(ErrorCode::BadFrame, format!("bad request: {e}")))
+        (
+            id,
+            WireError::new(ErrorCode::BadFrame, format!("bad request: {e}")),
+        )
     })
 }
 
 /// Decodes a frame from the daemon.
 pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, WireError> {
-    serde_json::from_slice(bytes).map_err(|e| WireError::new(ErrorCode::BadFrame, format!("bad server frame: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| WireError::new(ErrorCode::BadFrame, format!("bad server frame: {e}")))
 }
 
 #[cfg(test)]

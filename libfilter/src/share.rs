@@ -76,7 +76,10 @@ pub enum ShareDecision<K> {
 
 /// Checks `new` against every holder. A live conflict wins over a persistent
 /// one; nothing is purged unless the open is granted.
-pub fn decide<K: Copy>(new: ShareMode, holders: impl IntoIterator<Item = Holder<K>>) -> ShareDecision<K> {
+pub fn decide<K: Copy>(
+    new: ShareMode,
+    holders: impl IntoIterator<Item = Holder<K>>,
+) -> ShareDecision<K> {
     let mut purge = Vec::new();
     let mut not_available = false;
     for h in holders {
@@ -131,7 +134,10 @@ mod tests {
 
     #[test]
     fn windows_examples() {
-        let m = |a: Rights, s: Rights| ShareMode { access: a, share: s };
+        let m = |a: Rights, s: Rights| ShareMode {
+            access: a,
+            share: s,
+        };
         // Two readers sharing read coexist.
         assert!(!conflicts(m(R, R), m(R, R)));
         // A writer against a reader that shares only read.
@@ -151,22 +157,47 @@ mod tests {
 
     #[test]
     fn disconnected_kinds() {
-        let none = ShareMode { access: R.union(W), share: Rights::NONE };
-        let new = ShareMode { access: R, share: Rights::ALL };
-        let h = |key, state| Holder { key, mode: none, state };
+        let none = ShareMode {
+            access: R.union(W),
+            share: Rights::NONE,
+        };
+        let new = ShareMode {
+            access: R,
+            share: Rights::ALL,
+        };
+        let h = |key, state| Holder {
+            key,
+            mode: none,
+            state,
+        };
         assert_eq!(
             decide(new, [h(1, HolderState::DisconnectedDurable)]),
             ShareDecision::Grant { purge: vec![1] }
         );
         assert_eq!(
-            decide(new, [h(1, HolderState::DisconnectedDurable), h(2, HolderState::DisconnectedPersistent)]),
+            decide(
+                new,
+                [
+                    h(1, HolderState::DisconnectedDurable),
+                    h(2, HolderState::DisconnectedPersistent)
+                ]
+            ),
             ShareDecision::NotAvailable
         );
         assert_eq!(
-            decide(new, [h(2, HolderState::DisconnectedPersistent), h(3, HolderState::Live)]),
+            decide(
+                new,
+                [
+                    h(2, HolderState::DisconnectedPersistent),
+                    h(3, HolderState::Live)
+                ]
+            ),
             ShareDecision::Violation
         );
-        assert_eq!(decide(new, [h(4, HolderState::Lost)]), ShareDecision::Grant { purge: vec![] });
+        assert_eq!(
+            decide(new, [h(4, HolderState::Lost)]),
+            ShareDecision::Grant { purge: vec![] }
+        );
     }
 
     proptest! {

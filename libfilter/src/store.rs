@@ -47,7 +47,9 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The state dir was written by a newer build.
-    #[error("state directory has schema version {found}; this build understands up to {SCHEMA_VERSION}")]
+    #[error(
+        "state directory has schema version {found}; this build understands up to {SCHEMA_VERSION}"
+    )]
     SchemaTooNew {
         /// The version found.
         found: u32,
@@ -198,11 +200,14 @@ fn migrate(_txn: &mut heed::RwTxn<'_>, from: u32) -> Result<(), StoreError> {
 }
 
 fn read_u64(b: Option<&[u8]>) -> u64 {
-    b.and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes).unwrap_or(0)
+    b.and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
 }
 
 fn read_u32(b: Option<&[u8]>) -> Option<u32> {
-    b.and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes)
+    b.and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes)
 }
 
 impl Store {
@@ -213,7 +218,8 @@ impl Store {
             path: db_dir.display().to_string(),
             source,
         })?;
-        let env = crate::sys::open_lmdb(&db_dir, 8, map_size, EnvFlags::empty()).map_err(StoreError::from_heed)?;
+        let env = crate::sys::open_lmdb(&db_dir, 8, map_size, EnvFlags::empty())
+            .map_err(StoreError::from_heed)?;
         let mut txn = env.write_txn()?;
         let meta: Database<Str, Bytes> = env.create_database(&mut txn, Some("meta"))?;
         let found = read_u32(meta.get(&txn, META_SCHEMA)?);
@@ -248,19 +254,34 @@ impl Store {
         }
         let env = crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, EnvFlags::READ_ONLY)?;
         let txn = env.read_txn()?;
-        let meta: Database<Str, Bytes> = env.open_database(&txn, Some("meta"))?.ok_or(StoreError::Missing("meta"))?;
-        let found = read_u32(meta.get(&txn, META_SCHEMA)?).ok_or(StoreError::Missing("schema_version"))?;
+        let meta: Database<Str, Bytes> = env
+            .open_database(&txn, Some("meta"))?
+            .ok_or(StoreError::Missing("meta"))?;
+        let found =
+            read_u32(meta.get(&txn, META_SCHEMA)?).ok_or(StoreError::Missing("schema_version"))?;
         if found > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew { found });
         }
         let store = Store {
             meta,
-            handles: env.open_database(&txn, Some("handles"))?.ok_or(StoreError::Missing("handles"))?,
-            guids: env.open_database(&txn, Some("guids"))?.ok_or(StoreError::Missing("guids"))?,
-            files: env.open_database(&txn, Some("files"))?.ok_or(StoreError::Missing("files"))?,
-            replay: env.open_database(&txn, Some("replay"))?.ok_or(StoreError::Missing("replay"))?,
-            intents: env.open_database(&txn, Some("intents"))?.ok_or(StoreError::Missing("intents"))?,
-            clients: env.open_database(&txn, Some("clients"))?.ok_or(StoreError::Missing("clients"))?,
+            handles: env
+                .open_database(&txn, Some("handles"))?
+                .ok_or(StoreError::Missing("handles"))?,
+            guids: env
+                .open_database(&txn, Some("guids"))?
+                .ok_or(StoreError::Missing("guids"))?,
+            files: env
+                .open_database(&txn, Some("files"))?
+                .ok_or(StoreError::Missing("files"))?,
+            replay: env
+                .open_database(&txn, Some("replay"))?
+                .ok_or(StoreError::Missing("replay"))?,
+            intents: env
+                .open_database(&txn, Some("intents"))?
+                .ok_or(StoreError::Missing("intents"))?,
+            clients: env
+                .open_database(&txn, Some("clients"))?
+                .ok_or(StoreError::Missing("clients"))?,
             env: env.clone(),
         };
         txn.commit()?;
@@ -272,7 +293,11 @@ impl Store {
     pub fn begin_epoch(&self) -> Result<(u64, bool), StoreError> {
         let mut txn = self.env.write_txn()?;
         let epoch = read_u64(self.meta.get(&txn, META_EPOCH)?) + 1;
-        let was_clean = self.meta.get(&txn, META_CLEAN)?.map(|b| b == [1]).unwrap_or(true);
+        let was_clean = self
+            .meta
+            .get(&txn, META_CLEAN)?
+            .map(|b| b == [1])
+            .unwrap_or(true);
         self.meta.put(&mut txn, META_EPOCH, &epoch.to_le_bytes())?;
         self.meta.put(&mut txn, META_CLEAN, &[0])?;
         txn.commit().map_err(StoreError::from_heed)?;
@@ -292,7 +317,11 @@ impl Store {
         Ok(MetaInfo {
             schema_version: read_u32(self.meta.get(&txn, META_SCHEMA)?).unwrap_or(0),
             epoch: read_u64(self.meta.get(&txn, META_EPOCH)?),
-            clean_shutdown: self.meta.get(&txn, META_CLEAN)?.map(|b| b == [1]).unwrap_or(false),
+            clean_shutdown: self
+                .meta
+                .get(&txn, META_CLEAN)?
+                .map(|b| b == [1])
+                .unwrap_or(false),
         })
     }
 
@@ -302,7 +331,9 @@ impl Store {
         for op in ops {
             match op {
                 StoreOp::PutHandle(rec) => {
-                    self.handles.put(&mut txn, &rec.key, rec).map_err(StoreError::from_heed)?;
+                    self.handles
+                        .put(&mut txn, &rec.key, rec)
+                        .map_err(StoreError::from_heed)?;
                     self.files
                         .put(&mut txn, &file_key(rec.file, rec.key), &())
                         .map_err(StoreError::from_heed)?;
@@ -351,10 +382,12 @@ impl Store {
         let raw = self.handles.remap_types::<ResumeKeyCodec, Bytes>();
         match raw.get(&txn, &key)? {
             None => Ok(None),
-            Some(v) => decode_record(v).map(Some).map_err(|reason| StoreError::Corrupt {
-                table: "handles",
-                reason,
-            }),
+            Some(v) => decode_record(v)
+                .map(Some)
+                .map_err(|reason| StoreError::Corrupt {
+                    table: "handles",
+                    reason,
+                }),
         }
     }
 
@@ -368,7 +401,9 @@ impl Store {
     #[doc(hidden)]
     pub fn put_raw_handle(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let mut txn = self.env.write_txn()?;
-        self.handles.remap_types::<Bytes, Bytes>().put(&mut txn, key, value)?;
+        self.handles
+            .remap_types::<Bytes, Bytes>()
+            .put(&mut txn, key, value)?;
         txn.commit().map_err(StoreError::from_heed)
     }
 }
@@ -392,7 +427,10 @@ mod tests {
             owner: None,
             path: RelPath::new(path).unwrap(),
             file: FileId { dev: 1, ino: 2 },
-            kernel_handle: Some(KernelHandle { handle_type: 1, bytes: vec![1, 2, 3] }),
+            kernel_handle: Some(KernelHandle {
+                handle_type: 1,
+                bytes: vec![1, 2, 3],
+            }),
             access: Access::new(Rights::READ).unwrap(),
             share: Rights::ALL,
             durability: Durability::Persistent { timeout_ms: 1000 },
@@ -420,8 +458,11 @@ mod tests {
             let hs = s.handles().unwrap();
             assert_eq!(hs.len(), 2);
             assert!(hs.iter().any(|h| h.as_ref().ok() == Some(&r)));
-            assert!(hs.iter().any(|h| matches!(h, Err(StoreError::Corrupt { .. }))));
-            s.apply(&[StoreOp::DeleteHandle(Box::new(r.clone()))]).unwrap();
+            assert!(hs
+                .iter()
+                .any(|h| matches!(h, Err(StoreError::Corrupt { .. }))));
+            s.apply(&[StoreOp::DeleteHandle(Box::new(r.clone()))])
+                .unwrap();
             assert_eq!(s.index_counts().unwrap(), (0, 0));
             assert_eq!(s.handle(r.key).unwrap(), None);
             s.mark_clean_shutdown().unwrap();

@@ -20,6 +20,7 @@ const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 const RESOLVE_BENEATH: u64 = 0x08;
 /// `MAX_HANDLE_SZ` from `<linux/exportfs.h>`.
 const MAX_HANDLE_SZ: usize = 128;
+const MAX_HANDLE_SZ_U32: u32 = 128;
 
 #[repr(C)]
 struct OpenHow {
@@ -31,11 +32,21 @@ struct OpenHow {
 /// Opens `path` relative to `dir` with `openat2`, refusing any resolution that
 /// leaves `dir` (`..`, absolute symlinks, symlinks pointing out) with `EXDEV`,
 /// and any magic link (`/proc/self/fd/N` style) with `ELOOP`.
-pub fn openat2_beneath(dir: BorrowedFd<'_>, path: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+pub fn openat2_beneath(
+    dir: BorrowedFd<'_>,
+    path: &str,
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
     let cpath = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let how = OpenHow {
-        flags: u64::try_from(flags | libc::O_CLOEXEC).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
-        mode: if flags & libc::O_CREAT != 0 { u64::from(mode) } else { 0 },
+        flags: u64::try_from(flags | libc::O_CLOEXEC)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        mode: if flags & libc::O_CREAT != 0 {
+            u64::from(mode)
+        } else {
+            0
+        },
         resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
     };
     loop {
@@ -77,7 +88,7 @@ struct FileHandleBuf {
 /// `AT_EMPTY_PATH`).
 pub fn file_handle_of(fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {
     let mut buf = FileHandleBuf {
-        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_bytes: MAX_HANDLE_SZ_U32,
         handle_type: 0,
         f_handle: [0; MAX_HANDLE_SZ],
     };
@@ -98,7 +109,9 @@ pub fn file_handle_of(fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    let n = usize::try_from(buf.handle_bytes).unwrap_or(usize::MAX).min(MAX_HANDLE_SZ);
+    let n = usize::try_from(buf.handle_bytes)
+        .unwrap_or(usize::MAX)
+        .min(MAX_HANDLE_SZ);
     Ok(KernelHandle {
         handle_type: buf.handle_type,
         bytes: buf.f_handle.get(..n).unwrap_or_default().to_vec(),
@@ -108,12 +121,17 @@ pub fn file_handle_of(fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {
 /// Reopens a file by its kernel handle on the filesystem `mount_fd` lives on
 /// (needs `CAP_DAC_READ_SEARCH`). A file renamed since is still found; a
 /// deleted one gives `ESTALE`.
-pub fn open_by_handle(mount_fd: BorrowedFd<'_>, h: &KernelHandle, flags: i32) -> io::Result<OwnedFd> {
+pub fn open_by_handle(
+    mount_fd: BorrowedFd<'_>,
+    h: &KernelHandle,
+    flags: i32,
+) -> io::Result<OwnedFd> {
     if h.bytes.len() > MAX_HANDLE_SZ {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let mut buf = FileHandleBuf {
-        handle_bytes: u32::try_from(h.bytes.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        handle_bytes: u32::try_from(h.bytes.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
         handle_type: h.handle_type,
         f_handle: [0; MAX_HANDLE_SZ],
     };
@@ -184,7 +202,12 @@ pub fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Packet> {
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
     let (len, flags, raw_fds) = loop {
         let mut iov = [std::io::IoSliceMut::new(buf)];
-        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
             Ok(msg) => {
                 let mut fds = Vec::new();
                 if let Ok(cmsgs) = msg.cmsgs() {
@@ -217,7 +240,11 @@ pub fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Packet> {
 
 /// Sends one packet, with at most one descriptor as `SCM_RIGHTS`. Never
 /// raises SIGPIPE.
-pub fn send_packet(sock: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+pub fn send_packet(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let iov = [std::io::IoSlice::new(bytes)];
     let raw;
@@ -235,6 +262,13 @@ pub fn send_packet(sock: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>
             Err(e) => return Err(io::Error::from(e)),
         }
     }
+}
+
+/// Takes ownership of a descriptor `accept4` just returned.
+pub fn own_accepted(fd: std::os::fd::RawFd) -> OwnedFd {
+    // SAFETY: the caller passes a descriptor freshly returned by accept4,
+    // which nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 #[cfg(test)]

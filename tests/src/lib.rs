@@ -1,1 +1,271 @@
+//! The one harness every end-to-end test uses: a temporary export and state
+//! dir ([`Scratch`]), the real programs started as processes ([`Filterd`],
+//! [`TestFront`], [`filterctl`]), and readiness by polling — never a fixed
+//! sleep. Binaries are taken from the same `target/<profile>` directory as
+//! the test executable; `make test` builds them first.
+#![forbid(unsafe_code)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use libfilter::client::FilterClient;
+use serde_json::Value;
+
+/// Path of a workspace binary built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` (or `make test`) first",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` every 10 ms until it returns `Some`, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A temporary directory with `root/` (the export) and `state/`; removed on drop.
+pub struct Scratch {
+    /// The top directory.
+    pub dir: PathBuf,
+}
+
+impl Scratch {
+    /// Creates a fresh scratch dir named after the test.
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("rkf-e2e-{name}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(dir.join("root")).expect("mkdir root");
+        std::fs::create_dir_all(dir.join("state")).expect("mkdir state");
+        Scratch { dir }
+    }
+    /// The export root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+    /// The state dir.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    /// The default socket.
+    pub fn socket(&self) -> PathBuf {
+        self.state().join("filterd.sock")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running filterd.
+pub struct Filterd {
+    child: Option<Child>,
+    /// Its stderr log file.
+    pub log: PathBuf,
+    socket: PathBuf,
+}
+
+impl Filterd {
+    /// Starts filterd on the scratch dirs (`--no-fanotify` plus `extra` flags,
+    /// `env` as extra environment) and waits until it answers a hello.
+    pub fn start(s: &Scratch, extra: &[&str], env: &[(&str, &str)]) -> Filterd {
+        let d = Self::spawn(s, extra, env);
+        d.wait_ready();
+        d
+    }
+
+    /// Starts filterd without waiting.
+    pub fn spawn(s: &Scratch, extra: &[&str], env: &[(&str, &str)]) -> Filterd {
+        let n = std::fs::read_dir(&s.dir).map(|d| d.count()).unwrap_or(0);
+        let log = s.dir.join(format!("filterd-{n}.log"));
+        let mut cmd = Command::new(bin("filterd"));
+        cmd.arg("--root")
+            .arg(s.root())
+            .arg("--state")
+            .arg(s.state())
+            .arg("--no-fanotify")
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn filterd");
+        Filterd {
+            child: Some(child),
+            log,
+            socket: s.socket(),
+        }
+    }
+
+    /// Polls until a control hello succeeds.
+    pub fn wait_ready(&self) {
+        let t0 = Instant::now();
+        loop {
+            if FilterClient::connect_control(&self.socket).is_ok() {
+                return;
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                panic!("filterd not ready after 20 s; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for it to exit by itself (e.g. at a failpoint), up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("running");
+        let st = wait_for("filterd to exit", timeout, || c.try_wait().ok().flatten());
+        self.child = None;
+        st
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let st = wait_for("filterd to stop", Duration::from_secs(20), || c.try_wait().ok().flatten());
+        self.child = None;
+        st
+    }
+
+    /// A control connection.
+    pub fn control(&self) -> FilterClient {
+        FilterClient::connect_control(&self.socket).expect("control connection")
+    }
+}
+
+impl Drop for Filterd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A testfront process: a frontend over libfilter driven line by line.
+pub struct TestFront {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    /// The daemon epoch it saw at hello.
+    pub epoch: u64,
+}
+
+impl TestFront {
+    /// Starts `testfront` attached to `socket` as `protocol`/`instance` and
+    /// waits for its ready line. Returns the error JSON if it could not attach.
+    pub fn start(socket: &Path, protocol: &str, instance: &str) -> Result<TestFront, Value> {
+        let mut child = Command::new(bin("testfront"))
+            .arg(socket)
+            .arg(protocol)
+            .arg(instance)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn testfront");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("testfront ready line");
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if v["ready"] != Value::Bool(true) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(v);
+        }
+        let epoch = v["epoch"].as_u64().unwrap_or(0);
+        Ok(TestFront {
+            child,
+            stdin,
+            stdout,
+            epoch,
+        })
+    }
+
+    /// Sends one command and returns its result line.
+    pub fn cmd(&mut self, v: Value) -> Value {
+        writeln!(self.stdin, "{v}").expect("write to testfront");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read from testfront");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad testfront line {line:?}: {e}"))
+    }
+
+    /// SIGKILLs it (its handles stay open until the kernel closes its socket).
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Output of a filterctl run.
+pub struct CtlOutput {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    /// Stdout parsed as JSON (panics with the output if it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("filterctl output is not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+}
+
+/// Runs filterctl with `args`.
+pub fn filterctl(args: &[&str]) -> CtlOutput {
+    let out = Command::new(bin("filterctl")).args(args).output().expect("run filterctl");
+    CtlOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -1,1 +1,36 @@
-fn main(){}
+//! nfsshim — the NFS-like (nfsl/1) frontend of rkfilter.
+//!
+//! Not implemented yet: this build only parses its command line (per
+//! spec/cli.md) and says so. See the project's issues for the plan.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The NFS-like (nfsl/1) frontend of rkfilter (not implemented yet).
+#[derive(Parser, Debug)]
+#[command(name = "nfsshim", version, about, long_about = None)]
+struct Args {
+    /// filterd's Unix socket.
+    #[arg(long, value_name = "SOCKET")]
+    filter: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+    /// Frontend instance name [default: the protocol name].
+    #[arg(long, value_name = "NAME")]
+    instance: Option<String>,
+    /// Client lease length in milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 90_000)]
+    lease_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::bail!(
+        "nfsshim is not implemented yet in this build (would attach to {} and listen on {})",
+        args.filter.display(),
+        args.listen
+    )
+}

@@ -1,0 +1,73 @@
+//! The committer: group commit and the one safe order.
+//!
+//! Receives [`CommitJob`]s from the engine, merges every job that queued while
+//! the previous fsync ran into one LMDB write transaction, commits it (LMDB
+//! fsyncs before `commit` returns), and only then sends the replies that
+//! waited for it (invariant 1). The engine keeps serving non-durable requests
+//! meanwhile. If a commit fails, the waiting requests get an error instead and
+//! the engine rolls back the opens that never became durable.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use libfilter::proto::{ErrorCode, ServerFrame, WireError};
+use libfilter::store::{Store, StoreError};
+use tracing::error;
+
+use crate::engine::{Command, CommitCounters, CommitJob};
+use crate::failpoint;
+
+/// Runs until the engine drops its sender.
+pub fn run(
+    store: Arc<Store>,
+    rx: Receiver<CommitJob>,
+    engine: Sender<Command>,
+    counters: Arc<CommitCounters>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while let Ok(j) = rx.try_recv() {
+            jobs.push(j);
+        }
+        let mut ops = Vec::new();
+        let mut replies = Vec::new();
+        let mut opened = Vec::new();
+        for j in jobs {
+            ops.extend(j.ops);
+            replies.extend(j.replies);
+            opened.extend(j.opened);
+        }
+        failpoint::hit("commit.before");
+        match store.apply(&ops) {
+            Ok(()) => {
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                counters.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+                failpoint::hit("commit.after");
+                for r in replies {
+                    failpoint::hit("reply.before_send");
+                    r.writer.send(&r.bytes, r.fd.as_ref().map(|f| f.as_fd()));
+                }
+            }
+            Err(e) => {
+                let code = match e {
+                    StoreError::Full => ErrorCode::DiskFull,
+                    _ => ErrorCode::Internal,
+                };
+                error!(error = %e, ops = ops.len(), "commit failed; failing the requests that waited for it");
+                for r in replies {
+                    let frame = ServerFrame::Reply {
+                        id: Some(r.id),
+                        result: Err(WireError::new(
+                            code,
+                            format!("state store commit failed: {e}"),
+                        )),
+                    };
+                    r.writer.send_frame(&frame, None);
+                }
+                let _ = engine.send(Command::CommitFailed { opened });
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Filesystem effects, always beneath the export root.
+//!
+//! Every client path goes through [`libfilter::sys::openat2_beneath`] relative
+//! to the root's descriptor — never joined onto a host path (invariant 6).
+//! Opening and truncating are split: the engine opens, checks share modes
+//! against the file's identity, and only then lets a truncating disposition
+//! truncate, so a refused open changes nothing on disk.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use libfilter::model::{Access, Disposition, FileId, RelPath, Rights};
+use libfilter::proto::{ErrorCode, WireError};
+use libfilter::sys;
+use nix::sys::stat::{fstat, SFlag};
+
+/// Mode bits for files created on behalf of clients.
+const CREATE_MODE: u32 = 0o644;
+
+/// An opened file, before share checks.
+pub struct OpenedFile {
+    /// The descriptor, opened with the access's read/write mode.
+    pub fd: OwnedFd,
+    /// Whether this open created the file.
+    pub created: bool,
+    /// Its identity.
+    pub file: FileId,
+    /// Its size now.
+    pub size: u64,
+}
+
+/// `O_RDONLY` / `O_WRONLY` / `O_RDWR` for an access mask. Delete-only opens
+/// read-only (the descriptor is then only an anchor).
+pub fn open_mode(access: Access) -> i32 {
+    let r = access.rights();
+    match (r.contains(Rights::READ), r.contains(Rights::WRITE)) {
+        (_, false) => libc::O_RDONLY,
+        (false, true) => libc::O_WRONLY,
+        (true, true) => libc::O_RDWR,
+    }
+}
+
+/// Maps an errno from resolving a client path to a wire error.
+pub fn map_errno(e: &io::Error, root: BorrowedFd<'_>, path: &RelPath) -> WireError {
+    let code = match e.raw_os_error() {
+        Some(libc::ENOENT) => {
+            // Tell a missing file from a missing directory on the way.
+            match path.parent() {
+                Some(parent) => match sys::openat2_beneath(
+                    root,
+                    parent.as_str(),
+                    libc::O_PATH | libc::O_DIRECTORY,
+                    0,
+                ) {
+                    Ok(_) => ErrorCode::NotFound,
+                    Err(_) => ErrorCode::PathNotFound,
+                },
+                None => ErrorCode::NotFound,
+            }
+        }
+        Some(libc::ENOTDIR) => ErrorCode::PathNotFound,
+        Some(libc::EEXIST) => ErrorCode::Collision,
+        Some(libc::EXDEV) | Some(libc::ELOOP) => {
+            return WireError::new(
+                ErrorCode::AccessDenied,
+                format!("{path}: resolves outside the export root"),
+            )
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => ErrorCode::AccessDenied,
+        Some(libc::EISDIR) => ErrorCode::NotAFile,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
+        Some(libc::ENAMETOOLONG) => ErrorCode::BadFrame,
+        _ => ErrorCode::Internal,
+    };
+    WireError::new(code, format!("{path}: {e}"))
+}
+
+fn stat_file(fd: BorrowedFd<'_>) -> io::Result<(FileId, u64, bool)> {
+    let st = fstat(fd)?;
+    let is_reg = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
+    Ok((
+        FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        },
+        u64::try_from(st.st_size).unwrap_or(0),
+        is_reg,
+    ))
+}
+
+/// Identity and size of an open file.
+pub fn stat(fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)> {
+    stat_file(fd).map(|(f, s, _)| (f, s))
+}
+
+/// Opens `path` per `disposition` without truncating. Must-exist and
+/// must-not-exist rules are decided here; truncation is [`truncate`]'s job.
+pub fn open(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    access: Access,
+    disposition: Disposition,
+) -> Result<OpenedFile, WireError> {
+    let mode = open_mode(access) | libc::O_NOCTTY;
+    let p = path.as_str();
+    let err = |e: io::Error| map_errno(&e, root, path);
+    let (fd, created) = match disposition {
+        Disposition::Open | Disposition::Overwrite => {
+            (sys::openat2_beneath(root, p, mode, 0).map_err(err)?, false)
+        }
+        Disposition::Create => (
+            sys::openat2_beneath(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE)
+                .map_err(err)?,
+            true,
+        ),
+        Disposition::OpenIf | Disposition::OverwriteIf | Disposition::Supersede => {
+            // Create-if-absent, knowing which happened: try exclusive create,
+            // fall back to open; retry if the file vanished in between.
+            let mut tries = 0;
+            loop {
+                match sys::openat2_beneath(
+                    root,
+                    p,
+                    mode | libc::O_CREAT | libc::O_EXCL,
+                    CREATE_MODE,
+                ) {
+                    Ok(fd) => break (fd, true),
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(err(e)),
+                }
+                match sys::openat2_beneath(root, p, mode, 0) {
+                    Ok(fd) => break (fd, false),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tries < 8 => tries += 1,
+                    Err(e) => return Err(err(e)),
+                }
+            }
+        }
+    };
+    let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
+    if !is_reg {
+        return Err(WireError::new(
+            ErrorCode::NotAFile,
+            format!("{path}: not a regular file"),
+        ));
+    }
+    Ok(OpenedFile {
+        fd,
+        created,
+        file,
+        size,
+    })
+}
+
+/// Truncates the file `expect` names at `path` to zero. Opens a separate
+/// write descriptor (the client's may be read-only) and checks it is the same
+/// file, so a rename racing in between cannot truncate another file.
+pub fn truncate(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<(), WireError> {
+    let fd = sys::openat2_beneath(root, path.as_str(), libc::O_WRONLY | libc::O_NOCTTY, 0)
+        .map_err(|e| map_errno(&e, root, path))?;
+    let (file, _) = stat(fd.as_fd()).map_err(|e| map_errno(&e, root, path))?;
+    if file != expect {
+        return Err(WireError::new(
+            ErrorCode::FileNotAvailable,
+            format!("{path}: replaced while opening; retry"),
+        ));
+    }
+    nix::unistd::ftruncate(fd.as_fd(), 0).map_err(|e| map_errno(&io::Error::from(e), root, path))
+}
+
+/// Reopens a file by kernel handle (restart recovery).
+pub fn reopen(
+    root: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+    access: Access,
+) -> io::Result<(OwnedFd, FileId, u64)> {
+    let fd = sys::open_by_handle(root, h, open_mode(access))?;
+    let (file, size) = stat(fd.as_fd())?;
+    Ok((fd, file, size))
+}

@@ -1,0 +1,565 @@
+//! End-to-end tests of the foundation: real filterd processes, frontends
+//! over libfilter (in-process clients and `testfront` processes), filterctl.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use libfilter::client::FilterClient;
+use libfilter::model::*;
+use libfilter::proto::{ErrorCode, OpenRequest, Reply, Request};
+use rkfilter_tests::{bin, filterctl, wait_for, Filterd, Scratch, TestFront};
+use serde_json::{json, Value};
+
+fn frontend(d: &Scratch, proto: &str, inst: &str) -> FilterClient {
+    FilterClient::connect_frontend(
+        &d.socket(),
+        Protocol::new(proto).unwrap(),
+        InstanceName::new(inst).unwrap(),
+    )
+    .expect("frontend attaches")
+}
+
+fn req(client: &str, path: &str, access: Rights, share: Rights, disp: Disposition, dur: Durability) -> OpenRequest {
+    OpenRequest {
+        client: ClientId::new(client).unwrap(),
+        path: RelPath::new(path).unwrap(),
+        access: Access::new(access).unwrap(),
+        share,
+        disposition: disp,
+        durability: dur,
+        create_guid: None,
+        owner: None,
+    }
+}
+
+const RW: Rights = Rights::READ.union(Rights::WRITE);
+
+fn handles_json(s: &Scratch) -> Value {
+    let out = filterctl(&["--socket", s.socket().to_str().unwrap(), "handles", "--json"]);
+    assert_eq!(out.code, 0, "filterctl handles failed: {}", out.stderr);
+    out.json()
+}
+
+fn handle_list(v: &Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a.clone(),
+        Value::Object(o) => o.get("handles").and_then(Value::as_array).cloned().unwrap_or_default(),
+        _ => vec![],
+    }
+}
+
+#[test]
+fn open_write_read_close() {
+    let s = Scratch::new("owrc");
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb", "smb-1");
+    let h = fe
+        .open(req("c1", "a.txt", RW, Rights::NONE, Disposition::Create, Durability::None))
+        .unwrap();
+    assert_eq!(h.info.create_action, CreateAction::Created);
+    let f = std::fs::File::from(h.fd);
+    f.write_all_at(b"hello world", 0).unwrap();
+    assert_eq!(std::fs::read(s.root().join("a.txt")).unwrap(), b"hello world");
+    let mut buf = [0u8; 5];
+    f.read_exact_at(&mut buf, 6).unwrap();
+    assert_eq!(&buf, b"world");
+    assert_eq!(handle_list(&handles_json(&s)).len(), 1);
+    fe.close(h.info.key).unwrap();
+    assert_eq!(handle_list(&handles_json(&s)).len(), 0);
+    // Closing twice is an error, not a crash.
+    assert_eq!(fe.close(h.info.key).unwrap_err().code(), Some(ErrorCode::NoSuchHandle));
+}
+
+#[test]
+fn dispositions() {
+    let s = Scratch::new("disp");
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb", "smb-1");
+    let o = |path: &str, disp| fe.open(req("c1", path, RW, Rights::ALL, disp, Durability::None));
+    assert_eq!(o("x", Disposition::Open).unwrap_err().code(), Some(ErrorCode::NotFound));
+    assert_eq!(o("nodir/x", Disposition::OpenIf).unwrap_err().code(), Some(ErrorCode::PathNotFound));
+    assert_eq!(o("x", Disposition::Overwrite).unwrap_err().code(), Some(ErrorCode::NotFound));
+    let a = o("x", Disposition::OpenIf).unwrap();
+    assert_eq!(a.info.create_action, CreateAction::Created);
+    std::fs::File::from(a.fd).write_all_at(b"12345", 0).unwrap();
+    assert_eq!(o("x", Disposition::Create).unwrap_err().code(), Some(ErrorCode::Collision));
+    let b = o("x", Disposition::OpenIf).unwrap();
+    assert_eq!((b.info.create_action, b.info.size), (CreateAction::Opened, 5));
+    let c = o("x", Disposition::Overwrite).unwrap();
+    assert_eq!((c.info.create_action, c.info.size), (CreateAction::Overwritten, 0));
+    assert_eq!(std::fs::metadata(s.root().join("x")).unwrap().len(), 0);
+    std::fs::write(s.root().join("x"), b"abc").unwrap();
+    let d = o("x", Disposition::Supersede).unwrap();
+    assert_eq!(d.info.create_action, CreateAction::Superseded);
+    let e = o("y", Disposition::OverwriteIf).unwrap();
+    assert_eq!(e.info.create_action, CreateAction::Created);
+    std::fs::create_dir(s.root().join("dir")).unwrap();
+    let r = fe.open(req("c1", "dir", Rights::READ, Rights::ALL, Disposition::Open, Durability::None));
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotAFile));
+    // A read-only open gets a read-only descriptor, even when it truncates.
+    std::fs::write(s.root().join("ro"), b"abc").unwrap();
+    let ro = fe
+        .open(req("c1", "ro", Rights::READ, Rights::ALL, Disposition::Overwrite, Durability::None))
+        .unwrap();
+    assert!(std::fs::File::from(ro.fd).write_all_at(b"z", 0).is_err());
+    assert_eq!(std::fs::metadata(s.root().join("ro")).unwrap().len(), 0);
+}
+
+#[test]
+fn sharing_violation_across_frontends() {
+    let s = Scratch::new("share");
+    let _d = Filterd::start(&s, &[], &[]);
+    std::fs::write(s.root().join("f"), b"data").unwrap();
+    let smb = frontend(&s, "smb", "smb-1");
+    let nfs = frontend(&s, "nfs", "nfs-1");
+    let a = smb
+        .open(req("c1", "f", Rights::READ, Rights::READ, Disposition::Open, Durability::None))
+        .unwrap();
+    // Another reader that shares read: fine.
+    let b = nfs
+        .open(req("c2", "f", Rights::READ, Rights::READ, Disposition::Open, Durability::None))
+        .unwrap();
+    // A writer: the first open does not share write.
+    let w = nfs.open(req("c2", "f", RW, Rights::ALL, Disposition::Open, Durability::None));
+    assert_eq!(w.unwrap_err().code(), Some(ErrorCode::SharingViolation));
+    // A reader that does not share read with the existing readers.
+    let r = nfs.open(req("c3", "f", Rights::READ, Rights::NONE, Disposition::Open, Durability::None));
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::SharingViolation));
+    // A truncating open refused by share modes truncates nothing.
+    let t = nfs.open(req("c2", "f", RW, Rights::ALL, Disposition::Overwrite, Durability::None));
+    assert_eq!(t.unwrap_err().code(), Some(ErrorCode::SharingViolation));
+    assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"data");
+    smb.close(a.info.key).unwrap();
+    nfs.close(b.info.key).unwrap();
+    nfs.open(req("c2", "f", RW, Rights::ALL, Disposition::Open, Durability::None))
+        .unwrap();
+    let st = stats(&s);
+    assert!(st["sharing_violations"].as_u64().unwrap() >= 3, "{st}");
+}
+
+fn stats(s: &Scratch) -> Value {
+    let out = filterctl(&["--socket", s.socket().to_str().unwrap(), "stats", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.json()
+}
+
+fn open_cmd(client: &str, path: &str, access: &[&str], share: &[&str], disp: &str, dur: Value, guid: Option<&str>) -> Value {
+    json!({"cmd": "open", "client": client, "path": path, "access": access, "share": share,
+           "disposition": disp, "durability": dur, "create_guid": guid})
+}
+
+fn state_of(s: &Scratch, key: &Value) -> String {
+    let h = handle_list(&handles_json(s));
+    h.iter()
+        .find(|h| h["key"] == *key)
+        .map(|h| h["conn"]["state"].as_str().unwrap_or("?").to_owned())
+        .unwrap_or_else(|| "gone".into())
+}
+
+#[test]
+fn frontend_sigkill_leaves_handles_protecting_and_replacement_resumes() {
+    let s = Scratch::new("fekill");
+    let _d = Filterd::start(&s, &[], &[]);
+    let sock = s.socket();
+    let mut fe = TestFront::start(&sock, "smb", "smb-a").unwrap();
+    let g_p = uuid::Uuid::new_v4().to_string();
+    let g_d = uuid::Uuid::new_v4().to_string();
+    let p = fe.cmd(open_cmd(
+        "alice",
+        "persist.txt",
+        &["read", "write"],
+        &["read"],
+        "create",
+        json!({"kind": "persistent", "timeout_ms": 60000}),
+        Some(&g_p),
+    ));
+    assert_eq!(p["ok"], true, "{p}");
+    let d = fe.cmd(open_cmd(
+        "alice",
+        "durable.txt",
+        &["read", "write"],
+        &["read"],
+        "create",
+        json!({"kind": "durable", "timeout_ms": 60000}),
+        Some(&g_d),
+    ));
+    assert_eq!(d["ok"], true, "{d}");
+    let n = fe.cmd(open_cmd("alice", "plain.txt", &["read", "write"], &[], "create", json!({"kind": "none"}), None));
+    assert_eq!(n["ok"], true, "{n}");
+    for k in [&p, &d] {
+        let w = fe.cmd(json!({"cmd": "write", "key": k["key"], "offset": 0, "data": "survives"}));
+        assert_eq!(w["ok"], true);
+    }
+    // Another frontend attaching with the same live instance name is refused.
+    let busy = TestFront::start(&sock, "smb", "smb-a").err().expect("instance busy");
+    assert_eq!(busy["code"], "InstanceBusy", "{busy}");
+
+    fe.kill9();
+    wait_for("handles to disconnect", Duration::from_secs(10), || {
+        (state_of(&s, &p["key"]) == "disconnected").then_some(())
+    });
+    assert_eq!(state_of(&s, &d["key"]), "disconnected");
+    assert_eq!(state_of(&s, &n["key"]), "gone", "non-durable handle must be closed");
+
+    // Still protecting: a conflicting open of the persistent file is refused.
+    let other = frontend(&s, "nfs", "nfs-1");
+    let r = other.open(req("bob", "persist.txt", RW, Rights::ALL, Disposition::Open, Durability::None));
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::FileNotAvailable));
+    // A plain file is free again.
+    other
+        .open(req("bob", "plain.txt", RW, Rights::ALL, Disposition::Open, Durability::None))
+        .unwrap();
+
+    // A replacement process with the same instance name resumes and reads.
+    let mut fe2 = TestFront::start(&sock, "smb", "smb-a").unwrap();
+    // Wrong client identity is refused (invariant 6).
+    let wrong = fe2.cmd(json!({"cmd": "resume", "client": "mallory", "create_guid": g_p}));
+    assert_eq!(wrong["ok"], false);
+    let wrong = fe2.cmd(json!({"cmd": "resume", "client": "mallory", "key": p["key"]}));
+    assert_eq!(wrong["code"], "NotOwner", "{wrong}");
+    // A frontend of another protocol cannot take it either.
+    let nfs_front = TestFront::start(&sock, "nfs", "nfs-2").unwrap();
+    drop(nfs_front);
+    let rp = fe2.cmd(json!({"cmd": "resume", "client": "alice", "create_guid": g_p}));
+    assert_eq!(rp["ok"], true, "{rp}");
+    assert_eq!(rp["key"], p["key"]);
+    assert_eq!(rp["create_action"], "created");
+    let data = fe2.cmd(json!({"cmd": "read", "key": p["key"], "offset": 0, "len": 100}));
+    assert_eq!(data["data"], "survives");
+    let rd = fe2.cmd(json!({"cmd": "resume", "client": "alice", "key": d["key"]}));
+    assert_eq!(rd["ok"], true, "{rd}");
+    let data = fe2.cmd(json!({"cmd": "read", "key": d["key"], "offset": 0, "len": 100}));
+    assert_eq!(data["data"], "survives");
+    assert_eq!(state_of(&s, &p["key"]), "connected");
+    // Resuming an attached handle again is refused.
+    let again = fe2.cmd(json!({"cmd": "resume", "client": "alice", "key": p["key"]}));
+    assert_eq!(again["code"], "NoSuchHandle", "{again}");
+    assert!(stats(&s)["resumes"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn disconnected_durable_is_purged_persistent_is_not() {
+    let s = Scratch::new("purge");
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let d = fe.cmd(open_cmd("alice", "d", &["read", "write"], &[], "create", json!({"kind": "durable", "timeout_ms": 60000}), None));
+    let p = fe.cmd(open_cmd("alice", "p", &["read", "write"], &[], "create", json!({"kind": "persistent", "timeout_ms": 60000}), None));
+    let det = fe.cmd(json!({"cmd": "detach", "key": d["key"]}));
+    assert_eq!(det["ok"], true);
+    let det = fe.cmd(json!({"cmd": "detach", "key": p["key"]}));
+    assert_eq!(det["ok"], true);
+    let other = frontend(&s, "nfs", "nfs-1");
+    // A share-compatible open of the durable file does not purge it... there is
+    // none (share none), so the conflicting open purges it and proceeds.
+    other
+        .open(req("bob", "d", Rights::READ, Rights::ALL, Disposition::Open, Durability::None))
+        .unwrap();
+    assert_eq!(state_of(&s, &d["key"]), "gone");
+    let r = other.open(req("bob", "p", Rights::READ, Rights::ALL, Disposition::Open, Durability::None));
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::FileNotAvailable));
+    assert_eq!(stats(&s)["purges"], 1);
+    // The purged handle's frontend heard about it.
+    drop(fe);
+}
+
+#[test]
+fn disconnected_handles_expire_after_their_timeout() {
+    let s = Scratch::new("expire");
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let p = fe.cmd(open_cmd("alice", "p", &["read", "write"], &[], "create", json!({"kind": "persistent", "timeout_ms": 300}), None));
+    let d = fe.cmd(open_cmd("alice", "d", &["read", "write"], &[], "create", json!({"kind": "durable", "timeout_ms": 60000}), None));
+    // Detach, resume, detach again: the second timeout counts, not the first.
+    fe.cmd(json!({"cmd": "detach", "key": d["key"]}));
+    fe.kill9();
+    wait_for("persistent handle to expire", Duration::from_secs(10), || {
+        (state_of(&s, &p["key"]) == "gone").then_some(())
+    });
+    assert_eq!(state_of(&s, &d["key"]), "disconnected", "60 s timeout must not have fired");
+    let other = frontend(&s, "nfs", "nfs-1");
+    other
+        .open(req("bob", "p", RW, Rights::NONE, Disposition::Open, Durability::None))
+        .unwrap();
+    assert!(stats(&s)["expiries"].as_u64().unwrap() >= 1);
+    // filterctl expire ends the durable one now.
+    let key = d["key"].as_str().unwrap();
+    let out = filterctl(&["--socket", s.socket().to_str().unwrap(), "expire", key]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(state_of(&s, &d["key"]), "gone");
+}
+
+#[test]
+fn reconnect_restarts_the_timeout() {
+    let s = Scratch::new("retimer");
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let p = fe.cmd(open_cmd("alice", "p", &["read"], &["read"], "create", json!({"kind": "durable", "timeout_ms": 400}), None));
+    fe.cmd(json!({"cmd": "detach", "key": p["key"]}));
+    let r = fe.cmd(json!({"cmd": "resume", "client": "alice", "key": p["key"]}));
+    assert_eq!(r["ok"], true, "{r}");
+    // Past the first timer's deadline the handle is still there and attached.
+    let t0 = std::time::Instant::now();
+    wait_for("first deadline to pass", Duration::from_secs(5), || {
+        (t0.elapsed() > Duration::from_millis(600)).then_some(())
+    });
+    assert_eq!(state_of(&s, &p["key"]), "connected");
+    fe.cmd(json!({"cmd": "detach", "key": p["key"]}));
+    wait_for("second timeout", Duration::from_secs(10), || {
+        (state_of(&s, &p["key"]) == "gone").then_some(())
+    });
+}
+
+#[test]
+fn paths_cannot_leave_the_root() {
+    let s = Scratch::new("confine");
+    let _d = Filterd::start(&s, &[], &[]);
+    std::os::unix::fs::symlink("/etc", s.root().join("etc-link")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../etc/passwd", s.root().join("rel-link")).unwrap();
+    std::fs::create_dir(s.root().join("sub")).unwrap();
+    std::os::unix::fs::symlink("../inside", s.root().join("sub/ok-link")).unwrap();
+    std::fs::write(s.root().join("inside"), b"in").unwrap();
+    let fe = frontend(&s, "smb", "smb-1");
+    for p in ["etc-link/passwd", "rel-link"] {
+        let r = fe.open(req("c", p, Rights::READ, Rights::ALL, Disposition::Open, Durability::None));
+        assert_eq!(r.unwrap_err().code(), Some(ErrorCode::AccessDenied), "{p}");
+    }
+    // Creating through an escaping symlink is refused too, and creates nothing.
+    let r = fe.open(req("c", "etc-link/rkf-should-not-exist", RW, Rights::ALL, Disposition::Create, Durability::None));
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::AccessDenied));
+    assert!(!std::path::Path::new("/etc/rkf-should-not-exist").exists());
+    // A symlink that stays inside is fine.
+    fe.open(req("c", "sub/ok-link", Rights::READ, Rights::ALL, Disposition::Open, Durability::None))
+        .unwrap();
+    // `..` and absolute paths never reach the daemon as a RelPath, and the
+    // daemon refuses them when a peer sends them raw.
+    for p in ["../etc/passwd", "/etc/passwd", "a/../../b"] {
+        assert!(RelPath::new(p).is_err());
+        let raw = format!(
+            r#"{{"id":9,"op":"open","client":"c","path":"{p}","access":["read"],"share":[],"disposition":"open","durability":{{"kind":"none"}}}}"#
+        );
+        let (id, reply) = raw_exchange(&s, &[raw.as_bytes()]).pop().unwrap();
+        assert_eq!(id, Some(9));
+        assert_eq!(reply["result"]["Err"]["code"], "bad_frame", "{reply}");
+    }
+}
+
+/// Attaches a raw SEQPACKET frontend, sends `frames` after a valid hello, and
+/// returns each reply (id, frame).
+fn raw_exchange(s: &Scratch, frames: &[&[u8]]) -> Vec<(Option<u64>, Value)> {
+    use libfilter::sys::{recv_packet, send_packet, Packet};
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
+    let hello = br#"{"version":1,"role":{"kind":"frontend","protocol":"raw","instance":"raw-1"}}"#;
+    send_packet(fd.as_fd(), hello, None).unwrap();
+    let mut buf = vec![0u8; 70_000];
+    let recv = |buf: &mut Vec<u8>| -> Value {
+        match recv_packet(fd.as_fd(), buf).unwrap() {
+            Packet::Data { len, .. } => serde_json::from_slice(&buf[..len]).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(recv(&mut buf).get("frame").is_some());
+    let mut out = vec![];
+    for f in frames {
+        send_packet(fd.as_fd(), f, None).unwrap();
+        let v = recv(&mut buf);
+        out.push((v["id"].as_u64(), v));
+    }
+    out
+}
+
+#[test]
+fn malformed_frames_get_errors_and_change_nothing() {
+    let s = Scratch::new("garbage");
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let p = fe.cmd(open_cmd("alice", "p", &["read", "write"], &["read"], "create", json!({"kind": "persistent", "timeout_ms": 60000}), None));
+    assert_eq!(p["ok"], true);
+    let before = handles_json(&s);
+    let big = vec![b'x'; 70_000];
+    let frames: Vec<&[u8]> = vec![
+        b"\x00\x01\x02garbage",
+        b"{not json",
+        b"[]",
+        br#"{"id":5,"op":"format_disk"}"#,
+        br#"{"id":6,"op":"close","key":"not-a-uuid"}"#,
+        br#"{"id":7,"op":"open","client":"","path":"p","access":[],"share":[],"disposition":"open","durability":{"kind":"none"}}"#,
+        br#"{"id":8,"op":"open","client":"c","path":"p","access":["read"],"share":["everything"],"disposition":"open","durability":{"kind":"none"}}"#,
+        br#"{"id":10,"op":"close","key":"00000000-0000-0000-0000-000000000000"}"#,
+        &big,
+        br#"{"id":11,"op":"status"}"#,
+    ];
+    let replies = raw_exchange(&s, &frames);
+    for (i, (id, r)) in replies.iter().enumerate().take(9) {
+        let code = &r["result"]["Err"]["code"];
+        assert!(code.is_string(), "frame {i} got {r}");
+        if i == 7 {
+            assert_eq!(*code, "no_such_handle");
+        } else {
+            assert_eq!(*code, "bad_frame", "frame {i}: {r}");
+        }
+        if (3..=7).contains(&i) {
+            assert!(id.is_some(), "frame {i} should echo its id: {r}");
+        }
+    }
+    // The connection is still usable after all that.
+    assert_eq!(replies[9].0, Some(11));
+    assert!(replies[9].1["result"]["Ok"].is_object(), "{}", replies[9].1);
+    // Garbage instead of a hello: an error, then the connection closes.
+    {
+        use libfilter::sys::{recv_packet, send_packet, Packet};
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
+        send_packet(fd.as_fd(), b"GET / HTTP/1.1\r\n\r\n", None).unwrap();
+        let mut buf = vec![0u8; 70_000];
+        match recv_packet(fd.as_fd(), &mut buf).unwrap() {
+            Packet::Data { len, .. } => {
+                let v: Value = serde_json::from_slice(&buf[..len]).unwrap();
+                assert_eq!(v["result"]["Err"]["code"], "bad_frame");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(recv_packet(fd.as_fd(), &mut buf).unwrap(), Packet::Eof));
+        // A hello with a version from the future.
+        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
+        send_packet(fd.as_fd(), br#"{"version":99,"role":{"kind":"control"}}"#, None).unwrap();
+        match recv_packet(fd.as_fd(), &mut buf).unwrap() {
+            Packet::Data { len, .. } => {
+                let v: Value = serde_json::from_slice(&buf[..len]).unwrap();
+                assert_eq!(v["result"]["Err"]["code"], "unsupported_version");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Stored state is exactly as before, and the daemon still serves.
+    assert_eq!(handles_json(&s), before);
+    let r = fe.cmd(json!({"cmd": "read", "key": p["key"], "offset": 0, "len": 1}));
+    assert_eq!(r["ok"], true);
+    assert!(stats(&s)["bad_frames"].as_u64().unwrap() >= 9);
+    // A control connection may not open files.
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    let r = ctl.call(Request::Open(req("c", "p", Rights::READ, Rights::ALL, Disposition::Open, Durability::None)));
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotPermitted));
+}
+
+#[test]
+fn filterctl_reads_state_while_filterd_is_down() {
+    let s = Scratch::new("offline");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let p = fe.cmd(open_cmd("alice", "dir-less.txt", &["read", "write"], &["read"], "create", json!({"kind": "persistent", "timeout_ms": 60000}), None));
+    assert_eq!(p["ok"], true);
+    d.kill9();
+    let st = s.state();
+    let out = filterctl(&["--state", st.to_str().unwrap(), "handles", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let hs = handle_list(&out.json());
+    assert_eq!(hs.len(), 1, "{}", out.stdout);
+    assert_eq!(hs[0]["key"], p["key"]);
+    assert_eq!(hs[0]["path"], "dir-less.txt");
+    let out = filterctl(&["--state", st.to_str().unwrap(), "handles"]);
+    assert_eq!(out.code, 0);
+    assert!(out.stdout.contains("dir-less.txt"), "{}", out.stdout);
+    let out = filterctl(&["--state", st.to_str().unwrap(), "status"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let key = p["key"].as_str().unwrap();
+    let out = filterctl(&["--state", st.to_str().unwrap(), "expire", key]);
+    assert_eq!(out.code, 1, "mutating offline must refuse: {}", out.stdout);
+    drop(fe);
+}
+
+#[test]
+fn restart_reopens_persistent_handles_by_file_handle() {
+    let s = Scratch::new("restart");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let g = uuid::Uuid::new_v4().to_string();
+    let p = fe.cmd(open_cmd("alice", "before.txt", &["read", "write"], &[], "create", json!({"kind": "persistent", "timeout_ms": 60000}), Some(&g)));
+    assert_eq!(p["ok"], true, "{p}");
+    fe.cmd(json!({"cmd": "write", "key": p["key"], "offset": 0, "data": "kept"}));
+    let gone = fe.cmd(open_cmd("alice", "gone.txt", &["read"], &[], "create", json!({"kind": "persistent", "timeout_ms": 60000}), None));
+    let epoch = fe.epoch;
+    d.kill9();
+    drop(fe);
+    // While the daemon is down, the file is renamed and another deleted.
+    std::fs::rename(s.root().join("before.txt"), s.root().join("after.txt")).unwrap();
+    std::fs::remove_file(s.root().join("gone.txt")).unwrap();
+    let _d2 = Filterd::start(&s, &[], &[]);
+    assert_eq!(state_of(&s, &p["key"]), "disconnected");
+    assert_eq!(state_of(&s, &gone["key"]), "lost", "a vanished file is reported, not dropped");
+    // Its share mode (none) protects the file under its new name.
+    let other = frontend(&s, "nfs", "nfs-1");
+    let r = other.open(req("bob", "after.txt", Rights::READ, Rights::ALL, Disposition::Open, Durability::None));
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::FileNotAvailable));
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    assert!(fe.epoch > epoch);
+    let r = fe.cmd(json!({"cmd": "resume", "client": "alice", "create_guid": g}));
+    assert_eq!(r["ok"], true, "{r}");
+    let data = fe.cmd(json!({"cmd": "read", "key": p["key"], "offset": 0, "len": 10}));
+    assert_eq!(data["data"], "kept");
+    assert!(stats(&s)["recoveries"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn failpoints_prove_no_reply_before_commit() {
+    // Crash before the commit: the open was never acknowledged and is not
+    // there after restart. Crash after the commit but before the reply: it
+    // is there (disconnected), so the client's replay can find it.
+    for (fp, expect_present) in [("commit.before", false), ("commit.after", true)] {
+        let s = Scratch::new("failpoint");
+        let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
+        let fe = frontend(&s, "smb", "smb-a");
+        let mut r = req("alice", "f", RW, Rights::NONE, Disposition::Create, Durability::Persistent { timeout_ms: 60000 });
+        let g = CreateGuid(uuid::Uuid::new_v4());
+        r.create_guid = Some(g);
+        let res = fe.open(r);
+        assert!(res.is_err(), "{fp}: no reply may arrive: {res:?}");
+        d.wait_exit(Duration::from_secs(10));
+        let _d2 = Filterd::start(&s, &[], &[]);
+        let fe2 = frontend(&s, "smb", "smb-a");
+        let resumed = fe2.resume_by_guid(ClientId::new("alice").unwrap(), g);
+        assert_eq!(resumed.is_ok(), expect_present, "{fp}: {resumed:?}");
+    }
+}
+
+#[test]
+fn one_active_daemon_per_state_dir_and_clean_shutdown() {
+    let s = Scratch::new("single");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut second = Filterd::spawn(&s, &[], &[]);
+    let st = second.wait_exit(Duration::from_secs(10));
+    assert!(!st.success());
+    let log = second.log_text();
+    assert!(log.contains("another filterd"), "{log}");
+    // A standby takes over when the active one dies.
+    let mut standby = Filterd::spawn(&s, &["--standby"], &[]);
+    let ctl = d.control();
+    let pid1 = ctl.hello().pid;
+    d.kill9();
+    let t0 = std::time::Instant::now();
+    standby.wait_ready();
+    let took = t0.elapsed();
+    let pid2 = standby.control().hello().pid;
+    assert_ne!(pid1, pid2);
+    assert!(took < Duration::from_secs(5), "standby took {took:?}");
+    assert!(standby.terminate().success(), "SIGTERM must exit 0");
+    assert!(!s.socket().exists(), "socket removed on clean shutdown");
+}
+
+#[test]
+fn every_program_has_help_version_and_rejects_bad_flags() {
+    for p in ["filterd", "filterctl", "smbshim", "nfsshim"] {
+        let out = std::process::Command::new(bin(p)).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{p} --help");
+        let out = std::process::Command::new(bin(p)).arg("--version").output().unwrap();
+        assert!(out.status.success(), "{p} --version");
+        let out = std::process::Command::new(bin(p)).arg("--no-such-flag").output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{p} bad flag");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--no-such-flag"), "{p}: {err}");
+    }
+}
