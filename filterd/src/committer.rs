@@ -34,10 +34,12 @@ pub fn run(
         let mut ops = Vec::new();
         let mut replies = Vec::new();
         let mut opened = Vec::new();
+        let mut notify = Vec::new();
         for j in jobs {
             ops.extend(j.ops);
             replies.extend(j.replies);
             opened.extend(j.opened);
+            notify.extend(j.notify);
         }
         failpoint::hit("commit.before");
         match store.apply(&ops) {
@@ -45,6 +47,9 @@ pub fn run(
                 counters.commits.fetch_add(1, Ordering::Relaxed);
                 counters.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
                 failpoint::hit("commit.after");
+                if !notify.is_empty() {
+                    let _ = engine.send(Command::IntentsDurable(notify));
+                }
                 for r in replies {
                     failpoint::hit("reply.before_send");
                     r.writer.send(&r.bytes, r.fd.as_ref().map(|f| f.as_fd()));
@@ -66,7 +71,12 @@ pub fn run(
                     };
                     r.writer.send_frame(&frame, None);
                 }
-                let _ = engine.send(Command::CommitFailed { opened });
+                let _ = engine.send(Command::CommitFailed {
+                    opened,
+                    parked: notify,
+                    code,
+                    message: e.to_string(),
+                });
             }
         }
     }

@@ -14,7 +14,7 @@
 //! [`libfilter::share`] algebra.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use libfilter::model::{
     now_ms, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
-    HandleRecord, InstanceName, ResumeKey,
+    HandleRecord, InstanceName, Intent, IntentChange, IntentId, Protocol, ReplayRecord,
+    ReplayScope, ResumeKey, ScopeName, MAX_REPLY_BYTES,
 };
 use libfilter::proto::{
     self, ErrorCode, Event, FileHolder, FileView, FrontendView, HandleView, Hello, HelloReply,
@@ -86,7 +87,15 @@ pub enum Command {
     CommitFailed {
         /// Handles opened in the failed batch.
         opened: Vec<ResumeKey>,
+        /// Parked opens whose intent never became durable.
+        parked: Vec<IntentId>,
+        /// What to tell their clients.
+        code: ErrorCode,
+        /// Why.
+        message: String,
     },
+    /// The intents of these parked opens are durable: do their changes.
+    IntentsDurable(Vec<IntentId>),
     /// Stop: flush, then return.
     Shutdown,
 }
@@ -111,6 +120,8 @@ pub struct CommitJob {
     pub replies: Vec<Deferred>,
     /// Persistent opens in this batch, to roll back if the commit fails.
     pub opened: Vec<ResumeKey>,
+    /// Intents in this batch whose parked opens continue once they are durable.
+    pub notify: Vec<IntentId>,
 }
 
 /// Counters the committer maintains.
@@ -151,6 +162,8 @@ struct Handle {
     /// Bumped at every disconnect, so an older expiry timer never reaps a
     /// handle that was resumed and disconnected again since.
     gen: u64,
+    /// Its open waits for an intent to be durable (not yet acknowledged).
+    parked: bool,
 }
 
 /// Most commands drained into one batch.
@@ -162,8 +175,9 @@ pub struct Engine {
     root: OwnedFd,
     epoch: u64,
     started: Instant,
-    handles: HashMap<ResumeKey, Handle>,
-    by_file: HashMap<FileId, Vec<ResumeKey>>,
+    /// Ordered, so listings page by key.
+    handles: BTreeMap<ResumeKey, Handle>,
+    by_file: BTreeMap<FileId, Vec<ResumeKey>>,
     by_guid: HashMap<(ClientId, CreateGuid), ResumeKey>,
     conns: HashMap<ConnId, Conn>,
     instances: HashMap<InstanceName, ConnId>,
@@ -173,8 +187,24 @@ pub struct Engine {
     ops: Vec<StoreOp>,
     deferred: Vec<Deferred>,
     opened: Vec<ResumeKey>,
+    notify: Vec<IntentId>,
+    /// Opens waiting for their intent to be durable before their change.
+    parked: HashMap<IntentId, Parked>,
+    /// Recorded replies by scope, mirrored from the `replay` table (and,
+    /// for non-persistent handles, only here).
+    replays: HashMap<ReplayScope, BTreeMap<u64, ReplayRecord>>,
     commit_tx: Sender<CommitJob>,
 }
+
+/// An open parked until its intent is durable.
+struct Parked {
+    writer: Arc<ConnWriter>,
+    id: u64,
+    key: ResumeKey,
+}
+
+/// Most replay records a scope keeps, whatever the frontend asks.
+const MAX_KEEP: u32 = 4096;
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
@@ -194,8 +224,8 @@ impl Engine {
             root,
             epoch,
             started: Instant::now(),
-            handles: HashMap::new(),
-            by_file: HashMap::new(),
+            handles: BTreeMap::new(),
+            by_file: BTreeMap::new(),
             by_guid: HashMap::new(),
             conns: HashMap::new(),
             instances: HashMap::new(),
@@ -205,6 +235,9 @@ impl Engine {
             ops: Vec::new(),
             deferred: Vec::new(),
             opened: Vec::new(),
+            notify: Vec::new(),
+            parked: HashMap::new(),
+            replays: HashMap::new(),
             commit_tx,
         }
     }
@@ -217,6 +250,49 @@ impl Engine {
     /// in ahead of restored state (invariant 5).
     pub fn recover(&mut self, store: &Store) -> anyhow::Result<()> {
         let t0 = Instant::now();
+        // Dangling intents first: finish what a crash interrupted, so the
+        // handle records they announce exist before handles are loaded.
+        let mut finished = Vec::new();
+        for i in store.intents()? {
+            let intent = match i {
+                Ok(i) => i,
+                Err(e) => {
+                    error!(error = %e, "stored intent does not decode; left in place for inspection");
+                    continue;
+                }
+            };
+            match intent.change {
+                IntentChange::TruncatingOpen { record } => {
+                    let done = record
+                        .kernel_handle
+                        .as_ref()
+                        .map(|kh| fsops::truncate_by_handle(self.root.as_fd(), kh));
+                    match done {
+                        Some(Ok(())) => {
+                            info!(resume_key = %record.key, path = %record.path, "recovery finished an interrupted overwrite");
+                            self.stats.intents_recovered += 1;
+                            finished.push(StoreOp::PutHandle(record));
+                        }
+                        _ => {
+                            warn!(resume_key = %record.key, path = %record.path, "interrupted overwrite abandoned: file gone")
+                        }
+                    }
+                    finished.push(StoreOp::DeleteIntent(intent.id));
+                }
+            }
+        }
+        if !finished.is_empty() {
+            store.apply(&finished)?;
+        }
+        for (k, rec) in store.replays()? {
+            match (libfilter::store::parse_replay_key(&k), rec) {
+                (Some((scope, op_id)), Ok(rec)) => {
+                    self.replays.entry(scope).or_default().insert(op_id, rec);
+                }
+                (_, Err(e)) => error!(error = %e, "stored replay record does not decode; ignored"),
+                (None, _) => error!("stored replay key does not parse; ignored"),
+            }
+        }
         let mut updates = Vec::new();
         let now = now_ms();
         let mut corrupt = 0u64;
@@ -238,6 +314,19 @@ impl Engine {
                 (_, ConnState::Lost) => None,
                 (Some(kh), _) => match fsops::reopen(self.root.as_fd(), kh, rec.access) {
                     Ok(x) => Some(x),
+                    // Out of descriptors or memory is our problem, not the
+                    // handle's: refuse to start rather than mark it lost.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM)
+                        ) =>
+                    {
+                        anyhow::bail!(
+                            "cannot reopen persistent handles: {e}; raise the descriptor limit (LimitNOFILE=) \
+                             — filterd needs one descriptor per handle"
+                        );
+                    }
                     Err(e) => {
                         warn!(resume_key = %rec.key, path = %rec.path, error = %e, "persistent handle lost: file cannot be reopened");
                         None
@@ -245,23 +334,31 @@ impl Engine {
                 },
                 (None, _) => None,
             };
-            let fd = match reopened {
-                Some((fd, file, _size)) => {
-                    rec.file = file;
+            // The reopen proves the file is there; the descriptor itself is
+            // closed again and taken anew when the handle is resumed, so a
+            // daemon with 100k disconnected handles does not need 100k
+            // descriptors. The stored record is left as it is (at recovery
+            // every handle is disconnected, whatever it says); only a lost
+            // handle is rewritten.
+            match reopened {
+                Some((_fd, file, _size)) => {
+                    if file != rec.file {
+                        rec.file = file;
+                        updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
+                    }
                     rec.conn = ConnState::Disconnected {
                         since_ms: now,
                         expires_ms: now + timeout,
                     };
                     self.stats.recoveries += 1;
-                    Some(fd)
                 }
                 None => {
                     rec.conn = ConnState::Lost;
                     self.stats.recoveries_lost += 1;
-                    None
+                    updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
                 }
             };
-            updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
+            let fd = None;
             if let ConnState::Disconnected { expires_ms, .. } = rec.conn {
                 self.expiries.push(Reverse((expires_ms, rec.key, 0)));
             }
@@ -270,6 +367,7 @@ impl Engine {
                 fd,
                 conn: None,
                 gen: 0,
+                parked: false,
             });
         }
         if !updates.is_empty() {
@@ -337,6 +435,7 @@ impl Engine {
             ops: std::mem::take(&mut self.ops),
             replies: std::mem::take(&mut self.deferred),
             opened: std::mem::take(&mut self.opened),
+            notify: std::mem::take(&mut self.notify),
         };
         if self.commit_tx.send(job).is_err() {
             error!("committer is gone; persistent changes cannot be made durable");
@@ -359,11 +458,32 @@ impl Engine {
             Command::Request { conn, frame } => self.on_request(conn, frame),
             Command::Closed { conn } => self.on_closed(conn),
             Command::BadFrame => self.stats.bad_frames += 1,
-            Command::CommitFailed { opened } => {
+            Command::CommitFailed {
+                opened,
+                parked,
+                code,
+                message,
+            } => {
                 for k in opened {
-                    if let Some(h) = self.remove(k) {
-                        warn!(resume_key = %k, path = %h.rec.path, "rolled back a persistent open whose commit failed");
+                    if self.handles.contains_key(&k) {
+                        warn!(resume_key = %k, "rolled back a persistent open whose commit failed");
+                        self.remove_unrecorded(k);
                     }
+                }
+                for id in parked {
+                    if let Some(p) = self.parked.remove(&id) {
+                        self.remove_unrecorded(p.key);
+                        let frame = ServerFrame::Reply {
+                            id: Some(p.id),
+                            result: Err(err(code, format!("state store commit failed: {message}"))),
+                        };
+                        p.writer.send_frame(&frame, None);
+                    }
+                }
+            }
+            Command::IntentsDurable(ids) => {
+                for id in ids {
+                    self.finish_parked(id);
                 }
             }
             Command::Shutdown => return true,
@@ -451,8 +571,9 @@ impl Engine {
         );
         let _enter = span.enter();
         let ops_before = self.ops.len();
-        let (result, fd_of) = match self.dispatch(conn, &role, frame.req) {
-            Ok((reply, fd_of)) => (Ok(reply), fd_of),
+        let (result, fd_of) = match self.dispatch(conn, &role, frame.id, frame.req) {
+            Ok(Some((reply, fd_of))) => (Ok(reply), fd_of),
+            Ok(None) => return,
             Err(e) => {
                 debug!(code = ?e.code, error = %e.message, "refused");
                 (Err(e), None)
@@ -470,7 +591,14 @@ impl Engine {
                 Ok(b) => b,
                 Err(e) => {
                     error!(error = %e, "cannot encode reply");
-                    return;
+                    let fallback = ServerFrame::Reply {
+                        id: Some(frame.id),
+                        result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
+                    };
+                    match proto::encode(&fallback) {
+                        Ok(b) => b,
+                        Err(_) => return,
+                    }
                 }
             };
             let fd = match fd.map(|f| f.try_clone()) {
@@ -487,19 +615,29 @@ impl Engine {
                 bytes,
                 fd,
             });
-        } else {
-            writer.send_frame(&out, fd.map(|f| f.as_fd()));
+        } else if !writer.send_frame(&out, fd.map(|f| f.as_fd())) {
+            // The reply could not be encoded (or sent): never leave a request
+            // unanswered.
+            writer.send_frame(
+                &ServerFrame::Reply {
+                    id: Some(frame.id),
+                    result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
+                },
+                None,
+            );
         }
     }
 
     /// Runs one request. Returns the reply and, for opens and resumes, the
     /// handle whose descriptor goes with it.
+    /// `Ok(None)`: the request is parked and will be answered later.
     fn dispatch(
         &mut self,
         conn: ConnId,
         role: &Role,
+        req_id: u64,
         req: Request,
-    ) -> Result<(Reply, Option<ResumeKey>), WireError> {
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
         let frontend = match role {
             Role::Frontend { protocol, instance } => Some((protocol.clone(), instance.clone())),
             Role::Control => None,
@@ -522,18 +660,44 @@ impl Engine {
         match req {
             Request::Open(o) => {
                 let (protocol, instance) = need_frontend()?;
-                self.open(conn, protocol, instance, o)
+                self.open(conn, req_id, protocol, instance, o, false)
+            }
+            Request::ReplayOpen(o) => {
+                let (protocol, instance) = need_frontend()?;
+                self.open(conn, req_id, protocol, instance, o, true)
             }
             Request::Resume(r) => {
                 let (protocol, instance) = need_frontend()?;
-                self.resume(conn, protocol, instance, r)
+                self.resume(conn, protocol, instance, r).map(Some)
+            }
+            Request::RecordReply {
+                scope,
+                op_id,
+                reply,
+                keep,
+            } => {
+                let (protocol, _) = need_frontend()?;
+                let scope = self.own_scope(conn, &protocol, scope)?;
+                Ok(Some((self.record_reply(scope, op_id, reply, keep)?, None)))
+            }
+            Request::LookupReply { scope, op_id } => {
+                let (protocol, _) = need_frontend()?;
+                let scope = self.own_scope(conn, &protocol, scope)?;
+                Ok(Some((self.lookup_reply(&scope, op_id), None)))
+            }
+            Request::DropScope { scope } => {
+                let (protocol, _) = need_frontend()?;
+                let scope = self.own_scope(conn, &protocol, scope)?;
+                self.replays.remove(&scope);
+                self.ops.push(StoreOp::DeleteReplayScope(scope));
+                Ok(Some((Reply::Done, None)))
             }
             Request::Close { key } => {
                 need_frontend()?;
                 self.attached_to(conn, key)?;
                 self.remove(key);
                 self.stats.closes += 1;
-                Ok((Reply::Done, None))
+                Ok(Some((Reply::Done, None)))
             }
             Request::Detach { key } => {
                 need_frontend()?;
@@ -542,36 +706,39 @@ impl Engine {
                     c.handles.remove(&key);
                 }
                 self.detach(key);
-                Ok((Reply::Done, None))
+                Ok(Some((Reply::Done, None)))
             }
-            Request::Status => Ok((Reply::Status(self.status()), None)),
-            Request::Handles => {
-                let mut v: Vec<HandleView> = self.handles.values().map(view).collect();
-                v.sort_by_key(|h| (h.record.opened_ms, h.record.key));
-                Ok((Reply::Handles { handles: v }, None))
+            Request::Status => Ok(Some((Reply::Status(self.status()), None))),
+            Request::Handles { after } => {
+                let range = match after {
+                    Some(k) => self
+                        .handles
+                        .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
+                    None => self.handles.range(..),
+                };
+                let (handles, next) = page(range.map(|(_, h)| view(h)), |v| v.record.key);
+                Ok(Some((Reply::Handles { handles, next }, None)))
             }
             Request::Handle { key } => self
                 .handles
                 .get(&key)
-                .map(|h| (Reply::Handle(view(h)), None))
+                .map(|h| Some((Reply::Handle(view(h)), None)))
                 .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}"))),
-            Request::Files => Ok((
-                Reply::Files {
-                    files: self.files(),
-                },
-                None,
-            )),
-            Request::Frontends => Ok((
+            Request::Files { after } => {
+                let (files, next) = page(self.files(after), |f| f.file);
+                Ok(Some((Reply::Files { files, next }, None)))
+            }
+            Request::Frontends => Ok(Some((
                 Reply::Frontends {
                     frontends: self.frontends(),
                 },
                 None,
-            )),
+            ))),
             Request::Stats => {
                 let mut s = self.stats.clone();
                 s.commits = self.commit_counters.commits.load(Ordering::Relaxed);
                 s.committed_ops = self.commit_counters.ops.load(Ordering::Relaxed);
-                Ok((Reply::Stats(s), None))
+                Ok(Some((Reply::Stats(s), None)))
             }
             Request::Expire { key } => {
                 need_control()?;
@@ -586,7 +753,7 @@ impl Engine {
                     ));
                 }
                 self.expire(key);
-                Ok((Reply::Done, None))
+                Ok(Some((Reply::Done, None)))
             }
             Request::PurgeDisconnected => {
                 need_control()?;
@@ -600,7 +767,7 @@ impl Engine {
                 for k in keys {
                     self.expire(k);
                 }
-                Ok((Reply::Purged { count }, None))
+                Ok(Some((Reply::Purged { count }, None)))
             }
         }
     }
@@ -619,24 +786,41 @@ impl Engine {
     fn open(
         &mut self,
         conn: ConnId,
-        protocol: libfilter::model::Protocol,
+        req_id: u64,
+        protocol: Protocol,
         instance: InstanceName,
         o: OpenRequest,
-    ) -> Result<(Reply, Option<ResumeKey>), WireError> {
+        replay: bool,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
         let durability = o.durability.normalized(self.cfg.max_durable_timeout_ms);
         if let Some(g) = o.create_guid {
-            if let Some(k) = self.by_guid.get(&(o.client.clone(), g)) {
-                self.stats.opens_refused += 1;
-                return Err(err(
-                    ErrorCode::DuplicateCreateGuid,
-                    format!("client already has open {k} with create GUID {g}"),
-                ));
+            if let Some(&k) = self.by_guid.get(&(o.client.clone(), g)) {
+                if !replay {
+                    self.stats.opens_refused += 1;
+                    return Err(err(
+                        ErrorCode::DuplicateCreateGuid,
+                        format!("client already has open {k} with create GUID {g}"),
+                    ));
+                }
+                return self.replay_existing(conn, &protocol, instance, k).map(Some);
             }
         }
-        let of =
-            fsops::open(self.root.as_fd(), &o.path, o.access, o.disposition).inspect_err(|_| {
-                self.stats.opens_refused += 1;
-            })?;
+        // A persistent open with a create GUID marks a file it creates, so
+        // a replay after a crash recognises it (fsops::open).
+        let marker = match (durability, o.create_guid) {
+            (Durability::Persistent { .. }, Some(g)) => Some(create_marker(&o.client, &g)),
+            _ => None,
+        };
+        let of = fsops::open(
+            self.root.as_fd(),
+            &o.path,
+            o.access,
+            o.disposition,
+            marker.as_deref(),
+        )
+        .inspect_err(|_| {
+            self.stats.opens_refused += 1;
+        })?;
         crate::failpoint::hit("open.after_fs");
         let mode = ShareMode {
             access: o.access.rights(),
@@ -683,22 +867,17 @@ impl Engine {
                 }
             }
         }
-        let (create_action, size) = if of.created {
-            (CreateAction::Created, of.size)
-        } else {
-            match o.disposition {
-                Disposition::Overwrite | Disposition::OverwriteIf => {
-                    fsops::truncate(self.root.as_fd(), &o.path, of.file)?;
-                    (CreateAction::Overwritten, 0)
-                }
-                Disposition::Supersede => {
-                    fsops::truncate(self.root.as_fd(), &o.path, of.file)?;
-                    (CreateAction::Superseded, 0)
-                }
-                Disposition::Open | Disposition::OpenIf | Disposition::Create => {
-                    (CreateAction::Opened, of.size)
-                }
+        let truncation = match (of.created, o.disposition) {
+            (false, Disposition::Overwrite | Disposition::OverwriteIf) => {
+                Some(CreateAction::Overwritten)
             }
+            (false, Disposition::Supersede) => Some(CreateAction::Superseded),
+            _ => None,
+        };
+        let create_action = match (of.created, truncation) {
+            (true, _) => CreateAction::Created,
+            (false, Some(a)) => a,
+            (false, None) => CreateAction::Opened,
         };
         let kernel_handle = match durability {
             Durability::None => None,
@@ -730,37 +909,193 @@ impl Engine {
             create_action,
             opened_ms: now_ms(),
         };
-        if durability.is_persistent() {
-            self.ops.push(StoreOp::PutHandle(Box::new(rec.clone())));
-            self.opened.push(key);
+        let size = if truncation.is_some() { 0 } else { of.size };
+        let opened = Opened {
+            key,
+            create_action,
+            size,
+            file: of.file,
+            durability,
+        };
+        let park = truncation.is_some() && durability.is_persistent();
+        if park {
+            // Truncating a persistent open's file is non-idempotent: record
+            // the intent durably first; the change and the handle record
+            // follow when the committer says it is on disk (finish_parked).
+            // The handle is in memory meanwhile, so its share mode already
+            // protects the file.
+            let intent = Intent {
+                id: IntentId(uuid::Uuid::new_v4()),
+                change: IntentChange::TruncatingOpen {
+                    record: Box::new(rec.clone()),
+                },
+                recorded_ms: now_ms(),
+            };
+            self.stats.intents += 1;
+            self.notify.push(intent.id);
+            if let Some(c) = self.conns.get(&conn) {
+                self.parked.insert(
+                    intent.id,
+                    Parked {
+                        writer: c.writer.clone(),
+                        id: req_id,
+                        key,
+                    },
+                );
+            }
+            self.ops.push(StoreOp::PutIntent(Box::new(intent)));
+        } else {
+            if truncation.is_some() {
+                fsops::truncate(self.root.as_fd(), &rec.path, of.file)?;
+            }
+            if durability.is_persistent() {
+                self.ops.push(StoreOp::PutHandle(Box::new(rec.clone())));
+                self.opened.push(key);
+            }
         }
-        debug!(resume_key = %key, path = %rec.path, action = %create_action, durability = durability.word(), "opened");
+        debug!(resume_key = %key, path = %rec.path, action = %create_action, durability = durability.word(), parked = park, "opened");
         self.insert(Handle {
             rec,
             fd: Some(of.fd),
             conn: Some(conn),
             gen: 0,
+            parked: park,
         });
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handles.insert(key);
         }
         self.stats.opens += 1;
-        Ok((
-            Reply::Opened(Opened {
-                key,
-                create_action,
-                size,
-                file: of.file,
-                durability,
-            }),
-            Some(key),
-        ))
+        if park {
+            return Ok(None);
+        }
+        Ok(Some((Reply::Opened(opened), Some(key))))
+    }
+
+    /// Continues a parked open whose intent is durable: truncates, then
+    /// records the handle and drops the intent in one commit, then replies.
+    fn finish_parked(&mut self, id: IntentId) {
+        let Some(p) = self.parked.remove(&id) else {
+            return;
+        };
+        crate::failpoint::hit("intent.after_commit");
+        let Some(h) = self.handles.get_mut(&p.key) else {
+            self.ops.push(StoreOp::DeleteIntent(id));
+            return;
+        };
+        let truncated = match &h.rec.kernel_handle {
+            Some(kh) => fsops::truncate_by_handle(self.root.as_fd(), kh),
+            None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        crate::failpoint::hit("intent.after_fs");
+        let result = match truncated {
+            Ok(()) => {
+                h.parked = false;
+                self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                self.ops.push(StoreOp::DeleteIntent(id));
+                Ok(Reply::Opened(Opened {
+                    key: p.key,
+                    create_action: h.rec.create_action,
+                    size: 0,
+                    file: h.rec.file,
+                    durability: h.rec.durability,
+                }))
+            }
+            Err(e) => {
+                let path = h.rec.path.clone();
+                self.ops.push(StoreOp::DeleteIntent(id));
+                self.remove_unrecorded(p.key);
+                Err(fsops::map_errno(&e, self.root.as_fd(), &path))
+            }
+        };
+        let fd = match result {
+            Ok(_) => self
+                .handles
+                .get(&p.key)
+                .and_then(|h| h.fd.as_ref())
+                .and_then(|f| f.try_clone().ok()),
+            Err(_) => None,
+        };
+        let frame = ServerFrame::Reply {
+            id: Some(p.id),
+            result,
+        };
+        let Ok(bytes) = proto::encode(&frame) else {
+            return;
+        };
+        self.deferred.push(Deferred {
+            writer: p.writer,
+            id: p.id,
+            bytes,
+            fd,
+        });
+    }
+
+    /// A re-sent open whose create GUID names an existing handle: return it
+    /// as it is, reattaching it if it is disconnected. Nothing is executed.
+    fn replay_existing(
+        &mut self,
+        conn: ConnId,
+        protocol: &Protocol,
+        instance: InstanceName,
+        key: ResumeKey,
+    ) -> Result<(Reply, Option<ResumeKey>), WireError> {
+        tracing::Span::current().record("resume_key", tracing::field::display(key));
+        let h = self
+            .handles
+            .get(&key)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        if h.rec.protocol != *protocol {
+            return Err(err(
+                ErrorCode::DuplicateCreateGuid,
+                "create GUID in use by another protocol's open",
+            ));
+        }
+        if h.parked {
+            return Err(err(
+                ErrorCode::FileNotAvailable,
+                "the original open is still in progress; retry",
+            ));
+        }
+        let reply = match (h.conn, h.rec.conn) {
+            (Some(c), _) if c == conn => {
+                let size =
+                    h.fd.as_ref()
+                        .and_then(|f| fsops::stat(f.as_fd()).ok())
+                        .map(|x| x.1)
+                        .unwrap_or(0);
+                Opened {
+                    key,
+                    create_action: h.rec.create_action,
+                    size,
+                    file: h.rec.file,
+                    durability: h.rec.durability,
+                }
+            }
+            (Some(_), _) => {
+                return Err(err(
+                    ErrorCode::DuplicateCreateGuid,
+                    format!(
+                        "open {key} with this create GUID is attached to another live connection"
+                    ),
+                ))
+            }
+            (None, ConnState::Lost) => {
+                return Err(err(
+                    ErrorCode::NoSuchHandle,
+                    format!("handle {key} lost its file"),
+                ))
+            }
+            (None, _) => self.reattach(conn, instance, key)?,
+        };
+        self.stats.replays_detected += 1;
+        debug!(resume_key = %key, "replayed open returns the original");
+        Ok((Reply::Opened(reply), Some(key)))
     }
 
     fn resume(
         &mut self,
         conn: ConnId,
-        protocol: libfilter::model::Protocol,
+        protocol: Protocol,
         instance: InstanceName,
         r: ResumeRequest,
     ) -> Result<(Reply, Option<ResumeKey>), WireError> {
@@ -779,7 +1114,7 @@ impl Engine {
         tracing::Span::current().record("resume_key", tracing::field::display(key));
         let h = self
             .handles
-            .get_mut(&key)
+            .get(&key)
             .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
         if h.rec.protocol != protocol || h.rec.client != r.client {
             return Err(err(
@@ -802,6 +1137,45 @@ impl Engine {
             }
             ConnState::Disconnected { .. } => {}
         }
+        let opened = self.reattach(conn, instance, key)?;
+        self.stats.resumes += 1;
+        debug!(resume_key = %key, "resumed");
+        Ok((Reply::Opened(opened), Some(key)))
+    }
+
+    /// Attaches a disconnected handle to `conn`.
+    fn reattach(
+        &mut self,
+        conn: ConnId,
+        instance: InstanceName,
+        key: ResumeKey,
+    ) -> Result<Opened, WireError> {
+        let h = self
+            .handles
+            .get_mut(&key)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        if h.fd.is_none() {
+            // Recovered handles hold no descriptor until resumed.
+            let kh = h.rec.kernel_handle.as_ref().ok_or_else(|| {
+                err(
+                    ErrorCode::NoSuchHandle,
+                    format!("handle {key} has no file handle"),
+                )
+            })?;
+            match fsops::reopen(self.root.as_fd(), kh, h.rec.access) {
+                Ok((fd, _, _)) => h.fd = Some(fd),
+                Err(e) => {
+                    h.rec.conn = ConnState::Lost;
+                    if h.rec.durability.is_persistent() {
+                        self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                    }
+                    return Err(err(
+                        ErrorCode::NoSuchHandle,
+                        format!("handle {key} lost its file: {e}"),
+                    ));
+                }
+            }
+        }
         let size = match &h.fd {
             Some(fd) => fsops::stat(fd.as_fd()).map(|(_, s)| s).unwrap_or(0),
             None => 0,
@@ -823,9 +1197,80 @@ impl Engine {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handles.insert(key);
         }
-        self.stats.resumes += 1;
-        debug!(resume_key = %key, "resumed");
-        Ok((Reply::Opened(opened), Some(key)))
+        Ok(opened)
+    }
+
+    /// Maps a frontend's replay scope into the filter's: a handle must be
+    /// attached to this connection; a session is namespaced by protocol.
+    fn own_scope(
+        &self,
+        conn: ConnId,
+        protocol: &Protocol,
+        scope: ReplayScope,
+    ) -> Result<ReplayScope, WireError> {
+        match scope {
+            ReplayScope::Handle(k) => {
+                self.attached_to(conn, k)?;
+                Ok(ReplayScope::Handle(k))
+            }
+            ReplayScope::Session(name) => ScopeName::new(format!("{protocol}/{}", name.as_str()))
+                .map(ReplayScope::Session)
+                .map_err(|e| err(ErrorCode::BadFrame, e.to_string())),
+        }
+    }
+
+    /// Whether a scope's records must be on stable storage.
+    fn scope_is_persistent(&self, scope: &ReplayScope) -> bool {
+        match scope {
+            ReplayScope::Handle(k) => self
+                .handles
+                .get(k)
+                .is_some_and(|h| h.rec.durability.is_persistent()),
+            ReplayScope::Session(_) => true,
+        }
+    }
+
+    fn record_reply(
+        &mut self,
+        scope: ReplayScope,
+        op_id: u64,
+        reply: String,
+        keep: u32,
+    ) -> Result<Reply, WireError> {
+        if reply.len() > MAX_REPLY_BYTES {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("recorded reply exceeds {MAX_REPLY_BYTES} bytes"),
+            ));
+        }
+        let keep = keep.clamp(1, MAX_KEEP);
+        let record = ReplayRecord {
+            reply,
+            recorded_ms: now_ms(),
+        };
+        let recs = self.replays.entry(scope.clone()).or_default();
+        recs.insert(op_id, record.clone());
+        while recs.len() > usize::try_from(keep).unwrap_or(usize::MAX) {
+            recs.pop_first();
+        }
+        if self.scope_is_persistent(&scope) {
+            self.ops.push(StoreOp::PutReplay {
+                scope,
+                op_id,
+                record,
+                keep,
+            });
+        }
+        self.stats.replies_recorded += 1;
+        Ok(Reply::Done)
+    }
+
+    fn lookup_reply(&mut self, scope: &ReplayScope, op_id: u64) -> Reply {
+        let record = self.replays.get(scope).and_then(|m| m.get(&op_id)).cloned();
+        if record.is_some() {
+            self.stats.replays_detected += 1;
+        }
+        Reply::Recorded { record }
     }
 
     fn insert(&mut self, h: Handle) {
@@ -837,10 +1282,20 @@ impl Engine {
         self.handles.insert(key, h);
     }
 
+    /// Removes a handle whose record never reached the store.
+    fn remove_unrecorded(&mut self, key: ResumeKey) {
+        if let Some(h) = self.handles.get_mut(&key) {
+            // Not persistent as far as the store knows: no delete op.
+            h.rec.durability = Durability::None;
+        }
+        self.remove(key);
+    }
+
     /// Removes a handle for good (closing its descriptor); persistent ones
     /// are deleted from the store in this batch.
     fn remove(&mut self, key: ResumeKey) -> Option<Handle> {
         let h = self.handles.remove(&key)?;
+        self.replays.remove(&ReplayScope::Handle(key));
         if let Some(v) = self.by_file.get_mut(&h.rec.file) {
             v.retain(|k| *k != key);
             if v.is_empty() {
@@ -948,31 +1403,31 @@ impl Engine {
         }
     }
 
-    fn files(&self) -> Vec<FileView> {
-        let mut v: Vec<FileView> = self
-            .by_file
-            .iter()
-            .filter_map(|(file, keys)| {
-                let hs: Vec<&Handle> = keys.iter().filter_map(|k| self.handles.get(k)).collect();
-                let first = hs.first()?;
-                Some(FileView {
-                    file: *file,
-                    path: first.rec.path.clone(),
-                    holders: hs
-                        .iter()
-                        .map(|h| FileHolder {
-                            key: h.rec.key,
-                            access: h.rec.access,
-                            share: h.rec.share,
-                            durability: h.rec.durability,
-                            conn: h.rec.conn,
-                        })
-                        .collect(),
-                })
+    fn files(&self, after: Option<FileId>) -> impl Iterator<Item = FileView> + '_ {
+        let range = match after {
+            Some(f) => self
+                .by_file
+                .range((std::ops::Bound::Excluded(f), std::ops::Bound::Unbounded)),
+            None => self.by_file.range(..),
+        };
+        range.filter_map(|(file, keys)| {
+            let hs: Vec<&Handle> = keys.iter().filter_map(|k| self.handles.get(k)).collect();
+            let first = hs.first()?;
+            Some(FileView {
+                file: *file,
+                path: first.rec.path.clone(),
+                holders: hs
+                    .iter()
+                    .map(|h| FileHolder {
+                        key: h.rec.key,
+                        access: h.rec.access,
+                        share: h.rec.share,
+                        durability: h.rec.durability,
+                        conn: h.rec.conn,
+                    })
+                    .collect(),
             })
-            .collect();
-        v.sort_by(|a, b| a.path.cmp(&b.path));
-        v
+        })
     }
 
     fn frontends(&self) -> Vec<FrontendView> {
@@ -1016,4 +1471,41 @@ fn view(h: &Handle) -> HandleView {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The create marker of a persistent open: client identity and create GUID.
+fn create_marker(client: &ClientId, guid: &CreateGuid) -> Vec<u8> {
+    let mut m = guid.0.as_bytes().to_vec();
+    m.extend_from_slice(client.as_str().as_bytes());
+    m.truncate(1024);
+    m
+}
+
+/// Takes items while their encoded size fits a page; returns them and, if
+/// items remain, the cursor to continue after.
+fn page<T: serde::Serialize, C>(
+    items: impl Iterator<Item = T>,
+    cursor: impl Fn(&T) -> C,
+) -> (Vec<T>, Option<C>) {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut items = items.peekable();
+    while let Some(item) = items.peek() {
+        let n = serde_json::to_vec(item)
+            .map(|v| v.len())
+            .unwrap_or(proto::PAGE_BYTES);
+        if !out.is_empty() && bytes + n > proto::PAGE_BYTES {
+            break;
+        }
+        bytes += n;
+        if let Some(item) = items.next() {
+            out.push(item);
+        }
+    }
+    let next = if items.peek().is_some() {
+        out.last().map(&cursor)
+    } else {
+        None
+    };
+    (out, next)
 }

@@ -93,17 +93,137 @@ pub fn stat(fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)> {
     stat_file(fd).map(|(f, s, _)| (f, s))
 }
 
+/// The extended attribute that marks a file created for a persistent open:
+/// it holds the creating client's identity and create GUID, so a create
+/// re-sent after a crash between the create and its commit recognises its
+/// own file (invariant 3) instead of reporting a collision. `trusted.*`
+/// needs CAP_SYS_ADMIN to set, so clients with local access cannot forge it.
+const CREATE_MARKER: &std::ffi::CStr = c"trusted.rkfilter.create";
+
+enum MarkedCreate {
+    /// Created and linked under its name, marker set.
+    Created(OwnedFd),
+    /// The name exists already.
+    Exists,
+    /// The filesystem or our privileges do not allow marking.
+    Unsupported,
+}
+
+/// Creates `path` atomically with a marker: an `O_TMPFILE` in the parent
+/// directory gets the marker first, then its name (`linkat`), so the name
+/// never exists without the marker.
+fn create_marked(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    marker: &[u8],
+) -> Result<MarkedCreate, WireError> {
+    let err = |e: io::Error| map_errno(&e, root, path);
+    let (parent, leaf) = match path.as_str().rsplit_once('/') {
+        Some((p, l)) => (p, l),
+        None => (".", path.as_str()),
+    };
+    let dir =
+        sys::openat2_beneath(root, parent, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(err)?;
+    let tmp = match sys::openat2_beneath(root, parent, libc::O_TMPFILE | libc::O_RDWR, CREATE_MODE)
+    {
+        Ok(fd) => fd,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+            ) =>
+        {
+            return Ok(MarkedCreate::Unsupported)
+        }
+        Err(e) => return Err(err(e)),
+    };
+    if sys::set_xattr(tmp.as_fd(), CREATE_MARKER, marker).is_err() {
+        return Ok(MarkedCreate::Unsupported);
+    }
+    match sys::link_tmpfile(tmp.as_fd(), dir.as_fd(), leaf) {
+        Ok(()) => Ok(MarkedCreate::Created(tmp)),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(MarkedCreate::Exists),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOENT)) => {
+            Ok(MarkedCreate::Unsupported)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
 /// Opens `path` per `disposition` without truncating. Must-exist and
 /// must-not-exist rules are decided here; truncation is [`truncate`]'s job.
+///
+/// With `marker` (persistent opens with a create GUID), a file this open
+/// creates carries the marker, and an existing file that carries the same
+/// marker counts as created by this open (a replay after a crash).
 pub fn open(
     root: BorrowedFd<'_>,
     path: &RelPath,
     access: Access,
     disposition: Disposition,
+    marker: Option<&[u8]>,
 ) -> Result<OpenedFile, WireError> {
     let mode = open_mode(access) | libc::O_NOCTTY;
     let p = path.as_str();
     let err = |e: io::Error| map_errno(&e, root, path);
+    let creates = !matches!(disposition, Disposition::Open | Disposition::Overwrite);
+    if let (Some(m), true) = (marker, creates) {
+        match create_marked(root, path, m)? {
+            MarkedCreate::Created(tmp) => {
+                let fd = sys::openat2_beneath(root, p, mode, 0).map_err(err)?;
+                let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
+                let (tmp_file, _) = stat(tmp.as_fd()).map_err(err)?;
+                if !is_reg || file != tmp_file {
+                    return Err(WireError::new(
+                        ErrorCode::FileNotAvailable,
+                        format!("{path}: replaced while creating; retry"),
+                    ));
+                }
+                return Ok(OpenedFile {
+                    fd,
+                    created: true,
+                    file,
+                    size,
+                });
+            }
+            MarkedCreate::Exists => {
+                let fd = sys::openat2_beneath(root, p, mode, 0).map_err(err)?;
+                let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
+                if !is_reg {
+                    return Err(WireError::new(
+                        ErrorCode::NotAFile,
+                        format!("{path}: not a regular file"),
+                    ));
+                }
+                let ours = sys::get_xattr(fd.as_fd(), CREATE_MARKER)
+                    .ok()
+                    .flatten()
+                    .as_deref()
+                    == Some(m);
+                if ours {
+                    return Ok(OpenedFile {
+                        fd,
+                        created: true,
+                        file,
+                        size,
+                    });
+                }
+                if disposition == Disposition::Create {
+                    return Err(WireError::new(
+                        ErrorCode::Collision,
+                        format!("{path}: exists"),
+                    ));
+                }
+                return Ok(OpenedFile {
+                    fd,
+                    created: false,
+                    file,
+                    size,
+                });
+            }
+            MarkedCreate::Unsupported => {}
+        }
+    }
     let (fd, created) = match disposition {
         Disposition::Open | Disposition::Overwrite => {
             (sys::openat2_beneath(root, p, mode, 0).map_err(err)?, false)
@@ -149,6 +269,16 @@ pub fn open(
         file,
         size,
     })
+}
+
+/// Truncates, through a write descriptor reopened by kernel handle (so a
+/// rename cannot redirect it), the file of a persistent handle.
+pub fn truncate_by_handle(
+    root: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+) -> io::Result<()> {
+    let fd = sys::open_by_handle(root, h, libc::O_WRONLY)?;
+    nix::unistd::ftruncate(fd.as_fd(), 0).map_err(io::Error::from)
 }
 
 /// Truncates the file `expect` names at `path` to zero. Opens a separate

@@ -112,7 +112,29 @@ fn lock_state(state: &std::path::Path, standby: bool) -> anyhow::Result<Flock<Fi
     Ok(f)
 }
 
+/// Raises the descriptor limit as far as allowed: filterd holds one
+/// descriptor per open handle (100k persistent handles are 100k descriptors).
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    // Root may raise the hard limit too; others get their hard limit.
+    if nr_open > hard && setrlimit(Resource::RLIMIT_NOFILE, nr_open, nr_open).is_ok() {
+        return nr_open;
+    }
+    if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
+    let fd_limit = raise_fd_limit();
     // Signals are taken synchronously by the main thread; block them before
     // any thread exists so every thread inherits the mask.
     let mut sigs = SigSet::empty();
@@ -149,7 +171,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let store =
         Arc::new(Store::open(&state, args.map_size_mib << 20).context("opening the state store")?);
     let (epoch, was_clean) = store.begin_epoch()?;
-    info!(epoch, clean_previous_shutdown = was_clean, root = %root_path.display(), state = %state.display(), "filterd starting");
+    info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
 
     let (cmd_tx, cmd_rx) = bounded(4096);
     let (commit_tx, commit_rx) = bounded(64);

@@ -40,10 +40,12 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use std::os::fd::AsRawFd;
 
-use crate::model::{ClientId, CreateGuid, InstanceName, Protocol, ResumeKey};
+use crate::model::{
+    ClientId, CreateGuid, InstanceName, Protocol, ReplayRecord, ReplayScope, ResumeKey,
+};
 use crate::proto::{
-    self, ErrorCode, Event, Hello, HelloReply, OpenRequest, Opened, Reply, Request, RequestFrame,
-    ResumeRequest, ResumeTarget, Role, ServerFrame, WireError, MAX_FRAME,
+    self, ErrorCode, Event, FileView, HandleView, Hello, HelloReply, OpenRequest, Opened, Reply,
+    Request, RequestFrame, ResumeRequest, ResumeTarget, Role, ServerFrame, WireError, MAX_FRAME,
 };
 use crate::sys::{self, Packet};
 
@@ -279,6 +281,77 @@ impl FilterClient {
     /// Opens a file.
     pub fn open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
         Self::expect_opened(self.call(Request::Open(req))?)
+    }
+
+    /// Re-sends an open after a failure: returns the original open if the
+    /// client's create GUID names one, else opens.
+    pub fn replay_open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
+        Self::expect_opened(self.call(Request::ReplayOpen(req))?)
+    }
+
+    /// Records the reply of a mutating request (durable before this returns,
+    /// for persistent handles and sessions).
+    pub fn record_reply(
+        &self,
+        scope: ReplayScope,
+        op_id: u64,
+        reply: String,
+        keep: u32,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::RecordReply {
+            scope,
+            op_id,
+            reply,
+            keep,
+        })?)
+    }
+
+    /// The recorded reply of an op id.
+    pub fn lookup_reply(
+        &self,
+        scope: ReplayScope,
+        op_id: u64,
+    ) -> Result<Option<ReplayRecord>, ClientError> {
+        match self.call(Request::LookupReply { scope, op_id })?.0 {
+            Reply::Recorded { record } => Ok(record),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Every handle, fetching page after page.
+    pub fn handles(&self) -> Result<Vec<HandleView>, ClientError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            match self.call(Request::Handles { after })?.0 {
+                Reply::Handles { handles, next } => {
+                    out.extend(handles);
+                    match next {
+                        Some(k) => after = Some(k),
+                        None => return Ok(out),
+                    }
+                }
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+        }
+    }
+
+    /// Every file with handles, fetching page after page.
+    pub fn files(&self) -> Result<Vec<FileView>, ClientError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            match self.call(Request::Files { after })?.0 {
+                Reply::Files { files, next } => {
+                    out.extend(files);
+                    match next {
+                        Some(f) => after = Some(f),
+                        None => return Ok(out),
+                    }
+                }
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+        }
     }
 
     /// Resumes a disconnected handle by its resume key.

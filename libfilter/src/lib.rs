@@ -8,11 +8,14 @@
 //!   messages are defined.
 //! - [`client`]: the API a frontend links to: connect, open, resume, close,
 //!   events. A third-party file server needs nothing else.
+//! - [`attach`]: a reconnecting attachment that resumes a frontend's handles
+//!   by itself after a daemon restart.
 //! - [`sys`]: the syscall backend (openat2, file handles, SCM_RIGHTS), the one
 //!   module allowed `unsafe`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod attach;
 pub mod client;
 pub mod model;
 pub mod proto;

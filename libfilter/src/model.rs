@@ -583,6 +583,88 @@ pub struct HandleRecord {
     pub opened_ms: u64,
 }
 
+/// Longest replay-scope name (a frontend session id), in bytes.
+pub const MAX_SCOPE_BYTES: usize = 256;
+/// Longest recorded reply, in bytes.
+pub const MAX_REPLY_BYTES: usize = 16 * 1024;
+
+/// Where op ids live: one handle (smbl/1 WRITE / SET_INFO op ids), or a
+/// frontend-named session (nfsl/1 session slots).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayScope {
+    /// Records dropped when the handle closes.
+    Handle(ResumeKey),
+    /// Records dropped when the frontend deletes the scope.
+    Session(ScopeName),
+}
+
+/// A frontend's name for a replay scope: 1..=256 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ScopeName(String);
+
+impl ScopeName {
+    /// Checks and wraps a scope name.
+    pub fn new(s: impl Into<String>) -> Result<Self, ModelError> {
+        let s = s.into();
+        if s.is_empty() || s.len() > MAX_SCOPE_BYTES {
+            return Err(ModelError::InvalidIdentity);
+        }
+        Ok(ScopeName(s))
+    }
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ScopeName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ScopeName::new(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A recorded reply: opaque to the filter (the frontend's own encoding).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayRecord {
+    /// The reply, at most [`MAX_REPLY_BYTES`].
+    pub reply: String,
+    /// When it was recorded, Unix ms.
+    pub recorded_ms: u64,
+}
+
+/// Names one intent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct IntentId(pub Uuid);
+
+/// A non-idempotent filesystem change that is about to happen, recorded
+/// durably first so recovery can finish it (roll forward) after a crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// Its id.
+    pub id: IntentId,
+    /// What is about to happen.
+    pub change: IntentChange,
+    /// When it was recorded, Unix ms.
+    pub recorded_ms: u64,
+}
+
+/// The changes intents bracket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum IntentChange {
+    /// A persistent open that overwrites or supersedes: the file (named by
+    /// the record's kernel handle) is truncated, then the record installed.
+    /// Recovery truncates again (idempotent: nobody else is served before
+    /// recovery ends) and installs the record, disconnected.
+    TruncatingOpen {
+        /// The handle record to install.
+        record: Box<HandleRecord>,
+    },
+}
+
 /// Current wall-clock time in Unix milliseconds. Persisted times use the wall
 /// clock because they must mean something after a restart.
 pub fn now_ms() -> u64 {

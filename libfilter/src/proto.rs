@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     Access, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
-    HandleRecord, InstanceName, Protocol, RelPath, ResumeKey, ShareAccess,
+    HandleRecord, InstanceName, Protocol, RelPath, ReplayRecord, ReplayScope, ResumeKey,
+    ShareAccess,
 };
 
 /// The protocol version this library speaks.
@@ -27,6 +28,9 @@ pub const PROTO_VERSION: u32 = 1;
 pub const FEATURES: u64 = 0;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
+/// Listings are cut into pages of about this many bytes, so every reply
+/// fits in a frame.
+pub const PAGE_BYTES: usize = 48 * 1024;
 /// Most file descriptors one frame may carry.
 pub const MAX_FDS: usize = 1;
 
@@ -88,6 +92,12 @@ pub struct RequestFrame {
 pub enum Request {
     /// Open (or create) a file beneath the export root. Frontend only.
     Open(OpenRequest),
+    /// Re-send of an open that may have executed before a failure (smbl/1
+    /// `"replay": true`). With a create GUID the client already uses, the
+    /// original open is returned — same resume key, same create action —
+    /// and nothing is executed again; a disconnected original is reattached.
+    /// Otherwise it is an ordinary open. Frontend only.
+    ReplayOpen(OpenRequest),
     /// Reattach a disconnected durable or persistent handle. Frontend only.
     Resume(ResumeRequest),
     /// Close a handle for good. Frontend only.
@@ -104,15 +114,23 @@ pub enum Request {
     },
     /// Daemon status.
     Status,
-    /// All handles.
-    Handles,
+    /// Handles, a page at a time (by resume key): those after `after`.
+    Handles {
+        /// Resume key the previous page ended with (`next` of its reply).
+        #[serde(default)]
+        after: Option<ResumeKey>,
+    },
     /// One handle.
     Handle {
         /// The handle.
         key: ResumeKey,
     },
-    /// Open files and their holders.
-    Files,
+    /// Open files and their holders, a page at a time (by file id).
+    Files {
+        /// File id the previous page ended with (`next` of its reply).
+        #[serde(default)]
+        after: Option<FileId>,
+    },
     /// Attached frontends.
     Frontends,
     /// Counters.
@@ -124,6 +142,30 @@ pub enum Request {
     },
     /// Expire every disconnected handle now. Control only.
     PurgeDisconnected,
+    /// Record the reply of a mutating request, durably (for persistent
+    /// handles and sessions) before the reply to this request. Frontend only.
+    RecordReply {
+        /// A handle attached to this connection, or a session of this protocol.
+        scope: ReplayScope,
+        /// The op id (smbl/1 op_id, nfsl/1 slot seqid...).
+        op_id: u64,
+        /// The frontend's encoded reply, at most 16 KiB.
+        reply: String,
+        /// Keep at most this many records in the scope (oldest go first).
+        keep: u32,
+    },
+    /// The recorded reply of an op id, if any. Frontend only.
+    LookupReply {
+        /// The scope.
+        scope: ReplayScope,
+        /// The op id.
+        op_id: u64,
+    },
+    /// Drop a session scope's records. Frontend only.
+    DropScope {
+        /// The scope.
+        scope: ReplayScope,
+    },
 }
 
 impl Request {
@@ -131,13 +173,17 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Open(_) => "open",
+            Request::ReplayOpen(_) => "replay_open",
+            Request::RecordReply { .. } => "record_reply",
+            Request::LookupReply { .. } => "lookup_reply",
+            Request::DropScope { .. } => "drop_scope",
             Request::Resume(_) => "resume",
             Request::Close { .. } => "close",
             Request::Detach { .. } => "detach",
             Request::Status => "status",
-            Request::Handles => "handles",
+            Request::Handles { .. } => "handles",
             Request::Handle { .. } => "handle",
-            Request::Files => "files",
+            Request::Files { .. } => "files",
             Request::Frontends => "frontends",
             Request::Stats => "stats",
             Request::Expire { .. } => "expire",
@@ -290,6 +336,9 @@ pub enum Reply {
     Handles {
         /// The handles.
         handles: Vec<HandleView>,
+        /// Pass as `after` for the next page; none when this was the last.
+        #[serde(default)]
+        next: Option<ResumeKey>,
     },
     /// One handle.
     Handle(HandleView),
@@ -297,6 +346,9 @@ pub enum Reply {
     Files {
         /// The files.
         files: Vec<FileView>,
+        /// Pass as `after` for the next page; none when this was the last.
+        #[serde(default)]
+        next: Option<FileId>,
     },
     /// Frontends.
     Frontends {
@@ -305,6 +357,11 @@ pub enum Reply {
     },
     /// Counters.
     Stats(Stats),
+    /// A recorded reply, or none.
+    Recorded {
+        /// The record.
+        record: Option<ReplayRecord>,
+    },
     /// How many handles a purge expired.
     Purged {
         /// Handles expired.
@@ -438,6 +495,12 @@ pub struct StatusInfo {
 pub struct Stats {
     /// Opens granted.
     pub opens: u64,
+    /// Intents recorded for non-idempotent changes.
+    pub intents: u64,
+    /// Dangling intents finished by recovery.
+    pub intents_recovered: u64,
+    /// Replies recorded for op-id replay.
+    pub replies_recorded: u64,
     /// Opens refused (any reason).
     pub opens_refused: u64,
     /// Sharing violations.

@@ -22,7 +22,10 @@ use heed::{BoxedError, BytesDecode, BytesEncode, Database, Env, EnvFlags};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::model::{ClientId, CreateGuid, FileId, HandleRecord, ResumeKey};
+use crate::model::{
+    ClientId, CreateGuid, FileId, HandleRecord, Intent, IntentId, ReplayRecord, ReplayScope,
+    ResumeKey,
+};
 
 /// The schema this build writes. Bump it together with a step in [`migrate`].
 pub const SCHEMA_VERSION: u32 = 1;
@@ -147,13 +150,85 @@ pub fn file_key(file: FileId, key: ResumeKey) -> [u8; 32] {
     k
 }
 
+/// Key prefix of a replay scope in the `replay` table.
+pub fn replay_prefix(scope: &ReplayScope) -> Vec<u8> {
+    match scope {
+        ReplayScope::Handle(k) => {
+            let mut v = Vec::with_capacity(17);
+            v.push(b'h');
+            v.extend_from_slice(k.as_bytes());
+            v
+        }
+        ReplayScope::Session(s) => {
+            let b = s.as_str().as_bytes();
+            let mut v = Vec::with_capacity(b.len() + 3);
+            v.push(b's');
+            v.extend_from_slice(&u16::try_from(b.len()).unwrap_or(u16::MAX).to_be_bytes());
+            v.extend_from_slice(b);
+            v
+        }
+    }
+}
+
+/// Splits a `replay` table key back into its scope and op id.
+pub fn parse_replay_key(k: &[u8]) -> Option<(ReplayScope, u64)> {
+    let (tag, rest) = k.split_first()?;
+    let split = rest.len().checked_sub(8)?;
+    let (body, op) = rest.split_at(split);
+    let op_id = u64::from_be_bytes(op.try_into().ok()?);
+    let scope = match tag {
+        b'h' => ReplayScope::Handle(ResumeKey(uuid::Uuid::from_bytes(body.try_into().ok()?))),
+        b's' => {
+            let (len, name) = body.split_at_checked(2)?;
+            let len = usize::from(u16::from_be_bytes(len.try_into().ok()?));
+            if name.len() != len {
+                return None;
+            }
+            ReplayScope::Session(
+                crate::model::ScopeName::new(std::str::from_utf8(name).ok()?).ok()?,
+            )
+        }
+        _ => return None,
+    };
+    Some((scope, op_id))
+}
+
+/// Key of one replay record: scope prefix then the op id, big-endian, so a
+/// scope's records are contiguous and ordered.
+pub fn replay_key(scope: &ReplayScope, op_id: u64) -> Vec<u8> {
+    let mut k = replay_prefix(scope);
+    k.extend_from_slice(&op_id.to_be_bytes());
+    k
+}
+
+/// A `replay` table entry: its raw key (see [`parse_replay_key`]) and record.
+pub type RawReplay = (Vec<u8>, Result<ReplayRecord, StoreError>);
+
 /// One change to persistent state. A batch of them commits in one transaction.
 #[derive(Debug, Clone)]
 pub enum StoreOp {
     /// Insert or replace a handle record and its index entries.
     PutHandle(Box<HandleRecord>),
-    /// Remove a handle record and its index entries.
+    /// Remove a handle record, its index entries and its replay records.
     DeleteHandle(Box<HandleRecord>),
+    /// Record the reply of a mutating request; keep at most `keep` records in
+    /// its scope (the oldest op ids go first).
+    PutReplay {
+        /// Where the op id lives.
+        scope: ReplayScope,
+        /// The op id.
+        op_id: u64,
+        /// The recorded reply.
+        record: ReplayRecord,
+        /// Most records kept in the scope.
+        keep: u32,
+    },
+    /// Drop every replay record of a scope (a session destroyed).
+    DeleteReplayScope(ReplayScope),
+    /// Record a non-idempotent filesystem change about to happen.
+    PutIntent(Box<Intent>),
+    /// The change an intent announced is done (or was abandoned).
+    DeleteIntent(IntentId),
 }
 
 /// What `meta` says.
@@ -174,13 +249,10 @@ pub struct Store {
     handles: Database<ResumeKeyCodec, Versioned<HandleRecord>>,
     guids: Database<Bytes, ResumeKeyCodec>,
     files: Database<Bytes, Unit>,
-    /// (resume key or session, op id) → recorded reply. Filled by the
-    /// exactly-once work; created now so the schema is complete.
-    #[allow(dead_code)]
-    replay: Database<Bytes, Bytes>,
-    /// op id → a non-idempotent filesystem change in flight.
-    #[allow(dead_code)]
-    intents: Database<Bytes, Bytes>,
+    /// (resume key or session, op id) → recorded reply.
+    replay: Database<Bytes, Versioned<ReplayRecord>>,
+    /// intent id → a non-idempotent filesystem change in flight.
+    intents: Database<Bytes, Versioned<Intent>>,
     /// Protocol client records.
     #[allow(dead_code)]
     clients: Database<Bytes, Bytes>,
@@ -344,6 +416,7 @@ impl Store {
                     }
                 }
                 StoreOp::DeleteHandle(rec) => {
+                    self.delete_scope(&mut txn, &ReplayScope::Handle(rec.key))?;
                     self.handles.delete(&mut txn, &rec.key)?;
                     self.files.delete(&mut txn, &file_key(rec.file, rec.key))?;
                     if let Some(g) = &rec.create_guid {
@@ -354,9 +427,123 @@ impl Store {
                         }
                     }
                 }
+                StoreOp::PutReplay {
+                    scope,
+                    op_id,
+                    record,
+                    keep,
+                } => {
+                    self.replay
+                        .put(&mut txn, &replay_key(scope, *op_id), record)
+                        .map_err(StoreError::from_heed)?;
+                    self.trim_scope(&mut txn, scope, *keep)?;
+                }
+                StoreOp::DeleteReplayScope(scope) => self.delete_scope(&mut txn, scope)?,
+                StoreOp::PutIntent(intent) => {
+                    self.intents
+                        .put(&mut txn, intent.id.0.as_bytes(), intent)
+                        .map_err(StoreError::from_heed)?;
+                }
+                StoreOp::DeleteIntent(id) => {
+                    self.intents.delete(&mut txn, id.0.as_bytes())?;
+                }
             }
         }
         txn.commit().map_err(StoreError::from_heed)
+    }
+
+    fn scope_keys(
+        &self,
+        txn: &heed::RwTxn<'_>,
+        scope: &ReplayScope,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let prefix = replay_prefix(scope);
+        let raw = self.replay.remap_data_type::<Bytes>();
+        let mut keys = Vec::new();
+        for item in raw.prefix_iter(txn, &prefix)? {
+            keys.push(item?.0.to_vec());
+        }
+        Ok(keys)
+    }
+
+    fn delete_scope(
+        &self,
+        txn: &mut heed::RwTxn<'_>,
+        scope: &ReplayScope,
+    ) -> Result<(), StoreError> {
+        for k in self.scope_keys(txn, scope)? {
+            self.replay.delete(txn, &k)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the newest `keep` records of a scope (keys sort by op id).
+    fn trim_scope(
+        &self,
+        txn: &mut heed::RwTxn<'_>,
+        scope: &ReplayScope,
+        keep: u32,
+    ) -> Result<(), StoreError> {
+        let keys = self.scope_keys(txn, scope)?;
+        let excess = keys
+            .len()
+            .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
+        for k in keys.into_iter().take(excess) {
+            self.replay.delete(txn, &k)?;
+        }
+        Ok(())
+    }
+
+    /// The recorded reply of `op_id` in `scope`, if any.
+    pub fn replay(
+        &self,
+        scope: &ReplayScope,
+        op_id: u64,
+    ) -> Result<Option<ReplayRecord>, StoreError> {
+        let txn = self.env.read_txn()?;
+        let raw = self.replay.remap_data_type::<Bytes>();
+        match raw.get(&txn, &replay_key(scope, op_id))? {
+            None => Ok(None),
+            Some(v) => decode_record(v)
+                .map(Some)
+                .map_err(|reason| StoreError::Corrupt {
+                    table: "replay",
+                    reason,
+                }),
+        }
+    }
+
+    /// Every replay record (loaded into daemon memory at start).
+    pub fn replays(&self) -> Result<Vec<RawReplay>, StoreError> {
+        let txn = self.env.read_txn()?;
+        let raw = self.replay.remap_data_type::<Bytes>();
+        let mut out = Vec::new();
+        for item in raw.iter(&txn)? {
+            let (k, v) = item?;
+            let rec = decode_record::<ReplayRecord>(v).map_err(|reason| StoreError::Corrupt {
+                table: "replay",
+                reason,
+            });
+            out.push((k.to_vec(), rec));
+        }
+        Ok(out)
+    }
+
+    /// Every intent still in the table (dangling after a crash).
+    pub fn intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
+        let txn = self.env.read_txn()?;
+        let raw = self.intents.remap_data_type::<Bytes>();
+        let mut out = Vec::new();
+        for item in raw.iter(&txn)? {
+            let (_, v) = item?;
+            out.push(
+                decode_record::<Intent>(v).map_err(|reason| StoreError::Corrupt {
+                    table: "intents",
+                    reason,
+                }),
+            );
+        }
+        Ok(out)
     }
 
     /// Every handle record; a record that does not decode is reported as an
@@ -470,6 +657,22 @@ mod tests {
         let s = Store::open_read_only(&dir).unwrap();
         assert!(s.meta().unwrap().clean_shutdown);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn replay_keys_roundtrip() {
+        let scopes = [
+            ReplayScope::Handle(ResumeKey::new_random()),
+            ReplayScope::Session(crate::model::ScopeName::new("nfs/s1/slot3").unwrap()),
+        ];
+        for s in scopes {
+            for op in [0, 1, u64::MAX] {
+                assert_eq!(parse_replay_key(&replay_key(&s, op)), Some((s.clone(), op)));
+            }
+        }
+        assert_eq!(parse_replay_key(b""), None);
+        assert_eq!(parse_replay_key(b"x12345678"), None);
+        assert_eq!(parse_replay_key(b"s\x00\x09abc12345678"), None);
     }
 
     #[test]

@@ -271,6 +271,76 @@ pub fn own_accepted(fd: std::os::fd::RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Sets an extended attribute on an open file.
+pub fn set_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr, value: &[u8]) -> io::Result<()> {
+    // SAFETY: `name` is NUL-terminated and `value` is a valid slice for the
+    // length passed; both outlive the call.
+    let r = unsafe {
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reads an extended attribute of an open file (at most 1 KiB); `None` when
+/// it is absent.
+pub fn get_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = [0u8; 1024];
+    // SAFETY: `buf` is valid for writes of its full length; `name` is
+    // NUL-terminated.
+    let r = unsafe {
+        libc::fgetxattr(
+            fd.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENODATA) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let n = usize::try_from(r).unwrap_or(0).min(buf.len());
+    Ok(Some(buf.get(..n).unwrap_or_default().to_vec()))
+}
+
+/// Gives the anonymous file `fd` (from `O_TMPFILE`) the name `leaf` in
+/// directory `dir` (`linkat` with `AT_EMPTY_PATH`; needs
+/// `CAP_DAC_READ_SEARCH`). `leaf` must be a single component.
+pub fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, leaf: &str) -> io::Result<()> {
+    if leaf.contains('/') || leaf.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let cleaf = CString::new(leaf).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: both paths are NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::linkat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            dir.as_raw_fd(),
+            cleaf.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

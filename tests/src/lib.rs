@@ -34,7 +34,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -48,7 +51,11 @@ pub struct Scratch {
 impl Scratch {
     /// Creates a fresh scratch dir named after the test.
     pub fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("rkf-e2e-{name}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+        let dir = std::env::temp_dir().join(format!(
+            "rkf-e2e-{name}-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
         std::fs::create_dir_all(dir.join("root")).expect("mkdir root");
         std::fs::create_dir_all(dir.join("state")).expect("mkdir state");
         Scratch { dir }
@@ -161,7 +168,9 @@ impl Filterd {
         let c = self.child.as_mut().expect("running");
         let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let st = wait_for("filterd to stop", Duration::from_secs(20), || c.try_wait().ok().flatten());
+        let st = wait_for("filterd to stop", Duration::from_secs(20), || {
+            c.try_wait().ok().flatten()
+        });
         self.child = None;
         st
     }
@@ -224,7 +233,9 @@ impl TestFront {
         writeln!(self.stdin, "{v}").expect("write to testfront");
         self.stdin.flush().expect("flush");
         let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("read from testfront");
+        self.stdout
+            .read_line(&mut line)
+            .expect("read from testfront");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad testfront line {line:?}: {e}"))
     }
 
@@ -255,14 +266,21 @@ pub struct CtlOutput {
 impl CtlOutput {
     /// Stdout parsed as JSON (panics with the output if it is not).
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("filterctl output is not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "filterctl output is not JSON ({e}): {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
 /// Runs filterctl with `args`.
 pub fn filterctl(args: &[&str]) -> CtlOutput {
-    let out = Command::new(bin("filterctl")).args(args).output().expect("run filterctl");
+    let out = Command::new(bin("filterctl"))
+        .args(args)
+        .output()
+        .expect("run filterctl");
     CtlOutput {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use libfilter::client::FilterClient;
 use libfilter::model::*;
-use libfilter::proto::{ErrorCode, OpenRequest, Reply, Request};
+use libfilter::proto::{ErrorCode, OpenRequest, Request};
 use rkfilter_tests::{bin, filterctl, wait_for, Filterd, Scratch, TestFront};
 use serde_json::{json, Value};
 
@@ -20,7 +20,14 @@ fn frontend(d: &Scratch, proto: &str, inst: &str) -> FilterClient {
     .expect("frontend attaches")
 }
 
-fn req(client: &str, path: &str, access: Rights, share: Rights, disp: Disposition, dur: Durability) -> OpenRequest {
+fn req(
+    client: &str,
+    path: &str,
+    access: Rights,
+    share: Rights,
+    disp: Disposition,
+    dur: Durability,
+) -> OpenRequest {
     OpenRequest {
         client: ClientId::new(client).unwrap(),
         path: RelPath::new(path).unwrap(),
@@ -36,7 +43,12 @@ fn req(client: &str, path: &str, access: Rights, share: Rights, disp: Dispositio
 const RW: Rights = Rights::READ.union(Rights::WRITE);
 
 fn handles_json(s: &Scratch) -> Value {
-    let out = filterctl(&["--socket", s.socket().to_str().unwrap(), "handles", "--json"]);
+    let out = filterctl(&[
+        "--socket",
+        s.socket().to_str().unwrap(),
+        "handles",
+        "--json",
+    ]);
     assert_eq!(out.code, 0, "filterctl handles failed: {}", out.stderr);
     out.json()
 }
@@ -44,7 +56,11 @@ fn handles_json(s: &Scratch) -> Value {
 fn handle_list(v: &Value) -> Vec<Value> {
     match v {
         Value::Array(a) => a.clone(),
-        Value::Object(o) => o.get("handles").and_then(Value::as_array).cloned().unwrap_or_default(),
+        Value::Object(o) => o
+            .get("handles")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
         _ => vec![],
     }
 }
@@ -55,12 +71,22 @@ fn open_write_read_close() {
     let _d = Filterd::start(&s, &[], &[]);
     let fe = frontend(&s, "smb", "smb-1");
     let h = fe
-        .open(req("c1", "a.txt", RW, Rights::NONE, Disposition::Create, Durability::None))
+        .open(req(
+            "c1",
+            "a.txt",
+            RW,
+            Rights::NONE,
+            Disposition::Create,
+            Durability::None,
+        ))
         .unwrap();
     assert_eq!(h.info.create_action, CreateAction::Created);
     let f = std::fs::File::from(h.fd);
     f.write_all_at(b"hello world", 0).unwrap();
-    assert_eq!(std::fs::read(s.root().join("a.txt")).unwrap(), b"hello world");
+    assert_eq!(
+        std::fs::read(s.root().join("a.txt")).unwrap(),
+        b"hello world"
+    );
     let mut buf = [0u8; 5];
     f.read_exact_at(&mut buf, 6).unwrap();
     assert_eq!(&buf, b"world");
@@ -68,7 +94,10 @@ fn open_write_read_close() {
     fe.close(h.info.key).unwrap();
     assert_eq!(handle_list(&handles_json(&s)).len(), 0);
     // Closing twice is an error, not a crash.
-    assert_eq!(fe.close(h.info.key).unwrap_err().code(), Some(ErrorCode::NoSuchHandle));
+    assert_eq!(
+        fe.close(h.info.key).unwrap_err().code(),
+        Some(ErrorCode::NoSuchHandle)
+    );
 }
 
 #[test]
@@ -77,17 +106,35 @@ fn dispositions() {
     let _d = Filterd::start(&s, &[], &[]);
     let fe = frontend(&s, "smb", "smb-1");
     let o = |path: &str, disp| fe.open(req("c1", path, RW, Rights::ALL, disp, Durability::None));
-    assert_eq!(o("x", Disposition::Open).unwrap_err().code(), Some(ErrorCode::NotFound));
-    assert_eq!(o("nodir/x", Disposition::OpenIf).unwrap_err().code(), Some(ErrorCode::PathNotFound));
-    assert_eq!(o("x", Disposition::Overwrite).unwrap_err().code(), Some(ErrorCode::NotFound));
+    assert_eq!(
+        o("x", Disposition::Open).unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+    assert_eq!(
+        o("nodir/x", Disposition::OpenIf).unwrap_err().code(),
+        Some(ErrorCode::PathNotFound)
+    );
+    assert_eq!(
+        o("x", Disposition::Overwrite).unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
     let a = o("x", Disposition::OpenIf).unwrap();
     assert_eq!(a.info.create_action, CreateAction::Created);
     std::fs::File::from(a.fd).write_all_at(b"12345", 0).unwrap();
-    assert_eq!(o("x", Disposition::Create).unwrap_err().code(), Some(ErrorCode::Collision));
+    assert_eq!(
+        o("x", Disposition::Create).unwrap_err().code(),
+        Some(ErrorCode::Collision)
+    );
     let b = o("x", Disposition::OpenIf).unwrap();
-    assert_eq!((b.info.create_action, b.info.size), (CreateAction::Opened, 5));
+    assert_eq!(
+        (b.info.create_action, b.info.size),
+        (CreateAction::Opened, 5)
+    );
     let c = o("x", Disposition::Overwrite).unwrap();
-    assert_eq!((c.info.create_action, c.info.size), (CreateAction::Overwritten, 0));
+    assert_eq!(
+        (c.info.create_action, c.info.size),
+        (CreateAction::Overwritten, 0)
+    );
     assert_eq!(std::fs::metadata(s.root().join("x")).unwrap().len(), 0);
     std::fs::write(s.root().join("x"), b"abc").unwrap();
     let d = o("x", Disposition::Supersede).unwrap();
@@ -95,12 +142,26 @@ fn dispositions() {
     let e = o("y", Disposition::OverwriteIf).unwrap();
     assert_eq!(e.info.create_action, CreateAction::Created);
     std::fs::create_dir(s.root().join("dir")).unwrap();
-    let r = fe.open(req("c1", "dir", Rights::READ, Rights::ALL, Disposition::Open, Durability::None));
+    let r = fe.open(req(
+        "c1",
+        "dir",
+        Rights::READ,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ));
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotAFile));
     // A read-only open gets a read-only descriptor, even when it truncates.
     std::fs::write(s.root().join("ro"), b"abc").unwrap();
     let ro = fe
-        .open(req("c1", "ro", Rights::READ, Rights::ALL, Disposition::Overwrite, Durability::None))
+        .open(req(
+            "c1",
+            "ro",
+            Rights::READ,
+            Rights::ALL,
+            Disposition::Overwrite,
+            Durability::None,
+        ))
         .unwrap();
     assert!(std::fs::File::from(ro.fd).write_all_at(b"z", 0).is_err());
     assert_eq!(std::fs::metadata(s.root().join("ro")).unwrap().len(), 0);
@@ -114,26 +175,68 @@ fn sharing_violation_across_frontends() {
     let smb = frontend(&s, "smb", "smb-1");
     let nfs = frontend(&s, "nfs", "nfs-1");
     let a = smb
-        .open(req("c1", "f", Rights::READ, Rights::READ, Disposition::Open, Durability::None))
+        .open(req(
+            "c1",
+            "f",
+            Rights::READ,
+            Rights::READ,
+            Disposition::Open,
+            Durability::None,
+        ))
         .unwrap();
     // Another reader that shares read: fine.
     let b = nfs
-        .open(req("c2", "f", Rights::READ, Rights::READ, Disposition::Open, Durability::None))
+        .open(req(
+            "c2",
+            "f",
+            Rights::READ,
+            Rights::READ,
+            Disposition::Open,
+            Durability::None,
+        ))
         .unwrap();
     // A writer: the first open does not share write.
-    let w = nfs.open(req("c2", "f", RW, Rights::ALL, Disposition::Open, Durability::None));
+    let w = nfs.open(req(
+        "c2",
+        "f",
+        RW,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ));
     assert_eq!(w.unwrap_err().code(), Some(ErrorCode::SharingViolation));
     // A reader that does not share read with the existing readers.
-    let r = nfs.open(req("c3", "f", Rights::READ, Rights::NONE, Disposition::Open, Durability::None));
+    let r = nfs.open(req(
+        "c3",
+        "f",
+        Rights::READ,
+        Rights::NONE,
+        Disposition::Open,
+        Durability::None,
+    ));
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::SharingViolation));
     // A truncating open refused by share modes truncates nothing.
-    let t = nfs.open(req("c2", "f", RW, Rights::ALL, Disposition::Overwrite, Durability::None));
+    let t = nfs.open(req(
+        "c2",
+        "f",
+        RW,
+        Rights::ALL,
+        Disposition::Overwrite,
+        Durability::None,
+    ));
     assert_eq!(t.unwrap_err().code(), Some(ErrorCode::SharingViolation));
     assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"data");
     smb.close(a.info.key).unwrap();
     nfs.close(b.info.key).unwrap();
-    nfs.open(req("c2", "f", RW, Rights::ALL, Disposition::Open, Durability::None))
-        .unwrap();
+    nfs.open(req(
+        "c2",
+        "f",
+        RW,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ))
+    .unwrap();
     let st = stats(&s);
     assert!(st["sharing_violations"].as_u64().unwrap() >= 3, "{st}");
 }
@@ -144,7 +247,15 @@ fn stats(s: &Scratch) -> Value {
     out.json()
 }
 
-fn open_cmd(client: &str, path: &str, access: &[&str], share: &[&str], disp: &str, dur: Value, guid: Option<&str>) -> Value {
+fn open_cmd(
+    client: &str,
+    path: &str,
+    access: &[&str],
+    share: &[&str],
+    disp: &str,
+    dur: Value,
+    guid: Option<&str>,
+) -> Value {
     json!({"cmd": "open", "client": client, "path": path, "access": access, "share": share,
            "disposition": disp, "durability": dur, "create_guid": guid})
 }
@@ -185,14 +296,24 @@ fn frontend_sigkill_leaves_handles_protecting_and_replacement_resumes() {
         Some(&g_d),
     ));
     assert_eq!(d["ok"], true, "{d}");
-    let n = fe.cmd(open_cmd("alice", "plain.txt", &["read", "write"], &[], "create", json!({"kind": "none"}), None));
+    let n = fe.cmd(open_cmd(
+        "alice",
+        "plain.txt",
+        &["read", "write"],
+        &[],
+        "create",
+        json!({"kind": "none"}),
+        None,
+    ));
     assert_eq!(n["ok"], true, "{n}");
     for k in [&p, &d] {
         let w = fe.cmd(json!({"cmd": "write", "key": k["key"], "offset": 0, "data": "survives"}));
         assert_eq!(w["ok"], true);
     }
     // Another frontend attaching with the same live instance name is refused.
-    let busy = TestFront::start(&sock, "smb", "smb-a").err().expect("instance busy");
+    let busy = TestFront::start(&sock, "smb", "smb-a")
+        .err()
+        .expect("instance busy");
     assert_eq!(busy["code"], "InstanceBusy", "{busy}");
 
     fe.kill9();
@@ -200,15 +321,33 @@ fn frontend_sigkill_leaves_handles_protecting_and_replacement_resumes() {
         (state_of(&s, &p["key"]) == "disconnected").then_some(())
     });
     assert_eq!(state_of(&s, &d["key"]), "disconnected");
-    assert_eq!(state_of(&s, &n["key"]), "gone", "non-durable handle must be closed");
+    assert_eq!(
+        state_of(&s, &n["key"]),
+        "gone",
+        "non-durable handle must be closed"
+    );
 
     // Still protecting: a conflicting open of the persistent file is refused.
     let other = frontend(&s, "nfs", "nfs-1");
-    let r = other.open(req("bob", "persist.txt", RW, Rights::ALL, Disposition::Open, Durability::None));
+    let r = other.open(req(
+        "bob",
+        "persist.txt",
+        RW,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ));
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::FileNotAvailable));
     // A plain file is free again.
     other
-        .open(req("bob", "plain.txt", RW, Rights::ALL, Disposition::Open, Durability::None))
+        .open(req(
+            "bob",
+            "plain.txt",
+            RW,
+            Rights::ALL,
+            Disposition::Open,
+            Durability::None,
+        ))
         .unwrap();
 
     // A replacement process with the same instance name resumes and reads.
@@ -243,8 +382,24 @@ fn disconnected_durable_is_purged_persistent_is_not() {
     let s = Scratch::new("purge");
     let _d = Filterd::start(&s, &[], &[]);
     let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
-    let d = fe.cmd(open_cmd("alice", "d", &["read", "write"], &[], "create", json!({"kind": "durable", "timeout_ms": 60000}), None));
-    let p = fe.cmd(open_cmd("alice", "p", &["read", "write"], &[], "create", json!({"kind": "persistent", "timeout_ms": 60000}), None));
+    let d = fe.cmd(open_cmd(
+        "alice",
+        "d",
+        &["read", "write"],
+        &[],
+        "create",
+        json!({"kind": "durable", "timeout_ms": 60000}),
+        None,
+    ));
+    let p = fe.cmd(open_cmd(
+        "alice",
+        "p",
+        &["read", "write"],
+        &[],
+        "create",
+        json!({"kind": "persistent", "timeout_ms": 60000}),
+        None,
+    ));
     let det = fe.cmd(json!({"cmd": "detach", "key": d["key"]}));
     assert_eq!(det["ok"], true);
     let det = fe.cmd(json!({"cmd": "detach", "key": p["key"]}));
@@ -253,10 +408,24 @@ fn disconnected_durable_is_purged_persistent_is_not() {
     // A share-compatible open of the durable file does not purge it... there is
     // none (share none), so the conflicting open purges it and proceeds.
     other
-        .open(req("bob", "d", Rights::READ, Rights::ALL, Disposition::Open, Durability::None))
+        .open(req(
+            "bob",
+            "d",
+            Rights::READ,
+            Rights::ALL,
+            Disposition::Open,
+            Durability::None,
+        ))
         .unwrap();
     assert_eq!(state_of(&s, &d["key"]), "gone");
-    let r = other.open(req("bob", "p", Rights::READ, Rights::ALL, Disposition::Open, Durability::None));
+    let r = other.open(req(
+        "bob",
+        "p",
+        Rights::READ,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ));
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::FileNotAvailable));
     assert_eq!(stats(&s)["purges"], 1);
     // The purged handle's frontend heard about it.
@@ -268,18 +437,47 @@ fn disconnected_handles_expire_after_their_timeout() {
     let s = Scratch::new("expire");
     let _d = Filterd::start(&s, &[], &[]);
     let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
-    let p = fe.cmd(open_cmd("alice", "p", &["read", "write"], &[], "create", json!({"kind": "persistent", "timeout_ms": 300}), None));
-    let d = fe.cmd(open_cmd("alice", "d", &["read", "write"], &[], "create", json!({"kind": "durable", "timeout_ms": 60000}), None));
+    let p = fe.cmd(open_cmd(
+        "alice",
+        "p",
+        &["read", "write"],
+        &[],
+        "create",
+        json!({"kind": "persistent", "timeout_ms": 300}),
+        None,
+    ));
+    let d = fe.cmd(open_cmd(
+        "alice",
+        "d",
+        &["read", "write"],
+        &[],
+        "create",
+        json!({"kind": "durable", "timeout_ms": 60000}),
+        None,
+    ));
     // Detach, resume, detach again: the second timeout counts, not the first.
     fe.cmd(json!({"cmd": "detach", "key": d["key"]}));
     fe.kill9();
-    wait_for("persistent handle to expire", Duration::from_secs(10), || {
-        (state_of(&s, &p["key"]) == "gone").then_some(())
-    });
-    assert_eq!(state_of(&s, &d["key"]), "disconnected", "60 s timeout must not have fired");
+    wait_for(
+        "persistent handle to expire",
+        Duration::from_secs(10),
+        || (state_of(&s, &p["key"]) == "gone").then_some(()),
+    );
+    assert_eq!(
+        state_of(&s, &d["key"]),
+        "disconnected",
+        "60 s timeout must not have fired"
+    );
     let other = frontend(&s, "nfs", "nfs-1");
     other
-        .open(req("bob", "p", RW, Rights::NONE, Disposition::Open, Durability::None))
+        .open(req(
+            "bob",
+            "p",
+            RW,
+            Rights::NONE,
+            Disposition::Open,
+            Durability::None,
+        ))
         .unwrap();
     assert!(stats(&s)["expiries"].as_u64().unwrap() >= 1);
     // filterctl expire ends the durable one now.
@@ -294,7 +492,15 @@ fn reconnect_restarts_the_timeout() {
     let s = Scratch::new("retimer");
     let _d = Filterd::start(&s, &[], &[]);
     let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
-    let p = fe.cmd(open_cmd("alice", "p", &["read"], &["read"], "create", json!({"kind": "durable", "timeout_ms": 400}), None));
+    let p = fe.cmd(open_cmd(
+        "alice",
+        "p",
+        &["read"],
+        &["read"],
+        "create",
+        json!({"kind": "durable", "timeout_ms": 400}),
+        None,
+    ));
     fe.cmd(json!({"cmd": "detach", "key": p["key"]}));
     let r = fe.cmd(json!({"cmd": "resume", "client": "alice", "key": p["key"]}));
     assert_eq!(r["ok"], true, "{r}");
@@ -321,16 +527,37 @@ fn paths_cannot_leave_the_root() {
     std::fs::write(s.root().join("inside"), b"in").unwrap();
     let fe = frontend(&s, "smb", "smb-1");
     for p in ["etc-link/passwd", "rel-link"] {
-        let r = fe.open(req("c", p, Rights::READ, Rights::ALL, Disposition::Open, Durability::None));
+        let r = fe.open(req(
+            "c",
+            p,
+            Rights::READ,
+            Rights::ALL,
+            Disposition::Open,
+            Durability::None,
+        ));
         assert_eq!(r.unwrap_err().code(), Some(ErrorCode::AccessDenied), "{p}");
     }
     // Creating through an escaping symlink is refused too, and creates nothing.
-    let r = fe.open(req("c", "etc-link/rkf-should-not-exist", RW, Rights::ALL, Disposition::Create, Durability::None));
+    let r = fe.open(req(
+        "c",
+        "etc-link/rkf-should-not-exist",
+        RW,
+        Rights::ALL,
+        Disposition::Create,
+        Durability::None,
+    ));
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::AccessDenied));
     assert!(!std::path::Path::new("/etc/rkf-should-not-exist").exists());
     // A symlink that stays inside is fine.
-    fe.open(req("c", "sub/ok-link", Rights::READ, Rights::ALL, Disposition::Open, Durability::None))
-        .unwrap();
+    fe.open(req(
+        "c",
+        "sub/ok-link",
+        Rights::READ,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ))
+    .unwrap();
     // `..` and absolute paths never reach the daemon as a RelPath, and the
     // daemon refuses them when a peer sends them raw.
     for p in ["../etc/passwd", "/etc/passwd", "a/../../b"] {
@@ -349,7 +576,13 @@ fn paths_cannot_leave_the_root() {
 fn raw_exchange(s: &Scratch, frames: &[&[u8]]) -> Vec<(Option<u64>, Value)> {
     use libfilter::sys::{recv_packet, send_packet, Packet};
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
     connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
     let hello = br#"{"version":1,"role":{"kind":"frontend","protocol":"raw","instance":"raw-1"}}"#;
     send_packet(fd.as_fd(), hello, None).unwrap();
@@ -375,7 +608,15 @@ fn malformed_frames_get_errors_and_change_nothing() {
     let s = Scratch::new("garbage");
     let _d = Filterd::start(&s, &[], &[]);
     let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
-    let p = fe.cmd(open_cmd("alice", "p", &["read", "write"], &["read"], "create", json!({"kind": "persistent", "timeout_ms": 60000}), None));
+    let p = fe.cmd(open_cmd(
+        "alice",
+        "p",
+        &["read", "write"],
+        &["read"],
+        "create",
+        json!({"kind": "persistent", "timeout_ms": 60000}),
+        None,
+    ));
     assert_eq!(p["ok"], true);
     let before = handles_json(&s);
     let big = vec![b'x'; 70_000];
@@ -411,7 +652,13 @@ fn malformed_frames_get_errors_and_change_nothing() {
     {
         use libfilter::sys::{recv_packet, send_packet, Packet};
         use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
         connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
         send_packet(fd.as_fd(), b"GET / HTTP/1.1\r\n\r\n", None).unwrap();
         let mut buf = vec![0u8; 70_000];
@@ -422,11 +669,25 @@ fn malformed_frames_get_errors_and_change_nothing() {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(recv_packet(fd.as_fd(), &mut buf).unwrap(), Packet::Eof));
+        assert!(matches!(
+            recv_packet(fd.as_fd(), &mut buf).unwrap(),
+            Packet::Eof
+        ));
         // A hello with a version from the future.
-        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
         connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
-        send_packet(fd.as_fd(), br#"{"version":99,"role":{"kind":"control"}}"#, None).unwrap();
+        send_packet(
+            fd.as_fd(),
+            br#"{"version":99,"role":{"kind":"control"}}"#,
+            None,
+        )
+        .unwrap();
         match recv_packet(fd.as_fd(), &mut buf).unwrap() {
             Packet::Data { len, .. } => {
                 let v: Value = serde_json::from_slice(&buf[..len]).unwrap();
@@ -442,7 +703,14 @@ fn malformed_frames_get_errors_and_change_nothing() {
     assert!(stats(&s)["bad_frames"].as_u64().unwrap() >= 9);
     // A control connection may not open files.
     let ctl = FilterClient::connect_control(&s.socket()).unwrap();
-    let r = ctl.call(Request::Open(req("c", "p", Rights::READ, Rights::ALL, Disposition::Open, Durability::None)));
+    let r = ctl.call(Request::Open(req(
+        "c",
+        "p",
+        Rights::READ,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    )));
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotPermitted));
 }
 
@@ -451,7 +719,15 @@ fn filterctl_reads_state_while_filterd_is_down() {
     let s = Scratch::new("offline");
     let mut d = Filterd::start(&s, &[], &[]);
     let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
-    let p = fe.cmd(open_cmd("alice", "dir-less.txt", &["read", "write"], &["read"], "create", json!({"kind": "persistent", "timeout_ms": 60000}), None));
+    let p = fe.cmd(open_cmd(
+        "alice",
+        "dir-less.txt",
+        &["read", "write"],
+        &["read"],
+        "create",
+        json!({"kind": "persistent", "timeout_ms": 60000}),
+        None,
+    ));
     assert_eq!(p["ok"], true);
     d.kill9();
     let st = s.state();
@@ -478,10 +754,26 @@ fn restart_reopens_persistent_handles_by_file_handle() {
     let mut d = Filterd::start(&s, &[], &[]);
     let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
     let g = uuid::Uuid::new_v4().to_string();
-    let p = fe.cmd(open_cmd("alice", "before.txt", &["read", "write"], &[], "create", json!({"kind": "persistent", "timeout_ms": 60000}), Some(&g)));
+    let p = fe.cmd(open_cmd(
+        "alice",
+        "before.txt",
+        &["read", "write"],
+        &[],
+        "create",
+        json!({"kind": "persistent", "timeout_ms": 60000}),
+        Some(&g),
+    ));
     assert_eq!(p["ok"], true, "{p}");
     fe.cmd(json!({"cmd": "write", "key": p["key"], "offset": 0, "data": "kept"}));
-    let gone = fe.cmd(open_cmd("alice", "gone.txt", &["read"], &[], "create", json!({"kind": "persistent", "timeout_ms": 60000}), None));
+    let gone = fe.cmd(open_cmd(
+        "alice",
+        "gone.txt",
+        &["read"],
+        &[],
+        "create",
+        json!({"kind": "persistent", "timeout_ms": 60000}),
+        None,
+    ));
     let epoch = fe.epoch;
     d.kill9();
     drop(fe);
@@ -490,10 +782,21 @@ fn restart_reopens_persistent_handles_by_file_handle() {
     std::fs::remove_file(s.root().join("gone.txt")).unwrap();
     let _d2 = Filterd::start(&s, &[], &[]);
     assert_eq!(state_of(&s, &p["key"]), "disconnected");
-    assert_eq!(state_of(&s, &gone["key"]), "lost", "a vanished file is reported, not dropped");
+    assert_eq!(
+        state_of(&s, &gone["key"]),
+        "lost",
+        "a vanished file is reported, not dropped"
+    );
     // Its share mode (none) protects the file under its new name.
     let other = frontend(&s, "nfs", "nfs-1");
-    let r = other.open(req("bob", "after.txt", Rights::READ, Rights::ALL, Disposition::Open, Durability::None));
+    let r = other.open(req(
+        "bob",
+        "after.txt",
+        Rights::READ,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ));
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::FileNotAvailable));
     let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
     assert!(fe.epoch > epoch);
@@ -513,7 +816,14 @@ fn failpoints_prove_no_reply_before_commit() {
         let s = Scratch::new("failpoint");
         let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
         let fe = frontend(&s, "smb", "smb-a");
-        let mut r = req("alice", "f", RW, Rights::NONE, Disposition::Create, Durability::Persistent { timeout_ms: 60000 });
+        let mut r = req(
+            "alice",
+            "f",
+            RW,
+            Rights::NONE,
+            Disposition::Create,
+            Durability::Persistent { timeout_ms: 60000 },
+        );
         let g = CreateGuid(uuid::Uuid::new_v4());
         r.create_guid = Some(g);
         let res = fe.open(r);
@@ -553,11 +863,20 @@ fn one_active_daemon_per_state_dir_and_clean_shutdown() {
 #[test]
 fn every_program_has_help_version_and_rejects_bad_flags() {
     for p in ["filterd", "filterctl", "smbshim", "nfsshim"] {
-        let out = std::process::Command::new(bin(p)).arg("--help").output().unwrap();
+        let out = std::process::Command::new(bin(p))
+            .arg("--help")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{p} --help");
-        let out = std::process::Command::new(bin(p)).arg("--version").output().unwrap();
+        let out = std::process::Command::new(bin(p))
+            .arg("--version")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{p} --version");
-        let out = std::process::Command::new(bin(p)).arg("--no-such-flag").output().unwrap();
+        let out = std::process::Command::new(bin(p))
+            .arg("--no-such-flag")
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{p} bad flag");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--no-such-flag"), "{p}: {err}");

@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
 use libfilter::client::{ClientError, FilterClient, OpenedHandle};
@@ -35,7 +34,11 @@ fn main() -> anyhow::Result<()> {
     let [_, sock, proto, inst] = args.as_slice() else {
         anyhow::bail!("usage: testfront SOCKET PROTOCOL INSTANCE");
     };
-    let client = FilterClient::connect_frontend(sock.as_ref(), Protocol::new(proto.as_str())?, InstanceName::new(inst.as_str())?);
+    let client = FilterClient::connect_frontend(
+        sock.as_ref(),
+        Protocol::new(proto.as_str())?,
+        InstanceName::new(inst.as_str())?,
+    );
     let out = std::io::stdout();
     let client = match client {
         Ok(c) => c,
@@ -44,11 +47,15 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         }
     };
-    writeln!(out.lock(), "{}", json!({"ready": true, "epoch": client.hello().epoch}))?;
+    writeln!(
+        out.lock(),
+        "{}",
+        json!({"ready": true, "epoch": client.hello().epoch})
+    )?;
     let mut fds: HashMap<ResumeKey, std::fs::File> = HashMap::new();
     let keep = |fds: &mut HashMap<ResumeKey, std::fs::File>, h: OpenedHandle| {
         let v = opened_json(&h);
-        fds.insert(h.info.key, std::fs::File::from(OwnedFd::from(h.fd)));
+        fds.insert(h.info.key, std::fs::File::from(h.fd));
         v
     };
     for line in std::io::stdin().lock().lines() {
@@ -56,12 +63,17 @@ fn main() -> anyhow::Result<()> {
         let v: Value = match serde_json::from_str(&line) {
             Ok(v) => v,
             Err(e) => {
-                writeln!(out.lock(), "{}", json!({"ok": false, "error": e.to_string()}))?;
+                writeln!(
+                    out.lock(),
+                    "{}",
+                    json!({"ok": false, "error": e.to_string()})
+                )?;
                 continue;
             }
         };
         let key = || -> anyhow::Result<ResumeKey> { Ok(serde_json::from_value(v["key"].clone())?) };
-        let client_id = || -> anyhow::Result<ClientId> { Ok(serde_json::from_value(v["client"].clone())?) };
+        let client_id =
+            || -> anyhow::Result<ClientId> { Ok(serde_json::from_value(v["client"].clone())?) };
         let result: anyhow::Result<Value> = (|| {
             Ok(match v["cmd"].as_str().unwrap_or("") {
                 "open" => {

@@ -1,0 +1,274 @@
+//! A frontend's self-healing attachment to filterd.
+//!
+//! [`Attachment`] wraps a [`FilterClient`] and remembers every durable or
+//! persistent handle opened or resumed through it. When the daemon goes away
+//! (crash, restart, standby takeover) a named supervisor thread reconnects
+//! with backoff under the same protocol and instance name, resumes every
+//! remembered handle, and reports what happened as an [`AttachEvent`]. The
+//! frontend keeps its clients' connections meanwhile: calls made during the
+//! outage fail with [`ClientError::Disconnected`] (map them to a "retry" status
+//! such as `NFS4ERR_DELAY`), and descriptors it already holds stay valid —
+//! they refer to the open file, not to the daemon.
+//!
+//! Non-durable handles die with the daemon (they are not persistent state);
+//! they are reported in [`AttachEvent::Reattached::lost`] together with any
+//! persistent handle that could not be resumed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::client::{ClientError, FilterClient, OpenedHandle};
+use crate::model::{ClientId, CreateGuid, Durability, InstanceName, Protocol, ResumeKey};
+use crate::proto::{Event, OpenRequest};
+
+/// What the attachment reports to its frontend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachEvent {
+    /// An event the daemon pushed (expiry, purge).
+    Daemon(Event),
+    /// The daemon went away; reconnecting.
+    Lost,
+    /// Attached again (to a daemon of `epoch`): `resumed` handles are back,
+    /// `lost` ones are gone for good.
+    Reattached {
+        /// The daemon's epoch.
+        epoch: u64,
+        /// Handles resumed.
+        resumed: Vec<ResumeKey>,
+        /// Handles that could not be resumed.
+        lost: Vec<ResumeKey>,
+        /// Time from losing the daemon to being attached again.
+        outage: Duration,
+    },
+}
+
+struct Known {
+    client: ClientId,
+    durable: bool,
+}
+
+struct Shared {
+    socket: PathBuf,
+    protocol: Protocol,
+    instance: InstanceName,
+    current: RwLock<FilterClient>,
+    handles: Mutex<HashMap<ResumeKey, Known>>,
+    events: Sender<AttachEvent>,
+    stop: AtomicBool,
+}
+
+/// A reconnecting frontend attachment. Cheap to clone.
+#[derive(Clone)]
+pub struct Attachment {
+    shared: Arc<Shared>,
+    events: Receiver<AttachEvent>,
+}
+
+/// Longest pause between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+impl Attachment {
+    /// Attaches and starts the supervisor.
+    pub fn connect(
+        socket: &Path,
+        protocol: Protocol,
+        instance: InstanceName,
+    ) -> Result<Self, ClientError> {
+        let client = FilterClient::connect_frontend(socket, protocol.clone(), instance.clone())?;
+        let (tx, rx) = bounded(1024);
+        let shared = Arc::new(Shared {
+            socket: socket.to_owned(),
+            protocol,
+            instance,
+            current: RwLock::new(client),
+            handles: Mutex::new(HashMap::new()),
+            events: tx,
+            stop: AtomicBool::new(false),
+        });
+        let sup = shared.clone();
+        std::thread::Builder::new()
+            .name("filter-attach".into())
+            .spawn(move || supervise(sup))?;
+        Ok(Attachment { shared, events: rx })
+    }
+
+    /// The current connection (replaced after a reattach).
+    pub fn client(&self) -> FilterClient {
+        match self.shared.current.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Events for the frontend.
+    pub fn events(&self) -> &Receiver<AttachEvent> {
+        &self.events
+    }
+
+    fn remember(&self, h: &OpenedHandle, client: &ClientId) {
+        if let Ok(mut m) = self.shared.handles.lock() {
+            m.insert(
+                h.info.key,
+                Known {
+                    client: client.clone(),
+                    durable: h.info.durability != Durability::None,
+                },
+            );
+        }
+    }
+
+    fn forget(&self, key: ResumeKey) {
+        if let Ok(mut m) = self.shared.handles.lock() {
+            m.remove(&key);
+        }
+    }
+
+    /// Opens and remembers the handle.
+    pub fn open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
+        let client = req.client.clone();
+        let h = self.client().open(req)?;
+        self.remember(&h, &client);
+        Ok(h)
+    }
+
+    /// Replays an open and remembers the handle.
+    pub fn replay_open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
+        let client = req.client.clone();
+        let h = self.client().replay_open(req)?;
+        self.remember(&h, &client);
+        Ok(h)
+    }
+
+    /// Resumes by key and remembers the handle.
+    pub fn resume(&self, client: ClientId, key: ResumeKey) -> Result<OpenedHandle, ClientError> {
+        let h = self.client().resume(client.clone(), key)?;
+        self.remember(&h, &client);
+        Ok(h)
+    }
+
+    /// Resumes by create GUID and remembers the handle.
+    pub fn resume_by_guid(
+        &self,
+        client: ClientId,
+        guid: CreateGuid,
+    ) -> Result<OpenedHandle, ClientError> {
+        let h = self.client().resume_by_guid(client.clone(), guid)?;
+        self.remember(&h, &client);
+        Ok(h)
+    }
+
+    /// Closes and forgets the handle.
+    pub fn close(&self, key: ResumeKey) -> Result<(), ClientError> {
+        let r = self.client().close(key);
+        if !matches!(r, Err(ClientError::Disconnected)) {
+            self.forget(key);
+        }
+        r
+    }
+
+    /// Detaches (client went away) and forgets the handle: it is resumed by
+    /// whoever the client reconnects through, not by this attachment.
+    pub fn detach(&self, key: ResumeKey) -> Result<(), ClientError> {
+        self.forget(key);
+        self.client().detach(key)
+    }
+
+    /// Handles this attachment would resume after a daemon restart.
+    pub fn remembered(&self) -> usize {
+        self.shared.handles.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        // The supervisor holds its own Arc; only the last handle stops it.
+        if Arc::strong_count(&self.shared) <= 2 {
+            self.shared.stop.store(true, Ordering::Release);
+        }
+    }
+}
+
+fn supervise(shared: Arc<Shared>) {
+    loop {
+        let events = match shared.current.read() {
+            Ok(c) => c.events().clone(),
+            Err(_) => return,
+        };
+        // Forward daemon events until the connection is lost.
+        loop {
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            match events.recv_timeout(Duration::from_millis(200)) {
+                Ok(Event::ConnectionLost)
+                | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                Ok(ev) => {
+                    let _ = shared.events.try_send(AttachEvent::Daemon(ev));
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            }
+        }
+        let lost_at = Instant::now();
+        let _ = shared.events.try_send(AttachEvent::Lost);
+        let mut backoff = Duration::from_millis(5);
+        let client = loop {
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            match FilterClient::connect_frontend(
+                &shared.socket,
+                shared.protocol.clone(),
+                shared.instance.clone(),
+            ) {
+                Ok(c) => break c,
+                Err(_) => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        let epoch = client.hello().epoch;
+        let known: Vec<(ResumeKey, ClientId, bool)> = shared
+            .handles
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (*k, v.client.clone(), v.durable))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (mut resumed, mut lost) = (Vec::new(), Vec::new());
+        for (key, cid, durable) in known {
+            if durable && client.resume(cid, key).is_ok() {
+                resumed.push(key);
+            } else {
+                lost.push(key);
+            }
+        }
+        if let Ok(mut m) = shared.handles.lock() {
+            for k in &lost {
+                m.remove(k);
+            }
+        }
+        if let Ok(mut c) = shared.current.write() {
+            *c = client;
+        }
+        tracing::info!(
+            epoch,
+            resumed = resumed.len(),
+            lost = lost.len(),
+            "reattached to filterd"
+        );
+        let _ = shared.events.try_send(AttachEvent::Reattached {
+            epoch,
+            resumed,
+            lost,
+            outage: lost_at.elapsed(),
+        });
+    }
+}

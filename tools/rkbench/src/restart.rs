@@ -1,0 +1,147 @@
+//! Restart recovery: time from `filterd` start to serving with N persistent
+//! handles in the store, beside the raw time to `open_by_handle_at` the same
+//! files (the work recovery cannot avoid).
+//!
+//! The state is prepared offline, the way a crashed daemon leaves it: N files
+//! in the export root and N persistent handle records written straight into
+//! the LMDB store through `libfilter::store`.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use libfilter::client::FilterClient;
+use libfilter::model::*;
+use libfilter::store::{Store, StoreOp};
+
+/// One measured size.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestartFigure {
+    /// Persistent handles in the store.
+    pub handles: usize,
+    /// filterd start to its first hello answered, ms.
+    pub start_to_serving_ms: f64,
+    /// Raw `open_by_handle_at` + close of the same files, ms.
+    pub raw_open_by_handle_ms: f64,
+    /// Handles the daemon reported recovered.
+    pub recovered: u64,
+}
+
+fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHandle>> {
+    std::fs::create_dir_all(root)?;
+    std::fs::create_dir_all(state)?;
+    let rootfd = std::fs::File::open(root)?;
+    let store = Store::open(state, libfilter::store::DEFAULT_MAP_SIZE)?;
+    let mut handles = Vec::with_capacity(n);
+    let mut batch = Vec::with_capacity(10_000);
+    let protocol = Protocol::new("bench")?;
+    let frontend = InstanceName::new("bench-1")?;
+    for i in 0..n {
+        let name = format!("r{i}");
+        let path = RelPath::new(name.clone())?;
+        let fd = libfilter::sys::openat2_beneath(
+            rootfd.as_fd(),
+            &name,
+            libc::O_RDWR | libc::O_CREAT,
+            0o644,
+        )?;
+        let st = nix::sys::stat::fstat(fd.as_fd())?;
+        let kh =
+            libfilter::sys::file_handle_of(fd.as_fd()).context("file handles unsupported here")?;
+        handles.push(kh.clone());
+        batch.push(StoreOp::PutHandle(Box::new(HandleRecord {
+            key: ResumeKey::new_random(),
+            protocol: protocol.clone(),
+            frontend: frontend.clone(),
+            client: ClientId::new(format!("client-{}", i % 64))?,
+            create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+            owner: None,
+            path,
+            file: FileId {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            },
+            kernel_handle: Some(kh),
+            access: Access::new(Rights::READ.union(Rights::WRITE))?,
+            share: Rights::READ,
+            durability: Durability::Persistent { timeout_ms: 60_000 },
+            conn: ConnState::Connected,
+            create_action: CreateAction::Created,
+            opened_ms: now_ms(),
+        })));
+        if batch.len() == 10_000 {
+            store.apply(&batch)?;
+            batch.clear();
+        }
+    }
+    store.apply(&batch)?;
+    Ok(handles)
+}
+
+fn raw_open_by_handle(root: &Path, handles: &[KernelHandle]) -> anyhow::Result<Duration> {
+    let rootfd = std::fs::File::open(root)?;
+    let t0 = Instant::now();
+    for h in handles {
+        let fd = libfilter::sys::open_by_handle(rootfd.as_fd(), h, libc::O_RDWR)?;
+        drop(fd);
+    }
+    Ok(t0.elapsed())
+}
+
+/// Measures one size in `dir` (created fresh, removed after).
+pub fn measure(filterd: &Path, dir: &Path, n: usize) -> anyhow::Result<RestartFigure> {
+    let root = dir.join(format!("restart-{n}/root"));
+    let state = dir.join(format!("restart-{n}/state"));
+    let handles = prepare(&root, &state, n)?;
+    // Warm the inode cache the same way for both: a crash leaves it warm.
+    let raw = raw_open_by_handle(&root, &handles)?;
+    let raw = raw.min(raw_open_by_handle(&root, &handles)?);
+    let log = std::fs::File::create(dir.join(format!("restart-{n}/filterd.log")))?;
+    let t0 = Instant::now();
+    let mut child = Command::new(filterd)
+        .arg("--root")
+        .arg(&root)
+        .arg("--state")
+        .arg(&state)
+        .arg("--no-fanotify")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting filterd")?;
+    let sock = state.join("filterd.sock");
+    let client = loop {
+        if let Ok(c) = FilterClient::connect_control(&sock) {
+            break c;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            bail!("filterd exited during recovery: {st}");
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            bail!("filterd not serving after 120 s");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    let serving = t0.elapsed();
+    let recovered = match client.call(libfilter::proto::Request::Stats)?.0 {
+        libfilter::proto::Reply::Stats(s) => s.recoveries,
+        _ => 0,
+    };
+    drop(client);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id())?),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(dir.join(format!("restart-{n}")));
+    Ok(RestartFigure {
+        handles: n,
+        start_to_serving_ms: serving.as_secs_f64() * 1e3,
+        raw_open_by_handle_ms: raw.as_secs_f64() * 1e3,
+        recovered,
+    })
+}
