@@ -1,1 +1,325 @@
-fn main(){}
+//! filterctl — the operator's view of rkfilter.
+//!
+//! Talks to a live filterd over its socket (`--socket`, or `--state DIR` whose
+//! `filterd.sock` answers), or, when the daemon is down, reads the LMDB files of
+//! `--state DIR` read-only: the post-mortem view. Mutating commands need the
+//! live daemon. `--json` prints one JSON document; otherwise aligned tables.
+#![forbid(unsafe_code)]
+
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use libfilter::client::FilterClient;
+use libfilter::model::ResumeKey;
+use libfilter::proto::{FileView, HandleView, Reply, Request};
+use libfilter::store::Store;
+
+/// Inspect and manage the handle state of rkfilter's filterd.
+#[derive(Parser, Debug)]
+#[command(name = "filterctl", version, about, long_about = None)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["socket", "state"])))]
+struct Args {
+    /// filterd's Unix socket.
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+    /// filterd's state directory: its socket if the daemon runs, else its
+    /// LMDB files, read-only.
+    #[arg(long, value_name = "DIR", global = true)]
+    state: Option<PathBuf>,
+    /// Print one JSON document instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum Cmd {
+    /// Daemon status (or, offline, what the store says).
+    Status,
+    /// Every handle.
+    Handles,
+    /// One handle in detail.
+    Handle {
+        /// Its resume key.
+        key: String,
+    },
+    /// Files with handles, and who holds them.
+    Files,
+    /// Byte-range locks (not tracked by this build yet).
+    Locks,
+    /// Leases (not tracked by this build yet).
+    Leases,
+    /// Protocol clients (not tracked by this build yet).
+    Clients,
+    /// Attached frontends (offline: the instances named by stored handles).
+    Frontends,
+    /// Counters since the daemon started (live only).
+    Stats,
+    /// Expire a disconnected handle now (live only).
+    Expire {
+        /// Its resume key.
+        key: String,
+    },
+    /// Expire every disconnected handle now (live only).
+    Purge {
+        /// Required: purge disconnected handles.
+        #[arg(long, required = true)]
+        disconnected: bool,
+    },
+}
+
+/// Where the answers come from.
+enum Source {
+    Live(FilterClient),
+    Offline(Store),
+}
+
+fn open_source(args: &Args) -> anyhow::Result<Source> {
+    if let Some(sock) = &args.socket {
+        return Ok(Source::Live(FilterClient::connect_control(sock)?));
+    }
+    let state = args
+        .state
+        .as_deref()
+        .context("--socket or --state is required")?;
+    if let Ok(c) = FilterClient::connect_control(&state.join("filterd.sock")) {
+        return Ok(Source::Live(c));
+    }
+    let store = Store::open_read_only(state).with_context(|| {
+        format!(
+            "filterd is not running and {} holds no readable state",
+            state.display()
+        )
+    })?;
+    Ok(Source::Offline(store))
+}
+
+fn parse_key(s: &str) -> anyhow::Result<ResumeKey> {
+    s.parse::<ResumeKey>().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn offline_handles(store: &Store) -> anyhow::Result<(Vec<HandleView>, Vec<String>)> {
+    let mut views = Vec::new();
+    let mut corrupt = Vec::new();
+    for r in store.handles()? {
+        match r {
+            Ok(record) => views.push(HandleView {
+                record,
+                fd_open: false,
+            }),
+            Err(e) => corrupt.push(e.to_string()),
+        }
+    }
+    Ok((views, corrupt))
+}
+
+fn offline_files(views: &[HandleView]) -> Vec<FileView> {
+    let mut by_file: std::collections::BTreeMap<libfilter::model::FileId, FileView> =
+        Default::default();
+    for v in views {
+        let r = &v.record;
+        by_file
+            .entry(r.file)
+            .or_insert_with(|| FileView {
+                file: r.file,
+                path: r.path.clone(),
+                holders: vec![],
+            })
+            .holders
+            .push(libfilter::proto::FileHolder {
+                key: r.key,
+                access: r.access,
+                share: r.share,
+                durability: r.durability,
+                conn: r.conn,
+            });
+    }
+    by_file.into_values().collect()
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn not_tracked(what: &str) -> anyhow::Result<()> {
+    bail!("{what} are not tracked by this build of filterd yet")
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let src = open_source(args)?;
+    match (&args.command, src) {
+        (Cmd::Locks, _) => not_tracked("locks"),
+        (Cmd::Leases, _) => not_tracked("leases"),
+        (Cmd::Clients, _) => not_tracked("protocol clients"),
+        (Cmd::Status, Source::Live(c)) => match c.call(Request::Status)?.0 {
+            Reply::Status(s) if args.json => print_json(&s),
+            Reply::Status(s) => {
+                print!("{}", render::status(&s));
+                Ok(())
+            }
+            other => bail!("unexpected reply {other:?}"),
+        },
+        (Cmd::Status, Source::Offline(store)) => {
+            let meta = store.meta()?;
+            let (views, corrupt) = offline_handles(&store)?;
+            if args.json {
+                print_json(&serde_json::json!({
+                    "daemon": "not running",
+                    "meta": meta,
+                    "handles": views.len(),
+                    "corrupt_records": corrupt,
+                }))
+            } else {
+                print!("{}", render::offline_status(&meta, &views, &corrupt));
+                Ok(())
+            }
+        }
+        (Cmd::Handles, src) => {
+            let (views, corrupt) = match src {
+                Source::Live(c) => (c.handles()?, vec![]),
+                Source::Offline(store) => offline_handles(&store)?,
+            };
+            if args.json {
+                if corrupt.is_empty() {
+                    print_json(&views)
+                } else {
+                    print_json(&serde_json::json!({ "handles": views, "corrupt_records": corrupt }))
+                }
+            } else {
+                print!("{}", render::handles(&views, libfilter::model::now_ms()));
+                for c in &corrupt {
+                    println!("corrupt record: {c}");
+                }
+                Ok(())
+            }
+        }
+        (Cmd::Handle { key }, src) => {
+            let key = parse_key(key)?;
+            let view = match src {
+                Source::Live(c) => match c.call(Request::Handle { key })?.0 {
+                    Reply::Handle(v) => v,
+                    other => bail!("unexpected reply {other:?}"),
+                },
+                Source::Offline(store) => HandleView {
+                    record: store
+                        .handle(key)?
+                        .with_context(|| format!("no handle {key} in the store"))?,
+                    fd_open: false,
+                },
+            };
+            if args.json {
+                print_json(&view)
+            } else {
+                print!("{}", render::handle(&view, libfilter::model::now_ms()));
+                Ok(())
+            }
+        }
+        (Cmd::Files, src) => {
+            let files = match src {
+                Source::Live(c) => c.files()?,
+                Source::Offline(store) => offline_files(&offline_handles(&store)?.0),
+            };
+            if args.json {
+                print_json(&files)
+            } else {
+                print!("{}", render::files(&files));
+                Ok(())
+            }
+        }
+        (Cmd::Frontends, Source::Live(c)) => match c.call(Request::Frontends)?.0 {
+            Reply::Frontends { frontends } if args.json => print_json(&frontends),
+            Reply::Frontends { frontends } => {
+                print!(
+                    "{}",
+                    render::frontends(&frontends, libfilter::model::now_ms())
+                );
+                Ok(())
+            }
+            other => bail!("unexpected reply {other:?}"),
+        },
+        (Cmd::Frontends, Source::Offline(store)) => {
+            let (views, _) = offline_handles(&store)?;
+            let mut names: std::collections::BTreeMap<(String, String), u64> = Default::default();
+            for v in &views {
+                *names
+                    .entry((v.record.protocol.to_string(), v.record.frontend.to_string()))
+                    .or_default() += 1;
+            }
+            if args.json {
+                let v: Vec<_> = names
+                    .iter()
+                    .map(|((p, i), n)| serde_json::json!({"protocol": p, "instance": i, "handles": n, "attached": false}))
+                    .collect();
+                print_json(&v)
+            } else {
+                let rows: Vec<Vec<String>> = names
+                    .iter()
+                    .map(|((p, i), n)| {
+                        vec![
+                            p.clone(),
+                            i.clone(),
+                            n.to_string(),
+                            "no (daemon down)".into(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    render::table(&["PROTOCOL", "INSTANCE", "HANDLES", "ATTACHED"], &rows)
+                );
+                Ok(())
+            }
+        }
+        (Cmd::Stats, Source::Live(c)) => match c.call(Request::Stats)?.0 {
+            Reply::Stats(s) if args.json => print_json(&s),
+            Reply::Stats(s) => {
+                print!("{}", render::stats(&s)?);
+                Ok(())
+            }
+            other => bail!("unexpected reply {other:?}"),
+        },
+        (Cmd::Stats, Source::Offline(_)) => {
+            bail!("stats need the running daemon (counters live in its memory)")
+        }
+        (Cmd::Expire { key }, Source::Live(c)) => {
+            let key = parse_key(key)?;
+            c.call(Request::Expire { key })?;
+            if args.json {
+                print_json(&serde_json::json!({ "expired": key }))
+            } else {
+                println!("expired {key}");
+                Ok(())
+            }
+        }
+        (Cmd::Purge { .. }, Source::Live(c)) => match c.call(Request::PurgeDisconnected)?.0 {
+            Reply::Purged { count } if args.json => {
+                print_json(&serde_json::json!({ "purged": count }))
+            }
+            Reply::Purged { count } => {
+                println!("purged {count} disconnected handle(s)");
+                Ok(())
+            }
+            other => bail!("unexpected reply {other:?}"),
+        },
+        (Cmd::Expire { .. } | Cmd::Purge { .. }, Source::Offline(_)) => {
+            bail!("filterd is not running: the state is read-only; start filterd to expire or purge handles")
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("filterctl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

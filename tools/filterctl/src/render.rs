@@ -1,0 +1,322 @@
+//! Human-readable rendering: aligned tables and key: value listings.
+
+use libfilter::model::{ConnState, HandleRecord};
+use libfilter::proto::{FileView, FrontendView, HandleView, Stats, StatusInfo};
+use libfilter::store::MetaInfo;
+
+/// An aligned table with a header row; columns are as wide as their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| -> String {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// "12.3s", "4m05s", "2h10m".
+pub fn duration_ms(ms: u64) -> String {
+    let s = ms / 1000;
+    if s < 60 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if s < 3600 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    }
+}
+
+fn state_cell(r: &HandleRecord, now: u64) -> String {
+    match r.conn {
+        ConnState::Connected => "connected".into(),
+        ConnState::Disconnected { expires_ms, .. } if expires_ms > now => {
+            format!(
+                "disconnected (expires in {})",
+                duration_ms(expires_ms - now)
+            )
+        }
+        ConnState::Disconnected { .. } => "disconnected (expiring)".into(),
+        ConnState::Lost => "lost".into(),
+    }
+}
+
+/// The `handles` table.
+pub fn handles(views: &[HandleView], now: u64) -> String {
+    let mut views: Vec<&HandleView> = views.iter().collect();
+    views.sort_by_key(|v| (v.record.opened_ms, v.record.key));
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            let r = &v.record;
+            vec![
+                r.key.to_string(),
+                state_cell(r, now),
+                r.durability.word().into(),
+                r.protocol.to_string(),
+                r.frontend.to_string(),
+                r.client.to_string(),
+                r.access.to_string(),
+                r.share.to_string(),
+                duration_ms(now.saturating_sub(r.opened_ms)),
+                r.path.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "KEY",
+            "STATE",
+            "DURABILITY",
+            "PROTO",
+            "FRONTEND",
+            "CLIENT",
+            "ACCESS",
+            "SHARE",
+            "AGE",
+            "PATH",
+        ],
+        &rows,
+    );
+    out.push_str(&format!("{} handle(s)\n", views.len()));
+    out
+}
+
+/// One handle, key: value.
+pub fn handle(v: &HandleView, now: u64) -> String {
+    let r = &v.record;
+    let mut rows: Vec<(&str, String)> = vec![
+        ("resume key", r.key.to_string()),
+        ("state", state_cell(r, now)),
+        (
+            "durability",
+            match r.durability.timeout_ms() {
+                Some(t) => format!(
+                    "{} (timeout {})",
+                    r.durability.word(),
+                    duration_ms(u64::from(t))
+                ),
+                None => r.durability.word().into(),
+            },
+        ),
+        ("protocol", r.protocol.to_string()),
+        ("frontend", r.frontend.to_string()),
+        ("client", r.client.to_string()),
+        (
+            "create guid",
+            r.create_guid
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("owner", r.owner.clone().unwrap_or_else(|| "-".into())),
+        ("path", r.path.to_string()),
+        ("file", r.file.to_string()),
+        ("access", r.access.to_string()),
+        ("share", r.share.to_string()),
+        ("create action", r.create_action.to_string()),
+        (
+            "opened",
+            format!("{} ago", duration_ms(now.saturating_sub(r.opened_ms))),
+        ),
+        (
+            "kernel handle",
+            if r.kernel_handle.is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+            .into(),
+        ),
+        (
+            "daemon descriptor",
+            if v.fd_open { "open" } else { "none" }.into(),
+        ),
+    ];
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.drain(..)
+        .map(|(k, v)| format!("{:<w$}  {v}\n", format!("{k}:"), w = w + 1))
+        .collect()
+}
+
+/// The `files` table: one row per holder.
+pub fn files(files: &[FileView]) -> String {
+    let mut rows = Vec::new();
+    for f in files {
+        for h in &f.holders {
+            rows.push(vec![
+                f.path.to_string(),
+                f.file.to_string(),
+                h.key.to_string(),
+                h.access.to_string(),
+                h.share.to_string(),
+                h.durability.word().into(),
+                h.conn.word().into(),
+            ]);
+        }
+    }
+    let mut out = table(
+        &[
+            "PATH",
+            "FILE",
+            "HANDLE",
+            "ACCESS",
+            "SHARE",
+            "DURABILITY",
+            "STATE",
+        ],
+        &rows,
+    );
+    out.push_str(&format!("{} file(s)\n", files.len()));
+    out
+}
+
+/// The `frontends` table.
+pub fn frontends(fs: &[FrontendView], now: u64) -> String {
+    let rows: Vec<Vec<String>> = fs
+        .iter()
+        .map(|f| {
+            vec![
+                f.protocol.to_string(),
+                f.instance.to_string(),
+                f.pid.to_string(),
+                f.uid.to_string(),
+                f.handles.to_string(),
+                duration_ms(now.saturating_sub(f.attached_ms)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PROTOCOL",
+            "INSTANCE",
+            "PID",
+            "UID",
+            "HANDLES",
+            "ATTACHED FOR",
+        ],
+        &rows,
+    )
+}
+
+fn kv(pairs: &[(&str, String)]) -> String {
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{:<w$}  {v}\n", format!("{k}:")))
+        .collect()
+}
+
+/// `status`, live.
+pub fn status(s: &StatusInfo) -> String {
+    kv(&[
+        (
+            "daemon",
+            format!("running (pid {}, epoch {})", s.pid, s.epoch),
+        ),
+        ("uptime", duration_ms(s.uptime_ms)),
+        ("export root", s.root.clone()),
+        ("state dir", s.state_dir.clone()),
+        (
+            "handles",
+            format!(
+                "{} connected, {} disconnected, {} lost",
+                s.handles_connected, s.handles_disconnected, s.handles_lost
+            ),
+        ),
+        ("frontends", s.frontends.to_string()),
+        ("recovering", s.recovering.to_string()),
+        ("fanotify", if s.fanotify { "on" } else { "off" }.into()),
+        ("schema version", s.schema_version.to_string()),
+    ])
+}
+
+/// `status`, offline.
+pub fn offline_status(meta: &MetaInfo, views: &[HandleView], corrupt: &[String]) -> String {
+    let count = |f: fn(&ConnState) -> bool| views.iter().filter(|v| f(&v.record.conn)).count();
+    let mut out = kv(&[
+        ("daemon", "not running (read-only view of the store)".into()),
+        ("last epoch", meta.epoch.to_string()),
+        (
+            "last shutdown",
+            if meta.clean_shutdown {
+                "clean"
+            } else {
+                "not clean (crash or still starting)"
+            }
+            .into(),
+        ),
+        ("schema version", meta.schema_version.to_string()),
+        (
+            "persistent handles",
+            format!(
+                "{} ({} lost); all will be disconnected after a restart",
+                views.len(),
+                count(|c| matches!(c, ConnState::Lost))
+            ),
+        ),
+        ("corrupt records", corrupt.len().to_string()),
+    ]);
+    for c in corrupt {
+        out.push_str(&format!("  {c}\n"));
+    }
+    out
+}
+
+/// `stats`.
+pub fn stats(s: &Stats) -> anyhow::Result<String> {
+    let v = serde_json::to_value(s)?;
+    let pairs: Vec<(String, String)> = v
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
+        .unwrap_or_default();
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    Ok(pairs
+        .iter()
+        .map(|(k, v)| format!("{k:<w$}  {v:>10}\n"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["A", "LONG HEADER", "C"],
+            &[
+                vec!["xxxxx".into(), "y".into(), "z".into()],
+                vec!["1".into(), "2".into(), "3".into()],
+            ],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "A      LONG HEADER  C");
+        assert_eq!(lines[1], "xxxxx  y            z");
+        assert_eq!(lines[2], "1      2            3");
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration_ms(1234), "1.2s");
+        assert_eq!(duration_ms(65_000), "1m05s");
+        assert_eq!(duration_ms(7_800_000), "2h10m");
+    }
+}
