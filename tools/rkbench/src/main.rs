@@ -1,1 +1,200 @@
-fn main(){}
+//! rkbench — rkfilter's benchmarks. Every figure is printed beside the raw
+//! baseline it should be judged against, measured in the same run:
+//! raw `openat+close`, a raw SEQPACKET round trip between two processes, a
+//! raw fsync'd LMDB commit. Prints a table and writes JSON.
+//!
+//! Sections: `raw` (baselines), `mediated` (open+close through filterd for
+//! none / durable / persistent at 1, 8, 64 connections), `restart` (start to
+//! serving with 10k and 100k persistent handles beside raw
+//! `open_by_handle_at`).
+#![forbid(unsafe_code)]
+
+mod mediated;
+mod raw;
+mod report;
+mod restart;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use report::{Report, Row};
+
+/// Benchmarks for rkfilter, each figure beside its raw baseline.
+#[derive(Parser, Debug)]
+#[command(name = "rkbench", version, about, long_about = None)]
+struct Args {
+    /// The filterd binary [default: next to rkbench].
+    #[arg(long, value_name = "PATH")]
+    filterd: Option<PathBuf>,
+    /// Scratch directory (export root, state dir); removed afterwards.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Seconds per timed measurement.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Where to write the JSON report.
+    #[arg(long, value_name = "OUT", default_value = "target/bench/rkbench.json")]
+    json: PathBuf,
+    /// A short smoke run (0.3 s per figure, 10k handles for restart).
+    #[arg(long)]
+    quick: bool,
+    /// Internal: echo server for the socket round-trip baseline.
+    #[arg(long, hide = true, value_name = "SOCKET")]
+    echo_server: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(sock) = &args.echo_server {
+        return raw::echo_server(sock);
+    }
+    let secs = if args.quick { 0.3 } else { args.seconds };
+    let dur = Duration::from_secs_f64(secs);
+    let filterd = match &args.filterd {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("filterd"),
+    };
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("rkbench-{}", std::process::id())));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _cleanup = report::RemoveOnDrop(dir.clone());
+
+    let mut rep = Report::default();
+    eprintln!("rkbench: baselines…");
+    let openat = raw::openat_close(&dir, dur)?;
+    let openat2 = raw::openat2_close(&dir, dur)?;
+    let rtt = raw::socket_rtt(&dir, dur)?;
+    let lmdb1 = raw::lmdb_commits(&dir, 1, dur)?;
+    let lmdb64 = raw::lmdb_commits(&dir, 64, dur)?;
+    rep.rows.push(Row::new(
+        "raw openat+close",
+        1,
+        openat.ops_per_s,
+        openat.mean_us,
+        openat.p99_us,
+    ));
+    rep.rows.push(Row::new(
+        "raw openat2(beneath)+close",
+        1,
+        openat2.ops_per_s,
+        openat2.mean_us,
+        openat2.p99_us,
+    ));
+    rep.rows.push(Row::new(
+        "raw SEQPACKET round trip",
+        1,
+        rtt.ops_per_s,
+        rtt.mean_us,
+        rtt.p99_us,
+    ));
+    rep.rows.push(Row::new(
+        "raw LMDB commit, 1 put (puts/s)",
+        1,
+        lmdb1.ops_per_s,
+        lmdb1.mean_us,
+        lmdb1.p99_us,
+    ));
+    rep.rows.push(Row::new(
+        "raw LMDB commit, 64 puts (puts/s)",
+        1,
+        lmdb64.ops_per_s,
+        lmdb64.mean_us,
+        lmdb64.p99_us,
+    ));
+
+    if filterd.exists() {
+        eprintln!("rkbench: mediated open+close…");
+        let mut none1 = None;
+        let mut persistent64 = None;
+        for (name, dur_kind) in mediated::KINDS {
+            for conns in [1usize, 8, 64] {
+                let m = mediated::open_close(&filterd, &dir, *dur_kind, conns, dur)?;
+                let mut row = Row::new(
+                    &format!("mediated open+close, {name} (requests/s)"),
+                    conns,
+                    m.requests_per_s,
+                    m.mean_us,
+                    m.p99_us,
+                );
+                if *name == "none" && conns == 1 {
+                    none1 = Some(m.mean_us);
+                    row = row.beside("rtt + raw openat+close", rtt.mean_us + openat.mean_us);
+                }
+                if *name == "persistent" {
+                    row = row.beside_rate("raw LMDB 64 puts/commit", lmdb64.ops_per_s);
+                    if conns == 64 {
+                        persistent64 = Some(m.requests_per_s);
+                    }
+                }
+                rep.rows.push(row);
+            }
+        }
+        if let Some(n) = none1 {
+            rep.target(
+                "non-durable open+close ≤ 2× (socket rtt + raw openat+close)",
+                n / (rtt.mean_us + openat.mean_us),
+                2.0,
+                true,
+            );
+        }
+        if let Some(p) = persistent64 {
+            rep.target(
+                "persistent requests/s at 64 conns ≥ 0.7× raw LMDB puts/s (64/commit)",
+                p / lmdb64.ops_per_s,
+                0.7,
+                false,
+            );
+        }
+        eprintln!("rkbench: restart recovery…");
+        let sizes: &[usize] = if args.quick {
+            &[10_000]
+        } else {
+            &[10_000, 100_000]
+        };
+        for &n in sizes {
+            let f = restart::measure(&filterd, &dir, n)?;
+            rep.rows.push(
+                Row::new(
+                    &format!("filterd start→serving, {n} persistent handles"),
+                    1,
+                    0.0,
+                    f.start_to_serving_ms * 1e3,
+                    0.0,
+                )
+                .beside(
+                    "raw open_by_handle_at+close of all",
+                    f.raw_open_by_handle_ms * 1e3,
+                ),
+            );
+            rep.restart.push(f.clone());
+            if n == 100_000 {
+                rep.target(
+                    "restart with 100k handles ≤ 1000 ms",
+                    f.start_to_serving_ms / 1000.0,
+                    1.0,
+                    true,
+                );
+                rep.target(
+                    "restart with 100k handles ≤ 3× raw open_by_handle_at",
+                    f.start_to_serving_ms / f.raw_open_by_handle_ms,
+                    3.0,
+                    true,
+                );
+            }
+        }
+    } else {
+        eprintln!(
+            "rkbench: skipped mediated and restart sections: {} not built",
+            filterd.display()
+        );
+    }
+    print!("{}", rep.table());
+    rep.write_json(&args.json)?;
+    println!("JSON report: {}", args.json.display());
+    Ok(())
+}

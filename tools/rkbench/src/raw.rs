@@ -1,0 +1,150 @@
+//! Baselines: what the mediated figures are judged against.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use libfilter::sys::{self, Packet};
+use nix::sys::socket::{
+    accept4, bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
+
+use crate::report::Figure;
+
+/// Runs `op` repeatedly for `dur`, sampling each call's latency.
+pub fn timed(dur: Duration, mut op: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Figure> {
+    let mut ns = Vec::with_capacity(1 << 16);
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < dur {
+        let t = Instant::now();
+        op()?;
+        ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        n += 1;
+    }
+    Ok(Figure::from_samples(ns, n, t0.elapsed()))
+}
+
+fn bench_file(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let d = dir.join("raw");
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("f"), b"x")?;
+    Ok(std::fs::File::open(&d)?)
+}
+
+/// Raw `openat(dir, "f") + close`.
+pub fn openat_close(dir: &Path, dur: Duration) -> anyhow::Result<Figure> {
+    let d = bench_file(dir)?;
+    timed(dur, || {
+        let fd = nix::fcntl::openat(
+            d.as_fd(),
+            "f",
+            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        drop(fd);
+        Ok(())
+    })
+}
+
+/// Raw `openat2(RESOLVE_BENEATH) + close`, the call the daemon makes.
+pub fn openat2_close(dir: &Path, dur: Duration) -> anyhow::Result<Figure> {
+    let d = bench_file(dir)?;
+    timed(dur, || {
+        drop(sys::openat2_beneath(d.as_fd(), "f", libc::O_RDWR, 0)?);
+        Ok(())
+    })
+}
+
+/// The echo side of the round-trip baseline (a separate process).
+pub fn echo_server(path: &Path) -> anyhow::Result<()> {
+    let l = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(l.as_raw_fd(), &UnixAddr::new(path)?)?;
+    listen(&l, Backlog::new(4)?)?;
+    let c = sys::own_accepted(accept4(l.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?);
+    let mut buf = vec![0u8; 70_000];
+    loop {
+        match sys::recv_packet(c.as_fd(), &mut buf)? {
+            Packet::Data { len, .. } => {
+                sys::send_packet(c.as_fd(), buf.get(..len).unwrap_or_default(), None)?
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Raw SEQPACKET round trip of a 200-byte packet to another process.
+pub fn socket_rtt(dir: &Path, dur: Duration) -> anyhow::Result<Figure> {
+    let path = dir.join("echo.sock");
+    let _ = std::fs::remove_file(&path);
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--echo-server")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the echo process")?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(&path)?;
+    let t0 = Instant::now();
+    while connect(fd.as_raw_fd(), &addr).is_err() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            bail!("echo process did not listen");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let msg = [7u8; 200];
+    let mut buf = vec![0u8; 1024];
+    let fig = timed(dur, || {
+        sys::send_packet(fd.as_fd(), &msg, None)?;
+        match sys::recv_packet(fd.as_fd(), &mut buf)? {
+            Packet::Data { .. } => Ok(()),
+            _ => bail!("echo process went away"),
+        }
+    });
+    drop(fd);
+    let _ = child.wait();
+    fig
+}
+
+/// Raw LMDB: fsync'd commits of `per_commit` puts of a 16-byte key and a
+/// 300-byte value (a handle record's size). `ops_per_s` counts puts.
+pub fn lmdb_commits(dir: &Path, per_commit: usize, dur: Duration) -> anyhow::Result<Figure> {
+    let d = dir.join(format!("lmdb-{per_commit}"));
+    std::fs::create_dir_all(&d)?;
+    let env = sys::open_lmdb(&d, 2, 1 << 30, heed::EnvFlags::empty())?;
+    let mut txn = env.write_txn()?;
+    let db: heed::Database<heed::types::Bytes, heed::types::Bytes> =
+        env.create_database(&mut txn, Some("t"))?;
+    txn.commit()?;
+    let value = [42u8; 300];
+    let mut commits = Vec::new();
+    let t0 = Instant::now();
+    let mut puts = 0u64;
+    while t0.elapsed() < dur {
+        let t = Instant::now();
+        let mut txn = env.write_txn()?;
+        for _ in 0..per_commit {
+            db.put(&mut txn, uuid::Uuid::new_v4().as_bytes(), &value)?;
+        }
+        txn.commit()?;
+        commits.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        puts += per_commit as u64;
+    }
+    let wall = t0.elapsed();
+    let mut f = Figure::from_samples(commits, puts, wall);
+    f.ops_per_s = puts as f64 / wall.as_secs_f64();
+    Ok(f)
+}
