@@ -17,15 +17,12 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use heed::types::{Bytes, Str, Unit};
+use heed::types::{Bytes, Str};
 use heed::{BoxedError, BytesDecode, BytesEncode, Database, Env, EnvFlags};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::model::{
-    ClientId, CreateGuid, FileId, HandleRecord, Intent, IntentId, ReplayRecord, ReplayScope,
-    ResumeKey,
-};
+use crate::model::{HandleRecord, Intent, IntentId, ReplayRecord, ReplayScope, ResumeKey};
 
 /// The schema this build writes. Bump it together with a step in [`migrate`].
 pub const SCHEMA_VERSION: u32 = 1;
@@ -130,26 +127,6 @@ pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     }
 }
 
-/// Key of the `guids` table: (client identity, create GUID).
-pub fn guid_key(client: &ClientId, guid: &CreateGuid) -> Vec<u8> {
-    let c = client.as_str().as_bytes();
-    let mut k = Vec::with_capacity(c.len() + 17);
-    k.extend_from_slice(guid.0.as_bytes());
-    k.push(0);
-    k.extend_from_slice(c);
-    k
-}
-
-/// Key of the `files` table: file id then resume key, so a prefix scan lists
-/// the handles of one file.
-pub fn file_key(file: FileId, key: ResumeKey) -> [u8; 32] {
-    let mut k = [0u8; 32];
-    k[..8].copy_from_slice(&file.dev.to_be_bytes());
-    k[8..16].copy_from_slice(&file.ino.to_be_bytes());
-    k[16..].copy_from_slice(key.as_bytes());
-    k
-}
-
 /// Key prefix of a replay scope in the `replay` table.
 pub fn replay_prefix(scope: &ReplayScope) -> Vec<u8> {
     match scope {
@@ -247,8 +224,6 @@ pub struct Store {
     env: Env,
     meta: Database<Str, Bytes>,
     handles: Database<ResumeKeyCodec, Versioned<HandleRecord>>,
-    guids: Database<Bytes, ResumeKeyCodec>,
-    files: Database<Bytes, Unit>,
     /// (resume key or session, op id) → recorded reply.
     replay: Database<Bytes, Versioned<ReplayRecord>>,
     /// intent id → a non-idempotent filesystem change in flight.
@@ -307,8 +282,6 @@ impl Store {
         let store = Store {
             meta,
             handles: env.create_database(&mut txn, Some("handles"))?,
-            guids: env.create_database(&mut txn, Some("guids"))?,
-            files: env.create_database(&mut txn, Some("files"))?,
             replay: env.create_database(&mut txn, Some("replay"))?,
             intents: env.create_database(&mut txn, Some("intents"))?,
             clients: env.create_database(&mut txn, Some("clients"))?,
@@ -339,12 +312,6 @@ impl Store {
             handles: env
                 .open_database(&txn, Some("handles"))?
                 .ok_or(StoreError::Missing("handles"))?,
-            guids: env
-                .open_database(&txn, Some("guids"))?
-                .ok_or(StoreError::Missing("guids"))?,
-            files: env
-                .open_database(&txn, Some("files"))?
-                .ok_or(StoreError::Missing("files"))?,
             replay: env
                 .open_database(&txn, Some("replay"))?
                 .ok_or(StoreError::Missing("replay"))?,
@@ -406,26 +373,10 @@ impl Store {
                     self.handles
                         .put(&mut txn, &rec.key, rec)
                         .map_err(StoreError::from_heed)?;
-                    self.files
-                        .put(&mut txn, &file_key(rec.file, rec.key), &())
-                        .map_err(StoreError::from_heed)?;
-                    if let Some(g) = &rec.create_guid {
-                        self.guids
-                            .put(&mut txn, &guid_key(&rec.client, g), &rec.key)
-                            .map_err(StoreError::from_heed)?;
-                    }
                 }
                 StoreOp::DeleteHandle(rec) => {
                     self.delete_scope(&mut txn, &ReplayScope::Handle(rec.key))?;
                     self.handles.delete(&mut txn, &rec.key)?;
-                    self.files.delete(&mut txn, &file_key(rec.file, rec.key))?;
-                    if let Some(g) = &rec.create_guid {
-                        let gk = guid_key(&rec.client, g);
-                        // Only drop the index entry if it still points here.
-                        if self.guids.get(&txn, &gk)? == Some(rec.key) {
-                            self.guids.delete(&mut txn, &gk)?;
-                        }
-                    }
                 }
                 StoreOp::PutReplay {
                     scope,
@@ -578,12 +529,6 @@ impl Store {
         }
     }
 
-    /// Entries in the `files` and `guids` indexes (for consistency checks).
-    pub fn index_counts(&self) -> Result<(u64, u64), StoreError> {
-        let txn = self.env.read_txn()?;
-        Ok((self.files.len(&txn)?, self.guids.len(&txn)?))
-    }
-
     /// Writes raw bytes as a handle record: for tests of corrupt-record handling.
     #[doc(hidden)]
     pub fn put_raw_handle(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
@@ -636,7 +581,6 @@ mod tests {
             let s = Store::open(&dir, 1 << 24).unwrap();
             assert_eq!(s.begin_epoch().unwrap(), (1, true));
             s.apply(&[StoreOp::PutHandle(Box::new(r.clone()))]).unwrap();
-            assert_eq!(s.index_counts().unwrap(), (1, 1));
             s.put_raw_handle(&[9; 16], b"\x07junk").unwrap();
         }
         {
@@ -650,7 +594,6 @@ mod tests {
                 .any(|h| matches!(h, Err(StoreError::Corrupt { .. }))));
             s.apply(&[StoreOp::DeleteHandle(Box::new(r.clone()))])
                 .unwrap();
-            assert_eq!(s.index_counts().unwrap(), (0, 0));
             assert_eq!(s.handle(r.key).unwrap(), None);
             s.mark_clean_shutdown().unwrap();
         }

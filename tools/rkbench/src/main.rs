@@ -114,13 +114,15 @@ fn main() -> anyhow::Result<()> {
         for (name, dur_kind) in mediated::KINDS {
             for conns in [1usize, 8, 64] {
                 let m = mediated::open_close(&filterd, &dir, *dur_kind, conns, dur)?;
-                let mut row = Row::new(
-                    &format!("mediated open+close, {name} (requests/s)"),
-                    conns,
-                    m.requests_per_s,
-                    m.mean_us,
-                    m.p99_us,
-                );
+                let label = if m.ops_per_commit > 0.0 {
+                    format!(
+                        "mediated open+close, {name} (requests/s; {:.1} ops/commit)",
+                        m.ops_per_commit
+                    )
+                } else {
+                    format!("mediated open+close, {name} (requests/s)")
+                };
+                let mut row = Row::new(&label, conns, m.requests_per_s, m.mean_us, m.p99_us);
                 if *name == "none" && conns == 1 {
                     none1 = Some(m.mean_us);
                     row = row.beside("rtt + raw openat+close", rtt.mean_us + openat.mean_us);

@@ -88,6 +88,8 @@ pub struct Mediated {
     pub mean_us: f64,
     /// p99 µs per pair.
     pub p99_us: f64,
+    /// Store operations per LMDB commit (group-commit batch size).
+    pub ops_per_commit: f64,
 }
 
 /// `conns` connections (one thread each) open and close files in a loop.
@@ -147,9 +149,19 @@ pub fn open_close(
     let wall = t0.elapsed();
     let pairs = all.len() as u64;
     let f = Figure::from_samples(all, pairs, wall);
+    let ops_per_commit = match FilterClient::connect_control(&d.socket)?
+        .call(libfilter::proto::Request::Stats)?
+        .0
+    {
+        libfilter::proto::Reply::Stats(s) if s.commits > 0 => {
+            s.committed_ops as f64 / s.commits as f64
+        }
+        _ => 0.0,
+    };
     Ok(Mediated {
         requests_per_s: 2.0 * f.ops_per_s,
         mean_us: f.mean_us,
         p99_us: f.p99_us,
+        ops_per_commit,
     })
 }
