@@ -312,26 +312,28 @@ impl Engine {
             let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
             let reopened = match (&rec.kernel_handle, rec.conn) {
                 (_, ConnState::Lost) => None,
-                (Some(kh), _) => match fsops::reopen(self.root.as_fd(), kh, rec.access) {
-                    Ok(x) => Some(x),
-                    // Out of descriptors or memory is our problem, not the
-                    // handle's: refuse to start rather than mark it lost.
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM)
-                        ) =>
-                    {
-                        anyhow::bail!(
+                (Some(kh), _) => {
+                    match fsops::reopen(self.root.as_fd(), kh, rec.access, &rec.path, rec.file) {
+                        Ok(x) => Some(x),
+                        // Out of descriptors or memory is our problem, not the
+                        // handle's: refuse to start rather than mark it lost.
+                        Err(e)
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM)
+                            ) =>
+                        {
+                            anyhow::bail!(
                             "cannot reopen persistent handles: {e}; raise the descriptor limit (LimitNOFILE=) \
                              — filterd needs one descriptor per handle"
                         );
+                        }
+                        Err(e) => {
+                            warn!(resume_key = %rec.key, path = %rec.path, error = %e, "persistent handle lost: file cannot be reopened");
+                            None
+                        }
                     }
-                    Err(e) => {
-                        warn!(resume_key = %rec.key, path = %rec.path, error = %e, "persistent handle lost: file cannot be reopened");
-                        None
-                    }
-                },
+                }
                 (None, _) => None,
             };
             // The reopen proves the file is there; the descriptor itself is
@@ -1162,7 +1164,7 @@ impl Engine {
                     format!("handle {key} has no file handle"),
                 )
             })?;
-            match fsops::reopen(self.root.as_fd(), kh, h.rec.access) {
+            match fsops::reopen(self.root.as_fd(), kh, h.rec.access, &h.rec.path, h.rec.file) {
                 Ok((fd, _, _)) => h.fd = Some(fd),
                 Err(e) => {
                     h.rec.conn = ConnState::Lost;

@@ -302,8 +302,27 @@ pub fn reopen(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
     access: Access,
+    path: &RelPath,
+    expect: FileId,
 ) -> io::Result<(OwnedFd, FileId, u64)> {
-    let fd = sys::open_by_handle(root, h, open_mode(access))?;
-    let (file, size) = stat(fd.as_fd())?;
-    Ok((fd, file, size))
+    match sys::open_by_handle(root, h, open_mode(access)) {
+        Ok(fd) => {
+            let (file, size) = stat(fd.as_fd())?;
+            Ok((fd, file, size))
+        }
+        // Without CAP_DAC_READ_SEARCH (a non-root daemon) file handles cannot
+        // be opened: fall back to the recorded path, accepted only if it
+        // still names the same file. A file renamed meanwhile is then
+        // reported lost instead of found.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let fd =
+                sys::openat2_beneath(root, path.as_str(), open_mode(access) | libc::O_NOCTTY, 0)?;
+            let (file, size) = stat(fd.as_fd())?;
+            if file.ino != expect.ino {
+                return Err(io::Error::from_raw_os_error(libc::ESTALE));
+            }
+            Ok((fd, file, size))
+        }
+        Err(e) => Err(e),
+    }
 }
