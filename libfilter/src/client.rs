@@ -34,7 +34,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
@@ -100,14 +100,38 @@ pub struct OpenedHandle {
     pub fd: OwnedFd,
 }
 
-type ReplySlot = Sender<(Result<Reply, WireError>, Vec<OwnedFd>)>;
+/// What a waiting caller receives: its reply, or a nudge to become the
+/// connection's reader.
+// Moved once per call; boxing would add an allocation per reply.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Reply(Result<Reply, WireError>, Vec<OwnedFd>),
+    Nudge,
+}
 
+type ReplySlot = Sender<Msg>;
+
+/// The receive side works "leader/follower" to save a thread hop per call:
+/// a caller that finds nobody reading takes the `reader` lock and reads the
+/// socket itself until its own reply arrives, handing other callers' replies
+/// and pushed events to them on the way; callers that find the lock taken
+/// wait on their slot and get either their reply or a nudge to take over.
+/// An idle-reader thread reads only while no call is in flight, so pushed
+/// events arrive when the frontend is idle too.
 struct Inner {
     sock: OwnedFd,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, ReplySlot>>,
     dead: AtomicBool,
+    reader: Mutex<Vec<u8>>,
+    events: Sender<Event>,
 }
+
+/// How long the idle reader stays away while callers are reading.
+const IDLE_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How often a blocked reader wakes to check its deadline.
+const RECV_TICK: Duration = Duration::from_millis(50);
 
 /// A connection to filterd. Cheap to clone; all clones share the connection.
 #[derive(Clone)]
@@ -173,17 +197,27 @@ impl FilterClient {
             ServerFrame::Reply { result: Err(e), .. } => return Err(ClientError::Refused(e)),
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
+        let _ = nix::sys::socket::setsockopt(
+            &sock,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(
+                0,
+                i64::try_from(RECV_TICK.as_micros()).unwrap_or(50_000),
+            ),
+        );
+        let (ev_tx, ev_rx) = bounded(1024);
         let inner = Arc::new(Inner {
             sock,
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
+            reader: Mutex::new(buf),
+            events: ev_tx,
         });
-        let (ev_tx, ev_rx) = bounded(1024);
-        let reader = inner.clone();
+        let idle = inner.clone();
         std::thread::Builder::new()
-            .name("filter-client-rx".into())
-            .spawn(move || reader_loop(reader, ev_tx, buf))?;
+            .name("filter-client-idle".into())
+            .spawn(move || idle_reader(idle))?;
         Ok(FilterClient {
             _closer: Arc::new(Closer(inner.clone())),
             inner,
@@ -217,7 +251,7 @@ impl FilterClient {
     pub fn call(&self, req: Request) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = proto::encode(&RequestFrame { id, req })?;
-        let (tx, rx) = bounded(1);
+        let (tx, rx) = bounded(4);
         {
             let mut p = self
                 .inner
@@ -237,15 +271,54 @@ impl FilterClient {
                 ClientError::Io(e)
             });
         }
-        match rx.recv_timeout(self.timeout) {
-            Ok((Ok(reply), fds)) => Ok((reply, fds)),
-            Ok((Err(e), _)) => Err(ClientError::Refused(e)),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                self.forget(id);
-                Err(ClientError::Timeout(self.timeout))
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+        let deadline = Instant::now() + self.timeout;
+        let outcome = self.wait_reply(id, &rx, deadline);
+        if outcome.is_none() {
+            self.forget(id);
+        }
+        match outcome {
+            Some(Msg::Reply(Ok(reply), fds)) => Ok((reply, fds)),
+            Some(Msg::Reply(Err(e), _)) => Err(ClientError::Refused(e)),
+            Some(Msg::Nudge) | None if self.inner.dead.load(Ordering::Acquire) => {
                 Err(ClientError::Disconnected)
+            }
+            _ => Err(ClientError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Waits for reply `id`, reading the socket itself when nobody else is.
+    /// `None`: timed out or the connection died.
+    fn wait_reply(&self, id: u64, rx: &Receiver<Msg>, deadline: Instant) -> Option<Msg> {
+        let inner = &self.inner;
+        loop {
+            if let Ok(m @ Msg::Reply(..)) = rx.try_recv() {
+                return Some(m);
+            }
+            if inner.dead.load(Ordering::Acquire) {
+                return None;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            if let Ok(mut buf) = inner.reader.try_lock() {
+                let got = loop {
+                    if let Ok(m @ Msg::Reply(..)) = rx.try_recv() {
+                        break Some(m);
+                    }
+                    if Instant::now() >= deadline || !read_one(inner, &mut buf) {
+                        break None;
+                    }
+                };
+                drop(buf);
+                nudge_one(inner, id);
+                return got;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(2));
+            match rx.recv_timeout(wait) {
+                Ok(m @ Msg::Reply(..)) => return Some(m),
+                Ok(Msg::Nudge) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
             }
         }
     }
@@ -386,51 +459,107 @@ impl FilterClient {
 }
 
 fn fail_all(inner: &Inner) {
-    inner.dead.store(true, Ordering::Release);
+    if inner.dead.swap(true, Ordering::AcqRel) {
+        return;
+    }
     if let Ok(mut p) = inner.pending.lock() {
         // Dropping the senders wakes every waiter with Disconnected.
         p.clear();
     }
+    let _ = inner.events.try_send(Event::ConnectionLost);
 }
 
-fn reader_loop(inner: Arc<Inner>, events: Sender<Event>, mut buf: Vec<u8>) {
-    loop {
-        let (len, fds) = match sys::recv_packet(inner.sock.as_fd(), &mut buf) {
-            Ok(Packet::Data { len, fds }) => (len, fds),
-            Ok(Packet::Truncated) => {
-                tracing::warn!("filterd sent an oversized frame; dropping the connection");
-                break;
+/// Reads one packet (or times out after [`RECV_TICK`]) and hands it to whom
+/// it belongs. Returns false once the connection is gone. Call with the
+/// `reader` lock held (`buf` is its buffer).
+fn read_one(inner: &Inner, buf: &mut [u8]) -> bool {
+    let (len, fds) = match sys::recv_packet(inner.sock.as_fd(), buf) {
+        Ok(Packet::Data { len, fds }) => (len, fds),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return true
+        }
+        Ok(Packet::Truncated) => {
+            tracing::warn!("filterd sent an oversized frame; dropping the connection");
+            fail_all(inner);
+            return false;
+        }
+        Ok(Packet::Eof) | Err(_) => {
+            fail_all(inner);
+            return false;
+        }
+    };
+    match proto::decode_server(buf.get(..len).unwrap_or_default()) {
+        Ok(ServerFrame::Reply {
+            id: Some(id),
+            result,
+        }) => {
+            let slot = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
+            if let Some(tx) = slot {
+                let _ = tx.try_send(Msg::Reply(result, fds));
             }
-            Ok(Packet::Eof) | Err(_) => break,
-        };
-        let frame = match proto::decode_server(buf.get(..len).unwrap_or_default()) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(error = %e, "undecodable frame from filterd");
-                continue;
-            }
-        };
-        match frame {
-            ServerFrame::Reply {
-                id: Some(id),
-                result,
-            } => {
-                let slot = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
-                if let Some(tx) = slot {
-                    let _ = tx.send((result, fds));
-                }
-            }
-            ServerFrame::Reply { id: None, result } => {
-                tracing::warn!(?result, "filterd rejected a frame it could not attribute");
-            }
-            ServerFrame::Event(ev) => {
-                let _ = events.try_send(ev);
-            }
-            ServerFrame::Hello(_) => {}
+        }
+        Ok(ServerFrame::Reply { id: None, result }) => {
+            tracing::warn!(?result, "filterd rejected a frame it could not attribute");
+        }
+        Ok(ServerFrame::Event(ev)) => {
+            let _ = inner.events.try_send(ev);
+        }
+        Ok(ServerFrame::Hello(_)) => {}
+        Err(e) => tracing::warn!(error = %e, "undecodable frame from filterd"),
+    }
+    true
+}
+
+/// After giving up the reader role, wakes one waiting caller (other than
+/// `me`) so the socket keeps being read.
+fn nudge_one(inner: &Inner, me: u64) {
+    if let Ok(p) = inner.pending.lock() {
+        if let Some((_, tx)) = p.iter().find(|(id, tx)| **id != me && tx.is_empty()) {
+            let _ = tx.try_send(Msg::Nudge);
         }
     }
-    fail_all(&inner);
-    let _ = events.try_send(Event::ConnectionLost);
+}
+
+/// Reads while no call is in flight, so pushed events arrive promptly; ends
+/// when the connection does.
+fn idle_reader(inner: Arc<Inner>) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    while !inner.dead.load(Ordering::Acquire) {
+        let busy = inner.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
+        if busy {
+            // Callers read for themselves; look again later (events are
+            // never urgent to the millisecond: breaks wait seconds for acks).
+            std::thread::sleep(IDLE_BACKOFF);
+            continue;
+        }
+        let mut fds = [PollFd::new(inner.sock.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(50u16)) {
+            Ok(n) if n > 0 => {
+                if let Ok(mut buf) = inner.reader.try_lock() {
+                    let alive = read_one(&inner, &mut buf);
+                    drop(buf);
+                    nudge_one(&inner, 0);
+                    if !alive {
+                        return;
+                    }
+                } else {
+                    // A caller is reading and will deliver what arrived.
+                    std::thread::sleep(IDLE_BACKOFF);
+                }
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => {
+                fail_all(&inner);
+                return;
+            }
+        }
+    }
 }
 
 /// Held only by [`FilterClient`] clones (not by the reader thread): when the

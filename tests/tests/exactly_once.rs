@@ -389,7 +389,20 @@ fn kill9_under_concurrent_load_loses_no_acknowledged_handle() {
             .unwrap()
         })
         .collect();
-    let base = fd_count();
+    // Connections that just closed release their descriptors asynchronously:
+    // wait for the count to settle before taking it as the base.
+    let settled = || {
+        let mut last = fd_count();
+        loop {
+            std::thread::sleep(Duration::from_millis(30));
+            let now = fd_count();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    let base = settled();
     let sample: Vec<_> = acked.iter().take(50).collect();
     for (i, (k, client, _)) in sample.iter().enumerate() {
         let h = fronts[i % 4]
@@ -397,15 +410,19 @@ fn kill9_under_concurrent_load_loses_no_acknowledged_handle() {
             .unwrap();
         drop(h.fd);
     }
-    assert_eq!(
-        fd_count(),
-        base + sample.len(),
-        "one daemon descriptor per resumed handle"
+    rkfilter_tests::wait_for(
+        "one daemon descriptor per resumed handle",
+        Duration::from_secs(5),
+        || (fd_count() == base + sample.len()).then_some(()),
     );
     for (i, (k, _, _)) in sample.iter().enumerate() {
         fronts[i % 4].close(*k).unwrap();
     }
-    assert_eq!(fd_count(), base, "closing gives every descriptor back");
+    rkfilter_tests::wait_for(
+        "closing to give every descriptor back",
+        Duration::from_secs(5),
+        || (fd_count() == base).then_some(()),
+    );
 }
 
 #[test]
