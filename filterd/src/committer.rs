@@ -12,7 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
+
+use crate::conn::EngineTx;
 use libfilter::proto::{ErrorCode, ServerFrame, WireError};
 use libfilter::store::{Store, StoreError};
 use tracing::error;
@@ -27,7 +29,7 @@ const MAX_GATHER: Duration = Duration::from_millis(1);
 pub fn run(
     store: Arc<Store>,
     rx: Receiver<CommitJob>,
-    engine: Sender<Command>,
+    engine: EngineTx,
     counters: Arc<CommitCounters>,
 ) {
     // Clients answered by the last commit usually come straight back; a

@@ -1,12 +1,19 @@
 //! The Unix socket: accepting peers, reading their frames, writing replies.
 //!
-//! One named reader thread per connection turns packets into [`Command`]s and
-//! sends them over the bounded channel to the engine thread, the single owner
-//! of state. Nothing here touches state. Replies are written by whichever
-//! thread holds the reply (the engine for non-durable work, the committer
-//! after an fsync) through the connection's [`ConnWriter`]; a SEQPACKET send is
-//! atomic, so concurrent writers never interleave.
+//! The listener thread accepts, checks `SO_PEERCRED`, and hands each new
+//! socket to the engine thread. The engine thread itself reads every
+//! connection through a [`Poller`] (epoll): a request is decoded and handled
+//! on the thread that owns the state, without a hop through another thread —
+//! one context switch per request instead of two. Other threads (listener,
+//! committer, main) talk to the engine through an [`EngineTx`], a bounded
+//! channel plus an eventfd that wakes the poller.
+//!
+//! Replies are written by whichever thread holds the reply (the engine for
+//! non-durable work, the committer after an fsync) through the connection's
+//! [`ConnWriter`]; a SEQPACKET send is atomic, so concurrent writers never
+//! interleave.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,9 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use libfilter::proto::{self, ErrorCode, HelloReply, ServerFrame, WireError, MAX_FRAME};
 use libfilter::sys::{self, Packet};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
     accept4, bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily,
     Backlog, SockFlag, SockType, UnixAddr,
@@ -28,6 +37,10 @@ use crate::engine::{Command, ConnId, Peer};
 
 /// A peer that does not read its replies for this long is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most packets read from one connection per poll round (fairness).
+const MAX_PACKETS_PER_ROUND: usize = 32;
+/// The epoll token of the wake-up eventfd.
+const WAKE_TOKEN: u64 = 0;
 
 /// The writing half of a connection, shared by the engine and the committer.
 pub struct ConnWriter {
@@ -37,7 +50,7 @@ pub struct ConnWriter {
 
 impl ConnWriter {
     /// Sends one frame (with an optional descriptor). A failed send marks the
-    /// connection dead and shuts it down, which ends its reader.
+    /// connection dead and shuts it down, which the poller sees as EOF.
     pub fn send(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> bool {
         if self.dead.load(Ordering::Acquire) {
             return false;
@@ -63,10 +76,267 @@ impl ConnWriter {
         }
     }
 
+    /// Whether the peer has hung up (its process died or closed the socket),
+    /// even if the poller has not read the EOF yet.
+    pub fn peer_gone(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        if self.dead.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::empty())];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            _ => false,
+        }
+    }
+
     /// Shuts the connection down.
     pub fn kill(&self) {
         self.dead.store(true, Ordering::Release);
         let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+/// How other threads reach the engine: a bounded channel and a wake-up.
+#[derive(Clone)]
+pub struct EngineTx {
+    tx: Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+impl EngineTx {
+    /// Queues a command and wakes the engine. Fails when the engine is gone.
+    pub fn send(&self, c: Command) -> Result<(), ()> {
+        self.tx.send(c).map_err(|_| ())?;
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+}
+
+struct PollConn {
+    sock: Arc<OwnedFd>,
+    writer: Arc<ConnWriter>,
+    peer: Peer,
+    greeted: bool,
+}
+
+/// The engine's view of every connection's receive side.
+pub struct Poller {
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    rx: Receiver<Command>,
+    conns: HashMap<ConnId, PollConn>,
+    buf: Vec<u8>,
+    events: Vec<EpollEvent>,
+}
+
+/// What one poll round found.
+pub enum Ready {
+    /// Commands queued by other threads.
+    Commands,
+    /// A connection has data (or hung up).
+    Conn(ConnId),
+}
+
+impl Poller {
+    /// A poller and the sender other threads use to reach the engine.
+    pub fn new(capacity: usize) -> anyhow::Result<(Poller, EngineTx)> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let wake = Arc::new(EventFd::from_flags(
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        )?);
+        epoll.add(
+            wake.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
+        )?;
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        Ok((
+            Poller {
+                epoll,
+                wake: wake.clone(),
+                rx,
+                conns: HashMap::new(),
+                buf: vec![0u8; MAX_FRAME + 1],
+                events: vec![EpollEvent::empty(); 256],
+            },
+            EngineTx { tx, wake },
+        ))
+    }
+
+    /// Waits up to `timeout` for work.
+    pub fn wait(&mut self, timeout: Duration) -> Vec<Ready> {
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let n = self
+            .epoll
+            .wait(&mut self.events, EpollTimeout::from(ms))
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(n + 1);
+        for ev in self.events.iter().take(n) {
+            if ev.data() == WAKE_TOKEN {
+                let _ = self.wake.read();
+                out.push(Ready::Commands);
+            } else {
+                out.push(Ready::Conn(ConnId(ev.data())));
+            }
+        }
+        // Commands may have been queued without a wake-up being seen yet.
+        if !self.rx.is_empty() && !out.iter().any(|r| matches!(r, Ready::Commands)) {
+            out.push(Ready::Commands);
+        }
+        out
+    }
+
+    /// Queued commands from other threads.
+    pub fn commands(&self) -> impl Iterator<Item = Command> + '_ {
+        self.rx.try_iter()
+    }
+
+    /// Starts reading a newly accepted connection.
+    pub fn add(&mut self, conn: ConnId, sock: OwnedFd, peer: Peer) {
+        let sock = Arc::new(sock);
+        if let Err(e) = self
+            .epoll
+            .add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, conn.0))
+        {
+            tracing::error!(error = %e, "cannot watch a new connection");
+            return;
+        }
+        let writer = Arc::new(ConnWriter {
+            sock: sock.clone(),
+            dead: AtomicBool::new(false),
+        });
+        self.conns.insert(
+            conn,
+            PollConn {
+                sock,
+                writer,
+                peer,
+                greeted: false,
+            },
+        );
+    }
+
+    fn remove(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            let _ = self.epoll.delete(c.sock.as_fd());
+        }
+    }
+
+    /// Reads what `conn` sent (without blocking) into commands for the engine.
+    /// Malformed frames are answered here; EOF becomes [`Command::Closed`].
+    pub fn read(&mut self, conn: ConnId, out: &mut Vec<Command>) {
+        for _ in 0..MAX_PACKETS_PER_ROUND {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            let packet = sys::recv_packet_nonblocking(c.sock.as_fd(), &mut self.buf);
+            let (len, fds) = match packet {
+                Ok(Some(Packet::Data { len, fds })) => (len, fds),
+                Ok(None) => return,
+                Ok(Some(Packet::Truncated)) => {
+                    reject(
+                        &c.writer,
+                        None,
+                        WireError::new(
+                            ErrorCode::BadFrame,
+                            format!("frame exceeds {MAX_FRAME} bytes"),
+                        ),
+                    );
+                    out.push(Command::BadFrame);
+                    if !c.greeted {
+                        self.close(conn, out);
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Some(Packet::Eof)) | Err(_) => {
+                    self.close(conn, out);
+                    return;
+                }
+            };
+            drop(fds); // peers never send us descriptors
+            let bytes = self.buf.get(..len).unwrap_or_default();
+            if !c.greeted {
+                match proto::decode_hello(bytes) {
+                    Ok(h) if h.version == proto::PROTO_VERSION => {
+                        c.greeted = true;
+                        out.push(Command::Hello {
+                            conn,
+                            hello: h,
+                            peer: c.peer,
+                            writer: c.writer.clone(),
+                        });
+                    }
+                    Ok(h) => {
+                        reject(
+                            &c.writer,
+                            None,
+                            WireError::new(
+                                ErrorCode::UnsupportedVersion,
+                                format!(
+                                    "protocol version {} not supported; this filterd speaks {}",
+                                    h.version,
+                                    proto::PROTO_VERSION
+                                ),
+                            ),
+                        );
+                        out.push(Command::BadFrame);
+                        self.close(conn, out);
+                        return;
+                    }
+                    Err(e) => {
+                        reject(&c.writer, None, e);
+                        out.push(Command::BadFrame);
+                        self.close(conn, out);
+                        return;
+                    }
+                }
+                continue;
+            }
+            match proto::decode_request(bytes) {
+                Ok(frame) => out.push(Command::Request { conn, frame }),
+                Err((id, e)) => {
+                    tracing::warn!(conn = conn.0, error = %e, "malformed request");
+                    reject(&c.writer, id, e);
+                    out.push(Command::BadFrame);
+                }
+            }
+        }
+    }
+
+    /// Answers a hello the engine decided on; a refusal closes the connection.
+    pub fn answer_hello(
+        &mut self,
+        conn: ConnId,
+        r: Result<HelloReply, WireError>,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        match r {
+            Ok(h) => {
+                if !c.writer.send_frame(&ServerFrame::Hello(h), None) {
+                    self.close(conn, out);
+                }
+            }
+            Err(e) => {
+                reject(&c.writer, None, e);
+                c.writer.kill();
+                // Never registered with the engine: just forget it.
+                self.remove(conn);
+            }
+        }
+    }
+
+    fn close(&mut self, conn: ConnId, out: &mut Vec<Command>) {
+        let greeted = self.conns.get(&conn).is_some_and(|c| c.greeted);
+        self.remove(conn);
+        if greeted {
+            out.push(Command::Closed { conn });
+        }
     }
 }
 
@@ -107,8 +377,8 @@ fn peer_allowed(peer: &Peer, sock_gid: u32) -> bool {
     peer.uid == 0 || peer.uid == me || peer.gid == sock_gid
 }
 
-/// Accepts connections forever, one reader thread each.
-pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: Sender<Command>) {
+/// Accepts connections forever and hands them to the engine.
+pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
     let next_id = AtomicU64::new(1);
     let sock_gid = std::fs::metadata(&socket_path)
         .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
@@ -147,18 +417,11 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: Sender<Comma
             );
             continue;
         }
-        let _ = setsockopt(
-            &sock,
-            sockopt::SendTimeout,
-            &TimeVal::new(SEND_TIMEOUT.as_secs() as i64, 0),
-        );
-        let id = ConnId(next_id.fetch_add(1, Ordering::Relaxed));
-        let tx = engine.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("conn-{}", id.0))
-            .spawn(move || read_loop(id, Arc::new(sock), peer, tx));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot spawn a connection thread");
+        let secs = i64::try_from(SEND_TIMEOUT.as_secs()).unwrap_or(5);
+        let _ = setsockopt(&sock, sockopt::SendTimeout, &TimeVal::new(secs, 0));
+        let conn = ConnId(next_id.fetch_add(1, Ordering::Relaxed));
+        if engine.send(Command::Accepted { conn, sock, peer }).is_err() {
+            return;
         }
     }
 }
@@ -171,108 +434,4 @@ fn reject(writer: &ConnWriter, id: Option<u64>, err: WireError) {
         },
         None,
     );
-}
-
-/// Reads one connection: the hello first, then requests until EOF.
-fn read_loop(conn: ConnId, sock: Arc<OwnedFd>, peer: Peer, engine: Sender<Command>) {
-    let writer = Arc::new(ConnWriter {
-        sock: sock.clone(),
-        dead: AtomicBool::new(false),
-    });
-    let mut buf = vec![0u8; MAX_FRAME + 1];
-    // Hello.
-    let hello = match sys::recv_packet(sock.as_fd(), &mut buf) {
-        Ok(Packet::Data { len, .. }) => proto::decode_hello(buf.get(..len).unwrap_or_default()),
-        Ok(Packet::Truncated) => Err(WireError::new(
-            ErrorCode::BadFrame,
-            format!("hello exceeds {MAX_FRAME} bytes"),
-        )),
-        Ok(Packet::Eof) | Err(_) => return,
-    };
-    let hello = match hello {
-        Ok(h) if h.version == proto::PROTO_VERSION => h,
-        Ok(h) => {
-            reject(
-                &writer,
-                None,
-                WireError::new(
-                    ErrorCode::UnsupportedVersion,
-                    format!(
-                        "protocol version {} not supported; this filterd speaks {}",
-                        h.version,
-                        proto::PROTO_VERSION
-                    ),
-                ),
-            );
-            let _ = engine.send(Command::BadFrame);
-            return;
-        }
-        Err(e) => {
-            reject(&writer, None, e);
-            let _ = engine.send(Command::BadFrame);
-            return;
-        }
-    };
-    let (reply_tx, reply_rx) = bounded::<Result<HelloReply, WireError>>(1);
-    if engine
-        .send(Command::Hello {
-            conn,
-            hello,
-            peer,
-            writer: writer.clone(),
-            reply: reply_tx,
-        })
-        .is_err()
-    {
-        return;
-    }
-    match reply_rx.recv() {
-        Ok(Ok(h)) => {
-            if !writer.send_frame(&ServerFrame::Hello(h), None) {
-                let _ = engine.send(Command::Closed { conn });
-                return;
-            }
-        }
-        Ok(Err(e)) => {
-            reject(&writer, None, e);
-            return;
-        }
-        Err(_) => return,
-    }
-    // Requests.
-    loop {
-        match sys::recv_packet(sock.as_fd(), &mut buf) {
-            Ok(Packet::Data { len, fds }) => {
-                drop(fds); // peers never send us descriptors
-                match proto::decode_request(buf.get(..len).unwrap_or_default()) {
-                    Ok(frame) => {
-                        if engine.send(Command::Request { conn, frame }).is_err() {
-                            break;
-                        }
-                    }
-                    Err((id, e)) => {
-                        tracing::warn!(conn = conn.0, error = %e, "malformed request");
-                        reject(&writer, id, e);
-                        let _ = engine.send(Command::BadFrame);
-                    }
-                }
-            }
-            Ok(Packet::Truncated) => {
-                reject(
-                    &writer,
-                    None,
-                    WireError::new(
-                        ErrorCode::BadFrame,
-                        format!("frame exceeds {MAX_FRAME} bytes"),
-                    ),
-                );
-                let _ = engine.send(Command::BadFrame);
-            }
-            Ok(Packet::Eof) | Err(_) => break,
-        }
-        if writer.dead.load(Ordering::Acquire) {
-            break;
-        }
-    }
-    let _ = engine.send(Command::Closed { conn });
 }

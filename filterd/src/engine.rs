@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use libfilter::model::{
     now_ms, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
     HandleRecord, InstanceName, Intent, IntentChange, IntentId, Protocol, ReplayRecord,
@@ -35,7 +35,7 @@ use libfilter::share::{self, Holder, HolderState, ShareDecision, ShareMode};
 use libfilter::store::{Store, StoreOp};
 use tracing::{debug, error, info, warn};
 
-use crate::conn::ConnWriter;
+use crate::conn::{ConnWriter, Poller, Ready};
 use crate::fsops;
 
 /// Identifies one accepted connection for its lifetime.
@@ -55,7 +55,16 @@ pub struct Peer {
 
 /// What connection threads and the committer tell the engine.
 pub enum Command {
-    /// A peer said hello; the engine registers it and answers on `reply`.
+    /// The listener accepted a connection.
+    Accepted {
+        /// Its id.
+        conn: ConnId,
+        /// The socket.
+        sock: OwnedFd,
+        /// Its credentials.
+        peer: Peer,
+    },
+    /// A peer said hello; the engine registers it and the poller answers.
     Hello {
         /// The connection.
         conn: ConnId,
@@ -65,8 +74,6 @@ pub enum Command {
         peer: Peer,
         /// Where its replies go.
         writer: Arc<ConnWriter>,
-        /// The answer to the hello.
-        reply: Sender<Result<HelloReply, WireError>>,
     },
     /// A decoded request.
     Request {
@@ -385,32 +392,48 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs until [`Command::Shutdown`] or until every sender is gone.
-    pub fn run(mut self, rx: Receiver<Command>) {
-        loop {
-            let wait = self.next_wakeup();
-            let first = match rx.recv_timeout(wait) {
-                Ok(c) => Some(c),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut stop = false;
-            if let Some(c) = first {
-                stop |= self.handle(c);
-                let mut n = 1;
-                while n < MAX_BATCH && !stop {
-                    match rx.try_recv() {
-                        Ok(c) => stop |= self.handle(c),
-                        Err(_) => break,
+    /// Runs until [`Command::Shutdown`]: reads every connection through the
+    /// poller, handles what it decodes, then expires and flushes the batch.
+    pub fn run(mut self, mut poller: Poller) {
+        let mut cmds = Vec::new();
+        let mut stop = false;
+        while !stop {
+            for ready in poller.wait(self.next_wakeup()) {
+                match ready {
+                    Ready::Commands => {
+                        let queued: Vec<Command> = poller.commands().take(MAX_BATCH).collect();
+                        for c in queued {
+                            match c {
+                                Command::Accepted { conn, sock, peer } => {
+                                    poller.add(conn, sock, peer)
+                                }
+                                other => stop |= self.handle(other),
+                            }
+                        }
                     }
-                    n += 1;
+                    Ready::Conn(conn) => poller.read(conn, &mut cmds),
+                }
+                for c in cmds.drain(..) {
+                    match c {
+                        Command::Hello {
+                            conn,
+                            hello,
+                            peer,
+                            writer,
+                        } => {
+                            let r = self.on_hello(conn, hello, peer, writer);
+                            let mut closed = Vec::new();
+                            poller.answer_hello(conn, r, &mut closed);
+                            for c in closed {
+                                self.handle(c);
+                            }
+                        }
+                        other => stop |= self.handle(other),
+                    }
                 }
             }
             self.expire_due(now_ms());
             self.flush();
-            if stop {
-                break;
-            }
         }
         self.flush();
         info!("engine stopped");
@@ -447,16 +470,8 @@ impl Engine {
     /// Returns true to stop.
     fn handle(&mut self, c: Command) -> bool {
         match c {
-            Command::Hello {
-                conn,
-                hello,
-                peer,
-                writer,
-                reply,
-            } => {
-                let r = self.on_hello(conn, hello, peer, writer);
-                let _ = reply.send(r);
-            }
+            // Connection set-up is the poller's; run() routes these.
+            Command::Accepted { .. } | Command::Hello { .. } => {}
             Command::Request { conn, frame } => self.on_request(conn, frame),
             Command::Closed { conn } => self.on_closed(conn),
             Command::BadFrame => self.stats.bad_frames += 1,
@@ -501,6 +516,13 @@ impl Engine {
         writer: Arc<ConnWriter>,
     ) -> Result<HelloReply, WireError> {
         if let Role::Frontend { protocol, instance } = &hello.role {
+            // A replacement may say hello before the dead instance's EOF has
+            // been read: if its peer is gone, retire it first.
+            if let Some(&old) = self.instances.get(instance) {
+                if self.conns.get(&old).is_some_and(|c| c.writer.peer_gone()) {
+                    self.on_closed(old);
+                }
+            }
             if let Some(other) = self.instances.get(instance).and_then(|c| self.conns.get(c)) {
                 return Err(err(
                     ErrorCode::InstanceBusy,

@@ -21,7 +21,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use crossbeam_channel::bounded;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use tracing::{error, info, warn};
@@ -173,8 +172,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let (epoch, was_clean) = store.begin_epoch()?;
     info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
 
-    let (cmd_tx, cmd_rx) = bounded(4096);
-    let (commit_tx, commit_rx) = bounded(64);
+    let (poller, cmd_tx) = conn::Poller::new(4096)?;
+    let (commit_tx, commit_rx) = crossbeam_channel::bounded(64);
     let counters = Arc::new(engine::CommitCounters::default());
     let mut eng = engine::Engine::new(
         engine::Config {
@@ -198,7 +197,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || eng.run(cmd_rx))?;
+        .spawn(move || eng.run(poller))?;
 
     let socket_path = args.socket.unwrap_or_else(|| state.join("filterd.sock"));
     let listener = conn::listen_at(&socket_path)?;

@@ -198,6 +198,23 @@ pub enum Packet {
 /// descriptors it carries. A packet larger than `buf` is reported as
 /// [`Packet::Truncated`] — never partially delivered.
 pub fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Packet> {
+    recv_packet_flags(sock, buf, nix::sys::socket::MsgFlags::empty())
+}
+
+/// Like [`recv_packet`] but never blocks: `Ok(None)` when nothing is queued.
+pub fn recv_packet_nonblocking(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Packet>> {
+    match recv_packet_flags(sock, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn recv_packet_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    extra: nix::sys::socket::MsgFlags,
+) -> io::Result<Packet> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
     let (len, flags, raw_fds) = loop {
@@ -206,7 +223,7 @@ pub fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Packet> {
             sock.as_raw_fd(),
             &mut iov,
             Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
+            MsgFlags::MSG_CMSG_CLOEXEC | extra,
         ) {
             Ok(msg) => {
                 let mut fds = Vec::new();
