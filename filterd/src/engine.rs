@@ -1336,6 +1336,15 @@ impl Engine {
             c.handles.remove(&key);
         }
         if h.rec.durability.is_persistent() {
+            if h.rec.create_guid.is_some() && h.rec.create_action == CreateAction::Created {
+                // Before the delete commits: a crash in between brings the
+                // handle back, and replays are then answered from it.
+                fsops::clear_marker(
+                    self.root.as_fd(),
+                    h.fd.as_ref().map(|f| f.as_fd()),
+                    h.rec.kernel_handle.as_ref(),
+                );
+            }
             self.ops
                 .push(StoreOp::DeleteHandle(Box::new(h.rec.clone())));
         }

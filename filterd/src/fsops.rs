@@ -271,6 +271,27 @@ pub fn open(
     })
 }
 
+/// Removes the create marker from a file whose persistent handle is going
+/// away: from then on a create re-sent with that GUID is a new create, not
+/// a replay. Best effort (the file may be gone).
+pub fn clear_marker(
+    root: BorrowedFd<'_>,
+    fd: Option<BorrowedFd<'_>>,
+    h: Option<&libfilter::model::KernelHandle>,
+) {
+    match (fd, h) {
+        (Some(fd), _) => {
+            let _ = sys::remove_xattr(fd, CREATE_MARKER);
+        }
+        (None, Some(h)) => {
+            if let Ok(fd) = sys::open_by_handle(root, h, libc::O_RDONLY) {
+                let _ = sys::remove_xattr(fd.as_fd(), CREATE_MARKER);
+            }
+        }
+        (None, None) => {}
+    }
+}
+
 /// Truncates, through a write descriptor reopened by kernel handle (so a
 /// rename cannot redirect it), the file of a persistent handle.
 pub fn truncate_by_handle(

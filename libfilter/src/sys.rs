@@ -333,6 +333,20 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<Option
     Ok(Some(buf.get(..n).unwrap_or_default().to_vec()))
 }
 
+/// Removes an extended attribute from an open file (absent is not an error).
+pub fn remove_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: `name` is NUL-terminated and outlives the call.
+    let r = unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENODATA) => Ok(()),
+        _ => Err(e),
+    }
+}
+
 /// Gives the anonymous file `fd` (from `O_TMPFILE`) the name `leaf` in
 /// directory `dir` (`linkat` with `AT_EMPTY_PATH`; needs
 /// `CAP_DAC_READ_SEARCH`). `leaf` must be a single component.

@@ -5,6 +5,7 @@
 //! request, and check that the outcome equals the no-crash outcome, that the
 //! filesystem and the store agree, and that nothing acknowledged was lost.
 
+use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use libfilter::client::FilterClient;
@@ -467,4 +468,62 @@ fn attachment_reattaches_and_resumes_after_filterd_restart() {
     assert_eq!(std::fs::read(s.root().join("p")).unwrap(), b"still here");
     a.close(p.info.key).unwrap();
     assert_eq!(a.remembered(), 0);
+}
+
+#[test]
+fn close_survives_a_crash_at_every_commit_step() {
+    // Commit 1 in the restarted daemon is the reattach, commit 2 the close.
+    for fp in ["commit.before:2", "commit.after:2", "reply.before_send:2"] {
+        let s = Scratch::new("eo-close");
+        let guid = CreateGuid(uuid::Uuid::new_v4());
+        {
+            let _d = Filterd::start(&s, &[], &[]);
+            let h = frontend(&s)
+                .open(open_req("f", Disposition::Create, guid))
+                .unwrap();
+            std::fs::File::from(h.fd).write_all_at(b"kept", 0).unwrap();
+        }
+        let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
+        let fe = frontend(&s);
+        let h = fe
+            .replay_open(open_req("f", Disposition::Create, guid))
+            .unwrap();
+        assert!(
+            fe.close(h.info.key).is_err(),
+            "{fp}: the daemon must die before confirming the close"
+        );
+        d.wait_exit(Duration::from_secs(10));
+        let _d2 = Filterd::start(&s, &[], &[]);
+        let fe = frontend(&s);
+        // The client reconnects (if the handle is still there) and closes.
+        match fe.resume_by_guid(ClientId::new("alice").unwrap(), guid) {
+            Ok(h) => {
+                assert_eq!(
+                    fp, "commit.before:2",
+                    "only an uncommitted close may leave the handle"
+                );
+                fe.close(h.info.key).unwrap();
+            }
+            Err(e) => assert_ne!(fp, "commit.before:2", "{e}"),
+        }
+        // A create re-sent now is a new create: the file exists, so it
+        // collides; it is not mistaken for a replay of the closed open.
+        assert_eq!(
+            fe.replay_open(open_req("f", Disposition::Create, guid))
+                .unwrap_err()
+                .code(),
+            Some(ErrorCode::Collision),
+            "{fp}"
+        );
+        // Either way the outcome is the no-crash one: no handle, data intact.
+        let fe2 = FilterClient::connect_control(&s.socket()).unwrap();
+        let left: Vec<_> = fe2
+            .handles()
+            .unwrap()
+            .into_iter()
+            .filter(|h| h.record.create_guid == Some(guid))
+            .collect();
+        assert!(left.is_empty(), "{fp}: {left:?}");
+        assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"kept");
+    }
 }

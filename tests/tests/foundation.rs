@@ -855,7 +855,10 @@ fn one_active_daemon_per_state_dir_and_clean_shutdown() {
     let took = t0.elapsed();
     let pid2 = standby.control().hello().pid;
     assert_ne!(pid1, pid2);
-    assert!(took < Duration::from_secs(5), "standby took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "standby must take over within a second, took {took:?}"
+    );
     assert!(standby.terminate().success(), "SIGTERM must exit 0");
     assert!(!s.socket().exists(), "socket removed on clean shutdown");
 }
