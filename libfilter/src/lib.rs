@@ -3,6 +3,7 @@
 //! - [`model`]: what a handle is (resume key, client, share mode, durability…),
 //!   as types that refuse bad values.
 //! - [`share`]: the share-mode algebra (pure).
+//! - [`locks`]: the byte-range lock algebra, LockFileEx semantics (pure).
 //! - [`store`]: the LMDB tables (heed), versioned records, schema and epoch.
 //! - [`proto`]: the frontend ↔ filterd wire protocol, the only place its
 //!   messages are defined.
@@ -17,6 +18,7 @@
 
 pub mod attach;
 pub mod client;
+pub mod locks;
 pub mod model;
 pub mod proto;
 pub mod share;

@@ -1,0 +1,328 @@
+//! Byte-range locks with LockFileEx semantics (spec/smb-like.md
+//! "Byte-range locks"), shared by every protocol.
+//!
+//! - A range is `[offset, offset + length)`, its end saturating at `u64::MAX`
+//!   (NFS-like `length = u64::MAX` means "to end of file"). A zero-length
+//!   range overlaps nothing, so a zero-length lock never conflicts and never
+//!   blocks I/O (as on Windows, where it is allowed and inert).
+//! - An exclusive lock may not overlap any existing lock, the same owner's
+//!   included; a shared lock may overlap shared locks, and exclusive locks
+//!   held by the same owner.
+//! - Locks are a multiset: no merging or splitting; an unlock names exactly
+//!   the offset and length of one lock of its owner, else it fails with
+//!   [`BatchError::RangeNotLocked`].
+//! - A batch is applied in order, all or nothing.
+//! - I/O is mandatory among protocol clients: a read over a range another
+//!   owner holds exclusively, or a write over a range another owner holds at
+//!   all, is refused. An owner's own locks never block its own I/O.
+//!
+//! Pure: the daemon keeps one [`LockTable`] per file and mirrors the result
+//! into OFD locks for local processes.
+
+use serde::{Deserialize, Serialize};
+
+/// A byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LockRange {
+    /// First byte.
+    pub offset: u64,
+    /// Number of bytes (`u64::MAX`: to end of file).
+    pub length: u64,
+}
+
+impl LockRange {
+    /// One past the last byte (saturating).
+    pub fn end(self) -> u64 {
+        self.offset.saturating_add(self.length)
+    }
+    /// Whether two ranges share a byte. Symmetric; empty ranges share none.
+    pub fn overlaps(self, other: LockRange) -> bool {
+        self.length != 0
+            && other.length != 0
+            && self.offset < other.end()
+            && other.offset < self.end()
+    }
+}
+
+/// Shared (read) or exclusive (write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockKind {
+    /// Others may hold shared locks over it.
+    Shared,
+    /// Nobody else may hold any lock over it.
+    Exclusive,
+}
+
+/// One granted lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock<O> {
+    /// Who holds it.
+    pub owner: O,
+    /// What it covers.
+    pub range: LockRange,
+    /// How.
+    pub kind: LockKind,
+}
+
+/// One element of a lock request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockOp {
+    /// The range.
+    #[serde(flatten)]
+    pub range: LockRange,
+    /// Shared or exclusive (ignored for unlocks).
+    pub exclusive: bool,
+    /// Unlock instead of lock.
+    #[serde(default)]
+    pub unlock: bool,
+}
+
+/// Why a batch failed; the table is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchError<O> {
+    /// A lock conflicts with this existing one.
+    Conflict(Lock<O>),
+    /// An unlock names no lock of the owner.
+    RangeNotLocked(LockRange),
+}
+
+/// The locks on one file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LockTable<O> {
+    locks: Vec<Lock<O>>,
+}
+
+impl<O: Clone + PartialEq> LockTable<O> {
+    /// An empty table.
+    pub fn new() -> Self {
+        LockTable { locks: Vec::new() }
+    }
+
+    /// The locks, in the order granted.
+    pub fn locks(&self) -> &[Lock<O>] {
+        &self.locks
+    }
+
+    /// Whether no lock is held.
+    pub fn is_empty(&self) -> bool {
+        self.locks.is_empty()
+    }
+
+    /// Whether `owner` may take `kind` over `range` now.
+    pub fn check_lock(&self, owner: &O, range: LockRange, kind: LockKind) -> Result<(), Lock<O>> {
+        for l in &self.locks {
+            if !l.range.overlaps(range) {
+                continue;
+            }
+            let conflict = match kind {
+                LockKind::Exclusive => true,
+                LockKind::Shared => l.kind == LockKind::Exclusive && l.owner != *owner,
+            };
+            if conflict {
+                return Err(l.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a batch in order, all or nothing.
+    pub fn apply_batch(&mut self, owner: &O, ops: &[LockOp]) -> Result<(), BatchError<O>> {
+        let mut next = self.clone();
+        for op in ops {
+            if op.unlock {
+                let pos = next
+                    .locks
+                    .iter()
+                    .position(|l| l.owner == *owner && l.range == op.range)
+                    .ok_or(BatchError::RangeNotLocked(op.range))?;
+                next.locks.remove(pos);
+            } else {
+                let kind = if op.exclusive {
+                    LockKind::Exclusive
+                } else {
+                    LockKind::Shared
+                };
+                next.check_lock(owner, op.range, kind)
+                    .map_err(BatchError::Conflict)?;
+                next.locks.push(Lock {
+                    owner: owner.clone(),
+                    range: op.range,
+                    kind,
+                });
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// Whether `owner` may read (or write) `range` past other owners' locks.
+    pub fn check_io(&self, owner: &O, range: LockRange, write: bool) -> Result<(), Lock<O>> {
+        for l in &self.locks {
+            if l.owner == *owner || !l.range.overlaps(range) {
+                continue;
+            }
+            if write || l.kind == LockKind::Exclusive {
+                return Err(l.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every lock of `owner` (its open closed); returns how many.
+    pub fn remove_owner(&mut self, owner: &O) -> usize {
+        let before = self.locks.len();
+        self.locks.retain(|l| l.owner != *owner);
+        before - self.locks.len()
+    }
+
+    /// The locks of one owner.
+    pub fn of_owner<'a>(&'a self, owner: &'a O) -> impl Iterator<Item = &'a Lock<O>> + 'a {
+        self.locks.iter().filter(move |l| l.owner == *owner)
+    }
+
+    /// Adds a lock without checking (restoring persisted state at recovery,
+    /// where the set was valid when it was stored).
+    pub fn restore(&mut self, lock: Lock<O>) {
+        self.locks.push(lock);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn r(offset: u64, length: u64) -> LockRange {
+        LockRange { offset, length }
+    }
+    fn op(offset: u64, length: u64, exclusive: bool, unlock: bool) -> LockOp {
+        LockOp {
+            range: r(offset, length),
+            exclusive,
+            unlock,
+        }
+    }
+
+    #[test]
+    fn lockfileex_rules() {
+        let mut t = LockTable::new();
+        t.apply_batch(&1, &[op(0, 10, true, false)]).unwrap();
+        // Exclusive over own exclusive: refused (same open included).
+        assert!(t.apply_batch(&1, &[op(5, 10, true, false)]).is_err());
+        // Shared over own exclusive: fine; over another's: refused.
+        t.apply_batch(&1, &[op(5, 2, false, false)]).unwrap();
+        assert!(t.apply_batch(&2, &[op(5, 2, false, false)]).is_err());
+        // Shared locks of different owners coexist.
+        t.apply_batch(&2, &[op(100, 10, false, false)]).unwrap();
+        t.apply_batch(&3, &[op(105, 10, false, false)]).unwrap();
+        // Unlock must name an exact range.
+        assert_eq!(
+            t.apply_batch(&1, &[op(0, 5, false, true)]),
+            Err(BatchError::RangeNotLocked(r(0, 5)))
+        );
+        t.apply_batch(&1, &[op(0, 10, false, true)]).unwrap();
+        // Mandatory I/O.
+        assert!(
+            t.check_io(&9, r(5, 1), false).is_ok(),
+            "shared lock lets others read"
+        );
+        assert!(
+            t.check_io(&9, r(5, 1), true).is_err(),
+            "any lock stops others writing"
+        );
+        assert!(
+            t.check_io(&1, r(5, 1), true).is_ok(),
+            "own locks never block"
+        );
+        // To end of file.
+        t.apply_batch(&4, &[op(1000, u64::MAX, true, false)])
+            .unwrap();
+        assert!(t.check_io(&9, r(u64::MAX - 1, 1), false).is_err());
+        assert!(t.check_io(&9, r(999, 1), true).is_ok());
+        // Zero length is inert.
+        t.apply_batch(&5, &[op(1005, 0, true, false)]).unwrap();
+    }
+
+    #[test]
+    fn batches_are_all_or_nothing() {
+        let mut t = LockTable::new();
+        t.apply_batch(&1, &[op(0, 10, true, false)]).unwrap();
+        let before = t.clone();
+        let e = t.apply_batch(&2, &[op(20, 5, true, false), op(5, 1, false, false)]);
+        assert!(matches!(e, Err(BatchError::Conflict(_))));
+        assert_eq!(t, before);
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<(u8, LockOp)>> {
+        prop::collection::vec(
+            (
+                0u8..3,
+                0u64..64,
+                prop_oneof![1u64..16, Just(0u64), Just(u64::MAX)],
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(|(o, off, len, ex, un)| (o, op(off, len, ex, un))),
+            0..24,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn overlap_is_symmetric(a in 0u64..100, b in 0u64..100, c in 0u64..100, d in 0u64..100) {
+            prop_assert_eq!(r(a, b).overlaps(r(c, d)), r(c, d).overlaps(r(a, b)));
+        }
+
+        #[test]
+        fn to_eof_covers_everything_after(off in 0u64..1000, x in 0u64..u64::MAX) {
+            let eof = r(off, u64::MAX);
+            prop_assert_eq!(eof.overlaps(r(x, 1)), x >= off);
+        }
+
+        #[test]
+        fn invariants_hold_after_any_history(history in ops()) {
+            let mut t: LockTable<u8> = LockTable::new();
+            for (owner, o) in history {
+                let before = t.clone();
+                if t.apply_batch(&owner, &[o]).is_err() {
+                    prop_assert_eq!(&t, &before, "a failed batch changes nothing");
+                }
+            }
+            // No exclusive lock overlaps a lock of another owner, nor another
+            // exclusive lock of its own.
+            for (i, a) in t.locks().iter().enumerate() {
+                for (j, b) in t.locks().iter().enumerate() {
+                    if i == j || !a.range.overlaps(b.range) { continue; }
+                    if a.kind == LockKind::Exclusive {
+                        prop_assert!(b.owner == a.owner && b.kind == LockKind::Shared);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn lock_then_unlock_restores(history in ops(), owner in 0u8..3, off in 0u64..64, len in 1u64..16, ex: bool) {
+            let mut t: LockTable<u8> = LockTable::new();
+            for (o, x) in history { let _ = t.apply_batch(&o, &[x]); }
+            let before = t.clone();
+            if t.apply_batch(&owner, &[op(off, len, ex, false)]).is_ok() {
+                t.apply_batch(&owner, &[op(off, len, ex, true)]).unwrap();
+                let mut a = before.locks().to_vec();
+                let mut b = t.locks().to_vec();
+                a.sort_by_key(|l| (l.owner, l.range, l.kind == LockKind::Exclusive));
+                b.sort_by_key(|l| (l.owner, l.range, l.kind == LockKind::Exclusive));
+                prop_assert_eq!(a, b);
+            }
+        }
+
+        #[test]
+        fn own_locks_never_block_own_io(history in ops(), owner in 0u8..3, off in 0u64..64, len in 1u64..16, w: bool) {
+            let mut t: LockTable<u8> = LockTable::new();
+            for (o, x) in history { let _ = t.apply_batch(&o, &[x]); }
+            t.remove_owner(&((owner + 1) % 3));
+            t.remove_owner(&((owner + 2) % 3));
+            prop_assert!(t.check_io(&owner, r(off, len), w).is_ok());
+        }
+    }
+}
