@@ -21,14 +21,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use libfilter::locks::{BatchError, Lock, LockOp, LockTable};
 use libfilter::model::{
     now_ms, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
-    HandleRecord, InstanceName, Intent, IntentChange, IntentId, Protocol, ReplayRecord,
-    ReplayScope, ResumeKey, ScopeName, MAX_REPLY_BYTES,
+    HandleRecord, HeldLock, InstanceName, Intent, IntentChange, IntentId, LockSequence, Protocol,
+    ReplayRecord, ReplayScope, ResumeKey, ScopeName, MAX_REPLY_BYTES,
 };
 use libfilter::proto::{
     self, ErrorCode, Event, FileHolder, FileView, FrontendView, HandleView, Hello, HelloReply,
-    OpenRequest, Opened, Reply, Request, RequestFrame, ResumeRequest, ResumeTarget, Role,
+    LockView, OpenRequest, Opened, Reply, Request, RequestFrame, ResumeRequest, ResumeTarget, Role,
     ServerFrame, Stats, StatusInfo, WireError,
 };
 use libfilter::share::{self, Holder, HolderState, ShareDecision, ShareMode};
@@ -171,6 +172,9 @@ struct Handle {
     gen: u64,
     /// Its open waits for an intent to be durable (not yet acknowledged).
     parked: bool,
+    /// A read-write descriptor of its own (its own open file description)
+    /// carrying its byte-range locks as OFD locks; only while it has locks.
+    lock_fd: Option<OwnedFd>,
 }
 
 /// Most commands drained into one batch.
@@ -195,6 +199,8 @@ pub struct Engine {
     deferred: Vec<Deferred>,
     opened: Vec<ResumeKey>,
     notify: Vec<IntentId>,
+    /// Byte-range locks by file.
+    locks: BTreeMap<FileId, LockTable<ResumeKey>>,
     /// Opens waiting for their intent to be durable before their change.
     parked: HashMap<IntentId, Parked>,
     /// Recorded replies by scope, mirrored from the `replay` table (and,
@@ -244,6 +250,7 @@ impl Engine {
             opened: Vec::new(),
             notify: Vec::new(),
             parked: HashMap::new(),
+            locks: BTreeMap::new(),
             replays: HashMap::new(),
             commit_tx,
         }
@@ -371,13 +378,36 @@ impl Engine {
             if let ConnState::Disconnected { expires_ms, .. } = rec.conn {
                 self.expiries.push(Reverse((expires_ms, rec.key, 0)));
             }
+            let key = rec.key;
+            let restore = if matches!(rec.conn, ConnState::Disconnected { .. }) {
+                rec.locks.clone()
+            } else {
+                Vec::new()
+            };
+            let file = rec.file;
             self.insert(Handle {
                 rec,
                 fd,
                 conn: None,
                 gen: 0,
                 parked: false,
+                lock_fd: None,
             });
+            // Re-take its byte-range locks, in the filter and as OFD locks,
+            // before anyone is served (invariant 5).
+            if !restore.is_empty() {
+                let t = self.locks.entry(file).or_insert_with(LockTable::new);
+                for l in &restore {
+                    t.restore(Lock {
+                        owner: key,
+                        range: l.range,
+                        kind: l.kind,
+                    });
+                }
+                if let Err(e) = self.mirror(key, &restore) {
+                    warn!(resume_key = %key, error = %e.message, "recovered locks not mirrored as OFD locks");
+                }
+            }
         }
         if !updates.is_empty() {
             store.apply(&updates)?;
@@ -709,6 +739,48 @@ impl Engine {
                 let scope = self.own_scope(conn, &protocol, scope)?;
                 Ok(Some((self.lookup_reply(&scope, op_id), None)))
             }
+            Request::Lock {
+                key,
+                locks,
+                lock_sequence,
+            } => {
+                need_frontend()?;
+                Ok(Some((self.lock(conn, key, &locks, lock_sequence)?, None)))
+            }
+            Request::CheckIo { key, range, write } => {
+                need_frontend()?;
+                self.attached_to(conn, key)?;
+                let file = self.handles.get(&key).map(|h| h.rec.file);
+                if let Some(Err(l)) = file
+                    .and_then(|f| self.locks.get(&f))
+                    .map(|t| t.check_io(&key, range, write))
+                {
+                    self.stats.io_conflicts += 1;
+                    let mut e = err(ErrorCode::LockConflict, "range is locked by another open");
+                    e.conflict = file.map(|f| Box::new(self.lock_view(f, &l)));
+                    return Err(e);
+                }
+                Ok(Some((Reply::Done, None)))
+            }
+            Request::Locks { after } => {
+                let range = match after {
+                    Some(f) => self
+                        .locks
+                        .range((std::ops::Bound::Excluded(f), std::ops::Bound::Unbounded)),
+                    None => self.locks.range(..),
+                };
+                let views: Vec<(FileId, Vec<LockView>)> = range
+                    .map(|(f, t)| {
+                        (
+                            *f,
+                            t.locks().iter().map(|l| self.lock_view(*f, l)).collect(),
+                        )
+                    })
+                    .collect();
+                let (pages, next) = page(views.into_iter(), |(f, _)| *f);
+                let locks = pages.into_iter().flat_map(|(_, v)| v).collect();
+                Ok(Some((Reply::Locks { locks, next }, None)))
+            }
             Request::DropScope { scope } => {
                 let (protocol, _) = need_frontend()?;
                 let scope = self.own_scope(conn, &protocol, scope)?;
@@ -932,6 +1004,8 @@ impl Engine {
             conn: ConnState::Connected,
             create_action,
             opened_ms: now_ms(),
+            locks: Vec::new(),
+            lock_sequence: Vec::new(),
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {
@@ -984,6 +1058,7 @@ impl Engine {
             conn: Some(conn),
             gen: 0,
             parked: park,
+            lock_fd: None,
         });
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handles.insert(key);
@@ -1224,6 +1299,166 @@ impl Engine {
         Ok(opened)
     }
 
+    fn lock_view(&self, file: FileId, l: &Lock<ResumeKey>) -> LockView {
+        LockView {
+            file,
+            key: l.owner,
+            owner: self.handles.get(&l.owner).and_then(|h| h.rec.owner.clone()),
+            range: l.range,
+            kind: l.kind,
+        }
+    }
+
+    /// Locks and unlocks byte ranges (spec/smb-like.md "Byte-range locks",
+    /// "Lock sequence replay"), mirrors them as OFD locks, and records them
+    /// in the handle (durably for persistent handles).
+    fn lock(
+        &mut self,
+        conn: ConnId,
+        key: ResumeKey,
+        ops: &[LockOp],
+        seq: Option<LockSequence>,
+    ) -> Result<Reply, WireError> {
+        self.attached_to(conn, key)?;
+        if let Some(q) = seq {
+            if q.number > 15 || q.index > 64 {
+                return Err(err(
+                    ErrorCode::BadFrame,
+                    "lock_sequence: number 0..15, index 0..64",
+                ));
+            }
+        }
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+        };
+        let file = h.rec.file;
+        let persistent = h.rec.durability.is_persistent();
+        let checked = seq.filter(|q| q.index > 0 && h.rec.durability != Durability::None);
+        if let Some(q) = checked {
+            if h.rec.lock_sequence.contains(&(q.index, q.number)) {
+                self.stats.replays_detected += 1;
+                debug!(resume_key = %key, index = q.index, number = q.number, "lock sequence replay: nothing applied");
+                return Ok(Reply::Done);
+            }
+            // Invalidate the entry before applying: set again only on success.
+            h.rec.lock_sequence.retain(|(i, _)| *i != q.index);
+        }
+        let table = self.locks.entry(file).or_insert_with(LockTable::new);
+        let before = table.clone();
+        let outcome = table.apply_batch(&key, ops);
+        let held: Vec<HeldLock> = table
+            .of_owner(&key)
+            .map(|l| HeldLock {
+                range: l.range,
+                kind: l.kind,
+            })
+            .collect();
+        let result = match outcome {
+            Err(BatchError::Conflict(l)) => {
+                let mut e = err(
+                    ErrorCode::LockNotGranted,
+                    "a lock of another open (or this one) conflicts",
+                );
+                e.conflict = Some(Box::new(self.lock_view(file, &l)));
+                Err(e)
+            }
+            Err(BatchError::RangeNotLocked(r)) => Err(err(
+                ErrorCode::RangeNotLocked,
+                format!(
+                    "no lock of this open at offset {} length {}",
+                    r.offset, r.length
+                ),
+            )),
+            Ok(()) => match self.mirror(key, &held) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // A local process holds a conflicting fcntl lock: undo.
+                    self.stats.local_lock_conflicts += 1;
+                    if let Some(t) = self.locks.get_mut(&file) {
+                        *t = before.clone();
+                    }
+                    let held_before: Vec<HeldLock> = before
+                        .of_owner(&key)
+                        .map(|l| HeldLock {
+                            range: l.range,
+                            kind: l.kind,
+                        })
+                        .collect();
+                    let _ = self.mirror(key, &held_before);
+                    Err(e)
+                }
+            },
+        };
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+        };
+        match &result {
+            Ok(()) => {
+                h.rec.locks = held;
+                if let Some(q) = checked {
+                    h.rec.lock_sequence.push((q.index, q.number));
+                }
+                self.stats.locks_granted += 1;
+            }
+            Err(_) => self.stats.locks_refused += 1,
+        }
+        if self.locks.get(&file).is_some_and(|t| t.is_empty()) {
+            self.locks.remove(&file);
+        }
+        if persistent && (result.is_ok() || checked.is_some()) {
+            self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+        }
+        result.map(|()| Reply::Done)
+    }
+
+    /// Takes the handle's locks as OFD locks on its own lock descriptor.
+    fn mirror(&mut self, key: ResumeKey, held: &[HeldLock]) -> Result<(), WireError> {
+        let root = self.root.as_fd();
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Ok(());
+        };
+        if held.is_empty() {
+            h.lock_fd = None; // closing our own OFD releases its locks
+            return Ok(());
+        }
+        if h.lock_fd.is_none() {
+            if h.rec.kernel_handle.is_none() {
+                h.rec.kernel_handle =
+                    h.fd.as_ref()
+                        .and_then(|f| libfilter::sys::file_handle_of(f.as_fd()).ok());
+            }
+            let rw = libfilter::model::Access::new(
+                libfilter::model::Rights::READ.union(libfilter::model::Rights::WRITE),
+            )
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+            match h
+                .rec
+                .kernel_handle
+                .as_ref()
+                .map(|kh| fsops::reopen(root, kh, rw, &h.rec.path, h.rec.file))
+            {
+                Some(Ok((fd, _, _))) => h.lock_fd = Some(fd),
+                _ => {
+                    warn!(resume_key = %key, "cannot open a lock descriptor: locks are enforced among protocol clients only");
+                    return Ok(());
+                }
+            }
+        }
+        let Some(fd) = h.lock_fd.as_ref() else {
+            return Ok(());
+        };
+        fsops::mirror_ofd_locks(fd.as_fd(), held).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+                err(
+                    ErrorCode::LockNotGranted,
+                    "a local process holds a conflicting lock",
+                )
+            } else {
+                err(ErrorCode::Internal, format!("OFD lock: {e}"))
+            }
+        })
+    }
+
     /// Maps a frontend's replay scope into the filter's: a handle must be
     /// attached to this connection; a session is namespaced by protocol.
     fn own_scope(
@@ -1320,6 +1555,12 @@ impl Engine {
     fn remove(&mut self, key: ResumeKey) -> Option<Handle> {
         let h = self.handles.remove(&key)?;
         self.replays.remove(&ReplayScope::Handle(key));
+        if let Some(t) = self.locks.get_mut(&h.rec.file) {
+            t.remove_owner(&key);
+            if t.is_empty() {
+                self.locks.remove(&h.rec.file);
+            }
+        }
         if let Some(v) = self.by_file.get_mut(&h.rec.file) {
             v.retain(|k| *k != key);
             if v.is_empty() {

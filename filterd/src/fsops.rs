@@ -347,3 +347,55 @@ pub fn reopen(
         Err(e) => Err(e),
     }
 }
+
+/// Mirrors one handle's byte-range locks as OFD locks on `fd` (the handle's
+/// own lock descriptor), so local processes using fcntl locks see them:
+/// releases everything, then takes shared locks, then exclusive ones.
+/// `EAGAIN` means a local process holds a conflicting lock.
+pub fn mirror_ofd_locks(
+    fd: BorrowedFd<'_>,
+    locks: &[libfilter::model::HeldLock],
+) -> io::Result<()> {
+    use libfilter::locks::LockKind;
+    use nix::fcntl::{fcntl, FcntlArg};
+    let set = |kind: i16, offset: u64, length: u64| -> io::Result<()> {
+        let Ok(start) = i64::try_from(offset) else {
+            return Ok(()); // beyond what fcntl can express: not mirrored
+        };
+        // POSIX length 0 means "to end of file".
+        let len = if offset.saturating_add(length) == u64::MAX {
+            0
+        } else {
+            i64::try_from(length).unwrap_or(0)
+        };
+        let fl = libc::flock {
+            l_type: kind,
+            l_whence: short(libc::SEEK_SET),
+            l_start: start,
+            l_len: len,
+            l_pid: 0,
+        };
+        fcntl(fd, FcntlArg::F_OFD_SETLK(&fl))
+            .map(|_| ())
+            .map_err(io::Error::from)
+    };
+    set(short(libc::F_UNLCK), 0, u64::MAX)?;
+    for l in locks
+        .iter()
+        .filter(|l| l.kind == LockKind::Shared && l.range.length != 0)
+    {
+        set(short(libc::F_RDLCK), l.range.offset, l.range.length)?;
+    }
+    for l in locks
+        .iter()
+        .filter(|l| l.kind == LockKind::Exclusive && l.range.length != 0)
+    {
+        set(short(libc::F_WRLCK), l.range.offset, l.range.length)?;
+    }
+    Ok(())
+}
+
+/// The small `struct flock` constants fit a `c_short`.
+fn short(v: i32) -> i16 {
+    i16::try_from(v).unwrap_or(0)
+}

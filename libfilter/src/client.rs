@@ -427,6 +427,48 @@ impl FilterClient {
         }
     }
 
+    /// Locks and unlocks byte ranges, all or nothing.
+    pub fn lock(
+        &self,
+        key: ResumeKey,
+        locks: Vec<crate::locks::LockOp>,
+        lock_sequence: Option<crate::model::LockSequence>,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::Lock {
+            key,
+            locks,
+            lock_sequence,
+        })?)
+    }
+
+    /// Whether the handle may read (or write) the range past others' locks.
+    pub fn check_io(
+        &self,
+        key: ResumeKey,
+        range: crate::locks::LockRange,
+        write: bool,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::CheckIo { key, range, write })?)
+    }
+
+    /// Every byte-range lock, fetching page after page.
+    pub fn locks(&self) -> Result<Vec<crate::proto::LockView>, ClientError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            match self.call(Request::Locks { after })?.0 {
+                Reply::Locks { locks, next } => {
+                    out.extend(locks);
+                    match next {
+                        Some(f) => after = Some(f),
+                        None => return Ok(out),
+                    }
+                }
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+        }
+    }
+
     /// Resumes a disconnected handle by its resume key.
     pub fn resume(&self, client: ClientId, key: ResumeKey) -> Result<OpenedHandle, ClientError> {
         Self::expect_opened(self.call(Request::Resume(ResumeRequest {

@@ -581,6 +581,33 @@ pub struct HandleRecord {
     pub create_action: CreateAction,
     /// When it was opened, Unix ms.
     pub opened_ms: u64,
+    /// Byte-range locks it holds (restored after a restart).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<HeldLock>,
+    /// Lock-sequence entries (index 1..=64 → number), durable and persistent
+    /// handles only (spec/smb-like.md "Lock sequence replay").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lock_sequence: Vec<(u8, u8)>,
+}
+
+/// A byte-range lock as a handle record stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLock {
+    /// The range.
+    #[serde(flatten)]
+    pub range: crate::locks::LockRange,
+    /// Shared or exclusive.
+    pub kind: crate::locks::LockKind,
+}
+
+/// MS-SMB2 LockSequence: `index` 1..=64 names an entry, `number` 0..=15 the
+/// request; index 0 means "no replay check".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockSequence {
+    /// 0..=15.
+    pub number: u8,
+    /// 0..=64.
+    pub index: u8,
 }
 
 /// Longest replay-scope name (a frontend session id), in bytes.

@@ -16,10 +16,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::locks::{LockKind, LockOp, LockRange};
+
 use crate::model::{
     Access, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
-    HandleRecord, InstanceName, Protocol, RelPath, ReplayRecord, ReplayScope, ResumeKey,
-    ShareAccess,
+    HandleRecord, InstanceName, LockSequence, Protocol, RelPath, ReplayRecord, ReplayScope,
+    ResumeKey, ShareAccess,
 };
 
 /// The protocol version this library speaks.
@@ -166,6 +168,36 @@ pub enum Request {
         /// The scope.
         scope: ReplayScope,
     },
+    /// Lock and unlock byte ranges of a handle attached to this connection,
+    /// in order, all or nothing (spec/smb-like.md "Byte-range locks"); with
+    /// a lock sequence, a replay is recognised and applies nothing.
+    /// Frontend only.
+    Lock {
+        /// The handle.
+        key: ResumeKey,
+        /// The operations.
+        locks: Vec<LockOp>,
+        /// MS-SMB2 lock sequence, if any.
+        #[serde(default)]
+        lock_sequence: Option<LockSequence>,
+    },
+    /// May the handle read (or write) this range past other owners' locks?
+    /// Frontend only.
+    CheckIo {
+        /// The handle.
+        key: ResumeKey,
+        /// The range.
+        #[serde(flatten)]
+        range: LockRange,
+        /// A write (else a read).
+        write: bool,
+    },
+    /// Byte-range locks, a page at a time (by file id).
+    Locks {
+        /// File id the previous page ended with.
+        #[serde(default)]
+        after: Option<FileId>,
+    },
 }
 
 impl Request {
@@ -177,6 +209,9 @@ impl Request {
             Request::RecordReply { .. } => "record_reply",
             Request::LookupReply { .. } => "lookup_reply",
             Request::DropScope { .. } => "drop_scope",
+            Request::Lock { .. } => "lock",
+            Request::CheckIo { .. } => "check_io",
+            Request::Locks { .. } => "locks",
             Request::Resume(_) => "resume",
             Request::Close { .. } => "close",
             Request::Detach { .. } => "detach",
@@ -277,6 +312,12 @@ pub enum ErrorCode {
     DuplicateCreateGuid,
     /// The request needs something this filesystem or build does not offer.
     Unsupported,
+    /// A lock conflicts with another (detail in `conflict`).
+    LockNotGranted,
+    /// An unlock names no lock of the handle.
+    RangeNotLocked,
+    /// I/O over a range another handle has locked (detail in `conflict`).
+    LockConflict,
     /// The handle belongs to another client or protocol.
     NotOwner,
     /// The state store or the filesystem is full.
@@ -295,6 +336,9 @@ pub struct WireError {
     pub code: ErrorCode,
     /// Details for a person.
     pub message: String,
+    /// The lock in the way, for lock and I/O conflicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<Box<LockView>>,
 }
 
 impl WireError {
@@ -303,6 +347,7 @@ impl WireError {
         WireError {
             code,
             message: message.into(),
+            conflict: None,
         }
     }
 }
@@ -362,6 +407,14 @@ pub enum Reply {
         /// The record.
         record: Option<ReplayRecord>,
     },
+    /// Locks.
+    Locks {
+        /// The locks.
+        locks: Vec<LockView>,
+        /// Pass as `after` for the next page.
+        #[serde(default)]
+        next: Option<FileId>,
+    },
     /// How many handles a purge expired.
     Purged {
         /// Handles expired.
@@ -416,6 +469,23 @@ pub struct HandleView {
     pub record: HandleRecord,
     /// Whether the daemon holds an open descriptor for it.
     pub fd_open: bool,
+}
+
+/// A byte-range lock as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockView {
+    /// The file.
+    pub file: FileId,
+    /// The holding handle.
+    pub key: ResumeKey,
+    /// The holder's protocol-level owner (NFS-like lock-owner), if any.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The range.
+    #[serde(flatten)]
+    pub range: LockRange,
+    /// Shared or exclusive.
+    pub kind: LockKind,
 }
 
 /// A file with open handles.
@@ -521,6 +591,14 @@ pub struct Stats {
     pub replays_detected: u64,
     /// Lease breaks sent.
     pub breaks: u64,
+    /// Lock requests granted.
+    pub locks_granted: u64,
+    /// Lock requests refused (conflict or range not locked).
+    pub locks_refused: u64,
+    /// I/O checks refused by a lock.
+    pub io_conflicts: u64,
+    /// Locks a local process's fcntl lock kept out (OFD conflict).
+    pub local_lock_conflicts: u64,
     /// Persistent handles reopened at start.
     pub recoveries: u64,
     /// Handles found lost at start.

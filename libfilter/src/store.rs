@@ -569,6 +569,8 @@ mod tests {
             conn: ConnState::Connected,
             create_action: CreateAction::Created,
             opened_ms: 5,
+            locks: Vec::new(),
+            lock_sequence: Vec::new(),
         }
     }
 

@@ -50,7 +50,7 @@ enum Cmd {
     },
     /// Files with handles, and who holds them.
     Files,
-    /// Byte-range locks (not tracked by this build yet).
+    /// Byte-range locks (offline: as the stored handles hold them).
     Locks,
     /// Leases (not tracked by this build yet).
     Leases,
@@ -154,7 +154,30 @@ fn not_tracked(what: &str) -> anyhow::Result<()> {
 fn run(args: &Args) -> anyhow::Result<()> {
     let src = open_source(args)?;
     match (&args.command, src) {
-        (Cmd::Locks, _) => not_tracked("locks"),
+        (Cmd::Locks, src) => {
+            let locks = match src {
+                Source::Live(c) => c.locks()?,
+                Source::Offline(store) => offline_handles(&store)?
+                    .0
+                    .iter()
+                    .flat_map(|v| {
+                        v.record.locks.iter().map(|l| libfilter::proto::LockView {
+                            file: v.record.file,
+                            key: v.record.key,
+                            owner: v.record.owner.clone(),
+                            range: l.range,
+                            kind: l.kind,
+                        })
+                    })
+                    .collect(),
+            };
+            if args.json {
+                print_json(&locks)
+            } else {
+                print!("{}", render::locks(&locks));
+                Ok(())
+            }
+        }
         (Cmd::Leases, _) => not_tracked("leases"),
         (Cmd::Clients, _) => not_tracked("protocol clients"),
         (Cmd::Status, Source::Live(c)) => match c.call(Request::Status)?.0 {

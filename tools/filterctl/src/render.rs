@@ -188,6 +188,34 @@ pub fn files(files: &[FileView]) -> String {
     out
 }
 
+/// The `locks` table.
+pub fn locks(locks: &[libfilter::proto::LockView]) -> String {
+    let rows: Vec<Vec<String>> = locks
+        .iter()
+        .map(|l| {
+            let len = if l.range.length == u64::MAX {
+                "to EOF".to_string()
+            } else {
+                l.range.length.to_string()
+            };
+            vec![
+                l.file.to_string(),
+                l.key.to_string(),
+                l.owner.clone().unwrap_or_else(|| "-".into()),
+                l.range.offset.to_string(),
+                len,
+                format!("{:?}", l.kind).to_lowercase(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["FILE", "HANDLE", "OWNER", "OFFSET", "LENGTH", "KIND"],
+        &rows,
+    );
+    out.push_str(&format!("{} lock(s)\n", locks.len()));
+    out
+}
+
 /// The `frontends` table.
 pub fn frontends(fs: &[FrontendView], now: u64) -> String {
     let rows: Vec<Vec<String>> = fs

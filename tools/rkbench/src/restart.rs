@@ -70,6 +70,8 @@ fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHand
             conn: ConnState::Connected,
             create_action: CreateAction::Created,
             opened_ms: now_ms(),
+            locks: Vec::new(),
+            lock_sequence: Vec::new(),
         })));
         if batch.len() == 10_000 {
             store.apply(&batch)?;

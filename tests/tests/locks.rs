@@ -1,0 +1,299 @@
+//! Byte-range locks end to end: conflicts across frontends, mandatory I/O
+//! checks, OFD locks visible to local processes, lock-sequence replay, and
+//! locks surviving a filterd kill -9.
+
+// struct flock's constants are small c_shorts.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use libfilter::client::FilterClient;
+use libfilter::locks::{LockKind, LockOp, LockRange};
+use libfilter::model::*;
+use libfilter::proto::{ErrorCode, OpenRequest};
+use rkfilter_tests::{Filterd, Scratch};
+
+fn frontend(s: &Scratch, proto: &str, inst: &str) -> FilterClient {
+    FilterClient::connect_frontend(
+        &s.socket(),
+        Protocol::new(proto).unwrap(),
+        InstanceName::new(inst).unwrap(),
+    )
+    .unwrap()
+}
+
+fn open(
+    fe: &FilterClient,
+    client: &str,
+    access: Rights,
+    dur: Durability,
+    guid: Option<CreateGuid>,
+) -> libfilter::client::OpenedHandle {
+    fe.open(OpenRequest {
+        client: ClientId::new(client).unwrap(),
+        path: RelPath::new("f").unwrap(),
+        access: Access::new(access).unwrap(),
+        share: Rights::ALL,
+        disposition: Disposition::OpenIf,
+        durability: dur,
+        create_guid: guid,
+        owner: None,
+    })
+    .unwrap()
+}
+
+fn op(offset: u64, length: u64, exclusive: bool, unlock: bool) -> LockOp {
+    LockOp {
+        range: LockRange { offset, length },
+        exclusive,
+        unlock,
+    }
+}
+
+/// What a local process's F_OFD_GETLK says about `[offset, offset+len)`
+/// for a write lock: the type of the conflicting lock, or F_UNLCK.
+fn local_getlk(s: &Scratch, offset: i64, len: i64) -> i16 {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(s.root().join("f"))
+        .unwrap();
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: offset,
+        l_len: len,
+        l_pid: 0,
+    };
+    fcntl(f.as_fd(), FcntlArg::F_OFD_GETLK(&mut fl)).unwrap();
+    fl.l_type
+}
+
+const RW: Rights = Rights::READ.union(Rights::WRITE);
+
+#[test]
+fn locks_conflict_across_frontends_and_gate_io() {
+    let s = Scratch::new("locks");
+    let _d = Filterd::start(&s, &[], &[]);
+    let smb = frontend(&s, "smb", "smb-1");
+    let nfs = frontend(&s, "nfs", "nfs-1");
+    let a = open(&smb, "alice", Rights::READ, Durability::None, None);
+    let b = open(&nfs, "bob", RW, Durability::None, None);
+    let (ka, kb) = (a.info.key, b.info.key);
+    // A read-only open may take an exclusive lock (LockFileEx).
+    smb.lock(ka, vec![op(0, 10, true, false)], None).unwrap();
+    let e = nfs
+        .lock(kb, vec![op(5, 1, false, false)], None)
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LockNotGranted));
+    match e {
+        libfilter::client::ClientError::Refused(w) => {
+            let c = w.conflict.expect("conflict detail");
+            assert_eq!(
+                (c.key, c.range.offset, c.range.length, c.kind),
+                (ka, 0, 10, LockKind::Exclusive)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Exclusive over own exclusive: refused too.
+    assert_eq!(
+        smb.lock(ka, vec![op(5, 10, true, false)], None)
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::LockNotGranted)
+    );
+    // Mandatory I/O among protocol clients.
+    let r = LockRange {
+        offset: 3,
+        length: 2,
+    };
+    assert_eq!(
+        nfs.check_io(kb, r, false).unwrap_err().code(),
+        Some(ErrorCode::LockConflict)
+    );
+    assert_eq!(
+        nfs.check_io(kb, r, true).unwrap_err().code(),
+        Some(ErrorCode::LockConflict)
+    );
+    smb.check_io(ka, r, true).unwrap();
+    nfs.check_io(
+        kb,
+        LockRange {
+            offset: 10,
+            length: 5,
+        },
+        true,
+    )
+    .unwrap();
+    // All or nothing: the second element conflicts, the first is not kept.
+    assert!(nfs
+        .lock(
+            kb,
+            vec![op(20, 5, true, false), op(9, 1, false, false)],
+            None
+        )
+        .is_err());
+    smb.lock(ka, vec![op(20, 5, true, false)], None).unwrap();
+    smb.lock(ka, vec![op(20, 5, true, true)], None).unwrap();
+    // Unlocking what is not locked.
+    assert_eq!(
+        nfs.lock(kb, vec![op(0, 10, false, true)], None)
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::RangeNotLocked)
+    );
+    assert_eq!(
+        smb.lock(ka, vec![op(0, 5, false, true)], None)
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::RangeNotLocked)
+    );
+    // filterctl-visible listing.
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    assert_eq!(ctl.locks().unwrap().len(), 1);
+    // Closing the handle releases its locks.
+    smb.close(ka).unwrap();
+    nfs.lock(kb, vec![op(5, 1, true, false)], None).unwrap();
+    assert_eq!(ctl.locks().unwrap().len(), 1);
+}
+
+#[test]
+fn local_processes_see_protocol_locks_and_protocol_sees_theirs() {
+    let s = Scratch::new("ofd");
+    let _d = Filterd::start(&s, &[], &[]);
+    let smb = frontend(&s, "smb", "smb-1");
+    let a = open(&smb, "alice", RW, Durability::None, None);
+    assert_eq!(local_getlk(&s, 0, 100), libc::F_UNLCK as i16);
+    smb.lock(a.info.key, vec![op(10, 10, true, false)], None)
+        .unwrap();
+    assert_eq!(
+        local_getlk(&s, 15, 1),
+        libc::F_WRLCK as i16,
+        "local F_OFD_GETLK sees the exclusive lock"
+    );
+    assert_eq!(
+        local_getlk(&s, 20, 5),
+        libc::F_UNLCK as i16,
+        "and nothing beyond it"
+    );
+    smb.lock(
+        a.info.key,
+        vec![op(10, 10, true, true), op(30, 5, false, false)],
+        None,
+    )
+    .unwrap();
+    assert_eq!(local_getlk(&s, 15, 1), libc::F_UNLCK as i16);
+    assert_eq!(
+        local_getlk(&s, 30, 1),
+        libc::F_RDLCK as i16,
+        "a shared lock shows as a read lock"
+    );
+    // A local process holding an fcntl write lock keeps a protocol lock out.
+    use nix::fcntl::{fcntl, FcntlArg};
+    let local = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(s.root().join("f"))
+        .unwrap();
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 100,
+        l_len: 10,
+        l_pid: 0,
+    };
+    fcntl(local.as_fd(), FcntlArg::F_OFD_SETLK(&fl)).unwrap();
+    let e = smb
+        .lock(a.info.key, vec![op(105, 1, true, false)], None)
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LockNotGranted));
+    // ... and the refused lock left nothing behind, the earlier one intact.
+    assert_eq!(local_getlk(&s, 30, 1), libc::F_RDLCK as i16);
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    assert_eq!(ctl.locks().unwrap().len(), 1);
+    drop(local);
+    smb.lock(a.info.key, vec![op(105, 1, true, false)], None)
+        .unwrap();
+}
+
+#[test]
+fn lock_sequence_replays_and_locks_survive_kill9() {
+    let s = Scratch::new("lockseq");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let guid = CreateGuid(uuid::Uuid::new_v4());
+    let smb = frontend(&s, "smb", "smb-1");
+    let h = open(
+        &smb,
+        "alice",
+        RW,
+        Durability::Persistent { timeout_ms: 60_000 },
+        Some(guid),
+    );
+    let key = h.info.key;
+    let seq = Some(LockSequence {
+        number: 3,
+        index: 1,
+    });
+    smb.lock(key, vec![op(0, 100, true, false)], seq).unwrap();
+    // The same sequence again is a replay: success, nothing applied.
+    smb.lock(key, vec![op(0, 100, true, false)], seq).unwrap();
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    assert_eq!(ctl.locks().unwrap().len(), 1, "the replay applied nothing");
+    drop(ctl);
+    // Unlock-by-replay also applies nothing: same entry, same number.
+    smb.lock(key, vec![op(0, 100, true, true)], seq).unwrap();
+    assert_eq!(local_getlk(&s, 50, 1), libc::F_WRLCK as i16);
+    d.kill9();
+    drop(smb);
+    let _d2 = Filterd::start(&s, &[], &[]);
+    // Before any client is back, the lock is re-taken: local processes see
+    // it, other protocol clients are kept out.
+    assert_eq!(
+        local_getlk(&s, 50, 1),
+        libc::F_WRLCK as i16,
+        "OFD lock re-taken after restart"
+    );
+    let smb = frontend(&s, "smb", "smb-1");
+    let nfs = frontend(&s, "nfs", "nfs-1");
+    let b = open(&nfs, "bob", RW, Durability::None, None);
+    assert_eq!(
+        nfs.lock(b.info.key, vec![op(10, 1, false, false)], None)
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::LockNotGranted)
+    );
+    // The client reconnects and replays its lock: recognised after failover.
+    let h = smb
+        .replay_open(OpenRequest {
+            client: ClientId::new("alice").unwrap(),
+            path: RelPath::new("f").unwrap(),
+            access: Access::new(RW).unwrap(),
+            share: Rights::ALL,
+            disposition: Disposition::OpenIf,
+            durability: Durability::Persistent { timeout_ms: 60_000 },
+            create_guid: Some(guid),
+            owner: None,
+        })
+        .unwrap();
+    assert_eq!(h.info.key, key);
+    smb.lock(key, vec![op(0, 100, true, false)], seq).unwrap();
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    assert_eq!(ctl.locks().unwrap().len(), 1);
+    // A new sequence number on the same index executes.
+    smb.lock(
+        key,
+        vec![op(0, 100, true, true)],
+        Some(LockSequence {
+            number: 4,
+            index: 1,
+        }),
+    )
+    .unwrap();
+    assert!(ctl.locks().unwrap().is_empty());
+    rkfilter_tests::wait_for("OFD lock released", Duration::from_secs(5), || {
+        (local_getlk(&s, 50, 1) == libc::F_UNLCK as i16).then_some(())
+    });
+}
