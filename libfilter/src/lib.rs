@@ -3,6 +3,7 @@
 //! - [`model`]: what a handle is (resume key, client, share mode, durability…),
 //!   as types that refuse bad values.
 //! - [`share`]: the share-mode algebra (pure).
+//! - [`lease`]: lease states, grants and the break table (pure).
 //! - [`locks`]: the byte-range lock algebra, LockFileEx semantics (pure).
 //! - [`store`]: the LMDB tables (heed), versioned records, schema and epoch.
 //! - [`proto`]: the frontend ↔ filterd wire protocol, the only place its
@@ -18,6 +19,7 @@
 
 pub mod attach;
 pub mod client;
+pub mod lease;
 pub mod locks;
 pub mod model;
 pub mod proto;

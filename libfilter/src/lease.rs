@@ -1,0 +1,232 @@
+//! Leases (spec/smb-like.md "Leases"; NFS-like delegations are the same
+//! leases: a read delegation is R, a write delegation RW).
+//!
+//! A lease is held by a lease key (one client's opens of a file may share it)
+//! and has a state made of R (read caching), H (handle caching) and W (write
+//! caching), with an epoch that grows at every change.
+//!
+//! Grant: a key gets what it asks for, less W when any open of the file by
+//! another key (or without a lease) exists — W caching needs the file to
+//! itself. R and H are shared among keys.
+//!
+//! Break (an open by another key, a local open, a rename or delete):
+//!
+//! | trigger | what is removed |
+//! |---|---|
+//! | the new open only reads | W |
+//! | the new open writes | R and W |
+//! | the new open would otherwise fail with a sharing violation, or the file is renamed or deleted | H (as well) |
+//!
+//! So RWH broken by a reader becomes RH, by a writer H; RH broken by a
+//! conflicting reader becomes R. Breaking from a state with W or H needs the
+//! holder's acknowledgement (it may have cached writes or handles to flush);
+//! R alone is lowered without one. Pure: the daemon applies it.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+/// A set of caching rights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LeaseState(u8);
+
+impl LeaseState {
+    /// Read caching.
+    pub const R: LeaseState = LeaseState(1);
+    /// Handle caching.
+    pub const H: LeaseState = LeaseState(2);
+    /// Write caching.
+    pub const W: LeaseState = LeaseState(4);
+    /// Nothing.
+    pub const NONE: LeaseState = LeaseState(0);
+
+    /// Union.
+    pub const fn with(self, o: LeaseState) -> LeaseState {
+        LeaseState(self.0 | o.0)
+    }
+    /// Difference.
+    pub const fn without(self, o: LeaseState) -> LeaseState {
+        LeaseState(self.0 & !o.0)
+    }
+    /// Intersection.
+    pub const fn and(self, o: LeaseState) -> LeaseState {
+        LeaseState(self.0 & o.0)
+    }
+    /// Whether every right of `o` is in `self`.
+    pub const fn contains(self, o: LeaseState) -> bool {
+        self.0 & o.0 == o.0
+    }
+    /// Whether it holds nothing.
+    pub const fn is_none(self) -> bool {
+        self.0 == 0
+    }
+    /// Parses "", "R", "RH", "RW", "RWH" (and "H", what a writer leaves of RH).
+    pub fn parse(s: &str) -> Option<LeaseState> {
+        let mut st = LeaseState::NONE;
+        for c in s.chars() {
+            let bit = match c {
+                'R' => LeaseState::R,
+                'H' => LeaseState::H,
+                'W' => LeaseState::W,
+                _ => return None,
+            };
+            if st.contains(bit) {
+                return None;
+            }
+            st = st.with(bit);
+        }
+        // W caching without read caching is meaningless.
+        if st.contains(LeaseState::W) && !st.contains(LeaseState::R) {
+            return None;
+        }
+        Some(st)
+    }
+}
+
+impl fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (bit, c) in [(LeaseState::R, 'R'), (LeaseState::W, 'W'), (LeaseState::H, 'H')] {
+            if self.contains(bit) {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for LeaseState {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for LeaseState {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        LeaseState::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("invalid lease state {s:?}")))
+    }
+}
+
+/// A client-chosen lease key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseKey(pub Uuid);
+
+impl fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// What triggers a break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakTrigger {
+    /// The new open writes.
+    pub writes: bool,
+    /// The new open conflicts with the holder's share mode (or the file is
+    /// to be renamed or deleted): handle caching must go.
+    pub handle_conflict: bool,
+}
+
+/// The state a held lease must break to, or `None` when it may stay.
+pub fn break_to(held: LeaseState, t: BreakTrigger) -> Option<LeaseState> {
+    let mut to = if t.writes {
+        held.without(LeaseState::R).without(LeaseState::W)
+    } else {
+        held.without(LeaseState::W)
+    };
+    if t.handle_conflict {
+        to = to.without(LeaseState::H);
+    }
+    (to != held).then_some(to)
+}
+
+/// Whether lowering `from` needs the holder's acknowledgement.
+pub fn ack_required(from: LeaseState) -> bool {
+    from.contains(LeaseState::W) || from.contains(LeaseState::H)
+}
+
+/// What a key asking for `requested` gets, given whether any open of the
+/// file by another key (or without a lease) exists.
+pub fn grantable(requested: LeaseState, others_open: bool) -> LeaseState {
+    if others_open {
+        requested.without(LeaseState::W)
+    } else {
+        requested
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn st(s: &str) -> LeaseState {
+        LeaseState::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parse_and_print() {
+        for s in ["", "R", "RH", "RW", "RWH", "H"] {
+            assert_eq!(st(s).to_string(), s);
+        }
+        for bad in ["W", "WH", "RR", "X", "r"] {
+            assert!(LeaseState::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn break_table() {
+        let rd = BreakTrigger { writes: false, handle_conflict: false };
+        let wr = BreakTrigger { writes: true, handle_conflict: false };
+        let rd_h = BreakTrigger { writes: false, handle_conflict: true };
+        let wr_h = BreakTrigger { writes: true, handle_conflict: true };
+        assert_eq!(break_to(st("RWH"), rd), Some(st("RH")));
+        assert_eq!(break_to(st("RWH"), wr), Some(st("H")));
+        assert_eq!(break_to(st("RWH"), rd_h), Some(st("R")));
+        assert_eq!(break_to(st("RWH"), wr_h), Some(st("")));
+        assert_eq!(break_to(st("RW"), rd), Some(st("R")));
+        assert_eq!(break_to(st("RH"), rd), None);
+        assert_eq!(break_to(st("RH"), wr), Some(st("H")));
+        assert_eq!(break_to(st("R"), rd), None);
+        assert_eq!(break_to(st("R"), wr), Some(st("")));
+        assert!(ack_required(st("RH")) && ack_required(st("RW")) && !ack_required(st("R")));
+        assert_eq!(grantable(st("RWH"), true), st("RH"));
+        assert_eq!(grantable(st("RWH"), false), st("RWH"));
+    }
+
+    fn any_state() -> impl Strategy<Value = LeaseState> {
+        prop_oneof![Just(st("")), Just(st("R")), Just(st("RH")), Just(st("RW")), Just(st("RWH")), Just(st("H"))]
+    }
+
+    proptest! {
+        #[test]
+        fn breaks_only_lower_and_stay_valid(held in any_state(), writes: bool, hc: bool) {
+            if let Some(to) = break_to(held, BreakTrigger { writes, handle_conflict: hc }) {
+                prop_assert!(held.contains(to) && to != held);
+                prop_assert!(LeaseState::parse(&to.to_string()).is_some());
+                prop_assert!(!to.contains(LeaseState::W));
+                if writes { prop_assert!(!to.contains(LeaseState::R)); }
+                if !writes { prop_assert_eq!(to.contains(LeaseState::R), held.contains(LeaseState::R)); }
+                if hc { prop_assert!(!to.contains(LeaseState::H)); }
+            }
+        }
+
+        #[test]
+        fn nothing_to_break_means_compatible(held in any_state(), writes: bool, hc: bool) {
+            if break_to(held, BreakTrigger { writes, handle_conflict: hc }).is_none() {
+                prop_assert!(!held.contains(LeaseState::W));
+                if writes { prop_assert!(!held.contains(LeaseState::R)); }
+                if hc { prop_assert!(!held.contains(LeaseState::H)); }
+            }
+        }
+
+        #[test]
+        fn grant_never_exceeds_request(req in any_state(), others: bool) {
+            let g = grantable(req, others);
+            prop_assert!(req.contains(g));
+            if others { prop_assert!(!g.contains(LeaseState::W)); }
+        }
+    }
+}
