@@ -21,11 +21,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use libfilter::lease::{self, BreakTrigger, LeaseKey, LeaseState};
 use libfilter::locks::{BatchError, Lock, LockOp, LockTable};
 use libfilter::model::{
     now_ms, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
-    HandleRecord, HeldLock, InstanceName, Intent, IntentChange, IntentId, LockSequence, Protocol,
-    ReplayRecord, ReplayScope, ResumeKey, ScopeName, MAX_REPLY_BYTES,
+    HandleRecord, HeldLease, HeldLock, InstanceName, Intent, IntentChange, IntentId, LockSequence,
+    Protocol, ReplayRecord, ReplayScope, ResumeKey, ScopeName, MAX_REPLY_BYTES,
 };
 use libfilter::proto::{
     self, ErrorCode, Event, FileHolder, FileView, FrontendView, HandleView, Hello, HelloReply,
@@ -151,6 +152,8 @@ pub struct Config {
     pub state_display: String,
     /// Whether fanotify mediation is on.
     pub fanotify: bool,
+    /// How long an open waits for a lease-break acknowledgement.
+    pub break_timeout_ms: u64,
 }
 
 struct Conn {
@@ -199,6 +202,12 @@ pub struct Engine {
     deferred: Vec<Deferred>,
     opened: Vec<ResumeKey>,
     notify: Vec<IntentId>,
+    /// Lease breaks waiting for their holder's acknowledgement.
+    breaking: HashMap<(FileId, LeaseKey), Breaking>,
+    /// Opens waiting for lease breaks before they can be decided.
+    waiting: Vec<WaitingOpen>,
+    /// Files whose waiting opens should run again (a break ended).
+    retry_files: std::collections::BTreeSet<FileId>,
     /// Byte-range locks by file.
     locks: BTreeMap<FileId, LockTable<ResumeKey>>,
     /// Opens waiting for their intent to be durable before their change.
@@ -207,6 +216,23 @@ pub struct Engine {
     /// for non-persistent handles, only here).
     replays: HashMap<ReplayScope, BTreeMap<u64, ReplayRecord>>,
     commit_tx: Sender<CommitJob>,
+}
+
+/// A lease break in flight.
+struct Breaking {
+    to: LeaseState,
+    deadline_ms: u64,
+}
+
+/// An open waiting for lease breaks.
+struct WaitingOpen {
+    file: FileId,
+    conn: ConnId,
+    id: u64,
+    protocol: Protocol,
+    instance: InstanceName,
+    req: OpenRequest,
+    replay: bool,
 }
 
 /// An open parked until its intent is durable.
@@ -251,6 +277,9 @@ impl Engine {
             notify: Vec::new(),
             parked: HashMap::new(),
             locks: BTreeMap::new(),
+            breaking: HashMap::new(),
+            waiting: Vec::new(),
+            retry_files: Default::default(),
             replays: HashMap::new(),
             commit_tx,
         }
@@ -463,6 +492,7 @@ impl Engine {
                 }
             }
             self.expire_due(now_ms());
+            self.process_retries();
             self.flush();
         }
         self.flush();
@@ -471,8 +501,10 @@ impl Engine {
 
     fn next_wakeup(&self) -> Duration {
         let now = now_ms();
-        match self.expiries.peek() {
-            Some(Reverse((t, _, _))) => Duration::from_millis(t.saturating_sub(now).clamp(1, 1000)),
+        let next_expiry = self.expiries.peek().map(|Reverse((t, _, _))| *t);
+        let next_break = self.breaking.values().map(|b| b.deadline_ms).min();
+        match next_expiry.into_iter().chain(next_break).min() {
+            Some(t) => Duration::from_millis(t.saturating_sub(now).clamp(1, 1000)),
             None => Duration::from_secs(1),
         }
     }
@@ -625,7 +657,21 @@ impl Engine {
         );
         let _enter = span.enter();
         let ops_before = self.ops.len();
-        let (result, fd_of) = match self.dispatch(conn, &role, frame.id, frame.req) {
+        let outcome = self.dispatch(conn, &role, frame.id, frame.req);
+        self.answer(conn, &writer, frame.id, outcome, ops_before);
+    }
+
+    /// Sends (or, when the request changed persistent state, defers until the
+    /// commit) the reply to request `id`. `Ok(None)`: parked, answered later.
+    fn answer(
+        &mut self,
+        _conn: ConnId,
+        writer: &Arc<ConnWriter>,
+        id: u64,
+        outcome: Result<Option<(Reply, Option<ResumeKey>)>, WireError>,
+        ops_before: usize,
+    ) {
+        let (result, fd_of) = match outcome {
             Ok(Some((reply, fd_of))) => (Ok(reply), fd_of),
             Ok(None) => return,
             Err(e) => {
@@ -634,7 +680,7 @@ impl Engine {
             }
         };
         let out = ServerFrame::Reply {
-            id: Some(frame.id),
+            id: Some(id),
             result,
         };
         let fd = fd_of
@@ -646,7 +692,7 @@ impl Engine {
                 Err(e) => {
                     error!(error = %e, "cannot encode reply");
                     let fallback = ServerFrame::Reply {
-                        id: Some(frame.id),
+                        id: Some(id),
                         result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
                     };
                     match proto::encode(&fallback) {
@@ -664,8 +710,8 @@ impl Engine {
                 None => None,
             };
             self.deferred.push(Deferred {
-                writer,
-                id: frame.id,
+                writer: writer.clone(),
+                id,
                 bytes,
                 fd,
             });
@@ -674,7 +720,7 @@ impl Engine {
             // unanswered.
             writer.send_frame(
                 &ServerFrame::Reply {
-                    id: Some(frame.id),
+                    id: Some(id),
                     result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
                 },
                 None,
@@ -761,6 +807,10 @@ impl Engine {
                     return Err(e);
                 }
                 Ok(Some((Reply::Done, None)))
+            }
+            Request::LeaseBreakAck { lease_key, state } => {
+                need_frontend()?;
+                Ok(Some((self.lease_ack(conn, lease_key, state)?, None)))
             }
             Request::Locks { after } => {
                 let range = match after {
@@ -922,6 +972,20 @@ impl Engine {
             access: o.access.rights(),
             share: o.share,
         };
+        if self.break_leases_for(of.file, o.lease.map(|l| l.key), mode) {
+            // Holders must acknowledge first: wait (the descriptor is
+            // dropped; the open runs again from the start).
+            self.waiting.push(WaitingOpen {
+                file: of.file,
+                conn,
+                id: req_id,
+                protocol,
+                instance,
+                req: o,
+                replay,
+            });
+            return Ok(None);
+        }
         let holders: Vec<Holder<ResumeKey>> = self
             .by_file
             .get(&of.file)
@@ -988,6 +1052,7 @@ impl Engine {
         };
         let key = ResumeKey::new_random();
         tracing::Span::current().record("resume_key", tracing::field::display(key));
+        let o_lease = o.lease;
         let rec = HandleRecord {
             key,
             protocol,
@@ -1006,6 +1071,7 @@ impl Engine {
             opened_ms: now_ms(),
             locks: Vec::new(),
             lock_sequence: Vec::new(),
+            lease: None,
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {
@@ -1014,6 +1080,7 @@ impl Engine {
             size,
             file: of.file,
             durability,
+            lease: None,
         };
         let park = truncation.is_some() && durability.is_persistent();
         if park {
@@ -1064,6 +1131,10 @@ impl Engine {
             c.handles.insert(key);
         }
         self.stats.opens += 1;
+        let mut opened = opened;
+        if let Some(lr) = o_lease {
+            opened.lease = self.grant_lease(key, lr);
+        }
         if park {
             return Ok(None);
         }
@@ -1097,6 +1168,7 @@ impl Engine {
                     size: 0,
                     file: h.rec.file,
                     durability: h.rec.durability,
+                    lease: h.rec.lease,
                 }))
             }
             Err(e) => {
@@ -1168,6 +1240,7 @@ impl Engine {
                     size,
                     file: h.rec.file,
                     durability: h.rec.durability,
+                    lease: h.rec.lease,
                 }
             }
             (Some(_), _) => {
@@ -1292,11 +1365,267 @@ impl Engine {
             size,
             file: h.rec.file,
             durability: h.rec.durability,
+            lease: h.rec.lease,
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handles.insert(key);
         }
         Ok(opened)
+    }
+
+    /// The leases on a file by key: their state and their handles.
+    fn leases_on(&self, file: FileId) -> Vec<(LeaseKey, LeaseState, Vec<ResumeKey>)> {
+        let mut out: Vec<(LeaseKey, LeaseState, Vec<ResumeKey>)> = Vec::new();
+        for k in self.by_file.get(&file).into_iter().flatten() {
+            let Some(l) = self.handles.get(k).and_then(|h| h.rec.lease) else {
+                continue;
+            };
+            match out.iter_mut().find(|(lk, _, _)| *lk == l.key) {
+                Some(e) => e.2.push(*k),
+                None => out.push((l.key, l.state, vec![*k])),
+            }
+        }
+        out
+    }
+
+    /// Breaks the leases of other keys that an open with `mode` conflicts
+    /// with. Holders that are disconnected (or need no ack) are lowered at
+    /// once; attached ones get a LEASE_BREAK event. Returns whether the open
+    /// must wait for acknowledgements.
+    fn break_leases_for(
+        &mut self,
+        file: FileId,
+        requester: Option<LeaseKey>,
+        mode: ShareMode,
+    ) -> bool {
+        let writes = mode.access.contains(libfilter::model::Rights::WRITE);
+        let mut wait = false;
+        for (lk, state, keys) in self.leases_on(file) {
+            if Some(lk) == requester {
+                continue;
+            }
+            let handle_conflict = keys.iter().filter_map(|k| self.handles.get(k)).any(|h| {
+                share::conflicts(
+                    mode,
+                    ShareMode {
+                        access: h.rec.access.rights(),
+                        share: h.rec.share,
+                    },
+                )
+            });
+            let Some(to) = lease::break_to(
+                state,
+                BreakTrigger {
+                    writes,
+                    handle_conflict,
+                },
+            ) else {
+                continue;
+            };
+            if self.breaking.contains_key(&(file, lk)) {
+                wait = true;
+                continue;
+            }
+            let attached: Vec<ConnId> = keys
+                .iter()
+                .filter_map(|k| self.handles.get(k))
+                .filter_map(|h| h.conn)
+                .collect();
+            let ack = lease::ack_required(state) && !attached.is_empty();
+            self.stats.breaks += 1;
+            let epoch = self
+                .set_lease_state(file, lk, if ack { state } else { to })
+                .wrapping_add(u16::from(ack));
+            if let Some(c) = attached.first().and_then(|c| self.conns.get(c)) {
+                c.writer.send_frame(
+                    &ServerFrame::Event(Event::LeaseBreak {
+                        lease_key: lk,
+                        current_state: state,
+                        new_state: to,
+                        epoch,
+                        ack_required: ack,
+                    }),
+                    None,
+                );
+            }
+            if ack {
+                info!(lease_key = %lk, from = %state, to = %to, "lease break sent; the conflicting open waits for the ack");
+                self.breaking.insert(
+                    (file, lk),
+                    Breaking {
+                        to,
+                        deadline_ms: now_ms() + self.cfg.break_timeout_ms,
+                    },
+                );
+                wait = true;
+            }
+        }
+        wait
+    }
+
+    /// Sets a lease's state on every handle of its key on the file (durably
+    /// for persistent ones); bumps the epoch. A disconnected non-persistent
+    /// durable handle that loses H is purged: it could not be reconnected
+    /// safely. Returns the new epoch.
+    fn set_lease_state(&mut self, file: FileId, lk: LeaseKey, to: LeaseState) -> u16 {
+        let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        let mut epoch = 0;
+        let mut purge = Vec::new();
+        for k in keys {
+            let Some(h) = self.handles.get_mut(&k) else {
+                continue;
+            };
+            let Some(l) = h.rec.lease.as_mut() else {
+                continue;
+            };
+            if l.key != lk {
+                continue;
+            }
+            let lost_h = l.state.contains(LeaseState::H) && !to.contains(LeaseState::H);
+            if l.state != to {
+                l.state = to;
+                l.epoch = l.epoch.wrapping_add(1);
+            }
+            epoch = l.epoch;
+            if lost_h && h.conn.is_none() && matches!(h.rec.durability, Durability::Durable { .. })
+            {
+                purge.push(k);
+            } else if h.rec.durability.is_persistent() {
+                self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+            }
+        }
+        for k in purge {
+            self.purge(k);
+        }
+        epoch
+    }
+
+    /// Grants (or upgrades) the lease of a new open.
+    fn grant_lease(
+        &mut self,
+        key: ResumeKey,
+        lr: libfilter::model::LeaseRequest,
+    ) -> Option<HeldLease> {
+        let file = self.handles.get(&key)?.rec.file;
+        let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        let mut existing: Option<HeldLease> = None;
+        let mut others_open = false;
+        for k in &keys {
+            if *k == key {
+                continue;
+            }
+            match self.handles.get(k).and_then(|h| h.rec.lease) {
+                Some(l) if l.key == lr.key => existing = Some(l),
+                _ => {
+                    if self
+                        .handles
+                        .get(k)
+                        .is_some_and(|h| h.rec.conn != ConnState::Lost)
+                    {
+                        others_open = true;
+                    }
+                }
+            }
+        }
+        let granted = lease::grantable(lr.state, others_open);
+        let held = match existing {
+            Some(e) => {
+                let state = lease::grantable(e.state.with(granted), others_open);
+                HeldLease {
+                    key: lr.key,
+                    state,
+                    epoch: if state == e.state {
+                        e.epoch
+                    } else {
+                        e.epoch.wrapping_add(1)
+                    },
+                }
+            }
+            None => HeldLease {
+                key: lr.key,
+                state: granted,
+                epoch: 1,
+            },
+        };
+        for k in keys {
+            let Some(h) = self.handles.get_mut(&k) else {
+                continue;
+            };
+            let same = k == key || h.rec.lease.is_some_and(|l| l.key == lr.key);
+            if same && h.rec.lease != Some(held) {
+                h.rec.lease = Some(held);
+                if h.rec.durability.is_persistent() {
+                    self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                }
+            }
+        }
+        Some(held)
+    }
+
+    /// A holder acknowledged a break.
+    fn lease_ack(
+        &mut self,
+        conn: ConnId,
+        lk: LeaseKey,
+        state: LeaseState,
+    ) -> Result<Reply, WireError> {
+        let Some((&(file, _), b)) = self.breaking.iter().find(|((_, k), _)| *k == lk) else {
+            return Err(err(
+                ErrorCode::NoSuchHandle,
+                format!("no break in progress for lease {lk}"),
+            ));
+        };
+        if !b.to.contains(state) {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("acknowledged state {state} exceeds the break's {}", b.to),
+            ));
+        }
+        let holder_here = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .any(|h| h.conn == Some(conn) && h.rec.lease.is_some_and(|l| l.key == lk));
+        if !holder_here {
+            return Err(err(
+                ErrorCode::NotOwner,
+                format!("lease {lk} is not held through this connection"),
+            ));
+        }
+        self.breaking.remove(&(file, lk));
+        let epoch = self.set_lease_state(file, lk, state);
+        self.retry_files.insert(file);
+        Ok(Reply::Lease(HeldLease {
+            key: lk,
+            state,
+            epoch,
+        }))
+    }
+
+    /// Runs again the waiting opens of every file whose break ended.
+    fn process_retries(&mut self) {
+        let files = std::mem::take(&mut self.retry_files);
+        for f in files {
+            self.retry_waiting(f);
+        }
+    }
+
+    /// Runs again the opens of `file` that waited for lease breaks.
+    fn retry_waiting(&mut self, file: FileId) {
+        let (now, later): (Vec<WaitingOpen>, Vec<WaitingOpen>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| w.file == file);
+        self.waiting = later;
+        for w in now {
+            let Some(writer) = self.conns.get(&w.conn).map(|c| c.writer.clone()) else {
+                continue; // its frontend went away meanwhile
+            };
+            let ops_before = self.ops.len();
+            let outcome = self.open(w.conn, w.id, w.protocol, w.instance, w.req, w.replay);
+            self.answer(w.conn, &writer, w.id, outcome, ops_before);
+        }
     }
 
     fn lock_view(&self, file: FileId, l: &Lock<ResumeKey>) -> LockView {
@@ -1555,6 +1884,19 @@ impl Engine {
     fn remove(&mut self, key: ResumeKey) -> Option<Handle> {
         let h = self.handles.remove(&key)?;
         self.replays.remove(&ReplayScope::Handle(key));
+        if let Some(l) = h.rec.lease {
+            let still_held = self
+                .by_file
+                .get(&h.rec.file)
+                .into_iter()
+                .flatten()
+                .filter(|k| **k != key)
+                .filter_map(|k| self.handles.get(k))
+                .any(|o| o.rec.lease.is_some_and(|x| x.key == l.key));
+            if !still_held && self.breaking.remove(&(h.rec.file, l.key)).is_some() {
+                self.retry_files.insert(h.rec.file);
+            }
+        }
         if let Some(t) = self.locks.get_mut(&h.rec.file) {
             t.remove_owner(&key);
             if t.is_empty() {
@@ -1643,6 +1985,19 @@ impl Engine {
     }
 
     fn expire_due(&mut self, now: u64) {
+        let due: Vec<(FileId, LeaseKey)> = self
+            .breaking
+            .iter()
+            .filter(|(_, b)| b.deadline_ms <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for (file, lk) in due {
+            if let Some(b) = self.breaking.remove(&(file, lk)) {
+                warn!(lease_key = %lk, to = %b.to, "lease break not acknowledged in time: lowered anyway");
+                self.set_lease_state(file, lk, b.to);
+                self.retry_files.insert(file);
+            }
+        }
         while let Some(Reverse((t, key, gen))) = self.expiries.peek().copied() {
             if t > now {
                 break;

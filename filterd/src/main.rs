@@ -181,6 +181,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             root_display: root_path.display().to_string(),
             state_display: state.display().to_string(),
             fanotify,
+            break_timeout_ms: args.break_timeout_ms,
         },
         root.into(),
         epoch,

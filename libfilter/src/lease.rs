@@ -86,7 +86,11 @@ impl LeaseState {
 
 impl fmt::Display for LeaseState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (bit, c) in [(LeaseState::R, 'R'), (LeaseState::W, 'W'), (LeaseState::H, 'H')] {
+        for (bit, c) in [
+            (LeaseState::R, 'R'),
+            (LeaseState::W, 'W'),
+            (LeaseState::H, 'H'),
+        ] {
             if self.contains(bit) {
                 write!(f, "{c}")?;
             }
@@ -104,7 +108,8 @@ impl Serialize for LeaseState {
 impl<'de> Deserialize<'de> for LeaseState {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        LeaseState::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("invalid lease state {s:?}")))
+        LeaseState::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("invalid lease state {s:?}")))
     }
 }
 
@@ -178,10 +183,22 @@ mod tests {
 
     #[test]
     fn break_table() {
-        let rd = BreakTrigger { writes: false, handle_conflict: false };
-        let wr = BreakTrigger { writes: true, handle_conflict: false };
-        let rd_h = BreakTrigger { writes: false, handle_conflict: true };
-        let wr_h = BreakTrigger { writes: true, handle_conflict: true };
+        let rd = BreakTrigger {
+            writes: false,
+            handle_conflict: false,
+        };
+        let wr = BreakTrigger {
+            writes: true,
+            handle_conflict: false,
+        };
+        let rd_h = BreakTrigger {
+            writes: false,
+            handle_conflict: true,
+        };
+        let wr_h = BreakTrigger {
+            writes: true,
+            handle_conflict: true,
+        };
         assert_eq!(break_to(st("RWH"), rd), Some(st("RH")));
         assert_eq!(break_to(st("RWH"), wr), Some(st("H")));
         assert_eq!(break_to(st("RWH"), rd_h), Some(st("R")));
@@ -197,7 +214,14 @@ mod tests {
     }
 
     fn any_state() -> impl Strategy<Value = LeaseState> {
-        prop_oneof![Just(st("")), Just(st("R")), Just(st("RH")), Just(st("RW")), Just(st("RWH")), Just(st("H"))]
+        prop_oneof![
+            Just(st("")),
+            Just(st("R")),
+            Just(st("RH")),
+            Just(st("RW")),
+            Just(st("RWH")),
+            Just(st("H"))
+        ]
     }
 
     proptest! {

@@ -588,6 +588,30 @@ pub struct HandleRecord {
     /// handles only (spec/smb-like.md "Lock sequence replay").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lock_sequence: Vec<(u8, u8)>,
+    /// The lease this open belongs to, if any (shared by the opens of one
+    /// lease key on the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<HeldLease>,
+}
+
+/// A lease as granted and held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLease {
+    /// The client's lease key.
+    pub key: crate::lease::LeaseKey,
+    /// The granted state.
+    pub state: crate::lease::LeaseState,
+    /// Grows at every change of state.
+    pub epoch: u16,
+}
+
+/// A lease asked for with an open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    /// The client's lease key.
+    pub key: crate::lease::LeaseKey,
+    /// The state wanted.
+    pub state: crate::lease::LeaseState,
 }
 
 /// A byte-range lock as a handle record stores it.

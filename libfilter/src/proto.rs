@@ -16,12 +16,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::lease::{LeaseKey, LeaseState};
 use crate::locks::{LockKind, LockOp, LockRange};
 
 use crate::model::{
     Access, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
-    HandleRecord, InstanceName, LockSequence, Protocol, RelPath, ReplayRecord, ReplayScope,
-    ResumeKey, ShareAccess,
+    HandleRecord, HeldLease, InstanceName, LeaseRequest, LockSequence, Protocol, RelPath,
+    ReplayRecord, ReplayScope, ResumeKey, ShareAccess,
 };
 
 /// The protocol version this library speaks.
@@ -192,6 +193,14 @@ pub enum Request {
         /// A write (else a read).
         write: bool,
     },
+    /// The holder of a lease acknowledges a break to `state` (at most what
+    /// the break asked for). Frontend only.
+    LeaseBreakAck {
+        /// The lease key.
+        lease_key: LeaseKey,
+        /// The state kept.
+        state: LeaseState,
+    },
     /// Byte-range locks, a page at a time (by file id).
     Locks {
         /// File id the previous page ended with.
@@ -212,6 +221,7 @@ impl Request {
             Request::Lock { .. } => "lock",
             Request::CheckIo { .. } => "check_io",
             Request::Locks { .. } => "locks",
+            Request::LeaseBreakAck { .. } => "lease_break_ack",
             Request::Resume(_) => "resume",
             Request::Close { .. } => "close",
             Request::Detach { .. } => "detach",
@@ -248,6 +258,9 @@ pub struct OpenRequest {
     /// Protocol-level owner, if any.
     #[serde(default)]
     pub owner: Option<String>,
+    /// A lease (or delegation) wanted with the open.
+    #[serde(default)]
+    pub lease: Option<LeaseRequest>,
 }
 
 /// Which handle to resume.
@@ -365,6 +378,9 @@ pub struct Opened {
     pub file: FileId,
     /// The durability granted (timeouts normalized).
     pub durability: Durability,
+    /// The lease the open holds (possibly less than asked, possibly none).
+    #[serde(default)]
+    pub lease: Option<HeldLease>,
 }
 
 /// A successful reply.
@@ -402,6 +418,8 @@ pub enum Reply {
     },
     /// Counters.
     Stats(Stats),
+    /// A lease after an acknowledged break.
+    Lease(HeldLease),
     /// A recorded reply, or none.
     Recorded {
         /// The record.
@@ -456,6 +474,21 @@ pub enum Event {
     Purged {
         /// The handle.
         key: ResumeKey,
+    },
+    /// A lease of this frontend's must go down to `new_state`: acknowledge
+    /// with `LeaseBreakAck` when `ack_required` (the conflicting open waits
+    /// up to the break timeout), else it is lowered already.
+    LeaseBreak {
+        /// The lease key.
+        lease_key: LeaseKey,
+        /// The state held.
+        current_state: LeaseState,
+        /// The state to break to.
+        new_state: LeaseState,
+        /// The lease's epoch after the break.
+        epoch: u16,
+        /// Whether the holder must acknowledge.
+        ack_required: bool,
     },
     /// Client-side only: the connection to the daemon was lost.
     ConnectionLost,
@@ -674,6 +707,7 @@ mod tests {
                 durability: Durability::Persistent { timeout_ms: 0 },
                 create_guid: None,
                 owner: None,
+                lease: None,
             }),
         };
         let b = encode(&f).unwrap();

@@ -571,6 +571,7 @@ mod tests {
             opened_ms: 5,
             locks: Vec::new(),
             lock_sequence: Vec::new(),
+            lease: None,
         }
     }
 

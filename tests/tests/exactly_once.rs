@@ -42,6 +42,7 @@ fn open_req(path: &str, disp: Disposition, guid: CreateGuid) -> OpenRequest {
         durability: Durability::Persistent { timeout_ms: 60_000 },
         create_guid: Some(guid),
         owner: None,
+        lease: None,
     }
 }
 

@@ -37,6 +37,7 @@ fn req(
         durability: dur,
         create_guid: None,
         owner: None,
+        lease: None,
     }
 }
 

@@ -39,6 +39,7 @@ fn open(
         durability: dur,
         create_guid: guid,
         owner: None,
+        lease: None,
     })
     .unwrap()
 }
@@ -276,6 +277,7 @@ fn lock_sequence_replays_and_locks_survive_kill9() {
             durability: Durability::Persistent { timeout_ms: 60_000 },
             create_guid: Some(guid),
             owner: None,
+            lease: None,
         })
         .unwrap();
     assert_eq!(h.info.key, key);

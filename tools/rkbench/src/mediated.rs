@@ -123,6 +123,7 @@ pub fn open_close(
                         durability,
                         create_guid: None,
                         owner: None,
+                        lease: None,
                     };
                     let mut ns = Vec::with_capacity(1 << 14);
                     // Warm up (daemon caches, CPU frequency) before the clock.

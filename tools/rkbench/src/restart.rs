@@ -72,6 +72,7 @@ fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHand
             opened_ms: now_ms(),
             locks: Vec::new(),
             lock_sequence: Vec::new(),
+            lease: None,
         })));
         if batch.len() == 10_000 {
             store.apply(&batch)?;

@@ -164,6 +164,7 @@ fn frontend_child(v: &[String]) -> anyhow::Result<()> {
         },
         create_guid: Some(CreateGuid(guid.parse()?)),
         owner: None,
+        lease: None,
     })?;
     std::fs::File::from(h.fd).write_all_at(DATA, 0)?;
     println!("{}", h.info.key);
@@ -267,6 +268,7 @@ fn open_req(
         durability: dur,
         create_guid: None,
         owner: None,
+        lease: None,
     })
 }
 
