@@ -23,6 +23,7 @@
 //!     durability: Durability::Persistent { timeout_ms: 0 },
 //!     create_guid: None,
 //!     owner: None,
+//!     lease: None,
 //! })?;
 //! // h.fd is the open file: pread/pwrite it directly.
 //! c.close(h.info.key)?;
