@@ -147,6 +147,18 @@ fn conflicting_open_waits_for_the_break_ack() {
         .code(),
         Some(ErrorCode::NoSuchHandle)
     );
+    // The operator sees both leases.
+    let out =
+        rkfilter_tests::filterctl(&["--socket", s.socket().to_str().unwrap(), "leases", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    assert!(
+        rows.iter()
+            .any(|r| r["lease_key"] == k1.to_string() && r["state"] == "RH"),
+        "{v}"
+    );
     let stats = FilterClient::connect_control(&s.socket()).unwrap();
     match stats.call(Request::Stats).unwrap().0 {
         Reply::Stats(st) => assert!(st.breaks >= 1),

@@ -155,6 +155,13 @@ fn locks_conflict_across_frontends_and_gate_io() {
     // filterctl-visible listing.
     let ctl = FilterClient::connect_control(&s.socket()).unwrap();
     assert_eq!(ctl.locks().unwrap().len(), 1);
+    let out =
+        rkfilter_tests::filterctl(&["--socket", s.socket().to_str().unwrap(), "locks", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    assert_eq!(v[0]["offset"], 0);
+    assert_eq!(v[0]["length"], 10);
+    assert_eq!(v[0]["kind"], "exclusive");
     // Closing the handle releases its locks.
     smb.close(ka).unwrap();
     nfs.lock(kb, vec![op(5, 1, true, false)], None).unwrap();

@@ -52,7 +52,7 @@ enum Cmd {
     Files,
     /// Byte-range locks (offline: as the stored handles hold them).
     Locks,
-    /// Leases (not tracked by this build yet).
+    /// Leases by file and key (offline: as the stored handles hold them).
     Leases,
     /// Protocol clients (not tracked by this build yet).
     Clients,
@@ -178,7 +178,19 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        (Cmd::Leases, _) => not_tracked("leases"),
+        (Cmd::Leases, src) => {
+            let views = match src {
+                Source::Live(c) => c.handles()?,
+                Source::Offline(store) => offline_handles(&store)?.0,
+            };
+            let leases = render::lease_rows(&views);
+            if args.json {
+                print_json(&leases)
+            } else {
+                print!("{}", render::leases(&leases));
+                Ok(())
+            }
+        }
         (Cmd::Clients, _) => not_tracked("protocol clients"),
         (Cmd::Status, Source::Live(c)) => match c.call(Request::Status)?.0 {
             Reply::Status(s) if args.json => print_json(&s),

@@ -216,6 +216,78 @@ pub fn locks(locks: &[libfilter::proto::LockView]) -> String {
     out
 }
 
+/// One lease: a key on a file, with the handles that share it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LeaseRow {
+    /// The file.
+    pub file: libfilter::model::FileId,
+    /// A path it was opened by.
+    pub path: String,
+    /// The lease key.
+    pub lease_key: libfilter::lease::LeaseKey,
+    /// Its state.
+    pub state: libfilter::lease::LeaseState,
+    /// Its epoch.
+    pub epoch: u16,
+    /// The client holding it.
+    pub client: String,
+    /// The handles sharing it.
+    pub handles: Vec<libfilter::model::ResumeKey>,
+}
+
+/// Groups the handles' leases by (file, key).
+pub fn lease_rows(views: &[HandleView]) -> Vec<LeaseRow> {
+    let mut rows: Vec<LeaseRow> = Vec::new();
+    for v in views {
+        let r = &v.record;
+        let Some(l) = r.lease else { continue };
+        match rows
+            .iter_mut()
+            .find(|x| x.file == r.file && x.lease_key == l.key)
+        {
+            Some(x) => x.handles.push(r.key),
+            None => rows.push(LeaseRow {
+                file: r.file,
+                path: r.path.to_string(),
+                lease_key: l.key,
+                state: l.state,
+                epoch: l.epoch,
+                client: r.client.to_string(),
+                handles: vec![r.key],
+            }),
+        }
+    }
+    rows
+}
+
+/// The `leases` table.
+pub fn leases(rows: &[LeaseRow]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|l| {
+            let state = l.state.to_string();
+            vec![
+                l.path.clone(),
+                l.lease_key.to_string(),
+                if state.is_empty() {
+                    "none".into()
+                } else {
+                    state
+                },
+                l.epoch.to_string(),
+                l.client.clone(),
+                l.handles.len().to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["PATH", "LEASE KEY", "STATE", "EPOCH", "CLIENT", "HANDLES"],
+        &cells,
+    );
+    out.push_str(&format!("{} lease(s)\n", rows.len()));
+    out
+}
+
 /// The `frontends` table.
 pub fn frontends(fs: &[FrontendView], now: u64) -> String {
     let rows: Vec<Vec<String>> = fs
