@@ -105,6 +105,17 @@ pub enum Command {
     },
     /// The intents of these parked opens are durable: do their changes.
     IntentsDurable(Vec<IntentId>),
+    /// A local process is opening a file on the export (fanotify): decide.
+    LocalOpen {
+        /// The file.
+        file: FileId,
+        /// The process.
+        pid: i32,
+        /// A descriptor of the file (for ignore marks).
+        fd: OwnedFd,
+        /// Where the verdict goes.
+        reply: Sender<crate::local::Verdict>,
+    },
     /// Stop: flush, then return.
     Shutdown,
 }
@@ -206,6 +217,12 @@ pub struct Engine {
     breaking: HashMap<(FileId, LeaseKey), Breaking>,
     /// Opens waiting for lease breaks before they can be decided.
     waiting: Vec<WaitingOpen>,
+    /// Local opens waiting for lease breaks.
+    waiting_local: Vec<(FileId, Sender<crate::local::Verdict>, OwnedFd)>,
+    /// The fanotify group, when local access is mediated.
+    fanotify: Option<Arc<nix::sys::fanotify::Fanotify>>,
+    /// Local-access counters (the fanotify thread's and ours).
+    local_counters: Arc<crate::local::LocalCounters>,
     /// Files whose waiting opens should run again (a break ended).
     retry_files: std::collections::BTreeSet<FileId>,
     /// Byte-range locks by file.
@@ -280,6 +297,9 @@ impl Engine {
             breaking: HashMap::new(),
             waiting: Vec::new(),
             retry_files: Default::default(),
+            waiting_local: Vec::new(),
+            fanotify: None,
+            local_counters: Default::default(),
             replays: HashMap::new(),
             commit_tx,
         }
@@ -560,6 +580,12 @@ impl Engine {
                     }
                 }
             }
+            Command::LocalOpen {
+                file,
+                pid,
+                fd,
+                reply,
+            } => self.on_local_open(file, pid, fd, reply),
             Command::IntentsDurable(ids) => {
                 for id in ids {
                     self.finish_parked(id);
@@ -884,6 +910,9 @@ impl Engine {
                 let mut s = self.stats.clone();
                 s.commits = self.commit_counters.commits.load(Ordering::Relaxed);
                 s.committed_ops = self.commit_counters.ops.load(Ordering::Relaxed);
+                s.local_opens_allowed = self.local_counters.allowed.load(Ordering::Relaxed);
+                s.local_opens_denied = self.local_counters.denied.load(Ordering::Relaxed);
+                s.local_opens_watchdog = self.local_counters.watchdog.load(Ordering::Relaxed);
                 Ok(Some((Reply::Stats(s), None)))
             }
             Request::Expire { key } => {
@@ -1050,6 +1079,11 @@ impl Engine {
                 )
             })?),
         };
+        if let Some(fan) = &self.fanotify {
+            // The file has protocol state from now on: local opens of it
+            // must reach us again.
+            crate::local::unignore(fan, of.fd.as_fd());
+        }
         let key = ResumeKey::new_random();
         tracing::Span::current().record("resume_key", tracing::field::display(key));
         let o_lease = o.lease;
@@ -1612,8 +1646,78 @@ impl Engine {
         }
     }
 
+    /// Turns local-access mediation on.
+    pub fn set_fanotify(
+        &mut self,
+        fan: Arc<nix::sys::fanotify::Fanotify>,
+        counters: Arc<crate::local::LocalCounters>,
+    ) {
+        self.fanotify = Some(fan);
+        self.local_counters = counters;
+    }
+
+    /// Decides a local process's open: it counts as a read that shares
+    /// everything (share modes that exclude readers refuse it); conflicting
+    /// caching leases are broken first, the open waiting for the acks.
+    fn on_local_open(
+        &mut self,
+        file: FileId,
+        pid: i32,
+        fd: OwnedFd,
+        reply: Sender<crate::local::Verdict>,
+    ) {
+        use crate::local::Verdict;
+        let holders: Vec<Holder<ResumeKey>> = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .map(|h| Holder {
+                key: h.rec.key,
+                mode: ShareMode {
+                    access: h.rec.access.rights(),
+                    share: h.rec.share,
+                },
+                state: holder_state(h),
+            })
+            .collect();
+        if holders.is_empty() {
+            // No protocol state: ignore this file's opens from now on.
+            if let Some(fan) = &self.fanotify {
+                crate::local::ignore(fan, &fd);
+            }
+            let _ = reply.send(Verdict::Allow);
+            return;
+        }
+        match share::decide(ShareMode::LOCAL_PROCESS, holders) {
+            ShareDecision::Violation | ShareDecision::NotAvailable => {
+                debug!(pid, %file, "local open refused by a protocol share mode");
+                let _ = reply.send(Verdict::Deny);
+                return;
+            }
+            ShareDecision::Grant { purge } => {
+                for k in purge {
+                    self.purge(k);
+                }
+            }
+        }
+        if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS) {
+            self.waiting_local.push((file, reply, fd));
+            return;
+        }
+        let _ = reply.send(Verdict::Allow);
+    }
+
     /// Runs again the opens of `file` that waited for lease breaks.
     fn retry_waiting(&mut self, file: FileId) {
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_local)
+            .into_iter()
+            .partition(|(f, _, _)| *f == file);
+        self.waiting_local = later;
+        for (f, reply, fd) in now {
+            self.on_local_open(f, 0, fd, reply);
+        }
         let (now, later): (Vec<WaitingOpen>, Vec<WaitingOpen>) = std::mem::take(&mut self.waiting)
             .into_iter()
             .partition(|w| w.file == file);

@@ -12,6 +12,7 @@ mod conn;
 mod engine;
 mod failpoint;
 mod fsops;
+mod local;
 mod observability;
 
 use std::fs::File;
@@ -23,7 +24,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use libfilter::store::Store;
 
@@ -162,10 +163,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         .custom_flags(libc::O_DIRECTORY)
         .open(&root_path)
         .with_context(|| format!("opening export root {}", root_path.display()))?;
-    let fanotify = false;
-    if !args.no_fanotify {
-        warn!("local-access mediation (fanotify) is not in this build yet; running as with --no-fanotify");
-    }
+    let fanotify = if args.no_fanotify {
+        None
+    } else {
+        Some(local::setup(&root_path)?)
+    };
 
     let store =
         Arc::new(Store::open(&state, args.map_size_mib << 20).context("opening the state store")?);
@@ -180,7 +182,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_durable_timeout_ms: args.durable_timeout_max_ms,
             root_display: root_path.display().to_string(),
             state_display: state.display().to_string(),
-            fanotify,
+            fanotify: fanotify.is_some(),
             break_timeout_ms: args.break_timeout_ms,
         },
         root.into(),
@@ -189,6 +191,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         counters.clone(),
     );
     eng.recover(&store).context("restart recovery")?;
+    let local_counters = Arc::new(local::LocalCounters::default());
+    if let Some(fan) = &fanotify {
+        eng.set_fanotify(fan.clone(), local_counters.clone());
+    }
 
     let committer = {
         let (store, tx, counters) = (store.clone(), cmd_tx.clone(), counters.clone());
@@ -207,6 +213,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("listener".into())
             .spawn(move || conn::accept_loop(listener, p, tx))?;
+    }
+    if let Some(fan) = fanotify {
+        let (tx, counters) = (cmd_tx.clone(), local_counters.clone());
+        let bound = std::time::Duration::from_millis(args.break_timeout_ms.saturating_add(2000));
+        std::thread::Builder::new()
+            .name("fanotify".into())
+            .spawn(move || local::run(fan, tx, counters, bound))?;
+        info!("local access mediated through fanotify on the export's mount");
     }
     info!(socket = %socket_path.display(), "serving");
 

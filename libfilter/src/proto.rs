@@ -632,6 +632,12 @@ pub struct Stats {
     pub io_conflicts: u64,
     /// Locks a local process's fcntl lock kept out (OFD conflict).
     pub local_lock_conflicts: u64,
+    /// Local opens (fanotify) allowed.
+    pub local_opens_allowed: u64,
+    /// Local opens refused by a protocol share mode.
+    pub local_opens_denied: u64,
+    /// Local opens allowed by the watchdog (no verdict in time).
+    pub local_opens_watchdog: u64,
     /// Persistent handles reopened at start.
     pub recoveries: u64,
     /// Handles found lost at start.

@@ -118,6 +118,33 @@ pub fn file_handle_of(fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {
     })
 }
 
+/// The mount id of the mount `fd` lives on (from `name_to_handle_at`): two
+/// descriptors on different mounts have different ids, so a directory is a
+/// mount point exactly when its id differs from its parent's.
+pub fn mount_id_of(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    let mut buf = FileHandleBuf {
+        handle_bytes: MAX_HANDLE_SZ_U32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: as in `file_handle_of`: valid buffers that outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut buf as *mut FileHandleBuf,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mount_id)
+}
+
 /// Reopens a file by its kernel handle on the filesystem `mount_fd` lives on
 /// (needs `CAP_DAC_READ_SEARCH`). A file renamed since is still found; a
 /// deleted one gives `ESTALE`.

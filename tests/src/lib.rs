@@ -74,8 +74,37 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// A scratch dir whose export root is its own tmpfs mount (so filterd
+    /// can mediate local access with fanotify). `None`, with a note on
+    /// stderr, when not root or mounting fails; CI runs as root.
+    pub fn with_tmpfs(name: &str) -> Option<Scratch> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: {name} needs root to mount a tmpfs");
+            return None;
+        }
+        let s = Scratch::new(name);
+        let r = nix::mount::mount(
+            Some("tmpfs"),
+            &s.root(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64m"),
+        );
+        match r {
+            Ok(()) => Some(s),
+            Err(e) => {
+                panic!("mounting a tmpfs as root failed: {e}");
+            }
+        }
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // Unmount a tmpfs root if there is one (lazily: processes may still
+        // be going away).
+        let _ = nix::mount::umount2(&self.root(), nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -97,8 +126,25 @@ impl Filterd {
         d
     }
 
+    /// Starts filterd with fanotify mediation on (the scratch root must be a
+    /// mount point: see [`Scratch::with_tmpfs`]).
+    pub fn start_mediated(s: &Scratch, extra: &[&str]) -> Filterd {
+        let d = Self::spawn_with(s, extra, &[], false);
+        d.wait_ready();
+        d
+    }
+
+    /// Spawns filterd with fanotify on, without waiting (to see it refuse).
+    pub fn spawn_mediated(s: &Scratch) -> Filterd {
+        Self::spawn_with(s, &[], &[], false)
+    }
+
     /// Starts filterd without waiting.
     pub fn spawn(s: &Scratch, extra: &[&str], env: &[(&str, &str)]) -> Filterd {
+        Self::spawn_with(s, extra, env, true)
+    }
+
+    fn spawn_with(s: &Scratch, extra: &[&str], env: &[(&str, &str)], no_fanotify: bool) -> Filterd {
         let n = std::fs::read_dir(&s.dir).map(|d| d.count()).unwrap_or(0);
         let log = s.dir.join(format!("filterd-{n}.log"));
         let mut cmd = Command::new(bin("filterd"));
@@ -106,7 +152,7 @@ impl Filterd {
             .arg(s.root())
             .arg("--state")
             .arg(s.state())
-            .arg("--no-fanotify")
+            .args(no_fanotify.then_some("--no-fanotify"))
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
