@@ -113,8 +113,10 @@ pub enum Command {
         pid: i32,
         /// A descriptor of the file (for ignore marks).
         fd: OwnedFd,
+        /// The event's id for the answerer.
+        id: u64,
         /// Where the verdict goes.
-        reply: Sender<crate::local::Verdict>,
+        reply: Sender<crate::local::AnswerMsg>,
     },
     /// Stop: flush, then return.
     Shutdown,
@@ -218,7 +220,7 @@ pub struct Engine {
     /// Opens waiting for lease breaks before they can be decided.
     waiting: Vec<WaitingOpen>,
     /// Local opens waiting for lease breaks.
-    waiting_local: Vec<(FileId, Sender<crate::local::Verdict>, OwnedFd)>,
+    waiting_local: Vec<(FileId, LocalReply, OwnedFd)>,
     /// The fanotify group, when local access is mediated.
     fanotify: Option<Arc<nix::sys::fanotify::Fanotify>>,
     /// Local-access counters (the fanotify thread's and ours).
@@ -233,6 +235,18 @@ pub struct Engine {
     /// for non-persistent handles, only here).
     replays: HashMap<ReplayScope, BTreeMap<u64, ReplayRecord>>,
     commit_tx: Sender<CommitJob>,
+}
+
+/// Where a local open's verdict goes.
+struct LocalReply {
+    id: u64,
+    tx: Sender<crate::local::AnswerMsg>,
+}
+
+impl LocalReply {
+    fn send(&self, v: crate::local::Verdict) {
+        let _ = self.tx.send(crate::local::AnswerMsg::Verdict(self.id, v));
+    }
 }
 
 /// A lease break in flight.
@@ -584,8 +598,9 @@ impl Engine {
                 file,
                 pid,
                 fd,
+                id,
                 reply,
-            } => self.on_local_open(file, pid, fd, reply),
+            } => self.on_local_open(file, pid, fd, LocalReply { id, tx: reply }),
             Command::IntentsDurable(ids) => {
                 for id in ids {
                     self.finish_parked(id);
@@ -1659,13 +1674,7 @@ impl Engine {
     /// Decides a local process's open: it counts as a read that shares
     /// everything (share modes that exclude readers refuse it); conflicting
     /// caching leases are broken first, the open waiting for the acks.
-    fn on_local_open(
-        &mut self,
-        file: FileId,
-        pid: i32,
-        fd: OwnedFd,
-        reply: Sender<crate::local::Verdict>,
-    ) {
+    fn on_local_open(&mut self, file: FileId, pid: i32, fd: OwnedFd, reply: LocalReply) {
         use crate::local::Verdict;
         let holders: Vec<Holder<ResumeKey>> = self
             .by_file
@@ -1687,13 +1696,13 @@ impl Engine {
             if let Some(fan) = &self.fanotify {
                 crate::local::ignore(fan, &fd);
             }
-            let _ = reply.send(Verdict::Allow);
+            reply.send(Verdict::Allow);
             return;
         }
         match share::decide(ShareMode::LOCAL_PROCESS, holders) {
             ShareDecision::Violation | ShareDecision::NotAvailable => {
                 debug!(pid, %file, "local open refused by a protocol share mode");
-                let _ = reply.send(Verdict::Deny);
+                reply.send(Verdict::Deny);
                 return;
             }
             ShareDecision::Grant { purge } => {
@@ -1706,7 +1715,7 @@ impl Engine {
             self.waiting_local.push((file, reply, fd));
             return;
         }
-        let _ = reply.send(Verdict::Allow);
+        reply.send(Verdict::Allow);
     }
 
     /// Runs again the opens of `file` that waited for lease breaks.

@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use crossbeam_channel::bounded;
 use nix::sys::fanotify::{
     EventFFlags, Fanotify, FanotifyEvent, FanotifyResponse, InitFlags, MarkFlags, MaskFlags,
     Response,
@@ -132,12 +131,38 @@ impl Drop for Answer {
     }
 }
 
+/// What the answerer thread hears about.
+pub enum AnswerMsg {
+    /// An event waiting for its verdict.
+    Pending(u64, Box<AnswerSlot>),
+    /// The engine's verdict on event `id`.
+    Verdict(u64, Verdict),
+}
+
+/// An event being decided, with its deadline.
+pub struct AnswerSlot {
+    answer: Answer,
+    deadline: std::time::Instant,
+}
+
 /// Reads permission events forever. filterd's own opens are allowed at
-/// once; each local open is handed to the engine and answered by a short-lived
-/// thread within `bound` (else allowed), so this loop never waits on the
-/// engine — which may itself be opening a file on the marked mount.
+/// once; each local open is handed to the engine, and the answerer thread
+/// writes the verdict (or ALLOW past `bound`), so this loop never waits on
+/// the engine — which may itself be opening a file on the marked mount.
 pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, bound: Duration) {
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
+    let (tx, rx) = crossbeam_channel::unbounded::<AnswerMsg>();
+    {
+        let counters = counters.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fanotify-answer".into())
+            .spawn(move || answerer(rx, counters));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the fanotify answerer; local mediation off");
+            return;
+        }
+    }
+    let mut next_id = 0u64;
     loop {
         let events = match fan.read_events() {
             Ok(ev) => ev,
@@ -167,42 +192,73 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
             let Ok(dup) = fd.try_clone_to_owned() else {
                 continue;
             };
-            let (tx, rx) = bounded(1);
             let pid = ans.event.pid();
-            if engine
-                .send(Command::LocalOpen {
-                    file,
-                    pid,
-                    fd: dup,
-                    reply: tx,
-                })
-                .is_err()
-            {
-                return; // engine gone: the guard allows
+            next_id += 1;
+            let id = next_id;
+            let slot = AnswerSlot {
+                answer: ans,
+                deadline: std::time::Instant::now() + bound,
+            };
+            // Registered before the engine can possibly answer.
+            if tx.send(AnswerMsg::Pending(id, Box::new(slot))).is_err() {
+                return;
             }
-            let counters = counters.clone();
-            let spawned = std::thread::Builder::new()
-                .name("local-open".into())
-                .spawn(move || {
-                    let mut ans = ans;
-                    match rx.recv_timeout(bound) {
-                        Ok(Verdict::Deny) => {
+            let cmd = Command::LocalOpen {
+                file,
+                pid,
+                fd: dup,
+                id,
+                reply: tx.clone(),
+            };
+            if engine.send(cmd).is_err() {
+                return; // engine gone: the answerer's guards allow
+            }
+        }
+    }
+}
+
+/// Holds every undecided event; answers each with the engine's verdict, or
+/// ALLOW when its deadline passes (the watchdog), or when it stops.
+fn answerer(rx: crossbeam_channel::Receiver<AnswerMsg>, counters: Arc<LocalCounters>) {
+    let mut pending: std::collections::HashMap<u64, Box<AnswerSlot>> = Default::default();
+    loop {
+        let now = std::time::Instant::now();
+        let wait = pending
+            .values()
+            .map(|s| s.deadline.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        match rx.recv_timeout(wait) {
+            Ok(AnswerMsg::Pending(id, slot)) => {
+                pending.insert(id, slot);
+            }
+            Ok(AnswerMsg::Verdict(id, v)) => {
+                if let Some(mut slot) = pending.remove(&id) {
+                    match v {
+                        Verdict::Deny => {
                             counters.denied.fetch_add(1, Ordering::Relaxed);
-                            ans.response = Response::FAN_DENY;
+                            slot.answer.response = Response::FAN_DENY;
                         }
-                        Ok(Verdict::Allow) => {
+                        Verdict::Allow => {
                             counters.allowed.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(_) => {
-                            counters.watchdog.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(pid, "local open not decided in time: allowed");
-                        }
                     }
-                });
-            if let Err(e) = spawned {
-                // The closure (and its guard) was dropped: the open is allowed.
-                tracing::error!(error = %e, "cannot wait for a local-open verdict; allowed");
+                    // Dropping the slot writes the answer.
+                }
             }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+        let now = std::time::Instant::now();
+        let late: Vec<u64> = pending
+            .iter()
+            .filter(|(_, s)| s.deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for id in late {
+            counters.watchdog.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(event = id, "local open not decided in time: allowed");
+            pending.remove(&id);
         }
     }
 }
