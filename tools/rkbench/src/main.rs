@@ -9,6 +9,7 @@
 //! `open_by_handle_at`).
 #![forbid(unsafe_code)]
 
+mod local;
 mod mediated;
 mod raw;
 mod report;
@@ -159,6 +160,63 @@ fn main() -> anyhow::Result<()> {
                 0.7,
                 false,
             );
+        }
+        eprintln!("rkbench: local opens under fanotify…");
+        match local::measure(&filterd, &dir, dur)? {
+            Some(l) => {
+                rep.rows.push(Row::new(
+                    "local open+close, no fanotify (raw)",
+                    1,
+                    l.raw.ops_per_s,
+                    l.raw.mean_us,
+                    l.raw.p99_us,
+                ));
+                rep.rows.push(
+                    Row::new(
+                        "local open+close, allow-all fanotify listener",
+                        1,
+                        l.allow_all.ops_per_s,
+                        l.allow_all.mean_us,
+                        l.allow_all.p99_us,
+                    )
+                    .beside("raw open+close", l.raw.mean_us),
+                );
+                rep.rows.push(
+                    Row::new(
+                        "local open+close via filterd, file without state",
+                        1,
+                        l.stateless.ops_per_s,
+                        l.stateless.mean_us,
+                        l.stateless.p99_us,
+                    )
+                    .beside("raw open+close", l.raw.mean_us),
+                );
+                rep.rows.push(
+                    Row::new(
+                        "local open+close via filterd, file with state",
+                        1,
+                        l.stateful.ops_per_s,
+                        l.stateful.mean_us,
+                        l.stateful.p99_us,
+                    )
+                    .beside("allow-all listener", l.allow_all.mean_us),
+                );
+                rep.target(
+                    "local open of a file without protocol state ≤ 1.2× raw",
+                    l.stateless.mean_us / l.raw.mean_us,
+                    1.2,
+                    true,
+                );
+                rep.target(
+                    "local open of a file with protocol state ≤ 1.5× allow-all listener",
+                    l.stateful.mean_us / l.allow_all.mean_us,
+                    1.5,
+                    true,
+                );
+            }
+            None => eprintln!(
+                "rkbench: skipped local-open section: needs root (mounts a tmpfs, uses fanotify)"
+            ),
         }
         eprintln!("rkbench: restart recovery…");
         let sizes: &[usize] = if args.quick {

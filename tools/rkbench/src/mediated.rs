@@ -37,13 +37,31 @@ impl Daemon {
         for i in 0..64 {
             std::fs::write(root.join(format!("f{i}")), b"bench")?;
         }
-        let log = std::fs::File::create(dir.join(format!("{tag}/filterd.log")))?;
-        let child = Command::new(filterd)
-            .arg("--root")
-            .arg(&root)
-            .arg("--state")
-            .arg(&state)
-            .arg("--no-fanotify")
+        Self::start_on(
+            filterd,
+            &root,
+            &state,
+            &dir.join(format!("{tag}/filterd.log")),
+            false,
+        )
+    }
+
+    /// Starts filterd on the given root and state dir (with fanotify when
+    /// `mediated`) and waits until it answers.
+    pub fn start_on(
+        filterd: &Path,
+        root: &Path,
+        state: &Path,
+        log: &Path,
+        mediated: bool,
+    ) -> anyhow::Result<Daemon> {
+        let log = std::fs::File::create(log)?;
+        let mut cmd = Command::new(filterd);
+        cmd.arg("--root").arg(root).arg("--state").arg(state);
+        if !mediated {
+            cmd.arg("--no-fanotify");
+        }
+        let child = cmd
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
