@@ -1030,21 +1030,7 @@ impl Engine {
             });
             return Ok(None);
         }
-        let holders: Vec<Holder<ResumeKey>> = self
-            .by_file
-            .get(&of.file)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.handles.get(k))
-            .map(|h| Holder {
-                key: h.rec.key,
-                mode: ShareMode {
-                    access: h.rec.access.rights(),
-                    share: h.rec.share,
-                },
-                state: holder_state(h),
-            })
-            .collect();
+        let holders = self.holders_of(of.file);
         match share::decide(mode, holders) {
             ShareDecision::Violation => {
                 self.stats.opens_refused += 1;
@@ -1661,6 +1647,24 @@ impl Engine {
         }
     }
 
+    /// Every open of a file, as the share algebra sees it.
+    fn holders_of(&self, file: FileId) -> Vec<Holder<ResumeKey>> {
+        self.by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .map(|h| Holder {
+                key: h.rec.key,
+                mode: ShareMode {
+                    access: h.rec.access.rights(),
+                    share: h.rec.share,
+                },
+                state: holder_state(h),
+            })
+            .collect()
+    }
+
     /// Turns local-access mediation on.
     pub fn set_fanotify(
         &mut self,
@@ -1676,21 +1680,7 @@ impl Engine {
     /// caching leases are broken first, the open waiting for the acks.
     fn on_local_open(&mut self, file: FileId, pid: i32, fd: OwnedFd, reply: LocalReply) {
         use crate::local::Verdict;
-        let holders: Vec<Holder<ResumeKey>> = self
-            .by_file
-            .get(&file)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.handles.get(k))
-            .map(|h| Holder {
-                key: h.rec.key,
-                mode: ShareMode {
-                    access: h.rec.access.rights(),
-                    share: h.rec.share,
-                },
-                state: holder_state(h),
-            })
-            .collect();
+        let holders = self.holders_of(file);
         if holders.is_empty() {
             // No protocol state: ignore this file's opens from now on.
             if let Some(fan) = &self.fanotify {

@@ -84,9 +84,9 @@ struct FileHandleBuf {
     f_handle: [u8; MAX_HANDLE_SZ],
 }
 
-/// The kernel file handle of the file `fd` refers to (`name_to_handle_at` with
-/// `AT_EMPTY_PATH`).
-pub fn file_handle_of(fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {
+/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`: the file's kernel handle and
+/// the id of the mount it lives on.
+fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(KernelHandle, i32)> {
     let mut buf = FileHandleBuf {
         handle_bytes: MAX_HANDLE_SZ_U32,
         handle_type: 0,
@@ -112,37 +112,23 @@ pub fn file_handle_of(fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {
     let n = usize::try_from(buf.handle_bytes)
         .unwrap_or(usize::MAX)
         .min(MAX_HANDLE_SZ);
-    Ok(KernelHandle {
+    let handle = KernelHandle {
         handle_type: buf.handle_type,
         bytes: buf.f_handle.get(..n).unwrap_or_default().to_vec(),
-    })
+    };
+    Ok((handle, mount_id))
 }
 
-/// The mount id of the mount `fd` lives on (from `name_to_handle_at`): two
-/// descriptors on different mounts have different ids, so a directory is a
-/// mount point exactly when its id differs from its parent's.
+/// The kernel file handle of the file `fd` refers to (`name_to_handle_at` with
+/// `AT_EMPTY_PATH`).
+pub fn file_handle_of(fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {
+    name_to_handle(fd).map(|(h, _)| h)
+}
+
+/// The mount id of the mount `fd` lives on: a directory is a mount point
+/// exactly when its id differs from its parent's.
 pub fn mount_id_of(fd: BorrowedFd<'_>) -> io::Result<i32> {
-    let mut buf = FileHandleBuf {
-        handle_bytes: MAX_HANDLE_SZ_U32,
-        handle_type: 0,
-        f_handle: [0; MAX_HANDLE_SZ],
-    };
-    let mut mount_id: libc::c_int = 0;
-    // SAFETY: as in `file_handle_of`: valid buffers that outlive the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_name_to_handle_at,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            &mut buf as *mut FileHandleBuf,
-            &mut mount_id as *mut libc::c_int,
-            libc::AT_EMPTY_PATH,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(mount_id)
+    name_to_handle(fd).map(|(_, m)| m)
 }
 
 /// Reopens a file by its kernel handle on the filesystem `mount_fd` lives on
