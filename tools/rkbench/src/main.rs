@@ -161,6 +161,17 @@ fn main() -> anyhow::Result<()> {
                 false,
             );
         }
+        let io = mediated::check_io(&filterd, &dir, dur)?;
+        rep.rows.push(
+            Row::new(
+                "mandatory-lock check (CheckIo) round trip",
+                1,
+                io.ops_per_s,
+                io.mean_us,
+                io.p99_us,
+            )
+            .beside("raw SEQPACKET round trip", rtt.mean_us),
+        );
         eprintln!("rkbench: local opens under fanotify…");
         match local::measure(&filterd, &dir, dur)? {
             Some(l) => {

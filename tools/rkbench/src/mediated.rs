@@ -189,3 +189,49 @@ pub fn open_close(
         ops_per_commit,
     })
 }
+
+/// The cost of a mandatory-lock check (`CheckIo`) round trip, on a file
+/// that has one lock of another handle (so the check does real work).
+pub fn check_io(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Figure> {
+    let d = Daemon::start(filterd, dir, "checkio")?;
+    let fe = FilterClient::connect_frontend(
+        &d.socket,
+        Protocol::new("bench")?,
+        InstanceName::new("bench-io")?,
+    )?;
+    let req = |client: &str| -> anyhow::Result<OpenRequest> {
+        Ok(OpenRequest {
+            client: ClientId::new(client)?,
+            path: RelPath::new("f0")?,
+            access: Access::new(Rights::READ.union(Rights::WRITE))?,
+            share: Rights::ALL,
+            disposition: Disposition::Open,
+            durability: Durability::None,
+            create_guid: None,
+            owner: None,
+            lease: None,
+        })
+    };
+    let holder = fe.open(req("holder")?)?;
+    fe.lock(
+        holder.info.key,
+        vec![libfilter::locks::LockOp {
+            range: libfilter::locks::LockRange {
+                offset: 1 << 20,
+                length: 4096,
+            },
+            exclusive: true,
+            unlock: false,
+        }],
+        None,
+    )?;
+    let me = fe.open(req("reader")?)?;
+    let range = libfilter::locks::LockRange {
+        offset: 0,
+        length: 65536,
+    };
+    crate::raw::timed(dur, || {
+        fe.check_io(me.info.key, range, true)?;
+        Ok(())
+    })
+}
