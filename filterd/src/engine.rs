@@ -26,7 +26,8 @@ use libfilter::locks::{BatchError, Lock, LockOp, LockTable};
 use libfilter::model::{
     now_ms, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
     HandleRecord, HeldLease, HeldLock, InstanceName, Intent, IntentChange, IntentId, LockSequence,
-    Protocol, ReplayRecord, ReplayScope, ResumeKey, ScopeName, MAX_REPLY_BYTES,
+    Protocol, RecordSpec, RelPath, ReplayRecord, ReplayScope, ResumeKey, ScopeName,
+    MAX_REPLY_BYTES,
 };
 use libfilter::proto::{
     self, ErrorCode, Event, FileHolder, FileView, FrontendView, HandleView, Hello, HelloReply,
@@ -271,6 +272,9 @@ struct Parked {
     writer: Arc<ConnWriter>,
     id: u64,
     key: ResumeKey,
+    /// A rename or remove to perform once the intent is durable (none: a
+    /// truncating open).
+    change: Option<IntentChange>,
 }
 
 /// Most replay records a scope keeps, whatever the frontend asks.
@@ -353,6 +357,42 @@ impl Engine {
                         _ => {
                             warn!(resume_key = %record.key, path = %record.path, "interrupted overwrite abandoned: file gone")
                         }
+                    }
+                    finished.push(StoreOp::DeleteIntent(intent.id));
+                }
+                IntentChange::Rename {
+                    key,
+                    from,
+                    to,
+                    file,
+                    record,
+                    ..
+                } => {
+                    let root = self.root.as_fd();
+                    if fsops::file_at(root, &to) == Some(file) {
+                        info!(resume_key = %key, %from, %to, "recovery finished an interrupted rename");
+                        self.stats.intents_recovered += 1;
+                        if let Some(mut rec) = store.handle(key)? {
+                            rec.path = to.clone();
+                            finished.push(StoreOp::PutHandle(Box::new(rec)));
+                        }
+                        if let Some(r) = record {
+                            finished.push(record_op(r));
+                        }
+                    } else {
+                        warn!(resume_key = %key, %from, %to, "interrupted rename had not happened: dropped (a replay runs it)");
+                    }
+                    finished.push(StoreOp::DeleteIntent(intent.id));
+                }
+                IntentChange::Remove { path, file, record } => {
+                    if fsops::file_at(self.root.as_fd(), &path) != Some(file) {
+                        info!(%path, "recovery finished an interrupted remove");
+                        self.stats.intents_recovered += 1;
+                        if let Some(r) = record {
+                            finished.push(record_op(r));
+                        }
+                    } else {
+                        warn!(%path, "interrupted remove had not happened: dropped (a replay runs it)");
                     }
                     finished.push(StoreOp::DeleteIntent(intent.id));
                 }
@@ -853,6 +893,19 @@ impl Engine {
                 need_frontend()?;
                 Ok(Some((self.lease_ack(conn, lease_key, state)?, None)))
             }
+            Request::Rename {
+                key,
+                to,
+                replace,
+                record,
+            } => {
+                let (protocol, _) = need_frontend()?;
+                self.rename(conn, req_id, &protocol, key, to, replace, record)
+            }
+            Request::Remove { path, record } => {
+                let (protocol, _) = need_frontend()?;
+                self.remove_path(conn, req_id, &protocol, path, record)
+            }
             Request::Locks { after } => {
                 let range = match after {
                     Some(f) => self
@@ -1140,6 +1193,7 @@ impl Engine {
                         writer: c.writer.clone(),
                         id: req_id,
                         key,
+                        change: None,
                     },
                 );
             }
@@ -1179,10 +1233,29 @@ impl Engine {
     /// Continues a parked open whose intent is durable: truncates, then
     /// records the handle and drops the intent in one commit, then replies.
     fn finish_parked(&mut self, id: IntentId) {
-        let Some(p) = self.parked.remove(&id) else {
+        let Some(mut p) = self.parked.remove(&id) else {
             return;
         };
         crate::failpoint::hit("intent.after_commit");
+        if let Some(change) = p.change.take() {
+            let result = self.perform(&change);
+            crate::failpoint::hit("intent.after_fs");
+            self.ops.push(StoreOp::DeleteIntent(id));
+            let result = result.map(|()| Reply::Done);
+            let frame = ServerFrame::Reply {
+                id: Some(p.id),
+                result,
+            };
+            if let Ok(bytes) = proto::encode(&frame) {
+                self.deferred.push(Deferred {
+                    writer: p.writer,
+                    id: p.id,
+                    bytes,
+                    fd: None,
+                });
+            }
+            return;
+        }
         let Some(h) = self.handles.get_mut(&p.key) else {
             self.ops.push(StoreOp::DeleteIntent(id));
             return;
@@ -1891,6 +1964,220 @@ impl Engine {
         })
     }
 
+    /// Renames the file of an attached handle (spec/smb-like.md "SET_INFO").
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        protocol: &Protocol,
+        key: ResumeKey,
+        to: RelPath,
+        replace: bool,
+        record: Option<RecordSpec>,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        self.attached_to(conn, key)?;
+        let Some(h) = self.handles.get(&key) else {
+            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+        };
+        if !h
+            .rec
+            .access
+            .rights()
+            .contains(libfilter::model::Rights::DELETE)
+        {
+            return Err(err(ErrorCode::AccessDenied, "rename needs delete access"));
+        }
+        let (from, file, persistent) = (
+            h.rec.path.clone(),
+            h.rec.file,
+            h.rec.durability.is_persistent(),
+        );
+        self.others_share_delete(file, Some(key))?;
+        let record = record
+            .map(|r| self.own_record(conn, protocol, r))
+            .transpose()?;
+        let change = IntentChange::Rename {
+            key,
+            from,
+            to,
+            file,
+            replace,
+            record,
+        };
+        self.run_change(conn, req_id, key, change, persistent)
+    }
+
+    /// Removes a file by path (NFS-like REMOVE; delete on close).
+    fn remove_path(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        protocol: &Protocol,
+        path: RelPath,
+        record: Option<RecordSpec>,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        let file = fsops::file_at_checked(self.root.as_fd(), &path)?
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("{path}: not found")))?;
+        self.others_share_delete(file, None)?;
+        let record = record
+            .map(|r| self.own_record(conn, protocol, r))
+            .transpose()?;
+        let change = IntentChange::Remove { path, file, record };
+        self.run_change(conn, req_id, ResumeKey(uuid::Uuid::nil()), change, false)
+    }
+
+    /// Every open of `file` but `except` must share delete.
+    fn others_share_delete(
+        &mut self,
+        file: FileId,
+        except: Option<ResumeKey>,
+    ) -> Result<(), WireError> {
+        let holders: Vec<Holder<ResumeKey>> = self
+            .holders_of(file)
+            .into_iter()
+            .filter(|h| Some(h.key) != except)
+            .collect();
+        let mode = ShareMode {
+            access: libfilter::model::Rights::DELETE,
+            share: libfilter::model::Rights::ALL,
+        };
+        match share::decide(mode, holders) {
+            ShareDecision::Violation => Err(err(
+                ErrorCode::SharingViolation,
+                "an open of the file does not share delete",
+            )),
+            ShareDecision::NotAvailable => Err(err(
+                ErrorCode::FileNotAvailable,
+                "a disconnected persistent open of the file does not share delete",
+            )),
+            ShareDecision::Grant { purge } => {
+                for k in purge {
+                    self.purge(k);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn own_record(
+        &self,
+        conn: ConnId,
+        protocol: &Protocol,
+        mut r: RecordSpec,
+    ) -> Result<RecordSpec, WireError> {
+        if r.reply.len() > MAX_REPLY_BYTES {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("recorded reply exceeds {MAX_REPLY_BYTES} bytes"),
+            ));
+        }
+        r.scope = self.own_scope(conn, protocol, r.scope)?;
+        r.keep = r.keep.clamp(1, MAX_KEEP);
+        Ok(r)
+    }
+
+    /// Performs a rename or remove: bracketed by an intent (parked until it
+    /// is durable) when it must survive a crash, else at once.
+    fn run_change(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        key: ResumeKey,
+        change: IntentChange,
+        persistent: bool,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        let needs_intent = persistent
+            || matches!(
+                &change,
+                IntentChange::Rename {
+                    record: Some(_),
+                    ..
+                } | IntentChange::Remove {
+                    record: Some(_),
+                    ..
+                }
+            );
+        if !needs_intent {
+            self.perform(&change)?;
+            return Ok(Some((Reply::Done, None)));
+        }
+        let intent = Intent {
+            id: IntentId(uuid::Uuid::new_v4()),
+            change: change.clone(),
+            recorded_ms: now_ms(),
+        };
+        self.stats.intents += 1;
+        self.notify.push(intent.id);
+        if let Some(c) = self.conns.get(&conn) {
+            self.parked.insert(
+                intent.id,
+                Parked {
+                    writer: c.writer.clone(),
+                    id: req_id,
+                    key,
+                    change: Some(change),
+                },
+            );
+        }
+        self.ops.push(StoreOp::PutIntent(Box::new(intent)));
+        Ok(None)
+    }
+
+    /// Does a rename or remove now, updating the handle and recording the
+    /// reply in this batch (so in the commit that also drops the intent).
+    fn perform(&mut self, change: &IntentChange) -> Result<(), WireError> {
+        let root = self.root.as_fd();
+        match change {
+            IntentChange::Rename {
+                key,
+                from,
+                to,
+                file,
+                replace,
+                record,
+            } => {
+                fsops::rename(root, from, to, *file, *replace)?;
+                if let Some(h) = self.handles.get_mut(key) {
+                    h.rec.path = to.clone();
+                    if h.rec.durability.is_persistent() {
+                        self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                    }
+                }
+                if let Some(r) = record {
+                    self.remember_reply(r.clone());
+                }
+                Ok(())
+            }
+            IntentChange::Remove { path, file, record } => {
+                fsops::remove(root, path, *file)?;
+                if let Some(r) = record {
+                    self.remember_reply(r.clone());
+                }
+                Ok(())
+            }
+            IntentChange::TruncatingOpen { .. } => {
+                Err(err(ErrorCode::Internal, "not a rename or remove"))
+            }
+        }
+    }
+
+    fn remember_reply(&mut self, r: RecordSpec) {
+        let record = ReplayRecord {
+            reply: r.reply.clone(),
+            recorded_ms: now_ms(),
+        };
+        let recs = self.replays.entry(r.scope.clone()).or_default();
+        recs.insert(r.op_id, record);
+        while recs.len() > usize::try_from(r.keep).unwrap_or(usize::MAX) {
+            recs.pop_first();
+        }
+        if self.scope_is_persistent(&r.scope) {
+            self.ops.push(record_op(r));
+        }
+        self.stats.replies_recorded += 1;
+    }
+
     /// Maps a frontend's replay scope into the filter's: a handle must be
     /// attached to this connection; a session is namespaced by protocol.
     fn own_scope(
@@ -2240,4 +2527,17 @@ fn page<T: serde::Serialize, C>(
         None
     };
     (out, next)
+}
+
+/// The store operation that records a reply.
+fn record_op(r: RecordSpec) -> StoreOp {
+    StoreOp::PutReplay {
+        scope: r.scope,
+        op_id: r.op_id,
+        record: ReplayRecord {
+            reply: r.reply,
+            recorded_ms: now_ms(),
+        },
+        keep: r.keep,
+    }
 }

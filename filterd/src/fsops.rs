@@ -399,3 +399,81 @@ pub fn mirror_ofd_locks(
 fn short(v: i32) -> i16 {
     i16::try_from(v).unwrap_or(0)
 }
+
+/// The parent directory (opened `O_PATH` beneath the root) and the last
+/// component of a client path. The leaf never contains `/`.
+fn parent_and_leaf<'p>(
+    root: BorrowedFd<'_>,
+    path: &'p RelPath,
+) -> Result<(OwnedFd, &'p str), WireError> {
+    let (parent, leaf) = match path.as_str().rsplit_once('/') {
+        Some((p, l)) => (p, l),
+        None => (".", path.as_str()),
+    };
+    let dir = sys::openat2_beneath(root, parent, libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(|e| map_errno(&e, root, path))?;
+    Ok((dir, leaf))
+}
+
+/// Which file `path` names now (without following a final symlink), if
+/// any. A path that leaves the root is an error, not "absent".
+pub fn file_at_checked(root: BorrowedFd<'_>, path: &RelPath) -> Result<Option<FileId>, WireError> {
+    let (dir, leaf) = match parent_and_leaf(root, path) {
+        Ok(x) => x,
+        Err(e) if matches!(e.code, ErrorCode::NotFound | ErrorCode::PathNotFound) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(
+        nix::sys::stat::fstatat(dir.as_fd(), leaf, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .ok()
+            .map(|st| FileId {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            }),
+    )
+}
+
+/// Which file `path` names now, if any (unresolvable paths: none).
+pub fn file_at(root: BorrowedFd<'_>, path: &RelPath) -> Option<FileId> {
+    file_at_checked(root, path).ok().flatten()
+}
+
+/// Renames `from` (which must still name `expect`) to `to`, beneath the root.
+pub fn rename(
+    root: BorrowedFd<'_>,
+    from: &RelPath,
+    to: &RelPath,
+    expect: FileId,
+    replace: bool,
+) -> Result<(), WireError> {
+    if file_at(root, from) != Some(expect) {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("{from}: no longer names the open file"),
+        ));
+    }
+    let (fdir, fleaf) = parent_and_leaf(root, from)?;
+    let (tdir, tleaf) = parent_and_leaf(root, to)?;
+    let flags = if replace {
+        nix::fcntl::RenameFlags::empty()
+    } else {
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE
+    };
+    nix::fcntl::renameat2(fdir.as_fd(), fleaf, tdir.as_fd(), tleaf, flags)
+        .map_err(|e| map_errno(&io::Error::from(e), root, to))
+}
+
+/// Removes `path` (which must still name `expect`), beneath the root.
+pub fn remove(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<(), WireError> {
+    if file_at(root, path) != Some(expect) {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("{path}: not found"),
+        ));
+    }
+    let (dir, leaf) = parent_and_leaf(root, path)?;
+    nix::unistd::unlinkat(dir.as_fd(), leaf, nix::unistd::UnlinkatFlags::NoRemoveDir)
+        .map_err(|e| map_errno(&io::Error::from(e), root, path))
+}

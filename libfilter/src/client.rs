@@ -428,6 +428,33 @@ impl FilterClient {
         }
     }
 
+    /// Renames the file of a handle; with `record`, the reply is recorded
+    /// for replay in the same commit as the rename.
+    pub fn rename(
+        &self,
+        key: ResumeKey,
+        to: crate::model::RelPath,
+        replace: bool,
+        record: Option<crate::model::RecordSpec>,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::Rename {
+            key,
+            to,
+            replace,
+            record,
+        })?)
+    }
+
+    /// Removes a file by path; with `record`, the reply is recorded for
+    /// replay in the same commit as the removal.
+    pub fn remove(
+        &self,
+        path: crate::model::RelPath,
+        record: Option<crate::model::RecordSpec>,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::Remove { path, record })?)
+    }
+
     /// Locks and unlocks byte ranges, all or nothing.
     pub fn lock(
         &self,

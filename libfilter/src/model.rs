@@ -702,10 +702,51 @@ pub struct Intent {
     pub recorded_ms: u64,
 }
 
+/// A reply the filter records for the frontend when a change it executes
+/// succeeds — in the same commit, so a replay after any crash finds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordSpec {
+    /// Where the op id lives.
+    pub scope: ReplayScope,
+    /// The op id.
+    pub op_id: u64,
+    /// The frontend's encoded success reply.
+    pub reply: String,
+    /// Most records kept in the scope.
+    pub keep: u32,
+}
+
 /// The changes intents bracket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum IntentChange {
+    /// Rename the file of handle `key` from `from` to `to`. Recovery: if
+    /// `to` names the file, it happened (the handle's path is updated and the
+    /// reply recorded); if `from` still does, it did not (the replay runs it).
+    Rename {
+        /// The handle.
+        key: ResumeKey,
+        /// Current path.
+        from: RelPath,
+        /// New path.
+        to: RelPath,
+        /// The file.
+        file: FileId,
+        /// Replace an existing target.
+        replace: bool,
+        /// The reply to record on success.
+        record: Option<RecordSpec>,
+    },
+    /// Remove the file at `path`. Recovery: if `path` no longer names the
+    /// file, it happened (the reply is recorded); else it did not.
+    Remove {
+        /// The path.
+        path: RelPath,
+        /// The file.
+        file: FileId,
+        /// The reply to record on success.
+        record: Option<RecordSpec>,
+    },
     /// A persistent open that overwrites or supersedes: the file (named by
     /// the record's kernel handle) is truncated, then the record installed.
     /// Recovery truncates again (idempotent: nobody else is served before

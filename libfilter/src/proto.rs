@@ -21,8 +21,8 @@ use crate::locks::{LockKind, LockOp, LockRange};
 
 use crate::model::{
     Access, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
-    HandleRecord, HeldLease, InstanceName, LeaseRequest, LockSequence, Protocol, RelPath,
-    ReplayRecord, ReplayScope, ResumeKey, ShareAccess,
+    HandleRecord, HeldLease, InstanceName, LeaseRequest, LockSequence, Protocol, RecordSpec,
+    RelPath, ReplayRecord, ReplayScope, ResumeKey, ShareAccess,
 };
 
 /// The protocol version this library speaks.
@@ -201,6 +201,32 @@ pub enum Request {
         /// The state kept.
         state: LeaseState,
     },
+    /// Rename the file of a handle attached to this connection (needs delete
+    /// access; every other open must share delete). Non-idempotent: for a
+    /// persistent handle or with `record`, bracketed by an intent, and the
+    /// frontend's success reply is recorded in the same commit. Frontend only.
+    Rename {
+        /// The handle.
+        key: ResumeKey,
+        /// The new path.
+        to: RelPath,
+        /// Replace an existing target.
+        #[serde(default)]
+        replace: bool,
+        /// Record this reply for replay when it succeeds.
+        #[serde(default)]
+        record: Option<RecordSpec>,
+    },
+    /// Remove a file by path (every open of it must share delete).
+    /// Non-idempotent: with `record`, bracketed by an intent and the reply
+    /// recorded in the same commit. Frontend only.
+    Remove {
+        /// The path.
+        path: RelPath,
+        /// Record this reply for replay when it succeeds.
+        #[serde(default)]
+        record: Option<RecordSpec>,
+    },
     /// Byte-range locks, a page at a time (by file id).
     Locks {
         /// File id the previous page ended with.
@@ -222,6 +248,8 @@ impl Request {
             Request::CheckIo { .. } => "check_io",
             Request::Locks { .. } => "locks",
             Request::LeaseBreakAck { .. } => "lease_break_ack",
+            Request::Rename { .. } => "rename",
+            Request::Remove { .. } => "remove",
             Request::Resume(_) => "resume",
             Request::Close { .. } => "close",
             Request::Detach { .. } => "detach",
