@@ -115,7 +115,7 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
     };
 
     // filterd mediating.
-    let d = crate::mediated::Daemon::start_on(
+    let d = crate::daemon::Daemon::start_on(
         filterd,
         &root,
         &state,

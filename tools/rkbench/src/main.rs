@@ -4,11 +4,15 @@
 //! raw fsync'd LMDB commit. Prints a table and writes JSON.
 //!
 //! Sections: `raw` (baselines), `mediated` (open+close through filterd for
-//! none / durable / persistent at 1, 8, 64 connections), `restart` (start to
-//! serving with 10k and 100k persistent handles beside raw
-//! `open_by_handle_at`).
+//! none / durable / persistent at 1, 8, 64 connections, and a mandatory-lock
+//! check round trip), `local` (local opens under fanotify; root only),
+//! `restart` (start to serving with 10k and 100k persistent handles beside
+//! raw `open_by_handle_at`). `daemon` starts and stops filterd for them;
+//! `report` holds the rows, the targets, the table and the JSON. Without a
+//! filterd binary only the baselines run.
 #![forbid(unsafe_code)]
 
+mod daemon;
 mod local;
 mod mediated;
 mod raw;
@@ -18,7 +22,7 @@ mod restart;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Parser;
 
 use report::{Report, Row};
@@ -30,7 +34,8 @@ struct Args {
     /// The filterd binary [default: next to rkbench].
     #[arg(long, value_name = "PATH")]
     filterd: Option<PathBuf>,
-    /// Scratch directory (export root, state dir); removed afterwards.
+    /// Scratch directory (export roots, state dirs); must be new or empty,
+    /// removed afterwards [default: a fresh dir under $TMPDIR].
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// Seconds per timed measurement.
@@ -58,12 +63,8 @@ fn main() -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("filterd"),
     };
-    let dir = args
-        .dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("rkbench-{}", std::process::id())));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let _cleanup = report::RemoveOnDrop(dir.clone());
+    let scratch = Scratch::create(args.dir.clone())?;
+    let dir = scratch.0.clone();
 
     let mut rep = Report::default();
     eprintln!("rkbench: baselines…");
@@ -115,15 +116,14 @@ fn main() -> anyhow::Result<()> {
         for (name, dur_kind) in mediated::KINDS {
             for conns in [1usize, 8, 64] {
                 let m = mediated::open_close(&filterd, &dir, *dur_kind, conns, dur)?;
-                let label = if m.ops_per_commit > 0.0 {
-                    format!(
-                        "mediated open+close, {name} (requests/s; {:.1} ops/commit)",
-                        m.ops_per_commit
-                    )
-                } else {
-                    format!("mediated open+close, {name} (requests/s)")
-                };
-                let mut row = Row::new(&label, conns, m.requests_per_s, m.mean_us, m.p99_us);
+                let label = format!("mediated open+close, {name} (requests/s, µs/pair)");
+                let mut row = Row::new(&label, conns, m.requests_per_s, m.mean_us, m.p99_us)
+                    .with("pairs_per_s", m.requests_per_s / 2.0);
+                if m.ops_per_commit > 0.0 {
+                    row = row
+                        .note(format!("{:.1} ops/commit", m.ops_per_commit))
+                        .with("store_ops_per_commit", m.ops_per_commit);
+                }
                 if *name == "none" && conns == 1 {
                     none1 = Some(m.mean_us);
                     row = row.beside("rtt + raw openat+close", rtt.mean_us + openat.mean_us);
@@ -268,7 +268,8 @@ fn main() -> anyhow::Result<()> {
         }
     } else {
         eprintln!(
-            "rkbench: skipped mediated and restart sections: {} not built",
+            "rkbench: skipped: filterd not built ({} does not exist); \
+             only the raw baselines were measured",
             filterd.display()
         );
     }
@@ -276,4 +277,39 @@ fn main() -> anyhow::Result<()> {
     rep.write_json(&args.json)?;
     println!("JSON report: {}", args.json.display());
     Ok(())
+}
+
+/// The scratch directory (export roots, state dirs, LMDB baselines), removed
+/// when dropped. A `--dir` must be new or empty, since all of it goes.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn create(dir: Option<PathBuf>) -> anyhow::Result<Scratch> {
+        let dir = match dir {
+            Some(d) => {
+                if d.exists()
+                    && std::fs::read_dir(&d)
+                        .with_context(|| format!("reading {}", d.display()))?
+                        .next()
+                        .is_some()
+                {
+                    bail!(
+                        "--dir {} is not empty; rkbench removes its scratch dir afterwards, \
+                         so give a new or empty one",
+                        d.display()
+                    );
+                }
+                d
+            }
+            None => std::env::temp_dir().join(format!("rkbench-{}", std::process::id())),
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

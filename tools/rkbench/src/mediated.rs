@@ -1,16 +1,30 @@
 //! Mediated open+close through a real filterd process.
+//!
+//! For one durability and N connections: a fresh daemon (`--no-fanotify`) on
+//! an export of `f0..f63`; N frontend connections, all attached before the
+//! clock starts, each driven by its own thread that opens `f{i % 64}` (share
+//! all, so connections never conflict) and closes it in a loop until the
+//! deadline. A pair's latency is open+close; the rate is reported in
+//! requests (an open and a close are two). Also the cost of one
+//! mandatory-lock check round trip.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
 
+use crate::daemon::Daemon;
 use crate::report::Figure;
+
+/// Files in the export; connection `i` opens `f{i % FILES}`.
+const FILES: usize = 64;
+/// Untimed open+close pairs per connection before the clock starts.
+const WARM_UP_PAIRS: usize = 200;
 
 /// The durabilities measured.
 pub const KINDS: &[(&str, Durability)] = &[
@@ -19,83 +33,24 @@ pub const KINDS: &[(&str, Durability)] = &[
     ("persistent", Durability::Persistent { timeout_ms: 60_000 }),
 ];
 
-/// A filterd process, stopped on drop.
-pub struct Daemon {
-    child: Child,
-    /// Its socket.
-    pub socket: std::path::PathBuf,
-}
-
-impl Daemon {
-    /// Starts filterd on fresh dirs under `dir` and waits until it answers.
-    pub fn start(filterd: &Path, dir: &Path, tag: &str) -> anyhow::Result<Daemon> {
-        let root = dir.join(format!("{tag}/root"));
-        let state = dir.join(format!("{tag}/state"));
-        let _ = std::fs::remove_dir_all(dir.join(tag));
-        std::fs::create_dir_all(&root)?;
-        std::fs::create_dir_all(&state)?;
-        for i in 0..64 {
-            std::fs::write(root.join(format!("f{i}")), b"bench")?;
-        }
-        Self::start_on(
-            filterd,
-            &root,
-            &state,
-            &dir.join(format!("{tag}/filterd.log")),
-            false,
-        )
+/// Starts filterd on a fresh export `dir/tag/root` holding `f0..f63` and a
+/// fresh state dir `dir/tag/state`, and waits until it serves.
+fn start_export(filterd: &Path, dir: &Path, tag: &str) -> anyhow::Result<Daemon> {
+    let root = dir.join(format!("{tag}/root"));
+    let state = dir.join(format!("{tag}/state"));
+    let _ = std::fs::remove_dir_all(dir.join(tag));
+    std::fs::create_dir_all(&root)?;
+    std::fs::create_dir_all(&state)?;
+    for i in 0..FILES {
+        std::fs::write(root.join(format!("f{i}")), b"bench")?;
     }
-
-    /// Starts filterd on the given root and state dir (with fanotify when
-    /// `mediated`) and waits until it answers.
-    pub fn start_on(
-        filterd: &Path,
-        root: &Path,
-        state: &Path,
-        log: &Path,
-        mediated: bool,
-    ) -> anyhow::Result<Daemon> {
-        let log = std::fs::File::create(log)?;
-        let mut cmd = Command::new(filterd);
-        cmd.arg("--root").arg(root).arg("--state").arg(state);
-        if !mediated {
-            cmd.arg("--no-fanotify");
-        }
-        let child = cmd
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting filterd")?;
-        let mut d = Daemon {
-            child,
-            socket: state.join("filterd.sock"),
-        };
-        let t0 = Instant::now();
-        while FilterClient::connect_control(&d.socket).is_err() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                bail!("filterd exited: {st}");
-            }
-            if t0.elapsed() > Duration::from_secs(20) {
-                bail!("filterd not ready after 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(d)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let _ = self.child.wait();
-    }
+    Daemon::start_on(
+        filterd,
+        &root,
+        &state,
+        &dir.join(format!("{tag}/filterd.log")),
+        false,
+    )
 }
 
 /// Open+close pairs through filterd.
@@ -110,6 +65,60 @@ pub struct Mediated {
     pub ops_per_commit: f64,
 }
 
+/// The open request of connection `i`, after [`WARM_UP_PAIRS`] untimed
+/// open+close pairs with it.
+fn warm_up(client: &FilterClient, i: usize, durability: Durability) -> anyhow::Result<OpenRequest> {
+    let req = OpenRequest {
+        client: ClientId::new(format!("bench-client-{i}"))?,
+        path: RelPath::new(format!("f{}", i % FILES))?,
+        access: Access::new(Rights::READ.union(Rights::WRITE))?,
+        share: Rights::ALL,
+        disposition: Disposition::Open,
+        durability,
+        create_guid: None,
+        owner: None,
+        lease: None,
+    };
+    for _ in 0..WARM_UP_PAIRS {
+        let h = client.open(req.clone())?;
+        client.close(h.info.key)?;
+    }
+    Ok(req)
+}
+
+/// Reports a bench thread ready when dropped, so a thread whose warm-up
+/// failed or panicked still counts and the others are not kept waiting.
+struct Ready(crossbeam_channel::Sender<()>);
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+/// Joins the bench threads: all their samples, or the first failure.
+fn collect(
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<Vec<u64>>>>,
+) -> anyhow::Result<Vec<u64>> {
+    let mut all = Vec::new();
+    let mut first_err = None;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(ns)) => all.extend(ns),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert(anyhow::anyhow!("a bench thread panicked"));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(all),
+    }
+}
+
 /// `conns` connections (one thread each) open and close files in a loop.
 pub fn open_close(
     filterd: &Path,
@@ -118,58 +127,67 @@ pub fn open_close(
     conns: usize,
     dur: Duration,
 ) -> anyhow::Result<Mediated> {
-    let d = Daemon::start(filterd, dir, &format!("med-{}-{conns}", durability.word()))?;
-    let barrier = Arc::new(Barrier::new(conns + 1));
-    let mut threads = Vec::new();
+    let d = start_export(filterd, dir, &format!("med-{}-{conns}", durability.word()))?;
+    // Connect every client first, so the clock starts with all of them
+    // attached.
+    let mut clients = Vec::with_capacity(conns);
     for i in 0..conns {
-        let client = FilterClient::connect_frontend(
+        clients.push(FilterClient::connect_frontend(
             &d.socket,
             Protocol::new("bench")?,
             InstanceName::new(format!("bench-{i}"))?,
-        )?;
-        let barrier = barrier.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("bench-{i}"))
-                .spawn(move || -> anyhow::Result<Vec<u64>> {
-                    let req = OpenRequest {
-                        client: ClientId::new(format!("bench-client-{i}"))?,
-                        path: RelPath::new(format!("f{}", i % 64))?,
-                        access: Access::new(Rights::READ.union(Rights::WRITE))?,
-                        share: Rights::ALL,
-                        disposition: Disposition::Open,
-                        durability,
-                        create_guid: None,
-                        owner: None,
-                        lease: None,
-                    };
-                    let mut ns = Vec::with_capacity(1 << 14);
-                    // Warm up (daemon caches, CPU frequency) before the clock.
-                    for _ in 0..200 {
-                        let h = client.open(req.clone())?;
-                        client.close(h.info.key)?;
-                    }
-                    barrier.wait();
-                    let t0 = Instant::now();
-                    while t0.elapsed() < dur {
-                        let t = Instant::now();
-                        let h = client.open(req.clone())?;
-                        client.close(h.info.key)?;
-                        ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
-                    }
-                    Ok(ns)
-                })?,
-        );
+        )?);
     }
-    barrier.wait();
+    // The start gate: each thread reports ready after its warm-up (its
+    // `Ready` guard sends even if the warm-up fails or panics), then waits
+    // for `go` to close; dropping `go_tx` starts every clock at once.
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<()>(conns);
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+    let abort = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::with_capacity(conns);
+    for (i, client) in clients.into_iter().enumerate() {
+        let ready = Ready(ready_tx.clone());
+        let (go, aborted) = (go_rx.clone(), abort.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("bench-{i}"))
+            .spawn(move || -> anyhow::Result<Vec<u64>> {
+                // Warm up (daemon caches, CPU frequency) before the clock.
+                let warm = warm_up(&client, i, durability);
+                drop(ready);
+                let _ = go.recv(); // returns when `go_tx` is dropped
+                let req = warm?;
+                let mut ns = Vec::with_capacity(1 << 14);
+                if aborted.load(Ordering::Relaxed) {
+                    return Ok(ns);
+                }
+                let t0 = Instant::now();
+                while t0.elapsed() < dur {
+                    let t = Instant::now();
+                    let h = client.open(req.clone())?;
+                    client.close(h.info.key)?;
+                    ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                }
+                Ok(ns)
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                abort.store(true, Ordering::Relaxed);
+                drop(go_tx);
+                drop(collect(threads));
+                return Err(e).context("spawning a bench thread");
+            }
+        }
+    }
+    drop(ready_tx);
+    for _ in 0..conns {
+        ready_rx
+            .recv()
+            .context("a bench thread went away before its warm-up ended")?;
+    }
+    drop(go_tx);
     let t0 = Instant::now();
-    let mut all = Vec::new();
-    for t in threads {
-        all.extend(
-            t.join()
-                .map_err(|_| anyhow::anyhow!("bench thread panicked"))??,
-        );
-    }
+    let all = collect(threads)?;
     let wall = t0.elapsed();
     let pairs = all.len() as u64;
     let f = Figure::from_samples(all, pairs, wall);
@@ -193,7 +211,7 @@ pub fn open_close(
 /// The cost of a mandatory-lock check (`CheckIo`) round trip, on a file
 /// that has one lock of another handle (so the check does real work).
 pub fn check_io(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Figure> {
-    let d = Daemon::start(filterd, dir, "checkio")?;
+    let d = start_export(filterd, dir, "checkio")?;
     let fe = FilterClient::connect_frontend(
         &d.socket,
         Protocol::new("bench")?,

@@ -1,4 +1,9 @@
-//! Baselines: what the mediated figures are judged against.
+//! Baselines: what the mediated figures are judged against, measured in
+//! the same run on the same filesystem as the daemon's export and state:
+//! raw `openat+close` and `openat2(RESOLVE_BENEATH)+close` (the call the
+//! daemon makes), a SEQPACKET round trip to another process (this binary
+//! re-executed as a hidden echo server), and fsync'd LMDB commits of 1 and
+//! 64 puts (the ceiling group commit works against).
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
@@ -13,8 +18,15 @@ use nix::sys::socket::{
 
 use crate::report::Figure;
 
-/// Runs `op` repeatedly for `dur`, sampling each call's latency.
+/// Runs `op` repeatedly for `dur`, sampling each call's latency, after an
+/// untimed warm-up of a tenth of `dur` (first-touch costs — dentry and
+/// inode caches, page faults, CPU frequency — would otherwise sit in the
+/// mean of a short run).
 pub fn timed(dur: Duration, mut op: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Figure> {
+    let warm = Instant::now();
+    while warm.elapsed() < dur / 10 {
+        op()?;
+    }
     let mut ns = Vec::with_capacity(1 << 16);
     let t0 = Instant::now();
     let mut n = 0u64;
@@ -84,12 +96,14 @@ pub fn echo_server(path: &Path) -> anyhow::Result<()> {
 pub fn socket_rtt(dir: &Path, dur: Duration) -> anyhow::Result<Figure> {
     let path = dir.join("echo.sock");
     let _ = std::fs::remove_file(&path);
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg("--echo-server")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting the echo process")?;
+    let mut echo = EchoProcess(
+        Command::new(std::env::current_exe()?)
+            .arg("--echo-server")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the echo process")?,
+    );
     let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -97,11 +111,14 @@ pub fn socket_rtt(dir: &Path, dur: Duration) -> anyhow::Result<Figure> {
         None,
     )?;
     let addr = UnixAddr::new(&path)?;
+    // Ready when it accepts a connection; polled, never a fixed sleep.
     let t0 = Instant::now();
     while connect(fd.as_raw_fd(), &addr).is_err() {
+        if let Ok(Some(st)) = echo.0.try_wait() {
+            bail!("the echo process exited before listening: {st}");
+        }
         if t0.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            bail!("echo process did not listen");
+            bail!("the echo process did not listen within 10 s");
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -114,9 +131,21 @@ pub fn socket_rtt(dir: &Path, dur: Duration) -> anyhow::Result<Figure> {
             _ => bail!("echo process went away"),
         }
     });
-    drop(fd);
-    let _ = child.wait();
+    drop(fd); // the echo process sees EOF and exits
+    let _ = echo.0.wait();
     fig
+}
+
+/// The echo process, killed on drop unless it has already exited.
+struct EchoProcess(std::process::Child);
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Raw LMDB: fsync'd commits of `per_commit` puts of a 16-byte key and a

@@ -1,6 +1,14 @@
-//! The report: rows with their baseline, target lines, table and JSON.
+//! The report: one [`Row`] per measurement (beside the baseline it is judged
+//! against), the issue's [`Target`] lines, a printed table and a JSON file.
+//!
+//! A section (a module of this crate) measures and returns figures; `main`
+//! turns them into rows and targets. A new section adds rows, optionally
+//! `extra` figures on them, and its own targets; the JSON keeps every
+//! figure under stable names (`name`, `conns`, `ops_per_s`, `mean_us`,
+//! `p99_us`, `extra`, and `targets`).
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -57,6 +65,13 @@ pub struct Row {
     /// Whether the baseline is a rate (ratio = ops/s ÷ baseline) or a
     /// latency (ratio = mean ÷ baseline).
     pub baseline_is_rate: bool,
+    /// A run-dependent remark shown after the name in the table (the name
+    /// itself stays stable for whoever reads the JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Further figures of this measurement, by name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
 }
 
 impl Row {
@@ -71,7 +86,19 @@ impl Row {
             baseline: None,
             baseline_value: None,
             baseline_is_rate: false,
+            note: None,
+            extra: BTreeMap::new(),
         }
+    }
+    /// With a remark shown after the name in the table.
+    pub fn note(mut self, note: String) -> Row {
+        self.note = Some(note);
+        self
+    }
+    /// With a further named figure (JSON only).
+    pub fn with(mut self, name: &str, value: f64) -> Row {
+        self.extra.insert(name.into(), value);
+        self
     }
     /// Beside a latency baseline (µs).
     pub fn beside(mut self, name: &str, us: f64) -> Row {
@@ -169,7 +196,10 @@ impl Report {
             .iter()
             .map(|r| {
                 vec![
-                    r.name.clone(),
+                    match &r.note {
+                        Some(n) => format!("{}; {n}", r.name),
+                        None => r.name.clone(),
+                    },
                     r.conns.to_string(),
                     num(r.ops_per_s),
                     num(r.mean_us),
@@ -216,7 +246,7 @@ impl Report {
                 t.ratio,
                 if t.at_most { "≤" } else { "≥" },
                 t.bound,
-                if t.met { "MET" } else { "MISSED" }
+                if t.met { "PASS" } else { "MISS" }
             ));
         }
         out
@@ -229,14 +259,5 @@ impl Report {
         }
         std::fs::write(path, serde_json::to_vec_pretty(self)?)?;
         Ok(())
-    }
-}
-
-/// Removes a directory tree when dropped.
-pub struct RemoveOnDrop(pub PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

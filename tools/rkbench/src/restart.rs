@@ -8,13 +8,13 @@
 
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use libfilter::client::FilterClient;
+use anyhow::Context;
 use libfilter::model::*;
 use libfilter::store::{Store, StoreOp};
+
+use crate::daemon::Daemon;
 
 /// One measured size.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -101,45 +101,17 @@ pub fn measure(filterd: &Path, dir: &Path, n: usize) -> anyhow::Result<RestartFi
     // Warm the inode cache the same way for both: a crash leaves it warm.
     let raw = raw_open_by_handle(&root, &handles)?;
     let raw = raw.min(raw_open_by_handle(&root, &handles)?);
-    let log = std::fs::File::create(dir.join(format!("restart-{n}/filterd.log")))?;
+    let log = dir.join(format!("restart-{n}/filterd.log"));
     let t0 = Instant::now();
-    let mut child = Command::new(filterd)
-        .arg("--root")
-        .arg(&root)
-        .arg("--state")
-        .arg(&state)
-        .arg("--no-fanotify")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting filterd")?;
-    let sock = state.join("filterd.sock");
-    let client = loop {
-        if let Ok(c) = FilterClient::connect_control(&sock) {
-            break c;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            bail!("filterd exited during recovery: {st}");
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            bail!("filterd not serving after 120 s");
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    };
+    let mut d = Daemon::spawn(filterd, &root, &state, &log, false)?;
+    let client = d.wait_serving(Duration::from_micros(500), Duration::from_secs(120))?;
     let serving = t0.elapsed();
     let recovered = match client.call(libfilter::proto::Request::Stats)?.0 {
         libfilter::proto::Reply::Stats(s) => s.recoveries,
         _ => 0,
     };
     drop(client);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id())?),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
+    drop(d);
     let _ = std::fs::remove_dir_all(dir.join(format!("restart-{n}")));
     Ok(RestartFigure {
         handles: n,
