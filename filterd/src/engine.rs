@@ -384,6 +384,26 @@ impl Engine {
                     }
                     finished.push(StoreOp::DeleteIntent(intent.id));
                 }
+                IntentChange::SetSize {
+                    key,
+                    kernel_handle,
+                    size,
+                    record,
+                } => {
+                    match fsops::set_size_by_handle(self.root.as_fd(), &kernel_handle, size) {
+                        Ok(()) => {
+                            info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
+                            self.stats.intents_recovered += 1;
+                            if let Some(r) = record {
+                                finished.push(record_op(r));
+                            }
+                        }
+                        Err(e) => {
+                            warn!(resume_key = %key, error = %e, "interrupted end-of-file change abandoned")
+                        }
+                    }
+                    finished.push(StoreOp::DeleteIntent(intent.id));
+                }
                 IntentChange::Remove { path, file, record } => {
                     if fsops::file_at(self.root.as_fd(), &path) != Some(file) {
                         info!(%path, "recovery finished an interrupted remove");
@@ -901,6 +921,10 @@ impl Engine {
             } => {
                 let (protocol, _) = need_frontend()?;
                 self.rename(conn, req_id, &protocol, key, to, replace, record)
+            }
+            Request::SetEndOfFile { key, size, record } => {
+                let (protocol, _) = need_frontend()?;
+                self.set_end_of_file(conn, req_id, &protocol, key, size, record)
             }
             Request::Remove { path, record } => {
                 let (protocol, _) = need_frontend()?;
@@ -2008,6 +2032,55 @@ impl Engine {
         self.run_change(conn, req_id, key, change, persistent)
     }
 
+    /// Truncates or extends the file of an attached handle.
+    fn set_end_of_file(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        protocol: &Protocol,
+        key: ResumeKey,
+        size: u64,
+        record: Option<RecordSpec>,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        self.attached_to(conn, key)?;
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+        };
+        if !h
+            .rec
+            .access
+            .rights()
+            .contains(libfilter::model::Rights::WRITE)
+        {
+            return Err(err(
+                ErrorCode::AccessDenied,
+                "end_of_file needs write access",
+            ));
+        }
+        if h.rec.kernel_handle.is_none() {
+            h.rec.kernel_handle =
+                h.fd.as_ref()
+                    .and_then(|f| libfilter::sys::file_handle_of(f.as_fd()).ok());
+        }
+        let Some(kernel_handle) = h.rec.kernel_handle.clone() else {
+            return Err(err(
+                ErrorCode::Unsupported,
+                "this filesystem has no file handles",
+            ));
+        };
+        let persistent = h.rec.durability.is_persistent();
+        let record = record
+            .map(|r| self.own_record(conn, protocol, r))
+            .transpose()?;
+        let change = IntentChange::SetSize {
+            key,
+            kernel_handle,
+            size,
+            record,
+        };
+        self.run_change(conn, req_id, key, change, persistent)
+    }
+
     /// Removes a file by path (NFS-like REMOVE; delete on close).
     fn remove_path(
         &mut self,
@@ -2088,16 +2161,12 @@ impl Engine {
         persistent: bool,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
         let needs_intent = persistent
-            || matches!(
-                &change,
-                IntentChange::Rename {
-                    record: Some(_),
-                    ..
-                } | IntentChange::Remove {
-                    record: Some(_),
-                    ..
-                }
-            );
+            || match &change {
+                IntentChange::Rename { record, .. }
+                | IntentChange::Remove { record, .. }
+                | IntentChange::SetSize { record, .. } => record.is_some(),
+                IntentChange::TruncatingOpen { .. } => false,
+            };
         if !needs_intent {
             self.perform(&change)?;
             return Ok(Some((Reply::Done, None)));
@@ -2151,6 +2220,19 @@ impl Engine {
             }
             IntentChange::Remove { path, file, record } => {
                 fsops::remove(root, path, *file)?;
+                if let Some(r) = record {
+                    self.remember_reply(r.clone());
+                }
+                Ok(())
+            }
+            IntentChange::SetSize {
+                kernel_handle,
+                size,
+                record,
+                ..
+            } => {
+                fsops::set_size_by_handle(root, kernel_handle, *size)
+                    .map_err(|e| err(ErrorCode::Internal, format!("set end of file: {e}")))?;
                 if let Some(r) = record {
                     self.remember_reply(r.clone());
                 }

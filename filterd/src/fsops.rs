@@ -302,6 +302,18 @@ pub fn truncate_by_handle(
     nix::unistd::ftruncate(fd.as_fd(), 0).map_err(io::Error::from)
 }
 
+/// Sets the size of a file through a write descriptor reopened by kernel
+/// handle (the client's descriptor may be read-only or gone).
+pub fn set_size_by_handle(
+    root: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+    size: u64,
+) -> io::Result<()> {
+    let fd = sys::open_by_handle(root, h, libc::O_WRONLY)?;
+    let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    nix::unistd::ftruncate(fd.as_fd(), len).map_err(io::Error::from)
+}
+
 /// Truncates the file `expect` names at `path` to zero. Opens a separate
 /// write descriptor (the client's may be read-only) and checks it is the same
 /// file, so a rename racing in between cannot truncate another file.

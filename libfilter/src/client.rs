@@ -445,6 +445,17 @@ impl FilterClient {
         })?)
     }
 
+    /// Truncates or extends the file of a handle; with `record`, the reply
+    /// is recorded for replay in the same commit.
+    pub fn set_end_of_file(
+        &self,
+        key: ResumeKey,
+        size: u64,
+        record: Option<crate::model::RecordSpec>,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::SetEndOfFile { key, size, record })?)
+    }
+
     /// Removes a file by path; with `record`, the reply is recorded for
     /// replay in the same commit as the removal.
     pub fn remove(

@@ -737,6 +737,19 @@ pub enum IntentChange {
         /// The reply to record on success.
         record: Option<RecordSpec>,
     },
+    /// Set the size of handle `key`'s file (truncate or extend). Recovery
+    /// sets it again (idempotent: nobody is served before recovery ends)
+    /// and records the reply.
+    SetSize {
+        /// The handle.
+        key: ResumeKey,
+        /// The file's kernel handle.
+        kernel_handle: KernelHandle,
+        /// The new size.
+        size: u64,
+        /// The reply to record on success.
+        record: Option<RecordSpec>,
+    },
     /// Remove the file at `path`. Recovery: if `path` no longer names the
     /// file, it happened (the reply is recorded); else it did not.
     Remove {

@@ -217,6 +217,18 @@ pub enum Request {
         #[serde(default)]
         record: Option<RecordSpec>,
     },
+    /// Set the end of file of a handle attached to this connection (needs
+    /// write access): truncate or extend. Bracketed like `Rename`.
+    /// Frontend only.
+    SetEndOfFile {
+        /// The handle.
+        key: ResumeKey,
+        /// The new size.
+        size: u64,
+        /// Record this reply for replay when it succeeds.
+        #[serde(default)]
+        record: Option<RecordSpec>,
+    },
     /// Remove a file by path (every open of it must share delete).
     /// Non-idempotent: with `record`, bracketed by an intent and the reply
     /// recorded in the same commit. Frontend only.
@@ -250,6 +262,7 @@ impl Request {
             Request::LeaseBreakAck { .. } => "lease_break_ack",
             Request::Rename { .. } => "rename",
             Request::Remove { .. } => "remove",
+            Request::SetEndOfFile { .. } => "set_end_of_file",
             Request::Resume(_) => "resume",
             Request::Close { .. } => "close",
             Request::Detach { .. } => "detach",

@@ -252,3 +252,74 @@ fn remove_is_exactly_once_across_a_crash_at_every_step() {
         assert!(fe.lookup_reply(scope.clone(), 7).unwrap().is_some(), "{fp}");
     }
 }
+
+#[test]
+fn end_of_file_is_exactly_once_across_a_crash_at_every_step() {
+    for fp in STEPS {
+        let s = Scratch::new("eof-crash");
+        let guid = CreateGuid(uuid::Uuid::new_v4());
+        let req = || {
+            open_req(
+                "f",
+                RWD,
+                Rights::READ,
+                Durability::Persistent { timeout_ms: 60_000 },
+                Some(guid),
+            )
+        };
+        let key = {
+            let _d = Filterd::start(&s, &[], &[]);
+            let h = frontend(&s).open(req()).unwrap();
+            std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+            h.info.key
+        };
+        let truncate = |fe: &FilterClient| {
+            let record = RecordSpec {
+                scope: ReplayScope::Handle(key),
+                op_id: 9,
+                reply: "eof set".into(),
+                keep: 64,
+            };
+            fe.set_end_of_file(key, 4, Some(record))
+        };
+        let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
+        let fe = frontend(&s);
+        fe.replay_open(req()).unwrap();
+        if truncate(&fe).is_ok() {
+            d.kill9();
+        } else {
+            d.wait_exit(Duration::from_secs(10));
+        }
+        drop(fe);
+        let _d2 = Filterd::start(&s, &[], &[]);
+        let fe = frontend(&s);
+        fe.replay_open(req()).unwrap();
+        let done = fe.lookup_reply(ReplayScope::Handle(key), 9).unwrap();
+        match done {
+            Some(r) => assert_eq!(r.reply, "eof set", "{fp}"),
+            None => truncate(&fe)
+                .unwrap_or_else(|e| panic!("{fp}: re-executed end-of-file failed: {e}")),
+        }
+        assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"0123", "{fp}");
+        assert!(
+            fe.lookup_reply(ReplayScope::Handle(key), 9)
+                .unwrap()
+                .is_some(),
+            "{fp}"
+        );
+        // Access rules: a read-only open may not set the end of file.
+        let ro = fe
+            .open(open_req(
+                "f",
+                Rights::READ,
+                Rights::ALL,
+                Durability::None,
+                None,
+            ))
+            .unwrap();
+        assert_eq!(
+            fe.set_end_of_file(ro.info.key, 0, None).unwrap_err().code(),
+            Some(ErrorCode::AccessDenied)
+        );
+    }
+}
