@@ -207,6 +207,8 @@ pub struct Engine {
     handles: BTreeMap<ResumeKey, Handle>,
     by_file: BTreeMap<FileId, Vec<ResumeKey>>,
     by_guid: HashMap<(ClientId, CreateGuid), ResumeKey>,
+    /// How many handles use each create GUID (any client).
+    guid_clients: HashMap<CreateGuid, u32>,
     conns: HashMap<ConnId, Conn>,
     instances: HashMap<InstanceName, ConnId>,
     expiries: BinaryHeap<Reverse<(u64, ResumeKey, u64)>>,
@@ -301,6 +303,7 @@ impl Engine {
             handles: BTreeMap::new(),
             by_file: BTreeMap::new(),
             by_guid: HashMap::new(),
+            guid_clients: HashMap::new(),
             conns: HashMap::new(),
             instances: HashMap::new(),
             expiries: BinaryHeap::new(),
@@ -1070,6 +1073,15 @@ impl Engine {
                     ));
                 }
                 return self.replay_existing(conn, &protocol, instance, k).map(Some);
+            }
+            // A create GUID in use by another client is a duplicate too
+            // (spec/smb-like.md "Create replay").
+            if self.guid_clients.get(&g).is_some_and(|n| *n > 0) {
+                self.stats.opens_refused += 1;
+                return Err(err(
+                    ErrorCode::DuplicateCreateGuid,
+                    format!("create GUID {g} is in use by another client's open"),
+                ));
             }
         }
         // A persistent open with a create GUID marks a file it creates, so
@@ -2338,6 +2350,7 @@ impl Engine {
         self.by_file.entry(h.rec.file).or_default().push(key);
         if let Some(g) = h.rec.create_guid {
             self.by_guid.insert((h.rec.client.clone(), g), key);
+            *self.guid_clients.entry(g).or_default() += 1;
         }
         self.handles.insert(key, h);
     }
@@ -2385,6 +2398,12 @@ impl Engine {
             let gk = (h.rec.client.clone(), g);
             if self.by_guid.get(&gk) == Some(&key) {
                 self.by_guid.remove(&gk);
+            }
+            if let Some(n) = self.guid_clients.get_mut(&g) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.guid_clients.remove(&g);
+                }
             }
         }
         if let Some(c) = h.conn.and_then(|c| self.conns.get_mut(&c)) {

@@ -528,3 +528,26 @@ fn close_survives_a_crash_at_every_commit_step() {
         assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"kept");
     }
 }
+
+#[test]
+fn create_guid_of_another_client_is_a_duplicate() {
+    let s = Scratch::new("eo-dup");
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s);
+    let guid = CreateGuid(uuid::Uuid::new_v4());
+    fe.open(open_req("a", Disposition::Create, guid)).unwrap();
+    let mut other = open_req("b", Disposition::Create, guid);
+    other.client = ClientId::new("mallory").unwrap();
+    assert_eq!(
+        fe.open(other.clone()).unwrap_err().code(),
+        Some(ErrorCode::DuplicateCreateGuid)
+    );
+    assert_eq!(
+        fe.replay_open(other).unwrap_err().code(),
+        Some(ErrorCode::DuplicateCreateGuid)
+    );
+    assert!(
+        !s.root().join("b").exists(),
+        "a refused create creates nothing"
+    );
+}
