@@ -2012,18 +2012,12 @@ impl Engine {
         replace: bool,
         record: Option<RecordSpec>,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
-        self.attached_to(conn, key)?;
-        let Some(h) = self.handles.get(&key) else {
-            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
-        };
-        if !h
-            .rec
-            .access
-            .rights()
-            .contains(libfilter::model::Rights::DELETE)
-        {
-            return Err(err(ErrorCode::AccessDenied, "rename needs delete access"));
-        }
+        let h = self.attached_with(
+            conn,
+            key,
+            libfilter::model::Rights::DELETE,
+            "rename needs delete access",
+        )?;
         let (from, file, persistent) = (
             h.rec.path.clone(),
             h.rec.file,
@@ -2044,6 +2038,25 @@ impl Engine {
         self.run_change(conn, req_id, key, change, persistent)
     }
 
+    /// A handle attached to `conn` whose access includes `right`.
+    fn attached_with(
+        &mut self,
+        conn: ConnId,
+        key: ResumeKey,
+        right: libfilter::model::Rights,
+        refusal: &str,
+    ) -> Result<&mut Handle, WireError> {
+        self.attached_to(conn, key)?;
+        let h = self
+            .handles
+            .get_mut(&key)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        if !h.rec.access.rights().contains(right) {
+            return Err(err(ErrorCode::AccessDenied, refusal));
+        }
+        Ok(h)
+    }
+
     /// Truncates or extends the file of an attached handle.
     fn set_end_of_file(
         &mut self,
@@ -2054,21 +2067,12 @@ impl Engine {
         size: u64,
         record: Option<RecordSpec>,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
-        self.attached_to(conn, key)?;
-        let Some(h) = self.handles.get_mut(&key) else {
-            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
-        };
-        if !h
-            .rec
-            .access
-            .rights()
-            .contains(libfilter::model::Rights::WRITE)
-        {
-            return Err(err(
-                ErrorCode::AccessDenied,
-                "end_of_file needs write access",
-            ));
-        }
+        let h = self.attached_with(
+            conn,
+            key,
+            libfilter::model::Rights::WRITE,
+            "end_of_file needs write access",
+        )?;
         if h.rec.kernel_handle.is_none() {
             h.rec.kernel_handle =
                 h.fd.as_ref()
