@@ -222,6 +222,8 @@ pub struct Engine {
     breaking: HashMap<(FileId, LeaseKey), Breaking>,
     /// Opens waiting for lease breaks before they can be decided.
     waiting: Vec<WaitingOpen>,
+    /// Renames and removes waiting for handle-caching breaks.
+    waiting_changes: Vec<(FileId, ConnId, u64, Request)>,
     /// Local opens waiting for lease breaks.
     waiting_local: Vec<(FileId, LocalReply, OwnedFd)>,
     /// The fanotify group, when local access is mediated.
@@ -317,6 +319,7 @@ impl Engine {
             locks: BTreeMap::new(),
             breaking: HashMap::new(),
             waiting: Vec::new(),
+            waiting_changes: Vec::new(),
             retry_files: Default::default(),
             waiting_local: Vec::new(),
             fanotify: None,
@@ -1542,13 +1545,9 @@ impl Engine {
         requester: Option<LeaseKey>,
         mode: ShareMode,
     ) -> bool {
-        let writes = mode.access.contains(libfilter::model::Rights::WRITE);
-        let mut wait = false;
-        for (lk, state, keys) in self.leases_on(file) {
-            if Some(lk) == requester {
-                continue;
-            }
-            let handle_conflict = keys.iter().filter_map(|k| self.handles.get(k)).any(|h| {
+        self.break_leases(file, requester, |state, keys, this| {
+            let writes = mode.access.contains(libfilter::model::Rights::WRITE);
+            let handle_conflict = keys.iter().filter_map(|k| this.handles.get(k)).any(|h| {
                 share::conflicts(
                     mode,
                     ShareMode {
@@ -1557,13 +1556,38 @@ impl Engine {
                     },
                 )
             });
-            let Some(to) = lease::break_to(
+            lease::break_to(
                 state,
                 BreakTrigger {
                     writes,
                     handle_conflict,
                 },
-            ) else {
+            )
+        })
+    }
+
+    /// Breaks other keys' handle caching before their file is renamed or
+    /// removed. Returns whether the change must wait for acks.
+    fn break_leases_for_namespace(&mut self, file: FileId, requester: Option<LeaseKey>) -> bool {
+        self.break_leases(file, requester, |state, _, _| {
+            lease::break_for_namespace(state)
+        })
+    }
+
+    /// Breaks every lease of another key on `file` that `target` says must
+    /// go down; see `break_leases_for`.
+    fn break_leases(
+        &mut self,
+        file: FileId,
+        requester: Option<LeaseKey>,
+        target: impl Fn(LeaseState, &[ResumeKey], &Self) -> Option<LeaseState>,
+    ) -> bool {
+        let mut wait = false;
+        for (lk, state, keys) in self.leases_on(file) {
+            if Some(lk) == requester {
+                continue;
+            }
+            let Some(to) = target(state, &keys, self) else {
                 continue;
             };
             if self.breaking.contains_key(&(file, lk)) {
@@ -1819,6 +1843,22 @@ impl Engine {
 
     /// Runs again the opens of `file` that waited for lease breaks.
     fn retry_waiting(&mut self, file: FileId) {
+        let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_changes)
+            .into_iter()
+            .partition(|(f, _, _, _)| *f == file);
+        self.waiting_changes = later;
+        for (_, conn, id, req) in ready {
+            let Some((writer, role)) = self
+                .conns
+                .get(&conn)
+                .map(|c| (c.writer.clone(), c.role.clone()))
+            else {
+                continue;
+            };
+            let ops_before = self.ops.len();
+            let outcome = self.dispatch(conn, &role, id, req);
+            self.answer(conn, &writer, id, outcome, ops_before);
+        }
         let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_local)
             .into_iter()
             .partition(|(f, _, _)| *f == file);
@@ -2027,6 +2067,23 @@ impl Engine {
         let record = record
             .map(|r| self.own_record(conn, protocol, r))
             .transpose()?;
+        let own_lease = self
+            .handles
+            .get(&key)
+            .and_then(|h| h.rec.lease.map(|l| l.key));
+        if self.break_leases_for_namespace(file, own_lease) {
+            let req = Request::Rename {
+                key,
+                to,
+                replace,
+                record: record.map(|mut r| {
+                    r.scope = unscope(protocol, r.scope);
+                    r
+                }),
+            };
+            self.waiting_changes.push((file, conn, req_id, req));
+            return Ok(None);
+        }
         let change = IntentChange::Rename {
             key,
             from,
@@ -2112,6 +2169,17 @@ impl Engine {
         let record = record
             .map(|r| self.own_record(conn, protocol, r))
             .transpose()?;
+        if self.break_leases_for_namespace(file, None) {
+            let req = Request::Remove {
+                path,
+                record: record.map(|mut r| {
+                    r.scope = unscope(protocol, r.scope);
+                    r
+                }),
+            };
+            self.waiting_changes.push((file, conn, req_id, req));
+            return Ok(None);
+        }
         let change = IntentChange::Remove { path, file, record };
         self.run_change(conn, req_id, ResumeKey(uuid::Uuid::nil()), change, false)
     }
@@ -2644,5 +2712,20 @@ fn record_op(r: RecordSpec) -> StoreOp {
             recorded_ms: now_ms(),
         },
         keep: r.keep,
+    }
+}
+
+/// Undoes `own_scope`'s protocol prefix on a session scope, so a parked
+/// request can be dispatched again as the frontend sent it.
+fn unscope(protocol: &Protocol, scope: ReplayScope) -> ReplayScope {
+    match scope {
+        ReplayScope::Session(name) => {
+            let prefix = format!("{protocol}/");
+            match name.as_str().strip_prefix(&prefix).map(ScopeName::new) {
+                Some(Ok(n)) => ReplayScope::Session(n),
+                _ => ReplayScope::Session(name),
+            }
+        }
+        other => other,
     }
 }

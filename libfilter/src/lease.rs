@@ -147,6 +147,13 @@ pub fn break_to(held: LeaseState, t: BreakTrigger) -> Option<LeaseState> {
     (to != held).then_some(to)
 }
 
+/// The state a held lease must break to when its file is renamed or
+/// deleted: handle caching goes, read and write caching stay.
+pub fn break_for_namespace(held: LeaseState) -> Option<LeaseState> {
+    held.contains(LeaseState::H)
+        .then(|| held.without(LeaseState::H))
+}
+
 /// Whether lowering `from` needs the holder's acknowledgement.
 pub fn ack_required(from: LeaseState) -> bool {
     from.contains(LeaseState::W) || from.contains(LeaseState::H)
@@ -210,6 +217,8 @@ mod tests {
         assert_eq!(break_to(st("R"), wr), Some(st("")));
         assert!(ack_required(st("RH")) && ack_required(st("RW")) && !ack_required(st("R")));
         assert_eq!(grantable(st("RWH"), true), st("RH"));
+        assert_eq!(break_for_namespace(st("RWH")), Some(st("RW")));
+        assert_eq!(break_for_namespace(st("RW")), None);
         assert_eq!(grantable(st("RWH"), false), st("RWH"));
     }
 

@@ -295,3 +295,59 @@ fn leases_survive_filterd_kill9() {
         Some(ErrorCode::FileNotAvailable)
     );
 }
+
+#[test]
+fn rename_breaks_handle_caching_first() {
+    let s = Scratch::new("lease-rename");
+    let _d = Filterd::start(&s, &[], &[]);
+    let smb = frontend(&s, "smb", "smb-1");
+    let nfs = frontend(&s, "nfs", "nfs-1");
+    let k1 = LeaseKey(uuid::Uuid::new_v4());
+    let a = smb
+        .open(req(
+            "alice",
+            Rights::READ,
+            Rights::ALL,
+            Durability::None,
+            Some((k1, "RH")),
+        ))
+        .unwrap();
+    assert_eq!(a.info.lease.map(|l| l.state), Some(st("RH")));
+    let b = nfs
+        .open(req(
+            "bob",
+            Rights::READ.union(Rights::DELETE),
+            Rights::ALL,
+            Durability::None,
+            None,
+        ))
+        .unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    {
+        let nfs = nfs.clone();
+        let key = b.info.key;
+        std::thread::spawn(move || {
+            let _ = tx.send(
+                nfs.rename(key, RelPath::new("g").unwrap(), false, None)
+                    .map_err(|e| e.code()),
+            );
+        });
+    }
+    let (_, cur, new, ack) = next_break(&smb);
+    assert_eq!(
+        (cur, new, ack),
+        (st("RH"), st("R"), true),
+        "a rename breaks H only"
+    );
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "the rename waits for the ack"
+    );
+    smb.call(Request::LeaseBreakAck {
+        lease_key: k1,
+        state: st("R"),
+    })
+    .unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    assert!(s.root().join("g").exists() && !s.root().join("f").exists());
+}
