@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -331,5 +332,107 @@ pub fn filterctl(args: &[&str]) -> CtlOutput {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A running protocol frontend (smbshim or nfsshim) and its TCP address.
+pub struct Shim {
+    child: Child,
+    /// Where it listens.
+    pub addr: String,
+}
+
+impl Shim {
+    /// Starts `bin` with `--filter SOCKET --listen 127.0.0.1:0 --instance NAME`
+    /// and waits for its `listening on` line.
+    pub fn start(bin_name: &str, socket: &Path, instance: &str) -> Shim {
+        let mut child = Command::new(bin(bin_name))
+            .arg("--filter")
+            .arg(socket)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--instance")
+            .arg(instance)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn shim");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Shim { child, addr }
+    }
+
+    /// SIGKILLs it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A line-JSON protocol client (smbl/1 or nfsl/1) over TCP.
+pub struct LineClient {
+    stream: std::net::TcpStream,
+    reader: BufReader<std::net::TcpStream>,
+    next: u64,
+}
+
+impl LineClient {
+    /// Connects.
+    pub fn connect(addr: &str) -> LineClient {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        LineClient {
+            stream,
+            reader,
+            next: 1,
+        }
+    }
+
+    /// Sends raw bytes and reads one reply line (`None` at EOF).
+    pub fn raw(&mut self, bytes: &[u8]) -> Option<Value> {
+        self.stream.write_all(bytes).ok()?;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => serde_json::from_str(&line).ok(),
+        }
+    }
+
+    /// Sends a request with the next `mid` under `id_field` and returns the reply.
+    pub fn call_with(&mut self, id_field: &str, mut v: Value) -> Value {
+        let id = self.next;
+        self.next += 1;
+        v[id_field] = Value::from(id);
+        let mut line = v.to_string();
+        line.push('\n');
+        let reply = self.raw(line.as_bytes()).expect("a reply");
+        assert_eq!(
+            reply[id_field],
+            Value::from(id),
+            "reply to another request: {reply}"
+        );
+        reply
+    }
+
+    /// smbl/1: a request with a fresh `mid`.
+    pub fn call(&mut self, v: Value) -> Value {
+        self.call_with("mid", v)
     }
 }

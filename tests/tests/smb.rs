@@ -1,0 +1,186 @@
+//! smbl/1 through the real smbshim and filterd: the commands this build
+//! serves, malformed input, and failover flows A (client connection drop)
+//! and B (smbshim SIGKILL + replacement + RECONNECT) with replays.
+
+use base64::Engine as _;
+use rkfilter_tests::{Filterd, LineClient, Scratch, Shim};
+use serde_json::{json, Value};
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn session(c: &mut LineClient, client_guid: &str, user: &str) -> u64 {
+    let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": user}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["dialect"], "smbl/1");
+    r["session_id"].as_u64().unwrap()
+}
+
+fn persistent_create(
+    c: &mut LineClient,
+    sid: u64,
+    path: &str,
+    guid: &str,
+    disposition: &str,
+    replay: bool,
+) -> Value {
+    c.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
+                  "share": ["read"], "disposition": disposition, "replay": replay,
+                  "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}}),
+    )
+}
+
+#[test]
+fn basic_commands_and_malformed_input() {
+    let s = Scratch::new("smb-basic");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut c = LineClient::connect(&shim.addr);
+    assert_eq!(c.call(json!({"cmd": "ECHO"}))["status"], "STATUS_SUCCESS");
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+    let guid = uuid::Uuid::new_v4().to_string();
+    let r = persistent_create(&mut c, sid, "doc.txt", &guid, "create", false);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["create_action"], "created");
+    assert_eq!(r["durable"]["persistent"], true);
+    let fid = r["file_id"].clone();
+    let w = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": b64("hello"), "op_id": 1}));
+    assert_eq!(w["count"], 5, "{w}");
+    let rd = c.call(
+        json!({"cmd": "READ", "session_id": sid, "file_id": fid, "offset": 0, "length": 100}),
+    );
+    assert_eq!(rd["data"], b64("hello"));
+    assert_eq!(rd["eof"], true);
+    assert_eq!(std::fs::read(s.root().join("doc.txt")).unwrap(), b"hello");
+    // Errors with their statuses.
+    let bad = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "../x", "access": ["read"], "share": [], "disposition": "open"}));
+    assert_eq!(bad["status"], "STATUS_OBJECT_NAME_INVALID");
+    let nf = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "nope", "access": ["read"], "share": [], "disposition": "open"}));
+    assert_eq!(nf["status"], "STATUS_OBJECT_NAME_NOT_FOUND");
+    let sv = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "doc.txt", "access": ["write"], "share": ["read", "write"], "disposition": "open"}));
+    assert_eq!(sv["status"], "STATUS_SHARING_VIOLATION");
+    let dup = persistent_create(&mut c, sid, "doc.txt", &guid, "open_if", false);
+    assert_eq!(dup["status"], "STATUS_DUPLICATE_OBJECTID");
+    assert_eq!(
+        c.call(json!({"cmd": "READ", "session_id": 999, "file_id": fid, "offset": 0, "length": 1}))
+            ["status"],
+        "STATUS_USER_SESSION_DELETED"
+    );
+    assert_eq!(
+        c.call(
+            json!({"cmd": "READ", "session_id": sid, "file_id": "zz", "offset": 0, "length": 1})
+        )["status"],
+        "STATUS_FILE_CLOSED"
+    );
+    // Malformed input: the connection stays usable.
+    let r = c.raw(b"{not json\n").unwrap();
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].is_null()),
+        (Some("STATUS_INVALID_PARAMETER"), true)
+    );
+    let r = c
+        .raw(b"{\"cmd\": \"READ\", \"mid\": 77, \"session_id\": \"one\"}\n")
+        .unwrap();
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].as_u64()),
+        (Some("STATUS_INVALID_PARAMETER"), Some(77))
+    );
+    assert_eq!(c.call(json!({"cmd": "ECHO"}))["status"], "STATUS_SUCCESS");
+    assert_eq!(
+        c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}))["status"],
+        "STATUS_SUCCESS"
+    );
+    // A line over 4 MiB: an error with a null mid, then the connection closes.
+    let mut long = vec![b'x'; (4 << 20) + 10];
+    long.push(b'\n');
+    let r = c.raw(&long).unwrap();
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].is_null()),
+        (Some("STATUS_INVALID_PARAMETER"), true)
+    );
+    assert!(
+        c.raw(b"{\"cmd\":\"ECHO\",\"mid\":1}\n").is_none(),
+        "connection closed after an over-long line"
+    );
+}
+
+#[test]
+fn failover_flows_a_and_b_with_replays() {
+    let s = Scratch::new("smb-failover");
+    let _d = Filterd::start(&s, &[], &[]);
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let guid = uuid::Uuid::new_v4().to_string();
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut c = LineClient::connect(&shim.addr);
+    let sid = session(&mut c, &client_guid, "alice");
+    let r = persistent_create(&mut c, sid, "f", &guid, "create", false);
+    let fid = r["file_id"].clone();
+    let w = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": b64("data"), "op_id": 7}));
+    assert_eq!(w["status"], "STATUS_SUCCESS");
+
+    // Flow A: the client's TCP connection drops; it reconnects and replays
+    // its create: the original open, original create action.
+    drop(c);
+    let mut c = LineClient::connect(&shim.addr);
+    let sid2 = session(&mut c, &client_guid, "alice");
+    let rc = rkfilter_tests::wait_for(
+        "the open to be disconnected",
+        std::time::Duration::from_secs(5),
+        || {
+            let r = persistent_create(&mut c, sid2, "f", &guid, "create", true);
+            (r["status"] == "STATUS_SUCCESS").then_some(r)
+        },
+    );
+    assert_eq!(rc["file_id"], fid);
+    assert_eq!(
+        rc["create_action"], "created",
+        "a replay reports the original create action"
+    );
+    // A replayed WRITE returns the recorded reply without executing again.
+    let w = c.call(json!({"cmd": "WRITE", "session_id": sid2, "file_id": fid, "offset": 0, "data": b64("XXXX"), "op_id": 7, "replay": true}));
+    assert_eq!(w["count"], 4);
+    assert_eq!(
+        std::fs::read(s.root().join("f")).unwrap(),
+        b"data",
+        "the replayed write did not run again"
+    );
+
+    // Flow B: smbshim is SIGKILLed; a replacement with the same instance
+    // name serves the client's RECONNECT.
+    shim.kill9();
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut c = LineClient::connect(&shim.addr);
+    let sid3 = session(&mut c, &client_guid, "alice");
+    // Another client GUID or another user cannot take it.
+    let mut other = LineClient::connect(&shim.addr);
+    let osid = session(&mut other, &uuid::Uuid::new_v4().to_string(), "alice");
+    let r = other
+        .call(json!({"cmd": "RECONNECT", "session_id": osid, "file_id": fid, "create_guid": guid}));
+    assert_eq!(r["status"], "STATUS_OBJECT_NAME_NOT_FOUND", "{r}");
+    let msid = session(&mut other, &client_guid, "mallory");
+    let r = other
+        .call(json!({"cmd": "RECONNECT", "session_id": msid, "file_id": fid, "create_guid": guid}));
+    assert_eq!(r["status"], "STATUS_ACCESS_DENIED", "{r}");
+    let r = rkfilter_tests::wait_for(
+        "RECONNECT after the replacement",
+        std::time::Duration::from_secs(5),
+        || {
+            let r = c.call(json!({"cmd": "RECONNECT", "session_id": sid3, "file_id": fid, "create_guid": guid}));
+            (r["status"] == "STATUS_SUCCESS").then_some(r)
+        },
+    );
+    assert_eq!(r["size"], 4);
+    let rd = c.call(
+        json!({"cmd": "READ", "session_id": sid3, "file_id": fid, "offset": 0, "length": 10}),
+    );
+    assert_eq!(rd["data"], b64("data"));
+    // LOGOFF closes every open of the session, durable too.
+    assert_eq!(
+        c.call(json!({"cmd": "LOGOFF", "session_id": sid3}))["status"],
+        "STATUS_SUCCESS"
+    );
+    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+    assert!(ctl.handles().unwrap().is_empty());
+}

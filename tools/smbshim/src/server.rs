@@ -1,0 +1,636 @@
+//! The smbl/1 server: framing, sessions, opens, and the one place filter
+//! errors become smbl/1 statuses ([`status_of`]).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine as _;
+use libfilter::attach::Attachment;
+use libfilter::client::ClientError;
+use libfilter::model::*;
+use libfilter::proto::{ErrorCode, OpenRequest};
+use serde_json::{json, Map, Value};
+
+/// Longest request line (spec: 4 MiB).
+const MAX_LINE: usize = 4 << 20;
+/// Op-id records kept per open.
+const KEEP_REPLIES: u32 = 1024;
+
+/// A failed request: an smbl/1 status and a message.
+struct Fail(&'static str, String);
+
+type Outcome = Result<Map<String, Value>, Fail>;
+
+fn invalid(msg: impl Into<String>) -> Fail {
+    Fail("STATUS_INVALID_PARAMETER", msg.into())
+}
+
+/// The one place filter errors become smbl/1 statuses.
+fn status_of(e: &ClientError) -> &'static str {
+    match e.code() {
+        Some(ErrorCode::NotFound) | Some(ErrorCode::NoSuchHandle) => "STATUS_OBJECT_NAME_NOT_FOUND",
+        Some(ErrorCode::PathNotFound) => "STATUS_OBJECT_PATH_NOT_FOUND",
+        Some(ErrorCode::Collision) => "STATUS_OBJECT_NAME_COLLISION",
+        Some(ErrorCode::AccessDenied) | Some(ErrorCode::NotAFile) | Some(ErrorCode::NotOwner) => {
+            "STATUS_ACCESS_DENIED"
+        }
+        Some(ErrorCode::SharingViolation) => "STATUS_SHARING_VIOLATION",
+        Some(ErrorCode::FileNotAvailable) => "STATUS_FILE_NOT_AVAILABLE",
+        Some(ErrorCode::DuplicateCreateGuid) => "STATUS_DUPLICATE_OBJECTID",
+        Some(ErrorCode::DiskFull) => "STATUS_DISK_FULL",
+        Some(ErrorCode::LockNotGranted) => "STATUS_LOCK_NOT_GRANTED",
+        Some(ErrorCode::RangeNotLocked) => "STATUS_RANGE_NOT_LOCKED",
+        Some(ErrorCode::LockConflict) => "STATUS_FILE_LOCK_CONFLICT",
+        Some(ErrorCode::BadFrame) => "STATUS_INVALID_PARAMETER",
+        Some(ErrorCode::Unsupported) => "STATUS_NOT_SUPPORTED",
+        None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => {
+            "STATUS_FILE_NOT_AVAILABLE"
+        }
+        _ => "STATUS_INTERNAL_ERROR",
+    }
+}
+
+fn filter_fail(e: ClientError) -> Fail {
+    Fail(status_of(&e), e.to_string())
+}
+
+struct Session {
+    client_guid: uuid::Uuid,
+    user: String,
+    conn: u64,
+    alive: bool,
+}
+
+struct Open {
+    key: ResumeKey,
+    session: u64,
+    file: Arc<std::fs::File>,
+    durable: Option<Value>,
+    create_action: CreateAction,
+}
+
+struct Shared {
+    filter: Attachment,
+    sessions: Mutex<HashMap<u64, Session>>,
+    opens: Mutex<HashMap<String, Open>>,
+    next_session: AtomicU64,
+    next_conn: AtomicU64,
+}
+
+/// Attaches to filterd, listens, serves forever.
+pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
+    let protocol = Protocol::new("smb")?;
+    let instance = InstanceName::new(instance)?;
+    // filterd may still be starting: retry for a while.
+    let t0 = Instant::now();
+    let attach = loop {
+        match Attachment::connect(filter, protocol.clone(), instance.clone()) {
+            Ok(a) => break a,
+            Err(e) if t0.elapsed() < Duration::from_secs(30) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e).context("attaching to filterd"),
+        }
+    };
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let shared = Arc::new(Shared {
+        filter: attach,
+        sessions: Mutex::new(HashMap::new()),
+        opens: Mutex::new(HashMap::new()),
+        next_session: AtomicU64::new(1),
+        next_conn: AtomicU64::new(1),
+    });
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let sh = shared.clone();
+        let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let _ = std::thread::Builder::new()
+            .name(format!("smb-conn-{conn}"))
+            .spawn(move || serve(sh, conn, stream));
+    }
+    Ok(())
+}
+
+/// Reads one line of at most `MAX_LINE` bytes. `Ok(None)`: EOF.
+/// `Err(true)`: the line was too long.
+fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>, bool> {
+    buf.clear();
+    let n = r
+        .by_ref()
+        .take(u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1)
+        .read_until(b'\n', buf)
+        .map_err(|_| false)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') && buf.len() > MAX_LINE {
+        return Err(true);
+    }
+    Ok(Some(()))
+}
+
+fn send(w: &Mutex<TcpStream>, v: &Value) -> bool {
+    let mut line = v.to_string();
+    line.push('\n');
+    match w.lock() {
+        Ok(mut s) => s.write_all(line.as_bytes()).is_ok(),
+        Err(_) => false,
+    }
+}
+
+fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
+    let Ok(wstream) = stream.try_clone() else {
+        return;
+    };
+    let writer = Mutex::new(wstream);
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        match read_line(&mut reader, &mut buf) {
+            Ok(Some(())) => {}
+            Ok(None) | Err(false) => break,
+            Err(true) => {
+                send(
+                    &writer,
+                    &json!({"mid": null, "status": "STATUS_INVALID_PARAMETER", "error": "line longer than 4 MiB"}),
+                );
+                break;
+            }
+        }
+        let reply = handle_line(&sh, conn, &buf);
+        if !send(&writer, &reply) {
+            break;
+        }
+    }
+    connection_lost(&sh, conn);
+}
+
+fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
+    let v: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return json!({"mid": null, "status": "STATUS_INVALID_PARAMETER", "error": format!("not JSON: {e}")})
+        }
+    };
+    let Some(obj) = v.as_object() else {
+        return json!({"mid": null, "status": "STATUS_INVALID_PARAMETER", "error": "not a JSON object"});
+    };
+    let mid = obj.get("mid").and_then(Value::as_u64);
+    let Some(mid) = mid else {
+        return json!({"mid": null, "status": "STATUS_INVALID_PARAMETER", "error": "mid must be a u64"});
+    };
+    let cmd = obj.get("cmd").and_then(Value::as_str).unwrap_or("");
+    let outcome = match cmd {
+        "ECHO" => Ok(Map::new()),
+        "SESSION_SETUP" => session_setup(sh, conn, obj),
+        "CREATE" => create(sh, conn, obj),
+        "RECONNECT" => reconnect(sh, conn, obj),
+        "READ" => read(sh, obj),
+        "WRITE" => write(sh, obj),
+        "FLUSH" => flush(sh, obj),
+        "CLOSE" => close(sh, obj),
+        "LOGOFF" => logoff(sh, obj),
+        "LOCK" | "SET_INFO" | "LEASE_BREAK_ACK" => Err(Fail(
+            "STATUS_NOT_SUPPORTED",
+            format!("{cmd} is not served by this build yet"),
+        )),
+        "" => Err(invalid("cmd must be a string")),
+        other => Err(Fail(
+            "STATUS_NOT_SUPPORTED",
+            format!("unknown command {other:?}"),
+        )),
+    };
+    let mut out = match outcome {
+        Ok(m) => {
+            let mut m = m;
+            m.insert("status".into(), json!("STATUS_SUCCESS"));
+            m
+        }
+        Err(Fail(status, error)) => {
+            let mut m = Map::new();
+            m.insert("status".into(), json!(status));
+            m.insert("error".into(), json!(error));
+            m
+        }
+    };
+    out.insert("mid".into(), json!(mid));
+    Value::Object(out)
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a Value, Fail> {
+    obj.get(name)
+        .ok_or_else(|| invalid(format!("missing field {name}")))
+}
+
+fn u64_field(obj: &Map<String, Value>, name: &str) -> Result<u64, Fail> {
+    field(obj, name)?
+        .as_u64()
+        .ok_or_else(|| invalid(format!("{name} must be a u64")))
+}
+
+fn str_field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str, Fail> {
+    field(obj, name)?
+        .as_str()
+        .ok_or_else(|| invalid(format!("{name} must be a string")))
+}
+
+fn uuid_field(obj: &Map<String, Value>, name: &str) -> Result<uuid::Uuid, Fail> {
+    uuid::Uuid::parse_str(str_field(obj, name)?)
+        .map_err(|_| invalid(format!("{name} must be a UUID")))
+}
+
+fn rights_field(obj: &Map<String, Value>, name: &str) -> Result<Rights, Fail> {
+    let arr = field(obj, name)?
+        .as_array()
+        .ok_or_else(|| invalid(format!("{name} must be a list")))?;
+    let words: Result<Vec<&str>, Fail> = arr
+        .iter()
+        .map(|w| {
+            w.as_str()
+                .ok_or_else(|| invalid(format!("{name} must list strings")))
+        })
+        .collect();
+    Rights::from_words(words?).map_err(|e| invalid(format!("{name}: {e}")))
+}
+
+fn is_replay(obj: &Map<String, Value>) -> bool {
+    obj.get("replay").and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// The session named by the request, which must be alive.
+fn session_of(sh: &Shared, obj: &Map<String, Value>) -> Result<(u64, uuid::Uuid, String), Fail> {
+    let id = u64_field(obj, "session_id")?;
+    let sessions = sh
+        .sessions
+        .lock()
+        .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
+    match sessions.get(&id) {
+        Some(s) if s.alive => Ok((id, s.client_guid, s.user.clone())),
+        _ => Err(Fail(
+            "STATUS_USER_SESSION_DELETED",
+            format!("no session {id}"),
+        )),
+    }
+}
+
+fn client_id(guid: uuid::Uuid) -> Result<ClientId, Fail> {
+    ClientId::new(guid.to_string()).map_err(|e| invalid(e.to_string()))
+}
+
+fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
+    let client_guid = uuid_field(obj, "client_guid")?;
+    let user = str_field(obj, "user")?.to_owned();
+    if let Some(prev) = obj.get("previous_session_id").and_then(Value::as_u64) {
+        let same = sh
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|s| {
+                s.get(&prev)
+                    .map(|p| p.client_guid == client_guid && p.user == user)
+            })
+            .unwrap_or(false);
+        if same {
+            end_session(sh, prev, false);
+        }
+    }
+    let id = sh.next_session.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut s) = sh.sessions.lock() {
+        s.insert(
+            id,
+            Session {
+                client_guid,
+                user,
+                conn,
+                alive: true,
+            },
+        );
+    }
+    let mut m = Map::new();
+    m.insert("session_id".into(), json!(id));
+    m.insert("dialect".into(), json!("smbl/1"));
+    m.insert("capabilities".into(), json!(["durable_v2", "persistent"]));
+    Ok(m)
+}
+
+fn disposition(s: &str) -> Result<Disposition, Fail> {
+    Ok(match s {
+        "open" => Disposition::Open,
+        "create" => Disposition::Create,
+        "open_if" => Disposition::OpenIf,
+        "overwrite" => Disposition::Overwrite,
+        "overwrite_if" => Disposition::OverwriteIf,
+        "supersede" => Disposition::Supersede,
+        other => return Err(invalid(format!("unknown disposition {other:?}"))),
+    })
+}
+
+fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
+    let (session, client_guid, user) = session_of(sh, obj)?;
+    let path = RelPath::new(str_field(obj, "path")?)
+        .map_err(|e| Fail("STATUS_OBJECT_NAME_INVALID", e.to_string()))?;
+    let access = Access::new(rights_field(obj, "access")?).map_err(|e| invalid(e.to_string()))?;
+    let share = rights_field(obj, "share")?;
+    let disp = disposition(str_field(obj, "disposition")?)?;
+    // Durable: persistent opens are always granted; a non-persistent durable
+    // open needs an H lease, and this build grants no leases yet.
+    let (durability, create_guid, granted) = match obj.get("durable") {
+        Some(Value::Object(d)) => {
+            let guid = uuid_field(d, "create_guid")?;
+            let persistent = field(d, "persistent")?
+                .as_bool()
+                .ok_or_else(|| invalid("persistent must be a bool"))?;
+            let t = u32::try_from(u64_field(d, "timeout_ms")?)
+                .map_err(|_| invalid("timeout_ms too large"))?;
+            let t = if t == 0 {
+                DEFAULT_DURABLE_TIMEOUT_MS
+            } else {
+                t.min(300_000)
+            };
+            if persistent {
+                (
+                    Durability::Persistent { timeout_ms: t },
+                    Some(guid),
+                    Some(json!({"create_guid": guid, "persistent": true, "timeout_ms": t})),
+                )
+            } else {
+                (Durability::None, None, None)
+            }
+        }
+        None | Some(Value::Null) => (Durability::None, None, None),
+        Some(_) => return Err(invalid("durable must be an object")),
+    };
+    let req = OpenRequest {
+        client: client_id(client_guid)?,
+        path,
+        access,
+        share,
+        disposition: disp,
+        durability,
+        create_guid: create_guid.map(CreateGuid),
+        owner: Some(user),
+        lease: None,
+    };
+    let replay = is_replay(obj) && create_guid.is_some();
+    let h = if replay {
+        sh.filter.replay_open(req)
+    } else {
+        sh.filter.open(req)
+    }
+    .map_err(filter_fail)?;
+    let file_id = h.info.key.to_string();
+    let mut opens = sh
+        .opens
+        .lock()
+        .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
+    if let Some(existing) = opens.get_mut(&file_id) {
+        // A replay that found the original open.
+        let other_alive = existing.session != session
+            && sh
+                .sessions
+                .lock()
+                .ok()
+                .and_then(|s| s.get(&existing.session).map(|x| x.alive))
+                .unwrap_or(false);
+        if other_alive {
+            return Err(Fail(
+                "STATUS_DUPLICATE_OBJECTID",
+                "the open is attached to another live session".into(),
+            ));
+        }
+        existing.session = session;
+    } else {
+        opens.insert(
+            file_id.clone(),
+            Open {
+                key: h.info.key,
+                session,
+                file: Arc::new(std::fs::File::from(h.fd)),
+                durable: granted.clone(),
+                create_action: h.info.create_action,
+            },
+        );
+    }
+    let o = opens
+        .get(&file_id)
+        .ok_or_else(|| Fail("STATUS_INTERNAL_ERROR", "open vanished".into()))?;
+    let mut m = Map::new();
+    m.insert("file_id".into(), json!(file_id));
+    m.insert("create_action".into(), json!(o.create_action.to_string()));
+    m.insert("size".into(), json!(h.info.size));
+    m.insert("durable".into(), o.durable.clone().unwrap_or(Value::Null));
+    m.insert("lease".into(), Value::Null);
+    Ok(m)
+}
+
+fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
+    let (session, client_guid, user) = session_of(sh, obj)?;
+    let file_id = str_field(obj, "file_id")?.to_owned();
+    let guid = uuid_field(obj, "create_guid")?;
+    let key: ResumeKey = file_id
+        .parse()
+        .map_err(|_| Fail("STATUS_OBJECT_NAME_NOT_FOUND", "bad file_id".into()))?;
+    let not_found = || {
+        Fail(
+            "STATUS_OBJECT_NAME_NOT_FOUND",
+            "no disconnected durable open with these ids".into(),
+        )
+    };
+    // The handle as the filter knows it: same create GUID, same user.
+    let view = match sh
+        .filter
+        .client()
+        .call(libfilter::proto::Request::Handle { key })
+    {
+        Ok((libfilter::proto::Reply::Handle(v), _)) => v,
+        _ => return Err(not_found()),
+    };
+    if view.record.create_guid != Some(CreateGuid(guid))
+        || view.record.client.as_str() != client_guid.to_string()
+    {
+        return Err(not_found());
+    }
+    if view.record.owner.as_deref() != Some(user.as_str()) {
+        return Err(Fail("STATUS_ACCESS_DENIED", "another user's open".into()));
+    }
+    let h = sh
+        .filter
+        .resume(client_id(client_guid)?, key)
+        .map_err(|e| match e.code() {
+            Some(ErrorCode::NoSuchHandle) => not_found(),
+            _ => filter_fail(e),
+        })?;
+    let durable = json!({"create_guid": guid, "persistent": view.record.durability.is_persistent(),
+                         "timeout_ms": view.record.durability.timeout_ms()});
+    if let Ok(mut opens) = sh.opens.lock() {
+        opens.insert(
+            file_id.clone(),
+            Open {
+                key,
+                session,
+                file: Arc::new(std::fs::File::from(h.fd)),
+                durable: Some(durable.clone()),
+                create_action: h.info.create_action,
+            },
+        );
+    }
+    let mut m = Map::new();
+    m.insert("file_id".into(), json!(file_id));
+    m.insert("size".into(), json!(h.info.size));
+    m.insert("durable".into(), durable);
+    m.insert("lease".into(), Value::Null);
+    Ok(m)
+}
+
+/// The open named by the request, which must belong to the request's session.
+fn open_of(
+    sh: &Shared,
+    obj: &Map<String, Value>,
+) -> Result<(String, ResumeKey, Arc<std::fs::File>, bool), Fail> {
+    let (session, _, _) = session_of(sh, obj)?;
+    let file_id = str_field(obj, "file_id")?.to_owned();
+    let opens = sh
+        .opens
+        .lock()
+        .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
+    match opens.get(&file_id) {
+        Some(o) if o.session == session => {
+            Ok((file_id, o.key, o.file.clone(), o.durable.is_some()))
+        }
+        _ => Err(Fail(
+            "STATUS_FILE_CLOSED",
+            format!("no open {file_id} in this session"),
+        )),
+    }
+}
+
+fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let (_, _, file, _) = open_of(sh, obj)?;
+    let offset = u64_field(obj, "offset")?;
+    let length =
+        usize::try_from(u64_field(obj, "length")?).map_err(|_| invalid("length too large"))?;
+    if length > MAX_LINE {
+        return Err(invalid("length larger than 4 MiB"));
+    }
+    let mut buf = vec![0u8; length];
+    let n = file
+        .read_at(&mut buf, offset)
+        .map_err(|e| Fail("STATUS_INTERNAL_ERROR", e.to_string()))?;
+    buf.truncate(n);
+    let mut m = Map::new();
+    m.insert(
+        "data".into(),
+        json!(base64::engine::general_purpose::STANDARD.encode(&buf)),
+    );
+    m.insert("eof".into(), json!(n < length));
+    Ok(m)
+}
+
+fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let (_, key, file, durable) = open_of(sh, obj)?;
+    let offset = u64_field(obj, "offset")?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(str_field(obj, "data")?)
+        .map_err(|_| invalid("data must be base64"))?;
+    let op_id = obj.get("op_id").and_then(Value::as_u64);
+    let scope = ReplayScope::Handle(key);
+    if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
+        if let Ok(Some(r)) = sh.filter.client().lookup_reply(scope.clone(), op) {
+            if let Ok(Value::Object(m)) = serde_json::from_str(&r.reply) {
+                return Ok(m);
+            }
+        }
+    }
+    file.write_all_at(&data, offset)
+        .map_err(|e| Fail("STATUS_DISK_FULL", e.to_string()))?;
+    let mut m = Map::new();
+    m.insert("count".into(), json!(data.len()));
+    if let (Some(op), true) = (op_id, durable) {
+        sh.filter
+            .client()
+            .record_reply(
+                scope,
+                op,
+                Value::Object(m.clone()).to_string(),
+                KEEP_REPLIES,
+            )
+            .map_err(filter_fail)?;
+    }
+    Ok(m)
+}
+
+fn flush(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let (_, _, file, _) = open_of(sh, obj)?;
+    file.sync_data()
+        .map_err(|e| Fail("STATUS_INTERNAL_ERROR", e.to_string()))?;
+    Ok(Map::new())
+}
+
+fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let (file_id, key, _, _) = open_of(sh, obj)?;
+    if let Ok(mut opens) = sh.opens.lock() {
+        opens.remove(&file_id);
+    }
+    sh.filter.close(key).map_err(filter_fail)?;
+    Ok(Map::new())
+}
+
+fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let (session, _, _) = session_of(sh, obj)?;
+    end_session(sh, session, true);
+    Ok(Map::new())
+}
+
+/// Ends a session: on LOGOFF every open closes; on a lost connection durable
+/// opens are detached (kept for their timeout) and the others close.
+fn end_session(sh: &Shared, session: u64, logoff: bool) {
+    if let Ok(mut s) = sh.sessions.lock() {
+        s.remove(&session);
+    }
+    let mine: Vec<(String, ResumeKey, bool)> = sh
+        .opens
+        .lock()
+        .map(|o| {
+            o.iter()
+                .filter(|(_, v)| v.session == session)
+                .map(|(k, v)| (k.clone(), v.key, v.durable.is_some()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (file_id, key, durable) in mine {
+        if let Ok(mut o) = sh.opens.lock() {
+            o.remove(&file_id);
+        }
+        let _ = if durable && !logoff {
+            sh.filter.detach(key)
+        } else {
+            sh.filter.close(key)
+        };
+    }
+}
+
+fn connection_lost(sh: &Shared, conn: u64) {
+    let sessions: Vec<u64> = sh
+        .sessions
+        .lock()
+        .map(|s| {
+            s.iter()
+                .filter(|(_, v)| v.conn == conn)
+                .map(|(k, _)| *k)
+                .collect()
+        })
+        .unwrap_or_default();
+    for s in sessions {
+        end_session(sh, s, false);
+    }
+}
