@@ -184,3 +184,69 @@ fn failover_flows_a_and_b_with_replays() {
     let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
     assert!(ctl.handles().unwrap().is_empty());
 }
+
+#[test]
+fn locks_and_set_info() {
+    let s = Scratch::new("smb-locks");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut a = LineClient::connect(&shim.addr);
+    let mut b = LineClient::connect(&shim.addr);
+    let sa = session(&mut a, &uuid::Uuid::new_v4().to_string(), "alice");
+    let sb = session(&mut b, &uuid::Uuid::new_v4().to_string(), "bob");
+    let guid = uuid::Uuid::new_v4().to_string();
+    let fa = a.call(json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write", "delete"],
+                           "share": ["read", "write", "delete"], "disposition": "create",
+                           "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 0}}))["file_id"].clone();
+    let fb = b.call(
+        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["read", "write"],
+                           "share": ["read", "write", "delete"], "disposition": "open"}),
+    )["file_id"]
+        .clone();
+    let w = a.call(json!({"cmd": "WRITE", "session_id": sa, "file_id": fa, "offset": 0, "data": b64("0123456789")}));
+    assert_eq!(w["status"], "STATUS_SUCCESS");
+    let lock = json!({"cmd": "LOCK", "session_id": sa, "file_id": fa, "lock_sequence": {"number": 1, "index": 1},
+                      "locks": [{"offset": 0, "length": 10, "exclusive": true, "unlock": false}]});
+    assert_eq!(a.call(lock.clone())["status"], "STATUS_SUCCESS");
+    // The same lock sequence again is a replay: success, nothing applied
+    // (a second exclusive lock over the same range would be refused).
+    assert_eq!(a.call(lock)["status"], "STATUS_SUCCESS");
+    let r = b.call(json!({"cmd": "LOCK", "session_id": sb, "file_id": fb,
+                          "locks": [{"offset": 0, "length": 1, "exclusive": false, "unlock": false}]}));
+    assert_eq!(r["status"], "STATUS_LOCK_NOT_GRANTED");
+    let r =
+        b.call(json!({"cmd": "READ", "session_id": sb, "file_id": fb, "offset": 0, "length": 5}));
+    assert_eq!(r["status"], "STATUS_FILE_LOCK_CONFLICT");
+    let r = b.call(
+        json!({"cmd": "WRITE", "session_id": sb, "file_id": fb, "offset": 20, "data": b64("x")}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "outside the lock: {r}");
+    let r = a.call(json!({"cmd": "LOCK", "session_id": sa, "file_id": fa,
+                          "locks": [{"offset": 50, "length": 1, "exclusive": false, "unlock": true}]}));
+    assert_eq!(r["status"], "STATUS_RANGE_NOT_LOCKED");
+    // SET_INFO: end of file (op-id replayed), then rename.
+    let eof =
+        json!({"cmd": "SET_INFO", "session_id": sa, "file_id": fa, "end_of_file": 4, "op_id": 3});
+    assert_eq!(a.call(eof.clone())["status"], "STATUS_SUCCESS");
+    assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 4);
+    // More data arrives; a replay of the truncation must not cut it again.
+    let w = a.call(json!({"cmd": "WRITE", "session_id": sa, "file_id": fa, "offset": 4, "data": b64("abcdef")}));
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let mut replayed = eof;
+    replayed["replay"] = json!(true);
+    assert_eq!(a.call(replayed)["status"], "STATUS_SUCCESS");
+    assert_eq!(
+        std::fs::metadata(s.root().join("f")).unwrap().len(),
+        10,
+        "the replay did not truncate again"
+    );
+    let r =
+        b.call(json!({"cmd": "SET_INFO", "session_id": sb, "file_id": fb, "rename": {"to": "g"}}));
+    assert_eq!(
+        r["status"], "STATUS_ACCESS_DENIED",
+        "rename needs delete access: {r}"
+    );
+    let r = a.call(json!({"cmd": "SET_INFO", "session_id": sa, "file_id": fa, "rename": {"to": "g"}, "op_id": 4}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(s.root().join("g").exists());
+}

@@ -11,9 +11,10 @@
 //! frontend carries are counted in hundreds, not hundreds of thousands.
 //!
 //! This build serves SESSION_SETUP, CREATE (dispositions, durable and
-//! persistent opens, create replay), RECONNECT, READ, WRITE (op-id replay),
-//! FLUSH, CLOSE, LOGOFF and ECHO. LOCK, SET_INFO and leases answer
-//! STATUS_NOT_SUPPORTED for now.
+//! persistent opens, create replay), RECONNECT, READ and WRITE (op-id
+//! replay, mandatory locks), LOCK (lock sequences), SET_INFO rename and
+//! end_of_file, FLUSH, CLOSE, LOGOFF and ECHO. Leases and delete_on_close
+//! answer STATUS_NOT_SUPPORTED for now.
 #![forbid(unsafe_code)]
 
 mod server;

@@ -200,7 +200,9 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
         "FLUSH" => flush(sh, obj),
         "CLOSE" => close(sh, obj),
         "LOGOFF" => logoff(sh, obj),
-        "LOCK" | "SET_INFO" | "LEASE_BREAK_ACK" => Err(Fail(
+        "LOCK" => lock(sh, obj),
+        "SET_INFO" => set_info(sh, obj),
+        "LEASE_BREAK_ACK" => Err(Fail(
             "STATUS_NOT_SUPPORTED",
             format!("{cmd} is not served by this build yet"),
         )),
@@ -515,13 +517,20 @@ fn open_of(
 }
 
 fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
-    let (_, _, file, _) = open_of(sh, obj)?;
+    let (_, key, file, _) = open_of(sh, obj)?;
     let offset = u64_field(obj, "offset")?;
     let length =
         usize::try_from(u64_field(obj, "length")?).map_err(|_| invalid("length too large"))?;
     if length > MAX_LINE {
         return Err(invalid("length larger than 4 MiB"));
     }
+    check_io(
+        sh,
+        key,
+        offset,
+        u64::try_from(length).unwrap_or(u64::MAX),
+        false,
+    )?;
     let mut buf = vec![0u8; length];
     let n = file
         .read_at(&mut buf, offset)
@@ -551,6 +560,13 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             }
         }
     }
+    check_io(
+        sh,
+        key,
+        offset,
+        u64::try_from(data.len()).unwrap_or(u64::MAX),
+        true,
+    )?;
     file.write_all_at(&data, offset)
         .map_err(|e| Fail("STATUS_DISK_FULL", e.to_string()))?;
     let mut m = Map::new();
@@ -567,6 +583,114 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             .map_err(filter_fail)?;
     }
     Ok(m)
+}
+
+/// Mandatory locks: may this open read (or write) the range?
+fn check_io(
+    sh: &Shared,
+    key: ResumeKey,
+    offset: u64,
+    length: u64,
+    write: bool,
+) -> Result<(), Fail> {
+    if length == 0 {
+        return Ok(());
+    }
+    let range = libfilter::locks::LockRange { offset, length };
+    sh.filter
+        .client()
+        .check_io(key, range, write)
+        .map_err(filter_fail)
+}
+
+fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let (_, key, _, _) = open_of(sh, obj)?;
+    let list = field(obj, "locks")?
+        .as_array()
+        .ok_or_else(|| invalid("locks must be a list"))?;
+    let mut ops = Vec::with_capacity(list.len());
+    for l in list {
+        let l = l
+            .as_object()
+            .ok_or_else(|| invalid("each lock must be an object"))?;
+        let b = |name: &str| -> Result<bool, Fail> {
+            field(l, name)?
+                .as_bool()
+                .ok_or_else(|| invalid(format!("{name} must be a bool")))
+        };
+        ops.push(libfilter::locks::LockOp {
+            range: libfilter::locks::LockRange {
+                offset: u64_field(l, "offset")?,
+                length: u64_field(l, "length")?,
+            },
+            exclusive: b("exclusive")?,
+            unlock: b("unlock")?,
+        });
+    }
+    let seq = match obj.get("lock_sequence") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(q)) => {
+            let number =
+                u8::try_from(u64_field(q, "number")?).map_err(|_| invalid("number 0..15"))?;
+            let index = u8::try_from(u64_field(q, "index")?).map_err(|_| invalid("index 1..64"))?;
+            if number > 15 || index > 64 {
+                return Err(invalid("lock_sequence: number 0..15, index 1..64"));
+            }
+            Some(LockSequence { number, index })
+        }
+        Some(_) => return Err(invalid("lock_sequence must be an object")),
+    };
+    sh.filter
+        .client()
+        .lock(key, ops, seq)
+        .map_err(filter_fail)?;
+    Ok(Map::new())
+}
+
+fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let (_, key, _, durable) = open_of(sh, obj)?;
+    let op_id = obj.get("op_id").and_then(Value::as_u64);
+    let scope = ReplayScope::Handle(key);
+    if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
+        if let Ok(Some(_)) = sh.filter.client().lookup_reply(scope.clone(), op) {
+            return Ok(Map::new());
+        }
+    }
+    // The filter records the reply in the same commit as the change.
+    let record = match (op_id, durable) {
+        (Some(op), true) => Some(RecordSpec {
+            scope,
+            op_id: op,
+            reply: "{}".into(),
+            keep: KEEP_REPLIES,
+        }),
+        _ => None,
+    };
+    let c = sh.filter.client();
+    if let Some(r) = obj.get("rename") {
+        let r = r
+            .as_object()
+            .ok_or_else(|| invalid("rename must be an object"))?;
+        let to = RelPath::new(str_field(r, "to")?)
+            .map_err(|e| Fail("STATUS_OBJECT_NAME_INVALID", e.to_string()))?;
+        let replace = r.get("replace").and_then(Value::as_bool).unwrap_or(false);
+        c.rename(key, to, replace, record).map_err(filter_fail)?;
+    } else if let Some(size) = obj.get("end_of_file") {
+        let size = size
+            .as_u64()
+            .ok_or_else(|| invalid("end_of_file must be a u64"))?;
+        c.set_end_of_file(key, size, record).map_err(filter_fail)?;
+    } else if obj.contains_key("delete_on_close") {
+        return Err(Fail(
+            "STATUS_NOT_SUPPORTED",
+            "delete_on_close is not served by this build yet".into(),
+        ));
+    } else {
+        return Err(invalid(
+            "SET_INFO needs rename, delete_on_close or end_of_file",
+        ));
+    }
+    Ok(Map::new())
 }
 
 fn flush(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
