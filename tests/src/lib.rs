@@ -431,6 +431,15 @@ impl LineClient {
         reply
     }
 
+    /// The next line the server sends unprompted (a notification).
+    pub fn next_line(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => serde_json::from_str(&line).ok(),
+        }
+    }
+
     /// smbl/1: a request with a fresh `mid`.
     pub fn call(&mut self, v: Value) -> Value {
         self.call_with("mid", v)

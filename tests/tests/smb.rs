@@ -250,3 +250,48 @@ fn locks_and_set_info() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     assert!(s.root().join("g").exists());
 }
+
+#[test]
+fn leases_are_granted_broken_and_acknowledged() {
+    let s = Scratch::new("smb-lease");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut a = LineClient::connect(&shim.addr);
+    let mut b = LineClient::connect(&shim.addr);
+    let sa = session(&mut a, &uuid::Uuid::new_v4().to_string(), "alice");
+    let sb = session(&mut b, &uuid::Uuid::new_v4().to_string(), "bob");
+    let lk = uuid::Uuid::new_v4().to_string();
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+                          "share": ["read", "write", "delete"], "disposition": "open_if",
+                          "lease": {"key": lk, "state": "RWH"}}),
+    );
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    // B opens for write: A's lease must lose R and W; B's CREATE waits.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = b.call(
+            json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["read", "write"],
+                              "share": ["read", "write", "delete"], "disposition": "open"}),
+        );
+        let _ = tx.send(r);
+    });
+    let n = a.next_line().expect("LEASE_BREAK");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(
+        (n["current_state"].as_str(), n["new_state"].as_str()),
+        (Some("RWH"), Some("H"))
+    );
+    assert_eq!(n["ack_required"], true);
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(200))
+            .is_err(),
+        "B waits for the ack"
+    );
+    let ack =
+        a.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": lk, "state": "H"}));
+    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    assert_eq!(ack["lease"]["state"], "H");
+    let rb = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(rb["status"], "STATUS_SUCCESS", "{rb}");
+}

@@ -13,8 +13,9 @@
 //! This build serves SESSION_SETUP, CREATE (dispositions, durable and
 //! persistent opens, create replay), RECONNECT, READ and WRITE (op-id
 //! replay, mandatory locks), LOCK (lock sequences), SET_INFO rename and
-//! end_of_file, FLUSH, CLOSE, LOGOFF and ECHO. Leases and delete_on_close
-//! answer STATUS_NOT_SUPPORTED for now.
+//! end_of_file, FLUSH, CLOSE, LOGOFF, ECHO, and leases (grants, LEASE_BREAK
+//! pushed to the holder's connection, LEASE_BREAK_ACK). delete_on_close and
+//! non-persistent durable opens answer STATUS_NOT_SUPPORTED / null for now.
 #![forbid(unsafe_code)]
 
 mod server;

@@ -74,12 +74,15 @@ struct Open {
     file: Arc<std::fs::File>,
     durable: Option<Value>,
     create_action: CreateAction,
+    lease: Option<HeldLease>,
 }
 
 struct Shared {
     filter: Attachment,
     sessions: Mutex<HashMap<u64, Session>>,
     opens: Mutex<HashMap<String, Open>>,
+    /// Each client connection's writer, for pushed LEASE_BREAKs.
+    writers: Mutex<HashMap<u64, Arc<Mutex<TcpStream>>>>,
     next_session: AtomicU64,
     next_conn: AtomicU64,
 }
@@ -107,9 +110,16 @@ pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
         filter: attach,
         sessions: Mutex::new(HashMap::new()),
         opens: Mutex::new(HashMap::new()),
+        writers: Mutex::new(HashMap::new()),
         next_session: AtomicU64::new(1),
         next_conn: AtomicU64::new(1),
     });
+    {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("lease-breaks".into())
+            .spawn(move || forward_breaks(sh))?;
+    }
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let sh = shared.clone();
@@ -152,7 +162,10 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
     let Ok(wstream) = stream.try_clone() else {
         return;
     };
-    let writer = Mutex::new(wstream);
+    let writer = Arc::new(Mutex::new(wstream));
+    if let Ok(mut w) = sh.writers.lock() {
+        w.insert(conn, writer.clone());
+    }
     let mut reader = BufReader::new(stream);
     let mut buf = Vec::new();
     loop {
@@ -171,6 +184,9 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
         if !send(&writer, &reply) {
             break;
         }
+    }
+    if let Ok(mut w) = sh.writers.lock() {
+        w.remove(&conn);
     }
     connection_lost(&sh, conn);
 }
@@ -202,10 +218,7 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
         "LOGOFF" => logoff(sh, obj),
         "LOCK" => lock(sh, obj),
         "SET_INFO" => set_info(sh, obj),
-        "LEASE_BREAK_ACK" => Err(Fail(
-            "STATUS_NOT_SUPPORTED",
-            format!("{cmd} is not served by this build yet"),
-        )),
+        "LEASE_BREAK_ACK" => lease_break_ack(sh, obj),
         "" => Err(invalid("cmd must be a string")),
         other => Err(Fail(
             "STATUS_NOT_SUPPORTED",
@@ -321,7 +334,10 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
     let mut m = Map::new();
     m.insert("session_id".into(), json!(id));
     m.insert("dialect".into(), json!("smbl/1"));
-    m.insert("capabilities".into(), json!(["durable_v2", "persistent"]));
+    m.insert(
+        "capabilities".into(),
+        json!(["durable_v2", "persistent", "leasing", "lock_sequence"]),
+    );
     Ok(m)
 }
 
@@ -372,6 +388,17 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         None | Some(Value::Null) => (Durability::None, None, None),
         Some(_) => return Err(invalid("durable must be an object")),
     };
+    let lease_req = match obj.get("lease") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(l)) => {
+            let key = libfilter::lease::LeaseKey(uuid_field(l, "key")?);
+            let state = libfilter::lease::LeaseState::parse(str_field(l, "state")?)
+                .filter(|s| !s.is_none())
+                .ok_or_else(|| invalid("lease state must be R, RH, RW or RWH"))?;
+            Some(LeaseRequest { key, state })
+        }
+        Some(_) => return Err(invalid("lease must be an object")),
+    };
     let req = OpenRequest {
         client: client_id(client_guid)?,
         path,
@@ -381,7 +408,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         durability,
         create_guid: create_guid.map(CreateGuid),
         owner: Some(user),
-        lease: None,
+        lease: lease_req,
     };
     let replay = is_replay(obj) && create_guid.is_some();
     let h = if replay {
@@ -420,6 +447,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
                 file: Arc::new(std::fs::File::from(h.fd)),
                 durable: granted.clone(),
                 create_action: h.info.create_action,
+                lease: h.info.lease,
             },
         );
     }
@@ -431,7 +459,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     m.insert("create_action".into(), json!(o.create_action.to_string()));
     m.insert("size".into(), json!(h.info.size));
     m.insert("durable".into(), o.durable.clone().unwrap_or(Value::Null));
-    m.insert("lease".into(), Value::Null);
+    m.insert("lease".into(), lease_json(h.info.lease.or(o.lease)));
     Ok(m)
 }
 
@@ -483,6 +511,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
                 file: Arc::new(std::fs::File::from(h.fd)),
                 durable: Some(durable.clone()),
                 create_action: h.info.create_action,
+                lease: h.info.lease,
             },
         );
     }
@@ -490,7 +519,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     m.insert("file_id".into(), json!(file_id));
     m.insert("size".into(), json!(h.info.size));
     m.insert("durable".into(), durable);
-    m.insert("lease".into(), Value::Null);
+    m.insert("lease".into(), lease_json(h.info.lease));
     Ok(m)
 }
 
@@ -756,5 +785,74 @@ fn connection_lost(sh: &Shared, conn: u64) {
         .unwrap_or_default();
     for s in sessions {
         end_session(sh, s, false);
+    }
+}
+
+fn lease_json(l: Option<HeldLease>) -> Value {
+    match l {
+        Some(l) => json!({"key": l.key, "state": l.state.to_string(), "epoch": l.epoch}),
+        None => Value::Null,
+    }
+}
+
+fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    session_of(sh, obj)?;
+    let key = libfilter::lease::LeaseKey(uuid_field(obj, "lease_key")?);
+    let state = libfilter::lease::LeaseState::parse(str_field(obj, "state")?)
+        .ok_or_else(|| invalid("state must be \"\", R, RH, RW or RWH"))?;
+    let reply = sh
+        .filter
+        .client()
+        .call(libfilter::proto::Request::LeaseBreakAck {
+            lease_key: key,
+            state,
+        })
+        .map_err(filter_fail)?;
+    let mut m = Map::new();
+    if let libfilter::proto::Reply::Lease(l) = reply.0 {
+        m.insert("lease".into(), lease_json(Some(l)));
+    }
+    Ok(m)
+}
+
+/// Pushes the filter's lease breaks to the client connection holding the
+/// lease, as smbl/1 LEASE_BREAK notifications.
+fn forward_breaks(sh: Arc<Shared>) {
+    use libfilter::attach::AttachEvent;
+    use libfilter::proto::Event;
+    loop {
+        let ev = match sh.filter.events().recv() {
+            Ok(ev) => ev,
+            Err(_) => return,
+        };
+        let AttachEvent::Daemon(Event::LeaseBreak {
+            lease_key,
+            current_state,
+            new_state,
+            epoch,
+            ack_required,
+        }) = ev
+        else {
+            continue;
+        };
+        let session = sh.opens.lock().ok().and_then(|o| {
+            o.values()
+                .find(|x| x.lease.is_some_and(|l| l.key == lease_key))
+                .map(|x| x.session)
+        });
+        let conn = session.and_then(|s| {
+            sh.sessions
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&s).map(|x| x.conn))
+        });
+        let writer = conn.and_then(|c| sh.writers.lock().ok().and_then(|w| w.get(&c).cloned()));
+        if let Some(w) = writer {
+            send(
+                &w,
+                &json!({"cmd": "LEASE_BREAK", "lease_key": lease_key, "current_state": current_state.to_string(),
+                        "new_state": new_state.to_string(), "epoch": epoch, "ack_required": ack_required}),
+            );
+        }
     }
 }
