@@ -1216,27 +1216,10 @@ impl Engine {
             // follow when the committer says it is on disk (finish_parked).
             // The handle is in memory meanwhile, so its share mode already
             // protects the file.
-            let intent = Intent {
-                id: IntentId(uuid::Uuid::new_v4()),
-                change: IntentChange::TruncatingOpen {
-                    record: Box::new(rec.clone()),
-                },
-                recorded_ms: now_ms(),
+            let change = IntentChange::TruncatingOpen {
+                record: Box::new(rec.clone()),
             };
-            self.stats.intents += 1;
-            self.notify.push(intent.id);
-            if let Some(c) = self.conns.get(&conn) {
-                self.parked.insert(
-                    intent.id,
-                    Parked {
-                        writer: c.writer.clone(),
-                        id: req_id,
-                        key,
-                        change: None,
-                    },
-                );
-            }
-            self.ops.push(StoreOp::PutIntent(Box::new(intent)));
+            self.park_intent(conn, req_id, key, change, None);
         } else {
             if truncation.is_some() {
                 fsops::truncate(self.root.as_fd(), &rec.path, of.file)?;
@@ -2255,9 +2238,24 @@ impl Engine {
             self.perform(&change)?;
             return Ok(Some((Reply::Done, None)));
         }
+        self.park_intent(conn, req_id, key, change.clone(), Some(change));
+        Ok(None)
+    }
+
+    /// Records `change` as an intent in this batch and parks request `req_id`
+    /// until the intent is durable (`finish_parked`); `then` is the rename,
+    /// remove or size change to perform then (none: a truncating open).
+    fn park_intent(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        key: ResumeKey,
+        change: IntentChange,
+        then: Option<IntentChange>,
+    ) {
         let intent = Intent {
             id: IntentId(uuid::Uuid::new_v4()),
-            change: change.clone(),
+            change,
             recorded_ms: now_ms(),
         };
         self.stats.intents += 1;
@@ -2269,12 +2267,11 @@ impl Engine {
                     writer: c.writer.clone(),
                     id: req_id,
                     key,
-                    change: Some(change),
+                    change: then,
                 },
             );
         }
         self.ops.push(StoreOp::PutIntent(Box::new(intent)));
-        Ok(None)
     }
 
     /// Does a rename or remove now, updating the handle and recording the
