@@ -932,6 +932,31 @@ impl Engine {
                 let (protocol, _) = need_frontend()?;
                 self.set_end_of_file(conn, req_id, &protocol, key, size, record)
             }
+            Request::SetDeleteOnClose {
+                key,
+                delete,
+                record,
+            } => {
+                let (protocol, _) = need_frontend()?;
+                let record = record
+                    .map(|r| self.own_record(conn, &protocol, r))
+                    .transpose()?;
+                let h = self.attached_with(
+                    conn,
+                    key,
+                    libfilter::model::Rights::DELETE,
+                    "delete_on_close needs delete access",
+                )?;
+                h.rec.delete_on_close = delete;
+                if h.rec.durability.is_persistent() {
+                    let rec = h.rec.clone();
+                    self.ops.push(StoreOp::PutHandle(Box::new(rec)));
+                }
+                if let Some(r) = record {
+                    self.remember_reply(r);
+                }
+                Ok(Some((Reply::Done, None)))
+            }
             Request::Remove { path, record } => {
                 let (protocol, _) = need_frontend()?;
                 self.remove_path(conn, req_id, &protocol, path, record)
@@ -1199,6 +1224,7 @@ impl Engine {
             locks: Vec::new(),
             lock_sequence: Vec::new(),
             lease: None,
+            delete_on_close: false,
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {
@@ -2478,6 +2504,9 @@ impl Engine {
         if let Some(c) = h.conn.and_then(|c| self.conns.get_mut(&c)) {
             c.handles.remove(&key);
         }
+        if h.rec.delete_on_close {
+            self.delete_pending(&h);
+        }
         if h.rec.durability.is_persistent() {
             if h.rec.create_guid.is_some() && h.rec.create_action == CreateAction::Created {
                 // Before the delete commits: a crash in between brings the
@@ -2492,6 +2521,38 @@ impl Engine {
                 .push(StoreOp::DeleteHandle(Box::new(h.rec.clone())));
         }
         Some(h)
+    }
+
+    /// A handle with delete-on-close went away: the file is removed when it
+    /// was the last open; else the pending delete passes to the opens that
+    /// remain (it is the file's, as on Windows). The unlink happens before
+    /// the batch commits: a crash in between restores handles whose file is
+    /// gone, and resuming them fails as for any file deleted meanwhile.
+    fn delete_pending(&mut self, gone: &Handle) {
+        let file = gone.rec.file;
+        let others: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        if others.is_empty() {
+            match fsops::remove(self.root.as_fd(), &gone.rec.path, file) {
+                Ok(()) => {
+                    info!(path = %gone.rec.path, "deleted on close");
+                }
+                Err(e) => {
+                    warn!(path = %gone.rec.path, error = %e.message, "delete on close failed")
+                }
+            }
+            return;
+        }
+        for k in others {
+            if let Some(o) = self.handles.get_mut(&k) {
+                if !o.rec.delete_on_close {
+                    o.rec.delete_on_close = true;
+                    if o.rec.durability.is_persistent() {
+                        let rec = o.rec.clone();
+                        self.ops.push(StoreOp::PutHandle(Box::new(rec)));
+                    }
+                }
+            }
+        }
     }
 
     /// The handle's client went away: durable and persistent handles become
@@ -2519,7 +2580,34 @@ impl Engine {
         }
         self.stats.disconnects += 1;
         debug!(resume_key = %key, timeout_ms = timeout, "disconnected");
+        let (file, lease) = (h.rec.file, h.rec.lease);
+        if let Some(l) = lease {
+            self.settle_unackable_break(file, l.key);
+        }
         true
+    }
+
+    /// A break in progress whose lease no attached open holds any more can
+    /// never be acknowledged: lower the lease now instead of at the timeout.
+    fn settle_unackable_break(&mut self, file: FileId, lk: LeaseKey) {
+        if !self.breaking.contains_key(&(file, lk)) {
+            return;
+        }
+        let attached = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .any(|o| o.conn.is_some() && o.rec.lease.is_some_and(|x| x.key == lk));
+        if attached {
+            return;
+        }
+        if let Some(b) = self.breaking.remove(&(file, lk)) {
+            debug!(lease_key = %lk, to = %b.to, "break target disconnected: lowered at once");
+            self.set_lease_state(file, lk, b.to);
+            self.retry_files.insert(file);
+        }
     }
 
     fn notify_instance(&self, instance: &InstanceName, ev: Event) {

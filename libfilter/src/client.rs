@@ -456,6 +456,22 @@ impl FilterClient {
         Self::expect_done(self.call(Request::SetEndOfFile { key, size, record })?)
     }
 
+    /// Sets or clears delete-on-close: the file is removed when its last
+    /// open goes away. With `record`, the reply is recorded in the same
+    /// commit.
+    pub fn set_delete_on_close(
+        &self,
+        key: ResumeKey,
+        delete: bool,
+        record: Option<crate::model::RecordSpec>,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::SetDeleteOnClose {
+            key,
+            delete,
+            record,
+        })?)
+    }
+
     /// Removes a file by path; with `record`, the reply is recorded for
     /// replay in the same commit as the removal.
     pub fn remove(

@@ -592,6 +592,14 @@ pub struct HandleRecord {
     /// lease key on the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<HeldLease>,
+    /// Delete pending (smbl/1 `delete_on_close`): the file is removed when
+    /// the last open of it goes away.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delete_on_close: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A lease as granted and held.

@@ -229,6 +229,18 @@ pub enum Request {
         #[serde(default)]
         record: Option<RecordSpec>,
     },
+    /// Set or clear delete-on-close on a handle attached to this connection
+    /// (needs delete access): the file is removed when its last open goes
+    /// away. Idempotent; `record` is stored in the same commit. Frontend only.
+    SetDeleteOnClose {
+        /// The handle.
+        key: ResumeKey,
+        /// Set (true) or clear (false).
+        delete: bool,
+        /// Record this reply for replay when it succeeds.
+        #[serde(default)]
+        record: Option<RecordSpec>,
+    },
     /// Remove a file by path (every open of it must share delete).
     /// Non-idempotent: with `record`, bracketed by an intent and the reply
     /// recorded in the same commit. Frontend only.
@@ -263,6 +275,7 @@ impl Request {
             Request::Rename { .. } => "rename",
             Request::Remove { .. } => "remove",
             Request::SetEndOfFile { .. } => "set_end_of_file",
+            Request::SetDeleteOnClose { .. } => "set_delete_on_close",
             Request::Resume(_) => "resume",
             Request::Close { .. } => "close",
             Request::Detach { .. } => "detach",

@@ -572,6 +572,7 @@ mod tests {
             locks: Vec::new(),
             lock_sequence: Vec::new(),
             lease: None,
+            delete_on_close: false,
         }
     }
 

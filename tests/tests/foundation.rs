@@ -585,8 +585,14 @@ fn raw_exchange(s: &Scratch, frames: &[&[u8]]) -> Vec<(Option<u64>, Value)> {
     )
     .unwrap();
     connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
-    let hello = br#"{"version":1,"role":{"kind":"frontend","protocol":"raw","instance":"raw-1"}}"#;
-    send_packet(fd.as_fd(), hello, None).unwrap();
+    // A fresh instance name per exchange: the daemon may not have seen the
+    // previous exchange's connection close yet, and refuses a second live
+    // connection of one instance.
+    let hello = format!(
+        r#"{{"version":1,"role":{{"kind":"frontend","protocol":"raw","instance":"raw-{}"}}}}"#,
+        uuid::Uuid::new_v4().simple()
+    );
+    send_packet(fd.as_fd(), hello.as_bytes(), None).unwrap();
     let mut buf = vec![0u8; 70_000];
     let recv = |buf: &mut Vec<u8>| -> Value {
         match recv_packet(fd.as_fd(), buf).unwrap() {

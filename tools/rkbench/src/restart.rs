@@ -73,6 +73,7 @@ fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHand
             locks: Vec::new(),
             lock_sequence: Vec::new(),
             lease: None,
+            delete_on_close: false,
         })));
         if batch.len() == 10_000 {
             store.apply(&batch)?;

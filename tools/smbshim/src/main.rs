@@ -10,12 +10,8 @@
 //! blocking I/O keeps each step simple, and the connections a file server
 //! frontend carries are counted in hundreds, not hundreds of thousands.
 //!
-//! This build serves SESSION_SETUP, CREATE (dispositions, durable and
-//! persistent opens, create replay), RECONNECT, READ and WRITE (op-id
-//! replay, mandatory locks), LOCK (lock sequences), SET_INFO rename and
-//! end_of_file, FLUSH, CLOSE, LOGOFF, ECHO, and leases (grants, LEASE_BREAK
-//! pushed to the holder's connection, LEASE_BREAK_ACK). delete_on_close and
-//! non-persistent durable opens answer STATUS_NOT_SUPPORTED / null for now.
+//! Every command of smbl/1 is served; docs/smb-like.md describes this
+//! implementation's choices.
 #![forbid(unsafe_code)]
 
 mod server;

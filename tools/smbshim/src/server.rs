@@ -360,8 +360,20 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     let access = Access::new(rights_field(obj, "access")?).map_err(|e| invalid(e.to_string()))?;
     let share = rights_field(obj, "share")?;
     let disp = disposition(str_field(obj, "disposition")?)?;
+    let lease_req = match obj.get("lease") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(l)) => {
+            let key = libfilter::lease::LeaseKey(uuid_field(l, "key")?);
+            let state = libfilter::lease::LeaseState::parse(str_field(l, "state")?)
+                .filter(|s| !s.is_none())
+                .ok_or_else(|| invalid("lease state must be R, RH, RW or RWH"))?;
+            Some(LeaseRequest { key, state })
+        }
+        Some(_) => return Err(invalid("lease must be an object")),
+    };
     // Durable: persistent opens are always granted; a non-persistent durable
-    // open needs an H lease, and this build grants no leases yet.
+    // open only together with an H lease (decided once the lease is known).
+    let wants_h = lease_req.is_some_and(|l| l.state.contains(libfilter::lease::LeaseState::H));
     let (durability, create_guid, granted) = match obj.get("durable") {
         Some(Value::Object(d)) => {
             let guid = uuid_field(d, "create_guid")?;
@@ -381,23 +393,18 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
                     Some(guid),
                     Some(json!({"create_guid": guid, "persistent": true, "timeout_ms": t})),
                 )
+            } else if wants_h {
+                (
+                    Durability::Durable { timeout_ms: t },
+                    Some(guid),
+                    Some(json!({"create_guid": guid, "persistent": false, "timeout_ms": t})),
+                )
             } else {
                 (Durability::None, None, None)
             }
         }
         None | Some(Value::Null) => (Durability::None, None, None),
         Some(_) => return Err(invalid("durable must be an object")),
-    };
-    let lease_req = match obj.get("lease") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(l)) => {
-            let key = libfilter::lease::LeaseKey(uuid_field(l, "key")?);
-            let state = libfilter::lease::LeaseState::parse(str_field(l, "state")?)
-                .filter(|s| !s.is_none())
-                .ok_or_else(|| invalid("lease state must be R, RH, RW or RWH"))?;
-            Some(LeaseRequest { key, state })
-        }
-        Some(_) => return Err(invalid("lease must be an object")),
     };
     let req = OpenRequest {
         client: client_id(client_guid)?,
@@ -418,6 +425,19 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     }
     .map_err(filter_fail)?;
     let file_id = h.info.key.to_string();
+    // A durable (not persistent) open is granted only if the lease came with
+    // H; otherwise it is served as a plain open and closed on disconnect.
+    let granted = match durability {
+        Durability::Durable { .. }
+            if !h
+                .info
+                .lease
+                .is_some_and(|l| l.state.contains(libfilter::lease::LeaseState::H)) =>
+        {
+            None
+        }
+        _ => granted,
+    };
     let mut opens = sh
         .opens
         .lock()
@@ -493,6 +513,18 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     if view.record.owner.as_deref() != Some(user.as_str()) {
         return Err(Fail("STATUS_ACCESS_DENIED", "another user's open".into()));
     }
+    if let Some(l) = view.record.lease {
+        let named = match obj.get("lease_key") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(uuid_field(obj, "lease_key")?),
+        };
+        if named != Some(l.key.0) {
+            return Err(Fail(
+                "STATUS_OBJECT_NAME_NOT_FOUND",
+                "the open holds a lease: lease_key must name it".into(),
+            ));
+        }
+    }
     let h = sh
         .filter
         .resume(client_id(client_guid)?, key)
@@ -546,13 +578,13 @@ fn open_of(
 }
 
 fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
-    let (_, key, file, _) = open_of(sh, obj)?;
     let offset = u64_field(obj, "offset")?;
     let length =
         usize::try_from(u64_field(obj, "length")?).map_err(|_| invalid("length too large"))?;
     if length > MAX_LINE {
         return Err(invalid("length larger than 4 MiB"));
     }
+    let (_, key, file, _) = open_of(sh, obj)?;
     check_io(
         sh,
         key,
@@ -575,12 +607,12 @@ fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 }
 
 fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
-    let (_, key, file, durable) = open_of(sh, obj)?;
     let offset = u64_field(obj, "offset")?;
     let data = base64::engine::general_purpose::STANDARD
         .decode(str_field(obj, "data")?)
         .map_err(|_| invalid("data must be base64"))?;
-    let op_id = obj.get("op_id").and_then(Value::as_u64);
+    let op_id = op_id_field(obj)?;
+    let (_, key, file, durable) = open_of(sh, obj)?;
     let scope = ReplayScope::Handle(key);
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
         if let Ok(Some(r)) = sh.filter.client().lookup_reply(scope.clone(), op) {
@@ -633,7 +665,6 @@ fn check_io(
 }
 
 fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
-    let (_, key, _, _) = open_of(sh, obj)?;
     let list = field(obj, "locks")?
         .as_array()
         .ok_or_else(|| invalid("locks must be a list"))?;
@@ -669,6 +700,7 @@ fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         }
         Some(_) => return Err(invalid("lock_sequence must be an object")),
     };
+    let (_, key, _, _) = open_of(sh, obj)?;
     sh.filter
         .client()
         .lock(key, ops, seq)
@@ -677,8 +709,9 @@ fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 }
 
 fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let op_id = op_id_field(obj)?;
+    let change = info_change(obj)?;
     let (_, key, _, durable) = open_of(sh, obj)?;
-    let op_id = obj.get("op_id").and_then(Value::as_u64);
     let scope = ReplayScope::Handle(key);
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
         if let Ok(Some(_)) = sh.filter.client().lookup_reply(scope.clone(), op) {
@@ -696,30 +729,60 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         _ => None,
     };
     let c = sh.filter.client();
+    match change {
+        InfoChange::Rename { to, replace } => c.rename(key, to, replace, record),
+        InfoChange::EndOfFile(size) => c.set_end_of_file(key, size, record),
+        InfoChange::DeleteOnClose(d) => c.set_delete_on_close(key, d, record),
+    }
+    .map_err(filter_fail)?;
+    Ok(Map::new())
+}
+
+/// What a SET_INFO changes.
+enum InfoChange {
+    Rename { to: RelPath, replace: bool },
+    EndOfFile(u64),
+    DeleteOnClose(bool),
+}
+
+fn info_change(obj: &Map<String, Value>) -> Result<InfoChange, Fail> {
     if let Some(r) = obj.get("rename") {
         let r = r
             .as_object()
             .ok_or_else(|| invalid("rename must be an object"))?;
         let to = RelPath::new(str_field(r, "to")?)
             .map_err(|e| Fail("STATUS_OBJECT_NAME_INVALID", e.to_string()))?;
-        let replace = r.get("replace").and_then(Value::as_bool).unwrap_or(false);
-        c.rename(key, to, replace, record).map_err(filter_fail)?;
+        let replace = match r.get("replace") {
+            None | Some(Value::Null) => false,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| invalid("replace must be a bool"))?,
+        };
+        Ok(InfoChange::Rename { to, replace })
     } else if let Some(size) = obj.get("end_of_file") {
-        let size = size
-            .as_u64()
-            .ok_or_else(|| invalid("end_of_file must be a u64"))?;
-        c.set_end_of_file(key, size, record).map_err(filter_fail)?;
-    } else if obj.contains_key("delete_on_close") {
-        return Err(Fail(
-            "STATUS_NOT_SUPPORTED",
-            "delete_on_close is not served by this build yet".into(),
-        ));
+        Ok(InfoChange::EndOfFile(
+            size.as_u64()
+                .ok_or_else(|| invalid("end_of_file must be a u64"))?,
+        ))
+    } else if let Some(d) = obj.get("delete_on_close") {
+        Ok(InfoChange::DeleteOnClose(d.as_bool().ok_or_else(|| {
+            invalid("delete_on_close must be a bool")
+        })?))
     } else {
-        return Err(invalid(
+        Err(invalid(
             "SET_INFO needs rename, delete_on_close or end_of_file",
-        ));
+        ))
     }
-    Ok(Map::new())
+}
+
+fn op_id_field(obj: &Map<String, Value>) -> Result<Option<u64>, Fail> {
+    match obj.get("op_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| invalid("op_id must be a u64")),
+    }
 }
 
 fn flush(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
@@ -815,6 +878,15 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     Ok(m)
 }
 
+fn forget_opens(sh: &Shared, keys: &[ResumeKey]) {
+    if keys.is_empty() {
+        return;
+    }
+    if let Ok(mut o) = sh.opens.lock() {
+        o.retain(|_, v| !keys.contains(&v.key));
+    }
+}
+
 /// Pushes the filter's lease breaks to the client connection holding the
 /// lease, as smbl/1 LEASE_BREAK notifications.
 fn forward_breaks(sh: Arc<Shared>) {
@@ -825,15 +897,25 @@ fn forward_breaks(sh: Arc<Shared>) {
             Ok(ev) => ev,
             Err(_) => return,
         };
-        let AttachEvent::Daemon(Event::LeaseBreak {
-            lease_key,
-            current_state,
-            new_state,
-            epoch,
-            ack_required,
-        }) = ev
-        else {
-            continue;
+        let (lease_key, current_state, new_state, epoch, ack_required) = match ev {
+            AttachEvent::Daemon(Event::LeaseBreak {
+                lease_key,
+                current_state,
+                new_state,
+                epoch,
+                ack_required,
+            }) => (lease_key, current_state, new_state, epoch, ack_required),
+            // Gone for good: later requests on them get STATUS_FILE_CLOSED.
+            AttachEvent::Daemon(Event::Expired { key } | Event::Purged { key }) => {
+                forget_opens(&sh, &[key]);
+                continue;
+            }
+            AttachEvent::Reattached { lost, .. } => {
+                // Durable (in-memory) opens do not survive a filterd crash.
+                forget_opens(&sh, &lost);
+                continue;
+            }
+            _ => continue,
         };
         let session = sh.opens.lock().ok().and_then(|o| {
             o.values()
