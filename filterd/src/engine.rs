@@ -172,6 +172,8 @@ pub struct Config {
 
 struct Conn {
     role: Role,
+    /// Optional features granted at hello (`proto::FEATURE_*`).
+    features: u64,
     writer: Arc<ConnWriter>,
     peer: Peer,
     attached_ms: u64,
@@ -234,6 +236,11 @@ pub struct Engine {
     retry_files: std::collections::BTreeSet<FileId>,
     /// Byte-range locks by file.
     locks: BTreeMap<FileId, LockTable<ResumeKey>>,
+    /// Lock hints: the connections told that a file has locks.
+    lock_hints: HashMap<FileId, HashSet<ConnId>>,
+    /// Lock hints: a first lock on a file waits until these connections
+    /// acknowledged (or the deadline, Unix ms).
+    hint_waits: HashMap<FileId, (HashSet<ConnId>, u64)>,
     /// Opens waiting for their intent to be durable before their change.
     parked: HashMap<IntentId, Parked>,
     /// Recorded replies by scope, mirrored from the `replay` table (and,
@@ -321,6 +328,8 @@ impl Engine {
             waiting: Vec::new(),
             waiting_changes: Vec::new(),
             retry_files: Default::default(),
+            lock_hints: HashMap::new(),
+            hint_waits: HashMap::new(),
             waiting_local: Vec::new(),
             fanotify: None,
             local_counters: Default::default(),
@@ -603,7 +612,13 @@ impl Engine {
         let now = now_ms();
         let next_expiry = self.expiries.peek().map(|Reverse((t, _, _))| *t);
         let next_break = self.breaking.values().map(|b| b.deadline_ms).min();
-        match next_expiry.into_iter().chain(next_break).min() {
+        let next_hint = self.hint_waits.values().map(|(_, t)| *t).min();
+        match next_expiry
+            .into_iter()
+            .chain(next_break)
+            .chain(next_hint)
+            .min()
+        {
             Some(t) => Duration::from_millis(t.saturating_sub(now).clamp(1, 1000)),
             None => Duration::from_secs(1),
         }
@@ -684,6 +699,10 @@ impl Engine {
         peer: Peer,
         writer: Arc<ConnWriter>,
     ) -> Result<HelloReply, WireError> {
+        let granted = match hello.role {
+            Role::Frontend { .. } => hello.features & proto::FEATURES,
+            Role::Control => 0,
+        };
         if let Role::Frontend { protocol, instance } = &hello.role {
             // A replacement may say hello before the dead instance's EOF has
             // been read: if its peer is gone, retire it first.
@@ -714,6 +733,7 @@ impl Engine {
             conn,
             Conn {
                 role: hello.role,
+                features: granted,
                 writer,
                 peer,
                 attached_ms: now_ms(),
@@ -722,7 +742,7 @@ impl Engine {
         );
         Ok(HelloReply {
             version: proto::PROTO_VERSION,
-            features: 0,
+            features: granted,
             epoch: self.epoch,
             pid: std::process::id(),
         })
@@ -747,6 +767,16 @@ impl Engine {
             }
             info!(%instance, pid = c.peer.pid, disconnected = kept, closed, "frontend lost");
         }
+        for told in self.lock_hints.values_mut() {
+            told.remove(&conn);
+        }
+        for (file, (pending, _)) in self.hint_waits.iter_mut() {
+            if pending.remove(&conn) && pending.is_empty() {
+                self.retry_files.insert(*file);
+            }
+        }
+        self.hint_waits
+            .retain(|_, (pending, _)| !pending.is_empty());
     }
 
     fn on_request(&mut self, conn: ConnId, frame: RequestFrame) {
@@ -772,14 +802,19 @@ impl Engine {
     /// commit) the reply to request `id`. `Ok(None)`: parked, answered later.
     fn answer(
         &mut self,
-        _conn: ConnId,
+        conn: ConnId,
         writer: &Arc<ConnWriter>,
         id: u64,
         outcome: Result<Option<(Reply, Option<ResumeKey>)>, WireError>,
         ops_before: usize,
     ) {
         let (result, fd_of) = match outcome {
-            Ok(Some((reply, fd_of))) => (Ok(reply), fd_of),
+            Ok(Some((mut reply, fd_of))) => {
+                if let Reply::Opened(o) = &mut reply {
+                    o.locked = self.hint_open(conn, o.file);
+                }
+                (Ok(reply), fd_of)
+            }
             Ok(None) => return,
             Err(e) => {
                 debug!(code = ?e.code, error = %e.message, "refused");
@@ -898,10 +933,31 @@ impl Engine {
                 lock_sequence,
             } => {
                 need_frontend()?;
+                if let Some(file) = self.hint_first(conn, key, &locks) {
+                    let req = Request::Lock {
+                        key,
+                        locks,
+                        lock_sequence,
+                    };
+                    self.waiting_changes.push((file, conn, req_id, req));
+                    return Ok(None);
+                }
                 Ok(Some((self.lock(conn, key, &locks, lock_sequence)?, None)))
+            }
+            Request::LockHintAck { file } => {
+                need_frontend()?;
+                if let Some((pending, _)) = self.hint_waits.get_mut(&file) {
+                    pending.remove(&conn);
+                    if pending.is_empty() {
+                        self.hint_waits.remove(&file);
+                        self.retry_files.insert(file);
+                    }
+                }
+                Ok(Some((Reply::Done, None)))
             }
             Request::CheckIo { key, range, write } => {
                 need_frontend()?;
+                self.stats.io_checks += 1;
                 self.attached_to(conn, key)?;
                 let file = self.handles.get(&key).map(|h| h.rec.file);
                 if let Some(Err(l)) = file
@@ -1234,6 +1290,7 @@ impl Engine {
             file: of.file,
             durability,
             lease: None,
+            locked: false,
         };
         let park = truncation.is_some() && durability.is_persistent();
         if park {
@@ -1304,6 +1361,12 @@ impl Engine {
             }
             return;
         }
+        // Lock hints: conservative (no LocksGone will clear it).
+        let locked = self
+            .handles
+            .get(&p.key)
+            .and_then(|h| self.locks.get(&h.rec.file))
+            .is_some_and(|t| !t.is_empty());
         let Some(h) = self.handles.get_mut(&p.key) else {
             self.ops.push(StoreOp::DeleteIntent(id));
             return;
@@ -1325,6 +1388,7 @@ impl Engine {
                     file: h.rec.file,
                     durability: h.rec.durability,
                     lease: h.rec.lease,
+                    locked,
                 }))
             }
             Err(e) => {
@@ -1397,6 +1461,7 @@ impl Engine {
                     file: h.rec.file,
                     durability: h.rec.durability,
                     lease: h.rec.lease,
+                    locked: false,
                 }
             }
             (Some(_), _) => {
@@ -1522,6 +1587,7 @@ impl Engine {
             file: h.rec.file,
             durability: h.rec.durability,
             lease: h.rec.lease,
+            locked: false,
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handles.insert(key);
@@ -1889,6 +1955,102 @@ impl Engine {
         }
     }
 
+    /// Connections with lock hints that hold attached handles of `file`.
+    fn hinted_conns_of(&self, file: FileId) -> HashSet<ConnId> {
+        self.by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k).and_then(|h| h.conn))
+            .filter(|c| {
+                self.conns
+                    .get(c)
+                    .is_some_and(|x| x.features & proto::FEATURE_LOCK_HINTS != 0)
+            })
+            .collect()
+    }
+
+    /// Lock hints: a LOCK that would give `file` its first lock waits until
+    /// every other frontend with handles of the file has been told (so none
+    /// of them reads or writes it unchecked once the lock is granted).
+    /// Returns the file when the request must wait.
+    fn hint_first(&mut self, conn: ConnId, key: ResumeKey, ops: &[LockOp]) -> Option<FileId> {
+        let h = self.handles.get(&key).filter(|h| h.conn == Some(conn))?;
+        let file = h.rec.file;
+        if !ops.iter().any(|o| !o.unlock) {
+            return None;
+        }
+        if self.hint_waits.contains_key(&file) {
+            return Some(file);
+        }
+        if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
+            return None;
+        }
+        let told = self.lock_hints.get(&file).cloned().unwrap_or_default();
+        let others: HashSet<ConnId> = self
+            .hinted_conns_of(file)
+            .into_iter()
+            .filter(|c| *c != conn && !told.contains(c))
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        for c in &others {
+            if let Some(x) = self.conns.get(c) {
+                x.writer
+                    .send_frame(&ServerFrame::Event(Event::LocksPresent { file }), None);
+            }
+        }
+        self.lock_hints
+            .entry(file)
+            .or_default()
+            .extend(others.iter());
+        let deadline = now_ms() + self.cfg.break_timeout_ms;
+        self.hint_waits.insert(file, (others, deadline));
+        Some(file)
+    }
+
+    /// Lock hints at open and resume: whether `file` has locks; if so, the
+    /// connection is among those told (it hears `LocksGone`).
+    fn hint_open(&mut self, conn: ConnId, file: FileId) -> bool {
+        let locked = self.locks.get(&file).is_some_and(|t| !t.is_empty());
+        if !locked {
+            return false;
+        }
+        if self
+            .conns
+            .get(&conn)
+            .is_some_and(|x| x.features & proto::FEATURE_LOCK_HINTS != 0)
+        {
+            self.lock_hints.entry(file).or_default().insert(conn);
+        }
+        true
+    }
+
+    /// Lock hints: `file` has locks now; tell every hinted frontend with
+    /// handles of it that was not told yet (the locker's own included).
+    fn locks_present(&mut self, file: FileId) {
+        let told = self.lock_hints.get(&file).cloned().unwrap_or_default();
+        let conns = self.hinted_conns_of(file);
+        for c in conns.difference(&told) {
+            if let Some(x) = self.conns.get(c) {
+                x.writer
+                    .send_frame(&ServerFrame::Event(Event::LocksPresent { file }), None);
+            }
+        }
+        self.lock_hints.entry(file).or_default().extend(conns);
+    }
+
+    /// Lock hints: the last lock of `file` went away.
+    fn locks_gone(&mut self, file: FileId) {
+        for c in self.lock_hints.remove(&file).unwrap_or_default() {
+            if let Some(x) = self.conns.get(&c) {
+                x.writer
+                    .send_frame(&ServerFrame::Event(Event::LocksGone { file }), None);
+            }
+        }
+    }
+
     fn lock_view(&self, file: FileId, l: &Lock<ResumeKey>) -> LockView {
         LockView {
             file,
@@ -1992,11 +2154,16 @@ impl Engine {
             }
             Err(_) => self.stats.locks_refused += 1,
         }
-        if self.locks.get(&file).is_some_and(|t| t.is_empty()) {
-            self.locks.remove(&file);
-        }
         if persistent && (result.is_ok() || checked.is_some()) {
             self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+        }
+        if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
+            if result.is_ok() {
+                self.locks_present(file);
+            }
+        } else {
+            self.locks.remove(&file);
+            self.locks_gone(file);
         }
         result.map(|()| Reply::Done)
     }
@@ -2481,6 +2648,7 @@ impl Engine {
             t.remove_owner(&key);
             if t.is_empty() {
                 self.locks.remove(&h.rec.file);
+                self.locks_gone(h.rec.file);
             }
         }
         if let Some(v) = self.by_file.get_mut(&h.rec.file) {
@@ -2633,6 +2801,17 @@ impl Engine {
     }
 
     fn expire_due(&mut self, now: u64) {
+        let late: Vec<FileId> = self
+            .hint_waits
+            .iter()
+            .filter(|(_, (_, t))| *t <= now)
+            .map(|(f, _)| *f)
+            .collect();
+        for f in late {
+            warn!(file = ?f, "lock hint not acknowledged in time: the lock proceeds");
+            self.hint_waits.remove(&f);
+            self.retry_files.insert(f);
+        }
         let due: Vec<(FileId, LeaseKey)> = self
             .breaking
             .iter()

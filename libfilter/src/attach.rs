@@ -60,6 +60,7 @@ struct Shared {
     handles: Mutex<HashMap<ResumeKey, Known>>,
     events: Sender<AttachEvent>,
     stop: AtomicBool,
+    features: u64,
 }
 
 /// A reconnecting frontend attachment. Cheap to clone.
@@ -79,7 +80,23 @@ impl Attachment {
         protocol: Protocol,
         instance: InstanceName,
     ) -> Result<Self, ClientError> {
-        let client = FilterClient::connect_frontend(socket, protocol.clone(), instance.clone())?;
+        Self::connect_with(socket, protocol, instance, 0)
+    }
+
+    /// Attaches asking for optional `features` (see [`crate::proto::FEATURES`]),
+    /// at every reattach too.
+    pub fn connect_with(
+        socket: &Path,
+        protocol: Protocol,
+        instance: InstanceName,
+        features: u64,
+    ) -> Result<Self, ClientError> {
+        let client = FilterClient::connect_frontend_with(
+            socket,
+            protocol.clone(),
+            instance.clone(),
+            features,
+        )?;
         let (tx, rx) = bounded(1024);
         let shared = Arc::new(Shared {
             socket: socket.to_owned(),
@@ -89,6 +106,7 @@ impl Attachment {
             handles: Mutex::new(HashMap::new()),
             events: tx,
             stop: AtomicBool::new(false),
+            features,
         });
         let sup = shared.clone();
         std::thread::Builder::new()
@@ -220,10 +238,11 @@ fn supervise(shared: Arc<Shared>) {
             if shared.stop.load(Ordering::Acquire) {
                 return;
             }
-            match FilterClient::connect_frontend(
+            match FilterClient::connect_frontend_with(
                 &shared.socket,
                 shared.protocol.clone(),
                 shared.instance.clone(),
+                shared.features,
             ) {
                 Ok(c) => break c,
                 Err(_) => {

@@ -171,17 +171,34 @@ impl FilterClient {
         Self::connect(path, Role::Frontend { protocol, instance })
     }
 
+    /// Attaches as a frontend asking for `features` (e.g.
+    /// [`proto::FEATURE_LOCK_HINTS`]); the daemon's grant is in
+    /// [`FilterClient::hello`].
+    pub fn connect_frontend_with(
+        path: &Path,
+        protocol: Protocol,
+        instance: InstanceName,
+        features: u64,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(path, Role::Frontend { protocol, instance }, features)
+    }
+
     /// Attaches as an operator tool.
     pub fn connect_control(path: &Path) -> Result<Self, ClientError> {
         Self::connect(path, Role::Control)
     }
 
-    /// Connects and exchanges hellos.
+    /// Connects and exchanges hellos (no optional features).
     pub fn connect(path: &Path, role: Role) -> Result<Self, ClientError> {
+        Self::connect_with(path, role, 0)
+    }
+
+    /// Connects and exchanges hellos, asking for `features`.
+    pub fn connect_with(path: &Path, role: Role, features: u64) -> Result<Self, ClientError> {
         let sock = connect_socket(path)?;
         let hello = proto::encode(&Hello {
             version: proto::PROTO_VERSION,
-            features: proto::FEATURES,
+            features: features & proto::FEATURES,
             role,
         })?;
         sys::send_packet(sock.as_fd(), &hello, None)?;
@@ -392,6 +409,14 @@ impl FilterClient {
         }
     }
 
+    /// The daemon's counters.
+    pub fn stats(&self) -> Result<proto::Stats, ClientError> {
+        match self.call(Request::Stats)?.0 {
+            Reply::Stats(s) => Ok(s),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Every handle, fetching page after page.
     pub fn handles(&self) -> Result<Vec<HandleView>, ClientError> {
         let mut out = Vec::new();
@@ -454,6 +479,11 @@ impl FilterClient {
         record: Option<crate::model::RecordSpec>,
     ) -> Result<(), ClientError> {
         Self::expect_done(self.call(Request::SetEndOfFile { key, size, record })?)
+    }
+
+    /// Lock hints: acknowledges [`Event::LocksPresent`] for `file`.
+    pub fn lock_hint_ack(&self, file: crate::model::FileId) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::LockHintAck { file })?)
     }
 
     /// Sets or clears delete-on-close: the file is removed when its last

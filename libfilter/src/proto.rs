@@ -27,8 +27,16 @@ use crate::model::{
 
 /// The protocol version this library speaks.
 pub const PROTO_VERSION: u32 = 1;
-/// Feature bits this library understands (none defined yet).
-pub const FEATURES: u64 = 0;
+/// Feature bits this library understands.
+pub const FEATURES: u64 = FEATURE_LOCK_HINTS;
+/// Feature: lock hints. The daemon tells the frontend which files of its
+/// handles have byte-range locks ([`Event::LocksPresent`], acknowledged with
+/// [`Request::LockHintAck`] before the lock that caused it is granted, and
+/// [`Event::LocksGone`]; [`Opened::locked`] at open and resume), so the
+/// frontend checks I/O with [`Request::CheckIo`] only on those files and
+/// reads and writes every other file without a round trip. A frontend that
+/// does not ask for it must check every I/O.
+pub const FEATURE_LOCK_HINTS: u64 = 1;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Listings are cut into pages of about this many bytes, so every reply
@@ -241,6 +249,12 @@ pub enum Request {
         #[serde(default)]
         record: Option<RecordSpec>,
     },
+    /// Lock hints: this frontend checks I/O on `file` from now on (answers
+    /// [`Event::LocksPresent`]). Frontend only.
+    LockHintAck {
+        /// The file.
+        file: FileId,
+    },
     /// Remove a file by path (every open of it must share delete).
     /// Non-idempotent: with `record`, bracketed by an intent and the reply
     /// recorded in the same commit. Frontend only.
@@ -274,6 +288,7 @@ impl Request {
             Request::LeaseBreakAck { .. } => "lease_break_ack",
             Request::Rename { .. } => "rename",
             Request::Remove { .. } => "remove",
+            Request::LockHintAck { .. } => "lock_hint_ack",
             Request::SetEndOfFile { .. } => "set_end_of_file",
             Request::SetDeleteOnClose { .. } => "set_delete_on_close",
             Request::Resume(_) => "resume",
@@ -435,6 +450,9 @@ pub struct Opened {
     /// The lease the open holds (possibly less than asked, possibly none).
     #[serde(default)]
     pub lease: Option<HeldLease>,
+    /// Lock hints: the file has byte-range locks (I/O must be checked).
+    #[serde(default)]
+    pub locked: bool,
 }
 
 /// A successful reply.
@@ -543,6 +561,18 @@ pub enum Event {
         epoch: u16,
         /// Whether the holder must acknowledge.
         ack_required: bool,
+    },
+    /// Lock hints: `file` has byte-range locks now. Acknowledge with
+    /// [`Request::LockHintAck`] once I/O on it is checked: the lock that
+    /// caused this waits for the acknowledgement (up to 2 s).
+    LocksPresent {
+        /// The file.
+        file: FileId,
+    },
+    /// Lock hints: `file` has no byte-range locks any more.
+    LocksGone {
+        /// The file.
+        file: FileId,
     },
     /// Client-side only: the connection to the daemon was lost.
     ConnectionLost,
@@ -682,6 +712,9 @@ pub struct Stats {
     pub locks_granted: u64,
     /// Lock requests refused (conflict or range not locked).
     pub locks_refused: u64,
+    /// I/O checks asked for (CheckIo round trips).
+    #[serde(default)]
+    pub io_checks: u64,
     /// I/O checks refused by a lock.
     pub io_conflicts: u64,
     /// Locks a local process's fcntl lock kept out (OFD conflict).

@@ -491,3 +491,66 @@ fn malformed_requests_get_invalid_parameter_and_change_nothing() {
     let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
     assert!(ctl.handles().unwrap().is_empty(), "nothing stored");
 }
+
+/// Mandatory locks across two smbshim instances, and the lock hints that
+/// spare I/O on unlocked files a round trip to filterd.
+#[test]
+fn locks_are_mandatory_across_frontends_and_unlocked_io_needs_no_round_trip() {
+    let s = Scratch::new("smb-hints");
+    let d = Filterd::start(&s, &[], &[]);
+    let shim_a = Shim::start("smbshim", &s.socket(), "smb-ha");
+    let shim_b = Shim::start("smbshim", &s.socket(), "smb-hb");
+    let mut a = LineClient::connect(&shim_a.addr);
+    let mut b = LineClient::connect(&shim_b.addr);
+    let sa = setup(&mut a, &guid(), "alice", None);
+    let sb = setup(&mut b, &guid(), "bob", None);
+    let rw = ["read", "write"];
+    let all = ["read", "write", "delete"];
+    let fa = ok(Create::new("f", &rw, &all, "create").send(&mut a, sa))["file_id"].clone();
+    let fb = ok(Create::new("f", &rw, &all, "open").send(&mut b, sb))["file_id"].clone();
+    let io_checks = |d: &Filterd| d.control().stats().unwrap().io_checks;
+    let write = |c: &mut LineClient, sid: u64, fid: &Value| {
+        c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": b64("abcd")}))
+    };
+    let before = io_checks(&d);
+    for _ in 0..20 {
+        ok(write(&mut b, sb, &fb));
+        ok(read(&mut a, sa, &fa, 4));
+    }
+    assert_eq!(io_checks(&d), before, "no lock on the file: no CheckIo");
+    // A's exclusive lock: from the moment it is granted, B's I/O is refused.
+    let lock = |unlock: bool| {
+        json!({"cmd": "LOCK", "session_id": sa, "file_id": fa,
+               "locks": [{"offset": 0, "length": 10, "exclusive": true, "unlock": unlock}]})
+    };
+    ok(a.call(lock(false)));
+    assert_eq!(
+        write(&mut b, sb, &fb)["status"],
+        "STATUS_FILE_LOCK_CONFLICT"
+    );
+    assert_eq!(
+        read(&mut b, sb, &fb, 4)["status"],
+        "STATUS_FILE_LOCK_CONFLICT"
+    );
+    ok(write(&mut a, sa, &fa));
+    // A new open of the locked file learns it at open time.
+    let mut b2 = LineClient::connect(&shim_b.addr);
+    let sb2 = setup(&mut b2, &guid(), "carol", None);
+    let fb2 = ok(Create::new("f", &["read"], &all, "open").send(&mut b2, sb2))["file_id"].clone();
+    assert_eq!(
+        read(&mut b2, sb2, &fb2, 4)["status"],
+        "STATUS_FILE_LOCK_CONFLICT"
+    );
+    // Unlocked: B writes again, and soon without a round trip.
+    ok(a.call(lock(true)));
+    ok(write(&mut b, sb, &fb));
+    wait_for(
+        "the lock hint to be withdrawn",
+        Duration::from_secs(5),
+        || {
+            let n = io_checks(&d);
+            ok(write(&mut b, sb, &fb));
+            (io_checks(&d) == n).then_some(())
+        },
+    );
+}

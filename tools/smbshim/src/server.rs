@@ -70,6 +70,7 @@ struct Session {
 
 struct Open {
     key: ResumeKey,
+    file_key: FileId,
     session: u64,
     file: Arc<std::fs::File>,
     durable: Option<Value>,
@@ -85,6 +86,13 @@ struct Shared {
     writers: Mutex<HashMap<u64, Arc<Mutex<TcpStream>>>>,
     next_session: AtomicU64,
     next_conn: AtomicU64,
+    /// Files with byte-range locks (lock hints from filterd, and files this
+    /// smbshim is locking): only their I/O costs a CheckIo round trip.
+    locked_files: Mutex<std::collections::HashSet<FileId>>,
+    /// Held while a session is torn down (its opens detached or closed) and
+    /// while a replayed CREATE or a RECONNECT takes an open over, so that a
+    /// detach in flight never lands after the open was taken over.
+    teardown: Mutex<()>,
 }
 
 /// Attaches to filterd, listens, serves forever.
@@ -94,7 +102,12 @@ pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
     // filterd may still be starting: retry for a while.
     let t0 = Instant::now();
     let attach = loop {
-        match Attachment::connect(filter, protocol.clone(), instance.clone()) {
+        match Attachment::connect_with(
+            filter,
+            protocol.clone(),
+            instance.clone(),
+            libfilter::proto::FEATURE_LOCK_HINTS,
+        ) {
             Ok(a) => break a,
             Err(e) if t0.elapsed() < Duration::from_secs(30) => {
                 let _ = e;
@@ -113,6 +126,8 @@ pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
         writers: Mutex::new(HashMap::new()),
         next_session: AtomicU64::new(1),
         next_conn: AtomicU64::new(1),
+        locked_files: Mutex::new(std::collections::HashSet::new()),
+        teardown: Mutex::new(()),
     });
     {
         let sh = shared.clone();
@@ -418,12 +433,22 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         lease: lease_req,
     };
     let replay = is_replay(obj) && create_guid.is_some();
+    let _teardown = if replay {
+        Some(
+            sh.teardown
+                .lock()
+                .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?,
+        )
+    } else {
+        None
+    };
     let h = if replay {
         sh.filter.replay_open(req)
     } else {
         sh.filter.open(req)
     }
     .map_err(filter_fail)?;
+    note_locked(sh, &h.info);
     let file_id = h.info.key.to_string();
     // A durable (not persistent) open is granted only if the lease came with
     // H; otherwise it is served as a plain open and closed on disconnect.
@@ -463,6 +488,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             file_id.clone(),
             Open {
                 key: h.info.key,
+                file_key: h.info.file,
                 session,
                 file: Arc::new(std::fs::File::from(h.fd)),
                 durable: granted.clone(),
@@ -496,6 +522,10 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             "no disconnected durable open with these ids".into(),
         )
     };
+    let _teardown = sh
+        .teardown
+        .lock()
+        .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
     // The handle as the filter knows it: same create GUID, same user.
     let view = match sh
         .filter
@@ -532,6 +562,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             Some(ErrorCode::NoSuchHandle) => not_found(),
             _ => filter_fail(e),
         })?;
+    note_locked(sh, &h.info);
     let durable = json!({"create_guid": guid, "persistent": view.record.durability.is_persistent(),
                          "timeout_ms": view.record.durability.timeout_ms()});
     if let Ok(mut opens) = sh.opens.lock() {
@@ -539,6 +570,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             file_id.clone(),
             Open {
                 key,
+                file_key: h.info.file,
                 session,
                 file: Arc::new(std::fs::File::from(h.fd)),
                 durable: Some(durable.clone()),
@@ -555,11 +587,25 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     Ok(m)
 }
 
+/// What a request needs of its open.
+struct OpenRef {
+    file_id: String,
+    key: ResumeKey,
+    file_key: FileId,
+    file: Arc<std::fs::File>,
+    durable: bool,
+}
+
+fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
+    if info.locked {
+        if let Ok(mut l) = sh.locked_files.lock() {
+            l.insert(info.file);
+        }
+    }
+}
+
 /// The open named by the request, which must belong to the request's session.
-fn open_of(
-    sh: &Shared,
-    obj: &Map<String, Value>,
-) -> Result<(String, ResumeKey, Arc<std::fs::File>, bool), Fail> {
+fn open_of(sh: &Shared, obj: &Map<String, Value>) -> Result<OpenRef, Fail> {
     let (session, _, _) = session_of(sh, obj)?;
     let file_id = str_field(obj, "file_id")?.to_owned();
     let opens = sh
@@ -567,9 +613,13 @@ fn open_of(
         .lock()
         .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
     match opens.get(&file_id) {
-        Some(o) if o.session == session => {
-            Ok((file_id, o.key, o.file.clone(), o.durable.is_some()))
-        }
+        Some(o) if o.session == session => Ok(OpenRef {
+            key: o.key,
+            file_key: o.file_key,
+            file: o.file.clone(),
+            durable: o.durable.is_some(),
+            file_id,
+        }),
         _ => Err(Fail(
             "STATUS_FILE_CLOSED",
             format!("no open {file_id} in this session"),
@@ -584,10 +634,11 @@ fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     if length > MAX_LINE {
         return Err(invalid("length larger than 4 MiB"));
     }
-    let (_, key, file, _) = open_of(sh, obj)?;
+    let o = open_of(sh, obj)?;
+    let file = o.file.clone();
     check_io(
         sh,
-        key,
+        &o,
         offset,
         u64::try_from(length).unwrap_or(u64::MAX),
         false,
@@ -612,7 +663,8 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         .decode(str_field(obj, "data")?)
         .map_err(|_| invalid("data must be base64"))?;
     let op_id = op_id_field(obj)?;
-    let (_, key, file, durable) = open_of(sh, obj)?;
+    let o = open_of(sh, obj)?;
+    let (key, file, durable) = (o.key, o.file.clone(), o.durable);
     let scope = ReplayScope::Handle(key);
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
         if let Ok(Some(r)) = sh.filter.client().lookup_reply(scope.clone(), op) {
@@ -623,7 +675,7 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     }
     check_io(
         sh,
-        key,
+        &o,
         offset,
         u64::try_from(data.len()).unwrap_or(u64::MAX),
         true,
@@ -647,16 +699,16 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 }
 
 /// Mandatory locks: may this open read (or write) the range?
-fn check_io(
-    sh: &Shared,
-    key: ResumeKey,
-    offset: u64,
-    length: u64,
-    write: bool,
-) -> Result<(), Fail> {
-    if length == 0 {
+fn check_io(sh: &Shared, o: &OpenRef, offset: u64, length: u64, write: bool) -> Result<(), Fail> {
+    let locked = sh
+        .locked_files
+        .lock()
+        .map(|l| l.contains(&o.file_key))
+        .unwrap_or(true);
+    if length == 0 || !locked {
         return Ok(());
     }
+    let key = o.key;
     let range = libfilter::locks::LockRange { offset, length };
     sh.filter
         .client()
@@ -700,7 +752,15 @@ fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         }
         Some(_) => return Err(invalid("lock_sequence must be an object")),
     };
-    let (_, key, _, _) = open_of(sh, obj)?;
+    let o = open_of(sh, obj)?;
+    if ops.iter().any(|op| !op.unlock) {
+        // Before the lock exists: this smbshim's other clients check their
+        // I/O on the file from now on.
+        if let Ok(mut l) = sh.locked_files.lock() {
+            l.insert(o.file_key);
+        }
+    }
+    let key = o.key;
     sh.filter
         .client()
         .lock(key, ops, seq)
@@ -711,7 +771,8 @@ fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let op_id = op_id_field(obj)?;
     let change = info_change(obj)?;
-    let (_, key, _, durable) = open_of(sh, obj)?;
+    let o = open_of(sh, obj)?;
+    let (key, durable) = (o.key, o.durable);
     let scope = ReplayScope::Handle(key);
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
         if let Ok(Some(_)) = sh.filter.client().lookup_reply(scope.clone(), op) {
@@ -786,16 +847,18 @@ fn op_id_field(obj: &Map<String, Value>) -> Result<Option<u64>, Fail> {
 }
 
 fn flush(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
-    let (_, _, file, _) = open_of(sh, obj)?;
-    file.sync_data()
+    let o = open_of(sh, obj)?;
+    o.file
+        .sync_data()
         .map_err(|e| Fail("STATUS_INTERNAL_ERROR", e.to_string()))?;
     Ok(Map::new())
 }
 
 fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
-    let (file_id, key, _, _) = open_of(sh, obj)?;
+    let o = open_of(sh, obj)?;
+    let key = o.key;
     if let Ok(mut opens) = sh.opens.lock() {
-        opens.remove(&file_id);
+        opens.remove(&o.file_id);
     }
     sh.filter.close(key).map_err(filter_fail)?;
     Ok(Map::new())
@@ -810,6 +873,7 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// Ends a session: on LOGOFF every open closes; on a lost connection durable
 /// opens are detached (kept for their timeout) and the others close.
 fn end_session(sh: &Shared, session: u64, logoff: bool) {
+    let _teardown = sh.teardown.lock();
     if let Ok(mut s) = sh.sessions.lock() {
         s.remove(&session);
     }
@@ -908,6 +972,19 @@ fn forward_breaks(sh: Arc<Shared>) {
             // Gone for good: later requests on them get STATUS_FILE_CLOSED.
             AttachEvent::Daemon(Event::Expired { key } | Event::Purged { key }) => {
                 forget_opens(&sh, &[key]);
+                continue;
+            }
+            AttachEvent::Daemon(Event::LocksPresent { file }) => {
+                if let Ok(mut l) = sh.locked_files.lock() {
+                    l.insert(file);
+                }
+                let _ = sh.filter.client().lock_hint_ack(file);
+                continue;
+            }
+            AttachEvent::Daemon(Event::LocksGone { file }) => {
+                if let Ok(mut l) = sh.locked_files.lock() {
+                    l.remove(&file);
+                }
                 continue;
             }
             AttachEvent::Reattached { lost, .. } => {
