@@ -169,10 +169,16 @@ impl Client {
 
     /// Sends a request as given when it carries a u64 `mid` (for tests of
     /// the server's mid handling), else like [`Client::call`]. Fails with
-    /// [`Error::MidInUse`] if another request is waiting on that mid.
+    /// [`Error::MidInUse`] if another request is waiting on that mid. Fresh
+    /// mids of later [`Client::call`]s are above every mid given here.
     pub fn call_keeping_mid(&self, req: Value) -> Result<Reply, Error> {
         match req.get("mid").and_then(Value::as_u64) {
-            Some(mid) => self.exchange(Route::Mid(mid), &line_of(&req)),
+            Some(mid) => {
+                // Later fresh mids stay clear of the ones callers chose.
+                self.next_mid
+                    .fetch_max(mid.saturating_add(1), Ordering::Relaxed);
+                self.exchange(Route::Mid(mid), &line_of(&req))
+            }
             None => self.call(req),
         }
     }
@@ -628,6 +634,7 @@ mod tests {
             .expect("reply");
         assert_eq!(r.mid(), Some(777));
         assert!(matches!(c.call(json!([1])), Err(Error::NotAnObject)));
+        assert_eq!(c.next_mid.load(Ordering::Relaxed), 778);
         drop(c);
         server.join().expect("fake server");
     }
