@@ -7,7 +7,11 @@
 //! none / durable / persistent at 1, 8, 64 connections, and a mandatory-lock
 //! check round trip), `local` (local opens under fanotify; root only),
 //! `restart` (start to serving with 10k and 100k persistent handles beside
-//! raw `open_by_handle_at`). `daemon` starts and stops filterd for them;
+//! raw `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
+//! for durable-with-lease and persistent opens at 1 and 32 connections,
+//! beside a raw TCP line round trip, and the smbshim failover time from a
+//! replacement listening to a client's RECONNECT done; skipped without an
+//! smbshim binary). `daemon` starts and stops filterd for them;
 //! `report` holds the rows, the targets, the table and the JSON. Without a
 //! filterd binary only the baselines run.
 #![forbid(unsafe_code)]
@@ -18,6 +22,7 @@ mod mediated;
 mod raw;
 mod report;
 mod restart;
+mod smb;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,6 +39,9 @@ struct Args {
     /// The filterd binary [default: next to rkbench].
     #[arg(long, value_name = "PATH")]
     filterd: Option<PathBuf>,
+    /// The smbshim binary [default: next to rkbench].
+    #[arg(long, value_name = "PATH")]
+    smbshim: Option<PathBuf>,
     /// Scratch directory (export roots, state dirs); must be new or empty,
     /// removed afterwards [default: a fresh dir under $TMPDIR].
     #[arg(long, value_name = "DIR")]
@@ -63,6 +71,10 @@ fn main() -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("filterd"),
     };
+    let smbshim = match &args.smbshim {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("smbshim"),
+    };
     let scratch = Scratch::create(args.dir.clone())?;
     let dir = scratch.0.clone();
 
@@ -71,6 +83,7 @@ fn main() -> anyhow::Result<()> {
     let openat = raw::openat_close(&dir, dur)?;
     let openat2 = raw::openat2_close(&dir, dur)?;
     let rtt = raw::socket_rtt(&dir, dur)?;
+    let tcp = smb::tcp_line_rtt(dur)?;
     let lmdb1 = raw::lmdb_commits(&dir, 1, dur)?;
     let lmdb64 = raw::lmdb_commits(&dir, 64, dur)?;
     rep.rows.push(Row::new(
@@ -93,6 +106,13 @@ fn main() -> anyhow::Result<()> {
         rtt.ops_per_s,
         rtt.mean_us,
         rtt.p99_us,
+    ));
+    rep.rows.push(Row::new(
+        "raw TCP line round trip (loopback, echo thread)",
+        1,
+        tcp.ops_per_s,
+        tcp.mean_us,
+        tcp.p99_us,
     ));
     rep.rows.push(Row::new(
         "raw LMDB commit, 1 put (puts/s)",
@@ -172,6 +192,15 @@ fn main() -> anyhow::Result<()> {
             )
             .beside("raw SEQPACKET round trip", rtt.mean_us),
         );
+        if smbshim.exists() {
+            eprintln!("rkbench: smbl/1 through smbshim…");
+            smb_section(&mut rep, &filterd, &smbshim, &dir, dur, tcp, args.quick)?;
+        } else {
+            eprintln!(
+                "rkbench: skipped smbl/1 section: smbshim not built ({} does not exist)",
+                smbshim.display()
+            );
+        }
         eprintln!("rkbench: local opens under fanotify…");
         match local::measure(&filterd, &dir, dur)? {
             Some(l) => {
@@ -276,6 +305,65 @@ fn main() -> anyhow::Result<()> {
     print!("{}", rep.table());
     rep.write_json(&args.json)?;
     println!("JSON report: {}", args.json.display());
+    Ok(())
+}
+
+/// smbl/1 rows: CREATE+CLOSE per kind and connection count, and failover.
+fn smb_section(
+    rep: &mut Report,
+    filterd: &std::path::Path,
+    smbshim: &std::path::Path,
+    dir: &std::path::Path,
+    dur: Duration,
+    tcp: report::Figure,
+    quick: bool,
+) -> anyhow::Result<()> {
+    for kind in smb::Kind::ALL {
+        for conns in [1usize, 32] {
+            let m = smb::create_close(filterd, smbshim, dir, kind, conns, dur)?;
+            let label = format!("smbl/1 CREATE+CLOSE, {} (pairs/s, µs/pair)", kind.label());
+            let mut row = Row::new(&label, conns, m.pairs_per_s, m.mean_us, m.p99_us)
+                .with("requests_per_s", 2.0 * m.pairs_per_s)
+                .with("creates", m.creates as f64)
+                .with("durable_granted", m.durable_granted as f64)
+                .beside("2 × raw TCP line round trip", 2.0 * tcp.mean_us);
+            if m.durable_granted < m.creates {
+                row = row.note(format!(
+                    "durable granted {} of {}",
+                    m.durable_granted, m.creates
+                ));
+            }
+            rep.rows.push(row);
+        }
+    }
+    let repeats = if quick { 3 } else { 7 };
+    let f = smb::failover(filterd, smbshim, dir, repeats)?;
+    let median = f.median_ms();
+    rep.rows.push(
+        Row::new(
+            "smbshim failover: listening → RECONNECT done (median; p99 col = max)",
+            1,
+            0.0,
+            median * 1e3,
+            f.max_ms() * 1e3,
+        )
+        .note(format!(
+            "{} kills, {} RECONNECT attempts",
+            f.ms.len(),
+            f.attempts
+        ))
+        .with("median_ms", median)
+        .with("max_ms", f.max_ms())
+        .with("repeats", f.ms.len() as f64)
+        .with("reconnect_attempts", f.attempts as f64)
+        .beside("target 50 ms", 50_000.0),
+    );
+    rep.target(
+        "smbshim failover, listening → RECONNECT done ≤ 50 ms",
+        median / 50.0,
+        1.0,
+        true,
+    );
     Ok(())
 }
 

@@ -35,7 +35,7 @@ pub const KINDS: &[(&str, Durability)] = &[
 
 /// Starts filterd on a fresh export `dir/tag/root` holding `f0..f63` and a
 /// fresh state dir `dir/tag/state`, and waits until it serves.
-fn start_export(filterd: &Path, dir: &Path, tag: &str) -> anyhow::Result<Daemon> {
+pub(crate) fn start_export(filterd: &Path, dir: &Path, tag: &str) -> anyhow::Result<Daemon> {
     let root = dir.join(format!("{tag}/root"));
     let state = dir.join(format!("{tag}/state"));
     let _ = std::fs::remove_dir_all(dir.join(tag));
@@ -88,7 +88,7 @@ fn warm_up(client: &FilterClient, i: usize, durability: Durability) -> anyhow::R
 
 /// Reports a bench thread ready when dropped, so a thread whose warm-up
 /// failed or panicked still counts and the others are not kept waiting.
-struct Ready(crossbeam_channel::Sender<()>);
+pub(crate) struct Ready(pub(crate) crossbeam_channel::Sender<()>);
 
 impl Drop for Ready {
     fn drop(&mut self) {
@@ -97,7 +97,7 @@ impl Drop for Ready {
 }
 
 /// Joins the bench threads: all their samples, or the first failure.
-fn collect(
+pub(crate) fn collect(
     threads: Vec<std::thread::JoinHandle<anyhow::Result<Vec<u64>>>>,
 ) -> anyhow::Result<Vec<u64>> {
     let mut all = Vec::new();

@@ -12,34 +12,74 @@
 //!
 //! Every command of smbl/1 is served; docs/smb-like.md describes this
 //! implementation's choices.
+//!
+//! `smbshim client ADDR` is a small interactive and scriptable smbl/1 client
+//! (client_cli.rs) for trying a server by hand and for shell-driven tests.
 #![forbid(unsafe_code)]
 
+mod client_cli;
 mod server;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// The SMB-like (smbl/1) frontend of rkfilter.
+///
+/// Serve: `smbshim --filter SOCKET --listen HOST:PORT [--instance NAME]`
+/// prints `listening on HOST:PORT` as its first stdout line, then serves.
+/// Try a server by hand: `smbshim client HOST:PORT` (see `smbshim client --help`).
 #[derive(Parser, Debug)]
-#[command(name = "smbshim", version, about, long_about = None)]
+#[command(
+    name = "smbshim",
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
     /// filterd's Unix socket.
-    #[arg(long, value_name = "SOCKET")]
-    filter: PathBuf,
+    #[arg(long, value_name = "SOCKET", required = true)]
+    filter: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port).
-    #[arg(long, value_name = "HOST:PORT")]
-    listen: String,
-    /// Frontend instance name [default: smb].
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    listen: Option<String>,
+    /// Frontend instance name [default: smb]; a new smbshim with the same
+    /// name takes over the handles of a dead one.
     #[arg(long, value_name = "NAME")]
     instance: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Connect to an smbl/1 server and run commands read from stdin, one
+    /// per line, printing each reply (and each LEASE_BREAK) as a JSON line.
+    #[command(after_help = client_cli::HELP)]
+    Client {
+        /// The server, e.g. 127.0.0.1:4450.
+        #[arg(value_name = "HOST:PORT")]
+        addr: String,
+        /// Seconds to wait for each reply.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+        timeout: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    server::run(
-        &args.filter,
-        &args.listen,
-        args.instance.as_deref().unwrap_or("smb"),
-    )
+    match (args.command, args.filter, args.listen) {
+        (Some(Command::Client { addr, timeout }), _, _) => {
+            let timeout = Duration::try_from_secs_f64(timeout)
+                .map_err(|_| anyhow::anyhow!("--timeout must be a non-negative number"))?;
+            client_cli::run(&addr, timeout)
+        }
+        (None, Some(filter), Some(listen)) => {
+            server::run(&filter, &listen, args.instance.as_deref().unwrap_or("smb"))
+        }
+        // clap requires both flags when there is no subcommand.
+        (None, _, _) => anyhow::bail!("--filter and --listen are required"),
+    }
 }
