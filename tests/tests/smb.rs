@@ -295,3 +295,43 @@ fn leases_are_granted_broken_and_acknowledged() {
     let rb = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
     assert_eq!(rb["status"], "STATUS_SUCCESS", "{rb}");
 }
+
+/// `smbshim client`: a person (or a script) drives smbl/1 from stdin.
+#[test]
+fn the_scriptable_client_drives_a_session() {
+    use std::io::Write as _;
+    let s = Scratch::new("smb-cli");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-cli");
+    let mut child = std::process::Command::new(rkfilter_tests::bin("smbshim"))
+        .args(["client", &shim.addr])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = "setup alice\n\
+                  create notes.txt access=read,write disp=create persistent\n\
+                  write . 0 hello\n\
+                  read . 0 5\n\
+                  {\"cmd\": \"ECHO\"}\n\
+                  close .\n\
+                  quit\n";
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let replies: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(replies.len(), 6, "one reply per command: {replies:?}");
+    for r in &replies {
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+    assert_eq!(replies[3]["data"], b64("hello"));
+    assert_eq!(std::fs::read(s.root().join("notes.txt")).unwrap(), b"hello");
+}
