@@ -1036,6 +1036,40 @@ impl Engine {
                 let locks = pages.into_iter().flat_map(|(_, v)| v).collect();
                 Ok(Some((Reply::Locks { locks, next }, None)))
             }
+            Request::ListRecords { scope, after } => {
+                let (protocol, _) = need_frontend()?;
+                let scope = self.own_scope(conn, &protocol, scope)?;
+                let mut records = Vec::new();
+                let mut next = None;
+                let mut bytes = 0usize;
+                if let Some(recs) = self.replays.get(&scope) {
+                    let from = match after {
+                        Some(a) => std::ops::Bound::Excluded(a),
+                        None => std::ops::Bound::Unbounded,
+                    };
+                    for (op, r) in recs.range((from, std::ops::Bound::Unbounded)) {
+                        // Stay well inside one frame.
+                        if bytes + r.reply.len() > 3 * MAX_REPLY_BYTES && !records.is_empty() {
+                            next = records.last().map(|(o, _): &(u64, String)| *o);
+                            break;
+                        }
+                        bytes += r.reply.len() + 32;
+                        records.push((*op, r.reply.clone()));
+                    }
+                }
+                Ok(Some((Reply::Records { records, next }, None)))
+            }
+            Request::DeleteRecord { scope, op_id } => {
+                let (protocol, _) = need_frontend()?;
+                let scope = self.own_scope(conn, &protocol, scope)?;
+                let persistent = self.scope_is_persistent(&scope);
+                if let Some(recs) = self.replays.get_mut(&scope) {
+                    if recs.remove(&op_id).is_some() && persistent {
+                        self.ops.push(StoreOp::DeleteReplay { scope, op_id });
+                    }
+                }
+                Ok(Some((Reply::Done, None)))
+            }
             Request::DropScope { scope } => {
                 let (protocol, _) = need_frontend()?;
                 let scope = self.own_scope(conn, &protocol, scope)?;
@@ -1190,6 +1224,13 @@ impl Engine {
             share: o.share,
         };
         if self.break_leases_for(of.file, o.lease.map(|l| l.key), mode) {
+            if o.no_wait {
+                self.stats.opens_refused += 1;
+                return Err(err(
+                    ErrorCode::Busy,
+                    "lease holders must acknowledge a break first; retry",
+                ));
+            }
             // Holders must acknowledge first: wait (the descriptor is
             // dropped; the open runs again from the start).
             self.waiting.push(WaitingOpen {

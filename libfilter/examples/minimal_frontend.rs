@@ -40,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         create_guid: Some(guid),
         owner: None,
         lease: None,
+        no_wait: false,
     })?;
     println!("opened {} ({})", h.info.key, h.info.create_action);
 

@@ -24,6 +24,7 @@
 //!     create_guid: None,
 //!     owner: None,
 //!     lease: None,
+//!     no_wait: false,
 //! })?;
 //! // h.fd is the open file: pread/pwrite it directly.
 //! c.close(h.info.key)?;
@@ -407,6 +408,35 @@ impl FilterClient {
             Reply::Recorded { record } => Ok(record),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// Every record of a session scope, by op id.
+    pub fn list_records(&self, scope: ReplayScope) -> Result<Vec<(u64, String)>, ClientError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            match self
+                .call(Request::ListRecords {
+                    scope: scope.clone(),
+                    after,
+                })?
+                .0
+            {
+                Reply::Records { records, next } => {
+                    out.extend(records);
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => return Ok(out),
+                    }
+                }
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+        }
+    }
+
+    /// Deletes one record of a session scope.
+    pub fn delete_record(&self, scope: ReplayScope, op_id: u64) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::DeleteRecord { scope, op_id })?)
     }
 
     /// The daemon's counters.

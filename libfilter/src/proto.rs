@@ -172,6 +172,23 @@ pub enum Request {
         /// The op id.
         op_id: u64,
     },
+    /// A session scope's records from op id `after` on (exclusive), a page
+    /// at a time: frontends keep small durable tables this way (nfsshim's
+    /// clients, sessions and states). Frontend only.
+    ListRecords {
+        /// The scope.
+        scope: ReplayScope,
+        /// Start after this op id.
+        #[serde(default)]
+        after: Option<u64>,
+    },
+    /// Delete one record of a session scope. Frontend only.
+    DeleteRecord {
+        /// The scope.
+        scope: ReplayScope,
+        /// The op id.
+        op_id: u64,
+    },
     /// Drop a session scope's records. Frontend only.
     DropScope {
         /// The scope.
@@ -282,6 +299,8 @@ impl Request {
             Request::RecordReply { .. } => "record_reply",
             Request::LookupReply { .. } => "lookup_reply",
             Request::DropScope { .. } => "drop_scope",
+            Request::ListRecords { .. } => "list_records",
+            Request::DeleteRecord { .. } => "delete_record",
             Request::Lock { .. } => "lock",
             Request::CheckIo { .. } => "check_io",
             Request::Locks { .. } => "locks",
@@ -330,6 +349,11 @@ pub struct OpenRequest {
     /// A lease (or delegation) wanted with the open.
     #[serde(default)]
     pub lease: Option<LeaseRequest>,
+    /// Fail with [`ErrorCode::Busy`] instead of waiting when lease holders
+    /// must acknowledge a break first (the breaks are sent all the same):
+    /// nfsl/1 answers such opens NFS4ERR_DELAY.
+    #[serde(default)]
+    pub no_wait: bool,
 }
 
 /// Which handle to resume.
@@ -406,6 +430,9 @@ pub enum ErrorCode {
     DiskFull,
     /// A limit was reached (handles, frontends).
     LimitReached,
+    /// The request would wait for a lease break and asked not to: the break
+    /// was sent; retry later.
+    Busy,
     /// A fault in the daemon; the message says which.
     Internal,
 }
@@ -496,6 +523,13 @@ pub enum Reply {
     Recorded {
         /// The record.
         record: Option<ReplayRecord>,
+    },
+    /// A page of a scope's records, by op id.
+    Records {
+        /// (op id, reply) pairs in op-id order.
+        records: Vec<(u64, String)>,
+        /// Where the next page starts, if any.
+        next: Option<u64>,
     },
     /// Locks.
     Locks {
@@ -801,6 +835,7 @@ mod tests {
                 create_guid: None,
                 owner: None,
                 lease: None,
+                no_wait: false,
             }),
         };
         let b = encode(&f).unwrap();

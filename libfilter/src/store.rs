@@ -200,6 +200,13 @@ pub enum StoreOp {
         /// Most records kept in the scope.
         keep: u32,
     },
+    /// Drop one replay record.
+    DeleteReplay {
+        /// Where the op id lives.
+        scope: ReplayScope,
+        /// The op id.
+        op_id: u64,
+    },
     /// Drop every replay record of a scope (a session destroyed).
     DeleteReplayScope(ReplayScope),
     /// Record a non-idempotent filesystem change about to happen.
@@ -390,6 +397,9 @@ impl Store {
                     self.trim_scope(&mut txn, scope, *keep)?;
                 }
                 StoreOp::DeleteReplayScope(scope) => self.delete_scope(&mut txn, scope)?,
+                StoreOp::DeleteReplay { scope, op_id } => {
+                    self.replay.delete(&mut txn, &replay_key(scope, *op_id))?;
+                }
                 StoreOp::PutIntent(intent) => {
                     self.intents
                         .put(&mut txn, intent.id.0.as_bytes(), intent)

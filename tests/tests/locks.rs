@@ -40,6 +40,7 @@ fn open(
         create_guid: guid,
         owner: None,
         lease: None,
+        no_wait: false,
     })
     .unwrap()
 }
@@ -285,6 +286,7 @@ fn lock_sequence_replays_and_locks_survive_kill9() {
             create_guid: Some(guid),
             owner: None,
             lease: None,
+            no_wait: false,
         })
         .unwrap();
     assert_eq!(h.info.key, key);

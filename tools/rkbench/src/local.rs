@@ -137,6 +137,7 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
         create_guid: None,
         owner: None,
         lease: None,
+        no_wait: false,
     })?;
     drop(std::fs::File::open(root.join("plain"))?); // first open sets the ignore mark
     let stateless = open_close(&root.join("plain"), dur)?;

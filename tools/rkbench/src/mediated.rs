@@ -78,6 +78,7 @@ fn warm_up(client: &FilterClient, i: usize, durability: Durability) -> anyhow::R
         create_guid: None,
         owner: None,
         lease: None,
+        no_wait: false,
     };
     for _ in 0..WARM_UP_PAIRS {
         let h = client.open(req.clone())?;
@@ -228,6 +229,7 @@ pub fn check_io(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Fig
             create_guid: None,
             owner: None,
             lease: None,
+            no_wait: false,
         })
     };
     let holder = fe.open(req("holder")?)?;

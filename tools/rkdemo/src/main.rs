@@ -165,6 +165,7 @@ fn frontend_child(v: &[String]) -> anyhow::Result<()> {
         create_guid: Some(CreateGuid(guid.parse()?)),
         owner: None,
         lease: None,
+        no_wait: false,
     })?;
     std::fs::File::from(h.fd).write_all_at(DATA, 0)?;
     println!("{}", h.info.key);
@@ -269,6 +270,7 @@ fn open_req(
         create_guid: None,
         owner: None,
         lease: None,
+        no_wait: false,
     })
 }
 

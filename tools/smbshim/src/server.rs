@@ -431,6 +431,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         create_guid: create_guid.map(CreateGuid),
         owner: Some(user),
         lease: lease_req,
+        no_wait: false,
     };
     let replay = is_replay(obj) && create_guid.is_some();
     let _teardown = if replay {
