@@ -43,8 +43,8 @@ fn open_req(path: &str, disp: Disposition, guid: CreateGuid) -> OpenRequest {
         create_guid: Some(guid),
         owner: None,
         lease: None,
-    },
-    no_wait: false,
+        no_wait: false,
+    }
 }
 
 /// What a client saw, reduced to what must not differ between a crash and

@@ -38,8 +38,8 @@ fn req(
         create_guid: None,
         owner: None,
         lease: None,
-    },
-    no_wait: false,
+        no_wait: false,
+    }
 }
 
 const RW: Rights = Rights::READ.union(Rights::WRITE);

@@ -41,8 +41,8 @@ fn req(
         create_guid: None,
         owner: None,
         lease: lease.map(|(key, s)| LeaseRequest { key, state: st(s) }),
-    },
-    no_wait: false,
+        no_wait: false,
+    }
 }
 
 const RW: Rights = Rights::READ.union(Rights::WRITE);

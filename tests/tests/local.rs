@@ -34,8 +34,8 @@ fn req(path: &str, share: Rights, lease: Option<(LeaseKey, &str)>) -> OpenReques
             key,
             state: LeaseState::parse(s).unwrap(),
         }),
-    },
-    no_wait: false,
+        no_wait: false,
+    }
 }
 
 /// A local open in another thread, with its outcome on the receiver.

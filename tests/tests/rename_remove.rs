@@ -36,8 +36,8 @@ fn open_req(
         create_guid: guid,
         owner: None,
         lease: None,
-    },
-    no_wait: false,
+        no_wait: false,
+    }
 }
 
 const RWD: Rights = Rights::ALL;
