@@ -83,6 +83,26 @@ impl Attachment {
         Self::connect_with(socket, protocol, instance, 0)
     }
 
+    /// As [`Attachment::connect_with`], retrying every 50 ms for up to
+    /// `within` while filterd is not there yet (it may be starting or
+    /// recovering): a frontend started beside filterd just waits for it.
+    pub fn connect_patiently(
+        socket: &Path,
+        protocol: Protocol,
+        instance: InstanceName,
+        features: u64,
+        within: Duration,
+    ) -> Result<Self, ClientError> {
+        let t0 = Instant::now();
+        loop {
+            match Self::connect_with(socket, protocol.clone(), instance.clone(), features) {
+                Ok(a) => return Ok(a),
+                Err(_) if t0.elapsed() < within => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Attaches asking for optional `features` (see [`crate::proto::FEATURES`]),
     /// at every reattach too.
     pub fn connect_with(

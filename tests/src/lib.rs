@@ -346,6 +346,11 @@ impl Shim {
     /// Starts `bin` with `--filter SOCKET --listen 127.0.0.1:0 --instance NAME`
     /// and waits for its `listening on` line.
     pub fn start(bin_name: &str, socket: &Path, instance: &str) -> Shim {
+        Shim::start_with(bin_name, socket, instance, &[])
+    }
+
+    /// As [`Shim::start`], with extra flags.
+    pub fn start_with(bin_name: &str, socket: &Path, instance: &str, extra: &[&str]) -> Shim {
         let mut child = Command::new(bin(bin_name))
             .arg("--filter")
             .arg(socket)
@@ -353,6 +358,7 @@ impl Shim {
             .arg("127.0.0.1:0")
             .arg("--instance")
             .arg(instance)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -2,13 +2,12 @@
 //! errors become smbl/1 statuses ([`status_of`]).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use base64::Engine as _;
@@ -83,9 +82,8 @@ struct Shared {
     sessions: Mutex<HashMap<u64, Session>>,
     opens: Mutex<HashMap<String, Open>>,
     /// Each client connection's writer, for pushed LEASE_BREAKs.
-    writers: Mutex<HashMap<u64, Arc<Mutex<TcpStream>>>>,
+    writers: shimline::Writers,
     next_session: AtomicU64,
-    next_conn: AtomicU64,
     /// Files with byte-range locks (lock hints from filterd, and files this
     /// smbshim is locking): only their I/O costs a CheckIo round trip.
     locked_files: Mutex<std::collections::HashSet<FileId>>,
@@ -99,33 +97,22 @@ struct Shared {
 pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
     let protocol = Protocol::new("smb")?;
     let instance = InstanceName::new(instance)?;
-    // filterd may still be starting: retry for a while.
-    let t0 = Instant::now();
-    let attach = loop {
-        match Attachment::connect_with(
-            filter,
-            protocol.clone(),
-            instance.clone(),
-            libfilter::proto::FEATURE_LOCK_HINTS,
-        ) {
-            Ok(a) => break a,
-            Err(e) if t0.elapsed() < Duration::from_secs(30) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e).context("attaching to filterd"),
-        }
-    };
-    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
-    println!("listening on {}", listener.local_addr()?);
-    std::io::stdout().flush()?;
+    // filterd may still be starting: wait for it a while.
+    let attach = Attachment::connect_patiently(
+        filter,
+        protocol,
+        instance,
+        libfilter::proto::FEATURE_LOCK_HINTS,
+        Duration::from_secs(30),
+    )
+    .context("attaching to filterd")?;
+    let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
     let shared = Arc::new(Shared {
         filter: attach,
         sessions: Mutex::new(HashMap::new()),
         opens: Mutex::new(HashMap::new()),
-        writers: Mutex::new(HashMap::new()),
+        writers: shimline::Writers::default(),
         next_session: AtomicU64::new(1),
-        next_conn: AtomicU64::new(1),
         locked_files: Mutex::new(std::collections::HashSet::new()),
         teardown: Mutex::new(()),
     });
@@ -135,91 +122,26 @@ pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
             .name("lease-breaks".into())
             .spawn(move || forward_breaks(sh))?;
     }
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let sh = shared.clone();
-        let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let _ = std::thread::Builder::new()
-            .name(format!("smb-conn-{conn}"))
-            .spawn(move || serve(sh, conn, stream));
-    }
+    shimline::accept_forever(listener, "smb", move |conn, stream| {
+        serve(shared.clone(), conn, stream)
+    });
     Ok(())
 }
 
-/// Reads one line of at most `MAX_LINE` bytes. `Ok(None)`: EOF.
-/// `Err(true)`: the line was too long.
-fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>, bool> {
-    buf.clear();
-    let n = r
-        .by_ref()
-        .take(u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1)
-        .read_until(b'\n', buf)
-        .map_err(|_| false)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.last() != Some(&b'\n') && buf.len() > MAX_LINE {
-        return Err(true);
-    }
-    Ok(Some(()))
-}
-
-fn send(w: &Mutex<TcpStream>, v: &Value) -> bool {
-    let mut line = v.to_string();
-    line.push('\n');
-    match w.lock() {
-        Ok(mut s) => s.write_all(line.as_bytes()).is_ok(),
-        Err(_) => false,
-    }
-}
-
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
-    let Ok(wstream) = stream.try_clone() else {
-        return;
-    };
-    let writer = Arc::new(Mutex::new(wstream));
-    if let Ok(mut w) = sh.writers.lock() {
-        w.insert(conn, writer.clone());
-    }
-    let mut reader = BufReader::new(stream);
-    let mut buf = Vec::new();
-    loop {
-        match read_line(&mut reader, &mut buf) {
-            Ok(Some(())) => {}
-            Ok(None) | Err(false) => break,
-            Err(true) => {
-                send(
-                    &writer,
-                    &json!({"mid": null, "status": "STATUS_INVALID_PARAMETER", "error": "line longer than 4 MiB"}),
-                );
-                break;
-            }
-        }
-        let reply = handle_line(&sh, conn, &buf);
-        if !send(&writer, &reply) {
-            break;
-        }
-    }
-    if let Ok(mut w) = sh.writers.lock() {
-        w.remove(&conn);
-    }
+    sh.writers
+        .serve(conn, stream, "mid", "STATUS_INVALID_PARAMETER", |line| {
+            handle_line(&sh, conn, line)
+        });
     connection_lost(&sh, conn);
 }
 
 fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
-    let v: Value = match serde_json::from_slice(line) {
-        Ok(v) => v,
-        Err(e) => {
-            return json!({"mid": null, "status": "STATUS_INVALID_PARAMETER", "error": format!("not JSON: {e}")})
-        }
+    let (obj, mid) = match shimline::parse_request(line, "mid", "STATUS_INVALID_PARAMETER") {
+        Ok(x) => x,
+        Err(reply) => return reply,
     };
-    let Some(obj) = v.as_object() else {
-        return json!({"mid": null, "status": "STATUS_INVALID_PARAMETER", "error": "not a JSON object"});
-    };
-    let mid = obj.get("mid").and_then(Value::as_u64);
-    let Some(mid) = mid else {
-        return json!({"mid": null, "status": "STATUS_INVALID_PARAMETER", "error": "mid must be a u64"});
-    };
+    let obj = &obj;
     let cmd = obj.get("cmd").and_then(Value::as_str).unwrap_or("");
     let outcome = match cmd {
         "ECHO" => Ok(Map::new()),
@@ -258,20 +180,15 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
 }
 
 fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a Value, Fail> {
-    obj.get(name)
-        .ok_or_else(|| invalid(format!("missing field {name}")))
+    shimline::field(obj, name).map_err(invalid)
 }
 
 fn u64_field(obj: &Map<String, Value>, name: &str) -> Result<u64, Fail> {
-    field(obj, name)?
-        .as_u64()
-        .ok_or_else(|| invalid(format!("{name} must be a u64")))
+    shimline::u64_field(obj, name).map_err(invalid)
 }
 
 fn str_field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str, Fail> {
-    field(obj, name)?
-        .as_str()
-        .ok_or_else(|| invalid(format!("{name} must be a string")))
+    shimline::str_field(obj, name).map_err(invalid)
 }
 
 fn uuid_field(obj: &Map<String, Value>, name: &str) -> Result<uuid::Uuid, Fail> {
@@ -1006,9 +923,9 @@ fn forward_breaks(sh: Arc<Shared>) {
                 .ok()
                 .and_then(|m| m.get(&s).map(|x| x.conn))
         });
-        let writer = conn.and_then(|c| sh.writers.lock().ok().and_then(|w| w.get(&c).cloned()));
+        let writer = conn.and_then(|c| sh.writers.get(c));
         if let Some(w) = writer {
-            send(
+            shimline::send(
                 &w,
                 &json!({"cmd": "LEASE_BREAK", "lease_key": lease_key, "current_state": current_state.to_string(),
                         "new_state": new_state.to_string(), "epoch": epoch, "ack_required": ack_required}),

@@ -1,0 +1,432 @@
+//! nfsl/1 through the real nfsshim and filterd (and smbshim for the
+//! cross-protocol paragraphs): client identity and reboot, leases, the
+//! exactly-once slot table across nfsshim and filterd restarts, stateids,
+//! share reservations, create modes, locks, delegations, REMOVE/RENAME
+//! against smbl/1 opens, framing and malformed input.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use rkfilter_tests::{wait_for, Filterd, LineClient, Scratch, Shim};
+use serde_json::{json, Value};
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// An nfsl/1 client with its session and slot 0's seqid.
+struct Nfs {
+    c: LineClient,
+    clientid: String,
+    sessionid: String,
+    seqid: u64,
+}
+
+impl Nfs {
+    fn connect(addr: &str, owner: &str, verifier: &str) -> Nfs {
+        let mut c = LineClient::connect(addr);
+        let r = c.call_with(
+            "xid",
+            json!({"op": "EXCHANGE_ID", "owner": owner, "verifier": verifier}),
+        );
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        let clientid = r["clientid"].as_str().unwrap().to_owned();
+        let r = c.call_with("xid", json!({"op": "CREATE_SESSION", "clientid": clientid}));
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        assert!(r["slots"].as_u64().unwrap() >= 8);
+        Nfs {
+            c,
+            clientid,
+            sessionid: r["sessionid"].as_str().unwrap().to_owned(),
+            seqid: 0,
+        }
+    }
+
+    /// Sends `req` on slot 0 with the next seqid.
+    fn call(&mut self, req: Value) -> Value {
+        self.seqid += 1;
+        self.send(req)
+    }
+
+    /// Sends `req` with the next seqid, re-sending it (same seqid) while the
+    /// answer is NFS4ERR_DELAY, as a client does while nfsshim reattaches.
+    fn call_patiently(&mut self, req: Value) -> Value {
+        self.seqid += 1;
+        wait_for(
+            "an answer other than DELAY",
+            Duration::from_secs(10),
+            || {
+                let r = self.send(req.clone());
+                (r["status"] != "NFS4ERR_DELAY").then_some(r)
+            },
+        )
+    }
+
+    /// Sends `req` on slot 0 with the current seqid (a re-send).
+    fn send(&mut self, mut req: Value) -> Value {
+        req["seq"] = json!({"sessionid": self.sessionid, "slot": 0, "seqid": self.seqid});
+        self.c.call_with("xid", req)
+    }
+
+    fn open(&mut self, owner: &str, path: &str, access: &str, deny: &str, extra: Value) -> Value {
+        let mut req =
+            json!({"op": "OPEN", "owner": owner, "path": path, "access": access, "deny": deny});
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                req[k] = v;
+            }
+        }
+        self.call(req)
+    }
+}
+
+fn ok(r: Value) -> Value {
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    r
+}
+
+fn create() -> Value {
+    json!({"create": {"mode": "unchecked"}})
+}
+
+#[test]
+fn identity_sessions_slots_and_stateids() {
+    let s = Scratch::new("nfs-basic");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-a");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "0123456789abcdef");
+    // The same owner and verifier: the same clientid, confirmed.
+    let r = a.c.call_with(
+        "xid",
+        json!({"op": "EXCHANGE_ID", "owner": "host-a", "verifier": "0123456789abcdef"}),
+    );
+    assert_eq!(
+        (r["clientid"].as_str(), r["confirmed"].as_bool()),
+        (Some(a.clientid.as_str()), Some(true))
+    );
+    let o = ok(a.open("p1", "f", "both", "none", create()));
+    assert_eq!(o["created"], true);
+    let sid = o["stateid"].clone();
+    let w = ok(a.call(json!({"op": "WRITE", "stateid": sid, "offset": 0, "data": b64("hello")})));
+    assert_eq!(w["count"], 5);
+    // Re-sent on its slot: the cached reply, not a second write.
+    std::fs::write(s.root().join("f"), b"HELLO").unwrap();
+    let again = a.send(json!({"op": "WRITE", "stateid": sid, "offset": 0, "data": b64("hello")}));
+    assert_eq!(again["count"], 5);
+    assert_eq!(
+        std::fs::read(s.root().join("f")).unwrap(),
+        b"HELLO",
+        "not executed again"
+    );
+    let r = ok(a.call(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 100})));
+    assert_eq!(
+        (r["data"].as_str(), r["eof"].as_bool()),
+        (Some(b64("HELLO").as_str()), Some(true))
+    );
+    // The slot table's refusals.
+    let mut bad = json!({"op": "READ", "stateid": sid, "offset": 0, "count": 1});
+    bad["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid + 5});
+    assert_eq!(
+        a.c.call_with("xid", bad.clone())["status"],
+        "NFS4ERR_SEQ_MISORDERED"
+    );
+    bad["seq"] = json!({"sessionid": a.sessionid, "slot": 999, "seqid": 1});
+    assert_eq!(
+        a.c.call_with("xid", bad.clone())["status"],
+        "NFS4ERR_BADSLOT"
+    );
+    bad["seq"] = json!({"sessionid": "nope", "slot": 0, "seqid": 1});
+    assert_eq!(a.c.call_with("xid", bad)["status"], "NFS4ERR_BADSESSION");
+    // Another slot has its own seqids.
+    let mut other_slot = json!({"op": "READ", "stateid": sid, "offset": 0, "count": 1});
+    other_slot["seq"] = json!({"sessionid": a.sessionid, "slot": 3, "seqid": 1});
+    ok(a.c.call_with("xid", other_slot));
+    // Stateids: an older seqid, an unknown other, seqid 0 = current.
+    let up = ok(a.open("p1", "f", "read", "none", json!({})));
+    assert_eq!(
+        up["stateid"]["other"], sid["other"],
+        "one open state per owner and file"
+    );
+    assert_eq!(up["stateid"]["seqid"], 2, "upgraded: {up}");
+    let old = a.call(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 1}));
+    assert_eq!(old["status"], "NFS4ERR_OLD_STATEID");
+    let unknown = a.call(
+        json!({"op": "READ", "stateid": {"other": "Oxyz", "seqid": 0}, "offset": 0, "count": 1}),
+    );
+    assert_eq!(unknown["status"], "NFS4ERR_BAD_STATEID");
+    let cur = json!({"other": sid["other"], "seqid": 0});
+    ok(a.call(json!({"op": "READ", "stateid": cur, "offset": 0, "count": 1})));
+    ok(a.call(json!({"op": "RECLAIM_COMPLETE"})));
+    ok(a.call(json!({"op": "CLOSE", "stateid": cur})));
+    let closed = a.call(json!({"op": "READ", "stateid": cur, "offset": 0, "count": 1}));
+    assert_eq!(closed["status"], "NFS4ERR_BAD_STATEID");
+    // Malformed input: errors, the connection stays usable.
+    let r = a.c.raw(b"{nope\n").unwrap();
+    assert_eq!(
+        (r["status"].as_str(), r["xid"].is_null()),
+        (Some("NFS4ERR_INVAL"), true)
+    );
+    let r =
+        a.call(json!({"op": "OPEN", "owner": 5, "path": "g", "access": "read", "deny": "none"}));
+    assert_eq!(r["status"], "NFS4ERR_INVAL");
+    let r = a.call(
+        json!({"op": "OPEN", "owner": "p", "path": "../g", "access": "read", "deny": "none"}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_INVAL");
+    let r =
+        a.call(json!({"op": "OPEN", "owner": "p", "path": "g", "access": "all", "deny": "none"}));
+    assert_eq!(r["status"], "NFS4ERR_INVAL");
+    let r = a.c.call_with(
+        "xid",
+        json!({"op": "EXCHANGE_ID", "owner": "x", "verifier": "short"}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_INVAL");
+    let r = a.call(json!({"op": "FROB"}));
+    assert_eq!(r["status"], "NFS4ERR_NOTSUPP");
+    let r = a.call(
+        json!({"op": "OPEN", "owner": "p", "path": "missing", "access": "read", "deny": "none"}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_NOENT");
+    let mut long = vec![b'x'; (4 << 20) + 10];
+    long.push(b'\n');
+    let r = a.c.raw(&long).unwrap();
+    assert_eq!(
+        (r["status"].as_str(), r["xid"].is_null()),
+        (Some("NFS4ERR_INVAL"), true)
+    );
+    assert!(
+        a.c.raw(b"{\"op\":\"RECLAIM_COMPLETE\",\"xid\":1}\n")
+            .is_none(),
+        "closed"
+    );
+}
+
+#[test]
+fn slots_and_stateids_survive_nfsshim_and_filterd_restarts() {
+    let s = Scratch::new("nfs-failover");
+    std::fs::write(s.root().join("victim"), b"x").unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-f");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open("p", "data", "both", "write", create()));
+    let sid = o["stateid"].clone();
+    ok(a.call(json!({"op": "WRITE", "stateid": sid, "offset": 0, "data": b64("kept")})));
+    let rm = json!({"op": "REMOVE", "path": "victim"});
+    ok(a.call(rm.clone()));
+    assert!(!s.root().join("victim").exists());
+
+    // filterd is SIGKILLed and restarted; nfsshim rides it out.
+    d.kill9();
+    let d2 = Filterd::start(&s, &[], &[]);
+    // The REMOVE re-sent on its slot: the cached NFS4_OK, not NOENT.
+    let r = wait_for("nfsshim to reattach", Duration::from_secs(10), || {
+        let r = a.send(rm.clone());
+        (r["status"] != "NFS4ERR_DELAY").then_some(r)
+    });
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let r = ok(a.call(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 10})));
+    assert_eq!(r["data"], b64("kept"));
+    std::fs::write(s.root().join("victim"), b"again").unwrap();
+    let rm = json!({"op": "REMOVE", "path": "victim"});
+    ok(a.call_patiently(rm.clone()));
+
+    // nfsshim is SIGKILLed; a replacement with the same instance carries on
+    // with the same clientid, sessionid and stateid.
+    shim.kill9();
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-f");
+    a.c = LineClient::connect(&shim.addr);
+    let r = a.send(rm);
+    assert_eq!(
+        r["status"], "NFS4_OK",
+        "the slot's cached reply after the replacement: {r}"
+    );
+    let r = ok(a.call(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 10})));
+    assert_eq!(r["data"], b64("kept"));
+    let r = a.c.call_with(
+        "xid",
+        json!({"op": "EXCHANGE_ID", "owner": "host-a", "verifier": "00000000000000aa"}),
+    );
+    assert_eq!(r["clientid"].as_str(), Some(a.clientid.as_str()));
+    // Its share reservation (deny write) still holds.
+    let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000bb");
+    let r = b.open("q", "data", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_SHARE_DENIED", "{r}");
+    drop(d2);
+}
+
+#[test]
+fn reboot_and_lease_expiry_release_state() {
+    let s = Scratch::new("nfs-lease");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with("nfsshim", &s.socket(), "nfs-l", &["--lease-ms", "1500"]);
+    let mut a = Nfs::connect(&shim.addr, "host-a", "1111111111111111");
+    ok(a.open("p", "f", "both", "both", create()));
+    let mut b = Nfs::connect(&shim.addr, "host-b", "2222222222222222");
+    assert_eq!(
+        b.open("q", "f", "read", "none", json!({}))["status"],
+        "NFS4ERR_SHARE_DENIED"
+    );
+    // A reboots (new verifier): its old incarnation's reservation goes.
+    let old = a.clientid.clone();
+    let a2 = Nfs::connect(&shim.addr, "host-a", "3333333333333333");
+    assert_ne!(a2.clientid, old);
+    let o = ok(b.open("q", "f", "read", "none", json!({})));
+    let r =
+        a.c.call_with("xid", json!({"op": "CREATE_SESSION", "clientid": old}));
+    assert_eq!(r["status"], "NFS4ERR_STALE_CLIENTID");
+    // B stops renewing: after its lease its state is released.
+    let bsid = o["stateid"].clone();
+    let mut c = Nfs::connect(&shim.addr, "host-c", "4444444444444444");
+    let r = wait_for("B's lease to lapse", Duration::from_secs(10), || {
+        // C keeps its own lease alive meanwhile.
+        let r = c.open("r", "f", "both", "both", create());
+        (r["status"] == "NFS4_OK").then_some(r)
+    });
+    assert_eq!(r["created"], false);
+    let r = b.c.call_with(
+        "xid",
+        json!({"op": "CREATE_SESSION", "clientid": b.clientid}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_STALE_CLIENTID");
+    // B comes back as a new client; its old stateid is expired.
+    let mut b2 = Nfs::connect(&shim.addr, "host-b", "2222222222222222");
+    let r = b2.call(json!({"op": "READ", "stateid": bsid, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "{r}");
+}
+
+#[test]
+fn create_modes_locks_and_close_with_locks() {
+    let s = Scratch::new("nfs-locks");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-k");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "aaaaaaaaaaaaaaaa");
+    let excl = json!({"create": {"mode": "exclusive", "verifier": "0000000000000001"}});
+    let o = ok(a.open("p", "x", "both", "none", excl.clone()));
+    assert_eq!(o["created"], true);
+    // Re-sent as a new request with the same verifier: as if it created it.
+    let o2 = ok(a.open("p", "x", "both", "none", excl));
+    assert_eq!(o2["created"], true, "{o2}");
+    let other = json!({"create": {"mode": "exclusive", "verifier": "0000000000000002"}});
+    assert_eq!(
+        a.open("p2", "x", "both", "none", other)["status"],
+        "NFS4ERR_EXIST"
+    );
+    let guarded = json!({"create": {"mode": "guarded"}});
+    assert_eq!(
+        a.open("p2", "x", "both", "none", guarded)["status"],
+        "NFS4ERR_EXIST"
+    );
+    let sid = o2["stateid"].clone();
+    let l = ok(a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo-a", "type": "write", "offset": 0, "length": 10})));
+    let lsid = l["lock_stateid"].clone();
+    // Another client's conflicting lock: DENIED with the holder.
+    let mut b = Nfs::connect(&shim.addr, "host-b", "bbbbbbbbbbbbbbbb");
+    let ob = ok(b.open("q", "x", "both", "none", json!({})));
+    let r = b.call(
+        json!({"op": "LOCK", "stateid": ob["stateid"], "owner": "lo-b", "type": "read",
+                          "offset": 5, "length": 18446744073709551615u64}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "{r}");
+    assert_eq!(
+        (
+            r["denied"]["offset"].as_u64(),
+            r["denied"]["length"].as_u64(),
+            r["denied"]["type"].as_str(),
+            r["denied"]["owner"].as_str()
+        ),
+        (Some(0), Some(10), Some("write"), Some("lo-a"))
+    );
+    // CLOSE with locks held; LOCKU; then CLOSE.
+    assert_eq!(
+        a.call(json!({"op": "CLOSE", "stateid": sid}))["status"],
+        "NFS4ERR_LOCKS_HELD"
+    );
+    let u = ok(a.call(json!({"op": "LOCKU", "lock_stateid": lsid, "offset": 0, "length": 10})));
+    assert_eq!(u["lock_stateid"]["seqid"], 2);
+    ok(b.call(json!({"op": "LOCK", "stateid": ob["stateid"], "owner": "lo-b", "type": "read", "offset": 5, "length": 1})));
+    ok(a.call(json!({"op": "CLOSE", "stateid": {"other": sid["other"], "seqid": 0}})));
+}
+
+#[test]
+fn cross_protocol_locks_delegations_and_namespace() {
+    let s = Scratch::new("nfs-cross");
+    std::fs::write(s.root().join("shared"), b"0123456789").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-x");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-x");
+    let mut n = Nfs::connect(&nfs.addr, "host-n", "cccccccccccccccc");
+    let mut m = LineClient::connect(&smb.addr);
+    let r = m.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "bob"}));
+    let msid = r["session_id"].as_u64().unwrap();
+    let all = ["read", "write", "delete"];
+    // An smbl/1 exclusive lock: nfsl/1 READ is LOCKED, LOCK is DENIED.
+    let f = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "shared", "access": ["read", "write"],
+                          "share": all, "disposition": "open"}),
+    );
+    let mfid = f["file_id"].clone();
+    let o = ok(n.open("p", "shared", "both", "none", json!({})));
+    let nsid = o["stateid"].clone();
+    let r = m.call(json!({"cmd": "LOCK", "session_id": msid, "file_id": mfid,
+                          "locks": [{"offset": 0, "length": 4, "exclusive": true, "unlock": false}]}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = n.call(json!({"op": "READ", "stateid": nsid, "offset": 0, "count": 4}));
+    assert_eq!(r["status"], "NFS4ERR_LOCKED", "{r}");
+    let r = n.call(json!({"op": "LOCK", "stateid": nsid, "owner": "lo", "type": "read", "offset": 2, "length": 1}));
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "{r}");
+    assert_eq!(r["denied"]["type"], "write");
+    ok(n.call(json!({"op": "READ", "stateid": nsid, "offset": 4, "count": 4})));
+    ok(n.call(json!({"op": "CLOSE", "stateid": {"other": nsid["other"], "seqid": 0}})));
+    // REMOVE / RENAME of a file an smbl/1 open holds without delete share.
+    let g = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "held", "access": ["read", "write"],
+                          "share": ["read", "write"], "disposition": "create"}),
+    );
+    assert_eq!(g["status"], "STATUS_SUCCESS");
+    assert_eq!(
+        n.call(json!({"op": "REMOVE", "path": "held"}))["status"],
+        "NFS4ERR_FILE_OPEN"
+    );
+    assert_eq!(
+        n.call(json!({"op": "RENAME", "from": "held", "to": "moved"}))["status"],
+        "NFS4ERR_FILE_OPEN"
+    );
+    ok(n.call(json!({"op": "RENAME", "from": "shared", "to": "renamed"})));
+    assert!(s.root().join("renamed").exists());
+    // A read delegation recalled by an smbl/1 write open.
+    std::fs::write(s.root().join("deleg"), b"d").unwrap();
+    let o = ok(n.open(
+        "p",
+        "deleg",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let dsid = o["delegation"]["stateid"].clone();
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let addr = smb.addr.clone();
+    let opener = std::thread::spawn(move || {
+        let mut w = LineClient::connect(&addr);
+        let r = w.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "carol"}));
+        let sid = r["session_id"].as_u64().unwrap();
+        w.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": "deleg", "access": ["write"],
+                      "share": ["read", "write", "delete"], "disposition": "open"}),
+        )
+    });
+    let cb = n.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    assert_eq!(cb["stateid"]["other"], dsid["other"]);
+    // An nfsl/1 conflicting open meanwhile gets DELAY.
+    let mut n2 = Nfs::connect(&nfs.addr, "host-n2", "dddddddddddddddd");
+    assert_eq!(
+        n2.open("p", "deleg", "write", "none", json!({}))["status"],
+        "NFS4ERR_DELAY"
+    );
+    ok(n.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
+    let r = opener.join().unwrap();
+    assert_eq!(
+        r["status"], "STATUS_SUCCESS",
+        "the smbl/1 open proceeds after DELEGRETURN: {r}"
+    );
+}

@@ -1,0 +1,1493 @@
+//! The nfsl/1 server: framing, client identity and leases, sessions with
+//! the exactly-once slot table, open and lock stateids, delegations, and
+//! the one place filter errors become nfsl/1 statuses ([`status_of`]).
+//!
+//! All protocol state sits behind one mutex (`Shared::st`), held for the
+//! whole of a request: simple and obviously consistent, at the price of
+//! serialising nfsl/1 requests (reads and writes of data included) inside
+//! one nfsshim. Durable changes are written to filterd (state.rs) before
+//! the reply is sent.
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine as _;
+use libfilter::attach::{AttachEvent, Attachment};
+use libfilter::client::ClientError;
+use libfilter::lease::{LeaseKey, LeaseState};
+use libfilter::locks::{LockKind, LockOp, LockRange};
+use libfilter::model::*;
+use libfilter::proto::{ErrorCode, Event, OpenRequest, Request};
+use serde_json::{json, Map, Value};
+
+use crate::state::{self, ClientRec, DelegRec, LockRec, OpenRec, SessionRec, SlotRec};
+
+/// Slots per session.
+const SLOTS: u32 = 16;
+/// Largest READ count served.
+const MAX_READ: u64 = 1 << 20;
+/// "To end of file".
+const EOF_LENGTH: u64 = u64::MAX;
+
+/// A failed request: an nfsl/1 status and a message.
+struct Fail(&'static str, String);
+
+type Outcome = Result<Map<String, Value>, Fail>;
+
+fn inval(msg: impl Into<String>) -> Fail {
+    Fail("NFS4ERR_INVAL", msg.into())
+}
+
+fn internal(msg: impl Into<String>) -> Fail {
+    Fail("NFS4ERR_SERVERFAULT", msg.into())
+}
+
+/// The one place filter errors become nfsl/1 statuses.
+fn status_of(e: &ClientError) -> &'static str {
+    match e.code() {
+        Some(ErrorCode::NotFound) | Some(ErrorCode::PathNotFound) => "NFS4ERR_NOENT",
+        Some(ErrorCode::Collision) => "NFS4ERR_EXIST",
+        Some(ErrorCode::AccessDenied) | Some(ErrorCode::NotAFile) | Some(ErrorCode::NotOwner) => {
+            "NFS4ERR_ACCESS"
+        }
+        Some(ErrorCode::SharingViolation) | Some(ErrorCode::FileNotAvailable) => {
+            "NFS4ERR_SHARE_DENIED"
+        }
+        Some(ErrorCode::NoSuchHandle) => "NFS4ERR_BAD_STATEID",
+        Some(ErrorCode::DiskFull) => "NFS4ERR_NOSPC",
+        Some(ErrorCode::LockNotGranted) => "NFS4ERR_DENIED",
+        Some(ErrorCode::LockConflict) => "NFS4ERR_LOCKED",
+        Some(ErrorCode::Busy) => "NFS4ERR_DELAY",
+        Some(ErrorCode::BadFrame) => "NFS4ERR_INVAL",
+        Some(ErrorCode::Unsupported) => "NFS4ERR_NOTSUPP",
+        None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => UNREACHABLE,
+        _ => "NFS4ERR_SERVERFAULT",
+    }
+}
+
+/// NFS4ERR_DELAY because filterd cannot be reached: the slot does not
+/// advance (the client re-sends with the same seqid).
+const UNREACHABLE: &str = "NFS4ERR_DELAY ";
+
+fn filter_fail(e: ClientError) -> Fail {
+    Fail(status_of(&e), e.to_string())
+}
+
+struct Client {
+    rec: ClientRec,
+    num: u64,
+    deadline: Instant,
+    /// The connection its last request came on (callbacks go there).
+    conn: Option<u64>,
+}
+
+struct Slot {
+    seqid: u64,
+    reply: Option<Value>,
+    /// Restored after a restart: non-mutating replies were not kept, so a
+    /// seqid above the restored one starts afresh.
+    restored: bool,
+}
+
+struct Session {
+    rec: SessionRec,
+    num: u64,
+    slots: Vec<Slot>,
+}
+
+struct Open {
+    rec: OpenRec,
+    num: u64,
+    clientid: String,
+    file: Arc<std::fs::File>,
+    file_key: FileId,
+}
+
+#[derive(Default)]
+struct State {
+    clients: HashMap<String, Client>,
+    by_owner: HashMap<String, String>,
+    /// Clientids whose lease lapsed or that rebooted.
+    stale: HashSet<String>,
+    /// Stateid `other`s of released state.
+    expired: HashSet<String>,
+    sessions: HashMap<String, Session>,
+    /// Open states by their `other`.
+    opens: HashMap<String, Open>,
+    /// Lock and delegation `other`s → their open's `other`.
+    aliases: HashMap<String, String>,
+    next_num: u64,
+}
+
+struct Shared {
+    filter: Attachment,
+    st: Mutex<State>,
+    writers: shimline::Writers,
+    lease: Duration,
+    locked_files: Mutex<HashSet<FileId>>,
+}
+
+impl Shared {
+    fn lock(&self) -> Result<MutexGuard<'_, State>, Fail> {
+        self.st.lock().map_err(|_| internal("state lock poisoned"))
+    }
+}
+
+/// Attaches to filterd, restores state, listens, serves forever.
+pub fn run(filter: &Path, listen: &str, instance: &str, lease_ms: u64) -> anyhow::Result<()> {
+    let protocol = Protocol::new("nfs")?;
+    let instance = InstanceName::new(instance)?;
+    let attach = Attachment::connect_patiently(
+        filter,
+        protocol,
+        instance,
+        libfilter::proto::FEATURE_LOCK_HINTS,
+        Duration::from_secs(30),
+    )
+    .context("attaching to filterd")?;
+    let shared = Arc::new(Shared {
+        filter: attach,
+        st: Mutex::new(State::default()),
+        writers: shimline::Writers::default(),
+        lease: Duration::from_millis(lease_ms),
+        locked_files: Mutex::new(HashSet::new()),
+    });
+    restore(&shared).context("restoring nfsl/1 state from filterd")?;
+    let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
+    {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("filter-events".into())
+            .spawn(move || events(sh))?;
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("lease-reaper".into())
+            .spawn(move || reaper(sh))?;
+    }
+    shimline::accept_forever(listener, "nfs", move |conn, stream| {
+        serve(shared.clone(), conn, stream)
+    });
+    Ok(())
+}
+
+/// Loads clients, sessions, slot caches and open states, and resumes the
+/// opens' handles. Every lease starts afresh: time nfsshim or filterd was
+/// down does not count against it.
+fn restore(sh: &Shared) -> Result<(), ClientError> {
+    let f = &sh.filter;
+    let mut st = sh
+        .st
+        .lock()
+        .map_err(|_| ClientError::Unexpected("lock".into()))?;
+    let now = Instant::now();
+    let mut max = 0;
+    for (num, rec) in state::list::<ClientRec>(f, "clients")? {
+        max = max.max(num);
+        st.by_owner.insert(rec.owner.clone(), rec.clientid.clone());
+        let cid = rec.clientid.clone();
+        for (snum, o) in state::list::<OpenRec>(f, &format!("states/{cid}"))? {
+            max = max.max(snum);
+            match f.resume(
+                ClientId::new(cid.clone()).map_err(|e| ClientError::Unexpected(e.to_string()))?,
+                o.key,
+            ) {
+                Ok(h) => {
+                    note_locked(sh, &h.info);
+                    if let Some(l) = &o.lock {
+                        st.aliases.insert(l.other.clone(), o.other.clone());
+                    }
+                    if let Some(d) = &o.deleg {
+                        st.aliases.insert(d.other.clone(), o.other.clone());
+                    }
+                    st.opens.insert(
+                        o.other.clone(),
+                        Open {
+                            num: snum,
+                            clientid: cid.clone(),
+                            file: Arc::new(std::fs::File::from(h.fd)),
+                            file_key: h.info.file,
+                            rec: o,
+                        },
+                    );
+                }
+                Err(e) => {
+                    eprintln!(
+                        "nfsshim: open {} of client {cid} is gone ({e}); dropping it",
+                        o.other
+                    );
+                    let _ = state::delete(f, &format!("states/{cid}"), snum);
+                }
+            }
+        }
+        st.clients.insert(
+            cid,
+            Client {
+                rec,
+                num,
+                deadline: now + sh.lease,
+                conn: None,
+            },
+        );
+    }
+    for (num, rec) in state::list::<SessionRec>(f, "sessions")? {
+        max = max.max(num);
+        let mut slots: Vec<Slot> = (0..rec.slots)
+            .map(|_| Slot {
+                seqid: 0,
+                reply: None,
+                restored: true,
+            })
+            .collect();
+        for (i, s) in state::list::<SlotRec>(f, &format!("slots/{}", rec.sessionid))? {
+            if let Some(slot) = usize::try_from(i).ok().and_then(|i| slots.get_mut(i)) {
+                slot.seqid = s.seqid;
+                slot.reply = Some(s.reply);
+            }
+        }
+        st.sessions
+            .insert(rec.sessionid.clone(), Session { rec, num, slots });
+    }
+    st.next_num = max + 1;
+    Ok(())
+}
+
+fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
+    if info.locked {
+        if let Ok(mut l) = sh.locked_files.lock() {
+            l.insert(info.file);
+        }
+    }
+}
+
+fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
+    sh.writers
+        .serve(conn, stream, "xid", "NFS4ERR_INVAL", |line| {
+            handle_line(&sh, conn, line)
+        });
+    // nfsl/1 state belongs to the client, not the connection: nothing to
+    // release when it goes; callbacks go to the client's next connection.
+}
+
+fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
+    let (obj, xid) = match shimline::parse_request(line, "xid", "NFS4ERR_INVAL") {
+        Ok(x) => x,
+        Err(reply) => return reply,
+    };
+    let obj = &obj;
+    let op = obj.get("op").and_then(Value::as_str).unwrap_or("");
+    let mut out = match op {
+        "EXCHANGE_ID" => finish(exchange_id(sh, obj)),
+        "CREATE_SESSION" => finish(create_session(sh, obj)),
+        "DESTROY_CLIENTID" => finish(destroy_clientid(sh, obj)),
+        "" => finish(Err(inval("op must be a string"))),
+        _ => sequenced(sh, conn, op, obj),
+    };
+    out.insert("xid".into(), json!(xid));
+    Value::Object(out)
+}
+
+fn finish(o: Outcome) -> Map<String, Value> {
+    match o {
+        Ok(mut m) => {
+            m.insert("status".into(), json!("NFS4_OK"));
+            m
+        }
+        Err(Fail(status, error)) => {
+            let mut m = Map::new();
+            m.insert("status".into(), json!(status.trim_end()));
+            if status == "NFS4ERR_DENIED" {
+                // `denied` carries the conflicting lock (see `denied`).
+                if let Ok(d @ Value::Object(_)) = serde_json::from_str::<Value>(&error) {
+                    m.insert("denied".into(), d);
+                }
+            }
+            m.insert("error".into(), json!(error));
+            m
+        }
+    }
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a Value, Fail> {
+    shimline::field(obj, name).map_err(inval)
+}
+
+fn u64_field(obj: &Map<String, Value>, name: &str) -> Result<u64, Fail> {
+    shimline::u64_field(obj, name).map_err(inval)
+}
+
+fn str_field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str, Fail> {
+    shimline::str_field(obj, name).map_err(inval)
+}
+
+fn path_field(obj: &Map<String, Value>, name: &str) -> Result<RelPath, Fail> {
+    RelPath::new(str_field(obj, name)?).map_err(|e| inval(format!("{name}: {e}")))
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A UUID derived from `text` (FNV-1a, 128 bits): the same request re-sent
+/// on the same slot names the same filter open.
+fn derived_uuid(text: &str) -> uuid::Uuid {
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for b in text.bytes() {
+        h ^= u128::from(b);
+        h = h.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013B);
+    }
+    uuid::Uuid::from_u128(h)
+}
+
+fn fnv64(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let owner = str_field(obj, "owner")?.to_owned();
+    let verifier = str_field(obj, "verifier")?.to_ascii_lowercase();
+    if owner.is_empty() || owner.len() > 1024 {
+        return Err(inval("owner must be 1..1024 bytes"));
+    }
+    if verifier.len() != 16 || !verifier.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(inval("verifier must be 16 hex digits"));
+    }
+    let mut st = sh.lock()?;
+    if let Some(cid) = st.by_owner.get(&owner).cloned() {
+        if let Some(c) = st.clients.get_mut(&cid) {
+            if c.rec.verifier == verifier {
+                c.deadline = Instant::now() + sh.lease;
+                let mut m = Map::new();
+                m.insert("clientid".into(), json!(cid));
+                m.insert("confirmed".into(), json!(true));
+                return Ok(m);
+            }
+        }
+        // A rebooted client: its previous incarnation's state goes.
+        release_client(sh, &mut st, &cid);
+    }
+    let rec = ClientRec {
+        clientid: new_id("c"),
+        owner: owner.clone(),
+        verifier,
+    };
+    let num = st.next_num;
+    st.next_num += 1;
+    state::put(&sh.filter, "clients", num, &rec).map_err(filter_fail)?;
+    let cid = rec.clientid.clone();
+    st.by_owner.insert(owner, cid.clone());
+    st.clients.insert(
+        cid.clone(),
+        Client {
+            rec,
+            num,
+            deadline: Instant::now() + sh.lease,
+            conn: None,
+        },
+    );
+    let mut m = Map::new();
+    m.insert("clientid".into(), json!(cid));
+    m.insert("confirmed".into(), json!(false));
+    Ok(m)
+}
+
+fn create_session(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let cid = str_field(obj, "clientid")?.to_owned();
+    let mut st = sh.lock()?;
+    let Some(c) = st.clients.get_mut(&cid) else {
+        return Err(Fail("NFS4ERR_STALE_CLIENTID", format!("no client {cid}")));
+    };
+    c.deadline = Instant::now() + sh.lease;
+    let rec = SessionRec {
+        sessionid: new_id("s"),
+        clientid: cid,
+        slots: SLOTS,
+    };
+    let num = st.next_num;
+    st.next_num += 1;
+    state::put(&sh.filter, "sessions", num, &rec).map_err(filter_fail)?;
+    let sid = rec.sessionid.clone();
+    let slots = (0..SLOTS)
+        .map(|_| Slot {
+            seqid: 0,
+            reply: None,
+            restored: false,
+        })
+        .collect();
+    st.sessions.insert(sid.clone(), Session { rec, num, slots });
+    let mut m = Map::new();
+    m.insert("sessionid".into(), json!(sid));
+    m.insert("slots".into(), json!(SLOTS));
+    m.insert(
+        "lease_ms".into(),
+        json!(u64::try_from(sh.lease.as_millis()).unwrap_or(u64::MAX)),
+    );
+    Ok(m)
+}
+
+fn destroy_clientid(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+    let cid = str_field(obj, "clientid")?.to_owned();
+    let mut st = sh.lock()?;
+    if !st.clients.contains_key(&cid) {
+        return Err(Fail("NFS4ERR_STALE_CLIENTID", format!("no client {cid}")));
+    }
+    release_client(sh, &mut st, &cid);
+    Ok(Map::new())
+}
+
+/// Releases everything of a client incarnation: its opens (their filter
+/// handles closed), locks, delegations, sessions and its record. Its
+/// clientid is stale from now on and its stateids expired.
+fn release_client(sh: &Shared, st: &mut State, cid: &str) {
+    let f = &sh.filter;
+    let others: Vec<String> = st
+        .opens
+        .iter()
+        .filter(|(_, o)| o.clientid == cid)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for other in others {
+        if let Some(o) = st.opens.remove(&other) {
+            let _ = f.close(o.rec.key);
+            st.expired.insert(other);
+            if let Some(l) = &o.rec.lock {
+                st.aliases.remove(&l.other);
+                st.expired.insert(l.other.clone());
+            }
+            if let Some(d) = &o.rec.deleg {
+                st.aliases.remove(&d.other);
+                st.expired.insert(d.other.clone());
+            }
+        }
+    }
+    if let Ok(s) = state::scope(&format!("states/{cid}")) {
+        let _ = f.client().call(Request::DropScope { scope: s });
+    }
+    let sessions: Vec<String> = st
+        .sessions
+        .iter()
+        .filter(|(_, s)| s.rec.clientid == cid)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for sid in sessions {
+        drop_session(sh, st, &sid);
+    }
+    if let Some(c) = st.clients.remove(cid) {
+        let _ = state::delete(f, "clients", c.num);
+        if st.by_owner.get(&c.rec.owner).is_some_and(|x| x == cid) {
+            st.by_owner.remove(&c.rec.owner);
+        }
+    }
+    st.stale.insert(cid.to_owned());
+}
+
+fn drop_session(sh: &Shared, st: &mut State, sid: &str) {
+    if let Some(s) = st.sessions.remove(sid) {
+        let _ = state::delete(&sh.filter, "sessions", s.num);
+        if let Ok(scope) = state::scope(&format!("slots/{sid}")) {
+            let _ = sh.filter.client().call(Request::DropScope { scope });
+        }
+    }
+}
+
+/// The slot a request runs on.
+struct SeqArgs {
+    sessionid: String,
+    slot: usize,
+    seqid: u64,
+}
+
+/// Runs a request that carries `seq`: the exactly-once slot table.
+fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<String, Value> {
+    let seq = match parse_seq(obj) {
+        Ok(s) => s,
+        Err(f) => return finish(Err(f)),
+    };
+    let mut st = match sh.lock() {
+        Ok(st) => st,
+        Err(f) => return finish(Err(f)),
+    };
+    let Some(session) = st.sessions.get(&seq.sessionid) else {
+        return finish(Err(Fail(
+            "NFS4ERR_BADSESSION",
+            format!("no session {}", seq.sessionid),
+        )));
+    };
+    let Some(slot) = session.slots.get(seq.slot) else {
+        return finish(Err(Fail(
+            "NFS4ERR_BADSLOT",
+            format!(
+                "slot {} out of range (0..{})",
+                seq.slot,
+                session.slots.len()
+            ),
+        )));
+    };
+    let cid = session.rec.clientid.clone();
+    let replay_of_restored = slot.restored && slot.reply.is_none() && seq.seqid == slot.seqid;
+    if seq.seqid == slot.seqid && !replay_of_restored {
+        if let Some(Value::Object(cached)) = &slot.reply {
+            // The cached reply, exactly, without executing.
+            return cached.clone();
+        }
+    }
+    let fresh = seq.seqid == slot.seqid.wrapping_add(1)
+        || (slot.restored && seq.seqid > slot.seqid)
+        || replay_of_restored;
+    if !fresh {
+        return finish(Err(Fail(
+            "NFS4ERR_SEQ_MISORDERED",
+            format!("slot {} is at seqid {}", seq.slot, slot.seqid),
+        )));
+    }
+    let restored = slot.restored;
+    if let Some(c) = st.clients.get_mut(&cid) {
+        c.deadline = Instant::now() + sh.lease;
+        c.conn = Some(conn);
+    }
+    let ctx = Ctx {
+        sh,
+        cid: &cid,
+        seq: &seq,
+        restored,
+    };
+    let (outcome, mutating) = match op {
+        "OPEN" => (open(&ctx, &mut st, obj), true),
+        "READ" => (read(&ctx, &mut st, obj), false),
+        "WRITE" => (write(&ctx, &mut st, obj), true),
+        "COMMIT" => (commit(&ctx, &mut st, obj), false),
+        "LOCK" => (lock(&ctx, &mut st, obj), true),
+        "LOCKU" => (locku(&ctx, &mut st, obj), true),
+        "CLOSE" => (close(&ctx, &mut st, obj), true),
+        "DELEGRETURN" => (delegreturn(&ctx, &mut st, obj), true),
+        "REMOVE" => {
+            let r = remove(&ctx, &mut st, obj);
+            (r, true)
+        }
+        "RENAME" => (rename(&ctx, &mut st, obj), true),
+        "RECLAIM_COMPLETE" => (Ok(Map::new()), false),
+        "DESTROY_SESSION" => {
+            drop_session(sh, &mut st, &seq.sessionid);
+            return finish(Ok(Map::new()));
+        }
+        other => (
+            Err(Fail("NFS4ERR_NOTSUPP", format!("unknown op {other:?}"))),
+            false,
+        ),
+    };
+    if let Err(Fail(s, _)) = &outcome {
+        if *s == UNREACHABLE {
+            // filterd is away: the slot does not advance.
+            return finish(outcome);
+        }
+    }
+    let already_recorded = matches!(&outcome, Ok(m) if m.contains_key(RECORDED));
+    let mut reply = finish(outcome);
+    reply.remove(RECORDED);
+    if mutating && !already_recorded {
+        let rec = SlotRec {
+            seqid: seq.seqid,
+            reply: Value::Object(reply.clone()),
+        };
+        if let Err(e) = state::put(
+            &sh.filter,
+            &format!("slots/{}", seq.sessionid),
+            u64::try_from(seq.slot).unwrap_or(0),
+            &rec,
+        ) {
+            // Not durable: do not advance; the client re-sends.
+            return finish(Err(Fail(UNREACHABLE, format!("recording the reply: {e}"))));
+        }
+    }
+    if let Some(slot) = st
+        .sessions
+        .get_mut(&seq.sessionid)
+        .and_then(|s| s.slots.get_mut(seq.slot))
+    {
+        slot.seqid = seq.seqid;
+        slot.reply = Some(Value::Object(reply.clone()));
+        slot.restored = false;
+    }
+    reply
+}
+
+/// Marks an outcome whose slot reply filterd recorded in the same commit.
+const RECORDED: &str = "__recorded";
+
+fn parse_seq(obj: &Map<String, Value>) -> Result<SeqArgs, Fail> {
+    let s = field(obj, "seq")?
+        .as_object()
+        .ok_or_else(|| inval("seq must be an object"))?;
+    Ok(SeqArgs {
+        sessionid: str_field(s, "sessionid")?.to_owned(),
+        slot: usize::try_from(u64_field(s, "slot")?).map_err(|_| inval("slot too large"))?,
+        seqid: u64_field(s, "seqid")?,
+    })
+}
+
+/// What an operation knows of its request.
+struct Ctx<'a> {
+    sh: &'a Shared,
+    cid: &'a str,
+    seq: &'a SeqArgs,
+    /// The slot was restored after a restart: the request may have been
+    /// executed before the crash without its reply being recorded.
+    restored: bool,
+}
+
+impl Ctx<'_> {
+    fn client_id(&self) -> Result<ClientId, Fail> {
+        ClientId::new(self.cid.to_owned()).map_err(|e| internal(e.to_string()))
+    }
+    /// A name unique to this request (slot and seqid), stable across re-sends.
+    fn request_name(&self, what: &str) -> String {
+        format!(
+            "{}/{}/{}/{what}",
+            self.seq.sessionid, self.seq.slot, self.seq.seqid
+        )
+    }
+}
+
+fn share_of(deny: &str) -> Result<Rights, Fail> {
+    // NFS-like opens always let others delete and rename.
+    Ok(match deny {
+        "none" => Rights::ALL,
+        "read" => Rights::WRITE.union(Rights::DELETE),
+        "write" => Rights::READ.union(Rights::DELETE),
+        "both" => Rights::DELETE,
+        other => {
+            return Err(inval(format!(
+                "deny must be none, read, write or both, not {other:?}"
+            )))
+        }
+    })
+}
+
+fn access_of(access: &str) -> Result<Rights, Fail> {
+    Ok(match access {
+        "read" => Rights::READ,
+        "write" => Rights::WRITE,
+        "both" => Rights::READ.union(Rights::WRITE),
+        other => {
+            return Err(inval(format!(
+                "access must be read, write or both, not {other:?}"
+            )))
+        }
+    })
+}
+
+fn union_word(a: &str, b: &str, none: &str) -> String {
+    let has = |w: &str, x: &str| w == x || w == "both";
+    let r = has(a, "read") || has(b, "read");
+    let w = has(a, "write") || has(b, "write");
+    match (r, w) {
+        (true, true) => "both".into(),
+        (true, false) => "read".into(),
+        (false, true) => "write".into(),
+        (false, false) => none.into(),
+    }
+}
+
+fn stateid_json(other: &str, seqid: u32) -> Value {
+    json!({"other": other, "seqid": seqid})
+}
+
+fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let sh = ctx.sh;
+    let owner = str_field(obj, "owner")?.to_owned();
+    let path = path_field(obj, "path")?;
+    let access_w = str_field(obj, "access")?.to_owned();
+    let deny_w = match obj.get("deny") {
+        None | Some(Value::Null) => "none".to_owned(),
+        Some(_) => str_field(obj, "deny")?.to_owned(),
+    };
+    let access = access_of(&access_w)?;
+    let share = share_of(&deny_w)?;
+    let truncate = match obj.get("truncate") {
+        None | Some(Value::Null) => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| inval("truncate must be a bool"))?,
+    };
+    let create = match obj.get("create") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(c)) => {
+            let mode = str_field(c, "mode")?.to_owned();
+            let verifier = match c.get("verifier") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(str_field(c, "verifier")?.to_ascii_lowercase()),
+            };
+            match mode.as_str() {
+                "unchecked" | "guarded" => {}
+                "exclusive" if verifier.is_some() => {}
+                "exclusive" => return Err(inval("exclusive create needs a verifier")),
+                other => return Err(inval(format!("unknown create mode {other:?}"))),
+            }
+            Some((mode, verifier))
+        }
+        Some(_) => return Err(inval("create must be an object")),
+    };
+    let want = match obj.get("want_delegation") {
+        None | Some(Value::Null) => "none".to_owned(),
+        Some(_) => str_field(obj, "want_delegation")?.to_owned(),
+    };
+    // Delegations are filter leases with H: a recall must be answered
+    // (DELEGRETURN) before the conflicting open proceeds, which a bare R
+    // lease would not require.
+    let lease_state = match want.as_str() {
+        "none" => None,
+        "read" => Some(LeaseState::R.with(LeaseState::H)),
+        "write" => Some(LeaseState::R.with(LeaseState::W).with(LeaseState::H)),
+        other => {
+            return Err(inval(format!(
+                "want_delegation must be none, read or write, not {other:?}"
+            )))
+        }
+    };
+    let disposition = match (&create, truncate) {
+        (None, false) => Disposition::Open,
+        (None, true) => Disposition::Overwrite,
+        (Some((m, _)), t) if m == "unchecked" => {
+            if t {
+                Disposition::OverwriteIf
+            } else {
+                Disposition::OpenIf
+            }
+        }
+        (Some(_), _) => Disposition::Create,
+    };
+    let excl_verifier = create
+        .as_ref()
+        .and_then(|(m, v)| (m == "exclusive").then(|| v.clone()).flatten());
+    let guid = derived_uuid(&ctx.request_name("open"));
+    let lease = lease_state.map(|state| LeaseRequest {
+        key: LeaseKey(derived_uuid(&ctx.request_name("lease"))),
+        state,
+    });
+    let mut req = OpenRequest {
+        client: ctx.client_id()?,
+        path: path.clone(),
+        access: Access::new(access).map_err(|e| inval(e.to_string()))?,
+        share,
+        disposition,
+        durability: Durability::Persistent {
+            timeout_ms: u32::try_from(sh.lease.as_millis()).unwrap_or(u32::MAX),
+        },
+        create_guid: Some(CreateGuid(guid)),
+        owner: Some(owner.clone()),
+        lease,
+        no_wait: true,
+    };
+    let mut created_by_resend = false;
+    let h = match sh.filter.replay_open(req.clone()) {
+        Ok(h) => h,
+        Err(e) if e.code() == Some(ErrorCode::Collision) && excl_verifier.is_some() => {
+            // An exclusive create re-sent: the same verifier opens the file
+            // as if it had created it.
+            let stored = sh
+                .filter
+                .client()
+                .lookup_reply(
+                    state::scope("excl").map_err(filter_fail)?,
+                    fnv64(path.as_str()),
+                )
+                .ok()
+                .flatten()
+                .and_then(|r| serde_json::from_str::<Value>(&r.reply).ok());
+            let same = stored.is_some_and(|v| {
+                v["path"] == json!(path.as_str())
+                    && v["verifier"].as_str() == excl_verifier.as_deref()
+            });
+            if !same {
+                return Err(Fail("NFS4ERR_EXIST", format!("{path} exists")));
+            }
+            created_by_resend = true;
+            req.disposition = Disposition::Open;
+            req.create_guid = Some(CreateGuid(derived_uuid(&ctx.request_name("open-excl"))));
+            sh.filter.replay_open(req).map_err(filter_fail)?
+        }
+        Err(e) => return Err(filter_fail(e)),
+    };
+    note_locked(sh, &h.info);
+    let created = created_by_resend || h.info.create_action == CreateAction::Created;
+    if let (Some(v), true) = (
+        &excl_verifier,
+        h.info.create_action == CreateAction::Created,
+    ) {
+        let rec = json!({"path": path.as_str(), "verifier": v}).to_string();
+        sh.filter
+            .client()
+            .record_reply(
+                state::scope("excl").map_err(filter_fail)?,
+                fnv64(path.as_str()),
+                rec,
+                state::KEEP,
+            )
+            .map_err(filter_fail)?;
+    }
+    let size = h.info.size;
+    let deleg_granted = h.info.lease.filter(|l| l.state.contains(LeaseState::R));
+    // The same owner's open of the same file: one open state, upgraded.
+    let existing = st
+        .opens
+        .iter()
+        .find(|(_, o)| o.clientid == ctx.cid && o.rec.owner == owner && o.file_key == h.info.file)
+        .map(|(k, _)| k.clone());
+    let other = match existing {
+        Some(other) => {
+            let Some(o) = st.opens.get_mut(&other) else {
+                return Err(internal("open state vanished"));
+            };
+            if o.rec.key != h.info.key {
+                // Keep the wider of the two handles' modes: the new handle
+                // replaces the old one when it covers it; otherwise both
+                // stay open under the one state (the old one is kept).
+                let acc = union_word(&o.rec.access, &access_w, "read");
+                let den = union_word(&o.rec.deny, &deny_w, "none");
+                if acc == access_w && den == deny_w {
+                    let _ = sh.filter.close(o.rec.key);
+                    o.rec.key = h.info.key;
+                    o.file = Arc::new(std::fs::File::from(h.fd));
+                    o.rec.access = acc;
+                    o.rec.deny = den;
+                } else {
+                    let _ = sh.filter.close(h.info.key);
+                }
+                o.rec.seqid = o.rec.seqid.wrapping_add(1);
+            }
+            other
+        }
+        None => {
+            let other = new_id("O");
+            let num = st.next_num;
+            st.next_num += 1;
+            st.opens.insert(
+                other.clone(),
+                Open {
+                    rec: OpenRec {
+                        other: other.clone(),
+                        seqid: 1,
+                        owner: owner.clone(),
+                        path: path.as_str().to_owned(),
+                        key: h.info.key,
+                        access: access_w.clone(),
+                        deny: deny_w.clone(),
+                        lock: None,
+                        deleg: None,
+                    },
+                    num,
+                    clientid: ctx.cid.to_owned(),
+                    file: Arc::new(std::fs::File::from(h.fd)),
+                    file_key: h.info.file,
+                },
+            );
+            other
+        }
+    };
+    let Some(o) = st.opens.get_mut(&other) else {
+        return Err(internal("open state vanished"));
+    };
+    let mut deleg_json = Value::Null;
+    if let Some(l) = deleg_granted {
+        let d = o.rec.deleg.get_or_insert_with(|| DelegRec {
+            other: new_id("D"),
+            lease_key: l.key.0,
+            write: l.state.contains(LeaseState::W),
+        });
+        deleg_json = json!({"stateid": stateid_json(&d.other, 1),
+                            "type": if d.write { "write" } else { "read" }});
+    }
+    let deleg_other = o.rec.deleg.as_ref().map(|d| d.other.clone());
+    let rec = o.rec.clone();
+    let num = o.num;
+    if let Some(d) = deleg_other {
+        st.aliases.insert(d, other.clone());
+    }
+    state::put(&sh.filter, &format!("states/{}", ctx.cid), num, &rec).map_err(filter_fail)?;
+    let mut m = Map::new();
+    m.insert("stateid".into(), stateid_json(&other, rec.seqid));
+    m.insert("created".into(), json!(created));
+    m.insert("size".into(), json!(size));
+    m.insert("delegation".into(), deleg_json);
+    Ok(m)
+}
+
+/// What a stateid names.
+enum Named {
+    Open(String),
+    Lock(String),
+    Deleg(String),
+}
+
+/// Resolves a stateid of this client: its open state's `other` and kind.
+fn resolve(ctx: &Ctx<'_>, st: &State, v: &Value) -> Result<Named, Fail> {
+    let s = v
+        .as_object()
+        .ok_or_else(|| inval("stateid must be an object"))?;
+    let other = str_field(s, "other")?;
+    let seqid = u32::try_from(u64_field(s, "seqid")?).map_err(|_| inval("seqid too large"))?;
+    if st.expired.contains(other) {
+        return Err(Fail(
+            "NFS4ERR_EXPIRED",
+            format!("state {other} was released"),
+        ));
+    }
+    let (open_other, named) = match st.aliases.get(other) {
+        Some(o) => (o.clone(), None),
+        None => (other.to_owned(), Some(Named::Open(other.to_owned()))),
+    };
+    let Some(o) = st.opens.get(&open_other) else {
+        return Err(Fail("NFS4ERR_BAD_STATEID", format!("no state {other}")));
+    };
+    if o.clientid != ctx.cid {
+        return Err(Fail(
+            "NFS4ERR_BAD_STATEID",
+            format!("state {other} is another client's"),
+        ));
+    }
+    let (current, named) = match named {
+        Some(n) => (o.rec.seqid, n),
+        None => match (&o.rec.lock, &o.rec.deleg) {
+            (Some(l), _) if l.other == other => (l.seqid, Named::Lock(open_other.clone())),
+            (_, Some(d)) if d.other == other => (1, Named::Deleg(open_other.clone())),
+            _ => return Err(Fail("NFS4ERR_BAD_STATEID", format!("no state {other}"))),
+        },
+    };
+    if seqid != 0 && seqid < current {
+        return Err(Fail(
+            "NFS4ERR_OLD_STATEID",
+            format!("state {other} is at seqid {current}"),
+        ));
+    }
+    if seqid > current {
+        return Err(Fail(
+            "NFS4ERR_BAD_STATEID",
+            format!("state {other} is at seqid {current}"),
+        ));
+    }
+    Ok(named)
+}
+
+fn open_other(n: &Named) -> &str {
+    match n {
+        Named::Open(o) | Named::Lock(o) | Named::Deleg(o) => o,
+    }
+}
+
+fn check_io(ctx: &Ctx<'_>, o: &Open, offset: u64, len: u64, write: bool) -> Result<(), Fail> {
+    let locked = ctx
+        .sh
+        .locked_files
+        .lock()
+        .map(|l| l.contains(&o.file_key))
+        .unwrap_or(true);
+    if len == 0 || !locked {
+        return Ok(());
+    }
+    ctx.sh
+        .filter
+        .client()
+        .check_io(
+            o.rec.key,
+            LockRange {
+                offset,
+                length: len,
+            },
+            write,
+        )
+        .map_err(filter_fail)
+}
+
+fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let offset = u64_field(obj, "offset")?;
+    let count = u64_field(obj, "count")?.min(MAX_READ);
+    let n = resolve(ctx, st, field(obj, "stateid")?)?;
+    let o = st
+        .opens
+        .get(open_other(&n))
+        .ok_or_else(|| internal("open vanished"))?;
+    if !access_of(&o.rec.access)?.contains(Rights::READ) {
+        return Err(Fail("NFS4ERR_ACCESS", "the open does not read".into()));
+    }
+    check_io(ctx, o, offset, count, false)?;
+    let mut buf = vec![0u8; usize::try_from(count).unwrap_or(0)];
+    let got = o
+        .file
+        .read_at(&mut buf, offset)
+        .map_err(|e| internal(e.to_string()))?;
+    buf.truncate(got);
+    let mut m = Map::new();
+    m.insert(
+        "data".into(),
+        json!(base64::engine::general_purpose::STANDARD.encode(&buf)),
+    );
+    m.insert("eof".into(), json!(u64::try_from(got).unwrap_or(0) < count));
+    Ok(m)
+}
+
+fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let offset = u64_field(obj, "offset")?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(str_field(obj, "data")?)
+        .map_err(|_| inval("data must be base64"))?;
+    let n = resolve(ctx, st, field(obj, "stateid")?)?;
+    let o = st
+        .opens
+        .get(open_other(&n))
+        .ok_or_else(|| internal("open vanished"))?;
+    if !access_of(&o.rec.access)?.contains(Rights::WRITE) {
+        return Err(Fail("NFS4ERR_ACCESS", "the open does not write".into()));
+    }
+    check_io(
+        ctx,
+        o,
+        offset,
+        u64::try_from(data.len()).unwrap_or(u64::MAX),
+        true,
+    )?;
+    o.file
+        .write_all_at(&data, offset)
+        .map_err(|e| Fail("NFS4ERR_NOSPC", e.to_string()))?;
+    let mut m = Map::new();
+    m.insert("count".into(), json!(data.len()));
+    Ok(m)
+}
+
+fn commit(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let n = resolve(ctx, st, field(obj, "stateid")?)?;
+    let o = st
+        .opens
+        .get(open_other(&n))
+        .ok_or_else(|| internal("open vanished"))?;
+    o.file.sync_data().map_err(|e| internal(e.to_string()))?;
+    Ok(Map::new())
+}
+
+fn range_of(obj: &Map<String, Value>) -> Result<LockRange, Fail> {
+    let offset = u64_field(obj, "offset")?;
+    let length = u64_field(obj, "length")?;
+    if length == 0 {
+        return Err(inval("length must not be 0"));
+    }
+    let length = if length == EOF_LENGTH {
+        u64::MAX - offset
+    } else {
+        length
+    };
+    Ok(LockRange { offset, length })
+}
+
+fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let sh = ctx.sh;
+    let owner = str_field(obj, "owner")?.to_owned();
+    let write = match str_field(obj, "type")? {
+        "read" => false,
+        "write" => true,
+        other => return Err(inval(format!("type must be read or write, not {other:?}"))),
+    };
+    let range = range_of(obj)?;
+    let n = resolve(ctx, st, field(obj, "stateid")?)?;
+    if matches!(n, Named::Deleg(_)) {
+        return Err(Fail(
+            "NFS4ERR_BAD_STATEID",
+            "a delegation stateid cannot lock".into(),
+        ));
+    }
+    let other = open_other(&n).to_owned();
+    let (key, file_key, already) = {
+        let o = st
+            .opens
+            .get(&other)
+            .ok_or_else(|| internal("open vanished"))?;
+        if let Some(l) = &o.rec.lock {
+            if l.owner != owner {
+                return Err(Fail(
+                    "NFS4ERR_NOTSUPP",
+                    "one lock-owner per open state in this build".into(),
+                ));
+            }
+        }
+        let held = (range.offset, range.length, write);
+        let already = o.rec.lock.as_ref().is_some_and(|l| l.held.contains(&held));
+        (o.rec.key, o.file_key, already)
+    };
+    // After a restart the lock may have been applied before the crash
+    // without its reply being recorded: the filter's handle says.
+    let applied_before = ctx.restored && !already && filter_holds(sh, key, range, write);
+    if !applied_before {
+        if let Ok(mut l) = sh.locked_files.lock() {
+            l.insert(file_key);
+        }
+        let op = LockOp {
+            range,
+            exclusive: write,
+            unlock: false,
+        };
+        if let Err(e) = sh.filter.client().lock(key, vec![op], None) {
+            if e.code() == Some(ErrorCode::LockNotGranted) {
+                return Err(denied(st, &e));
+            }
+            return Err(filter_fail(e));
+        }
+    }
+    let o = st
+        .opens
+        .get_mut(&other)
+        .ok_or_else(|| internal("open vanished"))?;
+    let l = o.rec.lock.get_or_insert_with(|| LockRec {
+        other: new_id("L"),
+        seqid: 0,
+        owner,
+        held: Vec::new(),
+    });
+    l.seqid = l.seqid.wrapping_add(1);
+    l.held.push((range.offset, range.length, write));
+    let lock_other = l.other.clone();
+    let lseq = l.seqid;
+    let rec = o.rec.clone();
+    let num = o.num;
+    st.aliases.insert(lock_other.clone(), other);
+    state::put(&sh.filter, &format!("states/{}", ctx.cid), num, &rec).map_err(filter_fail)?;
+    let mut m = Map::new();
+    m.insert("lock_stateid".into(), stateid_json(&lock_other, lseq));
+    Ok(m)
+}
+
+fn filter_holds(sh: &Shared, key: ResumeKey, range: LockRange, write: bool) -> bool {
+    match sh.filter.client().call(Request::Handle { key }) {
+        Ok((libfilter::proto::Reply::Handle(v), _)) => v
+            .record
+            .locks
+            .iter()
+            .any(|l| l.range == range && (l.kind == LockKind::Exclusive) == write),
+        _ => false,
+    }
+}
+
+/// NFS4ERR_DENIED with the conflicting lock.
+fn denied(st: &State, e: &ClientError) -> Fail {
+    let detail = match e {
+        ClientError::Refused(w) => w.conflict.as_deref().map(|c| {
+            // The holder's lock-owner when it is one of ours.
+            let owner = st
+                .opens
+                .values()
+                .find(|o| o.rec.key == c.key)
+                .and_then(|o| o.rec.lock.as_ref().map(|l| l.owner.clone()))
+                .or_else(|| c.owner.clone())
+                .unwrap_or_else(|| format!("handle {}", c.key));
+            json!({"offset": c.range.offset, "length": c.range.length,
+                   "type": if c.kind == LockKind::Exclusive { "write" } else { "read" },
+                   "owner": owner})
+        }),
+        _ => None,
+    };
+    // The details travel in the error string's place: see `finish_denied`.
+    Fail(
+        "NFS4ERR_DENIED",
+        detail
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "denied".into()),
+    )
+}
+
+fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let sh = ctx.sh;
+    let range = range_of(obj)?;
+    let n = resolve(ctx, st, field(obj, "lock_stateid")?)?;
+    let Named::Lock(other) = n else {
+        return Err(Fail("NFS4ERR_BAD_STATEID", "not a lock stateid".into()));
+    };
+    let (key, kind) = {
+        let o = st
+            .opens
+            .get(&other)
+            .ok_or_else(|| internal("open vanished"))?;
+        let kind = o.rec.lock.as_ref().and_then(|l| {
+            l.held
+                .iter()
+                .find(|(off, len, _)| *off == range.offset && *len == range.length)
+                .map(|(_, _, w)| *w)
+        });
+        (o.rec.key, kind)
+    };
+    if let Some(write) = kind {
+        let op = LockOp {
+            range,
+            exclusive: write,
+            unlock: true,
+        };
+        match sh.filter.client().lock(key, vec![op], None) {
+            Ok(()) => {}
+            // Already gone (a re-execution after a restart): fine.
+            Err(e) if e.code() == Some(ErrorCode::RangeNotLocked) => {}
+            Err(e) => return Err(filter_fail(e)),
+        }
+    }
+    let o = st
+        .opens
+        .get_mut(&other)
+        .ok_or_else(|| internal("open vanished"))?;
+    let Some(l) = o.rec.lock.as_mut() else {
+        return Err(Fail("NFS4ERR_BAD_STATEID", "no lock state".into()));
+    };
+    l.held
+        .retain(|(off, len, _)| !(*off == range.offset && *len == range.length));
+    l.seqid = l.seqid.wrapping_add(1);
+    let (lo, ls) = (l.other.clone(), l.seqid);
+    let rec = o.rec.clone();
+    state::put(&sh.filter, &format!("states/{}", ctx.cid), o.num, &rec).map_err(filter_fail)?;
+    let mut m = Map::new();
+    m.insert("lock_stateid".into(), stateid_json(&lo, ls));
+    Ok(m)
+}
+
+fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let sh = ctx.sh;
+    let n = resolve(ctx, st, field(obj, "stateid")?)?;
+    let Named::Open(other) = n else {
+        return Err(Fail("NFS4ERR_BAD_STATEID", "not an open stateid".into()));
+    };
+    let o = st
+        .opens
+        .get(&other)
+        .ok_or_else(|| internal("open vanished"))?;
+    if o.rec.lock.as_ref().is_some_and(|l| !l.held.is_empty()) {
+        return Err(Fail("NFS4ERR_LOCKS_HELD", "unlock first".into()));
+    }
+    match sh.filter.close(o.rec.key) {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
+        Err(e) => return Err(filter_fail(e)),
+    }
+    let num = o.num;
+    if let Some(o) = st.opens.remove(&other) {
+        if let Some(l) = &o.rec.lock {
+            st.aliases.remove(&l.other);
+        }
+        if let Some(d) = &o.rec.deleg {
+            st.aliases.remove(&d.other);
+        }
+    }
+    state::delete(&sh.filter, &format!("states/{}", ctx.cid), num).map_err(filter_fail)?;
+    Ok(Map::new())
+}
+
+fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let sh = ctx.sh;
+    let n = resolve(ctx, st, field(obj, "stateid")?)?;
+    let Named::Deleg(other) = n else {
+        return Err(Fail(
+            "NFS4ERR_BAD_STATEID",
+            "not a delegation stateid".into(),
+        ));
+    };
+    let o = st
+        .opens
+        .get_mut(&other)
+        .ok_or_else(|| internal("open vanished"))?;
+    if let Some(d) = o.rec.deleg.take() {
+        // Acknowledge a recall (or give the lease up): nothing cached.
+        let _ = sh.filter.client().call(Request::LeaseBreakAck {
+            lease_key: LeaseKey(d.lease_key),
+            state: LeaseState::NONE,
+        });
+        st.aliases.remove(&d.other);
+    }
+    let Some(o) = st.opens.get(&other) else {
+        return Err(internal("open vanished"));
+    };
+    state::put(&sh.filter, &format!("states/{}", ctx.cid), o.num, &o.rec).map_err(filter_fail)?;
+    Ok(Map::new())
+}
+
+/// The slot record REMOVE and RENAME ask filterd to store in the same
+/// commit as the change.
+fn slot_record(ctx: &Ctx<'_>) -> Result<RecordSpec, Fail> {
+    let reply = SlotRec {
+        seqid: ctx.seq.seqid,
+        reply: json!({"status": "NFS4_OK"}),
+    };
+    Ok(RecordSpec {
+        scope: state::scope(&format!("slots/{}", ctx.seq.sessionid)).map_err(filter_fail)?,
+        op_id: u64::try_from(ctx.seq.slot).unwrap_or(0),
+        reply: serde_json::to_string(&reply).map_err(|e| internal(e.to_string()))?,
+        keep: state::KEEP,
+    })
+}
+
+fn recorded() -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(RECORDED.into(), json!(true));
+    m
+}
+
+fn remove(ctx: &Ctx<'_>, _st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let path = path_field(obj, "path")?;
+    match ctx
+        .sh
+        .filter
+        .client()
+        .remove(path.clone(), Some(slot_record(ctx)?))
+    {
+        Ok(()) => Ok(recorded()),
+        Err(e) => Err(namespace_fail(e)),
+    }
+}
+
+/// REMOVE / RENAME against an open without delete share: FILE_OPEN.
+fn namespace_fail(e: ClientError) -> Fail {
+    match e.code() {
+        Some(ErrorCode::SharingViolation) | Some(ErrorCode::FileNotAvailable) => {
+            Fail("NFS4ERR_FILE_OPEN", e.to_string())
+        }
+        _ => filter_fail(e),
+    }
+}
+
+fn rename(ctx: &Ctx<'_>, _st: &mut State, obj: &Map<String, Value>) -> Outcome {
+    let sh = ctx.sh;
+    let from = path_field(obj, "from")?;
+    let to = path_field(obj, "to")?;
+    // Renames go through a short-lived handle with delete access: its open
+    // is refused when another open does not share delete.
+    let h = sh
+        .filter
+        .open(OpenRequest {
+            client: ctx.client_id()?,
+            path: from,
+            access: Access::new(Rights::DELETE).map_err(|e| internal(e.to_string()))?,
+            share: Rights::ALL,
+            disposition: Disposition::Open,
+            durability: Durability::None,
+            create_guid: None,
+            owner: None,
+            lease: None,
+            no_wait: true,
+        })
+        .map_err(namespace_fail)?;
+    let r = sh
+        .filter
+        .client()
+        .rename(h.info.key, to, true, Some(slot_record(ctx)?));
+    let _ = sh.filter.close(h.info.key);
+    r.map_err(namespace_fail)?;
+    Ok(recorded())
+}
+
+/// Filter events: delegation recalls (CB_RECALL), lock hints, handles gone.
+fn events(sh: Arc<Shared>) {
+    loop {
+        let ev = match sh.filter.events().recv() {
+            Ok(ev) => ev,
+            Err(_) => return,
+        };
+        match ev {
+            AttachEvent::Daemon(Event::LeaseBreak {
+                lease_key,
+                ack_required,
+                ..
+            }) => recall(&sh, lease_key, ack_required),
+            AttachEvent::Daemon(Event::LocksPresent { file }) => {
+                if let Ok(mut l) = sh.locked_files.lock() {
+                    l.insert(file);
+                }
+                let _ = sh.filter.client().lock_hint_ack(file);
+            }
+            AttachEvent::Daemon(Event::LocksGone { file }) => {
+                if let Ok(mut l) = sh.locked_files.lock() {
+                    l.remove(&file);
+                }
+            }
+            AttachEvent::Daemon(Event::Expired { key } | Event::Purged { key }) => {
+                forget(&sh, &[key]);
+            }
+            AttachEvent::Reattached { lost, .. } => forget(&sh, &lost),
+            _ => {}
+        }
+    }
+}
+
+fn forget(sh: &Shared, keys: &[ResumeKey]) {
+    if keys.is_empty() {
+        return;
+    }
+    if let Ok(mut st) = sh.st.lock() {
+        let gone: Vec<String> = st
+            .opens
+            .iter()
+            .filter(|(_, o)| keys.contains(&o.rec.key))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for g in gone {
+            st.opens.remove(&g);
+            st.expired.insert(g);
+        }
+    }
+}
+
+/// A delegation's lease must go: CB_RECALL to its client. Without an ack
+/// required the filter lowered it already: the delegation is revoked.
+fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
+    let Ok(mut st) = sh.st.lock() else { return };
+    let Some(other) = st
+        .opens
+        .iter()
+        .find(|(_, o)| {
+            o.rec
+                .deleg
+                .as_ref()
+                .is_some_and(|d| d.lease_key == lease_key.0)
+        })
+        .map(|(k, _)| k.clone())
+    else {
+        return;
+    };
+    let Some(o) = st.opens.get_mut(&other) else {
+        return;
+    };
+    let Some(d) = o.rec.deleg.clone() else { return };
+    let cid = o.clientid.clone();
+    if !ack_required {
+        o.rec.deleg = None;
+        st.aliases.remove(&d.other);
+        st.expired.insert(d.other);
+        return;
+    }
+    let conn = st.clients.get(&cid).and_then(|c| c.conn);
+    let writer = conn.and_then(|c| sh.writers.get(c));
+    if let Some(w) = writer {
+        shimline::send(
+            &w,
+            &json!({"op": "CB_RECALL", "stateid": stateid_json(&d.other, 1)}),
+        );
+    }
+}
+
+/// Releases the state of clients whose lease lapsed.
+fn reaper(sh: Arc<Shared>) {
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(mut st) = sh.st.lock() else { return };
+        let now = Instant::now();
+        let lapsed: Vec<String> = st
+            .clients
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for cid in lapsed {
+            eprintln!("nfsshim: client {cid} let its lease lapse; releasing its state");
+            release_client(&sh, &mut st, &cid);
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! nfsshim's durable tables, kept as records of its session scopes in
+//! filterd (RecordReply / ListRecords / DeleteRecord):
+//!
+//! | scope | op id | record |
+//! |---|---|---|
+//! | `clients` | client number | [`ClientRec`] |
+//! | `sessions` | session number | [`SessionRec`] |
+//! | `slots/<sessionid>` | slot | [`SlotRec`] (the cached reply of a mutating request) |
+//! | `states/<clientid>` | state number | [`OpenRec`] |
+//!
+//! Every write is a filterd commit on stable storage before it returns.
+
+use libfilter::attach::Attachment;
+use libfilter::client::ClientError;
+use libfilter::model::{ReplayScope, ResumeKey, ScopeName};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value;
+
+/// Most records a scope keeps (filterd's cap).
+pub const KEEP: u32 = 4096;
+
+/// A client incarnation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientRec {
+    pub clientid: String,
+    pub owner: String,
+    pub verifier: String,
+}
+
+/// A session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRec {
+    pub sessionid: String,
+    pub clientid: String,
+    pub slots: u32,
+}
+
+/// A slot's cached reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlotRec {
+    pub seqid: u64,
+    pub reply: Value,
+}
+
+/// An open state (with its lock state and delegation, if any).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenRec {
+    pub other: String,
+    pub seqid: u32,
+    pub owner: String,
+    pub path: String,
+    pub key: ResumeKey,
+    pub access: String,
+    pub deny: String,
+    #[serde(default)]
+    pub lock: Option<LockRec>,
+    #[serde(default)]
+    pub deleg: Option<DelegRec>,
+}
+
+/// The lock state of an open (one lock-owner per open in this build).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockRec {
+    pub other: String,
+    pub seqid: u32,
+    pub owner: String,
+    /// Locks held: (offset, length, write).
+    #[serde(default)]
+    pub held: Vec<(u64, u64, bool)>,
+}
+
+/// A delegation (a filter lease).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DelegRec {
+    pub other: String,
+    pub lease_key: uuid::Uuid,
+    pub write: bool,
+}
+
+/// A scope of nfsshim's (names are built from ids nfsshim minted).
+pub fn scope(name: &str) -> Result<ReplayScope, ClientError> {
+    ScopeName::new(name)
+        .map(ReplayScope::Session)
+        .map_err(|e| ClientError::Unexpected(format!("scope {name}: {e}")))
+}
+
+/// Writes a record (durable when this returns).
+pub fn put<T: Serialize>(
+    f: &Attachment,
+    scope_name: &str,
+    op: u64,
+    rec: &T,
+) -> Result<(), ClientError> {
+    let text = serde_json::to_string(rec)
+        .map_err(|e| ClientError::Unexpected(format!("encoding a record: {e}")))?;
+    f.client().record_reply(scope(scope_name)?, op, text, KEEP)
+}
+
+/// Deletes a record.
+pub fn delete(f: &Attachment, scope_name: &str, op: u64) -> Result<(), ClientError> {
+    f.client().delete_record(scope(scope_name)?, op)
+}
+
+/// Every record of a scope that decodes; the others are logged and skipped.
+pub fn list<T: DeserializeOwned>(
+    f: &Attachment,
+    scope_name: &str,
+) -> Result<Vec<(u64, T)>, ClientError> {
+    let recs = f.client().list_records(scope(scope_name)?)?;
+    Ok(recs
+        .into_iter()
+        .filter_map(|(op, text)| match serde_json::from_str(&text) {
+            Ok(v) => Some((op, v)),
+            Err(e) => {
+                eprintln!("nfsshim: skipping an unreadable record {scope_name}/{op}: {e}");
+                None
+            }
+        })
+        .collect())
+}
