@@ -2862,7 +2862,33 @@ impl Engine {
         for (file, lk) in due {
             if let Some(b) = self.breaking.remove(&(file, lk)) {
                 warn!(lease_key = %lk, to = %b.to, "lease break not acknowledged in time: lowered anyway");
-                self.set_lease_state(file, lk, b.to);
+                let holder = self
+                    .by_file
+                    .get(&file)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.handles.get(k))
+                    .find_map(|h| match (h.rec.lease, h.conn) {
+                        (Some(l), Some(c)) if l.key == lk => Some((l.state, c)),
+                        _ => None,
+                    });
+                let epoch = self.set_lease_state(file, lk, b.to);
+                // Tell the holder its lease went down without it (an nfsl/1
+                // delegation is revoked then).
+                if let Some((from, c)) =
+                    holder.and_then(|(s, c)| self.conns.get(&c).map(|c| (s, c)))
+                {
+                    c.writer.send_frame(
+                        &ServerFrame::Event(Event::LeaseBreak {
+                            lease_key: lk,
+                            current_state: from,
+                            new_state: b.to,
+                            epoch,
+                            ack_required: false,
+                        }),
+                        None,
+                    );
+                }
                 self.retry_files.insert(file);
             }
         }

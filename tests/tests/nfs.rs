@@ -430,3 +430,73 @@ fn cross_protocol_locks_delegations_and_namespace() {
         "the smbl/1 open proceeds after DELEGRETURN: {r}"
     );
 }
+
+#[test]
+fn time_down_does_not_count_against_a_lease() {
+    let s = Scratch::new("nfs-downtime");
+    let _d = Filterd::start(&s, &[], &[]);
+    let lease = ["--lease-ms", "1500"];
+    let shim = Shim::start_with("nfsshim", &s.socket(), "nfs-t", &lease);
+    let mut a = Nfs::connect(&shim.addr, "host-a", "5555555555555555");
+    let o = ok(a.open("p", "f", "both", "both", create()));
+    shim.kill9();
+    // nfsshim stays down for longer than the lease.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let shim = Shim::start_with("nfsshim", &s.socket(), "nfs-t", &lease);
+    a.c = LineClient::connect(&shim.addr);
+    let r = ok(a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 1})));
+    assert_eq!(r["eof"], true);
+    let mut b = Nfs::connect(&shim.addr, "host-b", "6666666666666666");
+    assert_eq!(
+        b.open("q", "f", "read", "none", json!({}))["status"],
+        "NFS4ERR_SHARE_DENIED"
+    );
+}
+
+#[test]
+fn share_reservations_across_protocols_and_delegation_revocation() {
+    let s = Scratch::new("nfs-share");
+    std::fs::write(s.root().join("a"), b"a").unwrap();
+    std::fs::write(s.root().join("b"), b"b").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "500"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-s");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-s");
+    let mut n = Nfs::connect(&nfs.addr, "host-n", "7777777777777777");
+    let mut m = LineClient::connect(&smb.addr);
+    let r = m.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "bob"}));
+    let msid = r["session_id"].as_u64().unwrap();
+    // smbl/1 shares nothing: nfsl/1 is denied.
+    let r = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "a", "access": ["read"],
+                          "share": [], "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS");
+    assert_eq!(
+        n.open("p", "a", "read", "none", json!({}))["status"],
+        "NFS4ERR_SHARE_DENIED"
+    );
+    // nfsl/1 denies write: smbl/1 writers get a sharing violation.
+    ok(n.open("p", "b", "read", "write", json!({})));
+    let r = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "b", "access": ["write"],
+                          "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SHARING_VIOLATION");
+    // A recall nobody answers: the delegation is revoked after the recall
+    // timeout and the conflicting open proceeds.
+    std::fs::write(s.root().join("d"), b"d").unwrap();
+    let o = ok(n.open("p", "d", "read", "none", json!({"want_delegation": "read"})));
+    let dsid = o["delegation"]["stateid"].clone();
+    let r = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "d", "access": ["write"],
+                          "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let cb = n.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL");
+    let r = wait_for("the revocation", Duration::from_secs(5), || {
+        let r = n.call(json!({"op": "DELEGRETURN", "stateid": dsid}));
+        (r["status"] != "NFS4_OK").then_some(r)
+    });
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "a revoked delegation: {r}");
+}

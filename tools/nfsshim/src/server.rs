@@ -27,6 +27,8 @@ use serde_json::{json, Map, Value};
 
 use crate::state::{self, ClientRec, DelegRec, LockRec, OpenRec, SessionRec, SlotRec};
 
+/// How long filterd keeps an nfsl/1 open while no nfsshim is attached.
+const HANDLE_TIMEOUT_MS: u32 = 300_000;
 /// Slots per session.
 const SLOTS: u32 = 16;
 /// Largest READ count served.
@@ -779,8 +781,11 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         access: Access::new(access).map_err(|e| inval(e.to_string()))?,
         share,
         disposition,
+        // nfsshim enforces client leases itself; the handle's own timeout
+        // only bounds how long filterd keeps it while no nfsshim is
+        // attached (filterd caps it at --durable-timeout-max-ms).
         durability: Durability::Persistent {
-            timeout_ms: u32::try_from(sh.lease.as_millis()).unwrap_or(u32::MAX),
+            timeout_ms: HANDLE_TIMEOUT_MS,
         },
         create_guid: Some(CreateGuid(guid)),
         owner: Some(owner.clone()),
