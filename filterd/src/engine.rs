@@ -955,14 +955,24 @@ impl Engine {
                 }
                 Ok(Some((Reply::Done, None)))
             }
-            Request::CheckIo { key, range, write } => {
-                need_frontend()?;
+            Request::CheckIo {
+                key,
+                range,
+                write,
+                own_protocol_advisory,
+            } => {
+                let (protocol, _) = need_frontend()?;
                 self.stats.io_checks += 1;
                 self.attached_to(conn, key)?;
                 let file = self.handles.get(&key).map(|h| h.rec.file);
+                let handles = &self.handles;
+                let counts = |o: &ResumeKey| {
+                    !own_protocol_advisory
+                        || handles.get(o).is_none_or(|h| h.rec.protocol != protocol)
+                };
                 if let Some(Err(l)) = file
                     .and_then(|f| self.locks.get(&f))
-                    .map(|t| t.check_io(&key, range, write))
+                    .map(|t| t.check_io_counting(&key, range, write, counts))
                 {
                     self.stats.io_conflicts += 1;
                     let mut e = err(ErrorCode::LockConflict, "range is locked by another open");

@@ -563,7 +563,28 @@ impl FilterClient {
         range: crate::locks::LockRange,
         write: bool,
     ) -> Result<(), ClientError> {
-        Self::expect_done(self.call(Request::CheckIo { key, range, write })?)
+        Self::expect_done(self.call(Request::CheckIo {
+            key,
+            range,
+            write,
+            own_protocol_advisory: false,
+        })?)
+    }
+
+    /// As [`FilterClient::check_io`], with locks of the caller's own
+    /// protocol not counting (advisory among its clients).
+    pub fn check_io_advisory(
+        &self,
+        key: ResumeKey,
+        range: crate::locks::LockRange,
+        write: bool,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::CheckIo {
+            key,
+            range,
+            write,
+            own_protocol_advisory: true,
+        })?)
     }
 
     /// Every byte-range lock, fetching page after page.

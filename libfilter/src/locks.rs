@@ -158,8 +158,20 @@ impl<O: Clone + PartialEq> LockTable<O> {
 
     /// Whether `owner` may read (or write) `range` past other owners' locks.
     pub fn check_io(&self, owner: &O, range: LockRange, write: bool) -> Result<(), Lock<O>> {
+        self.check_io_counting(owner, range, write, |_| true)
+    }
+
+    /// As [`LockTable::check_io`], where only locks whose owner `counts`
+    /// can refuse.
+    pub fn check_io_counting(
+        &self,
+        owner: &O,
+        range: LockRange,
+        write: bool,
+        counts: impl Fn(&O) -> bool,
+    ) -> Result<(), Lock<O>> {
         for l in &self.locks {
-            if l.owner == *owner || !l.range.overlaps(range) {
+            if l.owner == *owner || !l.range.overlaps(range) || !counts(&l.owner) {
                 continue;
             }
             if write || l.kind == LockKind::Exclusive {

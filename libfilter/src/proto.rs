@@ -217,6 +217,11 @@ pub enum Request {
         range: LockRange,
         /// A write (else a read).
         write: bool,
+        /// Locks held through handles of the caller's own protocol do not
+        /// count (nfsl/1 locks are advisory among nfsl/1 clients; only
+        /// smbl/1 locks are mandatory for them).
+        #[serde(default)]
+        own_protocol_advisory: bool,
     },
     /// The holder of a lease acknowledges a break to `state` (at most what
     /// the break asked for). Frontend only.

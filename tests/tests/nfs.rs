@@ -336,7 +336,15 @@ fn create_modes_locks_and_close_with_locks() {
         ),
         (Some(0), Some(10), Some("write"), Some("lo-a"))
     );
-    // CLOSE with locks held; LOCKU; then CLOSE.
+    // Another lock-owner under the same open conflicts with the first.
+    let r = a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo-a2", "type": "read", "offset": 5, "length": 1}));
+    assert_eq!((r["status"].as_str(), r["denied"]["owner"].as_str()), (Some("NFS4ERR_DENIED"), Some("lo-a")), "{r}");
+    let l2 = ok(a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo-a2", "type": "write", "offset": 20, "length": 5})));
+    assert_ne!(l2["lock_stateid"]["other"], lsid["other"], "a lock state per lock-owner");
+    // Among nfsl/1 clients locks are advisory: B's WRITE over A's lock works.
+    ok(b.call(json!({"op": "WRITE", "stateid": ob["stateid"], "offset": 0, "data": b64("zz")})));
+    // CLOSE with locks held (lo-a2's too); LOCKU both; then CLOSE.
+    ok(a.call(json!({"op": "LOCKU", "lock_stateid": l2["lock_stateid"], "offset": 20, "length": 5})));
     assert_eq!(
         a.call(json!({"op": "CLOSE", "stateid": sid}))["status"],
         "NFS4ERR_LOCKS_HELD"

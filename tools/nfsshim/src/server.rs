@@ -200,8 +200,15 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
             ) {
                 Ok(h) => {
                     note_locked(sh, &h.info);
-                    if let Some(l) = &o.lock {
+                    for l in &o.locks {
                         st.aliases.insert(l.other.clone(), o.other.clone());
+                        if let Some(k) = l.key {
+                            let client = ClientId::new(cid.clone())
+                                .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+                            if let Err(e) = f.resume(client, k) {
+                                eprintln!("nfsshim: lock-owner {} handle is gone: {e}", l.owner);
+                            }
+                        }
                     }
                     if let Some(d) = &o.deleg {
                         st.aliases.insert(d.other.clone(), o.other.clone());
@@ -461,7 +468,10 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         if let Some(o) = st.opens.remove(&other) {
             let _ = f.close(o.rec.key);
             st.expired.insert(other);
-            if let Some(l) = &o.rec.lock {
+            for l in &o.rec.locks {
+                if let Some(k) = l.key {
+                    let _ = f.close(k);
+                }
                 st.aliases.remove(&l.other);
                 st.expired.insert(l.other.clone());
             }
@@ -886,7 +896,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                         key: h.info.key,
                         access: access_w.clone(),
                         deny: deny_w.clone(),
-                        lock: None,
+                        locks: Vec::new(),
                         deleg: None,
                     },
                     num,
@@ -929,7 +939,8 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
 /// What a stateid names.
 enum Named {
     Open(String),
-    Lock(String),
+    /// The open's `other` and the lock state's.
+    Lock(String, String),
     Deleg(String),
 }
 
@@ -961,8 +972,8 @@ fn resolve(ctx: &Ctx<'_>, st: &State, v: &Value) -> Result<Named, Fail> {
     }
     let (current, named) = match named {
         Some(n) => (o.rec.seqid, n),
-        None => match (&o.rec.lock, &o.rec.deleg) {
-            (Some(l), _) if l.other == other => (l.seqid, Named::Lock(open_other.clone())),
+        None => match (o.rec.locks.iter().find(|l| l.other == other), &o.rec.deleg) {
+            (Some(l), _) => (l.seqid, Named::Lock(open_other.clone(), other.to_owned())),
             (_, Some(d)) if d.other == other => (1, Named::Deleg(open_other.clone())),
             _ => return Err(Fail("NFS4ERR_BAD_STATEID", format!("no state {other}"))),
         },
@@ -984,11 +995,33 @@ fn resolve(ctx: &Ctx<'_>, st: &State, v: &Value) -> Result<Named, Fail> {
 
 fn open_other(n: &Named) -> &str {
     match n {
-        Named::Open(o) | Named::Lock(o) | Named::Deleg(o) => o,
+        Named::Open(o) | Named::Lock(o, _) | Named::Deleg(o) => o,
     }
 }
 
-fn check_io(ctx: &Ctx<'_>, o: &Open, offset: u64, len: u64, write: bool) -> Result<(), Fail> {
+/// The filter handle I/O under this stateid is checked as: a lock-owner's
+/// own handle, else the open's.
+fn io_key(o: &Open, n: &Named) -> ResumeKey {
+    match n {
+        Named::Lock(_, lo) => o
+            .rec
+            .locks
+            .iter()
+            .find(|l| &l.other == lo)
+            .and_then(|l| l.key)
+            .unwrap_or(o.rec.key),
+        _ => o.rec.key,
+    }
+}
+
+fn check_io(
+    ctx: &Ctx<'_>,
+    o: &Open,
+    key: ResumeKey,
+    offset: u64,
+    len: u64,
+    write: bool,
+) -> Result<(), Fail> {
     let locked = ctx
         .sh
         .locked_files
@@ -1001,8 +1034,8 @@ fn check_io(ctx: &Ctx<'_>, o: &Open, offset: u64, len: u64, write: bool) -> Resu
     ctx.sh
         .filter
         .client()
-        .check_io(
-            o.rec.key,
+        .check_io_advisory(
+            key,
             LockRange {
                 offset,
                 length: len,
@@ -1023,7 +1056,7 @@ fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     if !access_of(&o.rec.access)?.contains(Rights::READ) {
         return Err(Fail("NFS4ERR_ACCESS", "the open does not read".into()));
     }
-    check_io(ctx, o, offset, count, false)?;
+    check_io(ctx, o, io_key(o, &n), offset, count, false)?;
     let mut buf = vec![0u8; usize::try_from(count).unwrap_or(0)];
     let got = o
         .file
@@ -1055,6 +1088,7 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     check_io(
         ctx,
         o,
+        io_key(o, &n),
         offset,
         u64::try_from(data.len()).unwrap_or(u64::MAX),
         true,
@@ -1108,23 +1142,43 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         ));
     }
     let other = open_other(&n).to_owned();
-    let (key, file_key, already) = {
-        let o = st
-            .opens
-            .get(&other)
-            .ok_or_else(|| internal("open vanished"))?;
-        if let Some(l) = &o.rec.lock {
-            if l.owner != owner {
-                return Err(Fail(
-                    "NFS4ERR_NOTSUPP",
-                    "one lock-owner per open state in this build".into(),
-                ));
-            }
+    let o = st
+        .opens
+        .get(&other)
+        .ok_or_else(|| internal("open vanished"))?;
+    let existing = o.rec.locks.iter().position(|l| l.owner == owner);
+    let held = (range.offset, range.length, write);
+    // The filter handle this lock-owner locks through: the open's for the
+    // first lock-owner, a handle of its own for every further one.
+    let (key, new_key) = match existing.and_then(|i| o.rec.locks.get(i)) {
+        Some(l) => (l.key.unwrap_or(o.rec.key), None),
+        None if o.rec.locks.is_empty() => (o.rec.key, None),
+        None => {
+            let h = sh
+                .filter
+                .replay_open(OpenRequest {
+                    client: ctx.client_id()?,
+                    path: RelPath::new(o.rec.path.as_str()).map_err(|e| internal(e.to_string()))?,
+                    access: Access::new(access_of(&o.rec.access)?)
+                        .map_err(|e| internal(e.to_string()))?,
+                    share: Rights::ALL,
+                    disposition: Disposition::Open,
+                    durability: Durability::Persistent {
+                        timeout_ms: HANDLE_TIMEOUT_MS,
+                    },
+                    create_guid: Some(CreateGuid(derived_uuid(&ctx.request_name("lock-owner")))),
+                    owner: Some(owner.clone()),
+                    lease: None,
+                    no_wait: true,
+                })
+                .map_err(filter_fail)?;
+            (h.info.key, Some(h.info.key))
         }
-        let held = (range.offset, range.length, write);
-        let already = o.rec.lock.as_ref().is_some_and(|l| l.held.contains(&held));
-        (o.rec.key, o.file_key, already)
     };
+    let already = existing
+        .and_then(|i| o.rec.locks.get(i))
+        .is_some_and(|l| l.held.contains(&held));
+    let file_key = o.file_key;
     // After a restart the lock may have been applied before the crash
     // without its reply being recorded: the filter's handle says.
     let applied_before = ctx.restored && !already && filter_holds(sh, key, range, write);
@@ -1138,6 +1192,9 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             unlock: false,
         };
         if let Err(e) = sh.filter.client().lock(key, vec![op], None) {
+            if let Some(k) = new_key {
+                let _ = sh.filter.close(k);
+            }
             if e.code() == Some(ErrorCode::LockNotGranted) {
                 return Err(denied(st, &e));
             }
@@ -1148,16 +1205,25 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .opens
         .get_mut(&other)
         .ok_or_else(|| internal("open vanished"))?;
-    let l = o.rec.lock.get_or_insert_with(|| LockRec {
-        other: new_id("L"),
-        seqid: 0,
-        owner,
-        held: Vec::new(),
-    });
+    let i = match existing {
+        Some(i) => i,
+        None => {
+            o.rec.locks.push(LockRec {
+                other: new_id("L"),
+                seqid: 0,
+                owner,
+                key: new_key,
+                held: Vec::new(),
+            });
+            o.rec.locks.len() - 1
+        }
+    };
+    let Some(l) = o.rec.locks.get_mut(i) else {
+        return Err(internal("lock state vanished"));
+    };
     l.seqid = l.seqid.wrapping_add(1);
-    l.held.push((range.offset, range.length, write));
-    let lock_other = l.other.clone();
-    let lseq = l.seqid;
+    l.held.push(held);
+    let (lock_other, lseq) = (l.other.clone(), l.seqid);
     let rec = o.rec.clone();
     let num = o.num;
     st.aliases.insert(lock_other.clone(), other);
@@ -1178,16 +1244,22 @@ fn filter_holds(sh: &Shared, key: ResumeKey, range: LockRange, write: bool) -> b
     }
 }
 
-/// NFS4ERR_DENIED with the conflicting lock.
+/// NFS4ERR_DENIED with the conflicting lock (its holder's lock-owner when
+/// it is one of ours).
 fn denied(st: &State, e: &ClientError) -> Fail {
     let detail = match e {
         ClientError::Refused(w) => w.conflict.as_deref().map(|c| {
-            // The holder's lock-owner when it is one of ours.
             let owner = st
                 .opens
                 .values()
-                .find(|o| o.rec.key == c.key)
-                .and_then(|o| o.rec.lock.as_ref().map(|l| l.owner.clone()))
+                .flat_map(|o| {
+                    o.rec
+                        .locks
+                        .iter()
+                        .map(move |l| (l.key.unwrap_or(o.rec.key), l))
+                })
+                .find(|(k, _)| *k == c.key)
+                .map(|(_, l)| l.owner.clone())
                 .or_else(|| c.owner.clone())
                 .unwrap_or_else(|| format!("handle {}", c.key));
             json!({"offset": c.range.offset, "length": c.range.length,
@@ -1196,7 +1268,7 @@ fn denied(st: &State, e: &ClientError) -> Fail {
         }),
         _ => None,
     };
-    // The details travel in the error string's place: see `finish_denied`.
+    // `finish` moves the details from the message into `denied`.
     Fail(
         "NFS4ERR_DENIED",
         detail
@@ -1209,22 +1281,23 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
     let range = range_of(obj)?;
     let n = resolve(ctx, st, field(obj, "lock_stateid")?)?;
-    let Named::Lock(other) = n else {
+    let Named::Lock(other, lock_other) = n else {
         return Err(Fail("NFS4ERR_BAD_STATEID", "not a lock stateid".into()));
     };
-    let (key, kind) = {
-        let o = st
-            .opens
-            .get(&other)
-            .ok_or_else(|| internal("open vanished"))?;
-        let kind = o.rec.lock.as_ref().and_then(|l| {
-            l.held
-                .iter()
-                .find(|(off, len, _)| *off == range.offset && *len == range.length)
-                .map(|(_, _, w)| *w)
-        });
-        (o.rec.key, kind)
+    let o = st
+        .opens
+        .get_mut(&other)
+        .ok_or_else(|| internal("open vanished"))?;
+    let open_key = o.rec.key;
+    let Some(l) = o.rec.locks.iter_mut().find(|l| l.other == lock_other) else {
+        return Err(Fail("NFS4ERR_BAD_STATEID", "no lock state".into()));
     };
+    let key = l.key.unwrap_or(open_key);
+    let kind = l
+        .held
+        .iter()
+        .find(|(off, len, _)| *off == range.offset && *len == range.length)
+        .map(|(_, _, w)| *w);
     if let Some(write) = kind {
         let op = LockOp {
             range,
@@ -1238,13 +1311,6 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             Err(e) => return Err(filter_fail(e)),
         }
     }
-    let o = st
-        .opens
-        .get_mut(&other)
-        .ok_or_else(|| internal("open vanished"))?;
-    let Some(l) = o.rec.lock.as_mut() else {
-        return Err(Fail("NFS4ERR_BAD_STATEID", "no lock state".into()));
-    };
     l.held
         .retain(|(off, len, _)| !(*off == range.offset && *len == range.length));
     l.seqid = l.seqid.wrapping_add(1);
@@ -1266,17 +1332,20 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .opens
         .get(&other)
         .ok_or_else(|| internal("open vanished"))?;
-    if o.rec.lock.as_ref().is_some_and(|l| !l.held.is_empty()) {
+    if o.rec.locks.iter().any(|l| !l.held.is_empty()) {
         return Err(Fail("NFS4ERR_LOCKS_HELD", "unlock first".into()));
     }
-    match sh.filter.close(o.rec.key) {
-        Ok(()) => {}
-        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
-        Err(e) => return Err(filter_fail(e)),
+    let keys = std::iter::once(o.rec.key).chain(o.rec.locks.iter().filter_map(|l| l.key));
+    for k in keys.collect::<Vec<_>>() {
+        match sh.filter.close(k) {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
+            Err(e) => return Err(filter_fail(e)),
+        }
     }
     let num = o.num;
     if let Some(o) = st.opens.remove(&other) {
-        if let Some(l) = &o.rec.lock {
+        for l in &o.rec.locks {
             st.aliases.remove(&l.other);
         }
         if let Some(d) = &o.rec.deleg {

@@ -52,18 +52,24 @@ pub struct OpenRec {
     pub key: ResumeKey,
     pub access: String,
     pub deny: String,
+    /// Lock states, one per lock-owner.
     #[serde(default)]
-    pub lock: Option<LockRec>,
+    pub locks: Vec<LockRec>,
     #[serde(default)]
     pub deleg: Option<DelegRec>,
 }
 
-/// The lock state of an open (one lock-owner per open in this build).
+/// A lock-owner's lock state under an open. The first lock-owner of an
+/// open locks through the open's own filter handle; every further one has
+/// a handle of its own (`key`), since the filter's lock owner is a handle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LockRec {
     pub other: String,
     pub seqid: u32,
     pub owner: String,
+    /// The lock-owner's own filter handle, if not the open's.
+    #[serde(default)]
+    pub key: Option<ResumeKey>,
     /// Locks held: (offset, length, write).
     #[serde(default)]
     pub held: Vec<(u64, u64, bool)>,
