@@ -338,13 +338,22 @@ fn create_modes_locks_and_close_with_locks() {
     );
     // Another lock-owner under the same open conflicts with the first.
     let r = a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo-a2", "type": "read", "offset": 5, "length": 1}));
-    assert_eq!((r["status"].as_str(), r["denied"]["owner"].as_str()), (Some("NFS4ERR_DENIED"), Some("lo-a")), "{r}");
+    assert_eq!(
+        (r["status"].as_str(), r["denied"]["owner"].as_str()),
+        (Some("NFS4ERR_DENIED"), Some("lo-a")),
+        "{r}"
+    );
     let l2 = ok(a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo-a2", "type": "write", "offset": 20, "length": 5})));
-    assert_ne!(l2["lock_stateid"]["other"], lsid["other"], "a lock state per lock-owner");
+    assert_ne!(
+        l2["lock_stateid"]["other"], lsid["other"],
+        "a lock state per lock-owner"
+    );
     // Among nfsl/1 clients locks are advisory: B's WRITE over A's lock works.
     ok(b.call(json!({"op": "WRITE", "stateid": ob["stateid"], "offset": 0, "data": b64("zz")})));
     // CLOSE with locks held (lo-a2's too); LOCKU both; then CLOSE.
-    ok(a.call(json!({"op": "LOCKU", "lock_stateid": l2["lock_stateid"], "offset": 20, "length": 5})));
+    ok(a.call(
+        json!({"op": "LOCKU", "lock_stateid": l2["lock_stateid"], "offset": 20, "length": 5}),
+    ));
     assert_eq!(
         a.call(json!({"op": "CLOSE", "stateid": sid}))["status"],
         "NFS4ERR_LOCKS_HELD"
@@ -507,4 +516,60 @@ fn share_reservations_across_protocols_and_delegation_revocation() {
         (r["status"] != "NFS4_OK").then_some(r)
     });
     assert_eq!(r["status"], "NFS4ERR_EXPIRED", "a revoked delegation: {r}");
+}
+
+/// An OPEN whose filterd dies before or after each of its commits (the
+/// handle, the open state, the slot reply), re-sent on its slot once
+/// filterd is back: one open, created once, one open state.
+#[test]
+fn open_is_exactly_once_across_a_filterd_crash_at_every_commit() {
+    for point in ["commit.before", "commit.after"] {
+        // Commits 1 and 2 are EXCHANGE_ID's and CREATE_SESSION's records.
+        for n in 3..=5 {
+            let s = Scratch::new(&format!("nfs-crash-{point}-{n}"));
+            let fp = format!("{point}:{n}");
+            let mut d = Filterd::spawn(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+            d.wait_ready();
+            let shim = Shim::start("nfsshim", &s.socket(), "nfs-c");
+            let mut a = Nfs::connect(&shim.addr, "host-a", "abababababababab");
+            let open = json!({"op": "OPEN", "owner": "p", "path": "new", "access": "both",
+                              "deny": "none", "create": {"mode": "guarded"}});
+            a.seqid += 1;
+            let first = a.send(open.clone());
+            assert_eq!(
+                first["status"], "NFS4ERR_DELAY",
+                "{fp}: the crash shows as DELAY: {first}"
+            );
+            d.wait_exit(Duration::from_secs(10));
+            let _d2 = Filterd::start(&s, &[], &[]);
+            let r = wait_for(
+                "an answer other than DELAY",
+                Duration::from_secs(10),
+                || {
+                    let r = a.send(open.clone());
+                    (r["status"] != "NFS4ERR_DELAY").then_some(r)
+                },
+            );
+            assert_eq!(r["status"], "NFS4_OK", "{fp}: {r}");
+            assert_eq!(
+                r["created"], true,
+                "{fp}: created by this request, once: {r}"
+            );
+            assert_eq!(
+                r["stateid"]["seqid"], 1,
+                "{fp}: one open, not upgraded: {r}"
+            );
+            let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+            let handles: Vec<_> = ctl
+                .handles()
+                .unwrap()
+                .into_iter()
+                .filter(|h| h.record.path.as_str() == "new")
+                .collect();
+            assert_eq!(handles.len(), 1, "{fp}: exactly one handle: {handles:?}");
+            ok(a.call(
+                json!({"op": "WRITE", "stateid": r["stateid"], "offset": 0, "data": b64("once")}),
+            ));
+        }
+    }
 }
