@@ -1,6 +1,7 @@
-//! Transport and protocol failures of a [`crate::Client`]. A status other
-//! than `NFS4_OK` is not one of them: it comes back as an ordinary
-//! [`crate::Reply`], since callers (tests above all) inspect statuses.
+//! Transport, protocol and slot-table failures of a [`crate::Client`] or
+//! [`crate::Session`]. A status other than `NFS4_OK` is not one of them: it
+//! comes back as an ordinary [`crate::Reply`], since callers (tests above
+//! all) inspect statuses.
 
 use std::time::Duration;
 
@@ -40,4 +41,20 @@ pub enum Error {
     /// The request given to [`crate::Client::call`] is not a JSON object.
     #[error("a request must be a JSON object")]
     NotAnObject,
+    /// A [`crate::Session`] was asked for a slot beyond its slot table.
+    /// Nothing was sent; build the `seq` with [`crate::Session::seq`] to send
+    /// such a slot on purpose (an `NFS4ERR_BADSLOT` test).
+    #[error("slot {slot} is outside the session's {slots} slots")]
+    NoSuchSlot {
+        /// The slot asked for.
+        slot: u32,
+        /// How many slots the session has.
+        slots: usize,
+    },
+    /// [`crate::Session::resend`] on a slot that has sent nothing yet.
+    #[error("slot {slot} has no request to re-send")]
+    NothingToResend {
+        /// The slot asked for.
+        slot: u32,
+    },
 }
