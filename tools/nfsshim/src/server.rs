@@ -313,6 +313,8 @@ fn finish(o: Outcome) -> Map<String, Value> {
                 // `denied` carries the conflicting lock (see `denied`).
                 if let Ok(d @ Value::Object(_)) = serde_json::from_str::<Value>(&error) {
                     m.insert("denied".into(), d);
+                    m.insert("error".into(), json!("a conflicting lock is held"));
+                    return m;
                 }
             }
             m.insert("error".into(), json!(error));
@@ -597,8 +599,11 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         ),
     };
     if let Err(Fail(s, _)) = &outcome {
-        if *s == UNREACHABLE {
-            // filterd is away: the slot does not advance.
+        if s.trim_end() == "NFS4ERR_DELAY" {
+            // Every DELAY leaves the slot where it was (filterd away, or a
+            // recall outstanding): the client re-sends with the same seqid
+            // and the request runs again, so a client never has to tell the
+            // two apart.
             return finish(outcome);
         }
     }
