@@ -58,6 +58,26 @@ pub struct LocalCounters {
 /// Checks that `root` is a mount point and sets up the fanotify group on its
 /// mount. Fails with a message telling the user what to do otherwise.
 pub fn setup(root: &Path) -> anyhow::Result<Arc<Fanotify>> {
+    check_mount_point(root)?;
+    let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
+    let fan = Fanotify::init(
+        InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC,
+        EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC | EventFFlags::O_LARGEFILE,
+    )
+    .context("fanotify_init (needs CAP_SYS_ADMIN; run with --no-fanotify otherwise)")?;
+    fan.mark(
+        MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT,
+        MaskFlags::FAN_OPEN_PERM,
+        dir.as_fd(),
+        None::<&Path>,
+    )
+    .context("marking the export root's mount")?;
+    Ok(Arc::new(fan))
+}
+
+/// Refuses an export root that is not a mount point: marking its mount
+/// would gate opens on a whole filesystem that is not the export.
+pub fn check_mount_point(root: &Path) -> anyhow::Result<()> {
     let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
     let parent = root.parent().unwrap_or(root);
     let pdir =
@@ -73,19 +93,7 @@ pub fn setup(root: &Path) -> anyhow::Result<Arc<Fanotify>> {
             root.display()
         );
     }
-    let fan = Fanotify::init(
-        InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC,
-        EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC | EventFFlags::O_LARGEFILE,
-    )
-    .context("fanotify_init (needs CAP_SYS_ADMIN; run with --no-fanotify otherwise)")?;
-    fan.mark(
-        MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT,
-        MaskFlags::FAN_OPEN_PERM,
-        dir.as_fd(),
-        None::<&Path>,
-    )
-    .context("marking the export root's mount")?;
-    Ok(Arc::new(fan))
+    Ok(())
 }
 
 /// Adds an ignore mark for opens of the file `fd` refers to.

@@ -163,11 +163,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .custom_flags(libc::O_DIRECTORY)
         .open(&root_path)
         .with_context(|| format!("opening export root {}", root_path.display()))?;
-    let fanotify = if args.no_fanotify {
-        None
-    } else {
-        Some(local::setup(&root_path)?)
-    };
+    if !args.no_fanotify {
+        // Fail fast; the group itself is made after recovery (below).
+        local::check_mount_point(&root_path)?;
+    }
 
     let store =
         Arc::new(Store::open(&state, args.map_size_mib << 20).context("opening the state store")?);
@@ -182,7 +181,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_durable_timeout_ms: args.durable_timeout_max_ms,
             root_display: root_path.display().to_string(),
             state_display: state.display().to_string(),
-            fanotify: fanotify.is_some(),
+            fanotify: !args.no_fanotify,
             break_timeout_ms: args.break_timeout_ms,
         },
         root.into(),
@@ -191,9 +190,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         counters.clone(),
     );
     eng.recover(&store).context("restart recovery")?;
+    // Only now: recovery reopens files by handle, and with the mount marked
+    // before anyone reads the group those opens would wait for a verdict
+    // nobody gives. The reader starts before the socket accepts anyone.
+    let fanotify = if args.no_fanotify {
+        None
+    } else {
+        Some(local::setup(&root_path)?)
+    };
     let local_counters = Arc::new(local::LocalCounters::default());
     if let Some(fan) = &fanotify {
         eng.set_fanotify(fan.clone(), local_counters.clone());
+        let (tx, counters, fan) = (cmd_tx.clone(), local_counters.clone(), fan.clone());
+        let bound = std::time::Duration::from_millis(args.break_timeout_ms.saturating_add(2000));
+        std::thread::Builder::new()
+            .name("fanotify".into())
+            .spawn(move || local::run(fan, tx, counters, bound))?;
+        info!("local access mediated through fanotify on the export's mount");
     }
 
     let committer = {
@@ -213,14 +226,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("listener".into())
             .spawn(move || conn::accept_loop(listener, p, tx))?;
-    }
-    if let Some(fan) = fanotify {
-        let (tx, counters) = (cmd_tx.clone(), local_counters.clone());
-        let bound = std::time::Duration::from_millis(args.break_timeout_ms.saturating_add(2000));
-        std::thread::Builder::new()
-            .name("fanotify".into())
-            .spawn(move || local::run(fan, tx, counters, bound))?;
-        info!("local access mediated through fanotify on the export's mount");
     }
     info!(socket = %socket_path.display(), "serving");
 

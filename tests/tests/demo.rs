@@ -1,13 +1,24 @@
-//! `make demo` runs the story end to end and leaves nothing behind.
+//! `make demo` runs the story end to end and leaves nothing behind — as root
+//! (a tmpfs export, fanotify on) and as an unprivileged user (a plain
+//! directory, --no-fanotify).
+
+use std::process::Command;
 
 use rkfilter_tests::bin;
 
-#[test]
-fn demo_completes_and_cleans_up() {
-    let out = std::process::Command::new(bin("rkdemo"))
-        .output()
-        .expect("run rkdemo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+/// Runs rkdemo (through `wrap` when given) and checks its story and that no
+/// temporary directory, mount or process of it survives.
+fn demo_completes_and_cleans_up(wrap: &[&str]) -> String {
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin("rkdemo"));
+            c
+        }
+        None => Command::new(bin("rkdemo")),
+    };
+    let out = cmd.output().expect("run rkdemo");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "rkdemo failed:\n{stdout}\n{}",
@@ -20,6 +31,8 @@ fn demo_completes_and_cleans_up() {
         !std::env::temp_dir().join(&tag).exists(),
         "{tag} left behind"
     );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(!mounts.contains(&tag), "a mount of the demo survived");
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
             assert!(
@@ -29,6 +42,35 @@ fn demo_completes_and_cleans_up() {
             );
         }
     }
+    stdout
+}
+
+#[test]
+fn demo_as_this_user() {
+    let stdout = demo_completes_and_cleans_up(&[]);
+    if nix::unistd::geteuid().is_root() {
+        assert!(stdout.contains("mediated by fanotify"), "{stdout}");
+        assert!(
+            stdout.contains("LEASE_BREAK"),
+            "the local cat breaks the lease: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn demo_as_an_unprivileged_user() {
+    if !nix::unistd::geteuid().is_root() {
+        // This user is unprivileged already: `demo_as_this_user` covers it.
+        return;
+    }
+    let stdout = demo_completes_and_cleans_up(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ]);
+    assert!(stdout.contains("--no-fanotify"), "{stdout}");
 }
 
 /// The demo names its export `…/rkdemo-PID/root` on its first line.

@@ -157,3 +157,24 @@ fn a_local_open_breaks_a_write_lease_and_waits_for_the_ack() {
         .unwrap()
         .unwrap();
 }
+
+/// A restart with persistent handles under fanotify: recovery reopens their
+/// files, which must not wait on filterd's own (not yet read) group; once
+/// serving, the recovered handle's share mode refuses local opens again.
+#[test]
+fn restart_with_persistent_handles_under_fanotify() {
+    let Some(s) = Scratch::with_tmpfs("fan-restart") else {
+        return;
+    };
+    let mut d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    let mut r = req("kept", Rights::NONE, None);
+    r.durability = Durability::Persistent { timeout_ms: 60_000 };
+    fe.open(r).unwrap();
+    d.kill9();
+    drop(fe);
+    let _d2 = Filterd::start_mediated(&s, &[]);
+    let rx = local_open(s.root().join("kept"));
+    let res = rx.recv_timeout(Duration::from_secs(10)).expect("a verdict");
+    assert!(res.is_err(), "the recovered handle shares nothing: {res:?}");
+}
