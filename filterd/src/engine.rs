@@ -1047,8 +1047,12 @@ impl Engine {
                 Ok(Some((Reply::Locks { locks, next }, None)))
             }
             Request::ListRecords { scope, after } => {
-                let (protocol, _) = need_frontend()?;
-                let scope = self.own_scope(conn, &protocol, scope)?;
+                // A frontend lists its own protocol's scopes; filterctl
+                // names a scope in full ("nfs/clients").
+                let scope = match &frontend {
+                    Some((protocol, _)) => self.own_scope(conn, protocol, scope)?,
+                    None => scope,
+                };
                 let mut records = Vec::new();
                 let mut next = None;
                 let mut bytes = 0usize;

@@ -174,7 +174,9 @@ pub enum Request {
     },
     /// A session scope's records from op id `after` on (exclusive), a page
     /// at a time: frontends keep small durable tables this way (nfsshim's
-    /// clients, sessions and states). Frontend only.
+    /// clients, sessions and states). A frontend names its own protocol's
+    /// scopes; a control connection names any scope in full
+    /// (`nfs/clients`).
     ListRecords {
         /// The scope.
         scope: ReplayScope,

@@ -251,7 +251,31 @@ fn slots_and_stateids_survive_nfsshim_and_filterd_restarts() {
     let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000bb");
     let r = b.open("q", "data", "write", "none", json!({}));
     assert_eq!(r["status"], "NFS4ERR_SHARE_DENIED", "{r}");
-    drop(d2);
+    // filterctl shows the clients, live and post-mortem.
+    let sock = s.socket().display().to_string();
+    let live = rkfilter_tests::filterctl(&["--socket", &sock, "clients", "--json"]).json();
+    let owners = |v: &Value| -> Vec<String> {
+        let mut o: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["owner"].as_str().unwrap().to_owned())
+            .collect();
+        o.sort();
+        o
+    };
+    assert_eq!(owners(&live), ["host-a", "host-b"]);
+    let mut d2 = d2;
+    d2.kill9();
+    let state = s.state().display().to_string();
+    let dead = rkfilter_tests::filterctl(&["--state", &state, "clients", "--json"]).json();
+    assert_eq!(owners(&dead), ["host-a", "host-b"]);
+    let table = rkfilter_tests::filterctl(&["--state", &state, "clients"]);
+    assert!(
+        table.stdout.contains("host-a") && table.stdout.contains("2 client(s)"),
+        "{}",
+        table.stdout
+    );
 }
 
 #[test]

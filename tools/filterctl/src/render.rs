@@ -380,6 +380,20 @@ pub fn offline_status(meta: &MetaInfo, views: &[HandleView], corrupt: &[String])
     out
 }
 
+/// `clients`.
+pub fn clients(cs: &[serde_json::Value]) -> String {
+    let rows: Vec<Vec<String>> = cs
+        .iter()
+        .map(|c| {
+            let f = |k: &str| c[k].as_str().unwrap_or("").to_owned();
+            vec![f("protocol"), f("clientid"), f("owner"), f("verifier")]
+        })
+        .collect();
+    let mut out = table(&["PROTO", "CLIENTID", "OWNER", "VERIFIER"], &rows);
+    out.push_str(&format!("{} client(s)\n", cs.len()));
+    out
+}
+
 /// `stats`.
 pub fn stats(s: &Stats) -> anyhow::Result<String> {
     let v = serde_json::to_value(s)?;
