@@ -2560,8 +2560,16 @@ impl Engine {
                 record,
                 ..
             } => {
-                fsops::set_size_by_handle(root, kernel_handle, *size)
-                    .map_err(|e| err(ErrorCode::Internal, format!("set end of file: {e}")))?;
+                fsops::set_size_by_handle(root, kernel_handle, *size).map_err(|e| {
+                    // A size the filesystem cannot hold is the client's
+                    // bad parameter; no space is disk full.
+                    let code = match e.raw_os_error() {
+                        Some(libc::EFBIG) | Some(libc::EINVAL) => ErrorCode::BadFrame,
+                        Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
+                        _ => ErrorCode::Internal,
+                    };
+                    err(code, format!("set end of file to {size}: {e}"))
+                })?;
                 if let Some(r) = record {
                     self.remember_reply(r.clone());
                 }
