@@ -164,6 +164,26 @@ impl Client {
         self.exchange(Route::Xid(xid), &line_of(&req))
     }
 
+    /// Sends a request as given when it carries a u64 `xid` (for tests of
+    /// the server's xid handling, and for `nfsshim client` lines that name
+    /// their own xid), else like [`Client::call`]. Fails with
+    /// [`Error::XidInUse`] if another request is waiting on that xid. Fresh
+    /// xids of later [`Client::call`]s are above every xid given here.
+    pub fn call_keeping_xid(&self, req: Value) -> Result<Reply, Error> {
+        if !req.is_object() {
+            return Err(Error::NotAnObject);
+        }
+        match req.get("xid").and_then(Value::as_u64) {
+            Some(xid) => {
+                // Later fresh xids stay clear of the ones callers chose.
+                self.next_xid
+                    .fetch_max(xid.saturating_add(1), Ordering::Relaxed);
+                self.exchange(Route::Xid(xid), &line_of(&req))
+            }
+            None => self.call(req),
+        }
+    }
+
     /// Sends `line` as is (a `\n` is appended unless it ends with one) and
     /// waits for the next reply whose `xid` is null — what the server sends
     /// for a line it cannot read an xid from (not JSON, not an object, a bad
@@ -191,6 +211,9 @@ impl Client {
                 }
                 match route {
                     Route::Xid(xid) => {
+                        if r.by_xid.contains_key(&xid) {
+                            return Err(Error::XidInUse(xid));
+                        }
                         r.by_xid.insert(xid, tx.clone());
                     }
                     Route::XidNull => r.xid_null.push_back(tx.clone()),
@@ -535,6 +558,33 @@ mod tests {
         let echo = || c.call(json!({"op": "ECHO"}));
         assert!(matches!(echo(), Err(Error::BadReply { .. })));
         assert!(matches!(echo(), Err(Error::BadReply { .. })));
+        drop(c);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn call_keeping_xid_sends_the_given_xid() {
+        let (addr, server) = fake(|mut r, mut w| {
+            let req = recv_line(&mut r);
+            assert_eq!(req["xid"], 777);
+            send(&mut w, json!({"xid": 777, "status": "NFS4_OK"}));
+            let req = recv_line(&mut r);
+            send(&mut w, json!({"xid": req["xid"], "status": "NFS4_OK"}));
+            wait_close(&mut r);
+        });
+        let c = Client::connect(addr).unwrap();
+        let r = c
+            .call_keeping_xid(json!({"op": "RECLAIM_COMPLETE", "xid": 777}))
+            .unwrap();
+        assert_eq!(r.xid(), Some(777));
+        let next = c
+            .call_keeping_xid(json!({"op": "RECLAIM_COMPLETE"}))
+            .unwrap();
+        assert_eq!(next.xid(), Some(778), "fresh xids stay above given ones");
+        assert!(matches!(
+            c.call_keeping_xid(json!([1])),
+            Err(Error::NotAnObject)
+        ));
         drop(c);
         server.join().unwrap();
     }

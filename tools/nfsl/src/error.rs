@@ -38,6 +38,10 @@ pub enum Error {
         /// The timeout that passed.
         after: Duration,
     },
+    /// [`crate::Client::call_keeping_xid`] was given an `xid` that another
+    /// request of this client is still waiting on. Nothing was sent.
+    #[error("xid {0} is already waiting for a reply")]
+    XidInUse(u64),
     /// The request given to [`crate::Client::call`] is not a JSON object.
     #[error("a request must be a JSON object")]
     NotAnObject,

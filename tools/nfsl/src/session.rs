@@ -165,12 +165,31 @@ impl Session {
     /// Sends `req` as a new request on `slot`. When the reply rejects the
     /// `seq` ([`Reply::rejects_seq`]) the slot is taken back, so the next
     /// call reuses the seqid.
-    pub fn call(&self, slot: u32, req: Value) -> Result<Reply, Error> {
-        if !req.is_object() {
-            return Err(Error::NotAnObject);
+    pub fn call(&self, slot: u32, mut req: Value) -> Result<Reply, Error> {
+        if let Some(obj) = req.as_object_mut() {
+            obj.remove("xid");
         }
+        self.call_keeping_xid(slot, req)
+    }
+
+    /// As [`Session::call`], but a u64 `xid` in `req` is sent as is
+    /// ([`Client::call_keeping_xid`]); without one a fresh xid is used.
+    pub fn call_keeping_xid(&self, slot: u32, mut req: Value) -> Result<Reply, Error> {
+        let Some(obj) = req.as_object_mut() else {
+            return Err(Error::NotAnObject);
+        };
         let seq = self.next_seq(slot)?;
-        let reply = self.client.call_seq(&seq, req)?;
+        obj.insert("seq".into(), seq.to_json());
+        let reply = match self.client.call_keeping_xid(req) {
+            Ok(r) => r,
+            Err(e) => {
+                // Nothing was sent for these: the slot is as it was.
+                if matches!(e, Error::XidInUse(_)) {
+                    self.take_back(&seq);
+                }
+                return Err(e);
+            }
+        };
         if reply.rejects_seq() {
             self.take_back(&seq);
         }

@@ -9,39 +9,83 @@
 //!
 //! One thread per client connection, as in smbshim: requests of one
 //! connection run in order; blocking calls keep each step simple.
+//!
+//! `nfsshim client ADDR` is a small interactive and scriptable nfsl/1
+//! client (client_cli.rs) for trying a server by hand and for shell-driven
+//! tests.
 #![forbid(unsafe_code)]
 
+mod client_cli;
 mod server;
 mod state;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// The NFS-like (nfsl/1) frontend of rkfilter.
+///
+/// Serve: `nfsshim --filter SOCKET --listen HOST:PORT [--instance NAME]
+/// [--lease-ms N]` prints `listening on HOST:PORT` as its first stdout
+/// line, then serves. Try a server by hand: `nfsshim client HOST:PORT`
+/// (see `nfsshim client --help`).
 #[derive(Parser, Debug)]
-#[command(name = "nfsshim", version, about, long_about = None)]
+#[command(
+    name = "nfsshim",
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
     /// filterd's Unix socket.
-    #[arg(long, value_name = "SOCKET")]
-    filter: PathBuf,
+    #[arg(long, value_name = "SOCKET", required = true)]
+    filter: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port).
-    #[arg(long, value_name = "HOST:PORT")]
-    listen: String,
-    /// Frontend instance name [default: nfs].
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    listen: Option<String>,
+    /// Frontend instance name [default: nfs]; a new nfsshim with the same
+    /// name takes over the state of a dead one.
     #[arg(long, value_name = "NAME")]
     instance: Option<String>,
-    /// Client lease length in milliseconds.
+    /// Client lease length in milliseconds (at least 1000).
     #[arg(long, value_name = "N", default_value_t = 90_000)]
     lease_ms: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Connect to an nfsl/1 server and run commands read from stdin, one
+    /// per line, printing each reply (and each CB_RECALL) as a JSON line.
+    #[command(after_help = client_cli::HELP)]
+    Client {
+        /// The server, e.g. 127.0.0.1:2049.
+        #[arg(value_name = "HOST:PORT")]
+        addr: String,
+        /// Seconds to wait for each reply.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+        timeout: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    server::run(
-        &args.filter,
-        &args.listen,
-        args.instance.as_deref().unwrap_or("nfs"),
-        args.lease_ms.max(1_000),
-    )
+    match (args.command, args.filter, args.listen) {
+        (Some(Command::Client { addr, timeout }), _, _) => {
+            let timeout = Duration::try_from_secs_f64(timeout)
+                .map_err(|_| anyhow::anyhow!("--timeout must be a non-negative number"))?;
+            client_cli::run(&addr, timeout)
+        }
+        (None, Some(filter), Some(listen)) => server::run(
+            &filter,
+            &listen,
+            args.instance.as_deref().unwrap_or("nfs"),
+            args.lease_ms.max(1_000),
+        ),
+        // clap requires both flags when there is no subcommand.
+        (None, _, _) => anyhow::bail!("--filter and --listen are required"),
+    }
 }

@@ -74,7 +74,8 @@ impl Kind {
     }
 }
 
-/// A running smbshim, SIGKILLed on drop.
+/// A running protocol frontend (smbshim, or nfsshim for `nfs`, which takes
+/// the same flags), SIGKILLed on drop.
 pub struct Shim {
     child: Child,
     /// The address from its `listening on` line.
@@ -84,8 +85,9 @@ pub struct Shim {
 }
 
 impl Shim {
-    /// Starts smbshim on filterd's `socket` as `instance`, stderr to `log`,
-    /// and waits (without a fixed sleep) for its `listening on` line.
+    /// Starts the frontend binary `smbshim` (the path of smbshim or
+    /// nfsshim) on filterd's `socket` as `instance`, stderr to `log`, and
+    /// waits (without a fixed sleep) for its `listening on` line.
     pub fn start(
         smbshim: &Path,
         socket: &Path,
@@ -106,15 +108,18 @@ impl Shim {
             .stderr(log_file)
             .spawn()
             .with_context(|| format!("starting {}", smbshim.display()))?;
+        let name = smbshim
+            .file_name()
+            .map_or_else(|| "the frontend".into(), |n| n.to_string_lossy());
         let stdout = child
             .stdout
             .take()
-            .ok_or_else(|| anyhow!("smbshim's stdout was not captured"))?;
+            .ok_or_else(|| anyhow!("{name}'s stdout was not captured"))?;
         // The first line goes over a channel so the wait has a limit; the
-        // thread then drains stdout until smbshim exits.
+        // thread then drains stdout until the frontend exits.
         let (tx, rx) = crossbeam_channel::bounded::<std::io::Result<String>>(1);
         std::thread::Builder::new()
-            .name("smbshim-stdout".into())
+            .name(format!("{name}-stdout"))
             .spawn(move || {
                 let mut lines = BufReader::new(stdout).lines();
                 let first = lines
@@ -123,16 +128,16 @@ impl Shim {
                 let _ = tx.send(first);
                 for _ in lines {}
             })
-            .context("starting the smbshim stdout thread")?;
+            .with_context(|| format!("starting the {name} stdout thread"))?;
         let mut shim = Shim {
             child,
             addr: String::new(),
             listening_at: Instant::now(),
         };
         let line = match rx.recv_timeout(LISTEN_LIMIT) {
-            Ok(l) => l.context("reading smbshim's stdout")?,
+            Ok(l) => l.with_context(|| format!("reading {name}'s stdout"))?,
             Err(_) => bail!(
-                "smbshim printed no line within {:.0} s; log:\n{}",
+                "{name} printed no line within {:.0} s; log:\n{}",
                 LISTEN_LIMIT.as_secs_f64(),
                 log_tail(log)
             ),
@@ -142,7 +147,7 @@ impl Shim {
             .strip_prefix("listening on ")
             .ok_or_else(|| {
                 anyhow!(
-                    "smbshim's first line is {line:?}, not `listening on HOST:PORT`; log:\n{}",
+                    "{name}'s first line is {line:?}, not `listening on HOST:PORT`; log:\n{}",
                     log_tail(log)
                 )
             })?
