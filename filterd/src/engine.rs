@@ -1073,6 +1073,30 @@ impl Engine {
                 }
                 Ok(Some((Reply::Records { records, next }, None)))
             }
+            Request::WriteRecords { put, delete } => {
+                let (protocol, _) = need_frontend()?;
+                // Check everything first: all or nothing.
+                let put: Vec<RecordSpec> = put
+                    .into_iter()
+                    .map(|r| self.own_record(conn, &protocol, r))
+                    .collect::<Result<_, _>>()?;
+                let delete: Vec<(ReplayScope, u64)> = delete
+                    .into_iter()
+                    .map(|(s, op)| self.own_scope(conn, &protocol, s).map(|s| (s, op)))
+                    .collect::<Result<_, _>>()?;
+                for (scope, op_id) in delete {
+                    let persistent = self.scope_is_persistent(&scope);
+                    if let Some(recs) = self.replays.get_mut(&scope) {
+                        if recs.remove(&op_id).is_some() && persistent {
+                            self.ops.push(StoreOp::DeleteReplay { scope, op_id });
+                        }
+                    }
+                }
+                for r in put {
+                    self.remember_reply(r);
+                }
+                Ok(Some((Reply::Done, None)))
+            }
             Request::DeleteRecord { scope, op_id } => {
                 let (protocol, _) = need_frontend()?;
                 let scope = self.own_scope(conn, &protocol, scope)?;

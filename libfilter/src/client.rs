@@ -434,6 +434,15 @@ impl FilterClient {
         }
     }
 
+    /// Writes and deletes records in one commit.
+    pub fn write_records(
+        &self,
+        put: Vec<crate::model::RecordSpec>,
+        delete: Vec<(ReplayScope, u64)>,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::WriteRecords { put, delete })?)
+    }
+
     /// Deletes one record of a session scope.
     pub fn delete_record(&self, scope: ReplayScope, op_id: u64) -> Result<(), ClientError> {
         Self::expect_done(self.call(Request::DeleteRecord { scope, op_id })?)

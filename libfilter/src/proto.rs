@@ -184,6 +184,16 @@ pub enum Request {
         #[serde(default)]
         after: Option<u64>,
     },
+    /// Writes and deletes several records in one commit (a frontend's table
+    /// rows together with the reply that reports them). Frontend only.
+    WriteRecords {
+        /// Records to write.
+        #[serde(default)]
+        put: Vec<RecordSpec>,
+        /// (scope, op id) of records to delete.
+        #[serde(default)]
+        delete: Vec<(ReplayScope, u64)>,
+    },
     /// Delete one record of a session scope. Frontend only.
     DeleteRecord {
         /// The scope.
@@ -308,6 +318,7 @@ impl Request {
             Request::DropScope { .. } => "drop_scope",
             Request::ListRecords { .. } => "list_records",
             Request::DeleteRecord { .. } => "delete_record",
+            Request::WriteRecords { .. } => "write_records",
             Request::Lock { .. } => "lock",
             Request::CheckIo { .. } => "check_io",
             Request::Locks { .. } => "locks",

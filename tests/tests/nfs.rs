@@ -535,21 +535,27 @@ fn share_reservations_across_protocols_and_delegation_revocation() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     let cb = n.c.next_line().expect("CB_RECALL");
     assert_eq!(cb["op"], "CB_RECALL");
+    // nfsshim learns of the revocation from filterd's event: the delegation
+    // stateid stops working.
     let r = wait_for("the revocation", Duration::from_secs(5), || {
-        let r = n.call(json!({"op": "DELEGRETURN", "stateid": dsid}));
+        let r = n.call(json!({"op": "READ", "stateid": dsid, "offset": 0, "count": 1}));
         (r["status"] != "NFS4_OK").then_some(r)
     });
     assert_eq!(r["status"], "NFS4ERR_EXPIRED", "a revoked delegation: {r}");
+    let r = n.call(json!({"op": "DELEGRETURN", "stateid": dsid}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "{r}");
 }
 
 /// An OPEN whose filterd dies before or after each of its commits (the
-/// handle, the open state, the slot reply), re-sent on its slot once
+/// handle; the open state with the slot reply), re-sent on its slot once
 /// filterd is back: one open, created once, one open state.
 #[test]
 fn open_is_exactly_once_across_a_filterd_crash_at_every_commit() {
     for point in ["commit.before", "commit.after"] {
-        // Commits 1 and 2 are EXCHANGE_ID's and CREATE_SESSION's records.
-        for n in 3..=5 {
+        // Commits 1 and 2 are EXCHANGE_ID's and CREATE_SESSION's records;
+        // the OPEN commits its handle (3), then its open state together
+        // with its slot reply (4).
+        for n in 3..=4 {
             let s = Scratch::new(&format!("nfs-crash-{point}-{n}"));
             let fp = format!("{point}:{n}");
             let mut d = Filterd::spawn(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
@@ -594,6 +600,54 @@ fn open_is_exactly_once_across_a_filterd_crash_at_every_commit() {
             ok(a.call(
                 json!({"op": "WRITE", "stateid": r["stateid"], "offset": 0, "data": b64("once")}),
             ));
+        }
+    }
+}
+
+/// A CLOSE whose filterd dies before or after each of its commits (the
+/// handle's deletion; the open state's deletion with the slot reply),
+/// re-sent once filterd is back: NFS4_OK, and no handle left.
+#[test]
+fn close_is_exactly_once_across_a_filterd_crash_at_every_commit() {
+    for point in ["commit.before", "commit.after"] {
+        // 1-2: client and session; 3-4: the OPEN; 5: the WRITE's slot reply.
+        for n in 6..=7 {
+            let s = Scratch::new(&format!("nfs-close-{point}-{n}"));
+            let fp = format!("{point}:{n}");
+            let mut d = Filterd::spawn(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+            d.wait_ready();
+            let shim = Shim::start("nfsshim", &s.socket(), "nfs-c");
+            let mut a = Nfs::connect(&shim.addr, "host-a", "cdcdcdcdcdcdcdcd");
+            let o = ok(a.open("p", "f", "both", "none", create()));
+            ok(a.call(
+                json!({"op": "WRITE", "stateid": o["stateid"], "offset": 0, "data": b64("x")}),
+            ));
+            let close = json!({"op": "CLOSE", "stateid": o["stateid"]});
+            a.seqid += 1;
+            let first = a.send(close.clone());
+            assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
+            d.wait_exit(Duration::from_secs(10));
+            let _d2 = Filterd::start(&s, &[], &[]);
+            let r = wait_for(
+                "an answer other than DELAY",
+                Duration::from_secs(10),
+                || {
+                    let r = a.send(close.clone());
+                    (r["status"] != "NFS4ERR_DELAY").then_some(r)
+                },
+            );
+            assert_eq!(r["status"], "NFS4_OK", "{fp}: {r}");
+            let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+            let left: Vec<_> = ctl.handles().unwrap();
+            assert!(left.is_empty(), "{fp}: the handle is closed: {left:?}");
+            // The state is gone: BAD_STATEID, or EXPIRED when nfsshim only
+            // learnt from filterd that the handle is gone.
+            let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 1}));
+            let st = r["status"].as_str().unwrap_or("");
+            assert!(
+                st == "NFS4ERR_BAD_STATEID" || st == "NFS4ERR_EXPIRED",
+                "{fp}: {r}"
+            );
         }
     }
 }

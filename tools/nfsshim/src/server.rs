@@ -118,6 +118,10 @@ struct State {
     stale: HashSet<String>,
     /// Stateid `other`s of released state.
     expired: HashSet<String>,
+    /// Open states closed (or found gone at a restart) by this nfsshim, and
+    /// their owners: a CLOSE re-sent after its reply was lost is answered
+    /// NFS4_OK again rather than NFS4ERR_BAD_STATEID.
+    closed: HashMap<String, String>,
     sessions: HashMap<String, Session>,
     /// Open states by their `other`.
     opens: HashMap<String, Open>,
@@ -230,6 +234,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                         o.other
                     );
                     let _ = state::delete(f, &format!("states/{cid}"), snum);
+                    st.closed.insert(o.other.clone(), cid.clone());
                 }
             }
         }
@@ -570,6 +575,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
     }
     let ctx = Ctx {
         sh,
+        pending: Default::default(),
         cid: &cid,
         seq: &seq,
         restored,
@@ -610,20 +616,22 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
     let already_recorded = matches!(&outcome, Ok(m) if m.contains_key(RECORDED));
     let mut reply = finish(outcome);
     reply.remove(RECORDED);
+    let mut pending = ctx.pending.take();
     if mutating && !already_recorded {
         let rec = SlotRec {
             seqid: seq.seqid,
             reply: Value::Object(reply.clone()),
         };
-        if let Err(e) = state::put(
-            &sh.filter,
-            &format!("slots/{}", seq.sessionid),
-            u64::try_from(seq.slot).unwrap_or(0),
-            &rec,
-        ) {
-            // Not durable: do not advance; the client re-sends.
-            return finish(Err(Fail(UNREACHABLE, format!("recording the reply: {e}"))));
+        let slot_op = u64::try_from(seq.slot).unwrap_or(0);
+        if let Err(e) = pending.put(&format!("slots/{}", seq.sessionid), slot_op, &rec) {
+            return finish(Err(internal(e.to_string())));
         }
+    }
+    // The request's table changes and its slot reply: one commit, before
+    // the reply goes out.
+    if let Err(e) = pending.flush(&sh.filter) {
+        // Not durable: do not advance; the client re-sends.
+        return finish(Err(Fail(UNREACHABLE, format!("recording the reply: {e}"))));
     }
     if let Some(slot) = st
         .sessions
@@ -654,6 +662,8 @@ fn parse_seq(obj: &Map<String, Value>) -> Result<SeqArgs, Fail> {
 /// What an operation knows of its request.
 struct Ctx<'a> {
     sh: &'a Shared,
+    /// Table changes, written with the slot reply in one commit.
+    pending: std::cell::RefCell<state::Pending>,
     cid: &'a str,
     seq: &'a SeqArgs,
     /// The slot was restored after a restart: the request may have been
@@ -662,6 +672,19 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Writes an open state's record with the slot reply.
+    fn put_state(&self, num: u64, rec: &OpenRec) -> Result<(), Fail> {
+        self.pending
+            .borrow_mut()
+            .put(&format!("states/{}", self.cid), num, rec)
+            .map_err(filter_fail)
+    }
+    /// Deletes an open state's record with the slot reply.
+    fn delete_state(&self, num: u64) {
+        self.pending
+            .borrow_mut()
+            .delete(&format!("states/{}", self.cid), num);
+    }
     fn client_id(&self) -> Result<ClientId, Fail> {
         ClientId::new(self.cid.to_owned()).map_err(|e| internal(e.to_string()))
     }
@@ -932,7 +955,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     if let Some(d) = deleg_other {
         st.aliases.insert(d, other.clone());
     }
-    state::put(&sh.filter, &format!("states/{}", ctx.cid), num, &rec).map_err(filter_fail)?;
+    ctx.put_state(num, &rec)?;
     let mut m = Map::new();
     m.insert("stateid".into(), stateid_json(&other, rec.seqid));
     m.insert("created".into(), json!(created));
@@ -1232,7 +1255,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let rec = o.rec.clone();
     let num = o.num;
     st.aliases.insert(lock_other.clone(), other);
-    state::put(&sh.filter, &format!("states/{}", ctx.cid), num, &rec).map_err(filter_fail)?;
+    ctx.put_state(num, &rec)?;
     let mut m = Map::new();
     m.insert("lock_stateid".into(), stateid_json(&lock_other, lseq));
     Ok(m)
@@ -1321,7 +1344,7 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     l.seqid = l.seqid.wrapping_add(1);
     let (lo, ls) = (l.other.clone(), l.seqid);
     let rec = o.rec.clone();
-    state::put(&sh.filter, &format!("states/{}", ctx.cid), o.num, &rec).map_err(filter_fail)?;
+    ctx.put_state(o.num, &rec)?;
     let mut m = Map::new();
     m.insert("lock_stateid".into(), stateid_json(&lo, ls));
     Ok(m)
@@ -1329,7 +1352,16 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
 
 fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
-    let n = resolve(ctx, st, field(obj, "stateid")?)?;
+    let named = field(obj, "stateid")?;
+    let closed_other = named
+        .get("other")
+        .and_then(Value::as_str)
+        .filter(|o| st.closed.get(*o).is_some_and(|c| c == ctx.cid));
+    if closed_other.is_some() {
+        // Closed already by a request whose reply may have been lost.
+        return Ok(Map::new());
+    }
+    let n = resolve(ctx, st, named)?;
     let Named::Open(other) = n else {
         return Err(Fail("NFS4ERR_BAD_STATEID", "not an open stateid".into()));
     };
@@ -1349,6 +1381,7 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         }
     }
     let num = o.num;
+    st.closed.insert(other.clone(), ctx.cid.to_owned());
     if let Some(o) = st.opens.remove(&other) {
         for l in &o.rec.locks {
             st.aliases.remove(&l.other);
@@ -1357,7 +1390,7 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             st.aliases.remove(&d.other);
         }
     }
-    state::delete(&sh.filter, &format!("states/{}", ctx.cid), num).map_err(filter_fail)?;
+    ctx.delete_state(num);
     Ok(Map::new())
 }
 
@@ -1385,7 +1418,7 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
     let Some(o) = st.opens.get(&other) else {
         return Err(internal("open vanished"));
     };
-    state::put(&sh.filter, &format!("states/{}", ctx.cid), o.num, &o.rec).map_err(filter_fail)?;
+    ctx.put_state(o.num, &o.rec)?;
     Ok(Map::new())
 }
 
@@ -1508,7 +1541,21 @@ fn forget(sh: &Shared, keys: &[ResumeKey]) {
             .map(|(k, _)| k.clone())
             .collect();
         for g in gone {
-            st.opens.remove(&g);
+            if let Some(o) = st.opens.remove(&g) {
+                for l in &o.rec.locks {
+                    st.aliases.remove(&l.other);
+                    st.expired.insert(l.other.clone());
+                }
+                if let Some(d) = &o.rec.deleg {
+                    st.aliases.remove(&d.other);
+                    st.expired.insert(d.other.clone());
+                }
+                // Its handle is gone (expired, purged, or closed by a CLOSE
+                // whose reply was lost in a filterd crash): a CLOSE of it is
+                // answered NFS4_OK, anything else NFS4ERR_EXPIRED.
+                st.closed.insert(g.clone(), o.clientid.clone());
+                let _ = state::delete(&sh.filter, &format!("states/{}", o.clientid), o.num);
+            }
             st.expired.insert(g);
         }
     }

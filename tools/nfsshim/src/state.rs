@@ -102,6 +102,62 @@ pub fn put<T: Serialize>(
     f.client().record_reply(scope(scope_name)?, op, text, KEEP)
 }
 
+/// Table changes a request makes, written together with its slot reply in
+/// one filterd commit ([`Pending::flush`]).
+#[derive(Default)]
+pub struct Pending {
+    put: Vec<(String, u64, String)>,
+    delete: Vec<(String, u64)>,
+}
+
+impl Pending {
+    /// A record to write.
+    pub fn put<T: Serialize>(
+        &mut self,
+        scope_name: &str,
+        op: u64,
+        rec: &T,
+    ) -> Result<(), ClientError> {
+        let text = serde_json::to_string(rec)
+            .map_err(|e| ClientError::Unexpected(format!("encoding a record: {e}")))?;
+        self.delete.retain(|(s, o)| !(s == scope_name && *o == op));
+        self.put.retain(|(s, o, _)| !(s == scope_name && *o == op));
+        self.put.push((scope_name.to_owned(), op, text));
+        Ok(())
+    }
+
+    /// A record to delete.
+    pub fn delete(&mut self, scope_name: &str, op: u64) {
+        self.put.retain(|(s, o, _)| !(s == scope_name && *o == op));
+        self.delete.push((scope_name.to_owned(), op));
+    }
+
+    /// Writes everything in one commit (durable when this returns).
+    pub fn flush(self, f: &Attachment) -> Result<(), ClientError> {
+        if self.put.is_empty() && self.delete.is_empty() {
+            return Ok(());
+        }
+        let put = self
+            .put
+            .into_iter()
+            .map(|(s, op, reply)| {
+                Ok(libfilter::model::RecordSpec {
+                    scope: scope(&s)?,
+                    op_id: op,
+                    reply,
+                    keep: KEEP,
+                })
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        let delete = self
+            .delete
+            .into_iter()
+            .map(|(s, op)| Ok((scope(&s)?, op)))
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        f.client().write_records(put, delete)
+    }
+}
+
 /// Deletes a record.
 pub fn delete(f: &Attachment, scope_name: &str, op: u64) -> Result<(), ClientError> {
     f.client().delete_record(scope(scope_name)?, op)
