@@ -546,6 +546,18 @@ fn share_reservations_across_protocols_and_delegation_revocation() {
     assert_eq!(r["status"], "NFS4ERR_EXPIRED", "{r}");
 }
 
+/// filterd armed to die at the `n`-th reach of `point`, nfsshim, and a
+/// client with a session.
+fn crashing(point: &str, n: u32) -> (Scratch, String, Filterd, Shim, Nfs) {
+    let s = Scratch::new(&format!("nfs-crash-{point}-{n}"));
+    let fp = format!("{point}:{n}");
+    let d = Filterd::spawn(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+    d.wait_ready();
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-c");
+    let a = Nfs::connect(&shim.addr, "host-a", "abababababababab");
+    (s, fp, d, shim, a)
+}
+
 /// An OPEN whose filterd dies before or after each of its commits (the
 /// handle; the open state with the slot reply), re-sent on its slot once
 /// filterd is back: one open, created once, one open state.
@@ -556,12 +568,7 @@ fn open_is_exactly_once_across_a_filterd_crash_at_every_commit() {
         // the OPEN commits its handle (3), then its open state together
         // with its slot reply (4).
         for n in 3..=4 {
-            let s = Scratch::new(&format!("nfs-crash-{point}-{n}"));
-            let fp = format!("{point}:{n}");
-            let mut d = Filterd::spawn(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
-            d.wait_ready();
-            let shim = Shim::start("nfsshim", &s.socket(), "nfs-c");
-            let mut a = Nfs::connect(&shim.addr, "host-a", "abababababababab");
+            let (s, fp, mut d, _shim, mut a) = crashing(point, n);
             let open = json!({"op": "OPEN", "owner": "p", "path": "new", "access": "both",
                               "deny": "none", "create": {"mode": "guarded"}});
             a.seqid += 1;
@@ -612,12 +619,7 @@ fn close_is_exactly_once_across_a_filterd_crash_at_every_commit() {
     for point in ["commit.before", "commit.after"] {
         // 1-2: client and session; 3-4: the OPEN; 5: the WRITE's slot reply.
         for n in 6..=7 {
-            let s = Scratch::new(&format!("nfs-close-{point}-{n}"));
-            let fp = format!("{point}:{n}");
-            let mut d = Filterd::spawn(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
-            d.wait_ready();
-            let shim = Shim::start("nfsshim", &s.socket(), "nfs-c");
-            let mut a = Nfs::connect(&shim.addr, "host-a", "cdcdcdcdcdcdcdcd");
+            let (s, fp, mut d, _shim, mut a) = crashing(point, n);
             let o = ok(a.open("p", "f", "both", "none", create()));
             ok(a.call(
                 json!({"op": "WRITE", "stateid": o["stateid"], "offset": 0, "data": b64("x")}),

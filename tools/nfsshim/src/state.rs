@@ -97,9 +97,13 @@ pub fn put<T: Serialize>(
     op: u64,
     rec: &T,
 ) -> Result<(), ClientError> {
-    let text = serde_json::to_string(rec)
-        .map_err(|e| ClientError::Unexpected(format!("encoding a record: {e}")))?;
-    f.client().record_reply(scope(scope_name)?, op, text, KEEP)
+    f.client()
+        .record_reply(scope(scope_name)?, op, encode(rec)?, KEEP)
+}
+
+fn encode<T: Serialize>(rec: &T) -> Result<String, ClientError> {
+    serde_json::to_string(rec)
+        .map_err(|e| ClientError::Unexpected(format!("encoding a record: {e}")))
 }
 
 /// Table changes a request makes, written together with its slot reply in
@@ -118,8 +122,7 @@ impl Pending {
         op: u64,
         rec: &T,
     ) -> Result<(), ClientError> {
-        let text = serde_json::to_string(rec)
-            .map_err(|e| ClientError::Unexpected(format!("encoding a record: {e}")))?;
+        let text = encode(rec)?;
         self.delete.retain(|(s, o)| !(s == scope_name && *o == op));
         self.put.retain(|(s, o, _)| !(s == scope_name && *o == op));
         self.put.push((scope_name.to_owned(), op, text));
