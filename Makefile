@@ -2,7 +2,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release
 
-.PHONY: all build release test lint unit e2e bench demo clean
+.PHONY: all build release test lint unit e2e bench demo fuzz clean
 
 all: build
 
@@ -29,6 +29,20 @@ bench: release
 # The whole story on a temporary export: start filterd, open, crash, recover.
 demo: release
 	$(RELEASE_BIN)/rkdemo
+
+# Fuzzing: the cargo-fuzz targets in fuzz/ (frame, LMDB record and line
+# decoders) from the checked-in seed corpus, FUZZ_SECONDS each. Builds on
+# the stable toolchain (--sanitizer none); installs cargo-fuzz if missing.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := wire_frames store_records shim_lines
+fuzz:
+	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	for t in $(FUZZ_TARGETS); do \
+	  rm -rf fuzz/corpus-work/$$t && mkdir -p fuzz/corpus-work/$$t && \
+	  cp fuzz/corpus/$$t/* fuzz/corpus-work/$$t/ && \
+	  $(CARGO) fuzz run --fuzz-dir fuzz -s none -O $$t fuzz/corpus-work/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 clean:
 	$(CARGO) clean
