@@ -2,16 +2,18 @@
 //! the exactly-once slot table, open and lock stateids, delegations, and
 //! the one place filter errors become nfsl/1 statuses ([`status_of`]).
 //!
-//! All protocol state sits behind one mutex (`Shared::st`), held for the
-//! whole of a request: simple and obviously consistent, at the price of
-//! serialising nfsl/1 requests (reads and writes of data included) inside
-//! one nfsshim. Durable changes are written to filterd (state.rs) before
-//! the reply is sent.
+//! Each client incarnation's state sits behind a lock of its own, held for
+//! the whole of one of its requests: a client's requests run one at a time,
+//! different clients' requests run concurrently and share filterd's group
+//! commits. A small global table routes sessions, handles and leases to
+//! their client (lock order: a client's lock, then the global one). Durable
+//! changes are written to filterd (state.rs) before the reply is sent.
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -110,13 +112,15 @@ struct Open {
     file_key: FileId,
 }
 
+/// One client incarnation's state, behind a lock of its own: requests of
+/// different clients run (and share filterd's commits) concurrently, while
+/// a client's own requests run one at a time.
 #[derive(Default)]
 struct State {
-    clients: HashMap<String, Client>,
-    by_owner: HashMap<String, String>,
-    /// Clientids whose lease lapsed or that rebooted.
-    stale: HashSet<String>,
-    /// Stateid `other`s of released state.
+    /// None once the incarnation was released (reboot, expiry, destroy).
+    client: Option<Client>,
+    /// Stateid `other`s of this client's state that went away (revoked
+    /// delegations, handles filterd dropped).
     expired: HashSet<String>,
     /// Open states closed (or found gone at a restart) by this nfsshim, and
     /// their owners: a CLOSE re-sent after its reply was lost is answered
@@ -127,21 +131,55 @@ struct State {
     opens: HashMap<String, Open>,
     /// Lock and delegation `other`s → their open's `other`.
     aliases: HashMap<String, String>,
-    next_num: u64,
+}
+
+/// What routes requests and events to a client, and what outlives it. Held
+/// only briefly; a client's lock may be held while taking it, never the
+/// other way round.
+#[derive(Default)]
+struct Global {
+    clients: HashMap<String, Arc<Mutex<State>>>,
+    by_owner: HashMap<String, String>,
+    /// Clientids whose lease lapsed, that rebooted or were destroyed.
+    stale: HashSet<String>,
+    /// Stateid `other`s of released clients.
+    expired: HashSet<String>,
+    /// Session → its client.
+    session_client: HashMap<String, String>,
+    /// Filter handle → its client (filterd's events name handles).
+    handle_client: HashMap<ResumeKey, String>,
+    /// Filter handle → the lock-owner locking through it (NFS4ERR_DENIED).
+    lock_owner: HashMap<ResumeKey, String>,
+    /// Delegation lease key → its client (recalls).
+    lease_client: HashMap<uuid::Uuid, String>,
 }
 
 struct Shared {
     filter: Attachment,
-    st: Mutex<State>,
+    st: Mutex<Global>,
+    next_num: AtomicU64,
     writers: shimline::Writers,
     lease: Duration,
     locked_files: Mutex<HashSet<FileId>>,
 }
 
 impl Shared {
-    fn lock(&self) -> Result<MutexGuard<'_, State>, Fail> {
+    fn global(&self) -> Result<MutexGuard<'_, Global>, Fail> {
         self.st.lock().map_err(|_| internal("state lock poisoned"))
     }
+
+    /// A client's state, by clientid.
+    fn client(&self, cid: &str) -> Result<Option<Arc<Mutex<State>>>, Fail> {
+        Ok(self.global()?.clients.get(cid).cloned())
+    }
+
+    fn num(&self) -> u64 {
+        self.next_num.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn lock_client(c: &Mutex<State>) -> Result<MutexGuard<'_, State>, Fail> {
+    c.lock().map_err(|_| internal("client lock poisoned"))
 }
 
 /// Attaches to filterd, restores state, listens, serves forever.
@@ -158,7 +196,8 @@ pub fn run(filter: &Path, listen: &str, instance: &str, lease_ms: u64) -> anyhow
     .context("attaching to filterd")?;
     let shared = Arc::new(Shared {
         filter: attach,
-        st: Mutex::new(State::default()),
+        st: Mutex::new(Global::default()),
+        next_num: AtomicU64::new(1),
         writers: shimline::Writers::default(),
         lease: Duration::from_millis(lease_ms),
         locked_files: Mutex::new(HashSet::new()),
@@ -186,7 +225,8 @@ pub fn run(filter: &Path, listen: &str, instance: &str, lease_ms: u64) -> anyhow
 /// down does not count against it.
 fn restore(sh: &Shared) -> Result<(), ClientError> {
     let f = &sh.filter;
-    let mut st = sh
+    let unexpected = |e: ModelError| ClientError::Unexpected(e.to_string());
+    let mut g = sh
         .st
         .lock()
         .map_err(|_| ClientError::Unexpected("lock".into()))?;
@@ -194,21 +234,22 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
     let mut max = 0;
     for (num, rec) in state::list::<ClientRec>(f, "clients")? {
         max = max.max(num);
-        st.by_owner.insert(rec.owner.clone(), rec.clientid.clone());
+        g.by_owner.insert(rec.owner.clone(), rec.clientid.clone());
         let cid = rec.clientid.clone();
+        let mut st = State::default();
         for (snum, o) in state::list::<OpenRec>(f, &format!("states/{cid}"))? {
             max = max.max(snum);
-            match f.resume(
-                ClientId::new(cid.clone()).map_err(|e| ClientError::Unexpected(e.to_string()))?,
-                o.key,
-            ) {
+            match f.resume(ClientId::new(cid.clone()).map_err(unexpected)?, o.key) {
                 Ok(h) => {
                     note_locked(sh, &h.info);
+                    g.handle_client.insert(o.key, cid.clone());
                     for l in &o.locks {
                         st.aliases.insert(l.other.clone(), o.other.clone());
+                        let key = l.key.unwrap_or(o.key);
+                        g.lock_owner.insert(key, l.owner.clone());
                         if let Some(k) = l.key {
-                            let client = ClientId::new(cid.clone())
-                                .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+                            g.handle_client.insert(k, cid.clone());
+                            let client = ClientId::new(cid.clone()).map_err(unexpected)?;
                             if let Err(e) = f.resume(client, k) {
                                 eprintln!("nfsshim: lock-owner {} handle is gone: {e}", l.owner);
                             }
@@ -216,6 +257,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                     }
                     if let Some(d) = &o.deleg {
                         st.aliases.insert(d.other.clone(), o.other.clone());
+                        g.lease_client.insert(d.lease_key, cid.clone());
                     }
                     st.opens.insert(
                         o.other.clone(),
@@ -238,15 +280,13 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                 }
             }
         }
-        st.clients.insert(
-            cid,
-            Client {
-                rec,
-                num,
-                deadline: now + sh.lease,
-                conn: None,
-            },
-        );
+        st.client = Some(Client {
+            rec,
+            num,
+            deadline: now + sh.lease,
+            conn: None,
+        });
+        g.clients.insert(cid, Arc::new(Mutex::new(st)));
     }
     for (num, rec) in state::list::<SessionRec>(f, "sessions")? {
         max = max.max(num);
@@ -263,10 +303,19 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                 slot.reply = Some(s.reply);
             }
         }
-        st.sessions
-            .insert(rec.sessionid.clone(), Session { rec, num, slots });
+        let Some(cl) = g.clients.get(&rec.clientid).cloned() else {
+            let _ = state::delete(f, "sessions", num);
+            continue;
+        };
+        g.session_client
+            .insert(rec.sessionid.clone(), rec.clientid.clone());
+        let guard = cl.lock();
+        if let Ok(mut st) = guard {
+            st.sessions
+                .insert(rec.sessionid.clone(), Session { rec, num, slots });
+        }
     }
-    st.next_num = max + 1;
+    sh.next_num.store(max + 1, Ordering::Relaxed);
     Ok(())
 }
 
@@ -377,9 +426,15 @@ fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     if verifier.len() != 16 || !verifier.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(inval("verifier must be 16 hex digits"));
     }
-    let mut st = sh.lock()?;
-    if let Some(cid) = st.by_owner.get(&owner).cloned() {
-        if let Some(c) = st.clients.get_mut(&cid) {
+    let known = {
+        let g = sh.global()?;
+        g.by_owner
+            .get(&owner)
+            .and_then(|cid| g.clients.get(cid).map(|c| (cid.clone(), c.clone())))
+    };
+    if let Some((cid, cl)) = known {
+        let mut st = lock_client(&cl)?;
+        if let Some(c) = st.client.as_mut() {
             if c.rec.verifier == verifier {
                 c.deadline = Instant::now() + sh.lease;
                 let mut m = Map::new();
@@ -396,40 +451,45 @@ fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         owner: owner.clone(),
         verifier,
     };
-    let num = st.next_num;
-    st.next_num += 1;
+    let num = sh.num();
     state::put(&sh.filter, "clients", num, &rec).map_err(filter_fail)?;
     let cid = rec.clientid.clone();
-    st.by_owner.insert(owner, cid.clone());
-    st.clients.insert(
-        cid.clone(),
-        Client {
+    let st = State {
+        client: Some(Client {
             rec,
             num,
             deadline: Instant::now() + sh.lease,
             conn: None,
-        },
-    );
+        }),
+        ..State::default()
+    };
+    let mut g = sh.global()?;
+    g.by_owner.insert(owner, cid.clone());
+    g.clients.insert(cid.clone(), Arc::new(Mutex::new(st)));
     let mut m = Map::new();
     m.insert("clientid".into(), json!(cid));
     m.insert("confirmed".into(), json!(false));
     Ok(m)
 }
 
+fn stale(cid: &str) -> Fail {
+    Fail("NFS4ERR_STALE_CLIENTID", format!("no client {cid}"))
+}
+
 fn create_session(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let cid = str_field(obj, "clientid")?.to_owned();
-    let mut st = sh.lock()?;
-    let Some(c) = st.clients.get_mut(&cid) else {
-        return Err(Fail("NFS4ERR_STALE_CLIENTID", format!("no client {cid}")));
+    let cl = sh.client(&cid)?.ok_or_else(|| stale(&cid))?;
+    let mut st = lock_client(&cl)?;
+    let Some(c) = st.client.as_mut() else {
+        return Err(stale(&cid));
     };
     c.deadline = Instant::now() + sh.lease;
     let rec = SessionRec {
         sessionid: new_id("s"),
-        clientid: cid,
+        clientid: cid.clone(),
         slots: SLOTS,
     };
-    let num = st.next_num;
-    st.next_num += 1;
+    let num = sh.num();
     state::put(&sh.filter, "sessions", num, &rec).map_err(filter_fail)?;
     let sid = rec.sessionid.clone();
     let slots = (0..SLOTS)
@@ -440,6 +500,7 @@ fn create_session(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         })
         .collect();
     st.sessions.insert(sid.clone(), Session { rec, num, slots });
+    sh.global()?.session_client.insert(sid.clone(), cid);
     let mut m = Map::new();
     m.insert("sessionid".into(), json!(sid));
     m.insert("slots".into(), json!(SLOTS));
@@ -452,9 +513,10 @@ fn create_session(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 
 fn destroy_clientid(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let cid = str_field(obj, "clientid")?.to_owned();
-    let mut st = sh.lock()?;
-    if !st.clients.contains_key(&cid) {
-        return Err(Fail("NFS4ERR_STALE_CLIENTID", format!("no client {cid}")));
+    let cl = sh.client(&cid)?.ok_or_else(|| stale(&cid))?;
+    let mut st = lock_client(&cl)?;
+    if st.client.is_none() {
+        return Err(stale(&cid));
     }
     release_client(sh, &mut st, &cid);
     Ok(Map::new())
@@ -465,48 +527,54 @@ fn destroy_clientid(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// clientid is stale from now on and its stateids expired.
 fn release_client(sh: &Shared, st: &mut State, cid: &str) {
     let f = &sh.filter;
-    let others: Vec<String> = st
-        .opens
-        .iter()
-        .filter(|(_, o)| o.clientid == cid)
-        .map(|(k, _)| k.clone())
-        .collect();
-    for other in others {
-        if let Some(o) = st.opens.remove(&other) {
-            let _ = f.close(o.rec.key);
-            st.expired.insert(other);
-            for l in &o.rec.locks {
-                if let Some(k) = l.key {
-                    let _ = f.close(k);
-                }
-                st.aliases.remove(&l.other);
-                st.expired.insert(l.other.clone());
+    let mut gone_others = Vec::new();
+    let mut gone_keys = Vec::new();
+    let mut gone_leases = Vec::new();
+    for (other, o) in st.opens.drain() {
+        let _ = f.close(o.rec.key);
+        gone_keys.push(o.rec.key);
+        gone_others.push(other);
+        for l in &o.rec.locks {
+            if let Some(k) = l.key {
+                let _ = f.close(k);
+                gone_keys.push(k);
             }
-            if let Some(d) = &o.rec.deleg {
-                st.aliases.remove(&d.other);
-                st.expired.insert(d.other.clone());
-            }
+            gone_others.push(l.other.clone());
+        }
+        if let Some(d) = &o.rec.deleg {
+            gone_others.push(d.other.clone());
+            gone_leases.push(d.lease_key);
         }
     }
+    st.aliases.clear();
     if let Ok(s) = state::scope(&format!("states/{cid}")) {
         let _ = f.client().call(Request::DropScope { scope: s });
     }
-    let sessions: Vec<String> = st
-        .sessions
-        .iter()
-        .filter(|(_, s)| s.rec.clientid == cid)
-        .map(|(k, _)| k.clone())
-        .collect();
+    let sessions: Vec<String> = st.sessions.keys().cloned().collect();
     for sid in sessions {
         drop_session(sh, st, &sid);
     }
-    if let Some(c) = st.clients.remove(cid) {
+    let owner = st.client.take().map(|c| {
         let _ = state::delete(f, "clients", c.num);
-        if st.by_owner.get(&c.rec.owner).is_some_and(|x| x == cid) {
-            st.by_owner.remove(&c.rec.owner);
+        c.rec.owner
+    });
+    if let Ok(mut g) = sh.global() {
+        g.clients.remove(cid);
+        if let Some(owner) = owner {
+            if g.by_owner.get(&owner).is_some_and(|x| x == cid) {
+                g.by_owner.remove(&owner);
+            }
+        }
+        g.stale.insert(cid.to_owned());
+        g.expired.extend(gone_others);
+        for k in gone_keys {
+            g.handle_client.remove(&k);
+            g.lock_owner.remove(&k);
+        }
+        for l in gone_leases {
+            g.lease_client.remove(&l);
         }
     }
-    st.stale.insert(cid.to_owned());
 }
 
 fn drop_session(sh: &Shared, st: &mut State, sid: &str) {
@@ -515,6 +583,9 @@ fn drop_session(sh: &Shared, st: &mut State, sid: &str) {
         if let Ok(scope) = state::scope(&format!("slots/{sid}")) {
             let _ = sh.filter.client().call(Request::DropScope { scope });
         }
+    }
+    if let Ok(mut g) = sh.global() {
+        g.session_client.remove(sid);
     }
 }
 
@@ -531,7 +602,23 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         Ok(s) => s,
         Err(f) => return finish(Err(f)),
     };
-    let mut st = match sh.lock() {
+    let bad_session = || {
+        finish(Err(Fail(
+            "NFS4ERR_BADSESSION",
+            format!("no session {}", seq.sessionid),
+        )))
+    };
+    let cl = match sh.global() {
+        Ok(g) => g
+            .session_client
+            .get(&seq.sessionid)
+            .and_then(|cid| g.clients.get(cid).cloned()),
+        Err(f) => return finish(Err(f)),
+    };
+    let Some(cl) = cl else {
+        return bad_session();
+    };
+    let mut st = match lock_client(&cl) {
         Ok(st) => st,
         Err(f) => return finish(Err(f)),
     };
@@ -569,7 +656,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         )));
     }
     let restored = slot.restored;
-    if let Some(c) = st.clients.get_mut(&cid) {
+    if let Some(c) = st.client.as_mut() {
         c.deadline = Instant::now() + sh.lease;
         c.conn = Some(conn);
     }
@@ -911,8 +998,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         }
         None => {
             let other = new_id("O");
-            let num = st.next_num;
-            st.next_num += 1;
+            let num = ctx.sh.num();
             st.opens.insert(
                 other.clone(),
                 Open {
@@ -949,11 +1035,19 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         deleg_json = json!({"stateid": stateid_json(&d.other, 1),
                             "type": if d.write { "write" } else { "read" }});
     }
-    let deleg_other = o.rec.deleg.as_ref().map(|d| d.other.clone());
+    let deleg = o.rec.deleg.as_ref().map(|d| (d.other.clone(), d.lease_key));
     let rec = o.rec.clone();
     let num = o.num;
-    if let Some(d) = deleg_other {
-        st.aliases.insert(d, other.clone());
+    if let Some((d, _)) = &deleg {
+        st.aliases.insert(d.clone(), other.clone());
+    }
+    {
+        // Route filterd's events about this open (and its delegation) here.
+        let mut g = ctx.sh.global()?;
+        g.handle_client.insert(rec.key, ctx.cid.to_owned());
+        if let Some((_, lease)) = deleg {
+            g.lease_client.insert(lease, ctx.cid.to_owned());
+        }
     }
     ctx.put_state(num, &rec)?;
     let mut m = Map::new();
@@ -990,6 +1084,13 @@ fn resolve(ctx: &Ctx<'_>, st: &State, v: &Value) -> Result<Named, Fail> {
         None => (other.to_owned(), Some(Named::Open(other.to_owned()))),
     };
     let Some(o) = st.opens.get(&open_other) else {
+        // Another incarnation's (released) state, or none at all.
+        if ctx.sh.global()?.expired.contains(other) {
+            return Err(Fail(
+                "NFS4ERR_EXPIRED",
+                format!("state {other} was released"),
+            ));
+        }
         return Err(Fail("NFS4ERR_BAD_STATEID", format!("no state {other}")));
     };
     if o.clientid != ctx.cid {
@@ -1224,7 +1325,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                 let _ = sh.filter.close(k);
             }
             if e.code() == Some(ErrorCode::LockNotGranted) {
-                return Err(denied(st, &e));
+                return Err(denied(sh, &e));
             }
             return Err(filter_fail(e));
         }
@@ -1252,9 +1353,17 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     l.seqid = l.seqid.wrapping_add(1);
     l.held.push(held);
     let (lock_other, lseq) = (l.other.clone(), l.seqid);
+    let (lock_key, lock_owner_name) = (l.key.unwrap_or(o.rec.key), l.owner.clone());
     let rec = o.rec.clone();
     let num = o.num;
     st.aliases.insert(lock_other.clone(), other);
+    {
+        let mut g = ctx.sh.global()?;
+        g.lock_owner.insert(lock_key, lock_owner_name);
+        if let Some(k) = new_key {
+            g.handle_client.insert(k, ctx.cid.to_owned());
+        }
+    }
     ctx.put_state(num, &rec)?;
     let mut m = Map::new();
     m.insert("lock_stateid".into(), stateid_json(&lock_other, lseq));
@@ -1274,20 +1383,13 @@ fn filter_holds(sh: &Shared, key: ResumeKey, range: LockRange, write: bool) -> b
 
 /// NFS4ERR_DENIED with the conflicting lock (its holder's lock-owner when
 /// it is one of ours).
-fn denied(st: &State, e: &ClientError) -> Fail {
+fn denied(sh: &Shared, e: &ClientError) -> Fail {
     let detail = match e {
         ClientError::Refused(w) => w.conflict.as_deref().map(|c| {
-            let owner = st
-                .opens
-                .values()
-                .flat_map(|o| {
-                    o.rec
-                        .locks
-                        .iter()
-                        .map(move |l| (l.key.unwrap_or(o.rec.key), l))
-                })
-                .find(|(k, _)| *k == c.key)
-                .map(|(_, l)| l.owner.clone())
+            let owner = sh
+                .global()
+                .ok()
+                .and_then(|g| g.lock_owner.get(&c.key).cloned())
                 .or_else(|| c.owner.clone())
                 .unwrap_or_else(|| format!("handle {}", c.key));
             json!({"offset": c.range.offset, "length": c.range.length,
@@ -1383,11 +1485,19 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let num = o.num;
     st.closed.insert(other.clone(), ctx.cid.to_owned());
     if let Some(o) = st.opens.remove(&other) {
+        let mut g = ctx.sh.global()?;
+        g.handle_client.remove(&o.rec.key);
+        g.lock_owner.remove(&o.rec.key);
         for l in &o.rec.locks {
             st.aliases.remove(&l.other);
+            if let Some(k) = l.key {
+                g.handle_client.remove(&k);
+                g.lock_owner.remove(&k);
+            }
         }
         if let Some(d) = &o.rec.deleg {
             st.aliases.remove(&d.other);
+            g.lease_client.remove(&d.lease_key);
         }
     }
     ctx.delete_state(num);
@@ -1414,6 +1524,9 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
             state: LeaseState::NONE,
         });
         st.aliases.remove(&d.other);
+        if let Ok(mut g) = sh.global() {
+            g.lease_client.remove(&d.lease_key);
+        }
     }
     let Some(o) = st.opens.get(&other) else {
         return Err(internal("open vanished"));
@@ -1530,14 +1643,18 @@ fn events(sh: Arc<Shared>) {
 }
 
 fn forget(sh: &Shared, keys: &[ResumeKey]) {
-    if keys.is_empty() {
-        return;
-    }
-    if let Ok(mut st) = sh.st.lock() {
+    for key in keys {
+        let Ok(Some(cid)) = sh.global().map(|g| g.handle_client.get(key).cloned()) else {
+            continue;
+        };
+        let Ok(Some(cl)) = sh.client(&cid) else {
+            continue;
+        };
+        let Ok(mut st) = cl.lock() else { continue };
         let gone: Vec<String> = st
             .opens
             .iter()
-            .filter(|(_, o)| keys.contains(&o.rec.key))
+            .filter(|(_, o)| o.rec.key == *key)
             .map(|(k, _)| k.clone())
             .collect();
         for g in gone {
@@ -1564,7 +1681,16 @@ fn forget(sh: &Shared, keys: &[ResumeKey]) {
 /// A delegation's lease must go: CB_RECALL to its client. Without an ack
 /// required the filter lowered it already: the delegation is revoked.
 fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
-    let Ok(mut st) = sh.st.lock() else { return };
+    let Ok(Some(cid)) = sh
+        .global()
+        .map(|g| g.lease_client.get(&lease_key.0).cloned())
+    else {
+        return;
+    };
+    let Ok(Some(cl)) = sh.client(&cid) else {
+        return;
+    };
+    let Ok(mut st) = cl.lock() else { return };
     let Some(other) = st
         .opens
         .iter()
@@ -1582,14 +1708,13 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
         return;
     };
     let Some(d) = o.rec.deleg.clone() else { return };
-    let cid = o.clientid.clone();
     if !ack_required {
         o.rec.deleg = None;
         st.aliases.remove(&d.other);
         st.expired.insert(d.other);
         return;
     }
-    let conn = st.clients.get(&cid).and_then(|c| c.conn);
+    let conn = st.client.as_ref().and_then(|c| c.conn);
     let writer = conn.and_then(|c| sh.writers.get(c));
     if let Some(w) = writer {
         shimline::send(
@@ -1603,17 +1728,21 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
 fn reaper(sh: Arc<Shared>) {
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let Ok(mut st) = sh.st.lock() else { return };
+        let Ok(clients) = sh.global().map(|g| {
+            g.clients
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Vec<_>>()
+        }) else {
+            return;
+        };
         let now = Instant::now();
-        let lapsed: Vec<String> = st
-            .clients
-            .iter()
-            .filter(|(_, c)| c.deadline <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for cid in lapsed {
-            eprintln!("nfsshim: client {cid} let its lease lapse; releasing its state");
-            release_client(&sh, &mut st, &cid);
+        for (cid, cl) in clients {
+            let Ok(mut st) = cl.lock() else { continue };
+            if st.client.as_ref().is_some_and(|c| c.deadline <= now) {
+                eprintln!("nfsshim: client {cid} let its lease lapse; releasing its state");
+                release_client(&sh, &mut st, &cid);
+            }
         }
     }
 }
