@@ -2,7 +2,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release
 
-.PHONY: all build release test lint unit e2e bench demo fuzz clean
+.PHONY: all build release test lint unit e2e bench demo fuzz soak clean
 
 all: build
 
@@ -29,6 +29,14 @@ bench: release
 # The whole story on a temporary export: start filterd, open, crash, recover.
 demo: release
 	$(RELEASE_BIN)/rkdemo
+
+# Fault soak: clients of both protocols while a chaos loop SIGKILLs
+# smbshim, nfsshim and filterd; prints a summary, fails on any violation.
+# `make test` runs a 20 s profile (tests/tests/soak.rs).
+SOAK_SECONDS ?= 300
+SOAK_CLIENTS ?= 8
+soak: release
+	$(RELEASE_BIN)/rksoak --seconds $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
 
 # Fuzzing: the cargo-fuzz targets in fuzz/ (frame, LMDB record and line
 # decoders) from the checked-in seed corpus, FUZZ_SECONDS each. Builds on

@@ -290,6 +290,10 @@ struct Parked {
 
 /// Most replay records a scope keeps, whatever the frontend asks.
 const MAX_KEEP: u32 = 4096;
+/// Most byte-range locks on one file (all its opens together): a handle's
+/// locks travel in its record and a file's in one `Locks` page, both of
+/// which must fit a frame.
+const MAX_LOCKS_PER_FILE: usize = 256;
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
@@ -2159,10 +2163,16 @@ impl Engine {
                 ));
             }
         }
+        let held_now = |s: &Self, file: FileId| s.locks.get(&file).map_or(0, |t| t.locks().len());
+        let file = self
+            .handles
+            .get(&key)
+            .map(|h| h.rec.file)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        let held = held_now(self, file);
         let Some(h) = self.handles.get_mut(&key) else {
             return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
         };
-        let file = h.rec.file;
         let persistent = h.rec.durability.is_persistent();
         let checked = seq.filter(|q| q.index > 0 && h.rec.durability != Durability::None);
         if let Some(q) = checked {
@@ -2171,6 +2181,16 @@ impl Engine {
                 debug!(resume_key = %key, index = q.index, number = q.number, "lock sequence replay: nothing applied");
                 return Ok(Reply::Done);
             }
+        }
+        let adding = ops.iter().filter(|o| !o.unlock).count();
+        if adding > 0 && held + adding > MAX_LOCKS_PER_FILE {
+            self.stats.locks_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!("a file holds at most {MAX_LOCKS_PER_FILE} byte-range locks"),
+            ));
+        }
+        if let Some(q) = checked {
             // Invalidate the entry before applying: set again only on success.
             h.rec.lock_sequence.retain(|(i, _)| *i != q.index);
         }

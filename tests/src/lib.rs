@@ -14,12 +14,19 @@ use std::time::{Duration, Instant};
 use libfilter::client::FilterClient;
 use serde_json::Value;
 
-/// Path of a workspace binary built next to the test executable.
+/// Path of a workspace binary built next to the test executable (or next
+/// to a workspace binary such as rksoak).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/<bin> → target/<profile>/<name>;
     // target/<profile>/deps/<test> → target/<profile>/<name>
+    let beside = exe.with_file_name(name);
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
+    let p = if beside.exists() {
+        beside
+    } else {
+        dir.join(name)
+    };
     assert!(
         p.exists(),
         "{} not built: run `cargo build --workspace` (or `make test`) first",
@@ -377,6 +384,11 @@ impl Shim {
 
     /// SIGKILLs it.
     pub fn kill9(mut self) {
+        self.kill9_in_place();
+    }
+
+    /// SIGKILLs it and reaps it, keeping the value (to be replaced).
+    pub fn kill9_in_place(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

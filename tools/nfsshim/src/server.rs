@@ -69,6 +69,8 @@ fn status_of(e: &ClientError) -> &'static str {
         Some(ErrorCode::Busy) => "NFS4ERR_DELAY",
         Some(ErrorCode::BadFrame) => "NFS4ERR_INVAL",
         Some(ErrorCode::Unsupported) => "NFS4ERR_NOTSUPP",
+        // An extension of nfsl/1 (docs/nfs-like.md): a limit was reached.
+        Some(ErrorCode::LimitReached) => "NFS4ERR_RESOURCE",
         None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => UNREACHABLE,
         _ => "NFS4ERR_SERVERFAULT",
     }

@@ -49,6 +49,8 @@ fn status_of(e: &ClientError) -> &'static str {
         Some(ErrorCode::LockConflict) => "STATUS_FILE_LOCK_CONFLICT",
         Some(ErrorCode::BadFrame) => "STATUS_INVALID_PARAMETER",
         Some(ErrorCode::Unsupported) => "STATUS_NOT_SUPPORTED",
+        // An extension of smbl/1 (docs/smb-like.md): a limit was reached.
+        Some(ErrorCode::LimitReached) => "STATUS_INSUFFICIENT_RESOURCES",
         None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => {
             "STATUS_FILE_NOT_AVAILABLE"
         }

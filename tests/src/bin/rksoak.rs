@@ -1,0 +1,566 @@
+//! rksoak — the fault soak (`make soak`; a short profile runs in `make test`).
+//!
+//! SMB-like and NFS-like clients work on their own files through the real
+//! smbshim and nfsshim — persistent opens, WRITEs with op ids, byte-range
+//! locks, deliberate replays — while a chaos loop SIGKILLs smbshim, nfsshim
+//! or filterd at random and restarts it. Clients ride every failure out the
+//! way the protocols say (re-sending with replay, RECONNECT, the same slot
+//! seqid). A checker keeps every acknowledged write and lock and, after each
+//! recovery, verifies: no acknowledged write lost, no replay applied twice,
+//! every persistent open and lock still in filterd, share modes still
+//! refusing an intruder, filterd's descriptors and memory within a bound.
+//! Prints a summary; exits 1 if any check failed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use rkfilter_tests::{wait_for, Filterd, Scratch, Shim};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Fault soak: clients of both protocols under SIGKILL chaos.
+#[derive(Parser, Debug)]
+#[command(
+    name = "rksoak",
+    version,
+    about = "Fault soak: SMB-like and NFS-like clients under SIGKILL chaos; exits 1 on any violation"
+)]
+struct Args {
+    /// How long to run.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// SMB-like clients (and as many NFS-like ones).
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Seed of the chaos loop's choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// Counters for the summary.
+#[derive(Default)]
+struct Tally {
+    /// Clients hold it (shared) for each operation and its bookkeeping;
+    /// the checker holds it alone, so what it compares is at rest.
+    gate: RwLock<()>,
+    ops: AtomicU64,
+    replays: AtomicU64,
+    retries: AtomicU64,
+    failovers: AtomicU64,
+    checks: AtomicU64,
+    violations: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn violation(&self, v: String) {
+        eprintln!("rksoak: VIOLATION: {v}");
+        if let Ok(mut vs) = self.violations.lock() {
+            vs.push(v);
+        }
+    }
+}
+
+/// What a client had acknowledged: its file, writes by offset, locks.
+#[derive(Default, Clone)]
+struct Acked {
+    path: String,
+    writes: BTreeMap<u64, Vec<u8>>,
+    /// Locked (offset, length).
+    locks: Vec<(u64, u64)>,
+}
+
+/// Where the frontends listen now (they move when replaced).
+struct Addrs {
+    smb: RwLock<String>,
+    nfs: RwLock<String>,
+}
+
+fn read_addr(l: &RwLock<String>) -> String {
+    l.read().map(|a| a.clone()).unwrap_or_default()
+}
+
+const RECORD: usize = 16;
+
+fn record(client: usize, n: u64) -> Vec<u8> {
+    let mut r = format!("c{client:02}-op{n:08}").into_bytes();
+    r.resize(RECORD - 1, b'.');
+    r.push(b'\n');
+    r
+}
+
+/// An SMB-like client: a persistent open with a lease; WRITEs with op ids,
+/// a lock per 8 writes, a deliberate replay per 16.
+fn smb_client(
+    i: usize,
+    addrs: Arc<Addrs>,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+    acked: Arc<Mutex<Acked>>,
+) -> anyhow::Result<()> {
+    let guid = Uuid::new_v4();
+    let create_guid = Uuid::new_v4();
+    let lease = Uuid::new_v4();
+    let path = format!("smb-{i}");
+    let connect = |first: bool, file_id: &str| -> anyhow::Result<(smbl::Client, u64, String)> {
+        let t0 = Instant::now();
+        loop {
+            let attempt = (|| -> anyhow::Result<(smbl::Client, u64, String)> {
+                let c = smbl::Client::connect(read_addr(&addrs.smb).as_str())?;
+                c.set_timeout(Duration::from_secs(20));
+                let r = c.session_setup(guid, "soak", None)?;
+                let sid = r.session_id().context("no session")?;
+                if first {
+                    let mut a = smbl::CreateArgs::new(sid, path.clone());
+                    a.access = vec!["read".into(), "write".into()];
+                    a.share = vec!["read".into()];
+                    a.disposition = "overwrite_if".into();
+                    a.durable = Some(smbl::Durable::persistent(create_guid));
+                    a.lease = Some((lease, "RWH".into()));
+                    let r = c.create(&a)?;
+                    if !r.is_success() {
+                        bail!("CREATE: {}", r.value());
+                    }
+                    return Ok((c, sid, r.file_id().context("file_id")?.to_owned()));
+                }
+                let r = c.reconnect(sid, file_id, create_guid, Some(lease))?;
+                if !r.is_success() {
+                    bail!("RECONNECT: {}", r.value());
+                }
+                Ok((c, sid, file_id.to_owned()))
+            })();
+            match attempt {
+                Ok(x) => return Ok(x),
+                Err(e) if t0.elapsed() > Duration::from_secs(30) => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    let (mut c, mut sid, file_id) = connect(true, "")?;
+    if let Ok(mut a) = acked.lock() {
+        a.path = path.clone();
+    }
+    // Runs `op` until its status is one of `done`, re-sending (replay) and
+    // reconnecting (RECONNECT on a new session) after failures.
+    let mut retry =
+        |what: &str,
+         done: &[&str],
+         op: &mut dyn FnMut(&smbl::Client, u64, bool) -> Result<smbl::Reply, smbl::Error>|
+         -> anyhow::Result<smbl::Reply> {
+            let t0 = Instant::now();
+            let mut again = false;
+            loop {
+                match op(&c, sid, again) {
+                    Ok(r) if done.contains(&r.status()) => return Ok(r),
+                    Ok(r)
+                        if r.status() == "STATUS_FILE_CLOSED"
+                            || r.status() == "STATUS_USER_SESSION_DELETED" =>
+                    {
+                        // The session was lost with its smbshim: RECONNECT.
+                        (c, sid, _) = connect(false, &file_id)?;
+                    }
+                    Ok(r) if r.status() == "STATUS_LOCK_NOT_GRANTED" => {
+                        bail!("smb client {i}: {what} refused: {}", r.value())
+                    }
+                    Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+                    Err(_) => (c, sid, _) = connect(false, &file_id)?,
+                }
+                again = true;
+                tally.retries.fetch_add(1, Ordering::Relaxed);
+                if t0.elapsed() > Duration::from_secs(60) {
+                    bail!("smb client {i}: {what} never acknowledged");
+                }
+            }
+        };
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let _op = tally.gate.read();
+        n += 1;
+        let off = (n - 1) * RECORD as u64;
+        let data = record(i, n);
+        retry("WRITE", &["STATUS_SUCCESS"], &mut |c, sid, replay| {
+            c.write(sid, &file_id, off, &data, Some(n), replay)
+        })?;
+        tally.ops.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut a) = acked.lock() {
+            a.writes.insert(off, data.clone());
+        }
+        if n.is_multiple_of(16) {
+            // A deliberate replay with other bytes: the recorded reply, and
+            // the file keeps the first bytes (checked by the checker).
+            let r = retry("replayed WRITE", &["STATUS_SUCCESS"], &mut |c, sid, _| {
+                c.write(sid, &file_id, off, b"REPLAYED-TWICE!\n", Some(n), true)
+            })?;
+            if r.is_success() {
+                tally.replays.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if n.is_multiple_of(8) {
+            // MS-SMB2 lock sequence: index 1..=64 in turn, its number
+            // bumped each time the index comes round again.
+            let k = n / 8;
+            let seq = (
+                u8::try_from(k / 64 % 16).unwrap_or(0),
+                u8::try_from(k % 64 + 1).unwrap_or(1),
+            );
+            let lock = smbl::LockSpec {
+                offset: off,
+                length: RECORD as u64,
+                exclusive: true,
+                unlock: false,
+            };
+            retry("LOCK", &["STATUS_SUCCESS"], &mut |c, sid, _| {
+                c.lock(sid, &file_id, std::slice::from_ref(&lock), Some(seq), true)
+            })?;
+            if let Ok(mut a) = acked.lock() {
+                a.locks.push((off, RECORD as u64));
+            }
+            // Keep at most 8 locks: unlock the oldest (filterd caps a
+            // file's locks). Forgotten by the checker before it is sent.
+            let oldest = acked
+                .lock()
+                .ok()
+                .and_then(|mut a| (a.locks.len() > 8).then(|| a.locks.remove(0)));
+            if let Some((off, len)) = oldest {
+                let unlock = smbl::LockSpec {
+                    offset: off,
+                    length: len,
+                    exclusive: true,
+                    unlock: true,
+                };
+                // Unlocked, or already (a retry after a lost reply).
+                retry(
+                    "unlock",
+                    &["STATUS_SUCCESS", "STATUS_RANGE_NOT_LOCKED"],
+                    &mut |c, sid, _| {
+                        c.lock(sid, &file_id, std::slice::from_ref(&unlock), None, false)
+                    },
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An NFS-like client: an open denying writers; WRITEs on slot 0, re-sent
+/// with the same seqid after any failure.
+fn nfs_client(
+    i: usize,
+    addrs: Arc<Addrs>,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+    acked: Arc<Mutex<Acked>>,
+) -> anyhow::Result<()> {
+    let connect = || -> anyhow::Result<Arc<nfsl::Client>> {
+        let t0 = Instant::now();
+        loop {
+            match nfsl::Client::connect(read_addr(&addrs.nfs).as_str()) {
+                Ok(c) => {
+                    c.set_timeout(Duration::from_secs(20));
+                    return Ok(Arc::new(c));
+                }
+                Err(e) if t0.elapsed() > Duration::from_secs(30) => return Err(e.into()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    let c = connect()?;
+    let verifier = format!("{:016x}", Uuid::new_v4().as_u64_pair().0);
+    let id = c
+        .exchange_id(&format!("soak-{i}"), &verifier)?
+        .require_ok()?;
+    let cs = c
+        .create_session(id.clientid().context("clientid")?)?
+        .require_ok()?;
+    let mut s = nfsl::Session::from_reply(c, &cs).context("session")?;
+    let path = format!("nfs-{i}");
+    // Sends on slot 0; after a lost connection re-sends on a new one.
+    let call = |s: &mut nfsl::Session, req: Value| -> anyhow::Result<nfsl::Reply> {
+        let t0 = Instant::now();
+        let mut first = true;
+        loop {
+            let r = if first {
+                s.call(0, req.clone())
+            } else {
+                s.resend(0, req.clone())
+            };
+            first = false;
+            match r {
+                Ok(r) if r.status() != "NFS4ERR_DELAY" => return Ok(r),
+                Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+                Err(_) => {
+                    *s = s.with_client(connect()?);
+                }
+            }
+            tally.retries.fetch_add(1, Ordering::Relaxed);
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("nfs client {i}: no answer to {req}");
+            }
+        }
+    };
+    let mut oa = nfsl::OpenArgs::new(format!("soak-{i}-open"), path.clone());
+    oa.access = nfsl::Access::Both;
+    oa.deny = nfsl::Deny::Write;
+    oa.create = Some((nfsl::CreateMode::Unchecked, None));
+    let o = call(&mut s, nfsl::ops::open(&oa))?.require_ok()?;
+    let st = o.stateid().context("stateid")?.current();
+    if let Ok(mut a) = acked.lock() {
+        a.path = path.clone();
+    }
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let _op = tally.gate.read();
+        n += 1;
+        let off = (n - 1) * RECORD as u64;
+        let data = record(100 + i, n);
+        let r = call(&mut s, nfsl::ops::write(&st, off, &data))?;
+        if !r.is_ok() {
+            bail!("nfs client {i}: WRITE {n}: {}", r.value());
+        }
+        tally.ops.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut a) = acked.lock() {
+            a.writes.insert(off, data);
+        }
+        if n.is_multiple_of(16) {
+            // The same request re-sent on its slot: the cached reply.
+            if let Ok(r) = s.resend(0, nfsl::ops::write(&st, off, &record(100 + i, n))) {
+                if r.is_ok() {
+                    tally.replays.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// filterd's open descriptors and resident memory (kB).
+fn usage(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+/// Everything acknowledged is there; intruders are refused; resources bounded.
+fn check(
+    root: &Path,
+    socket: &Path,
+    smb_addr: &str,
+    acked: &[Arc<Mutex<Acked>>],
+    tally: &Tally,
+) -> anyhow::Result<()> {
+    tally.checks.fetch_add(1, Ordering::Relaxed);
+    let _quiet = tally.gate.write();
+    let snapshot: Vec<Acked> = acked
+        .iter()
+        .filter_map(|a| a.lock().ok().map(|a| a.clone()))
+        .collect();
+    for a in &snapshot {
+        if a.path.is_empty() {
+            continue;
+        }
+        let bytes = std::fs::read(root.join(&a.path)).unwrap_or_default();
+        for (off, data) in &a.writes {
+            let at = usize::try_from(*off)?;
+            let got = bytes.get(at..at + data.len());
+            if got != Some(data.as_slice()) {
+                tally.violation(format!(
+                    "{}: acknowledged write at {off} lost or overwritten: {:?}",
+                    a.path,
+                    got.map(String::from_utf8_lossy)
+                ));
+            }
+        }
+    }
+    let ctl = libfilter::client::FilterClient::connect_control(socket)?;
+    let handles = ctl.handles()?;
+    let locks = ctl.locks()?;
+    for a in &snapshot {
+        if a.path.is_empty() {
+            continue;
+        }
+        let Some(h) = handles.iter().find(|h| h.record.path.as_str() == a.path) else {
+            tally.violation(format!("{}: its persistent open is gone", a.path));
+            continue;
+        };
+        for (off, len) in &a.locks {
+            if !locks
+                .iter()
+                .any(|l| l.key == h.record.key && l.range.offset == *off && l.range.length == *len)
+            {
+                tally.violation(format!("{}: acknowledged lock at {off} is gone", a.path));
+            }
+        }
+    }
+    // Share modes hold: a writer is refused on every client's file.
+    let c = smbl::Client::connect(smb_addr)?;
+    let sid = c
+        .session_setup(Uuid::new_v4(), "intruder", None)?
+        .session_id()
+        .context("session")?;
+    for a in &snapshot {
+        if a.path.is_empty() {
+            continue;
+        }
+        let mut args = smbl::CreateArgs::new(sid, a.path.clone());
+        args.access = vec!["write".into()];
+        args.share = vec!["read".into(), "write".into(), "delete".into()];
+        args.disposition = "open".into();
+        let r = c.create(&args)?;
+        if r.is_success() {
+            tally.violation(format!("{}: an intruder opened it for writing", a.path));
+        }
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let s = Scratch::new("soak");
+    let mut filterd = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let mut smb = Shim::start("smbshim", &s.socket(), "smb-soak");
+    let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-soak");
+    let addrs = Arc::new(Addrs {
+        smb: RwLock::new(smb.addr.clone()),
+        nfs: RwLock::new(nfs.addr.clone()),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let mut acked = Vec::new();
+    let mut workers = Vec::new();
+    for i in 0..args.clients {
+        for kind in ["smb", "nfs"] {
+            let a = Arc::new(Mutex::new(Acked::default()));
+            acked.push(a.clone());
+            let (addrs, stop, tally) = (addrs.clone(), stop.clone(), tally.clone());
+            workers.push(std::thread::spawn(move || {
+                let r = if kind == "smb" {
+                    smb_client(i, addrs, stop, tally.clone(), a)
+                } else {
+                    nfs_client(i, addrs, stop, tally.clone(), a)
+                };
+                if let Err(e) = &r {
+                    tally.violation(format!("{kind} client {i} gave up: {e:#}"));
+                }
+            }));
+        }
+    }
+    // Let every client get going, then take the baseline.
+    wait_for("clients to start", Duration::from_secs(30), || {
+        (tally.ops.load(Ordering::Relaxed) >= 4 * args.clients as u64).then_some(())
+    });
+    let (fd0, rss0) = usage(filterd.pid());
+    let t0 = Instant::now();
+    let mut rng = args.seed.max(1);
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (mut max_fd, mut max_rss) = (fd0, rss0);
+    while t0.elapsed() < Duration::from_secs(args.seconds) {
+        std::thread::sleep(Duration::from_millis(300 + next() % 900));
+        let victim = next() % 3;
+        let before = tally.ops.load(Ordering::Relaxed);
+        match victim {
+            0 => {
+                smb.kill9_in_place();
+                smb = Shim::start("smbshim", &s.socket(), "smb-soak");
+                if let Ok(mut a) = addrs.smb.write() {
+                    *a = smb.addr.clone();
+                }
+            }
+            1 => {
+                nfs.kill9_in_place();
+                nfs = Shim::start("nfsshim", &s.socket(), "nfs-soak");
+                if let Ok(mut a) = addrs.nfs.write() {
+                    *a = nfs.addr.clone();
+                }
+            }
+            _ => {
+                filterd.kill9();
+                filterd = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+            }
+        }
+        tally.failovers.fetch_add(1, Ordering::Relaxed);
+        // Recovered once every client made progress again.
+        wait_for("the clients to carry on", Duration::from_secs(60), || {
+            (tally.ops.load(Ordering::Relaxed) >= before + 2 * args.clients as u64).then_some(())
+        });
+        let check_now = || {
+            check(
+                &s.root(),
+                &s.socket(),
+                &read_addr(&addrs.smb),
+                &acked,
+                &tally,
+            )
+        };
+        if let Err(e) = check_now() {
+            tally.violation(format!("check failed: {e:#}"));
+        }
+        let (fd, rss) = usage(filterd.pid());
+        max_fd = max_fd.max(fd);
+        max_rss = max_rss.max(rss);
+        if fd > fd0 + 256 {
+            tally.violation(format!("filterd descriptors grew from {fd0} to {fd}"));
+        }
+        if rss > 2 * rss0 + 131_072 {
+            tally.violation(format!("filterd memory grew from {rss0} kB to {rss} kB"));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    if let Err(e) = check(
+        &s.root(),
+        &s.socket(),
+        &read_addr(&addrs.smb),
+        &acked,
+        &tally,
+    ) {
+        tally.violation(format!("final check failed: {e:#}"));
+    }
+    let violations = tally
+        .violations
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_default();
+    println!(
+        "rksoak summary ({} s, {} SMB-like + {} NFS-like clients, seed {})",
+        args.seconds, args.clients, args.clients, args.seed
+    );
+    for (label, n) in [
+        ("operations acknowledged", &tally.ops),
+        ("failovers (SIGKILL)", &tally.failovers),
+        ("replays answered", &tally.replays),
+        ("retries after failures", &tally.retries),
+        ("checks", &tally.checks),
+    ] {
+        println!("  {label:<24} {:>8}", n.load(Ordering::Relaxed));
+    }
+    println!("  filterd fds  (start/max) {fd0:>8} / {max_fd}");
+    println!("  filterd RSS kB (start/max) {rss0:>6} / {max_rss}");
+    println!("  violations               {:>8}", violations.len());
+    if !violations.is_empty() {
+        for v in &violations {
+            println!("    {v}");
+        }
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Limits give a clear error to the client that reaches them and leave
+//! other clients working.
+
+use rkfilter_tests::{Filterd, LineClient, Scratch, Shim};
+use serde_json::json;
+
+#[test]
+fn a_file_holds_at_most_256_locks() {
+    let s = Scratch::new("limit-locks");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-l");
+    let mut a = LineClient::connect(&shim.addr);
+    let r = a.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "a"}));
+    let sid = r["session_id"].as_u64().unwrap();
+    let open = |c: &mut LineClient, sid: u64, path: &str| {
+        let r = c.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
+                              "share": ["read", "write", "delete"], "disposition": "open_if"}),
+        );
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        r["file_id"].clone()
+    };
+    let fid = open(&mut a, sid, "busy");
+    let lock = |c: &mut LineClient, sid: u64, fid: &serde_json::Value, off: u64, unlock: bool| {
+        c.call(json!({"cmd": "LOCK", "session_id": sid, "file_id": fid,
+                      "locks": [{"offset": off, "length": 1, "exclusive": true, "unlock": unlock}]}))
+    };
+    for off in 0..256 {
+        assert_eq!(
+            lock(&mut a, sid, &fid, off, false)["status"],
+            "STATUS_SUCCESS",
+            "lock {off}"
+        );
+    }
+    let r = lock(&mut a, sid, &fid, 1000, false);
+    assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("256"),
+        "says which limit: {r}"
+    );
+    // Another client, another file: unaffected.
+    let mut b = LineClient::connect(&shim.addr);
+    let r = b.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "b"}));
+    let sb = r["session_id"].as_u64().unwrap();
+    let fb = open(&mut b, sb, "quiet");
+    assert_eq!(lock(&mut b, sb, &fb, 0, false)["status"], "STATUS_SUCCESS");
+    // Room again after an unlock.
+    assert_eq!(lock(&mut a, sid, &fid, 0, true)["status"], "STATUS_SUCCESS");
+    assert_eq!(
+        lock(&mut a, sid, &fid, 1000, false)["status"],
+        "STATUS_SUCCESS"
+    );
+    // filterctl still lists every lock (they fit its pages).
+    let sock = s.socket().display().to_string();
+    let locks = rkfilter_tests::filterctl(&["--socket", &sock, "locks", "--json"]).json();
+    assert_eq!(locks.as_array().unwrap().len(), 257);
+}

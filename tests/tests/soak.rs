@@ -1,0 +1,30 @@
+//! The fault soak's short profile: rksoak for 20 s with 2 clients of each
+//! protocol under SIGKILL chaos must end with 0 violations (`make soak`
+//! runs the long profile).
+
+use rkfilter_tests::bin;
+
+#[test]
+fn short_soak_has_no_violations() {
+    let out = std::process::Command::new(bin("rksoak"))
+        .args(["--seconds", "20", "--clients", "2", "--seed", "42"])
+        .output()
+        .expect("run rksoak");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rksoak failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("violations                      0"),
+        "{stdout}"
+    );
+    let failovers: u64 = stdout
+        .lines()
+        .find(|l| l.contains("failovers"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(failovers >= 5, "the chaos loop ran: {stdout}");
+}
