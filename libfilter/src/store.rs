@@ -35,8 +35,8 @@ pub const DEFAULT_MAP_SIZE: usize = 4 << 30;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// LMDB returned an error.
-    #[error("lmdb")]
-    Lmdb(#[from] heed::Error),
+    #[error("lmdb: {0}")]
+    Lmdb(#[source] heed::Error),
     /// The state dir could not be prepared.
     #[error("state directory {path}")]
     Dir {
@@ -70,12 +70,20 @@ pub enum StoreError {
     Full,
 }
 
+impl From<heed::Error> for StoreError {
+    /// Every LMDB error, `?` included, tells a full map or disk apart.
+    fn from(e: heed::Error) -> StoreError {
+        StoreError::from_heed(e)
+    }
+}
+
 impl StoreError {
     fn from_heed(e: heed::Error) -> StoreError {
         match e {
             heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full,
             heed::Error::Io(ref io) if io.raw_os_error() == Some(libc::ENOSPC) => StoreError::Full,
             heed::Error::Mdb(heed::MdbError::Other(c)) if c == libc::ENOSPC => StoreError::Full,
+            heed::Error::Mdb(heed::MdbError::Other(c)) if c == libc::EDQUOT => StoreError::Full,
             e => StoreError::Lmdb(e),
         }
     }

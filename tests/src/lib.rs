@@ -108,11 +108,33 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// A scratch dir whose state dir is a small tmpfs of `size` (e.g.
+    /// "2m"), to run out of space on purpose. `None` when not root.
+    pub fn with_small_state(name: &str, size: &str) -> Option<Scratch> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: {name} needs root to mount a tmpfs");
+            return None;
+        }
+        let s = Scratch::new(name);
+        nix::mount::mount(
+            Some("tmpfs"),
+            &s.state(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .expect("mounting a small tmpfs as root");
+        Some(s)
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         // Unmount a tmpfs root if there is one (lazily: processes may still
         // be going away).
         let _ = nix::mount::umount2(&self.root(), nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&self.state(), nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -55,3 +55,65 @@ fn a_file_holds_at_most_256_locks() {
     let locks = rkfilter_tests::filterctl(&["--socket", &sock, "locks", "--json"]).json();
     assert_eq!(locks.as_array().unwrap().len(), 257);
 }
+
+/// The state dir fills up: persistent CREATEs get STATUS_DISK_FULL (nothing
+/// half-done), other work goes on, and once there is space again persistent
+/// opens succeed and everything acknowledged before is still there.
+#[test]
+fn disk_full_is_an_error_and_service_resumes() {
+    let Some(s) = Scratch::with_small_state("limit-disk", "4m") else {
+        return;
+    };
+    // Ballast on the same tmpfs, removed later to make room.
+    let ballast = s.state().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 1 << 20]).unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-f");
+    let mut a = LineClient::connect(&shim.addr);
+    let r = a.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "a"}));
+    let sid = r["session_id"].as_u64().unwrap();
+    let create = |c: &mut LineClient, path: &str, persistent: bool| {
+        let mut req = json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
+                             "share": ["read", "write", "delete"], "disposition": "open_if"});
+        if persistent {
+            req["durable"] = json!({"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 0});
+        }
+        c.call(req)
+    };
+    let mut acked = Vec::new();
+    let mut full = None;
+    for i in 0..20_000 {
+        let path = format!("{i:05}-{}", "x".repeat(200));
+        let r = create(&mut a, &path, true);
+        match r["status"].as_str() {
+            Some("STATUS_SUCCESS") => acked.push(r["file_id"].as_str().unwrap().to_owned()),
+            Some("STATUS_DISK_FULL") => {
+                full = Some(path);
+                break;
+            }
+            _ => panic!("unexpected {r}"),
+        }
+    }
+    let full = full.expect("the state dir filled up");
+    assert!(!acked.is_empty());
+    // Nothing half-done: the refused open holds no handle.
+    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+    let n = ctl.handles().unwrap().len();
+    assert_eq!(n, acked.len(), "only acknowledged opens exist");
+    // Work that needs no commit goes on meanwhile.
+    let r = create(&mut a, "plain", false);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // Space again: persistent opens succeed; nothing acknowledged was lost.
+    std::fs::remove_file(&ballast).unwrap();
+    let r = create(&mut a, &full, true);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let keys: Vec<String> = ctl
+        .handles()
+        .unwrap()
+        .iter()
+        .map(|h| h.record.key.to_string())
+        .collect();
+    for k in &acked {
+        assert!(keys.contains(k), "acknowledged handle {k} still there");
+    }
+}
