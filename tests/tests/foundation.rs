@@ -893,3 +893,70 @@ fn every_program_has_help_version_and_rejects_bad_flags() {
         assert!(err.contains("--no-such-flag"), "{p}: {err}");
     }
 }
+
+/// A path component swapped between a directory inside the root and a
+/// symlink to /etc while opens race it: every open either resolves inside
+/// the root or is refused — never a file outside (openat2 resolves the
+/// whole path at once, beneath the root).
+#[test]
+fn confinement_holds_while_a_symlink_is_swapped_in() {
+    use std::io::Read;
+    let s = Scratch::new("confine-race");
+    let _d = Filterd::start(&s, &[], &[]);
+    let root = s.root();
+    std::fs::create_dir(root.join("real")).unwrap();
+    std::fs::write(root.join("real/passwd"), b"inside").unwrap();
+    std::os::unix::fs::symlink("/etc", root.join("evil")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (root, stop) = (root.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // "d" is the real directory one moment, the symlink the next.
+                let from = if n % 2 == 0 { "real" } else { "evil" };
+                let _ = std::fs::rename(root.join(from), root.join("d"));
+                let _ = std::fs::rename(root.join("d"), root.join(from));
+                n += 1;
+            }
+            n
+        })
+    };
+    let fe = frontend(&s, "smb", "smb-race");
+    let (mut inside, mut refused) = (0, 0);
+    for _ in 0..2000 {
+        match fe.open(req(
+            "c",
+            "d/passwd",
+            Rights::READ,
+            Rights::ALL,
+            Disposition::Open,
+            Durability::None,
+        )) {
+            Ok(h) => {
+                let mut text = String::new();
+                std::fs::File::from(h.fd).read_to_string(&mut text).unwrap();
+                assert_eq!(text, "inside", "an open escaped the root");
+                fe.close(h.info.key).unwrap();
+                inside += 1;
+            }
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.code(),
+                        Some(ErrorCode::AccessDenied)
+                            | Some(ErrorCode::NotFound)
+                            | Some(ErrorCode::PathNotFound)
+                    ),
+                    "{e}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    assert!(swaps > 100, "the swapper raced the opens ({swaps} swaps)");
+    assert!(refused > 0 || inside > 0);
+    eprintln!("{inside} opens inside, {refused} refused, {swaps} swaps");
+}
