@@ -914,7 +914,7 @@ fn confinement_holds_while_a_symlink_is_swapped_in() {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // "d" is the real directory one moment, the symlink the next.
-                let from = if n % 2 == 0 { "real" } else { "evil" };
+                let from = if n.is_multiple_of(2) { "real" } else { "evil" };
                 let _ = std::fs::rename(root.join(from), root.join("d"));
                 let _ = std::fs::rename(root.join("d"), root.join(from));
                 n += 1;
