@@ -168,6 +168,12 @@ pub struct Config {
     pub fanotify: bool,
     /// How long an open waits for a lease-break acknowledgement.
     pub break_timeout_ms: u64,
+    /// Most handles per protocol client.
+    pub max_handles_per_client: usize,
+    /// Most handles per frontend instance.
+    pub max_handles_per_frontend: usize,
+    /// Most connections at once.
+    pub max_connections: usize,
 }
 
 struct Conn {
@@ -236,6 +242,9 @@ pub struct Engine {
     retry_files: std::collections::BTreeSet<FileId>,
     /// Byte-range locks by file.
     locks: BTreeMap<FileId, LockTable<ResumeKey>>,
+    /// Handles per (protocol, client) and per frontend instance (limits).
+    per_client: HashMap<(Protocol, ClientId), usize>,
+    per_frontend: HashMap<InstanceName, usize>,
     /// Lock hints: the connections told that a file has locks.
     lock_hints: HashMap<FileId, HashSet<ConnId>>,
     /// Lock hints: a first lock on a file waits until these connections
@@ -333,6 +342,8 @@ impl Engine {
             waiting_changes: Vec::new(),
             retry_files: Default::default(),
             lock_hints: HashMap::new(),
+            per_client: HashMap::new(),
+            per_frontend: HashMap::new(),
             hint_waits: HashMap::new(),
             waiting_local: Vec::new(),
             fanotify: None,
@@ -703,6 +714,15 @@ impl Engine {
         peer: Peer,
         writer: Arc<ConnWriter>,
     ) -> Result<HelloReply, WireError> {
+        if self.conns.len() >= self.cfg.max_connections {
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!(
+                    "{} connections are attached already (--max-connections)",
+                    self.conns.len()
+                ),
+            ));
+        }
         let granted = match hello.role {
             Role::Frontend { .. } => hello.features & proto::FEATURES,
             Role::Control => 0,
@@ -1244,6 +1264,32 @@ impl Engine {
                 ));
             }
         }
+        // Limits: a client or a frontend that holds too many handles is
+        // refused; nobody else is affected.
+        let held = self
+            .per_client
+            .get(&(protocol.clone(), o.client.clone()))
+            .copied()
+            .unwrap_or(0);
+        if held >= self.cfg.max_handles_per_client {
+            self.stats.opens_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!(
+                    "client {} holds {held} handles (the limit, --max-handles-per-client)",
+                    o.client
+                ),
+            ));
+        }
+        if self.per_frontend.get(&instance).copied().unwrap_or(0)
+            >= self.cfg.max_handles_per_frontend
+        {
+            self.stats.opens_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!("frontend {instance} holds the most handles allowed (--max-handles-per-frontend)"),
+            ));
+        }
         // A persistent open with a create GUID marks a file it creates, so
         // a replay after a crash recognises it (fsops::open).
         let marker = match (durability, o.create_guid) {
@@ -1657,6 +1703,13 @@ impl Engine {
             None => 0,
         };
         h.rec.conn = ConnState::Connected;
+        if h.rec.frontend != instance {
+            // Taken over by another instance: it counts there now.
+            if let Some(n) = self.per_frontend.get_mut(&h.rec.frontend) {
+                *n = n.saturating_sub(1);
+            }
+            *self.per_frontend.entry(instance.clone()).or_default() += 1;
+        }
         h.rec.frontend = instance;
         h.conn = Some(conn);
         h.gen += 1;
@@ -2716,6 +2769,11 @@ impl Engine {
 
     fn insert(&mut self, h: Handle) {
         let key = h.rec.key;
+        *self
+            .per_client
+            .entry((h.rec.protocol.clone(), h.rec.client.clone()))
+            .or_default() += 1;
+        *self.per_frontend.entry(h.rec.frontend.clone()).or_default() += 1;
         self.by_file.entry(h.rec.file).or_default().push(key);
         if let Some(g) = h.rec.create_guid {
             self.by_guid.insert((h.rec.client.clone(), g), key);
@@ -2737,6 +2795,19 @@ impl Engine {
     /// are deleted from the store in this batch.
     fn remove(&mut self, key: ResumeKey) -> Option<Handle> {
         let h = self.handles.remove(&key)?;
+        let ck = (h.rec.protocol.clone(), h.rec.client.clone());
+        if let Some(n) = self.per_client.get_mut(&ck) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_client.remove(&ck);
+            }
+        }
+        if let Some(n) = self.per_frontend.get_mut(&h.rec.frontend) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_frontend.remove(&h.rec.frontend);
+            }
+        }
         self.replays.remove(&ReplayScope::Handle(key));
         if let Some(l) = h.rec.lease {
             let still_held = self

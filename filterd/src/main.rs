@@ -51,6 +51,17 @@ struct Args {
     /// Cap on the disconnected lifetime of durable and persistent handles.
     #[arg(long, value_name = "N", default_value_t = 300_000)]
     durable_timeout_max_ms: u32,
+    /// Most handles one protocol client may hold (its further opens are
+    /// refused; other clients are not affected).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    max_handles_per_client: usize,
+    /// Most handles one frontend instance may hold.
+    #[arg(long, value_name = "N", default_value_t = 1_048_576)]
+    max_handles_per_frontend: usize,
+    /// Most connections (frontends and filterctl) at once; further hellos
+    /// are refused.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_connections: usize,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = observability::LogFormat::Text)]
     log_format: observability::LogFormat,
@@ -183,6 +194,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             state_display: state.display().to_string(),
             fanotify: !args.no_fanotify,
             break_timeout_ms: args.break_timeout_ms,
+            max_handles_per_client: args.max_handles_per_client,
+            max_handles_per_frontend: args.max_handles_per_frontend,
+            max_connections: args.max_connections,
         },
         root.into(),
         epoch,

@@ -9,8 +9,8 @@
 //!   included; a shared lock may overlap shared locks, and exclusive locks
 //!   held by the same owner.
 //! - Locks are a multiset: no merging or splitting; an unlock names exactly
-//!   the offset and length of one lock of its owner, else it fails with
-//!   [`BatchError::RangeNotLocked`].
+//!   the offset and length of one lock of its owner (the most recent of
+//!   that range goes), else it fails with [`BatchError::RangeNotLocked`].
 //! - A batch is applied in order, all or nothing.
 //! - I/O is mandatory among protocol clients: a read over a range another
 //!   owner holds exclusively, or a write over a range another owner holds at
@@ -131,10 +131,13 @@ impl<O: Clone + PartialEq> LockTable<O> {
         let mut next = self.clone();
         for op in ops {
             if op.unlock {
+                // The most recent lock of that range goes first: a shared
+                // lock taken over the owner's own exclusive one is released
+                // before it (a lock then its unlock change nothing).
                 let pos = next
                     .locks
                     .iter()
-                    .position(|l| l.owner == *owner && l.range == op.range)
+                    .rposition(|l| l.owner == *owner && l.range == op.range)
                     .ok_or(BatchError::RangeNotLocked(op.range))?;
                 next.locks.remove(pos);
             } else {
@@ -254,6 +257,18 @@ mod tests {
         assert!(t.check_io(&9, r(999, 1), true).is_ok());
         // Zero length is inert.
         t.apply_batch(&5, &[op(1005, 0, true, false)]).unwrap();
+    }
+
+    #[test]
+    fn unlock_releases_the_most_recent_lock_of_the_range() {
+        // Found by lock_then_unlock_restores: shared over own exclusive,
+        // then unlock: the exclusive lock stays.
+        let mut t = LockTable::new();
+        t.apply_batch(&1, &[op(45, 5, true, false)]).unwrap();
+        let before = t.clone();
+        t.apply_batch(&1, &[op(45, 5, false, false)]).unwrap();
+        t.apply_batch(&1, &[op(45, 5, false, true)]).unwrap();
+        assert_eq!(t, before);
     }
 
     #[test]

@@ -381,6 +381,29 @@ impl Store {
 
     /// Applies a batch in one write transaction and commits it durably.
     pub fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        self.apply_ops(ops).map_err(|e| self.explain(e))
+    }
+
+    /// LMDB reports a short write on a full filesystem as EIO: when the
+    /// state dir has (next to) no room left, that is a full disk.
+    fn explain(&self, e: StoreError) -> StoreError {
+        let eio = match &e {
+            StoreError::Lmdb(heed::Error::Io(io)) => io.raw_os_error() == Some(libc::EIO),
+            StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::Other(c))) => *c == libc::EIO,
+            _ => false,
+        };
+        if !eio {
+            return e;
+        }
+        match nix::sys::statvfs::statvfs(self.env.path()) {
+            Ok(v) if v.blocks_available().saturating_mul(v.fragment_size()) < 1 << 20 => {
+                StoreError::Full
+            }
+            _ => e,
+        }
+    }
+
+    fn apply_ops(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
         let mut txn = self.env.write_txn().map_err(StoreError::from_heed)?;
         for op in ops {
             match op {

@@ -117,3 +117,73 @@ fn disk_full_is_an_error_and_service_resumes() {
         assert!(keys.contains(k), "acknowledged handle {k} still there");
     }
 }
+
+#[test]
+fn handles_per_client_are_capped_without_hurting_others() {
+    let s = Scratch::new("limit-handles");
+    let _d = Filterd::start(&s, &["--max-handles-per-client", "3"], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-h");
+    let session = |c: &mut LineClient| {
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "u"}));
+        r["session_id"].as_u64().unwrap()
+    };
+    let create = |c: &mut LineClient, sid: u64, path: &str| {
+        c.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read"],
+                      "share": ["read", "write", "delete"], "disposition": "open_if"}),
+        )
+    };
+    let mut a = LineClient::connect(&shim.addr);
+    let sa = session(&mut a);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = create(&mut a, sa, &format!("f{i}"));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        ids.push(r["file_id"].clone());
+    }
+    let r = create(&mut a, sa, "f3");
+    assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("max-handles-per-client"),
+        "{r}"
+    );
+    assert!(
+        !s.root().join("f3").exists(),
+        "the refused open created nothing"
+    );
+    // Another client is not affected.
+    let mut b = LineClient::connect(&shim.addr);
+    let sb = session(&mut b);
+    assert_eq!(create(&mut b, sb, "g")["status"], "STATUS_SUCCESS");
+    // A's close makes room again.
+    let r = a.call(json!({"cmd": "CLOSE", "session_id": sa, "file_id": ids[0]}));
+    assert_eq!(r["status"], "STATUS_SUCCESS");
+    assert_eq!(create(&mut a, sa, "f3")["status"], "STATUS_SUCCESS");
+}
+
+#[test]
+fn connections_are_capped_and_a_slot_frees_when_one_goes() {
+    use libfilter::client::{ClientError, FilterClient};
+    use libfilter::proto::ErrorCode;
+    let s = Scratch::new("limit-conns");
+    let _d = Filterd::start(&s, &["--max-connections", "2"], &[]);
+    let one = rkfilter_tests::wait_for(
+        "a first connection",
+        std::time::Duration::from_secs(5),
+        || FilterClient::connect_control(&s.socket()).ok(),
+    );
+    let _two = FilterClient::connect_control(&s.socket()).expect("a second connection");
+    match FilterClient::connect_control(&s.socket()) {
+        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::LimitReached, "{e}"),
+        other => panic!("expected LimitReached, got {:?}", other.map(|_| ())),
+    }
+    // The attached ones keep working.
+    assert!(one.stats().is_ok());
+    drop(one);
+    rkfilter_tests::wait_for("a slot to free", std::time::Duration::from_secs(5), || {
+        FilterClient::connect_control(&s.socket()).ok()
+    });
+}
