@@ -85,7 +85,7 @@ pub fn run(
             }
             Err(e) => {
                 let code = match e {
-                    StoreError::Full => ErrorCode::DiskFull,
+                    StoreError::Full | StoreError::MapFull => ErrorCode::DiskFull,
                     _ => ErrorCode::Internal,
                 };
                 error!(error = %e, ops = ops.len(), "commit failed; failing the requests that waited for it");

@@ -71,6 +71,10 @@ struct Args {
     /// LMDB map size in MiB (the file grows only as used).
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
     map_size_mib: usize,
+    /// The LMDB map doubles when it fills, up to this size (MiB); beyond,
+    /// persistent changes get DISK_FULL.
+    #[arg(long, value_name = "MIB", default_value_t = 1 << 20)]
+    max_map_size_mib: usize,
 }
 
 fn main() {
@@ -181,6 +185,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let store =
         Arc::new(Store::open(&state, args.map_size_mib << 20).context("opening the state store")?);
+    store.set_max_map_size(args.max_map_size_mib.max(args.map_size_mib) << 20);
     let (epoch, was_clean) = store.begin_epoch()?;
     info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
 

@@ -65,9 +65,12 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
-    /// The LMDB map or the disk is full.
-    #[error("state store is full")]
+    /// The disk holding the state dir is full.
+    #[error("state store is full (no space left on its filesystem)")]
     Full,
+    /// The LMDB map is full (and could not grow further).
+    #[error("state store map is full (restart filterd with a larger --map-size-mib)")]
+    MapFull,
 }
 
 impl From<heed::Error> for StoreError {
@@ -80,7 +83,7 @@ impl From<heed::Error> for StoreError {
 impl StoreError {
     fn from_heed(e: heed::Error) -> StoreError {
         match e {
-            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full,
+            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::MapFull,
             heed::Error::Io(ref io) if io.raw_os_error() == Some(libc::ENOSPC) => StoreError::Full,
             heed::Error::Mdb(heed::MdbError::Other(c)) if c == libc::ENOSPC => StoreError::Full,
             heed::Error::Mdb(heed::MdbError::Other(c)) if c == libc::EDQUOT => StoreError::Full,
@@ -246,6 +249,12 @@ pub struct Store {
     /// Protocol client records.
     #[allow(dead_code)]
     clients: Database<Bytes, Bytes>,
+    /// Held shared by every method while its transaction is open, and
+    /// exclusively to grow the map (LMDB allows that only with no
+    /// transaction open in the process).
+    gate: std::sync::RwLock<()>,
+    /// The map grows (doubling) up to this many bytes when it fills.
+    max_map: std::sync::atomic::AtomicUsize,
 }
 
 const META_SCHEMA: &str = "schema_version";
@@ -301,6 +310,8 @@ impl Store {
             intents: env.create_database(&mut txn, Some("intents"))?,
             clients: env.create_database(&mut txn, Some("clients"))?,
             env: env.clone(),
+            gate: std::sync::RwLock::new(()),
+            max_map: std::sync::atomic::AtomicUsize::new(0),
         };
         txn.commit().map_err(StoreError::from_heed)?;
         Ok(store)
@@ -337,6 +348,8 @@ impl Store {
                 .open_database(&txn, Some("clients"))?
                 .ok_or(StoreError::Missing("clients"))?,
             env: env.clone(),
+            gate: std::sync::RwLock::new(()),
+            max_map: std::sync::atomic::AtomicUsize::new(0),
         };
         txn.commit()?;
         Ok(store)
@@ -345,6 +358,7 @@ impl Store {
     /// Starts a daemon epoch: increments the epoch and clears the clean flag,
     /// durably. Returns the new epoch and whether the last run stopped cleanly.
     pub fn begin_epoch(&self) -> Result<(u64, bool), StoreError> {
+        let _gate = self.gate();
         let mut txn = self.env.write_txn()?;
         let epoch = read_u64(self.meta.get(&txn, META_EPOCH)?) + 1;
         let was_clean = self
@@ -360,6 +374,7 @@ impl Store {
 
     /// Records a clean shutdown.
     pub fn mark_clean_shutdown(&self) -> Result<(), StoreError> {
+        let _gate = self.gate();
         let mut txn = self.env.write_txn()?;
         self.meta.put(&mut txn, META_CLEAN, &[1])?;
         txn.commit().map_err(StoreError::from_heed)
@@ -367,6 +382,7 @@ impl Store {
 
     /// Reads `meta`.
     pub fn meta(&self) -> Result<MetaInfo, StoreError> {
+        let _gate = self.gate();
         let txn = self.env.read_txn()?;
         Ok(MetaInfo {
             schema_version: read_u32(self.meta.get(&txn, META_SCHEMA)?).unwrap_or(0),
@@ -381,7 +397,48 @@ impl Store {
 
     /// Applies a batch in one write transaction and commits it durably.
     pub fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        self.apply_ops(ops).map_err(|e| self.explain(e))
+        let r = {
+            let _gate = self.gate();
+            self.apply_ops(ops).map_err(|e| self.explain(e))
+        };
+        match r {
+            Err(StoreError::MapFull) if self.grow_map()? => {
+                let _gate = self.gate();
+                self.apply_ops(ops).map_err(|e| self.explain(e))
+            }
+            r => r,
+        }
+    }
+
+    /// Lets the map grow, doubling, up to `max_bytes` when it fills (0: it
+    /// never grows).
+    pub fn set_max_map_size(&self, max_bytes: usize) {
+        self.max_map
+            .store(max_bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The current map size.
+    pub fn map_size(&self) -> usize {
+        self.env.info().map_size
+    }
+
+    fn gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Doubles the map (up to the maximum); false when it may not grow.
+    fn grow_map(&self) -> Result<bool, StoreError> {
+        let max = self.max_map.load(std::sync::atomic::Ordering::Relaxed);
+        let now = self.map_size();
+        if now >= max {
+            return Ok(false);
+        }
+        let next = now.saturating_mul(2).min(max);
+        // No transaction of this store is open while the write guard is held.
+        let guard = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        crate::sys::resize_lmdb(&self.env, next, &guard)?;
+        tracing::info!(from = now, to = next, "state store map grown");
+        Ok(true)
     }
 
     /// LMDB reports a short write on a full filesystem as EIO: when the
@@ -492,6 +549,7 @@ impl Store {
         scope: &ReplayScope,
         op_id: u64,
     ) -> Result<Option<ReplayRecord>, StoreError> {
+        let _gate = self.gate();
         let txn = self.env.read_txn()?;
         let raw = self.replay.remap_data_type::<Bytes>();
         match raw.get(&txn, &replay_key(scope, op_id))? {
@@ -507,6 +565,7 @@ impl Store {
 
     /// Every replay record (loaded into daemon memory at start).
     pub fn replays(&self) -> Result<Vec<RawReplay>, StoreError> {
+        let _gate = self.gate();
         let txn = self.env.read_txn()?;
         let raw = self.replay.remap_data_type::<Bytes>();
         let mut out = Vec::new();
@@ -523,6 +582,7 @@ impl Store {
 
     /// Every intent still in the table (dangling after a crash).
     pub fn intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
+        let _gate = self.gate();
         let txn = self.env.read_txn()?;
         let raw = self.intents.remap_data_type::<Bytes>();
         let mut out = Vec::new();
@@ -541,6 +601,7 @@ impl Store {
     /// Every handle record; a record that does not decode is reported as an
     /// error in its place (with its key when the key decodes), not skipped.
     pub fn handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
+        let _gate = self.gate();
         let txn = self.env.read_txn()?;
         let raw = self.handles.remap_types::<Bytes, Bytes>();
         let mut out = Vec::new();
@@ -557,6 +618,7 @@ impl Store {
 
     /// One handle record.
     pub fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
+        let _gate = self.gate();
         let txn = self.env.read_txn()?;
         let raw = self.handles.remap_types::<ResumeKeyCodec, Bytes>();
         match raw.get(&txn, &key)? {
@@ -573,6 +635,7 @@ impl Store {
     /// Writes raw bytes as a handle record: for tests of corrupt-record handling.
     #[doc(hidden)]
     pub fn put_raw_handle(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let _gate = self.gate();
         let mut txn = self.env.write_txn()?;
         self.handles
             .remap_types::<Bytes, Bytes>()

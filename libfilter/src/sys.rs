@@ -189,6 +189,28 @@ pub fn open_lmdb(
     }
 }
 
+/// Sets an open environment's map size. `no_txns` is the exclusive guard
+/// of the lock that every transaction on `env` holds shared while it is
+/// open (the store's), proving none is open — LMDB's only condition.
+pub(crate) fn resize_lmdb(
+    env: &heed::Env,
+    new_size: usize,
+    no_txns: &std::sync::RwLockWriteGuard<'_, ()>,
+) -> heed::Result<()> {
+    let _ = no_txns;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| usize::try_from(p).ok())
+        .unwrap_or(4096);
+    let size = new_size.div_ceil(page) * page;
+    // SAFETY: mdb_env_set_mapsize may be called on an open environment when
+    // no transaction is active in this process; the caller holds the write
+    // side of the store's transaction gate, which every transaction holds
+    // shared for its whole life, and filterd opens the environment once.
+    unsafe { env.resize(size) }
+}
+
 /// What [`recv_packet`] read.
 #[derive(Debug)]
 pub enum Packet {

@@ -187,3 +187,41 @@ fn connections_are_capped_and_a_slot_frees_when_one_goes() {
         FilterClient::connect_control(&s.socket()).ok()
     });
 }
+
+/// The LMDB map doubles when it fills; at its maximum, persistent opens get
+/// STATUS_DISK_FULL and non-durable ones go on.
+#[test]
+fn the_map_grows_and_a_full_map_is_disk_full() {
+    for (max, grows) in [("1", false), ("64", true)] {
+        let s = Scratch::new(&format!("limit-map-{max}"));
+        let d = Filterd::start(&s, &["--map-size-mib", "1", "--max-map-size-mib", max], &[]);
+        let shim = Shim::start("smbshim", &s.socket(), "smb-m");
+        let mut a = LineClient::connect(&shim.addr);
+        let r = a.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "a"}));
+        let sid = r["session_id"].as_u64().unwrap();
+        let mut refused = None;
+        for i in 0..4000 {
+            let r = a.call(json!({"cmd": "CREATE", "session_id": sid, "path": format!("{i:05}-{}", "m".repeat(200)),
+                                  "access": ["read"], "share": ["read", "write", "delete"], "disposition": "open_if",
+                                  "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 0}}));
+            if r["status"] != "STATUS_SUCCESS" {
+                refused = Some((i, r));
+                break;
+            }
+        }
+        if grows {
+            assert!(refused.is_none(), "the map grew: {refused:?}");
+            assert!(
+                d.log_text().contains("state store map grown"),
+                "{}",
+                d.log_text()
+            );
+        } else {
+            let (i, r) = refused.expect("a 1 MiB map fills up");
+            assert_eq!(r["status"], "STATUS_DISK_FULL", "after {i}: {r}");
+            let plain = a.call(json!({"cmd": "CREATE", "session_id": sid, "path": "plain", "access": ["read"],
+                                      "share": ["read", "write", "delete"], "disposition": "open_if"}));
+            assert_eq!(plain["status"], "STATUS_SUCCESS", "{plain}");
+        }
+    }
+}
