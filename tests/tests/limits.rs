@@ -225,3 +225,39 @@ fn the_map_grows_and_a_full_map_is_disk_full() {
         }
     }
 }
+
+#[test]
+fn handles_per_frontend_are_capped() {
+    let s = Scratch::new("limit-frontend");
+    let _d = Filterd::start(&s, &["--max-handles-per-frontend", "2"], &[]);
+    let capped = Shim::start("smbshim", &s.socket(), "smb-capped");
+    let other = Shim::start("smbshim", &s.socket(), "smb-other");
+    let open = |addr: &str, path: &str| {
+        let mut c = LineClient::connect(addr);
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "u"}));
+        let sid = r["session_id"].as_u64().unwrap();
+        let r = c.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read"],
+                              "share": ["read", "write", "delete"], "disposition": "open_if"}),
+        );
+        (c, r)
+    };
+    let (_c1, r1) = open(&capped.addr, "a");
+    let (_c2, r2) = open(&capped.addr, "b");
+    assert_eq!(
+        (r1["status"].as_str(), r2["status"].as_str()),
+        (Some("STATUS_SUCCESS"), Some("STATUS_SUCCESS"))
+    );
+    let (_c3, r3) = open(&capped.addr, "c");
+    assert_eq!(r3["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r3}");
+    assert!(
+        r3["error"]
+            .as_str()
+            .unwrap()
+            .contains("max-handles-per-frontend"),
+        "{r3}"
+    );
+    // Another frontend is not affected.
+    let (_c4, r4) = open(&other.addr, "c");
+    assert_eq!(r4["status"], "STATUS_SUCCESS", "{r4}");
+}
