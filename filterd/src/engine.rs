@@ -174,6 +174,8 @@ pub struct Config {
     pub max_handles_per_frontend: usize,
     /// Most connections at once.
     pub max_connections: usize,
+    /// Most requests waiting for lease-break acknowledgements at once.
+    pub max_pending_breaks: usize,
 }
 
 struct Conn {
@@ -1317,6 +1319,17 @@ impl Engine {
                 return Err(err(
                     ErrorCode::Busy,
                     "lease holders must acknowledge a break first; retry",
+                ));
+            }
+            let pending = self.waiting.len() + self.waiting_changes.len();
+            if pending >= self.cfg.max_pending_breaks {
+                // The breaks were sent; this request does not wait.
+                self.stats.opens_refused += 1;
+                return Err(err(
+                    ErrorCode::LimitReached,
+                    format!(
+                        "{pending} requests wait for lease breaks already (--max-pending-breaks)"
+                    ),
                 ));
             }
             // Holders must acknowledge first: wait (the descriptor is

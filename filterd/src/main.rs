@@ -62,6 +62,10 @@ struct Args {
     /// are refused.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_connections: usize,
+    /// Most requests waiting for lease-break acknowledgements at once;
+    /// further conflicting opens are refused instead of waiting.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_pending_breaks: usize,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = observability::LogFormat::Text)]
     log_format: observability::LogFormat,
@@ -202,6 +206,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_handles_per_client: args.max_handles_per_client,
             max_handles_per_frontend: args.max_handles_per_frontend,
             max_connections: args.max_connections,
+            max_pending_breaks: args.max_pending_breaks,
         },
         root.into(),
         epoch,

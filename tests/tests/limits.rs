@@ -261,3 +261,99 @@ fn handles_per_frontend_are_capped() {
     let (_c4, r4) = open(&other.addr, "c");
     assert_eq!(r4["status"], "STATUS_SUCCESS", "{r4}");
 }
+
+/// Requests waiting for lease breaks are capped: past the cap a conflicting
+/// open is refused at once; the waiting one proceeds after the ack.
+#[test]
+fn pending_breaks_are_capped() {
+    let s = Scratch::new("limit-breaks");
+    let _d = Filterd::start(&s, &["--max-pending-breaks", "1"], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-b");
+    let session = |c: &mut LineClient| {
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "u"}));
+        r["session_id"].as_u64().unwrap()
+    };
+    let write_open = |sid: u64| {
+        json!({"cmd": "CREATE", "session_id": sid, "path": "f", "access": ["write"],
+               "share": ["read", "write", "delete"], "disposition": "open"})
+    };
+    let mut a = LineClient::connect(&shim.addr);
+    let sa = session(&mut a);
+    let lk = uuid::Uuid::new_v4().to_string();
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+                          "share": ["read", "write", "delete"], "disposition": "create",
+                          "lease": {"key": lk, "state": "RWH"}}),
+    );
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    // B's write open waits for A's ack.
+    let addr = shim.addr.clone();
+    let waiter = std::thread::spawn(move || {
+        let mut b = LineClient::connect(&addr);
+        let sb = session(&mut b);
+        b.call(write_open(sb))
+    });
+    let n = a.next_line().expect("LEASE_BREAK");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    // C's is refused at once: one request waits already.
+    let mut c = LineClient::connect(&shim.addr);
+    let sc = session(&mut c);
+    let r = c.call(write_open(sc));
+    assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("max-pending-breaks"),
+        "{r}"
+    );
+    let ack = a.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": lk, "state": n["new_state"]}));
+    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    let rb = waiter.join().unwrap();
+    assert_eq!(rb["status"], "STATUS_SUCCESS", "{rb}");
+}
+
+/// nfsl/1 on a full state dir: NFS4ERR_NOSPC, and other work goes on.
+#[test]
+fn disk_full_is_nospc_for_nfs() {
+    let Some(s) = Scratch::with_small_state("limit-nospc", "4m") else {
+        return;
+    };
+    std::fs::write(s.state().join("ballast"), vec![0u8; 1 << 20]).unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-f");
+    let mut c = LineClient::connect(&shim.addr);
+    let r = c.call_with(
+        "xid",
+        json!({"op": "EXCHANGE_ID", "owner": "o", "verifier": "0123456789abcdef"}),
+    );
+    let r = c.call_with(
+        "xid",
+        json!({"op": "CREATE_SESSION", "clientid": r["clientid"]}),
+    );
+    let sid = r["sessionid"].clone();
+    let mut seqid = 0u64;
+    let mut last = json!(null);
+    for i in 0..20_000 {
+        let req = json!({"op": "OPEN", "owner": "o", "path": format!("{i:05}-{}", "n".repeat(200)),
+                         "access": "read", "deny": "none", "create": {"mode": "unchecked"}});
+        // Re-send on DELAY (the slot stays); a fresh seqid otherwise.
+        seqid += 1;
+        loop {
+            let mut q = req.clone();
+            q["seq"] = json!({"sessionid": sid, "slot": 0, "seqid": seqid});
+            last = c.call_with("xid", q);
+            if last["status"] != "NFS4ERR_DELAY" {
+                break;
+            }
+        }
+        if last["status"] != "NFS4_OK" {
+            break;
+        }
+    }
+    assert_eq!(last["status"], "NFS4ERR_NOSPC", "{last}");
+    // Non-durable work goes on: a READ needs no commit.
+    seqid += 1;
+    let r = c.call_with(
+        "xid",
+        json!({"op": "RECLAIM_COMPLETE", "seq": {"sessionid": sid, "slot": 0, "seqid": seqid}}),
+    );
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+}

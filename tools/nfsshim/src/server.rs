@@ -719,8 +719,16 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
     // The request's table changes and its slot reply: one commit, before
     // the reply goes out.
     if let Err(e) = pending.flush(&sh.filter) {
-        // Not durable: do not advance; the client re-sends.
-        return finish(Err(Fail(UNREACHABLE, format!("recording the reply: {e}"))));
+        if e.code() != Some(ErrorCode::DiskFull) {
+            // Not durable: do not advance; the client re-sends.
+            return finish(Err(Fail(UNREACHABLE, format!("recording the reply: {e}"))));
+        }
+        // No room to record it: the request's answer is NOSPC, kept on the
+        // slot in memory only (a re-send gets it; nothing more is stored).
+        reply = finish(Err(Fail(
+            "NFS4ERR_NOSPC",
+            format!("recording the reply: {e}"),
+        )));
     }
     if let Some(slot) = st
         .sessions
