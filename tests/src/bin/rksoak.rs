@@ -53,7 +53,22 @@ struct Tally {
     retries: AtomicU64,
     failovers: AtomicU64,
     checks: AtomicU64,
+    /// Short-lived opens, renames, removes and closes done on the side
+    /// (not checked: they may fail across a failover).
+    side_ops: AtomicU64,
+    side_failed: AtomicU64,
     violations: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn side(&self, ok: bool) {
+        let n = if ok {
+            &self.side_ops
+        } else {
+            &self.side_failed
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Tally {
@@ -199,6 +214,34 @@ fn smb_client(
                 tally.replays.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if n.is_multiple_of(32) {
+            // On the side: a non-durable open with a lease, a write, a
+            // rename, a close — the churn a real client adds. Not checked:
+            // it may be lost to a failover.
+            let tmp = format!("tmp-{i}-{n}");
+            let r = retry(
+                "side ops",
+                &["SIDE_DONE", "SIDE_FAILED"],
+                &mut |c, sid, _| {
+                    let mut a = smbl::CreateArgs::new(sid, tmp.clone());
+                    a.access = vec!["read".into(), "write".into(), "delete".into()];
+                    a.share = vec!["read".into(), "write".into(), "delete".into()];
+                    a.disposition = "overwrite_if".into();
+                    a.lease = Some((Uuid::new_v4(), "RWH".into()));
+                    let r = c.create(&a)?;
+                    let fid = r.file_id().unwrap_or_default().to_owned();
+                    let ok = r.is_success()
+                        && c.write(sid, &fid, 0, b"side", None, false)?.is_success()
+                        && c.set_info_rename(sid, &fid, &format!("{tmp}.done"), true, None, false)?
+                            .is_success()
+                        && c.close(sid, &fid)?.is_success();
+                    Ok(smbl::Reply::new(
+                        serde_json::json!({"status": if ok { "SIDE_DONE" } else { "SIDE_FAILED" }}),
+                    ))
+                },
+            )?;
+            tally.side(r.status() == "SIDE_DONE");
+        }
         if n.is_multiple_of(8) {
             // MS-SMB2 lock sequence: index 1..=64 in turn, its number
             // bumped each time the index comes round again.
@@ -324,6 +367,19 @@ fn nfs_client(
         tally.ops.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut a) = acked.lock() {
             a.writes.insert(off, data);
+        }
+        if n.is_multiple_of(32) {
+            // On the side: open a second file, close it, remove it.
+            let mut oa = nfsl::OpenArgs::new(format!("soak-{i}-side"), format!("side-{i}-{n}"));
+            oa.access = nfsl::Access::Both;
+            oa.create = Some((nfsl::CreateMode::Unchecked, None));
+            let ok = call(&mut s, nfsl::ops::open(&oa)).ok().and_then(|o| {
+                let sid = o.stateid()?.current();
+                let c = call(&mut s, nfsl::ops::close(&sid)).ok()?;
+                let r = call(&mut s, nfsl::ops::remove(&format!("side-{i}-{n}"))).ok()?;
+                Some(o.is_ok() && c.is_ok() && r.is_ok())
+            });
+            tally.side(ok == Some(true));
         }
         if n.is_multiple_of(16) {
             // The same request re-sent on its slot: the cached reply.
@@ -550,6 +606,8 @@ fn main() -> anyhow::Result<()> {
         ("replays answered", &tally.replays),
         ("retries after failures", &tally.retries),
         ("checks", &tally.checks),
+        ("side opens/renames done", &tally.side_ops),
+        ("side ops lost to failover", &tally.side_failed),
     ] {
         println!("  {label:<24} {:>8}", n.load(Ordering::Relaxed));
     }
