@@ -960,3 +960,36 @@ fn confinement_holds_while_a_symlink_is_swapped_in() {
     assert!(refused > 0 || inside > 0);
     eprintln!("{inside} opens inside, {refused} refused, {swaps} swaps");
 }
+
+/// The socket is 0660 and a peer outside filterd's user and the socket's
+/// group cannot attach (root only: it runs filterctl as nobody).
+#[test]
+fn the_socket_admits_only_its_user_and_group() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("socket-perm");
+    let _d = Filterd::start(&s, &[], &[]);
+    let mode = std::fs::metadata(s.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    // Let nobody reach the socket file itself: only its mode stands guard.
+    for d in [s.dir.clone(), s.state()] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let sock = s.socket().display().to_string();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(rkfilter_tests::bin("filterctl"))
+        .args(["--socket", &sock, "status"])
+        .output()
+        .expect("setpriv");
+    assert!(!out.status.success(), "nobody attached: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ermission denied"), "{err}");
+    // Root (filterd's user here) still can.
+    assert_eq!(
+        rkfilter_tests::filterctl(&["--socket", &sock, "status"]).code,
+        0
+    );
+}
