@@ -443,6 +443,39 @@ fn check(
     let ctl = libfilter::client::FilterClient::connect_control(socket)?;
     let handles = ctl.handles()?;
     let locks = ctl.locks()?;
+    // What an operator sees: filterctl's view matches the daemon's.
+    let out = std::process::Command::new(rkfilter_tests::bin("filterctl"))
+        .args([
+            "--socket",
+            &socket.display().to_string(),
+            "handles",
+            "--json",
+        ])
+        .output()?;
+    let shown: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "filterctl handles: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let mut seen: Vec<String> = shown
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|h| h["key"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut have: Vec<String> = handles.iter().map(|h| h.record.key.to_string()).collect();
+    seen.sort();
+    have.sort();
+    if seen != have {
+        tally.violation(format!(
+            "filterctl shows {} handles, the daemon {}",
+            seen.len(),
+            have.len()
+        ));
+    }
     for a in &snapshot {
         if a.path.is_empty() {
             continue;
