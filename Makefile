@@ -42,15 +42,10 @@ soak: release
 # decoders) from the checked-in seed corpus, FUZZ_SECONDS each. Builds on
 # the stable toolchain (--sanitizer none); installs cargo-fuzz if missing.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := wire_frames store_records shim_lines
-fuzz:
+FUZZ_TARGETS := wire_frames store_records shim_lines smbl_requests nfsl_requests
+fuzz: release
 	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
-	for t in $(FUZZ_TARGETS); do \
-	  rm -rf fuzz/corpus-work/$$t && mkdir -p fuzz/corpus-work/$$t && \
-	  cp fuzz/corpus/$$t/* fuzz/corpus-work/$$t/ && \
-	  $(CARGO) fuzz run --fuzz-dir fuzz -s none -O $$t fuzz/corpus-work/$$t -- \
-	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
-	done
+	fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 clean:
 	$(CARGO) clean

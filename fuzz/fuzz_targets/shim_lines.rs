@@ -6,7 +6,10 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    for (id, status) in [("mid", "STATUS_INVALID_PARAMETER"), ("xid", "NFS4ERR_INVAL")] {
+    for (id, status) in [
+        ("mid", "STATUS_INVALID_PARAMETER"),
+        ("xid", "NFS4ERR_INVAL"),
+    ] {
         match shimline::parse_request(data, id, status) {
             Ok((obj, n)) => assert_eq!(obj.get(id).and_then(|v| v.as_u64()), Some(n)),
             Err(reply) => {

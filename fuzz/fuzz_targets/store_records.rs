@@ -2,9 +2,9 @@
 //! an error, never a panic.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
 use libfilter::model::{HandleRecord, Intent, ReplayRecord};
 use libfilter::store::{decode_record, parse_replay_key};
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode_record::<HandleRecord>(data);

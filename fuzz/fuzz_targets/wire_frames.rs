@@ -3,8 +3,8 @@
 //! the same frame.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
 use libfilter::proto;
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = proto::decode_hello(data);

@@ -16,8 +16,8 @@
 #![forbid(unsafe_code)]
 
 mod client_cli;
-mod server;
-mod state;
+
+use nfsshim::server;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -196,15 +196,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, lease_ms: u64) -> anyhow
         Duration::from_secs(30),
     )
     .context("attaching to filterd")?;
-    let shared = Arc::new(Shared {
-        filter: attach,
-        st: Mutex::new(Global::default()),
-        next_num: AtomicU64::new(1),
-        writers: shimline::Writers::default(),
-        lease: Duration::from_millis(lease_ms),
-        locked_files: Mutex::new(HashSet::new()),
-    });
-    restore(&shared).context("restoring nfsl/1 state from filterd")?;
+    let shared = start(attach, lease_ms)?;
     let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
     {
         let sh = shared.clone();
@@ -220,6 +212,43 @@ pub fn run(filter: &Path, listen: &str, instance: &str, lease_ms: u64) -> anyhow
         serve(shared.clone(), conn, stream)
     });
     Ok(())
+}
+
+/// The protocol state over an attachment, restored from filterd.
+fn start(attach: Attachment, lease_ms: u64) -> anyhow::Result<Arc<Shared>> {
+    let shared = Arc::new(Shared {
+        filter: attach,
+        st: Mutex::new(Global::default()),
+        next_num: AtomicU64::new(1),
+        writers: shimline::Writers::default(),
+        lease: Duration::from_millis(lease_ms),
+        locked_files: Mutex::new(HashSet::new()),
+    });
+    restore(&shared).context("restoring nfsl/1 state from filterd")?;
+    Ok(shared)
+}
+
+/// nfsshim's request handling without its listener, for fuzzing: lines go
+/// straight to the handler, as from one connection.
+pub struct Harness(Arc<Shared>);
+
+impl Harness {
+    /// Attaches to filterd at `filter` as instance `instance`.
+    pub fn attach(filter: &Path, instance: &str) -> anyhow::Result<Harness> {
+        let attach = Attachment::connect_patiently(
+            filter,
+            Protocol::new("nfs")?,
+            InstanceName::new(instance)?,
+            libfilter::proto::FEATURE_LOCK_HINTS,
+            Duration::from_secs(30),
+        )?;
+        Ok(Harness(start(attach, 90_000)?))
+    }
+
+    /// The reply to one request line.
+    pub fn handle(&self, line: &[u8]) -> Value {
+        handle_line(&self.0, 1, line)
+    }
 }
 
 /// Loads clients, sessions, slot caches and open states, and resumes the

@@ -18,7 +18,8 @@
 #![forbid(unsafe_code)]
 
 mod client_cli;
-mod server;
+
+use smbshim::server;
 
 use std::path::PathBuf;
 use std::time::Duration;

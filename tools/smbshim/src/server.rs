@@ -109,6 +109,15 @@ pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
     )
     .context("attaching to filterd")?;
     let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
+    let shared = start(attach)?;
+    shimline::accept_forever(listener, "smb", move |conn, stream| {
+        serve(shared.clone(), conn, stream)
+    });
+    Ok(())
+}
+
+/// The protocol state over an attachment, with its lease-break forwarder.
+fn start(attach: Attachment) -> anyhow::Result<Arc<Shared>> {
     let shared = Arc::new(Shared {
         filter: attach,
         sessions: Mutex::new(HashMap::new()),
@@ -118,16 +127,34 @@ pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
         locked_files: Mutex::new(std::collections::HashSet::new()),
         teardown: Mutex::new(()),
     });
-    {
-        let sh = shared.clone();
-        std::thread::Builder::new()
-            .name("lease-breaks".into())
-            .spawn(move || forward_breaks(sh))?;
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name("lease-breaks".into())
+        .spawn(move || forward_breaks(sh))?;
+    Ok(shared)
+}
+
+/// smbshim's request handling without its listener, for fuzzing: lines go
+/// straight to the handler, as from one connection.
+pub struct Harness(Arc<Shared>);
+
+impl Harness {
+    /// Attaches to filterd at `filter` as instance `instance`.
+    pub fn attach(filter: &Path, instance: &str) -> anyhow::Result<Harness> {
+        let attach = Attachment::connect_patiently(
+            filter,
+            Protocol::new("smb")?,
+            InstanceName::new(instance)?,
+            libfilter::proto::FEATURE_LOCK_HINTS,
+            Duration::from_secs(30),
+        )?;
+        Ok(Harness(start(attach)?))
     }
-    shimline::accept_forever(listener, "smb", move |conn, stream| {
-        serve(shared.clone(), conn, stream)
-    });
-    Ok(())
+
+    /// The reply to one request line.
+    pub fn handle(&self, line: &[u8]) -> Value {
+        handle_line(&self.0, 1, line)
+    }
 }
 
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {

@@ -1,0 +1,7 @@
+//! nfsshim's server as a library: the binary (main.rs) serves TCP with
+//! it, and the fuzz targets drive its request handling directly
+//! ([`server::Harness`]).
+#![forbid(unsafe_code)]
+
+pub mod server;
+pub mod state;
