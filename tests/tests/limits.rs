@@ -357,3 +357,48 @@ fn disk_full_is_nospc_for_nfs() {
     );
     assert_eq!(r["status"], "NFS4_OK", "{r}");
 }
+
+/// A line over 4 MiB: that connection gets the error and is closed; other
+/// clients of the same frontend keep working (both protocols).
+#[test]
+fn an_over_long_line_closes_only_its_connection() {
+    let s = Scratch::new("limit-line");
+    let _d = Filterd::start(&s, &[], &[]);
+    for (bin, id, ping, status) in [
+        (
+            "smbshim",
+            "mid",
+            json!({"cmd": "ECHO"}),
+            "STATUS_INVALID_PARAMETER",
+        ),
+        (
+            "nfsshim",
+            "xid",
+            json!({"op": "EXCHANGE_ID", "owner": "o", "verifier": "0123456789abcdef"}),
+            "NFS4ERR_INVAL",
+        ),
+    ] {
+        let shim = Shim::start(bin, &s.socket(), &format!("{bin}-line"));
+        let mut other = LineClient::connect(&shim.addr);
+        let mut bad = LineClient::connect(&shim.addr);
+        let mut long = vec![b'x'; (4 << 20) + 10];
+        long.push(b'\n');
+        let r = bad.raw(&long).expect("an error reply");
+        assert_eq!(
+            (r["status"].as_str(), r[id].is_null()),
+            (Some(status), true),
+            "{r}"
+        );
+        assert!(
+            bad.raw(b"{}\n").is_none(),
+            "{bin}: closed after the long line"
+        );
+        let r = other.call_with(id, ping.clone());
+        assert!(
+            r["status"]
+                .as_str()
+                .is_some_and(|s| s.ends_with("OK") || s.ends_with("SUCCESS")),
+            "{bin}: {r}"
+        );
+    }
+}
