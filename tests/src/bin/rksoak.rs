@@ -515,9 +515,40 @@ fn check(
     Ok(())
 }
 
+/// SIGINT or SIGTERM (a timeout, Ctrl-C): stop every process of the soak —
+/// they are the ones whose command line names its scratch dir — remove the
+/// dir, exit 130. The signals are blocked in every thread and taken here.
+fn stop_on_signals(dir: std::path::PathBuf) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    let _ = sigs.thread_block();
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if sigs.wait().is_err() {
+                return;
+            }
+            eprintln!("rksoak: interrupted; stopping its processes");
+            let tag = dir.display().to_string();
+            for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let pid = p.file_name().to_string_lossy().parse::<i32>().ok();
+                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                if let (Some(pid), true) = (pid, String::from_utf8_lossy(&cmd).contains(&tag)) {
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            std::process::exit(130);
+        });
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = Scratch::new("soak");
+    stop_on_signals(s.dir.clone());
     let mut filterd = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
     let mut smb = Shim::start("smbshim", &s.socket(), "smb-soak");
     let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-soak");
