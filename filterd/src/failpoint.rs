@@ -1,44 +1,77 @@
 //! Named crash points, compiled in and armed by an environment variable.
 //!
-//! `RKFILTER_FAILPOINTS=name[:n][,name[:n]...]` makes the daemon SIGKILL
-//! itself the n-th time (default: first) execution reaches `hit(name)`, so
-//! tests can prove exactly-once and crash consistency at every step of a
-//! mutating path. Unarmed, a hit costs one relaxed atomic load.
+//! `RKFILTER_FAILPOINTS=name[:n[:action]][,...]` acts the n-th time (default:
+//! first) execution reaches `hit(name)`, so tests can prove exactly-once and
+//! crash consistency at every step of a mutating path. Actions:
+//! - `kill` (the default): SIGKILL the daemon, like `kill -9`;
+//! - `panic`: panic on the thread that got there (the daemon is built with
+//!   `panic = "abort"`, so the whole process ends);
+//! - `sleepMS`: stall that thread for MS milliseconds — a slow fsync, to
+//!   widen a window that a test then attacks.
+//!
+//! Unarmed, a hit costs one relaxed atomic load.
 //!
 //! Points (see docs/ARCHITECTURE.md): `commit.before`, `commit.after`
 //! (durable, reply not yet sent), `reply.before_send`, `open.after_fs`
-//! (file created/opened, nothing recorded).
+//! (file created/opened, nothing recorded), `intent.after_commit`,
+//! `intent.after_fs`, `engine.request` (the engine thread, per request).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 /// The environment variable that arms failpoints.
 pub const ENV: &str = "RKFILTER_FAILPOINTS";
 
+/// What an armed point does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Kill,
+    Panic,
+    Sleep(u64),
+}
+
+fn parse_action(s: &str) -> Option<Action> {
+    match s {
+        "" | "kill" => Some(Action::Kill),
+        "panic" => Some(Action::Panic),
+        _ => s.strip_prefix("sleep")?.parse().ok().map(Action::Sleep),
+    }
+}
+
 static ANY_ARMED: AtomicBool = AtomicBool::new(false);
-static ARMED: OnceLock<Mutex<HashMap<String, u64>>> = OnceLock::new();
+static ARMED: OnceLock<Mutex<HashMap<String, (u64, Action)>>> = OnceLock::new();
 
 /// Reads the environment once at start.
 pub fn init() {
     let spec = std::env::var(ENV).unwrap_or_default();
     let mut map = HashMap::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (name, n) = match item.split_once(':') {
-            Some((name, n)) => (name, n.parse().unwrap_or(1)),
-            None => (item, 1),
+        let mut parts = item.splitn(3, ':');
+        let name = parts.next().unwrap_or_default();
+        let n = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+        let action = match parts.next().map(parse_action) {
+            None => Action::Kill,
+            Some(Some(a)) => a,
+            Some(None) => {
+                tracing::error!(
+                    failpoint = item,
+                    "unknown failpoint action (kill, panic, sleepMS): ignored"
+                );
+                continue;
+            }
         };
-        map.insert(name.to_owned(), n);
+        map.insert(name.to_owned(), (n, action));
     }
     if !map.is_empty() {
-        tracing::warn!(failpoints = %spec, "failpoints armed: this daemon will kill itself on purpose");
+        tracing::warn!(failpoints = %spec, "failpoints armed: this daemon will kill, stall or panic itself on purpose");
         ANY_ARMED.store(true, Ordering::Release);
     }
     let _ = ARMED.set(Mutex::new(map));
 }
 
-/// Crashes the process (SIGKILL, like `kill -9`) if `name` is armed and this
-/// is its n-th hit.
+/// Acts if `name` is armed and this is its n-th hit.
 pub fn hit(name: &str) {
     if !ANY_ARMED.load(Ordering::Relaxed) {
         return;
@@ -46,17 +79,30 @@ pub fn hit(name: &str) {
     let fire = ARMED
         .get()
         .and_then(|m| m.lock().ok())
-        .is_some_and(|mut m| match m.get_mut(name) {
-            Some(n) if *n <= 1 => true,
-            Some(n) => {
-                *n -= 1;
-                false
+        .and_then(|mut m| match m.get_mut(name) {
+            Some((n, a)) if *n <= 1 => {
+                let a = *a;
+                // Fired once; a sleep point stays quiet afterwards.
+                m.remove(name);
+                Some(a)
             }
-            None => false,
+            Some((n, _)) => {
+                *n -= 1;
+                None
+            }
+            None => None,
         });
-    if fire {
-        eprintln!("failpoint {name}: killing filterd");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-        std::process::abort();
+    match fire {
+        None => {}
+        Some(Action::Sleep(ms)) => {
+            eprintln!("failpoint {name}: stalling {ms} ms");
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        Some(Action::Panic) => panic!("failpoint {name}: panicking on purpose"),
+        Some(Action::Kill) => {
+            eprintln!("failpoint {name}: killing filterd");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            std::process::abort();
+        }
     }
 }

@@ -194,8 +194,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
 
     let (poller, cmd_tx) = conn::Poller::new(4096)?;
-    let (commit_tx, commit_rx) = crossbeam_channel::bounded(64);
-    let counters = Arc::new(engine::CommitCounters::default());
+    let pipe = Arc::new(committer::Pipeline::default());
+    let counters = Arc::new(committer::CommitCounters::default());
     let mut eng = engine::Engine::new(
         engine::Config {
             max_durable_timeout_ms: args.durable_timeout_max_ms,
@@ -210,7 +210,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         root.into(),
         epoch,
-        commit_tx,
+        pipe.clone(),
+        store.clone(),
         counters.clone(),
     );
     eng.recover(&store).context("restart recovery")?;
@@ -234,10 +235,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let committer = {
-        let (store, tx, counters) = (store.clone(), cmd_tx.clone(), counters.clone());
+        let (store, tx, counters, pipe) = (
+            store.clone(),
+            cmd_tx.clone(),
+            counters.clone(),
+            pipe.clone(),
+        );
         std::thread::Builder::new()
             .name("committer".into())
-            .spawn(move || committer::run(store, commit_rx, tx, counters))?
+            .spawn(move || committer::run(store, pipe, tx, counters))?
     };
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
@@ -260,6 +266,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if engine_thread.join().is_err() {
         error!("engine thread panicked");
     }
+    // The engine flushed its last batch: the committer commits what is
+    // queued, then returns.
+    pipe.stop();
     if committer.join().is_err() {
         error!("committer thread panicked");
     }

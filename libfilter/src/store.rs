@@ -580,6 +580,26 @@ impl Store {
         Ok(out)
     }
 
+    /// The replay records of one scope, by op id (what is durable of it).
+    pub fn replays_in(&self, scope: &ReplayScope) -> Result<Vec<(u64, ReplayRecord)>, StoreError> {
+        let _gate = self.gate();
+        let txn = self.env.read_txn()?;
+        let raw = self.replay.remap_types::<Bytes, Bytes>();
+        let mut out = Vec::new();
+        for item in raw.prefix_iter(&txn, &replay_prefix(scope))? {
+            let (k, v) = item?;
+            let Some((_, op_id)) = parse_replay_key(k) else {
+                continue;
+            };
+            let rec = decode_record::<ReplayRecord>(v).map_err(|reason| StoreError::Corrupt {
+                table: "replay",
+                reason,
+            })?;
+            out.push((op_id, rec));
+        }
+        Ok(out)
+    }
+
     /// Every intent still in the table (dangling after a crash).
     pub fn intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
         let _gate = self.gate();

@@ -16,7 +16,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,8 +38,11 @@ use libfilter::share::{self, Holder, HolderState, ShareDecision, ShareMode};
 use libfilter::store::{Store, StoreOp};
 use tracing::{debug, error, info, warn};
 
+use crate::committer::{CommitCounters, Pipeline};
 use crate::conn::{ConnWriter, Poller, Ready};
 use crate::fsops;
+
+mod durable;
 
 /// Identifies one accepted connection for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,14 +95,12 @@ pub enum Command {
     },
     /// A connection thread refused a malformed frame (for the counters).
     BadFrame,
-    /// A commit failed: these persistent opens never became durable and are
-    /// rolled back (their clients got an error).
+    /// A commit failed: everything not yet durable is rolled back (the
+    /// committer waits for [`crate::committer::Pipeline::rolled_back`]).
     CommitFailed {
-        /// Handles opened in the failed batch.
-        opened: Vec<ResumeKey>,
-        /// Parked opens whose intent never became durable.
-        parked: Vec<IntentId>,
-        /// What to tell their clients.
+        /// The last sequence of the failed commit.
+        through: u64,
+        /// What to tell the clients whose requests are undone.
         code: ErrorCode,
         /// Why.
         message: String,
@@ -121,39 +122,6 @@ pub enum Command {
     },
     /// Stop: flush, then return.
     Shutdown,
-}
-
-/// A reply held back until its store operations are durable.
-pub struct Deferred {
-    /// Where it goes.
-    pub writer: Arc<ConnWriter>,
-    /// The request id (to turn it into an error if the commit fails).
-    pub id: u64,
-    /// The encoded success frame.
-    pub bytes: Vec<u8>,
-    /// A descriptor to pass along (a dup the committer may close).
-    pub fd: Option<OwnedFd>,
-}
-
-/// One batch for the committer.
-pub struct CommitJob {
-    /// Store operations, in order.
-    pub ops: Vec<StoreOp>,
-    /// Replies to send once they are durable.
-    pub replies: Vec<Deferred>,
-    /// Persistent opens in this batch, to roll back if the commit fails.
-    pub opened: Vec<ResumeKey>,
-    /// Intents in this batch whose parked opens continue once they are durable.
-    pub notify: Vec<IntentId>,
-}
-
-/// Counters the committer maintains.
-#[derive(Default)]
-pub struct CommitCounters {
-    /// Transactions committed.
-    pub commits: AtomicU64,
-    /// Operations committed.
-    pub ops: AtomicU64,
 }
 
 /// Engine settings.
@@ -224,10 +192,9 @@ pub struct Engine {
     expiries: BinaryHeap<Reverse<(u64, ResumeKey, u64)>>,
     stats: Stats,
     commit_counters: Arc<CommitCounters>,
-    ops: Vec<StoreOp>,
-    deferred: Vec<Deferred>,
-    opened: Vec<ResumeKey>,
-    notify: Vec<IntentId>,
+    /// The batch being built, its commit sequence, and what each pending
+    /// sequence touched (see `durable.rs`).
+    batch: durable::Batch,
     /// Lease breaks waiting for their holder's acknowledgement.
     breaking: HashMap<(FileId, LeaseKey), Breaking>,
     /// Opens waiting for lease breaks before they can be decided.
@@ -257,7 +224,10 @@ pub struct Engine {
     /// Recorded replies by scope, mirrored from the `replay` table (and,
     /// for non-persistent handles, only here).
     replays: HashMap<ReplayScope, BTreeMap<u64, ReplayRecord>>,
-    commit_tx: Sender<CommitJob>,
+    /// Where batches go and replies wait for durability.
+    pipe: Arc<Pipeline>,
+    /// The store, read to undo what a failed commit's requests did.
+    store: Arc<Store>,
 }
 
 /// Where a local open's verdict goes.
@@ -293,6 +263,8 @@ struct WaitingOpen {
 struct Parked {
     writer: Arc<ConnWriter>,
     id: u64,
+    /// The sequence of the batch holding its intent.
+    seq: u64,
     key: ResumeKey,
     /// A rename or remove to perform once the intent is durable (none: a
     /// truncating open).
@@ -316,7 +288,8 @@ impl Engine {
         cfg: Config,
         root: OwnedFd,
         epoch: u64,
-        commit_tx: Sender<CommitJob>,
+        pipe: Arc<Pipeline>,
+        store: Arc<Store>,
         commit_counters: Arc<CommitCounters>,
     ) -> Self {
         Engine {
@@ -333,10 +306,7 @@ impl Engine {
             expiries: BinaryHeap::new(),
             stats: Stats::default(),
             commit_counters,
-            ops: Vec::new(),
-            deferred: Vec::new(),
-            opened: Vec::new(),
-            notify: Vec::new(),
+            batch: durable::Batch::default(),
             parked: HashMap::new(),
             locks: BTreeMap::new(),
             breaking: HashMap::new(),
@@ -351,7 +321,8 @@ impl Engine {
             fanotify: None,
             local_counters: Default::default(),
             replays: HashMap::new(),
-            commit_tx,
+            pipe,
+            store,
         }
     }
 
@@ -641,26 +612,6 @@ impl Engine {
         }
     }
 
-    /// Hands the batch's store operations and deferred replies to the committer.
-    fn flush(&mut self) {
-        if self.ops.is_empty() {
-            // Deferred replies exist only with operations; nothing to wait for.
-            for d in self.deferred.drain(..) {
-                d.writer.send(&d.bytes, d.fd.as_ref().map(|f| f.as_fd()));
-            }
-            return;
-        }
-        let job = CommitJob {
-            ops: std::mem::take(&mut self.ops),
-            replies: std::mem::take(&mut self.deferred),
-            opened: std::mem::take(&mut self.opened),
-            notify: std::mem::take(&mut self.notify),
-        };
-        if self.commit_tx.send(job).is_err() {
-            error!("committer is gone; persistent changes cannot be made durable");
-        }
-    }
-
     /// Returns true to stop.
     fn handle(&mut self, c: Command) -> bool {
         match c {
@@ -670,27 +621,12 @@ impl Engine {
             Command::Closed { conn } => self.on_closed(conn),
             Command::BadFrame => self.stats.bad_frames += 1,
             Command::CommitFailed {
-                opened,
-                parked,
+                through,
                 code,
                 message,
             } => {
-                for k in opened {
-                    if self.handles.contains_key(&k) {
-                        warn!(resume_key = %k, "rolled back a persistent open whose commit failed");
-                        self.remove_unrecorded(k);
-                    }
-                }
-                for id in parked {
-                    if let Some(p) = self.parked.remove(&id) {
-                        self.remove_unrecorded(p.key);
-                        let frame = ServerFrame::Reply {
-                            id: Some(p.id),
-                            result: Err(err(code, format!("state store commit failed: {message}"))),
-                        };
-                        p.writer.send_frame(&frame, None);
-                    }
-                }
+                debug!(through, "commit failed");
+                self.roll_back(code, &message);
             }
             Command::LocalOpen {
                 file,
@@ -819,25 +755,54 @@ impl Engine {
             resume_key = tracing::field::Empty
         );
         let _enter = span.enter();
-        let ops_before = self.ops.len();
-        let outcome = self.dispatch(conn, &role, frame.id, frame.req);
-        self.answer(conn, &writer, frame.id, outcome, ops_before);
+        crate::failpoint::hit("engine.request");
+        self.run_request(conn, &writer, &role, frame.id, frame.req);
     }
 
-    /// Sends (or, when the request changed persistent state, defers until the
-    /// commit) the reply to request `id`. `Ok(None)`: parked, answered later.
+    /// Runs one request and answers it, or parks it to be answered later.
+    fn run_request(
+        &mut self,
+        conn: ConnId,
+        writer: &Arc<ConnWriter>,
+        role: &Role,
+        id: u64,
+        req: Request,
+    ) {
+        self.begin_request();
+        // An in-memory-only handle the request may change: its record as it
+        // was, to undo if the reply ends up waiting on a commit that fails.
+        let before = match &req {
+            Request::Lock { key, .. } | Request::SetDeleteOnClose { key, .. } => self
+                .handles
+                .get(key)
+                .filter(|h| !h.rec.durability.is_persistent())
+                .map(|h| Box::new(h.rec.clone())),
+            _ => None,
+        };
+        let outcome = self.dispatch(conn, role, id, req);
+        if let Some(rec) = before {
+            self.undo_if_failed(durable::Undo::Record(rec));
+        }
+        self.answer(conn, writer, id, outcome);
+    }
+
+    /// Sends the reply to request `id` once everything it shows is durable
+    /// (at once when nothing it shows is pending). `Ok(None)`: parked,
+    /// answered later.
     fn answer(
         &mut self,
         conn: ConnId,
         writer: &Arc<ConnWriter>,
         id: u64,
         outcome: Result<Option<(Reply, Option<ResumeKey>)>, WireError>,
-        ops_before: usize,
     ) {
         let (result, fd_of) = match outcome {
             Ok(Some((mut reply, fd_of))) => {
                 if let Reply::Opened(o) = &mut reply {
                     o.locked = self.hint_open(conn, o.file);
+                    if !o.durability.is_persistent() {
+                        self.undo_if_failed(durable::Undo::Drop(o.key));
+                    }
                 }
                 (Ok(reply), fd_of)
             }
@@ -854,21 +819,7 @@ impl Engine {
         let fd = fd_of
             .and_then(|k| self.handles.get(&k))
             .and_then(|h| h.fd.as_ref());
-        if self.ops.len() > ops_before {
-            let bytes = match proto::encode(&out) {
-                Ok(b) => b,
-                Err(e) => {
-                    error!(error = %e, "cannot encode reply");
-                    let fallback = ServerFrame::Reply {
-                        id: Some(id),
-                        result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
-                    };
-                    match proto::encode(&fallback) {
-                        Ok(b) => b,
-                        Err(_) => return,
-                    }
-                }
-            };
+        if self.request_dependency() > self.pipe.committed() {
             let fd = match fd.map(|f| f.try_clone()) {
                 Some(Ok(f)) => Some(f),
                 Some(Err(e)) => {
@@ -877,12 +828,7 @@ impl Engine {
                 }
                 None => None,
             };
-            self.deferred.push(Deferred {
-                writer: writer.clone(),
-                id,
-                bytes,
-                fd,
-            });
+            self.reply_when_durable(writer, id, &out, fd);
         } else if !writer.send_frame(&out, fd.map(|f| f.as_fd())) {
             // The reply could not be encoded (or sent): never leave a request
             // unanswered.
@@ -925,6 +871,26 @@ impl Engine {
                 "only a control connection may expire handles",
             )),
         };
+        // What the reply shows: a listing shows everything, a request on a
+        // handle shows its file.
+        match &req {
+            Request::Status
+            | Request::Handles { .. }
+            | Request::Handle { .. }
+            | Request::Files { .. }
+            | Request::Frontends
+            | Request::Locks { .. } => self.depends_on_all(),
+            Request::Close { key }
+            | Request::Detach { key }
+            | Request::SetDeleteOnClose { key, .. }
+            | Request::Rename { key, .. }
+            | Request::SetEndOfFile { key, .. } => {
+                if let Some(f) = self.handles.get(key).map(|h| h.rec.file) {
+                    self.depends_on_file(f);
+                }
+            }
+            _ => {}
+        }
         match req {
             Request::Open(o) => {
                 let (protocol, instance) = need_frontend()?;
@@ -951,6 +917,7 @@ impl Engine {
             Request::LookupReply { scope, op_id } => {
                 let (protocol, _) = need_frontend()?;
                 let scope = self.own_scope(conn, &protocol, scope)?;
+                self.depends_on_scope(&scope);
                 Ok(Some((self.lookup_reply(&scope, op_id), None)))
             }
             Request::Lock {
@@ -991,6 +958,9 @@ impl Engine {
                 self.stats.io_checks += 1;
                 self.attached_to(conn, key)?;
                 let file = self.handles.get(&key).map(|h| h.rec.file);
+                if let Some(f) = file {
+                    self.depends_on_file(f);
+                }
                 let handles = &self.handles;
                 let counts = |o: &ResumeKey| {
                     !own_protocol_advisory
@@ -1042,7 +1012,7 @@ impl Engine {
                 h.rec.delete_on_close = delete;
                 if h.rec.durability.is_persistent() {
                     let rec = h.rec.clone();
-                    self.ops.push(StoreOp::PutHandle(Box::new(rec)));
+                    self.batch.push(StoreOp::PutHandle(Box::new(rec)));
                 }
                 if let Some(r) = record {
                     self.remember_reply(r);
@@ -1079,6 +1049,7 @@ impl Engine {
                     Some((protocol, _)) => self.own_scope(conn, protocol, scope)?,
                     None => scope,
                 };
+                self.depends_on_scope(&scope);
                 let mut records = Vec::new();
                 let mut next = None;
                 let mut bytes = 0usize;
@@ -1114,7 +1085,7 @@ impl Engine {
                     let persistent = self.scope_is_persistent(&scope);
                     if let Some(recs) = self.replays.get_mut(&scope) {
                         if recs.remove(&op_id).is_some() && persistent {
-                            self.ops.push(StoreOp::DeleteReplay { scope, op_id });
+                            self.batch.push(StoreOp::DeleteReplay { scope, op_id });
                         }
                     }
                 }
@@ -1129,7 +1100,7 @@ impl Engine {
                 let persistent = self.scope_is_persistent(&scope);
                 if let Some(recs) = self.replays.get_mut(&scope) {
                     if recs.remove(&op_id).is_some() && persistent {
-                        self.ops.push(StoreOp::DeleteReplay { scope, op_id });
+                        self.batch.push(StoreOp::DeleteReplay { scope, op_id });
                     }
                 }
                 Ok(Some((Reply::Done, None)))
@@ -1138,7 +1109,7 @@ impl Engine {
                 let (protocol, _) = need_frontend()?;
                 let scope = self.own_scope(conn, &protocol, scope)?;
                 self.replays.remove(&scope);
-                self.ops.push(StoreOp::DeleteReplayScope(scope));
+                self.batch.push(StoreOp::DeleteReplayScope(scope));
                 Ok(Some((Reply::Done, None)))
             }
             Request::Close { key } => {
@@ -1247,6 +1218,9 @@ impl Engine {
         let durability = o.durability.normalized(self.cfg.max_durable_timeout_ms);
         if let Some(g) = o.create_guid {
             if let Some(&k) = self.by_guid.get(&(o.client.clone(), g)) {
+                if let Some(f) = self.handles.get(&k).map(|h| h.rec.file) {
+                    self.depends_on_file(f);
+                }
                 if !replay {
                     self.stats.opens_refused += 1;
                     return Err(err(
@@ -1309,6 +1283,9 @@ impl Engine {
             self.stats.opens_refused += 1;
         })?;
         crate::failpoint::hit("open.after_fs");
+        // Share modes, leases and the file's state decide this open: it
+        // must not be answered before a pending change of them is durable.
+        self.depends_on_file(of.file);
         let mode = ShareMode {
             access: o.access.rights(),
             share: o.share,
@@ -1450,8 +1427,7 @@ impl Engine {
                 fsops::truncate(self.root.as_fd(), &rec.path, of.file)?;
             }
             if durability.is_persistent() {
-                self.ops.push(StoreOp::PutHandle(Box::new(rec.clone())));
-                self.opened.push(key);
+                self.batch.push(StoreOp::PutHandle(Box::new(rec.clone())));
             }
         }
         debug!(resume_key = %key, path = %rec.path, action = %create_action, durability = durability.word(), parked = park, "opened");
@@ -1484,23 +1460,17 @@ impl Engine {
             return;
         };
         crate::failpoint::hit("intent.after_commit");
+        self.begin_request();
         if let Some(change) = p.change.take() {
             let result = self.perform(&change);
             crate::failpoint::hit("intent.after_fs");
-            self.ops.push(StoreOp::DeleteIntent(id));
+            self.batch.push(StoreOp::DeleteIntent(id));
             let result = result.map(|()| Reply::Done);
             let frame = ServerFrame::Reply {
                 id: Some(p.id),
                 result,
             };
-            if let Ok(bytes) = proto::encode(&frame) {
-                self.deferred.push(Deferred {
-                    writer: p.writer,
-                    id: p.id,
-                    bytes,
-                    fd: None,
-                });
-            }
+            self.reply_when_durable(&p.writer, p.id, &frame, None);
             return;
         }
         // Lock hints: conservative (no LocksGone will clear it).
@@ -1510,7 +1480,7 @@ impl Engine {
             .and_then(|h| self.locks.get(&h.rec.file))
             .is_some_and(|t| !t.is_empty());
         let Some(h) = self.handles.get_mut(&p.key) else {
-            self.ops.push(StoreOp::DeleteIntent(id));
+            self.batch.push(StoreOp::DeleteIntent(id));
             return;
         };
         let truncated = match &h.rec.kernel_handle {
@@ -1521,21 +1491,23 @@ impl Engine {
         let result = match truncated {
             Ok(()) => {
                 h.parked = false;
-                self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
-                self.ops.push(StoreOp::DeleteIntent(id));
-                Ok(Reply::Opened(Opened {
+                let rec = h.rec.clone();
+                let opened = Opened {
                     key: p.key,
-                    create_action: h.rec.create_action,
+                    create_action: rec.create_action,
                     size: 0,
-                    file: h.rec.file,
-                    durability: h.rec.durability,
-                    lease: h.rec.lease,
+                    file: rec.file,
+                    durability: rec.durability,
+                    lease: rec.lease,
                     locked,
-                }))
+                };
+                self.batch.push(StoreOp::PutHandle(Box::new(rec)));
+                self.batch.push(StoreOp::DeleteIntent(id));
+                Ok(Reply::Opened(opened))
             }
             Err(e) => {
                 let path = h.rec.path.clone();
-                self.ops.push(StoreOp::DeleteIntent(id));
+                self.batch.push(StoreOp::DeleteIntent(id));
                 self.remove_unrecorded(p.key);
                 Err(fsops::map_errno(&e, self.root.as_fd(), &path))
             }
@@ -1552,15 +1524,7 @@ impl Engine {
             id: Some(p.id),
             result,
         };
-        let Ok(bytes) = proto::encode(&frame) else {
-            return;
-        };
-        self.deferred.push(Deferred {
-            writer: p.writer,
-            id: p.id,
-            bytes,
-            fd,
-        });
+        self.reply_when_durable(&p.writer, p.id, &frame, fd);
     }
 
     /// A re-sent open whose create GUID names an existing handle: return it
@@ -1573,6 +1537,13 @@ impl Engine {
         key: ResumeKey,
     ) -> Result<(Reply, Option<ResumeKey>), WireError> {
         tracing::Span::current().record("resume_key", tracing::field::display(key));
+        let file = self
+            .handles
+            .get(&key)
+            .map(|h| h.rec.file)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        // The original open may still be committing: its replay shows it.
+        self.depends_on_file(file);
         let h = self
             .handles
             .get(&key)
@@ -1647,6 +1618,9 @@ impl Engine {
                 })?,
         };
         tracing::Span::current().record("resume_key", tracing::field::display(key));
+        if let Some(f) = self.handles.get(&key).map(|h| h.rec.file) {
+            self.depends_on_file(f);
+        }
         let h = self
             .handles
             .get(&key)
@@ -1702,7 +1676,7 @@ impl Engine {
                 Err(e) => {
                     h.rec.conn = ConnState::Lost;
                     if h.rec.durability.is_persistent() {
-                        self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                        self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
                     }
                     return Err(err(
                         ErrorCode::NoSuchHandle,
@@ -1727,7 +1701,7 @@ impl Engine {
         h.conn = Some(conn);
         h.gen += 1;
         if h.rec.durability.is_persistent() {
-            self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+            self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
         }
         let opened = Opened {
             key,
@@ -1883,7 +1857,7 @@ impl Engine {
             {
                 purge.push(k);
             } else if h.rec.durability.is_persistent() {
-                self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
             }
         }
         for k in purge {
@@ -1947,7 +1921,7 @@ impl Engine {
             if same && h.rec.lease != Some(held) {
                 h.rec.lease = Some(held);
                 if h.rec.durability.is_persistent() {
-                    self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                    self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
                 }
             }
         }
@@ -2079,9 +2053,7 @@ impl Engine {
             else {
                 continue;
             };
-            let ops_before = self.ops.len();
-            let outcome = self.dispatch(conn, &role, id, req);
-            self.answer(conn, &writer, id, outcome, ops_before);
+            self.run_request(conn, &writer, &role, id, req);
         }
         let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_local)
             .into_iter()
@@ -2098,9 +2070,9 @@ impl Engine {
             let Some(writer) = self.conns.get(&w.conn).map(|c| c.writer.clone()) else {
                 continue; // its frontend went away meanwhile
             };
-            let ops_before = self.ops.len();
+            self.begin_request();
             let outcome = self.open(w.conn, w.id, w.protocol, w.instance, w.req, w.replay);
-            self.answer(w.conn, &writer, w.id, outcome, ops_before);
+            self.answer(w.conn, &writer, w.id, outcome);
         }
     }
 
@@ -2235,6 +2207,9 @@ impl Engine {
             .get(&key)
             .map(|h| h.rec.file)
             .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        // A lock-sequence replay, a conflict or a grant shows the file's
+        // lock state: never before its pending change is durable.
+        self.depends_on_file(file);
         let held = held_now(self, file);
         let Some(h) = self.handles.get_mut(&key) else {
             return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
@@ -2320,7 +2295,7 @@ impl Engine {
             Err(_) => self.stats.locks_refused += 1,
         }
         if persistent && (result.is_ok() || checked.is_some()) {
-            self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+            self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
         }
         if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
             if result.is_ok() {
@@ -2506,6 +2481,7 @@ impl Engine {
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
         let file = fsops::file_at_checked(self.root.as_fd(), &path)?
             .ok_or_else(|| err(ErrorCode::NotFound, format!("{path}: not found")))?;
+        self.depends_on_file(file);
         self.others_share_delete(file, None)?;
         let record = record
             .map(|r| self.own_record(conn, protocol, r))
@@ -2617,19 +2593,20 @@ impl Engine {
             recorded_ms: now_ms(),
         };
         self.stats.intents += 1;
-        self.notify.push(intent.id);
+        self.batch.notify.push(intent.id);
         if let Some(c) = self.conns.get(&conn) {
             self.parked.insert(
                 intent.id,
                 Parked {
                     writer: c.writer.clone(),
                     id: req_id,
+                    seq: self.batch.seq(),
                     key,
                     change: then,
                 },
             );
         }
-        self.ops.push(StoreOp::PutIntent(Box::new(intent)));
+        self.batch.push(StoreOp::PutIntent(Box::new(intent)));
     }
 
     /// Does a rename or remove now, updating the handle and recording the
@@ -2649,7 +2626,7 @@ impl Engine {
                 if let Some(h) = self.handles.get_mut(key) {
                     h.rec.path = to.clone();
                     if h.rec.durability.is_persistent() {
-                        self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                        self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
                     }
                 }
                 if let Some(r) = record {
@@ -2702,7 +2679,7 @@ impl Engine {
             recs.pop_first();
         }
         if self.scope_is_persistent(&r.scope) {
-            self.ops.push(record_op(r));
+            self.batch.push(record_op(r));
         }
         self.stats.replies_recorded += 1;
     }
@@ -2761,7 +2738,7 @@ impl Engine {
             recs.pop_first();
         }
         if self.scope_is_persistent(&scope) {
-            self.ops.push(StoreOp::PutReplay {
+            self.batch.push(StoreOp::PutReplay {
                 scope,
                 op_id,
                 record,
@@ -2793,6 +2770,17 @@ impl Engine {
             *self.guid_clients.entry(g).or_default() += 1;
         }
         self.handles.insert(key, h);
+    }
+
+    /// Removes a handle the store does not hold (rolled back): no store
+    /// operation, no filesystem effect (a pending delete-on-close is
+    /// dropped with it).
+    fn remove_quietly(&mut self, key: ResumeKey) {
+        if let Some(h) = self.handles.get_mut(&key) {
+            h.rec.durability = Durability::None;
+            h.rec.delete_on_close = false;
+        }
+        self.remove(key);
     }
 
     /// Removes a handle whose record never reached the store.
@@ -2876,7 +2864,7 @@ impl Engine {
                     h.rec.kernel_handle.as_ref(),
                 );
             }
-            self.ops
+            self.batch
                 .push(StoreOp::DeleteHandle(Box::new(h.rec.clone())));
         }
         Some(h)
@@ -2907,7 +2895,7 @@ impl Engine {
                     o.rec.delete_on_close = true;
                     if o.rec.durability.is_persistent() {
                         let rec = o.rec.clone();
-                        self.ops.push(StoreOp::PutHandle(Box::new(rec)));
+                        self.batch.push(StoreOp::PutHandle(Box::new(rec)));
                     }
                 }
             }
@@ -2935,7 +2923,7 @@ impl Engine {
         h.gen += 1;
         self.expiries.push(Reverse((expires_ms, key, h.gen)));
         if h.rec.durability.is_persistent() {
-            self.ops.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+            self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
         }
         self.stats.disconnects += 1;
         debug!(resume_key = %key, timeout_ms = timeout, "disconnected");

@@ -1,0 +1,467 @@
+//! What the engine shows, undoes and syncs, tied to the commit that makes
+//! it durable.
+//!
+//! Every store operation a request produces goes through
+//! [`Engine::push_op`], which files it under the sequence of the batch being
+//! built and stamps the files and replay scopes it changes with that
+//! sequence. A request's reply then waits for the highest sequence it
+//! *depends on*: the batch holding its own operations, or — when it only
+//! reads — the batch that last changed a file or scope it looked at
+//! (`depends_on_file`, `depends_on_scope`). So a create replay, a
+//! lock-sequence replay or a recorded-reply lookup never shows state whose
+//! commit is still pending, and a reply that shows nothing pending goes out
+//! at once (a non-durable open never waits for an fsync).
+//!
+//! When a commit fails, [`Engine::roll_back`] undoes everything not yet
+//! durable: persistent state is read back from the store (which holds
+//! exactly what committed), in-memory-only effects of requests that waited
+//! on the failed commit are undone from their undo entries, and the
+//! committer is told which sequences were abandoned.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::fd::OwnedFd;
+
+use libfilter::locks::{Lock, LockTable};
+use libfilter::model::{ConnState, FileId, HandleRecord, IntentChange, ReplayScope, ResumeKey};
+use libfilter::proto::{ErrorCode, ServerFrame};
+use libfilter::store::StoreOp;
+use tracing::{error, warn};
+
+use super::{err, Engine, Handle};
+use crate::committer::CommitJob;
+
+/// An in-memory effect to undo if the commit a request waited for fails.
+pub(super) enum Undo {
+    /// A non-persistent open that was granted: close it again.
+    Drop(ResumeKey),
+    /// A non-persistent handle's record before the request changed it.
+    Record(Box<HandleRecord>),
+}
+
+/// What one pending sequence changed.
+#[derive(Default)]
+pub(super) struct Touched {
+    handles: BTreeSet<ResumeKey>,
+    scopes: BTreeSet<ReplayScope>,
+    files: BTreeSet<FileId>,
+    undo: Vec<Undo>,
+}
+
+/// The batch being built and the bookkeeping of sequences not yet durable.
+pub(super) struct Batch {
+    /// The sequence of the batch being built.
+    seq: u64,
+    /// Its store operations, in order.
+    pub(super) ops: Vec<StoreOp>,
+    /// Descriptors of files and directories it changed (fsync'd before
+    /// the commit).
+    sync: Vec<OwnedFd>,
+    /// Requests whose replies wait for it.
+    requests: usize,
+    /// Intents whose parked requests continue once it is durable.
+    pub(super) notify: Vec<libfilter::model::IntentId>,
+    /// The highest sequence the request being handled depends on.
+    dep: u64,
+    /// The highest sequence that had operations.
+    last: u64,
+    /// The sequence that last changed each file / replay scope (pending ones).
+    file_seq: HashMap<FileId, u64>,
+    scope_seq: HashMap<ReplayScope, u64>,
+    /// What each pending sequence touched.
+    pending: BTreeMap<u64, Touched>,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            seq: 1,
+            ops: Vec::new(),
+            sync: Vec::new(),
+            requests: 0,
+            notify: Vec::new(),
+            dep: 0,
+            last: 0,
+            file_seq: HashMap::new(),
+            scope_seq: HashMap::new(),
+            pending: BTreeMap::new(),
+        }
+    }
+}
+
+impl Batch {
+    /// Adds a store operation to the batch being built.
+    pub(super) fn push(&mut self, op: StoreOp) {
+        let seq = self.seq;
+        let b = self;
+        let t = b.pending.entry(seq).or_default();
+        match &op {
+            StoreOp::PutHandle(r) | StoreOp::DeleteHandle(r) => {
+                b.file_seq.insert(r.file, seq);
+                t.files.insert(r.file);
+                t.handles.insert(r.key);
+            }
+            StoreOp::PutReplay { scope, .. }
+            | StoreOp::DeleteReplay { scope, .. }
+            | StoreOp::DeleteReplayScope(scope) => {
+                b.scope_seq.insert(scope.clone(), seq);
+                t.scopes.insert(scope.clone());
+            }
+            StoreOp::PutIntent(i) => {
+                if let Some(f) = intent_file(&i.change) {
+                    b.file_seq.insert(f, seq);
+                    t.files.insert(f);
+                }
+                if let IntentChange::TruncatingOpen { record } = &i.change {
+                    t.handles.insert(record.key);
+                }
+            }
+            StoreOp::DeleteIntent(_) => {}
+        }
+        b.dep = seq;
+        b.last = seq;
+        b.ops.push(op);
+    }
+
+    /// The sequence of the batch being built.
+    pub(super) fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+/// The file an intent's change is about, when the intent names it.
+fn intent_file(c: &IntentChange) -> Option<FileId> {
+    match c {
+        IntentChange::TruncatingOpen { record } => Some(record.file),
+        IntentChange::Rename { file, .. } | IntentChange::Remove { file, .. } => Some(*file),
+        IntentChange::SetSize { .. } => None,
+    }
+}
+
+impl Engine {
+    /// Starts a request: it depends on nothing yet.
+    pub(super) fn begin_request(&mut self) {
+        self.batch.dep = 0;
+    }
+
+    /// The sequence the current request's reply must wait for (0: none).
+    pub(super) fn request_dependency(&self) -> u64 {
+        self.batch.dep
+    }
+
+    /// The current request also marks `file` as changed in this batch
+    /// (a filesystem change that other requests must not see early).
+    pub(super) fn touch_file(&mut self, file: FileId) {
+        let seq = self.batch.seq;
+        self.batch.file_seq.insert(file, seq);
+        self.batch
+            .pending
+            .entry(seq)
+            .or_default()
+            .files
+            .insert(file);
+    }
+
+    /// A descriptor of a file or directory this batch changed: it is
+    /// fsync'd before the batch commits.
+    pub(super) fn sync_before_commit(&mut self, fd: OwnedFd) {
+        self.batch.sync.push(fd);
+    }
+
+    /// The current request's reply shows `file`'s state.
+    pub(super) fn depends_on_file(&mut self, file: FileId) {
+        if let Some(s) = self.batch.file_seq.get(&file) {
+            self.batch.dep = self.batch.dep.max(*s);
+        }
+    }
+
+    /// The current request's reply shows `scope`'s records.
+    pub(super) fn depends_on_scope(&mut self, scope: &ReplayScope) {
+        if let Some(s) = self.batch.scope_seq.get(scope) {
+            self.batch.dep = self.batch.dep.max(*s);
+        }
+    }
+
+    /// The current request's reply shows everything (listings, status).
+    pub(super) fn depends_on_all(&mut self) {
+        self.batch.dep = self.batch.dep.max(self.batch.last);
+    }
+
+    /// Files an undo entry under the sequence the current request waits for.
+    pub(super) fn undo_if_failed(&mut self, undo: Undo) {
+        let dep = self.batch.dep;
+        if dep > self.pipe.committed() {
+            self.batch.pending.entry(dep).or_default().undo.push(undo);
+        }
+    }
+
+    /// A reply to request `id`: sent once everything it depends on is
+    /// durable.
+    pub(super) fn reply_when_durable(
+        &mut self,
+        writer: &std::sync::Arc<crate::conn::ConnWriter>,
+        id: u64,
+        frame: &ServerFrame,
+        fd: Option<OwnedFd>,
+    ) {
+        let dep = self.batch.dep;
+        if dep == self.batch.seq {
+            self.batch.requests += 1;
+        }
+        let bytes = match libfilter::proto::encode(frame) {
+            Ok(b) => b,
+            Err(e) => {
+                error!(error = %e, "cannot encode reply");
+                let fallback = ServerFrame::Reply {
+                    id: Some(id),
+                    result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
+                };
+                match libfilter::proto::encode(&fallback) {
+                    Ok(b) => b,
+                    Err(_) => return,
+                }
+            }
+        };
+        self.pipe.reply_after(
+            dep,
+            crate::committer::Deferred {
+                writer: writer.clone(),
+                id,
+                bytes,
+                fd,
+            },
+        );
+    }
+
+    /// Hands the batch to the committer (if it has operations) and forgets
+    /// the bookkeeping of sequences that are durable now.
+    pub(super) fn flush(&mut self) {
+        let committed = self.pipe.committed();
+        let durable: Vec<u64> = self
+            .batch
+            .pending
+            .range(..=committed)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in durable {
+            if let Some(t) = self.batch.pending.remove(&s) {
+                for f in t.files {
+                    if self.batch.file_seq.get(&f) == Some(&s) {
+                        self.batch.file_seq.remove(&f);
+                    }
+                }
+                for sc in t.scopes {
+                    if self.batch.scope_seq.get(&sc) == Some(&s) {
+                        self.batch.scope_seq.remove(&sc);
+                    }
+                }
+            }
+        }
+        if self.batch.ops.is_empty() {
+            // Nothing to commit: whatever this sequence touched without
+            // operations (files marked, replies) stays under it until a
+            // later batch commits; a sequence with no operations is durable
+            // as soon as the one before it is, so move on to the next.
+            if !self.batch.sync.is_empty() || self.batch.pending.contains_key(&self.batch.seq) {
+                self.submit_batch();
+            }
+            return;
+        }
+        self.submit_batch();
+    }
+
+    fn submit_batch(&mut self) {
+        let b = &mut self.batch;
+        let job = CommitJob {
+            seq: b.seq,
+            ops: std::mem::take(&mut b.ops),
+            sync: std::mem::take(&mut b.sync),
+            requests: std::mem::take(&mut b.requests),
+            notify: std::mem::take(&mut b.notify),
+        };
+        b.seq += 1;
+        self.pipe.submit(job);
+    }
+
+    /// A commit failed: undo everything not yet durable, then let the
+    /// committer fail the replies that waited for it.
+    pub(super) fn roll_back(&mut self, code: ErrorCode, message: &str) {
+        let committed = self.pipe.committed();
+        let abandoned_through = self.batch.seq;
+        let b = &mut self.batch;
+        b.ops.clear();
+        b.sync.clear();
+        b.notify.clear();
+        b.requests = 0;
+        b.seq += 1;
+        b.last = committed;
+        let undone: Vec<Touched> = b
+            .pending
+            .split_off(&(committed + 1))
+            .into_values()
+            .collect();
+        b.file_seq.retain(|_, s| *s <= committed);
+        b.scope_seq.retain(|_, s| *s <= committed);
+        warn!(
+            committed,
+            abandoned_through, "rolling back every request whose commit did not happen"
+        );
+        // In-memory effects first, newest first.
+        for t in undone.iter().rev() {
+            for u in t.undo.iter().rev() {
+                match u {
+                    Undo::Drop(k) => {
+                        self.remove_quietly(*k);
+                    }
+                    Undo::Record(rec) => {
+                        if let Some(h) = self.handles.get_mut(&rec.key) {
+                            let (conn, frontend) = (h.rec.conn, h.rec.frontend.clone());
+                            h.rec = (**rec).clone();
+                            h.rec.conn = conn;
+                            h.rec.frontend = frontend;
+                        }
+                    }
+                }
+            }
+        }
+        // Requests parked on an intent that never became durable.
+        let parked: Vec<libfilter::model::IntentId> = self.parked.keys().copied().collect();
+        let mut handles = BTreeSet::new();
+        let mut scopes = BTreeSet::new();
+        let mut files = BTreeSet::new();
+        for t in &undone {
+            handles.extend(t.handles.iter().copied());
+            scopes.extend(t.scopes.iter().cloned());
+            files.extend(t.files.iter().copied());
+        }
+        for id in parked {
+            let Some(p) = self.parked.get(&id) else {
+                continue;
+            };
+            if p.seq <= committed {
+                continue;
+            }
+            if let Some(p) = self.parked.remove(&id) {
+                handles.insert(p.key);
+                let frame = ServerFrame::Reply {
+                    id: Some(p.id),
+                    result: Err(err(code, format!("state store commit failed: {message}"))),
+                };
+                p.writer.send_frame(&frame, None);
+            }
+        }
+        // Persistent state: exactly what the store holds.
+        for k in handles {
+            self.restore_handle(k);
+        }
+        for s in scopes {
+            self.restore_scope(&s);
+        }
+        for f in files {
+            self.rebuild_locks(f);
+            self.retry_files.insert(f);
+        }
+        self.pipe.rolled_back(abandoned_through);
+    }
+
+    /// Makes handle `key` what the store says it is.
+    fn restore_handle(&mut self, key: ResumeKey) {
+        let stored = match self.store.handle(key) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(resume_key = %key, error = %e, "cannot read a handle back from the store while rolling back");
+                return;
+            }
+        };
+        match (stored, self.handles.contains_key(&key)) {
+            (None, true) => {
+                warn!(resume_key = %key, "rolled back an open whose commit failed");
+                self.remove_quietly(key);
+            }
+            (Some(rec), true) => {
+                if let Some(h) = self.handles.get_mut(&key) {
+                    let (conn, frontend) = (h.rec.conn, h.rec.frontend.clone());
+                    h.rec = rec;
+                    h.rec.conn = conn;
+                    h.rec.frontend = frontend;
+                    h.parked = false;
+                }
+            }
+            (Some(mut rec), false) => {
+                // A close or expiry that did not commit: the handle is back,
+                // disconnected, its descriptor taken anew when resumed.
+                let now = libfilter::model::now_ms();
+                let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
+                rec.conn = ConnState::Disconnected {
+                    since_ms: now,
+                    expires_ms: now + timeout,
+                };
+                self.expiries
+                    .push(std::cmp::Reverse((now + timeout, key, 0)));
+                warn!(resume_key = %key, "a close whose commit failed is undone: the handle is disconnected");
+                self.insert(Handle {
+                    rec,
+                    fd: None,
+                    conn: None,
+                    gen: 0,
+                    parked: false,
+                    lock_fd: None,
+                });
+            }
+            (None, false) => {}
+        }
+    }
+
+    /// Makes the replay scope's records what the store says they are.
+    fn restore_scope(&mut self, scope: &ReplayScope) {
+        match self.store.replays_in(scope) {
+            Ok(recs) => {
+                if recs.is_empty() {
+                    self.replays.remove(scope);
+                } else {
+                    self.replays
+                        .insert(scope.clone(), recs.into_iter().collect());
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "cannot read replay records back from the store while rolling back")
+            }
+        }
+    }
+
+    /// Rebuilds a file's lock table (and its OFD mirrors) from its handles.
+    pub(super) fn rebuild_locks(&mut self, file: FileId) {
+        let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        let mut table = LockTable::new();
+        for k in &keys {
+            if let Some(h) = self.handles.get(k) {
+                for l in &h.rec.locks {
+                    table.restore(Lock {
+                        owner: *k,
+                        range: l.range,
+                        kind: l.kind,
+                    });
+                }
+            }
+        }
+        if table.is_empty() {
+            if self.locks.remove(&file).is_some() {
+                self.locks_gone(file);
+            }
+        } else {
+            self.locks.insert(file, table);
+        }
+        for k in keys {
+            let held = self
+                .handles
+                .get(&k)
+                .map(|h| h.rec.locks.clone())
+                .unwrap_or_default();
+            let has_mirror = self.handles.get(&k).is_some_and(|h| h.lock_fd.is_some());
+            if !held.is_empty() || has_mirror {
+                if let Err(e) = self.mirror(k, &held) {
+                    warn!(resume_key = %k, error = %e.message, "restored locks not mirrored as OFD locks");
+                }
+            }
+        }
+    }
+}
