@@ -294,24 +294,30 @@ pub fn clear_marker(
 
 /// Truncates, through a write descriptor reopened by kernel handle (so a
 /// rename cannot redirect it), the file of a persistent handle.
+///
+/// Returns the descriptor, to be fsync'd before the commit that records it.
 pub fn truncate_by_handle(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
-) -> io::Result<()> {
-    let fd = sys::open_by_handle(root, h, libc::O_WRONLY)?;
-    nix::unistd::ftruncate(fd.as_fd(), 0).map_err(io::Error::from)
+) -> io::Result<OwnedFd> {
+    let fd = open_by_handle_beneath(root, h, libc::O_WRONLY)?;
+    nix::unistd::ftruncate(fd.as_fd(), 0).map_err(io::Error::from)?;
+    Ok(fd)
 }
 
 /// Sets the size of a file through a write descriptor reopened by kernel
 /// handle (the client's descriptor may be read-only or gone).
+///
+/// Returns the descriptor, to be fsync'd before the commit that records it.
 pub fn set_size_by_handle(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
     size: u64,
-) -> io::Result<()> {
-    let fd = sys::open_by_handle(root, h, libc::O_WRONLY)?;
+) -> io::Result<OwnedFd> {
+    let fd = open_by_handle_beneath(root, h, libc::O_WRONLY)?;
     let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    nix::unistd::ftruncate(fd.as_fd(), len).map_err(io::Error::from)
+    nix::unistd::ftruncate(fd.as_fd(), len).map_err(io::Error::from)?;
+    Ok(fd)
 }
 
 /// Truncates the file `expect` names at `path` to zero. Opens a separate
@@ -338,26 +344,121 @@ pub fn reopen(
     path: &RelPath,
     expect: FileId,
 ) -> io::Result<(OwnedFd, FileId, u64)> {
-    match sys::open_by_handle(root, h, open_mode(access)) {
+    let _ = expect;
+    match open_by_handle_beneath(root, h, open_mode(access)) {
         Ok(fd) => {
             let (file, size) = stat(fd.as_fd())?;
             Ok((fd, file, size))
         }
         // Without CAP_DAC_READ_SEARCH (a non-root daemon) file handles cannot
         // be opened: fall back to the recorded path, accepted only if it
-        // still names the same file. A file renamed meanwhile is then
-        // reported lost instead of found.
+        // still names the same file — the same kernel file handle, which
+        // carries the inode generation, so a reused inode number is never
+        // taken for the old file. A file renamed meanwhile is then reported
+        // lost instead of found.
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             let fd =
                 sys::openat2_beneath(root, path.as_str(), open_mode(access) | libc::O_NOCTTY, 0)?;
-            let (file, size) = stat(fd.as_fd())?;
-            if file.ino != expect.ino {
+            if sys::file_handle_of(fd.as_fd())? != *h {
                 return Err(io::Error::from_raw_os_error(libc::ESTALE));
             }
+            let (file, size) = stat(fd.as_fd())?;
             Ok((fd, file, size))
         }
         Err(e) => Err(e),
     }
+}
+
+/// The export root's path as the kernel names it (for [`prove_beneath`]).
+static ROOT_PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+fn fd_path(fd: BorrowedFd<'_>) -> io::Result<std::path::PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Proves that `fd`, opened by kernel handle, is a file beneath the root:
+/// the name the kernel has for it lies under the root's, and resolving that
+/// name beneath the root with `openat2` finds the same file (same kernel
+/// handle). A file moved out of the export, or deleted, fails with `EXDEV`
+/// / `ESTALE` (invariant 5: a handle reopened by file handle must still lie
+/// beneath the root).
+pub fn prove_beneath(
+    root: BorrowedFd<'_>,
+    fd: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+) -> io::Result<()> {
+    let root_path = match ROOT_PATH.get() {
+        Some(p) => p.clone(),
+        None => {
+            let p = fd_path(root)?;
+            let _ = ROOT_PATH.set(p.clone());
+            p
+        }
+    };
+    let name = fd_path(fd)?;
+    let rel = name
+        .strip_prefix(&root_path)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EXDEV))?;
+    let rel = rel
+        .to_str()
+        .filter(|r| !r.is_empty() && !r.ends_with(" (deleted)"))
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+    let again = sys::openat2_beneath(root, rel, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    if sys::file_handle_of(again.as_fd())? != *h {
+        return Err(io::Error::from_raw_os_error(libc::ESTALE));
+    }
+    Ok(())
+}
+
+/// Opens a file by kernel handle and proves it lies beneath the root.
+pub fn open_by_handle_beneath(
+    root: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+    flags: i32,
+) -> io::Result<OwnedFd> {
+    let fd = sys::open_by_handle(root, h, flags)?;
+    prove_beneath(root, fd.as_fd(), h)?;
+    Ok(fd)
+}
+
+/// Whether `path` names the file `expect` now — the same inode number and,
+/// when its kernel handle is known, the same handle (so the same inode
+/// generation: a file created since under a reused inode number is not
+/// taken for it).
+pub fn names(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    expect: FileId,
+    kh: Option<&libfilter::model::KernelHandle>,
+) -> bool {
+    if file_at(root, path) != Some(expect) {
+        return false;
+    }
+    match kh {
+        None => true,
+        Some(kh) => sys::openat2_beneath(root, path.as_str(), libc::O_PATH | libc::O_NOFOLLOW, 0)
+            .and_then(|fd| sys::file_handle_of(fd.as_fd()))
+            .is_ok_and(|h| h == *kh),
+    }
+}
+
+/// The kernel handle of the file `path` names (not following a final
+/// symlink), if it has one.
+pub fn handle_at(root: BorrowedFd<'_>, path: &RelPath) -> Option<libfilter::model::KernelHandle> {
+    sys::openat2_beneath(root, path.as_str(), libc::O_PATH | libc::O_NOFOLLOW, 0)
+        .and_then(|fd| sys::file_handle_of(fd.as_fd()))
+        .ok()
+}
+
+/// The directory holding `path`, opened for `fsync` (a new, removed or
+/// renamed name is durable once its directory is synced).
+pub fn dir_of(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<OwnedFd> {
+    let parent = match path.as_str().rsplit_once('/') {
+        Some((p, _)) => p,
+        None => ".",
+    };
+    sys::openat2_beneath(root, parent, libc::O_RDONLY | libc::O_DIRECTORY, 0)
 }
 
 /// Mirrors one handle's byte-range locks as OFD locks on `fd` (the handle's
@@ -458,9 +559,10 @@ pub fn rename(
     from: &RelPath,
     to: &RelPath,
     expect: FileId,
+    kh: Option<&libfilter::model::KernelHandle>,
     replace: bool,
 ) -> Result<(), WireError> {
-    if file_at(root, from) != Some(expect) {
+    if !names(root, from, expect, kh) {
         return Err(WireError::new(
             ErrorCode::NotFound,
             format!("{from}: no longer names the open file"),
@@ -478,8 +580,13 @@ pub fn rename(
 }
 
 /// Removes `path` (which must still name `expect`), beneath the root.
-pub fn remove(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<(), WireError> {
-    if file_at(root, path) != Some(expect) {
+pub fn remove(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    expect: FileId,
+    kh: Option<&libfilter::model::KernelHandle>,
+) -> Result<(), WireError> {
+    if !names(root, path, expect, kh) {
         return Err(WireError::new(
             ErrorCode::NotFound,
             format!("{path}: not found"),

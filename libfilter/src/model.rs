@@ -744,6 +744,10 @@ pub enum IntentChange {
         replace: bool,
         /// The reply to record on success.
         record: Option<RecordSpec>,
+        /// The file's kernel handle, when known: identity beyond the inode
+        /// number (which the filesystem reuses).
+        #[serde(default)]
+        kernel_handle: Option<KernelHandle>,
     },
     /// Set the size of handle `key`'s file (truncate or extend). Recovery
     /// sets it again (idempotent: nobody is served before recovery ends)
@@ -759,7 +763,8 @@ pub enum IntentChange {
         record: Option<RecordSpec>,
     },
     /// Remove the file at `path`. Recovery: if `path` no longer names the
-    /// file, it happened (the reply is recorded); else it did not.
+    /// file, it happened (the reply is recorded); else it did not — and a
+    /// delete-on-close (`on_close`) is then finished.
     Remove {
         /// The path.
         path: RelPath,
@@ -767,6 +772,14 @@ pub enum IntentChange {
         file: FileId,
         /// The reply to record on success.
         record: Option<RecordSpec>,
+        /// The file's kernel handle, when known: identity beyond the inode
+        /// number (which the filesystem reuses).
+        #[serde(default)]
+        kernel_handle: Option<KernelHandle>,
+        /// A delete-on-close: its handle's deletion committed with this
+        /// intent, so recovery finishes the unlink (nobody replays it).
+        #[serde(default)]
+        on_close: bool,
     },
     /// A persistent open that overwrites or supersedes: the file (named by
     /// the record's kernel handle) is truncated, then the record installed.

@@ -122,6 +122,12 @@ impl Batch {
         b.ops.push(op);
     }
 
+    /// A descriptor of a file or directory this batch changed: it is
+    /// fsync'd before the batch commits.
+    pub(super) fn sync_fd(&mut self, fd: OwnedFd) {
+        self.sync.push(fd);
+    }
+
     /// The sequence of the batch being built.
     pub(super) fn seq(&self) -> u64 {
         self.seq
@@ -159,12 +165,6 @@ impl Engine {
             .or_default()
             .files
             .insert(file);
-    }
-
-    /// A descriptor of a file or directory this batch changed: it is
-    /// fsync'd before the batch commits.
-    pub(super) fn sync_before_commit(&mut self, fd: OwnedFd) {
-        self.batch.sync.push(fd);
     }
 
     /// The current request's reply shows `file`'s state.
@@ -256,6 +256,19 @@ impl Engine {
                 }
             }
         }
+        // Frontends go back to unchecked I/O on a file only once the
+        // content change that made them check is durable.
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gone_after)
+            .into_iter()
+            .partition(|(s, _)| *s <= committed);
+        self.gone_after = later;
+        for (_, f) in now {
+            let idle = !self.content_changes.contains_key(&f)
+                && self.locks.get(&f).is_none_or(|t| t.is_empty());
+            if idle {
+                self.locks_gone(f);
+            }
+        }
         if self.batch.ops.is_empty() {
             // Nothing to commit: whatever this sequence touched without
             // operations (files marked, replies) stays under it until a
@@ -342,11 +355,19 @@ impl Engine {
             }
             if let Some(p) = self.parked.remove(&id) {
                 handles.insert(p.key);
-                let frame = ServerFrame::Reply {
-                    id: Some(p.id),
-                    result: Err(err(code, format!("state store commit failed: {message}"))),
-                };
-                p.writer.send_frame(&frame, None);
+                let changes_content = matches!(p.change, None | Some(IntentChange::SetSize { .. }));
+                if changes_content {
+                    if let Some(f) = self.handles.get(&p.key).map(|h| h.rec.file) {
+                        self.content_change_abandoned(f);
+                    }
+                }
+                if let (Some(w), Some(rid)) = (&p.writer, p.id) {
+                    let frame = ServerFrame::Reply {
+                        id: Some(rid),
+                        result: Err(err(code, format!("state store commit failed: {message}"))),
+                    };
+                    w.send_frame(&frame, None);
+                }
             }
         }
         // Persistent state: exactly what the store holds.
@@ -426,6 +447,36 @@ impl Engine {
                 error!(error = %e, "cannot read replay records back from the store while rolling back")
             }
         }
+    }
+
+    /// A size change of `file` (a truncating open, an end-of-file change)
+    /// is in flight from its intent until its completion commits: every
+    /// protocol read and write of the file is checked (`LocksPresent`) and
+    /// waits (`CheckIo` parks), so no write is acknowledged after the change
+    /// and before its record — recovery may then redo the change safely.
+    pub(super) fn content_change_begin(&mut self, file: FileId) {
+        *self.content_changes.entry(file).or_default() += 1;
+        self.locks_present(file);
+    }
+
+    /// The change is made and its completion is in this batch: reads and
+    /// writes may go on once it is durable.
+    pub(super) fn content_change_done(&mut self, file: FileId) {
+        self.content_change_abandoned(file);
+        self.touch_file(file);
+        let seq = self.batch.seq();
+        self.gone_after.push((seq, file));
+    }
+
+    /// The change will not happen (its intent never became durable).
+    pub(super) fn content_change_abandoned(&mut self, file: FileId) {
+        if let Some(n) = self.content_changes.get_mut(&file) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.content_changes.remove(&file);
+            }
+        }
+        self.retry_files.insert(file);
     }
 
     /// Rebuilds a file's lock table (and its OFD mirrors) from its handles.

@@ -221,6 +221,15 @@ pub struct Engine {
     hint_waits: HashMap<FileId, (HashSet<ConnId>, u64)>,
     /// Opens waiting for their intent to be durable before their change.
     parked: HashMap<IntentId, Parked>,
+    /// Files with a size change in flight, and how many (see
+    /// `durable::content_change_begin`).
+    content_changes: HashMap<FileId, u32>,
+    /// Files whose frontends may go back to unchecked I/O once this
+    /// sequence is durable.
+    gone_after: Vec<(u64, FileId)>,
+    /// The delete-on-close unlink the last `remove` bracketed, for a CLOSE
+    /// to wait on.
+    last_unlink: Option<IntentId>,
     /// Recorded replies by scope, mirrored from the `replay` table (and,
     /// for non-persistent handles, only here).
     replays: HashMap<ReplayScope, BTreeMap<u64, ReplayRecord>>,
@@ -261,8 +270,10 @@ struct WaitingOpen {
 
 /// An open parked until its intent is durable.
 struct Parked {
-    writer: Arc<ConnWriter>,
-    id: u64,
+    /// Where the answer goes (none: nobody waits, e.g. an expiry's unlink).
+    writer: Option<Arc<ConnWriter>>,
+    /// The request to answer.
+    id: Option<u64>,
     /// The sequence of the batch holding its intent.
     seq: u64,
     key: ResumeKey,
@@ -308,6 +319,9 @@ impl Engine {
             commit_counters,
             batch: durable::Batch::default(),
             parked: HashMap::new(),
+            content_changes: HashMap::new(),
+            gone_after: Vec::new(),
+            last_unlink: None,
             locks: BTreeMap::new(),
             breaking: HashMap::new(),
             waiting: Vec::new(),
@@ -337,6 +351,7 @@ impl Engine {
         // Dangling intents first: finish what a crash interrupted, so the
         // handle records they announce exist before handles are loaded.
         let mut finished = Vec::new();
+        let mut sync: Vec<OwnedFd> = Vec::new();
         for i in store.intents()? {
             let intent = match i {
                 Ok(i) => i,
@@ -352,7 +367,8 @@ impl Engine {
                         .as_ref()
                         .map(|kh| fsops::truncate_by_handle(self.root.as_fd(), kh));
                     match done {
-                        Some(Ok(())) => {
+                        Some(Ok(fd)) => {
+                            sync.push(fd);
                             info!(resume_key = %record.key, path = %record.path, "recovery finished an interrupted overwrite");
                             self.stats.intents_recovered += 1;
                             finished.push(StoreOp::PutHandle(record));
@@ -369,15 +385,23 @@ impl Engine {
                     to,
                     file,
                     record,
+                    kernel_handle,
                     ..
                 } => {
                     let root = self.root.as_fd();
-                    if fsops::file_at(root, &to) == Some(file) {
+                    if fsops::names(root, &to, file, kernel_handle.as_ref()) {
                         info!(resume_key = %key, %from, %to, "recovery finished an interrupted rename");
                         self.stats.intents_recovered += 1;
-                        if let Some(mut rec) = store.handle(key)? {
-                            rec.path = to.clone();
-                            finished.push(StoreOp::PutHandle(Box::new(rec)));
+                        sync.extend(fsops::dir_of(root, &from).ok());
+                        sync.extend(fsops::dir_of(root, &to).ok());
+                        // The path is the file's: every handle that named
+                        // it by the old path follows.
+                        for r in store.handles()?.into_iter().flatten() {
+                            if r.file == file && (r.key == key || r.path == from) {
+                                let mut rec = r;
+                                rec.path = to.clone();
+                                finished.push(StoreOp::PutHandle(Box::new(rec)));
+                            }
                         }
                         if let Some(r) = record {
                             finished.push(record_op(r));
@@ -393,8 +417,13 @@ impl Engine {
                     size,
                     record,
                 } => {
+                    // Safe to do again: while the change was in flight every
+                    // protocol read and write of the file waited for its
+                    // completion to commit (`content_changes`), so nothing
+                    // acknowledged can have come after the first attempt.
                     match fsops::set_size_by_handle(self.root.as_fd(), &kernel_handle, size) {
-                        Ok(()) => {
+                        Ok(fd) => {
+                            sync.push(fd);
                             info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
                             self.stats.intents_recovered += 1;
                             if let Some(r) = record {
@@ -407,12 +436,33 @@ impl Engine {
                     }
                     finished.push(StoreOp::DeleteIntent(intent.id));
                 }
-                IntentChange::Remove { path, file, record } => {
-                    if fsops::file_at(self.root.as_fd(), &path) != Some(file) {
+                IntentChange::Remove {
+                    path,
+                    file,
+                    record,
+                    kernel_handle,
+                    on_close,
+                } => {
+                    let root = self.root.as_fd();
+                    if !fsops::names(root, &path, file, kernel_handle.as_ref()) {
                         info!(%path, "recovery finished an interrupted remove");
                         self.stats.intents_recovered += 1;
+                        sync.extend(fsops::dir_of(root, &path).ok());
                         if let Some(r) = record {
                             finished.push(record_op(r));
+                        }
+                    } else if on_close {
+                        // The handle's deletion committed: finish its
+                        // delete-on-close.
+                        match fsops::remove(root, &path, file, kernel_handle.as_ref()) {
+                            Ok(()) => {
+                                info!(%path, "recovery finished an interrupted delete on close");
+                                self.stats.intents_recovered += 1;
+                                sync.extend(fsops::dir_of(root, &path).ok());
+                            }
+                            Err(e) => {
+                                warn!(%path, error = %e.message, "interrupted delete on close could not be finished")
+                            }
                         }
                     } else {
                         warn!(%path, "interrupted remove had not happened: dropped (a replay runs it)");
@@ -422,6 +472,12 @@ impl Engine {
             }
         }
         if !finished.is_empty() {
+            // What recovery changed on disk is durable before the commit
+            // that records it.
+            for fd in &sync {
+                nix::unistd::fsync(fd.as_fd())
+                    .map_err(|e| anyhow::anyhow!("fsync after recovery's changes: {e}"))?;
+            }
             store.apply(&finished)?;
         }
         for (k, rec) in store.replays()? {
@@ -501,8 +557,14 @@ impl Engine {
                 }
             };
             let fd = None;
-            if let ConnState::Disconnected { expires_ms, .. } = rec.conn {
-                self.expiries.push(Reverse((expires_ms, rec.key, 0)));
+            match rec.conn {
+                ConnState::Disconnected { expires_ms, .. } => {
+                    self.expiries.push(Reverse((expires_ms, rec.key, 0)));
+                }
+                // A lost handle stays visible until its timeout too, then
+                // goes (it protects nothing: its file is gone).
+                ConnState::Lost => self.expiries.push(Reverse((now + timeout, rec.key, 0))),
+                ConnState::Connected => {}
             }
             let key = rec.key;
             let restore = if matches!(rec.conn, ConnState::Disconnected { .. }) {
@@ -959,6 +1021,17 @@ impl Engine {
                 self.attached_to(conn, key)?;
                 let file = self.handles.get(&key).map(|h| h.rec.file);
                 if let Some(f) = file {
+                    if self.content_changes.contains_key(&f) {
+                        // A size change is in flight: wait for it.
+                        let req = Request::CheckIo {
+                            key,
+                            range,
+                            write,
+                            own_protocol_advisory,
+                        };
+                        self.waiting_changes.push((f, conn, req_id, req));
+                        return Ok(None);
+                    }
                     self.depends_on_file(f);
                 }
                 let handles = &self.handles;
@@ -1115,8 +1188,19 @@ impl Engine {
             Request::Close { key } => {
                 need_frontend()?;
                 self.attached_to(conn, key)?;
+                self.last_unlink = None;
                 self.remove(key);
                 self.stats.closes += 1;
+                // A delete on close: answered once the file is gone.
+                if let Some(p) = self
+                    .last_unlink
+                    .take()
+                    .and_then(|u| self.parked.get_mut(&u))
+                {
+                    p.writer = self.conns.get(&conn).map(|c| c.writer.clone());
+                    p.id = Some(req_id);
+                    return Ok(None);
+                }
                 Ok(Some((Reply::Done, None)))
             }
             Request::Detach { key } => {
@@ -1372,6 +1456,16 @@ impl Engine {
                 )
             })?),
         };
+        if of.created && durability.is_persistent() {
+            // The new name and inode are durable before the commit that
+            // records the handle.
+            if let Ok(fd) = of.fd.try_clone() {
+                self.batch.sync_fd(fd);
+            }
+            if let Ok(d) = fsops::dir_of(self.root.as_fd(), &o.path) {
+                self.batch.sync_fd(d);
+            }
+        }
         if let Some(fan) = &self.fanotify {
             // The file has protocol state from now on: local opens of it
             // must reach us again.
@@ -1462,15 +1556,17 @@ impl Engine {
         crate::failpoint::hit("intent.after_commit");
         self.begin_request();
         if let Some(change) = p.change.take() {
-            let result = self.perform(&change);
+            let result = self.perform(&change, true);
             crate::failpoint::hit("intent.after_fs");
             self.batch.push(StoreOp::DeleteIntent(id));
             let result = result.map(|()| Reply::Done);
-            let frame = ServerFrame::Reply {
-                id: Some(p.id),
-                result,
-            };
-            self.reply_when_durable(&p.writer, p.id, &frame, None);
+            if let (Some(w), Some(rid)) = (&p.writer, p.id) {
+                let frame = ServerFrame::Reply {
+                    id: Some(rid),
+                    result,
+                };
+                self.reply_when_durable(w, rid, &frame, None);
+            }
             return;
         }
         // Lock hints: conservative (no LocksGone will clear it).
@@ -1488,9 +1584,11 @@ impl Engine {
             None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
         };
         crate::failpoint::hit("intent.after_fs");
+        let file = h.rec.file;
         let result = match truncated {
-            Ok(()) => {
+            Ok(fd) => {
                 h.parked = false;
+                self.batch.sync_fd(fd);
                 let rec = h.rec.clone();
                 let opened = Opened {
                     key: p.key,
@@ -1503,11 +1601,13 @@ impl Engine {
                 };
                 self.batch.push(StoreOp::PutHandle(Box::new(rec)));
                 self.batch.push(StoreOp::DeleteIntent(id));
+                self.content_change_done(file);
                 Ok(Reply::Opened(opened))
             }
             Err(e) => {
                 let path = h.rec.path.clone();
                 self.batch.push(StoreOp::DeleteIntent(id));
+                self.content_change_done(file);
                 self.remove_unrecorded(p.key);
                 Err(fsops::map_errno(&e, self.root.as_fd(), &path))
             }
@@ -1520,11 +1620,13 @@ impl Engine {
                 .and_then(|f| f.try_clone().ok()),
             Err(_) => None,
         };
-        let frame = ServerFrame::Reply {
-            id: Some(p.id),
-            result,
-        };
-        self.reply_when_durable(&p.writer, p.id, &frame, fd);
+        if let (Some(w), Some(rid)) = (&p.writer, p.id) {
+            let frame = ServerFrame::Reply {
+                id: Some(rid),
+                result,
+            };
+            self.reply_when_durable(w, rid, &frame, fd);
+        }
     }
 
     /// A re-sent open whose create GUID names an existing handle: return it
@@ -1675,6 +1777,10 @@ impl Engine {
                 Ok((fd, _, _)) => h.fd = Some(fd),
                 Err(e) => {
                     h.rec.conn = ConnState::Lost;
+                    h.gen += 1;
+                    let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
+                    self.expiries
+                        .push(Reverse((now_ms() + timeout, key, h.gen)));
                     if h.rec.durability.is_persistent() {
                         self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
                     }
@@ -2379,7 +2485,22 @@ impl Engine {
             h.rec.file,
             h.rec.durability.is_persistent(),
         );
+        let kernel_handle = self
+            .handles
+            .get(&key)
+            .and_then(|h| h.rec.kernel_handle.clone());
         self.others_share_delete(file, Some(key))?;
+        // Replacing a target is deleting it: every open of the target must
+        // share delete, and its handle-caching leases are broken first.
+        let target = if replace {
+            fsops::file_at_checked(self.root.as_fd(), &to)?.filter(|t| *t != file)
+        } else {
+            None
+        };
+        if let Some(t) = target {
+            self.depends_on_file(t);
+            self.others_share_delete(t, None)?;
+        }
         let record = record
             .map(|r| self.own_record(conn, protocol, r))
             .transpose()?;
@@ -2387,7 +2508,12 @@ impl Engine {
             .handles
             .get(&key)
             .and_then(|h| h.rec.lease.map(|l| l.key));
-        if self.break_leases_for_namespace(file, own_lease) {
+        let waits_for = if self.break_leases_for_namespace(file, own_lease) {
+            Some(file)
+        } else {
+            target.filter(|t| self.break_leases_for_namespace(*t, own_lease))
+        };
+        if let Some(file) = waits_for {
             let req = Request::Rename {
                 key,
                 to,
@@ -2407,6 +2533,7 @@ impl Engine {
             file,
             replace,
             record,
+            kernel_handle,
         };
         self.run_change(conn, req_id, key, change, persistent)
     }
@@ -2497,7 +2624,14 @@ impl Engine {
             self.waiting_changes.push((file, conn, req_id, req));
             return Ok(None);
         }
-        let change = IntentChange::Remove { path, file, record };
+        let kernel_handle = fsops::handle_at(self.root.as_fd(), &path);
+        let change = IntentChange::Remove {
+            path,
+            file,
+            record,
+            kernel_handle,
+            on_close: false,
+        };
         self.run_change(conn, req_id, ResumeKey(uuid::Uuid::nil()), change, false)
     }
 
@@ -2569,7 +2703,7 @@ impl Engine {
                 IntentChange::TruncatingOpen { .. } => false,
             };
         if !needs_intent {
-            self.perform(&change)?;
+            self.perform(&change, false)?;
             return Ok(Some((Reply::Done, None)));
         }
         self.park_intent(conn, req_id, key, change.clone(), Some(change));
@@ -2587,6 +2721,14 @@ impl Engine {
         change: IntentChange,
         then: Option<IntentChange>,
     ) {
+        let content = match &change {
+            IntentChange::TruncatingOpen { record } => Some(record.file),
+            IntentChange::SetSize { key, .. } => self.handles.get(key).map(|h| h.rec.file),
+            IntentChange::Rename { .. } | IntentChange::Remove { .. } => None,
+        };
+        if let Some(f) = content {
+            self.content_change_begin(f);
+        }
         let intent = Intent {
             id: IntentId(uuid::Uuid::new_v4()),
             change,
@@ -2594,24 +2736,58 @@ impl Engine {
         };
         self.stats.intents += 1;
         self.batch.notify.push(intent.id);
-        if let Some(c) = self.conns.get(&conn) {
-            self.parked.insert(
-                intent.id,
-                Parked {
-                    writer: c.writer.clone(),
-                    id: req_id,
-                    seq: self.batch.seq(),
-                    key,
-                    change: then,
-                },
-            );
-        }
+        let writer = self.conns.get(&conn).map(|c| c.writer.clone());
+        self.parked.insert(
+            intent.id,
+            Parked {
+                writer,
+                id: Some(req_id),
+                seq: self.batch.seq(),
+                key,
+                change: then,
+            },
+        );
         self.batch.push(StoreOp::PutIntent(Box::new(intent)));
     }
 
-    /// Does a rename or remove now, updating the handle and recording the
-    /// reply in this batch (so in the commit that also drops the intent).
-    fn perform(&mut self, change: &IntentChange) -> Result<(), WireError> {
+    /// Brackets the delete-on-close of a file whose last persistent handle
+    /// is going away: the intent commits with the handle's deletion, the
+    /// unlink follows once both are durable (`finish_parked`), then the
+    /// intent goes. A CLOSE waiting for it is answered after that.
+    fn park_unlink(&mut self, gone: &Handle) {
+        let change = IntentChange::Remove {
+            path: gone.rec.path.clone(),
+            file: gone.rec.file,
+            record: None,
+            kernel_handle: gone.rec.kernel_handle.clone(),
+            on_close: true,
+        };
+        let intent = Intent {
+            id: IntentId(uuid::Uuid::new_v4()),
+            change: change.clone(),
+            recorded_ms: now_ms(),
+        };
+        self.stats.intents += 1;
+        self.batch.notify.push(intent.id);
+        self.parked.insert(
+            intent.id,
+            Parked {
+                writer: None,
+                id: None,
+                seq: self.batch.seq(),
+                key: gone.rec.key,
+                change: Some(change),
+            },
+        );
+        self.last_unlink = Some(intent.id);
+        self.batch.push(StoreOp::PutIntent(Box::new(intent)));
+    }
+
+    /// Does a rename, remove or size change now, updating the handles and
+    /// recording the reply in this batch (so in the commit that also drops
+    /// the intent). With `durable` (a commit records the change), what it
+    /// changed on disk is fsync'd before that commit.
+    fn perform(&mut self, change: &IntentChange, durable: bool) -> Result<(), WireError> {
         let root = self.root.as_fd();
         match change {
             IntentChange::Rename {
@@ -2621,12 +2797,26 @@ impl Engine {
                 file,
                 replace,
                 record,
+                kernel_handle,
             } => {
-                fsops::rename(root, from, to, *file, *replace)?;
-                if let Some(h) = self.handles.get_mut(key) {
-                    h.rec.path = to.clone();
-                    if h.rec.durability.is_persistent() {
-                        self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                fsops::rename(root, from, to, *file, kernel_handle.as_ref(), *replace)?;
+                if durable {
+                    let dirs = [fsops::dir_of(root, from), fsops::dir_of(root, to)];
+                    for d in dirs.into_iter().flatten() {
+                        self.batch.sync_fd(d);
+                    }
+                }
+                // The path is the file's: every handle that named it by the
+                // old path follows (the renaming one whatever it named).
+                let keys: Vec<ResumeKey> = self.by_file.get(file).cloned().unwrap_or_default();
+                for k in keys {
+                    if let Some(h) = self.handles.get_mut(&k) {
+                        if k == *key || h.rec.path == *from {
+                            h.rec.path = to.clone();
+                            if h.rec.durability.is_persistent() {
+                                self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                            }
+                        }
                     }
                 }
                 if let Some(r) = record {
@@ -2634,20 +2824,31 @@ impl Engine {
                 }
                 Ok(())
             }
-            IntentChange::Remove { path, file, record } => {
-                fsops::remove(root, path, *file)?;
+            IntentChange::Remove {
+                path,
+                file,
+                record,
+                kernel_handle,
+                ..
+            } => {
+                fsops::remove(root, path, *file, kernel_handle.as_ref())?;
+                if durable {
+                    if let Ok(d) = fsops::dir_of(root, path) {
+                        self.batch.sync_fd(d);
+                    }
+                }
                 if let Some(r) = record {
                     self.remember_reply(r.clone());
                 }
                 Ok(())
             }
             IntentChange::SetSize {
+                key,
                 kernel_handle,
                 size,
                 record,
-                ..
             } => {
-                fsops::set_size_by_handle(root, kernel_handle, *size).map_err(|e| {
+                let done = fsops::set_size_by_handle(root, kernel_handle, *size).map_err(|e| {
                     // A size the filesystem cannot hold is the client's
                     // bad parameter; no space is disk full.
                     let code = match e.raw_os_error() {
@@ -2656,7 +2857,16 @@ impl Engine {
                         _ => ErrorCode::Internal,
                     };
                     err(code, format!("set end of file to {size}: {e}"))
-                })?;
+                });
+                if durable {
+                    if let Some(f) = self.handles.get(key).map(|h| h.rec.file) {
+                        self.content_change_done(f);
+                    }
+                }
+                let fd = done?;
+                if durable {
+                    self.batch.sync_fd(fd);
+                }
                 if let Some(r) = record {
                     self.remember_reply(r.clone());
                 }
@@ -2872,14 +3082,24 @@ impl Engine {
 
     /// A handle with delete-on-close went away: the file is removed when it
     /// was the last open; else the pending delete passes to the opens that
-    /// remain (it is the file's, as on Windows). The unlink happens before
-    /// the batch commits: a crash in between restores handles whose file is
-    /// gone, and resuming them fails as for any file deleted meanwhile.
+    /// remain (it is the file's, as on Windows). For a persistent handle the
+    /// unlink is bracketed (`park_unlink`): it happens only after the
+    /// handle's deletion is durable. A lost handle deletes nothing: its
+    /// file is gone, and whatever has its name now is another file.
     fn delete_pending(&mut self, gone: &Handle) {
         let file = gone.rec.file;
         let others: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
         if others.is_empty() {
-            match fsops::remove(self.root.as_fd(), &gone.rec.path, file) {
+            if gone.rec.conn == ConnState::Lost {
+                warn!(path = %gone.rec.path, "a lost handle's delete on close is dropped: its file is gone");
+                return;
+            }
+            if gone.rec.durability.is_persistent() {
+                self.park_unlink(gone);
+                return;
+            }
+            let kh = gone.rec.kernel_handle.as_ref();
+            match fsops::remove(self.root.as_fd(), &gone.rec.path, file, kh) {
                 Ok(()) => {
                     info!(path = %gone.rec.path, "deleted on close");
                 }
@@ -3036,7 +3256,8 @@ impl Engine {
             }
             self.expiries.pop();
             let due = self.handles.get(&key).is_some_and(|h| {
-                h.gen == gen && matches!(h.rec.conn, ConnState::Disconnected { .. })
+                h.gen == gen
+                    && matches!(h.rec.conn, ConnState::Disconnected { .. } | ConnState::Lost)
             });
             if due {
                 self.expire(key);

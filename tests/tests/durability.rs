@@ -1,0 +1,271 @@
+//! Nothing is seen before it is durable (issue: the transactional engine).
+//!
+//! Each test widens a commit window with a stalling failpoint
+//! (`commit.before:N:sleepMS`, the committer stalls as if fsync were slow)
+//! and attacks it: a replay answered from a handle still committing, a
+//! non-durable open stuck behind a slow fsync, a failed commit that leaves
+//! a lock behind.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use libfilter::client::FilterClient;
+use libfilter::locks::LockRange;
+use libfilter::model::*;
+use libfilter::proto::{ErrorCode, OpenRequest};
+use libfilter::store::Store;
+use rkfilter_tests::{wait_for, Filterd, Scratch};
+
+fn frontend(s: &Scratch, instance: &str) -> FilterClient {
+    FilterClient::connect_frontend(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new(instance).unwrap(),
+    )
+    .expect("attach")
+}
+
+fn open_req(path: &str, durability: Durability, guid: Option<CreateGuid>) -> OpenRequest {
+    OpenRequest {
+        client: ClientId::new("alice").unwrap(),
+        path: RelPath::new(path).unwrap(),
+        access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+        share: Rights::ALL,
+        disposition: Disposition::OpenIf,
+        durability,
+        create_guid: guid,
+        owner: None,
+        lease: None,
+        no_wait: false,
+    }
+}
+
+const PERSISTENT: Durability = Durability::Persistent { timeout_ms: 60_000 };
+
+/// Waits until the committer has reached the stalling failpoint.
+fn wait_stalled(d: &Filterd) {
+    wait_for("the commit to stall", Duration::from_secs(10), || {
+        d.log_text()
+            .contains("failpoint commit.before: stalling")
+            .then_some(())
+    });
+}
+
+/// A create replay on the same connection while the original persistent
+/// CREATE's commit is pending must wait for that commit: if filterd dies
+/// first, the replay was never acknowledged (and indeed no handle exists).
+#[test]
+fn a_create_replay_waits_for_the_original_commit() {
+    let s = Scratch::new("dur-replay");
+    let mut d = Filterd::start(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "commit.before:1:sleep4000")],
+    );
+    let fe = std::sync::Arc::new(frontend(&s, "smb-a"));
+    let guid = CreateGuid(uuid::Uuid::new_v4());
+    let (tx, rx) = mpsc::channel();
+    {
+        let (fe, tx) = (fe.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(("original", fe.open(open_req("f", PERSISTENT, Some(guid)))));
+        });
+    }
+    wait_stalled(&d);
+    {
+        let (fe, tx) = (fe.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send((
+                "replay",
+                fe.replay_open(open_req("f", PERSISTENT, Some(guid))),
+            ));
+        });
+    }
+    // Before the fix the replay came back at once, from the handle still
+    // committing. Give it a second (the commit stalls for four).
+    if let Ok((which, r)) = rx.recv_timeout(Duration::from_secs(1)) {
+        panic!("{which} answered while its commit was pending: {r:?}");
+    }
+    d.kill9();
+    for _ in 0..2 {
+        let (which, r) = rx.recv_timeout(Duration::from_secs(10)).expect("an answer");
+        assert!(r.is_err(), "{which} acknowledged without a commit: {r:?}");
+    }
+    // Nothing was acknowledged, and nothing exists.
+    let store = Store::open_read_only(&s.state()).unwrap();
+    assert!(store.handles().unwrap().is_empty());
+}
+
+/// The same for a lock-sequence replay: it shows the lock, so it waits for
+/// the lock's commit.
+#[test]
+fn a_lock_sequence_replay_waits_for_the_lock_commit() {
+    let s = Scratch::new("dur-lockseq");
+    let mut d = Filterd::start(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "commit.before:2:sleep4000")],
+    );
+    let fe = std::sync::Arc::new(frontend(&s, "smb-a"));
+    let h = fe
+        .open(open_req(
+            "f",
+            PERSISTENT,
+            Some(CreateGuid(uuid::Uuid::new_v4())),
+        ))
+        .unwrap();
+    let key = h.info.key;
+    let seq = LockSequence {
+        index: 3,
+        number: 1,
+    };
+    let lock = vec![libfilter::locks::LockOp {
+        range: LockRange {
+            offset: 0,
+            length: 10,
+        },
+        exclusive: true,
+        unlock: false,
+    }];
+    let (tx, rx) = mpsc::channel();
+    for which in ["original", "replay"] {
+        let (fe, tx, lock) = (fe.clone(), tx.clone(), lock.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send((which, fe.lock(key, lock, Some(seq))));
+        });
+        if which == "original" {
+            wait_stalled(&d);
+        }
+    }
+    if let Ok((which, r)) = rx.recv_timeout(Duration::from_secs(1)) {
+        panic!("{which} answered while the lock's commit was pending: {r:?}");
+    }
+    d.kill9();
+    for _ in 0..2 {
+        let (which, r) = rx.recv_timeout(Duration::from_secs(10)).expect("an answer");
+        assert!(r.is_err(), "{which} acknowledged without a commit: {r:?}");
+    }
+}
+
+/// A non-durable open never waits for an fsync, however many persistent
+/// opens queue behind a stalled commit.
+#[test]
+fn a_non_durable_open_never_waits_for_a_stalled_commit() {
+    let s = Scratch::new("dur-nowait");
+    let d = Filterd::start(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "commit.before:1:sleep5000")],
+    );
+    let (tx, rx) = mpsc::channel();
+    // 100 connections, each its own poll round and batch: more batches than
+    // the old committer queue held.
+    let mut threads = Vec::new();
+    for i in 0..100 {
+        let (sock, tx) = (s.socket(), tx.clone());
+        threads.push(std::thread::spawn(move || {
+            let fe = FilterClient::connect_frontend(
+                &sock,
+                Protocol::new("smb").unwrap(),
+                InstanceName::new(format!("smb-{i}")).unwrap(),
+            )
+            .unwrap();
+            let r = fe.open(open_req(
+                &format!("p{i}"),
+                PERSISTENT,
+                Some(CreateGuid(uuid::Uuid::new_v4())),
+            ));
+            let _ = tx.send(r.is_ok());
+            // Keep the connection until the test ends.
+            std::thread::sleep(Duration::from_secs(8));
+        }));
+        if i == 0 {
+            wait_stalled(&d);
+        }
+    }
+    let fe = frontend(&s, "smb-plain");
+    let r = fe.open(open_req("plain", Durability::None, None));
+    assert!(r.is_ok(), "{r:?}");
+    assert!(
+        rx.try_recv().is_err(),
+        "the non-durable open must be answered while the stalled commit still holds the persistent ones"
+    );
+    let mut ok = 0;
+    for _ in 0..100 {
+        ok += usize::from(rx.recv_timeout(Duration::from_secs(20)).unwrap());
+    }
+    assert_eq!(ok, 100, "every persistent open committed after the stall");
+}
+
+/// A LOCK whose commit fails (the map is full) leaves no lock behind: the
+/// client was told DISK_FULL, so nobody may find the range locked.
+#[test]
+fn a_failed_commit_leaves_no_lock_behind() {
+    let s = Scratch::new("dur-lockfail");
+    let _d = Filterd::start(&s, &["--map-size-mib", "1", "--max-map-size-mib", "1"], &[]);
+    let fe = frontend(&s, "smb-a");
+    let h = fe
+        .open(open_req(
+            "locked",
+            PERSISTENT,
+            Some(CreateGuid(uuid::Uuid::new_v4())),
+        ))
+        .unwrap();
+    // Fill the map.
+    let mut full = false;
+    for i in 0..20_000 {
+        let path = format!("{i:05}-{}", "m".repeat(200));
+        match fe.open(open_req(
+            &path,
+            PERSISTENT,
+            Some(CreateGuid(uuid::Uuid::new_v4())),
+        )) {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::DiskFull), "{e}");
+                full = true;
+                break;
+            }
+        }
+    }
+    assert!(full, "a 1 MiB map fills up");
+    let range = LockRange {
+        offset: 0,
+        length: 100,
+    };
+    let op = |exclusive| libfilter::locks::LockOp {
+        range,
+        exclusive,
+        unlock: false,
+    };
+    // Some locks may still fit in freed pages: lock until one fails.
+    let mut failed = None;
+    for i in 0..50u64 {
+        let mut o = op(false);
+        o.range.offset = 1000 + i * 10;
+        o.range.length = 1;
+        if let Err(e) = fe.lock(h.info.key, vec![o], None) {
+            failed = Some((o, e));
+            break;
+        }
+    }
+    let (o, e) = failed.expect("a lock on a persistent handle fails when the map is full");
+    assert_eq!(e.code(), Some(ErrorCode::DiskFull), "{e}");
+    // Nobody sees the lock that was refused.
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    let held = ctl.locks().unwrap();
+    assert!(
+        !held.iter().any(|l| l.range == o.range),
+        "the refused lock is held anyway: {held:?}"
+    );
+    // Another client can lock the range the refused lock would have covered.
+    let other = frontend(&s, "smb-b");
+    let mut req = open_req("locked", Durability::None, None);
+    req.client = ClientId::new("bob").unwrap();
+    let b = other.open(req).unwrap();
+    let mut x = op(true);
+    x.range = o.range;
+    other
+        .lock(b.info.key, vec![x], None)
+        .expect("no phantom lock of the failed commit");
+}
