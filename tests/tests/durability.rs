@@ -148,22 +148,27 @@ fn a_lock_sequence_replay_waits_for_the_lock_commit() {
 }
 
 /// A non-durable open never waits for an fsync, however many persistent
-/// opens queue behind a stalled commit.
+/// opens queue behind a stalled commit (the old committer queue held 64
+/// batches, and the engine blocked when it was full).
 #[test]
 fn a_non_durable_open_never_waits_for_a_stalled_commit() {
     let s = Scratch::new("dur-nowait");
     let d = Filterd::start(
         &s,
         &[],
-        &[("RKFILTER_FAILPOINTS", "commit.before:1:sleep5000")],
+        &[("RKFILTER_FAILPOINTS", "commit.before:1:sleep8000")],
     );
+    let mut ctl = d.control();
+    ctl.set_timeout(Duration::from_secs(2));
     let (tx, rx) = mpsc::channel();
-    // 100 connections, each its own poll round and batch: more batches than
-    // the old committer queue held.
-    let mut threads = Vec::new();
-    for i in 0..100 {
+    // 90 persistent opens, each in a poll round (so a batch) of its own:
+    // the next is sent once the engine has counted the last.
+    let mut held = Vec::new();
+    for i in 0..90u64 {
         let (sock, tx) = (s.socket(), tx.clone());
-        threads.push(std::thread::spawn(move || {
+        let (keep_tx, keep_rx) = mpsc::channel::<()>();
+        held.push(keep_tx);
+        std::thread::spawn(move || {
             let fe = FilterClient::connect_frontend(
                 &sock,
                 Protocol::new("smb").unwrap(),
@@ -177,11 +182,16 @@ fn a_non_durable_open_never_waits_for_a_stalled_commit() {
             ));
             let _ = tx.send(r.is_ok());
             // Keep the connection until the test ends.
-            std::thread::sleep(Duration::from_secs(8));
-        }));
+            let _ = keep_rx.recv();
+        });
         if i == 0 {
             wait_stalled(&d);
         }
+        wait_for(
+            "the engine to take the open",
+            Duration::from_secs(10),
+            || ctl.stats().ok().filter(|st| st.opens > i).map(|_| ()),
+        );
     }
     let fe = frontend(&s, "smb-plain");
     let r = fe.open(open_req("plain", Durability::None, None));
@@ -191,10 +201,11 @@ fn a_non_durable_open_never_waits_for_a_stalled_commit() {
         "the non-durable open must be answered while the stalled commit still holds the persistent ones"
     );
     let mut ok = 0;
-    for _ in 0..100 {
-        ok += usize::from(rx.recv_timeout(Duration::from_secs(20)).unwrap());
+    for _ in 0..90 {
+        ok += usize::from(rx.recv_timeout(Duration::from_secs(30)).unwrap());
     }
-    assert_eq!(ok, 100, "every persistent open committed after the stall");
+    assert_eq!(ok, 90, "every persistent open committed after the stall");
+    drop(held);
 }
 
 /// A LOCK whose commit fails (the map is full) leaves no lock behind: the

@@ -1,0 +1,284 @@
+//! A file is one fact, known by its kernel handle (issue: the transactional
+//! engine, defects 5–8): delete on close happens only after its close
+//! commits and never to a file that merely reuses the inode number; a
+//! rename moves every handle of the file; replacing a target is deleting
+//! it; a file reopened by kernel handle must still lie beneath the root.
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use libfilter::client::FilterClient;
+use libfilter::model::*;
+use libfilter::proto::{ErrorCode, OpenRequest};
+use libfilter::store::Store;
+use rkfilter_tests::{wait_for, Filterd, Scratch};
+
+fn frontend(s: &Scratch, instance: &str) -> FilterClient {
+    FilterClient::connect_frontend(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new(instance).unwrap(),
+    )
+    .expect("attach")
+}
+
+fn req(path: &str, client: &str, share: Rights, durability: Durability) -> OpenRequest {
+    OpenRequest {
+        client: ClientId::new(client).unwrap(),
+        path: RelPath::new(path).unwrap(),
+        access: Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
+        share,
+        disposition: Disposition::OpenIf,
+        durability,
+        create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+        owner: None,
+        lease: None,
+        no_wait: false,
+    }
+}
+
+fn persistent(timeout_ms: u32) -> Durability {
+    Durability::Persistent { timeout_ms }
+}
+
+/// Defect 5: a crash between a delete-on-close CLOSE and its commit used to
+/// find the file already unlinked and the handle "lost". Now the unlink
+/// follows the commit: a crash before it brings the handle back intact, and
+/// the client's second CLOSE deletes the file.
+#[test]
+fn delete_on_close_unlinks_only_after_its_close_commits() {
+    let s = Scratch::new("id-doc-crash");
+    std::fs::write(s.root().join("f"), b"data").unwrap();
+    // Commits: the open, the delete-on-close flag, the close.
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:3")]);
+    let fe = frontend(&s, "smb-a");
+    let h = fe
+        .open(req("f", "alice", Rights::ALL, persistent(60_000)))
+        .unwrap();
+    fe.set_delete_on_close(h.info.key, true, None).unwrap();
+    assert!(
+        fe.close(h.info.key).is_err(),
+        "filterd dies in the close's commit"
+    );
+    d.wait_exit(Duration::from_secs(10));
+    assert!(
+        s.root().join("f").exists(),
+        "nothing was unlinked before the close committed"
+    );
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let back = fe
+        .resume(ClientId::new("alice").unwrap(), h.info.key)
+        .expect("the handle comes back intact, not lost");
+    fe.close(back.info.key).unwrap();
+    assert!(
+        !s.root().join("f").exists(),
+        "the second close deletes the file"
+    );
+}
+
+/// The other side of the same window: a crash after the close committed
+/// and before the unlink — recovery finishes the delete.
+#[test]
+fn recovery_finishes_an_interrupted_delete_on_close() {
+    let s = Scratch::new("id-doc-finish");
+    std::fs::write(s.root().join("f"), b"data").unwrap();
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "intent.after_commit")]);
+    let fe = frontend(&s, "smb-a");
+    let h = fe
+        .open(req("f", "alice", Rights::ALL, persistent(60_000)))
+        .unwrap();
+    fe.set_delete_on_close(h.info.key, true, None).unwrap();
+    assert!(fe.close(h.info.key).is_err());
+    d.wait_exit(Duration::from_secs(10));
+    assert!(s.root().join("f").exists(), "killed before the unlink");
+    let _d = Filterd::start(&s, &[], &[]);
+    assert!(!s.root().join("f").exists(), "recovery unlinked it");
+    let store = Store::open_read_only(&s.state()).unwrap();
+    assert!(store.handles().unwrap().is_empty());
+    assert!(store.intents().unwrap().is_empty());
+}
+
+/// A file deleted behind filterd's back whose inode number the filesystem
+/// gives to a new file at the same path: the old handle is lost, expiring it
+/// deletes nothing, and lost handles go away at their timeout.
+#[test]
+fn a_reused_inode_number_is_never_taken_for_the_old_file() {
+    let s = Scratch::new("id-reuse");
+    std::fs::write(s.root().join("f"), b"old").unwrap();
+    let old_ino = std::fs::metadata(s.root().join("f")).unwrap().ino();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let h = fe
+        .open(req("f", "alice", Rights::ALL, persistent(2_000)))
+        .unwrap();
+    fe.set_delete_on_close(h.info.key, true, None).unwrap();
+    drop(h);
+    d.kill9();
+    drop(fe);
+    // Behind filterd's back: the file goes, and a new one takes its inode
+    // number at the same path (ext4 hands freed inodes out again at once).
+    std::fs::remove_file(s.root().join("f")).unwrap();
+    let mut reused = false;
+    for i in 0..200 {
+        std::fs::write(s.root().join("f"), b"new, unrelated").unwrap();
+        if std::fs::metadata(s.root().join("f")).unwrap().ino() == old_ino {
+            reused = true;
+            break;
+        }
+        std::fs::rename(s.root().join("f"), s.root().join(format!("other{i}"))).unwrap();
+    }
+    assert!(
+        reused,
+        "the filesystem under the test dir reuses inode numbers (ext4)"
+    );
+    let d = Filterd::start(&s, &[], &[]);
+    let ctl = d.control();
+    let hs = ctl.handles().unwrap();
+    assert_eq!(hs.len(), 1);
+    assert_eq!(hs[0].record.conn, ConnState::Lost, "{hs:?}");
+    // Expiring the lost handle must not delete the new file.
+    let key = hs[0].record.key;
+    ctl.call(libfilter::proto::Request::Expire { key })
+        .expect("a lost handle can be expired");
+    assert_eq!(
+        std::fs::read(s.root().join("f")).unwrap(),
+        b"new, unrelated",
+        "the new file survives"
+    );
+    // And lost handles expire by themselves (the same fresh timeout as a
+    // disconnected one), instead of lingering forever.
+    let s2 = Scratch::new("id-lost-expiry");
+    std::fs::write(s2.root().join("g"), b"x").unwrap();
+    let mut d2 = Filterd::start(&s2, &[], &[]);
+    let fe2 = frontend(&s2, "smb-a");
+    let _h2 = fe2
+        .open(req("g", "alice", Rights::ALL, persistent(500)))
+        .unwrap();
+    d2.kill9();
+    drop(fe2);
+    std::fs::remove_file(s2.root().join("g")).unwrap();
+    let d2 = Filterd::start(&s2, &[], &[]);
+    let ctl2 = d2.control();
+    assert_eq!(ctl2.handles().unwrap()[0].record.conn, ConnState::Lost);
+    wait_for("the lost handle to expire", Duration::from_secs(10), || {
+        ctl2.handles().unwrap().is_empty().then_some(())
+    });
+}
+
+/// Defect 6: a rename moves the path of every handle of the file, so
+/// delete on close set through another handle deletes the renamed file —
+/// also after a restart.
+#[test]
+fn a_rename_moves_every_handle_of_the_file() {
+    let s = Scratch::new("id-rename-all");
+    std::fs::write(s.root().join("a"), b"data").unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let x = fe
+        .open(req("a", "alice", Rights::ALL, persistent(60_000)))
+        .unwrap();
+    let y = fe
+        .open(req("a", "alice", Rights::ALL, persistent(60_000)))
+        .unwrap();
+    fe.rename(x.info.key, RelPath::new("b").unwrap(), false, None)
+        .unwrap();
+    let store_paths = |s: &Scratch| {
+        let store = Store::open_read_only(&s.state()).unwrap();
+        store
+            .handles()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap().path.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    d.kill9();
+    drop(fe);
+    assert_eq!(
+        store_paths(&s),
+        vec!["b", "b"],
+        "both records name the new path"
+    );
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let alice = ClientId::new("alice").unwrap();
+    let x = fe.resume(alice.clone(), x.info.key).unwrap();
+    let y = fe.resume(alice, y.info.key).unwrap();
+    fe.set_delete_on_close(y.info.key, true, None).unwrap();
+    fe.close(y.info.key).unwrap();
+    fe.close(x.info.key).unwrap();
+    assert!(
+        !s.root().join("b").exists(),
+        "delete on close followed the rename"
+    );
+    assert!(!s.root().join("a").exists());
+}
+
+/// Defect 7: replacing a target is deleting it — refused while an open of
+/// the target does not share delete, as REMOVE of it is.
+#[test]
+fn rename_with_replace_respects_the_target_share_modes() {
+    let s = Scratch::new("id-replace");
+    std::fs::write(s.root().join("t"), b"precious").unwrap();
+    std::fs::write(s.root().join("s"), b"intruder").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let holder = frontend(&s, "smb-a");
+    let _t = holder
+        .open(req("t", "alice", Rights::READ, persistent(60_000)))
+        .unwrap();
+    let nfs = FilterClient::connect_frontend(
+        &s.socket(),
+        Protocol::new("nfs").unwrap(),
+        InstanceName::new("nfs-a").unwrap(),
+    )
+    .unwrap();
+    let src = nfs
+        .open(req("s", "bob", Rights::ALL, Durability::None))
+        .unwrap();
+    let e = nfs
+        .rename(src.info.key, RelPath::new("t").unwrap(), true, None)
+        .expect_err("the target is held without share delete");
+    assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{e}");
+    assert_eq!(std::fs::read(s.root().join("t")).unwrap(), b"precious");
+    // As REMOVE of the same file is.
+    let e = nfs.remove(RelPath::new("t").unwrap(), None).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{e}");
+    // A target held with share delete may be replaced.
+    std::fs::write(s.root().join("u"), b"replaceable").unwrap();
+    let _u = holder
+        .open(req("u", "alice", Rights::ALL, persistent(60_000)))
+        .unwrap();
+    nfs.rename(src.info.key, RelPath::new("u").unwrap(), true, None)
+        .unwrap();
+    assert_eq!(std::fs::read(s.root().join("u")).unwrap(), b"intruder");
+}
+
+/// Defect 8: a file an administrator moved out of the export while filterd
+/// was down is not reached through the handle's kernel file handle.
+#[test]
+fn a_handle_whose_file_left_the_root_is_lost() {
+    let s = Scratch::new("id-escape");
+    std::fs::write(s.root().join("f"), b"inside").unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let h = fe
+        .open(req("f", "alice", Rights::ALL, persistent(60_000)))
+        .unwrap();
+    let key = h.info.key;
+    drop(h);
+    d.kill9();
+    drop(fe);
+    let outside = s.dir.join("outside");
+    std::fs::rename(s.root().join("f"), &outside).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let r = fe.resume(ClientId::new("alice").unwrap(), key);
+    assert!(
+        r.is_err(),
+        "resumed a file outside the export: {:?}",
+        r.map(|h| h.info)
+    );
+    let hs = d.control().handles().unwrap();
+    assert_eq!(hs[0].record.conn, ConnState::Lost, "{hs:?}");
+    assert_eq!(std::fs::read(&outside).unwrap(), b"inside");
+}
