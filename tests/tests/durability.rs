@@ -280,3 +280,84 @@ fn a_failed_commit_leaves_no_lock_behind() {
         .lock(b.info.key, vec![x], None)
         .expect("no phantom lock of the failed commit");
 }
+
+/// Defect 4: an end-of-file change in flight on a persistent handle, another
+/// client's WRITE acknowledged after the truncate, filterd killed before the
+/// change's completion commits: recovery truncates again. No acknowledged
+/// write may be lost — the WRITE must wait for the change (or be refused).
+#[test]
+fn a_size_change_in_flight_never_loses_an_acknowledged_write() {
+    use rkfilter_tests::{LineClient, Shim};
+    use serde_json::json;
+    let s = Scratch::new("dur-setsize");
+    let mut d = Filterd::start(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "intent.after_fs:1:sleep3000")],
+    );
+    let shim = Shim::start("smbshim", &s.socket(), "smb-s");
+    let session = |c: &mut LineClient, user: &str| {
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": user}));
+        r["session_id"].as_u64().expect("session")
+    };
+    let all = ["read", "write", "delete"];
+    let mut a = LineClient::connect(&shim.addr);
+    let sa = session(&mut a, "alice");
+    let r = a.call(json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": all, "share": all,
+                          "disposition": "overwrite_if",
+                          "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 60000}}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fa = r["file_id"].clone();
+    let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b'x'; 100]);
+    let r = a.call(json!({"cmd": "WRITE", "session_id": sa, "file_id": fa, "offset": 0, "data": data, "op_id": 1}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let mut b = LineClient::connect(&shim.addr);
+    let sb = session(&mut b, "bob");
+    let r = b.call(
+        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": all, "share": all,
+                          "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fb = r["file_id"].clone();
+    std::thread::spawn(move || {
+        let _ = a.call(json!({"cmd": "SET_INFO", "session_id": sa, "file_id": fa, "end_of_file": 10, "op_id": 2}));
+    });
+    // The truncate is done; its completion is not recorded yet.
+    wait_for("the size change to stall", Duration::from_secs(10), || {
+        d.log_text()
+            .contains("failpoint intent.after_fs: stalling")
+            .then_some(())
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let word = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"DATA");
+        let r = b.call(json!({"cmd": "WRITE", "session_id": sb, "file_id": fb, "offset": 50, "data": word, "op_id": 3}));
+        let _ = tx.send(r);
+    });
+    let early = rx.recv_timeout(Duration::from_millis(1500)).ok();
+    d.kill9();
+    let _d = Filterd::start(&s, &[], &[]);
+    let answered_early = early.is_some();
+    let reply = early.or_else(|| rx.recv_timeout(Duration::from_secs(30)).ok());
+    let content = std::fs::read(s.root().join("f")).unwrap();
+    eprintln!(
+        "WRITE answered early: {answered_early}; reply {reply:?}; file {} bytes",
+        content.len()
+    );
+    if let Some(r) = &reply {
+        if r["status"] == "STATUS_SUCCESS" {
+            assert_eq!(
+                content.get(50..54),
+                Some(&b"DATA"[..]),
+                "an acknowledged WRITE was lost (file is {} bytes); it was answered {}",
+                content.len(),
+                if answered_early {
+                    "during the change"
+                } else {
+                    "after recovery"
+                }
+            );
+        }
+    }
+    drop(shim);
+}

@@ -1,0 +1,139 @@
+//! The one safe order, seen from the kernel: every filesystem change a
+//! commit records is fsync'd before that commit, and the reply comes after
+//! it — change → fsync → LMDB commit (fdatasync) → reply (sendmsg).
+//! filterd runs under `strace -f` (installed by `.ci/run`); the test reads
+//! the syscalls in the order they completed.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use libfilter::client::FilterClient;
+use libfilter::model::*;
+use libfilter::proto::OpenRequest;
+use rkfilter_tests::{bin, wait_for, Scratch};
+
+struct Traced {
+    child: Child,
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_traced(s: &Scratch, trace: &Path) -> Traced {
+    let strace = ["/usr/bin/strace", "/bin/strace"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("strace is not installed: `apt-get install strace` (.ci/run installs it)");
+    let child = Command::new(strace)
+        .args(["-f", "-qq", "-o"])
+        .arg(trace)
+        .args([
+            "-e",
+            "trace=linkat,renameat2,ftruncate,unlinkat,fsync,fdatasync,sendmsg",
+        ])
+        .arg(bin("filterd"))
+        .arg("--root")
+        .arg(s.root())
+        .arg("--state")
+        .arg(s.state())
+        .arg("--no-fanotify")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn strace");
+    let t = Traced { child };
+    wait_for("traced filterd to answer", Duration::from_secs(30), || {
+        FilterClient::connect_control(&s.socket()).ok().map(|_| ())
+    });
+    t
+}
+
+/// The syscalls of the trace, by name, in the order they completed.
+fn events(trace: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(trace).expect("trace");
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.contains("<unfinished ...>") {
+            continue;
+        }
+        let rest = line.split_once(' ').map_or(line, |(_, r)| r).trim_start();
+        let name = match rest.strip_prefix("<... ") {
+            Some(r) => r.split_whitespace().next().unwrap_or(""),
+            None => rest.split('(').next().unwrap_or(""),
+        };
+        if !name.is_empty() && !line.contains("= -1") {
+            out.push(name.to_owned());
+        }
+    }
+    out
+}
+
+/// After the first `change` at or after `from`: an fsync, then an
+/// fdatasync (LMDB), then a sendmsg (the reply) — and no sendmsg before
+/// that fdatasync. Returns where the reply is.
+fn check_order(ev: &[String], from: usize, change: &str) -> usize {
+    let at = |name: &str, start: usize| {
+        ev.iter()
+            .skip(start)
+            .position(|e| e == name)
+            .map(|p| p + start)
+    };
+    let c = at(change, from).unwrap_or_else(|| panic!("no {change} after {from}: {ev:?}"));
+    let f = at("fsync", c).unwrap_or_else(|| panic!("{change} never fsync'd: {ev:?}"));
+    let d = at("fdatasync", f)
+        .unwrap_or_else(|| panic!("no LMDB commit after the fsync of {change}: {ev:?}"));
+    let r = at("sendmsg", c).unwrap_or_else(|| panic!("no reply after {change}: {ev:?}"));
+    assert!(
+        r > d,
+        "the reply to a {change} went out before the commit recording it: {:?}",
+        &ev[c..=d.max(r)]
+    );
+    let first_sync_after_change = at("fdatasync", c).unwrap_or(usize::MAX);
+    assert!(
+        f < first_sync_after_change,
+        "the commit recording a {change} came before its fsync: {:?}",
+        &ev[c..=d]
+    );
+    r
+}
+
+#[test]
+fn changes_are_fsynced_before_the_commit_and_replies_come_after() {
+    let s = Scratch::new("strace-order");
+    let trace = s.dir.join("trace");
+    let _t = start_traced(&s, &trace);
+    let fe = FilterClient::connect_frontend(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new("smb-a").unwrap(),
+    )
+    .unwrap();
+    let h = fe
+        .open(OpenRequest {
+            client: ClientId::new("alice").unwrap(),
+            path: RelPath::new("new").unwrap(),
+            access: Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
+            share: Rights::ALL,
+            disposition: Disposition::Create,
+            durability: Durability::Persistent { timeout_ms: 60_000 },
+            create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+            owner: None,
+            lease: None,
+            no_wait: false,
+        })
+        .unwrap();
+    fe.rename(h.info.key, RelPath::new("moved").unwrap(), false, None)
+        .unwrap();
+    fe.set_end_of_file(h.info.key, 4096, None).unwrap();
+    drop(fe);
+    let ev = events(&trace);
+    let r = check_order(&ev, 0, "linkat");
+    let r = check_order(&ev, r, "renameat2");
+    check_order(&ev, r, "ftruncate");
+}
