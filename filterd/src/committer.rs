@@ -17,17 +17,20 @@
 //! The engine never waits on the committer: [`Pipeline::submit`] appends to
 //! a queue that the committer drains whole, so pending batches merge.
 //!
-//! A commit that fails fails *everything not yet durable*: the committer
-//! tells the engine ([`Command::CommitFailed`]), the engine restores its
-//! state from the store (which holds exactly what is durable) and answers
-//! [`Pipeline::rolled_back`] with the last sequence it abandoned; the
-//! committer then fails every reply waiting for an abandoned sequence and
-//! drops those batches unwritten. Nothing built on state that never became
-//! durable is ever committed or acknowledged.
+//! Every request's store operations form a *group* under a sequence of its
+//! own, with the earlier sequences it builds on. A merged commit that fails
+//! is retried group by group, so a request that cannot fit fails alone;
+//! the committer tells the engine which failed ([`Command::CommitFailed`]),
+//! the engine restores its state from the store (which holds exactly what
+//! is durable), abandons every pending request that built on a failed one,
+//! and answers [`Pipeline::rolled_back`]; the committer then fails every
+//! reply waiting for an abandoned sequence and drops those groups unwritten.
+//! Nothing built on state that never became durable is ever committed or
+//! acknowledged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -74,19 +77,29 @@ impl Deferred {
     }
 }
 
-/// One numbered batch for the committer.
-pub struct CommitJob {
+/// The store operations of one request (or one internal step), under its
+/// commit sequence.
+pub struct Group {
     /// Its commit sequence (ascending, never reused).
     pub seq: u64,
     /// Store operations, in order.
     pub ops: Vec<StoreOp>,
-    /// Files and directories whose changes these operations record: made
+    /// Earlier sequences whose state it builds on: if one of them fails,
+    /// so does this one.
+    pub deps: Vec<u64>,
+    /// Intents whose parked requests continue once it is durable.
+    pub notify: Vec<IntentId>,
+}
+
+/// One poll round's groups for the committer.
+pub struct CommitJob {
+    /// The groups, in sequence order.
+    pub groups: Vec<Group>,
+    /// Files and directories whose changes these groups record: made
     /// durable (fsync) before the transaction commits.
     pub sync: Vec<OwnedFd>,
-    /// Requests whose replies wait for this batch (for the gathering rule).
+    /// Requests whose replies wait for this job (for the gathering rule).
     pub requests: usize,
-    /// Intents in this batch whose parked requests continue once durable.
-    pub notify: Vec<IntentId>,
 }
 
 /// Counters the committer maintains.
@@ -107,20 +120,23 @@ struct Shared {
     jobs: Vec<CommitJob>,
     /// Replies by the sequence they wait for.
     waiting: BTreeMap<u64, Vec<Deferred>>,
-    /// Everything up to here was abandoned by a failed commit.
-    discarded: u64,
-    /// A failure the engine has not rolled back yet: (through, code, message).
-    failing: Option<(u64, ErrorCode, String)>,
+    /// Sequences abandoned by failed commits (never durable).
+    abandoned: BTreeSet<u64>,
+    /// The engine's answer to a failure: what it rolled back.
+    rolled_back: Option<BTreeSet<u64>>,
     stop: bool,
 }
 
 /// What the engine and the committer share: the batch queue, the replies
-/// waiting for durability, and the highest durable sequence.
+/// waiting for durability, and the highest resolved sequence.
 #[derive(Default)]
 pub struct Pipeline {
     shared: Mutex<Shared>,
     wake: Condvar,
+    /// Every sequence up to here is resolved: durable, or abandoned.
     committed: AtomicU64,
+    /// Whether any sequence was ever abandoned (then `reply_after` asks).
+    any_abandoned: AtomicBool,
 }
 
 impl Pipeline {
@@ -130,7 +146,7 @@ impl Pipeline {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The highest sequence whose commit is on disk.
+    /// Every sequence up to this one is resolved (durable or abandoned).
     pub fn committed(&self) -> u64 {
         self.committed.load(Ordering::Acquire)
     }
@@ -146,28 +162,28 @@ impl Pipeline {
     /// Sends `reply` once sequence `seq` is durable (now, if it is), or
     /// fails it if `seq` was abandoned by a failed commit.
     pub fn reply_after(&self, seq: u64, reply: Deferred) {
-        if seq <= self.committed() {
+        if seq <= self.committed() && !self.any_abandoned.load(Ordering::Acquire) {
             reply.send();
             return;
         }
         let mut s = self.lock();
-        if seq <= self.committed() {
+        if s.abandoned.contains(&seq) {
+            drop(s);
+            reply.fail(ErrorCode::Internal, "a commit it depends on failed");
+        } else if seq <= self.committed() {
             drop(s);
             reply.send();
-        } else if seq <= s.discarded {
-            drop(s);
-            reply.fail(ErrorCode::Internal, "an earlier commit failed");
         } else {
             s.waiting.entry(seq).or_default().push(reply);
         }
     }
 
-    /// The engine rolled back everything up to and including `through`:
-    /// the committer fails what waited for it and drops those batches.
-    pub fn rolled_back(&self, through: u64) {
-        let mut s = self.lock();
-        s.discarded = s.discarded.max(through);
-        drop(s);
+    /// The engine's answer to [`Command::CommitFailed`]: it rolled back
+    /// the sequences in `abandoned` (the failed ones and every pending one
+    /// that built on them); the committer fails what waited for them and
+    /// drops their groups.
+    pub fn rolled_back(&self, abandoned: BTreeSet<u64>) {
+        self.lock().rolled_back = Some(abandoned);
         self.wake.notify_all();
     }
 
@@ -175,6 +191,17 @@ impl Pipeline {
     pub fn stop(&self) {
         self.lock().stop = true;
         self.wake.notify_all();
+    }
+
+    /// Marks everything up to `through` resolved and hands back the replies
+    /// that waited for it.
+    fn resolve(&self, s: &mut Shared, through: u64) -> Vec<Deferred> {
+        self.committed.store(through, Ordering::Release);
+        let later = s.waiting.split_off(&(through + 1));
+        std::mem::replace(&mut s.waiting, later)
+            .into_values()
+            .flatten()
+            .collect()
     }
 }
 
@@ -213,87 +240,129 @@ pub fn run(
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
-        let discarded = s.discarded;
-        let jobs: Vec<CommitJob> = std::mem::take(&mut s.jobs)
-            .into_iter()
-            .filter(|j| j.seq > discarded)
-            .collect();
+        let jobs = std::mem::take(&mut s.jobs);
         drop(s);
-        let Some(through) = jobs.iter().map(|j| j.seq).max() else {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut sync = Vec::new();
+        let mut requests = 0;
+        for j in jobs {
+            groups.extend(j.groups);
+            sync.extend(j.sync);
+            requests += j.requests;
+        }
+        let Some(through) = groups.iter().map(|g| g.seq).max() else {
             continue;
         };
         let started = Instant::now();
-        let mut ops = Vec::new();
-        let mut sync = Vec::new();
-        let mut notify = Vec::new();
-        let mut requests = 0;
-        for j in jobs {
-            ops.extend(j.ops);
-            sync.extend(j.sync);
-            notify.extend(j.notify);
-            requests += j.requests;
-        }
+        let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
+        let n_ops: usize = batches.iter().map(|b| b.len()).sum();
         failpoint::hit("commit.before");
-        let result = sync_all(&sync, &counters).and_then(|()| store.apply(&ops));
+        let result = sync_all(&sync, &counters).and_then(|()| store.apply_all(&batches));
+        drop(batches);
         drop(sync);
-        match result {
-            Ok(()) => {
-                last_commit = started.elapsed();
-                last_requests = requests;
-                counters.commits.fetch_add(1, Ordering::Relaxed);
-                counters.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
-                failpoint::hit("commit.after");
-                let ready = {
-                    let mut s = pipe.lock();
-                    pipe.committed.store(through, Ordering::Release);
-                    let later = s.waiting.split_off(&(through + 1));
-                    std::mem::replace(&mut s.waiting, later)
-                };
-                if !notify.is_empty() {
-                    let _ = engine.send(Command::IntentsDurable(notify));
-                }
-                for r in ready.into_values().flatten() {
-                    failpoint::hit("reply.before_send");
-                    r.send();
-                }
-            }
-            Err(e) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                let code = match e {
-                    StoreError::Full | StoreError::MapFull => ErrorCode::DiskFull,
-                    _ => ErrorCode::Internal,
-                };
-                let message = e.to_string();
-                error!(error = %e, ops = ops.len(), through, "commit failed; rolling back everything not yet durable");
-                pipe.lock().failing = Some((through, code, message.clone()));
-                if engine
-                    .send(Command::CommitFailed {
-                        through,
-                        code,
-                        message: message.clone(),
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-                // Nothing is committed until the engine has undone what the
-                // failed batches did: later batches may build on it.
+        let (failed, error) = match result {
+            Ok(()) => (BTreeSet::new(), None),
+            // One request that cannot fit (or fails for any reason) fails
+            // alone: each group is tried on its own, in order; a group that
+            // builds on a failed one fails with it.
+            Err(e) => (retry_alone(&store, &groups), Some(e)),
+        };
+        let notify: Vec<IntentId> = groups
+            .iter()
+            .filter(|g| !failed.contains(&g.seq))
+            .flat_map(|g| g.notify.iter().copied())
+            .collect();
+        if failed.is_empty() {
+            last_commit = started.elapsed();
+            last_requests = requests;
+            counters.commits.fetch_add(1, Ordering::Relaxed);
+            counters.ops.fetch_add(n_ops as u64, Ordering::Relaxed);
+            failpoint::hit("commit.after");
+            let ready = {
                 let mut s = pipe.lock();
-                while s.discarded < through && !s.stop {
-                    s = pipe.wake.wait(s).unwrap_or_else(|p| p.into_inner());
-                }
-                let discarded = s.discarded;
-                let later = s.waiting.split_off(&(discarded + 1));
-                let failed = std::mem::replace(&mut s.waiting, later);
-                s.jobs.retain(|j| j.seq > discarded);
-                s.failing = None;
-                drop(s);
-                for r in failed.into_values().flatten() {
-                    r.fail(code, &message);
-                }
+                pipe.resolve(&mut s, through)
+            };
+            if !notify.is_empty() {
+                let _ = engine.send(Command::IntentsDurable(notify));
             }
+            for r in ready {
+                failpoint::hit("reply.before_send");
+                r.send();
+            }
+            continue;
+        }
+        counters.failed.fetch_add(1, Ordering::Relaxed);
+        let (code, message) = match &error {
+            Some(StoreError::Full | StoreError::MapFull) => (
+                ErrorCode::DiskFull,
+                error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
+            ),
+            Some(e) => (ErrorCode::Internal, e.to_string()),
+            None => (ErrorCode::Internal, "commit failed".to_owned()),
+        };
+        error!(error = %message, failed = failed.len(), of = groups.len(), through, "commit failed; rolling back what it held and what built on it");
+        if engine
+            .send(Command::CommitFailed {
+                failed: failed.iter().copied().collect(),
+                through,
+                code,
+                message: message.clone(),
+            })
+            .is_err()
+        {
+            return;
+        }
+        // Nothing more is committed until the engine has undone what the
+        // failed groups did: later ones may build on it.
+        let (ready, refused) = {
+            let mut s = pipe.lock();
+            while s.rolled_back.is_none() && !s.stop {
+                s = pipe.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            let abandoned = s.rolled_back.take().unwrap_or_default();
+            for j in &mut s.jobs {
+                j.groups.retain(|g| !abandoned.contains(&g.seq));
+            }
+            let mut refused = Vec::new();
+            for seq in &abandoned {
+                refused.extend(s.waiting.remove(seq).into_iter().flatten());
+            }
+            s.abandoned.extend(abandoned.iter().copied());
+            pipe.any_abandoned.store(true, Ordering::Release);
+            let ready = pipe.resolve(&mut s, through);
+            (ready, refused)
+        };
+        if !notify.is_empty() {
+            let _ = engine.send(Command::IntentsDurable(notify));
+        }
+        for r in refused {
+            r.fail(code, &message);
+        }
+        for r in ready {
+            r.send();
         }
     }
+}
+
+/// After a failed merged commit: each group on its own, in order. Returns
+/// the sequences that failed (on their own, or by building on one that did).
+fn retry_alone(store: &Store, groups: &[Group]) -> BTreeSet<u64> {
+    let mut failed = BTreeSet::new();
+    if groups.len() == 1 {
+        failed.extend(groups.iter().map(|g| g.seq));
+        return failed;
+    }
+    for g in groups {
+        if g.deps.iter().any(|d| failed.contains(d)) {
+            failed.insert(g.seq);
+            continue;
+        }
+        if let Err(e) = store.apply(&g.ops) {
+            warn!(seq = g.seq, error = %e, "a request's commit fails on its own");
+            failed.insert(g.seq);
+        }
+    }
+    failed
 }
 
 /// Makes the filesystem changes a commit records durable before it.

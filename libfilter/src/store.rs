@@ -397,14 +397,20 @@ impl Store {
 
     /// Applies a batch in one write transaction and commits it durably.
     pub fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        self.apply_all(&[ops])
+    }
+
+    /// Applies several batches, in order, in one write transaction and
+    /// commits it durably (group commit without copying the operations).
+    pub fn apply_all(&self, batches: &[&[StoreOp]]) -> Result<(), StoreError> {
         let r = {
             let _gate = self.gate();
-            self.apply_ops(ops).map_err(|e| self.explain(e))
+            self.apply_ops(batches).map_err(|e| self.explain(e))
         };
         match r {
             Err(StoreError::MapFull) if self.grow_map()? => {
                 let _gate = self.gate();
-                self.apply_ops(ops).map_err(|e| self.explain(e))
+                self.apply_ops(batches).map_err(|e| self.explain(e))
             }
             r => r,
         }
@@ -460,9 +466,9 @@ impl Store {
         }
     }
 
-    fn apply_ops(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+    fn apply_ops(&self, batches: &[&[StoreOp]]) -> Result<(), StoreError> {
         let mut txn = self.env.write_txn().map_err(StoreError::from_heed)?;
-        for op in ops {
+        for op in batches.iter().flat_map(|b| b.iter()) {
             match op {
                 StoreOp::PutHandle(rec) => {
                     self.handles

@@ -361,3 +361,89 @@ fn a_size_change_in_flight_never_loses_an_acknowledged_write() {
     }
     drop(shim);
 }
+
+/// A request that cannot fit fails alone: a small LOCK merged into one
+/// commit with requests too big for the map commits, the big ones that do
+/// not fit get DISK_FULL, and nothing of theirs is left behind.
+#[test]
+fn a_request_that_cannot_fit_fails_alone() {
+    let s = Scratch::new("dur-alone");
+    // Commit 1: the open. Commit 2 stalls (a small record) while the LOCK
+    // and the big writes queue behind it; they merge into commit 3.
+    let d = Filterd::start(
+        &s,
+        &["--map-size-mib", "1", "--max-map-size-mib", "1"],
+        &[("RKFILTER_FAILPOINTS", "commit.before:2:sleep3000")],
+    );
+    let fe = std::sync::Arc::new(frontend(&s, "smb-a"));
+    let h = fe
+        .open(open_req(
+            "f",
+            PERSISTENT,
+            Some(CreateGuid(uuid::Uuid::new_v4())),
+        ))
+        .unwrap();
+    let session = |n: &str| ReplayScope::Session(ScopeName::new(n).unwrap());
+    {
+        let fe = fe.clone();
+        let scope = session("first");
+        std::thread::spawn(move || {
+            let _ = fe.record_reply(scope, 1, "small".into(), 8);
+        });
+    }
+    wait_stalled(&d);
+    let (tx, rx) = mpsc::channel();
+    for i in 0..30u64 {
+        let (fe, tx, scope) = (fe.clone(), tx.clone(), session(&format!("big-{i}")));
+        std::thread::spawn(move || {
+            let put = (0..3)
+                .map(|op_id| RecordSpec {
+                    scope: scope.clone(),
+                    op_id,
+                    reply: "x".repeat(15_000),
+                    keep: 4096,
+                })
+                .collect();
+            let _ = tx.send((format!("big-{i}"), fe.write_records(put, Vec::new())));
+        });
+    }
+    let lock = vec![libfilter::locks::LockOp {
+        range: LockRange {
+            offset: 0,
+            length: 10,
+        },
+        exclusive: true,
+        unlock: false,
+    }];
+    let r = fe.lock(h.info.key, lock, None);
+    assert!(
+        r.is_ok(),
+        "the small LOCK failed with the big writes: {r:?}"
+    );
+    let mut full = 0;
+    let mut stored = Vec::new();
+    for _ in 0..30 {
+        let (name, r) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        match r {
+            Ok(()) => stored.push(name),
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::DiskFull), "{e}");
+                full += 1;
+            }
+        }
+    }
+    assert!(full > 0, "30 x 45 KB of records do not fit a 1 MiB map");
+    // What failed left nothing: its scope holds no record; what succeeded
+    // holds all three.
+    for i in 0..30 {
+        let name = format!("big-{i}");
+        let n = fe.list_records(session(&name)).unwrap().len();
+        let expect = if stored.contains(&name) { 3 } else { 0 };
+        assert_eq!(n, expect, "{name}");
+    }
+    let held = FilterClient::connect_control(&s.socket())
+        .unwrap()
+        .locks()
+        .unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+}

@@ -1,22 +1,25 @@
 //! What the engine shows, undoes and syncs, tied to the commit that makes
 //! it durable.
 //!
-//! Every store operation a request produces goes through
-//! [`Engine::push_op`], which files it under the sequence of the batch being
-//! built and stamps the files and replay scopes it changes with that
-//! sequence. A request's reply then waits for the highest sequence it
-//! *depends on*: the batch holding its own operations, or — when it only
-//! reads — the batch that last changed a file or scope it looked at
-//! (`depends_on_file`, `depends_on_scope`). So a create replay, a
-//! lock-sequence replay or a recorded-reply lookup never shows state whose
-//! commit is still pending, and a reply that shows nothing pending goes out
-//! at once (a non-durable open never waits for an fsync).
+//! Every request that changes persistent state gets a *commit sequence* of
+//! its own: its store operations form a group under that sequence
+//! ([`Batch::push`]), and the files and replay scopes they change are
+//! stamped with it. A request's reply waits for the highest sequence it
+//! *depends on*: its own group, or — when it only reads — the group that
+//! last changed a file or scope it looked at (`depends_on_file`,
+//! `depends_on_scope`). So a create replay, a lock-sequence replay or a
+//! recorded-reply lookup never shows state whose commit is pending, and a
+//! reply that shows nothing pending goes out at once (a non-durable open
+//! never waits for an fsync). What a group read from other pending groups
+//! travels with it (`Group::deps`), so the committer can fail a request
+//! that cannot fit on its own, together with exactly the requests that
+//! built on it.
 //!
-//! When a commit fails, [`Engine::roll_back`] undoes everything not yet
-//! durable: persistent state is read back from the store (which holds
-//! exactly what committed), in-memory-only effects of requests that waited
-//! on the failed commit are undone from their undo entries, and the
-//! committer is told which sequences were abandoned.
+//! When a commit fails, [`Engine::roll_back`] abandons the failed groups
+//! and every pending one that built on them, reads persistent state back
+//! from the store (which holds exactly what committed), undoes in-memory
+//! effects of requests that waited on an abandoned group, and tells the
+//! committer which sequences were abandoned.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
@@ -28,7 +31,7 @@ use libfilter::store::StoreOp;
 use tracing::{error, warn};
 
 use super::{err, Engine, Handle};
-use crate::committer::CommitJob;
+use crate::committer::{CommitJob, Group};
 
 /// An in-memory effect to undo if the commit a request waited for fails.
 pub(super) enum Undo {
@@ -38,28 +41,33 @@ pub(super) enum Undo {
     Record(Box<HandleRecord>),
 }
 
-/// What one pending sequence changed.
+/// What one pending sequence changed, and what it built on.
 #[derive(Default)]
 pub(super) struct Touched {
     handles: BTreeSet<ResumeKey>,
     scopes: BTreeSet<ReplayScope>,
     files: BTreeSet<FileId>,
+    deps: BTreeSet<u64>,
     undo: Vec<Undo>,
 }
 
-/// The batch being built and the bookkeeping of sequences not yet durable.
+/// The groups being built and the bookkeeping of sequences not yet durable.
 pub(super) struct Batch {
-    /// The sequence of the batch being built.
+    /// The sequence of the group being built (the current request's).
     seq: u64,
     /// Its store operations, in order.
-    pub(super) ops: Vec<StoreOp>,
-    /// Descriptors of files and directories it changed (fsync'd before
-    /// the commit).
-    sync: Vec<OwnedFd>,
-    /// Requests whose replies wait for it.
-    requests: usize,
+    ops: Vec<StoreOp>,
     /// Intents whose parked requests continue once it is durable.
     pub(super) notify: Vec<libfilter::model::IntentId>,
+    /// Pending sequences the current request read.
+    reads: BTreeSet<u64>,
+    /// Groups closed this round, for the next flush.
+    groups: Vec<Group>,
+    /// Descriptors of files and directories this round changed (fsync'd
+    /// before its commit).
+    sync: Vec<OwnedFd>,
+    /// Requests whose replies wait for this round's groups.
+    requests: usize,
     /// The highest sequence the request being handled depends on.
     dep: u64,
     /// The highest sequence that had operations.
@@ -76,9 +84,11 @@ impl Default for Batch {
         Batch {
             seq: 1,
             ops: Vec::new(),
+            notify: Vec::new(),
+            reads: BTreeSet::new(),
+            groups: Vec::new(),
             sync: Vec::new(),
             requests: 0,
-            notify: Vec::new(),
             dep: 0,
             last: 0,
             file_seq: HashMap::new(),
@@ -89,26 +99,37 @@ impl Default for Batch {
 }
 
 impl Batch {
-    /// Adds a store operation to the batch being built.
+    /// Adds a store operation to the current request's group.
     pub(super) fn push(&mut self, op: StoreOp) {
         let seq = self.seq;
-        let b = self;
-        let t = b.pending.entry(seq).or_default();
+        // A record written whole carries the state of whoever wrote it
+        // last: this group builds on that one.
+        let prior = match &op {
+            StoreOp::PutHandle(r) | StoreOp::DeleteHandle(r) => self.file_seq.get(&r.file),
+            StoreOp::PutReplay { scope, .. }
+            | StoreOp::DeleteReplay { scope, .. }
+            | StoreOp::DeleteReplayScope(scope) => self.scope_seq.get(scope),
+            StoreOp::PutIntent(_) | StoreOp::DeleteIntent(_) => None,
+        };
+        if let Some(p) = prior.copied().filter(|p| *p != seq) {
+            self.reads.insert(p);
+        }
+        let t = self.pending.entry(seq).or_default();
         match &op {
             StoreOp::PutHandle(r) | StoreOp::DeleteHandle(r) => {
-                b.file_seq.insert(r.file, seq);
+                self.file_seq.insert(r.file, seq);
                 t.files.insert(r.file);
                 t.handles.insert(r.key);
             }
             StoreOp::PutReplay { scope, .. }
             | StoreOp::DeleteReplay { scope, .. }
             | StoreOp::DeleteReplayScope(scope) => {
-                b.scope_seq.insert(scope.clone(), seq);
+                self.scope_seq.insert(scope.clone(), seq);
                 t.scopes.insert(scope.clone());
             }
             StoreOp::PutIntent(i) => {
                 if let Some(f) = intent_file(&i.change) {
-                    b.file_seq.insert(f, seq);
+                    self.file_seq.insert(f, seq);
                     t.files.insert(f);
                 }
                 if let IntentChange::TruncatingOpen { record } = &i.change {
@@ -117,20 +138,48 @@ impl Batch {
             }
             StoreOp::DeleteIntent(_) => {}
         }
-        b.dep = seq;
-        b.last = seq;
-        b.ops.push(op);
+        self.dep = seq;
+        self.last = seq;
+        self.ops.push(op);
     }
 
-    /// A descriptor of a file or directory this batch changed: it is
-    /// fsync'd before the batch commits.
+    /// A descriptor of a file or directory this round changed: it is
+    /// fsync'd before the round's groups commit.
     pub(super) fn sync_fd(&mut self, fd: OwnedFd) {
         self.sync.push(fd);
     }
 
-    /// The sequence of the batch being built.
+    /// The sequence of the group being built.
     pub(super) fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// Closes the current request's group (if it changed anything) and
+    /// starts the next.
+    fn close_group(&mut self) {
+        let has_ops = !self.ops.is_empty();
+        if let Some(t) = self.pending.get_mut(&self.seq) {
+            t.deps.extend(self.reads.iter().copied());
+        } else if !has_ops {
+            self.reads.clear();
+            self.notify.clear();
+            return;
+        }
+        self.groups.push(Group {
+            seq: self.seq,
+            ops: std::mem::take(&mut self.ops),
+            deps: std::mem::take(&mut self.reads).into_iter().collect(),
+            notify: std::mem::take(&mut self.notify),
+        });
+        self.seq += 1;
+    }
+
+    /// Every pending sequence a read of `file` or `scope` must wait for.
+    fn note_read(&mut self, s: u64) {
+        self.dep = self.dep.max(s);
+        if s != self.seq {
+            self.reads.insert(s);
+        }
     }
 }
 
@@ -144,8 +193,10 @@ fn intent_file(c: &IntentChange) -> Option<FileId> {
 }
 
 impl Engine {
-    /// Starts a request: it depends on nothing yet.
+    /// Starts a request (or an internal step that changes state): it gets
+    /// a group of its own and depends on nothing yet.
     pub(super) fn begin_request(&mut self) {
+        self.batch.close_group();
         self.batch.dep = 0;
     }
 
@@ -169,21 +220,22 @@ impl Engine {
 
     /// The current request's reply shows `file`'s state.
     pub(super) fn depends_on_file(&mut self, file: FileId) {
-        if let Some(s) = self.batch.file_seq.get(&file) {
-            self.batch.dep = self.batch.dep.max(*s);
+        if let Some(s) = self.batch.file_seq.get(&file).copied() {
+            self.batch.note_read(s);
         }
     }
 
     /// The current request's reply shows `scope`'s records.
     pub(super) fn depends_on_scope(&mut self, scope: &ReplayScope) {
-        if let Some(s) = self.batch.scope_seq.get(scope) {
-            self.batch.dep = self.batch.dep.max(*s);
+        if let Some(s) = self.batch.scope_seq.get(scope).copied() {
+            self.batch.note_read(s);
         }
     }
 
     /// The current request's reply shows everything (listings, status).
     pub(super) fn depends_on_all(&mut self) {
-        self.batch.dep = self.batch.dep.max(self.batch.last);
+        let last = self.batch.last;
+        self.batch.note_read(last);
     }
 
     /// Files an undo entry under the sequence the current request waits for.
@@ -232,9 +284,10 @@ impl Engine {
         );
     }
 
-    /// Hands the batch to the committer (if it has operations) and forgets
-    /// the bookkeeping of sequences that are durable now.
+    /// Hands the round's groups to the committer and forgets the
+    /// bookkeeping of sequences that are durable now.
     pub(super) fn flush(&mut self) {
+        self.batch.close_group();
         let committed = self.pipe.committed();
         let durable: Vec<u64> = self
             .batch
@@ -269,55 +322,84 @@ impl Engine {
                 self.locks_gone(f);
             }
         }
-        if self.batch.ops.is_empty() {
-            // Nothing to commit: whatever this sequence touched without
-            // operations (files marked, replies) stays under it until a
-            // later batch commits; a sequence with no operations is durable
-            // as soon as the one before it is, so move on to the next.
-            if !self.batch.sync.is_empty() || self.batch.pending.contains_key(&self.batch.seq) {
-                self.submit_batch();
-            }
+        if self.batch.groups.is_empty() && self.batch.sync.is_empty() {
             return;
         }
-        self.submit_batch();
-    }
-
-    fn submit_batch(&mut self) {
         let b = &mut self.batch;
         let job = CommitJob {
-            seq: b.seq,
-            ops: std::mem::take(&mut b.ops),
+            groups: std::mem::take(&mut b.groups),
             sync: std::mem::take(&mut b.sync),
             requests: std::mem::take(&mut b.requests),
-            notify: std::mem::take(&mut b.notify),
         };
-        b.seq += 1;
         self.pipe.submit(job);
     }
 
-    /// A commit failed: undo everything not yet durable, then let the
-    /// committer fail the replies that waited for it.
-    pub(super) fn roll_back(&mut self, code: ErrorCode, message: &str) {
-        let committed = self.pipe.committed();
-        let abandoned_through = self.batch.seq;
-        let b = &mut self.batch;
-        b.ops.clear();
-        b.sync.clear();
-        b.notify.clear();
-        b.requests = 0;
-        b.seq += 1;
-        b.last = committed;
-        let undone: Vec<Touched> = b
-            .pending
-            .split_off(&(committed + 1))
-            .into_values()
-            .collect();
-        b.file_seq.retain(|_, s| *s <= committed);
-        b.scope_seq.retain(|_, s| *s <= committed);
+    /// A commit failed: the groups in `failed` did not commit (those up
+    /// to `through` that are not in it did). Abandons them and every
+    /// pending group that built on them, undoes what those did, then lets
+    /// the committer fail the replies that waited for them.
+    pub(super) fn roll_back(
+        &mut self,
+        failed: &[u64],
+        through: u64,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        self.batch.close_group();
+        let mut abandoned: BTreeSet<u64> = failed.iter().copied().collect();
+        // Pending groups after the failed commit: abandoned when they build
+        // on an abandoned group, or touch what one touched (its state is
+        // read back from the store, which does not hold theirs).
+        loop {
+            let mut gone_handles = BTreeSet::new();
+            let mut gone_scopes = BTreeSet::new();
+            for s in &abandoned {
+                if let Some(t) = self.batch.pending.get(s) {
+                    gone_handles.extend(t.handles.iter().copied());
+                    gone_scopes.extend(t.scopes.iter().cloned());
+                }
+            }
+            let more: Vec<u64> = self
+                .batch
+                .pending
+                .range(through + 1..)
+                .filter(|(s, t)| {
+                    !abandoned.contains(s)
+                        && (t.deps.iter().any(|d| abandoned.contains(d))
+                            || t.handles.iter().any(|h| gone_handles.contains(h))
+                            || t.scopes.iter().any(|c| gone_scopes.contains(c)))
+                })
+                .map(|(s, _)| *s)
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            abandoned.extend(more);
+        }
+        self.batch.groups.retain(|g| !abandoned.contains(&g.seq));
         warn!(
-            committed,
-            abandoned_through, "rolling back every request whose commit did not happen"
+            through,
+            abandoned = abandoned.len(),
+            "rolling back the requests whose commit failed and those that built on them"
         );
+        let undone: Vec<Touched> = abandoned
+            .iter()
+            .filter_map(|s| self.batch.pending.remove(s))
+            .collect();
+        // What stays pending is what later replies wait for.
+        let b = &mut self.batch;
+        b.file_seq.clear();
+        b.scope_seq.clear();
+        b.last = through;
+        for (s, t) in b.pending.range(through + 1..) {
+            for f in &t.files {
+                b.file_seq.insert(*f, *s);
+            }
+            for c in &t.scopes {
+                b.scope_seq.insert(c.clone(), *s);
+            }
+            b.last = b.last.max(*s);
+        }
         // In-memory effects first, newest first.
         for t in undone.iter().rev() {
             for u in t.undo.iter().rev() {
@@ -336,8 +418,6 @@ impl Engine {
                 }
             }
         }
-        // Requests parked on an intent that never became durable.
-        let parked: Vec<libfilter::model::IntentId> = self.parked.keys().copied().collect();
         let mut handles = BTreeSet::new();
         let mut scopes = BTreeSet::new();
         let mut files = BTreeSet::new();
@@ -346,13 +426,14 @@ impl Engine {
             scopes.extend(t.scopes.iter().cloned());
             files.extend(t.files.iter().copied());
         }
+        // Requests parked on an intent that never became durable.
+        let parked: Vec<libfilter::model::IntentId> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| abandoned.contains(&p.seq))
+            .map(|(id, _)| *id)
+            .collect();
         for id in parked {
-            let Some(p) = self.parked.get(&id) else {
-                continue;
-            };
-            if p.seq <= committed {
-                continue;
-            }
             if let Some(p) = self.parked.remove(&id) {
                 handles.insert(p.key);
                 let changes_content = matches!(p.change, None | Some(IntentChange::SetSize { .. }));
@@ -381,7 +462,7 @@ impl Engine {
             self.rebuild_locks(f);
             self.retry_files.insert(f);
         }
-        self.pipe.rolled_back(abandoned_through);
+        self.pipe.rolled_back(abandoned);
     }
 
     /// Makes handle `key` what the store says it is.

@@ -95,9 +95,13 @@ pub enum Command {
     },
     /// A connection thread refused a malformed frame (for the counters).
     BadFrame,
-    /// A commit failed: everything not yet durable is rolled back (the
-    /// committer waits for [`crate::committer::Pipeline::rolled_back`]).
+    /// A commit failed: these groups did not commit (the others up to
+    /// `through` did); the engine rolls them back with whatever built on
+    /// them (the committer waits for
+    /// [`crate::committer::Pipeline::rolled_back`]).
     CommitFailed {
+        /// The sequences that failed.
+        failed: Vec<u64>,
         /// The last sequence of the failed commit.
         through: u64,
         /// What to tell the clients whose requests are undone.
@@ -680,15 +684,21 @@ impl Engine {
             // Connection set-up is the poller's; run() routes these.
             Command::Accepted { .. } | Command::Hello { .. } => {}
             Command::Request { conn, frame } => self.on_request(conn, frame),
-            Command::Closed { conn } => self.on_closed(conn),
+            Command::Closed { conn } => {
+                // Detaching its handles is a step of its own (its group
+                // fails or commits by itself).
+                self.begin_request();
+                self.on_closed(conn)
+            }
             Command::BadFrame => self.stats.bad_frames += 1,
             Command::CommitFailed {
+                failed,
                 through,
                 code,
                 message,
             } => {
-                debug!(through, "commit failed");
-                self.roll_back(code, &message);
+                debug!(through, failed = failed.len(), "commit failed");
+                self.roll_back(&failed, through, code, &message);
             }
             Command::LocalOpen {
                 file,
@@ -3200,6 +3210,7 @@ impl Engine {
     }
 
     fn expire_due(&mut self, now: u64) {
+        self.begin_request();
         let late: Vec<FileId> = self
             .hint_waits
             .iter()
