@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::conn::EngineTx;
 use libfilter::proto::{ErrorCode, ServerFrame, WireError};
-use libfilter::store::{Store, StoreError, StoreOp};
+use libfilter::store::{StateStore, StoreError, StoreOp};
 use tracing::{error, warn};
 
 use crate::conn::ConnWriter;
@@ -207,7 +207,7 @@ impl Pipeline {
 
 /// Runs until [`Pipeline::stop`] with an empty queue.
 pub fn run(
-    store: Arc<Store>,
+    store: Arc<dyn StateStore>,
     pipe: Arc<Pipeline>,
     engine: EngineTx,
     counters: Arc<CommitCounters>,
@@ -257,7 +257,7 @@ pub fn run(
         let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
         let n_ops: usize = batches.iter().map(|b| b.len()).sum();
         failpoint::hit("commit.before");
-        let result = sync_all(&sync, &counters).and_then(|()| store.apply_all(&batches));
+        let result = sync_all(&sync, &counters).and_then(|()| store.commit(&batches).map(|_| ()));
         drop(batches);
         drop(sync);
         let (failed, error) = match result {
@@ -265,7 +265,10 @@ pub fn run(
             // One request that cannot fit (or fails for any reason) fails
             // alone: each group is tried on its own, in order; a group that
             // builds on a failed one fails with it.
-            Err(e) => (retry_alone(&store, &groups), Some(e)),
+            Err(e) => {
+                fenced(&e);
+                (retry_alone(store.as_ref(), &groups), Some(e))
+            }
         };
         let notify: Vec<IntentId> = groups
             .iter()
@@ -346,7 +349,7 @@ pub fn run(
 
 /// After a failed merged commit: each group on its own, in order. Returns
 /// the sequences that failed (on their own, or by building on one that did).
-fn retry_alone(store: &Store, groups: &[Group]) -> BTreeSet<u64> {
+fn retry_alone(store: &dyn StateStore, groups: &[Group]) -> BTreeSet<u64> {
     let mut failed = BTreeSet::new();
     if groups.len() == 1 {
         failed.extend(groups.iter().map(|g| g.seq));
@@ -357,12 +360,23 @@ fn retry_alone(store: &Store, groups: &[Group]) -> BTreeSet<u64> {
             failed.insert(g.seq);
             continue;
         }
-        if let Err(e) = store.apply(&g.ops) {
+        if let Err(e) = store.commit(&[&g.ops]) {
+            fenced(&e);
             warn!(seq = g.seq, error = %e, "a request's commit fails on its own");
             failed.insert(g.seq);
         }
     }
     failed
+}
+
+/// Another daemon claimed the table: this one must not acknowledge or
+/// change anything more. It exits at once (its clients see the connection
+/// drop and reconnect to the owner).
+fn fenced(e: &StoreError) {
+    if let StoreError::Fenced { .. } = e {
+        error!(error = %e, "fenced: another filterd owns this state; exiting without acknowledging anything more");
+        std::process::exit(75);
+    }
 }
 
 /// Makes the filesystem changes a commit records durable before it.

@@ -26,7 +26,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use tracing::{error, info};
 
-use libfilter::store::Store;
+use libfilter::store::{StateStore, Store};
 
 /// The rkfilter daemon: performs opens beneath an export root for protocol
 /// frontends and keeps every handle's state crash-safe in LMDB.
@@ -187,10 +187,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         local::check_mount_point(&root_path)?;
     }
 
-    let store =
-        Arc::new(Store::open(&state, args.map_size_mib << 20).context("opening the state store")?);
-    store.set_max_map_size(args.max_map_size_mib.max(args.map_size_mib) << 20);
-    let (epoch, was_clean) = store.begin_epoch()?;
+    let lmdb = Store::open(&state, args.map_size_mib << 20).context("opening the state store")?;
+    lmdb.set_max_map_size(args.max_map_size_mib.max(args.map_size_mib) << 20);
+    let store: Arc<dyn StateStore> = Arc::new(lmdb);
+    // Claiming the table fences any earlier claimant: its commits fail.
+    let (epoch, was_clean) = store.claim()?;
     info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
 
     let (poller, cmd_tx) = conn::Poller::new(4096)?;
@@ -214,7 +215,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         store.clone(),
         counters.clone(),
     );
-    eng.recover(&store).context("restart recovery")?;
+    eng.recover(store.as_ref()).context("restart recovery")?;
     // Only now: recovery reopens files by handle, and with the mount marked
     // before anyone reads the group those opens would wait for a verdict
     // nobody gives. The reader starts before the socket accepts anyone.
@@ -273,7 +274,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         error!("committer thread panicked");
     }
     let _ = std::fs::remove_file(&socket_path);
-    store.mark_clean_shutdown()?;
+    store.clean_shutdown()?;
     info!("clean shutdown");
     Ok(())
 }

@@ -71,6 +71,17 @@ pub enum StoreError {
     /// The LMDB map is full (and could not grow further).
     #[error("state store map is full (restart filterd with a larger --map-size-mib)")]
     MapFull,
+    /// Another daemon claimed the table since this one did: this one may
+    /// no longer change anything (nothing was written).
+    #[error(
+        "another filterd owns this state now (epoch {now}; this daemon claimed {mine}): fenced"
+    )]
+    Fenced {
+        /// The epoch this daemon claimed.
+        mine: u64,
+        /// The epoch the table carries now.
+        now: u64,
+    },
 }
 
 impl From<heed::Error> for StoreError {
@@ -255,6 +266,72 @@ pub struct Store {
     gate: std::sync::RwLock<()>,
     /// The map grows (doubling) up to this many bytes when it fills.
     max_map: std::sync::atomic::AtomicUsize,
+    /// The epoch this handle claimed ([`Store::begin_epoch`]); every later
+    /// commit is conditional on the table still carrying it (0: unclaimed,
+    /// unconditional — tools and tests).
+    fence: std::sync::atomic::AtomicU64,
+}
+
+/// The durable resume-key table as filterd uses it: what any backend must
+/// provide — the embedded LMDB [`Store`] here, a remote replicated one
+/// (etcd) next. Shaped after what a remote store can do cheaply: commits
+/// are batched transactions with an ascending sequence number, recovery
+/// reads by key prefix, and every commit is conditional on this daemon
+/// still owning the table, so a stale daemon is fenced and writes nothing.
+pub trait StateStore: Send + Sync {
+    /// A short name for status output (`lmdb`, `etcd`).
+    fn kind(&self) -> &'static str;
+    /// Claims the table for this daemon (a new epoch: every earlier
+    /// claimant is fenced from now on). Returns the epoch and whether the
+    /// last owner stopped cleanly.
+    fn claim(&self) -> Result<(u64, bool), StoreError>;
+    /// Applies `batches`, in order, in one transaction, durably — only
+    /// while this daemon's claim stands ([`StoreError::Fenced`] otherwise,
+    /// with nothing written). Returns the commit's sequence number.
+    fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError>;
+    /// One handle record.
+    fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError>;
+    /// Every handle record (a record that does not decode is an error in
+    /// its place).
+    fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError>;
+    /// The replay records of one scope, by op id.
+    fn scope_records(&self, scope: &ReplayScope) -> Result<Vec<(u64, ReplayRecord)>, StoreError>;
+    /// Every replay record, by raw key (a prefix scan of the table).
+    fn all_replays(&self) -> Result<Vec<RawReplay>, StoreError>;
+    /// Every intent still in the table.
+    fn all_intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError>;
+    /// Records a clean shutdown.
+    fn clean_shutdown(&self) -> Result<(), StoreError>;
+}
+
+impl StateStore for Store {
+    fn kind(&self) -> &'static str {
+        "lmdb"
+    }
+    fn claim(&self) -> Result<(u64, bool), StoreError> {
+        self.begin_epoch()
+    }
+    fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+        self.apply_all(batches)
+    }
+    fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
+        Store::handle(self, key)
+    }
+    fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
+        self.handles()
+    }
+    fn scope_records(&self, scope: &ReplayScope) -> Result<Vec<(u64, ReplayRecord)>, StoreError> {
+        self.replays_in(scope)
+    }
+    fn all_replays(&self) -> Result<Vec<RawReplay>, StoreError> {
+        self.replays()
+    }
+    fn all_intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
+        self.intents()
+    }
+    fn clean_shutdown(&self) -> Result<(), StoreError> {
+        self.mark_clean_shutdown()
+    }
 }
 
 const META_SCHEMA: &str = "schema_version";
@@ -312,6 +389,7 @@ impl Store {
             env: env.clone(),
             gate: std::sync::RwLock::new(()),
             max_map: std::sync::atomic::AtomicUsize::new(0),
+            fence: std::sync::atomic::AtomicU64::new(0),
         };
         txn.commit().map_err(StoreError::from_heed)?;
         Ok(store)
@@ -350,6 +428,7 @@ impl Store {
             env: env.clone(),
             gate: std::sync::RwLock::new(()),
             max_map: std::sync::atomic::AtomicUsize::new(0),
+            fence: std::sync::atomic::AtomicU64::new(0),
         };
         txn.commit()?;
         Ok(store)
@@ -369,6 +448,8 @@ impl Store {
         self.meta.put(&mut txn, META_EPOCH, &epoch.to_le_bytes())?;
         self.meta.put(&mut txn, META_CLEAN, &[0])?;
         txn.commit().map_err(StoreError::from_heed)?;
+        self.fence
+            .store(epoch, std::sync::atomic::Ordering::Release);
         Ok((epoch, was_clean))
     }
 
@@ -397,12 +478,14 @@ impl Store {
 
     /// Applies a batch in one write transaction and commits it durably.
     pub fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        self.apply_all(&[ops])
+        self.apply_all(&[ops]).map(|_| ())
     }
 
     /// Applies several batches, in order, in one write transaction and
     /// commits it durably (group commit without copying the operations).
-    pub fn apply_all(&self, batches: &[&[StoreOp]]) -> Result<(), StoreError> {
+    /// Conditional on this handle's claim ([`Store::begin_epoch`]) still
+    /// standing. Returns the transaction's id (ascending).
+    pub fn apply_all(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
         let r = {
             let _gate = self.gate();
             self.apply_ops(batches).map_err(|e| self.explain(e))
@@ -466,8 +549,20 @@ impl Store {
         }
     }
 
-    fn apply_ops(&self, batches: &[&[StoreOp]]) -> Result<(), StoreError> {
+    fn apply_ops(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
         let mut txn = self.env.write_txn().map_err(StoreError::from_heed)?;
+        let mine = self.fence.load(std::sync::atomic::Ordering::Acquire);
+        if mine != 0 {
+            let now = read_u64(
+                self.meta
+                    .get(&txn, META_EPOCH)
+                    .map_err(StoreError::from_heed)?,
+            );
+            if now != mine {
+                return Err(StoreError::Fenced { mine, now });
+            }
+        }
+        let id = u64::try_from(txn.id()).unwrap_or(u64::MAX);
         for op in batches.iter().flat_map(|b| b.iter()) {
             match op {
                 StoreOp::PutHandle(rec) => {
@@ -504,7 +599,20 @@ impl Store {
                 }
             }
         }
-        txn.commit().map_err(StoreError::from_heed)
+        txn.commit().map_err(StoreError::from_heed)?;
+        Ok(id)
+    }
+
+    /// Makes the table carry another epoch, as a second daemon's claim
+    /// would: for tests of fencing.
+    #[doc(hidden)]
+    pub fn claim_behind_our_back(&self) -> Result<u64, StoreError> {
+        let _gate = self.gate();
+        let mut txn = self.env.write_txn()?;
+        let epoch = read_u64(self.meta.get(&txn, META_EPOCH)?) + 1;
+        self.meta.put(&mut txn, META_EPOCH, &epoch.to_le_bytes())?;
+        txn.commit().map_err(StoreError::from_heed)?;
+        Ok(epoch)
     }
 
     fn scope_keys(
@@ -676,6 +784,40 @@ fn hex(b: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_fenced_claimant_writes_nothing() {
+        let dir = std::env::temp_dir().join(format!("rkf-fence-{}", uuid::Uuid::new_v4()));
+        let s = Store::open(&dir, 1 << 24).unwrap();
+        let (mine, _) = StateStore::claim(&s).unwrap();
+        let rec = |n: u8| {
+            StoreOp::PutIntent(Box::new(crate::model::Intent {
+                id: crate::model::IntentId(uuid::Uuid::from_bytes([n; 16])),
+                change: crate::model::IntentChange::Remove {
+                    path: crate::model::RelPath::new("f").unwrap(),
+                    file: crate::model::FileId { dev: 1, ino: 2 },
+                    record: None,
+                    kernel_handle: None,
+                    on_close: false,
+                },
+                recorded_ms: 0,
+            }))
+        };
+        let first = StateStore::commit(&s, &[&[rec(1)]]).unwrap();
+        let second = StateStore::commit(&s, &[&[rec(2)]]).unwrap();
+        assert!(second > first, "commit sequence numbers ascend");
+        let now = s.claim_behind_our_back().unwrap();
+        match StateStore::commit(&s, &[&[rec(3)]]) {
+            Err(StoreError::Fenced { mine: m, now: n }) => assert_eq!((m, n), (mine, now)),
+            other => panic!("a stale claimant committed: {other:?}"),
+        }
+        assert_eq!(
+            s.intents().unwrap().len(),
+            2,
+            "the fenced commit wrote nothing"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     use super::*;
     use crate::model::*;
 

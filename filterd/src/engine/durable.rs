@@ -515,7 +515,7 @@ impl Engine {
 
     /// Makes the replay scope's records what the store says they are.
     fn restore_scope(&mut self, scope: &ReplayScope) {
-        match self.store.replays_in(scope) {
+        match self.store.scope_records(scope) {
             Ok(recs) => {
                 if recs.is_empty() {
                     self.replays.remove(scope);

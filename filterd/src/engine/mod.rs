@@ -35,7 +35,7 @@ use libfilter::proto::{
     ServerFrame, Stats, StatusInfo, WireError,
 };
 use libfilter::share::{self, Holder, HolderState, ShareDecision, ShareMode};
-use libfilter::store::{Store, StoreOp};
+use libfilter::store::{StateStore, StoreOp};
 use tracing::{debug, error, info, warn};
 
 use crate::committer::{CommitCounters, Pipeline};
@@ -240,7 +240,7 @@ pub struct Engine {
     /// Where batches go and replies wait for durability.
     pipe: Arc<Pipeline>,
     /// The store, read to undo what a failed commit's requests did.
-    store: Arc<Store>,
+    store: Arc<dyn StateStore>,
 }
 
 /// Where a local open's verdict goes.
@@ -304,7 +304,7 @@ impl Engine {
         root: OwnedFd,
         epoch: u64,
         pipe: Arc<Pipeline>,
-        store: Arc<Store>,
+        store: Arc<dyn StateStore>,
         commit_counters: Arc<CommitCounters>,
     ) -> Self {
         Engine {
@@ -350,13 +350,13 @@ impl Engine {
     /// handle whose file is gone is kept as *lost* for the operator to see.
     /// Runs before the socket accepts anyone, so no conflicting open can slip
     /// in ahead of restored state (invariant 5).
-    pub fn recover(&mut self, store: &Store) -> anyhow::Result<()> {
+    pub fn recover(&mut self, store: &dyn StateStore) -> anyhow::Result<()> {
         let t0 = Instant::now();
         // Dangling intents first: finish what a crash interrupted, so the
         // handle records they announce exist before handles are loaded.
         let mut finished = Vec::new();
         let mut sync: Vec<OwnedFd> = Vec::new();
-        for i in store.intents()? {
+        for i in store.all_intents()? {
             let intent = match i {
                 Ok(i) => i,
                 Err(e) => {
@@ -400,7 +400,7 @@ impl Engine {
                         sync.extend(fsops::dir_of(root, &to).ok());
                         // The path is the file's: every handle that named
                         // it by the old path follows.
-                        for r in store.handles()?.into_iter().flatten() {
+                        for r in store.all_handles()?.into_iter().flatten() {
                             if r.file == file && (r.key == key || r.path == from) {
                                 let mut rec = r;
                                 rec.path = to.clone();
@@ -482,9 +482,9 @@ impl Engine {
                 nix::unistd::fsync(fd.as_fd())
                     .map_err(|e| anyhow::anyhow!("fsync after recovery's changes: {e}"))?;
             }
-            store.apply(&finished)?;
+            store.commit(&[&finished])?;
         }
-        for (k, rec) in store.replays()? {
+        for (k, rec) in store.all_replays()? {
             match (libfilter::store::parse_replay_key(&k), rec) {
                 (Some((scope, op_id)), Ok(rec)) => {
                     self.replays.entry(scope).or_default().insert(op_id, rec);
@@ -496,7 +496,7 @@ impl Engine {
         let mut updates = Vec::new();
         let now = now_ms();
         let mut corrupt = 0u64;
-        for r in store.handles()? {
+        for r in store.all_handles()? {
             let mut rec = match r {
                 Ok(rec) => rec,
                 Err(e) => {
@@ -602,7 +602,7 @@ impl Engine {
             }
         }
         if !updates.is_empty() {
-            store.apply(&updates)?;
+            store.commit(&[&updates])?;
         }
         info!(
             recovered = self.stats.recoveries,
