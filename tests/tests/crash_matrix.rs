@@ -1,0 +1,294 @@
+//! The crash-point matrix for the changes the first matrix
+//! (`exactly_once.rs`) did not reach: delete on close, rename with replace,
+//! and an end-of-file change with another client's WRITE in flight. For
+//! each named failpoint on the operation's path: filterd dies there, is
+//! restarted, the client does what a real client does (reconnect, look up
+//! its recorded reply, re-send), and the outcome must be the one it would
+//! have seen without the crash — nothing applied twice, nothing
+//! acknowledged lost.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use libfilter::client::FilterClient;
+use libfilter::model::*;
+use libfilter::proto::OpenRequest;
+use libfilter::store::Store;
+use rkfilter_tests::{wait_for, Filterd, LineClient, Scratch, Shim};
+use serde_json::json;
+
+fn frontend(s: &Scratch) -> FilterClient {
+    FilterClient::connect_frontend(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new("smb-a").unwrap(),
+    )
+    .expect("attach")
+}
+
+fn req(path: &str, guid: CreateGuid) -> OpenRequest {
+    OpenRequest {
+        client: ClientId::new("alice").unwrap(),
+        path: RelPath::new(path).unwrap(),
+        access: Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
+        share: Rights::READ,
+        disposition: Disposition::OpenIf,
+        durability: Durability::Persistent { timeout_ms: 60_000 },
+        create_guid: Some(guid),
+        owner: None,
+        lease: None,
+        no_wait: false,
+    }
+}
+
+fn store_is_clean(s: &Scratch) {
+    let store = Store::open_read_only(&s.state()).unwrap();
+    assert!(store.intents().unwrap().is_empty(), "no dangling intent");
+}
+
+/// Delete on close. Commits: 1 the open, 2 the flag, 3 the close with its
+/// unlink intent, 4 the intent's end (then the CLOSE is answered).
+#[test]
+fn delete_on_close_at_every_failpoint() {
+    for fp in [
+        "commit.before:3",
+        "commit.after:3",
+        "intent.after_commit:1",
+        "intent.after_fs:1",
+        "commit.before:4",
+        "commit.after:4",
+        "reply.before_send:3",
+    ] {
+        let s = Scratch::new("cm-doc");
+        std::fs::write(s.root().join("f"), b"doomed").unwrap();
+        let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
+        let guid = CreateGuid(uuid::Uuid::new_v4());
+        let fe = frontend(&s);
+        let h = fe.open(req("f", guid)).unwrap();
+        fe.set_delete_on_close(h.info.key, true, None).unwrap();
+        assert!(
+            fe.close(h.info.key).is_err(),
+            "{fp}: filterd dies before the CLOSE is answered"
+        );
+        d.wait_exit(Duration::from_secs(10));
+        drop(fe);
+        let _d = Filterd::start(&s, &[], &[]);
+        let fe = frontend(&s);
+        // The client reconnects by its create GUID: the handle is either
+        // still there (the close never committed: close again) or gone with
+        // its file.
+        match fe.resume_by_guid(ClientId::new("alice").unwrap(), guid) {
+            Ok(back) => {
+                assert!(
+                    s.root().join("f").exists(),
+                    "{fp}: the file went before its close committed"
+                );
+                fe.close(back.info.key).unwrap();
+            }
+            Err(e) => assert!(
+                matches!(e.code(), Some(libfilter::proto::ErrorCode::NoSuchHandle)),
+                "{fp}: {e}"
+            ),
+        }
+        assert!(!s.root().join("f").exists(), "{fp}: deleted in the end");
+        drop(fe);
+        drop(_d);
+        store_is_clean(&s);
+    }
+}
+
+/// Rename with replace, with a recorded reply (op id 5). Commits: 1 the
+/// open, 2 the intent, 3 the rename's end with the reply.
+#[test]
+fn rename_with_replace_at_every_failpoint() {
+    for fp in [
+        "commit.before:2",
+        "commit.after:2",
+        "intent.after_commit:1",
+        "intent.after_fs:1",
+        "commit.before:3",
+        "commit.after:3",
+        "reply.before_send:2",
+    ] {
+        let s = Scratch::new("cm-replace");
+        std::fs::write(s.root().join("s"), b"source").unwrap();
+        std::fs::write(s.root().join("t"), b"old target").unwrap();
+        let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
+        let guid = CreateGuid(uuid::Uuid::new_v4());
+        let fe = frontend(&s);
+        let h = fe.open(req("s", guid)).unwrap();
+        let record = |key| RecordSpec {
+            scope: ReplayScope::Handle(key),
+            op_id: 5,
+            reply: "{\"renamed\":true}".into(),
+            keep: 64,
+        };
+        let to = RelPath::new("t").unwrap();
+        let r = fe.rename(h.info.key, to.clone(), true, Some(record(h.info.key)));
+        assert!(
+            r.is_err(),
+            "{fp}: filterd dies before the rename is answered"
+        );
+        d.wait_exit(Duration::from_secs(10));
+        drop(fe);
+        let _d = Filterd::start(&s, &[], &[]);
+        let fe = frontend(&s);
+        let back = fe
+            .resume_by_guid(ClientId::new("alice").unwrap(), guid)
+            .unwrap_or_else(|e| panic!("{fp}: the handle survives: {e}"));
+        // What a client does: look for the recorded reply, else re-send.
+        match fe
+            .lookup_reply(ReplayScope::Handle(back.info.key), 5)
+            .unwrap()
+        {
+            Some(r) => assert_eq!(r.reply, "{\"renamed\":true}", "{fp}"),
+            None => fe
+                .rename(back.info.key, to.clone(), true, Some(record(back.info.key)))
+                .unwrap_or_else(|e| panic!("{fp}: the re-sent rename: {e}")),
+        }
+        assert_eq!(
+            std::fs::read(s.root().join("t")).unwrap(),
+            b"source",
+            "{fp}"
+        );
+        assert!(!s.root().join("s").exists(), "{fp}");
+        let hs = FilterClient::connect_control(&s.socket())
+            .unwrap()
+            .handles()
+            .unwrap();
+        assert_eq!(
+            hs[0].record.path.as_str(),
+            "t",
+            "{fp}: the handle follows its file"
+        );
+        fe.close(back.info.key).unwrap();
+        drop(fe);
+        drop(_d);
+        store_is_clean(&s);
+    }
+}
+
+/// End of file (op id 2) on a persistent smbl/1 handle while another
+/// client's WRITE comes in: filterd stalls at each point, the WRITE is
+/// sent, filterd is killed. Whatever the WRITE was told, an acknowledged
+/// WRITE is on disk after recovery, and the re-sent SET_INFO is applied
+/// exactly once. Commits: 1 the CREATE, 2 the first WRITE's reply record,
+/// 3 the intent, 4 the change's end with its reply.
+#[test]
+fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
+    for point in [
+        "commit.before:3",
+        "intent.after_commit:1",
+        "intent.after_fs:1",
+        "commit.before:4",
+        "commit.after:4",
+        "reply.before_send:3",
+    ] {
+        let (name, n) = point.split_once(':').unwrap();
+        let s = Scratch::new("cm-eof");
+        let armed = format!("{point}:sleep2500");
+        let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", armed.as_str())]);
+        let shim = Shim::start("smbshim", &s.socket(), "smb-m");
+        let session = |c: &mut LineClient, guid: &str, user: &str, prev: Option<u64>| {
+            let mut q = json!({"cmd": "SESSION_SETUP", "client_guid": guid, "user": user});
+            if let Some(p) = prev {
+                q["previous_session_id"] = json!(p);
+            }
+            let r = c.call(q);
+            r["session_id"].as_u64().expect("session")
+        };
+        let all = ["read", "write", "delete"];
+        let (ga, create_guid) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        let mut a = LineClient::connect(&shim.addr);
+        let sa = session(&mut a, &ga, "alice", None);
+        let create = json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": all, "share": all,
+                             "disposition": "overwrite_if",
+                             "durable": {"create_guid": create_guid, "persistent": true, "timeout_ms": 60000}});
+        let r = a.call(create.clone());
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{point}: {r}");
+        let fa = r["file_id"].clone();
+        let hundred =
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b'x'; 100]);
+        let r = a.call(json!({"cmd": "WRITE", "session_id": sa, "file_id": fa, "offset": 0, "data": hundred, "op_id": 1}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{point}: {r}");
+        let mut b = LineClient::connect(&shim.addr);
+        let sb = session(&mut b, &uuid::Uuid::new_v4().to_string(), "bob", None);
+        let r = b.call(json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": all, "share": all, "disposition": "open"}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{point}: {r}");
+        let fb = r["file_id"].clone();
+        let set_info = json!({"cmd": "SET_INFO", "session_id": sa, "file_id": fa.clone(), "end_of_file": 10, "op_id": 2});
+        {
+            let set_info = set_info.clone();
+            std::thread::spawn(move || {
+                let _ = a.call(set_info);
+            });
+        }
+        let stalled = format!("failpoint {name}: stalling");
+        wait_for(
+            &format!("{point} to stall (hit {n})"),
+            Duration::from_secs(10),
+            || d.log_text().contains(&stalled).then_some(()),
+        );
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let word = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"DATA");
+            let _ = tx.send(b.call(json!({"cmd": "WRITE", "session_id": sb, "file_id": fb, "offset": 50, "data": word, "op_id": 3})));
+        });
+        let early = rx.recv_timeout(Duration::from_millis(800)).ok();
+        d.kill9();
+        let _d = Filterd::start(&s, &[], &[]);
+        let write = early.or_else(|| rx.recv_timeout(Duration::from_secs(30)).ok());
+        // Alice moves to a new connection (tearing her old session down),
+        // reconnects her open and re-sends her SET_INFO with the replay flag.
+        let mut a2 = LineClient::connect(&shim.addr);
+        let sa2 = session(&mut a2, &ga, "alice", Some(sa));
+        let r = wait_for(
+            &format!("{point}: alice's reconnect"),
+            Duration::from_secs(20),
+            || {
+                let r = a2.call(json!({"cmd": "RECONNECT", "session_id": sa2, "file_id": fa, "create_guid": create_guid}));
+                (r["status"] == "STATUS_SUCCESS").then_some(r)
+            },
+        );
+        let fa2 = r["file_id"].clone();
+        let mut again = set_info.clone();
+        again["session_id"] = json!(sa2);
+        again["file_id"] = fa2;
+        again["replay"] = json!(true);
+        let r = a2.call(again);
+        assert_eq!(
+            r["status"], "STATUS_SUCCESS",
+            "{point}: the re-sent SET_INFO: {r}"
+        );
+        let content = std::fs::read(s.root().join("f")).unwrap();
+        eprintln!(
+            "{point}: the WRITE got {}, the file has {} bytes",
+            write
+                .as_ref()
+                .map_or("nothing".into(), |w| w["status"].to_string()),
+            content.len()
+        );
+        assert_eq!(content.get(..10), Some(&[b'x'; 10][..]), "{point}");
+        if write
+            .as_ref()
+            .is_some_and(|w| w["status"] == "STATUS_SUCCESS")
+        {
+            assert_eq!(
+                content.get(50..54),
+                Some(&b"DATA"[..]),
+                "{point}: an acknowledged WRITE was lost ({} bytes)",
+                content.len()
+            );
+        } else {
+            assert_eq!(
+                content.len(),
+                10,
+                "{point}: the change applied once, nothing else"
+            );
+        }
+        drop(shim);
+    }
+}
