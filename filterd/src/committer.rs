@@ -60,12 +60,12 @@ pub struct Deferred {
 }
 
 impl Deferred {
-    fn send(&self) {
+    pub(crate) fn send(&self) {
         self.writer
             .send(&self.bytes, self.fd.as_ref().map(|f| f.as_fd()));
     }
 
-    fn fail(&self, code: ErrorCode, message: &str) {
+    pub(crate) fn fail(&self, code: ErrorCode, message: &str) {
         let frame = ServerFrame::Reply {
             id: Some(self.id),
             result: Err(WireError::new(
@@ -89,6 +89,10 @@ pub struct Group {
     pub deps: Vec<u64>,
     /// Intents whose parked requests continue once it is durable.
     pub notify: Vec<IntentId>,
+    /// It finishes a change whose intent is durable (the change is made):
+    /// it cannot be undone, only finished. If it cannot commit, the daemon
+    /// stops as if it had crashed, and recovery finishes it from the intent.
+    pub completes_intent: bool,
 }
 
 /// One poll round's groups for the committer.
@@ -193,6 +197,44 @@ impl Pipeline {
         self.wake.notify_all();
     }
 
+    /// Everything up to `through` committed: the replies that waited for it.
+    pub(crate) fn settle_success(&self, through: u64) -> Vec<Deferred> {
+        let mut s = self.lock();
+        self.resolve(&mut s, through)
+    }
+
+    /// After a failed commit through `through`: waits (when `wait`) for the
+    /// engine's rollback, drops the abandoned groups, and hands back the
+    /// replies that may go (`.0`) and those that must fail (`.1`).
+    pub(crate) fn settle_failure(
+        &self,
+        through: u64,
+        wait: bool,
+    ) -> (Vec<Deferred>, Vec<Deferred>) {
+        let mut s = self.lock();
+        while wait && s.rolled_back.is_none() && !s.stop {
+            s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        let abandoned = s.rolled_back.take().unwrap_or_default();
+        for j in &mut s.jobs {
+            j.groups.retain(|g| !abandoned.contains(&g.seq));
+        }
+        let mut refused = Vec::new();
+        for seq in &abandoned {
+            refused.extend(s.waiting.remove(seq).into_iter().flatten());
+        }
+        s.abandoned.extend(abandoned.iter().copied());
+        self.any_abandoned.store(true, Ordering::Release);
+        let ready = self.resolve(&mut s, through);
+        (ready, refused)
+    }
+
+    /// Takes every queued job (what the committer does; tests drive it).
+    #[cfg(test)]
+    pub(crate) fn take_jobs(&self) -> Vec<CommitJob> {
+        std::mem::take(&mut self.lock().jobs)
+    }
+
     /// Marks everything up to `through` resolved and hands back the replies
     /// that waited for it.
     fn resolve(&self, s: &mut Shared, through: u64) -> Vec<Deferred> {
@@ -281,10 +323,7 @@ pub fn run(
             counters.commits.fetch_add(1, Ordering::Relaxed);
             counters.ops.fetch_add(n_ops as u64, Ordering::Relaxed);
             failpoint::hit("commit.after");
-            let ready = {
-                let mut s = pipe.lock();
-                pipe.resolve(&mut s, through)
-            };
+            let ready = pipe.settle_success(through);
             if !notify.is_empty() {
                 let _ = engine.send(Command::IntentsDurable(notify));
             }
@@ -295,6 +334,16 @@ pub fn run(
             continue;
         }
         counters.failed.fetch_add(1, Ordering::Relaxed);
+        if groups
+            .iter()
+            .any(|g| g.completes_intent && failed.contains(&g.seq))
+        {
+            // The change is on disk and its intent durable; memory cannot
+            // be rolled back to before it. Stop as a crash would: recovery
+            // finishes the change, and clients replay as after any crash.
+            error!(error = ?error, "the completion of a durable intent cannot commit; stopping so that recovery finishes it");
+            std::process::exit(70);
+        }
         let (code, message) = match &error {
             Some(StoreError::Full | StoreError::MapFull) => (
                 ErrorCode::DiskFull,
@@ -317,24 +366,7 @@ pub fn run(
         }
         // Nothing more is committed until the engine has undone what the
         // failed groups did: later ones may build on it.
-        let (ready, refused) = {
-            let mut s = pipe.lock();
-            while s.rolled_back.is_none() && !s.stop {
-                s = pipe.wake.wait(s).unwrap_or_else(|p| p.into_inner());
-            }
-            let abandoned = s.rolled_back.take().unwrap_or_default();
-            for j in &mut s.jobs {
-                j.groups.retain(|g| !abandoned.contains(&g.seq));
-            }
-            let mut refused = Vec::new();
-            for seq in &abandoned {
-                refused.extend(s.waiting.remove(seq).into_iter().flatten());
-            }
-            s.abandoned.extend(abandoned.iter().copied());
-            pipe.any_abandoned.store(true, Ordering::Release);
-            let ready = pipe.resolve(&mut s, through);
-            (ready, refused)
-        };
+        let (ready, refused) = pipe.settle_failure(through, true);
         if !notify.is_empty() {
             let _ = engine.send(Command::IntentsDurable(notify));
         }

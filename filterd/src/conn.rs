@@ -49,6 +49,15 @@ pub struct ConnWriter {
 }
 
 impl ConnWriter {
+    /// A writer over a socket of the test's own.
+    #[cfg(test)]
+    pub fn for_test(sock: OwnedFd) -> ConnWriter {
+        ConnWriter {
+            sock: Arc::new(sock),
+            dead: AtomicBool::new(false),
+        }
+    }
+
     /// Sends one frame (with an optional descriptor). A failed send marks the
     /// connection dead and shuts it down, which the poller sees as EOF.
     pub fn send(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> bool {

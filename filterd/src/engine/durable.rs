@@ -39,6 +39,9 @@ pub(super) enum Undo {
     Drop(ResumeKey),
     /// A non-persistent handle's record before the request changed it.
     Record(Box<HandleRecord>),
+    /// A persistent handle closed (or expired, or purged) whose deletion
+    /// has not committed: kept whole — descriptor, attachment — to put back.
+    Reinsert(Box<Handle>),
 }
 
 /// What one pending sequence changed, and what it built on.
@@ -61,6 +64,8 @@ pub(super) struct Batch {
     pub(super) notify: Vec<libfilter::model::IntentId>,
     /// Pending sequences the current request read.
     reads: BTreeSet<u64>,
+    /// The current group finishes a durable intent's change.
+    completes_intent: bool,
     /// Groups closed this round, for the next flush.
     groups: Vec<Group>,
     /// Descriptors of files and directories this round changed (fsync'd
@@ -72,6 +77,9 @@ pub(super) struct Batch {
     dep: u64,
     /// The highest sequence that had operations.
     last: u64,
+    /// The highest resolved sequence at the last flush (older ones are no
+    /// dependency).
+    committed: u64,
     /// The sequence that last changed each file / replay scope (pending ones).
     file_seq: HashMap<FileId, u64>,
     scope_seq: HashMap<ReplayScope, u64>,
@@ -86,11 +94,13 @@ impl Default for Batch {
             ops: Vec::new(),
             notify: Vec::new(),
             reads: BTreeSet::new(),
+            completes_intent: false,
             groups: Vec::new(),
             sync: Vec::new(),
             requests: 0,
             dep: 0,
             last: 0,
+            committed: 0,
             file_seq: HashMap::new(),
             scope_seq: HashMap::new(),
             pending: BTreeMap::new(),
@@ -111,7 +121,7 @@ impl Batch {
             | StoreOp::DeleteReplayScope(scope) => self.scope_seq.get(scope),
             StoreOp::PutIntent(_) | StoreOp::DeleteIntent(_) => None,
         };
-        if let Some(p) = prior.copied().filter(|p| *p != seq) {
+        if let Some(p) = prior.copied().filter(|p| *p != seq && *p > self.committed) {
             self.reads.insert(p);
         }
         let t = self.pending.entry(seq).or_default();
@@ -163,6 +173,7 @@ impl Batch {
         } else if !has_ops {
             self.reads.clear();
             self.notify.clear();
+            self.completes_intent = false;
             return;
         }
         self.groups.push(Group {
@@ -170,6 +181,7 @@ impl Batch {
             ops: std::mem::take(&mut self.ops),
             deps: std::mem::take(&mut self.reads).into_iter().collect(),
             notify: std::mem::take(&mut self.notify),
+            completes_intent: std::mem::take(&mut self.completes_intent),
         });
         self.seq += 1;
     }
@@ -177,7 +189,7 @@ impl Batch {
     /// Every pending sequence a read of `file` or `scope` must wait for.
     fn note_read(&mut self, s: u64) {
         self.dep = self.dep.max(s);
-        if s != self.seq {
+        if s != self.seq && s > self.committed {
             self.reads.insert(s);
         }
     }
@@ -198,6 +210,13 @@ impl Engine {
     pub(super) fn begin_request(&mut self) {
         self.batch.close_group();
         self.batch.dep = 0;
+        self.batch.committed = self.pipe.committed();
+    }
+
+    /// The current group finishes a change whose intent is durable: it must
+    /// commit (see [`crate::committer::Group::completes_intent`]).
+    pub(super) fn completes_intent(&mut self) {
+        self.batch.completes_intent = true;
     }
 
     /// The sequence the current request's reply must wait for (0: none).
@@ -289,6 +308,7 @@ impl Engine {
     pub(super) fn flush(&mut self) {
         self.batch.close_group();
         let committed = self.pipe.committed();
+        self.batch.committed = committed;
         let durable: Vec<u64> = self
             .batch
             .pending
@@ -401,8 +421,14 @@ impl Engine {
             b.last = b.last.max(*s);
         }
         // In-memory effects first, newest first.
-        for t in undone.iter().rev() {
-            for u in t.undo.iter().rev() {
+        let mut undone = undone;
+        for t in undone.iter_mut().rev() {
+            for u in std::mem::take(&mut t.undo).into_iter().rev() {
+                if let Undo::Reinsert(h) = u {
+                    self.reinsert(*h);
+                    continue;
+                }
+                let u = &u;
                 match u {
                     Undo::Drop(k) => {
                         self.remove_quietly(*k);
@@ -415,6 +441,7 @@ impl Engine {
                             h.rec.frontend = frontend;
                         }
                     }
+                    Undo::Reinsert(_) => {}
                 }
             }
         }
@@ -451,9 +478,11 @@ impl Engine {
                 }
             }
         }
-        // Persistent state: exactly what the store holds.
+        // Persistent state: exactly what the store holds (a handle's own
+        // replay records go and come with it).
         for k in handles {
             self.restore_handle(k);
+            scopes.insert(ReplayScope::Handle(k));
         }
         for s in scopes {
             self.restore_scope(&s);
@@ -463,6 +492,48 @@ impl Engine {
             self.retry_files.insert(f);
         }
         self.pipe.rolled_back(abandoned);
+    }
+
+    /// Files the whole of a persistent handle being removed, to put back if
+    /// its deletion does not commit.
+    pub(super) fn keep_until_durable(&mut self, h: Handle) {
+        let seq = self.batch.seq;
+        self.batch
+            .pending
+            .entry(seq)
+            .or_default()
+            .undo
+            .push(Undo::Reinsert(Box::new(h)));
+    }
+
+    /// Puts back a handle whose removal did not commit, attached as it was
+    /// (if its connection is still there).
+    fn reinsert(&mut self, mut h: Handle) {
+        let key = h.rec.key;
+        if self.handles.contains_key(&key) {
+            return;
+        }
+        match h.conn {
+            Some(c) if self.conns.contains_key(&c) => {
+                if let Some(x) = self.conns.get_mut(&c) {
+                    x.handles.insert(key);
+                }
+            }
+            _ => {
+                h.conn = None;
+                let now = libfilter::model::now_ms();
+                let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
+                h.rec.conn = ConnState::Disconnected {
+                    since_ms: now,
+                    expires_ms: now + timeout,
+                };
+                h.gen += 1;
+                self.expiries
+                    .push(std::cmp::Reverse((now + timeout, key, h.gen)));
+            }
+        }
+        warn!(resume_key = %key, "a close whose commit failed is undone");
+        self.insert(h);
     }
 
     /// Makes handle `key` what the store says it is.

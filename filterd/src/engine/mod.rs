@@ -43,6 +43,8 @@ use crate::conn::{ConnWriter, Poller, Ready};
 use crate::fsops;
 
 mod durable;
+#[cfg(test)]
+mod tests;
 
 /// Identifies one accepted connection for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1565,6 +1567,7 @@ impl Engine {
         };
         crate::failpoint::hit("intent.after_commit");
         self.begin_request();
+        self.completes_intent();
         if let Some(change) = p.change.take() {
             let result = self.perform(&change, true);
             crate::failpoint::hit("intent.after_fs");
@@ -3014,7 +3017,7 @@ impl Engine {
 
     /// Removes a handle for good (closing its descriptor); persistent ones
     /// are deleted from the store in this batch.
-    fn remove(&mut self, key: ResumeKey) -> Option<Handle> {
+    fn remove(&mut self, key: ResumeKey) -> Option<HandleRecord> {
         let h = self.handles.remove(&key)?;
         let ck = (h.rec.protocol.clone(), h.rec.client.clone());
         if let Some(n) = self.per_client.get_mut(&ck) {
@@ -3086,8 +3089,12 @@ impl Engine {
             }
             self.batch
                 .push(StoreOp::DeleteHandle(Box::new(h.rec.clone())));
+            // Until the deletion commits the handle may come back whole.
+            let rec = h.rec.clone();
+            self.keep_until_durable(h);
+            return Some(rec);
         }
-        Some(h)
+        Some(h.rec)
     }
 
     /// A handle with delete-on-close went away: the file is removed when it
@@ -3194,18 +3201,18 @@ impl Engine {
     }
 
     fn expire(&mut self, key: ResumeKey) {
-        if let Some(h) = self.remove(key) {
+        if let Some(rec) = self.remove(key) {
             self.stats.expiries += 1;
-            info!(resume_key = %key, path = %h.rec.path, "handle expired");
-            self.notify_instance(&h.rec.frontend, Event::Expired { key });
+            info!(resume_key = %key, path = %rec.path, "handle expired");
+            self.notify_instance(&rec.frontend, Event::Expired { key });
         }
     }
 
     fn purge(&mut self, key: ResumeKey) {
-        if let Some(h) = self.remove(key) {
+        if let Some(rec) = self.remove(key) {
             self.stats.purges += 1;
-            info!(resume_key = %key, path = %h.rec.path, "disconnected durable handle purged by a conflicting open");
-            self.notify_instance(&h.rec.frontend, Event::Purged { key });
+            info!(resume_key = %key, path = %rec.path, "disconnected durable handle purged by a conflicting open");
+            self.notify_instance(&rec.frontend, Event::Purged { key });
         }
     }
 
