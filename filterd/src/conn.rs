@@ -28,46 +28,99 @@ use libfilter::sys::{self, Packet};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
-    accept4, bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily,
-    Backlog, SockFlag, SockType, UnixAddr,
+    accept4, bind, connect, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag,
+    SockType, UnixAddr,
 };
-use nix::sys::time::TimeVal;
 
 use crate::engine::{Command, ConnId, Peer};
+use crate::outbox;
 
-/// A peer that does not read its replies for this long is dropped.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most packets read from one connection per poll round (fairness).
 const MAX_PACKETS_PER_ROUND: usize = 32;
 /// The epoll token of the wake-up eventfd.
 const WAKE_TOKEN: u64 = 0;
 
 /// The writing half of a connection, shared by the engine and the committer.
+/// Never blocks: what the peer's socket does not take now waits in its
+/// queue ([`crate::outbox`]); a peer that lets it grow past its limit is
+/// dropped.
 pub struct ConnWriter {
     sock: Arc<OwnedFd>,
     dead: AtomicBool,
+    queue: std::sync::Mutex<outbox::Queue>,
+    flusher: Option<(Arc<outbox::Flusher>, u64)>,
+    me: std::sync::Weak<ConnWriter>,
+}
+
+impl outbox::Flushable for ConnWriter {
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+    fn queue(&self) -> &std::sync::Mutex<outbox::Queue> {
+        &self.queue
+    }
+    fn drop_peer(&self, why: &str) {
+        tracing::warn!(
+            reason = why,
+            "dropping a peer that cannot take what it is sent"
+        );
+        self.kill();
+    }
+}
+
+impl Drop for ConnWriter {
+    fn drop(&mut self) {
+        if let Some((f, token)) = &self.flusher {
+            f.forget(*token);
+        }
+    }
 }
 
 impl ConnWriter {
-    /// A writer over a socket of the test's own.
-    #[cfg(test)]
-    pub fn for_test(sock: OwnedFd) -> ConnWriter {
-        ConnWriter {
-            sock: Arc::new(sock),
+    /// A writer for `sock`, whose queue `flusher` drains.
+    fn new(sock: Arc<OwnedFd>, flusher: Option<Arc<outbox::Flusher>>) -> Arc<ConnWriter> {
+        Arc::new_cyclic(|me| ConnWriter {
+            sock,
             dead: AtomicBool::new(false),
-        }
+            queue: std::sync::Mutex::new(outbox::Queue::default()),
+            flusher: flusher.map(|f| {
+                let t = f.token();
+                (f, t)
+            }),
+            me: me.clone(),
+        })
     }
 
-    /// Sends one frame (with an optional descriptor). A failed send marks the
-    /// connection dead and shuts it down, which the poller sees as EOF.
+    /// A writer over a socket of the test's own.
+    #[cfg(test)]
+    pub fn for_test(sock: OwnedFd) -> Arc<ConnWriter> {
+        ConnWriter::new(Arc::new(sock), None)
+    }
+
+    /// Sends one frame (with an optional descriptor), or queues it if the
+    /// peer's socket is full. A peer that is gone, or whose queue is over
+    /// its limit, is shut down, which the poller sees as EOF.
     pub fn send(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> bool {
         if self.dead.load(Ordering::Acquire) {
             return false;
         }
-        match sys::send_packet(self.sock.as_fd(), bytes, fd) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "dropping a peer that cannot take its reply");
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        match outbox::send_or_queue(self.sock.as_fd(), &mut q, bytes, fd) {
+            outbox::Sent::Ok => {
+                if q.is_first_queued() {
+                    if let Some((f, token)) = &self.flusher {
+                        let me: std::sync::Weak<dyn outbox::Flushable> = self.me.clone();
+                        f.watch(*token, me, self.sock.as_fd(), &mut q);
+                    }
+                }
+                true
+            }
+            outbox::Sent::Drop(why) => {
+                drop(q);
+                tracing::warn!(
+                    reason = why,
+                    "dropping a peer that cannot take what it is sent"
+                );
                 self.kill();
                 false
             }
@@ -139,6 +192,7 @@ pub struct Poller {
     conns: HashMap<ConnId, PollConn>,
     buf: Vec<u8>,
     events: Vec<EpollEvent>,
+    flusher: Arc<outbox::Flusher>,
 }
 
 /// What one poll round found.
@@ -169,6 +223,7 @@ impl Poller {
                 conns: HashMap::new(),
                 buf: vec![0u8; MAX_FRAME + 1],
                 events: vec![EpollEvent::empty(); 256],
+                flusher: outbox::Flusher::start()?,
             },
             EngineTx { tx, wake },
         ))
@@ -212,10 +267,7 @@ impl Poller {
             tracing::error!(error = %e, "cannot watch a new connection");
             return;
         }
-        let writer = Arc::new(ConnWriter {
-            sock: sock.clone(),
-            dead: AtomicBool::new(false),
-        });
+        let writer = ConnWriter::new(sock.clone(), Some(self.flusher.clone()));
         self.conns.insert(
             conn,
             PollConn {
@@ -426,8 +478,6 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
             );
             continue;
         }
-        let secs = i64::try_from(SEND_TIMEOUT.as_secs()).unwrap_or(5);
-        let _ = setsockopt(&sock, sockopt::SendTimeout, &TimeVal::new(secs, 0));
         let conn = ConnId(next_id.fetch_add(1, Ordering::Relaxed));
         if engine.send(Command::Accepted { conn, sock, peer }).is_err() {
             return;

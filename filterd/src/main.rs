@@ -14,6 +14,7 @@ mod failpoint;
 mod fsops;
 mod local;
 mod observability;
+mod outbox;
 
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};

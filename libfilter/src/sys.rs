@@ -316,6 +316,39 @@ pub fn send_packet(
     }
 }
 
+/// Sends one packet without blocking: `Ok(false)` when the peer's socket
+/// buffer is full (`EAGAIN`), so the caller can queue it.
+pub fn send_packet_nonblocking(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<bool> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [std::io::IoSlice::new(bytes)];
+    let raw;
+    let cmsgs: &[ControlMessage<'_>] = match fd {
+        Some(f) => {
+            raw = [f.as_raw_fd()];
+            &[ControlMessage::ScmRights(&raw)]
+        }
+        None => &[],
+    };
+    loop {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(false),
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+}
+
 /// Takes ownership of a descriptor `accept4` just returned.
 pub fn own_accepted(fd: std::os::fd::RawFd) -> OwnedFd {
     // SAFETY: the caller passes a descriptor freshly returned by accept4,

@@ -195,7 +195,7 @@ impl Harness {
             nix::sys::socket::SockFlag::SOCK_NONBLOCK,
         )
         .unwrap();
-        let writer = Arc::new(ConnWriter::for_test(ours));
+        let writer = ConnWriter::for_test(ours);
         let conn = ConnId(1);
         engine
             .on_hello(

@@ -1,0 +1,203 @@
+//! What filterd sends a peer that is slow to read: a bounded queue per
+//! connection, drained by one flusher thread — so a peer that stops reading
+//! hurts only itself (invariant 9).
+//!
+//! A send is tried at once without blocking (`MSG_DONTWAIT`); only when the
+//! peer's socket buffer is full does the frame (with a duplicate of any
+//! descriptor it carries) go into the connection's queue, and from then on
+//! every frame for that peer queues behind it, so order is kept. The
+//! flusher waits for the socket to become writable (epoll, one-shot) and
+//! drains the queue. A peer whose queue passes [`MAX_QUEUED_BYTES`] or
+//! [`MAX_QUEUED_FRAMES`] is dropped: its connection is shut down, which the
+//! engine sees as EOF (its durable handles detach). Nothing is ever dropped
+//! silently and nobody — neither the engine nor the committer — ever waits
+//! on a peer.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, Weak};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+/// Most bytes queued for one peer before it is dropped.
+pub const MAX_QUEUED_BYTES: usize = 16 << 20;
+/// Most frames queued for one peer before it is dropped.
+pub const MAX_QUEUED_FRAMES: usize = 65_536;
+
+/// One connection's frames that could not be sent yet.
+#[derive(Default)]
+pub struct Queue {
+    frames: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
+    bytes: usize,
+    /// Registered with the flusher's epoll already.
+    watched: bool,
+}
+
+impl Queue {
+    /// Whether the frame just queued is the only one (the flusher must be
+    /// asked to watch the socket).
+    pub fn is_first_queued(&self) -> bool {
+        self.frames.len() == 1
+    }
+}
+
+/// What a send did.
+pub enum Sent {
+    /// On its way (sent, or queued behind earlier frames).
+    Ok,
+    /// The peer is gone or over its limit: drop it.
+    Drop(String),
+}
+
+/// Sends `bytes` (and `fd`) on `sock` now if nothing is queued and the
+/// socket takes it, else queues it. `queue` is the connection's queue,
+/// locked by the caller for the whole call (so order is kept).
+pub fn send_or_queue(
+    sock: BorrowedFd<'_>,
+    q: &mut Queue,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> Sent {
+    if q.frames.is_empty() {
+        match libfilter::sys::send_packet_nonblocking(sock, bytes, fd) {
+            Ok(true) => return Sent::Ok,
+            Ok(false) => {}
+            Err(e) => return Sent::Drop(format!("send failed: {e}")),
+        }
+    }
+    if q.frames.len() >= MAX_QUEUED_FRAMES || q.bytes + bytes.len() > MAX_QUEUED_BYTES {
+        return Sent::Drop(format!(
+            "peer does not read: {} frames ({} bytes) queued for it",
+            q.frames.len(),
+            q.bytes
+        ));
+    }
+    let fd = match fd.map(|f| f.try_clone_to_owned()).transpose() {
+        Ok(fd) => fd,
+        Err(e) => return Sent::Drop(format!("cannot keep a descriptor for a queued frame: {e}")),
+    };
+    q.bytes += bytes.len();
+    q.frames.push_back((bytes.to_vec(), fd));
+    Sent::Ok
+}
+
+/// Sends what it can of `q` without blocking. `Ok(true)`: empty now.
+fn drain(sock: BorrowedFd<'_>, q: &mut Queue) -> Result<bool, String> {
+    while let Some((bytes, fd)) = q.frames.front() {
+        match libfilter::sys::send_packet_nonblocking(sock, bytes, fd.as_ref().map(|f| f.as_fd())) {
+            Ok(true) => {
+                q.bytes = q.bytes.saturating_sub(bytes.len());
+                q.frames.pop_front();
+            }
+            Ok(false) => return Ok(false),
+            Err(e) => return Err(format!("send failed: {e}")),
+        }
+    }
+    Ok(true)
+}
+
+/// A connection the flusher can drain.
+pub trait Flushable: Send + Sync {
+    /// Its socket.
+    fn socket(&self) -> BorrowedFd<'_>;
+    /// Its queue.
+    fn queue(&self) -> &Mutex<Queue>;
+    /// Drops the peer (it cannot take what it is sent).
+    fn drop_peer(&self, why: &str);
+}
+
+/// The thread that drains queues as their sockets become writable.
+pub struct Flusher {
+    epoll: Epoll,
+    conns: Mutex<HashMap<u64, Weak<dyn Flushable>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Flusher {
+    /// Starts the flusher thread.
+    pub fn start() -> anyhow::Result<Arc<Flusher>> {
+        let f = Arc::new(Flusher {
+            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+            conns: Mutex::new(HashMap::new()),
+            next: std::sync::atomic::AtomicU64::new(1),
+        });
+        let me = Arc::downgrade(&f);
+        std::thread::Builder::new()
+            .name("flusher".into())
+            .spawn(move || run(me))?;
+        Ok(f)
+    }
+
+    /// A token for a new connection.
+    pub fn token(&self) -> u64 {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Asks to be told when `c`'s socket takes more (its queue is not
+    /// empty). `q` is its queue, locked by the caller.
+    pub fn watch(&self, token: u64, c: Weak<dyn Flushable>, sock: BorrowedFd<'_>, q: &mut Queue) {
+        let ev = EpollEvent::new(EpollFlags::EPOLLOUT | EpollFlags::EPOLLONESHOT, token);
+        let r = if q.watched {
+            self.epoll.modify(sock, &mut { ev })
+        } else {
+            self.conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(token, c);
+            q.watched = true;
+            self.epoll.add(sock, ev)
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, fd = sock.as_raw_fd(), "cannot watch a slow peer's socket");
+        }
+    }
+
+    /// Forgets a connection that is gone.
+    pub fn forget(&self, token: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&token);
+    }
+}
+
+fn run(me: Weak<Flusher>) {
+    let mut events = vec![EpollEvent::empty(); 64];
+    loop {
+        let Some(f) = me.upgrade() else {
+            return;
+        };
+        let n = f
+            .epoll
+            .wait(&mut events, EpollTimeout::from(500u16))
+            .unwrap_or_default();
+        for ev in events.iter().take(n) {
+            let token = ev.data();
+            let c = f
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&token)
+                .and_then(Weak::upgrade);
+            let Some(c) = c else {
+                f.forget(token);
+                continue;
+            };
+            let mut q = c.queue().lock().unwrap_or_else(|p| p.into_inner());
+            match drain(c.socket(), &mut q) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let ev =
+                        EpollEvent::new(EpollFlags::EPOLLOUT | EpollFlags::EPOLLONESHOT, token);
+                    let _ = f.epoll.modify(c.socket(), &mut { ev });
+                }
+                Err(why) => {
+                    q.frames.clear();
+                    q.bytes = 0;
+                    drop(q);
+                    c.drop_peer(&why);
+                }
+            }
+        }
+    }
+}
