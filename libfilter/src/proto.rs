@@ -791,6 +791,9 @@ pub struct Stats {
     pub frontends_attached: u64,
     /// Frontend connections lost.
     pub frontends_lost: u64,
+    /// Frontends dropped for not acknowledging a lock hint in time.
+    #[serde(default)]
+    pub frontends_dropped: u64,
 }
 
 /// Encodes a frame, refusing one larger than [`MAX_FRAME`].

@@ -308,3 +308,60 @@ fn lock_sequence_replays_and_locks_survive_kill9() {
         (local_getlk(&s, 50, 1) == libc::F_UNLCK as i16).then_some(())
     });
 }
+
+/// A frontend that does not acknowledge a first-lock hint in time is
+/// treated as failed — dropped, its handles detached — never bypassed: it
+/// cannot go on doing unchecked I/O on a file that now has a lock.
+#[test]
+fn a_frontend_that_ignores_a_lock_hint_is_dropped_not_bypassed() {
+    let s = Scratch::new("lock-hint-deaf");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "500"], &[]);
+    let deaf = FilterClient::connect_frontend_with(
+        &s.socket(),
+        Protocol::new("nfs").unwrap(),
+        InstanceName::new("nfs-deaf").unwrap(),
+        libfilter::proto::FEATURE_LOCK_HINTS,
+    )
+    .unwrap();
+    assert_ne!(
+        deaf.hello().features & libfilter::proto::FEATURE_LOCK_HINTS,
+        0,
+        "hints granted"
+    );
+    let _h = open(
+        &deaf,
+        "carol",
+        Rights::READ.union(Rights::WRITE),
+        Durability::Durable { timeout_ms: 60_000 },
+        None,
+    );
+    let locker = frontend(&s, "smb", "smb-l");
+    let l = open(
+        &locker,
+        "alice",
+        Rights::READ.union(Rights::WRITE),
+        Durability::None,
+        None,
+    );
+    // The deaf frontend never acknowledges LocksPresent.
+    locker
+        .lock(l.info.key, vec![op(0, 10, true, false)], None)
+        .expect("the lock proceeds once the deaf frontend is dropped");
+    rkfilter_tests::wait_for(
+        "the deaf frontend to be dropped",
+        Duration::from_secs(5),
+        || deaf.is_dead().then_some(()),
+    );
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    let st = ctl.stats().unwrap();
+    assert_eq!(st.frontends_dropped, 1, "{st:?}");
+    let hs = ctl.handles().unwrap();
+    let carol = hs
+        .iter()
+        .find(|h| h.record.client.as_str() == "carol")
+        .expect("carol's durable handle stays, detached");
+    assert!(
+        matches!(carol.record.conn, ConnState::Disconnected { .. }),
+        "{carol:?}"
+    );
+}

@@ -22,7 +22,12 @@ fn a_peer_that_stops_reading_is_dropped_and_stalls_nobody() {
     )
     .unwrap();
     connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
-    send_packet(fd.as_fd(), br#"{"version":1,"role":{"kind":"control"}}"#, None).unwrap();
+    send_packet(
+        fd.as_fd(),
+        br#"{"version":1,"role":{"kind":"control"}}"#,
+        None,
+    )
+    .unwrap();
     let mut buf = vec![0u8; 70_000];
     assert!(matches!(
         recv_packet(fd.as_fd(), &mut buf).unwrap(),
@@ -42,7 +47,8 @@ fn a_peer_that_stops_reading_is_dropped_and_stalls_nobody() {
     let mut ctl = FilterClient::connect_control(&s.socket()).unwrap();
     ctl.set_timeout(Duration::from_secs(2));
     for _ in 0..50 {
-        ctl.stats().expect("answered while another peer does not read");
+        ctl.stats()
+            .expect("answered while another peer does not read");
     }
     let dropped_after = flood.join().unwrap();
     assert!(

@@ -3225,8 +3225,20 @@ impl Engine {
             .map(|(f, _)| *f)
             .collect();
         for f in late {
-            warn!(file = ?f, "lock hint not acknowledged in time: the lock proceeds");
-            self.hint_waits.remove(&f);
+            // A frontend that does not acknowledge in time is treated as
+            // failed, never bypassed: its connection is dropped (its durable
+            // handles detach, its other handles close), so it can do no
+            // unchecked I/O on the file; the lock then proceeds.
+            if let Some((pending, _)) = self.hint_waits.remove(&f) {
+                for c in pending {
+                    if let Some(x) = self.conns.get(&c) {
+                        warn!(file = ?f, conn = c.0, pid = x.peer.pid, "frontend did not acknowledge a lock hint in time: dropped");
+                        self.stats.frontends_dropped += 1;
+                        x.writer.kill();
+                    }
+                    self.on_closed(c);
+                }
+            }
             self.retry_files.insert(f);
         }
         let due: Vec<(FileId, LeaseKey)> = self
