@@ -175,6 +175,19 @@ impl EngineTx {
         let _ = self.wake.write(1);
         Ok(())
     }
+
+    /// Queues a command without waiting: `Err(true)` when the queue is
+    /// full, `Err(false)` when the engine is gone.
+    pub fn try_send(&self, c: Command) -> Result<(), bool> {
+        match self.tx.try_send(c) {
+            Ok(()) => {
+                let _ = self.wake.write(1);
+                Ok(())
+            }
+            Err(crossbeam_channel::TrySendError::Full(_)) => Err(true),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(false),
+        }
+    }
 }
 
 struct PollConn {

@@ -5,7 +5,7 @@
 //! bind mount of itself will do), so it never gates opens outside the
 //! export. Each open by a local process (never filterd's own) is decided by
 //! the engine, which owns the state: a protocol open whose share mode does
-//! not let others read refuses it (`EACCES`); conflicting caching leases are
+//! not let others read refuses it (`EPERM`, fanotify's refusal); conflicting caching leases are
 //! broken first (W, and H when the open would conflict), the local open
 //! waiting for the holder's ack or the break timeout. A file without
 //! protocol state gets an ignore mark (surviving modification), so later
@@ -15,10 +15,10 @@
 //! does not tell a read open from a write open (the open flags are not in the
 //! event), so writes by local processes are not told apart.
 //!
-//! Every permission event lives in an [`Answer`] guard whose `Drop` allows
+//! Every permission event lives in an [`Answer`] guard whose `Drop` answers
 //! it, so no path — error, timeout, panic, shutdown — leaves a process
-//! blocked; and the wait for the engine's verdict is bounded (a watchdog
-//! answers ALLOW past it).
+//! blocked; and the wait for the engine's verdict is bounded: an event the
+//! engine cannot take or does not decide in time is refused (see [`run`]).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
@@ -40,7 +40,7 @@ use crate::engine::Command;
 pub enum Verdict {
     /// Let it proceed.
     Allow,
-    /// Refuse it with EACCES.
+    /// Refuse it (the opener gets EPERM).
     Deny,
 }
 
@@ -51,28 +51,96 @@ pub struct LocalCounters {
     pub allowed: AtomicU64,
     /// Local opens denied by a share mode.
     pub denied: AtomicU64,
-    /// Local opens answered by the watchdog.
+    /// Local opens not decided in time: refused by the watchdog.
     pub watchdog: AtomicU64,
+    /// Local opens refused undecided because filterd was overloaded (its
+    /// queue full, too many pending).
+    pub overloaded: AtomicU64,
+    /// fanotify queue overflows (opens that may have passed unseen).
+    pub overflows: AtomicU64,
+    /// Failed reads of the fanotify group (retried).
+    pub read_errors: AtomicU64,
+    /// Ignore marks that could not be added or removed.
+    pub mark_failures: AtomicU64,
+}
+
+/// What the fanotify mark covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkScope {
+    /// The export is a whole filesystem: the filesystem is marked, so every
+    /// route to it — other mounts and bind mounts of it, `open_by_handle_at`
+    /// through them — is mediated.
+    Filesystem,
+    /// The export is part of a filesystem: only its own mount is marked.
+    /// The same files reached through another mount (a bind mount of a
+    /// directory above or inside the export, made elsewhere) are not
+    /// mediated.
+    Mount,
+}
+
+impl MarkScope {
+    /// How `filterctl status` names it.
+    pub fn word(self) -> &'static str {
+        match self {
+            MarkScope::Filesystem => "filesystem (every mount of the export's filesystem)",
+            MarkScope::Mount => {
+                "mount (the export's own mount only; other mounts of these files are not mediated)"
+            }
+        }
+    }
+}
+
+/// Whether the mount `dir` lives on shows its filesystem from the top
+/// (`/proc/self/mountinfo`'s root field is `/`).
+fn mount_shows_whole_filesystem(dir: std::os::fd::BorrowedFd<'_>) -> bool {
+    let Ok(id) = libfilter::sys::mount_id_of(dir) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        let mut f = l.split(' ');
+        f.next().and_then(|m| m.parse::<i32>().ok()) == Some(id) && f.nth(2) == Some("/")
+    })
 }
 
 /// Checks that `root` is a mount point and sets up the fanotify group on its
-/// mount. Fails with a message telling the user what to do otherwise.
-pub fn setup(root: &Path) -> anyhow::Result<Arc<Fanotify>> {
+/// mount — on its whole filesystem when the export is one. Fails with a
+/// message telling the user what to do otherwise.
+pub fn setup(root: &Path) -> anyhow::Result<(Arc<Fanotify>, MarkScope)> {
     check_mount_point(root)?;
     let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
+    // An unlimited queue: no open passes unseen because the kernel's queue
+    // was full (the reader bounds its own backlog, `MAX_PENDING`).
     let fan = Fanotify::init(
-        InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC,
+        InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_UNLIMITED_QUEUE,
         EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC | EventFFlags::O_LARGEFILE,
     )
     .context("fanotify_init (needs CAP_SYS_ADMIN; run with --no-fanotify otherwise)")?;
+    let scope = if mount_shows_whole_filesystem(dir.as_fd()) {
+        MarkScope::Filesystem
+    } else {
+        MarkScope::Mount
+    };
+    let how = match scope {
+        MarkScope::Filesystem => MarkFlags::FAN_MARK_FILESYSTEM,
+        MarkScope::Mount => MarkFlags::FAN_MARK_MOUNT,
+    };
     fan.mark(
-        MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT,
+        MarkFlags::FAN_MARK_ADD | how,
         MaskFlags::FAN_OPEN_PERM,
         dir.as_fd(),
         None::<&Path>,
     )
-    .context("marking the export root's mount")?;
-    Ok(Arc::new(fan))
+    .context("marking the export")?;
+    if scope == MarkScope::Mount {
+        tracing::warn!(
+            "the export is part of a larger filesystem: only its own mount is mediated; \
+             its files reached through another mount are not (mount a filesystem of its own there to mediate every route)"
+        );
+    }
+    Ok((Arc::new(fan), scope))
 }
 
 /// Refuses an export root that is not a mount point: marking its mount
@@ -96,26 +164,40 @@ pub fn check_mount_point(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Adds an ignore mark for opens of the file `fd` refers to.
-pub fn ignore(fan: &Fanotify, fd: &OwnedFd) {
-    let _ = fan.mark(
-        MarkFlags::FAN_MARK_ADD
-            | MarkFlags::FAN_MARK_IGNORED_MASK
-            | MarkFlags::FAN_MARK_IGNORED_SURV_MODIFY,
-        MaskFlags::FAN_OPEN_PERM,
-        fd.as_fd(),
-        None::<&Path>,
-    );
+/// `FAN_MARK_EVICTABLE` (Linux 5.19): the mark does not pin the inode in
+/// the cache; when the inode is evicted the mark goes, and the next open of
+/// the file simply reaches filterd again.
+const FAN_MARK_EVICTABLE: u32 = 0x0000_0200;
+
+/// Adds an (evictable) ignore mark for opens of the file `fd` refers to.
+/// A failure is counted and logged: the file's opens keep reaching
+/// filterd, which costs time but lets nothing through.
+pub fn ignore(fan: &Fanotify, fd: &OwnedFd, counters: &LocalCounters) {
+    let flags = MarkFlags::FAN_MARK_ADD
+        | MarkFlags::FAN_MARK_IGNORED_MASK
+        | MarkFlags::FAN_MARK_IGNORED_SURV_MODIFY
+        | MarkFlags::from_bits_retain(FAN_MARK_EVICTABLE);
+    if let Err(e) = fan.mark(flags, MaskFlags::FAN_OPEN_PERM, fd.as_fd(), None::<&Path>) {
+        let n = counters.mark_failures.fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() {
+            tracing::warn!(error = %e, failures = n + 1, "cannot add an ignore mark (max_user_marks?); the file's opens keep reaching filterd");
+        }
+    }
 }
 
-/// Removes the ignore mark of the file `fd` refers to (protocol state appeared).
-pub fn unignore(fan: &Fanotify, fd: std::os::fd::BorrowedFd<'_>) {
-    let _ = fan.mark(
+/// Removes the ignore mark of the file `fd` refers to (protocol state
+/// appeared). No mark is fine; any other failure is counted.
+pub fn unignore(fan: &Fanotify, fd: std::os::fd::BorrowedFd<'_>, counters: &LocalCounters) {
+    if let Err(e) = fan.mark(
         MarkFlags::FAN_MARK_REMOVE | MarkFlags::FAN_MARK_IGNORED_MASK,
         MaskFlags::FAN_OPEN_PERM,
         fd,
         None::<&Path>,
-    );
+    ) {
+        if e != nix::errno::Errno::ENOENT {
+            counters.mark_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A permission event that must be answered: ALLOW unless told otherwise,
@@ -145,6 +227,9 @@ pub enum AnswerMsg {
     Pending(u64, Box<AnswerSlot>),
     /// The engine's verdict on event `id`.
     Verdict(u64, Verdict),
+    /// Event `id` cannot be decided (the engine's queue is full): answered
+    /// by the rule for undecided events.
+    Undecided(u64),
 }
 
 /// An event being decided, with its deadline.
@@ -153,18 +238,30 @@ pub struct AnswerSlot {
     deadline: std::time::Instant,
 }
 
+/// Most local opens waiting for a verdict at once; past it, new ones are
+/// answered by the rule for undecided events at once.
+pub const MAX_PENDING: usize = 16_384;
+
 /// Reads permission events forever. filterd's own opens are allowed at
-/// once; each local open is handed to the engine, and the answerer thread
-/// writes the verdict (or ALLOW past `bound`), so this loop never waits on
-/// the engine — which may itself be opening a file on the marked mount.
+/// once; each local open is handed to the engine without waiting (a full
+/// engine queue makes it *undecided*), and the answerer thread writes the
+/// verdict — so this loop never waits on the engine, which may itself be
+/// opening a file on the marked mount.
+///
+/// **The rule for undecided events** (the engine's queue is full, too many
+/// are pending, or the verdict did not come within `bound`): the open is
+/// refused (`EPERM`), counted, and logged. Refusing fails closed: an open a
+/// share mode would deny is never let through because filterd was
+/// overloaded; the local process may retry.
 pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, bound: Duration) {
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
     let (tx, rx) = crossbeam_channel::unbounded::<AnswerMsg>();
+    let pending = Arc::new(AtomicU64::new(0));
     {
-        let counters = counters.clone();
+        let (counters, pending) = (counters.clone(), pending.clone());
         let spawned = std::thread::Builder::new()
             .name("fanotify-answer".into())
-            .spawn(move || answerer(rx, counters));
+            .spawn(move || answerer(rx, counters, pending));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the fanotify answerer; local mediation off");
             return;
@@ -176,11 +273,27 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
             Ok(ev) => ev,
             Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => continue,
             Err(e) => {
-                tracing::error!(error = %e, "fanotify read failed; local mediation stops");
-                return;
+                // Out of descriptors (the kernel could not make the event's
+                // fd) or memory: the mark stays, so mediation must not stop.
+                // The event stays queued in the kernel; try again shortly.
+                let n = counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::error!(error = %e, failures = n + 1, "fanotify read failed; retrying (local opens wait meanwhile)");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
             }
         };
         for event in events {
+            if event.mask().contains(MaskFlags::FAN_Q_OVERFLOW) {
+                // Cannot happen with FAN_UNLIMITED_QUEUE; if it does, opens
+                // were lost: a fault, said loudly.
+                counters.overflows.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "fanotify queue overflowed: local opens may have passed unmediated"
+                );
+                continue;
+            }
             let ans = Answer {
                 fan: fan.clone(),
                 event,
@@ -190,17 +303,29 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
                 continue; // our own opens: allowed by the guard at once
             }
             let Some(fd) = ans.event.fd() else { continue };
-            let Ok(st) = nix::sys::stat::fstat(fd) else {
-                continue;
-            };
-            let file = libfilter::model::FileId {
-                dev: st.st_dev,
-                ino: st.st_ino,
-            };
-            let Ok(dup) = fd.try_clone_to_owned() else {
-                continue;
+            let (file, dup) = match (nix::sys::stat::fstat(fd), fd.try_clone_to_owned()) {
+                (Ok(st), Ok(dup)) => (
+                    libfilter::model::FileId {
+                        dev: st.st_dev,
+                        ino: st.st_ino,
+                    },
+                    dup,
+                ),
+                _ => {
+                    // Cannot even look at it: the rule for undecided events.
+                    counters.overloaded.fetch_add(1, Ordering::Relaxed);
+                    let mut ans = ans;
+                    ans.response = Response::FAN_DENY;
+                    continue;
+                }
             };
             let pid = ans.event.pid();
+            if pending.load(Ordering::Relaxed) >= MAX_PENDING as u64 {
+                counters.overloaded.fetch_add(1, Ordering::Relaxed);
+                let mut ans = ans;
+                ans.response = Response::FAN_DENY;
+                continue;
+            }
             next_id += 1;
             let id = next_id;
             let slot = AnswerSlot {
@@ -208,6 +333,7 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
                 deadline: std::time::Instant::now() + bound,
             };
             // Registered before the engine can possibly answer.
+            pending.fetch_add(1, Ordering::Relaxed);
             if tx.send(AnswerMsg::Pending(id, Box::new(slot))).is_err() {
                 return;
             }
@@ -218,55 +344,89 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
                 id,
                 reply: tx.clone(),
             };
-            if engine.send(cmd).is_err() {
-                return; // engine gone: the answerer's guards allow
+            match engine.try_send(cmd) {
+                Ok(()) => {}
+                Err(true) => {
+                    counters.overloaded.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(AnswerMsg::Undecided(id));
+                }
+                Err(false) => return, // engine gone: the answerer's guards answer
             }
         }
     }
 }
 
 /// Holds every undecided event; answers each with the engine's verdict, or
-/// ALLOW when its deadline passes (the watchdog), or when it stops.
-fn answerer(rx: crossbeam_channel::Receiver<AnswerMsg>, counters: Arc<LocalCounters>) {
+/// by the rule for undecided events (refuse) when its deadline passes (the
+/// watchdog). A verdict the engine has sent is always taken before the
+/// watchdog looks. O(1) per event: deadlines come in order.
+fn answerer(
+    rx: crossbeam_channel::Receiver<AnswerMsg>,
+    counters: Arc<LocalCounters>,
+    count: Arc<AtomicU64>,
+) {
     let mut pending: std::collections::HashMap<u64, Box<AnswerSlot>> = Default::default();
-    loop {
-        let now = std::time::Instant::now();
-        let wait = pending
-            .values()
-            .map(|s| s.deadline.saturating_duration_since(now))
-            .min()
-            .unwrap_or(Duration::from_secs(1));
-        match rx.recv_timeout(wait) {
-            Ok(AnswerMsg::Pending(id, slot)) => {
-                pending.insert(id, slot);
-            }
-            Ok(AnswerMsg::Verdict(id, v)) => {
-                if let Some(mut slot) = pending.remove(&id) {
-                    match v {
-                        Verdict::Deny => {
-                            counters.denied.fetch_add(1, Ordering::Relaxed);
-                            slot.answer.response = Response::FAN_DENY;
+    let mut order: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
+    let handle =
+        |msg: AnswerMsg,
+         pending: &mut std::collections::HashMap<u64, Box<AnswerSlot>>,
+         order: &mut std::collections::VecDeque<(std::time::Instant, u64)>| {
+            match msg {
+                AnswerMsg::Pending(id, slot) => {
+                    order.push_back((slot.deadline, id));
+                    pending.insert(id, slot);
+                }
+                AnswerMsg::Verdict(id, v) => {
+                    if let Some(mut slot) = pending.remove(&id) {
+                        count.fetch_sub(1, Ordering::Relaxed);
+                        match v {
+                            Verdict::Deny => {
+                                counters.denied.fetch_add(1, Ordering::Relaxed);
+                                slot.answer.response = Response::FAN_DENY;
+                            }
+                            Verdict::Allow => {
+                                counters.allowed.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                        Verdict::Allow => {
-                            counters.allowed.fetch_add(1, Ordering::Relaxed);
-                        }
+                        // Dropping the slot writes the answer.
                     }
-                    // Dropping the slot writes the answer.
+                }
+                AnswerMsg::Undecided(id) => {
+                    if let Some(mut slot) = pending.remove(&id) {
+                        count.fetch_sub(1, Ordering::Relaxed);
+                        slot.answer.response = Response::FAN_DENY;
+                    }
                 }
             }
+        };
+    loop {
+        let now = std::time::Instant::now();
+        let wait = order
+            .front()
+            .map(|(d, _)| d.saturating_duration_since(now))
+            .unwrap_or(Duration::from_secs(1));
+        match rx.recv_timeout(wait) {
+            Ok(msg) => handle(msg, &mut pending, &mut order),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         }
+        // Everything already sent first: a decided verdict is never
+        // overtaken by the watchdog.
+        while let Ok(msg) = rx.try_recv() {
+            handle(msg, &mut pending, &mut order);
+        }
         let now = std::time::Instant::now();
-        let late: Vec<u64> = pending
-            .iter()
-            .filter(|(_, s)| s.deadline <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for id in late {
-            counters.watchdog.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(event = id, "local open not decided in time: allowed");
-            pending.remove(&id);
+        while let Some(&(deadline, id)) = order.front() {
+            if deadline > now {
+                break;
+            }
+            order.pop_front();
+            if let Some(mut slot) = pending.remove(&id) {
+                count.fetch_sub(1, Ordering::Relaxed);
+                counters.watchdog.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(event = id, "local open not decided in time: refused");
+                slot.answer.response = Response::FAN_DENY;
+            }
         }
     }
 }

@@ -67,6 +67,10 @@ struct Args {
     /// further conflicting opens are refused instead of waiting.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_pending_breaks: usize,
+    /// Most commands (local opens, new connections) queued for the engine;
+    /// a local open that finds it full is refused as undecided (EPERM).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    command_queue: usize,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = observability::LogFormat::Text)]
     log_format: observability::LogFormat,
@@ -195,7 +199,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let (epoch, was_clean) = store.claim()?;
     info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
 
-    let (poller, cmd_tx) = conn::Poller::new(4096)?;
+    let (poller, cmd_tx) = conn::Poller::new(args.command_queue.max(16))?;
     let pipe = Arc::new(committer::Pipeline::default());
     let counters = Arc::new(committer::CommitCounters::default());
     let mut eng = engine::Engine::new(
@@ -226,14 +230,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(local::setup(&root_path)?)
     };
     let local_counters = Arc::new(local::LocalCounters::default());
-    if let Some(fan) = &fanotify {
-        eng.set_fanotify(fan.clone(), local_counters.clone());
+    if let Some((fan, scope)) = &fanotify {
+        eng.set_fanotify(fan.clone(), local_counters.clone(), *scope);
         let (tx, counters, fan) = (cmd_tx.clone(), local_counters.clone(), fan.clone());
         let bound = std::time::Duration::from_millis(args.break_timeout_ms.saturating_add(2000));
         std::thread::Builder::new()
             .name("fanotify".into())
             .spawn(move || local::run(fan, tx, counters, bound))?;
-        info!("local access mediated through fanotify on the export's mount");
+        info!(
+            scope = scope.word(),
+            "local access mediated through fanotify"
+        );
     }
 
     let committer = {

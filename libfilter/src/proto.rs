@@ -725,6 +725,13 @@ pub struct StatusInfo {
     pub recovering: bool,
     /// Whether local access is mediated through fanotify.
     pub fanotify: bool,
+    /// What local mediation covers (`off`, the export's mount, or its whole
+    /// filesystem).
+    #[serde(default)]
+    pub mediation: String,
+    /// The state store's kind (`lmdb`).
+    #[serde(default)]
+    pub store: String,
     /// Schema version of the store.
     pub schema_version: u32,
 }
@@ -775,8 +782,20 @@ pub struct Stats {
     pub local_opens_allowed: u64,
     /// Local opens refused by a protocol share mode.
     pub local_opens_denied: u64,
-    /// Local opens allowed by the watchdog (no verdict in time).
+    /// Local opens refused by the watchdog (no verdict in time).
     pub local_opens_watchdog: u64,
+    /// Local opens refused undecided because filterd was overloaded.
+    #[serde(default)]
+    pub local_opens_overloaded: u64,
+    /// fanotify queue overflows (local opens that may have passed unseen).
+    #[serde(default)]
+    pub fanotify_overflows: u64,
+    /// Failed reads of the fanotify group (retried).
+    #[serde(default)]
+    pub fanotify_read_errors: u64,
+    /// Ignore marks that could not be added or removed.
+    #[serde(default)]
+    pub ignore_mark_failures: u64,
     /// Persistent handles reopened at start.
     pub recoveries: u64,
     /// Handles found lost at start.

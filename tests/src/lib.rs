@@ -164,6 +164,13 @@ impl Filterd {
         d
     }
 
+    /// As [`Filterd::start_mediated`], with extra environment (failpoints).
+    pub fn start_mediated_with(s: &Scratch, extra: &[&str], env: &[(&str, &str)]) -> Filterd {
+        let d = Self::spawn_with(s, extra, env, false);
+        d.wait_ready();
+        d
+    }
+
     /// Spawns filterd with fanotify on, without waiting (to see it refuse).
     pub fn spawn_mediated(s: &Scratch) -> Filterd {
         Self::spawn_with(s, &[], &[], false)

@@ -211,6 +211,8 @@ pub struct Engine {
     waiting_local: Vec<(FileId, LocalReply, OwnedFd)>,
     /// The fanotify group, when local access is mediated.
     fanotify: Option<Arc<nix::sys::fanotify::Fanotify>>,
+    /// What local mediation covers, for status.
+    mediation: String,
     /// Local-access counters (the fanotify thread's and ours).
     local_counters: Arc<crate::local::LocalCounters>,
     /// Files whose waiting opens should run again (a break ended).
@@ -340,6 +342,7 @@ impl Engine {
             waiting_local: Vec::new(),
             fanotify: None,
             local_counters: Default::default(),
+            mediation: "off".to_owned(),
             replays: HashMap::new(),
             pipe,
             store,
@@ -1257,6 +1260,10 @@ impl Engine {
                 s.local_opens_allowed = self.local_counters.allowed.load(Ordering::Relaxed);
                 s.local_opens_denied = self.local_counters.denied.load(Ordering::Relaxed);
                 s.local_opens_watchdog = self.local_counters.watchdog.load(Ordering::Relaxed);
+                s.local_opens_overloaded = self.local_counters.overloaded.load(Ordering::Relaxed);
+                s.fanotify_overflows = self.local_counters.overflows.load(Ordering::Relaxed);
+                s.fanotify_read_errors = self.local_counters.read_errors.load(Ordering::Relaxed);
+                s.ignore_mark_failures = self.local_counters.mark_failures.load(Ordering::Relaxed);
                 Ok(Some((Reply::Stats(s), None)))
             }
             Request::Expire { key } => {
@@ -1481,7 +1488,7 @@ impl Engine {
         if let Some(fan) = &self.fanotify {
             // The file has protocol state from now on: local opens of it
             // must reach us again.
-            crate::local::unignore(fan, of.fd.as_fd());
+            crate::local::unignore(fan, of.fd.as_fd(), &self.local_counters);
         }
         let key = ResumeKey::new_random();
         tracing::Span::current().record("resume_key", tracing::field::display(key));
@@ -2120,7 +2127,9 @@ impl Engine {
         &mut self,
         fan: Arc<nix::sys::fanotify::Fanotify>,
         counters: Arc<crate::local::LocalCounters>,
+        scope: crate::local::MarkScope,
     ) {
+        self.mediation = scope.word().to_owned();
         self.fanotify = Some(fan);
         self.local_counters = counters;
     }
@@ -2134,7 +2143,7 @@ impl Engine {
         if holders.is_empty() {
             // No protocol state: ignore this file's opens from now on.
             if let Some(fan) = &self.fanotify {
-                crate::local::ignore(fan, &fd);
+                crate::local::ignore(fan, &fd, &self.local_counters);
             }
             reply.send(Verdict::Allow);
             return;
@@ -3311,6 +3320,8 @@ impl Engine {
             frontends: self.instances.len() as u64,
             recovering: false,
             fanotify: self.cfg.fanotify,
+            mediation: self.mediation.clone(),
+            store: self.store.kind().to_owned(),
             schema_version: libfilter::store::SCHEMA_VERSION,
         }
     }

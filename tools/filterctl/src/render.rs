@@ -343,7 +343,15 @@ pub fn status(s: &StatusInfo) -> String {
         ),
         ("frontends", s.frontends.to_string()),
         ("recovering", s.recovering.to_string()),
-        ("fanotify", if s.fanotify { "on" } else { "off" }.into()),
+        (
+            "local mediation",
+            if s.fanotify {
+                format!("fanotify on the {}", s.mediation)
+            } else {
+                "off".into()
+            },
+        ),
+        ("store", s.store.clone()),
         ("schema version", s.schema_version.to_string()),
     ])
 }
