@@ -529,7 +529,7 @@ impl Engine {
                 };
                 h.gen += 1;
                 self.expiries
-                    .push(std::cmp::Reverse((now + timeout, key, h.gen)));
+                    .push(std::cmp::Reverse((super::mono_ms() + timeout, key, h.gen)));
             }
         }
         warn!(resume_key = %key, "a close whose commit failed is undone");
@@ -569,7 +569,7 @@ impl Engine {
                     expires_ms: now + timeout,
                 };
                 self.expiries
-                    .push(std::cmp::Reverse((now + timeout, key, 0)));
+                    .push(std::cmp::Reverse((super::mono_ms() + timeout, key, 0)));
                 warn!(resume_key = %key, "a close whose commit failed is undone: the handle is disconnected");
                 self.insert(Handle {
                     rec,

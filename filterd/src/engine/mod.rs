@@ -297,6 +297,16 @@ const MAX_KEEP: u32 = 4096;
 /// which must fit a frame.
 const MAX_LOCKS_PER_FILE: usize = 256;
 
+/// Milliseconds on the monotonic clock (since the first call). Every timer
+/// — lease breaks, lock hints, expiries — runs on it, so a step of the
+/// wall clock neither expires a handle early nor stalls a break; only what
+/// must mean something across a restart is stored as wall time.
+pub(crate) fn mono_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
 }
@@ -567,12 +577,15 @@ impl Engine {
             };
             let fd = None;
             match rec.conn {
-                ConnState::Disconnected { expires_ms, .. } => {
-                    self.expiries.push(Reverse((expires_ms, rec.key, 0)));
+                ConnState::Disconnected { .. } => {
+                    self.expiries
+                        .push(Reverse((mono_ms() + timeout, rec.key, 0)));
                 }
                 // A lost handle stays visible until its timeout too, then
                 // goes (it protects nothing: its file is gone).
-                ConnState::Lost => self.expiries.push(Reverse((now + timeout, rec.key, 0))),
+                ConnState::Lost => self
+                    .expiries
+                    .push(Reverse((mono_ms() + timeout, rec.key, 0))),
                 ConnState::Connected => {}
             }
             let key = rec.key;
@@ -659,7 +672,7 @@ impl Engine {
                     }
                 }
             }
-            self.expire_due(now_ms());
+            self.expire_due(mono_ms());
             self.process_retries();
             self.flush();
         }
@@ -668,7 +681,7 @@ impl Engine {
     }
 
     fn next_wakeup(&self) -> Duration {
-        let now = now_ms();
+        let now = mono_ms();
         let next_expiry = self.expiries.peek().map(|Reverse((t, _, _))| *t);
         let next_break = self.breaking.values().map(|b| b.deadline_ms).min();
         let next_hint = self.hint_waits.values().map(|(_, t)| *t).min();
@@ -1800,7 +1813,7 @@ impl Engine {
                     h.gen += 1;
                     let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
                     self.expiries
-                        .push(Reverse((now_ms() + timeout, key, h.gen)));
+                        .push(Reverse((mono_ms() + timeout, key, h.gen)));
                     if h.rec.durability.is_persistent() {
                         self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
                     }
@@ -1946,7 +1959,7 @@ impl Engine {
                     (file, lk),
                     Breaking {
                         to,
-                        deadline_ms: now_ms() + self.cfg.break_timeout_ms,
+                        deadline_ms: mono_ms() + self.cfg.break_timeout_ms,
                     },
                 );
                 wait = true;
@@ -2254,7 +2267,7 @@ impl Engine {
             .entry(file)
             .or_default()
             .extend(others.iter());
-        let deadline = now_ms() + self.cfg.break_timeout_ms;
+        let deadline = mono_ms() + self.cfg.break_timeout_ms;
         self.hint_waits.insert(file, (others, deadline));
         Some(file)
     }
@@ -3167,7 +3180,8 @@ impl Engine {
         };
         h.conn = None;
         h.gen += 1;
-        self.expiries.push(Reverse((expires_ms, key, h.gen)));
+        self.expiries
+            .push(Reverse((mono_ms() + u64::from(timeout), key, h.gen)));
         if h.rec.durability.is_persistent() {
             self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
         }
