@@ -14,6 +14,7 @@ mod failpoint;
 mod fsops;
 mod local;
 mod observability;
+mod statedir;
 
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -22,10 +23,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use tracing::{error, info};
 
+use libfilter::runtime::{DaemonRecord, Phase};
 use libfilter::store::Store;
 
 /// The rkfilter daemon: performs opens beneath an export root for protocol
@@ -36,7 +37,8 @@ struct Args {
     /// The export root: every client path is resolved beneath it.
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
-    /// State directory: LMDB environment, lock file, default socket.
+    /// State directory: LMDB environment, runtime record (filterd.run),
+    /// default socket. The directory itself is locked: one active daemon.
     #[arg(long, value_name = "DIR")]
     state: PathBuf,
     /// Unix socket frontends and filterctl attach to [default: STATE/filterd.sock].
@@ -84,6 +86,7 @@ struct Args {
 fn main() {
     let args = Args::parse();
     observability::init(args.log_format);
+    abort_on_panic();
     failpoint::init();
     if let Err(e) = run(args) {
         error!("{e:#}");
@@ -92,43 +95,18 @@ fn main() {
     }
 }
 
-/// Takes the state dir's lock: exclusive, so one active daemon per state dir.
-fn lock_state(state: &std::path::Path, standby: bool) -> anyhow::Result<Flock<File>> {
-    let path = state.join("filterd.lock");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o640)
-        .open(&path)
-        .with_context(|| format!("opening lock file {}", path.display()))?;
-    let mut f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            if !standby {
-                bail!(
-                    "another filterd (pid {}) is active on state dir {}; stop it first, or start this one with --standby to take over when it dies",
-                    holder.trim(),
-                    state.display()
-                );
-            }
-            info!(
-                active_pid = holder.trim(),
-                "standby: waiting for the active filterd to exit"
-            );
-            Flock::lock(f, FlockArg::LockExclusive)
-                .map_err(|(_, e)| e)
-                .context("waiting for the state lock")?
-        }
-        Err((_, e)) => return Err(e).context("locking the state dir"),
-    };
-    use std::io::{Seek, Write};
-    f.set_len(0)?;
-    f.rewind()?;
-    write!(f, "{}", std::process::id())?;
-    Ok(f)
+/// A panic anywhere in filterd ends the process (after the usual message),
+/// like `panic = "abort"`: a daemon whose engine or committer thread died
+/// would otherwise keep its socket and lock while serving nobody. The
+/// service manager restarts it (README: `Restart=always`) and recovery
+/// brings back every persistent handle.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        error!("panic: {info}; aborting so that a restart recovers the state");
+        std::process::abort();
+    }));
 }
 
 /// Raises the descriptor limit as far as allowed: filterd holds one
@@ -176,7 +154,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !root_path.is_dir() {
         bail!("export root {} is not a directory", root_path.display());
     }
-    let _lock = lock_state(&state, args.standby)?;
+    let _lock = match statedir::lock(&state, args.standby, &sigs)? {
+        statedir::Locked::Held(l) => l,
+        statedir::Locked::Stopped(sig) => {
+            info!(signal = ?sig, "standby stopped before taking over");
+            return Ok(());
+        }
+    };
+    let socket_path = match args.socket {
+        Some(p) if p.is_relative() => std::env::current_dir()?.join(p),
+        Some(p) => p,
+        None => state.join("filterd.sock"),
+    };
+    let mut record = DaemonRecord {
+        pid: std::process::id(),
+        socket: socket_path.clone(),
+        phase: Phase::Starting,
+    };
+    libfilter::runtime::write(&state, &record).context("writing the runtime record")?;
     let root = File::options()
         .read(true)
         .custom_flags(libc::O_DIRECTORY)
@@ -243,7 +238,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         .name("engine".into())
         .spawn(move || eng.run(poller))?;
 
-    let socket_path = args.socket.unwrap_or_else(|| state.join("filterd.sock"));
     let listener = conn::listen_at(&socket_path)?;
     {
         let (tx, p) = (cmd_tx.clone(), socket_path.clone());
@@ -251,6 +245,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             .name("listener".into())
             .spawn(move || conn::accept_loop(listener, p, tx))?;
     }
+    record.phase = Phase::Serving;
+    libfilter::runtime::write(&state, &record).context("writing the runtime record")?;
     info!(socket = %socket_path.display(), "serving");
 
     let sig = sigs.wait()?;
@@ -265,6 +261,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&socket_path);
     store.mark_clean_shutdown()?;
+    libfilter::runtime::remove(&state);
     info!("clean shutdown");
     Ok(())
 }
