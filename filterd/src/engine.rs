@@ -1620,6 +1620,15 @@ impl Engine {
                     format!("handle {key} lost its file"),
                 ))
             }
+            (None, _) if h.rec.frontend != instance => {
+                return Err(err(
+                    ErrorCode::NotOwner,
+                    format!(
+                        "open {key} belongs to frontend instance {}; attach as that instance to take it over",
+                        h.rec.frontend
+                    ),
+                ))
+            }
             (None, _) => self.reattach(conn, instance, key)?,
         };
         self.stats.replays_detected += 1;
@@ -1655,6 +1664,17 @@ impl Engine {
             return Err(err(
                 ErrorCode::NotOwner,
                 format!("handle {key} belongs to another client or protocol"),
+            ));
+        }
+        // Only the instance that owns it resumes it; taking a dead
+        // instance's handles over means attaching under its name.
+        if h.rec.frontend != instance {
+            return Err(err(
+                ErrorCode::NotOwner,
+                format!(
+                    "handle {key} belongs to frontend instance {}; attach as that instance to take it over",
+                    h.rec.frontend
+                ),
             ));
         }
         match h.rec.conn {
