@@ -379,7 +379,7 @@ impl Engine {
                     let done = record
                         .kernel_handle
                         .as_ref()
-                        .map(|kh| fsops::truncate_by_handle(self.root.as_fd(), kh));
+                        .map(|kh| fsops::truncate_by_handle(self.root.as_fd(), kh, &record.path));
                     match done {
                         Some(Ok(())) => {
                             info!(resume_key = %record.key, path = %record.path, "recovery finished an interrupted overwrite");
@@ -422,7 +422,13 @@ impl Engine {
                     size,
                     record,
                 } => {
-                    match fsops::set_size_by_handle(self.root.as_fd(), &kernel_handle, size) {
+                    let path = store.handle(key).ok().flatten().map(|r| r.path);
+                    match fsops::set_size_by_handle(
+                        self.root.as_fd(),
+                        &kernel_handle,
+                        path.as_ref(),
+                        size,
+                    ) {
                         Ok(()) => {
                             info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
                             self.stats.intents_recovered += 1;
@@ -1514,7 +1520,7 @@ impl Engine {
             return;
         };
         let truncated = match &h.rec.kernel_handle {
-            Some(kh) => fsops::truncate_by_handle(self.root.as_fd(), kh),
+            Some(kh) => fsops::truncate_by_handle(self.root.as_fd(), kh, &h.rec.path),
             None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
         };
         crate::failpoint::hit("intent.after_fs");
@@ -2685,12 +2691,13 @@ impl Engine {
                 Ok(())
             }
             IntentChange::SetSize {
+                key,
                 kernel_handle,
                 size,
                 record,
-                ..
             } => {
-                fsops::set_size_by_handle(root, kernel_handle, *size).map_err(|e| {
+                let path = self.handles.get(key).map(|h| &h.rec.path);
+                fsops::set_size_by_handle(root, kernel_handle, path, *size).map_err(|e| {
                     // A size the filesystem cannot hold is the client's
                     // bad parameter; no space is disk full.
                     let code = match e.raw_os_error() {
@@ -2894,6 +2901,7 @@ impl Engine {
                     self.root.as_fd(),
                     h.fd.as_ref().map(|f| f.as_fd()),
                     h.rec.kernel_handle.as_ref(),
+                    &h.rec.path,
                 );
             }
             self.ops

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Parser;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use libfilter::runtime::{DaemonRecord, Phase};
 use libfilter::store::Store;
@@ -109,6 +109,19 @@ fn abort_on_panic() {
     }));
 }
 
+/// Whether this process may open files by kernel handle
+/// (`open_by_handle_at` needs `CAP_DAC_READ_SEARCH`, bit 2 of `CapEff`).
+fn has_cap_dac_read_search() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 2) != 0)
+}
+
 /// Raises the descriptor limit as far as allowed: filterd holds one
 /// descriptor per open handle (100k persistent handles are 100k descriptors).
 fn raise_fd_limit() -> u64 {
@@ -177,6 +190,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         .custom_flags(libc::O_DIRECTORY)
         .open(&root_path)
         .with_context(|| format!("opening export root {}", root_path.display()))?;
+    match fsops::choose_create_marker(std::os::fd::AsFd::as_fd(&root)) {
+        Ok(name) => {
+            info!(marker = %name.to_string_lossy(), "files made by persistent creates are marked")
+        }
+        Err(why) => warn!(%why, "persistent creates will be refused"),
+    }
+    if !has_cap_dac_read_search() {
+        warn!("no CAP_DAC_READ_SEARCH: persistent handles are reopened by their recorded path (checked by kernel file handle); a file renamed while filterd was down is reported lost");
+    }
     if !args.no_fanotify {
         // Fail fast; the group itself is made after recovery (below).
         local::check_mount_point(&root_path)?;
