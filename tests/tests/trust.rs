@@ -1,5 +1,5 @@
 //! End-to-end tests of the socket's trust boundary (README "What an admitted
-//! peer can do"): who is admitted (SO_PEERCRED: root, filterd's user, the
+//! peer can do"): the socket's mode, who is admitted (SO_PEERCRED: root, filterd's user, the
 //! socket's group as primary or supplementary group) and what a refused
 //! peer is told; an instance name held by one live connection, a dead
 //! holder evicted by its replacement; a handle resumed only by the instance
@@ -71,7 +71,13 @@ fn the_peer_check_admits_the_sockets_group_and_tells_others_why_not() {
         );
     }
 
-    // Only the peer check stands between the socket and everyone now.
+    // The socket's mode keeps everyone else out first...
+    let mode = meta.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+    let out = status_as_nobody(&sock, &["--regid=65534", "--clear-groups"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ermission denied"), "{err}");
+    // ...and with the mode widened, the peer check alone still does.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = status_as_nobody(&sock, &["--regid=65534", "--clear-groups"]);
     let err = String::from_utf8_lossy(&out.stderr);
