@@ -183,8 +183,8 @@ pub fn open_lmdb(
     opts.max_dbs(max_dbs).map_size(map_size).max_readers(256);
     // SAFETY: heed requires that an environment is not opened twice in one
     // process and that flags be consistent; the store opens each state dir
-    // once per process (filterd holds an exclusive lock file, filterctl opens
-    // it once per run).
+    // once per process (filterd holds an exclusive lock on the state dir,
+    // filterctl opens it once per run).
     unsafe {
         opts.flags(flags);
         opts.open(path)
