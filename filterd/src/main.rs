@@ -71,7 +71,8 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = observability::LogFormat::Text)]
     log_format: observability::LogFormat,
-    /// Wait for the active daemon on this state dir to die, then take over.
+    /// Wait for the active daemon on this state dir to die, then take over
+    /// (SIGTERM or SIGINT stops it while it waits, exit 0).
     #[arg(long)]
     standby: bool,
     /// LMDB map size in MiB (the file grows only as used).
