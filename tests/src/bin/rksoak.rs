@@ -735,6 +735,10 @@ fn main() -> anyhow::Result<()> {
         for v in &violations {
             println!("    {v}");
         }
+        // exit() runs no destructors: stop the processes and remove the
+        // scratch dir first, or a failed soak leaves them behind.
+        drop((smb, nfs, filterd));
+        drop(s);
         std::process::exit(1);
     }
     Ok(())
