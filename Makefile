@@ -13,7 +13,9 @@ release:
 	$(CARGO) build --workspace --release
 
 # Everything: formatting, lints, unit + property tests, end-to-end tests that
-# start the real programs. Root-only tests (mounts, fanotify) run when root.
+# start the real programs. Root-only tests (mounts, fanotify) run when root,
+# and so does the non-root run: tests/tests/nonroot.rs starts filterd as uid
+# 65534 (setpriv) on an export and state dir it owns.
 test: lint build
 	$(CARGO) test --workspace --no-fail-fast
 

@@ -28,9 +28,11 @@ use libfilter::sys::{self, Packet};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
-    accept4, bind, connect, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag,
-    SockType, UnixAddr,
+    accept4, bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily,
+    Backlog, SockFlag, SockType, UnixAddr,
 };
+
+use nix::sys::time::TimeVal;
 
 use crate::engine::{Command, ConnId, Peer};
 use crate::outbox;
@@ -444,11 +446,66 @@ pub fn listen_at(path: &Path) -> anyhow::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Whether a peer may attach: root, our own user, or a member of the socket's
-/// group (the 0660 mode already limits who can connect; this double-checks).
-fn peer_allowed(peer: &Peer, sock_gid: u32) -> bool {
+/// Whether a peer may attach: root, our own user, or a member of the
+/// socket's group — as its primary group or one of its supplementary
+/// groups (read from `/proc/PID/status`). The 0660 mode already limits who
+/// can connect; this is the check that holds when the mode is wider. An
+/// unreadable status (the peer already exited) refuses.
+fn peer_allowed(peer: &Peer, sock_gid: u32) -> Result<(), String> {
     let me = nix::unistd::geteuid().as_raw();
-    peer.uid == 0 || peer.uid == me || peer.gid == sock_gid
+    if peer.uid == 0 || peer.uid == me || peer.gid == sock_gid {
+        return Ok(());
+    }
+    if peer_groups(peer.pid).is_some_and(|g| g.contains(&sock_gid)) {
+        return Ok(());
+    }
+    Err(format!(
+        "uid {} is not filterd's user and not in the socket's group (gid {sock_gid}); access refused",
+        peer.uid
+    ))
+}
+
+/// The supplementary groups of process `pid` (`Groups:` of its status).
+fn peer_groups(pid: i32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect(),
+    )
+}
+
+/// Refused peers waiting for their refusal frame; beyond this many, a
+/// refused peer is simply closed.
+const MAX_REFUSALS_QUEUED: usize = 64;
+
+/// Answers refused peers on a thread of its own, so a peer that never
+/// sends its hello cannot hold up the accept loop: reads the hello (up to
+/// a second), then sends the refusal as the hello's reply and closes. The
+/// hello is read first because closing a socket with unread data resets
+/// the peer's connection, and the refusal would be lost.
+fn spawn_refuser() -> Option<Sender<(OwnedFd, String)>> {
+    let (tx, rx) = crossbeam_channel::bounded::<(OwnedFd, String)>(MAX_REFUSALS_QUEUED);
+    std::thread::Builder::new()
+        .name("refuser".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; MAX_FRAME + 1];
+            for (sock, why) in rx {
+                let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::new(1, 0));
+                let _ = setsockopt(&sock, sockopt::SendTimeout, &TimeVal::new(1, 0));
+                let _ = sys::recv_packet(sock.as_fd(), &mut buf);
+                let frame = ServerFrame::Reply {
+                    id: None,
+                    result: Err(WireError::new(ErrorCode::NotPermitted, why)),
+                };
+                if let Ok(bytes) = proto::encode(&frame) {
+                    let _ = sys::send_packet(sock.as_fd(), &bytes, None);
+                }
+            }
+        })
+        .ok()
+        .map(|_| tx)
 }
 
 /// Accepts connections forever and hands them to the engine.
@@ -457,6 +514,7 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
     let sock_gid = std::fs::metadata(&socket_path)
         .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
         .unwrap_or(0);
+    let refuser = spawn_refuser();
     loop {
         let raw = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
             Ok(fd) => fd,
@@ -483,12 +541,16 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
                 continue;
             }
         };
-        if !peer_allowed(&peer, sock_gid) {
+        if let Err(why) = peer_allowed(&peer, sock_gid) {
             tracing::warn!(
                 pid = peer.pid,
                 uid = peer.uid,
-                "peer not allowed (uid/gid); refusing"
+                gid = peer.gid,
+                "peer not allowed (user/group); refusing"
             );
+            if let Some(r) = &refuser {
+                let _ = r.try_send((sock, why));
+            }
             continue;
         }
         let conn = ConnId(next_id.fetch_add(1, Ordering::Relaxed));

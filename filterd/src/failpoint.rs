@@ -1,11 +1,11 @@
 //! Named crash points, compiled in and armed by an environment variable.
 //!
-//! `RKFILTER_FAILPOINTS=name[:n[:action]][,...]` acts the n-th time (default:
+//! `RKFILTER_FAILPOINTS=name[:n][:action][,...]` acts the n-th time (default:
 //! first) execution reaches `hit(name)`, so tests can prove exactly-once and
 //! crash consistency at every step of a mutating path. Actions:
 //! - `kill` (the default): SIGKILL the daemon, like `kill -9`;
-//! - `panic`: panic on the thread that got there (the daemon is built with
-//!   `panic = "abort"`, so the whole process ends);
+//! - `panic`: panic on the thread that got there (filterd's panic hook
+//!   aborts, so the whole process ends rather than staying half alive);
 //! - `sleepMS`: stall that thread for MS milliseconds — a slow fsync, to
 //!   widen a window that a test then attacks.
 //!
@@ -47,21 +47,24 @@ static ARMED: OnceLock<Mutex<HashMap<String, (u64, Action)>>> = OnceLock::new();
 pub fn init() {
     let spec = std::env::var(ENV).unwrap_or_default();
     let mut map = HashMap::new();
-    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let mut parts = item.splitn(3, ':');
+    'items: for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        // name[:n][:action]: each part after the name is a count or an action.
+        let mut parts = item.split(':');
         let name = parts.next().unwrap_or_default();
-        let n = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1);
-        let action = match parts.next().map(parse_action) {
-            None => Action::Kill,
-            Some(Some(a)) => a,
-            Some(None) => {
+        let (mut n, mut action) = (1, Action::Kill);
+        for p in parts {
+            if let Ok(count) = p.parse() {
+                n = count;
+            } else if let Some(a) = parse_action(p) {
+                action = a;
+            } else {
                 tracing::error!(
                     failpoint = item,
                     "unknown failpoint action (kill, panic, sleepMS): ignored"
                 );
-                continue;
+                continue 'items;
             }
-        };
+        }
         map.insert(name.to_owned(), (n, action));
     }
     if !map.is_empty() {

@@ -6,8 +6,10 @@
 //! against the file's identity, and only then lets a truncating disposition
 //! truncate, so a refused open changes nothing on disk.
 
+use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::OnceLock;
 
 use libfilter::model::{Access, Disposition, FileId, RelPath, Rights};
 use libfilter::proto::{ErrorCode, WireError};
@@ -98,15 +100,57 @@ pub fn stat(fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)> {
 /// re-sent after a crash between the create and its commit recognises its
 /// own file (invariant 3) instead of reporting a collision. `trusted.*`
 /// needs CAP_SYS_ADMIN to set, so clients with local access cannot forge it.
-const CREATE_MARKER: &std::ffi::CStr = c"trusted.rkfilter.create";
+const TRUSTED_MARKER: &CStr = c"trusted.rkfilter.create";
+/// The marker of a daemon without CAP_SYS_ADMIN. Anyone who may write the
+/// file may set a `user.*` attribute, so a local user could forge it (they
+/// would need the client's identity and create GUID); documented.
+const USER_MARKER: &CStr = c"user.rkfilter.create";
+
+/// Which marker this daemon sets, or why it has none — chosen once at
+/// start by [`choose_create_marker`].
+static CREATE_MARKER: OnceLock<Result<&'static CStr, String>> = OnceLock::new();
+
+/// Chooses the create marker by trying it on an anonymous file in the
+/// export root: `trusted.*` when privileged, else `user.*`. `Err` names why
+/// neither works (no `O_TMPFILE` or no extended attributes): persistent
+/// creates are then refused with that reason, never made unmarked.
+pub fn choose_create_marker(root: BorrowedFd<'_>) -> Result<&'static CStr, String> {
+    let probe = || -> Result<&'static CStr, String> {
+        let tmp = sys::openat2_beneath(root, ".", libc::O_TMPFILE | libc::O_RDWR, CREATE_MODE)
+            .map_err(|e| {
+                format!("the export root's filesystem cannot make O_TMPFILE files: {e}")
+            })?;
+        let mut why = Vec::new();
+        for name in [TRUSTED_MARKER, USER_MARKER] {
+            match sys::set_xattr(tmp.as_fd(), name, b"probe") {
+                Ok(()) => return Ok(name),
+                Err(e) => why.push(format!("{}: {e}", name.to_string_lossy())),
+            }
+        }
+        Err(format!(
+            "no create marker can be set on the export root's filesystem ({})",
+            why.join("; ")
+        ))
+    };
+    CREATE_MARKER.get_or_init(probe).clone()
+}
+
+/// The chosen marker (chosen now if [`choose_create_marker`] was not
+/// called: unit tests).
+fn marker_name(root: BorrowedFd<'_>) -> Result<&'static CStr, WireError> {
+    choose_create_marker(root).map_err(|why| {
+        WireError::new(
+            ErrorCode::Unsupported,
+            format!("persistent creates are refused here: {why}"),
+        )
+    })
+}
 
 enum MarkedCreate {
     /// Created and linked under its name, marker set.
     Created(OwnedFd),
     /// The name exists already.
     Exists,
-    /// The filesystem or our privileges do not allow marking.
-    Unsupported,
 }
 
 /// Creates `path` atomically with a marker: an `O_TMPFILE` in the parent
@@ -122,30 +166,20 @@ fn create_marked(
         Some((p, l)) => (p, l),
         None => (".", path.as_str()),
     };
+    let name = marker_name(root)?;
     let dir =
         sys::openat2_beneath(root, parent, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(err)?;
-    let tmp = match sys::openat2_beneath(root, parent, libc::O_TMPFILE | libc::O_RDWR, CREATE_MODE)
-    {
-        Ok(fd) => fd,
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
-            ) =>
-        {
-            return Ok(MarkedCreate::Unsupported)
-        }
-        Err(e) => return Err(err(e)),
-    };
-    if sys::set_xattr(tmp.as_fd(), CREATE_MARKER, marker).is_err() {
-        return Ok(MarkedCreate::Unsupported);
-    }
+    let tmp = sys::openat2_beneath(root, parent, libc::O_TMPFILE | libc::O_RDWR, CREATE_MODE)
+        .map_err(err)?;
+    sys::set_xattr(tmp.as_fd(), name, marker).map_err(|e| {
+        WireError::new(
+            ErrorCode::Internal,
+            format!("{path}: cannot set the create marker: {e}"),
+        )
+    })?;
     match sys::link_tmpfile(tmp.as_fd(), dir.as_fd(), leaf) {
         Ok(()) => Ok(MarkedCreate::Created(tmp)),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(MarkedCreate::Exists),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOENT)) => {
-            Ok(MarkedCreate::Unsupported)
-        }
         Err(e) => Err(err(e)),
     }
 }
@@ -195,7 +229,7 @@ pub fn open(
                         format!("{path}: not a regular file"),
                     ));
                 }
-                let ours = sys::get_xattr(fd.as_fd(), CREATE_MARKER)
+                let ours = sys::get_xattr(fd.as_fd(), marker_name(root)?)
                     .ok()
                     .flatten()
                     .as_deref()
@@ -221,7 +255,6 @@ pub fn open(
                     size,
                 });
             }
-            MarkedCreate::Unsupported => {}
         }
     }
     let (fd, created) = match disposition {
@@ -278,43 +311,87 @@ pub fn clear_marker(
     root: BorrowedFd<'_>,
     fd: Option<BorrowedFd<'_>>,
     h: Option<&libfilter::model::KernelHandle>,
+    path: &RelPath,
 ) {
+    let Ok(name) = marker_name(root) else {
+        return;
+    };
     match (fd, h) {
         (Some(fd), _) => {
-            let _ = sys::remove_xattr(fd, CREATE_MARKER);
+            let _ = sys::remove_xattr(fd, name);
         }
         (None, Some(h)) => {
-            if let Ok(fd) = sys::open_by_handle(root, h, libc::O_RDONLY) {
-                let _ = sys::remove_xattr(fd.as_fd(), CREATE_MARKER);
+            if let Ok(fd) = open_by_handle_or_path(root, h, Some(path), libc::O_RDONLY) {
+                let _ = sys::remove_xattr(fd.as_fd(), name);
             }
         }
         (None, None) => {}
     }
 }
 
+/// Opens the file of kernel handle `h`: by the handle (proven to lie
+/// beneath the root, [`prove_beneath`]), or — when that is not permitted (a daemon without `CAP_DAC_READ_SEARCH`) — by its
+/// recorded `path` beneath the root, accepted only if the file there has
+/// that very kernel handle. The handle carries the inode generation, so a
+/// file unlinked and its inode number reused under the old name is not
+/// taken for it; a file renamed since is not found (`ESTALE`). The path
+/// is opened non-blocking (a FIFO put in its place cannot stall the
+/// daemon), then made blocking again.
+pub fn open_by_handle_or_path(
+    root: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+    path: Option<&RelPath>,
+    flags: i32,
+) -> io::Result<OwnedFd> {
+    let e = match open_by_handle_beneath(root, h, flags) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => e,
+        other => return other,
+    };
+    let Some(path) = path else {
+        return Err(e);
+    };
+    let fd = sys::openat2_beneath(
+        root,
+        path.as_str(),
+        flags | libc::O_NOCTTY | libc::O_NONBLOCK,
+        0,
+    )?;
+    if sys::file_handle_of(fd.as_fd())? != *h {
+        return Err(io::Error::from_raw_os_error(libc::ESTALE));
+    }
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let fl = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(fl - OFlag::O_NONBLOCK))?;
+    Ok(fd)
+}
+
 /// Truncates, through a write descriptor reopened by kernel handle (so a
-/// rename cannot redirect it), the file of a persistent handle.
+/// rename cannot redirect it; by `path` without the capability), the file
+/// of a persistent handle.
 ///
 /// Returns the descriptor, to be fsync'd before the commit that records it.
 pub fn truncate_by_handle(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
+    path: &RelPath,
 ) -> io::Result<OwnedFd> {
-    let fd = open_by_handle_beneath(root, h, libc::O_WRONLY)?;
+    let fd = open_by_handle_or_path(root, h, Some(path), libc::O_WRONLY)?;
     nix::unistd::ftruncate(fd.as_fd(), 0).map_err(io::Error::from)?;
     Ok(fd)
 }
 
 /// Sets the size of a file through a write descriptor reopened by kernel
-/// handle (the client's descriptor may be read-only or gone).
+/// handle (the client's descriptor may be read-only or gone); by `path`,
+/// when known, without the capability.
 ///
 /// Returns the descriptor, to be fsync'd before the commit that records it.
 pub fn set_size_by_handle(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
+    path: Option<&RelPath>,
     size: u64,
 ) -> io::Result<OwnedFd> {
-    let fd = open_by_handle_beneath(root, h, libc::O_WRONLY)?;
+    let fd = open_by_handle_or_path(root, h, path, libc::O_WRONLY)?;
     let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     nix::unistd::ftruncate(fd.as_fd(), len).map_err(io::Error::from)?;
     Ok(fd)
@@ -336,37 +413,19 @@ pub fn truncate(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<
     nix::unistd::ftruncate(fd.as_fd(), 0).map_err(|e| map_errno(&io::Error::from(e), root, path))
 }
 
-/// Reopens a file by kernel handle (restart recovery).
+/// Reopens a file by kernel handle (restart recovery, resume), or without
+/// the capability by its recorded path, checked by kernel handle (see
+/// [`open_by_handle_or_path`]): a renamed file is then reported lost.
 pub fn reopen(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
     access: Access,
     path: &RelPath,
-    expect: FileId,
+    _expect: FileId,
 ) -> io::Result<(OwnedFd, FileId, u64)> {
-    let _ = expect;
-    match open_by_handle_beneath(root, h, open_mode(access)) {
-        Ok(fd) => {
-            let (file, size) = stat(fd.as_fd())?;
-            Ok((fd, file, size))
-        }
-        // Without CAP_DAC_READ_SEARCH (a non-root daemon) file handles cannot
-        // be opened: fall back to the recorded path, accepted only if it
-        // still names the same file — the same kernel file handle, which
-        // carries the inode generation, so a reused inode number is never
-        // taken for the old file. A file renamed meanwhile is then reported
-        // lost instead of found.
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            let fd =
-                sys::openat2_beneath(root, path.as_str(), open_mode(access) | libc::O_NOCTTY, 0)?;
-            if sys::file_handle_of(fd.as_fd())? != *h {
-                return Err(io::Error::from_raw_os_error(libc::ESTALE));
-            }
-            let (file, size) = stat(fd.as_fd())?;
-            Ok((fd, file, size))
-        }
-        Err(e) => Err(e),
-    }
+    let fd = open_by_handle_or_path(root, h, Some(path), open_mode(access))?;
+    let (file, size) = stat(fd.as_fd())?;
+    Ok((fd, file, size))
 }
 
 /// The export root's path as the kernel names it (for [`prove_beneath`]).

@@ -15,6 +15,7 @@ mod fsops;
 mod local;
 mod observability;
 mod outbox;
+mod statedir;
 
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -23,10 +24,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use libfilter::runtime::{DaemonRecord, Phase};
 use libfilter::store::{StateStore, Store};
 
 /// The rkfilter daemon: performs opens beneath an export root for protocol
@@ -37,7 +38,8 @@ struct Args {
     /// The export root: every client path is resolved beneath it.
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
-    /// State directory: LMDB environment, lock file, default socket.
+    /// State directory: LMDB environment, runtime record (filterd.run),
+    /// default socket. The directory itself is locked: one active daemon.
     #[arg(long, value_name = "DIR")]
     state: PathBuf,
     /// Unix socket frontends and filterctl attach to [default: STATE/filterd.sock].
@@ -74,7 +76,8 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = observability::LogFormat::Text)]
     log_format: observability::LogFormat,
-    /// Wait for the active daemon on this state dir to die, then take over.
+    /// Wait for the active daemon on this state dir to die, then take over
+    /// (SIGTERM or SIGINT stops it while it waits, exit 0).
     #[arg(long)]
     standby: bool,
     /// LMDB map size in MiB (the file grows only as used).
@@ -89,6 +92,7 @@ struct Args {
 fn main() {
     let args = Args::parse();
     observability::init(args.log_format);
+    abort_on_panic();
     failpoint::init();
     if let Err(e) = run(args) {
         error!("{e:#}");
@@ -97,43 +101,31 @@ fn main() {
     }
 }
 
-/// Takes the state dir's lock: exclusive, so one active daemon per state dir.
-fn lock_state(state: &std::path::Path, standby: bool) -> anyhow::Result<Flock<File>> {
-    let path = state.join("filterd.lock");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o640)
-        .open(&path)
-        .with_context(|| format!("opening lock file {}", path.display()))?;
-    let mut f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            if !standby {
-                bail!(
-                    "another filterd (pid {}) is active on state dir {}; stop it first, or start this one with --standby to take over when it dies",
-                    holder.trim(),
-                    state.display()
-                );
-            }
-            info!(
-                active_pid = holder.trim(),
-                "standby: waiting for the active filterd to exit"
-            );
-            Flock::lock(f, FlockArg::LockExclusive)
-                .map_err(|(_, e)| e)
-                .context("waiting for the state lock")?
-        }
-        Err((_, e)) => return Err(e).context("locking the state dir"),
-    };
-    use std::io::{Seek, Write};
-    f.set_len(0)?;
-    f.rewind()?;
-    write!(f, "{}", std::process::id())?;
-    Ok(f)
+/// A panic anywhere in filterd ends the process (after the usual message),
+/// like `panic = "abort"`: a daemon whose engine or committer thread died
+/// would otherwise keep its socket and lock while serving nobody. The
+/// service manager restarts it (README: `Restart=always`) and recovery
+/// brings back every persistent handle.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        error!("panic: {info}; aborting so that a restart recovers the state");
+        std::process::abort();
+    }));
+}
+
+/// Whether this process may open files by kernel handle
+/// (`open_by_handle_at` needs `CAP_DAC_READ_SEARCH`, bit 2 of `CapEff`).
+fn has_cap_dac_read_search() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 2) != 0)
 }
 
 /// Raises the descriptor limit as far as allowed: filterd holds one
@@ -181,12 +173,38 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !root_path.is_dir() {
         bail!("export root {} is not a directory", root_path.display());
     }
-    let _lock = lock_state(&state, args.standby)?;
+    let _lock = match statedir::lock(&state, args.standby, &sigs)? {
+        statedir::Locked::Held(l) => l,
+        statedir::Locked::Stopped(sig) => {
+            info!(signal = ?sig, "standby stopped before taking over");
+            return Ok(());
+        }
+    };
+    let socket_path = match args.socket {
+        Some(p) if p.is_relative() => std::env::current_dir()?.join(p),
+        Some(p) => p,
+        None => state.join("filterd.sock"),
+    };
+    let mut record = DaemonRecord {
+        pid: std::process::id(),
+        socket: socket_path.clone(),
+        phase: Phase::Starting,
+    };
+    libfilter::runtime::write(&state, &record).context("writing the runtime record")?;
     let root = File::options()
         .read(true)
         .custom_flags(libc::O_DIRECTORY)
         .open(&root_path)
         .with_context(|| format!("opening export root {}", root_path.display()))?;
+    match fsops::choose_create_marker(std::os::fd::AsFd::as_fd(&root)) {
+        Ok(name) => {
+            info!(marker = %name.to_string_lossy(), "files made by persistent creates are marked")
+        }
+        Err(why) => warn!(%why, "persistent creates will be refused"),
+    }
+    if !has_cap_dac_read_search() {
+        warn!("no CAP_DAC_READ_SEARCH: persistent handles are reopened by their recorded path (checked by kernel file handle); a file renamed while filterd was down is reported lost");
+    }
     if !args.no_fanotify {
         // Fail fast; the group itself is made after recovery (below).
         local::check_mount_point(&root_path)?;
@@ -258,7 +276,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         .name("engine".into())
         .spawn(move || eng.run(poller))?;
 
-    let socket_path = args.socket.unwrap_or_else(|| state.join("filterd.sock"));
     let listener = conn::listen_at(&socket_path)?;
     {
         let (tx, p) = (cmd_tx.clone(), socket_path.clone());
@@ -266,6 +283,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             .name("listener".into())
             .spawn(move || conn::accept_loop(listener, p, tx))?;
     }
+    record.phase = Phase::Serving;
+    libfilter::runtime::write(&state, &record).context("writing the runtime record")?;
     info!(socket = %socket_path.display(), "serving");
 
     let sig = sigs.wait()?;
@@ -283,6 +302,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&socket_path);
     store.clean_shutdown()?;
+    libfilter::runtime::remove(&state);
     info!("clean shutdown");
     Ok(())
 }

@@ -12,6 +12,8 @@
 //!   events. A third-party file server needs nothing else.
 //! - [`attach`]: a reconnecting attachment that resumes a frontend's handles
 //!   by itself after a daemon restart.
+//! - [`runtime`]: the live daemon's record in its state dir (pid, socket),
+//!   how filterctl finds it.
 //! - [`sys`]: the syscall backend (openat2, file handles, SCM_RIGHTS), the one
 //!   module allowed `unsafe`.
 #![deny(unsafe_code)]
@@ -23,6 +25,7 @@ pub mod lease;
 pub mod locks;
 pub mod model;
 pub mod proto;
+pub mod runtime;
 pub mod share;
 pub mod store;
 pub mod sys;

@@ -6,8 +6,9 @@
 //! version (with a migration path), the daemon epoch and the clean-shutdown
 //! flag.
 //!
-//! One writer: filterd, which holds the state dir's lock file. Any process may
-//! open the environment read-only (filterctl's post-mortem view).
+//! One writer: filterd, which holds the state dir's lock (on the directory
+//! itself). Any process may open the environment read-only (filterctl's
+//! post-mortem view).
 //!
 //! Commits are durable: the environment is opened without `NO_SYNC`, so
 //! `commit` returns only after LMDB has fsync'd. Only persistent state is

@@ -42,7 +42,9 @@ pub fn openat2_beneath(
     let how = OpenHow {
         flags: u64::try_from(flags | libc::O_CLOEXEC)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
-        mode: if flags & libc::O_CREAT != 0 {
+        // The mode counts for O_CREAT and for O_TMPFILE (whose anonymous
+        // file would otherwise be born with mode 0000).
+        mode: if flags & libc::O_CREAT != 0 || flags & libc::O_TMPFILE == libc::O_TMPFILE {
             u64::from(mode)
         } else {
             0
@@ -181,8 +183,8 @@ pub fn open_lmdb(
     opts.max_dbs(max_dbs).map_size(map_size).max_readers(256);
     // SAFETY: heed requires that an environment is not opened twice in one
     // process and that flags be consistent; the store opens each state dir
-    // once per process (filterd holds an exclusive lock file, filterctl opens
-    // it once per run).
+    // once per process (filterd holds an exclusive lock on the state dir,
+    // filterctl opens it once per run).
     unsafe {
         opts.flags(flags);
         opts.open(path)
@@ -416,8 +418,10 @@ pub fn remove_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<()>
 }
 
 /// Gives the anonymous file `fd` (from `O_TMPFILE`) the name `leaf` in
-/// directory `dir` (`linkat` with `AT_EMPTY_PATH`; needs
-/// `CAP_DAC_READ_SEARCH`). `leaf` must be a single component.
+/// directory `dir`: `linkat` with `AT_EMPTY_PATH` (needs
+/// `CAP_DAC_READ_SEARCH`), or, without the capability, through
+/// `/proc/self/fd/N` with `AT_SYMLINK_FOLLOW` (what open(2) documents for
+/// unprivileged callers). `leaf` must be a single component.
 pub fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, leaf: &str) -> io::Result<()> {
     if leaf.contains('/') || leaf.is_empty() {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -431,6 +435,25 @@ pub fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, leaf: &str) -> io::
             dir.as_raw_fd(),
             cleaf.as_ptr(),
             libc::AT_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOENT)) {
+        return Err(e);
+    }
+    let proc_path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: both paths are NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            proc_path.as_ptr(),
+            dir.as_raw_fd(),
+            cleaf.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
         )
     };
     if r == 0 {

@@ -182,9 +182,43 @@ impl Filterd {
     }
 
     fn spawn_with(s: &Scratch, extra: &[&str], env: &[(&str, &str)], no_fanotify: bool) -> Filterd {
+        Self::spawn_full(s, None, &[], extra, env, no_fanotify)
+    }
+
+    /// Starts filterd (`--no-fanotify`) serving `socket` instead of the
+    /// default one, run through `wrap` (e.g. `setpriv --reuid=65534 ... --`)
+    /// when given; does not wait.
+    pub fn spawn_on(
+        s: &Scratch,
+        socket: Option<&Path>,
+        wrap: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Filterd {
+        Self::spawn_full(s, socket, wrap, extra, env, true)
+    }
+
+    fn spawn_full(
+        s: &Scratch,
+        socket: Option<&Path>,
+        wrap: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+        no_fanotify: bool,
+    ) -> Filterd {
         let n = std::fs::read_dir(&s.dir).map(|d| d.count()).unwrap_or(0);
         let log = s.dir.join(format!("filterd-{n}.log"));
-        let mut cmd = Command::new(bin("filterd"));
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("filterd"));
+                c
+            }
+            None => Command::new(bin("filterd")),
+        };
+        if let Some(sock) = socket {
+            cmd.arg("--socket").arg(sock);
+        }
         cmd.arg("--root")
             .arg(s.root())
             .arg("--state")
@@ -202,8 +236,36 @@ impl Filterd {
         Filterd {
             child: Some(child),
             log,
-            socket: s.socket(),
+            socket: socket.map_or_else(|| s.socket(), Path::to_path_buf),
         }
+    }
+
+    /// The socket it serves.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends it `sig` (it keeps running, or not, as it decides).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
+        nix::sys::signal::kill(pid, sig).expect("signal filterd");
+    }
+
+    /// Polls its log until it contains `needle` (panics with the log after
+    /// `timeout`).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_for(&format!("filterd to log {needle:?}"), timeout, || {
+            self.log_text().contains(needle).then_some(())
+        });
+    }
+
+    /// Whether it has exited (reaping it if so), without waiting.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self.child.as_mut()?.try_wait().ok().flatten();
+        if st.is_some() {
+            self.child = None;
+        }
+        st
     }
 
     /// Polls until a control hello succeeds.
@@ -334,6 +396,17 @@ impl Drop for TestFront {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Attaches an in-process frontend of `protocol` named `instance` (panics
+/// if filterd refuses it).
+pub fn attach(socket: &Path, protocol: &str, instance: &str) -> FilterClient {
+    FilterClient::connect_frontend(
+        socket,
+        libfilter::model::Protocol::new(protocol).expect("protocol name"),
+        libfilter::model::InstanceName::new(instance).expect("instance name"),
+    )
+    .unwrap_or_else(|e| panic!("frontend {protocol}/{instance} attaches: {e}"))
 }
 
 /// Output of a filterctl run.

@@ -407,8 +407,16 @@ fn kill9_under_concurrent_load_loses_no_acknowledged_handle() {
     };
     let base = settled();
     let sample: Vec<_> = acked.iter().take(50).collect();
-    for (i, (k, client, _)) in sample.iter().enumerate() {
-        let h = fronts[i % 4]
+    // Each handle is resumed by the instance that opened it (client-T's
+    // opens were made by load-T): only the owning instance may resume.
+    let owner = |client: &str| -> usize {
+        client
+            .trim_start_matches("client-")
+            .parse()
+            .expect("client-T")
+    };
+    for (k, client, _) in &sample {
+        let h = fronts[owner(client)]
             .resume(ClientId::new(client.as_str()).unwrap(), *k)
             .unwrap();
         drop(h.fd);
@@ -418,8 +426,8 @@ fn kill9_under_concurrent_load_loses_no_acknowledged_handle() {
         Duration::from_secs(5),
         || (fd_count() == base + sample.len()).then_some(()),
     );
-    for (i, (k, _, _)) in sample.iter().enumerate() {
-        fronts[i % 4].close(*k).unwrap();
+    for (k, client, _) in &sample {
+        fronts[owner(client)].close(*k).unwrap();
     }
     rkfilter_tests::wait_for(
         "closing to give every descriptor back",

@@ -754,6 +754,24 @@ fn filterctl_reads_state_while_filterd_is_down() {
     let out = filterctl(&["--state", st.to_str().unwrap(), "expire", key]);
     assert_eq!(out.code, 1, "mutating offline must refuse: {}", out.stdout);
     drop(fe);
+    // The offline view is what the restarted daemon shows: the handle
+    // (connected when the daemon died) disconnected, same path and modes.
+    assert_eq!(hs[0]["conn"]["state"], "disconnected", "{}", hs[0]);
+    let _d2 = Filterd::start(&s, &[], &[]);
+    let live = handle_list(&handles_json(&s));
+    assert_eq!(live.len(), 1);
+    for f in [
+        "key",
+        "path",
+        "access",
+        "share",
+        "durability",
+        "client",
+        "frontend",
+    ] {
+        assert_eq!(live[0][f], hs[0][f], "{f}");
+    }
+    assert_eq!(live[0]["conn"]["state"], hs[0]["conn"]["state"]);
 }
 
 #[test]
@@ -848,6 +866,18 @@ fn failpoints_prove_no_reply_before_commit() {
 fn one_active_daemon_per_state_dir_and_clean_shutdown() {
     let s = Scratch::new("single");
     let mut d = Filterd::start(&s, &[], &[]);
+    // Something for the standby to recover.
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let p = fe.cmd(open_cmd(
+        "alice",
+        "kept.txt",
+        &["read", "write"],
+        &[],
+        "create",
+        json!({"kind": "persistent", "timeout_ms": 60000}),
+        None,
+    ));
+    assert_eq!(p["ok"], true, "{p}");
     let mut second = Filterd::spawn(&s, &[], &[]);
     let st = second.wait_exit(Duration::from_secs(10));
     assert!(!st.success());
@@ -867,6 +897,31 @@ fn one_active_daemon_per_state_dir_and_clean_shutdown() {
         took < Duration::from_secs(1),
         "standby must take over within a second, took {took:?}"
     );
+    drop(fe);
+    assert_eq!(
+        state_of(&s, &p["key"]),
+        "disconnected",
+        "the standby recovered the handle"
+    );
+    let bob = frontend(&s, "nfs", "nfs-1").open(req(
+        "bob",
+        "kept.txt",
+        Rights::READ,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ));
+    assert_eq!(
+        bob.err().and_then(|e| e.code()),
+        Some(ErrorCode::FileNotAvailable),
+        "and it protects the file"
+    );
+    // A second standby behind it stops on SIGTERM while it waits.
+    let other = s.dir.join("standby2.sock");
+    let mut standby2 = Filterd::spawn_on(&s, Some(&other), &[], &["--standby"], &[]);
+    standby2.wait_log("waiting for the active filterd", Duration::from_secs(10));
+    standby2.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(standby2.wait_exit(Duration::from_secs(5)).success());
     assert!(standby.terminate().success(), "SIGTERM must exit 0");
     assert!(!s.socket().exists(), "socket removed on clean shutdown");
 }
@@ -923,8 +978,12 @@ fn confinement_holds_while_a_symlink_is_swapped_in() {
         })
     };
     let fe = frontend(&s, "smb", "smb-race");
-    let (mut inside, mut refused) = (0, 0);
-    for _ in 0..2000 {
+    // Until both outcomes were seen: opens that resolved through the real
+    // directory, and opens refused because "d" was the symlink out of the
+    // root (AccessDenied). Without both, the race was not exercised.
+    let (mut inside, mut refused, mut absent) = (0, 0, 0);
+    let t0 = std::time::Instant::now();
+    while (inside == 0 || refused == 0) && t0.elapsed() < Duration::from_secs(30) {
         match fe.open(req(
             "c",
             "d/passwd",
@@ -940,56 +999,21 @@ fn confinement_holds_while_a_symlink_is_swapped_in() {
                 fe.close(h.info.key).unwrap();
                 inside += 1;
             }
-            Err(e) => {
-                assert!(
-                    matches!(
-                        e.code(),
-                        Some(ErrorCode::AccessDenied)
-                            | Some(ErrorCode::NotFound)
-                            | Some(ErrorCode::PathNotFound)
-                    ),
-                    "{e}"
-                );
-                refused += 1;
-            }
+            Err(e) => match e.code() {
+                Some(ErrorCode::AccessDenied) => {
+                    assert!(e.to_string().contains("outside the export root"), "{e}");
+                    refused += 1;
+                }
+                Some(ErrorCode::NotFound) | Some(ErrorCode::PathNotFound) => absent += 1,
+                _ => panic!("unexpected refusal: {e}"),
+            },
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let swaps = swapper.join().unwrap();
-    assert!(swaps > 100, "the swapper raced the opens ({swaps} swaps)");
-    assert!(refused > 0 || inside > 0);
-    eprintln!("{inside} opens inside, {refused} refused, {swaps} swaps");
-}
-
-/// The socket is 0660 and a peer outside filterd's user and the socket's
-/// group cannot attach (root only: it runs filterctl as nobody).
-#[test]
-fn the_socket_admits_only_its_user_and_group() {
-    use std::os::unix::fs::PermissionsExt;
-    let s = Scratch::new("socket-perm");
-    let _d = Filterd::start(&s, &[], &[]);
-    let mode = std::fs::metadata(s.socket()).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o660, "socket mode {mode:o}");
-    if !nix::unistd::geteuid().is_root() {
-        return;
-    }
-    // Let nobody reach the socket file itself: only its mode stands guard.
-    for d in [s.dir.clone(), s.state()] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let sock = s.socket().display().to_string();
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(rkfilter_tests::bin("filterctl"))
-        .args(["--socket", &sock, "status"])
-        .output()
-        .expect("setpriv");
-    assert!(!out.status.success(), "nobody attached: {out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("ermission denied"), "{err}");
-    // Root (filterd's user here) still can.
-    assert_eq!(
-        rkfilter_tests::filterctl(&["--socket", &sock, "status"]).code,
-        0
+    eprintln!("{inside} opens inside, {refused} refused, {absent} absent, {swaps} swaps");
+    assert!(
+        inside > 0 && refused > 0,
+        "the race must reach both the real directory and the symlink out"
     );
 }

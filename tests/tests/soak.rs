@@ -20,11 +20,21 @@ fn short_soak_has_no_violations() {
         stdout.contains("violations                      0"),
         "{stdout}"
     );
-    let failovers: u64 = stdout
+    let failovers = count(&stdout, "failovers");
+    assert!(failovers >= 5, "the chaos loop ran: {stdout}");
+    let post_mortems = count(&stdout, "post-mortems compared");
+    assert!(
+        post_mortems >= 1,
+        "filterctl's post-mortem view was compared with a restart: {stdout}"
+    );
+}
+
+/// The figure on the summary line labelled `label` (0 if absent).
+fn count(stdout: &str, label: &str) -> u64 {
+    stdout
         .lines()
-        .find(|l| l.contains("failovers"))
+        .find(|l| l.contains(label))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(failovers >= 5, "the chaos loop ran: {stdout}");
+        .unwrap_or(0)
 }

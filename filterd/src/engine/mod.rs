@@ -384,7 +384,7 @@ impl Engine {
                     let done = record
                         .kernel_handle
                         .as_ref()
-                        .map(|kh| fsops::truncate_by_handle(self.root.as_fd(), kh));
+                        .map(|kh| fsops::truncate_by_handle(self.root.as_fd(), kh, &record.path));
                     match done {
                         Some(Ok(fd)) => {
                             sync.push(fd);
@@ -440,7 +440,13 @@ impl Engine {
                     // protocol read and write of the file waited for its
                     // completion to commit (`content_changes`), so nothing
                     // acknowledged can have come after the first attempt.
-                    match fsops::set_size_by_handle(self.root.as_fd(), &kernel_handle, size) {
+                    let path = store.handle(key).ok().flatten().map(|r| r.path);
+                    match fsops::set_size_by_handle(
+                        self.root.as_fd(),
+                        &kernel_handle,
+                        path.as_ref(),
+                        size,
+                    ) {
                         Ok(fd) => {
                             sync.push(fd);
                             info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
@@ -1613,7 +1619,7 @@ impl Engine {
             return;
         };
         let truncated = match &h.rec.kernel_handle {
-            Some(kh) => fsops::truncate_by_handle(self.root.as_fd(), kh),
+            Some(kh) => fsops::truncate_by_handle(self.root.as_fd(), kh, &h.rec.path),
             None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
         };
         crate::failpoint::hit("intent.after_fs");
@@ -1726,6 +1732,15 @@ impl Engine {
                     format!("handle {key} lost its file"),
                 ))
             }
+            (None, _) if h.rec.frontend != instance => {
+                return Err(err(
+                    ErrorCode::NotOwner,
+                    format!(
+                        "open {key} belongs to frontend instance {}; attach as that instance to take it over",
+                        h.rec.frontend
+                    ),
+                ))
+            }
             (None, _) => self.reattach(conn, instance, key)?,
         };
         self.stats.replays_detected += 1;
@@ -1764,6 +1779,17 @@ impl Engine {
             return Err(err(
                 ErrorCode::NotOwner,
                 format!("handle {key} belongs to another client or protocol"),
+            ));
+        }
+        // Only the instance that owns it resumes it; taking a dead
+        // instance's handles over means attaching under its name.
+        if h.rec.frontend != instance {
+            return Err(err(
+                ErrorCode::NotOwner,
+                format!(
+                    "handle {key} belongs to frontend instance {}; attach as that instance to take it over",
+                    h.rec.frontend
+                ),
             ));
         }
         match h.rec.conn {
@@ -2883,16 +2909,18 @@ impl Engine {
                 size,
                 record,
             } => {
-                let done = fsops::set_size_by_handle(root, kernel_handle, *size).map_err(|e| {
-                    // A size the filesystem cannot hold is the client's
-                    // bad parameter; no space is disk full.
-                    let code = match e.raw_os_error() {
-                        Some(libc::EFBIG) | Some(libc::EINVAL) => ErrorCode::BadFrame,
-                        Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
-                        _ => ErrorCode::Internal,
-                    };
-                    err(code, format!("set end of file to {size}: {e}"))
-                });
+                let path = self.handles.get(key).map(|h| &h.rec.path);
+                let done =
+                    fsops::set_size_by_handle(root, kernel_handle, path, *size).map_err(|e| {
+                        // A size the filesystem cannot hold is the client's
+                        // bad parameter; no space is disk full.
+                        let code = match e.raw_os_error() {
+                            Some(libc::EFBIG) | Some(libc::EINVAL) => ErrorCode::BadFrame,
+                            Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
+                            _ => ErrorCode::Internal,
+                        };
+                        err(code, format!("set end of file to {size}: {e}"))
+                    });
                 if durable {
                     if let Some(f) = self.handles.get(key).map(|h| h.rec.file) {
                         self.content_change_done(f);
@@ -3107,6 +3135,7 @@ impl Engine {
                     self.root.as_fd(),
                     h.fd.as_ref().map(|f| f.as_fd()),
                     h.rec.kernel_handle.as_ref(),
+                    &h.rec.path,
                 );
             }
             self.batch

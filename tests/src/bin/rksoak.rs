@@ -9,6 +9,9 @@
 //! recovery, verifies: no acknowledged write lost, no replay applied twice,
 //! every persistent open and lock still in filterd, share modes still
 //! refusing an intruder, filterd's descriptors and memory within a bound.
+//! Each time filterd is killed, filterctl's post-mortem view of the state
+//! dir is compared with what the restarted daemon shows (started first on a
+//! side socket no frontend knows, so nothing has changed it yet).
 //! Prints a summary; exits 1 if any check failed.
 
 use std::collections::BTreeMap;
@@ -53,6 +56,8 @@ struct Tally {
     retries: AtomicU64,
     failovers: AtomicU64,
     checks: AtomicU64,
+    /// filterctl post-mortem views compared with the restarted daemon's.
+    post_mortems: AtomicU64,
     /// Short-lived opens, renames, removes and closes done on the side
     /// (not checked: they may fail across a failover).
     side_ops: AtomicU64,
@@ -444,28 +449,9 @@ fn check(
     let handles = ctl.handles()?;
     let locks = ctl.locks()?;
     // What an operator sees: filterctl's view matches the daemon's.
-    let out = std::process::Command::new(rkfilter_tests::bin("filterctl"))
-        .args([
-            "--socket",
-            &socket.display().to_string(),
-            "handles",
-            "--json",
-        ])
-        .output()?;
-    let shown: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "filterctl handles: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    let mut seen: Vec<String> = shown
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|h| h["key"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut seen: Vec<String> = ctl_handles(&["--socket", &socket.display().to_string()])?
+        .into_keys()
+        .collect();
     let mut have: Vec<String> = handles.iter().map(|h| h.record.key.to_string()).collect();
     seen.sort();
     have.sort();
@@ -545,6 +531,71 @@ fn stop_on_signals(dir: std::path::PathBuf) {
         });
 }
 
+/// key → (state, path) of every handle `filterctl ARGS handles --json` shows.
+fn ctl_handles(args: &[&str]) -> anyhow::Result<BTreeMap<String, (String, String)>> {
+    let out = std::process::Command::new(rkfilter_tests::bin("filterctl"))
+        .args(args)
+        .args(["handles", "--json"])
+        .output()?;
+    let shown: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "filterctl handles: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let field = |h: &Value, f: &str| h[f].as_str().unwrap_or("?").to_owned();
+    Ok(shown
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|h| {
+                    let state = h["conn"]["state"].as_str().unwrap_or("?").to_owned();
+                    (field(h, "key"), (state, field(h, "path")))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// With filterd dead: filterctl's post-mortem view of the state dir must be
+/// what the restarted daemon shows. The daemon is started on a side socket
+/// (no frontend reattaches and changes anything), read, and stopped. The
+/// one allowed difference: a handle whose file was removed shows as
+/// disconnected offline and lost after the restart (only a reopen can tell).
+fn post_mortem_matches_restart(s: &Scratch, tally: &Tally) {
+    let state = s.state().display().to_string();
+    let compare = || -> anyhow::Result<()> {
+        let offline = ctl_handles(&["--state", &state])?;
+        let side = s.dir.join("side.sock");
+        let mut probe = Filterd::spawn_on(s, Some(&side), &[], &[], &[]);
+        probe.wait_ready();
+        let restarted = ctl_handles(&["--socket", &side.display().to_string()])?;
+        if !probe.terminate().success() {
+            bail!("the side daemon did not stop cleanly");
+        }
+        let differ = |k: &String| match (offline.get(k), restarted.get(k)) {
+            (Some((o, p)), Some((r, q))) => {
+                p != q || (o != r && !(o == "disconnected" && r == "lost"))
+            }
+            _ => true,
+        };
+        let keys: std::collections::BTreeSet<&String> =
+            offline.keys().chain(restarted.keys()).collect();
+        if let Some(k) = keys.into_iter().find(|k| differ(k)) {
+            bail!(
+                "filterctl's post-mortem view differs from the restarted daemon's at {k}: {:?} vs {:?}",
+                offline.get(k),
+                restarted.get(k)
+            );
+        }
+        Ok(())
+    };
+    tally.post_mortems.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = compare() {
+        tally.violation(format!("{e:#}"));
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = Scratch::new("soak");
@@ -612,6 +663,7 @@ fn main() -> anyhow::Result<()> {
             }
             _ => {
                 filterd.kill9();
+                post_mortem_matches_restart(&s, &tally);
                 filterd = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
             }
         }
@@ -670,6 +722,7 @@ fn main() -> anyhow::Result<()> {
         ("replays answered", &tally.replays),
         ("retries after failures", &tally.retries),
         ("checks", &tally.checks),
+        ("post-mortems compared", &tally.post_mortems),
         ("side opens/renames done", &tally.side_ops),
         ("side ops lost to failover", &tally.side_failed),
     ] {
@@ -682,6 +735,10 @@ fn main() -> anyhow::Result<()> {
         for v in &violations {
             println!("    {v}");
         }
+        // exit() runs no destructors: stop the processes and remove the
+        // scratch dir first, or a failed soak leaves them behind.
+        drop((smb, nfs, filterd));
+        drop(s);
         std::process::exit(1);
     }
     Ok(())

@@ -1,9 +1,13 @@
 //! filterctl — the operator's view of rkfilter.
 //!
-//! Talks to a live filterd over its socket (`--socket`, or `--state DIR` whose
-//! `filterd.sock` answers), or, when the daemon is down, reads the LMDB files of
-//! `--state DIR` read-only: the post-mortem view. Mutating commands need the
-//! live daemon. `--json` prints one JSON document; otherwise aligned tables.
+//! Talks to a live filterd over its socket (`--socket`, or `--state DIR`: the
+//! daemon that holds DIR, found through its runtime record whatever socket it
+//! serves), or, when the daemon is down, reads the LMDB files of `--state DIR`
+//! read-only: the post-mortem view. The post-mortem view shows what a restart
+//! will show — every persistent handle disconnected (or lost), no durable or
+//! non-durable ones — not what the dead daemon last wrote. Mutating commands
+//! need the live daemon. `--json` prints one JSON document; otherwise aligned
+//! tables.
 #![forbid(unsafe_code)]
 
 mod render;
@@ -14,8 +18,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use libfilter::client::FilterClient;
-use libfilter::model::ResumeKey;
+use libfilter::model::{ConnState, Intent, IntentChange, ResumeKey};
 use libfilter::proto::{FileView, HandleView, Reply, Request};
+use libfilter::runtime::Phase;
 use libfilter::store::Store;
 
 /// Inspect and manage the handle state of rkfilter's filterd.
@@ -26,8 +31,9 @@ struct Args {
     /// filterd's Unix socket.
     #[arg(long, value_name = "PATH", global = true)]
     socket: Option<PathBuf>,
-    /// filterd's state directory: its socket if the daemon runs, else its
-    /// LMDB files, read-only.
+    /// filterd's state directory: the daemon serving it if one runs (on
+    /// whatever socket), else its LMDB files, read-only, shown as a restart
+    /// will show them.
     #[arg(long, value_name = "DIR", global = true)]
     state: Option<PathBuf>,
     /// Print one JSON document instead of tables.
@@ -88,6 +94,33 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
         .state
         .as_deref()
         .context("--socket or --state is required")?;
+    // The daemon that holds the state dir says where it listens. While it
+    // runs, its store is never read behind its back.
+    match libfilter::runtime::live(state) {
+        Ok(Some(rec)) => {
+            return match FilterClient::connect_control(&rec.socket) {
+                Ok(c) => Ok(Source::Live(c)),
+                Err(e) if rec.phase == Phase::Starting => Err(e).with_context(|| {
+                    format!(
+                        "filterd (pid {}) is starting on {} (recovering its store); try again once it serves {}",
+                        rec.pid,
+                        state.display(),
+                        rec.socket.display()
+                    )
+                }),
+                Err(e) => Err(e).with_context(|| {
+                    format!(
+                        "filterd (pid {}) serves {} on {}, which does not answer",
+                        rec.pid,
+                        state.display(),
+                        rec.socket.display()
+                    )
+                }),
+            };
+        }
+        Ok(None) => {}
+        Err(e) => eprintln!("filterctl: ignoring {e}"),
+    }
     if let Ok(c) = FilterClient::connect_control(&state.join("filterd.sock")) {
         return Ok(Source::Live(c));
     }
@@ -104,18 +137,51 @@ fn parse_key(s: &str) -> anyhow::Result<ResumeKey> {
     s.parse::<ResumeKey>().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// The handles a restart of filterd on this store would show: every
+/// persistent record (non-persistent ones are dropped at recovery),
+/// including the one an interrupted overwrite installs, disconnected with a
+/// fresh timeout — whatever state the dead daemon last wrote — or lost if
+/// it was lost already or has no kernel handle to reopen by. (Recovery also
+/// marks lost a handle whose file is gone; only a restart can tell.)
 fn offline_handles(store: &Store) -> anyhow::Result<(Vec<HandleView>, Vec<String>)> {
-    let mut views = Vec::new();
+    let mut records = Vec::new();
     let mut corrupt = Vec::new();
-    for r in store.handles()? {
-        match r {
-            Ok(record) => views.push(HandleView {
-                record,
-                fd_open: false,
-            }),
+    for i in store.intents()? {
+        match i {
+            Ok(Intent {
+                change: IntentChange::TruncatingOpen { record },
+                ..
+            }) => records.push(*record),
+            Ok(_) => {}
             Err(e) => corrupt.push(e.to_string()),
         }
     }
+    for r in store.handles()? {
+        match r {
+            Ok(record) => records.push(record),
+            Err(e) => corrupt.push(e.to_string()),
+        }
+    }
+    let now = libfilter::model::now_ms();
+    let mut views: Vec<HandleView> = records
+        .into_iter()
+        .filter(|r| r.durability.is_persistent())
+        .map(|mut record| {
+            record.conn = match (record.conn, &record.kernel_handle) {
+                (ConnState::Lost, _) | (_, None) => ConnState::Lost,
+                _ => ConnState::Disconnected {
+                    since_ms: now,
+                    expires_ms: now + u64::from(record.durability.timeout_ms().unwrap_or(0)),
+                },
+            };
+            HandleView {
+                record,
+                fd_open: false,
+            }
+        })
+        .collect();
+    views.sort_by_key(|v| v.record.key);
+    views.dedup_by_key(|v| v.record.key);
     Ok((views, corrupt))
 }
 
@@ -274,12 +340,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     Reply::Handle(v) => v,
                     other => bail!("unexpected reply {other:?}"),
                 },
-                Source::Offline(store) => HandleView {
-                    record: store
-                        .handle(key)?
-                        .with_context(|| format!("no handle {key} in the store"))?,
-                    fd_open: false,
-                },
+                Source::Offline(store) => offline_handles(&store)?
+                    .0
+                    .into_iter()
+                    .find(|v| v.record.key == key)
+                    .with_context(|| {
+                        format!("no handle {key} in the store that a restart would recover")
+                    })?,
             };
             if args.json {
                 print_json(&view)

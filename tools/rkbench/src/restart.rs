@@ -113,6 +113,13 @@ pub fn measure(filterd: &Path, dir: &Path, n: usize) -> anyhow::Result<RestartFi
     };
     drop(client);
     drop(d);
+    // A fast start that lost handles is no figure at all (the directory
+    // and its log are kept to look at).
+    anyhow::ensure!(
+        recovered == u64::try_from(n)?,
+        "filterd recovered {recovered} of {n} persistent handles (see {})",
+        log.display()
+    );
     let _ = std::fs::remove_dir_all(dir.join(format!("restart-{n}")));
     Ok(RestartFigure {
         handles: n,

@@ -1,0 +1,146 @@
+//! The live daemon's runtime record in its state dir (`STATE/filterd.run`).
+//!
+//! filterd writes it as soon as it holds the state dir's lock (phase
+//! `starting`) and again once its socket accepts (phase `serving`), and
+//! removes it on a clean shutdown. It names the daemon's pid and socket, so
+//! `filterctl --state DIR` finds a live daemon whatever `--socket` it was
+//! started with, and never reads the LMDB files behind a running daemon's
+//! back. A record whose pid is no longer a filterd is stale (the daemon was
+//! killed): the store is then at rest and may be read offline.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The record's file name in the state dir.
+pub const RUNTIME_FILE: &str = "filterd.run";
+
+/// How far the daemon has got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Holds the lock; recovering the store, socket not yet accepting.
+    Starting,
+    /// The socket accepts.
+    Serving,
+}
+
+/// Who serves a state dir.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonRecord {
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Its socket (absolute).
+    pub socket: PathBuf,
+    /// How far it has got.
+    pub phase: Phase,
+}
+
+/// Reading or writing the runtime record failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The file could not be read or written.
+    #[error("{path}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not hold a record.
+    #[error("{path} is not a filterd runtime record")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes the record (atomically: a temporary file renamed over it).
+pub fn write(state: &Path, rec: &DaemonRecord) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state.join(RUNTIME_FILE);
+    let tmp = state.join(format!("{RUNTIME_FILE}.tmp"));
+    let text = serde_json::to_string(rec).map_err(|source| RuntimeError::Corrupt {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// Reads the record; `None` when there is none.
+pub fn read(state: &Path) -> Result<Option<DaemonRecord>, RuntimeError> {
+    let path = state.join(RUNTIME_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|source| RuntimeError::Corrupt {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+/// Removes the record (clean shutdown). Absent is fine.
+pub fn remove(state: &Path) {
+    let _ = std::fs::remove_file(state.join(RUNTIME_FILE));
+}
+
+/// Whether `pid` is a running filterd (its `/proc/PID/comm` says so): a
+/// record whose daemon was killed names a dead or reused pid.
+pub fn is_live_filterd(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "filterd")
+}
+
+/// The record of the filterd that is alive on `state`, if any.
+pub fn live(state: &Path) -> Result<Option<DaemonRecord>, RuntimeError> {
+    Ok(read(state)?.filter(|r| is_live_filterd(r.pid)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_staleness() {
+        let dir = std::env::temp_dir().join(format!("rkf-runtime-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(read(&dir).unwrap(), None);
+        let rec = DaemonRecord {
+            pid: u32::MAX,
+            socket: dir.join("s.sock"),
+            phase: Phase::Serving,
+        };
+        write(&dir, &rec).unwrap();
+        assert_eq!(read(&dir).unwrap(), Some(rec));
+        // No process has that pid: the record is stale.
+        assert_eq!(live(&dir).unwrap(), None);
+        std::fs::write(dir.join(RUNTIME_FILE), b"nonsense").unwrap();
+        assert!(matches!(read(&dir), Err(RuntimeError::Corrupt { .. })));
+        remove(&dir);
+        assert_eq!(read(&dir).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

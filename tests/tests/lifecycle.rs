@@ -1,0 +1,228 @@
+//! End-to-end tests of the daemon's lifecycle and the operator's view of it:
+//! one active daemon per store whatever happens to files in the state dir,
+//! a standby that can be stopped while it waits, a panicking daemon that
+//! ends (to be restarted) instead of lingering, and `filterctl --state`
+//! that finds the live daemon on any socket and, offline, shows what a
+//! restart will show.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use rkfilter_tests::{filterctl, wait_for, Filterd, Scratch, TestFront};
+use serde_json::{json, Value};
+
+fn open_cmd(client: &str, path: &str, dur: Value, guid: Option<&str>) -> Value {
+    json!({"cmd": "open", "client": client, "path": path, "access": ["read", "write"],
+           "share": ["read"], "disposition": "open_if", "durability": dur, "create_guid": guid})
+}
+
+fn persistent() -> Value {
+    json!({"kind": "persistent", "timeout_ms": 60000})
+}
+
+fn ctl_state(s: &Scratch, args: &[&str]) -> rkfilter_tests::CtlOutput {
+    let st = s.state();
+    let mut a = vec!["--state", st.to_str().unwrap()];
+    a.extend_from_slice(args);
+    filterctl(&a)
+}
+
+/// The epoch the store records, read offline (the daemon must be down).
+fn stored_epoch(s: &Scratch) -> u64 {
+    let out = ctl_state(s, &["status", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    assert_eq!(v["daemon"], "not running", "{v}");
+    v["meta"]["epoch"].as_u64().expect("epoch")
+}
+
+/// key → (state, path, durability kind) of every handle `filterctl
+/// handles --json` lists.
+fn handle_states(out: &rkfilter_tests::CtlOutput) -> BTreeMap<String, (String, String, String)> {
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    let list = match &v {
+        Value::Array(a) => a.clone(),
+        other => other["handles"].as_array().cloned().unwrap_or_default(),
+    };
+    list.iter()
+        .map(|h| {
+            (
+                h["key"].as_str().unwrap_or("?").to_owned(),
+                (
+                    h["conn"]["state"].as_str().unwrap_or("?").to_owned(),
+                    h["path"].as_str().unwrap_or("?").to_owned(),
+                    h["durability"]["kind"].as_str().unwrap_or("?").to_owned(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// A standby sent SIGTERM or SIGINT while it waits for the lock exits at
+/// once with status 0; when the active daemon then dies, nothing takes
+/// over (it used to keep waiting, take over, and only then exit).
+#[test]
+fn a_waiting_standby_stops_on_sigterm_or_sigint_and_never_takes_over() {
+    let s = Scratch::new("standby-stop");
+    let mut active = Filterd::start(&s, &[], &[]);
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let other = s.dir.join(format!("standby-{sig:?}.sock"));
+        let mut standby = Filterd::spawn_on(&s, Some(&other), &[], &["--standby"], &[]);
+        standby.wait_log("waiting for the active filterd", Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        standby.signal(sig);
+        let st = standby.wait_exit(Duration::from_secs(5));
+        assert!(st.success(), "{sig:?}: a stopped standby exits 0: {st:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{sig:?}: took {:?}",
+            t0.elapsed()
+        );
+        assert!(!other.exists(), "{sig:?}: the standby never served");
+        assert!(
+            !standby.log_text().contains("serving"),
+            "{}",
+            standby.log_text()
+        );
+    }
+    // The active one still serves; once it dies nobody is left to take over.
+    active.control();
+    active.kill9();
+    assert!(libfilter::client::FilterClient::connect_control(&s.socket()).is_err());
+}
+
+/// Deleting every file of the state dir while a daemon runs does not let a
+/// second daemon (on another socket) in: it refuses, or with --standby
+/// waits, and touches nothing — the epoch stays the active daemon's.
+#[test]
+fn deleting_state_dir_files_does_not_let_a_second_daemon_serve_the_store() {
+    let s = Scratch::new("one-store");
+    let mut active = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let epoch = fe.epoch;
+    let p = fe.cmd(open_cmd("alice", "f", persistent(), None));
+    assert_eq!(p["ok"], true, "{p}");
+    for e in std::fs::read_dir(s.state()).unwrap().flatten() {
+        if e.file_type().unwrap().is_file() {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let other = s.dir.join("second.sock");
+    let mut second = Filterd::spawn_on(&s, Some(&other), &[], &[], &[]);
+    let st = second.wait_exit(Duration::from_secs(10));
+    assert!(!st.success(), "a second daemon must refuse");
+    assert!(
+        second.log_text().contains("another filterd"),
+        "{}",
+        second.log_text()
+    );
+    let mut standby = Filterd::spawn_on(&s, Some(&other), &[], &["--standby"], &[]);
+    standby.wait_log("waiting for the active filterd", Duration::from_secs(10));
+    assert!(!other.exists(), "the standby must not serve");
+    // The active daemon is undisturbed: same epoch, its handle still protects.
+    assert_eq!(active.control().hello().epoch, epoch);
+    let intruder = fe.cmd(open_cmd("bob", "f", json!({"kind": "none"}), None));
+    assert_eq!(intruder["ok"], false, "{intruder}");
+    assert!(standby.terminate().success());
+    drop(fe);
+    assert!(active.terminate().success());
+    assert_eq!(stored_epoch(&s), epoch, "nobody else bumped the epoch");
+}
+
+/// `filterctl --state` talks to the live daemon whatever socket it serves
+/// (durable handles, which only it knows, are listed; expire works), and
+/// after a SIGKILL its offline view is exactly what the restarted daemon
+/// shows: persistent handles disconnected, durable ones gone.
+#[test]
+fn filterctl_state_finds_the_live_daemon_and_offline_shows_what_a_restart_shows() {
+    let s = Scratch::new("ctl-views");
+    let sock = s.dir.join("custom.sock");
+    let mut d = Filterd::spawn_on(&s, Some(&sock), &[], &[], &[]);
+    d.wait_ready();
+    let mut fe = TestFront::start(&sock, "smb", "smb-a").unwrap();
+    let connected = fe.cmd(open_cmd("alice", "p1", persistent(), None));
+    let durable = fe.cmd(open_cmd(
+        "alice",
+        "d1",
+        json!({"kind": "durable", "timeout_ms": 60000}),
+        None,
+    ));
+    let mut fe2 = TestFront::start(&sock, "smb", "smb-b").unwrap();
+    let left = fe2.cmd(open_cmd("carol", "p2", persistent(), None));
+    let expired = fe2.cmd(open_cmd("carol", "p3", persistent(), None));
+    for r in [&connected, &durable, &left, &expired] {
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    fe2.kill9();
+    let key = |v: &Value| v["key"].as_str().unwrap().to_owned();
+    wait_for(
+        "smb-b's handles to disconnect",
+        Duration::from_secs(10),
+        || {
+            let hs = handle_states(&ctl_state(&s, &["handles", "--json"]));
+            (hs.get(&key(&left)).map(|h| h.0.as_str()) == Some("disconnected")).then_some(())
+        },
+    );
+    // Live, through the runtime record: not "not running".
+    let status = ctl_state(&s, &["status", "--json"]);
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    assert_ne!(status.json()["daemon"], "not running", "{}", status.stdout);
+    let out = ctl_state(&s, &["expire", &key(&expired)]);
+    assert_eq!(out.code, 0, "expire through --state: {}", out.stderr);
+    let live = handle_states(&ctl_state(&s, &["handles", "--json"]));
+    assert_eq!(live.len(), 3, "{live:?}");
+    assert_eq!(live[&key(&connected)].0, "connected");
+    assert_eq!(live[&key(&durable)].2, "durable");
+
+    d.kill9();
+    drop(fe);
+    let offline = handle_states(&ctl_state(&s, &["handles", "--json"]));
+    let status = ctl_state(&s, &["status", "--json"]);
+    assert_eq!(status.json()["daemon"], "not running");
+    let one = ctl_state(&s, &["handle", &key(&connected), "--json"]);
+    assert_eq!(one.code, 0, "{}", one.stderr);
+    assert_eq!(
+        one.json()["conn"]["state"],
+        "disconnected",
+        "{}",
+        one.stdout
+    );
+
+    let mut d2 = Filterd::spawn_on(&s, Some(&sock), &[], &[], &[]);
+    d2.wait_ready();
+    let restarted = handle_states(&ctl_state(&s, &["handles", "--json"]));
+    assert_eq!(
+        offline, restarted,
+        "the offline view must show what the restarted daemon shows"
+    );
+    assert_eq!(restarted.len(), 2, "{restarted:?}");
+    assert!(restarted.values().all(|h| h.0 == "disconnected"));
+    assert!(d2.terminate().success());
+}
+
+/// A panic in the daemon ends it (abort), instead of leaving a process
+/// that holds the lock and the socket with a dead thread; restarted, it
+/// recovers the persistent handle the panicking commit made durable.
+#[test]
+fn a_panicking_filterd_exits_and_a_restart_recovers_its_handles() {
+    let s = Scratch::new("panic");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.after:panic")]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let g = uuid::Uuid::new_v4().to_string();
+    let r = fe.cmd(open_cmd("alice", "f", persistent(), Some(&g)));
+    assert_eq!(r["ok"], false, "no reply after the panic: {r}");
+    let st = d.wait_exit(Duration::from_secs(10));
+    assert!(!st.success(), "{st:?}");
+    assert!(
+        d.log_text().contains("panicking on purpose"),
+        "{}",
+        d.log_text()
+    );
+    drop(fe);
+    let _d2 = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let r = fe.cmd(json!({"cmd": "resume", "client": "alice", "create_guid": g}));
+    assert_eq!(r["ok"], true, "the committed open is recovered: {r}");
+}
