@@ -4,14 +4,18 @@
 use rkfilter_tests::{Filterd, LineClient, Scratch, Shim};
 use serde_json::json;
 
+/// One client holds at most 64 byte-range locks on a file, so it cannot
+/// take the file's whole capacity from everyone else; the file holds at
+/// most 256 (all clients together).
 #[test]
-fn a_file_holds_at_most_256_locks() {
+fn a_file_holds_at_most_256_locks_and_one_client_64() {
     let s = Scratch::new("limit-locks");
     let _d = Filterd::start(&s, &[], &[]);
     let shim = Shim::start("smbshim", &s.socket(), "smb-l");
-    let mut a = LineClient::connect(&shim.addr);
-    let r = a.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "a"}));
-    let sid = r["session_id"].as_u64().unwrap();
+    let session = |c: &mut LineClient| {
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "a"}));
+        r["session_id"].as_u64().unwrap()
+    };
     let open = |c: &mut LineClient, sid: u64, path: &str| {
         let r = c.call(
             json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
@@ -20,34 +24,59 @@ fn a_file_holds_at_most_256_locks() {
         assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
         r["file_id"].clone()
     };
-    let fid = open(&mut a, sid, "busy");
     let lock = |c: &mut LineClient, sid: u64, fid: &serde_json::Value, off: u64, unlock: bool| {
         c.call(json!({"cmd": "LOCK", "session_id": sid, "file_id": fid,
                       "locks": [{"offset": off, "length": 1, "exclusive": true, "unlock": unlock}]}))
     };
-    for off in 0..256 {
+    // Client A tries to take everything: it gets 64.
+    let mut a = LineClient::connect(&shim.addr);
+    let sa = session(&mut a);
+    let fa = open(&mut a, sa, "busy");
+    for off in 0..64 {
         assert_eq!(
-            lock(&mut a, sid, &fid, off, false)["status"],
+            lock(&mut a, sa, &fa, off, false)["status"],
             "STATUS_SUCCESS",
             "lock {off}"
         );
     }
-    let r = lock(&mut a, sid, &fid, 1000, false);
+    let r = lock(&mut a, sa, &fa, 1_000_000_000_000, false);
+    assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("64"),
+        "says which limit: {r}"
+    );
+    // Three more clients fill the file to 256.
+    let mut others = Vec::new();
+    for k in 1..4u64 {
+        let mut c = LineClient::connect(&shim.addr);
+        let sid = session(&mut c);
+        let fid = open(&mut c, sid, "busy");
+        for off in 0..64 {
+            let off = k * 1000 + off;
+            assert_eq!(
+                lock(&mut c, sid, &fid, off, false)["status"],
+                "STATUS_SUCCESS",
+                "lock {off}"
+            );
+        }
+        others.push((c, sid, fid));
+    }
+    let mut e = LineClient::connect(&shim.addr);
+    let se = session(&mut e);
+    let fe = open(&mut e, se, "busy");
+    let r = lock(&mut e, se, &fe, 9000, false);
     assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
     assert!(
         r["error"].as_str().unwrap().contains("256"),
         "says which limit: {r}"
     );
-    // Another client, another file: unaffected.
-    let mut b = LineClient::connect(&shim.addr);
-    let r = b.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "b"}));
-    let sb = r["session_id"].as_u64().unwrap();
-    let fb = open(&mut b, sb, "quiet");
-    assert_eq!(lock(&mut b, sb, &fb, 0, false)["status"], "STATUS_SUCCESS");
+    // Another file: unaffected.
+    let fq = open(&mut e, se, "quiet");
+    assert_eq!(lock(&mut e, se, &fq, 0, false)["status"], "STATUS_SUCCESS");
     // Room again after an unlock.
-    assert_eq!(lock(&mut a, sid, &fid, 0, true)["status"], "STATUS_SUCCESS");
+    assert_eq!(lock(&mut a, sa, &fa, 0, true)["status"], "STATUS_SUCCESS");
     assert_eq!(
-        lock(&mut a, sid, &fid, 1000, false)["status"],
+        lock(&mut e, se, &fe, 9000, false)["status"],
         "STATUS_SUCCESS"
     );
     // filterctl still lists every lock (they fit its pages).

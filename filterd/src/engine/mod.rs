@@ -296,6 +296,10 @@ const MAX_KEEP: u32 = 4096;
 /// locks travel in its record and a file's in one `Locks` page, both of
 /// which must fit a frame.
 const MAX_LOCKS_PER_FILE: usize = 256;
+/// Most byte-range locks one protocol client holds on one file (all its
+/// opens together): a quarter of the file's, so one client cannot lock
+/// everyone else out of the file's lock capacity.
+const MAX_LOCKS_PER_CLIENT_PER_FILE: usize = 64;
 
 /// Milliseconds on the monotonic clock (since the first call). Every timer
 /// — lease breaks, lock hints, expiries — runs on it, so a step of the
@@ -2378,6 +2382,24 @@ impl Engine {
         // lock state: never before its pending change is durable.
         self.depends_on_file(file);
         let held = held_now(self, file);
+        // What this client holds on the file already (all its handles).
+        let client_held = {
+            let me = self
+                .handles
+                .get(&key)
+                .map(|h| (&h.rec.protocol, &h.rec.client));
+            self.locks.get(&file).map_or(0, |t| {
+                t.locks()
+                    .iter()
+                    .filter(|l| {
+                        self.handles
+                            .get(&l.owner)
+                            .map(|o| (&o.rec.protocol, &o.rec.client))
+                            == me
+                    })
+                    .count()
+            })
+        };
         let Some(h) = self.handles.get_mut(&key) else {
             return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
         };
@@ -2391,6 +2413,14 @@ impl Engine {
             }
         }
         let adding = ops.iter().filter(|o| !o.unlock).count();
+        if adding > 0 && client_held + adding > MAX_LOCKS_PER_CLIENT_PER_FILE {
+            // One client cannot take a file's whole lock capacity.
+            self.stats.locks_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!("one client holds at most {MAX_LOCKS_PER_CLIENT_PER_FILE} byte-range locks on a file"),
+            ));
+        }
         if adding > 0 && held + adding > MAX_LOCKS_PER_FILE {
             self.stats.locks_refused += 1;
             return Err(err(
