@@ -51,6 +51,13 @@ use crate::proto::{
 };
 use crate::sys::{self, Packet};
 
+/// Most pushed events queued for the frontend. Events are never dropped
+/// from an open connection: when the frontend falls this far behind, the
+/// connection is treated as failed (shut down, so filterd detaches the
+/// frontend's handles as for a crash) and [`FilterClient::events_overflowed`]
+/// says so; an [`crate::attach::Attachment`] then reattaches and resumes.
+pub const EVENT_QUEUE_LIMIT: usize = 65_536;
+
 /// How long a call waits for its reply before giving up.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -127,6 +134,8 @@ struct Inner {
     dead: AtomicBool,
     reader: Mutex<Vec<u8>>,
     events: Sender<Event>,
+    /// The event queue overflowed and the connection was failed for it.
+    overflowed: AtomicBool,
 }
 
 /// How long the idle reader stays away while callers are reading.
@@ -224,7 +233,7 @@ impl FilterClient {
                 i64::try_from(RECV_TICK.as_micros()).unwrap_or(50_000),
             ),
         );
-        let (ev_tx, ev_rx) = bounded(1024);
+        let (ev_tx, ev_rx) = bounded(EVENT_QUEUE_LIMIT);
         let inner = Arc::new(Inner {
             sock,
             next_id: AtomicU64::new(1),
@@ -232,6 +241,7 @@ impl FilterClient {
             dead: AtomicBool::new(false),
             reader: Mutex::new(buf),
             events: ev_tx,
+            overflowed: AtomicBool::new(false),
         });
         let idle = inner.clone();
         std::thread::Builder::new()
@@ -259,6 +269,12 @@ impl FilterClient {
     /// Whether the connection is gone.
     pub fn is_dead(&self) -> bool {
         self.inner.dead.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection was failed because its frontend left
+    /// [`EVENT_QUEUE_LIMIT`] events unread.
+    pub fn events_overflowed(&self) -> bool {
+        self.inner.overflowed.load(Ordering::Acquire)
     }
 
     /// Sets how long calls wait for their reply.
@@ -653,6 +669,8 @@ fn fail_all(inner: &Inner) {
         // Dropping the senders wakes every waiter with Disconnected.
         p.clear();
     }
+    // With a full queue this cannot be queued; the queue's reader then
+    // learns it from `is_dead` once it has drained the queue.
     let _ = inner.events.try_send(Event::ConnectionLost);
 }
 
@@ -693,9 +711,28 @@ fn read_one(inner: &Inner, buf: &mut [u8]) -> bool {
         Ok(ServerFrame::Reply { id: None, result }) => {
             tracing::warn!(?result, "filterd rejected a frame it could not attribute");
         }
-        Ok(ServerFrame::Event(ev)) => {
-            let _ = inner.events.try_send(ev);
-        }
+        Ok(ServerFrame::Event(ev)) => match inner.events.try_send(ev) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(ev)) => {
+                // Never a silent drop: the frontend is not keeping up, so
+                // this connection fails as a whole (filterd detaches the
+                // frontend's handles; an Attachment reattaches).
+                tracing::error!(
+                    limit = EVENT_QUEUE_LIMIT,
+                    ?ev,
+                    "the frontend left too many filterd events unread; failing the connection"
+                );
+                inner.overflowed.store(true, Ordering::Release);
+                let _ = nix::sys::socket::shutdown(
+                    inner.sock.as_raw_fd(),
+                    nix::sys::socket::Shutdown::Both,
+                );
+                fail_all(inner);
+                return false;
+            }
+            // Nobody listens any more (every FilterClient clone is gone).
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {}
+        },
         Ok(ServerFrame::Hello(_)) => {}
         Err(e) => tracing::warn!(error = %e, "undecodable frame from filterd"),
     }

@@ -480,6 +480,36 @@ impl LineClient {
         }
     }
 
+    /// Sends a request with the next id under `id_field` without reading
+    /// its reply; returns the id.
+    pub fn send_only(&mut self, id_field: &str, mut v: Value) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        v[id_field] = Value::from(id);
+        let mut line = v.to_string();
+        line.push('\n');
+        self.stream.write_all(line.as_bytes()).expect("send");
+        id
+    }
+
+    /// How long a read waits (default 60 s); a read that times out is `None`.
+    pub fn set_read_timeout(&self, t: Duration) {
+        self.stream.set_read_timeout(Some(t)).expect("timeout");
+    }
+
+    /// Reads lines until the reply to `id_field` = `id`, returning it and
+    /// the notifications read on the way (`None` at EOF or timeout).
+    pub fn reply_to(&mut self, id_field: &str, id: u64) -> Option<(Value, Vec<Value>)> {
+        let mut seen = Vec::new();
+        loop {
+            let v = self.next_line()?;
+            if v[id_field] == id {
+                return Some((v, seen));
+            }
+            seen.push(v);
+        }
+    }
+
     /// smbl/1: a request with a fresh `mid`.
     pub fn call(&mut self, v: Value) -> Value {
         self.call_with("mid", v)

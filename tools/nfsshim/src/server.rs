@@ -208,7 +208,13 @@ pub fn run(filter: &Path, listen: &str, instance: &str, lease_ms: u64) -> anyhow
             .name("lease-reaper".into())
             .spawn(move || reaper(sh))?;
     }
-    shimline::accept_forever(listener, "nfs", move |conn, stream| {
+    let cfg = shimline::Listen {
+        prefix: "nfs",
+        id_field: "xid",
+        busy_status: "NFS4ERR_RESOURCE",
+        max_connections: shimline::DEFAULT_MAX_CONNECTIONS,
+    };
+    shimline::accept_forever(listener, cfg, move |conn, stream| {
         serve(shared.clone(), conn, stream)
     });
     Ok(())
@@ -360,8 +366,8 @@ fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
 
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
     sh.writers
-        .serve(conn, stream, "xid", "NFS4ERR_INVAL", |line| {
-            handle_line(&sh, conn, line)
+        .serve(conn, stream, "xid", "NFS4ERR_INVAL", |line, _| {
+            Some(handle_line(&sh, conn, line))
         });
     // nfsl/1 state belongs to the client, not the connection: nothing to
     // release when it goes; callbacks go to the client's next connection.
