@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use libfilter::client::FilterClient;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Path of a workspace binary built next to the test executable (or next
 /// to a workspace binary such as rksoak).
@@ -513,5 +513,84 @@ impl LineClient {
     /// smbl/1: a request with a fresh `mid`.
     pub fn call(&mut self, v: Value) -> Value {
         self.call_with("mid", v)
+    }
+}
+
+/// An nfsl/1 client with its session and slot 0's seqid.
+pub struct Nfs {
+    /// The connection.
+    pub c: LineClient,
+    /// Its clientid.
+    pub clientid: String,
+    /// Its session.
+    pub sessionid: String,
+    /// Slot 0's last seqid.
+    pub seqid: u64,
+}
+
+impl Nfs {
+    /// EXCHANGE_ID and CREATE_SESSION as `owner` with `verifier`.
+    pub fn connect(addr: &str, owner: &str, verifier: &str) -> Nfs {
+        let mut c = LineClient::connect(addr);
+        let r = c.call_with(
+            "xid",
+            json!({"op": "EXCHANGE_ID", "owner": owner, "verifier": verifier}),
+        );
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        let clientid = r["clientid"].as_str().unwrap().to_owned();
+        let r = c.call_with("xid", json!({"op": "CREATE_SESSION", "clientid": clientid}));
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        assert!(r["slots"].as_u64().unwrap() >= 8);
+        Nfs {
+            c,
+            clientid,
+            sessionid: r["sessionid"].as_str().unwrap().to_owned(),
+            seqid: 0,
+        }
+    }
+
+    /// Sends `req` on slot 0 with the next seqid.
+    pub fn call(&mut self, req: Value) -> Value {
+        self.seqid += 1;
+        self.send(req)
+    }
+
+    /// Sends `req` with the next seqid, re-sending it (same seqid) while the
+    /// answer is NFS4ERR_DELAY, as a client does while nfsshim reattaches.
+    pub fn call_patiently(&mut self, req: Value) -> Value {
+        self.seqid += 1;
+        wait_for(
+            "an answer other than DELAY",
+            Duration::from_secs(10),
+            || {
+                let r = self.send(req.clone());
+                (r["status"] != "NFS4ERR_DELAY").then_some(r)
+            },
+        )
+    }
+
+    /// Sends `req` on slot 0 with the current seqid (a re-send).
+    pub fn send(&mut self, mut req: Value) -> Value {
+        req["seq"] = json!({"sessionid": self.sessionid, "slot": 0, "seqid": self.seqid});
+        self.c.call_with("xid", req)
+    }
+
+    /// OPEN with `extra` fields merged in.
+    pub fn open(
+        &mut self,
+        owner: &str,
+        path: &str,
+        access: &str,
+        deny: &str,
+        extra: Value,
+    ) -> Value {
+        let mut req =
+            json!({"op": "OPEN", "owner": owner, "path": path, "access": access, "deny": deny});
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                req[k] = v;
+            }
+        }
+        self.call(req)
     }
 }
