@@ -796,3 +796,80 @@ impl Drop for Closer {
             nix::sys::socket::shutdown(self.0.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FileId;
+    use nix::sys::socket::{accept, bind, listen, Backlog};
+
+    /// A daemon that answers the hello and then pushes `n` events (file
+    /// inode = sequence number) without reading anything more; returns
+    /// whether the client shut the connection down afterwards.
+    fn pushing_daemon(path: &Path, n: u64) -> std::thread::JoinHandle<bool> {
+        let l = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        bind(l.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
+        listen(&l, Backlog::new(1).expect("backlog")).expect("listen");
+        std::thread::spawn(move || {
+            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
+            let mut buf = vec![0u8; MAX_FRAME + 1];
+            let _ = sys::recv_packet(c.as_fd(), &mut buf).expect("hello");
+            let hello = ServerFrame::Hello(HelloReply {
+                version: proto::PROTO_VERSION,
+                features: 0,
+                epoch: 1,
+                pid: 1,
+            });
+            sys::send_packet(c.as_fd(), &proto::encode(&hello).expect("encode"), None)
+                .expect("send hello");
+            for ino in 0..n {
+                let ev = ServerFrame::Event(Event::LocksGone {
+                    file: FileId { dev: 0, ino },
+                });
+                let bytes = proto::encode(&ev).expect("encode");
+                if sys::send_packet(c.as_fd(), &bytes, None).is_err() {
+                    return true;
+                }
+            }
+            // The client must shut the connection down: EOF here.
+            matches!(sys::recv_packet(c.as_fd(), &mut buf), Ok(Packet::Eof))
+        })
+    }
+
+    /// Issue 13 #2: the reader used try_send into bounded(1024) and dropped
+    /// events silently when the frontend fell behind. Now every event that
+    /// fits is kept, in order, and one more fails the connection, visibly.
+    #[test]
+    fn events_are_never_dropped_an_overflow_fails_the_connection() {
+        let dir = std::env::temp_dir().join(format!("rkf-evq-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s");
+        let limit = u64::try_from(EVENT_QUEUE_LIMIT).expect("fits");
+        let daemon = pushing_daemon(&path, limit + 1);
+        let c = FilterClient::connect_control(&path).expect("connect");
+        let t0 = Instant::now();
+        while !c.is_dead() {
+            assert!(t0.elapsed() < Duration::from_secs(60), "never failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(c.events_overflowed());
+        assert!(daemon.join().expect("daemon"), "the socket was shut down");
+        let got: Vec<u64> = c
+            .events()
+            .try_iter()
+            .map(|e| match e {
+                Event::LocksGone { file } => file.ino,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got.len(), EVENT_QUEUE_LIMIT, "every event that fit is kept");
+        assert!(got.iter().copied().eq(0..limit), "in order");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
