@@ -16,7 +16,12 @@
 //!   `max_connections` at once (two threads each: reader and writer); one
 //!   more is answered with a single refusal line and closed.
 //! - **Lines are capped** at [`MAX_LINE`].
+//!
+//! [`client`] is the other end: the connection core of the smbl/1 and
+//! nfsl/1 client libraries.
 #![forbid(unsafe_code)]
+
+pub mod client;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
