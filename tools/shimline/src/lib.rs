@@ -21,6 +21,7 @@
 //! nfsl/1 client libraries.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod client;
 
 use std::collections::HashMap;
