@@ -358,3 +358,70 @@ fn nfsl_conformance_points() {
     assert_eq!(r["status"], "NFS4ERR_EXIST", "{r}");
     assert_eq!(std::fs::read(s.root().join("x")).unwrap(), b"bob");
 }
+
+/// Issue 13 #4, the other half: nfsshim's event thread never waits for a
+/// client's lock. Old code: a recall took the holder's lock, so while the
+/// holder's own REMOVE waited (here for an smbl/1 client's break ack, up
+/// to the 6 s break timeout) its CB_RECALL — and every recall behind it —
+/// waited too.
+#[test]
+fn a_recall_is_sent_while_the_holders_own_request_waits() {
+    let s = Scratch::new("nfs-recall-busy");
+    std::fs::write(s.root().join("e"), b"e").unwrap();
+    std::fs::write(s.root().join("d1"), b"d").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "6000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-busy");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-busy");
+    // An smbl/1 client caches "e" (RWH) and will not ack its break soon.
+    let (mut m, msid) = smb_session(&smb.addr);
+    let lease = uuid::Uuid::new_v4().to_string();
+    let r = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "e", "access": ["read"],
+                          "share": ["read", "write", "delete"], "disposition": "open",
+                          "lease": {"key": lease, "state": "RWH"}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // The nfsl/1 client holds a read delegation of "d1".
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "p",
+        "d1",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    // Its REMOVE of "e" waits for the smbl/1 client's ack...
+    a.seqid += 1;
+    let mut rm = json!({"op": "REMOVE", "path": "e"});
+    rm["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
+    let rm_xid = a.c.send_only("xid", rm);
+    // ...while another client's write open of "d1" recalls its delegation.
+    let addr = smb.addr.clone();
+    let t0 = Instant::now();
+    let writer = std::thread::spawn(move || {
+        let (mut w, wsid) = smb_session(&addr);
+        w.call(
+            json!({"cmd": "CREATE", "session_id": wsid, "path": "d1", "access": ["write"],
+                      "share": ["read", "write", "delete"], "disposition": "open"}),
+        )
+    });
+    a.c.set_read_timeout(Duration::from_secs(3));
+    let first = a.c.next_line().expect("a line within 3 s");
+    assert_eq!(first["op"], "CB_RECALL", "the recall comes first: {first}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // Everyone finishes: the smbl/1 ack lets the REMOVE through, the
+    // DELEGRETURN lets the write open through.
+    let n = m.next_line().expect("LEASE_BREAK");
+    let ack = m.call(
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": msid, "lease_key": lease,
+                            "state": n["new_state"]}),
+    );
+    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    a.c.set_read_timeout(Duration::from_secs(20));
+    let (r, _) = a.c.reply_to("xid", rm_xid).expect("the REMOVE's reply");
+    ok(r);
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
+    let w = writer.join().expect("writer");
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+}

@@ -252,6 +252,9 @@ struct Global {
     /// Delegations filterd lowered without a recall (nothing to ack), per
     /// client: revoked at the client's next request, under its lock.
     revoked: HashMap<String, Vec<uuid::Uuid>>,
+    /// Handles filterd dropped while their client's request was running,
+    /// per client: forgotten at the client's next request.
+    forgotten: HashMap<String, Vec<ResumeKey>>,
 }
 
 struct Shared {
@@ -774,6 +777,7 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         }
         g.client_conn.remove(cid);
         g.revoked.remove(cid);
+        g.forgotten.remove(cid);
     }
 }
 
@@ -860,15 +864,21 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         c.deadline = Instant::now() + sh.lease;
         c.conn = Some(conn);
     }
-    let revoked = match sh.global() {
+    let (revoked, forgotten) = match sh.global() {
         Ok(mut g) => {
             g.client_conn.insert(cid.clone(), conn);
-            g.revoked.remove(&cid).unwrap_or_default()
+            (
+                g.revoked.remove(&cid).unwrap_or_default(),
+                g.forgotten.remove(&cid).unwrap_or_default(),
+            )
         }
         Err(f) => return finish(Err(f)),
     };
     for lease in revoked {
         revoke(&mut st, lease);
+    }
+    for key in forgotten {
+        forget_handle(sh, &mut st, key);
     }
     let ctx = Ctx {
         sh,
@@ -2115,6 +2125,10 @@ fn events(sh: Arc<Shared>) {
     }
 }
 
+/// Handles filterd dropped (expired, purged, lost in a restart): their
+/// open states go. A client whose request is running is not waited for —
+/// the event thread must stay free to send recalls — its handles are
+/// forgotten at its next request instead.
 fn forget(sh: &Shared, keys: &[ResumeKey]) {
     for key in keys {
         let Ok(Some(cid)) = sh.global().map(|g| g.handle_client.get(key).cloned()) else {
@@ -2123,31 +2137,43 @@ fn forget(sh: &Shared, keys: &[ResumeKey]) {
         let Ok(Some(cl)) = sh.client(&cid) else {
             continue;
         };
-        let Ok(mut st) = cl.lock() else { continue };
-        let gone: Vec<String> = st
-            .opens
-            .iter()
-            .filter(|(_, o)| o.rec.key == *key)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for g in gone {
-            if let Some(o) = st.opens.remove(&g) {
-                for l in &o.rec.locks {
-                    st.aliases.remove(&l.other);
-                    st.expired.add(l.other.clone());
+        match cl.try_lock() {
+            Ok(mut st) => forget_handle(sh, &mut st, *key),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if let Ok(mut g) = sh.global() {
+                    g.forgotten.entry(cid).or_default().push(*key);
                 }
-                if let Some(d) = &o.rec.deleg {
-                    st.aliases.remove(&d.other);
-                    st.expired.add(d.other.clone());
-                }
-                // Its handle is gone (expired, purged, or closed by a CLOSE
-                // whose reply was lost in a filterd crash): a CLOSE of it is
-                // answered NFS4_OK, anything else NFS4ERR_EXPIRED.
-                st.closed.insert(g.clone(), (o.clientid.clone(), None));
-                let _ = state::delete(&sh.filter, &sh.tables.states(&o.clientid), o.num);
             }
-            st.expired.add(g);
+            Err(std::sync::TryLockError::Poisoned(_)) => {}
+        };
+    }
+}
+
+/// Drops the open states of one filter handle that went away.
+fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) {
+    let gone: Vec<String> = st
+        .opens
+        .iter()
+        .filter(|(_, o)| o.rec.key == key)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for g in gone {
+        if let Some(o) = st.opens.remove(&g) {
+            for l in &o.rec.locks {
+                st.aliases.remove(&l.other);
+                st.expired.add(l.other.clone());
+            }
+            if let Some(d) = &o.rec.deleg {
+                st.aliases.remove(&d.other);
+                st.expired.add(d.other.clone());
+            }
+            // Its handle is gone (expired, purged, or closed by a CLOSE
+            // whose reply was lost in a filterd crash): a CLOSE of it is
+            // answered NFS4_OK, anything else NFS4ERR_EXPIRED.
+            st.closed.insert(g.clone(), (o.clientid.clone(), None));
+            let _ = state::delete(&sh.filter, &sh.tables.states(&o.clientid), o.num);
         }
+        st.expired.add(g);
     }
 }
 
@@ -2202,7 +2228,8 @@ fn reaper(sh: Arc<Shared>) {
         };
         let now = Instant::now();
         for (cid, cl) in clients {
-            let Ok(mut st) = cl.lock() else { continue };
+            // A client with a request running is alive; look next time.
+            let Ok(mut st) = cl.try_lock() else { continue };
             if st.client.as_ref().is_some_and(|c| c.deadline <= now) {
                 eprintln!("nfsshim: client {cid} let its lease lapse; releasing its state");
                 release_client(&sh, &mut st, &cid);
