@@ -838,7 +838,9 @@ fn main() -> anyhow::Result<()> {
         for v in &violations {
             println!("    {v}");
         }
-        std::process::exit(1);
+        // Returning (not process::exit) runs the destructors that stop
+        // filterd and the shims and remove the scratch dir; exit status 1.
+        bail!("{} violation(s)", violations.len());
     }
     Ok(())
 }
