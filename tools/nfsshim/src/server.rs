@@ -175,8 +175,6 @@ struct Client {
     rec: ClientRec,
     num: u64,
     deadline: Instant,
-    /// The connection its last request came on (callbacks go there).
-    conn: Option<u64>,
 }
 
 struct Slot {
@@ -451,7 +449,6 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
             rec,
             num,
             deadline: now + sh.lease,
-            conn: None,
         });
         g.clients.insert(cid, Arc::new(Mutex::new(st)));
     }
@@ -652,7 +649,6 @@ fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             rec,
             num,
             deadline: Instant::now() + sh.lease,
-            conn: None,
         }),
         ..State::default()
     };
@@ -862,7 +858,6 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
     let restored = slot.restored;
     if let Some(c) = st.client.as_mut() {
         c.deadline = Instant::now() + sh.lease;
-        c.conn = Some(conn);
     }
     let (revoked, forgotten) = match sh.global() {
         Ok(mut g) => {
