@@ -10,6 +10,12 @@
 //! such as `NFS4ERR_DELAY`), and descriptors it already holds stay valid —
 //! they refer to the open file, not to the daemon.
 //!
+//! Events are never dropped: the queue to the frontend holds
+//! [`EVENT_QUEUE_LIMIT`] events and the supervisor waits while it is full;
+//! the connection's own queue filling up meanwhile fails the connection
+//! (see [`crate::client::EVENT_QUEUE_LIMIT`]), which this attachment then
+//! rides out like any other loss of the daemon.
+//!
 //! Non-durable handles die with the daemon (they are not persistent state);
 //! they are reported in [`AttachEvent::Reattached::lost`] together with any
 //! persistent handle that could not be resumed.
@@ -22,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::client::{ClientError, FilterClient, OpenedHandle};
+use crate::client::{ClientError, FilterClient, OpenedHandle, EVENT_QUEUE_LIMIT};
 use crate::model::{ClientId, CreateGuid, Durability, InstanceName, Protocol, ResumeKey};
 use crate::proto::{Event, OpenRequest};
 
@@ -117,7 +123,7 @@ impl Attachment {
             instance.clone(),
             features,
         )?;
-        let (tx, rx) = bounded(1024);
+        let (tx, rx) = bounded(EVENT_QUEUE_LIMIT);
         let shared = Arc::new(Shared {
             socket: socket.to_owned(),
             protocol,
@@ -231,10 +237,26 @@ impl Drop for Attachment {
     }
 }
 
+/// Queues an event for the frontend, waiting while its queue is full (only
+/// this thread waits; the socket reader never does). False when stopping.
+fn deliver(shared: &Shared, ev: AttachEvent) -> bool {
+    let mut ev = ev;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        match shared.events.send_timeout(ev, Duration::from_millis(200)) {
+            Ok(()) => return true,
+            Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => ev = back,
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
+        }
+    }
+}
+
 fn supervise(shared: Arc<Shared>) {
     loop {
-        let events = match shared.current.read() {
-            Ok(c) => c.events().clone(),
+        let (events, current) = match shared.current.read() {
+            Ok(c) => (c.events().clone(), c.clone()),
             Err(_) => return,
         };
         // Forward daemon events until the connection is lost.
@@ -246,13 +268,21 @@ fn supervise(shared: Arc<Shared>) {
                 Ok(Event::ConnectionLost)
                 | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 Ok(ev) => {
-                    let _ = shared.events.try_send(AttachEvent::Daemon(ev));
+                    if !deliver(&shared, AttachEvent::Daemon(ev)) {
+                        return;
+                    }
                 }
+                // Drained, and the connection died without a word (its
+                // ConnectionLost did not fit a full queue).
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if current.is_dead() => break,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             }
         }
+        drop(current);
         let lost_at = Instant::now();
-        let _ = shared.events.try_send(AttachEvent::Lost);
+        if !deliver(&shared, AttachEvent::Lost) {
+            return;
+        }
         let mut backoff = Duration::from_millis(5);
         let client = loop {
             if shared.stop.load(Ordering::Acquire) {
@@ -303,11 +333,16 @@ fn supervise(shared: Arc<Shared>) {
             lost = lost.len(),
             "reattached to filterd"
         );
-        let _ = shared.events.try_send(AttachEvent::Reattached {
-            epoch,
-            resumed,
-            lost,
-            outage: lost_at.elapsed(),
-        });
+        if !deliver(
+            &shared,
+            AttachEvent::Reattached {
+                epoch,
+                resumed,
+                lost,
+                outage: lost_at.elapsed(),
+            },
+        ) {
+            return;
+        }
     }
 }

@@ -51,6 +51,13 @@ use crate::proto::{
 };
 use crate::sys::{self, Packet};
 
+/// Most pushed events queued for the frontend. Events are never dropped
+/// from an open connection: when the frontend falls this far behind, the
+/// connection is treated as failed (shut down, so filterd detaches the
+/// frontend's handles as for a crash) and [`FilterClient::events_overflowed`]
+/// says so; an [`crate::attach::Attachment`] then reattaches and resumes.
+pub const EVENT_QUEUE_LIMIT: usize = 65_536;
+
 /// How long a call waits for its reply before giving up.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -127,6 +134,8 @@ struct Inner {
     dead: AtomicBool,
     reader: Mutex<Vec<u8>>,
     events: Sender<Event>,
+    /// The event queue overflowed and the connection was failed for it.
+    overflowed: AtomicBool,
 }
 
 /// How long the idle reader stays away while callers are reading.
@@ -224,7 +233,7 @@ impl FilterClient {
                 i64::try_from(RECV_TICK.as_micros()).unwrap_or(50_000),
             ),
         );
-        let (ev_tx, ev_rx) = bounded(1024);
+        let (ev_tx, ev_rx) = bounded(EVENT_QUEUE_LIMIT);
         let inner = Arc::new(Inner {
             sock,
             next_id: AtomicU64::new(1),
@@ -232,6 +241,7 @@ impl FilterClient {
             dead: AtomicBool::new(false),
             reader: Mutex::new(buf),
             events: ev_tx,
+            overflowed: AtomicBool::new(false),
         });
         let idle = inner.clone();
         std::thread::Builder::new()
@@ -259,6 +269,12 @@ impl FilterClient {
     /// Whether the connection is gone.
     pub fn is_dead(&self) -> bool {
         self.inner.dead.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection was failed because its frontend left
+    /// [`EVENT_QUEUE_LIMIT`] events unread.
+    pub fn events_overflowed(&self) -> bool {
+        self.inner.overflowed.load(Ordering::Acquire)
     }
 
     /// Sets how long calls wait for their reply.
@@ -653,6 +669,8 @@ fn fail_all(inner: &Inner) {
         // Dropping the senders wakes every waiter with Disconnected.
         p.clear();
     }
+    // With a full queue this cannot be queued; the queue's reader then
+    // learns it from `is_dead` once it has drained the queue.
     let _ = inner.events.try_send(Event::ConnectionLost);
 }
 
@@ -693,9 +711,28 @@ fn read_one(inner: &Inner, buf: &mut [u8]) -> bool {
         Ok(ServerFrame::Reply { id: None, result }) => {
             tracing::warn!(?result, "filterd rejected a frame it could not attribute");
         }
-        Ok(ServerFrame::Event(ev)) => {
-            let _ = inner.events.try_send(ev);
-        }
+        Ok(ServerFrame::Event(ev)) => match inner.events.try_send(ev) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(ev)) => {
+                // Never a silent drop: the frontend is not keeping up, so
+                // this connection fails as a whole (filterd detaches the
+                // frontend's handles; an Attachment reattaches).
+                tracing::error!(
+                    limit = EVENT_QUEUE_LIMIT,
+                    ?ev,
+                    "the frontend left too many filterd events unread; failing the connection"
+                );
+                inner.overflowed.store(true, Ordering::Release);
+                let _ = nix::sys::socket::shutdown(
+                    inner.sock.as_raw_fd(),
+                    nix::sys::socket::Shutdown::Both,
+                );
+                fail_all(inner);
+                return false;
+            }
+            // Nobody listens any more (every FilterClient clone is gone).
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {}
+        },
         Ok(ServerFrame::Hello(_)) => {}
         Err(e) => tracing::warn!(error = %e, "undecodable frame from filterd"),
     }
@@ -757,5 +794,82 @@ impl Drop for Closer {
     fn drop(&mut self) {
         let _ =
             nix::sys::socket::shutdown(self.0.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FileId;
+    use nix::sys::socket::{accept, bind, listen, Backlog};
+
+    /// A daemon that answers the hello and then pushes `n` events (file
+    /// inode = sequence number) without reading anything more; returns
+    /// whether the client shut the connection down afterwards.
+    fn pushing_daemon(path: &Path, n: u64) -> std::thread::JoinHandle<bool> {
+        let l = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        bind(l.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
+        listen(&l, Backlog::new(1).expect("backlog")).expect("listen");
+        std::thread::spawn(move || {
+            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
+            let mut buf = vec![0u8; MAX_FRAME + 1];
+            let _ = sys::recv_packet(c.as_fd(), &mut buf).expect("hello");
+            let hello = ServerFrame::Hello(HelloReply {
+                version: proto::PROTO_VERSION,
+                features: 0,
+                epoch: 1,
+                pid: 1,
+            });
+            sys::send_packet(c.as_fd(), &proto::encode(&hello).expect("encode"), None)
+                .expect("send hello");
+            for ino in 0..n {
+                let ev = ServerFrame::Event(Event::LocksGone {
+                    file: FileId { dev: 0, ino },
+                });
+                let bytes = proto::encode(&ev).expect("encode");
+                if sys::send_packet(c.as_fd(), &bytes, None).is_err() {
+                    return true;
+                }
+            }
+            // The client must shut the connection down: EOF here.
+            matches!(sys::recv_packet(c.as_fd(), &mut buf), Ok(Packet::Eof))
+        })
+    }
+
+    /// Issue 13 #2: the reader used try_send into bounded(1024) and dropped
+    /// events silently when the frontend fell behind. Now every event that
+    /// fits is kept, in order, and one more fails the connection, visibly.
+    #[test]
+    fn events_are_never_dropped_an_overflow_fails_the_connection() {
+        let dir = std::env::temp_dir().join(format!("rkf-evq-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s");
+        let limit = u64::try_from(EVENT_QUEUE_LIMIT).expect("fits");
+        let daemon = pushing_daemon(&path, limit + 1);
+        let c = FilterClient::connect_control(&path).expect("connect");
+        let t0 = Instant::now();
+        while !c.is_dead() {
+            assert!(t0.elapsed() < Duration::from_secs(60), "never failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(c.events_overflowed());
+        assert!(daemon.join().expect("daemon"), "the socket was shut down");
+        let got: Vec<u64> = c
+            .events()
+            .try_iter()
+            .map(|e| match e {
+                Event::LocksGone { file } => file.ino,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got.len(), EVENT_QUEUE_LIMIT, "every event that fit is kept");
+        assert!(got.iter().copied().eq(0..limit), "in order");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

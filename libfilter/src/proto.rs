@@ -236,7 +236,9 @@ pub enum Request {
         own_protocol_advisory: bool,
     },
     /// The holder of a lease acknowledges a break to `state` (at most what
-    /// the break asked for). Frontend only.
+    /// the break asked for). With no break in progress, the holder lowers
+    /// its lease of its own accord (`state` at most what it holds; the
+    /// lease must be held through this connection). Frontend only.
     LeaseBreakAck {
         /// The lease key.
         lease_key: LeaseKey,

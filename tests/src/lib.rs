@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use libfilter::client::FilterClient;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Path of a workspace binary built next to the test executable (or next
 /// to a workspace binary such as rksoak).
@@ -560,8 +560,117 @@ impl LineClient {
         }
     }
 
+    /// Sends a request with the next id under `id_field` without reading
+    /// its reply; returns the id.
+    pub fn send_only(&mut self, id_field: &str, mut v: Value) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        v[id_field] = Value::from(id);
+        let mut line = v.to_string();
+        line.push('\n');
+        self.stream.write_all(line.as_bytes()).expect("send");
+        id
+    }
+
+    /// How long a read waits (default 60 s); a read that times out is `None`.
+    pub fn set_read_timeout(&self, t: Duration) {
+        self.stream.set_read_timeout(Some(t)).expect("timeout");
+    }
+
+    /// Reads lines until the reply to `id_field` = `id`, returning it and
+    /// the notifications read on the way (`None` at EOF or timeout).
+    pub fn reply_to(&mut self, id_field: &str, id: u64) -> Option<(Value, Vec<Value>)> {
+        let mut seen = Vec::new();
+        loop {
+            let v = self.next_line()?;
+            if v[id_field] == id {
+                return Some((v, seen));
+            }
+            seen.push(v);
+        }
+    }
+
     /// smbl/1: a request with a fresh `mid`.
     pub fn call(&mut self, v: Value) -> Value {
         self.call_with("mid", v)
+    }
+}
+
+/// An nfsl/1 client with its session and slot 0's seqid.
+pub struct Nfs {
+    /// The connection.
+    pub c: LineClient,
+    /// Its clientid.
+    pub clientid: String,
+    /// Its session.
+    pub sessionid: String,
+    /// Slot 0's last seqid.
+    pub seqid: u64,
+}
+
+impl Nfs {
+    /// EXCHANGE_ID and CREATE_SESSION as `owner` with `verifier`.
+    pub fn connect(addr: &str, owner: &str, verifier: &str) -> Nfs {
+        let mut c = LineClient::connect(addr);
+        let r = c.call_with(
+            "xid",
+            json!({"op": "EXCHANGE_ID", "owner": owner, "verifier": verifier}),
+        );
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        let clientid = r["clientid"].as_str().unwrap().to_owned();
+        let r = c.call_with("xid", json!({"op": "CREATE_SESSION", "clientid": clientid}));
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        assert!(r["slots"].as_u64().unwrap() >= 8);
+        Nfs {
+            c,
+            clientid,
+            sessionid: r["sessionid"].as_str().unwrap().to_owned(),
+            seqid: 0,
+        }
+    }
+
+    /// Sends `req` on slot 0 with the next seqid.
+    pub fn call(&mut self, req: Value) -> Value {
+        self.seqid += 1;
+        self.send(req)
+    }
+
+    /// Sends `req` with the next seqid, re-sending it (same seqid) while the
+    /// answer is NFS4ERR_DELAY, as a client does while nfsshim reattaches.
+    pub fn call_patiently(&mut self, req: Value) -> Value {
+        self.seqid += 1;
+        wait_for(
+            "an answer other than DELAY",
+            Duration::from_secs(10),
+            || {
+                let r = self.send(req.clone());
+                (r["status"] != "NFS4ERR_DELAY").then_some(r)
+            },
+        )
+    }
+
+    /// Sends `req` on slot 0 with the current seqid (a re-send).
+    pub fn send(&mut self, mut req: Value) -> Value {
+        req["seq"] = json!({"sessionid": self.sessionid, "slot": 0, "seqid": self.seqid});
+        self.c.call_with("xid", req)
+    }
+
+    /// OPEN with `extra` fields merged in.
+    pub fn open(
+        &mut self,
+        owner: &str,
+        path: &str,
+        access: &str,
+        deny: &str,
+        extra: Value,
+    ) -> Value {
+        let mut req =
+            json!({"op": "OPEN", "owner": owner, "path": path, "access": access, "deny": deny});
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                req[k] = v;
+            }
+        }
+        self.call(req)
     }
 }

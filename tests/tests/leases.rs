@@ -138,10 +138,21 @@ fn conflicting_open_waits_for_the_break_ack() {
         ))
         .unwrap();
     assert_eq!(c.info.lease.map(|l| l.state), Some(st("RH")));
-    // Acking a break that is not in progress is an error.
+    // With no break in progress an ack may only lower a lease its
+    // connection holds (a voluntary lowering, e.g. nfsl/1 DELEGRETURN):
+    // raising it, or naming a lease not held here, is an error.
     assert_eq!(
         smb.call(Request::LeaseBreakAck {
             lease_key: k1,
+            state: st("RWH")
+        })
+        .unwrap_err()
+        .code(),
+        Some(ErrorCode::BadFrame)
+    );
+    assert_eq!(
+        smb.call(Request::LeaseBreakAck {
+            lease_key: LeaseKey(uuid::Uuid::new_v4()),
             state: st("R")
         })
         .unwrap_err()

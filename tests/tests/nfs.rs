@@ -7,77 +7,11 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use rkfilter_tests::{wait_for, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{wait_for, Filterd, LineClient, Nfs, Scratch, Shim};
 use serde_json::{json, Value};
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// An nfsl/1 client with its session and slot 0's seqid.
-struct Nfs {
-    c: LineClient,
-    clientid: String,
-    sessionid: String,
-    seqid: u64,
-}
-
-impl Nfs {
-    fn connect(addr: &str, owner: &str, verifier: &str) -> Nfs {
-        let mut c = LineClient::connect(addr);
-        let r = c.call_with(
-            "xid",
-            json!({"op": "EXCHANGE_ID", "owner": owner, "verifier": verifier}),
-        );
-        assert_eq!(r["status"], "NFS4_OK", "{r}");
-        let clientid = r["clientid"].as_str().unwrap().to_owned();
-        let r = c.call_with("xid", json!({"op": "CREATE_SESSION", "clientid": clientid}));
-        assert_eq!(r["status"], "NFS4_OK", "{r}");
-        assert!(r["slots"].as_u64().unwrap() >= 8);
-        Nfs {
-            c,
-            clientid,
-            sessionid: r["sessionid"].as_str().unwrap().to_owned(),
-            seqid: 0,
-        }
-    }
-
-    /// Sends `req` on slot 0 with the next seqid.
-    fn call(&mut self, req: Value) -> Value {
-        self.seqid += 1;
-        self.send(req)
-    }
-
-    /// Sends `req` with the next seqid, re-sending it (same seqid) while the
-    /// answer is NFS4ERR_DELAY, as a client does while nfsshim reattaches.
-    fn call_patiently(&mut self, req: Value) -> Value {
-        self.seqid += 1;
-        wait_for(
-            "an answer other than DELAY",
-            Duration::from_secs(10),
-            || {
-                let r = self.send(req.clone());
-                (r["status"] != "NFS4ERR_DELAY").then_some(r)
-            },
-        )
-    }
-
-    /// Sends `req` on slot 0 with the current seqid (a re-send).
-    fn send(&mut self, mut req: Value) -> Value {
-        req["seq"] = json!({"sessionid": self.sessionid, "slot": 0, "seqid": self.seqid});
-        self.c.call_with("xid", req)
-    }
-
-    fn open(&mut self, owner: &str, path: &str, access: &str, deny: &str, extra: Value) -> Value {
-        let mut req =
-            json!({"op": "OPEN", "owner": owner, "path": path, "access": access, "deny": deny});
-        if let Value::Object(m) = extra {
-            for (k, v) in m {
-                req[k] = v;
-            }
-        }
-        self.call(req)
-    }
 }
 
 fn ok(r: Value) -> Value {

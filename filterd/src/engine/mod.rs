@@ -2105,10 +2105,7 @@ impl Engine {
         state: LeaseState,
     ) -> Result<Reply, WireError> {
         let Some((&(file, _), b)) = self.breaking.iter().find(|((_, k), _)| *k == lk) else {
-            return Err(err(
-                ErrorCode::NoSuchHandle,
-                format!("no break in progress for lease {lk}"),
-            ));
+            return self.lease_lower(conn, lk, state);
         };
         if !b.to.contains(state) {
             return Err(err(
@@ -2130,13 +2127,49 @@ impl Engine {
             ));
         }
         self.breaking.remove(&(file, lk));
+        Ok(self.settle_lease(file, lk, state))
+    }
+
+    /// Sets a lease to what its holder kept and lets waiting opens retry.
+    fn settle_lease(&mut self, file: FileId, lk: LeaseKey, state: LeaseState) -> Reply {
         let epoch = self.set_lease_state(file, lk, state);
         self.retry_files.insert(file);
-        Ok(Reply::Lease(HeldLease {
+        Reply::Lease(HeldLease {
             key: lk,
             state,
             epoch,
-        }))
+        })
+    }
+
+    /// An ack with no break in progress: the holder gives up part or all of
+    /// its lease of its own accord (nfsl/1 DELEGRETURN without a recall),
+    /// so a later conflicting open need not break it. Only lowering.
+    fn lease_lower(
+        &mut self,
+        conn: ConnId,
+        lk: LeaseKey,
+        state: LeaseState,
+    ) -> Result<Reply, WireError> {
+        let held = self.conns.get(&conn).and_then(|c| {
+            c.handles.iter().find_map(|k| {
+                let h = self.handles.get(k)?;
+                let l = h.rec.lease.filter(|l| l.key == lk)?;
+                Some((h.rec.file, l.state))
+            })
+        });
+        let Some((file, current)) = held else {
+            return Err(err(
+                ErrorCode::NoSuchHandle,
+                format!("no break in progress for lease {lk}, nor is it held here"),
+            ));
+        };
+        if !current.contains(state) {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("lease {lk} is {current}: {state} is not a lowering"),
+            ));
+        }
+        Ok(self.settle_lease(file, lk, state))
     }
 
     /// Runs again the waiting opens of every file whose break ended.

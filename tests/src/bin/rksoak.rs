@@ -12,6 +12,10 @@
 //! Each time filterd is killed, filterctl's post-mortem view of the state
 //! dir is compared with what the restarted daemon shows (started first on a
 //! side socket no frontend knows, so nothing has changed it yet).
+//! Two hostile peers run beside them all along: an smbl/1 client that
+//! asks for megabytes of READs and stops reading (smbshim must drop it, and
+//! the other clients must carry on), and an nfsl/1 client that opens
+//! session after session (nfsshim must refuse every one past its limit).
 //! Prints a summary; exits 1 if any check failed.
 
 use std::collections::BTreeMap;
@@ -62,6 +66,10 @@ struct Tally {
     /// (not checked: they may fail across a failover).
     side_ops: AtomicU64,
     side_failed: AtomicU64,
+    /// Stalled-reader connections smbshim dropped.
+    stalled_dropped: AtomicU64,
+    /// CREATE_SESSIONs refused past the limit (NFS4ERR_RESOURCE).
+    sessions_refused: AtomicU64,
     violations: Mutex<Vec<String>>,
 }
 
@@ -398,6 +406,141 @@ fn nfs_client(
     Ok(())
 }
 
+/// Bytes of the file the stalled reader asks to READ.
+const STALL_FILE: usize = 1 << 20;
+
+/// An smbl/1 client that pipelines megabytes of READs and never reads a
+/// reply: smbshim must drop its connection (it counts each drop), and
+/// nobody else may wait for it. Starts over until `stop`.
+fn stalled_reader(addrs: Arc<Addrs>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    use std::io::{BufRead, BufReader, Write};
+    let line = |v: Value| format!("{v}\n").into_bytes();
+    while !stop.load(Ordering::Relaxed) {
+        let attempt = || -> anyhow::Result<bool> {
+            let mut s = std::net::TcpStream::connect(read_addr(&addrs.smb).as_str())?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_write_timeout(Some(Duration::from_secs(30)))?;
+            let mut r = BufReader::new(s.try_clone()?);
+            let mut reply = |s: &mut std::net::TcpStream, v: Value| -> anyhow::Result<Value> {
+                s.write_all(&line(v))?;
+                let mut l = String::new();
+                r.read_line(&mut l)?;
+                Ok(serde_json::from_str(&l)?)
+            };
+            let guid = Uuid::new_v4().to_string();
+            let sid = reply(&mut s, serde_json::json!({"cmd": "SESSION_SETUP", "mid": 1, "client_guid": guid, "user": "stall"}))?["session_id"]
+                .as_u64()
+                .context("no session")?;
+            let f = reply(
+                &mut s,
+                serde_json::json!({"cmd": "CREATE", "mid": 2, "session_id": sid, "path": "stall",
+                "access": ["read"], "share": ["read", "write", "delete"], "disposition": "open"}),
+            )?;
+            let fid = f["file_id"].clone();
+            if fid.is_null() {
+                bail!("CREATE: {f}");
+            }
+            // ~90 MiB of replies asked for, none read.
+            for mid in 3..67u64 {
+                let req = serde_json::json!({"cmd": "READ", "mid": mid, "session_id": sid,
+                    "file_id": fid, "offset": 0, "length": STALL_FILE});
+                if s.write_all(&line(req)).is_err() {
+                    return Ok(true);
+                }
+            }
+            // Still not reading: probe with small writes until they fail
+            // (smbshim shut the connection down).
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(100));
+                let echo = serde_json::json!({"cmd": "ECHO", "mid": 99});
+                if s.write_all(&line(echo)).is_err() {
+                    return Ok(true);
+                }
+            }
+            // Kept. Fine only if the READs got no data (the open went away
+            // in a failover: small error replies fill no queue).
+            for _ in 3..67 {
+                let mut l = String::new();
+                r.read_line(&mut l)?;
+                let v: Value = serde_json::from_str(&l)?;
+                if v["status"] != "STATUS_SUCCESS" {
+                    bail!("READ answered {}", v["status"]);
+                }
+            }
+            Ok(false)
+        };
+        // Its open comes and goes at any time (the checker leaves the
+        // `stall` file out), so it does not take the gate.
+        match attempt() {
+            Ok(true) => {
+                tally.stalled_dropped.fetch_add(1, Ordering::Relaxed);
+                // A stall now and then; the checker needs the gate too.
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            // Not dropped within the read timeout while smbshim lived:
+            // a stalled client is being carried.
+            Ok(false) => tally.violation("smbshim kept a client that stopped reading".into()),
+            // smbshim or filterd away (chaos): try again.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// nfsshim's sessions per client (its default --max-sessions-per-client).
+const SESSIONS_PER_CLIENT: u64 = 16;
+
+/// An nfsl/1 client that opens session after session: past the limit each
+/// is NFS4ERR_RESOURCE, and the client never holds more than the limit.
+fn session_flooder(addrs: Arc<Addrs>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let verifier = format!("{:016x}", Uuid::new_v4().as_u64_pair().0);
+    let mut granted = 0u64;
+    let mut clientid: Option<String> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(c) = nfsl::Client::connect(read_addr(&addrs.nfs).as_str()) else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        c.set_timeout(Duration::from_secs(20));
+        while !stop.load(Ordering::Relaxed) {
+            let cid = match &clientid {
+                Some(cid) => cid.clone(),
+                None => match c.exchange_id("soak-session-flooder", &verifier) {
+                    Ok(r) if r.is_ok() => match r.clientid() {
+                        Some(cid) => {
+                            clientid = Some(cid.to_owned());
+                            cid.to_owned()
+                        }
+                        None => break,
+                    },
+                    _ => break,
+                },
+            };
+            match c.create_session(&cid) {
+                Ok(r) if r.is_ok() => {
+                    granted += 1;
+                    if granted > SESSIONS_PER_CLIENT {
+                        tally.violation(format!(
+                            "nfsshim granted session {granted} to one client (limit {SESSIONS_PER_CLIENT})"
+                        ));
+                    }
+                }
+                Ok(r) if r.status() == "NFS4ERR_RESOURCE" => {
+                    tally.sessions_refused.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // The incarnation went (its lease lapsed while nfsshim was
+                // down long): a new one starts from none.
+                Ok(r) if r.status() == "NFS4ERR_STALE_CLIENTID" => {
+                    clientid = None;
+                    granted = 0;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
 /// filterd's open descriptors and resident memory (kB).
 fn usage(pid: u32) -> (usize, u64) {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -449,10 +592,17 @@ fn check(
     let handles = ctl.handles()?;
     let locks = ctl.locks()?;
     // What an operator sees: filterctl's view matches the daemon's.
+    // The stalled reader's open comes and goes at any time.
     let mut seen: Vec<String> = ctl_handles(&["--socket", &socket.display().to_string()])?
-        .into_keys()
+        .into_iter()
+        .filter(|(_, (_, path))| path != "stall")
+        .map(|(k, _)| k)
         .collect();
-    let mut have: Vec<String> = handles.iter().map(|h| h.record.key.to_string()).collect();
+    let mut have: Vec<String> = handles
+        .iter()
+        .filter(|h| h.record.path.as_str() != "stall")
+        .map(|h| h.record.key.to_string())
+        .collect();
     seen.sort();
     have.sort();
     if seen != have {
@@ -600,6 +750,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = Scratch::new("soak");
     stop_on_signals(s.dir.clone());
+    std::fs::write(s.root().join("stall"), vec![b's'; STALL_FILE]).context("the stall file")?;
     let mut filterd = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
     let mut smb = Shim::start("smbshim", &s.socket(), "smb-soak");
     let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-soak");
@@ -627,6 +778,10 @@ fn main() -> anyhow::Result<()> {
                 }
             }));
         }
+    }
+    for hostile in [stalled_reader, session_flooder] {
+        let (addrs, stop, tally) = (addrs.clone(), stop.clone(), tally.clone());
+        workers.push(std::thread::spawn(move || hostile(addrs, stop, tally)));
     }
     // Let every client get going, then take the baseline.
     wait_for("clients to start", Duration::from_secs(30), || {
@@ -725,6 +880,8 @@ fn main() -> anyhow::Result<()> {
         ("post-mortems compared", &tally.post_mortems),
         ("side opens/renames done", &tally.side_ops),
         ("side ops lost to failover", &tally.side_failed),
+        ("stalled readers dropped", &tally.stalled_dropped),
+        ("sessions refused (limit)", &tally.sessions_refused),
     ] {
         println!("  {label:<24} {:>8}", n.load(Ordering::Relaxed));
     }
@@ -735,11 +892,9 @@ fn main() -> anyhow::Result<()> {
         for v in &violations {
             println!("    {v}");
         }
-        // exit() runs no destructors: stop the processes and remove the
-        // scratch dir first, or a failed soak leaves them behind.
-        drop((smb, nfs, filterd));
-        drop(s);
-        std::process::exit(1);
+        // Returning (not process::exit) runs the destructors that stop
+        // filterd and the shims and remove the scratch dir; exit status 1.
+        bail!("{} violation(s)", violations.len());
     }
     Ok(())
 }

@@ -214,11 +214,23 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where nfsshim keeps its client records (nfsshim/src/state.rs).
-fn nfs_clients_scope() -> anyhow::Result<libfilter::model::ReplayScope> {
+fn session_scope(name: &str) -> anyhow::Result<libfilter::model::ReplayScope> {
     Ok(libfilter::model::ReplayScope::Session(
-        libfilter::model::ScopeName::new("nfs/clients")?,
+        libfilter::model::ScopeName::new(name)?,
     ))
+}
+
+/// Whether a scope holds an nfsshim instance's client records
+/// (`nfs/<instance>/clients`, nfsshim/src/state.rs).
+fn is_nfs_clients_scope(scope: &libfilter::model::ReplayScope) -> bool {
+    match scope {
+        libfilter::model::ReplayScope::Session(n) => n
+            .as_str()
+            .strip_prefix("nfs/")
+            .and_then(|r| r.strip_suffix("/clients"))
+            .is_some_and(|inst| !inst.is_empty() && !inst.contains('/')),
+        _ => false,
+    }
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
@@ -262,19 +274,27 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         (Cmd::Clients, src) => {
+            // Every nfsshim instance's client table; the live daemon is
+            // asked by the instance names nfsshim registers.
             let recs: Vec<(u64, String)> = match src {
-                Source::Live(c) => c.list_records(nfs_clients_scope()?)?,
-                Source::Offline(store) => {
-                    let want = nfs_clients_scope()?;
-                    store
-                        .replays()?
-                        .into_iter()
-                        .filter_map(|(k, r)| {
-                            let (scope, op) = libfilter::store::parse_replay_key(&k)?;
-                            (scope == want).then_some((op, r.ok()?.reply))
-                        })
-                        .collect()
+                Source::Live(c) => {
+                    let mut all = Vec::new();
+                    for (_, text) in c.list_records(session_scope("nfs/instances")?)? {
+                        let Ok(inst) = serde_json::from_str::<String>(&text) else {
+                            continue;
+                        };
+                        all.extend(c.list_records(session_scope(&format!("nfs/{inst}/clients"))?)?);
+                    }
+                    all
                 }
+                Source::Offline(store) => store
+                    .replays()?
+                    .into_iter()
+                    .filter_map(|(k, r)| {
+                        let (scope, op) = libfilter::store::parse_replay_key(&k)?;
+                        is_nfs_clients_scope(&scope).then_some((op, r.ok()?.reply))
+                    })
+                    .collect(),
             };
             let clients: Vec<serde_json::Value> = recs
                 .iter()

@@ -17,7 +17,7 @@
 //! time, in input order, so a script reads like a transcript. Callbacks
 //! arriving meanwhile are printed after the reply being waited for.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use anyhow::{anyhow, bail, Context};
 use nfsl::ops::{self, Access, CreateMode, Deny, LockType, OpenArgs, WantDelegation};
 use nfsl::{Client, Reply, Session, StateId, TO_EOF};
 use serde_json::{json, Value};
+use shimline::cli::{emit, word, Step};
 
 /// The short forms, printed by `help` and `nfsshim client --help`.
 pub const HELP: &str = "\
@@ -114,20 +115,6 @@ pub fn run(addr: &str, timeout: Duration) -> anyhow::Result<()> {
             client.peer_addr()
         );
     }
-    // stdin is read on its own thread so callbacks print while the user is
-    // typing.
-    let (line_tx, lines) = crossbeam_channel::bounded::<std::io::Result<String>>(16);
-    std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            for line in std::io::stdin().lock().lines() {
-                let stop = line.is_err();
-                if line_tx.send(line).is_err() || stop {
-                    return;
-                }
-            }
-        })
-        .context("starting the stdin thread")?;
     let mut cli = Cli {
         client: client.clone(),
         owner: None,
@@ -138,63 +125,23 @@ pub fn run(addr: &str, timeout: Duration) -> anyhow::Result<()> {
         last_deleg: None,
         last_lock: None,
     };
-    let mut callbacks = client.callbacks().clone();
-    let mut failed = 0usize;
-    let mut n = 0usize;
-    loop {
-        crossbeam_channel::select! {
-            recv(lines) -> line => {
-                let line = match line {
-                    Ok(l) => l.context("reading stdin")?,
-                    Err(_) => break, // EOF
-                };
-                n += 1;
-                match cli.parse(&line) {
-                    Ok(Action::Quit) => break,
-                    Ok(action) => {
-                        if !cli.perform(action, &callbacks)? {
-                            failed += 1;
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("error: line {n}: {e:#}");
-                        failed += 1;
-                    }
-                }
+    let tally = shimline::cli::drive(client.callbacks(), |n, line, callbacks| {
+        Ok::<_, anyhow::Error>(match cli.parse(line) {
+            Ok(Action::Quit) => Step::Quit,
+            Ok(action) => match cli.perform(action, callbacks)? {
+                true => Step::Done,
+                false => Step::Failed,
+            },
+            Err(e) => {
+                eprintln!("error: line {n}: {e:#}");
+                Step::Failed
             }
-            recv(callbacks) -> cb => match cb {
-                Ok(v) => emit(&v)?,
-                // The connection ended; the next command says so.
-                Err(_) => callbacks = crossbeam_channel::never(),
-            }
-        }
-    }
-    // Whatever was pushed before the input ended.
-    while let Ok(v) = callbacks.try_recv() {
-        emit(&v)?;
-    }
-    if failed > 0 {
-        bail!("{failed} of {n} input lines failed");
+        })
+    })?;
+    if tally.failed > 0 {
+        bail!("{} of {} input lines failed", tally.failed, tally.lines);
     }
     Ok(())
-}
-
-/// Prints one JSON line on stdout.
-fn emit(v: &Value) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{v}")
-        .and_then(|()| out.flush())
-        .context("writing stdout")
-}
-
-/// Splits off the first whitespace-separated word.
-fn word(s: &str) -> Option<(&str, &str)> {
-    let s = s.trim_start();
-    if s.is_empty() {
-        return None;
-    }
-    let end = s.find(char::is_whitespace).unwrap_or(s.len());
-    Some((s.get(..end)?, s.get(end..)?.trim_start()))
 }
 
 fn num<T: std::str::FromStr>(what: &str, s: Option<&str>) -> anyhow::Result<T> {
@@ -485,7 +432,7 @@ impl Cli {
             }
             Action::Wait(d) => {
                 return match callbacks.recv_timeout(d) {
-                    Ok(v) => emit(&v).map(|()| true),
+                    Ok(v) => emit(&v).map(|()| true).context("writing stdout"),
                     Err(_) => {
                         eprintln!("error: no callback within {d:?}");
                         Ok(false)

@@ -52,6 +52,25 @@ struct Args {
     /// Client lease length in milliseconds (at least 1000).
     #[arg(long, value_name = "N", default_value_t = 90_000)]
     lease_ms: u64,
+    /// Most client connections served at once; one more is refused with
+    /// NFS4ERR_RESOURCE.
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Most client records (EXCHANGE_ID of a new owner beyond it:
+    /// NFS4ERR_RESOURCE). At most 4096, filterd's records per scope.
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_clients: u32,
+    /// Most sessions per client (CREATE_SESSION beyond it: NFS4ERR_RESOURCE).
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_sessions_per_client: u32,
+    /// Most open states per client (OPEN of a further file:
+    /// NFS4ERR_RESOURCE). At most 4096, filterd's records per scope.
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_opens_per_client: u32,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -84,6 +103,14 @@ fn main() -> anyhow::Result<()> {
             &listen,
             args.instance.as_deref().unwrap_or("nfs"),
             args.lease_ms.max(1_000),
+            server::Limits {
+                max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
+                max_sessions_per_client: usize::try_from(args.max_sessions_per_client)
+                    .unwrap_or(usize::MAX),
+                max_opens_per_client: usize::try_from(args.max_opens_per_client)
+                    .unwrap_or(usize::MAX),
+            },
         ),
         // clap requires both flags when there is no subcommand.
         (None, _, _) => anyhow::bail!("--filter and --listen are required"),

@@ -38,6 +38,93 @@ const MAX_READ: u64 = 1 << 20;
 /// "To end of file".
 const EOF_LENGTH: u64 = u64::MAX;
 
+/// Named limits on what peers can make nfsshim hold (command-line flags).
+/// The durable tables stay within filterd's records per scope
+/// ([`state::KEEP`]), so no record is ever evicted behind a client's back.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most client connections at once.
+    pub max_connections: usize,
+    /// Most client records (incarnations).
+    pub max_clients: usize,
+    /// Most sessions per client.
+    pub max_sessions_per_client: usize,
+    /// Most open states per client.
+    pub max_opens_per_client: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: shimline::DEFAULT_MAX_CONNECTIONS,
+            max_clients: 1024,
+            max_sessions_per_client: 16,
+            max_opens_per_client: 4096,
+        }
+    }
+}
+
+impl Limits {
+    /// Clamped to what filterd keeps per scope.
+    fn clamped(self) -> Limits {
+        let keep = usize::try_from(state::KEEP).unwrap_or(usize::MAX);
+        Limits {
+            max_clients: self.max_clients.clamp(1, keep),
+            max_sessions_per_client: self.max_sessions_per_client.clamp(1, keep),
+            max_opens_per_client: self.max_opens_per_client.clamp(1, keep),
+            ..self
+        }
+    }
+}
+
+/// Stateid `other`s and clientids remembered as gone, per table: past
+/// this the oldest is forgotten (its stateids then answer BAD_STATEID, its
+/// clientid STALE_CLIENTID either way).
+const MAX_REMEMBERED_GONE: usize = 4096;
+
+/// Keys remembered as gone, at most [`MAX_REMEMBERED_GONE`]: past that the
+/// oldest is forgotten. They only choose a more precise error code
+/// (EXPIRED rather than BAD_STATEID), so forgetting is safe.
+struct Recent<V> {
+    order: std::collections::VecDeque<String>,
+    map: HashMap<String, V>,
+}
+
+impl<V> Default for Recent<V> {
+    fn default() -> Self {
+        Recent {
+            order: Default::default(),
+            map: HashMap::new(),
+        }
+    }
+}
+
+impl<V> Recent<V> {
+    fn insert(&mut self, k: String, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+        }
+        while self.map.len() > MAX_REMEMBERED_GONE {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            self.map.remove(&old);
+        }
+    }
+    fn get(&self, k: &str) -> Option<&V> {
+        self.map.get(k)
+    }
+    fn contains(&self, k: &str) -> bool {
+        self.map.contains_key(k)
+    }
+}
+
+impl Recent<()> {
+    fn add(&mut self, k: String) {
+        self.insert(k, ());
+    }
+}
+
 /// A failed request: an nfsl/1 status and a message.
 struct Fail(&'static str, String);
 
@@ -88,8 +175,6 @@ struct Client {
     rec: ClientRec,
     num: u64,
     deadline: Instant,
-    /// The connection its last request came on (callbacks go there).
-    conn: Option<u64>,
 }
 
 struct Slot {
@@ -123,11 +208,15 @@ struct State {
     client: Option<Client>,
     /// Stateid `other`s of this client's state that went away (revoked
     /// delegations, handles filterd dropped).
-    expired: HashSet<String>,
-    /// Open states closed (or found gone at a restart) by this nfsshim, and
-    /// their owners: a CLOSE re-sent after its reply was lost is answered
-    /// NFS4_OK again rather than NFS4ERR_BAD_STATEID.
-    closed: HashMap<String, String>,
+    expired: Recent<()>,
+    /// Open states whose filter handle went away behind the client's back
+    /// (expired, purged, or gone at a restart: possibly closed by a CLOSE
+    /// whose reply was lost in a filterd crash), and their owners: a CLOSE
+    /// of one is answered NFS4_OK. A state closed by a CLOSE is here with
+    /// that request's slot and seqid: only that CLOSE re-sent (its reply
+    /// not recorded) is answered NFS4_OK again; another CLOSE of it is
+    /// NFS4ERR_BAD_STATEID.
+    closed: Recent<(String, Option<String>)>,
     sessions: HashMap<String, Session>,
     /// Open states by their `other`.
     opens: HashMap<String, Open>,
@@ -142,10 +231,10 @@ struct State {
 struct Global {
     clients: HashMap<String, Arc<Mutex<State>>>,
     by_owner: HashMap<String, String>,
-    /// Clientids whose lease lapsed, that rebooted or were destroyed.
-    stale: HashSet<String>,
     /// Stateid `other`s of released clients.
-    expired: HashSet<String>,
+    expired: Recent<()>,
+    /// Client records being written (counted against --max-clients).
+    clients_reserved: usize,
     /// Session → its client.
     session_client: HashMap<String, String>,
     /// Filter handle → its client (filterd's events name handles).
@@ -153,7 +242,17 @@ struct Global {
     /// Filter handle → the lock-owner locking through it (NFS4ERR_DENIED).
     lock_owner: HashMap<ResumeKey, String>,
     /// Delegation lease key → its client (recalls).
-    lease_client: HashMap<uuid::Uuid, String>,
+    /// Delegation lease key → its client and the delegation's `other`
+    /// (recalls are sent from here without taking the client's lock).
+    lease_client: HashMap<uuid::Uuid, (String, String)>,
+    /// Client → the connection its last request came on (callbacks).
+    client_conn: HashMap<String, u64>,
+    /// Delegations filterd lowered without a recall (nothing to ack), per
+    /// client: revoked at the client's next request, under its lock.
+    revoked: HashMap<String, Vec<uuid::Uuid>>,
+    /// Handles filterd dropped while their client's request was running,
+    /// per client: forgotten at the client's next request.
+    forgotten: HashMap<String, Vec<ResumeKey>>,
 }
 
 struct Shared {
@@ -163,6 +262,11 @@ struct Shared {
     writers: shimline::Writers,
     lease: Duration,
     locked_files: Mutex<HashSet<FileId>>,
+    limits: Limits,
+    /// This instance's table names.
+    tables: state::Tables,
+    /// Whether the `instances` registry names this instance yet.
+    registered: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -185,9 +289,16 @@ fn lock_client(c: &Mutex<State>) -> Result<MutexGuard<'_, State>, Fail> {
 }
 
 /// Attaches to filterd, restores state, listens, serves forever.
-pub fn run(filter: &Path, listen: &str, instance: &str, lease_ms: u64) -> anyhow::Result<()> {
+pub fn run(
+    filter: &Path,
+    listen: &str,
+    instance: &str,
+    lease_ms: u64,
+    limits: Limits,
+) -> anyhow::Result<()> {
     let protocol = Protocol::new("nfs")?;
     let instance = InstanceName::new(instance)?;
+    let tables = state::Tables::new(&instance);
     let attach = Attachment::connect_patiently(
         filter,
         protocol,
@@ -196,7 +307,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, lease_ms: u64) -> anyhow
         Duration::from_secs(30),
     )
     .context("attaching to filterd")?;
-    let shared = start(attach, lease_ms)?;
+    let shared = start(attach, tables, lease_ms, limits.clamped())?;
     let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
     {
         let sh = shared.clone();
@@ -208,14 +319,25 @@ pub fn run(filter: &Path, listen: &str, instance: &str, lease_ms: u64) -> anyhow
             .name("lease-reaper".into())
             .spawn(move || reaper(sh))?;
     }
-    shimline::accept_forever(listener, "nfs", move |conn, stream| {
+    let cfg = shimline::Listen {
+        prefix: "nfs",
+        id_field: "xid",
+        busy_status: "NFS4ERR_RESOURCE",
+        max_connections: limits.max_connections,
+    };
+    shimline::accept_forever(listener, cfg, move |conn, stream| {
         serve(shared.clone(), conn, stream)
     });
     Ok(())
 }
 
 /// The protocol state over an attachment, restored from filterd.
-fn start(attach: Attachment, lease_ms: u64) -> anyhow::Result<Arc<Shared>> {
+fn start(
+    attach: Attachment,
+    tables: state::Tables,
+    lease_ms: u64,
+    limits: Limits,
+) -> anyhow::Result<Arc<Shared>> {
     let shared = Arc::new(Shared {
         filter: attach,
         st: Mutex::new(Global::default()),
@@ -223,7 +345,15 @@ fn start(attach: Attachment, lease_ms: u64) -> anyhow::Result<Arc<Shared>> {
         writers: shimline::Writers::default(),
         lease: Duration::from_millis(lease_ms),
         locked_files: Mutex::new(HashSet::new()),
+        limits,
+        tables,
+        registered: std::sync::atomic::AtomicBool::new(false),
     });
+    let registered = shared
+        .tables
+        .registered(&shared.filter)
+        .context("looking this instance up in the registry")?;
+    shared.registered.store(registered, Ordering::Release);
     restore(&shared).context("restoring nfsl/1 state from filterd")?;
     Ok(shared)
 }
@@ -235,14 +365,16 @@ pub struct Harness(Arc<Shared>);
 impl Harness {
     /// Attaches to filterd at `filter` as instance `instance`.
     pub fn attach(filter: &Path, instance: &str) -> anyhow::Result<Harness> {
+        let instance = InstanceName::new(instance)?;
+        let tables = state::Tables::new(&instance);
         let attach = Attachment::connect_patiently(
             filter,
             Protocol::new("nfs")?,
-            InstanceName::new(instance)?,
+            instance,
             libfilter::proto::FEATURE_LOCK_HINTS,
             Duration::from_secs(30),
         )?;
-        Ok(Harness(start(attach, 90_000)?))
+        Ok(Harness(start(attach, tables, 90_000, Limits::default())?))
     }
 
     /// The reply to one request line.
@@ -263,12 +395,13 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
         .map_err(|_| ClientError::Unexpected("lock".into()))?;
     let now = Instant::now();
     let mut max = 0;
-    for (num, rec) in state::list::<ClientRec>(f, "clients")? {
+    let t = &sh.tables;
+    for (num, rec) in state::list::<ClientRec>(f, &t.clients())? {
         max = max.max(num);
         g.by_owner.insert(rec.owner.clone(), rec.clientid.clone());
         let cid = rec.clientid.clone();
         let mut st = State::default();
-        for (snum, o) in state::list::<OpenRec>(f, &format!("states/{cid}"))? {
+        for (snum, o) in state::list::<OpenRec>(f, &t.states(&cid))? {
             max = max.max(snum);
             match f.resume(ClientId::new(cid.clone()).map_err(unexpected)?, o.key) {
                 Ok(h) => {
@@ -288,7 +421,8 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                     }
                     if let Some(d) = &o.deleg {
                         st.aliases.insert(d.other.clone(), o.other.clone());
-                        g.lease_client.insert(d.lease_key, cid.clone());
+                        g.lease_client
+                            .insert(d.lease_key, (cid.clone(), d.other.clone()));
                     }
                     st.opens.insert(
                         o.other.clone(),
@@ -306,8 +440,8 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                         "nfsshim: open {} of client {cid} is gone ({e}); dropping it",
                         o.other
                     );
-                    let _ = state::delete(f, &format!("states/{cid}"), snum);
-                    st.closed.insert(o.other.clone(), cid.clone());
+                    let _ = state::delete(f, &t.states(&cid), snum);
+                    st.closed.insert(o.other.clone(), (cid.clone(), None));
                 }
             }
         }
@@ -315,11 +449,17 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
             rec,
             num,
             deadline: now + sh.lease,
-            conn: None,
         });
         g.clients.insert(cid, Arc::new(Mutex::new(st)));
     }
-    for (num, rec) in state::list::<SessionRec>(f, "sessions")? {
+    let cids: Vec<String> = g.clients.keys().cloned().collect();
+    let mut sessions = Vec::new();
+    for cid in &cids {
+        for (num, rec) in state::list::<SessionRec>(f, &t.sessions(cid))? {
+            sessions.push((num, rec));
+        }
+    }
+    for (num, rec) in sessions {
         max = max.max(num);
         let mut slots: Vec<Slot> = (0..rec.slots)
             .map(|_| Slot {
@@ -328,14 +468,14 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                 restored: true,
             })
             .collect();
-        for (i, s) in state::list::<SlotRec>(f, &format!("slots/{}", rec.sessionid))? {
+        for (i, s) in state::list::<SlotRec>(f, &t.slots(&rec.sessionid))? {
             if let Some(slot) = usize::try_from(i).ok().and_then(|i| slots.get_mut(i)) {
                 slot.seqid = s.seqid;
                 slot.reply = Some(s.reply);
             }
         }
         let Some(cl) = g.clients.get(&rec.clientid).cloned() else {
-            let _ = state::delete(f, "sessions", num);
+            let _ = state::delete(f, &t.sessions(&rec.clientid), num);
             continue;
         };
         g.session_client
@@ -360,8 +500,8 @@ fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
 
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
     sh.writers
-        .serve(conn, stream, "xid", "NFS4ERR_INVAL", |line| {
-            handle_line(&sh, conn, line)
+        .serve(conn, stream, "xid", "NFS4ERR_INVAL", |line, _| {
+            Some(handle_line(&sh, conn, line))
         });
     // nfsl/1 state belongs to the client, not the connection: nothing to
     // release when it goes; callbacks go to the client's next connection.
@@ -439,14 +579,7 @@ fn derived_uuid(text: &str) -> uuid::Uuid {
     uuid::Uuid::from_u128(h)
 }
 
-fn fnv64(text: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+use state::fnv64;
 
 fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let owner = str_field(obj, "owner")?.to_owned();
@@ -477,20 +610,45 @@ fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         // A rebooted client: its previous incarnation's state goes.
         release_client(sh, &mut st, &cid);
     }
+    {
+        // A new client record: within --max-clients (so the table never
+        // outgrows what filterd keeps of a scope).
+        let mut g = sh.global()?;
+        let max = sh.limits.max_clients;
+        if g.clients.len() + g.clients_reserved >= max {
+            return Err(Fail(
+                "NFS4ERR_RESOURCE",
+                format!("{max} clients already (--max-clients)"),
+            ));
+        }
+        g.clients_reserved += 1;
+    }
     let rec = ClientRec {
         clientid: new_id("c"),
         owner: owner.clone(),
         verifier,
     };
     let num = sh.num();
-    state::put(&sh.filter, "clients", num, &rec).map_err(filter_fail)?;
+    // The first client also registers the instance, in the same commit.
+    let mut p = state::Pending::default();
+    let written = p
+        .put(&sh.tables.clients(), num, &rec)
+        .and_then(|()| match sh.registered.load(Ordering::Acquire) {
+            true => Ok(()),
+            false => sh.tables.register(&mut p),
+        })
+        .and_then(|()| p.flush(&sh.filter));
+    if written.is_ok() {
+        sh.registered.store(true, Ordering::Release);
+    }
+    sh.global()?.clients_reserved -= 1;
+    written.map_err(filter_fail)?;
     let cid = rec.clientid.clone();
     let st = State {
         client: Some(Client {
             rec,
             num,
             deadline: Instant::now() + sh.lease,
-            conn: None,
         }),
         ..State::default()
     };
@@ -515,13 +673,20 @@ fn create_session(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         return Err(stale(&cid));
     };
     c.deadline = Instant::now() + sh.lease;
+    let max = sh.limits.max_sessions_per_client;
+    if st.sessions.len() >= max {
+        return Err(Fail(
+            "NFS4ERR_RESOURCE",
+            format!("client {cid} has {max} sessions (--max-sessions-per-client)"),
+        ));
+    }
     let rec = SessionRec {
         sessionid: new_id("s"),
         clientid: cid.clone(),
         slots: SLOTS,
     };
     let num = sh.num();
-    state::put(&sh.filter, "sessions", num, &rec).map_err(filter_fail)?;
+    state::put(&sh.filter, &sh.tables.sessions(&cid), num, &rec).map_err(filter_fail)?;
     let sid = rec.sessionid.clone();
     let slots = (0..SLOTS)
         .map(|_| Slot {
@@ -578,7 +743,7 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         }
     }
     st.aliases.clear();
-    if let Ok(s) = state::scope(&format!("states/{cid}")) {
+    if let Ok(s) = state::scope(&sh.tables.states(cid)) {
         let _ = f.client().call(Request::DropScope { scope: s });
     }
     let sessions: Vec<String> = st.sessions.keys().cloned().collect();
@@ -586,7 +751,7 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         drop_session(sh, st, &sid);
     }
     let owner = st.client.take().map(|c| {
-        let _ = state::delete(f, "clients", c.num);
+        let _ = state::delete(f, &sh.tables.clients(), c.num);
         c.rec.owner
     });
     if let Ok(mut g) = sh.global() {
@@ -596,8 +761,9 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
                 g.by_owner.remove(&owner);
             }
         }
-        g.stale.insert(cid.to_owned());
-        g.expired.extend(gone_others);
+        for o in gone_others {
+            g.expired.add(o);
+        }
         for k in gone_keys {
             g.handle_client.remove(&k);
             g.lock_owner.remove(&k);
@@ -605,13 +771,16 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         for l in gone_leases {
             g.lease_client.remove(&l);
         }
+        g.client_conn.remove(cid);
+        g.revoked.remove(cid);
+        g.forgotten.remove(cid);
     }
 }
 
 fn drop_session(sh: &Shared, st: &mut State, sid: &str) {
     if let Some(s) = st.sessions.remove(sid) {
-        let _ = state::delete(&sh.filter, "sessions", s.num);
-        if let Ok(scope) = state::scope(&format!("slots/{sid}")) {
+        let _ = state::delete(&sh.filter, &sh.tables.sessions(&s.rec.clientid), s.num);
+        if let Ok(scope) = state::scope(&sh.tables.slots(sid)) {
             let _ = sh.filter.client().call(Request::DropScope { scope });
         }
     }
@@ -689,7 +858,22 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
     let restored = slot.restored;
     if let Some(c) = st.client.as_mut() {
         c.deadline = Instant::now() + sh.lease;
-        c.conn = Some(conn);
+    }
+    let (revoked, forgotten) = match sh.global() {
+        Ok(mut g) => {
+            g.client_conn.insert(cid.clone(), conn);
+            (
+                g.revoked.remove(&cid).unwrap_or_default(),
+                g.forgotten.remove(&cid).unwrap_or_default(),
+            )
+        }
+        Err(f) => return finish(Err(f)),
+    };
+    for lease in revoked {
+        revoke(&mut st, lease);
+    }
+    for key in forgotten {
+        forget_handle(sh, &mut st, key);
     }
     let ctx = Ctx {
         sh,
@@ -741,7 +925,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
             reply: Value::Object(reply.clone()),
         };
         let slot_op = u64::try_from(seq.slot).unwrap_or(0);
-        if let Err(e) = pending.put(&format!("slots/{}", seq.sessionid), slot_op, &rec) {
+        if let Err(e) = pending.put(&sh.tables.slots(&seq.sessionid), slot_op, &rec) {
             return finish(Err(internal(e.to_string())));
         }
     }
@@ -802,14 +986,14 @@ impl Ctx<'_> {
     fn put_state(&self, num: u64, rec: &OpenRec) -> Result<(), Fail> {
         self.pending
             .borrow_mut()
-            .put(&format!("states/{}", self.cid), num, rec)
+            .put(&self.sh.tables.states(self.cid), num, rec)
             .map_err(filter_fail)
     }
     /// Deletes an open state's record with the slot reply.
     fn delete_state(&self, num: u64) {
         self.pending
             .borrow_mut()
-            .delete(&format!("states/{}", self.cid), num);
+            .delete(&self.sh.tables.states(self.cid), num);
     }
     fn client_id(&self) -> Result<ClientId, Fail> {
         ClientId::new(self.cid.to_owned()).map_err(|e| internal(e.to_string()))
@@ -960,29 +1144,33 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let h = match sh.filter.replay_open(req.clone()) {
         Ok(h) => h,
         Err(e) if e.code() == Some(ErrorCode::Collision) && excl_verifier.is_some() => {
-            // An exclusive create re-sent: the same verifier opens the file
-            // as if it had created it.
+            // An exclusive create re-sent: the same verifier, stored for
+            // this very file (not merely this path), opens the file as if
+            // it had created it.
+            let excl = state::scope(&sh.tables.excl()).map_err(filter_fail)?;
             let stored = sh
                 .filter
                 .client()
-                .lookup_reply(
-                    state::scope("excl").map_err(filter_fail)?,
-                    fnv64(path.as_str()),
-                )
+                .lookup_reply(excl, fnv64(path.as_str()))
                 .ok()
                 .flatten()
                 .and_then(|r| serde_json::from_str::<Value>(&r.reply).ok());
-            let same = stored.is_some_and(|v| {
+            let Some(stored) = stored.filter(|v| {
                 v["path"] == json!(path.as_str())
                     && v["verifier"].as_str() == excl_verifier.as_deref()
-            });
-            if !same {
+            }) else {
                 return Err(Fail("NFS4ERR_EXIST", format!("{path} exists")));
-            }
+            };
             created_by_resend = true;
             req.disposition = Disposition::Open;
             req.create_guid = Some(CreateGuid(derived_uuid(&ctx.request_name("open-excl"))));
-            sh.filter.replay_open(req).map_err(filter_fail)?
+            let h = sh.filter.replay_open(req).map_err(filter_fail)?;
+            if serde_json::to_value(h.info.file).ok().as_ref() != Some(&stored["file"]) {
+                // Another file now has that name.
+                let _ = sh.filter.close(h.info.key);
+                return Err(Fail("NFS4ERR_EXIST", format!("{path} exists")));
+            }
+            h
         }
         Err(e) => return Err(filter_fail(e)),
     };
@@ -992,11 +1180,11 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         &excl_verifier,
         h.info.create_action == CreateAction::Created,
     ) {
-        let rec = json!({"path": path.as_str(), "verifier": v}).to_string();
+        let rec = json!({"path": path.as_str(), "verifier": v, "file": h.info.file}).to_string();
         sh.filter
             .client()
             .record_reply(
-                state::scope("excl").map_err(filter_fail)?,
+                state::scope(&sh.tables.excl()).map_err(filter_fail)?,
                 fnv64(path.as_str()),
                 rec,
                 state::KEEP,
@@ -1028,14 +1216,27 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     o.file = Arc::new(std::fs::File::from(h.fd));
                     o.rec.access = acc;
                     o.rec.deny = den;
-                } else {
+                } else if acc == o.rec.access && den == o.rec.deny {
                     let _ = sh.filter.close(h.info.key);
+                } else {
+                    // Neither covers the other (read, then write): one
+                    // handle with the union of both replaces them.
+                    let _ = sh.filter.close(h.info.key);
+                    reopen_union(ctx, o, acc, den)?;
                 }
                 o.rec.seqid = o.rec.seqid.wrapping_add(1);
             }
             other
         }
         None => {
+            let max = sh.limits.max_opens_per_client;
+            if st.opens.len() >= max {
+                let _ = sh.filter.close(h.info.key);
+                return Err(Fail(
+                    "NFS4ERR_RESOURCE",
+                    format!("this client has {max} open states (--max-opens-per-client)"),
+                ));
+            }
             let other = new_id("O");
             let num = ctx.sh.num();
             st.opens.insert(
@@ -1084,8 +1285,8 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         // Route filterd's events about this open (and its delegation) here.
         let mut g = ctx.sh.global()?;
         g.handle_client.insert(rec.key, ctx.cid.to_owned());
-        if let Some((_, lease)) = deleg {
-            g.lease_client.insert(lease, ctx.cid.to_owned());
+        if let Some((d, lease)) = deleg {
+            g.lease_client.insert(lease, (ctx.cid.to_owned(), d));
         }
     }
     ctx.put_state(num, &rec)?;
@@ -1095,6 +1296,63 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     m.insert("size".into(), json!(size));
     m.insert("delegation".into(), deleg_json);
     Ok(m)
+}
+
+/// An open state's handle reopened with the union of its modes and a new
+/// OPEN's (`acc`, `den`). Tried beside the old handle first; when the old
+/// one's own deny mode is in the way, the old one goes first and comes back
+/// if the union cannot be had.
+fn reopen_union(ctx: &Ctx<'_>, o: &mut Open, acc: String, den: String) -> Result<(), Fail> {
+    let sh = ctx.sh;
+    let req = |access: &str, deny: &str, what: &str| -> Result<OpenRequest, Fail> {
+        Ok(OpenRequest {
+            client: ctx.client_id()?,
+            path: RelPath::new(o.rec.path.as_str()).map_err(|e| internal(e.to_string()))?,
+            access: Access::new(access_of(access)?).map_err(|e| internal(e.to_string()))?,
+            share: share_of(deny)?,
+            disposition: Disposition::Open,
+            durability: Durability::Persistent {
+                timeout_ms: HANDLE_TIMEOUT_MS,
+            },
+            create_guid: Some(CreateGuid(derived_uuid(&ctx.request_name(what)))),
+            owner: Some(o.rec.owner.clone()),
+            lease: None,
+            no_wait: true,
+        })
+    };
+    let union = req(&acc, &den, "open-union")?;
+    let h = match sh.filter.replay_open(union.clone()) {
+        Ok(h) => {
+            let _ = sh.filter.close(o.rec.key);
+            h
+        }
+        Err(e) if e.code() == Some(ErrorCode::SharingViolation) => {
+            let _ = sh.filter.close(o.rec.key);
+            match sh.filter.replay_open(union) {
+                Ok(h) => h,
+                Err(e) => {
+                    // Put the old modes back (best effort) and refuse.
+                    let back = req(&o.rec.access, &o.rec.deny, "open-restore")?;
+                    match sh.filter.replay_open(back) {
+                        Ok(b) => {
+                            o.rec.key = b.info.key;
+                            o.file = Arc::new(std::fs::File::from(b.fd));
+                        }
+                        Err(b) => {
+                            eprintln!("nfsshim: open {} lost in an upgrade: {b}", o.rec.other)
+                        }
+                    }
+                    return Err(filter_fail(e));
+                }
+            }
+        }
+        Err(e) => return Err(filter_fail(e)),
+    };
+    o.rec.key = h.info.key;
+    o.file = Arc::new(std::fs::File::from(h.fd));
+    o.rec.access = acc;
+    o.rec.deny = den;
+    Ok(())
 }
 
 /// What a stateid names.
@@ -1343,31 +1601,26 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             (h.info.key, Some(h.info.key))
         }
     };
-    let already = existing
+    // RFC 8881 §9: a lock-owner's own ranges never conflict with each
+    // other: the request replaces whatever of its own it overlaps (an
+    // upgrade, a downgrade, a split) and touching ranges of one type merge.
+    let before: Vec<Held> = existing
         .and_then(|i| o.rec.locks.get(i))
-        .is_some_and(|l| l.held.contains(&held));
+        .map(|l| l.held.clone())
+        .unwrap_or_default();
+    let after = ranges::with(&before, held);
     let file_key = o.file_key;
-    // After a restart the lock may have been applied before the crash
-    // without its reply being recorded: the filter's handle says.
-    let applied_before = ctx.restored && !already && filter_holds(sh, key, range, write);
-    if !applied_before {
-        if let Ok(mut l) = sh.locked_files.lock() {
-            l.insert(file_key);
+    if let Ok(mut l) = sh.locked_files.lock() {
+        l.insert(file_key);
+    }
+    if let Err(e) = apply_ranges(sh, key, &before, &after, ctx.restored) {
+        if let Some(k) = new_key {
+            let _ = sh.filter.close(k);
         }
-        let op = LockOp {
-            range,
-            exclusive: write,
-            unlock: false,
-        };
-        if let Err(e) = sh.filter.client().lock(key, vec![op], None) {
-            if let Some(k) = new_key {
-                let _ = sh.filter.close(k);
-            }
-            if e.code() == Some(ErrorCode::LockNotGranted) {
-                return Err(denied(sh, &e));
-            }
-            return Err(filter_fail(e));
+        if e.code() == Some(ErrorCode::LockNotGranted) {
+            return Err(denied(sh, &e));
         }
+        return Err(filter_fail(e));
     }
     let o = st
         .opens
@@ -1390,7 +1643,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         return Err(internal("lock state vanished"));
     };
     l.seqid = l.seqid.wrapping_add(1);
-    l.held.push(held);
+    l.held = after;
     let (lock_other, lseq) = (l.other.clone(), l.seqid);
     let (lock_key, lock_owner_name) = (l.key.unwrap_or(o.rec.key), l.owner.clone());
     let rec = o.rec.clone();
@@ -1409,14 +1662,82 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     Ok(m)
 }
 
-fn filter_holds(sh: &Shared, key: ResumeKey, range: LockRange, write: bool) -> bool {
+/// One held range: (offset, length, write).
+type Held = (u64, u64, bool);
+
+/// The filter handle `key`'s locks, as held ranges.
+fn filter_locks(sh: &Shared, key: ResumeKey) -> Option<Vec<Held>> {
     match sh.filter.client().call(Request::Handle { key }) {
-        Ok((libfilter::proto::Reply::Handle(v), _)) => v
-            .record
-            .locks
-            .iter()
-            .any(|l| l.range == range && (l.kind == LockKind::Exclusive) == write),
-        _ => false,
+        Ok((libfilter::proto::Reply::Handle(v), _)) => {
+            let mut h: Vec<Held> = v
+                .record
+                .locks
+                .iter()
+                .map(|l| {
+                    (
+                        l.range.offset,
+                        l.range.length,
+                        l.kind == LockKind::Exclusive,
+                    )
+                })
+                .collect();
+            h.sort_unstable();
+            Some(h)
+        }
+        _ => None,
+    }
+}
+
+/// Moves the filter's locks of `key` from `before` to `after` in one
+/// all-or-nothing request: the ranges that go are unlocked first, then the
+/// new ones locked, so nothing of the owner's own is in the way. A request
+/// executed before a restart (its reply lost) finds `after` in place.
+fn apply_ranges(
+    sh: &Shared,
+    key: ResumeKey,
+    before: &[Held],
+    after: &[Held],
+    restored: bool,
+) -> Result<(), ClientError> {
+    let op = |&(offset, length, write): &Held, unlock| LockOp {
+        range: LockRange { offset, length },
+        exclusive: write,
+        unlock,
+    };
+    let ops: Vec<LockOp> = before
+        .iter()
+        .filter(|h| !after.contains(h))
+        .map(|h| op(h, true))
+        .chain(
+            after
+                .iter()
+                .filter(|h| !before.contains(h))
+                .map(|h| op(h, false)),
+        )
+        .collect();
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let in_place = || {
+        let mut want = after.to_vec();
+        want.sort_unstable();
+        filter_locks(sh, key).is_some_and(|have| have == want)
+    };
+    if restored && in_place() {
+        return Ok(());
+    }
+    match sh.filter.client().lock(key, ops, None) {
+        Ok(()) => Ok(()),
+        // Re-executed after filterd lost the reply: already applied.
+        Err(e)
+            if matches!(
+                e.code(),
+                Some(ErrorCode::LockNotGranted) | Some(ErrorCode::RangeNotLocked)
+            ) && in_place() =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -1462,26 +1783,11 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         return Err(Fail("NFS4ERR_BAD_STATEID", "no lock state".into()));
     };
     let key = l.key.unwrap_or(open_key);
-    let kind = l
-        .held
-        .iter()
-        .find(|(off, len, _)| *off == range.offset && *len == range.length)
-        .map(|(_, _, w)| *w);
-    if let Some(write) = kind {
-        let op = LockOp {
-            range,
-            exclusive: write,
-            unlock: true,
-        };
-        match sh.filter.client().lock(key, vec![op], None) {
-            Ok(()) => {}
-            // Already gone (a re-execution after a restart): fine.
-            Err(e) if e.code() == Some(ErrorCode::RangeNotLocked) => {}
-            Err(e) => return Err(filter_fail(e)),
-        }
-    }
-    l.held
-        .retain(|(off, len, _)| !(*off == range.offset && *len == range.length));
+    // Unlocking part of a range keeps the rest (a split); unlocking what
+    // is not locked is fine.
+    let after = ranges::without(&l.held, range.offset, range.length);
+    apply_ranges(sh, key, &l.held, &after, ctx.restored).map_err(filter_fail)?;
+    l.held = after;
     l.seqid = l.seqid.wrapping_add(1);
     let (lo, ls) = (l.other.clone(), l.seqid);
     let rec = o.rec.clone();
@@ -1491,13 +1797,87 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     Ok(m)
 }
 
+/// A lock-owner's held ranges under RFC 8881 §9 (POSIX) semantics. Held
+/// ranges never overlap; touching ranges of one type are merged.
+mod ranges {
+    use super::Held;
+
+    fn end(h: &Held) -> u64 {
+        h.0.saturating_add(h.1)
+    }
+
+    /// `held` with [offset, offset+length) taken out (ranges split).
+    pub fn without(held: &[Held], offset: u64, length: u64) -> Vec<Held> {
+        let cut_end = offset.saturating_add(length);
+        let mut out = Vec::with_capacity(held.len() + 1);
+        for h in held {
+            if end(h) <= offset || h.0 >= cut_end {
+                out.push(*h);
+                continue;
+            }
+            if h.0 < offset {
+                out.push((h.0, offset - h.0, h.2));
+            }
+            if end(h) > cut_end {
+                out.push((cut_end, end(h) - cut_end, h.2));
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// `held` with `new` locked over whatever it overlaps, merged.
+    pub fn with(held: &[Held], new: Held) -> Vec<Held> {
+        let mut all = without(held, new.0, new.1);
+        all.push(new);
+        all.sort_unstable();
+        let mut out: Vec<Held> = Vec::with_capacity(all.len());
+        for h in all {
+            match out.last_mut() {
+                Some(last) if last.2 == h.2 && end(last) >= h.0 => {
+                    let e = end(last).max(end(&h));
+                    last.1 = e - last.0;
+                }
+                _ => out.push(h),
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn upgrade_split_merge() {
+            // Upgrade the middle of a read range: three pieces.
+            assert_eq!(
+                with(&[(0, 100, false)], (40, 20, true)),
+                vec![(0, 40, false), (40, 20, true), (60, 40, false)]
+            );
+            // Downgrade it back: merged into one.
+            let up = with(&[(0, 100, false)], (40, 20, true));
+            assert_eq!(with(&up, (40, 20, false)), vec![(0, 100, false)]);
+            // Partial unlock keeps the rest.
+            assert_eq!(without(&[(0, 100, true)], 0, 50), vec![(50, 50, true)]);
+            assert_eq!(without(&[(0, 100, true)], 200, 5), vec![(0, 100, true)]);
+            // Touching ranges of one type merge; to end of file works.
+            assert_eq!(
+                with(&[(0, 10, true)], (10, u64::MAX - 10, true)),
+                vec![(0, u64::MAX, true)]
+            );
+        }
+    }
+}
+
 fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
     let named = field(obj, "stateid")?;
-    let closed_other = named
-        .get("other")
-        .and_then(Value::as_str)
-        .filter(|o| st.closed.get(*o).is_some_and(|c| c == ctx.cid));
+    let closed_other = named.get("other").and_then(Value::as_str).filter(|o| {
+        st.closed.get(o).is_some_and(|(c, by)| {
+            c == ctx.cid && by.as_ref().is_none_or(|r| *r == ctx.request_name("close"))
+        })
+    });
     if closed_other.is_some() {
         // Closed already by a request whose reply may have been lost.
         return Ok(Map::new());
@@ -1522,7 +1902,10 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         }
     }
     let num = o.num;
-    st.closed.insert(other.clone(), ctx.cid.to_owned());
+    st.closed.insert(
+        other.clone(),
+        (ctx.cid.to_owned(), Some(ctx.request_name("close"))),
+    );
     if let Some(o) = st.opens.remove(&other) {
         let mut g = ctx.sh.global()?;
         g.handle_client.remove(&o.rec.key);
@@ -1582,7 +1965,7 @@ fn slot_record(ctx: &Ctx<'_>) -> Result<RecordSpec, Fail> {
         reply: json!({"status": "NFS4_OK"}),
     };
     Ok(RecordSpec {
-        scope: state::scope(&format!("slots/{}", ctx.seq.sessionid)).map_err(filter_fail)?,
+        scope: state::scope(&ctx.sh.tables.slots(&ctx.seq.sessionid)).map_err(filter_fail)?,
         op_id: u64::try_from(ctx.seq.slot).unwrap_or(0),
         reply: serde_json::to_string(&reply).map_err(|e| internal(e.to_string()))?,
         keep: state::KEEP,
@@ -1595,17 +1978,55 @@ fn recorded() -> Map<String, Value> {
     m
 }
 
-fn remove(ctx: &Ctx<'_>, _st: &mut State, obj: &Map<String, Value>) -> Outcome {
+fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let path = path_field(obj, "path")?;
+    lower_own_delegations(ctx, st, &[path.as_str()]);
     match ctx
         .sh
         .filter
         .client()
         .remove(path.clone(), Some(slot_record(ctx)?))
     {
-        Ok(()) => Ok(recorded()),
+        Ok(()) => {
+            forget_verifier(ctx.sh, path.as_str());
+            Ok(recorded())
+        }
         Err(e) => Err(namespace_fail(e)),
     }
+}
+
+/// RFC 8881 §10.2: an operation by a delegation's own client does not wait
+/// for a recall of that delegation. Before this client removes or renames
+/// `paths`, its delegations on them give up handle caching (H), which is
+/// all a namespace change breaks; the delegations themselves stay. (The
+/// recall would otherwise need this client's lock, which the caller holds,
+/// and the request would wait out filterd's break timeout.)
+fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&str]) {
+    for o in st.opens.values() {
+        let Some(d) = &o.rec.deleg else { continue };
+        if !paths.contains(&o.rec.path.as_str()) {
+            continue;
+        }
+        let to = if d.write {
+            LeaseState::R.with(LeaseState::W)
+        } else {
+            LeaseState::R
+        };
+        if let Err(e) = ctx.sh.filter.client().call(Request::LeaseBreakAck {
+            lease_key: LeaseKey(d.lease_key),
+            state: to,
+        }) {
+            eprintln!(
+                "nfsshim: lowering delegation {} before a namespace change: {e}",
+                d.other
+            );
+        }
+    }
+}
+
+/// A removed or renamed-over name's exclusive-create verifier goes with it.
+fn forget_verifier(sh: &Shared, path: &str) {
+    let _ = state::delete(&sh.filter, &sh.tables.excl(), fnv64(path));
 }
 
 /// REMOVE / RENAME against an open without delete share: FILE_OPEN.
@@ -1618,10 +2039,12 @@ fn namespace_fail(e: ClientError) -> Fail {
     }
 }
 
-fn rename(ctx: &Ctx<'_>, _st: &mut State, obj: &Map<String, Value>) -> Outcome {
+fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
     let from = path_field(obj, "from")?;
     let to = path_field(obj, "to")?;
+    lower_own_delegations(ctx, st, &[from.as_str(), to.as_str()]);
+    let (from_s, to_s) = (from.as_str().to_owned(), to.as_str().to_owned());
     // Renames go through a short-lived handle with delete access: its open
     // is refused when another open does not share delete.
     let h = sh
@@ -1645,6 +2068,22 @@ fn rename(ctx: &Ctx<'_>, _st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .rename(h.info.key, to, true, Some(slot_record(ctx)?));
     let _ = sh.filter.close(h.info.key);
     r.map_err(namespace_fail)?;
+    forget_verifier(sh, &from_s);
+    forget_verifier(sh, &to_s);
+    // This client's opens of the file follow it (its own later REMOVE or
+    // RENAME of the new name finds their delegations).
+    let moved: Vec<(u64, OpenRec)> = st
+        .opens
+        .values_mut()
+        .filter(|o| o.rec.path == from_s)
+        .map(|o| {
+            o.rec.path = to_s.clone();
+            (o.num, o.rec.clone())
+        })
+        .collect();
+    for (num, rec) in moved {
+        ctx.put_state(num, &rec)?;
+    }
     Ok(recorded())
 }
 
@@ -1681,6 +2120,10 @@ fn events(sh: Arc<Shared>) {
     }
 }
 
+/// Handles filterd dropped (expired, purged, lost in a restart): their
+/// open states go. A client whose request is running is not waited for —
+/// the event thread must stay free to send recalls — its handles are
+/// forgotten at its next request instead.
 fn forget(sh: &Shared, keys: &[ResumeKey]) {
     for key in keys {
         let Ok(Some(cid)) = sh.global().map(|g| g.handle_client.get(key).cloned()) else {
@@ -1689,77 +2132,80 @@ fn forget(sh: &Shared, keys: &[ResumeKey]) {
         let Ok(Some(cl)) = sh.client(&cid) else {
             continue;
         };
-        let Ok(mut st) = cl.lock() else { continue };
-        let gone: Vec<String> = st
-            .opens
-            .iter()
-            .filter(|(_, o)| o.rec.key == *key)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for g in gone {
-            if let Some(o) = st.opens.remove(&g) {
-                for l in &o.rec.locks {
-                    st.aliases.remove(&l.other);
-                    st.expired.insert(l.other.clone());
+        match cl.try_lock() {
+            Ok(mut st) => forget_handle(sh, &mut st, *key),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if let Ok(mut g) = sh.global() {
+                    g.forgotten.entry(cid).or_default().push(*key);
                 }
-                if let Some(d) = &o.rec.deleg {
-                    st.aliases.remove(&d.other);
-                    st.expired.insert(d.other.clone());
-                }
-                // Its handle is gone (expired, purged, or closed by a CLOSE
-                // whose reply was lost in a filterd crash): a CLOSE of it is
-                // answered NFS4_OK, anything else NFS4ERR_EXPIRED.
-                st.closed.insert(g.clone(), o.clientid.clone());
-                let _ = state::delete(&sh.filter, &format!("states/{}", o.clientid), o.num);
             }
-            st.expired.insert(g);
+            Err(std::sync::TryLockError::Poisoned(_)) => {}
+        };
+    }
+}
+
+/// Drops the open states of one filter handle that went away.
+fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) {
+    let gone: Vec<String> = st
+        .opens
+        .iter()
+        .filter(|(_, o)| o.rec.key == key)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for g in gone {
+        if let Some(o) = st.opens.remove(&g) {
+            for l in &o.rec.locks {
+                st.aliases.remove(&l.other);
+                st.expired.add(l.other.clone());
+            }
+            if let Some(d) = &o.rec.deleg {
+                st.aliases.remove(&d.other);
+                st.expired.add(d.other.clone());
+            }
+            // Its handle is gone (expired, purged, or closed by a CLOSE
+            // whose reply was lost in a filterd crash): a CLOSE of it is
+            // answered NFS4_OK, anything else NFS4ERR_EXPIRED.
+            st.closed.insert(g.clone(), (o.clientid.clone(), None));
+            let _ = state::delete(&sh.filter, &sh.tables.states(&o.clientid), o.num);
         }
+        st.expired.add(g);
     }
 }
 
 /// A delegation's lease must go: CB_RECALL to its client. Without an ack
-/// required the filter lowered it already: the delegation is revoked.
+/// required the filter lowered it already: the delegation is revoked (at
+/// the client's next request). Never waits for a client's lock, so the
+/// event thread is never held up by a client's request in progress.
 fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
-    let Ok(Some(cid)) = sh
-        .global()
-        .map(|g| g.lease_client.get(&lease_key.0).cloned())
-    else {
+    let Ok(mut g) = sh.global() else {
         return;
     };
-    let Ok(Some(cl)) = sh.client(&cid) else {
+    let Some((cid, other)) = g.lease_client.get(&lease_key.0).cloned() else {
         return;
     };
-    let Ok(mut st) = cl.lock() else { return };
-    let Some(other) = st
-        .opens
-        .iter()
-        .find(|(_, o)| {
-            o.rec
-                .deleg
-                .as_ref()
-                .is_some_and(|d| d.lease_key == lease_key.0)
-        })
-        .map(|(k, _)| k.clone())
-    else {
-        return;
-    };
-    let Some(o) = st.opens.get_mut(&other) else {
-        return;
-    };
-    let Some(d) = o.rec.deleg.clone() else { return };
     if !ack_required {
-        o.rec.deleg = None;
-        st.aliases.remove(&d.other);
-        st.expired.insert(d.other);
+        g.revoked.entry(cid).or_default().push(lease_key.0);
         return;
     }
-    let conn = st.client.as_ref().and_then(|c| c.conn);
-    let writer = conn.and_then(|c| sh.writers.get(c));
+    let writer = g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c));
+    drop(g);
     if let Some(w) = writer {
         shimline::send(
             &w,
-            &json!({"op": "CB_RECALL", "stateid": stateid_json(&d.other, 1)}),
+            &json!({"op": "CB_RECALL", "stateid": stateid_json(&other, 1)}),
         );
+    }
+}
+
+/// Revokes a delegation filterd lowered without a recall.
+fn revoke(st: &mut State, lease: uuid::Uuid) {
+    for o in st.opens.values_mut() {
+        if o.rec.deleg.as_ref().is_some_and(|d| d.lease_key == lease) {
+            if let Some(d) = o.rec.deleg.take() {
+                st.aliases.remove(&d.other);
+                st.expired.add(d.other);
+            }
+        }
     }
 }
 
@@ -1777,7 +2223,8 @@ fn reaper(sh: Arc<Shared>) {
         };
         let now = Instant::now();
         for (cid, cl) in clients {
-            let Ok(mut st) = cl.lock() else { continue };
+            // A client with a request running is alive; look next time.
+            let Ok(mut st) = cl.try_lock() else { continue };
             if st.client.as_ref().is_some_and(|c| c.deadline <= now) {
                 eprintln!("nfsshim: client {cid} let its lease lapse; releasing its state");
                 release_client(&sh, &mut st, &cid);

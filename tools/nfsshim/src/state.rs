@@ -1,13 +1,21 @@
 //! nfsshim's durable tables, kept as records of its session scopes in
-//! filterd (RecordReply / ListRecords / DeleteRecord):
+//! filterd (RecordReply / ListRecords / DeleteRecord). Every table belongs
+//! to one nfsshim instance: its scope names start with the instance name
+//! ([`Tables`]), so two instances never share or overwrite each other's
+//! records, and a restore reads (and prunes) only its own.
 //!
 //! | scope | op id | record |
 //! |---|---|---|
-//! | `clients` | client number | [`ClientRec`] |
-//! | `sessions` | session number | [`SessionRec`] |
-//! | `slots/<sessionid>` | slot | [`SlotRec`] (the cached reply of a mutating request) |
-//! | `states/<clientid>` | state number | [`OpenRec`] |
+//! | `<instance>/clients` | client number | [`ClientRec`] |
+//! | `<instance>/sessions/<clientid>` | session number | [`SessionRec`] |
+//! | `<instance>/slots/<sessionid>` | slot | [`SlotRec`] (the cached reply of a mutating request) |
+//! | `<instance>/states/<clientid>` | state number | [`OpenRec`] |
+//! | `<instance>/excl` | hash of the path | exclusive-create verifier |
+//! | `instances` (shared) | hash of the instance name | the instance name (filterctl finds the tables by it) |
 //!
+//! filterd keeps at most [`KEEP`] records per scope and evicts the oldest
+//! beyond that; nfsshim's named limits (server.rs `Limits`) keep every
+//! table but `excl` below it, so no client's record is ever evicted.
 //! Every write is a filterd commit on stable storage before it returns.
 
 use libfilter::attach::Attachment;
@@ -81,6 +89,79 @@ pub struct DelegRec {
     pub other: String,
     pub lease_key: uuid::Uuid,
     pub write: bool,
+}
+
+/// One instance's table names.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    instance: String,
+}
+
+impl Tables {
+    /// The tables of instance `instance` (an instance name has no `/`).
+    pub fn new(instance: &libfilter::model::InstanceName) -> Tables {
+        Tables {
+            instance: instance.to_string(),
+        }
+    }
+    /// The client records.
+    pub fn clients(&self) -> String {
+        format!("{}/clients", self.instance)
+    }
+    /// A client's sessions.
+    pub fn sessions(&self, clientid: &str) -> String {
+        format!("{}/sessions/{clientid}", self.instance)
+    }
+    /// A session's slot replies.
+    pub fn slots(&self, sessionid: &str) -> String {
+        format!("{}/slots/{sessionid}", self.instance)
+    }
+    /// A client's open states.
+    pub fn states(&self, clientid: &str) -> String {
+        format!("{}/states/{clientid}", self.instance)
+    }
+    /// Exclusive-create verifiers.
+    pub fn excl(&self) -> String {
+        format!("{}/excl", self.instance)
+    }
+    /// Whether this instance is in the shared `instances` registry (which
+    /// filterctl reads to find its tables). Refuses when another instance
+    /// name holds the same record id.
+    pub fn registered(&self, f: &Attachment) -> Result<bool, ClientError> {
+        let Some(r) = f
+            .client()
+            .lookup_reply(scope(REGISTRY)?, self.registry_id())?
+        else {
+            return Ok(false);
+        };
+        match serde_json::from_str::<String>(&r.reply) {
+            Ok(name) if name == self.instance => Ok(true),
+            _ => Err(ClientError::Unexpected(format!(
+                "instance {} collides with {} in the registry",
+                self.instance, r.reply
+            ))),
+        }
+    }
+    /// Adds the registry record to `p` (written with the first client).
+    pub fn register(&self, p: &mut Pending) -> Result<(), ClientError> {
+        p.put(REGISTRY, self.registry_id(), &self.instance)
+    }
+    fn registry_id(&self) -> u64 {
+        fnv64(&self.instance)
+    }
+}
+
+/// The shared scope naming every nfsshim instance that has tables.
+pub const REGISTRY: &str = "instances";
+
+/// FNV-1a, 64 bits.
+pub fn fnv64(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// A scope of nfsshim's (names are built from ids nfsshim minted).

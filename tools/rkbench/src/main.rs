@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod daemon;
+mod gate;
 mod local;
 mod mediated;
 mod nfs;

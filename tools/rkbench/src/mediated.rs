@@ -9,11 +9,8 @@
 //! mandatory-lock check round trip.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
@@ -87,36 +84,27 @@ fn warm_up(client: &FilterClient, i: usize, durability: Durability) -> anyhow::R
     Ok(req)
 }
 
-/// Reports a bench thread ready when dropped, so a thread whose warm-up
-/// failed or panicked still counts and the others are not kept waiting.
-pub(crate) struct Ready(pub(crate) crossbeam_channel::Sender<()>);
-
-impl Drop for Ready {
-    fn drop(&mut self) {
-        let _ = self.0.try_send(());
-    }
+/// One connection's open+close loop.
+struct Opener {
+    client: FilterClient,
+    i: usize,
+    durability: Durability,
+    req: Option<OpenRequest>,
 }
 
-/// Joins the bench threads: all their samples, or the first failure.
-pub(crate) fn collect(
-    threads: Vec<std::thread::JoinHandle<anyhow::Result<Vec<u64>>>>,
-) -> anyhow::Result<Vec<u64>> {
-    let mut all = Vec::new();
-    let mut first_err = None;
-    for t in threads {
-        match t.join() {
-            Ok(Ok(ns)) => all.extend(ns),
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
-            Err(_) => {
-                first_err.get_or_insert(anyhow::anyhow!("a bench thread panicked"));
-            }
-        }
+impl crate::gate::Worker for Opener {
+    fn warm_up(&mut self) -> anyhow::Result<()> {
+        self.req = Some(warm_up(&self.client, self.i, self.durability)?);
+        Ok(())
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(all),
+    fn op(&mut self) -> anyhow::Result<()> {
+        let req = self
+            .req
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no warm-up"))?;
+        let h = self.client.open(req)?;
+        self.client.close(h.info.key)?;
+        Ok(())
     }
 }
 
@@ -139,57 +127,17 @@ pub fn open_close(
             InstanceName::new(format!("bench-{i}"))?,
         )?);
     }
-    // The start gate: each thread reports ready after its warm-up (its
-    // `Ready` guard sends even if the warm-up fails or panics), then waits
-    // for `go` to close; dropping `go_tx` starts every clock at once.
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<()>(conns);
-    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
-    let abort = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::with_capacity(conns);
-    for (i, client) in clients.into_iter().enumerate() {
-        let ready = Ready(ready_tx.clone());
-        let (go, aborted) = (go_rx.clone(), abort.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("bench-{i}"))
-            .spawn(move || -> anyhow::Result<Vec<u64>> {
-                // Warm up (daemon caches, CPU frequency) before the clock.
-                let warm = warm_up(&client, i, durability);
-                drop(ready);
-                let _ = go.recv(); // returns when `go_tx` is dropped
-                let req = warm?;
-                let mut ns = Vec::with_capacity(1 << 14);
-                if aborted.load(Ordering::Relaxed) {
-                    return Ok(ns);
-                }
-                let t0 = Instant::now();
-                while t0.elapsed() < dur {
-                    let t = Instant::now();
-                    let h = client.open(req.clone())?;
-                    client.close(h.info.key)?;
-                    ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
-                }
-                Ok(ns)
-            });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                abort.store(true, Ordering::Relaxed);
-                drop(go_tx);
-                drop(collect(threads));
-                return Err(e).context("spawning a bench thread");
-            }
-        }
-    }
-    drop(ready_tx);
-    for _ in 0..conns {
-        ready_rx
-            .recv()
-            .context("a bench thread went away before its warm-up ended")?;
-    }
-    drop(go_tx);
-    let t0 = Instant::now();
-    let all = collect(threads)?;
-    let wall = t0.elapsed();
+    let workers: Vec<Opener> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| Opener {
+            client,
+            i,
+            durability,
+            req: None,
+        })
+        .collect();
+    let (all, wall) = crate::gate::run("bench", workers, dur)?;
     let pairs = all.len() as u64;
     let f = Figure::from_samples(all, pairs, wall);
     let ops_per_commit = match FilterClient::connect_control(&d.socket)?

@@ -19,14 +19,13 @@
 //! `main` and passed in.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use nfsl::{Client, CreateMode, OpenArgs, Session, StateId};
 
-use crate::mediated::{collect, start_export, Ready};
+use crate::mediated::start_export;
 use crate::report::Figure;
 use crate::smb::Shim;
 
@@ -78,6 +77,15 @@ impl Opener {
     }
 }
 
+impl crate::gate::Worker for Opener {
+    fn warm_up(&mut self) -> anyhow::Result<()> {
+        (0..WARM_UP_PAIRS).try_for_each(|_| self.pair())
+    }
+    fn op(&mut self) -> anyhow::Result<()> {
+        self.pair()
+    }
+}
+
 /// OPEN+CLOSE pairs through nfsshim.
 pub struct OpenClose {
     /// Pairs per second, all connections together.
@@ -110,54 +118,8 @@ pub fn open_close(
     for i in 0..conns {
         openers.push(Opener::new(&shim.addr, i)?);
     }
-    // The start gate, as in `mediated`: ready after warm-up, go together.
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<()>(conns);
-    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
-    let abort = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::with_capacity(conns);
-    for (i, o) in openers.into_iter().enumerate() {
-        let ready = Ready(ready_tx.clone());
-        let (go, aborted) = (go_rx.clone(), abort.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("nfs-bench-{i}"))
-            .spawn(move || -> anyhow::Result<Vec<u64>> {
-                let warm = (0..WARM_UP_PAIRS).try_for_each(|_| o.pair());
-                drop(ready);
-                let _ = go.recv(); // returns when `go_tx` is dropped
-                warm?;
-                let mut ns = Vec::with_capacity(1 << 12);
-                if aborted.load(Ordering::Relaxed) {
-                    return Ok(ns);
-                }
-                let t0 = Instant::now();
-                while t0.elapsed() < dur {
-                    let t = Instant::now();
-                    o.pair()?;
-                    ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
-                }
-                Ok(ns)
-            });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                abort.store(true, Ordering::Relaxed);
-                drop(go_tx);
-                drop(collect(threads));
-                return Err(e).context("spawning a bench thread");
-            }
-        }
-    }
-    drop(ready_tx);
-    for _ in 0..conns {
-        ready_rx
-            .recv()
-            .context("a bench thread went away before its warm-up ended")?;
-    }
-    drop(go_tx);
-    let t0 = Instant::now();
-    let all =
-        collect(threads).with_context(|| format!("nfsl/1 OPEN+CLOSE at {conns} connections"))?;
-    let wall = t0.elapsed();
+    let (all, wall) = crate::gate::run("nfs-bench", openers, dur)
+        .with_context(|| format!("nfsl/1 OPEN+CLOSE at {conns} connections"))?;
     let pairs = all.len() as u64;
     let f = Figure::from_samples(all, pairs, wall);
     drop(shim);

@@ -24,7 +24,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ use smbl::{Client, CreateArgs, Durable};
 use uuid::Uuid;
 
 use crate::daemon::{POLL, READY_LIMIT};
-use crate::mediated::{collect, start_export, Ready};
+use crate::mediated::start_export;
 use crate::report::Figure;
 
 /// How long a smbshim may take to print `listening on`.
@@ -232,6 +232,24 @@ impl Creator {
     }
 }
 
+/// A creator in the gated loop: its timed CREATEs count into `granted`.
+struct Timed {
+    c: Creator,
+    granted: Arc<AtomicU64>,
+}
+
+impl crate::gate::Worker for Timed {
+    fn warm_up(&mut self) -> anyhow::Result<()> {
+        (0..WARM_UP_PAIRS).try_for_each(|_| self.c.pair())
+    }
+    fn go(&mut self) {
+        self.c.granted = self.granted.clone();
+    }
+    fn op(&mut self) -> anyhow::Result<()> {
+        self.c.pair()
+    }
+}
+
 /// CREATE+CLOSE pairs through smbshim.
 pub struct CreateClose {
     /// Pairs per second, all connections together.
@@ -269,59 +287,20 @@ pub fn create_close(
         creators.push(Creator::new(&shim.addr, i, kind, warm_granted.clone())?);
     }
     let granted = Arc::new(AtomicU64::new(0));
-    // The start gate, as in `mediated`: ready after warm-up, go together.
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<()>(conns);
-    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
-    let abort = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::with_capacity(conns);
-    for (i, mut c) in creators.into_iter().enumerate() {
-        let ready = Ready(ready_tx.clone());
-        let (go, aborted, granted) = (go_rx.clone(), abort.clone(), granted.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("smb-bench-{i}"))
-            .spawn(move || -> anyhow::Result<Vec<u64>> {
-                let warm = (0..WARM_UP_PAIRS).try_for_each(|_| c.pair());
-                drop(ready);
-                let _ = go.recv(); // returns when `go_tx` is dropped
-                warm?;
-                c.granted = granted;
-                let mut ns = Vec::with_capacity(1 << 12);
-                if aborted.load(Ordering::Relaxed) {
-                    return Ok(ns);
-                }
-                let t0 = Instant::now();
-                while t0.elapsed() < dur {
-                    let t = Instant::now();
-                    c.pair()?;
-                    ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
-                }
-                Ok(ns)
-            });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                abort.store(true, Ordering::Relaxed);
-                drop(go_tx);
-                drop(collect(threads));
-                return Err(e).context("spawning a bench thread");
-            }
-        }
-    }
-    drop(ready_tx);
-    for _ in 0..conns {
-        ready_rx
-            .recv()
-            .context("a bench thread went away before its warm-up ended")?;
-    }
-    drop(go_tx);
-    let t0 = Instant::now();
-    let all = collect(threads).with_context(|| {
+    // Warm-up CREATEs count into `warm_granted`; timed ones into `granted`.
+    let workers: Vec<Timed> = creators
+        .into_iter()
+        .map(|c| Timed {
+            c,
+            granted: granted.clone(),
+        })
+        .collect();
+    let (all, wall) = crate::gate::run("smb-bench", workers, dur).with_context(|| {
         format!(
             "smbl/1 {} CREATE+CLOSE at {conns} connections",
             kind.label()
         )
     })?;
-    let wall = t0.elapsed();
     let pairs = all.len() as u64;
     let f = Figure::from_samples(all, pairs, wall);
     drop(shim);

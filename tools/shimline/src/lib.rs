@@ -1,11 +1,34 @@
 //! Line-JSON framing shared by rkfilter's protocol frontends: smbl/1 and
 //! nfsl/1 both carry one JSON object per `\n`-terminated line over TCP,
 //! with a 4 MiB line limit after which the server answers once and closes.
+//!
+//! The rules a slow or hostile peer meets are written here once, for both
+//! frontends:
+//!
+//! - **A stalled reader hurts only itself.** Every connection has an
+//!   [`Outbound`] queue drained by a writer thread of its own; queuing a line
+//!   never blocks. A connection whose queue would exceed
+//!   [`MAX_QUEUED_BYTES`] is dropped (shut down both ways, which ends its
+//!   reader and so tears its state down as for a lost connection) — nothing
+//!   is ever dropped from a queue that stays open, and the caller learns
+//!   that the line did not go.
+//! - **Connections are capped.** [`accept_forever`] serves at most
+//!   `max_connections` at once (two threads each: reader and writer); one
+//!   more is answered with a single refusal line and closed.
+//! - **Lines are capped** at [`MAX_LINE`].
+//!
+//! [`client`] is the other end: the connection core of the smbl/1 and
+//! nfsl/1 client libraries.
 #![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod client;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
@@ -13,8 +36,128 @@ use serde_json::{json, Map, Value};
 /// Longest request line (both specs: 4 MiB).
 pub const MAX_LINE: usize = 4 << 20;
 
-/// A connection's writer, shared with whoever pushes notifications.
-pub type Writer = Arc<Mutex<TcpStream>>;
+/// Most bytes of replies and notifications queued for one connection
+/// before it is dropped as not reading. Four of the largest replies (a
+/// 4 MiB READ is about 5.6 MiB of base64) fit.
+pub const MAX_QUEUED_BYTES: usize = 24 << 20;
+
+/// Default cap on concurrent connections per frontend.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// Stack of a connection's writer thread (it only copies bytes).
+const WRITER_STACK: usize = 64 << 10;
+
+/// A connection's outbound queue, shared with whoever pushes notifications.
+pub type Writer = Arc<Outbound>;
+
+/// Why a line was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The connection is gone (closed, or dropped earlier).
+    Gone,
+    /// The peer is not reading: queuing the line would exceed
+    /// [`MAX_QUEUED_BYTES`]; the connection has been dropped.
+    Overflow,
+}
+
+/// A connection's bounded, non-blocking outbound queue: lines are queued
+/// here and written by the connection's writer thread.
+pub struct Outbound {
+    conn: u64,
+    tx: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    queued: Arc<AtomicUsize>,
+    dropped: AtomicBool,
+    stream: TcpStream,
+}
+
+impl Outbound {
+    /// Starts the writer thread (`{name}-out`) of `stream`.
+    fn start(conn: u64, name: &str, stream: &TcpStream) -> std::io::Result<Writer> {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let mut out = stream.try_clone()?;
+        let q = queued.clone();
+        std::thread::Builder::new()
+            .name(format!("{name}-out"))
+            .stack_size(WRITER_STACK)
+            .spawn(move || {
+                for line in rx {
+                    q.fetch_sub(line.len(), Ordering::AcqRel);
+                    if out.write_all(&line).is_err() {
+                        break;
+                    }
+                }
+                // Every queued line went out (or the peer is gone): close.
+                let _ = out.shutdown(Shutdown::Both);
+            })?;
+        Ok(Arc::new(Outbound {
+            conn,
+            tx: Mutex::new(Some(tx)),
+            queued,
+            dropped: AtomicBool::new(false),
+            stream: stream.try_clone()?,
+        }))
+    }
+
+    /// Queues one JSON line without blocking. On overflow the connection is
+    /// dropped (see [`SendError::Overflow`]).
+    pub fn send(&self, v: &Value) -> Result<(), SendError> {
+        let mut line = v.to_string().into_bytes();
+        line.push(b'\n');
+        let len = line.len();
+        {
+            let Ok(tx) = self.tx.lock() else {
+                return Err(SendError::Gone);
+            };
+            let Some(tx) = tx.as_ref() else {
+                return Err(SendError::Gone);
+            };
+            let before = self.queued.fetch_add(len, Ordering::AcqRel);
+            if before.saturating_add(len) <= MAX_QUEUED_BYTES {
+                return tx.send(line).map_err(|_| {
+                    self.queued.fetch_sub(len, Ordering::AcqRel);
+                    SendError::Gone
+                });
+            }
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+        }
+        self.drop_connection();
+        Err(SendError::Overflow)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection was dropped for not reading.
+    pub fn was_dropped(&self) -> bool {
+        self.dropped.load(Ordering::Acquire)
+    }
+
+    /// Drops the connection at once: nothing more is queued, the writer
+    /// stops, and the reader sees the end of the stream.
+    fn drop_connection(&self) {
+        if !self.dropped.swap(true, Ordering::AcqRel) {
+            eprintln!(
+                "connection {}: dropped, its peer is not reading (over {} MiB queued)",
+                self.conn,
+                MAX_QUEUED_BYTES >> 20
+            );
+        }
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// No more lines: the writer sends what is queued, then closes.
+    fn finish(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+    }
+}
 
 /// Binds `listen` and prints `listening on HOST:PORT` (the real port) as
 /// the first line on stdout, as spec/cli.md asks.
@@ -26,23 +169,59 @@ pub fn announce(listen: &str) -> std::io::Result<TcpListener> {
     Ok(l)
 }
 
+/// How a frontend's listener treats its connections.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// Thread name prefix (`{prefix}-conn-N`).
+    pub prefix: &'static str,
+    /// The request id field (`mid`, `xid`).
+    pub id_field: &'static str,
+    /// The status of the refusal sent to a connection over the cap.
+    pub busy_status: &'static str,
+    /// Most connections served at once.
+    pub max_connections: usize,
+}
+
 /// Accepts connections forever, serving each on a thread of its own
-/// (`{prefix}-conn-N`, N numbering the connections from 1).
+/// (`{prefix}-conn-N`, N numbering the connections from 1), at most
+/// `max_connections` at once: one more gets a single line
+/// `{id_field: null, "status": busy_status, "error": ...}` and is closed.
 pub fn accept_forever(
     listener: TcpListener,
-    prefix: &str,
+    cfg: Listen,
     serve: impl Fn(u64, TcpStream) + Send + Sync + 'static,
 ) {
     let serve = Arc::new(serve);
+    let live = Arc::new(AtomicUsize::new(0));
     let mut next = 0u64;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         next += 1;
-        let (conn, serve) = (next, serve.clone());
-        let _ = std::thread::Builder::new()
-            .name(format!("{prefix}-conn-{conn}"))
-            .spawn(move || serve(conn, stream));
+        if live.fetch_add(1, Ordering::AcqRel) >= cfg.max_connections {
+            live.fetch_sub(1, Ordering::AcqRel);
+            refuse(stream, &cfg);
+            continue;
+        }
+        let (conn, serve, gone) = (next, serve.clone(), live.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-conn-{conn}", cfg.prefix))
+            .spawn(move || {
+                serve(conn, stream);
+                gone.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            live.fetch_sub(1, Ordering::AcqRel);
+        }
     }
+}
+
+/// Answers a connection over the cap and closes it, never blocking.
+fn refuse(mut stream: TcpStream, cfg: &Listen) {
+    let line = json!({cfg.id_field: null, "status": cfg.busy_status,
+        "error": format!("too many connections (--max-connections {})", cfg.max_connections)});
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write_all(format!("{line}\n").as_bytes());
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
 /// The writers of live connections by number, for pushing notifications
@@ -57,42 +236,38 @@ impl Writers {
     }
 
     /// Serves `stream` as connection `conn` ([`serve_lines`]) with its
-    /// writer registered meanwhile.
+    /// writer registered meanwhile. `handle` answers a line now (`Some`)
+    /// or takes it on to answer through the writer later (`None`).
     pub fn serve(
         &self,
         conn: u64,
         stream: TcpStream,
         id_field: &str,
         status: &str,
-        handle: impl FnMut(&[u8]) -> Value,
+        handle: impl FnMut(&[u8], &Writer) -> Option<Value>,
     ) {
-        let Ok((writer, reader)) = split(stream) else {
+        let name = std::thread::current()
+            .name()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("conn-{conn}"));
+        let Ok(writer) = Outbound::start(conn, &name, &stream) else {
             return;
         };
         if let Ok(mut w) = self.0.lock() {
             w.insert(conn, writer.clone());
         }
-        serve_lines(reader, &writer, id_field, status, handle);
+        serve_lines(BufReader::new(stream), &writer, id_field, status, handle);
         if let Ok(mut w) = self.0.lock() {
             w.remove(&conn);
         }
+        writer.finish();
     }
 }
 
-/// Splits a connection into its shared writer and a buffered reader.
-pub fn split(stream: TcpStream) -> std::io::Result<(Writer, BufReader<TcpStream>)> {
-    let w = stream.try_clone()?;
-    Ok((Arc::new(Mutex::new(w)), BufReader::new(stream)))
-}
-
-/// Sends one JSON line; false when the connection is gone.
-pub fn send(w: &Mutex<TcpStream>, v: &Value) -> bool {
-    let mut line = v.to_string();
-    line.push('\n');
-    match w.lock() {
-        Ok(mut s) => s.write_all(line.as_bytes()).is_ok(),
-        Err(_) => false,
-    }
+/// Sends one JSON line through a connection's queue, never blocking; false
+/// when it did not go (the connection is gone or was just dropped).
+pub fn send(w: &Outbound, v: &Value) -> bool {
+    w.send(v).is_ok()
 }
 
 /// One line read.
@@ -112,15 +287,16 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> Line {
     }
 }
 
-/// Serves a connection: answers every line with `handle`, in order, until
-/// the peer goes away. An over-long line is answered with an error
-/// (`id_field` null, `status`) and ends the connection.
+/// Serves a connection: hands every line to `handle`, in order, until the
+/// peer goes away or the connection is dropped, queuing the replies it
+/// returns. An over-long line is answered with an error (`id_field` null,
+/// `status`) and ends the connection.
 pub fn serve_lines(
     mut reader: BufReader<TcpStream>,
     writer: &Writer,
     id_field: &str,
     status: &str,
-    mut handle: impl FnMut(&[u8]) -> Value,
+    mut handle: impl FnMut(&[u8], &Writer) -> Option<Value>,
 ) {
     let mut buf = Vec::new();
     loop {
@@ -135,8 +311,10 @@ pub fn serve_lines(
                 return;
             }
         }
-        if !send(writer, &handle(&buf)) {
-            return;
+        if let Some(reply) = handle(&buf, writer) {
+            if !send(writer, &reply) {
+                return;
+            }
         }
     }
 }

@@ -16,11 +16,12 @@
 //! being waited for.
 
 use std::collections::HashMap;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
+use shimline::cli::{emit, word, Step};
 use smbl::{Client, CreateArgs, Durable, LockSpec, Reply};
 use uuid::Uuid;
 
@@ -99,20 +100,6 @@ pub fn run(addr: &str, timeout: Duration) -> anyhow::Result<()> {
             client.peer_addr()
         );
     }
-    // stdin is read on its own thread so notifications print while the
-    // user is typing.
-    let (line_tx, lines) = crossbeam_channel::bounded::<std::io::Result<String>>(16);
-    std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            for line in std::io::stdin().lock().lines() {
-                let stop = line.is_err();
-                if line_tx.send(line).is_err() || stop {
-                    return;
-                }
-            }
-        })
-        .context("starting the stdin thread")?;
     let mut cli = Cli {
         client: &client,
         client_guid: Uuid::new_v4(),
@@ -120,63 +107,23 @@ pub fn run(addr: &str, timeout: Duration) -> anyhow::Result<()> {
         last_file: None,
         opens: HashMap::new(),
     };
-    let mut notes = client.notifications().clone();
-    let mut failed = 0usize;
-    let mut n = 0usize;
-    loop {
-        crossbeam_channel::select! {
-            recv(lines) -> line => {
-                let line = match line {
-                    Ok(l) => l.context("reading stdin")?,
-                    Err(_) => break, // EOF
-                };
-                n += 1;
-                match cli.parse(&line) {
-                    Ok(Action::Quit) => break,
-                    Ok(action) => {
-                        if !cli.perform(action, &notes)? {
-                            failed += 1;
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("error: line {n}: {e:#}");
-                        failed += 1;
-                    }
-                }
+    let tally = shimline::cli::drive(client.notifications(), |n, line, notes| {
+        Ok::<_, anyhow::Error>(match cli.parse(line) {
+            Ok(Action::Quit) => Step::Quit,
+            Ok(action) => match cli.perform(action, notes)? {
+                true => Step::Done,
+                false => Step::Failed,
+            },
+            Err(e) => {
+                eprintln!("error: line {n}: {e:#}");
+                Step::Failed
             }
-            recv(notes) -> note => match note {
-                Ok(v) => emit(&v)?,
-                // The connection ended; the next command says so.
-                Err(_) => notes = crossbeam_channel::never(),
-            }
-        }
-    }
-    // Whatever was pushed before the input ended.
-    while let Ok(v) = notes.try_recv() {
-        emit(&v)?;
-    }
-    if failed > 0 {
-        bail!("{failed} of {n} input lines failed");
+        })
+    })?;
+    if tally.failed > 0 {
+        bail!("{} of {} input lines failed", tally.failed, tally.lines);
     }
     Ok(())
-}
-
-/// Prints one JSON line on stdout.
-fn emit(v: &Value) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{v}")
-        .and_then(|()| out.flush())
-        .context("writing stdout")
-}
-
-/// Splits off the first whitespace-separated word.
-fn word(s: &str) -> Option<(&str, &str)> {
-    let s = s.trim_start();
-    if s.is_empty() {
-        return None;
-    }
-    let end = s.find(char::is_whitespace).unwrap_or(s.len());
-    Some((s.get(..end)?, s.get(end..)?.trim_start()))
 }
 
 fn num<T: std::str::FromStr>(what: &str, s: Option<&str>) -> anyhow::Result<T> {
@@ -437,7 +384,7 @@ impl Cli<'_> {
             }
             Action::Wait(d) => {
                 return match notes.recv_timeout(d) {
-                    Ok(v) => emit(&v).map(|()| true),
+                    Ok(v) => emit(&v).map(|()| true).context("writing stdout"),
                     Err(_) => {
                         eprintln!("error: no notification within {d:?}");
                         Ok(false)

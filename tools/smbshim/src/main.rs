@@ -50,6 +50,16 @@ struct Args {
     /// name takes over the handles of a dead one.
     #[arg(long, value_name = "NAME")]
     instance: Option<String>,
+    /// Most client connections served at once; one more is refused with
+    /// STATUS_INSUFFICIENT_RESOURCES.
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Most sessions one connection may set up; one more SESSION_SETUP is
+    /// refused with STATUS_INSUFFICIENT_RESOURCES.
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_sessions_per_connection: u32,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -78,7 +88,17 @@ fn main() -> anyhow::Result<()> {
             client_cli::run(&addr, timeout)
         }
         (None, Some(filter), Some(listen)) => {
-            server::run(&filter, &listen, args.instance.as_deref().unwrap_or("smb"))
+            let limits = server::Limits {
+                max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                max_sessions_per_connection: usize::try_from(args.max_sessions_per_connection)
+                    .unwrap_or(usize::MAX),
+            };
+            server::run(
+                &filter,
+                &listen,
+                args.instance.as_deref().unwrap_or("smb"),
+                limits,
+            )
         }
         // clap requires both flags when there is no subcommand.
         (None, _, _) => anyhow::bail!("--filter and --listen are required"),

@@ -21,6 +21,27 @@ use serde_json::{json, Map, Value};
 const MAX_LINE: usize = 4 << 20;
 /// Op-id records kept per open.
 const KEEP_REPLIES: u32 = 1024;
+/// Requests of one connection queued behind the one being served; one
+/// more is answered STATUS_INSUFFICIENT_RESOURCES at once.
+const MAX_PIPELINED: usize = 128;
+
+/// Named limits on what peers can make smbshim hold (command-line flags).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most client connections at once.
+    pub max_connections: usize,
+    /// Most sessions one connection may set up.
+    pub max_sessions_per_connection: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: shimline::DEFAULT_MAX_CONNECTIONS,
+            max_sessions_per_connection: 64,
+        }
+    }
+}
 
 /// A failed request: an smbl/1 status and a message.
 struct Fail(&'static str, String);
@@ -93,10 +114,11 @@ struct Shared {
     /// while a replayed CREATE or a RECONNECT takes an open over, so that a
     /// detach in flight never lands after the open was taken over.
     teardown: Mutex<()>,
+    limits: Limits,
 }
 
 /// Attaches to filterd, listens, serves forever.
-pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
+pub fn run(filter: &Path, listen: &str, instance: &str, limits: Limits) -> anyhow::Result<()> {
     let protocol = Protocol::new("smb")?;
     let instance = InstanceName::new(instance)?;
     // filterd may still be starting: wait for it a while.
@@ -109,15 +131,21 @@ pub fn run(filter: &Path, listen: &str, instance: &str) -> anyhow::Result<()> {
     )
     .context("attaching to filterd")?;
     let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
-    let shared = start(attach)?;
-    shimline::accept_forever(listener, "smb", move |conn, stream| {
+    let shared = start(attach, limits)?;
+    let cfg = shimline::Listen {
+        prefix: "smb",
+        id_field: "mid",
+        busy_status: "STATUS_INSUFFICIENT_RESOURCES",
+        max_connections: limits.max_connections,
+    };
+    shimline::accept_forever(listener, cfg, move |conn, stream| {
         serve(shared.clone(), conn, stream)
     });
     Ok(())
 }
 
 /// The protocol state over an attachment, with its lease-break forwarder.
-fn start(attach: Attachment) -> anyhow::Result<Arc<Shared>> {
+fn start(attach: Attachment, limits: Limits) -> anyhow::Result<Arc<Shared>> {
     let shared = Arc::new(Shared {
         filter: attach,
         sessions: Mutex::new(HashMap::new()),
@@ -126,6 +154,7 @@ fn start(attach: Attachment) -> anyhow::Result<Arc<Shared>> {
         next_session: AtomicU64::new(1),
         locked_files: Mutex::new(std::collections::HashSet::new()),
         teardown: Mutex::new(()),
+        limits,
     });
     let sh = shared.clone();
     std::thread::Builder::new()
@@ -148,7 +177,7 @@ impl Harness {
             libfilter::proto::FEATURE_LOCK_HINTS,
             Duration::from_secs(30),
         )?;
-        Ok(Harness(start(attach)?))
+        Ok(Harness(start(attach, Limits::default())?))
     }
 
     /// The reply to one request line.
@@ -157,12 +186,72 @@ impl Harness {
     }
 }
 
+/// Serves one connection. LEASE_BREAK_ACKs are handled as soon as they
+/// are read; every other request goes, in order, to the connection's
+/// worker thread, so an ack is never stuck behind a CREATE waiting for it.
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
-    sh.writers
-        .serve(conn, stream, "mid", "STATUS_INVALID_PARAMETER", |line| {
-            handle_line(&sh, conn, line)
-        });
+    let mut worker: Option<(
+        std::sync::mpsc::SyncSender<Vec<u8>>,
+        std::thread::JoinHandle<()>,
+    )> = None;
+    sh.writers.serve(
+        conn,
+        stream,
+        "mid",
+        "STATUS_INVALID_PARAMETER",
+        |line, w| {
+            if is_lease_break_ack(line) {
+                return Some(handle_line(&sh, conn, line));
+            }
+            if worker.is_none() {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(MAX_PIPELINED);
+                let (shw, w) = (sh.clone(), w.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("smb-conn-{conn}-work"))
+                    .spawn(move || {
+                        for line in rx {
+                            if !shimline::send(&w, &handle_line(&shw, conn, &line)) {
+                                return;
+                            }
+                        }
+                    });
+                match spawned {
+                    Ok(j) => worker = Some((tx, j)),
+                    Err(_) => return Some(handle_line(&sh, conn, line)),
+                }
+            }
+            let Some((tx, _)) = worker.as_ref() else {
+                return Some(handle_line(&sh, conn, line));
+            };
+            match tx.try_send(line.to_vec()) {
+                Ok(()) => None,
+                Err(_) => Some(busy(line)),
+            }
+        },
+    );
+    // Requests already read finish before the connection's state goes.
+    if let Some((tx, j)) = worker {
+        drop(tx);
+        let _ = j.join();
+    }
     connection_lost(&sh, conn);
+}
+
+/// Whether a line is a LEASE_BREAK_ACK (answered out of order, at once).
+fn is_lease_break_ack(line: &[u8]) -> bool {
+    const CMD: &[u8] = b"LEASE_BREAK_ACK";
+    line.windows(CMD.len()).any(|w| w == CMD)
+        && serde_json::from_slice::<Value>(line)
+            .is_ok_and(|v| v.get("cmd").and_then(Value::as_str) == Some("LEASE_BREAK_ACK"))
+}
+
+/// The answer to a request over [`MAX_PIPELINED`].
+fn busy(line: &[u8]) -> Value {
+    let mid = serde_json::from_slice::<Value>(line)
+        .ok()
+        .and_then(|v| v.get("mid").and_then(Value::as_u64));
+    json!({"mid": mid, "status": "STATUS_INSUFFICIENT_RESOURCES",
+           "error": format!("more than {MAX_PIPELINED} requests of this connection are waiting")})
 }
 
 fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
@@ -282,6 +371,13 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
     }
     let id = sh.next_session.fetch_add(1, Ordering::Relaxed);
     if let Ok(mut s) = sh.sessions.lock() {
+        let max = sh.limits.max_sessions_per_connection;
+        if s.values().filter(|x| x.conn == conn).count() >= max {
+            return Err(Fail(
+                "STATUS_INSUFFICIENT_RESOURCES",
+                format!("this connection has {max} sessions (--max-sessions-per-connection)"),
+            ));
+        }
         s.insert(
             id,
             Session {
@@ -754,6 +850,18 @@ enum InfoChange {
 }
 
 fn info_change(obj: &Map<String, Value>) -> Result<InfoChange, Fail> {
+    let given: Vec<&str> = ["rename", "end_of_file", "delete_on_close"]
+        .into_iter()
+        .filter(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
+        .collect();
+    if given.len() > 1 {
+        // smbl/1 SET_INFO carries one of them; applying some of several
+        // would leave the client guessing which.
+        return Err(invalid(format!(
+            "SET_INFO takes one of rename, delete_on_close, end_of_file, not {}",
+            given.join(" and ")
+        )));
+    }
     if let Some(r) = obj.get("rename") {
         let r = r
             .as_object()

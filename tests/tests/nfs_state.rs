@@ -1,0 +1,427 @@
+//! nfsl/1 state under pressure and by the book, through the real nfsshim
+//! and filterd (issue 13 #3, #4, #6, #7; issue 17 #1, #9): a client's own
+//! delegation never stalls its own REMOVE or RENAME, the durable tables
+//! have named limits and never lose a live client's record, every instance
+//! owns its tables, lock-owners follow RFC 8881 §9, and the conformance
+//! points of issue 17 #9.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use rkfilter_tests::{Filterd, LineClient, Nfs, Scratch, Shim};
+use serde_json::{json, Value};
+
+fn ok(r: Value) -> Value {
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    r
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn smb_session(addr: &str) -> (LineClient, u64) {
+    let mut m = LineClient::connect(addr);
+    let r = m.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "m"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let sid = r["session_id"].as_u64().expect("session_id");
+    (m, sid)
+}
+
+/// Old code: the REMOVE and the RENAME each waited out filterd's whole
+/// break timeout (4 s here) for a recall of the caller's own delegation.
+#[test]
+fn a_clients_own_delegation_does_not_stall_its_remove_or_rename() {
+    let s = Scratch::new("nfs-own-deleg");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    std::fs::write(s.root().join("g"), b"g").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "4000"], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-own");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "0000000000000001");
+    let o = ok(a.open("p", "f", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let dsid = o["delegation"]["stateid"].clone();
+    let t0 = Instant::now();
+    ok(a.call(json!({"op": "RENAME", "from": "f", "to": "f2"})));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "RENAME took {:?}",
+        t0.elapsed()
+    );
+    let o = ok(a.open("p", "g", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let t0 = Instant::now();
+    ok(a.call(json!({"op": "REMOVE", "path": "g"})));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "REMOVE took {:?}",
+        t0.elapsed()
+    );
+    assert!(!s.root().join("g").exists() && s.root().join("f2").exists());
+    // The delegation is still the client's to return.
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
+}
+
+/// Old code: the tables were filterd replay scopes capped at 4096 records,
+/// oldest evicted: nothing refused a client, session or open, so a flood of
+/// them evicted other clients' records (client 0 got STALE_CLIENTID /
+/// BADSESSION after an nfsshim restart).
+#[test]
+fn tables_have_named_limits_and_keep_every_live_record() {
+    let s = Scratch::new("nfs-tables");
+    let _d = Filterd::start(&s, &[], &[]);
+    let flags = [
+        "--max-clients",
+        "3",
+        "--max-sessions-per-client",
+        "2",
+        "--max-opens-per-client",
+        "2",
+    ];
+    let mut shim = Shim::start_with("nfsshim", &s.socket(), "nfs-t", &flags);
+    let mut first = Nfs::connect(&shim.addr, "host-0", "0000000000000000");
+    let o = ok(first.open(
+        "p",
+        "kept",
+        "both",
+        "write",
+        json!({"create": {"mode": "unchecked"}}),
+    ));
+    ok(first.open(
+        "p",
+        "second",
+        "both",
+        "none",
+        json!({"create": {"mode": "unchecked"}}),
+    ));
+    let r = first.open(
+        "p",
+        "third",
+        "both",
+        "none",
+        json!({"create": {"mode": "unchecked"}}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_RESOURCE", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--max-opens-per-client"),
+        "{r}"
+    );
+    let _b = Nfs::connect(&shim.addr, "host-1", "0000000000000001");
+    let _c = Nfs::connect(&shim.addr, "host-2", "0000000000000002");
+    let mut d = LineClient::connect(&shim.addr);
+    let r = d.call_with(
+        "xid",
+        json!({"op": "EXCHANGE_ID", "owner": "host-3", "verifier": "0000000000000003"}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_RESOURCE", "{r}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains("--max-clients"),
+        "{r}"
+    );
+    // Sessions: one more than the limit is refused; the client's own are kept.
+    let r = first.c.call_with(
+        "xid",
+        json!({"op": "CREATE_SESSION", "clientid": first.clientid}),
+    );
+    ok(r);
+    let r = first.c.call_with(
+        "xid",
+        json!({"op": "CREATE_SESSION", "clientid": first.clientid}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_RESOURCE", "{r}");
+    // A restart loses none of it: the first client's session and open work.
+    shim.kill9_in_place();
+    let shim = Shim::start_with("nfsshim", &s.socket(), "nfs-t", &flags);
+    first.c = LineClient::connect(&shim.addr);
+    ok(first.call(json!({"op": "WRITE", "stateid": o["stateid"], "offset": 0, "data": b64("x")})));
+    let r = first.c.call_with(
+        "xid",
+        json!({"op": "EXCHANGE_ID", "owner": "host-0", "verifier": "0000000000000000"}),
+    );
+    assert_eq!(
+        (r["clientid"].as_str(), r["confirmed"].as_bool()),
+        (Some(first.clientid.as_str()), Some(true)),
+        "{r}"
+    );
+}
+
+/// The issue's reproduction at full size: more clients than filterd keeps
+/// records of one scope. Old code evicted client 0's record, so after an
+/// nfsshim restart client 0 got NFS4ERR_BADSESSION.
+#[test]
+fn client_zero_survives_a_flood_of_clients_and_a_restart() {
+    let s = Scratch::new("nfs-flood");
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut shim = Shim::start_with("nfsshim", &s.socket(), "nfs-fl", &["--max-clients", "4096"]);
+    let mut zero = Nfs::connect(&shim.addr, "host-zero", "0000000000000000");
+    let o = ok(zero.open(
+        "p",
+        "z",
+        "both",
+        "none",
+        json!({"create": {"mode": "unchecked"}}),
+    ));
+    let mut flood = LineClient::connect(&shim.addr);
+    let (mut refused, mut admitted) = (0, 0);
+    for i in 0..4200 {
+        let r = flood.call_with("xid", json!({"op": "EXCHANGE_ID", "owner": format!("flood-{i}"), "verifier": "0123456789abcdef"}));
+        match r["status"].as_str() {
+            Some("NFS4_OK") => admitted += 1,
+            Some("NFS4ERR_RESOURCE") => refused += 1,
+            _ => panic!("{r}"),
+        }
+    }
+    assert_eq!(
+        (admitted, refused),
+        (4095, 105),
+        "the flooder is refused past the limit"
+    );
+    shim.kill9_in_place();
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-fl");
+    zero.c = LineClient::connect(&shim.addr);
+    ok(zero.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 1})));
+}
+
+/// Old code: both instances numbered their records from 1 in the one
+/// `clients` scope, so bob's EXCHANGE_ID on nfs-b overwrote alice's record
+/// of nfs-a; after nfs-a restarted alice got NFS4ERR_BADSESSION.
+#[test]
+fn each_instance_owns_its_tables() {
+    let s = Scratch::new("nfs-instances");
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut a_shim = Shim::start("nfsshim", &s.socket(), "nfs-a");
+    let b_shim = Shim::start("nfsshim", &s.socket(), "nfs-b");
+    let mut alice = Nfs::connect(&a_shim.addr, "alice", "00000000000000aa");
+    let o = ok(alice.open(
+        "p",
+        "af",
+        "both",
+        "write",
+        json!({"create": {"mode": "unchecked"}}),
+    ));
+    let mut bob = Nfs::connect(&b_shim.addr, "bob", "00000000000000bb");
+    let ob = ok(bob.open(
+        "p",
+        "bf",
+        "both",
+        "none",
+        json!({"create": {"mode": "unchecked"}}),
+    ));
+    a_shim.kill9_in_place();
+    let a_shim = Shim::start("nfsshim", &s.socket(), "nfs-a");
+    alice.c = LineClient::connect(&a_shim.addr);
+    ok(alice.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 1})));
+    // Restoring nfs-a touched nothing of nfs-b's.
+    ok(bob.call(json!({"op": "READ", "stateid": ob["stateid"], "offset": 0, "count": 1})));
+    let sock = s.socket().display().to_string();
+    let live = rkfilter_tests::filterctl(&["--socket", &sock, "clients", "--json"]).json();
+    let mut owners: Vec<&str> = live
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|c| c["owner"].as_str())
+        .collect();
+    owners.sort_unstable();
+    assert_eq!(owners, ["alice", "bob"], "{live}");
+}
+
+/// Old code: nfsl/1 locks followed LockFileEx rules, so a lock-owner's
+/// upgrade of part of its own range was NFS4ERR_DENIED against itself, and
+/// a partial LOCKU answered OK and released nothing.
+#[test]
+fn lock_owners_follow_rfc8881_and_still_conflict_with_smb_locks() {
+    let s = Scratch::new("nfs-owner-locks");
+    std::fs::write(s.root().join("f"), vec![0u8; 200]).unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-lk");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-lk");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let sid = ok(a.open("p", "f", "both", "none", json!({})))["stateid"].clone();
+    let lock = |a: &mut Nfs, sid: &Value, ty: &str, off: u64, len: u64| {
+        a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo", "type": ty, "offset": off, "length": len}))
+    };
+    let l = ok(lock(&mut a, &sid, "read", 0, 100));
+    // Upgrade part of it, downgrade it again, overlap it: never against itself.
+    ok(lock(&mut a, &sid, "write", 40, 20));
+    let (mut m, msid) = smb_session(&smb.addr);
+    let f = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "f", "access": ["read", "write"],
+                          "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(f["status"], "STATUS_SUCCESS", "{f}");
+    let smb_lock = |m: &mut LineClient, off: u64, len: u64, excl: bool| {
+        m.call(json!({"cmd": "LOCK", "session_id": msid, "file_id": f["file_id"],
+                      "locks": [{"offset": off, "length": len, "exclusive": excl, "unlock": false}]}))["status"]
+            .clone()
+    };
+    assert_eq!(
+        smb_lock(&mut m, 45, 1, false),
+        "STATUS_LOCK_NOT_GRANTED",
+        "the upgraded part is exclusive"
+    );
+    assert_eq!(
+        smb_lock(&mut m, 10, 1, false),
+        "STATUS_SUCCESS",
+        "the rest is still shared"
+    );
+    ok(lock(&mut a, &sid, "read", 40, 20));
+    assert_eq!(
+        smb_lock(&mut m, 45, 1, false),
+        "STATUS_SUCCESS",
+        "downgraded"
+    );
+    ok(lock(&mut a, &sid, "read", 90, 50));
+    // Partial LOCKU releases that part only.
+    let lsid = json!({"other": l["lock_stateid"]["other"], "seqid": 0});
+    let u = ok(a.call(json!({"op": "LOCKU", "lock_stateid": lsid, "offset": 0, "length": 50})));
+    assert_eq!(
+        smb_lock(&mut m, 20, 5, true),
+        "STATUS_SUCCESS",
+        "0-50 released"
+    );
+    assert_eq!(
+        smb_lock(&mut m, 60, 5, true),
+        "STATUS_LOCK_NOT_GRANTED",
+        "50-140 still held"
+    );
+    // Another nfsl/1 lock-owner still conflicts.
+    let r = a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo-2", "type": "write", "offset": 120, "length": 5}));
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "{r}");
+    ok(a.call(
+        json!({"op": "LOCKU", "lock_stateid": u["lock_stateid"], "offset": 0, "length": u64::MAX}),
+    ));
+    assert_eq!(
+        smb_lock(&mut m, 130, 5, true),
+        "STATUS_SUCCESS",
+        "all released"
+    );
+}
+
+/// Issue 17 #9, each point failing on the old code as the comment says.
+#[test]
+fn nfsl_conformance_points() {
+    let s = Scratch::new("nfs-conformance");
+    std::fs::write(s.root().join("d"), b"d").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "4000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-c");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-c");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+
+    // OPEN read, then write by the same owner: WRITE succeeds (old: ACCESS).
+    let create = json!({"create": {"mode": "unchecked"}});
+    ok(a.open("p", "up", "read", "none", create.clone()));
+    let up = ok(a.open("p", "up", "write", "none", json!({})));
+    assert_eq!(up["stateid"]["seqid"], 2, "{up}");
+    ok(a.call(json!({"op": "WRITE", "stateid": up["stateid"], "offset": 0, "data": b64("up")})));
+    ok(a.call(json!({"op": "READ", "stateid": up["stateid"], "offset": 0, "count": 2})));
+
+    // A second CLOSE of a closed stateid (old: NFS4_OK).
+    ok(a.call(json!({"op": "CLOSE", "stateid": up["stateid"]})));
+    let again = a.call(json!({"op": "CLOSE", "stateid": up["stateid"]}));
+    assert_eq!(again["status"], "NFS4ERR_BAD_STATEID", "{again}");
+
+    // DELEGRETURN without a recall releases the lease in filterd (old: an
+    // smbl/1 write open then waited out the 4 s break timeout).
+    let o = ok(a.open("p", "d", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
+    let (mut m, msid) = smb_session(&smb.addr);
+    let t0 = Instant::now();
+    let r = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "d", "access": ["write"],
+                          "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        t0.elapsed()
+    );
+
+    // The exclusive-create verifier does not outlive the file (old: the
+    // verifier was kept by path, and a later exclusive create with it was
+    // told `created` on another client's file).
+    let excl = json!({"create": {"mode": "exclusive", "verifier": "00000000000000e1"}});
+    let x = ok(a.open("p", "x", "both", "none", excl.clone()));
+    assert_eq!(x["created"], true);
+    ok(a.call(json!({"op": "CLOSE", "stateid": x["stateid"]})));
+    ok(a.call(json!({"op": "REMOVE", "path": "x"})));
+    let bx = ok(b.open("q", "x", "both", "none", create));
+    assert_eq!(bx["created"], true);
+    ok(b.call(json!({"op": "WRITE", "stateid": bx["stateid"], "offset": 0, "data": b64("bob")})));
+    ok(b.call(json!({"op": "CLOSE", "stateid": bx["stateid"]})));
+    let r = a.open("p", "x", "both", "none", excl);
+    assert_eq!(r["status"], "NFS4ERR_EXIST", "{r}");
+    assert_eq!(std::fs::read(s.root().join("x")).unwrap(), b"bob");
+}
+
+/// Issue 13 #4, the other half: nfsshim's event thread never waits for a
+/// client's lock. Old code: a recall took the holder's lock, so while the
+/// holder's own REMOVE waited (here for an smbl/1 client's break ack, up
+/// to the 6 s break timeout) its CB_RECALL — and every recall behind it —
+/// waited too.
+#[test]
+fn a_recall_is_sent_while_the_holders_own_request_waits() {
+    let s = Scratch::new("nfs-recall-busy");
+    std::fs::write(s.root().join("e"), b"e").unwrap();
+    std::fs::write(s.root().join("d1"), b"d").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "6000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-busy");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-busy");
+    // An smbl/1 client caches "e" (RWH) and will not ack its break soon.
+    let (mut m, msid) = smb_session(&smb.addr);
+    let lease = uuid::Uuid::new_v4().to_string();
+    let r = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "e", "access": ["read"],
+                          "share": ["read", "write", "delete"], "disposition": "open",
+                          "lease": {"key": lease, "state": "RWH"}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // The nfsl/1 client holds a read delegation of "d1".
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "p",
+        "d1",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    // Its REMOVE of "e" waits for the smbl/1 client's ack...
+    a.seqid += 1;
+    let mut rm = json!({"op": "REMOVE", "path": "e"});
+    rm["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
+    let rm_xid = a.c.send_only("xid", rm);
+    // ...while another client's write open of "d1" recalls its delegation.
+    let addr = smb.addr.clone();
+    let t0 = Instant::now();
+    let writer = std::thread::spawn(move || {
+        let (mut w, wsid) = smb_session(&addr);
+        w.call(
+            json!({"cmd": "CREATE", "session_id": wsid, "path": "d1", "access": ["write"],
+                      "share": ["read", "write", "delete"], "disposition": "open"}),
+        )
+    });
+    a.c.set_read_timeout(Duration::from_secs(3));
+    let first = a.c.next_line().expect("a line within 3 s");
+    assert_eq!(first["op"], "CB_RECALL", "the recall comes first: {first}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // Everyone finishes: the smbl/1 ack lets the REMOVE through, the
+    // DELEGRETURN lets the write open through.
+    let n = m.next_line().expect("LEASE_BREAK");
+    let ack = m.call(
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": msid, "lease_key": lease,
+                            "state": n["new_state"]}),
+    );
+    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    a.c.set_read_timeout(Duration::from_secs(20));
+    let (r, _) = a.c.reply_to("xid", rm_xid).expect("the REMOVE's reply");
+    ok(r);
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
+    let w = writer.join().expect("writer");
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+}

@@ -1,0 +1,94 @@
+//! The loop both protocol command-line clients (`smbshim client`,
+//! `nfsshim client`) run: stdin is read on a thread of its own so that what
+//! the server pushes (LEASE_BREAK, CB_RECALL) is printed while the user is
+//! typing; each input line goes to the protocol's own parser and performer.
+
+use std::io::{BufRead, Write};
+
+use crossbeam_channel::Receiver;
+use serde_json::Value;
+
+/// What became of one input line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Done (or nothing to do).
+    Done,
+    /// It failed (counted; the loop goes on).
+    Failed,
+    /// Stop reading input.
+    Quit,
+}
+
+/// Input lines read and how many failed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tally {
+    /// Lines read.
+    pub lines: usize,
+    /// Lines that failed.
+    pub failed: usize,
+}
+
+/// Runs `each` on every stdin line (numbered from 1) until EOF or
+/// [`Step::Quit`], printing every `pushed` value as a JSON line as it
+/// arrives, and whatever is left of them at the end. `each` gets the pushed
+/// channel too, to wait on it (a `wait` command).
+pub fn drive<E: From<std::io::Error>>(
+    pushed: &Receiver<Value>,
+    mut each: impl FnMut(usize, &str, &Receiver<Value>) -> Result<Step, E>,
+) -> Result<Tally, E> {
+    let (line_tx, lines) = crossbeam_channel::bounded::<std::io::Result<String>>(16);
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let stop = line.is_err();
+                if line_tx.send(line).is_err() || stop {
+                    return;
+                }
+            }
+        })?;
+    let mut pushed = pushed.clone();
+    let mut tally = Tally::default();
+    loop {
+        crossbeam_channel::select! {
+            recv(lines) -> line => {
+                let line = match line {
+                    Ok(l) => l?,
+                    Err(_) => break, // EOF
+                };
+                tally.lines += 1;
+                match each(tally.lines, &line, &pushed)? {
+                    Step::Done => {}
+                    Step::Failed => tally.failed += 1,
+                    Step::Quit => break,
+                }
+            }
+            recv(pushed) -> v => match v {
+                Ok(v) => emit(&v)?,
+                // The connection ended; the next command says so.
+                Err(_) => pushed = crossbeam_channel::never(),
+            }
+        }
+    }
+    // Whatever was pushed before the input ended.
+    while let Ok(v) = pushed.try_recv() {
+        emit(&v)?;
+    }
+    Ok(tally)
+}
+
+/// Prints one JSON line on stdout.
+pub fn emit(v: &Value) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{v}").and_then(|()| out.flush())
+}
+
+/// Splits off the first whitespace-separated word.
+pub fn word(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start();
+    if s.is_empty() {
+        return None;
+    }
+    let end = s.find(char::is_whitespace).unwrap_or(s.len());
+    Some((s.get(..end)?, s.get(end..)?.trim_start()))
+}
