@@ -39,9 +39,9 @@ use libfilter::proto::{ErrorCode, ServerFrame, WireError};
 use libfilter::store::{StateStore, StoreError, StoreOp};
 use tracing::{error, warn};
 
-use crate::conn::ConnWriter;
-use crate::engine::Command;
+use crate::command::Command;
 use crate::failpoint;
+use crate::outbox::ConnWriter;
 use libfilter::model::IntentId;
 
 /// Longest a pending commit waits for more requests to join it.

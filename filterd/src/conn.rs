@@ -14,10 +14,10 @@
 //! interleave.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,134 +34,13 @@ use nix::sys::socket::{
 
 use nix::sys::time::TimeVal;
 
-use crate::engine::{Command, ConnId, Peer};
-use crate::outbox;
+use crate::command::{Command, ConnId, Peer};
+use crate::outbox::{self, ConnWriter};
 
 /// Most packets read from one connection per poll round (fairness).
 const MAX_PACKETS_PER_ROUND: usize = 32;
 /// The epoll token of the wake-up eventfd.
 const WAKE_TOKEN: u64 = 0;
-
-/// The writing half of a connection, shared by the engine and the committer.
-/// Never blocks: what the peer's socket does not take now waits in its
-/// queue ([`crate::outbox`]); a peer that lets it grow past its limit is
-/// dropped.
-pub struct ConnWriter {
-    sock: Arc<OwnedFd>,
-    dead: AtomicBool,
-    queue: std::sync::Mutex<outbox::Queue>,
-    flusher: Option<(Arc<outbox::Flusher>, u64)>,
-    me: std::sync::Weak<ConnWriter>,
-}
-
-impl outbox::Flushable for ConnWriter {
-    fn socket(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
-    }
-    fn queue(&self) -> &std::sync::Mutex<outbox::Queue> {
-        &self.queue
-    }
-    fn drop_peer(&self, why: &str) {
-        tracing::warn!(
-            reason = why,
-            "dropping a peer that cannot take what it is sent"
-        );
-        self.kill();
-    }
-}
-
-impl Drop for ConnWriter {
-    fn drop(&mut self) {
-        if let Some((f, token)) = &self.flusher {
-            f.forget(*token);
-        }
-    }
-}
-
-impl ConnWriter {
-    /// A writer for `sock`, whose queue `flusher` drains.
-    fn new(sock: Arc<OwnedFd>, flusher: Option<Arc<outbox::Flusher>>) -> Arc<ConnWriter> {
-        Arc::new_cyclic(|me| ConnWriter {
-            sock,
-            dead: AtomicBool::new(false),
-            queue: std::sync::Mutex::new(outbox::Queue::default()),
-            flusher: flusher.map(|f| {
-                let t = f.token();
-                (f, t)
-            }),
-            me: me.clone(),
-        })
-    }
-
-    /// A writer over a socket of the test's own.
-    #[cfg(test)]
-    pub fn for_test(sock: OwnedFd) -> Arc<ConnWriter> {
-        ConnWriter::new(Arc::new(sock), None)
-    }
-
-    /// Sends one frame (with an optional descriptor), or queues it if the
-    /// peer's socket is full. A peer that is gone, or whose queue is over
-    /// its limit, is shut down, which the poller sees as EOF.
-    pub fn send(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> bool {
-        if self.dead.load(Ordering::Acquire) {
-            return false;
-        }
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        match outbox::send_or_queue(self.sock.as_fd(), &mut q, bytes, fd) {
-            outbox::Sent::Ok => {
-                if q.is_first_queued() {
-                    if let Some((f, token)) = &self.flusher {
-                        let me: std::sync::Weak<dyn outbox::Flushable> = self.me.clone();
-                        f.watch(*token, me, self.sock.as_fd(), &mut q);
-                    }
-                }
-                true
-            }
-            outbox::Sent::Drop(why) => {
-                drop(q);
-                tracing::warn!(
-                    reason = why,
-                    "dropping a peer that cannot take what it is sent"
-                );
-                self.kill();
-                false
-            }
-        }
-    }
-
-    /// Encodes and sends a frame.
-    pub fn send_frame(&self, frame: &ServerFrame, fd: Option<BorrowedFd<'_>>) -> bool {
-        match proto::encode(frame) {
-            Ok(b) => self.send(&b, fd),
-            Err(e) => {
-                tracing::error!(error = %e, "could not encode a reply");
-                false
-            }
-        }
-    }
-
-    /// Whether the peer has hung up (its process died or closed the socket),
-    /// even if the poller has not read the EOF yet.
-    pub fn peer_gone(&self) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        if self.dead.load(Ordering::Acquire) {
-            return true;
-        }
-        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::empty())];
-        match poll(&mut fds, PollTimeout::ZERO) {
-            Ok(n) if n > 0 => fds[0]
-                .revents()
-                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
-            _ => false,
-        }
-    }
-
-    /// Shuts the connection down.
-    pub fn kill(&self) {
-        self.dead.store(true, Ordering::Release);
-        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-    }
-}
 
 /// How other threads reach the engine: a bounded channel and a wake-up.
 #[derive(Clone)]

@@ -32,17 +32,10 @@ use nix::sys::fanotify::{
     Response,
 };
 
+use crate::command::Command;
 use crate::conn::EngineTx;
-use crate::engine::Command;
 
-/// The engine's answer to a local open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Let it proceed.
-    Allow,
-    /// Refuse it (the opener gets EPERM).
-    Deny,
-}
+pub use crate::command::Verdict;
 
 /// Counters for `filterctl stats`, shared with the engine.
 #[derive(Default)]
@@ -337,12 +330,14 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
             if tx.send(AnswerMsg::Pending(id, Box::new(slot))).is_err() {
                 return;
             }
+            let answers = tx.clone();
             let cmd = Command::LocalOpen {
                 file,
                 pid,
                 fd: dup,
-                id,
-                reply: tx.clone(),
+                reply: Box::new(move |v| {
+                    let _ = answers.send(AnswerMsg::Verdict(id, v));
+                }),
             };
             match engine.try_send(cmd) {
                 Ok(()) => {}

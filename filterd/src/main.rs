@@ -7,6 +7,7 @@
 //! per connection, the engine, the committer) — see `docs/ARCHITECTURE.md`.
 #![forbid(unsafe_code)]
 
+mod command;
 mod committer;
 mod conn;
 mod engine;

@@ -15,7 +15,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+
+use libfilter::proto::{self, ServerFrame};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
@@ -199,5 +202,126 @@ fn run(me: Weak<Flusher>) {
                 }
             }
         }
+    }
+}
+
+/// The writing half of a connection, shared by the engine and the committer.
+/// Never blocks: what the peer's socket does not take now waits in its
+/// queue ([`crate::outbox`]); a peer that lets it grow past its limit is
+/// dropped.
+pub struct ConnWriter {
+    sock: Arc<OwnedFd>,
+    dead: AtomicBool,
+    queue: Mutex<Queue>,
+    flusher: Option<(Arc<Flusher>, u64)>,
+    me: std::sync::Weak<ConnWriter>,
+}
+
+impl Flushable for ConnWriter {
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+    fn queue(&self) -> &Mutex<Queue> {
+        &self.queue
+    }
+    fn drop_peer(&self, why: &str) {
+        tracing::warn!(
+            reason = why,
+            "dropping a peer that cannot take what it is sent"
+        );
+        self.kill();
+    }
+}
+
+impl Drop for ConnWriter {
+    fn drop(&mut self) {
+        if let Some((f, token)) = &self.flusher {
+            f.forget(*token);
+        }
+    }
+}
+
+impl ConnWriter {
+    /// A writer for `sock`, whose queue `flusher` drains.
+    pub(crate) fn new(sock: Arc<OwnedFd>, flusher: Option<Arc<Flusher>>) -> Arc<ConnWriter> {
+        Arc::new_cyclic(|me| ConnWriter {
+            sock,
+            dead: AtomicBool::new(false),
+            queue: std::sync::Mutex::new(Queue::default()),
+            flusher: flusher.map(|f| {
+                let t = f.token();
+                (f, t)
+            }),
+            me: me.clone(),
+        })
+    }
+
+    /// A writer over a socket of the test's own.
+    #[cfg(test)]
+    pub fn for_test(sock: OwnedFd) -> Arc<ConnWriter> {
+        ConnWriter::new(Arc::new(sock), None)
+    }
+
+    /// Sends one frame (with an optional descriptor), or queues it if the
+    /// peer's socket is full. A peer that is gone, or whose queue is over
+    /// its limit, is shut down, which the poller sees as EOF.
+    pub fn send(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> bool {
+        if self.dead.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        match send_or_queue(self.sock.as_fd(), &mut q, bytes, fd) {
+            Sent::Ok => {
+                if q.is_first_queued() {
+                    if let Some((f, token)) = &self.flusher {
+                        let me: std::sync::Weak<dyn Flushable> = self.me.clone();
+                        f.watch(*token, me, self.sock.as_fd(), &mut q);
+                    }
+                }
+                true
+            }
+            Sent::Drop(why) => {
+                drop(q);
+                tracing::warn!(
+                    reason = why,
+                    "dropping a peer that cannot take what it is sent"
+                );
+                self.kill();
+                false
+            }
+        }
+    }
+
+    /// Encodes and sends a frame.
+    pub fn send_frame(&self, frame: &ServerFrame, fd: Option<BorrowedFd<'_>>) -> bool {
+        match proto::encode(frame) {
+            Ok(b) => self.send(&b, fd),
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode a reply");
+                false
+            }
+        }
+    }
+
+    /// Whether the peer has hung up (its process died or closed the socket),
+    /// even if the poller has not read the EOF yet.
+    pub fn peer_gone(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        if self.dead.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::empty())];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            _ => false,
+        }
+    }
+
+    /// Shuts the connection down.
+    pub fn kill(&self) {
+        self.dead.store(true, Ordering::Release);
+        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
     }
 }

@@ -159,20 +159,28 @@ fn session_scopes_belong_to_their_protocol() {
         reply: v.into(),
         keep: 16,
     };
-    nfs.write_records(vec![spec("clients", r#"{"clientid":"real"}"#)], vec![])
-        .unwrap();
-    smb.write_records(
+    // nfsshim's layout: its instances, and a client table per instance.
+    nfs.write_records(
         vec![
-            spec("clients", r#"{"clientid":"smb's"}"#),
-            spec("nfs/clients", r#"{"clientid":"forged"}"#),
+            spec("instances", r#""nfs-1""#),
+            spec("nfs-1/clients", r#"{"clientid":"real"}"#),
         ],
-        vec![(scope("nfs/clients"), 1)],
+        vec![],
     )
     .unwrap();
-    let theirs = nfs.list_records(scope("clients")).unwrap();
+    smb.write_records(
+        vec![
+            spec("nfs-1/clients", r#"{"clientid":"smb's"}"#),
+            spec("nfs/nfs-1/clients", r#"{"clientid":"forged"}"#),
+            spec("nfs/instances", r#""nfs-1""#),
+        ],
+        vec![(scope("nfs/nfs-1/clients"), 1)],
+    )
+    .unwrap();
+    let theirs = nfs.list_records(scope("nfs-1/clients")).unwrap();
     assert_eq!(theirs, vec![(1, r#"{"clientid":"real"}"#.to_owned())]);
     assert_eq!(
-        smb.list_records(scope("clients")).unwrap(),
+        smb.list_records(scope("nfs-1/clients")).unwrap(),
         vec![(1, r#"{"clientid":"smb's"}"#.to_owned())]
     );
     let out = filterctl(&[

@@ -269,7 +269,7 @@ impl Engine {
     /// durable.
     pub(super) fn reply_when_durable(
         &mut self,
-        writer: &std::sync::Arc<crate::conn::ConnWriter>,
+        writer: &std::sync::Arc<crate::outbox::ConnWriter>,
         id: u64,
         frame: &ServerFrame,
         fd: Option<OwnedFd>,

@@ -20,7 +20,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::committer::{CommitCounters, Pipeline};
-use crate::conn::ConnWriter;
+use crate::outbox::ConnWriter;
 
 /// The table in memory; `fail` makes the next commits fail.
 #[derive(Default)]

@@ -1,0 +1,360 @@
+//! Non-idempotent filesystem changes by request — rename, end of file,
+//! remove, delete on close — each bracketed by an intent that commits
+//! before the change (invariant 3).
+
+use super::*;
+
+impl Engine {
+    /// Renames the file of an attached handle (spec/smb-like.md "SET_INFO").
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rename(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        protocol: &Protocol,
+        key: ResumeKey,
+        to: RelPath,
+        replace: bool,
+        record: Option<RecordSpec>,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        let h = self.attached_with(
+            conn,
+            key,
+            libfilter::model::Rights::DELETE,
+            "rename needs delete access",
+        )?;
+        let (from, file, persistent) = (
+            h.rec.path.clone(),
+            h.rec.file,
+            h.rec.durability.is_persistent(),
+        );
+        let kernel_handle = self
+            .handles
+            .get(&key)
+            .and_then(|h| h.rec.kernel_handle.clone());
+        self.others_share_delete(file, Some(key))?;
+        // Replacing a target is deleting it: every open of the target must
+        // share delete, and its handle-caching leases are broken first.
+        let target = if replace {
+            fsops::file_at_checked(self.root.as_fd(), &to)?.filter(|t| *t != file)
+        } else {
+            None
+        };
+        if let Some(t) = target {
+            self.depends_on_file(t);
+            self.others_share_delete(t, None)?;
+        }
+        let record = record
+            .map(|r| self.own_record(conn, protocol, r))
+            .transpose()?;
+        let own_lease = self
+            .handles
+            .get(&key)
+            .and_then(|h| h.rec.lease.map(|l| l.key));
+        let waits_for = if self.break_leases_for_namespace(file, own_lease) {
+            Some(file)
+        } else {
+            target.filter(|t| self.break_leases_for_namespace(*t, own_lease))
+        };
+        if let Some(file) = waits_for {
+            let req = Request::Rename {
+                key,
+                to,
+                replace,
+                record: record.map(|mut r| {
+                    r.scope = unscope(protocol, r.scope);
+                    r
+                }),
+            };
+            self.waiting_changes.push((file, conn, req_id, req));
+            return Ok(None);
+        }
+        let change = IntentChange::Rename {
+            key,
+            from,
+            to,
+            file,
+            replace,
+            record,
+            kernel_handle,
+        };
+        self.run_change(conn, req_id, key, change, persistent)
+    }
+
+    /// Truncates or extends the file of an attached handle.
+    pub(super) fn set_end_of_file(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        protocol: &Protocol,
+        key: ResumeKey,
+        size: u64,
+        record: Option<RecordSpec>,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        let h = self.attached_with(
+            conn,
+            key,
+            libfilter::model::Rights::WRITE,
+            "end_of_file needs write access",
+        )?;
+        if h.rec.kernel_handle.is_none() {
+            h.rec.kernel_handle =
+                h.fd.as_ref()
+                    .and_then(|f| libfilter::sys::file_handle_of(f.as_fd()).ok());
+        }
+        let Some(kernel_handle) = h.rec.kernel_handle.clone() else {
+            return Err(err(
+                ErrorCode::Unsupported,
+                "this filesystem has no file handles",
+            ));
+        };
+        let persistent = h.rec.durability.is_persistent();
+        let record = record
+            .map(|r| self.own_record(conn, protocol, r))
+            .transpose()?;
+        let change = IntentChange::SetSize {
+            key,
+            kernel_handle,
+            size,
+            record,
+        };
+        self.run_change(conn, req_id, key, change, persistent)
+    }
+
+    /// Removes a file by path (NFS-like REMOVE; delete on close).
+    pub(super) fn remove_path(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        protocol: &Protocol,
+        path: RelPath,
+        record: Option<RecordSpec>,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        let file = fsops::file_at_checked(self.root.as_fd(), &path)?
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("{path}: not found")))?;
+        self.depends_on_file(file);
+        self.others_share_delete(file, None)?;
+        let record = record
+            .map(|r| self.own_record(conn, protocol, r))
+            .transpose()?;
+        if self.break_leases_for_namespace(file, None) {
+            let req = Request::Remove {
+                path,
+                record: record.map(|mut r| {
+                    r.scope = unscope(protocol, r.scope);
+                    r
+                }),
+            };
+            self.waiting_changes.push((file, conn, req_id, req));
+            return Ok(None);
+        }
+        let kernel_handle = fsops::handle_at(self.root.as_fd(), &path);
+        let change = IntentChange::Remove {
+            path,
+            file,
+            record,
+            kernel_handle,
+            on_close: false,
+        };
+        self.run_change(conn, req_id, ResumeKey(uuid::Uuid::nil()), change, false)
+    }
+
+    /// Performs a rename or remove: bracketed by an intent (parked until it
+    /// is durable) when it must survive a crash, else at once.
+    pub(super) fn run_change(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        key: ResumeKey,
+        change: IntentChange,
+        persistent: bool,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        let needs_intent = persistent
+            || match &change {
+                IntentChange::Rename { record, .. }
+                | IntentChange::Remove { record, .. }
+                | IntentChange::SetSize { record, .. } => record.is_some(),
+                IntentChange::TruncatingOpen { .. } => false,
+            };
+        if !needs_intent {
+            self.perform(&change, false)?;
+            return Ok(Some((Reply::Done, None)));
+        }
+        self.park_intent(conn, req_id, key, change.clone(), Some(change));
+        Ok(None)
+    }
+
+    /// Records `change` as an intent in this batch and parks request `req_id`
+    /// until the intent is durable (`finish_parked`); `then` is the rename,
+    /// remove or size change to perform then (none: a truncating open).
+    pub(super) fn park_intent(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        key: ResumeKey,
+        change: IntentChange,
+        then: Option<IntentChange>,
+    ) {
+        let content = match &change {
+            IntentChange::TruncatingOpen { record } => Some(record.file),
+            IntentChange::SetSize { key, .. } => self.handles.get(key).map(|h| h.rec.file),
+            IntentChange::Rename { .. } | IntentChange::Remove { .. } => None,
+        };
+        if let Some(f) = content {
+            self.content_change_begin(f);
+        }
+        let intent = Intent {
+            id: IntentId(uuid::Uuid::new_v4()),
+            change,
+            recorded_ms: now_ms(),
+        };
+        self.stats.intents += 1;
+        self.batch.notify.push(intent.id);
+        let writer = self.conns.get(&conn).map(|c| c.writer.clone());
+        self.parked.insert(
+            intent.id,
+            Parked {
+                writer,
+                id: Some(req_id),
+                seq: self.batch.seq(),
+                key,
+                change: then,
+            },
+        );
+        self.batch.push(StoreOp::PutIntent(Box::new(intent)));
+    }
+
+    /// Brackets the delete-on-close of a file whose last persistent handle
+    /// is going away: the intent commits with the handle's deletion, the
+    /// unlink follows once both are durable (`finish_parked`), then the
+    /// intent goes. A CLOSE waiting for it is answered after that.
+    pub(super) fn park_unlink(&mut self, gone: &Handle) {
+        let change = IntentChange::Remove {
+            path: gone.rec.path.clone(),
+            file: gone.rec.file,
+            record: None,
+            kernel_handle: gone.rec.kernel_handle.clone(),
+            on_close: true,
+        };
+        let intent = Intent {
+            id: IntentId(uuid::Uuid::new_v4()),
+            change: change.clone(),
+            recorded_ms: now_ms(),
+        };
+        self.stats.intents += 1;
+        self.batch.notify.push(intent.id);
+        self.parked.insert(
+            intent.id,
+            Parked {
+                writer: None,
+                id: None,
+                seq: self.batch.seq(),
+                key: gone.rec.key,
+                change: Some(change),
+            },
+        );
+        self.last_unlink = Some(intent.id);
+        self.batch.push(StoreOp::PutIntent(Box::new(intent)));
+    }
+
+    /// Does a rename, remove or size change now, updating the handles and
+    /// recording the reply in this batch (so in the commit that also drops
+    /// the intent). With `durable` (a commit records the change), what it
+    /// changed on disk is fsync'd before that commit.
+    pub(super) fn perform(
+        &mut self,
+        change: &IntentChange,
+        durable: bool,
+    ) -> Result<(), WireError> {
+        let root = self.root.as_fd();
+        match change {
+            IntentChange::Rename {
+                key,
+                from,
+                to,
+                file,
+                replace,
+                record,
+                kernel_handle,
+            } => {
+                fsops::rename(root, from, to, *file, kernel_handle.as_ref(), *replace)?;
+                if durable {
+                    let dirs = [fsops::dir_of(root, from), fsops::dir_of(root, to)];
+                    for d in dirs.into_iter().flatten() {
+                        self.batch.sync_fd(d);
+                    }
+                }
+                // The path is the file's: every handle that named it by the
+                // old path follows (the renaming one whatever it named).
+                let keys: Vec<ResumeKey> = self.by_file.get(file).cloned().unwrap_or_default();
+                for k in keys {
+                    if let Some(h) = self.handles.get_mut(&k) {
+                        if k == *key || h.rec.path == *from {
+                            h.rec.path = to.clone();
+                            if h.rec.durability.is_persistent() {
+                                self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                            }
+                        }
+                    }
+                }
+                if let Some(r) = record {
+                    self.remember_reply(r.clone());
+                }
+                Ok(())
+            }
+            IntentChange::Remove {
+                path,
+                file,
+                record,
+                kernel_handle,
+                ..
+            } => {
+                fsops::remove(root, path, *file, kernel_handle.as_ref())?;
+                if durable {
+                    if let Ok(d) = fsops::dir_of(root, path) {
+                        self.batch.sync_fd(d);
+                    }
+                }
+                if let Some(r) = record {
+                    self.remember_reply(r.clone());
+                }
+                Ok(())
+            }
+            IntentChange::SetSize {
+                key,
+                kernel_handle,
+                size,
+                record,
+            } => {
+                let path = self.handles.get(key).map(|h| &h.rec.path);
+                let done =
+                    fsops::set_size_by_handle(root, kernel_handle, path, *size).map_err(|e| {
+                        // A size the filesystem cannot hold is the client's
+                        // bad parameter; no space is disk full.
+                        let code = match e.raw_os_error() {
+                            Some(libc::EFBIG) | Some(libc::EINVAL) => ErrorCode::BadFrame,
+                            Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
+                            _ => ErrorCode::Internal,
+                        };
+                        err(code, format!("set end of file to {size}: {e}"))
+                    });
+                if durable {
+                    if let Some(f) = self.handles.get(key).map(|h| h.rec.file) {
+                        self.content_change_done(f);
+                    }
+                }
+                let fd = done?;
+                if durable {
+                    self.batch.sync_fd(fd);
+                }
+                if let Some(r) = record {
+                    self.remember_reply(r.clone());
+                }
+                Ok(())
+            }
+            IntentChange::TruncatingOpen { .. } => {
+                Err(err(ErrorCode::Internal, "not a rename or remove"))
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Expiry of disconnected handles, purges, and the deadlines of breaks and
+//! lock hints (all on the monotonic clock).
+
+use super::*;
+
+impl Engine {
+    pub(super) fn notify_instance(&self, instance: &InstanceName, ev: Event) {
+        if let Some(c) = self.instances.get(instance).and_then(|c| self.conns.get(c)) {
+            c.writer.send_frame(&ServerFrame::Event(ev), None);
+        }
+    }
+
+    pub(super) fn expire(&mut self, key: ResumeKey) {
+        if let Some(rec) = self.remove(key) {
+            self.stats.expiries += 1;
+            info!(resume_key = %key, path = %rec.path, "handle expired");
+            self.notify_instance(&rec.frontend, Event::Expired { key });
+        }
+    }
+
+    pub(super) fn purge(&mut self, key: ResumeKey) {
+        if let Some(rec) = self.remove(key) {
+            self.stats.purges += 1;
+            info!(resume_key = %key, path = %rec.path, "disconnected durable handle purged by a conflicting open");
+            self.notify_instance(&rec.frontend, Event::Purged { key });
+        }
+    }
+
+    pub(super) fn expire_due(&mut self, now: u64) {
+        self.begin_request();
+        let late: Vec<FileId> = self
+            .hint_waits
+            .iter()
+            .filter(|(_, (_, t))| *t <= now)
+            .map(|(f, _)| *f)
+            .collect();
+        for f in late {
+            // A frontend that does not acknowledge in time is treated as
+            // failed, never bypassed: its connection is dropped (its durable
+            // handles detach, its other handles close), so it can do no
+            // unchecked I/O on the file; the lock then proceeds.
+            if let Some((pending, _)) = self.hint_waits.remove(&f) {
+                for c in pending {
+                    if let Some(x) = self.conns.get(&c) {
+                        warn!(file = ?f, conn = c.0, pid = x.peer.pid, "frontend did not acknowledge a lock hint in time: dropped");
+                        self.stats.frontends_dropped += 1;
+                        x.writer.kill();
+                    }
+                    self.on_closed(c);
+                }
+            }
+            self.retry_files.insert(f);
+        }
+        let due: Vec<(FileId, LeaseKey)> = self
+            .breaking
+            .iter()
+            .filter(|(_, b)| b.deadline_ms <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for (file, lk) in due {
+            if let Some(b) = self.breaking.remove(&(file, lk)) {
+                warn!(lease_key = %lk, to = %b.to, "lease break not acknowledged in time: lowered anyway");
+                let holder = self
+                    .by_file
+                    .get(&file)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.handles.get(k))
+                    .find_map(|h| match (h.rec.lease, h.conn) {
+                        (Some(l), Some(c)) if l.key == lk => Some((l.state, c)),
+                        _ => None,
+                    });
+                let epoch = self.set_lease_state(file, lk, b.to);
+                // Tell the holder its lease went down without it (an nfsl/1
+                // delegation is revoked then).
+                if let Some((from, c)) =
+                    holder.and_then(|(s, c)| self.conns.get(&c).map(|c| (s, c)))
+                {
+                    c.writer.send_frame(
+                        &ServerFrame::Event(Event::LeaseBreak {
+                            lease_key: lk,
+                            current_state: from,
+                            new_state: b.to,
+                            epoch,
+                            ack_required: false,
+                        }),
+                        None,
+                    );
+                }
+                self.retry_files.insert(file);
+            }
+        }
+        while let Some(Reverse((t, key, gen))) = self.expiries.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.expiries.pop();
+            let due = self.handles.get(&key).is_some_and(|h| {
+                h.gen == gen
+                    && matches!(h.rec.conn, ConnState::Disconnected { .. } | ConnState::Lost)
+            });
+            if due {
+                self.expire(key);
+            }
+        }
+    }
+}

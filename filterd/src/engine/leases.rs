@@ -1,0 +1,363 @@
+//! Leases: granting, breaking (and parking what waits for a break),
+//! acknowledgements, and running waiting requests again when a break ends.
+
+use super::*;
+
+impl Engine {
+    /// The leases on a file by key: their state and their handles.
+    pub(super) fn leases_on(&self, file: FileId) -> Vec<(LeaseKey, LeaseState, Vec<ResumeKey>)> {
+        let mut out: Vec<(LeaseKey, LeaseState, Vec<ResumeKey>)> = Vec::new();
+        for k in self.by_file.get(&file).into_iter().flatten() {
+            let Some(l) = self.handles.get(k).and_then(|h| h.rec.lease) else {
+                continue;
+            };
+            match out.iter_mut().find(|(lk, _, _)| *lk == l.key) {
+                Some(e) => e.2.push(*k),
+                None => out.push((l.key, l.state, vec![*k])),
+            }
+        }
+        out
+    }
+
+    /// Breaks the leases of other keys that an open with `mode` conflicts
+    /// with. Holders that are disconnected (or need no ack) are lowered at
+    /// once; attached ones get a LEASE_BREAK event. Returns whether the open
+    /// must wait for acknowledgements.
+    pub(super) fn break_leases_for(
+        &mut self,
+        file: FileId,
+        requester: Option<LeaseKey>,
+        mode: ShareMode,
+    ) -> bool {
+        self.break_leases(file, requester, |state, keys, this| {
+            let writes = mode.access.contains(libfilter::model::Rights::WRITE);
+            let handle_conflict = keys.iter().filter_map(|k| this.handles.get(k)).any(|h| {
+                share::conflicts(
+                    mode,
+                    ShareMode {
+                        access: h.rec.access.rights(),
+                        share: h.rec.share,
+                    },
+                )
+            });
+            lease::break_to(
+                state,
+                BreakTrigger {
+                    writes,
+                    handle_conflict,
+                },
+            )
+        })
+    }
+
+    /// Breaks other keys' handle caching before their file is renamed or
+    /// removed. Returns whether the change must wait for acks.
+    pub(super) fn break_leases_for_namespace(
+        &mut self,
+        file: FileId,
+        requester: Option<LeaseKey>,
+    ) -> bool {
+        self.break_leases(file, requester, |state, _, _| {
+            lease::break_for_namespace(state)
+        })
+    }
+
+    /// Breaks every lease of another key on `file` that `target` says must
+    /// go down; see `break_leases_for`.
+    pub(super) fn break_leases(
+        &mut self,
+        file: FileId,
+        requester: Option<LeaseKey>,
+        target: impl Fn(LeaseState, &[ResumeKey], &Self) -> Option<LeaseState>,
+    ) -> bool {
+        let mut wait = false;
+        for (lk, state, keys) in self.leases_on(file) {
+            if Some(lk) == requester {
+                continue;
+            }
+            let Some(to) = target(state, &keys, self) else {
+                continue;
+            };
+            if self.breaking.contains_key(&(file, lk)) {
+                wait = true;
+                continue;
+            }
+            let attached: Vec<ConnId> = keys
+                .iter()
+                .filter_map(|k| self.handles.get(k))
+                .filter_map(|h| h.conn)
+                .collect();
+            let ack = lease::ack_required(state) && !attached.is_empty();
+            self.stats.breaks += 1;
+            let epoch = self
+                .set_lease_state(file, lk, if ack { state } else { to })
+                .wrapping_add(u16::from(ack));
+            if let Some(c) = attached.first().and_then(|c| self.conns.get(c)) {
+                c.writer.send_frame(
+                    &ServerFrame::Event(Event::LeaseBreak {
+                        lease_key: lk,
+                        current_state: state,
+                        new_state: to,
+                        epoch,
+                        ack_required: ack,
+                    }),
+                    None,
+                );
+            }
+            if ack {
+                info!(lease_key = %lk, from = %state, to = %to, "lease break sent; the conflicting open waits for the ack");
+                self.breaking.insert(
+                    (file, lk),
+                    Breaking {
+                        to,
+                        deadline_ms: mono_ms() + self.cfg.break_timeout_ms,
+                    },
+                );
+                wait = true;
+            }
+        }
+        wait
+    }
+
+    /// Sets a lease's state on every handle of its key on the file (durably
+    /// for persistent ones); bumps the epoch. A disconnected non-persistent
+    /// durable handle that loses H is purged: it could not be reconnected
+    /// safely. Returns the new epoch.
+    pub(super) fn set_lease_state(&mut self, file: FileId, lk: LeaseKey, to: LeaseState) -> u16 {
+        let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        let mut epoch = 0;
+        let mut purge = Vec::new();
+        for k in keys {
+            let Some(h) = self.handles.get_mut(&k) else {
+                continue;
+            };
+            let Some(l) = h.rec.lease.as_mut() else {
+                continue;
+            };
+            if l.key != lk {
+                continue;
+            }
+            let lost_h = l.state.contains(LeaseState::H) && !to.contains(LeaseState::H);
+            if l.state != to {
+                l.state = to;
+                l.epoch = l.epoch.wrapping_add(1);
+            }
+            epoch = l.epoch;
+            if lost_h && h.conn.is_none() && matches!(h.rec.durability, Durability::Durable { .. })
+            {
+                purge.push(k);
+            } else if h.rec.durability.is_persistent() {
+                self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+            }
+        }
+        for k in purge {
+            self.purge(k);
+        }
+        epoch
+    }
+
+    /// Grants (or upgrades) the lease of a new open.
+    pub(super) fn grant_lease(
+        &mut self,
+        key: ResumeKey,
+        lr: libfilter::model::LeaseRequest,
+    ) -> Option<HeldLease> {
+        let file = self.handles.get(&key)?.rec.file;
+        let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        let mut existing: Option<HeldLease> = None;
+        let mut others_open = false;
+        for k in &keys {
+            if *k == key {
+                continue;
+            }
+            match self.handles.get(k).and_then(|h| h.rec.lease) {
+                Some(l) if l.key == lr.key => existing = Some(l),
+                _ => {
+                    if self
+                        .handles
+                        .get(k)
+                        .is_some_and(|h| h.rec.conn != ConnState::Lost)
+                    {
+                        others_open = true;
+                    }
+                }
+            }
+        }
+        let granted = lease::grantable(lr.state, others_open);
+        let held = match existing {
+            Some(e) => {
+                let state = lease::grantable(e.state.with(granted), others_open);
+                HeldLease {
+                    key: lr.key,
+                    state,
+                    epoch: if state == e.state {
+                        e.epoch
+                    } else {
+                        e.epoch.wrapping_add(1)
+                    },
+                }
+            }
+            None => HeldLease {
+                key: lr.key,
+                state: granted,
+                epoch: 1,
+            },
+        };
+        for k in keys {
+            let Some(h) = self.handles.get_mut(&k) else {
+                continue;
+            };
+            let same = k == key || h.rec.lease.is_some_and(|l| l.key == lr.key);
+            if same && h.rec.lease != Some(held) {
+                h.rec.lease = Some(held);
+                if h.rec.durability.is_persistent() {
+                    self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                }
+            }
+        }
+        Some(held)
+    }
+
+    /// A holder acknowledged a break.
+    pub(super) fn lease_ack(
+        &mut self,
+        conn: ConnId,
+        lk: LeaseKey,
+        state: LeaseState,
+    ) -> Result<Reply, WireError> {
+        let Some((&(file, _), b)) = self.breaking.iter().find(|((_, k), _)| *k == lk) else {
+            return self.lease_lower(conn, lk, state);
+        };
+        if !b.to.contains(state) {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("acknowledged state {state} exceeds the break's {}", b.to),
+            ));
+        }
+        let holder_here = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .any(|h| h.conn == Some(conn) && h.rec.lease.is_some_and(|l| l.key == lk));
+        if !holder_here {
+            return Err(err(
+                ErrorCode::NotOwner,
+                format!("lease {lk} is not held through this connection"),
+            ));
+        }
+        self.breaking.remove(&(file, lk));
+        Ok(self.settle_lease(file, lk, state))
+    }
+
+    /// Sets a lease to what its holder kept and lets waiting opens retry.
+    pub(super) fn settle_lease(&mut self, file: FileId, lk: LeaseKey, state: LeaseState) -> Reply {
+        let epoch = self.set_lease_state(file, lk, state);
+        self.retry_files.insert(file);
+        Reply::Lease(HeldLease {
+            key: lk,
+            state,
+            epoch,
+        })
+    }
+
+    /// An ack with no break in progress: the holder gives up part or all of
+    /// its lease of its own accord (nfsl/1 DELEGRETURN without a recall),
+    /// so a later conflicting open need not break it. Only lowering.
+    pub(super) fn lease_lower(
+        &mut self,
+        conn: ConnId,
+        lk: LeaseKey,
+        state: LeaseState,
+    ) -> Result<Reply, WireError> {
+        let held = self.conns.get(&conn).and_then(|c| {
+            c.handles.iter().find_map(|k| {
+                let h = self.handles.get(k)?;
+                let l = h.rec.lease.filter(|l| l.key == lk)?;
+                Some((h.rec.file, l.state))
+            })
+        });
+        let Some((file, current)) = held else {
+            return Err(err(
+                ErrorCode::NoSuchHandle,
+                format!("no break in progress for lease {lk}, nor is it held here"),
+            ));
+        };
+        if !current.contains(state) {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("lease {lk} is {current}: {state} is not a lowering"),
+            ));
+        }
+        Ok(self.settle_lease(file, lk, state))
+    }
+
+    /// Runs again the waiting opens of every file whose break ended.
+    pub(super) fn process_retries(&mut self) {
+        let files = std::mem::take(&mut self.retry_files);
+        for f in files {
+            self.retry_waiting(f);
+        }
+    }
+
+    /// Runs again the opens of `file` that waited for lease breaks.
+    pub(super) fn retry_waiting(&mut self, file: FileId) {
+        let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_changes)
+            .into_iter()
+            .partition(|(f, _, _, _)| *f == file);
+        self.waiting_changes = later;
+        for (_, conn, id, req) in ready {
+            let Some((writer, role)) = self
+                .conns
+                .get(&conn)
+                .map(|c| (c.writer.clone(), c.role.clone()))
+            else {
+                continue;
+            };
+            self.run_request(conn, &writer, &role, id, req);
+        }
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_local)
+            .into_iter()
+            .partition(|(f, _, _)| *f == file);
+        self.waiting_local = later;
+        for (f, reply, fd) in now {
+            self.on_local_open(f, 0, fd, reply);
+        }
+        let (now, later): (Vec<WaitingOpen>, Vec<WaitingOpen>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| w.file == file);
+        self.waiting = later;
+        for w in now {
+            let Some(writer) = self.conns.get(&w.conn).map(|c| c.writer.clone()) else {
+                continue; // its frontend went away meanwhile
+            };
+            self.begin_request();
+            let outcome = self.open(w.conn, w.id, w.protocol, w.instance, w.req, w.replay);
+            self.answer(w.conn, &writer, w.id, outcome);
+        }
+    }
+
+    /// A break in progress whose lease no attached open holds any more can
+    /// never be acknowledged: lower the lease now instead of at the timeout.
+    pub(super) fn settle_unackable_break(&mut self, file: FileId, lk: LeaseKey) {
+        if !self.breaking.contains_key(&(file, lk)) {
+            return;
+        }
+        let attached = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .any(|o| o.conn.is_some() && o.rec.lease.is_some_and(|x| x.key == lk));
+        if attached {
+            return;
+        }
+        if let Some(b) = self.breaking.remove(&(file, lk)) {
+            debug!(lease_key = %lk, to = %b.to, "break target disconnected: lowered at once");
+            self.set_lease_state(file, lk, b.to);
+            self.retry_files.insert(file);
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! Byte-range locks: LockFileEx rules, lock sequences, OFD mirrors for
+//! local processes, and the lock hints that tell frontends which files
+//! they must check I/O on.
+
+use super::*;
+
+impl Engine {
+    /// Connections with lock hints that hold attached handles of `file`.
+    pub(super) fn hinted_conns_of(&self, file: FileId) -> HashSet<ConnId> {
+        self.by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k).and_then(|h| h.conn))
+            .filter(|c| {
+                self.conns
+                    .get(c)
+                    .is_some_and(|x| x.features & proto::FEATURE_LOCK_HINTS != 0)
+            })
+            .collect()
+    }
+
+    /// Lock hints: a LOCK that would give `file` its first lock waits until
+    /// every other frontend with handles of the file has been told (so none
+    /// of them reads or writes it unchecked once the lock is granted).
+    /// Returns the file when the request must wait.
+    pub(super) fn hint_first(
+        &mut self,
+        conn: ConnId,
+        key: ResumeKey,
+        ops: &[LockOp],
+    ) -> Option<FileId> {
+        let h = self.handles.get(&key).filter(|h| h.conn == Some(conn))?;
+        let file = h.rec.file;
+        if !ops.iter().any(|o| !o.unlock) {
+            return None;
+        }
+        if self.hint_waits.contains_key(&file) {
+            return Some(file);
+        }
+        if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
+            return None;
+        }
+        let told = self.lock_hints.get(&file).cloned().unwrap_or_default();
+        let others: HashSet<ConnId> = self
+            .hinted_conns_of(file)
+            .into_iter()
+            .filter(|c| *c != conn && !told.contains(c))
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        for c in &others {
+            if let Some(x) = self.conns.get(c) {
+                x.writer
+                    .send_frame(&ServerFrame::Event(Event::LocksPresent { file }), None);
+            }
+        }
+        self.lock_hints
+            .entry(file)
+            .or_default()
+            .extend(others.iter());
+        let deadline = mono_ms() + self.cfg.break_timeout_ms;
+        self.hint_waits.insert(file, (others, deadline));
+        Some(file)
+    }
+
+    /// Lock hints at open and resume: whether `file` has locks; if so, the
+    /// connection is among those told (it hears `LocksGone`).
+    pub(super) fn hint_open(&mut self, conn: ConnId, file: FileId) -> bool {
+        let locked = self.locks.get(&file).is_some_and(|t| !t.is_empty());
+        if !locked {
+            return false;
+        }
+        if self
+            .conns
+            .get(&conn)
+            .is_some_and(|x| x.features & proto::FEATURE_LOCK_HINTS != 0)
+        {
+            self.lock_hints.entry(file).or_default().insert(conn);
+        }
+        true
+    }
+
+    /// Lock hints: `file` has locks now; tell every hinted frontend with
+    /// handles of it that was not told yet (the locker's own included).
+    pub(super) fn locks_present(&mut self, file: FileId) {
+        let told = self.lock_hints.get(&file).cloned().unwrap_or_default();
+        let conns = self.hinted_conns_of(file);
+        for c in conns.difference(&told) {
+            if let Some(x) = self.conns.get(c) {
+                x.writer
+                    .send_frame(&ServerFrame::Event(Event::LocksPresent { file }), None);
+            }
+        }
+        self.lock_hints.entry(file).or_default().extend(conns);
+    }
+
+    /// Lock hints: the last lock of `file` went away.
+    pub(super) fn locks_gone(&mut self, file: FileId) {
+        for c in self.lock_hints.remove(&file).unwrap_or_default() {
+            if let Some(x) = self.conns.get(&c) {
+                x.writer
+                    .send_frame(&ServerFrame::Event(Event::LocksGone { file }), None);
+            }
+        }
+    }
+
+    pub(super) fn lock_view(&self, file: FileId, l: &Lock<ResumeKey>) -> LockView {
+        LockView {
+            file,
+            key: l.owner,
+            owner: self.handles.get(&l.owner).and_then(|h| h.rec.owner.clone()),
+            range: l.range,
+            kind: l.kind,
+        }
+    }
+
+    /// Locks and unlocks byte ranges (spec/smb-like.md "Byte-range locks",
+    /// "Lock sequence replay"), mirrors them as OFD locks, and records them
+    /// in the handle (durably for persistent handles).
+    pub(super) fn lock(
+        &mut self,
+        conn: ConnId,
+        key: ResumeKey,
+        ops: &[LockOp],
+        seq: Option<LockSequence>,
+    ) -> Result<Reply, WireError> {
+        self.attached_to(conn, key)?;
+        if let Some(q) = seq {
+            if q.number > 15 || q.index > 64 {
+                return Err(err(
+                    ErrorCode::BadFrame,
+                    "lock_sequence: number 0..15, index 0..64",
+                ));
+            }
+        }
+        let held_now = |s: &Self, file: FileId| s.locks.get(&file).map_or(0, |t| t.locks().len());
+        let file = self
+            .handles
+            .get(&key)
+            .map(|h| h.rec.file)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        // A lock-sequence replay, a conflict or a grant shows the file's
+        // lock state: never before its pending change is durable.
+        self.depends_on_file(file);
+        let held = held_now(self, file);
+        // What this client holds on the file already (all its handles).
+        let client_held = {
+            let me = self
+                .handles
+                .get(&key)
+                .map(|h| (&h.rec.protocol, &h.rec.client));
+            self.locks.get(&file).map_or(0, |t| {
+                t.locks()
+                    .iter()
+                    .filter(|l| {
+                        self.handles
+                            .get(&l.owner)
+                            .map(|o| (&o.rec.protocol, &o.rec.client))
+                            == me
+                    })
+                    .count()
+            })
+        };
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+        };
+        let persistent = h.rec.durability.is_persistent();
+        let checked = seq.filter(|q| q.index > 0 && h.rec.durability != Durability::None);
+        if let Some(q) = checked {
+            if h.rec.lock_sequence.contains(&(q.index, q.number)) {
+                self.stats.replays_detected += 1;
+                debug!(resume_key = %key, index = q.index, number = q.number, "lock sequence replay: nothing applied");
+                return Ok(Reply::Done);
+            }
+        }
+        let adding = ops.iter().filter(|o| !o.unlock).count();
+        if adding > 0 && client_held + adding > MAX_LOCKS_PER_CLIENT_PER_FILE {
+            // One client cannot take a file's whole lock capacity.
+            self.stats.locks_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!("one client holds at most {MAX_LOCKS_PER_CLIENT_PER_FILE} byte-range locks on a file"),
+            ));
+        }
+        if adding > 0 && held + adding > MAX_LOCKS_PER_FILE {
+            self.stats.locks_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!("a file holds at most {MAX_LOCKS_PER_FILE} byte-range locks"),
+            ));
+        }
+        if let Some(q) = checked {
+            // Invalidate the entry before applying: set again only on success.
+            h.rec.lock_sequence.retain(|(i, _)| *i != q.index);
+        }
+        let table = self.locks.entry(file).or_insert_with(LockTable::new);
+        let before = table.clone();
+        let outcome = table.apply_batch(&key, ops);
+        let held: Vec<HeldLock> = table
+            .of_owner(&key)
+            .map(|l| HeldLock {
+                range: l.range,
+                kind: l.kind,
+            })
+            .collect();
+        let result = match outcome {
+            Err(BatchError::Conflict(l)) => {
+                let mut e = err(
+                    ErrorCode::LockNotGranted,
+                    "a lock of another open (or this one) conflicts",
+                );
+                e.conflict = Some(Box::new(self.lock_view(file, &l)));
+                Err(e)
+            }
+            Err(BatchError::RangeNotLocked(r)) => Err(err(
+                ErrorCode::RangeNotLocked,
+                format!(
+                    "no lock of this open at offset {} length {}",
+                    r.offset, r.length
+                ),
+            )),
+            Ok(()) => match self.mirror(key, &held) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // A local process holds a conflicting fcntl lock: undo.
+                    self.stats.local_lock_conflicts += 1;
+                    if let Some(t) = self.locks.get_mut(&file) {
+                        *t = before.clone();
+                    }
+                    let held_before: Vec<HeldLock> = before
+                        .of_owner(&key)
+                        .map(|l| HeldLock {
+                            range: l.range,
+                            kind: l.kind,
+                        })
+                        .collect();
+                    let _ = self.mirror(key, &held_before);
+                    Err(e)
+                }
+            },
+        };
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+        };
+        match &result {
+            Ok(()) => {
+                h.rec.locks = held;
+                if let Some(q) = checked {
+                    h.rec.lock_sequence.push((q.index, q.number));
+                }
+                self.stats.locks_granted += 1;
+            }
+            Err(_) => self.stats.locks_refused += 1,
+        }
+        if persistent && (result.is_ok() || checked.is_some()) {
+            self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+        }
+        if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
+            if result.is_ok() {
+                self.locks_present(file);
+            }
+        } else {
+            self.locks.remove(&file);
+            self.locks_gone(file);
+        }
+        result.map(|()| Reply::Done)
+    }
+
+    /// Takes the handle's locks as OFD locks on its own lock descriptor.
+    pub(super) fn mirror(&mut self, key: ResumeKey, held: &[HeldLock]) -> Result<(), WireError> {
+        let root = self.root.as_fd();
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Ok(());
+        };
+        if held.is_empty() {
+            h.lock_fd = None; // closing our own OFD releases its locks
+            return Ok(());
+        }
+        if h.lock_fd.is_none() {
+            if h.rec.kernel_handle.is_none() {
+                h.rec.kernel_handle =
+                    h.fd.as_ref()
+                        .and_then(|f| libfilter::sys::file_handle_of(f.as_fd()).ok());
+            }
+            let rw = libfilter::model::Access::new(
+                libfilter::model::Rights::READ.union(libfilter::model::Rights::WRITE),
+            )
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+            match h
+                .rec
+                .kernel_handle
+                .as_ref()
+                .map(|kh| fsops::reopen(root, kh, rw, &h.rec.path, h.rec.file))
+            {
+                Some(Ok((fd, _, _))) => h.lock_fd = Some(fd),
+                _ => {
+                    warn!(resume_key = %key, "cannot open a lock descriptor: locks are enforced among protocol clients only");
+                    return Ok(());
+                }
+            }
+        }
+        let Some(fd) = h.lock_fd.as_ref() else {
+            return Ok(());
+        };
+        fsops::mirror_ofd_locks(fd.as_fd(), held).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+                err(
+                    ErrorCode::LockNotGranted,
+                    "a local process holds a conflicting lock",
+                )
+            } else {
+                err(ErrorCode::Internal, format!("OFD lock: {e}"))
+            }
+        })
+    }
+}

@@ -1,0 +1,835 @@
+//! Opens and share modes: open, create replay, resume, the handle table
+//! and its indexes, closing (with delete on close), detaching.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn attached_to(&self, conn: ConnId, key: ResumeKey) -> Result<(), WireError> {
+        match self.handles.get(&key) {
+            Some(h) if h.conn == Some(conn) => Ok(()),
+            Some(_) => Err(err(
+                ErrorCode::NotOwner,
+                format!("handle {key} is not attached to this connection"),
+            )),
+            None => Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}"))),
+        }
+    }
+
+    pub(super) fn open(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        protocol: Protocol,
+        instance: InstanceName,
+        o: OpenRequest,
+        replay: bool,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        let durability = o.durability.normalized(self.cfg.max_durable_timeout_ms);
+        if let Some(g) = o.create_guid {
+            if let Some(&k) = self.by_guid.get(&(o.client.clone(), g)) {
+                if let Some(f) = self.handles.get(&k).map(|h| h.rec.file) {
+                    self.depends_on_file(f);
+                }
+                if !replay {
+                    self.stats.opens_refused += 1;
+                    return Err(err(
+                        ErrorCode::DuplicateCreateGuid,
+                        format!("client already has open {k} with create GUID {g}"),
+                    ));
+                }
+                return self.replay_existing(conn, &protocol, instance, k).map(Some);
+            }
+            // A create GUID in use by another client is a duplicate too
+            // (spec/smb-like.md "Create replay").
+            if self.guid_clients.get(&g).is_some_and(|n| *n > 0) {
+                self.stats.opens_refused += 1;
+                return Err(err(
+                    ErrorCode::DuplicateCreateGuid,
+                    format!("create GUID {g} is in use by another client's open"),
+                ));
+            }
+        }
+        // Limits: a client or a frontend that holds too many handles is
+        // refused; nobody else is affected.
+        let held = self
+            .per_client
+            .get(&(protocol.clone(), o.client.clone()))
+            .copied()
+            .unwrap_or(0);
+        if held >= self.cfg.max_handles_per_client {
+            self.stats.opens_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!(
+                    "client {} holds {held} handles (the limit, --max-handles-per-client)",
+                    o.client
+                ),
+            ));
+        }
+        if self.per_frontend.get(&instance).copied().unwrap_or(0)
+            >= self.cfg.max_handles_per_frontend
+        {
+            self.stats.opens_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!("frontend {instance} holds the most handles allowed (--max-handles-per-frontend)"),
+            ));
+        }
+        // A persistent open with a create GUID marks a file it creates, so
+        // a replay after a crash recognises it (fsops::open).
+        let marker = match (durability, o.create_guid) {
+            (Durability::Persistent { .. }, Some(g)) => Some(create_marker(&o.client, &g)),
+            _ => None,
+        };
+        let of = fsops::open(
+            self.root.as_fd(),
+            &o.path,
+            o.access,
+            o.disposition,
+            marker.as_deref(),
+        )
+        .inspect_err(|_| {
+            self.stats.opens_refused += 1;
+        })?;
+        crate::failpoint::hit("open.after_fs");
+        // Share modes, leases and the file's state decide this open: it
+        // must not be answered before a pending change of them is durable.
+        self.depends_on_file(of.file);
+        let mode = ShareMode {
+            access: o.access.rights(),
+            share: o.share,
+        };
+        if self.break_leases_for(of.file, o.lease.map(|l| l.key), mode) {
+            if o.no_wait {
+                self.stats.opens_refused += 1;
+                return Err(err(
+                    ErrorCode::Busy,
+                    "lease holders must acknowledge a break first; retry",
+                ));
+            }
+            let pending = self.waiting.len() + self.waiting_changes.len();
+            if pending >= self.cfg.max_pending_breaks {
+                // The breaks were sent; this request does not wait.
+                self.stats.opens_refused += 1;
+                return Err(err(
+                    ErrorCode::LimitReached,
+                    format!(
+                        "{pending} requests wait for lease breaks already (--max-pending-breaks)"
+                    ),
+                ));
+            }
+            // Holders must acknowledge first: wait (the descriptor is
+            // dropped; the open runs again from the start).
+            self.waiting.push(WaitingOpen {
+                file: of.file,
+                conn,
+                id: req_id,
+                protocol,
+                instance,
+                req: o,
+                replay,
+            });
+            return Ok(None);
+        }
+        let holders = self.holders_of(of.file);
+        match share::decide(mode, holders) {
+            ShareDecision::Violation => {
+                self.stats.opens_refused += 1;
+                self.stats.sharing_violations += 1;
+                return Err(err(
+                    ErrorCode::SharingViolation,
+                    format!("{}: an open of the file does not share this access", o.path),
+                ));
+            }
+            ShareDecision::NotAvailable => {
+                self.stats.opens_refused += 1;
+                self.stats.not_available += 1;
+                return Err(err(
+                    ErrorCode::FileNotAvailable,
+                    format!(
+                        "{}: held by a disconnected persistent open; retry later",
+                        o.path
+                    ),
+                ));
+            }
+            ShareDecision::Grant { purge } => {
+                for k in purge {
+                    self.purge(k);
+                }
+            }
+        }
+        let truncation = match (of.created, o.disposition) {
+            (false, Disposition::Overwrite | Disposition::OverwriteIf) => {
+                Some(CreateAction::Overwritten)
+            }
+            (false, Disposition::Supersede) => Some(CreateAction::Superseded),
+            _ => None,
+        };
+        let create_action = match (of.created, truncation) {
+            (true, _) => CreateAction::Created,
+            (false, Some(a)) => a,
+            (false, None) => CreateAction::Opened,
+        };
+        let kernel_handle = match durability {
+            Durability::None => None,
+            Durability::Durable { .. } => libfilter::sys::file_handle_of(of.fd.as_fd()).ok(),
+            Durability::Persistent { .. } => Some(libfilter::sys::file_handle_of(of.fd.as_fd()).map_err(|e| {
+                self.stats.opens_refused += 1;
+                err(
+                    ErrorCode::Unsupported,
+                    format!("{}: this filesystem has no file handles ({e}); persistent opens need them", o.path),
+                )
+            })?),
+        };
+        if of.created && durability.is_persistent() {
+            // The new name and inode are durable before the commit that
+            // records the handle.
+            if let Ok(fd) = of.fd.try_clone() {
+                self.batch.sync_fd(fd);
+            }
+            if let Ok(d) = fsops::dir_of(self.root.as_fd(), &o.path) {
+                self.batch.sync_fd(d);
+            }
+        }
+        if let Some(fan) = &self.fanotify {
+            // The file has protocol state from now on: local opens of it
+            // must reach us again.
+            crate::local::unignore(fan, of.fd.as_fd(), &self.local_counters);
+        }
+        let key = ResumeKey::new_random();
+        tracing::Span::current().record("resume_key", tracing::field::display(key));
+        let o_lease = o.lease;
+        let rec = HandleRecord {
+            key,
+            protocol,
+            frontend: instance,
+            client: o.client,
+            create_guid: o.create_guid,
+            owner: o.owner,
+            path: o.path,
+            file: of.file,
+            kernel_handle,
+            access: o.access,
+            share: o.share,
+            durability,
+            conn: ConnState::Connected,
+            create_action,
+            opened_ms: now_ms(),
+            locks: Vec::new(),
+            lock_sequence: Vec::new(),
+            lease: None,
+            delete_on_close: false,
+        };
+        let size = if truncation.is_some() { 0 } else { of.size };
+        let opened = Opened {
+            key,
+            create_action,
+            size,
+            file: of.file,
+            durability,
+            lease: None,
+            locked: false,
+        };
+        let park = truncation.is_some() && durability.is_persistent();
+        if park {
+            // Truncating a persistent open's file is non-idempotent: record
+            // the intent durably first; the change and the handle record
+            // follow when the committer says it is on disk (finish_parked).
+            // The handle is in memory meanwhile, so its share mode already
+            // protects the file.
+            let change = IntentChange::TruncatingOpen {
+                record: Box::new(rec.clone()),
+            };
+            self.park_intent(conn, req_id, key, change, None);
+        } else {
+            if truncation.is_some() {
+                fsops::truncate(self.root.as_fd(), &rec.path, of.file)?;
+            }
+            if durability.is_persistent() {
+                self.batch.push(StoreOp::PutHandle(Box::new(rec.clone())));
+            }
+        }
+        debug!(resume_key = %key, path = %rec.path, action = %create_action, durability = durability.word(), parked = park, "opened");
+        self.insert(Handle {
+            rec,
+            fd: Some(of.fd),
+            conn: Some(conn),
+            gen: 0,
+            parked: park,
+            lock_fd: None,
+        });
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.handles.insert(key);
+        }
+        self.stats.opens += 1;
+        let mut opened = opened;
+        if let Some(lr) = o_lease {
+            opened.lease = self.grant_lease(key, lr);
+        }
+        if park {
+            return Ok(None);
+        }
+        Ok(Some((Reply::Opened(opened), Some(key))))
+    }
+
+    /// Continues a parked open whose intent is durable: truncates, then
+    /// records the handle and drops the intent in one commit, then replies.
+    pub(super) fn finish_parked(&mut self, id: IntentId) {
+        let Some(mut p) = self.parked.remove(&id) else {
+            return;
+        };
+        crate::failpoint::hit("intent.after_commit");
+        self.begin_request();
+        self.completes_intent();
+        if let Some(change) = p.change.take() {
+            let result = self.perform(&change, true);
+            crate::failpoint::hit("intent.after_fs");
+            self.batch.push(StoreOp::DeleteIntent(id));
+            let result = result.map(|()| Reply::Done);
+            if let (Some(w), Some(rid)) = (&p.writer, p.id) {
+                let frame = ServerFrame::Reply {
+                    id: Some(rid),
+                    result,
+                };
+                self.reply_when_durable(w, rid, &frame, None);
+            }
+            return;
+        }
+        // Lock hints: conservative (no LocksGone will clear it).
+        let locked = self
+            .handles
+            .get(&p.key)
+            .and_then(|h| self.locks.get(&h.rec.file))
+            .is_some_and(|t| !t.is_empty());
+        let Some(h) = self.handles.get_mut(&p.key) else {
+            self.batch.push(StoreOp::DeleteIntent(id));
+            return;
+        };
+        let truncated = match &h.rec.kernel_handle {
+            Some(kh) => fsops::truncate_by_handle(self.root.as_fd(), kh, &h.rec.path),
+            None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        crate::failpoint::hit("intent.after_fs");
+        let file = h.rec.file;
+        let result = match truncated {
+            Ok(fd) => {
+                h.parked = false;
+                self.batch.sync_fd(fd);
+                let rec = h.rec.clone();
+                let opened = Opened {
+                    key: p.key,
+                    create_action: rec.create_action,
+                    size: 0,
+                    file: rec.file,
+                    durability: rec.durability,
+                    lease: rec.lease,
+                    locked,
+                };
+                self.batch.push(StoreOp::PutHandle(Box::new(rec)));
+                self.batch.push(StoreOp::DeleteIntent(id));
+                self.content_change_done(file);
+                Ok(Reply::Opened(opened))
+            }
+            Err(e) => {
+                let path = h.rec.path.clone();
+                self.batch.push(StoreOp::DeleteIntent(id));
+                self.content_change_done(file);
+                self.remove_unrecorded(p.key);
+                Err(fsops::map_errno(&e, self.root.as_fd(), &path))
+            }
+        };
+        let fd = match result {
+            Ok(_) => self
+                .handles
+                .get(&p.key)
+                .and_then(|h| h.fd.as_ref())
+                .and_then(|f| f.try_clone().ok()),
+            Err(_) => None,
+        };
+        if let (Some(w), Some(rid)) = (&p.writer, p.id) {
+            let frame = ServerFrame::Reply {
+                id: Some(rid),
+                result,
+            };
+            self.reply_when_durable(w, rid, &frame, fd);
+        }
+    }
+
+    /// A re-sent open whose create GUID names an existing handle: return it
+    /// as it is, reattaching it if it is disconnected. Nothing is executed.
+    pub(super) fn replay_existing(
+        &mut self,
+        conn: ConnId,
+        protocol: &Protocol,
+        instance: InstanceName,
+        key: ResumeKey,
+    ) -> Result<(Reply, Option<ResumeKey>), WireError> {
+        tracing::Span::current().record("resume_key", tracing::field::display(key));
+        let file = self
+            .handles
+            .get(&key)
+            .map(|h| h.rec.file)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        // The original open may still be committing: its replay shows it.
+        self.depends_on_file(file);
+        let h = self
+            .handles
+            .get(&key)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        if h.rec.protocol != *protocol {
+            return Err(err(
+                ErrorCode::DuplicateCreateGuid,
+                "create GUID in use by another protocol's open",
+            ));
+        }
+        if h.parked {
+            return Err(err(
+                ErrorCode::FileNotAvailable,
+                "the original open is still in progress; retry",
+            ));
+        }
+        let reply = match (h.conn, h.rec.conn) {
+            (Some(c), _) if c == conn => {
+                let size =
+                    h.fd.as_ref()
+                        .and_then(|f| fsops::stat(f.as_fd()).ok())
+                        .map(|x| x.1)
+                        .unwrap_or(0);
+                Opened {
+                    key,
+                    create_action: h.rec.create_action,
+                    size,
+                    file: h.rec.file,
+                    durability: h.rec.durability,
+                    lease: h.rec.lease,
+                    locked: false,
+                }
+            }
+            (Some(_), _) => {
+                return Err(err(
+                    ErrorCode::DuplicateCreateGuid,
+                    format!(
+                        "open {key} with this create GUID is attached to another live connection"
+                    ),
+                ))
+            }
+            (None, ConnState::Lost) => {
+                return Err(err(
+                    ErrorCode::NoSuchHandle,
+                    format!("handle {key} lost its file"),
+                ))
+            }
+            (None, _) if h.rec.frontend != instance => {
+                return Err(err(
+                    ErrorCode::NotOwner,
+                    format!(
+                        "open {key} belongs to frontend instance {}; attach as that instance to take it over",
+                        h.rec.frontend
+                    ),
+                ))
+            }
+            (None, _) => self.reattach(conn, instance, key)?,
+        };
+        self.stats.replays_detected += 1;
+        debug!(resume_key = %key, "replayed open returns the original");
+        Ok((Reply::Opened(reply), Some(key)))
+    }
+
+    pub(super) fn resume(
+        &mut self,
+        conn: ConnId,
+        protocol: Protocol,
+        instance: InstanceName,
+        r: ResumeRequest,
+    ) -> Result<(Reply, Option<ResumeKey>), WireError> {
+        let key = match r.target {
+            ResumeTarget::Key { key } => key,
+            ResumeTarget::CreateGuid { create_guid } => *self
+                .by_guid
+                .get(&(r.client.clone(), create_guid))
+                .ok_or_else(|| {
+                    err(
+                        ErrorCode::NoSuchHandle,
+                        format!("no open with create GUID {create_guid}"),
+                    )
+                })?,
+        };
+        tracing::Span::current().record("resume_key", tracing::field::display(key));
+        if let Some(f) = self.handles.get(&key).map(|h| h.rec.file) {
+            self.depends_on_file(f);
+        }
+        let h = self
+            .handles
+            .get(&key)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        if h.rec.protocol != protocol || h.rec.client != r.client {
+            return Err(err(
+                ErrorCode::NotOwner,
+                format!("handle {key} belongs to another client or protocol"),
+            ));
+        }
+        // Only the instance that owns it resumes it; taking a dead
+        // instance's handles over means attaching under its name.
+        if h.rec.frontend != instance {
+            return Err(err(
+                ErrorCode::NotOwner,
+                format!(
+                    "handle {key} belongs to frontend instance {}; attach as that instance to take it over",
+                    h.rec.frontend
+                ),
+            ));
+        }
+        match h.rec.conn {
+            ConnState::Connected => {
+                return Err(err(
+                    ErrorCode::NoSuchHandle,
+                    format!("handle {key} is attached, not disconnected"),
+                ))
+            }
+            ConnState::Lost => {
+                return Err(err(
+                    ErrorCode::NoSuchHandle,
+                    format!("handle {key} lost its file"),
+                ))
+            }
+            ConnState::Disconnected { .. } => {}
+        }
+        let opened = self.reattach(conn, instance, key)?;
+        self.stats.resumes += 1;
+        debug!(resume_key = %key, "resumed");
+        Ok((Reply::Opened(opened), Some(key)))
+    }
+
+    /// Attaches a disconnected handle to `conn`.
+    pub(super) fn reattach(
+        &mut self,
+        conn: ConnId,
+        instance: InstanceName,
+        key: ResumeKey,
+    ) -> Result<Opened, WireError> {
+        let h = self
+            .handles
+            .get_mut(&key)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        if h.fd.is_none() {
+            // Recovered handles hold no descriptor until resumed.
+            let kh = h.rec.kernel_handle.as_ref().ok_or_else(|| {
+                err(
+                    ErrorCode::NoSuchHandle,
+                    format!("handle {key} has no file handle"),
+                )
+            })?;
+            match fsops::reopen(self.root.as_fd(), kh, h.rec.access, &h.rec.path, h.rec.file) {
+                Ok((fd, _, _)) => h.fd = Some(fd),
+                Err(e) => {
+                    h.rec.conn = ConnState::Lost;
+                    h.gen += 1;
+                    let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
+                    self.expiries
+                        .push(Reverse((mono_ms() + timeout, key, h.gen)));
+                    if h.rec.durability.is_persistent() {
+                        self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+                    }
+                    return Err(err(
+                        ErrorCode::NoSuchHandle,
+                        format!("handle {key} lost its file: {e}"),
+                    ));
+                }
+            }
+        }
+        let size = match &h.fd {
+            Some(fd) => fsops::stat(fd.as_fd()).map(|(_, s)| s).unwrap_or(0),
+            None => 0,
+        };
+        h.rec.conn = ConnState::Connected;
+        if h.rec.frontend != instance {
+            // Taken over by another instance: it counts there now.
+            if let Some(n) = self.per_frontend.get_mut(&h.rec.frontend) {
+                *n = n.saturating_sub(1);
+            }
+            *self.per_frontend.entry(instance.clone()).or_default() += 1;
+        }
+        h.rec.frontend = instance;
+        h.conn = Some(conn);
+        h.gen += 1;
+        if h.rec.durability.is_persistent() {
+            self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+        }
+        let opened = Opened {
+            key,
+            create_action: h.rec.create_action,
+            size,
+            file: h.rec.file,
+            durability: h.rec.durability,
+            lease: h.rec.lease,
+            locked: false,
+        };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.handles.insert(key);
+        }
+        Ok(opened)
+    }
+
+    /// Every open of a file, as the share algebra sees it.
+    pub(super) fn holders_of(&self, file: FileId) -> Vec<Holder<ResumeKey>> {
+        self.by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .map(|h| Holder {
+                key: h.rec.key,
+                mode: ShareMode {
+                    access: h.rec.access.rights(),
+                    share: h.rec.share,
+                },
+                state: holder_state(h),
+            })
+            .collect()
+    }
+
+    /// A handle attached to `conn` whose access includes `right`.
+    pub(super) fn attached_with(
+        &mut self,
+        conn: ConnId,
+        key: ResumeKey,
+        right: libfilter::model::Rights,
+        refusal: &str,
+    ) -> Result<&mut Handle, WireError> {
+        self.attached_to(conn, key)?;
+        let h = self
+            .handles
+            .get_mut(&key)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        if !h.rec.access.rights().contains(right) {
+            return Err(err(ErrorCode::AccessDenied, refusal));
+        }
+        Ok(h)
+    }
+
+    /// Every open of `file` but `except` must share delete.
+    pub(super) fn others_share_delete(
+        &mut self,
+        file: FileId,
+        except: Option<ResumeKey>,
+    ) -> Result<(), WireError> {
+        let holders: Vec<Holder<ResumeKey>> = self
+            .holders_of(file)
+            .into_iter()
+            .filter(|h| Some(h.key) != except)
+            .collect();
+        let mode = ShareMode {
+            access: libfilter::model::Rights::DELETE,
+            share: libfilter::model::Rights::ALL,
+        };
+        match share::decide(mode, holders) {
+            ShareDecision::Violation => Err(err(
+                ErrorCode::SharingViolation,
+                "an open of the file does not share delete",
+            )),
+            ShareDecision::NotAvailable => Err(err(
+                ErrorCode::FileNotAvailable,
+                "a disconnected persistent open of the file does not share delete",
+            )),
+            ShareDecision::Grant { purge } => {
+                for k in purge {
+                    self.purge(k);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn insert(&mut self, h: Handle) {
+        let key = h.rec.key;
+        *self
+            .per_client
+            .entry((h.rec.protocol.clone(), h.rec.client.clone()))
+            .or_default() += 1;
+        *self.per_frontend.entry(h.rec.frontend.clone()).or_default() += 1;
+        self.by_file.entry(h.rec.file).or_default().push(key);
+        if let Some(g) = h.rec.create_guid {
+            self.by_guid.insert((h.rec.client.clone(), g), key);
+            *self.guid_clients.entry(g).or_default() += 1;
+        }
+        self.handles.insert(key, h);
+    }
+
+    /// Removes a handle the store does not hold (rolled back): no store
+    /// operation, no filesystem effect (a pending delete-on-close is
+    /// dropped with it).
+    pub(super) fn remove_quietly(&mut self, key: ResumeKey) {
+        if let Some(h) = self.handles.get_mut(&key) {
+            h.rec.durability = Durability::None;
+            h.rec.delete_on_close = false;
+        }
+        self.remove(key);
+    }
+
+    /// Removes a handle whose record never reached the store.
+    pub(super) fn remove_unrecorded(&mut self, key: ResumeKey) {
+        if let Some(h) = self.handles.get_mut(&key) {
+            // Not persistent as far as the store knows: no delete op.
+            h.rec.durability = Durability::None;
+        }
+        self.remove(key);
+    }
+
+    /// Removes a handle for good (closing its descriptor); persistent ones
+    /// are deleted from the store in this batch.
+    pub(super) fn remove(&mut self, key: ResumeKey) -> Option<HandleRecord> {
+        let h = self.handles.remove(&key)?;
+        let ck = (h.rec.protocol.clone(), h.rec.client.clone());
+        if let Some(n) = self.per_client.get_mut(&ck) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_client.remove(&ck);
+            }
+        }
+        if let Some(n) = self.per_frontend.get_mut(&h.rec.frontend) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_frontend.remove(&h.rec.frontend);
+            }
+        }
+        self.replays.remove(&ReplayScope::Handle(key));
+        if let Some(l) = h.rec.lease {
+            let still_held = self
+                .by_file
+                .get(&h.rec.file)
+                .into_iter()
+                .flatten()
+                .filter(|k| **k != key)
+                .filter_map(|k| self.handles.get(k))
+                .any(|o| o.rec.lease.is_some_and(|x| x.key == l.key));
+            if !still_held && self.breaking.remove(&(h.rec.file, l.key)).is_some() {
+                self.retry_files.insert(h.rec.file);
+            }
+        }
+        if let Some(t) = self.locks.get_mut(&h.rec.file) {
+            t.remove_owner(&key);
+            if t.is_empty() {
+                self.locks.remove(&h.rec.file);
+                self.locks_gone(h.rec.file);
+            }
+        }
+        if let Some(v) = self.by_file.get_mut(&h.rec.file) {
+            v.retain(|k| *k != key);
+            if v.is_empty() {
+                self.by_file.remove(&h.rec.file);
+            }
+        }
+        if let Some(g) = h.rec.create_guid {
+            let gk = (h.rec.client.clone(), g);
+            if self.by_guid.get(&gk) == Some(&key) {
+                self.by_guid.remove(&gk);
+            }
+            if let Some(n) = self.guid_clients.get_mut(&g) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.guid_clients.remove(&g);
+                }
+            }
+        }
+        if let Some(c) = h.conn.and_then(|c| self.conns.get_mut(&c)) {
+            c.handles.remove(&key);
+        }
+        if h.rec.delete_on_close {
+            self.delete_pending(&h);
+        }
+        if h.rec.durability.is_persistent() {
+            if h.rec.create_guid.is_some() && h.rec.create_action == CreateAction::Created {
+                // Before the delete commits: a crash in between brings the
+                // handle back, and replays are then answered from it.
+                fsops::clear_marker(
+                    self.root.as_fd(),
+                    h.fd.as_ref().map(|f| f.as_fd()),
+                    h.rec.kernel_handle.as_ref(),
+                    &h.rec.path,
+                );
+            }
+            self.batch
+                .push(StoreOp::DeleteHandle(Box::new(h.rec.clone())));
+            // Until the deletion commits the handle may come back whole.
+            let rec = h.rec.clone();
+            self.keep_until_durable(h);
+            return Some(rec);
+        }
+        Some(h.rec)
+    }
+
+    /// A handle with delete-on-close went away: the file is removed when it
+    /// was the last open; else the pending delete passes to the opens that
+    /// remain (it is the file's, as on Windows). For a persistent handle the
+    /// unlink is bracketed (`park_unlink`): it happens only after the
+    /// handle's deletion is durable. A lost handle deletes nothing: its
+    /// file is gone, and whatever has its name now is another file.
+    pub(super) fn delete_pending(&mut self, gone: &Handle) {
+        let file = gone.rec.file;
+        let others: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        if others.is_empty() {
+            if gone.rec.conn == ConnState::Lost {
+                warn!(path = %gone.rec.path, "a lost handle's delete on close is dropped: its file is gone");
+                return;
+            }
+            if gone.rec.durability.is_persistent() {
+                self.park_unlink(gone);
+                return;
+            }
+            let kh = gone.rec.kernel_handle.as_ref();
+            match fsops::remove(self.root.as_fd(), &gone.rec.path, file, kh) {
+                Ok(()) => {
+                    info!(path = %gone.rec.path, "deleted on close");
+                }
+                Err(e) => {
+                    warn!(path = %gone.rec.path, error = %e.message, "delete on close failed")
+                }
+            }
+            return;
+        }
+        for k in others {
+            if let Some(o) = self.handles.get_mut(&k) {
+                if !o.rec.delete_on_close {
+                    o.rec.delete_on_close = true;
+                    if o.rec.durability.is_persistent() {
+                        let rec = o.rec.clone();
+                        self.batch.push(StoreOp::PutHandle(Box::new(rec)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The handle's client went away: durable and persistent handles become
+    /// disconnected with their timeout, others are closed. Returns whether
+    /// the handle was kept.
+    pub(super) fn detach(&mut self, key: ResumeKey) -> bool {
+        let Some(h) = self.handles.get_mut(&key) else {
+            return false;
+        };
+        let Some(timeout) = h.rec.durability.timeout_ms() else {
+            self.remove(key);
+            return false;
+        };
+        let now = now_ms();
+        let expires_ms = now + u64::from(timeout);
+        h.rec.conn = ConnState::Disconnected {
+            since_ms: now,
+            expires_ms,
+        };
+        h.conn = None;
+        h.gen += 1;
+        self.expiries
+            .push(Reverse((mono_ms() + u64::from(timeout), key, h.gen)));
+        if h.rec.durability.is_persistent() {
+            self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+        }
+        self.stats.disconnects += 1;
+        debug!(resume_key = %key, timeout_ms = timeout, "disconnected");
+        let (file, lease) = (h.rec.file, h.rec.lease);
+        if let Some(l) = lease {
+            self.settle_unackable_break(file, l.key);
+        }
+        true
+    }
+}

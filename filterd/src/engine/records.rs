@@ -1,0 +1,112 @@
+//! Recorded replies (exactly once for op ids and session slots): scopes,
+//! recording, lookup.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn own_record(
+        &self,
+        conn: ConnId,
+        protocol: &Protocol,
+        mut r: RecordSpec,
+    ) -> Result<RecordSpec, WireError> {
+        if r.reply.len() > MAX_REPLY_BYTES {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("recorded reply exceeds {MAX_REPLY_BYTES} bytes"),
+            ));
+        }
+        r.scope = self.own_scope(conn, protocol, r.scope)?;
+        r.keep = r.keep.clamp(1, MAX_KEEP);
+        Ok(r)
+    }
+
+    pub(super) fn remember_reply(&mut self, r: RecordSpec) {
+        let record = ReplayRecord {
+            reply: r.reply.clone(),
+            recorded_ms: now_ms(),
+        };
+        let recs = self.replays.entry(r.scope.clone()).or_default();
+        recs.insert(r.op_id, record);
+        while recs.len() > usize::try_from(r.keep).unwrap_or(usize::MAX) {
+            recs.pop_first();
+        }
+        if self.scope_is_persistent(&r.scope) {
+            self.batch.push(record_op(r));
+        }
+        self.stats.replies_recorded += 1;
+    }
+
+    /// Maps a frontend's replay scope into the filter's: a handle must be
+    /// attached to this connection; a session is namespaced by protocol.
+    pub(super) fn own_scope(
+        &self,
+        conn: ConnId,
+        protocol: &Protocol,
+        scope: ReplayScope,
+    ) -> Result<ReplayScope, WireError> {
+        match scope {
+            ReplayScope::Handle(k) => {
+                self.attached_to(conn, k)?;
+                Ok(ReplayScope::Handle(k))
+            }
+            ReplayScope::Session(name) => ScopeName::new(format!("{protocol}/{}", name.as_str()))
+                .map(ReplayScope::Session)
+                .map_err(|e| err(ErrorCode::BadFrame, e.to_string())),
+        }
+    }
+
+    /// Whether a scope's records must be on stable storage.
+    pub(super) fn scope_is_persistent(&self, scope: &ReplayScope) -> bool {
+        match scope {
+            ReplayScope::Handle(k) => self
+                .handles
+                .get(k)
+                .is_some_and(|h| h.rec.durability.is_persistent()),
+            ReplayScope::Session(_) => true,
+        }
+    }
+
+    pub(super) fn record_reply(
+        &mut self,
+        scope: ReplayScope,
+        op_id: u64,
+        reply: String,
+        keep: u32,
+    ) -> Result<Reply, WireError> {
+        if reply.len() > MAX_REPLY_BYTES {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("recorded reply exceeds {MAX_REPLY_BYTES} bytes"),
+            ));
+        }
+        let keep = keep.clamp(1, MAX_KEEP);
+        let record = ReplayRecord {
+            reply,
+            recorded_ms: now_ms(),
+        };
+        let recs = self.replays.entry(scope.clone()).or_default();
+        recs.insert(op_id, record.clone());
+        while recs.len() > usize::try_from(keep).unwrap_or(usize::MAX) {
+            recs.pop_first();
+        }
+        if self.scope_is_persistent(&scope) {
+            self.batch.push(StoreOp::PutReplay {
+                scope,
+                op_id,
+                record,
+                keep,
+            });
+        }
+        self.stats.replies_recorded += 1;
+        Ok(Reply::Done)
+    }
+
+    pub(super) fn lookup_reply(&mut self, scope: &ReplayScope, op_id: u64) -> Reply {
+        let record = self.replays.get(scope).and_then(|m| m.get(&op_id)).cloned();
+        if record.is_some() {
+            self.stats.replays_detected += 1;
+        }
+        Reply::Recorded { record }
+    }
+}

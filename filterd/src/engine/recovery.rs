@@ -1,0 +1,287 @@
+//! Restart recovery: dangling intents finished or dropped, replay records
+//! loaded, every persistent handle reopened by kernel handle (proven to lie
+//! beneath the root) with its locks re-taken — all before the socket
+//! accepts anyone (invariant 5).
+
+use super::*;
+
+impl Engine {
+    /// Restart recovery: reopens every persistent handle in the store by its
+    /// kernel file handle (a renamed file is still found), as disconnected
+    /// with a fresh timeout (time the daemon was down does not count). A
+    /// handle whose file is gone is kept as *lost* for the operator to see.
+    /// Runs before the socket accepts anyone, so no conflicting open can slip
+    /// in ahead of restored state (invariant 5).
+    pub fn recover(&mut self, store: &dyn StateStore) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        // Dangling intents first: finish what a crash interrupted, so the
+        // handle records they announce exist before handles are loaded.
+        let mut finished = Vec::new();
+        let mut sync: Vec<OwnedFd> = Vec::new();
+        for i in store.all_intents()? {
+            let intent = match i {
+                Ok(i) => i,
+                Err(e) => {
+                    error!(error = %e, "stored intent does not decode; left in place for inspection");
+                    continue;
+                }
+            };
+            match intent.change {
+                IntentChange::TruncatingOpen { record } => {
+                    let done = record
+                        .kernel_handle
+                        .as_ref()
+                        .map(|kh| fsops::truncate_by_handle(self.root.as_fd(), kh, &record.path));
+                    match done {
+                        Some(Ok(fd)) => {
+                            sync.push(fd);
+                            info!(resume_key = %record.key, path = %record.path, "recovery finished an interrupted overwrite");
+                            self.stats.intents_recovered += 1;
+                            finished.push(StoreOp::PutHandle(record));
+                        }
+                        _ => {
+                            warn!(resume_key = %record.key, path = %record.path, "interrupted overwrite abandoned: file gone")
+                        }
+                    }
+                    finished.push(StoreOp::DeleteIntent(intent.id));
+                }
+                IntentChange::Rename {
+                    key,
+                    from,
+                    to,
+                    file,
+                    record,
+                    kernel_handle,
+                    ..
+                } => {
+                    let root = self.root.as_fd();
+                    if fsops::names(root, &to, file, kernel_handle.as_ref()) {
+                        info!(resume_key = %key, %from, %to, "recovery finished an interrupted rename");
+                        self.stats.intents_recovered += 1;
+                        sync.extend(fsops::dir_of(root, &from).ok());
+                        sync.extend(fsops::dir_of(root, &to).ok());
+                        // The path is the file's: every handle that named
+                        // it by the old path follows.
+                        for r in store.all_handles()?.into_iter().flatten() {
+                            if r.file == file && (r.key == key || r.path == from) {
+                                let mut rec = r;
+                                rec.path = to.clone();
+                                finished.push(StoreOp::PutHandle(Box::new(rec)));
+                            }
+                        }
+                        if let Some(r) = record {
+                            finished.push(record_op(r));
+                        }
+                    } else {
+                        warn!(resume_key = %key, %from, %to, "interrupted rename had not happened: dropped (a replay runs it)");
+                    }
+                    finished.push(StoreOp::DeleteIntent(intent.id));
+                }
+                IntentChange::SetSize {
+                    key,
+                    kernel_handle,
+                    size,
+                    record,
+                } => {
+                    // Safe to do again: while the change was in flight every
+                    // protocol read and write of the file waited for its
+                    // completion to commit (`content_changes`), so nothing
+                    // acknowledged can have come after the first attempt.
+                    let path = store.handle(key).ok().flatten().map(|r| r.path);
+                    match fsops::set_size_by_handle(
+                        self.root.as_fd(),
+                        &kernel_handle,
+                        path.as_ref(),
+                        size,
+                    ) {
+                        Ok(fd) => {
+                            sync.push(fd);
+                            info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
+                            self.stats.intents_recovered += 1;
+                            if let Some(r) = record {
+                                finished.push(record_op(r));
+                            }
+                        }
+                        Err(e) => {
+                            warn!(resume_key = %key, error = %e, "interrupted end-of-file change abandoned")
+                        }
+                    }
+                    finished.push(StoreOp::DeleteIntent(intent.id));
+                }
+                IntentChange::Remove {
+                    path,
+                    file,
+                    record,
+                    kernel_handle,
+                    on_close,
+                } => {
+                    let root = self.root.as_fd();
+                    if !fsops::names(root, &path, file, kernel_handle.as_ref()) {
+                        info!(%path, "recovery finished an interrupted remove");
+                        self.stats.intents_recovered += 1;
+                        sync.extend(fsops::dir_of(root, &path).ok());
+                        if let Some(r) = record {
+                            finished.push(record_op(r));
+                        }
+                    } else if on_close {
+                        // The handle's deletion committed: finish its
+                        // delete-on-close.
+                        match fsops::remove(root, &path, file, kernel_handle.as_ref()) {
+                            Ok(()) => {
+                                info!(%path, "recovery finished an interrupted delete on close");
+                                self.stats.intents_recovered += 1;
+                                sync.extend(fsops::dir_of(root, &path).ok());
+                            }
+                            Err(e) => {
+                                warn!(%path, error = %e.message, "interrupted delete on close could not be finished")
+                            }
+                        }
+                    } else {
+                        warn!(%path, "interrupted remove had not happened: dropped (a replay runs it)");
+                    }
+                    finished.push(StoreOp::DeleteIntent(intent.id));
+                }
+            }
+        }
+        if !finished.is_empty() {
+            // What recovery changed on disk is durable before the commit
+            // that records it.
+            for fd in &sync {
+                nix::unistd::fsync(fd.as_fd())
+                    .map_err(|e| anyhow::anyhow!("fsync after recovery's changes: {e}"))?;
+            }
+            store.commit(&[&finished])?;
+        }
+        for (k, rec) in store.all_replays()? {
+            match (libfilter::store::parse_replay_key(&k), rec) {
+                (Some((scope, op_id)), Ok(rec)) => {
+                    self.replays.entry(scope).or_default().insert(op_id, rec);
+                }
+                (_, Err(e)) => error!(error = %e, "stored replay record does not decode; ignored"),
+                (None, _) => error!("stored replay key does not parse; ignored"),
+            }
+        }
+        let mut updates = Vec::new();
+        let now = now_ms();
+        let mut corrupt = 0u64;
+        for r in store.all_handles()? {
+            let mut rec = match r {
+                Ok(rec) => rec,
+                Err(e) => {
+                    error!(error = %e, "stored handle record does not decode; left in place for inspection");
+                    corrupt += 1;
+                    continue;
+                }
+            };
+            if !rec.durability.is_persistent() {
+                updates.push(StoreOp::DeleteHandle(Box::new(rec)));
+                continue;
+            }
+            let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
+            let reopened = match (&rec.kernel_handle, rec.conn) {
+                (_, ConnState::Lost) => None,
+                (Some(kh), _) => {
+                    match fsops::reopen(self.root.as_fd(), kh, rec.access, &rec.path, rec.file) {
+                        Ok(x) => Some(x),
+                        // Out of descriptors or memory is our problem, not the
+                        // handle's: refuse to start rather than mark it lost.
+                        Err(e)
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM)
+                            ) =>
+                        {
+                            anyhow::bail!(
+                            "cannot reopen persistent handles: {e}; raise the descriptor limit (LimitNOFILE=) \
+                             — filterd needs one descriptor per handle"
+                        );
+                        }
+                        Err(e) => {
+                            warn!(resume_key = %rec.key, path = %rec.path, error = %e, "persistent handle lost: file cannot be reopened");
+                            None
+                        }
+                    }
+                }
+                (None, _) => None,
+            };
+            // The reopen proves the file is there; the descriptor itself is
+            // closed again and taken anew when the handle is resumed, so a
+            // daemon with 100k disconnected handles does not need 100k
+            // descriptors. The stored record is left as it is (at recovery
+            // every handle is disconnected, whatever it says); only a lost
+            // handle is rewritten.
+            match reopened {
+                Some((_fd, file, _size)) => {
+                    if file != rec.file {
+                        rec.file = file;
+                        updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
+                    }
+                    rec.conn = ConnState::Disconnected {
+                        since_ms: now,
+                        expires_ms: now + timeout,
+                    };
+                    self.stats.recoveries += 1;
+                }
+                None => {
+                    rec.conn = ConnState::Lost;
+                    self.stats.recoveries_lost += 1;
+                    updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
+                }
+            };
+            let fd = None;
+            match rec.conn {
+                ConnState::Disconnected { .. } => {
+                    self.expiries
+                        .push(Reverse((mono_ms() + timeout, rec.key, 0)));
+                }
+                // A lost handle stays visible until its timeout too, then
+                // goes (it protects nothing: its file is gone).
+                ConnState::Lost => self
+                    .expiries
+                    .push(Reverse((mono_ms() + timeout, rec.key, 0))),
+                ConnState::Connected => {}
+            }
+            let key = rec.key;
+            let restore = if matches!(rec.conn, ConnState::Disconnected { .. }) {
+                rec.locks.clone()
+            } else {
+                Vec::new()
+            };
+            let file = rec.file;
+            self.insert(Handle {
+                rec,
+                fd,
+                conn: None,
+                gen: 0,
+                parked: false,
+                lock_fd: None,
+            });
+            // Re-take its byte-range locks, in the filter and as OFD locks,
+            // before anyone is served (invariant 5).
+            if !restore.is_empty() {
+                let t = self.locks.entry(file).or_insert_with(LockTable::new);
+                for l in &restore {
+                    t.restore(Lock {
+                        owner: key,
+                        range: l.range,
+                        kind: l.kind,
+                    });
+                }
+                if let Err(e) = self.mirror(key, &restore) {
+                    warn!(resume_key = %key, error = %e.message, "recovered locks not mirrored as OFD locks");
+                }
+            }
+        }
+        if !updates.is_empty() {
+            store.commit(&[&updates])?;
+        }
+        info!(
+            recovered = self.stats.recoveries,
+            lost = self.stats.recoveries_lost,
+            corrupt,
+            elapsed_ms = millis(t0.elapsed()),
+            "recovery done"
+        );
+        Ok(())
+    }
+}
