@@ -137,3 +137,77 @@ fn changes_are_fsynced_before_the_commit_and_replies_come_after() {
     let r = check_order(&ev, r, "renameat2");
     check_order(&ev, r, "ftruncate");
 }
+
+/// A WRITE on a persistent smbl/1 handle is on stable storage before its
+/// reply (issue: writes on persistent handles were acknowledged from the
+/// page cache): pwrite → fdatasync → the reply on the TCP socket.
+#[test]
+fn a_persistent_write_is_synced_before_its_reply() {
+    use rkfilter_tests::{Filterd, LineClient};
+    use serde_json::json;
+    use std::io::BufRead;
+    let s = Scratch::new("strace-write");
+    let _d = Filterd::start(&s, &[], &[]);
+    let trace = s.dir.join("shim-trace");
+    let mut shim = Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .args(["-e", "trace=pwrite64,fdatasync,write,sendto,sendmsg,writev"])
+        .arg(bin("smbshim"))
+        .arg("--filter")
+        .arg(s.socket())
+        .args(["--listen", "127.0.0.1:0", "--instance", "smb-t"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("strace smbshim");
+    let mut line = String::new();
+    std::io::BufReader::new(shim.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let mut c = LineClient::connect(&addr);
+    let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "a"}));
+    let sid = r["session_id"].as_u64().unwrap();
+    let r = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "p", "access": ["read", "write"],
+                          "share": ["read"], "disposition": "open_if",
+                          "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 60000}}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    // A payload the trace can recognise.
+    let r = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": "TUFSS0VSLU1BUktFUg=="}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let _ = shim.kill();
+    let _ = shim.wait();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("<unfinished"))
+        .collect();
+    let w = lines
+        .iter()
+        .position(|l| l.contains("MARKER-MARKER"))
+        .unwrap_or_else(|| panic!("the WRITE's pwrite is in the trace: {text}"));
+    let sync = lines
+        .iter()
+        .skip(w)
+        .position(|l| l.contains("fdatasync"))
+        .map(|p| p + w)
+        .unwrap_or_else(|| panic!("the WRITE was never synced: {:?}", &lines[w..]));
+    let reply = lines
+        .iter()
+        .skip(w + 1)
+        .position(|l| l.contains("count") && !l.contains("pwrite64"))
+        .map(|p| p + w + 1)
+        .unwrap_or_else(|| panic!("no reply after the WRITE: {:?}", &lines[w..]));
+    assert!(
+        sync < reply,
+        "replied before the data was synced: {:?}",
+        &lines[w..=reply]
+    );
+}

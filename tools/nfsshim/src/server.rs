@@ -195,7 +195,7 @@ struct Open {
     rec: OpenRec,
     num: u64,
     clientid: String,
-    file: Arc<std::fs::File>,
+    file: Arc<shimline::datasync::SyncedFile>,
     file_key: FileId,
 }
 
@@ -429,7 +429,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                         Open {
                             num: snum,
                             clientid: cid.clone(),
-                            file: Arc::new(std::fs::File::from(h.fd)),
+                            file: Arc::new(std::fs::File::from(h.fd).into()),
                             file_key: h.info.file,
                             rec: o,
                         },
@@ -1213,7 +1213,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                 if acc == access_w && den == deny_w {
                     let _ = sh.filter.close(o.rec.key);
                     o.rec.key = h.info.key;
-                    o.file = Arc::new(std::fs::File::from(h.fd));
+                    o.file = Arc::new(std::fs::File::from(h.fd).into());
                     o.rec.access = acc;
                     o.rec.deny = den;
                 } else if acc == o.rec.access && den == o.rec.deny {
@@ -1255,7 +1255,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     },
                     num,
                     clientid: ctx.cid.to_owned(),
-                    file: Arc::new(std::fs::File::from(h.fd)),
+                    file: Arc::new(std::fs::File::from(h.fd).into()),
                     file_key: h.info.file,
                 },
             );
@@ -1336,7 +1336,7 @@ fn reopen_union(ctx: &Ctx<'_>, o: &mut Open, acc: String, den: String) -> Result
                     match sh.filter.replay_open(back) {
                         Ok(b) => {
                             o.rec.key = b.info.key;
-                            o.file = Arc::new(std::fs::File::from(b.fd));
+                            o.file = Arc::new(std::fs::File::from(b.fd).into());
                         }
                         Err(b) => {
                             eprintln!("nfsshim: open {} lost in an upgrade: {b}", o.rec.other)
@@ -1349,7 +1349,7 @@ fn reopen_union(ctx: &Ctx<'_>, o: &mut Open, acc: String, den: String) -> Result
         Err(e) => return Err(filter_fail(e)),
     };
     o.rec.key = h.info.key;
-    o.file = Arc::new(std::fs::File::from(h.fd));
+    o.file = Arc::new(std::fs::File::from(h.fd).into());
     o.rec.access = acc;
     o.rec.deny = den;
     Ok(())
@@ -1522,6 +1522,11 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     o.file
         .write_all_at(&data, offset)
         .map_err(|e| Fail("NFS4ERR_NOSPC", e.to_string()))?;
+    // Every nfsl/1 open is a persistent handle: the data is on stable
+    // storage before the reply (FILE_SYNC), shared with concurrent writers.
+    o.file
+        .sync_written()
+        .map_err(|e| Fail("NFS4ERR_NOSPC", e.to_string()))?;
     let mut m = Map::new();
     m.insert("count".into(), json!(data.len()));
     Ok(m)
@@ -1533,7 +1538,7 @@ fn commit(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .opens
         .get(open_other(&n))
         .ok_or_else(|| internal("open vanished"))?;
-    o.file.sync_data().map_err(|e| internal(e.to_string()))?;
+    o.file.sync_written().map_err(|e| internal(e.to_string()))?;
     Ok(Map::new())
 }
 

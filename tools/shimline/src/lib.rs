@@ -23,6 +23,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod datasync;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -94,7 +94,7 @@ struct Open {
     key: ResumeKey,
     file_key: FileId,
     session: u64,
-    file: Arc<std::fs::File>,
+    file: Arc<shimline::datasync::SyncedFile>,
     durable: Option<Value>,
     create_action: CreateAction,
     lease: Option<HeldLease>,
@@ -533,7 +533,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
                 key: h.info.key,
                 file_key: h.info.file,
                 session,
-                file: Arc::new(std::fs::File::from(h.fd)),
+                file: Arc::new(std::fs::File::from(h.fd).into()),
                 durable: granted.clone(),
                 create_action: h.info.create_action,
                 lease: h.info.lease,
@@ -615,7 +615,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
                 key,
                 file_key: h.info.file,
                 session,
-                file: Arc::new(std::fs::File::from(h.fd)),
+                file: Arc::new(std::fs::File::from(h.fd).into()),
                 durable: Some(durable.clone()),
                 create_action: h.info.create_action,
                 lease: h.info.lease,
@@ -635,8 +635,9 @@ struct OpenRef {
     file_id: String,
     key: ResumeKey,
     file_key: FileId,
-    file: Arc<std::fs::File>,
+    file: Arc<shimline::datasync::SyncedFile>,
     durable: bool,
+    persistent: bool,
 }
 
 fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
@@ -661,6 +662,12 @@ fn open_of(sh: &Shared, obj: &Map<String, Value>) -> Result<OpenRef, Fail> {
             file_key: o.file_key,
             file: o.file.clone(),
             durable: o.durable.is_some(),
+            persistent: o
+                .durable
+                .as_ref()
+                .and_then(|d| d.get("persistent"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             file_id,
         }),
         _ => Err(Fail(
@@ -725,6 +732,11 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     )?;
     file.write_all_at(&data, offset)
         .map_err(|e| Fail("STATUS_DISK_FULL", e.to_string()))?;
+    if o.persistent {
+        // On stable storage before the reply (continuous availability).
+        file.sync_written()
+            .map_err(|e| Fail("STATUS_DISK_FULL", e.to_string()))?;
+    }
     let mut m = Map::new();
     m.insert("count".into(), json!(data.len()));
     if let (Some(op), true) = (op_id, durable) {
@@ -904,7 +916,7 @@ fn op_id_field(obj: &Map<String, Value>) -> Result<Option<u64>, Fail> {
 fn flush(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let o = open_of(sh, obj)?;
     o.file
-        .sync_data()
+        .sync_written()
         .map_err(|e| Fail("STATUS_INTERNAL_ERROR", e.to_string()))?;
     Ok(Map::new())
 }
