@@ -657,6 +657,10 @@ pub struct LockView {
     pub range: LockRange,
     /// Shared or exclusive.
     pub kind: LockKind,
+    /// Not (yet) taken as an OFD lock: a local process holds a conflicting
+    /// one (filterd keeps trying). Local processes do not see it meanwhile.
+    #[serde(default)]
+    pub unmirrored: bool,
 }
 
 /// A file with open handles.

@@ -365,3 +365,53 @@ fn a_frontend_that_ignores_a_lock_hint_is_dropped_not_bypassed() {
         "{carol:?}"
     );
 }
+
+/// A local process took a conflicting lock while filterd was down: recovery
+/// cannot mirror the recovered protocol lock as an OFD lock. filterctl says
+/// so, and filterd keeps trying: once the local locker lets go, local
+/// processes see the protocol lock again (it used to be given up for good).
+#[test]
+fn a_lock_recovery_could_not_mirror_is_retried() {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let s = Scratch::new("lock-unmirrored");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb", "smb-a");
+    let h = open(
+        &fe,
+        "alice",
+        RW,
+        Durability::Persistent { timeout_ms: 60_000 },
+        Some(CreateGuid(uuid::Uuid::new_v4())),
+    );
+    fe.lock(h.info.key, vec![op(0, 10, true, false)], None)
+        .unwrap();
+    d.kill9();
+    drop(fe);
+    // A local process locks the same range while filterd is down.
+    let local = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(s.root().join("f"))
+        .unwrap();
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 10,
+        l_pid: 0,
+    };
+    fcntl(local.as_fd(), FcntlArg::F_OFD_SETLK(&fl)).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let locks = d.control().locks().unwrap();
+    assert_eq!(locks.len(), 1);
+    assert!(
+        locks[0].unmirrored,
+        "filterctl shows the lock is not mirrored: {locks:?}"
+    );
+    // The local locker lets go: filterd takes the mirror.
+    drop(local);
+    rkfilter_tests::wait_for("the mirror to be taken", Duration::from_secs(10), || {
+        (local_getlk(&s, 0, 10) == libc::F_WRLCK as i16).then_some(())
+    });
+    assert!(!d.control().locks().unwrap()[0].unmirrored);
+}

@@ -28,6 +28,22 @@ impl Engine {
 
     pub(super) fn expire_due(&mut self, now: u64) {
         self.begin_request();
+        // Locks recovery could not mirror (a local process held a
+        // conflicting lock): try again.
+        let retry: Vec<ResumeKey> = self.unmirrored.iter().copied().collect();
+        for key in retry {
+            let held = match self.handles.get(&key) {
+                Some(h) => h.rec.locks.clone(),
+                None => {
+                    self.unmirrored.remove(&key);
+                    continue;
+                }
+            };
+            if self.mirror(key, &held).is_ok() {
+                info!(resume_key = %key, "recovered locks mirrored as OFD locks at last");
+                self.unmirrored.remove(&key);
+            }
+        }
         let late: Vec<FileId> = self
             .hint_waits
             .iter()

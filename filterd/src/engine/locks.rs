@@ -113,6 +113,7 @@ impl Engine {
             owner: self.handles.get(&l.owner).and_then(|h| h.rec.owner.clone()),
             range: l.range,
             kind: l.kind,
+            unmirrored: self.unmirrored.contains(&l.owner),
         }
     }
 

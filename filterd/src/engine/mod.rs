@@ -158,6 +158,9 @@ pub struct Engine {
     /// Files with a size change in flight, and how many (see
     /// `durable::content_change_begin`).
     content_changes: HashMap<FileId, u32>,
+    /// Handles whose locks are not (yet) mirrored as OFD locks: a local
+    /// process held a conflicting lock at recovery. Retried every round.
+    unmirrored: std::collections::BTreeSet<ResumeKey>,
     /// Files whose frontends may go back to unchecked I/O once this
     /// sequence is durable.
     gone_after: Vec<(u64, FileId)>,
@@ -265,6 +268,7 @@ impl Engine {
             batch: durable::Batch::default(),
             parked: HashMap::new(),
             content_changes: HashMap::new(),
+            unmirrored: Default::default(),
             gone_after: Vec::new(),
             last_unlink: None,
             locks: BTreeMap::new(),

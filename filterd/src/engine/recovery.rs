@@ -268,7 +268,11 @@ impl Engine {
                     });
                 }
                 if let Err(e) = self.mirror(key, &restore) {
-                    warn!(resume_key = %key, error = %e.message, "recovered locks not mirrored as OFD locks");
+                    // A local process holds a conflicting lock (taken
+                    // while filterd was down): keep trying until it lets
+                    // go; filterctl shows the lock as not mirrored.
+                    warn!(resume_key = %key, error = %e.message, "recovered locks not mirrored as OFD locks yet: retrying");
+                    self.unmirrored.insert(key);
                 }
             }
         }

@@ -249,6 +249,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                             owner: v.record.owner.clone(),
                             range: l.range,
                             kind: l.kind,
+                            unmirrored: false,
                         })
                     })
                     .collect(),

@@ -204,7 +204,11 @@ pub fn locks(locks: &[libfilter::proto::LockView]) -> String {
                 l.owner.clone().unwrap_or_else(|| "-".into()),
                 l.range.offset.to_string(),
                 len,
-                format!("{:?}", l.kind).to_lowercase(),
+                if l.unmirrored {
+                    format!("{:?} (not yet seen by local processes)", l.kind).to_lowercase()
+                } else {
+                    format!("{:?}", l.kind).to_lowercase()
+                },
             ]
         })
         .collect();
