@@ -258,3 +258,81 @@ fn sessions_and_connections_are_capped_per_flooder() {
             .map(|_| ())
     });
 }
+
+/// A connection from `addr` whose source address is `from` (any address of
+/// 127.0.0.0/8 is this host's loopback).
+fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::net::TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let to: std::net::SocketAddrV4 = addr.parse().expect("an IPv4 address");
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .expect("bind the source address");
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).expect("connect");
+    std::net::TcpStream::from(fd)
+}
+
+/// Issue 13 #6: a flood of connections from one host fills only that
+/// host's share (--max-connections-per-peer); another host still gets in.
+/// Old code: no cap at all, a thread per connection without bound.
+#[test]
+fn one_hosts_connection_flood_leaves_room_for_other_hosts() {
+    use std::io::{BufRead, BufReader, Write};
+    let s = Scratch::new("peer-flood");
+    let _d = Filterd::start(&s, &[], &[]);
+    for (shim_bin, id, busy, echo) in [
+        (
+            "smbshim",
+            "mid",
+            "STATUS_INSUFFICIENT_RESOURCES",
+            json!({"cmd": "ECHO", "mid": 1}),
+        ),
+        (
+            "nfsshim",
+            "xid",
+            "NFS4ERR_RESOURCE",
+            json!({"op": "EXCHANGE_ID", "xid": 1, "owner": "o", "verifier": "0000000000000001"}),
+        ),
+    ] {
+        let shim = Shim::start_with(
+            shim_bin,
+            &s.socket(),
+            &format!("{shim_bin}-pf"),
+            &["--max-connections-per-peer", "3"],
+        );
+        let flooder = std::net::Ipv4Addr::new(127, 0, 0, 1);
+        let _held: Vec<_> = (0..3).map(|_| connect_from(flooder, &shim.addr)).collect();
+        let mut over = BufReader::new(connect_from(flooder, &shim.addr));
+        let mut l = String::new();
+        over.read_line(&mut l).expect("a refusal line");
+        let r: Value = serde_json::from_str(&l).expect("JSON");
+        assert_eq!(
+            (r["status"].as_str(), r[id].is_null()),
+            (Some(busy), true),
+            "{r}"
+        );
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("--max-connections-per-peer 3"),
+            "{r}"
+        );
+        // Another host is served.
+        let mut other = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), &shim.addr);
+        other.write_all(format!("{echo}\n").as_bytes()).unwrap();
+        let mut l = String::new();
+        BufReader::new(other).read_line(&mut l).expect("a reply");
+        let r: Value = serde_json::from_str(&l).expect("JSON");
+        assert_eq!(r[id], 1, "{shim_bin}: served: {r}");
+    }
+}

@@ -57,6 +57,11 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Most client connections served at once from one IP address; one
+    /// more from it is refused with NFS4ERR_RESOURCE.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_peer: u32,
     /// Most client records (EXCHANGE_ID of a new owner beyond it:
     /// NFS4ERR_RESOURCE). At most 4096, filterd's records per scope.
     #[arg(long, value_name = "N", default_value_t = 1024,
@@ -105,6 +110,8 @@ fn main() -> anyhow::Result<()> {
             args.lease_ms.max(1_000),
             server::Limits {
                 max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                max_connections_per_peer: usize::try_from(args.max_connections_per_peer)
+                    .unwrap_or(usize::MAX),
                 max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
                 max_sessions_per_client: usize::try_from(args.max_sessions_per_client)
                     .unwrap_or(usize::MAX),

@@ -45,6 +45,8 @@ const EOF_LENGTH: u64 = u64::MAX;
 pub struct Limits {
     /// Most client connections at once.
     pub max_connections: usize,
+    /// Most client connections at once from one IP address.
+    pub max_connections_per_peer: usize,
     /// Most client records (incarnations).
     pub max_clients: usize,
     /// Most sessions per client.
@@ -57,6 +59,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: shimline::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: shimline::DEFAULT_MAX_CONNECTIONS_PER_PEER,
             max_clients: 1024,
             max_sessions_per_client: 16,
             max_opens_per_client: 4096,
@@ -324,6 +327,7 @@ pub fn run(
         id_field: "xid",
         busy_status: "NFS4ERR_RESOURCE",
         max_connections: limits.max_connections,
+        max_connections_per_peer: limits.max_connections_per_peer,
     };
     shimline::accept_forever(listener, cfg, move |conn, stream| {
         serve(shared.clone(), conn, stream)

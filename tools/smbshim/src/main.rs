@@ -55,6 +55,11 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Most client connections served at once from one IP address; one
+    /// more from it is refused with STATUS_INSUFFICIENT_RESOURCES.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_peer: u32,
     /// Most sessions one connection may set up; one more SESSION_SETUP is
     /// refused with STATUS_INSUFFICIENT_RESOURCES.
     #[arg(long, value_name = "N", default_value_t = 64,
@@ -90,6 +95,8 @@ fn main() -> anyhow::Result<()> {
         (None, Some(filter), Some(listen)) => {
             let limits = server::Limits {
                 max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                max_connections_per_peer: usize::try_from(args.max_connections_per_peer)
+                    .unwrap_or(usize::MAX),
                 max_sessions_per_connection: usize::try_from(args.max_sessions_per_connection)
                     .unwrap_or(usize::MAX),
             };
