@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use rkfilter_tests::{wait_for, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{connect_from, wait_for, Filterd, LineClient, Scratch, Shim};
 use serde_json::{json, Value};
 
 fn session(c: &mut LineClient, user: &str) -> u64 {
@@ -257,28 +257,6 @@ fn sessions_and_connections_are_capped_per_flooder() {
             .filter(|(r, _)| r["status"] == "STATUS_SUCCESS")
             .map(|_| ())
     });
-}
-
-/// A connection from `addr` whose source address is `from` (any address of
-/// 127.0.0.0/8 is this host's loopback).
-fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::net::TcpStream {
-    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
-    use std::os::fd::AsRawFd;
-    let to: std::net::SocketAddrV4 = addr.parse().expect("an IPv4 address");
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    bind(
-        fd.as_raw_fd(),
-        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
-    )
-    .expect("bind the source address");
-    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).expect("connect");
-    std::net::TcpStream::from(fd)
 }
 
 /// Issue 13 #6: a flood of connections from one host fills only that

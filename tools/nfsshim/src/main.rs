@@ -67,6 +67,11 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_clients: u32,
+    /// Most live client records created from one IP address (EXCHANGE_ID
+    /// of a new owner from it beyond that: NFS4ERR_RESOURCE).
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_clients_per_peer: u32,
     /// Most sessions per client (CREATE_SESSION beyond it: NFS4ERR_RESOURCE).
     #[arg(long, value_name = "N", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -113,6 +118,8 @@ fn main() -> anyhow::Result<()> {
                 max_connections_per_peer: usize::try_from(args.max_connections_per_peer)
                     .unwrap_or(usize::MAX),
                 max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
+                max_clients_per_peer: usize::try_from(args.max_clients_per_peer)
+                    .unwrap_or(usize::MAX),
                 max_sessions_per_client: usize::try_from(args.max_sessions_per_client)
                     .unwrap_or(usize::MAX),
                 max_opens_per_client: usize::try_from(args.max_opens_per_client)
