@@ -7,8 +7,12 @@
 //! nfsshim with the same `--instance`, or a restarted filterd, carries on
 //! with the same clientids, sessionids and stateids.
 //!
-//! One thread per client connection, as in smbshim: requests of one
-//! connection run in order; blocking calls keep each step simple.
+//! A reader and a writer thread per client connection (shimline): requests
+//! of one connection run in order on the reader; replies and CB_RECALLs go
+//! through the connection's bounded outbound queue, so a client that stops
+//! reading is dropped instead of stalling anyone. Blocking calls keep each
+//! step simple; connections, clients, sessions and open states are capped
+//! by named limits (server.rs `Limits`).
 //!
 //! `nfsshim client ADDR` is a small interactive and scriptable nfsl/1
 //! client (client_cli.rs) for trying a server by hand and for shell-driven

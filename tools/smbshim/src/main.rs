@@ -5,10 +5,13 @@
 //! libfilter's `Attachment`), so a replacement smbshim with the same
 //! `--instance` takes over, and a filterd restart is ridden out.
 //!
-//! One thread per client connection: requests of one connection are served
-//! in order (smbl/1 allows replies in any order; in order is one of them),
-//! blocking I/O keeps each step simple, and the connections a file server
-//! frontend carries are counted in hundreds, not hundreds of thousands.
+//! Three threads per client connection (shimline): a reader that answers
+//! LEASE_BREAK_ACK at once, a worker that serves the other requests in
+//! order (smbl/1 allows replies in any order), and a writer draining the
+//! connection's bounded outbound queue, so a client that stops reading
+//! is dropped instead of stalling anyone. Blocking I/O keeps each step
+//! simple; connections are capped (--max-connections, and per peer
+//! address), counted in hundreds, not hundreds of thousands.
 //!
 //! Every command of smbl/1 is served; docs/smb-like.md describes this
 //! implementation's choices.
