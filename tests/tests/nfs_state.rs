@@ -60,6 +60,24 @@ fn a_clients_own_delegation_does_not_stall_its_remove_or_rename() {
     assert!(!s.root().join("g").exists() && s.root().join("f2").exists());
     // The delegation is still the client's to return.
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
+    // A write delegation likewise.
+    std::fs::write(s.root().join("w"), b"w").unwrap();
+    let o = ok(a.open(
+        "p",
+        "w",
+        "both",
+        "none",
+        json!({"want_delegation": "write"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let t0 = Instant::now();
+    ok(a.call(json!({"op": "RENAME", "from": "w", "to": "w2"})));
+    ok(a.call(json!({"op": "REMOVE", "path": "w2"})));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
 }
 
 /// Old code: the tables were filterd replay scopes capped at 4096 records,

@@ -2054,24 +2054,22 @@ fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
 
 /// RFC 8881 §10.2: an operation by a delegation's own client does not wait
 /// for a recall of that delegation. Before this client removes or renames
-/// `paths`, its delegations on them give up handle caching (H), which is
-/// all a namespace change breaks; the delegations themselves stay. (The
-/// recall would otherwise need this client's lock, which the caller holds,
-/// and the request would wait out filterd's break timeout.)
+/// `paths`, its delegations on them keep only R of their filter lease: H is
+/// what a namespace change breaks, and W what the short-lived handle a
+/// RENAME opens breaks. The delegations themselves stay the client's (a
+/// later conflicting open by someone else then revokes rather than recalls
+/// them, as for any lease without H). Without this the recall would need
+/// this client's lock, which the caller holds, and the request would wait
+/// out filterd's break timeout.
 fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&str]) {
     for o in st.opens.values() {
         let Some(d) = &o.rec.deleg else { continue };
         if !paths.contains(&o.rec.path.as_str()) {
             continue;
         }
-        let to = if d.write {
-            LeaseState::R.with(LeaseState::W)
-        } else {
-            LeaseState::R
-        };
         if let Err(e) = ctx.sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
-            state: to,
+            state: LeaseState::R,
         }) {
             eprintln!(
                 "nfsshim: lowering delegation {} before a namespace change: {e}",
