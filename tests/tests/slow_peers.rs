@@ -314,3 +314,35 @@ fn one_hosts_connection_flood_leaves_room_for_other_hosts() {
         assert_eq!(r[id], 1, "{shim_bin}: served: {r}");
     }
 }
+
+/// Requests read before the client half-closes its connection are all
+/// answered: the connection's writer closes only when the worker that
+/// runs them is done.
+#[test]
+fn requests_before_a_half_close_are_all_answered() {
+    use std::io::{BufRead, BufReader, Write};
+    let s = Scratch::new("half-close");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-hc");
+    let mut c = std::net::TcpStream::connect(&shim.addr).unwrap();
+    let guid = uuid::Uuid::new_v4().to_string();
+    let lines = [
+        json!({"cmd": "SESSION_SETUP", "mid": 1, "client_guid": guid, "user": "h"}),
+        json!({"cmd": "CREATE", "mid": 2, "session_id": 1, "path": "hc", "access": ["read", "write"],
+               "share": ["read"], "disposition": "open_if"}),
+        json!({"cmd": "ECHO", "mid": 3}),
+    ];
+    for l in &lines {
+        c.write_all(format!("{l}\n").as_bytes()).unwrap();
+    }
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut mids: Vec<u64> = BufReader::new(c)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .filter_map(|v| v["mid"].as_u64())
+        .collect();
+    mids.sort_unstable();
+    assert_eq!(mids, [1, 2, 3], "every reply, then the end of the stream");
+}

@@ -156,13 +156,6 @@ impl Outbound {
         }
         let _ = self.stream.shutdown(Shutdown::Both);
     }
-
-    /// No more lines: the writer sends what is queued, then closes.
-    fn finish(&self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-    }
 }
 
 /// Binds `listen` and prints `listening on HOST:PORT` (the real port) as
@@ -315,7 +308,9 @@ impl Writers {
         if let Ok(mut w) = self.0.lock() {
             w.remove(&conn);
         }
-        writer.finish();
+        // The writer thread sends what is queued and closes once the last
+        // holder of the queue (this one, a worker still answering requests
+        // read before the end of input) lets go of it.
     }
 }
 
