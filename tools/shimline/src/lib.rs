@@ -12,6 +12,9 @@
 //!   reader and so tears its state down as for a lost connection) — nothing
 //!   is ever dropped from a queue that stays open, and the caller learns
 //!   that the line did not go.
+//!   A write that makes no progress for [`WRITE_STALL_LIMIT`] drops the
+//!   connection the same way, so a peer that never reads cannot keep a
+//!   writer thread either.
 //! - **Connections are capped**, in all and per peer address.
 //!   [`accept_forever`] serves at most `max_connections` at once (two
 //!   threads each: reader and writer), and at most
@@ -53,6 +56,12 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
 /// Stack of a connection's writer thread (it only copies bytes).
 const WRITER_STACK: usize = 64 << 10;
 
+/// How long a write to a peer may make no progress before the connection
+/// is dropped: a peer that reads nothing for this long while replies wait
+/// (below [`MAX_QUEUED_BYTES`], or after it stopped sending) does not keep
+/// a writer thread forever.
+pub const WRITE_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A connection's outbound queue, shared with whoever pushes notifications.
 pub type Writer = Arc<Outbound>;
 
@@ -82,6 +91,7 @@ impl Outbound {
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let queued = Arc::new(AtomicUsize::new(0));
         let mut out = stream.try_clone()?;
+        out.set_write_timeout(Some(WRITE_STALL_LIMIT))?;
         let q = queued.clone();
         std::thread::Builder::new()
             .name(format!("{name}-out"))
@@ -89,8 +99,21 @@ impl Outbound {
             .spawn(move || {
                 for line in rx {
                     q.fetch_sub(line.len(), Ordering::AcqRel);
-                    if out.write_all(&line).is_err() {
-                        break;
+                    match out.write_all(&line) {
+                        Ok(()) => {}
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            eprintln!(
+                                "connection {conn}: dropped, its peer read nothing for {} s",
+                                WRITE_STALL_LIMIT.as_secs()
+                            );
+                            break;
+                        }
+                        Err(_) => break,
                     }
                 }
                 // Every queued line went out (or the peer is gone): close.
