@@ -346,3 +346,66 @@ fn supervise(shared: Arc<Shared>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::tests::pushing_daemon;
+
+    /// Issue 13 #2: the supervisor used try_send into bounded(1024) and
+    /// dropped events when the frontend fell behind. Now a frontend that
+    /// reads nothing for a while loses nothing it is told about: the
+    /// attachment's queue and the connection's fill, the connection fails
+    /// (not silently), and once the frontend reads again it gets every
+    /// event that was queued, in order, then `Lost` and `Reattached`.
+    #[test]
+    fn a_slow_frontend_gets_every_event_then_lost_and_reattached() {
+        let dir = std::env::temp_dir().join(format!("rkf-att-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s");
+        let limit = u64::try_from(EVENT_QUEUE_LIMIT).expect("fits");
+        // More than both queues hold together.
+        let daemon = pushing_daemon(&path, 2 * limit + 10, true);
+        let a = Attachment::connect(
+            &path,
+            Protocol::new("t").expect("protocol"),
+            InstanceName::new("t").expect("instance"),
+        )
+        .expect("attach");
+        // The frontend is busy: the connection fails once both queues fill.
+        let t0 = Instant::now();
+        while !a.client().is_dead() {
+            assert!(t0.elapsed() < Duration::from_secs(60), "never failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(a.client().events_overflowed());
+        // Now it reads: every queued event in order, then Lost, Reattached.
+        let mut next = 0u64;
+        let ended = loop {
+            match a
+                .events()
+                .recv_timeout(Duration::from_secs(30))
+                .expect("an event")
+            {
+                AttachEvent::Daemon(Event::LocksGone { file }) => {
+                    assert_eq!(file.ino, next, "in order, none dropped");
+                    next += 1;
+                }
+                other => break other,
+            }
+        };
+        // Both queues' worth, and the one the supervisor held while it
+        // waited for room; the one that did not fit failed the connection.
+        assert_eq!(next, 2 * limit + 1);
+        assert_eq!(ended, AttachEvent::Lost);
+        let r = a
+            .events()
+            .recv_timeout(Duration::from_secs(30))
+            .expect("reattached");
+        assert!(matches!(r, AttachEvent::Reattached { .. }), "{r:?}");
+        drop(a);
+        let (shut, again) = daemon.join().expect("daemon");
+        assert!(shut && again, "shut down, then a new hello");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -798,15 +798,20 @@ impl Drop for Closer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::FileId;
     use nix::sys::socket::{accept, bind, listen, Backlog};
 
     /// A daemon that answers the hello and then pushes `n` events (file
     /// inode = sequence number) without reading anything more; returns
-    /// whether the client shut the connection down afterwards.
-    fn pushing_daemon(path: &Path, n: u64) -> std::thread::JoinHandle<bool> {
+    /// whether the client shut the connection down afterwards, and (with
+    /// `then_hello`) whether it then came back with another hello.
+    pub(crate) fn pushing_daemon(
+        path: &Path,
+        n: u64,
+        then_hello: bool,
+    ) -> std::thread::JoinHandle<(bool, bool)> {
         let l = socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -817,28 +822,41 @@ mod tests {
         bind(l.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
         listen(&l, Backlog::new(1).expect("backlog")).expect("listen");
         std::thread::spawn(move || {
-            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
             let mut buf = vec![0u8; MAX_FRAME + 1];
-            let _ = sys::recv_packet(c.as_fd(), &mut buf).expect("hello");
-            let hello = ServerFrame::Hello(HelloReply {
-                version: proto::PROTO_VERSION,
-                features: 0,
-                epoch: 1,
-                pid: 1,
-            });
-            sys::send_packet(c.as_fd(), &proto::encode(&hello).expect("encode"), None)
-                .expect("send hello");
+            let hello = |c: &OwnedFd, buf: &mut [u8]| {
+                let _ = sys::recv_packet(c.as_fd(), buf).expect("hello");
+                let reply = ServerFrame::Hello(HelloReply {
+                    version: proto::PROTO_VERSION,
+                    features: 0,
+                    epoch: 1,
+                    pid: 1,
+                });
+                sys::send_packet(c.as_fd(), &proto::encode(&reply).expect("encode"), None)
+                    .expect("send hello");
+            };
+            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
+            hello(&c, &mut buf);
+            let mut shut = false;
             for ino in 0..n {
                 let ev = ServerFrame::Event(Event::LocksGone {
                     file: FileId { dev: 0, ino },
                 });
                 let bytes = proto::encode(&ev).expect("encode");
                 if sys::send_packet(c.as_fd(), &bytes, None).is_err() {
-                    return true;
+                    shut = true;
+                    break;
                 }
             }
             // The client must shut the connection down: EOF here.
-            matches!(sys::recv_packet(c.as_fd(), &mut buf), Ok(Packet::Eof))
+            shut = shut || matches!(sys::recv_packet(c.as_fd(), &mut buf), Ok(Packet::Eof));
+            if !then_hello {
+                return (shut, false);
+            }
+            let c2 = sys::own_accepted(accept(l.as_raw_fd()).expect("accept again"));
+            hello(&c2, &mut buf);
+            // Keep it open until the client goes.
+            let _ = sys::recv_packet(c2.as_fd(), &mut buf);
+            (shut, true)
         })
     }
 
@@ -851,7 +869,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("s");
         let limit = u64::try_from(EVENT_QUEUE_LIMIT).expect("fits");
-        let daemon = pushing_daemon(&path, limit + 1);
+        let daemon = pushing_daemon(&path, limit + 1, false);
         let c = FilterClient::connect_control(&path).expect("connect");
         let t0 = Instant::now();
         while !c.is_dead() {
@@ -859,7 +877,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(c.events_overflowed());
-        assert!(daemon.join().expect("daemon"), "the socket was shut down");
+        assert!(daemon.join().expect("daemon").0, "the socket was shut down");
         let got: Vec<u64> = c
             .events()
             .try_iter()

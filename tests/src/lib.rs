@@ -503,6 +503,29 @@ impl Drop for Shim {
     }
 }
 
+/// A TCP connection to `addr` whose source address is `from` (any address
+/// of 127.0.0.0/8 is this host's loopback): a second "host" for tests of
+/// per-peer limits.
+pub fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::net::TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let to: std::net::SocketAddrV4 = addr.parse().expect("an IPv4 address");
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .expect("bind the source address");
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).expect("connect");
+    std::net::TcpStream::from(fd)
+}
+
 /// A line-JSON protocol client (smbl/1 or nfsl/1) over TCP.
 pub struct LineClient {
     stream: std::net::TcpStream,
@@ -513,7 +536,11 @@ pub struct LineClient {
 impl LineClient {
     /// Connects.
     pub fn connect(addr: &str) -> LineClient {
-        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        LineClient::over(std::net::TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// A client over a connected stream.
+    pub fn over(stream: std::net::TcpStream) -> LineClient {
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rkfilter_tests::{Filterd, LineClient, Nfs, Scratch, Shim};
+use rkfilter_tests::{connect_from, Filterd, LineClient, Nfs, Scratch, Shim};
 use serde_json::{json, Value};
 
 fn ok(r: Value) -> Value {
@@ -60,6 +60,24 @@ fn a_clients_own_delegation_does_not_stall_its_remove_or_rename() {
     assert!(!s.root().join("g").exists() && s.root().join("f2").exists());
     // The delegation is still the client's to return.
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
+    // A write delegation likewise.
+    std::fs::write(s.root().join("w"), b"w").unwrap();
+    let o = ok(a.open(
+        "p",
+        "w",
+        "both",
+        "none",
+        json!({"want_delegation": "write"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let t0 = Instant::now();
+    ok(a.call(json!({"op": "RENAME", "from": "w", "to": "w2"})));
+    ok(a.call(json!({"op": "REMOVE", "path": "w2"})));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
 }
 
 /// Old code: the tables were filterd replay scopes capped at 4096 records,
@@ -155,7 +173,12 @@ fn tables_have_named_limits_and_keep_every_live_record() {
 fn client_zero_survives_a_flood_of_clients_and_a_restart() {
     let s = Scratch::new("nfs-flood");
     let _d = Filterd::start(&s, &[], &[]);
-    let mut shim = Shim::start_with("nfsshim", &s.socket(), "nfs-fl", &["--max-clients", "4096"]);
+    let mut shim = Shim::start_with(
+        "nfsshim",
+        &s.socket(),
+        "nfs-fl",
+        &["--max-clients", "4096", "--max-clients-per-peer", "4096"],
+    );
     let mut zero = Nfs::connect(&shim.addr, "host-zero", "0000000000000000");
     let o = ok(zero.open(
         "p",
@@ -424,4 +447,47 @@ fn a_recall_is_sent_while_the_holders_own_request_waits() {
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
     let w = writer.join().expect("writer");
     assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+}
+
+/// Issue 13 #6: one host creating client after client fills only its own
+/// share (--max-clients-per-peer); another host still gets a client, and a
+/// destroyed client frees its slot. Old code: no limit at all.
+#[test]
+fn one_hosts_client_flood_leaves_room_for_other_hosts() {
+    let s = Scratch::new("nfs-peer-clients");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with(
+        "nfsshim",
+        &s.socket(),
+        "nfs-pc",
+        &["--max-clients", "10", "--max-clients-per-peer", "2"],
+    );
+    let exchange = |c: &mut LineClient, owner: &str| {
+        c.call_with(
+            "xid",
+            json!({"op": "EXCHANGE_ID", "owner": owner, "verifier": "0000000000000001"}),
+        )
+    };
+    let mut flooder = LineClient::over(connect_from([127, 0, 0, 1].into(), &shim.addr));
+    let first = ok(exchange(&mut flooder, "f-1"));
+    ok(exchange(&mut flooder, "f-2"));
+    let r = exchange(&mut flooder, "f-3");
+    assert_eq!(r["status"], "NFS4ERR_RESOURCE", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--max-clients-per-peer"),
+        "{r}"
+    );
+    // Another host is served.
+    let mut other = LineClient::over(connect_from([127, 0, 0, 2].into(), &shim.addr));
+    ok(exchange(&mut other, "o-1"));
+    // The same owner again is no new record; a destroyed one frees a slot.
+    ok(exchange(&mut flooder, "f-1"));
+    ok(flooder.call_with(
+        "xid",
+        json!({"op": "DESTROY_CLIENTID", "clientid": first["clientid"]}),
+    ));
+    ok(exchange(&mut flooder, "f-3"));
 }

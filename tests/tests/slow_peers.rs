@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use rkfilter_tests::{wait_for, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{connect_from, wait_for, Filterd, LineClient, Scratch, Shim};
 use serde_json::{json, Value};
 
 fn session(c: &mut LineClient, user: &str) -> u64 {
@@ -257,4 +257,92 @@ fn sessions_and_connections_are_capped_per_flooder() {
             .filter(|(r, _)| r["status"] == "STATUS_SUCCESS")
             .map(|_| ())
     });
+}
+
+/// Issue 13 #6: a flood of connections from one host fills only that
+/// host's share (--max-connections-per-peer); another host still gets in.
+/// Old code: no cap at all, a thread per connection without bound.
+#[test]
+fn one_hosts_connection_flood_leaves_room_for_other_hosts() {
+    use std::io::{BufRead, BufReader, Write};
+    let s = Scratch::new("peer-flood");
+    let _d = Filterd::start(&s, &[], &[]);
+    for (shim_bin, id, busy, echo) in [
+        (
+            "smbshim",
+            "mid",
+            "STATUS_INSUFFICIENT_RESOURCES",
+            json!({"cmd": "ECHO", "mid": 1}),
+        ),
+        (
+            "nfsshim",
+            "xid",
+            "NFS4ERR_RESOURCE",
+            json!({"op": "EXCHANGE_ID", "xid": 1, "owner": "o", "verifier": "0000000000000001"}),
+        ),
+    ] {
+        let shim = Shim::start_with(
+            shim_bin,
+            &s.socket(),
+            &format!("{shim_bin}-pf"),
+            &["--max-connections-per-peer", "3"],
+        );
+        let flooder = std::net::Ipv4Addr::new(127, 0, 0, 1);
+        let _held: Vec<_> = (0..3).map(|_| connect_from(flooder, &shim.addr)).collect();
+        let mut over = BufReader::new(connect_from(flooder, &shim.addr));
+        let mut l = String::new();
+        over.read_line(&mut l).expect("a refusal line");
+        let r: Value = serde_json::from_str(&l).expect("JSON");
+        assert_eq!(
+            (r["status"].as_str(), r[id].is_null()),
+            (Some(busy), true),
+            "{r}"
+        );
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("--max-connections-per-peer 3"),
+            "{r}"
+        );
+        // Another host is served.
+        let mut other = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), &shim.addr);
+        other.write_all(format!("{echo}\n").as_bytes()).unwrap();
+        let mut l = String::new();
+        BufReader::new(other).read_line(&mut l).expect("a reply");
+        let r: Value = serde_json::from_str(&l).expect("JSON");
+        assert_eq!(r[id], 1, "{shim_bin}: served: {r}");
+    }
+}
+
+/// Requests read before the client half-closes its connection are all
+/// answered: the connection's writer closes only when the worker that
+/// runs them is done.
+#[test]
+fn requests_before_a_half_close_are_all_answered() {
+    use std::io::{BufRead, BufReader, Write};
+    let s = Scratch::new("half-close");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-hc");
+    let mut c = std::net::TcpStream::connect(&shim.addr).unwrap();
+    let guid = uuid::Uuid::new_v4().to_string();
+    let lines = [
+        json!({"cmd": "SESSION_SETUP", "mid": 1, "client_guid": guid, "user": "h"}),
+        json!({"cmd": "CREATE", "mid": 2, "session_id": 1, "path": "hc", "access": ["read", "write"],
+               "share": ["read"], "disposition": "open_if"}),
+        json!({"cmd": "ECHO", "mid": 3}),
+    ];
+    for l in &lines {
+        c.write_all(format!("{l}\n").as_bytes()).unwrap();
+    }
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut mids: Vec<u64> = BufReader::new(c)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .filter_map(|v| v["mid"].as_u64())
+        .collect();
+    mids.sort_unstable();
+    assert_eq!(mids, [1, 2, 3], "every reply, then the end of the stream");
 }

@@ -7,8 +7,12 @@
 //! nfsshim with the same `--instance`, or a restarted filterd, carries on
 //! with the same clientids, sessionids and stateids.
 //!
-//! One thread per client connection, as in smbshim: requests of one
-//! connection run in order; blocking calls keep each step simple.
+//! A reader and a writer thread per client connection (shimline): requests
+//! of one connection run in order on the reader; replies and CB_RECALLs go
+//! through the connection's bounded outbound queue, so a client that stops
+//! reading is dropped instead of stalling anyone. Blocking calls keep each
+//! step simple; connections, clients, sessions and open states are capped
+//! by named limits (server.rs `Limits`).
 //!
 //! `nfsshim client ADDR` is a small interactive and scriptable nfsl/1
 //! client (client_cli.rs) for trying a server by hand and for shell-driven
@@ -57,11 +61,21 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Most client connections served at once from one IP address; one
+    /// more from it is refused with NFS4ERR_RESOURCE.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_peer: u32,
     /// Most client records (EXCHANGE_ID of a new owner beyond it:
     /// NFS4ERR_RESOURCE). At most 4096, filterd's records per scope.
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_clients: u32,
+    /// Most live client records created from one IP address (EXCHANGE_ID
+    /// of a new owner from it beyond that: NFS4ERR_RESOURCE).
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_clients_per_peer: u32,
     /// Most sessions per client (CREATE_SESSION beyond it: NFS4ERR_RESOURCE).
     #[arg(long, value_name = "N", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -105,7 +119,11 @@ fn main() -> anyhow::Result<()> {
             args.lease_ms.max(1_000),
             server::Limits {
                 max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                max_connections_per_peer: usize::try_from(args.max_connections_per_peer)
+                    .unwrap_or(usize::MAX),
                 max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
+                max_clients_per_peer: usize::try_from(args.max_clients_per_peer)
+                    .unwrap_or(usize::MAX),
                 max_sessions_per_client: usize::try_from(args.max_sessions_per_client)
                     .unwrap_or(usize::MAX),
                 max_opens_per_client: usize::try_from(args.max_opens_per_client)

@@ -45,8 +45,12 @@ const EOF_LENGTH: u64 = u64::MAX;
 pub struct Limits {
     /// Most client connections at once.
     pub max_connections: usize,
+    /// Most client connections at once from one IP address.
+    pub max_connections_per_peer: usize,
     /// Most client records (incarnations).
     pub max_clients: usize,
+    /// Most client records created from one IP address (and still live).
+    pub max_clients_per_peer: usize,
     /// Most sessions per client.
     pub max_sessions_per_client: usize,
     /// Most open states per client.
@@ -57,7 +61,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: shimline::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: shimline::DEFAULT_MAX_CONNECTIONS_PER_PEER,
             max_clients: 1024,
+            max_clients_per_peer: 256,
             max_sessions_per_client: 16,
             max_opens_per_client: 4096,
         }
@@ -175,6 +181,9 @@ struct Client {
     rec: ClientRec,
     num: u64,
     deadline: Instant,
+    /// The address it was created from (counted against
+    /// --max-clients-per-peer); none for clients restored after a restart.
+    peer: Option<std::net::IpAddr>,
 }
 
 struct Slot {
@@ -235,6 +244,10 @@ struct Global {
     expired: Recent<()>,
     /// Client records being written (counted against --max-clients).
     clients_reserved: usize,
+    /// Each connection's peer address.
+    conn_peer: HashMap<u64, std::net::IpAddr>,
+    /// Client records (live or being written) created from each address.
+    clients_per_peer: HashMap<std::net::IpAddr, usize>,
     /// Session → its client.
     session_client: HashMap<String, String>,
     /// Filter handle → its client (filterd's events name handles).
@@ -324,6 +337,7 @@ pub fn run(
         id_field: "xid",
         busy_status: "NFS4ERR_RESOURCE",
         max_connections: limits.max_connections,
+        max_connections_per_peer: limits.max_connections_per_peer,
     };
     shimline::accept_forever(listener, cfg, move |conn, stream| {
         serve(shared.clone(), conn, stream)
@@ -449,6 +463,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
             rec,
             num,
             deadline: now + sh.lease,
+            peer: None,
         });
         g.clients.insert(cid, Arc::new(Mutex::new(st)));
     }
@@ -499,12 +514,18 @@ fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
 }
 
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
+    if let (Ok(peer), Ok(mut g)) = (stream.peer_addr(), sh.global()) {
+        g.conn_peer.insert(conn, peer.ip());
+    }
     sh.writers
         .serve(conn, stream, "xid", "NFS4ERR_INVAL", |line, _| {
             Some(handle_line(&sh, conn, line))
         });
     // nfsl/1 state belongs to the client, not the connection: nothing to
     // release when it goes; callbacks go to the client's next connection.
+    if let Ok(mut g) = sh.global() {
+        g.conn_peer.remove(&conn);
+    }
 }
 
 fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
@@ -515,7 +536,7 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
     let obj = &obj;
     let op = obj.get("op").and_then(Value::as_str).unwrap_or("");
     let mut out = match op {
-        "EXCHANGE_ID" => finish(exchange_id(sh, obj)),
+        "EXCHANGE_ID" => finish(exchange_id(sh, conn, obj)),
         "CREATE_SESSION" => finish(create_session(sh, obj)),
         "DESTROY_CLIENTID" => finish(destroy_clientid(sh, obj)),
         "" => finish(Err(inval("op must be a string"))),
@@ -581,7 +602,7 @@ fn derived_uuid(text: &str) -> uuid::Uuid {
 
 use state::fnv64;
 
-fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
+fn exchange_id(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
     let owner = str_field(obj, "owner")?.to_owned();
     let verifier = str_field(obj, "verifier")?.to_ascii_lowercase();
     if owner.is_empty() || owner.len() > 1024 {
@@ -610,9 +631,10 @@ fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         // A rebooted client: its previous incarnation's state goes.
         release_client(sh, &mut st, &cid);
     }
-    {
+    let peer = {
         // A new client record: within --max-clients (so the table never
-        // outgrows what filterd keeps of a scope).
+        // outgrows what filterd keeps of a scope), and within
+        // --max-clients-per-peer (so one host's flood fills only its share).
         let mut g = sh.global()?;
         let max = sh.limits.max_clients;
         if g.clients.len() + g.clients_reserved >= max {
@@ -621,8 +643,21 @@ fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
                 format!("{max} clients already (--max-clients)"),
             ));
         }
+        let peer = g.conn_peer.get(&conn).copied();
+        if let Some(ip) = peer {
+            let per = sh.limits.max_clients_per_peer;
+            let n = g.clients_per_peer.entry(ip).or_default();
+            if *n >= per {
+                return Err(Fail(
+                    "NFS4ERR_RESOURCE",
+                    format!("{per} clients from {ip} already (--max-clients-per-peer)"),
+                ));
+            }
+            *n += 1;
+        }
         g.clients_reserved += 1;
-    }
+        peer
+    };
     let rec = ClientRec {
         clientid: new_id("c"),
         owner: owner.clone(),
@@ -641,7 +676,13 @@ fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     if written.is_ok() {
         sh.registered.store(true, Ordering::Release);
     }
-    sh.global()?.clients_reserved -= 1;
+    {
+        let mut g = sh.global()?;
+        g.clients_reserved -= 1;
+        if written.is_err() {
+            unpeer(&mut g, peer);
+        }
+    }
     written.map_err(filter_fail)?;
     let cid = rec.clientid.clone();
     let st = State {
@@ -649,6 +690,7 @@ fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             rec,
             num,
             deadline: Instant::now() + sh.lease,
+            peer,
         }),
         ..State::default()
     };
@@ -659,6 +701,18 @@ fn exchange_id(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     m.insert("clientid".into(), json!(cid));
     m.insert("confirmed".into(), json!(false));
     Ok(m)
+}
+
+/// A client record created from `peer` is gone.
+fn unpeer(g: &mut Global, peer: Option<std::net::IpAddr>) {
+    if let Some(ip) = peer {
+        if let Some(n) = g.clients_per_peer.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                g.clients_per_peer.remove(&ip);
+            }
+        }
+    }
 }
 
 fn stale(cid: &str) -> Fail {
@@ -750,8 +804,10 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
     for sid in sessions {
         drop_session(sh, st, &sid);
     }
+    let mut peer = None;
     let owner = st.client.take().map(|c| {
         let _ = state::delete(f, &sh.tables.clients(), c.num);
+        peer = c.peer;
         c.rec.owner
     });
     if let Ok(mut g) = sh.global() {
@@ -771,6 +827,7 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         for l in gone_leases {
             g.lease_client.remove(&l);
         }
+        unpeer(&mut g, peer);
         g.client_conn.remove(cid);
         g.revoked.remove(cid);
         g.forgotten.remove(cid);
@@ -2002,24 +2059,22 @@ fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
 
 /// RFC 8881 §10.2: an operation by a delegation's own client does not wait
 /// for a recall of that delegation. Before this client removes or renames
-/// `paths`, its delegations on them give up handle caching (H), which is
-/// all a namespace change breaks; the delegations themselves stay. (The
-/// recall would otherwise need this client's lock, which the caller holds,
-/// and the request would wait out filterd's break timeout.)
+/// `paths`, its delegations on them keep only R of their filter lease: H is
+/// what a namespace change breaks, and W what the short-lived handle a
+/// RENAME opens breaks. The delegations themselves stay the client's (a
+/// later conflicting open by someone else then revokes rather than recalls
+/// them, as for any lease without H). Without this the recall would need
+/// this client's lock, which the caller holds, and the request would wait
+/// out filterd's break timeout.
 fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&str]) {
     for o in st.opens.values() {
         let Some(d) = &o.rec.deleg else { continue };
         if !paths.contains(&o.rec.path.as_str()) {
             continue;
         }
-        let to = if d.write {
-            LeaseState::R.with(LeaseState::W)
-        } else {
-            LeaseState::R
-        };
         if let Err(e) = ctx.sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
-            state: to,
+            state: LeaseState::R,
         }) {
             eprintln!(
                 "nfsshim: lowering delegation {} before a namespace change: {e}",

@@ -12,9 +12,15 @@
 //!   reader and so tears its state down as for a lost connection) — nothing
 //!   is ever dropped from a queue that stays open, and the caller learns
 //!   that the line did not go.
-//! - **Connections are capped.** [`accept_forever`] serves at most
-//!   `max_connections` at once (two threads each: reader and writer); one
-//!   more is answered with a single refusal line and closed.
+//!   A write that makes no progress for [`WRITE_STALL_LIMIT`] drops the
+//!   connection the same way, so a peer that never reads cannot keep a
+//!   writer thread either.
+//! - **Connections are capped**, in all and per peer address.
+//!   [`accept_forever`] serves at most `max_connections` at once (two
+//!   threads each: reader and writer), and at most
+//!   `max_connections_per_peer` from one IP address, so one host's flood
+//!   fills its own share first; one more is answered with a single refusal
+//!   line and closed.
 //! - **Lines are capped** at [`MAX_LINE`].
 //!
 //! [`client`] is the other end: the connection core of the smbl/1 and
@@ -45,8 +51,17 @@ pub const MAX_QUEUED_BYTES: usize = 24 << 20;
 /// Default cap on concurrent connections per frontend.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
+/// Default cap on concurrent connections from one IP address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
+
 /// Stack of a connection's writer thread (it only copies bytes).
 const WRITER_STACK: usize = 64 << 10;
+
+/// How long a write to a peer may make no progress before the connection
+/// is dropped: a peer that reads nothing for this long while replies wait
+/// (below [`MAX_QUEUED_BYTES`], or after it stopped sending) does not keep
+/// a writer thread forever.
+pub const WRITE_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A connection's outbound queue, shared with whoever pushes notifications.
 pub type Writer = Arc<Outbound>;
@@ -77,6 +92,7 @@ impl Outbound {
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let queued = Arc::new(AtomicUsize::new(0));
         let mut out = stream.try_clone()?;
+        out.set_write_timeout(Some(WRITE_STALL_LIMIT))?;
         let q = queued.clone();
         std::thread::Builder::new()
             .name(format!("{name}-out"))
@@ -84,8 +100,21 @@ impl Outbound {
             .spawn(move || {
                 for line in rx {
                     q.fetch_sub(line.len(), Ordering::AcqRel);
-                    if out.write_all(&line).is_err() {
-                        break;
+                    match out.write_all(&line) {
+                        Ok(()) => {}
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            eprintln!(
+                                "connection {conn}: dropped, its peer read nothing for {} s",
+                                WRITE_STALL_LIMIT.as_secs()
+                            );
+                            break;
+                        }
+                        Err(_) => break,
                     }
                 }
                 // Every queued line went out (or the peer is gone): close.
@@ -151,13 +180,6 @@ impl Outbound {
         }
         let _ = self.stream.shutdown(Shutdown::Both);
     }
-
-    /// No more lines: the writer sends what is queued, then closes.
-    fn finish(&self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-    }
 }
 
 /// Binds `listen` and prints `listening on HOST:PORT` (the real port) as
@@ -181,26 +203,30 @@ pub struct Listen {
     pub busy_status: &'static str,
     /// Most connections served at once.
     pub max_connections: usize,
+    /// Most connections served at once from one IP address.
+    pub max_connections_per_peer: usize,
 }
 
 /// Accepts connections forever, serving each on a thread of its own
 /// (`{prefix}-conn-N`, N numbering the connections from 1), at most
-/// `max_connections` at once: one more gets a single line
-/// `{id_field: null, "status": busy_status, "error": ...}` and is closed.
+/// `max_connections` at once and `max_connections_per_peer` from one IP
+/// address: one more gets a single line
+/// `{id_field: null, "status": busy_status, "error": ...}` naming the cap,
+/// and is closed.
 pub fn accept_forever(
     listener: TcpListener,
     cfg: Listen,
     serve: impl Fn(u64, TcpStream) + Send + Sync + 'static,
 ) {
     let serve = Arc::new(serve);
-    let live = Arc::new(AtomicUsize::new(0));
+    let live = Arc::new(Mutex::new(Live::default()));
     let mut next = 0u64;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         next += 1;
-        if live.fetch_add(1, Ordering::AcqRel) >= cfg.max_connections {
-            live.fetch_sub(1, Ordering::AcqRel);
-            refuse(stream, &cfg);
+        let peer = stream.peer_addr().map(|a| a.ip()).ok();
+        if let Err(why) = admit(&live, peer, &cfg) {
+            refuse(stream, &cfg, &why);
             continue;
         }
         let (conn, serve, gone) = (next, serve.clone(), live.clone());
@@ -208,18 +234,63 @@ pub fn accept_forever(
             .name(format!("{}-conn-{conn}", cfg.prefix))
             .spawn(move || {
                 serve(conn, stream);
-                gone.fetch_sub(1, Ordering::AcqRel);
+                release(&gone, peer);
             });
         if spawned.is_err() {
-            live.fetch_sub(1, Ordering::AcqRel);
+            release(&live, peer);
         }
     }
 }
 
-/// Answers a connection over the cap and closes it, never blocking.
-fn refuse(mut stream: TcpStream, cfg: &Listen) {
-    let line = json!({cfg.id_field: null, "status": cfg.busy_status,
-        "error": format!("too many connections (--max-connections {})", cfg.max_connections)});
+/// Connections being served: in all and per peer address.
+#[derive(Default)]
+struct Live {
+    total: usize,
+    per_peer: HashMap<std::net::IpAddr, usize>,
+}
+
+/// Counts a new connection in, or says which cap it would pass.
+fn admit(live: &Mutex<Live>, peer: Option<std::net::IpAddr>, cfg: &Listen) -> Result<(), String> {
+    let Ok(mut l) = live.lock() else {
+        return Err("the connection table is unusable".into());
+    };
+    if l.total >= cfg.max_connections {
+        return Err(format!(
+            "too many connections (--max-connections {})",
+            cfg.max_connections
+        ));
+    }
+    if let Some(ip) = peer {
+        let n = l.per_peer.entry(ip).or_default();
+        if *n >= cfg.max_connections_per_peer {
+            return Err(format!(
+                "too many connections from {ip} (--max-connections-per-peer {})",
+                cfg.max_connections_per_peer
+            ));
+        }
+        *n += 1;
+    }
+    l.total += 1;
+    Ok(())
+}
+
+fn release(live: &Mutex<Live>, peer: Option<std::net::IpAddr>) {
+    if let Ok(mut l) = live.lock() {
+        l.total = l.total.saturating_sub(1);
+        if let Some(ip) = peer {
+            if let Some(n) = l.per_peer.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    l.per_peer.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// Answers a connection over a cap and closes it, never blocking.
+fn refuse(mut stream: TcpStream, cfg: &Listen, why: &str) {
+    let line = json!({cfg.id_field: null, "status": cfg.busy_status, "error": why});
     let _ = stream.set_nonblocking(true);
     let _ = stream.write_all(format!("{line}\n").as_bytes());
     let _ = stream.shutdown(Shutdown::Both);
@@ -261,7 +332,9 @@ impl Writers {
         if let Ok(mut w) = self.0.lock() {
             w.remove(&conn);
         }
-        writer.finish();
+        // The writer thread sends what is queued and closes once the last
+        // holder of the queue (this one, a worker still answering requests
+        // read before the end of input) lets go of it.
     }
 }
 

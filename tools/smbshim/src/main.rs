@@ -5,10 +5,13 @@
 //! libfilter's `Attachment`), so a replacement smbshim with the same
 //! `--instance` takes over, and a filterd restart is ridden out.
 //!
-//! One thread per client connection: requests of one connection are served
-//! in order (smbl/1 allows replies in any order; in order is one of them),
-//! blocking I/O keeps each step simple, and the connections a file server
-//! frontend carries are counted in hundreds, not hundreds of thousands.
+//! Three threads per client connection (shimline): a reader that answers
+//! LEASE_BREAK_ACK at once, a worker that serves the other requests in
+//! order (smbl/1 allows replies in any order), and a writer draining the
+//! connection's bounded outbound queue, so a client that stops reading
+//! is dropped instead of stalling anyone. Blocking I/O keeps each step
+//! simple; connections are capped (--max-connections, and per peer
+//! address), counted in hundreds, not hundreds of thousands.
 //!
 //! Every command of smbl/1 is served; docs/smb-like.md describes this
 //! implementation's choices.
@@ -55,6 +58,11 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Most client connections served at once from one IP address; one
+    /// more from it is refused with STATUS_INSUFFICIENT_RESOURCES.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_peer: u32,
     /// Most sessions one connection may set up; one more SESSION_SETUP is
     /// refused with STATUS_INSUFFICIENT_RESOURCES.
     #[arg(long, value_name = "N", default_value_t = 64,
@@ -90,6 +98,8 @@ fn main() -> anyhow::Result<()> {
         (None, Some(filter), Some(listen)) => {
             let limits = server::Limits {
                 max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                max_connections_per_peer: usize::try_from(args.max_connections_per_peer)
+                    .unwrap_or(usize::MAX),
                 max_sessions_per_connection: usize::try_from(args.max_sessions_per_connection)
                     .unwrap_or(usize::MAX),
             };

@@ -30,6 +30,8 @@ const MAX_PIPELINED: usize = 128;
 pub struct Limits {
     /// Most client connections at once.
     pub max_connections: usize,
+    /// Most client connections at once from one IP address.
+    pub max_connections_per_peer: usize,
     /// Most sessions one connection may set up.
     pub max_sessions_per_connection: usize,
 }
@@ -38,6 +40,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: shimline::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: shimline::DEFAULT_MAX_CONNECTIONS_PER_PEER,
             max_sessions_per_connection: 64,
         }
     }
@@ -137,6 +140,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, limits: Limits) -> anyho
         id_field: "mid",
         busy_status: "STATUS_INSUFFICIENT_RESOURCES",
         max_connections: limits.max_connections,
+        max_connections_per_peer: limits.max_connections_per_peer,
     };
     shimline::accept_forever(listener, cfg, move |conn, stream| {
         serve(shared.clone(), conn, stream)
