@@ -5,6 +5,7 @@
 //! `smbclient` must be installed (Debian package `smbclient`; `.ci/run`
 //! installs it): without it these tests fail, they do not skip.
 
+use std::io::Write as _;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -176,4 +177,149 @@ fn hash_password_writes_smbpasswd_lines() {
         ),
         "{line}"
     );
+}
+
+/// Raw SMB2 over TCP, for input smbclient never sends.
+mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub const NEGOTIATE: u16 = 0;
+    pub const ECHO: u16 = 0xD;
+
+    pub fn connect(addr: &str) -> TcpStream {
+        let s = TcpStream::connect(addr).expect("connect to rksmbd");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// A sync SMB2 request header.
+    pub fn header(command: u16, message_id: u64, next: u32) -> Vec<u8> {
+        let mut h = vec![0xFE, b'S', b'M', b'B', 64, 0, 1, 0, 0, 0, 0, 0];
+        h.extend_from_slice(&command.to_le_bytes());
+        h.extend_from_slice(&8u16.to_le_bytes()); // credits asked
+        h.extend_from_slice(&0u32.to_le_bytes()); // flags
+        h.extend_from_slice(&next.to_le_bytes());
+        h.extend_from_slice(&message_id.to_le_bytes());
+        h.extend_from_slice(&[0; 4 + 4 + 8 + 16]);
+        h
+    }
+
+    pub fn negotiate(message_id: u64, dialects: &[u16], claimed: u16) -> Vec<u8> {
+        let mut m = header(NEGOTIATE, message_id, 0);
+        m.extend_from_slice(&36u16.to_le_bytes());
+        m.extend_from_slice(&claimed.to_le_bytes());
+        m.extend_from_slice(&1u16.to_le_bytes()); // signing enabled
+        m.extend_from_slice(&[0; 2 + 4 + 16 + 8]);
+        for d in dialects {
+            m.extend_from_slice(&d.to_le_bytes());
+        }
+        m
+    }
+
+    pub fn echo(message_id: u64, next: u32) -> Vec<u8> {
+        let mut m = header(ECHO, message_id, next);
+        m.extend_from_slice(&[4, 0, 0, 0]);
+        m
+    }
+
+    pub fn send(s: &mut TcpStream, pdu: &[u8]) {
+        let mut f = u32::try_from(pdu.len()).unwrap().to_be_bytes().to_vec();
+        f.extend_from_slice(pdu);
+        s.write_all(&f).unwrap();
+    }
+
+    /// The next PDU, or none when the server closed the connection.
+    pub fn recv(s: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).ok()?;
+        let n = u32::from_be_bytes(len) as usize;
+        let mut pdu = vec![0; n];
+        s.read_exact(&mut pdu).ok()?;
+        Some(pdu)
+    }
+
+    pub fn status(msg: &[u8]) -> u32 {
+        u32::from_le_bytes(msg[8..12].try_into().unwrap())
+    }
+
+    pub fn next_command(msg: &[u8]) -> usize {
+        u32::from_le_bytes(msg[20..24].try_into().unwrap()) as usize
+    }
+}
+
+#[test]
+fn malformed_requests_get_errors_and_the_server_keeps_serving() {
+    let s = Scratch::new("rksmbd-malformed");
+    std::fs::write(s.root().join("still.txt"), "x").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let addr = srv.shim.addr.clone();
+
+    // A client that sends half a length and stalls holds only itself up.
+    let mut stalled = raw::connect(&addr);
+    stalled.write_all(&[0, 0]).unwrap();
+
+    // A NEGOTIATE claiming more dialects than it carries: an error reply,
+    // and the connection still serves.
+    let mut c = raw::connect(&addr);
+    raw::send(&mut c, &raw::negotiate(0, &[0x0302], 5));
+    let r = raw::recv(&mut c).expect("a reply");
+    assert_eq!(raw::status(&r), 0xC000_000D, "STATUS_INVALID_PARAMETER");
+    raw::send(&mut c, &raw::negotiate(1, &[0x0202], 1));
+    let r = raw::recv(&mut c).expect("a reply");
+    assert_eq!(
+        raw::status(&r),
+        0xC000_00BB,
+        "2.0.2 alone: STATUS_NOT_SUPPORTED"
+    );
+    raw::send(&mut c, &raw::negotiate(2, &[0x0202, 0x0210, 0x0302], 3));
+    let r = raw::recv(&mut c).expect("a reply");
+    assert_eq!(raw::status(&r), 0);
+    assert_eq!(
+        &r[64 + 4..64 + 6],
+        &0x0302u16.to_le_bytes(),
+        "highest dialect chosen"
+    );
+    // Two unrelated ECHOs in one compound: two chained replies.
+    let mut first = raw::echo(3, 72);
+    first.extend_from_slice(&[0; 4]); // pad to 8
+    first.extend_from_slice(&raw::echo(4, 0));
+    raw::send(&mut c, &first);
+    let r = raw::recv(&mut c).expect("a compound reply");
+    let n = raw::next_command(&r);
+    assert!(
+        n >= 68 && n.is_multiple_of(8) && n < r.len(),
+        "chained: {n} of {}",
+        r.len()
+    );
+    assert_eq!((raw::status(&r), raw::status(&r[n..])), (0, 0));
+    assert_eq!(&r[n + 24..n + 32], &4u64.to_le_bytes(), "second message id");
+    // A file command without a session, a truncated body: errors.
+    let mut bad = raw::header(5, 5, 0);
+    bad.extend_from_slice(&[57, 0, 1]);
+    raw::send(&mut c, &bad);
+    let r = raw::recv(&mut c).expect("a reply");
+    assert_ne!(raw::status(&r), 0);
+    c.write_all(&[0x85, 0, 0, 0]).unwrap(); // a keep-alive is ignored
+    raw::send(&mut c, &raw::echo(6, 0));
+    assert_eq!(raw::status(&raw::recv(&mut c).expect("echo")), 0);
+
+    // Frames that are not SMB2 close only their own connection.
+    for frame in [
+        vec![0x00, 0xFF, 0xFF, 0xFF],               // 16 MiB: over the limit
+        vec![0x81, 0, 0, 0],                        // a NetBIOS session request
+        [vec![0, 0, 0, 8], vec![0x55; 8]].concat(), // not an SMB2 header
+        [vec![0, 0, 0, 4], vec![0xFF, b'S', b'M', b'B']].concat(), // SMB1
+    ] {
+        let mut b = raw::connect(&addr);
+        b.write_all(&frame).unwrap();
+        assert!(raw::recv(&mut b).is_none(), "closed after {frame:02x?}");
+    }
+
+    // Everyone else is still served.
+    let o = smbclient(&srv, "alice", "pw", "SMB3_11", "ls");
+    assert!(text(&o).contains("still.txt"), "{}", text(&o));
+    drop(stalled);
 }

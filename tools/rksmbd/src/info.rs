@@ -173,6 +173,13 @@ pub fn file_class(class: u8, f: &FileFacts<'_>) -> Result<Vec<u8>, u32> {
         35 => {
             w.u32(m.attributes()).u32(0);
         }
+        // FileAlternateNameInformation (2.4.5): there are no 8.3 names;
+        // the name itself stands in (smbclient's allinfo needs an answer).
+        21 => {
+            let leaf = f.name.rsplit('\\').next().unwrap_or("");
+            let name = wire::to_utf16(leaf);
+            w.u32(wire::len32(name.len())).bytes(&name);
+        }
         _ => return Err(status::INVALID_INFO_CLASS),
     }
     Ok(w.0)
@@ -181,7 +188,7 @@ pub fn file_class(class: u8, f: &FileFacts<'_>) -> Result<Vec<u8>, u32> {
 /// Whether a file or filesystem class has a variable-length tail (and may
 /// then be truncated with STATUS_BUFFER_OVERFLOW rather than refused).
 pub fn is_variable(info_type: u8, class: u8) -> bool {
-    matches!((info_type, class), (1, 9 | 18 | 22) | (2, 1 | 5))
+    matches!((info_type, class), (1, 9 | 18 | 21 | 22) | (2, 1 | 5))
 }
 
 /// Encodes a filesystem information class (QUERY_INFO, InfoType 2) for
@@ -220,6 +227,10 @@ pub fn fs_class(class: u8, fd: impl AsFd) -> Result<Vec<u8>, u32> {
                 .u32(255)
                 .u32(wire::len32(name.len()))
                 .bytes(&name);
+        }
+        // FileFsSectorSizeInformation (2.5.7): 512-byte sectors, aligned.
+        11 => {
+            w.u32(512).u32(512).u32(512).u32(512).u32(0x3).u32(0).u32(0);
         }
         // FileFsFullSizeInformation (2.5.4).
         7 => {

@@ -240,6 +240,9 @@ impl Connection {
             }
             let [kind, a, b, c] = len;
             let n = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+            if kind == 0x85 && n == 0 {
+                continue; // NetBIOS session keep-alive
+            }
             if kind != 0 || n > MAX_PDU {
                 tracing::warn!(conn = self.id, kind, n, "bad NetBIOS frame; closing");
                 return;
@@ -428,6 +431,14 @@ impl Connection {
             ),
             Err(st) => (st, error_body(), None, req.hdr.session_id, req.hdr.tree_id),
         };
+        tracing::debug!(
+            conn = self.id,
+            command = ?cmd,
+            message_id = req.hdr.message_id,
+            related = req.hdr.flags & wire::FLAG_RELATED != 0,
+            status = format_args!("{st:#010x}"),
+            "request"
+        );
         if cmd == Command::SessionSetup {
             // The final SESSION_SETUP response is signed with the new key.
             sign = match self.sessions.get(&session_id) {
