@@ -323,3 +323,132 @@ fn malformed_requests_get_errors_and_the_server_keeps_serving() {
     assert!(text(&o).contains("still.txt"), "{}", text(&o));
     drop(stalled);
 }
+
+/// The venv's python with smbprotocol (PyPI), made under target/ on first
+/// use; a failure to make it fails the test, with the reason.
+fn smbprotocol_python() -> std::path::PathBuf {
+    let target = rkfilter_tests::bin("rksmbd")
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir")
+        .to_owned();
+    let venv = target.join("smbvenv");
+    let python = venv.join("bin/python");
+    let has = |p: &std::path::Path| {
+        Command::new(p)
+            .args(["-c", "import smbprotocol"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has(&python) {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "smbprotocol==1.17.0"])
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            made && has(&python),
+            "could not make a python venv with smbprotocol at {} \
+             (needs python3-venv and PyPI)",
+            venv.display()
+        );
+    }
+    python
+}
+
+/// What happens while the client is away.
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    /// Only the client's TCP connection drops.
+    TcpDrop,
+    /// rksmbd is SIGKILLed and a replacement (same instance) starts.
+    RksmbdKilled,
+    /// filterd and rksmbd are SIGKILLed together and both restart.
+    BothKilled,
+}
+
+/// smbprotocol opens a persistent handle with an RWH lease, writes, drops
+/// TCP; after the outage a conflicting open is refused and a DH2C
+/// reconnect finds the handle and its data.
+fn persistent_handle_survives(outage: Outage) {
+    use std::io::{BufRead, BufReader};
+    let python = smbprotocol_python();
+    let s = Scratch::new(&format!("rksmbd-durable-{outage:?}"));
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("smb3/durable_reconnect.py");
+    let mut child = Command::new("timeout")
+        .arg("120")
+        .arg(&python)
+        .arg(&script)
+        .args(["127.0.0.1", &srv.port(), "data", "alice", "pw"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the smbprotocol script");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut log = String::new();
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            let o = child.wait_with_output().expect("script exit");
+            panic!(
+                "script ended early:\n{log}{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        log.push_str(&line);
+        if line.starts_with("dropped") {
+            break;
+        }
+    }
+    match outage {
+        Outage::TcpDrop => {}
+        Outage::RksmbdKilled => {
+            srv.shim.kill9_in_place();
+            srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+        }
+        Outage::BothKilled => {
+            d.kill9();
+            srv.shim.kill9_in_place();
+            d = Filterd::start(&s, &[], &[]);
+            srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+        }
+    }
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", srv.port()).expect("send the port");
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("script output");
+    let o = child.wait_with_output().expect("script exit");
+    assert!(
+        o.status.success() && rest.contains("PASS"),
+        "{log}{rest}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read(s.root().join("durable.txt")).unwrap(),
+        b"persistent data survives the drop\n"
+    );
+    no_handles_left(&d);
+}
+
+#[test]
+fn smbprotocol_persistent_handle_survives_a_tcp_drop() {
+    persistent_handle_survives(Outage::TcpDrop);
+}
+
+#[test]
+fn smbprotocol_persistent_handle_survives_rksmbd_sigkill() {
+    persistent_handle_survives(Outage::RksmbdKilled);
+}
+
+#[test]
+fn smbprotocol_persistent_handle_survives_filterd_and_rksmbd_sigkill() {
+    persistent_handle_survives(Outage::BothKilled);
+}

@@ -20,17 +20,26 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use libfilter::client::ClientError;
+use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::locks::LockRange;
 use libfilter::model::{
-    Access, ClientId, CreateAction, Disposition, Durability, RelPath, ResumeKey, Rights,
+    Access, ClientId, CreateAction, CreateGuid, Disposition, Durability, HeldLease, LeaseRequest,
+    RelPath, ResumeKey, Rights, DEFAULT_DURABLE_TIMEOUT_MS,
 };
 use libfilter::proto::{ErrorCode, OpenRequest};
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
+use crate::contexts::{self, CreateContexts, LeaseV, ReconnectV2, ResponseContexts};
+use crate::crypto::Dialect;
 use crate::info::{self, FileFacts, Meta};
 use crate::server::{Connection, Outcome, Reply, Request, Shared, MAX_IO};
 use crate::wire::{self, status, Command, Reader, Writer, HEADER_LEN};
+
+/// RequestedOplockLevel: a lease (2.2.13).
+const OPLOCK_LEVEL_LEASE: u8 = 0xFF;
+/// Longest durable timeout granted (MS-SMB2 3.3.5.9.10: at most 300 s).
+const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
 
 /// Most entries one directory listing holds (a bigger directory is cut).
 const MAX_LISTING: usize = 100_000;
@@ -143,6 +152,9 @@ pub struct Open {
     granted: u32,
     delete_on_close: bool,
     kind: Kind,
+    /// Granted durable (or persistent): on a lost connection the filterd
+    /// handle is detached, not closed, so a DH2C can resume it.
+    durable: bool,
 }
 
 impl Open {
@@ -169,8 +181,13 @@ impl Open {
 
 /// Releases an open that is going away: a file is closed in filterd; a
 /// directory marked delete-on-close is removed.
-pub fn release(sh: &Shared, open: &Open) {
+pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
     match &open.kind {
+        Kind::File { key, .. } if connection_lost && open.durable => {
+            if let Err(e) = sh.filter.detach(*key) {
+                tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
+            }
+        }
         Kind::File { key, .. } => {
             if let Err(e) = sh.filter.close(*key) {
                 tracing::warn!(resume_key = %key, error = %e, "close in filterd failed");
@@ -349,11 +366,26 @@ fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let options = r.u32("create options")?;
     let name_off = r.u16("name offset")?;
     let name_len = r.u16("name length")?;
+    let ctx_off = r.u32("contexts offset")?;
+    let ctx_len = r.u32("contexts length")?;
     let name = wire::utf16(
         wire::buffer(req.msg, u32::from(name_off), u32::from(name_len), "name")?,
         "name",
     )?;
-    let _ = oplock; // no oplocks or leases are granted yet
+    let ctxs = if ctx_len == 0 {
+        CreateContexts::default()
+    } else {
+        contexts::parse(req.msg, ctx_off, ctx_len)?
+    };
+    // Leases are considered only with the lease oplock level (2.2.13).
+    let lease = ctxs.lease.filter(|_| oplock == OPLOCK_LEVEL_LEASE);
+    if ctxs.reconnect_v1.is_some() {
+        // Durable v1 handles are not granted, so none can be reconnected.
+        return Err(status::OBJECT_NAME_NOT_FOUND);
+    }
+    if let Some(rc) = ctxs.reconnect_v2 {
+        return reconnect(c, req, rc, lease);
+    }
     let path = parse_name(&name)?;
     if options & FILE_DIRECTORY_FILE != 0 && options & FILE_NON_DIRECTORY_FILE != 0 {
         return Err(status::INVALID_PARAMETER);
@@ -411,50 +443,303 @@ fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
             let Some(p) = path else {
                 return Err(status::FILE_IS_A_DIRECTORY);
             };
-            let client =
-                ClientId::new(c.client_guid.to_string()).map_err(|_| status::INVALID_PARAMETER)?;
-            let req = OpenRequest {
-                client,
-                path: p.clone(),
-                access: Access::new(rights_of(access)).map_err(|_| status::INVALID_PARAMETER)?,
-                share: Rights::from_bits_truncate(u8::try_from(share & 7).unwrap_or(0)),
-                disposition: disp,
-                durability: Durability::None,
-                create_guid: None,
-                owner: Some(user),
-                lease: None,
-                no_wait: false,
+            let spec = FileCreate {
+                path: p,
+                access,
+                share,
+                disp,
+                options,
+                session,
+                tree,
+                user,
+                replay: req.hdr.flags & wire::FLAG_REPLAY != 0,
             };
-            let h = sh.filter.open(req).map_err(|e| status_of(&e))?;
-            let key = h.info.key;
-            let file = std::fs::File::from(h.fd);
-            let mut delete_on_close = false;
-            if options & FILE_DELETE_ON_CLOSE != 0 {
-                if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
-                    let _ = sh.filter.close(key);
-                    return Err(status_of(&e));
-                }
-                delete_on_close = true;
-            }
-            let meta = Meta::of(&file)?;
-            (
-                Open {
-                    session,
-                    tree,
-                    path: Some(p),
-                    granted: granted_mask(access),
-                    delete_on_close,
-                    kind: Kind::File { key, file },
-                },
-                h.info.create_action,
-                meta,
-            )
+            return open_file(c, spec, &ctxs, lease);
         }
     };
     let id = c.new_file_id();
     c.opens.insert(id, open);
+    Ok(create_reply(action, &meta, id, id, 0, Vec::new()))
+}
+
+/// A CREATE of a regular file, decoded.
+struct FileCreate {
+    path: RelPath,
+    access: u32,
+    share: u32,
+    disp: Disposition,
+    options: u32,
+    session: u64,
+    tree: u32,
+    user: String,
+    replay: bool,
+}
+
+/// The filterd client identity of this connection's client.
+fn client_of(c: &Connection) -> Result<ClientId, u32> {
+    ClientId::new(c.client_guid.to_string()).map_err(|_| status::INVALID_PARAMETER)
+}
+
+/// SMB lease state bits (R 1, H 2, W 4) as filterd's lease state.
+fn lease_state(bits: u32) -> LeaseState {
+    let mut s = LeaseState::NONE;
+    for (bit, st) in [(1, LeaseState::R), (2, LeaseState::H), (4, LeaseState::W)] {
+        if bits & bit != 0 {
+            s = s.with(st);
+        }
+    }
+    s
+}
+
+fn lease_bits(s: LeaseState) -> u32 {
+    [(LeaseState::R, 1), (LeaseState::H, 2), (LeaseState::W, 4)]
+        .iter()
+        .filter(|(st, _)| s.contains(*st))
+        .map(|(_, b)| *b)
+        .sum()
+}
+
+/// The persistent half of an SMB2 FileId for a filterd handle: the same
+/// on every connection and after a reconnect (2.2.14.1).
+fn persistent_id(key: ResumeKey) -> u64 {
+    key.0.as_u64_pair().0
+}
+
+/// The granted lease as a response context value.
+fn lease_response(asked: &LeaseV, held: Option<HeldLease>) -> LeaseV {
+    LeaseV {
+        key: asked.key,
+        state: held.map(|l| lease_bits(l.state)).unwrap_or(0),
+        v2: asked
+            .v2
+            .map(|(parent, _)| (parent, held.map(|l| l.epoch).unwrap_or(0))),
+    }
+}
+
+/// The response contexts of a file CREATE — DH2Q when durable, the lease
+/// when one was asked for — and the oplock level to report.
+fn reply_contexts(
+    durable: Option<(u32, bool)>,
+    lease: Option<&LeaseV>,
+    held: Option<HeldLease>,
+) -> (Vec<u8>, u8) {
+    let mut rc = ResponseContexts::new();
+    if let Some((t, persistent)) = durable {
+        rc.durable_v2(t, persistent);
+    }
+    let mut oplock = 0;
+    if let Some(asked) = lease {
+        rc.lease(&lease_response(asked, held));
+        oplock = OPLOCK_LEVEL_LEASE;
+    }
+    (rc.into_bytes(), oplock)
+}
+
+/// Opens a regular file as a filterd handle, durable or persistent as
+/// DH2Q asks and MS-SMB2 3.3.5.9.10 allows, with a lease if asked.
+fn open_file(
+    c: &mut Connection,
+    f: FileCreate,
+    ctxs: &CreateContexts,
+    lease: Option<LeaseV>,
+) -> Outcome {
+    let sh = c.sh.clone();
+    let smb3 = c.dialect().is_some_and(Dialect::is_smb3);
+    let lease_req = lease.filter(|l| l.state != 0).map(|l| LeaseRequest {
+        key: LeaseKey(uuid::Uuid::from_bytes_le(l.key)),
+        state: lease_state(l.state),
+    });
+    let wants_h = lease_req.is_some_and(|l| l.state.contains(LeaseState::H));
+    let (durability, create_guid) = match ctxs.durable_v2 {
+        Some(d) if smb3 => {
+            let t = match d.timeout_ms {
+                0 => DEFAULT_DURABLE_TIMEOUT_MS,
+                t => t.min(MAX_DURABLE_TIMEOUT_MS),
+            };
+            if d.persistent {
+                // The share is continuously available on every 3.x dialect.
+                (
+                    Durability::Persistent { timeout_ms: t },
+                    Some(d.create_guid),
+                )
+            } else if wants_h {
+                (Durability::Durable { timeout_ms: t }, Some(d.create_guid))
+            } else {
+                (Durability::None, None)
+            }
+        }
+        _ => (Durability::None, None),
+    };
+    let req = OpenRequest {
+        client: client_of(c)?,
+        path: f.path.clone(),
+        access: Access::new(rights_of(f.access)).map_err(|_| status::INVALID_PARAMETER)?,
+        share: Rights::from_bits_truncate(u8::try_from(f.share & 7).unwrap_or(0)),
+        disposition: f.disp,
+        durability,
+        create_guid: create_guid.map(CreateGuid),
+        owner: Some(f.user),
+        lease: lease_req,
+        no_wait: false,
+    };
+    let h = if f.replay && create_guid.is_some() {
+        sh.filter.replay_open(req)
+    } else {
+        sh.filter.open(req)
+    }
+    .map_err(|e| status_of(&e))?;
+    let key = h.info.key;
+    let file = std::fs::File::from(h.fd);
+    let held = h.info.lease;
+    // A durable (not persistent) open stands only with an H lease granted.
+    let durable = match h.info.durability {
+        Durability::Persistent { timeout_ms } => Some((timeout_ms, true)),
+        Durability::Durable { timeout_ms }
+            if held.is_some_and(|l| l.state.contains(LeaseState::H)) =>
+        {
+            Some((timeout_ms, false))
+        }
+        _ => None,
+    };
+    let mut delete_on_close = false;
+    if f.options & FILE_DELETE_ON_CLOSE != 0 {
+        if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
+            let _ = sh.filter.close(key);
+            return Err(status_of(&e));
+        }
+        delete_on_close = true;
+    }
+    let meta = Meta::of(&file)?;
+    let (contexts, oplock) = reply_contexts(durable, lease.as_ref(), held);
+    let id = c.new_file_id();
+    c.opens.insert(
+        id,
+        Open {
+            session: f.session,
+            tree: f.tree,
+            path: Some(f.path),
+            granted: granted_mask(f.access),
+            delete_on_close,
+            kind: Kind::File { key, file },
+            durable: durable.is_some(),
+        },
+    );
+    let pid = if durable.is_some() {
+        persistent_id(key)
+    } else {
+        id
+    };
+    Ok(create_reply(
+        h.info.create_action,
+        &meta,
+        pid,
+        id,
+        oplock,
+        contexts,
+    ))
+}
+
+/// DH2C (MS-SMB2 3.3.5.9.12): resumes a disconnected durable or
+/// persistent filterd handle by its create GUID, for the same client.
+fn reconnect(
+    c: &mut Connection,
+    req: &Request<'_>,
+    rc: ReconnectV2,
+    lease: Option<LeaseV>,
+) -> Outcome {
+    let sh = c.sh.clone();
+    let client = client_of(c)?;
+    let not_found = |e: ClientError| match e.code() {
+        Some(ErrorCode::NoSuchHandle | ErrorCode::NotFound | ErrorCode::NotOwner) => {
+            status::OBJECT_NAME_NOT_FOUND
+        }
+        _ => status_of(&e),
+    };
+    let h = sh
+        .filter
+        .resume_by_guid(client, CreateGuid(rc.create_guid))
+        .map_err(not_found)?;
+    let key = h.info.key;
+    let held = h.info.lease;
+    // The reconnect must name the same file id and the same lease key.
+    let lease_ok = match (held, &lease) {
+        (Some(l), Some(asked)) => l.key == LeaseKey(uuid::Uuid::from_bytes_le(asked.key)),
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    let view = match sh
+        .filter
+        .client()
+        .call(libfilter::proto::Request::Handle { key })
+    {
+        Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v),
+        _ => None,
+    };
+    let (Some(view), true, true) = (view, lease_ok, rc.persistent_file_id == persistent_id(key))
+    else {
+        let _ = sh.filter.detach(key);
+        return Err(status::OBJECT_NAME_NOT_FOUND);
+    };
+    let rec = view.record;
+    let (timeout, persistent) = match rec.durability {
+        Durability::Persistent { timeout_ms } => (timeout_ms, true),
+        Durability::Durable { timeout_ms } => (timeout_ms, false),
+        Durability::None => (0, false),
+    };
+    let file = std::fs::File::from(h.fd);
+    let meta = Meta::of(&file)?;
+    let (contexts, oplock) = reply_contexts(Some((timeout, persistent)), lease.as_ref(), held);
+    let id = c.new_file_id();
+    c.opens.insert(
+        id,
+        Open {
+            session: req.hdr.session_id,
+            tree: req.hdr.tree_id,
+            path: Some(rec.path),
+            granted: mask_of_rights(rec.access.rights()),
+            delete_on_close: rec.delete_on_close,
+            kind: Kind::File { key, file },
+            durable: true,
+        },
+    );
+    tracing::info!(resume_key = %key, "durable handle reconnected");
+    Ok(create_reply(
+        CreateAction::Opened,
+        &meta,
+        persistent_id(key),
+        id,
+        oplock,
+        contexts,
+    ))
+}
+
+/// An access mask for filterd rights (after a reconnect, when the original
+/// SMB mask is no longer known).
+fn mask_of_rights(r: Rights) -> u32 {
+    let mut m = 0x0012_0080; // read attributes, read control, synchronize
+    if r.contains(Rights::READ) {
+        m |= 0x0012_0089;
+    }
+    if r.contains(Rights::WRITE) {
+        m |= 0x0012_0116;
+    }
+    if r.contains(Rights::DELETE) {
+        m |= DELETE;
+    }
+    m
+}
+
+/// The CREATE response (2.2.14).
+fn create_reply(
+    action: CreateAction,
+    meta: &Meta,
+    persistent: u64,
+    volatile: u64,
+    oplock: u8,
+    contexts: Vec<u8>,
+) -> Reply {
     let mut w = Writer::new();
-    w.u16(89).u8(0).u8(0);
+    w.u16(89).u8(oplock).u8(0);
     w.u32(match action {
         CreateAction::Superseded => 0,
         CreateAction::Opened => 1,
@@ -469,14 +754,19 @@ fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
         .u64(meta.size)
         .u32(meta.attributes())
         .u32(0);
-    w.u64(id).u64(id);
-    w.u32(0).u32(0);
-    w.u8(0);
+    w.u64(persistent).u64(volatile);
+    if contexts.is_empty() {
+        w.u32(0).u32(0).u8(0);
+    } else {
+        // The fixed part ends 8-aligned (64 + 88), so the contexts follow.
+        w.u32(wire::len32(HEADER_LEN + 88))
+            .u32(wire::len32(contexts.len()));
+        w.bytes(&contexts);
+    }
     let mut reply = Reply::ok(w.0);
-    reply.file = Some(id);
-    Ok(reply)
+    reply.file = Some(volatile);
+    reply
 }
-
 fn dir_open(
     session: u64,
     tree: u32,
@@ -492,6 +782,7 @@ fn dir_open(
         granted: granted_mask(access),
         delete_on_close: options & FILE_DELETE_ON_CLOSE != 0,
         kind: Kind::Dir { fd, listing: None },
+        durable: false,
     }
 }
 

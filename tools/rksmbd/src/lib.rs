@@ -12,12 +12,14 @@
 //! - [`server`]: connections, compounding, credits, signing, NEGOTIATE,
 //!   SESSION_SETUP, TREE_CONNECT, IOCTL and the other non-file commands.
 //! - [`files`]: CREATE, CLOSE, READ, WRITE, FLUSH, QUERY_INFO, SET_INFO,
-//!   QUERY_DIRECTORY over filterd handles; [`info`] encodes the MS-FSCC
-//!   information classes.
+//!   QUERY_DIRECTORY over filterd handles, durable and persistent handles
+//!   and leases; [`contexts`] decodes and encodes CREATE contexts, [`info`]
+//!   the MS-FSCC information classes.
 //!
 //! docs/smb3.md says what is implemented and what is not.
 #![forbid(unsafe_code)]
 
+pub mod contexts;
 pub mod crypto;
 pub mod files;
 pub mod info;

@@ -272,9 +272,15 @@ impl Connection {
         }
     }
 
-    /// The client went away: every open is closed in filterd.
+    /// The client went away: durable and persistent opens are detached in
+    /// filterd (kept for their timeout, for a DH2C), the others closed.
     pub fn lost(&mut self) {
-        self.close_opens_where(|_| true);
+        let ids: Vec<u64> = self.opens.keys().copied().collect();
+        for id in ids {
+            if let Some(open) = self.opens.remove(&id) {
+                crate::files::release(&self.sh, &open, true);
+            }
+        }
     }
 
     /// Closes every open `which` selects (LOGOFF, TREE_DISCONNECT, a lost
@@ -295,7 +301,7 @@ impl Connection {
     /// from this connection either way).
     pub fn close_open(&mut self, id: u64) -> Option<Open> {
         let open = self.opens.remove(&id)?;
-        crate::files::release(&self.sh, &open);
+        crate::files::release(&self.sh, &open, false);
         Some(open)
     }
 
