@@ -30,6 +30,7 @@ use libfilter::proto::{ErrorCode, OpenRequest};
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
+use crate::breaks::{lease_bits, lease_state};
 use crate::contexts::{self, CreateContexts, LeaseV, ReconnectV2, ResponseContexts};
 use crate::crypto::Dialect;
 use crate::info::{self, FileFacts, Meta};
@@ -480,25 +481,6 @@ fn client_of(c: &Connection) -> Result<ClientId, u32> {
     ClientId::new(c.client_guid.to_string()).map_err(|_| status::INVALID_PARAMETER)
 }
 
-/// SMB lease state bits (R 1, H 2, W 4) as filterd's lease state.
-fn lease_state(bits: u32) -> LeaseState {
-    let mut s = LeaseState::NONE;
-    for (bit, st) in [(1, LeaseState::R), (2, LeaseState::H), (4, LeaseState::W)] {
-        if bits & bit != 0 {
-            s = s.with(st);
-        }
-    }
-    s
-}
-
-fn lease_bits(s: LeaseState) -> u32 {
-    [(LeaseState::R, 1), (LeaseState::H, 2), (LeaseState::W, 4)]
-        .iter()
-        .filter(|(st, _)| s.contains(*st))
-        .map(|(_, b)| *b)
-        .sum()
-}
-
 /// The persistent half of an SMB2 FileId for a filterd handle: the same
 /// on every connection and after a reconnect (2.2.14.1).
 fn persistent_id(key: ResumeKey) -> u64 {
@@ -591,6 +573,9 @@ fn open_file(
     let key = h.info.key;
     let file = std::fs::File::from(h.fd);
     let held = h.info.lease;
+    if let (Some(l), Some(asked)) = (held, &lease) {
+        sh.notifier.granted(l.key, c.id, asked.v2.is_some());
+    }
     // A durable (not persistent) open stands only with an H lease granted.
     let durable = match h.info.durability {
         Durability::Persistent { timeout_ms } => Some((timeout_ms, true)),
@@ -661,6 +646,9 @@ fn reconnect(
         .map_err(not_found)?;
     let key = h.info.key;
     let held = h.info.lease;
+    if let (Some(l), Some(asked)) = (held, &lease) {
+        sh.notifier.granted(l.key, c.id, asked.v2.is_some());
+    }
     // The reconnect must name the same file id and the same lease key.
     let lease_ok = match (held, &lease) {
         (Some(l), Some(asked)) => l.key == LeaseKey(uuid::Uuid::from_bytes_le(asked.key)),

@@ -14,11 +14,13 @@
 //! - [`files`]: CREATE, CLOSE, READ, WRITE, FLUSH, QUERY_INFO, SET_INFO,
 //!   QUERY_DIRECTORY over filterd handles, durable and persistent handles
 //!   and leases; [`contexts`] decodes and encodes CREATE contexts, [`info`]
-//!   the MS-FSCC information classes.
+//!   the MS-FSCC information classes; [`breaks`] forwards filterd's lease
+//!   breaks to the clients and their acknowledgments back.
 //!
 //! docs/smb3.md says what is implemented and what is not.
 #![forbid(unsafe_code)]
 
+pub mod breaks;
 pub mod contexts;
 pub mod crypto;
 pub mod files;

@@ -15,7 +15,7 @@ use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libfilter::attach::Attachment;
@@ -73,6 +73,8 @@ pub struct Shared {
     pub config: Config,
     /// This server's GUID.
     pub server_guid: [u8; 16],
+    /// Lease holders and connection writers, for lease breaks.
+    pub notifier: crate::breaks::Notifier,
     next_session: AtomicU64,
 }
 
@@ -94,17 +96,13 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         root,
         config,
         server_guid: ntlm::random_bytes(),
+        notifier: crate::breaks::Notifier::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
     });
-    let events = shared.filter.clone();
+    let events = shared.clone();
     std::thread::Builder::new()
         .name("filter-events".into())
-        .spawn(move || {
-            // No leases or durable handles yet: events are only logged.
-            while let Ok(ev) = events.events().recv() {
-                tracing::debug!(?ev, "filterd event");
-            }
-        })?;
+        .spawn(move || crate::breaks::forward(events))?;
     shimline::accept_forever(listener, "rksmbd", move |conn, stream| {
         let mut c = Connection::new(shared.clone(), conn);
         c.serve(stream);
@@ -233,6 +231,15 @@ impl Connection {
     pub fn serve(&mut self, mut stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let Ok(writer) = stream.try_clone().map(|w| Arc::new(Mutex::new(w))) else {
+            return;
+        };
+        self.sh.notifier.connected(self.id, writer.clone());
+        self.read_loop(&mut stream, &writer);
+        self.sh.notifier.disconnected(self.id);
+    }
+
+    fn read_loop(&mut self, stream: &mut TcpStream, writer: &crate::breaks::ConnWriter) {
         loop {
             let mut len = [0u8; 4];
             if stream.read_exact(&mut len).is_err() {
@@ -266,7 +273,11 @@ impl Connection {
             };
             let mut frame = n.to_be_bytes().to_vec();
             frame.extend_from_slice(&out);
-            if stream.write_all(&frame).is_err() {
+            let written = writer
+                .lock()
+                .map(|mut w| w.write_all(&frame).is_ok())
+                .unwrap_or(false);
+            if !written {
                 return;
             }
         }
@@ -547,6 +558,7 @@ impl Connection {
                 match cmd {
                     Command::Logoff => self.logoff(req),
                     Command::TreeConnect => self.tree_connect(req),
+                    Command::OplockBreak => crate::breaks::acknowledge(self, req),
                     _ => {
                         self.tree_of(req)?;
                         match cmd {
