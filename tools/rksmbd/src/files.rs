@@ -34,7 +34,9 @@ use crate::breaks::{lease_bits, lease_state};
 use crate::contexts::{self, CreateContexts, LeaseV, ReconnectV2, ResponseContexts};
 use crate::crypto::Dialect;
 use crate::info::{self, FileFacts, Meta};
-use crate::server::{Connection, Outcome, Reply, Request, Shared, MAX_IO};
+use crate::server::{
+    Connection, Outcome, Reply, Request, Shared, MAX_IO, MAX_OPENS_PER_CONNECTION,
+};
 use crate::wire::{self, status, Command, Reader, Writer, HEADER_LEN};
 
 /// RequestedOplockLevel: a lease (2.2.13).
@@ -351,6 +353,9 @@ fn disposition(d: u32) -> Result<Disposition, u32> {
 
 /// CREATE (MS-SMB2 2.2.13, 3.3.5.9).
 fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
+    if c.opens.len() >= MAX_OPENS_PER_CONNECTION {
+        return Err(status::INSUFFICIENT_RESOURCES);
+    }
     let mut r = Reader::new(req.body);
     if r.u16("structure size")? != 57 {
         return Err(status::INVALID_PARAMETER);
@@ -1161,29 +1166,43 @@ fn dir_is_empty(dir: &OwnedFd) -> Result<bool, u32> {
 }
 
 /// Windows wildcard match, case-insensitive: `*`, `?`, and the DOS forms
-/// `<` `>` `"` treated as `*`, `?`, `.`.
+/// `<` `>` `"` taken as `*`, `?`, `.`. Greedy with one backtrack point,
+/// so any pattern costs at most pattern × name steps.
 fn matches(pattern: &str, name: &str) -> bool {
-    fn go(p: &[char], n: &[char]) -> bool {
-        match p.split_first() {
-            None => n.is_empty(),
-            Some(('*' | '<', rest)) => (0..=n.len()).any(|i| go(rest, n.get(i..).unwrap_or(&[]))),
-            Some(('?' | '>', rest)) => n.split_first().is_some_and(|(_, nr)| go(rest, nr)),
-            Some(('"', rest)) => match n.split_first() {
-                Some(('.', nr)) => go(rest, nr),
-                None => go(rest, n),
-                _ => false,
+    let fold = |c: char| c.to_lowercase().next().unwrap_or(c);
+    let p: Vec<char> = pattern
+        .chars()
+        .map(|c| match c {
+            '<' => '*',
+            '>' => '?',
+            '"' => '.',
+            c => fold(c),
+        })
+        .collect();
+    let n: Vec<char> = name.chars().map(fold).collect();
+    let (mut pi, mut ni) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match (p.get(pi), n.get(ni)) {
+            (Some('*'), _) => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            (Some(a), Some(b)) if *a == '?' || a == b => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
             },
-            Some((c, rest)) => n
-                .split_first()
-                .is_some_and(|(d, nr)| c.to_lowercase().eq(d.to_lowercase()) && go(rest, nr)),
         }
     }
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    if p.len() > 1024 {
-        return false;
-    }
-    go(&p, &n)
+    p.get(pi..).unwrap_or(&[]).iter().all(|c| *c == '*')
 }
 
 /// QUERY_DIRECTORY (2.2.33).
@@ -1281,6 +1300,11 @@ mod tests {
         assert!(matches("File.Txt", "file.txt"));
         assert!(!matches("file", "file.txt"));
         assert!(matches("<.txt", "x.txt"));
+        assert!(matches("a*b*c", "axxbyyc"));
+        assert!(!matches("a*b*c", "axxbyy"));
+        // No exponential backtracking.
+        let long = "a".repeat(255);
+        assert!(!matches(&format!("{}b", "*a".repeat(100)), &long));
     }
 
     #[test]

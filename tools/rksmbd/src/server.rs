@@ -34,6 +34,13 @@ pub const MAX_IO: u32 = 1 << 20;
 const MAX_PDU: usize = MAX_IO as usize + 64 * 1024;
 /// Credits granted per response at most.
 const MAX_CREDITS_PER_REPLY: u16 = 512;
+/// Opens one connection may hold (directory opens hold a descriptor in
+/// rksmbd; file opens are also limited per client by filterd).
+pub const MAX_OPENS_PER_CONNECTION: usize = 16_384;
+/// Sessions one connection may hold.
+const MAX_SESSIONS_PER_CONNECTION: usize = 64;
+/// Tree connects one session may hold.
+const MAX_TREES_PER_SESSION: usize = 64;
 /// How long a reply may take to write before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -729,6 +736,9 @@ impl Connection {
         let _previous = r.u64("previous session")?;
         let blob = wire::buffer(req.msg, u32::from(off), u32::from(len), "security blob")?;
         let id = if req.hdr.session_id == 0 {
+            if self.sessions.len() >= MAX_SESSIONS_PER_CONNECTION {
+                return Err(status::INSUFFICIENT_RESOURCES);
+            }
             let id = self.sh.next_session.fetch_add(1, Ordering::Relaxed);
             self.sessions.insert(
                 id,
@@ -852,6 +862,9 @@ impl Connection {
             .sessions
             .get_mut(&req.hdr.session_id)
             .ok_or(status::USER_SESSION_DELETED)?;
+        if s.trees.len() >= MAX_TREES_PER_SESSION {
+            return Err(status::INSUFFICIENT_RESOURCES);
+        }
         s.trees.push(tree);
         let mut w = Writer::new();
         w.u16(16).u8(1).u8(0); // disk share
