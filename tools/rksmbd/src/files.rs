@@ -30,7 +30,7 @@ use libfilter::proto::{ErrorCode, OpenRequest};
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
-use crate::breaks::{lease_bits, lease_state};
+use crate::breaks::{self, lease_bits, lease_state, Holder};
 use crate::contexts::{self, CreateContexts, LeaseV, ReconnectV2, ResponseContexts};
 use crate::crypto::Dialect;
 use crate::info::{self, FileFacts, Meta};
@@ -158,6 +158,19 @@ pub struct Open {
     /// Granted durable (or persistent): on a lost connection the filterd
     /// handle is detached, not closed, so a DH2C can resume it.
     durable: bool,
+    /// The filterd lease key standing for this open's oplock, if any.
+    oplock: Option<LeaseKey>,
+}
+
+/// The lease key of the oplock of open `id` (an OPLOCK_BREAK
+/// acknowledgment names the open by FileId).
+pub fn oplock_of(c: &Connection, req: &Request<'_>, id: u64) -> Result<LeaseKey, u32> {
+    match c.opens.get(&id) {
+        Some(o) if o.session == req.hdr.session_id => {
+            o.oplock.ok_or(status::INVALID_OPLOCK_PROTOCOL)
+        }
+        _ => Err(status::FILE_CLOSED),
+    }
 }
 
 impl Open {
@@ -368,7 +381,7 @@ fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let access = r.u32("desired access")?;
     let _attrs = r.u32("file attributes")?;
     let share = r.u32("share access")?;
-    let disp = disposition(r.u32("create disposition")?)?;
+    let disp = r.u32("create disposition")?;
     let options = r.u32("create options")?;
     let name_off = r.u16("name offset")?;
     let name_len = r.u16("name length")?;
@@ -383,15 +396,17 @@ fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     } else {
         contexts::parse(req.msg, ctx_off, ctx_len)?
     };
-    // Leases are considered only with the lease oplock level (2.2.13).
-    let lease = ctxs.lease.filter(|_| oplock == OPLOCK_LEVEL_LEASE);
-    if ctxs.reconnect_v1.is_some() {
-        // Durable v1 handles are not granted, so none can be reconnected.
-        return Err(status::OBJECT_NAME_NOT_FOUND);
+    // A reconnect ignores every other field of the request but the name
+    // (3.3.5.9.7, 3.3.5.9.12), including the oplock level.
+    if let Some(pid) = ctxs.reconnect_v1 {
+        return reconnect(c, req, Reconnect::v1(pid), ctxs.lease, &name);
     }
     if let Some(rc) = ctxs.reconnect_v2 {
-        return reconnect(c, req, rc, lease);
+        return reconnect(c, req, rc.into(), ctxs.lease, &name);
     }
+    // Leases are considered only with the lease oplock level (2.2.13).
+    let lease = ctxs.lease.filter(|_| oplock == OPLOCK_LEVEL_LEASE);
+    let disp = disposition(disp)?;
     let path = parse_name(&name)?;
     if options & FILE_DIRECTORY_FILE != 0 && options & FILE_NON_DIRECTORY_FILE != 0 {
         return Err(status::INVALID_PARAMETER);
@@ -459,6 +474,7 @@ fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 tree,
                 user,
                 replay: req.hdr.flags & wire::FLAG_REPLAY != 0,
+                oplock,
             };
             return open_file(c, spec, &ctxs, lease);
         }
@@ -479,11 +495,21 @@ struct FileCreate {
     tree: u32,
     user: String,
     replay: bool,
+    oplock: u8,
 }
 
-/// The filterd client identity of this connection's client.
-fn client_of(c: &Connection) -> Result<ClientId, u32> {
-    ClientId::new(c.client_guid.to_string()).map_err(|_| status::INVALID_PARAMETER)
+/// The filterd client identity of an open. An open with a lease belongs
+/// to the client GUID (MS-SMB2 3.3.5.9.12 checks it on reconnect); any
+/// other open to the logged-on user, so that a durable open under an
+/// oplock can be reconnected from a new client GUID by the same user, as
+/// Windows allows.
+fn client_of(c: &Connection, user: &str, leased: bool) -> Result<ClientId, u32> {
+    let id = if leased {
+        c.client_guid.to_string()
+    } else {
+        format!("smb-user:{user}")
+    };
+    ClientId::new(id).map_err(|_| status::INVALID_PARAMETER)
 }
 
 /// The persistent half of an SMB2 FileId for a filterd handle: the same
@@ -532,13 +558,28 @@ fn open_file(
 ) -> Outcome {
     let sh = c.sh.clone();
     let smb3 = c.dialect().is_some_and(Dialect::is_smb3);
-    let lease_req = lease.filter(|l| l.state != 0).map(|l| LeaseRequest {
-        key: LeaseKey(uuid::Uuid::from_bytes_le(l.key)),
-        state: lease_state(l.state),
-    });
+    // A lease, or an oplock as a lease under a key of rksmbd's.
+    let oplock_key = match (&lease, breaks::oplock_state(f.oplock)) {
+        (None, Some(_)) => Some(breaks::oplock_key()),
+        _ => None,
+    };
+    let lease_req = match (&lease, oplock_key) {
+        (Some(l), _) if l.state != 0 => Some(LeaseRequest {
+            key: LeaseKey(uuid::Uuid::from_bytes_le(l.key)),
+            state: lease_state(l.state),
+        }),
+        (None, Some(key)) => {
+            breaks::oplock_state(f.oplock).map(|state| LeaseRequest { key, state })
+        }
+        _ => None,
+    };
     let wants_h = lease_req.is_some_and(|l| l.state.contains(LeaseState::H));
-    let (durability, create_guid) = match ctxs.durable_v2 {
-        Some(d) if smb3 => {
+    // Durable v1 (DHnQ, 3.3.5.9.6): only with a batch oplock or an H
+    // lease; its create GUID is derived from the persistent FileId, which
+    // is all a DHnC names.
+    let v1_pid = u64::from_le_bytes(crate::ntlm::random_bytes());
+    let (durability, create_guid) = match (ctxs.durable_v2, ctxs.durable_v1) {
+        (Some(d), _) if smb3 => {
             let t = match d.timeout_ms {
                 0 => DEFAULT_DURABLE_TIMEOUT_MS,
                 t => t.min(MAX_DURABLE_TIMEOUT_MS),
@@ -555,10 +596,16 @@ fn open_file(
                 (Durability::None, None)
             }
         }
+        (None, true) if wants_h => (
+            Durability::Durable {
+                timeout_ms: DEFAULT_DURABLE_TIMEOUT_MS,
+            },
+            Some(v1_guid(v1_pid)),
+        ),
         _ => (Durability::None, None),
     };
     let req = OpenRequest {
-        client: client_of(c)?,
+        client: client_of(c, &f.user, lease.is_some())?,
         path: f.path.clone(),
         access: Access::new(rights_of(f.access)).map_err(|_| status::INVALID_PARAMETER)?,
         share: Rights::from_bits_truncate(u8::try_from(f.share & 7).unwrap_or(0)),
@@ -578,10 +625,7 @@ fn open_file(
     let key = h.info.key;
     let file = std::fs::File::from(h.fd);
     let held = h.info.lease;
-    if let (Some(l), Some(asked)) = (held, &lease) {
-        sh.notifier.granted(l.key, c.id, asked.v2.is_some());
-    }
-    // A durable (not persistent) open stands only with an H lease granted.
+    // A durable (not persistent) open stands only with H granted.
     let durable = match h.info.durability {
         Durability::Persistent { timeout_ms } => Some((timeout_ms, true)),
         Durability::Durable { timeout_ms }
@@ -591,6 +635,31 @@ fn open_file(
         }
         _ => None,
     };
+    let v1 = durable.is_some() && ctxs.durable_v2.is_none();
+    let id = c.new_file_id();
+    let pid = match durable {
+        Some(_) if v1 => v1_pid,
+        Some(_) => persistent_id(key),
+        None => id,
+    };
+    let oplock = oplock_key.filter(|_| held.is_some());
+    match (held, &lease, oplock) {
+        (Some(l), Some(asked), _) => sh.notifier.granted(
+            l.key,
+            c.id,
+            Holder::Lease {
+                v2: asked.v2.is_some(),
+            },
+        ),
+        (Some(l), None, Some(_)) => sh.notifier.granted(
+            l.key,
+            c.id,
+            Holder::Oplock {
+                file_id: file_id_bytes(pid, id),
+            },
+        ),
+        _ => {}
+    }
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
         if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
@@ -600,8 +669,15 @@ fn open_file(
         delete_on_close = true;
     }
     let meta = Meta::of(&file)?;
-    let (contexts, oplock) = reply_contexts(durable, lease.as_ref(), held);
-    let id = c.new_file_id();
+    let (mut contexts, mut level) = reply_contexts(durable.filter(|_| !v1), lease.as_ref(), held);
+    if v1 {
+        let mut rc = ResponseContexts::new();
+        rc.push(b"DHnQ", &[0; 8]);
+        contexts = rc.into_bytes();
+    }
+    if oplock.is_some() {
+        level = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
+    }
     c.opens.insert(
         id,
         Open {
@@ -612,54 +688,99 @@ fn open_file(
             delete_on_close,
             kind: Kind::File { key, file },
             durable: durable.is_some(),
+            oplock,
         },
     );
-    let pid = if durable.is_some() {
-        persistent_id(key)
-    } else {
-        id
-    };
     Ok(create_reply(
         h.info.create_action,
         &meta,
         pid,
         id,
-        oplock,
+        level,
         contexts,
     ))
 }
 
-/// DH2C (MS-SMB2 3.3.5.9.12): resumes a disconnected durable or
-/// persistent filterd handle by its create GUID, for the same client.
+/// The create GUID of a durable v1 open with persistent FileId `pid`.
+fn v1_guid(pid: u64) -> uuid::Uuid {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&pid.to_le_bytes());
+    b[8..].copy_from_slice(b"rksmbdv1");
+    uuid::Uuid::from_bytes(b)
+}
+
+fn file_id_bytes(persistent: u64, volatile: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&persistent.to_le_bytes());
+    b[8..].copy_from_slice(&volatile.to_le_bytes());
+    b
+}
+
+/// Which durable open a CREATE reconnects: DH2C names it by create GUID
+/// (and FileId), DHnC by its persistent FileId alone.
+#[derive(Debug, Clone, Copy)]
+struct Reconnect {
+    create_guid: uuid::Uuid,
+    persistent_file_id: u64,
+    v1: bool,
+}
+
+impl From<ReconnectV2> for Reconnect {
+    fn from(rc: ReconnectV2) -> Self {
+        Reconnect {
+            create_guid: rc.create_guid,
+            persistent_file_id: rc.persistent_file_id,
+            v1: false,
+        }
+    }
+}
+
+impl Reconnect {
+    fn v1(persistent_file_id: u64) -> Self {
+        Reconnect {
+            create_guid: v1_guid(persistent_file_id),
+            persistent_file_id,
+            v1: true,
+        }
+    }
+}
+
+/// DH2C / DHnC (MS-SMB2 3.3.5.9.12, 3.3.5.9.7): resumes a disconnected
+/// durable or persistent filterd handle by its create GUID, for the same
+/// client; the FileId and the lease key (of a lease, not an oplock) must
+/// match the original open's.
 fn reconnect(
     c: &mut Connection,
     req: &Request<'_>,
-    rc: ReconnectV2,
+    rc: Reconnect,
     lease: Option<LeaseV>,
+    name: &str,
 ) -> Outcome {
     let sh = c.sh.clone();
-    let client = client_of(c)?;
-    let not_found = |e: ClientError| match e.code() {
-        Some(ErrorCode::NoSuchHandle | ErrorCode::NotFound | ErrorCode::NotOwner) => {
-            status::OBJECT_NAME_NOT_FOUND
-        }
-        _ => status_of(&e),
-    };
+    let user = c.logged_on(req)?.user.clone().unwrap_or_default();
+    // A leased open belongs to the client GUID, any other to the user.
+    let guid = CreateGuid(rc.create_guid);
+    let (by_client, by_user) = (client_of(c, &user, true)?, client_of(c, &user, false)?);
     let h = sh
         .filter
-        .resume_by_guid(client, CreateGuid(rc.create_guid))
-        .map_err(not_found)?;
+        .resume_by_guid(by_client, guid)
+        .or_else(|_| sh.filter.resume_by_guid(by_user, guid))
+        .map_err(|e| match e.code() {
+            Some(ErrorCode::NoSuchHandle | ErrorCode::NotFound | ErrorCode::NotOwner) => {
+                status::OBJECT_NAME_NOT_FOUND
+            }
+            _ => status_of(&e),
+        })?;
     let key = h.info.key;
     let held = h.info.lease;
-    if let (Some(l), Some(asked)) = (held, &lease) {
-        sh.notifier.granted(l.key, c.id, asked.v2.is_some());
-    }
-    // The reconnect must name the same file id and the same lease key.
+    let oplock = held.map(|l| l.key).filter(breaks::is_oplock_key);
     let lease_ok = match (held, &lease) {
+        (Some(_), _) if oplock.is_some() => true,
         (Some(l), Some(asked)) => l.key == LeaseKey(uuid::Uuid::from_bytes_le(asked.key)),
         (Some(_), None) => false,
         (None, _) => true,
     };
+    let pid_ok = rc.v1 || rc.persistent_file_id == persistent_id(key);
     let view = match sh
         .filter
         .client()
@@ -668,21 +789,45 @@ fn reconnect(
         Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v),
         _ => None,
     };
-    let (Some(view), true, true) = (view, lease_ok, rc.persistent_file_id == persistent_id(key))
-    else {
+    let (Some(view), true, true) = (view, lease_ok, pid_ok) else {
         let _ = sh.filter.detach(key);
         return Err(status::OBJECT_NAME_NOT_FOUND);
     };
     let rec = view.record;
-    let (timeout, persistent) = match rec.durability {
-        Durability::Persistent { timeout_ms } => (timeout_ms, true),
-        Durability::Durable { timeout_ms } => (timeout_ms, false),
-        Durability::None => (0, false),
-    };
+    // With a lease the name must be the open's (an oplock's is ignored).
+    if oplock.is_none()
+        && held.is_some()
+        && parse_name(name).ok().flatten().as_ref() != Some(&rec.path)
+    {
+        let _ = sh.filter.detach(key);
+        return Err(status::INVALID_PARAMETER);
+    }
     let file = std::fs::File::from(h.fd);
     let meta = Meta::of(&file)?;
-    let (contexts, oplock) = reply_contexts(Some((timeout, persistent)), lease.as_ref(), held);
     let id = c.new_file_id();
+    let pid = rc.persistent_file_id;
+    // A reconnect answers with no DH2Q response context.
+    let (contexts, mut level) = reply_contexts(None, lease.as_ref(), held);
+    match (held, &lease, oplock) {
+        (Some(l), _, Some(_)) => {
+            level = breaks::oplock_level(l.state);
+            sh.notifier.granted(
+                l.key,
+                c.id,
+                Holder::Oplock {
+                    file_id: file_id_bytes(pid, id),
+                },
+            );
+        }
+        (Some(l), Some(asked), None) => sh.notifier.granted(
+            l.key,
+            c.id,
+            Holder::Lease {
+                v2: asked.v2.is_some(),
+            },
+        ),
+        _ => {}
+    }
     c.opens.insert(
         id,
         Open {
@@ -693,15 +838,16 @@ fn reconnect(
             delete_on_close: rec.delete_on_close,
             kind: Kind::File { key, file },
             durable: true,
+            oplock,
         },
     );
     tracing::info!(resume_key = %key, "durable handle reconnected");
     Ok(create_reply(
         CreateAction::Opened,
         &meta,
-        persistent_id(key),
+        pid,
         id,
-        oplock,
+        level,
         contexts,
     ))
 }
@@ -776,6 +922,7 @@ fn dir_open(
         delete_on_close: options & FILE_DELETE_ON_CLOSE != 0,
         kind: Kind::Dir { fd, listing: None },
         durable: false,
+        oplock: None,
     }
 }
 

@@ -393,6 +393,7 @@ pub mod status {
     pub const NOT_SUPPORTED: u32 = 0xC000_00BB;
     pub const NETWORK_NAME_DELETED: u32 = 0xC000_00C9;
     pub const BAD_NETWORK_NAME: u32 = 0xC000_00CC;
+    pub const INVALID_OPLOCK_PROTOCOL: u32 = 0xC000_00E3;
     pub const INTERNAL_ERROR: u32 = 0xC000_00E5;
     pub const DIRECTORY_NOT_EMPTY: u32 = 0xC000_0101;
     pub const NOT_A_DIRECTORY: u32 = 0xC000_0103;
