@@ -15,15 +15,7 @@ use rkfilter_tests::{wait_for, Filterd, RkSmbd, Scratch};
 /// lowest and highest protocol it may use, so the session runs exactly
 /// that dialect or fails.
 fn smbclient(srv: &RkSmbd, user: &str, password: &str, dialect: &str, cmds: &str) -> Output {
-    let ok = Command::new("smbclient")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "smbclient is not installed: these tests need Samba's smbclient \
-         (apt-get install -y smbclient; .ci/run installs it)"
-    );
+    require("smbclient", "smbclient");
     Command::new("timeout")
         .arg("60")
         .arg("smbclient")
@@ -37,6 +29,19 @@ fn smbclient(srv: &RkSmbd, user: &str, password: &str, dialect: &str, cmds: &str
         .args(["-c", cmds])
         .output()
         .expect("run smbclient")
+}
+
+/// Fails (never skips) when a Samba tool these tests drive is missing.
+fn require(tool: &str, package: &str) {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{tool} is not installed: these tests need Samba's {tool} \
+         (apt-get install -y {package}; .ci/run installs it)"
+    );
 }
 
 fn text(o: &Output) -> String {
@@ -451,4 +456,58 @@ fn smbprotocol_persistent_handle_survives_rksmbd_sigkill() {
 #[test]
 fn smbprotocol_persistent_handle_survives_filterd_and_rksmbd_sigkill() {
     persistent_handle_survives(Outage::BothKilled);
+}
+
+/// The smb2.durable-v2-open tests rksmbd passes; one that stops passing
+/// fails this test (docs/smb3.md lists why the others fail).
+const DURABLE_V2_OPEN_PASSING: &[&str] = &[
+    "create-blob",
+    "open-oplock",
+    "open-lease",
+    "reopen1",
+    "reopen2",
+    "reopen2c",
+    "reopen2-lease",
+    "reopen2-lease-v2",
+    "durable-v2-setinfo",
+    "persistent-open-oplock",
+    "persistent-open-lease",
+];
+
+#[test]
+fn smbtorture_durable_v2_open_passes_what_it_passed() {
+    require("smbtorture", "samba-testsuite");
+    let s = Scratch::new("rksmbd-smbtorture");
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let o = Command::new("timeout")
+        .arg("300")
+        .arg("smbtorture")
+        .arg("//127.0.0.1/data")
+        .args(["-p", &srv.port()])
+        .args(["-s", "/dev/null"])
+        .args(["-U", "alice%pw"])
+        .arg("smb2.durable-v2-open")
+        .output()
+        .expect("run smbtorture");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let passed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("success: "))
+        .map(str::trim)
+        .collect();
+    let lost: Vec<&&str> = DURABLE_V2_OPEN_PASSING
+        .iter()
+        .filter(|t| !passed.contains(t))
+        .collect();
+    eprintln!(
+        "smb2.durable-v2-open: {} passed ({:?})",
+        passed.len(),
+        passed
+    );
+    assert!(
+        lost.is_empty(),
+        "no longer passing: {lost:?}\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
