@@ -231,6 +231,7 @@ pub fn command(c: &mut Connection, cmd: Command, req: &Request<'_>, file: Option
         Command::QueryInfo => query_info(c, req, file),
         Command::SetInfo => set_info(c, req, file),
         Command::QueryDirectory => query_directory(c, req, file),
+        Command::Lock => crate::lock::lock(c, req, file),
         _ => Err(status::NOT_SUPPORTED),
     }
 }
@@ -941,6 +942,21 @@ fn open_id(c: &Connection, req: &Request<'_>, at: usize, related: Option<u64>) -
     match c.opens.get(&id) {
         Some(o) if o.session == req.hdr.session_id && o.tree == req.hdr.tree_id => Ok(id),
         _ => Err(status::FILE_CLOSED),
+    }
+}
+
+/// The filterd handle of the regular-file open a request names, and
+/// whether it is durable (or persistent).
+pub fn file_of(
+    c: &Connection,
+    req: &Request<'_>,
+    at: usize,
+    related: Option<u64>,
+) -> Result<(ResumeKey, bool), u32> {
+    let o = get(c, open_id(c, req, at, related)?)?;
+    match &o.kind {
+        Kind::File { key, .. } => Ok((*key, o.durable)),
+        Kind::Dir { .. } => Err(status::INVALID_PARAMETER),
     }
 }
 

@@ -14,7 +14,7 @@
 //! - [`files`]: CREATE, CLOSE, READ, WRITE, FLUSH, QUERY_INFO, SET_INFO,
 //!   QUERY_DIRECTORY over filterd handles, durable and persistent handles
 //!   and leases; [`contexts`] decodes and encodes CREATE contexts, [`info`]
-//!   the MS-FSCC information classes; [`breaks`] forwards filterd's lease
+//!   the MS-FSCC information classes, [`lock`] byte-range locks; [`breaks`] forwards filterd's lease
 //!   breaks to the clients and their acknowledgments back.
 //!
 //! docs/smb3.md says what is implemented and what is not.
@@ -25,6 +25,7 @@ pub mod contexts;
 pub mod crypto;
 pub mod files;
 pub mod info;
+pub mod lock;
 pub mod ntlm;
 pub mod server;
 pub mod spnego;
