@@ -41,6 +41,8 @@ use crate::wire::{self, status, Command, Reader, Writer, HEADER_LEN};
 
 /// RequestedOplockLevel: a lease (2.2.13).
 const OPLOCK_LEVEL_LEASE: u8 = 0xFF;
+/// How long an open waits for lease holders to acknowledge their breaks.
+const BREAK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Longest durable timeout granted (MS-SMB2 3.3.5.9.10: at most 300 s).
 const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
 
@@ -615,14 +617,13 @@ fn open_file(
         create_guid: create_guid.map(CreateGuid),
         owner: Some(f.user),
         lease: lease_req,
-        no_wait: false,
+        // Never block this connection's thread on a lease break: the
+        // holder may be this very client, whose acknowledgment arrives on
+        // this connection (see open_waiting_for_breaks).
+        no_wait: true,
     };
-    let h = if f.replay && create_guid.is_some() {
-        sh.filter.replay_open(req)
-    } else {
-        sh.filter.open(req)
-    }
-    .map_err(|e| status_of(&e))?;
+    let replay = f.replay && create_guid.is_some();
+    let h = open_waiting_for_breaks(c, req, replay).map_err(|e| status_of(&e))?;
     let key = h.info.key;
     let file = std::fs::File::from(h.fd);
     let held = h.info.lease;
@@ -715,6 +716,32 @@ fn file_id_bytes(persistent: u64, volatile: u64) -> [u8; 16] {
     b[..8].copy_from_slice(&persistent.to_le_bytes());
     b[8..].copy_from_slice(&volatile.to_le_bytes());
     b
+}
+
+/// Opens through filterd; while lease holders must first acknowledge a
+/// break (filterd answers Busy and sends the breaks), keeps serving this
+/// connection's requests — the acknowledgment may be among them — and
+/// retries, for up to [`BREAK_WAIT`].
+fn open_waiting_for_breaks(
+    c: &mut Connection,
+    req: OpenRequest,
+    replay: bool,
+) -> Result<libfilter::client::OpenedHandle, ClientError> {
+    let sh = c.sh.clone();
+    let deadline = std::time::Instant::now() + BREAK_WAIT;
+    loop {
+        let r = if replay {
+            sh.filter.replay_open(req.clone())
+        } else {
+            sh.filter.open(req.clone())
+        };
+        match r {
+            Err(e) if e.code() == Some(ErrorCode::Busy) && std::time::Instant::now() < deadline => {
+                c.pump(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Which durable open a CREATE reconnects: DH2C names it by create GUID

@@ -41,6 +41,8 @@ pub const MAX_OPENS_PER_CONNECTION: usize = 16_384;
 const MAX_SESSIONS_PER_CONNECTION: usize = 64;
 /// Tree connects one session may hold.
 const MAX_TREES_PER_SESSION: usize = 64;
+/// How deeply requests served while another waits may nest.
+const MAX_PUMP_DEPTH: u8 = 4;
 /// How long a reply may take to write before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -212,6 +214,11 @@ pub struct Connection {
     pub client_guid: uuid::Uuid,
     /// Set when the connection must end after this PDU.
     terminate: bool,
+    /// The socket (reader, and the writer shared with lease breaks) while
+    /// the connection is served.
+    io: Option<(TcpStream, crate::breaks::ConnWriter)>,
+    /// How deep [`Connection::pump`] calls are nested.
+    pump_depth: u8,
 }
 
 impl Connection {
@@ -231,27 +238,36 @@ impl Connection {
             next_tree: 1,
             client_guid: uuid::Uuid::nil(),
             terminate: false,
+            io: None,
+            pump_depth: 0,
         }
     }
 
     /// Reads frames and answers them until the client goes away.
-    pub fn serve(&mut self, mut stream: TcpStream) {
+    pub fn serve(&mut self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         let Ok(writer) = stream.try_clone().map(|w| Arc::new(Mutex::new(w))) else {
             return;
         };
         self.sh.notifier.connected(self.id, writer.clone());
-        self.read_loop(&mut stream, &writer);
+        self.io = Some((stream, writer));
+        while let Some(pdu) = self.read_frame() {
+            if !self.answer(&pdu) {
+                break;
+            }
+        }
+        self.io = None;
         self.sh.notifier.disconnected(self.id);
     }
 
-    fn read_loop(&mut self, stream: &mut TcpStream, writer: &crate::breaks::ConnWriter) {
+    /// The next PDU, or none when the connection is over (closed, broken,
+    /// or a frame that is not SMB2 — then it is closed).
+    fn read_frame(&mut self) -> Option<Vec<u8>> {
+        let (stream, _) = self.io.as_mut()?;
         loop {
             let mut len = [0u8; 4];
-            if stream.read_exact(&mut len).is_err() {
-                return;
-            }
+            stream.read_exact(&mut len).ok()?;
             let [kind, a, b, c] = len;
             let n = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
             if kind == 0x85 && n == 0 {
@@ -259,35 +275,73 @@ impl Connection {
             }
             if kind != 0 || n > MAX_PDU {
                 tracing::warn!(conn = self.id, kind, n, "bad NetBIOS frame; closing");
-                return;
+                return None;
             }
             let mut pdu = vec![0u8; n];
-            if stream.read_exact(&mut pdu).is_err() {
-                return;
-            }
-            let out = match self.handle_pdu(&pdu) {
-                Ok(out) => out,
-                Err(e) => {
-                    tracing::warn!(conn = self.id, error = %e, "closing connection");
-                    return;
-                }
-            };
-            if out.is_empty() {
-                continue;
-            }
-            let Ok(n) = u32::try_from(out.len()) else {
-                return;
-            };
-            let mut frame = n.to_be_bytes().to_vec();
-            frame.extend_from_slice(&out);
-            let written = writer
-                .lock()
-                .map(|mut w| w.write_all(&frame).is_ok())
-                .unwrap_or(false);
-            if !written {
-                return;
-            }
+            stream.read_exact(&mut pdu).ok()?;
+            return Some(pdu);
         }
+    }
+
+    /// Answers one PDU; false when the connection must end.
+    fn answer(&mut self, pdu: &[u8]) -> bool {
+        let out = match self.handle_pdu(pdu) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e, "closing connection");
+                if let Some((s, _)) = &self.io {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                return false;
+            }
+        };
+        if out.is_empty() {
+            return true;
+        }
+        let Ok(n) = u32::try_from(out.len()) else {
+            return false;
+        };
+        let mut frame = n.to_be_bytes().to_vec();
+        frame.extend_from_slice(&out);
+        self.io.as_ref().is_some_and(|(_, w)| {
+            w.lock()
+                .map(|mut w| w.write_all(&frame).is_ok())
+                .unwrap_or(false)
+        })
+    }
+
+    /// While a request waits for something only the client can give — an
+    /// open waiting for the client to acknowledge a lease break — serves
+    /// the client's next PDU, if one arrives within `wait`. Nested at most
+    /// [`MAX_PUMP_DEPTH`] deep; beyond that, or once the connection is
+    /// over, it just waits.
+    pub fn pump(&mut self, wait: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+        let readable = match (&self.io, self.pump_depth < MAX_PUMP_DEPTH) {
+            (Some((s, _)), true) => {
+                let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+                poll(&mut fds, PollTimeout::from(ms)).is_ok_and(|n| n > 0)
+            }
+            _ => false,
+        };
+        if !readable {
+            if self.io.is_none() || self.pump_depth >= MAX_PUMP_DEPTH {
+                std::thread::sleep(wait);
+            }
+            return;
+        }
+        self.pump_depth += 1;
+        match self.read_frame() {
+            Some(pdu) => {
+                if !self.answer(&pdu) {
+                    self.io = None;
+                }
+            }
+            None => self.io = None,
+        }
+        self.pump_depth -= 1;
     }
 
     /// The client went away: durable and persistent opens are detached in
