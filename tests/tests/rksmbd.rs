@@ -223,6 +223,11 @@ mod raw {
         m
     }
 
+    /// Credits a response grants.
+    pub fn credits(msg: &[u8]) -> u16 {
+        u16::from_le_bytes(msg[14..16].try_into().unwrap())
+    }
+
     pub fn echo(message_id: u64, next: u32) -> Vec<u8> {
         let mut m = header(ECHO, message_id, next);
         m.extend_from_slice(&[4, 0, 0, 0]);
@@ -327,6 +332,28 @@ fn malformed_requests_get_errors_and_the_server_keeps_serving() {
     let o = smbclient(&srv, "alice", "pw", "SMB3_11", "ls");
     assert!(text(&o).contains("still.txt"), "{}", text(&o));
     drop(stalled);
+}
+
+#[test]
+fn credits_granted_never_exceed_the_window() {
+    let s = Scratch::new("rksmbd-credits");
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut c = raw::connect(&srv.shim.addr);
+    raw::send(&mut c, &raw::negotiate(0, &[0x0302], 1));
+    let r = raw::recv(&mut c).expect("negotiate reply");
+    // The client starts with one credit; each request spends one.
+    let mut held = u32::from(raw::credits(&r));
+    for mid in 1..400u64 {
+        let mut echo = raw::echo(mid, 0);
+        echo[14..16].copy_from_slice(&512u16.to_le_bytes()); // ask for many
+        raw::send(&mut c, &echo);
+        let r = raw::recv(&mut c).expect("echo reply");
+        assert_eq!(raw::status(&r), 0);
+        held = held - 1 + u32::from(raw::credits(&r));
+        assert!(held >= 1, "left without credits at {mid}");
+        assert!(held <= 8192, "{held} credits granted at {mid}");
+    }
 }
 
 /// The venv's python with smbprotocol (PyPI), made under target/ on first

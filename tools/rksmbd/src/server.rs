@@ -34,6 +34,8 @@ pub const MAX_IO: u32 = 1 << 20;
 const MAX_PDU: usize = MAX_IO as usize + 64 * 1024;
 /// Credits granted per response at most.
 const MAX_CREDITS_PER_REPLY: u16 = 512;
+/// Credits a client may hold at once.
+const MAX_CREDITS: u32 = 8192;
 /// Opens one connection may hold (directory opens hold a descriptor in
 /// rksmbd; file opens are also limited per client by filterd).
 pub const MAX_OPENS_PER_CONNECTION: usize = 16_384;
@@ -219,6 +221,8 @@ pub struct Connection {
     io: Option<(TcpStream, crate::breaks::ConnWriter)>,
     /// How deep [`Connection::pump`] calls are nested.
     pump_depth: u8,
+    /// Credits the client holds, as granted minus spent.
+    credits: u32,
 }
 
 impl Connection {
@@ -240,6 +244,7 @@ impl Connection {
             terminate: false,
             io: None,
             pump_depth: 0,
+            credits: 1,
         }
     }
 
@@ -528,7 +533,7 @@ impl Connection {
             credit_charge: req.hdr.credit_charge,
             status: st,
             command: req.hdr.command,
-            credits: req.hdr.credits.clamp(1, MAX_CREDITS_PER_REPLY),
+            credits: self.grant_credits(&req.hdr),
             flags: wire::FLAG_RESPONSE | (req.hdr.flags & wire::FLAG_RELATED),
             next_command: 0,
             message_id: req.hdr.message_id,
@@ -571,6 +576,22 @@ impl Connection {
             )),
             file,
         )
+    }
+
+    /// Credits for a response (MS-SMB2 3.3.1.2): the request spends its
+    /// charge; the grant is what the client asks for, at most
+    /// [`MAX_CREDITS_PER_REPLY`], and never lets the client hold more than
+    /// [`MAX_CREDITS`] (clients treat more than 65535 as a broken server).
+    fn grant_credits(&mut self, hdr: &Header) -> u16 {
+        let spent = u32::from(hdr.credit_charge.max(1));
+        self.credits = self.credits.saturating_sub(spent);
+        let room = MAX_CREDITS.saturating_sub(self.credits);
+        let mut grant = u32::from(hdr.credits.min(MAX_CREDITS_PER_REPLY)).min(room);
+        if grant == 0 && self.credits == 0 {
+            grant = 1; // a client must never be left without a credit
+        }
+        self.credits += grant;
+        u16::try_from(grant).unwrap_or(1)
     }
 
     fn signing_for(&self, req: &Request<'_>) -> Option<(SigningAlgorithm, [u8; 16])> {
