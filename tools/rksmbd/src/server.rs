@@ -810,7 +810,8 @@ impl Connection {
         let len = r.u16("blob length")?;
         let _previous = r.u64("previous session")?;
         let blob = wire::buffer(req.msg, u32::from(off), u32::from(len), "security blob")?;
-        let id = if req.hdr.session_id == 0 {
+        let new = req.hdr.session_id == 0;
+        let id = if new {
             if self.sessions.len() >= MAX_SESSIONS_PER_CONNECTION {
                 return Err(status::INSUFFICIENT_RESOURCES);
             }
@@ -830,6 +831,23 @@ impl Connection {
         } else {
             req.hdr.session_id
         };
+        let out = self.session_setup_leg(req, id, security_mode, blob);
+        if out.is_err() && new {
+            // A first leg that fails leaves no half-made session behind.
+            self.sessions.remove(&id);
+        }
+        out
+    }
+
+    /// One SESSION_SETUP leg of session `id`: NEGOTIATE → CHALLENGE, or
+    /// AUTHENTICATE → logged on.
+    fn session_setup_leg(
+        &mut self,
+        req: &Request<'_>,
+        id: u64,
+        security_mode: u16,
+        blob: &[u8],
+    ) -> Outcome {
         let dialect = self.dialect.unwrap_or(Dialect::Smb210);
         let server_name = self.sh.config.server_name.clone();
         let conn_id = self.id;
