@@ -11,7 +11,7 @@
 //!   NTLMv2 checked against the NT hashes of [`users`] (smbpasswd format).
 //! - [`server`]: connections, compounding, credits, signing, NEGOTIATE,
 //!   SESSION_SETUP, TREE_CONNECT, IOCTL and the other non-file commands.
-//! - [`files`]: CREATE, CLOSE, READ, WRITE, FLUSH, QUERY_INFO, SET_INFO,
+//! - [`files`] and [`create`]: CREATE, CLOSE, READ, WRITE, FLUSH, QUERY_INFO, SET_INFO,
 //!   QUERY_DIRECTORY over filterd handles, durable and persistent handles
 //!   and leases; [`contexts`] decodes and encodes CREATE contexts, [`info`]
 //!   the MS-FSCC information classes, [`lock`] byte-range locks; [`breaks`] forwards filterd's lease
@@ -22,6 +22,7 @@
 
 pub mod breaks;
 pub mod contexts;
+pub mod create;
 pub mod crypto;
 pub mod files;
 pub mod info;

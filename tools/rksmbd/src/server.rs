@@ -318,7 +318,7 @@ impl Connection {
     /// While a request waits for something only the client can give — an
     /// open waiting for the client to acknowledge a lease break — serves
     /// the client's next PDU, if one arrives within `wait`. Nested at most
-    /// [`MAX_PUMP_DEPTH`] deep; beyond that, or once the connection is
+    /// `MAX_PUMP_DEPTH` deep; beyond that, or once the connection is
     /// over, it just waits.
     pub fn pump(&mut self, wait: Duration) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
