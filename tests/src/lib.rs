@@ -526,6 +526,62 @@ pub fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::net::TcpStream
     std::net::TcpStream::from(fd)
 }
 
+/// A running rksmbd (the SMB 2/3 server) serving one share, with a users
+/// file made by `rksmbd hash-password`.
+pub struct RkSmbd {
+    /// The process (a [`Shim`]: same flags, same `listening on` line).
+    pub shim: Shim,
+    /// The share's name.
+    pub share: String,
+}
+
+impl RkSmbd {
+    /// Writes `users` (name, password) into `DIR/users` in smbpasswd
+    /// format and starts rksmbd on filterd's socket, sharing `share`.
+    pub fn start(s: &Scratch, instance: &str, share: &str, users: &[(&str, &str)]) -> RkSmbd {
+        let file = s.dir.join("users");
+        let mut text = String::new();
+        for (name, password) in users {
+            let out = Command::new(bin("rksmbd"))
+                .args(["hash-password", name])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    if let Some(mut i) = c.stdin.take() {
+                        writeln!(i, "{password}")?;
+                    }
+                    c.wait_with_output()
+                })
+                .expect("rksmbd hash-password");
+            assert!(out.status.success(), "rksmbd hash-password failed");
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        std::fs::write(&file, text).expect("users file");
+        let users_arg = file.to_string_lossy().into_owned();
+        let shim = Shim::start_with(
+            "rksmbd",
+            &s.socket(),
+            instance,
+            &["--share", share, "--users", &users_arg],
+        );
+        RkSmbd {
+            shim,
+            share: share.to_owned(),
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> String {
+        self.shim
+            .addr
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
 /// A line-JSON protocol client (smbl/1 or nfsl/1) over TCP.
 pub struct LineClient {
     stream: std::net::TcpStream,

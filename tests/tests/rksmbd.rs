@@ -1,0 +1,559 @@
+//! rksmbd with a real SMB client: Samba's `smbclient` against the real
+//! filterd and rksmbd — ls, get, put, rm, mkdir, rmdir, rename over SMB
+//! 3.1.1, 3.0.2 and 2.1, a wrong password and an unknown share refused.
+//!
+//! `smbclient` must be installed (Debian package `smbclient`; `.ci/run`
+//! installs it): without it these tests fail, they do not skip.
+
+use std::io::Write as _;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use rkfilter_tests::{wait_for, Filterd, RkSmbd, Scratch};
+
+/// Runs smbclient against rksmbd's share with `dialect` as both the
+/// lowest and highest protocol it may use, so the session runs exactly
+/// that dialect or fails.
+fn smbclient(srv: &RkSmbd, user: &str, password: &str, dialect: &str, cmds: &str) -> Output {
+    require("smbclient", "smbclient");
+    Command::new("timeout")
+        .arg("60")
+        .arg("smbclient")
+        .arg(format!("//127.0.0.1/{}", srv.share))
+        .args(["-p", &srv.port()])
+        .args(["-s", "/dev/null"])
+        .arg("-U")
+        .arg(format!("{user}%{password}"))
+        .arg(format!("--option=client min protocol={dialect}"))
+        .arg(format!("--option=client max protocol={dialect}"))
+        .args(["-c", cmds])
+        .output()
+        .expect("run smbclient")
+}
+
+/// Fails (never skips) when a Samba tool these tests drive is missing.
+fn require(tool: &str, package: &str) {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{tool} is not installed: these tests need Samba's {tool} \
+         (apt-get install -y {package}; .ci/run installs it)"
+    );
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every filterd handle rksmbd opened is closed again.
+fn no_handles_left(d: &Filterd) {
+    wait_for(
+        "rksmbd's handles to be closed",
+        Duration::from_secs(10),
+        || {
+            d.control()
+                .handles()
+                .ok()
+                .filter(|h| h.is_empty())
+                .map(|_| ())
+        },
+    );
+}
+
+fn file_ops_over(dialect: &str) {
+    let s = Scratch::new(&format!("rksmbd-ops-{dialect}"));
+    let root = s.root();
+    std::fs::write(root.join("hello.txt"), "hello\n").unwrap();
+    std::fs::create_dir(root.join("sub")).unwrap();
+    let local = s.dir.join("local");
+    std::fs::create_dir(&local).unwrap();
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(local.join("up.bin"), &payload).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "s3cret pw")]);
+
+    let cmds = format!(
+        "lcd {}; ls; put up.bin; get hello.txt got.txt; mkdir newdir; \
+         rename up.bin newdir\\moved.bin; rm hello.txt; rmdir sub; ls newdir\\*",
+        local.display()
+    );
+    let o = smbclient(&srv, "alice", "s3cret pw", dialect, &cmds);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(!out.contains("NT_STATUS_"), "an operation failed:\n{out}");
+    // ls of the root listed both entries; ls of newdir the moved file.
+    assert!(out.contains("hello.txt") && out.contains("sub"), "{out}");
+    assert!(out.contains("moved.bin"), "{out}");
+    // get
+    assert_eq!(
+        std::fs::read_to_string(local.join("got.txt")).unwrap(),
+        "hello\n"
+    );
+    // put + rename into a new directory
+    assert_eq!(
+        std::fs::read(root.join("newdir/moved.bin")).unwrap(),
+        payload
+    );
+    assert!(!root.join("up.bin").exists());
+    // rm, rmdir
+    assert!(!root.join("hello.txt").exists());
+    assert!(!root.join("sub").exists());
+    no_handles_left(&d);
+}
+
+#[test]
+fn smbclient_file_ops_over_smb3_11() {
+    file_ops_over("SMB3_11");
+}
+
+#[test]
+fn smbclient_file_ops_over_smb3_02() {
+    file_ops_over("SMB3_02");
+}
+
+#[test]
+fn smbclient_file_ops_over_smb2_10() {
+    file_ops_over("SMB2_10");
+}
+
+#[test]
+fn smbclient_wrong_password_and_unknown_share_are_refused() {
+    let s = Scratch::new("rksmbd-refused");
+    std::fs::write(s.root().join("secret.txt"), "x").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "right")]);
+    for dialect in ["SMB3_11", "SMB3_02"] {
+        let o = smbclient(&srv, "alice", "wrong", dialect, "ls");
+        let out = text(&o);
+        assert!(!o.status.success(), "{out}");
+        assert!(out.contains("NT_STATUS_LOGON_FAILURE"), "{out}");
+        assert!(!out.contains("secret.txt"), "{out}");
+        let o = smbclient(&srv, "mallory", "right", dialect, "ls");
+        assert!(text(&o).contains("NT_STATUS_LOGON_FAILURE"), "{}", text(&o));
+    }
+    let other = RkSmbd {
+        shim: srv.shim,
+        share: "nosuch".into(),
+    };
+    let o = smbclient(&other, "alice", "right", "SMB3_11", "ls");
+    assert!(
+        text(&o).contains("NT_STATUS_BAD_NETWORK_NAME"),
+        "{}",
+        text(&o)
+    );
+    // The server keeps serving after the refusals.
+    let ok = RkSmbd {
+        shim: other.shim,
+        share: "data".into(),
+    };
+    let o = smbclient(&ok, "alice", "right", "SMB3_11", "ls");
+    assert!(text(&o).contains("secret.txt"), "{}", text(&o));
+}
+
+#[test]
+fn hash_password_writes_smbpasswd_lines() {
+    let out = Command::new(rkfilter_tests::bin("rksmbd"))
+        .args(["hash-password", "bob", "--uid", "1001"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            if let Some(mut i) = c.stdin.take() {
+                writeln!(i, "Password")?;
+            }
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    // MS-NLMP 4.2.2.1.2: the NT hash of "Password".
+    assert!(
+        line.starts_with(
+            "bob:1001:XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX:A4F49C406510BDCAB6824EE7C30FD852:[U          ]:LCT-"
+        ),
+        "{line}"
+    );
+}
+
+/// Raw SMB2 over TCP, for input smbclient never sends.
+mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub const NEGOTIATE: u16 = 0;
+    pub const ECHO: u16 = 0xD;
+
+    pub fn connect(addr: &str) -> TcpStream {
+        let s = TcpStream::connect(addr).expect("connect to rksmbd");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// A sync SMB2 request header.
+    pub fn header(command: u16, message_id: u64, next: u32) -> Vec<u8> {
+        let mut h = vec![0xFE, b'S', b'M', b'B', 64, 0, 1, 0, 0, 0, 0, 0];
+        h.extend_from_slice(&command.to_le_bytes());
+        h.extend_from_slice(&8u16.to_le_bytes()); // credits asked
+        h.extend_from_slice(&0u32.to_le_bytes()); // flags
+        h.extend_from_slice(&next.to_le_bytes());
+        h.extend_from_slice(&message_id.to_le_bytes());
+        h.extend_from_slice(&[0; 4 + 4 + 8 + 16]);
+        h
+    }
+
+    pub fn negotiate(message_id: u64, dialects: &[u16], claimed: u16) -> Vec<u8> {
+        let mut m = header(NEGOTIATE, message_id, 0);
+        m.extend_from_slice(&36u16.to_le_bytes());
+        m.extend_from_slice(&claimed.to_le_bytes());
+        m.extend_from_slice(&1u16.to_le_bytes()); // signing enabled
+        m.extend_from_slice(&[0; 2 + 4 + 16 + 8]);
+        for d in dialects {
+            m.extend_from_slice(&d.to_le_bytes());
+        }
+        m
+    }
+
+    /// Credits a response grants.
+    pub fn credits(msg: &[u8]) -> u16 {
+        u16::from_le_bytes(msg[14..16].try_into().unwrap())
+    }
+
+    pub fn echo(message_id: u64, next: u32) -> Vec<u8> {
+        let mut m = header(ECHO, message_id, next);
+        m.extend_from_slice(&[4, 0, 0, 0]);
+        m
+    }
+
+    pub fn send(s: &mut TcpStream, pdu: &[u8]) {
+        let mut f = u32::try_from(pdu.len()).unwrap().to_be_bytes().to_vec();
+        f.extend_from_slice(pdu);
+        s.write_all(&f).unwrap();
+    }
+
+    /// The next PDU, or none when the server closed the connection.
+    pub fn recv(s: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).ok()?;
+        let n = u32::from_be_bytes(len) as usize;
+        let mut pdu = vec![0; n];
+        s.read_exact(&mut pdu).ok()?;
+        Some(pdu)
+    }
+
+    pub fn status(msg: &[u8]) -> u32 {
+        u32::from_le_bytes(msg[8..12].try_into().unwrap())
+    }
+
+    pub fn next_command(msg: &[u8]) -> usize {
+        u32::from_le_bytes(msg[20..24].try_into().unwrap()) as usize
+    }
+}
+
+#[test]
+fn malformed_requests_get_errors_and_the_server_keeps_serving() {
+    let s = Scratch::new("rksmbd-malformed");
+    std::fs::write(s.root().join("still.txt"), "x").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let addr = srv.shim.addr.clone();
+
+    // A client that sends half a length and stalls holds only itself up.
+    let mut stalled = raw::connect(&addr);
+    stalled.write_all(&[0, 0]).unwrap();
+
+    // A NEGOTIATE claiming more dialects than it carries: an error reply,
+    // and the connection still serves.
+    let mut c = raw::connect(&addr);
+    raw::send(&mut c, &raw::negotiate(0, &[0x0302], 5));
+    let r = raw::recv(&mut c).expect("a reply");
+    assert_eq!(raw::status(&r), 0xC000_000D, "STATUS_INVALID_PARAMETER");
+    raw::send(&mut c, &raw::negotiate(1, &[0x0202], 1));
+    let r = raw::recv(&mut c).expect("a reply");
+    assert_eq!(
+        raw::status(&r),
+        0xC000_00BB,
+        "2.0.2 alone: STATUS_NOT_SUPPORTED"
+    );
+    raw::send(&mut c, &raw::negotiate(2, &[0x0202, 0x0210, 0x0302], 3));
+    let r = raw::recv(&mut c).expect("a reply");
+    assert_eq!(raw::status(&r), 0);
+    assert_eq!(
+        &r[64 + 4..64 + 6],
+        &0x0302u16.to_le_bytes(),
+        "highest dialect chosen"
+    );
+    // Two unrelated ECHOs in one compound: two chained replies.
+    let mut first = raw::echo(3, 72);
+    first.extend_from_slice(&[0; 4]); // pad to 8
+    first.extend_from_slice(&raw::echo(4, 0));
+    raw::send(&mut c, &first);
+    let r = raw::recv(&mut c).expect("a compound reply");
+    let n = raw::next_command(&r);
+    assert!(
+        n >= 68 && n.is_multiple_of(8) && n < r.len(),
+        "chained: {n} of {}",
+        r.len()
+    );
+    assert_eq!((raw::status(&r), raw::status(&r[n..])), (0, 0));
+    assert_eq!(&r[n + 24..n + 32], &4u64.to_le_bytes(), "second message id");
+    // A file command without a session, a truncated body: errors.
+    let mut bad = raw::header(5, 5, 0);
+    bad.extend_from_slice(&[57, 0, 1]);
+    raw::send(&mut c, &bad);
+    let r = raw::recv(&mut c).expect("a reply");
+    assert_ne!(raw::status(&r), 0);
+    c.write_all(&[0x85, 0, 0, 0]).unwrap(); // a keep-alive is ignored
+    raw::send(&mut c, &raw::echo(6, 0));
+    assert_eq!(raw::status(&raw::recv(&mut c).expect("echo")), 0);
+
+    // Frames that are not SMB2 close only their own connection.
+    for frame in [
+        vec![0x00, 0xFF, 0xFF, 0xFF],               // 16 MiB: over the limit
+        vec![0x81, 0, 0, 0],                        // a NetBIOS session request
+        [vec![0, 0, 0, 8], vec![0x55; 8]].concat(), // not an SMB2 header
+        [vec![0, 0, 0, 4], vec![0xFF, b'S', b'M', b'B']].concat(), // SMB1
+    ] {
+        let mut b = raw::connect(&addr);
+        b.write_all(&frame).unwrap();
+        assert!(raw::recv(&mut b).is_none(), "closed after {frame:02x?}");
+    }
+
+    // Everyone else is still served.
+    let o = smbclient(&srv, "alice", "pw", "SMB3_11", "ls");
+    assert!(text(&o).contains("still.txt"), "{}", text(&o));
+    drop(stalled);
+}
+
+#[test]
+fn credits_granted_never_exceed_the_window() {
+    let s = Scratch::new("rksmbd-credits");
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut c = raw::connect(&srv.shim.addr);
+    raw::send(&mut c, &raw::negotiate(0, &[0x0302], 1));
+    let r = raw::recv(&mut c).expect("negotiate reply");
+    // The client starts with one credit; each request spends one.
+    let mut held = u32::from(raw::credits(&r));
+    for mid in 1..400u64 {
+        let mut echo = raw::echo(mid, 0);
+        echo[14..16].copy_from_slice(&512u16.to_le_bytes()); // ask for many
+        raw::send(&mut c, &echo);
+        let r = raw::recv(&mut c).expect("echo reply");
+        assert_eq!(raw::status(&r), 0);
+        held = held - 1 + u32::from(raw::credits(&r));
+        assert!(held >= 1, "left without credits at {mid}");
+        assert!(held <= 8192, "{held} credits granted at {mid}");
+    }
+}
+
+/// The venv's python with smbprotocol (PyPI), made under target/ on first
+/// use; a failure to make it fails the test, with the reason.
+fn smbprotocol_python() -> std::path::PathBuf {
+    let target = rkfilter_tests::bin("rksmbd")
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir")
+        .to_owned();
+    let venv = target.join("smbvenv");
+    let python = venv.join("bin/python");
+    let has = |p: &std::path::Path| {
+        Command::new(p)
+            .args(["-c", "import smbprotocol"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has(&python) {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "smbprotocol==1.17.0"])
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            made && has(&python),
+            "could not make a python venv with smbprotocol at {} \
+             (needs python3-venv and PyPI)",
+            venv.display()
+        );
+    }
+    python
+}
+
+/// What happens while the client is away.
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    /// Only the client's TCP connection drops.
+    TcpDrop,
+    /// rksmbd is SIGKILLed and a replacement (same instance) starts.
+    RksmbdKilled,
+    /// filterd and rksmbd are SIGKILLed together and both restart.
+    BothKilled,
+}
+
+/// smbprotocol opens a persistent handle with an RWH lease, writes, drops
+/// TCP; after the outage a conflicting open is refused and a DH2C
+/// reconnect finds the handle and its data.
+fn persistent_handle_survives(outage: Outage) {
+    use std::io::{BufRead, BufReader};
+    let python = smbprotocol_python();
+    let s = Scratch::new(&format!("rksmbd-durable-{outage:?}"));
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("smb3/durable_reconnect.py");
+    let mut child = Command::new("timeout")
+        .arg("120")
+        .arg(&python)
+        .arg(&script)
+        .args(["127.0.0.1", &srv.port(), "data", "alice", "pw"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the smbprotocol script");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut log = String::new();
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            let o = child.wait_with_output().expect("script exit");
+            panic!(
+                "script ended early:\n{log}{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        log.push_str(&line);
+        if line.starts_with("dropped") {
+            break;
+        }
+    }
+    match outage {
+        Outage::TcpDrop => {}
+        Outage::RksmbdKilled => {
+            srv.shim.kill9_in_place();
+            srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+        }
+        Outage::BothKilled => {
+            d.kill9();
+            srv.shim.kill9_in_place();
+            d = Filterd::start(&s, &[], &[]);
+            srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+        }
+    }
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", srv.port()).expect("send the port");
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("script output");
+    let o = child.wait_with_output().expect("script exit");
+    assert!(
+        o.status.success() && rest.contains("PASS"),
+        "{log}{rest}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read(s.root().join("durable.txt")).unwrap(),
+        b"persistent data survives the drop\n"
+    );
+    no_handles_left(&d);
+}
+
+#[test]
+fn smbprotocol_persistent_handle_survives_a_tcp_drop() {
+    persistent_handle_survives(Outage::TcpDrop);
+}
+
+#[test]
+fn smbprotocol_persistent_handle_survives_rksmbd_sigkill() {
+    persistent_handle_survives(Outage::RksmbdKilled);
+}
+
+#[test]
+fn smbprotocol_persistent_handle_survives_filterd_and_rksmbd_sigkill() {
+    persistent_handle_survives(Outage::BothKilled);
+}
+
+/// The smb2.durable-v2-open tests rksmbd passes; one that stops passing
+/// fails this test (docs/smb3.md lists why the others fail).
+const DURABLE_V2_OPEN_PASSING: &[&str] = &[
+    "create-blob",
+    "open-oplock",
+    "open-lease",
+    "reopen1",
+    "reopen2",
+    "reopen2c",
+    "reopen2-lease",
+    "reopen2-lease-v2",
+    "durable-v2-setinfo",
+    "persistent-open-oplock",
+    "persistent-open-lease",
+];
+
+/// The smb2.lock tests rksmbd passes (docs/smb3.md says why the others
+/// fail).
+const LOCK_PASSING: &[&str] = &[
+    "rw-exclusive",
+    "auto-unlock",
+    "zerobyteread",
+    "stacking",
+    "contend",
+    "context",
+    "range",
+    "overlap",
+    "truncate",
+    "replay_smb3_specification_durable",
+];
+
+/// Runs an smbtorture suite against a fresh filterd + rksmbd and fails if
+/// any of `passing` does not pass.
+fn smbtorture_keeps(suite: &str, passing: &[&str]) {
+    require("smbtorture", "samba-testsuite");
+    let s = Scratch::new(&format!("rksmbd-{suite}"));
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let o = Command::new("timeout")
+        .arg("300")
+        .arg("smbtorture")
+        .arg("//127.0.0.1/data")
+        .args(["-p", &srv.port()])
+        .args(["-s", "/dev/null"])
+        .args(["-U", "alice%pw"])
+        .arg(suite)
+        .output()
+        .expect("run smbtorture");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let passed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("success: "))
+        .map(str::trim)
+        .collect();
+    let lost: Vec<&&str> = passing.iter().filter(|t| !passed.contains(t)).collect();
+    eprintln!("{suite}: {} passed ({passed:?})", passed.len());
+    assert!(
+        lost.is_empty(),
+        "{suite}: no longer passing: {lost:?}\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn smbtorture_durable_v2_open_passes_what_it_passed() {
+    smbtorture_keeps("smb2.durable-v2-open", DURABLE_V2_OPEN_PASSING);
+}
+
+#[test]
+fn smbtorture_lock_passes_what_it_passed() {
+    smbtorture_keeps("smb2.lock", LOCK_PASSING);
+}

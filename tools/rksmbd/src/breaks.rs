@@ -1,0 +1,331 @@
+//! Lease and oplock breaks: filterd's `LeaseBreak` events become SMB2
+//! lease break notifications (MS-SMB2 2.2.23.2) — or oplock break
+//! notifications (2.2.23.1) for an oplock — on the connection that holds
+//! it, and the client's acknowledgment (2.2.24.1, 2.2.24.2) goes back to
+//! filterd (2.2.25.1, 2.2.25.2 answer it).
+//!
+//! An oplock is a filterd lease under a key rksmbd makes for the open
+//! ([`oplock_key`], recognisable by its first eight bytes, so a reconnect
+//! after an rksmbd restart still knows it was an oplock): level II is R,
+//! exclusive RW, batch RWH.
+//!
+//! Each connection registers its writer here; a notification is written
+//! by a short-lived thread of its own, so a client that does not read
+//! stalls only that thread, never the events loop or other clients.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+
+use libfilter::attach::AttachEvent;
+use libfilter::lease::{LeaseKey, LeaseState};
+use libfilter::proto::{Event, Reply as FilterReply, Request as FilterRequest};
+
+use crate::files::status_of;
+use crate::server::{Connection, Outcome, Reply, Request, Shared};
+use crate::wire::{self, status, Header, Reader, Writer};
+
+/// A connection's socket, shared by its thread and lease-break writers.
+pub type ConnWriter = Arc<Mutex<TcpStream>>;
+
+/// How a lease is known to its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// A lease (v2: the notification carries the epoch).
+    Lease {
+        /// A v2 lease.
+        v2: bool,
+    },
+    /// An oplock on the open with this FileId.
+    Oplock {
+        /// The open's SMB2 FileId (persistent ‖ volatile).
+        file_id: [u8; 16],
+    },
+}
+
+/// Who holds which lease, and how to reach each connection.
+#[derive(Default)]
+pub struct Notifier {
+    writers: Mutex<HashMap<u64, ConnWriter>>,
+    holders: Mutex<HashMap<LeaseKey, (u64, Holder)>>,
+}
+
+/// The first bytes of the lease keys rksmbd makes for oplocks.
+const OPLOCK_TAG: &[u8; 8] = b"rksmbdop";
+
+/// A fresh lease key for an oplock.
+pub fn oplock_key() -> LeaseKey {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(OPLOCK_TAG);
+    b[8..].copy_from_slice(&crate::ntlm::random_bytes::<8>());
+    LeaseKey(uuid::Uuid::from_bytes(b))
+}
+
+/// Whether a lease key is one rksmbd made for an oplock.
+pub fn is_oplock_key(k: &LeaseKey) -> bool {
+    k.0.as_bytes().starts_with(OPLOCK_TAG)
+}
+
+/// The lease state an oplock level asks for: level II R, exclusive RW,
+/// batch RWH (2.2.13 RequestedOplockLevel).
+pub fn oplock_state(level: u8) -> Option<LeaseState> {
+    match level {
+        0x01 => Some(LeaseState::R),
+        0x08 => Some(LeaseState::R.with(LeaseState::W)),
+        0x09 => Some(LeaseState::R.with(LeaseState::W).with(LeaseState::H)),
+        _ => None,
+    }
+}
+
+/// The oplock level a lease state amounts to.
+pub fn oplock_level(s: LeaseState) -> u8 {
+    if s.contains(LeaseState::W) && s.contains(LeaseState::H) {
+        0x09
+    } else if s.contains(LeaseState::W) {
+        0x08
+    } else if s.contains(LeaseState::R) {
+        0x01
+    } else {
+        0
+    }
+}
+
+impl Notifier {
+    /// A connection starts: its writer can carry notifications.
+    pub fn connected(&self, conn: u64, w: ConnWriter) {
+        if let Ok(mut m) = self.writers.lock() {
+            m.insert(conn, w);
+        }
+    }
+
+    /// A connection ends: its leases are no longer reachable through it.
+    pub fn disconnected(&self, conn: u64) {
+        if let Ok(mut m) = self.writers.lock() {
+            m.remove(&conn);
+        }
+        if let Ok(mut m) = self.holders.lock() {
+            m.retain(|_, (c, _)| *c != conn);
+        }
+    }
+
+    /// A lease or oplock was granted (or reconnected) on `conn`.
+    pub fn granted(&self, key: LeaseKey, conn: u64, holder: Holder) {
+        if let Ok(mut m) = self.holders.lock() {
+            m.insert(key, (conn, holder));
+        }
+    }
+
+    fn route(&self, key: &LeaseKey) -> Option<(ConnWriter, Holder)> {
+        let (conn, holder) = self.holders.lock().ok()?.get(key).copied()?;
+        let w = self.writers.lock().ok()?.get(&conn).cloned()?;
+        Some((w, holder))
+    }
+}
+
+/// SMB lease state bits (R 1, H 2, W 4) of a filterd lease state.
+pub fn lease_bits(s: LeaseState) -> u32 {
+    [(LeaseState::R, 1), (LeaseState::H, 2), (LeaseState::W, 4)]
+        .iter()
+        .filter(|(st, _)| s.contains(*st))
+        .map(|(_, b)| *b)
+        .sum()
+}
+
+/// filterd's lease state of SMB lease state bits.
+pub fn lease_state(bits: u32) -> LeaseState {
+    let mut s = LeaseState::NONE;
+    for (bit, st) in [(1, LeaseState::R), (2, LeaseState::H), (4, LeaseState::W)] {
+        if bits & bit != 0 {
+            s = s.with(st);
+        }
+    }
+    s
+}
+
+/// The break notification for `holder`, framed for TCP: a lease break
+/// (2.2.23.2) or an oplock break (2.2.23.1).
+fn notification(
+    key: LeaseKey,
+    holder: Holder,
+    from: LeaseState,
+    to: LeaseState,
+    epoch: u16,
+    ack: bool,
+) -> Vec<u8> {
+    let mut w = Writer::new();
+    Header {
+        credit_charge: 0,
+        status: status::SUCCESS,
+        command: 0x12,
+        credits: 0,
+        flags: wire::FLAG_RESPONSE,
+        next_command: 0,
+        message_id: u64::MAX,
+        async_id: 0,
+        tree_id: 0,
+        session_id: 0,
+        signature: [0; 16],
+    }
+    .encode(&mut w);
+    match holder {
+        Holder::Lease { v2 } => {
+            w.u16(44)
+                .u16(if v2 { epoch } else { 0 })
+                .u32(u32::from(ack));
+            w.bytes(&key.0.to_bytes_le());
+            w.u32(lease_bits(from)).u32(lease_bits(to));
+            w.u32(0).u32(0).u32(0);
+        }
+        Holder::Oplock { file_id } => {
+            w.u16(24).u8(oplock_level(to)).u8(0).u32(0).bytes(&file_id);
+        }
+    }
+    let mut frame = wire::len32(w.len()).to_be_bytes().to_vec();
+    frame.extend_from_slice(&w.0);
+    frame
+}
+
+/// Forwards filterd's events for as long as the attachment lives.
+pub fn forward(sh: Arc<Shared>) {
+    while let Ok(ev) = sh.filter.events().recv() {
+        let AttachEvent::Daemon(Event::LeaseBreak {
+            lease_key,
+            current_state,
+            new_state,
+            epoch,
+            ack_required,
+        }) = ev
+        else {
+            tracing::debug!(?ev, "filterd event");
+            continue;
+        };
+        let Some((w, holder)) = sh.notifier.route(&lease_key) else {
+            tracing::debug!(lease_key = %lease_key.0, "break for a lease no connection holds");
+            continue;
+        };
+        let frame = notification(
+            lease_key,
+            holder,
+            current_state,
+            new_state,
+            epoch,
+            ack_required,
+        );
+        let spawned = std::thread::Builder::new()
+            .name("lease-break".into())
+            .spawn(move || {
+                if let Ok(mut s) = w.lock() {
+                    let _ = s.write_all(&frame);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not send a lease break");
+        }
+    }
+}
+
+/// OPLOCK_BREAK from the client: an oplock (2.2.24.1) or lease (2.2.24.2)
+/// break acknowledgment goes to filterd and is answered with what is held
+/// now (2.2.25.1, 2.2.25.2).
+pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
+    let mut r = Reader::new(req.body);
+    match r.u16("structure size")? {
+        24 => return acknowledge_oplock(c, req, r),
+        36 => {}
+        _ => return Err(status::INVALID_PARAMETER),
+    }
+    r.u16("reserved")?;
+    r.u32("flags")?;
+    let key_bytes = r.array::<16>("lease key")?;
+    let state = r.u32("lease state")?;
+    let key = LeaseKey(uuid::Uuid::from_bytes_le(key_bytes));
+    let reply =
+        c.sh.filter
+            .client()
+            .call(FilterRequest::LeaseBreakAck {
+                lease_key: key,
+                state: lease_state(state),
+            })
+            .map_err(|e| status_of(&e))?;
+    let held = match reply.0 {
+        FilterReply::Lease(l) => lease_bits(l.state),
+        _ => state,
+    };
+    let mut w = Writer::new();
+    w.u16(36).u16(0).u32(0).bytes(&key_bytes).u32(held).u64(0);
+    Ok(Reply::ok(w.0))
+}
+
+fn acknowledge_oplock(c: &mut Connection, req: &Request<'_>, mut r: Reader<'_>) -> Outcome {
+    let level = r.u8("oplock level")?;
+    r.u8("reserved")?;
+    r.u32("reserved2")?;
+    let file_id = r.array::<16>("file id")?;
+    let mut fr = Reader::new(&file_id);
+    fr.u64("persistent")?;
+    let id = fr.u64("volatile")?;
+    let key = crate::files::oplock_of(c, req, id)?;
+    let state = oplock_state(level).unwrap_or(LeaseState::NONE);
+    let reply =
+        c.sh.filter
+            .client()
+            .call(FilterRequest::LeaseBreakAck {
+                lease_key: key,
+                state,
+            })
+            .map_err(|e| status_of(&e))?;
+    let held = match reply.0 {
+        FilterReply::Lease(l) => oplock_level(l.state),
+        _ => level,
+    };
+    let mut w = Writer::new();
+    w.u16(24).u8(held).u8(0).u32(0).bytes(&file_id);
+    Ok(Reply::ok(w.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_bits_roundtrip_and_notification_layout() {
+        for b in 0..8 {
+            assert_eq!(lease_bits(lease_state(b)), b);
+        }
+        let key = LeaseKey(uuid::Uuid::from_bytes_le([3; 16]));
+        let f = notification(
+            key,
+            Holder::Lease { v2: true },
+            lease_state(7),
+            lease_state(1),
+            2,
+            true,
+        );
+        assert_eq!(f.len(), 4 + 64 + 44);
+        assert_eq!(&f[4 + 64..4 + 66], &44u16.to_le_bytes());
+        assert_eq!(&f[4 + 72..4 + 88], &[3; 16]);
+        assert_eq!(&f[4 + 88..4 + 96], &[7, 0, 0, 0, 1, 0, 0, 0]);
+        let o = notification(
+            oplock_key(),
+            Holder::Oplock { file_id: [9; 16] },
+            lease_state(7),
+            lease_state(1),
+            0,
+            true,
+        );
+        assert_eq!(o.len(), 4 + 64 + 24);
+        assert_eq!(o[4 + 66], 0x01, "broken to level II");
+        assert_eq!(&o[4 + 72..], &[9; 16]);
+    }
+
+    #[test]
+    fn oplocks_map_onto_lease_states() {
+        for level in [0x01u8, 0x08, 0x09] {
+            assert_eq!(oplock_level(oplock_state(level).unwrap()), level);
+        }
+        assert!(oplock_state(0).is_none());
+        assert!(is_oplock_key(&oplock_key()));
+        assert!(!is_oplock_key(&LeaseKey(uuid::Uuid::from_bytes([1; 16]))));
+    }
+}

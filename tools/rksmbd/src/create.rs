@@ -1,0 +1,621 @@
+//! CREATE (MS-SMB2 2.2.13, 2.2.14, 3.3.5.9): directories opened beneath
+//! the root by rksmbd, regular files as filterd handles — with durable v1
+//! and v2 and persistent handles, leases and oplocks as filterd's — and
+//! the reconnects DHnC and DH2C as filterd resumes by create GUID.
+
+use std::os::fd::OwnedFd;
+
+use libfilter::client::ClientError;
+use libfilter::lease::{LeaseKey, LeaseState};
+use libfilter::model::{
+    Access, ClientId, CreateAction, CreateGuid, Disposition, Durability, HeldLease, LeaseRequest,
+    RelPath, ResumeKey, Rights, DEFAULT_DURABLE_TIMEOUT_MS,
+};
+use libfilter::proto::{ErrorCode, OpenRequest};
+use nix::sys::stat::Mode;
+
+use crate::breaks::{self, lease_bits, lease_state, Holder};
+use crate::contexts::{self, CreateContexts, LeaseV, ReconnectV2, ResponseContexts};
+use crate::crypto::Dialect;
+use crate::files::{
+    disposition, errno_status, granted_mask, lookup, open_dir, parent_and_leaf, parse_name,
+    rights_of, status_of, Kind, Open, DELETE, FILE_DELETE_ON_CLOSE, FILE_DIRECTORY_FILE,
+    FILE_NON_DIRECTORY_FILE, GENERIC_ALL, MAXIMUM_ALLOWED,
+};
+use crate::info::Meta;
+use crate::server::{Connection, Outcome, Reply, Request, MAX_OPENS_PER_CONNECTION};
+use crate::wire::{self, status, Reader, Writer, HEADER_LEN};
+
+/// RequestedOplockLevel: a lease (2.2.13).
+const OPLOCK_LEVEL_LEASE: u8 = 0xFF;
+/// How long an open waits for lease holders to acknowledge their breaks.
+const BREAK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Longest durable timeout granted (MS-SMB2 3.3.5.9.10: at most 300 s).
+const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
+
+/// CREATE (MS-SMB2 2.2.13, 3.3.5.9).
+pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
+    if c.opens.len() >= MAX_OPENS_PER_CONNECTION {
+        return Err(status::INSUFFICIENT_RESOURCES);
+    }
+    let mut r = Reader::new(req.body);
+    if r.u16("structure size")? != 57 {
+        return Err(status::INVALID_PARAMETER);
+    }
+    r.u8("security flags")?;
+    let oplock = r.u8("oplock level")?;
+    r.u32("impersonation")?;
+    r.u64("create flags")?;
+    r.u64("reserved")?;
+    let access = r.u32("desired access")?;
+    let _attrs = r.u32("file attributes")?;
+    let share = r.u32("share access")?;
+    let disp = r.u32("create disposition")?;
+    let options = r.u32("create options")?;
+    let name_off = r.u16("name offset")?;
+    let name_len = r.u16("name length")?;
+    let ctx_off = r.u32("contexts offset")?;
+    let ctx_len = r.u32("contexts length")?;
+    let name = wire::utf16(
+        wire::buffer(req.msg, u32::from(name_off), u32::from(name_len), "name")?,
+        "name",
+    )?;
+    let ctxs = if ctx_len == 0 {
+        CreateContexts::default()
+    } else {
+        contexts::parse(req.msg, ctx_off, ctx_len)?
+    };
+    // A reconnect ignores every other field of the request but the name
+    // (3.3.5.9.7, 3.3.5.9.12), including the oplock level.
+    if let Some(pid) = ctxs.reconnect_v1 {
+        return reconnect(c, req, Reconnect::v1(pid), ctxs.lease, &name);
+    }
+    if let Some(rc) = ctxs.reconnect_v2 {
+        return reconnect(c, req, rc.into(), ctxs.lease, &name);
+    }
+    // Leases are considered only with the lease oplock level (2.2.13).
+    let lease = ctxs.lease.filter(|_| oplock == OPLOCK_LEVEL_LEASE);
+    let disp = disposition(disp)?;
+    let path = parse_name(&name)?;
+    if options & FILE_DIRECTORY_FILE != 0 && options & FILE_NON_DIRECTORY_FILE != 0 {
+        return Err(status::INVALID_PARAMETER);
+    }
+    if options & FILE_DELETE_ON_CLOSE != 0 && access & (DELETE | GENERIC_ALL | MAXIMUM_ALLOWED) == 0
+    {
+        return Err(status::ACCESS_DENIED);
+    }
+    let session = req.hdr.session_id;
+    let user = c.logged_on(req)?.user.clone().unwrap_or_default();
+    let tree = req.hdr.tree_id;
+    let sh = c.sh.clone();
+    let existing = lookup(&sh, &path)?;
+    let wants_dir = options & FILE_DIRECTORY_FILE != 0;
+    let (open, action, meta) = match existing {
+        Some(m) if m.is_dir => {
+            if options & FILE_NON_DIRECTORY_FILE != 0 {
+                return Err(status::FILE_IS_A_DIRECTORY);
+            }
+            match disp {
+                Disposition::Open | Disposition::OpenIf => {}
+                Disposition::Create => return Err(status::OBJECT_NAME_COLLISION),
+                _ => return Err(status::INVALID_PARAMETER),
+            }
+            let fd = open_dir(&sh, &path)?;
+            let meta = Meta::of(&fd)?;
+            (
+                dir_open(session, tree, path, access, options, fd),
+                CreateAction::Opened,
+                meta,
+            )
+        }
+        None if wants_dir => {
+            let Some(p) = &path else {
+                return Err(status::OBJECT_NAME_NOT_FOUND);
+            };
+            match disp {
+                Disposition::Create | Disposition::OpenIf => {}
+                Disposition::Open => return Err(status::OBJECT_NAME_NOT_FOUND),
+                _ => return Err(status::INVALID_PARAMETER),
+            }
+            let (parent, leaf) = parent_and_leaf(&sh, p)?;
+            nix::sys::stat::mkdirat(&parent, leaf, Mode::from_bits_truncate(0o755))
+                .map_err(errno_status)?;
+            let fd = open_dir(&sh, &path)?;
+            let meta = Meta::of(&fd)?;
+            (
+                dir_open(session, tree, path, access, options, fd),
+                CreateAction::Created,
+                meta,
+            )
+        }
+        Some(_) if wants_dir => return Err(status::NOT_A_DIRECTORY),
+        _ => {
+            let Some(p) = path else {
+                return Err(status::FILE_IS_A_DIRECTORY);
+            };
+            let spec = FileCreate {
+                path: p,
+                access,
+                share,
+                disp,
+                options,
+                session,
+                tree,
+                user,
+                replay: req.hdr.flags & wire::FLAG_REPLAY != 0,
+                oplock,
+            };
+            return open_file(c, spec, &ctxs, lease);
+        }
+    };
+    let id = c.new_file_id();
+    c.opens.insert(id, open);
+    Ok(create_reply(action, &meta, id, id, 0, Vec::new()))
+}
+
+/// A CREATE of a regular file, decoded.
+struct FileCreate {
+    path: RelPath,
+    access: u32,
+    share: u32,
+    disp: Disposition,
+    options: u32,
+    session: u64,
+    tree: u32,
+    user: String,
+    replay: bool,
+    oplock: u8,
+}
+
+/// The filterd client identity of an open. An open with a lease belongs
+/// to the client GUID (MS-SMB2 3.3.5.9.12 checks it on reconnect); any
+/// other open to the logged-on user, so that a durable open under an
+/// oplock can be reconnected from a new client GUID by the same user, as
+/// Windows allows.
+fn client_of(c: &Connection, user: &str, leased: bool) -> Result<ClientId, u32> {
+    let id = if leased {
+        c.client_guid.to_string()
+    } else {
+        format!("smb-user:{user}")
+    };
+    ClientId::new(id).map_err(|_| status::INVALID_PARAMETER)
+}
+
+/// The persistent half of an SMB2 FileId for a filterd handle: the same
+/// on every connection and after a reconnect (2.2.14.1).
+fn persistent_id(key: ResumeKey) -> u64 {
+    key.0.as_u64_pair().0
+}
+
+/// The granted lease as a response context value.
+fn lease_response(asked: &LeaseV, held: Option<HeldLease>) -> LeaseV {
+    LeaseV {
+        key: asked.key,
+        state: held.map(|l| lease_bits(l.state)).unwrap_or(0),
+        v2: asked
+            .v2
+            .map(|(parent, _)| (parent, held.map(|l| l.epoch).unwrap_or(0))),
+    }
+}
+
+/// The response contexts of a file CREATE — DH2Q when durable, the lease
+/// when one was asked for — and the oplock level to report.
+fn reply_contexts(
+    durable: Option<(u32, bool)>,
+    lease: Option<&LeaseV>,
+    held: Option<HeldLease>,
+) -> (Vec<u8>, u8) {
+    let mut rc = ResponseContexts::new();
+    if let Some((t, persistent)) = durable {
+        rc.durable_v2(t, persistent);
+    }
+    let mut oplock = 0;
+    if let Some(asked) = lease {
+        rc.lease(&lease_response(asked, held));
+        oplock = OPLOCK_LEVEL_LEASE;
+    }
+    (rc.into_bytes(), oplock)
+}
+
+/// Opens a regular file as a filterd handle, durable or persistent as
+/// DH2Q asks and MS-SMB2 3.3.5.9.10 allows, with a lease if asked.
+fn open_file(
+    c: &mut Connection,
+    f: FileCreate,
+    ctxs: &CreateContexts,
+    lease: Option<LeaseV>,
+) -> Outcome {
+    let sh = c.sh.clone();
+    let smb3 = c.dialect().is_some_and(Dialect::is_smb3);
+    // A lease, or an oplock as a lease under a key of rksmbd's.
+    let oplock_key = match (&lease, breaks::oplock_state(f.oplock)) {
+        (None, Some(_)) => Some(breaks::oplock_key()),
+        _ => None,
+    };
+    let lease_req = match (&lease, oplock_key) {
+        (Some(l), _) if l.state != 0 => Some(LeaseRequest {
+            key: LeaseKey(uuid::Uuid::from_bytes_le(l.key)),
+            state: lease_state(l.state),
+        }),
+        (None, Some(key)) => {
+            breaks::oplock_state(f.oplock).map(|state| LeaseRequest { key, state })
+        }
+        _ => None,
+    };
+    let wants_h = lease_req.is_some_and(|l| l.state.contains(LeaseState::H));
+    // Durable v1 (DHnQ, 3.3.5.9.6): only with a batch oplock or an H
+    // lease; its create GUID is derived from the persistent FileId, which
+    // is all a DHnC names.
+    let v1_pid = u64::from_le_bytes(crate::ntlm::random_bytes());
+    let (durability, create_guid) = match (ctxs.durable_v2, ctxs.durable_v1) {
+        (Some(d), _) if smb3 => {
+            let t = match d.timeout_ms {
+                0 => DEFAULT_DURABLE_TIMEOUT_MS,
+                t => t.min(MAX_DURABLE_TIMEOUT_MS),
+            };
+            if d.persistent {
+                // The share is continuously available on every 3.x dialect.
+                (
+                    Durability::Persistent { timeout_ms: t },
+                    Some(d.create_guid),
+                )
+            } else if wants_h {
+                (Durability::Durable { timeout_ms: t }, Some(d.create_guid))
+            } else {
+                (Durability::None, None)
+            }
+        }
+        (None, true) if wants_h => (
+            Durability::Durable {
+                timeout_ms: DEFAULT_DURABLE_TIMEOUT_MS,
+            },
+            Some(v1_guid(v1_pid)),
+        ),
+        _ => (Durability::None, None),
+    };
+    let req = OpenRequest {
+        client: client_of(c, &f.user, lease.is_some())?,
+        path: f.path.clone(),
+        access: Access::new(rights_of(f.access)).map_err(|_| status::INVALID_PARAMETER)?,
+        share: Rights::from_bits_truncate(u8::try_from(f.share & 7).unwrap_or(0)),
+        disposition: f.disp,
+        durability,
+        create_guid: create_guid.map(CreateGuid),
+        owner: Some(f.user),
+        lease: lease_req,
+        // Never block this connection's thread on a lease break: the
+        // holder may be this very client, whose acknowledgment arrives on
+        // this connection (see open_waiting_for_breaks).
+        no_wait: true,
+    };
+    let replay = f.replay && create_guid.is_some();
+    let h = open_waiting_for_breaks(c, req, replay).map_err(|e| status_of(&e))?;
+    let key = h.info.key;
+    let file = std::fs::File::from(h.fd);
+    let held = h.info.lease;
+    // A durable (not persistent) open stands only with H granted.
+    let durable = match h.info.durability {
+        Durability::Persistent { timeout_ms } => Some((timeout_ms, true)),
+        Durability::Durable { timeout_ms }
+            if held.is_some_and(|l| l.state.contains(LeaseState::H)) =>
+        {
+            Some((timeout_ms, false))
+        }
+        _ => None,
+    };
+    let v1 = durable.is_some() && ctxs.durable_v2.is_none();
+    let id = c.new_file_id();
+    let pid = match durable {
+        Some(_) if v1 => v1_pid,
+        Some(_) => persistent_id(key),
+        None => id,
+    };
+    let oplock = oplock_key.filter(|_| held.is_some());
+    match (held, &lease, oplock) {
+        (Some(l), Some(asked), _) => sh.notifier.granted(
+            l.key,
+            c.id,
+            Holder::Lease {
+                v2: asked.v2.is_some(),
+            },
+        ),
+        (Some(l), None, Some(_)) => sh.notifier.granted(
+            l.key,
+            c.id,
+            Holder::Oplock {
+                file_id: file_id_bytes(pid, id),
+            },
+        ),
+        _ => {}
+    }
+    let mut delete_on_close = false;
+    if f.options & FILE_DELETE_ON_CLOSE != 0 {
+        if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
+            let _ = sh.filter.close(key);
+            return Err(status_of(&e));
+        }
+        delete_on_close = true;
+    }
+    let meta = Meta::of(&file)?;
+    let (mut contexts, mut level) = reply_contexts(durable.filter(|_| !v1), lease.as_ref(), held);
+    if v1 {
+        let mut rc = ResponseContexts::new();
+        rc.push(b"DHnQ", &[0; 8]);
+        contexts = rc.into_bytes();
+    }
+    if oplock.is_some() {
+        level = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
+    }
+    c.opens.insert(
+        id,
+        Open {
+            session: f.session,
+            tree: f.tree,
+            path: Some(f.path),
+            granted: granted_mask(f.access),
+            delete_on_close,
+            kind: Kind::File { key, file },
+            durable: durable.is_some(),
+            oplock,
+        },
+    );
+    Ok(create_reply(
+        h.info.create_action,
+        &meta,
+        pid,
+        id,
+        level,
+        contexts,
+    ))
+}
+
+/// The create GUID of a durable v1 open with persistent FileId `pid`.
+fn v1_guid(pid: u64) -> uuid::Uuid {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&pid.to_le_bytes());
+    b[8..].copy_from_slice(b"rksmbdv1");
+    uuid::Uuid::from_bytes(b)
+}
+
+fn file_id_bytes(persistent: u64, volatile: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&persistent.to_le_bytes());
+    b[8..].copy_from_slice(&volatile.to_le_bytes());
+    b
+}
+
+/// Opens through filterd; while lease holders must first acknowledge a
+/// break (filterd answers Busy and sends the breaks), keeps serving this
+/// connection's requests — the acknowledgment may be among them — and
+/// retries, for up to [`BREAK_WAIT`].
+fn open_waiting_for_breaks(
+    c: &mut Connection,
+    req: OpenRequest,
+    replay: bool,
+) -> Result<libfilter::client::OpenedHandle, ClientError> {
+    let sh = c.sh.clone();
+    let deadline = std::time::Instant::now() + BREAK_WAIT;
+    loop {
+        let r = if replay {
+            sh.filter.replay_open(req.clone())
+        } else {
+            sh.filter.open(req.clone())
+        };
+        match r {
+            Err(e) if e.code() == Some(ErrorCode::Busy) && std::time::Instant::now() < deadline => {
+                c.pump(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Which durable open a CREATE reconnects: DH2C names it by create GUID
+/// (and FileId), DHnC by its persistent FileId alone.
+#[derive(Debug, Clone, Copy)]
+struct Reconnect {
+    create_guid: uuid::Uuid,
+    persistent_file_id: u64,
+    v1: bool,
+}
+
+impl From<ReconnectV2> for Reconnect {
+    fn from(rc: ReconnectV2) -> Self {
+        Reconnect {
+            create_guid: rc.create_guid,
+            persistent_file_id: rc.persistent_file_id,
+            v1: false,
+        }
+    }
+}
+
+impl Reconnect {
+    fn v1(persistent_file_id: u64) -> Self {
+        Reconnect {
+            create_guid: v1_guid(persistent_file_id),
+            persistent_file_id,
+            v1: true,
+        }
+    }
+}
+
+/// DH2C / DHnC (MS-SMB2 3.3.5.9.12, 3.3.5.9.7): resumes a disconnected
+/// durable or persistent filterd handle by its create GUID, for the same
+/// client; the FileId and the lease key (of a lease, not an oplock) must
+/// match the original open's.
+fn reconnect(
+    c: &mut Connection,
+    req: &Request<'_>,
+    rc: Reconnect,
+    lease: Option<LeaseV>,
+    name: &str,
+) -> Outcome {
+    let sh = c.sh.clone();
+    let user = c.logged_on(req)?.user.clone().unwrap_or_default();
+    // A leased open belongs to the client GUID, any other to the user.
+    let guid = CreateGuid(rc.create_guid);
+    let (by_client, by_user) = (client_of(c, &user, true)?, client_of(c, &user, false)?);
+    let h = sh
+        .filter
+        .resume_by_guid(by_client, guid)
+        .or_else(|_| sh.filter.resume_by_guid(by_user, guid))
+        .map_err(|e| match e.code() {
+            Some(ErrorCode::NoSuchHandle | ErrorCode::NotFound | ErrorCode::NotOwner) => {
+                status::OBJECT_NAME_NOT_FOUND
+            }
+            _ => status_of(&e),
+        })?;
+    let key = h.info.key;
+    let held = h.info.lease;
+    let oplock = held.map(|l| l.key).filter(breaks::is_oplock_key);
+    let lease_ok = match (held, &lease) {
+        (Some(_), _) if oplock.is_some() => true,
+        (Some(l), Some(asked)) => l.key == LeaseKey(uuid::Uuid::from_bytes_le(asked.key)),
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    let pid_ok = rc.v1 || rc.persistent_file_id == persistent_id(key);
+    let view = match sh
+        .filter
+        .client()
+        .call(libfilter::proto::Request::Handle { key })
+    {
+        Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v),
+        _ => None,
+    };
+    let (Some(view), true, true) = (view, lease_ok, pid_ok) else {
+        let _ = sh.filter.detach(key);
+        return Err(status::OBJECT_NAME_NOT_FOUND);
+    };
+    let rec = view.record;
+    // With a lease the name must be the open's (an oplock's is ignored).
+    if oplock.is_none()
+        && held.is_some()
+        && parse_name(name).ok().flatten().as_ref() != Some(&rec.path)
+    {
+        let _ = sh.filter.detach(key);
+        return Err(status::INVALID_PARAMETER);
+    }
+    let file = std::fs::File::from(h.fd);
+    let meta = Meta::of(&file)?;
+    let id = c.new_file_id();
+    let pid = rc.persistent_file_id;
+    // A reconnect answers with no DH2Q response context.
+    let (contexts, mut level) = reply_contexts(None, lease.as_ref(), held);
+    match (held, &lease, oplock) {
+        (Some(l), _, Some(_)) => {
+            level = breaks::oplock_level(l.state);
+            sh.notifier.granted(
+                l.key,
+                c.id,
+                Holder::Oplock {
+                    file_id: file_id_bytes(pid, id),
+                },
+            );
+        }
+        (Some(l), Some(asked), None) => sh.notifier.granted(
+            l.key,
+            c.id,
+            Holder::Lease {
+                v2: asked.v2.is_some(),
+            },
+        ),
+        _ => {}
+    }
+    c.opens.insert(
+        id,
+        Open {
+            session: req.hdr.session_id,
+            tree: req.hdr.tree_id,
+            path: Some(rec.path),
+            granted: mask_of_rights(rec.access.rights()),
+            delete_on_close: rec.delete_on_close,
+            kind: Kind::File { key, file },
+            durable: true,
+            oplock,
+        },
+    );
+    tracing::info!(resume_key = %key, "durable handle reconnected");
+    Ok(create_reply(
+        CreateAction::Opened,
+        &meta,
+        pid,
+        id,
+        level,
+        contexts,
+    ))
+}
+
+/// An access mask for filterd rights (after a reconnect, when the original
+/// SMB mask is no longer known).
+fn mask_of_rights(r: Rights) -> u32 {
+    let mut m = 0x0012_0080; // read attributes, read control, synchronize
+    if r.contains(Rights::READ) {
+        m |= 0x0012_0089;
+    }
+    if r.contains(Rights::WRITE) {
+        m |= 0x0012_0116;
+    }
+    if r.contains(Rights::DELETE) {
+        m |= DELETE;
+    }
+    m
+}
+
+/// The CREATE response (2.2.14).
+fn create_reply(
+    action: CreateAction,
+    meta: &Meta,
+    persistent: u64,
+    volatile: u64,
+    oplock: u8,
+    contexts: Vec<u8>,
+) -> Reply {
+    let mut w = Writer::new();
+    w.u16(89).u8(oplock).u8(0);
+    w.u32(match action {
+        CreateAction::Superseded => 0,
+        CreateAction::Opened => 1,
+        CreateAction::Created => 2,
+        CreateAction::Overwritten => 3,
+    });
+    w.u64(meta.created)
+        .u64(meta.accessed)
+        .u64(meta.written)
+        .u64(meta.changed);
+    w.u64(meta.allocated)
+        .u64(meta.size)
+        .u32(meta.attributes())
+        .u32(0);
+    w.u64(persistent).u64(volatile);
+    if contexts.is_empty() {
+        w.u32(0).u32(0).u8(0);
+    } else {
+        // The fixed part ends 8-aligned (64 + 88), so the contexts follow.
+        w.u32(wire::len32(HEADER_LEN + 88))
+            .u32(wire::len32(contexts.len()));
+        w.bytes(&contexts);
+    }
+    let mut reply = Reply::ok(w.0);
+    reply.file = Some(volatile);
+    reply
+}
+fn dir_open(
+    session: u64,
+    tree: u32,
+    path: Option<RelPath>,
+    access: u32,
+    options: u32,
+    fd: OwnedFd,
+) -> Open {
+    Open {
+        session,
+        tree,
+        path,
+        granted: granted_mask(access),
+        delete_on_close: options & FILE_DELETE_ON_CLOSE != 0,
+        kind: Kind::Dir { fd, listing: None },
+        durable: false,
+        oplock: None,
+    }
+}

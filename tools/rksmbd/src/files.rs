@@ -1,0 +1,913 @@
+//! File commands on opens — CLOSE, READ, WRITE, FLUSH, QUERY_INFO,
+//! SET_INFO, QUERY_DIRECTORY — the opens themselves ([`Open`], made by
+//! [`crate::create`]), and the one place filterd errors become NTSTATUS
+//! values ([`status_of`]).
+//!
+//! **Files** are filterd handles: CREATE is a filterd open (access and
+//! share mapped onto filterd's rights), READ/WRITE are pread/pwrite on the
+//! descriptor filterd passes (each checked against byte-range locks with
+//! `CheckIo`), rename, end-of-file and delete-on-close are filterd
+//! requests, CLOSE closes the handle.
+//!
+//! **Directories** are not filterd handles: filterd's protocol opens
+//! regular files only (its paths cannot name the export root, and its
+//! open refuses anything that is not a regular file). rksmbd opens
+//! directories itself, always relative to the export root's descriptor
+//! with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` — the same
+//! confinement filterd applies — and lists, creates, renames and removes
+//! them through descriptors, never through joined host paths.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use libfilter::client::ClientError;
+use libfilter::lease::LeaseKey;
+use libfilter::locks::LockRange;
+use libfilter::model::{Disposition, RelPath, ResumeKey, Rights};
+use libfilter::proto::ErrorCode;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+
+use crate::info::{self, FileFacts, Meta};
+use crate::server::{Connection, Outcome, Reply, Request, Shared, MAX_IO};
+use crate::wire::{self, status, Command, Reader, Writer, HEADER_LEN};
+
+/// Most entries one directory listing holds (a bigger directory is cut).
+const MAX_LISTING: usize = 100_000;
+
+// Access mask bits (MS-SMB2 2.2.13.1).
+pub(crate) const FILE_READ_DATA: u32 = 0x1;
+pub(crate) const FILE_WRITE_DATA: u32 = 0x2;
+pub(crate) const FILE_APPEND_DATA: u32 = 0x4;
+pub(crate) const FILE_EXECUTE: u32 = 0x20;
+const FILE_WRITE_ATTRIBUTES: u32 = 0x100;
+pub(crate) const DELETE: u32 = 0x1_0000;
+pub(crate) const MAXIMUM_ALLOWED: u32 = 0x0200_0000;
+pub(crate) const GENERIC_ALL: u32 = 0x1000_0000;
+pub(crate) const GENERIC_EXECUTE: u32 = 0x2000_0000;
+pub(crate) const GENERIC_WRITE: u32 = 0x4000_0000;
+pub(crate) const GENERIC_READ: u32 = 0x8000_0000;
+/// What MAXIMUM_ALLOWED and GENERIC_ALL grant.
+const FILE_ALL_ACCESS: u32 = 0x001F_01FF;
+
+// Create options.
+pub(crate) const FILE_DIRECTORY_FILE: u32 = 0x1;
+pub(crate) const FILE_NON_DIRECTORY_FILE: u32 = 0x40;
+pub(crate) const FILE_DELETE_ON_CLOSE: u32 = 0x1000;
+
+/// The one place filterd errors become NTSTATUS values.
+pub fn status_of(e: &ClientError) -> u32 {
+    match e.code() {
+        Some(ErrorCode::NotFound) | Some(ErrorCode::NoSuchHandle) => status::OBJECT_NAME_NOT_FOUND,
+        Some(ErrorCode::PathNotFound) => status::OBJECT_PATH_NOT_FOUND,
+        Some(ErrorCode::Collision) => status::OBJECT_NAME_COLLISION,
+        Some(ErrorCode::AccessDenied) | Some(ErrorCode::NotOwner) => status::ACCESS_DENIED,
+        Some(ErrorCode::NotAFile) => status::FILE_IS_A_DIRECTORY,
+        Some(ErrorCode::SharingViolation) => status::SHARING_VIOLATION,
+        Some(ErrorCode::FileNotAvailable) | Some(ErrorCode::Busy) => status::FILE_NOT_AVAILABLE,
+        Some(ErrorCode::DuplicateCreateGuid) => status::DUPLICATE_OBJECTID,
+        Some(ErrorCode::DiskFull) => status::DISK_FULL,
+        Some(ErrorCode::LockNotGranted) => status::LOCK_NOT_GRANTED,
+        Some(ErrorCode::RangeNotLocked) => status::RANGE_NOT_LOCKED,
+        Some(ErrorCode::LockConflict) => status::FILE_LOCK_CONFLICT,
+        Some(ErrorCode::BadFrame) => status::INVALID_PARAMETER,
+        Some(ErrorCode::Unsupported) => status::NOT_SUPPORTED,
+        Some(ErrorCode::LimitReached) => status::INSUFFICIENT_RESOURCES,
+        None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => {
+            status::FILE_NOT_AVAILABLE
+        }
+        _ => status::INTERNAL_ERROR,
+    }
+}
+
+/// An errno from a directory operation as an NTSTATUS.
+pub(crate) fn errno_status(e: nix::errno::Errno) -> u32 {
+    use nix::errno::Errno;
+    match e {
+        Errno::ENOENT => status::OBJECT_NAME_NOT_FOUND,
+        Errno::ENOTDIR => status::OBJECT_PATH_NOT_FOUND,
+        Errno::EEXIST => status::OBJECT_NAME_COLLISION,
+        Errno::ENOTEMPTY => status::DIRECTORY_NOT_EMPTY,
+        Errno::EACCES | Errno::EPERM | Errno::EROFS | Errno::EXDEV | Errno::ELOOP => {
+            status::ACCESS_DENIED
+        }
+        Errno::ENOSPC | Errno::EDQUOT => status::DISK_FULL,
+        Errno::ENAMETOOLONG => status::OBJECT_NAME_INVALID,
+        _ => status::INTERNAL_ERROR,
+    }
+}
+
+fn io_status(e: std::io::Error) -> u32 {
+    errno_status(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+}
+
+/// Opens the export root (as filterd reports it) `O_PATH`: the anchor of
+/// every directory operation.
+pub fn open_root(attach: &libfilter::attach::Attachment) -> anyhow::Result<OwnedFd> {
+    let (reply, _) = attach.client().call(libfilter::proto::Request::Status)?;
+    let libfilter::proto::Reply::Status(st) = reply else {
+        anyhow::bail!("filterd answered status with {reply:?}");
+    };
+    let fd = nix::fcntl::open(
+        std::path::Path::new(&st.root),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(fd)
+}
+
+/// What an open is.
+pub(crate) enum Kind {
+    /// A filterd handle on a regular file.
+    File { key: ResumeKey, file: std::fs::File },
+    /// A directory, opened beneath the root by rksmbd.
+    Dir {
+        fd: OwnedFd,
+        listing: Option<Listing>,
+    },
+}
+
+/// A directory listing in progress (QUERY_DIRECTORY).
+pub(crate) struct Listing {
+    entries: Vec<(String, Meta)>,
+    next: usize,
+}
+
+/// An open of this connection.
+pub struct Open {
+    /// Its session.
+    pub session: u64,
+    /// Its tree.
+    pub tree: u32,
+    pub(crate) path: Option<RelPath>,
+    pub(crate) granted: u32,
+    pub(crate) delete_on_close: bool,
+    pub(crate) kind: Kind,
+    /// Granted durable (or persistent): on a lost connection the filterd
+    /// handle is detached, not closed, so a DH2C can resume it.
+    pub(crate) durable: bool,
+    /// The filterd lease key standing for this open's oplock, if any.
+    pub(crate) oplock: Option<LeaseKey>,
+}
+
+/// The lease key of the oplock of open `id` (an OPLOCK_BREAK
+/// acknowledgment names the open by FileId).
+pub fn oplock_of(c: &Connection, req: &Request<'_>, id: u64) -> Result<LeaseKey, u32> {
+    match c.opens.get(&id) {
+        Some(o) if o.session == req.hdr.session_id => {
+            o.oplock.ok_or(status::INVALID_OPLOCK_PROTOCOL)
+        }
+        _ => Err(status::FILE_CLOSED),
+    }
+}
+
+impl Open {
+    fn meta(&self) -> Result<Meta, u32> {
+        match &self.kind {
+            Kind::File { file, .. } => Meta::of(file),
+            Kind::Dir { fd, .. } => Meta::of(fd),
+        }
+    }
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.kind {
+            Kind::File { file, .. } => file.as_fd(),
+            Kind::Dir { fd, .. } => fd.as_fd(),
+        }
+    }
+    /// The path from the share root as SMB names it (`\a\b`).
+    fn smb_name(&self) -> String {
+        match &self.path {
+            Some(p) => format!("\\{}", p.as_str().replace('/', "\\")),
+            None => "\\".into(),
+        }
+    }
+}
+
+/// Releases an open that is going away: a file is closed in filterd; a
+/// directory marked delete-on-close is removed.
+pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
+    match &open.kind {
+        Kind::File { key, .. } if connection_lost && open.durable => {
+            if let Err(e) = sh.filter.detach(*key) {
+                tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
+            }
+        }
+        Kind::File { key, .. } => {
+            if let Err(e) = sh.filter.close(*key) {
+                tracing::warn!(resume_key = %key, error = %e, "close in filterd failed");
+            }
+        }
+        Kind::Dir { .. } => {
+            if let (true, Some(path)) = (open.delete_on_close, &open.path) {
+                if let Ok((parent, leaf)) = parent_and_leaf(sh, path) {
+                    let _ =
+                        nix::unistd::unlinkat(&parent, leaf, nix::unistd::UnlinkatFlags::RemoveDir);
+                }
+            }
+        }
+    }
+}
+
+/// Runs a file command.
+pub fn command(c: &mut Connection, cmd: Command, req: &Request<'_>, file: Option<u64>) -> Outcome {
+    match cmd {
+        Command::Create => crate::create::create(c, req),
+        Command::Close => close(c, req, file),
+        Command::Read => read(c, req, file),
+        Command::Write => write(c, req, file),
+        Command::Flush => flush(c, req, file),
+        Command::QueryInfo => query_info(c, req, file),
+        Command::SetInfo => set_info(c, req, file),
+        Command::QueryDirectory => query_directory(c, req, file),
+        Command::Lock => crate::lock::lock(c, req, file),
+        _ => Err(status::NOT_SUPPORTED),
+    }
+}
+
+/// A client name (`a\b`, relative to the share) as a path beneath the
+/// root; `None` is the share root itself.
+pub(crate) fn parse_name(name: &str) -> Result<Option<RelPath>, u32> {
+    let name = name.trim_start_matches('\\').trim_end_matches('\\');
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let mut parts = Vec::new();
+    for comp in name.split('\\') {
+        let bad = comp.is_empty()
+            || comp == "."
+            || comp == ".."
+            || comp.chars().any(|ch| ch < ' ' || "/:*?\"<>|".contains(ch));
+        if bad {
+            return Err(status::OBJECT_NAME_INVALID);
+        }
+        parts.push(comp);
+    }
+    RelPath::new(parts.join("/"))
+        .map(Some)
+        .map_err(|_| status::OBJECT_NAME_INVALID)
+}
+
+/// The parent directory of `path` (opened `O_PATH` beneath the root) and
+/// its last component.
+pub(crate) fn parent_and_leaf<'p>(
+    sh: &Shared,
+    path: &'p RelPath,
+) -> Result<(OwnedFd, &'p str), u32> {
+    let (parent, leaf) = match path.as_str().rsplit_once('/') {
+        Some((p, l)) => (p, l),
+        None => (".", path.as_str()),
+    };
+    let fd = libfilter::sys::openat2_beneath(
+        sh.root.as_fd(),
+        parent,
+        libc_flags(OFlag::O_PATH | OFlag::O_DIRECTORY),
+        0,
+    )
+    .map_err(|e| match e.raw_os_error() {
+        Some(2) | Some(20) => status::OBJECT_PATH_NOT_FOUND,
+        _ => io_status(e),
+    })?;
+    Ok((fd, leaf))
+}
+
+pub(crate) fn libc_flags(f: OFlag) -> i32 {
+    f.bits()
+}
+
+/// What `path` names now (not following a final symlink), if anything.
+pub(crate) fn lookup(sh: &Shared, path: &Option<RelPath>) -> Result<Option<Meta>, u32> {
+    let Some(path) = path else {
+        return Meta::of(sh.root.as_fd()).map(Some);
+    };
+    let (parent, leaf) = parent_and_leaf(sh, path)?;
+    match nix::sys::stat::fstatat(&parent, leaf, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(Meta::from_stat(&st))),
+        Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(errno_status(e)),
+    }
+}
+
+/// Opens a directory beneath the root for reading.
+pub(crate) fn open_dir(sh: &Shared, path: &Option<RelPath>) -> Result<OwnedFd, u32> {
+    let p = path.as_ref().map(RelPath::as_str).unwrap_or(".");
+    libfilter::sys::openat2_beneath(
+        sh.root.as_fd(),
+        p,
+        libc_flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY),
+        0,
+    )
+    .map_err(io_status)
+}
+
+/// filterd rights for an SMB access mask; attribute-only opens count as
+/// reads (filterd has no attribute-only access).
+pub(crate) fn rights_of(access: u32) -> Rights {
+    let any = |m: u32| access & m != 0;
+    let mut r = Rights::NONE;
+    if any(FILE_READ_DATA
+        | FILE_EXECUTE
+        | GENERIC_READ
+        | GENERIC_EXECUTE
+        | GENERIC_ALL
+        | MAXIMUM_ALLOWED)
+    {
+        r = r.union(Rights::READ);
+    }
+    if any(FILE_WRITE_DATA | FILE_APPEND_DATA | GENERIC_WRITE | GENERIC_ALL | MAXIMUM_ALLOWED) {
+        r = r.union(Rights::WRITE);
+    }
+    if any(DELETE | GENERIC_ALL | MAXIMUM_ALLOWED) {
+        r = r.union(Rights::DELETE);
+    }
+    if r.is_empty() {
+        Rights::READ
+    } else {
+        r
+    }
+}
+
+/// The access mask a granted open reports (generic rights expanded).
+pub(crate) fn granted_mask(access: u32) -> u32 {
+    let mut m = access & 0x01FF_FFFF & !MAXIMUM_ALLOWED;
+    if access & (MAXIMUM_ALLOWED | GENERIC_ALL) != 0 {
+        m |= FILE_ALL_ACCESS;
+    }
+    if access & GENERIC_READ != 0 {
+        m |= 0x0012_0089;
+    }
+    if access & GENERIC_WRITE != 0 {
+        m |= 0x0012_0116;
+    }
+    if access & GENERIC_EXECUTE != 0 {
+        m |= 0x0012_00A0;
+    }
+    m
+}
+
+pub(crate) fn disposition(d: u32) -> Result<Disposition, u32> {
+    Ok(match d {
+        0 => Disposition::Supersede,
+        1 => Disposition::Open,
+        2 => Disposition::Create,
+        3 => Disposition::OpenIf,
+        4 => Disposition::Overwrite,
+        5 => Disposition::OverwriteIf,
+        _ => return Err(status::INVALID_PARAMETER),
+    })
+}
+
+/// The open a request names (its FileId, or the related chain's), which
+/// must belong to the request's session and tree.
+fn open_id(c: &Connection, req: &Request<'_>, at: usize, related: Option<u64>) -> Result<u64, u32> {
+    let mut r = Reader::new(req.body);
+    r.skip(at, "to file id")?;
+    let persistent = r.u64("file id")?;
+    let volatile = r.u64("file id")?;
+    let id = if persistent == u64::MAX && volatile == u64::MAX {
+        related.ok_or(status::FILE_CLOSED)?
+    } else {
+        volatile
+    };
+    match c.opens.get(&id) {
+        Some(o) if o.session == req.hdr.session_id && o.tree == req.hdr.tree_id => Ok(id),
+        _ => Err(status::FILE_CLOSED),
+    }
+}
+
+/// The filterd handle of the regular-file open a request names, and
+/// whether it is durable (or persistent).
+pub fn file_of(
+    c: &Connection,
+    req: &Request<'_>,
+    at: usize,
+    related: Option<u64>,
+) -> Result<(ResumeKey, bool), u32> {
+    let o = get(c, open_id(c, req, at, related)?)?;
+    match &o.kind {
+        Kind::File { key, .. } => Ok((*key, o.durable)),
+        Kind::Dir { .. } => Err(status::INVALID_PARAMETER),
+    }
+}
+
+fn get(c: &Connection, id: u64) -> Result<&Open, u32> {
+    c.opens.get(&id).ok_or(status::FILE_CLOSED)
+}
+
+/// CLOSE (2.2.15), with the post-query attributes flag.
+fn close(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
+    let mut r = Reader::new(req.body);
+    if r.u16("structure size")? != 24 {
+        return Err(status::INVALID_PARAMETER);
+    }
+    let flags = r.u16("flags")?;
+    let id = open_id(c, req, 8, related)?;
+    let meta = if flags & 1 != 0 {
+        get(c, id)?.meta().ok()
+    } else {
+        None
+    };
+    c.close_open(id);
+    let mut w = Writer::new();
+    w.u16(60).u16(flags & 1).u32(0);
+    match meta {
+        Some(m) => {
+            w.u64(m.created)
+                .u64(m.accessed)
+                .u64(m.written)
+                .u64(m.changed);
+            w.u64(m.allocated).u64(m.size).u32(m.attributes());
+        }
+        None => {
+            w.bytes(&[0; 52]);
+        }
+    }
+    Ok(Reply::ok(w.0))
+}
+
+fn may(o: &Open, mask: u32) -> Result<(), u32> {
+    if o.granted & mask != 0 {
+        Ok(())
+    } else {
+        Err(status::ACCESS_DENIED)
+    }
+}
+
+/// Mandatory byte-range locks: filterd decides whether this handle may
+/// touch the range (rksmbd does not take lock hints, so every I/O asks).
+fn check_io(sh: &Shared, key: ResumeKey, offset: u64, len: u64, write: bool) -> Result<(), u32> {
+    if len == 0 {
+        return Ok(());
+    }
+    sh.filter
+        .client()
+        .check_io(
+            key,
+            LockRange {
+                offset,
+                length: len,
+            },
+            write,
+        )
+        .map_err(|e| status_of(&e))
+}
+
+/// READ (2.2.19).
+fn read(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
+    let mut r = Reader::new(req.body);
+    if r.u16("structure size")? != 49 {
+        return Err(status::INVALID_PARAMETER);
+    }
+    r.u8("padding")?;
+    r.u8("flags")?;
+    let len = r.u32("length")?;
+    let offset = r.u64("offset")?;
+    let id = open_id(c, req, 16, related)?;
+    let o = get(c, id)?;
+    let Kind::File { key, file } = &o.kind else {
+        return Err(status::INVALID_DEVICE_REQUEST);
+    };
+    may(o, FILE_READ_DATA | FILE_EXECUTE)?;
+    if len > MAX_IO {
+        return Err(status::INVALID_PARAMETER);
+    }
+    check_io(&c.sh, *key, offset, u64::from(len), false)?;
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    let n = read_full(file, &mut buf, offset).map_err(io_status)?;
+    if n == 0 && len > 0 {
+        return Err(status::END_OF_FILE);
+    }
+    buf.truncate(n);
+    let mut w = Writer::new();
+    w.u16(17)
+        .u8(u8::try_from(HEADER_LEN + 16).unwrap_or(80))
+        .u8(0);
+    w.u32(wire::len32(n)).u32(0).u32(0);
+    w.bytes(&buf);
+    Ok(Reply::ok(w.0))
+}
+
+/// Reads until `buf` is full or end of file.
+fn read_full(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = offset.saturating_add(u64::try_from(done).unwrap_or(u64::MAX));
+        let n = f.read_at(buf.get_mut(done..).unwrap_or(&mut []), at)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
+}
+
+/// WRITE (2.2.21).
+fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
+    let mut r = Reader::new(req.body);
+    if r.u16("structure size")? != 49 {
+        return Err(status::INVALID_PARAMETER);
+    }
+    let data_off = r.u16("data offset")?;
+    let len = r.u32("length")?;
+    let offset = r.u64("offset")?;
+    let id = open_id(c, req, 16, related)?;
+    let data = wire::buffer(req.msg, u32::from(data_off), len, "data")?;
+    let o = get(c, id)?;
+    let Kind::File { key, file } = &o.kind else {
+        return Err(status::INVALID_DEVICE_REQUEST);
+    };
+    may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
+    check_io(&c.sh, *key, offset, u64::from(len), true)?;
+    file.write_all_at(data, offset).map_err(io_status)?;
+    let mut w = Writer::new();
+    w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
+    Ok(Reply::ok(w.0))
+}
+
+/// FLUSH (2.2.17).
+fn flush(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
+    let id = open_id(c, req, 8, related)?;
+    if let Kind::File { file, .. } = &get(c, id)?.kind {
+        file.sync_data().map_err(io_status)?;
+    }
+    Ok(Reply::ok(vec![4, 0, 0, 0]))
+}
+
+/// A QUERY_INFO / QUERY_DIRECTORY response body: StructureSize 9, the
+/// offset and length of `data`.
+fn output_body(data: &[u8]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u16(9)
+        .u16(wire::len16(HEADER_LEN + 8))
+        .u32(wire::len32(data.len()));
+    if data.is_empty() {
+        w.u8(0);
+    } else {
+        w.bytes(data);
+    }
+    w.0
+}
+
+/// QUERY_INFO (2.2.37).
+fn query_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
+    let mut r = Reader::new(req.body);
+    if r.u16("structure size")? != 41 {
+        return Err(status::INVALID_PARAMETER);
+    }
+    let info_type = r.u8("info type")?;
+    let class = r.u8("info class")?;
+    let max = usize::try_from(r.u32("output buffer length")?).unwrap_or(usize::MAX);
+    let id = open_id(c, req, 24, related)?;
+    let o = get(c, id)?;
+    let data = match info_type {
+        1 => {
+            let name = o.smb_name();
+            info::file_class(
+                class,
+                &FileFacts {
+                    meta: o.meta()?,
+                    delete_pending: o.delete_on_close,
+                    access: o.granted,
+                    name: &name,
+                },
+            )?
+        }
+        2 => info::fs_class(class, o.fd())?,
+        // Security descriptors and quotas are not offered.
+        _ => return Err(status::NOT_SUPPORTED),
+    };
+    if data.len() > max {
+        if info::is_variable(info_type, class) {
+            let cut = data.get(..max).unwrap_or(&[]);
+            return Ok(Reply::with_status(
+                status::BUFFER_OVERFLOW,
+                output_body(cut),
+            ));
+        }
+        return Err(status::INFO_LENGTH_MISMATCH);
+    }
+    Ok(Reply::ok(output_body(&data)))
+}
+
+/// SET_INFO (2.2.39): end of file, rename, disposition, basic info.
+fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
+    let mut r = Reader::new(req.body);
+    if r.u16("structure size")? != 33 {
+        return Err(status::INVALID_PARAMETER);
+    }
+    let info_type = r.u8("info type")?;
+    let class = r.u8("info class")?;
+    let len = r.u32("buffer length")?;
+    let off = r.u16("buffer offset")?;
+    let id = open_id(c, req, 16, related)?;
+    let buf = wire::buffer(req.msg, u32::from(off), len, "buffer")?;
+    if info_type != 1 {
+        return Err(status::NOT_SUPPORTED);
+    }
+    let sh = c.sh.clone();
+    let mut b = Reader::new(buf);
+    match class {
+        // FileBasicInformation: times (creation and attributes are not kept).
+        4 => {
+            let o = get(c, id)?;
+            may(o, FILE_WRITE_ATTRIBUTES)?;
+            b.u64("creation")?;
+            let atime = b.u64("access time")?;
+            let mtime = b.u64("write time")?;
+            set_times(o.fd(), atime, mtime)?;
+        }
+        // FileRenameInformation (MS-FSCC 2.4.37.2).
+        10 => {
+            let replace = b.u8("replace")? != 0;
+            b.skip(7, "reserved")?;
+            b.u64("root directory")?;
+            let n = b.u32("name length")?;
+            let name = wire::utf16(
+                b.bytes(usize::try_from(n).unwrap_or(usize::MAX), "name")?,
+                "name",
+            )?;
+            let Some(to) = parse_name(&name)? else {
+                return Err(status::OBJECT_NAME_INVALID);
+            };
+            rename(c, id, to, replace)?;
+        }
+        // FileDispositionInformation.
+        13 => {
+            let delete = b.u8("delete pending")? != 0;
+            let o = get(c, id)?;
+            may(o, DELETE)?;
+            match &o.kind {
+                Kind::File { key, .. } => sh
+                    .filter
+                    .client()
+                    .set_delete_on_close(*key, delete, None)
+                    .map_err(|e| status_of(&e))?,
+                Kind::Dir { fd, .. } => {
+                    if o.path.is_none() {
+                        return Err(status::ACCESS_DENIED);
+                    }
+                    if delete && !dir_is_empty(fd)? {
+                        return Err(status::DIRECTORY_NOT_EMPTY);
+                    }
+                }
+            }
+            if let Some(o) = c.opens.get_mut(&id) {
+                o.delete_on_close = delete;
+            }
+        }
+        // FileAllocationInformation: accepted, nothing to do.
+        19 => {}
+        // FileEndOfFileInformation.
+        20 => {
+            let size = b.u64("end of file")?;
+            let o = get(c, id)?;
+            let Kind::File { key, .. } = &o.kind else {
+                return Err(status::INVALID_PARAMETER);
+            };
+            sh.filter
+                .client()
+                .set_end_of_file(*key, size, None)
+                .map_err(|e| status_of(&e))?;
+        }
+        _ => return Err(status::INVALID_INFO_CLASS),
+    }
+    Ok(Reply::ok(vec![2, 0]))
+}
+
+/// Sets access and write times; 0 and -1 leave a time unchanged.
+fn set_times(fd: std::os::fd::BorrowedFd<'_>, atime: u64, mtime: u64) -> Result<(), u32> {
+    use nix::sys::time::TimeSpec;
+    let spec = |t: u64| -> TimeSpec {
+        if t == 0 || t == u64::MAX || t < 116_444_736_000_000_000 {
+            return TimeSpec::UTIME_OMIT;
+        }
+        let unix = t - 116_444_736_000_000_000;
+        let secs = i64::try_from(unix / 10_000_000).unwrap_or(i64::MAX);
+        let nsecs = i64::try_from((unix % 10_000_000) * 100).unwrap_or(0);
+        TimeSpec::new(secs, nsecs)
+    };
+    nix::sys::stat::futimens(fd, &spec(atime), &spec(mtime)).map_err(errno_status)
+}
+
+fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(), u32> {
+    let sh = c.sh.clone();
+    let o = get(c, id)?;
+    may(o, DELETE)?;
+    match &o.kind {
+        Kind::File { key, .. } => {
+            sh.filter
+                .client()
+                .rename(*key, to.clone(), replace, None)
+                .map_err(|e| status_of(&e))?;
+        }
+        Kind::Dir { .. } => {
+            let Some(from) = &o.path else {
+                return Err(status::ACCESS_DENIED);
+            };
+            let (from_dir, from_leaf) = parent_and_leaf(&sh, from)?;
+            let (to_dir, to_leaf) = parent_and_leaf(&sh, &to)?;
+            let flags = if replace {
+                nix::fcntl::RenameFlags::empty()
+            } else {
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE
+            };
+            nix::fcntl::renameat2(&from_dir, from_leaf, &to_dir, to_leaf, flags)
+                .map_err(errno_status)?;
+        }
+    }
+    if let Some(o) = c.opens.get_mut(&id) {
+        o.path = Some(to);
+    }
+    Ok(())
+}
+
+/// Reads a directory through a fresh descriptor of it (so every listing
+/// starts at the beginning): names and metadata, `.` and `..` first
+/// (both reported with the directory's own metadata, so nothing above the
+/// export root is ever looked at).
+fn read_dir(dir: &OwnedFd) -> Result<Vec<(String, Meta)>, u32> {
+    let own = Meta::of(dir)?;
+    let fd = libfilter::sys::openat2_beneath(
+        dir.as_fd(),
+        ".",
+        libc_flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY),
+        0,
+    )
+    .map_err(io_status)?;
+    let mut d = nix::dir::Dir::from_fd(fd).map_err(errno_status)?;
+    let mut out = vec![(".".to_owned(), own), ("..".to_owned(), own)];
+    for entry in d.iter() {
+        let Ok(entry) = entry else { continue };
+        let Ok(name) = entry.file_name().to_str() else {
+            continue; // names that are not UTF-8 cannot be shown to SMB
+        };
+        if name == "." || name == ".." {
+            continue;
+        }
+        if let Ok(st) = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            out.push((name.to_owned(), Meta::from_stat(&st)));
+        }
+        if out.len() >= MAX_LISTING {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn dir_is_empty(dir: &OwnedFd) -> Result<bool, u32> {
+    Ok(read_dir(dir)?.len() <= 2)
+}
+
+/// Windows wildcard match, case-insensitive: `*`, `?`, and the DOS forms
+/// `<` `>` `"` taken as `*`, `?`, `.`. Greedy with one backtrack point,
+/// so any pattern costs at most pattern × name steps.
+fn matches(pattern: &str, name: &str) -> bool {
+    let fold = |c: char| c.to_lowercase().next().unwrap_or(c);
+    let p: Vec<char> = pattern
+        .chars()
+        .map(|c| match c {
+            '<' => '*',
+            '>' => '?',
+            '"' => '.',
+            c => fold(c),
+        })
+        .collect();
+    let n: Vec<char> = name.chars().map(fold).collect();
+    let (mut pi, mut ni) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match (p.get(pi), n.get(ni)) {
+            (Some('*'), _) => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            (Some(a), Some(b)) if *a == '?' || a == b => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..).unwrap_or(&[]).iter().all(|c| *c == '*')
+}
+
+/// QUERY_DIRECTORY (2.2.33).
+fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
+    let mut r = Reader::new(req.body);
+    if r.u16("structure size")? != 33 {
+        return Err(status::INVALID_PARAMETER);
+    }
+    let class = r.u8("info class")?;
+    let flags = r.u8("flags")?;
+    r.u32("file index")?;
+    let id = open_id(c, req, 8, related)?;
+    r.skip(16, "file id")?;
+    let name_off = r.u16("name offset")?;
+    let name_len = r.u16("name length")?;
+    let max = usize::try_from(r.u32("output length")?)
+        .unwrap_or(0)
+        .min(MAX_IO as usize);
+    let pattern = wire::utf16(
+        wire::buffer(req.msg, u32::from(name_off), u32::from(name_len), "pattern")?,
+        "pattern",
+    )?;
+    let fixed = info::dir_class_fixed(class).ok_or(status::INVALID_INFO_CLASS)?;
+    let o = c.opens.get_mut(&id).ok_or(status::FILE_CLOSED)?;
+    let Kind::Dir { fd, listing } = &mut o.kind else {
+        return Err(status::INVALID_PARAMETER);
+    };
+    let restart = flags & (0x01 | 0x10) != 0;
+    let first = listing.is_none() || restart;
+    if first {
+        let pattern = if pattern.is_empty() { "*" } else { &pattern };
+        let entries = read_dir(fd)?
+            .into_iter()
+            .filter(|(n, _)| matches(pattern, n))
+            .collect();
+        *listing = Some(Listing { entries, next: 0 });
+    }
+    let Some(l) = listing.as_mut() else {
+        return Err(status::INTERNAL_ERROR);
+    };
+    let single = flags & 0x02 != 0;
+    let mut out = Writer::new();
+    let mut last_at: Option<usize> = None;
+    while let Some((name, meta)) = l.entries.get(l.next) {
+        let entry = info::dir_entry(class, name, meta);
+        let start = (out.len() + 7) & !7;
+        if start + entry.len() > max {
+            if last_at.is_none() {
+                return Err(status::BUFFER_OVERFLOW);
+            }
+            break;
+        }
+        out.align(8);
+        if let Some(prev) = last_at {
+            out.put_u32(prev, wire::len32(start - prev));
+        }
+        last_at = Some(start);
+        out.bytes(&entry);
+        l.next += 1;
+        if single {
+            break;
+        }
+    }
+    let _ = fixed;
+    if last_at.is_none() {
+        return Err(if first && l.entries.is_empty() {
+            status::NO_SUCH_FILE
+        } else {
+            status::NO_MORE_FILES
+        });
+    }
+    Ok(Reply::ok(output_body(&out.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_paths_beneath_the_share() {
+        assert_eq!(parse_name(""), Ok(None));
+        assert_eq!(parse_name("\\"), Ok(None));
+        assert_eq!(parse_name("a\\b.txt").unwrap().unwrap().as_str(), "a/b.txt");
+        for bad in ["..", "a\\..\\b", "a\\\\b", "a/b", "x:stream", "*", "a\u{1}"] {
+            assert_eq!(parse_name(bad), Err(status::OBJECT_NAME_INVALID), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(matches("*", "anything"));
+        assert!(matches("*.TXT", "a.txt"));
+        assert!(matches("a?c", "abc"));
+        assert!(!matches("a?c", "ac"));
+        assert!(matches("File.Txt", "file.txt"));
+        assert!(!matches("file", "file.txt"));
+        assert!(matches("<.txt", "x.txt"));
+        assert!(matches("a*b*c", "axxbyyc"));
+        assert!(!matches("a*b*c", "axxbyy"));
+        // No exponential backtracking.
+        let long = "a".repeat(255);
+        assert!(!matches(&format!("{}b", "*a".repeat(100)), &long));
+    }
+
+    #[test]
+    fn access_maps_onto_filterd_rights() {
+        assert_eq!(rights_of(FILE_READ_DATA), Rights::READ);
+        assert_eq!(rights_of(0x80), Rights::READ); // attributes only
+        assert_eq!(rights_of(DELETE), Rights::DELETE);
+        assert_eq!(rights_of(GENERIC_ALL), Rights::ALL);
+        assert_eq!(
+            rights_of(FILE_APPEND_DATA | FILE_READ_DATA),
+            Rights::READ.union(Rights::WRITE)
+        );
+    }
+}

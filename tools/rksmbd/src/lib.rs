@@ -1,0 +1,34 @@
+//! rksmbd — an SMB 2.1 / 3.0 / 3.0.2 / 3.1.1 server frontend of rkfilter
+//! for one share, for real SMB clients (smbclient, smbprotocol, Windows).
+//!
+//! Like the shims it keeps nothing durable of its own: every file open is
+//! a filterd handle through libfilter. Modules, from the wire up:
+//!
+//! - [`wire`]: the bounded SMB2 codec (reader, writer, header, statuses).
+//! - [`crypto`]: signing (HMAC-SHA256, AES-CMAC, AES-GMAC), the SP800-108
+//!   KDF and the 3.1.1 preauth integrity hash.
+//! - [`spnego`] and [`ntlm`]: authentication — SPNEGO-wrapped NTLMSSP,
+//!   NTLMv2 checked against the NT hashes of [`users`] (smbpasswd format).
+//! - [`server`]: connections, compounding, credits, signing, NEGOTIATE,
+//!   SESSION_SETUP, TREE_CONNECT, IOCTL and the other non-file commands.
+//! - [`files`] and [`create`]: CREATE, CLOSE, READ, WRITE, FLUSH, QUERY_INFO, SET_INFO,
+//!   QUERY_DIRECTORY over filterd handles, durable and persistent handles
+//!   and leases; [`contexts`] decodes and encodes CREATE contexts, [`info`]
+//!   the MS-FSCC information classes, [`lock`] byte-range locks; [`breaks`] forwards filterd's lease
+//!   breaks to the clients and their acknowledgments back.
+//!
+//! docs/smb3.md says what is implemented and what is not.
+#![forbid(unsafe_code)]
+
+pub mod breaks;
+pub mod contexts;
+pub mod create;
+pub mod crypto;
+pub mod files;
+pub mod info;
+pub mod lock;
+pub mod ntlm;
+pub mod server;
+pub mod spnego;
+pub mod users;
+pub mod wire;

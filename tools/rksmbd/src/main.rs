@@ -1,0 +1,98 @@
+//! rksmbd — the SMB 2.1–3.1.1 server frontend of rkfilter (a thin main
+//! over the `rksmbd` library).
+//!
+//! Serve: `rksmbd --filter SOCKET --listen HOST:PORT [--instance NAME]
+//! --share NAME --users FILE` prints `listening on HOST:PORT` as its first
+//! stdout line, then serves. `rksmbd hash-password USER [--uid N]` reads a
+//! password from stdin and prints a users-file (smbpasswd) line for it.
+#![forbid(unsafe_code)]
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// The SMB 2.1–3.1.1 server frontend of rkfilter: one share, every open a
+/// filterd handle.
+#[derive(Parser, Debug)]
+#[command(
+    name = "rksmbd",
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Args {
+    /// filterd's Unix socket.
+    #[arg(long, value_name = "SOCKET", required = true)]
+    filter: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    listen: Option<String>,
+    /// Frontend instance name [default: rksmbd]; a new rksmbd with the
+    /// same name takes over the handles of a dead one.
+    #[arg(long, value_name = "NAME")]
+    instance: Option<String>,
+    /// The share's name (the export root of filterd).
+    #[arg(long, value_name = "NAME", required = true)]
+    share: Option<String>,
+    /// Users file in Samba's smbpasswd format (NT hashes).
+    #[arg(long, value_name = "FILE", required = true)]
+    users: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Read a password from stdin (first line) and print a users-file line
+    /// for USER: `name:uid:XXXX…:NTHASH:[U          ]:LCT-…:`.
+    HashPassword {
+        /// The user name.
+        user: String,
+        /// The uid field (informational).
+        #[arg(long, default_value_t = 1000)]
+        uid: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(Command::HashPassword { user, uid }) = args.command {
+        if user.is_empty() || user.contains(':') {
+            anyhow::bail!("USER must be non-empty and contain no ':'");
+        }
+        let mut pw = String::new();
+        std::io::stdin().lock().read_line(&mut pw)?;
+        let pw = pw.trim_end_matches(['\n', '\r']);
+        print!("{}", rksmbd::users::line(&user, uid, pw));
+        return Ok(());
+    }
+    let (Some(filter), Some(listen), Some(share), Some(users)) =
+        (args.filter, args.listen, args.share, args.users)
+    else {
+        // clap requires these flags when there is no subcommand.
+        anyhow::bail!("--filter, --listen, --share and --users are required");
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let users = rksmbd::users::Users::load(&users)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", users.display()))?;
+    let config = rksmbd::server::Config {
+        share,
+        users,
+        server_name: "RKSMBD".into(),
+    };
+    rksmbd::server::run(
+        &filter,
+        &listen,
+        args.instance.as_deref().unwrap_or("rksmbd"),
+        config,
+    )
+}

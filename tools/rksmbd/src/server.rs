@@ -1,0 +1,1102 @@
+//! The SMB2 connection: NetBIOS framing, compound requests, signing,
+//! credits, and the commands that are not about files — NEGOTIATE,
+//! SESSION_SETUP, LOGOFF, TREE_CONNECT, TREE_DISCONNECT, ECHO, CANCEL,
+//! IOCTL. File commands are in [`crate::files`].
+//!
+//! One thread per TCP connection owns everything of that connection
+//! (sessions, trees, opens): nothing is shared between connections but
+//! the filterd attachment and the read-only configuration, so a slow
+//! client only ever stalls its own thread. Every open lives in filterd;
+//! rksmbd keeps nothing durable.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libfilter::attach::Attachment;
+use libfilter::model::{InstanceName, Protocol};
+
+use crate::crypto::{self, Dialect, SigningAlgorithm};
+use crate::files::Open;
+use crate::ntlm;
+use crate::spnego;
+use crate::users::Users;
+use crate::wire::{self, status, Command, Header, Reader, WireError, Writer, HEADER_LEN};
+
+/// Largest READ, WRITE or transaction rksmbd offers (1 MiB).
+pub const MAX_IO: u32 = 1 << 20;
+/// Largest NetBIOS frame accepted: one maximal WRITE and its headers.
+const MAX_PDU: usize = MAX_IO as usize + 64 * 1024;
+/// Credits granted per response at most.
+const MAX_CREDITS_PER_REPLY: u16 = 512;
+/// Credits a client may hold at once.
+const MAX_CREDITS: u32 = 8192;
+/// Opens one connection may hold (directory opens hold a descriptor in
+/// rksmbd; file opens are also limited per client by filterd).
+pub const MAX_OPENS_PER_CONNECTION: usize = 16_384;
+/// Sessions one connection may hold.
+const MAX_SESSIONS_PER_CONNECTION: usize = 64;
+/// Tree connects one session may hold.
+const MAX_TREES_PER_SESSION: usize = 64;
+/// How deeply requests served while another waits may nest.
+const MAX_PUMP_DEPTH: u8 = 4;
+/// How long a reply may take to write before the connection is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Capability bits (MS-SMB2 2.2.4).
+const CAP_LEASING: u32 = 0x2;
+const CAP_LARGE_MTU: u32 = 0x4;
+const CAP_PERSISTENT_HANDLES: u32 = 0x10;
+/// Share capability: continuously available.
+const SHARE_CAP_CONTINUOUS_AVAILABILITY: u32 = 0x10;
+/// Security mode bits.
+const SIGNING_ENABLED: u16 = 0x1;
+const SIGNING_REQUIRED: u16 = 0x2;
+
+/// FSCTL codes.
+const FSCTL_VALIDATE_NEGOTIATE_INFO: u32 = 0x0014_0204;
+const FSCTL_DFS_GET_REFERRALS: u32 = 0x0006_0194;
+const FSCTL_DFS_GET_REFERRALS_EX: u32 = 0x0006_01B0;
+
+/// What rksmbd serves, fixed at start.
+pub struct Config {
+    /// The one share's name.
+    pub share: String,
+    /// The accounts that may log on.
+    pub users: Users,
+    /// The name rksmbd gives itself in NTLM.
+    pub server_name: String,
+}
+
+/// What every connection shares: the filterd attachment, the export root
+/// (for directories, see [`crate::files`]) and the configuration.
+pub struct Shared {
+    /// The filterd attachment every open goes through.
+    pub filter: Attachment,
+    /// The export root, as filterd reports it, opened `O_PATH`.
+    pub root: OwnedFd,
+    /// The configuration.
+    pub config: Config,
+    /// This server's GUID.
+    pub server_guid: [u8; 16],
+    /// Lease holders and connection writers, for lease breaks.
+    pub notifier: crate::breaks::Notifier,
+    next_session: AtomicU64,
+}
+
+/// Attaches to filterd, listens, serves forever.
+pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let attach = Attachment::connect_patiently(
+        filter,
+        Protocol::new("smb")?,
+        InstanceName::new(instance)?,
+        0,
+        Duration::from_secs(30),
+    )
+    .context("attaching to filterd")?;
+    let root = crate::files::open_root(&attach).context("opening the export root")?;
+    let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
+    let shared = Arc::new(Shared {
+        filter: attach,
+        root,
+        config,
+        server_guid: ntlm::random_bytes(),
+        notifier: crate::breaks::Notifier::default(),
+        next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
+    });
+    let events = shared.clone();
+    std::thread::Builder::new()
+        .name("filter-events".into())
+        .spawn(move || crate::breaks::forward(events))?;
+    // Connection caps as the shims have them. The refusal shimline writes
+    // is a JSON line, which an SMB client reads as a broken reply and
+    // drops — a refusal all the same.
+    let cfg = shimline::Listen {
+        prefix: "rksmbd",
+        id_field: "mid",
+        busy_status: "STATUS_INSUFFICIENT_RESOURCES",
+        max_connections: 1024,
+        max_connections_per_peer: 256,
+    };
+    shimline::accept_forever(listener, cfg, move |conn, stream| {
+        let mut c = Connection::new(shared.clone(), conn);
+        c.serve(stream);
+        c.lost();
+    });
+    Ok(())
+}
+
+/// What the client said in NEGOTIATE, for FSCTL_VALIDATE_NEGOTIATE_INFO.
+#[derive(Debug, Clone, Default)]
+struct ClientNegotiate {
+    capabilities: u32,
+    guid: [u8; 16],
+    security_mode: u16,
+    dialects: Vec<u16>,
+}
+
+/// A session on this connection.
+pub struct Session {
+    /// The logged-on user, once authenticated.
+    pub user: Option<String>,
+    signing_key: Option<[u8; 16]>,
+    signing_required: bool,
+    preauth: [u8; 64],
+    pending: Option<(ntlm::Pending, spnego::ClientToken)>,
+    /// Tree ids connected in this session.
+    pub trees: Vec<u32>,
+}
+
+/// A handler's success: body and status (which may be a warning such as
+/// STATUS_BUFFER_OVERFLOW, or MORE_PROCESSING_REQUIRED).
+pub struct Reply {
+    /// Status in the header.
+    pub status: u32,
+    /// The response body after the header.
+    pub body: Vec<u8>,
+    /// The file a related request after this one refers to (CREATE).
+    pub file: Option<u64>,
+    /// A session id for the header other than the request's (the first
+    /// SESSION_SETUP).
+    pub session_id: Option<u64>,
+    /// A tree id for the header other than the request's (TREE_CONNECT).
+    pub tree_id: Option<u32>,
+}
+
+impl Reply {
+    /// A success.
+    pub fn ok(body: Vec<u8>) -> Reply {
+        Reply::with_status(status::SUCCESS, body)
+    }
+    /// A reply with a (success or warning) status.
+    pub fn with_status(status: u32, body: Vec<u8>) -> Reply {
+        Reply {
+            status,
+            body,
+            file: None,
+            session_id: None,
+            tree_id: None,
+        }
+    }
+}
+
+/// A handler's outcome; `Err` holds the NTSTATUS of an error response.
+pub type Outcome = Result<Reply, u32>;
+
+impl From<WireError> for u32 {
+    fn from(_: WireError) -> u32 {
+        status::INVALID_PARAMETER
+    }
+}
+
+/// One request of a (possibly compound) PDU.
+pub struct Request<'a> {
+    /// Its header, with related ids already resolved.
+    pub hdr: Header,
+    /// The whole message, header included (offsets count from its start).
+    pub msg: &'a [u8],
+    /// The body after the header.
+    pub body: &'a [u8],
+}
+
+/// A connection's state.
+pub struct Connection {
+    /// What all connections share.
+    pub sh: Arc<Shared>,
+    /// The connection's number (for logs and thread names).
+    pub id: u64,
+    dialect: Option<Dialect>,
+    signing: SigningAlgorithm,
+    preauth: [u8; 64],
+    client: ClientNegotiate,
+    security_mode: u16,
+    /// Sessions by id.
+    pub sessions: HashMap<u64, Session>,
+    /// Opens by volatile file id.
+    pub opens: HashMap<u64, Open>,
+    next_file: u64,
+    next_tree: u32,
+    /// The client's GUID (from NEGOTIATE), the filterd client identity.
+    pub client_guid: uuid::Uuid,
+    /// Set when the connection must end after this PDU.
+    terminate: bool,
+    /// The socket (reader, and the writer shared with lease breaks) while
+    /// the connection is served.
+    io: Option<(TcpStream, crate::breaks::ConnWriter)>,
+    /// How deep [`Connection::pump`] calls are nested.
+    pump_depth: u8,
+    /// Credits the client holds, as granted minus spent.
+    credits: u32,
+}
+
+impl Connection {
+    /// A fresh connection.
+    pub fn new(sh: Arc<Shared>, id: u64) -> Self {
+        Connection {
+            sh,
+            id,
+            dialect: None,
+            signing: SigningAlgorithm::AesCmac,
+            preauth: [0; 64],
+            client: ClientNegotiate::default(),
+            security_mode: SIGNING_ENABLED,
+            sessions: HashMap::new(),
+            opens: HashMap::new(),
+            next_file: 1,
+            next_tree: 1,
+            client_guid: uuid::Uuid::nil(),
+            terminate: false,
+            io: None,
+            pump_depth: 0,
+            credits: 1,
+        }
+    }
+
+    /// Reads frames and answers them until the client goes away.
+    pub fn serve(&mut self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let Ok(writer) = stream.try_clone().map(|w| Arc::new(Mutex::new(w))) else {
+            return;
+        };
+        self.sh.notifier.connected(self.id, writer.clone());
+        self.io = Some((stream, writer));
+        while let Some(pdu) = self.read_frame() {
+            if !self.answer(&pdu) {
+                break;
+            }
+        }
+        self.io = None;
+        self.sh.notifier.disconnected(self.id);
+    }
+
+    /// The next PDU, or none when the connection is over (closed, broken,
+    /// or a frame that is not SMB2 — then it is closed).
+    fn read_frame(&mut self) -> Option<Vec<u8>> {
+        let (stream, _) = self.io.as_mut()?;
+        loop {
+            let mut len = [0u8; 4];
+            stream.read_exact(&mut len).ok()?;
+            let [kind, a, b, c] = len;
+            let n = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+            if kind == 0x85 && n == 0 {
+                continue; // NetBIOS session keep-alive
+            }
+            if kind != 0 || n > MAX_PDU {
+                tracing::warn!(conn = self.id, kind, n, "bad NetBIOS frame; closing");
+                return None;
+            }
+            let mut pdu = vec![0u8; n];
+            stream.read_exact(&mut pdu).ok()?;
+            return Some(pdu);
+        }
+    }
+
+    /// Answers one PDU; false when the connection must end.
+    fn answer(&mut self, pdu: &[u8]) -> bool {
+        let out = match self.handle_pdu(pdu) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e, "closing connection");
+                if let Some((s, _)) = &self.io {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                return false;
+            }
+        };
+        if out.is_empty() {
+            return true;
+        }
+        let Ok(n) = u32::try_from(out.len()) else {
+            return false;
+        };
+        let mut frame = n.to_be_bytes().to_vec();
+        frame.extend_from_slice(&out);
+        self.io.as_ref().is_some_and(|(_, w)| {
+            w.lock()
+                .map(|mut w| w.write_all(&frame).is_ok())
+                .unwrap_or(false)
+        })
+    }
+
+    /// While a request waits for something only the client can give — an
+    /// open waiting for the client to acknowledge a lease break — serves
+    /// the client's next PDU, if one arrives within `wait`. Nested at most
+    /// `MAX_PUMP_DEPTH` deep; beyond that, or once the connection is
+    /// over, it just waits.
+    pub fn pump(&mut self, wait: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+        let readable = match (&self.io, self.pump_depth < MAX_PUMP_DEPTH) {
+            (Some((s, _)), true) => {
+                let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+                poll(&mut fds, PollTimeout::from(ms)).is_ok_and(|n| n > 0)
+            }
+            _ => false,
+        };
+        if !readable {
+            if self.io.is_none() || self.pump_depth >= MAX_PUMP_DEPTH {
+                std::thread::sleep(wait);
+            }
+            return;
+        }
+        self.pump_depth += 1;
+        match self.read_frame() {
+            Some(pdu) => {
+                if !self.answer(&pdu) {
+                    self.io = None;
+                }
+            }
+            None => self.io = None,
+        }
+        self.pump_depth -= 1;
+    }
+
+    /// The client went away: durable and persistent opens are detached in
+    /// filterd (kept for their timeout, for a DH2C), the others closed.
+    pub fn lost(&mut self) {
+        let ids: Vec<u64> = self.opens.keys().copied().collect();
+        for id in ids {
+            if let Some(open) = self.opens.remove(&id) {
+                crate::files::release(&self.sh, &open, true);
+            }
+        }
+    }
+
+    /// Closes every open `which` selects (LOGOFF, TREE_DISCONNECT, a lost
+    /// connection).
+    fn close_opens_where(&mut self, which: impl Fn(&Open) -> bool) {
+        let ids: Vec<u64> = self
+            .opens
+            .iter()
+            .filter(|(_, o)| which(o))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in ids {
+            self.close_open(id);
+        }
+    }
+
+    /// Closes and forgets one open (errors are logged: the handle is gone
+    /// from this connection either way).
+    pub fn close_open(&mut self, id: u64) -> Option<Open> {
+        let open = self.opens.remove(&id)?;
+        crate::files::release(&self.sh, &open, false);
+        Some(open)
+    }
+
+    /// A new volatile file id.
+    pub fn new_file_id(&mut self) -> u64 {
+        let id = self.next_file;
+        self.next_file += 1;
+        id
+    }
+
+    /// Answers one PDU (several messages when compounded). `Err` closes
+    /// the connection (what MS-SMB2 asks for a malformed frame or a failed
+    /// negotiate validation).
+    fn handle_pdu(&mut self, pdu: &[u8]) -> Result<Vec<u8>, WireError> {
+        if pdu.starts_with(&[0xFF, b'S', b'M', b'B']) {
+            return Err(WireError::Bad("SMB1 is not served"));
+        }
+        let mut out: Vec<Response> = Vec::new();
+        let mut offset = 0usize;
+        // For related requests: the previous request's session, tree and
+        // file, and the status of a failed CREATE they then share.
+        let mut prev: Option<(u64, u32, u64, Option<u32>)> = None;
+        loop {
+            let rest = pdu.get(offset..).ok_or(WireError::Truncated("compound"))?;
+            let mut hdr = Header::decode(rest)?;
+            let len = match hdr.next_command {
+                0 => rest.len(),
+                n => {
+                    let n = usize::try_from(n).map_err(|_| WireError::Bad("next command"))?;
+                    if n < HEADER_LEN || n > rest.len() || n % 8 != 0 {
+                        return Err(WireError::Bad("next command"));
+                    }
+                    n
+                }
+            };
+            let msg = wire::slice(rest, 0, len, "message")?;
+            let mut file_override = None;
+            let mut failed_related = None;
+            if hdr.flags & wire::FLAG_RELATED != 0 {
+                if let Some((s, t, f, failed)) = prev {
+                    if hdr.session_id == u64::MAX {
+                        hdr.session_id = s;
+                    }
+                    if hdr.tree_id == u32::MAX {
+                        hdr.tree_id = t;
+                    }
+                    file_override = Some(f);
+                    failed_related = failed;
+                }
+            }
+            let body = msg.get(HEADER_LEN..).unwrap_or(&[]);
+            let req = Request { hdr, msg, body };
+            let (resp, file) = self.dispatch(&req, file_override, failed_related);
+            if let Some((st, r)) = resp {
+                let created = Command::from_code(req.hdr.command) == Command::Create;
+                let prev_file = prev.map(|p| p.2).unwrap_or(u64::MAX);
+                let prev_failed = prev.and_then(|p| p.3);
+                prev = Some((
+                    r.session_id,
+                    r.tree_id,
+                    file.unwrap_or(prev_file),
+                    match (created, st) {
+                        (true, status::SUCCESS) => None,
+                        (true, st) => Some(st),
+                        (false, _) => prev_failed,
+                    },
+                ));
+                out.push(r);
+            }
+            if self.terminate {
+                return Err(WireError::Bad("negotiate validation failed"));
+            }
+            if req.hdr.next_command == 0 {
+                break;
+            }
+            offset += len;
+        }
+        // Chain: pad every response but the last to 8 and set NextCommand,
+        // then sign each over its own (padded) bytes.
+        let count = out.len();
+        let mut pdu_out = Vec::new();
+        for (i, mut r) in out.into_iter().enumerate() {
+            let sign_key = r.pop_sign();
+            if i + 1 < count {
+                while r.bytes.len() % 8 != 0 {
+                    r.bytes.push(0);
+                }
+                let n = wire::len32(r.bytes.len());
+                if let Some(f) = r.bytes.get_mut(20..24) {
+                    f.copy_from_slice(&n.to_le_bytes());
+                }
+            }
+            if let Some((alg, key)) = sign_key {
+                crypto::sign(alg, &key, &mut r.bytes);
+            }
+            pdu_out.extend_from_slice(&r.bytes);
+        }
+        Ok(pdu_out)
+    }
+
+    /// Runs one request; returns its status and encoded (unsigned)
+    /// response, or none (CANCEL), and the file id a related request
+    /// after it may use.
+    fn dispatch(
+        &mut self,
+        req: &Request<'_>,
+        file_override: Option<u64>,
+        failed_related: Option<u32>,
+    ) -> (Option<(u32, Response)>, Option<u64>) {
+        let cmd = Command::from_code(req.hdr.command);
+        if cmd == Command::Cancel {
+            // Every request is answered synchronously: nothing to cancel.
+            return (None, None);
+        }
+        // Signing: the key of the request's session, before the command
+        // runs (LOGOFF removes it).
+        let mut sign = self.signing_for(req);
+        let outcome = match (failed_related, self.check_signature(req, cmd)) {
+            (Some(st), _) => Err(st),
+            (None, Err(st)) => {
+                sign = None;
+                Err(st)
+            }
+            (None, Ok(())) => self.command(cmd, req, file_override),
+        };
+        let (st, body, file, session_id, tree_id) = match outcome {
+            Ok(r) => (
+                r.status,
+                r.body,
+                r.file,
+                r.session_id.unwrap_or(req.hdr.session_id),
+                r.tree_id.unwrap_or(req.hdr.tree_id),
+            ),
+            Err(st) => (st, error_body(), None, req.hdr.session_id, req.hdr.tree_id),
+        };
+        tracing::debug!(
+            conn = self.id,
+            command = ?cmd,
+            message_id = req.hdr.message_id,
+            related = req.hdr.flags & wire::FLAG_RELATED != 0,
+            status = format_args!("{st:#010x}"),
+            "request"
+        );
+        if cmd == Command::SessionSetup {
+            // The final SESSION_SETUP response is signed with the new key.
+            sign = match self.sessions.get(&session_id) {
+                Some(s) if st == status::SUCCESS => s.signing_key.map(|k| (self.signing, k)),
+                _ => None,
+            };
+        }
+        let hdr = Header {
+            credit_charge: req.hdr.credit_charge,
+            status: st,
+            command: req.hdr.command,
+            credits: self.grant_credits(&req.hdr),
+            flags: wire::FLAG_RESPONSE | (req.hdr.flags & wire::FLAG_RELATED),
+            next_command: 0,
+            message_id: req.hdr.message_id,
+            async_id: 0,
+            tree_id,
+            session_id,
+            signature: [0; 16],
+        };
+        let mut w = Writer::new();
+        hdr.encode(&mut w);
+        w.bytes(&body);
+        let bytes = w.0;
+        if cmd == Command::Negotiate && st == status::SUCCESS {
+            self.preauth = crypto::preauth_update(&self.preauth, &bytes);
+        }
+        if cmd == Command::SessionSetup {
+            if st == status::MORE_PROCESSING_REQUIRED {
+                if let Some(s) = self.sessions.get_mut(&session_id) {
+                    s.preauth = crypto::preauth_update(&s.preauth, &bytes);
+                }
+            } else if st != status::SUCCESS
+                && self
+                    .sessions
+                    .get(&session_id)
+                    .is_some_and(|s| s.user.is_none())
+            {
+                // A failed logon ends the session being set up.
+                self.sessions.remove(&session_id);
+            }
+        }
+        (
+            Some((
+                st,
+                Response {
+                    bytes,
+                    sign,
+                    session_id,
+                    tree_id,
+                },
+            )),
+            file,
+        )
+    }
+
+    /// Credits for a response (MS-SMB2 3.3.1.2): the request spends its
+    /// charge; the grant is what the client asks for, at most
+    /// [`MAX_CREDITS_PER_REPLY`], and never lets the client hold more than
+    /// [`MAX_CREDITS`] (clients treat more than 65535 as a broken server).
+    fn grant_credits(&mut self, hdr: &Header) -> u16 {
+        let spent = u32::from(hdr.credit_charge.max(1));
+        self.credits = self.credits.saturating_sub(spent);
+        let room = MAX_CREDITS.saturating_sub(self.credits);
+        let mut grant = u32::from(hdr.credits.min(MAX_CREDITS_PER_REPLY)).min(room);
+        if grant == 0 && self.credits == 0 {
+            grant = 1; // a client must never be left without a credit
+        }
+        self.credits += grant;
+        u16::try_from(grant).unwrap_or(1)
+    }
+
+    fn signing_for(&self, req: &Request<'_>) -> Option<(SigningAlgorithm, [u8; 16])> {
+        let s = self.sessions.get(&req.hdr.session_id)?;
+        let key = s.signing_key?;
+        let signed = req.hdr.flags & wire::FLAG_SIGNED != 0;
+        (signed || s.signing_required).then_some((self.signing, key))
+    }
+
+    /// A signed request must verify; a session that requires signing
+    /// refuses unsigned ones.
+    fn check_signature(&self, req: &Request<'_>, cmd: Command) -> Result<(), u32> {
+        if matches!(cmd, Command::Negotiate) {
+            return Ok(());
+        }
+        let Some(s) = self.sessions.get(&req.hdr.session_id) else {
+            return Ok(());
+        };
+        let Some(key) = s.signing_key else {
+            return Ok(());
+        };
+        if req.hdr.flags & wire::FLAG_SIGNED != 0 {
+            if crypto::verify(self.signing, &key, req.msg) {
+                Ok(())
+            } else {
+                tracing::warn!(conn = self.id, "bad signature");
+                Err(status::ACCESS_DENIED)
+            }
+        } else if s.signing_required && cmd != Command::SessionSetup {
+            Err(status::ACCESS_DENIED)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn command(&mut self, cmd: Command, req: &Request<'_>, file: Option<u64>) -> Outcome {
+        if self.dialect.is_none() && cmd != Command::Negotiate {
+            return Err(status::INVALID_PARAMETER);
+        }
+        match cmd {
+            Command::Negotiate => self.negotiate(req),
+            Command::SessionSetup => self.session_setup(req),
+            Command::Echo => Ok(Reply::ok(vec![4, 0, 0, 0])),
+            _ => {
+                self.logged_on(req)?;
+                match cmd {
+                    Command::Logoff => self.logoff(req),
+                    Command::TreeConnect => self.tree_connect(req),
+                    Command::OplockBreak => crate::breaks::acknowledge(self, req),
+                    _ => {
+                        self.tree_of(req)?;
+                        match cmd {
+                            Command::TreeDisconnect => self.tree_disconnect(req),
+                            Command::Ioctl => self.ioctl(req),
+                            _ => crate::files::command(self, cmd, req, file),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The request's session, which must be logged on.
+    pub fn logged_on(&self, req: &Request<'_>) -> Result<&Session, u32> {
+        match self.sessions.get(&req.hdr.session_id) {
+            Some(s) if s.user.is_some() => Ok(s),
+            _ => Err(status::USER_SESSION_DELETED),
+        }
+    }
+
+    /// The request's tree, which must be connected in its session.
+    pub fn tree_of(&self, req: &Request<'_>) -> Result<u32, u32> {
+        let s = self.logged_on(req)?;
+        if s.trees.contains(&req.hdr.tree_id) {
+            Ok(req.hdr.tree_id)
+        } else {
+            Err(status::NETWORK_NAME_DELETED)
+        }
+    }
+
+    /// The connection's dialect (after NEGOTIATE).
+    pub fn dialect(&self) -> Option<Dialect> {
+        self.dialect
+    }
+
+    fn negotiate(&mut self, req: &Request<'_>) -> Outcome {
+        if self.dialect.is_some() {
+            return Err(status::INVALID_PARAMETER);
+        }
+        let mut r = Reader::new(req.body);
+        if r.u16("structure size")? != 36 {
+            return Err(status::INVALID_PARAMETER);
+        }
+        let count = r.u16("dialect count")?;
+        let security_mode = r.u16("security mode")?;
+        r.u16("reserved")?;
+        let capabilities = r.u32("capabilities")?;
+        let guid = r.array::<16>("client guid")?;
+        let ctx_offset = r.u32("context offset")?;
+        let ctx_count = r.u16("context count")?;
+        r.u16("reserved2")?;
+        let mut dialects = Vec::new();
+        for _ in 0..count {
+            dialects.push(r.u16("dialect")?);
+        }
+        let Some(dialect) = dialects.iter().filter_map(|d| Dialect::from_code(*d)).max() else {
+            return Err(status::NOT_SUPPORTED);
+        };
+        self.client = ClientNegotiate {
+            capabilities,
+            guid,
+            security_mode,
+            dialects,
+        };
+        self.client_guid = uuid::Uuid::from_bytes_le(guid);
+        let mut contexts = Writer::new();
+        let mut ctx_n = 0u16;
+        self.signing = if dialect.is_smb3() {
+            SigningAlgorithm::AesCmac
+        } else {
+            SigningAlgorithm::HmacSha256
+        };
+        if dialect == Dialect::Smb311 {
+            let mut offered_sha512 = false;
+            let mut signing_offered: Option<Vec<u16>> = None;
+            let mut at = usize::try_from(ctx_offset).map_err(|_| status::INVALID_PARAMETER)?;
+            for _ in 0..ctx_count {
+                let mut cr = Reader::new(wire::slice(req.msg, at, 8, "context")?);
+                let kind = cr.u16("context type")?;
+                let len = cr.u16("context length")?;
+                let data = wire::slice(req.msg, at + 8, usize::from(len), "context data")?;
+                let mut d = Reader::new(data);
+                match kind {
+                    1 => {
+                        let n = d.u16("hash count")?;
+                        d.u16("salt length")?;
+                        for _ in 0..n {
+                            offered_sha512 |= d.u16("hash")? == 1;
+                        }
+                    }
+                    8 => {
+                        let n = d.u16("algorithm count")?;
+                        let mut algs = Vec::new();
+                        for _ in 0..n {
+                            algs.push(d.u16("algorithm")?);
+                        }
+                        signing_offered = Some(algs);
+                    }
+                    _ => {}
+                }
+                at = (at + 8 + usize::from(len) + 7) & !7;
+            }
+            if !offered_sha512 {
+                return Err(status::INVALID_PARAMETER);
+            }
+            self.preauth = crypto::preauth_update(&[0; 64], req.msg);
+            // Preauth integrity: SHA-512 and a 32-byte salt.
+            let salt: [u8; 32] = ntlm::random_bytes();
+            let mut c = Writer::new();
+            c.u16(1).u16(32).u16(1).bytes(&salt);
+            push_context(&mut contexts, 1, &c.0);
+            ctx_n += 1;
+            if let Some(algs) = signing_offered {
+                self.signing = if algs.contains(&2) {
+                    SigningAlgorithm::AesGmac
+                } else {
+                    SigningAlgorithm::AesCmac
+                };
+                let mut c = Writer::new();
+                c.u16(1).u16(self.signing.id());
+                push_context(&mut contexts, 8, &c.0);
+                ctx_n += 1;
+            }
+        }
+        self.dialect = Some(dialect);
+        let caps = if dialect.is_smb3() {
+            CAP_LEASING | CAP_LARGE_MTU | CAP_PERSISTENT_HANDLES
+        } else {
+            CAP_LEASING | CAP_LARGE_MTU
+        };
+        self.security_mode = SIGNING_ENABLED;
+        let blob = spnego::init_hint();
+        let now = ntlm::filetime_now();
+        let mut w = Writer::new();
+        w.u16(65).u16(self.security_mode).u16(dialect.code());
+        w.u16(if dialect == Dialect::Smb311 { ctx_n } else { 0 });
+        w.bytes(&self.sh.server_guid).u32(caps);
+        w.u32(MAX_IO).u32(MAX_IO).u32(MAX_IO);
+        w.u64(now).u64(0);
+        let blob_at = HEADER_LEN + 64;
+        w.u16(wire::len16(blob_at)).u16(wire::len16(blob.len()));
+        let ctx_at_pos = w.len();
+        w.u32(0);
+        w.bytes(&blob);
+        if dialect == Dialect::Smb311 {
+            while !(HEADER_LEN + w.len()).is_multiple_of(8) {
+                w.u8(0);
+            }
+            let at = wire::len32(HEADER_LEN + w.len());
+            w.put_u32(ctx_at_pos, at);
+            w.bytes(&contexts.0);
+        }
+        Ok(Reply::ok(w.0))
+    }
+
+    fn session_setup(&mut self, req: &Request<'_>) -> Outcome {
+        let mut r = Reader::new(req.body);
+        if r.u16("structure size")? != 25 {
+            return Err(status::INVALID_PARAMETER);
+        }
+        let _flags = r.u8("flags")?;
+        let security_mode = u16::from(r.u8("security mode")?);
+        r.u32("capabilities")?;
+        r.u32("channel")?;
+        let off = r.u16("blob offset")?;
+        let len = r.u16("blob length")?;
+        let _previous = r.u64("previous session")?;
+        let blob = wire::buffer(req.msg, u32::from(off), u32::from(len), "security blob")?;
+        let new = req.hdr.session_id == 0;
+        let id = if new {
+            if self.sessions.len() >= MAX_SESSIONS_PER_CONNECTION {
+                return Err(status::INSUFFICIENT_RESOURCES);
+            }
+            let id = self.sh.next_session.fetch_add(1, Ordering::Relaxed);
+            self.sessions.insert(
+                id,
+                Session {
+                    user: None,
+                    signing_key: None,
+                    signing_required: false,
+                    preauth: self.preauth,
+                    pending: None,
+                    trees: Vec::new(),
+                },
+            );
+            id
+        } else {
+            req.hdr.session_id
+        };
+        let out = self.session_setup_leg(req, id, security_mode, blob);
+        if out.is_err() && new {
+            // A first leg that fails leaves no half-made session behind.
+            self.sessions.remove(&id);
+        }
+        out
+    }
+
+    /// One SESSION_SETUP leg of session `id`: NEGOTIATE → CHALLENGE, or
+    /// AUTHENTICATE → logged on.
+    fn session_setup_leg(
+        &mut self,
+        req: &Request<'_>,
+        id: u64,
+        security_mode: u16,
+        blob: &[u8],
+    ) -> Outcome {
+        let dialect = self.dialect.unwrap_or(Dialect::Smb210);
+        let server_name = self.sh.config.server_name.clone();
+        let conn_id = self.id;
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or(status::USER_SESSION_DELETED)?;
+        if s.user.is_some() {
+            // Re-authentication is not offered.
+            return Err(status::NOT_SUPPORTED);
+        }
+        if dialect == Dialect::Smb311 {
+            s.preauth = crypto::preauth_update(&s.preauth, req.msg);
+        }
+        s.signing_required |= security_mode & SIGNING_REQUIRED != 0;
+        let token = spnego::parse_client(blob)?;
+        let mut tr = Reader::new(&token.ntlm);
+        tr.skip(8, "ntlmssp signature")?;
+        match (tr.u32("message type")?, s.pending.take()) {
+            (1, _) => {
+                let (pending, chal) = ntlm::challenge(&token.ntlm, &server_name)
+                    .map_err(|_| status::INVALID_PARAMETER)?;
+                s.pending = Some((pending, token));
+                let mut reply = Reply::with_status(
+                    status::MORE_PROCESSING_REQUIRED,
+                    session_setup_body(0, &spnego::challenge_response(&chal)),
+                );
+                reply.session_id = Some(id);
+                Ok(reply)
+            }
+            (3, Some((pending, first))) => {
+                let logged = match ntlm::authenticate(&pending, &token.ntlm, &self.sh.config.users)
+                {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(conn = conn_id, error = %e, "logon refused");
+                        return Err(status::LOGON_FAILURE);
+                    }
+                };
+                // SPNEGO mechListMIC: check the client's, answer with ours.
+                let mic = match (&first.mech_types, &token.mic) {
+                    (Some(mechs), Some(got)) => {
+                        let want =
+                            ntlm::first_signature(&logged, ntlm::Direction::FromClient, mechs);
+                        if got.as_slice() != want {
+                            tracing::warn!(conn = conn_id, "bad SPNEGO mechListMIC");
+                            return Err(status::LOGON_FAILURE);
+                        }
+                        Some(ntlm::first_signature(
+                            &logged,
+                            ntlm::Direction::FromServer,
+                            mechs,
+                        ))
+                    }
+                    _ => None,
+                };
+                s.signing_key = Some(crypto::signing_key(
+                    dialect,
+                    &logged.session_key,
+                    &s.preauth,
+                ));
+                tracing::info!(conn = conn_id, user = %logged.user, session = id, "logged on");
+                s.user = Some(logged.user);
+                let mut reply = Reply::ok(session_setup_body(
+                    0,
+                    &spnego::accept_completed(mic.as_ref().map(|m| &m[..])),
+                ));
+                reply.session_id = Some(id);
+                Ok(reply)
+            }
+            _ => Err(status::INVALID_PARAMETER),
+        }
+    }
+
+    fn logoff(&mut self, req: &Request<'_>) -> Outcome {
+        let id = req.hdr.session_id;
+        self.close_opens_where(|o| o.session == id);
+        self.sessions.remove(&id);
+        Ok(Reply::ok(vec![4, 0, 0, 0]))
+    }
+
+    fn tree_connect(&mut self, req: &Request<'_>) -> Outcome {
+        let mut r = Reader::new(req.body);
+        if r.u16("structure size")? != 9 {
+            return Err(status::INVALID_PARAMETER);
+        }
+        r.u16("flags")?;
+        let off = r.u16("path offset")?;
+        let len = r.u16("path length")?;
+        let path = wire::utf16(
+            wire::buffer(req.msg, u32::from(off), u32::from(len), "path")?,
+            "path",
+        )?;
+        let share = path.rsplit('\\').next().unwrap_or("");
+        if share.eq_ignore_ascii_case("IPC$") {
+            return Err(status::ACCESS_DENIED);
+        }
+        if !share.eq_ignore_ascii_case(&self.sh.config.share) {
+            return Err(status::BAD_NETWORK_NAME);
+        }
+        let tree = self.next_tree;
+        self.next_tree += 1;
+        let smb3 = self.dialect.is_some_and(Dialect::is_smb3);
+        let s = self
+            .sessions
+            .get_mut(&req.hdr.session_id)
+            .ok_or(status::USER_SESSION_DELETED)?;
+        if s.trees.len() >= MAX_TREES_PER_SESSION {
+            return Err(status::INSUFFICIENT_RESOURCES);
+        }
+        s.trees.push(tree);
+        let mut w = Writer::new();
+        w.u16(16).u8(1).u8(0); // disk share
+        w.u32(0); // manual caching
+        w.u32(if smb3 {
+            SHARE_CAP_CONTINUOUS_AVAILABILITY
+        } else {
+            0
+        });
+        w.u32(0x001F_01FF);
+        let mut reply = Reply::ok(w.0);
+        reply.tree_id = Some(tree);
+        Ok(reply)
+    }
+
+    fn tree_disconnect(&mut self, req: &Request<'_>) -> Outcome {
+        let (sid, tid) = (req.hdr.session_id, req.hdr.tree_id);
+        self.close_opens_where(|o| o.session == sid && o.tree == tid);
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.trees.retain(|t| *t != tid);
+        }
+        Ok(Reply::ok(vec![4, 0, 0, 0]))
+    }
+
+    fn ioctl(&mut self, req: &Request<'_>) -> Outcome {
+        let mut r = Reader::new(req.body);
+        if r.u16("structure size")? != 57 {
+            return Err(status::INVALID_PARAMETER);
+        }
+        r.u16("reserved")?;
+        let code = r.u32("ctl code")?;
+        let file = r.array::<16>("file id")?;
+        let in_off = r.u32("input offset")?;
+        let in_len = r.u32("input count")?;
+        match code {
+            FSCTL_VALIDATE_NEGOTIATE_INFO => {
+                let input = wire::buffer(req.msg, in_off, in_len, "input")?;
+                self.validate_negotiate(input, &file)
+            }
+            FSCTL_DFS_GET_REFERRALS | FSCTL_DFS_GET_REFERRALS_EX => Err(status::FS_DRIVER_REQUIRED),
+            _ => Err(status::NOT_SUPPORTED),
+        }
+    }
+
+    /// FSCTL_VALIDATE_NEGOTIATE_INFO (MS-SMB2 3.3.5.15.12): what the
+    /// client sent must be what NEGOTIATE saw, else the connection ends.
+    fn validate_negotiate(&mut self, input: &[u8], file: &[u8; 16]) -> Outcome {
+        let mut r = Reader::new(input);
+        let caps = r.u32("capabilities")?;
+        let guid = r.array::<16>("guid")?;
+        let mode = r.u16("security mode")?;
+        let n = r.u16("dialect count")?;
+        let mut dialects = Vec::new();
+        for _ in 0..n {
+            dialects.push(r.u16("dialect")?);
+        }
+        let c = &self.client;
+        let Some(dialect) = self.dialect else {
+            return Err(status::INVALID_PARAMETER);
+        };
+        if caps != c.capabilities
+            || guid != c.guid
+            || mode != c.security_mode
+            || dialects != c.dialects
+        {
+            tracing::warn!(conn = self.id, "VALIDATE_NEGOTIATE_INFO mismatch");
+            self.terminate = true;
+            return Err(status::ACCESS_DENIED);
+        }
+        let caps = if dialect.is_smb3() {
+            CAP_LEASING | CAP_LARGE_MTU | CAP_PERSISTENT_HANDLES
+        } else {
+            CAP_LEASING | CAP_LARGE_MTU
+        };
+        let mut out = Writer::new();
+        out.u32(caps)
+            .bytes(&self.sh.server_guid)
+            .u16(self.security_mode)
+            .u16(dialect.code());
+        Ok(Reply::ok(ioctl_body(
+            FSCTL_VALIDATE_NEGOTIATE_INFO,
+            file,
+            &out.0,
+        )))
+    }
+}
+
+/// An encoded response and how to sign it.
+pub struct Response {
+    bytes: Vec<u8>,
+    sign: Option<(SigningAlgorithm, [u8; 16])>,
+    session_id: u64,
+    tree_id: u32,
+}
+
+impl Response {
+    fn pop_sign(&mut self) -> Option<(SigningAlgorithm, [u8; 16])> {
+        self.sign.take()
+    }
+}
+
+/// The body of an error response (MS-SMB2 2.2.2).
+fn error_body() -> Vec<u8> {
+    vec![9, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+fn push_context(w: &mut Writer, kind: u16, data: &[u8]) {
+    w.align(8);
+    w.u16(kind).u16(wire::len16(data.len())).u32(0).bytes(data);
+}
+
+fn session_setup_body(flags: u16, blob: &[u8]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u16(9).u16(flags);
+    w.u16(wire::len16(HEADER_LEN + 8))
+        .u16(wire::len16(blob.len()));
+    w.bytes(blob);
+    w.0
+}
+
+/// An IOCTL response body with `output` (MS-SMB2 2.2.32).
+pub fn ioctl_body(code: u32, file: &[u8; 16], output: &[u8]) -> Vec<u8> {
+    let mut w = Writer::new();
+    let out_at = wire::len32(HEADER_LEN + 48);
+    w.u16(49).u16(0).u32(code).bytes(file);
+    w.u32(out_at)
+        .u32(0)
+        .u32(out_at)
+        .u32(wire::len32(output.len()));
+    w.u32(0).u32(0).bytes(output);
+    w.0
+}
