@@ -587,3 +587,38 @@ fn close_is_exactly_once_across_a_filterd_crash_at_every_commit() {
         }
     }
 }
+
+/// A LOCK whose filterd dies right after committing the lock (the client
+/// saw DELAY) while nfsshim survives: the same LOCK re-sent on the same
+/// slot and seqid finds its own lock in filterd and succeeds, exactly once
+/// — it used to be DENIED by the lock nfsshim had forgotten.
+#[test]
+fn lock_is_exactly_once_when_filterd_dies_and_nfsshim_survives() {
+    // 1-2: client and session; 3-4: the OPEN; 5: the LOCK's lock.
+    let (s, fp, mut d, _shim, mut a) = crashing("commit.after", 5);
+    let o = ok(a.open("p", "f", "both", "none", create()));
+    let lock = json!({"op": "LOCK", "owner": "lo", "stateid": o["stateid"], "type": "write",
+                      "offset": 0, "length": 10});
+    a.seqid += 1;
+    let first = a.send(lock.clone());
+    assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
+    d.wait_exit(Duration::from_secs(10));
+    let _d2 = Filterd::start(&s, &[], &[]);
+    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+    assert_eq!(
+        ctl.locks().unwrap().len(),
+        1,
+        "{fp}: the lock committed before the crash"
+    );
+    let r = wait_for(
+        "an answer other than DELAY",
+        Duration::from_secs(10),
+        || {
+            let r = a.send(lock.clone());
+            (r["status"] != "NFS4ERR_DELAY").then_some(r)
+        },
+    );
+    assert_eq!(r["status"], "NFS4_OK", "{fp}: the re-sent LOCK: {r}");
+    let locks = ctl.locks().unwrap();
+    assert_eq!(locks.len(), 1, "{fp}: one lock, taken once: {locks:?}");
+}

@@ -192,6 +192,10 @@ struct Slot {
     /// Restored after a restart: non-mutating replies were not kept, so a
     /// seqid above the restored one starts afresh.
     restored: bool,
+    /// The seqid of a request answered DELAY because filterd went away
+    /// mid-request: its changes may have committed in filterd before the
+    /// loss, so its re-send checks what filterd holds, as after a restart.
+    retried: Option<u64>,
 }
 
 struct Session {
@@ -481,6 +485,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                 seqid: 0,
                 reply: None,
                 restored: true,
+                retried: None,
             })
             .collect();
         for (i, s) in state::list::<SlotRec>(f, &t.slots(&rec.sessionid))? {
@@ -747,6 +752,7 @@ fn create_session(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             seqid: 0,
             reply: None,
             restored: false,
+            retried: None,
         })
         .collect();
     st.sessions.insert(sid.clone(), Session { rec, num, slots });
@@ -912,7 +918,10 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
             format!("slot {} is at seqid {}", seq.slot, slot.seqid),
         )));
     }
-    let restored = slot.restored;
+    // After a restart, or when this very request was cut off by filterd
+    // going away (its changes may have committed), check what filterd
+    // already holds before doing anything again.
+    let restored = slot.restored || slot.retried == Some(seq.seqid);
     if let Some(c) = st.client.as_mut() {
         c.deadline = Instant::now() + sh.lease;
     }
@@ -968,7 +977,11 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
             // Every DELAY leaves the slot where it was (filterd away, or a
             // recall outstanding): the client re-sends with the same seqid
             // and the request runs again, so a client never has to tell the
-            // two apart.
+            // two apart. If filterd went away mid-request, the re-send
+            // first checks what of it filterd already holds.
+            if *s == UNREACHABLE {
+                mark_retried(&mut st, &seq);
+            }
             return finish(outcome);
         }
     }
@@ -990,7 +1003,10 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
     // the reply goes out.
     if let Err(e) = pending.flush(&sh.filter) {
         if e.code() != Some(ErrorCode::DiskFull) {
-            // Not durable: do not advance; the client re-sends.
+            // Not durable: do not advance; the client re-sends (and the
+            // re-send checks what filterd holds: the request's own changes
+            // committed).
+            mark_retried(&mut st, &seq);
             return finish(Err(Fail(UNREACHABLE, format!("recording the reply: {e}"))));
         }
         // No room to record it: the request's answer is NOSPC, kept on the
@@ -1008,8 +1024,20 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         slot.seqid = seq.seqid;
         slot.reply = Some(Value::Object(reply.clone()));
         slot.restored = false;
+        slot.retried = None;
     }
     reply
+}
+
+/// The request on `seq`'s slot was cut off by filterd going away.
+fn mark_retried(st: &mut State, seq: &SeqArgs) {
+    if let Some(slot) = st
+        .sessions
+        .get_mut(&seq.sessionid)
+        .and_then(|s| s.slots.get_mut(seq.slot))
+    {
+        slot.retried = Some(seq.seqid);
+    }
 }
 
 /// Marks an outcome whose slot reply filterd recorded in the same commit.
