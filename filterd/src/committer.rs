@@ -413,7 +413,15 @@ fn fenced(e: &StoreError) {
 
 /// Makes the filesystem changes a commit records durable before it.
 fn sync_all(fds: &[OwnedFd], counters: &CommitCounters) -> Result<(), StoreError> {
+    // One fsync per file or directory, however many changes of the batch
+    // touched it.
+    let mut seen = std::collections::HashSet::new();
     for fd in fds {
+        if let Ok(st) = nix::sys::stat::fstat(fd.as_fd()) {
+            if !seen.insert((st.st_dev, st.st_ino)) {
+                continue;
+            }
+        }
         if let Err(e) = nix::unistd::fsync(fd.as_fd()) {
             warn!(error = %e, "fsync of a changed file or directory failed");
             return Err(StoreError::from(heed::Error::Io(std::io::Error::from(e))));

@@ -343,7 +343,25 @@ pub fn open_by_handle_or_path(
     path: Option<&RelPath>,
     flags: i32,
 ) -> io::Result<OwnedFd> {
-    let e = match open_by_handle_beneath(root, h, flags) {
+    open_by_handle_or_path_with(root, h, path, flags, true)
+}
+
+/// As [`open_by_handle_or_path`]; without `prove`, a file opened by handle
+/// is not checked to lie beneath the root (recovery, which only learns the
+/// file is there: the check runs when the handle is resumed and used).
+fn open_by_handle_or_path_with(
+    root: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+    path: Option<&RelPath>,
+    flags: i32,
+    prove: bool,
+) -> io::Result<OwnedFd> {
+    let opened = if prove {
+        open_by_handle_beneath(root, h, flags)
+    } else {
+        sys::open_by_handle(root, h, flags)
+    };
+    let e = match opened {
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => e,
         other => return other,
     };
@@ -424,6 +442,27 @@ pub fn reopen(
     _expect: FileId,
 ) -> io::Result<(OwnedFd, FileId, u64)> {
     let fd = open_by_handle_or_path(root, h, Some(path), open_mode(access))?;
+    let (file, size) = stat(fd.as_fd())?;
+    Ok((fd, file, size))
+}
+
+/// Recovery's look at a persistent handle's file: is it there, and which
+/// file is it. Nothing is read or written through the descriptor (it is
+/// closed again); that the file lies beneath the root is proven when the
+/// handle is resumed ([`reopen`]), so a restart with many handles pays for
+/// the proof only for those that are used.
+pub fn reopen_for_recovery(
+    root: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+    access: Access,
+    path: &RelPath,
+) -> io::Result<(OwnedFd, FileId, u64)> {
+    let fd = open_by_handle_or_path_with(root, h, Some(path), open_mode(access), false)?;
+    // A deleted file can still be opened by handle while its inode is
+    // cached: it is gone all the same.
+    if fstat(fd.as_fd()).map_err(io::Error::from)?.st_nlink == 0 {
+        return Err(io::Error::from_raw_os_error(libc::ESTALE));
+    }
     let (file, size) = stat(fd.as_fd())?;
     Ok((fd, file, size))
 }

@@ -182,11 +182,10 @@ impl Engine {
             })?),
         };
         if of.created && durability.is_persistent() {
-            // The new name and inode are durable before the commit that
-            // records the handle.
-            if let Ok(fd) = of.fd.try_clone() {
-                self.batch.sync_fd(fd);
-            }
+            // The new name (and with it, on a journaling filesystem, the
+            // new inode and its marker: one journal commit) is durable
+            // before the commit that records the handle. One fsync per
+            // directory per batch.
             if let Ok(d) = fsops::dir_of(self.root.as_fd(), &o.path) {
                 self.batch.sync_fd(d);
             }

@@ -181,7 +181,7 @@ impl Engine {
             let reopened = match (&rec.kernel_handle, rec.conn) {
                 (_, ConnState::Lost) => None,
                 (Some(kh), _) => {
-                    match fsops::reopen(self.root.as_fd(), kh, rec.access, &rec.path, rec.file) {
+                    match fsops::reopen_for_recovery(self.root.as_fd(), kh, rec.access, &rec.path) {
                         Ok(x) => Some(x),
                         // Out of descriptors or memory is our problem, not the
                         // handle's: refuse to start rather than mark it lost.
