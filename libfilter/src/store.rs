@@ -55,6 +55,13 @@ pub enum StoreError {
         /// The version found.
         found: u32,
     },
+    /// Another process has this LMDB environment open for writing (a second
+    /// filterd on the same store, through whatever path).
+    #[error("the state store {path} is in use by another filterd")]
+    InUse {
+        /// The LMDB directory.
+        path: String,
+    },
     /// The environment has no rkfilter schema (read-only open of an empty dir).
     #[error("no rkfilter state found (missing database {0})")]
     Missing(&'static str),
@@ -271,6 +278,10 @@ pub struct Store {
     /// commit is conditional on the table still carrying it (0: unclaimed,
     /// unconditional — tools and tests).
     fence: std::sync::atomic::AtomicU64,
+    /// An exclusive flock on the LMDB directory itself, held while this
+    /// store is open for writing: however the state dir's files are moved,
+    /// renamed or linked, a second writer of the same environment is refused.
+    _writer: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 /// The durable resume-key table as filterd uses it: what any backend must
@@ -367,6 +378,14 @@ impl Store {
             path: db_dir.display().to_string(),
             source,
         })?;
+        let dirf = std::fs::File::open(&db_dir).map_err(|source| StoreError::Dir {
+            path: db_dir.display().to_string(),
+            source,
+        })?;
+        let writer = nix::fcntl::Flock::lock(dirf, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| StoreError::InUse {
+                path: db_dir.display().to_string(),
+            })?;
         let env = crate::sys::open_lmdb(&db_dir, 8, map_size, EnvFlags::empty())
             .map_err(StoreError::from_heed)?;
         let mut txn = env.write_txn()?;
@@ -391,6 +410,7 @@ impl Store {
             gate: std::sync::RwLock::new(()),
             max_map: std::sync::atomic::AtomicUsize::new(0),
             fence: std::sync::atomic::AtomicU64::new(0),
+            _writer: Some(writer),
         };
         txn.commit().map_err(StoreError::from_heed)?;
         Ok(store)
@@ -430,6 +450,7 @@ impl Store {
             gate: std::sync::RwLock::new(()),
             max_map: std::sync::atomic::AtomicUsize::new(0),
             fence: std::sync::atomic::AtomicU64::new(0),
+            _writer: None,
         };
         txn.commit()?;
         Ok(store)

@@ -226,3 +226,53 @@ fn a_panicking_filterd_exits_and_a_restart_recovers_its_handles() {
     let r = fe.cmd(json!({"cmd": "resume", "client": "alice", "create_guid": g}));
     assert_eq!(r["ok"], true, "the committed open is recovered: {r}");
 }
+
+/// The LMDB environment itself is locked while a daemon writes it: moving
+/// (or linking) the state dir's `lmdb` directory to another state dir does
+/// not let a second daemon open it and serve beside the first (found by
+/// the review of issue 17).
+#[test]
+fn moving_the_lmdb_directory_lets_no_second_daemon_serve() {
+    let s = Scratch::new("lmdb-moved");
+    let d = Filterd::start(&s, &[], &[]);
+    let before = d
+        .control()
+        .call(libfilter::proto::Request::Status)
+        .unwrap()
+        .0;
+    let other_state = s.dir.join("state2");
+    std::fs::create_dir_all(&other_state).unwrap();
+    std::fs::rename(s.state().join("lmdb"), other_state.join("lmdb")).unwrap();
+    let log = std::fs::File::create(s.dir.join("second.log")).unwrap();
+    let mut second = std::process::Command::new(rkfilter_tests::bin("filterd"))
+        .arg("--root")
+        .arg(s.root())
+        .arg("--state")
+        .arg(&other_state)
+        .arg("--socket")
+        .arg(s.dir.join("second.sock"))
+        .arg("--no-fanotify")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let st = wait_for(
+        "the second daemon to give up",
+        Duration::from_secs(10),
+        || second.try_wait().ok().flatten(),
+    );
+    assert!(!st.success(), "a second daemon ran on the same store");
+    let text = std::fs::read_to_string(s.dir.join("second.log")).unwrap();
+    assert!(text.contains("in use by another filterd"), "{text}");
+    // The first daemon's claim stands: its epoch is unchanged.
+    let after = d
+        .control()
+        .call(libfilter::proto::Request::Status)
+        .unwrap()
+        .0;
+    match (before, after) {
+        (libfilter::proto::Reply::Status(a), libfilter::proto::Reply::Status(b)) => {
+            assert_eq!(a.epoch, b.epoch)
+        }
+        other => panic!("{other:?}"),
+    }
+}
