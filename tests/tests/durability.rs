@@ -42,6 +42,37 @@ fn open_req(path: &str, durability: Durability, guid: Option<CreateGuid>) -> Ope
 
 const PERSISTENT: Durability = Durability::Persistent { timeout_ms: 60_000 };
 
+/// filterd with `failpoint` armed (and `extra` flags), a frontend, and a
+/// persistent handle of `f` opened through it.
+fn with_persistent_handle(
+    name: &str,
+    extra: &[&str],
+    failpoint: &str,
+) -> (Scratch, Filterd, std::sync::Arc<FilterClient>, ResumeKey) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, extra, &[("RKFILTER_FAILPOINTS", failpoint)]);
+    let fe = std::sync::Arc::new(frontend(&s, "smb-a"));
+    let key = fe
+        .open(open_req(
+            "f",
+            PERSISTENT,
+            Some(CreateGuid(uuid::Uuid::new_v4())),
+        ))
+        .unwrap()
+        .info
+        .key;
+    (s, d, fe, key)
+}
+
+/// One exclusive lock of `[offset, offset+length)`.
+fn exclusive(offset: u64, length: u64) -> Vec<libfilter::locks::LockOp> {
+    vec![libfilter::locks::LockOp {
+        range: LockRange { offset, length },
+        exclusive: true,
+        unlock: false,
+    }]
+}
+
 /// Waits until the committer has reached the stalling failpoint.
 fn wait_stalled(d: &Filterd) {
     wait_for("the commit to stall", Duration::from_secs(10), || {
@@ -100,33 +131,13 @@ fn a_create_replay_waits_for_the_original_commit() {
 /// the lock's commit.
 #[test]
 fn a_lock_sequence_replay_waits_for_the_lock_commit() {
-    let s = Scratch::new("dur-lockseq");
-    let mut d = Filterd::start(
-        &s,
-        &[],
-        &[("RKFILTER_FAILPOINTS", "commit.before:2:sleep4000")],
-    );
-    let fe = std::sync::Arc::new(frontend(&s, "smb-a"));
-    let h = fe
-        .open(open_req(
-            "f",
-            PERSISTENT,
-            Some(CreateGuid(uuid::Uuid::new_v4())),
-        ))
-        .unwrap();
-    let key = h.info.key;
+    let (_s, mut d, fe, key) =
+        with_persistent_handle("dur-lockseq", &[], "commit.before:2:sleep4000");
     let seq = LockSequence {
         index: 3,
         number: 1,
     };
-    let lock = vec![libfilter::locks::LockOp {
-        range: LockRange {
-            offset: 0,
-            length: 10,
-        },
-        exclusive: true,
-        unlock: false,
-    }];
+    let lock = exclusive(0, 10);
     let (tx, rx) = mpsc::channel();
     for which in ["original", "replay"] {
         let (fe, tx, lock) = (fe.clone(), tx.clone(), lock.clone());
@@ -367,22 +378,13 @@ fn a_size_change_in_flight_never_loses_an_acknowledged_write() {
 /// not fit get DISK_FULL, and nothing of theirs is left behind.
 #[test]
 fn a_request_that_cannot_fit_fails_alone() {
-    let s = Scratch::new("dur-alone");
     // Commit 1: the open. Commit 2 stalls (a small record) while the LOCK
     // and the big writes queue behind it; they merge into commit 3.
-    let d = Filterd::start(
-        &s,
+    let (s, d, fe, key) = with_persistent_handle(
+        "dur-alone",
         &["--map-size-mib", "1", "--max-map-size-mib", "1"],
-        &[("RKFILTER_FAILPOINTS", "commit.before:2:sleep3000")],
+        "commit.before:2:sleep3000",
     );
-    let fe = std::sync::Arc::new(frontend(&s, "smb-a"));
-    let h = fe
-        .open(open_req(
-            "f",
-            PERSISTENT,
-            Some(CreateGuid(uuid::Uuid::new_v4())),
-        ))
-        .unwrap();
     let session = |n: &str| ReplayScope::Session(ScopeName::new(n).unwrap());
     {
         let fe = fe.clone();
@@ -407,15 +409,8 @@ fn a_request_that_cannot_fit_fails_alone() {
             let _ = tx.send((format!("big-{i}"), fe.write_records(put, Vec::new())));
         });
     }
-    let lock = vec![libfilter::locks::LockOp {
-        range: LockRange {
-            offset: 0,
-            length: 10,
-        },
-        exclusive: true,
-        unlock: false,
-    }];
-    let r = fe.lock(h.info.key, lock, None);
+    let lock = exclusive(0, 10);
+    let r = fe.lock(key, lock, None);
     assert!(
         r.is_ok(),
         "the small LOCK failed with the big writes: {r:?}"
