@@ -5,8 +5,9 @@
 //! removes it on a clean shutdown. It names the daemon's pid and socket, so
 //! `filterctl --state DIR` finds a live daemon whatever `--socket` it was
 //! started with, and never reads the LMDB files behind a running daemon's
-//! back. A record whose pid is no longer a filterd is stale (the daemon was
-//! killed): the store is then at rest and may be read offline.
+//! back. Whether a daemon is alive is decided by the state dir's lock
+//! ([`lock_holder`]), not by the record: when nobody holds the lock, the
+//! store is at rest and may be read offline.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -108,15 +109,61 @@ pub fn remove(state: &Path) {
     let _ = std::fs::remove_file(state.join(RUNTIME_FILE));
 }
 
-/// Whether `pid` is a running filterd (its `/proc/PID/comm` says so): a
-/// record whose daemon was killed names a dead or reused pid.
-pub fn is_live_filterd(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "filterd")
+/// The pid of the process holding `state`'s lock (filterd's exclusive
+/// `flock` on the directory itself), read from `/proc/locks` without
+/// touching the lock: a probe that took it, even shared, could make a
+/// daemon starting at that moment refuse to run. A waiting standby's
+/// blocked request (`->`) is not a holder. This, not the runtime record,
+/// says whether a daemon is alive: the record can be deleted behind a
+/// live daemon, and a killed daemon's record names a pid that may linger
+/// as a zombie (which holds no lock: its descriptors are closed).
+pub fn lock_holder(state: &Path) -> Result<Option<u32>, RuntimeError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(state).map_err(io_err(state))?;
+    let dev = meta.dev();
+    // The kernel prints MAJOR:MINOR:INODE, major and minor in hex.
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let locks = Path::new("/proc/locks");
+    let text = std::fs::read_to_string(locks).map_err(io_err(locks))?;
+    Ok(text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            [_, "FLOCK", _, "WRITE", pid, id, ..] if *id == want => pid.parse().ok(),
+            _ => None,
+        }
+    }))
 }
 
-/// The record of the filterd that is alive on `state`, if any.
-pub fn live(state: &Path) -> Result<Option<DaemonRecord>, RuntimeError> {
-    Ok(read(state)?.filter(|r| is_live_filterd(r.pid)))
+/// Whether a daemon serves a state dir.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// A process (pid) holds the state dir's lock; its runtime record, when
+    /// there is one and it names that process.
+    Running {
+        /// The lock holder.
+        pid: u32,
+        /// Its record, if present and its own.
+        record: Option<DaemonRecord>,
+    },
+    /// Nobody holds the lock: the store is at rest (a record left behind
+    /// by a killed daemon is stale).
+    NotRunning,
+}
+
+/// Whether a filterd is alive on `state`, by its lock, with its record.
+pub fn live(state: &Path) -> Result<Liveness, RuntimeError> {
+    Ok(match lock_holder(state)? {
+        None => Liveness::NotRunning,
+        Some(pid) => Liveness::Running {
+            pid,
+            record: read(state).ok().flatten().filter(|r| r.pid == pid),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -135,8 +182,23 @@ mod tests {
         };
         write(&dir, &rec).unwrap();
         assert_eq!(read(&dir).unwrap(), Some(rec));
-        // No process has that pid: the record is stale.
-        assert_eq!(live(&dir).unwrap(), None);
+        // Nobody holds the lock: the record is stale.
+        assert_eq!(live(&dir).unwrap(), Liveness::NotRunning);
+        // Holding the directory's lock is what makes a daemon alive.
+        let held = nix::fcntl::Flock::lock(
+            std::fs::File::open(&dir).unwrap(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        assert_eq!(
+            live(&dir).unwrap(),
+            Liveness::Running {
+                pid: std::process::id(),
+                record: None
+            }
+        );
+        drop(held);
+        assert_eq!(live(&dir).unwrap(), Liveness::NotRunning);
         std::fs::write(dir.join(RUNTIME_FILE), b"nonsense").unwrap();
         assert!(matches!(read(&dir), Err(RuntimeError::Corrupt { .. })));
         remove(&dir);

@@ -276,3 +276,69 @@ fn moving_the_lmdb_directory_lets_no_second_daemon_serve() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Issue 17, final review. Old code decided liveness by the runtime
+/// record's pid: with `STATE/filterd.run` deleted, `filterctl --state`
+/// called a live daemon "not running" (and read its store behind its back);
+/// with the daemon killed but not yet reaped (a zombie still named
+/// filterd), it failed instead of reading the store at rest. Now the state
+/// dir's lock decides.
+#[test]
+fn filterctl_state_goes_by_the_lock_not_the_record() {
+    let s = Scratch::new("ctl-lock");
+    // The default socket (in the state dir), then a custom one.
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let r = fe.cmd(open_cmd("alice", "p1", persistent(), None));
+    assert_eq!(r["ok"], true, "{r}");
+    std::fs::remove_file(s.state().join("filterd.run")).unwrap();
+    let status = ctl_state(&s, &["status", "--json"]);
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    assert_ne!(status.json()["daemon"], "not running", "{}", status.stdout);
+    d.kill9();
+    drop(fe);
+
+    let sock = s.dir.join("custom.sock");
+    let mut d = Filterd::spawn_on(&s, Some(&sock), &[], &[], &[]);
+    d.wait_ready();
+    std::fs::remove_file(s.state().join("filterd.run")).unwrap();
+    let status = ctl_state(&s, &["status", "--json"]);
+    assert_ne!(status.code, 0, "the store is not read behind a live daemon");
+    assert!(
+        status.stderr.contains(&format!("pid {}", d.pid())) && status.stderr.contains("--socket"),
+        "{}",
+        status.stderr
+    );
+
+    d.kill9();
+
+    // A zombie: killed, not reaped, its record left behind. It holds no
+    // lock; the store is at rest.
+    let mut d = Filterd::start(&s, &[], &[]);
+    assert!(s.state().join("filterd.run").exists());
+    let pid = d.pid();
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    wait_for(
+        "filterd to become a zombie",
+        Duration::from_secs(10),
+        || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            (state == "Z").then_some(())
+        },
+    );
+    let offline = ctl_state(&s, &["handles", "--json"]);
+    assert_eq!(offline.code, 0, "{}", offline.stderr);
+    assert_eq!(
+        offline.json().as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        offline.stdout
+    );
+    d.kill9();
+}

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 use libfilter::client::FilterClient;
 use libfilter::model::{ConnState, Intent, IntentChange, ResumeKey};
 use libfilter::proto::{FileView, HandleView, Reply, Request};
-use libfilter::runtime::Phase;
+use libfilter::runtime::{Liveness, Phase};
 use libfilter::store::Store;
 
 /// Inspect and manage the handle state of rkfilter's filterd.
@@ -96,33 +96,53 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
         .context("--socket or --state is required")?;
     // The daemon that holds the state dir says where it listens. While it
     // runs, its store is never read behind its back.
+    // Whoever holds the state dir's lock is the live daemon; its runtime
+    // record says where it listens. While it runs, its store is never read
+    // behind its back.
     match libfilter::runtime::live(state) {
-        Ok(Some(rec)) => {
+        Ok(Liveness::Running {
+            pid,
+            record: Some(rec),
+        }) => {
             return match FilterClient::connect_control(&rec.socket) {
                 Ok(c) => Ok(Source::Live(c)),
                 Err(e) if rec.phase == Phase::Starting => Err(e).with_context(|| {
                     format!(
-                        "filterd (pid {}) is starting on {} (recovering its store); try again once it serves {}",
-                        rec.pid,
+                        "filterd (pid {pid}) is starting on {} (recovering its store); try again once it serves {}",
                         state.display(),
                         rec.socket.display()
                     )
                 }),
                 Err(e) => Err(e).with_context(|| {
                     format!(
-                        "filterd (pid {}) serves {} on {}, which does not answer",
-                        rec.pid,
+                        "filterd (pid {pid}) serves {} on {}, which does not answer",
                         state.display(),
                         rec.socket.display()
                     )
                 }),
             };
         }
-        Ok(None) => {}
-        Err(e) => eprintln!("filterctl: ignoring {e}"),
-    }
-    if let Ok(c) = FilterClient::connect_control(&state.join("filterd.sock")) {
-        return Ok(Source::Live(c));
+        Ok(Liveness::Running { pid, record: None }) => {
+            // Its record is gone (deleted, or not yet written): try the
+            // default socket, and otherwise say so rather than "not running".
+            let default = state.join("filterd.sock");
+            return FilterClient::connect_control(&default)
+                .map(Source::Live)
+                .with_context(|| {
+                    format!(
+                        "filterd (pid {pid}) holds {} but its runtime record ({}) is missing and {} does not answer; pass --socket",
+                        state.display(),
+                        state.join(libfilter::runtime::RUNTIME_FILE).display(),
+                        default.display()
+                    )
+                });
+        }
+        Ok(Liveness::NotRunning) => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot tell whether a filterd serves {}", state.display())
+            })
+        }
     }
     let store = Store::open_read_only(state).with_context(|| {
         format!(
