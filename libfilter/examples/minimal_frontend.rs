@@ -41,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     })?;
     println!("opened {} ({})", h.info.key, h.info.create_action);
 

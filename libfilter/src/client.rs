@@ -25,6 +25,7 @@
 //!     owner: None,
 //!     lease: None,
 //!     no_wait: false,
+//!     share_group: None,
 //! })?;
 //! // h.fd is the open file: pread/pwrite it directly.
 //! c.close(h.info.key)?;
@@ -578,6 +579,23 @@ impl FilterClient {
             key,
             locks,
             lock_sequence,
+            lock_owner: None,
+        })?)
+    }
+
+    /// As [`FilterClient::lock`], naming the protocol's lock-owner the
+    /// locks belong to (reported in conflicts).
+    pub fn lock_as(
+        &self,
+        key: ResumeKey,
+        locks: Vec<crate::locks::LockOp>,
+        lock_owner: String,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::Lock {
+            key,
+            locks,
+            lock_sequence: None,
+            lock_owner: Some(lock_owner),
         })?)
     }
 

@@ -596,6 +596,14 @@ pub struct HandleRecord {
     /// the last open of it goes away.
     #[serde(default, skip_serializing_if = "is_false")]
     pub delete_on_close: bool,
+    /// The share reservation it belongs to with this client's other handles
+    /// of the same group (`OpenRequest::share_group`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_group: Option<String>,
+    /// The lock-owner its locks belong to, when the frontend names one
+    /// (`Request::Lock::lock_owner`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_owner: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -218,6 +218,11 @@ pub enum Request {
         /// MS-SMB2 lock sequence, if any.
         #[serde(default)]
         lock_sequence: Option<LockSequence>,
+        /// The protocol's lock-owner these locks belong to (NFS-like), at
+        /// most 1 KiB: conflicts report it (`LockView::owner`) in place of
+        /// the handle's owner. The handle keeps the latest one given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lock_owner: Option<String>,
     },
     /// May the handle read (or write) this range past other owners' locks?
     /// Frontend only.
@@ -374,6 +379,15 @@ pub struct OpenRequest {
     /// nfsl/1 answers such opens NFS4ERR_DELAY.
     #[serde(default)]
     pub no_wait: bool,
+    /// One share reservation across several handles: this client's handles
+    /// (of this protocol) with the same group never conflict with each
+    /// other's access or share modes, nor break each other's leases; every
+    /// other open sees the union of their modes. nfsl/1 names the open-owner
+    /// here, since RFC 8881 §9.7 makes an open-owner's OPENs of one file one
+    /// share reservation whose modes are upgraded, never refused by its own
+    /// deny. smbl/1 leaves it unset: there, every open's modes count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_group: Option<String>,
 }
 
 /// Which handle to resume.
@@ -882,6 +896,7 @@ mod tests {
                 owner: None,
                 lease: None,
                 no_wait: false,
+                share_group: None,
             }),
         };
         let b = encode(&f).unwrap();

@@ -867,6 +867,8 @@ mod tests {
             lock_sequence: Vec::new(),
             lease: None,
             delete_on_close: false,
+            share_group: None,
+            lock_owner: None,
         }
     }
 

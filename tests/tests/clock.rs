@@ -60,6 +60,7 @@ fn req(
             state: LeaseState::parse(st).unwrap(),
         }),
         no_wait: false,
+        share_group: None,
     }
 }
 

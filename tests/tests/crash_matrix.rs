@@ -38,6 +38,7 @@ fn req(path: &str, guid: CreateGuid) -> OpenRequest {
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     }
 }
 

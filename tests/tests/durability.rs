@@ -37,6 +37,7 @@ fn open_req(path: &str, durability: Durability, guid: Option<CreateGuid>) -> Ope
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     }
 }
 

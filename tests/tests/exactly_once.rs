@@ -44,6 +44,7 @@ fn open_req(path: &str, disp: Disposition, guid: CreateGuid) -> OpenRequest {
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     }
 }
 

@@ -39,6 +39,7 @@ fn req(
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     }
 }
 

@@ -34,6 +34,7 @@ fn req(path: &str, client: &str, share: Rights, durability: Durability) -> OpenR
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     }
 }
 

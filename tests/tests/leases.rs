@@ -42,6 +42,7 @@ fn req(
         owner: None,
         lease: lease.map(|(key, s)| LeaseRequest { key, state: st(s) }),
         no_wait: false,
+        share_group: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn req(path: &str, share: Rights, lease: Option<(LeaseKey, &str)>) -> OpenReques
             state: LeaseState::parse(s).unwrap(),
         }),
         no_wait: false,
+        share_group: None,
     }
 }
 

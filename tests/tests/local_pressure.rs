@@ -33,6 +33,7 @@ fn req(path: &str, share: Rights) -> OpenRequest {
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     }
 }
 

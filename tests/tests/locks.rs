@@ -41,6 +41,7 @@ fn open(
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     })
     .unwrap()
 }
@@ -287,6 +288,7 @@ fn lock_sequence_replays_and_locks_survive_kill9() {
             owner: None,
             lease: None,
             no_wait: false,
+            share_group: None,
         })
         .unwrap();
     assert_eq!(h.info.key, key);

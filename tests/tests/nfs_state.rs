@@ -491,3 +491,120 @@ fn one_hosts_client_flood_leaves_room_for_other_hosts() {
     ));
     ok(exchange(&mut flooder, "f-3"));
 }
+
+/// The filter's byte-range locks held through `path`'s handles.
+fn filter_locks_on(s: &Scratch, path: &str) -> Vec<Value> {
+    let sock = s.socket().display().to_string();
+    let all = rkfilter_tests::filterctl(&["--socket", &sock, "locks", "--json"]).json();
+    let handles = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    let keys: Vec<&Value> = handles
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|h| h["path"] == path)
+        .map(|h| &h["key"])
+        .collect();
+    all.as_array()
+        .expect("a list")
+        .iter()
+        .filter(|l| keys.contains(&&l["key"]))
+        .cloned()
+        .collect()
+}
+
+/// Issue 17, final review. Old code: a repeated OPEN by the same open-owner
+/// — an upgrade (read, then write) or the same modes again, as a client
+/// re-sends after a failover — replaced the open's filter handle and with
+/// it the open's byte-range locks: filterd held none, another client's
+/// conflicting LOCK was granted, and nfsshim still thought it held them.
+#[test]
+fn a_repeated_open_keeps_the_opens_locks() {
+    let s = Scratch::new("nfs-reopen-locks");
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-rl");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let create = json!({"create": {"mode": "unchecked"}});
+    for (path, second) in [("same", "read"), ("up", "write")] {
+        let sid = ok(a.open("oo", path, "read", "none", create.clone()))["stateid"].clone();
+        ok(a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo", "type": "read", "offset": 0, "length": 10})));
+        assert_eq!(filter_locks_on(&s, path).len(), 1, "{path}: locked");
+        let again = ok(a.open("oo", path, second, "none", json!({})));
+        assert_eq!(again["stateid"]["other"], sid["other"], "one open state");
+        assert_eq!(
+            filter_locks_on(&s, path).len(),
+            1,
+            "{path}: the lock survives the repeated OPEN"
+        );
+        let bs = ok(b.open("ob", path, "both", "none", json!({})))["stateid"].clone();
+        let r = b.call(json!({"op": "LOCK", "stateid": bs, "owner": "lb", "type": "write", "offset": 0, "length": 10}));
+        assert_eq!(r["status"], "NFS4ERR_DENIED", "{path}: {r}");
+        let r = a.call(json!({"op": "CLOSE", "stateid": again["stateid"]}));
+        assert_eq!(r["status"], "NFS4ERR_LOCKS_HELD", "{path}: {r}");
+    }
+    // The upgraded open writes (through the handle the upgrade added), and
+    // all of it comes back after an nfsshim restart.
+    let up = ok(a.open("oo", "up", "write", "none", json!({})))["stateid"].clone();
+    ok(a.call(json!({"op": "WRITE", "stateid": up, "offset": 20, "data": b64("w")})));
+    nfs.kill9_in_place();
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-rl");
+    a.c = LineClient::connect(&nfs.addr);
+    ok(a.call(json!({"op": "WRITE", "stateid": up, "offset": 21, "data": b64("x")})));
+    ok(a.call(json!({"op": "READ", "stateid": up, "offset": 0, "count": 1})));
+    assert_eq!(filter_locks_on(&s, "up").len(), 1, "after the restart");
+    let mut c = Nfs::connect(&nfs.addr, "host-c", "00000000000000cc");
+    let cs = ok(c.open("oc", "up", "both", "none", json!({})))["stateid"].clone();
+    let r = c.call(json!({"op": "LOCK", "stateid": cs, "owner": "lc", "type": "write", "offset": 0, "length": 10}));
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "{r}");
+}
+
+/// Issue 17, final review. Old code: an open-owner's OPEN upgrade was
+/// refused by the owner's own deny mode (read deny=write, then write:
+/// NFS4ERR_SHARE_DENIED), and a second lock-owner of a write open that
+/// denies write could not get the filter handle it locks through. RFC 8881
+/// §9.7: the owner's OPENs are one share reservation with the union of
+/// their modes, and others see that union.
+#[test]
+fn an_open_upgrade_is_not_refused_by_the_owners_own_deny() {
+    let s = Scratch::new("nfs-own-deny");
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-od");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let create = json!({"create": {"mode": "unchecked"}});
+    ok(a.open("oo", "f", "read", "write", create));
+    let up = ok(a.open("oo", "f", "write", "none", json!({})))["stateid"].clone();
+    ok(a.call(json!({"op": "WRITE", "stateid": up, "offset": 0, "data": b64("abc")})));
+    ok(a.call(json!({"op": "READ", "stateid": up, "offset": 0, "count": 3})));
+    // Others see the union: write denied, read shared.
+    let r = b.open("ob", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_SHARE_DENIED", "{r}");
+    let bs = ok(b.open("ob", "f", "read", "none", json!({})))["stateid"].clone();
+    ok(b.call(json!({"op": "CLOSE", "stateid": bs})));
+    // Two lock-owners under the one open.
+    ok(a.call(json!({"op": "LOCK", "stateid": up, "owner": "l1", "type": "write", "offset": 0, "length": 1})));
+    ok(a.call(json!({"op": "LOCK", "stateid": up, "owner": "l2", "type": "write", "offset": 5, "length": 1})));
+    // Another owner of the same client is another reservation.
+    let r = a.open("other-owner", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_SHARE_DENIED", "{r}");
+}
+
+/// Issue 17, final review. Old code: NFS4ERR_DENIED from another nfsshim
+/// instance named the holder's open-owner (the filter handle's owner), not
+/// its lock-owner, since only the holder's instance knew the lock-owner.
+#[test]
+fn denied_names_the_lock_owner_across_instances() {
+    let s = Scratch::new("nfs-denied-owner");
+    std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let a_shim = Shim::start("nfsshim", &s.socket(), "nfs-da");
+    let b_shim = Shim::start("nfsshim", &s.socket(), "nfs-db");
+    let mut alice = Nfs::connect(&a_shim.addr, "alice", "00000000000000aa");
+    let mut bob = Nfs::connect(&b_shim.addr, "bob", "00000000000000bb");
+    let sa = ok(alice.open("alice-open", "f", "both", "none", json!({})))["stateid"].clone();
+    ok(alice.call(json!({"op": "LOCK", "stateid": sa, "owner": "alice-lock", "type": "write", "offset": 0, "length": 4})));
+    let sb = ok(bob.open("bob-open", "f", "both", "none", json!({})))["stateid"].clone();
+    let r = bob.call(json!({"op": "LOCK", "stateid": sb, "owner": "bob-lock", "type": "write", "offset": 2, "length": 4}));
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "{r}");
+    assert_eq!(r["denied"]["owner"], "alice-lock", "{r}");
+}

@@ -70,6 +70,7 @@ fn persistent(client: &str, path: &str, disp: Disposition) -> OpenRequest {
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     }
 }
 

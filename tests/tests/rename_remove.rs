@@ -37,6 +37,7 @@ fn open_req(
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     }
 }
 

@@ -28,18 +28,30 @@ impl Engine {
         file: FileId,
         requester: Option<LeaseKey>,
         mode: ShareMode,
+        group: Option<&super::opens::ShareGroup>,
     ) -> bool {
         self.break_leases(file, requester, |state, keys, this| {
+            let own = |k: &ResumeKey| {
+                group.is_some_and(|g| this.handles.get(k).is_some_and(|h| g.holds(h)))
+            };
+            if keys.iter().all(own) {
+                // The requester's own share reservation: nothing to break.
+                return None;
+            }
             let writes = mode.access.contains(libfilter::model::Rights::WRITE);
-            let handle_conflict = keys.iter().filter_map(|k| this.handles.get(k)).any(|h| {
-                share::conflicts(
-                    mode,
-                    ShareMode {
-                        access: h.rec.access.rights(),
-                        share: h.rec.share,
-                    },
-                )
-            });
+            let handle_conflict = keys
+                .iter()
+                .filter(|k| !own(k))
+                .filter_map(|k| this.handles.get(k))
+                .any(|h| {
+                    share::conflicts(
+                        mode,
+                        ShareMode {
+                            access: h.rec.access.rights(),
+                            share: h.rec.share,
+                        },
+                    )
+                });
             lease::break_to(
                 state,
                 BreakTrigger {

@@ -42,7 +42,7 @@ impl Engine {
                 }
             }
         }
-        if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS) {
+        if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None) {
             self.waiting_local.push((file, reply, fd));
             return;
         }

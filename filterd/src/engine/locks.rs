@@ -110,7 +110,10 @@ impl Engine {
         LockView {
             file,
             key: l.owner,
-            owner: self.handles.get(&l.owner).and_then(|h| h.rec.owner.clone()),
+            owner: self
+                .handles
+                .get(&l.owner)
+                .and_then(|h| h.rec.lock_owner.clone().or_else(|| h.rec.owner.clone())),
             range: l.range,
             kind: l.kind,
             unmirrored: self.unmirrored.contains(&l.owner),
@@ -126,6 +129,7 @@ impl Engine {
         key: ResumeKey,
         ops: &[LockOp],
         seq: Option<LockSequence>,
+        lock_owner: Option<String>,
     ) -> Result<Reply, WireError> {
         self.attached_to(conn, key)?;
         if let Some(q) = seq {
@@ -248,6 +252,9 @@ impl Engine {
         match &result {
             Ok(()) => {
                 h.rec.locks = held;
+                if lock_owner.is_some() {
+                    h.rec.lock_owner = lock_owner;
+                }
                 if let Some(q) = checked {
                     h.rec.lock_sequence.push((q.index, q.number));
                 }

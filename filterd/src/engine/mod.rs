@@ -671,18 +671,26 @@ impl Engine {
                 key,
                 locks,
                 lock_sequence,
+                lock_owner,
             } => {
                 need_frontend()?;
+                if lock_owner.as_ref().is_some_and(|o| o.len() > 1024) {
+                    return Err(err(ErrorCode::BadFrame, "lock_owner: at most 1 KiB"));
+                }
                 if let Some(file) = self.hint_first(conn, key, &locks) {
                     let req = Request::Lock {
                         key,
                         locks,
                         lock_sequence,
+                        lock_owner,
                     };
                     self.waiting_changes.push((file, conn, req_id, req));
                     return Ok(None);
                 }
-                Ok(Some((self.lock(conn, key, &locks, lock_sequence)?, None)))
+                Ok(Some((
+                    self.lock(conn, key, &locks, lock_sequence, lock_owner)?,
+                    None,
+                )))
             }
             Request::LockHintAck { file } => {
                 need_frontend()?;

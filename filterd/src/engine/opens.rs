@@ -99,7 +99,8 @@ impl Engine {
             access: o.access.rights(),
             share: o.share,
         };
-        if self.break_leases_for(of.file, o.lease.map(|l| l.key), mode) {
+        let group = ShareGroup::of(&o, &protocol);
+        if self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref()) {
             if o.no_wait {
                 self.stats.opens_refused += 1;
                 return Err(err(
@@ -131,7 +132,10 @@ impl Engine {
             });
             return Ok(None);
         }
-        let holders = self.holders_of(of.file);
+        let mut holders = self.holders_of(of.file);
+        if let Some(g) = &group {
+            holders.retain(|h| !self.handles.get(&h.key).is_some_and(|h| g.holds(h)));
+        }
         match share::decide(mode, holders) {
             ShareDecision::Violation => {
                 self.stats.opens_refused += 1;
@@ -218,6 +222,8 @@ impl Engine {
             lock_sequence: Vec::new(),
             lease: None,
             delete_on_close: false,
+            share_group: o.share_group,
+            lock_owner: None,
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {
@@ -570,6 +576,7 @@ impl Engine {
     }
 
     /// Every open of a file, as the share algebra sees it.
+    /// Every handle of `file` as a share-mode holder.
     pub(super) fn holders_of(&self, file: FileId) -> Vec<Holder<ResumeKey>> {
         self.by_file
             .get(&file)
@@ -830,5 +837,32 @@ impl Engine {
             self.settle_unackable_break(file, l.key);
         }
         true
+    }
+}
+
+/// The share reservation an open joins (`OpenRequest::share_group`): one
+/// client's handles of one protocol with the same group name.
+pub(super) struct ShareGroup {
+    client: libfilter::model::ClientId,
+    protocol: libfilter::model::Protocol,
+    name: String,
+}
+
+impl ShareGroup {
+    /// The group `o` names, if any.
+    pub(super) fn of(o: &OpenRequest, protocol: &libfilter::model::Protocol) -> Option<ShareGroup> {
+        o.share_group.as_ref().map(|name| ShareGroup {
+            client: o.client.clone(),
+            protocol: protocol.clone(),
+            name: name.clone(),
+        })
+    }
+
+    /// Whether `h` belongs to the group: its modes do not count against
+    /// the group's own opens.
+    pub(super) fn holds(&self, h: &Handle) -> bool {
+        h.rec.share_group.as_deref() == Some(self.name.as_str())
+            && h.rec.client == self.client
+            && h.rec.protocol == self.protocol
     }
 }

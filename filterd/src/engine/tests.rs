@@ -351,6 +351,7 @@ fn open(path: &str, share: Rights) -> Request {
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     })
 }
 
@@ -411,6 +412,7 @@ impl Harness {
                     index: 1 + h,
                     number: u8::try_from(offset % 16).unwrap_or(0),
                 }),
+                lock_owner: None,
             },
             Op::Unlock(h, offset, length) => Request::Lock {
                 key: key(h).unwrap_or(ResumeKey(uuid::Uuid::nil())),
@@ -420,6 +422,7 @@ impl Harness {
                     unlock: true,
                 }],
                 lock_sequence: None,
+                lock_owner: None,
             },
             Op::DeleteOnClose(h, delete) => match key(h) {
                 Some(key) => Request::SetDeleteOnClose {
@@ -520,6 +523,7 @@ fn only_what_builds_on_a_failed_group_is_abandoned() {
             unlock: false,
         }],
         lock_sequence: None,
+        lock_owner: None,
     };
     // Three requests, three groups: a lock on A, a second lock on A (builds
     // on the first), a lock on B (independent).
@@ -560,4 +564,42 @@ fn only_what_builds_on_a_failed_group_is_abandoned() {
         "the lock on B stays"
     );
     assert_eq!(h.engine.handles[&kb].rec.locks.len(), 1);
+}
+
+/// `OpenRequest::share_group`: one client's handles of one group are one
+/// share reservation (an NFS open-owner's upgrade is not refused by its own
+/// deny); another group, another client or no group still conflicts.
+#[test]
+fn a_share_group_is_one_reservation() {
+    let mut h = Harness::new();
+    let grouped = |client: &str, group: Option<&str>, access: Rights, share: Rights| {
+        Request::Open(OpenRequest {
+            client: ClientId::new(client).unwrap(),
+            path: RelPath::new("a").unwrap(),
+            access: Access::new(access).unwrap(),
+            share,
+            disposition: Disposition::Open,
+            durability: Durability::Persistent { timeout_ms: 60_000 },
+            create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+            owner: None,
+            lease: None,
+            no_wait: true,
+            share_group: group.map(str::to_owned),
+        })
+    };
+    // Read, denying write; then write by the same group.
+    h.run(grouped("alice", Some("oo"), Rights::READ, Rights::READ));
+    h.commit(true);
+    h.run(grouped("alice", Some("oo"), Rights::WRITE, Rights::ALL));
+    h.commit(true);
+    assert_eq!(h.keys().len(), 2, "the upgrade joins the reservation");
+    for (client, group) in [("alice", Some("o2")), ("bob", Some("oo")), ("alice", None)] {
+        h.run(grouped(client, group, Rights::WRITE, Rights::ALL));
+        h.commit(true);
+        assert_eq!(h.keys().len(), 2, "{client} {group:?} is refused");
+    }
+    // Others see the union: reading is shared, writing denied.
+    h.run(grouped("bob", None, Rights::READ, Rights::ALL));
+    h.commit(true);
+    assert_eq!(h.keys().len(), 3);
 }

@@ -27,7 +27,7 @@ use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest, Request};
 use serde_json::{json, Map, Value};
 
-use crate::state::{self, ClientRec, DelegRec, LockRec, OpenRec, SessionRec, SlotRec};
+use crate::state::{self, ClientRec, DelegRec, ExtraHandle, LockRec, OpenRec, SessionRec, SlotRec};
 
 /// How long filterd keeps an nfsl/1 open while no nfsshim is attached.
 const HANDLE_TIMEOUT_MS: u32 = 300_000;
@@ -208,8 +208,39 @@ struct Open {
     rec: OpenRec,
     num: u64,
     clientid: String,
+    /// The open's own handle's descriptor, with its rights.
     file: Arc<shimline::datasync::SyncedFile>,
+    rights: Rights,
+    /// The descriptors of `rec.extra`, in its order, with their rights.
+    extra: Vec<(Rights, Arc<shimline::datasync::SyncedFile>)>,
     file_key: FileId,
+}
+
+impl Open {
+    /// A descriptor of this open state that may `right` (read or write).
+    fn file_for(&self, right: Rights) -> Option<&Arc<shimline::datasync::SyncedFile>> {
+        if self.rights.contains(right) {
+            return Some(&self.file);
+        }
+        self.extra
+            .iter()
+            .find(|(r, _)| r.contains(right))
+            .map(|(_, f)| f)
+    }
+
+    /// Every descriptor of the open state.
+    fn files(&self) -> impl Iterator<Item = &Arc<shimline::datasync::SyncedFile>> {
+        std::iter::once(&self.file).chain(self.extra.iter().map(|(_, f)| f))
+    }
+
+    /// Every filter handle of the open state: its own, the further ones an
+    /// upgrade added, and its further lock-owners'.
+    fn keys(&self) -> Vec<ResumeKey> {
+        std::iter::once(self.rec.key)
+            .chain(self.rec.extra.iter().map(|e| e.key))
+            .chain(self.rec.locks.iter().filter_map(|l| l.key))
+            .collect()
+    }
 }
 
 /// One client incarnation's state, behind a lock of its own: requests of
@@ -425,6 +456,20 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                 Ok(h) => {
                     note_locked(sh, &h.info);
                     g.handle_client.insert(o.key, cid.clone());
+                    let mut extra = Vec::new();
+                    for e in &o.extra {
+                        let client = ClientId::new(cid.clone()).map_err(unexpected)?;
+                        match f.resume(client, e.key) {
+                            Ok(x) => {
+                                g.handle_client.insert(e.key, cid.clone());
+                                let rights = access_of(&e.access).unwrap_or(Rights::READ);
+                                extra.push((rights, Arc::new(std::fs::File::from(x.fd).into())));
+                            }
+                            Err(err) => {
+                                eprintln!("nfsshim: open {} upgrade handle is gone: {err}", o.other)
+                            }
+                        }
+                    }
                     for l in &o.locks {
                         st.aliases.insert(l.other.clone(), o.other.clone());
                         let key = l.key.unwrap_or(o.key);
@@ -448,6 +493,9 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                             num: snum,
                             clientid: cid.clone(),
                             file: Arc::new(std::fs::File::from(h.fd).into()),
+                            rights: access_of(o.key_access.as_deref().unwrap_or(&o.access))
+                                .unwrap_or(Rights::READ),
+                            extra,
                             file_key: h.info.file,
                             rec: o,
                         },
@@ -787,14 +835,12 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
     let mut gone_keys = Vec::new();
     let mut gone_leases = Vec::new();
     for (other, o) in st.opens.drain() {
-        let _ = f.close(o.rec.key);
-        gone_keys.push(o.rec.key);
+        for k in o.keys() {
+            let _ = f.close(k);
+            gone_keys.push(k);
+        }
         gone_others.push(other);
         for l in &o.rec.locks {
-            if let Some(k) = l.key {
-                let _ = f.close(k);
-                gone_keys.push(k);
-            }
             gone_others.push(l.other.clone());
         }
         if let Some(d) = &o.rec.deleg {
@@ -1224,6 +1270,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         owner: Some(owner.clone()),
         lease,
         no_wait: true,
+        share_group: Some(owner.clone()),
     };
     let mut created_by_resend = false;
     let h = match sh.filter.replay_open(req.clone()) {
@@ -1284,30 +1331,37 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .iter()
         .find(|(_, o)| o.clientid == ctx.cid && o.rec.owner == owner && o.file_key == h.info.file)
         .map(|(k, _)| k.clone());
+    // A further handle this OPEN added to an existing open state.
+    let mut added = None;
     let other = match existing {
         Some(other) => {
             let Some(o) = st.opens.get_mut(&other) else {
                 return Err(internal("open state vanished"));
             };
-            if o.rec.key != h.info.key {
-                // Keep the wider of the two handles' modes: the new handle
-                // replaces the old one when it covers it; otherwise both
-                // stay open under the one state (the old one is kept).
+            if !o.keys().contains(&h.info.key) {
+                // RFC 8881 §9.7: the owner's OPENs of one file are one share
+                // reservation with the union of their modes. The open's own
+                // handle holds its locks and stays; a handle that widens the
+                // modes joins it (the filter counts them as one reservation,
+                // their share group being this owner), one that does not is
+                // closed again, unless it carries a delegation just granted.
                 let acc = union_word(&o.rec.access, &access_w, "read");
                 let den = union_word(&o.rec.deny, &deny_w, "none");
-                if acc == access_w && den == deny_w {
-                    let _ = sh.filter.close(o.rec.key);
-                    o.rec.key = h.info.key;
-                    o.file = Arc::new(std::fs::File::from(h.fd).into());
-                    o.rec.access = acc;
-                    o.rec.deny = den;
-                } else if acc == o.rec.access && den == o.rec.deny {
+                if acc == o.rec.access && den == o.rec.deny && deleg_granted.is_none() {
                     let _ = sh.filter.close(h.info.key);
                 } else {
-                    // Neither covers the other (read, then write): one
-                    // handle with the union of both replaces them.
-                    let _ = sh.filter.close(h.info.key);
-                    reopen_union(ctx, o, acc, den)?;
+                    if o.rec.key_access.is_none() {
+                        o.rec.key_access = Some(o.rec.access.clone());
+                    }
+                    o.rec.extra.push(ExtraHandle {
+                        key: h.info.key,
+                        access: access_w.clone(),
+                    });
+                    o.extra
+                        .push((access, Arc::new(std::fs::File::from(h.fd).into())));
+                    o.rec.access = acc;
+                    o.rec.deny = den;
+                    added = Some(h.info.key);
                 }
                 o.rec.seqid = o.rec.seqid.wrapping_add(1);
             }
@@ -1337,10 +1391,14 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                         deny: deny_w.clone(),
                         locks: Vec::new(),
                         deleg: None,
+                        key_access: None,
+                        extra: Vec::new(),
                     },
                     num,
                     clientid: ctx.cid.to_owned(),
                     file: Arc::new(std::fs::File::from(h.fd).into()),
+                    rights: access,
+                    extra: Vec::new(),
                     file_key: h.info.file,
                 },
             );
@@ -1370,6 +1428,9 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         // Route filterd's events about this open (and its delegation) here.
         let mut g = ctx.sh.global()?;
         g.handle_client.insert(rec.key, ctx.cid.to_owned());
+        if let Some(k) = added {
+            g.handle_client.insert(k, ctx.cid.to_owned());
+        }
         if let Some((d, lease)) = deleg {
             g.lease_client.insert(lease, (ctx.cid.to_owned(), d));
         }
@@ -1381,63 +1442,6 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     m.insert("size".into(), json!(size));
     m.insert("delegation".into(), deleg_json);
     Ok(m)
-}
-
-/// An open state's handle reopened with the union of its modes and a new
-/// OPEN's (`acc`, `den`). Tried beside the old handle first; when the old
-/// one's own deny mode is in the way, the old one goes first and comes back
-/// if the union cannot be had.
-fn reopen_union(ctx: &Ctx<'_>, o: &mut Open, acc: String, den: String) -> Result<(), Fail> {
-    let sh = ctx.sh;
-    let req = |access: &str, deny: &str, what: &str| -> Result<OpenRequest, Fail> {
-        Ok(OpenRequest {
-            client: ctx.client_id()?,
-            path: RelPath::new(o.rec.path.as_str()).map_err(|e| internal(e.to_string()))?,
-            access: Access::new(access_of(access)?).map_err(|e| internal(e.to_string()))?,
-            share: share_of(deny)?,
-            disposition: Disposition::Open,
-            durability: Durability::Persistent {
-                timeout_ms: HANDLE_TIMEOUT_MS,
-            },
-            create_guid: Some(CreateGuid(derived_uuid(&ctx.request_name(what)))),
-            owner: Some(o.rec.owner.clone()),
-            lease: None,
-            no_wait: true,
-        })
-    };
-    let union = req(&acc, &den, "open-union")?;
-    let h = match sh.filter.replay_open(union.clone()) {
-        Ok(h) => {
-            let _ = sh.filter.close(o.rec.key);
-            h
-        }
-        Err(e) if e.code() == Some(ErrorCode::SharingViolation) => {
-            let _ = sh.filter.close(o.rec.key);
-            match sh.filter.replay_open(union) {
-                Ok(h) => h,
-                Err(e) => {
-                    // Put the old modes back (best effort) and refuse.
-                    let back = req(&o.rec.access, &o.rec.deny, "open-restore")?;
-                    match sh.filter.replay_open(back) {
-                        Ok(b) => {
-                            o.rec.key = b.info.key;
-                            o.file = Arc::new(std::fs::File::from(b.fd).into());
-                        }
-                        Err(b) => {
-                            eprintln!("nfsshim: open {} lost in an upgrade: {b}", o.rec.other)
-                        }
-                    }
-                    return Err(filter_fail(e));
-                }
-            }
-        }
-        Err(e) => return Err(filter_fail(e)),
-    };
-    o.rec.key = h.info.key;
-    o.file = Arc::new(std::fs::File::from(h.fd).into());
-    o.rec.access = acc;
-    o.rec.deny = den;
-    Ok(())
 }
 
 /// What a stateid names.
@@ -1570,7 +1574,8 @@ fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     check_io(ctx, o, io_key(o, &n), offset, count, false)?;
     let mut buf = vec![0u8; usize::try_from(count).unwrap_or(0)];
     let got = o
-        .file
+        .file_for(Rights::READ)
+        .ok_or_else(|| Fail("NFS4ERR_ACCESS", "the open does not read".into()))?
         .read_at(&mut buf, offset)
         .map_err(|e| internal(e.to_string()))?;
     buf.truncate(got);
@@ -1604,13 +1609,14 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         u64::try_from(data.len()).unwrap_or(u64::MAX),
         true,
     )?;
-    o.file
-        .write_all_at(&data, offset)
+    let file = o
+        .file_for(Rights::WRITE)
+        .ok_or_else(|| Fail("NFS4ERR_ACCESS", "the open does not write".into()))?;
+    file.write_all_at(&data, offset)
         .map_err(|e| Fail("NFS4ERR_NOSPC", e.to_string()))?;
     // Every nfsl/1 open is a persistent handle: the data is on stable
     // storage before the reply (FILE_SYNC), shared with concurrent writers.
-    o.file
-        .sync_written()
+    file.sync_written()
         .map_err(|e| Fail("NFS4ERR_NOSPC", e.to_string()))?;
     let mut m = Map::new();
     m.insert("count".into(), json!(data.len()));
@@ -1623,7 +1629,9 @@ fn commit(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .opens
         .get(open_other(&n))
         .ok_or_else(|| internal("open vanished"))?;
-    o.file.sync_written().map_err(|e| internal(e.to_string()))?;
+    for f in o.files() {
+        f.sync_written().map_err(|e| internal(e.to_string()))?;
+    }
     Ok(Map::new())
 }
 
@@ -1686,6 +1694,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     owner: Some(owner.clone()),
                     lease: None,
                     no_wait: true,
+                    share_group: Some(o.rec.owner.clone()),
                 })
                 .map_err(filter_fail)?;
             (h.info.key, Some(h.info.key))
@@ -1703,7 +1712,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     if let Ok(mut l) = sh.locked_files.lock() {
         l.insert(file_key);
     }
-    if let Err(e) = apply_ranges(sh, key, &before, &after, ctx.restored) {
+    if let Err(e) = apply_ranges(sh, key, &owner, &before, &after, ctx.restored) {
         if let Some(k) = new_key {
             let _ = sh.filter.close(k);
         }
@@ -1785,6 +1794,7 @@ fn filter_locks(sh: &Shared, key: ResumeKey) -> Option<Vec<Held>> {
 fn apply_ranges(
     sh: &Shared,
     key: ResumeKey,
+    lock_owner: &str,
     before: &[Held],
     after: &[Held],
     restored: bool,
@@ -1816,7 +1826,9 @@ fn apply_ranges(
     if restored && in_place() {
         return Ok(());
     }
-    match sh.filter.client().lock(key, ops, None) {
+    // The filter reports the lock-owner in conflicts, also to other
+    // nfsshim instances, which do not know this handle.
+    match sh.filter.client().lock_as(key, ops, lock_owner.to_owned()) {
         Ok(()) => Ok(()),
         // Re-executed after filterd lost the reply: already applied.
         Err(e)
@@ -1876,7 +1888,7 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     // Unlocking part of a range keeps the rest (a split); unlocking what
     // is not locked is fine.
     let after = ranges::without(&l.held, range.offset, range.length);
-    apply_ranges(sh, key, &l.held, &after, ctx.restored).map_err(filter_fail)?;
+    apply_ranges(sh, key, &l.owner, &l.held, &after, ctx.restored).map_err(filter_fail)?;
     l.held = after;
     l.seqid = l.seqid.wrapping_add(1);
     let (lo, ls) = (l.other.clone(), l.seqid);
@@ -1983,8 +1995,7 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     if o.rec.locks.iter().any(|l| !l.held.is_empty()) {
         return Err(Fail("NFS4ERR_LOCKS_HELD", "unlock first".into()));
     }
-    let keys = std::iter::once(o.rec.key).chain(o.rec.locks.iter().filter_map(|l| l.key));
-    for k in keys.collect::<Vec<_>>() {
+    for k in o.keys() {
         match sh.filter.close(k) {
             Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
@@ -1998,14 +2009,12 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     );
     if let Some(o) = st.opens.remove(&other) {
         let mut g = ctx.sh.global()?;
-        g.handle_client.remove(&o.rec.key);
-        g.lock_owner.remove(&o.rec.key);
+        for k in o.keys() {
+            g.handle_client.remove(&k);
+            g.lock_owner.remove(&k);
+        }
         for l in &o.rec.locks {
             st.aliases.remove(&l.other);
-            if let Some(k) = l.key {
-                g.handle_client.remove(&k);
-                g.lock_owner.remove(&k);
-            }
         }
         if let Some(d) = &o.rec.deleg {
             st.aliases.remove(&d.other);
@@ -2148,6 +2157,7 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             owner: None,
             lease: None,
             no_wait: true,
+            share_group: None,
         })
         .map_err(namespace_fail)?;
     let r = sh
@@ -2237,7 +2247,7 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) {
     let gone: Vec<String> = st
         .opens
         .iter()
-        .filter(|(_, o)| o.rec.key == key)
+        .filter(|(_, o)| o.rec.key == key || o.rec.extra.iter().any(|e| e.key == key))
         .map(|(k, _)| k.clone())
         .collect();
     for g in gone {

@@ -65,6 +65,24 @@ pub struct OpenRec {
     pub locks: Vec<LockRec>,
     #[serde(default)]
     pub deleg: Option<DelegRec>,
+    /// The access of the open's own handle (`key`) when later OPENs widened
+    /// `access` beyond it; absent, it is `access`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_access: Option<String>,
+    /// Further filter handles of this open state, one per OPEN that widened
+    /// its access or deny mode. The open's own handle holds the locks, so an
+    /// upgrade never replaces it; the filter counts all of them as one share
+    /// reservation (their share group is the open-owner), and they close
+    /// with the open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra: Vec<ExtraHandle>,
+}
+
+/// A further filter handle of an open state (see [`OpenRec::extra`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExtraHandle {
+    pub key: ResumeKey,
+    pub access: String,
 }
 
 /// A lock-owner's lock state under an open. The first lock-owner of an

@@ -76,6 +76,7 @@ fn warm_up(client: &FilterClient, i: usize, durability: Durability) -> anyhow::R
         owner: None,
         lease: None,
         no_wait: false,
+        share_group: None,
     };
     for _ in 0..WARM_UP_PAIRS {
         let h = client.open(req.clone())?;
@@ -178,6 +179,7 @@ pub fn check_io(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Fig
             owner: None,
             lease: None,
             no_wait: false,
+            share_group: None,
         })
     };
     let holder = fe.open(req("holder")?)?;

@@ -74,6 +74,8 @@ fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHand
             lock_sequence: Vec::new(),
             lease: None,
             delete_on_close: false,
+            share_group: None,
+            lock_owner: None,
         })));
         if batch.len() == 10_000 {
             store.apply(&batch)?;

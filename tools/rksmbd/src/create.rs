@@ -287,6 +287,7 @@ fn open_file(
         // holder may be this very client, whose acknowledgment arrives on
         // this connection (see open_waiting_for_breaks).
         no_wait: true,
+        share_group: None,
     };
     let replay = f.replay && create_guid.is_some();
     let h = open_waiting_for_breaks(c, req, replay).map_err(|e| status_of(&e))?;

@@ -478,6 +478,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         owner: Some(user),
         lease: lease_req,
         no_wait: false,
+        share_group: None,
     };
     let replay = is_replay(obj) && create_guid.is_some();
     let _teardown = if replay {
