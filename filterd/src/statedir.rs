@@ -63,7 +63,7 @@ fn active_pid(state: &Path) -> String {
 pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked> {
     loop {
         let dir = open_dir(state)?;
-        let held = match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+        let held = match lock_now(dir) {
             Ok(l) => l,
             Err((dir, nix::errno::Errno::EWOULDBLOCK)) => {
                 if !standby {
@@ -88,6 +88,27 @@ pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked
             return Ok(Locked::Held(StateLock { _dir: held }));
         }
         info!("the state dir was replaced while it was being locked; locking it again");
+    }
+}
+
+/// How long a busy lock is retried before another daemon is taken to hold
+/// it: `filterctl --state` probes it with a shared lock held for an
+/// instant (libfilter `runtime::lock_is_held`).
+const PROBE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The exclusive lock without waiting for a daemon, retried for
+/// [`PROBE_GRACE`] while it is busy (a filterctl probe is gone at once).
+fn lock_now(dir: File) -> Result<Flock<File>, (File, nix::errno::Errno)> {
+    let deadline = std::time::Instant::now() + PROBE_GRACE;
+    let mut dir = dir;
+    loop {
+        match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+            Err((d, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                dir = d;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            r => return r,
+        }
     }
 }
 

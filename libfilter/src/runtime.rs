@@ -109,45 +109,35 @@ pub fn remove(state: &Path) {
     let _ = std::fs::remove_file(state.join(RUNTIME_FILE));
 }
 
-/// The pid of the process holding `state`'s lock (filterd's exclusive
-/// `flock` on the directory itself), read from `/proc/locks` without
-/// touching the lock: a probe that took it, even shared, could make a
-/// daemon starting at that moment refuse to run. A waiting standby's
-/// blocked request (`->`) is not a holder. This, not the runtime record,
-/// says whether a daemon is alive: the record can be deleted behind a
-/// live daemon, and a killed daemon's record names a pid that may linger
-/// as a zombie (which holds no lock: its descriptors are closed).
-pub fn lock_holder(state: &Path) -> Result<Option<u32>, RuntimeError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(state).map_err(io_err(state))?;
-    let dev = meta.dev();
-    // The kernel prints MAJOR:MINOR:INODE, major and minor in hex.
-    let want = format!(
-        "{:02x}:{:02x}:{}",
-        libc::major(dev),
-        libc::minor(dev),
-        meta.ino()
-    );
-    let locks = Path::new("/proc/locks");
-    let text = std::fs::read_to_string(locks).map_err(io_err(locks))?;
-    Ok(text.lines().find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        match f.as_slice() {
-            [_, "FLOCK", _, "WRITE", pid, id, ..] if *id == want => pid.parse().ok(),
-            _ => None,
+/// Whether some process holds `state`'s lock (filterd's exclusive `flock`
+/// on the directory itself). This, not the runtime record, says whether a
+/// daemon is alive: the record can be deleted behind a live daemon, and a
+/// killed daemon's record names a pid that may linger as a zombie (which
+/// holds no lock: its descriptors are closed). Probed by taking a shared
+/// lock without waiting and dropping it at once: unlike `/proc/locks`,
+/// this sees through pid namespaces and filesystems (btrfs) whose
+/// `/proc/locks` device differs from `stat`'s. A daemon starting in that
+/// instant retries its own lock (filterd `statedir`).
+pub fn lock_is_held(state: &Path) -> Result<bool, RuntimeError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let dir = std::fs::File::open(state).map_err(io_err(state))?;
+    match Flock::lock(dir, FlockArg::LockSharedNonblock) {
+        Ok(probe) => {
+            drop(probe);
+            Ok(false)
         }
-    }))
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
+        Err((_, e)) => Err(io_err(state)(std::io::Error::from(e))),
+    }
 }
 
 /// Whether a daemon serves a state dir.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Liveness {
-    /// A process (pid) holds the state dir's lock; its runtime record, when
-    /// there is one and it names that process.
+    /// A process holds the state dir's lock; its runtime record, if there
+    /// is one (its pid is as the daemon's own pid namespace sees it).
     Running {
-        /// The lock holder.
-        pid: u32,
-        /// Its record, if present and its own.
+        /// Its record, if present and readable.
         record: Option<DaemonRecord>,
     },
     /// Nobody holds the lock: the store is at rest (a record left behind
@@ -157,12 +147,12 @@ pub enum Liveness {
 
 /// Whether a filterd is alive on `state`, by its lock, with its record.
 pub fn live(state: &Path) -> Result<Liveness, RuntimeError> {
-    Ok(match lock_holder(state)? {
-        None => Liveness::NotRunning,
-        Some(pid) => Liveness::Running {
-            pid,
-            record: read(state).ok().flatten().filter(|r| r.pid == pid),
-        },
+    Ok(if lock_is_held(state)? {
+        Liveness::Running {
+            record: read(state).ok().flatten(),
+        }
+    } else {
+        Liveness::NotRunning
     })
 }
 
@@ -190,16 +180,10 @@ mod tests {
             nix::fcntl::FlockArg::LockExclusiveNonblock,
         )
         .unwrap();
-        assert_eq!(
-            live(&dir).unwrap(),
-            Liveness::Running {
-                pid: std::process::id(),
-                record: None
-            }
-        );
+        std::fs::write(dir.join(RUNTIME_FILE), b"nonsense").unwrap();
+        assert_eq!(live(&dir).unwrap(), Liveness::Running { record: None });
         drop(held);
         assert_eq!(live(&dir).unwrap(), Liveness::NotRunning);
-        std::fs::write(dir.join(RUNTIME_FILE), b"nonsense").unwrap();
         assert!(matches!(read(&dir), Err(RuntimeError::Corrupt { .. })));
         remove(&dir);
         assert_eq!(read(&dir).unwrap(), None);

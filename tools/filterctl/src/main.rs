@@ -100,10 +100,8 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
     // record says where it listens. While it runs, its store is never read
     // behind its back.
     match libfilter::runtime::live(state) {
-        Ok(Liveness::Running {
-            pid,
-            record: Some(rec),
-        }) => {
+        Ok(Liveness::Running { record: Some(rec) }) => {
+            let pid = rec.pid;
             return match FilterClient::connect_control(&rec.socket) {
                 Ok(c) => Ok(Source::Live(c)),
                 Err(e) if rec.phase == Phase::Starting => Err(e).with_context(|| {
@@ -122,7 +120,7 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
                 }),
             };
         }
-        Ok(Liveness::Running { pid, record: None }) => {
+        Ok(Liveness::Running { record: None }) => {
             // Its record is gone (deleted, or not yet written): try the
             // default socket, and otherwise say so rather than "not running".
             let default = state.join("filterd.sock");
@@ -130,7 +128,7 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
                 .map(Source::Live)
                 .with_context(|| {
                     format!(
-                        "filterd (pid {pid}) holds {} but its runtime record ({}) is missing and {} does not answer; pass --socket",
+                        "a filterd holds {} but its runtime record ({}) is missing and {} does not answer; pass --socket",
                         state.display(),
                         state.join(libfilter::runtime::RUNTIME_FILE).display(),
                         default.display()
