@@ -380,7 +380,8 @@ pub struct OpenRequest {
     #[serde(default)]
     pub no_wait: bool,
     /// One share reservation across several handles: this client's handles
-    /// (of this protocol) with the same group never conflict with each
+    /// with the same group, opened through the same frontend instance (so
+    /// no other peer can join them), never conflict with each
     /// other's access or share modes, nor break each other's leases; every
     /// other open sees the union of their modes. nfsl/1 names the open-owner
     /// here, since RFC 8881 §9.7 makes an open-owner's OPENs of one file one

@@ -608,3 +608,108 @@ fn denied_names_the_lock_owner_across_instances() {
     assert_eq!(r["status"], "NFS4ERR_DENIED", "{r}");
     assert_eq!(r["denied"]["owner"], "alice-lock", "{r}");
 }
+
+/// filterd's handles of `path`: (key, access as JSON text).
+fn handles_on(s: &Scratch, path: &str) -> Vec<(String, String)> {
+    let sock = s.socket().display().to_string();
+    let handles = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    handles
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|h| h["path"] == path)
+        .map(|h| {
+            (
+                h["key"].as_str().unwrap_or("").to_owned(),
+                h["access"].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 17, review of the share-group fix. (1) Another frontend peer
+/// naming a client's id and open-owner joined its share reservation and
+/// got past its deny modes: a group is bound to the frontend instance.
+/// (2) The same OPEN with `want_delegation` sent again left a second
+/// filter lease nobody recalled (another client's OPEN then waited out the
+/// whole break timeout) and a handle per repeat.
+#[test]
+fn a_share_group_is_the_instances_own_and_a_repeat_adds_no_lease() {
+    let s = Scratch::new("nfs-group-bound");
+    std::fs::write(s.root().join("f"), b"secret").unwrap();
+    std::fs::write(s.root().join("g"), b"g").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-gb");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    ok(a.open("oo", "f", "both", "both", json!({})));
+    let sock = s.socket().display().to_string();
+    let handles = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    let cid = handles[0]["client"].clone();
+    let mut evil = rkfilter_tests::TestFront::start(&s.socket(), "nfs", "evil").unwrap();
+    let r = evil.cmd(
+        json!({"cmd": "open", "client": cid, "path": "f", "access": ["read", "write"],
+        "share": [], "disposition": "open", "durability": {"kind": "none"}, "no_wait": true,
+        "share_group": "oo"}),
+    );
+    assert_eq!(r["ok"], false, "another instance joined the group: {r}");
+
+    for _ in 0..3 {
+        ok(a.open(
+            "od",
+            "g",
+            "read",
+            "none",
+            json!({"want_delegation": "read"}),
+        ));
+    }
+    assert_eq!(handles_on(&s, "g").len(), 1, "one handle for the repeats");
+    let leases = rkfilter_tests::filterctl(&["--socket", &sock, "leases", "--json"]).json();
+    assert_eq!(leases.as_array().map(Vec::len), Some(1), "{leases}");
+}
+
+/// Issue 17, review of the upgrade fix. An open whose own handle went
+/// while nfsshim was down left its upgrade handle behind, disconnected,
+/// holding its deny mode for the handle timeout; an open whose upgrade
+/// handle went was kept with less access than granted. Either way the
+/// open is now dropped whole.
+#[test]
+fn an_open_missing_a_handle_at_restore_is_dropped_whole() {
+    let s = Scratch::new("nfs-restore-whole");
+    std::fs::write(s.root().join("p"), b"p").unwrap();
+    std::fs::write(s.root().join("q"), b"q").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-rw");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut sids = Vec::new();
+    for path in ["p", "q"] {
+        ok(a.open("oo", path, "read", "none", json!({})));
+        sids.push(ok(a.open("oo", path, "write", "write", json!({})))["stateid"].clone());
+        assert_eq!(handles_on(&s, path).len(), 2, "{path}");
+    }
+    nfs.kill9_in_place();
+    let sock = s.socket().display().to_string();
+    // p loses its own (read) handle, q its upgrade (write) handle.
+    for (path, own) in [("p", true), ("q", false)] {
+        let hs = handles_on(&s, path);
+        let (key, _) = hs
+            .iter()
+            .find(|(_, access)| access.contains("write") != own)
+            .expect("the handle");
+        let out = rkfilter_tests::filterctl(&["--socket", &sock, "expire", key]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    }
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-rw");
+    a.c = LineClient::connect(&nfs.addr);
+    for (path, sid) in ["p", "q"].iter().zip(&sids) {
+        assert!(
+            handles_on(&s, path).is_empty(),
+            "{path}: {:?}",
+            handles_on(&s, path)
+        );
+        let r = a.call(json!({"op": "WRITE", "stateid": sid, "offset": 0, "data": b64("x")}));
+        assert_ne!(r["status"], "NFS4_OK", "{path}: {r}");
+    }
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    ok(b.open("ob", "p", "write", "none", json!({})));
+    ok(b.open("ob", "q", "write", "none", json!({})));
+}

@@ -99,7 +99,7 @@ impl Engine {
             access: o.access.rights(),
             share: o.share,
         };
-        let group = ShareGroup::of(&o, &protocol);
+        let group = ShareGroup::of(&o, &protocol, &instance);
         if self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref()) {
             if o.no_wait {
                 self.stats.opens_refused += 1;
@@ -841,19 +841,28 @@ impl Engine {
 }
 
 /// The share reservation an open joins (`OpenRequest::share_group`): one
-/// client's handles of one protocol with the same group name.
+/// client's handles of one frontend instance with the same group name.
+/// Bound to the instance, so another frontend peer cannot join a client's
+/// reservation by naming its client id and group (both visible to any
+/// control peer) to get past its deny modes.
 pub(super) struct ShareGroup {
     client: libfilter::model::ClientId,
     protocol: libfilter::model::Protocol,
+    frontend: InstanceName,
     name: String,
 }
 
 impl ShareGroup {
     /// The group `o` names, if any.
-    pub(super) fn of(o: &OpenRequest, protocol: &libfilter::model::Protocol) -> Option<ShareGroup> {
+    pub(super) fn of(
+        o: &OpenRequest,
+        protocol: &libfilter::model::Protocol,
+        frontend: &InstanceName,
+    ) -> Option<ShareGroup> {
         o.share_group.as_ref().map(|name| ShareGroup {
             client: o.client.clone(),
             protocol: protocol.clone(),
+            frontend: frontend.clone(),
             name: name.clone(),
         })
     }
@@ -864,5 +873,6 @@ impl ShareGroup {
         h.rec.share_group.as_deref() == Some(self.name.as_str())
             && h.rec.client == self.client
             && h.rec.protocol == self.protocol
+            && h.rec.frontend == self.frontend
     }
 }

@@ -454,21 +454,37 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
             max = max.max(snum);
             match f.resume(ClientId::new(cid.clone()).map_err(unexpected)?, o.key) {
                 Ok(h) => {
-                    note_locked(sh, &h.info);
-                    g.handle_client.insert(o.key, cid.clone());
                     let mut extra = Vec::new();
+                    let mut attached = vec![o.key];
+                    let mut gone = None;
                     for e in &o.extra {
                         let client = ClientId::new(cid.clone()).map_err(unexpected)?;
                         match f.resume(client, e.key) {
                             Ok(x) => {
-                                g.handle_client.insert(e.key, cid.clone());
+                                attached.push(e.key);
                                 let rights = access_of(&e.access).unwrap_or(Rights::READ);
                                 extra.push((rights, Arc::new(std::fs::File::from(x.fd).into())));
                             }
-                            Err(err) => {
-                                eprintln!("nfsshim: open {} upgrade handle is gone: {err}", o.other)
-                            }
+                            Err(err) => gone = Some(err),
                         }
+                    }
+                    if let Some(err) = gone {
+                        // The open state is one reservation: without one of
+                        // its handles it is gone as a whole, never kept
+                        // with less access than the client was granted.
+                        eprintln!(
+                            "nfsshim: an upgrade handle of open {} of client {cid} is gone ({err}); dropping the open",
+                            o.other
+                        );
+                        discard(f, &cid, &o, &attached);
+                        let _ = state::delete(f, &t.states(&cid), snum);
+                        st.closed.insert(o.other.clone(), (cid.clone(), None));
+                        continue;
+                    }
+                    note_locked(sh, &h.info);
+                    g.handle_client.insert(o.key, cid.clone());
+                    for e in &o.extra {
+                        g.handle_client.insert(e.key, cid.clone());
                     }
                     for l in &o.locks {
                         st.aliases.insert(l.other.clone(), o.other.clone());
@@ -506,6 +522,10 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                         "nfsshim: open {} of client {cid} is gone ({e}); dropping it",
                         o.other
                     );
+                    // Its other handles (upgrades, lock-owners) go with it:
+                    // left disconnected, they would hold its modes for
+                    // their whole timeout.
+                    discard(f, &cid, &o, &[]);
                     let _ = state::delete(f, &t.states(&cid), snum);
                     st.closed.insert(o.other.clone(), (cid.clone(), None));
                 }
@@ -556,6 +576,25 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
     }
     sh.next_num.store(max + 1, Ordering::Relaxed);
     Ok(())
+}
+
+/// Closes every filter handle of a dropped open state `o` of client `cid`
+/// at restore: those in `attached` are attached already, the others are
+/// resumed first (a disconnected handle is closed by its instance once
+/// reattached). Best effort: a handle that is gone is gone.
+fn discard(f: &Attachment, cid: &str, o: &OpenRec, attached: &[ResumeKey]) {
+    let keys = std::iter::once(o.key)
+        .chain(o.extra.iter().map(|e| e.key))
+        .chain(o.locks.iter().filter_map(|l| l.key));
+    for k in keys {
+        let ready = attached.contains(&k)
+            || ClientId::new(cid.to_owned())
+                .ok()
+                .is_some_and(|c| f.resume(c, k).is_ok());
+        if ready {
+            let _ = f.close(k);
+        }
+    }
 }
 
 fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
@@ -1324,7 +1363,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             .map_err(filter_fail)?;
     }
     let size = h.info.size;
-    let deleg_granted = h.info.lease.filter(|l| l.state.contains(LeaseState::R));
+    let mut deleg_granted = h.info.lease.filter(|l| l.state.contains(LeaseState::R));
     // The same owner's open of the same file: one open state, upgraded.
     let existing = st
         .opens
@@ -1338,6 +1377,18 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             let Some(o) = st.opens.get_mut(&other) else {
                 return Err(internal("open state vanished"));
             };
+            if let (Some(_), Some(l)) = (&o.rec.deleg, h.info.lease) {
+                // The open holds its delegation already: one per open
+                // state. The lease this OPEN was granted besides goes at
+                // once, or it would be a lease nobody recalls.
+                if l.key.0 != o.rec.deleg.as_ref().map_or(l.key.0, |d| d.lease_key) {
+                    let _ = sh.filter.client().call(Request::LeaseBreakAck {
+                        lease_key: l.key,
+                        state: LeaseState::NONE,
+                    });
+                    deleg_granted = None;
+                }
+            }
             if !o.keys().contains(&h.info.key) {
                 // RFC 8881 §9.7: the owner's OPENs of one file are one share
                 // reservation with the union of their modes. The open's own
@@ -2265,6 +2316,17 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) {
             // answered NFS4_OK, anything else NFS4ERR_EXPIRED.
             st.closed.insert(g.clone(), (o.clientid.clone(), None));
             let _ = state::delete(&sh.filter, &sh.tables.states(&o.clientid), o.num);
+            // The open is one reservation: its other handles (upgrades,
+            // lock-owners) go with the one that went.
+            for k in o.keys() {
+                if k != key {
+                    let _ = sh.filter.close(k);
+                }
+                if let Ok(mut gl) = sh.global() {
+                    gl.handle_client.remove(&k);
+                    gl.lock_owner.remove(&k);
+                }
+            }
         }
         st.expired.add(g);
     }
