@@ -131,8 +131,15 @@ impl Engine {
             });
             return Ok(None);
         }
-        let holders = self.holders_of(of.file);
-        match share::decide(mode, holders) {
+        // Local processes count as share-all readers, those that opened
+        // the file before fanotify asked about it included.
+        let (local, learnt) = self.local_opens_of(of.file, of.fd.as_fd());
+        let decision = if local && share::conflicts(mode, ShareMode::LOCAL_PROCESS) {
+            ShareDecision::Violation
+        } else {
+            share::decide(mode, self.holders_of(of.file))
+        };
+        match decision {
             ShareDecision::Violation => {
                 self.stats.opens_refused += 1;
                 self.stats.sharing_violations += 1;
@@ -257,6 +264,7 @@ impl Engine {
             parked: park,
             lock_fd: None,
         });
+        self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handles.insert(key);
         }
@@ -716,6 +724,7 @@ impl Engine {
             v.retain(|k| *k != key);
             if v.is_empty() {
                 self.by_file.remove(&h.rec.file);
+                self.local_openers.remove(&h.rec.file);
             }
         }
         if let Some(g) = h.rec.create_guid {
