@@ -234,6 +234,17 @@ fn close(fe: &FilterClient, h: libfilter::client::OpenedHandle) {
     fe.close(h.info.key).unwrap();
 }
 
+/// An open of `path` sharing write but not read is a sharing violation
+/// while `holder` runs, and granted once it has exited.
+fn refused_until_it_exits(fe: &FilterClient, path: &str, holder: LocalHolder) {
+    let e = fe
+        .open(req(path, Rights::WRITE, None))
+        .expect_err("a local reader holds the file: share without read must be refused");
+    assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{path}: {e}");
+    drop(holder);
+    close(fe, fe.open(req(path, Rights::WRITE, None)).unwrap());
+}
+
 fn lease_of(fe: &FilterClient, path: &str, key: LeaseKey) -> (ResumeKey, String) {
     let h = fe.open(req(path, Rights::ALL, Some((key, "RWH")))).unwrap();
     (
@@ -305,11 +316,26 @@ fn a_local_open_allowed_while_state_existed_counts_until_it_exits() {
     writer.access = Access::new(Rights::WRITE).unwrap();
     let first = fe.open(writer).unwrap();
     let holder = LocalHolder::start(&t3, false);
-    let e = fe
-        .open(req("t3.txt", Rights::WRITE, None))
-        .expect_err("a local reader holds t3.txt: share without read must be refused");
-    assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{e}");
-    drop(holder);
-    close(&fe, fe.open(req("t3.txt", Rights::WRITE, None)).unwrap());
+    refused_until_it_exits(&fe, "t3.txt", holder);
     close(&fe, first);
+}
+
+#[test]
+fn a_local_open_survives_a_filterd_restart_in_what_counts() {
+    let Some((s, mut d, fe, t4)) = mediated_with("fan-restart-local", "t4.txt", b"x") else {
+        return;
+    };
+    // A recovered persistent handle holds the file; a local reader opened
+    // it before the restart (what fanotify told the old filterd is gone).
+    let mut writer = req("t4.txt", Rights::ALL, None);
+    writer.access = Access::new(Rights::WRITE).unwrap();
+    writer.durability = Durability::Persistent { timeout_ms: 60_000 };
+    let first = fe.open(writer).unwrap();
+    let holder = LocalHolder::start(&t4, false);
+    d.kill9();
+    drop(fe);
+    drop(first);
+    let _d2 = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    refused_until_it_exits(&fe, "t4.txt", holder);
 }
