@@ -20,7 +20,7 @@
 //! blocked; and the wait for the engine's verdict is bounded: an event the
 //! engine cannot take or does not decide in time is refused (see [`run`]).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -287,13 +287,17 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
                 );
                 continue;
             }
+            if event.pid() == me {
+                allow_own(&fan, event);
+                continue;
+            }
             let ans = Answer {
                 fan: fan.clone(),
                 event,
                 response: Response::FAN_ALLOW,
             };
-            if ans.event.pid() == me || !ans.event.mask().contains(MaskFlags::FAN_OPEN_PERM) {
-                continue; // our own opens: allowed by the guard at once
+            if !ans.event.mask().contains(MaskFlags::FAN_OPEN_PERM) {
+                continue; // allowed by the guard at once
             }
             let Some(fd) = ans.event.fd() else { continue };
             let (file, dup) = match (nix::sys::stat::fstat(fd), fd.try_clone_to_owned()) {
@@ -348,6 +352,25 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
                 Err(false) => return, // engine gone: the answerer's guards answer
             }
         }
+    }
+}
+
+/// Allows one of filterd's own opens at once, closing the event's
+/// descriptor *before* answering: once answered, the engine's open returns
+/// and may probe the file (`local_opens.rs`), which must not find this
+/// descriptor still open. Only this thread reads events, so the number
+/// cannot name another event meanwhile.
+fn allow_own(fan: &Fanotify, event: FanotifyEvent) {
+    let Some(n) = event.fd().map(|fd| fd.as_raw_fd()) else {
+        return;
+    };
+    drop(event);
+    // `struct fanotify_response { __s32 fd; __u32 response; }`.
+    let mut response = [0u8; 8];
+    response[..4].copy_from_slice(&n.to_ne_bytes());
+    response[4..].copy_from_slice(&libc::FAN_ALLOW.to_ne_bytes());
+    if let Err(e) = nix::unistd::write(fan.as_fd(), &response) {
+        tracing::error!(error = %e, "could not answer one of filterd's own opens");
     }
 }
 

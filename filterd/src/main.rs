@@ -14,6 +14,7 @@ mod engine;
 mod failpoint;
 mod fsops;
 mod local;
+mod local_opens;
 mod observability;
 mod outbox;
 mod statedir;
@@ -158,6 +159,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     sigs.add(Signal::SIGTERM);
     sigs.add(Signal::SIGINT);
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&sigs), None)?;
+    // A local open racing the write-lease probe (local_opens.rs) makes the
+    // kernel send the lease holder SIGIO, whose default is to terminate:
+    // blocked in every thread, never waited for.
+    let mut sigio = SigSet::empty();
+    sigio.add(Signal::SIGIO);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&sigio), None)?;
 
     if !args.state.exists() {
         std::fs::DirBuilder::new()

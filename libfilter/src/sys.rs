@@ -463,10 +463,121 @@ pub fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, leaf: &str) -> io::
     }
 }
 
+/// Whether the file `fd` refers to has no open file description other than
+/// `fd`'s own — anyone's, this process's other descriptors included. The
+/// probe is the kernel's write-lease rule: `F_SETLEASE F_WRLCK` succeeds
+/// only while no other open of the inode exists (it fails with `EAGAIN`
+/// otherwise); a lease taken is released at once. Needs the file's owner or
+/// `CAP_LEASE`; a filesystem without leases gives `EINVAL`. A local open
+/// arriving in between waits (in `break_lease`) for the release, and its
+/// break signal (`SIGIO`) goes to this process: block it.
+pub fn alone_on_inode(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: fcntl on a borrowed, open descriptor with an int argument.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above; releases the lease just taken.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+/// `(st_dev, st_ino)` of what `path` names, following links (a
+/// `/proc/PID/fd/N` magic link gives the open file), without opening it and
+/// without asking a network filesystem's server (`AT_STATX_DONT_SYNC`).
+pub fn dev_ino_nosync(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path, `st` a valid out-pointer.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_DONT_SYNC,
+            libc::STATX_INO,
+            &mut st,
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        libc::makedev(st.stx_dev_major, st.stx_dev_minor),
+        st.stx_ino,
+    ))
+}
+
+/// Whether descriptor `their_fd` of process `pid` is the same open file
+/// description as this process's `my_fd` (`kcmp KCMP_FILE`: a descriptor
+/// passed with `SCM_RIGHTS` or inherited is). Needs ptrace access to `pid`
+/// (root); an error means "cannot tell".
+pub fn same_file_description(pid: i32, their_fd: i32, my_fd: BorrowedFd<'_>) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    let me = libc::c_long::from(i32::try_from(std::process::id()).unwrap_or(-1));
+    // SAFETY: kcmp only compares kernel objects named by pids and fd numbers;
+    // no memory is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            libc::c_long::from(pid),
+            me,
+            KCMP_FILE,
+            libc::c_long::from(their_fd),
+            libc::c_long::from(my_fd.as_raw_fd()),
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn the_write_lease_probe_sees_other_opens() {
+        let dir = std::env::temp_dir().join(format!("rkf-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let mine = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        if alone_on_inode(mine.as_fd()).is_err() {
+            return; // no leases on this filesystem, or no CAP_LEASE
+        }
+        assert!(alone_on_inode(mine.as_fd()).unwrap());
+        let other = std::fs::File::open(&path).unwrap();
+        assert!(!alone_on_inode(mine.as_fd()).unwrap());
+        // The same open file description elsewhere (a dup, a passed fd)
+        // is not another open.
+        let dup = mine.try_clone().unwrap();
+        drop(other);
+        assert!(alone_on_inode(mine.as_fd()).unwrap());
+        assert!(same_file_description(
+            i32::try_from(std::process::id()).unwrap(),
+            dup.as_raw_fd(),
+            mine.as_fd()
+        )
+        .unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn openat2_confines() {

@@ -489,6 +489,11 @@ impl Shim {
         self.kill9_in_place();
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILLs it and reaps it, keeping the value (to be replaced).
     pub fn kill9_in_place(&mut self) {
         let _ = self.child.kill();

@@ -1,14 +1,18 @@
 //! Local access through fanotify, on a tmpfs export (root only; CI is root):
 //! share modes refuse local opens, local opens break caching leases, files
-//! without protocol state are not gated, and filterd refuses fanotify on a
-//! root that is not a mount point.
+//! without protocol state are not gated, filterd refuses fanotify on a
+//! root that is not a mount point, and files local processes already hold
+//! open count as share-all readers (opened before the file had protocol
+//! state — the write-lease probe — or allowed by fanotify while another
+//! handle held it) until they exit.
 
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use libfilter::client::FilterClient;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::*;
-use libfilter::proto::{Event, OpenRequest, Reply, Request};
+use libfilter::proto::{ErrorCode, Event, OpenRequest, Reply, Request};
 use rkfilter_tests::{Filterd, Scratch};
 
 fn frontend(s: &Scratch) -> FilterClient {
@@ -178,4 +182,161 @@ fn restart_with_persistent_handles_under_fanotify() {
     let rx = local_open(s.root().join("kept"));
     let res = rx.recv_timeout(Duration::from_secs(10)).expect("a verdict");
     assert!(res.is_err(), "the recovered handle shares nothing: {res:?}");
+}
+
+/// A local process holding `file` open, as a shell runs `sleep 60 < file`
+/// (or `sleep 60 >> file` when `append`): the process that opens the file
+/// is the one that keeps it. Killed (and reaped) on drop.
+struct LocalHolder(Child);
+
+impl LocalHolder {
+    fn start(file: &std::path::Path, append: bool) -> Self {
+        let script = if append {
+            r#"exec sleep 60 >> "$0""#
+        } else {
+            r#"exec sleep 60 < "$0""#
+        };
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(file)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Started when the file is open: its own fd table shows it.
+        let fds = format!("/proc/{}/fd", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_dir(&fds)
+            .unwrap()
+            .flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == file))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the local holder never opened {}",
+                file.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        LocalHolder(child)
+    }
+}
+
+impl Drop for LocalHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Closes a handle and drops the descriptor filterd passed with it (a
+/// frontend's copy of filterd's own open file description).
+fn close(fe: &FilterClient, h: libfilter::client::OpenedHandle) {
+    fe.close(h.info.key).unwrap();
+}
+
+/// An open of `path` sharing write but not read is a sharing violation
+/// while `holder` runs, and granted once it has exited.
+fn refused_until_it_exits(fe: &FilterClient, path: &str, holder: LocalHolder) {
+    let e = fe
+        .open(req(path, Rights::WRITE, None))
+        .expect_err("a local reader holds the file: share without read must be refused");
+    assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{path}: {e}");
+    drop(holder);
+    close(fe, fe.open(req(path, Rights::WRITE, None)).unwrap());
+}
+
+fn lease_of(fe: &FilterClient, path: &str, key: LeaseKey) -> (ResumeKey, String) {
+    let h = fe.open(req(path, Rights::ALL, Some((key, "RWH")))).unwrap();
+    (
+        h.info.key,
+        h.info
+            .lease
+            .map(|l| l.state.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+/// filterd mediating a fresh tmpfs export holding `file` with `content`:
+/// the scratch, filterd, a frontend and the file's path (None unless root).
+fn mediated_with(
+    name: &str,
+    file: &str,
+    content: &[u8],
+) -> Option<(Scratch, Filterd, FilterClient, std::path::PathBuf)> {
+    let s = Scratch::with_tmpfs(name)?;
+    let d = Filterd::start_mediated(&s, &[]);
+    let path = s.root().join(file);
+    std::fs::write(&path, content).unwrap();
+    let fe = frontend(&s);
+    Some((s, d, fe, path))
+}
+
+#[test]
+fn a_file_opened_locally_before_any_state_refuses_share_none() {
+    let Some((_s, _d, fe, t1)) = mediated_with("fan-pre-share", "t1.txt", b"local data") else {
+        return;
+    };
+    let holder = LocalHolder::start(&t1, false);
+    let e = fe
+        .open(req("t1.txt", Rights::NONE, None))
+        .expect_err("a local reader holds t1.txt: share none must be refused");
+    assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{e}");
+    assert_eq!(std::fs::read(&t1).unwrap(), b"local data");
+    // Sharing read (and write) with it is fine.
+    close(&fe, fe.open(req("t1.txt", Rights::READ, None)).unwrap());
+    drop(holder);
+    close(&fe, fe.open(req("t1.txt", Rights::NONE, None)).unwrap());
+}
+
+#[test]
+fn a_file_open_for_append_locally_gets_no_write_lease() {
+    let Some((_s, _d, fe, t2)) = mediated_with("fan-pre-lease", "t2.txt", b"log\n") else {
+        return;
+    };
+    let holder = LocalHolder::start(&t2, true);
+    // Another open exists: read and handle caching, never write caching
+    // (spec/smb-like.md "Leases": local processes are share-all readers).
+    let (h, state) = lease_of(&fe, "t2.txt", LeaseKey(uuid::Uuid::new_v4()));
+    assert_eq!(state, "RH");
+    fe.close(h).unwrap();
+    drop(holder);
+    let (h, state) = lease_of(&fe, "t2.txt", LeaseKey(uuid::Uuid::new_v4()));
+    assert_eq!(state, "RWH");
+    fe.close(h).unwrap();
+}
+
+#[test]
+fn a_local_open_allowed_while_state_existed_counts_until_it_exits() {
+    let Some((_s, _d, fe, t3)) = mediated_with("fan-during", "t3.txt", b"x") else {
+        return;
+    };
+    // filterd holds the file (so it cannot probe) when the local open
+    // comes: fanotify tells it.
+    let mut writer = req("t3.txt", Rights::ALL, None);
+    writer.access = Access::new(Rights::WRITE).unwrap();
+    let first = fe.open(writer).unwrap();
+    let holder = LocalHolder::start(&t3, false);
+    refused_until_it_exits(&fe, "t3.txt", holder);
+    close(&fe, first);
+}
+
+#[test]
+fn a_local_open_survives_a_filterd_restart_in_what_counts() {
+    let Some((s, mut d, fe, t4)) = mediated_with("fan-restart-local", "t4.txt", b"x") else {
+        return;
+    };
+    // A recovered persistent handle holds the file; a local reader opened
+    // it before the restart (what fanotify told the old filterd is gone).
+    let mut writer = req("t4.txt", Rights::ALL, None);
+    writer.access = Access::new(Rights::WRITE).unwrap();
+    writer.durability = Durability::Persistent { timeout_ms: 60_000 };
+    let first = fe.open(writer).unwrap();
+    let holder = LocalHolder::start(&t4, false);
+    d.kill9();
+    drop(fe);
+    drop(first);
+    let _d2 = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    refused_until_it_exits(&fe, "t4.txt", holder);
 }

@@ -195,6 +195,8 @@ impl Engine {
                 }
             }
         }
+        // A local process holding the file is another open (no lease).
+        others_open |= self.local_openers.get(&file).is_some_and(|l| l.present());
         let granted = lease::grantable(lr.state, others_open);
         let held = match existing {
             Some(e) => {

@@ -2,6 +2,7 @@
 //! (fanotify, see `crate::local`).
 
 use super::*;
+use crate::local_opens::LocalOpeners;
 
 impl Engine {
     /// Turns local-access mediation on.
@@ -42,10 +43,76 @@ impl Engine {
                 }
             }
         }
+        // It counts against later protocol opens while it is open.
+        if let (Some(l), true) = (self.local_openers.get_mut(&file), pid > 0) {
+            l.saw(pid);
+        }
         if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None) {
             self.waiting_local.push((file, reply, fd));
             return;
         }
         reply.send(Verdict::Allow);
+    }
+
+    /// Whether local processes hold `file` open, for a protocol open whose
+    /// new descriptor is `fd` (not yet a handle). See `crate::local_opens`
+    /// for what is seen. Without local mediation, local opens never count.
+    /// When filterd held no other descriptor of the file, what the probe
+    /// learnt is returned too, for [`Engine::remember_local_openers`] once
+    /// the handle exists.
+    pub(super) fn local_opens_of(
+        &mut self,
+        file: FileId,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> (bool, Option<LocalOpeners>) {
+        if self.fanotify.is_none() {
+            return (false, None);
+        }
+        // filterd's own open file descriptions of the file: its handles'
+        // (frontends hold the same ones) and local opens waiting here.
+        let mut mine: Vec<std::os::fd::BorrowedFd<'_>> = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .flat_map(|h| [h.fd.as_ref(), h.lock_fd.as_ref()])
+            .flatten()
+            .map(|f| f.as_fd())
+            .chain(
+                self.waiting_local
+                    .iter()
+                    .filter(|(f, ..)| *f == file)
+                    .map(|(_, _, fd)| fd.as_fd()),
+            )
+            .collect();
+        if mine.is_empty() {
+            let known = match libfilter::sys::alone_on_inode(fd) {
+                Ok(true) => LocalOpeners::default(),
+                Ok(false) => LocalOpeners::scanned(file, true, &[fd]),
+                Err(e) => {
+                    // No leases here: scan (slower, as complete).
+                    debug!(error = %e, %file, "write-lease probe failed; scanning /proc");
+                    LocalOpeners::scanned(file, false, &[fd])
+                }
+            };
+            return (known.present(), Some(known));
+        }
+        mine.push(fd);
+        // Every local open since filterd first held the file reached the
+        // engine; recovered handles were never probed: scan once.
+        let entry = self
+            .local_openers
+            .entry(file)
+            .or_insert_with(|| LocalOpeners::scanned(file, false, &mine));
+        (entry.refresh(file, &mine), None)
+    }
+
+    /// Keeps what a probe learnt about `file`'s local openers, once the
+    /// file has a handle.
+    pub(super) fn remember_local_openers(&mut self, file: FileId, known: Option<LocalOpeners>) {
+        if let Some(k) = known {
+            self.local_openers.insert(file, k);
+        }
     }
 }

@@ -135,6 +135,9 @@ pub struct Engine {
     waiting_changes: Vec<(FileId, ConnId, u64, Request)>,
     /// Local opens waiting for lease breaks.
     waiting_local: Vec<(FileId, LocalReply, OwnedFd)>,
+    /// Local processes known to hold files with protocol state open (an
+    /// entry exists from a file's first protocol open to its last close).
+    local_openers: HashMap<FileId, crate::local_opens::LocalOpeners>,
     /// The fanotify group, when local access is mediated.
     fanotify: Option<Arc<nix::sys::fanotify::Fanotify>>,
     /// What local mediation covers, for status.
@@ -281,6 +284,7 @@ impl Engine {
             per_frontend: HashMap::new(),
             hint_waits: HashMap::new(),
             waiting_local: Vec::new(),
+            local_openers: HashMap::new(),
             fanotify: None,
             local_counters: Default::default(),
             mediation: "off".to_owned(),

@@ -132,11 +132,19 @@ impl Engine {
             });
             return Ok(None);
         }
-        let mut holders = self.holders_of(of.file);
-        if let Some(g) = &group {
-            holders.retain(|h| !self.handles.get(&h.key).is_some_and(|h| g.holds(h)));
-        }
-        match share::decide(mode, holders) {
+        // Local processes count as share-all readers, those that opened
+        // the file before fanotify asked about it included.
+        let (local, learnt) = self.local_opens_of(of.file, of.fd.as_fd());
+        let decision = if local && share::conflicts(mode, ShareMode::LOCAL_PROCESS) {
+            ShareDecision::Violation
+        } else {
+            let mut holders = self.holders_of(of.file);
+            if let Some(g) = &group {
+                holders.retain(|h| !self.handles.get(&h.key).is_some_and(|h| g.holds(h)));
+            }
+            share::decide(mode, holders)
+        };
+        match decision {
             ShareDecision::Violation => {
                 self.stats.opens_refused += 1;
                 self.stats.sharing_violations += 1;
@@ -263,6 +271,7 @@ impl Engine {
             parked: park,
             lock_fd: None,
         });
+        self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handles.insert(key);
         }
@@ -723,6 +732,7 @@ impl Engine {
             v.retain(|k| *k != key);
             if v.is_empty() {
                 self.by_file.remove(&h.rec.file);
+                self.local_openers.remove(&h.rec.file);
             }
         }
         if let Some(g) = h.rec.create_guid {

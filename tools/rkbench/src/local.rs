@@ -7,6 +7,11 @@
 //! - filterd mediating: a file without protocol state (ignore-marked after
 //!   its first open, so it should cost about a raw open), and a file with
 //!   protocol state (every open decided by the engine).
+//!
+//! And the same with [`OPENERS`] threads opening one file at once (issue
+//! 18: thousands of pending local opens): the file with protocol state
+//! under filterd, beside the same opens under the allow-all listener and
+//! with no listener.
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -35,6 +40,57 @@ pub struct LocalFigures {
     pub stateless: Figure,
     /// Under filterd, file with protocol state (a share-all open).
     pub stateful: Figure,
+    /// [`OPENERS`] concurrent openers, no fanotify.
+    pub raw_many: Figure,
+    /// [`OPENERS`] concurrent openers, allow-all listener.
+    pub allow_all_many: Figure,
+    /// [`OPENERS`] concurrent openers of the file with protocol state,
+    /// under filterd; and how many of their opens were refused.
+    pub stateful_many: (Figure, u64),
+}
+
+/// Concurrent local openers in the many-openers figures.
+pub const OPENERS: usize = 1000;
+
+/// One opener thread: open+close of one file; a refused open (filterd
+/// overloaded) is counted, not an error.
+struct Opener {
+    path: std::path::PathBuf,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl crate::gate::Worker for Opener {
+    fn warm_up(&mut self) -> anyhow::Result<()> {
+        self.op()
+    }
+    fn op(&mut self) -> anyhow::Result<()> {
+        match std::fs::File::open(&self.path) {
+            Ok(f) => drop(f),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+}
+
+/// [`OPENERS`] threads opening `path` at once for `dur`: the figure over
+/// all of them, and how many opens were refused.
+fn many_open_close(path: &Path, dur: Duration) -> anyhow::Result<(Figure, u64)> {
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let workers = (0..OPENERS)
+        .map(|_| Opener {
+            path: path.to_owned(),
+            refused: refused.clone(),
+        })
+        .collect();
+    let (all, wall) = crate::gate::run("opener", workers, dur)?;
+    let n = all.len() as u64;
+    Ok((
+        Figure::from_samples(all, n, wall),
+        refused.load(Ordering::Relaxed),
+    ))
 }
 
 struct Unmount(std::path::PathBuf);
@@ -73,6 +129,7 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
     std::fs::write(root.join("plain"), b"x")?;
     std::fs::write(root.join("stateful"), b"x")?;
     let raw = open_close(&root.join("plain"), dur)?;
+    let (raw_many, _) = many_open_close(&root.join("plain"), dur)?;
 
     // An allow-all listener in this process.
     let allow_all = {
@@ -108,11 +165,13 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
                     }
                 }
             })?;
-        let f = open_close(&root.join("plain"), dur);
+        let f = open_close(&root.join("plain"), dur)
+            .and_then(|one| Ok((one, many_open_close(&root.join("plain"), dur)?.0)));
         stop.store(true, Ordering::Relaxed);
         let _ = listener.join();
         f?
     };
+    let (allow_all, allow_all_many) = allow_all;
 
     // filterd mediating.
     let d = crate::daemon::Daemon::start_on(
@@ -143,6 +202,7 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
     drop(std::fs::File::open(root.join("plain"))?); // first open sets the ignore mark
     let stateless = open_close(&root.join("plain"), dur)?;
     let stateful = open_close(&root.join("stateful"), dur)?;
+    let stateful_many = many_open_close(&root.join("stateful"), dur)?;
     drop(fe);
     drop(d);
     Ok(Some(LocalFigures {
@@ -150,5 +210,8 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
         allow_all,
         stateless,
         stateful,
+        raw_many,
+        allow_all_many,
+        stateful_many,
     }))
 }

@@ -268,6 +268,34 @@ fn main() -> anyhow::Result<()> {
                     1.2,
                     true,
                 );
+                let n = local::OPENERS;
+                rep.rows.push(
+                    Row::new(
+                        "local open+close, allow-all fanotify listener, concurrent openers",
+                        n,
+                        l.allow_all_many.ops_per_s,
+                        l.allow_all_many.mean_us,
+                        l.allow_all_many.p99_us,
+                    )
+                    .beside_rate("raw, same openers", l.raw_many.ops_per_s),
+                );
+                let (many, refused) = l.stateful_many;
+                rep.rows.push(
+                    Row::new(
+                        "local open+close via filterd, file with state, concurrent openers",
+                        n,
+                        many.ops_per_s,
+                        many.mean_us,
+                        many.p99_us,
+                    )
+                    .beside_rate(
+                        "allow-all listener, same openers",
+                        l.allow_all_many.ops_per_s,
+                    )
+                    .with("refused", refused as f64)
+                    .with("raw_ops_per_s", l.raw_many.ops_per_s)
+                    .note(format!("{refused} refused")),
+                );
                 rep.target(
                     "local open of a file with protocol state ≤ 1.5× allow-all listener",
                     l.stateful.mean_us / l.allow_all.mean_us,

@@ -21,7 +21,15 @@
 //!   `max_connections_per_peer` from one IP address, so one host's flood
 //!   fills its own share first; one more is answered with a single refusal
 //!   line and closed.
-//! - **Lines are capped** at [`MAX_LINE`].
+//! - **Lines are capped** at [`MAX_LINE`], and **unfinished lines are
+//!   bounded in time and in memory** ([`LineLimits`], set once per process
+//!   with [`set_line_limits`]): a line not finished within `line_timeout`
+//!   of its first byte drops its connection (idle connections between
+//!   lines are fine), and the bytes held in unfinished lines beyond
+//!   [`FREE_PARTIAL_BYTES`] per connection are charged to one budget shared
+//!   by every connection; a connection that needs more while the budget is
+//!   spent, and already holds at least its fair share of it, is dropped —
+//!   with an error line and a log line naming the limit — and nobody else.
 //!
 //! [`client`] is the other end: the connection core of the smbl/1 and
 //! nfsl/1 client libraries.
@@ -32,7 +40,7 @@ pub mod client;
 pub mod datasync;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -53,6 +61,105 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Default cap on concurrent connections from one IP address.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
+
+/// Default time a request line may take from its first byte to its `\n`.
+pub const DEFAULT_LINE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Default budget for the bytes of unfinished request lines, all
+/// connections together (beyond [`FREE_PARTIAL_BYTES`] each).
+pub const DEFAULT_PARTIAL_LINE_BUDGET: usize = 256 << 20;
+
+/// Bytes of an unfinished line a connection holds without charge (a
+/// request of ordinary size never meets the budget).
+pub const FREE_PARTIAL_BYTES: usize = 64 << 10;
+
+/// How unfinished request lines are bounded (see the crate docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineLimits {
+    /// Longest a line may take from its first byte to its `\n`.
+    pub line_timeout: std::time::Duration,
+    /// Bytes of unfinished lines (beyond [`FREE_PARTIAL_BYTES`] per
+    /// connection) held at once across all connections.
+    pub partial_line_budget: usize,
+}
+
+impl Default for LineLimits {
+    fn default() -> Self {
+        LineLimits {
+            line_timeout: DEFAULT_LINE_TIMEOUT,
+            partial_line_budget: DEFAULT_PARTIAL_LINE_BUDGET,
+        }
+    }
+}
+
+static LINE_LIMITS: std::sync::OnceLock<LineLimits> = std::sync::OnceLock::new();
+
+/// Sets this process's [`LineLimits`] (once, before serving; the budget is
+/// process-wide by nature). Without it, the defaults hold.
+pub fn set_line_limits(limits: LineLimits) {
+    let _ = LINE_LIMITS.set(limits);
+}
+
+fn line_limits() -> LineLimits {
+    LINE_LIMITS.get().copied().unwrap_or_default()
+}
+
+/// The shared budget: bytes charged, and how many connections hold a
+/// charge.
+static PARTIAL_CHARGED: AtomicUsize = AtomicUsize::new(0);
+static PARTIAL_HOLDERS: AtomicUsize = AtomicUsize::new(0);
+
+/// One connection's charge against the partial-line budget; released on
+/// drop.
+#[derive(Default)]
+struct Charge(usize);
+
+impl Charge {
+    /// Charges an unfinished line of `len` bytes. Err when the budget is
+    /// spent and this connection already holds its fair share of it.
+    fn hold(&mut self, len: usize, budget: usize) -> Result<(), ()> {
+        let want = len.saturating_sub(FREE_PARTIAL_BYTES);
+        if want <= self.0 {
+            return Ok(());
+        }
+        let more = want - self.0;
+        let before = PARTIAL_CHARGED.fetch_add(more, Ordering::AcqRel);
+        if before.saturating_add(more) > budget {
+            let holders = PARTIAL_HOLDERS.load(Ordering::Acquire).max(1);
+            if self.0 >= budget / holders {
+                PARTIAL_CHARGED.fetch_sub(more, Ordering::AcqRel);
+                return Err(());
+            }
+            // Under its share: others hold more and are dropped when they
+            // next grow; the overshoot is bounded by the budget.
+        }
+        if self.0 == 0 {
+            PARTIAL_HOLDERS.fetch_add(1, Ordering::AcqRel);
+        }
+        self.0 = want;
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        if self.0 > 0 {
+            PARTIAL_CHARGED.fetch_sub(self.0, Ordering::AcqRel);
+            PARTIAL_HOLDERS.fetch_sub(1, Ordering::AcqRel);
+            self.0 = 0;
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Bytes of unfinished request lines charged to the budget now (all
+/// connections of this process).
+pub fn partial_line_bytes() -> usize {
+    PARTIAL_CHARGED.load(Ordering::Acquire)
+}
 
 /// Stack of a connection's writer thread (it only copies bytes).
 const WRITER_STACK: usize = 64 << 10;
@@ -349,22 +456,107 @@ enum Line {
     Data,
     Eof,
     TooLong,
+    /// Not finished within the line timeout.
+    Stalled,
+    /// Over its share of the partial-line budget.
+    OverBudget,
 }
 
-fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> Line {
-    buf.clear();
-    let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
-    match r.by_ref().take(limit).read_until(b'\n', buf) {
-        Ok(0) | Err(_) => Line::Eof,
-        Ok(_) if buf.last() != Some(&b'\n') && buf.len() > MAX_LINE => Line::TooLong,
-        Ok(_) => Line::Data,
+/// A reader whose blocking reads can be bounded (a socket's receive
+/// timeout); byte slices (tests) never block.
+trait Timed {
+    fn wait_at_most(&mut self, t: Option<std::time::Duration>);
+}
+
+impl Timed for BufReader<TcpStream> {
+    fn wait_at_most(&mut self, t: Option<std::time::Duration>) {
+        let _ = self.get_ref().set_read_timeout(t);
     }
+}
+
+impl Timed for &[u8] {
+    fn wait_at_most(&mut self, _: Option<std::time::Duration>) {}
+}
+
+/// Reads one line into `buf`, charging its unfinished bytes to `charge`.
+fn read_line(
+    r: &mut (impl BufRead + Timed),
+    buf: &mut Vec<u8>,
+    charge: &mut Charge,
+    limits: LineLimits,
+) -> Line {
+    buf.clear();
+    if buf.capacity() > FREE_PARTIAL_BYTES {
+        // A large line is done with: its memory goes too.
+        buf.shrink_to(FREE_PARTIAL_BYTES);
+    }
+    charge.release();
+    let mut deadline: Option<std::time::Instant> = None;
+    let line = loop {
+        let chunk = match r.fill_buf() {
+            Ok([]) => break Line::Eof,
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                match deadline {
+                    Some(d) if std::time::Instant::now() < d => continue,
+                    Some(_) => break Line::Stalled,
+                    None => continue,
+                }
+            }
+            Err(_) => break Line::Eof,
+        };
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let len = buf.len().saturating_add(take);
+        if len > MAX_LINE + usize::from(done) {
+            break Line::TooLong;
+        }
+        // What the buffer will hold is charged, its spare capacity included
+        // (it doubles as it grows, so copying stays linear).
+        let cap = if len > buf.capacity() {
+            len.max(buf.capacity().saturating_mul(2))
+        } else {
+            buf.capacity()
+        };
+        if !done && charge.hold(cap, limits.partial_line_budget).is_err() {
+            break Line::OverBudget;
+        }
+        buf.reserve_exact(cap.saturating_sub(buf.len()));
+        buf.extend_from_slice(chunk.get(..take).unwrap_or_default());
+        r.consume(take);
+        if done {
+            break Line::Data;
+        }
+        let now = std::time::Instant::now();
+        match deadline {
+            None => {
+                deadline = Some(now + limits.line_timeout);
+                r.wait_at_most(Some(limits.line_timeout));
+            }
+            Some(d) if now >= d => break Line::Stalled,
+            Some(d) => r.wait_at_most(Some(d - now)),
+        }
+    };
+    if deadline.is_some() {
+        r.wait_at_most(None);
+    }
+    charge.release();
+    line
 }
 
 /// Serves a connection: hands every line to `handle`, in order, until the
 /// peer goes away or the connection is dropped, queuing the replies it
-/// returns. An over-long line is answered with an error (`id_field` null,
-/// `status`) and ends the connection.
+/// returns. An over-long line, a line unfinished after the line timeout,
+/// and a connection over its share of the partial-line budget are answered
+/// with an error (`id_field` null, `status`) and end the connection.
 pub fn serve_lines(
     mut reader: BufReader<TcpStream>,
     writer: &Writer,
@@ -372,18 +564,32 @@ pub fn serve_lines(
     status: &str,
     mut handle: impl FnMut(&[u8], &Writer) -> Option<Value>,
 ) {
+    let limits = line_limits();
     let mut buf = Vec::new();
+    let mut charge = Charge::default();
     loop {
-        match read_line(&mut reader, &mut buf) {
-            Line::Data => {}
+        let why = match read_line(&mut reader, &mut buf, &mut charge, limits) {
+            Line::Data => None,
             Line::Eof => return,
-            Line::TooLong => {
-                send(
-                    writer,
-                    &json!({id_field: null, "status": status, "error": "line longer than 4 MiB"}),
-                );
-                return;
-            }
+            Line::TooLong => Some("line longer than 4 MiB".to_owned()),
+            Line::Stalled => Some(format!(
+                "line unfinished after {} ms (--line-timeout-ms)",
+                limits.line_timeout.as_millis()
+            )),
+            Line::OverBudget => Some(format!(
+                "unfinished line over its share of the {} MiB held for all connections (--partial-line-budget-mib)",
+                limits.partial_line_budget >> 20
+            )),
+        };
+        if let Some(why) = why {
+            eprintln!("connection {}: dropped, {why}", writer.conn);
+            send(
+                writer,
+                &json!({id_field: null, "status": status, "error": why}),
+            );
+            // Shut the reading side now: the writer closes after the error.
+            let _ = reader.get_ref().shutdown(Shutdown::Read);
+            return;
         }
         if let Some(reply) = handle(&buf, writer) {
             if !send(writer, &reply) {
@@ -451,12 +657,49 @@ mod tests {
 
     #[test]
     fn lines_are_limited() {
+        let limits = LineLimits::default();
+        let mut charge = Charge::default();
         let mut long = vec![b'a'; MAX_LINE + 2];
         long.push(b'\n');
         let mut buf = Vec::new();
-        assert!(matches!(read_line(&mut &long[..], &mut buf), Line::TooLong));
+        assert!(matches!(
+            read_line(&mut &long[..], &mut buf, &mut charge, limits),
+            Line::TooLong
+        ));
         let ok = b"{}\n";
-        assert!(matches!(read_line(&mut &ok[..], &mut buf), Line::Data));
-        assert!(matches!(read_line(&mut &b""[..], &mut buf), Line::Eof));
+        assert!(matches!(
+            read_line(&mut &ok[..], &mut buf, &mut charge, limits),
+            Line::Data
+        ));
+        assert_eq!(buf, ok);
+        let mut exact = vec![b'a'; MAX_LINE];
+        exact.push(b'\n');
+        assert!(matches!(
+            read_line(&mut &exact[..], &mut buf, &mut charge, limits),
+            Line::Data
+        ));
+        assert!(matches!(
+            read_line(&mut &b""[..], &mut buf, &mut charge, limits),
+            Line::Eof
+        ));
+        assert!(matches!(
+            read_line(&mut &b"{\"unfinished"[..], &mut buf, &mut charge, limits),
+            Line::Eof
+        ));
+    }
+
+    #[test]
+    fn a_connection_over_its_share_of_the_budget_is_refused() {
+        let budget = 1 << 20;
+        let mut big = Charge::default();
+        big.hold(FREE_PARTIAL_BYTES + budget, budget).unwrap();
+        // Spent: a connection with nothing charged yet still gets its
+        // first bytes (it is under its share)...
+        let mut small = Charge::default();
+        small.hold(FREE_PARTIAL_BYTES + 10, budget).unwrap();
+        // ...and the one over its share is refused when it grows.
+        assert!(big.hold(FREE_PARTIAL_BYTES + budget + 1, budget).is_err());
+        drop(big);
+        drop(small);
     }
 }

@@ -1,0 +1,132 @@
+//! Unfinished request lines are bounded in time and memory (issue 18 #11):
+//! through the real filterd and smbshim, a flood of connections each
+//! sending a large line it never finishes leaves smbshim's memory bounded
+//! and a well-behaved client served, and a connection that sends half a
+//! line and stalls is dropped after the line timeout while an idle one is
+//! not.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use rkfilter_tests::{Filterd, LineClient, Scratch, Shim};
+use serde_json::{json, Value};
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in MiB.
+fn status_mib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {text}"));
+    kb >> 10
+}
+
+/// filterd and an smbshim started with `flags` on a fresh export.
+fn smbshim_with(name: &str, flags: &[&str]) -> (Scratch, Filterd, Shim) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with("smbshim", &s.socket(), name, flags);
+    (s, d, shim)
+}
+
+fn session_setup(c: &mut LineClient) -> Value {
+    c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "u"}))
+}
+
+/// Old code: every connection's unfinished line grew without bound (about
+/// 3 MiB each here, so 600+ MiB in all).
+#[test]
+fn a_flood_of_unfinished_lines_leaves_smbshim_bounded_and_others_served() {
+    let (_s, _d, shim) = smbshim_with("slow-lines-flood", &["--partial-line-budget-mib", "16"]);
+    let before = status_mib(shim.pid(), "VmRSS");
+    let chunk = vec![b'a'; 64 << 10];
+    let (wrote_tx, wrote) = crossbeam_channel::unbounded::<bool>();
+    let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+    let floods: Vec<_> = (0..200)
+        .map(|_| {
+            let (addr, chunk) = (shim.addr.clone(), chunk.clone());
+            let (wrote_tx, stop) = (wrote_tx.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let Ok(mut c) = TcpStream::connect(&addr) else {
+                    let _ = wrote_tx.send(false);
+                    return;
+                };
+                let _ = c.set_write_timeout(Some(Duration::from_secs(20)));
+                let _ = c.write_all(b"{\"cmd\": \"SESSION_SETUP\", \"user\": \"");
+                // 3 MiB of a line that never ends, unless dropped first.
+                let all = (0..48).all(|_| c.write_all(&chunk).is_ok());
+                let _ = wrote_tx.send(all);
+                // Kept open (unfinished) until the test has looked.
+                let _ = stop.recv_timeout(Duration::from_secs(60));
+            })
+        })
+        .collect();
+    let mut client = LineClient::connect(&shim.addr);
+    let r = session_setup(&mut client);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // Every flooder wrote its line or was dropped; meanwhile smbshim
+    // stays bounded and keeps serving.
+    let mut finished = 0;
+    for _ in 0..floods.len() {
+        wrote
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a flooder to finish writing or be dropped");
+        finished += 1;
+        if finished % 20 == 0 {
+            let r = client.call(json!({"cmd": "ECHO"}));
+            assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        }
+    }
+    let peak = status_mib(shim.pid(), "VmHWM");
+    eprintln!(
+        "smbshim: {before} MiB before, {peak} MiB at its peak, {} MiB now",
+        status_mib(shim.pid(), "VmRSS")
+    );
+    assert!(
+        peak < before + 256,
+        "smbshim grew from {before} MiB to {peak} MiB"
+    );
+    let r = session_setup(&mut LineClient::connect(&shim.addr));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    drop(stop_tx);
+    for t in floods {
+        let _ = t.join();
+    }
+}
+
+/// Old code: a half-sent line held its connection (and its thread)
+/// forever.
+#[test]
+fn a_half_sent_line_is_dropped_after_the_line_timeout_an_idle_connection_is_not() {
+    let (_s, _d, shim) = smbshim_with("slow-lines-stall", &["--line-timeout-ms", "500"]);
+    let mut idle = LineClient::connect(&shim.addr);
+    let mut stalled = TcpStream::connect(&shim.addr).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = Instant::now();
+    stalled.write_all(b"{\"cmd\": \"SESSION_SE").unwrap();
+    let mut reader = BufReader::new(stalled);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .expect("smbshim answers the stalled line");
+    let waited = started.elapsed();
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    assert_eq!(v["status"], "STATUS_INVALID_PARAMETER", "{v}");
+    assert!(v["mid"].is_null(), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unfinished")),
+        "{v}"
+    );
+    assert!(waited >= Duration::from_millis(450), "{waited:?}");
+    line.clear();
+    assert_eq!(reader.read_line(&mut line).ok(), Some(0), "then closed");
+    // The idle connection (no bytes sent) is still served.
+    let r = session_setup(&mut idle);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
