@@ -202,39 +202,22 @@ pub fn open(
     let err = |e: io::Error| map_errno(&e, root, path);
     let creates = !matches!(disposition, Disposition::Open | Disposition::Overwrite);
     if let (Some(m), true) = (marker, creates) {
-        match create_marked(root, path, m)? {
-            MarkedCreate::Created(tmp) => {
-                let fd = sys::openat2_beneath(root, p, mode, 0).map_err(err)?;
-                let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
-                let (tmp_file, _) = stat(tmp.as_fd()).map_err(err)?;
-                if !is_reg || file != tmp_file {
-                    return Err(WireError::new(
-                        ErrorCode::FileNotAvailable,
-                        format!("{path}: replaced while creating; retry"),
-                    ));
-                }
-                return Ok(OpenedFile {
-                    fd,
-                    created: true,
-                    file,
-                    size,
-                });
-            }
-            MarkedCreate::Exists => {
-                let fd = sys::openat2_beneath(root, p, mode, 0).map_err(err)?;
-                let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
-                if !is_reg {
-                    return Err(WireError::new(
-                        ErrorCode::NotAFile,
-                        format!("{path}: not a regular file"),
-                    ));
-                }
-                let ours = sys::get_xattr(fd.as_fd(), marker_name(root)?)
-                    .ok()
-                    .flatten()
-                    .as_deref()
-                    == Some(m);
-                if ours {
+        // An existing file is opened as it is (no temporary file made and
+        // thrown away); only an absent one is created, marked, by linking.
+        let existing = match sys::openat2_beneath(root, p, mode, 0) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => match create_marked(root, path, m)?
+            {
+                MarkedCreate::Created(tmp) => {
+                    let fd = sys::openat2_beneath(root, p, mode, 0).map_err(err)?;
+                    let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
+                    let (tmp_file, _) = stat(tmp.as_fd()).map_err(err)?;
+                    if !is_reg || file != tmp_file {
+                        return Err(WireError::new(
+                            ErrorCode::FileNotAvailable,
+                            format!("{path}: replaced while creating; retry"),
+                        ));
+                    }
                     return Ok(OpenedFile {
                         fd,
                         created: true,
@@ -242,20 +225,46 @@ pub fn open(
                         size,
                     });
                 }
-                if disposition == Disposition::Create {
-                    return Err(WireError::new(
-                        ErrorCode::Collision,
-                        format!("{path}: exists"),
-                    ));
-                }
-                return Ok(OpenedFile {
-                    fd,
-                    created: false,
-                    file,
-                    size,
-                });
-            }
+                // Created by someone else in between.
+                MarkedCreate::Exists => sys::openat2_beneath(root, p, mode, 0).map_err(err)?,
+            },
+            Err(e) => return Err(err(e)),
+        };
+        let fd = existing;
+        let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
+        if !is_reg {
+            return Err(WireError::new(
+                ErrorCode::NotAFile,
+                format!("{path}: not a regular file"),
+            ));
         }
+        // Marked by this very create (a replay after a crash that lost the
+        // commit): it is the open that created it.
+        let ours = sys::get_xattr(fd.as_fd(), marker_name(root)?)
+            .ok()
+            .flatten()
+            .as_deref()
+            == Some(m);
+        if ours {
+            return Ok(OpenedFile {
+                fd,
+                created: true,
+                file,
+                size,
+            });
+        }
+        if disposition == Disposition::Create {
+            return Err(WireError::new(
+                ErrorCode::Collision,
+                format!("{path}: exists"),
+            ));
+        }
+        return Ok(OpenedFile {
+            fd,
+            created: false,
+            file,
+            size,
+        });
     }
     let (fd, created) = match disposition {
         Disposition::Open | Disposition::Overwrite => {
