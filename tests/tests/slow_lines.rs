@@ -130,3 +130,38 @@ fn a_half_sent_line_is_dropped_after_the_line_timeout_an_idle_connection_is_not(
     let r = session_setup(&mut idle);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
+
+/// nfsshim takes the same flags (it had only the defaults): a half-sent
+/// line is answered NFS4ERR_INVAL and the connection closed after its
+/// `--line-timeout-ms`.
+#[test]
+fn nfsshim_takes_the_line_timeout_flag() {
+    let s = Scratch::new("slow-lines-nfs");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with(
+        "nfsshim",
+        &s.socket(),
+        "nfs-sl",
+        &["--line-timeout-ms", "500", "--partial-line-budget-mib", "16"],
+    );
+    let mut stalled = TcpStream::connect(&shim.addr).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = Instant::now();
+    stalled.write_all(b"{\"op\": \"EXCHANGE_").unwrap();
+    let mut reader = BufReader::new(stalled);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .expect("nfsshim answers the stalled line");
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    assert_eq!(v["status"], "NFS4ERR_INVAL", "{v}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    line.clear();
+    assert_eq!(reader.read_line(&mut line).ok(), Some(0), "then closed");
+}

@@ -85,6 +85,8 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_opens_per_client: u32,
+    #[command(flatten)]
+    lines: shimline::LineArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -112,24 +114,27 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|_| anyhow::anyhow!("--timeout must be a non-negative number"))?;
             client_cli::run(&addr, timeout)
         }
-        (None, Some(filter), Some(listen)) => server::run(
-            &filter,
-            &listen,
-            args.instance.as_deref().unwrap_or("nfs"),
-            args.lease_ms.max(1_000),
-            server::Limits {
-                max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
-                max_connections_per_peer: usize::try_from(args.max_connections_per_peer)
-                    .unwrap_or(usize::MAX),
-                max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
-                max_clients_per_peer: usize::try_from(args.max_clients_per_peer)
-                    .unwrap_or(usize::MAX),
-                max_sessions_per_client: usize::try_from(args.max_sessions_per_client)
-                    .unwrap_or(usize::MAX),
-                max_opens_per_client: usize::try_from(args.max_opens_per_client)
-                    .unwrap_or(usize::MAX),
-            },
-        ),
+        (None, Some(filter), Some(listen)) => {
+            args.lines.apply();
+            server::run(
+                &filter,
+                &listen,
+                args.instance.as_deref().unwrap_or("nfs"),
+                args.lease_ms.max(1_000),
+                server::Limits {
+                    max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                    max_connections_per_peer: usize::try_from(args.max_connections_per_peer)
+                        .unwrap_or(usize::MAX),
+                    max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
+                    max_clients_per_peer: usize::try_from(args.max_clients_per_peer)
+                        .unwrap_or(usize::MAX),
+                    max_sessions_per_client: usize::try_from(args.max_sessions_per_client)
+                        .unwrap_or(usize::MAX),
+                    max_opens_per_client: usize::try_from(args.max_opens_per_client)
+                        .unwrap_or(usize::MAX),
+                },
+            )
+        }
         // clap requires both flags when there is no subcommand.
         (None, _, _) => anyhow::bail!("--filter and --listen are required"),
     }

@@ -94,6 +94,37 @@ impl Default for LineLimits {
 
 static LINE_LIMITS: std::sync::OnceLock<LineLimits> = std::sync::OnceLock::new();
 
+/// The line limits as command-line flags, shared by smbshim and nfsshim
+/// (`#[command(flatten)]`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct LineArgs {
+    /// Milliseconds a request line may take from its first byte to its
+    /// newline; a connection whose line is unfinished by then gets one
+    /// error line (STATUS_INVALID_PARAMETER / NFS4ERR_INVAL) and is closed
+    /// (idle connections between lines are not affected).
+    #[arg(long, value_name = "MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub line_timeout_ms: u64,
+    /// MiB of unfinished request lines held at once across all
+    /// connections (beyond 64 KiB each); when it is spent, a connection
+    /// that needs more and holds at least its fair share is closed, with a
+    /// log line, and nobody else.
+    #[arg(long, value_name = "MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub partial_line_budget_mib: u64,
+}
+
+impl LineArgs {
+    /// Makes these the process's [`LineLimits`].
+    pub fn apply(&self) {
+        set_line_limits(LineLimits {
+            line_timeout: std::time::Duration::from_millis(self.line_timeout_ms),
+            partial_line_budget: usize::try_from(self.partial_line_budget_mib << 20)
+                .unwrap_or(usize::MAX),
+        });
+    }
+}
+
 /// Sets this process's [`LineLimits`] (once, before serving; the budget is
 /// process-wide by nature). Without it, the defaults hold.
 pub fn set_line_limits(limits: LineLimits) {

@@ -68,20 +68,8 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_sessions_per_connection: u32,
-    /// Milliseconds a request line may take from its first byte to its
-    /// newline; a connection whose line is unfinished by then gets one
-    /// STATUS_INVALID_PARAMETER line and is closed (idle connections
-    /// between lines are not affected).
-    #[arg(long, value_name = "MS", default_value_t = 60_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    line_timeout_ms: u64,
-    /// MiB of unfinished request lines held at once across all
-    /// connections (beyond 64 KiB each); when it is spent, a connection
-    /// that needs more and holds at least its fair share is closed, with a
-    /// log line, and nobody else.
-    #[arg(long, value_name = "MIB", default_value_t = 256,
-          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
-    partial_line_budget_mib: u64,
+    #[command(flatten)]
+    lines: shimline::LineArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -117,11 +105,7 @@ fn main() -> anyhow::Result<()> {
                 max_sessions_per_connection: usize::try_from(args.max_sessions_per_connection)
                     .unwrap_or(usize::MAX),
             };
-            shimline::set_line_limits(shimline::LineLimits {
-                line_timeout: Duration::from_millis(args.line_timeout_ms),
-                partial_line_budget: usize::try_from(args.partial_line_budget_mib << 20)
-                    .unwrap_or(usize::MAX),
-            });
+            args.lines.apply();
             server::run(
                 &filter,
                 &listen,
