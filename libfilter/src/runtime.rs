@@ -109,6 +109,11 @@ pub fn remove(state: &Path) {
     let _ = std::fs::remove_file(state.join(RUNTIME_FILE));
 }
 
+/// Whether `pid` is a running filterd (its `/proc/PID/comm` says so).
+fn is_live_filterd(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "filterd")
+}
+
 /// Whether some process holds `state`'s lock (filterd's exclusive `flock`
 /// on the directory itself). This, not the runtime record, says whether a
 /// daemon is alive: the record can be deleted behind a live daemon, and a
@@ -146,8 +151,21 @@ pub enum Liveness {
 }
 
 /// Whether a filterd is alive on `state`, by its lock, with its record.
+/// A caller who may not open the directory (search permission only) goes
+/// by the record instead: alive when its pid is a running filterd.
 pub fn live(state: &Path) -> Result<Liveness, RuntimeError> {
-    Ok(if lock_is_held(state)? {
+    let held = match lock_is_held(state) {
+        Err(RuntimeError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            return Ok(match read(state)? {
+                Some(r) if is_live_filterd(r.pid) => Liveness::Running { record: Some(r) },
+                _ => Liveness::NotRunning,
+            });
+        }
+        r => r?,
+    };
+    Ok(if held {
         Liveness::Running {
             record: read(state).ok().flatten(),
         }

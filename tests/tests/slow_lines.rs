@@ -142,7 +142,12 @@ fn nfsshim_takes_the_line_timeout_flag() {
         "nfsshim",
         &s.socket(),
         "nfs-sl",
-        &["--line-timeout-ms", "500", "--partial-line-budget-mib", "16"],
+        &[
+            "--line-timeout-ms",
+            "500",
+            "--partial-line-budget-mib",
+            "16",
+        ],
     );
     let mut stalled = TcpStream::connect(&shim.addr).unwrap();
     stalled

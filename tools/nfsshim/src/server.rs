@@ -445,41 +445,84 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
     let now = Instant::now();
     let mut max = 0;
     let t = &sh.tables;
+    // Open states whose delegation went while nfsshim was down: their
+    // records are written again without it once the tables are read.
+    let mut deleg_gone: Vec<(String, u64, OpenRec)> = Vec::new();
     for (num, rec) in state::list::<ClientRec>(f, &t.clients())? {
         max = max.max(num);
         g.by_owner.insert(rec.owner.clone(), rec.clientid.clone());
         let cid = rec.clientid.clone();
         let mut st = State::default();
-        for (snum, o) in state::list::<OpenRec>(f, &t.states(&cid))? {
+        for (snum, mut o) in state::list::<OpenRec>(f, &t.states(&cid))? {
             max = max.max(snum);
             match f.resume(ClientId::new(cid.clone()).map_err(unexpected)?, o.key) {
                 Ok(h) => {
                     let mut extra = Vec::new();
                     let mut attached = vec![o.key];
                     let mut gone = None;
+                    // Leases the open's handles hold now (a delegation may
+                    // have been revoked while nfsshim was down).
+                    let mut leases: Vec<_> = h.info.lease.into_iter().collect();
                     for e in &o.extra {
                         let client = ClientId::new(cid.clone()).map_err(unexpected)?;
                         match f.resume(client, e.key) {
                             Ok(x) => {
                                 attached.push(e.key);
+                                leases.extend(x.info.lease);
                                 let rights = access_of(&e.access).unwrap_or(Rights::READ);
                                 extra.push((rights, Arc::new(std::fs::File::from(x.fd).into())));
                             }
+                            // One that only carried a delegation was
+                            // closed with its DELEGRETURN, whose record may
+                            // not have been written: nothing of the open's
+                            // modes is missing.
+                            Err(_) if e.for_deleg => {}
+                            Err(err) => gone = Some(err),
+                        }
+                    }
+                    o.extra
+                        .retain(|e| !e.for_deleg || attached.contains(&e.key));
+                    for k in o.locks.iter().filter_map(|l| l.key) {
+                        if gone.is_some() {
+                            break;
+                        }
+                        let client = ClientId::new(cid.clone()).map_err(unexpected)?;
+                        match f.resume(client, k) {
+                            Ok(_) => attached.push(k),
                             Err(err) => gone = Some(err),
                         }
                     }
                     if let Some(err) = gone {
                         // The open state is one reservation: without one of
-                        // its handles it is gone as a whole, never kept
-                        // with less access than the client was granted.
+                        // its handles (an upgrade's, a lock-owner's) it is
+                        // gone as a whole, never kept with less access or
+                        // fewer locks than the client was granted.
                         eprintln!(
-                            "nfsshim: an upgrade handle of open {} of client {cid} is gone ({err}); dropping the open",
+                            "nfsshim: a handle of open {} of client {cid} is gone ({err}); dropping the open",
                             o.other
                         );
                         discard(f, &cid, &o, &attached);
                         let _ = state::delete(f, &t.states(&cid), snum);
                         st.closed.insert(o.other.clone(), (cid.clone(), None));
+                        st.expired.add(o.other.clone());
                         continue;
+                    }
+                    let held = o.deleg.as_ref().is_some_and(|d| {
+                        leases
+                            .iter()
+                            .any(|l| l.key.0 == d.lease_key && l.state.contains(LeaseState::R))
+                    });
+                    if !held {
+                        if let Some(d) = o.deleg.take() {
+                            // Revoked (broken without an answer) while
+                            // nfsshim was down: the client learns it.
+                            eprintln!(
+                                "nfsshim: delegation {} of client {cid} was revoked while nfsshim was down",
+                                d.other
+                            );
+                            st.expired.add(d.other.clone());
+                            deleg_gone.push((cid.clone(), snum, o.clone()));
+                        }
                     }
                     note_locked(sh, &h.info);
                     g.handle_client.insert(o.key, cid.clone());
@@ -492,10 +535,6 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                         g.lock_owner.insert(key, l.owner.clone());
                         if let Some(k) = l.key {
                             g.handle_client.insert(k, cid.clone());
-                            let client = ClientId::new(cid.clone()).map_err(unexpected)?;
-                            if let Err(e) = f.resume(client, k) {
-                                eprintln!("nfsshim: lock-owner {} handle is gone: {e}", l.owner);
-                            }
                         }
                     }
                     if let Some(d) = &o.deleg {
@@ -528,6 +567,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                     discard(f, &cid, &o, &[]);
                     let _ = state::delete(f, &t.states(&cid), snum);
                     st.closed.insert(o.other.clone(), (cid.clone(), None));
+                    st.expired.add(o.other.clone());
                 }
             }
         }
@@ -575,6 +615,28 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
         }
     }
     sh.next_num.store(max + 1, Ordering::Relaxed);
+    for (cid, num, rec) in deleg_gone {
+        let _ = state::put(f, &t.states(&cid), num, &rec);
+    }
+    // Handles of this instance that no table names: an OPEN whose filter
+    // handle committed but whose state record did not (nfsshim died in
+    // between). Nobody can reach them; left alone they would hold their
+    // modes for their whole timeout.
+    let known: HashSet<ResumeKey> = g.handle_client.keys().copied().collect();
+    drop(g);
+    let ours = |h: &libfilter::proto::HandleView| {
+        h.record.frontend.as_str() == t.instance() && h.record.protocol.as_str() == "nfs"
+    };
+    for h in f.client().handles()?.into_iter().filter(ours) {
+        let key = h.record.key;
+        if known.contains(&key) {
+            continue;
+        }
+        eprintln!("nfsshim: closing handle {key} that no open state names");
+        if f.resume(h.record.client.clone(), key).is_ok() {
+            let _ = f.close(key);
+        }
+    }
     Ok(())
 }
 
@@ -1407,6 +1469,9 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     o.rec.extra.push(ExtraHandle {
                         key: h.info.key,
                         access: access_w.clone(),
+                        // Kept only for the delegation it carries: it goes
+                        // with the delegation (DELEGRETURN).
+                        for_deleg: acc == o.rec.access && den == o.rec.deny,
                     });
                     o.extra
                         .push((access, Arc::new(std::fs::File::from(h.fd).into())));
@@ -2078,7 +2143,19 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
 
 fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
-    let n = resolve(ctx, st, field(obj, "stateid")?)?;
+    let named = field(obj, "stateid")?;
+    let me = ctx.request_name("delegreturn");
+    if named
+        .get("other")
+        .and_then(Value::as_str)
+        .and_then(|o| st.closed.get(o))
+        .is_some_and(|(c, by)| c == ctx.cid && by.as_ref() == Some(&me))
+    {
+        // This very request returned it already; its reply was lost (the
+        // record of it did not reach filterd): the same answer again.
+        return Ok(Map::new());
+    }
+    let n = resolve(ctx, st, named)?;
     let Named::Deleg(other) = n else {
         return Err(Fail(
             "NFS4ERR_BAD_STATEID",
@@ -2089,21 +2166,52 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
         .opens
         .get_mut(&other)
         .ok_or_else(|| internal("open vanished"))?;
-    if let Some(d) = o.rec.deleg.take() {
+    let mut carriers = Vec::new();
+    if let Some(d) = &o.rec.deleg {
         // Acknowledge a recall (or give the lease up): nothing cached.
-        let _ = sh.filter.client().call(Request::LeaseBreakAck {
+        // Unless filterd could not be reached, nothing changes here (the
+        // client re-sends; the lease may already be down: fine).
+        if let Err(e) = sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
             state: LeaseState::NONE,
-        });
+        }) {
+            if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) {
+                return Err(filter_fail(e));
+            }
+        }
+    }
+    if let Some(d) = o.rec.deleg.take() {
+        // Handles kept only to carry a delegation go with it.
+        let mut i = 0;
+        while let Some(e) = o.rec.extra.get(i) {
+            if e.for_deleg {
+                carriers.push(e.key);
+                o.rec.extra.remove(i);
+                if i < o.extra.len() {
+                    o.extra.remove(i);
+                }
+            } else {
+                i += 1;
+            }
+        }
         st.aliases.remove(&d.other);
+        st.closed
+            .insert(d.other.clone(), (ctx.cid.to_owned(), Some(me)));
         if let Ok(mut g) = sh.global() {
             g.lease_client.remove(&d.lease_key);
+            for k in &carriers {
+                g.handle_client.remove(k);
+            }
         }
     }
     let Some(o) = st.opens.get(&other) else {
         return Err(internal("open vanished"));
     };
     ctx.put_state(o.num, &o.rec)?;
+    // A restore that finds one of them gone skips it (`for_deleg`).
+    for k in carriers {
+        let _ = sh.filter.close(k);
+    }
     Ok(Map::new())
 }
 
@@ -2298,7 +2406,7 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) {
     let gone: Vec<String> = st
         .opens
         .iter()
-        .filter(|(_, o)| o.rec.key == key || o.rec.extra.iter().any(|e| e.key == key))
+        .filter(|(_, o)| o.keys().contains(&key))
         .map(|(k, _)| k.clone())
         .collect();
     for g in gone {

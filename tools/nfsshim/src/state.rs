@@ -83,6 +83,10 @@ pub struct OpenRec {
 pub struct ExtraHandle {
     pub key: ResumeKey,
     pub access: String,
+    /// Added by an OPEN that widened no mode but got a delegation: it
+    /// carries that delegation and closes with its DELEGRETURN.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub for_deleg: bool,
 }
 
 /// A lock-owner's lock state under an open. The first lock-owner of an
@@ -121,6 +125,10 @@ impl Tables {
         Tables {
             instance: instance.to_string(),
         }
+    }
+    /// The instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
     /// The client records.
     pub fn clients(&self) -> String {
