@@ -334,7 +334,10 @@ fn nfs_client(
         .require_ok()?;
     let mut s = nfsl::Session::from_reply(c, &cs).context("session")?;
     let path = format!("nfs-{i}");
-    // Sends on slot 0; after a lost connection re-sends on a new one.
+    // Sends on slot 0; after a lost connection re-sends on a new one. A
+    // DELAY leaves the server's slot where it was and `call` takes its
+    // seqid back, so after a DELAY the request goes the same way again: a
+    // `resend` there would get the previous request's cached reply.
     let call = |s: &mut nfsl::Session, req: Value| -> anyhow::Result<nfsl::Reply> {
         let t0 = Instant::now();
         let mut first = true;
@@ -344,11 +347,11 @@ fn nfs_client(
             } else {
                 s.resend(0, req.clone())
             };
-            first = false;
             match r {
                 Ok(r) if r.status() != "NFS4ERR_DELAY" => return Ok(r),
                 Ok(_) => std::thread::sleep(Duration::from_millis(10)),
                 Err(_) => {
+                    first = false;
                     *s = s.with_client(connect()?);
                 }
             }
