@@ -182,7 +182,13 @@ impl Attachment {
     /// moment the daemon is gone, before the supervisor notices.
     pub fn io_ready(&self) -> bool {
         let g = self.shared.generation.load(Ordering::Acquire);
-        self.shared.synced.load(Ordering::Acquire) == g && !self.client().peer_gone()
+        if self.shared.synced.load(Ordering::Acquire) != g {
+            return false;
+        }
+        match self.shared.current.read() {
+            Ok(c) => !c.peer_gone(),
+            Err(_) => false,
+        }
     }
 
     /// The frontend has applied the `Reattached` of `generation` (marked

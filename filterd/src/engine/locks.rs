@@ -97,6 +97,7 @@ impl Engine {
             .entry(file)
             .or_default()
             .extend(others.iter());
+        debug!(file = ?file, attached = others.len(), absent = absent.len(), "first lock waits for frontends to hear of it");
         let deadline = mono_ms() + self.cfg.break_timeout_ms;
         self.hint_waits.insert(
             file,
