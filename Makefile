@@ -33,7 +33,9 @@ demo: release
 	$(RELEASE_BIN)/rkdemo
 
 # Fault soak: clients of both protocols while a chaos loop SIGKILLs
-# smbshim, nfsshim and filterd; prints a summary, fails on any violation.
+# smbshim, nfsshim and filterd, and restarts filterd while a frontend is
+# stopped (SIGSTOP) and the other protocol locks a file both have open;
+# prints a summary, fails on any violation (a write inside the lock among them).
 # `make test` runs a 20 s profile (tests/tests/soak.rs).
 SOAK_SECONDS ?= 300
 SOAK_CLIENTS ?= 8

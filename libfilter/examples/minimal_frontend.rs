@@ -76,12 +76,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     c.lock(h.info.key, vec![lock], None)?;
 
     // 6. If filterd restarts meanwhile, the attachment reconnects and resumes
-    //    the handle by itself; the descriptor keeps working throughout.
-    if let Ok(AttachEvent::Reattached { resumed, lost, .. }) = filter
+    //    the handle by itself; the descriptor keeps working throughout, but
+    //    reads and writes wait (`io_ready`) until the frontend has marked
+    //    the files that have locks and called `resynced`.
+    if let Ok(AttachEvent::Reattached {
+        generation,
+        resumed,
+        locked,
+        lost,
+        ..
+    }) = filter
         .events()
         .recv_timeout(std::time::Duration::from_millis(100))
     {
-        println!("reattached: {} resumed, {} lost", resumed.len(), lost.len());
+        println!(
+            "reattached: {} resumed ({} with locks), {} lost",
+            resumed.len(),
+            locked.len(),
+            lost.len()
+        );
+        filter.resynced(generation);
     }
 
     // 7. Close when the client closes (a dropped client connection would

@@ -16,20 +16,32 @@
 //! (see [`crate::client::EVENT_QUEUE_LIMIT`]), which this attachment then
 //! rides out like any other loss of the daemon.
 //!
+//! Lock hints survive a reattach (issue 13 #1): from the moment the daemon
+//! is lost until the frontend has applied the [`AttachEvent::Reattached`]
+//! that follows, [`Attachment::io_ready`] is false and the frontend checks
+//! (or refuses with its retry status) every read and write, because a
+//! restarted daemon may grant locks it could not tell this frontend about.
+//! `Reattached::locked` names the files of resumed handles that have
+//! byte-range locks (or a first lock waiting for this frontend); the frontend
+//! marks them locked, then calls [`Attachment::resynced`]. Events from the
+//! new connection (`LocksPresent` among them) are forwarded only after
+//! `Reattached`, so a lock granted after a resume reply reaches the frontend
+//! after the flags that reply set, never before.
+//!
 //! Non-durable handles die with the daemon (they are not persistent state);
 //! they are reported in [`AttachEvent::Reattached::lost`] together with any
 //! persistent handle that could not be resumed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::client::{ClientError, FilterClient, OpenedHandle, EVENT_QUEUE_LIMIT};
-use crate::model::{ClientId, CreateGuid, Durability, InstanceName, Protocol, ResumeKey};
+use crate::model::{ClientId, CreateGuid, Durability, FileId, InstanceName, Protocol, ResumeKey};
 use crate::proto::{Event, OpenRequest};
 
 /// What the attachment reports to its frontend.
@@ -40,12 +52,19 @@ pub enum AttachEvent {
     /// The daemon went away; reconnecting.
     Lost,
     /// Attached again (to a daemon of `epoch`): `resumed` handles are back,
-    /// `lost` ones are gone for good.
+    /// `lost` ones are gone for good. Mark `locked` files locked, then call
+    /// [`Attachment::resynced`] with `generation`: until then
+    /// [`Attachment::io_ready`] is false.
     Reattached {
         /// The daemon's epoch.
         epoch: u64,
+        /// Which reattach this is (for [`Attachment::resynced`]).
+        generation: u64,
         /// Handles resumed.
         resumed: Vec<ResumeKey>,
+        /// Files of resumed handles that have byte-range locks (or a first
+        /// lock waiting for this frontend): I/O on them is checked.
+        locked: Vec<FileId>,
         /// Handles that could not be resumed.
         lost: Vec<ResumeKey>,
         /// Time from losing the daemon to being attached again.
@@ -67,6 +86,10 @@ struct Shared {
     events: Sender<AttachEvent>,
     stop: AtomicBool,
     features: u64,
+    /// Bumped when the daemon is found gone (before `Lost`).
+    generation: AtomicU64,
+    /// The generation whose `Reattached` the frontend has applied.
+    synced: AtomicU64,
 }
 
 /// A reconnecting frontend attachment. Cheap to clone.
@@ -133,6 +156,8 @@ impl Attachment {
             events: tx,
             stop: AtomicBool::new(false),
             features,
+            generation: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
         });
         let sup = shared.clone();
         std::thread::Builder::new()
@@ -147,6 +172,47 @@ impl Attachment {
             Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// Whether the frontend may trust its lock flags: attached, and the
+    /// latest [`AttachEvent::Reattached`] applied. When false, every read
+    /// and write must be refused with the protocol's retry status (filterd
+    /// may have granted locks this frontend has not heard of). Asks the
+    /// socket itself ([`FilterClient::peer_gone`]), so it turns false the
+    /// moment the daemon is gone, before the supervisor notices.
+    pub fn io_ready(&self) -> bool {
+        let g = self.shared.generation.load(Ordering::Acquire);
+        if self.shared.synced.load(Ordering::Acquire) != g {
+            return false;
+        }
+        match self.shared.current.read() {
+            Ok(c) => !c.peer_gone(),
+            Err(_) => false,
+        }
+    }
+
+    /// The frontend has applied the `Reattached` of `generation` (marked
+    /// its `locked` files): I/O on other files may go unchecked again.
+    pub fn resynced(&self, generation: u64) {
+        self.shared.synced.store(generation, Ordering::Release);
+    }
+
+    /// Applies a [`AttachEvent::Reattached`]'s lock state to a frontend's
+    /// set of files whose I/O it checks: marks `locked`, then
+    /// [`Attachment::resynced`]. (Files marked before stay marked: at worst
+    /// their I/O is checked needlessly until their next `LocksGone`.)
+    pub fn relearn_locks(
+        &self,
+        checked: &Mutex<std::collections::HashSet<FileId>>,
+        locked: Vec<FileId>,
+        generation: u64,
+    ) {
+        match checked.lock() {
+            Ok(mut l) => l.extend(locked),
+            // Poisoned: its owner treats every file as locked anyway.
+            Err(p) => p.into_inner().extend(locked),
+        }
+        self.resynced(generation);
     }
 
     /// Events for the frontend.
@@ -280,6 +346,9 @@ fn supervise(shared: Arc<Shared>) {
         }
         drop(current);
         let lost_at = Instant::now();
+        // From here until the frontend applies the Reattached below, its
+        // lock flags are not to be trusted.
+        let generation = shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
         if !deliver(&shared, AttachEvent::Lost) {
             return;
         }
@@ -311,14 +380,24 @@ fn supervise(shared: Arc<Shared>) {
                     .collect()
             })
             .unwrap_or_default();
-        let (mut resumed, mut lost) = (Vec::new(), Vec::new());
+        let (mut resumed, mut lost, mut locked) = (Vec::new(), Vec::new(), Vec::new());
         for (key, cid, durable) in known {
-            if durable && client.resume(cid, key).is_ok() {
-                resumed.push(key);
-            } else {
+            if !durable {
                 lost.push(key);
+                continue;
+            }
+            match client.resume(cid, key) {
+                Ok(h) => {
+                    if h.info.locked {
+                        locked.push(h.info.file);
+                    }
+                    resumed.push(key);
+                }
+                Err(_) => lost.push(key),
             }
         }
+        locked.sort_unstable();
+        locked.dedup();
         if let Ok(mut m) = shared.handles.lock() {
             for k in &lost {
                 m.remove(k);
@@ -337,7 +416,9 @@ fn supervise(shared: Arc<Shared>) {
             &shared,
             AttachEvent::Reattached {
                 epoch,
+                generation,
                 resumed,
+                locked,
                 lost,
                 outage: lost_at.elapsed(),
             },

@@ -272,6 +272,27 @@ impl FilterClient {
         self.inner.dead.load(Ordering::Acquire)
     }
 
+    /// Whether the daemon is gone, asked of the socket itself: true once
+    /// [`FilterClient::is_dead`], and also when the daemon has closed its end
+    /// but the reader has not run yet (a frontend resumed by SIGCONT after
+    /// filterd was restarted must not trust flags from the dead connection
+    /// for even one request). One `poll` with no wait.
+    pub fn peer_gone(&self) -> bool {
+        if self.is_dead() {
+            return true;
+        }
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        // A SEQPACKET peer that closed shows as POLLHUP (always reported).
+        let mut fds = [PollFd::new(self.inner.sock.as_fd(), PollFlags::empty())];
+        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => fds[0].revents().is_some_and(|r| r.intersects(gone)),
+            Ok(_) => false,
+            // Cannot tell: assume the worst (the caller checks or retries).
+            Err(_) => true,
+        }
+    }
+
     /// Whether the connection was failed because its frontend left
     /// [`EVENT_QUEUE_LIMIT`] events unread.
     pub fn events_overflowed(&self) -> bool {

@@ -444,6 +444,15 @@ pub fn filterctl(args: &[&str]) -> CtlOutput {
     }
 }
 
+/// An smbl/1 connection to `addr` with a session (SESSION_SETUP as user m).
+pub fn smb_session(addr: &str) -> (LineClient, u64) {
+    let mut m = LineClient::connect(addr);
+    let r = m.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "m"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let sid = r["session_id"].as_u64().expect("session_id");
+    (m, sid)
+}
+
 /// A running protocol frontend (smbshim or nfsshim) and its TCP address.
 pub struct Shim {
     child: Child,
@@ -482,6 +491,12 @@ impl Shim {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
         Shim { child, addr }
+    }
+
+    /// Sends it `sig` (SIGSTOP / SIGCONT to freeze and thaw it).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, sig).expect("signal shim");
     }
 
     /// SIGKILLs it.

@@ -158,7 +158,8 @@ fn slots_and_stateids_survive_nfsshim_and_filterd_restarts() {
         (r["status"] != "NFS4ERR_DELAY").then_some(r)
     });
     assert_eq!(r["status"], "NFS4_OK", "{r}");
-    let r = ok(a.call(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 10})));
+    // I/O waits (DELAY) until nfsshim has re-learned which files have locks.
+    let r = ok(a.call_patiently(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 10})));
     assert_eq!(r["data"], b64("kept"));
     std::fs::write(s.root().join("victim"), b"again").unwrap();
     let rm = json!({"op": "REMOVE", "path": "victim"});

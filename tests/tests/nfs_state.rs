@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rkfilter_tests::{connect_from, Filterd, LineClient, Nfs, Scratch, Shim};
+use rkfilter_tests::{connect_from, smb_session, Filterd, LineClient, Nfs, Scratch, Shim};
 use serde_json::{json, Value};
 
 fn ok(r: Value) -> Value {
@@ -18,14 +18,6 @@ fn ok(r: Value) -> Value {
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-fn smb_session(addr: &str) -> (LineClient, u64) {
-    let mut m = LineClient::connect(addr);
-    let r = m.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "m"}));
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let sid = r["session_id"].as_u64().expect("session_id");
-    (m, sid)
 }
 
 /// Old code: the REMOVE and the RENAME each waited out filterd's whole

@@ -1,6 +1,7 @@
 //! The fault soak's short profile: rksoak for 20 s with 2 clients of each
-//! protocol under SIGKILL chaos, beside a client that stops reading and
-//! one that opens session after session, must end with 0 violations
+//! protocol under SIGKILL chaos (and filterd restarts while a frontend is
+//! stopped), beside a client that stops reading and one that opens session
+//! after session, must end with 0 violations
 //! (`make soak` runs the long profile).
 
 use rkfilter_tests::bin;
@@ -27,6 +28,15 @@ fn short_soak_has_no_violations() {
     assert!(
         post_mortems >= 1,
         "filterctl's post-mortem view was compared with a restart: {stdout}"
+    );
+    // filterd restarted while a frontend was stopped, and the thawed
+    // frontend's WRITE inside the other protocol's lock was refused.
+    let stopped = count(&stdout, "restarts while stopped");
+    assert!(stopped >= 1, "{stdout}");
+    assert_eq!(
+        count(&stdout, "writes in a lock refused"),
+        stopped,
+        "{stdout}"
     );
     // The hostile peers ran, and met their limits.
     assert!(count(&stdout, "stalled readers dropped") >= 1, "{stdout}");

@@ -47,7 +47,7 @@ impl Engine {
         let late: Vec<FileId> = self
             .hint_waits
             .iter()
-            .filter(|(_, (_, t))| *t <= now)
+            .filter(|(_, w)| w.deadline <= now)
             .map(|(f, _)| *f)
             .collect();
         for f in late {
@@ -55,8 +55,17 @@ impl Engine {
             // failed, never bypassed: its connection is dropped (its durable
             // handles detach, its other handles close), so it can do no
             // unchecked I/O on the file; the lock then proceeds.
-            if let Some((pending, _)) = self.hint_waits.remove(&f) {
-                for c in pending {
+            if let Some(w) = self.hint_waits.remove(&f) {
+                // A frontend that had handles of the file when it went away
+                // (filterd restarted, or it is stopped) and is still not
+                // back: nothing to drop. It learns of the lock when it
+                // resumes the handle, and until then does no I/O unchecked
+                // (its attachment is not io_ready).
+                for i in w.absent {
+                    warn!(file = ?f, instance = %i, "frontend with disconnected handles of a file did not come back before its first lock: the lock proceeds");
+                    self.hint_gave_up.insert(i);
+                }
+                for c in w.conns {
                     if let Some(x) = self.conns.get(&c) {
                         warn!(file = ?f, conn = c.0, pid = x.peer.pid, "frontend did not acknowledge a lock hint in time: dropped");
                         self.stats.frontends_dropped += 1;

@@ -4,6 +4,24 @@
 
 use super::*;
 
+/// A first lock waiting for frontends to hear of it (see `hint_first`).
+pub(super) struct HintWait {
+    /// Connections told `LocksPresent` that have not acknowledged yet.
+    pub(super) conns: HashSet<ConnId>,
+    /// Frontend instances that have disconnected handles of the file and
+    /// are not attached (filterd restarted while they were away or
+    /// stopped): done when they resume a handle of the file.
+    pub(super) absent: HashSet<InstanceName>,
+    /// When the lock proceeds anyway (monotonic ms).
+    pub(super) deadline: u64,
+}
+
+impl HintWait {
+    pub(super) fn done(&self) -> bool {
+        self.conns.is_empty() && self.absent.is_empty()
+    }
+}
+
 impl Engine {
     /// Connections with lock hints that hold attached handles of `file`.
     pub(super) fn hinted_conns_of(&self, file: FileId) -> HashSet<ConnId> {
@@ -22,7 +40,12 @@ impl Engine {
 
     /// Lock hints: a LOCK that would give `file` its first lock waits until
     /// every other frontend with handles of the file has been told (so none
-    /// of them reads or writes it unchecked once the lock is granted).
+    /// of them reads or writes it unchecked once the lock is granted):
+    /// attached frontends acknowledge `LocksPresent`; frontends that are
+    /// not attached but have disconnected handles of the file (after a
+    /// filterd restart, or while they are stopped) are told when they
+    /// resume one (`hint_open`). Until the deadline; then attached ones
+    /// that did not answer are dropped, absent ones are given up on.
     /// Returns the file when the request must wait.
     pub(super) fn hint_first(
         &mut self,
@@ -32,6 +55,7 @@ impl Engine {
     ) -> Option<FileId> {
         let h = self.handles.get(&key).filter(|h| h.conn == Some(conn))?;
         let file = h.rec.file;
+        let me = h.rec.frontend.clone();
         if !ops.iter().any(|o| !o.unlock) {
             return None;
         }
@@ -47,7 +71,20 @@ impl Engine {
             .into_iter()
             .filter(|c| *c != conn && !told.contains(c))
             .collect();
-        if others.is_empty() {
+        let absent: HashSet<InstanceName> = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .filter(|h| h.conn.is_none() && matches!(h.rec.conn, ConnState::Disconnected { .. }))
+            .map(|h| &h.rec.frontend)
+            .filter(|i| {
+                **i != me && !self.instances.contains_key(*i) && !self.hint_gave_up.contains(*i)
+            })
+            .cloned()
+            .collect();
+        if others.is_empty() && absent.is_empty() {
             return None;
         }
         for c in &others {
@@ -60,16 +97,36 @@ impl Engine {
             .entry(file)
             .or_default()
             .extend(others.iter());
+        debug!(file = ?file, attached = others.len(), absent = absent.len(), "first lock waits for frontends to hear of it");
         let deadline = mono_ms() + self.cfg.break_timeout_ms;
-        self.hint_waits.insert(file, (others, deadline));
+        self.hint_waits.insert(
+            file,
+            HintWait {
+                conns: others,
+                absent,
+                deadline,
+            },
+        );
         Some(file)
     }
 
-    /// Lock hints at open and resume: whether `file` has locks; if so, the
-    /// connection is among those told (it hears `LocksGone`).
+    /// Lock hints at open and resume: whether `file` has locks or a first
+    /// lock waiting; if so, the connection is among those told (it hears
+    /// `LocksGone`). The reply carrying this goes before any later event on
+    /// the connection, and a frontend resuming after a restart serves no
+    /// I/O before it has applied it, so a lock granted after this answer is
+    /// told by `LocksPresent`, one granted before by this answer.
     pub(super) fn hint_open(&mut self, conn: ConnId, file: FileId) -> bool {
         let locked = self.locks.get(&file).is_some_and(|t| !t.is_empty());
-        if !locked {
+        if let Some(w) = self.hint_waits.get_mut(&file) {
+            // An absent frontend waited for is back with a handle of it.
+            if let Some(Role::Frontend { instance, .. }) = self.conns.get(&conn).map(|c| &c.role) {
+                if w.absent.remove(instance) && w.done() {
+                    self.hint_waits.remove(&file);
+                    self.retry_files.insert(file);
+                }
+            }
+        } else if !locked {
             return false;
         }
         if self

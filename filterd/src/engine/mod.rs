@@ -154,8 +154,13 @@ pub struct Engine {
     /// Lock hints: the connections told that a file has locks.
     lock_hints: HashMap<FileId, HashSet<ConnId>>,
     /// Lock hints: a first lock on a file waits until these connections
-    /// acknowledged (or the deadline, Unix ms).
-    hint_waits: HashMap<FileId, (HashSet<ConnId>, u64)>,
+    /// acknowledged and these absent frontends resumed a handle of it (or
+    /// the deadline).
+    hint_waits: HashMap<FileId, locks::HintWait>,
+    /// Frontend instances with disconnected handles that did not come back
+    /// within a lock hint's deadline: first locks stop waiting for them
+    /// until they attach again (they learn of locks when they resume).
+    hint_gave_up: HashSet<InstanceName>,
     /// Opens waiting for their intent to be durable before their change.
     parked: HashMap<IntentId, Parked>,
     /// Files with a size change in flight, and how many (see
@@ -283,6 +288,7 @@ impl Engine {
             per_client: HashMap::new(),
             per_frontend: HashMap::new(),
             hint_waits: HashMap::new(),
+            hint_gave_up: HashSet::new(),
             waiting_local: Vec::new(),
             local_openers: HashMap::new(),
             fanotify: None,
@@ -346,7 +352,7 @@ impl Engine {
         let now = mono_ms();
         let next_expiry = self.expiries.peek().map(|Reverse((t, _, _))| *t);
         let next_break = self.breaking.values().map(|b| b.deadline_ms).min();
-        let next_hint = self.hint_waits.values().map(|(_, t)| *t).min();
+        let next_hint = self.hint_waits.values().map(|w| w.deadline).min();
         match next_expiry
             .into_iter()
             .chain(next_break)
@@ -434,6 +440,7 @@ impl Engine {
                 ));
             }
             self.instances.insert(instance.clone(), conn);
+            self.hint_gave_up.remove(instance);
             self.stats.frontends_attached += 1;
             let orphans = self
                 .handles
@@ -483,13 +490,12 @@ impl Engine {
         for told in self.lock_hints.values_mut() {
             told.remove(&conn);
         }
-        for (file, (pending, _)) in self.hint_waits.iter_mut() {
-            if pending.remove(&conn) && pending.is_empty() {
+        for (file, w) in self.hint_waits.iter_mut() {
+            if w.conns.remove(&conn) && w.done() {
                 self.retry_files.insert(*file);
             }
         }
-        self.hint_waits
-            .retain(|_, (pending, _)| !pending.is_empty());
+        self.hint_waits.retain(|_, w| !w.done());
     }
 
     fn on_request(&mut self, conn: ConnId, frame: RequestFrame) {
@@ -698,9 +704,9 @@ impl Engine {
             }
             Request::LockHintAck { file } => {
                 need_frontend()?;
-                if let Some((pending, _)) = self.hint_waits.get_mut(&file) {
-                    pending.remove(&conn);
-                    if pending.is_empty() {
+                if let Some(w) = self.hint_waits.get_mut(&file) {
+                    w.conns.remove(&conn);
+                    if w.done() {
                         self.hint_waits.remove(&file);
                         self.retry_files.insert(file);
                     }

@@ -12,6 +12,11 @@
 //! Each time filterd is killed, filterctl's post-mortem view of the state
 //! dir is compared with what the restarted daemon shows (started first on a
 //! side socket no frontend knows, so nothing has changed it yet).
+//! One chaos step in four instead restarts filterd while smbshim or nfsshim
+//! is stopped (SIGSTOP) and, meanwhile, a client of the other protocol takes
+//! an exclusive lock on a shared file: once the stopped frontend continues,
+//! its client's WRITE inside that lock must be refused and nothing may land
+//! (issue 13 #1).
 //! Two hostile peers run beside them all along: an smbl/1 client that
 //! asks for megabytes of READs and stops reading (smbshim must drop it, and
 //! the other clients must carry on), and an nfsl/1 client that opens
@@ -70,6 +75,10 @@ struct Tally {
     stalled_dropped: AtomicU64,
     /// CREATE_SESSIONs refused past the limit (NFS4ERR_RESOURCE).
     sessions_refused: AtomicU64,
+    /// filterd restarts while a frontend was stopped (SIGSTOP).
+    stopped_restarts: AtomicU64,
+    /// WRITEs inside another client's lock refused after such a restart.
+    lock_writes_refused: AtomicU64,
     violations: Mutex<Vec<String>>,
 }
 
@@ -324,17 +333,12 @@ fn nfs_client(
             }
         }
     };
-    let c = connect()?;
-    let verifier = format!("{:016x}", Uuid::new_v4().as_u64_pair().0);
-    let id = c
-        .exchange_id(&format!("soak-{i}"), &verifier)?
-        .require_ok()?;
-    let cs = c
-        .create_session(id.clientid().context("clientid")?)?
-        .require_ok()?;
-    let mut s = nfsl::Session::from_reply(c, &cs).context("session")?;
+    let mut s = nfs_session(connect()?, &format!("soak-{i}"))?;
     let path = format!("nfs-{i}");
-    // Sends on slot 0; after a lost connection re-sends on a new one.
+    // Sends on slot 0; after a lost connection re-sends on a new one. A
+    // DELAY leaves the server's slot where it was and `call` takes its
+    // seqid back, so after a DELAY the request goes the same way again: a
+    // `resend` there would get the previous request's cached reply.
     let call = |s: &mut nfsl::Session, req: Value| -> anyhow::Result<nfsl::Reply> {
         let t0 = Instant::now();
         let mut first = true;
@@ -344,11 +348,11 @@ fn nfs_client(
             } else {
                 s.resend(0, req.clone())
             };
-            first = false;
             match r {
                 Ok(r) if r.status() != "NFS4ERR_DELAY" => return Ok(r),
                 Ok(_) => std::thread::sleep(Duration::from_millis(10)),
                 Err(_) => {
+                    first = false;
                     *s = s.with_client(connect()?);
                 }
             }
@@ -404,6 +408,16 @@ fn nfs_client(
         }
     }
     Ok(())
+}
+
+/// EXCHANGE_ID as `owner` (a new verifier) and CREATE_SESSION on `c`.
+fn nfs_session(c: Arc<nfsl::Client>, owner: &str) -> anyhow::Result<nfsl::Session> {
+    let verifier = format!("{:016x}", Uuid::new_v4().as_u64_pair().0);
+    let id = c.exchange_id(owner, &verifier)?.require_ok()?;
+    let cs = c
+        .create_session(id.clientid().context("clientid")?)?
+        .require_ok()?;
+    nfsl::Session::from_reply(c, &cs).context("session")
 }
 
 /// Bytes of the file the stalled reader asks to READ.
@@ -651,6 +665,152 @@ fn check(
     Ok(())
 }
 
+/// Sends SIGCONT to a stopped frontend when dropped (on every path out).
+struct Thaw<'a>(&'a Shim);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.0.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// A filterd restart while one frontend is stopped (nfsshim for even `k`,
+/// smbshim for odd): meanwhile a client of the other protocol takes an
+/// exclusive lock on a file both have open; once the stopped frontend
+/// continues, its client's WRITE inside the lock must be refused and the
+/// bytes must not land (issue 13 #1).
+fn restart_while_stopped(
+    k: u64,
+    s: &Scratch,
+    filterd: &mut Filterd,
+    smb: &Shim,
+    nfs: &Shim,
+    tally: &Tally,
+) -> anyhow::Result<()> {
+    const DOTS: [u8; 64] = [b'.'; 64];
+    let (off, len) = (16u64, 16u64);
+    let stop_nfs = k.is_multiple_of(2);
+    let path = format!("contested-{k}");
+    std::fs::write(s.root().join(&path), DOTS)?;
+    let patiently = |what: &str, f: &mut dyn FnMut() -> anyhow::Result<(String, Value)>| {
+        let t0 = Instant::now();
+        loop {
+            let (status, v) = f()?;
+            if status != "NFS4ERR_DELAY" && status != "STATUS_FILE_NOT_AVAILABLE" {
+                return Ok::<_, anyhow::Error>((status, v));
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("{what}: still {status} after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Both protocols open the file (persistent handles, sharing all).
+    let sc = smbl::Client::connect(smb.addr.as_str())?;
+    sc.set_timeout(Duration::from_secs(30));
+    let sid = sc
+        .session_setup(Uuid::new_v4(), "contender", None)?
+        .session_id()
+        .context("session")?;
+    let mut a = smbl::CreateArgs::new(sid, path.clone());
+    a.access = vec!["read".into(), "write".into()];
+    a.share = vec!["read".into(), "write".into(), "delete".into()];
+    a.disposition = "open".into();
+    a.durable = Some(smbl::Durable::persistent(Uuid::new_v4()));
+    let r = sc.create(&a)?;
+    if !r.is_success() {
+        bail!("smbl/1 CREATE {path}: {}", r.value());
+    }
+    let fid = r.file_id().context("file_id")?.to_owned();
+    let nc = nfsl::Client::connect(nfs.addr.as_str())?;
+    nc.set_timeout(Duration::from_secs(30));
+    let ns = nfs_session(Arc::new(nc), &format!("contender-{k}"))?;
+    let mut oa = nfsl::OpenArgs::new("contender", path.clone());
+    oa.access = nfsl::Access::Both;
+    oa.deny = nfsl::Deny::None;
+    let o = ns.call(0, nfsl::ops::open(&oa))?.require_ok()?;
+    let st = o.stateid().context("stateid")?.current();
+    // A DELAY takes the seqid back: `call` again re-sends it.
+    let nfs_call = |req: Value| -> anyhow::Result<(String, Value)> {
+        let r = ns.call(0, req)?;
+        Ok((r.status().to_owned(), r.value().clone()))
+    };
+    let smb_reply = |r: smbl::Reply| -> anyhow::Result<(String, Value)> {
+        Ok((r.status().to_owned(), r.value().clone()))
+    };
+    let range = smbl::LockSpec {
+        offset: off,
+        length: len,
+        exclusive: true,
+        unlock: false,
+    };
+
+    let (stopped, thaw) = if stop_nfs {
+        ("nfsshim", Thaw(nfs))
+    } else {
+        ("smbshim", Thaw(smb))
+    };
+    thaw.0.signal(nix::sys::signal::Signal::SIGSTOP);
+    filterd.kill9();
+    *filterd = Filterd::start(s, &["--break-timeout-ms", "1000"], &[]);
+    // The other protocol locks while the stopped frontend knows nothing.
+    let (status, v) = if stop_nfs {
+        patiently("smbl/1 LOCK", &mut || {
+            smb_reply(sc.lock(sid, &fid, std::slice::from_ref(&range), None, false)?)
+        })?
+    } else {
+        patiently("nfsl/1 LOCK", &mut || {
+            nfs_call(nfsl::ops::lock(
+                &st,
+                "contender",
+                nfsl::LockType::Write,
+                off,
+                len,
+            ))
+        })?
+    };
+    if status != "STATUS_SUCCESS" && status != "NFS4_OK" {
+        bail!("the lock was not granted: {v}");
+    }
+    let lock_stateid: Option<nfsl::StateId> =
+        serde_json::from_value(v["lock_stateid"].clone()).ok();
+    drop(thaw);
+    // The thawed frontend's client writes inside the lock.
+    let (status, v) = if stop_nfs {
+        patiently("nfsl/1 WRITE", &mut || {
+            nfs_call(nfsl::ops::write(&st, off + 4, b"INTRUDER"))
+        })?
+    } else {
+        patiently("smbl/1 WRITE", &mut || {
+            smb_reply(sc.write(sid, &fid, off + 4, b"INTRUDER", None, false)?)
+        })?
+    };
+    if status == "NFS4ERR_LOCKED" || status == "STATUS_FILE_LOCK_CONFLICT" {
+        tally.lock_writes_refused.fetch_add(1, Ordering::Relaxed);
+    } else {
+        tally.violation(format!(
+            "{path}: a WRITE inside another client's lock after filterd restarted while {stopped} was stopped: {v}"
+        ));
+    }
+    let bytes = std::fs::read(s.root().join(&path))?;
+    if bytes.get(16..32) != DOTS.get(16..32) {
+        tally.violation(format!("{path}: bytes landed inside another client's lock"));
+    }
+    // Clean up (best effort: the checker does not look at this file).
+    if let Some(l) = lock_stateid {
+        let _ = nfs_call(nfsl::ops::locku(&l, off, len));
+    } else {
+        let unlock = smbl::LockSpec {
+            unlock: true,
+            ..range
+        };
+        let _ = sc.lock(sid, &fid, std::slice::from_ref(&unlock), None, false);
+    }
+    let _ = nfs_call(nfsl::ops::close(&st));
+    let _ = sc.close(sid, &fid);
+    Ok(())
+}
+
 /// SIGINT or SIGTERM (a timeout, Ctrl-C): stop every process of the soak —
 /// they are the ones whose command line names its scratch dir — remove the
 /// dir, exit 130. The signals are blocked in every thread and taken here.
@@ -799,7 +959,7 @@ fn main() -> anyhow::Result<()> {
     let (mut max_fd, mut max_rss) = (fd0, rss0);
     while t0.elapsed() < Duration::from_secs(args.seconds) {
         std::thread::sleep(Duration::from_millis(300 + next() % 900));
-        let victim = next() % 3;
+        let victim = next() % 4;
         let before = tally.ops.load(Ordering::Relaxed);
         match victim {
             0 => {
@@ -816,10 +976,16 @@ fn main() -> anyhow::Result<()> {
                     *a = nfs.addr.clone();
                 }
             }
-            _ => {
+            2 => {
                 filterd.kill9();
                 post_mortem_matches_restart(&s, &tally);
                 filterd = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+            }
+            _ => {
+                let k = tally.stopped_restarts.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = restart_while_stopped(k, &s, &mut filterd, &smb, &nfs, &tally) {
+                    tally.violation(format!("restart while a frontend was stopped: {e:#}"));
+                }
             }
         }
         tally.failovers.fetch_add(1, Ordering::Relaxed);
@@ -882,6 +1048,8 @@ fn main() -> anyhow::Result<()> {
         ("side ops lost to failover", &tally.side_failed),
         ("stalled readers dropped", &tally.stalled_dropped),
         ("sessions refused (limit)", &tally.sessions_refused),
+        ("restarts while stopped", &tally.stopped_restarts),
+        ("writes in a lock refused", &tally.lock_writes_refused),
     ] {
         println!("  {label:<24} {:>8}", n.load(Ordering::Relaxed));
     }

@@ -1659,7 +1659,16 @@ fn check_io(
         .lock()
         .map(|l| l.contains(&o.file_key))
         .unwrap_or(true);
-    if len == 0 || !locked {
+    if len == 0 {
+        return Ok(());
+    }
+    if !ctx.sh.filter.io_ready() {
+        // filterd is away (or back, but this nfsshim has not re-learned
+        // which files have locks yet): a lock may exist that nothing here
+        // knows of, so no I/O goes unchecked; NFS4ERR_DELAY.
+        return Err(filter_fail(ClientError::Disconnected));
+    }
+    if !locked {
         return Ok(());
     }
     ctx.sh
@@ -2371,7 +2380,18 @@ fn events(sh: Arc<Shared>) {
             AttachEvent::Daemon(Event::Expired { key } | Event::Purged { key }) => {
                 forget(&sh, &[key]);
             }
-            AttachEvent::Reattached { lost, .. } => forget(&sh, &lost),
+            AttachEvent::Reattached {
+                generation,
+                lost,
+                locked,
+                ..
+            } => {
+                forget(&sh, &lost);
+                // What the resumes said about locks, before any I/O goes
+                // unchecked again.
+                sh.filter
+                    .relearn_locks(&sh.locked_files, locked, generation);
+            }
             _ => {}
         }
     }

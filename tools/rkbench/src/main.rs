@@ -9,7 +9,9 @@
 //! `restart` (start to serving with 10k and 100k persistent handles beside
 //! raw `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
 //! for durable-with-lease and persistent opens at 1 and 32 connections,
-//! beside a raw TCP line round trip, and the smbshim failover time from a
+//! beside a raw TCP line round trip; 4 KiB WRITEs on persistent handles,
+//! each synced before its reply, at 1 and 32 connections beside raw
+//! pwrite+fdatasync at as many threads; and the smbshim failover time from a
 //! replacement listening to a client's RECONNECT done; skipped without an
 //! smbshim binary), `nfs` (nfsl/1 OPEN+CLOSE through nfsshim at 1 and 32
 //! connections beside the same TCP round trip, and the slot-replay lookup
@@ -384,6 +386,43 @@ fn smb_section(
             }
             rep.rows.push(row);
         }
+    }
+    // Durable writes: every WRITE on a persistent handle is fdatasync'd
+    // before its reply; beside raw pwrite+fdatasync at as many threads,
+    // measured just before and just after it (a flush's cost swings with
+    // whatever else the disk is doing: the baseline is their mean).
+    for conns in [1usize, 32] {
+        let before = raw::pwrite_fdatasync(dir, conns, dur)?;
+        let w = smb::persistent_writes(filterd, smbshim, dir, conns, dur)?;
+        let after = raw::pwrite_fdatasync(dir, conns, dur)?;
+        let mean = |f: fn(&report::Figure) -> f64| (f(&before) + f(&after)) / 2.0;
+        let raw_rate = mean(|f| f.ops_per_s);
+        rep.rows.push(
+            Row::new(
+                "raw pwrite+fdatasync, 4 KiB, a file per thread (writes/s; mean of before and after)",
+                conns,
+                raw_rate,
+                mean(|f| f.mean_us),
+                mean(|f| f.p99_us),
+            )
+            .note(format!(
+                "{:.0} before, {:.0} after",
+                before.ops_per_s, after.ops_per_s
+            ))
+            .with("before_per_s", before.ops_per_s)
+            .with("after_per_s", after.ops_per_s),
+        );
+        rep.rows.push(
+            Row::new(
+                "smbl/1 WRITE 4 KiB on a persistent handle, synced before the reply (writes/s)",
+                conns,
+                w.ops_per_s,
+                w.mean_us,
+                w.p99_us,
+            )
+            .note("a file per connection, no op id".into())
+            .beside_rate("raw pwrite+fdatasync, same threads", raw_rate),
+        );
     }
     let repeats = if quick { 3 } else { 7 };
     let f = smb::failover(filterd, smbshim, dir, repeats)?;

@@ -177,3 +177,54 @@ pub fn lmdb_commits(dir: &Path, per_commit: usize, dur: Duration) -> anyhow::Res
     f.ops_per_s = puts as f64 / wall.as_secs_f64();
     Ok(f)
 }
+
+/// Bytes per WRITE in the durable-write rows.
+pub const WRITE_SIZE: usize = 4096;
+/// The writes cycle over this many bytes of each file.
+pub const WRITE_SPAN: u64 = 1 << 20;
+
+/// One thread's raw `pwrite` + `fdatasync` loop on a file of its own.
+struct RawWriter {
+    file: std::fs::File,
+    buf: Vec<u8>,
+    off: u64,
+}
+
+impl crate::gate::Worker for RawWriter {
+    fn warm_up(&mut self) -> anyhow::Result<()> {
+        (0..5).try_for_each(|_| self.op())
+    }
+    fn op(&mut self) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(&self.buf, self.off)?;
+        self.file.sync_data()?;
+        self.off = (self.off + WRITE_SIZE as u64) % WRITE_SPAN;
+        Ok(())
+    }
+}
+
+/// Raw `pwrite` of [`WRITE_SIZE`] bytes + `fdatasync`, `threads` threads
+/// each on a file of its own (what a durable WRITE costs without any
+/// frontend); writes/s of all threads together.
+pub fn pwrite_fdatasync(dir: &Path, threads: usize, dur: Duration) -> anyhow::Result<Figure> {
+    let d = dir.join(format!("raw-writes-{threads}"));
+    std::fs::create_dir_all(&d)?;
+    let mut workers = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(d.join(format!("w-{i}")))?;
+        workers.push(RawWriter {
+            file,
+            buf: vec![b'w'; WRITE_SIZE],
+            off: 0,
+        });
+    }
+    let (all, wall) = crate::gate::run("raw-writes", workers, dur)
+        .with_context(|| format!("raw pwrite+fdatasync at {threads} threads"))?;
+    let n = all.len() as u64;
+    Ok(Figure::from_samples(all, n, wall))
+}

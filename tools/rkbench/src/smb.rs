@@ -11,6 +11,11 @@
 //! persistent opens. A CREATE answered with `durable: null` still counts:
 //! the figure is the round trip, and the row notes how many were granted.
 //!
+//! Persistent WRITEs: N connections, each with a persistent open of a
+//! file of its own, WRITE 4 KiB in a loop; smbshim syncs each before its
+//! reply (`shimline::datasync`), so the baseline is raw pwrite+fdatasync
+//! at as many threads, a file each (`raw::pwrite_fdatasync`).
+//!
 //! Failover: a client holds a persistent open; smbshim is SIGKILLed; a
 //! replacement with the same `--instance` starts; the clock runs from the
 //! replacement printing `listening on` to the client's RECONNECT (new TCP
@@ -187,6 +192,23 @@ fn session(addr: &str, client_guid: Uuid) -> anyhow::Result<(Client, u64)> {
     Ok((c, id))
 }
 
+/// A fresh filterd on export `tag` and an smbshim attached to it.
+fn start_smb(
+    filterd: &Path,
+    smbshim: &Path,
+    dir: &Path,
+    tag: &str,
+) -> anyhow::Result<(crate::daemon::Daemon, Shim)> {
+    let d = start_export(filterd, dir, tag)?;
+    let shim = Shim::start(
+        smbshim,
+        &d.socket,
+        "bench",
+        &dir.join(format!("{tag}/smbshim.log")),
+    )?;
+    Ok((d, shim))
+}
+
 /// One connection's CREATE+CLOSE loop state.
 struct Creator {
     client: Client,
@@ -273,13 +295,11 @@ pub fn create_close(
     conns: usize,
     dur: Duration,
 ) -> anyhow::Result<CreateClose> {
-    let tag = format!("smb-{}-{conns}", kind.tag());
-    let d = start_export(filterd, dir, &tag)?;
-    let shim = Shim::start(
+    let (d, shim) = start_smb(
+        filterd,
         smbshim,
-        &d.socket,
-        "bench",
-        &dir.join(format!("{tag}/smbshim.log")),
+        dir,
+        &format!("smb-{}-{conns}", kind.tag()),
     )?;
     let warm_granted = Arc::new(AtomicU64::new(0));
     let mut creators = Vec::with_capacity(conns);
@@ -437,4 +457,76 @@ pub fn tcp_line_rtt(dur: Duration) -> anyhow::Result<Figure> {
         Err(_) => bail!("the echo thread panicked"),
     }
     fig
+}
+
+/// One connection's WRITE loop on its own persistent open.
+struct Writer {
+    client: Client,
+    session: u64,
+    file_id: String,
+    data: Vec<u8>,
+    off: u64,
+}
+
+impl crate::gate::Worker for Writer {
+    fn warm_up(&mut self) -> anyhow::Result<()> {
+        (0..5).try_for_each(|_| self.op())
+    }
+    fn op(&mut self) -> anyhow::Result<()> {
+        self.client
+            .write(
+                self.session,
+                &self.file_id,
+                self.off,
+                &self.data,
+                None,
+                false,
+            )?
+            .require_success()?;
+        self.off = (self.off + crate::raw::WRITE_SIZE as u64) % crate::raw::WRITE_SPAN;
+        Ok(())
+    }
+}
+
+/// `conns` connections (one thread each), each with a persistent open of a
+/// file of its own, WRITE [`crate::raw::WRITE_SIZE`] bytes in a loop (no op
+/// id, so no reply is recorded: the figure is the data sync smbshim does
+/// before every reply on a persistent handle). Writes/s of all together.
+pub fn persistent_writes(
+    filterd: &Path,
+    smbshim: &Path,
+    dir: &Path,
+    conns: usize,
+    dur: Duration,
+) -> anyhow::Result<Figure> {
+    let (d, shim) = start_smb(filterd, smbshim, dir, &format!("smb-writes-{conns}"))?;
+    let mut workers = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let (client, sid) = session(&shim.addr, Uuid::new_v4())?;
+        let mut args = CreateArgs::new(sid, format!("w-{i}"));
+        args.access = vec!["read".into(), "write".into()];
+        args.disposition = "overwrite_if".into();
+        args.durable = Some(Durable::persistent(Uuid::new_v4()));
+        let r = client.create(&args)?.require_success()?;
+        if r.get("durable").is_none_or(|d| d.is_null()) {
+            bail!("persistent CREATE of w-{i} was not granted a persistent handle: {r}");
+        }
+        let file_id = r
+            .file_id()
+            .ok_or_else(|| anyhow!("CREATE reply without file_id: {r}"))?
+            .to_owned();
+        workers.push(Writer {
+            client,
+            session: sid,
+            file_id,
+            data: vec![b'w'; crate::raw::WRITE_SIZE],
+            off: 0,
+        });
+    }
+    let (all, wall) = crate::gate::run("smb-writes", workers, dur)
+        .with_context(|| format!("smbl/1 persistent WRITEs at {conns} connections"))?;
+    let n = all.len() as u64;
+    drop(shim);
+    drop(d);
+    Ok(Figure::from_samples(all, n, wall))
 }

@@ -765,7 +765,16 @@ fn check_io(sh: &Shared, o: &OpenRef, offset: u64, length: u64, write: bool) -> 
         .lock()
         .map(|l| l.contains(&o.file_key))
         .unwrap_or(true);
-    if length == 0 || !locked {
+    if length == 0 {
+        return Ok(());
+    }
+    if !sh.filter.io_ready() {
+        // filterd is away (or back, but this smbshim has not re-learned
+        // which files have locks yet): a lock may exist that nothing here
+        // knows of, so no I/O goes unchecked; the client retries.
+        return Err(filter_fail(ClientError::Disconnected));
+    }
+    if !locked {
         return Ok(());
     }
     let key = o.key;
@@ -1059,9 +1068,18 @@ fn forward_breaks(sh: Arc<Shared>) {
                 }
                 continue;
             }
-            AttachEvent::Reattached { lost, .. } => {
+            AttachEvent::Reattached {
+                generation,
+                lost,
+                locked,
+                ..
+            } => {
                 // Durable (in-memory) opens do not survive a filterd crash.
                 forget_opens(&sh, &lost);
+                // What the resumes said about locks, before any I/O goes
+                // unchecked again.
+                sh.filter
+                    .relearn_locks(&sh.locked_files, locked, generation);
                 continue;
             }
             _ => continue,
