@@ -777,3 +777,22 @@ impl Nfs {
         self.call(req)
     }
 }
+
+/// filterd's handles of `path` (through the scratch dir's default socket):
+/// (resume key, access as JSON text).
+pub fn handles_on(s: &Scratch, path: &str) -> Vec<(String, String)> {
+    let sock = s.socket().display().to_string();
+    let handles = filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    handles
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|h| h["path"] == path)
+        .map(|h| {
+            (
+                h["key"].as_str().unwrap_or("").to_owned(),
+                h["access"].to_string(),
+            )
+        })
+        .collect()
+}

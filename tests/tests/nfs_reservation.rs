@@ -6,30 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use rkfilter_tests::{Filterd, LineClient, Nfs, Scratch, Shim, TestFront};
+use rkfilter_tests::{handles_on, Filterd, LineClient, Nfs, Scratch, Shim, TestFront};
 use serde_json::{json, Value};
 
 fn ok(r: Value) -> Value {
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     r
-}
-
-/// filterd's handles of `path`: (key, access as JSON text).
-fn handles_on(s: &Scratch, path: &str) -> Vec<(String, String)> {
-    let sock = s.socket().display().to_string();
-    let handles = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
-    handles
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|h| h["path"] == path)
-        .map(|h| {
-            (
-                h["key"].as_str().unwrap_or("").to_owned(),
-                h["access"].to_string(),
-            )
-        })
-        .collect()
 }
 
 fn expire(s: &Scratch, key: &str) {

@@ -8,7 +8,9 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rkfilter_tests::{connect_from, smb_session, Filterd, LineClient, Nfs, Scratch, Shim};
+use rkfilter_tests::{
+    connect_from, handles_on, smb_session, Filterd, LineClient, Nfs, Scratch, Shim,
+};
 use serde_json::{json, Value};
 
 fn ok(r: Value) -> Value {
@@ -599,24 +601,6 @@ fn denied_names_the_lock_owner_across_instances() {
     let r = bob.call(json!({"op": "LOCK", "stateid": sb, "owner": "bob-lock", "type": "write", "offset": 2, "length": 4}));
     assert_eq!(r["status"], "NFS4ERR_DENIED", "{r}");
     assert_eq!(r["denied"]["owner"], "alice-lock", "{r}");
-}
-
-/// filterd's handles of `path`: (key, access as JSON text).
-fn handles_on(s: &Scratch, path: &str) -> Vec<(String, String)> {
-    let sock = s.socket().display().to_string();
-    let handles = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
-    handles
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|h| h["path"] == path)
-        .map(|h| {
-            (
-                h["key"].as_str().unwrap_or("").to_owned(),
-                h["access"].to_string(),
-            )
-        })
-        .collect()
 }
 
 /// Issue 17, review of the share-group fix. (1) Another frontend peer
