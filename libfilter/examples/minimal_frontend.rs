@@ -78,7 +78,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 6. If filterd restarts meanwhile, the attachment reconnects and resumes
     //    the handle by itself; the descriptor keeps working throughout, but
     //    reads and writes wait (`io_ready`) until the frontend has marked
-    //    the files that have locks and called `resynced`.
+    //    the files that have locks and called `resynced`. A frontend that
+    //    skips CheckIo on files without locks decides each read or write
+    //    with `decide_io` (and does it under the guard that returns),
+    //    handles `LocksPresent` with `locks_present`, and applies
+    //    `Reattached` under `exclusive_io`.
     if let Ok(AttachEvent::Reattached {
         generation,
         resumed,

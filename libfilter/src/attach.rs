@@ -28,6 +28,20 @@
 //! `Reattached`, so a lock granted after a resume reply reaches the frontend
 //! after the flags that reply set, never before.
 //!
+//! Unchecked I/O is gated (issue 13 #1): a frontend makes the decision "this
+//! file has no locks, no CheckIo" and does the pread/pwrite it allows under
+//! [`Attachment::unchecked_io`] (a shared guard), checking in this order:
+//! [`Attachment::io_ready`], that its handle is still live, the file's
+//! locked flag. On `LocksPresent` it calls [`Attachment::locks_present`],
+//! which marks the file, waits for every unchecked read or write in flight
+//! to finish (the exclusive guard), and only then acknowledges: the lock is
+//! granted after the last unchecked byte landed, never before. It applies a
+//! `Reattached` (drops lost handles, relearns locks) under
+//! [`Attachment::exclusive_io`] likewise. Checked I/O (a CheckIo round trip,
+//! then the pread/pwrite) does not hold the guard, so the event thread never
+//! waits on filterd: a lock granted between a passed CheckIo and its pwrite
+//! is a window this design leaves open (filterd is not in the data path).
+//!
 //! Non-durable handles die with the daemon (they are not persistent state);
 //! they are reported in [`AttachEvent::Reattached::lost`] together with any
 //! persistent handle that could not be resumed.
@@ -35,7 +49,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -90,6 +104,24 @@ struct Shared {
     generation: AtomicU64,
     /// The generation whose `Reattached` the frontend has applied.
     synced: AtomicU64,
+    /// Shared by unchecked I/O in flight; exclusive while lock state changes.
+    gate: RwLock<()>,
+}
+
+/// What a frontend may do about one read or write (see
+/// [`Attachment::decide_io`]).
+pub enum IoDecision<'a> {
+    /// Not attached, or the latest reattach not applied yet: refuse with
+    /// the protocol's retry status.
+    NotReady,
+    /// The handle is gone (lost, expired): the protocol's closed/expired
+    /// status.
+    Gone,
+    /// No locks on the file: do the pread/pwrite unchecked while holding
+    /// this guard, and drop it right after (before any fsync).
+    Unchecked(RwLockReadGuard<'a, ()>),
+    /// The file has locks: ask filterd (CheckIo), then do the I/O.
+    Check,
 }
 
 /// A reconnecting frontend attachment. Cheap to clone.
@@ -158,6 +190,7 @@ impl Attachment {
             features,
             generation: AtomicU64::new(0),
             synced: AtomicU64::new(0),
+            gate: RwLock::new(()),
         });
         let sup = shared.clone();
         std::thread::Builder::new()
@@ -197,10 +230,71 @@ impl Attachment {
         self.shared.synced.store(generation, Ordering::Release);
     }
 
+    /// Held (shared) while a frontend decides that a read or write needs no
+    /// CheckIo — [`Attachment::io_ready`], its handle still live, its file
+    /// not marked locked, checked in that order under the guard — and does
+    /// that pread/pwrite. Not across filterd round trips or fsyncs.
+    pub fn unchecked_io(&self) -> RwLockReadGuard<'_, ()> {
+        self.shared
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Decides one read or write of `file`, in this order under the shared
+    /// guard of [`Attachment::unchecked_io`]: [`Attachment::io_ready`],
+    /// `live` (the frontend's handle of it is not lost or forgotten), the
+    /// file's flag in `checked`.
+    pub fn decide_io(
+        &self,
+        checked: &Mutex<std::collections::HashSet<FileId>>,
+        file: FileId,
+        live: impl FnOnce() -> bool,
+    ) -> IoDecision<'_> {
+        let gate = self.unchecked_io();
+        if !self.io_ready() {
+            return IoDecision::NotReady;
+        }
+        if !live() {
+            return IoDecision::Gone;
+        }
+        // Poisoned: treat the file as locked.
+        if checked.lock().map(|l| l.contains(&file)).unwrap_or(true) {
+            IoDecision::Check
+        } else {
+            IoDecision::Unchecked(gate)
+        }
+    }
+
+    /// Held (exclusive) while the frontend applies what changes the
+    /// decision of [`Attachment::unchecked_io`] (a `Reattached`: dropping
+    /// lost handles, [`Attachment::relearn_locks`]): waits for every
+    /// unchecked read and write in flight to finish.
+    pub fn exclusive_io(&self) -> RwLockWriteGuard<'_, ()> {
+        self.shared
+            .gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// On `LocksPresent`: marks `file` locked in `checked`, waits until no
+    /// read or write that passed as unchecked before is in flight, then
+    /// acknowledges (filterd grants the first lock only after that).
+    pub fn locks_present(&self, checked: &Mutex<std::collections::HashSet<FileId>>, file: FileId) {
+        match checked.lock() {
+            Ok(mut l) => l.insert(file),
+            Err(p) => p.into_inner().insert(file),
+        };
+        drop(self.exclusive_io());
+        let _ = self.client().lock_hint_ack(file);
+    }
+
     /// Applies a [`AttachEvent::Reattached`]'s lock state to a frontend's
     /// set of files whose I/O it checks: marks `locked`, then
-    /// [`Attachment::resynced`]. (Files marked before stay marked: at worst
-    /// their I/O is checked needlessly until their next `LocksGone`.)
+    /// [`Attachment::resynced`]. Call it under [`Attachment::exclusive_io`],
+    /// after dropping the `lost` handles. (Files marked before stay marked:
+    /// at worst their I/O is checked needlessly until their next
+    /// `LocksGone`.)
     pub fn relearn_locks(
         &self,
         checked: &Mutex<std::collections::HashSet<FileId>>,

@@ -199,3 +199,265 @@ fn a_first_lock_waits_for_a_stopped_frontend_until_it_resumes() {
     nfs_write_refused(&mut n, &sid);
     nothing_landed(&s);
 }
+
+/// `strace` attached to `pid` (all its threads, and those it starts),
+/// delaying every pwrite64 by 3 s before it runs. Detaches when dropped.
+struct SlowPwrites(std::process::Child);
+
+impl Drop for SlowPwrites {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn slow_pwrites(pid: u32, trace: &std::path::Path) -> SlowPwrites {
+    let strace = ["/usr/bin/strace", "/bin/strace"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("strace is not installed: `apt-get install strace` (.ci/run installs it)");
+    let child = std::process::Command::new(strace)
+        .args(["-f", "-qq", "-o"])
+        .arg(trace)
+        .args([
+            "-e",
+            "trace=pwrite64",
+            "-e",
+            "inject=pwrite64:delay_enter=3000000",
+            "-p",
+            &pid.to_string(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn strace");
+    let t = SlowPwrites(child);
+    wait_for("strace to attach", Duration::from_secs(30), || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut all = true;
+        for t in tasks.flatten() {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            all &= status
+                .lines()
+                .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0");
+        }
+        all.then_some(())
+    });
+    t
+}
+
+/// Whether a thread of `pid` is held at the entry of a pwrite64 (18).
+fn in_pwrite(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks.flatten().any(|t| {
+                std::fs::read_to_string(t.path().join("syscall"))
+                    .is_ok_and(|s| s.split(' ').next() == Some("18"))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Whether every thread of `pid` is stopped (state T): a request sent now
+/// is served only after SIGCONT.
+fn all_stopped(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+        })
+    })
+}
+
+/// Bytes 10..30 of `f`.
+fn locked_bytes(s: &Scratch) -> Vec<u8> {
+    let bytes = std::fs::read(s.root().join("f")).unwrap();
+    bytes[10..30].to_vec()
+}
+
+/// filterd (a 15 s break timeout), both shims, an smbl/1 and an nfsl/1
+/// client each with an open of `f` (100 dots).
+struct Both {
+    s: Scratch,
+    _d: Filterd,
+    nfs: Shim,
+    smb: Shim,
+    m: LineClient,
+    msid: u64,
+    fid: Value,
+    n: Nfs,
+    sid: Value,
+}
+
+fn both(name: &str) -> Both {
+    let s = Scratch::new(name);
+    std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
+    let _d = start_filterd(&s, "15000");
+    let nfs = Shim::start("nfsshim", &s.socket(), &format!("nfs-{name}"));
+    let smb = Shim::start("smbshim", &s.socket(), &format!("smb-{name}"));
+    let (mut m, msid) = smb_session(&smb.addr);
+    let fid = smb_open(&mut m, msid, "f", false);
+    let mut n = Nfs::connect(&nfs.addr, &format!("host-{name}"), "7878787878787878");
+    let sid = ok(n.open("p", "f", "both", "none", json!({})))["stateid"].clone();
+    Both {
+        s,
+        _d,
+        nfs,
+        smb,
+        m,
+        msid,
+        fid,
+        n,
+        sid,
+    }
+}
+
+/// Issue 13 #1, review finding 1: an unlocked smbl/1 WRITE that passed
+/// smbshim's "no locks, no check" decision and is still before its pwrite
+/// (slowed 3 s by strace) when an nfsl/1 client's first LOCK arrives lands
+/// before that LOCK is granted, never inside it afterwards. Old code:
+/// smbshim acknowledged the lock hint at once, the LOCK was granted, and
+/// the WRITE landed 3 s later inside it.
+#[test]
+fn an_unchecked_smb_write_in_flight_lands_before_the_first_lock() {
+    let mut b = both("inflight-smb");
+    let _slow = slow_pwrites(b.smb.pid(), &b.s.dir.join("trace"));
+    let id = b.m.send_only(
+        "mid",
+        json!({"cmd": "WRITE", "session_id": b.msid, "file_id": b.fid, "offset": 12,
+               "data": b64(b"XXXX")}),
+    );
+    wait_for(
+        "the WRITE to reach its pwrite",
+        Duration::from_secs(20),
+        || in_pwrite(b.smb.pid()).then_some(()),
+    );
+    ok(b.n.call(
+        json!({"op": "LOCK", "stateid": b.sid, "owner": "lo", "type": "write",
+               "offset": 10, "length": 20}),
+    ));
+    let at_grant = locked_bytes(&b.s);
+    let (r, _) = b.m.reply_to("mid", id).expect("the WRITE's reply");
+    assert_eq!(
+        locked_bytes(&b.s),
+        at_grant,
+        "the WRITE ({r}) landed inside the lock after it was granted"
+    );
+}
+
+/// The same with the roles swapped: nfsshim's pwrite is slowed, an smbl/1
+/// client takes the first lock.
+#[test]
+fn an_unchecked_nfs_write_in_flight_lands_before_the_first_lock() {
+    let mut b = both("inflight-nfs");
+    let _slow = slow_pwrites(b.nfs.pid(), &b.s.dir.join("trace"));
+    b.n.seqid += 1;
+    let seq = json!({"sessionid": b.n.sessionid, "slot": 0, "seqid": b.n.seqid});
+    let id = b.n.c.send_only(
+        "xid",
+        json!({"op": "WRITE", "stateid": b.sid, "offset": 12, "data": b64(b"XXXX"), "seq": seq}),
+    );
+    wait_for(
+        "the WRITE to reach its pwrite",
+        Duration::from_secs(20),
+        || in_pwrite(b.nfs.pid()).then_some(()),
+    );
+    let r = b.m.call(
+        json!({"cmd": "LOCK", "session_id": b.msid, "file_id": b.fid,
+               "locks": [{"offset": 10, "length": 20, "exclusive": true, "unlock": false}]}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let at_grant = locked_bytes(&b.s);
+    let (r, _) = b.n.c.reply_to("xid", id).expect("the WRITE's reply");
+    assert_eq!(
+        locked_bytes(&b.s),
+        at_grant,
+        "the WRITE ({r}) landed inside the lock after it was granted"
+    );
+}
+
+/// Review finding 2: WRITEs queued while smbshim is stopped, served after
+/// it continues — by then filterd dropped it (it did not acknowledge the
+/// first lock's hint), closed its non-durable opens and granted the lock —
+/// never land inside that lock. Many clients and several rounds: each
+/// WRITE races smbshim's reattach (the old code lost it now and then: it
+/// read the locked flag before `io_ready`, and a request holding an open
+/// lost meanwhile was checked against nothing).
+#[test]
+fn writes_queued_while_smbshim_is_stopped_never_land_in_a_lock() {
+    for round in 0..4 {
+        let name = format!("stopped-smb-{round}");
+        let s = Scratch::new(&name);
+        std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
+        let _d = start_filterd(&s, "800");
+        let nfs = Shim::start("nfsshim", &s.socket(), &format!("nfs-{name}"));
+        let smb = Shim::start("smbshim", &s.socket(), &format!("smb-{name}"));
+        let mut clients: Vec<(LineClient, u64, Value)> = (0..8)
+            .map(|_| {
+                let (mut m, msid) = smb_session(&smb.addr);
+                let fid = smb_open(&mut m, msid, "f", false);
+                (m, msid, fid)
+            })
+            .collect();
+        let mut n = Nfs::connect(&nfs.addr, "host-k", "1357913579135791");
+        let sid = ok(n.open("p", "f", "both", "none", json!({})))["stateid"].clone();
+
+        smb.signal(Signal::SIGSTOP);
+        wait_for("smbshim to stop", Duration::from_secs(10), || {
+            all_stopped(smb.pid()).then_some(())
+        });
+        let ids: Vec<u64> = clients
+            .iter_mut()
+            .map(|(m, msid, fid)| {
+                m.send_only(
+                    "mid",
+                    json!({"cmd": "WRITE", "session_id": msid, "file_id": fid,
+                           "offset": 12, "data": b64(b"XXXX")}),
+                )
+            })
+            .collect();
+        ok(n.call(
+            json!({"op": "LOCK", "stateid": sid, "owner": "lo", "type": "write",
+                   "offset": 10, "length": 20}),
+        ));
+        smb.signal(Signal::SIGCONT);
+        for ((m, _, _), id) in clients.iter_mut().zip(ids) {
+            let (r, _) = m.reply_to("mid", id).expect("the WRITE's reply");
+            assert_ne!(r["status"], "STATUS_SUCCESS", "round {round}: {r}");
+        }
+        nothing_landed(&s);
+    }
+}
+
+/// Review finding 3: a first lock waits about one break timeout for an
+/// attached frontend that is stopped — filterd drops it then and does not
+/// wait for it a second time as an "absent" frontend. Old code: 2 × 2 s.
+#[test]
+fn a_first_lock_waits_one_break_timeout_for_a_stopped_attached_frontend() {
+    let s = Scratch::new("stopped-attached");
+    std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
+    let _d = start_filterd(&s, "2000");
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-stopped-attached");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-stopped-attached");
+    let mut n = Nfs::connect(&nfs.addr, "host-l", "2468024680246802");
+    let sid = ok(n.open("p", "f", "both", "none", json!({})))["stateid"].clone();
+    let (mut m, msid) = smb_session(&smb.addr);
+    let fid = smb_open(&mut m, msid, "f", false);
+
+    nfs.signal(Signal::SIGSTOP);
+    let t0 = std::time::Instant::now();
+    let r = m.call(json!({"cmd": "LOCK", "session_id": msid, "file_id": fid,
+               "locks": [{"offset": 10, "length": 20, "exclusive": true, "unlock": false}]}));
+    let waited = t0.elapsed();
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_millis(3500),
+        "one 2 s break timeout, not two: {waited:?}"
+    );
+    nfs.signal(Signal::SIGCONT);
+    nfs_write_refused(&mut n, &sid);
+    nothing_landed(&s);
+}

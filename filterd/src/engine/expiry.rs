@@ -70,6 +70,14 @@ impl Engine {
                         warn!(file = ?f, conn = c.0, pid = x.peer.pid, "frontend did not acknowledge a lock hint in time: dropped");
                         self.stats.frontends_dropped += 1;
                         x.writer.kill();
+                        // Its durable handles are disconnected now: it must
+                        // not be waited for again, as an absent frontend, by
+                        // the lock it was just dropped for (nor by another
+                        // first lock until it attaches again; it learns of
+                        // locks when it resumes).
+                        if let Role::Frontend { instance, .. } = &x.role {
+                            self.hint_gave_up.insert(instance.clone());
+                        }
                     }
                     self.on_closed(c);
                 }

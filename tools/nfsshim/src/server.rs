@@ -14,12 +14,12 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine as _;
-use libfilter::attach::{AttachEvent, Attachment};
+use libfilter::attach::{AttachEvent, Attachment, IoDecision};
 use libfilter::client::ClientError;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::locks::{LockKind, LockOp, LockRange};
@@ -1645,31 +1645,53 @@ fn io_key(o: &Open, n: &Named) -> ResumeKey {
     }
 }
 
-fn check_io(
-    ctx: &Ctx<'_>,
+/// Mandatory locks: may this open read (or write) the range? `Some` when
+/// the file has no locks: the I/O goes unchecked and must be done while the
+/// returned guard is held (see `libfilter::attach`), the guard dropped right
+/// after the pread/pwrite (before any fdatasync). `None` when filterd
+/// checked it.
+fn check_io<'a>(
+    ctx: &Ctx<'a>,
     o: &Open,
     key: ResumeKey,
     offset: u64,
     len: u64,
     write: bool,
-) -> Result<(), Fail> {
-    let locked = ctx
-        .sh
-        .locked_files
-        .lock()
-        .map(|l| l.contains(&o.file_key))
-        .unwrap_or(true);
+) -> Result<Option<RwLockReadGuard<'a, ()>>, Fail> {
     if len == 0 {
-        return Ok(());
+        return Ok(None);
     }
-    if !ctx.sh.filter.io_ready() {
+    // A handle of the open lost meanwhile (not resumed after a filterd
+    // restart, expired) is dropped at this client's next request: its
+    // file's locks are nothing this nfsshim hears of any more.
+    let live = || {
+        let keys = o.keys();
+        ctx.sh
+            .global()
+            .map(|g| {
+                !g.forgotten
+                    .get(ctx.cid)
+                    .is_some_and(|f| f.iter().any(|k| keys.contains(k)))
+            })
+            .unwrap_or(false)
+    };
+    match ctx
+        .sh
+        .filter
+        .decide_io(&ctx.sh.locked_files, o.file_key, live)
+    {
         // filterd is away (or back, but this nfsshim has not re-learned
         // which files have locks yet): a lock may exist that nothing here
         // knows of, so no I/O goes unchecked; NFS4ERR_DELAY.
-        return Err(filter_fail(ClientError::Disconnected));
-    }
-    if !locked {
-        return Ok(());
+        IoDecision::NotReady => return Err(filter_fail(ClientError::Disconnected)),
+        IoDecision::Gone => {
+            return Err(Fail(
+                "NFS4ERR_EXPIRED",
+                "the open's filter handle is gone".into(),
+            ))
+        }
+        IoDecision::Unchecked(gate) => return Ok(Some(gate)),
+        IoDecision::Check => {}
     }
     ctx.sh
         .filter
@@ -1682,7 +1704,8 @@ fn check_io(
             },
             write,
         )
-        .map_err(filter_fail)
+        .map_err(filter_fail)?;
+    Ok(None)
 }
 
 fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
@@ -1696,13 +1719,14 @@ fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     if !access_of(&o.rec.access)?.contains(Rights::READ) {
         return Err(Fail("NFS4ERR_ACCESS", "the open does not read".into()));
     }
-    check_io(ctx, o, io_key(o, &n), offset, count, false)?;
+    let pass = check_io(ctx, o, io_key(o, &n), offset, count, false)?;
     let mut buf = vec![0u8; usize::try_from(count).unwrap_or(0)];
     let got = o
         .file_for(Rights::READ)
         .ok_or_else(|| Fail("NFS4ERR_ACCESS", "the open does not read".into()))?
         .read_at(&mut buf, offset)
         .map_err(|e| internal(e.to_string()))?;
+    drop(pass);
     buf.truncate(got);
     let mut m = Map::new();
     m.insert(
@@ -1726,7 +1750,10 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     if !access_of(&o.rec.access)?.contains(Rights::WRITE) {
         return Err(Fail("NFS4ERR_ACCESS", "the open does not write".into()));
     }
-    check_io(
+    let file = o
+        .file_for(Rights::WRITE)
+        .ok_or_else(|| Fail("NFS4ERR_ACCESS", "the open does not write".into()))?;
+    let pass = check_io(
         ctx,
         o,
         io_key(o, &n),
@@ -1734,11 +1761,10 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         u64::try_from(data.len()).unwrap_or(u64::MAX),
         true,
     )?;
-    let file = o
-        .file_for(Rights::WRITE)
-        .ok_or_else(|| Fail("NFS4ERR_ACCESS", "the open does not write".into()))?;
     file.write_all_at(&data, offset)
         .map_err(|e| Fail("NFS4ERR_NOSPC", e.to_string()))?;
+    // Landed: a lock waiting for this frontend's hint may be granted now.
+    drop(pass);
     // Every nfsl/1 open is a persistent handle: the data is on stable
     // storage before the reply (FILE_SYNC), shared with concurrent writers.
     file.sync_written()
@@ -2367,10 +2393,8 @@ fn events(sh: Arc<Shared>) {
                 ..
             }) => recall(&sh, lease_key, ack_required),
             AttachEvent::Daemon(Event::LocksPresent { file }) => {
-                if let Ok(mut l) = sh.locked_files.lock() {
-                    l.insert(file);
-                }
-                let _ = sh.filter.client().lock_hint_ack(file);
+                // Acknowledged once no unchecked WRITE is in flight.
+                sh.filter.locks_present(&sh.locked_files, file);
             }
             AttachEvent::Daemon(Event::LocksGone { file }) => {
                 if let Ok(mut l) = sh.locked_files.lock() {
@@ -2386,6 +2410,9 @@ fn events(sh: Arc<Shared>) {
                 locked,
                 ..
             } => {
+                // No unchecked I/O meanwhile, and none after on what this
+                // changes.
+                let _quiet = sh.filter.exclusive_io();
                 forget(&sh, &lost);
                 // What the resumes said about locks, before any I/O goes
                 // unchecked again.

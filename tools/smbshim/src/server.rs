@@ -6,12 +6,12 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLockReadGuard};
 use std::time::Duration;
 
 use anyhow::Context;
 use base64::Engine as _;
-use libfilter::attach::Attachment;
+use libfilter::attach::{Attachment, IoDecision};
 use libfilter::client::ClientError;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
@@ -691,7 +691,7 @@ fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     }
     let o = open_of(sh, obj)?;
     let file = o.file.clone();
-    check_io(
+    let pass = check_io(
         sh,
         &o,
         offset,
@@ -702,6 +702,7 @@ fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let n = file
         .read_at(&mut buf, offset)
         .map_err(|e| Fail("STATUS_INTERNAL_ERROR", e.to_string()))?;
+    drop(pass);
     buf.truncate(n);
     let mut m = Map::new();
     m.insert(
@@ -728,7 +729,7 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             }
         }
     }
-    check_io(
+    let pass = check_io(
         sh,
         &o,
         offset,
@@ -737,6 +738,8 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     )?;
     file.write_all_at(&data, offset)
         .map_err(|e| Fail("STATUS_DISK_FULL", e.to_string()))?;
+    // Landed: a lock waiting for this frontend's hint may be granted now.
+    drop(pass);
     if o.persistent {
         // On stable storage before the reply (continuous availability).
         file.sync_written()
@@ -758,31 +761,50 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     Ok(m)
 }
 
-/// Mandatory locks: may this open read (or write) the range?
-fn check_io(sh: &Shared, o: &OpenRef, offset: u64, length: u64, write: bool) -> Result<(), Fail> {
-    let locked = sh
-        .locked_files
-        .lock()
-        .map(|l| l.contains(&o.file_key))
-        .unwrap_or(true);
+/// Mandatory locks: may this open read (or write) the range? `Some` when
+/// the file has no locks: the I/O goes unchecked and must be done while the
+/// returned guard is held (see `libfilter::attach`), and the guard dropped
+/// right after the pread/pwrite. `None` when filterd checked it.
+fn check_io<'a>(
+    sh: &'a Shared,
+    o: &OpenRef,
+    offset: u64,
+    length: u64,
+    write: bool,
+) -> Result<Option<RwLockReadGuard<'a, ()>>, Fail> {
     if length == 0 {
-        return Ok(());
+        return Ok(None);
     }
-    if !sh.filter.io_ready() {
+    // The open may have been lost meanwhile (a non-durable open is closed
+    // by filterd when this frontend is dropped): its file's locks are
+    // nothing this smbshim hears of any more.
+    let live = || {
+        sh.opens
+            .lock()
+            .map(|m| m.get(&o.file_id).is_some_and(|x| x.key == o.key))
+            .unwrap_or(false)
+    };
+    match sh.filter.decide_io(&sh.locked_files, o.file_key, live) {
         // filterd is away (or back, but this smbshim has not re-learned
         // which files have locks yet): a lock may exist that nothing here
         // knows of, so no I/O goes unchecked; the client retries.
-        return Err(filter_fail(ClientError::Disconnected));
-    }
-    if !locked {
-        return Ok(());
+        IoDecision::NotReady => return Err(filter_fail(ClientError::Disconnected)),
+        IoDecision::Gone => {
+            return Err(Fail(
+                "STATUS_FILE_CLOSED",
+                format!("open {} is gone", o.file_id),
+            ))
+        }
+        IoDecision::Unchecked(gate) => return Ok(Some(gate)),
+        IoDecision::Check => {}
     }
     let key = o.key;
     let range = libfilter::locks::LockRange { offset, length };
     sh.filter
         .client()
         .check_io(key, range, write)
-        .map_err(filter_fail)
+        .map_err(filter_fail)?;
+    Ok(None)
 }
 
 fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
@@ -1056,10 +1078,8 @@ fn forward_breaks(sh: Arc<Shared>) {
                 continue;
             }
             AttachEvent::Daemon(Event::LocksPresent { file }) => {
-                if let Ok(mut l) = sh.locked_files.lock() {
-                    l.insert(file);
-                }
-                let _ = sh.filter.client().lock_hint_ack(file);
+                // Acknowledged once no unchecked WRITE is in flight.
+                sh.filter.locks_present(&sh.locked_files, file);
                 continue;
             }
             AttachEvent::Daemon(Event::LocksGone { file }) => {
@@ -1074,6 +1094,9 @@ fn forward_breaks(sh: Arc<Shared>) {
                 locked,
                 ..
             } => {
+                // No unchecked I/O meanwhile, and none after on what this
+                // changes.
+                let _quiet = sh.filter.exclusive_io();
                 // Durable (in-memory) opens do not survive a filterd crash.
                 forget_opens(&sh, &lost);
                 // What the resumes said about locks, before any I/O goes
