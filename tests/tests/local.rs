@@ -340,3 +340,51 @@ fn a_local_open_survives_a_filterd_restart_in_what_counts() {
     let fe = frontend(&s);
     refused_until_it_exits(&fe, "t4.txt", holder);
 }
+
+/// Old code (issue 18 review): filterd's own open of a file on which a
+/// local process holds a kernel write lease (F_SETLEASE, SIGIO ignored)
+/// blocked the engine thread for the whole lease-break-time (45 s), and
+/// every other client with it. Now that open fails at once, retryably
+/// (Busy: smbshim STATUS_FILE_NOT_AVAILABLE, nfsshim NFS4ERR_DELAY), and
+/// other opens go on.
+#[test]
+fn a_local_kernel_lease_never_stalls_filterd() {
+    let Some((s, _d, fe, f)) = mediated_with("fan-kernel-lease", "f", b"x") else {
+        return;
+    };
+    // SIGIO (the break) would end this process; the holder ignores it.
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGIO,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .unwrap();
+    let leased = std::fs::File::open(&f).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETLEASE on a descriptor this test owns.
+    let r = unsafe { libc::fcntl(leased.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+    assert_eq!(r, 0, "F_SETLEASE: {}", std::io::Error::last_os_error());
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let sock = s.socket();
+    std::thread::spawn(move || {
+        let fe = FilterClient::connect_frontend(
+            &sock,
+            Protocol::new("smb").unwrap(),
+            InstanceName::new("smb-2").unwrap(),
+        )
+        .unwrap();
+        let _ = tx.send(fe.open(req("f", Rights::ALL, None)).map(|_| ()));
+    });
+    let res = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("filterd answers at once, not after lease-break-time");
+    let e = res.expect_err("the local lease is being broken");
+    assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
+    // Others are served meanwhile.
+    std::fs::write(s.root().join("g"), b"y").unwrap();
+    close(&fe, fe.open(req("g", Rights::ALL, None)).unwrap());
+    drop(leased);
+    close(&fe, fe.open(req("f", Rights::ALL, None)).unwrap());
+}

@@ -65,7 +65,8 @@ fn status_of(e: &ClientError) -> &'static str {
             "STATUS_ACCESS_DENIED"
         }
         Some(ErrorCode::SharingViolation) => "STATUS_SHARING_VIOLATION",
-        Some(ErrorCode::FileNotAvailable) => "STATUS_FILE_NOT_AVAILABLE",
+        // Retry later: a lease (a local process's) is being broken.
+        Some(ErrorCode::FileNotAvailable) | Some(ErrorCode::Busy) => "STATUS_FILE_NOT_AVAILABLE",
         Some(ErrorCode::DuplicateCreateGuid) => "STATUS_DUPLICATE_OBJECTID",
         Some(ErrorCode::DiskFull) => "STATUS_DISK_FULL",
         Some(ErrorCode::LockNotGranted) => "STATUS_LOCK_NOT_GRANTED",
