@@ -15,6 +15,13 @@
 //!   local open fanotify allowed since — are checked, each through its own
 //!   `/proc/PID/fd` only, and dropped once they no longer hold the file.
 //!
+//! Processes attached as frontends (current connections, and those lost
+//! in the last [`FRONTEND_PIDS_KEPT_FOR`]) never count: their descriptors
+//! are protocol handles' (passed by this filterd or, across a restart, by
+//! the one before; or a handle just closed whose descriptor the frontend
+//! has not dropped yet). When the probe saw another open and the scan
+//! found only frontends holding the file, nothing counts.
+//!
 //! Not seen: a descriptor passed to another process (`SCM_RIGHTS`, or a
 //! child forked after the open and outliving its parent) while the file
 //! had state; a mapping whose descriptor was closed (`mmap`, no fd left).
@@ -27,6 +34,10 @@ use libfilter::model::FileId;
 /// Most processes remembered per file; past it the next check scans all of
 /// `/proc` again.
 pub const MAX_PIDS: usize = 256;
+
+/// How long a lost frontend's process is still taken for a frontend (its
+/// descriptors may outlive the connection briefly, or it reattaches).
+pub const FRONTEND_PIDS_KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// What filterd knows of a file's local openers.
 #[derive(Debug, Default)]
@@ -44,18 +55,18 @@ impl LocalOpeners {
     /// The processes holding `file`, from a scan of `/proc`; `busy` when
     /// the probe saw another open (then it counts even if no process could
     /// be named: an open still in progress).
-    pub fn scanned(file: FileId, busy: bool, ours: &[BorrowedFd<'_>]) -> Self {
-        let pids = scan_all(file, ours);
+    pub fn scanned(file: FileId, busy: bool, ours: &[BorrowedFd<'_>], frontends: &[i32]) -> Self {
+        let (pids, frontend_holds) = scan_all(file, ours, frontends);
         LocalOpeners {
-            unattributed: busy && pids.is_empty(),
+            unattributed: busy && pids.is_empty() && !frontend_holds,
             pids,
             overflowed: false,
         }
     }
 
     /// Remembers a local open fanotify allowed.
-    pub fn saw(&mut self, pid: i32) {
-        if self.pids.contains(&pid) {
+    pub fn saw(&mut self, pid: i32, frontends: &[i32]) {
+        if self.pids.contains(&pid) || frontends.contains(&pid) {
             return;
         }
         if self.pids.len() >= MAX_PIDS {
@@ -66,14 +77,20 @@ impl LocalOpeners {
     }
 
     /// Re-checks the remembered processes; whether any still holds `file`.
-    pub fn refresh(&mut self, file: FileId, ours: &[BorrowedFd<'_>]) -> bool {
+    pub fn refresh(&mut self, file: FileId, ours: &[BorrowedFd<'_>], frontends: &[i32]) -> bool {
         if self.overflowed {
-            *self = Self::scanned(file, false, ours);
+            *self = Self::scanned(file, false, ours, frontends);
         } else {
-            self.pids.retain(|p| holds(*p, file, ours));
+            self.pids
+                .retain(|p| !frontends.contains(p) && holds(*p, file, ours));
             self.unattributed = false;
         }
         self.present()
+    }
+
+    /// Whether only an open no process could be named for counts.
+    pub fn unattributed(&self) -> bool {
+        self.unattributed && self.pids.is_empty() && !self.overflowed
     }
 
     /// Whether local opens count now (without re-checking).
@@ -82,17 +99,26 @@ impl LocalOpeners {
     }
 }
 
-/// Processes (other than filterd) with a descriptor open on `file`: every
-/// `/proc/PID/fd`. Costs a `statx` per descriptor on the machine.
-pub fn scan_all(file: FileId, ours: &[BorrowedFd<'_>]) -> Vec<i32> {
+/// Processes (other than filterd and the `frontends`) with a descriptor
+/// open on `file`: every `/proc/PID/fd`, and whether a frontend holds it.
+/// Costs a `statx` per descriptor on the machine.
+pub fn scan_all(file: FileId, ours: &[BorrowedFd<'_>], frontends: &[i32]) -> (Vec<i32>, bool) {
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
-    dir.flatten()
+    let mut frontend_holds = false;
+    let pids = dir
+        .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
         .filter(|&pid| pid != me && holds(pid, file, ours))
-        .collect()
+        .filter(|pid| {
+            let frontend = frontends.contains(pid);
+            frontend_holds |= frontend;
+            !frontend
+        })
+        .collect();
+    (pids, frontend_holds)
 }
 
 /// Whether process `pid` has a descriptor open on `file` (`statx` through

@@ -388,3 +388,101 @@ fn a_local_kernel_lease_never_stalls_filterd() {
     drop(leased);
     close(&fe, fe.open(req("f", Rights::ALL, None)).unwrap());
 }
+
+fn smb_session(c: &mut rkfilter_tests::LineClient) -> u64 {
+    let r = c.call(serde_json::json!({"cmd": "SESSION_SETUP",
+        "client_guid": uuid::Uuid::new_v4().to_string(), "user": "u"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    r["session_id"].as_u64().expect("session_id")
+}
+
+fn smb_create(
+    c: &mut rkfilter_tests::LineClient,
+    sid: u64,
+    access: &[&str],
+    share: &[&str],
+) -> serde_json::Value {
+    c.call(
+        serde_json::json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": access, "share": share, "disposition": "open_if"}),
+    )
+}
+
+/// Old code (issue 18 review): after a filterd restart, smbshim's
+/// descriptor of a persistent handle (passed by the filterd before) was
+/// taken for a local reader, and a CREATE sharing only write — granted
+/// before the restart — got STATUS_SHARING_VIOLATION.
+#[test]
+fn a_frontends_descriptor_from_before_a_restart_is_not_a_local_open() {
+    let Some(s) = Scratch::with_tmpfs("fan-restart-frontend") else {
+        return;
+    };
+    let mut d = Filterd::start_mediated(&s, &[]);
+    let shim = rkfilter_tests::Shim::start("smbshim", &s.socket(), "smb-fr");
+    let mut a = rkfilter_tests::LineClient::connect(&shim.addr);
+    let mut b = rkfilter_tests::LineClient::connect(&shim.addr);
+    let (sa, sb) = (smb_session(&mut a), smb_session(&mut b));
+    let r = a.call(
+        serde_json::json!({"cmd": "CREATE", "session_id": sa, "path": "f",
+        "access": ["write"], "share": ["read", "write"], "disposition": "open_if",
+        "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true,
+                    "timeout_ms": 60000}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let rb = smb_create(&mut b, sb, &["read"], &["write"]);
+    assert_eq!(rb["status"], "STATUS_SUCCESS", "before the restart: {rb}");
+    let r = b.call(serde_json::json!({"cmd": "CLOSE", "session_id": sb, "file_id": rb["file_id"]}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    d.kill9();
+    let _d2 = Filterd::start_mediated(&s, &[]);
+    let rb = rkfilter_tests::wait_for("filterd to serve again", Duration::from_secs(15), || {
+        let r = smb_create(&mut b, sb, &["read"], &["write"]);
+        (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
+    });
+    assert_eq!(rb["status"], "STATUS_SUCCESS", "after the restart: {rb}");
+}
+
+/// Old code (issue 18 review): smbshim drops a handle's descriptor only
+/// after filterd closed the handle, and the next CREATE's probe took that
+/// descriptor for a local reader: two clients looping non-conflicting
+/// CREATE/CLOSE got hundreds of sharing violations.
+#[test]
+fn a_frontends_lingering_descriptor_is_not_a_local_open() {
+    let Some(s) = Scratch::with_tmpfs("fan-linger") else {
+        return;
+    };
+    let _d = Filterd::start_mediated(&s, &[]);
+    let shim = rkfilter_tests::Shim::start("smbshim", &s.socket(), "smb-linger");
+    let loops: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = shim.addr.clone();
+            std::thread::spawn(move || {
+                let mut c = rkfilter_tests::LineClient::connect(&addr);
+                let sid = smb_session(&mut c);
+                let (mut done, mut violations) = (0, 0);
+                let until = std::time::Instant::now() + Duration::from_secs(3);
+                while std::time::Instant::now() < until {
+                    let r = smb_create(&mut c, sid, &["write"], &["write"]);
+                    if r["status"] == "STATUS_SHARING_VIOLATION" {
+                        violations += 1;
+                        continue;
+                    }
+                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+                    let r = c.call(serde_json::json!({"cmd": "CLOSE", "session_id": sid,
+                        "file_id": r["file_id"]}));
+                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+                    done += 1;
+                }
+                (done, violations)
+            })
+        })
+        .collect();
+    for t in loops {
+        let (done, violations) = t.join().unwrap();
+        assert_eq!(
+            violations, 0,
+            "{violations} sharing violations in {done} opens"
+        );
+        assert!(done > 20, "only {done} opens");
+    }
+}
