@@ -486,3 +486,47 @@ fn a_frontends_lingering_descriptor_is_not_a_local_open() {
         assert!(done > 20, "only {done} opens");
     }
 }
+
+/// Old code (issue 18 review): a process whose main thread had exited
+/// (pthread_exit, another thread alive) showed an empty /proc/PID/fd and
+/// stopped counting as a local reader. Needs python3 (skipped without).
+#[test]
+fn a_local_reader_whose_main_thread_exited_still_counts() {
+    let Some((_s, _d, fe, t8)) = mediated_with("fan-main-exit", "t8.txt", b"x") else {
+        return;
+    };
+    let mut writer = req("t8.txt", Rights::ALL, None);
+    writer.access = Access::new(Rights::WRITE).unwrap();
+    let first = fe.open(writer).unwrap();
+    let script = "import sys, threading, time, ctypes\n\
+                  f = open(sys.argv[1])\n\
+                  threading.Thread(target=time.sleep, args=(60,)).start()\n\
+                  ctypes.CDLL(None).pthread_exit(None)\n";
+    let Ok(child) = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&t8)
+        .stdout(Stdio::null())
+        .spawn()
+    else {
+        eprintln!("skipping: no python3");
+        close(&fe, first);
+        return;
+    };
+    let holder = LocalHolder(child);
+    let pid = holder.0.id();
+    // Its main thread is gone, another holds the file.
+    rkfilter_tests::wait_for("the main thread to exit", Duration::from_secs(10), || {
+        let main_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let other_holds = tasks.flatten().any(|t| {
+            std::fs::read_dir(t.path().join("fd")).is_ok_and(|d| {
+                d.flatten()
+                    .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == t8))
+            })
+        });
+        (main_fds == 0 && other_holds).then_some(())
+    });
+    refused_until_it_exits(&fe, "t8.txt", holder);
+    close(&fe, first);
+}

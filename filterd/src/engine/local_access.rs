@@ -70,6 +70,22 @@ impl Engine {
             return (false, None);
         }
         let frontends = self.frontend_pids();
+        let mut budget = crate::local_opens::ScanBudget::default();
+        let (present, known) = self.local_opens_within(file, fd, &frontends, &mut budget);
+        if budget.cut {
+            self.stats.local_scans_cut_short += 1;
+            debug!(%file, "/proc scan over its budget: counted as a local opener");
+        }
+        (present, known)
+    }
+
+    fn local_opens_within(
+        &mut self,
+        file: FileId,
+        fd: std::os::fd::BorrowedFd<'_>,
+        frontends: &[i32],
+        budget: &mut crate::local_opens::ScanBudget,
+    ) -> (bool, Option<LocalOpeners>) {
         // filterd's own open file descriptions of the file: its handles'
         // (frontends hold the same ones) and local opens waiting here.
         let mut mine: Vec<std::os::fd::BorrowedFd<'_>> = self
@@ -92,7 +108,7 @@ impl Engine {
             let known = match libfilter::sys::alone_on_inode(fd) {
                 Ok(true) => LocalOpeners::default(),
                 Ok(false) => {
-                    let found = LocalOpeners::scanned(file, true, &[fd], &frontends);
+                    let found = LocalOpeners::scanned(file, true, &[fd], frontends, budget);
                     // Nobody named: the other open may have been closed
                     // since (a frontend dropping a closed handle's
                     // descriptor); probing again tells.
@@ -105,7 +121,7 @@ impl Engine {
                 Err(e) => {
                     // No leases here: scan (slower, as complete).
                     debug!(error = %e, %file, "write-lease probe failed; scanning /proc");
-                    LocalOpeners::scanned(file, false, &[fd], &frontends)
+                    LocalOpeners::scanned(file, false, &[fd], frontends, budget)
                 }
             };
             return (known.present(), Some(known));
@@ -116,8 +132,8 @@ impl Engine {
         let entry = self
             .local_openers
             .entry(file)
-            .or_insert_with(|| LocalOpeners::scanned(file, false, &mine, &frontends));
-        (entry.refresh(file, &mine, &frontends), None)
+            .or_insert_with(|| LocalOpeners::scanned(file, false, &mine, frontends, budget));
+        (entry.refresh(file, &mine, frontends, budget), None)
     }
 
     /// Processes attached as frontends now, or lost within
