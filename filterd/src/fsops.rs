@@ -368,7 +368,13 @@ fn open_by_handle_or_path_with(
     flags: i32,
     prove: bool,
 ) -> io::Result<OwnedFd> {
-    let flags = flags | libc::O_NONBLOCK;
+    // O_PATH opens break no lease (and openat2 takes no other flags).
+    let extra = if flags & libc::O_PATH != 0 {
+        0
+    } else {
+        libc::O_NOCTTY | libc::O_NONBLOCK
+    };
+    let flags = flags | extra;
     let opened = if prove {
         open_by_handle_beneath(root, h, flags)
     } else {
@@ -385,12 +391,7 @@ fn open_by_handle_or_path_with(
     let Some(path) = path else {
         return Err(e);
     };
-    let fd = sys::openat2_beneath(
-        root,
-        path.as_str(),
-        flags | libc::O_NOCTTY | libc::O_NONBLOCK,
-        0,
-    )?;
+    let fd = sys::openat2_beneath(root, path.as_str(), flags, 0)?;
     if sys::file_handle_of(fd.as_fd())? != *h {
         return Err(io::Error::from_raw_os_error(libc::ESTALE));
     }
@@ -494,7 +495,14 @@ pub fn reopen_for_recovery(
     access: Access,
     path: &RelPath,
 ) -> io::Result<(OwnedFd, FileId, u64)> {
-    let fd = open_by_handle_or_path_with(root, h, Some(path), open_mode(access), false)?;
+    let fd = match open_by_handle_or_path_with(root, h, Some(path), open_mode(access), false) {
+        // A local process's kernel lease is being broken: an O_PATH open
+        // (which breaks no lease) tells the same.
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            open_by_handle_or_path_with(root, h, Some(path), libc::O_PATH, false)?
+        }
+        other => other?,
+    };
     // A deleted file can still be opened by handle while its inode is
     // cached: it is gone all the same.
     if fstat(fd.as_fd()).map_err(io::Error::from)?.st_nlink == 0 {

@@ -352,20 +352,7 @@ fn a_local_kernel_lease_never_stalls_filterd() {
     let Some((s, _d, fe, f)) = mediated_with("fan-kernel-lease", "f", b"x") else {
         return;
     };
-    // SIGIO (the break) would end this process; the holder ignores it.
-    // SAFETY: SIG_IGN installs no handler code.
-    unsafe {
-        nix::sys::signal::signal(
-            nix::sys::signal::SIGIO,
-            nix::sys::signal::SigHandler::SigIgn,
-        )
-    }
-    .unwrap();
-    let leased = std::fs::File::open(&f).unwrap();
-    use std::os::fd::AsRawFd;
-    // SAFETY: F_SETLEASE on a descriptor this test owns.
-    let r = unsafe { libc::fcntl(leased.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
-    assert_eq!(r, 0, "F_SETLEASE: {}", std::io::Error::last_os_error());
+    let leased = kernel_lease(&f);
     let (tx, rx) = crossbeam_channel::bounded(1);
     let sock = s.socket();
     std::thread::spawn(move || {
@@ -387,6 +374,59 @@ fn a_local_kernel_lease_never_stalls_filterd() {
     close(&fe, fe.open(req("g", Rights::ALL, None)).unwrap());
     drop(leased);
     close(&fe, fe.open(req("f", Rights::ALL, None)).unwrap());
+}
+
+/// Takes a kernel write lease on `file` in this process (SIGIO, the break,
+/// ignored): a local process that never releases it.
+fn kernel_lease(file: &std::path::Path) -> std::fs::File {
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGIO,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .unwrap();
+    let leased = std::fs::File::open(file).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETLEASE on a descriptor this test owns.
+    let r = unsafe { libc::fcntl(leased.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+    assert_eq!(r, 0, "F_SETLEASE: {}", std::io::Error::last_os_error());
+    leased
+}
+
+/// A persistent handle whose file a local process holds a kernel lease on
+/// across a filterd restart is kept (recovery does not wait on the lease
+/// or mark the handle lost) and resumed once the lease is gone; meanwhile
+/// a resume is answered Busy (retry). Without fanotify: with it, the
+/// kernel's own open of the event's descriptor still waits on the lease
+/// (docs/ARCHITECTURE.md).
+#[test]
+fn a_local_kernel_lease_across_a_restart_keeps_the_persistent_handle() {
+    let Some(s) = Scratch::with_tmpfs("kernel-lease-restart") else {
+        return;
+    };
+    let mut d = Filterd::start(&s, &[], &[]);
+    let f = s.root().join("f");
+    std::fs::write(&f, b"x").unwrap();
+    let fe = frontend(&s);
+    let mut r = req("f", Rights::ALL, None);
+    r.durability = Durability::Persistent { timeout_ms: 60_000 };
+    let h = fe.open(r).unwrap();
+    let key = h.info.key;
+    d.kill9();
+    drop(fe);
+    drop(h);
+    let leased = kernel_lease(&f);
+    let _d2 = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s);
+    let alice = ClientId::new("alice").unwrap();
+    let e = fe
+        .resume(alice.clone(), key)
+        .expect_err("the lease is being broken");
+    assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
+    drop(leased);
+    fe.resume(alice, key).expect("the handle was kept");
 }
 
 fn smb_session(c: &mut rkfilter_tests::LineClient) -> u64 {

@@ -177,7 +177,7 @@ static BUDGET: Mutex<Budget> = Mutex::new(Budget {
 
 /// One connection's side of the budget: how to drop it when it is
 /// displaced.
-pub struct Account {
+struct Account {
     conn: u64,
     stream: Option<TcpStream>,
     evicted: AtomicBool,
@@ -759,8 +759,9 @@ fn read_line(
 /// Serves a connection: hands every line to `handle`, in order, until the
 /// peer goes away or the connection is dropped, queuing the replies it
 /// returns. An over-long line, a line unfinished after the line timeout,
-/// and a connection over its share of the partial-line budget are answered
-/// with an error (`id_field` null, `status`) and end the connection.
+/// and a connection dropped to keep request lines within the budget (the
+/// rule is in the crate docs) are answered with an error (`id_field` null,
+/// `status`) and end the connection.
 pub fn serve_lines(
     mut reader: BufReader<TcpStream>,
     writer: &Writer,
