@@ -72,6 +72,15 @@ pub fn map_errno(e: &io::Error, root: BorrowedFd<'_>, path: &RelPath) -> WireErr
         Some(libc::EISDIR) => ErrorCode::NotAFile,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
         Some(libc::ENAMETOOLONG) => ErrorCode::BadFrame,
+        // A local process holds a kernel lease on the file: filterd's
+        // open does not wait for it (see [`open_nb`]); the kernel has
+        // started the break.
+        Some(libc::EWOULDBLOCK) => {
+            return WireError::new(
+                ErrorCode::Busy,
+                format!("{path}: a local process holds a lease on it, being broken; retry"),
+            )
+        }
         _ => ErrorCode::Internal,
     };
     WireError::new(code, format!("{path}: {e}"))
@@ -204,12 +213,12 @@ pub fn open(
     if let (Some(m), true) = (marker, creates) {
         // An existing file is opened as it is (no temporary file made and
         // thrown away); only an absent one is created, marked, by linking.
-        let existing = match sys::openat2_beneath(root, p, mode, 0) {
+        let existing = match open_nb(root, p, mode, 0) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => match create_marked(root, path, m)?
             {
                 MarkedCreate::Created(tmp) => {
-                    let fd = sys::openat2_beneath(root, p, mode, 0).map_err(err)?;
+                    let fd = open_nb(root, p, mode, 0).map_err(err)?;
                     let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
                     let (tmp_file, _) = stat(tmp.as_fd()).map_err(err)?;
                     if !is_reg || file != tmp_file {
@@ -226,7 +235,7 @@ pub fn open(
                     });
                 }
                 // Created by someone else in between.
-                MarkedCreate::Exists => sys::openat2_beneath(root, p, mode, 0).map_err(err)?,
+                MarkedCreate::Exists => open_nb(root, p, mode, 0).map_err(err)?,
             },
             Err(e) => return Err(err(e)),
         };
@@ -268,11 +277,10 @@ pub fn open(
     }
     let (fd, created) = match disposition {
         Disposition::Open | Disposition::Overwrite => {
-            (sys::openat2_beneath(root, p, mode, 0).map_err(err)?, false)
+            (open_nb(root, p, mode, 0).map_err(err)?, false)
         }
         Disposition::Create => (
-            sys::openat2_beneath(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE)
-                .map_err(err)?,
+            open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE).map_err(err)?,
             true,
         ),
         Disposition::OpenIf | Disposition::OverwriteIf | Disposition::Supersede => {
@@ -280,17 +288,12 @@ pub fn open(
             // fall back to open; retry if the file vanished in between.
             let mut tries = 0;
             loop {
-                match sys::openat2_beneath(
-                    root,
-                    p,
-                    mode | libc::O_CREAT | libc::O_EXCL,
-                    CREATE_MODE,
-                ) {
+                match open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE) {
                     Ok(fd) => break (fd, true),
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                     Err(e) => return Err(err(e)),
                 }
-                match sys::openat2_beneath(root, p, mode, 0) {
+                match open_nb(root, p, mode, 0) {
                     Ok(fd) => break (fd, false),
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tries < 8 => tries += 1,
                     Err(e) => return Err(err(e)),
@@ -365,6 +368,13 @@ fn open_by_handle_or_path_with(
     flags: i32,
     prove: bool,
 ) -> io::Result<OwnedFd> {
+    // O_PATH opens break no lease (and openat2 takes no other flags).
+    let extra = if flags & libc::O_PATH != 0 {
+        0
+    } else {
+        libc::O_NOCTTY | libc::O_NONBLOCK
+    };
+    let flags = flags | extra;
     let opened = if prove {
         open_by_handle_beneath(root, h, flags)
     } else {
@@ -372,24 +382,43 @@ fn open_by_handle_or_path_with(
     };
     let e = match opened {
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => e,
+        Ok(fd) => {
+            clear_nonblock(fd.as_fd())?;
+            return Ok(fd);
+        }
         other => return other,
     };
     let Some(path) = path else {
         return Err(e);
     };
-    let fd = sys::openat2_beneath(
-        root,
-        path.as_str(),
-        flags | libc::O_NOCTTY | libc::O_NONBLOCK,
-        0,
-    )?;
+    let fd = sys::openat2_beneath(root, path.as_str(), flags, 0)?;
     if sys::file_handle_of(fd.as_fd())? != *h {
         return Err(io::Error::from_raw_os_error(libc::ESTALE));
     }
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let fl = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
-    fcntl(fd.as_fd(), FcntlArg::F_SETFL(fl - OFlag::O_NONBLOCK))?;
+    clear_nonblock(fd.as_fd())?;
     Ok(fd)
+}
+
+/// Opens `path` beneath `root` for the engine without ever waiting on a
+/// local process: with `O_NONBLOCK`, an open that would break a local
+/// process's kernel lease (`F_SETLEASE`) fails with `EWOULDBLOCK` at once —
+/// the kernel starts the break all the same — instead of blocking the
+/// engine thread for `lease-break-time`; [`map_errno`] makes that
+/// [`ErrorCode::Busy`] (retry). `O_NONBLOCK` is cleared on the descriptor
+/// (frontends read and write through it).
+fn open_nb(root: BorrowedFd<'_>, path: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let fd = sys::openat2_beneath(root, path, flags | libc::O_NONBLOCK, mode)?;
+    clear_nonblock(fd.as_fd())?;
+    Ok(fd)
+}
+
+fn clear_nonblock(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let fl = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    if fl.contains(OFlag::O_NONBLOCK) {
+        fcntl(fd, FcntlArg::F_SETFL(fl - OFlag::O_NONBLOCK))?;
+    }
+    Ok(())
 }
 
 /// Truncates, through a write descriptor reopened by kernel handle (so a
@@ -428,7 +457,7 @@ pub fn set_size_by_handle(
 /// write descriptor (the client's may be read-only) and checks it is the same
 /// file, so a rename racing in between cannot truncate another file.
 pub fn truncate(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<(), WireError> {
-    let fd = sys::openat2_beneath(root, path.as_str(), libc::O_WRONLY | libc::O_NOCTTY, 0)
+    let fd = open_nb(root, path.as_str(), libc::O_WRONLY | libc::O_NOCTTY, 0)
         .map_err(|e| map_errno(&e, root, path))?;
     let (file, _) = stat(fd.as_fd()).map_err(|e| map_errno(&e, root, path))?;
     if file != expect {
@@ -466,7 +495,14 @@ pub fn reopen_for_recovery(
     access: Access,
     path: &RelPath,
 ) -> io::Result<(OwnedFd, FileId, u64)> {
-    let fd = open_by_handle_or_path_with(root, h, Some(path), open_mode(access), false)?;
+    let fd = match open_by_handle_or_path_with(root, h, Some(path), open_mode(access), false) {
+        // A local process's kernel lease is being broken: an O_PATH open
+        // (which breaks no lease) tells the same.
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            open_by_handle_or_path_with(root, h, Some(path), libc::O_PATH, false)?
+        }
+        other => other?,
+    };
     // A deleted file can still be opened by handle while its inode is
     // cached: it is gone all the same.
     if fstat(fd.as_fd()).map_err(io::Error::from)?.st_nlink == 0 {

@@ -15,6 +15,13 @@
 //!   local open fanotify allowed since — are checked, each through its own
 //!   `/proc/PID/fd` only, and dropped once they no longer hold the file.
 //!
+//! Processes attached as frontends (current connections, and those lost
+//! in the last [`FRONTEND_PIDS_KEPT_FOR`]) never count: their descriptors
+//! are protocol handles' (passed by this filterd or, across a restart, by
+//! the one before; or a handle just closed whose descriptor the frontend
+//! has not dropped yet). When the probe saw another open and the scan
+//! found only frontends holding the file, nothing counts.
+//!
 //! Not seen: a descriptor passed to another process (`SCM_RIGHTS`, or a
 //! child forked after the open and outliving its parent) while the file
 //! had state; a mapping whose descriptor was closed (`mmap`, no fd left).
@@ -27,6 +34,53 @@ use libfilter::model::FileId;
 /// Most processes remembered per file; past it the next check scans all of
 /// `/proc` again.
 pub const MAX_PIDS: usize = 256;
+
+/// Most `/proc/PID/fd` entries one check looks at, and the longest it
+/// takes ([`ScanBudget`]): the engine thread does it. Past either, the
+/// check decides as if a local opener exists (conservative: share modes
+/// without read are refused, no write caching) and counts it
+/// (`filterctl stats`: `local_scans_cut_short`).
+pub const SCAN_ENTRIES: usize = 65_536;
+/// See [`SCAN_ENTRIES`].
+pub const SCAN_TIME: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// What one check may still spend on `/proc`.
+pub struct ScanBudget {
+    left: usize,
+    deadline: std::time::Instant,
+    /// The budget ran out: what was not looked at counted as held.
+    pub cut: bool,
+}
+
+impl Default for ScanBudget {
+    fn default() -> Self {
+        ScanBudget {
+            left: SCAN_ENTRIES,
+            deadline: std::time::Instant::now() + SCAN_TIME,
+            cut: false,
+        }
+    }
+}
+
+impl ScanBudget {
+    /// Spends one entry; false once the budget is spent.
+    fn spend(&mut self) -> bool {
+        if self.cut {
+            return false;
+        }
+        self.left = self.left.saturating_sub(1);
+        if self.left == 0
+            || (self.left.is_multiple_of(512) && std::time::Instant::now() >= self.deadline)
+        {
+            self.cut = true;
+        }
+        !self.cut
+    }
+}
+
+/// How long a lost frontend's process is still taken for a frontend (its
+/// descriptors may outlive the connection briefly, or it reattaches).
+pub const FRONTEND_PIDS_KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// What filterd knows of a file's local openers.
 #[derive(Debug, Default)]
@@ -44,18 +98,26 @@ impl LocalOpeners {
     /// The processes holding `file`, from a scan of `/proc`; `busy` when
     /// the probe saw another open (then it counts even if no process could
     /// be named: an open still in progress).
-    pub fn scanned(file: FileId, busy: bool, ours: &[BorrowedFd<'_>]) -> Self {
-        let pids = scan_all(file, ours);
+    /// A scan cut short by `budget` counts as an opener (and the next
+    /// check scans again).
+    pub fn scanned(
+        file: FileId,
+        busy: bool,
+        ours: &[BorrowedFd<'_>],
+        frontends: &[i32],
+        budget: &mut ScanBudget,
+    ) -> Self {
+        let (pids, frontend_holds) = scan_all(file, ours, frontends, budget);
         LocalOpeners {
-            unattributed: busy && pids.is_empty(),
+            unattributed: busy && pids.is_empty() && !frontend_holds,
             pids,
-            overflowed: false,
+            overflowed: budget.cut,
         }
     }
 
     /// Remembers a local open fanotify allowed.
-    pub fn saw(&mut self, pid: i32) {
-        if self.pids.contains(&pid) {
+    pub fn saw(&mut self, pid: i32, frontends: &[i32]) {
+        if self.pids.contains(&pid) || frontends.contains(&pid) {
             return;
         }
         if self.pids.len() >= MAX_PIDS {
@@ -66,14 +128,26 @@ impl LocalOpeners {
     }
 
     /// Re-checks the remembered processes; whether any still holds `file`.
-    pub fn refresh(&mut self, file: FileId, ours: &[BorrowedFd<'_>]) -> bool {
+    pub fn refresh(
+        &mut self,
+        file: FileId,
+        ours: &[BorrowedFd<'_>],
+        frontends: &[i32],
+        budget: &mut ScanBudget,
+    ) -> bool {
         if self.overflowed {
-            *self = Self::scanned(file, false, ours);
+            *self = Self::scanned(file, false, ours, frontends, budget);
         } else {
-            self.pids.retain(|p| holds(*p, file, ours));
+            self.pids
+                .retain(|p| !frontends.contains(p) && holds(*p, file, ours, budget));
             self.unattributed = false;
         }
         self.present()
+    }
+
+    /// Whether only an open no process could be named for counts.
+    pub fn unattributed(&self) -> bool {
+        self.unattributed && self.pids.is_empty() && !self.overflowed
     }
 
     /// Whether local opens count now (without re-checking).
@@ -82,29 +156,85 @@ impl LocalOpeners {
     }
 }
 
-/// Processes (other than filterd) with a descriptor open on `file`: every
-/// `/proc/PID/fd`. Costs a `statx` per descriptor on the machine.
-pub fn scan_all(file: FileId, ours: &[BorrowedFd<'_>]) -> Vec<i32> {
+/// Processes (other than filterd and the `frontends`) with a descriptor
+/// open on `file`: every `/proc/PID/fd`, and whether a frontend holds it.
+/// Costs a `statx` per descriptor on the machine.
+/// Stops early (`budget.cut`) when the budget is spent.
+pub fn scan_all(
+    file: FileId,
+    ours: &[BorrowedFd<'_>],
+    frontends: &[i32],
+    budget: &mut ScanBudget,
+) -> (Vec<i32>, bool) {
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
-    dir.flatten()
+    let mut frontend_holds = false;
+    let mut pids = Vec::new();
+    for pid in dir
+        .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .filter(|&pid| pid != me && holds(pid, file, ours))
-        .collect()
+    {
+        if budget.cut {
+            break;
+        }
+        if pid == me || !holds(pid, file, ours, budget) {
+            continue;
+        }
+        if frontends.contains(&pid) {
+            frontend_holds = true;
+        } else {
+            pids.push(pid);
+        }
+    }
+    (pids, frontend_holds)
 }
 
 /// Whether process `pid` has a descriptor open on `file` (`statx` through
 /// its `/proc/PID/fd` links: nothing is opened, so filterd's own fanotify
 /// group is never asked) that is not one of filterd's own open file
 /// descriptions `ours` — a frontend holds those, passed with each handle.
-pub fn holds(pid: i32, file: FileId, ours: &[BorrowedFd<'_>]) -> bool {
-    let fds = format!("/proc/{pid}/fd");
-    let Ok(dir) = std::fs::read_dir(Path::new(&fds)) else {
+/// Once `budget` is spent, it answers true (conservative).
+pub fn holds(pid: i32, file: FileId, ours: &[BorrowedFd<'_>], budget: &mut ScanBudget) -> bool {
+    if let Some(held) = holds_in(pid, &format!("/proc/{pid}/fd"), file, ours, budget) {
+        return held;
+    }
+    // A process whose main thread exited (pthread_exit) while others run
+    // shows an empty fd directory there: its threads share one table, so
+    // the first other thread's tells.
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
     };
-    dir.flatten().any(|e| {
+    for tid in tasks
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&tid| tid != pid)
+    {
+        let fds = format!("/proc/{pid}/task/{tid}/fd");
+        if let Some(held) = holds_in(tid, &fds, file, ours, budget) {
+            return held;
+        }
+    }
+    false
+}
+
+/// [`holds`] through one fd directory (of task `tid`); `None` when it is
+/// unreadable or empty.
+fn holds_in(
+    tid: i32,
+    fds: &str,
+    file: FileId,
+    ours: &[BorrowedFd<'_>],
+    budget: &mut ScanBudget,
+) -> Option<bool> {
+    let dir = std::fs::read_dir(Path::new(fds)).ok()?;
+    let mut any = false;
+    let held = dir.flatten().any(|e| {
+        any = true;
+        if !budget.spend() {
+            return true;
+        }
         let same_inode = libfilter::sys::dev_ino_nosync(&e.path())
             .is_ok_and(|(d, i)| d == file.dev && i == file.ino);
         if !same_inode {
@@ -116,6 +246,7 @@ pub fn holds(pid: i32, file: FileId, ours: &[BorrowedFd<'_>]) -> bool {
         // Cannot tell (no ptrace access): it counts.
         !ours
             .iter()
-            .any(|m| libfilter::sys::same_file_description(pid, n, *m).unwrap_or(false))
-    })
+            .any(|m| libfilter::sys::same_file_description(tid, n, *m).unwrap_or(false))
+    });
+    any.then_some(held)
 }

@@ -817,6 +817,10 @@ pub struct Stats {
     /// Ignore marks that could not be added or removed.
     #[serde(default)]
     pub ignore_mark_failures: u64,
+    /// Checks for existing local opens whose `/proc` scan passed its budget
+    /// and were decided as if a local opener existed.
+    #[serde(default)]
+    pub local_scans_cut_short: u64,
     /// Persistent handles reopened at start.
     pub recoveries: u64,
     /// Handles found lost at start.

@@ -51,6 +51,14 @@ pub fn openat2_beneath(
         },
         resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
     };
+    // With O_NONBLOCK, EAGAIN also means the open would wait for a local
+    // process's kernel lease to be broken: after a few tries (a rename race
+    // does not last), it is returned.
+    let mut tries_left = if flags & libc::O_NONBLOCK != 0 {
+        16
+    } else {
+        u32::MAX
+    };
     loop {
         // SAFETY: `cpath` is a NUL-terminated string and `how` a properly
         // initialised `struct open_how` that both outlive the call; the size
@@ -75,6 +83,12 @@ pub fn openat2_beneath(
         // resolution; retrying is what the man page prescribes.
         if e.raw_os_error() != Some(libc::EAGAIN) && e.raw_os_error() != Some(libc::EINTR) {
             return Err(e);
+        }
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            tries_left = tries_left.saturating_sub(1);
+            if tries_left == 0 {
+                return Err(e);
+            }
         }
     }
 }

@@ -675,6 +675,11 @@ impl LineClient {
         id
     }
 
+    /// The connection (to write or read around the client).
+    pub fn stream(&self) -> &std::net::TcpStream {
+        &self.stream
+    }
+
     /// How long a read waits (default 60 s); a read that times out is `None`.
     pub fn set_read_timeout(&self, t: Duration) {
         self.stream.set_read_timeout(Some(t)).expect("timeout");

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use rkfilter_tests::{Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{wait_for, Filterd, LineClient, Scratch, Shim};
 use serde_json::{json, Value};
 
 /// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in MiB.
@@ -169,4 +169,134 @@ fn nfsshim_takes_the_line_timeout_flag() {
     );
     line.clear();
     assert_eq!(reader.read_line(&mut line).ok(), Some(0), "then closed");
+}
+
+/// Reads lines from `r` until one names the request budget (true), or
+/// EOF/timeout (false).
+fn dropped_for_the_budget(r: &mut BufReader<TcpStream>) -> bool {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) if line.contains("--partial-line-budget-mib") => return true,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Old code (issue 18 #11 review): complete lines waiting behind a CREATE
+/// that waits for a lease break were not charged to the budget, so one
+/// connection pipelining large ECHOs grew smbshim by everything it sent.
+/// Now the connection is dropped once its queued lines pass the budget,
+/// and others are served.
+#[test]
+fn queued_complete_lines_are_charged_to_the_budget() {
+    let s = Scratch::new("slow-lines-queued");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "30000"], &[]);
+    let shim = Shim::start_with(
+        "smbshim",
+        &s.socket(),
+        "slow-lines-queued",
+        &["--partial-line-budget-mib", "16"],
+    );
+    // A holds an RWH lease it will never acknowledge breaking.
+    let mut a = LineClient::connect(&shim.addr);
+    let sa = session_setup(&mut a)["session_id"].as_u64().expect("sid");
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+                          "share": ["read", "write", "delete"], "disposition": "open_if",
+                          "lease": {"key": uuid::Uuid::new_v4().to_string(), "state": "RWH"}}),
+    );
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    let mut x = LineClient::connect(&shim.addr);
+    let sx = session_setup(&mut x)["session_id"].as_u64().expect("sid");
+    let before = status_mib(shim.pid(), "VmRSS");
+    // X's CREATE waits for A's ack; then X pipelines 48 lines of 2 MiB.
+    x.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sx, "path": "f", "access": ["write"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(a.next_line().expect("LEASE_BREAK")["cmd"], "LEASE_BREAK");
+    let mut stream = x_stream(&x);
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let pad = "a".repeat(2 << 20);
+    let writer = std::thread::spawn(move || {
+        for mid in 100..148 {
+            let line = format!("{{\"cmd\": \"ECHO\", \"mid\": {mid}, \"pad\": \"{pad}\"}}\n");
+            if stream.write_all(line.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut reader = BufReader::new(x_stream(&x));
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    assert!(
+        dropped_for_the_budget(&mut reader),
+        "X is dropped for the budget"
+    );
+    let _ = writer.join();
+    let peak = status_mib(shim.pid(), "VmHWM");
+    eprintln!("smbshim: {before} MiB before, {peak} MiB at its peak");
+    assert!(
+        peak < before + 64,
+        "smbshim grew from {before} MiB to {peak} MiB"
+    );
+    // Nobody else was dropped.
+    let r = a.call(json!({"cmd": "ECHO"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = session_setup(&mut LineClient::connect(&shim.addr));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+fn x_stream(c: &LineClient) -> TcpStream {
+    c.stream().try_clone().expect("clone")
+}
+
+/// Old code (issue 18 #11 review): with the budget spent by connections
+/// each holding less than its fair share of a stalled line, a newcomer
+/// sending one large line at full speed was the one dropped. Now the
+/// oldest stalled lines go and the newcomer is served.
+#[test]
+fn a_line_at_full_speed_displaces_stalled_lines_not_itself() {
+    let (_s, _d, shim) = smbshim_with("slow-lines-displace", &["--partial-line-budget-mib", "16"]);
+    let before = status_mib(shim.pid(), "VmRSS");
+    let chunk = vec![b'a'; 900 << 10];
+    let hogs: Vec<TcpStream> = (0..15)
+        .map(|_| {
+            let mut c = TcpStream::connect(&shim.addr).unwrap();
+            c.write_all(b"{\"cmd\": \"SESSION_SETUP\", \"user\": \"")
+                .unwrap();
+            c.write_all(&chunk).unwrap();
+            c
+        })
+        .collect();
+    // smbshim has read them (about 13 MiB).
+    wait_for(
+        "smbshim to read the stalled lines",
+        Duration::from_secs(10),
+        || (status_mib(shim.pid(), "VmRSS") >= before + 11).then_some(()),
+    );
+    let mut newcomer = LineClient::connect(&shim.addr);
+    let pad = "a".repeat(3584 << 10);
+    let r = newcomer
+        .raw(format!("{{\"cmd\": \"ECHO\", \"mid\": 1, \"pad\": \"{pad}\"}}\n").as_bytes())
+        .expect("a reply to the newcomer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // It was a stalled line that went.
+    let dropped = hogs
+        .iter()
+        .filter(|h| {
+            h.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            dropped_for_the_budget(&mut BufReader::new(h.try_clone().unwrap()))
+        })
+        .count();
+    assert!(dropped >= 1, "no stalled line was dropped");
 }

@@ -44,8 +44,9 @@ impl Engine {
             }
         }
         // It counts against later protocol opens while it is open.
+        let frontends = self.frontend_pids();
         if let (Some(l), true) = (self.local_openers.get_mut(&file), pid > 0) {
-            l.saw(pid);
+            l.saw(pid, &frontends);
         }
         if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None) {
             self.waiting_local.push((file, reply, fd));
@@ -68,6 +69,23 @@ impl Engine {
         if self.fanotify.is_none() {
             return (false, None);
         }
+        let frontends = self.frontend_pids();
+        let mut budget = crate::local_opens::ScanBudget::default();
+        let (present, known) = self.local_opens_within(file, fd, &frontends, &mut budget);
+        if budget.cut {
+            self.stats.local_scans_cut_short += 1;
+            debug!(%file, "/proc scan over its budget: counted as a local opener");
+        }
+        (present, known)
+    }
+
+    fn local_opens_within(
+        &mut self,
+        file: FileId,
+        fd: std::os::fd::BorrowedFd<'_>,
+        frontends: &[i32],
+        budget: &mut crate::local_opens::ScanBudget,
+    ) -> (bool, Option<LocalOpeners>) {
         // filterd's own open file descriptions of the file: its handles'
         // (frontends hold the same ones) and local opens waiting here.
         let mut mine: Vec<std::os::fd::BorrowedFd<'_>> = self
@@ -89,11 +107,21 @@ impl Engine {
         if mine.is_empty() {
             let known = match libfilter::sys::alone_on_inode(fd) {
                 Ok(true) => LocalOpeners::default(),
-                Ok(false) => LocalOpeners::scanned(file, true, &[fd]),
+                Ok(false) => {
+                    let found = LocalOpeners::scanned(file, true, &[fd], frontends, budget);
+                    // Nobody named: the other open may have been closed
+                    // since (a frontend dropping a closed handle's
+                    // descriptor); probing again tells.
+                    if found.unattributed() && libfilter::sys::alone_on_inode(fd).is_ok_and(|a| a) {
+                        LocalOpeners::default()
+                    } else {
+                        found
+                    }
+                }
                 Err(e) => {
                     // No leases here: scan (slower, as complete).
                     debug!(error = %e, %file, "write-lease probe failed; scanning /proc");
-                    LocalOpeners::scanned(file, false, &[fd])
+                    LocalOpeners::scanned(file, false, &[fd], frontends, budget)
                 }
             };
             return (known.present(), Some(known));
@@ -104,8 +132,23 @@ impl Engine {
         let entry = self
             .local_openers
             .entry(file)
-            .or_insert_with(|| LocalOpeners::scanned(file, false, &mine));
-        (entry.refresh(file, &mine), None)
+            .or_insert_with(|| LocalOpeners::scanned(file, false, &mine, frontends, budget));
+        (entry.refresh(file, &mine, frontends, budget), None)
+    }
+
+    /// Processes attached as frontends now, or lost within
+    /// [`crate::local_opens::FRONTEND_PIDS_KEPT_FOR`]: their descriptors
+    /// are protocol handles', never local opens.
+    pub(super) fn frontend_pids(&mut self) -> Vec<i32> {
+        let now = std::time::Instant::now();
+        self.frontends_gone
+            .retain(|(_, at)| now.duration_since(*at) < crate::local_opens::FRONTEND_PIDS_KEPT_FOR);
+        self.conns
+            .values()
+            .filter(|c| matches!(c.role, Role::Frontend { .. }))
+            .map(|c| c.peer.pid)
+            .chain(self.frontends_gone.iter().map(|(p, _)| *p))
+            .collect()
     }
 
     /// Keeps what a probe learnt about `file`'s local openers, once the

@@ -107,6 +107,10 @@ struct Handle {
 /// Most commands drained into one batch.
 const MAX_BATCH: usize = 1024;
 
+/// Most lost frontend processes remembered as frontends (see
+/// `Engine::frontend_pids`).
+const MAX_FRONTENDS_GONE: usize = 64;
+
 /// The engine.
 pub struct Engine {
     cfg: Config,
@@ -138,6 +142,9 @@ pub struct Engine {
     /// Local processes known to hold files with protocol state open (an
     /// entry exists from a file's first protocol open to its last close).
     local_openers: HashMap<FileId, crate::local_opens::LocalOpeners>,
+    /// Frontend processes lost recently, and when (see
+    /// `Engine::frontend_pids`); at most [`MAX_FRONTENDS_GONE`].
+    frontends_gone: std::collections::VecDeque<(i32, std::time::Instant)>,
     /// The fanotify group, when local access is mediated.
     fanotify: Option<Arc<nix::sys::fanotify::Fanotify>>,
     /// What local mediation covers, for status.
@@ -291,6 +298,7 @@ impl Engine {
             hint_gave_up: HashSet::new(),
             waiting_local: Vec::new(),
             local_openers: HashMap::new(),
+            frontends_gone: std::collections::VecDeque::new(),
             fanotify: None,
             local_counters: Default::default(),
             mediation: "off".to_owned(),
@@ -486,6 +494,11 @@ impl Engine {
                 }
             }
             info!(%instance, pid = c.peer.pid, disconnected = kept, closed, "frontend lost");
+            if self.frontends_gone.len() >= MAX_FRONTENDS_GONE {
+                self.frontends_gone.pop_front();
+            }
+            self.frontends_gone
+                .push_back((c.peer.pid, std::time::Instant::now()));
         }
         for told in self.lock_hints.values_mut() {
             told.remove(&conn);

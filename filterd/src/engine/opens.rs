@@ -535,6 +535,14 @@ impl Engine {
             })?;
             match fsops::reopen(self.root.as_fd(), kh, h.rec.access, &h.rec.path, h.rec.file) {
                 Ok((fd, _, _)) => h.fd = Some(fd),
+                // A local process's kernel lease is being broken (the open
+                // does not wait for it): the file is there, retry.
+                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                    return Err(err(
+                        ErrorCode::Busy,
+                        format!("handle {key}: a local process holds a lease on its file, being broken; retry"),
+                    ));
+                }
                 Err(e) => {
                     h.rec.conn = ConnState::Lost;
                     h.gen += 1;

@@ -25,11 +25,17 @@
 //!   bounded in time and in memory** ([`LineLimits`], set once per process
 //!   with [`set_line_limits`]): a line not finished within `line_timeout`
 //!   of its first byte drops its connection (idle connections between
-//!   lines are fine), and the bytes held in unfinished lines beyond
-//!   [`FREE_PARTIAL_BYTES`] per connection are charged to one budget shared
-//!   by every connection; a connection that needs more while the budget is
-//!   spent, and already holds at least its fair share of it, is dropped —
-//!   with an error line and a log line naming the limit — and nobody else.
+//!   lines are fine), and the request bytes a connection holds — its
+//!   unfinished line and its complete lines queued behind a waiting request
+//!   ([`Outbound::charge_queued`]) — beyond [`FREE_PARTIAL_BYTES`] are
+//!   charged to one budget shared by every connection. When it is spent,
+//!   queuing more complete lines drops the queuing connection; a growing
+//!   unfinished line drops, first, connections holding queued lines, then
+//!   the connection whose charge is oldest (its line started earlier and is
+//!   still unfinished) — which is the growing one itself only when it is the
+//!   oldest. A dropped connection gets an error line and a log line naming
+//!   the limit; a line arriving at full speed is never dropped for the
+//!   stalled lines of others.
 //!
 //! [`client`] is the other end: the connection core of the smbl/1 and
 //! nfsl/1 client libraries.
@@ -78,8 +84,9 @@ pub const FREE_PARTIAL_BYTES: usize = 64 << 10;
 pub struct LineLimits {
     /// Longest a line may take from its first byte to its `\n`.
     pub line_timeout: std::time::Duration,
-    /// Bytes of unfinished lines (beyond [`FREE_PARTIAL_BYTES`] per
-    /// connection) held at once across all connections.
+    /// Bytes of unfinished and queued request lines (beyond
+    /// [`FREE_PARTIAL_BYTES`] per connection) held at once across all
+    /// connections.
     pub partial_line_budget: usize,
 }
 
@@ -105,10 +112,12 @@ pub struct LineArgs {
     #[arg(long, value_name = "MS", default_value_t = 60_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub line_timeout_ms: u64,
-    /// MiB of unfinished request lines held at once across all
-    /// connections (beyond 64 KiB each); when it is spent, a connection
-    /// that needs more and holds at least its fair share is closed, with a
-    /// log line, and nobody else.
+    /// MiB of request lines held at once across all connections —
+    /// unfinished lines and complete ones queued behind a waiting request,
+    /// beyond 64 KiB per connection; when it is spent, a connection queuing
+    /// more is closed, and a growing line closes first connections with
+    /// queued lines, then the one whose line is oldest (itself, if it is
+    /// the oldest), each with a log line.
     #[arg(long, value_name = "MIB", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub partial_line_budget_mib: u64,
@@ -135,47 +144,180 @@ fn line_limits() -> LineLimits {
     LINE_LIMITS.get().copied().unwrap_or_default()
 }
 
-/// The shared budget: bytes charged, and how many connections hold a
-/// charge.
-static PARTIAL_CHARGED: AtomicUsize = AtomicUsize::new(0);
-static PARTIAL_HOLDERS: AtomicUsize = AtomicUsize::new(0);
+/// The shared budget: every connection holding a charge, and their sum.
+///
+/// A connection's charge is the bytes of its unfinished line (buffer
+/// capacity included) plus its complete lines queued for a worker
+/// ([`Outbound::charge_queued`]), beyond [`FREE_PARTIAL_BYTES`]. When a
+/// charge would pass the budget:
+/// - complete lines queued never displace anyone: the queuing connection
+///   is dropped;
+/// - an unfinished line that grows displaces, first, connections holding
+///   queued lines (they wait behind a request, not making progress), then
+///   the connection whose charge is oldest (a line started earlier and
+///   still unfinished); when that is the growing line itself, it is the
+///   one dropped.
+struct Budget {
+    live: usize,
+    holders: std::collections::BTreeMap<u64, Held>,
+}
 
-/// One connection's charge against the partial-line budget; released on
-/// drop.
-#[derive(Default)]
-struct Charge(usize);
+struct Held {
+    partial: usize,
+    queued: usize,
+    charged: usize,
+    since: std::time::Instant,
+    acct: Arc<Account>,
+}
 
-impl Charge {
-    /// Charges an unfinished line of `len` bytes. Err when the budget is
-    /// spent and this connection already holds its fair share of it.
-    fn hold(&mut self, len: usize, budget: usize) -> Result<(), ()> {
-        let want = len.saturating_sub(FREE_PARTIAL_BYTES);
-        if want <= self.0 {
-            return Ok(());
+static BUDGET: Mutex<Budget> = Mutex::new(Budget {
+    live: 0,
+    holders: std::collections::BTreeMap::new(),
+});
+
+/// One connection's side of the budget: how to drop it when it is
+/// displaced.
+struct Account {
+    conn: u64,
+    stream: Option<TcpStream>,
+    evicted: AtomicBool,
+}
+
+impl Account {
+    fn new(conn: u64, stream: Option<TcpStream>) -> Arc<Account> {
+        Arc::new(Account {
+            conn,
+            stream,
+            evicted: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the connection was dropped to make room in the budget.
+    fn evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
+    }
+
+    /// Sets this connection's unfinished-line bytes (`partial`, when
+    /// given) and adds `queued` (may be negative) to its queued bytes. Err
+    /// when the connection is over the budget (it is then dropped).
+    fn set(
+        self: &Arc<Self>,
+        partial: Option<usize>,
+        queued: isize,
+        budget: usize,
+    ) -> Result<(), ()> {
+        let Ok(mut b) = BUDGET.lock() else {
+            return Err(());
+        };
+        if self.evicted() {
+            return Err(());
         }
-        let more = want - self.0;
-        let before = PARTIAL_CHARGED.fetch_add(more, Ordering::AcqRel);
-        if before.saturating_add(more) > budget {
-            let holders = PARTIAL_HOLDERS.load(Ordering::Acquire).max(1);
-            if self.0 >= budget / holders {
-                PARTIAL_CHARGED.fetch_sub(more, Ordering::AcqRel);
+        let now = std::time::Instant::now();
+        let b = &mut *b;
+        let (old, new, grows_line) = {
+            let h = b.holders.entry(self.conn).or_insert_with(|| Held {
+                partial: 0,
+                queued: 0,
+                charged: 0,
+                since: now,
+                acct: self.clone(),
+            });
+            let p = partial.unwrap_or(h.partial);
+            let q = h.queued.saturating_add_signed(queued);
+            let new = p.saturating_add(q).saturating_sub(FREE_PARTIAL_BYTES);
+            (h.charged, new, partial.is_some_and(|p| p > h.partial))
+        };
+        let fits = |b: &Budget| b.live.saturating_sub(old).saturating_add(new) <= budget;
+        while new > old && !fits(b) {
+            if !grows_line {
                 return Err(());
             }
-            // Under its share: others hold more and are dropped when they
-            // next grow; the overshoot is bounded by the budget.
+            // Displace: queued lines first, then the oldest charge.
+            let victim = b
+                .holders
+                .iter()
+                .filter(|(_, h)| h.charged > 0)
+                .min_by_key(|(_, h)| (h.queued == 0, h.since))
+                .map(|(c, _)| *c);
+            match victim {
+                Some(v) if v != self.conn => {
+                    if let Some(h) = b.holders.remove(&v) {
+                        b.live = b.live.saturating_sub(h.charged);
+                        h.acct.evict();
+                    }
+                }
+                _ => return Err(()),
+            }
         }
-        if self.0 == 0 {
-            PARTIAL_HOLDERS.fetch_add(1, Ordering::AcqRel);
+        b.live = b.live.saturating_sub(old).saturating_add(new);
+        let gone = match b.holders.get_mut(&self.conn) {
+            Some(h) => {
+                h.partial = partial.unwrap_or(h.partial);
+                h.queued = h.queued.saturating_add_signed(queued);
+                if old == 0 && new > 0 {
+                    h.since = now;
+                }
+                h.charged = new;
+                h.partial == 0 && h.queued == 0
+            }
+            None => false,
+        };
+        if gone {
+            b.holders.remove(&self.conn);
         }
-        self.0 = want;
+        Ok(())
+    }
+
+    /// Drops the connection to make room: its reader sees the end of its
+    /// input and says why.
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Release);
+        if let Some(s) = &self.stream {
+            let _ = s.shutdown(Shutdown::Read);
+        }
+    }
+}
+
+/// A complete request line waiting in a connection's queue, charged to the
+/// budget until dropped.
+pub struct Queued {
+    acct: Arc<Account>,
+    len: usize,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let len = isize::try_from(self.len).unwrap_or(isize::MAX);
+        let _ = self.acct.set(None, -len, line_limits().partial_line_budget);
+    }
+}
+
+/// One connection's charge for its unfinished line; released on drop.
+struct Charge {
+    acct: Arc<Account>,
+    held: usize,
+}
+
+impl Charge {
+    fn new(acct: Arc<Account>) -> Self {
+        Charge { acct, held: 0 }
+    }
+
+    /// Charges an unfinished line of `len` bytes. Err when the budget is
+    /// spent and this line is the one to drop.
+    fn hold(&mut self, len: usize, budget: usize) -> Result<(), ()> {
+        if len <= self.held {
+            return Ok(());
+        }
+        self.acct.set(Some(len), 0, budget)?;
+        self.held = len;
         Ok(())
     }
 
     fn release(&mut self) {
-        if self.0 > 0 {
-            PARTIAL_CHARGED.fetch_sub(self.0, Ordering::AcqRel);
-            PARTIAL_HOLDERS.fetch_sub(1, Ordering::AcqRel);
-            self.0 = 0;
+        if self.held > 0 {
+            let _ = self.acct.set(Some(0), 0, usize::MAX);
+            self.held = 0;
         }
     }
 }
@@ -189,7 +331,7 @@ impl Drop for Charge {
 /// Bytes of unfinished request lines charged to the budget now (all
 /// connections of this process).
 pub fn partial_line_bytes() -> usize {
-    PARTIAL_CHARGED.load(Ordering::Acquire)
+    BUDGET.lock().map(|b| b.live).unwrap_or(0)
 }
 
 /// Stack of a connection's writer thread (it only copies bytes).
@@ -222,6 +364,7 @@ pub struct Outbound {
     queued: Arc<AtomicUsize>,
     dropped: AtomicBool,
     stream: TcpStream,
+    acct: Arc<Account>,
 }
 
 impl Outbound {
@@ -264,6 +407,7 @@ impl Outbound {
             queued,
             dropped: AtomicBool::new(false),
             stream: stream.try_clone()?,
+            acct: Account::new(conn, Some(stream.try_clone()?)),
         }))
     }
 
@@ -291,6 +435,35 @@ impl Outbound {
         }
         self.drop_connection();
         Err(SendError::Overflow)
+    }
+
+    /// Charges a complete request line of `len` bytes, about to wait in a
+    /// queue of the frontend's, to the process's request budget (see
+    /// [`LineLimits`]) until the returned [`Queued`] is dropped. `None`
+    /// when that would pass the budget: the connection is then dropped
+    /// (its reader answers with an error line and ends) and the line
+    /// should be too.
+    pub fn charge_queued(&self, len: usize) -> Option<Queued> {
+        let signed = isize::try_from(len).unwrap_or(isize::MAX);
+        match self
+            .acct
+            .set(None, signed, line_limits().partial_line_budget)
+        {
+            Ok(()) => Some(Queued {
+                acct: self.acct.clone(),
+                len,
+            }),
+            Err(()) => {
+                self.acct.evict();
+                None
+            }
+        }
+    }
+
+    /// Whether the connection was dropped to keep request bytes within
+    /// the budget (its queued requests need not be served).
+    pub fn over_budget(&self) -> bool {
+        self.acct.evicted()
     }
 
     /// Bytes queued and not yet written.
@@ -553,7 +726,7 @@ fn read_line(
         // What the buffer will hold is charged, its spare capacity included
         // (it doubles as it grows, so copying stays linear).
         let cap = if len > buf.capacity() {
-            len.max(buf.capacity().saturating_mul(2))
+            len.max(buf.capacity().saturating_mul(2)).min(MAX_LINE + 1)
         } else {
             buf.capacity()
         };
@@ -586,8 +759,9 @@ fn read_line(
 /// Serves a connection: hands every line to `handle`, in order, until the
 /// peer goes away or the connection is dropped, queuing the replies it
 /// returns. An over-long line, a line unfinished after the line timeout,
-/// and a connection over its share of the partial-line budget are answered
-/// with an error (`id_field` null, `status`) and end the connection.
+/// and a connection dropped to keep request lines within the budget (the
+/// rule is in the crate docs) are answered with an error (`id_field` null,
+/// `status`) and end the connection.
 pub fn serve_lines(
     mut reader: BufReader<TcpStream>,
     writer: &Writer,
@@ -597,9 +771,15 @@ pub fn serve_lines(
 ) {
     let limits = line_limits();
     let mut buf = Vec::new();
-    let mut charge = Charge::default();
+    let mut charge = Charge::new(writer.acct.clone());
+    let displaced = format!(
+        "request lines over the {} MiB held for all connections (--partial-line-budget-mib)",
+        limits.partial_line_budget >> 20
+    );
     loop {
-        let why = match read_line(&mut reader, &mut buf, &mut charge, limits) {
+        let read = read_line(&mut reader, &mut buf, &mut charge, limits);
+        let why = match read {
+            _ if writer.acct.evicted() => Some(displaced.clone()),
             Line::Data => None,
             Line::Eof => return,
             Line::TooLong => Some("line longer than 4 MiB".to_owned()),
@@ -607,10 +787,7 @@ pub fn serve_lines(
                 "line unfinished after {} ms (--line-timeout-ms)",
                 limits.line_timeout.as_millis()
             )),
-            Line::OverBudget => Some(format!(
-                "unfinished line over its share of the {} MiB held for all connections (--partial-line-budget-mib)",
-                limits.partial_line_budget >> 20
-            )),
+            Line::OverBudget => Some(displaced.clone()),
         };
         if let Some(why) = why {
             eprintln!("connection {}: dropped, {why}", writer.conn);
@@ -686,10 +863,16 @@ mod tests {
         assert_eq!((id, obj["op"].as_str()), (9, Some("X")));
     }
 
+    /// One test: the budget is process-wide.
     #[test]
+    fn lines_are_limited_and_the_budget_displaces_the_oldest_charge() {
+        lines_are_limited();
+        the_budget_displaces_the_oldest_charge();
+    }
+
     fn lines_are_limited() {
         let limits = LineLimits::default();
-        let mut charge = Charge::default();
+        let mut charge = Charge::new(Account::new(1, None));
         let mut long = vec![b'a'; MAX_LINE + 2];
         long.push(b'\n');
         let mut buf = Vec::new();
@@ -717,20 +900,36 @@ mod tests {
             read_line(&mut &b"{\"unfinished"[..], &mut buf, &mut charge, limits),
             Line::Eof
         ));
+        assert_eq!(partial_line_bytes(), 0);
     }
 
-    #[test]
-    fn a_connection_over_its_share_of_the_budget_is_refused() {
+    fn the_budget_displaces_the_oldest_charge() {
         let budget = 1 << 20;
-        let mut big = Charge::default();
-        big.hold(FREE_PARTIAL_BYTES + budget, budget).unwrap();
-        // Spent: a connection with nothing charged yet still gets its
-        // first bytes (it is under its share)...
-        let mut small = Charge::default();
-        small.hold(FREE_PARTIAL_BYTES + 10, budget).unwrap();
-        // ...and the one over its share is refused when it grows.
-        assert!(big.hold(FREE_PARTIAL_BYTES + budget + 1, budget).is_err());
-        drop(big);
-        drop(small);
+        let (a, b, c) = (
+            Account::new(2, None),
+            Account::new(3, None),
+            Account::new(4, None),
+        );
+        let (mut old, mut new) = (Charge::new(a.clone()), Charge::new(b.clone()));
+        old.hold(FREE_PARTIAL_BYTES + budget / 2, budget).unwrap();
+        new.hold(FREE_PARTIAL_BYTES + budget / 4, budget).unwrap();
+        // Queued complete lines never displace anyone: over the budget,
+        // the queuing connection is the one refused.
+        assert!(c
+            .set(None, isize::try_from(budget).unwrap(), budget)
+            .is_err());
+        assert!(!a.evicted() && !b.evicted());
+        // A growing line displaces the oldest charge, not itself...
+        new.hold(FREE_PARTIAL_BYTES + budget * 3 / 4, budget)
+            .unwrap();
+        assert!(a.evicted() && !b.evicted());
+        assert!(old.hold(FREE_PARTIAL_BYTES + budget, budget).is_err());
+        // ...and is refused when it is the oldest itself.
+        let mut third = Charge::new(c.clone());
+        third.hold(FREE_PARTIAL_BYTES + budget / 4, budget).unwrap();
+        assert!(new.hold(FREE_PARTIAL_BYTES + budget, budget).is_err());
+        assert!(!c.evicted());
+        drop((old, new, third));
+        assert_eq!(partial_line_bytes(), 0);
     }
 }

@@ -65,7 +65,8 @@ fn status_of(e: &ClientError) -> &'static str {
             "STATUS_ACCESS_DENIED"
         }
         Some(ErrorCode::SharingViolation) => "STATUS_SHARING_VIOLATION",
-        Some(ErrorCode::FileNotAvailable) => "STATUS_FILE_NOT_AVAILABLE",
+        // Retry later: a lease (a local process's) is being broken.
+        Some(ErrorCode::FileNotAvailable) | Some(ErrorCode::Busy) => "STATUS_FILE_NOT_AVAILABLE",
         Some(ErrorCode::DuplicateCreateGuid) => "STATUS_DUPLICATE_OBJECTID",
         Some(ErrorCode::DiskFull) => "STATUS_DISK_FULL",
         Some(ErrorCode::LockNotGranted) => "STATUS_LOCK_NOT_GRANTED",
@@ -190,14 +191,65 @@ impl Harness {
     }
 }
 
+/// Lines waiting for a connection's worker, with their budget charges.
+type Waiting = std::collections::VecDeque<(Vec<u8>, shimline::Queued)>;
+
+/// Requests of one connection waiting for its worker, each charged to the
+/// process's request budget ([`shimline::Outbound::charge_queued`]).
+#[derive(Default)]
+struct Pipeline {
+    q: std::sync::Mutex<(Waiting, bool)>,
+    ready: std::sync::Condvar,
+}
+
+impl Pipeline {
+    /// Queues a line; false when [`MAX_PIPELINED`] wait already.
+    fn push(&self, line: Vec<u8>, charge: shimline::Queued) -> bool {
+        let Ok(mut q) = self.q.lock() else {
+            return false;
+        };
+        if q.0.len() >= MAX_PIPELINED {
+            return false;
+        }
+        q.0.push_back((line, charge));
+        self.ready.notify_one();
+        true
+    }
+
+    /// The next line, waiting for one; None once closed and empty.
+    fn next(&self) -> Option<Vec<u8>> {
+        let mut q = self.q.lock().ok()?;
+        loop {
+            if let Some((line, _charge)) = q.0.pop_front() {
+                return Some(line);
+            }
+            if q.1 {
+                return None;
+            }
+            q = self.ready.wait(q).ok()?;
+        }
+    }
+
+    /// No more lines; `discard` drops those waiting (and their memory).
+    fn close(&self, discard: bool) {
+        if let Ok(mut q) = self.q.lock() {
+            q.1 = true;
+            if discard {
+                q.0.clear();
+            }
+        }
+        self.ready.notify_all();
+    }
+}
+
 /// Serves one connection. LEASE_BREAK_ACKs are handled as soon as they
 /// are read; every other request goes, in order, to the connection's
 /// worker thread, so an ack is never stuck behind a CREATE waiting for it.
+/// Requests waiting there are charged to the request budget: a connection
+/// that would pass it is dropped and its waiting requests discarded.
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
-    let mut worker: Option<(
-        std::sync::mpsc::SyncSender<Vec<u8>>,
-        std::thread::JoinHandle<()>,
-    )> = None;
+    let mut worker: Option<(Arc<Pipeline>, std::thread::JoinHandle<()>)> = None;
+    let mut writer = None;
     sh.writers.serve(
         conn,
         stream,
@@ -208,34 +260,46 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
                 return Some(handle_line(&sh, conn, line));
             }
             if worker.is_none() {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(MAX_PIPELINED);
-                let (shw, w) = (sh.clone(), w.clone());
+                let p = Arc::new(Pipeline::default());
+                let (shw, w, pw) = (sh.clone(), w.clone(), p.clone());
+                writer = Some(w.clone());
                 let spawned = std::thread::Builder::new()
                     .name(format!("smb-conn-{conn}-work"))
                     .spawn(move || {
-                        for line in rx {
+                        while let Some(line) = pw.next() {
+                            if w.over_budget() {
+                                continue;
+                            }
                             if !shimline::send(&w, &handle_line(&shw, conn, &line)) {
                                 return;
                             }
                         }
                     });
                 match spawned {
-                    Ok(j) => worker = Some((tx, j)),
+                    Ok(j) => worker = Some((p, j)),
                     Err(_) => return Some(handle_line(&sh, conn, line)),
                 }
             }
-            let Some((tx, _)) = worker.as_ref() else {
+            let Some((p, _)) = worker.as_ref() else {
                 return Some(handle_line(&sh, conn, line));
             };
-            match tx.try_send(line.to_vec()) {
-                Ok(()) => None,
-                Err(_) => Some(busy(line)),
+            let Some(charge) = w.charge_queued(line.len()) else {
+                return Some(busy(line, "over the request budget"));
+            };
+            if p.push(line.to_vec(), charge) {
+                None
+            } else {
+                Some(busy(
+                    line,
+                    &format!("more than {MAX_PIPELINED} requests of this connection are waiting"),
+                ))
             }
         },
     );
-    // Requests already read finish before the connection's state goes.
-    if let Some((tx, j)) = worker {
-        drop(tx);
+    // Requests already read finish before the connection's state goes,
+    // unless it was dropped for the budget.
+    if let Some((p, j)) = worker {
+        p.close(writer.as_ref().is_some_and(|w| w.over_budget()));
         let _ = j.join();
     }
     connection_lost(&sh, conn);
@@ -249,13 +313,14 @@ fn is_lease_break_ack(line: &[u8]) -> bool {
             .is_ok_and(|v| v.get("cmd").and_then(Value::as_str) == Some("LEASE_BREAK_ACK"))
 }
 
-/// The answer to a request over [`MAX_PIPELINED`].
-fn busy(line: &[u8]) -> Value {
+/// The answer to a request that cannot wait: over [`MAX_PIPELINED`] or
+/// over the request budget (`why`).
+fn busy(line: &[u8], why: &str) -> Value {
     let mid = serde_json::from_slice::<Value>(line)
         .ok()
         .and_then(|v| v.get("mid").and_then(Value::as_u64));
     json!({"mid": mid, "status": "STATUS_INSUFFICIENT_RESOURCES",
-           "error": format!("more than {MAX_PIPELINED} requests of this connection are waiting")})
+           "error": why})
 }
 
 fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
