@@ -69,7 +69,9 @@ pub fn map_errno(e: &io::Error, root: BorrowedFd<'_>, path: &RelPath) -> WireErr
             )
         }
         Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => ErrorCode::AccessDenied,
-        Some(libc::EISDIR) => ErrorCode::NotAFile,
+        // ENXIO: a FIFO opened for writing without a reader (filterd's
+        // opens do not wait); a device without its driver.
+        Some(libc::EISDIR) | Some(libc::ENXIO) => ErrorCode::NotAFile,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
         Some(libc::ENAMETOOLONG) => ErrorCode::BadFrame,
         // A local process holds a kernel lease on the file: filterd's

@@ -250,3 +250,25 @@ fn holds_in(
     });
     any.then_some(held)
 }
+
+/// The start time of process `pid` (`/proc/PID/stat` field 22, in clock
+/// ticks since boot): with the pid, it names one process, not whichever
+/// process has the pid now.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces and parentheses).
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod start_time_tests {
+    #[test]
+    fn a_live_process_has_one_start_time_and_a_missing_one_none() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let t = super::start_time(me);
+        assert!(t.is_some());
+        assert_eq!(super::start_time(me), t);
+        assert_eq!(super::start_time(i32::MAX), None);
+    }
+}

@@ -141,13 +141,17 @@ impl Engine {
     /// are protocol handles', never local opens.
     pub(super) fn frontend_pids(&mut self) -> Vec<i32> {
         let now = std::time::Instant::now();
-        self.frontends_gone
-            .retain(|(_, at)| now.duration_since(*at) < crate::local_opens::FRONTEND_PIDS_KEPT_FOR);
+        self.frontends_gone.retain(|(pid, started, at)| {
+            now.duration_since(*at) < crate::local_opens::FRONTEND_PIDS_KEPT_FOR
+                // Still the same process (its pid not reused since).
+                && started.is_some()
+                && crate::local_opens::start_time(*pid) == *started
+        });
         self.conns
             .values()
             .filter(|c| matches!(c.role, Role::Frontend { .. }))
             .map(|c| c.peer.pid)
-            .chain(self.frontends_gone.iter().map(|(p, _)| *p))
+            .chain(self.frontends_gone.iter().map(|(p, _, _)| *p))
             .collect()
     }
 

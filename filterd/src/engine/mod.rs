@@ -144,7 +144,7 @@ pub struct Engine {
     local_openers: HashMap<FileId, crate::local_opens::LocalOpeners>,
     /// Frontend processes lost recently, and when (see
     /// `Engine::frontend_pids`); at most [`MAX_FRONTENDS_GONE`].
-    frontends_gone: std::collections::VecDeque<(i32, std::time::Instant)>,
+    frontends_gone: std::collections::VecDeque<(i32, Option<u64>, std::time::Instant)>,
     /// The fanotify group, when local access is mediated.
     fanotify: Option<Arc<nix::sys::fanotify::Fanotify>>,
     /// What local mediation covers, for status.
@@ -497,8 +497,13 @@ impl Engine {
             if self.frontends_gone.len() >= MAX_FRONTENDS_GONE {
                 self.frontends_gone.pop_front();
             }
-            self.frontends_gone
-                .push_back((c.peer.pid, std::time::Instant::now()));
+            // With its start time: a pid reused by another process within
+            // the window is not taken for the frontend.
+            self.frontends_gone.push_back((
+                c.peer.pid,
+                crate::local_opens::start_time(c.peer.pid),
+                std::time::Instant::now(),
+            ));
         }
         for told in self.lock_hints.values_mut() {
             told.remove(&conn);
