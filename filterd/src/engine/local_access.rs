@@ -43,10 +43,13 @@ impl Engine {
                 }
             }
         }
-        // It counts against later protocol opens while it is open.
-        let frontends = self.frontend_pids();
-        if let (Some(l), true) = (self.local_openers.get_mut(&file), pid > 0) {
-            l.saw(pid, &frontends);
+        // It counts against later protocol opens while it is open (the
+        // frontends' pids are looked up only for a file that keeps track).
+        if pid > 0 && self.local_openers.contains_key(&file) {
+            let frontends = self.frontend_pids();
+            if let Some(l) = self.local_openers.get_mut(&file) {
+                l.saw(pid, &frontends);
+            }
         }
         if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None) {
             self.waiting_local.push((file, reply, fd));
