@@ -205,19 +205,17 @@ impl LocalHolder {
             .unwrap();
         // Started when the file is open: its own fd table shows it.
         let fds = format!("/proc/{}/fd", child.id());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !std::fs::read_dir(&fds)
-            .unwrap()
-            .flatten()
-            .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == file))
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the local holder never opened {}",
-                file.display()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        rkfilter_tests::wait_for(
+            "the local holder to open the file",
+            std::time::Duration::from_secs(10),
+            || {
+                std::fs::read_dir(&fds)
+                    .ok()?
+                    .flatten()
+                    .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == file))
+                    .then_some(())
+            },
+        );
         LocalHolder(child)
     }
 }
