@@ -182,7 +182,7 @@ impl Harness {
         let store = Arc::new(MemStore::default());
         let mut engine = Engine::new(
             config(),
-            root,
+            Box::new(fs::HostFs::new(root)),
             1,
             pipe.clone(),
             store.clone(),
