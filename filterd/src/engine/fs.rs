@@ -85,6 +85,16 @@ pub trait Fs: Send {
     /// away. Best effort.
     fn clear_marker(&self, fd: Option<BorrowedFd<'_>>, kh: Option<&KernelHandle>, path: &RelPath);
 
+    /// Puts back a create marker [`Fs::clear_marker`] removed (its close
+    /// did not commit). Best effort.
+    fn restore_marker(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        kh: Option<&KernelHandle>,
+        path: &RelPath,
+        marker: &[u8],
+    );
+
     /// Removes `path`, which must still name `expect` (and `kh`).
     fn remove(
         &self,
@@ -202,6 +212,16 @@ impl Fs for HostFs {
 
     fn clear_marker(&self, fd: Option<BorrowedFd<'_>>, kh: Option<&KernelHandle>, path: &RelPath) {
         fsops::clear_marker(self.root(), fd, kh, path)
+    }
+
+    fn restore_marker(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        kh: Option<&KernelHandle>,
+        path: &RelPath,
+        marker: &[u8],
+    ) {
+        fsops::restore_marker(self.root(), fd, kh, path, marker)
     }
 
     fn remove(

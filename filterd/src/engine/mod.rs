@@ -49,6 +49,8 @@ pub mod fs;
 mod leases;
 mod local_access;
 mod locks;
+#[cfg(test)]
+mod memfs;
 mod opens;
 mod records;
 mod recovery;

@@ -312,7 +312,19 @@ impl Engine {
             .and_then(|h| self.locks.get(&h.rec.file))
             .is_some_and(|t| !t.is_empty());
         let Some(h) = self.handles.get_mut(&p.key) else {
+            // Closed (or expired) before its open finished: nothing to
+            // truncate, and the open is still answered.
             self.batch.push(StoreOp::DeleteIntent(id));
+            if let (Some(w), Some(rid)) = (&p.writer, p.id) {
+                let frame = ServerFrame::Reply {
+                    id: Some(rid),
+                    result: Err(err(
+                        ErrorCode::NoSuchHandle,
+                        format!("handle {} was closed before its open finished", p.key),
+                    )),
+                };
+                self.reply_when_durable(w, rid, &frame, None);
+            }
             return;
         };
         let truncated = match &h.rec.kernel_handle {
@@ -344,7 +356,10 @@ impl Engine {
                 let path = h.rec.path.clone();
                 self.batch.push(StoreOp::DeleteIntent(id));
                 self.content_change_done(file);
-                self.remove_unrecorded(p.key);
+                // Deleted from the store too: a detach (or another
+                // request on the handle) may have written its record
+                // meanwhile.
+                self.remove(p.key);
                 Err(self.fs.map_errno(&e, &path))
             }
         };
@@ -675,23 +690,41 @@ impl Engine {
     }
 
     /// Removes a handle the store does not hold (rolled back): no store
-    /// operation, no filesystem effect (a pending delete-on-close is
-    /// dropped with it).
-    pub(super) fn remove_quietly(&mut self, key: ResumeKey) {
+    /// operation (a pending delete-on-close is dropped with it). An open
+    /// that created its file returns the file, for [`Engine::undo_creates`]
+    /// once every rolled-back handle is gone.
+    pub(super) fn remove_quietly(&mut self, key: ResumeKey) -> Option<CreatedFile> {
+        let mut created = None;
         if let Some(h) = self.handles.get_mut(&key) {
             h.rec.durability = Durability::None;
             h.rec.delete_on_close = false;
+            if h.rec.create_action == CreateAction::Created && h.rec.conn != ConnState::Lost {
+                let kh = h.rec.kernel_handle.clone().or_else(|| {
+                    h.fd.as_ref()
+                        .and_then(|f| self.fs.file_handle_of(f.as_fd()).ok())
+                });
+                created = Some((h.rec.path.clone(), h.rec.file, kh));
+            }
         }
         self.remove(key);
+        created
     }
 
-    /// Removes a handle whose record never reached the store.
-    pub(super) fn remove_unrecorded(&mut self, key: ResumeKey) {
-        if let Some(h) = self.handles.get_mut(&key) {
-            // Not persistent as far as the store knows: no delete op.
-            h.rec.durability = Durability::None;
+    /// Undoes the creates of rolled-back opens: a file whose create no
+    /// client was told of loses its name again, when no handle of it
+    /// remains and the path still names it (same kernel handle).
+    pub(super) fn undo_creates(&mut self, created: Vec<CreatedFile>) {
+        for (path, file, kh) in created {
+            if self.by_file.contains_key(&file) {
+                continue;
+            }
+            match self.fs.remove(&path, file, kh.as_ref()) {
+                Ok(()) => info!(%path, "a create whose commit failed is undone"),
+                Err(e) => {
+                    debug!(%path, error = %e.message, "a rolled-back create's file is not removed")
+                }
+            }
         }
-        self.remove(key);
     }
 
     /// Removes a handle for good (closing its descriptor); persistent ones
@@ -852,6 +885,10 @@ impl Engine {
         true
     }
 }
+
+/// A file a rolled-back open created: its path, identity and kernel
+/// handle.
+pub(super) type CreatedFile = (RelPath, FileId, Option<libfilter::model::KernelHandle>);
 
 /// The share reservation an open joins (`OpenRequest::share_group`): one
 /// client's handles of one frontend instance with the same group name.
