@@ -343,6 +343,32 @@ pub fn clear_marker(
     }
 }
 
+/// Puts back the create marker [`clear_marker`] removed, when the close
+/// that removed it did not commit (the handle is back, as is its file's
+/// marker). Best effort, as the clearing.
+pub fn restore_marker(
+    root: BorrowedFd<'_>,
+    fd: Option<BorrowedFd<'_>>,
+    h: Option<&libfilter::model::KernelHandle>,
+    path: &RelPath,
+    marker: &[u8],
+) {
+    let Ok(name) = marker_name(root) else {
+        return;
+    };
+    match (fd, h) {
+        (Some(fd), _) => {
+            let _ = sys::set_xattr(fd, name, marker);
+        }
+        (None, Some(h)) => {
+            if let Ok(fd) = open_by_handle_or_path(root, h, Some(path), libc::O_RDONLY) {
+                let _ = sys::set_xattr(fd.as_fd(), name, marker);
+            }
+        }
+        (None, None) => {}
+    }
+}
+
 /// Opens the file of kernel handle `h`: by the handle (proven to lie
 /// beneath the root, [`prove_beneath`]), or — when that is not permitted (a daemon without `CAP_DAC_READ_SEARCH`) — by its
 /// recorded `path` beneath the root, accepted only if the file there has

@@ -240,7 +240,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_connections: args.max_connections,
             max_pending_breaks: args.max_pending_breaks,
         },
-        root.into(),
+        Box::new(engine::fs::HostFs::new(root.into())),
         epoch,
         pipe.clone(),
         store.clone(),

@@ -36,7 +36,7 @@ impl Engine {
         // Replacing a target is deleting it: every open of the target must
         // share delete, and its handle-caching leases are broken first.
         let target = if replace {
-            fsops::file_at_checked(self.root.as_fd(), &to)?.filter(|t| *t != file)
+            self.fs.file_at_checked(&to)?.filter(|t| *t != file)
         } else {
             None
         };
@@ -91,16 +91,21 @@ impl Engine {
         size: u64,
         record: Option<RecordSpec>,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
-        let h = self.attached_with(
+        self.attached_with(
             conn,
             key,
             libfilter::model::Rights::WRITE,
             "end_of_file needs write access",
         )?;
+        let fs = &*self.fs;
+        let h = self
+            .handles
+            .get_mut(&key)
+            .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
         if h.rec.kernel_handle.is_none() {
             h.rec.kernel_handle =
                 h.fd.as_ref()
-                    .and_then(|f| libfilter::sys::file_handle_of(f.as_fd()).ok());
+                    .and_then(|f| fs.file_handle_of(f.as_fd()).ok());
         }
         let Some(kernel_handle) = h.rec.kernel_handle.clone() else {
             return Err(err(
@@ -130,7 +135,9 @@ impl Engine {
         path: RelPath,
         record: Option<RecordSpec>,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
-        let file = fsops::file_at_checked(self.root.as_fd(), &path)?
+        let file = self
+            .fs
+            .file_at_checked(&path)?
             .ok_or_else(|| err(ErrorCode::NotFound, format!("{path}: not found")))?;
         self.depends_on_file(file);
         self.others_share_delete(file, None)?;
@@ -148,7 +155,7 @@ impl Engine {
             self.waiting_changes.push((file, conn, req_id, req));
             return Ok(None);
         }
-        let kernel_handle = fsops::handle_at(self.root.as_fd(), &path);
+        let kernel_handle = self.fs.handle_at(&path);
         let change = IntentChange::Remove {
             path,
             file,
@@ -266,7 +273,7 @@ impl Engine {
         change: &IntentChange,
         durable: bool,
     ) -> Result<(), WireError> {
-        let root = self.root.as_fd();
+        let fs = &*self.fs;
         match change {
             IntentChange::Rename {
                 key,
@@ -277,9 +284,9 @@ impl Engine {
                 record,
                 kernel_handle,
             } => {
-                fsops::rename(root, from, to, *file, kernel_handle.as_ref(), *replace)?;
+                fs.rename(from, to, *file, kernel_handle.as_ref(), *replace)?;
                 if durable {
-                    let dirs = [fsops::dir_of(root, from), fsops::dir_of(root, to)];
+                    let dirs = [fs.dir_of(from), fs.dir_of(to)];
                     for d in dirs.into_iter().flatten() {
                         self.batch.sync_fd(d);
                     }
@@ -309,9 +316,9 @@ impl Engine {
                 kernel_handle,
                 ..
             } => {
-                fsops::remove(root, path, *file, kernel_handle.as_ref())?;
+                fs.remove(path, *file, kernel_handle.as_ref())?;
                 if durable {
-                    if let Ok(d) = fsops::dir_of(root, path) {
+                    if let Ok(d) = fs.dir_of(path) {
                         self.batch.sync_fd(d);
                     }
                 }
@@ -327,8 +334,9 @@ impl Engine {
                 record,
             } => {
                 let path = self.handles.get(key).map(|h| &h.rec.path);
-                let done =
-                    fsops::set_size_by_handle(root, kernel_handle, path, *size).map_err(|e| {
+                let done = fs
+                    .set_size_by_handle(kernel_handle, path, *size)
+                    .map_err(|e| {
                         // A size the filesystem cannot hold is the client's
                         // bad parameter; no space is disk full.
                         let code = match e.raw_os_error() {

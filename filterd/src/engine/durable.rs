@@ -422,6 +422,7 @@ impl Engine {
         }
         // In-memory effects first, newest first.
         let mut undone = undone;
+        let mut created = Vec::new();
         for t in undone.iter_mut().rev() {
             for u in std::mem::take(&mut t.undo).into_iter().rev() {
                 if let Undo::Reinsert(h) = u {
@@ -431,7 +432,7 @@ impl Engine {
                 let u = &u;
                 match u {
                     Undo::Drop(k) => {
-                        self.remove_quietly(*k);
+                        created.extend(self.remove_quietly(*k));
                     }
                     Undo::Record(rec) => {
                         if let Some(h) = self.handles.get_mut(&rec.key) {
@@ -481,9 +482,10 @@ impl Engine {
         // Persistent state: exactly what the store holds (a handle's own
         // replay records go and come with it).
         for k in handles {
-            self.restore_handle(k);
+            created.extend(self.restore_handle(k));
             scopes.insert(ReplayScope::Handle(k));
         }
+        self.undo_creates(created);
         for s in scopes {
             self.restore_scope(&s);
         }
@@ -513,6 +515,20 @@ impl Engine {
         if self.handles.contains_key(&key) {
             return;
         }
+        if let Some(g) = h.rec.create_guid.filter(|_| {
+            h.rec.durability.is_persistent()
+                && h.rec.create_action == libfilter::model::CreateAction::Created
+        }) {
+            // Its close cleared the create marker before the deletion
+            // that did not commit (`Engine::remove`): put it back.
+            let marker = super::create_marker(&h.rec.client, &g);
+            self.fs.restore_marker(
+                h.fd.as_ref().map(std::os::fd::AsFd::as_fd),
+                h.rec.kernel_handle.as_ref(),
+                &h.rec.path,
+                &marker,
+            );
+        }
         match h.conn {
             Some(c) if self.conns.contains_key(&c) => {
                 if let Some(x) = self.conns.get_mut(&c) {
@@ -536,19 +552,20 @@ impl Engine {
         self.insert(h);
     }
 
-    /// Makes handle `key` what the store says it is.
-    fn restore_handle(&mut self, key: ResumeKey) {
+    /// Makes handle `key` what the store says it is. An open that never
+    /// committed and created its file returns the file.
+    fn restore_handle(&mut self, key: ResumeKey) -> Option<super::opens::CreatedFile> {
         let stored = match self.store.handle(key) {
             Ok(s) => s,
             Err(e) => {
                 error!(resume_key = %key, error = %e, "cannot read a handle back from the store while rolling back");
-                return;
+                return None;
             }
         };
         match (stored, self.handles.contains_key(&key)) {
             (None, true) => {
                 warn!(resume_key = %key, "rolled back an open whose commit failed");
-                self.remove_quietly(key);
+                return self.remove_quietly(key);
             }
             (Some(rec), true) => {
                 if let Some(h) = self.handles.get_mut(&key) {
@@ -582,6 +599,7 @@ impl Engine {
             }
             (None, false) => {}
         }
+        None
     }
 
     /// Makes the replay scope's records what the store says they are.

@@ -335,7 +335,7 @@ impl Engine {
 
     /// Takes the handle's locks as OFD locks on its own lock descriptor.
     pub(super) fn mirror(&mut self, key: ResumeKey, held: &[HeldLock]) -> Result<(), WireError> {
-        let root = self.root.as_fd();
+        let fs = &*self.fs;
         let Some(h) = self.handles.get_mut(&key) else {
             return Ok(());
         };
@@ -347,7 +347,7 @@ impl Engine {
             if h.rec.kernel_handle.is_none() {
                 h.rec.kernel_handle =
                     h.fd.as_ref()
-                        .and_then(|f| libfilter::sys::file_handle_of(f.as_fd()).ok());
+                        .and_then(|f| fs.file_handle_of(f.as_fd()).ok());
             }
             let rw = libfilter::model::Access::new(
                 libfilter::model::Rights::READ.union(libfilter::model::Rights::WRITE),
@@ -357,7 +357,7 @@ impl Engine {
                 .rec
                 .kernel_handle
                 .as_ref()
-                .map(|kh| fsops::reopen(root, kh, rw, &h.rec.path, h.rec.file))
+                .map(|kh| fs.reopen(kh, rw, &h.rec.path, h.rec.file))
             {
                 Some(Ok((fd, _, _))) => h.lock_fd = Some(fd),
                 _ => {
@@ -369,7 +369,7 @@ impl Engine {
         let Some(fd) = h.lock_fd.as_ref() else {
             return Ok(());
         };
-        fsops::mirror_ofd_locks(fd.as_fd(), held).map_err(|e| {
+        fs.mirror_ofd_locks(fd.as_fd(), held).map_err(|e| {
             if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
                 err(
                     ErrorCode::LockNotGranted,

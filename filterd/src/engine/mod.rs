@@ -2,8 +2,9 @@
 //!
 //! Connection threads send [`Command`]s over a bounded channel; the engine
 //! drains a batch, runs one exhaustive `match` per command, performs the
-//! filesystem effects beneath the root, and collects the store operations the
-//! batch produced. Replies that depend on persistent state are *deferred*:
+//! filesystem effects through its filesystem port ([`fs::Fs`]: beneath the
+//! root in the daemon, in memory in the unit tests), and collects the store
+//! operations the batch produced. Replies that depend on persistent state are *deferred*:
 //! they travel with the batch's store operations to the committer thread
 //! ([`crate::committer`]), which commits them in one fsync'd LMDB transaction
 //! (merging every batch that queued meanwhile — group commit) and only then
@@ -39,15 +40,17 @@ use tracing::{debug, error, info, warn};
 
 use crate::committer::{CommitCounters, Pipeline};
 use crate::conn::{Poller, Ready};
-use crate::fsops;
 use crate::outbox::ConnWriter;
 
 mod changes;
 mod durable;
 mod expiry;
+pub mod fs;
 mod leases;
 mod local_access;
 mod locks;
+#[cfg(test)]
+mod memfs;
 mod opens;
 mod records;
 mod recovery;
@@ -114,7 +117,8 @@ const MAX_FRONTENDS_GONE: usize = 64;
 /// The engine.
 pub struct Engine {
     cfg: Config,
-    root: OwnedFd,
+    /// Every filesystem effect goes through this port (see `fs`).
+    fs: Box<dyn fs::Fs>,
     epoch: u64,
     started: Instant,
     /// Ordered, so listings page by key.
@@ -257,10 +261,11 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
 }
 
 impl Engine {
-    /// Builds an engine over the export root's descriptor.
+    /// Builds an engine over a filesystem ([`fs::HostFs`]: the export
+    /// root's).
     pub fn new(
         cfg: Config,
-        root: OwnedFd,
+        fs: Box<dyn fs::Fs>,
         epoch: u64,
         pipe: Arc<Pipeline>,
         store: Arc<dyn StateStore>,
@@ -268,7 +273,7 @@ impl Engine {
     ) -> Self {
         Engine {
             cfg,
-            root,
+            fs,
             epoch,
             started: Instant::now(),
             handles: BTreeMap::new(),

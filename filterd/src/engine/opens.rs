@@ -81,16 +81,12 @@ impl Engine {
             (Durability::Persistent { .. }, Some(g)) => Some(create_marker(&o.client, &g)),
             _ => None,
         };
-        let of = fsops::open(
-            self.root.as_fd(),
-            &o.path,
-            o.access,
-            o.disposition,
-            marker.as_deref(),
-        )
-        .inspect_err(|_| {
-            self.stats.opens_refused += 1;
-        })?;
+        let of = self
+            .fs
+            .open(&o.path, o.access, o.disposition, marker.as_deref())
+            .inspect_err(|_| {
+                self.stats.opens_refused += 1;
+            })?;
         crate::failpoint::hit("open.after_fs");
         // Share modes, leases and the file's state decide this open: it
         // must not be answered before a pending change of them is durable.
@@ -184,8 +180,8 @@ impl Engine {
         };
         let kernel_handle = match durability {
             Durability::None => None,
-            Durability::Durable { .. } => libfilter::sys::file_handle_of(of.fd.as_fd()).ok(),
-            Durability::Persistent { .. } => Some(libfilter::sys::file_handle_of(of.fd.as_fd()).map_err(|e| {
+            Durability::Durable { .. } => self.fs.file_handle_of(of.fd.as_fd()).ok(),
+            Durability::Persistent { .. } => Some(self.fs.file_handle_of(of.fd.as_fd()).map_err(|e| {
                 self.stats.opens_refused += 1;
                 err(
                     ErrorCode::Unsupported,
@@ -198,7 +194,7 @@ impl Engine {
             // new inode and its marker: one journal commit) is durable
             // before the commit that records the handle. One fsync per
             // directory per batch.
-            if let Ok(d) = fsops::dir_of(self.root.as_fd(), &o.path) {
+            if let Ok(d) = self.fs.dir_of(&o.path) {
                 self.batch.sync_fd(d);
             }
         }
@@ -256,7 +252,7 @@ impl Engine {
             self.park_intent(conn, req_id, key, change, None);
         } else {
             if truncation.is_some() {
-                fsops::truncate(self.root.as_fd(), &rec.path, of.file)?;
+                self.fs.truncate(&rec.path, of.file)?;
             }
             if durability.is_persistent() {
                 self.batch.push(StoreOp::PutHandle(Box::new(rec.clone())));
@@ -316,11 +312,23 @@ impl Engine {
             .and_then(|h| self.locks.get(&h.rec.file))
             .is_some_and(|t| !t.is_empty());
         let Some(h) = self.handles.get_mut(&p.key) else {
+            // Closed (or expired) before its open finished: nothing to
+            // truncate, and the open is still answered.
             self.batch.push(StoreOp::DeleteIntent(id));
+            if let (Some(w), Some(rid)) = (&p.writer, p.id) {
+                let frame = ServerFrame::Reply {
+                    id: Some(rid),
+                    result: Err(err(
+                        ErrorCode::NoSuchHandle,
+                        format!("handle {} was closed before its open finished", p.key),
+                    )),
+                };
+                self.reply_when_durable(w, rid, &frame, None);
+            }
             return;
         };
         let truncated = match &h.rec.kernel_handle {
-            Some(kh) => fsops::truncate_by_handle(self.root.as_fd(), kh, &h.rec.path),
+            Some(kh) => self.fs.truncate_by_handle(kh, &h.rec.path),
             None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
         };
         crate::failpoint::hit("intent.after_fs");
@@ -348,8 +356,11 @@ impl Engine {
                 let path = h.rec.path.clone();
                 self.batch.push(StoreOp::DeleteIntent(id));
                 self.content_change_done(file);
-                self.remove_unrecorded(p.key);
-                Err(fsops::map_errno(&e, self.root.as_fd(), &path))
+                // Deleted from the store too: a detach (or another
+                // request on the handle) may have written its record
+                // meanwhile.
+                self.remove(p.key);
+                Err(self.fs.map_errno(&e, &path))
             }
         };
         let fd = match result {
@@ -406,7 +417,7 @@ impl Engine {
             (Some(c), _) if c == conn => {
                 let size =
                     h.fd.as_ref()
-                        .and_then(|f| fsops::stat(f.as_fd()).ok())
+                        .and_then(|f| self.fs.stat(f.as_fd()).ok())
                         .map(|x| x.1)
                         .unwrap_or(0);
                 Opened {
@@ -533,7 +544,7 @@ impl Engine {
                     format!("handle {key} has no file handle"),
                 )
             })?;
-            match fsops::reopen(self.root.as_fd(), kh, h.rec.access, &h.rec.path, h.rec.file) {
+            match self.fs.reopen(kh, h.rec.access, &h.rec.path, h.rec.file) {
                 Ok((fd, _, _)) => h.fd = Some(fd),
                 // A local process's kernel lease is being broken (the open
                 // does not wait for it): the file is there, retry.
@@ -560,7 +571,7 @@ impl Engine {
             }
         }
         let size = match &h.fd {
-            Some(fd) => fsops::stat(fd.as_fd()).map(|(_, s)| s).unwrap_or(0),
+            Some(fd) => self.fs.stat(fd.as_fd()).map(|(_, s)| s).unwrap_or(0),
             None => 0,
         };
         h.rec.conn = ConnState::Connected;
@@ -679,23 +690,41 @@ impl Engine {
     }
 
     /// Removes a handle the store does not hold (rolled back): no store
-    /// operation, no filesystem effect (a pending delete-on-close is
-    /// dropped with it).
-    pub(super) fn remove_quietly(&mut self, key: ResumeKey) {
+    /// operation (a pending delete-on-close is dropped with it). An open
+    /// that created its file returns the file, for [`Engine::undo_creates`]
+    /// once every rolled-back handle is gone.
+    pub(super) fn remove_quietly(&mut self, key: ResumeKey) -> Option<CreatedFile> {
+        let mut created = None;
         if let Some(h) = self.handles.get_mut(&key) {
             h.rec.durability = Durability::None;
             h.rec.delete_on_close = false;
+            if h.rec.create_action == CreateAction::Created && h.rec.conn != ConnState::Lost {
+                let kh = h.rec.kernel_handle.clone().or_else(|| {
+                    h.fd.as_ref()
+                        .and_then(|f| self.fs.file_handle_of(f.as_fd()).ok())
+                });
+                created = Some((h.rec.path.clone(), h.rec.file, kh));
+            }
         }
         self.remove(key);
+        created
     }
 
-    /// Removes a handle whose record never reached the store.
-    pub(super) fn remove_unrecorded(&mut self, key: ResumeKey) {
-        if let Some(h) = self.handles.get_mut(&key) {
-            // Not persistent as far as the store knows: no delete op.
-            h.rec.durability = Durability::None;
+    /// Undoes the creates of rolled-back opens: a file whose create no
+    /// client was told of loses its name again, when no handle of it
+    /// remains and the path still names it (same kernel handle).
+    pub(super) fn undo_creates(&mut self, created: Vec<CreatedFile>) {
+        for (path, file, kh) in created {
+            if self.by_file.contains_key(&file) {
+                continue;
+            }
+            match self.fs.remove(&path, file, kh.as_ref()) {
+                Ok(()) => info!(%path, "a create whose commit failed is undone"),
+                Err(e) => {
+                    debug!(%path, error = %e.message, "a rolled-back create's file is not removed")
+                }
+            }
         }
-        self.remove(key);
     }
 
     /// Removes a handle for good (closing its descriptor); persistent ones
@@ -765,8 +794,7 @@ impl Engine {
             if h.rec.create_guid.is_some() && h.rec.create_action == CreateAction::Created {
                 // Before the delete commits: a crash in between brings the
                 // handle back, and replays are then answered from it.
-                fsops::clear_marker(
-                    self.root.as_fd(),
+                self.fs.clear_marker(
                     h.fd.as_ref().map(|f| f.as_fd()),
                     h.rec.kernel_handle.as_ref(),
                     &h.rec.path,
@@ -801,7 +829,7 @@ impl Engine {
                 return;
             }
             let kh = gone.rec.kernel_handle.as_ref();
-            match fsops::remove(self.root.as_fd(), &gone.rec.path, file, kh) {
+            match self.fs.remove(&gone.rec.path, file, kh) {
                 Ok(()) => {
                     info!(path = %gone.rec.path, "deleted on close");
                 }
@@ -857,6 +885,10 @@ impl Engine {
         true
     }
 }
+
+/// A file a rolled-back open created: its path, identity and kernel
+/// handle.
+pub(super) type CreatedFile = (RelPath, FileId, Option<libfilter::model::KernelHandle>);
 
 /// The share reservation an open joins (`OpenRequest::share_group`): one
 /// client's handles of one frontend instance with the same group name.

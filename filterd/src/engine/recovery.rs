@@ -31,7 +31,7 @@ impl Engine {
                     let done = record
                         .kernel_handle
                         .as_ref()
-                        .map(|kh| fsops::truncate_by_handle(self.root.as_fd(), kh, &record.path));
+                        .map(|kh| self.fs.truncate_by_handle(kh, &record.path));
                     match done {
                         Some(Ok(fd)) => {
                             sync.push(fd);
@@ -54,12 +54,12 @@ impl Engine {
                     kernel_handle,
                     ..
                 } => {
-                    let root = self.root.as_fd();
-                    if fsops::names(root, &to, file, kernel_handle.as_ref()) {
+                    let fs = &*self.fs;
+                    if fs.names(&to, file, kernel_handle.as_ref()) {
                         info!(resume_key = %key, %from, %to, "recovery finished an interrupted rename");
                         self.stats.intents_recovered += 1;
-                        sync.extend(fsops::dir_of(root, &from).ok());
-                        sync.extend(fsops::dir_of(root, &to).ok());
+                        sync.extend(fs.dir_of(&from).ok());
+                        sync.extend(fs.dir_of(&to).ok());
                         // The path is the file's: every handle that named
                         // it by the old path follows.
                         for r in store.all_handles()?.into_iter().flatten() {
@@ -88,12 +88,10 @@ impl Engine {
                     // completion to commit (`content_changes`), so nothing
                     // acknowledged can have come after the first attempt.
                     let path = store.handle(key).ok().flatten().map(|r| r.path);
-                    match fsops::set_size_by_handle(
-                        self.root.as_fd(),
-                        &kernel_handle,
-                        path.as_ref(),
-                        size,
-                    ) {
+                    match self
+                        .fs
+                        .set_size_by_handle(&kernel_handle, path.as_ref(), size)
+                    {
                         Ok(fd) => {
                             sync.push(fd);
                             info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
@@ -115,22 +113,22 @@ impl Engine {
                     kernel_handle,
                     on_close,
                 } => {
-                    let root = self.root.as_fd();
-                    if !fsops::names(root, &path, file, kernel_handle.as_ref()) {
+                    let fs = &*self.fs;
+                    if !fs.names(&path, file, kernel_handle.as_ref()) {
                         info!(%path, "recovery finished an interrupted remove");
                         self.stats.intents_recovered += 1;
-                        sync.extend(fsops::dir_of(root, &path).ok());
+                        sync.extend(fs.dir_of(&path).ok());
                         if let Some(r) = record {
                             finished.push(record_op(r));
                         }
                     } else if on_close {
                         // The handle's deletion committed: finish its
                         // delete-on-close.
-                        match fsops::remove(root, &path, file, kernel_handle.as_ref()) {
+                        match fs.remove(&path, file, kernel_handle.as_ref()) {
                             Ok(()) => {
                                 info!(%path, "recovery finished an interrupted delete on close");
                                 self.stats.intents_recovered += 1;
-                                sync.extend(fsops::dir_of(root, &path).ok());
+                                sync.extend(fs.dir_of(&path).ok());
                             }
                             Err(e) => {
                                 warn!(%path, error = %e.message, "interrupted delete on close could not be finished")
@@ -147,7 +145,8 @@ impl Engine {
             // What recovery changed on disk is durable before the commit
             // that records it.
             for fd in &sync {
-                nix::unistd::fsync(fd.as_fd())
+                self.fs
+                    .fsync(fd.as_fd())
                     .map_err(|e| anyhow::anyhow!("fsync after recovery's changes: {e}"))?;
             }
             store.commit(&[&finished])?;
@@ -181,7 +180,7 @@ impl Engine {
             let reopened = match (&rec.kernel_handle, rec.conn) {
                 (_, ConnState::Lost) => None,
                 (Some(kh), _) => {
-                    match fsops::reopen_for_recovery(self.root.as_fd(), kh, rec.access, &rec.path) {
+                    match self.fs.reopen_for_recovery(kh, rec.access, &rec.path) {
                         Ok(x) => Some(x),
                         // Out of descriptors or memory is our problem, not the
                         // handle's: refuse to start rather than mark it lost.

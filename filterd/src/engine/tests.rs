@@ -1,12 +1,12 @@
-//! The engine's transactions, driven without threads, daemon sockets or a
-//! real store: requests go straight to `run_request`, the test plays the
-//! committer against an in-memory [`StateStore`], and decides whether each
-//! commit succeeds. The property at the heart of invariant 1: a commit that
-//! fails leaves the engine's state exactly as it was before the requests
-//! that rode on it.
-//!
-//! (Files are still opened beneath a temporary export root: the engine
-//! performs its opens itself.)
+//! The engine's transactions, driven without threads, daemon sockets, a
+//! real store or real files: requests go straight to `run_request`, the
+//! test plays the committer against an in-memory [`StateStore`] and
+//! decides whether each commit succeeds, and every filesystem effect lands
+//! in an in-memory filesystem ([`MemFs`]) that logs it beside the commits.
+//! The property at the heart of invariant 1: a commit that fails leaves
+//! the engine's state, and the filesystem, exactly as they were before the
+//! requests that rode on it. And invariant 3's order: intent commit, then
+//! the filesystem change, then the commit that completes it.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -18,6 +18,8 @@ use libfilter::proto::{Hello, OpenRequest, Request, Role};
 use libfilter::store::{replay_key, RawReplay, StateStore, StoreError, StoreOp};
 use proptest::prelude::*;
 
+use super::fs::Fs;
+use super::memfs::{Logged, MemFs};
 use super::*;
 use crate::committer::{CommitCounters, Pipeline};
 use crate::outbox::ConnWriter;
@@ -146,14 +148,13 @@ struct Harness {
     conn: ConnId,
     writer: Arc<ConnWriter>,
     /// The frontend's end of the connection (replies land here).
-    _peer: OwnedFd,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    peer: OwnedFd,
+    /// The filesystem the engine sees.
+    fs: MemFs,
+    /// The last request id used.
+    last_id: u64,
+    /// Every reply received, by request id.
+    replies: BTreeMap<u64, Result<libfilter::proto::Reply, WireError>>,
 }
 
 fn config() -> Config {
@@ -172,17 +173,16 @@ fn config() -> Config {
 
 impl Harness {
     fn new() -> Harness {
-        let dir = std::env::temp_dir().join(format!("rkf-core-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let fs = MemFs::new();
         for f in ["a", "b", "c"] {
-            std::fs::write(dir.join(f), b"0123456789").unwrap();
+            fs.put(f, 10);
         }
-        let root: OwnedFd = std::fs::File::open(&dir).unwrap().into();
+        fs.mkdir("d");
         let pipe = Arc::new(Pipeline::default());
         let store = Arc::new(MemStore::default());
         let mut engine = Engine::new(
             config(),
-            root,
+            Box::new(fs.clone()),
             1,
             pipe.clone(),
             store.clone(),
@@ -222,15 +222,51 @@ impl Harness {
             store,
             conn,
             writer,
-            _peer: peer,
-            dir,
+            peer,
+            fs,
+            last_id: 0,
+            replies: BTreeMap::new(),
         }
     }
 
-    fn run(&mut self, req: Request) {
+    /// Runs a request; returns its id.
+    fn run(&mut self, req: Request) -> u64 {
         let role = self.engine.conns[&self.conn].role.clone();
         let writer = self.writer.clone();
-        self.engine.run_request(self.conn, &writer, &role, 0, req);
+        self.last_id += 1;
+        let id = self.last_id;
+        self.engine.run_request(self.conn, &writer, &role, id, req);
+        self.drain_replies();
+        id
+    }
+
+    /// Reads every reply that reached the frontend's end, logging each
+    /// (id, success) in the filesystem's log after what came before it.
+    fn drain_replies(&mut self) -> Vec<(u64, bool)> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 70 * 1024];
+        while let Ok(n) = nix::sys::socket::recv(
+            std::os::fd::AsRawFd::as_raw_fd(&self.peer),
+            &mut buf,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(libfilter::proto::ServerFrame::Reply {
+                id: Some(id),
+                result,
+            }) = libfilter::proto::decode_server(&buf[..n])
+            {
+                self.fs.log_reply(id, result.is_ok());
+                got.push((id, result.is_ok()));
+                assert!(
+                    self.replies.insert(id, result).is_none(),
+                    "request {id} answered twice"
+                );
+            }
+        }
+        got
     }
 
     /// Plays the committer until nothing is queued (intents' completions
@@ -249,15 +285,35 @@ impl Harness {
         self.engine.flush();
         self.store.inner.lock().unwrap().fail = !ok;
         let jobs = self.pipe.take_jobs();
+        // As the committer: what the round changed on disk is durable
+        // before its commit.
+        for j in &jobs {
+            for fd in &j.sync {
+                self.fs.fsync(fd.as_fd()).unwrap();
+            }
+        }
         let groups: Vec<crate::committer::Group> =
             jobs.into_iter().flat_map(|j| j.groups).collect();
         let Some(through) = groups.iter().map(|g| g.seq).max() else {
             return;
         };
         let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
-        match self.store.commit(&batches) {
+        let result = self.store.commit(&batches);
+        if result.is_ok() {
+            self.fs.log_commit(
+                groups
+                    .iter()
+                    .flat_map(|g| g.ops.iter())
+                    .map(op_name)
+                    .collect(),
+            );
+        }
+        match result {
             Ok(_) => {
-                let _ = self.pipe.settle_success(through);
+                for d in self.pipe.settle_success(through) {
+                    d.send();
+                }
+                self.drain_replies();
                 let notify: Vec<IntentId> = groups.iter().flat_map(|g| g.notify.clone()).collect();
                 for id in notify {
                     self.engine.finish_parked(id);
@@ -267,10 +323,17 @@ impl Harness {
                 let failed: Vec<u64> = groups.iter().map(|g| g.seq).collect();
                 self.engine
                     .roll_back(&failed, through, ErrorCode::DiskFull, "test");
-                let _ = self.pipe.settle_failure(through, false);
+                let (ready, refused) = self.pipe.settle_failure(through, false);
+                for d in ready {
+                    d.send();
+                }
+                for d in refused {
+                    d.fail(ErrorCode::DiskFull, "test");
+                }
             }
         }
         self.store.inner.lock().unwrap().fail = false;
+        self.drain_replies();
     }
 
     fn keys(&self) -> Vec<ResumeKey> {
@@ -330,12 +393,39 @@ impl Harness {
                 (*f, v)
             })
             .collect();
+        // The filesystem: every name and its file (identity, generation,
+        // size, create marker), and the OFD locks each handle's lock
+        // descriptor carries.
+        let files = self.fs.snapshot();
+        let ofd: Vec<_> = e
+            .handles
+            .values()
+            .map(|h| {
+                (
+                    h.rec.key,
+                    h.lock_fd.as_ref().map(|f| self.fs.ofd_locks(f.as_fd())),
+                )
+            })
+            .collect();
         format!(
-            "{handles:?}\n{locks:?}\n{replays:?}\n{by_file:?}\n{:?}\n{per_client:?}\n{:?}\n{}",
+            "{handles:?}\n{locks:?}\n{replays:?}\n{by_file:?}\n{:?}\n{per_client:?}\n{:?}\n{}\n{files:?}\n{ofd:?}",
             e.by_guid.len(),
             e.content_changes,
             e.parked.len()
         )
+    }
+}
+
+/// A store operation's name, for the log.
+fn op_name(op: &StoreOp) -> &'static str {
+    match op {
+        StoreOp::PutHandle(_) => "PutHandle",
+        StoreOp::DeleteHandle(_) => "DeleteHandle",
+        StoreOp::PutReplay { .. } => "PutReplay",
+        StoreOp::DeleteReplay { .. } => "DeleteReplay",
+        StoreOp::DeleteReplayScope(_) => "DeleteReplayScope",
+        StoreOp::PutIntent(_) => "PutIntent",
+        StoreOp::DeleteIntent(_) => "DeleteIntent",
     }
 }
 
@@ -359,34 +449,61 @@ fn session(n: u8) -> ReplayScope {
     ReplayScope::Session(ScopeName::new(format!("s{n}")).unwrap())
 }
 
-/// A request that changes persistent state, over the handles phase one left.
+/// Paths opens and removes name: existing files, an absent one, one in a
+/// directory, one whose directory does not exist.
+const PATHS: [&str; 6] = ["a", "b", "c", "n", "d/m", "z/q"];
+/// Rename targets.
+const TARGETS: [&str; 4] = ["x", "a", "d/y", "z/w"];
+const SHARES: [Rights; 4] = [
+    Rights::ALL,
+    Rights::READ,
+    Rights::READ.union(Rights::WRITE),
+    Rights::NONE,
+];
+const DISPOSITIONS: [Disposition; 6] = [
+    Disposition::Open,
+    Disposition::Create,
+    Disposition::OpenIf,
+    Disposition::Overwrite,
+    Disposition::OverwriteIf,
+    Disposition::Supersede,
+];
+
+/// A request that changes persistent state when it succeeds (persistent
+/// handles; changes with a recorded reply), over the handles there are.
 #[derive(Debug, Clone)]
 enum Op {
-    Open(u8, bool),
+    /// Path, share mode, disposition (indexes).
+    Open(u8, u8, u8),
     Lock(u8, u64, u64, bool),
     Unlock(u8, u64, u64),
     DeleteOnClose(u8, bool),
     Close(u8),
     Record(u8, u64),
-    Rename(u8, u8),
+    /// Handle, target, replace.
+    Rename(u8, u8, bool),
+    /// Path (by path, as NFS-like REMOVE), with a recorded reply.
+    Remove(u8, u64),
     EndOfFile(u8, u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0..3u8, any::<bool>()).prop_map(|(p, s)| Op::Open(p, s)),
-        (0..4u8, 0..40u64, 1..10u64, any::<bool>()).prop_map(|(h, o, l, x)| Op::Lock(h, o, l, x)),
-        (0..4u8, 0..40u64, 1..10u64).prop_map(|(h, o, l)| Op::Unlock(h, o, l)),
-        (0..4u8, any::<bool>()).prop_map(|(h, d)| Op::DeleteOnClose(h, d)),
-        (0..4u8).prop_map(Op::Close),
-        (0..3u8, 0..5u64).prop_map(|(s, o)| Op::Record(s, o)),
-        (0..4u8, 0..3u8).prop_map(|(h, t)| Op::Rename(h, t)),
-        (0..4u8, 0..100u64).prop_map(|(h, n)| Op::EndOfFile(h, n)),
+        3 => (0..6u8, 0..4u8, 0..6u8).prop_map(|(p, s, d)| Op::Open(p, s, d)),
+        1 => (0..4u8, 0..40u64, 1..10u64, any::<bool>()).prop_map(|(h, o, l, x)| Op::Lock(h, o, l, x)),
+        1 => (0..4u8, 0..40u64, 1..10u64).prop_map(|(h, o, l)| Op::Unlock(h, o, l)),
+        1 => (0..4u8, any::<bool>()).prop_map(|(h, d)| Op::DeleteOnClose(h, d)),
+        1 => (0..4u8).prop_map(Op::Close),
+        1 => (0..3u8, 0..5u64).prop_map(|(s, o)| Op::Record(s, o)),
+        1 => (0..4u8, 0..4u8, any::<bool>()).prop_map(|(h, t, r)| Op::Rename(h, t, r)),
+        1 => (0..6u8, 0..1000u64).prop_map(|(p, o)| Op::Remove(p, o)),
+        1 => (0..4u8, 0..100u64).prop_map(|(h, n)| Op::EndOfFile(h, n)),
     ]
 }
 
 impl Harness {
-    fn apply(&mut self, op: &Op) {
+    /// Runs `op`; returns its request id (none: no handle to run it on).
+    fn apply(&mut self, op: &Op) -> Option<u64> {
         let keys = self.keys();
         let key = |i: u8| keys.get(usize::from(i) % keys.len().max(1)).copied();
         let record = |scope: ReplayScope, op_id: u64| RecordSpec {
@@ -396,13 +513,17 @@ impl Harness {
             keep: 64,
         };
         let req = match *op {
-            Op::Open(p, share_all) => open(
-                ["a", "b", "c"][usize::from(p)],
-                if share_all { Rights::ALL } else { Rights::READ },
-            ),
-            Op::Lock(h, ..) | Op::Unlock(h, ..) if key(h).is_none() => return,
+            Op::Open(p, s, d) => {
+                let Request::Open(mut o) = open(PATHS[usize::from(p)], SHARES[usize::from(s)])
+                else {
+                    return None;
+                };
+                o.disposition = DISPOSITIONS[usize::from(d)];
+                o.no_wait = true;
+                Request::Open(o)
+            }
             Op::Lock(h, offset, length, exclusive) => Request::Lock {
-                key: key(h).unwrap_or(ResumeKey(uuid::Uuid::nil())),
+                key: key(h)?,
                 locks: vec![LockOp {
                     range: LockRange { offset, length },
                     exclusive,
@@ -415,7 +536,7 @@ impl Harness {
                 lock_owner: None,
             },
             Op::Unlock(h, offset, length) => Request::Lock {
-                key: key(h).unwrap_or(ResumeKey(uuid::Uuid::nil())),
+                key: key(h)?,
                 locks: vec![LockOp {
                     range: LockRange { offset, length },
                     exclusive: false,
@@ -424,83 +545,137 @@ impl Harness {
                 lock_sequence: None,
                 lock_owner: None,
             },
-            Op::DeleteOnClose(h, delete) => match key(h) {
-                Some(key) => Request::SetDeleteOnClose {
-                    key,
-                    delete,
-                    record: None,
-                },
-                None => return,
+            Op::DeleteOnClose(h, delete) => Request::SetDeleteOnClose {
+                key: key(h)?,
+                delete,
+                record: None,
             },
-            Op::Close(h) => match key(h) {
-                Some(key) => Request::Close { key },
-                None => return,
-            },
+            Op::Close(h) => Request::Close { key: key(h)? },
             Op::Record(s, op_id) => Request::RecordReply {
                 scope: session(s),
                 op_id,
                 reply: format!("reply {op_id}"),
                 keep: 3,
             },
-            Op::Rename(h, t) => match key(h) {
-                Some(key) => Request::Rename {
+            Op::Rename(h, t, replace) => {
+                let key = key(h)?;
+                Request::Rename {
                     key,
-                    to: RelPath::new(["x", "y", "a"][usize::from(t)]).unwrap(),
-                    replace: false,
+                    to: RelPath::new(TARGETS[usize::from(t)]).unwrap(),
+                    replace,
                     record: Some(record(ReplayScope::Handle(key), 100)),
-                },
-                None => return,
+                }
+            }
+            Op::Remove(p, op_id) => Request::Remove {
+                path: RelPath::new(PATHS[usize::from(p)]).unwrap(),
+                record: Some(record(session(9), 1000 + op_id)),
             },
-            Op::EndOfFile(h, size) => match key(h) {
-                Some(key) => Request::SetEndOfFile {
+            Op::EndOfFile(h, size) => {
+                let key = key(h)?;
+                Request::SetEndOfFile {
                     key,
                     size,
                     record: Some(record(ReplayScope::Handle(key), 200 + size)),
-                },
-                None => return,
-            },
+                }
+            }
         };
-        self.run(req);
+        Some(self.run(req))
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
-    /// Whatever persistent changes ride on a commit, its failure leaves the
-    /// engine exactly as before them: handles, paths, locks, lock
-    /// sequences, delete-on-close flags, recorded replies, indexes.
+    /// Random requests in rounds, each round's commit succeeding or
+    /// failing. Whatever rides on a commit that fails, the engine and the
+    /// filesystem are exactly as before the round: handles, paths, locks
+    /// (and their OFD mirrors), lock sequences, delete-on-close flags,
+    /// recorded replies, indexes; every name, file identity, size and
+    /// create marker. No success is answered before its commit, every
+    /// request is answered, and the store holds exactly the engine's
+    /// persistent handles.
     #[test]
     fn a_failed_commit_leaves_the_state_exactly_as_before(
-        setup in proptest::collection::vec(op(), 0..6),
-        doomed in proptest::collection::vec(op(), 1..8),
+        rounds in proptest::collection::vec(
+            (proptest::collection::vec(op(), 1..6), proptest::bool::weighted(0.6)),
+            1..6,
+        ),
     ) {
         let mut h = Harness::new();
         for p in ["a", "b", "c"] {
             h.run(open(p, Rights::ALL));
         }
         h.commit(true);
-        for o in &setup {
-            h.apply(o);
-            h.commit(true);
+        h.fs.take_log();
+        for (ops, ok) in &rounds {
+            let before = h.digest();
+            let mut ids = Vec::new();
+            let mut early = Vec::new();
+            let mut unchanged = Vec::new();
+            for o in ops {
+                let was = h.digest();
+                let Some(id) = h.apply(o) else {
+                    continue;
+                };
+                ids.push(id);
+                // Nothing this round did is durable yet: a request told it
+                // succeeded must have changed nothing (a lock-sequence
+                // replay, say).
+                let now: Vec<Logged> = h.fs.take_log();
+                if now.contains(&Logged::Reply(id, true)) {
+                    prop_assert_eq!(
+                        h.digest(), was,
+                        "{:?} succeeded before its commit: {:?}", o, now
+                    );
+                    unchanged.push(id);
+                }
+                early.extend(now);
+            }
+            h.commit(*ok);
+            let log = [early, h.fs.take_log()].concat();
+            let replies: Vec<(u64, bool)> = log
+                .iter()
+                .filter_map(|l| match l {
+                    Logged::Reply(id, ok) => Some((*id, *ok)),
+                    _ => None,
+                })
+                .collect();
+            let mut answered: Vec<u64> = replies.iter().map(|(id, _)| *id).collect();
+            answered.sort_unstable();
+            prop_assert_eq!(&answered, &ids, "every request is answered once: {:?}", log);
+            if *ok {
+                // A success is answered after a commit that follows every
+                // filesystem change before it.
+                for (i, l) in log.iter().enumerate() {
+                    if matches!(l, Logged::Reply(id, true) if !unchanged.contains(id)) {
+                        let last_change = log[..i].iter().rposition(|x| {
+                            !matches!(x, Logged::Reply(..) | Logged::Commit(_) | Logged::Fsync(_))
+                        });
+                        let last_commit = log[..i].iter().rposition(|x| matches!(x, Logged::Commit(_)));
+                        prop_assert!(
+                            last_commit.is_some() && last_change.is_none_or(|c| Some(c) < last_commit),
+                            "reply {:?} before the commit of a change: {:?}", l, log
+                        );
+                    }
+                }
+            } else {
+                prop_assert!(
+                    replies.iter().all(|(id, ok)| !ok || unchanged.contains(id)),
+                    "a request whose commit failed succeeded: {:?}", log
+                );
+                prop_assert_eq!(h.digest(), before, "after {:?}", ops);
+            }
+            // The store holds what the engine holds of persistent handles.
+            let stored: Vec<ResumeKey> = h.store.inner.lock().unwrap().handles.keys().copied().collect();
+            let live: Vec<ResumeKey> = h
+                .engine
+                .handles
+                .values()
+                .filter(|x| x.rec.durability.is_persistent())
+                .map(|x| x.rec.key)
+                .collect();
+            prop_assert_eq!(stored, live, "after {:?}", rounds);
         }
-        let before = h.digest();
-        for o in &doomed {
-            h.apply(o);
-        }
-        h.commit(false);
-        prop_assert_eq!(h.digest(), before, "after {:?}", doomed);
-        // And the store never saw any of it: what it holds is what the
-        // engine holds of persistent handles.
-        let stored: Vec<ResumeKey> = h.store.inner.lock().unwrap().handles.keys().copied().collect();
-        let live: Vec<ResumeKey> = h
-            .engine
-            .handles
-            .values()
-            .filter(|x| x.rec.durability.is_persistent())
-            .map(|x| x.rec.key)
-            .collect();
-        prop_assert_eq!(stored, live);
     }
 }
 
@@ -602,4 +777,450 @@ fn a_share_group_is_one_reservation() {
     h.run(grouped("bob", None, Rights::READ, Rights::ALL));
     h.commit(true);
     assert_eq!(h.keys().len(), 3);
+}
+
+impl Harness {
+    /// The reply to request `id`, if it came.
+    fn reply(&self, id: u64) -> Option<&Result<libfilter::proto::Reply, WireError>> {
+        self.replies.get(&id)
+    }
+
+    /// The key request `id` opened.
+    fn opened(&self, id: u64) -> ResumeKey {
+        match self.reply(id) {
+            Some(Ok(libfilter::proto::Reply::Opened(o))) => o.key,
+            other => panic!("request {id} did not open: {other:?}"),
+        }
+    }
+
+    /// The code request `id` was refused with.
+    fn refused(&self, id: u64) -> ErrorCode {
+        match self.reply(id) {
+            Some(Err(e)) => e.code,
+            other => panic!("request {id} was not refused: {other:?}"),
+        }
+    }
+}
+
+fn with_disposition(req: Request, d: Disposition) -> Request {
+    match req {
+        Request::Open(mut o) => {
+            o.disposition = d;
+            Request::Open(o)
+        }
+        other => other,
+    }
+}
+
+/// The position of the first log entry `f` accepts.
+fn pos(log: &[Logged], f: impl Fn(&Logged) -> bool) -> usize {
+    log.iter()
+        .position(f)
+        .unwrap_or_else(|| panic!("not in the log: {log:?}"))
+}
+
+fn commit_with(log: &[Logged], op: &str) -> usize {
+    pos(
+        log,
+        |l| matches!(l, Logged::Commit(ops) if ops.contains(&op)),
+    )
+}
+
+/// A rename with a recorded reply: its intent commits, then the name
+/// changes, then both directories are synced and the commit that completes
+/// it (paths, reply record, intent deletion) follows; the reply after that.
+#[test]
+fn a_rename_is_intent_then_change_then_completion() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    h.fs.take_log();
+    let id = h.run(Request::Rename {
+        key,
+        to: RelPath::new("d/x").unwrap(),
+        replace: false,
+        record: Some(RecordSpec {
+            scope: ReplayScope::Handle(key),
+            op_id: 7,
+            reply: "renamed".into(),
+            keep: 8,
+        }),
+    });
+    assert!(
+        h.fs.file("a").is_some(),
+        "nothing changes before the intent is durable"
+    );
+    assert!(h.reply(id).is_none(), "parked until the change is recorded");
+    h.commit(true);
+    let log = h.fs.take_log();
+    let intent = commit_with(&log, "PutIntent");
+    let change = pos(&log, |l| *l == Logged::Rename("a".into(), "d/x".into()));
+    let synced_from = pos(&log, |l| *l == Logged::Fsync("/".into()));
+    let synced_to = pos(&log, |l| *l == Logged::Fsync("d/".into()));
+    let done = commit_with(&log, "DeleteIntent");
+    let reply = pos(&log, |l| *l == Logged::Reply(id, true));
+    assert!(intent < change, "{log:?}");
+    assert!(change < synced_from && change < synced_to, "{log:?}");
+    assert!(synced_from < done && synced_to < done, "{log:?}");
+    assert!(done < reply, "{log:?}");
+    assert!(
+        matches!(&log[done], Logged::Commit(ops) if ops.contains(&"PutHandle") && ops.contains(&"PutReplay")),
+        "the new path and the reply record commit with the intent's deletion: {log:?}"
+    );
+    assert_eq!(h.engine.handles[&key].rec.path.as_str(), "d/x");
+    assert!(h.fs.file("a").is_none() && h.fs.file("d/x").is_some());
+}
+
+/// An overwrite of an existing file by a persistent open: intent, then
+/// the truncation, then the file's sync and the handle record with the
+/// intent's deletion, then the reply.
+#[test]
+fn an_overwrite_is_intent_then_truncation_then_record() {
+    let mut h = Harness::new();
+    let id = h.run(with_disposition(
+        open("b", Rights::ALL),
+        Disposition::Overwrite,
+    ));
+    assert_eq!(
+        h.fs.file("b").map(|f| f.size),
+        Some(10),
+        "not before the intent"
+    );
+    h.commit(true);
+    let log = h.fs.take_log();
+    let intent = commit_with(&log, "PutIntent");
+    let change = pos(&log, |l| *l == Logged::Truncate("b".into()));
+    let synced = pos(&log, |l| *l == Logged::Fsync("b".into()));
+    let done = commit_with(&log, "PutHandle");
+    let reply = pos(&log, |l| *l == Logged::Reply(id, true));
+    assert!(
+        intent < change && change < synced && synced < done && done < reply,
+        "{log:?}"
+    );
+    assert!(commit_with(&log, "DeleteIntent") == done, "{log:?}");
+    assert_eq!(h.fs.file("b").map(|f| f.size), Some(0));
+}
+
+/// An end-of-file change, a remove by path and a delete on close: each
+/// changes the filesystem only after its intent commits, and is answered
+/// only after the commit that completes it.
+#[test]
+fn size_changes_removes_and_deletes_on_close_wait_for_their_intent() {
+    let mut h = Harness::new();
+    let a = h.run(open("a", Rights::ALL));
+    let c = h.run(open("c", Rights::ALL));
+    h.commit(true);
+    let (a, c) = (h.opened(a), h.opened(c));
+    h.fs.take_log();
+    let record = |op_id| RecordSpec {
+        scope: session(1),
+        op_id,
+        reply: "ok".into(),
+        keep: 8,
+    };
+    let cases: Vec<(Request, Logged)> = vec![
+        (
+            Request::SetEndOfFile {
+                key: a,
+                size: 3,
+                record: Some(record(1)),
+            },
+            Logged::SetSize("a".into(), 3),
+        ),
+        (
+            Request::Remove {
+                path: RelPath::new("b").unwrap(),
+                record: Some(record(2)),
+            },
+            Logged::Remove("b".into()),
+        ),
+    ];
+    for (req, change) in cases {
+        let id = h.run(req);
+        assert!(h.fs.take_log().is_empty(), "nothing before the intent");
+        h.commit(true);
+        let log = h.fs.take_log();
+        let intent = commit_with(&log, "PutIntent");
+        let at = pos(&log, |l| *l == change);
+        let done = commit_with(&log, "DeleteIntent");
+        let reply = pos(&log, |l| *l == Logged::Reply(id, true));
+        assert!(intent < at && at < done && done < reply, "{log:?}");
+        assert!(
+            log[at..done].iter().any(|l| matches!(l, Logged::Fsync(_))),
+            "{log:?}"
+        );
+    }
+    // Delete on close of the last handle: the handle's deletion and the
+    // intent commit together; the unlink follows; the CLOSE is answered
+    // once the intent is gone.
+    h.run(Request::SetDeleteOnClose {
+        key: c,
+        delete: true,
+        record: None,
+    });
+    h.commit(true);
+    h.fs.take_log();
+    let id = h.run(Request::Close { key: c });
+    assert!(h.fs.file("c").is_some());
+    h.commit(true);
+    let log = h.fs.take_log();
+    let intent = pos(
+        &log,
+        |l| matches!(l, Logged::Commit(ops) if ops.contains(&"PutIntent") && ops.contains(&"DeleteHandle")),
+    );
+    let at = pos(&log, |l| *l == Logged::Remove("c".into()));
+    let done = commit_with(&log, "DeleteIntent");
+    let reply = pos(&log, |l| *l == Logged::Reply(id, true));
+    assert!(intent < at && at < done && done < reply, "{log:?}");
+    assert!(h.fs.file("c").is_none());
+}
+
+/// An intent that never becomes durable changes nothing on disk, and its
+/// request is refused.
+#[test]
+fn a_failed_intent_commit_changes_nothing() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    let before = h.fs.snapshot();
+    h.fs.take_log();
+    let id = h.run(Request::SetEndOfFile {
+        key,
+        size: 1,
+        record: None,
+    });
+    h.commit(false);
+    assert_eq!(h.fs.snapshot(), before);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    assert!(
+        h.engine.content_changes.is_empty(),
+        "reads and writes go on"
+    );
+}
+
+/// A change that fails on disk after its intent committed: the intent is
+/// dropped in the completion, nothing moves, the client learns why.
+#[test]
+fn a_change_refused_by_the_filesystem_after_its_intent() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    h.fs.fail_next("rename", libc::EACCES);
+    let id = h.run(Request::Rename {
+        key,
+        to: RelPath::new("x").unwrap(),
+        replace: false,
+        record: None,
+    });
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::AccessDenied);
+    assert_eq!(h.engine.handles[&key].rec.path.as_str(), "a");
+    assert!(h.fs.file("a").is_some() && h.fs.file("x").is_none());
+    assert!(h.store.inner.lock().unwrap().intents.is_empty());
+}
+
+/// A persistent create whose commit fails is undone with its file: no
+/// client was told of it.
+#[test]
+fn a_create_whose_commit_failed_leaves_no_file() {
+    let mut h = Harness::new();
+    let id = h.run(open("n", Rights::ALL));
+    assert!(
+        h.fs.file("n").is_some(),
+        "created (marked) before the commit"
+    );
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    assert!(h.fs.file("n").is_none(), "{:?}", h.fs.snapshot());
+    assert!(h.engine.handles.is_empty());
+}
+
+/// A close of a created file's persistent handle clears the create marker
+/// before its deletion commits; if that commit fails, the handle and the
+/// marker are back.
+#[test]
+fn a_close_whose_commit_failed_puts_the_create_marker_back() {
+    let mut h = Harness::new();
+    let id = h.run(open("n", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    let marker = h.fs.file("n").and_then(|f| f.marker);
+    assert!(marker.is_some());
+    let id = h.run(Request::Close { key });
+    assert_eq!(h.fs.file("n").and_then(|f| f.marker), None);
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    assert!(h.engine.handles.contains_key(&key));
+    assert_eq!(h.fs.file("n").and_then(|f| f.marker), marker);
+}
+
+/// A truncating open whose truncation fails after its connection dropped
+/// (the detach wrote its record): the store does not keep the handle.
+#[test]
+fn a_parked_open_that_fails_leaves_no_record() {
+    let mut h = Harness::new();
+    h.run(with_disposition(
+        open("b", Rights::ALL),
+        Disposition::Overwrite,
+    ));
+    let conn = h.conn;
+    h.engine.begin_request();
+    h.engine.on_closed(conn);
+    h.fs.fail_next("truncate", libc::EIO);
+    h.commit(true);
+    assert!(h.engine.handles.is_empty());
+    assert!(
+        h.store.inner.lock().unwrap().handles.is_empty(),
+        "a handle whose open failed is not recovered after a restart"
+    );
+}
+
+/// A parked open whose handle goes before its intent is durable is still
+/// answered.
+#[test]
+fn a_parked_open_closed_meanwhile_is_answered() {
+    let mut h = Harness::new();
+    let id = h.run(with_disposition(
+        open("b", Rights::ALL),
+        Disposition::Overwrite,
+    ));
+    let key = h.keys()[0];
+    h.run(Request::Close { key });
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::NoSuchHandle);
+    assert_eq!(
+        h.fs.file("b").map(|f| f.size),
+        Some(10),
+        "nothing truncated"
+    );
+}
+
+/// Inode reuse: a file deleted behind a disconnected handle's back and a
+/// new one under the same name with the same inode number (next
+/// generation) is not the handle's file — delete on close spares it.
+#[test]
+fn a_reused_inode_is_not_the_handles_file() {
+    let mut h = Harness::new();
+    h.fs.reuse_inodes(true);
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    h.run(Request::SetDeleteOnClose {
+        key,
+        delete: true,
+        record: None,
+    });
+    h.commit(true);
+    let old = h.fs.file("a").unwrap();
+    h.fs.unlink("a");
+    h.fs.put("a", 5);
+    let new = h.fs.file("a").unwrap();
+    assert_eq!((new.ino, new.gen), (old.ino, old.gen + 1));
+    h.fs.take_log();
+    h.run(Request::Close { key });
+    h.commit(true);
+    assert_eq!(h.fs.file("a"), Some(new), "{:?}", h.fs.take_log());
+}
+
+/// Restart recovery without files: an interrupted rename whose change
+/// happened is finished (paths, reply), one that did not is dropped; a
+/// handle whose file is gone is lost; the changed directories are synced
+/// before the commit.
+#[test]
+fn recovery_finishes_or_drops_intents() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    let kh_of = |path: &str| fs.handle_at(&RelPath::new(path).unwrap());
+    let file_of = |path: &str| {
+        fs.file_at_checked(&RelPath::new(path).unwrap())
+            .unwrap()
+            .unwrap()
+    };
+    let rec = |path: &str| HandleRecord {
+        key: ResumeKey::new_random(),
+        protocol: Protocol::new("smb").unwrap(),
+        frontend: InstanceName::new("smb-t").unwrap(),
+        client: ClientId::new("alice").unwrap(),
+        create_guid: None,
+        owner: None,
+        path: RelPath::new(path).unwrap(),
+        file: file_of(path),
+        kernel_handle: kh_of(path),
+        access: Access::new(Rights::READ).unwrap(),
+        share: Rights::ALL,
+        durability: Durability::Persistent { timeout_ms: 60_000 },
+        conn: ConnState::Connected,
+        create_action: CreateAction::Opened,
+        opened_ms: 0,
+        locks: Vec::new(),
+        lock_sequence: Vec::new(),
+        lease: None,
+        delete_on_close: false,
+        share_group: None,
+        lock_owner: None,
+    };
+    let (ra, rb, rc) = (rec("a"), rec("b"), rec("c"));
+    let rename = |r: &HandleRecord, to: &str| Intent {
+        id: IntentId(uuid::Uuid::new_v4()),
+        change: IntentChange::Rename {
+            key: r.key,
+            from: r.path.clone(),
+            to: RelPath::new(to).unwrap(),
+            file: r.file,
+            replace: false,
+            record: None,
+            kernel_handle: r.kernel_handle.clone(),
+        },
+        recorded_ms: 0,
+    };
+    // a was renamed to x before the crash; b's rename never happened; c
+    // is gone.
+    let (done, undone) = (rename(&ra, "x"), rename(&rb, "y"));
+    fs.rename(&ra.path, &RelPath::new("x").unwrap(), ra.file, None, false)
+        .unwrap();
+    fs.unlink("c");
+    store
+        .commit(&[&[
+            StoreOp::PutHandle(Box::new(ra.clone())),
+            StoreOp::PutHandle(Box::new(rb.clone())),
+            StoreOp::PutHandle(Box::new(rc.clone())),
+            StoreOp::PutIntent(Box::new(done)),
+            StoreOp::PutIntent(Box::new(undone)),
+        ]])
+        .unwrap();
+    fs.take_log();
+    let mut e = Engine::new(
+        config(),
+        Box::new(fs.clone()),
+        2,
+        Arc::new(Pipeline::default()),
+        store.clone(),
+        Arc::new(CommitCounters::default()),
+    );
+    e.recover(store.as_ref()).unwrap();
+    let m = store.inner.lock().unwrap().clone();
+    assert!(m.intents.is_empty());
+    assert_eq!(m.handles[&ra.key].path.as_str(), "x");
+    assert_eq!(m.handles[&rb.key].path.as_str(), "b");
+    assert_eq!(m.handles[&rc.key].conn, ConnState::Lost);
+    assert_eq!(e.handles[&ra.key].rec.path.as_str(), "x");
+    assert!(matches!(
+        e.handles[&rb.key].rec.conn,
+        ConnState::Disconnected { .. }
+    ));
+    assert_eq!(e.handles[&rc.key].rec.conn, ConnState::Lost);
+    assert!(
+        fs.file("y").is_none(),
+        "a rename that did not happen is not redone"
+    );
+    let log = fs.take_log();
+    assert!(log.contains(&Logged::Fsync("/".into())), "{log:?}");
+    assert!(
+        !log.iter()
+            .any(|l| matches!(l, Logged::Rename(..) | Logged::Remove(_))),
+        "{log:?}"
+    );
 }

@@ -1,0 +1,274 @@
+//! The engine's filesystem port: every filesystem operation the engine
+//! performs, behind one object-safe trait.
+//!
+//! The engine decides (which handles, records, intents and replies) and
+//! asks this port for each filesystem effect; it never names a syscall
+//! itself. [`HostFs`] is the daemon's implementation: it owns the export
+//! root's descriptor and delegates to [`crate::fsops`], where every path is
+//! resolved beneath the root with `openat2` (invariant 6). The engine's
+//! unit tests put an in-memory filesystem in its place (`engine::memfs`),
+//! so its transactions run without files, sockets or threads, and the
+//! order of filesystem effects against commits can be checked from the
+//! fake's operation log.
+//!
+//! Descriptors still cross the port as [`OwnedFd`]s: the engine keeps one
+//! per handle and hands duplicates to frontends, and the committer fsyncs
+//! those of changed files and directories before a commit. (The fake
+//! returns anonymous descriptors, never files in a directory.)
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use libfilter::model::{Access, Disposition, FileId, HeldLock, KernelHandle, RelPath};
+use libfilter::proto::WireError;
+
+use crate::fsops::{self, OpenedFile};
+
+/// Every filesystem operation of the engine. Paths are client paths,
+/// relative to the export root; no operation may reach outside it.
+pub trait Fs: Send {
+    /// Opens `path` per `disposition` without truncating; with `marker`
+    /// (a persistent open with a create GUID) a file it creates carries it,
+    /// and an existing file with the same marker counts as created
+    /// ([`fsops::open`]).
+    fn open(
+        &self,
+        path: &RelPath,
+        access: Access,
+        disposition: Disposition,
+        marker: Option<&[u8]>,
+    ) -> Result<OpenedFile, WireError>;
+
+    /// Truncates the file `expect` names at `path` to zero, checking it is
+    /// still that file ([`fsops::truncate`]).
+    fn truncate(&self, path: &RelPath, expect: FileId) -> Result<(), WireError>;
+
+    /// Truncates the file of kernel handle `kh` to zero; returns the
+    /// descriptor to fsync before the commit that records it.
+    fn truncate_by_handle(&self, kh: &KernelHandle, path: &RelPath) -> io::Result<OwnedFd>;
+
+    /// Sets the size of the file of kernel handle `kh`; returns the
+    /// descriptor to fsync before the commit that records it.
+    fn set_size_by_handle(
+        &self,
+        kh: &KernelHandle,
+        path: Option<&RelPath>,
+        size: u64,
+    ) -> io::Result<OwnedFd>;
+
+    /// Reopens the file of kernel handle `kh` (proven beneath the root) for
+    /// `access`: its descriptor, identity and size.
+    fn reopen(
+        &self,
+        kh: &KernelHandle,
+        access: Access,
+        path: &RelPath,
+        expect: FileId,
+    ) -> io::Result<(OwnedFd, FileId, u64)>;
+
+    /// Recovery's look at a persistent handle's file: is it there (linked),
+    /// and which file is it.
+    fn reopen_for_recovery(
+        &self,
+        kh: &KernelHandle,
+        access: Access,
+        path: &RelPath,
+    ) -> io::Result<(OwnedFd, FileId, u64)>;
+
+    /// Identity and size of the file behind a descriptor this port gave.
+    fn stat(&self, fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)>;
+
+    /// The kernel handle of the file behind a descriptor this port gave.
+    fn file_handle_of(&self, fd: BorrowedFd<'_>) -> io::Result<KernelHandle>;
+
+    /// Removes the create marker of a file whose persistent handle goes
+    /// away. Best effort.
+    fn clear_marker(&self, fd: Option<BorrowedFd<'_>>, kh: Option<&KernelHandle>, path: &RelPath);
+
+    /// Puts back a create marker [`Fs::clear_marker`] removed (its close
+    /// did not commit). Best effort.
+    fn restore_marker(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        kh: Option<&KernelHandle>,
+        path: &RelPath,
+        marker: &[u8],
+    );
+
+    /// Removes `path`, which must still name `expect` (and `kh`).
+    fn remove(
+        &self,
+        path: &RelPath,
+        expect: FileId,
+        kh: Option<&KernelHandle>,
+    ) -> Result<(), WireError>;
+
+    /// Renames `from` (which must still name `expect`) to `to`.
+    fn rename(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        expect: FileId,
+        kh: Option<&KernelHandle>,
+        replace: bool,
+    ) -> Result<(), WireError>;
+
+    /// Whether `path` names the file `expect` (and `kh`) now.
+    fn names(&self, path: &RelPath, expect: FileId, kh: Option<&KernelHandle>) -> bool;
+
+    /// The kernel handle of the file `path` names, if any.
+    fn handle_at(&self, path: &RelPath) -> Option<KernelHandle>;
+
+    /// Which file `path` names now; a path that leaves the root is an error.
+    fn file_at_checked(&self, path: &RelPath) -> Result<Option<FileId>, WireError>;
+
+    /// The directory holding `path`, opened to be fsync'd.
+    fn dir_of(&self, path: &RelPath) -> io::Result<OwnedFd>;
+
+    /// Makes a descriptor's changes durable (recovery; the committer
+    /// syncs a round's descriptors itself).
+    fn fsync(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
+
+    /// Mirrors a handle's byte-range locks as OFD locks on its own lock
+    /// descriptor. `EAGAIN`/`EACCES`: a local process holds a conflicting
+    /// lock.
+    fn mirror_ofd_locks(&self, fd: BorrowedFd<'_>, locks: &[HeldLock]) -> io::Result<()>;
+
+    /// Maps an errno from resolving `path` to a wire error.
+    fn map_errno(&self, e: &io::Error, path: &RelPath) -> WireError;
+}
+
+/// The daemon's filesystem: the export root's descriptor and
+/// [`crate::fsops`].
+pub struct HostFs {
+    root: OwnedFd,
+}
+
+impl HostFs {
+    /// Over the export root's descriptor.
+    pub fn new(root: OwnedFd) -> HostFs {
+        HostFs { root }
+    }
+
+    fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+}
+
+impl Fs for HostFs {
+    fn open(
+        &self,
+        path: &RelPath,
+        access: Access,
+        disposition: Disposition,
+        marker: Option<&[u8]>,
+    ) -> Result<OpenedFile, WireError> {
+        fsops::open(self.root(), path, access, disposition, marker)
+    }
+
+    fn truncate(&self, path: &RelPath, expect: FileId) -> Result<(), WireError> {
+        fsops::truncate(self.root(), path, expect)
+    }
+
+    fn truncate_by_handle(&self, kh: &KernelHandle, path: &RelPath) -> io::Result<OwnedFd> {
+        fsops::truncate_by_handle(self.root(), kh, path)
+    }
+
+    fn set_size_by_handle(
+        &self,
+        kh: &KernelHandle,
+        path: Option<&RelPath>,
+        size: u64,
+    ) -> io::Result<OwnedFd> {
+        fsops::set_size_by_handle(self.root(), kh, path, size)
+    }
+
+    fn reopen(
+        &self,
+        kh: &KernelHandle,
+        access: Access,
+        path: &RelPath,
+        expect: FileId,
+    ) -> io::Result<(OwnedFd, FileId, u64)> {
+        fsops::reopen(self.root(), kh, access, path, expect)
+    }
+
+    fn reopen_for_recovery(
+        &self,
+        kh: &KernelHandle,
+        access: Access,
+        path: &RelPath,
+    ) -> io::Result<(OwnedFd, FileId, u64)> {
+        fsops::reopen_for_recovery(self.root(), kh, access, path)
+    }
+
+    fn stat(&self, fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)> {
+        fsops::stat(fd)
+    }
+
+    fn file_handle_of(&self, fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {
+        libfilter::sys::file_handle_of(fd)
+    }
+
+    fn clear_marker(&self, fd: Option<BorrowedFd<'_>>, kh: Option<&KernelHandle>, path: &RelPath) {
+        fsops::clear_marker(self.root(), fd, kh, path)
+    }
+
+    fn restore_marker(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        kh: Option<&KernelHandle>,
+        path: &RelPath,
+        marker: &[u8],
+    ) {
+        fsops::restore_marker(self.root(), fd, kh, path, marker)
+    }
+
+    fn remove(
+        &self,
+        path: &RelPath,
+        expect: FileId,
+        kh: Option<&KernelHandle>,
+    ) -> Result<(), WireError> {
+        fsops::remove(self.root(), path, expect, kh)
+    }
+
+    fn rename(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        expect: FileId,
+        kh: Option<&KernelHandle>,
+        replace: bool,
+    ) -> Result<(), WireError> {
+        fsops::rename(self.root(), from, to, expect, kh, replace)
+    }
+
+    fn names(&self, path: &RelPath, expect: FileId, kh: Option<&KernelHandle>) -> bool {
+        fsops::names(self.root(), path, expect, kh)
+    }
+
+    fn handle_at(&self, path: &RelPath) -> Option<KernelHandle> {
+        fsops::handle_at(self.root(), path)
+    }
+
+    fn file_at_checked(&self, path: &RelPath) -> Result<Option<FileId>, WireError> {
+        fsops::file_at_checked(self.root(), path)
+    }
+
+    fn dir_of(&self, path: &RelPath) -> io::Result<OwnedFd> {
+        fsops::dir_of(self.root(), path)
+    }
+
+    fn fsync(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        nix::unistd::fsync(fd).map_err(io::Error::from)
+    }
+
+    fn mirror_ofd_locks(&self, fd: BorrowedFd<'_>, locks: &[HeldLock]) -> io::Result<()> {
+        fsops::mirror_ofd_locks(fd, locks)
+    }
+
+    fn map_errno(&self, e: &io::Error, path: &RelPath) -> WireError {
+        fsops::map_errno(e, self.root(), path)
+    }
+}
