@@ -48,6 +48,16 @@
 //! granted between a passed CheckIo and its pwrite is a window this design
 //! leaves open (filterd is not in the data path).
 //!
+//! Drained before every hello (issue 13, review 1 and 2): when the daemon is
+//! lost, the supervisor first makes [`Attachment::io_ready`] false (no new
+//! unchecked I/O), then waits until every unchecked read and write decided
+//! while the old daemon was there has finished, and only then says hello to
+//! the new one. A restarted filterd therefore knows that a frontend that
+//! has said hello has nothing in flight from before — whether that I/O went
+//! through a non-durable handle the restart forgot or a persistent one it
+//! resumes — and makes a first lock wait for the frontends it saw before
+//! the restart until they have said hello (or the break timeout).
+//!
 //! Non-durable handles die with the daemon (they are not persistent state);
 //! they are reported in [`AttachEvent::Reattached::lost`] together with any
 //! persistent handle that could not be resumed.
@@ -148,6 +158,15 @@ impl IoGate {
             .wait_timeout(g, Duration::from_millis(200))
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .0
+    }
+
+    /// Waits until no unchecked I/O is in flight on any file (none may
+    /// start meanwhile: the caller made that so).
+    fn drain(&self) {
+        let mut g = self.lock();
+        while !g.in_flight.is_empty() {
+            g = self.wait(g);
+        }
     }
 }
 
@@ -577,6 +596,11 @@ fn supervise(shared: Arc<Shared>) {
         if !deliver(&shared, AttachEvent::Lost) {
             return;
         }
+        // No unchecked I/O starts from here (not io_ready); wait for what
+        // was decided while the old daemon was there, so that our hello
+        // tells the new one that nothing from before is in flight (a first
+        // lock after a restart waits for that hello).
+        shared.gate.drain();
         let mut backoff = Duration::from_millis(5);
         let client = loop {
             if shared.stop.load(Ordering::Acquire) {
