@@ -193,7 +193,7 @@ mod tests {
         s.insert(&a, me, |_| true);
         assert_eq!(names(&FrontendsSeen::load(&dir)), [a.clone(), b.clone()]);
         s.remove(&a);
-        assert_eq!(names(&FrontendsSeen::load(&dir)), [b.clone()]);
+        assert_eq!(names(&FrontendsSeen::load(&dir)), std::slice::from_ref(&b));
         std::fs::write(dir.join(FILE), "nfs-b 0 -\n\u{0}bad 1 2\nx\nsmb-a 1 2 3\n").expect("write");
         assert_eq!(names(&FrontendsSeen::load(&dir)), [b]);
         let _ = std::fs::remove_dir_all(&dir);
