@@ -12,6 +12,7 @@ mod committer;
 mod conn;
 mod engine;
 mod failpoint;
+mod frontends_seen;
 mod fsops;
 mod local;
 mod local_opens;
@@ -247,6 +248,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         counters.clone(),
     );
     eng.recover(store.as_ref()).context("restart recovery")?;
+    eng.set_frontends_seen(frontends_seen::FrontendsSeen::load(&state));
     // Only now: recovery reopens files by handle, and with the mount marked
     // before anyone reads the group those opens would wait for a verdict
     // nobody gives. The reader starts before the socket accepts anyone.

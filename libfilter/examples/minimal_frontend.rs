@@ -80,9 +80,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     //    reads and writes wait (`io_ready`) until the frontend has marked
     //    the files that have locks and called `resynced`. A frontend that
     //    skips CheckIo on files without locks decides each read or write
-    //    with `decide_io` (and does it under the guard that returns),
-    //    handles `LocksPresent` with `locks_present`, and applies
-    //    `Reattached` under `exclusive_io`.
+    //    with `decide_io` (and does it while holding the per-file guard
+    //    that returns), handles `LocksPresent` with `locks_present`, and
+    //    applies `Reattached` under `exclusive_io`. The attachment waits
+    //    for those guards before it says hello to a restarted filterd.
     if let Ok(AttachEvent::Reattached {
         generation,
         resumed,

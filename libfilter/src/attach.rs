@@ -28,28 +28,44 @@
 //! `Reattached`, so a lock granted after a resume reply reaches the frontend
 //! after the flags that reply set, never before.
 //!
-//! Unchecked I/O is gated (issue 13 #1): a frontend makes the decision "this
-//! file has no locks, no CheckIo" and does the pread/pwrite it allows under
-//! [`Attachment::unchecked_io`] (a shared guard), checking in this order:
+//! Unchecked I/O is gated per file (issue 13): a frontend makes the
+//! decision "this file has no locks, no CheckIo" with
+//! [`Attachment::decide_io`], checking in this order under the gate:
 //! [`Attachment::io_ready`], that its handle is still live, the file's
-//! locked flag. On `LocksPresent` it calls [`Attachment::locks_present`],
-//! which marks the file, waits for every unchecked read or write in flight
-//! to finish (the exclusive guard), and only then acknowledges: the lock is
-//! granted after the last unchecked byte landed, never before. It applies a
-//! `Reattached` (drops lost handles, relearns locks) under
-//! [`Attachment::exclusive_io`] likewise. Checked I/O (a CheckIo round trip,
-//! then the pread/pwrite) does not hold the guard, so the event thread never
-//! waits on filterd: a lock granted between a passed CheckIo and its pwrite
-//! is a window this design leaves open (filterd is not in the data path).
+//! locked flag; an [`IoDecision::Unchecked`] carries an [`UncheckedIo`]
+//! guard that counts the pread/pwrite as in flight on that file until it is
+//! dropped. On `LocksPresent` the frontend calls
+//! [`Attachment::locks_present`], which marks the file (no unchecked I/O on
+//! it starts after that) and acknowledges once no unchecked read or write
+//! of *that file* is in flight — at once when none is, else from the
+//! attachment's `lock-hint-acks` thread, so hints for other files are not
+//! held up by a slow write and are acknowledged independently of each
+//! other. The lock is granted after the last unchecked byte of the file
+//! landed, never before. A `Reattached` is applied under
+//! [`Attachment::exclusive_io`] (no unchecked I/O on any file in flight or
+//! starting). Checked I/O (a CheckIo round trip, then the pread/pwrite)
+//! is not counted, so the event thread never waits on filterd: a lock
+//! granted between a passed CheckIo and its pwrite is a window this design
+//! leaves open (filterd is not in the data path).
+//!
+//! Drained before every hello (issue 13, review 1 and 2): when the daemon is
+//! lost, the supervisor first makes [`Attachment::io_ready`] false (no new
+//! unchecked I/O), then waits until every unchecked read and write decided
+//! while the old daemon was there has finished, and only then says hello to
+//! the new one. A restarted filterd therefore knows that a frontend that
+//! has said hello has nothing in flight from before — whether that I/O went
+//! through a non-durable handle the restart forgot or a persistent one it
+//! resumes — and makes a first lock wait for the frontends it saw before
+//! the restart until they have said hello (or the break timeout).
 //!
 //! Non-durable handles die with the daemon (they are not persistent state);
 //! they are reported in [`AttachEvent::Reattached::lost`] together with any
 //! persistent handle that could not be resumed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -104,8 +120,89 @@ struct Shared {
     generation: AtomicU64,
     /// The generation whose `Reattached` the frontend has applied.
     synced: AtomicU64,
-    /// Shared by unchecked I/O in flight; exclusive while lock state changes.
-    gate: RwLock<()>,
+    /// Unchecked I/O in flight, per file.
+    gate: IoGate,
+}
+
+/// The I/O gate: which files have unchecked reads or writes in flight, and
+/// the lock hints waiting for them to finish.
+#[derive(Default)]
+struct IoGate {
+    state: Mutex<GateState>,
+    /// Signalled whenever an unchecked I/O ends, the gate reopens, or a
+    /// hint is queued.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Unchecked reads and writes in flight, per file (no zero entries).
+    in_flight: HashMap<FileId, usize>,
+    /// Held by [`Attachment::exclusive_io`]: no unchecked I/O starts.
+    closed: bool,
+    /// Files whose `LocksPresent` waits for their in-flight I/O before it
+    /// is acknowledged (by the `lock-hint-acks` thread).
+    acks_due: HashSet<FileId>,
+}
+
+impl IoGate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, GateState>) -> MutexGuard<'a, GateState> {
+        // Bounded, so stopping is noticed; callers loop on their condition.
+        self.changed
+            .wait_timeout(g, Duration::from_millis(200))
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+    }
+
+    /// Waits until no unchecked I/O is in flight on any file (none may
+    /// start meanwhile: the caller made that so).
+    fn drain(&self) {
+        let mut g = self.lock();
+        while !g.in_flight.is_empty() {
+            g = self.wait(g);
+        }
+    }
+}
+
+/// One unchecked read or write in flight on a file (see
+/// [`Attachment::decide_io`]): drop it right after the pread/pwrite, before
+/// any fsync or filterd round trip.
+pub struct UncheckedIo<'a> {
+    gate: &'a IoGate,
+    file: FileId,
+}
+
+impl Drop for UncheckedIo<'_> {
+    fn drop(&mut self) {
+        let mut g = self.gate.lock();
+        if let Some(n) = g.in_flight.get_mut(&self.file) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                g.in_flight.remove(&self.file);
+            }
+        }
+        drop(g);
+        self.gate.changed.notify_all();
+    }
+}
+
+/// The whole gate, held while a frontend applies a `Reattached` (see
+/// [`Attachment::exclusive_io`]).
+pub struct ExclusiveIo<'a> {
+    gate: &'a IoGate,
+}
+
+impl Drop for ExclusiveIo<'_> {
+    fn drop(&mut self) {
+        self.gate.lock().closed = false;
+        self.gate.changed.notify_all();
+    }
 }
 
 /// What a frontend may do about one read or write (see
@@ -119,7 +216,7 @@ pub enum IoDecision<'a> {
     Gone,
     /// No locks on the file: do the pread/pwrite unchecked while holding
     /// this guard, and drop it right after (before any fsync).
-    Unchecked(RwLockReadGuard<'a, ()>),
+    Unchecked(UncheckedIo<'a>),
     /// The file has locks: ask filterd (CheckIo), then do the I/O.
     Check,
 }
@@ -190,12 +287,16 @@ impl Attachment {
             features,
             generation: AtomicU64::new(0),
             synced: AtomicU64::new(0),
-            gate: RwLock::new(()),
+            gate: IoGate::default(),
         });
         let sup = shared.clone();
         std::thread::Builder::new()
             .name("filter-attach".into())
             .spawn(move || supervise(sup))?;
+        let acks = shared.clone();
+        std::thread::Builder::new()
+            .name("lock-hint-acks".into())
+            .spawn(move || acknowledge_hints(acks))?;
         Ok(Attachment { shared, events: rx })
     }
 
@@ -230,28 +331,22 @@ impl Attachment {
         self.shared.synced.store(generation, Ordering::Release);
     }
 
-    /// Held (shared) while a frontend decides that a read or write needs no
-    /// CheckIo — [`Attachment::io_ready`], its handle still live, its file
-    /// not marked locked, checked in that order under the guard — and does
-    /// that pread/pwrite. Not across filterd round trips or fsyncs.
-    pub fn unchecked_io(&self) -> RwLockReadGuard<'_, ()> {
-        self.shared
-            .gate
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Decides one read or write of `file`, in this order under the shared
-    /// guard of [`Attachment::unchecked_io`]: [`Attachment::io_ready`],
-    /// `live` (the frontend's handle of it is not lost or forgotten), the
-    /// file's flag in `checked`.
+    /// Decides one read or write of `file`, in this order under the gate:
+    /// [`Attachment::io_ready`], `live` (the frontend's handle of it is not
+    /// lost or forgotten), the file's flag in `checked`. An
+    /// [`IoDecision::Unchecked`] counts as in flight on `file` until its
+    /// guard is dropped: do the pread/pwrite, then drop it.
     pub fn decide_io(
         &self,
-        checked: &Mutex<std::collections::HashSet<FileId>>,
+        checked: &Mutex<HashSet<FileId>>,
         file: FileId,
         live: impl FnOnce() -> bool,
     ) -> IoDecision<'_> {
-        let gate = self.unchecked_io();
+        let gate = &self.shared.gate;
+        let mut g = gate.lock();
+        while g.closed {
+            g = gate.wait(g);
+        }
         if !self.io_ready() {
             return IoDecision::NotReady;
         }
@@ -260,32 +355,50 @@ impl Attachment {
         }
         // Poisoned: treat the file as locked.
         if checked.lock().map(|l| l.contains(&file)).unwrap_or(true) {
-            IoDecision::Check
-        } else {
-            IoDecision::Unchecked(gate)
+            return IoDecision::Check;
         }
+        *g.in_flight.entry(file).or_insert(0) += 1;
+        IoDecision::Unchecked(UncheckedIo { gate, file })
     }
 
-    /// Held (exclusive) while the frontend applies what changes the
-    /// decision of [`Attachment::unchecked_io`] (a `Reattached`: dropping
-    /// lost handles, [`Attachment::relearn_locks`]): waits for every
-    /// unchecked read and write in flight to finish.
-    pub fn exclusive_io(&self) -> RwLockWriteGuard<'_, ()> {
-        self.shared
-            .gate
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Held while the frontend applies what changes the decision of
+    /// [`Attachment::decide_io`] for many files at once (a `Reattached`:
+    /// dropping lost handles, [`Attachment::relearn_locks`]): waits for
+    /// every unchecked read and write in flight to finish, and no new one
+    /// starts until it is dropped.
+    pub fn exclusive_io(&self) -> ExclusiveIo<'_> {
+        let gate = &self.shared.gate;
+        let mut g = gate.lock();
+        while g.closed {
+            g = gate.wait(g);
+        }
+        g.closed = true;
+        while !g.in_flight.is_empty() {
+            g = gate.wait(g);
+        }
+        ExclusiveIo { gate }
     }
 
-    /// On `LocksPresent`: marks `file` locked in `checked`, waits until no
-    /// read or write that passed as unchecked before is in flight, then
-    /// acknowledges (filterd grants the first lock only after that).
-    pub fn locks_present(&self, checked: &Mutex<std::collections::HashSet<FileId>>, file: FileId) {
+    /// On `LocksPresent`: marks `file` locked in `checked` (no unchecked
+    /// I/O on it starts after this), and acknowledges once no unchecked
+    /// read or write of `file` is in flight — at once if none is, else from
+    /// the `lock-hint-acks` thread, so this returns without waiting and
+    /// hints for several files are acknowledged independently (filterd
+    /// grants the first lock only after the acknowledgement).
+    pub fn locks_present(&self, checked: &Mutex<HashSet<FileId>>, file: FileId) {
+        let gate = &self.shared.gate;
+        let mut g = gate.lock();
         match checked.lock() {
             Ok(mut l) => l.insert(file),
             Err(p) => p.into_inner().insert(file),
         };
-        drop(self.exclusive_io());
+        if g.in_flight.contains_key(&file) {
+            g.acks_due.insert(file);
+            drop(g);
+            gate.changed.notify_all();
+            return;
+        }
+        drop(g);
         let _ = self.client().lock_hint_ack(file);
     }
 
@@ -297,7 +410,7 @@ impl Attachment {
     /// `LocksGone`.)
     pub fn relearn_locks(
         &self,
-        checked: &Mutex<std::collections::HashSet<FileId>>,
+        checked: &Mutex<HashSet<FileId>>,
         locked: Vec<FileId>,
         generation: u64,
     ) {
@@ -390,8 +503,9 @@ impl Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        // The supervisor holds its own Arc; only the last handle stops it.
-        if Arc::strong_count(&self.shared) <= 2 {
+        // The supervisor and the hint-ack thread hold their own Arcs; only
+        // the last handle stops them.
+        if Arc::strong_count(&self.shared) <= 3 {
             self.shared.stop.store(true, Ordering::Release);
         }
     }
@@ -409,6 +523,42 @@ fn deliver(shared: &Shared, ev: AttachEvent) -> bool {
             Ok(()) => return true,
             Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => ev = back,
             Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
+        }
+    }
+}
+
+/// Acknowledges the lock hints [`Attachment::locks_present`] queued, each
+/// as soon as its own file has no unchecked I/O in flight.
+fn acknowledge_hints(shared: Arc<Shared>) {
+    let gate = &shared.gate;
+    loop {
+        let ready: Vec<FileId> = {
+            let mut g = gate.lock();
+            loop {
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let ready: Vec<FileId> = g
+                    .acks_due
+                    .iter()
+                    .filter(|f| !g.in_flight.contains_key(f))
+                    .copied()
+                    .collect();
+                if !ready.is_empty() {
+                    for f in &ready {
+                        g.acks_due.remove(f);
+                    }
+                    break ready;
+                }
+                g = gate.wait(g);
+            }
+        };
+        let client = match shared.current.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        for f in ready {
+            let _ = client.lock_hint_ack(f);
         }
     }
 }
@@ -446,6 +596,11 @@ fn supervise(shared: Arc<Shared>) {
         if !deliver(&shared, AttachEvent::Lost) {
             return;
         }
+        // No unchecked I/O starts from here (not io_ready); wait for what
+        // was decided while the old daemon was there, so that our hello
+        // tells the new one that nothing from before is in flight (a first
+        // lock after a restart waits for that hello).
+        shared.gate.drain();
         let mut backoff = Duration::from_millis(5);
         let client = loop {
             if shared.stop.load(Ordering::Acquire) {

@@ -35,7 +35,11 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS;
 /// [`Event::LocksGone`]; [`Opened::locked`] at open and resume), so the
 /// frontend checks I/O with [`Request::CheckIo`] only on those files and
 /// reads and writes every other file without a round trip. A frontend that
-/// does not ask for it must check every I/O.
+/// does not ask for it must check every I/O. A frontend that asks for it
+/// says hello only with no such unchecked read or write in flight (after a
+/// lost connection, it lets those finish first — `crate::attach` does):
+/// a restarted daemon makes a first lock wait for the hello of every
+/// hinted frontend that was attached before the restart.
 pub const FEATURE_LOCK_HINTS: u64 = 1;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;

@@ -212,21 +212,25 @@ impl Drop for SlowPwrites {
 }
 
 fn slow_pwrites(pid: u32, trace: &std::path::Path) -> SlowPwrites {
+    slow_syscalls(pid, trace, &[("pwrite64", 3_000_000)])
+}
+
+/// As [`slow_pwrites`], delaying each of `delays` (syscall, µs) instead.
+fn slow_syscalls(pid: u32, trace: &std::path::Path, delays: &[(&str, u32)]) -> SlowPwrites {
     let strace = ["/usr/bin/strace", "/bin/strace"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .expect("strace is not installed: `apt-get install strace` (.ci/run installs it)");
-    let child = std::process::Command::new(strace)
-        .args(["-f", "-qq", "-o"])
+    let names: Vec<&str> = delays.iter().map(|(n, _)| *n).collect();
+    let mut cmd = std::process::Command::new(strace);
+    cmd.args(["-f", "-qq", "-o"])
         .arg(trace)
-        .args([
-            "-e",
-            "trace=pwrite64",
-            "-e",
-            "inject=pwrite64:delay_enter=3000000",
-            "-p",
-            &pid.to_string(),
-        ])
+        .args(["-e", &format!("trace={}", names.join(","))]);
+    for (name, us) in delays {
+        cmd.args(["-e", &format!("inject={name}:delay_enter={us}")]);
+    }
+    let child = cmd
+        .args(["-p", &pid.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -274,15 +278,14 @@ fn all_stopped(pid: u32) -> bool {
 
 /// Bytes 10..30 of `f`.
 fn locked_bytes(s: &Scratch) -> Vec<u8> {
-    let bytes = std::fs::read(s.root().join("f")).unwrap();
-    bytes[10..30].to_vec()
+    locked_bytes_of(s, "f")
 }
 
 /// filterd (a 15 s break timeout), both shims, an smbl/1 and an nfsl/1
-/// client each with an open of `f` (100 dots).
+/// client each with an open of `f` (100 dots; `g` is another such file).
 struct Both {
     s: Scratch,
-    _d: Filterd,
+    d: Filterd,
     nfs: Shim,
     smb: Shim,
     m: LineClient,
@@ -293,18 +296,25 @@ struct Both {
 }
 
 fn both(name: &str) -> Both {
+    both_with(name, "15000", false)
+}
+
+/// As [`both`], with filterd's break timeout `break_ms` and the smbl/1
+/// open `persistent` or not.
+fn both_with(name: &str, break_ms: &str, persistent: bool) -> Both {
     let s = Scratch::new(name);
     std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
-    let _d = start_filterd(&s, "15000");
+    std::fs::write(s.root().join("g"), vec![b'.'; 100]).unwrap();
+    let d = start_filterd(&s, break_ms);
     let nfs = Shim::start("nfsshim", &s.socket(), &format!("nfs-{name}"));
     let smb = Shim::start("smbshim", &s.socket(), &format!("smb-{name}"));
     let (mut m, msid) = smb_session(&smb.addr);
-    let fid = smb_open(&mut m, msid, "f", false);
+    let fid = smb_open(&mut m, msid, "f", persistent);
     let mut n = Nfs::connect(&nfs.addr, &format!("host-{name}"), "7878787878787878");
     let sid = ok(n.open("p", "f", "both", "none", json!({})))["stateid"].clone();
     Both {
         s,
-        _d,
+        d,
         nfs,
         smb,
         m,
@@ -313,6 +323,12 @@ fn both(name: &str) -> Both {
         n,
         sid,
     }
+}
+
+/// Bytes 10..30 of `name`.
+fn locked_bytes_of(s: &Scratch, name: &str) -> Vec<u8> {
+    let bytes = std::fs::read(s.root().join(name)).unwrap();
+    bytes[10..30].to_vec()
 }
 
 /// Issue 13 #1, review finding 1: an unlocked smbl/1 WRITE that passed
@@ -325,6 +341,13 @@ fn both(name: &str) -> Both {
 fn an_unchecked_smb_write_in_flight_lands_before_the_first_lock() {
     let mut b = both("inflight-smb");
     let _slow = slow_pwrites(b.smb.pid(), &b.s.dir.join("trace"));
+    smb_write_in_flight_then_first_lock(&mut b, |_| {});
+}
+
+/// Sends an unlocked smbl/1 WRITE of "XXXX" to bytes 12..16 of `f` and
+/// waits until it is in its pwrite (held there by strace, attached
+/// already). Returns its `mid`.
+fn smb_write_held(b: &mut Both) -> u64 {
     let id = b.m.send_only(
         "mid",
         json!({"cmd": "WRITE", "session_id": b.msid, "file_id": b.fid, "offset": 12,
@@ -335,7 +358,17 @@ fn an_unchecked_smb_write_in_flight_lands_before_the_first_lock() {
         Duration::from_secs(20),
         || in_pwrite(b.smb.pid()).then_some(()),
     );
-    ok(b.n.call(
+    id
+}
+
+/// An unlocked smbl/1 WRITE of bytes 12..16 of `f` is sent and reaches its
+/// pwrite (held there by strace, attached already); `meanwhile` runs; then
+/// the nfsl/1 client takes the first lock of 10..30 (retrying while
+/// nfsshim reattaches). The WRITE lands before the grant, never after it.
+fn smb_write_in_flight_then_first_lock(b: &mut Both, meanwhile: impl FnOnce(&mut Both)) {
+    let id = smb_write_held(b);
+    meanwhile(b);
+    ok(b.n.call_patiently(
         json!({"op": "LOCK", "stateid": b.sid, "owner": "lo", "type": "write",
                "offset": 10, "length": 20}),
     ));
@@ -383,9 +416,12 @@ fn an_unchecked_nfs_write_in_flight_lands_before_the_first_lock() {
 /// it continues — by then filterd dropped it (it did not acknowledge the
 /// first lock's hint), closed its non-durable opens and granted the lock —
 /// never land inside that lock. Many clients and several rounds: each
-/// WRITE races smbshim's reattach (the old code lost it now and then: it
-/// read the locked flag before `io_ready`, and a request holding an open
-/// lost meanwhile was checked against nothing).
+/// WRITE races smbshim's reattach. What it guards is `decide_io`'s
+/// `io_ready` check: with that check skipped (a build with the line
+/// removed) it fails in round 0 every time, the WRITE answered
+/// STATUS_SUCCESS; with only the handle-live check skipped it still passes
+/// (the `io_ready` check refuses those WRITEs first). It passed on the
+/// code before the gate too, which had the `io_ready` check already.
 #[test]
 fn writes_queued_while_smbshim_is_stopped_never_land_in_a_lock() {
     for round in 0..4 {
@@ -460,4 +496,131 @@ fn a_first_lock_waits_one_break_timeout_for_a_stopped_attached_frontend() {
     nfs.signal(Signal::SIGCONT);
     nfs_write_refused(&mut n, &sid);
     nothing_landed(&s);
+}
+
+/// An unlocked smbl/1 WRITE (open `persistent` or not) is held in its
+/// pwrite by strace while filterd is killed and restarted; an nfsl/1
+/// client's first LOCK of the range after the restart is granted only
+/// after the WRITE landed, never before it.
+fn an_unchecked_write_in_flight_across_a_restart(name: &str, persistent: bool) {
+    let mut b = both_with(name, "15000", persistent);
+    // smbshim's connect to the new filterd is slowed too, so the LOCK
+    // (nfsshim is back at once) arrives while smbshim is still away.
+    let _slow = slow_syscalls(
+        b.smb.pid(),
+        &b.s.dir.join("trace"),
+        &[("pwrite64", 3_000_000), ("connect", 1_500_000)],
+    );
+    smb_write_in_flight_then_first_lock(&mut b, |b| {
+        b.d.kill9();
+        b.d = start_filterd(&b.s, "15000");
+    });
+}
+
+/// Issue 13, last review finding 1: the WRITE's open is non-durable, so the
+/// restarted filterd has no record of it and sent smbshim no hint. Now
+/// filterd remembers (`STATE/frontends.seen`) that smbshim was attached and
+/// the first lock waits for its hello, which smbshim says only once its
+/// unchecked I/O from before has finished. Old code: the LOCK was granted
+/// about 0.1 s after the restart and the WRITE landed inside it.
+#[test]
+fn a_non_durable_write_in_flight_across_a_restart_lands_before_the_first_lock() {
+    an_unchecked_write_in_flight_across_a_restart("restart-inflight-nd", false);
+}
+
+/// Issue 13, last review finding 2: the WRITE's open is persistent, so the
+/// first lock waited for smbshim as an absent frontend — until its resume
+/// reply, which smbshim's attachment sent with the WRITE still in flight.
+/// Now the attachment drains its unchecked I/O before its hello (and so
+/// before any resume). Old code: the WRITE landed inside the lock.
+#[test]
+fn a_persistent_write_in_flight_across_a_restart_lands_before_the_first_lock() {
+    an_unchecked_write_in_flight_across_a_restart("restart-inflight-p", true);
+}
+
+/// Issue 13, last review finding 4: the I/O gate is per file. A slow
+/// unchecked WRITE on `f` (3 s in its pwrite) does not hold up the
+/// acknowledgement of a first lock on `g`. Old code: one gate per process,
+/// so the LOCK on `g` waited the 3 s too.
+#[test]
+fn a_slow_write_on_one_file_does_not_hold_up_a_first_lock_on_another() {
+    let mut b = both("gate-per-file");
+    // smbshim has an open of g too: the LOCK on g waits for its ack.
+    smb_open(&mut b.m, b.msid, "g", false);
+    let gsid = ok(b.n.open("p", "g", "both", "none", json!({})))["stateid"].clone();
+    let _slow = slow_pwrites(b.smb.pid(), &b.s.dir.join("trace"));
+    let id = smb_write_held(&mut b);
+    let t0 = std::time::Instant::now();
+    ok(b.n.call(
+        json!({"op": "LOCK", "stateid": gsid, "owner": "lo", "type": "write",
+               "offset": 10, "length": 20}),
+    ));
+    let waited = t0.elapsed();
+    assert!(
+        in_pwrite(b.smb.pid()),
+        "the WRITE on f is still in its pwrite"
+    );
+    assert!(
+        waited < Duration::from_millis(1500),
+        "the LOCK on g waited for the WRITE on f: {waited:?}"
+    );
+    let (r, _) = b.m.reply_to("mid", id).expect("the WRITE's reply");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+/// Issue 13, last review finding 3: first locks on two files are
+/// acknowledged independently. A WRITE on `f` is in its pwrite (3 s) when
+/// a first LOCK of `f` arrives; then a WRITE on `g` and a first LOCK of
+/// `g`. Each lock is granted once its own file's WRITE landed, both
+/// within the 4.5 s break timeout, and smbshim is not dropped. Old code:
+/// the acknowledgements were serial under one gate, so the WRITE on `g`
+/// waited behind the first acknowledgement and the second one came about
+/// 6 s in: smbshim was dropped for it.
+#[test]
+fn first_locks_on_two_files_are_acknowledged_independently() {
+    let mut b = both_with("acks-per-file", "4500", false);
+    let (mut m2, msid2) = smb_session(&b.smb.addr);
+    let gfid = smb_open(&mut m2, msid2, "g", false);
+    let mut n2 = Nfs::connect(&b.nfs.addr, "host-acks-2", "9898989898989898");
+    let gsid = ok(n2.open("p2", "g", "both", "none", json!({})))["stateid"].clone();
+    let _slow = slow_pwrites(b.smb.pid(), &b.s.dir.join("trace"));
+    let t0 = std::time::Instant::now();
+    let wf = smb_write_held(&mut b);
+    let lock = |n: &mut Nfs, sid: &Value| {
+        n.seqid += 1;
+        let seq = json!({"sessionid": n.sessionid, "slot": 0, "seqid": n.seqid});
+        n.c.send_only(
+            "xid",
+            json!({"op": "LOCK", "stateid": sid, "owner": "lo", "type": "write",
+                   "offset": 10, "length": 20, "seq": seq}),
+        )
+    };
+    let lf = lock(&mut b.n, &b.sid);
+    b.d.wait_log(
+        "first lock waits for frontends to hear of it",
+        Duration::from_secs(10),
+    );
+    let wg = m2.send_only(
+        "mid",
+        json!({"cmd": "WRITE", "session_id": msid2, "file_id": gfid, "offset": 12,
+               "data": b64(b"YYYY")}),
+    );
+    let lg = lock(&mut n2, &gsid);
+    let (r, _) = b.n.c.reply_to("xid", lf).expect("LOCK f's reply");
+    ok(r);
+    let (r, _) = n2.c.reply_to("xid", lg).expect("LOCK g's reply");
+    ok(r);
+    let waited = t0.elapsed();
+    let (r, _) = b.m.reply_to("mid", wf).expect("WRITE f's reply");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let (r, _) = m2.reply_to("mid", wg).expect("WRITE g's reply");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        !b.d.log_text()
+            .contains("did not acknowledge a lock hint in time"),
+        "smbshim was dropped (both locks after {waited:?})"
+    );
+    assert!(waited < Duration::from_millis(4500), "{waited:?}");
+    assert_eq!(&locked_bytes_of(&b.s, "f")[2..6], b"XXXX");
+    assert_eq!(&locked_bytes_of(&b.s, "g")[2..6], b"YYYY");
 }

@@ -62,8 +62,8 @@ impl Engine {
                 // resumes the handle, and until then does no I/O unchecked
                 // (its attachment is not io_ready).
                 for i in w.absent {
-                    warn!(file = ?f, instance = %i, "frontend with disconnected handles of a file did not come back before its first lock: the lock proceeds");
-                    self.hint_gave_up.insert(i);
+                    warn!(file = ?f, instance = %i, "frontend with disconnected handles of a file, or attached before a restart, did not come back before its first lock: the lock proceeds");
+                    self.hint_give_up(i);
                 }
                 for c in w.conns {
                     if let Some(x) = self.conns.get(&c) {

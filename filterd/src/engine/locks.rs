@@ -23,6 +23,49 @@ impl HintWait {
 }
 
 impl Engine {
+    /// Lock hints across a restart: `seen` names the frontends that were
+    /// attached with lock hints before it. Each of them whose process is
+    /// still alive may have a read or write in flight that it decided on
+    /// without asking the old daemon; a first lock waits for them (as
+    /// absent frontends) until they say hello — a frontend drains that I/O
+    /// before its hello — or the break timeout.
+    pub fn set_frontends_seen(&mut self, seen: crate::frontends_seen::FrontendsSeen) {
+        self.restart_expected = seen.alive().cloned().collect();
+        if !self.restart_expected.is_empty() {
+            info!(
+                frontends = self.restart_expected.len(),
+                "first locks wait for the frontends attached before the restart to come back"
+            );
+        }
+        self.frontends_seen = seen;
+    }
+
+    /// Lock hints: `instance` said hello (with `features`): it has no
+    /// unchecked I/O in flight from before, so no first lock waits for it
+    /// as absent any more; remembered across restarts if it uses hints.
+    pub(super) fn frontend_said_hello(&mut self, instance: &InstanceName, pid: i32, features: u64) {
+        self.restart_expected.remove(instance);
+        for (file, w) in self.hint_waits.iter_mut() {
+            if w.absent.remove(instance) && w.done() {
+                self.retry_files.insert(*file);
+            }
+        }
+        self.hint_waits.retain(|_, w| !w.done());
+        if features & proto::FEATURE_LOCK_HINTS != 0 {
+            let attached = &self.instances;
+            self.frontends_seen
+                .insert(instance, pid, |n| attached.contains_key(n));
+        }
+    }
+
+    /// Lock hints: `instance` did not come back before a first lock's
+    /// deadline: no first lock waits for it again until it attaches.
+    pub(super) fn hint_give_up(&mut self, instance: InstanceName) {
+        self.restart_expected.remove(&instance);
+        self.frontends_seen.remove(&instance);
+        self.hint_gave_up.insert(instance);
+    }
+
     /// Connections with lock hints that hold attached handles of `file`.
     pub(super) fn hinted_conns_of(&self, file: FileId) -> HashSet<ConnId> {
         self.by_file
@@ -43,9 +86,12 @@ impl Engine {
     /// of them reads or writes it unchecked once the lock is granted):
     /// attached frontends acknowledge `LocksPresent`; frontends that are
     /// not attached but have disconnected handles of the file (after a
-    /// filterd restart, or while they are stopped) are told when they
-    /// resume one (`hint_open`). Until the deadline; then attached ones
-    /// that did not answer are dropped, absent ones are given up on.
+    /// filterd restart, or while they are stopped), and after a restart
+    /// every frontend seen before it, are waited for until they say hello
+    /// (`frontend_said_hello`; they drain their unchecked I/O before it,
+    /// and learn of the lock when they resume or open). Until the
+    /// deadline; then attached ones that did not answer are dropped,
+    /// absent ones are given up on.
     /// Returns the file when the request must wait.
     pub(super) fn hint_first(
         &mut self,
@@ -79,6 +125,9 @@ impl Engine {
             .filter_map(|k| self.handles.get(k))
             .filter(|h| h.conn.is_none() && matches!(h.rec.conn, ConnState::Disconnected { .. }))
             .map(|h| &h.rec.frontend)
+            // After a restart: every frontend seen before it that has not
+            // said hello since (it may have I/O on the file in flight).
+            .chain(self.restart_expected.iter())
             .filter(|i| {
                 **i != me && !self.instances.contains_key(*i) && !self.hint_gave_up.contains(*i)
             })

@@ -172,6 +172,13 @@ pub struct Engine {
     /// within a lock hint's deadline: first locks stop waiting for them
     /// until they attach again (they learn of locks when they resume).
     hint_gave_up: HashSet<InstanceName>,
+    /// Lock hints: the frontend instances that attached with lock hints,
+    /// kept in the state dir across restarts.
+    frontends_seen: crate::frontends_seen::FrontendsSeen,
+    /// Lock hints after a restart: instances that may have unchecked I/O
+    /// in flight from before it and have not said hello since (a first
+    /// lock waits for them; see `hint_first`).
+    restart_expected: HashSet<InstanceName>,
     /// Opens waiting for their intent to be durable before their change.
     parked: HashMap<IntentId, Parked>,
     /// Files with a size change in flight, and how many (see
@@ -301,6 +308,8 @@ impl Engine {
             per_frontend: HashMap::new(),
             hint_waits: HashMap::new(),
             hint_gave_up: HashSet::new(),
+            frontends_seen: Default::default(),
+            restart_expected: HashSet::new(),
             waiting_local: Vec::new(),
             local_openers: HashMap::new(),
             frontends_gone: std::collections::VecDeque::new(),
@@ -454,6 +463,7 @@ impl Engine {
             }
             self.instances.insert(instance.clone(), conn);
             self.hint_gave_up.remove(instance);
+            self.frontend_said_hello(instance, peer.pid, granted);
             self.stats.frontends_attached += 1;
             let orphans = self
                 .handles

@@ -14,12 +14,12 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine as _;
-use libfilter::attach::{AttachEvent, Attachment, IoDecision};
+use libfilter::attach::{AttachEvent, Attachment, IoDecision, UncheckedIo};
 use libfilter::client::ClientError;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::locks::{LockKind, LockOp, LockRange};
@@ -1657,7 +1657,7 @@ fn check_io<'a>(
     offset: u64,
     len: u64,
     write: bool,
-) -> Result<Option<RwLockReadGuard<'a, ()>>, Fail> {
+) -> Result<Option<UncheckedIo<'a>>, Fail> {
     if len == 0 {
         return Ok(None);
     }

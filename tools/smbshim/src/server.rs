@@ -6,12 +6,12 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLockReadGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use base64::Engine as _;
-use libfilter::attach::{Attachment, IoDecision};
+use libfilter::attach::{Attachment, IoDecision, UncheckedIo};
 use libfilter::client::ClientError;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
@@ -836,7 +836,7 @@ fn check_io<'a>(
     offset: u64,
     length: u64,
     write: bool,
-) -> Result<Option<RwLockReadGuard<'a, ()>>, Fail> {
+) -> Result<Option<UncheckedIo<'a>>, Fail> {
     if length == 0 {
         return Ok(None);
     }
