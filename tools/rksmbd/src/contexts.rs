@@ -58,7 +58,14 @@ pub struct CreateContexts {
     pub reconnect_v2: Option<ReconnectV2>,
     /// RqLs.
     pub lease: Option<LeaseV>,
+    /// SMB2_CREATE_APP_INSTANCE_ID (2.2.13.2.13): the AppInstanceId.
+    pub app_instance: Option<[u8; 16]>,
 }
+
+/// The name of SMB2_CREATE_APP_INSTANCE_ID, a GUID as bytes.
+const APP_INSTANCE_ID: [u8; 16] = [
+    0x45, 0xBC, 0xA6, 0x6A, 0xEF, 0xA7, 0xF7, 0x4A, 0x90, 0x08, 0xFA, 0x46, 0x2E, 0x14, 0x4D, 0x74,
+];
 
 fn guid(b: [u8; 16]) -> uuid::Uuid {
     uuid::Uuid::from_bytes_le(b)
@@ -122,6 +129,13 @@ pub fn parse(msg: &[u8], offset: u32, len: u32) -> Result<CreateContexts, u32> {
                     None
                 };
                 out.lease = Some(LeaseV { key, state, v2 });
+            }
+            n if n == APP_INSTANCE_ID => {
+                if d.u16("structure size")? != 20 {
+                    return Err(status::INVALID_PARAMETER);
+                }
+                d.u16("reserved")?;
+                out.app_instance = Some(d.array("app instance id")?);
             }
             _ => {}
         }

@@ -30,6 +30,9 @@ use crate::wire::{self, status, Reader, Writer, HEADER_LEN};
 const OPLOCK_LEVEL_LEASE: u8 = 0xFF;
 /// How long an open waits for lease holders to acknowledge their breaks.
 const BREAK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a reconnect waits for another connection still holding the
+/// open to notice that its client has gone.
+const HELD_ELSEWHERE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest durable timeout granted (MS-SMB2 3.3.5.9.10: at most 300 s).
 const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
 
@@ -149,7 +152,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
         }
     };
     let id = c.new_file_id();
-    c.opens.insert(id, open);
+    c.add_open(id, open);
     Ok(create_reply(action, &meta, id, id, 0, Vec::new()))
 }
 
@@ -183,7 +186,7 @@ fn client_of(c: &Connection, user: &str, leased: bool) -> Result<ClientId, u32> 
 
 /// The persistent half of an SMB2 FileId for a filterd handle: the same
 /// on every connection and after a reconnect (2.2.14.1).
-fn persistent_id(key: ResumeKey) -> u64 {
+pub fn persistent_id(key: ResumeKey) -> u64 {
     key.0.as_u64_pair().0
 }
 
@@ -290,6 +293,17 @@ fn open_file(
         share_group: None,
     };
     let replay = f.replay && create_guid.is_some();
+    // AppInstanceId (3.3.5.9.13), with DH2Q: the application's earlier
+    // open of the file, from whichever connection, is closed first — a
+    // failed-over application takes its file back without a break.
+    let app = match (ctxs.app_instance, ctxs.durable_v2) {
+        (Some(app), Some(d)) if smb3 => {
+            sh.registry
+                .take_over_app_instance(&sh, app, &f.path, d.create_guid);
+            Some((app, d.create_guid))
+        }
+        _ => None,
+    };
     let h = open_waiting_for_breaks(c, req, replay).map_err(|e| status_of(&e))?;
     let key = h.info.key;
     let file = std::fs::File::from(h.fd);
@@ -347,7 +361,14 @@ fn open_file(
     if oplock.is_some() {
         level = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
     }
-    c.opens.insert(
+    if let (Some(_), false, Some(guid)) = (durable, v1, create_guid) {
+        sh.registry.v2_opened(pid, guid);
+    }
+    if let Some((app, guid)) = app {
+        sh.registry
+            .app_instance_opened(app, f.session, id, f.path.clone(), guid);
+    }
+    c.add_open(
         id,
         Open {
             session: f.session,
@@ -358,6 +379,7 @@ fn open_file(
             kind: Kind::File { key, file },
             durable: durable.is_some(),
             oplock,
+            create_guid: create_guid.filter(|_| durable.is_some()),
         },
     );
     Ok(create_reply(
@@ -456,16 +478,41 @@ fn reconnect(
     // A leased open belongs to the client GUID, any other to the user.
     let guid = CreateGuid(rc.create_guid);
     let (by_client, by_user) = (client_of(c, &user, true)?, client_of(c, &user, false)?);
-    let h = sh
-        .filter
-        .resume_by_guid(by_client, guid)
-        .or_else(|_| sh.filter.resume_by_guid(by_user, guid))
-        .map_err(|e| match e.code() {
-            Some(ErrorCode::NoSuchHandle | ErrorCode::NotFound | ErrorCode::NotOwner) => {
-                status::OBJECT_NAME_NOT_FOUND
-            }
-            _ => status_of(&e),
-        })?;
+    // A DHnC may name a durable v2 open too (3.3.5.9.7 looks the open up
+    // by FileId alone).
+    let v2_guid = rc
+        .v1
+        .then(|| sh.registry.v2_create_guid(rc.persistent_file_id))
+        .flatten()
+        .map(CreateGuid);
+    let resume = |guid: CreateGuid| {
+        sh.filter
+            .resume_by_guid(by_client.clone(), guid)
+            .or_else(|_| sh.filter.resume_by_guid(by_user.clone(), guid))
+    };
+    let try_both = || resume(guid).or_else(|e| v2_guid.map_or(Err(e), resume));
+    // A client that reconnects at once after dropping TCP may beat the
+    // thread of its old connection to noticing the drop: while another
+    // connection of this rksmbd still holds the open, wait briefly for it
+    // to let go (the same connection never will).
+    let deadline = std::time::Instant::now() + HELD_ELSEWHERE_WAIT;
+    let mut r = try_both();
+    while r.is_err()
+        && std::time::Instant::now() < deadline
+        && [Some(rc.create_guid), v2_guid.map(|g| g.0)]
+            .into_iter()
+            .flatten()
+            .any(|g| sh.registry.held_by_other_connection(g, c.id))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        r = try_both();
+    }
+    let h = r.map_err(|e| match e.code() {
+        Some(ErrorCode::NoSuchHandle | ErrorCode::NotFound | ErrorCode::NotOwner) => {
+            status::OBJECT_NAME_NOT_FOUND
+        }
+        _ => status_of(&e),
+    })?;
     let key = h.info.key;
     let held = h.info.lease;
     let oplock = held.map(|l| l.key).filter(breaks::is_oplock_key);
@@ -523,7 +570,7 @@ fn reconnect(
         ),
         _ => {}
     }
-    c.opens.insert(
+    c.add_open(
         id,
         Open {
             session: req.hdr.session_id,
@@ -534,8 +581,12 @@ fn reconnect(
             kind: Kind::File { key, file },
             durable: true,
             oplock,
+            create_guid: Some(rc.create_guid),
         },
     );
+    if !rc.v1 {
+        sh.registry.v2_opened(pid, rc.create_guid);
+    }
     tracing::info!(resume_key = %key, "durable handle reconnected");
     Ok(create_reply(
         CreateAction::Opened,
@@ -618,5 +669,6 @@ fn dir_open(
         kind: Kind::Dir { fd, listing: None },
         durable: false,
         oplock: None,
+        create_guid: None,
     }
 }

@@ -148,6 +148,9 @@ pub struct Open {
     pub(crate) durable: bool,
     /// The filterd lease key standing for this open's oplock, if any.
     pub(crate) oplock: Option<LeaseKey>,
+    /// A durable open's create GUID (DH2Q's, or the one rksmbd derives
+    /// for a DHnQ), while this connection holds it.
+    pub(crate) create_guid: Option<uuid::Uuid>,
 }
 
 /// The lease key of the oplock of open `id` (an OPLOCK_BREAK

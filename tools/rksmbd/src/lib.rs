@@ -17,6 +17,9 @@
 //!   the MS-FSCC information classes, [`lock`] byte-range locks; [`breaks`] forwards filterd's lease
 //!   breaks to the clients and their acknowledgments back.
 //!
+//! [`sessions`] holds what crosses connections: PreviousSessionId and
+//! AppInstanceId.
+//!
 //! docs/smb3.md says what is implemented and what is not.
 #![forbid(unsafe_code)]
 
@@ -29,6 +32,7 @@ pub mod info;
 pub mod lock;
 pub mod ntlm;
 pub mod server;
+pub mod sessions;
 pub mod spnego;
 pub mod users;
 pub mod wire;

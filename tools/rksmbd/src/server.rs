@@ -86,6 +86,8 @@ pub struct Shared {
     pub server_guid: [u8; 16],
     /// Lease holders and connection writers, for lease breaks.
     pub notifier: crate::breaks::Notifier,
+    /// Sessions, app instances and durable v2 FileIds across connections.
+    pub registry: crate::sessions::Registry,
     next_session: AtomicU64,
 }
 
@@ -108,6 +110,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         config,
         server_guid: ntlm::random_bytes(),
         notifier: crate::breaks::Notifier::default(),
+        registry: crate::sessions::Registry::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
     });
     let events = shared.clone();
@@ -151,6 +154,8 @@ pub struct Session {
     pending: Option<(ntlm::Pending, spnego::ClientToken)>,
     /// Tree ids connected in this session.
     pub trees: Vec<u32>,
+    /// Its filterd handles as other connections see them, once logged on.
+    pub link: Option<Arc<crate::sessions::Link>>,
 }
 
 /// A handler's success: body and status (which may be a warning such as
@@ -364,9 +369,93 @@ impl Connection {
     pub fn lost(&mut self) {
         let ids: Vec<u64> = self.opens.keys().copied().collect();
         for id in ids {
-            if let Some(open) = self.opens.remove(&id) {
-                crate::files::release(&self.sh, &open, true);
+            self.release_open(id, true);
+        }
+        for id in self.sessions.keys() {
+            self.sh.registry.ended(*id);
+        }
+    }
+
+    /// A new open: kept by this connection, its filterd handle known to
+    /// its session's link.
+    pub fn add_open(&mut self, id: u64, open: Open) {
+        if let (crate::files::Kind::File { key, .. }, Some(link)) = (
+            &open.kind,
+            self.sessions
+                .get(&open.session)
+                .and_then(|s| s.link.as_ref()),
+        ) {
+            link.track(id, *key, open.durable);
+        }
+        if let Some(g) = open.create_guid {
+            self.sh.registry.held(g, self.id);
+        }
+        self.opens.insert(id, open);
+    }
+
+    /// Forgets open `id` and releases it in filterd (detach when the
+    /// connection is lost and the open durable), unless another
+    /// connection already did (an ended session, a replaced app
+    /// instance).
+    fn release_open(&mut self, id: u64, connection_lost: bool) -> Option<Open> {
+        let open = self.opens.remove(&id)?;
+        let sh = &self.sh;
+        let release = || {
+            if let crate::files::Kind::File { key, .. } = &open.kind {
+                if !connection_lost {
+                    sh.registry.v2_closed(crate::create::persistent_id(*key));
+                }
             }
+            crate::files::release(sh, &open, connection_lost);
+        };
+        match (
+            &open.kind,
+            self.sessions
+                .get(&open.session)
+                .and_then(|s| s.link.as_ref()),
+        ) {
+            (crate::files::Kind::File { .. }, Some(link)) => link.release(id, release),
+            _ => release(),
+        }
+        // Only now, with the handle detached, may a reconnect stop
+        // waiting for this connection.
+        self.let_go(&open);
+        Some(open)
+    }
+
+    fn let_go(&self, open: &Open) {
+        if let Some(g) = open.create_guid {
+            self.sh.registry.let_go(g, self.id);
+        }
+    }
+
+    /// Before a request of session `id`: a session another connection
+    /// ended (PreviousSessionId) is gone with its opens — their filterd
+    /// handles were released there — and opens another connection closed
+    /// (AppInstanceId) are forgotten.
+    fn settle_session(&mut self, id: u64) -> Result<(), u32> {
+        let Some(link) = self.sessions.get(&id).and_then(|s| s.link.clone()) else {
+            return Ok(());
+        };
+        let mut gone = link.take_closed_elsewhere();
+        let revoked = link.revoked();
+        if revoked {
+            gone.extend(
+                self.opens
+                    .iter()
+                    .filter(|(_, o)| o.session == id)
+                    .map(|(k, _)| *k),
+            );
+            self.sessions.remove(&id);
+        }
+        for k in gone {
+            if let Some(open) = self.opens.remove(&k) {
+                self.let_go(&open);
+            }
+        }
+        match revoked {
+            true => Err(status::USER_SESSION_DELETED),
+            false => Ok(()),
         }
     }
 
@@ -387,9 +476,7 @@ impl Connection {
     /// Closes and forgets one open (errors are logged: the handle is gone
     /// from this connection either way).
     pub fn close_open(&mut self, id: u64) -> Option<Open> {
-        let open = self.opens.remove(&id)?;
-        crate::files::release(&self.sh, &open, false);
-        Some(open)
+        self.release_open(id, false)
     }
 
     /// A new volatile file id.
@@ -646,6 +733,7 @@ impl Connection {
             Command::SessionSetup => self.session_setup(req),
             Command::Echo => Ok(Reply::ok(vec![4, 0, 0, 0])),
             _ => {
+                self.settle_session(req.hdr.session_id)?;
                 self.logged_on(req)?;
                 match cmd {
                     Command::Logoff => self.logoff(req),
@@ -818,7 +906,7 @@ impl Connection {
         r.u32("channel")?;
         let off = r.u16("blob offset")?;
         let len = r.u16("blob length")?;
-        let _previous = r.u64("previous session")?;
+        let previous = r.u64("previous session")?;
         let blob = wire::buffer(req.msg, u32::from(off), u32::from(len), "security blob")?;
         let new = req.hdr.session_id == 0;
         let id = if new {
@@ -835,6 +923,7 @@ impl Connection {
                     preauth: self.preauth,
                     pending: None,
                     trees: Vec::new(),
+                    link: None,
                 },
             );
             id
@@ -845,6 +934,25 @@ impl Connection {
         if out.is_err() && new {
             // A first leg that fails leaves no half-made session behind.
             self.sessions.remove(&id);
+        }
+        if let (Ok(reply), Some(s)) = (&out, self.sessions.get_mut(&id)) {
+            if let (status::SUCCESS, Some(user), None) = (reply.status, &s.user, &s.link) {
+                s.link = Some(self.sh.registry.logged_on(id, user));
+                // PreviousSessionId (3.3.5.5.3): the same user's old
+                // session, on whatever connection, ends; its durable
+                // handles stay for a reconnect on this one.
+                if previous != 0 && previous != id {
+                    let user = user.clone();
+                    if self.sh.registry.end_previous(&self.sh, previous, &user) {
+                        tracing::info!(
+                            conn = self.id,
+                            session = id,
+                            previous,
+                            "ended the previous session"
+                        );
+                    }
+                }
+            }
         }
         out
     }
@@ -936,6 +1044,7 @@ impl Connection {
         let id = req.hdr.session_id;
         self.close_opens_where(|o| o.session == id);
         self.sessions.remove(&id);
+        self.sh.registry.ended(id);
         Ok(Reply::ok(vec![4, 0, 0, 0]))
     }
 

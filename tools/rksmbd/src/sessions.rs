@@ -1,0 +1,264 @@
+//! What one connection may do to another's opens: a session set up with a
+//! PreviousSessionId ends the old session (MS-SMB2 3.3.5.5.3), and a
+//! CREATE with an AppInstanceId closes the open another connection made
+//! under the same id (3.3.5.9.13). Each connection still owns its opens;
+//! what crosses connections is the filterd handle of each of them, kept
+//! here per session under a lock, so that the filterd close or detach of a
+//! handle happens exactly once — by its own connection, or by the one that
+//! ended its session or took over its app instance — never both.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use libfilter::model::{RelPath, ResumeKey};
+
+use crate::server::Shared;
+
+/// Most sessions rksmbd tracks across all connections.
+const MAX_SESSIONS: usize = 65_536;
+/// Most AppInstanceIds remembered (one per client application instance);
+/// beyond it new ones are not remembered, and a takeover by such an id
+/// finds nothing to close.
+const MAX_APP_INSTANCES: usize = 65_536;
+/// Most durable v2 opens whose create GUID a DHnC can find by FileId.
+const MAX_V2_BY_FILE_ID: usize = 262_144;
+
+/// A session's filterd handles, as far as other connections need them.
+pub struct Link {
+    /// The logged-on user: only the same user may end the session.
+    pub user: String,
+    state: Mutex<LinkState>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// Ended by another connection (PreviousSessionId).
+    revoked: bool,
+    /// Open filterd handles by volatile FileId: key, durable.
+    live: HashMap<u64, (ResumeKey, bool)>,
+    /// Opens another connection closed (AppInstanceId), for the owning
+    /// connection to forget.
+    closed_elsewhere: Vec<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Link {
+    /// Records an open of the session.
+    pub fn track(&self, id: u64, key: ResumeKey, durable: bool) {
+        lock(&self.state).live.insert(id, (key, durable));
+    }
+
+    /// The owning connection releases open `id`: `release` (the filterd
+    /// close or detach) runs only if nobody else has released it, under
+    /// the session's lock.
+    pub fn release(&self, id: u64, release: impl FnOnce()) {
+        let mut st = lock(&self.state);
+        if st.live.remove(&id).is_some() {
+            release();
+        }
+    }
+
+    /// Ended by another connection?
+    pub fn revoked(&self) -> bool {
+        lock(&self.state).revoked
+    }
+
+    /// Opens closed by another connection since the last call.
+    pub fn take_closed_elsewhere(&self) -> Vec<u64> {
+        std::mem::take(&mut lock(&self.state).closed_elsewhere)
+    }
+
+    /// Ends the session from another connection: durable handles are
+    /// detached in filterd (a DH2C on the new session resumes them), the
+    /// others closed.
+    fn revoke(&self, sh: &Shared) {
+        let mut st = lock(&self.state);
+        st.revoked = true;
+        for (_, (key, durable)) in st.live.drain() {
+            let r = if durable {
+                sh.filter.detach(key)
+            } else {
+                sh.filter.close(key)
+            };
+            if let Err(e) = r {
+                tracing::warn!(resume_key = %key, error = %e, "releasing a handle of an ended session");
+            }
+        }
+    }
+
+    /// Closes open `id` from another connection; false when it is gone.
+    fn close_elsewhere(&self, sh: &Shared, id: u64) -> bool {
+        let mut st = lock(&self.state);
+        let Some((key, _)) = st.live.remove(&id) else {
+            return false;
+        };
+        if let Err(e) = sh.filter.close(key) {
+            tracing::warn!(resume_key = %key, error = %e, "closing the open of an app instance");
+        }
+        st.closed_elsewhere.push(id);
+        true
+    }
+
+    fn is_live(&self, id: u64) -> bool {
+        lock(&self.state).live.contains_key(&id)
+    }
+}
+
+/// The open an AppInstanceId last named.
+struct AppOpen {
+    session: u64,
+    id: u64,
+    path: RelPath,
+    create_guid: uuid::Uuid,
+}
+
+/// Every connection's sessions, app instances and durable v2 FileIds.
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<u64, Arc<Link>>>,
+    apps: Mutex<HashMap<[u8; 16], AppOpen>>,
+    v2_by_file_id: Mutex<HashMap<u64, uuid::Uuid>>,
+    /// Durable opens held by a connection: create GUID → connection.
+    held: Mutex<HashMap<uuid::Uuid, u64>>,
+}
+
+impl Registry {
+    /// A session has logged on.
+    pub fn logged_on(&self, session: u64, user: &str) -> Arc<Link> {
+        let link = Arc::new(Link {
+            user: user.to_owned(),
+            state: Mutex::default(),
+        });
+        let mut m = lock(&self.sessions);
+        if m.len() < MAX_SESSIONS {
+            m.insert(session, link.clone());
+        }
+        link
+    }
+
+    /// The session is over (LOGOFF, lost connection).
+    pub fn ended(&self, session: u64) {
+        lock(&self.sessions).remove(&session);
+    }
+
+    /// PreviousSessionId: ends session `previous` if `user` owns it.
+    /// Returns whether it did.
+    pub fn end_previous(&self, sh: &Shared, previous: u64, user: &str) -> bool {
+        let link = {
+            let mut m = lock(&self.sessions);
+            match m.get(&previous) {
+                Some(l) if l.user == user => m.remove(&previous),
+                _ => None,
+            }
+        };
+        match link {
+            Some(l) => {
+                l.revoke(sh);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// AppInstanceId (3.3.5.9.13): before an open of `path` under `app`,
+    /// closes the open the id names if it is another open of the same
+    /// file (not the same create GUID, which is the client's own replay).
+    pub fn take_over_app_instance(
+        &self,
+        sh: &Shared,
+        app: [u8; 16],
+        path: &RelPath,
+        create_guid: uuid::Uuid,
+    ) {
+        let old = {
+            let mut apps = lock(&self.apps);
+            match apps.get(&app) {
+                Some(o) if o.path == *path && o.create_guid != create_guid => apps.remove(&app),
+                _ => None,
+            }
+        };
+        let Some(old) = old else { return };
+        let link = lock(&self.sessions).get(&old.session).cloned();
+        if let Some(l) = link {
+            if l.close_elsewhere(sh, old.id) {
+                tracing::info!(
+                    session = old.session,
+                    "closed the open of a replaced app instance"
+                );
+            }
+        }
+    }
+
+    /// Remembers the open an AppInstanceId now names.
+    pub fn app_instance_opened(
+        &self,
+        app: [u8; 16],
+        session: u64,
+        id: u64,
+        path: RelPath,
+        create_guid: uuid::Uuid,
+    ) {
+        let mut apps = lock(&self.apps);
+        if apps.len() >= MAX_APP_INSTANCES && !apps.contains_key(&app) {
+            // Forget ids whose open is gone before refusing a new one.
+            let sessions = lock(&self.sessions);
+            apps.retain(|_, o| sessions.get(&o.session).is_some_and(|l| l.is_live(o.id)));
+            if apps.len() >= MAX_APP_INSTANCES {
+                return;
+            }
+        }
+        apps.insert(
+            app,
+            AppOpen {
+                session,
+                id,
+                path,
+                create_guid,
+            },
+        );
+    }
+
+    /// A durable v2 open's create GUID, for a DHnC that names only the
+    /// persistent FileId (smbtorture's reopen2b does; Windows clients
+    /// reconnect a v2 open with DH2C). Remembered by this rksmbd process
+    /// only, up to [`MAX_V2_BY_FILE_ID`] opens.
+    pub fn v2_opened(&self, persistent_file_id: u64, create_guid: uuid::Uuid) {
+        let mut m = lock(&self.v2_by_file_id);
+        if m.len() < MAX_V2_BY_FILE_ID {
+            m.insert(persistent_file_id, create_guid);
+        }
+    }
+
+    /// A durable v2 open is closed for good.
+    pub fn v2_closed(&self, persistent_file_id: u64) {
+        lock(&self.v2_by_file_id).remove(&persistent_file_id);
+    }
+
+    /// The create GUID of the durable v2 open with this persistent FileId.
+    pub fn v2_create_guid(&self, persistent_file_id: u64) -> Option<uuid::Uuid> {
+        lock(&self.v2_by_file_id).get(&persistent_file_id).copied()
+    }
+
+    /// Connection `conn` holds the durable open with this create GUID.
+    pub fn held(&self, create_guid: uuid::Uuid, conn: u64) {
+        lock(&self.held).insert(create_guid, conn);
+    }
+
+    /// Connection `conn` no longer holds it.
+    pub fn let_go(&self, create_guid: uuid::Uuid, conn: u64) {
+        let mut m = lock(&self.held);
+        if m.get(&create_guid) == Some(&conn) {
+            m.remove(&create_guid);
+        }
+    }
+
+    /// Does a connection other than `conn` hold it?
+    pub fn held_by_other_connection(&self, create_guid: uuid::Uuid, conn: u64) -> bool {
+        lock(&self.held)
+            .get(&create_guid)
+            .is_some_and(|c| *c != conn)
+    }
+}
