@@ -505,6 +505,26 @@ const DURABLE_V2_OPEN_PASSING: &[&str] = &[
     "persistent-open-lease",
 ];
 
+/// The smb2.durable-open (v1) tests rksmbd passes (docs/smb3.md says why
+/// the others fail).
+const DURABLE_OPEN_PASSING: &[&str] = &[
+    "open-oplock",
+    "open-lease",
+    "reopen1",
+    "reopen1a",
+    "reopen1a-lease",
+    "reopen2",
+    "reopen2-lease",
+    "reopen2-lease-v2",
+    "reopen2a",
+    "reopen3",
+    "delete_on_close2",
+    "lock-oplock",
+    "lock-lease",
+    "open2-lease",
+    "stat-open",
+];
+
 /// The smb2.lock tests rksmbd passes (docs/smb3.md says why the others
 /// fail).
 const LOCK_PASSING: &[&str] = &[
@@ -555,6 +575,11 @@ fn smbtorture_keeps(suite: &str, passing: &[&str]) {
 #[test]
 fn smbtorture_durable_v2_open_passes_what_it_passed() {
     smbtorture_keeps("smb2.durable-v2-open", DURABLE_V2_OPEN_PASSING);
+}
+
+#[test]
+fn smbtorture_durable_open_passes_what_it_passed() {
+    smbtorture_keeps("smb2.durable-open", DURABLE_OPEN_PASSING);
 }
 
 #[test]

@@ -149,11 +149,12 @@ pub fn parse(msg: &[u8], offset: u32, len: u32) -> Result<CreateContexts, u32> {
     }
     let v1 = out.durable_v1 || out.reconnect_v1.is_some();
     let v2 = out.durable_v2.is_some() || out.reconnect_v2.is_some();
-    if (v1 && v2)
-        || (out.durable_v1 && out.reconnect_v1.is_some())
-        || (out.durable_v2.is_some() && out.reconnect_v2.is_some())
-    {
+    if (v1 && v2) || (out.durable_v2.is_some() && out.reconnect_v2.is_some()) {
         return Err(status::INVALID_PARAMETER);
+    }
+    // A DHnQ beside a DHnC is ignored (3.3.5.9.7).
+    if out.reconnect_v1.is_some() {
+        out.durable_v1 = false;
     }
     Ok(out)
 }

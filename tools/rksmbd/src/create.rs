@@ -203,14 +203,18 @@ fn lease_response(asked: &LeaseV, held: Option<HeldLease>) -> LeaseV {
 
 /// The response contexts of a file CREATE — DH2Q when durable, the lease
 /// when one was asked for — and the oplock level to report.
+/// `durable`: (timeout, persistent) and whether it answers a DHnQ (v1),
+/// whose response context carries neither.
 fn reply_contexts(
-    durable: Option<(u32, bool)>,
+    durable: Option<((u32, bool), bool)>,
     lease: Option<&LeaseV>,
     held: Option<HeldLease>,
 ) -> (Vec<u8>, u8) {
     let mut rc = ResponseContexts::new();
-    if let Some((t, persistent)) = durable {
-        rc.durable_v2(t, persistent);
+    match durable {
+        Some((_, true)) => rc.push(b"DHnQ", &[0; 8]),
+        Some(((t, persistent), false)) => rc.durable_v2(t, persistent),
+        None => {}
     }
     let mut oplock = 0;
     if let Some(asked) = lease {
@@ -352,12 +356,7 @@ fn open_file(
         delete_on_close = true;
     }
     let meta = Meta::of(&file)?;
-    let (mut contexts, mut level) = reply_contexts(durable.filter(|_| !v1), lease.as_ref(), held);
-    if v1 {
-        let mut rc = ResponseContexts::new();
-        rc.push(b"DHnQ", &[0; 8]);
-        contexts = rc.into_bytes();
-    }
+    let (contexts, mut level) = reply_contexts(durable.map(|d| (d, v1)), lease.as_ref(), held);
     if oplock.is_some() {
         level = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
     }
@@ -439,15 +438,27 @@ fn open_waiting_for_breaks(
 struct Reconnect {
     create_guid: uuid::Uuid,
     persistent_file_id: u64,
+    /// It names a durable v1 open (whose FileId is not the resume key's).
     v1: bool,
+    /// A DHnC, which may also name a durable v2 open by its FileId.
+    dhnc: bool,
 }
 
 impl From<ReconnectV2> for Reconnect {
     fn from(rc: ReconnectV2) -> Self {
+        if rc.create_guid.is_nil() {
+            // A durable v1 open has no create GUID: a DH2C with none
+            // names it (and never a v2 open, whose create GUID is set).
+            return Reconnect {
+                dhnc: false,
+                ..Reconnect::v1(rc.persistent_file_id)
+            };
+        }
         Reconnect {
             create_guid: rc.create_guid,
             persistent_file_id: rc.persistent_file_id,
             v1: false,
+            dhnc: false,
         }
     }
 }
@@ -458,6 +469,7 @@ impl Reconnect {
             create_guid: v1_guid(persistent_file_id),
             persistent_file_id,
             v1: true,
+            dhnc: true,
         }
     }
 }
@@ -481,7 +493,7 @@ fn reconnect(
     // A DHnC may name a durable v2 open too (3.3.5.9.7 looks the open up
     // by FileId alone).
     let v2_guid = rc
-        .v1
+        .dhnc
         .then(|| sh.registry.v2_create_guid(rc.persistent_file_id))
         .flatten()
         .map(CreateGuid);
