@@ -970,6 +970,11 @@ impl Engine {
                 s.fanotify_overflows = self.local_counters.overflows.load(Ordering::Relaxed);
                 s.fanotify_read_errors = self.local_counters.read_errors.load(Ordering::Relaxed);
                 s.ignore_mark_failures = self.local_counters.mark_failures.load(Ordering::Relaxed);
+                s.local_opens_lease_refused =
+                    self.local_counters.lease_refused.load(Ordering::Relaxed);
+                let claims = crate::lease_claim::counters();
+                s.lease_claims = claims.claimed.load(Ordering::Relaxed);
+                s.lease_claims_missed = claims.unclaimed.load(Ordering::Relaxed);
                 Ok(Some((Reply::Stats(s), None)))
             }
             Request::Expire { key } => {
