@@ -684,32 +684,8 @@ fn a_frontends_lingering_descriptor_is_not_a_local_open() {
     };
     let _d = Filterd::start_mediated(&s, &[]);
     let shim = rkfilter_tests::Shim::start("smbshim", &s.socket(), "smb-linger");
-    let loops: Vec<_> = (0..2)
-        .map(|_| {
-            let addr = shim.addr.clone();
-            std::thread::spawn(move || {
-                let mut c = rkfilter_tests::LineClient::connect(&addr);
-                let sid = smb_session(&mut c);
-                let (mut done, mut violations) = (0, 0);
-                let until = std::time::Instant::now() + Duration::from_secs(3);
-                while std::time::Instant::now() < until {
-                    let r = smb_create(&mut c, sid, &["write"], &["write"]);
-                    if r["status"] == "STATUS_SHARING_VIOLATION" {
-                        violations += 1;
-                        continue;
-                    }
-                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-                    let r = c.call(serde_json::json!({"cmd": "CLOSE", "session_id": sid,
-                        "file_id": r["file_id"]}));
-                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-                    done += 1;
-                }
-                (done, violations)
-            })
-        })
-        .collect();
-    for t in loops {
-        let (done, violations) = t.join().unwrap();
+    for (done, violations) in rkfilter_tests::create_close_loops(&shim.addr, Duration::from_secs(3))
+    {
         assert_eq!(
             violations, 0,
             "{violations} sharing violations in {done} opens"

@@ -140,8 +140,12 @@ pub struct Engine {
     /// Local opens waiting for lease breaks.
     waiting_local: Vec<(FileId, LocalReply, OwnedFd)>,
     /// Local processes known to hold files with protocol state open (an
-    /// entry exists from a file's first protocol open to its last close).
+    /// entry exists from a file's first protocol open to
+    /// [`crate::local_opens::LINGER`] after its last close).
     local_openers: HashMap<FileId, crate::local_opens::LocalOpeners>,
+    /// Files whose last handle closed, in order, with when their entry in
+    /// `local_openers` may go.
+    lingering: std::collections::VecDeque<(std::time::Instant, FileId)>,
     /// Frontend processes lost recently, and when (see
     /// `Engine::frontend_pids`); at most [`MAX_FRONTENDS_GONE`].
     frontends_gone: std::collections::VecDeque<(i32, Option<u64>, std::time::Instant)>,
@@ -298,6 +302,7 @@ impl Engine {
             hint_gave_up: HashSet::new(),
             waiting_local: Vec::new(),
             local_openers: HashMap::new(),
+            lingering: Default::default(),
             frontends_gone: std::collections::VecDeque::new(),
             fanotify: None,
             local_counters: Default::default(),

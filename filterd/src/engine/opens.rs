@@ -745,7 +745,7 @@ impl Engine {
             v.retain(|k| *k != key);
             if v.is_empty() {
                 self.by_file.remove(&h.rec.file);
-                self.local_openers.remove(&h.rec.file);
+                self.linger_local_openers(h.rec.file);
             }
         }
         if let Some(g) = h.rec.create_guid {
