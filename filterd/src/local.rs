@@ -302,11 +302,13 @@ pub struct AnswerSlot {
 /// answered by the rule for undecided events at once.
 pub const MAX_PENDING: usize = 16_384;
 
-/// Reads permission events forever. filterd's own opens are allowed at
-/// once; each local open is handed to the engine without waiting (a full
-/// engine queue makes it *undecided*), and the answerer thread writes the
-/// verdict — so this loop never waits on the engine, which may itself be
-/// opening a file on the marked mount.
+/// Reads permission events forever. filterd's own opens (none should
+/// come: its mount is exempt) are allowed at once; each local open is
+/// handed to the engine without waiting (a full engine queue makes it
+/// *undecided*), and the answerer thread writes the verdict — so this loop
+/// never waits on the engine. An event whose descriptor the kernel could
+/// not open without waiting on a lease fails the read (`EAGAIN`): the
+/// kernel refused that open; it is counted.
 ///
 /// **The rule for undecided events** (the engine's queue is full, too many
 /// are pending, or the verdict did not come within `bound`): the open is
