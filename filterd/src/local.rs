@@ -331,8 +331,8 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
     }
     let mut next_id = 0u64;
     let (open_perm, overflow) = (
-        u64::from(MaskFlags::FAN_OPEN_PERM.bits()),
-        u64::from(MaskFlags::FAN_Q_OVERFLOW.bits()),
+        MaskFlags::FAN_OPEN_PERM.bits(),
+        MaskFlags::FAN_Q_OVERFLOW.bits(),
     );
     loop {
         let events = match libfilter::sys::read_fanotify(fan.as_fd()) {
