@@ -411,19 +411,55 @@ fn open_by_handle_or_path_with(
     let e = match opened {
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => e,
         Ok(fd) => {
-            clear_nonblock(fd.as_fd())?;
-            return Ok(fd);
+            return finish_open(fd, flags);
         }
-        other => return other,
+        Err(e) => {
+            if broke_a_lease(&e, flags) {
+                // Claim the file once the break is done (an O_PATH open
+                // breaks nothing), so the retry gets through.
+                if let Ok(anchor) = open_by_handle_or_path_with(root, h, path, libc::O_PATH, prove)
+                {
+                    crate::lease_claim::after_break(anchor, flags);
+                }
+            }
+            return Err(e);
+        }
     };
     let Some(path) = path else {
         return Err(e);
     };
-    let fd = sys::openat2_beneath(root, path.as_str(), flags, 0)?;
+    let fd = match sys::openat2_beneath(root, path.as_str(), flags, 0) {
+        Ok(fd) => fd,
+        Err(e) => {
+            if broke_a_lease(&e, flags) {
+                if let Ok(anchor) = sys::openat2_beneath(root, path.as_str(), libc::O_PATH, 0) {
+                    crate::lease_claim::after_break(anchor, flags);
+                }
+            }
+            return Err(e);
+        }
+    };
     if sys::file_handle_of(fd.as_fd())? != *h {
         return Err(io::Error::from_raw_os_error(libc::ESTALE));
     }
-    clear_nonblock(fd.as_fd())?;
+    finish_open(fd, flags)
+}
+
+/// Whether an open with `flags` failed because it would have broken a
+/// local process's kernel lease (it was non-blocking: the kernel started
+/// the break and refused the open).
+fn broke_a_lease(e: &io::Error, flags: i32) -> bool {
+    flags & libc::O_PATH == 0 && e.raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+/// A non-blocking open of filterd's succeeded: blocking again, and any
+/// claim of the file after a lease break has done its work
+/// (`lease_claim`).
+fn finish_open(fd: OwnedFd, flags: i32) -> io::Result<OwnedFd> {
+    if flags & libc::O_PATH == 0 {
+        clear_nonblock(fd.as_fd())?;
+        crate::lease_claim::opened(fd.as_fd());
+    }
     Ok(fd)
 }
 
@@ -434,10 +470,22 @@ fn open_by_handle_or_path_with(
 /// engine thread for `lease-break-time`; [`map_errno`] makes that
 /// [`ErrorCode::Busy`] (retry). `O_NONBLOCK` is cleared on the descriptor
 /// (frontends read and write through it).
+///
+/// Such a failure hands the file to `lease_claim`, which takes it once the
+/// break is done, so that the retry is not refused again by a holder that
+/// re-takes its lease.
 fn open_nb(root: BorrowedFd<'_>, path: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    let fd = sys::openat2_beneath(root, path, flags | libc::O_NONBLOCK, mode)?;
-    clear_nonblock(fd.as_fd())?;
-    Ok(fd)
+    match sys::openat2_beneath(root, path, flags | libc::O_NONBLOCK, mode) {
+        Ok(fd) => finish_open(fd, flags),
+        Err(e) => {
+            if broke_a_lease(&e, flags) {
+                if let Ok(anchor) = sys::openat2_beneath(root, path, libc::O_PATH, 0) {
+                    crate::lease_claim::after_break(anchor, flags);
+                }
+            }
+            Err(e)
+        }
+    }
 }
 
 fn clear_nonblock(fd: BorrowedFd<'_>) -> io::Result<()> {

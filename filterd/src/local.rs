@@ -19,6 +19,16 @@
 //! it, so no path — error, timeout, panic, shutdown — leaves a process
 //! blocked; and the wait for the engine's verdict is bounded: an event the
 //! engine cannot take or does not decide in time is refused (see [`run`]).
+//!
+//! **Nothing here waits on a kernel lease.** filterd's own opens go through
+//! a private clone of the export's mount ([`own_root`]) that carries an
+//! ignore mark: they raise no permission event at all, so they never wait
+//! for this reader, and an open that would break a local process's lease
+//! fails at once (`O_NONBLOCK`, `fsops`). The kernel opens each event's
+//! descriptor non-blocking (`O_NONBLOCK` in the event flags), so an event
+//! for a file under a local lease being broken does not hold the reader in
+//! `break_lease`: the kernel refuses that local open itself (`EPERM`), the
+//! read fails with `EAGAIN`, and the reader counts it and goes on.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
@@ -27,10 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use nix::sys::fanotify::{
-    EventFFlags, Fanotify, FanotifyEvent, FanotifyResponse, InitFlags, MarkFlags, MaskFlags,
-    Response,
-};
+use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 
 use crate::command::Command;
 use crate::conn::EngineTx;
@@ -55,6 +62,10 @@ pub struct LocalCounters {
     pub read_errors: AtomicU64,
     /// Ignore marks that could not be added or removed.
     pub mark_failures: AtomicU64,
+    /// Local opens the kernel refused because it could not open the
+    /// event's descriptor without waiting (a local process's lease on the
+    /// file being broken).
+    pub lease_refused: AtomicU64,
 }
 
 /// What the fanotify mark covers.
@@ -98,24 +109,76 @@ fn mount_shows_whole_filesystem(dir: std::os::fd::BorrowedFd<'_>) -> bool {
     })
 }
 
+/// The root filterd opens files through when it mediates local access: a
+/// private clone of the export's mount (`open_tree(OPEN_TREE_CLONE)`),
+/// which [`setup`] exempts from the group. Paths resolve beneath it exactly
+/// as beneath the export root (same files, `openat2(RESOLVE_BENEATH)`), and
+/// descriptors opened through it are ordinary ones of the same files.
+pub fn own_root(root: &Path) -> anyhow::Result<OwnedFd> {
+    libfilter::sys::clone_mount(root).with_context(|| {
+        format!(
+            "cloning the mount of {} for filterd's own opens (open_tree needs CAP_SYS_ADMIN; run with --no-fanotify otherwise)",
+            root.display()
+        )
+    })
+}
+
+/// `FAN_MARK_IGNORE` with `FAN_MARK_IGNORED_SURV_MODIFY` (Linux 6.0).
+const FAN_MARK_IGNORE_SURV: u32 = 0x0000_0400 | 0x0000_0040;
+
 /// Checks that `root` is a mount point and sets up the fanotify group on its
-/// mount — on its whole filesystem when the export is one. Fails with a
-/// message telling the user what to do otherwise.
-pub fn setup(root: &Path) -> anyhow::Result<(Arc<Fanotify>, MarkScope)> {
+/// mount — on its whole filesystem when the export is one — exempting
+/// `own`, the mount filterd opens files through ([`own_root`]). Fails with
+/// a message telling the user what to do otherwise.
+pub fn setup(
+    root: &Path,
+    own: std::os::fd::BorrowedFd<'_>,
+) -> anyhow::Result<(Arc<Fanotify>, MarkScope)> {
     check_mount_point(root)?;
     let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
     // An unlimited queue: no open passes unseen because the kernel's queue
-    // was full (the reader bounds its own backlog, `MAX_PENDING`).
-    let fan = Fanotify::init(
-        InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_UNLIMITED_QUEUE,
-        EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC | EventFFlags::O_LARGEFILE,
-    )
-    .context("fanotify_init (needs CAP_SYS_ADMIN; run with --no-fanotify otherwise)")?;
+    // was full (the reader bounds its own backlog, `MAX_PENDING`). Event
+    // descriptors are opened non-blocking: the kernel never waits in
+    // `break_lease` on this group's behalf.
+    let init =
+        InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_UNLIMITED_QUEUE;
+    let event_flags = EventFFlags::O_RDONLY
+        | EventFFlags::O_CLOEXEC
+        | EventFFlags::O_LARGEFILE
+        | EventFFlags::O_NONBLOCK;
+    //
+    // Not FAN_REPORT_FD_ERROR (Linux 6.13): with it the kernel reports,
+    // and refuses, an event whose descriptor it could not make for any
+    // reason — running out of descriptors (EMFILE) included, which would
+    // refuse local opens that now wait in the queue until the reader can
+    // take them. Without it, only the event whose descriptor would have
+    // waited on a lease fails the read (EAGAIN), and the kernel refuses
+    // that one open.
+    let fan = Fanotify::init(init, event_flags)
+        .context("fanotify_init (needs CAP_SYS_ADMIN; run with --no-fanotify otherwise)")?;
     let scope = if mount_shows_whole_filesystem(dir.as_fd()) {
         MarkScope::Filesystem
     } else {
         MarkScope::Mount
     };
+    // filterd's own mount first: no open of filterd's is ever asked about.
+    let exempt = MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT;
+    fan.mark(
+        exempt | MarkFlags::from_bits_retain(FAN_MARK_IGNORE_SURV),
+        MaskFlags::FAN_OPEN_PERM,
+        own,
+        Some("."),
+    )
+    .or_else(|_| {
+        // Before Linux 6.0: the older form of an ignore mask.
+        fan.mark(
+            exempt | MarkFlags::FAN_MARK_IGNORED_MASK | MarkFlags::FAN_MARK_IGNORED_SURV_MODIFY,
+            MaskFlags::FAN_OPEN_PERM,
+            own,
+            Some("."),
+        )
+    })
+    .context("exempting filterd's own mount from the group")?;
     let how = match scope {
         MarkScope::Filesystem => MarkFlags::FAN_MARK_FILESYSTEM,
         MarkScope::Mount => MarkFlags::FAN_MARK_MOUNT,
@@ -197,21 +260,25 @@ pub fn unignore(fan: &Fanotify, fd: std::os::fd::BorrowedFd<'_>, counters: &Loca
 /// on every path (the `Drop`).
 struct Answer {
     fan: Arc<Fanotify>,
-    event: FanotifyEvent,
-    response: Response,
+    fd: OwnedFd,
+    response: u32,
 }
 
 impl Drop for Answer {
     fn drop(&mut self) {
-        if let Some(fd) = self.event.fd() {
-            if let Err(e) = self
-                .fan
-                .write_response(FanotifyResponse::new(fd, self.response))
-            {
-                tracing::error!(error = %e, "could not answer a fanotify permission event");
-            }
+        if let Err(e) = respond(&self.fan, self.fd.as_raw_fd(), self.response) {
+            tracing::error!(error = %e, "could not answer a fanotify permission event");
         }
     }
+}
+
+/// Writes `struct fanotify_response { __s32 fd; __u32 response; }` for the
+/// event whose descriptor was number `fd`.
+fn respond(fan: &Fanotify, fd: i32, response: u32) -> nix::Result<usize> {
+    let mut r = [0u8; 8];
+    r[..4].copy_from_slice(&fd.to_ne_bytes());
+    r[4..].copy_from_slice(&response.to_ne_bytes());
+    nix::unistd::write(fan.as_fd(), &r)
 }
 
 /// What the answerer thread hears about.
@@ -235,11 +302,13 @@ pub struct AnswerSlot {
 /// answered by the rule for undecided events at once.
 pub const MAX_PENDING: usize = 16_384;
 
-/// Reads permission events forever. filterd's own opens are allowed at
-/// once; each local open is handed to the engine without waiting (a full
-/// engine queue makes it *undecided*), and the answerer thread writes the
-/// verdict — so this loop never waits on the engine, which may itself be
-/// opening a file on the marked mount.
+/// Reads permission events forever. filterd's own opens (none should
+/// come: its mount is exempt) are allowed at once; each local open is
+/// handed to the engine without waiting (a full engine queue makes it
+/// *undecided*), and the answerer thread writes the verdict — so this loop
+/// never waits on the engine. An event whose descriptor the kernel could
+/// not open without waiting on a lease fails the read (`EAGAIN`): the
+/// kernel refused that open; it is counted.
 ///
 /// **The rule for undecided events** (the engine's queue is full, too many
 /// are pending, or the verdict did not come within `bound`): the open is
@@ -261,10 +330,27 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
         }
     }
     let mut next_id = 0u64;
+    let (open_perm, overflow) = (
+        MaskFlags::FAN_OPEN_PERM.bits(),
+        MaskFlags::FAN_Q_OVERFLOW.bits(),
+    );
     loop {
-        let events = match fan.read_events() {
+        let events = match libfilter::sys::read_fanotify(fan.as_fd()) {
             Ok(ev) => ev,
-            Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                // The group blocks, so this is an event whose descriptor
+                // the kernel could not open without waiting — a local
+                // process holds a lease on the file, being broken — and
+                // whose open the kernel refused itself. The opener may
+                // retry.
+                let n = counters.lease_refused.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!(refused = n + 1,
+                        "a local open was refused: its file could not be opened for the fanotify event without waiting on a local lease being broken");
+                }
+                continue;
+            }
             Err(e) => {
                 // Out of descriptors (the kernel could not make the event's
                 // fd) or memory: the mark stays, so mediation must not stop.
@@ -278,7 +364,7 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
             }
         };
         for event in events {
-            if event.mask().contains(MaskFlags::FAN_Q_OVERFLOW) {
+            if event.mask & overflow != 0 {
                 // Cannot happen with FAN_UNLIMITED_QUEUE; if it does, opens
                 // were lost: a fault, said loudly.
                 counters.overflows.fetch_add(1, Ordering::Relaxed);
@@ -287,20 +373,25 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
                 );
                 continue;
             }
-            if event.pid() == me {
-                allow_own(&fan, event);
+            let fd = match event.fd {
+                Ok(fd) => fd,
+                // No descriptor: nothing to answer (FAN_NOFD; an error
+                // only with FAN_REPORT_FD_ERROR, which is not asked for).
+                Err(_) => continue,
+            };
+            if event.pid == me {
+                allow_own(&fan, fd);
                 continue;
+            }
+            if event.mask & open_perm == 0 {
+                continue; // not a permission event: nothing to answer
             }
             let ans = Answer {
                 fan: fan.clone(),
-                event,
-                response: Response::FAN_ALLOW,
+                fd,
+                response: libc::FAN_ALLOW,
             };
-            if !ans.event.mask().contains(MaskFlags::FAN_OPEN_PERM) {
-                continue; // allowed by the guard at once
-            }
-            let Some(fd) = ans.event.fd() else { continue };
-            let (file, dup) = match (nix::sys::stat::fstat(fd), fd.try_clone_to_owned()) {
+            let (file, dup) = match (nix::sys::stat::fstat(&ans.fd), ans.fd.try_clone()) {
                 (Ok(st), Ok(dup)) => (
                     libfilter::model::FileId {
                         dev: st.st_dev,
@@ -312,15 +403,15 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
                     // Cannot even look at it: the rule for undecided events.
                     counters.overloaded.fetch_add(1, Ordering::Relaxed);
                     let mut ans = ans;
-                    ans.response = Response::FAN_DENY;
+                    ans.response = libc::FAN_DENY;
                     continue;
                 }
             };
-            let pid = ans.event.pid();
+            let pid = event.pid;
             if pending.load(Ordering::Relaxed) >= MAX_PENDING as u64 {
                 counters.overloaded.fetch_add(1, Ordering::Relaxed);
                 let mut ans = ans;
-                ans.response = Response::FAN_DENY;
+                ans.response = libc::FAN_DENY;
                 continue;
             }
             next_id += 1;
@@ -355,21 +446,16 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
     }
 }
 
-/// Allows one of filterd's own opens at once, closing the event's
-/// descriptor *before* answering: once answered, the engine's open returns
-/// and may probe the file (`local_opens.rs`), which must not find this
-/// descriptor still open. Only this thread reads events, so the number
-/// cannot name another event meanwhile.
-fn allow_own(fan: &Fanotify, event: FanotifyEvent) {
-    let Some(n) = event.fd().map(|fd| fd.as_raw_fd()) else {
-        return;
-    };
-    drop(event);
-    // `struct fanotify_response { __s32 fd; __u32 response; }`.
-    let mut response = [0u8; 8];
-    response[..4].copy_from_slice(&n.to_ne_bytes());
-    response[4..].copy_from_slice(&libc::FAN_ALLOW.to_ne_bytes());
-    if let Err(e) = nix::unistd::write(fan.as_fd(), &response) {
+/// Allows an open of filterd's own at once (none should come: its opens go
+/// through its exempt mount), closing the event's descriptor *before*
+/// answering: once answered, the engine's open returns and may probe the
+/// file (`local_opens.rs`), which must not find this descriptor still
+/// open. Only this thread reads events, so the number cannot name another
+/// event meanwhile.
+fn allow_own(fan: &Fanotify, fd: OwnedFd) {
+    let n = fd.as_raw_fd();
+    drop(fd);
+    if let Err(e) = respond(fan, n, libc::FAN_ALLOW) {
         tracing::error!(error = %e, "could not answer one of filterd's own opens");
     }
 }
@@ -400,7 +486,7 @@ fn answerer(
                         match v {
                             Verdict::Deny => {
                                 counters.denied.fetch_add(1, Ordering::Relaxed);
-                                slot.answer.response = Response::FAN_DENY;
+                                slot.answer.response = libc::FAN_DENY;
                             }
                             Verdict::Allow => {
                                 counters.allowed.fetch_add(1, Ordering::Relaxed);
@@ -412,7 +498,7 @@ fn answerer(
                 AnswerMsg::Undecided(id) => {
                     if let Some(mut slot) = pending.remove(&id) {
                         count.fetch_sub(1, Ordering::Relaxed);
-                        slot.answer.response = Response::FAN_DENY;
+                        slot.answer.response = libc::FAN_DENY;
                     }
                 }
             }
@@ -443,7 +529,7 @@ fn answerer(
                 count.fetch_sub(1, Ordering::Relaxed);
                 counters.watchdog.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(event = id, "local open not decided in time: refused");
-                slot.answer.response = Response::FAN_DENY;
+                slot.answer.response = libc::FAN_DENY;
             }
         }
     }

@@ -82,9 +82,21 @@ impl ScanBudget {
 /// descriptors may outlive the connection briefly, or it reattaches).
 pub const FRONTEND_PIDS_KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// How long what filterd knows of a file's local openers is kept after
+/// its last handle closed. Meanwhile the file gets no ignore mark, so
+/// every local open of it still reaches filterd and is remembered; the
+/// next protocol open re-checks the remembered processes instead of
+/// scanning `/proc` when the probe sees another open — usually a
+/// frontend that has not yet dropped the closed handle's descriptor,
+/// which a scan cut short by its budget could not tell from a local
+/// reader.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What filterd knows of a file's local openers.
 #[derive(Debug, Default)]
 pub struct LocalOpeners {
+    /// Since the file's last handle closed: until when this is kept.
+    pub lingering_until: Option<std::time::Instant>,
     /// Processes seen opening it (each checked before it counts).
     pids: Vec<i32>,
     /// More were seen than [`MAX_PIDS`]: the next check scans `/proc`.
@@ -112,6 +124,7 @@ impl LocalOpeners {
             unattributed: busy && pids.is_empty() && !frontend_holds,
             pids,
             overflowed: budget.cut,
+            lingering_until: None,
         }
     }
 

@@ -14,6 +14,7 @@ mod engine;
 mod failpoint;
 mod frontends_seen;
 mod fsops;
+mod lease_claim;
 mod local;
 mod local_opens;
 mod observability;
@@ -214,10 +215,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !has_cap_dac_read_search() {
         warn!("no CAP_DAC_READ_SEARCH: persistent handles are reopened by their recorded path (checked by kernel file handle); a file renamed while filterd was down is reported lost");
     }
-    if !args.no_fanotify {
+    // With local mediation, every open of filterd's goes through a private
+    // clone of the export's mount that the fanotify group exempts: filterd
+    // never waits for its own group (local.rs).
+    let root: std::os::fd::OwnedFd = if args.no_fanotify {
+        root.into()
+    } else {
         // Fail fast; the group itself is made after recovery (below).
         local::check_mount_point(&root_path)?;
-    }
+        local::own_root(&root_path)?
+    };
+    let own_mount = root.try_clone().context("duplicating the export root")?;
 
     let lmdb = Store::open(&state, args.map_size_mib << 20).context("opening the state store")?;
     lmdb.set_max_map_size(args.max_map_size_mib.max(args.map_size_mib) << 20);
@@ -241,7 +249,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_connections: args.max_connections,
             max_pending_breaks: args.max_pending_breaks,
         },
-        Box::new(engine::fs::HostFs::new(root.into())),
+        Box::new(engine::fs::HostFs::new(root)),
         epoch,
         pipe.clone(),
         store.clone(),
@@ -255,7 +263,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let fanotify = if args.no_fanotify {
         None
     } else {
-        Some(local::setup(&root_path)?)
+        Some(local::setup(
+            &root_path,
+            std::os::fd::AsFd::as_fd(&own_mount),
+        )?)
     };
     let local_counters = Arc::new(local::LocalCounters::default());
     if let Some((fan, scope)) = &fanotify {

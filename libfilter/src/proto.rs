@@ -776,7 +776,10 @@ pub struct Stats {
     pub opens_refused: u64,
     /// Sharing violations.
     pub sharing_violations: u64,
-    /// Refused because a disconnected persistent open holds the file.
+    /// Opens and resumes answered "not available now, retry": a
+    /// disconnected persistent open holds the file (`FileNotAvailable`),
+    /// or a lease is being broken (`Busy`: a local process's kernel lease,
+    /// or a `no_wait` open's break of a protocol lease).
     pub not_available: u64,
     /// Handles resumed.
     pub resumes: u64,
@@ -821,6 +824,19 @@ pub struct Stats {
     /// Ignore marks that could not be added or removed.
     #[serde(default)]
     pub ignore_mark_failures: u64,
+    /// Local opens the kernel refused at once because the file could not
+    /// be opened for the fanotify event without waiting (a local process's
+    /// lease on it being broken).
+    #[serde(default)]
+    pub local_opens_lease_refused: u64,
+    /// Files filterd claimed after its open broke a local process's kernel
+    /// lease (held open until the retry's open, at most 10 s).
+    #[serde(default)]
+    pub lease_claims: u64,
+    /// Such breaks not followed by a claim (claim threads all busy, or the
+    /// claim's open failed).
+    #[serde(default)]
+    pub lease_claims_missed: u64,
     /// Checks for existing local opens whose `/proc` scan passed its budget
     /// and were decided as if a local opener existed.
     #[serde(default)]

@@ -9,7 +9,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use crate::model::KernelHandle;
@@ -554,6 +554,100 @@ pub fn same_file_description(pid: i32, their_fd: i32, my_fd: BorrowedFd<'_>) -> 
         return Err(io::Error::last_os_error());
     }
     Ok(r == 0)
+}
+
+/// A private, detached copy of the mount tree at `path`
+/// (`open_tree(OPEN_TREE_CLONE | AT_RECURSIVE)`), opened as a directory
+/// (`O_RDONLY | O_DIRECTORY`) at its root. The copy shows the same files
+/// but is a mount of its own: a fanotify mark on the original mount does
+/// not cover it, and an ignore mark on it exempts opens made through it.
+/// It lives while a descriptor refers to it. Needs `CAP_SYS_ADMIN`.
+pub fn clone_mount(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; no other
+    // memory is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::c_long::from(libc::AT_FDCWD),
+            c.as_ptr(),
+            libc::c_long::from(flags),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else
+    // owns it.
+    let tree = unsafe { OwnedFd::from_raw_fd(raw) };
+    // open_tree gives an O_PATH descriptor; open_by_handle_at and fanotify
+    // need a real one on the same mount.
+    openat2_beneath(tree.as_fd(), ".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+}
+
+/// One fanotify event as read by [`read_fanotify`].
+#[derive(Debug)]
+pub struct FanEvent {
+    /// The event mask (`FAN_OPEN_PERM`, `FAN_Q_OVERFLOW`, ...).
+    pub mask: u64,
+    /// The process that caused it.
+    pub pid: i32,
+    /// The event's descriptor; `Err(errno)` when the kernel could not open
+    /// it (`FAN_REPORT_FD_ERROR`: a permission event without one has
+    /// already been refused by the kernel); `Err(0)` for none
+    /// (`FAN_NOFD`, a queue overflow).
+    pub fd: Result<OwnedFd, i32>,
+}
+
+/// Reads what one `read` of the fanotify group `fan` gives into events.
+/// Each descriptor is owned by its event (closed on drop). Unlike nix's
+/// reader it accepts the negative descriptors of `FAN_REPORT_FD_ERROR`.
+pub fn read_fanotify(fan: BorrowedFd<'_>) -> io::Result<Vec<FanEvent>> {
+    // struct fanotify_event_metadata: event_len u32, vers u8, reserved u8,
+    // metadata_len u16, mask u64, fd i32, pid i32 (24 bytes).
+    const META: usize = 24;
+    let mut buf = [0u8; 4096];
+    let n = nix::unistd::read(fan, &mut buf).map_err(io::Error::from)?;
+    let data = buf.get(..n).unwrap_or_default();
+    let mut events = Vec::new();
+    let mut off = 0usize;
+    while let Some(meta) = data.get(off..off + META) {
+        let u32_at = |i: usize| {
+            meta.get(i..i + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_ne_bytes)
+                .unwrap_or(0)
+        };
+        let event_len = usize::try_from(u32_at(0)).unwrap_or(0);
+        let mask = meta
+            .get(8..16)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+            .unwrap_or(0);
+        let fd = i32::from_ne_bytes(u32_at(16).to_ne_bytes());
+        let pid = i32::from_ne_bytes(u32_at(20).to_ne_bytes());
+        let fd = match fd {
+            fd if fd >= 0 => {
+                // SAFETY: the kernel installed this descriptor in our table
+                // for this event; only this event owns it.
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            }
+            libc::FAN_NOFD => Err(0),
+            e => Err(-e),
+        };
+        events.push(FanEvent { mask, pid, fd });
+        if event_len < META {
+            break;
+        }
+        off = off.saturating_add(event_len);
+    }
+    Ok(events)
 }
 
 #[cfg(test)]

@@ -453,6 +453,41 @@ pub fn smb_session(addr: &str) -> (LineClient, u64) {
     (m, sid)
 }
 
+/// Two smbl/1 clients of the smbshim at `addr` opening `f` (write access,
+/// sharing write) and closing it again, as fast as they can, for `run`:
+/// opens that never conflict with each other. Returns each client's
+/// (completed opens, sharing violations).
+pub fn create_close_loops(addr: &str, run: Duration) -> Vec<(u32, u32)> {
+    let loops: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = addr.to_owned();
+            std::thread::spawn(move || {
+                let (mut c, sid) = smb_session(&addr);
+                let (mut done, mut violations) = (0, 0);
+                let until = Instant::now() + run;
+                while Instant::now() < until {
+                    let r = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+                        "access": ["write"], "share": ["write"], "disposition": "open_if"}));
+                    if r["status"] == "STATUS_SHARING_VIOLATION" {
+                        violations += 1;
+                        continue;
+                    }
+                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+                    let r = c.call(json!({"cmd": "CLOSE", "session_id": sid,
+                        "file_id": r["file_id"]}));
+                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+                    done += 1;
+                }
+                (done, violations)
+            })
+        })
+        .collect();
+    loops
+        .into_iter()
+        .map(|t| t.join().expect("a client loop"))
+        .collect()
+}
+
 /// A running protocol frontend (smbshim or nfsshim) and its TCP address.
 pub struct Shim {
     child: Child,

@@ -351,18 +351,10 @@ fn a_local_kernel_lease_never_stalls_filterd() {
         return;
     };
     let leased = kernel_lease(&f);
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let sock = s.socket();
-    std::thread::spawn(move || {
-        let fe = FilterClient::connect_frontend(
-            &sock,
-            Protocol::new("smb").unwrap(),
-            InstanceName::new("smb-2").unwrap(),
-        )
-        .unwrap();
-        let _ = tx.send(fe.open(req("f", Rights::ALL, None)).map(|_| ()));
+    let rx = in_a_frontend(&s, "smb-2", |fe| {
+        fe.open(req("f", Rights::ALL, None)).map(|_| ())
     });
-    let res = rx
+    let (res, _fe) = rx
         .recv_timeout(Duration::from_secs(5))
         .expect("filterd answers at once, not after lease-break-time");
     let e = res.expect_err("the local lease is being broken");
@@ -372,6 +364,25 @@ fn a_local_kernel_lease_never_stalls_filterd() {
     close(&fe, fe.open(req("g", Rights::ALL, None)).unwrap());
     drop(leased);
     close(&fe, fe.open(req("f", Rights::ALL, None)).unwrap());
+}
+
+/// Runs `call` on a new frontend connection (instance `instance`) in
+/// another thread: its outcome and the connection arrive on the receiver,
+/// so a test can bound how long filterd takes to answer.
+fn in_a_frontend<T: Send + 'static>(
+    s: &Scratch,
+    instance: &str,
+    call: impl FnOnce(&FilterClient) -> T + Send + 'static,
+) -> crossbeam_channel::Receiver<(T, FilterClient)> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let (sock, instance) = (s.socket(), InstanceName::new(instance).unwrap());
+    std::thread::spawn(move || {
+        let fe =
+            FilterClient::connect_frontend(&sock, Protocol::new("smb").unwrap(), instance).unwrap();
+        let res = call(&fe);
+        let _ = tx.send((res, fe));
+    });
+    rx
 }
 
 /// Takes a kernel write lease on `file` in this process (SIGIO, the break,
@@ -393,21 +404,24 @@ fn kernel_lease(file: &std::path::Path) -> std::fs::File {
     leased
 }
 
-/// A persistent handle whose file a local process holds a kernel lease on
-/// across a filterd restart is kept (recovery does not wait on the lease
-/// or mark the handle lost) and resumed once the lease is gone; meanwhile
-/// a resume is answered Busy (retry). Without fanotify: with it, the
-/// kernel's own open of the event's descriptor still waits on the lease
-/// (docs/ARCHITECTURE.md).
-#[test]
-fn a_local_kernel_lease_across_a_restart_keeps_the_persistent_handle() {
-    let Some(s) = Scratch::with_tmpfs("kernel-lease-restart") else {
-        return;
+/// filterd (mediated or not) restarted over a persistent handle of `f`,
+/// on which this process took a kernel write lease while filterd was down
+/// (SIGIO ignored: never released until the returned file is dropped).
+fn leased_across_a_restart(
+    s: &Scratch,
+    mediated: bool,
+) -> (Filterd, ResumeKey, std::path::PathBuf, std::fs::File) {
+    let start = |s: &Scratch| {
+        if mediated {
+            Filterd::start_mediated(s, &[])
+        } else {
+            Filterd::start(s, &[], &[])
+        }
     };
-    let mut d = Filterd::start(&s, &[], &[]);
+    let mut d = start(s);
     let f = s.root().join("f");
     std::fs::write(&f, b"x").unwrap();
-    let fe = frontend(&s);
+    let fe = frontend(s);
     let mut r = req("f", Rights::ALL, None);
     r.durability = Durability::Persistent { timeout_ms: 60_000 };
     let h = fe.open(r).unwrap();
@@ -416,7 +430,20 @@ fn a_local_kernel_lease_across_a_restart_keeps_the_persistent_handle() {
     drop(fe);
     drop(h);
     let leased = kernel_lease(&f);
-    let _d2 = Filterd::start(&s, &[], &[]);
+    (start(s), key, f, leased)
+}
+
+/// A persistent handle whose file a local process holds a kernel lease on
+/// across a filterd restart is kept (recovery does not wait on the lease
+/// or mark the handle lost) and resumed once the lease is gone; meanwhile
+/// a resume is answered Busy (retry). Without fanotify; with it, see the
+/// next test.
+#[test]
+fn a_local_kernel_lease_across_a_restart_keeps_the_persistent_handle() {
+    let Some(s) = Scratch::with_tmpfs("kernel-lease-restart") else {
+        return;
+    };
+    let (_d2, key, _f, leased) = leased_across_a_restart(&s, false);
     let fe = frontend(&s);
     let alice = ClientId::new("alice").unwrap();
     let e = fe
@@ -424,7 +451,183 @@ fn a_local_kernel_lease_across_a_restart_keeps_the_persistent_handle() {
         .expect_err("the lease is being broken");
     assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
     drop(leased);
-    fe.resume(alice, key).expect("the handle was kept");
+    rkfilter_tests::wait_for(
+        "the resume once the lease is gone",
+        Duration::from_secs(10),
+        || fe.resume(alice.clone(), key).ok(),
+    );
+}
+
+/// Old code (issue 18 final review): with fanotify, resuming a recovered
+/// persistent handle whose file a local process had leased (F_SETLEASE)
+/// while filterd was down stalled the engine for lease-break-time (45 s):
+/// filterd's own open raised a permission event on its own group, whose
+/// reader waited in the kernel's break_lease opening the event's
+/// descriptor. Now filterd's opens pass no permission event (its own
+/// mount is exempt): the resume is answered Busy at once, others are
+/// served meanwhile, and the resume goes through once the lease is gone.
+#[test]
+fn a_local_kernel_lease_across_a_mediated_restart_answers_busy_not_a_stall() {
+    let Some(s) = Scratch::with_tmpfs("fan-kernel-lease-restart") else {
+        return;
+    };
+    let (d2, key, f, leased) = leased_across_a_restart(&s, true);
+    let rx = in_a_frontend(&s, "smb-1", move |fe| {
+        fe.resume(ClientId::new("alice").unwrap(), key).map(|_| ())
+    });
+    let (res, fe) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the resume is answered at once, not after lease-break-time");
+    let e = res.expect_err("the local lease is being broken");
+    assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
+    // Others are served meanwhile, local opens of other files too.
+    std::fs::write(s.root().join("g"), b"y").unwrap();
+    let other = FilterClient::connect_frontend(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new("smb-2").unwrap(),
+    )
+    .unwrap();
+    close(&other, other.open(req("g", Rights::ALL, None)).unwrap());
+    // A local open of the leased file (it has protocol state) does not
+    // hold the fanotify reader in the kernel either: refused at once.
+    let res = local_open(f.clone())
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a verdict at once, not after lease-break-time");
+    assert!(res.is_err(), "{res:?}");
+    let st = d2.control().stats().unwrap();
+    assert!(st.not_available >= 1, "{st:?}");
+    assert!(st.local_opens_lease_refused >= 1, "{st:?}");
+    drop(leased);
+    let alice = ClientId::new("alice").unwrap();
+    rkfilter_tests::wait_for(
+        "the resume once the lease is gone",
+        Duration::from_secs(10),
+        || fe.resume(alice.clone(), key).ok(),
+    );
+}
+
+/// A local process's kernel write lease that it takes again as soon as
+/// each break has released it (SIGIO ignored; the break seen through
+/// F_GETLEASE). Stops and releases on drop.
+struct ReTakenLease {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    retakes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReTakenLease {
+    fn start(file: &std::path::Path) -> Self {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::Ordering;
+        let leased = kernel_lease(file);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let retakes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (st, rt) = (stop.clone(), retakes.clone());
+        let thread = std::thread::spawn(move || {
+            let fd = leased.as_raw_fd();
+            while !st.load(Ordering::Relaxed) {
+                // SAFETY: fcntl lease calls on a descriptor this thread owns.
+                let now = unsafe { libc::fcntl(fd, libc::F_GETLEASE) };
+                if now != libc::F_WRLCK {
+                    // Broken (or gone): release, then take it again as
+                    // soon as the file has no other open.
+                    // SAFETY: as above.
+                    unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+                    // SAFETY: as above.
+                    while unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) } != 0 {
+                        if st.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::yield_now();
+                    }
+                    rt.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        ReTakenLease {
+            stop,
+            retakes,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ReTakenLease {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Old code (issue 18 final review): a local holder that takes its lease
+/// again each time it is broken starved protocol opens of the file for
+/// as long as it did so: every retry found the lease taken again (Busy).
+/// Now filterd claims the file after the break (its blocking open counts
+/// as an opener while it waits, so the re-take fails), and the next open
+/// gets through — without fanotify (where the old code starved) and with
+/// it (where the claim's open goes through filterd's exempt mount).
+#[test]
+fn a_lease_taken_again_after_each_break_does_not_starve_protocol_opens() {
+    let Some(s) = Scratch::with_tmpfs("fan-lease-retaken") else {
+        return;
+    };
+    for mediated in [false, true] {
+        let d = if mediated {
+            Filterd::start_mediated(&s, &[])
+        } else {
+            Filterd::start(&s, &[], &[])
+        };
+        let f = s.root().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let fe = frontend(&s);
+        let holder = ReTakenLease::start(&f);
+        // The first open that meets the lease is refused (rarely, in a
+        // busy test binary, one finds the holder between a release and
+        // its re-take: closed again, so that the holder takes it back).
+        let e =
+            rkfilter_tests::wait_for("an open to meet the lease", Duration::from_secs(10), || {
+                match fe.open(req("f", Rights::ALL, None)) {
+                    Ok(h) => {
+                        close(&fe, h);
+                        None
+                    }
+                    Err(e) => Some(e),
+                }
+            });
+        assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
+        let h = rkfilter_tests::wait_for(
+            "a retried open to get through",
+            Duration::from_secs(10),
+            || {
+                std::thread::sleep(Duration::from_millis(90)); // a client's retry pace
+                match fe.open(req("f", Rights::ALL, None)) {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
+                        None
+                    }
+                }
+            },
+        );
+        let st = d.control().stats().unwrap();
+        assert!(st.not_available >= 1, "{st:?}");
+        assert!(st.lease_claims >= 1, "{st:?}");
+        close(&fe, h);
+        // The holder goes on: it takes its lease again once the handle is
+        // gone.
+        rkfilter_tests::wait_for(
+            "the holder to take its lease again",
+            Duration::from_secs(20),
+            || (holder.retakes.load(std::sync::atomic::Ordering::Relaxed) >= 1).then_some(()),
+        );
+        drop(holder);
+        drop(fe);
+        drop(d);
+    }
 }
 
 fn smb_session(c: &mut rkfilter_tests::LineClient) -> u64 {
@@ -491,32 +694,8 @@ fn a_frontends_lingering_descriptor_is_not_a_local_open() {
     };
     let _d = Filterd::start_mediated(&s, &[]);
     let shim = rkfilter_tests::Shim::start("smbshim", &s.socket(), "smb-linger");
-    let loops: Vec<_> = (0..2)
-        .map(|_| {
-            let addr = shim.addr.clone();
-            std::thread::spawn(move || {
-                let mut c = rkfilter_tests::LineClient::connect(&addr);
-                let sid = smb_session(&mut c);
-                let (mut done, mut violations) = (0, 0);
-                let until = std::time::Instant::now() + Duration::from_secs(3);
-                while std::time::Instant::now() < until {
-                    let r = smb_create(&mut c, sid, &["write"], &["write"]);
-                    if r["status"] == "STATUS_SHARING_VIOLATION" {
-                        violations += 1;
-                        continue;
-                    }
-                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-                    let r = c.call(serde_json::json!({"cmd": "CLOSE", "session_id": sid,
-                        "file_id": r["file_id"]}));
-                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-                    done += 1;
-                }
-                (done, violations)
-            })
-        })
-        .collect();
-    for t in loops {
-        let (done, violations) = t.join().unwrap();
+    for (done, violations) in rkfilter_tests::create_close_loops(&shim.addr, Duration::from_secs(3))
+    {
         assert_eq!(
             violations, 0,
             "{violations} sharing violations in {done} opens"

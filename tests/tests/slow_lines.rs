@@ -185,6 +185,19 @@ fn dropped_for_the_budget(r: &mut BufReader<TcpStream>) -> bool {
     }
 }
 
+/// How many of `conns` were dropped for the request budget (each read for
+/// up to 500 ms).
+fn dropped(conns: &[TcpStream]) -> usize {
+    conns
+        .iter()
+        .filter(|c| {
+            c.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            dropped_for_the_budget(&mut BufReader::new(c.try_clone().unwrap()))
+        })
+        .count()
+}
+
 /// Old code (issue 18 #11 review): complete lines waiting behind a CREATE
 /// that waits for a lease break were not charged to the budget, so one
 /// connection pipelining large ECHOs grew smbshim by everything it sent.
@@ -290,13 +303,57 @@ fn a_line_at_full_speed_displaces_stalled_lines_not_itself() {
         .expect("a reply to the newcomer");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     // It was a stalled line that went.
-    let dropped = hogs
-        .iter()
-        .filter(|h| {
-            h.set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            dropped_for_the_budget(&mut BufReader::new(h.try_clone().unwrap()))
+    assert!(dropped(&hogs) >= 1, "no stalled line was dropped");
+}
+
+/// Old code (issue 18 final review): when the budget was spent, the
+/// connection whose charge was *oldest* was dropped, so a client sending
+/// one large line steadily was dropped for newer connections that sent a
+/// burst and stalled. Now the stalest line goes (no byte for the longest
+/// time), and the steady sender is served.
+#[test]
+fn a_steady_line_is_not_dropped_for_newer_stalled_bursts() {
+    let (_s, _d, shim) = smbshim_with("slow-lines-fair", &["--partial-line-budget-mib", "16"]);
+    // The steady sender: a 3.5 MiB ECHO, 64 KiB every 50 ms (about 3 s).
+    let steady = TcpStream::connect(&shim.addr).unwrap();
+    steady
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let sender = {
+        let mut w = steady.try_clone().unwrap();
+        std::thread::spawn(move || -> std::io::Result<()> {
+            w.write_all(b"{\"cmd\": \"ECHO\", \"mid\": 1, \"pad\": \"")?;
+            let chunk = vec![b'a'; 64 << 10];
+            for _ in 0..56 {
+                w.write_all(&chunk)?;
+                std::thread::sleep(Duration::from_millis(50)); // its pace
+            }
+            w.write_all(b"\"}\n")
         })
-        .count();
-    assert!(dropped >= 1, "no stalled line was dropped");
+    };
+    // Newer connections, one every 250 ms: each sends 3 MiB at once and
+    // stops (kept open, unfinished). Six of them pass the budget.
+    let burst = vec![b'a'; 3 << 20];
+    let mut bursts = Vec::new();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(250)); // their pace
+        let mut c = TcpStream::connect(&shim.addr).unwrap();
+        c.write_all(b"{\"cmd\": \"SESSION_SETUP\", \"user\": \"")
+            .unwrap();
+        // A burst may meet a connection already dropped.
+        let _ = c.write_all(&burst);
+        bursts.push(c);
+    }
+    let sent = sender.join().unwrap();
+    let mut line = String::new();
+    let read = BufReader::new(steady).read_line(&mut line);
+    assert!(
+        sent.is_ok() && read.is_ok_and(|n| n > 0),
+        "the steady sender was dropped: {sent:?} {line}"
+    );
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    assert_eq!(v["status"], "STATUS_SUCCESS", "{v}");
+    assert_eq!(v["mid"], 1, "{v}");
+    // The room came from the stalled bursts.
+    assert!(dropped(&bursts) >= 1, "no stalled burst was dropped");
 }

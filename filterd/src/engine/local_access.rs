@@ -23,6 +23,15 @@ impl Engine {
     pub(super) fn on_local_open(&mut self, file: FileId, pid: i32, fd: OwnedFd, reply: LocalReply) {
         use crate::local::Verdict;
         let holders = self.holders_of(file);
+        if holders.is_empty() && self.lingers(file) {
+            // Its last handle closed a moment ago: still remembered.
+            let frontends = self.frontend_pids();
+            if let Some(l) = self.local_openers.get_mut(&file) {
+                l.saw(pid, &frontends);
+            }
+            reply.send(Verdict::Allow);
+            return;
+        }
         if holders.is_empty() {
             // No protocol state: ignore this file's opens from now on.
             if let Some(fan) = &self.fanotify {
@@ -108,14 +117,27 @@ impl Engine {
             )
             .collect();
         if mine.is_empty() {
-            let known = match libfilter::sys::alone_on_inode(fd) {
+            let alone = libfilter::sys::alone_on_inode(fd);
+            if !matches!(alone, Ok(true)) && self.lingers(file) {
+                // Its last handle closed a moment ago, and every local
+                // open since reached us: the other open the probe saw is
+                // a remembered process's, or a frontend's descriptor of
+                // the closed handle. Re-check the remembered ones only.
+                if let Some(l) = self.local_openers.get_mut(&file) {
+                    return (l.refresh(file, &[fd], frontends, budget), None);
+                }
+            }
+            let known = match alone {
                 Ok(true) => LocalOpeners::default(),
                 Ok(false) => {
                     let found = LocalOpeners::scanned(file, true, &[fd], frontends, budget);
-                    // Nobody named: the other open may have been closed
-                    // since (a frontend dropping a closed handle's
-                    // descriptor); probing again tells.
-                    if found.unattributed() && libfilter::sys::alone_on_inode(fd).is_ok_and(|a| a) {
+                    // Nobody named, or not everyone looked at: the other
+                    // open may have been closed since (a frontend
+                    // dropping a closed handle's descriptor); probing
+                    // again tells — alone now is alone.
+                    if (found.unattributed() || budget.cut)
+                        && libfilter::sys::alone_on_inode(fd).is_ok_and(|a| a)
+                    {
                         LocalOpeners::default()
                     } else {
                         found
@@ -156,6 +178,48 @@ impl Engine {
             .map(|c| c.peer.pid)
             .chain(self.frontends_gone.iter().map(|(p, _, _)| *p))
             .collect()
+    }
+
+    /// `file`'s last handle closed: what is known of its local openers is
+    /// kept for [`crate::local_opens::LINGER`] (see there); entries whose
+    /// time has passed go now.
+    pub(super) fn linger_local_openers(&mut self, file: FileId) {
+        let now = std::time::Instant::now();
+        while let Some(&(until, f)) = self.lingering.front() {
+            if until > now {
+                break;
+            }
+            self.lingering.pop_front();
+            if !self.by_file.contains_key(&f)
+                && self
+                    .local_openers
+                    .get(&f)
+                    .is_some_and(|l| l.lingering_until.is_none_or(|u| u <= now))
+            {
+                self.local_openers.remove(&f);
+            }
+        }
+        if self.fanotify.is_none() {
+            self.local_openers.remove(&file);
+            return;
+        }
+        if let Some(l) = self.local_openers.get_mut(&file) {
+            let until = now + crate::local_opens::LINGER;
+            l.lingering_until = Some(until);
+            self.lingering.push_back((until, file));
+        }
+    }
+
+    /// Whether `file` has no handle but what is known of its local openers
+    /// is still kept (its last handle closed within
+    /// [`crate::local_opens::LINGER`]).
+    fn lingers(&self, file: FileId) -> bool {
+        !self.by_file.contains_key(&file)
+            && self
+                .local_openers
+                .get(&file)
+                .and_then(|l| l.lingering_until)
+                .is_some_and(|u| u > std::time::Instant::now())
     }
 
     /// Keeps what a probe learnt about `file`'s local openers, once the

@@ -144,8 +144,12 @@ pub struct Engine {
     /// Local opens waiting for lease breaks.
     waiting_local: Vec<(FileId, LocalReply, OwnedFd)>,
     /// Local processes known to hold files with protocol state open (an
-    /// entry exists from a file's first protocol open to its last close).
+    /// entry exists from a file's first protocol open to
+    /// [`crate::local_opens::LINGER`] after its last close).
     local_openers: HashMap<FileId, crate::local_opens::LocalOpeners>,
+    /// Files whose last handle closed, in order, with when their entry in
+    /// `local_openers` may go.
+    lingering: std::collections::VecDeque<(std::time::Instant, FileId)>,
     /// Frontend processes lost recently, and when (see
     /// `Engine::frontend_pids`); at most [`MAX_FRONTENDS_GONE`].
     frontends_gone: std::collections::VecDeque<(i32, Option<u64>, std::time::Instant)>,
@@ -312,6 +316,7 @@ impl Engine {
             restart_expected: HashSet::new(),
             waiting_local: Vec::new(),
             local_openers: HashMap::new(),
+            lingering: Default::default(),
             frontends_gone: std::collections::VecDeque::new(),
             fanotify: None,
             local_counters: Default::default(),
@@ -985,6 +990,11 @@ impl Engine {
                 s.fanotify_overflows = self.local_counters.overflows.load(Ordering::Relaxed);
                 s.fanotify_read_errors = self.local_counters.read_errors.load(Ordering::Relaxed);
                 s.ignore_mark_failures = self.local_counters.mark_failures.load(Ordering::Relaxed);
+                s.local_opens_lease_refused =
+                    self.local_counters.lease_refused.load(Ordering::Relaxed);
+                let claims = crate::lease_claim::counters();
+                s.lease_claims = claims.claimed.load(Ordering::Relaxed);
+                s.lease_claims_missed = claims.unclaimed.load(Ordering::Relaxed);
                 Ok(Some((Reply::Stats(s), None)))
             }
             Request::Expire { key } => {

@@ -84,8 +84,11 @@ impl Engine {
         let of = self
             .fs
             .open(&o.path, o.access, o.disposition, marker.as_deref())
-            .inspect_err(|_| {
+            .inspect_err(|e| {
                 self.stats.opens_refused += 1;
+                if e.code == ErrorCode::Busy {
+                    self.stats.not_available += 1;
+                }
             })?;
         crate::failpoint::hit("open.after_fs");
         // Share modes, leases and the file's state decide this open: it
@@ -99,6 +102,7 @@ impl Engine {
         if self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref()) {
             if o.no_wait {
                 self.stats.opens_refused += 1;
+                self.stats.not_available += 1;
                 return Err(err(
                     ErrorCode::Busy,
                     "lease holders must acknowledge a break first; retry",
@@ -549,6 +553,7 @@ impl Engine {
                 // A local process's kernel lease is being broken (the open
                 // does not wait for it): the file is there, retry.
                 Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                    self.stats.not_available += 1;
                     return Err(err(
                         ErrorCode::Busy,
                         format!("handle {key}: a local process holds a lease on its file, being broken; retry"),
@@ -769,7 +774,7 @@ impl Engine {
             v.retain(|k| *k != key);
             if v.is_empty() {
                 self.by_file.remove(&h.rec.file);
-                self.local_openers.remove(&h.rec.file);
+                self.linger_local_openers(h.rec.file);
             }
         }
         if let Some(g) = h.rec.create_guid {

@@ -31,11 +31,12 @@
 //!   charged to one budget shared by every connection. When it is spent,
 //!   queuing more complete lines drops the queuing connection; a growing
 //!   unfinished line drops, first, connections holding queued lines, then
-//!   the connection whose charge is oldest (its line started earlier and is
-//!   still unfinished) — which is the growing one itself only when it is the
-//!   oldest. A dropped connection gets an error line and a log line naming
-//!   the limit; a line arriving at full speed is never dropped for the
-//!   stalled lines of others.
+//!   the connection whose unfinished line is stalest (its last byte came
+//!   longest ago; of two equally stale, the larger) — never the growing one
+//!   itself unless its line alone would pass the budget. A dropped
+//!   connection gets an error line and a log line naming the limit; a line
+//!   still arriving is never dropped for the stalled lines of others, even
+//!   when it started before them.
 //!
 //! [`client`] is the other end: the connection core of the smbl/1 and
 //! nfsl/1 client libraries.
@@ -116,8 +117,9 @@ pub struct LineArgs {
     /// unfinished lines and complete ones queued behind a waiting request,
     /// beyond 64 KiB per connection; when it is spent, a connection queuing
     /// more is closed, and a growing line closes first connections with
-    /// queued lines, then the one whose line is oldest (itself, if it is
-    /// the oldest), each with a log line.
+    /// queued lines, then the one whose line is stalest (no byte for the
+    /// longest time; itself only if its line alone passes the budget),
+    /// each with a log line.
     #[arg(long, value_name = "MIB", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub partial_line_budget_mib: u64,
@@ -154,9 +156,11 @@ fn line_limits() -> LineLimits {
 ///   is dropped;
 /// - an unfinished line that grows displaces, first, connections holding
 ///   queued lines (they wait behind a request, not making progress), then
-///   the connection whose charge is oldest (a line started earlier and
-///   still unfinished); when that is the growing line itself, it is the
-///   one dropped.
+///   the connection whose line is stalest — whose last byte arrived
+///   longest ago (of two equally stale, the one holding more). A line
+///   still arriving is never dropped for lines that stopped, however long
+///   it has been arriving; the growing line itself is dropped only when it
+///   alone would pass the budget.
 struct Budget {
     live: usize,
     holders: std::collections::BTreeMap<u64, Held>,
@@ -166,7 +170,8 @@ struct Held {
     partial: usize,
     queued: usize,
     charged: usize,
-    since: std::time::Instant,
+    /// When its unfinished line last grew (or its charge began).
+    progressed: std::time::Instant,
     acct: Arc<Account>,
 }
 
@@ -219,7 +224,7 @@ impl Account {
                 partial: 0,
                 queued: 0,
                 charged: 0,
-                since: now,
+                progressed: now,
                 acct: self.clone(),
             });
             let p = partial.unwrap_or(h.partial);
@@ -229,18 +234,19 @@ impl Account {
         };
         let fits = |b: &Budget| b.live.saturating_sub(old).saturating_add(new) <= budget;
         while new > old && !fits(b) {
-            if !grows_line {
+            if !grows_line || new > budget {
                 return Err(());
             }
-            // Displace: queued lines first, then the oldest charge.
+            // Displace: queued lines first, then the stalest line (of two
+            // equally stale, the larger).
             let victim = b
                 .holders
                 .iter()
-                .filter(|(_, h)| h.charged > 0)
-                .min_by_key(|(_, h)| (h.queued == 0, h.since))
+                .filter(|(c, h)| **c != self.conn && h.charged > 0)
+                .min_by_key(|(_, h)| (h.queued == 0, h.progressed, std::cmp::Reverse(h.charged)))
                 .map(|(c, _)| *c);
             match victim {
-                Some(v) if v != self.conn => {
+                Some(v) => {
                     if let Some(h) = b.holders.remove(&v) {
                         b.live = b.live.saturating_sub(h.charged);
                         h.acct.evict();
@@ -254,8 +260,8 @@ impl Account {
             Some(h) => {
                 h.partial = partial.unwrap_or(h.partial);
                 h.queued = h.queued.saturating_add_signed(queued);
-                if old == 0 && new > 0 {
-                    h.since = now;
+                if grows_line || (old == 0 && new > 0) {
+                    h.progressed = now;
                 }
                 h.charged = new;
                 h.partial == 0 && h.queued == 0
@@ -865,9 +871,9 @@ mod tests {
 
     /// One test: the budget is process-wide.
     #[test]
-    fn lines_are_limited_and_the_budget_displaces_the_oldest_charge() {
+    fn lines_are_limited_and_the_budget_displaces_the_stalest_line() {
         lines_are_limited();
-        the_budget_displaces_the_oldest_charge();
+        the_budget_displaces_the_stalest_line();
     }
 
     fn lines_are_limited() {
@@ -903,7 +909,7 @@ mod tests {
         assert_eq!(partial_line_bytes(), 0);
     }
 
-    fn the_budget_displaces_the_oldest_charge() {
+    fn the_budget_displaces_the_stalest_line() {
         let budget = 1 << 20;
         let (a, b, c) = (
             Account::new(2, None),
@@ -919,16 +925,18 @@ mod tests {
             .set(None, isize::try_from(budget).unwrap(), budget)
             .is_err());
         assert!(!a.evicted() && !b.evicted());
-        // A growing line displaces the oldest charge, not itself...
-        new.hold(FREE_PARTIAL_BYTES + budget * 3 / 4, budget)
+        // The older line is still arriving; the newer one stopped.
+        old.hold(FREE_PARTIAL_BYTES + budget / 2 + (64 << 10), budget)
             .unwrap();
-        assert!(a.evicted() && !b.evicted());
-        assert!(old.hold(FREE_PARTIAL_BYTES + budget, budget).is_err());
-        // ...and is refused when it is the oldest itself.
+        // A growing line displaces the stalest line, not the oldest...
         let mut third = Charge::new(c.clone());
         third.hold(FREE_PARTIAL_BYTES + budget / 4, budget).unwrap();
+        assert!(b.evicted() && !a.evicted() && !c.evicted());
         assert!(new.hold(FREE_PARTIAL_BYTES + budget, budget).is_err());
-        assert!(!c.evicted());
+        // ...and is refused (displacing nobody) when it alone would pass
+        // the budget.
+        assert!(third.hold(FREE_PARTIAL_BYTES + budget + 1, budget).is_err());
+        assert!(!a.evicted());
         drop((old, new, third));
         assert_eq!(partial_line_bytes(), 0);
     }
