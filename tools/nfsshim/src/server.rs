@@ -315,6 +315,31 @@ struct Shared {
     tables: state::Tables,
     /// Whether the `instances` registry names this instance yet.
     registered: std::sync::atomic::AtomicBool,
+    /// filterd commits the event thread leaves to the chores thread.
+    chores: crossbeam_channel::Sender<Chore>,
+}
+
+/// A filterd call that forgetting a handle leaves to do. Each is a commit,
+/// so the event thread — which sends recalls and acknowledges lock hints
+/// for every client — hands them to a thread of their own instead of
+/// waiting for an fsync; a request thread does them itself.
+enum Chore {
+    /// Delete an open state's record.
+    DeleteState { scope: String, num: u64 },
+    /// Close another handle of the open that went.
+    Close(ResumeKey),
+}
+
+fn do_chores(sh: &Shared, chores: impl IntoIterator<Item = Chore>) {
+    for c in chores {
+        let r = match &c {
+            Chore::DeleteState { scope, num } => state::delete(&sh.filter, scope, *num),
+            Chore::Close(k) => sh.filter.close(*k),
+        };
+        if let Err(e) = r {
+            eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
+        }
+    }
 }
 
 impl Shared {
@@ -387,7 +412,9 @@ fn start(
     lease_ms: u64,
     limits: Limits,
 ) -> anyhow::Result<Arc<Shared>> {
+    let (chores, todo) = crossbeam_channel::unbounded::<Chore>();
     let shared = Arc::new(Shared {
+        chores,
         filter: attach,
         st: Mutex::new(Global::default()),
         next_num: AtomicU64::new(1),
@@ -403,6 +430,21 @@ fn start(
         .registered(&shared.filter)
         .context("looking this instance up in the registry")?;
     shared.registered.store(registered, Ordering::Release);
+    {
+        // Only a weak reference: the thread ends once the shim is dropped
+        // (the fuzz harness drops it).
+        let sh = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("chores".into())
+            .spawn(move || {
+                for c in todo {
+                    match sh.upgrade() {
+                        Some(sh) => do_chores(&sh, [c]),
+                        None => return,
+                    }
+                }
+            })?;
+    }
     restore(&shared).context("restoring nfsl/1 state from filterd")?;
     Ok(shared)
 }
@@ -1086,7 +1128,8 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         revoke(&mut st, lease);
     }
     for key in forgotten {
-        forget_handle(sh, &mut st, key);
+        let chores = forget_handle(sh, &mut st, key);
+        do_chores(sh, chores);
     }
     let ctx = Ctx {
         sh,
@@ -2437,7 +2480,12 @@ fn forget(sh: &Shared, keys: &[ResumeKey]) {
             continue;
         };
         match cl.try_lock() {
-            Ok(mut st) => forget_handle(sh, &mut st, *key),
+            Ok(mut st) => {
+                for c in forget_handle(sh, &mut st, *key) {
+                    // Unbounded: one entry per handle that went away.
+                    let _ = sh.chores.send(c);
+                }
+            }
             Err(std::sync::TryLockError::WouldBlock) => {
                 if let Ok(mut g) = sh.global() {
                     g.forgotten.entry(cid).or_default().push(*key);
@@ -2448,8 +2496,11 @@ fn forget(sh: &Shared, keys: &[ResumeKey]) {
     }
 }
 
-/// Drops the open states of one filter handle that went away.
-fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) {
+/// Drops the open states of one filter handle that went away; returns the
+/// filterd calls that go with it (see [`Chore`]).
+#[must_use]
+fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
+    let mut chores = Vec::new();
     let gone: Vec<String> = st
         .opens
         .iter()
@@ -2470,12 +2521,15 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) {
             // whose reply was lost in a filterd crash): a CLOSE of it is
             // answered NFS4_OK, anything else NFS4ERR_EXPIRED.
             st.closed.insert(g.clone(), (o.clientid.clone(), None));
-            let _ = state::delete(&sh.filter, &sh.tables.states(&o.clientid), o.num);
+            chores.push(Chore::DeleteState {
+                scope: sh.tables.states(&o.clientid),
+                num: o.num,
+            });
             // The open is one reservation: its other handles (upgrades,
             // lock-owners) go with the one that went.
             for k in o.keys() {
                 if k != key {
-                    let _ = sh.filter.close(k);
+                    chores.push(Chore::Close(k));
                 }
                 if let Ok(mut gl) = sh.global() {
                     gl.handle_client.remove(&k);
@@ -2485,6 +2539,7 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) {
         }
         st.expired.add(g);
     }
+    chores
 }
 
 /// A delegation's lease must go: CB_RECALL to its client. Without an ack
