@@ -662,20 +662,10 @@ fn closing_an_open_waits_for_its_write_in_flight_before_a_first_lock() {
     for how in ["CLOSE", "LOGOFF"] {
         let mut b = both(&format!("close-inflight-{}", how.to_lowercase()));
         let _slow = slow_pwrites(b.smb.pid(), &b.s.dir.join("trace"));
-        let id = smb_write_held(&mut b);
-        let mut other = LineClient::connect(&b.smb.addr);
-        let c = other.call(json!({"cmd": how, "session_id": b.msid, "file_id": b.fid}));
-        assert_eq!(c["status"], "STATUS_SUCCESS", "{how}: {c}");
-        ok(b.n.call_patiently(
-            json!({"op": "LOCK", "stateid": b.sid, "owner": "lo", "type": "write",
-                   "offset": 10, "length": 20}),
-        ));
-        let at_grant = locked_bytes(&b.s);
-        let (r, _) = b.m.reply_to("mid", id).expect("the WRITE's reply");
-        assert_eq!(
-            locked_bytes(&b.s),
-            at_grant,
-            "{how}: the WRITE ({r}) landed inside the lock after it was granted"
-        );
+        smb_write_in_flight_then_first_lock(&mut b, |b| {
+            let mut other = LineClient::connect(&b.smb.addr);
+            let c = other.call(json!({"cmd": how, "session_id": b.msid, "file_id": b.fid}));
+            assert_eq!(c["status"], "STATUS_SUCCESS", "{how}: {c}");
+        });
     }
 }
