@@ -107,6 +107,15 @@ impl FrontendsSeen {
         self.seen.iter().filter(|s| s.alive()).map(|s| &s.name)
     }
 
+    /// Whether the process recorded for `name` is another one than `pid`
+    /// and may still be running: a replacement that took over the name
+    /// says nothing of the I/O the old process may have in flight.
+    pub fn another_alive(&self, name: &InstanceName, pid: i32) -> bool {
+        self.seen
+            .iter()
+            .any(|s| s.name == *name && s.pid != pid && s.pid > 0 && s.alive())
+    }
+
     /// Records `name`, attached now by process `pid`; `attached` says
     /// which others are, so that a full list drops one that is not.
     pub fn insert(
@@ -192,6 +201,12 @@ mod tests {
         s.insert(&gone, i32::MAX, |_| true);
         s.insert(&a, me, |_| true);
         assert_eq!(names(&FrontendsSeen::load(&dir)), [a.clone(), b.clone()]);
+        assert!(!s.another_alive(&a, me), "the same process");
+        assert!(
+            s.another_alive(&a, me + 1),
+            "a replacement, the old one alive"
+        );
+        assert!(!s.another_alive(&gone, 1), "the old one is gone");
         s.remove(&a);
         assert_eq!(names(&FrontendsSeen::load(&dir)), std::slice::from_ref(&b));
         std::fs::write(dir.join(FILE), "nfs-b 0 -\n\u{0}bad 1 2\nx\nsmb-a 1 2 3\n").expect("write");

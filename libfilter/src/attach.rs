@@ -126,6 +126,9 @@ struct Shared {
 
 /// The I/O gate: which files have unchecked reads or writes in flight, and
 /// the lock hints waiting for them to finish.
+/// Longest [`Attachment::drain_file`] waits for a file's unchecked I/O.
+pub const DRAIN_FILE_WAIT: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 struct IoGate {
     state: Mutex<GateState>,
@@ -400,6 +403,28 @@ impl Attachment {
         }
         drop(g);
         let _ = self.client().lock_hint_ack(file);
+    }
+
+    /// Waits (up to [`DRAIN_FILE_WAIT`]) until no unchecked read or write of
+    /// `file` is in flight. A frontend calls it before it closes or
+    /// detaches a handle at filterd, after taking the handle out of its
+    /// own table (so `decide_io`'s `live` check lets no new one start):
+    /// once filterd has forgotten the handle, a first lock on the file no
+    /// longer waits for this frontend, so nothing of the handle may still
+    /// be on its way to the file. Returns false when the wait ran out (a
+    /// pwrite stuck that long is treated as failed, like a frontend that
+    /// does not acknowledge a lock hint in time).
+    pub fn drain_file(&self, file: FileId) -> bool {
+        let gate = &self.shared.gate;
+        let deadline = std::time::Instant::now() + DRAIN_FILE_WAIT;
+        let mut g = gate.lock();
+        while g.in_flight.contains_key(&file) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            g = gate.wait(g);
+        }
+        true
     }
 
     /// Applies a [`AttachEvent::Reattached`]'s lock state to a frontend's

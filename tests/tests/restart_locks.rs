@@ -624,3 +624,48 @@ fn first_locks_on_two_files_are_acknowledged_independently() {
     assert_eq!(&locked_bytes_of(&b.s, "f")[2..6], b"XXXX");
     assert_eq!(&locked_bytes_of(&b.s, "g")[2..6], b"YYYY");
 }
+
+/// Review of issue 13's fixes, finding 1: a first LOCK taken through the
+/// same smbshim as another client's unchecked WRITE still in its pwrite
+/// (slowed 3 s by strace) is granted only once that WRITE has landed.
+/// Old code: filterd left the locker's own frontend out of the handshake,
+/// the LOCK was granted at once and the WRITE landed inside it 3 s later.
+#[test]
+fn a_first_lock_waits_for_a_write_in_flight_through_its_own_frontend() {
+    let mut b = both("own-frontend");
+    let (mut a, asid) = smb_session(&b.smb.addr);
+    let afid = smb_open(&mut a, asid, "f", false);
+    let _slow = slow_pwrites(b.smb.pid(), &b.s.dir.join("trace"));
+    let id = smb_write_held(&mut b);
+    let r = a.call(json!({"cmd": "LOCK", "session_id": asid, "file_id": afid,
+                          "locks": [{"offset": 10, "length": 20, "exclusive": true,
+                                     "unlock": false}]}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let at_grant = locked_bytes(&b.s);
+    let (r, _) = b.m.reply_to("mid", id).expect("the WRITE's reply");
+    assert_eq!(
+        locked_bytes(&b.s),
+        at_grant,
+        "the WRITE ({r}) landed inside the lock after it was granted"
+    );
+}
+
+/// Review of issue 13's fixes, finding 2: an smbl/1 open whose WRITE is in
+/// its pwrite (slowed 3 s) is closed — by CLOSE or LOGOFF from another
+/// connection of the session — and then an nfsl/1 client takes the first
+/// lock of the file. The WRITE lands before filterd forgets the open, so
+/// before the grant. Old code: smbshim told filterd at once, the LOCK was
+/// granted at once (no smbshim handle of the file left to wait for), and
+/// the WRITE landed inside it.
+#[test]
+fn closing_an_open_waits_for_its_write_in_flight_before_a_first_lock() {
+    for how in ["CLOSE", "LOGOFF"] {
+        let mut b = both(&format!("close-inflight-{}", how.to_lowercase()));
+        let _slow = slow_pwrites(b.smb.pid(), &b.s.dir.join("trace"));
+        smb_write_in_flight_then_first_lock(&mut b, |b| {
+            let mut other = LineClient::connect(&b.smb.addr);
+            let c = other.call(json!({"cmd": how, "session_id": b.msid, "file_id": b.fid}));
+            assert_eq!(c["status"], "STATUS_SUCCESS", "{how}: {c}");
+        });
+    }
+}

@@ -44,13 +44,18 @@ impl Engine {
     /// unchecked I/O in flight from before, so no first lock waits for it
     /// as absent any more; remembered across restarts if it uses hints.
     pub(super) fn frontend_said_hello(&mut self, instance: &InstanceName, pid: i32, features: u64) {
-        self.restart_expected.remove(instance);
-        for (file, w) in self.hint_waits.iter_mut() {
-            if w.absent.remove(instance) && w.done() {
-                self.retry_files.insert(*file);
+        // A new process under the name of one seen before the restart
+        // that is still running ends nothing: the old one may have I/O in
+        // flight (it is waited for until it dies or the break timeout).
+        if !self.frontends_seen.another_alive(instance, pid) {
+            self.restart_expected.remove(instance);
+            for (file, w) in self.hint_waits.iter_mut() {
+                if w.absent.remove(instance) && w.done() {
+                    self.retry_files.insert(*file);
+                }
             }
+            self.hint_waits.retain(|_, w| !w.done());
         }
-        self.hint_waits.retain(|_, w| !w.done());
         if features & proto::FEATURE_LOCK_HINTS != 0 {
             let attached = &self.instances;
             self.frontends_seen
@@ -112,10 +117,12 @@ impl Engine {
             return None;
         }
         let told = self.lock_hints.get(&file).cloned().unwrap_or_default();
+        // The locker's own frontend too: another of its clients may have
+        // an unchecked write of the file in flight (review of issue 13).
         let others: HashSet<ConnId> = self
             .hinted_conns_of(file)
             .into_iter()
-            .filter(|c| *c != conn && !told.contains(c))
+            .filter(|c| !told.contains(c))
             .collect();
         let absent: HashSet<InstanceName> = self
             .by_file
@@ -125,12 +132,12 @@ impl Engine {
             .filter_map(|k| self.handles.get(k))
             .filter(|h| h.conn.is_none() && matches!(h.rec.conn, ConnState::Disconnected { .. }))
             .map(|h| &h.rec.frontend)
+            .filter(|i| !self.instances.contains_key(*i))
             // After a restart: every frontend seen before it that has not
-            // said hello since (it may have I/O on the file in flight).
+            // said hello since (it may have I/O on the file in flight) —
+            // even when another process has taken its name meanwhile.
             .chain(self.restart_expected.iter())
-            .filter(|i| {
-                **i != me && !self.instances.contains_key(*i) && !self.hint_gave_up.contains(*i)
-            })
+            .filter(|i| **i != me && !self.hint_gave_up.contains(*i))
             .cloned()
             .collect();
         if others.is_empty() && absent.is_empty() {

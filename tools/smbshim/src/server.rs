@@ -1028,6 +1028,9 @@ fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     if let Ok(mut opens) = sh.opens.lock() {
         opens.remove(&o.file_id);
     }
+    // A WRITE of this open (from another connection of the session) may
+    // be in its pwrite: it lands before filterd forgets the handle.
+    drain(sh, o.file_key);
     sh.filter.close(key).map_err(filter_fail)?;
     Ok(Map::new())
 }
@@ -1045,25 +1048,36 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) {
     if let Ok(mut s) = sh.sessions.lock() {
         s.remove(&session);
     }
-    let mine: Vec<(String, ResumeKey, bool)> = sh
+    let mine: Vec<(String, ResumeKey, bool, FileId)> = sh
         .opens
         .lock()
         .map(|o| {
             o.iter()
                 .filter(|(_, v)| v.session == session)
-                .map(|(k, v)| (k.clone(), v.key, v.durable.is_some()))
+                .map(|(k, v)| (k.clone(), v.key, v.durable.is_some(), v.file_key))
                 .collect()
         })
         .unwrap_or_default();
-    for (file_id, key, durable) in mine {
-        if let Ok(mut o) = sh.opens.lock() {
-            o.remove(&file_id);
+    if let Ok(mut o) = sh.opens.lock() {
+        for (file_id, ..) in &mine {
+            o.remove(file_id);
         }
+    }
+    for (_, key, durable, file) in mine {
+        drain(sh, file);
         let _ = if durable && !logoff {
             sh.filter.detach(key)
         } else {
             sh.filter.close(key)
         };
+    }
+}
+
+/// Waits for the unchecked I/O in flight on `file` (see
+/// `Attachment::drain_file`).
+fn drain(sh: &Shared, file: FileId) {
+    if !sh.filter.drain_file(file) {
+        eprintln!("smbshim: an unchecked read or write of a closing open is stuck; closing anyway");
     }
 }
 
