@@ -165,13 +165,17 @@ fn raise_fd_limit() -> u64 {
     soft
 }
 
+/// A claimed store, its epoch (fencing revision) and whether the last
+/// owner stopped cleanly.
+type Claimed = (Arc<dyn StateStore>, u64, bool);
+
 /// Opens and claims the resume-key table the flags name. `None`: a standby
 /// was stopped by a signal before it took over.
 fn open_store(
     args: &Args,
     state: &std::path::Path,
     sigs: &SigSet,
-) -> anyhow::Result<Option<(Arc<dyn StateStore>, u64, bool)>> {
+) -> anyhow::Result<Option<Claimed>> {
     if args.store == "lmdb" {
         let lmdb =
             Store::open(state, args.map_size_mib << 20).context("opening the state store")?;

@@ -128,7 +128,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.chunks(2)
@@ -321,7 +321,7 @@ impl EtcdStore {
                 Ok(v) => return Ok(v),
                 Err(e) if retryable(&e) && keep_trying() => {
                     tries += 1;
-                    if tries == 1 || tries % 20 == 0 {
+                    if tries == 1 || tries.is_multiple_of(20) {
                         warn!(error = %e, tries, "etcd {what}: retrying on another endpoint");
                     }
                     std::thread::sleep(Duration::from_millis(50));
@@ -340,7 +340,12 @@ impl EtcdStore {
         let still = || start.elapsed() < connect_for;
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(2);
         let mut lease_id = self.lease.id.load(Ordering::Acquire);
-        if lease_id == 0 || !self.lease.ok() {
+        // A waiting standby's lease is not renewed: take a fresh one when
+        // less than half of it is left, so the owner starts with time to
+        // set up its keepalive.
+        let half_left = self.lease.nanos(Instant::now() + self.ttl / 2)
+            < self.lease.valid_until.load(Ordering::Acquire);
+        if lease_id == 0 || !half_left || self.lease.lost.load(Ordering::Acquire) {
             let sent = Instant::now();
             let granted = self.retry("lease grant", still, |mut c| async move {
                 c.lease_grant(ttl, None).await
@@ -648,12 +653,16 @@ impl EtcdStore {
                 None => TxnOp::delete(k.clone(), None),
             })
             .collect();
-        let mut txn = Txn::new()
-            .and_then(ops)
-            .or_else([TxnOp::get(owner.clone(), None)]);
+        // (The client wants the compares first.)
+        let mut txn = Txn::new();
         if fence != 0 {
-            txn = txn.when([Compare::create_revision(owner, CompareOp::Equal, fence)]);
+            txn = txn.when([Compare::create_revision(
+                owner.clone(),
+                CompareOp::Equal,
+                fence,
+            )]);
         }
+        let txn = txn.and_then(ops).or_else([TxnOp::get(owner, None)]);
         let lease = self.lease.clone();
         let resp = self.retry(
             "commit",
