@@ -409,3 +409,85 @@ fn another_machine_takes_over_and_a_stale_owner_steps_down() {
     reconnect(&mut c, &client_guid, &fid, &guid);
     drop(cluster);
 }
+
+/// A persistent create of `path` on an smbl/1 connection.
+fn persistent_create(c: &mut LineClient, sid: u64, path: &str) -> Value {
+    c.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
+               "share": ["read"], "disposition": "create",
+               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 60000}}),
+    )
+}
+
+#[test]
+fn etcd_members_die_under_load() {
+    if !etcd_available("etcd_members_die_under_load") {
+        return;
+    }
+    let shared = Scratch::new("etcd-quorum");
+    let export = shared.root();
+    let mut cluster = Cluster::start(&shared);
+    let url = cluster.url("rk/quorum");
+    let sa = node("etcd-quorum-a", &export);
+    let mut a = start_node(&sa, &url, false);
+    a.wait_ready();
+    let smb = Shim::start("smbshim", a.socket(), "smb-q");
+    let mut c = LineClient::connect(&smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+
+    // One member dies mid-stream: every create is still acknowledged, and
+    // every acknowledged one is in the table.
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        if i == 15 {
+            cluster.kill(0);
+        }
+        let path = format!("f{i:02}");
+        let r = persistent_create(&mut c, sid, &path);
+        assert_eq!(
+            r["status"], "STATUS_SUCCESS",
+            "{path} with one member down: {r}"
+        );
+        acked.push(path);
+    }
+    assert_eq!(
+        handle_paths(a.socket()),
+        acked,
+        "nothing acknowledged was lost"
+    );
+
+    // Two members down: no quorum. A persistent change is never
+    // acknowledged; filterd stops once its lease may have run out.
+    cluster.kill(1);
+    let t0 = Instant::now();
+    let r = persistent_create(&mut c, sid, "nq");
+    assert_ne!(
+        r["status"], "STATUS_SUCCESS",
+        "acknowledged without quorum: {r}"
+    );
+    let st = a.wait_exit(Duration::from_secs(TTL + 10));
+    assert_eq!(st.code(), Some(75), "{}", a.log_text());
+    eprintln!(
+        "without quorum: the create was refused ({}) and filterd stepped down {:?} after the second member died",
+        r["status"],
+        t0.elapsed()
+    );
+    assert!(a.log_text().contains("lease"), "{}", a.log_text());
+
+    // Quorum returns: a standby takes over with every acknowledged handle,
+    // and persistent changes go on.
+    cluster.spawn(1);
+    cluster.wait_healthy(1);
+    let sb = node("etcd-quorum-b", &export);
+    let b = start_node(&sb, &url, true);
+    b.wait_ready();
+    let paths = handle_paths(b.socket());
+    for p in &acked {
+        assert!(paths.contains(p), "{p} lost: {paths:?}");
+    }
+    let smb = Shim::start("smbshim", b.socket(), "smb-q2");
+    let mut c = LineClient::connect(&smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "bob");
+    let r = persistent_create(&mut c, sid, "after");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
