@@ -218,7 +218,7 @@ fn open_store(
             info!(signal = si.ssi_signo, "standby stopped before taking over");
             return Ok(None);
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let store: Arc<dyn StateStore> = Arc::new(etcd);
     // Lease loss stops the daemon even when nothing else happens: it must

@@ -187,12 +187,12 @@ fn node(name: &str, export: &Path) -> Scratch {
     s
 }
 
-fn store_flags(url: &str, standby: bool) -> Vec<String> {
+fn store_flags(url: &str, standby: bool, ttl: u64) -> Vec<String> {
     let mut v = vec![
         "--store".to_owned(),
         url.to_owned(),
         "--lease-ttl-secs".to_owned(),
-        TTL.to_string(),
+        ttl.to_string(),
     ];
     if standby {
         v.push("--standby".to_owned());
@@ -201,7 +201,11 @@ fn store_flags(url: &str, standby: bool) -> Vec<String> {
 }
 
 fn start_node(s: &Scratch, url: &str, standby: bool) -> Filterd {
-    let flags = store_flags(url, standby);
+    start_node_ttl(s, url, standby, TTL)
+}
+
+fn start_node_ttl(s: &Scratch, url: &str, standby: bool, ttl: u64) -> Filterd {
+    let flags = store_flags(url, standby, ttl);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     Filterd::spawn(s, &flags, &[])
 }
@@ -429,7 +433,10 @@ fn etcd_members_die_under_load() {
     let mut cluster = Cluster::start(&shared);
     let url = cluster.url("rk/quorum");
     let sa = node("etcd-quorum-a", &export);
-    let mut a = start_node(&sa, &url, false);
+    // A lease that outlives an etcd leader election (1 s by default) with
+    // the margin to spare: the killed member may be the leader.
+    let ttl = 4;
+    let mut a = start_node_ttl(&sa, &url, false, ttl);
     a.wait_ready();
     let smb = Shim::start("smbshim", a.socket(), "smb-q");
     let mut c = LineClient::connect(&smb.addr);
@@ -465,7 +472,7 @@ fn etcd_members_die_under_load() {
         r["status"], "STATUS_SUCCESS",
         "acknowledged without quorum: {r}"
     );
-    let st = a.wait_exit(Duration::from_secs(TTL + 10));
+    let st = a.wait_exit(Duration::from_secs(ttl + 10));
     assert_eq!(st.code(), Some(75), "{}", a.log_text());
     eprintln!(
         "without quorum: the create was refused ({}) and filterd stepped down {:?} after the second member died",
@@ -479,7 +486,7 @@ fn etcd_members_die_under_load() {
     cluster.spawn(1);
     cluster.wait_healthy(1);
     let sb = node("etcd-quorum-b", &export);
-    let b = start_node(&sb, &url, true);
+    let b = start_node_ttl(&sb, &url, true, ttl);
     b.wait_ready();
     let paths = handle_paths(b.socket());
     for p in &acked {
