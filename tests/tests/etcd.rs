@@ -407,6 +407,28 @@ fn another_machine_takes_over_and_a_stale_owner_steps_down() {
         b.log_text()
     );
     assert_eq!(std::fs::read(export.join("f")).unwrap(), b"data");
+    // filterctl reads the table offline and names its owner.
+    let st = rkfilter_tests::filterctl(&["--store", &url, "status"]);
+    assert!(
+        st.code == 0 && st.stdout.contains(&format!("pid {}", a.pid())),
+        "{}{}",
+        st.stdout,
+        st.stderr
+    );
+    let v = rkfilter_tests::filterctl(&["--store", &url, "handles", "--json"]).json();
+    let mut stored: Vec<String> = v
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|h| {
+            h["record"]["path"]
+                .as_str()
+                .or(h["path"].as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(stored, before, "the etcd table, read offline");
     // Node A serves on.
     let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
     let mut c = LineClient::connect(&a_smb.addr);
