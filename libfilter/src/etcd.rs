@@ -212,6 +212,9 @@ pub struct EtcdStore {
     compact_every: Duration,
     /// The owner we found when a claim was refused.
     last_owner: Mutex<String>,
+    /// Stopped cleanly and handed the prefix over: commits fail, and the
+    /// lease's end is no reason to stop (we are stopping).
+    retired: AtomicBool,
 }
 
 impl EtcdStore {
@@ -259,6 +262,7 @@ impl EtcdStore {
             revision: Arc::new(AtomicI64::new(0)),
             compact_every,
             last_owner: Mutex::new(String::new()),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -375,7 +379,16 @@ impl EtcdStore {
             async move { c.txn(t).await }
         })?;
         let responses = resp.op_responses();
-        if !resp.succeeded() {
+        // A retried claim whose first attempt made the key: it is ours.
+        let ours = responses.iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .filter(|kv| kv.lease() == lease_id && kv.value() == self.me.as_bytes())
+                .map(|kv| kv.create_revision()),
+            _ => None,
+        });
+        if !resp.succeeded() && ours.is_none() {
             let who = responses
                 .iter()
                 .find_map(|r| match r {
@@ -393,8 +406,8 @@ impl EtcdStore {
             return Ok(None);
         }
         let mut was_clean = false;
-        let mut fence = 0;
-        for (i, r) in responses.iter().enumerate() {
+        let mut fence = ours.unwrap_or(0);
+        for (i, r) in responses.iter().enumerate().filter(|_| resp.succeeded()) {
             if let TxnOpResponse::Get(g) = r {
                 if i == 1 {
                     was_clean = !g.kvs().is_empty();
@@ -412,7 +425,8 @@ impl EtcdStore {
         self.fence.store(fence, Ordering::Release);
         self.revision.store(pinned, Ordering::Release);
         self.start_keepalive();
-        let table = self.read_table(Some(pinned))?;
+        let lease = self.lease.clone();
+        let table = self.read_table(Some(pinned), &|| lease.ok())?;
         let n = table.len();
         *self.lock_table() = table;
         info!(url = %self.url, fencing_revision = fence, records = n, ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(0), margin_ms = u64::try_from(self.lease.margin.as_millis()).unwrap_or(0), "owner of the etcd table");
@@ -422,7 +436,11 @@ impl EtcdStore {
 
     /// Reads every record under the prefix at one revision (`None`: the
     /// current one), in pages.
-    fn read_table(&self, rev: Option<i64>) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+    fn read_table(
+        &self,
+        rev: Option<i64>,
+        keep_trying: &dyn Fn() -> bool,
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
         let mut out = BTreeMap::new();
         let mut from = self.key("");
         let end = {
@@ -440,25 +458,21 @@ impl EtcdStore {
         ];
         loop {
             let (f, e) = (from.clone(), end.clone());
-            let resp = self.retry(
-                "read",
-                || true,
-                |mut c| {
-                    let (f, e) = (f.clone(), e.clone());
-                    async move {
-                        c.get(
-                            f,
-                            Some(
-                                GetOptions::new()
-                                    .with_range(e)
-                                    .with_limit(PAGE)
-                                    .with_revision(rev),
-                            ),
-                        )
-                        .await
-                    }
-                },
-            )?;
+            let resp = self.retry("read", keep_trying, |mut c| {
+                let (f, e) = (f.clone(), e.clone());
+                async move {
+                    c.get(
+                        f,
+                        Some(
+                            GetOptions::new()
+                                .with_range(e)
+                                .with_limit(PAGE)
+                                .with_revision(rev),
+                        ),
+                    )
+                    .await
+                }
+            })?;
             if rev == 0 {
                 rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
@@ -543,6 +557,9 @@ impl EtcdStore {
     /// Whether this daemon may still act as owner: its lease surely stands
     /// (by its own clock, less the margin) and no commit was fenced.
     pub fn owner_check(&self) -> Result<(), StoreError> {
+        if self.retired.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if self.fence.load(Ordering::Acquire) == 0 || self.lease.ok() {
             return Ok(());
         }
@@ -644,6 +661,9 @@ impl EtcdStore {
 
     /// Commits one chunk (guarded); returns the revision.
     fn commit_chunk(&self, chunk: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> Result<i64, StoreError> {
+        if self.retired.load(Ordering::Acquire) {
+            return Err(self.lost());
+        }
         let fence = self.fence.load(Ordering::Acquire);
         let owner = self.owner_key();
         let ops: Vec<TxnOp> = chunk
@@ -712,7 +732,8 @@ impl EtcdStore {
     /// lease).
     pub fn open_read_only(url: &EtcdUrl) -> Result<EtcdStore, StoreError> {
         let s = EtcdStore::connect(url, Duration::from_secs(2), Duration::ZERO)?;
-        let table = s.read_table(None)?;
+        let t0 = Instant::now();
+        let table = s.read_table(None, &|| t0.elapsed() < Duration::from_secs(10))?;
         *s.lock_table() = table;
         let owner = s.owner_key();
         let got = s.retry(
@@ -892,6 +913,7 @@ impl StateStore for EtcdStore {
         // Hand the prefix over at once: a standby need not wait for the
         // lease to run out.
         let id = self.lease.id.load(Ordering::Acquire);
+        self.retired.store(true, Ordering::Release);
         self.lease.lost.store(true, Ordering::Release);
         let _ = self.rt.block_on(self.client.clone().lease_revoke(id));
         Ok(())

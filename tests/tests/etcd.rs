@@ -363,7 +363,7 @@ fn another_machine_takes_over_and_a_stale_owner_steps_down() {
     // Node A comes back as standby; node B's filterd is stopped past its
     // lease; A takes over.
     let before = handle_paths(b.socket());
-    let a = start_node(&sa, &url, true);
+    let mut a = start_node(&sa, &url, true);
     a.wait_log("standby: waiting for the owner", Duration::from_secs(20));
     b.signal(Signal::SIGSTOP);
     // Requests reach node B's frontends while its filterd is stopped: a new
@@ -433,6 +433,20 @@ fn another_machine_takes_over_and_a_stale_owner_steps_down() {
     let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
     let mut c = LineClient::connect(&a_smb.addr);
     reconnect(&mut c, &client_guid, &fid, &guid);
+    let sock = a.socket().display().to_string();
+    let st = rkfilter_tests::filterctl(&["--socket", &sock, "status"]).stdout;
+    assert!(
+        st.contains(&url)
+            && st.contains(&format!("pid {}", a.pid()))
+            && st.contains("fencing revision"),
+        "status names the store, its owner and the fencing revision: {st}"
+    );
+    // A clean stop hands the prefix over at once and says so.
+    drop(c);
+    drop(a_smb);
+    assert!(a.terminate().success(), "{}", a.log_text());
+    let st = rkfilter_tests::filterctl(&["--store", &url, "status"]).stdout;
+    assert!(st.contains("owner none") && st.contains("clean\n"), "{st}");
     drop(cluster);
 }
 
