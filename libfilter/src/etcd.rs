@@ -165,6 +165,9 @@ fn retryable(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// One Txn's worth of changes: key → new value (`None`: delete).
+type Chunk = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
 /// The lease state shared with the keepalive task.
 struct Lease {
     id: AtomicI64,
@@ -728,6 +731,53 @@ impl EtcdStore {
         Ok(rev)
     }
 
+    /// Coalesces each request's ops (`batches`, one per request) and packs
+    /// whole requests into Txn-sized chunks, in order: a request shares a
+    /// chunk with others only whole, and is split only when it alone
+    /// exceeds one Txn.
+    fn pack(&self, batches: &[&[StoreOp]]) -> Result<Vec<Chunk>, StoreError> {
+        let mut chunks: Vec<Chunk> = Vec::new();
+        {
+            let table = self.lock_table();
+            let mut view: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+            let mut chunk: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+            let mut bytes = 0usize;
+            for ops in batches {
+                let d = self.delta(ops, &table, &view)?;
+                let d_bytes: usize = d
+                    .iter()
+                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                    .sum();
+                let new_keys = d.keys().filter(|k| !chunk.contains_key(*k)).count();
+                if !chunk.is_empty()
+                    && (chunk.len() + new_keys > MAX_TXN_OPS || bytes + d_bytes > MAX_TXN_BYTES)
+                {
+                    chunks.push(std::mem::take(&mut chunk));
+                    bytes = 0;
+                }
+                if d.len() > MAX_TXN_OPS || d_bytes > MAX_TXN_BYTES {
+                    warn!(keys = d.len(), bytes = d_bytes, "one request's changes exceed one etcd Txn: committed over several, in key order");
+                }
+                for (k, v) in d {
+                    let size = k.len() + v.as_ref().map_or(0, Vec::len);
+                    if (chunk.len() >= MAX_TXN_OPS && !chunk.contains_key(&k))
+                        || (!chunk.is_empty() && bytes + size > MAX_TXN_BYTES)
+                    {
+                        chunks.push(std::mem::take(&mut chunk));
+                        bytes = 0;
+                    }
+                    bytes += size;
+                    view.insert(k.clone(), v.clone());
+                    chunk.insert(k, v);
+                }
+            }
+            if !chunk.is_empty() {
+                chunks.push(chunk);
+            }
+        }
+        Ok(chunks)
+    }
+
     /// A read-only view for tools: the table as it is now (no claim, no
     /// lease).
     pub fn open_read_only(url: &EtcdUrl) -> Result<EtcdStore, StoreError> {
@@ -821,46 +871,7 @@ impl StateStore for EtcdStore {
     }
     fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
         self.owner_check()?;
-        // Coalesce each request's ops; pack whole requests into chunks.
-        let mut chunks: Vec<BTreeMap<Vec<u8>, Option<Vec<u8>>>> = Vec::new();
-        {
-            let table = self.lock_table();
-            let mut view: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-            let mut chunk: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-            let mut bytes = 0usize;
-            for ops in batches {
-                let d = self.delta(ops, &table, &view)?;
-                let d_bytes: usize = d
-                    .iter()
-                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-                    .sum();
-                let new_keys = d.keys().filter(|k| !chunk.contains_key(*k)).count();
-                if !chunk.is_empty()
-                    && (chunk.len() + new_keys > MAX_TXN_OPS || bytes + d_bytes > MAX_TXN_BYTES)
-                {
-                    chunks.push(std::mem::take(&mut chunk));
-                    bytes = 0;
-                }
-                if d.len() > MAX_TXN_OPS || d_bytes > MAX_TXN_BYTES {
-                    warn!(keys = d.len(), bytes = d_bytes, "one request's changes exceed one etcd Txn: committed over several, in key order");
-                }
-                for (k, v) in d {
-                    let size = k.len() + v.as_ref().map_or(0, Vec::len);
-                    if chunk.len() >= MAX_TXN_OPS
-                        || (!chunk.is_empty() && bytes + size > MAX_TXN_BYTES)
-                    {
-                        chunks.push(std::mem::take(&mut chunk));
-                        bytes = 0;
-                    }
-                    bytes += size;
-                    view.insert(k.clone(), v.clone());
-                    chunk.insert(k, v);
-                }
-            }
-            if !chunk.is_empty() {
-                chunks.push(chunk);
-            }
-        }
+        let chunks = self.pack(batches)?;
         let mut rev = self.revision.load(Ordering::Acquire);
         for chunk in &chunks {
             rev = self.commit_chunk(chunk)?;
@@ -940,6 +951,105 @@ mod tests {
         ] {
             assert!(EtcdUrl::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    fn intent(n: u16) -> StoreOp {
+        let mut id = [0u8; 16];
+        id[..2].copy_from_slice(&n.to_be_bytes());
+        StoreOp::PutIntent(Box::new(crate::model::Intent {
+            id: crate::model::IntentId(uuid::Uuid::from_bytes(id)),
+            change: crate::model::IntentChange::Remove {
+                path: crate::model::RelPath::new("f").unwrap(),
+                file: crate::model::FileId { dev: 1, ino: 2 },
+                record: None,
+                kernel_handle: None,
+                on_close: false,
+            },
+            recorded_ms: 0,
+        }))
+    }
+
+    /// A store that is never contacted (packing is local).
+    fn offline() -> EtcdStore {
+        let url = EtcdUrl::parse("etcd://127.0.0.1:9/rk/t").unwrap();
+        EtcdStore::connect(&url, Duration::from_secs(2), Duration::ZERO).unwrap()
+    }
+
+    #[test]
+    fn requests_are_packed_whole_into_txns() {
+        let s = offline();
+        let req = |from: u16, n: u16| -> Vec<StoreOp> { (from..from + n).map(intent).collect() };
+        let (a, b, c) = (req(0, 60), req(100, 60), req(200, 60));
+        let chunks = s.pack(&[&a, &b, &c]).unwrap();
+        let sizes: Vec<usize> = chunks.iter().map(BTreeMap::len).collect();
+        assert_eq!(
+            sizes,
+            [120, 60],
+            "a third request of 60 does not fit beside two"
+        );
+        // One request alone over the limit is split; the next starts afresh.
+        let (big, small) = (req(0, 200), req(300, 5));
+        let sizes: Vec<usize> = s
+            .pack(&[&big, &small])
+            .unwrap()
+            .iter()
+            .map(BTreeMap::len)
+            .collect();
+        assert_eq!(sizes, [MAX_TXN_OPS, 200 - MAX_TXN_OPS + 5]);
+        assert!(sizes.iter().all(|n| *n <= MAX_TXN_OPS));
+    }
+
+    #[test]
+    fn a_key_changed_twice_is_one_op_with_the_last_value() {
+        let s = offline();
+        let put = intent(1);
+        let StoreOp::PutIntent(i) = &put else {
+            unreachable!()
+        };
+        let del = StoreOp::DeleteIntent(i.id);
+        let chunks = s
+            .pack(&[&[put.clone(), del.clone()], &[put.clone()]])
+            .unwrap();
+        assert_eq!(chunks.len(), 1);
+        let only: Vec<_> = chunks[0].values().collect();
+        assert_eq!(only.len(), 1, "etcd refuses a key twice in one Txn");
+        assert!(only[0].is_some(), "the last change wins");
+        let chunks = s.pack(&[&[put, del]]).unwrap();
+        assert!(chunks[0].values().all(Option::is_none));
+    }
+
+    #[test]
+    fn replay_trims_and_scope_deletes_are_one_key_deletes() {
+        let s = offline();
+        let scope = ReplayScope::Handle(ResumeKey::new_random());
+        let rec = crate::model::ReplayRecord {
+            reply: "ok".into(),
+            recorded_ms: 0,
+        };
+        let put = |op_id: u64| StoreOp::PutReplay {
+            scope: scope.clone(),
+            op_id,
+            record: rec.clone(),
+            keep: 2,
+        };
+        // Three records with keep=2: the oldest is deleted by key.
+        let chunks = s.pack(&[&[put(1), put(2), put(3)]]).unwrap();
+        let kept: Vec<_> = chunks[0].iter().filter(|(_, v)| v.is_some()).collect();
+        let dropped: Vec<_> = chunks[0].iter().filter(|(_, v)| v.is_none()).collect();
+        assert_eq!((kept.len(), dropped.len()), (2, 1));
+        assert_eq!(dropped[0].0, &s.replay_key(&replay_key(&scope, 1)));
+        let chunks = s
+            .pack(&[
+                &[put(1), put(2)],
+                &[StoreOp::DeleteReplayScope(scope.clone())],
+            ])
+            .unwrap();
+        assert!(
+            chunks[0].values().all(Option::is_none),
+            "{:?}",
+            chunks[0].keys()
+        );
+        assert_eq!(chunks[0].len(), 2);
     }
 
     #[test]
