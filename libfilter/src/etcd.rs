@@ -956,17 +956,7 @@ mod tests {
     fn intent(n: u16) -> StoreOp {
         let mut id = [0u8; 16];
         id[..2].copy_from_slice(&n.to_be_bytes());
-        StoreOp::PutIntent(Box::new(crate::model::Intent {
-            id: crate::model::IntentId(uuid::Uuid::from_bytes(id)),
-            change: crate::model::IntentChange::Remove {
-                path: crate::model::RelPath::new("f").unwrap(),
-                file: crate::model::FileId { dev: 1, ino: 2 },
-                record: None,
-                kernel_handle: None,
-                on_close: false,
-            },
-            recorded_ms: 0,
-        }))
+        crate::store::sample_intent(id)
     }
 
     /// A store that is never contacted (packing is local).
@@ -1008,7 +998,7 @@ mod tests {
         };
         let del = StoreOp::DeleteIntent(i.id);
         let chunks = s
-            .pack(&[&[put.clone(), del.clone()], &[put.clone()]])
+            .pack(&[&[put.clone(), del.clone()], std::slice::from_ref(&put)])
             .unwrap();
         assert_eq!(chunks.len(), 1);
         let only: Vec<_> = chunks[0].values().collect();

@@ -843,6 +843,22 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A small intent with this id, for store tests.
+#[cfg(test)]
+pub(crate) fn sample_intent(id: [u8; 16]) -> StoreOp {
+    StoreOp::PutIntent(Box::new(crate::model::Intent {
+        id: crate::model::IntentId(uuid::Uuid::from_bytes(id)),
+        change: crate::model::IntentChange::Remove {
+            path: crate::model::RelPath::new("f").unwrap(),
+            file: crate::model::FileId { dev: 1, ino: 2 },
+            record: None,
+            kernel_handle: None,
+            on_close: false,
+        },
+        recorded_ms: 0,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -850,19 +866,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("rkf-fence-{}", uuid::Uuid::new_v4()));
         let s = Store::open(&dir, 1 << 24).unwrap();
         let (mine, _) = StateStore::claim(&s).unwrap();
-        let rec = |n: u8| {
-            StoreOp::PutIntent(Box::new(crate::model::Intent {
-                id: crate::model::IntentId(uuid::Uuid::from_bytes([n; 16])),
-                change: crate::model::IntentChange::Remove {
-                    path: crate::model::RelPath::new("f").unwrap(),
-                    file: crate::model::FileId { dev: 1, ino: 2 },
-                    record: None,
-                    kernel_handle: None,
-                    on_close: false,
-                },
-                recorded_ms: 0,
-            }))
-        };
+        let rec = |n: u8| sample_intent([n; 16]);
         let first = StateStore::commit(&s, &[&[rec(1)]]).unwrap();
         let second = StateStore::commit(&s, &[&[rec(2)]]).unwrap();
         assert!(second > first, "commit sequence numbers ascend");
