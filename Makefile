@@ -2,15 +2,23 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release
 
-.PHONY: all build release test lint unit e2e bench demo fuzz soak clean
+.PHONY: all build protoc release test lint unit e2e bench demo fuzz soak clean
 
 all: build
 
-build:
+build: protoc
 	$(CARGO) build --workspace
 
-release:
+release: protoc
 	$(CARGO) build --workspace --release
+
+# The etcd client (libfilter feature `etcd`, on in filterd and filterctl)
+# compiles etcd's protobuf definitions at build time: protoc must be there.
+protoc:
+	@command -v protoc >/dev/null 2>&1 || { \
+	  echo "installing protobuf-compiler (protoc, needed to build the etcd client)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq protobuf-compiler; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq protobuf-compiler; fi; }
 
 # Everything: formatting, lints, unit + property tests, end-to-end tests that
 # start the real programs. Root-only tests (mounts, fanotify) run when root,
@@ -19,7 +27,7 @@ release:
 test: lint build
 	$(CARGO) test --workspace --no-fail-fast
 
-lint:
+lint: protoc
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 

@@ -405,7 +405,7 @@ fn retry_alone(store: &dyn StateStore, groups: &[Group]) -> BTreeSet<u64> {
 /// change anything more. It exits at once (its clients see the connection
 /// drop and reconnect to the owner).
 fn fenced(e: &StoreError) {
-    if let StoreError::Fenced { .. } = e {
+    if let StoreError::Fenced { .. } | StoreError::LeaseLost { .. } = e {
         error!(error = %e, "fenced: another filterd owns this state; exiting without acknowledging anything more");
         std::process::exit(75);
     }

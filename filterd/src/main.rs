@@ -80,10 +80,24 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = observability::LogFormat::Text)]
     log_format: observability::LogFormat,
-    /// Wait for the active daemon on this state dir to die, then take over
-    /// (SIGTERM or SIGINT stops it while it waits, exit 0).
+    /// Wait for the active daemon on this state dir (and, with an etcd
+    /// store, for the owner of the etcd prefix, on any machine) to die, then
+    /// take over (SIGTERM or SIGINT stops it while it waits, exit 0).
     #[arg(long)]
     standby: bool,
+    /// Where the resume-key table lives: `lmdb` (embedded, in the state
+    /// dir) or `etcd://HOST:PORT[,HOST:PORT…]/PREFIX` (an etcd v3 cluster,
+    /// shared with standbys on other machines; README "Two machines").
+    #[arg(long, value_name = "STORE", default_value = "lmdb")]
+    store: String,
+    /// etcd store: the ownership lease's time to live in seconds (at least
+    /// 2). filterd stops acting max(TTL/4, 500 ms) before it could expire;
+    /// a standby takes over within about TTL after the owner dies.
+    #[arg(long, value_name = "SECS", default_value_t = 4)]
+    lease_ttl_secs: u64,
+    /// etcd store: compact etcd's history this often (seconds; 0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    compact_every_secs: u64,
     /// LMDB map size in MiB (the file grows only as used).
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
     map_size_mib: usize,
@@ -153,6 +167,78 @@ fn raise_fd_limit() -> u64 {
     soft
 }
 
+/// A claimed store, its epoch (fencing revision) and whether the last
+/// owner stopped cleanly.
+type Claimed = (Arc<dyn StateStore>, u64, bool);
+
+/// Opens and claims the resume-key table the flags name. `None`: a standby
+/// was stopped by a signal before it took over.
+fn open_store(
+    args: &Args,
+    state: &std::path::Path,
+    sigs: &SigSet,
+) -> anyhow::Result<Option<Claimed>> {
+    if args.store == "lmdb" {
+        let lmdb =
+            Store::open(state, args.map_size_mib << 20).context("opening the state store")?;
+        lmdb.set_max_map_size(args.max_map_size_mib.max(args.map_size_mib) << 20);
+        let store: Arc<dyn StateStore> = Arc::new(lmdb);
+        // Claiming the table fences any earlier claimant: its commits fail.
+        let (epoch, was_clean) = store.claim()?;
+        return Ok(Some((store, epoch, was_clean)));
+    }
+    let url =
+        libfilter::etcd::EtcdUrl::parse(&args.store).map_err(|e| anyhow::anyhow!("--store {e}"))?;
+    let etcd = libfilter::etcd::EtcdStore::connect(
+        &url,
+        std::time::Duration::from_secs(args.lease_ttl_secs),
+        std::time::Duration::from_secs(args.compact_every_secs),
+    )?;
+    let signals = nix::sys::signalfd::SignalFd::with_flags(
+        sigs,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+    )
+    .context("signalfd")?;
+    let mut waiting = false;
+    let (epoch, was_clean) = loop {
+        if let Some(claimed) = etcd.try_claim().context("claiming the etcd table")? {
+            break claimed;
+        }
+        if !args.standby {
+            bail!(
+                "{}",
+                libfilter::store::StoreError::Owned {
+                    by: etcd.last_owner()
+                }
+            );
+        }
+        if !waiting {
+            info!(owner = %etcd.last_owner(), store = %url, "standby: waiting for the owner of the etcd table to go");
+            waiting = true;
+        }
+        if let Ok(Some(si)) = signals.read_signal() {
+            info!(signal = si.ssi_signo, "standby stopped before taking over");
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let store: Arc<dyn StateStore> = Arc::new(etcd);
+    // Lease loss stops the daemon even when nothing else happens: it must
+    // act on nothing once its lease may have run out (the engine and the
+    // committer check too, before they act).
+    let watch = store.clone();
+    std::thread::Builder::new()
+        .name("lease-watch".into())
+        .spawn(move || loop {
+            if let Err(e) = watch.owner_check() {
+                error!(error = %e, "no longer the owner of the etcd table: stepping down");
+                std::process::exit(75);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        })?;
+    Ok(Some((store, epoch, was_clean)))
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     // Signals are taken synchronously by the main thread; block them before
@@ -190,7 +276,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let socket_path = match args.socket {
+    let socket_path = match args.socket.clone() {
         Some(p) if p.is_relative() => std::env::current_dir()?.join(p),
         Some(p) => p,
         None => state.join("filterd.sock"),
@@ -227,11 +313,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let own_mount = root.try_clone().context("duplicating the export root")?;
 
-    let lmdb = Store::open(&state, args.map_size_mib << 20).context("opening the state store")?;
-    lmdb.set_max_map_size(args.max_map_size_mib.max(args.map_size_mib) << 20);
-    let store: Arc<dyn StateStore> = Arc::new(lmdb);
-    // Claiming the table fences any earlier claimant: its commits fail.
-    let (epoch, was_clean) = store.claim()?;
+    let (store, epoch, was_clean) = match open_store(&args, &state, &sigs)? {
+        Some(s) => s,
+        None => return Ok(()),
+    };
     info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
 
     let (poller, cmd_tx) = conn::Poller::new(args.command_queue.max(16))?;

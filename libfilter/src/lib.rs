@@ -6,6 +6,8 @@
 //! - [`lease`]: lease states, grants and the break table (pure).
 //! - [`locks`]: the byte-range lock algebra, LockFileEx semantics (pure).
 //! - [`store`]: the LMDB tables (heed), versioned records, schema and epoch.
+//! - `etcd` (feature `etcd`): the same table in an etcd cluster, fenced by a
+//!   lease, so a filterd on another machine can take over.
 //! - [`proto`]: the frontend ↔ filterd wire protocol, the only place its
 //!   messages are defined.
 //! - [`client`]: the API a frontend links to: connect, open, resume, close,
@@ -21,6 +23,8 @@
 
 pub mod attach;
 pub mod client;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod lease;
 pub mod locks;
 pub mod model;

@@ -90,6 +90,24 @@ pub enum StoreError {
         /// The epoch the table carries now.
         now: u64,
     },
+    /// The remote store (etcd) failed the request.
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// This daemon's etcd lease may have run out (it could not be renewed
+    /// in time, or a commit could not be confirmed before it might): it may
+    /// no longer act as owner.
+    #[error("the etcd lease of fencing revision {fence} may have expired: this daemon no longer owns the table")]
+    LeaseLost {
+        /// Our fencing revision.
+        fence: u64,
+    },
+    /// Another daemon owns the table (etcd): start with --standby to take
+    /// over when it goes.
+    #[error("the state table is owned by {by}; start with --standby to take over when it goes")]
+    Owned {
+        /// Who owns it.
+        by: String,
+    },
 }
 
 impl From<heed::Error> for StoreError {
@@ -146,6 +164,16 @@ impl<'a, T: DeserializeOwned + 'a> BytesDecode<'a> for Versioned<T> {
     fn bytes_decode(bytes: &'a [u8]) -> Result<T, BoxedError> {
         decode_record(bytes).map_err(Into::into)
     }
+}
+
+/// Encodes a versioned record as every backend stores it.
+pub fn encode_record<T: Serialize>(item: &T) -> Result<Vec<u8>, StoreError> {
+    let mut v = vec![RECORD_VERSION];
+    serde_json::to_writer(&mut v, item).map_err(|e| StoreError::Corrupt {
+        table: "encode",
+        reason: e.to_string(),
+    })?;
+    Ok(v)
 }
 
 /// Decodes a versioned record; exposed for fuzzing and filterctl.
@@ -293,6 +321,17 @@ pub struct Store {
 pub trait StateStore: Send + Sync {
     /// A short name for status output (`lmdb`, `etcd`).
     fn kind(&self) -> &'static str;
+    /// What status output shows of the store: its kind, and for a shared
+    /// store where it is, who owns it and the fencing revision.
+    fn describe(&self) -> String {
+        self.kind().to_owned()
+    }
+    /// Whether this daemon may still act as the table's owner (change the
+    /// filesystem, acknowledge anything). An embedded store always may; a
+    /// shared one may not once its lease may have run out.
+    fn owner_check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Claims the table for this daemon (a new epoch: every earlier
     /// claimant is fenced from now on). Returns the epoch and whether the
     /// last owner stopped cleanly.
@@ -804,6 +843,22 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A small intent with this id, for store tests.
+#[cfg(test)]
+pub(crate) fn sample_intent(id: [u8; 16]) -> StoreOp {
+    StoreOp::PutIntent(Box::new(crate::model::Intent {
+        id: crate::model::IntentId(uuid::Uuid::from_bytes(id)),
+        change: crate::model::IntentChange::Remove {
+            path: crate::model::RelPath::new("f").unwrap(),
+            file: crate::model::FileId { dev: 1, ino: 2 },
+            record: None,
+            kernel_handle: None,
+            on_close: false,
+        },
+        recorded_ms: 0,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -811,19 +866,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("rkf-fence-{}", uuid::Uuid::new_v4()));
         let s = Store::open(&dir, 1 << 24).unwrap();
         let (mine, _) = StateStore::claim(&s).unwrap();
-        let rec = |n: u8| {
-            StoreOp::PutIntent(Box::new(crate::model::Intent {
-                id: crate::model::IntentId(uuid::Uuid::from_bytes([n; 16])),
-                change: crate::model::IntentChange::Remove {
-                    path: crate::model::RelPath::new("f").unwrap(),
-                    file: crate::model::FileId { dev: 1, ino: 2 },
-                    record: None,
-                    kernel_handle: None,
-                    on_close: false,
-                },
-                recorded_ms: 0,
-            }))
-        };
+        let rec = |n: u8| sample_intent([n; 16]);
         let first = StateStore::commit(&s, &[&[rec(1)]]).unwrap();
         let second = StateStore::commit(&s, &[&[rec(2)]]).unwrap();
         assert!(second > first, "commit sequence numbers ascend");

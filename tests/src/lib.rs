@@ -12,6 +12,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use libfilter::client::FilterClient;
+
+pub mod etcd;
 use serde_json::{json, Value};
 
 /// Path of a workspace binary built next to the test executable (or next

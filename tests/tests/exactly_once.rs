@@ -83,24 +83,36 @@ fn no_crash(disp: Disposition, pre: Option<&[u8]>) -> Outcome {
     outcome(&s, &h)
 }
 
-fn check_store_agrees(s: &Scratch, guid: CreateGuid) {
-    let store = Store::open_read_only(&s.state()).unwrap();
-    let hs: Vec<HandleRecord> = store
-        .handles()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+/// What the store holds after the daemon stopped: handles and intents, from
+/// the LMDB files or (with `etcd`) the etcd table.
+fn stored(s: &Scratch, etcd: Option<&str>) -> (Vec<HandleRecord>, usize) {
+    use libfilter::store::StateStore;
+    let (hs, intents) = match etcd {
+        None => {
+            let store = Store::open_read_only(&s.state()).unwrap();
+            (store.handles().unwrap(), store.intents().unwrap().len())
+        }
+        Some(url) => {
+            let url = libfilter::etcd::EtcdUrl::parse(url).unwrap();
+            let store = libfilter::etcd::EtcdStore::open_read_only(&url).unwrap();
+            (
+                store.all_handles().unwrap(),
+                store.all_intents().unwrap().len(),
+            )
+        }
+    };
+    (hs.into_iter().map(|r| r.unwrap()).collect(), intents)
+}
+
+fn check_store_agrees(s: &Scratch, guid: CreateGuid, etcd: Option<&str>) {
+    let (hs, intents) = stored(s, etcd);
     let mine: Vec<&HandleRecord> = hs.iter().filter(|h| h.create_guid == Some(guid)).collect();
     assert_eq!(
         mine.len(),
         1,
         "exactly one handle for the create GUID: {hs:?}"
     );
-    assert!(
-        store.intents().unwrap().is_empty(),
-        "no dangling intent after recovery"
-    );
+    assert_eq!(intents, 0, "no dangling intent after recovery");
     let meta = std::fs::metadata(s.root().join("f")).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!(
@@ -110,10 +122,31 @@ fn check_store_agrees(s: &Scratch, guid: CreateGuid) {
     );
 }
 
-fn crash_and_replay(fp: &str, disp: Disposition, pre: Option<&[u8]>, expect: &Outcome) {
+/// filterd's flags for the store: LMDB (none), or an etcd table at `etcd`
+/// — restarted as a standby, which takes over once the dead owner's lease
+/// has run out.
+fn store_flags(etcd: Option<&str>, restart: bool) -> Vec<&str> {
+    match etcd {
+        None => vec![],
+        Some(url) if restart => vec!["--store", url, "--lease-ttl-secs", "2", "--standby"],
+        Some(url) => vec!["--store", url, "--lease-ttl-secs", "2"],
+    }
+}
+
+fn crash_and_replay(
+    fp: &str,
+    disp: Disposition,
+    pre: Option<&[u8]>,
+    expect: &Outcome,
+    etcd: Option<&str>,
+) {
     let s = Scratch::new("eo");
     prepare(&s, pre);
-    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
+    let mut d = Filterd::start(
+        &s,
+        &store_flags(etcd, false),
+        &[("RKFILTER_FAILPOINTS", fp)],
+    );
     let guid = CreateGuid(uuid::Uuid::new_v4());
     let first = frontend(&s).open(open_req("f", disp, guid));
     let truncates_existing = pre.is_some()
@@ -133,7 +166,7 @@ fn crash_and_replay(fp: &str, disp: Disposition, pre: Option<&[u8]>, expect: &Ou
             d.wait_exit(Duration::from_secs(10));
         }
     }
-    let d2 = Filterd::start(&s, &[], &[]);
+    let d2 = Filterd::start(&s, &store_flags(etcd, true), &[]);
     // Before the client replays, someone else wants the file. Whatever was
     // durable — the handle, or the intent recovery rolled forward — must
     // already protect it (share read only); nothing durable, nothing to protect.
@@ -189,7 +222,7 @@ fn crash_and_replay(fp: &str, disp: Disposition, pre: Option<&[u8]>, expect: &Ou
     drop(fe);
     let mut d2 = d2;
     d2.terminate();
-    check_store_agrees(&s, guid);
+    check_store_agrees(&s, guid, etcd);
 }
 
 #[test]
@@ -206,7 +239,29 @@ fn every_failpoint_times_every_persistent_open() {
     for &(disp, pre) in cases {
         let expect = no_crash(disp, pre);
         for fp in FAILPOINTS {
-            crash_and_replay(fp, disp, pre, &expect);
+            crash_and_replay(fp, disp, pre, &expect, None);
+        }
+    }
+}
+
+/// The same matrix against the etcd store (a one-member cluster; each case
+/// its own prefix), for a create and an overwrite of existing data.
+#[test]
+fn every_failpoint_against_the_etcd_store() {
+    if !rkfilter_tests::etcd::etcd_available("every_failpoint_against_the_etcd_store") {
+        return;
+    }
+    let top = Scratch::new("eo-etcd");
+    let cluster = rkfilter_tests::etcd::Cluster::start(&top, 1);
+    let cases: &[(Disposition, Option<&[u8]>)] = &[
+        (Disposition::Create, None),
+        (Disposition::OverwriteIf, Some(b"old data")),
+    ];
+    for &(disp, pre) in cases {
+        let expect = no_crash(disp, pre);
+        for fp in FAILPOINTS {
+            let url = cluster.url(&format!("eo/{}", uuid::Uuid::new_v4().simple()));
+            crash_and_replay(fp, disp, pre, &expect, Some(&url));
         }
     }
 }

@@ -334,6 +334,12 @@ impl Engine {
         let mut stop = false;
         while !stop {
             for ready in poller.wait(self.next_wakeup()) {
+                // A shared store's owner whose lease may have run out acts
+                // on nothing more (docs/ARCHITECTURE.md, "etcd").
+                if let Err(e) = self.store.owner_check() {
+                    error!(error = %e, "no longer the owner: stopping without acting on anything more");
+                    std::process::exit(75);
+                }
                 match ready {
                     Ready::Commands => {
                         let queued: Vec<Command> = poller.commands().take(MAX_BATCH).collect();
@@ -1046,7 +1052,7 @@ impl Engine {
             recovering: false,
             fanotify: self.cfg.fanotify,
             mediation: self.mediation.clone(),
-            store: self.store.kind().to_owned(),
+            store: self.store.describe(),
             schema_version: libfilter::store::SCHEMA_VERSION,
         }
     }

@@ -18,15 +18,16 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use libfilter::client::FilterClient;
+use libfilter::model::HandleRecord;
 use libfilter::model::{ConnState, Intent, IntentChange, ResumeKey};
 use libfilter::proto::{FileView, HandleView, Reply, Request};
 use libfilter::runtime::{Liveness, Phase};
-use libfilter::store::Store;
+use libfilter::store::{MetaInfo, StateStore, Store, StoreError};
 
 /// Inspect and manage the handle state of rkfilter's filterd.
 #[derive(Parser, Debug)]
 #[command(name = "filterctl", version, about, long_about = None)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["socket", "state"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["socket", "state", "store"])))]
 struct Args {
     /// filterd's Unix socket.
     #[arg(long, value_name = "PATH", global = true)]
@@ -36,6 +37,11 @@ struct Args {
     /// will show them.
     #[arg(long, value_name = "DIR", global = true)]
     state: Option<PathBuf>,
+    /// An etcd table (`etcd://HOST:PORT[,HOST:PORT…]/PREFIX`, as filterd's
+    /// `--store`), read as it is now, shown as a takeover will show it;
+    /// `status` names its owner and fencing revision.
+    #[arg(long, value_name = "URL", global = true)]
+    store: Option<String>,
     /// Print one JSON document instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -83,12 +89,59 @@ enum Cmd {
 /// Where the answers come from.
 enum Source {
     Live(FilterClient),
-    Offline(Store),
+    Offline(Offline),
+}
+
+/// A store read without a daemon: LMDB files or an etcd table.
+enum Offline {
+    Lmdb(Store),
+    Etcd(Box<libfilter::etcd::EtcdStore>),
+}
+
+impl Offline {
+    fn intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
+        match self {
+            Offline::Lmdb(s) => s.intents(),
+            Offline::Etcd(s) => s.all_intents(),
+        }
+    }
+    fn handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
+        match self {
+            Offline::Lmdb(s) => s.handles(),
+            Offline::Etcd(s) => s.all_handles(),
+        }
+    }
+    fn replays(&self) -> Result<Vec<libfilter::store::RawReplay>, StoreError> {
+        match self {
+            Offline::Lmdb(s) => s.replays(),
+            Offline::Etcd(s) => s.all_replays(),
+        }
+    }
+    fn meta(&self) -> Result<MetaInfo, StoreError> {
+        match self {
+            Offline::Lmdb(s) => s.meta(),
+            Offline::Etcd(s) => Ok(s.meta()),
+        }
+    }
+    /// For a shared store: where it is and who owns it now.
+    fn owner(&self) -> Option<String> {
+        match self {
+            Offline::Lmdb(_) => None,
+            Offline::Etcd(s) => Some(s.last_owner()),
+        }
+    }
 }
 
 fn open_source(args: &Args) -> anyhow::Result<Source> {
     if let Some(sock) = &args.socket {
         return Ok(Source::Live(FilterClient::connect_control(sock)?));
+    }
+    if let Some(url) = &args.store {
+        let parsed =
+            libfilter::etcd::EtcdUrl::parse(url).map_err(|e| anyhow::anyhow!("--store {e}"))?;
+        let store = libfilter::etcd::EtcdStore::open_read_only(&parsed)
+            .with_context(|| format!("reading the etcd table {parsed}"))?;
+        return Ok(Source::Offline(Offline::Etcd(Box::new(store))));
     }
     let state = args
         .state
@@ -148,7 +201,7 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
             state.display()
         )
     })?;
-    Ok(Source::Offline(store))
+    Ok(Source::Offline(Offline::Lmdb(store)))
 }
 
 fn parse_key(s: &str) -> anyhow::Result<ResumeKey> {
@@ -161,7 +214,7 @@ fn parse_key(s: &str) -> anyhow::Result<ResumeKey> {
 /// fresh timeout — whatever state the dead daemon last wrote — or lost if
 /// it was lost already or has no kernel handle to reopen by. (Recovery also
 /// marks lost a handle whose file is gone; only a restart can tell.)
-fn offline_handles(store: &Store) -> anyhow::Result<(Vec<HandleView>, Vec<String>)> {
+fn offline_handles(store: &Offline) -> anyhow::Result<(Vec<HandleView>, Vec<String>)> {
     let mut records = Vec::new();
     let mut corrupt = Vec::new();
     for i in store.intents()? {
@@ -343,13 +396,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
             let (views, corrupt) = offline_handles(&store)?;
             if args.json {
                 print_json(&serde_json::json!({
-                    "daemon": "not running",
+                    "daemon": if store.owner().is_some() { "read from the store" } else { "not running" },
+                    "owner": store.owner(),
                     "meta": meta,
                     "handles": views.len(),
                     "corrupt_records": corrupt,
                 }))
             } else {
-                print!("{}", render::offline_status(&meta, &views, &corrupt));
+                print!(
+                    "{}",
+                    render::offline_status(&meta, store.owner().as_deref(), &views, &corrupt)
+                );
                 Ok(())
             }
         }

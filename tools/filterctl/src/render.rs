@@ -361,11 +361,28 @@ pub fn status(s: &StatusInfo) -> String {
 }
 
 /// `status`, offline.
-pub fn offline_status(meta: &MetaInfo, views: &[HandleView], corrupt: &[String]) -> String {
+pub fn offline_status(
+    meta: &MetaInfo,
+    owner: Option<&str>,
+    views: &[HandleView],
+    corrupt: &[String],
+) -> String {
     let count = |f: fn(&ConnState) -> bool| views.iter().filter(|v| f(&v.record.conn)).count();
+    let daemon = match owner {
+        // A shared (etcd) table: its owner may be serving on another node.
+        Some(o) => format!("owner {o} (read-only view of the etcd table)"),
+        None => "not running (read-only view of the store)".into(),
+    };
     let mut out = kv(&[
-        ("daemon", "not running (read-only view of the store)".into()),
-        ("last epoch", meta.epoch.to_string()),
+        ("daemon", daemon),
+        (
+            if owner.is_some() {
+                "fencing revision"
+            } else {
+                "last epoch"
+            },
+            meta.epoch.to_string(),
+        ),
         (
             "last shutdown",
             if meta.clean_shutdown {

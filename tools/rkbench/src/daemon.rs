@@ -34,12 +34,16 @@ pub struct Daemon {
 impl Daemon {
     /// Spawns filterd on `root` and `state` (with fanotify when `fanotify`),
     /// its stderr to `log`, without waiting for it.
+    /// Spawns filterd on `root` and `state` (with fanotify when `fanotify`,
+    /// and `extra` flags such as `--store`), its stderr to `log`, without
+    /// waiting for it.
     pub fn spawn(
         filterd: &Path,
         root: &Path,
         state: &Path,
         log: &Path,
         fanotify: bool,
+        extra: &[String],
     ) -> anyhow::Result<Daemon> {
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -48,6 +52,7 @@ impl Daemon {
         if !fanotify {
             cmd.arg("--no-fanotify");
         }
+        cmd.args(extra);
         let child = cmd
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -69,8 +74,9 @@ impl Daemon {
         state: &Path,
         log: &Path,
         fanotify: bool,
+        extra: &[String],
     ) -> anyhow::Result<Daemon> {
-        let mut d = Self::spawn(filterd, root, state, log, fanotify)?;
+        let mut d = Self::spawn(filterd, root, state, log, fanotify, extra)?;
         d.wait_serving(POLL, READY_LIMIT)?;
         Ok(d)
     }

@@ -180,6 +180,7 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
         &state,
         &dir.join("local/filterd.log"),
         true,
+        &[],
     )?;
     let fe = FilterClient::connect_frontend(
         &d.socket,

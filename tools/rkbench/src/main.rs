@@ -5,7 +5,9 @@
 //!
 //! Sections: `raw` (baselines), `mediated` (open+close through filterd for
 //! none / durable / persistent at 1, 8, 64 connections, and a mandatory-lock
-//! check round trip), `local` (local opens under fanotify; root only),
+//! check round trip), `etcd` (persistent open+close at 64 connections with
+//! the table in a one-member etcd, beside a raw 64-put etcd Txn loop;
+//! skipped without an etcd binary), `local` (local opens under fanotify; root only),
 //! `restart` (start to serving with 10k and 100k persistent handles beside
 //! raw `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
 //! for durable-with-lease and persistent opens at 1 and 32 connections,
@@ -22,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 mod daemon;
+mod etcd;
 mod gate;
 mod local;
 mod mediated;
@@ -195,6 +198,8 @@ fn main() -> anyhow::Result<()> {
                 false,
             );
         }
+        eprintln!("rkbench: the etcd store…");
+        etcd_section(&mut rep, &filterd, &dir, dur)?;
         let io = mediated::check_io(&filterd, &dir, dur)?;
         rep.rows.push(
             Row::new(
@@ -360,6 +365,63 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// smbl/1 rows: CREATE+CLOSE per kind and connection count, and failover.
+/// Persistent open+close at 64 connections with the table in a one-member
+/// etcd, beside a raw loop of 64-put etcd Txns in the same run. Skipped
+/// (with a note) without an etcd binary.
+fn etcd_section(
+    rep: &mut Report,
+    filterd: &std::path::Path,
+    dir: &std::path::Path,
+    dur: Duration,
+) -> anyhow::Result<()> {
+    let Some(e) = etcd::start(dir)? else {
+        eprintln!("rkbench: skipped the etcd rows: no etcd binary (Debian etcd-server)");
+        return Ok(());
+    };
+    let raw = etcd::raw_txn_puts(e.port, 64, dur)?;
+    rep.rows.push(Row::new(
+        "raw etcd Txn, 64 puts, 1 node (puts/s)",
+        1,
+        raw.ops_per_s,
+        raw.mean_us,
+        raw.p99_us,
+    ));
+    let extra = [
+        "--store".to_owned(),
+        format!(
+            "etcd://127.0.0.1:{}/rkbench/{}",
+            e.port,
+            uuid::Uuid::new_v4().simple()
+        ),
+    ];
+    let m = mediated::open_close_with(
+        filterd,
+        dir,
+        libfilter::model::Durability::Persistent { timeout_ms: 60_000 },
+        64,
+        dur,
+        &extra,
+    )?;
+    rep.rows.push(
+        Row::new(
+            "mediated open+close, persistent, etcd store 1 node (requests/s, µs/pair)",
+            64,
+            m.requests_per_s,
+            m.mean_us,
+            m.p99_us,
+        )
+        .note(format!("{:.1} ops/commit", m.ops_per_commit))
+        .beside_rate("raw etcd 64 puts/Txn", raw.ops_per_s),
+    );
+    rep.target(
+        "persistent requests/s at 64 conns, etcd store ≥ 0.7× raw etcd puts/s (64/Txn)",
+        m.requests_per_s / raw.ops_per_s,
+        0.7,
+        false,
+    );
+    Ok(())
+}
+
 fn smb_section(
     rep: &mut Report,
     filterd: &std::path::Path,

@@ -33,6 +33,16 @@ pub const KINDS: &[(&str, Durability)] = &[
 /// Starts filterd on a fresh export `dir/tag/root` holding `f0..f63` and a
 /// fresh state dir `dir/tag/state`, and waits until it serves.
 pub(crate) fn start_export(filterd: &Path, dir: &Path, tag: &str) -> anyhow::Result<Daemon> {
+    start_export_with(filterd, dir, tag, &[])
+}
+
+/// As [`start_export`], with `extra` filterd flags.
+fn start_export_with(
+    filterd: &Path,
+    dir: &Path,
+    tag: &str,
+    extra: &[String],
+) -> anyhow::Result<Daemon> {
     let root = dir.join(format!("{tag}/root"));
     let state = dir.join(format!("{tag}/state"));
     let _ = std::fs::remove_dir_all(dir.join(tag));
@@ -47,6 +57,7 @@ pub(crate) fn start_export(filterd: &Path, dir: &Path, tag: &str) -> anyhow::Res
         &state,
         &dir.join(format!("{tag}/filterd.log")),
         false,
+        extra,
     )
 }
 
@@ -117,7 +128,20 @@ pub fn open_close(
     conns: usize,
     dur: Duration,
 ) -> anyhow::Result<Mediated> {
-    let d = start_export(filterd, dir, &format!("med-{}-{conns}", durability.word()))?;
+    open_close_with(filterd, dir, durability, conns, dur, &[])
+}
+
+/// As [`open_close`], with `extra` filterd flags (another `--store`).
+pub fn open_close_with(
+    filterd: &Path,
+    dir: &Path,
+    durability: Durability,
+    conns: usize,
+    dur: Duration,
+    extra: &[String],
+) -> anyhow::Result<Mediated> {
+    let tag = format!("med-{}-{conns}-{}", durability.word(), extra.len());
+    let d = start_export_with(filterd, dir, &tag, extra)?;
     // Connect every client first, so the clock starts with all of them
     // attached.
     let mut clients = Vec::with_capacity(conns);

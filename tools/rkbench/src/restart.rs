@@ -106,7 +106,7 @@ pub fn measure(filterd: &Path, dir: &Path, n: usize) -> anyhow::Result<RestartFi
     let raw = raw.min(raw_open_by_handle(&root, &handles)?);
     let log = dir.join(format!("restart-{n}/filterd.log"));
     let t0 = Instant::now();
-    let mut d = Daemon::spawn(filterd, &root, &state, &log, false)?;
+    let mut d = Daemon::spawn(filterd, &root, &state, &log, false, &[])?;
     let client = d.wait_serving(Duration::from_micros(500), Duration::from_secs(120))?;
     let serving = t0.elapsed();
     let recovered = match client.call(libfilter::proto::Request::Stats)?.0 {

@@ -1,0 +1,1052 @@
+//! The etcd state store: the resume-key table in an etcd v3 cluster, so a
+//! filterd on another machine can take over every handle.
+//!
+//! Chosen with `--store etcd://HOST:PORT[,HOST:PORT…]/PREFIX`. Keys under
+//! `PREFIX` (values are the same versioned records as LMDB's):
+//!
+//! | key | value |
+//! |---|---|
+//! | `PREFIX/owner` | the owning daemon (`node pid`), under its lease |
+//! | `PREFIX/meta/clean` | present after a clean shutdown |
+//! | `PREFIX/h/<hex resume key>` | a handle record |
+//! | `PREFIX/r/<hex replay key>` | a recorded reply ([`crate::store::replay_key`]) |
+//! | `PREFIX/i/<hex intent id>` | an intent |
+//!
+//! **Ownership.** A daemon takes a lease (TTL ≥ 2 s, etcd's minimum) and
+//! becomes owner with `Txn(If create_revision(owner) == 0 Then Put(owner,
+//! lease))`; the owner key's create revision is its *fencing revision* (the
+//! epoch). Every commit is `Txn(If create_revision(owner) == mine Then …
+//! Else Get(owner))`: a stale owner's commit writes nothing. A keepalive
+//! task renews the lease every TTL/4. The daemon may act only while its own
+//! monotonic clock says the lease cannot have run out: the lease counts from
+//! when the server received the last renewal, which is after we sent it, so
+//! it lasts at least until `sent + TTL`; we stop at `sent + TTL − margin`
+//! (margin = max(TTL/4, 500 ms), for clock-rate differences and the time
+//! between a check and the action it allows). [`EtcdStore::owner_check`]
+//! tells; a failed keepalive, an expired lease or a failed fencing compare
+//! makes it fail for good.
+//!
+//! **Group commit.** A commit's batches (one per request) become Txns of at
+//! most [`MAX_TXN_OPS`] operations (etcd's `--max-txn-ops` default) and
+//! 1 MiB: a request's operations are never split across Txns unless that
+//! request alone exceeds the limit (then its keys go in order over several;
+//! logged). Operations are coalesced to the final value of each key (etcd
+//! refuses a key twice in one Txn); every put is a full value and every
+//! delete names one key, so retrying a Txn after an ambiguous failure
+//! (Unavailable, a timeout: another endpoint is tried) is harmless.
+//! Retrying stops when the lease may have run out: the commit fails as
+//! fenced. NOSPACE (etcd's quota) is [`StoreError::Full`].
+//!
+//! **Reads.** The owner reads the whole table once, at one pinned revision,
+//! in pages (the client's 4 MiB message limit), and keeps it in memory; as
+//! the only writer it applies each committed Txn to that copy, so reads
+//! (recovery, rollback) never go to the network and always show exactly
+//! what is durable.
+//!
+//! **Housekeeping.** Expired handles are per-key deletes in ordinary
+//! commits. Every `compact_every` the store compacts etcd's history up to
+//! the revision it saw one interval earlier.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+use tracing::{error, info, warn};
+
+use crate::model::{HandleRecord, Intent, ReplayRecord, ReplayScope, ResumeKey};
+use crate::store::{
+    decode_record, encode_record, parse_replay_key, replay_key, replay_prefix, MetaInfo, RawReplay,
+    StateStore, StoreError, StoreOp, SCHEMA_VERSION,
+};
+
+/// Most operations in one Txn (etcd's `--max-txn-ops` default).
+pub const MAX_TXN_OPS: usize = 128;
+/// Most value bytes in one Txn (etcd's `--max-request-bytes` is 1.5 MiB).
+const MAX_TXN_BYTES: usize = 1 << 20;
+/// Keys per page when reading the table.
+const PAGE: i64 = 1000;
+/// Per-request timeout: a request to a dead member fails and is retried on
+/// another endpoint well within a lease.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Where the table lives: `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdUrl {
+    /// `http://HOST:PORT` endpoints.
+    pub endpoints: Vec<String>,
+    /// Key prefix (no trailing slash), e.g. `/rkfilter/export1`.
+    pub prefix: String,
+}
+
+impl EtcdUrl {
+    /// Parses `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
+    pub fn parse(s: &str) -> Result<EtcdUrl, String> {
+        let rest = s
+            .strip_prefix("etcd://")
+            .ok_or_else(|| format!("{s}: an etcd store is etcd://HOST:PORT[,HOST:PORT…]/PREFIX"))?;
+        let (hosts, prefix) = rest
+            .split_once('/')
+            .ok_or_else(|| format!("{s}: missing /PREFIX after the endpoints"))?;
+        let prefix = prefix.trim_end_matches('/');
+        if prefix.is_empty() {
+            return Err(format!("{s}: the PREFIX must not be empty"));
+        }
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let ok = h
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("{s}: endpoint {h:?} is not HOST:PORT"));
+            }
+            endpoints.push(format!("http://{h}"));
+        }
+        Ok(EtcdUrl {
+            endpoints,
+            prefix: format!("/{prefix}"),
+        })
+    }
+}
+
+impl std::fmt::Display for EtcdUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts: Vec<&str> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim_start_matches("http://"))
+            .collect();
+        write!(f, "etcd://{}{}", hosts.join(","), self.prefix)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &[u8]) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.chunks(2)
+        .map(|p| {
+            std::str::from_utf8(p)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+        })
+        .collect()
+}
+
+fn etcd_err(e: etcd_client::Error) -> StoreError {
+    if let etcd_client::Error::GRpcStatus(s) = &e {
+        if s.message().contains("database space exceeded") {
+            return StoreError::Full;
+        }
+    }
+    StoreError::Etcd(e.to_string())
+}
+
+/// Whether a failed request may have reached no server or may be retried
+/// as it is (every op is a full value or a one-key delete).
+fn retryable(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+            ) && !s.message().contains("space exceeded")
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// One Txn's worth of changes: key → new value (`None`: delete).
+type Chunk = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// The lease state shared with the keepalive task.
+struct Lease {
+    id: AtomicI64,
+    ttl: Duration,
+    margin: Duration,
+    /// Base of the monotonic deadline below.
+    base: Instant,
+    /// Nanoseconds after `base` until which the lease surely stands.
+    valid_until: AtomicU64,
+    /// Lost for good (expired, revoked, fenced).
+    lost: AtomicBool,
+}
+
+impl Lease {
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+    /// A renewal sent at `sent` was granted `ttl` more seconds.
+    fn renewed(&self, sent: Instant, ttl: Duration) {
+        let until = self.nanos(sent + ttl);
+        self.valid_until.fetch_max(until, Ordering::AcqRel);
+    }
+    fn ok(&self) -> bool {
+        !self.lost.load(Ordering::Acquire)
+            && self.nanos(Instant::now() + self.margin) < self.valid_until.load(Ordering::Acquire)
+    }
+}
+
+/// The table in etcd (see the module docs).
+pub struct EtcdStore {
+    url: EtcdUrl,
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    /// Who we are in the owner key.
+    me: String,
+    ttl: Duration,
+    lease: Arc<Lease>,
+    /// Our fencing revision (create revision of the owner key; 0 unclaimed).
+    fence: AtomicI64,
+    /// The table as committed (key → value), read at claim and kept up to
+    /// date by our own commits.
+    table: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Highest revision our commits reached (for compaction).
+    revision: Arc<AtomicI64>,
+    compact_every: Duration,
+    /// The owner we found when a claim was refused.
+    last_owner: Mutex<String>,
+    /// Stopped cleanly and handed the prefix over: commits fail, and the
+    /// lease's end is no reason to stop (we are stopping).
+    retired: AtomicBool,
+}
+
+impl EtcdStore {
+    /// Connects (lazily: no request is made yet). `ttl` is the lease's
+    /// time to live (at least 2 s).
+    pub fn connect(
+        url: &EtcdUrl,
+        ttl: Duration,
+        compact_every: Duration,
+    ) -> Result<Self, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Etcd(format!("starting the etcd client runtime: {e}")))?;
+        let opts = ConnectOptions::new()
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_require_leader(true);
+        let client = rt
+            .block_on(Client::connect(&url.endpoints, Some(opts)))
+            .map_err(|e| StoreError::Etcd(format!("connecting to {url}: {e}")))?;
+        let ttl = ttl.max(Duration::from_secs(2));
+        let margin = (ttl / 4).max(Duration::from_millis(500));
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        Ok(EtcdStore {
+            url: url.clone(),
+            rt,
+            client,
+            me: format!("{host} pid {}", std::process::id()),
+            ttl,
+            lease: Arc::new(Lease {
+                id: AtomicI64::new(0),
+                ttl,
+                margin,
+                base: Instant::now(),
+                valid_until: AtomicU64::new(0),
+                lost: AtomicBool::new(false),
+            }),
+            fence: AtomicI64::new(0),
+            table: Mutex::new(BTreeMap::new()),
+            revision: Arc::new(AtomicI64::new(0)),
+            compact_every,
+            last_owner: Mutex::new(String::new()),
+            retired: AtomicBool::new(false),
+        })
+    }
+
+    /// The margin by which this daemon stops before its lease could expire.
+    pub fn margin(&self) -> Duration {
+        self.lease.margin
+    }
+
+    /// The lease's time to live.
+    pub fn ttl(&self) -> Duration {
+        self.lease.ttl
+    }
+
+    /// Who owned the prefix when our last claim was refused.
+    pub fn last_owner(&self) -> String {
+        self.last_owner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn key(&self, rest: &str) -> Vec<u8> {
+        format!("{}/{rest}", self.url.prefix).into_bytes()
+    }
+    fn owner_key(&self) -> Vec<u8> {
+        self.key("owner")
+    }
+    fn clean_key(&self) -> Vec<u8> {
+        self.key("meta/clean")
+    }
+    fn handle_key(&self, k: &ResumeKey) -> Vec<u8> {
+        self.key(&format!("h/{}", hex(k.as_bytes())))
+    }
+    fn intent_key(&self, id: &[u8]) -> Vec<u8> {
+        self.key(&format!("i/{}", hex(id)))
+    }
+    fn replay_key(&self, raw: &[u8]) -> Vec<u8> {
+        self.key(&format!("r/{}", hex(raw)))
+    }
+
+    fn lock_table(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` until it succeeds or fails for a reason a retry cannot
+    /// change; retries while `keep_trying` says so.
+    fn retry<T, F, Fut>(
+        &self,
+        what: &str,
+        keep_trying: impl Fn() -> bool,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut tries = 0u32;
+        loop {
+            match self.rt.block_on(f(self.client.clone())) {
+                Ok(v) => return Ok(v),
+                Err(e) if retryable(&e) && keep_trying() => {
+                    tries += 1;
+                    if tries == 1 || tries.is_multiple_of(20) {
+                        warn!(error = %e, tries, "etcd {what}: retrying on another endpoint");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(etcd_err(e)),
+            }
+        }
+    }
+
+    /// One attempt to own the prefix. `Ok(None)`: another daemon owns it
+    /// (see [`EtcdStore::last_owner`]). On success: our fencing revision
+    /// and whether the last owner stopped cleanly; the table is loaded.
+    pub fn try_claim(&self) -> Result<Option<(u64, bool)>, StoreError> {
+        let start = Instant::now();
+        let connect_for = Duration::from_secs(10);
+        let still = || start.elapsed() < connect_for;
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(2);
+        let mut lease_id = self.lease.id.load(Ordering::Acquire);
+        // A waiting standby's lease is not renewed: take a fresh one when
+        // less than half of it is left, so the owner starts with time to
+        // set up its keepalive.
+        let half_left = self.lease.nanos(Instant::now() + self.ttl / 2)
+            < self.lease.valid_until.load(Ordering::Acquire);
+        if lease_id == 0 || !half_left || self.lease.lost.load(Ordering::Acquire) {
+            let sent = Instant::now();
+            let granted = self.retry("lease grant", still, |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })?;
+            lease_id = granted.id();
+            self.lease.id.store(lease_id, Ordering::Release);
+            self.lease.lost.store(false, Ordering::Release);
+            let secs = u64::try_from(granted.ttl()).unwrap_or(0);
+            self.lease.renewed(sent, Duration::from_secs(secs));
+        }
+        let (owner, clean) = (self.owner_key(), self.clean_key());
+        let txn = Txn::new()
+            .when([Compare::create_revision(owner.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    owner.clone(),
+                    self.me.clone(),
+                    Some(PutOptions::new().with_lease(lease_id)),
+                ),
+                TxnOp::get(clean.clone(), None),
+                TxnOp::delete(clean, None),
+                TxnOp::get(owner.clone(), None),
+            ])
+            .or_else([TxnOp::get(owner, None)]);
+        let resp = self.retry("claim", still, |mut c| {
+            let t = txn.clone();
+            async move { c.txn(t).await }
+        })?;
+        let responses = resp.op_responses();
+        // A retried claim whose first attempt made the key: it is ours.
+        let ours = responses.iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .filter(|kv| kv.lease() == lease_id && kv.value() == self.me.as_bytes())
+                .map(|kv| kv.create_revision()),
+            _ => None,
+        });
+        if !resp.succeeded() && ours.is_none() {
+            let who = responses
+                .iter()
+                .find_map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                        format!(
+                            "{} (fencing revision {})",
+                            String::from_utf8_lossy(kv.value()),
+                            kv.create_revision()
+                        )
+                    }),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "unknown".into());
+            *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = who;
+            return Ok(None);
+        }
+        let mut was_clean = false;
+        let mut fence = ours.unwrap_or(0);
+        for (i, r) in responses.iter().enumerate().filter(|_| resp.succeeded()) {
+            if let TxnOpResponse::Get(g) = r {
+                if i == 1 {
+                    was_clean = !g.kvs().is_empty();
+                } else if let Some(kv) = g.kvs().first() {
+                    fence = kv.create_revision();
+                }
+            }
+        }
+        let pinned = resp.header().map(|h| h.revision()).unwrap_or(0);
+        if fence <= 0 {
+            return Err(StoreError::Etcd(
+                "the owner key vanished as it was made".into(),
+            ));
+        }
+        self.fence.store(fence, Ordering::Release);
+        self.revision.store(pinned, Ordering::Release);
+        self.start_keepalive();
+        let lease = self.lease.clone();
+        let table = self.read_table(Some(pinned), &|| lease.ok())?;
+        let n = table.len();
+        *self.lock_table() = table;
+        info!(url = %self.url, fencing_revision = fence, records = n, ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(0), margin_ms = u64::try_from(self.lease.margin.as_millis()).unwrap_or(0), "owner of the etcd table");
+        let fence = u64::try_from(fence).unwrap_or(0);
+        Ok(Some((fence, was_clean)))
+    }
+
+    /// Reads every record under the prefix at one revision (`None`: the
+    /// current one), in pages.
+    fn read_table(
+        &self,
+        rev: Option<i64>,
+        keep_trying: &dyn Fn() -> bool,
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+        let mut out = BTreeMap::new();
+        let mut from = self.key("");
+        let end = {
+            // The prefix "P/" ends before "P0".
+            let mut e = self.url.prefix.clone().into_bytes();
+            e.push(b'/' + 1);
+            e
+        };
+        let mut rev = rev.unwrap_or(0);
+        let tables = [
+            self.key("h/"),
+            self.key("r/"),
+            self.key("i/"),
+            self.key("meta/"),
+        ];
+        loop {
+            let (f, e) = (from.clone(), end.clone());
+            let resp = self.retry("read", keep_trying, |mut c| {
+                let (f, e) = (f.clone(), e.clone());
+                async move {
+                    c.get(
+                        f,
+                        Some(
+                            GetOptions::new()
+                                .with_range(e)
+                                .with_limit(PAGE)
+                                .with_revision(rev),
+                        ),
+                    )
+                    .await
+                }
+            })?;
+            if rev == 0 {
+                rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let kvs = resp.kvs();
+            for kv in kvs {
+                if tables.iter().any(|t| kv.key().starts_with(t)) {
+                    out.insert(kv.key().to_vec(), kv.value().to_vec());
+                }
+            }
+            match kvs.last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    fn start_keepalive(&self) {
+        let lease = self.lease.clone();
+        let mut client = self.client.clone();
+        let revision = self.revision.clone();
+        let compact_every = self.compact_every;
+        let interval = (self.ttl / 4).max(Duration::from_millis(250));
+        self.rt.spawn(async move {
+            let id = lease.id.load(Ordering::Acquire);
+            let mut keeper = None;
+            let mut last_compact = Instant::now();
+            let mut compact_to = revision.load(Ordering::Acquire);
+            while !lease.lost.load(Ordering::Acquire) {
+                if keeper.is_none() {
+                    keeper = client.lease_keep_alive(id).await.ok();
+                }
+                let sent = Instant::now();
+                let mut renewed = false;
+                if let Some((k, stream)) = keeper.as_mut() {
+                    let answer = tokio::time::timeout(interval, async {
+                        k.keep_alive().await?;
+                        stream.message().await
+                    })
+                    .await;
+                    match answer {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                            lease.renewed(sent, Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0)));
+                            renewed = true;
+                        }
+                        Ok(Ok(Some(_))) => {
+                            error!("the etcd lease expired: this daemon no longer owns the table");
+                            lease.lost.store(true, Ordering::Release);
+                            return;
+                        }
+                        _ => keeper = None,
+                    }
+                }
+                if !renewed && !lease.ok() {
+                    error!("the etcd lease could not be renewed in time: this daemon may no longer own the table");
+                    lease.lost.store(true, Ordering::Release);
+                    return;
+                }
+                if !compact_every.is_zero() && last_compact.elapsed() >= compact_every {
+                    if compact_to > 0 {
+                        match client.compact(compact_to, None).await {
+                            Ok(_) => info!(revision = compact_to, "etcd history compacted"),
+                            Err(e) if e.to_string().contains("compacted") => {}
+                            Err(e) => warn!(error = %e, "etcd compaction failed"),
+                        }
+                    }
+                    compact_to = revision.load(Ordering::Acquire);
+                    last_compact = Instant::now();
+                }
+                if renewed {
+                    tokio::time::sleep(interval.saturating_sub(sent.elapsed())).await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+    }
+
+    /// Whether this daemon may still act as owner: its lease surely stands
+    /// (by its own clock, less the margin) and no commit was fenced.
+    pub fn owner_check(&self) -> Result<(), StoreError> {
+        if self.retired.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self.fence.load(Ordering::Acquire) == 0 || self.lease.ok() {
+            return Ok(());
+        }
+        self.lease.lost.store(true, Ordering::Release);
+        Err(self.lost())
+    }
+
+    fn lost(&self) -> StoreError {
+        StoreError::LeaseLost {
+            fence: u64::try_from(self.fence.load(Ordering::Acquire)).unwrap_or(0),
+        }
+    }
+
+    /// The keys and values one request's ops change, given what the table
+    /// and the earlier requests of this commit hold (`view`).
+    fn delta(
+        &self,
+        ops: &[StoreOp],
+        table: &BTreeMap<Vec<u8>, Vec<u8>>,
+        view: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<BTreeMap<Vec<u8>, Option<Vec<u8>>>, StoreError> {
+        let mut d: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        // The keys of a replay scope now: the table, then this commit's
+        // earlier changes, then this request's own.
+        let scope_keys = |d: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, scope: &ReplayScope| {
+            let p = self.replay_key(&replay_prefix(scope));
+            let mut keys: BTreeSet<Vec<u8>> = table
+                .range(p.clone()..)
+                .take_while(|(k, _)| k.starts_with(&p))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for layer in [view, d] {
+                for (k, v) in layer
+                    .range(p.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&p))
+                {
+                    if v.is_some() {
+                        keys.insert(k.clone());
+                    } else {
+                        keys.remove(k);
+                    }
+                }
+            }
+            keys
+        };
+        for op in ops {
+            match op {
+                StoreOp::PutHandle(rec) => {
+                    d.insert(
+                        self.handle_key(&rec.key),
+                        Some(encode_record(rec.as_ref())?),
+                    );
+                }
+                StoreOp::DeleteHandle(rec) => {
+                    for k in scope_keys(&d, &ReplayScope::Handle(rec.key)) {
+                        d.insert(k, None);
+                    }
+                    d.insert(self.handle_key(&rec.key), None);
+                }
+                StoreOp::PutReplay {
+                    scope,
+                    op_id,
+                    record,
+                    keep,
+                } => {
+                    d.insert(
+                        self.replay_key(&replay_key(scope, *op_id)),
+                        Some(encode_record(record)?),
+                    );
+                    let keys = scope_keys(&d, scope);
+                    let excess = keys
+                        .len()
+                        .saturating_sub(usize::try_from(*keep).unwrap_or(usize::MAX));
+                    for k in keys.into_iter().take(excess) {
+                        d.insert(k, None);
+                    }
+                }
+                StoreOp::DeleteReplay { scope, op_id } => {
+                    d.insert(self.replay_key(&replay_key(scope, *op_id)), None);
+                }
+                StoreOp::DeleteReplayScope(scope) => {
+                    for k in scope_keys(&d, scope) {
+                        d.insert(k, None);
+                    }
+                }
+                StoreOp::PutIntent(intent) => {
+                    d.insert(
+                        self.intent_key(intent.id.0.as_bytes()),
+                        Some(encode_record(intent.as_ref())?),
+                    );
+                }
+                StoreOp::DeleteIntent(id) => {
+                    d.insert(self.intent_key(id.0.as_bytes()), None);
+                }
+            }
+        }
+        Ok(d)
+    }
+
+    /// Commits one chunk (guarded); returns the revision.
+    fn commit_chunk(&self, chunk: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> Result<i64, StoreError> {
+        if self.retired.load(Ordering::Acquire) {
+            return Err(self.lost());
+        }
+        let fence = self.fence.load(Ordering::Acquire);
+        let owner = self.owner_key();
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => TxnOp::put(k.clone(), v.clone(), None),
+                None => TxnOp::delete(k.clone(), None),
+            })
+            .collect();
+        // (The client wants the compares first.)
+        let mut txn = Txn::new();
+        if fence != 0 {
+            txn = txn.when([Compare::create_revision(
+                owner.clone(),
+                CompareOp::Equal,
+                fence,
+            )]);
+        }
+        let txn = txn.and_then(ops).or_else([TxnOp::get(owner, None)]);
+        let lease = self.lease.clone();
+        let resp = self.retry(
+            "commit",
+            || fence == 0 || lease.ok(),
+            |mut c| {
+                let t = txn.clone();
+                async move { c.txn(t).await }
+            },
+        );
+        let resp = match resp {
+            Ok(r) => r,
+            Err(StoreError::Etcd(e)) if fence != 0 && !self.lease.ok() => {
+                self.lease.lost.store(true, Ordering::Release);
+                warn!(error = %e, "an etcd commit could not be confirmed before the lease might run out");
+                return Err(self.lost());
+            }
+            Err(e) => return Err(e),
+        };
+        if !resp.succeeded() {
+            let now = resp
+                .op_responses()
+                .iter()
+                .find_map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.create_revision()),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            self.lease.lost.store(true, Ordering::Release);
+            return Err(StoreError::Fenced {
+                mine: u64::try_from(fence).unwrap_or(0),
+                now: u64::try_from(now).unwrap_or(0),
+            });
+        }
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        self.revision.fetch_max(rev, Ordering::AcqRel);
+        let mut table = self.lock_table();
+        for (k, v) in chunk {
+            match v {
+                Some(v) => table.insert(k.clone(), v.clone()),
+                None => table.remove(k),
+            };
+        }
+        Ok(rev)
+    }
+
+    /// Coalesces each request's ops (`batches`, one per request) and packs
+    /// whole requests into Txn-sized chunks, in order: a request shares a
+    /// chunk with others only whole, and is split only when it alone
+    /// exceeds one Txn.
+    fn pack(&self, batches: &[&[StoreOp]]) -> Result<Vec<Chunk>, StoreError> {
+        let mut chunks: Vec<Chunk> = Vec::new();
+        {
+            let table = self.lock_table();
+            let mut view: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+            let mut chunk: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+            let mut bytes = 0usize;
+            for ops in batches {
+                let d = self.delta(ops, &table, &view)?;
+                let d_bytes: usize = d
+                    .iter()
+                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                    .sum();
+                let new_keys = d.keys().filter(|k| !chunk.contains_key(*k)).count();
+                if !chunk.is_empty()
+                    && (chunk.len() + new_keys > MAX_TXN_OPS || bytes + d_bytes > MAX_TXN_BYTES)
+                {
+                    chunks.push(std::mem::take(&mut chunk));
+                    bytes = 0;
+                }
+                if d.len() > MAX_TXN_OPS || d_bytes > MAX_TXN_BYTES {
+                    warn!(keys = d.len(), bytes = d_bytes, "one request's changes exceed one etcd Txn: committed over several, in key order");
+                }
+                for (k, v) in d {
+                    let size = k.len() + v.as_ref().map_or(0, Vec::len);
+                    if (chunk.len() >= MAX_TXN_OPS && !chunk.contains_key(&k))
+                        || (!chunk.is_empty() && bytes + size > MAX_TXN_BYTES)
+                    {
+                        chunks.push(std::mem::take(&mut chunk));
+                        bytes = 0;
+                    }
+                    bytes += size;
+                    view.insert(k.clone(), v.clone());
+                    chunk.insert(k, v);
+                }
+            }
+            if !chunk.is_empty() {
+                chunks.push(chunk);
+            }
+        }
+        Ok(chunks)
+    }
+
+    /// A read-only view for tools: the table as it is now (no claim, no
+    /// lease).
+    pub fn open_read_only(url: &EtcdUrl) -> Result<EtcdStore, StoreError> {
+        let s = EtcdStore::connect(url, Duration::from_secs(2), Duration::ZERO)?;
+        let t0 = Instant::now();
+        let table = s.read_table(None, &|| t0.elapsed() < Duration::from_secs(10))?;
+        *s.lock_table() = table;
+        let owner = s.owner_key();
+        let got = s.retry(
+            "read",
+            || false,
+            |mut c| {
+                let o = owner.clone();
+                async move { c.get(o, None).await }
+            },
+        )?;
+        *s.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = match got.kvs().first() {
+            Some(kv) => format!(
+                "{} (fencing revision {})",
+                String::from_utf8_lossy(kv.value()),
+                kv.create_revision()
+            ),
+            None => "none".into(),
+        };
+        Ok(s)
+    }
+
+    /// What the table says about its owner and shutdown (tools).
+    pub fn meta(&self) -> MetaInfo {
+        let clean = self.lock_table().contains_key(&self.clean_key());
+        let epoch = self
+            .last_owner()
+            .rsplit_once("fencing revision ")
+            .and_then(|(_, r)| r.trim_end_matches(')').parse().ok())
+            .unwrap_or(0);
+        MetaInfo {
+            schema_version: SCHEMA_VERSION,
+            epoch,
+            clean_shutdown: clean,
+        }
+    }
+
+    fn records<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &'static str,
+        sub: &str,
+    ) -> Vec<(Vec<u8>, Result<T, StoreError>)> {
+        let p = self.key(sub);
+        self.lock_table()
+            .range(p.clone()..)
+            .take_while(|(k, _)| k.starts_with(&p))
+            .map(|(k, v)| {
+                let raw = unhex(&k[p.len()..]).unwrap_or_default();
+                let rec = decode_record::<T>(v).map_err(|reason| StoreError::Corrupt {
+                    table,
+                    reason: format!("key {}: {reason}", String::from_utf8_lossy(k)),
+                });
+                (raw, rec)
+            })
+            .collect()
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.lease.lost.store(true, Ordering::Release);
+    }
+}
+
+impl StateStore for EtcdStore {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} (owner {}, fencing revision {}, lease {} s, margin {} ms)",
+            self.url,
+            self.me,
+            self.fence.load(Ordering::Acquire),
+            self.ttl.as_secs(),
+            self.lease.margin.as_millis()
+        )
+    }
+    fn claim(&self) -> Result<(u64, bool), StoreError> {
+        self.try_claim()?.ok_or_else(|| StoreError::Owned {
+            by: self.last_owner(),
+        })
+    }
+    fn owner_check(&self) -> Result<(), StoreError> {
+        EtcdStore::owner_check(self)
+    }
+    fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+        self.owner_check()?;
+        let chunks = self.pack(batches)?;
+        let mut rev = self.revision.load(Ordering::Acquire);
+        for chunk in &chunks {
+            rev = self.commit_chunk(chunk)?;
+        }
+        Ok(u64::try_from(rev).unwrap_or(0))
+    }
+    fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
+        match self.lock_table().get(&self.handle_key(&key)) {
+            None => Ok(None),
+            Some(v) => decode_record(v)
+                .map(Some)
+                .map_err(|reason| StoreError::Corrupt {
+                    table: "handles",
+                    reason,
+                }),
+        }
+    }
+    fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
+        Ok(self
+            .records::<HandleRecord>("handles", "h/")
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+    fn scope_records(&self, scope: &ReplayScope) -> Result<Vec<(u64, ReplayRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for (raw, rec) in self.records::<ReplayRecord>("replay", "r/") {
+            if let Some((s, op)) = parse_replay_key(&raw) {
+                if &s == scope {
+                    out.push((op, rec?));
+                }
+            }
+        }
+        Ok(out)
+    }
+    fn all_replays(&self) -> Result<Vec<RawReplay>, StoreError> {
+        Ok(self.records::<ReplayRecord>("replay", "r/"))
+    }
+    fn all_intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
+        Ok(self
+            .records::<Intent>("intents", "i/")
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+    fn clean_shutdown(&self) -> Result<(), StoreError> {
+        let mut m = BTreeMap::new();
+        m.insert(self.clean_key(), Some(b"1".to_vec()));
+        self.commit_chunk(&m)?;
+        // Hand the prefix over at once: a standby need not wait for the
+        // lease to run out.
+        let id = self.lease.id.load(Ordering::Acquire);
+        self.retired.store(true, Ordering::Release);
+        self.lease.lost.store(true, Ordering::Release);
+        let _ = self.rt.block_on(self.client.clone().lease_revoke(id));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let u = EtcdUrl::parse("etcd://127.0.0.1:2379,h2:2380/rk/a/").unwrap();
+        assert_eq!(u.endpoints, ["http://127.0.0.1:2379", "http://h2:2380"]);
+        assert_eq!(u.prefix, "/rk/a");
+        assert_eq!(u.to_string(), "etcd://127.0.0.1:2379,h2:2380/rk/a");
+        for bad in [
+            "lmdb",
+            "etcd://h:1",
+            "etcd://h:1/",
+            "etcd://h/x",
+            "etcd://:1/x",
+            "etcd://h:99999/x",
+        ] {
+            assert!(EtcdUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn intent(n: u16) -> StoreOp {
+        let mut id = [0u8; 16];
+        id[..2].copy_from_slice(&n.to_be_bytes());
+        crate::store::sample_intent(id)
+    }
+
+    /// A store that is never contacted (packing is local).
+    fn offline() -> EtcdStore {
+        let url = EtcdUrl::parse("etcd://127.0.0.1:9/rk/t").unwrap();
+        EtcdStore::connect(&url, Duration::from_secs(2), Duration::ZERO).unwrap()
+    }
+
+    #[test]
+    fn requests_are_packed_whole_into_txns() {
+        let s = offline();
+        let req = |from: u16, n: u16| -> Vec<StoreOp> { (from..from + n).map(intent).collect() };
+        let (a, b, c) = (req(0, 60), req(100, 60), req(200, 60));
+        let chunks = s.pack(&[&a, &b, &c]).unwrap();
+        let sizes: Vec<usize> = chunks.iter().map(BTreeMap::len).collect();
+        assert_eq!(
+            sizes,
+            [120, 60],
+            "a third request of 60 does not fit beside two"
+        );
+        // One request alone over the limit is split; the next starts afresh.
+        let (big, small) = (req(0, 200), req(300, 5));
+        let sizes: Vec<usize> = s
+            .pack(&[&big, &small])
+            .unwrap()
+            .iter()
+            .map(BTreeMap::len)
+            .collect();
+        assert_eq!(sizes, [MAX_TXN_OPS, 200 - MAX_TXN_OPS + 5]);
+        assert!(sizes.iter().all(|n| *n <= MAX_TXN_OPS));
+    }
+
+    #[test]
+    fn a_key_changed_twice_is_one_op_with_the_last_value() {
+        let s = offline();
+        let put = intent(1);
+        let StoreOp::PutIntent(i) = &put else {
+            unreachable!()
+        };
+        let del = StoreOp::DeleteIntent(i.id);
+        let chunks = s
+            .pack(&[&[put.clone(), del.clone()], std::slice::from_ref(&put)])
+            .unwrap();
+        assert_eq!(chunks.len(), 1);
+        let only: Vec<_> = chunks[0].values().collect();
+        assert_eq!(only.len(), 1, "etcd refuses a key twice in one Txn");
+        assert!(only[0].is_some(), "the last change wins");
+        let chunks = s.pack(&[&[put, del]]).unwrap();
+        assert!(chunks[0].values().all(Option::is_none));
+    }
+
+    #[test]
+    fn replay_trims_and_scope_deletes_are_one_key_deletes() {
+        let s = offline();
+        let scope = ReplayScope::Handle(ResumeKey::new_random());
+        let rec = crate::model::ReplayRecord {
+            reply: "ok".into(),
+            recorded_ms: 0,
+        };
+        let put = |op_id: u64| StoreOp::PutReplay {
+            scope: scope.clone(),
+            op_id,
+            record: rec.clone(),
+            keep: 2,
+        };
+        // Three records with keep=2: the oldest is deleted by key.
+        let chunks = s.pack(&[&[put(1), put(2), put(3)]]).unwrap();
+        let kept: Vec<_> = chunks[0].iter().filter(|(_, v)| v.is_some()).collect();
+        let dropped: Vec<_> = chunks[0].iter().filter(|(_, v)| v.is_none()).collect();
+        assert_eq!((kept.len(), dropped.len()), (2, 1));
+        assert_eq!(dropped[0].0, &s.replay_key(&replay_key(&scope, 1)));
+        let chunks = s
+            .pack(&[
+                &[put(1), put(2)],
+                &[StoreOp::DeleteReplayScope(scope.clone())],
+            ])
+            .unwrap();
+        assert!(
+            chunks[0].values().all(Option::is_none),
+            "{:?}",
+            chunks[0].keys()
+        );
+        assert_eq!(chunks[0].len(), 2);
+    }
+
+    #[test]
+    fn hex_roundtrips() {
+        let b = [0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(hex(&b).as_bytes()).unwrap(), b);
+        assert_eq!(unhex(b"abc"), None);
+        assert_eq!(unhex(b"zz"), None);
+    }
+}

@@ -1,0 +1,164 @@
+//! A real etcd cluster on loopback for the etcd store's tests: each member
+//! in its own data dir under the scratch dir, on free ports, healthy by
+//! polling its `/health`.
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{wait_for, Scratch};
+
+/// Whether the etcd binary is installed; when it is not, a note (skip)
+/// outside CI and a failure under `CI=true`.
+pub fn etcd_available(test: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()))
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "etcd is not installed (Debian etcd-server); .ci/run installs it"
+        );
+        eprintln!(
+            "skipping {test}: the etcd binary is not installed (apt-get install etcd-server)"
+        );
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+}
+
+/// A 3-member etcd cluster on loopback.
+pub struct Cluster {
+    dir: std::path::PathBuf,
+    members: Vec<Member>,
+    initial: String,
+}
+
+impl Cluster {
+    /// Starts an `n`-member cluster and waits until every member is healthy.
+    pub fn start(s: &Scratch, n: usize) -> Cluster {
+        let dir = s.dir.join("etcd");
+        let members: Vec<Member> = (1..=n)
+            .map(|i| Member {
+                name: format!("e{i}"),
+                client: free_port(),
+                peer: free_port(),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            dir,
+            members,
+            initial,
+        };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        for i in 0..n {
+            c.wait_healthy(i);
+        }
+        c
+    }
+
+    /// (Re)starts member `i` on its data dir.
+    pub fn spawn(&mut self, i: usize) {
+        let m = &self.members[i];
+        let data = self.dir.join(&m.name);
+        std::fs::create_dir_all(&data).expect("etcd data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", m.name)))
+            .expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{}", m.client),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{}", m.client),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", m.peer),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{}", m.peer),
+                "--initial-cluster",
+                &self.initial,
+                "--initial-cluster-state",
+                "new",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        self.members[i].child = Some(child);
+    }
+
+    /// Polls the member's /health until it reports a healthy cluster.
+    pub fn wait_healthy(&self, i: usize) {
+        let port = self.members[i].client;
+        wait_for(
+            &format!("etcd member {i} healthy"),
+            Duration::from_secs(30),
+            || health(port).then_some(()),
+        );
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `etcd://` URL of every member, with `prefix`.
+    pub fn url(&self, prefix: &str) -> String {
+        let hosts: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client))
+            .collect();
+        format!("etcd://{}/{prefix}", hosts.join(","))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn health(port: u16) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}

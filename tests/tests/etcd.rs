@@ -1,0 +1,385 @@
+//! Two machines, one etcd table: the resume-key table in a real 3-member
+//! etcd cluster on loopback (each member its own data dir and free ports).
+//! Node A (filterd + smbshim + nfsshim, its own runtime dir) owns the table;
+//! node B (the same, `--standby`, its own runtime dir) shares the export.
+//! SIGKILL all of A: B serves within the lease TTL + 1 s and clients of both
+//! protocols get their handles, locks and recorded replies back from B's
+//! frontends. Then B's filterd is SIGSTOPped past its lease while A comes
+//! back as standby and takes over: on SIGCONT, B changes nothing on disk or
+//! in the table, acknowledges nothing, and steps down. Then etcd members
+//! die under load.
+//!
+//! Skips (with a note) when the `etcd` binary is missing, except under
+//! `CI=true`, where a missing etcd fails the test.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use nix::sys::signal::Signal;
+use rkfilter_tests::etcd::{etcd_available, Cluster};
+use rkfilter_tests::{wait_for, Filterd, LineClient, Nfs, Scratch, Shim};
+use serde_json::{json, Value};
+
+const TTL: u64 = 2;
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A node: its own scratch dir (runtime dir), its export root a symlink to
+/// the shared export.
+fn node(name: &str, export: &Path) -> Scratch {
+    let s = Scratch::new(name);
+    std::fs::remove_dir(s.root()).expect("rmdir root");
+    std::os::unix::fs::symlink(export, s.root()).expect("symlink the shared export");
+    s
+}
+
+fn store_flags(url: &str, standby: bool, ttl: u64) -> Vec<String> {
+    let mut v = vec![
+        "--store".to_owned(),
+        url.to_owned(),
+        "--lease-ttl-secs".to_owned(),
+        ttl.to_string(),
+    ];
+    if standby {
+        v.push("--standby".to_owned());
+    }
+    v
+}
+
+fn start_node(s: &Scratch, url: &str, standby: bool) -> Filterd {
+    start_node_ttl(s, url, standby, TTL)
+}
+
+fn start_node_ttl(s: &Scratch, url: &str, standby: bool, ttl: u64) -> Filterd {
+    let flags = store_flags(url, standby, ttl);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Filterd::spawn(s, &flags, &[])
+}
+
+fn session(c: &mut LineClient, client_guid: &str, user: &str) -> u64 {
+    let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": user}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    r["session_id"].as_u64().expect("session id")
+}
+
+fn ok(r: Value) -> Value {
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    r
+}
+
+fn handle_paths(socket: &Path) -> Vec<String> {
+    let sock = socket.display().to_string();
+    let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    let mut p: Vec<String> = v
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|h| h["path"].as_str().map(str::to_owned))
+        .collect();
+    p.sort();
+    p
+}
+
+/// A new session as the SMB client, and its persistent handle back by
+/// RECONNECT (retried while the frontend reattaches); checks the size.
+fn reconnect(c: &mut LineClient, client_guid: &str, fid: &Value, guid: &str) -> u64 {
+    let sid = session(c, client_guid, "alice");
+    let r = wait_for("RECONNECT", Duration::from_secs(10), || {
+        let r = c.call(
+            json!({"cmd": "RECONNECT", "session_id": sid, "file_id": fid, "create_guid": guid}),
+        );
+        (r["status"] == "STATUS_SUCCESS").then_some(r)
+    });
+    assert_eq!(r["size"], 4, "{r}");
+    sid
+}
+
+#[test]
+fn another_machine_takes_over_and_a_stale_owner_steps_down() {
+    if !etcd_available("another_machine_takes_over_and_a_stale_owner_steps_down") {
+        return;
+    }
+    let shared = Scratch::new("etcd-export");
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 3);
+    let url = cluster.url("rk/takeover");
+    let sa = node("etcd-node-a", &export);
+    let sb = node("etcd-node-b", &export);
+
+    // Node A owns the table; node B waits as standby.
+    let mut a = start_node(&sa, &url, false);
+    a.wait_ready();
+    let mut b = start_node(&sb, &url, true);
+    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
+    let a_nfs = Shim::start("nfsshim", a.socket(), "nfs-1");
+
+    // SMB: a persistent open, a write with an op id, a byte-range lock.
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let guid = uuid::Uuid::new_v4().to_string();
+    let mut c = LineClient::connect(&a_smb.addr);
+    let sid = session(&mut c, &client_guid, "alice");
+    let r = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "f", "access": ["read", "write"],
+                          "share": ["read"], "disposition": "create",
+                          "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", a.log_text());
+    let fid = r["file_id"].clone();
+    let w = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": b64("data"), "op_id": 7}));
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let lock = json!({"cmd": "LOCK", "session_id": sid, "file_id": fid, "lock_sequence": {"number": 1, "index": 1},
+                      "locks": [{"offset": 0, "length": 10, "exclusive": true, "unlock": false}]});
+    assert_eq!(c.call(lock)["status"], "STATUS_SUCCESS");
+
+    // NFS: an open denying writers, a write, a REMOVE whose reply the slot
+    // records.
+    std::fs::write(export.join("victim"), b"x").unwrap();
+    let mut n = Nfs::connect(&a_nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(n.open(
+        "p",
+        "g",
+        "both",
+        "write",
+        json!({"create": {"mode": "unchecked"}}),
+    ));
+    let stateid = o["stateid"].clone();
+    ok(n.call(json!({"op": "WRITE", "stateid": stateid, "offset": 0, "data": b64("kept")})));
+    let rm = json!({"op": "REMOVE", "path": "victim"});
+    ok(n.call(rm.clone()));
+
+    // SIGKILL all of node A.
+    let t0 = Instant::now();
+    a_smb.kill9();
+    a_nfs.kill9();
+    a.kill9();
+    b.wait_ready();
+    let took = t0.elapsed();
+    assert!(
+        took <= Duration::from_secs(TTL + 1),
+        "node B served {took:?} after node A died (lease {TTL} s)"
+    );
+    eprintln!("node B served {took:?} after node A was killed");
+
+    // Clients reconnect to node B's frontends.
+    let b_smb = Shim::start("smbshim", b.socket(), "smb-1");
+    let b_nfs = Shim::start("nfsshim", b.socket(), "nfs-1");
+    let mut c = LineClient::connect(&b_smb.addr);
+    let sid = reconnect(&mut c, &client_guid, &fid, &guid);
+    // The recorded reply of the write, not a second write.
+    let w = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": b64("XXXX"), "op_id": 7, "replay": true}));
+    assert_eq!(w["count"], 4, "{w}");
+    assert_eq!(std::fs::read(export.join("f")).unwrap(), b"data");
+    // Conflicting opens and locks are refused.
+    let mut other = LineClient::connect(&b_smb.addr);
+    let osid = session(&mut other, &uuid::Uuid::new_v4().to_string(), "bob");
+    let r = other.call(
+        json!({"cmd": "CREATE", "session_id": osid, "path": "f", "access": ["write"],
+                              "share": ["read", "write"], "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SHARING_VIOLATION", "{r}");
+    let r = other.call(
+        json!({"cmd": "CREATE", "session_id": osid, "path": "f", "access": ["read"],
+                              "share": ["read", "write"], "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let ofid = r["file_id"].clone();
+    let r = other.call(json!({"cmd": "LOCK", "session_id": osid, "file_id": ofid,
+                              "locks": [{"offset": 0, "length": 1, "exclusive": false, "unlock": false}]}));
+    assert_eq!(
+        r["status"], "STATUS_LOCK_NOT_GRANTED",
+        "the lock came back: {r}"
+    );
+    assert_eq!(
+        other.call(json!({"cmd": "CLOSE", "session_id": osid, "file_id": ofid}))["status"],
+        "STATUS_SUCCESS"
+    );
+    // NFS: the slot's recorded REMOVE reply, the data, the reservation.
+    n.c = LineClient::connect(&b_nfs.addr);
+    let r = wait_for("nfsshim on node B", Duration::from_secs(10), || {
+        let r = n.send(rm.clone());
+        (r["status"] != "NFS4ERR_DELAY").then_some(r)
+    });
+    assert_eq!(r["status"], "NFS4_OK", "the recorded REMOVE reply: {r}");
+    let r =
+        ok(n.call_patiently(json!({"op": "READ", "stateid": stateid, "offset": 0, "count": 10})));
+    assert_eq!(r["data"], b64("kept"));
+    let mut n2 = Nfs::connect(&b_nfs.addr, "host-b", "00000000000000bb");
+    let r = n2.open("q", "g", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_SHARE_DENIED", "{r}");
+
+    // Node A comes back as standby; node B's filterd is stopped past its
+    // lease; A takes over.
+    let before = handle_paths(b.socket());
+    let mut a = start_node(&sa, &url, true);
+    a.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    b.signal(Signal::SIGSTOP);
+    // Requests reach node B's frontends while its filterd is stopped: a new
+    // persistent create, and a write into the locked file.
+    let mut late = LineClient::connect(&b_smb.addr);
+    let lsid = session(&mut late, &client_guid, "alice");
+    let late_create = late.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": lsid, "path": "late", "access": ["read", "write"],
+               "share": ["read"], "disposition": "create",
+               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 60000}}),
+    );
+    a.wait_ready();
+    let after_takeover = Instant::now();
+    assert_eq!(
+        handle_paths(a.socket()),
+        before,
+        "node A recovered every handle node B had"
+    );
+    b.signal(Signal::SIGCONT);
+    let st = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(75), "the stale owner steps down (exit 75)");
+    eprintln!(
+        "the stale owner stepped down {:?} after the takeover",
+        after_takeover.elapsed()
+    );
+    // It acknowledged nothing and created nothing.
+    late.set_read_timeout(Duration::from_secs(5));
+    if let Some((reply, _)) = late.reply_to("mid", late_create) {
+        assert_ne!(reply["status"], "STATUS_SUCCESS", "{reply}");
+    }
+    assert!(
+        !export.join("late").exists(),
+        "the stale owner created a file after losing its lease"
+    );
+    assert_eq!(handle_paths(a.socket()), before, "the table is unchanged");
+    // It stopped on its own clock, not only when a commit was refused.
+    assert!(
+        b.log_text().contains("no longer the owner"),
+        "{}",
+        b.log_text()
+    );
+    assert_eq!(std::fs::read(export.join("f")).unwrap(), b"data");
+    // filterctl reads the table offline and names its owner.
+    let st = rkfilter_tests::filterctl(&["--store", &url, "status"]);
+    assert!(
+        st.code == 0 && st.stdout.contains(&format!("pid {}", a.pid())),
+        "{}{}",
+        st.stdout,
+        st.stderr
+    );
+    let v = rkfilter_tests::filterctl(&["--store", &url, "handles", "--json"]).json();
+    let mut stored: Vec<String> = v
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|h| {
+            h["record"]["path"]
+                .as_str()
+                .or(h["path"].as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(stored, before, "the etcd table, read offline");
+    // Node A serves on.
+    let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
+    let mut c = LineClient::connect(&a_smb.addr);
+    reconnect(&mut c, &client_guid, &fid, &guid);
+    let sock = a.socket().display().to_string();
+    let st = rkfilter_tests::filterctl(&["--socket", &sock, "status"]).stdout;
+    assert!(
+        st.contains(&url)
+            && st.contains(&format!("pid {}", a.pid()))
+            && st.contains("fencing revision"),
+        "status names the store, its owner and the fencing revision: {st}"
+    );
+    // A clean stop hands the prefix over at once and says so.
+    drop(c);
+    drop(a_smb);
+    assert!(a.terminate().success(), "{}", a.log_text());
+    let st = rkfilter_tests::filterctl(&["--store", &url, "status"]).stdout;
+    assert!(st.contains("owner none") && st.contains("clean\n"), "{st}");
+    drop(cluster);
+}
+
+/// A persistent create of `path` on an smbl/1 connection.
+fn persistent_create(c: &mut LineClient, sid: u64, path: &str) -> Value {
+    c.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
+               "share": ["read"], "disposition": "create",
+               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 60000}}),
+    )
+}
+
+#[test]
+fn etcd_members_die_under_load() {
+    if !etcd_available("etcd_members_die_under_load") {
+        return;
+    }
+    let shared = Scratch::new("etcd-quorum");
+    let export = shared.root();
+    let mut cluster = Cluster::start(&shared, 3);
+    let url = cluster.url("rk/quorum");
+    let sa = node("etcd-quorum-a", &export);
+    // A lease that outlives an etcd leader election (1 s by default) with
+    // the margin to spare: the killed member may be the leader.
+    let ttl = 4;
+    let mut a = start_node_ttl(&sa, &url, false, ttl);
+    a.wait_ready();
+    let smb = Shim::start("smbshim", a.socket(), "smb-q");
+    let mut c = LineClient::connect(&smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+
+    // One member dies mid-stream: every create is still acknowledged, and
+    // every acknowledged one is in the table.
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        if i == 15 {
+            cluster.kill(0);
+        }
+        let path = format!("f{i:02}");
+        let r = persistent_create(&mut c, sid, &path);
+        assert_eq!(
+            r["status"], "STATUS_SUCCESS",
+            "{path} with one member down: {r}"
+        );
+        acked.push(path);
+    }
+    assert_eq!(
+        handle_paths(a.socket()),
+        acked,
+        "nothing acknowledged was lost"
+    );
+
+    // Two members down: no quorum. A persistent change is never
+    // acknowledged; filterd stops once its lease may have run out.
+    cluster.kill(1);
+    let t0 = Instant::now();
+    let r = persistent_create(&mut c, sid, "nq");
+    assert_ne!(
+        r["status"], "STATUS_SUCCESS",
+        "acknowledged without quorum: {r}"
+    );
+    let st = a.wait_exit(Duration::from_secs(ttl + 10));
+    assert_eq!(st.code(), Some(75), "{}", a.log_text());
+    eprintln!(
+        "without quorum: the create was refused ({}) and filterd stepped down {:?} after the second member died",
+        r["status"],
+        t0.elapsed()
+    );
+    assert!(a.log_text().contains("lease"), "{}", a.log_text());
+
+    // Quorum returns: a standby takes over with every acknowledged handle,
+    // and persistent changes go on.
+    cluster.spawn(1);
+    cluster.wait_healthy(1);
+    let sb = node("etcd-quorum-b", &export);
+    let b = start_node_ttl(&sb, &url, true, ttl);
+    b.wait_ready();
+    let paths = handle_paths(b.socket());
+    for p in &acked {
+        assert!(paths.contains(p), "{p} lost: {paths:?}");
+    }
+    let smb = Shim::start("smbshim", b.socket(), "smb-q2");
+    let mut c = LineClient::connect(&smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "bob");
+    let r = persistent_create(&mut c, sid, "after");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}

@@ -1,0 +1,127 @@
+//! The etcd store beside raw etcd: a one-member etcd on loopback (skipped
+//! when the `etcd` binary is missing), a raw loop of 64-put Txns from one
+//! writer (filterd's committer is one writer too), and persistent
+//! open+close through filterd `--store etcd://…` at 64 connections.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::report::Figure;
+
+/// A one-member etcd, killed on drop.
+pub struct Etcd {
+    child: Child,
+    /// Its client port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Starts etcd in `dir/etcd`; `None` when no etcd binary is installed.
+pub fn start(dir: &Path) -> anyhow::Result<Option<Etcd>> {
+    let installed = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()))
+        .unwrap_or(false);
+    if !installed {
+        return Ok(None);
+    }
+    let (port, peer) = (free_port()?, free_port()?);
+    let data = dir.join("etcd");
+    let _ = std::fs::remove_dir_all(&data);
+    let client = format!("http://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "bench", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("bench={peer_url}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("etcd.log"))?)
+        .spawn()
+        .context("starting etcd")?;
+    let e = Etcd { child, port };
+    let rt = runtime()?;
+    let t0 = Instant::now();
+    loop {
+        let ready = rt.block_on(async {
+            let mut c = etcd_client::Client::connect([client.as_str()], None).await?;
+            c.put("rkbench/ready", "1", None).await
+        });
+        if ready.is_ok() {
+            return Ok(Some(e));
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "etcd did not serve within 20 s (see {})",
+                dir.join("etcd.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// One writer committing Txns of `per_txn` 300-byte puts (fresh keys) for
+/// `dur`: puts per second, latency per Txn.
+pub fn raw_txn_puts(port: u16, per_txn: usize, dur: Duration) -> anyhow::Result<Figure> {
+    use etcd_client::{Txn, TxnOp};
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c =
+            etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await?;
+        let value = vec![42u8; 300];
+        let mut samples = Vec::new();
+        let mut puts = 0u64;
+        let t0 = Instant::now();
+        while t0.elapsed() < dur {
+            let ops: Vec<TxnOp> = (0..per_txn)
+                .map(|_| {
+                    TxnOp::put(
+                        format!("rkbench/raw/{}", uuid::Uuid::new_v4().simple()),
+                        value.clone(),
+                        None,
+                    )
+                })
+                .collect();
+            let t = Instant::now();
+            c.txn(Txn::new().and_then(ops)).await?;
+            samples.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            puts += per_txn as u64;
+        }
+        let wall = t0.elapsed();
+        let mut f = Figure::from_samples(samples, puts, wall);
+        f.ops_per_s = puts as f64 / wall.as_secs_f64();
+        Ok(f)
+    })
+}
