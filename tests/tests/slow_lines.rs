@@ -24,6 +24,15 @@ fn status_mib(pid: u32, field: &str) -> u64 {
 }
 
 /// filterd and an smbshim started with `flags` on a fresh export.
+/// The tests that spend the partial-line budget push megabytes through
+/// smbshim and judge who stalled by arrival times: they run one at a time,
+/// so that none of them starves another's reader threads.
+static BUDGET_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_budget_test() -> std::sync::MutexGuard<'static, ()> {
+    BUDGET_TESTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn smbshim_with(name: &str, flags: &[&str]) -> (Scratch, Filterd, Shim) {
     let s = Scratch::new(name);
     let d = Filterd::start(&s, &[], &[]);
@@ -39,6 +48,7 @@ fn session_setup(c: &mut LineClient) -> Value {
 /// 3 MiB each here, so 600+ MiB in all).
 #[test]
 fn a_flood_of_unfinished_lines_leaves_smbshim_bounded_and_others_served() {
+    let _one = one_budget_test();
     let (_s, _d, shim) = smbshim_with("slow-lines-flood", &["--partial-line-budget-mib", "16"]);
     let before = status_mib(shim.pid(), "VmRSS");
     let chunk = vec![b'a'; 64 << 10];
@@ -205,6 +215,7 @@ fn dropped(conns: &[TcpStream]) -> usize {
 /// and others are served.
 #[test]
 fn queued_complete_lines_are_charged_to_the_budget() {
+    let _one = one_budget_test();
     let s = Scratch::new("slow-lines-queued");
     let _d = Filterd::start(&s, &["--break-timeout-ms", "30000"], &[]);
     let shim = Shim::start_with(
@@ -278,6 +289,7 @@ fn x_stream(c: &LineClient) -> TcpStream {
 /// oldest stalled lines go and the newcomer is served.
 #[test]
 fn a_line_at_full_speed_displaces_stalled_lines_not_itself() {
+    let _one = one_budget_test();
     let (_s, _d, shim) = smbshim_with("slow-lines-displace", &["--partial-line-budget-mib", "16"]);
     let before = status_mib(shim.pid(), "VmRSS");
     let chunk = vec![b'a'; 900 << 10];
@@ -313,6 +325,7 @@ fn a_line_at_full_speed_displaces_stalled_lines_not_itself() {
 /// time), and the steady sender is served.
 #[test]
 fn a_steady_line_is_not_dropped_for_newer_stalled_bursts() {
+    let _one = one_budget_test();
     let (_s, _d, shim) = smbshim_with("slow-lines-fair", &["--partial-line-budget-mib", "16"]);
     // The steady sender: a 3.5 MiB ECHO, 64 KiB every 50 ms (about 3 s).
     let steady = TcpStream::connect(&shim.addr).unwrap();

@@ -49,7 +49,7 @@ pub mod datasync;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -170,8 +170,6 @@ struct Held {
     partial: usize,
     queued: usize,
     charged: usize,
-    /// When its unfinished line last grew (or its charge began).
-    progressed: std::time::Instant,
     acct: Arc<Account>,
 }
 
@@ -186,6 +184,15 @@ struct Account {
     conn: u64,
     stream: Option<TcpStream>,
     evicted: AtomicBool,
+    /// When its unfinished line last received bytes (ns since
+    /// [`progress_epoch`]): set on every read, not only when the charge
+    /// grows (the buffer's capacity doubles, so most reads charge nothing).
+    progressed: AtomicU64,
+}
+
+fn progress_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
 }
 
 impl Account {
@@ -194,7 +201,15 @@ impl Account {
             conn,
             stream,
             evicted: AtomicBool::new(false),
+            progressed: AtomicU64::new(0),
         })
+    }
+
+    /// Its unfinished line received bytes at `at`.
+    fn progress_at(&self, at: std::time::Instant) {
+        let ns = u64::try_from(at.saturating_duration_since(progress_epoch()).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.progressed.store(ns, Ordering::Relaxed);
     }
 
     /// Whether the connection was dropped to make room in the budget.
@@ -224,7 +239,6 @@ impl Account {
                 partial: 0,
                 queued: 0,
                 charged: 0,
-                progressed: now,
                 acct: self.clone(),
             });
             let p = partial.unwrap_or(h.partial);
@@ -243,7 +257,13 @@ impl Account {
                 .holders
                 .iter()
                 .filter(|(c, h)| **c != self.conn && h.charged > 0)
-                .min_by_key(|(_, h)| (h.queued == 0, h.progressed, std::cmp::Reverse(h.charged)))
+                .min_by_key(|(_, h)| {
+                    (
+                        h.queued == 0,
+                        h.acct.progressed.load(Ordering::Relaxed),
+                        std::cmp::Reverse(h.charged),
+                    )
+                })
                 .map(|(c, _)| *c);
             match victim {
                 Some(v) => {
@@ -261,7 +281,7 @@ impl Account {
                 h.partial = partial.unwrap_or(h.partial);
                 h.queued = h.queued.saturating_add_signed(queued);
                 if grows_line || (old == 0 && new > 0) {
-                    h.progressed = now;
+                    self.progress_at(now);
                 }
                 h.charged = new;
                 h.partial == 0 && h.queued == 0
@@ -313,6 +333,9 @@ impl Charge {
     /// spent and this line is the one to drop.
     fn hold(&mut self, len: usize, budget: usize) -> Result<(), ()> {
         if len <= self.held {
+            // Bytes arrived within what is charged already: the line is
+            // still arriving.
+            self.acct.progress_at(std::time::Instant::now());
             return Ok(());
         }
         self.acct.set(Some(len), 0, budget)?;
