@@ -299,8 +299,16 @@ pub struct AnswerSlot {
 }
 
 /// Most local opens waiting for a verdict at once; past it, new ones are
-/// answered by the rule for undecided events at once.
+/// answered by the rule for undecided events at once. Lowered to a quarter
+/// of the descriptor limit ([`max_pending`]): each waiting open holds two
+/// descriptors (the event's and its duplicate), and the rest of the limit
+/// stays for protocol handles, frontends and the store.
 pub const MAX_PENDING: usize = 16_384;
+
+/// [`MAX_PENDING`], or a quarter of `fd_limit` if that is less.
+pub fn max_pending(fd_limit: u64) -> u64 {
+    (MAX_PENDING as u64).min(fd_limit / 4).max(1)
+}
 
 /// Reads permission events forever. filterd's own opens (none should
 /// come: its mount is exempt) are allowed at once; each local open is
@@ -315,7 +323,13 @@ pub const MAX_PENDING: usize = 16_384;
 /// refused (`EPERM`), counted, and logged. Refusing fails closed: an open a
 /// share mode would deny is never let through because filterd was
 /// overloaded; the local process may retry.
-pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, bound: Duration) {
+pub fn run(
+    fan: Arc<Fanotify>,
+    engine: EngineTx,
+    counters: Arc<LocalCounters>,
+    bound: Duration,
+    max_pending: u64,
+) {
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
     let (tx, rx) = crossbeam_channel::unbounded::<AnswerMsg>();
     let pending = Arc::new(AtomicU64::new(0));
@@ -408,7 +422,7 @@ pub fn run(fan: Arc<Fanotify>, engine: EngineTx, counters: Arc<LocalCounters>, b
                 }
             };
             let pid = event.pid;
-            if pending.load(Ordering::Relaxed) >= MAX_PENDING as u64 {
+            if pending.load(Ordering::Relaxed) >= max_pending {
                 counters.overloaded.fetch_add(1, Ordering::Relaxed);
                 let mut ans = ans;
                 ans.response = libc::FAN_DENY;

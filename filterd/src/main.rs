@@ -360,7 +360,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let bound = std::time::Duration::from_millis(args.break_timeout_ms.saturating_add(2000));
         std::thread::Builder::new()
             .name("fanotify".into())
-            .spawn(move || local::run(fan, tx, counters, bound))?;
+            .spawn(move || local::run(fan, tx, counters, bound, local::max_pending(fd_limit)))?;
         info!(
             scope = scope.word(),
             "local access mediated through fanotify"

@@ -18,6 +18,7 @@ use crate::model::KernelHandle;
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 /// `RESOLVE_BENEATH` from `<linux/openat2.h>`.
 const RESOLVE_BENEATH: u64 = 0x08;
+const RESOLVE_NO_XDEV: u64 = 0x01;
 /// `MAX_HANDLE_SZ` from `<linux/exportfs.h>`.
 const MAX_HANDLE_SZ: usize = 128;
 const MAX_HANDLE_SZ_U32: u32 = 128;
@@ -49,7 +50,9 @@ pub fn openat2_beneath(
         } else {
             0
         },
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+        // Not into another filesystem mounted inside the export either:
+        // fanotify marks the export's filesystem (or mount), not those.
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
     };
     // With O_NONBLOCK, EAGAIN also means the open would wait for a local
     // process's kernel lease to be broken: after a few tries (a rename race

@@ -747,3 +747,36 @@ fn a_local_reader_whose_main_thread_exited_still_counts() {
     refused_until_it_exits(&fe, "t8.txt", holder);
     close(&fe, first);
 }
+
+/// Review of issue 18's fixes, finding 3: a filesystem mounted inside the
+/// export is not mediated (fanotify marks the export's filesystem or
+/// mount, not that one), so client paths do not cross into it: an open of
+/// a file on it is refused. Old code: the open succeeded with share none,
+/// and a local process could still read and overwrite the file.
+#[test]
+fn client_paths_do_not_cross_into_a_filesystem_mounted_inside_the_export() {
+    let Some(s) = Scratch::with_tmpfs("fan-xdev") else {
+        return;
+    };
+    let sub = s.root().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )
+    .unwrap();
+    std::fs::write(sub.join("f"), b"x").unwrap();
+    let d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    let e = fe.open(req("sub/f", Rights::NONE, None)).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AccessDenied), "{e}");
+    // The export's own files still open.
+    std::fs::write(s.root().join("g"), b"x").unwrap();
+    fe.open(req("g", Rights::ALL, None)).unwrap();
+    drop(fe);
+    drop(d);
+    let _ = nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH);
+}

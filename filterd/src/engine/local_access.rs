@@ -124,7 +124,19 @@ impl Engine {
                 // a remembered process's, or a frontend's descriptor of
                 // the closed handle. Re-check the remembered ones only.
                 if let Some(l) = self.local_openers.get_mut(&file) {
-                    return (l.refresh(file, &[fd], frontends, budget), None);
+                    if l.refresh(file, &[fd], frontends, budget) {
+                        return (true, None);
+                    }
+                    // None of them holds it now. A frontend's descriptor
+                    // of the closed handle explains what the probe saw;
+                    // otherwise it is a process never heard of (a child
+                    // that inherited a descriptor): scan, below.
+                    if frontends
+                        .iter()
+                        .any(|p| crate::local_opens::holds(*p, file, &[fd], budget))
+                    {
+                        return (false, None);
+                    }
                 }
             }
             let known = match alone {
