@@ -178,6 +178,22 @@ fn retryable(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether the etcd member serving clients on `127.0.0.1:port` says its
+/// cluster is healthy (its `/health`; tests and the demo poll it).
+pub fn member_healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
 /// One Txn's worth of changes: key → new value (`None`: delete).
 type Chunk = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
