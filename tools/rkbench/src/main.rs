@@ -6,7 +6,8 @@
 //! Sections: `raw` (baselines), `mediated` (open+close through filterd for
 //! none / durable / persistent at 1, 8, 64 connections, and a mandatory-lock
 //! check round trip), `etcd` (persistent open+close at 64 connections with
-//! the table in a one-member etcd, beside a raw 64-put etcd Txn loop;
+//! the table in a one- and a three-member etcd, each beside a raw 64-put
+//! etcd Txn loop on the same cluster;
 //! skipped without an etcd binary), `local` (local opens under fanotify; root only),
 //! `restart` (start to serving with 10k and 100k persistent handles beside
 //! raw `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
@@ -365,8 +366,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// smbl/1 rows: CREATE+CLOSE per kind and connection count, and failover.
-/// Persistent open+close at 64 connections with the table in a one-member
-/// etcd, beside a raw loop of 64-put etcd Txns in the same run. Skipped
+/// Persistent open+close at 64 connections with the table in a one- and a
+/// three-member etcd, each beside a raw loop of 64-put etcd Txns on the
+/// same cluster in the same run. Skipped
 /// (with a note) without an etcd binary.
 fn etcd_section(
     rep: &mut Report,
@@ -374,51 +376,58 @@ fn etcd_section(
     dir: &std::path::Path,
     dur: Duration,
 ) -> anyhow::Result<()> {
-    let Some(e) = etcd::start(dir)? else {
-        eprintln!("rkbench: skipped the etcd rows: no etcd binary (Debian etcd-server)");
-        return Ok(());
-    };
-    let raw = etcd::raw_txn_puts(e.port, 64, dur)?;
-    rep.rows.push(Row::new(
-        "raw etcd Txn, 64 puts, 1 node (puts/s)",
-        1,
-        raw.ops_per_s,
-        raw.mean_us,
-        raw.p99_us,
-    ));
-    let extra = [
-        "--store".to_owned(),
-        format!(
-            "etcd://127.0.0.1:{}/rkbench/{}",
-            e.port,
-            uuid::Uuid::new_v4().simple()
-        ),
-    ];
-    let m = mediated::open_close_with(
-        filterd,
-        dir,
-        libfilter::model::Durability::Persistent { timeout_ms: 60_000 },
-        64,
-        dur,
-        &extra,
-    )?;
-    rep.rows.push(
-        Row::new(
-            "mediated open+close, persistent, etcd store 1 node (requests/s, µs/pair)",
+    for (n, nodes) in [(1usize, "1 node"), (3, "3 nodes")] {
+        let Some(e) = etcd::start(dir, n)? else {
+            eprintln!("rkbench: skipped the etcd rows: no etcd binary (Debian etcd-server)");
+            return Ok(());
+        };
+        let port = e.ports.first().copied().context("an etcd member")?;
+        let raw = etcd::raw_txn_puts(port, 64, dur)?;
+        rep.rows.push(Row::new(
+            &format!("raw etcd Txn, 64 puts, {nodes} (puts/s)"),
+            1,
+            raw.ops_per_s,
+            raw.mean_us,
+            raw.p99_us,
+        ));
+        let extra = [
+            "--store".to_owned(),
+            format!(
+                "etcd://{}/rkbench/{}",
+                e.hosts(),
+                uuid::Uuid::new_v4().simple()
+            ),
+        ];
+        let m = mediated::open_close_with(
+            filterd,
+            dir,
+            libfilter::model::Durability::Persistent { timeout_ms: 60_000 },
             64,
-            m.requests_per_s,
-            m.mean_us,
-            m.p99_us,
-        )
-        .note(format!("{:.1} ops/commit", m.ops_per_commit))
-        .beside_rate("raw etcd 64 puts/Txn", raw.ops_per_s),
-    );
-    rep.target(
-        "persistent requests/s at 64 conns, etcd store ≥ 0.7× raw etcd puts/s (64/Txn)",
-        m.requests_per_s / raw.ops_per_s,
-        0.7,
-        false,
-    );
+            dur,
+            &extra,
+        )?;
+        rep.rows.push(
+            Row::new(
+                &format!(
+                    "mediated open+close, persistent, etcd store {nodes} (requests/s, µs/pair)"
+                ),
+                64,
+                m.requests_per_s,
+                m.mean_us,
+                m.p99_us,
+            )
+            .note(format!("{:.1} ops/commit", m.ops_per_commit))
+            .beside_rate("raw etcd 64 puts/Txn", raw.ops_per_s),
+        );
+        rep.target(
+            &format!(
+                "persistent requests/s at 64 conns, etcd store {nodes} ≥ 0.7× raw etcd puts/s (64/Txn)"
+            ),
+            m.requests_per_s / raw.ops_per_s,
+            0.7,
+            false,
+        );
+    }
     Ok(())
 }
 
