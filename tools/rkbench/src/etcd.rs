@@ -147,3 +147,43 @@ pub fn raw_txn_puts(port: u16, per_txn: usize, dur: Duration) -> anyhow::Result<
         Ok(f)
     })
 }
+
+/// The raw time to read every key under `prefix` in pages of 1000 (what a
+/// taking-over filterd must read at least).
+pub fn raw_page_through(port: u16, prefix: &str) -> anyhow::Result<Duration> {
+    use etcd_client::GetOptions;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c =
+            etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await?;
+        let t0 = Instant::now();
+        let mut from = format!("{prefix}/").into_bytes();
+        let mut end = prefix.as_bytes().to_vec();
+        end.push(b'/' + 1);
+        let mut rev = 0;
+        loop {
+            let r = c
+                .get(
+                    from.clone(),
+                    Some(
+                        GetOptions::new()
+                            .with_range(end.clone())
+                            .with_limit(1000)
+                            .with_revision(rev),
+                    ),
+                )
+                .await?;
+            if rev == 0 {
+                rev = r.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(t0.elapsed())
+    })
+}

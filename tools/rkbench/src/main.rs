@@ -8,6 +8,7 @@
 //! check round trip), `etcd` (persistent open+close at 64 connections with
 //! the table in a one- and a three-member etcd, each beside a raw 64-put
 //! etcd Txn loop on the same cluster;
+//! and restart from etcd beside paging its keys + open_by_handle_at;
 //! skipped without an etcd binary), `local` (local opens under fanotify; root only),
 //! `restart` (start to serving with 10k and 100k persistent handles beside
 //! raw `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
@@ -337,6 +338,30 @@ fn main() -> anyhow::Result<()> {
                 ),
             );
             rep.restart.push(f.clone());
+            if let Some(e) = etcd::start(&dir, 1)? {
+                let (fe, page_ms) = restart::measure_etcd(&filterd, &dir, n, &e.hosts())?;
+                let raw = page_ms + fe.raw_open_by_handle_ms;
+                rep.rows.push(
+                    Row::new(
+                        &format!(
+                            "filterd start→serving, {n} persistent handles, etcd store 1 node"
+                        ),
+                        1,
+                        0.0,
+                        fe.start_to_serving_ms * 1e3,
+                        0.0,
+                    )
+                    .beside("raw page through etcd + open_by_handle_at", raw * 1e3),
+                );
+                if n == *sizes.last().unwrap_or(&n) {
+                    rep.target(
+                        &format!("restart with {n} handles from etcd ≤ 2× raw page-through + open_by_handle_at"),
+                        fe.start_to_serving_ms / raw,
+                        2.0,
+                        true,
+                    );
+                }
+            }
             if n == 100_000 {
                 rep.target(
                     "restart with 100k handles ≤ 1000 ms",
