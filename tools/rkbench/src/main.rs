@@ -7,11 +7,11 @@
 //! none / durable / persistent at 1, 8, 64 connections, and a mandatory-lock
 //! check round trip), `etcd` (persistent open+close at 64 connections with
 //! the table in a one- and a three-member etcd, each beside a raw 64-put
-//! etcd Txn loop on the same cluster;
-//! and restart from etcd beside paging its keys + open_by_handle_at;
-//! skipped without an etcd binary), `local` (local opens under fanotify; root only),
-//! `restart` (start to serving with 10k and 100k persistent handles beside
-//! raw `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
+//! etcd Txn loop on the same cluster; skipped without an etcd binary),
+//! `local` (local opens under fanotify; root only), `restart` (start to
+//! serving with 10k and 100k persistent handles beside raw
+//! `open_by_handle_at`; and with the table in etcd, beside paging through
+//! its keys plus `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
 //! for durable-with-lease and persistent opens at 1 and 32 connections,
 //! beside a raw TCP line round trip; 4 KiB WRITEs on persistent handles,
 //! each synced before its reply, at 1 and 32 connections beside raw
