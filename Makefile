@@ -2,7 +2,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release
 
-.PHONY: all build protoc release test lint unit e2e bench demo fuzz soak clean
+.PHONY: all build protoc etcd release test lint unit e2e bench demo demo-cluster fuzz soak clean
 
 all: build
 
@@ -39,6 +39,18 @@ bench: release
 # The whole story on a temporary export: start filterd, open, crash, recover.
 demo: release
 	$(RELEASE_BIN)/rkdemo
+
+# The two-machine story: a 3-member etcd on loopback holds the table; node
+# A is killed and node B (--standby) takes over its clients' handles.
+# Needs etcd (Debian's etcd-server, installed here when missing).
+demo-cluster: release etcd
+	$(RELEASE_BIN)/rkdemo --cluster
+
+etcd:
+	@command -v etcd >/dev/null 2>&1 || { \
+	  echo "installing etcd-server (the etcd the two-machine demo runs)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq etcd-server; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq etcd-server; fi; }
 
 # Fault soak: clients of both protocols while a chaos loop SIGKILLs
 # smbshim, nfsshim and filterd, and restarts filterd while a frontend is

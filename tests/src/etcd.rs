@@ -2,7 +2,6 @@
 //! in its own data dir under the scratch dir, on free ports, healthy by
 //! polling its `/health`.
 
-use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -119,7 +118,7 @@ impl Cluster {
         wait_for(
             &format!("etcd member {i} healthy"),
             Duration::from_secs(30),
-            || health(port).then_some(()),
+            || libfilter::etcd::member_healthy(port).then_some(()),
         );
     }
 
@@ -148,17 +147,4 @@ impl Drop for Cluster {
             self.kill(i);
         }
     }
-}
-
-fn health(port: u16) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.contains("\"health\":\"true\"")
 }

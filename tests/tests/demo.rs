@@ -1,6 +1,7 @@
 //! `make demo` runs the story end to end and leaves nothing behind — as root
 //! (a tmpfs export, fanotify on) and as an unprivileged user (a plain
-//! directory, --no-fanotify).
+//! directory, --no-fanotify) — and `make demo-cluster` tells the
+//! two-machine story with a real 3-member etcd.
 
 use std::process::Command;
 
@@ -9,6 +10,14 @@ use rkfilter_tests::bin;
 /// Runs rkdemo (through `wrap` when given) and checks its story and that no
 /// temporary directory, mount or process of it survives.
 fn demo_completes_and_cleans_up(wrap: &[&str]) -> String {
+    let stdout = run_demo(wrap, &[]);
+    assert!(stdout.contains("replay recognised"), "{stdout}");
+    stdout
+}
+
+/// Runs rkdemo with `args` and checks that it succeeds and that no
+/// temporary directory, mount or process of it survives.
+fn run_demo(wrap: &[&str], args: &[&str]) -> String {
     let mut cmd = match wrap.split_first() {
         Some((first, rest)) => {
             let mut c = Command::new(first);
@@ -17,14 +26,13 @@ fn demo_completes_and_cleans_up(wrap: &[&str]) -> String {
         }
         None => Command::new(bin("rkdemo")),
     };
-    let out = cmd.output().expect("run rkdemo");
+    let out = cmd.args(args).output().expect("run rkdemo");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "rkdemo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("replay recognised"), "{stdout}");
     // Its temporary export is gone and none of its processes survive.
     let tag = format!("rkdemo-{}", out_pid(&stdout));
     assert!(
@@ -71,6 +79,22 @@ fn demo_as_an_unprivileged_user() {
         "--",
     ]);
     assert!(stdout.contains("--no-fanotify"), "{stdout}");
+}
+
+#[test]
+fn demo_cluster_moves_a_handle_to_another_node() {
+    if !rkfilter_tests::etcd::etcd_available("demo_cluster_moves_a_handle_to_another_node") {
+        return;
+    }
+    let stdout = run_demo(&[], &["--cluster"]);
+    for step in [
+        "fencing revision",
+        "node B took over and serves",
+        "RECONNECT ok",
+        "read \"quarterly numbers: 42\"",
+    ] {
+        assert!(stdout.contains(step), "{step}: {stdout}");
+    }
 }
 
 /// The demo names its export `…/rkdemo-PID/root` on its first line.

@@ -383,3 +383,82 @@ fn etcd_members_die_under_load() {
     let r = persistent_create(&mut c, sid, "after");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
+
+/// A request larger than one etcd Txn (300 replay records of one handle in
+/// one request; a Txn holds 128 operations) is all or nothing: when the
+/// commit fails before its commit point nothing of it is in the table, and
+/// when the owner dies after it, the next owner finds all of it. Driven on
+/// the store itself, which fails its Txns on purpose after a count.
+#[test]
+fn a_request_larger_than_one_txn_is_all_or_nothing() {
+    use libfilter::etcd::{EtcdStore, EtcdUrl};
+    use libfilter::model::{ReplayRecord, ReplayScope, ResumeKey};
+    use libfilter::store::{StateStore, StoreError, StoreOp};
+    if !etcd_available("a_request_larger_than_one_txn_is_all_or_nothing") {
+        return;
+    }
+    let shared = Scratch::new("etcd-big");
+    let cluster = Cluster::start(&shared, 1);
+    let url = EtcdUrl::parse(&cluster.url("rk/big")).expect("url");
+    let ttl = Duration::from_secs(TTL);
+    let big = |scope: &ReplayScope| -> Vec<StoreOp> {
+        (1..=300)
+            .map(|op_id| StoreOp::PutReplay {
+                scope: scope.clone(),
+                op_id,
+                record: ReplayRecord {
+                    reply: format!("reply {op_id}"),
+                    recorded_ms: 0,
+                },
+                keep: 1000,
+            })
+            .collect()
+    };
+    let a = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect a");
+    a.claim().expect("a claims");
+
+    // Fails at its second Txn (the log is one page, then the commit
+    // point): nothing of it is in the table, and it can be retried.
+    let before = ReplayScope::Handle(ResumeKey::new_random());
+    a.fail_txns_after(1);
+    let err = a
+        .commit(&[&big(&before)])
+        .expect_err("the commit point fails");
+    assert!(matches!(err, StoreError::Etcd(_)), "{err}");
+    assert!(a.scope_records(&before).expect("read").is_empty());
+    a.fail_txns_after(u64::MAX);
+    a.commit(&[&big(&before)]).expect("the retry commits");
+
+    // Fails at its fourth Txn (page, commit point with 127 records, 127
+    // more, then the rest): the owner stops; the next one finishes it.
+    let after = ReplayScope::Handle(ResumeKey::new_random());
+    a.fail_txns_after(3);
+    let err = a.commit(&[&big(&after)]).expect_err("the third part fails");
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
+    assert!(a.owner_check().is_err(), "a stopped as owner");
+    drop(a);
+
+    let offline = EtcdStore::open_read_only(&url).expect("read-only view");
+    assert!(offline.redo_log_len() >= 3, "the log is in etcd");
+    assert_eq!(
+        offline.scope_records(&after).expect("read").len(),
+        300,
+        "filterctl shows the logged request finished"
+    );
+    let b = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect b");
+    let (_fence, _clean) = wait_for("b claims", Duration::from_secs(3 * TTL + 5), || {
+        b.try_claim().expect("b tries to claim")
+    });
+    assert_eq!(b.scope_records(&before).expect("read").len(), 300);
+    assert_eq!(
+        b.scope_records(&after).expect("read").len(),
+        300,
+        "the request is whole after the owner died past its commit point"
+    );
+    assert_eq!(b.redo_log_len(), 0);
+    // The log (and the pages of the attempt that failed) is gone from etcd.
+    let again = EtcdStore::open_read_only(&url).expect("read-only view");
+    assert_eq!(again.redo_log_len(), 0, "the log is gone from etcd");
+    assert_eq!(again.scope_records(&after).expect("read").len(), 300);
+    assert_eq!(again.all_replays().expect("read").len(), 600);
+}

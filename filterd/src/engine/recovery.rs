@@ -149,7 +149,13 @@ impl Engine {
                     .fsync(fd.as_fd())
                     .map_err(|e| anyhow::anyhow!("fsync after recovery's changes: {e}"))?;
             }
-            store.commit(&[&finished])?;
+            // One request per intent (its changes end with deleting it),
+            // so that each is atomic and a store that splits large commits
+            // (etcd) packs them whole.
+            let per_intent: Vec<&[StoreOp]> = finished
+                .split_inclusive(|op| matches!(op, StoreOp::DeleteIntent(_)))
+                .collect();
+            store.commit(&per_intent)?;
         }
         for (k, rec) in store.all_replays()? {
             match (libfilter::store::parse_replay_key(&k), rec) {
@@ -276,7 +282,10 @@ impl Engine {
             }
         }
         if !updates.is_empty() {
-            store.commit(&[&updates])?;
+            // Each update stands alone: one request each, so that a store
+            // that splits large commits (etcd) packs them whole.
+            let each: Vec<&[StoreOp]> = updates.iter().map(std::slice::from_ref).collect();
+            store.commit(&each)?;
         }
         info!(
             recovered = self.stats.recoveries,

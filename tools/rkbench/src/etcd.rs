@@ -1,4 +1,4 @@
-//! The etcd store beside raw etcd: a one-member etcd on loopback (skipped
+//! The etcd store beside raw etcd: a one- and a three-member etcd on loopback (skipped
 //! when the `etcd` binary is missing), a raw loop of 64-put Txns from one
 //! writer (filterd's committer is one writer too), and persistent
 //! open+close through filterd `--store etcd://…` at 64 connections.
@@ -11,17 +11,30 @@ use anyhow::{bail, Context};
 
 use crate::report::Figure;
 
-/// A one-member etcd, killed on drop.
+/// An etcd cluster on loopback (one or more members), killed on drop.
 pub struct Etcd {
-    child: Child,
-    /// Its client port on 127.0.0.1.
-    pub port: u16,
+    children: Vec<Child>,
+    /// The members' client ports on 127.0.0.1.
+    pub ports: Vec<u16>,
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Etcd {
+    /// `HOST:PORT,…` of every member, for an `etcd://` URL.
+    pub fn hosts(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -31,59 +44,68 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// Starts etcd in `dir/etcd`; `None` when no etcd binary is installed.
-pub fn start(dir: &Path) -> anyhow::Result<Option<Etcd>> {
+/// Starts an `n`-member etcd cluster in `dir/etcd-n`; `None` when no etcd
+/// binary is installed.
+pub fn start(dir: &Path, n: usize) -> anyhow::Result<Option<Etcd>> {
     let installed = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()))
         .unwrap_or(false);
     if !installed {
         return Ok(None);
     }
-    let (port, peer) = (free_port()?, free_port()?);
-    let data = dir.join("etcd");
-    let _ = std::fs::remove_dir_all(&data);
-    let client = format!("http://127.0.0.1:{port}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .args(["--name", "bench", "--data-dir"])
-        .arg(&data)
-        .args([
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("bench={peer_url}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("etcd.log"))?)
-        .spawn()
-        .context("starting etcd")?;
-    let e = Etcd { child, port };
+    let mut members = Vec::new();
+    for i in 0..n {
+        members.push((format!("bench{i}"), free_port()?, free_port()?));
+    }
+    let initial = members
+        .iter()
+        .map(|(name, _, peer)| format!("{name}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let base = dir.join(format!("etcd-{n}"));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base)?;
+    let mut e = Etcd {
+        children: Vec::new(),
+        ports: members.iter().map(|m| m.1).collect(),
+    };
+    for (name, port, peer) in &members {
+        let client = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", name, "--data-dir"])
+            .arg(base.join(name))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(base.join(format!("{name}.log")))?)
+            .spawn()
+            .context("starting etcd")?;
+        e.children.push(child);
+    }
     let rt = runtime()?;
     let t0 = Instant::now();
-    loop {
-        let ready = rt.block_on(async {
-            let mut c = etcd_client::Client::connect([client.as_str()], None).await?;
-            c.put("rkbench/ready", "1", None).await
-        });
-        if ready.is_ok() {
-            return Ok(Some(e));
+    for port in e.ports.clone() {
+        let client = format!("http://127.0.0.1:{port}");
+        loop {
+            let ready = rt.block_on(async {
+                let mut c = etcd_client::Client::connect([client.as_str()], None).await?;
+                c.put("rkbench/ready", "1", None).await
+            });
+            if ready.is_ok() {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("etcd did not serve within 20 s (see {})", base.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if t0.elapsed() > Duration::from_secs(20) {
-            bail!(
-                "etcd did not serve within 20 s (see {})",
-                dir.join("etcd.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(Some(e))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -123,5 +145,45 @@ pub fn raw_txn_puts(port: u16, per_txn: usize, dur: Duration) -> anyhow::Result<
         let mut f = Figure::from_samples(samples, puts, wall);
         f.ops_per_s = puts as f64 / wall.as_secs_f64();
         Ok(f)
+    })
+}
+
+/// The raw time to read every key under `prefix` in pages of 1000 (what a
+/// taking-over filterd must read at least).
+pub fn raw_page_through(port: u16, prefix: &str) -> anyhow::Result<Duration> {
+    use etcd_client::GetOptions;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c =
+            etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await?;
+        let t0 = Instant::now();
+        let mut from = format!("{prefix}/").into_bytes();
+        let mut end = prefix.as_bytes().to_vec();
+        end.push(b'/' + 1);
+        let mut rev = 0;
+        loop {
+            let r = c
+                .get(
+                    from.clone(),
+                    Some(
+                        GetOptions::new()
+                            .with_range(end.clone())
+                            .with_limit(1000)
+                            .with_revision(rev),
+                    ),
+                )
+                .await?;
+            if rev == 0 {
+                rev = r.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(t0.elapsed())
     })
 }

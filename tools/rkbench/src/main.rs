@@ -6,10 +6,12 @@
 //! Sections: `raw` (baselines), `mediated` (open+close through filterd for
 //! none / durable / persistent at 1, 8, 64 connections, and a mandatory-lock
 //! check round trip), `etcd` (persistent open+close at 64 connections with
-//! the table in a one-member etcd, beside a raw 64-put etcd Txn loop;
-//! skipped without an etcd binary), `local` (local opens under fanotify; root only),
-//! `restart` (start to serving with 10k and 100k persistent handles beside
-//! raw `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
+//! the table in a one- and a three-member etcd, each beside a raw 64-put
+//! etcd Txn loop on the same cluster; skipped without an etcd binary),
+//! `local` (local opens under fanotify; root only), `restart` (start to
+//! serving with 10k and 100k persistent handles beside raw
+//! `open_by_handle_at`; and with the table in etcd, beside paging through
+//! its keys plus `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
 //! for durable-with-lease and persistent opens at 1 and 32 connections,
 //! beside a raw TCP line round trip; 4 KiB WRITEs on persistent handles,
 //! each synced before its reply, at 1 and 32 connections beside raw
@@ -336,6 +338,30 @@ fn main() -> anyhow::Result<()> {
                 ),
             );
             rep.restart.push(f.clone());
+            if let Some(e) = etcd::start(&dir, 1)? {
+                let (fe, page_ms) = restart::measure_etcd(&filterd, &dir, n, &e.hosts())?;
+                let raw = page_ms + fe.raw_open_by_handle_ms;
+                rep.rows.push(
+                    Row::new(
+                        &format!(
+                            "filterd start→serving, {n} persistent handles, etcd store 1 node"
+                        ),
+                        1,
+                        0.0,
+                        fe.start_to_serving_ms * 1e3,
+                        0.0,
+                    )
+                    .beside("raw page through etcd + open_by_handle_at", raw * 1e3),
+                );
+                if n == *sizes.last().unwrap_or(&n) {
+                    rep.target(
+                        &format!("restart with {n} handles from etcd ≤ 2× raw page-through + open_by_handle_at"),
+                        fe.start_to_serving_ms / raw,
+                        2.0,
+                        true,
+                    );
+                }
+            }
             if n == 100_000 {
                 rep.target(
                     "restart with 100k handles ≤ 1000 ms",
@@ -365,8 +391,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// smbl/1 rows: CREATE+CLOSE per kind and connection count, and failover.
-/// Persistent open+close at 64 connections with the table in a one-member
-/// etcd, beside a raw loop of 64-put etcd Txns in the same run. Skipped
+/// Persistent open+close at 64 connections with the table in a one- and a
+/// three-member etcd, each beside a raw loop of 64-put etcd Txns on the
+/// same cluster in the same run. Skipped
 /// (with a note) without an etcd binary.
 fn etcd_section(
     rep: &mut Report,
@@ -374,51 +401,58 @@ fn etcd_section(
     dir: &std::path::Path,
     dur: Duration,
 ) -> anyhow::Result<()> {
-    let Some(e) = etcd::start(dir)? else {
-        eprintln!("rkbench: skipped the etcd rows: no etcd binary (Debian etcd-server)");
-        return Ok(());
-    };
-    let raw = etcd::raw_txn_puts(e.port, 64, dur)?;
-    rep.rows.push(Row::new(
-        "raw etcd Txn, 64 puts, 1 node (puts/s)",
-        1,
-        raw.ops_per_s,
-        raw.mean_us,
-        raw.p99_us,
-    ));
-    let extra = [
-        "--store".to_owned(),
-        format!(
-            "etcd://127.0.0.1:{}/rkbench/{}",
-            e.port,
-            uuid::Uuid::new_v4().simple()
-        ),
-    ];
-    let m = mediated::open_close_with(
-        filterd,
-        dir,
-        libfilter::model::Durability::Persistent { timeout_ms: 60_000 },
-        64,
-        dur,
-        &extra,
-    )?;
-    rep.rows.push(
-        Row::new(
-            "mediated open+close, persistent, etcd store 1 node (requests/s, µs/pair)",
+    for (n, nodes) in [(1usize, "1 node"), (3, "3 nodes")] {
+        let Some(e) = etcd::start(dir, n)? else {
+            eprintln!("rkbench: skipped the etcd rows: no etcd binary (Debian etcd-server)");
+            return Ok(());
+        };
+        let port = e.ports.first().copied().context("an etcd member")?;
+        let raw = etcd::raw_txn_puts(port, 64, dur)?;
+        rep.rows.push(Row::new(
+            &format!("raw etcd Txn, 64 puts, {nodes} (puts/s)"),
+            1,
+            raw.ops_per_s,
+            raw.mean_us,
+            raw.p99_us,
+        ));
+        let extra = [
+            "--store".to_owned(),
+            format!(
+                "etcd://{}/rkbench/{}",
+                e.hosts(),
+                uuid::Uuid::new_v4().simple()
+            ),
+        ];
+        let m = mediated::open_close_with(
+            filterd,
+            dir,
+            libfilter::model::Durability::Persistent { timeout_ms: 60_000 },
             64,
-            m.requests_per_s,
-            m.mean_us,
-            m.p99_us,
-        )
-        .note(format!("{:.1} ops/commit", m.ops_per_commit))
-        .beside_rate("raw etcd 64 puts/Txn", raw.ops_per_s),
-    );
-    rep.target(
-        "persistent requests/s at 64 conns, etcd store ≥ 0.7× raw etcd puts/s (64/Txn)",
-        m.requests_per_s / raw.ops_per_s,
-        0.7,
-        false,
-    );
+            dur,
+            &extra,
+        )?;
+        rep.rows.push(
+            Row::new(
+                &format!(
+                    "mediated open+close, persistent, etcd store {nodes} (requests/s, µs/pair)"
+                ),
+                64,
+                m.requests_per_s,
+                m.mean_us,
+                m.p99_us,
+            )
+            .note(format!("{:.1} ops/commit", m.ops_per_commit))
+            .beside_rate("raw etcd 64 puts/Txn", raw.ops_per_s),
+        );
+        rep.target(
+            &format!(
+                "persistent requests/s at 64 conns, etcd store {nodes} ≥ 0.7× raw etcd puts/s (64/Txn)"
+            ),
+            m.requests_per_s / raw.ops_per_s,
+            0.7,
+            false,
+        );
+    }
     Ok(())
 }
 

@@ -30,12 +30,25 @@ pub struct RestartFigure {
 }
 
 fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHandle>> {
+    let store = Store::open(state, libfilter::store::DEFAULT_MAP_SIZE)?;
+    let (handles, ops) = files_and_records(root, state, n)?;
+    for batch in ops.chunks(10_000) {
+        store.apply(batch)?;
+    }
+    Ok(handles)
+}
+
+/// `n` files under `root` and a persistent handle record for each.
+fn files_and_records(
+    root: &Path,
+    state: &Path,
+    n: usize,
+) -> anyhow::Result<(Vec<KernelHandle>, Vec<StoreOp>)> {
     std::fs::create_dir_all(root)?;
     std::fs::create_dir_all(state)?;
     let rootfd = std::fs::File::open(root)?;
-    let store = Store::open(state, libfilter::store::DEFAULT_MAP_SIZE)?;
     let mut handles = Vec::with_capacity(n);
-    let mut batch = Vec::with_capacity(10_000);
+    let mut batch = Vec::with_capacity(n);
     let protocol = Protocol::new("bench")?;
     let frontend = InstanceName::new("bench-1")?;
     for i in 0..n {
@@ -77,13 +90,8 @@ fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHand
             share_group: None,
             lock_owner: None,
         })));
-        if batch.len() == 10_000 {
-            store.apply(&batch)?;
-            batch.clear();
-        }
     }
-    store.apply(&batch)?;
-    Ok(handles)
+    Ok((handles, batch))
 }
 
 fn raw_open_by_handle(root: &Path, handles: &[KernelHandle]) -> anyhow::Result<Duration> {
@@ -101,12 +109,62 @@ pub fn measure(filterd: &Path, dir: &Path, n: usize) -> anyhow::Result<RestartFi
     let root = dir.join(format!("restart-{n}/root"));
     let state = dir.join(format!("restart-{n}/state"));
     let handles = prepare(&root, &state, n)?;
+    start_to_serving(filterd, dir, n, &handles, &[])
+}
+
+/// The same with the table in etcd (`hosts`: its members): the handles
+/// are written there by an owner that then stops cleanly. Also returns
+/// the raw time to page through the table's keys (ms).
+pub fn measure_etcd(
+    filterd: &Path,
+    dir: &Path,
+    n: usize,
+    hosts: &str,
+) -> anyhow::Result<(RestartFigure, f64)> {
+    use libfilter::etcd::{EtcdStore, EtcdUrl};
+    use libfilter::store::StateStore;
+    let root = dir.join(format!("restart-{n}/root"));
+    let state = dir.join(format!("restart-{n}/state"));
+    let prefix = format!("rkbench/restart-{}", uuid::Uuid::new_v4().simple());
+    let url = format!("etcd://{hosts}/{prefix}");
+    let (handles, ops) = files_and_records(&root, &state, n)?;
+    {
+        let parsed = EtcdUrl::parse(&url).map_err(anyhow::Error::msg)?;
+        let store = EtcdStore::connect(&parsed, Duration::from_secs(4), Duration::ZERO)?;
+        store.claim()?;
+        let each: Vec<&[StoreOp]> = ops.iter().map(std::slice::from_ref).collect();
+        for part in each.chunks(1024) {
+            store.commit(part)?;
+        }
+        store.clean_shutdown()?;
+    }
+    let port = hosts
+        .split(',')
+        .next()
+        .and_then(|h| h.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .context("an etcd port")?;
+    let page = crate::etcd::raw_page_through(port, &prefix)?;
+    let page = page.min(crate::etcd::raw_page_through(port, &prefix)?);
+    let f = start_to_serving(filterd, dir, n, &handles, &["--store".to_owned(), url])?;
+    Ok((f, page.as_secs_f64() * 1e3))
+}
+
+fn start_to_serving(
+    filterd: &Path,
+    dir: &Path,
+    n: usize,
+    handles: &[KernelHandle],
+    extra: &[String],
+) -> anyhow::Result<RestartFigure> {
+    let root = dir.join(format!("restart-{n}/root"));
+    let state = dir.join(format!("restart-{n}/state"));
     // Warm the inode cache the same way for both: a crash leaves it warm.
-    let raw = raw_open_by_handle(&root, &handles)?;
-    let raw = raw.min(raw_open_by_handle(&root, &handles)?);
+    let raw = raw_open_by_handle(&root, handles)?;
+    let raw = raw.min(raw_open_by_handle(&root, handles)?);
     let log = dir.join(format!("restart-{n}/filterd.log"));
     let t0 = Instant::now();
-    let mut d = Daemon::spawn(filterd, &root, &state, &log, false, &[])?;
+    let mut d = Daemon::spawn(filterd, &root, &state, &log, false, extra)?;
     let client = d.wait_serving(Duration::from_micros(500), Duration::from_secs(120))?;
     let serving = t0.elapsed();
     let recovered = match client.call(libfilter::proto::Request::Stats)?.0 {

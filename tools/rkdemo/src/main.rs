@@ -10,6 +10,7 @@
 //! path, Ctrl-C too.
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod stage;
 
 use std::io::{BufRead, BufReader};
@@ -41,6 +42,11 @@ struct Args {
     /// Do not mount a tmpfs and run filterd with --no-fanotify even as root.
     #[arg(long)]
     no_fanotify: bool,
+    /// Play the two-machine story instead: a 3-member etcd on loopback,
+    /// node A and a standby node B, node A killed (needs etcd, Debian's
+    /// etcd-server; `make demo-cluster`).
+    #[arg(long)]
+    cluster: bool,
 }
 
 const DATA: &[u8] = b"quarterly numbers: 42";
@@ -143,6 +149,18 @@ impl Story {
         )?)
     }
 
+    /// Whether filterd answers `filterctl status` on this story's socket.
+    fn serving(&self) -> bool {
+        Command::new(self.bin.join("filterctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     fn start_filterd(&self, stage: &Stage) -> anyhow::Result<(u32, Duration)> {
         let log = self.log("filterd")?;
         let t0 = Instant::now();
@@ -157,15 +175,8 @@ impl Story {
             .stdout(Stdio::null())
             .stderr(log);
         let pid = stage.spawn(&mut cmd)?;
-        let sock = self.socket().display().to_string();
         loop {
-            let ok = Command::new(self.bin.join("filterctl"))
-                .args(["--socket", &sock, "status"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
+            if self.serving() {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(15) || !stage.alive(pid) {
@@ -223,6 +234,23 @@ fn need(r: smbl::Reply, what: &str) -> anyhow::Result<smbl::Reply> {
     Ok(r)
 }
 
+/// Alice's session (client GUID `guid`) on `smb`.
+fn alice_session(smb: &smbl::Client, guid: Uuid) -> anyhow::Result<u64> {
+    need(smb.session_setup(guid, "alice", None)?, "SESSION_SETUP")?
+        .session_id()
+        .context("no session_id")
+}
+
+/// Alice's persistent open of report.txt: read and write, sharing read.
+fn report_create(sid: u64, create_guid: Uuid) -> smbl::CreateArgs {
+    let mut ca = smbl::CreateArgs::new(sid, "report.txt");
+    ca.access = vec!["read".into(), "write".into()];
+    ca.share = vec!["read".into()];
+    ca.disposition = "overwrite_if".into();
+    ca.durable = Some(smbl::Durable::persistent(create_guid));
+    ca
+}
+
 fn need_ok(r: nfsl::Reply, what: &str) -> anyhow::Result<nfsl::Reply> {
     if !r.is_ok() {
         bail!("{what}: {}", r.value());
@@ -260,6 +288,11 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
         }
     }
     let dir = std::env::temp_dir().join(format!("rkdemo-{}", std::process::id()));
+    if args.cluster {
+        std::fs::create_dir_all(&dir)?;
+        stage.set_dir(dir.clone());
+        return cluster::run(&bin, &dir, stage);
+    }
     let root = dir.join("root");
     std::fs::create_dir_all(&root)?;
     std::fs::create_dir_all(dir.join("state"))?;
@@ -309,17 +342,8 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     let create_guid = Uuid::new_v4();
     let lease_key = Uuid::new_v4();
     let smb = smbl::Client::connect(smb_addr.as_str())?;
-    let sid = need(
-        smb.session_setup(alice_guid, "alice", None)?,
-        "SESSION_SETUP",
-    )?
-    .session_id()
-    .context("no session_id")?;
-    let mut ca = smbl::CreateArgs::new(sid, "report.txt");
-    ca.access = vec!["read".into(), "write".into()];
-    ca.share = vec!["read".into()];
-    ca.disposition = "overwrite_if".into();
-    ca.durable = Some(smbl::Durable::persistent(create_guid));
+    let sid = alice_session(&smb, alice_guid)?;
+    let mut ca = report_create(sid, create_guid);
     ca.lease = Some((lease_key, "RWH".into()));
     let r = need(smb.create(&ca)?, "CREATE")?;
     let file_id = r.file_id().context("no file_id")?.to_owned();
@@ -440,12 +464,7 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     let (_smb_pid2, smb_addr2) = s.start_shim(stage, "smbshim", "smb-demo")?;
     let t_listening = Instant::now();
     let smb = smbl::Client::connect(smb_addr2.as_str())?;
-    let sid = need(
-        smb.session_setup(alice_guid, "alice", None)?,
-        "SESSION_SETUP",
-    )?
-    .session_id()
-    .context("no session_id")?;
+    let sid = alice_session(&smb, alice_guid)?;
     let rc = need(
         smb.reconnect(sid, &file_id, create_guid, Some(lease_key))?,
         "RECONNECT",
