@@ -140,7 +140,9 @@ struct IoGate {
 #[derive(Default)]
 struct GateState {
     /// Unchecked reads and writes in flight, per file (no zero entries).
-    in_flight: HashMap<FileId, usize>,
+    in_flight: HashMap<FileId, std::collections::BTreeSet<u64>>,
+    /// The number the next unchecked I/O gets (see [`Attachment::drain_file`]).
+    next_ticket: u64,
     /// Held by [`Attachment::exclusive_io`]: no unchecked I/O starts.
     closed: bool,
     /// Files whose `LocksPresent` waits for their in-flight I/O before it
@@ -179,14 +181,15 @@ impl IoGate {
 pub struct UncheckedIo<'a> {
     gate: &'a IoGate,
     file: FileId,
+    ticket: u64,
 }
 
 impl Drop for UncheckedIo<'_> {
     fn drop(&mut self) {
         let mut g = self.gate.lock();
-        if let Some(n) = g.in_flight.get_mut(&self.file) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(t) = g.in_flight.get_mut(&self.file) {
+            t.remove(&self.ticket);
+            if t.is_empty() {
                 g.in_flight.remove(&self.file);
             }
         }
@@ -360,8 +363,10 @@ impl Attachment {
         if checked.lock().map(|l| l.contains(&file)).unwrap_or(true) {
             return IoDecision::Check;
         }
-        *g.in_flight.entry(file).or_insert(0) += 1;
-        IoDecision::Unchecked(UncheckedIo { gate, file })
+        let ticket = g.next_ticket;
+        g.next_ticket += 1;
+        g.in_flight.entry(file).or_default().insert(ticket);
+        IoDecision::Unchecked(UncheckedIo { gate, file, ticket })
     }
 
     /// Held while the frontend applies what changes the decision of
@@ -406,7 +411,7 @@ impl Attachment {
     }
 
     /// Waits (up to [`DRAIN_FILE_WAIT`]) until no unchecked read or write of
-    /// `file` is in flight. A frontend calls it before it closes or
+    /// `file` that started before this call is in flight. A frontend calls it before it closes or
     /// detaches a handle at filterd, after taking the handle out of its
     /// own table (so `decide_io`'s `live` check lets no new one start):
     /// once filterd has forgotten the handle, a first lock on the file no
@@ -418,7 +423,15 @@ impl Attachment {
         let gate = &self.shared.gate;
         let deadline = std::time::Instant::now() + DRAIN_FILE_WAIT;
         let mut g = gate.lock();
-        while g.in_flight.contains_key(&file) {
+        // Only what started before this call: other opens of the file may
+        // go on starting unchecked I/O, and a close must not wait for them.
+        let before = g.next_ticket;
+        while g
+            .in_flight
+            .get(&file)
+            .and_then(|t| t.first())
+            .is_some_and(|first| *first < before)
+        {
             if std::time::Instant::now() >= deadline {
                 return false;
             }
