@@ -25,6 +25,11 @@ pub struct OpenedFile {
     pub fd: OwnedFd,
     /// Whether this open created the file.
     pub created: bool,
+    /// Whether this very call gave the file its name — not so for a
+    /// replayed create that finds the file its marker names (it may have
+    /// been written to since): only such a file may be unlinked again when
+    /// the create's commit fails.
+    pub linked: bool,
     /// Its identity.
     pub file: FileId,
     /// Its size now.
@@ -232,6 +237,7 @@ pub fn open(
                     return Ok(OpenedFile {
                         fd,
                         created: true,
+                        linked: true,
                         file,
                         size,
                     });
@@ -260,6 +266,7 @@ pub fn open(
             return Ok(OpenedFile {
                 fd,
                 created: true,
+                linked: false,
                 file,
                 size,
             });
@@ -273,6 +280,7 @@ pub fn open(
         return Ok(OpenedFile {
             fd,
             created: false,
+            linked: false,
             file,
             size,
         });
@@ -313,6 +321,7 @@ pub fn open(
     Ok(OpenedFile {
         fd,
         created,
+        linked: created,
         file,
         size,
     })

@@ -595,6 +595,7 @@ impl Engine {
                     gen: 0,
                     parked: false,
                     lock_fd: None,
+                    linked: false,
                 });
             }
             (None, false) => {}

@@ -378,17 +378,17 @@ impl Fs for MemFs {
             return Err(werr(&st, e));
         }
         let creates = !matches!(disposition, Disposition::Open | Disposition::Overwrite);
-        let (obj, created) = match st.names.get(p).copied() {
+        let (obj, created, linked) = match st.names.get(p).copied() {
             Some(obj) => {
                 let ours = marker.is_some()
                     && creates
                     && st.objs.get(&obj).and_then(|f| f.marker.as_deref()) == marker;
                 if ours {
-                    (obj, true)
+                    (obj, true, false)
                 } else if disposition == Disposition::Create {
                     return Err(werr(&st, errno(libc::EEXIST)));
                 } else {
-                    (obj, false)
+                    (obj, false, false)
                 }
             }
             None if !creates => return Err(werr(&st, errno(libc::ENOENT))),
@@ -396,13 +396,14 @@ impl Fs for MemFs {
                 let obj = st.make_file(marker);
                 st.names.insert(p.to_owned(), obj);
                 st.log.push(Logged::Create(p.to_owned()));
-                (obj, true)
+                (obj, true, true)
             }
         };
         let (fd, file, size) = st.file_desc(obj).map_err(|e| werr(&st, e))?;
         Ok(OpenedFile {
             fd,
             created,
+            linked,
             file,
             size,
         })

@@ -105,6 +105,9 @@ struct Handle {
     /// A read-write descriptor of its own (its own open file description)
     /// carrying its byte-range locks as OFD locks; only while it has locks.
     lock_fd: Option<OwnedFd>,
+    /// Its open gave the file its name in this daemon (see
+    /// `OpenedFile::linked`): a rollback of the open may unlink it.
+    linked: bool,
 }
 
 /// Most commands drained into one batch.

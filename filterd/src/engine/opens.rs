@@ -270,6 +270,7 @@ impl Engine {
             gen: 0,
             parked: park,
             lock_fd: None,
+            linked: of.linked,
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -703,7 +704,13 @@ impl Engine {
         if let Some(h) = self.handles.get_mut(&key) {
             h.rec.durability = Durability::None;
             h.rec.delete_on_close = false;
-            if h.rec.create_action == CreateAction::Created && h.rec.conn != ConnState::Lost {
+            // Only a name this open gave: a replayed create that found its
+            // marked file (made before a crash, perhaps written since)
+            // leaves it be.
+            if h.linked
+                && h.rec.create_action == CreateAction::Created
+                && h.rec.conn != ConnState::Lost
+            {
                 let kh = h.rec.kernel_handle.clone().or_else(|| {
                     h.fd.as_ref()
                         .and_then(|f| self.fs.file_handle_of(f.as_fd()).ok())

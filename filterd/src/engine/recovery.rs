@@ -260,6 +260,7 @@ impl Engine {
                 gen: 0,
                 parked: false,
                 lock_fd: None,
+                linked: false,
             });
             // Re-take its byte-range locks, in the filter and as OFD locks,
             // before anyone is served (invariant 5).
