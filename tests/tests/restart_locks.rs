@@ -253,14 +253,22 @@ fn slow_syscalls(pid: u32, trace: &std::path::Path, delays: &[(&str, u32)]) -> S
 
 /// Whether a thread of `pid` is held at the entry of a pwrite64 (18).
 fn in_pwrite(pid: u32) -> bool {
+    in_pwrites(pid) > 0
+}
+
+/// How many of `pid`'s threads are in pwrite64 now.
+fn in_pwrites(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|tasks| {
-            tasks.flatten().any(|t| {
-                std::fs::read_to_string(t.path().join("syscall"))
-                    .is_ok_and(|s| s.split(' ').next() == Some("18"))
-            })
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("syscall"))
+                        .is_ok_and(|s| s.split(' ').next() == Some("18"))
+                })
+                .count()
         })
-        .unwrap_or(false)
+        .unwrap_or(0)
 }
 
 /// Whether every thread of `pid` is stopped (state T): a request sent now
@@ -604,6 +612,14 @@ fn first_locks_on_two_files_are_acknowledged_independently() {
         "mid",
         json!({"cmd": "WRITE", "session_id": msid2, "file_id": gfid, "offset": 12,
                "data": b64(b"YYYY")}),
+    );
+    // The WRITE on g is decided (unchecked) and in its pwrite before the
+    // first LOCK of g arrives; sent back to back, the LOCK could win and
+    // the WRITE be refused as conflicting.
+    wait_for(
+        "the WRITE on g to reach its pwrite",
+        Duration::from_secs(20),
+        || (in_pwrites(b.smb.pid()) >= 2).then_some(()),
     );
     let lg = lock(&mut n2, &gsid);
     let (r, _) = b.n.c.reply_to("xid", lf).expect("LOCK f's reply");
