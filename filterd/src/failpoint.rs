@@ -7,14 +7,18 @@
 //! - `panic`: panic on the thread that got there (filterd's panic hook
 //!   aborts, so the whole process ends rather than staying half alive);
 //! - `sleepMS`: stall that thread for MS milliseconds — a slow fsync, to
-//!   widen a window that a test then attacks.
+//!   widen a window that a test then attacks;
+//! - `fail`: make the step at that point fail (`hit` returns true; only
+//!   points whose callers act on it, see `fails`).
 //!
 //! Unarmed, a hit costs one relaxed atomic load.
 //!
 //! Points (see docs/ARCHITECTURE.md): `commit.before`, `commit.after`
 //! (durable, reply not yet sent), `reply.before_send`, `open.after_fs`
 //! (file created/opened, nothing recorded), `intent.after_commit`,
-//! `intent.after_fs`, `engine.request` (the engine thread, per request).
+//! `intent.after_fs`, `engine.request` (the engine thread, per request),
+//! `local.unignore` (removing a file's ignore mark; `fail` makes it fail),
+//! `shutdown.after_engine` (stopping: the engine thread has returned).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,12 +34,14 @@ enum Action {
     Kill,
     Panic,
     Sleep(u64),
+    Fail,
 }
 
 fn parse_action(s: &str) -> Option<Action> {
     match s {
         "" | "kill" => Some(Action::Kill),
         "panic" => Some(Action::Panic),
+        "fail" => Some(Action::Fail),
         _ => s.strip_prefix("sleep")?.parse().ok().map(Action::Sleep),
     }
 }
@@ -60,7 +66,7 @@ pub fn init() {
             } else {
                 tracing::error!(
                     failpoint = item,
-                    "unknown failpoint action (kill, panic, sleepMS): ignored"
+                    "unknown failpoint action (kill, panic, sleepMS, fail): ignored"
                 );
                 continue 'items;
             }
@@ -76,8 +82,14 @@ pub fn init() {
 
 /// Acts if `name` is armed and this is its n-th hit.
 pub fn hit(name: &str) {
+    let _ = fails(name);
+}
+
+/// [`hit`], and whether the step at `name` is to fail now (armed with
+/// `fail`): the caller then takes its failure path.
+pub fn fails(name: &str) -> bool {
     if !ANY_ARMED.load(Ordering::Relaxed) {
-        return;
+        return false;
     }
     let fire = ARMED
         .get()
@@ -96,10 +108,15 @@ pub fn hit(name: &str) {
             None => None,
         });
     match fire {
-        None => {}
+        None => false,
+        Some(Action::Fail) => {
+            eprintln!("failpoint {name}: failing");
+            true
+        }
         Some(Action::Sleep(ms)) => {
             eprintln!("failpoint {name}: stalling {ms} ms");
             std::thread::sleep(Duration::from_millis(ms));
+            false
         }
         Some(Action::Panic) => panic!("failpoint {name}: panicking on purpose"),
         Some(Action::Kill) => {

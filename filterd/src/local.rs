@@ -66,6 +66,9 @@ pub struct LocalCounters {
     /// event's descriptor without waiting (a local process's lease on the
     /// file being broken).
     pub lease_refused: AtomicU64,
+    /// Local opens refused because no verdict was given for them (the
+    /// [`Answer`] default): the engine stopped, a thread ended or panicked.
+    pub denied_by_default: AtomicU64,
 }
 
 /// What the fanotify mark covers.
@@ -242,32 +245,102 @@ pub fn ignore(fan: &Fanotify, fd: &OwnedFd, counters: &LocalCounters) {
 }
 
 /// Removes the ignore mark of the file `fd` refers to (protocol state
-/// appeared). No mark is fine; any other failure is counted.
-pub fn unignore(fan: &Fanotify, fd: std::os::fd::BorrowedFd<'_>, counters: &LocalCounters) {
-    if let Err(e) = fan.mark(
-        MarkFlags::FAN_MARK_REMOVE | MarkFlags::FAN_MARK_IGNORED_MASK,
-        MaskFlags::FAN_OPEN_PERM,
-        fd,
-        None::<&Path>,
-    ) {
-        if e != nix::errno::Errno::ENOENT {
+/// appears): from now on its local opens reach filterd again. No mark is
+/// fine; any other failure is counted and returned — the caller must not
+/// give the file protocol state, for its local opens would pass unseen.
+pub fn unignore(
+    fan: &Fanotify,
+    fd: std::os::fd::BorrowedFd<'_>,
+    counters: &LocalCounters,
+) -> nix::Result<()> {
+    let removed = if crate::failpoint::fails("local.unignore") {
+        Err(nix::errno::Errno::ENOMEM)
+    } else {
+        fan.mark(
+            MarkFlags::FAN_MARK_REMOVE | MarkFlags::FAN_MARK_IGNORED_MASK,
+            MaskFlags::FAN_OPEN_PERM,
+            fd,
+            None::<&Path>,
+        )
+    };
+    match removed {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => {
             counters.mark_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "cannot remove an ignore mark: the protocol open that needs it is refused");
+            Err(e)
         }
     }
 }
 
-/// A permission event that must be answered: ALLOW unless told otherwise,
-/// on every path (the `Drop`).
+/// A permission event that must be answered. Only an explicit verdict
+/// allows it ([`Answer::allow`]); every other path — an early return, a
+/// panic unwinding, a thread ending, an event nobody decided — refuses it
+/// (`EPERM`) in the `Drop`, so no path lets an open past a share mode nor
+/// leaves a process blocked. A refusal no verdict chose is counted
+/// (`local_opens_denied_by_default`).
 struct Answer {
     fan: Arc<Fanotify>,
     fd: OwnedFd,
-    response: u32,
+    /// The explicit answer, once given.
+    response: Option<u32>,
+    counters: Arc<LocalCounters>,
+}
+
+impl Answer {
+    fn new(fan: Arc<Fanotify>, fd: OwnedFd, counters: Arc<LocalCounters>) -> Self {
+        Answer {
+            fan,
+            fd,
+            response: None,
+            counters,
+        }
+    }
+
+    /// Lets the open proceed (the engine's verdict).
+    fn allow(mut self) {
+        self.response = Some(libc::FAN_ALLOW);
+    }
+
+    /// Refuses the open on purpose (a verdict, or a rule already counted).
+    fn deny(mut self) {
+        self.response = Some(libc::FAN_DENY);
+    }
 }
 
 impl Drop for Answer {
     fn drop(&mut self) {
-        if let Err(e) = respond(&self.fan, self.fd.as_raw_fd(), self.response) {
+        let response = self.response.unwrap_or_else(|| {
+            self.counters.denied_by_default.fetch_add(1, Ordering::Relaxed);
+            libc::FAN_DENY
+        });
+        if let Err(e) = respond(&self.fan, self.fd.as_raw_fd(), response) {
             tracing::error!(error = %e, "could not answer a fanotify permission event");
+        }
+    }
+}
+
+/// Where the engine's verdict on event `id` goes: to the answerer. Dropped
+/// without a verdict (the engine stopped with the command still queued or
+/// the open waiting) it tells the answerer the event is undecided, which
+/// refuses it at once rather than at its deadline.
+struct VerdictTo {
+    id: u64,
+    answers: crossbeam_channel::Sender<AnswerMsg>,
+    sent: bool,
+}
+
+impl VerdictTo {
+    fn send(mut self, v: Verdict) {
+        self.sent = true;
+        let _ = self.answers.send(AnswerMsg::Verdict(self.id, v));
+    }
+}
+
+impl Drop for VerdictTo {
+    fn drop(&mut self) {
+        if !self.sent {
+            let _ = self.answers.send(AnswerMsg::Undecided(self.id));
         }
     }
 }
@@ -287,8 +360,8 @@ pub enum AnswerMsg {
     Pending(u64, Box<AnswerSlot>),
     /// The engine's verdict on event `id`.
     Verdict(u64, Verdict),
-    /// Event `id` cannot be decided (the engine's queue is full): answered
-    /// by the rule for undecided events.
+    /// Event `id` will not be decided (the engine's queue is full, or the
+    /// engine stopped): answered at once by the rule for undecided events.
     Undecided(u64),
 }
 
@@ -310,6 +383,15 @@ pub fn max_pending(fd_limit: u64) -> u64 {
     (MAX_PENDING as u64).min(fd_limit / 4).max(1)
 }
 
+/// How many free descriptors protocol opens leave filterd
+/// (`Engine::keep_descriptor_reserve`): an eighth of `fd_limit`, at least
+/// 16 and at most 1024 — enough to read a full buffer of fanotify events
+/// (each read makes a descriptor per event, and the reader a duplicate)
+/// and to accept connections and commit meanwhile.
+pub fn descriptor_reserve(fd_limit: u64) -> u64 {
+    (fd_limit / 8).clamp(16, 1024)
+}
+
 /// Reads permission events forever. filterd's own opens (none should
 /// come: its mount is exempt) are allowed at once; each local open is
 /// handed to the engine without waiting (a full engine queue makes it
@@ -323,6 +405,11 @@ pub fn max_pending(fd_limit: u64) -> u64 {
 /// refused (`EPERM`), counted, and logged. Refusing fails closed: an open a
 /// share mode would deny is never let through because filterd was
 /// overloaded; the local process may retry.
+///
+/// **Once the engine is gone** (filterd stopping), or if the answerer
+/// cannot start, this loop keeps reading and refuses every further event
+/// at once: the mark stays until the process exits, and no open may pass
+/// undecided nor wait for a verdict nobody will give.
 pub fn run(
     fan: Arc<Fanotify>,
     engine: EngineTx,
@@ -333,16 +420,18 @@ pub fn run(
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
     let (tx, rx) = crossbeam_channel::unbounded::<AnswerMsg>();
     let pending = Arc::new(AtomicU64::new(0));
-    {
+    // Once nobody decides (the engine gone: filterd stopping; or no
+    // answerer), every further event is refused at once.
+    let mut engine_gone = {
         let (counters, pending) = (counters.clone(), pending.clone());
         let spawned = std::thread::Builder::new()
             .name("fanotify-answer".into())
             .spawn(move || answerer(rx, counters, pending));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the fanotify answerer; local mediation off");
-            return;
+        if let Err(e) = &spawned {
+            tracing::error!(error = %e, "cannot start the fanotify answerer; every local open of the export is refused");
         }
-    }
+        spawned.is_err()
+    };
     let mut next_id = 0u64;
     let (open_perm, overflow) = (
         MaskFlags::FAN_OPEN_PERM.bits(),
@@ -400,11 +489,14 @@ pub fn run(
             if event.mask & open_perm == 0 {
                 continue; // not a permission event: nothing to answer
             }
-            let ans = Answer {
-                fan: fan.clone(),
-                fd,
-                response: libc::FAN_ALLOW,
-            };
+            let ans = Answer::new(fan.clone(), fd, counters.clone());
+            if engine_gone {
+                // Nobody decides any more (filterd is stopping): refused
+                // at once, never allowed, never left waiting.
+                counters.denied.fetch_add(1, Ordering::Relaxed);
+                ans.deny();
+                continue;
+            }
             let (file, dup) = match (nix::sys::stat::fstat(&ans.fd), ans.fd.try_clone()) {
                 (Ok(st), Ok(dup)) => (
                     libfilter::model::FileId {
@@ -416,16 +508,14 @@ pub fn run(
                 _ => {
                     // Cannot even look at it: the rule for undecided events.
                     counters.overloaded.fetch_add(1, Ordering::Relaxed);
-                    let mut ans = ans;
-                    ans.response = libc::FAN_DENY;
+                    ans.deny();
                     continue;
                 }
             };
             let pid = event.pid;
             if pending.load(Ordering::Relaxed) >= max_pending {
                 counters.overloaded.fetch_add(1, Ordering::Relaxed);
-                let mut ans = ans;
-                ans.response = libc::FAN_DENY;
+                ans.deny();
                 continue;
             }
             next_id += 1;
@@ -434,27 +524,38 @@ pub fn run(
                 answer: ans,
                 deadline: std::time::Instant::now() + bound,
             };
-            // Registered before the engine can possibly answer.
+            // Registered before the engine can possibly answer. Should the
+            // answerer be gone (it cannot, short of a panic), the slot comes
+            // back in the error and its drop refuses the open.
             pending.fetch_add(1, Ordering::Relaxed);
             if tx.send(AnswerMsg::Pending(id, Box::new(slot))).is_err() {
-                return;
+                engine_gone = true;
+                continue;
             }
-            let answers = tx.clone();
+            let to = VerdictTo {
+                id,
+                answers: tx.clone(),
+                sent: false,
+            };
             let cmd = Command::LocalOpen {
                 file,
                 pid,
                 fd: dup,
-                reply: Box::new(move |v| {
-                    let _ = answers.send(AnswerMsg::Verdict(id, v));
-                }),
+                reply: Box::new(move |v| to.send(v)),
             };
+            // A command the engine cannot take drops its `VerdictTo`, which
+            // tells the answerer the event is undecided: refused at once.
             match engine.try_send(cmd) {
                 Ok(()) => {}
                 Err(true) => {
                     counters.overloaded.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.send(AnswerMsg::Undecided(id));
                 }
-                Err(false) => return, // engine gone: the answerer's guards answer
+                Err(false) => {
+                    tracing::info!(
+                        "the engine has stopped: local opens of the export are refused from now on"
+                    );
+                    engine_gone = true;
+                }
             }
         }
     }
@@ -495,24 +596,24 @@ fn answerer(
                     pending.insert(id, slot);
                 }
                 AnswerMsg::Verdict(id, v) => {
-                    if let Some(mut slot) = pending.remove(&id) {
+                    if let Some(slot) = pending.remove(&id) {
                         count.fetch_sub(1, Ordering::Relaxed);
                         match v {
                             Verdict::Deny => {
                                 counters.denied.fetch_add(1, Ordering::Relaxed);
-                                slot.answer.response = libc::FAN_DENY;
+                                slot.answer.deny();
                             }
                             Verdict::Allow => {
                                 counters.allowed.fetch_add(1, Ordering::Relaxed);
+                                slot.answer.allow();
                             }
                         }
-                        // Dropping the slot writes the answer.
                     }
                 }
                 AnswerMsg::Undecided(id) => {
-                    if let Some(mut slot) = pending.remove(&id) {
+                    if let Some(slot) = pending.remove(&id) {
                         count.fetch_sub(1, Ordering::Relaxed);
-                        slot.answer.response = libc::FAN_DENY;
+                        slot.answer.deny();
                     }
                 }
             }
@@ -539,11 +640,11 @@ fn answerer(
                 break;
             }
             order.pop_front();
-            if let Some(mut slot) = pending.remove(&id) {
+            if let Some(slot) = pending.remove(&id) {
                 count.fetch_sub(1, Ordering::Relaxed);
                 counters.watchdog.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(event = id, "local open not decided in time: refused");
-                slot.answer.response = libc::FAN_DENY;
+                slot.answer.deny();
             }
         }
     }

@@ -400,6 +400,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if engine_thread.join().is_err() {
         error!("engine thread panicked");
     }
+    // The engine is gone; the fanotify reader refuses every local open
+    // from now on (until the process exits and the kernel drops the group).
+    failpoint::hit("shutdown.after_engine");
     // The engine flushed its last batch: the committer commits what is
     // queued, then returns.
     pipe.stop();

@@ -841,6 +841,19 @@ pub struct Stats {
     /// and were decided as if a local opener existed.
     #[serde(default)]
     pub local_scans_cut_short: u64,
+    /// Local opens refused because no verdict was given for them (filterd
+    /// stopping, or a thread ending without answering): the default answer.
+    #[serde(default)]
+    pub local_opens_denied_by_default: u64,
+    /// Protocol opens refused because they would have left filterd fewer
+    /// free descriptors than it keeps in reserve (to read fanotify events).
+    #[serde(default)]
+    pub opens_refused_descriptors: u64,
+    /// Protocol opens refused because local opens of their file could not
+    /// be made to reach filterd again (its ignore mark could not be
+    /// removed): granting them would leave the file unmediated.
+    #[serde(default)]
+    pub opens_refused_unmediated: u64,
     /// Persistent handles reopened at start.
     pub recoveries: u64,
     /// Handles found lost at start.

@@ -112,6 +112,42 @@ fn share_modes_refuse_local_opens_until_closed() {
     }
 }
 
+/// A protocol open whose file's ignore mark cannot be removed (armed
+/// failpoint: the removal fails) is refused with a clear error and counted:
+/// granted, local opens of the file would never reach filterd, past its
+/// share mode. Before, the failure was only counted, the open granted, and
+/// a local reader opened a file held with share none.
+#[test]
+fn a_protocol_open_whose_file_cannot_be_mediated_is_refused() {
+    let Some(s) = Scratch::with_tmpfs("fan-unignore") else {
+        return;
+    };
+    let d = Filterd::start_mediated_with(&s, &[], &[("RKFILTER_FAILPOINTS", "local.unignore:fail")]);
+    let f = s.root().join("f");
+    std::fs::write(&f, b"x").unwrap();
+    // A local open of a file without state: it gets an ignore mark.
+    std::fs::File::open(&f).unwrap();
+    let fe = frontend(&s);
+    match fe.open(req("f", Rights::NONE, None)) {
+        Err(libfilter::client::ClientError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::Internal, "{e}");
+            assert!(e.message.contains("cannot be mediated"), "{e}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_h) => panic!(
+            "granted unmediated: a local open of the share-none file gave {:?}",
+            std::fs::File::open(&f).map(|_| ())
+        ),
+    }
+    let st = d.control().stats().unwrap();
+    assert_eq!(st.opens_refused_unmediated, 1, "{st:?}");
+    assert!(st.ignore_mark_failures >= 1, "{st:?}");
+    // The mark comes off next time: the file is mediated.
+    let _h = fe.open(req("f", Rights::NONE, None)).unwrap();
+    let e = std::fs::File::open(&f).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+}
+
 #[test]
 fn a_local_open_breaks_a_write_lease_and_waits_for_the_ack() {
     let Some(s) = Scratch::with_tmpfs("fan-lease") else {

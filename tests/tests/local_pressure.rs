@@ -1,7 +1,9 @@
 //! Local access under pressure (root only: a tmpfs export with fanotify):
 //! the fanotify reader never waits on the engine, an open filterd cannot
-//! decide in time is refused — never let through past a share mode — and
-//! mediation survives running out of descriptors.
+//! decide in time is refused — never let through past a share mode —,
+//! mediation survives running out of descriptors, protocol opens keep a
+//! descriptor reserve for it, and once the engine stops every local open
+//! is refused at once.
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::mpsc;
@@ -146,12 +148,44 @@ fn the_fanotify_reader_never_waits_on_the_engine() {
     );
 }
 
-/// filterd out of descriptors: reading the fanotify group fails (EMFILE:
-/// the kernel cannot make the event's descriptor, and refuses that open).
-/// Mediation must not stop while the mark stays: the local open is
-/// answered, not left hanging, and once descriptors are free again local
-/// opens are decided again (before, the reader thread returned and every
-/// local open of the export hung).
+/// A local open in another thread: its outcome, or a panic if it is not
+/// answered within 20 s.
+fn local_open(p: std::path::PathBuf) -> std::io::Result<u64> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::File::open(p).and_then(|f| f.metadata().map(|m| m.ino())));
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the local open is answered")
+}
+
+/// The lowest descriptor number free in process `pid` (from its
+/// `/proc/PID/fd`): with its limit set there, it can open nothing.
+fn lowest_free_fd(pid: u32) -> u32 {
+    let used: std::collections::BTreeSet<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+/// Sets process `pid`'s soft descriptor limit (its hard limit stays).
+fn set_fd_limit(pid: u32, n: u32) {
+    let st = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={n}:")])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(st.success());
+}
+
+/// filterd out of descriptors (its limit lowered under what it holds):
+/// reading the fanotify group fails (EMFILE: the kernel cannot make the
+/// event's descriptor, and refuses that open). Mediation must not stop
+/// while the mark stays: the local open is answered, not left hanging,
+/// and once descriptors are free again local opens are decided again
+/// (before, the reader thread returned and every local open of the export
+/// hung).
 #[test]
 fn mediation_survives_running_out_of_descriptors() {
     let Some(s) = Scratch::with_tmpfs("fan-emfile") else {
@@ -159,46 +193,101 @@ fn mediation_survives_running_out_of_descriptors() {
     };
     std::fs::write(s.root().join("plain"), b"x").unwrap();
     let d = Filterd::start_mediated(&s, &[]);
-    // Lower filterd's descriptor limit under it, then take the rest with
-    // non-durable opens (each holds a descriptor in filterd).
-    let pid = d.pid().to_string();
-    let st = std::process::Command::new("prlimit")
-        .args(["--pid", &pid, "--nofile=120:120"])
-        .status()
-        .expect("prlimit (util-linux)");
-    assert!(st.success());
     let fe = frontend(&s);
-    let mut held = Vec::new();
-    for i in 0..200 {
-        match fe.open(req(&format!("f{i}"), Rights::ALL)) {
-            Ok(h) => held.push(h),
-            Err(_) => break,
-        }
-    }
-    assert!(held.len() < 200, "the limit was reached");
-    // A local open now makes the reader's read fail: answered all the same
-    // (the kernel refuses an open whose event it cannot give a descriptor;
-    // the reader goes on reading).
+    let _held = fe.open(req("held", Rights::NONE)).unwrap();
     let p = s.root().join("plain");
     let ino = std::fs::metadata(&p).unwrap().ino();
-    let local_open = |p: std::path::PathBuf| {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(std::fs::File::open(p).map(|f| f.metadata().map(|m| m.ino())));
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("the local open is answered")
-    };
+    // No descriptor left at all.
+    set_fd_limit(d.pid(), lowest_free_fd(d.pid()));
     // Linux 6.18 refuses it (EPERM): the kernel denies a permission event
-    // whose descriptor it could not make.
+    // whose descriptor it could not make. The reader goes on reading.
     let _refused = local_open(p.clone());
-    // Free descriptors: close everything.
-    for h in held.drain(..) {
-        let _ = fe.close(h.info.key);
-    }
-    let r = local_open(p);
-    assert_eq!(r.unwrap().unwrap(), ino);
-    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
-    let st = ctl.stats().unwrap();
+    set_fd_limit(d.pid(), 4096);
+    assert_eq!(local_open(p).unwrap(), ino);
+    assert!(
+        local_open(s.root().join("held")).is_err(),
+        "a share-none file is mediated again"
+    );
+    let st = d.control().stats().unwrap();
     assert!(st.fanotify_read_errors > 0, "{st:?}");
+}
+
+/// Protocol opens stop short of filterd's descriptor limit, keeping a
+/// reserve for reading fanotify events: the open that would eat into it is
+/// refused with a clear error and counted, and local opens go on being
+/// decided by share modes. Before, protocol opens took every descriptor:
+/// the kernel then refused every local open of the export (a file without
+/// state included), and a protocol open failed with a bare EMFILE.
+#[test]
+fn protocol_opens_leave_a_descriptor_reserve_for_local_opens() {
+    let Some(s) = Scratch::with_tmpfs("fan-fd-reserve") else {
+        return;
+    };
+    std::fs::write(s.root().join("plain"), b"x").unwrap();
+    let d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    let _held = fe.open(req("held", Rights::NONE)).unwrap();
+    set_fd_limit(d.pid(), 160);
+    let mut handles = Vec::new();
+    let refused = (0..300).find_map(|i| match fe.open(req(&format!("f{i}"), Rights::ALL)) {
+        Ok(h) => {
+            handles.push(h);
+            None
+        }
+        Err(e) => Some(e),
+    });
+    let e = refused.expect("an open is refused before 300");
+    eprintln!("{} opens granted; then: {e}", handles.len());
+    assert!(
+        matches!(&e, libfilter::client::ClientError::Refused(w)
+            if w.code == libfilter::proto::ErrorCode::LimitReached
+                && w.message.contains("descriptors")),
+        "{e:?}"
+    );
+    // Local opens are still decided: the share-none file refused by its
+    // share mode, a file without state opened.
+    let plain = local_open(s.root().join("plain"));
+    assert!(plain.is_ok(), "a file without state opens: {plain:?}");
+    let held = local_open(s.root().join("held"));
+    assert!(held.is_err(), "{held:?}");
+    let st = d.control().stats().unwrap();
+    assert!(st.opens_refused_descriptors >= 1, "{st:?}");
+    assert!(st.local_opens_denied >= 1, "{st:?}");
+    assert_eq!(st.fanotify_read_errors, 0, "{st:?}");
+}
+
+/// Once the engine has stopped (filterd shutting down), the fanotify
+/// reader refuses every further local open at once: never allowed past a
+/// share mode, never left waiting for a verdict nobody gives. Before, the
+/// first such event was answered ALLOW (the guard's default, dropped when
+/// the reader returned) and every later one hung until the process exited.
+#[test]
+fn after_the_engine_stops_every_local_open_is_refused_at_once() {
+    let Some(s) = Scratch::with_tmpfs("fan-stopped") else {
+        return;
+    };
+    std::fs::write(s.root().join("plain"), b"x").unwrap();
+    // Stopping stalls 40 s once the engine thread has returned: far longer
+    // than the answers below may take.
+    let mut d = Filterd::start_mediated_with(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "shutdown.after_engine:sleep40000")],
+    );
+    let fe = frontend(&s);
+    let _h = fe.open(req("locked", Rights::NONE)).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    d.wait_log(
+        "failpoint shutdown.after_engine: stalling",
+        Duration::from_secs(20),
+    );
+    for name in ["locked", "plain", "locked"] {
+        let r = local_open(s.root().join(name));
+        assert_eq!(
+            r.as_ref().map_err(std::io::Error::raw_os_error),
+            Err(Some(libc::EPERM)),
+            "{name}: {r:?}"
+        );
+    }
+    d.kill9();
 }

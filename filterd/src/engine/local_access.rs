@@ -67,6 +67,76 @@ impl Engine {
         reply.send(Verdict::Allow);
     }
 
+    /// A protocol open's file gets protocol state: its local opens must
+    /// reach filterd again (its ignore mark is removed). When that fails
+    /// the open is refused (and counted) — granted, local opens of the
+    /// file would pass unseen, past its share mode. A file this very open
+    /// created has no mark to remove.
+    pub(super) fn mediate_local_opens_of(
+        &mut self,
+        path: &RelPath,
+        of: &crate::fsops::OpenedFile,
+    ) -> Result<(), WireError> {
+        let Some(fan) = &self.fanotify else {
+            return Ok(());
+        };
+        if of.created {
+            return Ok(());
+        }
+        crate::local::unignore(fan, of.fd.as_fd(), &self.local_counters).map_err(|e| {
+            self.stats.opens_refused += 1;
+            self.stats.opens_refused_unmediated += 1;
+            err(
+                ErrorCode::Internal,
+                format!(
+                    "{path}: local opens of the file cannot be mediated (its fanotify ignore mark could not be removed: {e}); refused rather than granted unmediated"
+                ),
+            )
+        })
+    }
+
+    /// Refuses a protocol open that leaves filterd fewer free descriptors
+    /// than [`crate::local::descriptor_reserve`] (counted): reading a
+    /// fanotify event takes a descriptor the kernel makes, so protocol
+    /// opens must never use the last ones. `fd` is the open's new
+    /// descriptor. One `getrlimit` and one `stat` of `/proc/self/fd` (its
+    /// size is the number of descriptors open, Linux 6.2); before that,
+    /// the new descriptor's number — descriptors are given lowest first,
+    /// so at most `limit - fd - 1` are free.
+    pub(super) fn keep_descriptor_reserve(
+        &mut self,
+        path: &RelPath,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), WireError> {
+        use nix::sys::resource::{getrlimit, Resource};
+        let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+            return Ok(());
+        };
+        let number = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap_or(0);
+        let open = std::fs::metadata("/proc/self/fd")
+            .map(|m| m.len())
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or(number + 1);
+        let free = limit.saturating_sub(open.max(number + 1));
+        let reserve = crate::local::descriptor_reserve(limit);
+        if free >= reserve {
+            return Ok(());
+        }
+        self.stats.opens_refused += 1;
+        self.stats.opens_refused_descriptors += 1;
+        let n = self.stats.opens_refused_descriptors;
+        if n.is_power_of_two() {
+            tracing::warn!(limit, free, reserve, refused = n, "protocol opens refused: filterd is near its descriptor limit");
+        }
+        Err(err(
+            ErrorCode::LimitReached,
+            format!(
+                "{path}: filterd has {free} free descriptors of {limit}, fewer than the {reserve} it keeps for reading local opens; close handles or raise its limit"
+            ),
+        ))
+    }
+
     /// Whether local processes hold `file` open, for a protocol open whose
     /// new descriptor is `fd` (not yet a handle). See `crate::local_opens`
     /// for what is seen. Without local mediation, local opens never count.

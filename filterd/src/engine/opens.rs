@@ -94,6 +94,8 @@ impl Engine {
         // Share modes, leases and the file's state decide this open: it
         // must not be answered before a pending change of them is durable.
         self.depends_on_file(of.file);
+        self.keep_descriptor_reserve(&o.path, of.fd.as_fd())?;
+        self.mediate_local_opens_of(&o.path, &of)?;
         let mode = ShareMode {
             access: o.access.rights(),
             share: o.share,
@@ -201,11 +203,6 @@ impl Engine {
             if let Ok(d) = self.fs.dir_of(&o.path) {
                 self.batch.sync_fd(d);
             }
-        }
-        if let Some(fan) = &self.fanotify {
-            // The file has protocol state from now on: local opens of it
-            // must reach us again.
-            crate::local::unignore(fan, of.fd.as_fd(), &self.local_counters);
         }
         let key = ResumeKey::new_random();
         tracing::Span::current().record("resume_key", tracing::field::display(key));
