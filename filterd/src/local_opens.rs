@@ -39,7 +39,9 @@ pub const MAX_PIDS: usize = 256;
 /// takes ([`ScanBudget`]): the engine thread does it. Past either, the
 /// check decides as if a local opener exists (conservative: share modes
 /// without read are refused, no write caching) and counts it
-/// (`filterctl stats`: `local_scans_cut_short`).
+/// (`filterctl stats`: `local_scans_cut_short`) — unless the scan named
+/// nobody while a frontend holds the file or just closed its last handle
+/// ([`LocalOpeners::scanned`]).
 pub const SCAN_ENTRIES: usize = 65_536;
 /// See [`SCAN_ENTRIES`].
 pub const SCAN_TIME: std::time::Duration = std::time::Duration::from_millis(50);
@@ -109,21 +111,29 @@ pub struct LocalOpeners {
 impl LocalOpeners {
     /// The processes holding `file`, from a scan of `/proc`; `busy` when
     /// the probe saw another open (then it counts even if no process could
-    /// be named: an open still in progress).
+    /// be named: an open still in progress). `frontend_closed`: a
+    /// frontend closed the file's last handle a moment ago (it lingers),
+    /// so it may still hold that handle's descriptor.
+    ///
     /// A scan cut short by `budget` counts as an opener (and the next
-    /// check scans again).
+    /// check scans again) — unless it named nobody while a frontend holds
+    /// the file (a descriptor of no current handle: one just closed) or
+    /// just closed it: then what the probe saw is that frontend's
+    /// descriptor, and no local opener is assumed.
     pub fn scanned(
         file: FileId,
         busy: bool,
         ours: &[BorrowedFd<'_>],
         frontends: &[i32],
         budget: &mut ScanBudget,
+        frontend_closed: bool,
     ) -> Self {
         let (pids, frontend_holds) = scan_all(file, ours, frontends, budget);
+        let frontend_explains = pids.is_empty() && (frontend_holds || frontend_closed);
         LocalOpeners {
-            unattributed: busy && pids.is_empty() && !frontend_holds,
+            unattributed: busy && !frontend_explains && pids.is_empty(),
             pids,
-            overflowed: budget.cut,
+            overflowed: budget.cut && !frontend_explains,
             lingering_until: None,
         }
     }
@@ -149,7 +159,9 @@ impl LocalOpeners {
         budget: &mut ScanBudget,
     ) -> bool {
         if self.overflowed {
-            *self = Self::scanned(file, false, ours, frontends, budget);
+            let (until, closed) = (self.lingering_until, self.lingering_until.is_some());
+            *self = Self::scanned(file, false, ours, frontends, budget, closed);
+            self.lingering_until = until;
         } else {
             self.pids
                 .retain(|p| !frontends.contains(p) && holds(*p, file, ours, budget));
@@ -172,7 +184,8 @@ impl LocalOpeners {
 /// Processes (other than filterd and the `frontends`) with a descriptor
 /// open on `file`: every `/proc/PID/fd`, and whether a frontend holds it.
 /// Costs a `statx` per descriptor on the machine.
-/// Stops early (`budget.cut`) when the budget is spent.
+/// Stops early (`budget.cut`) when the budget is spent; the process it was
+/// looking at then is not named.
 pub fn scan_all(
     file: FileId,
     ours: &[BorrowedFd<'_>],
@@ -194,6 +207,11 @@ pub fn scan_all(
         }
         if pid == me || !holds(pid, file, ours, budget) {
             continue;
+        }
+        if budget.cut {
+            // Counted because the budget ran out while looking at it, not
+            // seen holding the file: not named (the cut counts instead).
+            break;
         }
         if frontends.contains(&pid) {
             frontend_holds = true;

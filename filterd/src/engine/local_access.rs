@@ -156,7 +156,7 @@ impl Engine {
         let (present, known) = self.local_opens_within(file, fd, &frontends, &mut budget);
         if budget.cut {
             self.stats.local_scans_cut_short += 1;
-            debug!(%file, "/proc scan over its budget: counted as a local opener");
+            debug!(%file, "/proc scan over its budget: a local opener unless only a frontend explains the other open");
         }
         (present, known)
     }
@@ -188,7 +188,11 @@ impl Engine {
             .collect();
         if mine.is_empty() {
             let alone = libfilter::sys::alone_on_inode(fd);
-            if !matches!(alone, Ok(true)) && self.lingers(file) {
+            // A frontend closed the file's last handle a moment ago: a
+            // scan that names nobody — complete or cut short by its budget
+            // — is that frontend's descriptor, not a local opener.
+            let just_closed = self.lingers(file);
+            if !matches!(alone, Ok(true)) && just_closed {
                 // Its last handle closed a moment ago, and every local
                 // open since reached us: the other open the probe saw is
                 // a remembered process's, or a frontend's descriptor of
@@ -212,7 +216,8 @@ impl Engine {
             let known = match alone {
                 Ok(true) => LocalOpeners::default(),
                 Ok(false) => {
-                    let found = LocalOpeners::scanned(file, true, &[fd], frontends, budget);
+                    let found =
+                        LocalOpeners::scanned(file, true, &[fd], frontends, budget, just_closed);
                     // Nobody named, or not everyone looked at: the other
                     // open may have been closed since (a frontend
                     // dropping a closed handle's descriptor); probing
@@ -228,7 +233,7 @@ impl Engine {
                 Err(e) => {
                     // No leases here: scan (slower, as complete).
                     debug!(error = %e, %file, "write-lease probe failed; scanning /proc");
-                    LocalOpeners::scanned(file, false, &[fd], frontends, budget)
+                    LocalOpeners::scanned(file, false, &[fd], frontends, budget, just_closed)
                 }
             };
             return (known.present(), Some(known));
@@ -239,7 +244,7 @@ impl Engine {
         let entry = self
             .local_openers
             .entry(file)
-            .or_insert_with(|| LocalOpeners::scanned(file, false, &mine, frontends, budget));
+            .or_insert_with(|| LocalOpeners::scanned(file, false, &mine, frontends, budget, false));
         (entry.refresh(file, &mine, frontends, budget), None)
     }
 
