@@ -15,10 +15,12 @@
 //! does not tell a read open from a write open (the open flags are not in the
 //! event), so writes by local processes are not told apart.
 //!
-//! Every permission event lives in an [`Answer`] guard whose `Drop` answers
-//! it, so no path — error, timeout, panic, shutdown — leaves a process
+//! Every permission event lives in an [`Answer`] guard whose `Drop` refuses
+//! it unless the engine's verdict allowed it, so no path — error, timeout,
+//! panic, shutdown — lets an open through undecided or leaves a process
 //! blocked; and the wait for the engine's verdict is bounded: an event the
-//! engine cannot take or does not decide in time is refused (see [`run`]).
+//! engine cannot take or does not decide in time is refused, and once the
+//! engine is gone every event is refused at once (see [`run`]).
 //!
 //! **Nothing here waits on a kernel lease.** filterd's own opens go through
 //! a private clone of the export's mount ([`own_root`]) that carries an
@@ -311,7 +313,9 @@ impl Answer {
 impl Drop for Answer {
     fn drop(&mut self) {
         let response = self.response.unwrap_or_else(|| {
-            self.counters.denied_by_default.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .denied_by_default
+                .fetch_add(1, Ordering::Relaxed);
             libc::FAN_DENY
         });
         if let Err(e) = respond(&self.fan, self.fd.as_raw_fd(), response) {

@@ -122,7 +122,8 @@ fn a_protocol_open_whose_file_cannot_be_mediated_is_refused() {
     let Some(s) = Scratch::with_tmpfs("fan-unignore") else {
         return;
     };
-    let d = Filterd::start_mediated_with(&s, &[], &[("RKFILTER_FAILPOINTS", "local.unignore:fail")]);
+    let d =
+        Filterd::start_mediated_with(&s, &[], &[("RKFILTER_FAILPOINTS", "local.unignore:fail")]);
     let f = s.root().join("f");
     std::fs::write(&f, b"x").unwrap();
     // A local open of a file without state: it gets an ignore mark.

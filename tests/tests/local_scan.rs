@@ -167,7 +167,10 @@ fn a_scan_cut_short_naming_nobody_just_after_a_frontend_closed_the_file_finds_no
     fe.close(h.info.key).unwrap();
     let r = fe.open(req(Rights::NONE));
     let st = d.control().stats().unwrap();
-    assert!(st.local_scans_cut_short >= 1, "the scan was cut short: {st:?}");
+    assert!(
+        st.local_scans_cut_short >= 1,
+        "the scan was cut short: {st:?}"
+    );
     assert!(r.is_ok(), "{r:?}; {st:?}");
 }
 

@@ -127,7 +127,13 @@ impl Engine {
         self.stats.opens_refused_descriptors += 1;
         let n = self.stats.opens_refused_descriptors;
         if n.is_power_of_two() {
-            tracing::warn!(limit, free, reserve, refused = n, "protocol opens refused: filterd is near its descriptor limit");
+            tracing::warn!(
+                limit,
+                free,
+                reserve,
+                refused = n,
+                "protocol opens refused: filterd is near its descriptor limit"
+            );
         }
         Err(err(
             ErrorCode::LimitReached,

@@ -1001,8 +1001,10 @@ impl Engine {
                 s.ignore_mark_failures = self.local_counters.mark_failures.load(Ordering::Relaxed);
                 s.local_opens_lease_refused =
                     self.local_counters.lease_refused.load(Ordering::Relaxed);
-                s.local_opens_denied_by_default =
-                    self.local_counters.denied_by_default.load(Ordering::Relaxed);
+                s.local_opens_denied_by_default = self
+                    .local_counters
+                    .denied_by_default
+                    .load(Ordering::Relaxed);
                 let claims = crate::lease_claim::counters();
                 s.lease_claims = claims.claimed.load(Ordering::Relaxed);
                 s.lease_claims_missed = claims.unclaimed.load(Ordering::Relaxed);
