@@ -133,8 +133,11 @@ impl Engine {
 
     /// Sets a lease's state on every handle of its key on the file (durably
     /// for persistent ones); bumps the epoch. A disconnected non-persistent
-    /// durable handle that loses H is purged: it could not be reconnected
-    /// safely. Returns the new epoch.
+    /// durable handle whose lease is lowered at all is purged, as MS-SMB2
+    /// 3.3.4.6 and 3.3.4.7 close an open without a connection that a break
+    /// reaches (its client could not learn of the break): the conflicting
+    /// open then finds the file as that close left it. Returns the new
+    /// epoch.
     pub(super) fn set_lease_state(&mut self, file: FileId, lk: LeaseKey, to: LeaseState) -> u16 {
         let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
         let mut epoch = 0;
@@ -149,13 +152,15 @@ impl Engine {
             if l.key != lk {
                 continue;
             }
-            let lost_h = l.state.contains(LeaseState::H) && !to.contains(LeaseState::H);
+            let lowered = [LeaseState::R, LeaseState::W, LeaseState::H]
+                .into_iter()
+                .any(|s| l.state.contains(s) && !to.contains(s));
             if l.state != to {
                 l.state = to;
                 l.epoch = l.epoch.wrapping_add(1);
             }
             epoch = l.epoch;
-            if lost_h && h.conn.is_none() && matches!(h.rec.durability, Durability::Durable { .. })
+            if lowered && h.conn.is_none() && matches!(h.rec.durability, Durability::Durable { .. })
             {
                 purge.push(k);
             } else if h.rec.durability.is_persistent() {

@@ -99,7 +99,17 @@ impl Engine {
             share: o.share,
         };
         let group = ShareGroup::of(&o, &protocol, &instance);
-        if self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref()) {
+        let purges = self.stats.purges;
+        let wait = self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref());
+        if self.stats.purges != purges {
+            // A purged holder's close may have deleted the file (delete on
+            // close) or given up a share reservation: open again from the
+            // start, against the file as it is now. The purged handles are
+            // gone, so this recurses at most once per holder.
+            drop(of);
+            return self.open(conn, req_id, protocol, instance, o, replay);
+        }
+        if wait {
             if o.no_wait {
                 self.stats.opens_refused += 1;
                 self.stats.not_available += 1;
