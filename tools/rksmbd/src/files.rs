@@ -151,6 +151,9 @@ pub struct Open {
     /// A durable open's create GUID (DH2Q's, or the one rksmbd derives
     /// for a DHnQ), while this connection holds it.
     pub(crate) create_guid: Option<uuid::Uuid>,
+    /// FilePositionInformation (MS-FSCC 2.4.35): kept for the client,
+    /// never used for I/O (every READ and WRITE names its offset).
+    pub(crate) position: u64,
 }
 
 /// The lease key of the oplock of open `id` (an OPLOCK_BREAK
@@ -570,6 +573,7 @@ fn query_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Ou
                     meta: o.meta()?,
                     delete_pending: o.delete_on_close,
                     access: o.granted,
+                    position: o.position,
                     name: &name,
                 },
             )?
@@ -609,14 +613,20 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
     let sh = c.sh.clone();
     let mut b = Reader::new(buf);
     match class {
-        // FileBasicInformation: times (creation and attributes are not kept).
+        // FileBasicInformation: times (not creation), DOS attributes
+        // (0 leaves them as they are).
         4 => {
             let o = get(c, id)?;
             may(o, FILE_WRITE_ATTRIBUTES)?;
             b.u64("creation")?;
             let atime = b.u64("access time")?;
             let mtime = b.u64("write time")?;
+            b.u64("change time")?;
+            let attrs = b.u32("file attributes")?;
             set_times(o.fd(), atime, mtime)?;
+            if let (Kind::File { file, .. }, true) = (&o.kind, attrs != 0) {
+                info::set_dos_attributes(file, attrs)?;
+            }
         }
         // FileRenameInformation (MS-FSCC 2.4.37.2).
         10 => {
@@ -655,6 +665,17 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
+            }
+        }
+        // FilePositionInformation (MS-FSCC 2.4.35).
+        14 => {
+            let pos = b.u64("current byte offset")?;
+            if let Some(o) = c.opens.get_mut(&id) {
+                o.position = pos;
+                // A durable open's position outlives its connection.
+                if let (true, Some(g)) = (o.durable, o.create_guid) {
+                    sh.registry.keep_position(g, pos);
+                }
             }
         }
         // FileAllocationInformation: accepted, nothing to do.

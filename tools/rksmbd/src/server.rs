@@ -406,6 +406,9 @@ impl Connection {
                     sh.registry.v2_closed(crate::create::persistent_id(*key));
                 }
             }
+            if let (false, Some(g)) = (connection_lost, open.create_guid) {
+                sh.registry.keep_position(g, 0);
+            }
             crate::files::release(sh, &open, connection_lost);
         };
         match (
@@ -1040,9 +1043,21 @@ impl Connection {
         }
     }
 
+    /// LOGOFF (3.3.5.6): the session's opens go as on a lost connection
+    /// — durable and persistent ones are detached in filterd, so that a
+    /// DHnC / DH2C from a new session reconnects them (smbtorture's
+    /// durable-open reopen4), the others closed.
     fn logoff(&mut self, req: &Request<'_>) -> Outcome {
         let id = req.hdr.session_id;
-        self.close_opens_where(|o| o.session == id);
+        let ids: Vec<u64> = self
+            .opens
+            .iter()
+            .filter(|(_, o)| o.session == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in ids {
+            self.release_open(k, true);
+        }
         self.sessions.remove(&id);
         self.sh.registry.ended(id);
         Ok(Reply::ok(vec![4, 0, 0, 0]))
