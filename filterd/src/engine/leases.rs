@@ -205,7 +205,13 @@ impl Engine {
         let granted = lease::grantable(lr.state, others_open);
         let held = match existing {
             Some(e) => {
-                let state = lease::grantable(e.state.with(granted), others_open);
+                // An upgrade only to a superset of what is held (MS-SMB2
+                // 3.3.5.9.8: RH asked as RW stays RH).
+                let state = if granted.contains(e.state) {
+                    granted
+                } else {
+                    e.state
+                };
                 HeldLease {
                     key: lr.key,
                     state,
@@ -219,9 +225,24 @@ impl Engine {
             None => HeldLease {
                 key: lr.key,
                 state: granted,
-                epoch: 1,
+                // One above the client's (MS-SMB2 3.3.5.9.11); 1 for a
+                // request without one.
+                epoch: lr.epoch.wrapping_add(1),
             },
         };
+        // The new handle now holds the key (the index of keys to files).
+        if let Some((client, before)) = self
+            .handles
+            .get(&key)
+            .map(|h| (h.rec.client.clone(), h.rec.lease.map(|l| l.key)))
+        {
+            if before != Some(lr.key) {
+                if let Some(old) = before {
+                    self.lease_key_dropped(&client, old);
+                }
+                self.lease_key_taken(&client, lr.key, file);
+            }
+        }
         for k in keys {
             let Some(h) = self.handles.get_mut(&k) else {
                 continue;
@@ -235,6 +256,49 @@ impl Engine {
             }
         }
         Some(held)
+    }
+
+    /// One more handle of `client` holds lease key `lk`, on `file`.
+    pub(super) fn lease_key_taken(&mut self, client: &ClientId, lk: LeaseKey, file: FileId) {
+        let e = self
+            .lease_files
+            .entry((client.clone(), lk))
+            .or_insert((file, 0));
+        e.1 += 1;
+    }
+
+    /// One handle of `client` fewer holds lease key `lk`.
+    pub(super) fn lease_key_dropped(&mut self, client: &ClientId, lk: LeaseKey) {
+        let k = (client.clone(), lk);
+        if let Some(e) = self.lease_files.get_mut(&k) {
+            e.1 = e.1.saturating_sub(1);
+            if e.1 == 0 {
+                self.lease_files.remove(&k);
+            }
+        }
+    }
+
+    /// Refuses an open of `path` by `client` under lease key `lk` when the
+    /// client holds the key on another file: a lease key names one file
+    /// (MS-SMB2 3.3.5.9.8, 3.3.5.9.11 keep a lease table per client).
+    /// Checked before the open touches the filesystem, so a refused
+    /// create makes nothing.
+    pub(super) fn lease_key_free_for(
+        &self,
+        client: &ClientId,
+        lk: LeaseKey,
+        path: &RelPath,
+    ) -> Result<(), WireError> {
+        let Some((file, _)) = self.lease_files.get(&(client.clone(), lk)) else {
+            return Ok(());
+        };
+        if self.fs.file_at_checked(path).ok().flatten() == Some(*file) {
+            return Ok(());
+        }
+        Err(err(
+            ErrorCode::LeaseKeyInUse,
+            format!("lease key {lk} is held on another file than {path}"),
+        ))
     }
 
     /// A holder acknowledged a break.

@@ -75,6 +75,9 @@ impl Engine {
                 format!("frontend {instance} holds the most handles allowed (--max-handles-per-frontend)"),
             ));
         }
+        if let Some(lr) = o.lease {
+            self.lease_key_free_for(&o.client, lr.key, &o.path)?;
+        }
         // A persistent open with a create GUID marks a file it creates, so
         // a replay after a crash recognises it (fsops::open).
         let marker = match (durability, o.create_guid) {
@@ -698,6 +701,9 @@ impl Engine {
             .or_default() += 1;
         *self.per_frontend.entry(h.rec.frontend.clone()).or_default() += 1;
         self.by_file.entry(h.rec.file).or_default().push(key);
+        if let Some(l) = h.rec.lease {
+            self.lease_key_taken(&h.rec.client, l.key, h.rec.file);
+        }
         if let Some(g) = h.rec.create_guid {
             self.by_guid.insert((h.rec.client.clone(), g), key);
             *self.guid_clients.entry(g).or_default() += 1;
@@ -768,6 +774,7 @@ impl Engine {
         }
         self.replays.remove(&ReplayScope::Handle(key));
         if let Some(l) = h.rec.lease {
+            self.lease_key_dropped(&h.rec.client, l.key);
             let still_held = self
                 .by_file
                 .get(&h.rec.file)

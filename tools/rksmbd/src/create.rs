@@ -249,10 +249,13 @@ fn open_file(
         (Some(l), _) if l.state != 0 => Some(LeaseRequest {
             key: LeaseKey(uuid::Uuid::from_bytes_le(l.key)),
             state: lease_state(l.state),
+            epoch: l.v2.map(|(_, e)| e).unwrap_or(0),
         }),
-        (None, Some(key)) => {
-            breaks::oplock_state(f.oplock).map(|state| LeaseRequest { key, state })
-        }
+        (None, Some(key)) => breaks::oplock_state(f.oplock).map(|state| LeaseRequest {
+            key,
+            state,
+            epoch: 0,
+        }),
         _ => None,
     };
     let wants_h = lease_req.is_some_and(|l| l.state.contains(LeaseState::H));
@@ -421,7 +424,12 @@ fn reserve(file: &std::fs::File, n: u64) {
         return;
     };
     if len > 0 {
-        let _ = nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, len);
+        let _ = nix::fcntl::fallocate(
+            file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            len,
+        );
     }
 }
 

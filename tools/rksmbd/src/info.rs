@@ -189,7 +189,12 @@ pub fn file_class(class: u8, f: &FileFacts<'_>) -> Result<Vec<u8>, u32> {
         18 => {
             basic(m, &mut w);
             standard(f, &mut w);
-            w.u64(m.ino).u32(0).u32(f.access).u64(f.position).u32(0).u32(0);
+            w.u64(m.ino)
+                .u32(0)
+                .u32(f.access)
+                .u64(f.position)
+                .u32(0)
+                .u32(0);
             let name = wire::to_utf16(f.name);
             w.u32(wire::len32(name.len())).bytes(&name);
         }
