@@ -17,6 +17,7 @@
 //! confinement filterd applies — and lists, creates, renames and removes
 //! them through descriptors, never through joined host paths.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
@@ -116,6 +117,65 @@ pub fn open_root(attach: &libfilter::attach::Attachment) -> anyhow::Result<Owned
     Ok(fd)
 }
 
+/// Most files [`DeletePending`] keeps.
+const MAX_DELETE_PENDING: usize = 4096;
+
+/// The files and directories an open of this rksmbd marked delete on
+/// close while they still have a name: QUERY_DIRECTORY leaves them out,
+/// as Windows and Samba do (smbtorture's deltree would otherwise find a
+/// file it already deleted, whose other open keeps it, and loop). Each
+/// is held by a descriptor of its own, so its inode number cannot be
+/// reused while it is here; one whose last link is gone is forgotten.
+#[derive(Default)]
+pub struct DeletePending(std::sync::Mutex<HashMap<(u64, u64), std::fs::File>>);
+
+impl DeletePending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), std::fs::File>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file open as `fd` is marked (`true`) or no longer marked
+    /// delete on close.
+    pub(crate) fn set(&self, fd: std::os::fd::BorrowedFd<'_>, pending: bool) {
+        let Ok(st) = nix::sys::stat::fstat(fd) else {
+            return;
+        };
+        let id = (st.st_dev, st.st_ino);
+        let mut m = self.lock();
+        if !pending {
+            m.remove(&id);
+            return;
+        }
+        if m.len() >= MAX_DELETE_PENDING {
+            m.retain(|_, f| linked(f));
+        }
+        if m.len() < MAX_DELETE_PENDING {
+            if let Ok(own) = fd.try_clone_to_owned() {
+                m.insert(id, std::fs::File::from(own));
+            }
+        }
+    }
+
+    /// Whether the entry with this metadata is pending delete (a file
+    /// whose pending delete has happened is forgotten).
+    pub(crate) fn hides(&self, m: &Meta) -> bool {
+        let mut map = self.lock();
+        match map.get(&(m.dev, m.ino)) {
+            Some(f) if linked(f) => true,
+            Some(_) => {
+                map.remove(&(m.dev, m.ino));
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// Whether the file still has a name.
+fn linked(f: &std::fs::File) -> bool {
+    nix::sys::stat::fstat(f.as_fd()).is_ok_and(|st| st.st_nlink > 0)
+}
+
 /// What an open is.
 pub(crate) enum Kind {
     /// A filterd handle on a regular file.
@@ -174,7 +234,7 @@ impl Open {
             Kind::Dir { fd, .. } => Meta::of(fd),
         }
     }
-    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match &self.kind {
             Kind::File { file, .. } => file.as_fd(),
             Kind::Dir { fd, .. } => fd.as_fd(),
@@ -665,6 +725,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
+                sh.delete_pending.set(o.fd(), delete);
             }
         }
         // FilePositionInformation (MS-FSCC 2.4.35).
@@ -850,9 +911,10 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
     let first = listing.is_none() || restart;
     if first {
         let pattern = if pattern.is_empty() { "*" } else { &pattern };
+        let pending = &c.sh.delete_pending;
         let entries = read_dir(fd)?
             .into_iter()
-            .filter(|(n, _)| matches(pattern, n))
+            .filter(|(n, m)| matches(pattern, n) && !pending.hides(m))
             .collect();
         *listing = Some(Listing { entries, next: 0 });
     }

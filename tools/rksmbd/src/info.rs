@@ -58,6 +58,8 @@ pub struct Meta {
     pub allocated: u64,
     /// Inode number (FileId / IndexNumber).
     pub ino: u64,
+    /// The device of the inode.
+    pub dev: u64,
     /// Hard links.
     pub links: u32,
     /// A directory.
@@ -91,6 +93,7 @@ impl Meta {
             },
             allocated: u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512),
             ino: st.st_ino,
+            dev: st.st_dev,
             links: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
             is_dir,
             dos: None,

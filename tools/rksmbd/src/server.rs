@@ -88,6 +88,9 @@ pub struct Shared {
     pub notifier: crate::breaks::Notifier,
     /// Sessions, app instances and durable v2 FileIds across connections.
     pub registry: crate::sessions::Registry,
+    /// Files and directories an open marked delete-on-close, which
+    /// QUERY_DIRECTORY does not list.
+    pub delete_pending: crate::files::DeletePending,
     next_session: AtomicU64,
 }
 
@@ -111,6 +114,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         server_guid: ntlm::random_bytes(),
         notifier: crate::breaks::Notifier::default(),
         registry: crate::sessions::Registry::default(),
+        delete_pending: crate::files::DeletePending::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
     });
     let events = shared.clone();
