@@ -1,4 +1,4 @@
-"""A file pending delete is not listed (rksmbd, smbprotocol).
+"""A file pending delete is not listed, nor opened (rksmbd, smbprotocol).
 
 Usage: delete_pending_listing.py HOST PORT SHARE USER PASSWORD
 
@@ -6,13 +6,15 @@ Opens pending.txt (sharing delete), opens it a second time with
 FILE_DELETE_ON_CLOSE and closes that open: the file is now pending delete,
 kept by the first open. A QUERY_DIRECTORY of the share root must not list
 it (as Windows and Samba do; smbtorture's deltree loops forever
-otherwise), while kept.txt is listed. Prints PASS, or exits non-zero.
+otherwise), while kept.txt is listed; an open of it is
+STATUS_DELETE_PENDING. Prints PASS, or exits non-zero.
 """
 
 import sys
 import uuid
 
 from smbprotocol.connection import Connection
+from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.file_info import FileInformationClass
 from smbprotocol.open import (
     CreateDisposition,
@@ -28,6 +30,7 @@ from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+STATUS_DELETE_PENDING = 0xC0000056
 SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
 
 
@@ -76,6 +79,13 @@ def main():
     print("listed while pending:", names)
     if "pending.txt" in names or "kept.txt" not in names:
         sys.exit("a file pending delete is listed (or another file is not)")
+    try:
+        open_file(tree, "pending.txt", rw, 0)
+        sys.exit("a file pending delete opened")
+    except SMBResponseException as e:
+        print("open while pending:", hex(e.status))
+        if e.status != STATUS_DELETE_PENDING:
+            sys.exit("not STATUS_DELETE_PENDING")
     keeper.close()
     names = listing(tree)
     print("listed after the last close:", names)

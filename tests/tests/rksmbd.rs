@@ -486,10 +486,11 @@ fn smbprotocol_persistent_handle_survives_filterd_and_rksmbd_sigkill() {
 }
 
 /// QUERY_DIRECTORY leaves out a file pending delete that another open
-/// keeps (smbtorture's deltree loops forever otherwise), and lists the
-/// others; the file goes with its last open.
+/// keeps, and a CREATE of it is STATUS_DELETE_PENDING (smbtorture's
+/// deltree loops forever otherwise); the others are listed; the file goes
+/// with its last open.
 #[test]
-fn a_file_pending_delete_is_not_listed() {
+fn a_file_pending_delete_is_not_listed_nor_opened() {
     let python = smbprotocol_python();
     let s = Scratch::new("rksmbd-delete-pending");
     let d = Filterd::start(&s, &[], &[]);

@@ -3,7 +3,7 @@
 //! and v2 and persistent handles, leases and oplocks as filterd's — and
 //! the reconnects DHnC and DH2C as filterd resumes by create GUID.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use libfilter::client::ClientError;
 use libfilter::lease::{LeaseKey, LeaseState};
@@ -95,6 +95,13 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let tree = req.hdr.tree_id;
     let sh = c.sh.clone();
     let existing = lookup(&sh, &path)?;
+    // A file pending delete opens no more (MS-FSA 2.1.5.1.2.1).
+    if existing
+        .as_ref()
+        .is_some_and(|m| sh.delete_pending.hides(m))
+    {
+        return Err(status::DELETE_PENDING);
+    }
     let wants_dir = options & FILE_DIRECTORY_FILE != 0;
     let (open, action, meta) = match existing {
         Some(m) if m.is_dir => {
@@ -155,9 +162,6 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
             return open_file(c, spec, &ctxs, lease);
         }
     };
-    if open.delete_on_close {
-        sh.delete_pending.set(open.fd(), true);
-    }
     let id = c.new_file_id();
     c.add_open(id, open);
     Ok(create_reply(action, &meta, id, id, 0, Vec::new()))
@@ -366,7 +370,6 @@ fn open_file(
             return Err(status_of(&e));
         }
         delete_on_close = true;
-        sh.delete_pending.set(file.as_fd(), true);
     }
     if matches!(
         h.info.create_action,
@@ -604,9 +607,6 @@ fn reconnect(
     }
     let file = std::fs::File::from(h.fd);
     let meta = Meta::of(&file)?;
-    if rec.delete_on_close {
-        sh.delete_pending.set(file.as_fd(), true);
-    }
     let id = c.new_file_id();
     let pid = rc.persistent_file_id;
     // A reconnect answers with no DH2Q response context.

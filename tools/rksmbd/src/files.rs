@@ -120,12 +120,14 @@ pub fn open_root(attach: &libfilter::attach::Attachment) -> anyhow::Result<Owned
 /// Most files [`DeletePending`] keeps.
 const MAX_DELETE_PENDING: usize = 4096;
 
-/// The files and directories an open of this rksmbd marked delete on
-/// close while they still have a name: QUERY_DIRECTORY leaves them out,
-/// as Windows and Samba do (smbtorture's deltree would otherwise find a
-/// file it already deleted, whose other open keeps it, and loop). Each
-/// is held by a descriptor of its own, so its inode number cannot be
-/// reused while it is here; one whose last link is gone is forgotten.
+/// The files pending delete through this rksmbd — FileDisposition set,
+/// or an open with delete on close closed while other opens keep the
+/// file — while they still have a name: QUERY_DIRECTORY leaves them out,
+/// as Samba does, and a CREATE of one is STATUS_DELETE_PENDING
+/// (smbtorture's deltree would otherwise delete such a file again and
+/// again). Each is held by a descriptor of its own, so its inode number
+/// cannot be reused while it is here; one whose last link is gone is
+/// forgotten.
 #[derive(Default)]
 pub struct DeletePending(std::sync::Mutex<HashMap<(u64, u64), std::fs::File>>);
 
@@ -258,9 +260,14 @@ pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
                 tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
             }
         }
-        Kind::File { key, .. } => {
+        Kind::File { key, file } => {
             if let Err(e) = sh.filter.close(*key) {
                 tracing::warn!(resume_key = %key, error = %e, "close in filterd failed");
+            }
+            // Closing an open with delete on close while others keep the
+            // file leaves it pending delete (MS-FSA 2.1.5.4).
+            if open.delete_on_close && linked(file) {
+                sh.delete_pending.set(file.as_fd(), true);
             }
         }
         Kind::Dir { .. } => {
