@@ -572,6 +572,12 @@ const DURABLE_OPEN_PASSING: &[&str] = &[
 /// (duplicate_create, duplicate_open).
 const LEASE_PASSING: &[&str] = &["upgrade", "v2_epoch1", "duplicate_create", "duplicate_open"];
 
+/// The smb2.replay tests rksmbd passes, run one by one: replay5 (a
+/// persistent open's replay on a CA share) and replay-regular, whose
+/// clean-up (smbtorture's deltree) looped forever while a file pending
+/// delete could still be opened.
+const REPLAY_PASSING: &[&str] = &["replay-regular", "replay5"];
+
 /// The smb2.lock tests rksmbd passes (docs/smb3.md says why the others
 /// fail).
 const LOCK_PASSING: &[&str] = &[
@@ -591,6 +597,13 @@ const LOCK_PASSING: &[&str] = &[
 /// any of `passing` does not pass.
 fn smbtorture_keeps(suite: &str, passing: &[&str]) {
     smbtorture_passes(suite, &[suite.to_owned()], passing);
+}
+
+/// Runs only the `passing` tests of an smbtorture suite (in one run) and
+/// fails if any of them does not pass.
+fn smbtorture_keeps_each(suite: &str, passing: &[&str]) {
+    let tests: Vec<String> = passing.iter().map(|t| format!("{suite}.{t}")).collect();
+    smbtorture_passes(suite, &tests, passing);
 }
 
 /// Runs smbtorture `tests` (suites or single tests) in one run against a
@@ -642,9 +655,10 @@ fn smbtorture_lock_passes_what_it_passed() {
 
 #[test]
 fn smbtorture_lease_passes_what_it_passed() {
-    let tests: Vec<String> = LEASE_PASSING
-        .iter()
-        .map(|t| format!("smb2.lease.{t}"))
-        .collect();
-    smbtorture_passes("smb2.lease", &tests, LEASE_PASSING);
+    smbtorture_keeps_each("smb2.lease", LEASE_PASSING);
+}
+
+#[test]
+fn smbtorture_replay_passes_what_it_passed() {
+    smbtorture_keeps_each("smb2.replay", REPLAY_PASSING);
 }
