@@ -628,6 +628,11 @@ pub struct LeaseRequest {
     pub key: crate::lease::LeaseKey,
     /// The state wanted.
     pub state: crate::lease::LeaseState,
+    /// The epoch the client last saw for this key (an SMB 3 lease v2
+    /// request's; 0 otherwise): a new lease starts one above it (MS-SMB2
+    /// 3.3.5.9.11).
+    #[serde(default)]
+    pub epoch: u16,
 }
 
 /// A byte-range lock as a handle record stores it.

@@ -455,6 +455,9 @@ pub enum ErrorCode {
     NoSuchHandle,
     /// The client already has an open with this create GUID.
     DuplicateCreateGuid,
+    /// The open's lease key is held on another file (a lease key names
+    /// one file, MS-SMB2 3.3.5.9.8 / 3.3.5.9.11).
+    LeaseKeyInUse,
     /// The request needs something this filesystem or build does not offer.
     Unsupported,
     /// A lock conflicts with another (detail in `conflict`).

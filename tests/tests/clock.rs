@@ -58,6 +58,7 @@ fn req(
         lease: lease.map(|(key, st)| LeaseRequest {
             key,
             state: LeaseState::parse(st).unwrap(),
+            epoch: 0,
         }),
         no_wait: false,
         share_group: None,

@@ -40,7 +40,11 @@ fn req(
         durability: dur,
         create_guid: None,
         owner: None,
-        lease: lease.map(|(key, s)| LeaseRequest { key, state: st(s) }),
+        lease: lease.map(|(key, s)| LeaseRequest {
+            key,
+            state: st(s),
+            epoch: 0,
+        }),
         no_wait: false,
         share_group: None,
     }

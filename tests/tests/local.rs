@@ -37,6 +37,7 @@ fn req(path: &str, share: Rights, lease: Option<(LeaseKey, &str)>) -> OpenReques
         lease: lease.map(|(key, s)| LeaseRequest {
             key,
             state: LeaseState::parse(s).unwrap(),
+            epoch: 0,
         }),
         no_wait: false,
         share_group: None,

@@ -133,8 +133,11 @@ impl Engine {
 
     /// Sets a lease's state on every handle of its key on the file (durably
     /// for persistent ones); bumps the epoch. A disconnected non-persistent
-    /// durable handle that loses H is purged: it could not be reconnected
-    /// safely. Returns the new epoch.
+    /// durable handle whose lease is lowered at all is purged, as MS-SMB2
+    /// 3.3.4.6 and 3.3.4.7 close an open without a connection that a break
+    /// reaches (its client could not learn of the break): the conflicting
+    /// open then finds the file as that close left it. Returns the new
+    /// epoch.
     pub(super) fn set_lease_state(&mut self, file: FileId, lk: LeaseKey, to: LeaseState) -> u16 {
         let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
         let mut epoch = 0;
@@ -149,13 +152,15 @@ impl Engine {
             if l.key != lk {
                 continue;
             }
-            let lost_h = l.state.contains(LeaseState::H) && !to.contains(LeaseState::H);
+            let lowered = [LeaseState::R, LeaseState::W, LeaseState::H]
+                .into_iter()
+                .any(|s| l.state.contains(s) && !to.contains(s));
             if l.state != to {
                 l.state = to;
                 l.epoch = l.epoch.wrapping_add(1);
             }
             epoch = l.epoch;
-            if lost_h && h.conn.is_none() && matches!(h.rec.durability, Durability::Durable { .. })
+            if lowered && h.conn.is_none() && matches!(h.rec.durability, Durability::Durable { .. })
             {
                 purge.push(k);
             } else if h.rec.durability.is_persistent() {
@@ -200,7 +205,13 @@ impl Engine {
         let granted = lease::grantable(lr.state, others_open);
         let held = match existing {
             Some(e) => {
-                let state = lease::grantable(e.state.with(granted), others_open);
+                // An upgrade only to a superset of what is held (MS-SMB2
+                // 3.3.5.9.8: RH asked as RW stays RH).
+                let state = if granted.contains(e.state) {
+                    granted
+                } else {
+                    e.state
+                };
                 HeldLease {
                     key: lr.key,
                     state,
@@ -214,9 +225,24 @@ impl Engine {
             None => HeldLease {
                 key: lr.key,
                 state: granted,
-                epoch: 1,
+                // One above the client's (MS-SMB2 3.3.5.9.11); 1 for a
+                // request without one.
+                epoch: lr.epoch.wrapping_add(1),
             },
         };
+        // The new handle now holds the key (the index of keys to files).
+        if let Some((client, before)) = self
+            .handles
+            .get(&key)
+            .map(|h| (h.rec.client.clone(), h.rec.lease.map(|l| l.key)))
+        {
+            if before != Some(lr.key) {
+                if let Some(old) = before {
+                    self.lease_key_dropped(&client, old);
+                }
+                self.lease_key_taken(&client, lr.key, file);
+            }
+        }
         for k in keys {
             let Some(h) = self.handles.get_mut(&k) else {
                 continue;
@@ -230,6 +256,49 @@ impl Engine {
             }
         }
         Some(held)
+    }
+
+    /// One more handle of `client` holds lease key `lk`, on `file`.
+    pub(super) fn lease_key_taken(&mut self, client: &ClientId, lk: LeaseKey, file: FileId) {
+        let e = self
+            .lease_files
+            .entry((client.clone(), lk))
+            .or_insert((file, 0));
+        e.1 += 1;
+    }
+
+    /// One handle of `client` fewer holds lease key `lk`.
+    pub(super) fn lease_key_dropped(&mut self, client: &ClientId, lk: LeaseKey) {
+        let k = (client.clone(), lk);
+        if let Some(e) = self.lease_files.get_mut(&k) {
+            e.1 = e.1.saturating_sub(1);
+            if e.1 == 0 {
+                self.lease_files.remove(&k);
+            }
+        }
+    }
+
+    /// Refuses an open of `path` by `client` under lease key `lk` when the
+    /// client holds the key on another file: a lease key names one file
+    /// (MS-SMB2 3.3.5.9.8, 3.3.5.9.11 keep a lease table per client).
+    /// Checked before the open touches the filesystem, so a refused
+    /// create makes nothing.
+    pub(super) fn lease_key_free_for(
+        &self,
+        client: &ClientId,
+        lk: LeaseKey,
+        path: &RelPath,
+    ) -> Result<(), WireError> {
+        let Some((file, _)) = self.lease_files.get(&(client.clone(), lk)) else {
+            return Ok(());
+        };
+        if self.fs.file_at_checked(path).ok().flatten() == Some(*file) {
+            return Ok(());
+        }
+        Err(err(
+            ErrorCode::LeaseKeyInUse,
+            format!("lease key {lk} is held on another file than {path}"),
+        ))
     }
 
     /// A holder acknowledged a break.

@@ -128,6 +128,9 @@ pub struct Engine {
     handles: BTreeMap<ResumeKey, Handle>,
     by_file: BTreeMap<FileId, Vec<ResumeKey>>,
     by_guid: HashMap<(ClientId, CreateGuid), ResumeKey>,
+    /// The file each client's lease key is held on, and by how many
+    /// handles (a lease key names one file of its client's).
+    lease_files: HashMap<(ClientId, LeaseKey), (FileId, usize)>,
     /// How many handles use each create GUID (any client).
     guid_clients: HashMap<CreateGuid, u32>,
     conns: HashMap<ConnId, Conn>,
@@ -293,6 +296,7 @@ impl Engine {
             handles: BTreeMap::new(),
             by_file: BTreeMap::new(),
             by_guid: HashMap::new(),
+            lease_files: HashMap::new(),
             guid_clients: HashMap::new(),
             conns: HashMap::new(),
             instances: HashMap::new(),

@@ -75,6 +75,9 @@ impl Engine {
                 format!("frontend {instance} holds the most handles allowed (--max-handles-per-frontend)"),
             ));
         }
+        if let Some(lr) = o.lease {
+            self.lease_key_free_for(&o.client, lr.key, &o.path)?;
+        }
         // A persistent open with a create GUID marks a file it creates, so
         // a replay after a crash recognises it (fsops::open).
         let marker = match (durability, o.create_guid) {
@@ -101,7 +104,17 @@ impl Engine {
             share: o.share,
         };
         let group = ShareGroup::of(&o, &protocol, &instance);
-        if self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref()) {
+        let purges = self.stats.purges;
+        let wait = self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref());
+        if self.stats.purges != purges {
+            // A purged holder's close may have deleted the file (delete on
+            // close) or given up a share reservation: open again from the
+            // start, against the file as it is now. The purged handles are
+            // gone, so this recurses at most once per holder.
+            drop(of);
+            return self.open(conn, req_id, protocol, instance, o, replay);
+        }
+        if wait {
             if o.no_wait {
                 self.stats.opens_refused += 1;
                 self.stats.not_available += 1;
@@ -685,6 +698,9 @@ impl Engine {
             .or_default() += 1;
         *self.per_frontend.entry(h.rec.frontend.clone()).or_default() += 1;
         self.by_file.entry(h.rec.file).or_default().push(key);
+        if let Some(l) = h.rec.lease {
+            self.lease_key_taken(&h.rec.client, l.key, h.rec.file);
+        }
         if let Some(g) = h.rec.create_guid {
             self.by_guid.insert((h.rec.client.clone(), g), key);
             *self.guid_clients.entry(g).or_default() += 1;
@@ -755,6 +771,7 @@ impl Engine {
         }
         self.replays.remove(&ReplayScope::Handle(key));
         if let Some(l) = h.rec.lease {
+            self.lease_key_dropped(&h.rec.client, l.key);
             let still_held = self
                 .by_file
                 .get(&h.rec.file)

@@ -1248,3 +1248,77 @@ fn recovery_finishes_or_drops_intents() {
         "{log:?}"
     );
 }
+
+impl Harness {
+    /// The lease request `id`'s open holds.
+    fn lease_of(&self, id: u64) -> Option<HeldLease> {
+        match self.reply(id) {
+            Some(Ok(libfilter::proto::Reply::Opened(o))) => o.lease,
+            other => panic!("request {id} did not open: {other:?}"),
+        }
+    }
+}
+
+/// A lease key names one file of its client's (MS-SMB2 3.3.5.9.8): an open
+/// of another file under it is refused before anything is created, another
+/// client may use it, and it is free again once its last handle is closed.
+/// A second open under a held key upgrades only to a superset; a new
+/// lease's epoch is one above the request's.
+#[test]
+fn a_lease_key_names_one_file_of_its_clients() {
+    let mut h = Harness::new();
+    let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let st = |s: &str| libfilter::lease::LeaseState::parse(s).unwrap();
+    let leased = |client: &str, path: &str, state: &str, epoch: u16| {
+        let Request::Open(mut o) = open(path, Rights::ALL) else {
+            unreachable!("open() makes an open")
+        };
+        o.client = ClientId::new(client).unwrap();
+        o.durability = Durability::None;
+        o.create_guid = None;
+        o.lease = Some(LeaseRequest {
+            key,
+            state: st(state),
+            epoch,
+        });
+        Request::Open(o)
+    };
+    let a = h.run(leased("alice", "a", "RH", 0x4711));
+    h.commit(true);
+    let ka = h.opened(a);
+    let l = h.lease_of(a).expect("a lease");
+    assert_eq!((l.state, l.epoch), (st("RH"), 0x4712));
+    // RW is no superset of RH: the lease stays; RWH is, and it upgrades.
+    let a2 = h.run(leased("alice", "a", "RW", 0));
+    h.commit(true);
+    assert_eq!(h.lease_of(a2).map(|l| l.state), Some(st("RH")));
+    let a3 = h.run(leased("alice", "a", "RWH", 0));
+    h.commit(true);
+    let l = h.lease_of(a3).expect("a lease");
+    assert_eq!((l.state, l.epoch), (st("RWH"), 0x4713));
+    // Another file under the key: refused, and nothing created.
+    let b = h.run(leased("alice", "e", "R", 0));
+    h.commit(true);
+    assert_eq!(h.refused(b), ErrorCode::LeaseKeyInUse);
+    let Request::Open(mut plain) = open("e", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    plain.disposition = Disposition::Create;
+    plain.durability = Durability::None;
+    plain.create_guid = None;
+    let created = h.run(Request::Open(plain));
+    h.commit(true);
+    let kb = h.opened(created);
+    // Another client's key is its own.
+    let bob = h.run(leased("bob", "e", "R", 0));
+    h.commit(true);
+    let kbob = h.opened(bob);
+    // Closed everywhere, the key is free for another file.
+    for k in [ka, h.opened(a2), h.opened(a3), kb, kbob] {
+        h.run(Request::Close { key: k });
+        h.commit(true);
+    }
+    let again = h.run(leased("alice", "e", "R", 0));
+    h.commit(true);
+    h.opened(again);
+}

@@ -1397,6 +1397,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let lease = lease_state.map(|state| LeaseRequest {
         key: LeaseKey(derived_uuid(&ctx.request_name("lease"))),
         state,
+        epoch: 0,
     });
     let mut req = OpenRequest {
         client: ctx.client_id()?,

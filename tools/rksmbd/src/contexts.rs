@@ -1,6 +1,7 @@
 //! CREATE contexts (MS-SMB2 2.2.13.2, 2.2.14.2): decoding the ones
 //! rksmbd acts on — durable handle requests and reconnects v1 and v2
-//! (DHnQ, DHnC, DH2Q, DH2C) and lease requests v1 and v2 (RqLs) — and
+//! (DHnQ, DHnC, DH2Q, DH2C), lease requests v1 and v2 (RqLs) and the
+//! allocation size (AlSi) — and
 //! encoding the response contexts. Unknown contexts are skipped, as the
 //! protocol asks.
 
@@ -60,6 +61,8 @@ pub struct CreateContexts {
     pub lease: Option<LeaseV>,
     /// SMB2_CREATE_APP_INSTANCE_ID (2.2.13.2.13): the AppInstanceId.
     pub app_instance: Option<[u8; 16]>,
+    /// SMB2_CREATE_ALLOCATION_SIZE (AlSi, 2.2.13.2.6).
+    pub allocation_size: Option<u64>,
 }
 
 /// The name of SMB2_CREATE_APP_INSTANCE_ID, a GUID as bytes.
@@ -130,6 +133,7 @@ pub fn parse(msg: &[u8], offset: u32, len: u32) -> Result<CreateContexts, u32> {
                 };
                 out.lease = Some(LeaseV { key, state, v2 });
             }
+            b"AlSi" => out.allocation_size = Some(d.u64("allocation size")?),
             n if n == APP_INSTANCE_ID => {
                 if d.u16("structure size")? != 20 {
                     return Err(status::INVALID_PARAMETER);

@@ -22,7 +22,7 @@ use crate::files::{
     rights_of, status_of, Kind, Open, DELETE, FILE_DELETE_ON_CLOSE, FILE_DIRECTORY_FILE,
     FILE_NON_DIRECTORY_FILE, GENERIC_ALL, MAXIMUM_ALLOWED,
 };
-use crate::info::Meta;
+use crate::info::{set_dos_attributes, Meta, ATTR_ARCHIVE, DOS_KEPT};
 use crate::server::{Connection, Outcome, Reply, Request, MAX_OPENS_PER_CONNECTION};
 use crate::wire::{self, status, Reader, Writer, HEADER_LEN};
 
@@ -33,6 +33,9 @@ const BREAK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long a reconnect waits for another connection still holding the
 /// open to notice that its client has gone.
 const HELD_ELSEWHERE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most bytes an AlSi context reserves (a client may write more, but an
+/// instant reservation of any size would let it fill the disk at once).
+const MAX_RESERVE: u64 = 64 << 20;
 /// Longest durable timeout granted (MS-SMB2 3.3.5.9.10: at most 300 s).
 const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
 
@@ -51,7 +54,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     r.u64("create flags")?;
     r.u64("reserved")?;
     let access = r.u32("desired access")?;
-    let _attrs = r.u32("file attributes")?;
+    let attrs = r.u32("file attributes")?;
     let share = r.u32("share access")?;
     let disp = r.u32("create disposition")?;
     let options = r.u32("create options")?;
@@ -92,6 +95,13 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let tree = req.hdr.tree_id;
     let sh = c.sh.clone();
     let existing = lookup(&sh, &path)?;
+    // A file pending delete opens no more (MS-FSA 2.1.5.1.2.1).
+    if existing
+        .as_ref()
+        .is_some_and(|m| sh.delete_pending.hides(m))
+    {
+        return Err(status::DELETE_PENDING);
+    }
     let wants_dir = options & FILE_DIRECTORY_FILE != 0;
     let (open, action, meta) = match existing {
         Some(m) if m.is_dir => {
@@ -147,6 +157,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 user,
                 replay: req.hdr.flags & wire::FLAG_REPLAY != 0,
                 oplock,
+                attrs,
             };
             return open_file(c, spec, &ctxs, lease);
         }
@@ -168,6 +179,8 @@ struct FileCreate {
     user: String,
     replay: bool,
     oplock: u8,
+    /// FileAttributes, kept for a file the CREATE makes.
+    attrs: u32,
 }
 
 /// The filterd client identity of an open. An open with a lease belongs
@@ -243,10 +256,13 @@ fn open_file(
         (Some(l), _) if l.state != 0 => Some(LeaseRequest {
             key: LeaseKey(uuid::Uuid::from_bytes_le(l.key)),
             state: lease_state(l.state),
+            epoch: l.v2.map(|(_, e)| e).unwrap_or(0),
         }),
-        (None, Some(key)) => {
-            breaks::oplock_state(f.oplock).map(|state| LeaseRequest { key, state })
-        }
+        (None, Some(key)) => breaks::oplock_state(f.oplock).map(|state| LeaseRequest {
+            key,
+            state,
+            epoch: 0,
+        }),
         _ => None,
     };
     let wants_h = lease_req.is_some_and(|l| l.state.contains(LeaseState::H));
@@ -355,6 +371,21 @@ fn open_file(
         }
         delete_on_close = true;
     }
+    if matches!(
+        h.info.create_action,
+        CreateAction::Created | CreateAction::Overwritten | CreateAction::Superseded
+    ) {
+        if let Some(n) = ctxs.allocation_size {
+            reserve(&file, n);
+        }
+        // A new file is ARCHIVE; other DOS attributes asked for are kept
+        // where the filesystem takes user extended attributes.
+        if f.attrs & DOS_KEPT & !ATTR_ARCHIVE != 0 {
+            if let Err(e) = set_dos_attributes(&file, f.attrs | ATTR_ARCHIVE) {
+                tracing::warn!(resume_key = %key, status = e, "DOS attributes not kept");
+            }
+        }
+    }
     let meta = Meta::of(&file)?;
     let (contexts, mut level) = reply_contexts(durable.map(|d| (d, v1)), lease.as_ref(), held);
     if oplock.is_some() {
@@ -379,6 +410,7 @@ fn open_file(
             durable: durable.is_some(),
             oplock,
             create_guid: create_guid.filter(|_| durable.is_some()),
+            position: 0,
         },
     );
     Ok(create_reply(
@@ -389,6 +421,23 @@ fn open_file(
         level,
         contexts,
     ))
+}
+
+/// AlSi (2.2.13.2.6): reserves `n` bytes for a file the CREATE made,
+/// without changing its size, so the allocation size reported is at least
+/// that. A filesystem that cannot reserve reports what it has.
+fn reserve(file: &std::fs::File, n: u64) {
+    let Ok(len) = i64::try_from(n.min(MAX_RESERVE)) else {
+        return;
+    };
+    if len > 0 {
+        let _ = nix::fcntl::fallocate(
+            file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            len,
+        );
+    }
 }
 
 /// The create GUID of a durable v1 open with persistent FileId `pid`.
@@ -594,6 +643,7 @@ fn reconnect(
             durable: true,
             oplock,
             create_guid: Some(rc.create_guid),
+            position: sh.registry.position(rc.create_guid),
         },
     );
     if !rc.v1 {
@@ -682,5 +732,6 @@ fn dir_open(
         durable: false,
         oplock: None,
         create_guid: None,
+        position: 0,
     }
 }

@@ -17,6 +17,7 @@
 //! confinement filterd applies — and lists, creates, renames and removes
 //! them through descriptors, never through joined host paths.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
@@ -70,7 +71,7 @@ pub fn status_of(e: &ClientError) -> u32 {
         Some(ErrorCode::LockNotGranted) => status::LOCK_NOT_GRANTED,
         Some(ErrorCode::RangeNotLocked) => status::RANGE_NOT_LOCKED,
         Some(ErrorCode::LockConflict) => status::FILE_LOCK_CONFLICT,
-        Some(ErrorCode::BadFrame) => status::INVALID_PARAMETER,
+        Some(ErrorCode::BadFrame) | Some(ErrorCode::LeaseKeyInUse) => status::INVALID_PARAMETER,
         Some(ErrorCode::Unsupported) => status::NOT_SUPPORTED,
         Some(ErrorCode::LimitReached) => status::INSUFFICIENT_RESOURCES,
         None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => {
@@ -116,6 +117,67 @@ pub fn open_root(attach: &libfilter::attach::Attachment) -> anyhow::Result<Owned
     Ok(fd)
 }
 
+/// Most files [`DeletePending`] keeps.
+const MAX_DELETE_PENDING: usize = 4096;
+
+/// The files pending delete through this rksmbd — FileDisposition set,
+/// or an open with delete on close closed while other opens keep the
+/// file — while they still have a name: QUERY_DIRECTORY leaves them out,
+/// as Samba does, and a CREATE of one is STATUS_DELETE_PENDING
+/// (smbtorture's deltree would otherwise delete such a file again and
+/// again). Each is held by a descriptor of its own, so its inode number
+/// cannot be reused while it is here; one whose last link is gone is
+/// forgotten.
+#[derive(Default)]
+pub struct DeletePending(std::sync::Mutex<HashMap<(u64, u64), std::fs::File>>);
+
+impl DeletePending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), std::fs::File>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file open as `fd` is marked (`true`) or no longer marked
+    /// delete on close.
+    pub(crate) fn set(&self, fd: std::os::fd::BorrowedFd<'_>, pending: bool) {
+        let Ok(st) = nix::sys::stat::fstat(fd) else {
+            return;
+        };
+        let id = (st.st_dev, st.st_ino);
+        let mut m = self.lock();
+        if !pending {
+            m.remove(&id);
+            return;
+        }
+        if m.len() >= MAX_DELETE_PENDING {
+            m.retain(|_, f| linked(f));
+        }
+        if m.len() < MAX_DELETE_PENDING {
+            if let Ok(own) = fd.try_clone_to_owned() {
+                m.insert(id, std::fs::File::from(own));
+            }
+        }
+    }
+
+    /// Whether the entry with this metadata is pending delete (a file
+    /// whose pending delete has happened is forgotten).
+    pub(crate) fn hides(&self, m: &Meta) -> bool {
+        let mut map = self.lock();
+        match map.get(&(m.dev, m.ino)) {
+            Some(f) if linked(f) => true,
+            Some(_) => {
+                map.remove(&(m.dev, m.ino));
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// Whether the file still has a name.
+fn linked(f: &std::fs::File) -> bool {
+    nix::sys::stat::fstat(f.as_fd()).is_ok_and(|st| st.st_nlink > 0)
+}
+
 /// What an open is.
 pub(crate) enum Kind {
     /// A filterd handle on a regular file.
@@ -151,6 +213,9 @@ pub struct Open {
     /// A durable open's create GUID (DH2Q's, or the one rksmbd derives
     /// for a DHnQ), while this connection holds it.
     pub(crate) create_guid: Option<uuid::Uuid>,
+    /// FilePositionInformation (MS-FSCC 2.4.35): kept for the client,
+    /// never used for I/O (every READ and WRITE names its offset).
+    pub(crate) position: u64,
 }
 
 /// The lease key of the oplock of open `id` (an OPLOCK_BREAK
@@ -171,7 +236,7 @@ impl Open {
             Kind::Dir { fd, .. } => Meta::of(fd),
         }
     }
-    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match &self.kind {
             Kind::File { file, .. } => file.as_fd(),
             Kind::Dir { fd, .. } => fd.as_fd(),
@@ -195,9 +260,14 @@ pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
                 tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
             }
         }
-        Kind::File { key, .. } => {
+        Kind::File { key, file } => {
             if let Err(e) = sh.filter.close(*key) {
                 tracing::warn!(resume_key = %key, error = %e, "close in filterd failed");
+            }
+            // Closing an open with delete on close while others keep the
+            // file leaves it pending delete (MS-FSA 2.1.5.4).
+            if open.delete_on_close && linked(file) {
+                sh.delete_pending.set(file.as_fd(), true);
             }
         }
         Kind::Dir { .. } => {
@@ -570,6 +640,7 @@ fn query_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Ou
                     meta: o.meta()?,
                     delete_pending: o.delete_on_close,
                     access: o.granted,
+                    position: o.position,
                     name: &name,
                 },
             )?
@@ -609,14 +680,20 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
     let sh = c.sh.clone();
     let mut b = Reader::new(buf);
     match class {
-        // FileBasicInformation: times (creation and attributes are not kept).
+        // FileBasicInformation: times (not creation), DOS attributes
+        // (0 leaves them as they are).
         4 => {
             let o = get(c, id)?;
             may(o, FILE_WRITE_ATTRIBUTES)?;
             b.u64("creation")?;
             let atime = b.u64("access time")?;
             let mtime = b.u64("write time")?;
+            b.u64("change time")?;
+            let attrs = b.u32("file attributes")?;
             set_times(o.fd(), atime, mtime)?;
+            if let (Kind::File { file, .. }, true) = (&o.kind, attrs != 0) {
+                info::set_dos_attributes(file, attrs)?;
+            }
         }
         // FileRenameInformation (MS-FSCC 2.4.37.2).
         10 => {
@@ -655,6 +732,18 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
+                sh.delete_pending.set(o.fd(), delete);
+            }
+        }
+        // FilePositionInformation (MS-FSCC 2.4.35).
+        14 => {
+            let pos = b.u64("current byte offset")?;
+            if let Some(o) = c.opens.get_mut(&id) {
+                o.position = pos;
+                // A durable open's position outlives its connection.
+                if let (true, Some(g)) = (o.durable, o.create_guid) {
+                    sh.registry.keep_position(g, pos);
+                }
             }
         }
         // FileAllocationInformation: accepted, nothing to do.
@@ -829,9 +918,10 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
     let first = listing.is_none() || restart;
     if first {
         let pattern = if pattern.is_empty() { "*" } else { &pattern };
+        let pending = &c.sh.delete_pending;
         let entries = read_dir(fd)?
             .into_iter()
-            .filter(|(n, _)| matches(pattern, n))
+            .filter(|(n, m)| matches(pattern, n) && !pending.hides(m))
             .collect();
         *listing = Some(Listing { entries, next: 0 });
     }

@@ -13,6 +13,33 @@ use crate::wire::{self, status, Writer};
 pub const ATTR_DIRECTORY: u32 = 0x10;
 /// FILE_ATTRIBUTE_ARCHIVE: what Windows reports for a plain file.
 pub const ATTR_ARCHIVE: u32 = 0x20;
+/// FILE_ATTRIBUTE_NORMAL: a file with no other attribute.
+pub const ATTR_NORMAL: u32 = 0x80;
+/// The DOS attributes kept per file (MS-FSCC 2.6): read-only, hidden,
+/// system, archive.
+pub const DOS_KEPT: u32 = 0x1 | 0x2 | 0x4 | ATTR_ARCHIVE;
+/// The extended attribute that keeps them (4 bytes, little-endian); a
+/// file without it is ARCHIVE (a directory: no DOS attribute).
+const DOS_XATTR: &std::ffi::CStr = c"user.rkfilter.dosattrib";
+
+/// The DOS attributes kept for the file open as `fd`, if any (none for a
+/// descriptor that cannot read extended attributes).
+pub fn dos_attributes(fd: impl AsFd) -> Option<u32> {
+    let v = libfilter::sys::get_xattr(fd.as_fd(), DOS_XATTR).ok()??;
+    let b: [u8; 4] = v.get(..4)?.try_into().ok()?;
+    Some(u32::from_le_bytes(b) & DOS_KEPT)
+}
+
+/// Keeps `attrs` (FILE_ATTRIBUTE_NORMAL: none) as the DOS attributes of
+/// the file open as `fd`.
+pub fn set_dos_attributes(fd: impl AsFd, attrs: u32) -> Result<(), u32> {
+    let v = (attrs & DOS_KEPT).to_le_bytes();
+    libfilter::sys::set_xattr(fd.as_fd(), DOS_XATTR, &v).map_err(|e| {
+        e.raw_os_error()
+            .map(|n| crate::files::errno_status(nix::errno::Errno::from_raw(n)))
+            .unwrap_or(status::INTERNAL_ERROR)
+    })
+}
 
 /// What QUERY_INFO and QUERY_DIRECTORY report about a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,10 +58,14 @@ pub struct Meta {
     pub allocated: u64,
     /// Inode number (FileId / IndexNumber).
     pub ino: u64,
+    /// The device of the inode.
+    pub dev: u64,
     /// Hard links.
     pub links: u32,
     /// A directory.
     pub is_dir: bool,
+    /// The DOS attributes kept for it ([`dos_attributes`]), if known.
+    pub dos: Option<u32>,
 }
 
 fn filetime(secs: i64, nsecs: i64) -> u64 {
@@ -62,24 +93,31 @@ impl Meta {
             },
             allocated: u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512),
             ino: st.st_ino,
+            dev: st.st_dev,
             links: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
             is_dir,
+            dos: None,
         }
     }
 
-    /// Of an open descriptor.
+    /// Of an open descriptor, with its kept DOS attributes.
     pub fn of(fd: impl AsFd) -> Result<Meta, u32> {
-        nix::sys::stat::fstat(fd.as_fd())
-            .map(|st| Meta::from_stat(&st))
-            .map_err(|_| status::INTERNAL_ERROR)
+        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|_| status::INTERNAL_ERROR)?;
+        Ok(Meta {
+            dos: dos_attributes(fd),
+            ..Meta::from_stat(&st)
+        })
     }
 
-    /// Windows file attributes.
+    /// Windows file attributes: a directory's, or a file's kept DOS
+    /// attributes (ARCHIVE when none were kept, NORMAL when they are
+    /// none).
     pub fn attributes(&self) -> u32 {
-        if self.is_dir {
-            ATTR_DIRECTORY
-        } else {
-            ATTR_ARCHIVE
+        match (self.is_dir, self.dos) {
+            (true, d) => ATTR_DIRECTORY | d.unwrap_or(0) & !ATTR_ARCHIVE,
+            (false, None) => ATTR_ARCHIVE,
+            (false, Some(0)) => ATTR_NORMAL,
+            (false, Some(d)) => d,
         }
     }
 
@@ -101,6 +139,8 @@ pub struct FileFacts<'a> {
     pub access: u32,
     /// The path from the share root, `\`-separated with a leading `\`.
     pub name: &'a str,
+    /// The open's file position (FilePositionInformation).
+    pub position: u64,
 }
 
 /// FileBasicInformation (MS-FSCC 2.4.7).
@@ -140,7 +180,7 @@ pub fn file_class(class: u8, f: &FileFacts<'_>) -> Result<Vec<u8>, u32> {
             w.u32(wire::len32(name.len())).bytes(&name);
         }
         14 => {
-            w.u64(0);
+            w.u64(f.position);
         }
         16 => {
             w.u32(0);
@@ -152,7 +192,12 @@ pub fn file_class(class: u8, f: &FileFacts<'_>) -> Result<Vec<u8>, u32> {
         18 => {
             basic(m, &mut w);
             standard(f, &mut w);
-            w.u64(m.ino).u32(0).u32(f.access).u64(0).u32(0).u32(0);
+            w.u64(m.ino)
+                .u32(0)
+                .u32(f.access)
+                .u64(f.position)
+                .u32(0)
+                .u32(0);
             let name = wire::to_utf16(f.name);
             w.u32(wire::len32(name.len())).bytes(&name);
         }
@@ -313,6 +358,7 @@ mod tests {
             delete_pending: false,
             access: 0,
             name: "\\a",
+            position: 0,
         };
         for (class, len) in [(4u8, 40usize), (5, 24), (6, 8), (7, 4), (34, 56), (18, 104)] {
             assert_eq!(file_class(class, &f).unwrap().len(), len, "class {class}");

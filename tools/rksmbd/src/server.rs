@@ -88,6 +88,9 @@ pub struct Shared {
     pub notifier: crate::breaks::Notifier,
     /// Sessions, app instances and durable v2 FileIds across connections.
     pub registry: crate::sessions::Registry,
+    /// Files and directories an open marked delete-on-close, which
+    /// QUERY_DIRECTORY does not list.
+    pub delete_pending: crate::files::DeletePending,
     next_session: AtomicU64,
 }
 
@@ -111,6 +114,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         server_guid: ntlm::random_bytes(),
         notifier: crate::breaks::Notifier::default(),
         registry: crate::sessions::Registry::default(),
+        delete_pending: crate::files::DeletePending::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
     });
     let events = shared.clone();
@@ -405,6 +409,9 @@ impl Connection {
                 if !connection_lost {
                     sh.registry.v2_closed(crate::create::persistent_id(*key));
                 }
+            }
+            if let (false, Some(g)) = (connection_lost, open.create_guid) {
+                sh.registry.keep_position(g, 0);
             }
             crate::files::release(sh, &open, connection_lost);
         };
@@ -1040,9 +1047,21 @@ impl Connection {
         }
     }
 
+    /// LOGOFF (3.3.5.6): the session's opens go as on a lost connection
+    /// — durable and persistent ones are detached in filterd, so that a
+    /// DHnC / DH2C from a new session reconnects them (smbtorture's
+    /// durable-open reopen4), the others closed.
     fn logoff(&mut self, req: &Request<'_>) -> Outcome {
         let id = req.hdr.session_id;
-        self.close_opens_where(|o| o.session == id);
+        let ids: Vec<u64> = self
+            .opens
+            .iter()
+            .filter(|(_, o)| o.session == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in ids {
+            self.release_open(k, true);
+        }
         self.sessions.remove(&id);
         self.sh.registry.ended(id);
         Ok(Reply::ok(vec![4, 0, 0, 0]))

@@ -123,6 +123,9 @@ pub struct Registry {
     v2_by_file_id: Mutex<HashMap<u64, uuid::Uuid>>,
     /// Durable opens held by a connection: create GUID → connection.
     held: Mutex<HashMap<uuid::Uuid, u64>>,
+    /// The file position (FilePositionInformation) of a durable open
+    /// that set one, by create GUID, for its reconnect.
+    positions: Mutex<HashMap<uuid::Uuid, u64>>,
 }
 
 impl Registry {
@@ -253,6 +256,27 @@ impl Registry {
         if m.get(&create_guid) == Some(&conn) {
             m.remove(&create_guid);
         }
+    }
+
+    /// A durable open's file position is now `pos` (0 also when it is
+    /// closed for good). Up to [`MAX_V2_BY_FILE_ID`] non-zero positions
+    /// are remembered, by this rksmbd process only.
+    pub fn keep_position(&self, create_guid: uuid::Uuid, pos: u64) {
+        let mut m = lock(&self.positions);
+        if pos == 0 {
+            m.remove(&create_guid);
+        } else if m.len() < MAX_V2_BY_FILE_ID {
+            m.insert(create_guid, pos);
+        }
+    }
+
+    /// The position a reconnected durable open resumes at (0 when none
+    /// was kept).
+    pub fn position(&self, create_guid: uuid::Uuid) -> u64 {
+        lock(&self.positions)
+            .get(&create_guid)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Does a connection other than `conn` hold it?

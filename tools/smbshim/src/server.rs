@@ -72,7 +72,7 @@ fn status_of(e: &ClientError) -> &'static str {
         Some(ErrorCode::LockNotGranted) => "STATUS_LOCK_NOT_GRANTED",
         Some(ErrorCode::RangeNotLocked) => "STATUS_RANGE_NOT_LOCKED",
         Some(ErrorCode::LockConflict) => "STATUS_FILE_LOCK_CONFLICT",
-        Some(ErrorCode::BadFrame) => "STATUS_INVALID_PARAMETER",
+        Some(ErrorCode::BadFrame) | Some(ErrorCode::LeaseKeyInUse) => "STATUS_INVALID_PARAMETER",
         Some(ErrorCode::Unsupported) => "STATUS_NOT_SUPPORTED",
         // An extension of smbl/1 (docs/smb-like.md): a limit was reached.
         Some(ErrorCode::LimitReached) => "STATUS_INSUFFICIENT_RESOURCES",
@@ -493,7 +493,11 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             let state = libfilter::lease::LeaseState::parse(str_field(l, "state")?)
                 .filter(|s| !s.is_none())
                 .ok_or_else(|| invalid("lease state must be R, RH, RW or RWH"))?;
-            Some(LeaseRequest { key, state })
+            Some(LeaseRequest {
+                key,
+                state,
+                epoch: 0,
+            })
         }
         Some(_) => return Err(invalid("lease must be an object")),
     };
