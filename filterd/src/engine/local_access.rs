@@ -40,6 +40,18 @@ impl Engine {
             reply.send(Verdict::Allow);
             return;
         }
+        if let Some(seq) = self.create_pending(file) {
+            // A persistent create whose commit is pending: if it fails,
+            // the rollback unlinks the file, and a local process let in
+            // now would be left writing to a file without a name. It
+            // waits for the outcome (refused when the create is undone);
+            // the reader's verdict deadline bounds the wait.
+            self.stats.local_opens_waited_for_commit += 1;
+            debug!(pid, %file, "local open of a file whose create is committing: waits");
+            self.waiting_local.push((file, pid, reply, fd));
+            self.wait_for_commit(seq, file);
+            return;
+        }
         match share::decide(ShareMode::LOCAL_PROCESS, holders) {
             ShareDecision::Violation | ShareDecision::NotAvailable => {
                 debug!(pid, %file, "local open refused by a protocol share mode");
@@ -61,7 +73,8 @@ impl Engine {
             }
         }
         if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None) {
-            self.waiting_local.push((file, reply, fd));
+            // Remembered already (pid 0 when it runs again).
+            self.waiting_local.push((file, 0, reply, fd));
             return;
         }
         reply.send(Verdict::Allow);
@@ -113,7 +126,7 @@ impl Engine {
                 self.waiting_local
                     .iter()
                     .filter(|(f, ..)| *f == file)
-                    .map(|(_, _, fd)| fd.as_fd()),
+                    .map(|(.., fd)| fd.as_fd()),
             )
             .collect();
         if mine.is_empty() {
@@ -171,6 +184,30 @@ impl Engine {
             .entry(file)
             .or_insert_with(|| LocalOpeners::scanned(file, false, &mine, frontends, budget));
         (entry.refresh(file, &mine, frontends, budget), None)
+    }
+
+    /// Whether a local process holds `file` open, for the undo of a
+    /// create whose commit failed (`fd`: the rolled-back handle's own
+    /// descriptor). Alone by the write-lease probe: no. Otherwise the
+    /// processes holding it are looked for in `/proc` (filterd and
+    /// frontends left out): one found, or a scan cut short, is a yes. An
+    /// open still in progress — a local open waiting here for the
+    /// create's outcome, which is then refused — names no process and
+    /// does not count. Without local mediation, local opens never count.
+    pub(super) fn held_locally(&mut self, file: FileId, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+        if self.fanotify.is_none() || libfilter::sys::alone_on_inode(fd).is_ok_and(|a| a) {
+            return false;
+        }
+        let frontends = self.frontend_pids();
+        let mut budget = crate::local_opens::ScanBudget::default();
+        let (pids, _) = crate::local_opens::scan_all(file, &[fd], &frontends, &mut budget);
+        if budget.cut {
+            self.stats.local_scans_cut_short += 1;
+        }
+        if !pids.is_empty() {
+            debug!(%file, ?pids, "local processes hold a file whose create is undone");
+        }
+        !pids.is_empty() || budget.cut
     }
 
     /// Processes attached as frontends now, or lost within
