@@ -20,6 +20,12 @@
 //! from the store (which holds exactly what committed), undoes in-memory
 //! effects of requests that waited on an abandoned group, and tells the
 //! committer which sequences were abandoned.
+//!
+//! What a rollback would take back is not built on before the outcome:
+//! a local open of a file whose create is committing (`create_pending`),
+//! and a change made at once to a file whose persistent handle's close is
+//! committing (`close_pending`), wait for that commit (`wait_for_commit`)
+//! and run again once it is resolved.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
