@@ -1256,10 +1256,20 @@ fn recovery_finishes_or_drops_intents() {
 /// file it was writing.
 #[test]
 fn a_local_open_of_a_create_still_committing_waits_for_its_outcome() {
-    for ok in [false, true] {
+    // Also when the create's handle is closed again before the commit.
+    for (ok, closed) in [(false, false), (true, false), (false, true)] {
         let mut h = Harness::new();
         let id = h.run(open("n", Rights::ALL));
-        let file = h.engine.handles.values().next().unwrap().rec.file;
+        let (key, file) = h
+            .engine
+            .handles
+            .values()
+            .next()
+            .map(|h| (h.rec.key, h.rec.file))
+            .unwrap();
+        if closed {
+            h.run(Request::Close { key });
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let reply = LocalReply(Box::new(move |v| {
