@@ -318,6 +318,7 @@ impl Engine {
 
     /// Runs again the opens of `file` that waited for lease breaks.
     pub(super) fn retry_waiting(&mut self, file: FileId) {
+        self.retry_deferred_deletes(file);
         let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_changes)
             .into_iter()
             .partition(|(f, _, _, _)| *f == file);

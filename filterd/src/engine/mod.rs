@@ -153,6 +153,8 @@ pub struct Engine {
     /// Files whose waiting requests and local opens run again once a
     /// sequence is resolved (durable or abandoned), by that sequence.
     commit_waits: BTreeMap<u64, std::collections::BTreeSet<FileId>>,
+    /// Deletes on close waiting for another handle's close to commit.
+    deferred_deletes: Vec<opens::DeferredDelete>,
     /// Files a persistent open created in this daemon whose record has
     /// not committed yet, with the sequence that records it: a failed
     /// commit unlinks them again (`Engine::undo_creates`).
@@ -331,6 +333,7 @@ impl Engine {
             waiting_local: Vec::new(),
             commit_waits: BTreeMap::new(),
             pending_creates: HashMap::new(),
+            deferred_deletes: Vec::new(),
             local_openers: HashMap::new(),
             lingering: Default::default(),
             frontends_gone: std::collections::VecDeque::new(),

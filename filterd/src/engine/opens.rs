@@ -872,8 +872,7 @@ impl Engine {
     /// file is gone, and whatever has its name now is another file.
     pub(super) fn delete_pending(&mut self, gone: &Handle) {
         let file = gone.rec.file;
-        let others: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
-        if others.is_empty() {
+        if self.by_file.get(&file).is_none_or(|v| v.is_empty()) {
             if gone.rec.conn == ConnState::Lost {
                 warn!(path = %gone.rec.path, "a lost handle's delete on close is dropped: its file is gone");
                 return;
@@ -882,14 +881,35 @@ impl Engine {
                 self.park_unlink(gone);
                 return;
             }
-            let kh = gone.rec.kernel_handle.as_ref();
-            match self.fs.remove(&gone.rec.path, file, kh) {
-                Ok(()) => {
-                    info!(path = %gone.rec.path, "deleted on close");
-                }
-                Err(e) => {
-                    warn!(path = %gone.rec.path, error = %e.message, "delete on close failed")
-                }
+            if let Some(seq) = self.close_pending(file) {
+                // Another handle's close is committing: if it fails, that
+                // handle is back and the delete passes to it. Decided once
+                // the commit is resolved (`retry_waiting`).
+                self.wait_for_commit(seq, file);
+                self.deferred_deletes.push(DeferredDelete {
+                    path: gone.rec.path.clone(),
+                    file,
+                    kernel_handle: gone.rec.kernel_handle.clone(),
+                });
+                return;
+            }
+        }
+        self.delete_or_pass(&gone.rec.path, file, gone.rec.kernel_handle.as_ref());
+    }
+
+    /// A pending delete of `file` (at `path`): the file is removed now if
+    /// no open of it remains, else the delete passes to the opens that do.
+    fn delete_or_pass(
+        &mut self,
+        path: &RelPath,
+        file: FileId,
+        kh: Option<&libfilter::model::KernelHandle>,
+    ) {
+        let others: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        if others.is_empty() {
+            match self.fs.remove(path, file, kh) {
+                Ok(()) => info!(%path, "deleted on close"),
+                Err(e) => warn!(%path, error = %e.message, "delete on close failed"),
             }
             return;
         }
@@ -903,6 +923,26 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// Decides the delete on close of `file` deferred for a pending close
+    /// (`delete_pending`) once that commit is resolved.
+    pub(super) fn retry_deferred_deletes(&mut self, file: FileId) {
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred_deletes)
+            .into_iter()
+            .partition(|d| d.file == file);
+        self.deferred_deletes = later;
+        for d in now {
+            if let Some(seq) = self.close_pending(file) {
+                self.wait_for_commit(seq, file);
+                self.deferred_deletes.push(d);
+                continue;
+            }
+            // Its own step: a delete passed to a persistent handle is
+            // recorded in a group of its own.
+            self.begin_request();
+            self.delete_or_pass(&d.path, d.file, d.kernel_handle.as_ref());
         }
     }
 
@@ -938,6 +978,14 @@ impl Engine {
         }
         true
     }
+}
+
+/// The delete on close of a non-persistent handle, the file's last open,
+/// waiting for another handle's close to commit (`Engine::delete_pending`).
+pub(super) struct DeferredDelete {
+    path: RelPath,
+    file: FileId,
+    kernel_handle: Option<libfilter::model::KernelHandle>,
 }
 
 /// A file a rolled-back open created.

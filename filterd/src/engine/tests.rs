@@ -1367,3 +1367,43 @@ fn changes_made_at_once_wait_for_a_pending_close_of_their_file() {
         }
     }
 }
+
+/// F2′ for delete on close: the last open of a file, non-persistent with
+/// delete on close, closes while a persistent handle's close of the same
+/// file is committing. The unlink waits: if that commit fails, the handle
+/// is back and the delete passes to it (as to any open that remains);
+/// if it commits, the file goes. Old code unlinked it at once.
+#[test]
+fn a_delete_on_close_waits_for_a_pending_close_of_the_file() {
+    let rw = Rights::READ.union(Rights::WRITE).union(Rights::DELETE);
+    for ok in [false, true] {
+        let mut h = Harness::new();
+        let p = h.run(open("b", Rights::ALL));
+        let n = h.run(bobs("b", rw, Disposition::Open));
+        h.commit(true);
+        let (p, n) = (h.opened(p), h.opened(n));
+        h.run(Request::SetDeleteOnClose {
+            key: n,
+            delete: true,
+            record: None,
+        });
+        h.commit(true);
+        let before = h.fs.file("b");
+        h.run(Request::Close { key: p });
+        h.run(Request::Close { key: n });
+        assert_eq!(h.fs.file("b"), before, "unlinked before the close commits");
+        h.commit(ok);
+        h.engine.process_retries();
+        h.commit(true);
+        if ok {
+            assert!(h.fs.file("b").is_none(), "{:?}", h.fs.snapshot());
+        } else {
+            assert_eq!(h.fs.file("b"), before);
+            assert!(
+                h.engine.handles[&p].rec.delete_on_close,
+                "passed to the handle that is back"
+            );
+            assert!(h.store.inner.lock().unwrap().handles[&p].delete_on_close);
+        }
+    }
+}
