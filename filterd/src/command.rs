@@ -91,6 +91,10 @@ pub enum Command {
     },
     /// The intents of these parked opens are durable: do their changes.
     IntentsDurable(Vec<IntentId>),
+    /// A commit the engine asked to hear of is resolved
+    /// ([`crate::committer::Pipeline::wake_engine_at`]): requests and
+    /// local opens that waited for it may go on.
+    CommitsResolved,
     /// A local process is opening a file on the export (fanotify): decide.
     LocalOpen {
         /// The file.

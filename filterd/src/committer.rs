@@ -128,6 +128,9 @@ struct Shared {
     abandoned: BTreeSet<u64>,
     /// The engine's answer to a failure: what it rolled back.
     rolled_back: Option<BTreeSet<u64>>,
+    /// The engine waits for this sequence to be resolved
+    /// ([`Pipeline::wake_engine_at`]).
+    wake_at: Option<u64>,
     stop: bool,
 }
 
@@ -189,6 +192,29 @@ impl Pipeline {
     pub fn rolled_back(&self, abandoned: BTreeSet<u64>) {
         self.lock().rolled_back = Some(abandoned);
         self.wake.notify_all();
+    }
+
+    /// Asks for [`Command::CommitsResolved`] once sequence `seq` is
+    /// resolved (durable or abandoned). False when it is already: nothing
+    /// will be sent.
+    pub fn wake_engine_at(&self, seq: u64) -> bool {
+        let mut s = self.lock();
+        if seq <= self.committed() {
+            return false;
+        }
+        s.wake_at = Some(s.wake_at.map_or(seq, |w| w.min(seq)));
+        true
+    }
+
+    /// Whether the engine asked to hear of a sequence resolved by now (and
+    /// is told: the request is cleared).
+    pub(crate) fn take_engine_wake(&self) -> bool {
+        let mut s = self.lock();
+        let due = s.wake_at.is_some_and(|w| w <= self.committed());
+        if due {
+            s.wake_at = None;
+        }
+        due
     }
 
     /// Stops the committer once the queue is empty.
@@ -327,6 +353,9 @@ pub fn run(
             if !notify.is_empty() {
                 let _ = engine.send(Command::IntentsDurable(notify));
             }
+            if pipe.take_engine_wake() {
+                let _ = engine.send(Command::CommitsResolved);
+            }
             for r in ready {
                 failpoint::hit("reply.before_send");
                 r.send();
@@ -369,6 +398,9 @@ pub fn run(
         let (ready, refused) = pipe.settle_failure(through, true);
         if !notify.is_empty() {
             let _ = engine.send(Command::IntentsDurable(notify));
+        }
+        if pipe.take_engine_wake() {
+            let _ = engine.send(Command::CommitsResolved);
         }
         for r in refused {
             r.fail(code, &message);

@@ -65,6 +65,16 @@ impl Default for ScanBudget {
 }
 
 impl ScanBudget {
+    /// A budget `times` the usual one, entries and time (for a check that
+    /// is rare and costly to get wrong: the undo of a failed create).
+    pub fn times(times: u32) -> Self {
+        ScanBudget {
+            left: SCAN_ENTRIES.saturating_mul(times as usize),
+            deadline: std::time::Instant::now() + SCAN_TIME * times,
+            cut: false,
+        }
+    }
+
     /// Spends one entry; false once the budget is spent.
     fn spend(&mut self) -> bool {
         if self.cut {

@@ -832,6 +832,10 @@ pub struct Stats {
     /// lease on it being broken).
     #[serde(default)]
     pub local_opens_lease_refused: u64,
+    /// Local opens of a file whose create was committing that waited for
+    /// the commit's outcome (refused if the create was undone).
+    #[serde(default)]
+    pub local_opens_waited_for_commit: u64,
     /// Files filterd claimed after its open broke a local process's kernel
     /// lease (held open until the retry's open, at most 10 s).
     #[serde(default)]

@@ -838,3 +838,66 @@ pub fn handles_on(s: &Scratch, path: &str) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// `strace` attached to a running process (all its threads, and those it
+/// starts), tracing `syscalls` into a file and injecting faults or delays
+/// (`-e inject=SPEC` for each of `injects`, e.g.
+/// `fsync:error=EIO:delay_enter=3000000:when=1`). Detaches when dropped.
+pub struct Strace(Child);
+
+impl Strace {
+    /// Attaches to `pid` and waits until every thread of it is traced.
+    pub fn attach(pid: u32, trace: &Path, syscalls: &[&str], injects: &[&str]) -> Strace {
+        let strace = ["/usr/bin/strace", "/bin/strace"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("strace is not installed: `apt-get install strace` (.ci/run installs it)");
+        let mut cmd = Command::new(strace);
+        cmd.args(["-f", "-qq", "-o"])
+            .arg(trace)
+            .args(["-e", &format!("trace={}", syscalls.join(","))]);
+        for i in injects {
+            cmd.args(["-e", &format!("inject={i}")]);
+        }
+        let child = cmd
+            .args(["-p", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn strace");
+        let t = Strace(child);
+        wait_for("strace to attach", Duration::from_secs(30), || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            let mut all = true;
+            for t in tasks.flatten() {
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                all &= status
+                    .lines()
+                    .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0");
+            }
+            all.then_some(())
+        });
+        t
+    }
+}
+
+impl Drop for Strace {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether the thread of `pid` named `name` is held at the entry of a
+/// system call whose result a [`Strace`] injects: strace has replaced the
+/// call's number with -1 (`/proc/PID/task/TID/syscall`) for the delay.
+pub fn held_in_injected_syscall(pid: u32, name: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+                && std::fs::read_to_string(t.path().join("syscall"))
+                    .is_ok_and(|s| s.split(' ').next() == Some("-1"))
+        })
+    })
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use nix::sys::signal::Signal;
-use rkfilter_tests::{smb_session, wait_for, Filterd, LineClient, Nfs, Scratch, Shim};
+use rkfilter_tests::{smb_session, wait_for, Filterd, LineClient, Nfs, Scratch, Shim, Strace};
 use serde_json::{json, Value};
 
 fn b64(b: &[u8]) -> String {
@@ -202,53 +202,19 @@ fn a_first_lock_waits_for_a_stopped_frontend_until_it_resumes() {
 
 /// `strace` attached to `pid` (all its threads, and those it starts),
 /// delaying every pwrite64 by 3 s before it runs. Detaches when dropped.
-struct SlowPwrites(std::process::Child);
-
-impl Drop for SlowPwrites {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn slow_pwrites(pid: u32, trace: &std::path::Path) -> SlowPwrites {
+fn slow_pwrites(pid: u32, trace: &std::path::Path) -> Strace {
     slow_syscalls(pid, trace, &[("pwrite64", 3_000_000)])
 }
 
 /// As [`slow_pwrites`], delaying each of `delays` (syscall, µs) instead.
-fn slow_syscalls(pid: u32, trace: &std::path::Path, delays: &[(&str, u32)]) -> SlowPwrites {
-    let strace = ["/usr/bin/strace", "/bin/strace"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("strace is not installed: `apt-get install strace` (.ci/run installs it)");
+fn slow_syscalls(pid: u32, trace: &std::path::Path, delays: &[(&str, u32)]) -> Strace {
     let names: Vec<&str> = delays.iter().map(|(n, _)| *n).collect();
-    let mut cmd = std::process::Command::new(strace);
-    cmd.args(["-f", "-qq", "-o"])
-        .arg(trace)
-        .args(["-e", &format!("trace={}", names.join(","))]);
-    for (name, us) in delays {
-        cmd.args(["-e", &format!("inject={name}:delay_enter={us}")]);
-    }
-    let child = cmd
-        .args(["-p", &pid.to_string()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn strace");
-    let t = SlowPwrites(child);
-    wait_for("strace to attach", Duration::from_secs(30), || {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-        let mut all = true;
-        for t in tasks.flatten() {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            all &= status
-                .lines()
-                .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0");
-        }
-        all.then_some(())
-    });
-    t
+    let injects: Vec<String> = delays
+        .iter()
+        .map(|(name, us)| format!("{name}:delay_enter={us}"))
+        .collect();
+    let injects: Vec<&str> = injects.iter().map(String::as_str).collect();
+    Strace::attach(pid, trace, &names, &injects)
 }
 
 /// Whether a thread of `pid` is held at the entry of a pwrite64 (18).

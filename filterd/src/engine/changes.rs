@@ -69,6 +69,21 @@ impl Engine {
             self.waiting_changes.push((file, conn, req_id, req));
             return Ok(None);
         }
+        if !needs_intent(persistent, record.is_some()) {
+            let closing = [Some(file), target]
+                .into_iter()
+                .flatten()
+                .find_map(|f| self.close_pending(f).map(|s| (s, f)));
+            if let Some((seq, f)) = closing {
+                let req = Request::Rename {
+                    key,
+                    to,
+                    replace,
+                    record: None,
+                };
+                return self.wait_for_close(seq, f, conn, req_id, req);
+            }
+        }
         let change = IntentChange::Rename {
             key,
             from,
@@ -113,10 +128,20 @@ impl Engine {
                 "this filesystem has no file handles",
             ));
         };
-        let persistent = h.rec.durability.is_persistent();
+        let (persistent, file) = (h.rec.durability.is_persistent(), h.rec.file);
         let record = record
             .map(|r| self.own_record(conn, protocol, r))
             .transpose()?;
+        if !needs_intent(persistent, record.is_some()) {
+            if let Some(seq) = self.close_pending(file) {
+                let req = Request::SetEndOfFile {
+                    key,
+                    size,
+                    record: None,
+                };
+                return self.wait_for_close(seq, file, conn, req_id, req);
+            }
+        }
         let change = IntentChange::SetSize {
             key,
             kernel_handle,
@@ -155,6 +180,12 @@ impl Engine {
             self.waiting_changes.push((file, conn, req_id, req));
             return Ok(None);
         }
+        if !needs_intent(false, record.is_some()) {
+            if let Some(seq) = self.close_pending(file) {
+                let req = Request::Remove { path, record: None };
+                return self.wait_for_close(seq, file, conn, req_id, req);
+            }
+        }
         let kernel_handle = self.fs.handle_at(&path);
         let change = IntentChange::Remove {
             path,
@@ -176,18 +207,37 @@ impl Engine {
         change: IntentChange,
         persistent: bool,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
-        let needs_intent = persistent
-            || match &change {
-                IntentChange::Rename { record, .. }
-                | IntentChange::Remove { record, .. }
-                | IntentChange::SetSize { record, .. } => record.is_some(),
-                IntentChange::TruncatingOpen { .. } => false,
-            };
-        if !needs_intent {
+        let recorded = match &change {
+            IntentChange::Rename { record, .. }
+            | IntentChange::Remove { record, .. }
+            | IntentChange::SetSize { record, .. } => record.is_some(),
+            IntentChange::TruncatingOpen { .. } => false,
+        };
+        if !needs_intent(persistent, recorded) {
             self.perform(&change, false)?;
             return Ok(Some((Reply::Done, None)));
         }
         self.park_intent(conn, req_id, key, change.clone(), Some(change));
+        Ok(None)
+    }
+
+    /// A change made at once (no intent) to `file` while a close of one of
+    /// its persistent handles is pending (sequence `seq`): if that commit
+    /// fails the handle comes back, so the change must not have been made
+    /// under it. The request waits and runs again from the start once the
+    /// close's commit is resolved. (A change bracketed by an intent needs
+    /// no wait: its intent builds on the close's commit and fails with it.)
+    fn wait_for_close(
+        &mut self,
+        seq: u64,
+        file: FileId,
+        conn: ConnId,
+        req_id: u64,
+        req: Request,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        self.wait_limit()?;
+        self.wait_for_commit(seq, file);
+        self.waiting_changes.push((file, conn, req_id, req));
         Ok(None)
     }
 
@@ -365,4 +415,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether a change must be bracketed by an intent: on a persistent
+/// handle, or with a recorded reply (it must survive a crash); otherwise it
+/// is made at once.
+fn needs_intent(persistent: bool, recorded: bool) -> bool {
+    persistent || recorded
 }

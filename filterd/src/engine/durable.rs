@@ -20,6 +20,12 @@
 //! from the store (which holds exactly what committed), undoes in-memory
 //! effects of requests that waited on an abandoned group, and tells the
 //! committer which sequences were abandoned.
+//!
+//! What a rollback would take back is not built on before the outcome:
+//! a local open of a file whose create is committing (`create_pending`),
+//! and a change made at once to a file whose persistent handle's close is
+//! committing (`close_pending`), wait for that commit (`wait_for_commit`)
+//! and run again once it is resolved.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
@@ -28,7 +34,7 @@ use libfilter::locks::{Lock, LockTable};
 use libfilter::model::{ConnState, FileId, HandleRecord, IntentChange, ReplayScope, ResumeKey};
 use libfilter::proto::{ErrorCode, ServerFrame};
 use libfilter::store::StoreOp;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::{err, Engine, Handle};
 use crate::committer::{CommitJob, Group};
@@ -329,6 +335,7 @@ impl Engine {
                 }
             }
         }
+        self.pending_creates.retain(|_, s| *s > committed);
         // Frontends go back to unchecked I/O on a file only once the
         // content change that made them check is durable.
         let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gone_after)
@@ -485,7 +492,28 @@ impl Engine {
             created.extend(self.restore_handle(k));
             scopes.insert(ReplayScope::Handle(k));
         }
-        self.undo_creates(created);
+        let unlinked = self.undo_creates(created);
+        // Local opens that waited for an undone create: the file they
+        // opened is gone (refused); the others run again (below).
+        let (refused, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_local)
+            .into_iter()
+            .partition(|(f, ..)| unlinked.contains(f));
+        self.waiting_local = waiting;
+        for (file, pid, reply, _) in refused {
+            debug!(%file, pid, "a local open of a create that was undone is refused");
+            reply.send(crate::command::Verdict::Deny);
+        }
+        self.pending_creates.retain(|_, s| !abandoned.contains(s));
+        let resolved: Vec<u64> = self
+            .commit_waits
+            .keys()
+            .filter(|s| **s <= through || abandoned.contains(s))
+            .copied()
+            .collect();
+        for s in resolved {
+            self.retry_files
+                .extend(self.commit_waits.remove(&s).unwrap_or_default());
+        }
         for s in scopes {
             self.restore_scope(&s);
         }
@@ -494,6 +522,61 @@ impl Engine {
             self.retry_files.insert(f);
         }
         self.pipe.rolled_back(abandoned);
+    }
+
+    /// The pending sequence that records the create of `file` by a
+    /// persistent open of this daemon (undone with its file if it fails).
+    pub(super) fn create_pending(&mut self, file: FileId) -> Option<u64> {
+        let seq = *self.pending_creates.get(&file)?;
+        if seq > self.pipe.committed() {
+            return Some(seq);
+        }
+        self.pending_creates.remove(&file);
+        None
+    }
+
+    /// The latest pending sequence that removed a persistent handle of
+    /// `file` (a close, expiry or purge): if its commit fails, the handle
+    /// is put back whole (`Undo::Reinsert`), so nothing may have changed
+    /// the file under it meanwhile.
+    pub(super) fn close_pending(&self, file: FileId) -> Option<u64> {
+        let committed = self.pipe.committed();
+        self.batch
+            .pending
+            .range(committed + 1..)
+            .rev()
+            .find(|(_, t)| {
+                t.undo
+                    .iter()
+                    .any(|u| matches!(u, Undo::Reinsert(h) if h.rec.file == file))
+            })
+            .map(|(s, _)| *s)
+    }
+
+    /// What waits on `file` runs again once sequence `seq` is resolved
+    /// (durable, or abandoned and rolled back): the committer wakes the
+    /// engine for it ([`crate::command::Command::CommitsResolved`]).
+    pub(super) fn wait_for_commit(&mut self, seq: u64, file: FileId) {
+        self.commit_waits.entry(seq).or_default().insert(file);
+        if !self.pipe.wake_engine_at(seq) {
+            self.commits_resolved();
+        }
+    }
+
+    /// Files whose waits are over run again; the committer is asked to
+    /// wake the engine for the earliest wait left.
+    pub(super) fn commits_resolved(&mut self) {
+        loop {
+            let committed = self.pipe.committed();
+            let later = self.commit_waits.split_off(&(committed + 1));
+            for (_, files) in std::mem::replace(&mut self.commit_waits, later) {
+                self.retry_files.extend(files);
+            }
+            match self.commit_waits.keys().next() {
+                Some(&next) if !self.pipe.wake_engine_at(next) => continue,
+                _ => return,
+            }
+        }
     }
 
     /// Files the whole of a persistent handle being removed, to put back if

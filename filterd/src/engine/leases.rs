@@ -378,6 +378,7 @@ impl Engine {
 
     /// Runs again the waiting opens of every file whose break ended.
     pub(super) fn process_retries(&mut self) {
+        self.commits_resolved();
         let files = std::mem::take(&mut self.retry_files);
         for f in files {
             self.retry_waiting(f);
@@ -386,6 +387,7 @@ impl Engine {
 
     /// Runs again the opens of `file` that waited for lease breaks.
     pub(super) fn retry_waiting(&mut self, file: FileId) {
+        self.retry_deferred_deletes(file);
         let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_changes)
             .into_iter()
             .partition(|(f, _, _, _)| *f == file);
@@ -402,10 +404,10 @@ impl Engine {
         }
         let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_local)
             .into_iter()
-            .partition(|(f, _, _)| *f == file);
+            .partition(|(f, ..)| *f == file);
         self.waiting_local = later;
-        for (f, reply, fd) in now {
-            self.on_local_open(f, 0, fd, reply);
+        for (f, pid, reply, fd) in now {
+            self.on_local_open(f, pid, fd, reply);
         }
         let (now, later): (Vec<WaitingOpen>, Vec<WaitingOpen>) = std::mem::take(&mut self.waiting)
             .into_iter()

@@ -22,6 +22,19 @@ impl Engine {
     /// caching leases are broken first, the open waiting for the acks.
     pub(super) fn on_local_open(&mut self, file: FileId, pid: i32, fd: OwnedFd, reply: LocalReply) {
         use crate::local::Verdict;
+        if let Some(seq) = self.create_pending(file) {
+            // A persistent create whose commit is pending (its handle
+            // may be closed already): if it fails, the rollback unlinks
+            // the file, and a local process let in now would be left
+            // writing to a file without a name. It waits for the outcome
+            // (refused when the create is undone); the reader's verdict
+            // deadline bounds the wait.
+            self.stats.local_opens_waited_for_commit += 1;
+            debug!(pid, %file, "local open of a file whose create is committing: waits");
+            self.waiting_local.push((file, pid, reply, fd));
+            self.wait_for_commit(seq, file);
+            return;
+        }
         let holders = self.holders_of(file);
         if holders.is_empty() && self.lingers(file) {
             // Its last handle closed a moment ago: still remembered.
@@ -61,7 +74,8 @@ impl Engine {
             }
         }
         if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None) {
-            self.waiting_local.push((file, reply, fd));
+            // Remembered already (pid 0 when it runs again).
+            self.waiting_local.push((file, 0, reply, fd));
             return;
         }
         reply.send(Verdict::Allow);
@@ -189,7 +203,7 @@ impl Engine {
                 self.waiting_local
                     .iter()
                     .filter(|(f, ..)| *f == file)
-                    .map(|(_, _, fd)| fd.as_fd()),
+                    .map(|(.., fd)| fd.as_fd()),
             )
             .collect();
         if mine.is_empty() {
@@ -252,6 +266,33 @@ impl Engine {
             .entry(file)
             .or_insert_with(|| LocalOpeners::scanned(file, false, &mine, frontends, budget, false));
         (entry.refresh(file, &mine, frontends, budget), None)
+    }
+
+    /// Whether a local process holds `file` open, for the undo of a
+    /// create whose commit failed (`fd`: the rolled-back handle's own
+    /// descriptor). Alone by the write-lease probe: no. Otherwise the
+    /// processes holding it are looked for in `/proc` (filterd and
+    /// frontends left out): one found, or a scan cut short, is a yes
+    /// (the file stays: nothing is lost, but the undo is not done). An
+    /// open still in progress — a local open waiting here for the
+    /// create's outcome, which is then refused — names no process and
+    /// does not count. Without local mediation, local opens never count.
+    pub(super) fn held_locally(&mut self, file: FileId, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+        if self.fanotify.is_none() || libfilter::sys::alone_on_inode(fd).is_ok_and(|a| a) {
+            return false;
+        }
+        let frontends = self.frontend_pids();
+        // Rare (a failed commit), and a cut-short scan keeps the file: a
+        // larger budget than a protocol open's (200 ms at most).
+        let mut budget = crate::local_opens::ScanBudget::times(4);
+        let (pids, _) = crate::local_opens::scan_all(file, &[fd], &frontends, &mut budget);
+        if budget.cut {
+            self.stats.local_scans_cut_short += 1;
+        }
+        if !pids.is_empty() {
+            debug!(%file, ?pids, "local processes hold a file whose create is undone");
+        }
+        !pids.is_empty() || budget.cut
     }
 
     /// Processes attached as frontends now, or lost within

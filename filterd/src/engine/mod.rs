@@ -143,12 +143,25 @@ pub struct Engine {
     batch: durable::Batch,
     /// Lease breaks waiting for their holder's acknowledgement.
     breaking: HashMap<(FileId, LeaseKey), Breaking>,
-    /// Opens waiting for lease breaks before they can be decided.
+    /// Opens waiting for lease breaks, or for a pending close's commit
+    /// (`durable::close_pending`), before they can be decided.
     waiting: Vec<WaitingOpen>,
-    /// Renames and removes waiting for handle-caching breaks.
+    /// Renames, removes and size changes waiting for handle-caching
+    /// breaks or for a pending close's commit.
     waiting_changes: Vec<(FileId, ConnId, u64, Request)>,
-    /// Local opens waiting for lease breaks.
-    waiting_local: Vec<(FileId, LocalReply, OwnedFd)>,
+    /// Local opens waiting for lease breaks, or for the commit of their
+    /// file's create (`durable::create_pending`): file, the opener's pid
+    /// (0: already remembered), verdict, event descriptor.
+    waiting_local: Vec<(FileId, i32, LocalReply, OwnedFd)>,
+    /// Files whose waiting requests and local opens run again once a
+    /// sequence is resolved (durable or abandoned), by that sequence.
+    commit_waits: BTreeMap<u64, std::collections::BTreeSet<FileId>>,
+    /// Deletes on close waiting for another handle's close to commit.
+    deferred_deletes: Vec<opens::DeferredDelete>,
+    /// Files a persistent open created in this daemon whose record has
+    /// not committed yet, with the sequence that records it: a failed
+    /// commit unlinks them again (`Engine::undo_creates`).
+    pending_creates: HashMap<FileId, u64>,
     /// Local processes known to hold files with protocol state open (an
     /// entry exists from a file's first protocol open to
     /// [`crate::local_opens::LINGER`] after its last close).
@@ -322,6 +335,9 @@ impl Engine {
             frontends_seen: Default::default(),
             restart_expected: HashSet::new(),
             waiting_local: Vec::new(),
+            commit_waits: BTreeMap::new(),
+            pending_creates: HashMap::new(),
+            deferred_deletes: Vec::new(),
             local_openers: HashMap::new(),
             lingering: Default::default(),
             frontends_gone: std::collections::VecDeque::new(),
@@ -437,6 +453,7 @@ impl Engine {
                     self.finish_parked(id);
                 }
             }
+            Command::CommitsResolved => self.commits_resolved(),
             Command::Shutdown => return true,
         }
         false

@@ -15,6 +15,23 @@ impl Engine {
         }
     }
 
+    /// Refuses a request that would wait (for lease breaks or a commit)
+    /// when [`Config::max_pending_breaks`] requests wait already.
+    pub(super) fn wait_limit(&mut self) -> Result<(), WireError> {
+        let pending = self.waiting.len() + self.waiting_changes.len();
+        if pending >= self.cfg.max_pending_breaks {
+            // Any breaks were sent; this request does not wait.
+            self.stats.opens_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!(
+                    "{pending} requests wait for lease breaks or commits already (--max-pending-breaks)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn open(
         &mut self,
         conn: ConnId,
@@ -104,8 +121,15 @@ impl Engine {
             share: o.share,
         };
         let group = ShareGroup::of(&o, &protocol, &instance);
+        let truncation = match (of.created, o.disposition) {
+            (false, Disposition::Overwrite | Disposition::OverwriteIf) => {
+                Some(CreateAction::Overwritten)
+            }
+            (false, Disposition::Supersede) => Some(CreateAction::Superseded),
+            _ => None,
+        };
         let purges = self.stats.purges;
-        let wait = self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref());
+        let breaking = self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref());
         if self.stats.purges != purges {
             // A purged holder's close may have deleted the file (delete on
             // close) or given up a share reservation: open again from the
@@ -114,28 +138,28 @@ impl Engine {
             drop(of);
             return self.open(conn, req_id, protocol, instance, o, replay);
         }
-        if wait {
-            if o.no_wait {
-                self.stats.opens_refused += 1;
-                self.stats.not_available += 1;
-                return Err(err(
-                    ErrorCode::Busy,
-                    "lease holders must acknowledge a break first; retry",
-                ));
+        if breaking && o.no_wait {
+            self.stats.opens_refused += 1;
+            self.stats.not_available += 1;
+            return Err(err(
+                ErrorCode::Busy,
+                "lease holders must acknowledge a break first; retry",
+            ));
+        }
+        // A persistent handle of the file whose close is pending comes back
+        // if that commit fails: a truncation made at once (not bracketed by
+        // an intent, which builds on that commit) waits for the outcome.
+        let closing = match truncation {
+            Some(_) if !durability.is_persistent() => self.close_pending(of.file),
+            _ => None,
+        };
+        if breaking || closing.is_some() {
+            // Wait (the descriptor is dropped; the open runs again from
+            // the start).
+            self.wait_limit()?;
+            if let Some(seq) = closing {
+                self.wait_for_commit(seq, of.file);
             }
-            let pending = self.waiting.len() + self.waiting_changes.len();
-            if pending >= self.cfg.max_pending_breaks {
-                // The breaks were sent; this request does not wait.
-                self.stats.opens_refused += 1;
-                return Err(err(
-                    ErrorCode::LimitReached,
-                    format!(
-                        "{pending} requests wait for lease breaks already (--max-pending-breaks)"
-                    ),
-                ));
-            }
-            // Holders must acknowledge first: wait (the descriptor is
-            // dropped; the open runs again from the start).
             self.waiting.push(WaitingOpen {
                 file: of.file,
                 conn,
@@ -185,13 +209,6 @@ impl Engine {
                 }
             }
         }
-        let truncation = match (of.created, o.disposition) {
-            (false, Disposition::Overwrite | Disposition::OverwriteIf) => {
-                Some(CreateAction::Overwritten)
-            }
-            (false, Disposition::Supersede) => Some(CreateAction::Superseded),
-            _ => None,
-        };
         let create_action = match (of.created, truncation) {
             (true, _) => CreateAction::Created,
             (false, Some(a)) => a,
@@ -270,6 +287,11 @@ impl Engine {
             }
             if durability.is_persistent() {
                 self.batch.push(StoreOp::PutHandle(Box::new(rec.clone())));
+                if of.linked && of.created {
+                    // Undone with its file if this commit fails: local
+                    // opens of it wait for the outcome.
+                    self.pending_creates.insert(of.file, self.batch.seq());
+                }
             }
         }
         debug!(resume_key = %key, path = %rec.path, action = %create_action, durability = durability.word(), parked = park, "opened");
@@ -728,7 +750,12 @@ impl Engine {
                     h.fd.as_ref()
                         .and_then(|f| self.fs.file_handle_of(f.as_fd()).ok())
                 });
-                created = Some((h.rec.path.clone(), h.rec.file, kh));
+                created = Some(CreatedFile {
+                    path: h.rec.path.clone(),
+                    file: h.rec.file,
+                    kernel_handle: kh,
+                    fd: h.fd.take(),
+                });
             }
         }
         self.remove(key);
@@ -737,19 +764,33 @@ impl Engine {
 
     /// Undoes the creates of rolled-back opens: a file whose create no
     /// client was told of loses its name again, when no handle of it
-    /// remains and the path still names it (same kernel handle).
-    pub(super) fn undo_creates(&mut self, created: Vec<CreatedFile>) {
-        for (path, file, kh) in created {
-            if self.by_file.contains_key(&file) {
+    /// remains, the path still names it (same kernel handle) and no local
+    /// process holds it open (`Engine::held_locally`: a file a local
+    /// process may be writing stays, with a warning). Returns the files
+    /// unlinked.
+    pub(super) fn undo_creates(&mut self, created: Vec<CreatedFile>) -> Vec<FileId> {
+        let mut unlinked = Vec::new();
+        for c in created {
+            if self.by_file.contains_key(&c.file) {
                 continue;
             }
-            match self.fs.remove(&path, file, kh.as_ref()) {
-                Ok(()) => info!(%path, "a create whose commit failed is undone"),
+            if let Some(fd) = &c.fd {
+                if self.held_locally(c.file, fd.as_fd()) {
+                    warn!(path = %c.path, "a create whose commit failed is not undone: a local process holds the file open");
+                    continue;
+                }
+            }
+            match self.fs.remove(&c.path, c.file, c.kernel_handle.as_ref()) {
+                Ok(()) => {
+                    info!(path = %c.path, "a create whose commit failed is undone");
+                    unlinked.push(c.file);
+                }
                 Err(e) => {
-                    debug!(%path, error = %e.message, "a rolled-back create's file is not removed")
+                    debug!(path = %c.path, error = %e.message, "a rolled-back create's file is not removed")
                 }
             }
         }
+        unlinked
     }
 
     /// Removes a handle for good (closing its descriptor); persistent ones
@@ -844,8 +885,7 @@ impl Engine {
     /// file is gone, and whatever has its name now is another file.
     pub(super) fn delete_pending(&mut self, gone: &Handle) {
         let file = gone.rec.file;
-        let others: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
-        if others.is_empty() {
+        if self.by_file.get(&file).is_none_or(|v| v.is_empty()) {
             if gone.rec.conn == ConnState::Lost {
                 warn!(path = %gone.rec.path, "a lost handle's delete on close is dropped: its file is gone");
                 return;
@@ -854,14 +894,35 @@ impl Engine {
                 self.park_unlink(gone);
                 return;
             }
-            let kh = gone.rec.kernel_handle.as_ref();
-            match self.fs.remove(&gone.rec.path, file, kh) {
-                Ok(()) => {
-                    info!(path = %gone.rec.path, "deleted on close");
-                }
-                Err(e) => {
-                    warn!(path = %gone.rec.path, error = %e.message, "delete on close failed")
-                }
+            if let Some(seq) = self.close_pending(file) {
+                // Another handle's close is committing: if it fails, that
+                // handle is back and the delete passes to it. Decided once
+                // the commit is resolved (`retry_waiting`).
+                self.wait_for_commit(seq, file);
+                self.deferred_deletes.push(DeferredDelete {
+                    path: gone.rec.path.clone(),
+                    file,
+                    kernel_handle: gone.rec.kernel_handle.clone(),
+                });
+                return;
+            }
+        }
+        self.delete_or_pass(&gone.rec.path, file, gone.rec.kernel_handle.as_ref());
+    }
+
+    /// A pending delete of `file` (at `path`): the file is removed now if
+    /// no open of it remains, else the delete passes to the opens that do.
+    fn delete_or_pass(
+        &mut self,
+        path: &RelPath,
+        file: FileId,
+        kh: Option<&libfilter::model::KernelHandle>,
+    ) {
+        let others: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        if others.is_empty() {
+            match self.fs.remove(path, file, kh) {
+                Ok(()) => info!(%path, "deleted on close"),
+                Err(e) => warn!(%path, error = %e.message, "delete on close failed"),
             }
             return;
         }
@@ -875,6 +936,26 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// Decides the delete on close of `file` deferred for a pending close
+    /// (`delete_pending`) once that commit is resolved.
+    pub(super) fn retry_deferred_deletes(&mut self, file: FileId) {
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred_deletes)
+            .into_iter()
+            .partition(|d| d.file == file);
+        self.deferred_deletes = later;
+        for d in now {
+            if let Some(seq) = self.close_pending(file) {
+                self.wait_for_commit(seq, file);
+                self.deferred_deletes.push(d);
+                continue;
+            }
+            // Its own step: a delete passed to a persistent handle is
+            // recorded in a group of its own.
+            self.begin_request();
+            self.delete_or_pass(&d.path, d.file, d.kernel_handle.as_ref());
         }
     }
 
@@ -912,9 +993,23 @@ impl Engine {
     }
 }
 
-/// A file a rolled-back open created: its path, identity and kernel
-/// handle.
-pub(super) type CreatedFile = (RelPath, FileId, Option<libfilter::model::KernelHandle>);
+/// The delete on close of a non-persistent handle, the file's last open,
+/// waiting for another handle's close to commit (`Engine::delete_pending`).
+pub(super) struct DeferredDelete {
+    path: RelPath,
+    file: FileId,
+    kernel_handle: Option<libfilter::model::KernelHandle>,
+}
+
+/// A file a rolled-back open created.
+pub(super) struct CreatedFile {
+    path: RelPath,
+    file: FileId,
+    kernel_handle: Option<libfilter::model::KernelHandle>,
+    /// The rolled-back handle's descriptor (its open file description is
+    /// filterd's own, not a local opener's).
+    fd: Option<OwnedFd>,
+}
 
 /// The share reservation an open joins (`OpenRequest::share_group`): one
 /// client's handles of one frontend instance with the same group name.

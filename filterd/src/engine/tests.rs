@@ -1249,6 +1249,165 @@ fn recovery_finishes_or_drops_intents() {
     );
 }
 
+/// Issue 12's rollback review, F1: a local process's open of a file whose
+/// persistent create is committing waits for the outcome — refused when
+/// the failed commit unlinks the file again, let through when it commits.
+/// Old code let it through at once, and a failed commit then unlinked the
+/// file it was writing.
+#[test]
+fn a_local_open_of_a_create_still_committing_waits_for_its_outcome() {
+    // Also when the create's handle is closed again before the commit.
+    for (ok, closed) in [(false, false), (true, false), (false, true)] {
+        let mut h = Harness::new();
+        let id = h.run(open("n", Rights::ALL));
+        let (key, file) = h
+            .engine
+            .handles
+            .values()
+            .next()
+            .map(|h| (h.rec.key, h.rec.file))
+            .unwrap();
+        if closed {
+            h.run(Request::Close { key });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let reply = LocalReply(Box::new(move |v| {
+            let _ = tx.send(v);
+        }));
+        h.engine.on_local_open(file, 4242, fd, reply);
+        assert!(rx.try_recv().is_err(), "decided before the create commits");
+        assert_eq!(h.engine.stats.local_opens_waited_for_commit, 1);
+        h.commit(ok);
+        h.engine.process_retries();
+        let verdict = rx.try_recv().expect("decided once the commit is resolved");
+        if ok {
+            assert_eq!(verdict, crate::command::Verdict::Allow);
+            h.opened(id);
+            assert!(h.fs.file("n").is_some());
+        } else {
+            assert_eq!(verdict, crate::command::Verdict::Deny);
+            assert_eq!(h.refused(id), ErrorCode::DiskFull);
+            assert!(h.fs.file("n").is_none(), "{:?}", h.fs.snapshot());
+        }
+    }
+}
+
+/// A non-persistent open by another client (no create GUID).
+fn bobs(path: &str, access: Rights, d: Disposition) -> Request {
+    match open(path, Rights::ALL) {
+        Request::Open(mut o) => {
+            o.client = ClientId::new("bob").unwrap();
+            o.access = Access::new(access).unwrap();
+            o.durability = Durability::None;
+            o.create_guid = None;
+            o.disposition = d;
+            Request::Open(o)
+        }
+        other => other,
+    }
+}
+
+/// Issue 12's rollback review, F2′: a change made at once (no intent) to
+/// a file whose persistent handle's CLOSE is committing — a truncating
+/// open, a remove, a rename over it — waits for that commit. When it
+/// fails, the handle is back with its share mode (reading only), and the
+/// change is refused by it instead of having been made under it; when it
+/// commits, the change goes ahead. Old code made each change at once.
+#[test]
+fn changes_made_at_once_wait_for_a_pending_close_of_their_file() {
+    let rw = Rights::READ.union(Rights::WRITE).union(Rights::DELETE);
+    for case in ["overwrite", "remove", "rename over"] {
+        for ok in [false, true] {
+            let mut h = Harness::new();
+            let p = h.run(open("b", Rights::READ));
+            let a = h.run(bobs("a", rw, Disposition::Open));
+            h.commit(true);
+            let (p, a) = (h.opened(p), h.opened(a));
+            let before = h.fs.file("b");
+            let close = h.run(Request::Close { key: p });
+            let req = match case {
+                "overwrite" => bobs("b", rw, Disposition::Overwrite),
+                "remove" => Request::Remove {
+                    path: RelPath::new("b").unwrap(),
+                    record: None,
+                },
+                _ => Request::Rename {
+                    key: a,
+                    to: RelPath::new("b").unwrap(),
+                    replace: true,
+                    record: None,
+                },
+            };
+            let id = h.run(req);
+            assert_eq!(
+                h.fs.file("b"),
+                before,
+                "{case}: changed before the close commits"
+            );
+            assert!(h.reply(id).is_none(), "{case}");
+            h.commit(ok);
+            h.engine.process_retries();
+            h.commit(true);
+            h.drain_replies();
+            if ok {
+                assert!(h.reply(close).is_some_and(|r| r.is_ok()));
+                assert!(
+                    h.reply(id).is_some_and(|r| r.is_ok()),
+                    "{case}: {:?}",
+                    h.reply(id)
+                );
+                assert_ne!(h.fs.file("b"), before, "{case}");
+            } else {
+                assert_eq!(h.refused(close), ErrorCode::DiskFull);
+                assert!(h.engine.handles.contains_key(&p), "the close is undone");
+                assert_eq!(h.refused(id), ErrorCode::SharingViolation, "{case}");
+                assert_eq!(h.fs.file("b"), before, "{case}: changed under the handle");
+            }
+        }
+    }
+}
+
+/// F2′ for delete on close: the last open of a file, non-persistent with
+/// delete on close, closes while a persistent handle's close of the same
+/// file is committing. The unlink waits: if that commit fails, the handle
+/// is back and the delete passes to it (as to any open that remains);
+/// if it commits, the file goes. Old code unlinked it at once.
+#[test]
+fn a_delete_on_close_waits_for_a_pending_close_of_the_file() {
+    let rw = Rights::READ.union(Rights::WRITE).union(Rights::DELETE);
+    for ok in [false, true] {
+        let mut h = Harness::new();
+        let p = h.run(open("b", Rights::ALL));
+        let n = h.run(bobs("b", rw, Disposition::Open));
+        h.commit(true);
+        let (p, n) = (h.opened(p), h.opened(n));
+        h.run(Request::SetDeleteOnClose {
+            key: n,
+            delete: true,
+            record: None,
+        });
+        h.commit(true);
+        let before = h.fs.file("b");
+        h.run(Request::Close { key: p });
+        h.run(Request::Close { key: n });
+        assert_eq!(h.fs.file("b"), before, "unlinked before the close commits");
+        h.commit(ok);
+        h.engine.process_retries();
+        h.commit(true);
+        if ok {
+            assert!(h.fs.file("b").is_none(), "{:?}", h.fs.snapshot());
+        } else {
+            assert_eq!(h.fs.file("b"), before);
+            assert!(
+                h.engine.handles[&p].rec.delete_on_close,
+                "passed to the handle that is back"
+            );
+            assert!(h.store.inner.lock().unwrap().handles[&p].delete_on_close);
+        }
+    }
+}
+
 impl Harness {
     /// The lease request `id`'s open holds.
     fn lease_of(&self, id: u64) -> Option<HeldLease> {

@@ -1,0 +1,280 @@
+//! What a failed commit undoes is never built on before its outcome
+//! (review of issue 12's rollback): a local process cannot write into a
+//! create that is then undone (F1), and a file whose persistent handle's
+//! CLOSE fails to commit is not changed under that handle meanwhile (F2′).
+//!
+//! Commits are made to fail with strace: EIO injected into filterd's
+//! `fsync` (of a created file's directory, before the commit that records
+//! the create) or into LMDB's `fdatasync`, each delayed a few seconds so
+//! the test can act inside the window.
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use libfilter::client::FilterClient;
+use libfilter::model::*;
+use libfilter::proto::{ErrorCode, OpenRequest};
+use rkfilter_tests::{held_in_injected_syscall, wait_for, Filterd, Scratch, Strace};
+
+/// How long strace holds the failing sync: the window the test acts in.
+const WINDOW_US: u32 = 8_000_000;
+
+fn frontend(s: &Scratch, instance: &str) -> FilterClient {
+    rkfilter_tests::attach(&s.socket(), "smb", instance)
+}
+
+fn req(client: &str, path: &str, share: Rights, durability: Durability) -> OpenRequest {
+    OpenRequest {
+        client: ClientId::new(client).unwrap(),
+        path: RelPath::new(path).unwrap(),
+        access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+        share,
+        disposition: Disposition::OpenIf,
+        durability,
+        create_guid: durability
+            .is_persistent()
+            .then(|| CreateGuid(uuid::Uuid::new_v4())),
+        owner: None,
+        lease: None,
+        no_wait: false,
+        share_group: None,
+    }
+}
+
+const PERSISTENT: Durability = Durability::Persistent { timeout_ms: 60_000 };
+
+/// A local process appending its stdin to `path` (`sh -c 'cat >> PATH'`):
+/// the shell opens the file, then `cat` holds it open as its stdout until
+/// stdin closes.
+struct LocalWriter(Child);
+
+impl LocalWriter {
+    fn start(path: &std::path::Path) -> LocalWriter {
+        let child = Command::new("sh")
+            .args(["-c", "exec cat >> \"$0\""])
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sh");
+        LocalWriter(child)
+    }
+
+    fn write(&mut self, data: &str) {
+        let stdin = self.0.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(data.as_bytes())
+            .expect("write to the writer");
+        stdin.flush().expect("flush");
+    }
+
+    /// What its stdout names once its open succeeded (`(deleted)` at the
+    /// end: the file lost its name), or its exit status if it failed.
+    fn outcome(&mut self) -> Result<String, std::process::ExitStatus> {
+        let pid = self.0.id();
+        wait_for("the local open's outcome", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = self.0.try_wait() {
+                return Some(Err(st));
+            }
+            let out = std::fs::read_link(format!("/proc/{pid}/fd/1")).ok()?;
+            let out = out.to_string_lossy().into_owned();
+            (!out.starts_with("/dev/null")).then_some(Ok(out))
+        })
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A persistent create of `f` in a thread, its commit failing after
+/// [`WINDOW_US`] (EIO from the fsync of its directory); returns once the
+/// commit is in that fsync, with the create's answer to come on the
+/// receiver.
+fn create_failing(s: &Scratch, d: &Filterd) -> (Strace, mpsc::Receiver<Result<(), String>>) {
+    let fe = Arc::new(frontend(s, "smb-a"));
+    let strace = Strace::attach(
+        d.pid(),
+        &s.dir.join("strace"),
+        &["fsync"],
+        &[&format!("fsync:error=EIO:delay_enter={WINDOW_US}:when=1")],
+    );
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = fe
+            .open(req("alice", "f", Rights::ALL, PERSISTENT))
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let _ = tx.send(r);
+    });
+    wait_for(
+        "the create's commit in its fsync",
+        Duration::from_secs(20),
+        || held_in_injected_syscall(d.pid(), "committer").then_some(()),
+    );
+    (strace, rx)
+}
+
+/// F1: a local open of the file of a persistent create still committing
+/// waits for the commit's outcome; the commit fails, the create is undone
+/// and the local open refused. Old code let the open through at once
+/// (never counted as waiting), and the rollback unlinked the file under
+/// the local writer.
+#[test]
+fn a_local_open_of_a_create_still_committing_waits_and_is_refused_when_undone() {
+    let Some(s) = Scratch::with_tmpfs("rb-local-wait") else {
+        return;
+    };
+    let d = Filterd::start_mediated(&s, &[]);
+    let (_strace, created) = create_failing(&s, &d);
+    let f = s.root().join("f");
+    assert!(f.exists(), "the file is made before its commit");
+    let mut w = LocalWriter::start(&f);
+    let ctl = d.control();
+    wait_for(
+        "the local open to wait for the commit",
+        Duration::from_secs(20),
+        || (ctl.stats().ok()?.local_opens_waited_for_commit >= 1).then_some(()),
+    );
+    assert!(
+        created.try_recv().is_err(),
+        "the create is still committing while the local open waits"
+    );
+    let r = created
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the create is answered");
+    assert!(r.is_err(), "the create's commit failed: {r:?}");
+    match w.outcome() {
+        Err(st) => {
+            assert!(!st.success(), "{st:?}");
+            assert!(!f.exists(), "the undone create left its file");
+        }
+        // On a busy machine the undo's `/proc` scan (looking for local
+        // holders, the defence below) may be cut short: then the file is
+        // kept, and the open that waited goes on — to a named file.
+        Ok(held) => {
+            assert!(
+                !held.ends_with("(deleted)"),
+                "the local open got a file that lost its name: {held}"
+            );
+            assert!(
+                d.log_text().contains("a local process holds the file open"),
+                "{}",
+                d.log_text()
+            );
+        }
+    }
+}
+
+/// F1's defence in depth: a local process holding the file of a create
+/// whose commit fails keeps it — the rollback leaves a file that is not
+/// alone. The process opens it through a route fanotify does not see (the
+/// export is a bind mount, mediated on its own mount only; the writer uses
+/// the directory's own mount), so it never waits. Old code unlinked the
+/// file with the local data in it.
+#[test]
+fn a_create_undone_never_unlinks_a_file_a_local_process_holds() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: fanotify needs root");
+        return;
+    }
+    let s = Scratch::new("rb-local-holder");
+    let real = s.dir.join("real");
+    std::fs::create_dir(&real).unwrap();
+    nix::mount::mount(
+        Some(&real),
+        &s.root(),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind-mounting the export");
+    let d = Filterd::start_mediated(&s, &[]);
+    let (_strace, created) = create_failing(&s, &d);
+    let f = real.join("f");
+    let mut w = LocalWriter::start(&f);
+    w.write("local-data\n");
+    wait_for("the local write to land", Duration::from_secs(20), || {
+        (std::fs::read_to_string(&f).ok()? == "local-data\n").then_some(())
+    });
+    let r = created
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the create is answered");
+    assert!(r.is_err(), "the create's commit failed: {r:?}");
+    let held = w.outcome().expect("the local open succeeded");
+    assert!(
+        !held.ends_with("(deleted)"),
+        "unlinked under the local writer: {held}"
+    );
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "local-data\n");
+    assert!(
+        d.log_text().contains("a local process holds the file open"),
+        "{}",
+        d.log_text()
+    );
+}
+
+/// F2′: an overwrite (a non-persistent open, truncating at once) of a file
+/// whose persistent handle's CLOSE is committing waits for that commit.
+/// The commit fails, the handle is back with its share mode (no writers),
+/// and the overwrite is refused by it; the file keeps its content. Old
+/// code truncated the file at once, under the handle the failed close put
+/// back.
+#[test]
+fn an_overwrite_waits_for_a_pending_close_and_is_refused_when_it_fails() {
+    let s = Scratch::new("rb-close-overwrite");
+    let f = s.root().join("f");
+    std::fs::write(&f, "precious").unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let alice = Arc::new(frontend(&s, "smb-a"));
+    let key = alice
+        .open(req("alice", "f", Rights::READ, PERSISTENT))
+        .expect("alice's persistent open")
+        .info
+        .key;
+    let _strace = Strace::attach(
+        d.pid(),
+        &s.dir.join("strace"),
+        &["fdatasync"],
+        &[&format!(
+            "fdatasync:error=EIO:delay_enter={WINDOW_US}:when=1"
+        )],
+    );
+    let (tx, closed) = mpsc::channel();
+    {
+        let alice = alice.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(alice.close(key).map_err(|e| e.to_string()));
+        });
+    }
+    wait_for(
+        "the close's commit in its fdatasync",
+        Duration::from_secs(20),
+        || held_in_injected_syscall(d.pid(), "committer").then_some(()),
+    );
+    let bob = frontend(&s, "smb-b");
+    let mut overwrite = req("bob", "f", Rights::ALL, Durability::None);
+    overwrite.disposition = Disposition::Overwrite;
+    let r = bob.open(overwrite);
+    let closed = closed
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the close is answered");
+    assert!(closed.is_err(), "the close's commit failed: {closed:?}");
+    assert_eq!(
+        std::fs::read_to_string(&f).unwrap(),
+        "precious",
+        "truncated under the handle whose close failed"
+    );
+    match r {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{e}"),
+        Ok(o) => panic!("overwrote a file whose handle's close failed: {:?}", o.info),
+    }
+    let ctl = d.control();
+    assert_eq!(ctl.handles().unwrap().len(), 1, "alice's handle is back");
+}
