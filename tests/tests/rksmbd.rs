@@ -357,8 +357,12 @@ fn credits_granted_never_exceed_the_window() {
 }
 
 /// The venv's python with smbprotocol (PyPI), made under target/ on first
-/// use; a failure to make it fails the test, with the reason.
+/// use; a failure to make it fails the test, with the reason. Tests run in
+/// parallel: the first makes the venv while the others wait (two `venv` +
+/// `pip install` runs into one directory break each other).
 fn smbprotocol_python() -> std::path::PathBuf {
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let target = rkfilter_tests::bin("rksmbd")
         .parent()
         .and_then(std::path::Path::parent)
