@@ -7,7 +7,9 @@
 //! - `panic`: panic on the thread that got there (filterd's panic hook
 //!   aborts, so the whole process ends rather than staying half alive);
 //! - `sleepMS`: stall that thread for MS milliseconds — a slow fsync, to
-//!   widen a window that a test then attacks.
+//!   widen a window that a test then attacks;
+//! - `fail`: where the point can fail (`commit.before`: the commit), it
+//!   fails as a full or broken disk would; elsewhere it does nothing.
 //!
 //! Unarmed, a hit costs one relaxed atomic load.
 //!
@@ -30,12 +32,14 @@ enum Action {
     Kill,
     Panic,
     Sleep(u64),
+    Fail,
 }
 
 fn parse_action(s: &str) -> Option<Action> {
     match s {
         "" | "kill" => Some(Action::Kill),
         "panic" => Some(Action::Panic),
+        "fail" => Some(Action::Fail),
         _ => s.strip_prefix("sleep")?.parse().ok().map(Action::Sleep),
     }
 }
@@ -60,7 +64,7 @@ pub fn init() {
             } else {
                 tracing::error!(
                     failpoint = item,
-                    "unknown failpoint action (kill, panic, sleepMS): ignored"
+                    "unknown failpoint action (kill, panic, sleepMS, fail): ignored"
                 );
                 continue 'items;
             }
@@ -76,8 +80,15 @@ pub fn init() {
 
 /// Acts if `name` is armed and this is its n-th hit.
 pub fn hit(name: &str) {
+    let _ = fails(name);
+}
+
+/// Acts like [`hit`]; returns true when the point is armed to `fail` and
+/// this is its n-th hit (the caller then fails as it would on a real
+/// error).
+pub fn fails(name: &str) -> bool {
     if !ANY_ARMED.load(Ordering::Relaxed) {
-        return;
+        return false;
     }
     let fire = ARMED
         .get()
@@ -96,10 +107,15 @@ pub fn hit(name: &str) {
             None => None,
         });
     match fire {
-        None => {}
+        None => false,
+        Some(Action::Fail) => {
+            eprintln!("failpoint {name}: failing");
+            true
+        }
         Some(Action::Sleep(ms)) => {
             eprintln!("failpoint {name}: stalling {ms} ms");
             std::thread::sleep(Duration::from_millis(ms));
+            false
         }
         Some(Action::Panic) => panic!("failpoint {name}: panicking on purpose"),
         Some(Action::Kill) => {

@@ -22,6 +22,8 @@ impl Engine {
     /// caching leases are broken first, the open waiting for the acks.
     pub(super) fn on_local_open(&mut self, file: FileId, pid: i32, fd: OwnedFd, reply: LocalReply) {
         use crate::local::Verdict;
+        // A step of its own: a purge it makes is settled by its own commit.
+        self.begin_request();
         let holders = self.holders_of(file);
         if holders.is_empty() && self.lingers(file) {
             // Its last handle closed a moment ago: still remembered.

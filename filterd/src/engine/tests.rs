@@ -155,6 +155,8 @@ struct Harness {
     last_id: u64,
     /// Every reply received, by request id.
     replies: BTreeMap<u64, Result<libfilter::proto::Reply, WireError>>,
+    /// Every event received, in order.
+    events: Vec<libfilter::proto::Event>,
 }
 
 fn config() -> Config {
@@ -231,6 +233,7 @@ impl Harness {
             fs,
             last_id: 0,
             replies: BTreeMap::new(),
+            events: Vec::new(),
         }
     }
 
@@ -258,10 +261,15 @@ impl Harness {
             if n == 0 {
                 break;
             }
+            let frame = libfilter::proto::decode_server(&buf[..n]);
+            if let Ok(libfilter::proto::ServerFrame::Event(ev)) = frame {
+                self.events.push(ev);
+                continue;
+            }
             if let Ok(libfilter::proto::ServerFrame::Reply {
                 id: Some(id),
                 result,
-            }) = libfilter::proto::decode_server(&buf[..n])
+            }) = frame
             {
                 self.fs.log_reply(id, result.is_ok());
                 got.push((id, result.is_ok()));
@@ -300,6 +308,8 @@ impl Harness {
         let groups: Vec<crate::committer::Group> =
             jobs.into_iter().flat_map(|j| j.groups).collect();
         let Some(through) = groups.iter().map(|g| g.seq).max() else {
+            // What the round settled without a commit went out at once.
+            self.drain_replies();
             return;
         };
         let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
@@ -362,6 +372,7 @@ impl Harness {
                     r.lease,
                     r.delete_on_close,
                     r.durability,
+                    r.conn,
                     h.conn,
                     h.parked,
                 )
@@ -490,6 +501,10 @@ enum Op {
     /// Path (by path, as NFS-like REMOVE), with a recorded reply.
     Remove(u8, u64),
     EndOfFile(u8, u64),
+    /// Expire a disconnected persistent handle (by index among them), as
+    /// its timer or `filterctl expire` does (a non-persistent one's expiry
+    /// rides on no commit).
+    Expire(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -503,6 +518,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4u8, 0..4u8, any::<bool>()).prop_map(|(h, t, r)| Op::Rename(h, t, r)),
         1 => (0..6u8, 0..1000u64).prop_map(|(p, o)| Op::Remove(p, o)),
         1 => (0..4u8, 0..100u64).prop_map(|(h, n)| Op::EndOfFile(h, n)),
+        1 => (0..4u8).prop_map(Op::Expire),
     ]
 }
 
@@ -575,6 +591,19 @@ impl Harness {
                 path: RelPath::new(PATHS[usize::from(p)]).unwrap(),
                 record: Some(record(session(9), 1000 + op_id)),
             },
+            Op::Expire(i) => {
+                let gone: Vec<ResumeKey> = self
+                    .engine
+                    .handles
+                    .values()
+                    .filter(|x| x.conn.is_none() && x.rec.durability.is_persistent())
+                    .map(|x| x.rec.key)
+                    .collect();
+                let key = *gone.get(usize::from(i) % gone.len().max(1))?;
+                self.engine.begin_request();
+                self.engine.expire(key);
+                return None;
+            }
             Op::EndOfFile(h, size) => {
                 let key = key(h)?;
                 Request::SetEndOfFile {
@@ -610,10 +639,28 @@ proptest! {
         for p in ["a", "b", "c"] {
             h.run(open(p, Rights::ALL));
         }
+        // Disconnected handles to expire and purge: a persistent one of a
+        // new file that shares only reading, and a durable one of another
+        // that does not share delete and deletes it on close.
+        h.run(open("n", Rights::READ));
+        let Request::Open(mut o) = open("d/m", Rights::READ.union(Rights::WRITE)) else {
+            unreachable!()
+        };
+        o.durability = Durability::Durable { timeout_ms: 60_000 };
+        o.create_guid = None;
+        let id = h.run(Request::Open(o));
+        h.commit(true);
+        let n = h.keys().into_iter().find(|k| h.engine.handles[k].rec.path.as_str() == "n");
+        let durable = h.opened(id);
+        h.run(Request::SetDeleteOnClose { key: durable, delete: true, record: None });
+        for key in n.into_iter().chain([durable]) {
+            h.run(Request::Detach { key });
+        }
         h.commit(true);
         h.fs.take_log();
         for (ops, ok) in &rounds {
             let before = h.digest();
+            let events_before = h.events.len();
             let mut ids = Vec::new();
             let mut early = Vec::new();
             let mut unchanged = Vec::new();
@@ -669,6 +716,11 @@ proptest! {
                     "a request whose commit failed succeeded: {:?}", log
                 );
                 prop_assert_eq!(h.digest(), before, "after {:?}", ops);
+                let told: Vec<_> = h.events[events_before..]
+                    .iter()
+                    .filter(|e| matches!(e, libfilter::proto::Event::Expired { .. } | libfilter::proto::Event::Purged { .. }))
+                    .collect();
+                prop_assert!(told.is_empty(), "told of removals that failed: {:?}", told);
             }
             // The store holds what the engine holds of persistent handles.
             let stored: Vec<ResumeKey> = h.store.inner.lock().unwrap().handles.keys().copied().collect();
@@ -1247,4 +1299,117 @@ fn recovery_finishes_or_drops_intents() {
             .any(|l| matches!(l, Logged::Rename(..) | Logged::Remove(_))),
         "{log:?}"
     );
+}
+
+/// Whether an `Expired` or `Purged` event of `key` reached the frontend.
+fn told_gone(h: &Harness, key: ResumeKey) -> bool {
+    use libfilter::proto::Event;
+    h.events
+        .iter()
+        .any(|e| matches!(e, Event::Expired { key: k } | Event::Purged { key: k } if *k == key))
+}
+
+/// An expiry whose commit fails is undone whole: the handle is back as it
+/// was (disconnected, its locks held, its share mode enforced), its
+/// frontend was never told it expired, and its expiry is tried again —
+/// and told once that commit is durable.
+#[test]
+fn an_expiry_whose_commit_fails_is_undone_and_tried_again() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::READ));
+    h.commit(true);
+    let key = h.opened(id);
+    h.run(Request::Lock {
+        key,
+        locks: vec![LockOp {
+            range: LockRange {
+                offset: 0,
+                length: 10,
+            },
+            exclusive: true,
+            unlock: false,
+        }],
+        lock_sequence: None,
+        lock_owner: None,
+    });
+    h.run(Request::Detach { key });
+    h.commit(true);
+    let before = h.digest();
+    h.engine.expire_due(u64::MAX);
+    h.drain_replies();
+    assert!(!told_gone(&h, key), "told of an expiry not yet durable");
+    h.commit(false);
+    assert!(!told_gone(&h, key), "told of an expiry that failed");
+    assert_eq!(h.digest(), before, "the expiry is undone whole");
+    assert!(h.store.inner.lock().unwrap().handles.contains_key(&key));
+    // Its share mode still keeps a writer out.
+    let mut w = open("a", Rights::ALL);
+    if let Request::Open(o) = &mut w {
+        o.client = ClientId::new("bob").unwrap();
+        o.no_wait = true;
+    }
+    let id = h.run(w);
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::FileNotAvailable);
+    // Tried again later: it goes, and the frontend hears of it then.
+    h.engine.expire_due(u64::MAX);
+    h.commit(true);
+    assert!(!h.engine.handles.contains_key(&key));
+    assert!(!h.store.inner.lock().unwrap().handles.contains_key(&key));
+    assert!(h.engine.locks.is_empty());
+    assert!(told_gone(&h, key));
+}
+
+/// A disconnected durable handle purged by a persistent open whose commit
+/// fails is back: its descriptor, its share mode, and its delete on close,
+/// which had not happened (the file is still there) — and its frontend
+/// was not told. When the open commits, the purge is told and the file
+/// is removed only after that commit.
+#[test]
+fn a_purge_whose_commit_fails_is_undone() {
+    let mut h = Harness::new();
+    let durable = |share| {
+        let Request::Open(mut o) = open("c", share) else {
+            unreachable!()
+        };
+        o.durability = Durability::Durable { timeout_ms: 60_000 };
+        o.create_guid = None;
+        Request::Open(o)
+    };
+    let id = h.run(durable(Rights::READ.union(Rights::WRITE)));
+    h.commit(true);
+    let key = h.opened(id);
+    h.run(Request::SetDeleteOnClose {
+        key,
+        delete: true,
+        record: None,
+    });
+    h.run(Request::Detach { key });
+    h.commit(true);
+    let before = h.digest();
+    // A persistent open that does not share delete purges it.
+    let id = h.run(open("c", Rights::READ));
+    assert!(
+        h.fs.file("c").is_some(),
+        "unlinked before the purge commits"
+    );
+    assert!(!told_gone(&h, key), "told of a purge not yet durable");
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    assert!(!told_gone(&h, key), "told of a purge that failed");
+    assert_eq!(h.digest(), before, "the purge is undone whole");
+    // Again, committing: the purge is told, the file goes after the commit.
+    let id = h.run(open("c", Rights::READ));
+    h.commit(true);
+    h.opened(id);
+    assert!(told_gone(&h, key));
+    assert!(!h.engine.handles.contains_key(&key));
+    assert!(
+        h.fs.file("c").is_none(),
+        "the purged handle's delete on close"
+    );
+    let log = h.fs.take_log();
+    let unlink = pos(&log, |l| matches!(l, Logged::Remove(p) if p == "c"));
+    let first_commit = pos(&log, |l| matches!(l, Logged::Commit(_)));
+    assert!(first_commit < unlink, "{log:?}");
 }
