@@ -166,7 +166,7 @@ impl Batch {
                     self.file_seq.insert(f, seq);
                     t.files.insert(f);
                 }
-                if let IntentChange::TruncatingOpen { record } = &i.change {
+                if let IntentChange::TruncatingOpen { record, .. } = &i.change {
                     t.handles.insert(record.key);
                 }
             }
@@ -222,7 +222,7 @@ impl Batch {
 /// The file an intent's change is about, when the intent names it.
 fn intent_file(c: &IntentChange) -> Option<FileId> {
     match c {
-        IntentChange::TruncatingOpen { record } => Some(record.file),
+        IntentChange::TruncatingOpen { record, .. } => Some(record.file),
         IntentChange::Rename { file, .. } | IntentChange::Remove { file, .. } => Some(*file),
         IntentChange::SetSize { .. } => None,
     }

@@ -252,6 +252,9 @@ impl Engine {
             // protects the file.
             let change = IntentChange::TruncatingOpen {
                 record: Box::new(rec.clone()),
+                // The file before the truncate: recovery truncates again
+                // only if it still is.
+                before: self.fs.stamp(of.fd.as_fd()).ok(),
             };
             self.park_intent(conn, req_id, key, change, None);
         } else {

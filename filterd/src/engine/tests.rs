@@ -1413,3 +1413,117 @@ fn a_purge_whose_commit_fails_is_undone() {
     let first_commit = pos(&log, |l| matches!(l, Logged::Commit(_)));
     assert!(first_commit < unlink, "{log:?}");
 }
+
+/// F6′: recovery redoes an interrupted size change only over a file that
+/// is still as its intent's stamp says. a: the change happened, then a
+/// local write no gate saw extended the file — it stays. b: the change
+/// never happened — it is made. c: an intent from before stamps existed
+/// is redone as it always was.
+#[test]
+fn recovery_redoes_a_size_change_only_over_an_untouched_file() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    let kh_of = |path: &str| fs.handle_at(&RelPath::new(path).unwrap()).unwrap();
+    let set_size = |path: &str, stamped: bool| {
+        let before = stamped.then(|| super::memfs::stamp_of(&fs.file(path).unwrap()));
+        Intent {
+            id: IntentId(uuid::Uuid::new_v4()),
+            change: IntentChange::SetSize {
+                key: ResumeKey::new_random(),
+                kernel_handle: kh_of(path),
+                size: 4,
+                record: None,
+                before,
+            },
+            recorded_ms: 0,
+        }
+    };
+    let (a, b, c) = (
+        set_size("a", true),
+        set_size("b", true),
+        set_size("c", false),
+    );
+    for p in ["a", "c"] {
+        fs.set_size_by_handle(&kh_of(p), None, 4).unwrap();
+        fs.write(p, 8);
+    }
+    store
+        .commit(&[&[
+            StoreOp::PutIntent(Box::new(a)),
+            StoreOp::PutIntent(Box::new(b)),
+            StoreOp::PutIntent(Box::new(c)),
+        ]])
+        .unwrap();
+    let mut e = Engine::new(
+        config(),
+        Box::new(fs.clone()),
+        2,
+        Arc::new(Pipeline::default()),
+        store.clone(),
+        Arc::new(CommitCounters::default()),
+    );
+    e.recover(store.as_ref()).unwrap();
+    assert!(store.inner.lock().unwrap().intents.is_empty());
+    assert_eq!(
+        fs.file("a").unwrap().size,
+        8,
+        "the local write after the change is lost"
+    );
+    assert_eq!(
+        fs.file("b").unwrap().size,
+        4,
+        "the change that never happened is made"
+    );
+    assert_eq!(
+        fs.file("c").unwrap().size,
+        4,
+        "an unstamped intent is redone"
+    );
+}
+
+/// A size change or remove through a non-persistent handle of a file
+/// with persistent handles is bracketed by an intent like a persistent
+/// one's: recorded, then made, then completed.
+#[test]
+fn a_change_through_a_non_persistent_handle_of_a_persistent_file_is_bracketed() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!()
+    };
+    o.durability = Durability::None;
+    o.create_guid = None;
+    let id = h.run(Request::Open(o));
+    let key = h.opened(id);
+    h.fs.take_log();
+    let id = h.run(Request::SetEndOfFile {
+        key,
+        size: 3,
+        record: None,
+    });
+    assert!(
+        h.reply(id).is_none(),
+        "answered before its intent is durable"
+    );
+    h.commit(true);
+    assert!(matches!(h.reply(id), Some(Ok(_))));
+    let log = h.fs.take_log();
+    let intent = commit_with(&log, "PutIntent");
+    let change = pos(&log, |l| matches!(l, Logged::SetSize(p, 3) if p == "a"));
+    let done = commit_with(&log, "DeleteIntent");
+    assert!(intent < change && change < done, "{log:?}");
+    let id = h.run(Request::Remove {
+        path: RelPath::new("a").unwrap(),
+        record: None,
+    });
+    assert!(
+        h.reply(id).is_none(),
+        "answered before its intent is durable"
+    );
+    h.commit(true);
+    let log = h.fs.take_log();
+    let intent = commit_with(&log, "PutIntent");
+    let change = pos(&log, |l| matches!(l, Logged::Remove(p) if p == "a"));
+    assert!(intent < change, "{log:?}");
+}
