@@ -24,7 +24,8 @@ impl Engine {
         use crate::local::Verdict;
         // A step of its own: a purge it makes is settled by its own commit.
         self.begin_request();
-        let holders = self.holders_of(file);
+        let mut holders = self.holders_of(file);
+        holders.extend(self.pending_removed_holders(file));
         if holders.is_empty() && self.lingers(file) {
             // Its last handle closed a moment ago: still remembered.
             let frontends = self.frontend_pids();

@@ -1527,3 +1527,43 @@ fn a_change_through_a_non_persistent_handle_of_a_persistent_file_is_bracketed() 
     let change = pos(&log, |l| matches!(l, Logged::Remove(p) if p == "a"));
     assert!(intent < change, "{log:?}");
 }
+
+/// A local open while an expiry's commit is pending is decided as if the
+/// handle were still there (it may come back): refused by its share mode,
+/// and allowed once the expiry is durable.
+#[test]
+fn a_local_open_during_a_pending_expiry_still_meets_its_share_mode() {
+    use crate::command::Verdict;
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::NONE));
+    h.commit(true);
+    let key = h.opened(id);
+    let file = h.engine.handles[&key].rec.file;
+    h.run(Request::Detach { key });
+    h.commit(true);
+    let local_open = |h: &mut Harness| {
+        let got = Arc::new(Mutex::new(None));
+        let sink = got.clone();
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        h.engine.on_local_open(
+            file,
+            0,
+            fd,
+            LocalReply(Box::new(move |v| *sink.lock().unwrap() = Some(v))),
+        );
+        let v = *got.lock().unwrap();
+        v
+    };
+    assert_eq!(local_open(&mut h), Some(Verdict::Deny));
+    h.engine.expire_due(u64::MAX);
+    assert_eq!(
+        local_open(&mut h),
+        Some(Verdict::Deny),
+        "a local open got past a handle whose expiry is not durable"
+    );
+    h.commit(false);
+    assert!(h.engine.handles.contains_key(&key));
+    h.engine.expire_due(u64::MAX);
+    h.commit(true);
+    assert_eq!(local_open(&mut h), Some(Verdict::Allow));
+}
