@@ -51,8 +51,10 @@ const MAX_GATHER: Duration = Duration::from_millis(1);
 pub struct Deferred {
     /// Where it goes.
     pub writer: Arc<ConnWriter>,
-    /// The request id (to turn it into an error if the commit fails).
-    pub id: u64,
+    /// The request id (to turn it into an error if the commit fails);
+    /// none for an event, which is dropped then (what it announced did
+    /// not happen).
+    pub id: Option<u64>,
     /// The encoded success frame.
     pub bytes: Vec<u8>,
     /// A descriptor to pass along (a dup, closed after sending).
@@ -66,8 +68,11 @@ impl Deferred {
     }
 
     pub(crate) fn fail(&self, code: ErrorCode, message: &str) {
+        let Some(id) = self.id else {
+            return;
+        };
         let frame = ServerFrame::Reply {
-            id: Some(self.id),
+            id: Some(id),
             result: Err(WireError::new(
                 code,
                 format!("state store commit failed: {message}"),
@@ -324,8 +329,14 @@ pub fn run(
         let started = Instant::now();
         let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
         let n_ops: usize = batches.iter().map(|b| b.len()).sum();
-        failpoint::hit("commit.before");
-        let result = sync_all(&sync, &counters).and_then(|()| store.commit(&batches).map(|_| ()));
+        let injected = failpoint::fails("commit.before");
+        let result = if injected {
+            Err(StoreError::from(heed::Error::Io(std::io::Error::other(
+                "failpoint commit.before: failing on purpose",
+            ))))
+        } else {
+            sync_all(&sync, &counters).and_then(|()| store.commit(&batches).map(|_| ()))
+        };
         drop(batches);
         drop(sync);
         let (failed, error) = match result {
@@ -333,6 +344,8 @@ pub fn run(
             // One request that cannot fit (or fails for any reason) fails
             // alone: each group is tried on its own, in order; a group that
             // builds on a failed one fails with it.
+            // An injected failure fails every group of the commit.
+            Err(e) if injected => (groups.iter().map(|g| g.seq).collect(), Some(e)),
             Err(e) => {
                 fenced(&e);
                 (retry_alone(store.as_ref(), &groups), Some(e))

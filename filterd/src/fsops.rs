@@ -538,6 +538,35 @@ pub fn set_size_by_handle(
     Ok(fd)
 }
 
+/// Recovery's redo of a size change ([`crate::engine::fs::Fs::set_size_unless_changed`]).
+pub fn set_size_unless_changed(
+    root: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+    path: Option<&RelPath>,
+    size: u64,
+    before: Option<&libfilter::model::FileStamp>,
+) -> io::Result<Option<OwnedFd>> {
+    let fd = open_by_handle_or_path(root, h, path, libc::O_WRONLY)?;
+    if let Some(b) = before {
+        if stamp(fd.as_fd())? != *b {
+            return Ok(None);
+        }
+    }
+    let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    nix::unistd::ftruncate(fd.as_fd(), len).map_err(io::Error::from)?;
+    Ok(Some(fd))
+}
+
+/// The stamp (size, mtime, ctime) of the file behind `fd`.
+pub fn stamp(fd: BorrowedFd<'_>) -> io::Result<libfilter::model::FileStamp> {
+    let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
+    Ok(libfilter::model::FileStamp {
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        mtime: (st.st_mtime, st.st_mtime_nsec),
+        ctime: (st.st_ctime, st.st_ctime_nsec),
+    })
+}
+
 /// Truncates the file `expect` names at `path` to zero. Opens a separate
 /// write descriptor (the client's may be read-only) and checks it is the same
 /// file, so a rename racing in between cannot truncate another file.

@@ -763,8 +763,9 @@ pub enum IntentChange {
         kernel_handle: Option<KernelHandle>,
     },
     /// Set the size of handle `key`'s file (truncate or extend). Recovery
-    /// sets it again (idempotent: nobody is served before recovery ends)
-    /// and records the reply.
+    /// sets it again only if the file is still as `before` says (else the
+    /// change happened, and writes may have come after it), and records the
+    /// reply.
     SetSize {
         /// The handle.
         key: ResumeKey,
@@ -774,6 +775,10 @@ pub enum IntentChange {
         size: u64,
         /// The reply to record on success.
         record: Option<RecordSpec>,
+        /// The file before the change (none in intents recorded before
+        /// stamps existed: recovery then redoes the change as it did).
+        #[serde(default)]
+        before: Option<FileStamp>,
     },
     /// Remove the file at `path`. Recovery: if `path` no longer names the
     /// file, it happened (the reply is recorded); else it did not — and a
@@ -796,12 +801,31 @@ pub enum IntentChange {
     },
     /// A persistent open that overwrites or supersedes: the file (named by
     /// the record's kernel handle) is truncated, then the record installed.
-    /// Recovery truncates again (idempotent: nobody else is served before
-    /// recovery ends) and installs the record, disconnected.
+    /// Recovery truncates again only if the file is still as `before` says
+    /// (else the truncate happened, and writes may have come after it), and
+    /// installs the record, disconnected.
     TruncatingOpen {
         /// The handle record to install.
         record: Box<HandleRecord>,
+        /// The file before the truncate (none in older intents: recovery
+        /// then truncates again as it did).
+        #[serde(default)]
+        before: Option<FileStamp>,
     },
+}
+
+/// What a file looked like at one moment — size, modification and change
+/// times — to tell at recovery whether anything touched it since: every
+/// write and size change moves its ctime (and a truncate its size), so a
+/// file that still matches was not changed since the stamp was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, seconds and nanoseconds.
+    pub mtime: (i64, i64),
+    /// Status change time, seconds and nanoseconds.
+    pub ctime: (i64, i64),
 }
 
 /// Current wall-clock time in Unix milliseconds. Persisted times use the wall
@@ -816,6 +840,37 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A size-change intent stored before stamps existed still decodes
+    /// (recovery then redoes it as it did); a stamped one round-trips.
+    #[test]
+    fn size_change_intents_without_a_stamp_decode() {
+        let old = r#"{"kind":"set_size","key":"00000000-0000-0000-0000-000000000001","kernel_handle":{"handle_type":1,"bytes":"0102"},"size":10,"record":null}"#;
+        let IntentChange::SetSize {
+            before,
+            size,
+            kernel_handle,
+            ..
+        } = serde_json::from_str::<IntentChange>(old).unwrap()
+        else {
+            panic!("not a size change");
+        };
+        assert_eq!((before, size), (None, 10));
+        let stamped = IntentChange::SetSize {
+            key: ResumeKey(uuid::Uuid::nil()),
+            kernel_handle,
+            size: 10,
+            record: None,
+            before: Some(FileStamp {
+                size: 54,
+                mtime: (1, 2),
+                ctime: (3, 4),
+            }),
+        };
+        let back: IntentChange =
+            serde_json::from_str(&serde_json::to_string(&stamped).unwrap()).unwrap();
+        assert_eq!(back, stamped);
+    }
 
     #[test]
     fn relpath_refuses_escapes() {

@@ -293,3 +293,85 @@ fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
         drop(shim);
     }
 }
+
+/// F6′: a size change is made, then a local process writes the file (no
+/// gate sees a local write), then filterd dies before the change's
+/// completion commits. Recovery must not truncate again over the local
+/// write: the file is as the local writer left it. For an end-of-file
+/// change (SET_INFO, recorded reply) and an overwriting persistent open.
+#[test]
+fn a_local_write_after_a_size_change_survives_its_recovery() {
+    use std::os::unix::fs::FileExt;
+    for case in ["end_of_file", "overwrite"] {
+        let s = Scratch::new("cm-eof-local");
+        std::fs::write(s.root().join("f"), [b'x'; 100]).unwrap();
+        // The local writer has the file open from before (an open is
+        // mediated; its writes are not).
+        let local = std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.root().join("f"))
+            .unwrap();
+        let mut d = Filterd::start(
+            &s,
+            &[],
+            &[("RKFILTER_FAILPOINTS", "intent.after_fs:1:sleep20000")],
+        );
+        let fe = std::sync::Arc::new(frontend(&s));
+        let guid = CreateGuid(uuid::Uuid::new_v4());
+        let mut open = req("f", guid);
+        open.share = Rights::ALL;
+        let (size, bg) = match case {
+            "end_of_file" => {
+                let key = fe.open(open).unwrap().info.key;
+                let fe = fe.clone();
+                let record = RecordSpec {
+                    scope: ReplayScope::Handle(key),
+                    op_id: 2,
+                    reply: "done".into(),
+                    keep: 8,
+                };
+                (
+                    10,
+                    std::thread::spawn(move || fe.set_end_of_file(key, 10, Some(record)).is_ok()),
+                )
+            }
+            _ => {
+                open.disposition = Disposition::Overwrite;
+                let fe = fe.clone();
+                (0, std::thread::spawn(move || fe.open(open).is_ok()))
+            }
+        };
+        d.wait_log(
+            "failpoint intent.after_fs: stalling",
+            Duration::from_secs(20),
+        );
+        assert_eq!(
+            std::fs::metadata(s.root().join("f")).unwrap().len(),
+            size,
+            "{case}: the change is made"
+        );
+        local.write_all_at(b"DATA", 50).unwrap();
+        d.kill9();
+        assert!(
+            !bg.join().unwrap(),
+            "{case}: answered before its completion"
+        );
+        let _d = Filterd::start(&s, &[], &[]);
+        let content = std::fs::read(s.root().join("f")).unwrap();
+        assert_eq!(
+            content.get(50..54),
+            Some(&b"DATA"[..]),
+            "{case}: recovery truncated over the local write ({} bytes)",
+            content.len()
+        );
+        assert_eq!(content.len(), 54, "{case}");
+        assert!(
+            _d.log_text()
+                .contains("had happened (the file changed since)"),
+            "{case}: recovery says why it did not redo the change"
+        );
+        drop(fe);
+        drop(_d);
+        store_is_clean(&s);
+    }
+}

@@ -443,3 +443,60 @@ fn a_request_that_cannot_fit_fails_alone() {
         .unwrap();
     assert_eq!(held.len(), 1, "{held:?}");
 }
+
+/// F4′: a timer expiry whose commit fails (`commit.before:3:fail`: the
+/// open is commit 1, its detach 2, the expiry 3) is undone whole and shown
+/// to nobody: the frontend is not told the handle expired, the handle is
+/// still listed and still in the store, its share mode still keeps a
+/// writer out. Tried again later, the expiry commits and only then is the
+/// frontend told.
+#[test]
+fn an_expiry_whose_commit_fails_is_not_seen_and_is_tried_again() {
+    let s = Scratch::new("dur-expiryfail");
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:3:fail")]);
+    let fe = frontend(&s, "smb-a");
+    let mut req = open_req(
+        "f",
+        Durability::Persistent { timeout_ms: 1500 },
+        Some(CreateGuid(uuid::Uuid::new_v4())),
+    );
+    req.share = Rights::READ;
+    let key = fe.open(req).unwrap().info.key;
+    fe.detach(key).unwrap();
+    d.wait_log("whose commit failed is undone", Duration::from_secs(20));
+    // A round trip on the frontend's connection: an event sent before it
+    // has been received by now.
+    fe.stats().unwrap();
+    let told: Vec<_> = fe.events().try_iter().collect();
+    assert!(
+        !told
+            .iter()
+            .any(|e| matches!(e, libfilter::proto::Event::Expired { key: k } if *k == key)),
+        "the frontend was told of an expiry whose commit failed: {told:?}"
+    );
+    // Back, and enforced (the retry comes EXPIRY_RETRY_MS = 5 s later).
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    assert!(
+        ctl.handles().unwrap().iter().any(|h| h.record.key == key),
+        "the handle whose expiry failed is gone from memory"
+    );
+    let other = frontend(&s, "smb-b");
+    let mut w = open_req("f", Durability::None, None);
+    w.client = ClientId::new("bob").unwrap();
+    let e = other
+        .open(w)
+        .expect_err("a writer got past the handle whose expiry failed");
+    assert_eq!(e.code(), Some(ErrorCode::FileNotAvailable), "{e}");
+    // Tried again: it goes, and the frontend hears of it.
+    wait_for("the expiry to be retried", Duration::from_secs(30), || {
+        (!ctl.handles().unwrap().iter().any(|h| h.record.key == key)).then_some(())
+    });
+    let ev = fe
+        .events()
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the Expired event once the expiry is durable");
+    assert!(
+        matches!(ev, libfilter::proto::Event::Expired { key: k } if k == key),
+        "{ev:?}"
+    );
+}

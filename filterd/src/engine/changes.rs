@@ -93,7 +93,8 @@ impl Engine {
             record,
             kernel_handle,
         };
-        self.run_change(conn, req_id, key, change, persistent)
+        let bracketed = persistent || self.has_persistent_handles(file);
+        self.run_change(conn, req_id, key, change, bracketed)
     }
 
     /// Truncates or extends the file of an attached handle.
@@ -128,7 +129,12 @@ impl Engine {
                 "this filesystem has no file handles",
             ));
         };
-        let (persistent, file) = (h.rec.durability.is_persistent(), h.rec.file);
+        let persistent = h.rec.durability.is_persistent();
+        let file = h.rec.file;
+        // The file as it is before the change: recovery redoes the change
+        // only if it still is (else writes no gate saw may have come after
+        // the change).
+        let before = h.fd.as_ref().and_then(|f| fs.stamp(f.as_fd()).ok());
         let record = record
             .map(|r| self.own_record(conn, protocol, r))
             .transpose()?;
@@ -147,8 +153,10 @@ impl Engine {
             kernel_handle,
             size,
             record,
+            before,
         };
-        self.run_change(conn, req_id, key, change, persistent)
+        let bracketed = persistent || self.has_persistent_handles(file);
+        self.run_change(conn, req_id, key, change, bracketed)
     }
 
     /// Removes a file by path (NFS-like REMOVE; delete on close).
@@ -194,11 +202,33 @@ impl Engine {
             kernel_handle,
             on_close: false,
         };
-        self.run_change(conn, req_id, ResumeKey(uuid::Uuid::nil()), change, false)
+        // Persistent handles of the file must find its removal bracketed
+        // after a crash, whoever removed it.
+        let bracketed = self.has_persistent_handles(file);
+        self.run_change(
+            conn,
+            req_id,
+            ResumeKey(uuid::Uuid::nil()),
+            change,
+            bracketed,
+        )
     }
 
-    /// Performs a rename or remove: bracketed by an intent (parked until it
-    /// is durable) when it must survive a crash, else at once.
+    /// Whether any handle of `file` is persistent: a change of the file
+    /// is then bracketed by an intent whatever handle makes it.
+    pub(super) fn has_persistent_handles(&self, file: FileId) -> bool {
+        self.by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .any(|h| h.rec.durability.is_persistent())
+    }
+
+    /// Performs a rename, remove or size change: bracketed by an intent
+    /// (parked until it is durable) when it must survive a crash — the
+    /// file has persistent handles (`persistent`), or the reply is
+    /// recorded — else at once.
     pub(super) fn run_change(
         &mut self,
         conn: ConnId,
@@ -253,7 +283,7 @@ impl Engine {
         then: Option<IntentChange>,
     ) {
         let content = match &change {
-            IntentChange::TruncatingOpen { record } => Some(record.file),
+            IntentChange::TruncatingOpen { record, .. } => Some(record.file),
             IntentChange::SetSize { key, .. } => self.handles.get(key).map(|h| h.rec.file),
             IntentChange::Rename { .. } | IntentChange::Remove { .. } => None,
         };
@@ -382,6 +412,7 @@ impl Engine {
                 kernel_handle,
                 size,
                 record,
+                ..
             } => {
                 let path = self.handles.get(key).map(|h| &h.rec.path);
                 let done = fs

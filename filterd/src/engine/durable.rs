@@ -31,13 +31,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
 
 use libfilter::locks::{Lock, LockTable};
-use libfilter::model::{ConnState, FileId, HandleRecord, IntentChange, ReplayScope, ResumeKey};
-use libfilter::proto::{ErrorCode, ServerFrame};
+use libfilter::model::{
+    ConnState, FileId, HandleRecord, InstanceName, IntentChange, ReplayScope, ResumeKey,
+};
+use libfilter::proto::{ErrorCode, Event, ServerFrame};
 use libfilter::store::StoreOp;
 use tracing::{debug, error, warn};
 
 use super::{err, Engine, Handle};
 use crate::committer::{CommitJob, Group};
+
+/// How long after an expiry whose commit failed it is tried again.
+pub(super) const EXPIRY_RETRY_MS: u64 = 5_000;
 
 /// An in-memory effect to undo if the commit a request waited for fails.
 pub(super) enum Undo {
@@ -45,9 +50,28 @@ pub(super) enum Undo {
     Drop(ResumeKey),
     /// A non-persistent handle's record before the request changed it.
     Record(Box<HandleRecord>),
-    /// A persistent handle closed (or expired, or purged) whose deletion
-    /// has not committed: kept whole — descriptor, attachment — to put back.
+    /// A handle closed, expired or purged whose removal has not committed
+    /// (a persistent handle's deletion; the commit the request that purged
+    /// a non-persistent one waited for): kept whole — descriptor, locks'
+    /// descriptor, attachment — to put back.
     Reinsert(Box<Handle>),
+}
+
+/// A handle an expiry or purge removed in the request being run
+/// (`Engine::settle_removals` decides what becomes of it when the request
+/// ends).
+pub(super) struct Removal {
+    /// The frontend instance to tell.
+    pub(super) frontend: InstanceName,
+    /// What to tell it (`Expired`, `Purged`).
+    pub(super) event: Event,
+    /// A non-persistent handle, kept whole until the request's commit is
+    /// known (a persistent one is kept by its deletion's group).
+    pub(super) kept: Option<Box<Handle>>,
+    /// Its removal left its file without locks.
+    pub(super) locks_emptied: bool,
+    /// It was its file's last open then (its delete on close unlinks).
+    pub(super) last_of_file: bool,
 }
 
 /// What one pending sequence changed, and what it built on.
@@ -148,7 +172,7 @@ impl Batch {
                     self.file_seq.insert(f, seq);
                     t.files.insert(f);
                 }
-                if let IntentChange::TruncatingOpen { record } = &i.change {
+                if let IntentChange::TruncatingOpen { record, .. } = &i.change {
                     t.handles.insert(record.key);
                 }
             }
@@ -204,7 +228,7 @@ impl Batch {
 /// The file an intent's change is about, when the intent names it.
 fn intent_file(c: &IntentChange) -> Option<FileId> {
     match c {
-        IntentChange::TruncatingOpen { record } => Some(record.file),
+        IntentChange::TruncatingOpen { record, .. } => Some(record.file),
         IntentChange::Rename { file, .. } | IntentChange::Remove { file, .. } => Some(*file),
         IntentChange::SetSize { .. } => None,
     }
@@ -214,9 +238,129 @@ impl Engine {
     /// Starts a request (or an internal step that changes state): it gets
     /// a group of its own and depends on nothing yet.
     pub(super) fn begin_request(&mut self) {
-        self.batch.close_group();
+        self.end_request();
         self.batch.dep = 0;
         self.batch.committed = self.pipe.committed();
+    }
+
+    /// Ends the request being run: settles the handles it expired or
+    /// purged, then closes its group.
+    fn end_request(&mut self) {
+        self.settle_removals();
+        self.batch.close_group();
+    }
+
+    /// Settles what the request's expiries and purges did, by the commit
+    /// its reply waits for: when that commit is pending, a removed
+    /// non-persistent handle is kept whole to put back if it fails, its
+    /// delete on close becomes an unlink made only once it is durable, and
+    /// the frontend's `Expired`/`Purged` event goes out only then (never,
+    /// if it fails). With nothing pending all of it happens at once.
+    fn settle_removals(&mut self) {
+        if self.removals.is_empty() {
+            return;
+        }
+        let removals = std::mem::take(&mut self.removals);
+        let pending = self.batch.dep > self.pipe.committed();
+        let mut kept = Vec::new();
+        for r in &removals {
+            match &r.kept {
+                Some(h) if h.rec.delete_on_close && r.last_of_file => {
+                    if pending {
+                        self.park_unlink(h);
+                    } else {
+                        self.unlink_on_close(h);
+                    }
+                }
+                Some(h) if h.rec.delete_on_close => self.delete_pending(h),
+                _ => {}
+            }
+        }
+        // After the unlinks' intents: the reply (and what is undone) waits
+        // for them too.
+        let dep = self.batch.dep;
+        for r in removals {
+            if let Some(h) = r.kept {
+                if r.locks_emptied {
+                    self.locks_gone_after(dep, h.rec.file);
+                }
+                if pending {
+                    kept.push(Undo::Reinsert(h));
+                }
+            }
+            self.notify_after(dep, &r.frontend, r.event);
+        }
+        if pending {
+            self.batch.pending.entry(dep).or_default().undo.extend(kept);
+        }
+    }
+
+    /// The holders of `file` whose removal (close, expiry, purge) has not
+    /// committed. A local open is decided as if they were still there: it
+    /// cannot wait for the commit, and the removal may fail and put them
+    /// back — so it never lets in a local open they would refuse, nor
+    /// leaves the file with an ignore mark while they may come back.
+    pub(super) fn pending_removed_holders(
+        &self,
+        file: FileId,
+    ) -> Vec<libfilter::share::Holder<ResumeKey>> {
+        self.batch
+            .pending
+            .values()
+            .flat_map(|t| t.undo.iter())
+            .filter_map(|u| match u {
+                Undo::Reinsert(h) if h.rec.file == file => Some(libfilter::share::Holder {
+                    key: h.rec.key,
+                    mode: libfilter::share::ShareMode {
+                        access: h.rec.access.rights(),
+                        share: h.rec.share,
+                    },
+                    state: super::holder_state(h),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Sends `ev` to frontend `instance` once sequence `dep` is durable
+    /// (dropped if its commit fails: what it announces did not happen).
+    pub(super) fn notify_after(&mut self, dep: u64, instance: &InstanceName, ev: Event) {
+        let Some(writer) = self
+            .instances
+            .get(instance)
+            .and_then(|c| self.conns.get(c))
+            .map(|c| c.writer.clone())
+        else {
+            return;
+        };
+        let frame = ServerFrame::Event(ev);
+        if dep <= self.pipe.committed() {
+            writer.send_frame(&frame, None);
+            return;
+        }
+        match libfilter::proto::encode(&frame) {
+            Ok(bytes) => self.pipe.reply_after(
+                dep,
+                crate::committer::Deferred {
+                    writer,
+                    id: None,
+                    bytes,
+                    fd: None,
+                },
+            ),
+            Err(e) => error!(error = %e, "cannot encode an event"),
+        }
+    }
+
+    /// The last lock of `file` went away in sequence `seq`: frontends go
+    /// back to unchecked I/O once it is durable (and only if the file has
+    /// no locks then: a failed commit puts them back).
+    pub(super) fn locks_gone_after(&mut self, seq: u64, file: FileId) {
+        if seq > self.pipe.committed() {
+            self.gone_after.push((seq, file));
+        } else {
+            self.locks_gone(file);
+        }
     }
 
     /// The current group finishes a change whose intent is durable: it must
@@ -302,7 +446,7 @@ impl Engine {
             dep,
             crate::committer::Deferred {
                 writer: writer.clone(),
-                id,
+                id: Some(id),
                 bytes,
                 fd,
             },
@@ -312,7 +456,7 @@ impl Engine {
     /// Hands the round's groups to the committer and forgets the
     /// bookkeeping of sequences that are durable now.
     pub(super) fn flush(&mut self) {
-        self.batch.close_group();
+        self.end_request();
         let committed = self.pipe.committed();
         self.batch.committed = committed;
         let durable: Vec<u64> = self
@@ -372,7 +516,7 @@ impl Engine {
         code: ErrorCode,
         message: &str,
     ) {
-        self.batch.close_group();
+        self.end_request();
         let mut abandoned: BTreeSet<u64> = failed.iter().copied().collect();
         // Pending groups after the failed commit: abandoned when they build
         // on an abandoned group, or touch what one touched (its state is
@@ -430,9 +574,11 @@ impl Engine {
         // In-memory effects first, newest first.
         let mut undone = undone;
         let mut created = Vec::new();
+        let mut reinserted = Vec::new();
         for t in undone.iter_mut().rev() {
             for u in std::mem::take(&mut t.undo).into_iter().rev() {
                 if let Undo::Reinsert(h) = u {
+                    reinserted.push(h.rec.file);
                     self.reinsert(*h);
                     continue;
                 }
@@ -455,7 +601,7 @@ impl Engine {
         }
         let mut handles = BTreeSet::new();
         let mut scopes = BTreeSet::new();
-        let mut files = BTreeSet::new();
+        let mut files: BTreeSet<FileId> = reinserted.into_iter().collect();
         for t in &undone {
             handles.extend(t.handles.iter().copied());
             scopes.extend(t.scopes.iter().cloned());
@@ -618,7 +764,21 @@ impl Engine {
                     x.handles.insert(key);
                 }
             }
-            _ => {
+            None => {
+                // Disconnected or lost, as it was (an expiry or purge that
+                // did not commit): its expiry is tried again, at its
+                // deadline and not before EXPIRY_RETRY_MS from now.
+                let mono = super::mono_ms();
+                let due = match h.rec.conn {
+                    ConnState::Disconnected { expires_ms, .. } => {
+                        mono + expires_ms.saturating_sub(libfilter::model::now_ms())
+                    }
+                    ConnState::Lost | ConnState::Connected => mono,
+                };
+                let retry = due.max(mono + EXPIRY_RETRY_MS);
+                self.expiries.push(std::cmp::Reverse((retry, key, h.gen)));
+            }
+            Some(_) => {
                 h.conn = None;
                 let now = libfilter::model::now_ms();
                 let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
@@ -631,7 +791,7 @@ impl Engine {
                     .push(std::cmp::Reverse((super::mono_ms() + timeout, key, h.gen)));
             }
         }
-        warn!(resume_key = %key, "a close whose commit failed is undone");
+        warn!(resume_key = %key, "a close, expiry or purge whose commit failed is undone");
         self.insert(h);
     }
 
@@ -645,6 +805,15 @@ impl Engine {
                 return None;
             }
         };
+        // A non-persistent handle is not the store's: what a failed commit
+        // changed of it is undone by its `Undo` entries.
+        if self
+            .handles
+            .get(&key)
+            .is_some_and(|h| !h.rec.durability.is_persistent())
+        {
+            return None;
+        }
         match (stored, self.handles.contains_key(&key)) {
             (None, true) => {
                 warn!(resume_key = %key, "rolled back an open whose commit failed");
@@ -754,6 +923,9 @@ impl Engine {
             }
         } else {
             self.locks.insert(file, table);
+            // Frontends told the file had no locks (or not told it had) are
+            // told now.
+            self.locks_present(file);
         }
         for k in keys {
             let held = self

@@ -4,25 +4,22 @@
 use super::*;
 
 impl Engine {
-    pub(super) fn notify_instance(&self, instance: &InstanceName, ev: Event) {
-        if let Some(c) = self.instances.get(instance).and_then(|c| self.conns.get(c)) {
-            c.writer.send_frame(&ServerFrame::Event(ev), None);
-        }
-    }
-
+    /// Expires a disconnected or lost handle. Its frontend hears of it once
+    /// the deletion is durable; if that commit fails the handle is back and
+    /// its expiry is tried again (`durable::EXPIRY_RETRY_MS`).
     pub(super) fn expire(&mut self, key: ResumeKey) {
-        if let Some(rec) = self.remove(key) {
+        if let Some(rec) = self.remove_as(key, Some(Event::Expired { key })) {
             self.stats.expiries += 1;
             info!(resume_key = %key, path = %rec.path, "handle expired");
-            self.notify_instance(&rec.frontend, Event::Expired { key });
         }
     }
 
+    /// Purges a disconnected durable handle in the way of the request being
+    /// run: undone if that request's commit fails (`settle_removals`).
     pub(super) fn purge(&mut self, key: ResumeKey) {
-        if let Some(rec) = self.remove(key) {
+        if let Some(rec) = self.remove_as(key, Some(Event::Purged { key })) {
             self.stats.purges += 1;
             info!(resume_key = %key, path = %rec.path, "disconnected durable handle purged by a conflicting open");
-            self.notify_instance(&rec.frontend, Event::Purged { key });
         }
     }
 
@@ -133,6 +130,8 @@ impl Engine {
                     && matches!(h.rec.conn, ConnState::Disconnected { .. } | ConnState::Lost)
             });
             if due {
+                // Each expiry commits (or fails) by itself.
+                self.begin_request();
                 self.expire(key);
             }
         }

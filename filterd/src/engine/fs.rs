@@ -19,7 +19,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use libfilter::model::{Access, Disposition, FileId, HeldLock, KernelHandle, RelPath};
+use libfilter::model::{Access, Disposition, FileId, FileStamp, HeldLock, KernelHandle, RelPath};
 use libfilter::proto::WireError;
 
 use crate::fsops::{self, OpenedFile};
@@ -55,6 +55,21 @@ pub trait Fs: Send {
         path: Option<&RelPath>,
         size: u64,
     ) -> io::Result<OwnedFd>;
+
+    /// Recovery's redo of a size change: sets the size of the file of
+    /// kernel handle `kh` only if it still matches `before` (none: always).
+    /// `Ok(None)`: it does not (the change happened, perhaps with writes
+    /// after it) and nothing was done; else the descriptor to fsync.
+    fn set_size_unless_changed(
+        &self,
+        kh: &KernelHandle,
+        path: Option<&RelPath>,
+        size: u64,
+        before: Option<&FileStamp>,
+    ) -> io::Result<Option<OwnedFd>>;
+
+    /// The stamp of the file behind a descriptor this port gave.
+    fn stamp(&self, fd: BorrowedFd<'_>) -> io::Result<FileStamp>;
 
     /// Reopens the file of kernel handle `kh` (proven beneath the root) for
     /// `access`: its descriptor, identity and size.
@@ -204,6 +219,20 @@ impl Fs for HostFs {
 
     fn stat(&self, fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)> {
         fsops::stat(fd)
+    }
+
+    fn set_size_unless_changed(
+        &self,
+        kh: &KernelHandle,
+        path: Option<&RelPath>,
+        size: u64,
+        before: Option<&FileStamp>,
+    ) -> io::Result<Option<OwnedFd>> {
+        fsops::set_size_unless_changed(self.root(), kh, path, size, before)
+    }
+
+    fn stamp(&self, fd: BorrowedFd<'_>) -> io::Result<FileStamp> {
+        fsops::stamp(fd)
     }
 
     fn file_handle_of(&self, fd: BorrowedFd<'_>) -> io::Result<KernelHandle> {

@@ -22,6 +22,8 @@ impl Engine {
     /// caching leases are broken first, the open waiting for the acks.
     pub(super) fn on_local_open(&mut self, file: FileId, pid: i32, fd: OwnedFd, reply: LocalReply) {
         use crate::local::Verdict;
+        // A step of its own: a purge it makes is settled by its own commit.
+        self.begin_request();
         if let Some(seq) = self.create_pending(file) {
             // A persistent create whose commit is pending (its handle
             // may be closed already): if it fails, the rollback unlinks
@@ -35,7 +37,8 @@ impl Engine {
             self.wait_for_commit(seq, file);
             return;
         }
-        let holders = self.holders_of(file);
+        let mut holders = self.holders_of(file);
+        holders.extend(self.pending_removed_holders(file));
         if holders.is_empty() && self.lingers(file) {
             // Its last handle closed a moment ago: still remembered.
             let frontends = self.frontend_pids();

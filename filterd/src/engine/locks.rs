@@ -384,7 +384,9 @@ impl Engine {
             }
         } else {
             self.locks.remove(&file);
-            self.locks_gone(file);
+            // Once the unlock is durable: if it fails, the lock is back.
+            let dep = self.request_dependency();
+            self.locks_gone_after(dep, file);
         }
         result.map(|()| Reply::Done)
     }

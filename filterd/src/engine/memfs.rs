@@ -46,6 +46,8 @@ pub(super) struct MemFile {
     pub ino: u64,
     pub gen: u32,
     pub size: u64,
+    /// Its change time: bumped by every write and size change.
+    pub ctime: u64,
     pub marker: Option<Vec<u8>>,
     /// Still has a name (unlinked files live on while a descriptor or a
     /// kernel handle could reach them).
@@ -136,6 +138,21 @@ impl MemFs {
         st.names.insert(path.to_owned(), obj);
     }
 
+    /// A local process writes `path` up to `size` bytes (no gate sees
+    /// it; nothing is logged).
+    pub(super) fn write(&self, path: &str, size: u64) {
+        let mut st = self.st();
+        if let Some(f) = st
+            .names
+            .get(path)
+            .copied()
+            .and_then(|o| st.objs.get_mut(&o))
+        {
+            f.size = f.size.max(size);
+            f.ctime += 1;
+        }
+    }
+
     /// Adds a directory.
     pub(super) fn mkdir(&self, path: &str) {
         self.st().dirs.insert(path.to_owned());
@@ -194,6 +211,16 @@ impl MemFs {
             .and_then(|i| st.descs.get(&i))
             .map(|d| d.locks.clone())
             .unwrap_or_default()
+    }
+}
+
+/// A fake file's stamp: its change counter stands for both times.
+pub(super) fn stamp_of(f: &MemFile) -> libfilter::model::FileStamp {
+    let t = (i64::try_from(f.ctime).unwrap_or(i64::MAX), 0);
+    libfilter::model::FileStamp {
+        size: f.size,
+        mtime: t,
+        ctime: t,
     }
 }
 
@@ -264,6 +291,7 @@ impl State {
                 ino,
                 gen,
                 size: 0,
+                ctime: 0,
                 marker: marker.map(<[u8]>::to_vec),
                 linked: true,
             },
@@ -418,7 +446,10 @@ impl Fs for MemFs {
             return Err(st.map_errno(&errno(libc::ENOENT), path));
         };
         match st.objs.get_mut(&obj) {
-            Some(f) if id(f) == expect => f.size = 0,
+            Some(f) if id(f) == expect => {
+                f.size = 0;
+                f.ctime += 1;
+            }
             _ => {
                 return Err(WireError::new(
                     ErrorCode::FileNotAvailable,
@@ -445,6 +476,7 @@ impl Fs for MemFs {
         let obj = st.obj_of_handle(kh)?;
         if let Some(f) = st.objs.get_mut(&obj) {
             f.size = size;
+            f.ctime += 1;
         }
         let path = st.path_of(obj);
         st.log.push(if size == 0 {
@@ -478,6 +510,32 @@ impl Fs for MemFs {
         st.check("reopen")?;
         let obj = st.obj_of_handle(kh)?;
         st.file_desc(obj)
+    }
+
+    fn set_size_unless_changed(
+        &self,
+        kh: &KernelHandle,
+        path: Option<&RelPath>,
+        size: u64,
+        before: Option<&libfilter::model::FileStamp>,
+    ) -> io::Result<Option<OwnedFd>> {
+        if let Some(b) = before {
+            let obj = self.st().obj_of_handle(kh)?;
+            let now = self.st().objs.get(&obj).map(stamp_of);
+            if now.as_ref() != Some(b) {
+                return Ok(None);
+            }
+        }
+        self.set_size_by_handle(kh, path, size).map(Some)
+    }
+
+    fn stamp(&self, fd: BorrowedFd<'_>) -> io::Result<libfilter::model::FileStamp> {
+        let st = self.st();
+        let obj = st.obj_of_fd(fd)?;
+        st.objs
+            .get(&obj)
+            .map(stamp_of)
+            .ok_or_else(|| errno(libc::EBADF))
     }
 
     fn stat(&self, fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)> {

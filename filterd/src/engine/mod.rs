@@ -216,6 +216,9 @@ pub struct Engine {
     /// The delete-on-close unlink the last `remove` bracketed, for a CLOSE
     /// to wait on.
     last_unlink: Option<IntentId>,
+    /// Handles the request being run expired or purged, settled when it
+    /// ends (`durable::Engine::settle_removals`).
+    removals: Vec<durable::Removal>,
     /// Recorded replies by scope, mirrored from the `replay` table (and,
     /// for non-persistent handles, only here).
     replays: HashMap<ReplayScope, BTreeMap<u64, ReplayRecord>>,
@@ -345,6 +348,7 @@ impl Engine {
             local_counters: Default::default(),
             mediation: "off".to_owned(),
             replays: HashMap::new(),
+            removals: Vec::new(),
             pipe,
             store,
         }

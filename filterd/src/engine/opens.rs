@@ -279,6 +279,9 @@ impl Engine {
             // protects the file.
             let change = IntentChange::TruncatingOpen {
                 record: Box::new(rec.clone()),
+                // The file before the truncate: recovery truncates again
+                // only if it still is.
+                before: self.fs.stamp(of.fd.as_fd()).ok(),
             };
             self.park_intent(conn, req_id, key, change, None);
         } else {
@@ -796,7 +799,20 @@ impl Engine {
     /// Removes a handle for good (closing its descriptor); persistent ones
     /// are deleted from the store in this batch.
     pub(super) fn remove(&mut self, key: ResumeKey) -> Option<HandleRecord> {
+        self.remove_as(key, None)
+    }
+
+    /// [`Engine::remove`] for an expiry or purge, which `announce`s it to
+    /// the handle's frontend — only once its commit is durable, and a
+    /// non-persistent handle's delete on close and the end of its file's
+    /// locks wait for that commit too (`settle_removals`).
+    pub(super) fn remove_as(
+        &mut self,
+        key: ResumeKey,
+        announce: Option<Event>,
+    ) -> Option<HandleRecord> {
         let h = self.handles.remove(&key)?;
+        let persistent = h.rec.durability.is_persistent();
         let ck = (h.rec.protocol.clone(), h.rec.client.clone());
         if let Some(n) = self.per_client.get_mut(&ck) {
             *n = n.saturating_sub(1);
@@ -825,11 +841,12 @@ impl Engine {
                 self.retry_files.insert(h.rec.file);
             }
         }
+        let mut locks_emptied = false;
         if let Some(t) = self.locks.get_mut(&h.rec.file) {
             t.remove_owner(&key);
             if t.is_empty() {
                 self.locks.remove(&h.rec.file);
-                self.locks_gone(h.rec.file);
+                locks_emptied = true;
             }
         }
         if let Some(v) = self.by_file.get_mut(&h.rec.file) {
@@ -854,10 +871,24 @@ impl Engine {
         if let Some(c) = h.conn.and_then(|c| self.conns.get_mut(&c)) {
             c.handles.remove(&key);
         }
-        if h.rec.delete_on_close {
+        let settled_later = announce.is_some() && !persistent;
+        if h.rec.delete_on_close && !settled_later {
             self.delete_pending(&h);
         }
-        if h.rec.durability.is_persistent() {
+        if settled_later {
+            if let Some(event) = announce {
+                let rec = h.rec.clone();
+                self.removals.push(durable::Removal {
+                    frontend: h.rec.frontend.clone(),
+                    event,
+                    locks_emptied,
+                    last_of_file: !self.by_file.contains_key(&h.rec.file),
+                    kept: Some(Box::new(h)),
+                });
+                return Some(rec);
+            }
+        }
+        if persistent {
             if h.rec.create_guid.is_some() && h.rec.create_action == CreateAction::Created {
                 // Before the delete commits: a crash in between brings the
                 // handle back, and replays are then answered from it.
@@ -869,10 +900,26 @@ impl Engine {
             }
             self.batch
                 .push(StoreOp::DeleteHandle(Box::new(h.rec.clone())));
+            if locks_emptied {
+                let seq = self.batch.seq();
+                self.locks_gone_after(seq, h.rec.file);
+            }
+            if let Some(event) = announce {
+                self.removals.push(durable::Removal {
+                    frontend: h.rec.frontend.clone(),
+                    event,
+                    locks_emptied: false,
+                    last_of_file: false,
+                    kept: None,
+                });
+            }
             // Until the deletion commits the handle may come back whole.
             let rec = h.rec.clone();
             self.keep_until_durable(h);
             return Some(rec);
+        }
+        if locks_emptied {
+            self.locks_gone(h.rec.file);
         }
         Some(h.rec)
     }
@@ -886,26 +933,23 @@ impl Engine {
     pub(super) fn delete_pending(&mut self, gone: &Handle) {
         let file = gone.rec.file;
         if self.by_file.get(&file).is_none_or(|v| v.is_empty()) {
-            if gone.rec.conn == ConnState::Lost {
-                warn!(path = %gone.rec.path, "a lost handle's delete on close is dropped: its file is gone");
-                return;
+            if gone.rec.conn != ConnState::Lost && !gone.rec.durability.is_persistent() {
+                if let Some(seq) = self.close_pending(file) {
+                    // Another handle's close is committing: if it fails,
+                    // that handle is back and the delete passes to it.
+                    // Decided once the commit is resolved
+                    // (`retry_deferred_deletes`).
+                    self.wait_for_commit(seq, file);
+                    self.deferred_deletes.push(DeferredDelete {
+                        path: gone.rec.path.clone(),
+                        file,
+                        kernel_handle: gone.rec.kernel_handle.clone(),
+                    });
+                    return;
+                }
             }
-            if gone.rec.durability.is_persistent() {
-                self.park_unlink(gone);
-                return;
-            }
-            if let Some(seq) = self.close_pending(file) {
-                // Another handle's close is committing: if it fails, that
-                // handle is back and the delete passes to it. Decided once
-                // the commit is resolved (`retry_waiting`).
-                self.wait_for_commit(seq, file);
-                self.deferred_deletes.push(DeferredDelete {
-                    path: gone.rec.path.clone(),
-                    file,
-                    kernel_handle: gone.rec.kernel_handle.clone(),
-                });
-                return;
-            }
+            self.unlink_on_close(gone);
+            return;
         }
         self.delete_or_pass(&gone.rec.path, file, gone.rec.kernel_handle.as_ref());
     }
@@ -956,6 +1000,26 @@ impl Engine {
             // recorded in a group of its own.
             self.begin_request();
             self.delete_or_pass(&d.path, d.file, d.kernel_handle.as_ref());
+        }
+    }
+
+    /// The delete on close of the last open of a file (see
+    /// `delete_pending`).
+    pub(super) fn unlink_on_close(&mut self, gone: &Handle) {
+        if gone.rec.conn == ConnState::Lost {
+            warn!(path = %gone.rec.path, "a lost handle's delete on close is dropped: its file is gone");
+            return;
+        }
+        if gone.rec.durability.is_persistent() {
+            self.park_unlink(gone);
+            return;
+        }
+        let kh = gone.rec.kernel_handle.as_ref();
+        match self.fs.remove(&gone.rec.path, gone.rec.file, kh) {
+            Ok(()) => info!(path = %gone.rec.path, "deleted on close"),
+            Err(e) => {
+                warn!(path = %gone.rec.path, error = %e.message, "delete on close failed")
+            }
         }
     }
 

@@ -27,15 +27,26 @@ impl Engine {
                 }
             };
             match intent.change {
-                IntentChange::TruncatingOpen { record } => {
-                    let done = record
-                        .kernel_handle
-                        .as_ref()
-                        .map(|kh| self.fs.truncate_by_handle(kh, &record.path));
+                IntentChange::TruncatingOpen { record, before } => {
+                    // Truncated again only if the file is as it was before
+                    // the truncate: else the truncate happened, and writes
+                    // no gate saw (a local writer, a non-persistent
+                    // handle) may have come after it.
+                    let done = record.kernel_handle.as_ref().map(|kh| {
+                        self.fs
+                            .set_size_unless_changed(kh, Some(&record.path), 0, before.as_ref())
+                    });
                     match done {
-                        Some(Ok(fd)) => {
-                            sync.push(fd);
-                            info!(resume_key = %record.key, path = %record.path, "recovery finished an interrupted overwrite");
+                        Some(Ok(redone)) => {
+                            match redone {
+                                Some(fd) => {
+                                    sync.push(fd);
+                                    info!(resume_key = %record.key, path = %record.path, "recovery finished an interrupted overwrite");
+                                }
+                                None => {
+                                    info!(resume_key = %record.key, path = %record.path, "interrupted overwrite had happened (the file changed since): not truncated again")
+                                }
+                            }
                             self.stats.intents_recovered += 1;
                             finished.push(StoreOp::PutHandle(record));
                         }
@@ -82,19 +93,32 @@ impl Engine {
                     kernel_handle,
                     size,
                     record,
+                    before,
                 } => {
-                    // Safe to do again: while the change was in flight every
-                    // protocol read and write of the file waited for its
-                    // completion to commit (`content_changes`), so nothing
-                    // acknowledged can have come after the first attempt.
+                    // While the change was in flight every protocol read
+                    // and write of the file through the filter waited for
+                    // its completion to commit (`content_changes`); writes
+                    // no gate saw (a local writer, a non-persistent handle)
+                    // did not. So it is done again only if the file is as
+                    // it was before the change; else the change happened
+                    // and what came after it stays.
                     let path = store.handle(key).ok().flatten().map(|r| r.path);
-                    match self
-                        .fs
-                        .set_size_by_handle(&kernel_handle, path.as_ref(), size)
-                    {
-                        Ok(fd) => {
-                            sync.push(fd);
-                            info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
+                    match self.fs.set_size_unless_changed(
+                        &kernel_handle,
+                        path.as_ref(),
+                        size,
+                        before.as_ref(),
+                    ) {
+                        Ok(redone) => {
+                            match redone {
+                                Some(fd) => {
+                                    sync.push(fd);
+                                    info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
+                                }
+                                None => {
+                                    info!(resume_key = %key, size, "interrupted end-of-file change had happened (the file changed since): not done again")
+                                }
+                            }
                             self.stats.intents_recovered += 1;
                             if let Some(r) = record {
                                 finished.push(record_op(r));

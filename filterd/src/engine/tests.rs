@@ -155,6 +155,8 @@ struct Harness {
     last_id: u64,
     /// Every reply received, by request id.
     replies: BTreeMap<u64, Result<libfilter::proto::Reply, WireError>>,
+    /// Every event received, in order.
+    events: Vec<libfilter::proto::Event>,
 }
 
 fn config() -> Config {
@@ -231,6 +233,7 @@ impl Harness {
             fs,
             last_id: 0,
             replies: BTreeMap::new(),
+            events: Vec::new(),
         }
     }
 
@@ -258,10 +261,15 @@ impl Harness {
             if n == 0 {
                 break;
             }
+            let frame = libfilter::proto::decode_server(&buf[..n]);
+            if let Ok(libfilter::proto::ServerFrame::Event(ev)) = frame {
+                self.events.push(ev);
+                continue;
+            }
             if let Ok(libfilter::proto::ServerFrame::Reply {
                 id: Some(id),
                 result,
-            }) = libfilter::proto::decode_server(&buf[..n])
+            }) = frame
             {
                 self.fs.log_reply(id, result.is_ok());
                 got.push((id, result.is_ok()));
@@ -300,6 +308,8 @@ impl Harness {
         let groups: Vec<crate::committer::Group> =
             jobs.into_iter().flat_map(|j| j.groups).collect();
         let Some(through) = groups.iter().map(|g| g.seq).max() else {
+            // What the round settled without a commit went out at once.
+            self.drain_replies();
             return;
         };
         let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
@@ -362,6 +372,7 @@ impl Harness {
                     r.lease,
                     r.delete_on_close,
                     r.durability,
+                    r.conn,
                     h.conn,
                     h.parked,
                 )
@@ -490,6 +501,10 @@ enum Op {
     /// Path (by path, as NFS-like REMOVE), with a recorded reply.
     Remove(u8, u64),
     EndOfFile(u8, u64),
+    /// Expire a disconnected persistent handle (by index among them), as
+    /// its timer or `filterctl expire` does (a non-persistent one's expiry
+    /// rides on no commit).
+    Expire(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -503,6 +518,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4u8, 0..4u8, any::<bool>()).prop_map(|(h, t, r)| Op::Rename(h, t, r)),
         1 => (0..6u8, 0..1000u64).prop_map(|(p, o)| Op::Remove(p, o)),
         1 => (0..4u8, 0..100u64).prop_map(|(h, n)| Op::EndOfFile(h, n)),
+        1 => (0..4u8).prop_map(Op::Expire),
     ]
 }
 
@@ -575,6 +591,19 @@ impl Harness {
                 path: RelPath::new(PATHS[usize::from(p)]).unwrap(),
                 record: Some(record(session(9), 1000 + op_id)),
             },
+            Op::Expire(i) => {
+                let gone: Vec<ResumeKey> = self
+                    .engine
+                    .handles
+                    .values()
+                    .filter(|x| x.conn.is_none() && x.rec.durability.is_persistent())
+                    .map(|x| x.rec.key)
+                    .collect();
+                let key = *gone.get(usize::from(i) % gone.len().max(1))?;
+                self.engine.begin_request();
+                self.engine.expire(key);
+                return None;
+            }
             Op::EndOfFile(h, size) => {
                 let key = key(h)?;
                 Request::SetEndOfFile {
@@ -610,10 +639,28 @@ proptest! {
         for p in ["a", "b", "c"] {
             h.run(open(p, Rights::ALL));
         }
+        // Disconnected handles to expire and purge: a persistent one of a
+        // new file that shares only reading, and a durable one of another
+        // that does not share delete and deletes it on close.
+        h.run(open("n", Rights::READ));
+        let Request::Open(mut o) = open("d/m", Rights::READ.union(Rights::WRITE)) else {
+            unreachable!()
+        };
+        o.durability = Durability::Durable { timeout_ms: 60_000 };
+        o.create_guid = None;
+        let id = h.run(Request::Open(o));
+        h.commit(true);
+        let n = h.keys().into_iter().find(|k| h.engine.handles[k].rec.path.as_str() == "n");
+        let durable = h.opened(id);
+        h.run(Request::SetDeleteOnClose { key: durable, delete: true, record: None });
+        for key in n.into_iter().chain([durable]) {
+            h.run(Request::Detach { key });
+        }
         h.commit(true);
         h.fs.take_log();
         for (ops, ok) in &rounds {
             let before = h.digest();
+            let events_before = h.events.len();
             let mut ids = Vec::new();
             let mut early = Vec::new();
             let mut unchanged = Vec::new();
@@ -669,6 +716,11 @@ proptest! {
                     "a request whose commit failed succeeded: {:?}", log
                 );
                 prop_assert_eq!(h.digest(), before, "after {:?}", ops);
+                let told: Vec<_> = h.events[events_before..]
+                    .iter()
+                    .filter(|e| matches!(e, libfilter::proto::Event::Expired { .. } | libfilter::proto::Event::Purged { .. }))
+                    .collect();
+                prop_assert!(told.is_empty(), "told of removals that failed: {:?}", told);
             }
             // The store holds what the engine holds of persistent handles.
             let stored: Vec<ResumeKey> = h.store.inner.lock().unwrap().handles.keys().copied().collect();
@@ -1480,4 +1532,271 @@ fn a_lease_key_names_one_file_of_its_clients() {
     let again = h.run(leased("alice", "e", "R", 0));
     h.commit(true);
     h.opened(again);
+}
+
+/// Whether an `Expired` or `Purged` event of `key` reached the frontend.
+fn told_gone(h: &Harness, key: ResumeKey) -> bool {
+    use libfilter::proto::Event;
+    h.events
+        .iter()
+        .any(|e| matches!(e, Event::Expired { key: k } | Event::Purged { key: k } if *k == key))
+}
+
+/// An expiry whose commit fails is undone whole: the handle is back as it
+/// was (disconnected, its locks held, its share mode enforced), its
+/// frontend was never told it expired, and its expiry is tried again —
+/// and told once that commit is durable.
+#[test]
+fn an_expiry_whose_commit_fails_is_undone_and_tried_again() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::READ));
+    h.commit(true);
+    let key = h.opened(id);
+    h.run(Request::Lock {
+        key,
+        locks: vec![LockOp {
+            range: LockRange {
+                offset: 0,
+                length: 10,
+            },
+            exclusive: true,
+            unlock: false,
+        }],
+        lock_sequence: None,
+        lock_owner: None,
+    });
+    h.run(Request::Detach { key });
+    h.commit(true);
+    let before = h.digest();
+    h.engine.expire_due(u64::MAX);
+    h.drain_replies();
+    assert!(!told_gone(&h, key), "told of an expiry not yet durable");
+    h.commit(false);
+    assert!(!told_gone(&h, key), "told of an expiry that failed");
+    assert_eq!(h.digest(), before, "the expiry is undone whole");
+    assert!(h.store.inner.lock().unwrap().handles.contains_key(&key));
+    // Its share mode still keeps a writer out.
+    let mut w = open("a", Rights::ALL);
+    if let Request::Open(o) = &mut w {
+        o.client = ClientId::new("bob").unwrap();
+        o.no_wait = true;
+    }
+    let id = h.run(w);
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::FileNotAvailable);
+    // Tried again later: it goes, and the frontend hears of it then.
+    h.engine.expire_due(u64::MAX);
+    h.commit(true);
+    assert!(!h.engine.handles.contains_key(&key));
+    assert!(!h.store.inner.lock().unwrap().handles.contains_key(&key));
+    assert!(h.engine.locks.is_empty());
+    assert!(told_gone(&h, key));
+}
+
+/// A disconnected durable handle purged by a persistent open whose commit
+/// fails is back: its descriptor, its share mode, and its delete on close,
+/// which had not happened (the file is still there) — and its frontend
+/// was not told. When the open commits, the purge is told and the file
+/// is removed only after that commit.
+#[test]
+fn a_purge_whose_commit_fails_is_undone() {
+    let mut h = Harness::new();
+    let durable = |share| {
+        let Request::Open(mut o) = open("c", share) else {
+            unreachable!()
+        };
+        o.durability = Durability::Durable { timeout_ms: 60_000 };
+        o.create_guid = None;
+        Request::Open(o)
+    };
+    let id = h.run(durable(Rights::READ.union(Rights::WRITE)));
+    h.commit(true);
+    let key = h.opened(id);
+    h.run(Request::SetDeleteOnClose {
+        key,
+        delete: true,
+        record: None,
+    });
+    h.run(Request::Detach { key });
+    h.commit(true);
+    let before = h.digest();
+    // A persistent open that does not share delete purges it.
+    let id = h.run(open("c", Rights::READ));
+    assert!(
+        h.fs.file("c").is_some(),
+        "unlinked before the purge commits"
+    );
+    assert!(!told_gone(&h, key), "told of a purge not yet durable");
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    assert!(!told_gone(&h, key), "told of a purge that failed");
+    assert_eq!(h.digest(), before, "the purge is undone whole");
+    // Again, committing: the purge is told, the file goes after the commit.
+    let id = h.run(open("c", Rights::READ));
+    h.commit(true);
+    h.opened(id);
+    assert!(told_gone(&h, key));
+    assert!(!h.engine.handles.contains_key(&key));
+    assert!(
+        h.fs.file("c").is_none(),
+        "the purged handle's delete on close"
+    );
+    let log = h.fs.take_log();
+    let unlink = pos(&log, |l| matches!(l, Logged::Remove(p) if p == "c"));
+    let first_commit = pos(&log, |l| matches!(l, Logged::Commit(_)));
+    assert!(first_commit < unlink, "{log:?}");
+}
+
+/// F6′: recovery redoes an interrupted size change only over a file that
+/// is still as its intent's stamp says. a: the change happened, then a
+/// local write no gate saw extended the file — it stays. b: the change
+/// never happened — it is made. c: an intent from before stamps existed
+/// is redone as it always was.
+#[test]
+fn recovery_redoes_a_size_change_only_over_an_untouched_file() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    let kh_of = |path: &str| fs.handle_at(&RelPath::new(path).unwrap()).unwrap();
+    let set_size = |path: &str, stamped: bool| {
+        let before = stamped.then(|| super::memfs::stamp_of(&fs.file(path).unwrap()));
+        Intent {
+            id: IntentId(uuid::Uuid::new_v4()),
+            change: IntentChange::SetSize {
+                key: ResumeKey::new_random(),
+                kernel_handle: kh_of(path),
+                size: 4,
+                record: None,
+                before,
+            },
+            recorded_ms: 0,
+        }
+    };
+    let (a, b, c) = (
+        set_size("a", true),
+        set_size("b", true),
+        set_size("c", false),
+    );
+    for p in ["a", "c"] {
+        fs.set_size_by_handle(&kh_of(p), None, 4).unwrap();
+        fs.write(p, 8);
+    }
+    store
+        .commit(&[&[
+            StoreOp::PutIntent(Box::new(a)),
+            StoreOp::PutIntent(Box::new(b)),
+            StoreOp::PutIntent(Box::new(c)),
+        ]])
+        .unwrap();
+    let mut e = Engine::new(
+        config(),
+        Box::new(fs.clone()),
+        2,
+        Arc::new(Pipeline::default()),
+        store.clone(),
+        Arc::new(CommitCounters::default()),
+    );
+    e.recover(store.as_ref()).unwrap();
+    assert!(store.inner.lock().unwrap().intents.is_empty());
+    assert_eq!(
+        fs.file("a").unwrap().size,
+        8,
+        "the local write after the change is lost"
+    );
+    assert_eq!(
+        fs.file("b").unwrap().size,
+        4,
+        "the change that never happened is made"
+    );
+    assert_eq!(
+        fs.file("c").unwrap().size,
+        4,
+        "an unstamped intent is redone"
+    );
+}
+
+/// A size change or remove through a non-persistent handle of a file
+/// with persistent handles is bracketed by an intent like a persistent
+/// one's: recorded, then made, then completed.
+#[test]
+fn a_change_through_a_non_persistent_handle_of_a_persistent_file_is_bracketed() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!()
+    };
+    o.durability = Durability::None;
+    o.create_guid = None;
+    let id = h.run(Request::Open(o));
+    let key = h.opened(id);
+    h.fs.take_log();
+    let id = h.run(Request::SetEndOfFile {
+        key,
+        size: 3,
+        record: None,
+    });
+    assert!(
+        h.reply(id).is_none(),
+        "answered before its intent is durable"
+    );
+    h.commit(true);
+    assert!(matches!(h.reply(id), Some(Ok(_))));
+    let log = h.fs.take_log();
+    let intent = commit_with(&log, "PutIntent");
+    let change = pos(&log, |l| matches!(l, Logged::SetSize(p, 3) if p == "a"));
+    let done = commit_with(&log, "DeleteIntent");
+    assert!(intent < change && change < done, "{log:?}");
+    let id = h.run(Request::Remove {
+        path: RelPath::new("a").unwrap(),
+        record: None,
+    });
+    assert!(
+        h.reply(id).is_none(),
+        "answered before its intent is durable"
+    );
+    h.commit(true);
+    let log = h.fs.take_log();
+    let intent = commit_with(&log, "PutIntent");
+    let change = pos(&log, |l| matches!(l, Logged::Remove(p) if p == "a"));
+    assert!(intent < change, "{log:?}");
+}
+
+/// A local open while an expiry's commit is pending is decided as if the
+/// handle were still there (it may come back): refused by its share mode,
+/// and allowed once the expiry is durable.
+#[test]
+fn a_local_open_during_a_pending_expiry_still_meets_its_share_mode() {
+    use crate::command::Verdict;
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::NONE));
+    h.commit(true);
+    let key = h.opened(id);
+    let file = h.engine.handles[&key].rec.file;
+    h.run(Request::Detach { key });
+    h.commit(true);
+    let local_open = |h: &mut Harness| {
+        let got = Arc::new(Mutex::new(None));
+        let sink = got.clone();
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        h.engine.on_local_open(
+            file,
+            0,
+            fd,
+            LocalReply(Box::new(move |v| *sink.lock().unwrap() = Some(v))),
+        );
+        let v = *got.lock().unwrap();
+        v
+    };
+    assert_eq!(local_open(&mut h), Some(Verdict::Deny));
+    h.engine.expire_due(u64::MAX);
+    assert_eq!(
+        local_open(&mut h),
+        Some(Verdict::Deny),
+        "a local open got past a handle whose expiry is not durable"
+    );
+    h.commit(false);
+    assert!(h.engine.handles.contains_key(&key));
+    h.engine.expire_due(u64::MAX);
+    h.commit(true);
+    assert_eq!(local_open(&mut h), Some(Verdict::Allow));
 }

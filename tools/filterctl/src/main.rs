@@ -220,7 +220,7 @@ fn offline_handles(store: &Offline) -> anyhow::Result<(Vec<HandleView>, Vec<Stri
     for i in store.intents()? {
         match i {
             Ok(Intent {
-                change: IntentChange::TruncatingOpen { record },
+                change: IntentChange::TruncatingOpen { record, .. },
                 ..
             }) => records.push(*record),
             Ok(_) => {}
