@@ -1131,7 +1131,7 @@ impl EtcdStore {
         }
     }
 
-    fn records<T: serde::de::DeserializeOwned>(
+    fn records<T: crate::store::StoredRecord>(
         &self,
         table: &'static str,
         sub: &str,
@@ -1211,12 +1211,10 @@ impl StateStore for EtcdStore {
     fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
         match self.lock_table().get(&self.handle_key(&key)) {
             None => Ok(None),
-            Some(v) => decode_record(v)
-                .map(Some)
-                .map_err(|reason| StoreError::Corrupt {
-                    table: "handles",
-                    reason,
-                }),
+            Some(v) => decode_record(v).map(Some).map_err(|e| StoreError::Corrupt {
+                table: "handles",
+                reason: e.to_string(),
+            }),
         }
     }
     fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
