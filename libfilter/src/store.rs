@@ -234,6 +234,9 @@ pub fn replay_key(scope: &ReplayScope, op_id: u64) -> Vec<u8> {
     k
 }
 
+/// A raw key and value of a table, as stored.
+pub type RawEntry = (Vec<u8>, Vec<u8>);
+
 /// A `replay` table entry: its raw key (see [`parse_replay_key`]) and record.
 pub type RawReplay = (Vec<u8>, Result<ReplayRecord, StoreError>);
 
@@ -835,7 +838,7 @@ impl Store {
 
     /// Every raw value of `table`, by key: for tests of the stored form.
     #[doc(hidden)]
-    pub fn raw_values(&self, table: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn raw_values(&self, table: &str) -> Result<Vec<RawEntry>, StoreError> {
         let _gate = self.gate();
         let db = self.raw_table(table)?;
         let txn = self.env.read_txn()?;
