@@ -1211,10 +1211,9 @@ impl StateStore for EtcdStore {
     fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
         match self.lock_table().get(&self.handle_key(&key)) {
             None => Ok(None),
-            Some(v) => decode_record(v).map(Some).map_err(|e| StoreError::Corrupt {
-                table: "handles",
-                reason: e.to_string(),
-            }),
+            Some(v) => decode_record(v)
+                .map(Some)
+                .map_err(crate::store::corrupt("handles")),
         }
     }
     fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {

@@ -19,10 +19,11 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use crate::model::{HandleRecord, Intent, IntentId, ReplayRecord, ReplayScope, ResumeKey};
-pub use crate::record::{decode_record, encode_record, RecordError, StoredRecord};
 use heed::types::{Bytes, Str};
 use heed::{BoxedError, BytesDecode, BytesEncode, Database, Env, EnvFlags};
+
+use crate::model::{HandleRecord, Intent, IntentId, ReplayRecord, ReplayScope, ResumeKey};
+pub use crate::record::{decode_record, encode_record, RecordError, StoredRecord};
 
 /// The schema this build writes. Bump it together with a step in [`migrate`].
 /// 2: record values are written as version 2 (postcard, [`crate::record`]);
@@ -176,7 +177,7 @@ impl<'a, T: StoredRecord + 'a> BytesDecode<'a> for Versioned<T> {
 }
 
 /// A record of `table` that does not decode, as a store error.
-fn corrupt(table: &'static str) -> impl Fn(RecordError) -> StoreError {
+pub(crate) fn corrupt(table: &'static str) -> impl Fn(RecordError) -> StoreError {
     move |e| StoreError::Corrupt {
         table,
         reason: e.to_string(),
