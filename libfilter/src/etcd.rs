@@ -1131,7 +1131,7 @@ impl EtcdStore {
         }
     }
 
-    fn records<T: serde::de::DeserializeOwned>(
+    fn records<T: crate::store::StoredRecord>(
         &self,
         table: &'static str,
         sub: &str,
@@ -1213,10 +1213,7 @@ impl StateStore for EtcdStore {
             None => Ok(None),
             Some(v) => decode_record(v)
                 .map(Some)
-                .map_err(|reason| StoreError::Corrupt {
-                    table: "handles",
-                    reason,
-                }),
+                .map_err(crate::store::corrupt("handles")),
         }
     }
     fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {

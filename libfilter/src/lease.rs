@@ -61,6 +61,18 @@ impl LeaseState {
     pub const fn is_none(self) -> bool {
         self.0 == 0
     }
+    /// The raw bits (R = 1, H = 2, W = 4): the stored records' form.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+    /// The state of `bits`, if they name one [`LeaseState::parse`] would
+    /// accept (no unknown bit; no W caching without R).
+    pub fn from_bits(bits: u8) -> Option<LeaseState> {
+        let st = LeaseState(bits);
+        let known = bits & !7 == 0;
+        let w_without_r = st.contains(LeaseState::W) && !st.contains(LeaseState::R);
+        (known && !w_without_r).then_some(st)
+    }
     /// Parses "", "R", "RH", "RW", "RWH" (and "H", what a writer leaves of RH).
     pub fn parse(s: &str) -> Option<LeaseState> {
         let mut st = LeaseState::NONE;

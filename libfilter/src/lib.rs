@@ -6,6 +6,8 @@
 //! - [`lease`]: lease states, grants and the break table (pure).
 //! - [`locks`]: the byte-range lock algebra, LockFileEx semantics (pure).
 //! - [`store`]: the LMDB tables (heed), versioned records, schema and epoch.
+//! - [`record`]: how a stored record value is encoded (a version byte, then
+//!   postcard of a frozen mirror type; JSON still read).
 //! - `etcd` (feature `etcd`): the same table in an etcd cluster, fenced by a
 //!   lease, so a filterd on another machine can take over.
 //! - [`proto`]: the frontend ↔ filterd wire protocol, the only place its
@@ -29,6 +31,7 @@ pub mod lease;
 pub mod locks;
 pub mod model;
 pub mod proto;
+pub mod record;
 pub mod runtime;
 pub mod share;
 pub mod store;

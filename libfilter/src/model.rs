@@ -270,6 +270,10 @@ impl Rights {
     pub fn bits(self) -> u8 {
         self.0
     }
+    /// The set of `bits`, if no bit above the three rights is set.
+    pub fn from_bits(bits: u8) -> Option<Rights> {
+        (bits & !7 == 0).then_some(Rights(bits))
+    }
     /// Whether every right in `other` is in `self`.
     pub fn contains(self, other: Rights) -> bool {
         self.0 & other.0 == other.0

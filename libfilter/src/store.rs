@@ -1,8 +1,9 @@
 //! The state store: one LMDB environment in the state directory, through heed.
 //!
 //! Each table is a typed database whose codecs are declared here, beside it.
-//! Records carry a version byte; decoding an unknown version or a corrupt
-//! record gives a [`StoreError`], never a panic. `meta` holds the schema
+//! Records carry a version byte ([`crate::record`]: version 2 is postcard,
+//! version 1 JSON); decoding an unknown version or a corrupt record gives a
+//! [`StoreError`], never a panic. `meta` holds the schema
 //! version (with a migration path), the daemon epoch and the clean-shutdown
 //! flag.
 //!
@@ -20,15 +21,14 @@ use std::path::Path;
 
 use heed::types::{Bytes, Str};
 use heed::{BoxedError, BytesDecode, BytesEncode, Database, Env, EnvFlags};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 use crate::model::{HandleRecord, Intent, IntentId, ReplayRecord, ReplayScope, ResumeKey};
+pub use crate::record::{decode_record, encode_record, RecordError, StoredRecord};
 
 /// The schema this build writes. Bump it together with a step in [`migrate`].
-pub const SCHEMA_VERSION: u32 = 1;
-/// Version byte in front of every record value.
-const RECORD_VERSION: u8 = 1;
+/// 2: record values are written as version 2 (postcard, [`crate::record`]);
+/// version-1 (JSON) values are still read.
+pub const SCHEMA_VERSION: u32 = 2;
 /// Default LMDB map size (sparse; grows the file only as used).
 pub const DEFAULT_MAP_SIZE: usize = 4 << 30;
 
@@ -117,6 +117,17 @@ impl From<heed::Error> for StoreError {
     }
 }
 
+impl From<RecordError> for StoreError {
+    /// A record that does not encode (decoding errors name their table
+    /// through [`corrupt`] instead).
+    fn from(e: RecordError) -> StoreError {
+        StoreError::Corrupt {
+            table: "encode",
+            reason: e.to_string(),
+        }
+    }
+}
+
 impl StoreError {
     fn from_heed(e: heed::Error) -> StoreError {
         match e {
@@ -147,41 +158,29 @@ impl<'a> BytesDecode<'a> for ResumeKeyCodec {
     }
 }
 
-/// Codec: a versioned record — one version byte, then JSON.
+/// Codec: a versioned record ([`crate::record`]): written as version 2
+/// (postcard), read in every version this build knows.
 pub struct Versioned<T>(std::marker::PhantomData<T>);
 
-impl<'a, T: Serialize + 'a> BytesEncode<'a> for Versioned<T> {
+impl<'a, T: StoredRecord + 'a> BytesEncode<'a> for Versioned<T> {
     type EItem = T;
     fn bytes_encode(item: &'a T) -> Result<Cow<'a, [u8]>, BoxedError> {
-        let mut v = vec![RECORD_VERSION];
-        serde_json::to_writer(&mut v, item)?;
-        Ok(Cow::Owned(v))
+        Ok(Cow::Owned(encode_record(item)?))
     }
 }
 
-impl<'a, T: DeserializeOwned + 'a> BytesDecode<'a> for Versioned<T> {
+impl<'a, T: StoredRecord + 'a> BytesDecode<'a> for Versioned<T> {
     type DItem = T;
     fn bytes_decode(bytes: &'a [u8]) -> Result<T, BoxedError> {
         decode_record(bytes).map_err(Into::into)
     }
 }
 
-/// Encodes a versioned record as every backend stores it.
-pub fn encode_record<T: Serialize>(item: &T) -> Result<Vec<u8>, StoreError> {
-    let mut v = vec![RECORD_VERSION];
-    serde_json::to_writer(&mut v, item).map_err(|e| StoreError::Corrupt {
-        table: "encode",
+/// A record of `table` that does not decode, as a store error.
+pub(crate) fn corrupt(table: &'static str) -> impl Fn(RecordError) -> StoreError {
+    move |e| StoreError::Corrupt {
+        table,
         reason: e.to_string(),
-    })?;
-    Ok(v)
-}
-
-/// Decodes a versioned record; exposed for fuzzing and filterctl.
-pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    match bytes.split_first() {
-        None => Err("empty record".into()),
-        Some((&RECORD_VERSION, body)) => serde_json::from_slice(body).map_err(|e| e.to_string()),
-        Some((v, _)) => Err(format!("unknown record version {v}")),
     }
 }
 
@@ -235,6 +234,9 @@ pub fn replay_key(scope: &ReplayScope, op_id: u64) -> Vec<u8> {
     k.extend_from_slice(&op_id.to_be_bytes());
     k
 }
+
+/// A raw key and value of a table, as stored.
+pub type RawEntry = (Vec<u8>, Vec<u8>);
 
 /// A `replay` table entry: its raw key (see [`parse_replay_key`]) and record.
 pub type RawReplay = (Vec<u8>, Result<ReplayRecord, StoreError>);
@@ -390,7 +392,14 @@ const META_EPOCH: &str = "epoch";
 const META_CLEAN: &str = "clean_shutdown";
 
 /// Upgrades a store from an older schema, one step at a time, inside the
-/// caller's transaction. There are no older schemas yet.
+/// caller's transaction.
+///
+/// 1 → 2 (records as postcard) rewrites nothing: every reader of this
+/// build decodes version-1 (JSON) values as well, and a record becomes
+/// version 2 when it is next written. The schema number still moves, so
+/// that a schema-1 build, which cannot read version-2 values, refuses the
+/// state dir ([`StoreError::SchemaTooNew`]) instead of calling its records
+/// corrupt.
 fn migrate(_txn: &mut heed::RwTxn<'_>, from: u32) -> Result<(), StoreError> {
     if from > SCHEMA_VERSION {
         return Err(StoreError::SchemaTooNew { found: from });
@@ -729,12 +738,7 @@ impl Store {
         let raw = self.replay.remap_data_type::<Bytes>();
         match raw.get(&txn, &replay_key(scope, op_id))? {
             None => Ok(None),
-            Some(v) => decode_record(v)
-                .map(Some)
-                .map_err(|reason| StoreError::Corrupt {
-                    table: "replay",
-                    reason,
-                }),
+            Some(v) => decode_record(v).map(Some).map_err(corrupt("replay")),
         }
     }
 
@@ -746,10 +750,7 @@ impl Store {
         let mut out = Vec::new();
         for item in raw.iter(&txn)? {
             let (k, v) = item?;
-            let rec = decode_record::<ReplayRecord>(v).map_err(|reason| StoreError::Corrupt {
-                table: "replay",
-                reason,
-            });
+            let rec = decode_record::<ReplayRecord>(v).map_err(corrupt("replay"));
             out.push((k.to_vec(), rec));
         }
         Ok(out)
@@ -766,10 +767,7 @@ impl Store {
             let Some((_, op_id)) = parse_replay_key(k) else {
                 continue;
             };
-            let rec = decode_record::<ReplayRecord>(v).map_err(|reason| StoreError::Corrupt {
-                table: "replay",
-                reason,
-            })?;
+            let rec = decode_record::<ReplayRecord>(v).map_err(corrupt("replay"))?;
             out.push((op_id, rec));
         }
         Ok(out)
@@ -783,12 +781,7 @@ impl Store {
         let mut out = Vec::new();
         for item in raw.iter(&txn)? {
             let (_, v) = item?;
-            out.push(
-                decode_record::<Intent>(v).map_err(|reason| StoreError::Corrupt {
-                    table: "intents",
-                    reason,
-                }),
-            );
+            out.push(decode_record::<Intent>(v).map_err(corrupt("intents")));
         }
         Ok(out)
     }
@@ -818,24 +811,44 @@ impl Store {
         let raw = self.handles.remap_types::<ResumeKeyCodec, Bytes>();
         match raw.get(&txn, &key)? {
             None => Ok(None),
-            Some(v) => decode_record(v)
-                .map(Some)
-                .map_err(|reason| StoreError::Corrupt {
-                    table: "handles",
-                    reason,
-                }),
+            Some(v) => decode_record(v).map(Some).map_err(corrupt("handles")),
         }
     }
 
-    /// Writes raw bytes as a handle record: for tests of corrupt-record handling.
+    /// A table by name, keys and values as raw bytes.
+    fn raw_table(&self, table: &str) -> Result<Database<Bytes, Bytes>, StoreError> {
+        Ok(match table {
+            "meta" => self.meta.remap_types(),
+            "handles" => self.handles.remap_types(),
+            "replay" => self.replay.remap_types(),
+            "intents" => self.intents.remap_types(),
+            _ => return Err(StoreError::Missing("a table of that name")),
+        })
+    }
+
+    /// Writes raw bytes into `table` (`meta`, `handles`, `replay`,
+    /// `intents`): for tests of corrupt, old-format and old-schema records.
     #[doc(hidden)]
-    pub fn put_raw_handle(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    pub fn put_raw(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let _gate = self.gate();
+        let db = self.raw_table(table)?;
         let mut txn = self.env.write_txn()?;
-        self.handles
-            .remap_types::<Bytes, Bytes>()
-            .put(&mut txn, key, value)?;
+        db.put(&mut txn, key, value)?;
         txn.commit().map_err(StoreError::from_heed)
+    }
+
+    /// Every raw value of `table`, by key: for tests of the stored form.
+    #[doc(hidden)]
+    pub fn raw_values(&self, table: &str) -> Result<Vec<RawEntry>, StoreError> {
+        let _gate = self.gate();
+        let db = self.raw_table(table)?;
+        let txn = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for item in db.iter(&txn)? {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 }
 
@@ -924,7 +937,7 @@ mod tests {
             let s = Store::open(&dir, 1 << 24).unwrap();
             assert_eq!(s.begin_epoch().unwrap(), (1, true));
             s.apply(&[StoreOp::PutHandle(Box::new(r.clone()))]).unwrap();
-            s.put_raw_handle(&[9; 16], b"\x07junk").unwrap();
+            s.put_raw("handles", &[9; 16], b"\x07junk").unwrap();
         }
         {
             let s = Store::open(&dir, 1 << 24).unwrap();
@@ -965,6 +978,8 @@ mod tests {
     fn record_decoder_rejects_garbage() {
         assert!(decode_record::<HandleRecord>(b"").is_err());
         assert!(decode_record::<HandleRecord>(b"\x02{}").is_err());
+        assert!(decode_record::<HandleRecord>(b"\x03{}").is_err());
+        assert!(decode_record::<HandleRecord>(b"{}").is_err());
         assert!(decode_record::<HandleRecord>(b"\x01{}").is_err());
         assert!(decode_record::<HandleRecord>(b"\x01{\"key\":1}").is_err());
     }

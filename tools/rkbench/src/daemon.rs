@@ -67,6 +67,11 @@ impl Daemon {
         })
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Spawns filterd and waits until it serves (see [`Daemon::wait_serving`]).
     pub fn start_on(
         filterd: &Path,

@@ -11,7 +11,9 @@
 //! `local` (local opens under fanotify; root only), `restart` (start to
 //! serving with 10k and 100k persistent handles beside raw
 //! `open_by_handle_at`; and with the table in etcd, beside paging through
-//! its keys plus `open_by_handle_at`), `smb` (smbl/1 CREATE+CLOSE through smbshim
+//! its keys plus `open_by_handle_at`; filterd's RSS per handle at the
+//! largest size beside the LMDB bytes per record; `--restart-only` runs
+//! just this and the baselines), `smb` (smbl/1 CREATE+CLOSE through smbshim
 //! for durable-with-lease and persistent opens at 1 and 32 connections,
 //! beside a raw TCP line round trip; 4 KiB WRITEs on persistent handles,
 //! each synced before its reply, at 1 and 32 connections beside raw
@@ -70,6 +72,10 @@ struct Args {
     /// A short smoke run (0.3 s per figure, 10k handles for restart).
     #[arg(long)]
     quick: bool,
+    /// Only the baselines and the restart section (recovery time and
+    /// memory per handle), for before/after comparisons of recovery.
+    #[arg(long)]
+    restart_only: bool,
     /// Internal: echo server for the socket round-trip baseline.
     #[arg(long, hide = true, value_name = "SOCKET")]
     echo_server: Option<PathBuf>,
@@ -149,234 +155,176 @@ fn main() -> anyhow::Result<()> {
     ));
 
     if filterd.exists() {
-        eprintln!("rkbench: mediated open+close…");
-        let mut none1 = None;
-        let mut persistent64 = None;
-        for (name, dur_kind) in mediated::KINDS {
-            for conns in [1usize, 8, 64] {
-                let m = mediated::open_close(&filterd, &dir, *dur_kind, conns, dur)?;
-                let label = format!("mediated open+close, {name} (requests/s, µs/pair)");
-                let mut row = Row::new(&label, conns, m.requests_per_s, m.mean_us, m.p99_us)
-                    .with("pairs_per_s", m.requests_per_s / 2.0);
-                if m.ops_per_commit > 0.0 {
-                    row = row
-                        .note(format!("{:.1} ops/commit", m.ops_per_commit))
-                        .with("store_ops_per_commit", m.ops_per_commit);
-                }
-                if *name == "none" && conns == 1 {
-                    none1 = Some(m.mean_us);
-                    row = row.beside("rtt + raw openat+close", rtt.mean_us + openat.mean_us);
-                }
-                if *name == "persistent" {
-                    row = row.beside_rate("raw LMDB 64 puts/commit", lmdb64.ops_per_s);
-                    if conns == 64 {
-                        persistent64 = Some(m.requests_per_s);
+        if !args.restart_only {
+            eprintln!("rkbench: mediated open+close…");
+            let mut none1 = None;
+            let mut persistent64 = None;
+            for (name, dur_kind) in mediated::KINDS {
+                for conns in [1usize, 8, 64] {
+                    let m = mediated::open_close(&filterd, &dir, *dur_kind, conns, dur)?;
+                    let label = format!("mediated open+close, {name} (requests/s, µs/pair)");
+                    let mut row = Row::new(&label, conns, m.requests_per_s, m.mean_us, m.p99_us)
+                        .with("pairs_per_s", m.requests_per_s / 2.0);
+                    if m.ops_per_commit > 0.0 {
+                        row = row
+                            .note(format!("{:.1} ops/commit", m.ops_per_commit))
+                            .with("store_ops_per_commit", m.ops_per_commit);
                     }
+                    if *name == "none" && conns == 1 {
+                        none1 = Some(m.mean_us);
+                        row = row.beside("rtt + raw openat+close", rtt.mean_us + openat.mean_us);
+                    }
+                    if *name == "persistent" {
+                        row = row.beside_rate("raw LMDB 64 puts/commit", lmdb64.ops_per_s);
+                        if conns == 64 {
+                            persistent64 = Some(m.requests_per_s);
+                        }
+                    }
+                    rep.rows.push(row);
                 }
-                rep.rows.push(row);
             }
-        }
-        if let Some(n) = none1 {
-            // An open and a close are two round trips through the daemon; this
-            // line shows the cost against two raw round trips.
-            rep.target(
-                "non-durable open+close ≤ 2× (2 × socket rtt + raw openat+close)",
-                n / (2.0 * rtt.mean_us + openat.mean_us),
-                2.0,
-                true,
-            );
-            rep.target(
-                "non-durable open+close ≤ 2× (socket rtt + raw openat+close)",
-                n / (rtt.mean_us + openat.mean_us),
-                2.0,
-                true,
-            );
-        }
-        if let Some(p) = persistent64 {
-            rep.target(
-                "persistent requests/s at 64 conns ≥ 0.7× raw LMDB puts/s (64/commit)",
-                p / lmdb64.ops_per_s,
-                0.7,
-                false,
-            );
-        }
-        eprintln!("rkbench: the etcd store…");
-        etcd_section(&mut rep, &filterd, &dir, dur)?;
-        let io = mediated::check_io(&filterd, &dir, dur)?;
-        rep.rows.push(
-            Row::new(
-                "mandatory-lock check (CheckIo) round trip",
-                1,
-                io.ops_per_s,
-                io.mean_us,
-                io.p99_us,
-            )
-            .beside("raw SEQPACKET round trip", rtt.mean_us),
-        );
-        if smbshim.exists() {
-            eprintln!("rkbench: smbl/1 through smbshim…");
-            smb_section(&mut rep, &filterd, &smbshim, &dir, dur, tcp, args.quick)?;
-        } else {
-            eprintln!(
-                "rkbench: skipped smbl/1 section: smbshim not built ({} does not exist)",
-                smbshim.display()
-            );
-        }
-        if nfsshim.exists() {
-            eprintln!("rkbench: nfsl/1 through nfsshim…");
-            nfs_section(&mut rep, &filterd, &nfsshim, &dir, dur, tcp)?;
-        } else {
-            eprintln!(
-                "rkbench: skipped nfsl/1 section: nfsshim not built ({} does not exist)",
-                nfsshim.display()
-            );
-        }
-        eprintln!("rkbench: local opens under fanotify…");
-        match local::measure(&filterd, &dir, dur)? {
-            Some(l) => {
-                rep.rows.push(Row::new(
-                    "local open+close, no fanotify (raw)",
-                    1,
-                    l.raw.ops_per_s,
-                    l.raw.mean_us,
-                    l.raw.p99_us,
-                ));
-                rep.rows.push(
-                    Row::new(
-                        "local open+close, allow-all fanotify listener",
-                        1,
-                        l.allow_all.ops_per_s,
-                        l.allow_all.mean_us,
-                        l.allow_all.p99_us,
-                    )
-                    .beside("raw open+close", l.raw.mean_us),
-                );
-                rep.rows.push(
-                    Row::new(
-                        "local open+close via filterd, file without state",
-                        1,
-                        l.stateless.ops_per_s,
-                        l.stateless.mean_us,
-                        l.stateless.p99_us,
-                    )
-                    .beside("raw open+close", l.raw.mean_us),
-                );
-                rep.rows.push(
-                    Row::new(
-                        "local open+close via filterd, file with state",
-                        1,
-                        l.stateful.ops_per_s,
-                        l.stateful.mean_us,
-                        l.stateful.p99_us,
-                    )
-                    .beside("allow-all listener", l.allow_all.mean_us),
-                );
+            if let Some(n) = none1 {
+                // An open and a close are two round trips through the daemon; this
+                // line shows the cost against two raw round trips.
                 rep.target(
-                    "local open of a file without protocol state ≤ 1.2× raw",
-                    l.stateless.mean_us / l.raw.mean_us,
-                    1.2,
+                    "non-durable open+close ≤ 2× (2 × socket rtt + raw openat+close)",
+                    n / (2.0 * rtt.mean_us + openat.mean_us),
+                    2.0,
                     true,
                 );
-                let n = local::OPENERS;
-                rep.rows.push(
-                    Row::new(
-                        "local open+close, allow-all fanotify listener, concurrent openers",
-                        n,
-                        l.allow_all_many.ops_per_s,
-                        l.allow_all_many.mean_us,
-                        l.allow_all_many.p99_us,
-                    )
-                    .beside_rate("raw, same openers", l.raw_many.ops_per_s),
-                );
-                let (many, refused) = l.stateful_many;
-                rep.rows.push(
-                    Row::new(
-                        "local open+close via filterd, file with state, concurrent openers",
-                        n,
-                        many.ops_per_s,
-                        many.mean_us,
-                        many.p99_us,
-                    )
-                    .beside_rate(
-                        "allow-all listener, same openers",
-                        l.allow_all_many.ops_per_s,
-                    )
-                    .with("refused", refused as f64)
-                    .with("raw_ops_per_s", l.raw_many.ops_per_s)
-                    .note(format!("{refused} refused")),
-                );
                 rep.target(
-                    "local open of a file with protocol state ≤ 1.5× allow-all listener",
-                    l.stateful.mean_us / l.allow_all.mean_us,
-                    1.5,
+                    "non-durable open+close ≤ 2× (socket rtt + raw openat+close)",
+                    n / (rtt.mean_us + openat.mean_us),
+                    2.0,
                     true,
                 );
             }
-            None => eprintln!(
-                "rkbench: skipped local-open section: needs root (mounts a tmpfs, uses fanotify)"
-            ),
-        }
-        eprintln!("rkbench: restart recovery…");
-        let sizes: &[usize] = if args.quick {
-            &[10_000]
-        } else {
-            &[10_000, 100_000]
-        };
-        for &n in sizes {
-            let f = restart::measure(&filterd, &dir, n)?;
+            if let Some(p) = persistent64 {
+                rep.target(
+                    "persistent requests/s at 64 conns ≥ 0.7× raw LMDB puts/s (64/commit)",
+                    p / lmdb64.ops_per_s,
+                    0.7,
+                    false,
+                );
+            }
+            eprintln!("rkbench: the etcd store…");
+            etcd_section(&mut rep, &filterd, &dir, dur)?;
+            let io = mediated::check_io(&filterd, &dir, dur)?;
             rep.rows.push(
                 Row::new(
-                    &format!("filterd start→serving, {n} persistent handles"),
+                    "mandatory-lock check (CheckIo) round trip",
                     1,
-                    0.0,
-                    f.start_to_serving_ms * 1e3,
-                    0.0,
+                    io.ops_per_s,
+                    io.mean_us,
+                    io.p99_us,
                 )
-                .beside(
-                    "raw open_by_handle_at+close of all",
-                    f.raw_open_by_handle_ms * 1e3,
-                ),
+                .beside("raw SEQPACKET round trip", rtt.mean_us),
             );
-            rep.restart.push(f.clone());
-            if let Some(e) = etcd::start(&dir, 1)? {
-                let (fe, page_ms) = restart::measure_etcd(&filterd, &dir, n, &e.hosts())?;
-                let raw = page_ms + fe.raw_open_by_handle_ms;
-                rep.rows.push(
-                    Row::new(
-                        &format!(
-                            "filterd start→serving, {n} persistent handles, etcd store 1 node"
-                        ),
-                        1,
-                        0.0,
-                        fe.start_to_serving_ms * 1e3,
-                        0.0,
-                    )
-                    .beside("raw page through etcd + open_by_handle_at", raw * 1e3),
+            if smbshim.exists() {
+                eprintln!("rkbench: smbl/1 through smbshim…");
+                smb_section(&mut rep, &filterd, &smbshim, &dir, dur, tcp, args.quick)?;
+            } else {
+                eprintln!(
+                    "rkbench: skipped smbl/1 section: smbshim not built ({} does not exist)",
+                    smbshim.display()
                 );
-                if n == *sizes.last().unwrap_or(&n) {
+            }
+            if nfsshim.exists() {
+                eprintln!("rkbench: nfsl/1 through nfsshim…");
+                nfs_section(&mut rep, &filterd, &nfsshim, &dir, dur, tcp)?;
+            } else {
+                eprintln!(
+                    "rkbench: skipped nfsl/1 section: nfsshim not built ({} does not exist)",
+                    nfsshim.display()
+                );
+            }
+            eprintln!("rkbench: local opens under fanotify…");
+            match local::measure(&filterd, &dir, dur)? {
+                Some(l) => {
+                    rep.rows.push(Row::new(
+                        "local open+close, no fanotify (raw)",
+                        1,
+                        l.raw.ops_per_s,
+                        l.raw.mean_us,
+                        l.raw.p99_us,
+                    ));
+                    rep.rows.push(
+                        Row::new(
+                            "local open+close, allow-all fanotify listener",
+                            1,
+                            l.allow_all.ops_per_s,
+                            l.allow_all.mean_us,
+                            l.allow_all.p99_us,
+                        )
+                        .beside("raw open+close", l.raw.mean_us),
+                    );
+                    rep.rows.push(
+                        Row::new(
+                            "local open+close via filterd, file without state",
+                            1,
+                            l.stateless.ops_per_s,
+                            l.stateless.mean_us,
+                            l.stateless.p99_us,
+                        )
+                        .beside("raw open+close", l.raw.mean_us),
+                    );
+                    rep.rows.push(
+                        Row::new(
+                            "local open+close via filterd, file with state",
+                            1,
+                            l.stateful.ops_per_s,
+                            l.stateful.mean_us,
+                            l.stateful.p99_us,
+                        )
+                        .beside("allow-all listener", l.allow_all.mean_us),
+                    );
                     rep.target(
-                        &format!("restart with {n} handles from etcd ≤ 2× raw page-through + open_by_handle_at"),
-                        fe.start_to_serving_ms / raw,
-                        2.0,
+                        "local open of a file without protocol state ≤ 1.2× raw",
+                        l.stateless.mean_us / l.raw.mean_us,
+                        1.2,
+                        true,
+                    );
+                    let n = local::OPENERS;
+                    rep.rows.push(
+                        Row::new(
+                            "local open+close, allow-all fanotify listener, concurrent openers",
+                            n,
+                            l.allow_all_many.ops_per_s,
+                            l.allow_all_many.mean_us,
+                            l.allow_all_many.p99_us,
+                        )
+                        .beside_rate("raw, same openers", l.raw_many.ops_per_s),
+                    );
+                    let (many, refused) = l.stateful_many;
+                    rep.rows.push(
+                        Row::new(
+                            "local open+close via filterd, file with state, concurrent openers",
+                            n,
+                            many.ops_per_s,
+                            many.mean_us,
+                            many.p99_us,
+                        )
+                        .beside_rate(
+                            "allow-all listener, same openers",
+                            l.allow_all_many.ops_per_s,
+                        )
+                        .with("refused", refused as f64)
+                        .with("raw_ops_per_s", l.raw_many.ops_per_s)
+                        .note(format!("{refused} refused")),
+                    );
+                    rep.target(
+                        "local open of a file with protocol state ≤ 1.5× allow-all listener",
+                        l.stateful.mean_us / l.allow_all.mean_us,
+                        1.5,
                         true,
                     );
                 }
-            }
-            if n == 100_000 {
-                rep.target(
-                    "restart with 100k handles ≤ 1000 ms",
-                    f.start_to_serving_ms / 1000.0,
-                    1.0,
-                    true,
-                );
-                rep.target(
-                    "restart with 100k handles ≤ 3× raw open_by_handle_at",
-                    f.start_to_serving_ms / f.raw_open_by_handle_ms,
-                    3.0,
-                    true,
-                );
+                None => eprintln!(
+                "rkbench: skipped local-open section: needs root (mounts a tmpfs, uses fanotify)"
+            ),
             }
         }
+        restart_section(&mut rep, &filterd, &dir, args.quick)?;
     } else {
         eprintln!(
             "rkbench: skipped: filterd not built ({} does not exist); \
@@ -387,6 +335,111 @@ fn main() -> anyhow::Result<()> {
     print!("{}", rep.table());
     rep.write_json(&args.json)?;
     println!("JSON report: {}", args.json.display());
+    Ok(())
+}
+
+/// Restart rows: start→serving with 10k and 100k persistent handles (LMDB,
+/// and etcd when there is an etcd binary) beside raw `open_by_handle_at`,
+/// and filterd's memory per handle at the largest size beside the stored
+/// bytes per record.
+fn restart_section(
+    rep: &mut Report,
+    filterd: &std::path::Path,
+    dir: &std::path::Path,
+    quick: bool,
+) -> anyhow::Result<()> {
+    eprintln!("rkbench: restart recovery…");
+    let sizes: &[usize] = if quick { &[10_000] } else { &[10_000, 100_000] };
+    let empty = restart::measure(filterd, dir, 0)?;
+    for &n in sizes {
+        let f = restart::measure(filterd, dir, n)?;
+        let per_handle =
+            |rss_kib: u64| (rss_kib.saturating_sub(empty.rss_kib) as f64 * 1024.0) / n as f64;
+        if n == *sizes.last().unwrap_or(&n) {
+            let bytes = per_handle(f.rss_kib);
+            rep.rows.push(
+                Row::new(
+                    &format!("filterd RSS per handle, {n} persistent handles (bytes)"),
+                    1,
+                    0.0,
+                    bytes,
+                    0.0,
+                )
+                .beside(
+                    "LMDB data file bytes per handle",
+                    f.stored_bytes as f64 / n as f64,
+                )
+                .with("rss_kib", f.rss_kib as f64)
+                .with("rss_empty_kib", empty.rss_kib as f64)
+                .with(
+                    "anon_bytes_per_handle",
+                    (f.rss_anon_kib.saturating_sub(empty.rss_anon_kib) as f64 * 1024.0) / n as f64,
+                )
+                .with(
+                    "file_bytes_per_handle",
+                    (f.rss_file_kib.saturating_sub(empty.rss_file_kib) as f64 * 1024.0) / n as f64,
+                )
+                .note("bytes, not µs".into()),
+            );
+            rep.target(
+                &format!("filterd RSS per handle at {n} handles ≤ 1 KiB"),
+                bytes / 1024.0,
+                1.0,
+                true,
+            );
+        }
+        rep.rows.push(
+            Row::new(
+                &format!("filterd start→serving, {n} persistent handles"),
+                1,
+                0.0,
+                f.start_to_serving_ms * 1e3,
+                0.0,
+            )
+            .beside(
+                "raw open_by_handle_at+close of all",
+                f.raw_open_by_handle_ms * 1e3,
+            ),
+        );
+        rep.restart.push(f.clone());
+        if let Some(e) = etcd::start(dir, 1)? {
+            let (fe, page_ms) = restart::measure_etcd(filterd, dir, n, &e.hosts())?;
+            let raw = page_ms + fe.raw_open_by_handle_ms;
+            rep.rows.push(
+                Row::new(
+                    &format!("filterd start→serving, {n} persistent handles, etcd store 1 node"),
+                    1,
+                    0.0,
+                    fe.start_to_serving_ms * 1e3,
+                    0.0,
+                )
+                .beside("raw page through etcd + open_by_handle_at", raw * 1e3)
+                .with("rss_per_handle_bytes", per_handle(fe.rss_kib)),
+            );
+            if n == *sizes.last().unwrap_or(&n) {
+                rep.target(
+                        &format!("restart with {n} handles from etcd ≤ 2× raw page-through + open_by_handle_at"),
+                        fe.start_to_serving_ms / raw,
+                        2.0,
+                        true,
+                    );
+            }
+        }
+        if n == 100_000 {
+            rep.target(
+                "restart with 100k handles ≤ 1000 ms",
+                f.start_to_serving_ms / 1000.0,
+                1.0,
+                true,
+            );
+            rep.target(
+                "restart with 100k handles ≤ 3× raw open_by_handle_at",
+                f.start_to_serving_ms / f.raw_open_by_handle_ms,
+                3.0,
+                true,
+            );
+        }
+    }
     Ok(())
 }
 

@@ -5,6 +5,10 @@
 //! The state is prepared offline, the way a crashed daemon leaves it: N files
 //! in the export root and N persistent handle records written straight into
 //! the LMDB store through `libfilter::store`.
+//!
+//! Each start also gives filterd's memory once serving (`/proc/PID/status`)
+//! and the LMDB data file's size: against a start with no handle, the
+//! memory each handle costs, beside the bytes its record takes on disk.
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -27,6 +31,27 @@ pub struct RestartFigure {
     pub raw_open_by_handle_ms: f64,
     /// Handles the daemon reported recovered.
     pub recovered: u64,
+    /// filterd's resident set once serving, KiB (`VmRSS`).
+    pub rss_kib: u64,
+    /// Of which anonymous memory (heap: the engine's tables), KiB.
+    pub rss_anon_kib: u64,
+    /// Of which file pages (the LMDB map pages recovery read), KiB.
+    pub rss_file_kib: u64,
+    /// Disk blocks the LMDB data file holds, bytes (0 for etcd).
+    pub stored_bytes: u64,
+}
+
+/// `VmRSS`, `RssAnon` and `RssFile` of `pid`, KiB.
+fn rss_of(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("{name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?, field("RssFile:")?))
 }
 
 fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHandle>> {
@@ -171,6 +196,11 @@ fn start_to_serving(
         libfilter::proto::Reply::Stats(s) => s.recoveries,
         _ => 0,
     };
+    let (rss_kib, rss_anon_kib, rss_file_kib) = rss_of(d.pid())?;
+    let stored_bytes = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(state.join("lmdb/data.mdb")).map_or(0, |m| m.blocks() * 512)
+    };
     drop(client);
     drop(d);
     // A fast start that lost handles is no figure at all (the directory
@@ -186,5 +216,9 @@ fn start_to_serving(
         start_to_serving_ms: serving.as_secs_f64() * 1e3,
         raw_open_by_handle_ms: raw.as_secs_f64() * 1e3,
         recovered,
+        rss_kib,
+        rss_anon_kib,
+        rss_file_kib,
+        stored_bytes,
     })
 }
