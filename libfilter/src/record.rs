@@ -30,9 +30,10 @@ use uuid::Uuid;
 use crate::lease::{LeaseKey, LeaseState};
 use crate::locks::{LockKind, LockRange};
 use crate::model::{
-    Access, ClientId, ConnState, CreateAction, CreateGuid, Durability, FileId, HandleRecord,
-    HeldLease, HeldLock, InstanceName, Intent, IntentChange, IntentId, KernelHandle, ModelError,
-    Protocol, RecordSpec, RelPath, ReplayRecord, ReplayScope, ResumeKey, Rights, ScopeName,
+    Access, ClientId, ConnState, CreateAction, CreateGuid, Durability, FileId, FileStamp,
+    HandleRecord, HeldLease, HeldLock, InstanceName, Intent, IntentChange, IntentId, KernelHandle,
+    ModelError, Protocol, RecordSpec, RelPath, ReplayRecord, ReplayScope, ResumeKey, Rights,
+    ScopeName,
 };
 
 /// The version byte of a JSON record (schema 1).
@@ -492,6 +493,8 @@ pub enum IntentChangeV2<'a> {
         /// The reply to record.
         #[serde(borrow)]
         record: Option<RecordSpecV2<'a>>,
+        /// The file before the change.
+        before: Option<FileStamp>,
     },
     /// [`IntentChange::Remove`].
     Remove {
@@ -515,6 +518,8 @@ pub enum IntentChangeV2<'a> {
         /// The handle record to install.
         #[serde(borrow)]
         record: HandleRecordV2<'a>,
+        /// The file before the truncate.
+        before: Option<FileStamp>,
     },
 }
 
@@ -546,11 +551,13 @@ impl StoredRecord for Intent {
                 kernel_handle,
                 size,
                 record,
+                before,
             } => IntentChangeV2::SetSize {
                 key: *key.as_bytes(),
                 kernel_handle: KernelHandleV2::of(kernel_handle),
                 size: *size,
                 record: record.as_ref().map(RecordSpecV2::of),
+                before: *before,
             },
             IntentChange::Remove {
                 path,
@@ -566,8 +573,9 @@ impl StoredRecord for Intent {
                 kernel_handle: kernel_handle.as_ref().map(KernelHandleV2::of),
                 on_close: *on_close,
             },
-            IntentChange::TruncatingOpen { record } => IntentChangeV2::TruncatingOpen {
+            IntentChange::TruncatingOpen { record, before } => IntentChangeV2::TruncatingOpen {
                 record: record.to_v2(),
+                before: *before,
             },
         };
         IntentV2 {
@@ -606,11 +614,13 @@ impl StoredRecord for Intent {
                 kernel_handle,
                 size,
                 record,
+                before,
             } => IntentChange::SetSize {
                 key: ResumeKey(Uuid::from_bytes(key)),
                 kernel_handle: kernel_handle.into_model()?,
                 size,
                 record: spec(record)?,
+                before,
             },
             IntentChangeV2::Remove {
                 path,
@@ -629,8 +639,9 @@ impl StoredRecord for Intent {
                 kernel_handle: kernel_handle.map(KernelHandleV2::into_model).transpose()?,
                 on_close,
             },
-            IntentChangeV2::TruncatingOpen { record } => IntentChange::TruncatingOpen {
+            IntentChangeV2::TruncatingOpen { record, before } => IntentChange::TruncatingOpen {
                 record: Box::new(HandleRecord::from_v2(record)?),
+                before,
             },
         };
         Ok(Intent {
@@ -812,14 +823,22 @@ mod tests {
                         kernel_handle,
                     }
                 }),
-            (uuid(), kernel_handle(), any::<u64>(), record_spec()).prop_map(
-                |(key, kernel_handle, size, record)| IntentChange::SetSize {
-                    key: ResumeKey(key),
-                    kernel_handle,
-                    size,
-                    record,
-                }
-            ),
+            (
+                uuid(),
+                kernel_handle(),
+                any::<u64>(),
+                record_spec(),
+                proptest::option::of(stamp())
+            )
+                .prop_map(|(key, kernel_handle, size, record, before)| {
+                    IntentChange::SetSize {
+                        key: ResumeKey(key),
+                        kernel_handle,
+                        size,
+                        record,
+                        before,
+                    }
+                }),
             (
                 path(),
                 file(),
@@ -836,10 +855,18 @@ mod tests {
                         on_close,
                     }
                 }),
-            handle_record().prop_map(|r| IntentChange::TruncatingOpen {
-                record: Box::new(r)
+            (handle_record(), proptest::option::of(stamp())).prop_map(|(r, before)| {
+                IntentChange::TruncatingOpen {
+                    record: Box::new(r),
+                    before,
+                }
             }),
         ]
+    }
+
+    fn stamp() -> impl Strategy<Value = FileStamp> {
+        (any::<u64>(), any::<(i64, i64)>(), any::<(i64, i64)>())
+            .prop_map(|(size, mtime, ctime)| FileStamp { size, mtime, ctime })
     }
 
     fn intent() -> impl Strategy<Value = Intent> {
