@@ -239,6 +239,7 @@ fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
             let _ = tx.send(b.call(json!({"cmd": "WRITE", "session_id": sb, "file_id": fb, "offset": 50, "data": word, "op_id": 3})));
         });
         let early = rx.recv_timeout(Duration::from_millis(800)).ok();
+        let answered_before_the_kill = early.is_some();
         d.kill9();
         let _d = Filterd::start(&s, &[], &[]);
         let write = early.or_else(|| rx.recv_timeout(Duration::from_secs(30)).ok());
@@ -273,10 +274,17 @@ fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
             content.len()
         );
         assert_eq!(content.get(..10), Some(&[b'x'; 10][..]), "{point}");
-        if write
+        let acknowledged = write
             .as_ref()
-            .is_some_and(|w| w["status"] == "STATUS_SUCCESS")
-        {
+            .is_some_and(|w| w["status"] == "STATUS_SUCCESS");
+        // Stalled before the intent's commit, nothing of the SET_INFO is
+        // done yet: a WRITE that got through then (smbshim not yet told
+        // to check the file's I/O) comes before the truncate, and the
+        // re-sent SET_INFO, applied after it, legitimately cuts it off.
+        let before_the_change = point == "commit.before:3" && answered_before_the_kill;
+        if acknowledged && before_the_change && content.len() == 10 {
+            eprintln!("{point}: the WRITE came before the change, which cut it off");
+        } else if acknowledged {
             assert_eq!(
                 content.get(50..54),
                 Some(&b"DATA"[..]),

@@ -243,6 +243,11 @@ impl Engine {
         self.batch.committed = self.pipe.committed();
     }
 
+    /// The commit the request being run waits for, while it is pending.
+    pub(super) fn request_waits_for(&self) -> Option<u64> {
+        (self.batch.dep > self.pipe.committed()).then_some(self.batch.dep)
+    }
+
     /// Ends the request being run: settles the handles it expired or
     /// purged, then closes its group.
     fn end_request(&mut self) {
@@ -256,7 +261,7 @@ impl Engine {
     /// delete on close becomes an unlink made only once it is durable, and
     /// the frontend's `Expired`/`Purged` event goes out only then (never,
     /// if it fails). With nothing pending all of it happens at once.
-    fn settle_removals(&mut self) {
+    pub(super) fn settle_removals(&mut self) {
         if self.removals.is_empty() {
             return;
         }

@@ -134,8 +134,28 @@ impl Engine {
             // A purged holder's close may have deleted the file (delete on
             // close) or given up a share reservation: open again from the
             // start, against the file as it is now. The purged handles are
-            // gone, so this recurses at most once per holder.
+            // gone, so this recurses at most once per holder. Their
+            // removal is settled first: a delete on close happens now, or,
+            // when this request already waits for a commit, once that is
+            // durable — and the open waits for it too.
+            let file = of.file;
             drop(of);
+            let pending = self.request_waits_for();
+            self.settle_removals();
+            if let Some(dep) = pending {
+                self.wait_limit()?;
+                self.wait_for_commit(dep, file);
+                self.waiting.push(WaitingOpen {
+                    file,
+                    conn,
+                    id: req_id,
+                    protocol,
+                    instance,
+                    req: o,
+                    replay,
+                });
+                return Ok(None);
+            }
             return self.open(conn, req_id, protocol, instance, o, replay);
         }
         if breaking && o.no_wait {
