@@ -198,6 +198,16 @@ impl Drop for UncheckedIo<'_> {
     }
 }
 
+/// A read or write a frontend may do now: hold it across the pread/pwrite
+/// and drop it right after (before any fsync or filterd round trip).
+pub enum IoPass<'a> {
+    /// Decided here, no lock on the file ([`IoDecision::Unchecked`]).
+    Unchecked(UncheckedIo<'a>),
+    /// Allowed by filterd ([`crate::client::FilterClient::check_io`]):
+    /// dropping it sends `IoDone`, and conflicting locks wait until then.
+    Checked(crate::client::CheckedIo),
+}
+
 /// The whole gate, held while a frontend applies a `Reattached` (see
 /// [`Attachment::exclusive_io`]).
 pub struct ExclusiveIo<'a> {
