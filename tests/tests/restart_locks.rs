@@ -750,3 +750,47 @@ fn checked_write_then_lock(b: &mut Both) -> (u64, Vec<u8>) {
     ok(r);
     (id, at_grant)
 }
+
+/// Issue 13, F3 across a restart: `f` has a (persistent) nfsl/1 lock on
+/// 80..90, so an smbl/1 WRITE of 12..16 is checked; it is held in its
+/// pwrite (3 s) while filterd is killed and restarted (smbshim's connect
+/// slowed 1.5 s, so it is still away when the LOCK comes); the nfsl/1
+/// client's LOCK of 10..30 after the restart — not a first lock, the file
+/// kept its lock — is answered only after the WRITE landed: smbshim drains
+/// its checked I/O before its hello too, and the new filterd makes a lock
+/// wait for the hello of every frontend seen before the restart. Old code:
+/// granted as soon as nfsshim was back, the WRITE landing inside it.
+#[test]
+fn a_checked_write_in_flight_across_a_restart_lands_before_a_later_lock() {
+    let mut b = both("checked-restart");
+    ok(b.n.call_patiently(
+        json!({"op": "LOCK", "stateid": b.sid, "owner": "lo", "type": "write",
+               "offset": 80, "length": 10}),
+    ));
+    let before = b.d.control().stats().unwrap().io_checks;
+    let _slow = slow_syscalls(
+        b.smb.pid(),
+        &b.s.dir.join("trace"),
+        &[("pwrite64", 3_000_000), ("connect", 1_500_000)],
+    );
+    let id = smb_write_held(&mut b);
+    assert_eq!(
+        b.d.control().stats().unwrap().io_checks,
+        before + 1,
+        "the WRITE was checked"
+    );
+    b.d.kill9();
+    b.d = start_filterd(&b.s, "15000");
+    ok(b.n.call_patiently(
+        json!({"op": "LOCK", "stateid": b.sid, "owner": "lo", "type": "write",
+               "offset": 10, "length": 20}),
+    ));
+    let at_grant = locked_bytes(&b.s);
+    assert_eq!(
+        &at_grant[2..6],
+        b"XXXX",
+        "the LOCK was granted before the checked WRITE landed"
+    );
+    let _ = b.m.reply_to("mid", id);
+    assert_eq!(locked_bytes(&b.s), at_grant);
+}

@@ -1750,7 +1750,12 @@ fn check_io<'a>(
             write,
         )
         .map_err(filter_fail)?;
-    Ok(Some(IoPass::Checked(pass)))
+    // The daemon lost since the check: retry (as for NotReady).
+    ctx.sh
+        .filter
+        .checked(o.file_key, pass)
+        .map(Some)
+        .ok_or_else(|| filter_fail(ClientError::Disconnected))
 }
 
 fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {

@@ -872,7 +872,11 @@ fn check_io<'a>(
         .client()
         .check_io(key, range, write)
         .map_err(filter_fail)?;
-    Ok(Some(IoPass::Checked(pass)))
+    // The daemon lost since the check: retry (as for NotReady).
+    sh.filter
+        .checked(o.file_key, pass)
+        .map(Some)
+        .ok_or_else(|| filter_fail(ClientError::Disconnected))
 }
 
 fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
