@@ -392,15 +392,19 @@ impl Attachment {
     /// drains it before its next hello (a filterd restarted meanwhile
     /// knows nothing of it; its locks wait for that hello) and
     /// [`Attachment::drain_file`] waits for it. `None` when the daemon was
-    /// lost since the check (not [`Attachment::io_ready`]): refuse the I/O
-    /// with the retry status, as for [`IoDecision::NotReady`].
+    /// lost since the check (not [`Attachment::io_ready`], or `pass` is of
+    /// an older connection): refuse the I/O with the retry status, as for
+    /// [`IoDecision::NotReady`].
     pub fn checked(&self, file: FileId, pass: crate::client::CheckedIo) -> Option<IoPass<'_>> {
         let gate = &self.shared.gate;
         let mut g = gate.lock();
         while g.closed {
             g = gate.wait(g);
         }
-        if !self.io_ready() {
+        // Allowed by a daemon lost since (even if this attachment is back
+        // and resynced already): that daemon's successor never heard of
+        // it, and the drain before the hello did not wait for it.
+        if !self.io_ready() || !pass.is_of(&self.client()) {
             return None;
         }
         let ticket = g.next_ticket;

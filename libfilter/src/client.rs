@@ -743,6 +743,16 @@ pub struct CheckedIo {
     check: u64,
 }
 
+impl CheckedIo {
+    /// Whether filterd allowed it on the connection `c` (not on one lost
+    /// since).
+    pub fn is_of(&self, c: &FilterClient) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|i| Arc::ptr_eq(i, &c.inner))
+    }
+}
+
 impl std::fmt::Debug for CheckedIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CheckedIo")
