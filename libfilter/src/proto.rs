@@ -253,8 +253,10 @@ pub enum Request {
     /// for it — up to the break timeout, after which this frontend is
     /// dropped like one that does not acknowledge a lock hint. Every
     /// passed `CheckIo` must be followed by one (`libfilter`'s
-    /// [`crate::client::CheckedIo`] guard sends it when dropped); an id
-    /// filterd does not know is ignored. Frontend only.
+    /// [`crate::client::CheckedIo`] guard sends it when dropped, also when
+    /// the check timed out). A `CheckIo` still waiting is withdrawn by it
+    /// (answered `Busy`); another id filterd does not know is ignored.
+    /// Frontend only.
     IoDone {
         /// The id of the `CheckIo` request frame that passed.
         check: u64,

@@ -122,10 +122,22 @@ impl Engine {
     }
 
     /// `IoDone`: the I/O `check` of `conn` is done; a lock waiting for it
-    /// runs again. An unknown id is ignored.
+    /// runs again. A `CheckIo` still parked (its caller gave up waiting
+    /// for the answer) is withdrawn, so it never registers an I/O nobody
+    /// will report done. Another unknown id is ignored.
     pub(super) fn checked_io_done(&mut self, conn: ConnId, check: u64) {
         let t = &mut self.checked_io;
         let Some(file) = t.index.remove(&(conn, check)) else {
+            let parked = self.waiting_changes.iter().position(|(_, c, id, r)| {
+                *c == conn && *id == check && matches!(r, Request::CheckIo { .. })
+            });
+            if let Some(i) = parked {
+                self.waiting_changes.remove(i);
+                if let Some(w) = self.conns.get(&conn).map(|c| c.writer.clone()) {
+                    let e = err(ErrorCode::Busy, "withdrawn by its IoDone");
+                    self.answer(conn, &w, check, Err(e));
+                }
+            }
             return;
         };
         if Self::remove_io(t, conn, check, file) {

@@ -1290,6 +1290,11 @@ fn a_lock_waits_for_checked_io_until_its_io_done() {
     h.commit(true);
     assert!(h.reply(l).is_none() && h.reply(r).is_none());
     assert!(matches!(h.reply(other), Some(Ok(_))));
+    // A parked check whose caller gave up (its IoDone came first) is
+    // withdrawn: answered, never registered.
+    let gave_up = h.run(check(kb, 70, true));
+    h.run(Request::IoDone { check: gave_up });
+    assert_eq!(h.refused(gave_up), ErrorCode::Busy);
     // IoDone: the lock is granted, then the read check passes.
     h.run(Request::IoDone { check: w });
     assert!(h.reply(h.last_id).is_none(), "IoDone is never answered");
