@@ -6,10 +6,12 @@
 //! without asking filterd. When filterd dies, such a write may still be in
 //! flight, and the restarted filterd — which has no record of the
 //! frontend's non-durable handles — could grant a first lock before it
-//! lands. So a restarted filterd makes a first lock wait until every
+//! lands; and a read or write the old filterd checked (`CheckIo`) on a
+//! file that kept its locks is unknown to the new one too. So a restarted
+//! filterd makes a lock (a first one or not) wait until every
 //! instance named here whose process is still alive (same pid, same start
 //! time: a dead process has nothing in flight) has said hello again (a
-//! frontend drains its unchecked I/O before it says hello; see
+//! frontend drains its unchecked and checked I/O before it says hello; see
 //! `libfilter::attach`), or until the break timeout, when the instance is
 //! given up and struck off.
 //!
@@ -173,7 +175,7 @@ impl FrontendsSeen {
         let tmp = path.with_extension("seen.tmp");
         let r = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = r {
-            warn!(file = %path.display(), error = %e, "cannot record the frontends seen: a first lock after a restart may not wait for them");
+            warn!(file = %path.display(), error = %e, "cannot record the frontends seen: a lock after a restart may not wait for them");
         }
     }
 }

@@ -82,8 +82,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     //    skips CheckIo on files without locks decides each read or write
     //    with `decide_io` (and does it while holding the per-file guard
     //    that returns), handles `LocksPresent` with `locks_present`, and
-    //    applies `Reattached` under `exclusive_io`. The attachment waits
-    //    for those guards before it says hello to a restarted filterd.
+    //    applies `Reattached` under `exclusive_io`. On a file with locks
+    //    (`IoDecision::Check`) `check_io` returns a guard to hold, through
+    //    `checked`, across the pread/pwrite: filterd grants no conflicting
+    //    lock until it is dropped. The attachment waits for those guards
+    //    before it says hello to a restarted filterd.
     if let Ok(AttachEvent::Reattached {
         generation,
         resumed,

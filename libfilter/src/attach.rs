@@ -44,15 +44,16 @@
 //! landed, never before. A `Reattached` is applied under
 //! [`Attachment::exclusive_io`] (no unchecked I/O on any file in flight or
 //! starting). Checked I/O (a CheckIo round trip, then the pread/pwrite)
-//! is not counted, so the event thread never waits on filterd: a lock
-//! granted between a passed CheckIo and its pwrite is a window this design
-//! leaves open (filterd is not in the data path).
+//! counts in the gate only from the check's answer to the end of its
+//! pread/pwrite ([`Attachment::checked`]), so the event thread never waits
+//! on filterd; filterd itself holds back a conflicting lock until the
+//! pass's `IoDone` (issue 13, F3).
 //!
 //! Drained before every hello (issue 13, review 1 and 2): when the daemon is
 //! lost, the supervisor first makes [`Attachment::io_ready`] false (no new
-//! unchecked I/O), then waits until every unchecked read and write decided
-//! while the old daemon was there has finished, and only then says hello to
-//! the new one. A restarted filterd therefore knows that a frontend that
+//! unchecked I/O, no checked I/O counted after it), then waits until every
+//! read and write decided or checked while the old daemon was there has
+//! finished, and only then says hello to the new one. A restarted filterd therefore knows that a frontend that
 //! has said hello has nothing in flight from before — whether that I/O went
 //! through a non-durable handle the restart forgot or a persistent one it
 //! resumes — and makes a first lock wait for the frontends it saw before
@@ -196,6 +197,22 @@ impl Drop for UncheckedIo<'_> {
         drop(g);
         self.gate.changed.notify_all();
     }
+}
+
+/// A read or write a frontend may do now: hold it across the pread/pwrite
+/// and drop it right after (before any fsync or filterd round trip).
+pub enum IoPass<'a> {
+    /// Decided here, no lock on the file ([`IoDecision::Unchecked`]).
+    Unchecked(UncheckedIo<'a>),
+    /// Allowed by filterd ([`Attachment::checked`]): dropping it sends
+    /// `IoDone` (conflicting locks wait until then), and it counts in the
+    /// gate like an unchecked one, so it is drained before a hello too.
+    Checked {
+        /// Its place in the gate.
+        gate: UncheckedIo<'a>,
+        /// filterd's pass.
+        pass: crate::client::CheckedIo,
+    },
 }
 
 /// The whole gate, held while a frontend applies a `Reattached` (see
@@ -367,6 +384,36 @@ impl Attachment {
         g.next_ticket += 1;
         g.in_flight.entry(file).or_default().insert(ticket);
         IoDecision::Unchecked(UncheckedIo { gate, file, ticket })
+    }
+
+    /// A read or write of `file` that filterd allowed (`pass`, from
+    /// [`FilterClient::check_io`] after [`IoDecision::Check`]): counted in
+    /// flight on `file` like an unchecked one, so that the attachment
+    /// drains it before its next hello (a filterd restarted meanwhile
+    /// knows nothing of it; its locks wait for that hello) and
+    /// [`Attachment::drain_file`] waits for it. `None` when the daemon was
+    /// lost since the check (not [`Attachment::io_ready`], or `pass` is of
+    /// an older connection): refuse the I/O with the retry status, as for
+    /// [`IoDecision::NotReady`].
+    pub fn checked(&self, file: FileId, pass: crate::client::CheckedIo) -> Option<IoPass<'_>> {
+        let gate = &self.shared.gate;
+        let mut g = gate.lock();
+        while g.closed {
+            g = gate.wait(g);
+        }
+        // Allowed by a daemon lost since (even if this attachment is back
+        // and resynced already): that daemon's successor never heard of
+        // it, and the drain before the hello did not wait for it.
+        if !self.io_ready() || !pass.is_of(&self.client()) {
+            return None;
+        }
+        let ticket = g.next_ticket;
+        g.next_ticket += 1;
+        g.in_flight.entry(file).or_default().insert(ticket);
+        Some(IoPass::Checked {
+            gate: UncheckedIo { gate, file, ticket },
+            pass,
+        })
     }
 
     /// Held while the frontend applies what changes the decision of

@@ -307,6 +307,11 @@ impl FilterClient {
     /// Sends any request and waits for its reply (and descriptors).
     pub fn call(&self, req: Request) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.call_as(id, req)
+    }
+
+    /// As [`FilterClient::call`], with the request id chosen by the caller.
+    fn call_as(&self, id: u64, req: Request) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
         let bytes = proto::encode(&RequestFrame { id, req })?;
         let (tx, rx) = bounded(4);
         {
@@ -621,18 +626,18 @@ impl FilterClient {
     }
 
     /// Whether the handle may read (or write) the range past others' locks.
+    /// The returned guard stands for that read or write: do the
+    /// pread/pwrite while holding it and drop it right after (before any
+    /// fsync or filterd round trip). Until it is dropped filterd holds back
+    /// every conflicting LOCK of another handle — for at most the break
+    /// timeout, after which it drops this frontend.
     pub fn check_io(
         &self,
         key: ResumeKey,
         range: crate::locks::LockRange,
         write: bool,
-    ) -> Result<(), ClientError> {
-        Self::expect_done(self.call(Request::CheckIo {
-            key,
-            range,
-            write,
-            own_protocol_advisory: false,
-        })?)
+    ) -> Result<CheckedIo, ClientError> {
+        self.check_io_with(key, range, write, false)
     }
 
     /// As [`FilterClient::check_io`], with locks of the caller's own
@@ -642,13 +647,41 @@ impl FilterClient {
         key: ResumeKey,
         range: crate::locks::LockRange,
         write: bool,
-    ) -> Result<(), ClientError> {
-        Self::expect_done(self.call(Request::CheckIo {
-            key,
-            range,
-            write,
-            own_protocol_advisory: true,
-        })?)
+    ) -> Result<CheckedIo, ClientError> {
+        self.check_io_with(key, range, write, true)
+    }
+
+    fn check_io_with(
+        &self,
+        key: ResumeKey,
+        range: crate::locks::LockRange,
+        write: bool,
+        own_protocol_advisory: bool,
+    ) -> Result<CheckedIo, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Built first: whatever happens to the call (a timeout after
+        // filterd passed it, too), filterd hears that this check is over.
+        let mut done = CheckedIo {
+            inner: Some(self.inner.clone()),
+            check: id,
+        };
+        match self.call_as(
+            id,
+            Request::CheckIo {
+                key,
+                range,
+                write,
+                own_protocol_advisory,
+            },
+        ) {
+            Ok(r) => Self::expect_done(r).map(|()| done),
+            // Refused: nothing was registered, nothing to report.
+            Err(e @ ClientError::Refused(_)) => {
+                done.inner = None;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Every byte-range lock, fetching page after page.
@@ -697,6 +730,56 @@ impl FilterClient {
     /// Tells the daemon the handle's client went away.
     pub fn detach(&self, key: ResumeKey) -> Result<(), ClientError> {
         Self::expect_done(self.call(Request::Detach { key })?)
+    }
+}
+
+/// A read or write filterd allowed ([`FilterClient::check_io`]), in flight
+/// until this is dropped: dropping it tells filterd it is done
+/// ([`Request::IoDone`], one way, no reply), so every exit path — error,
+/// early return, panic — reports it.
+#[must_use = "hold it across the pread/pwrite, drop it right after"]
+pub struct CheckedIo {
+    inner: Option<Arc<Inner>>,
+    check: u64,
+}
+
+impl CheckedIo {
+    /// Whether filterd allowed it on the connection `c` (not on one lost
+    /// since).
+    pub fn is_of(&self, c: &FilterClient) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|i| Arc::ptr_eq(i, &c.inner))
+    }
+}
+
+impl std::fmt::Debug for CheckedIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckedIo")
+            .field("check", &self.check)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for CheckedIo {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        if inner.dead.load(Ordering::Acquire) {
+            // filterd forgets a lost connection's I/O itself.
+            return;
+        }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = RequestFrame {
+            id,
+            req: Request::IoDone { check: self.check },
+        };
+        if let Ok(bytes) = proto::encode(&frame) {
+            // A failed send means the connection is going: filterd forgets
+            // its I/O when it sees it gone.
+            let _ = sys::send_packet(inner.sock.as_fd(), &bytes, None);
+        }
     }
 }
 

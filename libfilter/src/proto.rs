@@ -6,7 +6,8 @@
 //! is a hello ([`Hello`] / [`HelloReply`]) carrying the version and feature
 //! bits. After that the peer sends [`RequestFrame`]s, each with an id of its
 //! choosing; the daemon answers each with exactly one [`ServerFrame::Reply`]
-//! carrying the same id, in any order (requests may be pipelined), and may push
+//! carrying the same id, in any order (requests may be pipelined) — except
+//! [`Request::IoDone`], a one-way notice it never answers — and may push
 //! [`ServerFrame::Event`]s at any time. A reply to an open or a resume carries
 //! the file descriptor as `SCM_RIGHTS` ancillary data.
 //!
@@ -244,6 +245,22 @@ pub enum Request {
         #[serde(default)]
         own_protocol_advisory: bool,
     },
+    /// One-way, never answered: the read or write that the `CheckIo`
+    /// request `check` (its frame id) allowed has been done (its
+    /// pread/pwrite returned). Until then filterd counts that I/O as in
+    /// flight, and a LOCK of another handle whose range it would conflict
+    /// with (any lock over a write, an exclusive one over a read) waits
+    /// for it — up to the break timeout, after which this frontend is
+    /// dropped like one that does not acknowledge a lock hint. Every
+    /// passed `CheckIo` must be followed by one (`libfilter`'s
+    /// [`crate::client::CheckedIo`] guard sends it when dropped, also when
+    /// the check timed out). A `CheckIo` still waiting is withdrawn by it
+    /// (answered `Busy`); another id filterd does not know is ignored.
+    /// Frontend only.
+    IoDone {
+        /// The id of the `CheckIo` request frame that passed.
+        check: u64,
+    },
     /// The holder of a lease acknowledges a break to `state` (at most what
     /// the break asked for). With no break in progress, the holder lowers
     /// its lease of its own accord (`state` at most what it holds; the
@@ -332,6 +349,7 @@ impl Request {
             Request::WriteRecords { .. } => "write_records",
             Request::Lock { .. } => "lock",
             Request::CheckIo { .. } => "check_io",
+            Request::IoDone { .. } => "io_done",
             Request::Locks { .. } => "locks",
             Request::LeaseBreakAck { .. } => "lease_break_ack",
             Request::Rename { .. } => "rename",
@@ -807,6 +825,10 @@ pub struct Stats {
     pub io_checks: u64,
     /// I/O checks refused by a lock.
     pub io_conflicts: u64,
+    /// Times a LOCK was held back by a checked read or write of another
+    /// handle in flight (until its `IoDone`).
+    #[serde(default)]
+    pub locks_waited_for_io: u64,
     /// Locks a local process's fcntl lock kept out (OFD conflict).
     pub local_lock_conflicts: u64,
     /// Local opens (fanotify) allowed.
@@ -875,7 +897,8 @@ pub struct Stats {
     pub frontends_attached: u64,
     /// Frontend connections lost.
     pub frontends_lost: u64,
-    /// Frontends dropped for not acknowledging a lock hint in time.
+    /// Frontends dropped for not acknowledging a lock hint in time, or
+    /// for a checked read or write a lock waited on past the break timeout.
     #[serde(default)]
     pub frontends_dropped: u64,
 }

@@ -121,16 +121,18 @@ fn locks_conflict_across_frontends_and_gate_io() {
         nfs.check_io(kb, r, true).unwrap_err().code(),
         Some(ErrorCode::LockConflict)
     );
-    smb.check_io(ka, r, true).unwrap();
-    nfs.check_io(
-        kb,
-        LockRange {
-            offset: 10,
-            length: 5,
-        },
-        true,
-    )
-    .unwrap();
+    drop(smb.check_io(ka, r, true).unwrap());
+    drop(
+        nfs.check_io(
+            kb,
+            LockRange {
+                offset: 10,
+                length: 5,
+            },
+            true,
+        )
+        .unwrap(),
+    );
     // All or nothing: the second element conflicts, the first is not kept.
     assert!(nfs
         .lock(

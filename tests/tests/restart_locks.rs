@@ -651,3 +651,112 @@ fn closing_an_open_waits_for_its_write_in_flight_before_a_first_lock() {
         });
     }
 }
+
+/// Issue 13, F3: `f` already has a lock elsewhere (the nfsl/1 client's,
+/// bytes 80..90), so smbshim checks each READ and WRITE with filterd. An
+/// smbl/1 WRITE of bytes 12..16 passed its check and is held in its pwrite
+/// (strace, 3 s) when the nfsl/1 client LOCKs 10..30 exclusively (a second
+/// lock, not a first): the LOCK is answered only after the WRITE landed,
+/// and with a 15 s break timeout nobody is dropped. Old code: filterd
+/// forgot the check once it answered it, granted the LOCK at once and the
+/// WRITE landed inside it 3 s later.
+#[test]
+fn a_lock_waits_for_a_checked_write_in_flight() {
+    let mut b = both("checked-inflight");
+    let (id, at_grant) = checked_write_then_lock(&mut b);
+    assert_eq!(
+        &at_grant[2..6],
+        b"XXXX",
+        "the LOCK was granted before the checked WRITE landed"
+    );
+    let (r, _) = b.m.reply_to("mid", id).expect("the WRITE's reply");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(locked_bytes(&b.s), at_grant);
+    let st = b.d.control().stats().unwrap();
+    assert_eq!(st.frontends_dropped, 0, "{st:?}");
+    assert!(st.locks_waited_for_io >= 1, "{st:?}");
+}
+
+/// The same with a 1.5 s break timeout, shorter than the 3 s the WRITE is
+/// held: smbshim, holding a checked write a lock waits for past the
+/// timeout, is treated as failed — dropped — and the LOCK is granted then
+/// (never before: the lock does not silently bypass a live check). Old
+/// code: granted at once, nobody dropped.
+#[test]
+fn a_checked_write_held_past_the_break_timeout_drops_its_frontend() {
+    let mut b = both_with("checked-overdue", "1500", false);
+    let (_, _) = checked_write_then_lock(&mut b);
+    let st = b.d.control().stats().unwrap();
+    assert_eq!(st.frontends_dropped, 1, "{st:?}");
+}
+
+/// The nfsl/1 client locks bytes 80..90 of `f` (smbshim hears of it and
+/// checks I/O on `f` from then on); an smbl/1 WRITE of "XXXX" to 12..16 is
+/// held in its pwrite (strace, 3 s); then the nfsl/1 client LOCKs 10..30
+/// exclusively. Returns the WRITE's `mid` and bytes 10..30 of `f` at the
+/// moment the LOCK was answered.
+fn checked_write_then_lock(b: &mut Both) -> (u64, Vec<u8>) {
+    ok(b.n.call_patiently(
+        json!({"op": "LOCK", "stateid": b.sid, "owner": "lo", "type": "write",
+               "offset": 80, "length": 10}),
+    ));
+    let before = b.d.control().stats().unwrap().io_checks;
+    let _slow = slow_pwrites(b.smb.pid(), &b.s.dir.join("trace"));
+    let id = smb_write_held(b);
+    assert_eq!(
+        b.d.control().stats().unwrap().io_checks,
+        before + 1,
+        "the WRITE was checked"
+    );
+    let r = b.n.call(
+        json!({"op": "LOCK", "stateid": b.sid, "owner": "lo", "type": "write",
+               "offset": 10, "length": 20}),
+    );
+    let at_grant = locked_bytes(&b.s);
+    ok(r);
+    (id, at_grant)
+}
+
+/// Issue 13, F3 across a restart: `f` has a (persistent) nfsl/1 lock on
+/// 80..90, so an smbl/1 WRITE of 12..16 is checked; it is held in its
+/// pwrite (3 s) while filterd is killed and restarted (smbshim's connect
+/// slowed 1.5 s, so it is still away when the LOCK comes); the nfsl/1
+/// client's LOCK of 10..30 after the restart — not a first lock, the file
+/// kept its lock — is answered only after the WRITE landed: smbshim drains
+/// its checked I/O before its hello too, and the new filterd makes a lock
+/// wait for the hello of every frontend seen before the restart. Old code:
+/// granted as soon as nfsshim was back, the WRITE landing inside it.
+#[test]
+fn a_checked_write_in_flight_across_a_restart_lands_before_a_later_lock() {
+    let mut b = both("checked-restart");
+    ok(b.n.call_patiently(
+        json!({"op": "LOCK", "stateid": b.sid, "owner": "lo", "type": "write",
+               "offset": 80, "length": 10}),
+    ));
+    let before = b.d.control().stats().unwrap().io_checks;
+    let _slow = slow_syscalls(
+        b.smb.pid(),
+        &b.s.dir.join("trace"),
+        &[("pwrite64", 3_000_000), ("connect", 1_500_000)],
+    );
+    let id = smb_write_held(&mut b);
+    assert_eq!(
+        b.d.control().stats().unwrap().io_checks,
+        before + 1,
+        "the WRITE was checked"
+    );
+    b.d.kill9();
+    b.d = start_filterd(&b.s, "15000");
+    ok(b.n.call_patiently(
+        json!({"op": "LOCK", "stateid": b.sid, "owner": "lo", "type": "write",
+               "offset": 10, "length": 20}),
+    ));
+    let at_grant = locked_bytes(&b.s);
+    assert_eq!(
+        &at_grant[2..6],
+        b"XXXX",
+        "the LOCK was granted before the checked WRITE landed"
+    );
+    let _ = b.m.reply_to("mid", id);
+    assert_eq!(locked_bytes(&b.s), at_grant);
+}

@@ -4,6 +4,27 @@
 use super::*;
 
 impl Engine {
+    /// A frontend that did not do in time what a lock waits for (a lock
+    /// hint's acknowledgement, a checked write's `IoDone`) is treated as
+    /// failed, never bypassed: its connection is dropped (its durable
+    /// handles detach, its other handles close), so it can do no I/O on the
+    /// file that filterd does not hear of; the lock then proceeds.
+    pub(super) fn drop_frontend(&mut self, c: ConnId, why: &str) {
+        if let Some(x) = self.conns.get(&c) {
+            warn!(conn = c.0, pid = x.peer.pid, "{why}: frontend dropped");
+            self.stats.frontends_dropped += 1;
+            x.writer.kill();
+            // Its durable handles are disconnected now: it must not be
+            // waited for again, as an absent frontend, by the lock it was
+            // just dropped for (nor by another first lock until it attaches
+            // again; it learns of locks when it resumes).
+            if let Role::Frontend { instance, .. } = &x.role {
+                self.hint_gave_up.insert(instance.clone());
+            }
+        }
+        self.on_closed(c);
+    }
+
     /// Expires a disconnected or lost handle. Its frontend hears of it once
     /// the deletion is durable; if that commit fails the handle is back and
     /// its expiry is tried again (`durable::EXPIRY_RETRY_MS`).
@@ -63,24 +84,12 @@ impl Engine {
                     self.hint_give_up(i);
                 }
                 for c in w.conns {
-                    if let Some(x) = self.conns.get(&c) {
-                        warn!(file = ?f, conn = c.0, pid = x.peer.pid, "frontend did not acknowledge a lock hint in time: dropped");
-                        self.stats.frontends_dropped += 1;
-                        x.writer.kill();
-                        // Its durable handles are disconnected now: it must
-                        // not be waited for again, as an absent frontend, by
-                        // the lock it was just dropped for (nor by another
-                        // first lock until it attaches again; it learns of
-                        // locks when it resumes).
-                        if let Role::Frontend { instance, .. } = &x.role {
-                            self.hint_gave_up.insert(instance.clone());
-                        }
-                    }
-                    self.on_closed(c);
+                    self.drop_frontend(c, "frontend did not acknowledge a lock hint in time");
                 }
             }
             self.retry_files.insert(f);
         }
+        self.checked_io_overdue(now);
         let due: Vec<(FileId, LeaseKey)> = self
             .breaking
             .iter()

@@ -96,7 +96,9 @@ impl Engine {
     /// (`frontend_said_hello`; they drain their unchecked I/O before it,
     /// and learn of the lock when they resume or open). Until the
     /// deadline; then attached ones that did not answer are dropped,
-    /// absent ones are given up on.
+    /// absent ones are given up on. A LOCK on a file that has locks
+    /// already waits only for the frontends seen before a restart
+    /// (`restart_wait`).
     /// Returns the file when the request must wait.
     pub(super) fn hint_first(
         &mut self,
@@ -114,7 +116,7 @@ impl Engine {
             return Some(file);
         }
         if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
-            return None;
+            return self.restart_wait(file, &me);
         }
         let told = self.lock_hints.get(&file).cloned().unwrap_or_default();
         // The locker's own frontend too: another of its clients may have
@@ -159,6 +161,36 @@ impl Engine {
             file,
             HintWait {
                 conns: others,
+                absent,
+                deadline,
+            },
+        );
+        Some(file)
+    }
+
+    /// After a restart, a LOCK on a file that has locks already (recovered)
+    /// waits too for the frontends seen before the restart that have not
+    /// said hello since: one may have a read or write of the file in flight
+    /// that the old daemon checked (`CheckIo`) and this one never heard
+    /// of; it drains those before its hello (`libfilter::attach`). Until
+    /// the break timeout, as for a first lock. Returns the file when the
+    /// request must wait.
+    fn restart_wait(&mut self, file: FileId, me: &InstanceName) -> Option<FileId> {
+        let absent: HashSet<InstanceName> = self
+            .restart_expected
+            .iter()
+            .filter(|i| *i != me && !self.hint_gave_up.contains(*i))
+            .cloned()
+            .collect();
+        if absent.is_empty() {
+            return None;
+        }
+        debug!(file = ?file, absent = absent.len(), "lock waits for the frontends seen before the restart");
+        let deadline = mono_ms() + self.cfg.break_timeout_ms;
+        self.hint_waits.insert(
+            file,
+            HintWait {
+                conns: HashSet::new(),
                 absent,
                 deadline,
             },

@@ -43,6 +43,7 @@ use crate::conn::{Poller, Ready};
 use crate::outbox::ConnWriter;
 
 mod changes;
+mod checked_io;
 mod durable;
 mod expiry;
 pub mod fs;
@@ -204,6 +205,8 @@ pub struct Engine {
     restart_expected: HashSet<InstanceName>,
     /// Opens waiting for their intent to be durable before their change.
     parked: HashMap<IntentId, Parked>,
+    /// Reads and writes a `CheckIo` let through, until their `IoDone`.
+    checked_io: checked_io::CheckedIoTable,
     /// Files with a size change in flight, and how many (see
     /// `durable::content_change_begin`).
     content_changes: HashMap<FileId, u32>,
@@ -322,6 +325,7 @@ impl Engine {
             batch: durable::Batch::default(),
             parked: HashMap::new(),
             content_changes: HashMap::new(),
+            checked_io: Default::default(),
             unmirrored: Default::default(),
             gone_after: Vec::new(),
             last_unlink: None,
@@ -413,10 +417,12 @@ impl Engine {
         let next_expiry = self.expiries.peek().map(|Reverse((t, _, _))| *t);
         let next_break = self.breaking.values().map(|b| b.deadline_ms).min();
         let next_hint = self.hint_waits.values().map(|w| w.deadline).min();
+        let next_io = self.checked_io.next_deadline();
         match next_expiry
             .into_iter()
             .chain(next_break)
             .chain(next_hint)
+            .chain(next_io)
             .min()
         {
             Some(t) => Duration::from_millis(t.saturating_sub(now).clamp(1, 1000)),
@@ -562,6 +568,7 @@ impl Engine {
         for told in self.lock_hints.values_mut() {
             told.remove(&conn);
         }
+        self.checked_io_conn_gone(conn);
         for (file, w) in self.hint_waits.iter_mut() {
             if w.conns.remove(&conn) && w.done() {
                 self.retry_files.insert(*file);
@@ -769,6 +776,20 @@ impl Engine {
                     self.waiting_changes.push((file, conn, req_id, req));
                     return Ok(None);
                 }
+                // Granted only after the conflicting reads and writes that
+                // other handles were let do (`CheckIo`) are done.
+                if let Some(file) = self.lock_waits_for_io(key, &locks) {
+                    debug!(file = ?file, "lock waits for checked I/O in flight");
+                    self.stats.locks_waited_for_io += 1;
+                    let req = Request::Lock {
+                        key,
+                        locks,
+                        lock_sequence,
+                        lock_owner,
+                    };
+                    self.waiting_changes.push((file, conn, req_id, req));
+                    return Ok(None);
+                }
                 Ok(Some((
                     self.lock(conn, key, &locks, lock_sequence, lock_owner)?,
                     None,
@@ -796,8 +817,10 @@ impl Engine {
                 self.attached_to(conn, key)?;
                 let file = self.handles.get(&key).map(|h| h.rec.file);
                 if let Some(f) = file {
-                    if self.content_changes.contains_key(&f) {
-                        // A size change is in flight: wait for it.
+                    if self.content_changes.contains_key(&f) || self.lock_waiting_on(f) {
+                        // A size change is in flight, or a lock waits for
+                        // I/O in flight: wait for it (behind the lock, so
+                        // a stream of I/O cannot starve it).
                         let req = Request::CheckIo {
                             key,
                             range,
@@ -823,7 +846,24 @@ impl Engine {
                     e.conflict = file.map(|f| Box::new(self.lock_view(f, &l)));
                     return Err(e);
                 }
+                if let Some(f) = file {
+                    self.checked_io_begin(
+                        conn,
+                        req_id,
+                        key,
+                        f,
+                        range,
+                        write,
+                        own_protocol_advisory,
+                    )?;
+                }
                 Ok(Some((Reply::Done, None)))
+            }
+            Request::IoDone { check } => {
+                need_frontend()?;
+                self.checked_io_done(conn, check);
+                // One way: never answered.
+                Ok(None)
             }
             Request::LeaseBreakAck { lease_key, state } => {
                 need_frontend()?;

@@ -1800,3 +1800,70 @@ fn a_local_open_during_a_pending_expiry_still_meets_its_share_mode() {
     h.commit(true);
     assert_eq!(local_open(&mut h), Some(Verdict::Allow));
 }
+
+/// Issue 13, F3: a LOCK over a range another handle was let write
+/// (`CheckIo`) waits until that write's `IoDone`; a `CheckIo` of the file
+/// arriving meanwhile waits behind the LOCK; a write whose `IoDone` does
+/// not come before the deadline gets its frontend dropped.
+#[test]
+fn a_lock_waits_for_checked_io_until_its_io_done() {
+    let mut h = Harness::new();
+    let a = h.run(open("a", Rights::ALL));
+    let b = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let (ka, kb) = (h.opened(a), h.opened(b));
+    let lock = |key, offset, exclusive| Request::Lock {
+        key,
+        locks: vec![LockOp {
+            range: LockRange { offset, length: 10 },
+            exclusive,
+            unlock: false,
+        }],
+        lock_sequence: None,
+        lock_owner: None,
+    };
+    let check = |key, offset, write| Request::CheckIo {
+        key,
+        range: LockRange { offset, length: 10 },
+        write,
+        own_protocol_advisory: false,
+    };
+    // The file has a lock elsewhere; B is let write 0..10.
+    h.run(lock(ka, 100, true));
+    h.commit(true);
+    let w = h.run(check(kb, 0, true));
+    h.commit(true);
+    assert!(matches!(h.reply(w), Some(Ok(_))));
+    // A's shared lock over it waits; a read check by B waits behind it; a
+    // lock elsewhere does not.
+    let l = h.run(lock(ka, 5, false));
+    let r = h.run(check(kb, 50, false));
+    let other = h.run(lock(ka, 200, true));
+    h.commit(true);
+    assert!(h.reply(l).is_none() && h.reply(r).is_none());
+    assert!(matches!(h.reply(other), Some(Ok(_))));
+    // A parked check whose caller gave up (its IoDone came first) is
+    // withdrawn: answered, never registered.
+    let gave_up = h.run(check(kb, 70, true));
+    h.run(Request::IoDone { check: gave_up });
+    assert_eq!(h.refused(gave_up), ErrorCode::Busy);
+    // IoDone: the lock is granted, then the read check passes.
+    h.run(Request::IoDone { check: w });
+    assert!(h.reply(h.last_id).is_none(), "IoDone is never answered");
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    assert!(matches!(h.reply(l), Some(Ok(_))), "{:?}", h.reply(l));
+    assert!(matches!(h.reply(r), Some(Ok(_))), "{:?}", h.reply(r));
+    // B's read of 50..60 is still in flight: an exclusive lock over it
+    // waits, and past the deadline B's frontend (this connection) is
+    // dropped rather than bypassed.
+    let x = h.run(lock(ka, 55, true));
+    h.commit(true);
+    assert!(h.reply(x).is_none());
+    assert!(h.engine.checked_io.next_deadline().is_some());
+    h.engine.expire_due(u64::MAX);
+    assert!(!h.engine.conns.contains_key(&h.conn), "dropped");
+    assert_eq!(h.engine.stats.frontends_dropped, 1);
+    assert!(h.engine.checked_io.next_deadline().is_none());
+}

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine as _;
-use libfilter::attach::{AttachEvent, Attachment, IoDecision, UncheckedIo};
+use libfilter::attach::{AttachEvent, Attachment, IoDecision, IoPass};
 use libfilter::client::ClientError;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::locks::{LockKind, LockOp, LockRange};
@@ -1689,11 +1689,12 @@ fn io_key(o: &Open, n: &Named) -> ResumeKey {
     }
 }
 
-/// Mandatory locks: may this open read (or write) the range? `Some` when
-/// the file has no locks: the I/O goes unchecked and must be done while the
-/// returned guard is held (see `libfilter::attach`), the guard dropped right
-/// after the pread/pwrite (before any fdatasync). `None` when filterd
-/// checked it.
+/// Mandatory locks: may this open read (or write) the range? The I/O must
+/// be done while the returned pass is held (see `libfilter::attach`), the
+/// pass dropped right after the pread/pwrite (before any fdatasync):
+/// unchecked when the file has no locks, else checked by filterd (which
+/// holds back conflicting locks until the pass is dropped). `None` for an
+/// empty range.
 fn check_io<'a>(
     ctx: &Ctx<'a>,
     o: &Open,
@@ -1701,7 +1702,7 @@ fn check_io<'a>(
     offset: u64,
     len: u64,
     write: bool,
-) -> Result<Option<UncheckedIo<'a>>, Fail> {
+) -> Result<Option<IoPass<'a>>, Fail> {
     if len == 0 {
         return Ok(None);
     }
@@ -1734,10 +1735,11 @@ fn check_io<'a>(
                 "the open's filter handle is gone".into(),
             ))
         }
-        IoDecision::Unchecked(gate) => return Ok(Some(gate)),
+        IoDecision::Unchecked(gate) => return Ok(Some(IoPass::Unchecked(gate))),
         IoDecision::Check => {}
     }
-    ctx.sh
+    let pass = ctx
+        .sh
         .filter
         .client()
         .check_io_advisory(
@@ -1749,7 +1751,12 @@ fn check_io<'a>(
             write,
         )
         .map_err(filter_fail)?;
-    Ok(None)
+    // The daemon lost since the check: retry (as for NotReady).
+    ctx.sh
+        .filter
+        .checked(o.file_key, pass)
+        .map(Some)
+        .ok_or_else(|| filter_fail(ClientError::Disconnected))
 }
 
 fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
@@ -1807,7 +1814,8 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     )?;
     file.write_all_at(&data, offset)
         .map_err(|e| Fail("NFS4ERR_NOSPC", e.to_string()))?;
-    // Landed: a lock waiting for this frontend's hint may be granted now.
+    // Landed: a lock waiting for this frontend's hint or this checked
+    // write may be granted now.
     drop(pass);
     // Every nfsl/1 open is a persistent handle: the data is on stable
     // storage before the reply (FILE_SYNC), shared with concurrent writers.

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
-use libfilter::client::ClientError;
+use libfilter::client::{CheckedIo, ClientError};
 use libfilter::lease::LeaseKey;
 use libfilter::locks::LockRange;
 use libfilter::model::{Disposition, RelPath, ResumeKey, Rights};
@@ -507,9 +507,18 @@ fn may(o: &Open, mask: u32) -> Result<(), u32> {
 
 /// Mandatory byte-range locks: filterd decides whether this handle may
 /// touch the range (rksmbd does not take lock hints, so every I/O asks).
-fn check_io(sh: &Shared, key: ResumeKey, offset: u64, len: u64, write: bool) -> Result<(), u32> {
+/// Do the pread/pwrite while holding the returned pass and drop it right
+/// after: until then filterd holds back conflicting locks (`None`: an
+/// empty range, nothing to hold back).
+fn check_io(
+    sh: &Shared,
+    key: ResumeKey,
+    offset: u64,
+    len: u64,
+    write: bool,
+) -> Result<Option<CheckedIo>, u32> {
     if len == 0 {
-        return Ok(());
+        return Ok(None);
     }
     sh.filter
         .client()
@@ -521,6 +530,7 @@ fn check_io(sh: &Shared, key: ResumeKey, offset: u64, len: u64, write: bool) -> 
             },
             write,
         )
+        .map(Some)
         .map_err(|e| status_of(&e))
 }
 
@@ -543,9 +553,10 @@ fn read(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome 
     if len > MAX_IO {
         return Err(status::INVALID_PARAMETER);
     }
-    check_io(&c.sh, *key, offset, u64::from(len), false)?;
+    let pass = check_io(&c.sh, *key, offset, u64::from(len), false)?;
     let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
     let n = read_full(file, &mut buf, offset).map_err(io_status)?;
+    drop(pass);
     if n == 0 && len > 0 {
         return Err(status::END_OF_FILE);
     }
@@ -589,8 +600,10 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         return Err(status::INVALID_DEVICE_REQUEST);
     };
     may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
-    check_io(&c.sh, *key, offset, u64::from(len), true)?;
+    let pass = check_io(&c.sh, *key, offset, u64::from(len), true)?;
     file.write_all_at(data, offset).map_err(io_status)?;
+    // Landed: a lock waiting for it may be granted now.
+    drop(pass);
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
     Ok(Reply::ok(w.0))

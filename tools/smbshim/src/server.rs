@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use base64::Engine as _;
-use libfilter::attach::{Attachment, IoDecision, UncheckedIo};
+use libfilter::attach::{Attachment, IoDecision, IoPass};
 use libfilter::client::ClientError;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
@@ -807,7 +807,8 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     )?;
     file.write_all_at(&data, offset)
         .map_err(|e| Fail("STATUS_DISK_FULL", e.to_string()))?;
-    // Landed: a lock waiting for this frontend's hint may be granted now.
+    // Landed: a lock waiting for this frontend's hint or this checked
+    // write may be granted now.
     drop(pass);
     if o.persistent {
         // On stable storage before the reply (continuous availability).
@@ -830,17 +831,18 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     Ok(m)
 }
 
-/// Mandatory locks: may this open read (or write) the range? `Some` when
-/// the file has no locks: the I/O goes unchecked and must be done while the
-/// returned guard is held (see `libfilter::attach`), and the guard dropped
-/// right after the pread/pwrite. `None` when filterd checked it.
+/// Mandatory locks: may this open read (or write) the range? The I/O must
+/// be done while the returned pass is held (see `libfilter::attach`), and
+/// the pass dropped right after the pread/pwrite: unchecked when the file
+/// has no locks, else checked by filterd (which holds back conflicting
+/// locks until the pass is dropped). `None` for an empty range.
 fn check_io<'a>(
     sh: &'a Shared,
     o: &OpenRef,
     offset: u64,
     length: u64,
     write: bool,
-) -> Result<Option<UncheckedIo<'a>>, Fail> {
+) -> Result<Option<IoPass<'a>>, Fail> {
     if length == 0 {
         return Ok(None);
     }
@@ -864,16 +866,21 @@ fn check_io<'a>(
                 format!("open {} is gone", o.file_id),
             ))
         }
-        IoDecision::Unchecked(gate) => return Ok(Some(gate)),
+        IoDecision::Unchecked(gate) => return Ok(Some(IoPass::Unchecked(gate))),
         IoDecision::Check => {}
     }
     let key = o.key;
     let range = libfilter::locks::LockRange { offset, length };
-    sh.filter
+    let pass = sh
+        .filter
         .client()
         .check_io(key, range, write)
         .map_err(filter_fail)?;
-    Ok(None)
+    // The daemon lost since the check: retry (as for NotReady).
+    sh.filter
+        .checked(o.file_key, pass)
+        .map(Some)
+        .ok_or_else(|| filter_fail(ClientError::Disconnected))
 }
 
 fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
