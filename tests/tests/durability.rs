@@ -227,13 +227,21 @@ fn a_failed_commit_leaves_no_lock_behind() {
     let s = Scratch::new("dur-lockfail");
     let _d = Filterd::start(&s, &["--map-size-mib", "1", "--max-map-size-mib", "1"], &[]);
     let fe = frontend(&s, "smb-a");
-    let h = fe
-        .open(open_req(
-            "locked",
-            PERSISTENT,
-            Some(CreateGuid(uuid::Uuid::new_v4())),
-        ))
-        .unwrap();
+    // Handles whose records the locks will grow (a client holds at most
+    // 64 locks on one file, so several files).
+    let hs: Vec<_> = (0..16)
+        .map(|j| {
+            let path = format!("locked-{j}");
+            let h = fe
+                .open(open_req(
+                    &path,
+                    PERSISTENT,
+                    Some(CreateGuid(uuid::Uuid::new_v4())),
+                ))
+                .unwrap();
+            (path, h.info.key)
+        })
+        .collect();
     // Fill the map.
     let mut full = false;
     for i in 0..20_000 {
@@ -261,29 +269,34 @@ fn a_failed_commit_leaves_no_lock_behind() {
         exclusive,
         unlock: false,
     };
-    // Some locks may still fit in freed pages: lock until one fails.
+    // Some locks may still fit in freed pages (compact binary records
+    // leave more of them): lock until one fails. Each lock makes its
+    // handle's record longer, so one does.
     let mut failed = None;
-    for i in 0..50u64 {
-        let mut o = op(false);
-        o.range.offset = 1000 + i * 10;
-        o.range.length = 1;
-        if let Err(e) = fe.lock(h.info.key, vec![o], None) {
-            failed = Some((o, e));
-            break;
+    'files: for (path, key) in &hs {
+        for i in 0..64u64 {
+            let mut o = op(false);
+            o.range.offset = 1000 + i * 10;
+            o.range.length = 1;
+            if let Err(e) = fe.lock(*key, vec![o], None) {
+                failed = Some((path.clone(), *key, o, e));
+                break 'files;
+            }
         }
     }
-    let (o, e) = failed.expect("a lock on a persistent handle fails when the map is full");
+    let (path, key, o, e) =
+        failed.expect("a lock on a persistent handle fails when the map is full");
     assert_eq!(e.code(), Some(ErrorCode::DiskFull), "{e}");
     // Nobody sees the lock that was refused.
     let ctl = FilterClient::connect_control(&s.socket()).unwrap();
     let held = ctl.locks().unwrap();
     assert!(
-        !held.iter().any(|l| l.range == o.range),
-        "the refused lock is held anyway: {held:?}"
+        !held.iter().any(|l| l.key == key && l.range == o.range),
+        "the refused lock is held anyway: {o:?}"
     );
     // Another client can lock the range the refused lock would have covered.
     let other = frontend(&s, "smb-b");
-    let mut req = open_req("locked", Durability::None, None);
+    let mut req = open_req(&path, Durability::None, None);
     req.client = ClientId::new("bob").unwrap();
     let b = other.open(req).unwrap();
     let mut x = op(true);
