@@ -112,8 +112,9 @@ impl Engine {
         })
     }
 
-    /// Refuses a protocol open that leaves filterd fewer free descriptors
-    /// than [`crate::local::descriptor_reserve`] (counted): reading a
+    /// With local mediation on, refuses a protocol open that leaves filterd
+    /// fewer free descriptors than [`crate::local::descriptor_reserve`]
+    /// (counted): reading a
     /// fanotify event takes a descriptor the kernel makes, so protocol
     /// opens must never use the last ones. `fd` is the open's new
     /// descriptor. One `getrlimit` and one `stat` of `/proc/self/fd` (its
@@ -126,6 +127,11 @@ impl Engine {
         fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), WireError> {
         use nix::sys::resource::{getrlimit, Resource};
+        if self.fanotify.is_none() {
+            // No events to read: nothing to keep descriptors for, and the
+            // check stays off the open path.
+            return Ok(());
+        }
         let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
             return Ok(());
         };

@@ -766,21 +766,16 @@ impl Engine {
                 if lock_owner.as_ref().is_some_and(|o| o.len() > 1024) {
                     return Err(err(ErrorCode::BadFrame, "lock_owner: at most 1 KiB"));
                 }
-                if let Some(file) = self.hint_first(conn, key, &locks) {
-                    let req = Request::Lock {
-                        key,
-                        locks,
-                        lock_sequence,
-                        lock_owner,
-                    };
-                    self.waiting_changes.push((file, conn, req_id, req));
-                    return Ok(None);
-                }
-                // Granted only after the conflicting reads and writes that
-                // other handles were let do (`CheckIo`) are done.
-                if let Some(file) = self.lock_waits_for_io(key, &locks) {
+                // First the frontends' acknowledgement of a first lock;
+                // then the conflicting reads and writes that other handles
+                // were let do (`CheckIo`) must be done.
+                let waits = self.hint_first(conn, key, &locks).or_else(|| {
+                    let file = self.lock_waits_for_io(key, &locks)?;
                     debug!(file = ?file, "lock waits for checked I/O in flight");
                     self.stats.locks_waited_for_io += 1;
+                    Some(file)
+                });
+                if let Some(file) = waits {
                     let req = Request::Lock {
                         key,
                         locks,
