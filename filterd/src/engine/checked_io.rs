@@ -82,11 +82,16 @@ impl Engine {
         let Some(protocol) = self.handles.get(&key).map(|h| h.rec.protocol.clone()) else {
             return Ok(());
         };
-        if let Some(old) = t.index.insert((conn, check), file) {
-            // The same id twice: the first one's entry goes (an id names
-            // one I/O).
-            Self::remove_io(t, conn, check, old);
+        if t.index.contains_key(&(conn, check)) {
+            // An id names one I/O until its IoDone: taking it again would
+            // drop the first one's entry, and with it the deadline a lock
+            // waiting on that I/O counts on.
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("check id {check} is still in flight (no IoDone yet)"),
+            ));
         }
+        t.index.insert((conn, check), file);
         *t.per_conn.entry(conn).or_default() += 1;
         t.by_file.entry(file).or_default().push(CheckedIo {
             conn,

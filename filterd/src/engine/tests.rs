@@ -1867,3 +1867,58 @@ fn a_lock_waits_for_checked_io_until_its_io_done() {
     assert_eq!(h.engine.stats.frontends_dropped, 1);
     assert!(h.engine.checked_io.next_deadline().is_none());
 }
+
+/// Review of issue 13's F3 fix: a CheckIo that reused the id of one still
+/// in flight (on another file) replaced its entry, taking away the
+/// deadline of the LOCK waiting on it — the lock, and every later CheckIo
+/// of that file, waited forever. A check id in flight is refused now.
+#[test]
+fn a_check_id_still_in_flight_is_not_taken_again() {
+    let mut h = Harness::new();
+    let a = h.run(open("a", Rights::ALL));
+    let b = h.run(open("a", Rights::ALL));
+    let c = h.run(open("b", Rights::ALL));
+    h.commit(true);
+    let (ka, kb, kc) = (h.opened(a), h.opened(b), h.opened(c));
+    let range = |offset| LockRange { offset, length: 10 };
+    let lock = |key, offset| Request::Lock {
+        key,
+        locks: vec![LockOp {
+            range: range(offset),
+            exclusive: true,
+            unlock: false,
+        }],
+        lock_sequence: None,
+        lock_owner: None,
+    };
+    let check = |key, offset| Request::CheckIo {
+        key,
+        range: range(offset),
+        write: true,
+        own_protocol_advisory: false,
+    };
+    h.run(lock(ka, 100));
+    h.commit(true);
+    let w = h.run(check(kb, 0));
+    h.commit(true);
+    assert!(matches!(h.reply(w), Some(Ok(_))));
+    let l = h.run(lock(ka, 5));
+    h.commit(true);
+    assert!(h.reply(l).is_none(), "the lock waits for the write");
+    // The same id again, for another file (its first answer is set
+    // aside: the harness takes one answer per id).
+    h.replies.remove(&w);
+    h.last_id = w - 1;
+    assert_eq!(h.run(check(kc, 0)), w);
+    assert_eq!(h.refused(w), ErrorCode::BadFrame);
+    assert!(
+        h.engine.checked_io.next_deadline().is_some(),
+        "the waiting lock lost its deadline"
+    );
+    h.last_id = l;
+    h.run(Request::IoDone { check: w });
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    assert!(matches!(h.reply(l), Some(Ok(_))), "{:?}", h.reply(l));
+}
