@@ -548,7 +548,7 @@ pub fn set_size_unless_changed(
 ) -> io::Result<Option<OwnedFd>> {
     let fd = open_by_handle_or_path(root, h, path, libc::O_WRONLY)?;
     if let Some(b) = before {
-        if stamp(fd.as_fd())? != *b {
+        if !stamp(fd.as_fd())?.same_content_as(b) {
             return Ok(None);
         }
     }

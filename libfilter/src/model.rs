@@ -832,6 +832,16 @@ pub struct FileStamp {
     pub ctime: (i64, i64),
 }
 
+impl FileStamp {
+    /// Whether the file's content is as it was at `before`: same size and
+    /// modification time. Only metadata (mode, owner, xattrs: the status
+    /// change time) may have moved — a chmod or an xattr removed is no sign
+    /// that a size change happened.
+    pub fn same_content_as(&self, before: &FileStamp) -> bool {
+        self.size == before.size && self.mtime == before.mtime
+    }
+}
+
 /// Current wall-clock time in Unix milliseconds. Persisted times use the wall
 /// clock because they must mean something after a restart.
 pub fn now_ms() -> u64 {

@@ -383,3 +383,71 @@ fn a_local_write_after_a_size_change_survives_its_recovery() {
         store_is_clean(&s);
     }
 }
+
+/// Review of F6′'s fix: filterd dies after a size change's intent commits
+/// but before the change is made, and the file's metadata (not its
+/// content) changes meanwhile — a chmod here; the filter's own removal of
+/// a create marker does the same. Recovery took the moved status-change
+/// time as "the change happened" and recorded success over a file never
+/// truncated. Only a content change (size, mtime) counts now: the change
+/// is made, once.
+#[test]
+fn a_metadata_change_is_no_sign_that_a_size_change_happened() {
+    use std::os::unix::fs::PermissionsExt;
+    for case in ["end_of_file", "overwrite"] {
+        let s = Scratch::new("cm-eof-chmod");
+        std::fs::write(s.root().join("f"), [b'x'; 100]).unwrap();
+        let mut d = Filterd::start(
+            &s,
+            &[],
+            &[("RKFILTER_FAILPOINTS", "intent.after_commit:1:sleep20000")],
+        );
+        let fe = std::sync::Arc::new(frontend(&s));
+        let guid = CreateGuid(uuid::Uuid::new_v4());
+        let mut open = req("f", guid);
+        open.share = Rights::ALL;
+        let (size, bg) = match case {
+            "end_of_file" => {
+                let key = fe.open(open).unwrap().info.key;
+                let fe = fe.clone();
+                let record = RecordSpec {
+                    scope: ReplayScope::Handle(key),
+                    op_id: 2,
+                    reply: "done".into(),
+                    keep: 8,
+                };
+                (
+                    10,
+                    std::thread::spawn(move || fe.set_end_of_file(key, 10, Some(record)).is_ok()),
+                )
+            }
+            _ => {
+                open.disposition = Disposition::Overwrite;
+                let fe = fe.clone();
+                (0, std::thread::spawn(move || fe.open(open).is_ok()))
+            }
+        };
+        d.wait_log(
+            "failpoint intent.after_commit: stalling",
+            Duration::from_secs(20),
+        );
+        assert_eq!(
+            std::fs::metadata(s.root().join("f")).unwrap().len(),
+            100,
+            "{case}: stalled before the change"
+        );
+        std::fs::set_permissions(s.root().join("f"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        d.kill9();
+        assert!(!bg.join().unwrap(), "{case}: answered before its change");
+        let _d = Filterd::start(&s, &[], &[]);
+        assert_eq!(
+            std::fs::metadata(s.root().join("f")).unwrap().len(),
+            size,
+            "{case}: recovery recorded a change it never made"
+        );
+        drop(fe);
+        drop(_d);
+        store_is_clean(&s);
+    }
+}

@@ -522,7 +522,7 @@ impl Fs for MemFs {
         if let Some(b) = before {
             let obj = self.st().obj_of_handle(kh)?;
             let now = self.st().objs.get(&obj).map(stamp_of);
-            if now.as_ref() != Some(b) {
+            if !now.is_some_and(|n| n.same_content_as(b)) {
                 return Ok(None);
             }
         }
