@@ -3,6 +3,7 @@
 //! and v2 and persistent handles, leases and oplocks as filterd's — and
 //! the reconnects DHnC and DH2C as filterd resumes by create GUID.
 
+use std::cell::Cell;
 use std::os::fd::OwnedFd;
 
 use libfilter::client::ClientError;
@@ -18,9 +19,9 @@ use crate::breaks::{self, lease_bits, lease_state, Holder};
 use crate::contexts::{self, CreateContexts, LeaseV, ReconnectV2, ResponseContexts};
 use crate::crypto::Dialect;
 use crate::files::{
-    disposition, errno_status, granted_mask, lookup, open_dir, parent_and_leaf, parse_name,
-    rights_of, status_of, Kind, Open, DELETE, FILE_DELETE_ON_CLOSE, FILE_DIRECTORY_FILE,
-    FILE_NON_DIRECTORY_FILE, GENERIC_ALL, MAXIMUM_ALLOWED,
+    channel_sequence_of, disposition, errno_status, granted_mask, lookup, open_dir,
+    parent_and_leaf, parse_name, rights_of, status_of, Kind, Open, DELETE, FILE_DELETE_ON_CLOSE,
+    FILE_DIRECTORY_FILE, FILE_NON_DIRECTORY_FILE, GENERIC_ALL, MAXIMUM_ALLOWED,
 };
 use crate::info::{set_dos_attributes, Meta, ATTR_ARCHIVE, DOS_KEPT};
 use crate::server::{Connection, Outcome, Reply, Request, MAX_OPENS_PER_CONNECTION};
@@ -28,6 +29,8 @@ use crate::wire::{self, status, Reader, Writer, HEADER_LEN};
 
 /// RequestedOplockLevel: a lease (2.2.13).
 const OPLOCK_LEVEL_LEASE: u8 = 0xFF;
+/// RequestedOplockLevel: batch (2.2.13).
+const OPLOCK_LEVEL_BATCH: u8 = 0x09;
 /// How long an open waits for lease holders to acknowledge their breaks.
 const BREAK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long a reconnect waits for another connection still holding the
@@ -66,7 +69,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
         wire::buffer(req.msg, u32::from(name_off), u32::from(name_len), "name")?,
         "name",
     )?;
-    let ctxs = if ctx_len == 0 {
+    let mut ctxs = if ctx_len == 0 {
         CreateContexts::default()
     } else {
         contexts::parse(req.msg, ctx_off, ctx_len)?
@@ -81,6 +84,23 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     }
     // Leases are considered only with the lease oplock level (2.2.13).
     let lease = ctxs.lease.filter(|_| oplock == OPLOCK_LEVEL_LEASE);
+    let smb3 = c.dialect().is_some_and(Dialect::is_smb3);
+    if let Some(d) = ctxs.durable_v2.filter(|_| smb3) {
+        match (
+            req.hdr.flags & wire::FLAG_REPLAY != 0,
+            replay_of(c, d.create_guid),
+        ) {
+            (true, Some((id, true))) => return replayed(c, id, oplock, lease.as_ref()),
+            // The open has been used since: the replay is a new open, as
+            // Samba has it (smbtorture's smb2.replay.replay6), that asks
+            // for no durability (its create GUID is the open's).
+            (true, Some((_, false))) => ctxs.durable_v2 = None,
+            // Not a replay: the create GUID is taken (also by an open
+            // that was not granted durability, which filterd never saw).
+            (false, Some((_, true))) => return Err(status::DUPLICATE_OBJECTID),
+            _ => {}
+        }
+    }
     let disp = disposition(disp)?;
     let path = parse_name(&name)?;
     if options & FILE_DIRECTORY_FILE != 0 && options & FILE_NON_DIRECTORY_FILE != 0 {
@@ -116,7 +136,15 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
             let fd = open_dir(&sh, &path)?;
             let meta = Meta::of(&fd)?;
             (
-                dir_open(session, tree, path, access, options, fd),
+                dir_open(
+                    session,
+                    tree,
+                    path,
+                    access,
+                    options,
+                    fd,
+                    channel_sequence_of(req),
+                ),
                 CreateAction::Opened,
                 meta,
             )
@@ -136,7 +164,15 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
             let fd = open_dir(&sh, &path)?;
             let meta = Meta::of(&fd)?;
             (
-                dir_open(session, tree, path, access, options, fd),
+                dir_open(
+                    session,
+                    tree,
+                    path,
+                    access,
+                    options,
+                    fd,
+                    channel_sequence_of(req),
+                ),
                 CreateAction::Created,
                 meta,
             )
@@ -156,6 +192,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 tree,
                 user,
                 replay: req.hdr.flags & wire::FLAG_REPLAY != 0,
+                channel_sequence: channel_sequence_of(req),
                 oplock,
                 attrs,
             };
@@ -178,9 +215,108 @@ struct FileCreate {
     tree: u32,
     user: String,
     replay: bool,
+    /// The CREATE's channel sequence: the open's first (3.3.5.9).
+    channel_sequence: u16,
     oplock: u8,
     /// FileAttributes, kept for a file the CREATE makes.
     attrs: u32,
+}
+
+/// What a replayed CREATE answers (MS-SMB2 3.3.5.9.10): a CREATE with
+/// SMB2_FLAGS_REPLAY_OPERATION and the DH2Q create GUID of an open of this
+/// connection returns that open — its FileId, create action, times and
+/// sizes as the original response gave them — and changes nothing: not
+/// its share access, oplock, lease or durability. Kept from the CREATE
+/// that made the open until another request uses it ([`Self::live`]).
+pub(crate) struct CreateReplay {
+    create_guid: uuid::Uuid,
+    action: CreateAction,
+    meta: Meta,
+    persistent_id: u64,
+    /// The lease the original asked for (key, v2 parent), if any.
+    lease: Option<LeaseV>,
+    /// The lease (or oplock) granted then, in case filterd cannot say
+    /// what is held now.
+    held: Option<HeldLease>,
+    /// (timeout, persistent) when the original was granted durability.
+    durable: Option<(u32, bool)>,
+    /// Cleared by the first other request on the open (`files::open_id`).
+    pub(crate) live: Cell<bool>,
+}
+
+/// This connection's open made by a CREATE with `create_guid`, and
+/// whether a replay of that CREATE still returns it.
+fn replay_of(c: &Connection, create_guid: uuid::Uuid) -> Option<(u64, bool)> {
+    c.opens.iter().find_map(|(id, o)| {
+        o.replay
+            .as_ref()
+            .filter(|r| r.create_guid == create_guid)
+            .map(|r| (*id, r.live.get()))
+    })
+}
+
+/// How strong an oplock level is (none < level II < exclusive < batch).
+fn oplock_rank(level: u8) -> u8 {
+    match level {
+        0x01 => 1,
+        0x08 => 2,
+        0x09 => 3,
+        _ => 0,
+    }
+}
+
+/// Answers a replayed CREATE with the original open `id`
+/// (3.3.5.9.10). A replay that asks for a lease the original did not get
+/// (another lease key, or a lease where it had an oplock) is
+/// STATUS_ACCESS_DENIED. The lease reported is the one held now (an
+/// upgrade since shows); an oplock is reported at most at the level the
+/// replay asks for, and durability only where that level could carry it.
+fn replayed(c: &mut Connection, id: u64, oplock: u8, lease: Option<&LeaseV>) -> Outcome {
+    let sh = c.sh.clone();
+    let Some(o) = c.opens.get(&id) else {
+        return Err(status::FILE_CLOSED);
+    };
+    let (Some(r), Kind::File { key, .. }) = (&o.replay, &o.kind) else {
+        return Err(status::FILE_CLOSED);
+    };
+    match (lease, &r.lease) {
+        (Some(asked), Some(orig)) if asked.key != orig.key => return Err(status::ACCESS_DENIED),
+        (Some(_), None) => return Err(status::ACCESS_DENIED),
+        _ => {}
+    }
+    let held = match sh
+        .filter
+        .client()
+        .call(libfilter::proto::Request::Handle { key: *key })
+    {
+        Ok((libfilter::proto::Reply::Handle(v), _)) => v.record.lease,
+        _ => r.held,
+    };
+    let (contexts, level) = match &r.lease {
+        Some(orig) => reply_contexts(r.durable.map(|d| (d, false)), Some(orig), held),
+        None => {
+            let now = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
+            let level = if oplock_rank(oplock) < oplock_rank(now) {
+                oplock
+            } else {
+                now
+            };
+            let durable = r
+                .durable
+                .filter(|(_, persistent)| *persistent || level == OPLOCK_LEVEL_BATCH);
+            let (contexts, _) = reply_contexts(durable.map(|d| (d, false)), None, None);
+            (contexts, level)
+        }
+    };
+    tracing::debug!(resume_key = %key, "replayed create returns the original open");
+    Ok(create_reply(
+        r.action,
+        &r.meta,
+        r.persistent_id,
+        id,
+        level,
+        contexts,
+    ))
 }
 
 /// The filterd client identity of an open. An open with a lease belongs
@@ -411,6 +547,17 @@ fn open_file(
             oplock,
             create_guid: create_guid.filter(|_| durable.is_some()),
             position: 0,
+            channel_sequence: Cell::new(f.channel_sequence),
+            replay: ctxs.durable_v2.filter(|_| smb3).map(|d| CreateReplay {
+                create_guid: d.create_guid,
+                action: h.info.create_action,
+                meta,
+                persistent_id: pid,
+                lease,
+                held,
+                durable,
+                live: Cell::new(true),
+            }),
         },
     );
     Ok(create_reply(
@@ -644,6 +791,8 @@ fn reconnect(
             oplock,
             create_guid: Some(rc.create_guid),
             position: sh.registry.position(rc.create_guid),
+            channel_sequence: Cell::new(channel_sequence_of(req)),
+            replay: None,
         },
     );
     if !rc.v1 {
@@ -721,6 +870,7 @@ fn dir_open(
     access: u32,
     options: u32,
     fd: OwnedFd,
+    channel_sequence: u16,
 ) -> Open {
     Open {
         session,
@@ -733,5 +883,7 @@ fn dir_open(
         oplock: None,
         create_guid: None,
         position: 0,
+        channel_sequence: Cell::new(channel_sequence),
+        replay: None,
     }
 }

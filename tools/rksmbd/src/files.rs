@@ -17,6 +17,7 @@
 //! confinement filterd applies — and lists, creates, renames and removes
 //! them through descriptors, never through joined host paths.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -29,6 +30,8 @@ use libfilter::proto::ErrorCode;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
+use crate::create::CreateReplay;
+use crate::crypto::Dialect;
 use crate::info::{self, FileFacts, Meta};
 use crate::server::{Connection, Outcome, Reply, Request, Shared, MAX_IO};
 use crate::wire::{self, status, Command, Reader, Writer, HEADER_LEN};
@@ -216,6 +219,12 @@ pub struct Open {
     /// FilePositionInformation (MS-FSCC 2.4.35): kept for the client,
     /// never used for I/O (every READ and WRITE names its offset).
     pub(crate) position: u64,
+    /// Open.ChannelSequence (MS-SMB2 3.3.5.2.10): the newest channel
+    /// sequence a request on this open carried (see [`verify_channel_sequence`]).
+    pub(crate) channel_sequence: Cell<u16>,
+    /// What a replay of the CREATE that made this open answers (MS-SMB2
+    /// 3.3.5.9.10), while it may still be replayed.
+    pub(crate) replay: Option<CreateReplay>,
 }
 
 /// The lease key of the oplock of open `id` (an OPLOCK_BREAK
@@ -442,8 +451,51 @@ fn open_id(c: &Connection, req: &Request<'_>, at: usize, related: Option<u64>) -
         volatile
     };
     match c.opens.get(&id) {
-        Some(o) if o.session == req.hdr.session_id && o.tree == req.hdr.tree_id => Ok(id),
+        Some(o) if o.session == req.hdr.session_id && o.tree == req.hdr.tree_id => {
+            // Once a request other than a CREATE uses the open, a replay
+            // of its CREATE is a new open (as Samba does; smbtorture's
+            // smb2.replay.replay6).
+            if let Some(r) = &o.replay {
+                r.live.set(false);
+            }
+            verify_channel_sequence(c, o, req)?;
+            Ok(id)
+        }
         _ => Err(status::FILE_CLOSED),
+    }
+}
+
+/// The channel sequence a 3.x request carries (the first two bytes of
+/// its ChannelSequence/Reserved field, MS-SMB2 2.2.1.2).
+pub(crate) fn channel_sequence_of(req: &Request<'_>) -> u16 {
+    u16::try_from(req.hdr.status & 0xFFFF).unwrap_or(0)
+}
+
+/// Verifying the channel sequence number (MS-SMB2 3.3.5.2.10) on 3.x: a
+/// request whose channel sequence is ahead of the open's (by at most
+/// 0x7FFF, in 16-bit arithmetic) moves the open to it; one behind it
+/// comes from a channel the client has failed over from, and a WRITE,
+/// SET_INFO or IOCTL from there is refused with STATUS_FILE_NOT_AVAILABLE
+/// so that it cannot land after the client's replay of it. Requests are
+/// answered in order, one at a time, so no request of an older channel
+/// sequence is ever still outstanding here (Open.OutstandingPreRequestCount
+/// stays 0).
+fn verify_channel_sequence(c: &Connection, o: &Open, req: &Request<'_>) -> Result<(), u32> {
+    if !c.dialect().is_some_and(Dialect::is_smb3) {
+        return Ok(());
+    }
+    let csn = channel_sequence_of(req);
+    let ahead = csn.wrapping_sub(o.channel_sequence.get());
+    if ahead == 0 {
+        return Ok(());
+    }
+    if ahead <= 0x7FFF {
+        o.channel_sequence.set(csn);
+        return Ok(());
+    }
+    match Command::from_code(req.hdr.command) {
+        Command::Write | Command::SetInfo | Command::Ioctl => Err(status::FILE_NOT_AVAILABLE),
+        _ => Ok(()),
     }
 }
 
@@ -607,6 +659,38 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
     Ok(Reply::ok(w.0))
+}
+
+/// FSCTL_CREATE_OR_GET_OBJECT_ID ([MS-FSCC] 2.3.7): the file's object
+/// id, derived from its device and inode numbers, so it is the same for
+/// every open of the file and changes nothing (a replay of it is
+/// harmless). `max_output`: the IOCTL's MaxOutputResponse.
+pub(crate) fn object_id(
+    c: &mut Connection,
+    req: &Request<'_>,
+    related: Option<u64>,
+    max_output: u32,
+) -> Result<Vec<u8>, u32> {
+    let id = open_id(c, req, 8, related)?;
+    let o = get(c, id)?;
+    let Kind::File { .. } = &o.kind else {
+        return Err(status::INVALID_DEVICE_REQUEST);
+    };
+    if max_output < 64 {
+        return Err(status::INVALID_PARAMETER);
+    }
+    let m = o.meta()?;
+    let mut oid = [0u8; 16];
+    oid[..8].copy_from_slice(&m.ino.to_le_bytes());
+    oid[8..].copy_from_slice(&m.dev.to_le_bytes());
+    // FILE_OBJECTID_BUFFER, type 1: ObjectId, BirthVolumeId,
+    // BirthObjectId, DomainId.
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&oid);
+    out.extend_from_slice(&c.sh.server_guid);
+    out.extend_from_slice(&oid);
+    out.extend_from_slice(&[0; 16]);
+    Ok(out)
 }
 
 /// FLUSH (2.2.17).
@@ -797,6 +881,12 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
     let sh = c.sh.clone();
     let o = get(c, id)?;
     may(o, DELETE)?;
+    if o.path.as_ref() == Some(&to) {
+        // Renaming a file to the name it has changes nothing and succeeds
+        // (as on Windows) — also when it is the client's replay of a
+        // rename that was done (3.3.5.2.10: SET_INFO is run again).
+        return Ok(());
+    }
     match &o.kind {
         Kind::File { key, .. } => {
             sh.filter

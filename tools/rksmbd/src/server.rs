@@ -62,6 +62,7 @@ const SIGNING_REQUIRED: u16 = 0x2;
 const FSCTL_VALIDATE_NEGOTIATE_INFO: u32 = 0x0014_0204;
 const FSCTL_DFS_GET_REFERRALS: u32 = 0x0006_0194;
 const FSCTL_DFS_GET_REFERRALS_EX: u32 = 0x0006_01B0;
+const FSCTL_CREATE_OR_GET_OBJECT_ID: u32 = 0x0009_00C0;
 
 /// What rksmbd serves, fixed at start.
 pub struct Config {
@@ -750,7 +751,7 @@ impl Connection {
                         self.tree_of(req)?;
                         match cmd {
                             Command::TreeDisconnect => self.tree_disconnect(req),
-                            Command::Ioctl => self.ioctl(req),
+                            Command::Ioctl => self.ioctl(req, file),
                             _ => crate::files::command(self, cmd, req, file),
                         }
                     }
@@ -1120,7 +1121,7 @@ impl Connection {
         Ok(Reply::ok(vec![4, 0, 0, 0]))
     }
 
-    fn ioctl(&mut self, req: &Request<'_>) -> Outcome {
+    fn ioctl(&mut self, req: &Request<'_>, related: Option<u64>) -> Outcome {
         let mut r = Reader::new(req.body);
         if r.u16("structure size")? != 57 {
             return Err(status::INVALID_PARAMETER);
@@ -1130,7 +1131,15 @@ impl Connection {
         let file = r.array::<16>("file id")?;
         let in_off = r.u32("input offset")?;
         let in_len = r.u32("input count")?;
+        r.u32("max input response")?;
+        r.u32("output offset")?;
+        r.u32("output count")?;
+        let max_output = r.u32("max output response")?;
         match code {
+            FSCTL_CREATE_OR_GET_OBJECT_ID => {
+                let out = crate::files::object_id(self, req, related, max_output)?;
+                Ok(Reply::ok(ioctl_body(code, &file, &out)))
+            }
             FSCTL_VALIDATE_NEGOTIATE_INFO => {
                 let input = wire::buffer(req.msg, in_off, in_len, "input")?;
                 self.validate_negotiate(input, &file)
