@@ -577,10 +577,26 @@ const DURABLE_OPEN_PASSING: &[&str] = &[
 const LEASE_PASSING: &[&str] = &["upgrade", "v2_epoch1", "duplicate_create", "duplicate_open"];
 
 /// The smb2.replay tests rksmbd passes, run one by one: replay5 (a
-/// persistent open's replay on a CA share) and replay-regular, whose
+/// persistent open's replay on a CA share); replay-regular, whose
 /// clean-up (smbtorture's deltree) looped forever while a file pending
-/// delete could still be opened.
-const REPLAY_PASSING: &[&str] = &["replay-regular", "replay5"];
+/// delete could still be opened; replay-commands (every command with the
+/// replay flag, FSCTL_CREATE_OR_GET_OBJECT_ID among them); the
+/// replay-dhv2 tests, where a replayed DH2Q CREATE returns the original
+/// open of this connection unchanged (or ACCESS_DENIED for a lease it did
+/// not get); channel-sequence (MS-SMB2 3.3.5.2.10: a WRITE, SET_INFO or
+/// IOCTL from a stale channel sequence is STATUS_FILE_NOT_AVAILABLE).
+const REPLAY_PASSING: &[&str] = &[
+    "replay-commands",
+    "replay-regular",
+    "replay-dhv2-oplock1",
+    "replay-dhv2-oplock-lease",
+    "replay-dhv2-lease1",
+    "replay-dhv2-lease2",
+    "replay-dhv2-lease3",
+    "replay-dhv2-lease-oplock",
+    "channel-sequence",
+    "replay5",
+];
 
 /// The smb2.lock tests rksmbd passes (docs/smb3.md says why the others
 /// fail).
