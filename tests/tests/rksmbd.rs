@@ -518,6 +518,36 @@ fn a_file_pending_delete_is_not_listed_nor_opened() {
     no_handles_left(&d);
 }
 
+/// A rename of a file to the name it has succeeds and changes nothing,
+/// as on Windows — so a client's replay of a rename it lost the reply of
+/// (which rksmbd runs again) succeeds too.
+#[test]
+fn a_rename_to_the_own_name_succeeds() {
+    let python = smbprotocol_python();
+    let s = Scratch::new("rksmbd-rename-self");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("smb3/rename_to_own_name.py");
+    let o = Command::new("timeout")
+        .arg("60")
+        .arg(&python)
+        .arg(&script)
+        .args(["127.0.0.1", &srv.port(), "data", "alice", "pw"])
+        .output()
+        .expect("run the smbprotocol script");
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("PASS"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.root().join("same.txt")).unwrap(),
+        "kept\n"
+    );
+    no_handles_left(&d);
+}
+
 /// The smb2.durable-v2-open tests rksmbd passes; one that stops passing
 /// fails this test (docs/smb3.md lists why the others fail).
 const DURABLE_V2_OPEN_PASSING: &[&str] = &[
