@@ -595,6 +595,16 @@ const LOCK_PASSING: &[&str] = &[
     "overlap",
     "truncate",
     "replay_smb3_specification_durable",
+    "valid-request",
+    "lock",
+    "async",
+    "cancel",
+    "cancel-tdis",
+    "cancel-logoff",
+    "errorcode",
+    "zerobytelength",
+    "unlock",
+    "multiple-unlock",
 ];
 
 /// Runs an smbtorture suite against a fresh filterd + rksmbd and fails if
