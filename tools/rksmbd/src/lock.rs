@@ -7,15 +7,15 @@
 //! A lock without SMB2_LOCKFLAG_FAIL_IMMEDIATELY that conflicts goes
 //! async (3.3.4.2): the client gets an interim STATUS_PENDING response
 //! with an AsyncId at once, the connection goes on serving its other
-//! requests, and the lock is retried — after every request of this
-//! connection (an unlock or close here frees it at once) and every
-//! [`RETRY`] (a lock held elsewhere: filterd has no per-unlock event) —
+//! requests, and the lock is retried — after an unlock or close on this
+//! connection, and every [`RETRY`] however busy the client is (a lock
+//! held elsewhere: filterd has no per-unlock event to wait for) —
 //! until it is granted (final response, STATUS_SUCCESS), cancelled
 //! (CANCEL, 3.3.5.16: STATUS_CANCELLED), or its open is closed
 //! (STATUS_RANGE_NOT_LOCKED). A waiting lock holds nothing in filterd:
 //! it never blocks filterd's engine or another client.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libfilter::locks::{LockOp, LockRange};
 use libfilter::model::{LockSequence, ResumeKey};
@@ -64,12 +64,27 @@ pub struct WaitingLocks {
     /// The AsyncId of a lock that went async in the request being
     /// answered, for its interim response.
     queued: Option<u64>,
+    /// Set by an unlock on this connection: retry after the PDU.
+    nudged: bool,
+    /// When the waiting locks were last retried.
+    last_retry: Option<Instant>,
 }
 
 impl WaitingLocks {
     /// Whether no lock waits.
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// Whether an unlock on this connection asked for a retry (cleared).
+    pub fn take_nudged(&mut self) -> bool {
+        std::mem::take(&mut self.nudged)
+    }
+
+    /// How long until the next retry on the timer is due.
+    pub fn next_retry_in(&self) -> Duration {
+        self.last_retry
+            .map_or(Duration::ZERO, |t| RETRY.saturating_sub(t.elapsed()))
     }
 
     /// The AsyncId of the lock the current request queued, if it did.
@@ -221,6 +236,7 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             client
                 .lock(key, vec![op], None)
                 .map_err(|e| status_of(&e))?;
+            c.waiting.nudged = true;
         }
         return match bad_tail {
             Some(st) => Err(st),
@@ -228,7 +244,10 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         };
     }
     match client.lock(key, ops.clone(), sequence) {
-        Ok(()) => Ok(Reply::ok(vec![4, 0, 0, 0])),
+        Ok(()) => {
+            c.waiting.nudged |= ops.first().is_some_and(|o| o.unlock);
+            Ok(Reply::ok(vec![4, 0, 0, 0]))
+        }
         // Only the last request of a PDU goes async (3.3.4.2).
         Err(e)
             if blocking
@@ -268,6 +287,7 @@ pub fn retry(c: &mut Connection) {
     if c.waiting.is_empty() {
         return;
     }
+    c.waiting.last_retry = Some(Instant::now());
     let client = c.sh.filter.client();
     let mut done = Vec::new();
     for w in &c.waiting.list {

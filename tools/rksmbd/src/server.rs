@@ -283,21 +283,26 @@ impl Connection {
             if !self.answer(&pdu) {
                 break;
             }
-            // An unlock or close in this PDU may let a waiting lock in.
-            crate::lock::retry(self);
+            // An unlock in this PDU may let a waiting lock in (a close
+            // retries at once, see release_open).
+            if self.waiting.take_nudged() {
+                crate::lock::retry(self);
+            }
         }
         self.io = None;
         self.sh.notifier.disconnected(self.id);
     }
 
     /// The next PDU, as [`Connection::read_frame`]; while locks wait, they
-    /// are retried every [`crate::lock::RETRY`] the client stays quiet.
+    /// are retried every [`crate::lock::RETRY`], quiet client or busy.
     fn next_frame(&mut self) -> Option<Vec<u8>> {
         while !self.waiting.is_empty() {
-            if self.readable(crate::lock::RETRY) {
+            let wait = self.waiting.next_retry_in();
+            if wait.is_zero() {
+                crate::lock::retry(self);
+            } else if self.readable(wait) {
                 break;
             }
-            crate::lock::retry(self);
         }
         self.read_frame()
     }
