@@ -17,7 +17,9 @@
 //! - A batch is applied in order, all or nothing.
 //! - I/O is mandatory among protocol clients: a read over a range another
 //!   owner holds exclusively, or a write over a range another owner holds at
-//!   all, is refused. An owner's own locks never block its own I/O.
+//!   all, is refused. An owner's own locks never block its own I/O, except
+//!   where the check asks for LockFileEx's rule (SMB-like frontends): there
+//!   an owner's own shared lock refuses its own write.
 //!
 //! Pure: the daemon keeps one [`LockTable`] per file and mirrors the result
 //! into OFD locks for local processes.
@@ -185,23 +187,30 @@ impl<O: Clone + PartialEq> LockTable<O> {
 
     /// Whether `owner` may read (or write) `range` past other owners' locks.
     pub fn check_io(&self, owner: &O, range: LockRange, write: bool) -> Result<(), Lock<O>> {
-        self.check_io_counting(owner, range, write, |_| true)
+        self.check_io_counting(owner, range, write, false, |_| true)
     }
 
     /// As [`LockTable::check_io`], where only locks whose owner `counts`
-    /// can refuse.
+    /// can refuse, and with `own_shared_refuses_write` (LockFileEx) the
+    /// owner's own shared lock refuses its own write too (smbtorture's
+    /// smb2.lock.rw-shared); its exclusive locks never refuse it.
     pub fn check_io_counting(
         &self,
         owner: &O,
         range: LockRange,
         write: bool,
+        own_shared_refuses_write: bool,
         counts: impl Fn(&O) -> bool,
     ) -> Result<(), Lock<O>> {
         for l in &self.locks {
-            if l.owner == *owner || !l.range.overlaps(range) || !counts(&l.owner) {
+            if !l.range.overlaps(range) || !counts(&l.owner) {
                 continue;
             }
-            if write || l.kind == LockKind::Exclusive {
+            let refuses = match l.owner == *owner {
+                true => own_shared_refuses_write && write && l.kind == LockKind::Shared,
+                false => write || l.kind == LockKind::Exclusive,
+            };
+            if refuses {
                 return Err(l.clone());
             }
         }
@@ -273,6 +282,23 @@ mod tests {
         assert!(
             t.check_io(&1, r(5, 1), true).is_ok(),
             "own locks never block"
+        );
+        assert!(
+            t.check_io_counting(&1, r(5, 1), true, true, |_| true)
+                .is_err(),
+            "LockFileEx: an own shared lock refuses an own write"
+        );
+        assert!(
+            t.check_io_counting(&1, r(5, 1), false, true, |_| true)
+                .is_ok(),
+            "but not an own read"
+        );
+        let mut own = LockTable::new();
+        own.apply_batch(&1, &[op(0, 5, true, false)]).unwrap();
+        assert!(
+            own.check_io_counting(&1, r(0, 5), true, true, |_| true)
+                .is_ok(),
+            "nor does an own exclusive lock"
         );
         // To end of file.
         t.apply_batch(&4, &[op(1000, u64::MAX, true, false)])

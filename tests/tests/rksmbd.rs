@@ -626,6 +626,7 @@ const LOCK_PASSING: &[&str] = &[
     "zerobytelength",
     "unlock",
     "multiple-unlock",
+    "rw-shared",
 ];
 
 /// Runs an smbtorture suite against a fresh filterd + rksmbd and fails if
