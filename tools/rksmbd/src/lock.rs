@@ -1,8 +1,9 @@
 //! LOCK (MS-SMB2 2.2.26, 3.3.5.14): byte-range locks are filterd's
 //! (LockFileEx rules, mandatory across every frontend, mirrored as OFD
-//! locks for local processes), taken and released all or nothing, with
-//! the lock sequence of durable and persistent opens so a replayed LOCK
-//! changes nothing.
+//! locks for local processes): locks are taken all or nothing, unlocks
+//! released in order up to the first that fails (all or nothing, too,
+//! with the lock sequence of durable and persistent opens, so a replayed
+//! LOCK is recognised whole and changes nothing).
 //!
 //! A lock without SMB2_LOCKFLAG_FAIL_IMMEDIATELY that conflicts goes
 //! async (3.3.4.2): the client gets an interim STATUS_PENDING response
@@ -32,7 +33,7 @@ const UNLOCK: u32 = 0x4;
 const FAIL_IMMEDIATELY: u32 = 0x10;
 /// Most locks one LOCK request may carry.
 const MAX_LOCKS: u16 = 64;
-/// How often waiting locks are retried while the client is quiet.
+/// How often waiting locks are retried, quiet client or busy.
 pub const RETRY: Duration = Duration::from_millis(50);
 /// Most locks one connection may have waiting at once.
 const MAX_WAITING: usize = 256;
