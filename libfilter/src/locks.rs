@@ -1,20 +1,25 @@
 //! Byte-range locks with LockFileEx semantics (spec/smb-like.md
 //! "Byte-range locks"), shared by every protocol.
 //!
-//! - A range is `[offset, offset + length)`, its end saturating at `u64::MAX`
-//!   (NFS-like `length = u64::MAX` means "to end of file"). A zero-length
-//!   range overlaps nothing, so a zero-length lock never conflicts and never
-//!   blocks I/O (as on Windows, where it is allowed and inert).
+//! - A range is `[offset, offset + length)`, its last byte saturating at
+//!   `u64::MAX` (NFS-like `length = u64::MAX` means "to end of file"; a
+//!   one-byte lock at `u64::MAX` holds that byte). A zero-length range
+//!   overlaps nothing and never blocks I/O; as a lock it conflicts only
+//!   where LockFileEx says so: lying strictly inside another lock's range
+//!   (after its first byte, up to its last), either way round.
 //! - An exclusive lock may not overlap any existing lock, the same owner's
 //!   included; a shared lock may overlap shared locks, and exclusive locks
 //!   held by the same owner.
 //! - Locks are a multiset: no merging or splitting; an unlock names exactly
-//!   the offset and length of one lock of its owner (the most recent of
-//!   that range goes), else it fails with [`BatchError::RangeNotLocked`].
+//!   the offset and length of one lock of its owner (its exclusive lock of
+//!   that range goes first, else its most recent shared one), else it fails
+//!   with [`BatchError::RangeNotLocked`].
 //! - A batch is applied in order, all or nothing.
 //! - I/O is mandatory among protocol clients: a read over a range another
 //!   owner holds exclusively, or a write over a range another owner holds at
-//!   all, is refused. An owner's own locks never block its own I/O.
+//!   all, is refused. An owner's own locks never block its own I/O, except
+//!   where the check asks for LockFileEx's rule (SMB-like frontends): there
+//!   an owner's own shared lock refuses its own write.
 //!
 //! Pure: the daemon keeps one [`LockTable`] per file and mirrors the result
 //! into OFD locks for local processes.
@@ -35,12 +40,30 @@ impl LockRange {
     pub fn end(self) -> u64 {
         self.offset.saturating_add(self.length)
     }
+    /// The last byte (saturating), none for an empty range.
+    fn last(self) -> Option<u64> {
+        self.length
+            .checked_sub(1)
+            .map(|l| self.offset.saturating_add(l))
+    }
     /// Whether two ranges share a byte. Symmetric; empty ranges share none.
     pub fn overlaps(self, other: LockRange) -> bool {
-        self.length != 0
-            && other.length != 0
-            && self.offset < other.end()
-            && other.offset < self.end()
+        match (self.last(), other.last()) {
+            (Some(a), Some(b)) => self.offset <= b && other.offset <= a,
+            _ => false,
+        }
+    }
+    /// Whether locks over the two ranges meet: they overlap, or one is
+    /// empty and lies strictly inside the other (a zero-length lock at a
+    /// lock's first byte or just past its last is fine, one within it is
+    /// not — Windows, smbtorture's smb2.lock.zerobytelength). Symmetric.
+    pub fn lock_overlaps(self, other: LockRange) -> bool {
+        let inside = |empty: LockRange, r: LockRange| {
+            empty.length == 0
+                && r.last()
+                    .is_some_and(|last| r.offset < empty.offset && empty.offset <= last)
+        };
+        self.overlaps(other) || inside(self, other) || inside(other, self)
     }
 }
 
@@ -112,7 +135,7 @@ impl<O: Clone + PartialEq> LockTable<O> {
     /// Whether `owner` may take `kind` over `range` now.
     pub fn check_lock(&self, owner: &O, range: LockRange, kind: LockKind) -> Result<(), Lock<O>> {
         for l in &self.locks {
-            if !l.range.overlaps(range) {
+            if !l.range.lock_overlaps(range) {
                 continue;
             }
             let conflict = match kind {
@@ -131,13 +154,16 @@ impl<O: Clone + PartialEq> LockTable<O> {
         let mut next = self.clone();
         for op in ops {
             if op.unlock {
-                // The most recent lock of that range goes first: a shared
-                // lock taken over the owner's own exclusive one is released
-                // before it (a lock then its unlock change nothing).
+                // The owner's exclusive lock of that range goes first, then
+                // its most recent shared one (Windows: smbtorture's
+                // smb2.lock.unlock, "exclusive locks should be unlocked
+                // before shared").
+                let mine = |l: &Lock<O>| l.owner == *owner && l.range == op.range;
                 let pos = next
                     .locks
                     .iter()
-                    .rposition(|l| l.owner == *owner && l.range == op.range)
+                    .rposition(|l| mine(l) && l.kind == LockKind::Exclusive)
+                    .or_else(|| next.locks.iter().rposition(mine))
                     .ok_or(BatchError::RangeNotLocked(op.range))?;
                 next.locks.remove(pos);
             } else {
@@ -161,23 +187,30 @@ impl<O: Clone + PartialEq> LockTable<O> {
 
     /// Whether `owner` may read (or write) `range` past other owners' locks.
     pub fn check_io(&self, owner: &O, range: LockRange, write: bool) -> Result<(), Lock<O>> {
-        self.check_io_counting(owner, range, write, |_| true)
+        self.check_io_counting(owner, range, write, false, |_| true)
     }
 
     /// As [`LockTable::check_io`], where only locks whose owner `counts`
-    /// can refuse.
+    /// can refuse, and with `own_shared_refuses_write` (LockFileEx) the
+    /// owner's own shared lock refuses its own write too (smbtorture's
+    /// smb2.lock.rw-shared); its exclusive locks never refuse it.
     pub fn check_io_counting(
         &self,
         owner: &O,
         range: LockRange,
         write: bool,
+        own_shared_refuses_write: bool,
         counts: impl Fn(&O) -> bool,
     ) -> Result<(), Lock<O>> {
         for l in &self.locks {
-            if l.owner == *owner || !l.range.overlaps(range) || !counts(&l.owner) {
+            if !l.range.overlaps(range) || !counts(&l.owner) {
                 continue;
             }
-            if write || l.kind == LockKind::Exclusive {
+            let refuses = match l.owner == *owner {
+                true => own_shared_refuses_write && write && l.kind == LockKind::Shared,
+                false => write || l.kind == LockKind::Exclusive,
+            };
+            if refuses {
                 return Err(l.clone());
             }
         }
@@ -250,25 +283,76 @@ mod tests {
             t.check_io(&1, r(5, 1), true).is_ok(),
             "own locks never block"
         );
+        assert!(
+            t.check_io_counting(&1, r(5, 1), true, true, |_| true)
+                .is_err(),
+            "LockFileEx: an own shared lock refuses an own write"
+        );
+        assert!(
+            t.check_io_counting(&1, r(5, 1), false, true, |_| true)
+                .is_ok(),
+            "but not an own read"
+        );
+        let mut own = LockTable::new();
+        own.apply_batch(&1, &[op(0, 5, true, false)]).unwrap();
+        assert!(
+            own.check_io_counting(&1, r(0, 5), true, true, |_| true)
+                .is_ok(),
+            "nor does an own exclusive lock"
+        );
         // To end of file.
         t.apply_batch(&4, &[op(1000, u64::MAX, true, false)])
             .unwrap();
         assert!(t.check_io(&9, r(u64::MAX - 1, 1), false).is_err());
         assert!(t.check_io(&9, r(999, 1), true).is_ok());
-        // Zero length is inert.
-        t.apply_batch(&5, &[op(1005, 0, true, false)]).unwrap();
+        // Zero length: fine at a lock's first byte, not inside it.
+        t.apply_batch(&5, &[op(1000, 0, true, false)]).unwrap();
+        assert!(t.apply_batch(&5, &[op(1005, 0, true, false)]).is_err());
+        assert!(
+            t.check_io(&9, r(999, 1), true).is_ok(),
+            "empty locks block no I/O"
+        );
     }
 
     #[test]
-    fn unlock_releases_the_most_recent_lock_of_the_range() {
-        // Found by lock_then_unlock_restores: shared over own exclusive,
-        // then unlock: the exclusive lock stays.
+    fn zero_length_and_last_byte_locks_follow_lockfileex() {
+        // smbtorture smb2.lock.zerobytelength: {10, 0} held, then ...
+        for (off, len, meets) in [
+            (10, 0, false),
+            (9, 1, false),
+            (10, 1, false),
+            (11, 1, false),
+            (9, 2, true),
+            (10, 2, false),
+            (9, 3, true),
+        ] {
+            assert_eq!(r(10, 0).lock_overlaps(r(off, len)), meets, "{off}/{len}");
+            assert_eq!(r(off, len).lock_overlaps(r(10, 0)), meets, "{off}/{len}");
+        }
+        // A one-byte lock at the last offset holds that byte.
+        assert!(r(u64::MAX, 1).overlaps(r(u64::MAX, 1)));
+        assert!(r(0, u64::MAX).overlaps(r(u64::MAX - 1, 1)));
+        assert!(!r(u64::MAX, 0).overlaps(r(u64::MAX, 1)));
+    }
+
+    #[test]
+    fn unlock_releases_the_exclusive_lock_of_the_range_first() {
+        // Shared over own exclusive, then unlock: the shared lock stays,
+        // so another owner may share the range again.
         let mut t = LockTable::new();
         t.apply_batch(&1, &[op(45, 5, true, false)]).unwrap();
-        let before = t.clone();
         t.apply_batch(&1, &[op(45, 5, false, false)]).unwrap();
         t.apply_batch(&1, &[op(45, 5, false, true)]).unwrap();
-        assert_eq!(t, before);
+        assert_eq!(t.locks().len(), 1);
+        assert_eq!(t.locks()[0].kind, LockKind::Shared);
+        t.apply_batch(&2, &[op(45, 5, false, false)]).unwrap();
+        // Zero-length locks alike.
+        let mut t = LockTable::new();
+        t.apply_batch(&1, &[op(10, 0, true, false), op(10, 0, false, false)])
+            .unwrap();
+        assert!(t.apply_batch(&2, &[op(5, 10, false, false)]).is_err());
+        t.apply_batch(&1, &[op(10, 0, false, true)]).unwrap();
+        t.apply_batch(&2, &[op(5, 10, false, false)]).unwrap();
     }
 
     #[test]
@@ -299,6 +383,7 @@ mod tests {
         #[test]
         fn overlap_is_symmetric(a in 0u64..100, b in 0u64..100, c in 0u64..100, d in 0u64..100) {
             prop_assert_eq!(r(a, b).overlaps(r(c, d)), r(c, d).overlaps(r(a, b)));
+            prop_assert_eq!(r(a, b).lock_overlaps(r(c, d)), r(c, d).lock_overlaps(r(a, b)));
         }
 
         #[test]
@@ -333,7 +418,12 @@ mod tests {
             let mut t: LockTable<u8> = LockTable::new();
             for (o, x) in history { let _ = t.apply_batch(&o, &[x]); }
             let before = t.clone();
-            if t.apply_batch(&owner, &[op(off, len, ex, false)]).is_ok() {
+            // (A shared lock over the owner's own exclusive one of the same
+            // range is not what its unlock removes: the exclusive one goes.)
+            let stacked = before
+                .of_owner(&owner)
+                .any(|l| l.range == r(off, len) && l.kind == LockKind::Exclusive);
+            if !stacked && t.apply_batch(&owner, &[op(off, len, ex, false)]).is_ok() {
                 t.apply_batch(&owner, &[op(off, len, ex, true)]).unwrap();
                 let mut a = before.locks().to_vec();
                 let mut b = t.locks().to_vec();

@@ -229,8 +229,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lock_owner: Option<String>,
     },
-    /// May the handle read (or write) this range past other owners' locks?
-    /// Frontend only.
+    /// May the handle read (or write) this range past other owners' locks
+    /// (and, unless `own_protocol_advisory`, past its own shared locks for
+    /// a write: LockFileEx)? Frontend only.
     CheckIo {
         /// The handle.
         key: ResumeKey,

@@ -489,18 +489,13 @@ fn smbprotocol_persistent_handle_survives_filterd_and_rksmbd_sigkill() {
     persistent_handle_survives(Outage::BothKilled);
 }
 
-/// QUERY_DIRECTORY leaves out a file pending delete that another open
-/// keeps, and a CREATE of it is STATUS_DELETE_PENDING (smbtorture's
-/// deltree loops forever otherwise); the others are listed; the file goes
-/// with its last open.
-#[test]
-fn a_file_pending_delete_is_not_listed_nor_opened() {
+/// Runs `tests/smb3/SCRIPT` (smbprotocol) against `srv` as alice and
+/// fails unless it exits successfully having printed PASS.
+fn smbprotocol_script_passes(srv: &RkSmbd, script: &str) {
     let python = smbprotocol_python();
-    let s = Scratch::new("rksmbd-delete-pending");
-    let d = Filterd::start(&s, &[], &[]);
-    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("smb3/delete_pending_listing.py");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("smb3")
+        .join(script);
     let o = Command::new("timeout")
         .arg("60")
         .arg(&python)
@@ -513,6 +508,18 @@ fn a_file_pending_delete_is_not_listed_nor_opened() {
         "{}",
         text(&o)
     );
+}
+
+/// QUERY_DIRECTORY leaves out a file pending delete that another open
+/// keeps, and a CREATE of it is STATUS_DELETE_PENDING (smbtorture's
+/// deltree loops forever otherwise); the others are listed; the file goes
+/// with its last open.
+#[test]
+fn a_file_pending_delete_is_not_listed_nor_opened() {
+    let s = Scratch::new("rksmbd-delete-pending");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "delete_pending_listing.py");
     assert!(!s.root().join("pending.txt").exists());
     assert!(s.root().join("kept.txt").exists());
     no_handles_left(&d);
@@ -545,6 +552,20 @@ fn a_rename_to_the_own_name_succeeds() {
         std::fs::read_to_string(s.root().join("same.txt")).unwrap(),
         "kept\n"
     );
+    no_handles_left(&d);
+}
+
+/// A blocking LOCK held up by another client's lock is answered
+/// STATUS_PENDING (async) at once, its connection serves a WRITE
+/// meanwhile, and the other client's unlock — on another connection,
+/// so only the retry timer can notice it — grants it with the final
+/// response (MS-SMB2 3.3.4.2).
+#[test]
+fn a_blocking_lock_pends_without_stalling_its_connection() {
+    let s = Scratch::new("rksmbd-blocking-lock");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "blocking_lock.py");
     no_handles_left(&d);
 }
 
@@ -641,6 +662,17 @@ const LOCK_PASSING: &[&str] = &[
     "overlap",
     "truncate",
     "replay_smb3_specification_durable",
+    "valid-request",
+    "lock",
+    "async",
+    "cancel",
+    "cancel-tdis",
+    "cancel-logoff",
+    "errorcode",
+    "zerobytelength",
+    "unlock",
+    "multiple-unlock",
+    "rw-shared",
 ];
 
 /// Runs an smbtorture suite against a fresh filterd + rksmbd and fails if

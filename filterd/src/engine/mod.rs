@@ -834,7 +834,11 @@ impl Engine {
                 };
                 if let Some(Err(l)) = file
                     .and_then(|f| self.locks.get(&f))
-                    .map(|t| t.check_io_counting(&key, range, write, counts))
+                    // Mandatory (SMB-like) checks follow LockFileEx: the
+                    // open's own shared lock refuses its own write.
+                    .map(|t| {
+                        t.check_io_counting(&key, range, write, !own_protocol_advisory, counts)
+                    })
                 {
                     self.stats.io_conflicts += 1;
                     let mut e = err(ErrorCode::LockConflict, "range is locked by another open");

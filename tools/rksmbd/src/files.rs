@@ -440,7 +440,12 @@ pub(crate) fn disposition(d: u32) -> Result<Disposition, u32> {
 
 /// The open a request names (its FileId, or the related chain's), which
 /// must belong to the request's session and tree.
-fn open_id(c: &Connection, req: &Request<'_>, at: usize, related: Option<u64>) -> Result<u64, u32> {
+pub(crate) fn open_id(
+    c: &Connection,
+    req: &Request<'_>,
+    at: usize,
+    related: Option<u64>,
+) -> Result<u64, u32> {
     let mut r = Reader::new(req.body);
     r.skip(at, "to file id")?;
     let persistent = r.u64("file id")?;

@@ -1,21 +1,29 @@
 //! LOCK (MS-SMB2 2.2.26, 3.3.5.14): byte-range locks are filterd's
 //! (LockFileEx rules, mandatory across every frontend, mirrored as OFD
-//! locks for local processes), taken and released all or nothing, with
-//! the lock sequence of durable and persistent opens so a replayed LOCK
-//! changes nothing.
+//! locks for local processes): locks are taken all or nothing, unlocks
+//! released in order up to the first that fails (all or nothing, too,
+//! with the lock sequence of durable and persistent opens, so a replayed
+//! LOCK is recognised whole and changes nothing).
 //!
-//! Requests are answered synchronously: a lock without
-//! SMB2_LOCKFLAG_FAIL_IMMEDIATELY that conflicts is retried for up to
-//! [`BLOCKING_WAIT`] and then refused with STATUS_LOCK_NOT_GRANTED,
-//! instead of pending until the conflicting lock goes away.
+//! A lock without SMB2_LOCKFLAG_FAIL_IMMEDIATELY that conflicts goes
+//! async (3.3.4.2): the client gets an interim STATUS_PENDING response
+//! with an AsyncId at once, the connection goes on serving its other
+//! requests, and the lock is retried — after an unlock or close on this
+//! connection, and every [`RETRY`] however busy the client is (a lock
+//! held elsewhere: filterd has no per-unlock event to wait for) —
+//! until it is granted (final response, STATUS_SUCCESS), cancelled
+//! (CANCEL, 3.3.5.16: STATUS_CANCELLED), or its open is closed
+//! (STATUS_RANGE_NOT_LOCKED). A waiting lock holds nothing in filterd:
+//! it never blocks filterd's engine or another client.
 
 use std::time::{Duration, Instant};
 
 use libfilter::locks::{LockOp, LockRange};
-use libfilter::model::LockSequence;
+use libfilter::model::{LockSequence, ResumeKey};
 use libfilter::proto::ErrorCode;
 
-use crate::files::{file_of, status_of};
+use crate::crypto::SigningAlgorithm;
+use crate::files::{file_of, open_id, status_of};
 use crate::server::{Connection, Outcome, Reply, Request};
 use crate::wire::{status, Reader};
 
@@ -25,47 +33,167 @@ const UNLOCK: u32 = 0x4;
 const FAIL_IMMEDIATELY: u32 = 0x10;
 /// Most locks one LOCK request may carry.
 const MAX_LOCKS: u16 = 64;
-/// How long a blocking lock is retried before it is refused.
-pub const BLOCKING_WAIT: Duration = Duration::from_millis(1000);
+/// How often waiting locks are retried, quiet client or busy.
+pub const RETRY: Duration = Duration::from_millis(50);
+/// Most locks one connection may have waiting at once.
+const MAX_WAITING: usize = 256;
 
-/// The decoded lock elements: the operations, and whether the request
-/// may wait.
-fn decode(r: &mut Reader<'_>, count: u16) -> Result<(Vec<LockOp>, bool), u32> {
+/// A blocking LOCK waiting to be granted, answered with STATUS_PENDING.
+pub struct Waiting {
+    /// The AsyncId its interim response gave it.
+    pub async_id: u64,
+    /// The request's MessageId.
+    pub message_id: u64,
+    /// The request's session.
+    pub session_id: u64,
+    /// The request's credit charge, repeated in the final response.
+    pub credit_charge: u16,
+    /// The open (volatile file id) it locks through.
+    pub open: u64,
+    key: ResumeKey,
+    ops: Vec<LockOp>,
+    sequence: Option<LockSequence>,
+    /// How the final response is signed (the interim one never is).
+    pub sign: Option<(SigningAlgorithm, [u8; 16])>,
+}
+
+/// A connection's waiting locks.
+#[derive(Default)]
+pub struct WaitingLocks {
+    list: Vec<Waiting>,
+    next_async: u64,
+    /// The AsyncId of a lock that went async in the request being
+    /// answered, for its interim response.
+    queued: Option<u64>,
+    /// Set by an unlock on this connection: retry after the PDU.
+    nudged: bool,
+    /// When the waiting locks were last retried.
+    last_retry: Option<Instant>,
+}
+
+impl WaitingLocks {
+    /// Whether no lock waits.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Whether an unlock on this connection asked for a retry (cleared).
+    pub fn take_nudged(&mut self) -> bool {
+        std::mem::take(&mut self.nudged)
+    }
+
+    /// How long until the next retry on the timer is due.
+    pub fn next_retry_in(&self) -> Duration {
+        self.last_retry
+            .map_or(Duration::ZERO, |t| RETRY.saturating_sub(t.elapsed()))
+    }
+
+    /// The AsyncId of the lock the current request queued, if it did.
+    pub fn take_queued(&mut self) -> Option<u64> {
+        self.queued.take()
+    }
+
+    /// Sets how the final response of lock `async_id` is signed.
+    pub fn set_sign(&mut self, async_id: u64, sign: Option<(SigningAlgorithm, [u8; 16])>) {
+        if let Some(w) = self.list.iter_mut().find(|w| w.async_id == async_id) {
+            w.sign = sign;
+        }
+    }
+
+    /// Removes the waiting locks `which` selects.
+    pub fn remove_where(&mut self, which: impl Fn(&Waiting) -> bool) -> Vec<Waiting> {
+        let (gone, kept) = std::mem::take(&mut self.list).into_iter().partition(which);
+        self.list = kept;
+        gone
+    }
+}
+
+/// A LOCK request's elements, decoded.
+#[derive(Debug)]
+struct Decoded {
+    /// The operations: all locks or all unlocks.
+    ops: Vec<LockOp>,
+    /// A single lock without FAIL_IMMEDIATELY: it may wait.
+    blocking: bool,
+    /// Unlocks only: the error of the first bad element, after `ops`.
+    /// Windows applies unlocks in order up to it (3.3.5.14.1), so the good
+    /// ones before it still happen (smbtorture lock.valid-request).
+    bad_tail: Option<u32>,
+}
+
+/// Whether a range fits in 64 bits (else STATUS_INVALID_LOCK_RANGE).
+fn range_ok(offset: u64, length: u64) -> bool {
+    length == 0 || offset.checked_add(length - 1).is_some()
+}
+
+/// Decodes and checks the lock elements: an unlock request is checked
+/// element by element (see [`Decoded::bad_tail`]), a lock request whole.
+fn decode(r: &mut Reader<'_>, count: u16) -> Result<Decoded, u32> {
     if count == 0 || count > MAX_LOCKS {
         return Err(status::INVALID_PARAMETER);
     }
-    let mut ops = Vec::with_capacity(usize::from(count));
-    let mut blocking = false;
-    let mut unlocking = None;
+    let mut elements = Vec::with_capacity(usize::from(count));
     for _ in 0..count {
         let offset = r.u64("offset")?;
         let length = r.u64("length")?;
         let flags = r.u32("flags")?;
         r.u32("reserved")?;
-        let unlock = match flags {
-            UNLOCK => true,
-            SHARED | EXCLUSIVE => {
-                blocking = true;
-                false
+        elements.push((LockRange { offset, length }, flags));
+    }
+    let mut ops = Vec::with_capacity(elements.len());
+    if elements.first().is_some_and(|(_, f)| *f == UNLOCK) {
+        let mut bad_tail = None;
+        for (range, flags) in elements {
+            let bad = match (flags == UNLOCK, range_ok(range.offset, range.length)) {
+                (false, _) => Some(status::INVALID_PARAMETER),
+                (true, false) => Some(status::INVALID_LOCK_RANGE),
+                (true, true) => None,
+            };
+            if let Some(st) = bad {
+                if ops.is_empty() {
+                    return Err(st);
+                }
+                bad_tail = Some(st);
+                break;
             }
-            f if f == SHARED | FAIL_IMMEDIATELY || f == EXCLUSIVE | FAIL_IMMEDIATELY => false,
+            ops.push(LockOp {
+                range,
+                exclusive: false,
+                unlock: true,
+            });
+        }
+        return Ok(Decoded {
+            ops,
+            blocking: false,
+            bad_tail,
+        });
+    }
+    let mut blocking = false;
+    for (range, flags) in elements {
+        match flags {
+            SHARED | EXCLUSIVE => blocking = true,
+            f if f == SHARED | FAIL_IMMEDIATELY || f == EXCLUSIVE | FAIL_IMMEDIATELY => {}
+            // A request either unlocks or locks, never both (3.3.5.14.2).
             _ => return Err(status::INVALID_PARAMETER),
-        };
-        // A request either unlocks or locks, never both (3.3.5.14.1/2).
-        if *unlocking.get_or_insert(unlock) != unlock {
-            return Err(status::INVALID_PARAMETER);
+        }
+        if !range_ok(range.offset, range.length) {
+            return Err(status::INVALID_LOCK_RANGE);
         }
         ops.push(LockOp {
-            range: LockRange { offset, length },
+            range,
             exclusive: flags & EXCLUSIVE != 0,
-            unlock,
+            unlock: false,
         });
     }
     // Only a single lock may wait.
     if blocking && count > 1 {
         return Err(status::INVALID_PARAMETER);
     }
-    Ok((ops, blocking))
+    Ok(Decoded {
+        ops,
+        blocking,
+        bad_tail: None,
+    })
 }
 
 /// LOCK.
@@ -78,7 +206,18 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
     let seq = r.u32("lock sequence")?;
     r.skip(16, "file id")?;
     let (key, durable) = file_of(c, req, 8, related)?;
-    let (ops, blocking) = decode(&mut r, count)?;
+    let open = open_id(c, req, 8, related)?;
+    // A plain open's FileId is its volatile id twice: any other
+    // persistent half names no open (smbtorture lock.valid-request).
+    let persistent = Reader::new(req.body.get(8..).unwrap_or_default()).u64("file id")?;
+    if !durable && related.is_none() && persistent != open {
+        return Err(status::FILE_CLOSED);
+    }
+    let Decoded {
+        ops,
+        blocking,
+        bad_tail,
+    } = decode(&mut r, count)?;
     // Lock sequences count for durable and persistent opens (3.3.5.14).
     let index = seq >> 4;
     let sequence = (durable && (1..=64).contains(&index)).then(|| LockSequence {
@@ -86,19 +225,113 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         index: u8::try_from(index).unwrap_or(0),
     });
     let client = c.sh.filter.client();
-    let deadline = Instant::now() + BLOCKING_WAIT;
-    loop {
-        match client.lock(key, ops.clone(), sequence) {
-            Ok(()) => return Ok(Reply::ok(vec![4, 0, 0, 0])),
-            Err(e)
-                if blocking
-                    && e.code() == Some(ErrorCode::LockNotGranted)
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(status_of(&e)),
+    if let (Some(st), Some(_)) = (bad_tail, sequence) {
+        // With a lock sequence the request stays all or nothing, so that
+        // a replay of it is recognised whole.
+        return Err(st);
+    }
+    if ops.first().is_some_and(|o| o.unlock) && sequence.is_none() {
+        // Unlocks one at a time, in order, up to the first that fails
+        // (smbtorture lock.multiple-unlock).
+        for op in ops {
+            client
+                .lock(key, vec![op], None)
+                .map_err(|e| status_of(&e))?;
+            c.waiting.nudged = true;
         }
+        return match bad_tail {
+            Some(st) => Err(st),
+            None => Ok(Reply::ok(vec![4, 0, 0, 0])),
+        };
+    }
+    match client.lock(key, ops.clone(), sequence) {
+        Ok(()) => {
+            c.waiting.nudged |= ops.first().is_some_and(|o| o.unlock);
+            Ok(Reply::ok(vec![4, 0, 0, 0]))
+        }
+        // Only the last request of a PDU goes async (3.3.4.2).
+        Err(e)
+            if blocking
+                && e.code() == Some(ErrorCode::LockNotGranted)
+                && req.hdr.next_command == 0 =>
+        {
+            let w = &mut c.waiting;
+            if w.list.len() >= MAX_WAITING {
+                return Err(status::LOCK_NOT_GRANTED);
+            }
+            w.next_async += 1;
+            let async_id = w.next_async;
+            w.list.push(Waiting {
+                async_id,
+                message_id: req.hdr.message_id,
+                session_id: req.hdr.session_id,
+                credit_charge: req.hdr.credit_charge,
+                open,
+                key,
+                ops,
+                sequence,
+                sign: None,
+            });
+            w.queued = Some(async_id);
+            Ok(Reply::with_status(
+                status::PENDING,
+                crate::server::error_body(),
+            ))
+        }
+        Err(e) => Err(status_of(&e)),
+    }
+}
+
+/// Retries every waiting lock; those granted or failed for good are
+/// answered (final async response), the others keep waiting.
+pub fn retry(c: &mut Connection) {
+    if c.waiting.is_empty() {
+        return;
+    }
+    c.waiting.last_retry = Some(Instant::now());
+    let client = c.sh.filter.client();
+    let mut done = Vec::new();
+    for w in &c.waiting.list {
+        if !c.opens.contains_key(&w.open) {
+            done.push((w.async_id, status::FILE_CLOSED));
+            continue;
+        }
+        match client.lock(w.key, w.ops.clone(), w.sequence) {
+            Ok(()) => done.push((w.async_id, status::SUCCESS)),
+            Err(e) if e.code() == Some(ErrorCode::LockNotGranted) => {}
+            Err(e) => done.push((w.async_id, status_of(&e))),
+        }
+    }
+    for (id, st) in done {
+        for w in c.waiting.remove_where(|w| w.async_id == id) {
+            c.finish_async(&w, st);
+        }
+    }
+}
+
+/// CANCEL (3.3.5.16) of a waiting lock, named by AsyncId (an async
+/// CANCEL) or MessageId: it ends with STATUS_CANCELLED. A CANCEL that
+/// names nothing waiting is ignored (it gets no response either way).
+pub fn cancel(c: &mut Connection, req: &Request<'_>) {
+    let hdr = &req.hdr;
+    let by_async = hdr.flags & crate::wire::FLAG_ASYNC != 0;
+    let gone = c.waiting.remove_where(|w| match by_async {
+        true => w.async_id == hdr.async_id,
+        false => w.message_id == hdr.message_id,
+    });
+    for w in gone {
+        c.finish_async(&w, status::CANCELLED);
+    }
+}
+
+/// Open `open` is being closed: its waiting locks end with
+/// STATUS_RANGE_NOT_LOCKED (what Windows answers).
+pub fn open_closing(c: &mut Connection, open: u64) {
+    if c.waiting.is_empty() {
+        return;
+    }
+    for w in c.waiting.remove_where(|w| w.open == open) {
+        c.finish_async(&w, status::RANGE_NOT_LOCKED);
     }
 }
 
@@ -116,9 +349,9 @@ mod tests {
         let mut w = Writer::new();
         element(&mut w, 0, 10, EXCLUSIVE | FAIL_IMMEDIATELY);
         element(&mut w, 10, 10, SHARED | FAIL_IMMEDIATELY);
-        let (ops, blocking) = decode(&mut Reader::new(&w.0), 2).unwrap();
-        assert_eq!(ops.len(), 2);
-        assert!(ops[0].exclusive && !ops[1].exclusive && !blocking);
+        let d = decode(&mut Reader::new(&w.0), 2).unwrap();
+        assert_eq!(d.ops.len(), 2);
+        assert!(d.ops[0].exclusive && !d.ops[1].exclusive && !d.blocking);
 
         let mut w = Writer::new();
         element(&mut w, 0, 10, EXCLUSIVE);
@@ -129,12 +362,31 @@ mod tests {
             "two blocking locks"
         );
         let mut w = Writer::new();
-        element(&mut w, 0, 10, UNLOCK);
         element(&mut w, 0, 10, SHARED | FAIL_IMMEDIATELY);
+        element(&mut w, 0, 10, UNLOCK);
         assert!(
             decode(&mut Reader::new(&w.0), 2).is_err(),
-            "unlock and lock mixed"
+            "lock and unlock mixed"
         );
+        // Unlocks go in order up to the first bad element.
+        let mut w = Writer::new();
+        element(&mut w, 0, 10, UNLOCK);
+        element(&mut w, 0, 10, SHARED | FAIL_IMMEDIATELY);
+        let d = decode(&mut Reader::new(&w.0), 2).unwrap();
+        assert_eq!(
+            (d.ops.len(), d.bad_tail),
+            (1, Some(status::INVALID_PARAMETER))
+        );
+        // Ranges past 64 bits.
+        let mut w = Writer::new();
+        element(&mut w, u64::MAX, 2, EXCLUSIVE | FAIL_IMMEDIATELY);
+        assert_eq!(
+            decode(&mut Reader::new(&w.0), 1).err(),
+            Some(status::INVALID_LOCK_RANGE)
+        );
+        let mut w = Writer::new();
+        element(&mut w, u64::MAX, 1, EXCLUSIVE | FAIL_IMMEDIATELY);
+        assert!(decode(&mut Reader::new(&w.0), 1).is_ok(), "the last byte");
         let mut w = Writer::new();
         element(&mut w, 0, 10, SHARED | EXCLUSIVE);
         assert!(decode(&mut Reader::new(&w.0), 1).is_err());

@@ -243,6 +243,8 @@ pub struct Connection {
     pump_depth: u8,
     /// Credits the client holds, as granted minus spent.
     credits: u32,
+    /// Blocking locks answered STATUS_PENDING, still waiting.
+    pub waiting: crate::lock::WaitingLocks,
 }
 
 impl Connection {
@@ -265,6 +267,7 @@ impl Connection {
             io: None,
             pump_depth: 0,
             credits: 1,
+            waiting: crate::lock::WaitingLocks::default(),
         }
     }
 
@@ -277,13 +280,91 @@ impl Connection {
         };
         self.sh.notifier.connected(self.id, writer.clone());
         self.io = Some((stream, writer));
-        while let Some(pdu) = self.read_frame() {
+        while let Some(pdu) = self.next_frame() {
             if !self.answer(&pdu) {
                 break;
+            }
+            // An unlock in this PDU may let a waiting lock in (a close
+            // retries at once, see release_open).
+            if self.waiting.take_nudged() {
+                crate::lock::retry(self);
             }
         }
         self.io = None;
         self.sh.notifier.disconnected(self.id);
+    }
+
+    /// The next PDU, as [`Connection::read_frame`]; while locks wait, they
+    /// are retried every [`crate::lock::RETRY`], quiet client or busy.
+    fn next_frame(&mut self) -> Option<Vec<u8>> {
+        while !self.waiting.is_empty() {
+            let wait = self.waiting.next_retry_in();
+            if wait.is_zero() {
+                crate::lock::retry(self);
+            } else if self.readable(wait) {
+                break;
+            }
+        }
+        self.read_frame()
+    }
+
+    /// Whether the socket has something to read within `wait` (or is
+    /// gone: the read that follows finds out).
+    fn readable(&self, wait: Duration) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Some((s, _)) = &self.io else {
+            return true;
+        };
+        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::from(ms)).is_ok_and(|n| n > 0)
+    }
+
+    /// Sends the final response of waiting lock `w` (MS-SMB2 3.3.4.2):
+    /// async header with its AsyncId, no credits (the interim response
+    /// granted them), signed as its request asked.
+    pub fn finish_async(&mut self, w: &crate::lock::Waiting, st: u32) {
+        tracing::debug!(
+            conn = self.id,
+            async_id = w.async_id,
+            message_id = w.message_id,
+            status = format_args!("{st:#010x}"),
+            "async lock done"
+        );
+        let hdr = Header {
+            credit_charge: w.credit_charge,
+            status: st,
+            command: 0xA, // LOCK
+            credits: 0,
+            flags: wire::FLAG_RESPONSE | wire::FLAG_ASYNC,
+            next_command: 0,
+            message_id: w.message_id,
+            async_id: w.async_id,
+            tree_id: 0,
+            session_id: w.session_id,
+            signature: [0; 16],
+        };
+        let mut out = Writer::new();
+        hdr.encode(&mut out);
+        match st {
+            status::SUCCESS => out.bytes(&[4, 0, 0, 0]),
+            _ => out.bytes(&error_body()),
+        };
+        let mut bytes = out.0;
+        if let Some((alg, key)) = w.sign {
+            crypto::sign(alg, &key, &mut bytes);
+        }
+        let Ok(n) = u32::try_from(bytes.len()) else {
+            return;
+        };
+        let mut frame = n.to_be_bytes().to_vec();
+        frame.extend_from_slice(&bytes);
+        if let Some((_, wr)) = &self.io {
+            if let Ok(mut wr) = wr.lock() {
+                let _ = wr.write_all(&frame);
+            }
+        }
     }
 
     /// The next PDU, or none when the connection is over (closed, broken,
@@ -372,7 +453,10 @@ impl Connection {
     /// The client went away: durable and persistent opens are detached in
     /// filterd (kept for their timeout, for a DH2C), the others closed.
     pub fn lost(&mut self) {
-        let ids: Vec<u64> = self.opens.keys().copied().collect();
+        // Nobody is left to answer: waiting locks are just dropped.
+        self.waiting.remove_where(|_| true);
+        let mut ids: Vec<u64> = self.opens.keys().copied().collect();
+        ids.sort_unstable();
         for id in ids {
             self.release_open(id, true);
         }
@@ -403,6 +487,7 @@ impl Connection {
     /// connection already did (an ended session, a replaced app
     /// instance).
     fn release_open(&mut self, id: u64, connection_lost: bool) -> Option<Open> {
+        crate::lock::open_closing(self, id);
         let open = self.opens.remove(&id)?;
         let sh = &self.sh;
         let release = || {
@@ -428,6 +513,8 @@ impl Connection {
         // Only now, with the handle detached, may a reconnect stop
         // waiting for this connection.
         self.let_go(&open);
+        // Its locks are gone: a lock waiting on another open may be in.
+        crate::lock::retry(self);
         Some(open)
     }
 
@@ -470,12 +557,16 @@ impl Connection {
     /// Closes every open `which` selects (LOGOFF, TREE_DISCONNECT, a lost
     /// connection).
     fn close_opens_where(&mut self, which: impl Fn(&Open) -> bool) {
-        let ids: Vec<u64> = self
+        let mut ids: Vec<u64> = self
             .opens
             .iter()
             .filter(|(_, o)| which(o))
             .map(|(k, _)| *k)
             .collect();
+        // Oldest first, as the client opened them: a lock waiting on a
+        // later open is granted when an earlier one's locks go (what
+        // Windows answers, smbtorture's lock.cancel-tdis).
+        ids.sort_unstable();
         for id in ids {
             self.close_open(id);
         }
@@ -595,7 +686,8 @@ impl Connection {
     ) -> (Option<(u32, Response)>, Option<u64>) {
         let cmd = Command::from_code(req.hdr.command);
         if cmd == Command::Cancel {
-            // Every request is answered synchronously: nothing to cancel.
+            // CANCEL gets no response; a waiting lock it names does.
+            crate::lock::cancel(self, req);
             return (None, None);
         }
         // Signing: the key of the request's session, before the command
@@ -634,15 +726,26 @@ impl Connection {
                 _ => None,
             };
         }
+        // A request gone async: its interim response has the AsyncId and
+        // is never signed (3.3.4.1.1); the final one is, as asked.
+        let async_id = match (st, self.waiting.take_queued()) {
+            (status::PENDING, Some(a)) => {
+                self.waiting.set_sign(a, sign.take());
+                Some(a)
+            }
+            _ => None,
+        };
         let hdr = Header {
             credit_charge: req.hdr.credit_charge,
             status: st,
             command: req.hdr.command,
             credits: self.grant_credits(&req.hdr),
-            flags: wire::FLAG_RESPONSE | (req.hdr.flags & wire::FLAG_RELATED),
+            flags: wire::FLAG_RESPONSE
+                | (req.hdr.flags & wire::FLAG_RELATED)
+                | async_id.map_or(0, |_| wire::FLAG_ASYNC),
             next_command: 0,
             message_id: req.hdr.message_id,
-            async_id: 0,
+            async_id: async_id.unwrap_or(0),
             tree_id,
             session_id,
             signature: [0; 16],
@@ -1054,12 +1157,14 @@ impl Connection {
     /// durable-open reopen4), the others closed.
     fn logoff(&mut self, req: &Request<'_>) -> Outcome {
         let id = req.hdr.session_id;
-        let ids: Vec<u64> = self
+        let mut ids: Vec<u64> = self
             .opens
             .iter()
             .filter(|(_, o)| o.session == id)
             .map(|(k, _)| *k)
             .collect();
+        // Oldest first, as in close_opens_where (lock.cancel-logoff).
+        ids.sort_unstable();
         for k in ids {
             self.release_open(k, true);
         }
@@ -1207,7 +1312,7 @@ impl Response {
 }
 
 /// The body of an error response (MS-SMB2 2.2.2).
-fn error_body() -> Vec<u8> {
+pub fn error_body() -> Vec<u8> {
     vec![9, 0, 0, 0, 0, 0, 0, 0, 0]
 }
 

@@ -365,6 +365,7 @@ impl Header {
 #[allow(missing_docs)]
 pub mod status {
     pub const SUCCESS: u32 = 0;
+    pub const PENDING: u32 = 0x0000_0103;
     pub const BUFFER_OVERFLOW: u32 = 0x8000_0005;
     pub const NO_MORE_FILES: u32 = 0x8000_0006;
     pub const NOT_IMPLEMENTED: u32 = 0xC000_0002;
@@ -397,8 +398,10 @@ pub mod status {
     pub const INTERNAL_ERROR: u32 = 0xC000_00E5;
     pub const DIRECTORY_NOT_EMPTY: u32 = 0xC000_0101;
     pub const NOT_A_DIRECTORY: u32 = 0xC000_0103;
+    pub const CANCELLED: u32 = 0xC000_0120;
     pub const FILE_CLOSED: u32 = 0xC000_0128;
     pub const FS_DRIVER_REQUIRED: u32 = 0xC000_019C;
+    pub const INVALID_LOCK_RANGE: u32 = 0xC000_01A1;
     pub const USER_SESSION_DELETED: u32 = 0xC000_0203;
     pub const DUPLICATE_OBJECTID: u32 = 0xC000_022A;
     pub const FILE_NOT_AVAILABLE: u32 = 0xC000_0467;
