@@ -799,14 +799,18 @@ mod tests {
         }
     }
 
-    fn setup() -> (
-        Arc<Gated>,
-        Arc<Pipeline>,
-        crossbeam_channel::Receiver<Command>,
-        Arc<ConnWriter>,
-        OwnedFd,
-        std::thread::JoinHandle<()>,
-    ) {
+    /// A committer running over a [`Gated`] store, and the test's end of
+    /// the replies' socket.
+    struct Rig {
+        store: Arc<Gated>,
+        pipe: Arc<Pipeline>,
+        rx: crossbeam_channel::Receiver<Command>,
+        writer: Arc<ConnWriter>,
+        peer: OwnedFd,
+        committer: std::thread::JoinHandle<()>,
+    }
+
+    fn setup() -> Rig {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (a, b) = socketpair(
             AddressFamily::Unix,
@@ -819,8 +823,16 @@ mod tests {
         let pipe = Arc::new(Pipeline::default());
         let (tx, rx) = EngineTx::for_test();
         let (st, p) = (store.clone() as Arc<dyn StateStore>, pipe.clone());
-        let t = std::thread::spawn(move || run(st, p, tx, Arc::new(CommitCounters::default())));
-        (store, pipe, rx, ConnWriter::for_test(a), b, t)
+        let committer =
+            std::thread::spawn(move || run(st, p, tx, Arc::new(CommitCounters::default())));
+        Rig {
+            store,
+            pipe,
+            rx,
+            writer: ConnWriter::for_test(a),
+            peer: b,
+            committer,
+        }
     }
 
     fn next_packet(fd: &OwnedFd) -> Vec<u8> {
@@ -831,7 +843,14 @@ mod tests {
 
     #[test]
     fn a_commit_goes_out_while_the_one_before_is_in_flight_and_replies_keep_order() {
-        let (store, pipe, _rx, w, peer, t) = setup();
+        let Rig {
+            store,
+            pipe,
+            writer: w,
+            peer,
+            committer: t,
+            ..
+        } = setup();
         let g1 = store.gate(1);
         pipe.submit(job(&pipe, 1, &w, b"one"));
         wait_until("the first commit is sent", || {
@@ -856,7 +875,14 @@ mod tests {
 
     #[test]
     fn a_failed_commit_is_settled_with_every_later_one_in_flight() {
-        let (store, pipe, rx, w, peer, t) = setup();
+        let Rig {
+            store,
+            pipe,
+            rx,
+            writer: w,
+            peer,
+            committer: t,
+        } = setup();
         let g1 = store.gate(1);
         pipe.submit(job(&pipe, 1, &w, b"one"));
         wait_until("the first commit is sent", || {
