@@ -2,7 +2,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release
 
-.PHONY: all build protoc etcd release test lint unit e2e bench demo demo-cluster fuzz soak clean
+.PHONY: all build protoc etcd release test lint unit e2e bench demo demo-cluster fuzz soak soak-etcd clean
 
 all: build
 
@@ -61,6 +61,10 @@ SOAK_SECONDS ?= 300
 SOAK_CLIENTS ?= 8
 soak: release
 	$(RELEASE_BIN)/rksoak --seconds $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
+
+# The same soak with the table in a one-member etcd (`rksoak --etcd`).
+soak-etcd: release etcd
+	$(RELEASE_BIN)/rksoak --etcd --seconds $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
 
 # Fuzzing: the cargo-fuzz targets in fuzz/ (frame, LMDB record and line
 # decoders) from the checked-in seed corpus, FUZZ_SECONDS each. Builds on

@@ -17,6 +17,13 @@
 //! The engine never waits on the committer: [`Pipeline::submit`] appends to
 //! a queue that the committer drains whole, so pending batches merge.
 //!
+//! With a store whose commits go over the network (etcd,
+//! [`StateStore::pipelines`]), up to [`PIPELINE_DEPTH`] merged commits are
+//! in flight at once, each guarded by the owner's fencing revision as
+//! always; one that builds on a commit in flight, or reads or writes a key
+//! one in flight changes, waits until nothing is in flight. Outcomes are
+//! settled in order (see [`run`]).
+//!
 //! Every request's store operations form a *group* under a sequence of its
 //! own, with the earlier sequences it builds on. A merged commit that fails
 //! is retried group by group, so a request that cannot fit fails alone;
@@ -28,7 +35,7 @@
 //! Nothing built on state that never became durable is ever committed or
 //! acknowledged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -36,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use crate::conn::EngineTx;
 use libfilter::proto::{ErrorCode, ServerFrame, WireError};
-use libfilter::store::{StateStore, StoreError, StoreOp};
+use libfilter::store::{Prepared, StateStore, StoreError, StoreOp};
 use tracing::{error, warn};
 
 use crate::command::Command;
@@ -278,7 +285,53 @@ impl Pipeline {
     }
 }
 
+/// Most commits in flight at once with a store that overlaps them
+/// ([`StateStore::pipelines`]).
+const PIPELINE_DEPTH: usize = 2;
+
+/// Where a started commit's store outcome will be.
+type Slot = Arc<Mutex<Option<Result<u64, StoreError>>>>;
+
+/// A merged commit the committer started.
+struct Started {
+    groups: Vec<Group>,
+    through: u64,
+    requests: usize,
+    n_ops: usize,
+    started: Instant,
+    /// Failed on purpose (failpoint `commit.before`): every group fails.
+    injected: bool,
+    outcome: Slot,
+}
+
+impl Started {
+    fn done(&self) -> bool {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+    fn take(&self) -> Result<u64, StoreError> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| Err(StoreError::Etcd("a commit's outcome was lost".into())))
+    }
+}
+
 /// Runs until [`Pipeline::stop`] with an empty queue.
+///
+/// With a store that overlaps commits, up to [`PIPELINE_DEPTH`] merged
+/// commits are in flight: the next one's transaction goes out while the
+/// earlier ones wait for the store. A commit that builds on one in flight
+/// (`Group::deps`), or whose keys the store finds reserved by one in
+/// flight ([`StateStore::prepare`]), waits until nothing is in flight.
+/// Outcomes are settled strictly in order: a reply goes out only once
+/// every commit up to and including the one holding what it shows is
+/// durable; when one fails, every later one in flight is awaited and all
+/// are settled together as one failed commit (each group retried alone),
+/// so the engine undoes exactly what did not commit.
 pub fn run(
     store: Arc<dyn StateStore>,
     pipe: Arc<Pipeline>,
@@ -292,19 +345,86 @@ pub fn run(
     // queued, or half the last commit's duration (at most 1 ms) has passed.
     let mut last_requests = 0usize;
     let mut last_commit = Duration::ZERO;
+    let depth = if store.pipelines() { PIPELINE_DEPTH } else { 1 };
+    let mut flight: VecDeque<Started> = VecDeque::new();
+    // What is queued must wait until nothing is in flight.
+    let mut drain = false;
     loop {
         let mut s = pipe.lock();
-        while s.jobs.is_empty() && !s.stop {
+        loop {
+            if flight.is_empty() {
+                drain = false;
+            }
+            let oldest_done = flight.front().is_some_and(Started::done);
+            let can_start = !s.jobs.is_empty() && flight.len() < depth && !drain;
+            if oldest_done || can_start || (s.stop && s.jobs.is_empty() && flight.is_empty()) {
+                break;
+            }
             s = pipe.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if flight.front().is_some_and(Started::done) {
+            drop(s);
+            let Some(first) = flight.pop_front() else {
+                continue;
+            };
+            let result = first.take();
+            let mut done = vec![(first, result)];
+            if done.iter().any(|(_, r)| r.is_err()) {
+                // Every later commit in flight is settled with it.
+                while let Some(next) = flight.pop_front() {
+                    let mut s = pipe.lock();
+                    while !next.done() {
+                        s = pipe.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                    }
+                    drop(s);
+                    let r = next.take();
+                    done.push((next, r));
+                }
+            }
+            if let Some((requests, took)) = settle(store.as_ref(), &pipe, &engine, &counters, done)
+            {
+                last_requests = requests;
+                last_commit = took;
+            }
+            continue;
         }
         if s.jobs.is_empty() {
             return;
         }
-        let deadline = Instant::now() + (last_commit / 2).min(MAX_GATHER);
+        if !flight.is_empty() {
+            // A group that builds on one in flight waits for it.
+            let resolved = pipe.committed();
+            let first = s
+                .jobs
+                .iter()
+                .flat_map(|j| j.groups.iter().map(|g| g.seq))
+                .min()
+                .unwrap_or(0);
+            if s.jobs
+                .iter()
+                .flat_map(|j| j.groups.iter().flat_map(|g| g.deps.iter()))
+                .any(|d| *d > resolved && *d < first)
+            {
+                drain = true;
+                continue;
+            }
+        }
+        // With a commit in flight, what is queued goes at once: the next
+        // clients' requests overlap the one in flight instead of joining it.
+        let gather = if flight.is_empty() {
+            (last_commit / 2).min(MAX_GATHER)
+        } else {
+            Duration::ZERO
+        };
+        let deadline = Instant::now() + gather;
         loop {
             let pending: usize = s.jobs.iter().map(|j| j.requests).sum();
             let now = Instant::now();
-            if pending >= last_requests || now >= deadline || s.stop {
+            if pending >= last_requests
+                || now >= deadline
+                || s.stop
+                || flight.front().is_some_and(Started::done)
+            {
                 break;
             }
             s = pipe
@@ -327,110 +447,201 @@ pub fn run(
             continue;
         };
         let started = Instant::now();
-        let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
-        let n_ops: usize = batches.iter().map(|b| b.len()).sum();
+        let n_ops: usize = groups.iter().map(|g| g.ops.len()).sum();
         let injected = failpoint::fails("commit.before");
-        let result = if injected {
-            Err(StoreError::from(heed::Error::Io(std::io::Error::other(
-                "failpoint commit.before: failing on purpose",
-            ))))
+        let outcome: Slot = Arc::new(Mutex::new(None));
+        if injected {
+            *outcome.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Err(StoreError::from(heed::Error::Io(
+                    std::io::Error::other("failpoint commit.before: failing on purpose"),
+                ))));
+        } else if let Err(e) = sync_all(&sync, &counters) {
+            *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
+        } else if flight.is_empty() && depth == 1 {
+            let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
+            let r = store.commit(&batches);
+            *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
         } else {
-            sync_all(&sync, &counters).and_then(|()| store.commit(&batches).map(|_| ()))
-        };
-        drop(batches);
+            let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
+            match store.prepare(&batches) {
+                Ok(Some(prepared)) => {
+                    drop(batches);
+                    start(&store, &pipe, prepared, &outcome);
+                }
+                Ok(None) if !flight.is_empty() => {
+                    // It reads or writes what one in flight changes: back
+                    // to the front of the queue until nothing is in flight.
+                    drop(batches);
+                    let mut s = pipe.lock();
+                    s.jobs.insert(
+                        0,
+                        CommitJob {
+                            groups,
+                            sync,
+                            requests,
+                        },
+                    );
+                    drain = true;
+                    continue;
+                }
+                Ok(None) => {
+                    let r = store.commit(&batches);
+                    *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                }
+                Err(e) => {
+                    *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
+                }
+            }
+        }
         drop(sync);
-        let (failed, error) = match result {
-            Ok(()) => (BTreeSet::new(), None),
+        flight.push_back(Started {
+            groups,
+            through,
+            requests,
+            n_ops,
+            started,
+            injected,
+            outcome,
+        });
+    }
+}
+
+/// Sends a prepared commit on a thread of its own; its outcome lands in
+/// `slot` and wakes the committer. Without a thread, it runs here.
+fn start(store: &Arc<dyn StateStore>, pipe: &Arc<Pipeline>, prepared: Prepared, slot: &Slot) {
+    let (st, p, out) = (store.clone(), pipe.clone(), slot.clone());
+    let prepared = Arc::new(Mutex::new(Some(prepared)));
+    let mine = prepared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("commit-txn".into())
+        .spawn(move || {
+            let taken = mine.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(prepared) = taken {
+                let r = st.run_prepared(prepared);
+                *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                // Under the pipeline's lock, so the committer cannot miss it.
+                drop(p.lock());
+                p.wake.notify_all();
+            }
+        });
+    if spawned.is_err() {
+        let taken = prepared.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(prepared) = taken {
+            let r = store.run_prepared(prepared);
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        }
+    }
+}
+
+/// Settles finished commits, in order: releases the replies they made
+/// durable, or, when one failed, works out which groups failed (each
+/// retried alone, in order) and has the engine roll them back. Returns the
+/// requests and duration of a fully successful settlement (for the
+/// gathering rule).
+fn settle(
+    store: &dyn StateStore,
+    pipe: &Pipeline,
+    engine: &EngineTx,
+    counters: &CommitCounters,
+    done: Vec<(Started, Result<u64, StoreError>)>,
+) -> Option<(usize, Duration)> {
+    let mut failed = BTreeSet::new();
+    let mut through = 0;
+    let mut timing = None;
+    for (c, result) in &done {
+        through = through.max(c.through);
+        match result {
+            Ok(_) => {
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                counters.ops.fetch_add(c.n_ops as u64, Ordering::Relaxed);
+                timing = Some((c.requests, c.started.elapsed()));
+            }
+            // An injected failure fails every group of the commit.
+            Err(_) if c.injected => failed.extend(c.groups.iter().map(|g| g.seq)),
             // One request that cannot fit (or fails for any reason) fails
             // alone: each group is tried on its own, in order; a group that
             // builds on a failed one fails with it.
-            // An injected failure fails every group of the commit.
-            Err(e) if injected => (groups.iter().map(|g| g.seq).collect(), Some(e)),
             Err(e) => {
-                fenced(&e);
-                (retry_alone(store.as_ref(), &groups), Some(e))
+                fenced(e);
+                retry_alone(store, &c.groups, &mut failed);
             }
-        };
-        let notify: Vec<IntentId> = groups
-            .iter()
-            .filter(|g| !failed.contains(&g.seq))
-            .flat_map(|g| g.notify.iter().copied())
-            .collect();
-        if failed.is_empty() {
-            last_commit = started.elapsed();
-            last_requests = requests;
-            counters.commits.fetch_add(1, Ordering::Relaxed);
-            counters.ops.fetch_add(n_ops as u64, Ordering::Relaxed);
-            failpoint::hit("commit.after");
-            let ready = pipe.settle_success(through);
-            if !notify.is_empty() {
-                let _ = engine.send(Command::IntentsDurable(notify));
-            }
-            if pipe.take_engine_wake() {
-                let _ = engine.send(Command::CommitsResolved);
-            }
-            for r in ready {
-                failpoint::hit("reply.before_send");
-                r.send();
-            }
-            continue;
         }
-        counters.failed.fetch_add(1, Ordering::Relaxed);
-        if groups
-            .iter()
-            .any(|g| g.completes_intent && failed.contains(&g.seq))
-        {
-            // The change is on disk and its intent durable; memory cannot
-            // be rolled back to before it. Stop as a crash would: recovery
-            // finishes the change, and clients replay as after any crash.
-            error!(error = ?error, "the completion of a durable intent cannot commit; stopping so that recovery finishes it");
-            std::process::exit(70);
-        }
-        let (code, message) = match &error {
-            Some(StoreError::Full | StoreError::MapFull) => (
-                ErrorCode::DiskFull,
-                error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
-            ),
-            Some(e) => (ErrorCode::Internal, e.to_string()),
-            None => (ErrorCode::Internal, "commit failed".to_owned()),
-        };
-        error!(error = %message, failed = failed.len(), of = groups.len(), through, "commit failed; rolling back what it held and what built on it");
-        if engine
-            .send(Command::CommitFailed {
-                failed: failed.iter().copied().collect(),
-                through,
-                code,
-                message: message.clone(),
-            })
-            .is_err()
-        {
-            return;
-        }
-        // Nothing more is committed until the engine has undone what the
-        // failed groups did: later ones may build on it.
-        let (ready, refused) = pipe.settle_failure(through, true);
+    }
+    let error = done.iter().find_map(|(_, r)| r.as_ref().err());
+    let groups = || done.iter().flat_map(|(c, _)| c.groups.iter());
+    let notify: Vec<IntentId> = groups()
+        .filter(|g| !failed.contains(&g.seq))
+        .flat_map(|g| g.notify.iter().copied())
+        .collect();
+    if failed.is_empty() {
+        failpoint::hit("commit.after");
+        let ready = pipe.settle_success(through);
         if !notify.is_empty() {
             let _ = engine.send(Command::IntentsDurable(notify));
         }
         if pipe.take_engine_wake() {
             let _ = engine.send(Command::CommitsResolved);
         }
-        for r in refused {
-            r.fail(code, &message);
-        }
         for r in ready {
+            failpoint::hit("reply.before_send");
             r.send();
         }
+        return if done.len() == 1 && done.iter().all(|(_, r)| r.is_ok()) {
+            timing
+        } else {
+            None
+        };
     }
+    counters.failed.fetch_add(1, Ordering::Relaxed);
+    if groups().any(|g| g.completes_intent && failed.contains(&g.seq)) {
+        // The change is on disk and its intent durable; memory cannot
+        // be rolled back to before it. Stop as a crash would: recovery
+        // finishes the change, and clients replay as after any crash.
+        error!(error = ?error, "the completion of a durable intent cannot commit; stopping so that recovery finishes it");
+        std::process::exit(70);
+    }
+    let (code, message) = match error {
+        Some(e @ (StoreError::Full | StoreError::MapFull)) => (ErrorCode::DiskFull, e.to_string()),
+        Some(e) => (ErrorCode::Internal, e.to_string()),
+        None => (ErrorCode::Internal, "commit failed".to_owned()),
+    };
+    error!(error = %message, failed = failed.len(), of = groups().count(), through, "commit failed; rolling back what it held and what built on it");
+    if engine
+        .send(Command::CommitFailed {
+            failed: failed.iter().copied().collect(),
+            through,
+            code,
+            message: message.clone(),
+        })
+        .is_err()
+    {
+        return None;
+    }
+    // Nothing more is committed until the engine has undone what the
+    // failed groups did: later ones may build on it.
+    let (ready, refused) = pipe.settle_failure(through, true);
+    if !notify.is_empty() {
+        let _ = engine.send(Command::IntentsDurable(notify));
+    }
+    if pipe.take_engine_wake() {
+        let _ = engine.send(Command::CommitsResolved);
+    }
+    for r in refused {
+        r.fail(code, &message);
+    }
+    for r in ready {
+        r.send();
+    }
+    None
 }
 
-/// After a failed merged commit: each group on its own, in order. Returns
-/// the sequences that failed (on their own, or by building on one that did).
-fn retry_alone(store: &dyn StateStore, groups: &[Group]) -> BTreeSet<u64> {
-    let mut failed = BTreeSet::new();
+/// After a failed merged commit: each group on its own, in order. Adds the
+/// sequences that failed (on their own, or by building on one that did)
+/// to `failed`.
+fn retry_alone(store: &dyn StateStore, groups: &[Group], failed: &mut BTreeSet<u64>) {
     if groups.len() == 1 {
         failed.extend(groups.iter().map(|g| g.seq));
-        return failed;
+        return;
     }
     for g in groups {
         if g.deps.iter().any(|d| failed.contains(d)) {
@@ -443,7 +654,6 @@ fn retry_alone(store: &dyn StateStore, groups: &[Group]) -> BTreeSet<u64> {
             failed.insert(g.seq);
         }
     }
-    failed
 }
 
 /// Another daemon claimed the table: this one must not acknowledge or
@@ -474,4 +684,236 @@ fn sync_all(fds: &[OwnedFd], counters: &CommitCounters) -> Result<(), StoreError
         counters.fs_syncs.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A store that overlaps commits: each prepared commit waits in
+    /// `run_prepared` until the test releases it with its outcome.
+    #[derive(Default)]
+    struct Gated {
+        prepared: AtomicU64,
+        gates: Mutex<BTreeMap<u64, mpsc::Receiver<Result<u64, StoreError>>>>,
+        entered: Mutex<Vec<u64>>,
+    }
+
+    impl StateStore for Gated {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+        fn claim(&self) -> Result<(u64, bool), StoreError> {
+            Ok((1, true))
+        }
+        fn commit(&self, _: &[&[StoreOp]]) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        fn pipelines(&self) -> bool {
+            true
+        }
+        fn prepare(&self, _: &[&[StoreOp]]) -> Result<Option<Prepared>, StoreError> {
+            let n = self.prepared.fetch_add(1, Ordering::AcqRel) + 1;
+            Ok(Some(Prepared(Box::new(n))))
+        }
+        fn run_prepared(&self, p: Prepared) -> Result<u64, StoreError> {
+            let n = *p.0.downcast::<u64>().expect("a number");
+            self.entered.lock().unwrap().push(n);
+            let gate = loop {
+                if let Some(g) = self.gates.lock().unwrap().remove(&n) {
+                    break g;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            gate.recv().expect("an outcome")
+        }
+        fn handle(
+            &self,
+            _: libfilter::model::ResumeKey,
+        ) -> Result<Option<libfilter::model::HandleRecord>, StoreError> {
+            Ok(None)
+        }
+        fn all_handles(
+            &self,
+        ) -> Result<Vec<Result<libfilter::model::HandleRecord, StoreError>>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn scope_records(
+            &self,
+            _: &libfilter::model::ReplayScope,
+        ) -> Result<Vec<(u64, libfilter::model::ReplayRecord)>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn all_replays(&self) -> Result<Vec<libfilter::store::RawReplay>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn all_intents(
+            &self,
+        ) -> Result<Vec<Result<libfilter::model::Intent, StoreError>>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn clean_shutdown(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    impl Gated {
+        fn gate(&self, n: u64) -> mpsc::Sender<Result<u64, StoreError>> {
+            let (tx, rx) = mpsc::channel();
+            self.gates.lock().unwrap().insert(n, rx);
+            tx
+        }
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A job of one group under `seq` (the store ignores its ops), whose reply says
+    /// `tag` on the test's socket.
+    fn job(pipe: &Pipeline, seq: u64, w: &Arc<ConnWriter>, tag: &[u8]) -> CommitJob {
+        pipe.reply_after(
+            seq,
+            Deferred {
+                writer: w.clone(),
+                id: Some(seq),
+                bytes: tag.to_vec(),
+                fd: None,
+            },
+        );
+        CommitJob {
+            groups: vec![Group {
+                seq,
+                ops: Vec::new(),
+                deps: Vec::new(),
+                notify: Vec::new(),
+                completes_intent: false,
+            }],
+            sync: Vec::new(),
+            requests: 1,
+        }
+    }
+
+    /// A committer running over a [`Gated`] store, and the test's end of
+    /// the replies' socket.
+    struct Rig {
+        store: Arc<Gated>,
+        pipe: Arc<Pipeline>,
+        rx: crossbeam_channel::Receiver<Command>,
+        writer: Arc<ConnWriter>,
+        peer: OwnedFd,
+        committer: std::thread::JoinHandle<()>,
+    }
+
+    fn setup() -> Rig {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let store = Arc::new(Gated::default());
+        let pipe = Arc::new(Pipeline::default());
+        let (tx, rx) = EngineTx::for_test();
+        let (st, p) = (store.clone() as Arc<dyn StateStore>, pipe.clone());
+        let committer =
+            std::thread::spawn(move || run(st, p, tx, Arc::new(CommitCounters::default())));
+        Rig {
+            store,
+            pipe,
+            rx,
+            writer: ConnWriter::for_test(a),
+            peer: b,
+            committer,
+        }
+    }
+
+    fn next_packet(fd: &OwnedFd) -> Vec<u8> {
+        let mut buf = [0u8; 4096];
+        let n = nix::unistd::read(fd, &mut buf).unwrap();
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn a_commit_goes_out_while_the_one_before_is_in_flight_and_replies_keep_order() {
+        let Rig {
+            store,
+            pipe,
+            writer: w,
+            peer,
+            committer: t,
+            ..
+        } = setup();
+        let g1 = store.gate(1);
+        pipe.submit(job(&pipe, 1, &w, b"one"));
+        wait_until("the first commit is sent", || {
+            store.entered.lock().unwrap().len() == 1
+        });
+        let g2 = store.gate(2);
+        pipe.submit(job(&pipe, 2, &w, b"two"));
+        wait_until("the second is sent while the first is in flight", || {
+            store.entered.lock().unwrap().len() == 2
+        });
+        // The later one is durable first: nothing is acknowledged yet.
+        g2.send(Ok(2)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(pipe.committed(), 0, "acknowledged past one in flight");
+        g1.send(Ok(1)).unwrap();
+        assert_eq!(next_packet(&peer), b"one");
+        assert_eq!(next_packet(&peer), b"two");
+        assert_eq!(pipe.committed(), 2);
+        pipe.stop();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_commit_is_settled_with_every_later_one_in_flight() {
+        let Rig {
+            store,
+            pipe,
+            rx,
+            writer: w,
+            peer,
+            committer: t,
+        } = setup();
+        let g1 = store.gate(1);
+        pipe.submit(job(&pipe, 1, &w, b"one"));
+        wait_until("the first commit is sent", || {
+            store.entered.lock().unwrap().len() == 1
+        });
+        let g2 = store.gate(2);
+        pipe.submit(job(&pipe, 2, &w, b"two"));
+        wait_until("the second is sent", || {
+            store.entered.lock().unwrap().len() == 2
+        });
+        g1.send(Err(StoreError::Full)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(rx.try_recv().is_err(), "settled before the later one ended");
+        g2.send(Ok(2)).unwrap();
+        match rx.recv_timeout(Duration::from_secs(20)).unwrap() {
+            Command::CommitFailed {
+                failed,
+                through,
+                code,
+                ..
+            } => {
+                assert_eq!((failed, through), (vec![1], 2));
+                assert_eq!(code, ErrorCode::DiskFull);
+            }
+            _ => panic!("expected CommitFailed"),
+        }
+        pipe.rolled_back([1].into_iter().collect());
+        let first = next_packet(&peer);
+        assert_ne!(first, b"one", "the failed one is refused");
+        assert_eq!(next_packet(&peer), b"two", "the later durable one goes");
+        pipe.stop();
+        t.join().unwrap();
+    }
 }

@@ -57,6 +57,21 @@ impl EngineTx {
         Ok(())
     }
 
+    /// A sender whose commands the test reads from the receiver.
+    #[cfg(test)]
+    pub(crate) fn for_test() -> (EngineTx, crossbeam_channel::Receiver<Command>) {
+        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .expect("an eventfd");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (
+            EngineTx {
+                tx,
+                wake: Arc::new(wake),
+            },
+            rx,
+        )
+    }
+
     /// Queues a command without waiting: `Err(true)` when the queue is
     /// full, `Err(false)` when the engine is gone.
     pub fn try_send(&self, c: Command) -> Result<(), bool> {

@@ -72,8 +72,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::model::{HandleRecord, Intent, ReplayRecord, ReplayScope, ResumeKey};
 use crate::store::{
-    decode_record, encode_record, parse_replay_key, replay_key, replay_prefix, MetaInfo, RawReplay,
-    StateStore, StoreError, StoreOp, SCHEMA_VERSION,
+    decode_record, encode_record, parse_replay_key, replay_key, replay_prefix, MetaInfo, Prepared,
+    RawReplay, StateStore, StoreError, StoreOp, SCHEMA_VERSION,
 };
 
 /// Most operations in one Txn (etcd's `--max-txn-ops` default).
@@ -202,6 +202,14 @@ type Chunk = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 struct Packed {
     ops: Chunk,
     logged: bool,
+}
+
+/// A commit prepared to overlap the ones in flight
+/// ([`StateStore::prepare`]): its Txns, whose keys it reserved.
+struct Pending {
+    steps: Vec<Packed>,
+    requests: usize,
+    packed: Duration,
 }
 
 /// Most bytes of one redo-log page (one page per Txn).
@@ -344,6 +352,11 @@ pub struct EtcdStore {
     log_seq: AtomicU64,
     /// Tests: how many more Txns may be sent before they fail.
     txn_budget: AtomicU64,
+    /// Keys written by prepared commits not yet finished (key → how many):
+    /// a commit that reads or writes one of them waits until they are
+    /// resolved, so that a key's changes reach etcd in order and every
+    /// commit is packed against what is durable. Locked before `table`.
+    in_flight: Mutex<BTreeMap<Vec<u8>, usize>>,
 }
 
 impl EtcdStore {
@@ -394,6 +407,7 @@ impl EtcdStore {
             retired: AtomicBool::new(false),
             log_seq: AtomicU64::new(0),
             txn_budget: AtomicU64::new(u64::MAX),
+            in_flight: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -888,6 +902,70 @@ impl EtcdStore {
         Ok(rev)
     }
 
+    /// Sends a packed commit's Txns, one after another; returns the
+    /// revision of the last.
+    fn run_steps(
+        &self,
+        steps: &[Packed],
+        requests: usize,
+        packed: Duration,
+    ) -> Result<u64, StoreError> {
+        let mut rev = self.revision.load(Ordering::Acquire);
+        let mut txn_us = Vec::with_capacity(steps.len());
+        for step in steps {
+            let t = Instant::now();
+            rev = if step.logged {
+                self.commit_logged(&step.ops)?
+            } else {
+                self.commit_chunk(&step.ops)?
+            };
+            txn_us.push(t.elapsed().as_micros());
+        }
+        // Where a commit's time goes (RUST_LOG=libfilter::etcd=debug): the
+        // Txns of one commit go one after another.
+        debug!(
+            requests,
+            keys = steps.iter().map(|s| s.ops.len()).sum::<usize>(),
+            txns = steps.len(),
+            pack_us = packed.as_micros(),
+            ?txn_us,
+            "etcd commit"
+        );
+        Ok(u64::try_from(rev).unwrap_or(0))
+    }
+
+    /// The key prefixes of the replay scopes whose keys one request's ops
+    /// read from the table (deletes and trims expand to them).
+    fn scopes_read(&self, ops: &[StoreOp]) -> Vec<Vec<u8>> {
+        ops.iter()
+            .filter_map(|op| match op {
+                StoreOp::DeleteHandle(rec) => Some(ReplayScope::Handle(rec.key)),
+                StoreOp::PutReplay { scope, .. } | StoreOp::DeleteReplayScope(scope) => {
+                    Some(scope.clone())
+                }
+                _ => None,
+            })
+            .map(|scope| self.replay_key(&replay_prefix(&scope)))
+            .collect()
+    }
+
+    /// A prepared commit is resolved: its keys are no longer in flight.
+    fn release(&self, steps: &[Packed]) {
+        let mut held = self.lock_in_flight();
+        for k in steps.iter().flat_map(|s| s.ops.keys()) {
+            if let Some(n) = held.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(k);
+                }
+            }
+        }
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, usize>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Coalesces each request's ops (`batches`, one per request) and packs
     /// whole requests into Txn-sized chunks, in order: a request shares a
     /// chunk with others only whole; one that alone exceeds a Txn is a step
@@ -1184,29 +1262,56 @@ impl StateStore for EtcdStore {
         self.owner_check()?;
         let t0 = Instant::now();
         let steps = self.pack(batches)?;
-        let packed = t0.elapsed();
-        let mut rev = self.revision.load(Ordering::Acquire);
-        let mut txn_us = Vec::with_capacity(steps.len());
-        for step in &steps {
-            let t = Instant::now();
-            rev = if step.logged {
-                self.commit_logged(&step.ops)?
-            } else {
-                self.commit_chunk(&step.ops)?
-            };
-            txn_us.push(t.elapsed().as_micros());
+        self.run_steps(&steps, batches.len(), t0.elapsed())
+    }
+    fn pipelines(&self) -> bool {
+        true
+    }
+    fn prepare(&self, batches: &[&[StoreOp]]) -> Result<Option<Prepared>, StoreError> {
+        self.owner_check()?;
+        let t0 = Instant::now();
+        // Held while packing: a commit in flight updates `table` before it
+        // releases its keys, so what this one reads of the table is
+        // durable or still reserved (and then it waits).
+        let mut held = self.lock_in_flight();
+        let steps = self.pack(batches)?;
+        if steps.iter().any(|s| s.logged) {
+            return Ok(None);
         }
-        // Where a commit's time goes (RUST_LOG=libfilter::etcd=debug): the
-        // Txns of one commit go one after another.
-        debug!(
-            requests = batches.len(),
-            keys = steps.iter().map(|s| s.ops.len()).sum::<usize>(),
-            txns = steps.len(),
-            pack_us = packed.as_micros(),
-            ?txn_us,
-            "etcd commit"
-        );
-        Ok(u64::try_from(rev).unwrap_or(0))
+        let reads_reserved = |p: &Vec<u8>| {
+            held.range(p.clone()..)
+                .next()
+                .is_some_and(|(k, _)| k.starts_with(p))
+        };
+        if steps
+            .iter()
+            .flat_map(|s| s.ops.keys())
+            .any(|k| held.contains_key(k))
+            || batches
+                .iter()
+                .flat_map(|ops| self.scopes_read(ops))
+                .any(|p| reads_reserved(&p))
+        {
+            return Ok(None);
+        }
+        for k in steps.iter().flat_map(|s| s.ops.keys()) {
+            *held.entry(k.clone()).or_default() += 1;
+        }
+        Ok(Some(Prepared(Box::new(Pending {
+            steps,
+            requests: batches.len(),
+            packed: t0.elapsed(),
+        }))))
+    }
+    fn run_prepared(&self, prepared: Prepared) -> Result<u64, StoreError> {
+        let Ok(p) = prepared.0.downcast::<Pending>() else {
+            return Err(StoreError::Etcd("not a prepared etcd commit".into()));
+        };
+        let result = self
+            .owner_check()
+            .and_then(|()| self.run_steps(&p.steps, p.requests, p.packed));
+        self.release(&p.steps);
+        result
     }
     fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
         match self.lock_table().get(&self.handle_key(&key)) {
@@ -1389,6 +1494,39 @@ mod tests {
             chunks[0].ops.keys()
         );
         assert_eq!(chunks[0].ops.len(), 2);
+    }
+
+    #[test]
+    fn a_commit_touching_what_one_in_flight_changes_is_not_overlapped() {
+        let s = offline();
+        let scope = ReplayScope::Handle(ResumeKey::new_random());
+        let put = StoreOp::PutReplay {
+            scope: scope.clone(),
+            op_id: 1,
+            record: crate::model::ReplayRecord {
+                reply: "ok".into(),
+                recorded_ms: 0,
+            },
+            keep: 4,
+        };
+        let first = s.prepare(&[&[put.clone(), intent(1)]]).unwrap();
+        assert!(first.is_some(), "nothing in flight: it may go");
+        // The same intent key: its changes must reach etcd in order.
+        assert!(s.prepare(&[&[intent(1)]]).unwrap().is_none());
+        // A scope delete reads the scope's keys, one of them in flight.
+        assert!(s
+            .prepare(&[&[StoreOp::DeleteReplayScope(scope.clone())]])
+            .unwrap()
+            .is_none());
+        // Other keys overlap; once the first is resolved the rest may go.
+        let other = s.prepare(&[&[intent(2)]]).unwrap();
+        assert!(other.is_some());
+        let release = |p: Option<Prepared>| {
+            s.release(&p.unwrap().0.downcast::<Pending>().unwrap().steps);
+        };
+        release(first);
+        release(other);
+        assert!(s.prepare(&[&[intent(1)]]).unwrap().is_some());
     }
 
     #[test]

@@ -314,6 +314,10 @@ pub struct Store {
     _writer: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
+/// A commit packed by [`StateStore::prepare`], not yet sent (what it holds
+/// is the store's own).
+pub struct Prepared(pub Box<dyn std::any::Any + Send>);
+
 /// The durable resume-key table as filterd uses it: what any backend must
 /// provide — the embedded LMDB [`Store`] here, a remote replicated one
 /// (etcd) next. Shaped after what a remote store can do cheaply: commits
@@ -342,6 +346,30 @@ pub trait StateStore: Send + Sync {
     /// while this daemon's claim stands ([`StoreError::Fenced`] otherwise,
     /// with nothing written). Returns the commit's sequence number.
     fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError>;
+    /// Whether commits may overlap ([`StateStore::prepare`]): a later
+    /// commit's transaction goes out while an earlier one is in flight.
+    /// An embedded store commits one at a time.
+    fn pipelines(&self) -> bool {
+        false
+    }
+    /// The first half of a commit that may overlap earlier ones still in
+    /// flight: packs `batches` and reserves what they read and write.
+    /// `Ok(None)`: they read or write something a commit in flight
+    /// changes (or the store cannot overlap them); commit them with
+    /// [`StateStore::commit`] once nothing is in flight. Nothing is sent
+    /// before [`StateStore::run_prepared`].
+    fn prepare(&self, batches: &[&[StoreOp]]) -> Result<Option<Prepared>, StoreError> {
+        let _ = batches;
+        Ok(None)
+    }
+    /// Sends a prepared commit and waits for it (what [`StateStore::commit`]
+    /// does after packing); releases its reservation however it ends.
+    fn run_prepared(&self, prepared: Prepared) -> Result<u64, StoreError> {
+        let _ = prepared;
+        Err(StoreError::Etcd(
+            "this store does not prepare commits".into(),
+        ))
+    }
     /// One handle record.
     fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError>;
     /// Every handle record (a record that does not decode is an error in

@@ -44,11 +44,18 @@ pub struct Cluster {
     dir: std::path::PathBuf,
     members: Vec<Member>,
     initial: String,
+    /// More flags for every member (`--quota-backend-bytes N`, say).
+    extra: Vec<String>,
 }
 
 impl Cluster {
     /// Starts an `n`-member cluster and waits until every member is healthy.
     pub fn start(s: &Scratch, n: usize) -> Cluster {
+        Cluster::start_with(s, n, &[])
+    }
+
+    /// [`Cluster::start`] with more flags for every member.
+    pub fn start_with(s: &Scratch, n: usize, extra: &[&str]) -> Cluster {
         let dir = s.dir.join("etcd");
         let members: Vec<Member> = (1..=n)
             .map(|i| Member {
@@ -67,6 +74,7 @@ impl Cluster {
             dir,
             members,
             initial,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
         for i in 0..n {
             c.spawn(i);
@@ -104,6 +112,7 @@ impl Cluster {
                 "--initial-cluster-state",
                 "new",
             ])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -128,6 +137,11 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The client port of member `i`.
+    pub fn client_port(&self, i: usize) -> u16 {
+        self.members[i].client
     }
 
     /// `etcd://` URL of every member, with `prefix`.

@@ -462,3 +462,130 @@ fn a_request_larger_than_one_txn_is_all_or_nothing() {
     assert_eq!(again.scope_records(&after).expect("read").len(), 300);
     assert_eq!(again.all_replays().expect("read").len(), 600);
 }
+
+/// Raw etcd client calls (ballast, compaction, defragmentation, alarms) on
+/// member `port`, on a runtime of their own.
+fn raw_etcd<T>(
+    port: u16,
+    f: impl AsyncFnOnce(&mut etcd_client::Client) -> Result<T, etcd_client::Error>,
+) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None)
+            .await
+            .expect("connect to etcd");
+        f(&mut c).await.expect("etcd call")
+    })
+}
+
+/// etcd's space quota fills up (a small `--quota-backend-bytes`, ballast
+/// beside the table): persistent CREATEs get STATUS_DISK_FULL through
+/// smbshim as with LMDB's full map, nothing of a refused one is stored (the
+/// daemon's handles and the table in etcd hold exactly the acknowledged
+/// ones), and work that needs no commit goes on. Once space is freed
+/// (ballast deleted, history compacted, defragmented, NOSPACE alarm
+/// disarmed) persistent creates succeed again with nothing lost.
+#[test]
+fn etcd_out_of_space_is_disk_full_and_service_resumes() {
+    if !etcd_available("etcd_out_of_space_is_disk_full_and_service_resumes") {
+        return;
+    }
+    let s = Scratch::new("etcd-nospace");
+    let cluster = Cluster::start_with(&s, 1, &["--quota-backend-bytes", "8388608"]);
+    let port = cluster.client_port(0);
+    let url = cluster.url("rk/nospace");
+    let d = start_node_ttl(&s, &url, false, 4);
+    d.wait_ready();
+    let smb = Shim::start("smbshim", d.socket(), "smb-nospace");
+    let mut c = LineClient::connect(&smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let path = format!("before{i}");
+        let r = persistent_create(&mut c, sid, &path);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        acked.push(path);
+    }
+
+    // Ballast beside the table until etcd refuses a put for space.
+    let filled = raw_etcd(port, async |c| {
+        for i in 0..64 {
+            match c
+                .put(format!("ballast/{i}"), vec![7u8; 512 << 10], None)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("database space exceeded") => return Ok(true),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    });
+    assert!(filled, "32 MiB of ballast did not fill an 8 MiB quota");
+
+    let r = persistent_create(&mut c, sid, "refused");
+    assert_eq!(r["status"], "STATUS_DISK_FULL", "{r}");
+    // Nothing of it stored: the daemon and the table hold the acknowledged
+    // creates only.
+    assert_eq!(handle_paths(d.socket()), acked);
+    let table = libfilter::etcd::EtcdStore::open_read_only(
+        &libfilter::etcd::EtcdUrl::parse(&url).expect("url"),
+    )
+    .expect("read the table");
+    let stored = libfilter::store::StateStore::all_handles(&table).expect("handles");
+    assert_eq!(
+        stored.len(),
+        acked.len(),
+        "only acknowledged creates stored"
+    );
+    drop(table);
+    // Work that needs no commit goes on.
+    let r = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "plain",
+                          "access": ["read"], "share": ["read"], "disposition": "create"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": r["file_id"]}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+
+    // Space again: what etcdctl's operator would do.
+    raw_etcd(port, async |c| {
+        let del = c
+            .delete(
+                "ballast/",
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await?;
+        let rev = del.header().map(|h| h.revision()).unwrap_or(0);
+        c.compact(
+            rev,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await?;
+        c.defragment().await?;
+        let alarms = c
+            .alarm(
+                etcd_client::AlarmAction::Get,
+                etcd_client::AlarmType::None,
+                None,
+            )
+            .await?;
+        for a in alarms.alarms() {
+            let mut o = etcd_client::AlarmOptions::new();
+            o.with_member(a.member_id());
+            c.alarm(
+                etcd_client::AlarmAction::Deactivate,
+                etcd_client::AlarmType::Nospace,
+                Some(o),
+            )
+            .await?;
+        }
+        Ok(())
+    });
+    let r = persistent_create(&mut c, sid, "after");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    acked.push("after".to_owned());
+    acked.sort();
+    assert_eq!(handle_paths(d.socket()), acked, "nothing acknowledged lost");
+}

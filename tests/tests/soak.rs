@@ -2,7 +2,8 @@
 //! protocol under SIGKILL chaos (and filterd restarts while a frontend is
 //! stopped), beside a client that stops reading and one that opens session
 //! after session, must end with 0 violations
-//! (`make soak` runs the long profile).
+//! (`make soak` runs the long profile), and the same against an etcd
+//! table (`make soak-etcd` runs its long profile).
 
 use rkfilter_tests::bin;
 
@@ -41,6 +42,48 @@ fn short_soak_has_no_violations() {
     // The hostile peers ran, and met their limits.
     assert!(count(&stdout, "stalled readers dropped") >= 1, "{stdout}");
     assert!(count(&stdout, "sessions refused") >= 1, "{stdout}");
+}
+
+/// The same short soak with the table in a one-member etcd (`rksoak
+/// --etcd`): each filterd restart takes the prefix over once the killed
+/// daemon's 2 s lease has run out, and the post-mortem view is read with
+/// `filterctl --store`. About 35 s on a loaded 2-core machine.
+#[test]
+fn short_soak_against_etcd_has_no_violations() {
+    if !rkfilter_tests::etcd::etcd_available("short_soak_against_etcd_has_no_violations") {
+        return;
+    }
+    let out = std::process::Command::new(bin("rksoak"))
+        .args([
+            "--etcd",
+            "--seconds",
+            "15",
+            "--clients",
+            "2",
+            "--seed",
+            "42",
+        ])
+        .output()
+        .expect("run rksoak");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rksoak --etcd failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("etcd store"), "{stdout}");
+    assert!(
+        stdout.contains("violations                      0"),
+        "{stdout}"
+    );
+    assert!(
+        count(&stdout, "failovers") >= 2,
+        "the chaos loop ran: {stdout}"
+    );
+    assert!(
+        count(&stdout, "post-mortems compared") + count(&stdout, "restarts while stopped") >= 1,
+        "filterd was killed and restarted on the etcd table: {stdout}"
+    );
 }
 
 /// The figure on the summary line labelled `label` (0 if absent).

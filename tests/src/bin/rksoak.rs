@@ -52,6 +52,28 @@ struct Args {
     /// Seed of the chaos loop's choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep the table in a one-member etcd on loopback (`--store
+    /// etcd://…`) instead of LMDB. filterd starts as `--standby` with a
+    /// 2 s lease, so a restarted one takes over once the killed one's
+    /// lease has run out; post-mortems read the table with
+    /// `filterctl --store`.
+    #[arg(long)]
+    etcd: bool,
+}
+
+/// How filterd is started and its table read offline (LMDB or etcd).
+struct Daemon {
+    flags: Vec<String>,
+    offline: Vec<String>,
+}
+
+impl Daemon {
+    fn flags(&self) -> Vec<&str> {
+        self.flags.iter().map(String::as_str).collect()
+    }
+    fn start(&self, s: &Scratch) -> Filterd {
+        Filterd::start(s, &self.flags(), &[])
+    }
 }
 
 /// Counters for the summary.
@@ -682,6 +704,7 @@ impl Drop for Thaw<'_> {
 fn restart_while_stopped(
     k: u64,
     s: &Scratch,
+    daemon: &Daemon,
     filterd: &mut Filterd,
     smb: &Shim,
     nfs: &Shim,
@@ -752,7 +775,7 @@ fn restart_while_stopped(
     };
     thaw.0.signal(nix::sys::signal::Signal::SIGSTOP);
     filterd.kill9();
-    *filterd = Filterd::start(s, &["--break-timeout-ms", "1000"], &[]);
+    *filterd = daemon.start(s);
     // The other protocol locks while the stopped frontend knows nothing.
     let (status, v) = if stop_nfs {
         patiently("smbl/1 LOCK", &mut || {
@@ -872,12 +895,12 @@ fn ctl_handles(args: &[&str]) -> anyhow::Result<BTreeMap<String, (String, String
 /// (no frontend reattaches and changes anything), read, and stopped. The
 /// one allowed difference: a handle whose file was removed shows as
 /// disconnected offline and lost after the restart (only a reopen can tell).
-fn post_mortem_matches_restart(s: &Scratch, tally: &Tally) {
-    let state = s.state().display().to_string();
+fn post_mortem_matches_restart(s: &Scratch, daemon: &Daemon, tally: &Tally) {
     let compare = || -> anyhow::Result<()> {
-        let offline = ctl_handles(&["--state", &state])?;
+        let offline: Vec<&str> = daemon.offline.iter().map(String::as_str).collect();
+        let offline = ctl_handles(&offline)?;
         let side = s.dir.join("side.sock");
-        let mut probe = Filterd::spawn_on(s, Some(&side), &[], &[], &[]);
+        let mut probe = Filterd::spawn_on(s, Some(&side), &[], &daemon.flags(), &[]);
         probe.wait_ready();
         let restarted = ctl_handles(&["--socket", &side.display().to_string()])?;
         if !probe.terminate().success() {
@@ -911,7 +934,24 @@ fn main() -> anyhow::Result<()> {
     let s = Scratch::new("soak");
     stop_on_signals(s.dir.clone());
     std::fs::write(s.root().join("stall"), vec![b's'; STALL_FILE]).context("the stall file")?;
-    let mut filterd = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let mut daemon = Daemon {
+        flags: vec!["--break-timeout-ms".into(), "1000".into()],
+        offline: vec!["--state".into(), s.state().display().to_string()],
+    };
+    let mut cluster = None;
+    if args.etcd {
+        if !rkfilter_tests::etcd::etcd_available("rksoak --etcd") {
+            bail!("--etcd needs the etcd binary (Debian etcd-server)");
+        }
+        let c = rkfilter_tests::etcd::Cluster::start(&s, 1);
+        let url = c.url("rksoak");
+        daemon
+            .flags
+            .extend(["--store", &url, "--lease-ttl-secs", "2", "--standby"].map(str::to_owned));
+        daemon.offline = vec!["--store".into(), url];
+        cluster = Some(c);
+    }
+    let mut filterd = daemon.start(&s);
     let mut smb = Shim::start("smbshim", &s.socket(), "smb-soak");
     let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-soak");
     let addrs = Arc::new(Addrs {
@@ -978,12 +1018,14 @@ fn main() -> anyhow::Result<()> {
             }
             2 => {
                 filterd.kill9();
-                post_mortem_matches_restart(&s, &tally);
-                filterd = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+                post_mortem_matches_restart(&s, &daemon, &tally);
+                filterd = daemon.start(&s);
             }
             _ => {
                 let k = tally.stopped_restarts.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = restart_while_stopped(k, &s, &mut filterd, &smb, &nfs, &tally) {
+                if let Err(e) =
+                    restart_while_stopped(k, &s, &daemon, &mut filterd, &smb, &nfs, &tally)
+                {
                     tally.violation(format!("restart while a frontend was stopped: {e:#}"));
                 }
             }
@@ -1034,8 +1076,16 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v.clone())
         .unwrap_or_default();
     println!(
-        "rksoak summary ({} s, {} SMB-like + {} NFS-like clients, seed {})",
-        args.seconds, args.clients, args.clients, args.seed
+        "rksoak summary ({} s, {} SMB-like + {} NFS-like clients, seed {}, {})",
+        args.seconds,
+        args.clients,
+        args.clients,
+        args.seed,
+        if args.etcd {
+            "etcd store"
+        } else {
+            "LMDB store"
+        }
     );
     for (label, n) in [
         ("operations acknowledged", &tally.ops),
@@ -1064,5 +1114,6 @@ fn main() -> anyhow::Result<()> {
         // filterd and the shims and remove the scratch dir; exit status 1.
         bail!("{} violation(s)", violations.len());
     }
+    drop(cluster);
     Ok(())
 }

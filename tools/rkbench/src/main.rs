@@ -76,6 +76,11 @@ struct Args {
     /// memory per handle), for before/after comparisons of recovery.
     #[arg(long)]
     restart_only: bool,
+    /// Only the etcd rows (persistent open+close at 64 connections beside
+    /// the raw 64-put Txn loop, 1 and 3 nodes), for before/after
+    /// comparisons of the etcd store.
+    #[arg(long)]
+    etcd_only: bool,
     /// Internal: echo server for the socket round-trip baseline.
     #[arg(long, hide = true, value_name = "SOCKET")]
     echo_server: Option<PathBuf>,
@@ -104,6 +109,11 @@ fn main() -> anyhow::Result<()> {
     let dir = scratch.0.clone();
 
     let mut rep = Report::default();
+    if args.etcd_only {
+        etcd_section(&mut rep, &filterd, &dir, dur)?;
+        print!("{}", rep.table());
+        return Ok(());
+    }
     eprintln!("rkbench: baselines…");
     let openat = raw::openat_close(&dir, dur)?;
     let openat2 = raw::openat2_close(&dir, dur)?;
