@@ -145,8 +145,12 @@ pub fn setup(
     // was full (the reader bounds its own backlog, `MAX_PENDING`). Event
     // descriptors are opened non-blocking: the kernel never waits in
     // `break_lease` on this group's behalf.
-    let init =
-        InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_UNLIMITED_QUEUE;
+    // Non-blocking reads: the reader waits in `poll`, never in a `read`
+    // holding [`PROBE_GATE`].
+    let init = InitFlags::FAN_CLASS_CONTENT
+        | InitFlags::FAN_CLOEXEC
+        | InitFlags::FAN_UNLIMITED_QUEUE
+        | InitFlags::FAN_NONBLOCK;
     let event_flags = EventFFlags::O_RDONLY
         | EventFFlags::O_CLOEXEC
         | EventFFlags::O_LARGEFILE
@@ -275,6 +279,69 @@ pub fn unignore(
     }
 }
 
+/// Held by the reader while it reads the group, and by filterd's
+/// write-lease probe while its lease is held: the kernel opens each event's
+/// descriptor during the read, non-blocking, and an open that meets the
+/// probe's lease fails (`EWOULDBLOCK`) — the kernel then refuses that local
+/// open (`EPERM`). With the gate, a local open racing the probe waits for
+/// it (microseconds) instead.
+static PROBE_GATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// [`libfilter::sys::alone_on_inode`] behind [`PROBE_GATE`]: no event is
+/// read while the probe's lease is held. (Failpoint `local.probe`, while
+/// the lease is held.)
+pub fn alone_on_inode(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<bool> {
+    let _gate = PROBE_GATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    libfilter::sys::alone_on_inode_holding(fd, || crate::failpoint::hit("local.probe"))
+}
+
+/// filterd's descriptor limit and how many descriptors are free under it
+/// (one `getrlimit` and one `stat` of `/proc/self/fd`, whose size is the
+/// number open, Linux 6.2), at least `open_at_least` counted as open;
+/// `None` when the limit cannot be read.
+pub fn free_descriptors(open_at_least: u64) -> Option<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let (limit, _) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let open = std::fs::metadata("/proc/self/fd")
+        .map(|m| m.len())
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or(open_at_least);
+    Some((limit, limit.saturating_sub(open.max(open_at_least))))
+}
+
+/// Descriptors the reader leaves free for the rest of filterd when it
+/// sizes a read ([`room_for_events`]).
+const DESCRIPTORS_LEFT: u64 = 8;
+
+/// Most events one read may take: each makes a descriptor, and a waiting
+/// event holds two (its own and the engine's duplicate), so a read takes
+/// no more than the free descriptors hold — an event whose descriptor the
+/// kernel cannot make is refused by the kernel (`EMFILE`) — nor more than
+/// `max_pending` allows. 0: wait for answers to free room. With nothing
+/// pending, at least one (nothing else would free descriptors; the kernel
+/// refuses it if it cannot make its descriptor, and the read error is
+/// counted).
+fn room_for_events(pending: u64, max_pending: u64) -> usize {
+    let by_pending = max_pending.saturating_sub(pending);
+    let by_fds = match free_descriptors(0) {
+        Some((_, free)) => free.saturating_sub(DESCRIPTORS_LEFT) / 2,
+        None => 1,
+    };
+    let by_fds = if pending == 0 { by_fds.max(1) } else { by_fds };
+    let most = (4096 / libfilter::sys::FAN_EVENT_LEN) as u64;
+    usize::try_from(by_pending.min(by_fds).min(most)).unwrap_or(1)
+}
+
+/// Waits until the group has events to read (`poll`).
+fn wait_readable(fan: &Fanotify) -> nix::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::NONE).map(drop)
+}
+
 /// A permission event that must be answered. Only an explicit verdict
 /// allows it ([`Answer::allow`]); every other path — an early return, a
 /// panic unwinding, a thread ending, an event nobody decided — refuses it
@@ -375,8 +442,8 @@ pub struct AnswerSlot {
     deadline: std::time::Instant,
 }
 
-/// Most local opens waiting for a verdict at once; past it, new ones are
-/// answered by the rule for undecided events at once. Lowered to a quarter
+/// Most local opens waiting for a verdict at once; past it, new ones stay
+/// queued in the kernel until answers make room. Lowered to a quarter
 /// of the descriptor limit ([`max_pending`]): each waiting open holds two
 /// descriptors (the event's and its duplicate), and the rest of the limit
 /// stays for protocol handles, frontends and the store.
@@ -396,19 +463,23 @@ pub fn descriptor_reserve(fd_limit: u64) -> u64 {
     (fd_limit / 8).clamp(16, 1024)
 }
 
-/// Reads permission events forever. filterd's own opens (none should
-/// come: its mount is exempt) are allowed at once; each local open is
-/// handed to the engine without waiting (a full engine queue makes it
-/// *undecided*), and the answerer thread writes the verdict — so this loop
-/// never waits on the engine. An event whose descriptor the kernel could
-/// not open without waiting on a lease fails the read (`EAGAIN`): the
-/// kernel refused that open; it is counted.
+/// Reads permission events forever, only as many as there is room for
+/// ([`room_for_events`]: pending ones, free descriptors); the rest wait in
+/// the kernel's queue — a burst of local opens waits, it is not refused.
+/// filterd's own opens (none should come: its mount is exempt) are allowed
+/// at once; each local open is handed to the engine (waiting for room in
+/// its queue up to the event's deadline, never longer: the engine never
+/// waits on this loop), and the answerer thread writes the verdict. An
+/// event whose descriptor the kernel could not open without waiting on a
+/// local process's lease fails the read (`EAGAIN`): the kernel refused
+/// that open; it is counted. Reads never overlap filterd's own write-lease
+/// probe ([`PROBE_GATE`]), so its lease never refuses a local open.
 ///
-/// **The rule for undecided events** (the engine's queue is full, too many
-/// are pending, or the verdict did not come within `bound`): the open is
-/// refused (`EPERM`), counted, and logged. Refusing fails closed: an open a
-/// share mode would deny is never let through because filterd was
-/// overloaded; the local process may retry.
+/// **The rule for undecided events** (the engine's queue stayed full, or
+/// the verdict did not come within `bound`): the open is refused
+/// (`EPERM`), counted, and logged. Refusing fails closed: an open a share
+/// mode would deny is never let through because filterd was overloaded;
+/// the local process may retry.
 ///
 /// **Once the engine is gone** (filterd stopping), or if the answerer
 /// cannot start, this loop keeps reading and refuses every further event
@@ -428,9 +499,10 @@ pub fn run(
     // answerer), every further event is refused at once.
     let mut engine_gone = {
         let (counters, pending) = (counters.clone(), pending.clone());
+        let reader = std::thread::current();
         let spawned = std::thread::Builder::new()
             .name("fanotify-answer".into())
-            .spawn(move || answerer(rx, counters, pending));
+            .spawn(move || answerer(rx, counters, pending, reader));
         if let Err(e) = &spawned {
             tracing::error!(error = %e, "cannot start the fanotify answerer; every local open of the export is refused");
         }
@@ -442,15 +514,44 @@ pub fn run(
         MaskFlags::FAN_Q_OVERFLOW.bits(),
     );
     loop {
-        let events = match libfilter::sys::read_fanotify(fan.as_fd()) {
+        // Only as many events as there is room for — pending ones, and
+        // descriptors: the others stay queued in the kernel (the queue is
+        // unlimited), their openers waiting rather than refused. Answers
+        // free room (the answerer wakes this thread), at the latest at the
+        // watchdog's deadline.
+        let room = room_for_events(pending.load(Ordering::Relaxed), max_pending);
+        if room == 0 {
+            std::thread::park_timeout(Duration::from_millis(50));
+            continue;
+        }
+        if let Err(e) = wait_readable(&fan) {
+            if e != nix::errno::Errno::EINTR {
+                counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "polling the fanotify group failed; retrying");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        let read = {
+            // No probe's lease is held while the kernel opens the events'
+            // descriptors.
+            let _gate = PROBE_GATE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match libfilter::sys::queued_bytes(fan.as_fd()) {
+                // Withdrawn meanwhile (its opener was killed).
+                Ok(0) => continue,
+                _ => libfilter::sys::read_fanotify(fan.as_fd(), room),
+            }
+        };
+        let events = match read {
             Ok(ev) => ev,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                // The group blocks, so this is an event whose descriptor
-                // the kernel could not open without waiting — a local
-                // process holds a lease on the file, being broken — and
-                // whose open the kernel refused itself. The opener may
-                // retry.
+                // Events were queued, so this is one whose descriptor the
+                // kernel could not open without waiting — a local process
+                // holds a lease on the file, being broken — and whose open
+                // the kernel refused itself. The opener may retry.
                 let n = counters.lease_refused.fetch_add(1, Ordering::Relaxed);
                 if n.is_power_of_two() {
                     tracing::warn!(refused = n + 1,
@@ -517,16 +618,12 @@ pub fn run(
                 }
             };
             let pid = event.pid;
-            if pending.load(Ordering::Relaxed) >= max_pending {
-                counters.overloaded.fetch_add(1, Ordering::Relaxed);
-                ans.deny();
-                continue;
-            }
             next_id += 1;
             let id = next_id;
+            let deadline = std::time::Instant::now() + bound;
             let slot = AnswerSlot {
                 answer: ans,
-                deadline: std::time::Instant::now() + bound,
+                deadline,
             };
             // Registered before the engine can possibly answer. Should the
             // answerer be gone (it cannot, short of a panic), the slot comes
@@ -547,9 +644,13 @@ pub fn run(
                 fd: dup,
                 reply: Box::new(move |v| to.send(v)),
             };
-            // A command the engine cannot take drops its `VerdictTo`, which
-            // tells the answerer the event is undecided: refused at once.
-            match engine.try_send(cmd) {
+            // A full queue is waited on, up to the event's own deadline
+            // (the engine never waits on this thread: its opens raise no
+            // event, and its probe waits only for a read in progress). A
+            // command the engine cannot take by then drops its
+            // `VerdictTo`, which tells the answerer the event is
+            // undecided: refused at once.
+            match engine.send_until(cmd, deadline) {
                 Ok(()) => {}
                 Err(true) => {
                     counters.overloaded.fetch_add(1, Ordering::Relaxed);
@@ -587,6 +688,7 @@ fn answerer(
     rx: crossbeam_channel::Receiver<AnswerMsg>,
     counters: Arc<LocalCounters>,
     count: Arc<AtomicU64>,
+    reader: std::thread::Thread,
 ) {
     let mut pending: std::collections::HashMap<u64, Box<AnswerSlot>> = Default::default();
     let mut order: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
@@ -651,5 +753,7 @@ fn answerer(
                 slot.answer.deny();
             }
         }
+        // Answers free room: a reader waiting for it reads again.
+        reader.unpark();
     }
 }

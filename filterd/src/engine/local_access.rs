@@ -126,22 +126,15 @@ impl Engine {
         path: &RelPath,
         fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), WireError> {
-        use nix::sys::resource::{getrlimit, Resource};
         if self.fanotify.is_none() {
             // No events to read: nothing to keep descriptors for, and the
             // check stays off the open path.
             return Ok(());
         }
-        let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        let number = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap_or(0);
+        let Some((limit, free)) = crate::local::free_descriptors(number + 1) else {
             return Ok(());
         };
-        let number = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap_or(0);
-        let open = std::fs::metadata("/proc/self/fd")
-            .map(|m| m.len())
-            .ok()
-            .filter(|&n| n > 0)
-            .unwrap_or(number + 1);
-        let free = limit.saturating_sub(open.max(number + 1));
         let reserve = crate::local::descriptor_reserve(limit);
         if free >= reserve {
             return Ok(());
@@ -216,7 +209,7 @@ impl Engine {
             )
             .collect();
         if mine.is_empty() {
-            let alone = libfilter::sys::alone_on_inode(fd);
+            let alone = crate::local::alone_on_inode(fd);
             // A frontend closed the file's last handle a moment ago: a
             // scan that names nobody — complete or cut short by its budget
             // — is that frontend's descriptor, not a local opener.
@@ -252,7 +245,7 @@ impl Engine {
                     // dropping a closed handle's descriptor); probing
                     // again tells — alone now is alone.
                     if (found.unattributed() || budget.cut)
-                        && libfilter::sys::alone_on_inode(fd).is_ok_and(|a| a)
+                        && crate::local::alone_on_inode(fd).is_ok_and(|a| a)
                     {
                         LocalOpeners::default()
                     } else {
@@ -287,7 +280,7 @@ impl Engine {
     /// create's outcome, which is then refused — names no process and
     /// does not count. Without local mediation, local opens never count.
     pub(super) fn held_locally(&mut self, file: FileId, fd: std::os::fd::BorrowedFd<'_>) -> bool {
-        if self.fanotify.is_none() || libfilter::sys::alone_on_inode(fd).is_ok_and(|a| a) {
+        if self.fanotify.is_none() || crate::local::alone_on_inode(fd).is_ok_and(|a| a) {
             return false;
         }
         let frontends = self.frontend_pids();
