@@ -1,10 +1,12 @@
 //! Local access mediation through fanotify (invariant 7).
 //!
-//! filterd marks only the export root's own mount for `FAN_OPEN_PERM`; it
-//! refuses to start with fanotify when the root is not a mount point (a
-//! bind mount of itself will do), so it never gates opens outside the
-//! export. Each open by a local process (never filterd's own) is decided by
-//! the engine, which owns the state: a protocol open whose share mode does
+//! filterd marks the export's filesystem for `FAN_OPEN_PERM`, so every
+//! route to its files raises an event; it refuses to start with fanotify
+//! when the root is not a mount point (a bind mount of itself will do):
+//! the export's own mount tells its opens from the rest of the filesystem,
+//! whose files without protocol state are allowed at once ([`MarkScope`]).
+//! Each open of the export by a local process (never filterd's own) is
+//! decided by the engine, which owns the state: a protocol open whose share mode does
 //! not let others read refuses it (`EPERM`, fanotify's refusal); conflicting caching leases are
 //! broken first (W, and H when the open would conflict), the local open
 //! waiting for the holder's ack or the break timeout. A file without
@@ -73,18 +75,21 @@ pub struct LocalCounters {
     pub denied_by_default: AtomicU64,
 }
 
-/// What the fanotify mark covers.
+/// What the fanotify mark covers. Either way the export's filesystem is
+/// marked (`FAN_MARK_FILESYSTEM`), so every route to its files — other
+/// mounts and bind mounts, in any mount namespace, `open_by_handle_at`
+/// through them — raises an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MarkScope {
-    /// The export is a whole filesystem: the filesystem is marked, so every
-    /// route to it — other mounts and bind mounts of it, `open_by_handle_at`
-    /// through them — is mediated.
+    /// The export is a whole filesystem: every event is the engine's to
+    /// decide.
     Filesystem,
-    /// The export is part of a filesystem: only its own mount is marked.
-    /// The same files reached through another mount (a bind mount of a
-    /// directory above or inside the export, made elsewhere) are not
-    /// mediated.
-    Mount,
+    /// The export is part of a filesystem: an event through the export's
+    /// own mount is the engine's to decide; one through any other mount is
+    /// too when its file is one the engine may hold protocol state for
+    /// ([`Mediated`]: by inode, so a hard link elsewhere counts), and is
+    /// allowed at once (with an ignore mark) otherwise.
+    Subtree,
 }
 
 impl MarkScope {
@@ -92,9 +97,48 @@ impl MarkScope {
     pub fn word(self) -> &'static str {
         match self {
             MarkScope::Filesystem => "filesystem (every mount of the export's filesystem)",
-            MarkScope::Mount => {
-                "mount (the export's own mount only; other mounts of these files are not mediated)"
+            MarkScope::Subtree => {
+                "subtree (the export's filesystem, every mount of it; opens of files outside the export allowed at once)"
             }
+        }
+    }
+}
+
+/// What the reader needs to tell the engine's events from the rest of a
+/// marked filesystem ([`MarkScope::Subtree`]), shared with the engine.
+pub struct Mediated {
+    /// What the mark covers.
+    pub scope: MarkScope,
+    /// The export's own mount (`name_to_handle_at`'s mount id).
+    export_mount: i32,
+    /// Files the engine may hold protocol state for: added before a
+    /// protocol open probes for local openers (and for every file with
+    /// state when mediation starts), removed when the engine finds a
+    /// local open of it stateless. A reader holding the read lock while it
+    /// allows an open of a file not in it cannot interleave with an add:
+    /// the open it allows is then one the probe that follows sees.
+    files: std::sync::RwLock<std::collections::HashSet<libfilter::model::FileId>>,
+}
+
+impl Mediated {
+    /// A local open of `file` must reach the engine from now on, through
+    /// any mount.
+    pub fn add(&self, file: libfilter::model::FileId) {
+        if self.scope == MarkScope::Subtree {
+            self.files
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(file);
+        }
+    }
+
+    /// `file` has no protocol state (nor lingering knowledge) any more.
+    pub fn remove(&self, file: libfilter::model::FileId) {
+        if self.scope == MarkScope::Subtree {
+            self.files
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&file);
         }
     }
 }
@@ -138,7 +182,7 @@ const FAN_MARK_IGNORE_SURV: u32 = 0x0000_0400 | 0x0000_0040;
 pub fn setup(
     root: &Path,
     own: std::os::fd::BorrowedFd<'_>,
-) -> anyhow::Result<(Arc<Fanotify>, MarkScope)> {
+) -> anyhow::Result<(Arc<Fanotify>, Arc<Mediated>)> {
     check_mount_point(root)?;
     let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
     // An unlimited queue: no open passes unseen because the kernel's queue
@@ -168,8 +212,10 @@ pub fn setup(
     let scope = if mount_shows_whole_filesystem(dir.as_fd()) {
         MarkScope::Filesystem
     } else {
-        MarkScope::Mount
+        MarkScope::Subtree
     };
+    let export_mount = libfilter::sys::mount_id_of(dir.as_fd())
+        .context("the export's mount id (name_to_handle_at)")?;
     // filterd's own mount first: no open of filterd's is ever asked about.
     let exempt = MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT;
     fan.mark(
@@ -188,28 +234,33 @@ pub fn setup(
         )
     })
     .context("exempting filterd's own mount from the group")?;
-    let how = match scope {
-        MarkScope::Filesystem => MarkFlags::FAN_MARK_FILESYSTEM,
-        MarkScope::Mount => MarkFlags::FAN_MARK_MOUNT,
-    };
+    // The whole filesystem, whichever the scope: the export's files are
+    // reached through other mounts too (other mount namespaces' copies of
+    // the export's mount, bind mounts of directories above it).
     fan.mark(
-        MarkFlags::FAN_MARK_ADD | how,
+        MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
         MaskFlags::FAN_OPEN_PERM,
         dir.as_fd(),
         None::<&Path>,
     )
-    .context("marking the export")?;
-    if scope == MarkScope::Mount {
-        tracing::warn!(
-            "the export is part of a larger filesystem: only its own mount is mediated; \
-             its files reached through another mount are not (mount a filesystem of its own there to mediate every route)"
+    .context("marking the export's filesystem")?;
+    if scope == MarkScope::Subtree {
+        tracing::info!(
+            "the export is part of a larger filesystem: opens of that filesystem's other files are allowed at once"
         );
     }
-    Ok((Arc::new(fan), scope))
+    let mediated = Mediated {
+        scope,
+        export_mount,
+        files: Default::default(),
+    };
+    Ok((Arc::new(fan), Arc::new(mediated)))
 }
 
-/// Refuses an export root that is not a mount point: marking its mount
-/// would gate opens on a whole filesystem that is not the export.
+/// Refuses an export root that is not a mount point: its own mount is how
+/// the reader tells the export's opens from the rest of the filesystem it
+/// marks ([`MarkScope::Subtree`]); the mount it shares with the rest would
+/// make the whole filesystem the engine's to decide.
 pub fn check_mount_point(root: &Path) -> anyhow::Result<()> {
     let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
     let parent = root.parent().unwrap_or(root);
@@ -221,7 +272,7 @@ pub fn check_mount_point(root: &Path) -> anyhow::Result<()> {
     );
     if mine == theirs && root != parent {
         bail!(
-            "export root {} is not a mount point: fanotify would gate opens on its whole filesystem. \
+            "export root {} is not a mount point: fanotify would have filterd decide opens on its whole filesystem. \
              Bind-mount it onto itself (mount --bind {0} {0}) or run with --no-fanotify",
             root.display()
         );
@@ -487,6 +538,7 @@ pub fn descriptor_reserve(fd_limit: u64) -> u64 {
 /// undecided nor wait for a verdict nobody will give.
 pub fn run(
     fan: Arc<Fanotify>,
+    mediated: Arc<Mediated>,
     engine: EngineTx,
     counters: Arc<LocalCounters>,
     bound: Duration,
@@ -595,6 +647,10 @@ pub fn run(
                 continue; // not a permission event: nothing to answer
             }
             let ans = Answer::new(fan.clone(), fd, counters.clone());
+            let ans = match outside_the_export(&fan, &mediated, ans, &counters) {
+                Some(ans) => ans,
+                None => continue, // allowed: not the engine's to decide
+            };
             if engine_gone {
                 // Nobody decides any more (filterd is stopping): refused
                 // at once, never allowed, never left waiting.
@@ -664,6 +720,46 @@ pub fn run(
             }
         }
     }
+}
+
+/// With a [`MarkScope::Subtree`] mark: an event through a mount other than
+/// the export's, of a file the engine holds no state for, is allowed at once
+/// with an ignore mark (`None`) — whether the engine runs or not. Every
+/// other event is given back to be decided. A file whose mount or identity
+/// cannot be read is decided (conservative).
+fn outside_the_export(
+    fan: &Fanotify,
+    mediated: &Mediated,
+    ans: Answer,
+    counters: &LocalCounters,
+) -> Option<Answer> {
+    if mediated.scope == MarkScope::Filesystem {
+        return Some(ans);
+    }
+    match libfilter::sys::mount_id_of(ans.fd.as_fd()) {
+        Ok(m) if m != mediated.export_mount => {}
+        _ => return Some(ans),
+    }
+    let Ok(st) = nix::sys::stat::fstat(&ans.fd) else {
+        return Some(ans);
+    };
+    let file = libfilter::model::FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
+    // Held until answered: an engine adding this file waits, so the open
+    // allowed here is one its probe then sees.
+    let files = mediated
+        .files
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if files.contains(&file) {
+        return Some(ans);
+    }
+    ignore(fan, &ans.fd, counters);
+    ans.allow();
+    drop(files);
+    None
 }
 
 /// Allows an open of filterd's own at once (none should come: its opens go

@@ -354,13 +354,28 @@ fn run(args: Args) -> anyhow::Result<()> {
         )?)
     };
     let local_counters = Arc::new(local::LocalCounters::default());
-    if let Some((fan, scope)) = &fanotify {
-        eng.set_fanotify(fan.clone(), local_counters.clone(), *scope);
-        let (tx, counters, fan) = (cmd_tx.clone(), local_counters.clone(), fan.clone());
+    if let Some((fan, mediated)) = &fanotify {
+        eng.set_fanotify(fan.clone(), local_counters.clone(), mediated.clone());
+        let scope = mediated.scope;
+        let (tx, counters, fan, mediated) = (
+            cmd_tx.clone(),
+            local_counters.clone(),
+            fan.clone(),
+            mediated.clone(),
+        );
         let bound = std::time::Duration::from_millis(args.break_timeout_ms.saturating_add(2000));
         std::thread::Builder::new()
             .name("fanotify".into())
-            .spawn(move || local::run(fan, tx, counters, bound, local::max_pending(fd_limit)))?;
+            .spawn(move || {
+                local::run(
+                    fan,
+                    mediated,
+                    tx,
+                    counters,
+                    bound,
+                    local::max_pending(fd_limit),
+                )
+            })?;
         info!(
             scope = scope.word(),
             "local access mediated through fanotify"

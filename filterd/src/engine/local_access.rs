@@ -10,10 +10,16 @@ impl Engine {
         &mut self,
         fan: Arc<nix::sys::fanotify::Fanotify>,
         counters: Arc<crate::local::LocalCounters>,
-        scope: crate::local::MarkScope,
+        mediated: Arc<crate::local::Mediated>,
     ) {
-        self.mediation = scope.word().to_owned();
+        self.mediation = mediated.scope.word().to_owned();
+        // Files recovered with state: their local opens reach the engine
+        // through every mount.
+        for file in self.by_file.keys() {
+            mediated.add(*file);
+        }
         self.fanotify = Some(fan);
+        self.mediated = Some(mediated);
         self.local_counters = counters;
     }
 
@@ -52,6 +58,9 @@ impl Engine {
             // No protocol state: ignore this file's opens from now on.
             if let Some(fan) = &self.fanotify {
                 crate::local::ignore(fan, &fd, &self.local_counters);
+            }
+            if let Some(m) = &self.mediated {
+                m.remove(file);
             }
             reply.send(Verdict::Allow);
             return;
@@ -97,6 +106,11 @@ impl Engine {
         let Some(fan) = &self.fanotify else {
             return Ok(());
         };
+        // Before the probe for local openers: from now on its opens reach
+        // the engine through every mount.
+        if let Some(m) = &self.mediated {
+            m.add(of.file);
+        }
         if of.created {
             return Ok(());
         }

@@ -175,6 +175,9 @@ pub struct Engine {
     frontends_gone: std::collections::VecDeque<(i32, Option<u64>, std::time::Instant)>,
     /// The fanotify group, when local access is mediated.
     fanotify: Option<Arc<nix::sys::fanotify::Fanotify>>,
+    /// Files whose local opens through other mounts reach the engine
+    /// (`crate::local::Mediated`).
+    mediated: Option<Arc<crate::local::Mediated>>,
     /// What local mediation covers, for status.
     mediation: String,
     /// Local-access counters (the fanotify thread's and ours).
@@ -350,6 +353,7 @@ impl Engine {
             frontends_gone: std::collections::VecDeque::new(),
             fanotify: None,
             local_counters: Default::default(),
+            mediated: None,
             mediation: "off".to_owned(),
             replays: HashMap::new(),
             removals: Vec::new(),
