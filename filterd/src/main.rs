@@ -22,7 +22,7 @@ mod outbox;
 mod statedir;
 
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -380,6 +380,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             scope = scope.word(),
             "local access mediated through fanotify"
         );
+        let dev = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        if scope == local::MarkScope::Subtree && dev(&state) == dev(&root_path) {
+            warn!(
+                state = %state.display(),
+                "the state dir is on the export's (marked) filesystem: filterd's own writes there raise fanotify events, \
+                 answered at once but delayed while local opens of the export wait for room; put it on another filesystem"
+            );
+        }
     }
 
     let committer = {
