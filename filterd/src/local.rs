@@ -566,22 +566,23 @@ pub fn run(
         MaskFlags::FAN_Q_OVERFLOW.bits(),
     );
     loop {
-        // Only as many events as there is room for — pending ones, and
-        // descriptors: the others stay queued in the kernel (the queue is
-        // unlimited), their openers waiting rather than refused. Answers
-        // free room (the answerer wakes this thread), at the latest at the
-        // watchdog's deadline.
-        let room = room_for_events(pending.load(Ordering::Relaxed), max_pending);
-        if room == 0 {
-            std::thread::park_timeout(Duration::from_millis(50));
-            continue;
-        }
         if let Err(e) = wait_readable(&fan) {
             if e != nix::errno::Errno::EINTR {
                 counters.read_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "polling the fanotify group failed; retrying");
                 std::thread::sleep(Duration::from_millis(10));
             }
+            continue;
+        }
+        // Only as many events as there is room for — pending ones, and
+        // descriptors, counted now (not before the wait: filterd's other
+        // threads, or its limit, may have changed meanwhile): the others
+        // stay queued in the kernel (the queue is unlimited), their openers
+        // waiting rather than refused. Answers free room (the answerer
+        // wakes this thread), at the latest at the watchdog's deadline.
+        let room = room_for_events(pending.load(Ordering::Relaxed), max_pending);
+        if room == 0 {
+            std::thread::park_timeout(Duration::from_millis(50));
             continue;
         }
         let read = {

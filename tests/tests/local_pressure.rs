@@ -356,9 +356,10 @@ fn a_burst_of_local_opens_of_files_without_state_is_never_refused() {
         let refused = burst_of_local_opens(paths);
         assert!(
             refused.is_empty(),
-            "round {round}: {} of 60 opens of files without state refused: {:?}",
+            "round {round}: {} of 60 opens of files without state refused: {:?}; {:?}",
             refused.len(),
-            refused.first()
+            refused.first(),
+            d.control().stats()
         );
     }
     assert!(
