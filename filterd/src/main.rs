@@ -355,7 +355,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let local_counters = Arc::new(local::LocalCounters::default());
     if let Some((fan, mediated)) = &fanotify {
-        eng.set_fanotify(fan.clone(), local_counters.clone(), mediated.clone());
+        // O_PATH: no permission event (the reader has not started yet).
+        let export_root = File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&root_path)
+            .with_context(|| format!("opening export root {}", root_path.display()))?;
+        eng.set_fanotify(
+            fan.clone(),
+            local_counters.clone(),
+            mediated.clone(),
+            export_root.into(),
+        );
         let scope = mediated.scope;
         let (tx, counters, fan, mediated) = (
             cmd_tx.clone(),

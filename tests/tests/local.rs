@@ -888,3 +888,34 @@ fn a_bind_mounted_export_is_mediated_through_every_mount() {
     std::fs::write(fs.join("real/plain"), b"p").unwrap();
     assert_eq!(std::fs::read(s.root().join("plain")).unwrap(), b"p");
 }
+
+/// A filesystem mounted inside the export after filterd started is not in
+/// the clone filterd resolves paths in: a client create beneath it is
+/// refused, rather than landing in the directory the new mount hides from
+/// local processes. Before, the create succeeded and the file was in
+/// neither the mounted filesystem nor anywhere a local process could see.
+#[test]
+fn a_client_path_crossing_a_mount_added_later_is_refused() {
+    let Some(s) = Scratch::with_tmpfs("fan-later-mount") else {
+        return;
+    };
+    let sub = s.root().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let d = Filterd::start_mediated(&s, &[]);
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )
+    .unwrap();
+    let _sub = Unmount(sub.clone());
+    let fe = frontend(&s);
+    let e = fe.open(req("sub/new", Rights::ALL, None)).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AccessDenied), "{e}");
+    // The export's own files still open.
+    fe.open(req("g", Rights::ALL, None)).unwrap();
+    drop(fe);
+    drop(d);
+}

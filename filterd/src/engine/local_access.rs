@@ -11,8 +11,10 @@ impl Engine {
         fan: Arc<nix::sys::fanotify::Fanotify>,
         counters: Arc<crate::local::LocalCounters>,
         mediated: Arc<crate::local::Mediated>,
+        export_root: OwnedFd,
     ) {
         self.mediation = mediated.scope.word().to_owned();
+        self.export_root = Some(export_root);
         // Files recovered with state: their local opens reach the engine
         // through every mount.
         for file in self.by_file.keys() {
@@ -91,6 +93,33 @@ impl Engine {
             return;
         }
         reply.send(Verdict::Allow);
+    }
+
+    /// Refuses a client path that, in the export as local processes see it
+    /// now, crosses into another mount: filterd resolves paths in a clone
+    /// of the export's mounts taken at start, which lacks a mount added
+    /// inside the export since — a create there would land in the
+    /// directory the new mount hides, out of local processes' sight. One
+    /// `O_PATH` resolution through the export root itself (which raises
+    /// no fanotify event and breaks no lease) with `RESOLVE_NO_XDEV`: a
+    /// crossing fails it with `EXDEV`, wherever on the path it is.
+    pub(super) fn refuse_paths_crossing_later_mounts(
+        &mut self,
+        path: &RelPath,
+    ) -> Result<(), WireError> {
+        let Some(real) = &self.export_root else {
+            return Ok(());
+        };
+        match libfilter::sys::openat2_beneath(real.as_fd(), path.as_str(), libc::O_PATH, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                self.stats.opens_refused += 1;
+                Err(err(
+                    ErrorCode::AccessDenied,
+                    format!("{path}: crosses a mount inside the export (mounted since filterd started, or another filesystem)"),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A protocol open's file gets protocol state: its local opens must

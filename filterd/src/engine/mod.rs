@@ -178,6 +178,9 @@ pub struct Engine {
     /// Files whose local opens through other mounts reach the engine
     /// (`crate::local::Mediated`).
     mediated: Option<Arc<crate::local::Mediated>>,
+    /// The export root as local processes see it (not filterd's clone):
+    /// `refuse_paths_crossing_later_mounts`.
+    export_root: Option<OwnedFd>,
     /// What local mediation covers, for status.
     mediation: String,
     /// Local-access counters (the fanotify thread's and ours).
@@ -354,6 +357,7 @@ impl Engine {
             fanotify: None,
             local_counters: Default::default(),
             mediated: None,
+            export_root: None,
             mediation: "off".to_owned(),
             replays: HashMap::new(),
             removals: Vec::new(),
