@@ -798,14 +798,7 @@ fn client_paths_do_not_cross_into_a_filesystem_mounted_inside_the_export() {
     };
     let sub = s.root().join("sub");
     std::fs::create_dir(&sub).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &sub,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=4m"),
-    )
-    .unwrap();
+    let sub_mount = mount_tmpfs(&sub, "4m");
     std::fs::write(sub.join("f"), b"x").unwrap();
     let d = Filterd::start_mediated(&s, &[]);
     let fe = frontend(&s);
@@ -816,7 +809,7 @@ fn client_paths_do_not_cross_into_a_filesystem_mounted_inside_the_export() {
     fe.open(req("g", Rights::ALL, None)).unwrap();
     drop(fe);
     drop(d);
-    let _ = nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH);
+    drop(sub_mount);
 }
 
 /// Detaches a mount when dropped.
@@ -826,6 +819,19 @@ impl Drop for Unmount {
     fn drop(&mut self) {
         let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
+}
+
+/// Mounts a tmpfs of `size` on `dir`, detached when the result is dropped.
+fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Unmount {
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(format!("size={size}").as_str()),
+    )
+    .expect("mounting a tmpfs");
+    Unmount(dir.to_path_buf())
 }
 
 /// A bind-mounted export (a directory of a larger filesystem) is mediated
@@ -843,15 +849,7 @@ fn a_bind_mounted_export_is_mediated_through_every_mount() {
     let s = Scratch::new("fan-subtree");
     let fs = s.dir.join("fs");
     std::fs::create_dir(&fs).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &fs,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=16m"),
-    )
-    .expect("mounting a tmpfs");
-    let _fs = Unmount(fs.clone());
+    let _fs = mount_tmpfs(&fs, "16m");
     std::fs::create_dir(fs.join("real")).unwrap();
     std::fs::write(fs.join("outside"), b"o").unwrap();
     nix::mount::mount(
@@ -902,15 +900,7 @@ fn a_client_path_crossing_a_mount_added_later_is_refused() {
     let sub = s.root().join("sub");
     std::fs::create_dir(&sub).unwrap();
     let d = Filterd::start_mediated(&s, &[]);
-    nix::mount::mount(
-        Some("tmpfs"),
-        &sub,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=4m"),
-    )
-    .unwrap();
-    let _sub = Unmount(sub.clone());
+    let _sub = mount_tmpfs(&sub, "4m");
     let fe = frontend(&s);
     let e = fe.open(req("sub/new", Rights::ALL, None)).unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::AccessDenied), "{e}");
