@@ -18,6 +18,7 @@
 //! (file created/opened, nothing recorded), `intent.after_commit`,
 //! `intent.after_fs`, `engine.request` (the engine thread, per request),
 //! `local.unignore` (removing a file's ignore mark; `fail` makes it fail),
+//! `local.probe` (the write-lease probe, its lease held),
 //! `shutdown.after_engine` (stopping: the engine thread has returned).
 
 use std::collections::HashMap;

@@ -1,10 +1,12 @@
 //! Local access mediation through fanotify (invariant 7).
 //!
-//! filterd marks only the export root's own mount for `FAN_OPEN_PERM`; it
-//! refuses to start with fanotify when the root is not a mount point (a
-//! bind mount of itself will do), so it never gates opens outside the
-//! export. Each open by a local process (never filterd's own) is decided by
-//! the engine, which owns the state: a protocol open whose share mode does
+//! filterd marks the export's filesystem for `FAN_OPEN_PERM`, so every
+//! route to its files raises an event; it refuses to start with fanotify
+//! when the root is not a mount point (a bind mount of itself will do):
+//! the export's own mount tells its opens from the rest of the filesystem,
+//! whose files without protocol state are allowed at once ([`MarkScope`]).
+//! Each open of the export by a local process (never filterd's own) is
+//! decided by the engine, which owns the state: a protocol open whose share mode does
 //! not let others read refuses it (`EPERM`, fanotify's refusal); conflicting caching leases are
 //! broken first (W, and H when the open would conflict), the local open
 //! waiting for the holder's ack or the break timeout. A file without
@@ -73,18 +75,21 @@ pub struct LocalCounters {
     pub denied_by_default: AtomicU64,
 }
 
-/// What the fanotify mark covers.
+/// What the fanotify mark covers. Either way the export's filesystem is
+/// marked (`FAN_MARK_FILESYSTEM`), so every route to its files — other
+/// mounts and bind mounts, in any mount namespace, `open_by_handle_at`
+/// through them — raises an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MarkScope {
-    /// The export is a whole filesystem: the filesystem is marked, so every
-    /// route to it — other mounts and bind mounts of it, `open_by_handle_at`
-    /// through them — is mediated.
+    /// The export is a whole filesystem: every event is the engine's to
+    /// decide.
     Filesystem,
-    /// The export is part of a filesystem: only its own mount is marked.
-    /// The same files reached through another mount (a bind mount of a
-    /// directory above or inside the export, made elsewhere) are not
-    /// mediated.
-    Mount,
+    /// The export is part of a filesystem: an event through the export's
+    /// own mount is the engine's to decide; one through any other mount is
+    /// too when its file is one the engine may hold protocol state for
+    /// ([`Mediated`]: by inode, so a hard link elsewhere counts), and is
+    /// allowed at once (with an ignore mark) otherwise.
+    Subtree,
 }
 
 impl MarkScope {
@@ -92,9 +97,48 @@ impl MarkScope {
     pub fn word(self) -> &'static str {
         match self {
             MarkScope::Filesystem => "filesystem (every mount of the export's filesystem)",
-            MarkScope::Mount => {
-                "mount (the export's own mount only; other mounts of these files are not mediated)"
+            MarkScope::Subtree => {
+                "subtree (the export's filesystem, every mount of it; opens of files outside the export allowed at once)"
             }
+        }
+    }
+}
+
+/// What the reader needs to tell the engine's events from the rest of a
+/// marked filesystem ([`MarkScope::Subtree`]), shared with the engine.
+pub struct Mediated {
+    /// What the mark covers.
+    pub scope: MarkScope,
+    /// The export's own mount (`name_to_handle_at`'s mount id).
+    export_mount: i32,
+    /// Files the engine may hold protocol state for: added before a
+    /// protocol open probes for local openers (and for every file with
+    /// state when mediation starts), removed when the engine finds a
+    /// local open of it stateless. A reader holding the read lock while it
+    /// allows an open of a file not in it cannot interleave with an add:
+    /// the open it allows is then one the probe that follows sees.
+    files: std::sync::RwLock<std::collections::HashSet<libfilter::model::FileId>>,
+}
+
+impl Mediated {
+    /// A local open of `file` must reach the engine from now on, through
+    /// any mount.
+    pub fn add(&self, file: libfilter::model::FileId) {
+        if self.scope == MarkScope::Subtree {
+            self.files
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(file);
+        }
+    }
+
+    /// `file` has no protocol state (nor lingering knowledge) any more.
+    pub fn remove(&self, file: libfilter::model::FileId) {
+        if self.scope == MarkScope::Subtree {
+            self.files
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&file);
         }
     }
 }
@@ -138,15 +182,19 @@ const FAN_MARK_IGNORE_SURV: u32 = 0x0000_0400 | 0x0000_0040;
 pub fn setup(
     root: &Path,
     own: std::os::fd::BorrowedFd<'_>,
-) -> anyhow::Result<(Arc<Fanotify>, MarkScope)> {
+) -> anyhow::Result<(Arc<Fanotify>, Arc<Mediated>)> {
     check_mount_point(root)?;
     let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
     // An unlimited queue: no open passes unseen because the kernel's queue
     // was full (the reader bounds its own backlog, `MAX_PENDING`). Event
     // descriptors are opened non-blocking: the kernel never waits in
     // `break_lease` on this group's behalf.
-    let init =
-        InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_UNLIMITED_QUEUE;
+    // Non-blocking reads: the reader waits in `poll`, never in a `read`
+    // holding [`PROBE_GATE`].
+    let init = InitFlags::FAN_CLASS_CONTENT
+        | InitFlags::FAN_CLOEXEC
+        | InitFlags::FAN_UNLIMITED_QUEUE
+        | InitFlags::FAN_NONBLOCK;
     let event_flags = EventFFlags::O_RDONLY
         | EventFFlags::O_CLOEXEC
         | EventFFlags::O_LARGEFILE
@@ -164,8 +212,10 @@ pub fn setup(
     let scope = if mount_shows_whole_filesystem(dir.as_fd()) {
         MarkScope::Filesystem
     } else {
-        MarkScope::Mount
+        MarkScope::Subtree
     };
+    let export_mount = libfilter::sys::mount_id_of(dir.as_fd())
+        .context("the export's mount id (name_to_handle_at)")?;
     // filterd's own mount first: no open of filterd's is ever asked about.
     let exempt = MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT;
     fan.mark(
@@ -184,28 +234,33 @@ pub fn setup(
         )
     })
     .context("exempting filterd's own mount from the group")?;
-    let how = match scope {
-        MarkScope::Filesystem => MarkFlags::FAN_MARK_FILESYSTEM,
-        MarkScope::Mount => MarkFlags::FAN_MARK_MOUNT,
-    };
+    // The whole filesystem, whichever the scope: the export's files are
+    // reached through other mounts too (other mount namespaces' copies of
+    // the export's mount, bind mounts of directories above it).
     fan.mark(
-        MarkFlags::FAN_MARK_ADD | how,
+        MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
         MaskFlags::FAN_OPEN_PERM,
         dir.as_fd(),
         None::<&Path>,
     )
-    .context("marking the export")?;
-    if scope == MarkScope::Mount {
-        tracing::warn!(
-            "the export is part of a larger filesystem: only its own mount is mediated; \
-             its files reached through another mount are not (mount a filesystem of its own there to mediate every route)"
+    .context("marking the export's filesystem")?;
+    if scope == MarkScope::Subtree {
+        tracing::info!(
+            "the export is part of a larger filesystem: opens of that filesystem's other files are allowed at once"
         );
     }
-    Ok((Arc::new(fan), scope))
+    let mediated = Mediated {
+        scope,
+        export_mount,
+        files: Default::default(),
+    };
+    Ok((Arc::new(fan), Arc::new(mediated)))
 }
 
-/// Refuses an export root that is not a mount point: marking its mount
-/// would gate opens on a whole filesystem that is not the export.
+/// Refuses an export root that is not a mount point: its own mount is how
+/// the reader tells the export's opens from the rest of the filesystem it
+/// marks ([`MarkScope::Subtree`]); the mount it shares with the rest would
+/// make the whole filesystem the engine's to decide.
 pub fn check_mount_point(root: &Path) -> anyhow::Result<()> {
     let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
     let parent = root.parent().unwrap_or(root);
@@ -217,7 +272,7 @@ pub fn check_mount_point(root: &Path) -> anyhow::Result<()> {
     );
     if mine == theirs && root != parent {
         bail!(
-            "export root {} is not a mount point: fanotify would gate opens on its whole filesystem. \
+            "export root {} is not a mount point: fanotify would have filterd decide opens on its whole filesystem. \
              Bind-mount it onto itself (mount --bind {0} {0}) or run with --no-fanotify",
             root.display()
         );
@@ -273,6 +328,69 @@ pub fn unignore(
             Err(e)
         }
     }
+}
+
+/// Held by the reader while it reads the group, and by filterd's
+/// write-lease probe while its lease is held: the kernel opens each event's
+/// descriptor during the read, non-blocking, and an open that meets the
+/// probe's lease fails (`EWOULDBLOCK`) — the kernel then refuses that local
+/// open (`EPERM`). With the gate, a local open racing the probe waits for
+/// it (microseconds) instead.
+static PROBE_GATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// [`libfilter::sys::alone_on_inode`] behind [`PROBE_GATE`]: no event is
+/// read while the probe's lease is held. (Failpoint `local.probe`, while
+/// the lease is held.)
+pub fn alone_on_inode(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<bool> {
+    let _gate = PROBE_GATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    libfilter::sys::alone_on_inode_holding(fd, || crate::failpoint::hit("local.probe"))
+}
+
+/// filterd's descriptor limit and how many descriptors are free under it
+/// (one `getrlimit` and one `stat` of `/proc/self/fd`, whose size is the
+/// number open, Linux 6.2), at least `open_at_least` counted as open;
+/// `None` when the limit cannot be read.
+pub fn free_descriptors(open_at_least: u64) -> Option<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let (limit, _) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let open = std::fs::metadata("/proc/self/fd")
+        .map(|m| m.len())
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or(open_at_least);
+    Some((limit, limit.saturating_sub(open.max(open_at_least))))
+}
+
+/// Descriptors the reader leaves free for the rest of filterd when it
+/// sizes a read ([`room_for_events`]).
+const DESCRIPTORS_LEFT: u64 = 8;
+
+/// Most events one read may take: each makes a descriptor, and a waiting
+/// event holds two (its own and the engine's duplicate), so a read takes
+/// no more than the free descriptors hold — an event whose descriptor the
+/// kernel cannot make is refused by the kernel (`EMFILE`) — nor more than
+/// `max_pending` allows. 0: wait for answers to free room. With nothing
+/// pending, at least one (nothing else would free descriptors; the kernel
+/// refuses it if it cannot make its descriptor, and the read error is
+/// counted).
+fn room_for_events(pending: u64, max_pending: u64) -> usize {
+    let by_pending = max_pending.saturating_sub(pending);
+    let by_fds = match free_descriptors(0) {
+        Some((_, free)) => free.saturating_sub(DESCRIPTORS_LEFT) / 2,
+        None => 1,
+    };
+    let by_fds = if pending == 0 { by_fds.max(1) } else { by_fds };
+    let most = (4096 / libfilter::sys::FAN_EVENT_LEN) as u64;
+    usize::try_from(by_pending.min(by_fds).min(most)).unwrap_or(1)
+}
+
+/// Waits until the group has events to read (`poll`).
+fn wait_readable(fan: &Fanotify) -> nix::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::NONE).map(drop)
 }
 
 /// A permission event that must be answered. Only an explicit verdict
@@ -375,8 +493,8 @@ pub struct AnswerSlot {
     deadline: std::time::Instant,
 }
 
-/// Most local opens waiting for a verdict at once; past it, new ones are
-/// answered by the rule for undecided events at once. Lowered to a quarter
+/// Most local opens waiting for a verdict at once; past it, new ones stay
+/// queued in the kernel until answers make room. Lowered to a quarter
 /// of the descriptor limit ([`max_pending`]): each waiting open holds two
 /// descriptors (the event's and its duplicate), and the rest of the limit
 /// stays for protocol handles, frontends and the store.
@@ -396,19 +514,23 @@ pub fn descriptor_reserve(fd_limit: u64) -> u64 {
     (fd_limit / 8).clamp(16, 1024)
 }
 
-/// Reads permission events forever. filterd's own opens (none should
-/// come: its mount is exempt) are allowed at once; each local open is
-/// handed to the engine without waiting (a full engine queue makes it
-/// *undecided*), and the answerer thread writes the verdict — so this loop
-/// never waits on the engine. An event whose descriptor the kernel could
-/// not open without waiting on a lease fails the read (`EAGAIN`): the
-/// kernel refused that open; it is counted.
+/// Reads permission events forever, only as many as there is room for
+/// ([`room_for_events`]: pending ones, free descriptors); the rest wait in
+/// the kernel's queue — a burst of local opens waits, it is not refused.
+/// filterd's own opens (none should come: its mount is exempt) are allowed
+/// at once; each local open is handed to the engine (waiting for room in
+/// its queue up to the event's deadline, never longer: the engine never
+/// waits on this loop), and the answerer thread writes the verdict. An
+/// event whose descriptor the kernel could not open without waiting on a
+/// local process's lease fails the read (`EAGAIN`): the kernel refused
+/// that open; it is counted. Reads never overlap filterd's own write-lease
+/// probe ([`PROBE_GATE`]), so its lease never refuses a local open.
 ///
-/// **The rule for undecided events** (the engine's queue is full, too many
-/// are pending, or the verdict did not come within `bound`): the open is
-/// refused (`EPERM`), counted, and logged. Refusing fails closed: an open a
-/// share mode would deny is never let through because filterd was
-/// overloaded; the local process may retry.
+/// **The rule for undecided events** (the engine's queue stayed full, or
+/// the verdict did not come within `bound`): the open is refused
+/// (`EPERM`), counted, and logged. Refusing fails closed: an open a share
+/// mode would deny is never let through because filterd was overloaded;
+/// the local process may retry.
 ///
 /// **Once the engine is gone** (filterd stopping), or if the answerer
 /// cannot start, this loop keeps reading and refuses every further event
@@ -416,6 +538,7 @@ pub fn descriptor_reserve(fd_limit: u64) -> u64 {
 /// undecided nor wait for a verdict nobody will give.
 pub fn run(
     fan: Arc<Fanotify>,
+    mediated: Arc<Mediated>,
     engine: EngineTx,
     counters: Arc<LocalCounters>,
     bound: Duration,
@@ -428,9 +551,10 @@ pub fn run(
     // answerer), every further event is refused at once.
     let mut engine_gone = {
         let (counters, pending) = (counters.clone(), pending.clone());
+        let reader = std::thread::current();
         let spawned = std::thread::Builder::new()
             .name("fanotify-answer".into())
-            .spawn(move || answerer(rx, counters, pending));
+            .spawn(move || answerer(rx, counters, pending, reader));
         if let Err(e) = &spawned {
             tracing::error!(error = %e, "cannot start the fanotify answerer; every local open of the export is refused");
         }
@@ -442,15 +566,45 @@ pub fn run(
         MaskFlags::FAN_Q_OVERFLOW.bits(),
     );
     loop {
-        let events = match libfilter::sys::read_fanotify(fan.as_fd()) {
+        if let Err(e) = wait_readable(&fan) {
+            if e != nix::errno::Errno::EINTR {
+                counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "polling the fanotify group failed; retrying");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        // Only as many events as there is room for — pending ones, and
+        // descriptors, counted now (not before the wait: filterd's other
+        // threads, or its limit, may have changed meanwhile): the others
+        // stay queued in the kernel (the queue is unlimited), their openers
+        // waiting rather than refused. Answers free room (the answerer
+        // wakes this thread), at the latest at the watchdog's deadline.
+        let room = room_for_events(pending.load(Ordering::Relaxed), max_pending);
+        if room == 0 {
+            std::thread::park_timeout(Duration::from_millis(50));
+            continue;
+        }
+        let read = {
+            // No probe's lease is held while the kernel opens the events'
+            // descriptors.
+            let _gate = PROBE_GATE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match libfilter::sys::queued_bytes(fan.as_fd()) {
+                // Withdrawn meanwhile (its opener was killed).
+                Ok(0) => continue,
+                _ => libfilter::sys::read_fanotify(fan.as_fd(), room),
+            }
+        };
+        let events = match read {
             Ok(ev) => ev,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                // The group blocks, so this is an event whose descriptor
-                // the kernel could not open without waiting — a local
-                // process holds a lease on the file, being broken — and
-                // whose open the kernel refused itself. The opener may
-                // retry.
+                // Events were queued, so this is one whose descriptor the
+                // kernel could not open without waiting — a local process
+                // holds a lease on the file, being broken — and whose open
+                // the kernel refused itself. The opener may retry.
                 let n = counters.lease_refused.fetch_add(1, Ordering::Relaxed);
                 if n.is_power_of_two() {
                     tracing::warn!(refused = n + 1,
@@ -494,6 +648,10 @@ pub fn run(
                 continue; // not a permission event: nothing to answer
             }
             let ans = Answer::new(fan.clone(), fd, counters.clone());
+            let ans = match outside_the_export(&fan, &mediated, ans, &counters) {
+                Some(ans) => ans,
+                None => continue, // allowed: not the engine's to decide
+            };
             if engine_gone {
                 // Nobody decides any more (filterd is stopping): refused
                 // at once, never allowed, never left waiting.
@@ -517,16 +675,12 @@ pub fn run(
                 }
             };
             let pid = event.pid;
-            if pending.load(Ordering::Relaxed) >= max_pending {
-                counters.overloaded.fetch_add(1, Ordering::Relaxed);
-                ans.deny();
-                continue;
-            }
             next_id += 1;
             let id = next_id;
+            let deadline = std::time::Instant::now() + bound;
             let slot = AnswerSlot {
                 answer: ans,
-                deadline: std::time::Instant::now() + bound,
+                deadline,
             };
             // Registered before the engine can possibly answer. Should the
             // answerer be gone (it cannot, short of a panic), the slot comes
@@ -547,9 +701,13 @@ pub fn run(
                 fd: dup,
                 reply: Box::new(move |v| to.send(v)),
             };
-            // A command the engine cannot take drops its `VerdictTo`, which
-            // tells the answerer the event is undecided: refused at once.
-            match engine.try_send(cmd) {
+            // A full queue is waited on, up to the event's own deadline
+            // (the engine never waits on this thread: its opens raise no
+            // event, and its probe waits only for a read in progress). A
+            // command the engine cannot take by then drops its
+            // `VerdictTo`, which tells the answerer the event is
+            // undecided: refused at once.
+            match engine.send_until(cmd, deadline) {
                 Ok(()) => {}
                 Err(true) => {
                     counters.overloaded.fetch_add(1, Ordering::Relaxed);
@@ -563,6 +721,46 @@ pub fn run(
             }
         }
     }
+}
+
+/// With a [`MarkScope::Subtree`] mark: an event through a mount other than
+/// the export's, of a file the engine holds no state for, is allowed at once
+/// with an ignore mark (`None`) — whether the engine runs or not. Every
+/// other event is given back to be decided. A file whose mount or identity
+/// cannot be read is decided (conservative).
+fn outside_the_export(
+    fan: &Fanotify,
+    mediated: &Mediated,
+    ans: Answer,
+    counters: &LocalCounters,
+) -> Option<Answer> {
+    if mediated.scope == MarkScope::Filesystem {
+        return Some(ans);
+    }
+    match libfilter::sys::mount_id_of(ans.fd.as_fd()) {
+        Ok(m) if m != mediated.export_mount => {}
+        _ => return Some(ans),
+    }
+    let Ok(st) = nix::sys::stat::fstat(&ans.fd) else {
+        return Some(ans);
+    };
+    let file = libfilter::model::FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
+    // Held until answered: an engine adding this file waits, so the open
+    // allowed here is one its probe then sees.
+    let files = mediated
+        .files
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if files.contains(&file) {
+        return Some(ans);
+    }
+    ignore(fan, &ans.fd, counters);
+    ans.allow();
+    drop(files);
+    None
 }
 
 /// Allows an open of filterd's own at once (none should come: its opens go
@@ -587,6 +785,7 @@ fn answerer(
     rx: crossbeam_channel::Receiver<AnswerMsg>,
     counters: Arc<LocalCounters>,
     count: Arc<AtomicU64>,
+    reader: std::thread::Thread,
 ) {
     let mut pending: std::collections::HashMap<u64, Box<AnswerSlot>> = Default::default();
     let mut order: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
@@ -651,5 +850,7 @@ fn answerer(
                 slot.answer.deny();
             }
         }
+        // Answers free room: a reader waiting for it reads again.
+        reader.unpark();
     }
 }

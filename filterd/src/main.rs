@@ -22,7 +22,7 @@ mod outbox;
 mod statedir;
 
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -354,17 +354,51 @@ fn run(args: Args) -> anyhow::Result<()> {
         )?)
     };
     let local_counters = Arc::new(local::LocalCounters::default());
-    if let Some((fan, scope)) = &fanotify {
-        eng.set_fanotify(fan.clone(), local_counters.clone(), *scope);
-        let (tx, counters, fan) = (cmd_tx.clone(), local_counters.clone(), fan.clone());
+    if let Some((fan, mediated)) = &fanotify {
+        // O_PATH: no permission event (the reader has not started yet).
+        let export_root = File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&root_path)
+            .with_context(|| format!("opening export root {}", root_path.display()))?;
+        eng.set_fanotify(
+            fan.clone(),
+            local_counters.clone(),
+            mediated.clone(),
+            export_root.into(),
+        );
+        let scope = mediated.scope;
+        let (tx, counters, fan, mediated) = (
+            cmd_tx.clone(),
+            local_counters.clone(),
+            fan.clone(),
+            mediated.clone(),
+        );
         let bound = std::time::Duration::from_millis(args.break_timeout_ms.saturating_add(2000));
         std::thread::Builder::new()
             .name("fanotify".into())
-            .spawn(move || local::run(fan, tx, counters, bound, local::max_pending(fd_limit)))?;
+            .spawn(move || {
+                local::run(
+                    fan,
+                    mediated,
+                    tx,
+                    counters,
+                    bound,
+                    local::max_pending(fd_limit),
+                )
+            })?;
         info!(
             scope = scope.word(),
             "local access mediated through fanotify"
         );
+        let dev = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        if scope == local::MarkScope::Subtree && dev(&state) == dev(&root_path) {
+            warn!(
+                state = %state.display(),
+                "the state dir is on the export's (marked) filesystem: filterd's own writes there raise fanotify events, \
+                 answered at once but delayed while local opens of the export wait for room; put it on another filesystem"
+            );
+        }
     }
 
     let committer = {

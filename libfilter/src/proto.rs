@@ -772,8 +772,9 @@ pub struct StatusInfo {
     pub recovering: bool,
     /// Whether local access is mediated through fanotify.
     pub fanotify: bool,
-    /// What local mediation covers (`off`, the export's mount, or its whole
-    /// filesystem).
+    /// What local mediation covers (`off`; the export's whole filesystem,
+    /// or the export as a subtree of its filesystem — every mount of it
+    /// either way).
     #[serde(default)]
     pub mediation: String,
     /// The state store's kind (`lmdb`).

@@ -489,6 +489,12 @@ pub fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, leaf: &str) -> io::
 /// arriving in between waits (in `break_lease`) for the release, and its
 /// break signal (`SIGIO`) goes to this process: block it.
 pub fn alone_on_inode(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    alone_on_inode_holding(fd, || {})
+}
+
+/// [`alone_on_inode`], running `while_held` while the lease is held (for a
+/// test to widen that window).
+pub fn alone_on_inode_holding(fd: BorrowedFd<'_>, while_held: impl FnOnce()) -> io::Result<bool> {
     // SAFETY: fcntl on a borrowed, open descriptor with an int argument.
     let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
     if r == -1 {
@@ -498,6 +504,7 @@ pub fn alone_on_inode(fd: BorrowedFd<'_>) -> io::Result<bool> {
             _ => Err(e),
         };
     }
+    while_held();
     // SAFETY: as above; releases the lease just taken.
     let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
     if r == -1 {
@@ -608,15 +615,36 @@ pub struct FanEvent {
     pub fd: Result<OwnedFd, i32>,
 }
 
-/// Reads what one `read` of the fanotify group `fan` gives into events.
-/// Each descriptor is owned by its event (closed on drop). Unlike nix's
-/// reader it accepts the negative descriptors of `FAN_REPORT_FD_ERROR`.
-pub fn read_fanotify(fan: BorrowedFd<'_>) -> io::Result<Vec<FanEvent>> {
-    // struct fanotify_event_metadata: event_len u32, vers u8, reserved u8,
-    // metadata_len u16, mask u64, fd i32, pid i32 (24 bytes).
-    const META: usize = 24;
+/// Bytes queued to read on `fd` (`FIONREAD`; for a fanotify group, its
+/// events not yet read).
+pub fn queued_bytes(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which lives.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n)
+}
+
+/// `struct fanotify_event_metadata`: event_len u32, vers u8, reserved u8,
+/// metadata_len u16, mask u64, fd i32, pid i32 (24 bytes) — the whole
+/// event of a group that asks for no information records.
+pub const FAN_EVENT_LEN: usize = 24;
+
+/// Reads what one `read` of the fanotify group `fan` gives into events,
+/// at most `max` of them (each event the kernel reads makes a descriptor,
+/// so a caller short of descriptors asks for fewer; at most 170, and at
+/// least one). Each descriptor is owned by its event (closed on drop).
+/// Unlike nix's reader it accepts the negative descriptors of
+/// `FAN_REPORT_FD_ERROR`.
+pub fn read_fanotify(fan: BorrowedFd<'_>, max: usize) -> io::Result<Vec<FanEvent>> {
+    const META: usize = FAN_EVENT_LEN;
     let mut buf = [0u8; 4096];
-    let n = nix::unistd::read(fan, &mut buf).map_err(io::Error::from)?;
+    // The kernel stops before an event that does not fit in the buffer.
+    let len = max.clamp(1, buf.len() / META) * META;
+    let n =
+        nix::unistd::read(fan, buf.get_mut(..len).unwrap_or_default()).map_err(io::Error::from)?;
     let data = buf.get(..n).unwrap_or_default();
     let mut events = Vec::new();
     let mut off = 0usize;

@@ -798,14 +798,7 @@ fn client_paths_do_not_cross_into_a_filesystem_mounted_inside_the_export() {
     };
     let sub = s.root().join("sub");
     std::fs::create_dir(&sub).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &sub,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=4m"),
-    )
-    .unwrap();
+    let sub_mount = mount_tmpfs(&sub, "4m");
     std::fs::write(sub.join("f"), b"x").unwrap();
     let d = Filterd::start_mediated(&s, &[]);
     let fe = frontend(&s);
@@ -816,5 +809,103 @@ fn client_paths_do_not_cross_into_a_filesystem_mounted_inside_the_export() {
     fe.open(req("g", Rights::ALL, None)).unwrap();
     drop(fe);
     drop(d);
-    let _ = nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH);
+    drop(sub_mount);
+}
+
+/// Detaches a mount when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Mounts a tmpfs of `size` on `dir`, detached when the result is dropped.
+fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Unmount {
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(format!("size={size}").as_str()),
+    )
+    .expect("mounting a tmpfs");
+    Unmount(dir.to_path_buf())
+}
+
+/// A bind-mounted export (a directory of a larger filesystem) is mediated
+/// through every mount of its files: a process in another mount namespace
+/// (`unshare -m`: its copy of the export's mount carries no mount mark) and
+/// one reaching the file through the filesystem's own mount are refused by
+/// a share-none handle, while files outside the export open freely. Before,
+/// only the export's own mount was marked, and both wrote the file.
+#[test]
+fn a_bind_mounted_export_is_mediated_through_every_mount() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: fanotify needs root");
+        return;
+    }
+    let s = Scratch::new("fan-subtree");
+    let fs = s.dir.join("fs");
+    std::fs::create_dir(&fs).unwrap();
+    let _fs = mount_tmpfs(&fs, "16m");
+    std::fs::create_dir(fs.join("real")).unwrap();
+    std::fs::write(fs.join("outside"), b"o").unwrap();
+    nix::mount::mount(
+        Some(&fs.join("real")),
+        &s.root(),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind-mounting the export");
+    let _d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    let _h = fe.open(req("locked", Rights::NONE, None)).unwrap();
+    let other_ns = Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!("echo X >> {}", s.root().join("locked").display()))
+        .output()
+        .expect("unshare (util-linux)");
+    assert!(
+        !other_ns.status.success(),
+        "another mount namespace wrote a share-none file"
+    );
+    let same_fs = std::fs::OpenOptions::new()
+        .append(true)
+        .open(fs.join("real/locked"));
+    assert!(
+        same_fs.is_err(),
+        "the filesystem's own mount opened a share-none file"
+    );
+    assert_eq!(std::fs::metadata(fs.join("real/locked")).unwrap().len(), 0);
+    // Files without protocol state open through any mount; files outside
+    // the export are not filterd's to refuse.
+    assert_eq!(std::fs::read(fs.join("outside")).unwrap(), b"o");
+    std::fs::write(fs.join("real/plain"), b"p").unwrap();
+    assert_eq!(std::fs::read(s.root().join("plain")).unwrap(), b"p");
+}
+
+/// A filesystem mounted inside the export after filterd started is not in
+/// the clone filterd resolves paths in: a client create beneath it is
+/// refused, rather than landing in the directory the new mount hides from
+/// local processes. Before, the create succeeded and the file was in
+/// neither the mounted filesystem nor anywhere a local process could see.
+#[test]
+fn a_client_path_crossing_a_mount_added_later_is_refused() {
+    let Some(s) = Scratch::with_tmpfs("fan-later-mount") else {
+        return;
+    };
+    let sub = s.root().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let d = Filterd::start_mediated(&s, &[]);
+    let _sub = mount_tmpfs(&sub, "4m");
+    let fe = frontend(&s);
+    let e = fe.open(req("sub/new", Rights::ALL, None)).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AccessDenied), "{e}");
+    // The export's own files still open.
+    fe.open(req("g", Rights::ALL, None)).unwrap();
+    drop(fe);
+    drop(d);
 }

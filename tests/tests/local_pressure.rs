@@ -291,3 +291,117 @@ fn after_the_engine_stops_every_local_open_is_refused_at_once() {
     }
     d.kill9();
 }
+
+/// Opens each of `paths` from its own thread, all released at once:
+/// how many were refused, with their errors.
+fn burst_of_local_opens(paths: Vec<std::path::PathBuf>) -> Vec<std::io::Error> {
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(paths.len()));
+    let (tx, rx) = mpsc::channel();
+    let n = paths.len();
+    for p in paths {
+        let (tx, gate) = (tx.clone(), gate.clone());
+        std::thread::spawn(move || {
+            gate.wait();
+            let _ = tx.send(std::fs::File::open(p).map(drop));
+        });
+    }
+    (0..n)
+        .filter_map(|_| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("every local open is answered")
+                .err()
+        })
+        .collect()
+}
+
+/// A burst of parallel local opens of files without protocol state while
+/// the engine is busy (stalled 3 s), with filterd's descriptor limit low
+/// (each waiting open holds two of its descriptors): every open succeeds
+/// — they wait, at worst, for room. Before, the reader read as many events
+/// as its buffer held, the kernel could not make their descriptors
+/// (EMFILE) and refused those opens.
+#[test]
+fn a_burst_of_local_opens_of_files_without_state_is_never_refused() {
+    let Some(s) = Scratch::with_tmpfs("fan-burst") else {
+        return;
+    };
+    // Made before filterd starts: their first opens reach it.
+    let rounds: Vec<Vec<_>> = (0..3)
+        .map(|round| {
+            (0..60)
+                .map(|i| {
+                    let p = s.root().join(format!("r{round}-{i}"));
+                    std::fs::write(&p, b"x").unwrap();
+                    p
+                })
+                .collect()
+        })
+        .collect();
+    // Requests: 1 the open; 2 (a status) stalls the engine for 3 s.
+    let d = Filterd::start_mediated_with(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "engine.request:2:sleep3000")],
+    );
+    let fe = frontend(&s);
+    let _held = fe.open(req("held", Rights::NONE)).unwrap();
+    // Room for about twenty waiting opens beyond what filterd holds.
+    set_fd_limit(d.pid(), lowest_free_fd(d.pid()) + 40);
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    std::thread::spawn(move || {
+        let _ = ctl.stats();
+    });
+    wait_stalled(&d);
+    for (round, paths) in rounds.into_iter().enumerate() {
+        let refused = burst_of_local_opens(paths);
+        assert!(
+            refused.is_empty(),
+            "round {round}: {} of 60 opens of files without state refused: {:?}; {:?}",
+            refused.len(),
+            refused.first(),
+            d.control().stats()
+        );
+    }
+    assert!(
+        local_open(s.root().join("held")).is_err(),
+        "a share-none file is still refused"
+    );
+    let st = d.control().stats().unwrap();
+    assert_eq!(st.local_opens_overloaded, 0, "{st:?}");
+}
+
+/// A local open racing filterd's write-lease probe (a protocol open of a
+/// file filterd holds no descriptor of) waits for the probe, never refused:
+/// the probe's lease is held 2 s (failpoint `local.probe`) while a local
+/// process opens the file. Before, the reader read the event meanwhile, the
+/// kernel's non-blocking open of its descriptor met the probe's lease, and
+/// the kernel refused the local open (`EPERM`).
+#[test]
+fn a_local_open_racing_the_lease_probe_is_not_refused() {
+    let Some(s) = Scratch::with_tmpfs("fan-probe") else {
+        return;
+    };
+    std::fs::write(s.root().join("shared"), b"x").unwrap();
+    let d =
+        Filterd::start_mediated_with(&s, &[], &[("RKFILTER_FAILPOINTS", "local.probe:sleep2000")]);
+    let fe = std::sync::Arc::new(frontend(&s));
+    let (otx, orx) = mpsc::channel();
+    {
+        let fe = fe.clone();
+        std::thread::spawn(move || {
+            let _ = otx.send(fe.open(req("shared", Rights::ALL)).map(drop));
+        });
+    }
+    d.wait_log("failpoint local.probe: stalling", Duration::from_secs(20));
+    let local = local_open(s.root().join("shared"));
+    let protocol = orx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the protocol open is answered");
+    assert!(protocol.is_ok(), "{protocol:?}");
+    assert!(
+        local.is_ok(),
+        "a local open racing the probe was refused: {local:?}"
+    );
+    let st = d.control().stats().unwrap();
+    assert_eq!(st.local_opens_lease_refused, 0, "{st:?}");
+}

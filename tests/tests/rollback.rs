@@ -172,12 +172,27 @@ fn a_local_open_of_a_create_still_committing_waits_and_is_refused_when_undone() 
     }
 }
 
+/// filterd's own descriptor of the file named `name`, as `/proc/PID/fd/N`.
+fn filterds_descriptor_of(pid: u32, name: &str) -> std::path::PathBuf {
+    wait_for(
+        "filterd's descriptor of the file",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| std::fs::read_link(p).is_ok_and(|l| l.ends_with(name)))
+        },
+    )
+}
+
 /// F1's defence in depth: a local process holding the file of a create
 /// whose commit fails keeps it — the rollback leaves a file that is not
-/// alone. The process opens it through a route fanotify does not see (the
-/// export is a bind mount, mediated on its own mount only; the writer uses
-/// the directory's own mount), so it never waits. Old code unlinked the
-/// file with the local data in it.
+/// alone. The process opens it through a route fanotify does not see
+/// (filterd's own descriptor, `/proc/PID/fd/N`, which reopens the file
+/// through filterd's exempt mount), so it never waits. Old code unlinked
+/// the file with the local data in it.
 #[test]
 fn a_create_undone_never_unlinks_a_file_a_local_process_holds() {
     if !nix::unistd::geteuid().is_root() {
@@ -198,7 +213,7 @@ fn a_create_undone_never_unlinks_a_file_a_local_process_holds() {
     let d = Filterd::start_mediated(&s, &[]);
     let (_strace, created) = create_failing(&s, &d);
     let f = real.join("f");
-    let mut w = LocalWriter::start(&f);
+    let mut w = LocalWriter::start(&filterds_descriptor_of(d.pid(), "f"));
     w.write("local-data\n");
     wait_for("the local write to land", Duration::from_secs(20), || {
         (std::fs::read_to_string(&f).ok()? == "local-data\n").then_some(())

@@ -10,10 +10,18 @@ impl Engine {
         &mut self,
         fan: Arc<nix::sys::fanotify::Fanotify>,
         counters: Arc<crate::local::LocalCounters>,
-        scope: crate::local::MarkScope,
+        mediated: Arc<crate::local::Mediated>,
+        export_root: OwnedFd,
     ) {
-        self.mediation = scope.word().to_owned();
+        self.mediation = mediated.scope.word().to_owned();
+        self.export_root = Some(export_root);
+        // Files recovered with state: their local opens reach the engine
+        // through every mount.
+        for file in self.by_file.keys() {
+            mediated.add(*file);
+        }
         self.fanotify = Some(fan);
+        self.mediated = Some(mediated);
         self.local_counters = counters;
     }
 
@@ -53,6 +61,9 @@ impl Engine {
             if let Some(fan) = &self.fanotify {
                 crate::local::ignore(fan, &fd, &self.local_counters);
             }
+            if let Some(m) = &self.mediated {
+                m.remove(file);
+            }
             reply.send(Verdict::Allow);
             return;
         }
@@ -84,6 +95,33 @@ impl Engine {
         reply.send(Verdict::Allow);
     }
 
+    /// Refuses a client path that, in the export as local processes see it
+    /// now, crosses into another mount: filterd resolves paths in a clone
+    /// of the export's mounts taken at start, which lacks a mount added
+    /// inside the export since — a create there would land in the
+    /// directory the new mount hides, out of local processes' sight. One
+    /// `O_PATH` resolution through the export root itself (which raises
+    /// no fanotify event and breaks no lease) with `RESOLVE_NO_XDEV`: a
+    /// crossing fails it with `EXDEV`, wherever on the path it is.
+    pub(super) fn refuse_paths_crossing_later_mounts(
+        &mut self,
+        path: &RelPath,
+    ) -> Result<(), WireError> {
+        let Some(real) = &self.export_root else {
+            return Ok(());
+        };
+        match libfilter::sys::openat2_beneath(real.as_fd(), path.as_str(), libc::O_PATH, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                self.stats.opens_refused += 1;
+                Err(err(
+                    ErrorCode::AccessDenied,
+                    format!("{path}: crosses a mount inside the export (mounted since filterd started, or another filesystem)"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A protocol open's file gets protocol state: its local opens must
     /// reach filterd again (its ignore mark is removed). When that fails
     /// the open is refused (and counted) — granted, local opens of the
@@ -97,6 +135,11 @@ impl Engine {
         let Some(fan) = &self.fanotify else {
             return Ok(());
         };
+        // Before the probe for local openers: from now on its opens reach
+        // the engine through every mount.
+        if let Some(m) = &self.mediated {
+            m.add(of.file);
+        }
         if of.created {
             return Ok(());
         }
@@ -126,22 +169,15 @@ impl Engine {
         path: &RelPath,
         fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), WireError> {
-        use nix::sys::resource::{getrlimit, Resource};
         if self.fanotify.is_none() {
             // No events to read: nothing to keep descriptors for, and the
             // check stays off the open path.
             return Ok(());
         }
-        let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        let number = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap_or(0);
+        let Some((limit, free)) = crate::local::free_descriptors(number + 1) else {
             return Ok(());
         };
-        let number = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap_or(0);
-        let open = std::fs::metadata("/proc/self/fd")
-            .map(|m| m.len())
-            .ok()
-            .filter(|&n| n > 0)
-            .unwrap_or(number + 1);
-        let free = limit.saturating_sub(open.max(number + 1));
         let reserve = crate::local::descriptor_reserve(limit);
         if free >= reserve {
             return Ok(());
@@ -216,7 +252,7 @@ impl Engine {
             )
             .collect();
         if mine.is_empty() {
-            let alone = libfilter::sys::alone_on_inode(fd);
+            let alone = crate::local::alone_on_inode(fd);
             // A frontend closed the file's last handle a moment ago: a
             // scan that names nobody — complete or cut short by its budget
             // — is that frontend's descriptor, not a local opener.
@@ -252,7 +288,7 @@ impl Engine {
                     // dropping a closed handle's descriptor); probing
                     // again tells — alone now is alone.
                     if (found.unattributed() || budget.cut)
-                        && libfilter::sys::alone_on_inode(fd).is_ok_and(|a| a)
+                        && crate::local::alone_on_inode(fd).is_ok_and(|a| a)
                     {
                         LocalOpeners::default()
                     } else {
@@ -287,7 +323,7 @@ impl Engine {
     /// create's outcome, which is then refused — names no process and
     /// does not count. Without local mediation, local opens never count.
     pub(super) fn held_locally(&mut self, file: FileId, fd: std::os::fd::BorrowedFd<'_>) -> bool {
-        if self.fanotify.is_none() || libfilter::sys::alone_on_inode(fd).is_ok_and(|a| a) {
+        if self.fanotify.is_none() || crate::local::alone_on_inode(fd).is_ok_and(|a| a) {
             return false;
         }
         let frontends = self.frontend_pids();

@@ -175,6 +175,12 @@ pub struct Engine {
     frontends_gone: std::collections::VecDeque<(i32, Option<u64>, std::time::Instant)>,
     /// The fanotify group, when local access is mediated.
     fanotify: Option<Arc<nix::sys::fanotify::Fanotify>>,
+    /// Files whose local opens through other mounts reach the engine
+    /// (`crate::local::Mediated`).
+    mediated: Option<Arc<crate::local::Mediated>>,
+    /// The export root as local processes see it (not filterd's clone):
+    /// `refuse_paths_crossing_later_mounts`.
+    export_root: Option<OwnedFd>,
     /// What local mediation covers, for status.
     mediation: String,
     /// Local-access counters (the fanotify thread's and ours).
@@ -350,6 +356,8 @@ impl Engine {
             frontends_gone: std::collections::VecDeque::new(),
             fanotify: None,
             local_counters: Default::default(),
+            mediated: None,
+            export_root: None,
             mediation: "off".to_owned(),
             replays: HashMap::new(),
             removals: Vec::new(),

@@ -101,6 +101,7 @@ impl Engine {
             (Durability::Persistent { .. }, Some(g)) => Some(create_marker(&o.client, &g)),
             _ => None,
         };
+        self.refuse_paths_crossing_later_mounts(&o.path)?;
         let of = self
             .fs
             .open(&o.path, o.access, o.disposition, marker.as_deref())
