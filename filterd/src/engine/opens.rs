@@ -352,7 +352,7 @@ impl Engine {
         self.begin_request();
         self.completes_intent();
         if let Some(change) = p.change.take() {
-            let result = self.perform(&change, true);
+            let result = self.perform(&change, Some(id));
             crate::failpoint::hit("intent.after_fs");
             self.batch.push(StoreOp::DeleteIntent(id));
             let result = result.map(|()| Reply::Done);
@@ -391,13 +391,16 @@ impl Engine {
             Some(kh) => self.fs.truncate_by_handle(kh, &h.rec.path),
             None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
         };
-        crate::failpoint::hit("intent.after_fs");
         let file = h.rec.file;
+        h.parked = truncated.is_err();
+        let rec = h.rec.clone();
+        if let (Ok(fd), Some(kh)) = (&truncated, &rec.kernel_handle) {
+            self.mark_change(fd, id, kh, Some(rec.path.clone()));
+        }
+        crate::failpoint::hit("intent.after_fs");
         let result = match truncated {
             Ok(fd) => {
-                h.parked = false;
                 self.batch.sync_fd(fd);
-                let rec = h.rec.clone();
                 let opened = Opened {
                     key: p.key,
                     create_action: rec.create_action,
@@ -413,7 +416,7 @@ impl Engine {
                 Ok(Reply::Opened(opened))
             }
             Err(e) => {
-                let path = h.rec.path.clone();
+                let path = rec.path;
                 self.batch.push(StoreOp::DeleteIntent(id));
                 self.content_change_done(file);
                 // Deleted from the store too: a detach (or another
