@@ -44,17 +44,7 @@ fn req(path: &str, guid: CreateGuid) -> OpenRequest {
 
 /// The change marks (`*.rkfilter.intent`) a file carries.
 fn change_marks(path: &std::path::Path) -> Vec<String> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: `c` is a NUL-terminated path and `buf` is writable for its length.
-    let n = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    let n = usize::try_from(n).expect("listxattr");
-    buf.truncate(n);
-    buf.split(|b| *b == 0)
-        .map(|n| String::from_utf8_lossy(n).into_owned())
-        .filter(|n| n.ends_with("rkfilter.intent"))
-        .collect()
+    rkfilter_tests::markers_on(path, "rkfilter.intent")
 }
 
 fn store_is_clean(s: &Scratch) {

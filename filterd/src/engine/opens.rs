@@ -812,7 +812,16 @@ impl Engine {
                     unlinked.push(c.file);
                 }
                 Err(e) => {
-                    debug!(path = %c.path, error = %e.message, "a rolled-back create's file is not removed")
+                    // Moved away (a local rename) or not removable: the
+                    // file stays, but no longer as this create's — its
+                    // marker would let a later create with the same GUID
+                    // take it for its own.
+                    self.fs.clear_marker(
+                        c.fd.as_ref().map(|f| f.as_fd()),
+                        c.kernel_handle.as_ref(),
+                        &c.path,
+                    );
+                    debug!(path = %c.path, error = %e.message, "a rolled-back create's file is not removed; its create marker is")
                 }
             }
         }
