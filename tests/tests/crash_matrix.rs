@@ -524,6 +524,13 @@ fn a_local_write_while_down_is_no_sign_that_a_size_change_happened() {
                 matches!(&looked, Err(e) if e.code() == Some(libfilter::proto::ErrorCode::Internal)),
                 "{case}: the replay is told its outcome is unknown, got {looked:?}"
             );
+            // The client sends it anew: made now, over the local write,
+            // and its mark is gone once its completion commits.
+            fe2.set_end_of_file(key, 10, None).unwrap();
+            assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 10);
+            wait_for("the change's mark to go", Duration::from_secs(10), || {
+                change_marks(&s.root().join("f")).is_empty().then_some(())
+            });
         }
         drop(fe2);
         drop(fe);
