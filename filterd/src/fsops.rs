@@ -538,23 +538,79 @@ pub fn set_size_by_handle(
     Ok(fd)
 }
 
-/// Recovery's redo of a size change ([`crate::engine::fs::Fs::set_size_unless_changed`]).
-pub fn set_size_unless_changed(
+/// The extended attribute that proves a size change was made: set on the
+/// file, holding the change's intent id, right after the `ftruncate` and
+/// before the fsync that precedes the change's completion commit
+/// ([`mark_change`]). Recovery trusts it over the file's stamp, which
+/// cannot tell the change from a local write made while filterd was down.
+/// `trusted.*` when the daemon may set it (local users cannot forge it),
+/// else `user.*` — the same choice as the create marker.
+const TRUSTED_CHANGE_MARK: &CStr = c"trusted.rkfilter.intent";
+/// The change mark of a daemon without CAP_SYS_ADMIN.
+const USER_CHANGE_MARK: &CStr = c"user.rkfilter.intent";
+
+fn change_mark_name(root: BorrowedFd<'_>) -> Option<&'static CStr> {
+    match marker_name(root) {
+        Ok(n) if n == TRUSTED_MARKER => Some(TRUSTED_CHANGE_MARK),
+        Ok(_) => Some(USER_CHANGE_MARK),
+        Err(_) => None,
+    }
+}
+
+/// Marks the file behind `fd` as changed by intent `id`
+/// ([`TRUSTED_CHANGE_MARK`]). An error (no extended attributes here) leaves
+/// the file unmarked: recovery then falls back on the stamp and never
+/// claims a change it cannot prove.
+pub fn mark_change(
+    root: BorrowedFd<'_>,
+    fd: BorrowedFd<'_>,
+    id: libfilter::model::IntentId,
+) -> io::Result<()> {
+    let name = change_mark_name(root).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTSUP))?;
+    sys::set_xattr(fd, name, id.0.as_bytes())
+}
+
+/// Removes the change mark from the file of kernel handle `h`, once the
+/// change's completion is durable. Best effort: a mark left behind names an
+/// intent that no longer exists, which proves nothing.
+pub fn clear_change_mark(
+    root: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+    path: Option<&RelPath>,
+) {
+    let Some(name) = change_mark_name(root) else {
+        return;
+    };
+    if let Ok(fd) = open_by_handle_or_path(root, h, path, libc::O_RDONLY) {
+        let _ = sys::remove_xattr(fd.as_fd(), name);
+    }
+}
+
+/// Recovery's redo of a size change ([`crate::engine::fs::Fs::redo_size_change`]).
+pub fn redo_size_change(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
     path: Option<&RelPath>,
     size: u64,
     before: Option<&libfilter::model::FileStamp>,
-) -> io::Result<Option<OwnedFd>> {
+    id: libfilter::model::IntentId,
+) -> io::Result<crate::engine::fs::SizeRedo> {
+    use crate::engine::fs::SizeRedo;
     let fd = open_by_handle_or_path(root, h, path, libc::O_WRONLY)?;
+    let marked = change_mark_name(root)
+        .and_then(|name| sys::get_xattr(fd.as_fd(), name).ok().flatten())
+        .is_some_and(|v| v == id.0.as_bytes());
+    if marked {
+        return Ok(SizeRedo::Made);
+    }
     if let Some(b) = before {
         if !stamp(fd.as_fd())?.same_content_as(b) {
-            return Ok(None);
+            return Ok(SizeRedo::Unknown);
         }
     }
     let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     nix::unistd::ftruncate(fd.as_fd(), len).map_err(io::Error::from)?;
-    Ok(Some(fd))
+    Ok(SizeRedo::Redone(fd))
 }
 
 /// The stamp (size, mtime, ctime) of the file behind `fd`.

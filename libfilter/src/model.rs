@@ -701,7 +701,16 @@ impl<'de> Deserialize<'de> for ScopeName {
     }
 }
 
-/// A recorded reply: opaque to the filter (the frontend's own encoding).
+/// The reply recovery records for a request whose outcome it cannot know:
+/// filterd stopped after the request's intent committed, and the file's
+/// content moved meanwhile with no mark proving the change was made (a
+/// local write while filterd was down looks the same). A lookup of such a
+/// record is answered with an error, never as a success; frontends may not
+/// record this reply themselves.
+pub const OUTCOME_UNKNOWN: &str = "\u{0}rkfilter: outcome unknown";
+
+/// A recorded reply: opaque to the filter (the frontend's own encoding),
+/// except [`OUTCOME_UNKNOWN`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplayRecord {
     /// The reply, at most [`MAX_REPLY_BYTES`].

@@ -793,6 +793,11 @@ pub struct Stats {
     pub intents: u64,
     /// Dangling intents finished by recovery.
     pub intents_recovered: u64,
+    /// Dangling size changes whose outcome recovery could not know (the
+    /// file changed while filterd was down, and no mark proved the change):
+    /// left undone, their replays answered with an error.
+    #[serde(default)]
+    pub intents_unknown: u64,
     /// Replies recorded for op-id replay.
     pub replies_recorded: u64,
     /// Opens refused (any reason).

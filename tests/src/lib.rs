@@ -901,3 +901,21 @@ pub fn held_in_injected_syscall(pid: u32, name: &str) -> bool {
         })
     })
 }
+
+/// Which of `trusted.NAME` and `user.NAME` the file at `path` carries
+/// (`rkfilter.create`, `rkfilter.intent`: the filter's markers).
+pub fn markers_on(path: &Path, name: &str) -> Vec<String> {
+    use std::os::fd::AsFd;
+    let f = std::fs::File::open(path).expect("open for its attributes");
+    ["trusted.", "user."]
+        .into_iter()
+        .map(|ns| format!("{ns}{name}"))
+        .filter(|n| {
+            let c = std::ffi::CString::new(n.as_str()).expect("a name without NUL");
+            libfilter::sys::get_xattr(f.as_fd(), &c)
+                .ok()
+                .flatten()
+                .is_some()
+        })
+        .collect()
+}

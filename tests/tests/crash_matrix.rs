@@ -42,6 +42,11 @@ fn req(path: &str, guid: CreateGuid) -> OpenRequest {
     }
 }
 
+/// The change marks (`*.rkfilter.intent`) a file carries.
+fn change_marks(path: &std::path::Path) -> Vec<String> {
+    rkfilter_tests::markers_on(path, "rkfilter.intent")
+}
+
 fn store_is_clean(s: &Scratch) {
     let store = Store::open_read_only(&s.state()).unwrap();
     assert!(store.intents().unwrap().is_empty(), "no dangling intent");
@@ -302,6 +307,72 @@ fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
     }
 }
 
+/// Makes `f` (100 bytes) and opens it for a local writer, before filterd
+/// starts: an open is mediated, its writes are not.
+fn local_writer(s: &Scratch) -> std::fs::File {
+    std::fs::write(s.root().join("f"), [b'x'; 100]).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.root().join("f"))
+        .unwrap()
+}
+
+/// A size change stalled at failpoint `point` (for 20 s, to be killed
+/// there): an end-of-file change to 10 (SET_INFO with a recorded reply,
+/// op 2, on a persistent handle) or an overwriting persistent open, sent
+/// from another thread. The file `f` must exist.
+struct StalledSizeChange {
+    d: Filterd,
+    fe: std::sync::Arc<FilterClient>,
+    /// The handle of the end-of-file change.
+    key: Option<ResumeKey>,
+    /// The size the change sets.
+    size: u64,
+    /// Whether the change was answered with success.
+    bg: std::thread::JoinHandle<bool>,
+}
+
+fn stall_size_change(s: &Scratch, case: &str, point: &str) -> StalledSizeChange {
+    let armed = format!("{point}:1:sleep20000");
+    let d = Filterd::start(s, &[], &[("RKFILTER_FAILPOINTS", armed.as_str())]);
+    let fe = std::sync::Arc::new(frontend(s));
+    let mut open = req("f", CreateGuid(uuid::Uuid::new_v4()));
+    open.share = Rights::ALL;
+    let (size, key, bg) = match case {
+        "end_of_file" => {
+            let key = fe.open(open).unwrap().info.key;
+            let fe = fe.clone();
+            let record = RecordSpec {
+                scope: ReplayScope::Handle(key),
+                op_id: 2,
+                reply: "done".into(),
+                keep: 8,
+            };
+            (
+                10,
+                Some(key),
+                std::thread::spawn(move || fe.set_end_of_file(key, 10, Some(record)).is_ok()),
+            )
+        }
+        _ => {
+            open.disposition = Disposition::Overwrite;
+            let fe = fe.clone();
+            (0, None, std::thread::spawn(move || fe.open(open).is_ok()))
+        }
+    };
+    d.wait_log(
+        &format!("failpoint {point}: stalling"),
+        Duration::from_secs(20),
+    );
+    StalledSizeChange {
+        d,
+        fe,
+        key,
+        size,
+        bg,
+    }
+}
+
 /// F6′: a size change is made, then a local process writes the file (no
 /// gate sees a local write), then filterd dies before the change's
 /// completion commits. Recovery must not truncate again over the local
@@ -312,47 +383,14 @@ fn a_local_write_after_a_size_change_survives_its_recovery() {
     use std::os::unix::fs::FileExt;
     for case in ["end_of_file", "overwrite"] {
         let s = Scratch::new("cm-eof-local");
-        std::fs::write(s.root().join("f"), [b'x'; 100]).unwrap();
-        // The local writer has the file open from before (an open is
-        // mediated; its writes are not).
-        let local = std::fs::OpenOptions::new()
-            .write(true)
-            .open(s.root().join("f"))
-            .unwrap();
-        let mut d = Filterd::start(
-            &s,
-            &[],
-            &[("RKFILTER_FAILPOINTS", "intent.after_fs:1:sleep20000")],
-        );
-        let fe = std::sync::Arc::new(frontend(&s));
-        let guid = CreateGuid(uuid::Uuid::new_v4());
-        let mut open = req("f", guid);
-        open.share = Rights::ALL;
-        let (size, bg) = match case {
-            "end_of_file" => {
-                let key = fe.open(open).unwrap().info.key;
-                let fe = fe.clone();
-                let record = RecordSpec {
-                    scope: ReplayScope::Handle(key),
-                    op_id: 2,
-                    reply: "done".into(),
-                    keep: 8,
-                };
-                (
-                    10,
-                    std::thread::spawn(move || fe.set_end_of_file(key, 10, Some(record)).is_ok()),
-                )
-            }
-            _ => {
-                open.disposition = Disposition::Overwrite;
-                let fe = fe.clone();
-                (0, std::thread::spawn(move || fe.open(open).is_ok()))
-            }
-        };
-        d.wait_log(
-            "failpoint intent.after_fs: stalling",
-            Duration::from_secs(20),
-        );
+        let local = local_writer(&s);
+        let StalledSizeChange {
+            mut d,
+            fe,
+            size,
+            key,
+            bg,
+        } = stall_size_change(&s, case, "intent.after_fs");
         assert_eq!(
             std::fs::metadata(s.root().join("f")).unwrap().len(),
             size,
@@ -374,10 +412,25 @@ fn a_local_write_after_a_size_change_survives_its_recovery() {
         );
         assert_eq!(content.len(), 54, "{case}");
         assert!(
-            _d.log_text()
-                .contains("had happened (the file changed since)"),
+            _d.log_text().contains("(its mark is on the file)"),
             "{case}: recovery says why it did not redo the change"
         );
+        assert_eq!(
+            change_marks(&s.root().join("f")),
+            Vec::<String>::new(),
+            "{case}: the mark outlives its recovery"
+        );
+        if let Some(key) = key {
+            // The change was made: its replay is told so.
+            let fe2 = frontend(&s);
+            fe2.resume(ClientId::new("alice").unwrap(), key)
+                .expect("the handle comes back");
+            let looked = fe2.lookup_reply(ReplayScope::Handle(key), 2);
+            assert!(
+                matches!(&looked, Ok(Some(r)) if r.reply == "done"),
+                "{case}: the replay is told it was done, got {looked:?}"
+            );
+        }
         drop(fe);
         drop(_d);
         store_is_clean(&s);
@@ -397,40 +450,13 @@ fn a_metadata_change_is_no_sign_that_a_size_change_happened() {
     for case in ["end_of_file", "overwrite"] {
         let s = Scratch::new("cm-eof-chmod");
         std::fs::write(s.root().join("f"), [b'x'; 100]).unwrap();
-        let mut d = Filterd::start(
-            &s,
-            &[],
-            &[("RKFILTER_FAILPOINTS", "intent.after_commit:1:sleep20000")],
-        );
-        let fe = std::sync::Arc::new(frontend(&s));
-        let guid = CreateGuid(uuid::Uuid::new_v4());
-        let mut open = req("f", guid);
-        open.share = Rights::ALL;
-        let (size, bg) = match case {
-            "end_of_file" => {
-                let key = fe.open(open).unwrap().info.key;
-                let fe = fe.clone();
-                let record = RecordSpec {
-                    scope: ReplayScope::Handle(key),
-                    op_id: 2,
-                    reply: "done".into(),
-                    keep: 8,
-                };
-                (
-                    10,
-                    std::thread::spawn(move || fe.set_end_of_file(key, 10, Some(record)).is_ok()),
-                )
-            }
-            _ => {
-                open.disposition = Disposition::Overwrite;
-                let fe = fe.clone();
-                (0, std::thread::spawn(move || fe.open(open).is_ok()))
-            }
-        };
-        d.wait_log(
-            "failpoint intent.after_commit: stalling",
-            Duration::from_secs(20),
-        );
+        let StalledSizeChange {
+            mut d,
+            fe,
+            size,
+            bg,
+            ..
+        } = stall_size_change(&s, case, "intent.after_commit");
         assert_eq!(
             std::fs::metadata(s.root().join("f")).unwrap().len(),
             100,
@@ -449,5 +475,75 @@ fn a_metadata_change_is_no_sign_that_a_size_change_happened() {
         drop(fe);
         drop(_d);
         store_is_clean(&s);
+    }
+}
+
+/// Review of F6′: filterd dies after a size change's intent commits but
+/// before the change is made, and a local process writes the file while
+/// filterd is down. The file's stamp moved, yet the change never happened:
+/// recovery took the moved stamp as proof and recorded success — the
+/// re-sent SET_INFO was told its truncate happened though it never did.
+/// Only the change's own mark on the file proves it now; without it the
+/// outcome is unknown: nothing is truncated over the local write, the
+/// replay of the end-of-file change is answered with an error, and the
+/// overwriting open is not brought back as done.
+#[test]
+fn a_local_write_while_down_is_no_sign_that_a_size_change_happened() {
+    use std::os::unix::fs::FileExt;
+    for case in ["end_of_file", "overwrite"] {
+        let s = Scratch::new("cm-eof-down");
+        let local = local_writer(&s);
+        let StalledSizeChange {
+            mut d, fe, key, bg, ..
+        } = stall_size_change(&s, case, "intent.after_commit");
+        d.kill9();
+        assert!(!bg.join().unwrap(), "{case}: answered before its change");
+        // filterd is down: a local process writes the file.
+        assert_eq!(
+            std::fs::metadata(s.root().join("f")).unwrap().len(),
+            100,
+            "{case}: killed before the change"
+        );
+        local.write_all_at(b"DATA", 50).unwrap();
+        let d = Filterd::start(&s, &[], &[]);
+        let content = std::fs::read(s.root().join("f")).unwrap();
+        assert_eq!(
+            (content.len(), content.get(50..54)),
+            (100, Some(&b"DATA"[..])),
+            "{case}: recovery truncated over the local write"
+        );
+        let said = d.log_text().contains("outcome unknown");
+        let fe2 = frontend(&s);
+        if let Some(key) = key {
+            // The client reconnects and re-sends its SET_INFO: the filter
+            // must not say it was done.
+            fe2.resume(ClientId::new("alice").unwrap(), key)
+                .expect("the handle comes back");
+            let looked = fe2.lookup_reply(ReplayScope::Handle(key), 2);
+            assert!(
+                matches!(&looked, Err(e) if e.code() == Some(libfilter::proto::ErrorCode::Internal)),
+                "{case}: the replay is told its outcome is unknown, got {looked:?}"
+            );
+            // The client sends it anew: made now, over the local write,
+            // and its mark is gone once its completion commits.
+            fe2.set_end_of_file(key, 10, None).unwrap();
+            assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 10);
+            wait_for("the change's mark to go", Duration::from_secs(10), || {
+                change_marks(&s.root().join("f")).is_empty().then_some(())
+            });
+        }
+        drop(fe2);
+        drop(fe);
+        drop(d);
+        store_is_clean(&s);
+        if key.is_none() {
+            let store = Store::open_read_only(&s.state()).unwrap();
+            let handles = store.handles().unwrap();
+            assert!(
+                handles.is_empty(),
+                "{case}: the overwriting open is not brought back as done: {handles:?}"
+            );
+        }
+        assert!(said, "{case}: recovery says it cannot know");
     }
 }

@@ -293,3 +293,32 @@ fn an_overwrite_waits_for_a_pending_close_and_is_refused_when_it_fails() {
     let ctl = d.control();
     assert_eq!(ctl.handles().unwrap().len(), 1, "alice's handle is back");
 }
+
+/// A persistent create whose commit fails after a local process renamed
+/// its file away: the undo cannot unlink it (the path names nothing), and
+/// the file stays under its new name — without the create's marker, which
+/// would otherwise let a later create with that GUID take it for its own.
+/// Old code left the marker.
+#[test]
+fn a_create_undone_after_a_local_rename_leaves_its_file_unmarked() {
+    let s = Scratch::new("rb-renamed");
+    let d = Filterd::start(&s, &[], &[]);
+    let (_strace, created) = create_failing(&s, &d);
+    let g = s.root().join("g");
+    std::fs::rename(s.root().join("f"), &g).unwrap();
+    assert_eq!(
+        rkfilter_tests::markers_on(&g, "rkfilter.create").len(),
+        1,
+        "made marked"
+    );
+    let r = created
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the create is answered");
+    assert!(r.is_err(), "the create's commit failed: {r:?}");
+    wait_for("the marker to go", Duration::from_secs(10), || {
+        rkfilter_tests::markers_on(&g, "rkfilter.create")
+            .is_empty()
+            .then_some(())
+    });
+    assert!(g.exists(), "the renamed file stays");
+}

@@ -244,7 +244,7 @@ impl Engine {
             IntentChange::TruncatingOpen { .. } => false,
         };
         if !needs_intent(persistent, recorded) {
-            self.perform(&change, false)?;
+            self.perform(&change, None)?;
             return Ok(Some((Reply::Done, None)));
         }
         self.park_intent(conn, req_id, key, change.clone(), Some(change));
@@ -346,13 +346,15 @@ impl Engine {
 
     /// Does a rename, remove or size change now, updating the handles and
     /// recording the reply in this batch (so in the commit that also drops
-    /// the intent). With `durable` (a commit records the change), what it
-    /// changed on disk is fsync'd before that commit.
+    /// the intent). With `intent` (the change's intent, whose end a commit
+    /// records), what it changed on disk is fsync'd before that commit, and
+    /// a size change marks the file with the intent's id first.
     pub(super) fn perform(
         &mut self,
         change: &IntentChange,
-        durable: bool,
+        intent: Option<IntentId>,
     ) -> Result<(), WireError> {
+        let durable = intent.is_some();
         let fs = &*self.fs;
         match change {
             IntentChange::Rename {
@@ -433,7 +435,9 @@ impl Engine {
                     }
                 }
                 let fd = done?;
-                if durable {
+                if let Some(id) = intent {
+                    let path = self.handles.get(key).map(|h| h.rec.path.clone());
+                    self.mark_change(&fd, id, kernel_handle, path);
                     self.batch.sync_fd(fd);
                 }
                 if let Some(r) = record {
@@ -444,6 +448,28 @@ impl Engine {
             IntentChange::TruncatingOpen { .. } => {
                 Err(err(ErrorCode::Internal, "not a rename or remove"))
             }
+        }
+    }
+}
+
+impl Engine {
+    /// Marks a file whose size change of intent `id` is made (after the
+    /// `ftruncate`, before the fsync that precedes the completion commit):
+    /// recovery's proof that the change happened, which the file's stamp
+    /// cannot give (a local write while filterd is down moves it too). The
+    /// mark goes once the completion is resolved (`marks_after`). Without
+    /// extended attributes the file stays unmarked, and recovery reports
+    /// the outcome unknown rather than claim it.
+    pub(super) fn mark_change(
+        &mut self,
+        fd: &OwnedFd,
+        id: IntentId,
+        kh: &KernelHandle,
+        path: Option<RelPath>,
+    ) {
+        match self.fs.mark_change(fd.as_fd(), id) {
+            Ok(()) => self.marks_after.push((self.batch.seq(), kh.clone(), path)),
+            Err(e) => debug!(intent = %id.0, error = %e, "size change not marked"),
         }
     }
 }

@@ -498,6 +498,16 @@ impl Engine {
                 self.locks_gone(f);
             }
         }
+        // A size change's mark proves nothing once its completion is
+        // resolved (its intent is gone, or will not be redone by this run):
+        // removed lazily, here.
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.marks_after)
+            .into_iter()
+            .partition(|(s, _, _)| *s <= committed);
+        self.marks_after = later;
+        for (_, kh, path) in now {
+            self.fs.clear_change_mark(&kh, path.as_ref());
+        }
         if self.batch.groups.is_empty() && self.batch.sync.is_empty() {
             return;
         }

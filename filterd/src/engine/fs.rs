@@ -19,10 +19,26 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use libfilter::model::{Access, Disposition, FileId, FileStamp, HeldLock, KernelHandle, RelPath};
+use libfilter::model::{
+    Access, Disposition, FileId, FileStamp, HeldLock, IntentId, KernelHandle, RelPath,
+};
 use libfilter::proto::WireError;
 
 use crate::fsops::{self, OpenedFile};
+
+/// What recovery found of an interrupted size change
+/// ([`Fs::redo_size_change`]).
+#[derive(Debug)]
+pub enum SizeRedo {
+    /// The file carries the change's mark: it was made before the crash.
+    Made,
+    /// It had not been made (the file was untouched): made now; the
+    /// descriptor is to be fsync'd before the commit that records it.
+    Redone(OwnedFd),
+    /// The file's content moved and no mark proves the change: it may or
+    /// may not have been made. Nothing was done.
+    Unknown,
+}
 
 /// Every filesystem operation of the engine. Paths are client paths,
 /// relative to the export root; no operation may reach outside it.
@@ -56,17 +72,30 @@ pub trait Fs: Send {
         size: u64,
     ) -> io::Result<OwnedFd>;
 
-    /// Recovery's redo of a size change: sets the size of the file of
-    /// kernel handle `kh` only if it still matches `before` (none: always).
-    /// `Ok(None)`: it does not (the change happened, perhaps with writes
-    /// after it) and nothing was done; else the descriptor to fsync.
-    fn set_size_unless_changed(
+    /// Marks the file behind `fd` (a descriptor [`Fs::set_size_by_handle`]
+    /// or [`Fs::truncate_by_handle`] gave) as changed by intent `id`: the
+    /// proof recovery trusts ([`Fs::redo_size_change`]). `Err`: the file
+    /// cannot carry the mark (no extended attributes).
+    fn mark_change(&self, fd: BorrowedFd<'_>, id: IntentId) -> io::Result<()>;
+
+    /// Removes a change mark once the change's completion is durable. Best
+    /// effort.
+    fn clear_change_mark(&self, kh: &KernelHandle, path: Option<&RelPath>);
+
+    /// Recovery's look at an interrupted size change of intent `id` on the
+    /// file of kernel handle `kh`: made (the file carries the intent's
+    /// mark), made now (the file is still as `before` says, or there is no
+    /// stamp: an old intent), or unknown (the content moved and nothing
+    /// proves the change: a local write while filterd was down looks the
+    /// same as the change) — then nothing is done.
+    fn redo_size_change(
         &self,
         kh: &KernelHandle,
         path: Option<&RelPath>,
         size: u64,
         before: Option<&FileStamp>,
-    ) -> io::Result<Option<OwnedFd>>;
+        id: IntentId,
+    ) -> io::Result<SizeRedo>;
 
     /// The stamp of the file behind a descriptor this port gave.
     fn stamp(&self, fd: BorrowedFd<'_>) -> io::Result<FileStamp>;
@@ -221,14 +250,23 @@ impl Fs for HostFs {
         fsops::stat(fd)
     }
 
-    fn set_size_unless_changed(
+    fn mark_change(&self, fd: BorrowedFd<'_>, id: IntentId) -> io::Result<()> {
+        fsops::mark_change(self.root(), fd, id)
+    }
+
+    fn clear_change_mark(&self, kh: &KernelHandle, path: Option<&RelPath>) {
+        fsops::clear_change_mark(self.root(), kh, path)
+    }
+
+    fn redo_size_change(
         &self,
         kh: &KernelHandle,
         path: Option<&RelPath>,
         size: u64,
         before: Option<&FileStamp>,
-    ) -> io::Result<Option<OwnedFd>> {
-        fsops::set_size_unless_changed(self.root(), kh, path, size, before)
+        id: IntentId,
+    ) -> io::Result<SizeRedo> {
+        fsops::redo_size_change(self.root(), kh, path, size, before, id)
     }
 
     fn stamp(&self, fd: BorrowedFd<'_>) -> io::Result<FileStamp> {

@@ -49,6 +49,8 @@ pub(super) struct MemFile {
     /// Its change time: bumped by every write and size change.
     pub ctime: u64,
     pub marker: Option<Vec<u8>>,
+    /// The change mark: the id of the intent whose size change was made.
+    pub change_mark: Option<Vec<u8>>,
     /// Still has a name (unlinked files live on while a descriptor or a
     /// kernel handle could reach them).
     pub linked: bool,
@@ -293,6 +295,7 @@ impl State {
                 size: 0,
                 ctime: 0,
                 marker: marker.map(<[u8]>::to_vec),
+                change_mark: None,
                 linked: true,
             },
         );
@@ -512,21 +515,50 @@ impl Fs for MemFs {
         st.file_desc(obj)
     }
 
-    fn set_size_unless_changed(
+    fn mark_change(&self, fd: BorrowedFd<'_>, id: libfilter::model::IntentId) -> io::Result<()> {
+        let mut st = self.st();
+        let obj = st.obj_of_fd(fd)?;
+        if let Some(f) = st.objs.get_mut(&obj) {
+            f.change_mark = Some(id.0.as_bytes().to_vec());
+        }
+        Ok(())
+    }
+
+    fn clear_change_mark(&self, kh: &KernelHandle, _path: Option<&RelPath>) {
+        let mut st = self.st();
+        if let Some(f) = st.obj_of(None, Some(kh)).and_then(|o| st.objs.get_mut(&o)) {
+            f.change_mark = None;
+        }
+    }
+
+    fn redo_size_change(
         &self,
         kh: &KernelHandle,
         path: Option<&RelPath>,
         size: u64,
         before: Option<&libfilter::model::FileStamp>,
-    ) -> io::Result<Option<OwnedFd>> {
+        id: libfilter::model::IntentId,
+    ) -> io::Result<super::fs::SizeRedo> {
+        let obj = self.st().obj_of_handle(kh)?;
+        let now = self.st().objs.get(&obj).cloned();
+        if now
+            .as_ref()
+            .and_then(|f| f.change_mark.as_deref())
+            .is_some_and(|m| m == id.0.as_bytes())
+        {
+            return Ok(super::fs::SizeRedo::Made);
+        }
         if let Some(b) = before {
-            let obj = self.st().obj_of_handle(kh)?;
-            let now = self.st().objs.get(&obj).map(stamp_of);
-            if !now.is_some_and(|n| n.same_content_as(b)) {
-                return Ok(None);
+            if !now
+                .as_ref()
+                .map(stamp_of)
+                .is_some_and(|n| n.same_content_as(b))
+            {
+                return Ok(super::fs::SizeRedo::Unknown);
             }
         }
-        self.set_size_by_handle(kh, path, size).map(Some)
+        self.set_size_by_handle(kh, path, size)
+            .map(super::fs::SizeRedo::Redone)
     }
 
     fn stamp(&self, fd: BorrowedFd<'_>) -> io::Result<libfilter::model::FileStamp> {

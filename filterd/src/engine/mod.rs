@@ -25,9 +25,9 @@ use libfilter::lease::{self, BreakTrigger, LeaseKey, LeaseState};
 use libfilter::locks::{BatchError, Lock, LockOp, LockTable};
 use libfilter::model::{
     now_ms, ClientId, ConnState, CreateAction, CreateGuid, Disposition, Durability, FileId,
-    HandleRecord, HeldLease, HeldLock, InstanceName, Intent, IntentChange, IntentId, LockSequence,
-    Protocol, RecordSpec, RelPath, ReplayRecord, ReplayScope, ResumeKey, ScopeName,
-    MAX_REPLY_BYTES,
+    HandleRecord, HeldLease, HeldLock, InstanceName, Intent, IntentChange, IntentId, KernelHandle,
+    LockSequence, Protocol, RecordSpec, RelPath, ReplayRecord, ReplayScope, ResumeKey, ScopeName,
+    MAX_REPLY_BYTES, OUTCOME_UNKNOWN,
 };
 use libfilter::proto::{
     self, ErrorCode, Event, FileHolder, FileView, FrontendView, HandleView, Hello, HelloReply,
@@ -222,6 +222,9 @@ pub struct Engine {
     /// Files whose frontends may go back to unchecked I/O once this
     /// sequence is durable.
     gone_after: Vec<(u64, FileId)>,
+    /// Files whose change mark (`Fs::mark_change`) is removed once this
+    /// sequence — the change's completion — is resolved.
+    marks_after: Vec<(u64, KernelHandle, Option<RelPath>)>,
     /// The delete-on-close unlink the last `remove` bracketed, for a CLOSE
     /// to wait on.
     last_unlink: Option<IntentId>,
@@ -334,6 +337,7 @@ impl Engine {
             checked_io: Default::default(),
             unmirrored: Default::default(),
             gone_after: Vec::new(),
+            marks_after: Vec::new(),
             last_unlink: None,
             locks: BTreeMap::new(),
             breaking: HashMap::new(),
@@ -762,7 +766,7 @@ impl Engine {
                 let (protocol, _) = need_frontend()?;
                 let scope = self.own_scope(conn, &protocol, scope)?;
                 self.depends_on_scope(&scope);
-                Ok(Some((self.lookup_reply(&scope, op_id), None)))
+                Ok(Some((self.lookup_reply(&scope, op_id)?, None)))
             }
             Request::Lock {
                 key,

@@ -353,7 +353,7 @@ impl Engine {
         self.begin_request();
         self.completes_intent();
         if let Some(change) = p.change.take() {
-            let result = self.perform(&change, true);
+            let result = self.perform(&change, Some(id));
             crate::failpoint::hit("intent.after_fs");
             self.batch.push(StoreOp::DeleteIntent(id));
             let result = result.map(|()| Reply::Done);
@@ -392,13 +392,16 @@ impl Engine {
             Some(kh) => self.fs.truncate_by_handle(kh, &h.rec.path),
             None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
         };
-        crate::failpoint::hit("intent.after_fs");
         let file = h.rec.file;
+        h.parked = truncated.is_err();
+        let rec = h.rec.clone();
+        if let (Ok(fd), Some(kh)) = (&truncated, &rec.kernel_handle) {
+            self.mark_change(fd, id, kh, Some(rec.path.clone()));
+        }
+        crate::failpoint::hit("intent.after_fs");
         let result = match truncated {
             Ok(fd) => {
-                h.parked = false;
                 self.batch.sync_fd(fd);
-                let rec = h.rec.clone();
                 let opened = Opened {
                     key: p.key,
                     create_action: rec.create_action,
@@ -414,7 +417,7 @@ impl Engine {
                 Ok(Reply::Opened(opened))
             }
             Err(e) => {
-                let path = h.rec.path.clone();
+                let path = rec.path;
                 self.batch.push(StoreOp::DeleteIntent(id));
                 self.content_change_done(file);
                 // Deleted from the store too: a detach (or another
@@ -810,7 +813,16 @@ impl Engine {
                     unlinked.push(c.file);
                 }
                 Err(e) => {
-                    debug!(path = %c.path, error = %e.message, "a rolled-back create's file is not removed")
+                    // Moved away (a local rename) or not removable: the
+                    // file stays, but no longer as this create's — its
+                    // marker would let a later create with the same GUID
+                    // take it for its own.
+                    self.fs.clear_marker(
+                        c.fd.as_ref().map(|f| f.as_fd()),
+                        c.kernel_handle.as_ref(),
+                        &c.path,
+                    );
+                    debug!(path = %c.path, error = %e.message, "a rolled-back create's file is not removed; its create marker is")
                 }
             }
         }

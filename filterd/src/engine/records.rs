@@ -10,12 +10,7 @@ impl Engine {
         protocol: &Protocol,
         mut r: RecordSpec,
     ) -> Result<RecordSpec, WireError> {
-        if r.reply.len() > MAX_REPLY_BYTES {
-            return Err(err(
-                ErrorCode::BadFrame,
-                format!("recorded reply exceeds {MAX_REPLY_BYTES} bytes"),
-            ));
-        }
+        check_reply(&r.reply)?;
         r.scope = self.own_scope(conn, protocol, r.scope)?;
         r.keep = r.keep.clamp(1, MAX_KEEP);
         Ok(r)
@@ -74,12 +69,7 @@ impl Engine {
         reply: String,
         keep: u32,
     ) -> Result<Reply, WireError> {
-        if reply.len() > MAX_REPLY_BYTES {
-            return Err(err(
-                ErrorCode::BadFrame,
-                format!("recorded reply exceeds {MAX_REPLY_BYTES} bytes"),
-            ));
-        }
+        check_reply(&reply)?;
         let keep = keep.clamp(1, MAX_KEEP);
         let record = ReplayRecord {
             reply,
@@ -102,11 +92,42 @@ impl Engine {
         Ok(Reply::Done)
     }
 
-    pub(super) fn lookup_reply(&mut self, scope: &ReplayScope, op_id: u64) -> Reply {
+    /// The recorded reply of `op_id`; an error if recovery recorded its
+    /// outcome as unknown ([`OUTCOME_UNKNOWN`]): the re-sent request is
+    /// neither told it succeeded nor run again over what came after it.
+    pub(super) fn lookup_reply(
+        &mut self,
+        scope: &ReplayScope,
+        op_id: u64,
+    ) -> Result<Reply, WireError> {
         let record = self.replays.get(scope).and_then(|m| m.get(&op_id)).cloned();
         if record.is_some() {
             self.stats.replays_detected += 1;
         }
-        Reply::Recorded { record }
+        if record.as_ref().is_some_and(|r| r.reply == OUTCOME_UNKNOWN) {
+            return Err(err(
+                ErrorCode::Internal,
+                format!(
+                    "op {op_id}: outcome unknown — filterd stopped during it and the file \
+                     changed meanwhile; it is not run again"
+                ),
+            ));
+        }
+        Ok(Reply::Recorded { record })
     }
+}
+
+/// A reply a frontend may record: bounded, and not recovery's own
+/// [`OUTCOME_UNKNOWN`].
+fn check_reply(reply: &str) -> Result<(), WireError> {
+    if reply.len() > MAX_REPLY_BYTES {
+        return Err(err(
+            ErrorCode::BadFrame,
+            format!("recorded reply exceeds {MAX_REPLY_BYTES} bytes"),
+        ));
+    }
+    if reply == OUTCOME_UNKNOWN {
+        return Err(err(ErrorCode::BadFrame, "reserved reply"));
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! beneath the root) with its locks re-taken — all before the socket
 //! accepts anyone (invariant 5).
 
+use super::fs::SizeRedo;
 use super::*;
 
 impl Engine {
@@ -18,6 +19,9 @@ impl Engine {
         // handle records they announce exist before handles are loaded.
         let mut finished = Vec::new();
         let mut sync: Vec<OwnedFd> = Vec::new();
+        // Files whose change mark proved a change: unmarked once that is
+        // recorded.
+        let mut unmark = Vec::new();
         for i in store.all_intents()? {
             let intent = match i {
                 Ok(i) => i,
@@ -28,23 +32,41 @@ impl Engine {
             };
             match intent.change {
                 IntentChange::TruncatingOpen { record, before } => {
-                    // Truncated again only if the file is as it was before
-                    // the truncate: else the truncate happened, and writes
-                    // no gate saw (a local writer, a non-persistent
-                    // handle) may have come after it.
+                    // Made before the crash if the file carries the
+                    // intent's mark; made now if the file is as it was
+                    // before; else unknown — the content moved (a local
+                    // write while filterd was down looks the same as the
+                    // truncate), so it is neither redone over what came
+                    // after nor claimed: the open is dropped (never
+                    // answered, so nobody holds it).
                     let done = record.kernel_handle.as_ref().map(|kh| {
-                        self.fs
-                            .set_size_unless_changed(kh, Some(&record.path), 0, before.as_ref())
+                        self.fs.redo_size_change(
+                            kh,
+                            Some(&record.path),
+                            0,
+                            before.as_ref(),
+                            intent.id,
+                        )
                     });
                     match done {
+                        Some(Ok(SizeRedo::Unknown)) => {
+                            warn!(resume_key = %record.key, path = %record.path, "interrupted overwrite: outcome unknown (the file changed while filterd was down and carries no mark): not truncated, open dropped");
+                            self.stats.intents_unknown += 1;
+                        }
                         Some(Ok(redone)) => {
                             match redone {
-                                Some(fd) => {
+                                SizeRedo::Redone(fd) => {
                                     sync.push(fd);
                                     info!(resume_key = %record.key, path = %record.path, "recovery finished an interrupted overwrite");
                                 }
-                                None => {
-                                    info!(resume_key = %record.key, path = %record.path, "interrupted overwrite had happened (the file changed since): not truncated again")
+                                _ => {
+                                    info!(resume_key = %record.key, path = %record.path, "interrupted overwrite had been made (its mark is on the file): not truncated again");
+                                    unmark.extend(
+                                        record
+                                            .kernel_handle
+                                            .clone()
+                                            .map(|kh| (kh, Some(record.path.clone()))),
+                                    );
                                 }
                             }
                             self.stats.intents_recovered += 1;
@@ -99,24 +121,37 @@ impl Engine {
                     // and write of the file through the filter waited for
                     // its completion to commit (`content_changes`); writes
                     // no gate saw (a local writer, a non-persistent handle)
-                    // did not. So it is done again only if the file is as
-                    // it was before the change; else the change happened
-                    // and what came after it stays.
+                    // did not. So the change counts as made only if the
+                    // file carries its mark; it is made now only over an
+                    // untouched file; else its outcome is unknown and the
+                    // replay is told so (an error, never a success).
                     let path = store.handle(key).ok().flatten().map(|r| r.path);
-                    match self.fs.set_size_unless_changed(
+                    match self.fs.redo_size_change(
                         &kernel_handle,
                         path.as_ref(),
                         size,
                         before.as_ref(),
+                        intent.id,
                     ) {
+                        Ok(SizeRedo::Unknown) => {
+                            warn!(resume_key = %key, size, "interrupted end-of-file change: outcome unknown (the file changed while filterd was down and carries no mark): not done again, its replay fails");
+                            self.stats.intents_unknown += 1;
+                            if let Some(r) = record {
+                                finished.push(record_op(RecordSpec {
+                                    reply: OUTCOME_UNKNOWN.to_owned(),
+                                    ..r
+                                }));
+                            }
+                        }
                         Ok(redone) => {
                             match redone {
-                                Some(fd) => {
+                                SizeRedo::Redone(fd) => {
                                     sync.push(fd);
                                     info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
                                 }
-                                None => {
-                                    info!(resume_key = %key, size, "interrupted end-of-file change had happened (the file changed since): not done again")
+                                _ => {
+                                    info!(resume_key = %key, size, "interrupted end-of-file change had been made (its mark is on the file): not done again");
+                                    unmark.push((kernel_handle, path));
                                 }
                             }
                             self.stats.intents_recovered += 1;
@@ -180,6 +215,9 @@ impl Engine {
                 .split_inclusive(|op| matches!(op, StoreOp::DeleteIntent(_)))
                 .collect();
             store.commit(&per_intent)?;
+        }
+        for (kh, path) in unmark {
+            self.fs.clear_change_mark(&kh, path.as_ref());
         }
         for (k, rec) in store.all_replays()? {
             match (libfilter::store::parse_replay_key(&k), rec) {

@@ -1647,17 +1647,24 @@ fn a_purge_whose_commit_fails_is_undone() {
     assert!(first_commit < unlink, "{log:?}");
 }
 
-/// F6′: recovery redoes an interrupted size change only over a file that
-/// is still as its intent's stamp says. a: the change happened, then a
-/// local write no gate saw extended the file — it stays. b: the change
-/// never happened — it is made. c: an intent from before stamps existed
-/// is redone as it always was.
+/// F6′ and its review: recovery takes an interrupted size change as made
+/// only if the file carries the intent's mark, and redoes it only over a
+/// file still as its intent's stamp says. a: the change happened unmarked
+/// (a crash between the truncate and its mark, or no extended
+/// attributes), then a local write moved the file — or the change never
+/// happened and a local write came: the same file, so the outcome is
+/// unknown; nothing is done and the replay is told so. b: the change never
+/// happened — it is made. c: an intent from before stamps existed is
+/// redone as it always was. e: the change is marked — made, the local
+/// write after it stays, the reply is recorded and the mark goes.
 #[test]
 fn recovery_redoes_a_size_change_only_over_an_untouched_file() {
     let h = Harness::new();
     let (fs, store) = (h.fs.clone(), h.store.clone());
+    fs.put("e", 10);
     let kh_of = |path: &str| fs.handle_at(&RelPath::new(path).unwrap()).unwrap();
-    let set_size = |path: &str, stamped: bool| {
+    let scope = ReplayScope::Session(ScopeName::new("smb/s").unwrap());
+    let set_size = |path: &str, stamped: bool, op_id: u64| {
         let before = stamped.then(|| super::memfs::stamp_of(&fs.file(path).unwrap()));
         Intent {
             id: IntentId(uuid::Uuid::new_v4()),
@@ -1665,19 +1672,28 @@ fn recovery_redoes_a_size_change_only_over_an_untouched_file() {
                 key: ResumeKey::new_random(),
                 kernel_handle: kh_of(path),
                 size: 4,
-                record: None,
+                record: Some(RecordSpec {
+                    scope: scope.clone(),
+                    op_id,
+                    reply: "ok".into(),
+                    keep: 8,
+                }),
                 before,
             },
             recorded_ms: 0,
         }
     };
-    let (a, b, c) = (
-        set_size("a", true),
-        set_size("b", true),
-        set_size("c", false),
+    let (a, b, c, d) = (
+        set_size("a", true, 1),
+        set_size("b", true, 2),
+        set_size("c", false, 3),
+        set_size("e", true, 4),
     );
-    for p in ["a", "c"] {
-        fs.set_size_by_handle(&kh_of(p), None, 4).unwrap();
+    for p in ["a", "c", "e"] {
+        let fd = fs.set_size_by_handle(&kh_of(p), None, 4).unwrap();
+        if p == "e" {
+            fs.mark_change(fd.as_fd(), d.id).unwrap();
+        }
         fs.write(p, 8);
     }
     store
@@ -1685,6 +1701,7 @@ fn recovery_redoes_a_size_change_only_over_an_untouched_file() {
             StoreOp::PutIntent(Box::new(a)),
             StoreOp::PutIntent(Box::new(b)),
             StoreOp::PutIntent(Box::new(c)),
+            StoreOp::PutIntent(Box::new(d)),
         ]])
         .unwrap();
     let mut e = Engine::new(
@@ -1696,22 +1713,66 @@ fn recovery_redoes_a_size_change_only_over_an_untouched_file() {
         Arc::new(CommitCounters::default()),
     );
     e.recover(store.as_ref()).unwrap();
-    assert!(store.inner.lock().unwrap().intents.is_empty());
+    let inner = store.inner.lock().unwrap();
+    assert!(inner.intents.is_empty());
+    let size = |p: &str| fs.file(p).unwrap().size;
+    let reply = |op: u64| {
+        inner
+            .replays
+            .get(&replay_key(&scope, op))
+            .map(|r| r.reply.clone())
+    };
+    assert_eq!(size("a"), 8, "a local write is lost");
     assert_eq!(
-        fs.file("a").unwrap().size,
-        8,
-        "the local write after the change is lost"
+        reply(1).as_deref(),
+        Some(OUTCOME_UNKNOWN),
+        "an unproven change is claimed"
     );
     assert_eq!(
-        fs.file("b").unwrap().size,
-        4,
+        (size("b"), reply(2).as_deref()),
+        (4, Some("ok")),
         "the change that never happened is made"
     );
     assert_eq!(
-        fs.file("c").unwrap().size,
-        4,
+        (size("c"), reply(3).as_deref()),
+        (4, Some("ok")),
         "an unstamped intent is redone"
     );
+    assert_eq!(
+        (size("e"), reply(4).as_deref()),
+        (8, Some("ok")),
+        "a marked change is taken as made, the write after it kept"
+    );
+    assert_eq!(fs.file("e").unwrap().change_mark, None, "the mark stays");
+    drop(inner);
+    assert!(
+        matches!(e.lookup_reply(&scope, 1), Err(x) if x.code == ErrorCode::Internal),
+        "the replay of an unknown outcome is not an error"
+    );
+}
+
+/// A size change made through the engine marks its file before the
+/// completion commit, and the mark goes once that commit is resolved.
+#[test]
+fn a_size_change_marks_its_file_until_its_completion_commits() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    let id = h.run(Request::SetEndOfFile {
+        key,
+        size: 3,
+        record: None,
+    });
+    h.commit_once(true);
+    h.commit_once(true);
+    assert!(
+        h.fs.file("a").unwrap().change_mark.is_some(),
+        "the change is not marked"
+    );
+    h.commit(true);
+    assert!(matches!(h.reply(id), Some(Ok(_))));
+    assert_eq!(h.fs.file("a").unwrap().change_mark, None, "the mark stays");
 }
 
 /// A size change or remove through a non-persistent handle of a file

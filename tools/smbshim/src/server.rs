@@ -942,8 +942,13 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (key, durable) = (o.key, o.durable);
     let scope = ReplayScope::Handle(key);
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
-        if let Ok(Some(_)) = sh.filter.client().lookup_reply(scope.clone(), op) {
-            return Ok(Map::new());
+        match sh.filter.client().lookup_reply(scope.clone(), op) {
+            Ok(Some(_)) => return Ok(Map::new()),
+            // The filter refuses the lookup of a change whose outcome it
+            // cannot know (it stopped during it and the file changed
+            // meanwhile): said, never run again over what came after.
+            Err(e @ ClientError::Refused(_)) => return Err(Fail(status_of(&e), e.to_string())),
+            _ => {}
         }
     }
     // The filter records the reply in the same commit as the change.
