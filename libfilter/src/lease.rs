@@ -159,6 +159,32 @@ pub fn break_to(held: LeaseState, t: BreakTrigger) -> Option<LeaseState> {
     (to != held).then_some(to)
 }
 
+/// The protocol name of frontends whose leases follow Windows' rules
+/// (MS-FSA 2.1.5.1.2.2, as Windows and Samba apply them to SMB 2/3
+/// leases) rather than the table above: rksmbd's.
+pub const MSFSA_PROTOCOL: &str = "smb2";
+
+/// MS-FSA 2.1.5.1.2.2: the state a held SMB 2/3 lease of another key must
+/// break to when the file is opened. W caching always goes (the new open
+/// may read what the holder cached); H caching goes when the open would
+/// otherwise fail with a sharing violation; an overwrite or supersede
+/// takes everything (no H-only state exists to break to). An open never
+/// takes read caching away otherwise — a write does.
+pub fn break_to_on_open(
+    held: LeaseState,
+    handle_conflict: bool,
+    truncates: bool,
+) -> Option<LeaseState> {
+    let mut to = held.without(LeaseState::W);
+    if handle_conflict {
+        to = to.without(LeaseState::H);
+    }
+    if truncates {
+        to = LeaseState::NONE;
+    }
+    (to != held).then_some(to)
+}
+
 /// The state a held lease must break to when its file is renamed or
 /// deleted: handle caching goes, read and write caching stay.
 pub fn break_for_namespace(held: LeaseState) -> Option<LeaseState> {
@@ -232,6 +258,19 @@ mod tests {
         assert_eq!(break_for_namespace(st("RWH")), Some(st("RW")));
         assert_eq!(break_for_namespace(st("RW")), None);
         assert_eq!(grantable(st("RWH"), false), st("RWH"));
+    }
+
+    #[test]
+    fn windows_open_breaks() {
+        // smbtorture smb2.lease.break's table: RWH contended becomes RH,
+        // RW becomes R, R and RH stay.
+        assert_eq!(break_to_on_open(st("RWH"), false, false), Some(st("RH")));
+        assert_eq!(break_to_on_open(st("RW"), false, false), Some(st("R")));
+        assert_eq!(break_to_on_open(st("RH"), false, false), None);
+        assert_eq!(break_to_on_open(st("R"), false, false), None);
+        assert_eq!(break_to_on_open(st("RH"), true, false), Some(st("R")));
+        assert_eq!(break_to_on_open(st("R"), false, true), Some(st("")));
+        assert_eq!(break_to_on_open(st("RH"), false, true), Some(st("")));
     }
 
     fn any_state() -> impl Strategy<Value = LeaseState> {

@@ -253,9 +253,15 @@ fn open_file(
         _ => None,
     };
     let lease_req = match (&lease, oplock_key) {
-        (Some(l), _) if l.state != 0 => Some(LeaseRequest {
+        (Some(l), _) => Some(LeaseRequest {
             key: LeaseKey(uuid::Uuid::from_bytes_le(l.key)),
-            state: lease_state(l.state),
+            // Without R nothing is granted (H, W, HW: smbtorture
+            // smb2.lease.request); an empty request still names the key,
+            // and is answered with what the key holds.
+            state: match lease_state(l.state) {
+                s if s.contains(LeaseState::R) => s,
+                _ => LeaseState::NONE,
+            },
             epoch: l.v2.map(|(_, e)| e).unwrap_or(0),
         }),
         (None, Some(key)) => breaks::oplock_state(f.oplock).map(|state| LeaseRequest {
