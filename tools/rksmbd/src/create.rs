@@ -352,26 +352,36 @@ fn open_file(
         None => id,
     };
     let oplock = oplock_key.filter(|_| held.is_some());
-    match (held, &lease, oplock) {
-        (Some(l), Some(asked), _) => sh.notifier.granted(
-            l.key,
-            c.id,
-            Holder::Lease {
-                v2: asked.v2.is_some(),
-            },
-        ),
-        (Some(l), None, Some(_)) => sh.notifier.granted(
-            l.key,
-            c.id,
-            Holder::Oplock {
-                file_id: file_id_bytes(pid, id),
-            },
-        ),
+    let mut lease = lease;
+    match (held, &mut lease, oplock) {
+        (Some(l), Some(asked), _) => {
+            let known = sh.notifier.granted(
+                l.key,
+                c.id,
+                Holder::Lease {
+                    v2: asked.v2.is_some(),
+                },
+            );
+            *asked = in_version(*asked, known);
+        }
+        (Some(l), None, Some(_)) => {
+            sh.notifier.granted(
+                l.key,
+                c.id,
+                Holder::Oplock {
+                    file_id: file_id_bytes(pid, id),
+                },
+            );
+        }
         _ => {}
     }
+    let leased = held.map(|l| l.key);
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
         if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
+            if let Some(k) = leased {
+                sh.notifier.released(k);
+            }
             let _ = sh.filter.close(key);
             return Err(status_of(&e));
         }
@@ -415,6 +425,7 @@ fn open_file(
             kind: Kind::File { key, file },
             durable: durable.is_some(),
             oplock,
+            lease: leased,
             create_guid: create_guid.filter(|_| durable.is_some()),
             position: 0,
         },
@@ -443,6 +454,25 @@ fn reserve(file: &std::fs::File, n: u64) {
             0,
             len,
         );
+    }
+}
+
+/// A lease response in the version the client first got the lease in
+/// (`known`): a v1 request for a v2 lease is answered v2 (no parent key)
+/// and a v2 request for a v1 lease v1 (smbtorture smb2.lease.v2_epoch2,
+/// v2_epoch3).
+fn in_version(asked: LeaseV, known: Holder) -> LeaseV {
+    let v2 = match known {
+        Holder::Lease { v2 } => v2,
+        Holder::Oplock { .. } => asked.v2.is_some(),
+    };
+    LeaseV {
+        v2: match (v2, asked.v2) {
+            (true, Some(p)) => Some(p),
+            (true, None) => Some(([0; 16], 0)),
+            (false, _) => None,
+        },
+        ..asked
     }
 }
 
@@ -628,13 +658,15 @@ fn reconnect(
                 },
             );
         }
-        (Some(l), Some(asked), None) => sh.notifier.granted(
-            l.key,
-            c.id,
-            Holder::Lease {
-                v2: asked.v2.is_some(),
-            },
-        ),
+        (Some(l), Some(asked), None) => {
+            sh.notifier.granted(
+                l.key,
+                c.id,
+                Holder::Lease {
+                    v2: asked.v2.is_some(),
+                },
+            );
+        }
         _ => {}
     }
     c.add_open(
@@ -648,6 +680,7 @@ fn reconnect(
             kind: Kind::File { key, file },
             durable: true,
             oplock,
+            lease: held.map(|l| l.key),
             create_guid: Some(rc.create_guid),
             position: sh.registry.position(rc.create_guid),
         },
@@ -737,6 +770,7 @@ fn dir_open(
         kind: Kind::Dir { fd, listing: None },
         durable: false,
         oplock: None,
+        lease: None,
         create_guid: None,
         position: 0,
     }

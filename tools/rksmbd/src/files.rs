@@ -210,6 +210,8 @@ pub struct Open {
     pub(crate) durable: bool,
     /// The filterd lease key standing for this open's oplock, if any.
     pub(crate) oplock: Option<LeaseKey>,
+    /// The lease key of this open's lease (or oplock), if any.
+    pub(crate) lease: Option<LeaseKey>,
     /// A durable open's create GUID (DH2Q's, or the one rksmbd derives
     /// for a DHnQ), while this connection holds it.
     pub(crate) create_guid: Option<uuid::Uuid>,
@@ -254,6 +256,9 @@ impl Open {
 /// Releases an open that is going away: a file is closed in filterd; a
 /// directory marked delete-on-close is removed.
 pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
+    if let Some(k) = open.lease {
+        sh.notifier.released(k);
+    }
     match &open.kind {
         Kind::File { key, .. } if connection_lost && open.durable => {
             if let Err(e) = sh.filter.detach(*key) {
