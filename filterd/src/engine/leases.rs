@@ -85,6 +85,27 @@ impl Engine {
         })
     }
 
+    /// A write through handle `key` (attached to `conn`): other keys'
+    /// read-only leases on its file go to none at once (they need no
+    /// acknowledgement); see `Request::BreakReadCaching`.
+    pub(super) fn break_read_caching(
+        &mut self,
+        conn: ConnId,
+        key: ResumeKey,
+    ) -> Result<(), WireError> {
+        let Some(h) = self.handles.get(&key).filter(|h| h.conn == Some(conn)) else {
+            return Err(err(
+                ErrorCode::NoSuchHandle,
+                format!("handle {key} is not attached to this connection"),
+            ));
+        };
+        let (file, own) = (h.rec.file, h.rec.lease.map(|l| l.key));
+        self.break_leases(file, own, |state, _, _| {
+            (state == LeaseState::R).then_some(LeaseState::NONE)
+        });
+        Ok(())
+    }
+
     /// Breaks every lease of another key on `file` that `target` says must
     /// go down; see `break_leases_for`.
     pub(super) fn break_leases(

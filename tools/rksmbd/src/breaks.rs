@@ -121,10 +121,7 @@ impl Notifier {
         };
         let e = m.entry(key).or_insert((conn, holder, 0));
         e.0 = conn;
-        if !matches!(
-            (e.1, holder),
-            (Holder::Lease { .. }, Holder::Lease { .. })
-        ) {
+        if !matches!((e.1, holder), (Holder::Lease { .. }, Holder::Lease { .. })) {
             e.1 = holder;
         }
         e.2 += 1;
@@ -141,6 +138,12 @@ impl Notifier {
                 }
             }
         }
+    }
+
+    /// Whether any open of this rksmbd holds a lease or an oplock (a
+    /// write then asks filterd to break other keys' read caching).
+    pub fn any_held(&self) -> bool {
+        self.holders.lock().is_ok_and(|m| !m.is_empty())
     }
 
     fn route(&self, key: &LeaseKey) -> Option<(ConnWriter, Holder)> {

@@ -609,6 +609,18 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     file.write_all_at(data, offset).map_err(io_status)?;
     // Landed: a lock waiting for it may be granted now.
     drop(pass);
+    // Other clients' read caching of the file goes (MS-FSA 2.1.5.3);
+    // only asked while some lease is held through this rksmbd at all.
+    if c.sh.notifier.any_held() {
+        let key = *key;
+        if let Err(e) =
+            c.sh.filter
+                .client()
+                .call(libfilter::proto::Request::BreakReadCaching { key })
+        {
+            tracing::warn!(resume_key = %key, error = %e, "read caching not broken");
+        }
+    }
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
     Ok(Reply::ok(w.0))
