@@ -572,9 +572,10 @@ const DURABLE_OPEN_PASSING: &[&str] = &[
 /// The smb2.lease tests rksmbd passes, run one by one (docs/smb3.md says
 /// why the others fail): a lease upgrades only to a superset of what is
 /// held, and a contended one all or nothing (upgrade, upgrade2,
-/// upgrade3); an open breaks other keys' leases by Windows' rules — W
-/// always, H on a sharing conflict, everything on an overwrite — and is
-/// granted what remains (break, multibreak, v2_complex2); a write breaks
+/// upgrade3); an open breaks other keys' leases by Windows' rules — W,
+/// or H alone on a sharing conflict, everything on an overwrite — and is
+/// granted what remains (break, break_twice, multibreak, v2_complex2); a
+/// write breaks
 /// other keys' read-only leases to none (nobreakself, v1_bug15148,
 /// v2_bug15148); a lease answers in the version it was granted in
 /// (v2_epoch2, v2_epoch3); a lease v2 epoch starts one above the
@@ -585,6 +586,7 @@ const LEASE_PASSING: &[&str] = &[
     "upgrade2",
     "upgrade3",
     "break",
+    "break_twice",
     "multibreak",
     "nobreakself",
     "v2_epoch1",
