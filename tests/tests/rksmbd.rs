@@ -578,7 +578,8 @@ const DURABLE_OPEN_PASSING: &[&str] = &[
 /// write breaks
 /// other keys' read-only leases to none (nobreakself, v1_bug15148,
 /// v2_bug15148); a lease answers in the version it was granted in
-/// (v2_epoch2, v2_epoch3); a lease v2 epoch starts one above the
+/// (v2_epoch2, v2_epoch3); a stat open refuses nobody (statopen); a
+/// lease v2 epoch starts one above the
 /// client's (v2_epoch1); a lease key names one file of its client's
 /// (duplicate_create, duplicate_open).
 const LEASE_PASSING: &[&str] = &[
@@ -589,6 +590,7 @@ const LEASE_PASSING: &[&str] = &[
     "break_twice",
     "multibreak",
     "nobreakself",
+    "statopen",
     "v2_epoch1",
     "v2_epoch2",
     "v2_epoch3",

@@ -306,7 +306,14 @@ fn open_file(
         client: client_of(c, &f.user, lease.is_some())?,
         path: f.path.clone(),
         access: Access::new(rights_of(f.access)).map_err(|_| status::INVALID_PARAMETER)?,
-        share: Rights::from_bits_truncate(u8::try_from(f.share & 7).unwrap_or(0)),
+        share: if is_stat_open(f.access) {
+            // A stat open (attributes only) takes no part in sharing
+            // (MS-FSA 2.1.5.1.2): it refuses nobody. filterd models it as
+            // a reader that shares everything.
+            Rights::ALL
+        } else {
+            Rights::from_bits_truncate(u8::try_from(f.share & 7).unwrap_or(0))
+        },
         disposition: f.disp,
         durability,
         create_guid: create_guid.map(CreateGuid),
@@ -455,6 +462,27 @@ fn reserve(file: &std::fs::File, n: u64) {
             len,
         );
     }
+}
+
+/// Whether an access mask asks for no data access nor delete: a stat open
+/// (MS-FSA 2.1.5.1.2), which Windows leaves out of sharing checks.
+fn is_stat_open(access: u32) -> bool {
+    use crate::files::{
+        FILE_APPEND_DATA, FILE_EXECUTE, FILE_READ_DATA, FILE_WRITE_DATA, GENERIC_EXECUTE,
+        GENERIC_READ, GENERIC_WRITE,
+    };
+    access
+        & (FILE_READ_DATA
+            | FILE_WRITE_DATA
+            | FILE_APPEND_DATA
+            | FILE_EXECUTE
+            | DELETE
+            | GENERIC_READ
+            | GENERIC_WRITE
+            | GENERIC_EXECUTE
+            | GENERIC_ALL
+            | MAXIMUM_ALLOWED)
+        == 0
 }
 
 /// A lease response in the version the client first got the lease in
