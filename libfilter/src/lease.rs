@@ -159,6 +159,35 @@ pub fn break_to(held: LeaseState, t: BreakTrigger) -> Option<LeaseState> {
     (to != held).then_some(to)
 }
 
+/// The protocol name of frontends whose leases follow Windows' rules
+/// (MS-FSA 2.1.5.1.2.2, as Windows and Samba apply them to SMB 2/3
+/// leases) rather than the table above: rksmbd's.
+pub const MSFSA_PROTOCOL: &str = "smb2";
+
+/// MS-FSA 2.1.5.1.2.2: the state a held SMB 2/3 lease of another key must
+/// break to when the file is opened. When the open would fail with a
+/// sharing violation, only H caching goes (the holder may close its
+/// cached handles; the open is then checked again, and breaks W only if
+/// it gets past the sharing check); otherwise W caching goes (the new
+/// open may read what the holder cached). An overwrite or supersede takes
+/// everything (no H-only state exists to break to). An open never takes
+/// read caching away otherwise — a write does.
+pub fn break_to_on_open(
+    held: LeaseState,
+    handle_conflict: bool,
+    truncates: bool,
+) -> Option<LeaseState> {
+    let mut to = if handle_conflict {
+        held.without(LeaseState::H)
+    } else {
+        held.without(LeaseState::W)
+    };
+    if truncates {
+        to = LeaseState::NONE;
+    }
+    (to != held).then_some(to)
+}
+
 /// The state a held lease must break to when its file is renamed or
 /// deleted: handle caching goes, read and write caching stay.
 pub fn break_for_namespace(held: LeaseState) -> Option<LeaseState> {
@@ -232,6 +261,22 @@ mod tests {
         assert_eq!(break_for_namespace(st("RWH")), Some(st("RW")));
         assert_eq!(break_for_namespace(st("RW")), None);
         assert_eq!(grantable(st("RWH"), false), st("RWH"));
+    }
+
+    #[test]
+    fn windows_open_breaks() {
+        // smbtorture smb2.lease.break's table: RWH contended becomes RH,
+        // RW becomes R, R and RH stay.
+        assert_eq!(break_to_on_open(st("RWH"), false, false), Some(st("RH")));
+        assert_eq!(break_to_on_open(st("RW"), false, false), Some(st("R")));
+        assert_eq!(break_to_on_open(st("RH"), false, false), None);
+        assert_eq!(break_to_on_open(st("R"), false, false), None);
+        // smb2.lease.break_twice: a sharing conflict takes H alone.
+        assert_eq!(break_to_on_open(st("RH"), true, false), Some(st("R")));
+        assert_eq!(break_to_on_open(st("RWH"), true, false), Some(st("RW")));
+        assert_eq!(break_to_on_open(st("RW"), true, false), None);
+        assert_eq!(break_to_on_open(st("R"), false, true), Some(st("")));
+        assert_eq!(break_to_on_open(st("RH"), false, true), Some(st("")));
     }
 
     fn any_state() -> impl Strategy<Value = LeaseState> {

@@ -272,6 +272,15 @@ pub enum Request {
         /// The state kept.
         state: LeaseState,
     },
+    /// A write through a handle attached to this connection: other keys'
+    /// leases on its file that cache reads only (R, level II oplocks) are
+    /// broken to none, without an acknowledgement (MS-FSA 2.1.5.3: a
+    /// write breaks level II oplocks and read-only leases). Answered
+    /// `Done`. Frontend only.
+    BreakReadCaching {
+        /// The handle written through.
+        key: ResumeKey,
+    },
     /// Rename the file of a handle attached to this connection (needs delete
     /// access; every other open must share delete). Non-idempotent: for a
     /// persistent handle or with `record`, bracketed by an intent, and the
@@ -353,6 +362,7 @@ impl Request {
             Request::IoDone { .. } => "io_done",
             Request::Locks { .. } => "locks",
             Request::LeaseBreakAck { .. } => "lease_break_ack",
+            Request::BreakReadCaching { .. } => "break_read_caching",
             Request::Rename { .. } => "rename",
             Request::Remove { .. } => "remove",
             Request::LockHintAck { .. } => "lock_hint_ack",

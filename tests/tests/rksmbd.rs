@@ -622,10 +622,35 @@ const DURABLE_OPEN_PASSING: &[&str] = &[
 
 /// The smb2.lease tests rksmbd passes, run one by one (docs/smb3.md says
 /// why the others fail): a lease upgrades only to a superset of what is
-/// held (upgrade), a lease v2 epoch starts one above the client's
-/// (v2_epoch1), and a lease key names one file of its client's
+/// held, and a contended one all or nothing (upgrade, upgrade2,
+/// upgrade3); an open breaks other keys' leases by Windows' rules — W,
+/// or H alone on a sharing conflict, everything on an overwrite — and is
+/// granted what remains (break, break_twice, multibreak, v2_complex2); a
+/// write breaks
+/// other keys' read-only leases to none (nobreakself, v1_bug15148,
+/// v2_bug15148); a lease answers in the version it was granted in
+/// (v2_epoch2, v2_epoch3); a stat open refuses nobody (statopen); a
+/// lease v2 epoch starts one above the
+/// client's (v2_epoch1); a lease key names one file of its client's
 /// (duplicate_create, duplicate_open).
-const LEASE_PASSING: &[&str] = &["upgrade", "v2_epoch1", "duplicate_create", "duplicate_open"];
+const LEASE_PASSING: &[&str] = &[
+    "upgrade",
+    "upgrade2",
+    "upgrade3",
+    "break",
+    "break_twice",
+    "multibreak",
+    "nobreakself",
+    "statopen",
+    "v2_epoch1",
+    "v2_epoch2",
+    "v2_epoch3",
+    "v2_complex2",
+    "duplicate_create",
+    "duplicate_open",
+    "v1_bug15148",
+    "v2_bug15148",
+];
 
 /// The smb2.replay tests rksmbd passes, run one by one: replay5 (a
 /// persistent open's replay on a CA share); replay-regular, whose

@@ -20,15 +20,19 @@ impl Engine {
     }
 
     /// Breaks the leases of other keys that an open with `mode` conflicts
-    /// with. Holders that are disconnected (or need no ack) are lowered at
-    /// once; attached ones get a LEASE_BREAK event. Returns whether the open
-    /// must wait for acknowledgements.
+    /// with (`truncates`: it overwrites or supersedes the file). Holders
+    /// that are disconnected (or need no ack) are lowered at once; attached
+    /// ones get a LEASE_BREAK event. Returns whether the open must wait for
+    /// acknowledgements. Leases held through a frontend of
+    /// [`lease::MSFSA_PROTOCOL`] break by Windows' rules
+    /// ([`lease::break_to_on_open`]), others by [`lease::break_to`].
     pub(super) fn break_leases_for(
         &mut self,
         file: FileId,
         requester: Option<LeaseKey>,
         mode: ShareMode,
         group: Option<&super::opens::ShareGroup>,
+        truncates: bool,
     ) -> bool {
         self.break_leases(file, requester, |state, keys, this| {
             let own = |k: &ResumeKey| {
@@ -52,6 +56,13 @@ impl Engine {
                         },
                     )
                 });
+            let windows = keys
+                .iter()
+                .filter_map(|k| this.handles.get(k))
+                .any(|h| h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL);
+            if windows {
+                return lease::break_to_on_open(state, handle_conflict, truncates);
+            }
             lease::break_to(
                 state,
                 BreakTrigger {
@@ -72,6 +83,27 @@ impl Engine {
         self.break_leases(file, requester, |state, _, _| {
             lease::break_for_namespace(state)
         })
+    }
+
+    /// A write through handle `key` (attached to `conn`): other keys'
+    /// read-only leases on its file go to none at once (they need no
+    /// acknowledgement); see `Request::BreakReadCaching`.
+    pub(super) fn break_read_caching(
+        &mut self,
+        conn: ConnId,
+        key: ResumeKey,
+    ) -> Result<(), WireError> {
+        let Some(h) = self.handles.get(&key).filter(|h| h.conn == Some(conn)) else {
+            return Err(err(
+                ErrorCode::NoSuchHandle,
+                format!("handle {key} is not attached to this connection"),
+            ));
+        };
+        let (file, own) = (h.rec.file, h.rec.lease.map(|l| l.key));
+        self.break_leases(file, own, |state, _, _| {
+            (state == LeaseState::R).then_some(LeaseState::NONE)
+        });
+        Ok(())
     }
 
     /// Breaks every lease of another key on `file` that `target` says must
@@ -203,11 +235,18 @@ impl Engine {
         // A local process holding the file is another open (no lease).
         others_open |= self.local_openers.get(&file).is_some_and(|l| l.present());
         let granted = lease::grantable(lr.state, others_open);
+        // Windows upgrades a contended lease all or nothing: only to a
+        // state that can be held beside the others' in full (smbtorture
+        // smb2.lease.upgrade3).
+        let whole = self
+            .handles
+            .get(&key)
+            .is_some_and(|h| h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL);
         let held = match existing {
             Some(e) => {
                 // An upgrade only to a superset of what is held (MS-SMB2
                 // 3.3.5.9.8: RH asked as RW stays RH).
-                let state = if granted.contains(e.state) {
+                let state = if granted.contains(e.state) && (!whole || granted == lr.state) {
                     granted
                 } else {
                     e.state

@@ -87,7 +87,7 @@ impl Engine {
                 l.saw(pid, &frontends);
             }
         }
-        if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None) {
+        if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None, false) {
             // Remembered already (pid 0 when it runs again).
             self.waiting_local.push((file, 0, reply, fd));
             return;

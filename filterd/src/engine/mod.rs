@@ -880,6 +880,11 @@ impl Engine {
                 need_frontend()?;
                 Ok(Some((self.lease_ack(conn, lease_key, state)?, None)))
             }
+            Request::BreakReadCaching { key } => {
+                need_frontend()?;
+                self.break_read_caching(conn, key)?;
+                Ok(Some((Reply::Done, None)))
+            }
             Request::Rename {
                 key,
                 to,

@@ -130,7 +130,13 @@ impl Engine {
             _ => None,
         };
         let purges = self.stats.purges;
-        let breaking = self.break_leases_for(of.file, o.lease.map(|l| l.key), mode, group.as_ref());
+        let breaking = self.break_leases_for(
+            of.file,
+            o.lease.map(|l| l.key),
+            mode,
+            group.as_ref(),
+            truncation.is_some(),
+        );
         if self.stats.purges != purges {
             // A purged holder's close may have deleted the file (delete on
             // close) or given up a share reservation: open again from the

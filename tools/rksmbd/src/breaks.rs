@@ -48,7 +48,9 @@ pub enum Holder {
 #[derive(Default)]
 pub struct Notifier {
     writers: Mutex<HashMap<u64, ConnWriter>>,
-    holders: Mutex<HashMap<LeaseKey, (u64, Holder)>>,
+    /// Per lease key: the connection its breaks go to, how the client
+    /// knows it, and how many opens of this rksmbd hold it.
+    holders: Mutex<HashMap<LeaseKey, (u64, Holder, usize)>>,
 }
 
 /// The first bytes of the lease keys rksmbd makes for oplocks.
@@ -105,19 +107,47 @@ impl Notifier {
             m.remove(&conn);
         }
         if let Ok(mut m) = self.holders.lock() {
-            m.retain(|_, (c, _)| *c != conn);
+            m.retain(|_, (c, _, _)| *c != conn);
         }
     }
 
-    /// A lease or oplock was granted (or reconnected) on `conn`.
-    pub fn granted(&self, key: LeaseKey, conn: u64, holder: Holder) {
-        if let Ok(mut m) = self.holders.lock() {
-            m.insert(key, (conn, holder));
+    /// A lease or oplock was granted (or reconnected) on `conn`. Returns
+    /// how the client knows it: a lease keeps the version it was first
+    /// granted with while any open holds it (Windows answers a v1 request
+    /// for a v2 lease with a v2 response, and the other way round).
+    pub fn granted(&self, key: LeaseKey, conn: u64, holder: Holder) -> Holder {
+        let Ok(mut m) = self.holders.lock() else {
+            return holder;
+        };
+        let e = m.entry(key).or_insert((conn, holder, 0));
+        e.0 = conn;
+        if !matches!((e.1, holder), (Holder::Lease { .. }, Holder::Lease { .. })) {
+            e.1 = holder;
         }
+        e.2 += 1;
+        e.1
+    }
+
+    /// An open holding lease `key` was closed.
+    pub fn released(&self, key: LeaseKey) {
+        if let Ok(mut m) = self.holders.lock() {
+            if let Some(e) = m.get_mut(&key) {
+                e.2 = e.2.saturating_sub(1);
+                if e.2 == 0 {
+                    m.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Whether any open of this rksmbd holds a lease or an oplock (a
+    /// write then asks filterd to break other keys' read caching).
+    pub fn any_held(&self) -> bool {
+        self.holders.lock().is_ok_and(|m| !m.is_empty())
     }
 
     fn route(&self, key: &LeaseKey) -> Option<(ConnWriter, Holder)> {
-        let (conn, holder) = self.holders.lock().ok()?.get(key).copied()?;
+        let (conn, holder, _) = self.holders.lock().ok()?.get(key).copied()?;
         let w = self.writers.lock().ok()?.get(&conn).cloned()?;
         Some((w, holder))
     }

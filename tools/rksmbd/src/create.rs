@@ -389,9 +389,15 @@ fn open_file(
         _ => None,
     };
     let lease_req = match (&lease, oplock_key) {
-        (Some(l), _) if l.state != 0 => Some(LeaseRequest {
+        (Some(l), _) => Some(LeaseRequest {
             key: LeaseKey(uuid::Uuid::from_bytes_le(l.key)),
-            state: lease_state(l.state),
+            // Without R nothing is granted (H, W, HW: smbtorture
+            // smb2.lease.request); an empty request still names the key,
+            // and is answered with what the key holds.
+            state: match lease_state(l.state) {
+                s if s.contains(LeaseState::R) => s,
+                _ => LeaseState::NONE,
+            },
             epoch: l.v2.map(|(_, e)| e).unwrap_or(0),
         }),
         (None, Some(key)) => breaks::oplock_state(f.oplock).map(|state| LeaseRequest {
@@ -436,7 +442,14 @@ fn open_file(
         client: client_of(c, &f.user, lease.is_some())?,
         path: f.path.clone(),
         access: Access::new(rights_of(f.access)).map_err(|_| status::INVALID_PARAMETER)?,
-        share: Rights::from_bits_truncate(u8::try_from(f.share & 7).unwrap_or(0)),
+        share: if is_stat_open(f.access) {
+            // A stat open (attributes only) takes no part in sharing
+            // (MS-FSA 2.1.5.1.2): it refuses nobody. filterd models it as
+            // a reader that shares everything.
+            Rights::ALL
+        } else {
+            Rights::from_bits_truncate(u8::try_from(f.share & 7).unwrap_or(0))
+        },
         disposition: f.disp,
         durability,
         create_guid: create_guid.map(CreateGuid),
@@ -482,26 +495,36 @@ fn open_file(
         None => id,
     };
     let oplock = oplock_key.filter(|_| held.is_some());
-    match (held, &lease, oplock) {
-        (Some(l), Some(asked), _) => sh.notifier.granted(
-            l.key,
-            c.id,
-            Holder::Lease {
-                v2: asked.v2.is_some(),
-            },
-        ),
-        (Some(l), None, Some(_)) => sh.notifier.granted(
-            l.key,
-            c.id,
-            Holder::Oplock {
-                file_id: file_id_bytes(pid, id),
-            },
-        ),
+    let mut lease = lease;
+    match (held, &mut lease, oplock) {
+        (Some(l), Some(asked), _) => {
+            let known = sh.notifier.granted(
+                l.key,
+                c.id,
+                Holder::Lease {
+                    v2: asked.v2.is_some(),
+                },
+            );
+            *asked = in_version(*asked, known);
+        }
+        (Some(l), None, Some(_)) => {
+            sh.notifier.granted(
+                l.key,
+                c.id,
+                Holder::Oplock {
+                    file_id: file_id_bytes(pid, id),
+                },
+            );
+        }
         _ => {}
     }
+    let leased = held.map(|l| l.key);
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
         if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
+            if let Some(k) = leased {
+                sh.notifier.released(k);
+            }
             let _ = sh.filter.close(key);
             return Err(status_of(&e));
         }
@@ -545,6 +568,7 @@ fn open_file(
             kind: Kind::File { key, file },
             durable: durable.is_some(),
             oplock,
+            lease: leased,
             create_guid: create_guid.filter(|_| durable.is_some()),
             position: 0,
             channel_sequence: Cell::new(f.channel_sequence),
@@ -584,6 +608,46 @@ fn reserve(file: &std::fs::File, n: u64) {
             0,
             len,
         );
+    }
+}
+
+/// Whether an access mask asks for no data access nor delete: a stat open
+/// (MS-FSA 2.1.5.1.2), which Windows leaves out of sharing checks.
+fn is_stat_open(access: u32) -> bool {
+    use crate::files::{
+        FILE_APPEND_DATA, FILE_EXECUTE, FILE_READ_DATA, FILE_WRITE_DATA, GENERIC_EXECUTE,
+        GENERIC_READ, GENERIC_WRITE,
+    };
+    access
+        & (FILE_READ_DATA
+            | FILE_WRITE_DATA
+            | FILE_APPEND_DATA
+            | FILE_EXECUTE
+            | DELETE
+            | GENERIC_READ
+            | GENERIC_WRITE
+            | GENERIC_EXECUTE
+            | GENERIC_ALL
+            | MAXIMUM_ALLOWED)
+        == 0
+}
+
+/// A lease response in the version the client first got the lease in
+/// (`known`): a v1 request for a v2 lease is answered v2 (no parent key)
+/// and a v2 request for a v1 lease v1 (smbtorture smb2.lease.v2_epoch2,
+/// v2_epoch3).
+fn in_version(asked: LeaseV, known: Holder) -> LeaseV {
+    let v2 = match known {
+        Holder::Lease { v2 } => v2,
+        Holder::Oplock { .. } => asked.v2.is_some(),
+    };
+    LeaseV {
+        v2: match (v2, asked.v2) {
+            (true, Some(p)) => Some(p),
+            (true, None) => Some(([0; 16], 0)),
+            (false, _) => None,
+        },
+        ..asked
     }
 }
 
@@ -769,13 +833,15 @@ fn reconnect(
                 },
             );
         }
-        (Some(l), Some(asked), None) => sh.notifier.granted(
-            l.key,
-            c.id,
-            Holder::Lease {
-                v2: asked.v2.is_some(),
-            },
-        ),
+        (Some(l), Some(asked), None) => {
+            sh.notifier.granted(
+                l.key,
+                c.id,
+                Holder::Lease {
+                    v2: asked.v2.is_some(),
+                },
+            );
+        }
         _ => {}
     }
     c.add_open(
@@ -789,6 +855,7 @@ fn reconnect(
             kind: Kind::File { key, file },
             durable: true,
             oplock,
+            lease: held.map(|l| l.key),
             create_guid: Some(rc.create_guid),
             position: sh.registry.position(rc.create_guid),
             channel_sequence: Cell::new(channel_sequence_of(req)),
@@ -881,6 +948,7 @@ fn dir_open(
         kind: Kind::Dir { fd, listing: None },
         durable: false,
         oplock: None,
+        lease: None,
         create_guid: None,
         position: 0,
         channel_sequence: Cell::new(channel_sequence),

@@ -213,6 +213,8 @@ pub struct Open {
     pub(crate) durable: bool,
     /// The filterd lease key standing for this open's oplock, if any.
     pub(crate) oplock: Option<LeaseKey>,
+    /// The lease key of this open's lease (or oplock), if any.
+    pub(crate) lease: Option<LeaseKey>,
     /// A durable open's create GUID (DH2Q's, or the one rksmbd derives
     /// for a DHnQ), while this connection holds it.
     pub(crate) create_guid: Option<uuid::Uuid>,
@@ -263,6 +265,9 @@ impl Open {
 /// Releases an open that is going away: a file is closed in filterd; a
 /// directory marked delete-on-close is removed.
 pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
+    if let Some(k) = open.lease {
+        sh.notifier.released(k);
+    }
     match &open.kind {
         Kind::File { key, .. } if connection_lost && open.durable => {
             if let Err(e) = sh.filter.detach(*key) {
@@ -661,6 +666,18 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     file.write_all_at(data, offset).map_err(io_status)?;
     // Landed: a lock waiting for it may be granted now.
     drop(pass);
+    // Other clients' read caching of the file goes (MS-FSA 2.1.5.3);
+    // only asked while some lease is held through this rksmbd at all.
+    if c.sh.notifier.any_held() {
+        let key = *key;
+        if let Err(e) =
+            c.sh.filter
+                .client()
+                .call(libfilter::proto::Request::BreakReadCaching { key })
+        {
+            tracing::warn!(resume_key = %key, error = %e, "read caching not broken");
+        }
+    }
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
     Ok(Reply::ok(w.0))

@@ -100,7 +100,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
     use anyhow::Context;
     let attach = Attachment::connect_patiently(
         filter,
-        Protocol::new("smb")?,
+        Protocol::new(libfilter::lease::MSFSA_PROTOCOL)?,
         InstanceName::new(instance)?,
         0,
         Duration::from_secs(30),
