@@ -50,5 +50,7 @@ pub fn smbprotocol_python() -> PathBuf {
 
 /// A client script in `tests/smb3/`.
 pub fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("smb3").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("smb3")
+        .join(name)
 }
