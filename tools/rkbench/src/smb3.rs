@@ -128,7 +128,11 @@ fn run_client(
                 .and_then(Value::as_str)
                 .unwrap_or("?")
                 .to_owned(),
-            conns: num("conns") as usize,
+            conns: v
+                .get("conns")
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(0),
             fig: Figure {
                 ops_per_s: num("ops") / num("wall_s").max(1e-9),
                 mean_us: num("mean_us"),
