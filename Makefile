@@ -41,9 +41,10 @@ SMBVENV := target/smbvenv
 SMBPROTOCOL := smbprotocol==1.17.0
 smbvenv:
 	@$(SMBVENV)/bin/python -c 'import smbprotocol' 2>/dev/null || { \
-	  python3 -c 'import ensurepip' 2>/dev/null || { \
-	    echo "installing python3-venv (the venv smbprotocol runs in)"; $(call APT_INSTALL,python3-venv); }; \
-	  python3 -m venv --clear $(SMBVENV) && $(SMBVENV)/bin/pip install -q $(SMBPROTOCOL); }
+	  { python3 -m venv --clear $(SMBVENV) >/dev/null 2>&1 || { \
+	    echo "installing python3-venv (the venv smbprotocol runs in)"; \
+	    $(call APT_INSTALL,python3-venv); python3 -m venv --clear $(SMBVENV); }; } && \
+	  $(SMBVENV)/bin/pip install -q $(SMBPROTOCOL); }
 
 # Benchmarks: a table on stdout and target/bench/rkbench.json. Each figure is
 # printed beside its raw baseline measured in the same run; rksmbd's rows
