@@ -2,7 +2,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release
 
-.PHONY: all build protoc etcd release test lint unit e2e bench demo demo-cluster fuzz soak soak-etcd clean
+.PHONY: all build protoc etcd smbvenv samba release test lint unit e2e bench demo demo-cluster smb-compare fuzz soak soak-etcd clean
 
 all: build
 
@@ -31,14 +31,42 @@ lint: protoc
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Benchmarks: a table on stdout and target/bench/rkbench.json. Each figure is
-# printed beside its raw baseline measured in the same run.
-bench: release
-	$(RELEASE_BIN)/rkbench --json target/bench/rkbench.json $(BENCH_ARGS)
+# Installs Debian packages (as root, or through sudo).
+APT_INSTALL = if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(1); \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $(1); fi
 
-# The whole story on a temporary export: start filterd, open, crash, recover.
-demo: release
-	$(RELEASE_BIN)/rkdemo
+# smbprotocol (PyPI), the real SMB 3 client of `make demo`, `make bench` and
+# the rksmbd tests, in a venv under target/ (the tests make the same one).
+SMBVENV := target/smbvenv
+SMBPROTOCOL := smbprotocol==1.17.0
+smbvenv:
+	@$(SMBVENV)/bin/python -c 'import smbprotocol' 2>/dev/null || { \
+	  { python3 -m venv --clear $(SMBVENV) >/dev/null 2>&1 || { \
+	    echo "installing python3-venv (the venv smbprotocol runs in)"; \
+	    $(call APT_INSTALL,python3-venv); python3 -m venv --clear $(SMBVENV); }; } && \
+	  $(SMBVENV)/bin/pip install -q $(SMBPROTOCOL); }
+
+# Benchmarks: a table on stdout and target/bench/rkbench.json. Each figure is
+# printed beside its raw baseline measured in the same run; rksmbd's rows
+# beside smbshim's and, when smbd is installed, Samba's.
+bench: release smbvenv
+	$(RELEASE_BIN)/rkbench --json target/bench/rkbench.json --smb-python $(SMBVENV)/bin/python $(BENCH_ARGS)
+
+# The whole story on a temporary export: start filterd, open, crash, recover;
+# then a real SMB 3 client (smbprotocol) keeps its handle across rksmbd's death.
+demo: release smbvenv
+	$(RELEASE_BIN)/rkdemo --smb-python $(SMBVENV)/bin/python
+
+# smbtorture's suites against Samba's smbd and against rksmbd, side by side
+# (tools/smb-compare.sh; installs samba and samba-testsuite when missing).
+# Not part of `make test`; takes several minutes.
+smb-compare: build samba
+	tools/smb-compare.sh target/debug $(SMB_SUITES)
+
+samba:
+	@command -v smbd >/dev/null 2>&1 && command -v smbtorture >/dev/null 2>&1 || { \
+	  echo "installing samba and samba-testsuite (smbd and smbtorture)"; \
+	  $(call APT_INSTALL,samba samba-testsuite); }
 
 # The two-machine story: a 3-member etcd on loopback holds the table; node
 # A is killed and node B (--standby) takes over its clients' handles.

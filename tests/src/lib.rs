@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use libfilter::client::FilterClient;
 
 pub mod etcd;
+pub mod smb3;
 use serde_json::{json, Value};
 
 /// Path of a workspace binary built next to the test executable (or next

@@ -1,7 +1,8 @@
 //! `make demo` runs the story end to end and leaves nothing behind — as root
 //! (a tmpfs export, fanotify on) and as an unprivileged user (a plain
-//! directory, --no-fanotify) — and `make demo-cluster` tells the
-//! two-machine story with a real 3-member etcd.
+//! directory, --no-fanotify) — with a real SMB 3 client's act (smbprotocol
+//! through rksmbd, which is SIGKILLed and replaced) — and `make
+//! demo-cluster` tells the two-machine story with a real 3-member etcd.
 
 use std::process::Command;
 
@@ -55,7 +56,20 @@ fn run_demo(wrap: &[&str], args: &[&str]) -> String {
 
 #[test]
 fn demo_as_this_user() {
-    let stdout = demo_completes_and_cleans_up(&[]);
+    let python = rkfilter_tests::smb3::smbprotocol_python();
+    let python = python.to_string_lossy();
+    let stdout = run_demo(&[], &["--smb-python", &python]);
+    assert!(stdout.contains("replay recognised"), "{stdout}");
+    // The real SMB 3 client's act: its persistent handle outlives rksmbd.
+    for step in [
+        "ok: granted persistent",
+        "SIGKILLed rksmbd pid",
+        "ok: conflicting open refused",
+        "ok: data read back through the resumed handle",
+        "the client reconnected through the replacement",
+    ] {
+        assert!(stdout.contains(step), "{step}: {stdout}");
+    }
     if nix::unistd::geteuid().is_root() {
         assert!(stdout.contains("mediated by fanotify"), "{stdout}");
         assert!(

@@ -9,6 +9,7 @@ use std::io::Write as _;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use rkfilter_tests::smb3::smbprotocol_python;
 use rkfilter_tests::{wait_for, Filterd, RkSmbd, Scratch};
 
 /// Runs smbclient against rksmbd's share with `dialect` as both the
@@ -356,46 +357,6 @@ fn credits_granted_never_exceed_the_window() {
     }
 }
 
-/// The venv's python with smbprotocol (PyPI), made under target/ on first
-/// use; a failure to make it fails the test, with the reason. Tests run in
-/// parallel: the first makes the venv while the others wait (two `venv` +
-/// `pip install` runs into one directory break each other).
-fn smbprotocol_python() -> std::path::PathBuf {
-    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
-    let target = rkfilter_tests::bin("rksmbd")
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target dir")
-        .to_owned();
-    let venv = target.join("smbvenv");
-    let python = venv.join("bin/python");
-    let has = |p: &std::path::Path| {
-        Command::new(p)
-            .args(["-c", "import smbprotocol"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !has(&python) {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success())
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "-q", "smbprotocol==1.17.0"])
-                .status()
-                .is_ok_and(|s| s.success());
-        assert!(
-            made && has(&python),
-            "could not make a python venv with smbprotocol at {} \
-             (needs python3-venv and PyPI)",
-            venv.display()
-        );
-    }
-    python
-}
-
 /// What happens while the client is away.
 #[derive(Debug, Clone, Copy)]
 enum Outage {
@@ -416,7 +377,7 @@ fn persistent_handle_survives(outage: Outage) {
     let s = Scratch::new(&format!("rksmbd-durable-{outage:?}"));
     let mut d = Filterd::start(&s, &[], &[]);
     let mut srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("smb3/durable_reconnect.py");
+    let script = rkfilter_tests::smb3::script("durable_reconnect.py");
     let mut child = Command::new("timeout")
         .arg("120")
         .arg(&python)
@@ -493,9 +454,7 @@ fn smbprotocol_persistent_handle_survives_filterd_and_rksmbd_sigkill() {
 /// fails unless it exits successfully having printed PASS.
 fn smbprotocol_script_passes(srv: &RkSmbd, script: &str) {
     let python = smbprotocol_python();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("smb3")
-        .join(script);
+    let script = rkfilter_tests::smb3::script(script);
     let o = Command::new("timeout")
         .arg("60")
         .arg(&python)

@@ -22,7 +22,11 @@
 //! smbshim binary), `nfs` (nfsl/1 OPEN+CLOSE through nfsshim at 1 and 32
 //! connections beside the same TCP round trip, and the slot-replay lookup
 //! cost: a re-sent WRITE answered from the slot cache beside a fresh WRITE
-//! and the round trip; skipped without an nfsshim binary). `daemon` starts and stops filterd for them;
+//! and the round trip; skipped without an nfsshim binary), `smb3` (a real
+//! SMB 3 client, smbprotocol, against rksmbd: CREATE+CLOSE, 64 KiB READ
+//! and WRITE at 1 and 32 connections, beside Samba's smbd with the same
+//! client when it is installed, and smbshim's CREATE+CLOSE of the same run;
+//! skipped without rksmbd or a python with smbprotocol). `daemon` starts and stops filterd for them;
 //! `report` holds the rows, the targets, the table and the JSON. Without a
 //! filterd binary only the baselines run.
 #![forbid(unsafe_code)]
@@ -37,6 +41,7 @@ mod raw;
 mod report;
 mod restart;
 mod smb;
+mod smb3;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -59,6 +64,14 @@ struct Args {
     /// The nfsshim binary [default: next to rkbench].
     #[arg(long, value_name = "PATH")]
     nfsshim: Option<PathBuf>,
+    /// The rksmbd binary [default: next to rkbench].
+    #[arg(long, value_name = "PATH")]
+    rksmbd: Option<PathBuf>,
+    /// The python with smbprotocol (PyPI) that plays the real SMB 3 client
+    /// of the rksmbd rows [default: target/smbvenv/bin/python, which
+    /// `make bench` makes]; without it those rows are skipped.
+    #[arg(long, value_name = "PYTHON")]
+    smb_python: Option<PathBuf>,
     /// Scratch directory (export roots, state dirs); must be new or empty,
     /// removed afterwards [default: a fresh dir under $TMPDIR].
     #[arg(long, value_name = "DIR")]
@@ -104,6 +117,10 @@ fn main() -> anyhow::Result<()> {
     let nfsshim = match &args.nfsshim {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("nfsshim"),
+    };
+    let rksmbd = match &args.rksmbd {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("rksmbd"),
     };
     let scratch = Scratch::create(args.dir.clone())?;
     let dir = scratch.0.clone();
@@ -239,6 +256,20 @@ fn main() -> anyhow::Result<()> {
                     smbshim.display()
                 );
             }
+            match (rksmbd.exists(), smb3::python(args.smb_python.as_deref())) {
+                (true, Some(python)) => {
+                    eprintln!("rkbench: SMB 3 (smbprotocol) through rksmbd, and Samba's smbd…");
+                    smb3_section(&mut rep, &filterd, &rksmbd, &python, &dir, dur)?;
+                }
+                (false, _) => eprintln!(
+                    "rkbench: skipped SMB 3 section: rksmbd not built ({} does not exist)",
+                    rksmbd.display()
+                ),
+                (true, None) => eprintln!(
+                    "rkbench: skipped SMB 3 section: no python with smbprotocol \
+                     (`make bench` makes target/smbvenv; or pass --smb-python)"
+                ),
+            }
             if nfsshim.exists() {
                 eprintln!("rkbench: nfsl/1 through nfsshim…");
                 nfs_section(&mut rep, &filterd, &nfsshim, &dir, dur, tcp)?;
@@ -345,6 +376,74 @@ fn main() -> anyhow::Result<()> {
     print!("{}", rep.table());
     rep.write_json(&args.json)?;
     println!("JSON report: {}", args.json.display());
+    Ok(())
+}
+
+/// rksmbd rows (a real SMB 3 client: CREATE+CLOSE, 64 KiB READ and WRITE
+/// at 1 and 32 connections), each beside Samba's smbd with the same client
+/// when it runs here; CREATE+CLOSE also carries smbshim's smbl/1 rate of
+/// this run (`smbshim_pairs_per_s`), and is beside it without Samba.
+fn smb3_section(
+    rep: &mut Report,
+    filterd: &std::path::Path,
+    rksmbd: &std::path::Path,
+    python: &std::path::Path,
+    dir: &std::path::Path,
+    dur: Duration,
+) -> anyhow::Result<()> {
+    let ours = smb3::rksmbd(filterd, rksmbd, python, dir, dur)?;
+    let samba = match smb3::samba(python, dir, dur)? {
+        Ok(rows) => rows,
+        Err(why) => {
+            eprintln!("rkbench: no Samba column: {why}");
+            vec![]
+        }
+    };
+    let smbshim = |conns: usize| {
+        rep.rows
+            .iter()
+            .find(|r| r.conns == conns && r.name.starts_with("smbl/1 CREATE+CLOSE, durable"))
+            .map(|r| r.ops_per_s)
+    };
+    let mut rows = vec![];
+    for m in &ours {
+        let mut row = Row::new(
+            &smb3::row_name("rksmbd", &m.op),
+            m.conns,
+            m.fig.ops_per_s,
+            m.fig.mean_us,
+            m.fig.p99_us,
+        );
+        let theirs = samba.iter().find(|s| s.op == m.op && s.conns == m.conns);
+        let shim = (m.op == "create_close").then(|| smbshim(m.conns)).flatten();
+        if let Some(shim) = shim {
+            row = row.with("smbshim_pairs_per_s", shim);
+        }
+        match (theirs, shim) {
+            (Some(t), _) => {
+                row = row
+                    .beside_rate("Samba smbd, same client", t.fig.ops_per_s)
+                    .with("samba_ops_per_s", t.fig.ops_per_s);
+            }
+            (None, Some(shim)) => {
+                row = row
+                    .beside_rate("smbshim smbl/1 CREATE+CLOSE, same conns", shim)
+                    .note("no Samba column".into());
+            }
+            (None, None) => row = row.note("no Samba column".into()),
+        }
+        rows.push(row);
+    }
+    for t in &samba {
+        rows.push(Row::new(
+            &smb3::row_name("Samba smbd", &t.op),
+            t.conns,
+            t.fig.ops_per_s,
+            t.fig.mean_us,
+            t.fig.p99_us,
+        ));
+    }
+    rep.rows.extend(rows);
     Ok(())
 }
 

@@ -99,6 +99,18 @@ impl Shim {
         instance: &str,
         log: &Path,
     ) -> anyhow::Result<Shim> {
+        Shim::start_with(smbshim, socket, instance, log, &[])
+    }
+
+    /// As [`Shim::start`], with flags of the frontend's own (rksmbd's
+    /// `--share` and `--users`).
+    pub fn start_with(
+        smbshim: &Path,
+        socket: &Path,
+        instance: &str,
+        log: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Shim> {
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut child = Command::new(smbshim)
@@ -108,6 +120,7 @@ impl Shim {
             .arg("127.0.0.1:0")
             .arg("--instance")
             .arg(instance)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)

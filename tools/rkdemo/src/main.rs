@@ -4,13 +4,16 @@
 //! with the workspace's own client libraries (smbl, nfsl): an SMB-like client
 //! with a persistent handle and an RWH lease, an NFS-like client refused, a
 //! local `cat` breaking the lease (when fanotify is on), smbshim killed and
-//! replaced, filterd killed mid-burst and restarted, replays recognised.
+//! replaced, filterd killed mid-burst and restarted, replays recognised —
+//! then a real SMB 3 client (smbprotocol) through rksmbd keeps its
+//! persistent handle across rksmbd's SIGKILL and replacement.
 //! Every step prints what it does, its result and how long it took;
 //! teardown (processes, the tmpfs mount, temporary files) happens on every
 //! path, Ctrl-C too.
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod smb3;
 mod stage;
 
 use std::io::{BufRead, BufReader};
@@ -42,6 +45,11 @@ struct Args {
     /// Do not mount a tmpfs and run filterd with --no-fanotify even as root.
     #[arg(long)]
     no_fanotify: bool,
+    /// The python with smbprotocol (PyPI) that plays the real SMB 3
+    /// client [default: target/smbvenv/bin/python beside the binaries,
+    /// which `make demo` makes]; without it that act is skipped.
+    #[arg(long, value_name = "PYTHON")]
+    smb_python: Option<PathBuf>,
     /// Play the two-machine story instead: a 3-member etcd on loopback,
     /// node A and a standby node B, node A killed (needs etcd, Debian's
     /// etcd-server; `make demo-cluster`).
@@ -197,10 +205,22 @@ impl Story {
         name: &str,
         instance: &str,
     ) -> anyhow::Result<(u32, String)> {
+        self.start_frontend(stage, name, instance, &[])
+    }
+
+    /// As `start_shim`, with flags of its own (rksmbd's share and users).
+    fn start_frontend(
+        &self,
+        stage: &Stage,
+        name: &str,
+        instance: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<(u32, String)> {
         let mut cmd = Command::new(self.bin.join(name));
         cmd.arg("--filter")
             .arg(self.socket())
             .args(["--listen", "127.0.0.1:0", "--instance", instance])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(self.log(name)?);
@@ -663,7 +683,10 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     println!("   replay recognised");
     s.done(t);
 
-    // 7. Summary.
+    // 7. A real SMB 3 client.
+    smb3::act(&mut s, stage, args.smb_python.as_deref())?;
+
+    // 8. Summary.
     let stats = s.stats()?;
     println!("\n── summary");
     for (label, v) in &s.times {

@@ -2,7 +2,7 @@
 //! mounted, its temporary directory — on success, failure and Ctrl-C.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command};
+use std::process::{Child, ChildStdin, ChildStdout, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -40,6 +40,30 @@ impl Stage {
             v.push(c);
         }
         Ok((pid, out))
+    }
+
+    /// Starts a process with piped stdin and stdout, which are handed back.
+    pub fn spawn_io(&self, cmd: &mut Command) -> anyhow::Result<(u32, ChildStdin, ChildStdout)> {
+        let mut c = cmd.spawn()?;
+        let (Some(input), Some(out)) = (c.stdin.take(), c.stdout.take()) else {
+            let _ = c.kill();
+            let _ = c.wait();
+            anyhow::bail!("no stdin or stdout pipe");
+        };
+        let pid = c.id();
+        if let Ok(mut v) = self.children.lock() {
+            v.push(c);
+        }
+        Ok((pid, input, out))
+    }
+
+    /// Waits for a process the stage started to exit; whether it succeeded.
+    pub fn wait_success(&self, pid: u32) -> bool {
+        let child = self.children.lock().ok().and_then(|mut v| {
+            let i = v.iter().position(|c| c.id() == pid)?;
+            Some(v.remove(i))
+        });
+        child.is_some_and(|mut c| c.wait().is_ok_and(|s| s.success()))
     }
 
     /// Whether a process the stage started is still running.
