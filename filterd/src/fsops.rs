@@ -570,19 +570,30 @@ pub fn mark_change(
     sys::set_xattr(fd, name, id.0.as_bytes())
 }
 
-/// Removes the change mark from the file of kernel handle `h`, once the
-/// change's completion is durable. Best effort: a mark left behind names an
-/// intent that no longer exists, which proves nothing.
+/// Removes intent `id`'s change mark from the file of kernel handle `h`,
+/// once the change's completion is durable — only if the mark still names
+/// `id`: a later change of the same file (through another handle) may have
+/// marked it since, and its mark must stay until its own completion is
+/// resolved. Best effort: a mark left behind names an intent that no longer
+/// exists, which proves nothing. (filterd's engine is the only writer of
+/// the mark, so nothing changes it between the read and the removal.)
 pub fn clear_change_mark(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
     path: Option<&RelPath>,
+    id: libfilter::model::IntentId,
 ) {
     let Some(name) = change_mark_name(root) else {
         return;
     };
     if let Ok(fd) = open_by_handle_or_path(root, h, path, libc::O_RDONLY) {
-        let _ = sys::remove_xattr(fd.as_fd(), name);
+        let ours = sys::get_xattr(fd.as_fd(), name)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v == id.0.as_bytes());
+        if ours {
+            let _ = sys::remove_xattr(fd.as_fd(), name);
+        }
     }
 }
 
@@ -610,6 +621,10 @@ pub fn redo_size_change(
     }
     let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     nix::unistd::ftruncate(fd.as_fd(), len).map_err(io::Error::from)?;
+    // Recovery's own change is marked like any other (before the fsync
+    // that precedes its commit): a crash before that commit must find it
+    // made, not "unknown".
+    let _ = mark_change(root, fd.as_fd(), id);
     Ok(SizeRedo::Redone(fd))
 }
 

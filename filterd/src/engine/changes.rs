@@ -468,7 +468,9 @@ impl Engine {
         path: Option<RelPath>,
     ) {
         match self.fs.mark_change(fd.as_fd(), id) {
-            Ok(()) => self.marks_after.push((self.batch.seq(), kh.clone(), path)),
+            Ok(()) => self
+                .marks_after
+                .push((self.batch.seq(), kh.clone(), path, id)),
             Err(e) => debug!(intent = %id.0, error = %e, "size change not marked"),
         }
     }

@@ -503,10 +503,10 @@ impl Engine {
         // removed lazily, here.
         let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.marks_after)
             .into_iter()
-            .partition(|(s, _, _)| *s <= committed);
+            .partition(|(s, _, _, _)| *s <= committed);
         self.marks_after = later;
-        for (_, kh, path) in now {
-            self.fs.clear_change_mark(&kh, path.as_ref());
+        for (_, kh, path, id) in now {
+            self.fs.clear_change_mark(&kh, path.as_ref(), id);
         }
         if self.batch.groups.is_empty() && self.batch.sync.is_empty() {
             return;

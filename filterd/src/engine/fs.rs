@@ -78,9 +78,10 @@ pub trait Fs: Send {
     /// cannot carry the mark (no extended attributes).
     fn mark_change(&self, fd: BorrowedFd<'_>, id: IntentId) -> io::Result<()>;
 
-    /// Removes a change mark once the change's completion is durable. Best
-    /// effort.
-    fn clear_change_mark(&self, kh: &KernelHandle, path: Option<&RelPath>);
+    /// Removes intent `id`'s change mark once the change's completion is
+    /// durable, only if the file's mark still names `id` (a later change
+    /// may have marked it since). Best effort.
+    fn clear_change_mark(&self, kh: &KernelHandle, path: Option<&RelPath>, id: IntentId);
 
     /// Recovery's look at an interrupted size change of intent `id` on the
     /// file of kernel handle `kh`: made (the file carries the intent's
@@ -254,8 +255,8 @@ impl Fs for HostFs {
         fsops::mark_change(self.root(), fd, id)
     }
 
-    fn clear_change_mark(&self, kh: &KernelHandle, path: Option<&RelPath>) {
-        fsops::clear_change_mark(self.root(), kh, path)
+    fn clear_change_mark(&self, kh: &KernelHandle, path: Option<&RelPath>, id: IntentId) {
+        fsops::clear_change_mark(self.root(), kh, path, id)
     }
 
     fn redo_size_change(

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use libfilter::model::{Access, Disposition, FileId, HeldLock, KernelHandle, RelPath};
@@ -524,10 +524,17 @@ impl Fs for MemFs {
         Ok(())
     }
 
-    fn clear_change_mark(&self, kh: &KernelHandle, _path: Option<&RelPath>) {
+    fn clear_change_mark(
+        &self,
+        kh: &KernelHandle,
+        _path: Option<&RelPath>,
+        id: libfilter::model::IntentId,
+    ) {
         let mut st = self.st();
         if let Some(f) = st.obj_of(None, Some(kh)).and_then(|o| st.objs.get_mut(&o)) {
-            f.change_mark = None;
+            if f.change_mark.as_deref() == Some(id.0.as_bytes()) {
+                f.change_mark = None;
+            }
         }
     }
 
@@ -557,8 +564,10 @@ impl Fs for MemFs {
                 return Ok(super::fs::SizeRedo::Unknown);
             }
         }
-        self.set_size_by_handle(kh, path, size)
-            .map(super::fs::SizeRedo::Redone)
+        let fd = self.set_size_by_handle(kh, path, size)?;
+        // As the host's redo: recovery's own change is marked too.
+        self.mark_change(fd.as_fd(), id)?;
+        Ok(super::fs::SizeRedo::Redone(fd))
     }
 
     fn stamp(&self, fd: BorrowedFd<'_>) -> io::Result<libfilter::model::FileStamp> {

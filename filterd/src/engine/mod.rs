@@ -224,7 +224,7 @@ pub struct Engine {
     gone_after: Vec<(u64, FileId)>,
     /// Files whose change mark (`Fs::mark_change`) is removed once this
     /// sequence — the change's completion — is resolved.
-    marks_after: Vec<(u64, KernelHandle, Option<RelPath>)>,
+    marks_after: Vec<(u64, KernelHandle, Option<RelPath>, IntentId)>,
     /// The delete-on-close unlink the last `remove` bracketed, for a CLOSE
     /// to wait on.
     last_unlink: Option<IntentId>,

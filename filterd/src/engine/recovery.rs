@@ -61,14 +61,16 @@ impl Engine {
                                 }
                                 _ => {
                                     info!(resume_key = %record.key, path = %record.path, "interrupted overwrite had been made (its mark is on the file): not truncated again");
-                                    unmark.extend(
-                                        record
-                                            .kernel_handle
-                                            .clone()
-                                            .map(|kh| (kh, Some(record.path.clone()))),
-                                    );
                                 }
                             }
+                            // Made or redone (and marked by the redo): the
+                            // mark goes once this is recorded.
+                            unmark.extend(
+                                record
+                                    .kernel_handle
+                                    .clone()
+                                    .map(|kh| (kh, Some(record.path.clone()), intent.id)),
+                            );
                             self.stats.intents_recovered += 1;
                             finished.push(StoreOp::PutHandle(record));
                         }
@@ -151,9 +153,11 @@ impl Engine {
                                 }
                                 _ => {
                                     info!(resume_key = %key, size, "interrupted end-of-file change had been made (its mark is on the file): not done again");
-                                    unmark.push((kernel_handle, path));
                                 }
                             }
+                            // Made or redone (and marked by the redo): the
+                            // mark goes once this is recorded.
+                            unmark.push((kernel_handle, path, intent.id));
                             self.stats.intents_recovered += 1;
                             if let Some(r) = record {
                                 finished.push(record_op(r));
@@ -216,8 +220,8 @@ impl Engine {
                 .collect();
             store.commit(&per_intent)?;
         }
-        for (kh, path) in unmark {
-            self.fs.clear_change_mark(&kh, path.as_ref());
+        for (kh, path, id) in unmark {
+            self.fs.clear_change_mark(&kh, path.as_ref(), id);
         }
         for (k, rec) in store.all_replays()? {
             match (libfilter::store::parse_replay_key(&k), rec) {

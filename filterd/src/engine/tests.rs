@@ -1775,6 +1775,110 @@ fn a_size_change_marks_its_file_until_its_completion_commits() {
     assert_eq!(h.fs.file("a").unwrap().change_mark, None, "the mark stays");
 }
 
+/// The lazy removal of one change's mark leaves another change's mark on
+/// the same file (through another handle) alone: that mark is the proof of
+/// a change whose completion is still pending, and without it recovery
+/// would call a change it made "unknown".
+#[test]
+fn removing_a_changes_mark_leaves_a_later_changes_mark() {
+    let mut h = Harness::new();
+    let x = h.run(open("a", Rights::ALL));
+    let y = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let (kx, ky) = (h.opened(x), h.opened(y));
+    let x = h.run(Request::SetEndOfFile {
+        key: kx,
+        size: 3,
+        record: None,
+    });
+    h.commit_once(true);
+    let y = h.run(Request::SetEndOfFile {
+        key: ky,
+        size: 2,
+        record: None,
+    });
+    let mut y_made = false;
+    for _ in 0..12 {
+        // A flush is where marks are removed; look before the commit it
+        // hands over.
+        h.engine.flush();
+        let made = h.fs.file("a").unwrap().size == 2;
+        y_made |= made;
+        if made && h.reply(y).is_none() {
+            assert!(
+                h.fs.file("a").unwrap().change_mark.is_some(),
+                "a change whose completion is pending lost its mark"
+            );
+        }
+        h.commit_once(true);
+    }
+    assert!(y_made, "the second change was never made");
+    assert!(matches!(h.reply(x), Some(Ok(_))));
+    assert!(matches!(h.reply(y), Some(Ok(_))));
+    assert_eq!(h.fs.file("a").unwrap().change_mark, None, "the mark stays");
+}
+
+/// Recovery marks a size change it redoes itself, so a crash before its
+/// commit (here: the commit fails) leaves the next recovery proof that the
+/// change was made, instead of "unknown".
+#[test]
+fn a_size_change_recovery_redoes_is_marked_until_recorded() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    fs.put("b", 10);
+    let kh = fs.handle_at(&RelPath::new("b").unwrap()).unwrap();
+    let scope = ReplayScope::Session(ScopeName::new("smb/s").unwrap());
+    let intent = Intent {
+        id: IntentId(uuid::Uuid::new_v4()),
+        change: IntentChange::SetSize {
+            key: ResumeKey::new_random(),
+            kernel_handle: kh,
+            size: 4,
+            record: Some(RecordSpec {
+                scope: scope.clone(),
+                op_id: 7,
+                reply: "ok".into(),
+                keep: 8,
+            }),
+            before: Some(super::memfs::stamp_of(&fs.file("b").unwrap())),
+        },
+        recorded_ms: 0,
+    };
+    store
+        .commit(&[&[StoreOp::PutIntent(Box::new(intent))]])
+        .unwrap();
+    let engine = || {
+        Engine::new(
+            config(),
+            Box::new(fs.clone()),
+            2,
+            Arc::new(Pipeline::default()),
+            store.clone(),
+            Arc::new(CommitCounters::default()),
+        )
+    };
+    store.inner.lock().unwrap().fail = true;
+    assert!(engine().recover(store.as_ref()).is_err());
+    assert_eq!(fs.file("b").unwrap().size, 4);
+    assert!(
+        fs.file("b").unwrap().change_mark.is_some(),
+        "recovery's own change is not marked"
+    );
+    store.inner.lock().unwrap().fail = false;
+    engine().recover(store.as_ref()).unwrap();
+    let inner = store.inner.lock().unwrap();
+    assert_eq!(
+        inner
+            .replays
+            .get(&replay_key(&scope, 7))
+            .map(|r| r.reply.as_str()),
+        Some("ok"),
+        "a change recovery made is not taken as made"
+    );
+    drop(inner);
+    assert_eq!(fs.file("b").unwrap().change_mark, None, "the mark stays");
+}
+
 /// A size change or remove through a non-persistent handle of a file
 /// with persistent handles is bracketed by an intent like a persistent
 /// one's: recorded, then made, then completed.
