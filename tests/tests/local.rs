@@ -13,7 +13,7 @@ use libfilter::client::FilterClient;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest, Reply, Request};
-use rkfilter_tests::{Filterd, Scratch};
+use rkfilter_tests::{wait_for, Filterd, Scratch};
 
 fn frontend(s: &Scratch) -> FilterClient {
     FilterClient::connect_frontend(
@@ -885,6 +885,61 @@ fn a_bind_mounted_export_is_mediated_through_every_mount() {
     assert_eq!(std::fs::read(fs.join("outside")).unwrap(), b"o");
     std::fs::write(fs.join("real/plain"), b"p").unwrap();
     assert_eq!(std::fs::read(s.root().join("plain")).unwrap(), b"p");
+}
+
+/// With a subtree export, a local open through another mount of a file a
+/// protocol create has just made — before filterd knew the file — is
+/// answered by the reader (allowed, and the file marked ignored). The
+/// create must take that mark away: before, it stayed, and every later
+/// local open of the share-none file, through every mount, got through.
+#[test]
+fn a_file_opened_through_another_mount_while_being_created_is_still_mediated() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: fanotify needs root");
+        return;
+    }
+    let s = Scratch::new("fan-subtree-create");
+    let fs = s.dir.join("fs");
+    std::fs::create_dir(&fs).unwrap();
+    let _fs = mount_tmpfs(&fs, "16m");
+    std::fs::create_dir(fs.join("real")).unwrap();
+    nix::mount::mount(
+        Some(&fs.join("real")),
+        &s.root(),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind-mounting the export");
+    // The create stalls between making the file and taking it in.
+    let _d = Filterd::start_mediated_with(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "open.after_fs:1:sleep2000")],
+    );
+    let fe = frontend(&s);
+    let creating =
+        std::thread::spawn(move || fe.open(req("new", Rights::NONE, None)).map(|h| (fe, h)));
+    let other = fs.join("real/new");
+    wait_for(
+        "the create to make its file",
+        Duration::from_secs(10),
+        || other.exists().then_some(()),
+    );
+    drop(std::fs::File::open(&other).expect("a file filterd does not know yet opens"));
+    let (_fe, _h) = creating.join().unwrap().expect("the create");
+    let through_other = std::fs::OpenOptions::new().append(true).open(&other);
+    assert!(
+        through_other.is_err(),
+        "another mount opened a share-none file for writing"
+    );
+    let through_export = std::fs::OpenOptions::new()
+        .append(true)
+        .open(s.root().join("new"));
+    assert!(
+        through_export.is_err(),
+        "the export opened a share-none file for writing"
+    );
 }
 
 /// A filesystem mounted inside the export after filterd started is not in

@@ -140,7 +140,13 @@ impl Engine {
         if let Some(m) = &self.mediated {
             m.add(of.file);
         }
-        if of.created {
+        // A file this open created carries no ignore mark — unless the
+        // export is a subtree: then the reader answers opens through other
+        // mounts itself, and one between the create and the `add` above
+        // found a file it did not know and marked it ignored. That mark
+        // would hide every later open (through every mount) from the share
+        // modes this open is about to take.
+        if of.created && self.mediated.is_none() {
             return Ok(());
         }
         crate::local::unignore(fan, of.fd.as_fd(), &self.local_counters).map_err(|e| {
