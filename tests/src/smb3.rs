@@ -54,3 +54,19 @@ pub fn script(name: &str) -> PathBuf {
         .join("smb3")
         .join(name)
 }
+
+/// Waits until every filterd handle rksmbd opened is closed again (fails
+/// after 10 s).
+pub fn no_handles_left(d: &crate::Filterd) {
+    crate::wait_for(
+        "rksmbd's handles to be closed",
+        std::time::Duration::from_secs(10),
+        || {
+            d.control()
+                .handles()
+                .ok()
+                .filter(|h| h.is_empty())
+                .map(|_| ())
+        },
+    );
+}

@@ -7,10 +7,9 @@
 
 use std::io::Write as _;
 use std::process::{Command, Output};
-use std::time::Duration;
 
-use rkfilter_tests::smb3::smbprotocol_python;
-use rkfilter_tests::{wait_for, Filterd, RkSmbd, Scratch};
+use rkfilter_tests::smb3::{no_handles_left, smbprotocol_python};
+use rkfilter_tests::{Filterd, RkSmbd, Scratch};
 
 /// Runs smbclient against rksmbd's share with `dialect` as both the
 /// lowest and highest protocol it may use, so the session runs exactly
@@ -52,21 +51,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// Every filterd handle rksmbd opened is closed again.
-fn no_handles_left(d: &Filterd) {
-    wait_for(
-        "rksmbd's handles to be closed",
-        Duration::from_secs(10),
-        || {
-            d.control()
-                .handles()
-                .ok()
-                .filter(|h| h.is_empty())
-                .map(|_| ())
-        },
-    );
 }
 
 fn file_ops_over(dialect: &str) {
@@ -489,24 +473,10 @@ fn a_file_pending_delete_is_not_listed_nor_opened() {
 /// (which rksmbd runs again) succeeds too.
 #[test]
 fn a_rename_to_the_own_name_succeeds() {
-    let python = smbprotocol_python();
     let s = Scratch::new("rksmbd-rename-self");
     let d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("smb3/rename_to_own_name.py");
-    let o = Command::new("timeout")
-        .arg("60")
-        .arg(&python)
-        .arg(&script)
-        .args(["127.0.0.1", &srv.port(), "data", "alice", "pw"])
-        .output()
-        .expect("run the smbprotocol script");
-    assert!(
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("PASS"),
-        "{}",
-        text(&o)
-    );
+    smbprotocol_script_passes(&srv, "rename_to_own_name.py");
     assert_eq!(
         std::fs::read_to_string(s.root().join("same.txt")).unwrap(),
         "kept\n"

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rkfilter_tests::smb3::{script, smbprotocol_python};
-use rkfilter_tests::{wait_for, Filterd, Nfs, RkSmbd, Scratch, Shim};
+use rkfilter_tests::{Filterd, Nfs, RkSmbd, Scratch, Shim};
 use serde_json::json;
 
 /// The script's stdout lines, from a reader thread.
@@ -145,17 +145,7 @@ fn persistent_smb3_handles_hold_against_nfs_and_local_processes() {
         "{log}\nstderr:\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    wait_for(
-        "rksmbd's handles to be closed",
-        Duration::from_secs(10),
-        || {
-            d.control()
-                .handles()
-                .ok()
-                .filter(|h| h.is_empty())
-                .map(|_| ())
-        },
-    );
+    rkfilter_tests::smb3::no_handles_left(&d);
     assert_eq!(
         std::fs::read_to_string(root.join("locked.txt")).unwrap(),
         "locked.txt written through rksmbd\n"
