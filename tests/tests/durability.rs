@@ -228,8 +228,10 @@ fn a_failed_commit_leaves_no_lock_behind() {
     let _d = Filterd::start(&s, &["--map-size-mib", "1", "--max-map-size-mib", "1"], &[]);
     let fe = frontend(&s, "smb-a");
     // Handles whose records the locks will grow (a client holds at most
-    // 64 locks on one file, so several files).
-    let hs: Vec<_> = (0..16)
+    // 64 locks on one file, so several files; enough of them that the
+    // pages the filling leaves free cannot take every lock: with 16, a CI
+    // run once fitted all 1,024).
+    let hs: Vec<_> = (0..64)
         .map(|j| {
             let path = format!("locked-{j}");
             let h = fe
