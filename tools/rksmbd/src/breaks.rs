@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use libfilter::attach::AttachEvent;
 use libfilter::lease::{LeaseKey, LeaseState};
-use libfilter::proto::{Event, Reply as FilterReply, Request as FilterRequest};
+use libfilter::proto::{ErrorCode, Event, Reply as FilterReply, Request as FilterRequest};
 
 use crate::files::status_of;
 use crate::server::{Connection, Outcome, Reply, Request, Shared};
@@ -128,16 +128,21 @@ impl Notifier {
         e.1
     }
 
-    /// An open holding lease `key` was closed.
-    pub fn released(&self, key: LeaseKey) {
-        if let Ok(mut m) = self.holders.lock() {
-            if let Some(e) = m.get_mut(&key) {
-                e.2 = e.2.saturating_sub(1);
-                if e.2 == 0 {
-                    m.remove(&key);
-                }
-            }
+    /// An open holding lease `key` was closed. Returns whether it was the
+    /// last open of this rksmbd holding it.
+    pub fn released(&self, key: LeaseKey) -> bool {
+        let Ok(mut m) = self.holders.lock() else {
+            return false;
+        };
+        let Some(e) = m.get_mut(&key) else {
+            return true;
+        };
+        e.2 = e.2.saturating_sub(1);
+        if e.2 == 0 {
+            m.remove(&key);
+            return true;
         }
+        false
     }
 
     /// Whether any open of this rksmbd holds a lease or an oplock (a
@@ -230,6 +235,7 @@ pub fn forward(sh: Arc<Shared>) {
             tracing::debug!(?ev, "filterd event");
             continue;
         };
+        sh.breaking.noticed(lease_key, ack_required);
         let Some((w, holder)) = sh.notifier.route(&lease_key) else {
             tracing::debug!(lease_key = %lease_key.0, "break for a lease no connection holds");
             continue;
@@ -270,6 +276,12 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let key_bytes = r.array::<16>("lease key")?;
     let state = r.u32("lease state")?;
     let key = LeaseKey(uuid::Uuid::from_bytes_le(key_bytes));
+    // No break in progress (never, or lowered at the break timeout):
+    // STATUS_UNSUCCESSFUL; a state the break does not allow:
+    // STATUS_REQUEST_NOT_ACCEPTED (3.3.5.22.2).
+    if !c.sh.breaking.take(&key) {
+        return Err(status::UNSUCCESSFUL);
+    }
     let reply =
         c.sh.filter
             .client()
@@ -277,7 +289,13 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 lease_key: key,
                 state: lease_state(state),
             })
-            .map_err(|e| status_of(&e))?;
+            .map_err(|e| {
+                c.sh.breaking.restore(key);
+                match e.code() {
+                    Some(ErrorCode::BadFrame) => status::REQUEST_NOT_ACCEPTED,
+                    _ => status_of(&e),
+                }
+            })?;
     let held = match reply.0 {
         FilterReply::Lease(l) => lease_bits(l.state),
         _ => state,

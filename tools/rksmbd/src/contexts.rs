@@ -202,16 +202,22 @@ impl ResponseContexts {
     }
 
     /// The lease response (2.2.14.2.10 / 2.2.14.2.11).
-    pub fn lease(&mut self, l: &LeaseV) {
+    /// `flags`: SMB2_LEASE_FLAG_BREAK_IN_PROGRESS or none (the parent
+    /// key flag of v2 is set here).
+    pub fn lease(&mut self, l: &LeaseV, flags: u32) {
         let mut d = Writer::new();
         d.bytes(&l.key).u32(l.state);
         match l.v2 {
             Some((parent, epoch)) => {
-                let flags = if parent == [0; 16] { 0 } else { 0x4 };
+                let flags = if parent == [0; 16] {
+                    flags
+                } else {
+                    flags | 0x4
+                };
                 d.u32(flags).u64(0).bytes(&parent).u16(epoch).u16(0);
             }
             None => {
-                d.u32(0).u64(0);
+                d.u32(flags).u64(0);
             }
         }
         self.push(b"RqLs", &d.0);
@@ -273,11 +279,14 @@ mod tests {
     fn response_chain_links_contexts() {
         let mut r = ResponseContexts::new();
         r.durable_v2(60_000, true);
-        r.lease(&LeaseV {
-            key: [1; 16],
-            state: 7,
-            v2: None,
-        });
+        r.lease(
+            &LeaseV {
+                key: [1; 16],
+                state: 7,
+                v2: None,
+            },
+            0,
+        );
         let b = r.into_bytes();
         // DH2Q: 16-byte header, name padded to 8, 8 bytes of data.
         assert_eq!(&b[..4], &32u32.to_le_bytes());

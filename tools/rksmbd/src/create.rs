@@ -5,6 +5,7 @@
 
 use std::cell::Cell;
 use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
 
 use libfilter::client::ClientError;
 use libfilter::lease::{LeaseKey, LeaseState};
@@ -17,22 +18,32 @@ use nix::sys::stat::Mode;
 
 use crate::breaks::{self, lease_bits, lease_state, Holder};
 use crate::contexts::{self, CreateContexts, LeaseV, ReconnectV2, ResponseContexts};
-use crate::crypto::Dialect;
+use crate::crypto::{Dialect, SigningAlgorithm};
 use crate::files::{
     channel_sequence_of, disposition, errno_status, granted_mask, lookup, open_dir,
     parent_and_leaf, parse_name, rights_of, status_of, Kind, Open, DELETE, FILE_DELETE_ON_CLOSE,
     FILE_DIRECTORY_FILE, FILE_NON_DIRECTORY_FILE, GENERIC_ALL, MAXIMUM_ALLOWED,
 };
 use crate::info::{set_dos_attributes, Meta, ATTR_ARCHIVE, DOS_KEPT};
-use crate::server::{Connection, Outcome, Reply, Request, MAX_OPENS_PER_CONNECTION};
-use crate::wire::{self, status, Reader, Writer, HEADER_LEN};
+use crate::server::{
+    AsyncHead, Connection, Outcome, Reply, Request, Shared, MAX_OPENS_PER_CONNECTION,
+};
+use crate::wire::{self, status, Header, Reader, Writer, HEADER_LEN};
 
 /// RequestedOplockLevel: a lease (2.2.13).
 const OPLOCK_LEVEL_LEASE: u8 = 0xFF;
 /// RequestedOplockLevel: batch (2.2.13).
 const OPLOCK_LEVEL_BATCH: u8 = 0x09;
-/// How long an open waits for lease holders to acknowledge their breaks.
-const BREAK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long an open waits for lease holders to acknowledge their breaks
+/// (filterd's break timeout, 35 s by default, lowers their leases
+/// first).
+const BREAK_WAIT: Duration = Duration::from_secs(60);
+/// How often pending CREATEs are retried, quiet client or busy (filterd
+/// sends no event when a break ends).
+pub const RETRY: Duration = Duration::from_millis(20);
+/// Most CREATEs one connection may have pending at once (a CREATE past
+/// them waits in place, serving the connection).
+const MAX_PENDING: usize = 256;
 /// How long a reconnect waits for another connection still holding the
 /// open to notice that its client has gone.
 const HELD_ELSEWHERE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -196,7 +207,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 oplock,
                 attrs,
             };
-            return open_file(c, spec, &ctxs, lease);
+            return open_file(c, &req.hdr, spec, &ctxs, lease);
         }
     };
     let id = c.new_file_id();
@@ -293,7 +304,7 @@ fn replayed(c: &mut Connection, id: u64, oplock: u8, lease: Option<&LeaseV>) -> 
         _ => r.held,
     };
     let (contexts, level) = match &r.lease {
-        Some(orig) => reply_contexts(r.durable.map(|d| (d, false)), Some(orig), held),
+        Some(orig) => reply_contexts(&sh, r.durable.map(|d| (d, false)), Some(orig), held),
         None => {
             let now = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
             let level = if oplock_rank(oplock) < oplock_rank(now) {
@@ -304,7 +315,7 @@ fn replayed(c: &mut Connection, id: u64, oplock: u8, lease: Option<&LeaseV>) -> 
             let durable = r
                 .durable
                 .filter(|(_, persistent)| *persistent || level == OPLOCK_LEVEL_BATCH);
-            let (contexts, _) = reply_contexts(durable.map(|d| (d, false)), None, None);
+            let (contexts, _) = reply_contexts(&sh, durable.map(|d| (d, false)), None, None);
             (contexts, level)
         }
     };
@@ -353,8 +364,10 @@ fn lease_response(asked: &LeaseV, held: Option<HeldLease>) -> LeaseV {
 /// The response contexts of a file CREATE — DH2Q when durable, the lease
 /// when one was asked for — and the oplock level to report.
 /// `durable`: (timeout, persistent) and whether it answers a DHnQ (v1),
-/// whose response context carries neither.
+/// whose response context carries neither. A lease with a break in
+/// progress says so (SMB2_LEASE_FLAG_BREAK_IN_PROGRESS, 2.2.14.2.10).
 fn reply_contexts(
+    sh: &Shared,
     durable: Option<((u32, bool), bool)>,
     lease: Option<&LeaseV>,
     held: Option<HeldLease>,
@@ -367,7 +380,11 @@ fn reply_contexts(
     }
     let mut oplock = 0;
     if let Some(asked) = lease {
-        rc.lease(&lease_response(asked, held));
+        let flags = match held {
+            Some(l) if sh.breaking.contains(&l.key) => crate::breaking::FLAG_BREAK_IN_PROGRESS,
+            _ => 0,
+        };
+        rc.lease(&lease_response(asked, held), flags);
         oplock = OPLOCK_LEVEL_LEASE;
     }
     (rc.into_bytes(), oplock)
@@ -377,6 +394,7 @@ fn reply_contexts(
 /// DH2Q asks and MS-SMB2 3.3.5.9.10 allows, with a lease if asked.
 fn open_file(
     c: &mut Connection,
+    hdr: &Header,
     f: FileCreate,
     ctxs: &CreateContexts,
     lease: Option<LeaseV>,
@@ -453,7 +471,7 @@ fn open_file(
         disposition: f.disp,
         durability,
         create_guid: create_guid.map(CreateGuid),
-        owner: Some(f.user),
+        owner: Some(f.user.clone()),
         lease: lease_req,
         // Never block this connection's thread on a lease break: the
         // holder may be this very client, whose acknowledgment arrives on
@@ -473,7 +491,197 @@ fn open_file(
         }
         _ => None,
     };
-    let h = open_waiting_for_breaks(c, req, replay).map_err(|e| status_of(&e))?;
+    let p = Prepared {
+        f,
+        ctxs: ctxs.clone(),
+        lease,
+        oplock_key,
+        v1_pid,
+        create_guid,
+        app,
+        req,
+        replay,
+    };
+    match try_open(&sh, &p) {
+        Err(e) if e.code() == Some(ErrorCode::Busy) => {}
+        r => return finish_open(c, p, r.map_err(|e| status_of(&e))?),
+    }
+    // Lease holders must acknowledge a break first (filterd answered Busy
+    // and sent the breaks). Only the last request of a PDU goes async
+    // (3.3.4.2): an earlier one waits here, serving the connection.
+    if hdr.next_command != 0 || c.pending_creates.list.len() >= MAX_PENDING {
+        let h = open_waiting_for_breaks(c, p.req.clone(), p.replay).map_err(|e| status_of(&e))?;
+        return finish_open(c, p, h);
+    }
+    let head = c.go_async(hdr);
+    tracing::debug!(
+        conn = c.id,
+        async_id = head.async_id,
+        "create waits for lease breaks"
+    );
+    c.pending_creates.list.push(PendingCreate {
+        head,
+        deadline: Instant::now() + BREAK_WAIT,
+        prepared: p,
+    });
+    Ok(Reply::with_status(
+        status::PENDING,
+        crate::server::error_body(),
+    ))
+}
+
+/// A file CREATE ready to be asked of filterd, and what its response
+/// needs once filterd grants it.
+pub struct Prepared {
+    f: FileCreate,
+    ctxs: CreateContexts,
+    lease: Option<LeaseV>,
+    oplock_key: Option<LeaseKey>,
+    v1_pid: u64,
+    create_guid: Option<uuid::Uuid>,
+    app: Option<([u8; 16], uuid::Uuid)>,
+    req: OpenRequest,
+    replay: bool,
+}
+
+/// One filterd open of `p`, never waiting for lease breaks (filterd
+/// answers Busy then).
+fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle, ClientError> {
+    if p.replay {
+        sh.filter.replay_open(p.req.clone())
+    } else {
+        sh.filter.open(p.req.clone())
+    }
+}
+
+/// A CREATE answered STATUS_PENDING (MS-SMB2 3.3.4.2): it waits for
+/// lease holders to acknowledge their breaks, or for filterd's break
+/// timeout to lower their leases, while the connection serves the
+/// client's other requests.
+pub struct PendingCreate {
+    head: AsyncHead,
+    /// When it gives up (filterd's break timeout lowers unacknowledged
+    /// leases well before).
+    deadline: Instant,
+    prepared: Prepared,
+}
+
+/// A connection's pending CREATEs.
+#[derive(Default)]
+pub struct PendingCreates {
+    list: Vec<PendingCreate>,
+    /// Set by a break acknowledgment or a close on this connection:
+    /// retry after the PDU.
+    nudged: bool,
+    /// When they were last retried.
+    last_retry: Option<Instant>,
+}
+
+impl PendingCreates {
+    /// Whether no CREATE is pending.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Asks for a retry after the current PDU (when any is pending).
+    pub fn nudge(&mut self) {
+        self.nudged |= !self.list.is_empty();
+    }
+
+    /// Whether a retry was asked for (cleared).
+    pub fn take_nudged(&mut self) -> bool {
+        std::mem::take(&mut self.nudged)
+    }
+
+    /// How long until the next retry on the timer is due.
+    pub fn next_retry_in(&self) -> Duration {
+        self.last_retry
+            .map_or(Duration::ZERO, |t| RETRY.saturating_sub(t.elapsed()))
+    }
+
+    /// Sets how the final response of CREATE `async_id` is signed.
+    pub fn set_sign(&mut self, async_id: u64, sign: Option<(SigningAlgorithm, [u8; 16])>) {
+        if let Some(p) = self.list.iter_mut().find(|p| p.head.async_id == async_id) {
+            p.head.sign = sign;
+        }
+    }
+
+    /// Forgets every pending CREATE (the connection is gone: nobody is
+    /// left to answer).
+    pub fn clear(&mut self) {
+        self.list.clear();
+    }
+}
+
+/// Retries every pending CREATE; those granted or failed for good get
+/// their final response, the others keep waiting.
+pub fn retry_pending(c: &mut Connection) {
+    if c.pending_creates.is_empty() {
+        return;
+    }
+    c.pending_creates.last_retry = Some(Instant::now());
+    let sh = c.sh.clone();
+    let pending = std::mem::take(&mut c.pending_creates.list);
+    for p in pending {
+        let session_gone = !c.sessions.contains_key(&p.head.session_id);
+        let r = match session_gone {
+            // LOGOFF meanwhile: nothing to open for.
+            true => {
+                c.finish_async(&p.head, status::USER_SESSION_DELETED, &[]);
+                continue;
+            }
+            false => try_open(&sh, &p.prepared),
+        };
+        match r {
+            Err(e) if e.code() == Some(ErrorCode::Busy) && Instant::now() < p.deadline => {
+                c.pending_creates.list.push(p);
+            }
+            Err(e) => c.finish_async(&p.head, status_of(&e), &[]),
+            Ok(h) => {
+                let head = p.head;
+                match finish_open(c, p.prepared, h) {
+                    Ok(reply) => c.finish_async(&head, reply.status, &reply.body),
+                    Err(st) => c.finish_async(&head, st, &[]),
+                }
+            }
+        }
+    }
+}
+
+/// CANCEL (3.3.5.16) of a pending CREATE, named by AsyncId (an async
+/// CANCEL) or MessageId: it ends with STATUS_CANCELLED, and nothing was
+/// opened.
+pub fn cancel_pending(c: &mut Connection, req: &Request<'_>) {
+    let hdr = &req.hdr;
+    let by_async = hdr.flags & wire::FLAG_ASYNC != 0;
+    let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut c.pending_creates.list)
+        .into_iter()
+        .partition(|p| match by_async {
+            true => p.head.async_id == hdr.async_id,
+            false => p.head.message_id == hdr.message_id,
+        });
+    c.pending_creates.list = kept;
+    for p in gone {
+        c.finish_async(&p.head, status::CANCELLED, &[]);
+    }
+}
+
+/// Completes a file CREATE filterd granted: the open is kept, and the
+/// response made.
+fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle) -> Outcome {
+    let Prepared {
+        f,
+        ctxs,
+        lease,
+        oplock_key,
+        v1_pid,
+        create_guid,
+        app,
+        ..
+    } = p;
+    let ctxs = &ctxs;
+    let sh = c.sh.clone();
+    let smb3 = c.dialect().is_some_and(Dialect::is_smb3);
     let key = h.info.key;
     let file = std::fs::File::from(h.fd);
     let held = h.info.lease;
@@ -546,7 +754,7 @@ fn open_file(
         }
     }
     let meta = Meta::of(&file)?;
-    let (contexts, mut level) = reply_contexts(durable.map(|d| (d, v1)), lease.as_ref(), held);
+    let (contexts, mut level) = reply_contexts(&sh, durable.map(|d| (d, v1)), lease.as_ref(), held);
     if oplock.is_some() {
         level = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
     }
@@ -821,7 +1029,7 @@ fn reconnect(
     let id = c.new_file_id();
     let pid = rc.persistent_file_id;
     // A reconnect answers with no DH2Q response context.
-    let (contexts, mut level) = reply_contexts(None, lease.as_ref(), held);
+    let (contexts, mut level) = reply_contexts(&sh, None, lease.as_ref(), held);
     match (held, &lease, oplock) {
         (Some(l), _, Some(_)) => {
             level = breaks::oplock_level(l.state);

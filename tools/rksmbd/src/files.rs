@@ -265,8 +265,10 @@ impl Open {
 /// Releases an open that is going away: a file is closed in filterd; a
 /// directory marked delete-on-close is removed.
 pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
-    if let Some(k) = open.lease {
-        sh.notifier.released(k);
+    // With its last open the lease goes, and a break of it with it
+    // (filterd lowers a lease no attached open holds at once).
+    if let Some(k) = open.lease.filter(|k| sh.notifier.released(*k)) {
+        sh.breaking.take(&k);
     }
     match &open.kind {
         Kind::File { key, .. } if connection_lost && open.durable => {

@@ -15,7 +15,8 @@
 //!   QUERY_DIRECTORY over filterd handles, durable and persistent handles
 //!   and leases; [`contexts`] decodes and encodes CREATE contexts, [`info`]
 //!   the MS-FSCC information classes, [`lock`] byte-range locks; [`breaks`] forwards filterd's lease
-//!   breaks to the clients and their acknowledgments back.
+//!   breaks to the clients and their acknowledgments back, [`breaking`]
+//!   knows which are in progress.
 //!
 //! [`sessions`] holds what crosses connections: PreviousSessionId and
 //! AppInstanceId.
@@ -23,6 +24,7 @@
 //! docs/smb3.md says what is implemented and what is not.
 #![forbid(unsafe_code)]
 
+pub mod breaking;
 pub mod breaks;
 pub mod contexts;
 pub mod create;

@@ -24,7 +24,7 @@ use libfilter::proto::ErrorCode;
 
 use crate::crypto::SigningAlgorithm;
 use crate::files::{file_of, open_id, status_of};
-use crate::server::{Connection, Outcome, Reply, Request};
+use crate::server::{AsyncHead, Connection, Outcome, Reply, Request};
 use crate::wire::{status, Reader};
 
 const SHARED: u32 = 0x1;
@@ -37,34 +37,24 @@ const MAX_LOCKS: u16 = 64;
 pub const RETRY: Duration = Duration::from_millis(50);
 /// Most locks one connection may have waiting at once.
 const MAX_WAITING: usize = 256;
+/// The LOCK response body (2.2.27).
+const LOCK_RESPONSE: [u8; 4] = [4, 0, 0, 0];
 
 /// A blocking LOCK waiting to be granted, answered with STATUS_PENDING.
 pub struct Waiting {
-    /// The AsyncId its interim response gave it.
-    pub async_id: u64,
-    /// The request's MessageId.
-    pub message_id: u64,
-    /// The request's session.
-    pub session_id: u64,
-    /// The request's credit charge, repeated in the final response.
-    pub credit_charge: u16,
+    /// What its final response repeats of the request.
+    pub head: AsyncHead,
     /// The open (volatile file id) it locks through.
     pub open: u64,
     key: ResumeKey,
     ops: Vec<LockOp>,
     sequence: Option<LockSequence>,
-    /// How the final response is signed (the interim one never is).
-    pub sign: Option<(SigningAlgorithm, [u8; 16])>,
 }
 
 /// A connection's waiting locks.
 #[derive(Default)]
 pub struct WaitingLocks {
     list: Vec<Waiting>,
-    next_async: u64,
-    /// The AsyncId of a lock that went async in the request being
-    /// answered, for its interim response.
-    queued: Option<u64>,
     /// Set by an unlock on this connection: retry after the PDU.
     nudged: bool,
     /// When the waiting locks were last retried.
@@ -88,15 +78,10 @@ impl WaitingLocks {
             .map_or(Duration::ZERO, |t| RETRY.saturating_sub(t.elapsed()))
     }
 
-    /// The AsyncId of the lock the current request queued, if it did.
-    pub fn take_queued(&mut self) -> Option<u64> {
-        self.queued.take()
-    }
-
     /// Sets how the final response of lock `async_id` is signed.
     pub fn set_sign(&mut self, async_id: u64, sign: Option<(SigningAlgorithm, [u8; 16])>) {
-        if let Some(w) = self.list.iter_mut().find(|w| w.async_id == async_id) {
-            w.sign = sign;
+        if let Some(w) = self.list.iter_mut().find(|w| w.head.async_id == async_id) {
+            w.head.sign = sign;
         }
     }
 
@@ -255,24 +240,17 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 && e.code() == Some(ErrorCode::LockNotGranted)
                 && req.hdr.next_command == 0 =>
         {
-            let w = &mut c.waiting;
-            if w.list.len() >= MAX_WAITING {
+            if c.waiting.list.len() >= MAX_WAITING {
                 return Err(status::LOCK_NOT_GRANTED);
             }
-            w.next_async += 1;
-            let async_id = w.next_async;
-            w.list.push(Waiting {
-                async_id,
-                message_id: req.hdr.message_id,
-                session_id: req.hdr.session_id,
-                credit_charge: req.hdr.credit_charge,
+            let head = c.go_async(&req.hdr);
+            c.waiting.list.push(Waiting {
+                head,
                 open,
                 key,
                 ops,
                 sequence,
-                sign: None,
             });
-            w.queued = Some(async_id);
             Ok(Reply::with_status(
                 status::PENDING,
                 crate::server::error_body(),
@@ -293,18 +271,18 @@ pub fn retry(c: &mut Connection) {
     let mut done = Vec::new();
     for w in &c.waiting.list {
         if !c.opens.contains_key(&w.open) {
-            done.push((w.async_id, status::FILE_CLOSED));
+            done.push((w.head.async_id, status::FILE_CLOSED));
             continue;
         }
         match client.lock(w.key, w.ops.clone(), w.sequence) {
-            Ok(()) => done.push((w.async_id, status::SUCCESS)),
+            Ok(()) => done.push((w.head.async_id, status::SUCCESS)),
             Err(e) if e.code() == Some(ErrorCode::LockNotGranted) => {}
-            Err(e) => done.push((w.async_id, status_of(&e))),
+            Err(e) => done.push((w.head.async_id, status_of(&e))),
         }
     }
     for (id, st) in done {
-        for w in c.waiting.remove_where(|w| w.async_id == id) {
-            c.finish_async(&w, st);
+        for w in c.waiting.remove_where(|w| w.head.async_id == id) {
+            c.finish_async(&w.head, st, &LOCK_RESPONSE);
         }
     }
 }
@@ -316,11 +294,11 @@ pub fn cancel(c: &mut Connection, req: &Request<'_>) {
     let hdr = &req.hdr;
     let by_async = hdr.flags & crate::wire::FLAG_ASYNC != 0;
     let gone = c.waiting.remove_where(|w| match by_async {
-        true => w.async_id == hdr.async_id,
-        false => w.message_id == hdr.message_id,
+        true => w.head.async_id == hdr.async_id,
+        false => w.head.message_id == hdr.message_id,
     });
     for w in gone {
-        c.finish_async(&w, status::CANCELLED);
+        c.finish_async(&w.head, status::CANCELLED, &LOCK_RESPONSE);
     }
 }
 
@@ -331,7 +309,7 @@ pub fn open_closing(c: &mut Connection, open: u64) {
         return;
     }
     for w in c.waiting.remove_where(|w| w.open == open) {
-        c.finish_async(&w, status::RANGE_NOT_LOCKED);
+        c.finish_async(&w.head, status::RANGE_NOT_LOCKED, &LOCK_RESPONSE);
     }
 }
 

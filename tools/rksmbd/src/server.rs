@@ -87,6 +87,8 @@ pub struct Shared {
     pub server_guid: [u8; 16],
     /// Lease holders and connection writers, for lease breaks.
     pub notifier: crate::breaks::Notifier,
+    /// Leases with a break in progress.
+    pub breaking: crate::breaking::BreaksInProgress,
     /// Sessions, app instances and durable v2 FileIds across connections.
     pub registry: crate::sessions::Registry,
     /// Files and directories an open marked delete-on-close, which
@@ -114,6 +116,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         config,
         server_guid: ntlm::random_bytes(),
         notifier: crate::breaks::Notifier::default(),
+        breaking: crate::breaking::BreaksInProgress::default(),
         registry: crate::sessions::Registry::default(),
         delete_pending: crate::files::DeletePending::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
@@ -245,6 +248,33 @@ pub struct Connection {
     credits: u32,
     /// Blocking locks answered STATUS_PENDING, still waiting.
     pub waiting: crate::lock::WaitingLocks,
+    /// CREATEs answered STATUS_PENDING, waiting for lease breaks.
+    pub pending_creates: crate::create::PendingCreates,
+    /// The last AsyncId handed out on this connection.
+    next_async: u64,
+    /// The AsyncId of a request that went async in the request being
+    /// answered, for its interim response.
+    queued_async: Option<u64>,
+}
+
+/// What the final response of a request answered STATUS_PENDING repeats
+/// of it (MS-SMB2 3.3.4.2): its AsyncId, MessageId, session, credit
+/// charge and command, and how to sign it (the interim response never
+/// is signed, the final one as its request asked).
+#[derive(Debug, Clone, Copy)]
+pub struct AsyncHead {
+    /// The AsyncId its interim response gave it.
+    pub async_id: u64,
+    /// The request's MessageId.
+    pub message_id: u64,
+    /// The request's session.
+    pub session_id: u64,
+    /// The request's credit charge, repeated in the final response.
+    pub credit_charge: u16,
+    /// The request's command.
+    pub command: u16,
+    /// How the final response is signed.
+    pub sign: Option<(SigningAlgorithm, [u8; 16])>,
 }
 
 impl Connection {
@@ -268,7 +298,30 @@ impl Connection {
             pump_depth: 0,
             credits: 1,
             waiting: crate::lock::WaitingLocks::default(),
+            pending_creates: crate::create::PendingCreates::default(),
+            next_async: 0,
+            queued_async: None,
         }
+    }
+
+    /// Makes request `hdr` async: a fresh AsyncId, given to its interim
+    /// response by [`Connection::dispatch`].
+    pub fn go_async(&mut self, hdr: &Header) -> AsyncHead {
+        self.next_async += 1;
+        self.queued_async = Some(self.next_async);
+        AsyncHead {
+            async_id: self.next_async,
+            message_id: hdr.message_id,
+            session_id: hdr.session_id,
+            credit_charge: hdr.credit_charge,
+            command: hdr.command,
+            sign: None,
+        }
+    }
+
+    /// Whether a request waits for its final response.
+    fn has_async(&self) -> bool {
+        !self.waiting.is_empty() || !self.pending_creates.is_empty()
     }
 
     /// Reads frames and answers them until the client goes away.
@@ -289,20 +342,33 @@ impl Connection {
             if self.waiting.take_nudged() {
                 crate::lock::retry(self);
             }
+            // A break acknowledged or an open closed in this PDU may let a
+            // pending CREATE in.
+            if self.pending_creates.take_nudged() {
+                crate::create::retry_pending(self);
+            }
         }
         self.io = None;
         self.sh.notifier.disconnected(self.id);
     }
 
     /// The next PDU, as [`Connection::read_frame`]; while locks wait, they
-    /// are retried every [`crate::lock::RETRY`], quiet client or busy.
+    /// are retried every [`crate::lock::RETRY`], and pending CREATEs every
+    /// [`crate::create::RETRY`], quiet client or busy.
     fn next_frame(&mut self) -> Option<Vec<u8>> {
-        while !self.waiting.is_empty() {
-            let wait = self.waiting.next_retry_in();
-            if wait.is_zero() {
+        while self.has_async() {
+            let locks = (!self.waiting.is_empty()).then(|| self.waiting.next_retry_in());
+            let creates =
+                (!self.pending_creates.is_empty()).then(|| self.pending_creates.next_retry_in());
+            if locks.is_some_and(|w| w.is_zero()) {
                 crate::lock::retry(self);
-            } else if self.readable(wait) {
-                break;
+            } else if creates.is_some_and(|w| w.is_zero()) {
+                crate::create::retry_pending(self);
+            } else {
+                let wait = locks.into_iter().chain(creates).min().unwrap_or_default();
+                if self.readable(wait) {
+                    break;
+                }
             }
         }
         self.read_frame()
@@ -321,38 +387,40 @@ impl Connection {
         poll(&mut fds, PollTimeout::from(ms)).is_ok_and(|n| n > 0)
     }
 
-    /// Sends the final response of waiting lock `w` (MS-SMB2 3.3.4.2):
-    /// async header with its AsyncId, no credits (the interim response
-    /// granted them), signed as its request asked.
-    pub fn finish_async(&mut self, w: &crate::lock::Waiting, st: u32) {
+    /// Sends the final response of a request answered STATUS_PENDING
+    /// (MS-SMB2 3.3.4.2): async header with its AsyncId, no credits (the
+    /// interim response granted them), signed as its request asked; `body`
+    /// on success, an error body otherwise.
+    pub fn finish_async(&mut self, a: &AsyncHead, st: u32, body: &[u8]) {
         tracing::debug!(
             conn = self.id,
-            async_id = w.async_id,
-            message_id = w.message_id,
+            async_id = a.async_id,
+            message_id = a.message_id,
+            command = a.command,
             status = format_args!("{st:#010x}"),
-            "async lock done"
+            "async request done"
         );
         let hdr = Header {
-            credit_charge: w.credit_charge,
+            credit_charge: a.credit_charge,
             status: st,
-            command: 0xA, // LOCK
+            command: a.command,
             credits: 0,
             flags: wire::FLAG_RESPONSE | wire::FLAG_ASYNC,
             next_command: 0,
-            message_id: w.message_id,
-            async_id: w.async_id,
+            message_id: a.message_id,
+            async_id: a.async_id,
             tree_id: 0,
-            session_id: w.session_id,
+            session_id: a.session_id,
             signature: [0; 16],
         };
         let mut out = Writer::new();
         hdr.encode(&mut out);
         match st {
-            status::SUCCESS => out.bytes(&[4, 0, 0, 0]),
+            status::SUCCESS => out.bytes(body),
             _ => out.bytes(&error_body()),
         };
         let mut bytes = out.0;
-        if let Some((alg, key)) = w.sign {
+        if let Some((alg, key)) = a.sign {
             crypto::sign(alg, &key, &mut bytes);
         }
         let Ok(n) = u32::try_from(bytes.len()) else {
@@ -453,8 +521,10 @@ impl Connection {
     /// The client went away: durable and persistent opens are detached in
     /// filterd (kept for their timeout, for a DH2C), the others closed.
     pub fn lost(&mut self) {
-        // Nobody is left to answer: waiting locks are just dropped.
+        // Nobody is left to answer: waiting locks and CREATEs are just
+        // dropped.
         self.waiting.remove_where(|_| true);
+        self.pending_creates.clear();
         let mut ids: Vec<u64> = self.opens.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
@@ -513,8 +583,10 @@ impl Connection {
         // Only now, with the handle detached, may a reconnect stop
         // waiting for this connection.
         self.let_go(&open);
-        // Its locks are gone: a lock waiting on another open may be in.
+        // Its locks are gone: a lock waiting on another open may be in,
+        // and its share mode and lease: a pending CREATE too.
         crate::lock::retry(self);
+        self.pending_creates.nudge();
         Some(open)
     }
 
@@ -686,8 +758,10 @@ impl Connection {
     ) -> (Option<(u32, Response)>, Option<u64>) {
         let cmd = Command::from_code(req.hdr.command);
         if cmd == Command::Cancel {
-            // CANCEL gets no response; a waiting lock it names does.
+            // CANCEL gets no response; a waiting lock or CREATE it names
+            // does.
             crate::lock::cancel(self, req);
+            crate::create::cancel_pending(self, req);
             return (None, None);
         }
         // Signing: the key of the request's session, before the command
@@ -728,9 +802,11 @@ impl Connection {
         }
         // A request gone async: its interim response has the AsyncId and
         // is never signed (3.3.4.1.1); the final one is, as asked.
-        let async_id = match (st, self.waiting.take_queued()) {
+        let async_id = match (st, self.queued_async.take()) {
             (status::PENDING, Some(a)) => {
-                self.waiting.set_sign(a, sign.take());
+                let sign = sign.take();
+                self.waiting.set_sign(a, sign);
+                self.pending_creates.set_sign(a, sign);
                 Some(a)
             }
             _ => None,
@@ -849,7 +925,11 @@ impl Connection {
                 match cmd {
                     Command::Logoff => self.logoff(req),
                     Command::TreeConnect => self.tree_connect(req),
-                    Command::OplockBreak => crate::breaks::acknowledge(self, req),
+                    Command::OplockBreak => {
+                        // An acknowledged break may let a pending CREATE in.
+                        self.pending_creates.nudge();
+                        crate::breaks::acknowledge(self, req)
+                    }
                     _ => {
                         self.tree_of(req)?;
                         match cmd {

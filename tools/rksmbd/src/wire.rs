@@ -365,6 +365,7 @@ impl Header {
 #[allow(missing_docs)]
 pub mod status {
     pub const SUCCESS: u32 = 0;
+    pub const UNSUCCESSFUL: u32 = 0xC000_0001;
     pub const PENDING: u32 = 0x0000_0103;
     pub const BUFFER_OVERFLOW: u32 = 0x8000_0005;
     pub const NO_MORE_FILES: u32 = 0x8000_0006;
@@ -393,6 +394,7 @@ pub mod status {
     pub const FILE_IS_A_DIRECTORY: u32 = 0xC000_00BA;
     pub const NOT_SUPPORTED: u32 = 0xC000_00BB;
     pub const NETWORK_NAME_DELETED: u32 = 0xC000_00C9;
+    pub const REQUEST_NOT_ACCEPTED: u32 = 0xC000_00D0;
     pub const BAD_NETWORK_NAME: u32 = 0xC000_00CC;
     pub const INVALID_OPLOCK_PROTOCOL: u32 = 0xC000_00E3;
     pub const INTERNAL_ERROR: u32 = 0xC000_00E5;

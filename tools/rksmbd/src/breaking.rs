@@ -1,0 +1,55 @@
+//! Which leases have a break in progress (MS-SMB2 3.3.1.4 Lease.Breaking):
+//! from the lease break notification that asks for an acknowledgment
+//! until the client acknowledges it, or filterd lowers the lease without
+//! it (its break timeout: a break without acknowledgment is forwarded).
+//!
+//! rksmbd answers from it what filterd does not say: a CREATE under a
+//! lease key being broken reports SMB2_LEASE_FLAG_BREAK_IN_PROGRESS
+//! (2.2.14.2.10), and a lease break acknowledgment with no break in
+//! progress is STATUS_UNSUCCESSFUL, one that names a state the break
+//! does not allow STATUS_REQUEST_NOT_ACCEPTED (3.3.5.22.2).
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use libfilter::lease::LeaseKey;
+
+/// SMB2_LEASE_FLAG_BREAK_IN_PROGRESS in a lease response context.
+pub const FLAG_BREAK_IN_PROGRESS: u32 = 0x2;
+
+/// The lease keys with a break in progress, across connections.
+#[derive(Default)]
+pub struct BreaksInProgress {
+    keys: Mutex<HashSet<LeaseKey>>,
+}
+
+impl BreaksInProgress {
+    /// filterd sent a break of `key`: in progress while it awaits an
+    /// acknowledgment; a break without one ends any that was.
+    pub fn noticed(&self, key: LeaseKey, ack_required: bool) {
+        if let Ok(mut k) = self.keys.lock() {
+            match ack_required {
+                true => k.insert(key),
+                false => k.remove(&key),
+            };
+        }
+    }
+
+    /// Whether a break of `key` is in progress.
+    pub fn contains(&self, key: &LeaseKey) -> bool {
+        self.keys.lock().is_ok_and(|k| k.contains(key))
+    }
+
+    /// An acknowledgment of `key` arrives: whether a break was in
+    /// progress (it is not any more; [`Self::noticed`] marks the next).
+    pub fn take(&self, key: &LeaseKey) -> bool {
+        self.keys.lock().is_ok_and(|mut k| k.remove(key))
+    }
+
+    /// An acknowledgment filterd refused: the break is still in progress.
+    pub fn restore(&self, key: LeaseKey) {
+        if let Ok(mut k) = self.keys.lock() {
+            k.insert(key);
+        }
+    }
+}
