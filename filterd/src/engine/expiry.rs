@@ -109,7 +109,22 @@ impl Engine {
                         (Some(l), Some(c)) if l.key == lk => Some((l.state, c)),
                         _ => None,
                     });
-                let epoch = self.set_lease_state(file, lk, b.to);
+                // Windows takes the whole lease from a holder that did not
+                // acknowledge in time (MS-SMB2 3.3.2.5: Lease.LeaseState
+                // becomes none; smbtorture smb2.lease.timeout), not just
+                // what the break asked for.
+                let windows = self
+                    .by_file
+                    .get(&file)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.handles.get(k))
+                    .any(|h| {
+                        h.rec.lease.is_some_and(|l| l.key == lk)
+                            && h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL
+                    });
+                let to = if windows { LeaseState::NONE } else { b.to };
+                let epoch = self.set_lease_state(file, lk, to);
                 // Tell the holder its lease went down without it (an nfsl/1
                 // delegation is revoked then).
                 if let Some((from, c)) =
@@ -119,7 +134,7 @@ impl Engine {
                         &ServerFrame::Event(Event::LeaseBreak {
                             lease_key: lk,
                             current_state: from,
-                            new_state: b.to,
+                            new_state: to,
                             epoch,
                             ack_required: false,
                         }),
