@@ -289,11 +289,17 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 lease_key: key,
                 state: lease_state(state),
             })
-            .map_err(|e| {
-                c.sh.breaking.restore(key);
-                match e.code() {
-                    Some(ErrorCode::BadFrame) => status::REQUEST_NOT_ACCEPTED,
-                    _ => status_of(&e),
+            .map_err(|e| match e.code() {
+                // filterd's break timeout may have taken the lease just
+                // before (its event can trail filterd's other replies).
+                Some(ErrorCode::BadFrame) if lease_gone(c, key) => status::UNSUCCESSFUL,
+                Some(ErrorCode::BadFrame) => {
+                    c.sh.breaking.restore(key);
+                    status::REQUEST_NOT_ACCEPTED
+                }
+                _ => {
+                    c.sh.breaking.restore(key);
+                    status_of(&e)
                 }
             })?;
     let held = match reply.0 {
@@ -303,6 +309,28 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let mut w = Writer::new();
     w.u16(36).u16(0).u32(0).bytes(&key_bytes).u32(held).u64(0);
     Ok(Reply::ok(w.0))
+}
+
+/// Whether filterd holds no caching for lease `key` on this connection's
+/// opens any more (filterd's break timeout lowered it).
+fn lease_gone(c: &Connection, key: LeaseKey) -> bool {
+    let Some(resume_key) = c.opens.values().find_map(|o| match (&o.kind, o.lease) {
+        (crate::files::Kind::File { key: k, .. }, Some(l)) if l == key => Some(*k),
+        _ => None,
+    }) else {
+        return true;
+    };
+    match c
+        .sh
+        .filter
+        .client()
+        .call(FilterRequest::Handle { key: resume_key })
+    {
+        Ok((FilterReply::Handle(v), _)) => {
+            v.record.lease.is_none_or(|l| l.state == LeaseState::NONE)
+        }
+        _ => false,
+    }
 }
 
 fn acknowledge_oplock(c: &mut Connection, req: &Request<'_>, mut r: Reader<'_>) -> Outcome {

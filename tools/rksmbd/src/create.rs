@@ -97,6 +97,15 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let lease = ctxs.lease.filter(|_| oplock == OPLOCK_LEVEL_LEASE);
     let smb3 = c.dialect().is_some_and(Dialect::is_smb3);
     if let Some(d) = ctxs.durable_v2.filter(|_| smb3) {
+        // A replay of a CREATE still pending (waiting for a lease break)
+        // on this connection: STATUS_FILE_NOT_AVAILABLE, as Samba answers
+        // (smbtorture's smb2.replay.dhv2-pending1*-sane; Windows answers
+        // STATUS_ACCESS_DENIED).
+        if req.hdr.flags & wire::FLAG_REPLAY != 0
+            && c.pending_creates.has_create_guid(d.create_guid)
+        {
+            return Err(status::FILE_NOT_AVAILABLE);
+        }
         match (
             req.hdr.flags & wire::FLAG_REPLAY != 0,
             replay_of(c, d.create_guid),
@@ -606,6 +615,16 @@ impl PendingCreates {
         }
     }
 
+    /// Whether a pending CREATE asks for a DH2Q with `create_guid`.
+    fn has_create_guid(&self, create_guid: uuid::Uuid) -> bool {
+        self.list.iter().any(|p| {
+            p.prepared
+                .ctxs
+                .durable_v2
+                .is_some_and(|d| d.create_guid == create_guid)
+        })
+    }
+
     /// Forgets every pending CREATE (the connection is gone: nobody is
     /// left to answer).
     pub fn clear(&mut self) {
@@ -623,16 +642,17 @@ pub fn retry_pending(c: &mut Connection) {
     let sh = c.sh.clone();
     let pending = std::mem::take(&mut c.pending_creates.list);
     for p in pending {
-        let session_gone = !c.sessions.contains_key(&p.head.session_id);
-        let r = match session_gone {
-            // LOGOFF meanwhile: nothing to open for.
-            true => {
-                c.finish_async(&p.head, status::USER_SESSION_DELETED, &[]);
-                continue;
-            }
-            false => try_open(&sh, &p.prepared),
+        // LOGOFF or TREE_DISCONNECT meanwhile: nothing to open for.
+        let gone = match c.sessions.get(&p.prepared.f.session) {
+            None => Some(status::USER_SESSION_DELETED),
+            Some(s) if !s.trees.contains(&p.prepared.f.tree) => Some(status::NETWORK_NAME_DELETED),
+            Some(_) => None,
         };
-        match r {
+        if let Some(st) = gone {
+            c.finish_async(&p.head, st, &[]);
+            continue;
+        }
+        match try_open(&sh, &p.prepared) {
             Err(e) if e.code() == Some(ErrorCode::Busy) && Instant::now() < p.deadline => {
                 c.pending_creates.list.push(p);
             }
