@@ -23,9 +23,8 @@ import queue
 import sys
 import threading
 import uuid
-from collections import OrderedDict
 
-from smbprotocol.connection import Connection, Request
+from smbprotocol.connection import Connection
 from smbprotocol.create_contexts import (
     CreateContextName,
     DurableHandleFlags,
@@ -34,7 +33,7 @@ from smbprotocol.create_contexts import (
     SMB2CreateDurableHandleRequestV2,
     SMB2CreateRequestLeaseV2,
 )
-from smbprotocol.header import Commands, SMB2HeaderRequest
+from smbprotocol.header import Commands
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
@@ -46,12 +45,12 @@ from smbprotocol.open import (
     ShareAccess,
 )
 from smbprotocol.session import Session
-from smbprotocol.structure import BytesField, IntField, Structure
 from smbprotocol.tree import TreeConnect
+
+from server_messages import LeaseBreakAck, Requests
 
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 RWH = LeaseState.SMB2_LEASE_READ_CACHING | LeaseState.SMB2_LEASE_WRITE_CACHING | LeaseState.SMB2_LEASE_HANDLE_CACHING
-UNSOLICITED = 0xFFFFFFFFFFFFFFFF
 
 
 def check(cond, what):
@@ -64,42 +63,6 @@ def check(cond, what):
 def caching(state):
     # SMB2_LEASE_READ_CACHING 1, _HANDLE_CACHING 2, _WRITE_CACHING 4
     return "".join(c for bit, c in ((1, "R"), (4, "W"), (2, "H")) if state & bit) or "none"
-
-
-class LeaseBreakAck(Structure):
-    """[MS-SMB2] 2.2.24.2 Lease Break Acknowledgment."""
-
-    COMMAND = Commands.SMB2_OPLOCK_BREAK
-
-    def __init__(self):
-        self.fields = OrderedDict(
-            [
-                ("structure_size", IntField(size=2, default=36)),
-                ("reserved", IntField(size=2)),
-                ("flags", IntField(size=4)),
-                ("lease_key", BytesField(size=16)),
-                ("lease_state", IntField(size=4)),
-                ("lease_duration", IntField(size=8)),
-            ]
-        )
-        super().__init__()
-
-
-class Requests(dict):
-    """The connection's outstanding requests, plus one made up for each
-    server-initiated message, queued for the main thread."""
-
-    def __init__(self, conn, arrived, existing):
-        super().__init__(existing)
-        self.conn = conn
-        self.arrived = arrived
-
-    def __missing__(self, message_id):
-        if message_id != UNSOLICITED:
-            raise KeyError(message_id)
-        r = Request(SMB2HeaderRequest(), None, self.conn)
-        self.arrived.put(r)
-        return r
 
 
 def context(name, data):

@@ -437,6 +437,12 @@ fn smbprotocol_persistent_handle_survives_filterd_and_rksmbd_sigkill() {
 /// Runs `tests/smb3/SCRIPT` (smbprotocol) against `srv` as alice and
 /// fails unless it exits successfully having printed PASS.
 fn smbprotocol_script_passes(srv: &RkSmbd, script: &str) {
+    smbprotocol_script_passes_with(srv, script, &[]);
+}
+
+/// As [`smbprotocol_script_passes`], with `extra` arguments after the
+/// usual five.
+fn smbprotocol_script_passes_with(srv: &RkSmbd, script: &str, extra: &[&str]) {
     let python = smbprotocol_python();
     let script = rkfilter_tests::smb3::script(script);
     let o = Command::new("timeout")
@@ -444,6 +450,7 @@ fn smbprotocol_script_passes(srv: &RkSmbd, script: &str) {
         .arg(&python)
         .arg(&script)
         .args(["127.0.0.1", &srv.port(), "data", "alice", "pw"])
+        .args(extra)
         .output()
         .expect("run the smbprotocol script");
     assert!(
@@ -495,6 +502,34 @@ fn a_blocking_lock_pends_without_stalling_its_connection() {
     let d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     smbprotocol_script_passes(&srv, "blocking_lock.py");
+    no_handles_left(&d);
+}
+
+/// A CREATE that must wait for another client to acknowledge a lease
+/// break gets an interim STATUS_PENDING with an AsyncId, its connection
+/// goes on serving other requests, CANCEL ends it with STATUS_CANCELLED,
+/// and once the break is acknowledged the final response grants the open
+/// (MS-SMB2 3.3.4.2, 3.3.5.16). Before, the CREATE was answered only at
+/// the end, so CANCEL could not reach it.
+#[test]
+fn a_create_waiting_for_a_lease_break_pends_and_can_be_cancelled() {
+    let s = Scratch::new("rksmbd-pending-create");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "pending_create.py");
+    no_handles_left(&d);
+}
+
+/// A lease break its holder never acknowledges ends at filterd's break
+/// timeout (2 s here) as on Windows (MS-SMB2 3.3.2.5): the pending CREATE
+/// completes, the holder's whole lease is gone (none, not the RH the break
+/// asked for), and its late acknowledgment is STATUS_UNSUCCESSFUL.
+#[test]
+fn an_unacknowledged_lease_break_takes_the_whole_lease_at_the_timeout() {
+    let s = Scratch::new("rksmbd-break-timeout");
+    let d = Filterd::start(&s, &["--break-timeout-ms", "2000"], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes_with(&srv, "pending_create.py", &["timeout"]);
     no_handles_left(&d);
 }
 
@@ -561,8 +596,19 @@ const DURABLE_OPEN_PASSING: &[&str] = &[
 /// (v2_epoch2, v2_epoch3); a stat open refuses nobody (statopen); a
 /// lease v2 epoch starts one above the
 /// client's (v2_epoch1); a lease key names one file of its client's
-/// (duplicate_create, duplicate_open).
+/// (duplicate_create, duplicate_open); an open waiting for a break goes
+/// async, an open under the key being broken reports
+/// BREAK_IN_PROGRESS, and an acknowledgment with no break in progress is
+/// STATUS_UNSUCCESSFUL, one of a state the break does not allow
+/// STATUS_REQUEST_NOT_ACCEPTED (breaking1, breaking2, breaking5,
+/// breaking6); a client that drops its connection while an open waits
+/// for its break lets that open in (timeout-disconnect).
 const LEASE_PASSING: &[&str] = &[
+    "breaking1",
+    "breaking2",
+    "breaking5",
+    "breaking6",
+    "timeout-disconnect",
     "upgrade",
     "upgrade2",
     "upgrade3",
@@ -589,8 +635,20 @@ const LEASE_PASSING: &[&str] = &[
 /// replay-dhv2 tests, where a replayed DH2Q CREATE returns the original
 /// open of this connection unchanged (or ACCESS_DENIED for a lease it did
 /// not get); channel-sequence (MS-SMB2 3.3.5.2.10: a WRITE, SET_INFO or
-/// IOCTL from a stale channel sequence is STATUS_FILE_NOT_AVAILABLE).
+/// IOCTL from a stale channel sequence is STATUS_FILE_NOT_AVAILABLE);
+/// the dhv2-pending1*-sane tests, where a DH2Q CREATE waiting for a lease
+/// break gets an interim STATUS_PENDING and its replay meanwhile
+/// STATUS_FILE_NOT_AVAILABLE (as Samba answers; the -windows variants
+/// want Windows' answers).
 const REPLAY_PASSING: &[&str] = &[
+    "dhv2-pending1n-vs-violation-lease-close-sane",
+    "dhv2-pending1n-vs-violation-lease-ack-sane",
+    "dhv2-pending1n-vs-oplock-sane",
+    "dhv2-pending1n-vs-lease-sane",
+    "dhv2-pending1l-vs-oplock-sane",
+    "dhv2-pending1l-vs-lease-sane",
+    "dhv2-pending1o-vs-oplock-sane",
+    "dhv2-pending1o-vs-lease-sane",
     "replay-commands",
     "replay-regular",
     "replay-dhv2-oplock1",
