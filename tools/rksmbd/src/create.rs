@@ -38,9 +38,17 @@ const OPLOCK_LEVEL_BATCH: u8 = 0x09;
 /// (filterd's break timeout, 35 s by default, lowers their leases
 /// first).
 const BREAK_WAIT: Duration = Duration::from_secs(60);
-/// How often pending CREATEs are retried, quiet client or busy (filterd
-/// sends no event when a break ends).
+/// How often a connection looks whether its pending CREATEs should be
+/// retried: when a break was sent or acknowledged, or an open closed,
+/// anywhere in this rksmbd since the last retry (filterd sends no event
+/// when a break ends).
 pub const RETRY: Duration = Duration::from_millis(20);
+/// How often pending CREATEs are retried when nothing moved in this
+/// rksmbd (a lease of another frontend's client, or a local process's,
+/// may have been given up meanwhile): each retry is a filterd request, so
+/// a client with many pending CREATEs costs filterd little while nothing
+/// happens.
+const IDLE_RETRY: Duration = Duration::from_secs(1);
 /// Most CREATEs one connection may have pending at once (a CREATE past
 /// them waits in place, serving the connection).
 const MAX_PENDING: usize = 256;
@@ -582,8 +590,11 @@ pub struct PendingCreates {
     /// Set by a break acknowledgment or a close on this connection:
     /// retry after the PDU.
     nudged: bool,
-    /// When they were last retried.
+    /// When [`retry_pending`] last looked.
     last_retry: Option<Instant>,
+    /// When they were last asked of filterd, and the generation of
+    /// `Shared::breaking` then.
+    last_asked: Option<(Instant, u64)>,
 }
 
 impl PendingCreates {
@@ -632,13 +643,27 @@ impl PendingCreates {
     }
 }
 
-/// Retries every pending CREATE; those granted or failed for good get
-/// their final response, the others keep waiting.
-pub fn retry_pending(c: &mut Connection) {
+/// Retries every pending CREATE — when `nudged` (a break acknowledged or
+/// an open closed on this connection), when something moved elsewhere in
+/// this rksmbd since the last retry, or every [`IDLE_RETRY`]; those
+/// granted or failed for good get their final response, the others keep
+/// waiting.
+pub fn retry_pending(c: &mut Connection, nudged: bool) {
     if c.pending_creates.is_empty() {
         return;
     }
-    c.pending_creates.last_retry = Some(Instant::now());
+    let now = Instant::now();
+    c.pending_creates.last_retry = Some(now);
+    let generation = c.sh.breaking.generation();
+    let due = nudged
+        || c.pending_creates
+            .last_asked
+            .is_none_or(|(at, seen)| seen != generation || now.duration_since(at) >= IDLE_RETRY)
+        || c.pending_creates.list.iter().any(|p| now >= p.deadline);
+    if !due {
+        return;
+    }
+    c.pending_creates.last_asked = Some((now, generation));
     let sh = c.sh.clone();
     let pending = std::mem::take(&mut c.pending_creates.list);
     for p in pending {

@@ -270,6 +270,8 @@ pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
     if let Some(k) = open.lease.filter(|k| sh.notifier.released(*k)) {
         sh.breaking.take(&k);
     }
+    // Its share mode and lease go: an open waiting elsewhere may get in.
+    sh.breaking.bump();
     match &open.kind {
         Kind::File { key, .. } if connection_lost && open.durable => {
             if let Err(e) = sh.filter.detach(*key) {

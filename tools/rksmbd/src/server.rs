@@ -345,7 +345,7 @@ impl Connection {
             // A break acknowledged or an open closed in this PDU may let a
             // pending CREATE in.
             if self.pending_creates.take_nudged() {
-                crate::create::retry_pending(self);
+                crate::create::retry_pending(self, true);
             }
         }
         self.io = None;
@@ -363,7 +363,7 @@ impl Connection {
             if locks.is_some_and(|w| w.is_zero()) {
                 crate::lock::retry(self);
             } else if creates.is_some_and(|w| w.is_zero()) {
-                crate::create::retry_pending(self);
+                crate::create::retry_pending(self, false);
             } else {
                 let wait = locks.into_iter().chain(creates).min().unwrap_or_default();
                 if self.readable(wait) {
