@@ -101,8 +101,10 @@ pub enum Command {
         file: FileId,
         /// The process.
         pid: i32,
-        /// A descriptor of the file (for ignore marks).
-        fd: OwnedFd,
+        /// The event's own descriptor of the file (for ignore marks),
+        /// shared with the reader's answer: it stays open until the event
+        /// is answered, so its number names no other event meanwhile.
+        fd: std::sync::Arc<OwnedFd>,
         /// Where the verdict goes.
         reply: VerdictSink,
     },

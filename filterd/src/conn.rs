@@ -72,17 +72,17 @@ impl EngineTx {
         )
     }
 
-    /// Queues a command, waiting for room until `deadline` at most:
-    /// `Err(true)` when the queue stayed full, `Err(false)` when the engine
-    /// is gone. The command is dropped on failure.
-    pub fn send_until(&self, c: Command, deadline: std::time::Instant) -> Result<(), bool> {
-        match self.tx.send_deadline(c, deadline) {
+    /// Queues a command if the queue has room, never waiting: `Err(Some)`
+    /// gives it back (boxed) when the queue is full, `Err(None)` when the
+    /// engine is gone (the command dropped).
+    pub fn try_send(&self, c: Command) -> Result<(), Option<Box<Command>>> {
+        match self.tx.try_send(c) {
             Ok(()) => {
                 let _ = self.wake.write(1);
                 Ok(())
             }
-            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => Err(true),
-            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => Err(false),
+            Err(crossbeam_channel::TrySendError::Full(c)) => Err(Some(Box::new(c))),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(None),
         }
     }
 }

@@ -24,6 +24,12 @@
 //! engine cannot take or does not decide in time is refused, and once the
 //! engine is gone every event is refused at once (see [`run`]).
 //!
+//! **The reader waits on nothing but free descriptors**: not on the
+//! engine (a command its full queue does not take is offered again), not
+//! on room for the export's events (past `max_pending` they wait in a
+//! bounded backlog), so an open of a file outside a subtree export is
+//! answered at once whatever the export's opens wait for (see [`run`]).
+//!
 //! **Nothing here waits on a kernel lease.** filterd's own opens go through
 //! a private clone of the export's mount ([`own_root`]) that carries an
 //! ignore mark: they raise no permission event at all, so they never wait
@@ -73,6 +79,12 @@ pub struct LocalCounters {
     /// Local opens refused because no verdict was given for them (the
     /// [`Answer`] default): the engine stopped, a thread ended or panicked.
     pub denied_by_default: AtomicU64,
+    /// Times the reader found no descriptor free to read an event with,
+    /// and left the events queued in the kernel meanwhile.
+    pub waits_for_descriptors: AtomicU64,
+    /// Local opens of the export held in the reader's backlog
+    /// (`max_pending` others waited for verdicts).
+    pub backlogged: AtomicU64,
 }
 
 /// What the fanotify mark covers. Either way the export's filesystem is
@@ -367,30 +379,39 @@ pub fn free_descriptors(open_at_least: u64) -> Option<(u64, u64)> {
 /// sizes a read ([`room_for_events`]).
 const DESCRIPTORS_LEFT: u64 = 8;
 
-/// Most events one read may take: each makes a descriptor, and a waiting
-/// event holds two (its own and the engine's duplicate), so a read takes
-/// no more than the free descriptors hold — an event whose descriptor the
-/// kernel cannot make is refused by the kernel (`EMFILE`) — nor more than
-/// `max_pending` allows. 0: wait for answers to free room. With nothing
-/// pending, at least one (nothing else would free descriptors; the kernel
-/// refuses it if it cannot make its descriptor, and the read error is
-/// counted).
-fn room_for_events(pending: u64, max_pending: u64) -> usize {
-    let by_pending = max_pending.saturating_sub(pending);
-    let by_fds = match free_descriptors(0) {
-        Some((_, free)) => free.saturating_sub(DESCRIPTORS_LEFT) / 2,
+/// Most events one read may take: each makes a descriptor (the engine
+/// shares the event's own, [`Command::LocalOpen`]), so a read takes no more
+/// than the free descriptors hold, less [`DESCRIPTORS_LEFT`] — an event
+/// whose descriptor the kernel cannot make is refused by the kernel
+/// (`EMFILE`). 0: none free, wait. With `nothing_of_ours` waiting (no
+/// answer to come would free a descriptor), one as long as one is free.
+/// The export's events waiting for verdicts are bounded apart from this
+/// (`max_pending`, and the reader's [`Backlog`]).
+fn room_for_events(nothing_of_ours: bool) -> usize {
+    let free = match free_descriptors(0) {
+        Some((_, free)) => free,
         None => 1,
     };
-    let by_fds = if pending == 0 { by_fds.max(1) } else { by_fds };
+    let by_fds = free.saturating_sub(DESCRIPTORS_LEFT);
+    let by_fds = if nothing_of_ours && free > 0 {
+        by_fds.max(1)
+    } else {
+        by_fds
+    };
     let most = (4096 / libfilter::sys::FAN_EVENT_LEN) as u64;
-    usize::try_from(by_pending.min(by_fds).min(most)).unwrap_or(1)
+    usize::try_from(by_fds.min(most)).unwrap_or(1)
 }
 
-/// Waits until the group has events to read (`poll`).
-fn wait_readable(fan: &Fanotify) -> nix::Result<()> {
+/// Waits until the group has events to read (`poll`): `false` when
+/// `timeout` passed first.
+fn wait_readable(fan: &Fanotify, timeout: Option<Duration>) -> nix::Result<bool> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
-    poll(&mut fds, PollTimeout::NONE).map(drop)
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+    };
+    poll(&mut fds, timeout).map(|n| n > 0)
 }
 
 /// A permission event that must be answered. Only an explicit verdict
@@ -401,7 +422,9 @@ fn wait_readable(fan: &Fanotify) -> nix::Result<()> {
 /// (`local_opens_denied_by_default`).
 struct Answer {
     fan: Arc<Fanotify>,
-    fd: OwnedFd,
+    /// The event's descriptor, shared with the engine's command: open until
+    /// the answer is written (its number names this event).
+    fd: Arc<OwnedFd>,
     /// The explicit answer, once given.
     response: Option<u32>,
     counters: Arc<LocalCounters>,
@@ -411,7 +434,7 @@ impl Answer {
     fn new(fan: Arc<Fanotify>, fd: OwnedFd, counters: Arc<LocalCounters>) -> Self {
         Answer {
             fan,
-            fd,
+            fd: Arc::new(fd),
             response: None,
             counters,
         }
@@ -493,11 +516,14 @@ pub struct AnswerSlot {
     deadline: std::time::Instant,
 }
 
-/// Most local opens waiting for a verdict at once; past it, new ones stay
-/// queued in the kernel until answers make room. Lowered to a quarter
-/// of the descriptor limit ([`max_pending`]): each waiting open holds two
-/// descriptors (the event's and its duplicate), and the rest of the limit
-/// stays for protocol handles, frontends and the store.
+/// Most local opens of the export waiting for a verdict at once
+/// (`--max-local-pending`); past it, new ones wait in the reader's
+/// [`Backlog`] (as many again) until answers make room, and one past that
+/// is refused. Lowered to a quarter of the descriptor limit
+/// ([`max_pending`]): each waiting open holds one descriptor (the event's,
+/// shared with the engine), so waiting and backlogged opens hold at most
+/// half the limit, and the rest stays for protocol handles, frontends and
+/// the store.
 pub const MAX_PENDING: usize = 16_384;
 
 /// [`MAX_PENDING`], or a quarter of `fd_limit` if that is less.
@@ -508,29 +534,46 @@ pub fn max_pending(fd_limit: u64) -> u64 {
 /// How many free descriptors protocol opens leave filterd
 /// (`Engine::keep_descriptor_reserve`): an eighth of `fd_limit`, at least
 /// 16 and at most 1024 — enough to read a full buffer of fanotify events
-/// (each read makes a descriptor per event, and the reader a duplicate)
-/// and to accept connections and commit meanwhile.
+/// (each read makes a descriptor per event) and to accept connections and
+/// commit meanwhile.
 pub fn descriptor_reserve(fd_limit: u64) -> u64 {
     (fd_limit / 8).clamp(16, 1024)
 }
 
-/// Reads permission events forever, only as many as there is room for
-/// ([`room_for_events`]: pending ones, free descriptors); the rest wait in
-/// the kernel's queue — a burst of local opens waits, it is not refused.
-/// filterd's own opens (none should come: its mount is exempt) are allowed
-/// at once; each local open is handed to the engine (waiting for room in
-/// its queue up to the event's deadline, never longer: the engine never
-/// waits on this loop), and the answerer thread writes the verdict. An
-/// event whose descriptor the kernel could not open without waiting on a
-/// local process's lease fails the read (`EAGAIN`): the kernel refused
-/// that open; it is counted. Reads never overlap filterd's own write-lease
-/// probe ([`PROBE_GATE`]), so its lease never refuses a local open.
+/// Reads permission events forever, as many as filterd has descriptors for
+/// ([`room_for_events`]); the rest wait in the kernel's queue — a burst of
+/// local opens waits, it is not refused. filterd's own opens (none should
+/// come: its mount is exempt) are allowed at once, and so, with a
+/// [`MarkScope::Subtree`] mark, is an open of a file outside the export
+/// ([`outside_the_export`]): neither needs the engine, so **neither ever
+/// waits behind the export's events**. Each local open of the export is
+/// handed to the engine, at most `max_pending` at once; the answerer
+/// thread writes the verdict. Past `max_pending`, the export's events wait
+/// in the reader's backlog ([`Backlog`]: as many again, oldest first, each
+/// until its own deadline) while the reader goes on reading; past that,
+/// one is refused as undecided. The reader never waits on the engine
+/// either: a command its full queue does not take is kept and offered
+/// again until the event's deadline. An event whose descriptor the kernel
+/// could not open without waiting on a local process's lease fails the
+/// read (`EAGAIN`): the kernel refused that open; it is counted. Reads
+/// never overlap filterd's own write-lease probe ([`PROBE_GATE`]), so its
+/// lease never refuses a local open.
+///
+/// **Out of descriptors** (none free at all): the kernel could not make an
+/// event's descriptor, and would refuse that open (`EMFILE`), so the
+/// reader does not read; the events wait in the kernel's queue until a
+/// descriptor frees (counted: `fanotify_waits_for_descriptors`, checked
+/// every 10 ms) — for at most the verdict deadline (`bound`): past it,
+/// with nothing of its own waiting that could free one, it reads one
+/// event, which the kernel refuses (the rule for undecided events, counted
+/// as a watchdog answer). An event needs one descriptor (the engine shares
+/// the event's own, [`Command::LocalOpen`]), so one free is enough.
 ///
 /// **The rule for undecided events** (the engine's queue stayed full, or
-/// the verdict did not come within `bound`): the open is refused
-/// (`EPERM`), counted, and logged. Refusing fails closed: an open a share
-/// mode would deny is never let through because filterd was overloaded;
-/// the local process may retry.
+/// the verdict did not come within `bound`, or the backlog was full): the
+/// open is refused (`EPERM`), counted, and logged. Refusing fails closed:
+/// an open a share mode would deny is never let through because filterd
+/// was overloaded; the local process may retry.
 ///
 /// **Once the engine is gone** (filterd stopping), or if the answerer
 /// cannot start, this loop keeps reading and refuses every further event
@@ -549,7 +592,7 @@ pub fn run(
     let pending = Arc::new(AtomicU64::new(0));
     // Once nobody decides (the engine gone: filterd stopping; or no
     // answerer), every further event is refused at once.
-    let mut engine_gone = {
+    let engine_gone = {
         let (counters, pending) = (counters.clone(), pending.clone());
         let reader = std::thread::current();
         let spawned = std::thread::Builder::new()
@@ -560,31 +603,77 @@ pub fn run(
         }
         spawned.is_err()
     };
-    let mut next_id = 0u64;
+    let mut to_engine = ToEngine {
+        engine,
+        answers: tx,
+        pending,
+        max_pending,
+        counters: counters.clone(),
+        next_id: 0,
+        engine_gone,
+        untaken: None,
+        backlog: Backlog {
+            events: Default::default(),
+            capacity: usize::try_from(max_pending).unwrap_or(usize::MAX),
+        },
+    };
+    let mut starved_since: Option<std::time::Instant> = None;
     let (open_perm, overflow) = (
         MaskFlags::FAN_OPEN_PERM.bits(),
         MaskFlags::FAN_Q_OVERFLOW.bits(),
     );
     loop {
-        if let Err(e) = wait_readable(&fan) {
-            if e != nix::errno::Errno::EINTR {
+        // Waiting events first, oldest first, as far as there is room.
+        to_engine.hand_over_waiting();
+        // With events of ours waiting for room, look again shortly (answers
+        // free room; the answerer's wake-up reaches a parked reader only).
+        let timeout = if to_engine.is_waiting() {
+            Some(Duration::from_millis(10))
+        } else {
+            None
+        };
+        match wait_readable(&fan, timeout) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
                 counters.read_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "polling the fanotify group failed; retrying");
                 std::thread::sleep(Duration::from_millis(10));
+                continue;
             }
-            continue;
         }
-        // Only as many events as there is room for — pending ones, and
-        // descriptors, counted now (not before the wait: filterd's other
-        // threads, or its limit, may have changed meanwhile): the others
-        // stay queued in the kernel (the queue is unlimited), their openers
-        // waiting rather than refused. Answers free room (the answerer
-        // wakes this thread), at the latest at the watchdog's deadline.
-        let room = room_for_events(pending.load(Ordering::Relaxed), max_pending);
+        // Only as many events as there are descriptors for, counted now
+        // (not before the wait: filterd's other threads, or its limit, may
+        // have changed meanwhile): the others stay queued in the kernel
+        // (the queue is unlimited), their openers waiting rather than
+        // refused.
+        let nothing_of_ours =
+            to_engine.pending.load(Ordering::Relaxed) == 0 && !to_engine.is_waiting();
+        let mut room = room_for_events(nothing_of_ours);
         if room == 0 {
-            std::thread::park_timeout(Duration::from_millis(50));
-            continue;
+            let since = *starved_since.get_or_insert_with(|| {
+                let n = counters.waits_for_descriptors.fetch_add(1, Ordering::Relaxed);
+                if (n + 1).is_power_of_two() {
+                    tracing::warn!(waits = n + 1,
+                        "no descriptor free to read a fanotify event with: local opens wait in the kernel's queue (raise filterd's descriptor limit)");
+                }
+                std::time::Instant::now()
+            });
+            if !nothing_of_ours || since.elapsed() < bound {
+                // Answers (the answerer wakes this thread) or filterd's
+                // other threads free descriptors.
+                std::thread::park_timeout(Duration::from_millis(10));
+                continue;
+            }
+            // Starved for a whole verdict deadline with nothing of ours to
+            // free a descriptor: the oldest open is refused as undecided
+            // (the kernel refuses it, failing the read with EMFILE).
+            counters.watchdog.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("a local open was refused: no descriptor free to read its fanotify event within the verdict deadline");
+            room = 1;
         }
+        starved_since = None;
         let read = {
             // No probe's lease is held while the kernel opens the events'
             // descriptors.
@@ -613,9 +702,10 @@ pub fn run(
                 continue;
             }
             Err(e) => {
-                // Out of descriptors (the kernel could not make the event's
-                // fd) or memory: the mark stays, so mediation must not stop.
-                // The event stays queued in the kernel; try again shortly.
+                // Out of descriptors (another thread took the last one
+                // between the count and the read: the kernel refused that
+                // open) or memory: the mark stays, so mediation must not
+                // stop. Try again shortly.
                 let n = counters.read_errors.fetch_add(1, Ordering::Relaxed);
                 if n.is_power_of_two() {
                     tracing::error!(error = %e, failures = n + 1, "fanotify read failed; retrying (local opens wait meanwhile)");
@@ -624,6 +714,7 @@ pub fn run(
                 continue;
             }
         };
+        let deadline = std::time::Instant::now() + bound;
         for event in events {
             if event.mask & overflow != 0 {
                 // Cannot happen with FAN_UNLIMITED_QUEUE; if it does, opens
@@ -652,72 +743,182 @@ pub fn run(
                 Some(ans) => ans,
                 None => continue, // allowed: not the engine's to decide
             };
-            if engine_gone {
-                // Nobody decides any more (filterd is stopping): refused
-                // at once, never allowed, never left waiting.
-                counters.denied.fetch_add(1, Ordering::Relaxed);
-                ans.deny();
-                continue;
+            to_engine.take(ans, event.pid, deadline);
+        }
+    }
+}
+
+/// The export's events on their way to the engine: at most `max_pending`
+/// handed over (waiting for verdicts), the rest in the [`Backlog`], and at
+/// most one command the engine's full queue did not take yet.
+struct ToEngine {
+    engine: EngineTx,
+    answers: crossbeam_channel::Sender<AnswerMsg>,
+    /// Events handed over and not answered yet (the answerer counts down).
+    pending: Arc<AtomicU64>,
+    max_pending: u64,
+    counters: Arc<LocalCounters>,
+    next_id: u64,
+    /// Nobody decides any more: every event is refused at once.
+    engine_gone: bool,
+    /// A command (its event registered with the answerer) the engine's
+    /// full queue did not take, with its event's deadline.
+    untaken: Option<(Box<Command>, std::time::Instant)>,
+    backlog: Backlog,
+}
+
+/// The export's events read while `max_pending` others waited for
+/// verdicts, oldest first. Bounded (each holds the event's descriptor):
+/// at most as many again as `max_pending`; an event past that is refused
+/// as undecided. Each waits until its own deadline at most.
+struct Backlog {
+    events: std::collections::VecDeque<WaitingEvent>,
+    capacity: usize,
+}
+
+/// A local open of the export not handed to the engine yet.
+struct WaitingEvent {
+    answer: Answer,
+    file: libfilter::model::FileId,
+    pid: i32,
+    deadline: std::time::Instant,
+}
+
+impl ToEngine {
+    /// Whether events of the export wait for room (backlog, full queue).
+    fn is_waiting(&self) -> bool {
+        self.untaken.is_some() || !self.backlog.events.is_empty()
+    }
+
+    /// A local open of the export, read now: handed to the engine if there
+    /// is room and nothing older waits, else to the backlog, else refused.
+    fn take(&mut self, ans: Answer, pid: i32, deadline: std::time::Instant) {
+        if self.engine_gone {
+            // Nobody decides any more (filterd is stopping): refused at
+            // once, never allowed, never left waiting.
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            ans.deny();
+            return;
+        }
+        let Ok(st) = nix::sys::stat::fstat(&*ans.fd) else {
+            // Cannot even look at it: the rule for undecided events.
+            self.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+            ans.deny();
+            return;
+        };
+        let event = WaitingEvent {
+            answer: ans,
+            file: libfilter::model::FileId {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            },
+            pid,
+            deadline,
+        };
+        if !self.is_waiting() && self.has_room() {
+            self.hand_over(event);
+        } else if self.backlog.events.len() < self.backlog.capacity {
+            self.counters.backlogged.fetch_add(1, Ordering::Relaxed);
+            self.backlog.events.push_back(event);
+        } else {
+            let n = self.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+            if (n + 1).is_power_of_two() {
+                tracing::warn!(
+                    refused = n + 1,
+                    "local opens of the export refused: too many wait for verdicts already (--max-local-pending, twice over)"
+                );
             }
-            let (file, dup) = match (nix::sys::stat::fstat(&ans.fd), ans.fd.try_clone()) {
-                (Ok(st), Ok(dup)) => (
-                    libfilter::model::FileId {
-                        dev: st.st_dev,
-                        ino: st.st_ino,
-                    },
-                    dup,
-                ),
-                _ => {
-                    // Cannot even look at it: the rule for undecided events.
-                    counters.overloaded.fetch_add(1, Ordering::Relaxed);
-                    ans.deny();
-                    continue;
+            event.answer.deny();
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) < self.max_pending
+    }
+
+    /// Offers the untaken command again, then hands backlogged events
+    /// over, oldest first, while there is room; an event past its deadline
+    /// is refused (the watchdog's rule).
+    fn hand_over_waiting(&mut self) {
+        if let Some((cmd, deadline)) = self.untaken.take() {
+            if std::time::Instant::now() >= deadline {
+                // Dropped: its `VerdictTo` tells the answerer the event
+                // is undecided, which refuses it at once.
+                self.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+                drop(cmd);
+            } else {
+                self.send(*cmd, deadline);
+                if self.untaken.is_some() {
+                    return;
                 }
-            };
-            let pid = event.pid;
-            next_id += 1;
-            let id = next_id;
-            let deadline = std::time::Instant::now() + bound;
-            let slot = AnswerSlot {
-                answer: ans,
-                deadline,
-            };
-            // Registered before the engine can possibly answer. Should the
-            // answerer be gone (it cannot, short of a panic), the slot comes
-            // back in the error and its drop refuses the open.
-            pending.fetch_add(1, Ordering::Relaxed);
-            if tx.send(AnswerMsg::Pending(id, Box::new(slot))).is_err() {
-                engine_gone = true;
-                continue;
             }
-            let to = VerdictTo {
-                id,
-                answers: tx.clone(),
-                sent: false,
+        }
+        let now = std::time::Instant::now();
+        while self.untaken.is_none() && (self.engine_gone || self.has_room()) {
+            let Some(event) = self.backlog.events.pop_front() else {
+                return;
             };
-            let cmd = Command::LocalOpen {
-                file,
-                pid,
-                fd: dup,
-                reply: Box::new(move |v| to.send(v)),
-            };
-            // A full queue is waited on, up to the event's own deadline
-            // (the engine never waits on this thread: its opens raise no
-            // event, and its probe waits only for a read in progress). A
-            // command the engine cannot take by then drops its
-            // `VerdictTo`, which tells the answerer the event is
-            // undecided: refused at once.
-            match engine.send_until(cmd, deadline) {
-                Ok(()) => {}
-                Err(true) => {
-                    counters.overloaded.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(false) => {
-                    tracing::info!(
-                        "the engine has stopped: local opens of the export are refused from now on"
-                    );
-                    engine_gone = true;
-                }
+            if self.engine_gone {
+                self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                event.answer.deny();
+            } else if event.deadline <= now {
+                self.counters.watchdog.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("local open not decided in time (it waited for room): refused");
+                event.answer.deny();
+            } else {
+                self.hand_over(event);
+            }
+        }
+    }
+
+    /// Registers the event with the answerer and queues its command.
+    fn hand_over(&mut self, event: WaitingEvent) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let fd = event.answer.fd.clone();
+        let slot = AnswerSlot {
+            answer: event.answer,
+            deadline: event.deadline,
+        };
+        // Registered before the engine can possibly answer. Should the
+        // answerer be gone (it cannot, short of a panic), the slot comes
+        // back in the error and its drop refuses the open.
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        if self
+            .answers
+            .send(AnswerMsg::Pending(id, Box::new(slot)))
+            .is_err()
+        {
+            self.engine_gone = true;
+            return;
+        }
+        let to = VerdictTo {
+            id,
+            answers: self.answers.clone(),
+            sent: false,
+        };
+        let cmd = Command::LocalOpen {
+            file: event.file,
+            pid: event.pid,
+            fd,
+            reply: Box::new(move |v| to.send(v)),
+        };
+        self.send(cmd, event.deadline);
+    }
+
+    /// Queues `cmd` without waiting (the engine never waits on this
+    /// thread, nor this thread on the engine): a full queue keeps it
+    /// untaken, to be offered again; a gone engine drops it, which refuses
+    /// its event.
+    fn send(&mut self, cmd: Command, deadline: std::time::Instant) {
+        match self.engine.try_send(cmd) {
+            Ok(()) => {}
+            Err(Some(cmd)) => self.untaken = Some((cmd, deadline)),
+            Err(None) => {
+                tracing::info!(
+                    "the engine has stopped: local opens of the export are refused from now on"
+                );
+                self.engine_gone = true;
             }
         }
     }

@@ -74,9 +74,18 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_pending_breaks: usize,
     /// Most commands (local opens, new connections) queued for the engine;
-    /// a local open that finds it full is refused as undecided (EPERM).
+    /// a local open that finds it full waits, and is refused as undecided
+    /// (EPERM) if it stays full until the break timeout + 2 s.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     command_queue: usize,
+    /// Most local opens of the export waiting for the engine's verdict at
+    /// once (each holds a descriptor); as many more wait in the fanotify
+    /// reader's backlog, and past that an open of the export is refused as
+    /// undecided (EPERM) — opens outside a subtree export are answered
+    /// all the same [default: 16384, at most a quarter of the descriptor
+    /// limit].
+    #[arg(long, value_name = "N")]
+    max_local_pending: Option<u64>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = observability::LogFormat::Text)]
     log_format: observability::LogFormat,
@@ -375,6 +384,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             mediated.clone(),
         );
         let bound = std::time::Duration::from_millis(args.break_timeout_ms.saturating_add(2000));
+        let args_max_local_pending = args.max_local_pending;
         std::thread::Builder::new()
             .name("fanotify".into())
             .spawn(move || {
@@ -384,7 +394,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                     tx,
                     counters,
                     bound,
-                    local::max_pending(fd_limit),
+                    args_max_local_pending
+                        .unwrap_or_else(|| local::max_pending(fd_limit))
+                        .max(1),
                 )
             })?;
         info!(
@@ -396,7 +408,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             warn!(
                 state = %state.display(),
                 "the state dir is on the export's (marked) filesystem: filterd's own writes there raise fanotify events, \
-                 answered at once but delayed while local opens of the export wait for room; put it on another filesystem"
+                 answered at once but delayed while filterd has no descriptor free to read events with; put it on another filesystem"
             );
         }
     }

@@ -866,6 +866,16 @@ pub struct Stats {
     /// Ignore marks that could not be added or removed.
     #[serde(default)]
     pub ignore_mark_failures: u64,
+    /// Times the fanotify reader found no descriptor free to read an
+    /// event with and waited (the event left queued in the kernel, its
+    /// opener waiting) rather than have the kernel refuse it.
+    #[serde(default)]
+    pub fanotify_waits_for_descriptors: u64,
+    /// Local opens of the export read while `max_pending` of them waited
+    /// for verdicts already: held in the reader's backlog until room
+    /// frees, so the reader goes on answering opens outside the export.
+    #[serde(default)]
+    pub local_opens_backlogged: u64,
     /// Local opens the kernel refused at once because the file could not
     /// be opened for the fanotify event without waiting (a local process's
     /// lease on it being broken).

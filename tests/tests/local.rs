@@ -80,7 +80,9 @@ fn share_modes_refuse_local_opens_until_closed() {
     let fe = frontend(&s);
     let h = fe.open(req("locked", Rights::NONE, None)).unwrap();
     let e = std::fs::File::open(s.root().join("locked")).unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    // EPERM, fanotify's refusal, as the README and docs/smb3.md say
+    // (issue 18, item 13).
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
     // A file without protocol state is not gated (and is then ignored).
     std::fs::File::open(s.root().join("free")).unwrap();
     std::fs::File::open(s.root().join("free")).unwrap();
@@ -834,24 +836,19 @@ fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Unmount {
     Unmount(dir.to_path_buf())
 }
 
-/// A bind-mounted export (a directory of a larger filesystem) is mediated
-/// through every mount of its files: a process in another mount namespace
-/// (`unshare -m`: its copy of the export's mount carries no mount mark) and
-/// one reaching the file through the filesystem's own mount are refused by
-/// a share-none handle, while files outside the export open freely. Before,
-/// only the export's own mount was marked, and both wrote the file.
-#[test]
-fn a_bind_mounted_export_is_mediated_through_every_mount() {
+/// A subtree export (root only, else `None`, said): a tmpfs mounted at
+/// `fs` in a new scratch dir, whose directory `real` is bind-mounted as the
+/// export root. The tmpfs is detached when the [`Unmount`] is dropped.
+fn subtree_export(name: &str) -> Option<(Scratch, std::path::PathBuf, Unmount)> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipping: fanotify needs root");
-        return;
+        return None;
     }
-    let s = Scratch::new("fan-subtree");
+    let s = Scratch::new(name);
     let fs = s.dir.join("fs");
     std::fs::create_dir(&fs).unwrap();
-    let _fs = mount_tmpfs(&fs, "16m");
+    let unmount = mount_tmpfs(&fs, "16m");
     std::fs::create_dir(fs.join("real")).unwrap();
-    std::fs::write(fs.join("outside"), b"o").unwrap();
     nix::mount::mount(
         Some(&fs.join("real")),
         &s.root(),
@@ -860,6 +857,21 @@ fn a_bind_mounted_export_is_mediated_through_every_mount() {
         None::<&str>,
     )
     .expect("bind-mounting the export");
+    Some((s, fs, unmount))
+}
+
+/// A bind-mounted export (a directory of a larger filesystem) is mediated
+/// through every mount of its files: a process in another mount namespace
+/// (`unshare -m`: its copy of the export's mount carries no mount mark) and
+/// one reaching the file through the filesystem's own mount are refused by
+/// a share-none handle, while files outside the export open freely. Before,
+/// only the export's own mount was marked, and both wrote the file.
+#[test]
+fn a_bind_mounted_export_is_mediated_through_every_mount() {
+    let Some((s, fs, _fs)) = subtree_export("fan-subtree") else {
+        return;
+    };
+    std::fs::write(fs.join("outside"), b"o").unwrap();
     let _d = Filterd::start_mediated(&s, &[]);
     let fe = frontend(&s);
     let _h = fe.open(req("locked", Rights::NONE, None)).unwrap();
@@ -894,23 +906,9 @@ fn a_bind_mounted_export_is_mediated_through_every_mount() {
 /// local open of the share-none file, through every mount, got through.
 #[test]
 fn a_file_opened_through_another_mount_while_being_created_is_still_mediated() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: fanotify needs root");
+    let Some((s, fs, _fs)) = subtree_export("fan-subtree-create") else {
         return;
-    }
-    let s = Scratch::new("fan-subtree-create");
-    let fs = s.dir.join("fs");
-    std::fs::create_dir(&fs).unwrap();
-    let _fs = mount_tmpfs(&fs, "16m");
-    std::fs::create_dir(fs.join("real")).unwrap();
-    nix::mount::mount(
-        Some(&fs.join("real")),
-        &s.root(),
-        None::<&str>,
-        nix::mount::MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .expect("bind-mounting the export");
+    };
     // The create stalls between making the file and taking it in.
     let _d = Filterd::start_mediated_with(
         &s,
@@ -963,4 +961,108 @@ fn a_client_path_crossing_a_mount_added_later_is_refused() {
     fe.open(req("g", Rights::ALL, None)).unwrap();
     drop(fe);
     drop(d);
+}
+
+/// The scheduler state of thread `tid` of this process (`/proc`): `D` while
+/// it waits, killable, for a fanotify verdict.
+fn thread_state(tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// With a subtree export, an open outside the export never waits behind
+/// the export's: while `--max-local-pending` (3) local opens of the export
+/// wait for a stalled engine and three more queue behind them, a local open
+/// of a file outside the export is answered at once — before any of the
+/// export's. Those wait in the reader's backlog and are decided when the
+/// engine goes on (share none still refuses); one more, past the full
+/// backlog, is refused at once. Before, the single reader
+/// stopped reading once the export's waiting opens reached the limit, and
+/// every open on the filesystem that no ignore mark covered waited behind
+/// them.
+#[test]
+fn opens_outside_a_subtree_export_never_wait_behind_the_exports() {
+    let Some((s, fs, _fs)) = subtree_export("fan-subtree-backlog") else {
+        return;
+    };
+    std::fs::write(fs.join("outside"), b"o").unwrap();
+    for i in 0..6 {
+        std::fs::write(fs.join(format!("real/p{i}")), b"p").unwrap();
+    }
+    // Requests: 1 the open; 2 (a status) stalls the engine for 10 s, well
+    // within the verdict deadline (20 s + 2 s).
+    let d = Filterd::start_mediated_with(
+        &s,
+        &["--max-local-pending", "3", "--break-timeout-ms", "20000"],
+        &[("RKFILTER_FAILPOINTS", "engine.request:2:sleep10000")],
+    );
+    let fe = frontend(&s);
+    let _h = fe.open(req("held", Rights::NONE, None)).unwrap();
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    std::thread::spawn(move || {
+        let _ = ctl.stats();
+    });
+    d.wait_log(
+        "failpoint engine.request: stalling",
+        Duration::from_secs(10),
+    );
+    // Six opens of the export, each from its own thread.
+    let (tid_tx, tid_rx) = crossbeam_channel::unbounded();
+    let (done_tx, done) = crossbeam_channel::unbounded();
+    let names: Vec<String> = (0..5)
+        .map(|i| format!("p{i}"))
+        .chain(["held".to_owned()])
+        .collect();
+    for name in names.clone() {
+        let (tid_tx, done_tx, p) = (tid_tx.clone(), done_tx.clone(), s.root().join(&name));
+        std::thread::spawn(move || {
+            let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+            let _ = done_tx.send((name, std::fs::File::open(p).map(drop)));
+        });
+    }
+    let tids: Vec<i32> = (0..names.len())
+        .map(|_| tid_rx.recv_timeout(Duration::from_secs(10)).unwrap())
+        .collect();
+    wait_for(
+        "every opener of the export to wait for its verdict",
+        Duration::from_secs(10),
+        || {
+            tids.iter()
+                .all(|&t| thread_state(t) == Some('D'))
+                .then_some(())
+        },
+    );
+    // Outside the export: answered while the export's opens still wait.
+    let outside = local_open(fs.join("outside"));
+    let r = outside
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the open outside the export is answered");
+    assert!(r.is_ok(), "{r:?}");
+    assert!(
+        done.is_empty(),
+        "the open outside the export waited behind the export's: {:?}",
+        done.try_recv()
+    );
+    // The backlog is full (as many as `--max-local-pending`): one more
+    // open of the export is refused as undecided, at once, rather than
+    // stalling the reader.
+    let extra = local_open(s.root().join("p5"))
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the open past the backlog is answered");
+    assert_eq!(
+        extra.as_ref().map_err(std::io::Error::raw_os_error),
+        Err(Some(libc::EPERM)),
+        "{extra:?}"
+    );
+    assert!(done.is_empty(), "{:?}", done.try_recv());
+    for _ in 0..names.len() {
+        let (name, r) = done
+            .recv_timeout(Duration::from_secs(30))
+            .expect("every open of the export is answered");
+        assert_eq!(r.is_ok(), name != "held", "{name}: {r:?}");
+    }
+    let st = d.control().stats().unwrap();
+    assert_eq!(st.local_opens_backlogged, 3, "{st:?}");
+    assert_eq!(st.local_opens_overloaded, 1, "{st:?}");
+    assert_eq!(st.local_opens_watchdog, 0, "{st:?}");
 }

@@ -151,11 +151,8 @@ fn the_fanotify_reader_never_waits_on_the_engine() {
 /// A local open in another thread: its outcome, or a panic if it is not
 /// answered within 20 s.
 fn local_open(p: std::path::PathBuf) -> std::io::Result<u64> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(std::fs::File::open(p).and_then(|f| f.metadata().map(|m| m.ino())));
-    });
-    rx.recv_timeout(Duration::from_secs(20))
+    local_open_in_background(p)
+        .recv_timeout(Duration::from_secs(20))
         .expect("the local open is answered")
 }
 
@@ -179,37 +176,77 @@ fn set_fd_limit(pid: u32, n: u32) {
     assert!(st.success());
 }
 
-/// filterd out of descriptors (its limit lowered under what it holds):
-/// reading the fanotify group fails (EMFILE: the kernel cannot make the
-/// event's descriptor, and refuses that open). Mediation must not stop
-/// while the mark stays: the local open is answered, not left hanging,
-/// and once descriptors are free again local opens are decided again
-/// (before, the reader thread returned and every local open of the export
-/// hung).
+/// filterd out of descriptors (its limit lowered to what it holds): the
+/// kernel could not make a fanotify event's descriptor, and would refuse
+/// that open (EMFILE), so filterd leaves the event queued in the kernel:
+/// the local open waits, and is decided (allowed) once a descriptor is
+/// free again — and a share-none file is still refused. Only past the
+/// verdict deadline (break timeout + 2 s) with no descriptor free is an
+/// open refused, counted as a watchdog answer. Before, the reader read the
+/// event anyway and the kernel refused the open at once (with one
+/// descriptor free, the reader's duplicate of it failed and the reader
+/// refused it).
 #[test]
-fn mediation_survives_running_out_of_descriptors() {
+fn a_local_open_waits_for_a_free_descriptor_instead_of_being_refused() {
     let Some(s) = Scratch::with_tmpfs("fan-emfile") else {
         return;
     };
     std::fs::write(s.root().join("plain"), b"x").unwrap();
-    let d = Filterd::start_mediated(&s, &[]);
+    std::fs::write(s.root().join("other"), b"x").unwrap();
+    // Verdict deadline: 3 s + 2 s.
+    let d = Filterd::start_mediated(&s, &["--break-timeout-ms", "3000"]);
     let fe = frontend(&s);
     let _held = fe.open(req("held", Rights::NONE)).unwrap();
     let p = s.root().join("plain");
     let ino = std::fs::metadata(&p).unwrap().ino();
     // No descriptor left at all.
     set_fd_limit(d.pid(), lowest_free_fd(d.pid()));
-    // Linux 6.18 refuses it (EPERM): the kernel denies a permission event
-    // whose descriptor it could not make. The reader goes on reading.
-    let _refused = local_open(p.clone());
+    let waiting = local_open_in_background(p);
+    wait_for(
+        "filterd to wait for a descriptor",
+        Duration::from_secs(20),
+        || {
+            if let Ok(r) = waiting.try_recv() {
+                panic!("the local open was answered with no descriptor free: {r:?}");
+            }
+            d.log_text()
+                .contains("no descriptor free to read a fanotify event with")
+                .then_some(())
+        },
+    );
     set_fd_limit(d.pid(), 4096);
-    assert_eq!(local_open(p).unwrap(), ino);
+    let opened = waiting
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the local open is answered once descriptors are free");
+    assert_eq!(opened.unwrap(), ino, "the waiting local open is allowed");
     assert!(
         local_open(s.root().join("held")).is_err(),
-        "a share-none file is mediated again"
+        "a share-none file is mediated as before"
     );
+    // Starved past the verdict deadline: refused, as any undecided open.
+    set_fd_limit(d.pid(), lowest_free_fd(d.pid()));
+    let t0 = std::time::Instant::now();
+    let late = local_open(s.root().join("other"));
+    assert_eq!(
+        late.as_ref().map_err(std::io::Error::raw_os_error),
+        Err(Some(libc::EPERM)),
+        "{late:?}"
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(4), "{:?}", t0.elapsed());
+    set_fd_limit(d.pid(), 4096);
     let st = d.control().stats().unwrap();
-    assert!(st.fanotify_read_errors > 0, "{st:?}");
+    assert!(st.fanotify_waits_for_descriptors >= 2, "{st:?}");
+    assert!(st.local_opens_watchdog >= 1, "{st:?}");
+    assert_eq!(st.local_opens_overloaded, 0, "{st:?}");
+}
+
+/// A local open in another thread; its outcome arrives on the receiver.
+fn local_open_in_background(p: std::path::PathBuf) -> mpsc::Receiver<std::io::Result<u64>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::File::open(p).and_then(|f| f.metadata().map(|m| m.ino())));
+    });
+    rx
 }
 
 /// Protocol opens stop short of filterd's descriptor limit, keeping a

@@ -28,7 +28,13 @@ impl Engine {
     /// Decides a local process's open: it counts as a read that shares
     /// everything (share modes that exclude readers refuse it); conflicting
     /// caching leases are broken first, the open waiting for the acks.
-    pub(super) fn on_local_open(&mut self, file: FileId, pid: i32, fd: OwnedFd, reply: LocalReply) {
+    pub(super) fn on_local_open(
+        &mut self,
+        file: FileId,
+        pid: i32,
+        fd: Arc<OwnedFd>,
+        reply: LocalReply,
+    ) {
         use crate::local::Verdict;
         // A step of its own: a purge it makes is settled by its own commit.
         self.begin_request();

@@ -153,7 +153,7 @@ pub struct Engine {
     /// Local opens waiting for lease breaks, or for the commit of their
     /// file's create (`durable::create_pending`): file, the opener's pid
     /// (0: already remembered), verdict, event descriptor.
-    waiting_local: Vec<(FileId, i32, LocalReply, OwnedFd)>,
+    waiting_local: Vec<(FileId, i32, LocalReply, Arc<OwnedFd>)>,
     /// Files whose waiting requests and local opens run again once a
     /// sequence is resolved (durable or abandoned), by that sequence.
     commit_waits: BTreeMap<u64, std::collections::BTreeSet<FileId>>,
@@ -1080,6 +1080,11 @@ impl Engine {
                 s.fanotify_overflows = self.local_counters.overflows.load(Ordering::Relaxed);
                 s.fanotify_read_errors = self.local_counters.read_errors.load(Ordering::Relaxed);
                 s.ignore_mark_failures = self.local_counters.mark_failures.load(Ordering::Relaxed);
+                s.fanotify_waits_for_descriptors = self
+                    .local_counters
+                    .waits_for_descriptors
+                    .load(Ordering::Relaxed);
+                s.local_opens_backlogged = self.local_counters.backlogged.load(Ordering::Relaxed);
                 s.local_opens_lease_refused =
                     self.local_counters.lease_refused.load(Ordering::Relaxed);
                 s.local_opens_denied_by_default = self

@@ -1323,7 +1323,7 @@ fn a_local_open_of_a_create_still_committing_waits_for_its_outcome() {
             h.run(Request::Close { key });
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let fd: Arc<OwnedFd> = Arc::new(std::fs::File::open("/dev/null").unwrap().into());
         let reply = LocalReply(Box::new(move |v| {
             let _ = tx.send(v);
         }));
@@ -1942,7 +1942,7 @@ fn a_local_open_during_a_pending_expiry_still_meets_its_share_mode() {
     let local_open = |h: &mut Harness| {
         let got = Arc::new(Mutex::new(None));
         let sink = got.clone();
-        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let fd = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
         h.engine.on_local_open(
             file,
             0,
