@@ -501,6 +501,7 @@ fn open_file(
             let known = sh.notifier.granted(
                 l.key,
                 c.id,
+                c.client_guid,
                 Holder::Lease {
                     v2: asked.v2.is_some(),
                 },
@@ -511,6 +512,7 @@ fn open_file(
             sh.notifier.granted(
                 l.key,
                 c.id,
+                c.client_guid,
                 Holder::Oplock {
                     file_id: file_id_bytes(pid, id),
                 },
@@ -828,6 +830,7 @@ fn reconnect(
             sh.notifier.granted(
                 l.key,
                 c.id,
+                c.client_guid,
                 Holder::Oplock {
                     file_id: file_id_bytes(pid, id),
                 },
@@ -837,6 +840,7 @@ fn reconnect(
             sh.notifier.granted(
                 l.key,
                 c.id,
+                c.client_guid,
                 Holder::Lease {
                     v2: asked.v2.is_some(),
                 },

@@ -646,6 +646,23 @@ fn read_full(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<
     Ok(done)
 }
 
+/// After a WRITE or a LOCK through filterd handle `key`: other keys'
+/// read caching of the file goes (MS-FSA 2.1.4.12: R and RH leases and
+/// level II oplocks break to none); only asked while some lease is held
+/// through this rksmbd at all. The request does not wait for the
+/// acknowledgements.
+pub(crate) fn break_read_caching(sh: &Shared, key: ResumeKey) {
+    if sh.notifier.any_held() {
+        if let Err(e) = sh
+            .filter
+            .client()
+            .call(libfilter::proto::Request::BreakReadCaching { key })
+        {
+            tracing::warn!(resume_key = %key, error = %e, "read caching not broken");
+        }
+    }
+}
+
 /// WRITE (2.2.21).
 fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
     let mut r = Reader::new(req.body);
@@ -666,18 +683,7 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     file.write_all_at(data, offset).map_err(io_status)?;
     // Landed: a lock waiting for it may be granted now.
     drop(pass);
-    // Other clients' read caching of the file goes (MS-FSA 2.1.5.3);
-    // only asked while some lease is held through this rksmbd at all.
-    if c.sh.notifier.any_held() {
-        let key = *key;
-        if let Err(e) =
-            c.sh.filter
-                .client()
-                .call(libfilter::proto::Request::BreakReadCaching { key })
-        {
-            tracing::warn!(resume_key = %key, error = %e, "read caching not broken");
-        }
-    }
+    break_read_caching(&c.sh, *key);
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
     Ok(Reply::ok(w.0))
