@@ -905,6 +905,35 @@ fn set_times(fd: std::os::fd::BorrowedFd<'_>, atime: u64, mtime: u64) -> Result<
     nix::sys::stat::futimens(fd, &spec(atime), &spec(mtime)).map_err(errno_status)
 }
 
+/// Renames filterd handle `key`'s file. filterd answers once other keys'
+/// handle caching is broken and acknowledged (MS-FSA 2.1.5.14.11) — and
+/// the acknowledgement may come from this very client, on this very
+/// connection (smbtorture smb2.lease.v2_rename): the call runs on a
+/// thread of its own while this connection keeps being served.
+fn rename_serving(
+    c: &mut Connection,
+    key: ResumeKey,
+    to: RelPath,
+    replace: bool,
+) -> Result<(), u32> {
+    use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+    let client = c.sh.filter.client();
+    let (tx, rx) = sync_channel(1);
+    std::thread::Builder::new()
+        .name("rksmbd-rename".into())
+        .spawn(move || {
+            let _ = tx.send(client.rename(key, to, replace, None));
+        })
+        .map_err(|_| status::INSUFFICIENT_RESOURCES)?;
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(5)) {
+            Ok(r) => return r.map_err(|e| status_of(&e)),
+            Err(RecvTimeoutError::Timeout) => c.pump(std::time::Duration::from_millis(20)),
+            Err(RecvTimeoutError::Disconnected) => return Err(status::INSUFFICIENT_RESOURCES),
+        }
+    }
+}
+
 fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(), u32> {
     let sh = c.sh.clone();
     let o = get(c, id)?;
@@ -917,10 +946,8 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
     }
     match &o.kind {
         Kind::File { key, .. } => {
-            sh.filter
-                .client()
-                .rename(*key, to.clone(), replace, None)
-                .map_err(|e| status_of(&e))?;
+            let key = *key;
+            rename_serving(c, key, to.clone(), replace)?;
         }
         Kind::Dir { .. } => {
             let Some(from) = &o.path else {
