@@ -235,11 +235,11 @@ impl Engine {
                     if let Some(l) = other {
                         others_leases.push((l.state, lease::is_oplock_key(&l.key)));
                     }
-                    if self
-                        .handles
-                        .get(k)
-                        .is_some_and(|h| h.rec.conn != ConnState::Lost)
-                    {
+                    // A stat open without a lease is no other open
+                    // (smb2.lease.statopen2); with one, its lease is.
+                    if self.handles.get(k).is_some_and(|h| {
+                        h.rec.conn != ConnState::Lost && (!h.stat || h.rec.lease.is_some())
+                    }) {
                         others_open = true;
                     }
                 }
