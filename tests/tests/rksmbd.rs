@@ -561,7 +561,14 @@ const DURABLE_OPEN_PASSING: &[&str] = &[
 /// (v2_epoch2, v2_epoch3); a stat open refuses nobody (statopen); a
 /// lease v2 epoch starts one above the
 /// client's (v2_epoch1); a lease key names one file of its client's
-/// (duplicate_create, duplicate_open).
+/// (duplicate_create, duplicate_open); a write or a byte-range lock
+/// breaks other keys' R and RH leases to none, and breaks go to the
+/// client's oldest connection (lock1, complex1, v2_complex1); oplocks
+/// and leases side by side (oplock); a stat open breaks nothing and
+/// keeps no lease from being granted (statopen2–4); a rename waits for
+/// an acknowledgement this very connection sends (v2_rename,
+/// rename_wait); a delete on close breaks other keys' H caching
+/// (unlink).
 const LEASE_PASSING: &[&str] = &[
     "upgrade",
     "upgrade2",
@@ -579,6 +586,16 @@ const LEASE_PASSING: &[&str] = &[
     "duplicate_open",
     "v1_bug15148",
     "v2_bug15148",
+    "lock1",
+    "complex1",
+    "v2_complex1",
+    "oplock",
+    "statopen2",
+    "statopen3",
+    "statopen4",
+    "v2_rename",
+    "rename_wait",
+    "unlink",
 ];
 
 /// The smb2.replay tests rksmbd passes, run one by one: replay5 (a
@@ -589,7 +606,9 @@ const LEASE_PASSING: &[&str] = &[
 /// replay-dhv2 tests, where a replayed DH2Q CREATE returns the original
 /// open of this connection unchanged (or ACCESS_DENIED for a lease it did
 /// not get); channel-sequence (MS-SMB2 3.3.5.2.10: a WRITE, SET_INFO or
-/// IOCTL from a stale channel sequence is STATUS_FILE_NOT_AVAILABLE).
+/// IOCTL from a stale channel sequence is STATUS_FILE_NOT_AVAILABLE);
+/// replay-dhv2-oplock2, replay-dhv2-oplock3 and replay6 (a batch oplock
+/// breaks to level II, also for an open that meets a sharing violation).
 const REPLAY_PASSING: &[&str] = &[
     "replay-commands",
     "replay-regular",
@@ -601,6 +620,9 @@ const REPLAY_PASSING: &[&str] = &[
     "replay-dhv2-lease-oplock",
     "channel-sequence",
     "replay5",
+    "replay-dhv2-oplock2",
+    "replay-dhv2-oplock3",
+    "replay6",
 ];
 
 /// The smb2.lock tests rksmbd passes (docs/smb3.md says why the others
