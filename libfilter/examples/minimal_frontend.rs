@@ -42,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     })?;
     println!("opened {} ({})", h.info.key, h.info.create_action);
 

@@ -26,7 +26,7 @@
 //!     lease: None,
 //!     no_wait: false,
 //!     share_group: None,
-//! })?;
+//!  stat: false, })?;
 //! // h.fd is the open file: pread/pwrite it directly.
 //! c.close(h.info.key)?;
 //! # Ok(()) }

@@ -164,6 +164,19 @@ pub fn break_to(held: LeaseState, t: BreakTrigger) -> Option<LeaseState> {
 /// leases) rather than the table above: rksmbd's.
 pub const MSFSA_PROTOCOL: &str = "smb2";
 
+/// The first bytes of the lease keys an SMB 2/3 frontend makes for the
+/// oplocks it models as leases (level II R, exclusive RW, batch RWH):
+/// MS-FSA breaks and grants oplocks by other rules than leases, so the
+/// filter must tell them apart. A client's own lease keys are GUIDs it
+/// chose; one starting with these eight bytes is taken for an oplock.
+pub const OPLOCK_KEY_TAG: &[u8; 8] = b"rksmbdop";
+
+/// Whether `k` is a key an SMB 2/3 frontend made for an oplock
+/// ([`OPLOCK_KEY_TAG`]).
+pub fn is_oplock_key(k: &LeaseKey) -> bool {
+    k.0.as_bytes().starts_with(OPLOCK_KEY_TAG)
+}
+
 /// MS-FSA 2.1.5.1.2.2: the state a held SMB 2/3 lease of another key must
 /// break to when the file is opened. When the open would fail with a
 /// sharing violation, only H caching goes (the holder may close its
@@ -172,12 +185,20 @@ pub const MSFSA_PROTOCOL: &str = "smb2";
 /// open may read what the holder cached). An overwrite or supersede takes
 /// everything (no H-only state exists to break to). An open never takes
 /// read caching away otherwise — a write does.
+///
+/// An oplock (`oplock`: the holder's key is an [`is_oplock_key`]) has no
+/// H-only or RW-without-H step: an exclusive or batch oplock breaks to
+/// level II (R) on any open, sharing violation or not (MS-FSA 2.1.4.12,
+/// "BreakToTwo"), and to none on an overwrite or supersede.
 pub fn break_to_on_open(
     held: LeaseState,
     handle_conflict: bool,
     truncates: bool,
+    oplock: bool,
 ) -> Option<LeaseState> {
-    let mut to = if handle_conflict {
+    let mut to = if oplock {
+        held.and(LeaseState::R)
+    } else if handle_conflict {
         held.without(LeaseState::H)
     } else {
         held.without(LeaseState::W)
@@ -186,6 +207,43 @@ pub fn break_to_on_open(
         to = LeaseState::NONE;
     }
     (to != held).then_some(to)
+}
+
+/// MS-FSA 2.1.4.12 for a WRITE or a byte-range LOCK through another key's
+/// open: read caching of SMB 2/3 leases that do not also cache writes
+/// (R, RH) and level II oplocks go to none. (A lease with W cannot be
+/// held beside another key's open.) RH needs an acknowledgement
+/// ([`ack_required`]), R does not; the write or lock does not wait.
+pub fn break_for_write(held: LeaseState) -> Option<LeaseState> {
+    (held.contains(LeaseState::R) && !held.contains(LeaseState::W)).then_some(LeaseState::NONE)
+}
+
+/// What an SMB 2/3 key asking for `requested` is granted beside other
+/// keys' leases and oplocks ([`grantable`] first): an oplock is refused
+/// (none) beside a lease that caches handles, and a lease gets no H
+/// caching beside an oplock that still holds anything (MS-FSA 2.1.5.17,
+/// as Windows and Samba grant them: smbtorture smb2.lease.oplock). An
+/// oplock that cannot cache writes is level II: R alone (it is broken
+/// without an acknowledgement).
+/// `others`: the states and oplock-ness of the other keys on the file.
+pub fn grantable_beside(
+    requested: LeaseState,
+    oplock: bool,
+    others: impl IntoIterator<Item = (LeaseState, bool)>,
+) -> LeaseState {
+    let mut g = requested;
+    for (st, other_oplock) in others {
+        if oplock && !other_oplock && st.contains(LeaseState::H) {
+            return LeaseState::NONE;
+        }
+        if !oplock && other_oplock && !st.is_none() {
+            g = g.without(LeaseState::H);
+        }
+    }
+    if oplock && !g.contains(LeaseState::W) {
+        g = g.and(LeaseState::R);
+    }
+    g
 }
 
 /// The state a held lease must break to when its file is renamed or
@@ -267,16 +325,59 @@ mod tests {
     fn windows_open_breaks() {
         // smbtorture smb2.lease.break's table: RWH contended becomes RH,
         // RW becomes R, R and RH stay.
-        assert_eq!(break_to_on_open(st("RWH"), false, false), Some(st("RH")));
-        assert_eq!(break_to_on_open(st("RW"), false, false), Some(st("R")));
-        assert_eq!(break_to_on_open(st("RH"), false, false), None);
-        assert_eq!(break_to_on_open(st("R"), false, false), None);
+        let lease = |held, hc, tr| break_to_on_open(st(held), hc, tr, false);
+        assert_eq!(lease("RWH", false, false), Some(st("RH")));
+        assert_eq!(lease("RW", false, false), Some(st("R")));
+        assert_eq!(lease("RH", false, false), None);
+        assert_eq!(lease("R", false, false), None);
         // smb2.lease.break_twice: a sharing conflict takes H alone.
-        assert_eq!(break_to_on_open(st("RH"), true, false), Some(st("R")));
-        assert_eq!(break_to_on_open(st("RWH"), true, false), Some(st("RW")));
-        assert_eq!(break_to_on_open(st("RW"), true, false), None);
-        assert_eq!(break_to_on_open(st("R"), false, true), Some(st("")));
-        assert_eq!(break_to_on_open(st("RH"), false, true), Some(st("")));
+        assert_eq!(lease("RH", true, false), Some(st("R")));
+        assert_eq!(lease("RWH", true, false), Some(st("RW")));
+        assert_eq!(lease("RW", true, false), None);
+        assert_eq!(lease("R", false, true), Some(st("")));
+        assert_eq!(lease("RH", false, true), Some(st("")));
+    }
+
+    #[test]
+    fn windows_oplock_breaks_and_grants() {
+        // smb2.replay.replay-dhv2-oplock2: a batch oplock meeting a
+        // sharing violation breaks to level II, not to exclusive.
+        let oplock = |held, hc, tr| break_to_on_open(st(held), hc, tr, true);
+        assert_eq!(oplock("RWH", true, false), Some(st("R")));
+        assert_eq!(oplock("RWH", false, false), Some(st("R")));
+        assert_eq!(oplock("RW", false, false), Some(st("R")));
+        assert_eq!(oplock("R", true, false), None);
+        assert_eq!(oplock("RWH", false, true), Some(st("")));
+        // A write or a lock takes R and RH leases to none.
+        assert_eq!(break_for_write(st("R")), Some(st("")));
+        assert_eq!(break_for_write(st("RH")), Some(st("")));
+        assert_eq!(break_for_write(st("")), None);
+        assert_eq!(break_for_write(st("RWH")), None);
+        // smb2.lease.oplock: no oplock beside an RH lease, no H beside an
+        // oplock; R leases and level II oplocks mix.
+        assert_eq!(grantable_beside(st("R"), true, [(st("RH"), false)]), st(""));
+        assert_eq!(grantable_beside(st("R"), true, [(st("R"), false)]), st("R"));
+        assert_eq!(
+            grantable_beside(st("RH"), true, [(st("R"), false)]),
+            st("R")
+        );
+        assert_eq!(grantable_beside(st("RWH"), true, []), st("RWH"));
+        assert_eq!(
+            grantable_beside(st("RH"), false, [(st("R"), true)]),
+            st("R")
+        );
+        assert_eq!(
+            grantable_beside(st("RH"), false, [(st(""), true)]),
+            st("RH")
+        );
+        assert_eq!(
+            grantable_beside(st("RH"), false, [(st("RH"), false)]),
+            st("RH")
+        );
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(OPLOCK_KEY_TAG);
+        assert!(is_oplock_key(&LeaseKey(Uuid::from_bytes(k))));
+        assert!(!is_oplock_key(&LeaseKey(Uuid::from_bytes([1; 16]))));
     }
 
     fn any_state() -> impl Strategy<Value = LeaseState> {
@@ -310,6 +411,24 @@ mod tests {
                 if writes { prop_assert!(!held.contains(LeaseState::R)); }
                 if hc { prop_assert!(!held.contains(LeaseState::H)); }
             }
+        }
+
+        #[test]
+        fn windows_breaks_only_lower(held in any_state(), hc: bool, tr: bool, op: bool) {
+            if let Some(to) = break_to_on_open(held, hc, tr, op) {
+                prop_assert!(held.contains(to) && to != held);
+                prop_assert!(LeaseState::parse(&to.to_string()).is_some());
+                if tr { prop_assert!(to.is_none()); }
+            }
+            if let Some(to) = break_for_write(held) {
+                prop_assert!(held.contains(to) && to != held);
+            }
+        }
+
+        #[test]
+        fn grant_beside_never_exceeds_request(req in any_state(), op: bool, other in any_state(), oop: bool) {
+            let g = grantable_beside(req, op, [(other, oop)]);
+            prop_assert!(req.contains(g));
         }
 
         #[test]

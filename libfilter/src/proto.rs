@@ -422,6 +422,14 @@ pub struct OpenRequest {
     /// deny. smbl/1 leaves it unset: there, every open's modes count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_group: Option<String>,
+    /// An attribute-only open (MS-FSA 2.1.5.1.2, a "stat open": SMB 2/3
+    /// opens asking only for attributes, security reads or SYNCHRONIZE).
+    /// It takes no part in sharing, breaks no lease and does not count as
+    /// another open when leases are granted. Kept in filterd's memory
+    /// only: after a reattach or a filterd restart the handle counts as
+    /// the reader its access says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stat: bool,
 }
 
 /// Which handle to resume.
@@ -992,6 +1000,7 @@ mod tests {
                 lease: None,
                 no_wait: false,
                 share_group: None,
+                stat: false,
             }),
         };
         let b = encode(&f).unwrap();

@@ -62,6 +62,7 @@ fn req(
         }),
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

@@ -39,6 +39,7 @@ fn req(path: &str, guid: CreateGuid) -> OpenRequest {
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

@@ -38,6 +38,7 @@ fn open_req(path: &str, durability: Durability, guid: Option<CreateGuid>) -> Ope
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

@@ -45,6 +45,7 @@ fn open_req(path: &str, disp: Disposition, guid: CreateGuid) -> OpenRequest {
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

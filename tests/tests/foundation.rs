@@ -40,6 +40,7 @@ fn req(
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

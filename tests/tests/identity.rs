@@ -35,6 +35,7 @@ fn req(path: &str, client: &str, share: Rights, durability: Durability) -> OpenR
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

@@ -36,6 +36,7 @@ fn req(path: &str, share: Rights) -> OpenRequest {
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

@@ -42,6 +42,7 @@ fn open(
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     })
     .unwrap()
 }
@@ -291,6 +292,7 @@ fn lock_sequence_replays_and_locks_survive_kill9() {
             lease: None,
             no_wait: false,
             share_group: None,
+            stat: false,
         })
         .unwrap();
     assert_eq!(h.info.key, key);

@@ -71,6 +71,7 @@ fn persistent(client: &str, path: &str, disp: Disposition) -> OpenRequest {
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

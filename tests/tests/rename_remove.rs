@@ -38,6 +38,7 @@ fn open_req(
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

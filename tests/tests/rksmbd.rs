@@ -602,7 +602,15 @@ const DURABLE_OPEN_PASSING: &[&str] = &[
 /// STATUS_UNSUCCESSFUL, one of a state the break does not allow
 /// STATUS_REQUEST_NOT_ACCEPTED (breaking1, breaking2, breaking5,
 /// breaking6); a client that drops its connection while an open waits
-/// for its break lets that open in (timeout-disconnect).
+/// for its break lets that open in (timeout-disconnect);
+/// a write or a byte-range lock
+/// breaks other keys' R and RH leases to none, and breaks go to the
+/// client's oldest connection (lock1, complex1, v2_complex1); oplocks
+/// and leases side by side (oplock); a stat open breaks nothing and
+/// keeps no lease from being granted (statopen2–4); a rename waits for
+/// an acknowledgement this very connection sends (v2_rename,
+/// rename_wait); a delete on close breaks other keys' H caching
+/// (unlink).
 const LEASE_PASSING: &[&str] = &[
     "breaking1",
     "breaking2",
@@ -625,6 +633,16 @@ const LEASE_PASSING: &[&str] = &[
     "duplicate_open",
     "v1_bug15148",
     "v2_bug15148",
+    "lock1",
+    "complex1",
+    "v2_complex1",
+    "oplock",
+    "statopen2",
+    "statopen3",
+    "statopen4",
+    "v2_rename",
+    "rename_wait",
+    "unlink",
 ];
 
 /// The smb2.replay tests rksmbd passes, run one by one: replay5 (a
@@ -639,7 +657,9 @@ const LEASE_PASSING: &[&str] = &[
 /// the dhv2-pending1*-sane tests, where a DH2Q CREATE waiting for a lease
 /// break gets an interim STATUS_PENDING and its replay meanwhile
 /// STATUS_FILE_NOT_AVAILABLE (as Samba answers; the -windows variants
-/// want Windows' answers).
+/// want Windows' answers);
+/// replay-dhv2-oplock2, replay-dhv2-oplock3 and replay6 (a batch oplock
+/// breaks to level II, also for an open that meets a sharing violation).
 const REPLAY_PASSING: &[&str] = &[
     "dhv2-pending1n-vs-violation-lease-close-sane",
     "dhv2-pending1n-vs-violation-lease-ack-sane",
@@ -659,6 +679,9 @@ const REPLAY_PASSING: &[&str] = &[
     "replay-dhv2-lease-oplock",
     "channel-sequence",
     "replay5",
+    "replay-dhv2-oplock2",
+    "replay-dhv2-oplock3",
+    "replay6",
 ];
 
 /// The smb2.lock tests rksmbd passes (docs/smb3.md says why the others

@@ -40,6 +40,7 @@ fn req(client: &str, path: &str, share: Rights, durability: Durability) -> OpenR
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     }
 }
 

@@ -167,6 +167,7 @@ fn a_state_dir_with_json_records_opens_and_its_handles_resume() {
             lease: None,
             no_wait: false,
             share_group: None,
+            stat: false,
         })
         .unwrap()
         .info

@@ -127,6 +127,7 @@ fn changes_are_fsynced_before_the_commit_and_replies_come_after() {
             lease: None,
             no_wait: false,
             share_group: None,
+            stat: false,
         })
         .unwrap();
     fe.rename(h.info.key, RelPath::new("moved").unwrap(), false, None)

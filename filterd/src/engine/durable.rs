@@ -863,6 +863,7 @@ impl Engine {
                     parked: false,
                     lock_fd: None,
                     linked: false,
+                    stat: false,
                 });
             }
             (None, false) => {}

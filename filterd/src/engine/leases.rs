@@ -34,7 +34,7 @@ impl Engine {
         group: Option<&super::opens::ShareGroup>,
         truncates: bool,
     ) -> bool {
-        self.break_leases(file, requester, |state, keys, this| {
+        self.break_leases(file, requester, |lk, state, keys, this| {
             let own = |k: &ResumeKey| {
                 group.is_some_and(|g| this.handles.get(k).is_some_and(|h| g.holds(h)))
             };
@@ -61,7 +61,8 @@ impl Engine {
                 .filter_map(|k| this.handles.get(k))
                 .any(|h| h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL);
             if windows {
-                return lease::break_to_on_open(state, handle_conflict, truncates);
+                let oplock = lease::is_oplock_key(&lk);
+                return lease::break_to_on_open(state, handle_conflict, truncates, oplock);
             }
             lease::break_to(
                 state,
@@ -80,14 +81,17 @@ impl Engine {
         file: FileId,
         requester: Option<LeaseKey>,
     ) -> bool {
-        self.break_leases(file, requester, |state, _, _| {
+        self.break_leases(file, requester, |_, state, _, _| {
             lease::break_for_namespace(state)
         })
     }
 
-    /// A write through handle `key` (attached to `conn`): other keys'
-    /// read-only leases on its file go to none at once (they need no
-    /// acknowledgement); see `Request::BreakReadCaching`.
+    /// A write or a byte-range lock through handle `key` (attached to
+    /// `conn`): other keys' read-only leases on its file go to none at
+    /// once (they need no acknowledgement), and so do — for a handle of
+    /// [`lease::MSFSA_PROTOCOL`] — their RH leases, whose holders are
+    /// asked to acknowledge ([`lease::break_for_write`]); the write does
+    /// not wait. See `Request::BreakReadCaching`.
     pub(super) fn break_read_caching(
         &mut self,
         conn: ConnId,
@@ -100,8 +104,13 @@ impl Engine {
             ));
         };
         let (file, own) = (h.rec.file, h.rec.lease.map(|l| l.key));
-        self.break_leases(file, own, |state, _, _| {
-            (state == LeaseState::R).then_some(LeaseState::NONE)
+        let windows = h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL;
+        self.break_leases(file, own, |_, state, _, _| {
+            if windows {
+                lease::break_for_write(state)
+            } else {
+                (state == LeaseState::R).then_some(LeaseState::NONE)
+            }
         });
         Ok(())
     }
@@ -112,14 +121,14 @@ impl Engine {
         &mut self,
         file: FileId,
         requester: Option<LeaseKey>,
-        target: impl Fn(LeaseState, &[ResumeKey], &Self) -> Option<LeaseState>,
+        target: impl Fn(LeaseKey, LeaseState, &[ResumeKey], &Self) -> Option<LeaseState>,
     ) -> bool {
         let mut wait = false;
         for (lk, state, keys) in self.leases_on(file) {
             if Some(lk) == requester {
                 continue;
             }
-            let Some(to) = target(state, &keys, self) else {
+            let Some(to) = target(lk, state, &keys, self) else {
                 continue;
             };
             if self.breaking.contains_key(&(file, lk)) {
@@ -215,18 +224,22 @@ impl Engine {
         let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
         let mut existing: Option<HeldLease> = None;
         let mut others_open = false;
+        let mut others_leases: Vec<(LeaseState, bool)> = Vec::new();
         for k in &keys {
             if *k == key {
                 continue;
             }
             match self.handles.get(k).and_then(|h| h.rec.lease) {
                 Some(l) if l.key == lr.key => existing = Some(l),
-                _ => {
-                    if self
-                        .handles
-                        .get(k)
-                        .is_some_and(|h| h.rec.conn != ConnState::Lost)
-                    {
+                other => {
+                    if let Some(l) = other {
+                        others_leases.push((l.state, lease::is_oplock_key(&l.key)));
+                    }
+                    // A stat open without a lease is no other open
+                    // (smb2.lease.statopen2); with one, its lease is.
+                    if self.handles.get(k).is_some_and(|h| {
+                        h.rec.conn != ConnState::Lost && (!h.stat || h.rec.lease.is_some())
+                    }) {
                         others_open = true;
                     }
                 }
@@ -234,7 +247,7 @@ impl Engine {
         }
         // A local process holding the file is another open (no lease).
         others_open |= self.local_openers.get(&file).is_some_and(|l| l.present());
-        let granted = lease::grantable(lr.state, others_open);
+        let mut granted = lease::grantable(lr.state, others_open);
         // Windows upgrades a contended lease all or nothing: only to a
         // state that can be held beside the others' in full (smbtorture
         // smb2.lease.upgrade3).
@@ -242,6 +255,11 @@ impl Engine {
             .handles
             .get(&key)
             .is_some_and(|h| h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL);
+        if whole {
+            // Oplocks and leases side by side (smb2.lease.oplock).
+            granted =
+                lease::grantable_beside(granted, lease::is_oplock_key(&lr.key), others_leases);
+        }
         let held = match existing {
             Some(e) => {
                 // An upgrade only to a superset of what is held (MS-SMB2

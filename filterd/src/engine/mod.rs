@@ -109,6 +109,9 @@ struct Handle {
     /// Its open gave the file its name in this daemon (see
     /// `OpenedFile::linked`): a rollback of the open may unlink it.
     linked: bool,
+    /// An attribute-only open (`OpenRequest::stat`): no part in sharing,
+    /// lease breaks or lease grants. Not stored.
+    stat: bool,
 }
 
 /// Most commands drained into one batch.
@@ -914,9 +917,18 @@ impl Engine {
                     "delete_on_close needs delete access",
                 )?;
                 h.rec.delete_on_close = delete;
+                // A delete pending on an SMB 2/3 file takes other keys'
+                // handle caching away, so their holders close the handles
+                // they keep and the file can go (smbtorture
+                // smb2.lease.unlink); the request does not wait.
+                let pending_delete = (delete && h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL)
+                    .then(|| (h.rec.file, h.rec.lease.map(|l| l.key)));
                 if h.rec.durability.is_persistent() {
                     let rec = h.rec.clone();
                     self.batch.push(StoreOp::PutHandle(Box::new(rec)));
+                }
+                if let Some((file, own)) = pending_delete {
+                    self.break_leases_for_namespace(file, own);
                 }
                 if let Some(r) = record {
                     self.remember_reply(r);

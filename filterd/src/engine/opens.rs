@@ -130,13 +130,16 @@ impl Engine {
             _ => None,
         };
         let purges = self.stats.purges;
-        let breaking = self.break_leases_for(
-            of.file,
-            o.lease.map(|l| l.key),
-            mode,
-            group.as_ref(),
-            truncation.is_some(),
-        );
+        // A stat open breaks nothing (MS-FSA 2.1.5.1.2.2: no oplock break
+        // check for it; smbtorture smb2.lease.statopen4).
+        let breaking = !o.stat
+            && self.break_leases_for(
+                of.file,
+                o.lease.map(|l| l.key),
+                mode,
+                group.as_ref(),
+                truncation.is_some(),
+            );
         if self.stats.purges != purges {
             // A purged holder's close may have deleted the file (delete on
             // close) or given up a share reservation: open again from the
@@ -201,7 +204,10 @@ impl Engine {
         // Local processes count as share-all readers, those that opened
         // the file before fanotify asked about it included.
         let (local, learnt) = self.local_opens_of(of.file, of.fd.as_fd());
-        let decision = if local && share::conflicts(mode, ShareMode::LOCAL_PROCESS) {
+        let decision = if o.stat {
+            // Refused by nobody, as it refuses nobody (holders_of).
+            ShareDecision::Grant { purge: Vec::new() }
+        } else if local && share::conflicts(mode, ShareMode::LOCAL_PROCESS) {
             ShareDecision::Violation
         } else {
             let mut holders = self.holders_of(of.file);
@@ -333,6 +339,7 @@ impl Engine {
             parked: park,
             lock_fd: None,
             linked: of.linked,
+            stat: o.stat,
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -682,6 +689,7 @@ impl Engine {
             .into_iter()
             .flatten()
             .filter_map(|k| self.handles.get(k))
+            .filter(|h| !h.stat)
             .map(|h| Holder {
                 key: h.rec.key,
                 mode: ShareMode {

@@ -327,6 +327,7 @@ impl Engine {
                 parked: false,
                 lock_fd: None,
                 linked: false,
+                stat: false,
             });
             // Re-take its byte-range locks, in the filter and as OFD locks,
             // before anyone is served (invariant 5).

@@ -458,6 +458,7 @@ fn open(path: &str, share: Rights) -> Request {
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     })
 }
 
@@ -817,6 +818,7 @@ fn a_share_group_is_one_reservation() {
             lease: None,
             no_wait: true,
             share_group: group.map(str::to_owned),
+            stat: false,
         })
     };
     // Read, denying write; then write by the same group.
@@ -2086,4 +2088,59 @@ fn a_check_id_still_in_flight_is_not_taken_again() {
     h.commit(true);
     h.drain_replies();
     assert!(matches!(h.reply(l), Some(Ok(_))), "{:?}", h.reply(l));
+}
+
+/// A stat open (`OpenRequest::stat`: attributes only) takes no part in
+/// sharing, breaks no lease and keeps no lease from being granted in full
+/// (smbtorture smb2.lease.statopen2–4), while a reader does all three.
+#[test]
+fn a_stat_open_takes_no_part_in_sharing_or_leases() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Event;
+    let mut h = Harness::new();
+    let st = |s: &str| LeaseState::parse(s).unwrap();
+    let plain = |share: Rights, stat: bool| {
+        let Request::Open(mut o) = open("a", share) else {
+            unreachable!("open() makes an open")
+        };
+        o.access = Access::new(Rights::READ).unwrap();
+        o.durability = Durability::None;
+        o.create_guid = None;
+        o.stat = stat;
+        o.no_wait = true;
+        Request::Open(o)
+    };
+    let first = h.run(plain(Rights::ALL, true));
+    h.commit(true);
+    h.opened(first);
+    let Request::Open(mut leased) = open("a", Rights::NONE) else {
+        unreachable!("open() makes an open")
+    };
+    leased.durability = Durability::None;
+    leased.create_guid = None;
+    leased.lease = Some(LeaseRequest {
+        key: LeaseKey(uuid::Uuid::new_v4()),
+        state: st("RWH"),
+        epoch: 0,
+    });
+    let l = h.run(Request::Open(leased));
+    h.commit(true);
+    assert_eq!(h.lease_of(l).map(|l| l.state), Some(st("RWH")));
+    // Shared with nobody, leased RWH: a stat open still gets in, and
+    // breaks nothing.
+    let second = h.run(plain(Rights::ALL, true));
+    h.commit(true);
+    h.opened(second);
+    let breaks = |h: &Harness| {
+        h.events
+            .iter()
+            .filter(|e| matches!(e, Event::LeaseBreak { .. }))
+            .count()
+    };
+    assert_eq!(breaks(&h), 0);
+    // A reader breaks the lease (and waits for the ack: busy).
+    let reader = h.run(plain(Rights::ALL, false));
+    h.commit(true);
+    assert_eq!(h.refused(reader), ErrorCode::Busy);
+    assert_eq!(breaks(&h), 1);
 }

@@ -1416,6 +1416,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         lease,
         no_wait: true,
         share_group: Some(owner.clone()),
+        stat: false,
     };
     let mut created_by_resend = false;
     let h = match sh.filter.replay_open(req.clone()) {
@@ -1898,6 +1899,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     lease: None,
                     no_wait: true,
                     share_group: Some(o.rec.owner.clone()),
+                    stat: false,
                 })
                 .map_err(filter_fail)?;
             (h.info.key, Some(h.info.key))
@@ -2404,6 +2406,7 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             lease: None,
             no_wait: true,
             share_group: None,
+            stat: false,
         })
         .map_err(namespace_fail)?;
     let r = sh

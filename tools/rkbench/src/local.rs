@@ -199,6 +199,7 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     })?;
     drop(std::fs::File::open(root.join("plain"))?); // first open sets the ignore mark
     let stateless = open_close(&root.join("plain"), dur)?;

@@ -88,6 +88,7 @@ fn warm_up(client: &FilterClient, i: usize, durability: Durability) -> anyhow::R
         lease: None,
         no_wait: false,
         share_group: None,
+        stat: false,
     };
     for _ in 0..WARM_UP_PAIRS {
         let h = client.open(req.clone())?;
@@ -205,6 +206,7 @@ pub fn check_io(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Fig
             lease: None,
             no_wait: false,
             share_group: None,
+            stat: false,
         })
     };
     let holder = fe.open(req("holder")?)?;

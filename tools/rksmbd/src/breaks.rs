@@ -48,13 +48,28 @@ pub enum Holder {
 #[derive(Default)]
 pub struct Notifier {
     writers: Mutex<HashMap<u64, ConnWriter>>,
-    /// Per lease key: the connection its breaks go to, how the client
-    /// knows it, and how many opens of this rksmbd hold it.
-    holders: Mutex<HashMap<LeaseKey, (u64, Holder, usize)>>,
+    /// The client GUID each connection negotiated.
+    guids: Mutex<HashMap<u64, uuid::Uuid>>,
+    /// Per lease key: who holds it and where its breaks go.
+    holders: Mutex<HashMap<LeaseKey, Held>>,
 }
 
-/// The first bytes of the lease keys rksmbd makes for oplocks.
-const OPLOCK_TAG: &[u8; 8] = b"rksmbdop";
+/// A lease or oplock some open of this rksmbd holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// The connection it was last granted on.
+    conn: u64,
+    /// The client GUID of that connection.
+    guid: uuid::Uuid,
+    /// How the client knows it.
+    holder: Holder,
+    /// How many opens of this rksmbd hold it.
+    opens: usize,
+}
+
+/// The first bytes of the lease keys rksmbd makes for oplocks (filterd
+/// breaks and grants them as oplocks by this tag).
+const OPLOCK_TAG: &[u8; 8] = libfilter::lease::OPLOCK_KEY_TAG;
 
 /// A fresh lease key for an oplock.
 pub fn oplock_key() -> LeaseKey {
@@ -65,9 +80,7 @@ pub fn oplock_key() -> LeaseKey {
 }
 
 /// Whether a lease key is one rksmbd made for an oplock.
-pub fn is_oplock_key(k: &LeaseKey) -> bool {
-    k.0.as_bytes().starts_with(OPLOCK_TAG)
-}
+pub use libfilter::lease::is_oplock_key;
 
 /// The lease state an oplock level asks for: level II R, exclusive RW,
 /// batch RWH (2.2.13 RequestedOplockLevel).
@@ -101,31 +114,85 @@ impl Notifier {
         }
     }
 
-    /// A connection ends: its leases are no longer reachable through it.
+    /// A connection negotiated: its client GUID.
+    pub fn negotiated(&self, conn: u64, guid: uuid::Uuid) {
+        if let Ok(mut m) = self.guids.lock() {
+            m.insert(conn, guid);
+        }
+    }
+
+    /// A connection ends: its leases are no longer reachable through it,
+    /// unless another connection of the same client GUID lives on (the
+    /// leases of a client are its, not a connection's: MS-SMB2 3.3.4.7).
     pub fn disconnected(&self, conn: u64) {
         if let Ok(mut m) = self.writers.lock() {
             m.remove(&conn);
         }
-        if let Ok(mut m) = self.holders.lock() {
-            m.retain(|_, (c, _, _)| *c != conn);
+        if let Ok(mut m) = self.guids.lock() {
+            m.remove(&conn);
+        }
+        let Ok(mut m) = self.holders.lock() else {
+            return;
+        };
+        let mut moved = Vec::new();
+        for (k, h) in m.iter() {
+            if h.conn != conn {
+                continue;
+            }
+            let other = match h.holder {
+                Holder::Lease { .. } => self.oldest_of(h.guid),
+                Holder::Oplock { .. } => None,
+            };
+            moved.push((*k, other));
+        }
+        for (k, other) in moved {
+            match (other, m.get_mut(&k)) {
+                (Some(c), Some(h)) => h.conn = c,
+                _ => {
+                    m.remove(&k);
+                }
+            }
         }
     }
 
-    /// A lease or oplock was granted (or reconnected) on `conn`. Returns
-    /// how the client knows it: a lease keeps the version it was first
-    /// granted with while any open holds it (Windows answers a v1 request
-    /// for a v2 lease with a v2 response, and the other way round).
-    pub fn granted(&self, key: LeaseKey, conn: u64, holder: Holder) -> Holder {
+    /// The oldest live connection of client `guid`, where Windows and
+    /// Samba send a client's lease breaks (smbtorture
+    /// smb2.lease.v2_complex1 checks the transport).
+    fn oldest_of(&self, guid: uuid::Uuid) -> Option<u64> {
+        let guids = self.guids.lock().ok()?;
+        let writers = self.writers.lock().ok()?;
+        guids
+            .iter()
+            .filter(|(c, g)| **g == guid && writers.contains_key(c))
+            .map(|(c, _)| *c)
+            .min()
+    }
+
+    /// A lease or oplock was granted (or reconnected) on `conn`, whose
+    /// client GUID is `guid`. Returns how the client knows it: a lease
+    /// keeps the version it was first granted with while any open holds
+    /// it (Windows answers a v1 request for a v2 lease with a v2
+    /// response, and the other way round).
+    pub fn granted(&self, key: LeaseKey, conn: u64, guid: uuid::Uuid, holder: Holder) -> Holder {
         let Ok(mut m) = self.holders.lock() else {
             return holder;
         };
-        let e = m.entry(key).or_insert((conn, holder, 0));
-        e.0 = conn;
-        if !matches!((e.1, holder), (Holder::Lease { .. }, Holder::Lease { .. })) {
-            e.1 = holder;
+        let e = m.entry(key).or_insert(Held {
+            conn,
+            guid,
+            holder,
+            opens: 0,
+        });
+        e.conn = conn;
+        e.guid = guid;
+        if !matches!(
+            (e.holder, holder),
+            (Holder::Lease { .. }, Holder::Lease { .. })
+        ) {
+            e.holder = holder;
         }
-        e.2 += 1;
-        e.1
+        e.opens += 1;
+        e.holder
     }
 
     /// An open holding lease `key` was closed. Returns whether it was the
@@ -137,8 +204,8 @@ impl Notifier {
         let Some(e) = m.get_mut(&key) else {
             return true;
         };
-        e.2 = e.2.saturating_sub(1);
-        if e.2 == 0 {
+        e.opens = e.opens.saturating_sub(1);
+        if e.opens == 0 {
             m.remove(&key);
             return true;
         }
@@ -151,10 +218,17 @@ impl Notifier {
         self.holders.lock().is_ok_and(|m| !m.is_empty())
     }
 
+    /// Where a break of `key` goes: an oplock's to the connection of its
+    /// open (its FileId names it there); a lease's to the oldest live
+    /// connection of its client GUID, else the one it was granted on.
     fn route(&self, key: &LeaseKey) -> Option<(ConnWriter, Holder)> {
-        let (conn, holder, _) = self.holders.lock().ok()?.get(key).copied()?;
+        let h = self.holders.lock().ok()?.get(key).copied()?;
+        let conn = match h.holder {
+            Holder::Lease { .. } => self.oldest_of(h.guid).unwrap_or(h.conn),
+            Holder::Oplock { .. } => h.conn,
+        };
         let w = self.writers.lock().ok()?.get(&conn).cloned()?;
-        Some((w, holder))
+        Some((w, h.holder))
     }
 }
 

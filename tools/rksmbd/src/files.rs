@@ -650,6 +650,23 @@ fn read_full(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<
     Ok(done)
 }
 
+/// After a WRITE or a LOCK through filterd handle `key`: other keys'
+/// read caching of the file goes (MS-FSA 2.1.4.12: R and RH leases and
+/// level II oplocks break to none); only asked while some lease is held
+/// through this rksmbd at all. The request does not wait for the
+/// acknowledgements.
+pub(crate) fn break_read_caching(sh: &Shared, key: ResumeKey) {
+    if sh.notifier.any_held() {
+        if let Err(e) = sh
+            .filter
+            .client()
+            .call(libfilter::proto::Request::BreakReadCaching { key })
+        {
+            tracing::warn!(resume_key = %key, error = %e, "read caching not broken");
+        }
+    }
+}
+
 /// WRITE (2.2.21).
 fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
     let mut r = Reader::new(req.body);
@@ -670,18 +687,7 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     file.write_all_at(data, offset).map_err(io_status)?;
     // Landed: a lock waiting for it may be granted now.
     drop(pass);
-    // Other clients' read caching of the file goes (MS-FSA 2.1.5.3);
-    // only asked while some lease is held through this rksmbd at all.
-    if c.sh.notifier.any_held() {
-        let key = *key;
-        if let Err(e) =
-            c.sh.filter
-                .client()
-                .call(libfilter::proto::Request::BreakReadCaching { key })
-        {
-            tracing::warn!(resume_key = %key, error = %e, "read caching not broken");
-        }
-    }
+    break_read_caching(&c.sh, *key);
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
     Ok(Reply::ok(w.0))
@@ -903,6 +909,35 @@ fn set_times(fd: std::os::fd::BorrowedFd<'_>, atime: u64, mtime: u64) -> Result<
     nix::sys::stat::futimens(fd, &spec(atime), &spec(mtime)).map_err(errno_status)
 }
 
+/// Renames filterd handle `key`'s file. filterd answers once other keys'
+/// handle caching is broken and acknowledged (MS-FSA 2.1.5.14.11) — and
+/// the acknowledgement may come from this very client, on this very
+/// connection (smbtorture smb2.lease.v2_rename): the call runs on a
+/// thread of its own while this connection keeps being served.
+fn rename_serving(
+    c: &mut Connection,
+    key: ResumeKey,
+    to: RelPath,
+    replace: bool,
+) -> Result<(), u32> {
+    use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+    let client = c.sh.filter.client();
+    let (tx, rx) = sync_channel(1);
+    std::thread::Builder::new()
+        .name("rksmbd-rename".into())
+        .spawn(move || {
+            let _ = tx.send(client.rename(key, to, replace, None));
+        })
+        .map_err(|_| status::INSUFFICIENT_RESOURCES)?;
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(5)) {
+            Ok(r) => return r.map_err(|e| status_of(&e)),
+            Err(RecvTimeoutError::Timeout) => c.pump(std::time::Duration::from_millis(20)),
+            Err(RecvTimeoutError::Disconnected) => return Err(status::INSUFFICIENT_RESOURCES),
+        }
+    }
+}
+
 fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(), u32> {
     let sh = c.sh.clone();
     let o = get(c, id)?;
@@ -915,10 +950,8 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
     }
     match &o.kind {
         Kind::File { key, .. } => {
-            sh.filter
-                .client()
-                .rename(*key, to.clone(), replace, None)
-                .map_err(|e| status_of(&e))?;
+            let key = *key;
+            rename_serving(c, key, to.clone(), replace)?;
         }
         Kind::Dir { .. } => {
             let Some(from) = &o.path else {

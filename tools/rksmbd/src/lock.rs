@@ -231,7 +231,13 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
     }
     match client.lock(key, ops.clone(), sequence) {
         Ok(()) => {
-            c.waiting.nudged |= ops.first().is_some_and(|o| o.unlock);
+            let unlock = ops.first().is_some_and(|o| o.unlock);
+            c.waiting.nudged |= unlock;
+            if !unlock {
+                // A lock breaks other keys' read caching as a write does
+                // (MS-FSA 2.1.4.12, LOCK_CONTROL; smb2.lease.lock1).
+                crate::files::break_read_caching(&c.sh, key);
+            }
             Ok(Reply::ok(vec![4, 0, 0, 0]))
         }
         // Only the last request of a PDU goes async (3.3.4.2).

@@ -996,6 +996,7 @@ impl Connection {
             dialects,
         };
         self.client_guid = uuid::Uuid::from_bytes_le(guid);
+        self.sh.notifier.negotiated(self.id, self.client_guid);
         let mut contexts = Writer::new();
         let mut ctx_n = 0u16;
         self.signing = if dialect.is_smb3() {

@@ -548,6 +548,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         lease: lease_req,
         no_wait: false,
         share_group: None,
+        stat: false,
     };
     let replay = is_replay(obj) && create_guid.is_some();
     let _teardown = if replay {
