@@ -801,20 +801,13 @@ fn frontends_section(
     let rtt = raw::socket_rtt(dir, dur)?;
     let tcp = smb::tcp_line_rtt(dur)?;
     let two_trips = 2.0 * (tcp.mean_us + rtt.mean_us);
-    rep.rows.push(Row::new(
-        "raw SEQPACKET round trip",
-        1,
-        rtt.ops_per_s,
-        rtt.mean_us,
-        rtt.p99_us,
-    ));
-    rep.rows.push(Row::new(
-        "raw TCP line round trip (loopback, echo thread)",
-        1,
-        tcp.ops_per_s,
-        tcp.mean_us,
-        tcp.p99_us,
-    ));
+    for (name, f) in [
+        ("raw SEQPACKET round trip", &rtt),
+        ("raw TCP line round trip (loopback, echo thread)", &tcp),
+    ] {
+        rep.rows
+            .push(Row::new(name, 1, f.ops_per_s, f.mean_us, f.p99_us));
+    }
     let persistent = libfilter::model::Durability::Persistent { timeout_ms: 60_000 };
     let direct = mediated::open_close(filterd, dir, persistent, 32, dur)?;
     let direct_pairs = direct.requests_per_s / 2.0;

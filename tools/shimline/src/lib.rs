@@ -6,10 +6,12 @@
 //! frontends:
 //!
 //! - **A stalled reader hurts only itself.** Every connection has an
-//!   [`Outbound`] queue drained by a writer thread of its own; queuing a line
-//!   never blocks. A connection whose queue would exceed
-//!   [`MAX_QUEUED_BYTES`] is dropped (shut down both ways, which ends its
-//!   reader and so tears its state down as for a lost connection) — nothing
+//!   [`Outbound`] queue drained by a writer thread of its own; sending a
+//!   line never blocks (it goes straight to the socket, without blocking,
+//!   only when nothing is queued before it and the socket takes it). A
+//!   connection whose queue would exceed [`MAX_QUEUED_BYTES`] is dropped
+//!   (shut down both ways, which ends its reader and so tears its state
+//!   down as for a lost connection) — nothing
 //!   is ever dropped from a queue that stays open, and the caller learns
 //!   that the line did not go.
 //!   A write that makes no progress for [`WRITE_STALL_LIMIT`] drops the
@@ -991,6 +993,51 @@ pub fn str_field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines sent straight to the socket, cut short by a full socket buffer
+    /// (the rest queued for the writer thread) and queued behind others all
+    /// arrive whole and in order, also when two threads send at once.
+    #[test]
+    fn lines_arrive_whole_and_in_order_whether_written_at_once_or_queued() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (server, _) = l.accept().expect("accept");
+        let w = Outbound::start(1, "test", &server).expect("writer");
+        // Large lines fill the peer's window while it does not read, so
+        // some sends are cut short and the rest of them queued.
+        let payload = "x".repeat(600_000);
+        let senders: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (w, payload) = (w.clone(), payload.clone());
+                std::thread::spawn(move || {
+                    for i in 0..20u64 {
+                        let size = if i % 3 == 0 { payload.len() } else { 10 };
+                        let body = payload.get(..size).unwrap_or_default();
+                        w.send(&json!({"t": t, "i": i, "body": body}))
+                            .expect("queued");
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().expect("sender");
+        }
+        drop(w); // the writer closes the socket once everything went
+        let mut next = [0u64; 2];
+        for line in BufReader::new(peer).lines() {
+            let v: Value = serde_json::from_str(&line.expect("line")).expect("whole JSON line");
+            let t = usize::try_from(v["t"].as_u64().expect("t")).expect("small");
+            assert_eq!(
+                v["i"].as_u64(),
+                Some(next[t]),
+                "thread {t}'s lines in order"
+            );
+            let size = if next[t] % 3 == 0 { payload.len() } else { 10 };
+            assert_eq!(v["body"].as_str().map(str::len), Some(size));
+            next[t] += 1;
+        }
+        assert_eq!(next, [20, 20], "every line arrived");
+    }
 
     #[test]
     fn malformed_lines_get_the_status_and_a_null_id() {
