@@ -6,10 +6,12 @@
 //! frontends:
 //!
 //! - **A stalled reader hurts only itself.** Every connection has an
-//!   [`Outbound`] queue drained by a writer thread of its own; queuing a line
-//!   never blocks. A connection whose queue would exceed
-//!   [`MAX_QUEUED_BYTES`] is dropped (shut down both ways, which ends its
-//!   reader and so tears its state down as for a lost connection) — nothing
+//!   [`Outbound`] queue drained by a writer thread of its own; sending a
+//!   line never blocks (it goes straight to the socket, without blocking,
+//!   only when nothing is queued before it and the socket takes it). A
+//!   connection whose queue would exceed [`MAX_QUEUED_BYTES`] is dropped
+//!   (shut down both ways, which ends its reader and so tears its state
+//!   down as for a lost connection) — nothing
 //!   is ever dropped from a queue that stays open, and the caller learns
 //!   that the line did not go.
 //!   A write that makes no progress for [`WRITE_STALL_LIMIT`] drops the
@@ -50,7 +52,6 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
@@ -385,82 +386,197 @@ pub enum SendError {
     Overflow,
 }
 
-/// A connection's bounded, non-blocking outbound queue: lines are queued
-/// here and written by the connection's writer thread.
+/// A connection's bounded, non-blocking outbound queue. A line sent while
+/// nothing is queued or being written goes straight to the socket from the
+/// sending thread, with a send that never blocks (`MSG_DONTWAIT`); what the
+/// socket does not take at once — and every line sent while others wait —
+/// is queued for the connection's writer thread, which writes in order.
+/// So an answered request costs no thread hop when the peer reads, and a
+/// peer that does not read still never blocks the sender.
 pub struct Outbound {
     conn: u64,
-    tx: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
-    queued: Arc<AtomicUsize>,
+    out: Arc<OutQueue>,
     dropped: AtomicBool,
     stream: TcpStream,
     acct: Arc<Account>,
 }
 
+/// What the sending threads and the writer thread share.
+struct OutQueue {
+    state: Mutex<OutState>,
+    ready: std::sync::Condvar,
+    /// Bytes queued and not yet written.
+    queued: AtomicUsize,
+}
+
+#[derive(Default)]
+struct OutState {
+    lines: std::collections::VecDeque<Vec<u8>>,
+    /// The writer thread is writing a line it took from `lines`.
+    writing: bool,
+    /// Nothing more will be queued: the writer drains `lines` and closes.
+    closed: bool,
+}
+
+impl OutQueue {
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, OutState>> {
+        self.state.lock().ok()
+    }
+
+    /// No more lines; with `discard`, those waiting go too.
+    fn close(&self, discard: bool) {
+        if let Some(mut st) = self.lock() {
+            st.closed = true;
+            if discard {
+                st.lines.clear();
+                self.queued.store(0, Ordering::Release);
+            }
+        }
+        self.ready.notify_all();
+    }
+
+    /// The writer thread: writes queued lines in order until closed and
+    /// drained (or the peer is gone), then shuts the socket down.
+    fn drain(&self, conn: u64, mut out: TcpStream) {
+        loop {
+            let line = {
+                let Some(mut st) = self.lock() else { break };
+                loop {
+                    if let Some(line) = st.lines.pop_front() {
+                        st.writing = true;
+                        break Some(line);
+                    }
+                    if st.closed {
+                        break None;
+                    }
+                    st = match self.ready.wait(st) {
+                        Ok(st) => st,
+                        Err(_) => return,
+                    };
+                }
+            };
+            let Some(line) = line else { break };
+            let wrote = out.write_all(&line);
+            self.queued.fetch_sub(line.len(), Ordering::AcqRel);
+            if let Some(mut st) = self.lock() {
+                st.writing = false;
+            }
+            match wrote {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    eprintln!(
+                        "connection {conn}: dropped, its peer read nothing for {} s",
+                        WRITE_STALL_LIMIT.as_secs()
+                    );
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // Every queued line went out (or the peer is gone): close.
+        self.close(true);
+        let _ = out.shutdown(Shutdown::Both);
+    }
+}
+
+/// Sends as much of `line` as the socket takes now, never blocking.
+/// `Ok(n)`: `n` bytes went (0 when the socket's buffer is full).
+fn send_now(stream: &TcpStream, line: &[u8]) -> std::io::Result<usize> {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut sent = 0;
+    while sent < line.len() {
+        let rest = line.get(sent..).unwrap_or_default();
+        match send(
+            stream.as_raw_fd(),
+            rest,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(0) => break,
+            Ok(n) => sent += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(sent)
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        // The last holder let go: the writer sends what is queued and closes.
+        self.out.close(false);
+    }
+}
+
 impl Outbound {
     /// Starts the writer thread (`{name}-out`) of `stream`.
     fn start(conn: u64, name: &str, stream: &TcpStream) -> std::io::Result<Writer> {
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let mut out = stream.try_clone()?;
+        let out = stream.try_clone()?;
         out.set_write_timeout(Some(WRITE_STALL_LIMIT))?;
-        let q = queued.clone();
+        let queue = Arc::new(OutQueue {
+            state: Mutex::new(OutState::default()),
+            ready: std::sync::Condvar::new(),
+            queued: AtomicUsize::new(0),
+        });
+        let q = queue.clone();
         std::thread::Builder::new()
             .name(format!("{name}-out"))
             .stack_size(WRITER_STACK)
-            .spawn(move || {
-                for line in rx {
-                    q.fetch_sub(line.len(), Ordering::AcqRel);
-                    match out.write_all(&line) {
-                        Ok(()) => {}
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) =>
-                        {
-                            eprintln!(
-                                "connection {conn}: dropped, its peer read nothing for {} s",
-                                WRITE_STALL_LIMIT.as_secs()
-                            );
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                // Every queued line went out (or the peer is gone): close.
-                let _ = out.shutdown(Shutdown::Both);
-            })?;
+            .spawn(move || q.drain(conn, out))?;
         Ok(Arc::new(Outbound {
             conn,
-            tx: Mutex::new(Some(tx)),
-            queued,
+            out: queue,
             dropped: AtomicBool::new(false),
             stream: stream.try_clone()?,
             acct: Account::new(conn, Some(stream.try_clone()?)),
         }))
     }
 
-    /// Queues one JSON line without blocking. On overflow the connection is
-    /// dropped (see [`SendError::Overflow`]).
+    /// Sends one JSON line without blocking: written at once when nothing
+    /// waits before it and the socket takes it, else queued for the writer
+    /// thread. On overflow the connection is dropped (see
+    /// [`SendError::Overflow`]).
     pub fn send(&self, v: &Value) -> Result<(), SendError> {
         let mut line = v.to_string().into_bytes();
         line.push(b'\n');
-        let len = line.len();
         {
-            let Ok(tx) = self.tx.lock() else {
+            let Some(mut st) = self.out.lock() else {
                 return Err(SendError::Gone);
             };
-            let Some(tx) = tx.as_ref() else {
+            if st.closed {
                 return Err(SendError::Gone);
-            };
-            let before = self.queued.fetch_add(len, Ordering::AcqRel);
-            if before.saturating_add(len) <= MAX_QUEUED_BYTES {
-                return tx.send(line).map_err(|_| {
-                    self.queued.fetch_sub(len, Ordering::AcqRel);
-                    SendError::Gone
-                });
             }
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+            if st.lines.is_empty() && !st.writing {
+                // Nothing before it: try the socket now (under the lock, so
+                // no later line can overtake what is left of this one).
+                match send_now(&self.stream, &line) {
+                    Ok(n) if n == line.len() => return Ok(()),
+                    Ok(n) => {
+                        line.drain(..n);
+                    }
+                    Err(_) => {
+                        // The peer is gone: the reader sees it too.
+                        st.closed = true;
+                        st.lines.clear();
+                        return Err(SendError::Gone);
+                    }
+                }
+            }
+            let len = line.len();
+            let before = self.out.queued.fetch_add(len, Ordering::AcqRel);
+            if before.saturating_add(len) <= MAX_QUEUED_BYTES {
+                st.lines.push_back(line);
+                drop(st);
+                self.out.ready.notify_one();
+                return Ok(());
+            }
+            self.out.queued.fetch_sub(len, Ordering::AcqRel);
         }
         self.drop_connection();
         Err(SendError::Overflow)
@@ -497,7 +613,7 @@ impl Outbound {
 
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.out.queued.load(Ordering::Acquire)
     }
 
     /// Whether the connection was dropped for not reading.
@@ -515,9 +631,7 @@ impl Outbound {
                 MAX_QUEUED_BYTES >> 20
             );
         }
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
+        self.out.close(true);
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 }
@@ -879,6 +993,51 @@ pub fn str_field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines sent straight to the socket, cut short by a full socket buffer
+    /// (the rest queued for the writer thread) and queued behind others all
+    /// arrive whole and in order, also when two threads send at once.
+    #[test]
+    fn lines_arrive_whole_and_in_order_whether_written_at_once_or_queued() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (server, _) = l.accept().expect("accept");
+        let w = Outbound::start(1, "test", &server).expect("writer");
+        // Large lines fill the peer's window while it does not read, so
+        // some sends are cut short and the rest of them queued.
+        let payload = "x".repeat(600_000);
+        let senders: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (w, payload) = (w.clone(), payload.clone());
+                std::thread::spawn(move || {
+                    for i in 0..20u64 {
+                        let size = if i % 3 == 0 { payload.len() } else { 10 };
+                        let body = payload.get(..size).unwrap_or_default();
+                        w.send(&json!({"t": t, "i": i, "body": body}))
+                            .expect("queued");
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().expect("sender");
+        }
+        drop(w); // the writer closes the socket once everything went
+        let mut next = [0u64; 2];
+        for line in BufReader::new(peer).lines() {
+            let v: Value = serde_json::from_str(&line.expect("line")).expect("whole JSON line");
+            let t = usize::try_from(v["t"].as_u64().expect("t")).expect("small");
+            assert_eq!(
+                v["i"].as_u64(),
+                Some(next[t]),
+                "thread {t}'s lines in order"
+            );
+            let size = if next[t] % 3 == 0 { payload.len() } else { 10 };
+            assert_eq!(v["body"].as_str().map(str::len), Some(size));
+            next[t] += 1;
+        }
+        assert_eq!(next, [20, 20], "every line arrived");
+    }
 
     #[test]
     fn malformed_lines_get_the_status_and_a_null_id() {

@@ -6,9 +6,11 @@
 //! `--instance` takes over, and a filterd restart is ridden out.
 //!
 //! Three threads per client connection (shimline): a reader that answers
-//! LEASE_BREAK_ACK at once, a worker that serves the other requests in
-//! order (smbl/1 allows replies in any order), and a writer draining the
-//! connection's bounded outbound queue, so a client that stops reading
+//! LEASE_BREAK_ACK at once (and, while the worker is idle, a CREATE that
+//! needs no lease break, a CLOSE or an ECHO), a worker that serves the
+//! other requests in order (smbl/1 allows replies in any order), and a
+//! writer for what the socket does not take at once (replies go straight
+//! to the socket when nothing is queued), so a client that stops reading
 //! is dropped instead of stalling anyone. Blocking I/O keeps each step
 //! simple; connections are capped (--max-connections, and per peer
 //! address), counted in hundreds, not hundreds of thousands.

@@ -21,6 +21,8 @@ use serde_json::{json, Map, Value};
 const MAX_LINE: usize = 4 << 20;
 /// Op-id records kept per open.
 const KEEP_REPLIES: u32 = 1024;
+/// Longest line the reader tries to answer itself ([`answer_inline`]).
+const INLINE_MAX_LINE: usize = 4096;
 /// Requests of one connection queued behind the one being served; one
 /// more is answered STATUS_INSUFFICIENT_RESOURCES at once.
 const MAX_PIPELINED: usize = 128;
@@ -198,7 +200,9 @@ type Waiting = std::collections::VecDeque<(Vec<u8>, shimline::Queued)>;
 /// process's request budget ([`shimline::Outbound::charge_queued`]).
 #[derive(Default)]
 struct Pipeline {
-    q: std::sync::Mutex<(Waiting, bool)>,
+    /// The waiting lines, whether the pipeline is closed, and whether the
+    /// worker is serving a line.
+    q: std::sync::Mutex<(Waiting, bool, bool)>,
     ready: std::sync::Condvar,
 }
 
@@ -216,11 +220,14 @@ impl Pipeline {
         true
     }
 
-    /// The next line, waiting for one; None once closed and empty.
+    /// The next line, waiting for one; None once closed and empty. The
+    /// worker is busy from here until its next call.
     fn next(&self) -> Option<Vec<u8>> {
         let mut q = self.q.lock().ok()?;
+        q.2 = false;
         loop {
             if let Some((line, _charge)) = q.0.pop_front() {
+                q.2 = true;
                 return Some(line);
             }
             if q.1 {
@@ -228,6 +235,12 @@ impl Pipeline {
             }
             q = self.ready.wait(q).ok()?;
         }
+    }
+
+    /// Nothing waits and the worker serves nothing: a line handled now is
+    /// in order.
+    fn idle(&self) -> bool {
+        self.q.lock().is_ok_and(|q| q.0.is_empty() && !q.2)
     }
 
     /// No more lines; `discard` drops those waiting (and their memory).
@@ -244,7 +257,10 @@ impl Pipeline {
 
 /// Serves one connection. LEASE_BREAK_ACKs are handled as soon as they
 /// are read; every other request goes, in order, to the connection's
-/// worker thread, so an ack is never stuck behind a CREATE waiting for it.
+/// worker thread, so an ack is never stuck behind a CREATE waiting for it
+/// — except a CREATE, CLOSE or ECHO read while the worker is idle, which
+/// the reader answers itself when it can without waiting for any
+/// acknowledgement ([`answer_inline`]): no thread hop for the common case.
 /// Requests waiting there are charged to the request budget: a connection
 /// that would pass it is dropped and its waiting requests discarded.
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
@@ -258,6 +274,11 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
         |line, w| {
             if is_lease_break_ack(line) {
                 return Some(handle_line(&sh, conn, line));
+            }
+            if worker.as_ref().is_none_or(|(p, _)| p.idle()) {
+                if let Some(reply) = answer_inline(&sh, conn, line) {
+                    return Some(reply);
+                }
             }
             if worker.is_none() {
                 let p = Arc::new(Pipeline::default());
@@ -323,6 +344,33 @@ fn busy(line: &[u8], why: &str) -> Value {
            "error": why})
 }
 
+/// The reply to a CREATE, CLOSE or ECHO that the connection's reader can
+/// give itself, or `None` to leave the line to the worker. None of these
+/// waits for an acknowledgement the connection's own client must send: a
+/// CREATE asks filterd not to wait for lease breaks (`no_wait`) and, if
+/// one is needed (or filterd is busy or away), goes to the worker, which
+/// runs it again from the start and waits there while the reader reads
+/// the acks. The caller makes sure nothing of the connection is waiting
+/// or being served, so requests stay in order.
+fn answer_inline(sh: &Shared, conn: u64, line: &[u8]) -> Option<Value> {
+    // Other lines (a WRITE's may be megabytes) are not parsed twice.
+    let named = |cmd: &[u8]| line.windows(cmd.len()).any(|w| w == cmd);
+    if line.len() > INLINE_MAX_LINE || !(named(b"CREATE") || named(b"CLOSE") || named(b"ECHO")) {
+        return None;
+    }
+    let (obj, mid) = shimline::parse_request(line, "mid", "STATUS_INVALID_PARAMETER").ok()?;
+    let outcome = match obj.get("cmd").and_then(Value::as_str)? {
+        "ECHO" => Ok(Map::new()),
+        "CLOSE" => close(sh, &obj),
+        "CREATE" => match create(sh, conn, &obj, true) {
+            Err(Fail("STATUS_FILE_NOT_AVAILABLE", _)) => return None,
+            other => other,
+        },
+        _ => return None,
+    };
+    Some(reply_of(outcome, mid))
+}
+
 fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
     let (obj, mid) = match shimline::parse_request(line, "mid", "STATUS_INVALID_PARAMETER") {
         Ok(x) => x,
@@ -333,7 +381,7 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
     let outcome = match cmd {
         "ECHO" => Ok(Map::new()),
         "SESSION_SETUP" => session_setup(sh, conn, obj),
-        "CREATE" => create(sh, conn, obj),
+        "CREATE" => create(sh, conn, obj, false),
         "RECONNECT" => reconnect(sh, conn, obj),
         "READ" => read(sh, obj),
         "WRITE" => write(sh, obj),
@@ -349,6 +397,11 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
             format!("unknown command {other:?}"),
         )),
     };
+    reply_of(outcome, mid)
+}
+
+/// The reply line of a request `mid` that came to `outcome`.
+fn reply_of(outcome: Outcome, mid: u64) -> Value {
     let mut out = match outcome {
         Ok(m) => {
             let mut m = m;
@@ -479,7 +532,9 @@ fn disposition(s: &str) -> Result<Disposition, Fail> {
     })
 }
 
-fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
+/// CREATE; with `no_wait`, a needed lease break fails it with
+/// STATUS_FILE_NOT_AVAILABLE instead of waiting (the breaks are sent).
+fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>, no_wait: bool) -> Outcome {
     let (session, client_guid, user) = session_of(sh, obj)?;
     let path = RelPath::new(str_field(obj, "path")?)
         .map_err(|e| Fail("STATUS_OBJECT_NAME_INVALID", e.to_string()))?;
@@ -546,7 +601,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         create_guid: create_guid.map(CreateGuid),
         owner: Some(user),
         lease: lease_req,
-        no_wait: false,
+        no_wait,
         share_group: None,
         stat: false,
     };
