@@ -51,7 +51,8 @@
 //! the table with them finished.
 //!
 //! **Reads.** The owner reads the whole table once, at one pinned revision,
-//! in pages (the client's 4 MiB message limit), and keeps it in memory; as
+//! in pages (the client's 4 MiB message limit) of 35 key ranges read at
+//! once, and keeps it in memory; as
 //! the only writer it applies each committed Txn to that copy, so reads
 //! (recovery, rollback) never go to the network and always show exactly
 //! what is durable.
@@ -1648,8 +1649,38 @@ mod tests {
     }
 
     #[test]
+    fn the_read_ranges_cover_the_prefix_once_in_order() {
+        let s = offline();
+        let ranges = s.read_ranges();
+        assert_eq!(ranges.first().unwrap().0, s.key(""));
+        assert_eq!(ranges.last().unwrap().1, b"/rk/t0".to_vec());
+        for w in ranges.windows(2) {
+            assert_eq!(w[0].1, w[1].0, "contiguous");
+        }
+        assert!(ranges.iter().all(|(a, b)| a < b));
+        let keys = [
+            s.owner_key(),
+            s.clean_key(),
+            s.key("h/"),
+            s.handle_key(&ResumeKey(uuid::Uuid::from_bytes([0; 16]))),
+            s.handle_key(&ResumeKey(uuid::Uuid::from_bytes([0xff; 16]))),
+            s.replay_key(&[0x7f, 1]),
+            s.replay_key(&[0xf0]),
+            s.intent_key(&[9; 16]),
+            s.key("x/0-1"),
+            s.key("xp/0-1/00000000"),
+        ];
+        for k in keys {
+            let n = ranges.iter().filter(|(a, b)| *a <= k && k < *b).count();
+            assert_eq!(n, 1, "{}", String::from_utf8_lossy(&k));
+        }
+    }
+
+    #[test]
     fn hex_roundtrips() {
         let b = [0u8, 1, 0xab, 0xff];
+        // The key format every stored table uses.
+        assert_eq!(hex(&b), "0001abff");
         assert_eq!(unhex(hex(&b).as_bytes()).unwrap(), b);
         assert_eq!(unhex(b"abc"), None);
         assert_eq!(unhex(b"zz"), None);
