@@ -26,7 +26,11 @@
 //! SMB 3 client, smbprotocol, against rksmbd: CREATE+CLOSE, 64 KiB READ
 //! and WRITE at 1 and 32 connections, beside Samba's smbd with the same
 //! client when it is installed, and smbshim's CREATE+CLOSE of the same run;
-//! skipped without rksmbd or a python with smbprotocol). `daemon` starts and stops filterd for them;
+//! skipped without rksmbd or a python with smbprotocol). `targets` holds
+//! issue 16's target rows: each ratio measured three times inside the run
+//! (the sections' own figures, then two more rounds of just those figures
+//! beside fresh baselines; once with `--quick`) and reported as the median
+//! (`--targets-only` runs just those rounds). `daemon` starts and stops filterd for them;
 //! `report` holds the rows, the targets, the table and the JSON. Without a
 //! filterd binary only the baselines run.
 #![forbid(unsafe_code)]
