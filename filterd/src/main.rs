@@ -117,6 +117,8 @@ struct Args {
 }
 
 fn main() {
+    // Before any other thread: see the function (issue 16's profile).
+    libfilter::sys::no_malloc_fastbins();
     let args = Args::parse();
     observability::init(args.log_format);
     abort_on_panic();

@@ -26,7 +26,11 @@
 //! SMB 3 client, smbprotocol, against rksmbd: CREATE+CLOSE, 64 KiB READ
 //! and WRITE at 1 and 32 connections, beside Samba's smbd with the same
 //! client when it is installed, and smbshim's CREATE+CLOSE of the same run;
-//! skipped without rksmbd or a python with smbprotocol). `daemon` starts and stops filterd for them;
+//! skipped without rksmbd or a python with smbprotocol). `targets` holds
+//! issue 16's target rows: each ratio measured three times inside the run
+//! (the sections' own figures, then two more rounds of just those figures
+//! beside fresh baselines; once with `--quick`) and reported as the median
+//! (`--targets-only` runs just those rounds). `daemon` starts and stops filterd for them;
 //! `report` holds the rows, the targets, the table and the JSON. Without a
 //! filterd binary only the baselines run.
 #![forbid(unsafe_code)]
@@ -42,6 +46,7 @@ mod report;
 mod restart;
 mod smb;
 mod smb3;
+mod targets;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -76,15 +81,21 @@ struct Args {
     /// removed afterwards [default: a fresh dir under $TMPDIR].
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// Seconds per timed measurement.
-    #[arg(long, default_value_t = 2.0)]
-    seconds: f64,
+    /// Seconds per timed measurement [default: 2, or 0.3 with `--quick`].
+    #[arg(long)]
+    seconds: Option<f64>,
     /// Where to write the JSON report.
     #[arg(long, value_name = "OUT", default_value = "target/bench/rkbench.json")]
     json: PathBuf,
-    /// A short smoke run (0.3 s per figure, 10k handles for restart).
+    /// A short smoke run (0.3 s per figure unless `--seconds`, 10k handles
+    /// for restart, the
+    /// target rows measured once instead of three times).
     #[arg(long)]
     quick: bool,
+    /// Also restart with 1M persistent handles (a few minutes more: the
+    /// files and records are made first).
+    #[arg(long)]
+    large: bool,
     /// Only the baselines and the restart section (recovery time and
     /// memory per handle), for before/after comparisons of recovery.
     #[arg(long)]
@@ -100,6 +111,12 @@ struct Args {
     /// ratio printed, for before/after comparisons of the frontends.
     #[arg(long)]
     frontends_only: bool,
+    /// Only issue 16's target rows that need no restart (mediated
+    /// non-durable open+close, smbl/1, nfsl/1, each beside its baselines),
+    /// each measured three times (once with `--quick`), for before/after
+    /// comparisons of the request paths.
+    #[arg(long)]
+    targets_only: bool,
     /// Internal: echo server for the socket round-trip baseline.
     #[arg(long, hide = true, value_name = "SOCKET")]
     echo_server: Option<PathBuf>,
@@ -110,8 +127,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(sock) = &args.echo_server {
         return raw::echo_server(sock);
     }
-    let secs = if args.quick { 0.3 } else { args.seconds };
+    let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 2.0 });
     let dur = Duration::from_secs_f64(secs);
+    // How often each target ratio is measured inside the run (its median
+    // is reported).
+    let reps = if args.quick { 1 } else { 3 };
     let filterd = match &args.filterd {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("filterd"),
@@ -141,6 +161,23 @@ fn main() -> anyhow::Result<()> {
         frontends_section(&mut rep, &filterd, &smbshim, &nfsshim, &dir, dur)?;
         print!("{}", rep.table());
         rep.write_json(&args.json)?;
+        return Ok(());
+    }
+    if args.targets_only {
+        let programs = targets::Programs {
+            filterd: &filterd,
+            smbshim: smbshim.exists().then_some(smbshim.as_path()),
+            nfsshim: nfsshim.exists().then_some(nfsshim.as_path()),
+        };
+        let mut rounds = Vec::with_capacity(reps);
+        for i in 0..reps {
+            eprintln!("rkbench: the issue-16 target figures ({}/{reps})…", i + 1);
+            let r = targets::measure_round(&programs, &dir, dur)?;
+            eprintln!("rkbench: {r:?}");
+            rounds.push(r);
+        }
+        targets::push_round_targets(&mut rep, &rounds);
+        print!("{}", rep.table());
         return Ok(());
     }
     eprintln!("rkbench: baselines…");
@@ -193,13 +230,26 @@ fn main() -> anyhow::Result<()> {
         lmdb64.p99_us,
     ));
 
+    let mut round1 = targets::Round {
+        seqpacket_rtt_us: Some(rtt.mean_us),
+        openat_us: Some(openat.mean_us),
+        tcp_rtt_us: Some(tcp.mean_us),
+        ..targets::Round::default()
+    };
+
     if filterd.exists() {
         if !args.restart_only {
             eprintln!("rkbench: mediated open+close…");
-            let mut none1 = None;
             let mut persistent64 = None;
             for (name, dur_kind) in mediated::KINDS {
-                for conns in [1usize, 8, 64] {
+                // Persistent also at 32: the filterd-direct side of the
+                // smbl/1 32-connection target.
+                let conn_counts: &[usize] = if *name == "persistent" {
+                    &[1, 8, 32, 64]
+                } else {
+                    &[1, 8, 64]
+                };
+                for &conns in conn_counts {
                     let m = mediated::open_close(&filterd, &dir, *dur_kind, conns, dur)?;
                     let label = format!("mediated open+close, {name} (requests/s, µs/pair)");
                     let mut row = Row::new(&label, conns, m.requests_per_s, m.mean_us, m.p99_us)
@@ -210,33 +260,23 @@ fn main() -> anyhow::Result<()> {
                             .with("store_ops_per_commit", m.ops_per_commit);
                     }
                     if *name == "none" && conns == 1 {
-                        none1 = Some(m.mean_us);
-                        row = row.beside("rtt + raw openat+close", rtt.mean_us + openat.mean_us);
+                        round1.mediated_none_1_us = Some(m.mean_us);
+                        row = row.beside(
+                            "2 × rtt + raw openat+close",
+                            2.0 * rtt.mean_us + openat.mean_us,
+                        );
                     }
                     if *name == "persistent" {
                         row = row.beside_rate("raw LMDB 64 puts/commit", lmdb64.ops_per_s);
+                        if conns == 32 {
+                            round1.mediated_persistent_32_pairs = Some(m.requests_per_s / 2.0);
+                        }
                         if conns == 64 {
                             persistent64 = Some(m.requests_per_s);
                         }
                     }
                     rep.rows.push(row);
                 }
-            }
-            if let Some(n) = none1 {
-                // An open and a close are two round trips through the daemon; this
-                // line shows the cost against two raw round trips.
-                rep.target(
-                    "non-durable open+close ≤ 2× (2 × socket rtt + raw openat+close)",
-                    n / (2.0 * rtt.mean_us + openat.mean_us),
-                    2.0,
-                    true,
-                );
-                rep.target(
-                    "non-durable open+close ≤ 2× (socket rtt + raw openat+close)",
-                    n / (rtt.mean_us + openat.mean_us),
-                    2.0,
-                    true,
-                );
             }
             if let Some(p) = persistent64 {
                 rep.target(
@@ -261,7 +301,16 @@ fn main() -> anyhow::Result<()> {
             );
             if smbshim.exists() {
                 eprintln!("rkbench: smbl/1 through smbshim…");
-                smb_section(&mut rep, &filterd, &smbshim, &dir, dur, tcp, args.quick)?;
+                smb_section(
+                    &mut rep,
+                    &mut round1,
+                    &filterd,
+                    &smbshim,
+                    &dir,
+                    dur,
+                    tcp,
+                    args.quick,
+                )?;
             } else {
                 eprintln!(
                     "rkbench: skipped smbl/1 section: smbshim not built ({} does not exist)",
@@ -284,13 +333,27 @@ fn main() -> anyhow::Result<()> {
             }
             if nfsshim.exists() {
                 eprintln!("rkbench: nfsl/1 through nfsshim…");
-                nfs_section(&mut rep, &filterd, &nfsshim, &dir, dur, tcp)?;
+                nfs_section(&mut rep, &mut round1, &filterd, &nfsshim, &dir, dur, tcp)?;
             } else {
                 eprintln!(
                     "rkbench: skipped nfsl/1 section: nfsshim not built ({} does not exist)",
                     nfsshim.display()
                 );
             }
+            let mut rounds = vec![round1];
+            let programs = targets::Programs {
+                filterd: &filterd,
+                smbshim: smbshim.exists().then_some(smbshim.as_path()),
+                nfsshim: nfsshim.exists().then_some(nfsshim.as_path()),
+            };
+            for i in 1..reps {
+                eprintln!(
+                    "rkbench: the issue-16 target figures again ({}/{reps})…",
+                    i + 1
+                );
+                rounds.push(targets::measure_round(&programs, &dir, dur)?);
+            }
+            targets::push_round_targets(&mut rep, &rounds);
             eprintln!("rkbench: local opens under fanotify…");
             match local::measure(&filterd, &dir, dur)? {
                 Some(l) => {
@@ -377,7 +440,7 @@ fn main() -> anyhow::Result<()> {
             ),
             }
         }
-        restart_section(&mut rep, &filterd, &dir, args.quick)?;
+        restart_section(&mut rep, &filterd, &dir, args.quick, args.large, reps)?;
     } else {
         eprintln!(
             "rkbench: skipped: filterd not built ({} does not exist); \
@@ -460,23 +523,61 @@ fn smb3_section(
 }
 
 /// Restart rows: start→serving with 10k and 100k persistent handles (LMDB,
-/// and etcd when there is an etcd binary) beside raw `open_by_handle_at`,
-/// and filterd's memory per handle at the largest size beside the stored
-/// bytes per record.
+/// and etcd when there is an etcd binary; 1M too with `--large`, LMDB only)
+/// beside raw `open_by_handle_at`, and filterd's memory per handle at 100k
+/// (10k with `--quick`) beside the stored bytes per record. The targets
+/// size (100k, or 10k with `--quick`) is measured `reps` times and its
+/// target ratios are the medians; its rows show the first.
 fn restart_section(
     rep: &mut Report,
     filterd: &std::path::Path,
     dir: &std::path::Path,
     quick: bool,
+    large: bool,
+    reps: usize,
 ) -> anyhow::Result<()> {
     eprintln!("rkbench: restart recovery…");
-    let sizes: &[usize] = if quick { &[10_000] } else { &[10_000, 100_000] };
+    let sizes: &[usize] = match (quick, large) {
+        (true, false) => &[10_000],
+        (true, true) => &[10_000, 1_000_000],
+        (false, false) => &[10_000, 100_000],
+        (false, true) => &[10_000, 100_000, 1_000_000],
+    };
+    let target_size = if quick { 10_000 } else { 100_000 };
     let empty = restart::measure(filterd, dir, 0)?;
     for &n in sizes {
         let f = restart::measure(filterd, dir, n)?;
         let per_handle =
             |rss_kib: u64| (rss_kib.saturating_sub(empty.rss_kib) as f64 * 1024.0) / n as f64;
-        if n == *sizes.last().unwrap_or(&n) {
+        if n == target_size {
+            let mut again = vec![f.clone()];
+            for i in 1..reps {
+                eprintln!(
+                    "rkbench: restart with {n} handles again ({}/{reps})…",
+                    i + 1
+                );
+                again.push(restart::measure(filterd, dir, n)?);
+            }
+            let ratios: Vec<f64> = again
+                .iter()
+                .map(|g| g.start_to_serving_ms / g.raw_open_by_handle_ms)
+                .collect();
+            rep.target_median(
+                &format!("restart with {n} persistent handles ≤ 2× raw open_by_handle_at+close"),
+                &ratios,
+                2.0,
+                true,
+            );
+            let kib: Vec<f64> = again
+                .iter()
+                .map(|g| per_handle(g.rss_kib) / 1024.0)
+                .collect();
+            rep.target_median(
+                &format!("filterd RSS per handle at {n} handles ≤ 1 KiB"),
+                &kib,
+                1.0,
+                true,
+            );
             let bytes = per_handle(f.rss_kib);
             rep.rows.push(
                 Row::new(
@@ -502,12 +603,6 @@ fn restart_section(
                 )
                 .note("bytes, not µs".into()),
             );
-            rep.target(
-                &format!("filterd RSS per handle at {n} handles ≤ 1 KiB"),
-                bytes / 1024.0,
-                1.0,
-                true,
-            );
         }
         rep.rows.push(
             Row::new(
@@ -523,7 +618,13 @@ fn restart_section(
             ),
         );
         rep.restart.push(f.clone());
-        if let Some(e) = etcd::start(dir, 1)? {
+        // 1M handles through etcd would take most of an hour here.
+        let etcd = if n <= 100_000 {
+            etcd::start(dir, 1)?
+        } else {
+            None
+        };
+        if let Some(e) = etcd {
             let (fe, page_ms) = restart::measure_etcd(filterd, dir, n, &e.hosts())?;
             let raw = page_ms + fe.raw_open_by_handle_ms;
             rep.rows.push(
@@ -537,7 +638,7 @@ fn restart_section(
                 .beside("raw page through etcd + open_by_handle_at", raw * 1e3)
                 .with("rss_per_handle_bytes", per_handle(fe.rss_kib)),
             );
-            if n == *sizes.last().unwrap_or(&n) {
+            if n == target_size {
                 rep.target(
                         &format!("restart with {n} handles from etcd ≤ 2× raw page-through + open_by_handle_at"),
                         fe.start_to_serving_ms / raw,
@@ -551,12 +652,6 @@ fn restart_section(
                 "restart with 100k handles ≤ 1000 ms",
                 f.start_to_serving_ms / 1000.0,
                 1.0,
-                true,
-            );
-            rep.target(
-                "restart with 100k handles ≤ 3× raw open_by_handle_at",
-                f.start_to_serving_ms / f.raw_open_by_handle_ms,
-                3.0,
                 true,
             );
         }
@@ -630,8 +725,10 @@ fn etcd_section(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn smb_section(
     rep: &mut Report,
+    round: &mut targets::Round,
     filterd: &std::path::Path,
     smbshim: &std::path::Path,
     dir: &std::path::Path,
@@ -642,6 +739,12 @@ fn smb_section(
     for kind in smb::Kind::ALL {
         for conns in [1usize, 32] {
             let m = smb::create_close(filterd, smbshim, dir, kind, conns, dur)?;
+            match (kind, conns) {
+                (smb::Kind::DurableLeased, 1) => round.smb_durable_1_us = Some(m.mean_us),
+                (smb::Kind::Persistent, 1) => round.smb_persistent_1_us = Some(m.mean_us),
+                (smb::Kind::Persistent, 32) => round.smb_persistent_32_pairs = Some(m.pairs_per_s),
+                _ => {}
+            }
             let label = format!("smbl/1 CREATE+CLOSE, {} (pairs/s, µs/pair)", kind.label());
             let mut row = Row::new(&label, conns, m.pairs_per_s, m.mean_us, m.p99_us)
                 .with("requests_per_s", 2.0 * m.pairs_per_s)
@@ -729,6 +832,7 @@ fn smb_section(
 /// lookup cost beside a fresh WRITE.
 fn nfs_section(
     rep: &mut Report,
+    round: &mut targets::Round,
     filterd: &std::path::Path,
     nfsshim: &std::path::Path,
     dir: &std::path::Path,
@@ -737,6 +841,11 @@ fn nfs_section(
 ) -> anyhow::Result<()> {
     for conns in [1usize, 32] {
         let m = nfs::open_close(filterd, nfsshim, dir, conns, dur)?;
+        if conns == 1 {
+            round.nfs_1_us = Some(m.mean_us);
+        } else {
+            round.nfs_32_pairs = Some(m.pairs_per_s);
+        }
         rep.rows.push(
             Row::new(
                 "nfsl/1 OPEN+CLOSE, create unchecked (pairs/s, µs/pair)",

@@ -139,6 +139,10 @@ pub struct Target {
     pub at_most: bool,
     /// Whether it was met.
     pub met: bool,
+    /// The ratio of each repetition inside the run, when it was repeated
+    /// (`ratio` is then their median).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<f64>,
 }
 
 /// Everything measured in one run.
@@ -176,7 +180,20 @@ impl Report {
             bound,
             at_most,
             met,
+            runs: Vec::new(),
         });
+    }
+
+    /// Adds a target line whose ratio is the median of `runs` (one ratio
+    /// per repetition inside the run).
+    pub fn target_median(&mut self, name: &str, runs: &[f64], bound: f64, at_most: bool) {
+        let Some(m) = crate::targets::median(runs) else {
+            return;
+        };
+        self.target(name, m, bound, at_most);
+        if let Some(t) = self.targets.last_mut() {
+            t.runs = runs.to_vec();
+        }
     }
 
     /// The printed table.
@@ -240,8 +257,14 @@ impl Report {
         }
         out.push('\n');
         for t in &self.targets {
+            let runs = if t.runs.len() > 1 {
+                let each: Vec<String> = t.runs.iter().map(|r| format!("{r:.2}")).collect();
+                format!("  median of {}", each.join(", "))
+            } else {
+                String::new()
+            };
             out.push_str(&format!(
-                "target: {:<72} {:>6.2} ({} {:.2})  {}\n",
+                "target: {:<84} {:>6.2} ({} {:.2})  {}{runs}\n",
                 t.name,
                 t.ratio,
                 if t.at_most { "≤" } else { "≥" },
