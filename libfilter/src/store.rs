@@ -383,6 +383,10 @@ pub trait StateStore: Send + Sync {
     fn all_intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError>;
     /// Records a clean shutdown.
     fn clean_shutdown(&self) -> Result<(), StoreError>;
+    /// Lets go of what reading the whole table left resident (restart
+    /// recovery calls it once done). Best effort; nothing for a store that
+    /// keeps nothing mapped.
+    fn release_read_pages(&self) {}
 }
 
 impl StateStore for Store {
@@ -412,6 +416,9 @@ impl StateStore for Store {
     }
     fn clean_shutdown(&self) -> Result<(), StoreError> {
         self.mark_clean_shutdown()
+    }
+    fn release_read_pages(&self) {
+        self.release_mapped_pages();
     }
 }
 
@@ -830,6 +837,18 @@ impl Store {
             out.push(rec);
         }
         Ok(out)
+    }
+
+    /// Drops the map pages this process has resident (a full scan — restart
+    /// recovery — maps the whole data file through fault-around): they stay
+    /// in the page cache and are mapped again when read. Best effort.
+    pub fn release_mapped_pages(&self) {
+        // The gate keeps a resize from replacing the map meanwhile.
+        let _gate = self.gate();
+        let data = self.env.path().join("data.mdb");
+        if let Err(e) = crate::sys::release_file_pages(&data) {
+            tracing::debug!(error = %e, "LMDB map pages not released");
+        }
     }
 
     /// One handle record.

@@ -760,7 +760,7 @@ impl Engine {
             self.by_guid.insert((h.rec.client.clone(), g), key);
             *self.guid_clients.entry(g).or_default() += 1;
         }
-        self.handles.insert(key, h);
+        self.handles.insert(key, Box::new(h));
     }
 
     /// Removes a handle the store does not hold (rolled back): no store
@@ -922,7 +922,7 @@ impl Engine {
                     event,
                     locks_emptied,
                     last_of_file: !self.by_file.contains_key(&h.rec.file),
-                    kept: Some(Box::new(h)),
+                    kept: Some(h),
                 });
                 return Some(rec);
             }
