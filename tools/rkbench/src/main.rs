@@ -89,6 +89,10 @@ struct Args {
     /// memory per handle), for before/after comparisons of recovery.
     #[arg(long)]
     restart_only: bool,
+    /// Also measure the restart with 1M persistent handles (a million files
+    /// in the scratch directory: minutes to prepare, ~1 GiB of disk).
+    #[arg(long)]
+    large: bool,
     /// Only the etcd rows (persistent open+close at 64 connections beside
     /// the raw 64-put Txn loop, 1 and 3 nodes), for before/after
     /// comparisons of the etcd store.
@@ -365,7 +369,7 @@ fn main() -> anyhow::Result<()> {
             ),
             }
         }
-        restart_section(&mut rep, &filterd, &dir, args.quick)?;
+        restart_section(&mut rep, &filterd, &dir, args.quick, args.large)?;
     } else {
         eprintln!(
             "rkbench: skipped: filterd not built ({} does not exist); \
@@ -456,15 +460,29 @@ fn restart_section(
     filterd: &std::path::Path,
     dir: &std::path::Path,
     quick: bool,
+    large: bool,
 ) -> anyhow::Result<()> {
     eprintln!("rkbench: restart recovery…");
-    let sizes: &[usize] = if quick { &[10_000] } else { &[10_000, 100_000] };
+    let sizes: &[usize] = match (quick, large) {
+        (true, false) => &[10_000],
+        (false, false) => &[10_000, 100_000],
+        (true, true) => &[10_000, 1_000_000],
+        (false, true) => &[10_000, 100_000, 1_000_000],
+    };
+    // The memory and etcd rows stay at the size they always had (the
+    // largest short of 1M): `--large` only adds the LMDB restart row.
+    let reported = sizes
+        .iter()
+        .copied()
+        .filter(|&n| n < 1_000_000)
+        .max()
+        .unwrap_or(0);
     let empty = restart::measure(filterd, dir, 0)?;
     for &n in sizes {
         let f = restart::measure(filterd, dir, n)?;
         let per_handle =
             |rss_kib: u64| (rss_kib.saturating_sub(empty.rss_kib) as f64 * 1024.0) / n as f64;
-        if n == *sizes.last().unwrap_or(&n) {
+        if n == reported {
             let bytes = per_handle(f.rss_kib);
             rep.rows.push(
                 Row::new(
@@ -511,7 +529,12 @@ fn restart_section(
             ),
         );
         rep.restart.push(f.clone());
-        if let Some(e) = etcd::start(dir, 1)? {
+        let etcd = if n <= reported {
+            etcd::start(dir, 1)?
+        } else {
+            None
+        };
+        if let Some(e) = etcd {
             let (fe, page_ms) = restart::measure_etcd(filterd, dir, n, &e.hosts())?;
             let raw = page_ms + fe.raw_open_by_handle_ms;
             rep.rows.push(
@@ -525,7 +548,7 @@ fn restart_section(
                 .beside("raw page through etcd + open_by_handle_at", raw * 1e3)
                 .with("rss_per_handle_bytes", per_handle(fe.rss_kib)),
             );
-            if n == *sizes.last().unwrap_or(&n) {
+            if n == reported {
                 rep.target(
                         &format!("restart with {n} handles from etcd ≤ 2× raw page-through + open_by_handle_at"),
                         fe.start_to_serving_ms / raw,
