@@ -746,13 +746,19 @@ impl Engine {
     }
 
     pub(super) fn insert(&mut self, h: Handle) {
+        self.by_file.entry(h.rec.file).or_default().push(h.rec.key);
+        self.insert_unfiled(h);
+    }
+
+    /// [`Engine::insert`] but for the file index, which the caller fills
+    /// (recovery builds it once, in file order, for all handles).
+    pub(super) fn insert_unfiled(&mut self, h: Handle) {
         let key = h.rec.key;
         *self
             .per_client
             .entry((h.rec.protocol.clone(), h.rec.client.clone()))
             .or_default() += 1;
         *self.per_frontend.entry(h.rec.frontend.clone()).or_default() += 1;
-        self.by_file.entry(h.rec.file).or_default().push(key);
         if let Some(l) = h.rec.lease {
             self.lease_key_taken(&h.rec.client, l.key, h.rec.file);
         }

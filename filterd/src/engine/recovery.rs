@@ -304,6 +304,8 @@ impl Engine {
         self.guid_clients.reserve(persistent.len());
         self.expiries.reserve(persistent.len());
         let mut names = SharedNames::default();
+        let mut filed = Vec::with_capacity(persistent.len());
+        let mut restores = Vec::new();
         for (mut rec, found) in persistent.into_iter().zip(located) {
             names.share(&mut rec);
             let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
@@ -362,7 +364,8 @@ impl Engine {
                 Vec::new()
             };
             let file = rec.file;
-            self.insert(Handle {
+            filed.push((file, key));
+            self.insert_unfiled(Handle {
                 rec,
                 fd: None,
                 conn: None,
@@ -371,24 +374,45 @@ impl Engine {
                 lock_fd: None,
                 linked: false,
             });
-            // Re-take its byte-range locks, in the filter and as OFD locks,
-            // before anyone is served (invariant 5).
             if !restore.is_empty() {
-                let t = self.locks.entry(file).or_insert_with(LockTable::new);
-                for l in &restore {
-                    t.restore(Lock {
-                        owner: key,
-                        range: l.range,
-                        kind: l.kind,
-                    });
-                }
-                if let Err(e) = self.mirror(key, &restore) {
-                    // A local process holds a conflicting lock (taken
-                    // while filterd was down): keep trying until it lets
-                    // go; filterctl shows the lock as not mirrored.
-                    warn!(resume_key = %key, error = %e.message, "recovered locks not mirrored as OFD locks yet: retrying");
-                    self.unmirrored.insert(key);
-                }
+                restores.push((key, file, restore));
+            }
+        }
+        // The file index, built once: in file order (a B-tree filled in
+        // order is built whole, its nodes full, instead of 100k lookups of
+        // random files).
+        filed.sort_unstable();
+        let mut by_file: Vec<(FileId, Vec<ResumeKey>)> = Vec::new();
+        for (file, key) in filed {
+            match by_file.last_mut() {
+                Some((f, keys)) if *f == file => keys.push(key),
+                _ => by_file.push((file, vec![key])),
+            }
+        }
+        if self.by_file.is_empty() {
+            self.by_file = by_file.into_iter().collect();
+        } else {
+            for (file, keys) in by_file {
+                self.by_file.entry(file).or_default().extend(keys);
+            }
+        }
+        // Re-take every recovered handle's byte-range locks, in the filter
+        // and as OFD locks, before anyone is served (invariant 5).
+        for (key, file, restore) in restores {
+            let t = self.locks.entry(file).or_insert_with(LockTable::new);
+            for l in &restore {
+                t.restore(Lock {
+                    owner: key,
+                    range: l.range,
+                    kind: l.kind,
+                });
+            }
+            if let Err(e) = self.mirror(key, &restore) {
+                // A local process holds a conflicting lock (taken
+                // while filterd was down): keep trying until it lets
+                // go; filterctl shows the lock as not mirrored.
+                warn!(resume_key = %key, error = %e.message, "recovered locks not mirrored as OFD locks yet: retrying");
+                self.unmirrored.insert(key);
             }
         }
         let indexed_done = t0.elapsed();
