@@ -943,6 +943,62 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Resident bytes of this process's mappings of `file` (`Rss:` lines
+    /// of `/proc/self/smaps` under its mapping header).
+    fn resident_of(file: &std::path::Path) -> u64 {
+        let name = file.canonicalize().unwrap().display().to_string();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut ours = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            // A mapping's header starts with its address range.
+            let header = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'))
+                .is_some_and(|(a, b)| {
+                    u64::from_str_radix(a, 16).is_ok() && u64::from_str_radix(b, 16).is_ok()
+                });
+            if header {
+                ours = line.ends_with(&name);
+            } else if let Some(v) = line.strip_prefix("Rss:").filter(|_| ours) {
+                kib += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        }
+        kib * 1024
+    }
+
+    #[test]
+    fn a_full_scan_leaves_no_map_page_resident() {
+        let dir = std::env::temp_dir().join(format!("rkf-pages-{}", uuid::Uuid::new_v4()));
+        let s = Store::open(&dir, 1 << 26).unwrap();
+        let ops: Vec<StoreOp> = (0..4000)
+            .map(|i| StoreOp::PutHandle(Box::new(rec(&format!("f{i}")))))
+            .collect();
+        s.apply(&ops).unwrap();
+        let data = dir.join("lmdb/data.mdb");
+        assert_eq!(s.handles().unwrap().len(), 4000);
+        let scanned = resident_of(&data);
+        assert!(
+            scanned >= 100 * 1024,
+            "the scan mapped the table: {scanned} bytes"
+        );
+        StateStore::release_read_pages(&s);
+        let released = resident_of(&data);
+        assert!(
+            released < scanned / 10,
+            "the map pages stayed resident: {released} of {scanned} bytes"
+        );
+        // And the records still read (the pages fault back in).
+        assert_eq!(s.handles().unwrap().len(), 4000);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     use super::*;
     use crate::model::*;
 
