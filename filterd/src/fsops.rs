@@ -672,32 +672,86 @@ pub fn reopen(
     Ok((fd, file, size))
 }
 
-/// Recovery's look at a persistent handle's file: is it there, and which
-/// file is it. Nothing is read or written through the descriptor (it is
-/// closed again); that the file lies beneath the root is proven when the
-/// handle is resumed ([`reopen`]), so a restart with many handles pays for
-/// the proof only for those that are used.
-pub fn reopen_for_recovery(
+/// Recovery's look at a persistent handle's file: is it there (linked), and
+/// which file is it. An `O_PATH` open by kernel handle — the handle carries
+/// the inode generation, so a file made since under a reused inode number is
+/// not taken for it (`ESTALE`) — and one `fstat`: no descriptor is read or
+/// written, none is kept, no local process's lease is broken (an `O_PATH`
+/// open breaks none), and nothing is opened for access the handle only
+/// needs once it is resumed. That the file lies beneath the root is proven
+/// then too ([`reopen`]), so a restart with many handles pays for the proof
+/// only for those that are used. Without the capability the recorded path
+/// is opened instead, checked by kernel handle ([`open_by_handle_or_path`]).
+pub fn locate_for_recovery(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
-    access: Access,
     path: &RelPath,
-) -> io::Result<(OwnedFd, FileId, u64)> {
-    let fd = match open_by_handle_or_path_with(root, h, Some(path), open_mode(access), false) {
-        // A local process's kernel lease is being broken: an O_PATH open
-        // (which breaks no lease) tells the same.
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-            open_by_handle_or_path_with(root, h, Some(path), libc::O_PATH, false)?
-        }
-        other => other?,
-    };
+) -> io::Result<FileId> {
+    let fd = open_by_handle_or_path_with(root, h, Some(path), libc::O_PATH, false)?;
+    let st = fstat(fd.as_fd()).map_err(io::Error::from)?;
     // A deleted file can still be opened by handle while its inode is
     // cached: it is gone all the same.
-    if fstat(fd.as_fd()).map_err(io::Error::from)?.st_nlink == 0 {
+    if st.st_nlink == 0 {
         return Err(io::Error::from_raw_os_error(libc::ESTALE));
     }
-    let (file, size) = stat(fd.as_fd())?;
-    Ok((fd, file, size))
+    Ok(FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    })
+}
+
+/// Handles per recovery worker below which another thread is not worth
+/// its start.
+const LOCATE_PER_THREAD_MIN: usize = 4096;
+/// Most recovery workers: the reopens are system calls on (mostly) cached
+/// inodes, so more threads than cores only queue.
+const LOCATE_THREADS_MAX: usize = 8;
+
+/// [`locate_for_recovery`] of every `(kernel handle, recorded path)`, in
+/// order, split over a few scoped threads (one per core, at most
+/// [`LOCATE_THREADS_MAX`], each with at least [`LOCATE_PER_THREAD_MIN`]
+/// handles): the lookups are independent, and the engine is not serving
+/// yet, so recovery's longest step runs on every core.
+pub fn locate_all_for_recovery(
+    root: BorrowedFd<'_>,
+    files: &[(&libfilter::model::KernelHandle, &RelPath)],
+) -> Vec<io::Result<FileId>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores
+        .min(LOCATE_THREADS_MAX)
+        .min(files.len() / LOCATE_PER_THREAD_MIN)
+        .max(1);
+    let locate = |part: &[(&libfilter::model::KernelHandle, &RelPath)]| {
+        part.iter()
+            .map(|(h, path)| locate_for_recovery(root, h, path))
+            .collect::<Vec<_>>()
+    };
+    if threads == 1 {
+        return locate(files);
+    }
+    let per = files.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = files
+            .chunks(per)
+            .enumerate()
+            .map(|(i, part)| {
+                std::thread::Builder::new()
+                    .name(format!("recovery-{i}"))
+                    .spawn_scoped(s, move || locate(part))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(files.len());
+        for (w, part) in workers.into_iter().zip(files.chunks(per)) {
+            match w.map(|t| t.join()) {
+                Ok(Ok(found)) => out.extend(found),
+                // No thread to spare (or one that panicked, which the
+                // panic hook turns into an abort anyway): this part on the
+                // calling thread.
+                _ => out.extend(locate(part)),
+            }
+        }
+        out
+    })
 }
 
 /// The export root's path as the kernel names it (for [`prove_beneath`]).

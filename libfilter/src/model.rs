@@ -110,16 +110,18 @@ fn valid_name(s: &str) -> bool {
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
+        ///
+        /// Shared text (`Arc<str>`): the handles of one name share one copy,
+        /// and a clone (an index key) allocates nothing.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(std::sync::Arc<str>);
 
         impl $name {
             /// Checks and wraps a name.
             pub fn new(s: impl Into<String>) -> Result<Self, ModelError> {
                 let s = s.into();
                 if valid_name(&s) {
-                    Ok($name(s))
+                    Ok($name(s.into()))
                 } else {
                     Err(ModelError::InvalidName(s.chars().take(80).collect()))
                 }
@@ -133,6 +135,12 @@ macro_rules! name_type {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
             }
         }
 
@@ -159,9 +167,11 @@ name_type!(
 /// Who owns a handle at the protocol level: an SMB-like client GUID plus user,
 /// an NFS-like client id, ... Opaque to the filter, compared for equality on
 /// resume (invariant 6).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct ClientId(String);
+///
+/// Shared text (`Arc<str>`): the handles of one client share one copy, and a
+/// clone (an index key) allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(std::sync::Arc<str>);
 
 impl ClientId {
     /// Checks and wraps a client identity.
@@ -170,7 +180,7 @@ impl ClientId {
         if s.is_empty() || s.len() > MAX_IDENT_BYTES {
             return Err(ModelError::InvalidIdentity);
         }
-        Ok(ClientId(s))
+        Ok(ClientId(s.into()))
     }
     /// The identity as text.
     pub fn as_str(&self) -> &str {
@@ -181,6 +191,12 @@ impl ClientId {
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl Serialize for ClientId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 

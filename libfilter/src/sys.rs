@@ -208,6 +208,62 @@ pub fn open_lmdb(
     }
 }
 
+/// Drops this process's page-table entries of every read-only shared
+/// mapping of the file `path` (LMDB's map of `data.mdb`), returning the
+/// bytes of address space covered. The pages stay in the kernel's page
+/// cache and are mapped again on the next read that touches them, so only
+/// the resident set shrinks: a scan of the whole file (restart recovery)
+/// leaves every page it touched — and, through fault-around, its
+/// neighbours — counted in the process's RSS until then.
+///
+/// The caller must keep the mapping from being replaced meanwhile (the
+/// store holds its transaction gate, which a map resize needs exclusively).
+pub(crate) fn release_file_pages(path: &Path) -> io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path)?;
+    let (ino, major, minor) = (md.ino(), libc::major(md.dev()), libc::minor(md.dev()));
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let hex = |s: &str| usize::from_str_radix(s, 16).ok();
+    let mut released = 0;
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms), Some(_offset), Some(dev), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let same_file = inode.parse::<u64>().ok() == Some(ino)
+            && dev.split_once(':').is_some_and(|(ma, mi)| {
+                u32::from_str_radix(ma, 16).ok() == Some(major)
+                    && u32::from_str_radix(mi, 16).ok() == Some(minor)
+            });
+        // Read-only and shared only: a private or writable mapping's pages
+        // may hold what the file does not.
+        if !same_file || !perms.starts_with("r-") || !perms.ends_with('s') {
+            continue;
+        }
+        let Some((start, end)) = range
+            .split_once('-')
+            .and_then(|(a, b)| Some((hex(a)?, hex(b)?)))
+            .filter(|(a, b)| a < b)
+        else {
+            continue;
+        };
+        // SAFETY: [start, end) is a whole read-only MAP_SHARED mapping of a
+        // file, as the kernel lists it, which the caller keeps in place.
+        // MADV_DONTNEED on a shared file mapping only zaps page-table
+        // entries: no content is lost (it is the file's, in the page
+        // cache), and a later read — in any thread — faults it back in.
+        let r =
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        released += end - start;
+    }
+    Ok(released)
+}
+
 /// Sets an open environment's map size. `no_txns` is the exclusive guard
 /// of the lock that every transaction on `env` holds shared while it is
 /// open (the store's), proving none is open — LMDB's only condition.

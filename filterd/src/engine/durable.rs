@@ -742,14 +742,14 @@ impl Engine {
 
     /// Files the whole of a persistent handle being removed, to put back if
     /// its deletion does not commit.
-    pub(super) fn keep_until_durable(&mut self, h: Handle) {
+    pub(super) fn keep_until_durable(&mut self, h: Box<Handle>) {
         let seq = self.batch.seq;
         self.batch
             .pending
             .entry(seq)
             .or_default()
             .undo
-            .push(Undo::Reinsert(Box::new(h)));
+            .push(Undo::Reinsert(h));
     }
 
     /// Puts back a handle whose removal did not commit, attached as it was

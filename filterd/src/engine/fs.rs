@@ -111,14 +111,11 @@ pub trait Fs: Send {
         expect: FileId,
     ) -> io::Result<(OwnedFd, FileId, u64)>;
 
-    /// Recovery's look at a persistent handle's file: is it there (linked),
-    /// and which file is it.
-    fn reopen_for_recovery(
-        &self,
-        kh: &KernelHandle,
-        access: Access,
-        path: &RelPath,
-    ) -> io::Result<(OwnedFd, FileId, u64)>;
+    /// Recovery's look at persistent handles' files, given each one's
+    /// kernel handle and recorded path: is it there (linked), and which
+    /// file is it — one answer per entry, in order. Keeps no descriptor;
+    /// may look at several files at once ([`fsops::locate_all_for_recovery`]).
+    fn locate_for_recovery(&self, files: &[(&KernelHandle, &RelPath)]) -> Vec<io::Result<FileId>>;
 
     /// Identity and size of the file behind a descriptor this port gave.
     fn stat(&self, fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)>;
@@ -238,13 +235,8 @@ impl Fs for HostFs {
         fsops::reopen(self.root(), kh, access, path, expect)
     }
 
-    fn reopen_for_recovery(
-        &self,
-        kh: &KernelHandle,
-        access: Access,
-        path: &RelPath,
-    ) -> io::Result<(OwnedFd, FileId, u64)> {
-        fsops::reopen_for_recovery(self.root(), kh, access, path)
+    fn locate_for_recovery(&self, files: &[(&KernelHandle, &RelPath)]) -> Vec<io::Result<FileId>> {
+        fsops::locate_all_for_recovery(self.root(), files)
     }
 
     fn stat(&self, fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)> {

@@ -503,16 +503,16 @@ impl Fs for MemFs {
         st.file_desc(obj)
     }
 
-    fn reopen_for_recovery(
-        &self,
-        kh: &KernelHandle,
-        _access: Access,
-        _path: &RelPath,
-    ) -> io::Result<(OwnedFd, FileId, u64)> {
+    fn locate_for_recovery(&self, files: &[(&KernelHandle, &RelPath)]) -> Vec<io::Result<FileId>> {
         let mut st = self.st();
-        st.check("reopen")?;
-        let obj = st.obj_of_handle(kh)?;
-        st.file_desc(obj)
+        files
+            .iter()
+            .map(|(kh, _)| {
+                st.check("reopen")?;
+                let obj = st.obj_of_handle(kh)?;
+                st.file_desc(obj).map(|(_, file, _)| file)
+            })
+            .collect()
     }
 
     fn mark_change(&self, fd: BorrowedFd<'_>, id: libfilter::model::IntentId) -> io::Result<()> {

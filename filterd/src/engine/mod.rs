@@ -128,8 +128,10 @@ pub struct Engine {
     fs: Box<dyn fs::Fs>,
     epoch: u64,
     started: Instant,
-    /// Ordered, so listings page by key.
-    handles: BTreeMap<ResumeKey, Handle>,
+    /// Ordered, so listings page by key. Boxed: a B-tree node holds eleven
+    /// entries and is often half full, so inline handles (~400 bytes each)
+    /// would leave kilobytes idle per node; boxed, an idle slot costs 24.
+    handles: BTreeMap<ResumeKey, Box<Handle>>,
     by_file: BTreeMap<FileId, Vec<ResumeKey>>,
     by_guid: HashMap<(ClientId, CreateGuid), ResumeKey>,
     /// The file each client's lease key is held on, and by how many
@@ -1170,7 +1172,10 @@ impl Engine {
             None => self.by_file.range(..),
         };
         range.filter_map(|(file, keys)| {
-            let hs: Vec<&Handle> = keys.iter().filter_map(|k| self.handles.get(k)).collect();
+            let hs: Vec<&Handle> = keys
+                .iter()
+                .filter_map(|k| self.handles.get(k).map(|h| &**h))
+                .collect();
             let first = hs.first()?;
             Some(FileView {
                 file: *file,

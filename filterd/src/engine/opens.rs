@@ -754,13 +754,19 @@ impl Engine {
     }
 
     pub(super) fn insert(&mut self, h: Handle) {
+        self.by_file.entry(h.rec.file).or_default().push(h.rec.key);
+        self.insert_unfiled(h);
+    }
+
+    /// [`Engine::insert`] but for the file index, which the caller fills
+    /// (recovery builds it once, in file order, for all handles).
+    pub(super) fn insert_unfiled(&mut self, h: Handle) {
         let key = h.rec.key;
         *self
             .per_client
             .entry((h.rec.protocol.clone(), h.rec.client.clone()))
             .or_default() += 1;
         *self.per_frontend.entry(h.rec.frontend.clone()).or_default() += 1;
-        self.by_file.entry(h.rec.file).or_default().push(key);
         if let Some(l) = h.rec.lease {
             self.lease_key_taken(&h.rec.client, l.key, h.rec.file);
         }
@@ -768,7 +774,7 @@ impl Engine {
             self.by_guid.insert((h.rec.client.clone(), g), key);
             *self.guid_clients.entry(g).or_default() += 1;
         }
-        self.handles.insert(key, h);
+        self.handles.insert(key, Box::new(h));
     }
 
     /// Removes a handle the store does not hold (rolled back): no store
@@ -930,7 +936,7 @@ impl Engine {
                     event,
                     locks_emptied,
                     last_of_file: !self.by_file.contains_key(&h.rec.file),
-                    kept: Some(Box::new(h)),
+                    kept: Some(h),
                 });
                 return Some(rec);
             }

@@ -3,8 +3,37 @@
 //! beneath the root) with its locks re-taken — all before the socket
 //! accepts anyone (invariant 5).
 
+use std::hash::Hash;
+
 use super::fs::SizeRedo;
 use super::*;
+
+/// One copy of each protocol, frontend and client name among the recovered
+/// handles: each record decodes its own, and a daemon with 100k handles of
+/// a few frontends and clients would otherwise keep 300k small strings.
+#[derive(Default)]
+struct SharedNames {
+    protocols: HashSet<Protocol>,
+    frontends: HashSet<InstanceName>,
+    clients: HashSet<ClientId>,
+}
+
+impl SharedNames {
+    /// Points `rec`'s names at the shared copies (its own are dropped).
+    fn share(&mut self, rec: &mut HandleRecord) {
+        fn one<T: Clone + Eq + Hash>(seen: &mut HashSet<T>, name: &mut T) {
+            match seen.get(name) {
+                Some(shared) => *name = shared.clone(),
+                None => {
+                    seen.insert(name.clone());
+                }
+            }
+        }
+        one(&mut self.protocols, &mut rec.protocol);
+        one(&mut self.frontends, &mut rec.frontend);
+        one(&mut self.clients, &mut rec.client);
+    }
+}
 
 impl Engine {
     /// Restart recovery: reopens every persistent handle in the store by its
@@ -232,57 +261,82 @@ impl Engine {
                 (None, _) => error!("stored replay key does not parse; ignored"),
             }
         }
+        let replays_done = t0.elapsed();
         let mut updates = Vec::new();
         let now = now_ms();
         let mut corrupt = 0u64;
-        for r in store.all_handles()? {
-            let mut rec = match r {
-                Ok(rec) => rec,
+        let stored = store.all_handles()?;
+        let read_done = t0.elapsed();
+        let mut persistent = Vec::with_capacity(stored.len());
+        for r in stored {
+            match r {
+                Ok(rec) if rec.durability.is_persistent() => persistent.push(rec),
+                Ok(rec) => updates.push(StoreOp::DeleteHandle(Box::new(rec))),
                 Err(e) => {
                     error!(error = %e, "stored handle record does not decode; left in place for inspection");
                     corrupt += 1;
-                    continue;
                 }
-            };
-            if !rec.durability.is_persistent() {
-                updates.push(StoreOp::DeleteHandle(Box::new(rec)));
-                continue;
             }
-            let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
-            let reopened = match (&rec.kernel_handle, rec.conn) {
-                (_, ConnState::Lost) => None,
-                (Some(kh), _) => {
-                    match self.fs.reopen_for_recovery(kh, rec.access, &rec.path) {
-                        Ok(x) => Some(x),
-                        // Out of descriptors or memory is our problem, not the
-                        // handle's: refuse to start rather than mark it lost.
-                        Err(e)
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM)
-                            ) =>
-                        {
-                            anyhow::bail!(
-                            "cannot reopen persistent handles: {e}; raise the descriptor limit (LimitNOFILE=) \
-                             — filterd needs one descriptor per handle"
-                        );
-                        }
-                        Err(e) => {
-                            warn!(resume_key = %rec.key, path = %rec.path, error = %e, "persistent handle lost: file cannot be reopened");
-                            None
-                        }
-                    }
+        }
+        // Which files are still there, all looked at in one go (on every
+        // core: `Fs::locate_for_recovery`); a handle lost before, or without
+        // a kernel handle, is not looked for.
+        let located = {
+            let (which, probes): (Vec<usize>, Vec<_>) = persistent
+                .iter()
+                .enumerate()
+                .filter(|(_, rec)| rec.conn != ConnState::Lost)
+                .filter_map(|(i, rec)| Some((i, (rec.kernel_handle.as_ref()?, &rec.path))))
+                .unzip();
+            let mut located: Vec<Option<std::io::Result<FileId>>> = std::iter::repeat_with(|| None)
+                .take(persistent.len())
+                .collect();
+            for (i, found) in which.into_iter().zip(self.fs.locate_for_recovery(&probes)) {
+                if let Some(slot) = located.get_mut(i) {
+                    *slot = Some(found);
                 }
-                (None, _) => None,
+            }
+            located
+        };
+        let located_done = t0.elapsed();
+        // The indexes grow once, to their size.
+        self.by_guid.reserve(persistent.len());
+        self.guid_clients.reserve(persistent.len());
+        self.expiries.reserve(persistent.len());
+        let mut names = SharedNames::default();
+        let mut filed = Vec::with_capacity(persistent.len());
+        let mut restores = Vec::new();
+        for (mut rec, found) in persistent.into_iter().zip(located) {
+            names.share(&mut rec);
+            let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
+            let found = match found {
+                Some(Ok(file)) => Some(file),
+                // Out of descriptors or memory is our problem, not the
+                // handle's: refuse to start rather than mark it lost.
+                Some(Err(e))
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM)
+                    ) =>
+                {
+                    anyhow::bail!(
+                        "cannot reopen persistent handles: {e}; raise the descriptor limit (LimitNOFILE=) \
+                         — filterd needs one descriptor per handle"
+                    );
+                }
+                Some(Err(e)) => {
+                    warn!(resume_key = %rec.key, path = %rec.path, error = %e, "persistent handle lost: file cannot be reopened");
+                    None
+                }
+                None => None,
             };
-            // The reopen proves the file is there; the descriptor itself is
-            // closed again and taken anew when the handle is resumed, so a
-            // daemon with 100k disconnected handles does not need 100k
-            // descriptors. The stored record is left as it is (at recovery
-            // every handle is disconnected, whatever it says); only a lost
-            // handle is rewritten.
-            match reopened {
-                Some((_fd, file, _size)) => {
+            // The look proves the file is there; a descriptor is taken when
+            // the handle is resumed, so a daemon with 100k disconnected
+            // handles does not need 100k descriptors. The stored record is
+            // left as it is (at recovery every handle is disconnected,
+            // whatever it says); only a lost handle is rewritten.
+            match found {
+                Some(file) => {
                     if file != rec.file {
                         rec.file = file;
                         updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
@@ -299,19 +353,10 @@ impl Engine {
                     updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
                 }
             };
-            let fd = None;
-            match rec.conn {
-                ConnState::Disconnected { .. } => {
-                    self.expiries
-                        .push(Reverse((mono_ms() + timeout, rec.key, 0)));
-                }
-                // A lost handle stays visible until its timeout too, then
-                // goes (it protects nothing: its file is gone).
-                ConnState::Lost => self
-                    .expiries
-                    .push(Reverse((mono_ms() + timeout, rec.key, 0))),
-                ConnState::Connected => {}
-            }
+            // A lost handle stays visible until its timeout too, then goes
+            // (it protects nothing: its file is gone).
+            self.expiries
+                .push(Reverse((mono_ms() + timeout, rec.key, 0)));
             let key = rec.key;
             let restore = if matches!(rec.conn, ConnState::Disconnected { .. }) {
                 rec.locks.clone()
@@ -319,9 +364,10 @@ impl Engine {
                 Vec::new()
             };
             let file = rec.file;
-            self.insert(Handle {
+            filed.push((file, key));
+            self.insert_unfiled(Handle {
                 rec,
-                fd,
+                fd: None,
                 conn: None,
                 gen: 0,
                 parked: false,
@@ -329,37 +375,66 @@ impl Engine {
                 linked: false,
                 stat: false,
             });
-            // Re-take its byte-range locks, in the filter and as OFD locks,
-            // before anyone is served (invariant 5).
             if !restore.is_empty() {
-                let t = self.locks.entry(file).or_insert_with(LockTable::new);
-                for l in &restore {
-                    t.restore(Lock {
-                        owner: key,
-                        range: l.range,
-                        kind: l.kind,
-                    });
-                }
-                if let Err(e) = self.mirror(key, &restore) {
-                    // A local process holds a conflicting lock (taken
-                    // while filterd was down): keep trying until it lets
-                    // go; filterctl shows the lock as not mirrored.
-                    warn!(resume_key = %key, error = %e.message, "recovered locks not mirrored as OFD locks yet: retrying");
-                    self.unmirrored.insert(key);
-                }
+                restores.push((key, file, restore));
             }
         }
+        // The file index, built once: in file order (a B-tree filled in
+        // order is built whole, its nodes full, instead of 100k lookups of
+        // random files).
+        filed.sort_unstable();
+        let mut by_file: Vec<(FileId, Vec<ResumeKey>)> = Vec::new();
+        for (file, key) in filed {
+            match by_file.last_mut() {
+                Some((f, keys)) if *f == file => keys.push(key),
+                _ => by_file.push((file, vec![key])),
+            }
+        }
+        if self.by_file.is_empty() {
+            self.by_file = by_file.into_iter().collect();
+        } else {
+            for (file, keys) in by_file {
+                self.by_file.entry(file).or_default().extend(keys);
+            }
+        }
+        // Re-take every recovered handle's byte-range locks, in the filter
+        // and as OFD locks, before anyone is served (invariant 5).
+        for (key, file, restore) in restores {
+            let t = self.locks.entry(file).or_insert_with(LockTable::new);
+            for l in &restore {
+                t.restore(Lock {
+                    owner: key,
+                    range: l.range,
+                    kind: l.kind,
+                });
+            }
+            if let Err(e) = self.mirror(key, &restore) {
+                // A local process holds a conflicting lock (taken
+                // while filterd was down): keep trying until it lets
+                // go; filterctl shows the lock as not mirrored.
+                warn!(resume_key = %key, error = %e.message, "recovered locks not mirrored as OFD locks yet: retrying");
+                self.unmirrored.insert(key);
+            }
+        }
+        let indexed_done = t0.elapsed();
         if !updates.is_empty() {
             // Each update stands alone: one request each, so that a store
             // that splits large commits (etcd) packs them whole.
             let each: Vec<&[StoreOp]> = updates.iter().map(std::slice::from_ref).collect();
             store.commit(&each)?;
         }
+        // Reading every record left the store's pages resident; the engine
+        // keeps what it needs in its own tables.
+        store.release_read_pages();
         info!(
             recovered = self.stats.recoveries,
             lost = self.stats.recoveries_lost,
             corrupt,
             elapsed_ms = millis(t0.elapsed()),
+            intents_and_replays_ms = millis(replays_done),
+            read_ms = millis(read_done - replays_done),
+            located_ms = millis(located_done - read_done),
+            indexed_ms = millis(indexed_done - located_done),
             "recovery done"
         );
         Ok(())

@@ -23,6 +23,13 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// Lines of the daemon log quoted in an error.
 const LOG_TAIL_LINES: usize = 20;
 
+/// The log level filterd runs with: `warn`, or `$RKBENCH_FILTERD_LOG`
+/// (`info` shows, among others, recovery's time per phase — the restart
+/// rows then print that line).
+pub fn filterd_log_level() -> String {
+    std::env::var("RKBENCH_FILTERD_LOG").unwrap_or_else(|_| "warn".to_owned())
+}
+
 /// A running filterd, stopped on drop.
 pub struct Daemon {
     child: Child,
@@ -54,7 +61,7 @@ impl Daemon {
         }
         cmd.args(extra);
         let child = cmd
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", filterd_log_level())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)

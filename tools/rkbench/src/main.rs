@@ -100,6 +100,10 @@ struct Args {
     /// memory per handle), for before/after comparisons of recovery.
     #[arg(long)]
     restart_only: bool,
+    /// Also measure the restart with 1M persistent handles (a million files
+    /// in the scratch directory: minutes to prepare, ~1 GiB of disk).
+    #[arg(long)]
+    large: bool,
     /// Only the etcd rows (persistent open+close at 64 connections beside
     /// the raw 64-put Txn loop, 1 and 3 nodes), for before/after
     /// comparisons of the etcd store.

@@ -210,6 +210,12 @@ fn start_to_serving(
         "filterd recovered {recovered} of {n} persistent handles (see {})",
         log.display()
     );
+    if std::env::var_os("RKBENCH_FILTERD_LOG").is_some() {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("recovery done")) {
+            eprintln!("rkbench: {n} handles: {line}");
+        }
+    }
     let _ = std::fs::remove_dir_all(dir.join(format!("restart-{n}")));
     Ok(RestartFigure {
         handles: n,
