@@ -92,10 +92,6 @@ struct Args {
     /// target rows measured once instead of three times).
     #[arg(long)]
     quick: bool,
-    /// Also restart with 1M persistent handles (a few minutes more: the
-    /// files and records are made first).
-    #[arg(long)]
-    large: bool,
     /// Only the baselines and the restart section (recovery time and
     /// memory per handle), for before/after comparisons of recovery.
     #[arg(long)]
