@@ -131,8 +131,17 @@ impl Engine {
         };
         let purges = self.stats.purges;
         // A stat open breaks nothing (MS-FSA 2.1.5.1.2.2: no oplock break
-        // check for it; smbtorture smb2.lease.statopen4).
-        let breaking = !o.stat
+        // check for it; smbtorture smb2.lease.statopen4) — but only one
+        // that can change nothing is taken for one: asking for more than
+        // reading, or overwriting, the flag counts for nothing (a frontend
+        // cannot use it to slip past a share mode or a lease).
+        let stat = o.stat
+            && libfilter::model::Rights::READ.contains(o.access.rights())
+            && !matches!(
+                o.disposition,
+                Disposition::Overwrite | Disposition::OverwriteIf | Disposition::Supersede
+            );
+        let breaking = !stat
             && self.break_leases_for(
                 of.file,
                 o.lease.map(|l| l.key),
@@ -204,7 +213,7 @@ impl Engine {
         // Local processes count as share-all readers, those that opened
         // the file before fanotify asked about it included.
         let (local, learnt) = self.local_opens_of(of.file, of.fd.as_fd());
-        let decision = if o.stat {
+        let decision = if stat {
             // Refused by nobody, as it refuses nobody (holders_of).
             ShareDecision::Grant { purge: Vec::new() }
         } else if local && share::conflicts(mode, ShareMode::LOCAL_PROCESS) {
@@ -339,7 +348,7 @@ impl Engine {
             parked: park,
             lock_fd: None,
             linked: of.linked,
-            stat: o.stat,
+            stat,
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {

@@ -2144,3 +2144,51 @@ fn a_stat_open_takes_no_part_in_sharing_or_leases() {
     assert_eq!(h.refused(reader), ErrorCode::Busy);
     assert_eq!(breaks(&h), 1);
 }
+
+/// A stat open that asks for more than reading, or overwrites, is an
+/// ordinary open: the flag slips past no share mode and no lease (a review
+/// truncated a share-none, RWH-leased file with an attribute-only
+/// OVERWRITE_IF).
+#[test]
+fn a_stat_open_that_could_change_the_file_is_an_ordinary_open() {
+    let mut h = Harness::new();
+    let Request::Open(mut held) = open("a", Rights::NONE) else {
+        unreachable!("open() makes an open")
+    };
+    held.durability = Durability::None;
+    held.create_guid = None;
+    let first = h.run(Request::Open(held));
+    h.commit(true);
+    h.opened(first);
+    let stat_open = |access: Rights, disposition: Disposition| {
+        let Request::Open(mut o) = open("a", Rights::ALL) else {
+            unreachable!("open() makes an open")
+        };
+        o.access = Access::new(access).unwrap();
+        o.disposition = disposition;
+        o.durability = Durability::None;
+        o.create_guid = None;
+        o.stat = true;
+        o.no_wait = true;
+        Request::Open(o)
+    };
+    for (access, disposition) in [
+        (Rights::READ, Disposition::OverwriteIf),
+        (Rights::READ, Disposition::Overwrite),
+        (Rights::READ, Disposition::Supersede),
+        (Rights::WRITE, Disposition::Open),
+        (Rights::DELETE, Disposition::OpenIf),
+    ] {
+        let r = h.run(stat_open(access, disposition));
+        h.commit(true);
+        assert_eq!(
+            h.refused(r),
+            ErrorCode::SharingViolation,
+            "{access:?} {disposition:?}"
+        );
+    }
+    // An attribute-only open that changes nothing still gets in.
+    let r = h.run(stat_open(Rights::READ, Disposition::Open));
+    h.commit(true);
+    h.opened(r);
+}

@@ -457,7 +457,13 @@ impl OutQueue {
             };
             let Some(line) = line else { break };
             let wrote = out.write_all(&line);
-            self.queued.fetch_sub(line.len(), Ordering::AcqRel);
+            // Saturating: a discarding close may have zeroed the count
+            // while this line was being written.
+            let _ = self
+                .queued
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                    Some(q.saturating_sub(line.len()))
+                });
             if let Some(mut st) = self.lock() {
                 st.writing = false;
             }

@@ -57,6 +57,11 @@ fn invalid(msg: impl Into<String>) -> Fail {
     Fail("STATUS_INVALID_PARAMETER", msg.into())
 }
 
+/// Not a status a client sees: an inline CREATE ([`answer_inline`]) that
+/// filterd refused because a lease must be broken first, which the worker
+/// then runs again, waiting.
+const INLINE_BUSY: &str = "inline CREATE needs a lease break";
+
 /// The one place filter errors become smbl/1 statuses.
 fn status_of(e: &ClientError) -> &'static str {
     match e.code() {
@@ -362,8 +367,11 @@ fn answer_inline(sh: &Shared, conn: u64, line: &[u8]) -> Option<Value> {
     let outcome = match obj.get("cmd").and_then(Value::as_str)? {
         "ECHO" => Ok(Map::new()),
         "CLOSE" => close(sh, &obj),
+        // A replay takes the teardown lock and may wait out a filterd
+        // restart: the worker serves it, the reader keeps reading acks.
+        "CREATE" if is_replay(&obj) => return None,
         "CREATE" => match create(sh, conn, &obj, true) {
-            Err(Fail("STATUS_FILE_NOT_AVAILABLE", _)) => return None,
+            Err(Fail(INLINE_BUSY, _)) => return None,
             other => other,
         },
         _ => return None,
@@ -620,7 +628,13 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>, no_wait: bool) -> O
     } else {
         sh.filter.open(req)
     }
-    .map_err(filter_fail)?;
+    .map_err(|e| match e.code() {
+        // Only an open filterd refused for a lease break goes to the
+        // worker: after a timeout or a lost link it may have been made, and
+        // running it again would not be exactly once (the client replays).
+        Some(ErrorCode::Busy) if no_wait => Fail(INLINE_BUSY, e.to_string()),
+        _ => filter_fail(e),
+    })?;
     note_locked(sh, &h.info);
     let file_id = h.info.key.to_string();
     // A durable (not persistent) open is granted only if the lease came with
