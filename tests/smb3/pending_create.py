@@ -17,6 +17,11 @@ A's whole lease (MS-SMB2 3.3.2.5: none, not the RH the break asked for),
 A's late acknowledgment is STATUS_UNSUCCESSFUL, and an open under A's key
 asking for nothing reports the lease as none.
 
+With "churn", while B's open is pending a client C on a third connection
+opens and closes churn.txt for 2 s (every close is something that may end
+a break, to rksmbd), then B cancels; the test counts the opens filterd
+refused meanwhile (each retry of B's pending open is one).
+
 smbprotocol has no API for server-initiated messages: A's lease break
 (message id 0xFFFFFFFFFFFFFFFF) is caught by a table that makes a pending
 request for that id whenever one arrives.
@@ -50,6 +55,7 @@ from server_messages import LeaseBreakAck, Requests
 
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 TIMEOUT = sys.argv[6:] == ["timeout"]
+CHURN = sys.argv[6:] == ["churn"]
 R, H, W = 1, 2, 4
 STATUS_PENDING = 0x103
 STATUS_CANCELLED = 0xC0000120
@@ -156,6 +162,28 @@ def acknowledge(state):
     check(r.response_event.wait(timeout=30), "A's acknowledgment is answered")
     return r.response["status"].get_value()
 
+
+if CHURN:
+    import time
+
+    conn_c, session_c, tree_c = connect()
+    end = time.monotonic() + 2.0
+    pairs = 0
+    while time.monotonic() < end:
+        f = Open(tree_c, "churn.txt")
+        f.create(*create_args())
+        f.close()
+        pairs += 1
+    check(pairs > 10, f"C opened and closed churn.txt {pairs} times while B's open was pending")
+    req1.cancel()
+    done = final(req1)
+    check(done["status"].get_value() == STATUS_CANCELLED, "B's pending open is cancelled")
+    conn_c.disconnect()
+    fa.close()
+    conn_a.disconnect()
+    conn_b.disconnect()
+    print("PASS", flush=True)
+    sys.exit(0)
 
 if TIMEOUT:
     done = final(req1)

@@ -49,6 +49,12 @@ pub const RETRY: Duration = Duration::from_millis(20);
 /// a client with many pending CREATEs costs filterd little while nothing
 /// happens.
 const IDLE_RETRY: Duration = Duration::from_secs(1);
+/// Longest a pending CREATE refused as Busy waits before it is asked of
+/// filterd again, however much moves in this rksmbd: each one refused
+/// waits twice as long as before ([`RETRY`], doubled up to this), so
+/// breaks, acknowledgments and closes elsewhere in a busy server cost
+/// filterd at most a few opens a second per pending CREATE.
+const MAX_BACKOFF: Duration = Duration::from_millis(320);
 /// Most CREATEs one connection may have pending at once (a CREATE past
 /// them waits in place, serving the connection).
 const MAX_PENDING: usize = 256;
@@ -540,6 +546,8 @@ fn open_file(
     c.pending_creates.list.push(PendingCreate {
         head,
         deadline: Instant::now() + BREAK_WAIT,
+        backoff: RETRY,
+        next_try: Instant::now() + RETRY,
         prepared: p,
     });
     Ok(Reply::with_status(
@@ -581,6 +589,10 @@ pub struct PendingCreate {
     /// When it gives up (filterd's break timeout lowers unacknowledged
     /// leases well before).
     deadline: Instant,
+    /// How long it waits after its next refusal ([`MAX_BACKOFF`]).
+    backoff: Duration,
+    /// Not asked of filterd again before this.
+    next_try: Instant,
     prepared: Prepared,
 }
 
@@ -644,11 +656,11 @@ impl PendingCreates {
     }
 }
 
-/// Retries every pending CREATE — when `nudged` (a break acknowledged or
+/// Retries the pending CREATEs — when `nudged` (a break acknowledged or
 /// an open closed on this connection), when something moved elsewhere in
-/// this rksmbd since the last retry, or every [`IDLE_RETRY`]; those
-/// granted or failed for good get their final response, the others keep
-/// waiting.
+/// this rksmbd since the last retry, or every [`IDLE_RETRY`]; each only
+/// once its own backoff has passed ([`MAX_BACKOFF`]); those granted or
+/// failed for good get their final response, the others keep waiting.
 pub fn retry_pending(c: &mut Connection, nudged: bool) {
     if c.pending_creates.is_empty() {
         return;
@@ -664,7 +676,8 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
     if !due {
         return;
     }
-    c.pending_creates.last_asked = Some((now, generation));
+    let asked_before = c.pending_creates.last_asked.replace((now, generation));
+    let mut waiting_out_backoff = false;
     let sh = c.sh.clone();
     let pending = std::mem::take(&mut c.pending_creates.list);
     for p in pending {
@@ -678,8 +691,16 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
             c.finish_async(&p.head, st, &[]);
             continue;
         }
+        if now < p.next_try && now < p.deadline {
+            waiting_out_backoff = true;
+            c.pending_creates.list.push(p);
+            continue;
+        }
         match try_open(&sh, &p.prepared) {
             Err(e) if e.code() == Some(ErrorCode::Busy) && Instant::now() < p.deadline => {
+                let mut p = p;
+                p.backoff = (p.backoff * 2).min(MAX_BACKOFF);
+                p.next_try = Instant::now() + p.backoff;
                 c.pending_creates.list.push(p);
             }
             Err(e) => c.finish_async(&p.head, status_of(&e), &[]),
@@ -691,6 +712,11 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
                 }
             }
         }
+    }
+    // What moved is not yet seen by a CREATE still waiting out its
+    // backoff: it is looked at again on the next tick.
+    if waiting_out_backoff {
+        c.pending_creates.last_asked = asked_before;
     }
 }
 
