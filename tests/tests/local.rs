@@ -439,10 +439,23 @@ fn kernel_lease(file: &std::path::Path) -> std::fs::File {
     .unwrap();
     let leased = std::fs::File::open(file).unwrap();
     use std::os::fd::AsRawFd;
-    // SAFETY: F_SETLEASE on a descriptor this test owns.
-    let r = unsafe { libc::fcntl(leased.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
-    assert_eq!(r, 0, "F_SETLEASE: {}", std::io::Error::last_os_error());
-    leased
+    // A write lease needs this to be the file's only open: filterd may
+    // still hold the descriptor of the fanotify event an earlier open of
+    // the file raised (EAGAIN until it answers and drops it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: F_SETLEASE on a descriptor this test owns.
+        let r = unsafe { libc::fcntl(leased.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+        let e = std::io::Error::last_os_error();
+        if r == 0 {
+            return leased;
+        }
+        assert!(
+            e.raw_os_error() == Some(libc::EAGAIN) && std::time::Instant::now() < deadline,
+            "F_SETLEASE: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// filterd (mediated or not) restarted over a persistent handle of `f`,
