@@ -19,13 +19,15 @@
 //!   knows which are in progress.
 //!
 //! [`sessions`] holds what crosses connections: PreviousSessionId and
-//! AppInstanceId.
+//! AppInstanceId; [`channels`] multichannel (a session bound to several
+//! connections, served by the thread of the one that set it up).
 //!
 //! docs/smb3.md says what is implemented and what is not.
 #![forbid(unsafe_code)]
 
 pub mod breaking;
 pub mod breaks;
+pub mod channels;
 pub mod contexts;
 pub mod create;
 pub mod crypto;

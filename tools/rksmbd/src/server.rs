@@ -51,6 +51,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Capability bits (MS-SMB2 2.2.4).
 const CAP_LEASING: u32 = 0x2;
 const CAP_LARGE_MTU: u32 = 0x4;
+const CAP_MULTI_CHANNEL: u32 = 0x8;
 const CAP_PERSISTENT_HANDLES: u32 = 0x10;
 /// Share capability: continuously available.
 const SHARE_CAP_CONTINUOUS_AVAILABILITY: u32 = 0x10;
@@ -63,6 +64,11 @@ const FSCTL_VALIDATE_NEGOTIATE_INFO: u32 = 0x0014_0204;
 const FSCTL_DFS_GET_REFERRALS: u32 = 0x0006_0194;
 const FSCTL_DFS_GET_REFERRALS_EX: u32 = 0x0006_01B0;
 const FSCTL_CREATE_OR_GET_OBJECT_ID: u32 = 0x0009_00C0;
+const FSCTL_QUERY_NETWORK_INTERFACE_INFO: u32 = 0x0014_01FC;
+/// SESSION_SETUP request flag: bind an existing session (2.2.5).
+const SESSION_FLAG_BINDING: u8 = 0x01;
+/// Channels (connections besides its home) one session may have.
+const MAX_CHANNELS_PER_SESSION: usize = 32;
 
 /// What rksmbd serves, fixed at start.
 pub struct Config {
@@ -164,6 +170,9 @@ pub struct Session {
     pub trees: Vec<u32>,
     /// Its filterd handles as other connections see them, once logged on.
     pub link: Option<Arc<crate::sessions::Link>>,
+    /// On a channel (a connection that bound the session of another,
+    /// multichannel): where the session lives; its requests go there.
+    bound: Option<Arc<crate::channels::Home>>,
 }
 
 /// A handler's success: body and status (which may be a warning such as
@@ -255,6 +264,33 @@ pub struct Connection {
     /// The AsyncId of a request that went async in the request being
     /// answered, for its interim response.
     queued_async: Option<u64>,
+    /// Where channels of this connection's sessions hand their PDUs, and
+    /// the end that wakes this thread (none when no socket pair could be
+    /// made: the sessions then cannot be bound).
+    inbox: Option<(Arc<crate::channels::Inbox>, std::os::unix::net::UnixStream)>,
+    /// While a channel's PDU is answered: the channel's connection number
+    /// and signing algorithm and key.
+    via: Option<(u64, (SigningAlgorithm, [u8; 16]))>,
+    /// The sockets of channels whose requests went async here, for their
+    /// final responses (weak: the channel's thread owns its socket).
+    channel_writers: HashMap<u64, std::sync::Weak<Mutex<TcpStream>>>,
+}
+
+/// What a connection thread serves next.
+enum Input {
+    /// A PDU from its own socket.
+    Pdu(Vec<u8>),
+    /// PDUs channels queued in its inbox.
+    Inbox,
+    /// Its socket is gone.
+    Gone,
+}
+
+/// What [`Connection::poll_inputs`] found.
+enum Ready {
+    Socket,
+    Inbox,
+    Nothing,
 }
 
 /// What the final response of a request answered STATUS_PENDING repeats
@@ -275,6 +311,9 @@ pub struct AsyncHead {
     pub command: u16,
     /// How the final response is signed.
     pub sign: Option<(SigningAlgorithm, [u8; 16])>,
+    /// The connection the request came on (a channel's, for a request of a
+    /// bound session), where its final response goes.
+    pub conn: u64,
 }
 
 impl Connection {
@@ -301,6 +340,9 @@ impl Connection {
             pending_creates: crate::create::PendingCreates::default(),
             next_async: 0,
             queued_async: None,
+            inbox: crate::channels::Inbox::new().ok(),
+            via: None,
+            channel_writers: HashMap::new(),
         }
     }
 
@@ -316,12 +358,8 @@ impl Connection {
             credit_charge: hdr.credit_charge,
             command: hdr.command,
             sign: None,
+            conn: self.via.map_or(self.id, |v| v.0),
         }
-    }
-
-    /// Whether a request waits for its final response.
-    fn has_async(&self) -> bool {
-        !self.waiting.is_empty() || !self.pending_creates.is_empty()
     }
 
     /// Reads frames and answers them until the client goes away.
@@ -333,58 +371,149 @@ impl Connection {
         };
         self.sh.notifier.connected(self.id, writer.clone());
         self.io = Some((stream, writer));
-        while let Some(pdu) = self.next_frame() {
-            if !self.answer(&pdu) {
-                break;
+        loop {
+            match self.next_input() {
+                Input::Pdu(pdu) => {
+                    if !self.answer(&pdu) {
+                        break;
+                    }
+                }
+                Input::Inbox => self.serve_inbox(),
+                Input::Gone => break,
             }
-            // An unlock in this PDU may let a waiting lock in (a close
-            // retries at once, see release_open).
-            if self.waiting.take_nudged() {
-                crate::lock::retry(self);
-            }
-            // A break acknowledged or an open closed in this PDU may let a
-            // pending CREATE in.
-            if self.pending_creates.take_nudged() {
-                crate::create::retry_pending(self, true);
-            }
+            self.after_pdu();
         }
         self.io = None;
         self.sh.notifier.disconnected(self.id);
+        // A session bound to other connections lives until its last
+        // channel goes (multichannel): this thread keeps serving them.
+        while self.has_channels() {
+            match self.next_input() {
+                Input::Inbox => self.serve_inbox(),
+                Input::Pdu(_) | Input::Gone => {}
+            }
+            self.after_pdu();
+        }
+        if let Some((inbox, _)) = &self.inbox {
+            inbox.close();
+        }
     }
 
-    /// The next PDU, as [`Connection::read_frame`]; while locks wait, they
-    /// are retried every [`crate::lock::RETRY`], and pending CREATEs every
-    /// [`crate::create::RETRY`], quiet client or busy.
-    fn next_frame(&mut self) -> Option<Vec<u8>> {
-        while self.has_async() {
+    /// After a PDU: an unlock in it may let a waiting lock in (a close
+    /// retries at once, see release_open), a break acknowledged or an open
+    /// closed a pending CREATE.
+    fn after_pdu(&mut self) {
+        if self.waiting.take_nudged() {
+            crate::lock::retry(self);
+        }
+        if self.pending_creates.take_nudged() {
+            crate::create::retry_pending(self, true);
+        }
+    }
+
+    /// Whether a session of this connection still has channels.
+    fn has_channels(&self) -> bool {
+        self.sessions.values().any(|s| {
+            s.link
+                .as_ref()
+                .and_then(|l| l.home.get())
+                .is_some_and(|h| h.channels() > 0)
+        })
+    }
+
+    /// The next thing to serve: a PDU from the socket or PDUs of channels;
+    /// while locks wait, they are retried every [`crate::lock::RETRY`],
+    /// and pending CREATEs every [`crate::create::RETRY`], quiet client or
+    /// busy.
+    fn next_input(&mut self) -> Input {
+        loop {
             let locks = (!self.waiting.is_empty()).then(|| self.waiting.next_retry_in());
             let creates =
                 (!self.pending_creates.is_empty()).then(|| self.pending_creates.next_retry_in());
             if locks.is_some_and(|w| w.is_zero()) {
                 crate::lock::retry(self);
-            } else if creates.is_some_and(|w| w.is_zero()) {
+                continue;
+            }
+            if creates.is_some_and(|w| w.is_zero()) {
                 crate::create::retry_pending(self, false);
-            } else {
-                let wait = locks.into_iter().chain(creates).min().unwrap_or_default();
-                if self.readable(wait) {
-                    break;
-                }
+                continue;
+            }
+            let wait = locks.into_iter().chain(creates).min();
+            match self.poll_inputs(wait) {
+                Ready::Socket => return self.read_frame().map_or(Input::Gone, Input::Pdu),
+                Ready::Inbox => return Input::Inbox,
+                Ready::Nothing if wait.is_none() && self.io.is_none() => return Input::Gone,
+                Ready::Nothing => {}
             }
         }
-        self.read_frame()
     }
 
-    /// Whether the socket has something to read within `wait` (or is
-    /// gone: the read that follows finds out).
-    fn readable(&self, wait: Duration) -> bool {
+    /// Waits up to `wait` (forever when none) for the socket to be
+    /// readable (or gone: the read that follows finds out) or a channel to
+    /// queue a PDU.
+    fn poll_inputs(&self, wait: Option<Duration>) -> Ready {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
-        let Some((s, _)) = &self.io else {
-            return true;
+        let timeout = match wait {
+            Some(w) => PollTimeout::from(u16::try_from(w.as_millis()).unwrap_or(u16::MAX)),
+            None => PollTimeout::NONE,
         };
-        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
-        poll(&mut fds, PollTimeout::from(ms)).is_ok_and(|n| n > 0)
+        let mut fds = Vec::with_capacity(2);
+        if let Some((s, _)) = &self.io {
+            fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+        }
+        let socket = fds.len();
+        if let Some((_, rx)) = &self.inbox {
+            fds.push(PollFd::new(rx.as_fd(), PollFlags::POLLIN));
+        }
+        if fds.is_empty() {
+            std::thread::sleep(wait.unwrap_or_default());
+            return Ready::Nothing;
+        }
+        if !poll(&mut fds, timeout).is_ok_and(|n| n > 0) {
+            return Ready::Nothing;
+        }
+        let fired = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        if socket == 1 && fds.first().is_some_and(fired) {
+            return Ready::Socket;
+        }
+        match fds.get(socket) {
+            Some(f) if fired(f) => {
+                if let Some((_, rx)) = &self.inbox {
+                    crate::channels::drain_wakeups(rx);
+                }
+                Ready::Inbox
+            }
+            _ => Ready::Nothing,
+        }
+    }
+
+    /// Answers the PDUs channels queued.
+    fn serve_inbox(&mut self) {
+        let Some(inbox) = self.inbox.as_ref().map(|(i, _)| i.clone()) else {
+            return;
+        };
+        while let Some(f) = inbox.take() {
+            self.serve_forwarded(f);
+        }
+    }
+
+    /// Answers one PDU of a channel as that channel would: its signing
+    /// key, its credits, its socket for final async responses.
+    fn serve_forwarded(&mut self, f: crate::channels::Forwarded) {
+        let crate::channels::Forwarded { pdu, via, reply } = f;
+        self.channel_writers
+            .retain(|_, w| w.strong_count() > 0);
+        self.channel_writers
+            .insert(via.conn, Arc::downgrade(&via.writer));
+        let saved_via = self.via.replace((via.conn, via.sign));
+        let saved_credits = std::mem::replace(&mut self.credits, via.credits);
+        let out = self.handle_pdu(&pdu);
+        let credits = std::mem::replace(&mut self.credits, saved_credits);
+        self.via = saved_via;
+        // A failed negotiate validation ends the channel, not this one.
+        self.terminate = false;
+        let _ = reply.send(out.ok().map(|b| (b, credits)));
     }
 
     /// Sends the final response of a request answered STATUS_PENDING
@@ -428,7 +557,14 @@ impl Connection {
         };
         let mut frame = n.to_be_bytes().to_vec();
         frame.extend_from_slice(&bytes);
-        if let Some((_, wr)) = &self.io {
+        let wr = match a.conn == self.id {
+            true => self.io.as_ref().map(|(_, w)| w.clone()),
+            false => self
+                .channel_writers
+                .get(&a.conn)
+                .and_then(std::sync::Weak::upgrade),
+        };
+        if let Some(wr) = wr {
             if let Ok(mut wr) = wr.lock() {
                 let _ = wr.write_all(&frame);
             }
@@ -459,7 +595,11 @@ impl Connection {
 
     /// Answers one PDU; false when the connection must end.
     fn answer(&mut self, pdu: &[u8]) -> bool {
-        let out = match self.handle_pdu(pdu) {
+        let handled = match self.channel_of(pdu) {
+            Some(home) => self.forward(&home, pdu),
+            None => self.handle_pdu(pdu),
+        };
+        let out = match handled {
             Ok(out) => out,
             Err(e) => {
                 tracing::warn!(conn = self.id, error = %e, "closing connection");
@@ -484,36 +624,97 @@ impl Connection {
         })
     }
 
+    /// The home of the session a PDU is for, when this connection is one
+    /// of its channels and the binding is done (SESSION_SETUP is answered
+    /// here: it is the binding itself, or a re-authentication, refused).
+    fn channel_of(&self, pdu: &[u8]) -> Option<Arc<crate::channels::Home>> {
+        let hdr = Header::decode(pdu).ok()?;
+        if Command::from_code(hdr.command) == Command::SessionSetup {
+            return None;
+        }
+        let s = self.sessions.get(&hdr.session_id)?;
+        s.user.as_ref()?;
+        s.bound.clone()
+    }
+
+    /// Hands a PDU of a bound session to its home thread and waits for the
+    /// answer; a session whose home is gone is answered here, as deleted.
+    fn forward(
+        &mut self,
+        home: &Arc<crate::channels::Home>,
+        pdu: &[u8],
+    ) -> Result<Vec<u8>, WireError> {
+        let hdr = Header::decode(pdu)?;
+        let session = hdr.session_id;
+        let (writer, sign) = match (&self.io, self.sessions.get(&session)) {
+            (Some((_, w)), Some(s)) => (w.clone(), s.signing_key),
+            _ => return self.handle_pdu(pdu),
+        };
+        let Some(key) = sign else {
+            return self.handle_pdu(pdu);
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let f = crate::channels::Forwarded {
+            pdu: pdu.to_vec(),
+            via: crate::channels::Via {
+                conn: self.id,
+                writer,
+                sign: (self.signing, key),
+                credits: self.credits,
+            },
+            reply: tx,
+        };
+        let answer = match home.inbox.send(f) {
+            Ok(()) => rx.recv().ok(),
+            Err(_) => None,
+        };
+        match answer {
+            Some(Some((out, credits))) => {
+                self.credits = credits;
+                if Command::from_code(hdr.command) == Command::Logoff {
+                    self.unbind(session);
+                }
+                Ok(out)
+            }
+            Some(None) => Err(WireError::Bad("forwarded PDU")),
+            None => {
+                // The home thread is gone, and the session with it.
+                self.unbind(session);
+                self.handle_pdu(pdu)
+            }
+        }
+    }
+
+    /// This channel leaves session `id` (LOGOFF through it, its home gone).
+    fn unbind(&mut self, id: u64) {
+        if let Some(home) = self.sessions.remove(&id).and_then(|s| s.bound) {
+            home.unbound();
+        }
+    }
+
     /// While a request waits for something only the client can give — an
     /// open waiting for the client to acknowledge a lease break — serves
     /// the client's next PDU, if one arrives within `wait`. Nested at most
     /// `MAX_PUMP_DEPTH` deep; beyond that, or once the connection is
     /// over, it just waits.
     pub fn pump(&mut self, wait: Duration) {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
-        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
-        let readable = match (&self.io, self.pump_depth < MAX_PUMP_DEPTH) {
-            (Some((s, _)), true) => {
-                let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
-                poll(&mut fds, PollTimeout::from(ms)).is_ok_and(|n| n > 0)
-            }
-            _ => false,
-        };
-        if !readable {
-            if self.io.is_none() || self.pump_depth >= MAX_PUMP_DEPTH {
-                std::thread::sleep(wait);
-            }
+        if self.pump_depth >= MAX_PUMP_DEPTH {
+            std::thread::sleep(wait);
             return;
         }
+        let ready = self.poll_inputs(Some(wait));
         self.pump_depth += 1;
-        match self.read_frame() {
-            Some(pdu) => {
-                if !self.answer(&pdu) {
-                    self.io = None;
+        match ready {
+            Ready::Socket => match self.read_frame() {
+                Some(pdu) => {
+                    if !self.answer(&pdu) {
+                        self.io = None;
+                    }
                 }
-            }
-            None => self.io = None,
+                None => self.io = None,
+            },
+            Ready::Inbox => self.serve_inbox(),
+            Ready::Nothing => {}
         }
         self.pump_depth -= 1;
     }
@@ -530,8 +731,20 @@ impl Connection {
         for id in ids {
             self.release_open(id, true);
         }
-        for id in self.sessions.keys() {
-            self.sh.registry.ended(*id);
+        if let Some((inbox, _)) = &self.inbox {
+            inbox.close();
+        }
+        for (id, s) in self.sessions.drain() {
+            match s.bound {
+                // A channel: the session lives on at its home.
+                Some(home) => home.unbound(),
+                None => {
+                    if let Some(home) = s.link.as_ref().and_then(|l| l.home.get()) {
+                        home.end();
+                    }
+                    self.sh.registry.ended(id);
+                }
+            }
         }
     }
 
@@ -797,6 +1010,13 @@ impl Connection {
             // The final SESSION_SETUP response is signed with the new key.
             sign = match self.sessions.get(&session_id) {
                 Some(s) if st == status::SUCCESS => s.signing_key.map(|k| (self.signing, k)),
+                // A binding in progress answers signed with the session's
+                // key, as it was asked (3.3.5.5.2).
+                Some(Session {
+                    bound: Some(home),
+                    user: None,
+                    ..
+                }) if st == status::MORE_PROCESSING_REQUIRED => Some(home.sign),
                 _ => None,
             };
         }
@@ -829,7 +1049,14 @@ impl Connection {
         let mut w = Writer::new();
         hdr.encode(&mut w);
         w.bytes(&body);
-        let bytes = w.0;
+        let mut bytes = w.0;
+        if cmd == Command::SessionSetup && st == status::MORE_PROCESSING_REQUIRED {
+            // A binding leg's signed answer enters the preauth hash as
+            // sent (its signature included).
+            if let Some((alg, key)) = sign.take() {
+                crypto::sign(alg, &key, &mut bytes);
+            }
+        }
         if cmd == Command::Negotiate && st == status::SUCCESS {
             self.preauth = crypto::preauth_update(&self.preauth, &bytes);
         }
@@ -882,7 +1109,9 @@ impl Connection {
         let s = self.sessions.get(&req.hdr.session_id)?;
         let key = s.signing_key?;
         let signed = req.hdr.flags & wire::FLAG_SIGNED != 0;
-        (signed || s.signing_required).then_some((self.signing, key))
+        // A channel's request is signed with the channel's key.
+        let sign = self.via.map_or((self.signing, key), |v| v.1);
+        (signed || s.signing_required).then_some(sign)
     }
 
     /// A signed request must verify; a session that requires signing
@@ -898,7 +1127,8 @@ impl Connection {
             return Ok(());
         };
         if req.hdr.flags & wire::FLAG_SIGNED != 0 {
-            if crypto::verify(self.signing, &key, req.msg) {
+            let (alg, key) = self.via.map_or((self.signing, key), |v| v.1);
+            if crypto::verify(alg, &key, req.msg) {
                 Ok(())
             } else {
                 tracing::warn!(conn = self.id, "bad signature");
@@ -1057,11 +1287,7 @@ impl Connection {
             }
         }
         self.dialect = Some(dialect);
-        let caps = if dialect.is_smb3() {
-            CAP_LEASING | CAP_LARGE_MTU | CAP_PERSISTENT_HANDLES
-        } else {
-            CAP_LEASING | CAP_LARGE_MTU
-        };
+        let caps = capabilities_of(dialect);
         self.security_mode = SIGNING_ENABLED;
         let blob = spnego::init_hint();
         let now = ntlm::filetime_now();
@@ -1092,7 +1318,7 @@ impl Connection {
         if r.u16("structure size")? != 25 {
             return Err(status::INVALID_PARAMETER);
         }
-        let _flags = r.u8("flags")?;
+        let flags = r.u8("flags")?;
         let security_mode = u16::from(r.u8("security mode")?);
         r.u32("capabilities")?;
         r.u32("channel")?;
@@ -1101,6 +1327,19 @@ impl Connection {
         let previous = r.u64("previous session")?;
         let blob = wire::buffer(req.msg, u32::from(off), u32::from(len), "security blob")?;
         let new = req.hdr.session_id == 0;
+        let binding = !new && flags & SESSION_FLAG_BINDING != 0;
+        let first_bind = binding && !self.sessions.contains_key(&req.hdr.session_id);
+        if first_bind {
+            self.start_binding(req)?;
+        }
+        if binding {
+            if let Err(st) = self.check_binding(req) {
+                if first_bind {
+                    self.sessions.remove(&req.hdr.session_id);
+                }
+                return Err(st);
+            }
+        }
         let id = if new {
             if self.sessions.len() >= MAX_SESSIONS_PER_CONNECTION {
                 return Err(status::INSUFFICIENT_RESOURCES);
@@ -1116,20 +1355,44 @@ impl Connection {
                     pending: None,
                     trees: Vec::new(),
                     link: None,
+                    bound: None,
                 },
             );
             id
         } else {
             req.hdr.session_id
         };
-        let out = self.session_setup_leg(req, id, security_mode, blob);
-        if out.is_err() && new {
+        let mut out = self.session_setup_leg(req, id, security_mode, blob);
+        if out.is_err() && (new || first_bind) {
             // A first leg that fails leaves no half-made session behind.
             self.sessions.remove(&id);
         }
+        if binding && matches!(&out, Ok(r) if r.status == status::SUCCESS) {
+            if let Err(st) = self.finish_binding(id) {
+                out = Err(st);
+            }
+        }
         if let (Ok(reply), Some(s)) = (&out, self.sessions.get_mut(&id)) {
-            if let (status::SUCCESS, Some(user), None) = (reply.status, &s.user, &s.link) {
-                s.link = Some(self.sh.registry.logged_on(id, user));
+            if let (status::SUCCESS, Some(user), None, None) =
+                (reply.status, &s.user, &s.link, &s.bound)
+            {
+                let link = self.sh.registry.logged_on(id, user);
+                // An SMB 3.x session may be bound by other connections of
+                // its client (multichannel): they find its home here.
+                if let (Some(dialect), Some((inbox, _)), Some(key)) =
+                    (self.dialect, &self.inbox, s.signing_key)
+                {
+                    if dialect.is_smb3() {
+                        let _ = link.home.set(Arc::new(crate::channels::Home::new(
+                            inbox.clone(),
+                            self.id,
+                            dialect,
+                            self.client_guid,
+                            (self.signing, key),
+                        )));
+                    }
+                }
+                s.link = Some(link);
                 // PreviousSessionId (3.3.5.5.3): the same user's old
                 // session, on whatever connection, ends; its durable
                 // handles stay for a reconnect on this one.
@@ -1147,6 +1410,93 @@ impl Connection {
             }
         }
         out
+    }
+
+    /// The first leg of a binding (MS-SMB2 3.3.5.5.2): the session must be
+    /// a logged-on SMB 3.x session of another connection of the same
+    /// client, in the same dialect; this connection gets a session entry
+    /// that authenticates the binding and then forwards to the home.
+    fn start_binding(&mut self, req: &Request<'_>) -> Result<(), u32> {
+        let dialect = self.dialect.ok_or(status::INVALID_PARAMETER)?;
+        if !dialect.is_smb3() {
+            return Err(status::REQUEST_NOT_ACCEPTED);
+        }
+        let id = req.hdr.session_id;
+        let home = self
+            .sh
+            .registry
+            .link(id)
+            .and_then(|l| l.home.get().cloned())
+            .filter(|h| !h.is_ended())
+            .ok_or(status::USER_SESSION_DELETED)?;
+        if home.dialect != dialect {
+            return Err(status::INVALID_PARAMETER);
+        }
+        if home.client_guid != self.client_guid {
+            return Err(status::USER_SESSION_DELETED);
+        }
+        if home.conn == self.id {
+            return Err(status::REQUEST_NOT_ACCEPTED);
+        }
+        if home.channels() >= MAX_CHANNELS_PER_SESSION
+            || self.sessions.len() >= MAX_SESSIONS_PER_CONNECTION
+        {
+            return Err(status::INSUFFICIENT_RESOURCES);
+        }
+        self.sessions.insert(
+            id,
+            Session {
+                user: None,
+                signing_key: None,
+                signing_required: false,
+                preauth: self.preauth,
+                pending: None,
+                trees: Vec::new(),
+                link: None,
+                bound: Some(home),
+            },
+        );
+        Ok(())
+    }
+
+    /// Every binding leg is signed with the session's key (3.3.5.5.2).
+    fn check_binding(&self, req: &Request<'_>) -> Result<(), u32> {
+        let home = self
+            .sessions
+            .get(&req.hdr.session_id)
+            .and_then(|s| s.bound.as_ref())
+            .ok_or(status::REQUEST_NOT_ACCEPTED)?;
+        if req.hdr.flags & wire::FLAG_SIGNED == 0 {
+            return Err(status::INVALID_PARAMETER);
+        }
+        let (alg, key) = home.sign;
+        if !crypto::verify(alg, &key, req.msg) {
+            tracing::warn!(conn = self.id, "bad signature on a session binding");
+            return Err(status::ACCESS_DENIED);
+        }
+        Ok(())
+    }
+
+    /// The binding authenticated: the same user as the session's, else it
+    /// is refused. The channel's signing key (derived from this binding's
+    /// own preauth hash in 3.1.1, 3.3.5.5.3) signs what it answers.
+    fn finish_binding(&mut self, id: u64) -> Result<(), u32> {
+        let link = self.sh.registry.link(id);
+        let Some(s) = self.sessions.get(&id) else {
+            return Err(status::USER_SESSION_DELETED);
+        };
+        let same_user = link.is_some_and(|l| s.user.as_deref() == Some(l.user.as_str()));
+        match (same_user, &s.bound) {
+            (true, Some(home)) if !home.is_ended() => {
+                home.bound();
+                tracing::info!(conn = self.id, session = id, home = home.conn, "channel bound");
+                Ok(())
+            }
+            _ => {
+                self.sessions.remove(&id);
+                Err(status::ACCESS_DENIED)
+            }
+        }
     }
 
     /// One SESSION_SETUP leg of session `id`: NEGOTIATE → CHALLENGE, or
@@ -1249,7 +1599,14 @@ impl Connection {
         for k in ids {
             self.release_open(k, true);
         }
-        self.sessions.remove(&id);
+        if let Some(home) = self
+            .sessions
+            .remove(&id)
+            .and_then(|s| s.link)
+            .and_then(|l| l.home.get().cloned())
+        {
+            home.end();
+        }
         self.sh.registry.ended(id);
         Ok(Reply::ok(vec![4, 0, 0, 0]))
     }
@@ -1330,9 +1687,44 @@ impl Connection {
                 let input = wire::buffer(req.msg, in_off, in_len, "input")?;
                 self.validate_negotiate(input, &file)
             }
+            FSCTL_QUERY_NETWORK_INTERFACE_INFO => {
+                let out = self.network_interfaces();
+                if out.len() > usize::try_from(max_output).unwrap_or(usize::MAX) {
+                    return Err(status::BUFFER_TOO_SMALL);
+                }
+                Ok(Reply::ok(ioctl_body(code, &file, &out)))
+            }
             FSCTL_DFS_GET_REFERRALS | FSCTL_DFS_GET_REFERRALS_EX => Err(status::FS_DRIVER_REQUIRED),
             _ => Err(status::NOT_SUPPORTED),
         }
+    }
+
+    /// FSCTL_QUERY_NETWORK_INTERFACE_INFO (MS-SMB2 3.3.5.15.11): one
+    /// NETWORK_INTERFACE_INFO (2.2.32.5) — the address this connection
+    /// reached, the only one rksmbd knows it listens on.
+    fn network_interfaces(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(0); // Next: the only entry
+        w.u32(1); // IfIndex
+        w.u32(0); // Capability: neither RSS nor RDMA
+        w.u32(0); // Reserved
+        w.u64(10_000_000_000); // LinkSpeed: 10 Gbit/s
+        let mut addr = Writer::new();
+        match self.io.as_ref().and_then(|(s, _)| s.local_addr().ok()) {
+            Some(std::net::SocketAddr::V6(a)) => {
+                addr.u16(0x17).u16(0).u32(0).bytes(&a.ip().octets()).u32(0);
+            }
+            Some(std::net::SocketAddr::V4(a)) => {
+                addr.u16(0x2).u16(0).bytes(&a.ip().octets());
+            }
+            None => {
+                addr.u16(0x2).u16(0).bytes(&[127, 0, 0, 1]);
+            }
+        }
+        let mut sockaddr = addr.0;
+        sockaddr.resize(128, 0);
+        w.bytes(&sockaddr);
+        w.0
     }
 
     /// FSCTL_VALIDATE_NEGOTIATE_INFO (MS-SMB2 3.3.5.15.12): what the
@@ -1360,11 +1752,7 @@ impl Connection {
             self.terminate = true;
             return Err(status::ACCESS_DENIED);
         }
-        let caps = if dialect.is_smb3() {
-            CAP_LEASING | CAP_LARGE_MTU | CAP_PERSISTENT_HANDLES
-        } else {
-            CAP_LEASING | CAP_LARGE_MTU
-        };
+        let caps = capabilities_of(dialect);
         let mut out = Writer::new();
         out.u32(caps)
             .bytes(&self.sh.server_guid)
@@ -1389,6 +1777,16 @@ pub struct Response {
 impl Response {
     fn pop_sign(&mut self) -> Option<(SigningAlgorithm, [u8; 16])> {
         self.sign.take()
+    }
+}
+
+/// The capabilities rksmbd offers in a dialect (2.2.4): leasing and large
+/// MTU; persistent handles and multichannel in SMB 3.x.
+fn capabilities_of(dialect: Dialect) -> u32 {
+    if dialect.is_smb3() {
+        CAP_LEASING | CAP_LARGE_MTU | CAP_PERSISTENT_HANDLES | CAP_MULTI_CHANNEL
+    } else {
+        CAP_LEASING | CAP_LARGE_MTU
     }
 }
 

@@ -8,7 +8,7 @@
 //! ended its session or took over its app instance — never both.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use libfilter::model::{RelPath, ResumeKey};
 
@@ -27,6 +27,9 @@ const MAX_V2_BY_FILE_ID: usize = 262_144;
 pub struct Link {
     /// The logged-on user: only the same user may end the session.
     pub user: String,
+    /// Where an SMB 3.x session lives, for a channel that binds it
+    /// (multichannel, see [`crate::channels`]).
+    pub home: OnceLock<Arc<crate::channels::Home>>,
     state: Mutex<LinkState>,
 }
 
@@ -133,6 +136,7 @@ impl Registry {
     pub fn logged_on(&self, session: u64, user: &str) -> Arc<Link> {
         let link = Arc::new(Link {
             user: user.to_owned(),
+            home: OnceLock::new(),
             state: Mutex::default(),
         });
         let mut m = lock(&self.sessions);
@@ -140,6 +144,11 @@ impl Registry {
             m.insert(session, link.clone());
         }
         link
+    }
+
+    /// The logged-on session `session`, for a channel binding it.
+    pub fn link(&self, session: u64) -> Option<Arc<Link>> {
+        lock(&self.sessions).get(&session).cloned()
     }
 
     /// The session is over (LOGOFF, lost connection).

@@ -379,6 +379,7 @@ pub mod status {
     pub const END_OF_FILE: u32 = 0xC000_0011;
     pub const MORE_PROCESSING_REQUIRED: u32 = 0xC000_0016;
     pub const ACCESS_DENIED: u32 = 0xC000_0022;
+    pub const BUFFER_TOO_SMALL: u32 = 0xC000_0023;
     pub const OBJECT_NAME_INVALID: u32 = 0xC000_0033;
     pub const OBJECT_NAME_NOT_FOUND: u32 = 0xC000_0034;
     pub const OBJECT_NAME_COLLISION: u32 = 0xC000_0035;
