@@ -679,7 +679,11 @@ const LEASE_PASSING: &[&str] = &[
 /// STATUS_FILE_NOT_AVAILABLE (as Samba answers; the -windows variants
 /// want Windows' answers);
 /// replay-dhv2-oplock2, replay-dhv2-oplock3 and replay6 (a batch oplock
-/// breaks to level II, also for an open that meets a sharing violation).
+/// breaks to level II, also for an open that meets a sharing violation);
+/// multichannel: replay3 and replay4 (a DH2Q replay and channel sequence
+/// numbers on a second channel of the session), the dhv2-pending2*-sane
+/// tests (a pending DH2Q CREATE outlives the channel it came on, and is
+/// replayed on the others).
 const REPLAY_PASSING: &[&str] = &[
     "dhv2-pending1n-vs-violation-lease-close-sane",
     "dhv2-pending1n-vs-violation-lease-ack-sane",
@@ -702,6 +706,14 @@ const REPLAY_PASSING: &[&str] = &[
     "replay-dhv2-oplock2",
     "replay-dhv2-oplock3",
     "replay6",
+    "replay3",
+    "replay4",
+    "dhv2-pending2n-vs-oplock-sane",
+    "dhv2-pending2n-vs-lease-sane",
+    "dhv2-pending2l-vs-oplock-sane",
+    "dhv2-pending2l-vs-lease-sane",
+    "dhv2-pending2o-vs-oplock-sane",
+    "dhv2-pending2o-vs-lease-sane",
 ];
 
 /// The smb2.lock tests rksmbd passes (docs/smb3.md says why the others
