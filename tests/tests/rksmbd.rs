@@ -716,6 +716,31 @@ const REPLAY_PASSING: &[&str] = &[
     "dhv2-pending2o-vs-lease-sane",
 ];
 
+/// The smbtorture tests of session binding (multichannel) rksmbd passes:
+/// a session bound to a second and third connection, and requests of a
+/// session on a connection it is not bound to (bind1, bind2); a binding
+/// refused as MS-SMB2 3.3.5.5.2 says — from or to SMB 2.1, across
+/// dialects, same or different client GUID — with the refusal signed
+/// with the session's key (bind_negative_*); one
+/// NETWORK_INTERFACE_INFO (interface_info) and at most 32 channels
+/// (num_channels). Not passing: bind_invalid_auth wants a bound channel
+/// re-authenticated (not offered), the other bind_negative_* tests SMB
+/// 2.0.2, HMAC signing on 3.x or encryption.
+const SESSION_BIND_PASSING: &[(&str, &str)] = &[
+    ("smb2.session", "bind1"),
+    ("smb2.session", "bind2"),
+    ("smb2.session", "bind_negative_smb210s"),
+    ("smb2.session", "bind_negative_smb210d"),
+    ("smb2.session", "bind_negative_smb2to3s"),
+    ("smb2.session", "bind_negative_smb2to3d"),
+    ("smb2.session", "bind_negative_smb3to2s"),
+    ("smb2.session", "bind_negative_smb3to2d"),
+    ("smb2.session", "bind_negative_smb3to3s"),
+    ("smb2.session", "bind_negative_smb3to3d"),
+    ("smb2.multichannel.generic", "interface_info"),
+    ("smb2.multichannel.generic", "num_channels"),
+];
+
 /// The smb2.lock tests rksmbd passes (docs/smb3.md says why the others
 /// fail).
 const LOCK_PASSING: &[&str] = &[
@@ -805,6 +830,16 @@ fn smbtorture_lock_passes_what_it_passed() {
 #[test]
 fn smbtorture_lease_passes_what_it_passed() {
     smbtorture_keeps_each("smb2.lease", LEASE_PASSING);
+}
+
+#[test]
+fn smbtorture_session_binding_passes_what_it_passed() {
+    let tests: Vec<String> = SESSION_BIND_PASSING
+        .iter()
+        .map(|(suite, t)| format!("{suite}.{t}"))
+        .collect();
+    let names: Vec<&str> = SESSION_BIND_PASSING.iter().map(|(_, t)| *t).collect();
+    smbtorture_passes("smb2.session-bind", &tests, &names);
 }
 
 #[test]

@@ -311,6 +311,7 @@ pub fn command(c: &mut Connection, cmd: Command, req: &Request<'_>, file: Option
         Command::SetInfo => set_info(c, req, file),
         Command::QueryDirectory => query_directory(c, req, file),
         Command::Lock => crate::lock::lock(c, req, file),
+        Command::ChangeNotify => crate::notify::change_notify(c, req, file),
         _ => Err(status::NOT_SUPPORTED),
     }
 }

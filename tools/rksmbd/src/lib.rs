@@ -14,7 +14,8 @@
 //! - [`files`] and [`create`]: CREATE, CLOSE, READ, WRITE, FLUSH, QUERY_INFO, SET_INFO,
 //!   QUERY_DIRECTORY over filterd handles, durable and persistent handles
 //!   and leases; [`contexts`] decodes and encodes CREATE contexts, [`info`]
-//!   the MS-FSCC information classes, [`lock`] byte-range locks; [`breaks`] forwards filterd's lease
+//!   the MS-FSCC information classes, [`lock`] byte-range locks, [`notify`]
+//!   CHANGE_NOTIFY; [`breaks`] forwards filterd's lease
 //!   breaks to the clients and their acknowledgments back, [`breaking`]
 //!   knows which are in progress.
 //!
@@ -34,6 +35,7 @@ pub mod crypto;
 pub mod files;
 pub mod info;
 pub mod lock;
+pub mod notify;
 pub mod ntlm;
 pub mod server;
 pub mod sessions;

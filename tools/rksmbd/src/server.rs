@@ -67,8 +67,9 @@ const FSCTL_CREATE_OR_GET_OBJECT_ID: u32 = 0x0009_00C0;
 const FSCTL_QUERY_NETWORK_INTERFACE_INFO: u32 = 0x0014_01FC;
 /// SESSION_SETUP request flag: bind an existing session (2.2.5).
 const SESSION_FLAG_BINDING: u8 = 0x01;
-/// Channels (connections besides its home) one session may have.
-const MAX_CHANNELS_PER_SESSION: usize = 32;
+/// Channels one session may have besides its home connection (32 in
+/// all, as Windows and Samba allow).
+const MAX_CHANNELS_PER_SESSION: usize = 31;
 
 /// What rksmbd serves, fixed at start.
 pub struct Config {
@@ -259,6 +260,8 @@ pub struct Connection {
     pub waiting: crate::lock::WaitingLocks,
     /// CREATEs answered STATUS_PENDING, waiting for lease breaks.
     pub pending_creates: crate::create::PendingCreates,
+    /// CHANGE_NOTIFY requests answered STATUS_PENDING.
+    pub notify: crate::notify::Watches,
     /// The last AsyncId handed out on this connection.
     next_async: u64,
     /// The AsyncId of a request that went async in the request being
@@ -290,6 +293,8 @@ enum Input {
 enum Ready {
     Socket,
     Inbox,
+    /// A directory a CHANGE_NOTIFY waits on changed.
+    Notify,
     Nothing,
 }
 
@@ -338,6 +343,7 @@ impl Connection {
             credits: 1,
             waiting: crate::lock::WaitingLocks::default(),
             pending_creates: crate::create::PendingCreates::default(),
+            notify: crate::notify::Watches::default(),
             next_async: 0,
             queued_async: None,
             inbox: crate::channels::Inbox::new().ok(),
@@ -442,6 +448,7 @@ impl Connection {
             match self.poll_inputs(wait) {
                 Ready::Socket => return self.read_frame().map_or(Input::Gone, Input::Pdu),
                 Ready::Inbox => return Input::Inbox,
+                Ready::Notify => crate::notify::deliver(self),
                 Ready::Nothing if wait.is_none() && self.io.is_none() => return Input::Gone,
                 Ready::Nothing => {}
             }
@@ -462,9 +469,13 @@ impl Connection {
         if let Some((s, _)) = &self.io {
             fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
         }
-        let socket = fds.len();
+        let inbox_at = fds.len();
         if let Some((_, rx)) = &self.inbox {
             fds.push(PollFd::new(rx.as_fd(), PollFlags::POLLIN));
+        }
+        let notify_at = fds.len();
+        if let Some(fd) = self.notify.fd() {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
         if fds.is_empty() {
             std::thread::sleep(wait.unwrap_or_default());
@@ -474,16 +485,17 @@ impl Connection {
             return Ready::Nothing;
         }
         let fired = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
-        if socket == 1 && fds.first().is_some_and(fired) {
+        if inbox_at == 1 && fds.first().is_some_and(fired) {
             return Ready::Socket;
         }
-        match fds.get(socket) {
-            Some(f) if fired(f) => {
-                if let Some((_, rx)) = &self.inbox {
-                    crate::channels::drain_wakeups(rx);
-                }
-                Ready::Inbox
+        if notify_at > inbox_at && fds.get(inbox_at).is_some_and(fired) {
+            if let Some((_, rx)) = &self.inbox {
+                crate::channels::drain_wakeups(rx);
             }
+            return Ready::Inbox;
+        }
+        match fds.get(notify_at) {
+            Some(f) if fired(f) => Ready::Notify,
             _ => Ready::Nothing,
         }
     }
@@ -714,6 +726,7 @@ impl Connection {
                 None => self.io = None,
             },
             Ready::Inbox => self.serve_inbox(),
+            Ready::Notify => crate::notify::deliver(self),
             Ready::Nothing => {}
         }
         self.pump_depth -= 1;
@@ -726,6 +739,7 @@ impl Connection {
         // dropped.
         self.waiting.remove_where(|_| true);
         self.pending_creates.clear();
+        self.notify.clear();
         let mut ids: Vec<u64> = self.opens.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
@@ -771,6 +785,7 @@ impl Connection {
     /// instance).
     fn release_open(&mut self, id: u64, connection_lost: bool) -> Option<Open> {
         crate::lock::open_closing(self, id);
+        crate::notify::open_closing(self, id);
         let open = self.opens.remove(&id)?;
         let sh = &self.sh;
         let release = || {
@@ -975,6 +990,7 @@ impl Connection {
             // does.
             crate::lock::cancel(self, req);
             crate::create::cancel_pending(self, req);
+            crate::notify::cancel(self, req);
             return (None, None);
         }
         // Signing: the key of the request's session, before the command
@@ -1019,6 +1035,20 @@ impl Connection {
                 }) if st == status::MORE_PROCESSING_REQUIRED => Some(home.sign),
                 _ => None,
             };
+        }
+        // An error for a session this connection does not hold (a
+        // binding refused, a channel not bound here) is signed with the
+        // session's own key when the request was, as the client signed it
+        // (3.3.5.5.2).
+        if sign.is_none()
+            && st != status::SUCCESS
+            && req.hdr.flags & wire::FLAG_SIGNED != 0
+            && self
+                .sessions
+                .get(&session_id)
+                .is_none_or(|s| s.user.is_none())
+        {
+            sign = self.foreign_session_key(session_id, req.msg);
         }
         // A request gone async: its interim response has the AsyncId and
         // is never signed (3.3.4.1.1); the final one is, as asked.
@@ -1378,19 +1408,18 @@ impl Connection {
             {
                 let link = self.sh.registry.logged_on(id, user);
                 // An SMB 3.x session may be bound by other connections of
-                // its client (multichannel): they find its home here.
+                // its client (multichannel): they find its home here (a
+                // 2.1 one too, to refuse the binding as MS-SMB2 says).
                 if let (Some(dialect), Some((inbox, _)), Some(key)) =
                     (self.dialect, &self.inbox, s.signing_key)
                 {
-                    if dialect.is_smb3() {
-                        let _ = link.home.set(Arc::new(crate::channels::Home::new(
-                            inbox.clone(),
-                            self.id,
-                            dialect,
-                            self.client_guid,
-                            (self.signing, key),
-                        )));
-                    }
+                    let _ = link.home.set(Arc::new(crate::channels::Home::new(
+                        inbox.clone(),
+                        self.id,
+                        dialect,
+                        self.client_guid,
+                        (self.signing, key),
+                    )));
                 }
                 s.link = Some(link);
                 // PreviousSessionId (3.3.5.5.3): the same user's old
@@ -1432,6 +1461,9 @@ impl Connection {
         if home.dialect != dialect {
             return Err(status::INVALID_PARAMETER);
         }
+        if !home.dialect.is_smb3() {
+            return Err(status::REQUEST_NOT_ACCEPTED);
+        }
         if home.client_guid != self.client_guid {
             return Err(status::USER_SESSION_DELETED);
         }
@@ -1457,6 +1489,15 @@ impl Connection {
             },
         );
         Ok(())
+    }
+
+    /// The signing key of a session that lives on another connection,
+    /// when request `msg` was signed with it (never a signature for
+    /// whoever merely names the session).
+    fn foreign_session_key(&self, id: u64, msg: &[u8]) -> Option<(SigningAlgorithm, [u8; 16])> {
+        let home = self.sh.registry.link(id)?.home.get()?.clone();
+        let (alg, key) = home.sign;
+        (!home.is_ended() && crypto::verify(alg, &key, msg)).then_some(home.sign)
     }
 
     /// Every binding leg is signed with the session's key (3.3.5.5.2).
