@@ -683,7 +683,8 @@ const LEASE_PASSING: &[&str] = &[
 /// multichannel: replay3 and replay4 (a DH2Q replay and channel sequence
 /// numbers on a second channel of the session), the dhv2-pending2*-sane
 /// tests (a pending DH2Q CREATE outlives the channel it came on, and is
-/// replayed on the others).
+/// replayed on the others); replay7 (a CHANGE_NOTIFY pends until
+/// CANCEL).
 const REPLAY_PASSING: &[&str] = &[
     "dhv2-pending1n-vs-violation-lease-close-sane",
     "dhv2-pending1n-vs-violation-lease-ack-sane",
@@ -714,6 +715,7 @@ const REPLAY_PASSING: &[&str] = &[
     "dhv2-pending2l-vs-lease-sane",
     "dhv2-pending2o-vs-oplock-sane",
     "dhv2-pending2o-vs-lease-sane",
+    "replay7",
 ];
 
 /// The smbtorture tests of session binding (multichannel) rksmbd passes:

@@ -6,8 +6,11 @@
 //! One thread per TCP connection owns everything of that connection
 //! (sessions, trees, opens): nothing is shared between connections but
 //! the filterd attachment and the read-only configuration, so a slow
-//! client only ever stalls its own thread. Every open lives in filterd;
-//! rksmbd keeps nothing durable.
+//! client only ever stalls its own thread. A session bound to further
+//! connections of its client (multichannel, [`crate::channels`]) stays
+//! owned by the thread that set it up; the other connections hand it the
+//! session's PDUs. Every open lives in filterd; rksmbd keeps nothing
+//! durable.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -174,6 +177,23 @@ pub struct Session {
     /// On a channel (a connection that bound the session of another,
     /// multichannel): where the session lives; its requests go there.
     bound: Option<Arc<crate::channels::Home>>,
+}
+
+impl Session {
+    /// A session being set up, its preauth hash starting from the
+    /// connection's; `bound` for a channel's binding.
+    fn new(preauth: [u8; 64], bound: Option<Arc<crate::channels::Home>>) -> Session {
+        Session {
+            user: None,
+            signing_key: None,
+            signing_required: false,
+            preauth,
+            pending: None,
+            trees: Vec::new(),
+            link: None,
+            bound,
+        }
+    }
 }
 
 /// A handler's success: body and status (which may be a warning such as
@@ -514,8 +534,7 @@ impl Connection {
     /// key, its credits, its socket for final async responses.
     fn serve_forwarded(&mut self, f: crate::channels::Forwarded) {
         let crate::channels::Forwarded { pdu, via, reply } = f;
-        self.channel_writers
-            .retain(|_, w| w.strong_count() > 0);
+        self.channel_writers.retain(|_, w| w.strong_count() > 0);
         self.channel_writers
             .insert(via.conn, Arc::downgrade(&via.writer));
         let saved_via = self.via.replace((via.conn, via.sign));
@@ -677,7 +696,7 @@ impl Connection {
             reply: tx,
         };
         let answer = match home.inbox.send(f) {
-            Ok(()) => rx.recv().ok(),
+            Ok(()) => self.await_home(&rx),
             Err(_) => None,
         };
         match answer {
@@ -693,6 +712,23 @@ impl Connection {
                 // The home thread is gone, and the session with it.
                 self.unbind(session);
                 self.handle_pdu(pdu)
+            }
+        }
+    }
+
+    /// Waits for the home's answer to a forwarded PDU, serving meanwhile
+    /// what channels hand to this connection: two connections that are
+    /// each a channel of the other's session must not wait on each other.
+    fn await_home(
+        &mut self,
+        rx: &std::sync::mpsc::Receiver<Option<(Vec<u8>, u32)>>,
+    ) -> Option<Option<(Vec<u8>, u32)>> {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(a) => return Some(a),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => self.serve_inbox(),
             }
         }
     }
@@ -1375,19 +1411,7 @@ impl Connection {
                 return Err(status::INSUFFICIENT_RESOURCES);
             }
             let id = self.sh.next_session.fetch_add(1, Ordering::Relaxed);
-            self.sessions.insert(
-                id,
-                Session {
-                    user: None,
-                    signing_key: None,
-                    signing_required: false,
-                    preauth: self.preauth,
-                    pending: None,
-                    trees: Vec::new(),
-                    link: None,
-                    bound: None,
-                },
-            );
+            self.sessions.insert(id, Session::new(self.preauth, None));
             id
         } else {
             req.hdr.session_id
@@ -1475,19 +1499,8 @@ impl Connection {
         {
             return Err(status::INSUFFICIENT_RESOURCES);
         }
-        self.sessions.insert(
-            id,
-            Session {
-                user: None,
-                signing_key: None,
-                signing_required: false,
-                preauth: self.preauth,
-                pending: None,
-                trees: Vec::new(),
-                link: None,
-                bound: Some(home),
-            },
-        );
+        self.sessions
+            .insert(id, Session::new(self.preauth, Some(home)));
         Ok(())
     }
 
@@ -1530,7 +1543,12 @@ impl Connection {
         match (same_user, &s.bound) {
             (true, Some(home)) if !home.is_ended() => {
                 home.bound();
-                tracing::info!(conn = self.id, session = id, home = home.conn, "channel bound");
+                tracing::info!(
+                    conn = self.id,
+                    session = id,
+                    home = home.conn,
+                    "channel bound"
+                );
                 Ok(())
             }
             _ => {
