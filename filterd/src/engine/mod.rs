@@ -256,7 +256,17 @@ impl LocalReply {
 
 /// A lease break in flight.
 struct Breaking {
+    /// What the break asked the holder to keep.
     to: LeaseState,
+    /// The lowest state the opens that met the lease mid-break need
+    /// (`to` and below): when the holder acknowledges more than this, the
+    /// break goes on (MS-SMB2 3.3.4.7, as Windows and Samba do it:
+    /// smbtorture smb2.lease.breaking3).
+    required: LeaseState,
+    /// Whether an open waits for this break (or for an earlier step of
+    /// its chain): while the chain has further steps to go, opens that
+    /// need nothing of the lease queue behind it (smb2.lease.breaking3).
+    waiters: bool,
     deadline_ms: u64,
 }
 
