@@ -63,6 +63,7 @@ const FSCTL_VALIDATE_NEGOTIATE_INFO: u32 = 0x0014_0204;
 const FSCTL_DFS_GET_REFERRALS: u32 = 0x0006_0194;
 const FSCTL_DFS_GET_REFERRALS_EX: u32 = 0x0006_01B0;
 const FSCTL_CREATE_OR_GET_OBJECT_ID: u32 = 0x0009_00C0;
+const FSCTL_LMR_REQUEST_RESILIENCY: u32 = 0x0014_01D4;
 
 /// What rksmbd serves, fixed at start.
 pub struct Config {
@@ -1329,6 +1330,11 @@ impl Connection {
             FSCTL_VALIDATE_NEGOTIATE_INFO => {
                 let input = wire::buffer(req.msg, in_off, in_len, "input")?;
                 self.validate_negotiate(input, &file)
+            }
+            FSCTL_LMR_REQUEST_RESILIENCY => {
+                let input = wire::buffer(req.msg, in_off, in_len, "input")?;
+                crate::files::request_resiliency(self, req, related, input)?;
+                Ok(Reply::ok(ioctl_body(code, &file, &[])))
             }
             FSCTL_DFS_GET_REFERRALS | FSCTL_DFS_GET_REFERRALS_EX => Err(status::FS_DRIVER_REQUIRED),
             _ => Err(status::NOT_SUPPORTED),
