@@ -928,19 +928,38 @@ impl Engine {
                     libfilter::model::Rights::DELETE,
                     "delete_on_close needs delete access",
                 )?;
-                h.rec.delete_on_close = delete;
                 // A delete pending on an SMB 2/3 file takes other keys'
-                // handle caching away, so their holders close the handles
-                // they keep and the file can go (smbtorture
-                // smb2.lease.unlink); the request does not wait.
+                // handle caching away first, so their holders close the
+                // handles they keep and the file can go (smbtorture
+                // smb2.lease.unlink); like a rename, the request waits for
+                // their acknowledgements (MS-FSA 2.1.5.14.3), and runs
+                // again from the start then.
                 let pending_delete = (delete && h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL)
                     .then(|| (h.rec.file, h.rec.lease.map(|l| l.key)));
+                if let Some((file, own)) = pending_delete {
+                    if self.break_leases_for_namespace(file, own) {
+                        let req = Request::SetDeleteOnClose {
+                            key,
+                            delete,
+                            record: record.map(|mut r| {
+                                r.scope = unscope(&protocol, r.scope);
+                                r
+                            }),
+                        };
+                        self.waiting_changes.push((file, conn, req_id, req));
+                        return Ok(None);
+                    }
+                }
+                let h = self.attached_with(
+                    conn,
+                    key,
+                    libfilter::model::Rights::DELETE,
+                    "delete_on_close needs delete access",
+                )?;
+                h.rec.delete_on_close = delete;
                 if h.rec.durability.is_persistent() {
                     let rec = h.rec.clone();
                     self.batch.push(StoreOp::PutHandle(Box::new(rec)));
-                }
-                if let Some((file, own)) = pending_delete {
-                    self.break_leases_for_namespace(file, own);
                 }
                 if let Some(r) = record {
                     self.remember_reply(r);

@@ -895,11 +895,14 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             let o = get(c, id)?;
             may(o, DELETE)?;
             match &o.kind {
-                Kind::File { key, .. } => sh
-                    .filter
-                    .client()
-                    .set_delete_on_close(*key, delete, None)
-                    .map_err(|e| status_of(&e))?,
+                Kind::File { key, .. } => {
+                    // filterd answers once other keys' handle caching is
+                    // broken and acknowledged, maybe by this very client.
+                    let key = *key;
+                    serving(c, move |client| {
+                        client.set_delete_on_close(key, delete, None)
+                    })?
+                }
                 Kind::Dir { fd, .. } => {
                     if o.path.is_none() {
                         return Err(status::ACCESS_DENIED);
@@ -970,13 +973,23 @@ fn rename_serving(
     to: RelPath,
     replace: bool,
 ) -> Result<(), u32> {
+    serving(c, move |client| client.rename(key, to, replace, None))
+}
+
+/// Runs a filterd call that may wait for lease-break acknowledgements on
+/// a thread of its own while this connection keeps being served (the
+/// acknowledgement may come from this very connection).
+fn serving(
+    c: &mut Connection,
+    call: impl FnOnce(&libfilter::client::FilterClient) -> Result<(), ClientError> + Send + 'static,
+) -> Result<(), u32> {
     use std::sync::mpsc::{sync_channel, RecvTimeoutError};
     let client = c.sh.filter.client();
     let (tx, rx) = sync_channel(1);
     std::thread::Builder::new()
-        .name("rksmbd-rename".into())
+        .name("rksmbd-serving".into())
         .spawn(move || {
-            let _ = tx.send(client.rename(key, to, replace, None));
+            let _ = tx.send(call(&client));
         })
         .map_err(|_| status::INSUFFICIENT_RESOURCES)?;
     loop {
