@@ -176,31 +176,22 @@ impl Engine {
                 true => self.set_lease_state_with(file, lk, state, Epoch::Bump),
                 false => self.set_lease_state(file, lk, to),
             };
-            if let Some(c) = attached.first().and_then(|c| self.conns.get(c)) {
-                c.writer.send_frame(
-                    &ServerFrame::Event(Event::LeaseBreak {
-                        lease_key: lk,
-                        current_state: state,
-                        new_state: to,
-                        epoch,
-                        ack_required: ack,
-                    }),
-                    None,
-                );
-            }
-            if ack {
-                info!(lease_key = %lk, from = %state, to = %to, "lease break sent; the conflicting open waits for the ack");
-                self.breaking.insert(
-                    (file, lk),
-                    Breaking {
-                        to,
-                        required: to,
-                        waiters: must_wait,
-                        deadline_ms: mono_ms() + self.cfg.break_timeout_ms,
-                    },
-                );
-                wait |= must_wait;
-            }
+            let chain = Breaking {
+                to,
+                required: to,
+                waiters: must_wait,
+                deadline_ms: 0,
+            };
+            self.send_break(
+                attached.first().copied(),
+                file,
+                lk,
+                state,
+                epoch,
+                ack,
+                chain,
+            );
+            wait |= ack && must_wait;
         }
         wait
     }
@@ -445,16 +436,7 @@ impl Engine {
         };
         // The break's epoch was bumped when it was sent.
         let epoch = self.set_lease_state_with(file, lk, state, Epoch::Keep);
-        let windows = self
-            .by_file
-            .get(&file)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.handles.get(k))
-            .any(|h| {
-                h.rec.lease.is_some_and(|l| l.key == lk)
-                    && h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL
-            });
+        let windows = self.lease_follows_msfsa(file, lk);
         match lease::next_break_step(state, b.required) {
             Some(next) if windows => self.break_next_step(conn, file, lk, state, next, &b),
             _ => {
@@ -487,12 +469,39 @@ impl Engine {
             true => self.set_lease_state_with(file, lk, state, Epoch::Keep),
             false => self.set_lease_state_with(file, lk, next, Epoch::Keep),
         };
-        if let Some(c) = self.conns.get(&conn) {
+        let step = Breaking {
+            to: next,
+            required: chain.required,
+            waiters: chain.waiters,
+            deadline_ms: 0,
+        };
+        self.send_break(Some(conn), file, lk, state, epoch, ack, step);
+        if !ack {
+            self.retry_files.insert(file);
+        }
+    }
+
+    /// Sends the break of lease `lk` from `state` to `b.to` to connection
+    /// `conn` (none: a disconnected holder learns nothing); one that needs
+    /// an acknowledgement is in progress until it comes, or until the
+    /// break timeout from now.
+    #[allow(clippy::too_many_arguments)]
+    fn send_break(
+        &mut self,
+        conn: Option<ConnId>,
+        file: FileId,
+        lk: LeaseKey,
+        state: LeaseState,
+        epoch: u16,
+        ack: bool,
+        b: Breaking,
+    ) {
+        if let Some(c) = conn.and_then(|c| self.conns.get(&c)) {
             c.writer.send_frame(
                 &ServerFrame::Event(Event::LeaseBreak {
                     lease_key: lk,
                     current_state: state,
-                    new_state: next,
+                    new_state: b.to,
                     epoch,
                     ack_required: ack,
                 }),
@@ -500,19 +509,25 @@ impl Engine {
             );
         }
         if ack {
-            info!(lease_key = %lk, from = %state, to = %next, "lease break goes on a step; the conflicting open waits for the ack");
-            self.breaking.insert(
-                (file, lk),
-                Breaking {
-                    to: next,
-                    required: chain.required,
-                    waiters: chain.waiters,
-                    deadline_ms: mono_ms() + self.cfg.break_timeout_ms,
-                },
-            );
-        } else {
-            self.retry_files.insert(file);
+            info!(lease_key = %lk, from = %state, to = %b.to, waits = b.waiters, "lease break sent");
+            let deadline_ms = mono_ms() + self.cfg.break_timeout_ms;
+            self.breaking
+                .insert((file, lk), Breaking { deadline_ms, ..b });
         }
+    }
+
+    /// Whether lease `lk` on `file` is held through a frontend of
+    /// [`lease::MSFSA_PROTOCOL`] (its breaks follow Windows' rules).
+    pub(super) fn lease_follows_msfsa(&self, file: FileId, lk: LeaseKey) -> bool {
+        self.by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .any(|h| {
+                h.rec.lease.is_some_and(|l| l.key == lk)
+                    && h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL
+            })
     }
 
     /// Sets a lease to what its holder kept and lets waiting opens retry.

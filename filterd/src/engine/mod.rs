@@ -950,12 +950,9 @@ impl Engine {
                         return Ok(None);
                     }
                 }
-                let h = self.attached_with(
-                    conn,
-                    key,
-                    libfilter::model::Rights::DELETE,
-                    "delete_on_close needs delete access",
-                )?;
+                let Some(h) = self.handles.get_mut(&key) else {
+                    return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+                };
                 h.rec.delete_on_close = delete;
                 if h.rec.durability.is_persistent() {
                     let rec = h.rec.clone();
