@@ -209,6 +209,37 @@ pub fn break_to_on_open(
     (to != held).then_some(to)
 }
 
+/// Whether an open that breaks an SMB 2/3 lease from `held` to `to` must
+/// wait for the holder's acknowledgement: only when the break takes write
+/// caching (the holder may have to flush), or handle caching while the
+/// open conflicts with the holder's share mode (the holder may close its
+/// cached handles). Taking read or handle caching otherwise is announced
+/// and the open goes on (MS-FSA 2.1.5.1.2.2 as Windows and Samba apply it:
+/// smbtorture smb2.lease.breaking4, an overwrite beside an RH lease).
+pub fn open_waits_for(held: LeaseState, to: LeaseState, handle_conflict: bool) -> bool {
+    let takes = |s: LeaseState| held.contains(s) && !to.contains(s);
+    takes(LeaseState::W) || (handle_conflict && takes(LeaseState::H))
+}
+
+/// After the holder of an SMB 2/3 lease acknowledged a break to `acked`,
+/// the next break when the opens that met the lease mid-break need it down
+/// to `required`: `None` when `acked` is low enough. A lease that still
+/// caches writes or handles is broken a step at a time, keeping read
+/// caching first (RH to R, then R to none; MS-SMB2 3.3.4.7 as Windows
+/// does it: smbtorture smb2.lease.breaking3).
+pub fn next_break_step(acked: LeaseState, required: LeaseState) -> Option<LeaseState> {
+    let required = required.and(acked);
+    if required == acked {
+        return None;
+    }
+    let next = if acked.contains(LeaseState::W) || acked.contains(LeaseState::H) {
+        required.with(LeaseState::R).and(acked)
+    } else {
+        required
+    };
+    Some(if next == acked { required } else { next })
+}
+
 /// MS-FSA 2.1.4.12 for a WRITE or a byte-range LOCK through another key's
 /// open: read caching of SMB 2/3 leases that do not also cache writes
 /// (R, RH) and level II oplocks go to none. (A lease with W cannot be
@@ -275,6 +306,19 @@ mod tests {
 
     fn st(s: &str) -> LeaseState {
         LeaseState::parse(s).unwrap()
+    }
+
+    #[test]
+    fn breaking3_chain() {
+        // RWH acknowledged as RH while an overwrite waits: RH, R, none.
+        assert_eq!(next_break_step(st("RH"), st("")), Some(st("R")));
+        assert_eq!(next_break_step(st("R"), st("")), Some(st("")));
+        assert_eq!(next_break_step(st("RH"), st("RH")), None);
+        assert_eq!(next_break_step(st("RH"), st("R")), Some(st("R")));
+        // breaking4: an overwrite beside RH without a sharing conflict.
+        assert!(!open_waits_for(st("RH"), st(""), false));
+        assert!(open_waits_for(st("RH"), st("R"), true));
+        assert!(open_waits_for(st("RWH"), st("RH"), false));
     }
 
     #[test]
@@ -422,6 +466,37 @@ mod tests {
             }
             if let Some(to) = break_for_write(held) {
                 prop_assert!(held.contains(to) && to != held);
+            }
+        }
+
+        #[test]
+        fn break_chains_step_down_to_what_is_required(acked in any_state(), req in any_state()) {
+            // Following the steps from any acknowledged state ends at what
+            // the waiting opens need, each step a valid, strict lowering,
+            // and read caching goes last.
+            let mut at = acked;
+            let mut steps = 0;
+            while let Some(next) = next_break_step(at, req) {
+                prop_assert!(at.contains(next) && next != at);
+                prop_assert!(LeaseState::parse(&next.to_string()).is_some());
+                if at.contains(LeaseState::R.with(LeaseState::H)) && !req.contains(LeaseState::H) {
+                    prop_assert!(next.contains(LeaseState::R));
+                }
+                at = next;
+                steps += 1;
+                prop_assert!(steps <= 3);
+            }
+            prop_assert_eq!(at, req.and(acked));
+        }
+
+        #[test]
+        fn an_open_waits_only_for_what_it_needs(held in any_state(), hc: bool, tr: bool) {
+            if let Some(to) = break_to_on_open(held, hc, tr, false) {
+                let waits = open_waits_for(held, to, hc);
+                // Taking W always waits; taking only R and H without a
+                // sharing conflict never does.
+                if held.contains(LeaseState::W) { prop_assert!(waits); }
+                if !held.contains(LeaseState::W) && !hc { prop_assert!(!waits); }
             }
         }
 

@@ -628,11 +628,18 @@ const DURABLE_OPEN_PASSING: &[&str] = &[
 /// and leases side by side (oplock); a stat open breaks nothing and
 /// keeps no lease from being granted (statopen2–4); a rename waits for
 /// an acknowledgement this very connection sends (v2_rename,
-/// rename_wait). Not kept although it passes: unlink, where a delete on
-/// close breaks other keys' H caching without waiting, so under load the
-/// break can reach the client after smbtorture stops waiting for it (one
-/// failure in four runs on a loaded machine).
+/// rename_wait); a delete on close waits for the H break it causes
+/// (unlink); an overwrite that meets a lease mid-break breaks it a step
+/// at a time, RH, R, none, under one epoch (breaking3, v2_breaking3); an
+/// H-only break without a sharing conflict does not hold the open back
+/// (breaking4); a write breaks another key's RH lease to none and wants
+/// it acknowledged (timeout).
 const LEASE_PASSING: &[&str] = &[
+    "breaking3",
+    "v2_breaking3",
+    "breaking4",
+    "unlink",
+    "timeout",
     "breaking1",
     "breaking2",
     "breaking5",
@@ -767,6 +774,9 @@ const LOCK_PASSING: &[&str] = &[
     "unlock",
     "multiple-unlock",
     "rw-shared",
+    // FSCTL_LMR_REQUEST_RESILIENCY: a resilient open's LOCKs carry lock
+    // sequences, on SMB 2.1 too.
+    "replay_broken_windows",
 ];
 
 /// Runs an smbtorture suite against a fresh filterd + rksmbd and fails if

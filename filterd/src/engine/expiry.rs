@@ -113,16 +113,7 @@ impl Engine {
                 // acknowledge in time (MS-SMB2 3.3.2.5: Lease.LeaseState
                 // becomes none; smbtorture smb2.lease.timeout), not just
                 // what the break asked for.
-                let windows = self
-                    .by_file
-                    .get(&file)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|k| self.handles.get(k))
-                    .any(|h| {
-                        h.rec.lease.is_some_and(|l| l.key == lk)
-                            && h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL
-                    });
+                let windows = self.lease_follows_msfsa(file, lk);
                 let to = if windows { LeaseState::NONE } else { b.to };
                 let epoch = self.set_lease_state(file, lk, to);
                 // Tell the holder its lease went down without it (an nfsl/1

@@ -3,6 +3,17 @@
 
 use super::*;
 
+/// How setting a lease's state moves its epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Epoch {
+    /// Up by one when the state changes.
+    OnChange,
+    /// Up by one (a break is announced).
+    Bump,
+    /// Unchanged (the break that announced it already moved it).
+    Keep,
+}
+
 impl Engine {
     /// The leases on a file by key: their state and their handles.
     pub(super) fn leases_on(&self, file: FileId) -> Vec<(LeaseKey, LeaseState, Vec<ResumeKey>)> {
@@ -62,7 +73,8 @@ impl Engine {
                 .any(|h| h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL);
             if windows {
                 let oplock = lease::is_oplock_key(&lk);
-                return lease::break_to_on_open(state, handle_conflict, truncates, oplock);
+                let to = lease::break_to_on_open(state, handle_conflict, truncates, oplock)?;
+                return Some((to, lease::open_waits_for(state, to, handle_conflict)));
             }
             lease::break_to(
                 state,
@@ -71,6 +83,7 @@ impl Engine {
                     handle_conflict,
                 },
             )
+            .map(|to| (to, true))
         })
     }
 
@@ -82,7 +95,7 @@ impl Engine {
         requester: Option<LeaseKey>,
     ) -> bool {
         self.break_leases(file, requester, |_, state, _, _| {
-            lease::break_for_namespace(state)
+            lease::break_for_namespace(state).map(|to| (to, true))
         })
     }
 
@@ -106,35 +119,49 @@ impl Engine {
         let (file, own) = (h.rec.file, h.rec.lease.map(|l| l.key));
         let windows = h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL;
         self.break_leases(file, own, |_, state, _, _| {
-            if windows {
+            let to = if windows {
                 lease::break_for_write(state)
             } else {
                 (state == LeaseState::R).then_some(LeaseState::NONE)
-            }
+            };
+            to.map(|to| (to, false))
         });
         Ok(())
     }
 
     /// Breaks every lease of another key on `file` that `target` says must
-    /// go down; see `break_leases_for`.
+    /// go down, and whether the change must wait for the holder's
+    /// acknowledgement when one is needed; see `break_leases_for`. A lease
+    /// already being broken is not broken again: what the change needs is
+    /// noted for when the holder acknowledges ([`Breaking::required`]).
     pub(super) fn break_leases(
         &mut self,
         file: FileId,
         requester: Option<LeaseKey>,
-        target: impl Fn(LeaseKey, LeaseState, &[ResumeKey], &Self) -> Option<LeaseState>,
+        target: impl Fn(LeaseKey, LeaseState, &[ResumeKey], &Self) -> Option<(LeaseState, bool)>,
     ) -> bool {
         let mut wait = false;
         for (lk, state, keys) in self.leases_on(file) {
             if Some(lk) == requester {
                 continue;
             }
-            let Some(to) = target(lk, state, &keys, self) else {
-                continue;
-            };
-            if self.breaking.contains_key(&(file, lk)) {
-                wait = true;
+            let wanted = target(lk, state, &keys, self);
+            if let Some(b) = self.breaking.get_mut(&(file, lk)) {
+                match wanted {
+                    Some((to, must_wait)) => {
+                        b.required = b.required.and(to);
+                        wait |= must_wait || (b.waiters && b.required != b.to);
+                        b.waiters |= must_wait;
+                    }
+                    // Nothing needed of the lease, but opens wait for the
+                    // rest of its break chain: this one waits behind them.
+                    None => wait |= b.waiters && b.required != b.to,
+                }
                 continue;
             }
+            let Some((to, must_wait)) = wanted else {
+                continue;
+            };
             let attached: Vec<ConnId> = keys
                 .iter()
                 .filter_map(|k| self.handles.get(k))
@@ -142,32 +169,29 @@ impl Engine {
                 .collect();
             let ack = lease::ack_required(state) && !attached.is_empty();
             self.stats.breaks += 1;
-            let epoch = self
-                .set_lease_state(file, lk, if ack { state } else { to })
-                .wrapping_add(u16::from(ack));
-            if let Some(c) = attached.first().and_then(|c| self.conns.get(c)) {
-                c.writer.send_frame(
-                    &ServerFrame::Event(Event::LeaseBreak {
-                        lease_key: lk,
-                        current_state: state,
-                        new_state: to,
-                        epoch,
-                        ack_required: ack,
-                    }),
-                    None,
-                );
-            }
-            if ack {
-                info!(lease_key = %lk, from = %state, to = %to, "lease break sent; the conflicting open waits for the ack");
-                self.breaking.insert(
-                    (file, lk),
-                    Breaking {
-                        to,
-                        deadline_ms: mono_ms() + self.cfg.break_timeout_ms,
-                    },
-                );
-                wait = true;
-            }
+            // The epoch goes up when the break is sent (MS-SMB2 3.3.4.7),
+            // also while the holder keeps its state until it acknowledges:
+            // an open under its key meanwhile sees the new epoch.
+            let epoch = match ack {
+                true => self.set_lease_state_with(file, lk, state, Epoch::Bump),
+                false => self.set_lease_state(file, lk, to),
+            };
+            let chain = Breaking {
+                to,
+                required: to,
+                waiters: must_wait,
+                deadline_ms: 0,
+            };
+            self.send_break(
+                attached.first().copied(),
+                file,
+                lk,
+                state,
+                epoch,
+                ack,
+                chain,
+            );
+            wait |= ack && must_wait;
         }
         wait
     }
@@ -180,6 +204,17 @@ impl Engine {
     /// open then finds the file as that close left it. Returns the new
     /// epoch.
     pub(super) fn set_lease_state(&mut self, file: FileId, lk: LeaseKey, to: LeaseState) -> u16 {
+        self.set_lease_state_with(file, lk, to, Epoch::OnChange)
+    }
+
+    /// [`Self::set_lease_state`], with the epoch going up as `epoch` says.
+    pub(super) fn set_lease_state_with(
+        &mut self,
+        file: FileId,
+        lk: LeaseKey,
+        to: LeaseState,
+        epoch_step: Epoch,
+    ) -> u16 {
         let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
         let mut epoch = 0;
         let mut purge = Vec::new();
@@ -196,8 +231,13 @@ impl Engine {
             let lowered = [LeaseState::R, LeaseState::W, LeaseState::H]
                 .into_iter()
                 .any(|s| l.state.contains(s) && !to.contains(s));
-            if l.state != to {
-                l.state = to;
+            let bump = match epoch_step {
+                Epoch::OnChange => l.state != to,
+                Epoch::Bump => true,
+                Epoch::Keep => false,
+            };
+            l.state = to;
+            if bump {
                 l.epoch = l.epoch.wrapping_add(1);
             }
             epoch = l.epoch;
@@ -264,11 +304,15 @@ impl Engine {
             Some(e) => {
                 // An upgrade only to a superset of what is held (MS-SMB2
                 // 3.3.5.9.8: RH asked as RW stays RH).
-                let state = if granted.contains(e.state) && (!whole || granted == lr.state) {
-                    granted
-                } else {
-                    e.state
-                };
+                // Never while a break of it is in progress: the holder
+                // is acknowledging its way down (smb2.lease.breaking3).
+                let breaking = self.breaking.contains_key(&(file, lr.key));
+                let state =
+                    if !breaking && granted.contains(e.state) && (!whole || granted == lr.state) {
+                        granted
+                    } else {
+                        e.state
+                    };
                 HeldLease {
                     key: lr.key,
                     state,
@@ -387,8 +431,103 @@ impl Engine {
                 format!("lease {lk} is not held through this connection"),
             ));
         }
-        self.breaking.remove(&(file, lk));
-        Ok(self.settle_lease(file, lk, state))
+        let Some(b) = self.breaking.remove(&(file, lk)) else {
+            return self.lease_lower(conn, lk, state);
+        };
+        // The break's epoch was bumped when it was sent.
+        let epoch = self.set_lease_state_with(file, lk, state, Epoch::Keep);
+        let windows = self.lease_follows_msfsa(file, lk);
+        match lease::next_break_step(state, b.required) {
+            Some(next) if windows => self.break_next_step(conn, file, lk, state, next, &b),
+            _ => {
+                self.retry_files.insert(file);
+            }
+        }
+        Ok(Reply::Lease(HeldLease {
+            key: lk,
+            state,
+            epoch,
+        }))
+    }
+
+    /// An acknowledged break left the lease above what the opens that met
+    /// it mid-break need: the next step of the chain goes to the holder
+    /// (on the connection that acknowledged), with the chain's epoch. The
+    /// opens waiting for it run again once the chain ends.
+    fn break_next_step(
+        &mut self,
+        conn: ConnId,
+        file: FileId,
+        lk: LeaseKey,
+        state: LeaseState,
+        next: LeaseState,
+        chain: &Breaking,
+    ) {
+        let ack = lease::ack_required(state);
+        self.stats.breaks += 1;
+        let epoch = match ack {
+            true => self.set_lease_state_with(file, lk, state, Epoch::Keep),
+            false => self.set_lease_state_with(file, lk, next, Epoch::Keep),
+        };
+        let step = Breaking {
+            to: next,
+            required: chain.required,
+            waiters: chain.waiters,
+            deadline_ms: 0,
+        };
+        self.send_break(Some(conn), file, lk, state, epoch, ack, step);
+        if !ack {
+            self.retry_files.insert(file);
+        }
+    }
+
+    /// Sends the break of lease `lk` from `state` to `b.to` to connection
+    /// `conn` (none: a disconnected holder learns nothing); one that needs
+    /// an acknowledgement is in progress until it comes, or until the
+    /// break timeout from now.
+    #[allow(clippy::too_many_arguments)]
+    fn send_break(
+        &mut self,
+        conn: Option<ConnId>,
+        file: FileId,
+        lk: LeaseKey,
+        state: LeaseState,
+        epoch: u16,
+        ack: bool,
+        b: Breaking,
+    ) {
+        if let Some(c) = conn.and_then(|c| self.conns.get(&c)) {
+            c.writer.send_frame(
+                &ServerFrame::Event(Event::LeaseBreak {
+                    lease_key: lk,
+                    current_state: state,
+                    new_state: b.to,
+                    epoch,
+                    ack_required: ack,
+                }),
+                None,
+            );
+        }
+        if ack {
+            info!(lease_key = %lk, from = %state, to = %b.to, waits = b.waiters, "lease break sent");
+            let deadline_ms = mono_ms() + self.cfg.break_timeout_ms;
+            self.breaking
+                .insert((file, lk), Breaking { deadline_ms, ..b });
+        }
+    }
+
+    /// Whether lease `lk` on `file` is held through a frontend of
+    /// [`lease::MSFSA_PROTOCOL`] (its breaks follow Windows' rules).
+    pub(super) fn lease_follows_msfsa(&self, file: FileId, lk: LeaseKey) -> bool {
+        self.by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .any(|h| {
+                h.rec.lease.is_some_and(|l| l.key == lk)
+                    && h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL
+            })
     }
 
     /// Sets a lease to what its holder kept and lets waiting opens retry.

@@ -256,7 +256,17 @@ impl LocalReply {
 
 /// A lease break in flight.
 struct Breaking {
+    /// What the break asked the holder to keep.
     to: LeaseState,
+    /// The lowest state the opens that met the lease mid-break need
+    /// (`to` and below): when the holder acknowledges more than this, the
+    /// break goes on (MS-SMB2 3.3.4.7, as Windows and Samba do it:
+    /// smbtorture smb2.lease.breaking3).
+    required: LeaseState,
+    /// Whether an open waits for this break (or for an earlier step of
+    /// its chain): while the chain has further steps to go, opens that
+    /// need nothing of the lease queue behind it (smb2.lease.breaking3).
+    waiters: bool,
     deadline_ms: u64,
 }
 
@@ -918,19 +928,35 @@ impl Engine {
                     libfilter::model::Rights::DELETE,
                     "delete_on_close needs delete access",
                 )?;
-                h.rec.delete_on_close = delete;
                 // A delete pending on an SMB 2/3 file takes other keys'
-                // handle caching away, so their holders close the handles
-                // they keep and the file can go (smbtorture
-                // smb2.lease.unlink); the request does not wait.
+                // handle caching away first, so their holders close the
+                // handles they keep and the file can go (smbtorture
+                // smb2.lease.unlink); like a rename, the request waits for
+                // their acknowledgements (MS-FSA 2.1.5.14.3), and runs
+                // again from the start then.
                 let pending_delete = (delete && h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL)
                     .then(|| (h.rec.file, h.rec.lease.map(|l| l.key)));
+                if let Some((file, own)) = pending_delete {
+                    if self.break_leases_for_namespace(file, own) {
+                        let req = Request::SetDeleteOnClose {
+                            key,
+                            delete,
+                            record: record.map(|mut r| {
+                                r.scope = unscope(&protocol, r.scope);
+                                r
+                            }),
+                        };
+                        self.waiting_changes.push((file, conn, req_id, req));
+                        return Ok(None);
+                    }
+                }
+                let Some(h) = self.handles.get_mut(&key) else {
+                    return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+                };
+                h.rec.delete_on_close = delete;
                 if h.rec.durability.is_persistent() {
                     let rec = h.rec.clone();
                     self.batch.push(StoreOp::PutHandle(Box::new(rec)));
-                }
-                if let Some((file, own)) = pending_delete {
-                    self.break_leases_for_namespace(file, own);
                 }
                 if let Some(r) = record {
                     self.remember_reply(r);

@@ -185,6 +185,12 @@ impl Harness {
 
     /// A fresh engine (as after a restart) on filesystem `fs`.
     fn on(fs: MemFs) -> Harness {
+        Harness::on_as(fs, "smb")
+    }
+
+    /// A fresh engine whose frontend attaches as protocol `protocol`
+    /// (`"smb2"`: leases break by Windows' rules).
+    fn on_as(fs: MemFs, protocol: &str) -> Harness {
         let pipe = Arc::new(Pipeline::default());
         let store = Arc::new(MemStore::default());
         let mut engine = Engine::new(
@@ -211,7 +217,7 @@ impl Harness {
                     version: libfilter::proto::PROTO_VERSION,
                     features: 0,
                     role: Role::Frontend {
-                        protocol: Protocol::new("smb").unwrap(),
+                        protocol: Protocol::new(protocol).unwrap(),
                         instance: InstanceName::new("smb-t").unwrap(),
                     },
                 },
@@ -2191,4 +2197,110 @@ fn a_stat_open_that_could_change_the_file_is_an_ordinary_open() {
     let r = h.run(stat_open(Rights::READ, Disposition::Open));
     h.commit(true);
     h.opened(r);
+}
+
+/// Windows' break chain (smbtorture smb2.lease.breaking3, MS-SMB2 3.3.4.7):
+/// an open waiting for an RWH lease's break to RH, and an overwrite that
+/// meets the lease mid-break, wait for the whole chain — RH, then R (one
+/// more acknowledgement), then none — which carries the first break's
+/// epoch; an overwrite beside an RH lease without a sharing conflict breaks
+/// it to none and does not wait (breaking4).
+#[test]
+fn a_lease_met_mid_break_is_broken_a_step_at_a_time() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::{Event, Reply};
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
+    let st = |s: &str| LeaseState::parse(s).unwrap();
+    let plain = |disposition: Disposition, lease: Option<(LeaseKey, &str)>| {
+        let Request::Open(mut o) = open("a", Rights::ALL) else {
+            unreachable!("open() makes an open")
+        };
+        o.access = Access::new(Rights::READ.union(Rights::WRITE)).unwrap();
+        o.disposition = disposition;
+        o.durability = Durability::None;
+        o.create_guid = None;
+        o.lease = lease.map(|(key, s)| LeaseRequest {
+            key,
+            state: st(s),
+            epoch: 0,
+        });
+        Request::Open(o)
+    };
+    let breaks = |h: &Harness| -> Vec<(LeaseState, LeaseState, u16, bool)> {
+        h.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::LeaseBreak {
+                    current_state,
+                    new_state,
+                    epoch,
+                    ack_required,
+                    ..
+                } => Some((*current_state, *new_state, *epoch, *ack_required)),
+                _ => None,
+            })
+            .collect()
+    };
+    let k1 = LeaseKey(uuid::Uuid::new_v4());
+    let holder = h.run(plain(Disposition::Open, Some((k1, "RWH"))));
+    h.commit(true);
+    let e0 = h.lease_of(holder).unwrap().epoch;
+    let opener = h.run(plain(Disposition::Open, None));
+    h.commit(true);
+    assert!(h.reply(opener).is_none(), "waits for the break to RH");
+    assert_eq!(breaks(&h), vec![(st("RWH"), st("RH"), e0 + 1, true)]);
+    let overwriter = h.run(plain(Disposition::Overwrite, None));
+    h.commit(true);
+    assert!(h.reply(overwriter).is_none());
+    assert_eq!(
+        breaks(&h).len(),
+        1,
+        "a lease being broken is not broken again"
+    );
+    // Mid-break, an open under the key sees the new epoch, no upgrade.
+    let again = h.run(plain(Disposition::Open, Some((k1, "RWH"))));
+    h.commit(true);
+    assert_eq!(
+        h.lease_of(again).map(|l| (l.state, l.epoch)),
+        Some((st("RWH"), e0 + 1))
+    );
+    let ack = h.run(Request::LeaseBreakAck {
+        lease_key: k1,
+        state: st("RH"),
+    });
+    h.commit(true);
+    assert!(matches!(h.reply(ack), Some(Ok(Reply::Lease(l))) if l.state == st("RH")));
+    assert_eq!(breaks(&h)[1..], [(st("RH"), st("R"), e0 + 1, true)]);
+    h.engine.process_retries();
+    h.drain_replies();
+    h.commit(true);
+    assert!(h.reply(opener).is_none() && h.reply(overwriter).is_none());
+    h.run(Request::LeaseBreakAck {
+        lease_key: k1,
+        state: st("R"),
+    });
+    h.commit(true);
+    assert_eq!(breaks(&h)[2..], [(st("R"), st(""), e0 + 1, false)]);
+    h.engine.process_retries();
+    h.drain_replies();
+    h.commit(true);
+    h.opened(opener);
+    h.opened(overwriter);
+
+    // breaking4: RH beside nobody it conflicts with; an overwrite breaks it
+    // to none (asking for an acknowledgement) and goes on.
+    let k2 = LeaseKey(uuid::Uuid::new_v4());
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
+    let holder = h.run(plain(Disposition::Open, Some((k2, "RH"))));
+    h.commit(true);
+    assert_eq!(h.lease_of(holder).map(|l| l.state), Some(st("RH")));
+    let overwriter = h.run(plain(Disposition::Overwrite, None));
+    h.commit(true);
+    h.opened(overwriter);
+    assert_eq!(breaks(&h).len(), 1);
+    assert_eq!((breaks(&h)[0].1, breaks(&h)[0].3), (st(""), true));
 }

@@ -864,6 +864,8 @@ fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHand
                 durable,
                 live: Cell::new(true),
             }),
+            resilient_ms: None,
+            lock_sequences: Vec::new(),
         },
     );
     Ok(create_reply(
@@ -1159,6 +1161,8 @@ fn reconnect(
             position: sh.registry.position(rc.create_guid),
             channel_sequence: Cell::new(channel_sequence_of(req)),
             replay: None,
+            resilient_ms: None,
+            lock_sequences: Vec::new(),
         },
     );
     if !rc.v1 {
@@ -1252,5 +1256,7 @@ fn dir_open(
         position: 0,
         channel_sequence: Cell::new(channel_sequence),
         replay: None,
+        resilient_ms: None,
+        lock_sequences: Vec::new(),
     }
 }

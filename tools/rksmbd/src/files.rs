@@ -227,6 +227,14 @@ pub struct Open {
     /// What a replay of the CREATE that made this open answers (MS-SMB2
     /// 3.3.5.9.10), while it may still be replayed.
     pub(crate) replay: Option<CreateReplay>,
+    /// Open.IsResilient and Open.ResiliencyTimeout (MS-SMB2 3.3.1.10),
+    /// set by FSCTL_LMR_REQUEST_RESILIENCY ([`request_resiliency`]).
+    pub(crate) resilient_ms: Option<u32>,
+    /// The lock sequences of a resilient open that is not durable
+    /// (Open.LockSequenceArray, 3.3.5.14): filterd keeps them only for
+    /// durable handles, and such an open lives no longer than this
+    /// connection. (index, number) of the LOCKs applied, one per index.
+    pub(crate) lock_sequences: Vec<(u8, u8)>,
 }
 
 /// The lease key of the oplock of open `id` (an OPLOCK_BREAK
@@ -512,6 +520,48 @@ fn verify_channel_sequence(c: &Connection, o: &Open, req: &Request<'_>) -> Resul
         Command::Write | Command::SetInfo | Command::Ioctl => Err(status::FILE_NOT_AVAILABLE),
         _ => Ok(()),
     }
+}
+
+/// Longest ResiliencyTimeout a client may ask for
+/// (MaxResiliencyTimeout, MS-SMB2 3.3.3: implementation-defined): five
+/// minutes, as Windows.
+const MAX_RESILIENCY_MS: u32 = 300_000;
+/// The ResiliencyTimeout of a request that asks for zero
+/// (implementation-defined).
+const DEFAULT_RESILIENCY_MS: u32 = 120_000;
+
+/// FSCTL_LMR_REQUEST_RESILIENCY (MS-SMB2 2.2.31.3, 3.3.5.15.9) on the
+/// file open the IOCTL names: the open becomes resilient, with the
+/// timeout the client asked for (at most [`MAX_RESILIENCY_MS`]). Its LOCK
+/// requests then carry lock sequences (3.3.5.14: a replayed LOCK is
+/// recognised and changes nothing), on SMB 2.1 too. What is not done
+/// yet: a resilient open is not kept after its connection is lost (that
+/// needs filterd to make a handle durable after it was opened); it is
+/// closed then, as any open that is not durable.
+pub fn request_resiliency(
+    c: &mut Connection,
+    req: &Request<'_>,
+    related: Option<u64>,
+    input: &[u8],
+) -> Result<(), u32> {
+    let id = open_id(c, req, 8, related)?;
+    let mut r = Reader::new(input);
+    let (Ok(timeout), Ok(_reserved)) = (r.u32("timeout"), r.u32("reserved")) else {
+        return Err(status::INVALID_PARAMETER);
+    };
+    if timeout > MAX_RESILIENCY_MS {
+        return Err(status::INVALID_PARAMETER);
+    }
+    let o = c.opens.get_mut(&id).ok_or(status::FILE_CLOSED)?;
+    if !matches!(o.kind, Kind::File { .. }) {
+        return Err(status::INVALID_PARAMETER);
+    }
+    o.resilient_ms = Some(if timeout == 0 {
+        DEFAULT_RESILIENCY_MS
+    } else {
+        timeout
+    });
+    Ok(())
 }
 
 /// The filterd handle of the regular-file open a request names, and
@@ -846,11 +896,14 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             let o = get(c, id)?;
             may(o, DELETE)?;
             match &o.kind {
-                Kind::File { key, .. } => sh
-                    .filter
-                    .client()
-                    .set_delete_on_close(*key, delete, None)
-                    .map_err(|e| status_of(&e))?,
+                Kind::File { key, .. } => {
+                    // filterd answers once other keys' handle caching is
+                    // broken and acknowledged, maybe by this very client.
+                    let key = *key;
+                    serving(c, move |client| {
+                        client.set_delete_on_close(key, delete, None)
+                    })?
+                }
                 Kind::Dir { fd, .. } => {
                     if o.path.is_none() {
                         return Err(status::ACCESS_DENIED);
@@ -921,13 +974,23 @@ fn rename_serving(
     to: RelPath,
     replace: bool,
 ) -> Result<(), u32> {
+    serving(c, move |client| client.rename(key, to, replace, None))
+}
+
+/// Runs a filterd call that may wait for lease-break acknowledgements on
+/// a thread of its own while this connection keeps being served (the
+/// acknowledgement may come from this very connection).
+fn serving(
+    c: &mut Connection,
+    call: impl FnOnce(&libfilter::client::FilterClient) -> Result<(), ClientError> + Send + 'static,
+) -> Result<(), u32> {
     use std::sync::mpsc::{sync_channel, RecvTimeoutError};
     let client = c.sh.filter.client();
     let (tx, rx) = sync_channel(1);
     std::thread::Builder::new()
-        .name("rksmbd-rename".into())
+        .name("rksmbd-serving".into())
         .spawn(move || {
-            let _ = tx.send(client.rename(key, to, replace, None));
+            let _ = tx.send(call(&client));
         })
         .map_err(|_| status::INSUFFICIENT_RESOURCES)?;
     loop {

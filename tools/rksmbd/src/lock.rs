@@ -49,6 +49,9 @@ pub struct Waiting {
     key: ResumeKey,
     ops: Vec<LockOp>,
     sequence: Option<LockSequence>,
+    /// The lock sequence rksmbd records itself once granted (a resilient
+    /// open that is not durable).
+    local: Option<LockSequence>,
 }
 
 /// A connection's waiting locks.
@@ -203,12 +206,26 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         blocking,
         bad_tail,
     } = decode(&mut r, count)?;
-    // Lock sequences count for durable and persistent opens (3.3.5.14).
+    // Lock sequences count for durable, persistent and resilient opens
+    // (3.3.5.14; resilient ones on SMB 2.1 too).
+    let resilient = c.opens.get(&open).is_some_and(|o| o.resilient_ms.is_some());
     let index = seq >> 4;
-    let sequence = (durable && (1..=64).contains(&index)).then(|| LockSequence {
+    let sequence = ((durable || resilient) && (1..=64).contains(&index)).then(|| LockSequence {
         number: u8::try_from(seq & 0xF).unwrap_or(0),
         index: u8::try_from(index).unwrap_or(0),
     });
+    // A resilient open that is not durable: rksmbd keeps its sequences.
+    let local = sequence.filter(|_| !durable);
+    if let Some(q) = local {
+        let o = c.opens.get_mut(&open).ok_or(status::FILE_CLOSED)?;
+        if o.lock_sequences.contains(&(q.index, q.number)) {
+            // A replay: nothing applied (3.3.5.14).
+            return Ok(Reply::ok(LOCK_RESPONSE.to_vec()));
+        }
+        // Invalid until this LOCK succeeds.
+        o.lock_sequences.retain(|(i, _)| *i != q.index);
+    }
+    let filter_sequence = sequence.filter(|_| durable);
     let client = c.sh.filter.client();
     if let (Some(st), Some(_)) = (bad_tail, sequence) {
         // With a lock sequence the request stays all or nothing, so that
@@ -229,8 +246,9 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             None => Ok(Reply::ok(vec![4, 0, 0, 0])),
         };
     }
-    match client.lock(key, ops.clone(), sequence) {
+    match client.lock(key, ops.clone(), filter_sequence) {
         Ok(()) => {
+            record_local(c, open, local);
             let unlock = ops.first().is_some_and(|o| o.unlock);
             c.waiting.nudged |= unlock;
             if !unlock {
@@ -255,7 +273,8 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 open,
                 key,
                 ops,
-                sequence,
+                sequence: filter_sequence,
+                local,
             });
             Ok(Reply::with_status(
                 status::PENDING,
@@ -263,6 +282,16 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             ))
         }
         Err(e) => Err(status_of(&e)),
+    }
+}
+
+/// A LOCK with lock sequence `q` that rksmbd keeps (see
+/// [`crate::files::Open::lock_sequences`]) was applied: a replay of it now
+/// changes nothing.
+fn record_local(c: &mut Connection, open: u64, q: Option<LockSequence>) {
+    if let (Some(q), Some(o)) = (q, c.opens.get_mut(&open)) {
+        o.lock_sequences.retain(|(i, _)| *i != q.index);
+        o.lock_sequences.push((q.index, q.number));
     }
 }
 
@@ -275,16 +304,23 @@ pub fn retry(c: &mut Connection) {
     c.waiting.last_retry = Some(Instant::now());
     let client = c.sh.filter.client();
     let mut done = Vec::new();
+    let mut granted = Vec::new();
     for w in &c.waiting.list {
         if !c.opens.contains_key(&w.open) {
             done.push((w.head.async_id, status::FILE_CLOSED));
             continue;
         }
         match client.lock(w.key, w.ops.clone(), w.sequence) {
-            Ok(()) => done.push((w.head.async_id, status::SUCCESS)),
+            Ok(()) => {
+                granted.push((w.open, w.local));
+                done.push((w.head.async_id, status::SUCCESS));
+            }
             Err(e) if e.code() == Some(ErrorCode::LockNotGranted) => {}
             Err(e) => done.push((w.head.async_id, status_of(&e))),
         }
+    }
+    for (open, local) in granted {
+        record_local(c, open, local);
     }
     for (id, st) in done {
         for w in c.waiting.remove_where(|w| w.head.async_id == id) {

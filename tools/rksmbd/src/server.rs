@@ -73,6 +73,7 @@ const SESSION_FLAG_BINDING: u8 = 0x01;
 /// Channels one session may have besides its home connection (32 in
 /// all, as Windows and Samba allow).
 const MAX_CHANNELS_PER_SESSION: usize = 31;
+const FSCTL_LMR_REQUEST_RESILIENCY: u32 = 0x0014_01D4;
 
 /// What rksmbd serves, fixed at start.
 pub struct Config {
@@ -1752,6 +1753,10 @@ impl Connection {
                     return Err(status::BUFFER_TOO_SMALL);
                 }
                 Ok(Reply::ok(ioctl_body(code, &file, &out)))
+            FSCTL_LMR_REQUEST_RESILIENCY => {
+                let input = wire::buffer(req.msg, in_off, in_len, "input")?;
+                crate::files::request_resiliency(self, req, related, input)?;
+                Ok(Reply::ok(ioctl_body(code, &file, &[])))
             }
             FSCTL_DFS_GET_REFERRALS | FSCTL_DFS_GET_REFERRALS_EX => Err(status::FS_DRIVER_REQUIRED),
             _ => Err(status::NOT_SUPPORTED),
