@@ -301,6 +301,7 @@ impl Engine {
             delete_on_close: false,
             share_group: o.share_group,
             lock_owner: None,
+            stat,
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {
@@ -340,15 +341,28 @@ impl Engine {
             }
         }
         debug!(resume_key = %key, path = %rec.path, action = %create_action, durability = durability.word(), parked = park, "opened");
+        // An honoured stat open gets an O_PATH descriptor: it can stat
+        // the file and set its times and attributes, never read or write
+        // it — it took no part in sharing and broke no lease.
+        let fd = if stat {
+            self.fs.path_only(of.fd.as_fd()).map_err(|e| {
+                self.stats.opens_refused += 1;
+                err(
+                    ErrorCode::Internal,
+                    format!("{}: no O_PATH descriptor for a stat open: {e}", rec.path),
+                )
+            })?
+        } else {
+            of.fd
+        };
         self.insert(Handle {
             rec,
-            fd: Some(of.fd),
+            fd: Some(fd),
             conn: Some(conn),
             gen: 0,
             parked: park,
             lock_fd: None,
             linked: of.linked,
-            stat,
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -630,7 +644,18 @@ impl Engine {
                     format!("handle {key} has no file handle"),
                 )
             })?;
-            match self.fs.reopen(kh, h.rec.access, &h.rec.path, h.rec.file) {
+            let reopened = self
+                .fs
+                .reopen(kh, h.rec.access, &h.rec.path, h.rec.file)
+                .and_then(|(fd, id, size)| {
+                    // A stat open's descriptor is O_PATH again.
+                    if h.rec.stat {
+                        Ok((self.fs.path_only(fd.as_fd())?, id, size))
+                    } else {
+                        Ok((fd, id, size))
+                    }
+                });
+            match reopened {
                 Ok((fd, _, _)) => h.fd = Some(fd),
                 // A local process's kernel lease is being broken (the open
                 // does not wait for it): the file is there, retry.
@@ -698,7 +723,7 @@ impl Engine {
             .into_iter()
             .flatten()
             .filter_map(|k| self.handles.get(k))
-            .filter(|h| !h.stat)
+            .filter(|h| !h.rec.stat)
             .map(|h| Holder {
                 key: h.rec.key,
                 mode: ShareMode {
