@@ -597,15 +597,21 @@ pub enum IntentChangeV2<'a> {
 
 impl StoredRecord for Intent {
     type V2<'a> = IntentV2<'a>;
-    // An intent's handle record is of a truncating open or a rename, never
-    // of a stat open: its `stat` is not kept.
-    type V3Ext = NoExt;
+    /// A truncating open's handle record's added fields (a stat open never
+    /// truncates, but a record decodes as it was written).
+    type V3Ext = HandleRecordV3Ext;
 
-    fn v3_ext(&self) -> Option<NoExt> {
-        None
+    fn v3_ext(&self) -> Option<HandleRecordV3Ext> {
+        match &self.change {
+            IntentChange::TruncatingOpen { record, .. } => record.v3_ext(),
+            _ => None,
+        }
     }
 
-    fn with_v3_ext(self, _: NoExt) -> Intent {
+    fn with_v3_ext(mut self, ext: HandleRecordV3Ext) -> Intent {
+        if let IntentChange::TruncatingOpen { record, .. } = &mut self.change {
+            record.stat = ext.stat;
+        }
         self
     }
 
@@ -1076,6 +1082,8 @@ mod tests {
         let mut v3 = vec![RECORD_V3_POSTCARD];
         v3.extend_from_slice(golden.get(1..).expect("a version byte"));
         v3.push(1);
+        let golden_v3 = include_bytes!("../../fuzz/corpus/store_records/handle-v3");
+        assert_eq!(v3, golden_v3);
         let stat = HandleRecord { stat: true, ..rec };
         assert_eq!(encode_record(&stat).expect("encodes"), v3);
         assert_eq!(decode_record::<HandleRecord>(&v3).expect("decodes"), stat);

@@ -158,11 +158,36 @@ fn a_stat_open_gets_no_lease_beside_another_keys_write_caching() {
 
 #[test]
 fn a_persistent_stat_open_stays_one_after_a_filterd_kill9() {
-    let s = Scratch::new("stat-open-restart");
-    let mut d = Filterd::start(&s, &[], &[]);
-    let a = frontend(&s, "smb2", "fe-a");
-    let b = frontend(&s, "smb2", "fe-b");
-    let c = frontend(&s, "nfs", "fe-c");
+    stays_a_stat_open_across_kill9(&Scratch::new("stat-open-restart"), &[], &[]);
+}
+
+/// The same with the table in etcd (the same record encoding).
+#[test]
+fn a_persistent_stat_open_stays_one_in_the_etcd_store() {
+    use rkfilter_tests::etcd::{etcd_available, Cluster};
+    if !etcd_available("a_persistent_stat_open_stays_one_in_the_etcd_store") {
+        return;
+    }
+    let s = Scratch::new("stat-open-etcd");
+    let cluster = Cluster::start(&s, 1);
+    let url = cluster.url("rk/stat");
+    let flags = ["--store", &url, "--lease-ttl-secs", "2"];
+    // The restarted one takes the table over once the dead one's lease
+    // has expired.
+    let restart = ["--store", &url, "--lease-ttl-secs", "2", "--standby"];
+    stays_a_stat_open_across_kill9(&s, &flags, &restart);
+}
+
+/// A share-none holder and a persistent stat open of its file; filterd is
+/// killed and restarted (`first`, `restart`: extra flags of the two
+/// starts): the flag is recovered, the
+/// stat open's resumed descriptor reads nothing, and an ordinary open is
+/// refused by the holder and, once it is gone, not by the stat open.
+fn stays_a_stat_open_across_kill9(s: &Scratch, first: &[&str], restart: &[&str]) {
+    let mut d = Filterd::start(s, first, &[]);
+    let a = frontend(s, "smb2", "fe-a");
+    let b = frontend(s, "smb2", "fe-b");
+    let c = frontend(s, "nfs", "fe-c");
     let holder = a
         .open(req("alice", RW, Rights::NONE, PERSISTENT, false))
         .unwrap();
@@ -178,7 +203,7 @@ fn a_persistent_stat_open_stays_one_after_a_filterd_kill9() {
     );
     d.kill9();
     drop((a, b, c));
-    let _d2 = Filterd::start(&s, &[], &[]);
+    let _d2 = Filterd::start(s, restart, &[]);
     let ctl = FilterClient::connect_control(&s.socket()).unwrap();
     let recovered = ctl.handles().unwrap();
     let rec = |k: ResumeKey| {
@@ -190,9 +215,9 @@ fn a_persistent_stat_open_stays_one_after_a_filterd_kill9() {
     assert_eq!(rec(holder.info.key), Some(false));
     assert_eq!(rec(stat.info.key), Some(true), "the stat flag is recovered");
     // Both come back to their frontends; the stat open still cannot read.
-    let a = frontend(&s, "smb2", "fe-a");
-    let b = frontend(&s, "smb2", "fe-b");
-    let c = frontend(&s, "nfs", "fe-c");
+    let a = frontend(s, "smb2", "fe-a");
+    let b = frontend(s, "smb2", "fe-b");
+    let c = frontend(s, "nfs", "fe-c");
     let holder = a
         .resume(ClientId::new("alice").unwrap(), holder.info.key)
         .unwrap();

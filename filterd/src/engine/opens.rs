@@ -210,6 +210,22 @@ impl Engine {
             });
             return Ok(None);
         }
+        // An honoured stat open gets an O_PATH descriptor: it can stat
+        // the file and set its times and attributes, never read or write
+        // it — it takes no part in sharing and breaks no lease. Made
+        // before anything is decided or stored, so a failure leaves
+        // nothing behind.
+        let stat_fd = if stat {
+            Some(self.fs.path_only(of.fd.as_fd()).map_err(|e| {
+                self.stats.opens_refused += 1;
+                err(
+                    ErrorCode::Internal,
+                    format!("{}: no O_PATH descriptor for a stat open: {e}", o.path),
+                )
+            })?)
+        } else {
+            None
+        };
         // Local processes count as share-all readers, those that opened
         // the file before fanotify asked about it included.
         let (local, learnt) = self.local_opens_of(of.file, of.fd.as_fd());
@@ -341,23 +357,9 @@ impl Engine {
             }
         }
         debug!(resume_key = %key, path = %rec.path, action = %create_action, durability = durability.word(), parked = park, "opened");
-        // An honoured stat open gets an O_PATH descriptor: it can stat
-        // the file and set its times and attributes, never read or write
-        // it — it took no part in sharing and broke no lease.
-        let fd = if stat {
-            self.fs.path_only(of.fd.as_fd()).map_err(|e| {
-                self.stats.opens_refused += 1;
-                err(
-                    ErrorCode::Internal,
-                    format!("{}: no O_PATH descriptor for a stat open: {e}", rec.path),
-                )
-            })?
-        } else {
-            of.fd
-        };
         self.insert(Handle {
             rec,
-            fd: Some(fd),
+            fd: Some(stat_fd.unwrap_or(of.fd)),
             conn: Some(conn),
             gen: 0,
             parked: park,
