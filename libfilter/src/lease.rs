@@ -299,6 +299,25 @@ pub fn grantable(requested: LeaseState, others_open: bool) -> LeaseState {
     }
 }
 
+/// What an open that breaks nothing (an attribute-only "stat" open) may be
+/// granted beside other keys' leases as they are: `requested`, unless
+/// another key caches writes (W), which only a break could share — then
+/// nothing. A stat open skips the oplock break check (MS-FSA 2.1.5.1.2.2),
+/// so its oplock request meets the other key's exclusive oplock and is not
+/// granted (MS-FSA 2.1.5.17.2, `STATUS_OPLOCK_NOT_GRANTED`); the server
+/// answers lease state none (MS-SMB2 3.3.5.9.8). Beside R or RH leases it
+/// is granted as any open is (smbtorture smb2.lease.statopen: alone, RWH).
+pub fn grantable_without_break(
+    requested: LeaseState,
+    others: impl IntoIterator<Item = LeaseState>,
+) -> LeaseState {
+    if others.into_iter().any(|s| s.contains(LeaseState::W)) {
+        LeaseState::NONE
+    } else {
+        requested
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +338,20 @@ mod tests {
         assert!(!open_waits_for(st("RH"), st(""), false));
         assert!(open_waits_for(st("RH"), st("R"), true));
         assert!(open_waits_for(st("RWH"), st("RH"), false));
+    }
+
+    #[test]
+    fn a_stat_open_gets_nothing_beside_another_keys_write_caching() {
+        assert_eq!(grantable_without_break(st("RWH"), []), st("RWH"));
+        assert_eq!(
+            grantable_without_break(st("RH"), [st("RH"), st("R")]),
+            st("RH")
+        );
+        assert_eq!(grantable_without_break(st("RH"), [st("RWH")]), st(""));
+        assert_eq!(
+            grantable_without_break(st("R"), [st("R"), st("RW")]),
+            st("")
+        );
     }
 
     #[test]

@@ -624,6 +624,11 @@ pub struct HandleRecord {
     /// (`Request::Lock::lock_owner`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_owner: Option<String>,
+    /// An attribute-only open (`OpenRequest::stat`, honoured): no part in
+    /// sharing, lease breaks or lease grants, and its descriptor is
+    /// `O_PATH`. Stored (record version 3), so a recovered one stays one.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stat: bool,
 }
 
 fn is_false(b: &bool) -> bool {

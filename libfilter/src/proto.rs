@@ -425,9 +425,11 @@ pub struct OpenRequest {
     /// An attribute-only open (MS-FSA 2.1.5.1.2, a "stat open": SMB 2/3
     /// opens asking only for attributes, security reads or SYNCHRONIZE).
     /// It takes no part in sharing, breaks no lease and does not count as
-    /// another open when leases are granted. Kept in filterd's memory
-    /// only: after a reattach or a filterd restart the handle counts as
-    /// the reader its access says.
+    /// another open when leases are granted; honoured (access at most
+    /// read, no overwrite), its descriptor is `O_PATH` and a lease it asks
+    /// for is granted only where no break is needed (none beside another
+    /// key's W). Stored with the handle (`HandleRecord::stat`): a resumed
+    /// or recovered handle is a stat open still.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stat: bool,
 }

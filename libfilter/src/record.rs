@@ -4,7 +4,8 @@
 //!
 //! | first byte | body |
 //! |---|---|
-//! | `2` | postcard of the record's `…V2` mirror type (what this build writes) |
+//! | `3` | postcard of the `…V2` mirror, then postcard of the fields added since ([`StoredRecord::V3Ext`]) |
+//! | `2` | postcard of the record's `…V2` mirror type |
 //! | `1` | JSON of the public model type (written by schema-1 builds) |
 //! | `{` | JSON with no version byte at all (the oldest form) |
 //!
@@ -22,6 +23,12 @@
 //! record is no more trusted than a peer: invariant 8). A V2 layout is
 //! frozen: fields and enum variants are never reordered or removed (postcard
 //! has no names); a change is a new version byte and a new mirror.
+//!
+//! Version 3 added one field, [`HandleRecord::stat`]: a record is written as
+//! version 3 only when a field added since version 2 is not at its default
+//! (a stat handle), else as version 2 — so a build that reads versions 1
+//! and 2 only still reads every record but a stat handle's, which it reports
+//! as of an unknown version rather than taking it for an ordinary reader.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -38,8 +45,12 @@ use crate::model::{
 
 /// The version byte of a JSON record (schema 1).
 pub const RECORD_V1_JSON: u8 = 1;
-/// The version byte of a postcard record: what this build writes.
+/// The version byte of a postcard record: what this build writes when
+/// every field added since is at its default.
 pub const RECORD_V2_POSTCARD: u8 = 2;
+/// The version byte of a postcard record with the fields added since
+/// version 2 after its version-2 mirror.
+pub const RECORD_V3_POSTCARD: u8 = 3;
 /// Longest kernel handle a record may carry (`MAX_HANDLE_SZ`).
 const MAX_KERNEL_HANDLE_BYTES: usize = 128;
 
@@ -50,7 +61,7 @@ pub enum RecordError {
     #[error("empty record")]
     Empty,
     /// The first byte names no encoding this build reads.
-    #[error("unknown record version {0} (this build reads 1, 2 and unversioned JSON)")]
+    #[error("unknown record version {0} (this build reads 1, 2, 3 and unversioned JSON)")]
     UnknownVersion(u8),
     /// A JSON record (version 1 or unversioned) that does not parse.
     #[error("JSON record: {0}")]
@@ -100,13 +111,41 @@ pub trait StoredRecord: Serialize + DeserializeOwned {
     fn to_v2(&self) -> Self::V2<'_>;
     /// The record a mirror describes, checked as the model checks a peer's.
     fn from_v2(v: Self::V2<'_>) -> Result<Self, RecordError>;
+    /// The fields added in version 3, stored after the version-2 mirror.
+    type V3Ext: Serialize + DeserializeOwned;
+    /// Those fields, when one is not at its default (the record is then
+    /// written as version 3; else as version 2).
+    fn v3_ext(&self) -> Option<Self::V3Ext>;
+    /// The record with the version-3 fields set.
+    fn with_v3_ext(self, ext: Self::V3Ext) -> Self;
 }
 
-/// Encodes a record as every backend stores it: version 2, postcard.
+/// The version-3 fields of a record kind that added none.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NoExt;
+
+/// [`HandleRecord`]'s fields added in version 3. Field order is the
+/// layout: frozen.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandleRecordV3Ext {
+    stat: bool,
+}
+
+/// Encodes a record as every backend stores it: version 2, postcard — or
+/// version 3 when a field added since is not at its default.
 pub fn encode_record<T: StoredRecord>(item: &T) -> Result<Vec<u8>, RecordError> {
     let mut out = Vec::with_capacity(128);
-    out.push(RECORD_V2_POSTCARD);
-    postcard::to_extend(&item.to_v2(), out).map_err(RecordError::Encode)
+    let ext = item.v3_ext();
+    out.push(if ext.is_some() {
+        RECORD_V3_POSTCARD
+    } else {
+        RECORD_V2_POSTCARD
+    });
+    let out = postcard::to_extend(&item.to_v2(), out).map_err(RecordError::Encode)?;
+    match ext {
+        Some(e) => postcard::to_extend(&e, out).map_err(RecordError::Encode),
+        None => Ok(out),
+    }
 }
 
 /// Encodes a record in the schema-1 form (version 1, JSON): what older
@@ -129,6 +168,16 @@ pub fn decode_record<T: StoredRecord>(bytes: &[u8]) -> Result<T, RecordError> {
                 return Err(RecordError::Trailing(rest.len()));
             }
             T::from_v2(v2)
+        }
+        Some((&RECORD_V3_POSTCARD, body)) => {
+            let (v2, rest) =
+                postcard::take_from_bytes::<T::V2<'_>>(body).map_err(RecordError::Binary)?;
+            let (ext, rest) =
+                postcard::take_from_bytes::<T::V3Ext>(rest).map_err(RecordError::Binary)?;
+            if !rest.is_empty() {
+                return Err(RecordError::Trailing(rest.len()));
+            }
+            T::from_v2(v2).map(|r| r.with_v3_ext(ext))
         }
         Some((&RECORD_V1_JSON, body)) => serde_json::from_slice(body).map_err(RecordError::Json),
         Some((b'{', _)) => serde_json::from_slice(bytes).map_err(RecordError::Json),
@@ -249,6 +298,18 @@ fn rights(field: &'static str, bits: u8) -> Result<Rights, RecordError> {
 
 impl StoredRecord for HandleRecord {
     type V2<'a> = HandleRecordV2<'a>;
+    type V3Ext = HandleRecordV3Ext;
+
+    fn v3_ext(&self) -> Option<HandleRecordV3Ext> {
+        self.stat.then_some(HandleRecordV3Ext { stat: true })
+    }
+
+    fn with_v3_ext(self, ext: HandleRecordV3Ext) -> HandleRecord {
+        HandleRecord {
+            stat: ext.stat,
+            ..self
+        }
+    }
 
     fn to_v2(&self) -> HandleRecordV2<'_> {
         HandleRecordV2 {
@@ -373,6 +434,8 @@ impl StoredRecord for HandleRecord {
             delete_on_close: v.delete_on_close,
             share_group: v.share_group.map(str::to_owned),
             lock_owner: v.lock_owner.map(str::to_owned),
+            // Added in version 3 (`with_v3_ext`).
+            stat: false,
         })
     }
 }
@@ -386,6 +449,15 @@ pub struct ReplayRecordV2<'a> {
 
 impl StoredRecord for ReplayRecord {
     type V2<'a> = ReplayRecordV2<'a>;
+    type V3Ext = NoExt;
+
+    fn v3_ext(&self) -> Option<NoExt> {
+        None
+    }
+
+    fn with_v3_ext(self, _: NoExt) -> ReplayRecord {
+        self
+    }
 
     fn to_v2(&self) -> ReplayRecordV2<'_> {
         ReplayRecordV2 {
@@ -525,6 +597,23 @@ pub enum IntentChangeV2<'a> {
 
 impl StoredRecord for Intent {
     type V2<'a> = IntentV2<'a>;
+    /// A truncating open's handle record's added fields (a stat open never
+    /// truncates, but a record decodes as it was written).
+    type V3Ext = HandleRecordV3Ext;
+
+    fn v3_ext(&self) -> Option<HandleRecordV3Ext> {
+        match &self.change {
+            IntentChange::TruncatingOpen { record, .. } => record.v3_ext(),
+            _ => None,
+        }
+    }
+
+    fn with_v3_ext(mut self, ext: HandleRecordV3Ext) -> Intent {
+        if let IntentChange::TruncatingOpen { record, .. } = &mut self.change {
+            record.stat = ext.stat;
+        }
+        self
+    }
 
     fn to_v2(&self) -> IntentV2<'_> {
         let change = match &self.change {
@@ -752,6 +841,7 @@ mod tests {
             delete_on_close in any::<bool>(),
             share_group in proptest::option::of(text()),
             lock_owner in proptest::option::of(text()),
+            stat in any::<bool>(),
         ) -> HandleRecord {
             HandleRecord {
                 key: ResumeKey(key),
@@ -779,6 +869,7 @@ mod tests {
                 delete_on_close,
                 share_group,
                 lock_owner,
+                stat,
             }
         }
     }
@@ -883,10 +974,16 @@ mod tests {
     }
 
     /// Every form a record may be stored in gives the record back; the
-    /// written form is version 2 and never longer than the JSON one.
+    /// written form is version 2 (version 3 when a field added since is
+    /// set) and never longer than the JSON one.
     fn roundtrips<T: StoredRecord + PartialEq + std::fmt::Debug>(r: &T) {
         let v2 = encode_record(r).expect("encodes");
-        assert_eq!(v2.first(), Some(&RECORD_V2_POSTCARD));
+        let version = if r.v3_ext().is_some() {
+            RECORD_V3_POSTCARD
+        } else {
+            RECORD_V2_POSTCARD
+        };
+        assert_eq!(v2.first(), Some(&version));
         assert_eq!(&decode_record::<T>(&v2).expect("v2 decodes"), r);
         let v1 = encode_record_v1_json(r).expect("JSON encodes");
         assert_eq!(&decode_record::<T>(&v1).expect("v1 decodes"), r);
@@ -976,9 +1073,20 @@ mod tests {
             delete_on_close: false,
             share_group: Some("g".into()),
             lock_owner: None,
+            stat: false,
         };
         assert_eq!(encode_record(&rec).expect("encodes"), golden);
         assert_eq!(decode_record::<HandleRecord>(golden).expect("decodes"), rec);
+        // Version 3: the same bytes after its own version byte, then the
+        // fields added since (`stat`: one byte, 1).
+        let mut v3 = vec![RECORD_V3_POSTCARD];
+        v3.extend_from_slice(golden.get(1..).expect("a version byte"));
+        v3.push(1);
+        let golden_v3 = include_bytes!("../../fuzz/corpus/store_records/handle-v3");
+        assert_eq!(v3, golden_v3);
+        let stat = HandleRecord { stat: true, ..rec };
+        assert_eq!(encode_record(&stat).expect("encodes"), v3);
+        assert_eq!(decode_record::<HandleRecord>(&v3).expect("decodes"), stat);
         let replay = include_bytes!("../../fuzz/corpus/store_records/replay-v2");
         let r = decode_record::<ReplayRecord>(replay).expect("decodes");
         assert_eq!((r.reply.as_str(), r.recorded_ms), ("done", 1));
@@ -986,7 +1094,7 @@ mod tests {
 
     #[test]
     fn unknown_versions_and_invalid_values_are_errors() {
-        for v in [0u8, 3, 9, 255] {
+        for v in [0u8, 4, 9, 255] {
             assert!(matches!(
                 decode_record::<ReplayRecord>(&[v, 0, 0]),
                 Err(RecordError::UnknownVersion(x)) if x == v

@@ -1028,6 +1028,7 @@ mod tests {
             delete_on_close: false,
             share_group: None,
             lock_owner: None,
+            stat: false,
         }
     }
 

@@ -431,8 +431,85 @@ pub fn own_accepted(fd: std::os::fd::RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// Sets an extended attribute on an open file.
+/// `/proc/self/fd/N` of a descriptor of this process: the name by which
+/// calls that take no descriptor (or refuse an `O_PATH` one) reach its
+/// file. Built from the descriptor's own number, never from a client's
+/// string.
+fn proc_fd_path(fd: BorrowedFd<'_>) -> io::Result<CString> {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Whether `fd` is an `O_PATH` descriptor (it reaches its file for
+/// `fstat`, `fstatfs` and path-relative calls, never for I/O).
+pub fn is_path_only(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: F_GETFL takes no argument and only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_PATH != 0
+}
+
+/// A new `O_PATH` descriptor of the file `fd` refers to (the same inode,
+/// by the `/proc/self/fd/N` magic link): it cannot read, write, map or
+/// lock the file — what an attribute-only open is given.
+pub fn reopen_path_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let p = proc_fd_path(fd)?;
+    // SAFETY: `p` is a NUL-terminated string that outlives the call.
+    let r = unsafe { libc::open(p.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `r` is a descriptor open(2) just returned, owned by nobody.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+/// Sets the access and modification times of the file `fd` refers to
+/// (`UTIME_OMIT` leaves one as it is): `utimensat(fd, "", AT_EMPTY_PATH)`,
+/// which, unlike `futimens`, also takes an `O_PATH` descriptor.
+pub fn set_times(
+    fd: BorrowedFd<'_>,
+    atime: libc::timespec,
+    mtime: libc::timespec,
+) -> io::Result<()> {
+    let times = [atime, mtime];
+    // SAFETY: the path is a NUL-terminated empty string and `times` is an
+    // array of two timespecs; both outlive the call.
+    let r = unsafe {
+        libc::utimensat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            times.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets an extended attribute on an open file (an `O_PATH` descriptor's
+/// file through `/proc/self/fd/N`: `fsetxattr` refuses those).
 pub fn set_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr, value: &[u8]) -> io::Result<()> {
+    if is_path_only(fd) {
+        let p = proc_fd_path(fd)?;
+        // SAFETY: `p` and `name` are NUL-terminated and `value` is a valid
+        // slice for the length passed; all outlive the call.
+        let r = unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        return if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        };
+    }
     // SAFETY: `name` is NUL-terminated and `value` is a valid slice for the
     // length passed; both outlive the call.
     let r = unsafe {
@@ -455,15 +532,29 @@ pub fn set_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr, value: &[u8]) -> io:
 /// it is absent.
 pub fn get_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<Option<Vec<u8>>> {
     let mut buf = [0u8; 1024];
-    // SAFETY: `buf` is valid for writes of its full length; `name` is
-    // NUL-terminated.
-    let r = unsafe {
-        libc::fgetxattr(
-            fd.as_raw_fd(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
+    let r = if is_path_only(fd) {
+        let p = proc_fd_path(fd)?;
+        // SAFETY: `buf` is valid for writes of its full length; `p` and
+        // `name` are NUL-terminated.
+        unsafe {
+            libc::getxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        }
+    } else {
+        // SAFETY: `buf` is valid for writes of its full length; `name` is
+        // NUL-terminated.
+        unsafe {
+            libc::fgetxattr(
+                fd.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        }
     };
     if r < 0 {
         let e = io::Error::last_os_error();
@@ -478,8 +569,14 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<Option
 
 /// Removes an extended attribute from an open file (absent is not an error).
 pub fn remove_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<()> {
-    // SAFETY: `name` is NUL-terminated and outlives the call.
-    let r = unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) };
+    let r = if is_path_only(fd) {
+        let p = proc_fd_path(fd)?;
+        // SAFETY: `p` and `name` are NUL-terminated and outlive the call.
+        unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }
+    } else {
+        // SAFETY: `name` is NUL-terminated and outlives the call.
+        unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) }
+    };
     if r == 0 {
         return Ok(());
     }
@@ -517,8 +614,7 @@ pub fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, leaf: &str) -> io::
     if !matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOENT)) {
         return Err(e);
     }
-    let proc_path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let proc_path = proc_fd_path(fd)?;
     // SAFETY: both paths are NUL-terminated strings that outlive the call.
     let r = unsafe {
         libc::linkat(

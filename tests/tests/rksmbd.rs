@@ -491,6 +491,19 @@ fn a_rename_to_the_own_name_succeeds() {
     no_handles_left(&d);
 }
 
+/// A stat open (attributes only) holds an O_PATH descriptor from filterd:
+/// beside a share-none holder rksmbd serves its QUERY_INFO classes, its
+/// SET_INFO basic information (times and DOS attributes), FLUSH and CLOSE
+/// with attributes, and refuses READ (issue 14).
+#[test]
+fn a_stat_open_is_served_without_a_readable_descriptor() {
+    let s = Scratch::new("rksmbd-stat-open");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "stat_open_info.py");
+    no_handles_left(&d);
+}
+
 /// A blocking LOCK held up by another client's lock is answered
 /// STATUS_PENDING (async) at once, its connection serves a WRITE
 /// meanwhile, and the other client's unlock — on another connection,

@@ -48,6 +48,7 @@ fn file_and_record(root: &Path, name: &str, data: &str, guid: CreateGuid) -> Han
         delete_on_close: false,
         share_group: None,
         lock_owner: None,
+        stat: false,
     }
 }
 

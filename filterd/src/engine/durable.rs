@@ -863,7 +863,6 @@ impl Engine {
                     parked: false,
                     lock_fd: None,
                     linked: false,
-                    stat: false,
                 });
             }
             (None, false) => {}

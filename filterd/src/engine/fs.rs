@@ -117,6 +117,13 @@ pub trait Fs: Send {
     /// may look at several files at once ([`fsops::locate_all_for_recovery`]).
     fn locate_for_recovery(&self, files: &[(&KernelHandle, &RelPath)]) -> Vec<io::Result<FileId>>;
 
+    /// An `O_PATH` descriptor of the file behind a descriptor this port
+    /// gave (what an attribute-only open holds): it stats the file, never
+    /// reads or writes it.
+    fn path_only(&self, fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+        libfilter::sys::reopen_path_only(fd)
+    }
+
     /// Identity and size of the file behind a descriptor this port gave.
     fn stat(&self, fd: BorrowedFd<'_>) -> io::Result<(FileId, u64)>;
 

@@ -278,7 +278,7 @@ impl Engine {
                     // A stat open without a lease is no other open
                     // (smb2.lease.statopen2); with one, its lease is.
                     if self.handles.get(k).is_some_and(|h| {
-                        h.rec.conn != ConnState::Lost && (!h.stat || h.rec.lease.is_some())
+                        h.rec.conn != ConnState::Lost && (!h.rec.stat || h.rec.lease.is_some())
                     }) {
                         others_open = true;
                     }
@@ -288,6 +288,12 @@ impl Engine {
         // A local process holding the file is another open (no lease).
         others_open |= self.local_openers.get(&file).is_some_and(|l| l.present());
         let mut granted = lease::grantable(lr.state, others_open);
+        if self.handles.get(&key).is_some_and(|h| h.rec.stat) {
+            // A stat open broke nothing on its way in (`Engine::open`):
+            // none beside another key's write caching.
+            granted =
+                lease::grantable_without_break(granted, others_leases.iter().map(|(s, _)| *s));
+        }
         // Windows upgrades a contended lease all or nothing: only to a
         // state that can be held beside the others' in full (smbtorture
         // smb2.lease.upgrade3).

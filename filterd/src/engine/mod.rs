@@ -109,9 +109,6 @@ struct Handle {
     /// Its open gave the file its name in this daemon (see
     /// `OpenedFile::linked`): a rollback of the open may unlink it.
     linked: bool,
-    /// An attribute-only open (`OpenRequest::stat`): no part in sharing,
-    /// lease breaks or lease grants. Not stored.
-    stat: bool,
 }
 
 /// Most commands drained into one batch.

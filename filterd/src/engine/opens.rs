@@ -210,6 +210,22 @@ impl Engine {
             });
             return Ok(None);
         }
+        // An honoured stat open gets an O_PATH descriptor: it can stat
+        // the file and set its times and attributes, never read or write
+        // it — it takes no part in sharing and breaks no lease. Made
+        // before anything is decided or stored, so a failure leaves
+        // nothing behind.
+        let stat_fd = if stat {
+            Some(self.fs.path_only(of.fd.as_fd()).map_err(|e| {
+                self.stats.opens_refused += 1;
+                err(
+                    ErrorCode::Internal,
+                    format!("{}: no O_PATH descriptor for a stat open: {e}", o.path),
+                )
+            })?)
+        } else {
+            None
+        };
         // Local processes count as share-all readers, those that opened
         // the file before fanotify asked about it included.
         let (local, learnt) = self.local_opens_of(of.file, of.fd.as_fd());
@@ -301,6 +317,7 @@ impl Engine {
             delete_on_close: false,
             share_group: o.share_group,
             lock_owner: None,
+            stat,
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {
@@ -342,13 +359,12 @@ impl Engine {
         debug!(resume_key = %key, path = %rec.path, action = %create_action, durability = durability.word(), parked = park, "opened");
         self.insert(Handle {
             rec,
-            fd: Some(of.fd),
+            fd: Some(stat_fd.unwrap_or(of.fd)),
             conn: Some(conn),
             gen: 0,
             parked: park,
             lock_fd: None,
             linked: of.linked,
-            stat,
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -630,7 +646,18 @@ impl Engine {
                     format!("handle {key} has no file handle"),
                 )
             })?;
-            match self.fs.reopen(kh, h.rec.access, &h.rec.path, h.rec.file) {
+            let reopened = self
+                .fs
+                .reopen(kh, h.rec.access, &h.rec.path, h.rec.file)
+                .and_then(|(fd, id, size)| {
+                    // A stat open's descriptor is O_PATH again.
+                    if h.rec.stat {
+                        Ok((self.fs.path_only(fd.as_fd())?, id, size))
+                    } else {
+                        Ok((fd, id, size))
+                    }
+                });
+            match reopened {
                 Ok((fd, _, _)) => h.fd = Some(fd),
                 // A local process's kernel lease is being broken (the open
                 // does not wait for it): the file is there, retry.
@@ -698,7 +725,7 @@ impl Engine {
             .into_iter()
             .flatten()
             .filter_map(|k| self.handles.get(k))
-            .filter(|h| !h.stat)
+            .filter(|h| !h.rec.stat)
             .map(|h| Holder {
                 key: h.rec.key,
                 mode: ShareMode {

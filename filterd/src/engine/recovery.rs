@@ -373,7 +373,6 @@ impl Engine {
                 parked: false,
                 lock_fd: None,
                 linked: false,
-                stat: false,
             });
             if !restore.is_empty() {
                 restores.push((key, file, restore));

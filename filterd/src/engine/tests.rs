@@ -1245,6 +1245,7 @@ fn recovery_finishes_or_drops_intents() {
         delete_on_close: false,
         share_group: None,
         lock_owner: None,
+        stat: false,
     };
     let (ra, rb, rc) = (rec("a"), rec("b"), rec("c"));
     let rename = |r: &HandleRecord, to: &str| Intent {

@@ -114,6 +114,7 @@ fn files_and_records(
             delete_on_close: false,
             share_group: None,
             lock_owner: None,
+            stat: false,
         })));
     }
     Ok((handles, batch))

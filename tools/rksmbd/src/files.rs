@@ -780,7 +780,11 @@ pub(crate) fn object_id(
 fn flush(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
     let id = open_id(c, req, 8, related)?;
     if let Kind::File { file, .. } = &get(c, id)?.kind {
-        file.sync_data().map_err(io_status)?;
+        // A stat open's descriptor is O_PATH (filterd gives no readable
+        // one): it wrote nothing, there is nothing to flush.
+        if !libfilter::sys::is_path_only(file.as_fd()) {
+            file.sync_data().map_err(io_status)?;
+        }
     }
     Ok(Reply::ok(vec![4, 0, 0, 0]))
 }
@@ -948,7 +952,9 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
     Ok(Reply::ok(vec![2, 0]))
 }
 
-/// Sets access and write times; 0 and -1 leave a time unchanged.
+/// Sets access and write times; 0 and -1 leave a time unchanged. Through
+/// `utimensat(fd, "", AT_EMPTY_PATH)`, which also takes the `O_PATH`
+/// descriptor of a stat open (`futimens` refuses it).
 fn set_times(fd: std::os::fd::BorrowedFd<'_>, atime: u64, mtime: u64) -> Result<(), u32> {
     use nix::sys::time::TimeSpec;
     let spec = |t: u64| -> TimeSpec {
@@ -960,7 +966,7 @@ fn set_times(fd: std::os::fd::BorrowedFd<'_>, atime: u64, mtime: u64) -> Result<
         let nsecs = i64::try_from((unix % 10_000_000) * 100).unwrap_or(0);
         TimeSpec::new(secs, nsecs)
     };
-    nix::sys::stat::futimens(fd, &spec(atime), &spec(mtime)).map_err(errno_status)
+    libfilter::sys::set_times(fd, *spec(atime).as_ref(), *spec(mtime).as_ref()).map_err(io_status)
 }
 
 /// Renames filterd handle `key`'s file. filterd answers once other keys'

@@ -1753,6 +1753,7 @@ impl Connection {
                     return Err(status::BUFFER_TOO_SMALL);
                 }
                 Ok(Reply::ok(ioctl_body(code, &file, &out)))
+            }
             FSCTL_LMR_REQUEST_RESILIENCY => {
                 let input = wire::buffer(req.msg, in_off, in_len, "input")?;
                 crate::files::request_resiliency(self, req, related, input)?;
