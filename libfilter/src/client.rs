@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -110,16 +110,45 @@ pub struct OpenedHandle {
     pub fd: OwnedFd,
 }
 
-/// What a waiting caller receives: its reply, or a nudge to become the
-/// connection's reader.
-// Moved once per call; boxing would add an allocation per reply.
-#[allow(clippy::large_enum_variant)]
-enum Msg {
-    Reply(Result<Reply, WireError>, Vec<OwnedFd>),
-    Nudge,
+/// A reply as the reader hands it over: the result and its descriptors.
+type Delivered = (Result<Reply, WireError>, Vec<OwnedFd>);
+
+/// Where a waiting caller receives its reply, or a nudge to become the
+/// connection's reader. A caller parks on the condvar (a plain futex wait,
+/// no spinning or `sched_yield` — issue 16: crossbeam's timed receive spun
+/// and yielded before it slept, and followers polled every 2 ms) and is
+/// woken exactly when something is put in its slot.
+#[derive(Default)]
+struct ReplySlot {
+    state: Mutex<SlotState>,
+    cv: Condvar,
 }
 
-type ReplySlot = Sender<Msg>;
+#[derive(Default)]
+struct SlotState {
+    reply: Option<Delivered>,
+    /// Asked to take over reading the socket.
+    nudged: bool,
+    /// The connection failed: no reply will come.
+    closed: bool,
+}
+
+impl ReplySlot {
+    fn put(&self, f: impl FnOnce(&mut SlotState)) {
+        if let Ok(mut st) = self.state.lock() {
+            f(&mut st);
+        }
+        self.cv.notify_one();
+    }
+
+    /// Whether nothing is waiting in the slot (a nudge may be given).
+    fn is_empty(&self) -> bool {
+        self.state
+            .lock()
+            .map(|st| st.reply.is_none() && !st.nudged && !st.closed)
+            .unwrap_or(false)
+    }
+}
 
 /// The receive side works "leader/follower" to save a thread hop per call:
 /// a caller that finds nobody reading takes the `reader` lock and reads the
@@ -131,7 +160,7 @@ type ReplySlot = Sender<Msg>;
 struct Inner {
     sock: OwnedFd,
     next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, ReplySlot>>,
+    pending: Mutex<HashMap<u64, Arc<ReplySlot>>>,
     dead: AtomicBool,
     reader: Mutex<Vec<u8>>,
     events: Sender<Event>,
@@ -144,6 +173,10 @@ const IDLE_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How often a blocked reader wakes to check its deadline.
 const RECV_TICK: Duration = Duration::from_millis(50);
+
+/// How often a waiting caller wakes without being nudged: a safety net
+/// only (nudges are not lost, see `FilterClient::wait_reply`).
+const FOLLOWER_TICK: Duration = Duration::from_millis(20);
 
 /// A connection to filterd. Cheap to clone; all clones share the connection.
 #[derive(Clone)]
@@ -313,7 +346,7 @@ impl FilterClient {
     /// As [`FilterClient::call`], with the request id chosen by the caller.
     fn call_as(&self, id: u64, req: Request) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
         let bytes = proto::encode(&RequestFrame { id, req })?;
-        let (tx, rx) = bounded(4);
+        let slot = Arc::new(ReplySlot::default());
         {
             let mut p = self
                 .inner
@@ -323,7 +356,7 @@ impl FilterClient {
             if self.inner.dead.load(Ordering::Acquire) {
                 return Err(ClientError::Disconnected);
             }
-            p.insert(id, tx);
+            p.insert(id, slot.clone());
         }
         if let Err(e) = sys::send_packet(self.inner.sock.as_fd(), &bytes, None) {
             self.forget(id);
@@ -334,39 +367,45 @@ impl FilterClient {
             });
         }
         let deadline = Instant::now() + self.timeout;
-        let outcome = self.wait_reply(id, &rx, deadline);
+        let outcome = self.wait_reply(id, &slot, deadline);
         if outcome.is_none() {
             self.forget(id);
         }
         match outcome {
-            Some(Msg::Reply(Ok(reply), fds)) => Ok((reply, fds)),
-            Some(Msg::Reply(Err(e), _)) => Err(ClientError::Refused(e)),
-            Some(Msg::Nudge) | None if self.inner.dead.load(Ordering::Acquire) => {
-                Err(ClientError::Disconnected)
-            }
-            _ => Err(ClientError::Timeout(self.timeout)),
+            Some((Ok(reply), fds)) => Ok((reply, fds)),
+            Some((Err(e), _)) => Err(ClientError::Refused(e)),
+            None if self.inner.dead.load(Ordering::Acquire) => Err(ClientError::Disconnected),
+            None => Err(ClientError::Timeout(self.timeout)),
         }
     }
 
     /// Waits for reply `id`, reading the socket itself when nobody else is.
     /// `None`: timed out or the connection died.
-    fn wait_reply(&self, id: u64, rx: &Receiver<Msg>, deadline: Instant) -> Option<Msg> {
+    ///
+    /// Whoever gives up the reader role nudges one waiting caller, and a
+    /// caller that leaves with a nudge it did not act on passes it on, so
+    /// the socket is read while anyone waits; the [`FOLLOWER_TICK`] wake is
+    /// only a safety net.
+    fn wait_reply(&self, id: u64, slot: &ReplySlot, deadline: Instant) -> Option<Delivered> {
         let inner = &self.inner;
+        let take = || slot.state.lock().ok().and_then(|mut st| st.reply.take());
         loop {
-            if let Ok(m @ Msg::Reply(..)) = rx.try_recv() {
-                return Some(m);
+            if let Some(r) = take() {
+                self.pass_nudge(id, slot);
+                return Some(r);
             }
-            if inner.dead.load(Ordering::Acquire) {
-                return None;
-            }
-            let now = Instant::now();
-            if now >= deadline {
+            if inner.dead.load(Ordering::Acquire) || Instant::now() >= deadline {
+                self.pass_nudge(id, slot);
                 return None;
             }
             if let Ok(mut buf) = inner.reader.try_lock() {
+                // Taking the reader role answers any nudge.
+                if let Ok(mut st) = slot.state.lock() {
+                    st.nudged = false;
+                }
                 let got = loop {
-                    if let Ok(m @ Msg::Reply(..)) = rx.try_recv() {
-                        break Some(m);
+                    if let Some(r) = take() {
+                        break Some(r);
                     }
                     if Instant::now() >= deadline || !read_one(inner, &mut buf) {
                         break None;
@@ -376,12 +415,43 @@ impl FilterClient {
                 nudge_one(inner, id);
                 return got;
             }
-            let wait = (deadline - now).min(Duration::from_millis(2));
-            match rx.recv_timeout(wait) {
-                Ok(m @ Msg::Reply(..)) => return Some(m),
-                Ok(Msg::Nudge) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+            let Ok(mut st) = slot.state.lock() else {
+                return None;
+            };
+            while st.reply.is_none() && !st.nudged && !st.closed {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let wait = (deadline - now).min(FOLLOWER_TICK);
+                match slot.cv.wait_timeout(st, wait) {
+                    Ok((g, t)) => {
+                        st = g;
+                        if t.timed_out() {
+                            break;
+                        }
+                    }
+                    Err(_) => return None,
+                }
             }
+            if st.closed && st.reply.is_none() {
+                return None;
+            }
+            // A nudge (or the safety tick): try the reader lock again.
+            st.nudged = false;
+        }
+    }
+
+    /// A caller leaving with a nudge it did not act on hands it to another
+    /// waiting caller, so nobody waits with the socket unread.
+    fn pass_nudge(&self, id: u64, slot: &ReplySlot) {
+        let nudged = slot
+            .state
+            .lock()
+            .map(|mut st| std::mem::take(&mut st.nudged))
+            .unwrap_or(false);
+        if nudged {
+            nudge_one(&self.inner, id);
         }
     }
 
@@ -788,8 +858,10 @@ fn fail_all(inner: &Inner) {
         return;
     }
     if let Ok(mut p) = inner.pending.lock() {
-        // Dropping the senders wakes every waiter with Disconnected.
-        p.clear();
+        // Every waiter wakes and finds the connection dead.
+        for (_, slot) in p.drain() {
+            slot.put(|st| st.closed = true);
+        }
     }
     // With a full queue this cannot be queued; the queue's reader then
     // learns it from `is_dead` once it has drained the queue.
@@ -826,8 +898,8 @@ fn read_one(inner: &Inner, buf: &mut [u8]) -> bool {
             result,
         }) => {
             let slot = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
-            if let Some(tx) = slot {
-                let _ = tx.try_send(Msg::Reply(result, fds));
+            if let Some(slot) = slot {
+                slot.put(|st| st.reply = Some((result, fds)));
             }
         }
         Ok(ServerFrame::Reply { id: None, result }) => {
@@ -865,8 +937,8 @@ fn read_one(inner: &Inner, buf: &mut [u8]) -> bool {
 /// `me`) so the socket keeps being read.
 fn nudge_one(inner: &Inner, me: u64) {
     if let Ok(p) = inner.pending.lock() {
-        if let Some((_, tx)) = p.iter().find(|(id, tx)| **id != me && tx.is_empty()) {
-            let _ = tx.try_send(Msg::Nudge);
+        if let Some((_, slot)) = p.iter().find(|(id, slot)| **id != me && slot.is_empty()) {
+            slot.put(|st| st.nudged = true);
         }
     }
 }
@@ -925,15 +997,8 @@ pub(crate) mod tests {
     use crate::model::FileId;
     use nix::sys::socket::{accept, bind, listen, Backlog};
 
-    /// A daemon that answers the hello and then pushes `n` events (file
-    /// inode = sequence number) without reading anything more; returns
-    /// whether the client shut the connection down afterwards, and (with
-    /// `then_hello`) whether it then came back with another hello.
-    pub(crate) fn pushing_daemon(
-        path: &Path,
-        n: u64,
-        then_hello: bool,
-    ) -> std::thread::JoinHandle<(bool, bool)> {
+    /// A listening SEQPACKET socket at `path`, for a fake daemon.
+    fn listen_at(path: &Path) -> OwnedFd {
         let l = socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -943,21 +1008,36 @@ pub(crate) mod tests {
         .expect("socket");
         bind(l.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
         listen(&l, Backlog::new(1).expect("backlog")).expect("listen");
+        l
+    }
+
+    /// Reads a client's hello on `c` and answers it.
+    fn answer_hello(c: &OwnedFd, buf: &mut [u8]) {
+        let _ = sys::recv_packet(c.as_fd(), buf).expect("hello");
+        let reply = ServerFrame::Hello(HelloReply {
+            version: proto::PROTO_VERSION,
+            features: 0,
+            epoch: 1,
+            pid: 1,
+        });
+        sys::send_packet(c.as_fd(), &proto::encode(&reply).expect("encode"), None)
+            .expect("send hello");
+    }
+
+    /// A daemon that answers the hello and then pushes `n` events (file
+    /// inode = sequence number) without reading anything more; returns
+    /// whether the client shut the connection down afterwards, and (with
+    /// `then_hello`) whether it then came back with another hello.
+    pub(crate) fn pushing_daemon(
+        path: &Path,
+        n: u64,
+        then_hello: bool,
+    ) -> std::thread::JoinHandle<(bool, bool)> {
+        let l = listen_at(path);
         std::thread::spawn(move || {
             let mut buf = vec![0u8; MAX_FRAME + 1];
-            let hello = |c: &OwnedFd, buf: &mut [u8]| {
-                let _ = sys::recv_packet(c.as_fd(), buf).expect("hello");
-                let reply = ServerFrame::Hello(HelloReply {
-                    version: proto::PROTO_VERSION,
-                    features: 0,
-                    epoch: 1,
-                    pid: 1,
-                });
-                sys::send_packet(c.as_fd(), &proto::encode(&reply).expect("encode"), None)
-                    .expect("send hello");
-            };
             let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
-            hello(&c, &mut buf);
+            answer_hello(&c, &mut buf);
             let mut shut = false;
             for ino in 0..n {
                 let ev = ServerFrame::Event(Event::LocksGone {
@@ -975,7 +1055,7 @@ pub(crate) mod tests {
                 return (shut, false);
             }
             let c2 = sys::own_accepted(accept(l.as_raw_fd()).expect("accept again"));
-            hello(&c2, &mut buf);
+            answer_hello(&c2, &mut buf);
             // Keep it open until the client goes.
             let _ = sys::recv_packet(c2.as_fd(), &mut buf);
             (shut, true)
@@ -1010,6 +1090,80 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(got.len(), EVENT_QUEUE_LIMIT, "every event that fit is kept");
         assert!(got.iter().copied().eq(0..limit), "in order");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 16: waiting callers park on a condvar (no 2 ms polling) and
+    /// rely on nudges to take over reading. Many concurrent calls answered
+    /// in reverse order each get their own reply; then calls left waiting
+    /// when the daemon goes away all return `Disconnected` (not a timeout).
+    #[test]
+    fn concurrent_calls_get_their_own_replies_and_a_lost_daemon_wakes_every_waiter() {
+        const CALLERS: usize = 24;
+        let dir = std::env::temp_dir().join(format!("rkf-lf-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s");
+        let l = listen_at(&path);
+        let daemon = std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_FRAME + 1];
+            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
+            answer_hello(&c, &mut buf);
+            let mut read_ids = |n: usize| -> Vec<u64> {
+                let mut ids = Vec::new();
+                while ids.len() < n {
+                    match sys::recv_packet(c.as_fd(), &mut buf) {
+                        Ok(Packet::Data { len, .. }) => {
+                            let f = proto::decode_request(&buf[..len]).expect("request");
+                            ids.push(f.id);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        other => panic!("{other:?}"),
+                    }
+                }
+                ids
+            };
+            // Round one: answer every caller, last first, each with an
+            // error naming its own request id.
+            for id in read_ids(CALLERS).into_iter().rev() {
+                let r = ServerFrame::Reply {
+                    id: Some(id),
+                    result: Err(WireError::new(ErrorCode::Internal, format!("for {id}"))),
+                };
+                sys::send_packet(c.as_fd(), &proto::encode(&r).expect("encode"), None)
+                    .expect("send reply");
+            }
+            // Round two: read every request, answer none, go away.
+            read_ids(CALLERS);
+            drop(c);
+        });
+        let c = FilterClient::connect_control(&path).expect("connect");
+        let round = |c: &FilterClient| -> Vec<Result<(Reply, Vec<OwnedFd>), ClientError>> {
+            let handles: Vec<_> = (0..CALLERS)
+                .map(|_| {
+                    let c = c.clone();
+                    std::thread::spawn(move || c.call(Request::Stats))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("caller"))
+                .collect()
+        };
+        let mut seen = std::collections::HashSet::new();
+        for r in round(&c) {
+            match r {
+                Err(ClientError::Refused(e)) => assert!(seen.insert(e.message)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seen.len(), CALLERS, "each caller got a reply of its own");
+        let t0 = Instant::now();
+        for r in round(&c) {
+            assert!(matches!(r, Err(ClientError::Disconnected)), "{r:?}");
+        }
+        // Far below the 120 s call timeout: the waiters were woken.
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        daemon.join().expect("daemon");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
