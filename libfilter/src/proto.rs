@@ -1,17 +1,19 @@
 //! The frontend ↔ filterd wire protocol (version 1). The only place message
 //! types are defined.
 //!
-//! Transport: a Unix `SOCK_SEQPACKET` socket; one message = one packet = one
-//! UTF-8 JSON document of at most [`MAX_FRAME`] bytes. The first frame each way
-//! is a hello ([`Hello`] / [`HelloReply`]) carrying the version and feature
-//! bits. After that the peer sends [`RequestFrame`]s, each with an id of its
+//! Transport: a Unix `SOCK_SEQPACKET` socket; one message = one packet of at
+//! most [`MAX_FRAME`] bytes: a UTF-8 JSON document, or a binary frame once
+//! the hello agreed on [`FEATURE_BINARY_FRAMES`] (see [`Encoding`] and
+//! docs/ARCHITECTURE.md, "Frame format"). The first frame each way is a
+//! hello ([`Hello`] / [`HelloReply`], always JSON) carrying the version and
+//! feature bits. After that the peer sends [`RequestFrame`]s, each with an id of its
 //! choosing; the daemon answers each with exactly one [`ServerFrame::Reply`]
 //! carrying the same id, in any order (requests may be pipelined) — except
 //! [`Request::IoDone`], a one-way notice it never answers — and may push
 //! [`ServerFrame::Event`]s at any time. A reply to an open or a resume carries
 //! the file descriptor as `SCM_RIGHTS` ancillary data.
 //!
-//! Decoding never panics: an oversized packet, bad JSON, an unknown request or
+//! Decoding never panics: an oversized packet, bad JSON or MessagePack, an unknown request or
 //! a bad field becomes a typed [`WireError`] reply (with the request id when
 //! it could be read) and the connection stays usable.
 

@@ -299,7 +299,15 @@ fn malformed_binary_frames_get_errors_and_change_nothing() {
         v
     };
     let op = |id: u8, name: &str| {
-        let mut v = vec![0x92, id, 0x81, 0xa2, b'o', b'p', 0xa0 | name.len() as u8];
+        let mut v = vec![
+            0x92,
+            id,
+            0x81,
+            0xa2,
+            b'o',
+            b'p',
+            0xa0 | u8::try_from(name.len()).unwrap(),
+        ];
         v.extend_from_slice(name.as_bytes());
         v
     };
