@@ -289,9 +289,12 @@ impl Poller {
         };
         match r {
             Ok(h) => {
+                let encoding = proto::Encoding::from_features(h.features);
                 if !c.writer.send_frame(&ServerFrame::Hello(h), None) {
                     self.close(conn, out);
+                    return;
                 }
+                c.writer.set_encoding(encoding);
             }
             Err(e) => {
                 reject(&c.writer, None, e);

@@ -212,6 +212,9 @@ fn run(me: Weak<Flusher>) {
 pub struct ConnWriter {
     sock: Arc<OwnedFd>,
     dead: AtomicBool,
+    /// Frames after the hello are binary (the hello granted
+    /// `FEATURE_BINARY_FRAMES`); else JSON.
+    binary: AtomicBool,
     queue: Mutex<Queue>,
     flusher: Option<(Arc<Flusher>, u64)>,
     me: std::sync::Weak<ConnWriter>,
@@ -247,6 +250,7 @@ impl ConnWriter {
         Arc::new_cyclic(|me| ConnWriter {
             sock,
             dead: AtomicBool::new(false),
+            binary: AtomicBool::new(false),
             queue: std::sync::Mutex::new(Queue::default()),
             flusher: flusher.map(|f| {
                 let t = f.token();
@@ -292,9 +296,26 @@ impl ConnWriter {
         }
     }
 
+    /// The encoding of this connection's frames from now on (set once
+    /// the hello reply, always JSON, has been sent).
+    pub fn set_encoding(&self, encoding: proto::Encoding) {
+        self.binary
+            .store(encoding == proto::Encoding::Binary, Ordering::Release);
+    }
+
+    /// Encodes a frame in this connection's encoding.
+    pub fn encode(&self, frame: &ServerFrame) -> Result<Vec<u8>, proto::WireError> {
+        let encoding = if self.binary.load(Ordering::Acquire) {
+            proto::Encoding::Binary
+        } else {
+            proto::Encoding::Json
+        };
+        proto::encode_server(encoding, frame)
+    }
+
     /// Encodes and sends a frame.
     pub fn send_frame(&self, frame: &ServerFrame, fd: Option<BorrowedFd<'_>>) -> bool {
-        match proto::encode(frame) {
+        match self.encode(frame) {
             Ok(b) => self.send(&b, fd),
             Err(e) => {
                 tracing::error!(error = %e, "could not encode a reply");

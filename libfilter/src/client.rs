@@ -166,6 +166,8 @@ struct Inner {
     events: Sender<Event>,
     /// The event queue overflowed and the connection was failed for it.
     overflowed: AtomicBool,
+    /// How requests are encoded (what the hello agreed on).
+    encoding: proto::Encoding,
 }
 
 /// How long the idle reader stays away while callers are reading.
@@ -237,12 +239,20 @@ impl FilterClient {
         Self::connect_with(path, role, 0)
     }
 
-    /// Connects and exchanges hellos, asking for `features`.
+    /// Connects and exchanges hellos, asking for `features`. Binary
+    /// frames ([`proto::FEATURE_BINARY_FRAMES`]) are always asked for,
+    /// unless the environment variable `RKFILTER_FRAMES` is `json` (to
+    /// compare the two encodings, or to read the frames in a trace).
     pub fn connect_with(path: &Path, role: Role, features: u64) -> Result<Self, ClientError> {
         let sock = connect_socket(path)?;
+        let binary = if std::env::var_os("RKFILTER_FRAMES").is_some_and(|v| v == "json") {
+            0
+        } else {
+            proto::FEATURE_BINARY_FRAMES
+        };
         let hello = proto::encode(&Hello {
             version: proto::PROTO_VERSION,
-            features: features & proto::FEATURES,
+            features: (features | binary) & proto::FEATURES,
             role,
         })?;
         sys::send_packet(sock.as_fd(), &hello, None)?;
@@ -276,6 +286,7 @@ impl FilterClient {
             reader: Mutex::new(buf),
             events: ev_tx,
             overflowed: AtomicBool::new(false),
+            encoding: proto::Encoding::from_features(hello.features),
         });
         let idle = inner.clone();
         std::thread::Builder::new()
@@ -345,7 +356,7 @@ impl FilterClient {
 
     /// As [`FilterClient::call`], with the request id chosen by the caller.
     fn call_as(&self, id: u64, req: Request) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
-        let bytes = proto::encode(&RequestFrame { id, req })?;
+        let bytes = proto::encode_request(self.inner.encoding, &RequestFrame { id, req })?;
         let slot = Arc::new(ReplySlot::default());
         {
             let mut p = self
@@ -845,7 +856,7 @@ impl Drop for CheckedIo {
             id,
             req: Request::IoDone { check: self.check },
         };
-        if let Ok(bytes) = proto::encode(&frame) {
+        if let Ok(bytes) = proto::encode_request(inner.encoding, &frame) {
             // A failed send means the connection is going: filterd forgets
             // its I/O when it sees it gone.
             let _ = sys::send_packet(inner.sock.as_fd(), &bytes, None);

@@ -1,17 +1,19 @@
 //! The frontend ↔ filterd wire protocol (version 1). The only place message
 //! types are defined.
 //!
-//! Transport: a Unix `SOCK_SEQPACKET` socket; one message = one packet = one
-//! UTF-8 JSON document of at most [`MAX_FRAME`] bytes. The first frame each way
-//! is a hello ([`Hello`] / [`HelloReply`]) carrying the version and feature
-//! bits. After that the peer sends [`RequestFrame`]s, each with an id of its
+//! Transport: a Unix `SOCK_SEQPACKET` socket; one message = one packet of at
+//! most [`MAX_FRAME`] bytes: a UTF-8 JSON document, or a binary frame once
+//! the hello agreed on [`FEATURE_BINARY_FRAMES`] (see [`Encoding`] and
+//! docs/ARCHITECTURE.md, "Frame format"). The first frame each way is a
+//! hello ([`Hello`] / [`HelloReply`], always JSON) carrying the version and
+//! feature bits. After that the peer sends [`RequestFrame`]s, each with an id of its
 //! choosing; the daemon answers each with exactly one [`ServerFrame::Reply`]
 //! carrying the same id, in any order (requests may be pipelined) — except
 //! [`Request::IoDone`], a one-way notice it never answers — and may push
 //! [`ServerFrame::Event`]s at any time. A reply to an open or a resume carries
 //! the file descriptor as `SCM_RIGHTS` ancillary data.
 //!
-//! Decoding never panics: an oversized packet, bad JSON, an unknown request or
+//! Decoding never panics: an oversized packet, bad JSON or MessagePack, an unknown request or
 //! a bad field becomes a typed [`WireError`] reply (with the request id when
 //! it could be read) and the connection stays usable.
 
@@ -29,7 +31,16 @@ use crate::model::{
 /// The protocol version this library speaks.
 pub const PROTO_VERSION: u32 = 1;
 /// Feature bits this library understands.
-pub const FEATURES: u64 = FEATURE_LOCK_HINTS;
+pub const FEATURES: u64 = FEATURE_LOCK_HINTS | FEATURE_BINARY_FRAMES;
+/// Feature: binary frames, version 1. Once the hello (JSON both ways)
+/// granted it, each side writes every further frame as MessagePack
+/// (structs as maps with their field names, enums as serde's derive
+/// shapes them: the same document as the JSON form, in binary), wrapped
+/// in an array: a request as `[id, request]`, a daemon frame as
+/// `[0, hello_reply]`, `[1, id or nil, {"Ok": reply} or {"Err": error}]`
+/// or `[2, event]`. The daemon still reads JSON frames on such a
+/// connection. A different binary layout would take another bit.
+pub const FEATURE_BINARY_FRAMES: u64 = 2;
 /// Feature: lock hints. The daemon tells the frontend which files of its
 /// handles have byte-range locks ([`Event::LocksPresent`], acknowledged with
 /// [`Request::LockHintAck`] before the lock that caused it is granted, and
@@ -940,7 +951,223 @@ pub struct Stats {
     pub frontends_dropped: u64,
 }
 
-/// Encodes a frame, refusing one larger than [`MAX_FRAME`].
+/// How a connection's frames after the hello are encoded: JSON unless
+/// both sides agreed on [`FEATURE_BINARY_FRAMES`] in the hello (which is
+/// always JSON). The daemon reads either on any connection (a frame's
+/// first byte tells them apart: a JSON frame is an object, `{`, a binary
+/// one a MessagePack array, `0x90`–`0x9f`); it writes the agreed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    /// One UTF-8 JSON document per frame.
+    #[default]
+    Json,
+    /// Binary frames, version 1: see [`FEATURE_BINARY_FRAMES`].
+    Binary,
+}
+
+impl Encoding {
+    /// The encoding that granted feature bits `features` select.
+    pub fn from_features(features: u64) -> Self {
+        if features & FEATURE_BINARY_FRAMES != 0 {
+            Encoding::Binary
+        } else {
+            Encoding::Json
+        }
+    }
+}
+
+/// Whether `bytes` is a binary frame (a MessagePack array) rather than
+/// JSON (which starts with `{` or whitespace).
+fn is_binary(bytes: &[u8]) -> bool {
+    matches!(bytes.first(), Some(0x90..=0x9f | 0xdc | 0xdd))
+}
+
+/// The tags of [`ServerFrame`]'s variants in a binary frame.
+const BIN_HELLO: u8 = 0;
+const BIN_REPLY: u8 = 1;
+const BIN_EVENT: u8 = 2;
+
+fn bin_encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, WireError> {
+    rmp_serde::to_vec_named(value)
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("encode: {e}")))
+}
+
+/// Refuses a frame larger than [`MAX_FRAME`].
+fn checked_size(bytes: Vec<u8>) -> Result<Vec<u8>, WireError> {
+    if bytes.len() > MAX_FRAME {
+        return Err(WireError::new(
+            ErrorCode::BadFrame,
+            format!("frame of {} bytes exceeds {MAX_FRAME}", bytes.len()),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Encodes a request frame in `encoding`, refusing one larger than
+/// [`MAX_FRAME`].
+pub fn encode_request(encoding: Encoding, frame: &RequestFrame) -> Result<Vec<u8>, WireError> {
+    match encoding {
+        Encoding::Json => encode(frame),
+        Encoding::Binary => checked_size(bin_encode(&(frame.id, &frame.req))?),
+    }
+}
+
+/// Encodes a frame from the daemon in `encoding`, refusing one larger
+/// than [`MAX_FRAME`].
+pub fn encode_server(encoding: Encoding, frame: &ServerFrame) -> Result<Vec<u8>, WireError> {
+    match encoding {
+        Encoding::Json => encode(frame),
+        Encoding::Binary => checked_size(match frame {
+            ServerFrame::Hello(h) => bin_encode(&(BIN_HELLO, h))?,
+            ServerFrame::Reply { id, result } => bin_encode(&(BIN_REPLY, id, result))?,
+            ServerFrame::Event(ev) => bin_encode(&(BIN_EVENT, ev))?,
+        }),
+    }
+}
+
+/// Decodes one binary value that must fill `bytes` exactly.
+fn bin_decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    // Deep nesting is refused long before it could exhaust the stack.
+    de.set_max_depth(64);
+    let value = T::deserialize(&mut de).map_err(|e| e.to_string())?;
+    let used = bin_len(bytes).ok_or("truncated")?;
+    if used != bytes.len() {
+        return Err(format!("{} bytes after the frame", bytes.len() - used));
+    }
+    Ok(value)
+}
+
+/// The length of the first MessagePack value in `bytes`, if it is whole.
+fn bin_len(bytes: &[u8]) -> Option<usize> {
+    let mut rest = bytes;
+    skip_value(&mut rest, 0)?;
+    Some(bytes.len() - rest.len())
+}
+
+/// Skips one MessagePack value at the start of `rest` (at most 64 deep).
+fn skip_value(rest: &mut &[u8], depth: u32) -> Option<()> {
+    use rmp::Marker;
+    if depth > 64 {
+        return None;
+    }
+    let marker = rmp::decode::read_marker(rest).ok()?;
+    let fixed = |rest: &mut &[u8], n: usize| -> Option<()> {
+        *rest = rest.get(n..)?;
+        Some(())
+    };
+    let len = |rest: &mut &[u8], n: usize| -> Option<usize> {
+        let b = rest.get(..n)?;
+        let v = b.iter().fold(0usize, |a, x| (a << 8) | usize::from(*x));
+        *rest = rest.get(n..)?;
+        Some(v)
+    };
+    let items = |rest: &mut &[u8], n: usize| -> Option<()> {
+        for _ in 0..n {
+            skip_value(rest, depth + 1)?;
+        }
+        Some(())
+    };
+    match marker {
+        Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+            Some(())
+        }
+        Marker::U8 | Marker::I8 => fixed(rest, 1),
+        Marker::U16 | Marker::I16 => fixed(rest, 2),
+        Marker::U32 | Marker::I32 | Marker::F32 => fixed(rest, 4),
+        Marker::U64 | Marker::I64 | Marker::F64 => fixed(rest, 8),
+        Marker::FixStr(n) => fixed(rest, usize::from(n)),
+        Marker::Str8 | Marker::Bin8 => {
+            let n = len(rest, 1)?;
+            fixed(rest, n)
+        }
+        Marker::Str16 | Marker::Bin16 => {
+            let n = len(rest, 2)?;
+            fixed(rest, n)
+        }
+        Marker::Str32 | Marker::Bin32 => {
+            let n = len(rest, 4)?;
+            fixed(rest, n)
+        }
+        Marker::FixArray(n) => items(rest, usize::from(n)),
+        Marker::Array16 => {
+            let n = len(rest, 2)?;
+            items(rest, n)
+        }
+        Marker::Array32 => {
+            let n = len(rest, 4)?;
+            items(rest, n)
+        }
+        Marker::FixMap(n) => items(rest, 2 * usize::from(n)),
+        Marker::Map16 => {
+            let n = len(rest, 2)?;
+            items(rest, 2 * n)
+        }
+        Marker::Map32 => {
+            let n = len(rest, 4)?;
+            items(rest, n.checked_mul(2)?)
+        }
+        Marker::FixExt1 => fixed(rest, 2),
+        Marker::FixExt2 => fixed(rest, 3),
+        Marker::FixExt4 => fixed(rest, 5),
+        Marker::FixExt8 => fixed(rest, 9),
+        Marker::FixExt16 => fixed(rest, 17),
+        Marker::Ext8 => {
+            let n = len(rest, 1)?;
+            fixed(rest, n + 1)
+        }
+        Marker::Ext16 => {
+            let n = len(rest, 2)?;
+            fixed(rest, n + 1)
+        }
+        Marker::Ext32 => {
+            let n = len(rest, 4)?;
+            fixed(rest, n.checked_add(1)?)
+        }
+        Marker::Reserved => None,
+    }
+}
+
+/// A binary frame from the daemon: `[tag, fields...]`.
+struct BinServerFrame(ServerFrame);
+
+impl<'de> Deserialize<'de> for BinServerFrame {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BinServerFrame;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a binary server frame [tag, ...]")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<BinServerFrame, A::Error> {
+                use serde::de::Error;
+                let missing = || A::Error::custom("frame ends early");
+                let tag: u8 = seq.next_element()?.ok_or_else(missing)?;
+                let frame = match tag {
+                    BIN_HELLO => ServerFrame::Hello(seq.next_element()?.ok_or_else(missing)?),
+                    BIN_REPLY => ServerFrame::Reply {
+                        id: seq.next_element()?.ok_or_else(missing)?,
+                        result: seq.next_element()?.ok_or_else(missing)?,
+                    },
+                    BIN_EVENT => ServerFrame::Event(seq.next_element()?.ok_or_else(missing)?),
+                    t => return Err(A::Error::custom(format!("unknown frame tag {t}"))),
+                };
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(A::Error::custom("frame has extra fields"));
+                }
+                Ok(BinServerFrame(frame))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// Encodes a JSON frame, refusing one larger than [`MAX_FRAME`]: the
+/// hello, and every frame of a connection that did not agree on
+/// [`FEATURE_BINARY_FRAMES`].
 pub fn encode<T: Serialize>(frame: &T) -> Result<Vec<u8>, WireError> {
     let bytes = serde_json::to_vec(frame)
         .map_err(|e| WireError::new(ErrorCode::Internal, format!("encode: {e}")))?;
@@ -971,6 +1198,22 @@ pub fn decode_hello(bytes: &[u8]) -> Result<Hello, WireError> {
 /// `id` key (no request has a field of that name), so the frames accepted
 /// are the same.
 pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, (Option<u64>, WireError)> {
+    if is_binary(bytes) {
+        return match bin_decode::<(u64, Request)>(bytes) {
+            Ok((id, req)) => Ok(RequestFrame { id, req }),
+            Err(e) => {
+                let mut rest = bytes;
+                let id = rmp::decode::read_array_len(&mut rest)
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .and_then(|_| rmp::decode::read_int::<u64, _>(&mut rest).ok());
+                Err((
+                    id,
+                    WireError::new(ErrorCode::BadFrame, format!("bad binary request: {e}")),
+                ))
+            }
+        };
+    }
     #[derive(Deserialize)]
     struct IdOnly {
         id: u64,
@@ -987,6 +1230,13 @@ pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, (Option<u64>, WireEr
 
 /// Decodes a frame from the daemon.
 pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, WireError> {
+    if is_binary(bytes) {
+        return bin_decode::<BinServerFrame>(bytes)
+            .map(|f| f.0)
+            .map_err(|e| {
+                WireError::new(ErrorCode::BadFrame, format!("bad binary server frame: {e}"))
+            });
+    }
     serde_json::from_slice(bytes)
         .map_err(|e| WireError::new(ErrorCode::BadFrame, format!("bad server frame: {e}")))
 }
@@ -1067,5 +1317,544 @@ mod tests {
                 assert_eq!(id, Some(3));
             }
         }
+    }
+}
+
+/// Issue 16: binary frames. Every message type goes through the binary
+/// encoding and back unchanged, and through JSON too; a malformed binary
+/// frame is a typed error, never a panic.
+#[cfg(test)]
+mod binary_tests {
+    use super::*;
+    use crate::locks::LockKind;
+    use crate::model::{HeldLease, Rights};
+    use crate::record::tests::{
+        durability, file, handle_record, lease_state, name, path, record_spec, scope, text, uuid,
+    };
+    use proptest::prelude::*;
+
+    fn key() -> impl Strategy<Value = ResumeKey> {
+        uuid().prop_map(ResumeKey)
+    }
+
+    fn lease_key() -> impl Strategy<Value = LeaseKey> {
+        uuid().prop_map(LeaseKey)
+    }
+
+    fn range() -> impl Strategy<Value = LockRange> {
+        (any::<u64>(), any::<u64>()).prop_map(|(offset, length)| LockRange { offset, length })
+    }
+
+    fn held_lease() -> impl Strategy<Value = HeldLease> {
+        (lease_key(), lease_state(), any::<u16>()).prop_map(|(key, state, epoch)| HeldLease {
+            key,
+            state,
+            epoch,
+        })
+    }
+
+    fn open_request() -> impl Strategy<Value = OpenRequest> {
+        (
+            (
+                "[^\u{0}]{1,30}",
+                path(),
+                1u8..=7,
+                0u8..=7,
+                0usize..6,
+                durability(),
+            ),
+            (
+                proptest::option::of(uuid()),
+                proptest::option::of(text()),
+                proptest::option::of((lease_key(), lease_state(), any::<u16>())),
+                any::<bool>(),
+                proptest::option::of(text()),
+                any::<bool>(),
+            ),
+        )
+            .prop_map(
+                |(
+                    (client, path, access, share, disp, durability),
+                    (create_guid, owner, lease, no_wait, share_group, stat),
+                )| OpenRequest {
+                    client: ClientId::new(client).expect("valid identity"),
+                    path,
+                    access: Access::new(Rights::from_bits_truncate(access)).expect("non-empty"),
+                    share: Rights::from_bits_truncate(share),
+                    disposition: [
+                        Disposition::Open,
+                        Disposition::Create,
+                        Disposition::OpenIf,
+                        Disposition::Overwrite,
+                        Disposition::OverwriteIf,
+                        Disposition::Supersede,
+                    ][disp],
+                    durability,
+                    create_guid: create_guid.map(CreateGuid),
+                    owner,
+                    lease: lease.map(|(key, state, epoch)| LeaseRequest { key, state, epoch }),
+                    no_wait,
+                    share_group,
+                    stat,
+                },
+            )
+    }
+
+    /// Every request variant (the match in `covers_every_request` fails
+    /// to compile when one is added without a case here).
+    fn request() -> impl Strategy<Value = Request> {
+        let lock_op =
+            (range(), any::<bool>(), any::<bool>()).prop_map(|(range, exclusive, unlock)| LockOp {
+                range,
+                exclusive,
+                unlock,
+            });
+        prop_oneof![
+            open_request().prop_map(Request::Open),
+            open_request().prop_map(Request::ReplayOpen),
+            ("[^\u{0}]{1,30}", key(), proptest::option::of(uuid())).prop_map(|(c, key, g)| {
+                Request::Resume(ResumeRequest {
+                    client: ClientId::new(c).expect("valid identity"),
+                    target: match g {
+                        Some(g) => ResumeTarget::CreateGuid {
+                            create_guid: CreateGuid(g),
+                        },
+                        None => ResumeTarget::Key { key },
+                    },
+                })
+            }),
+            key().prop_map(|key| Request::Close { key }),
+            key().prop_map(|key| Request::Detach { key }),
+            Just(Request::Status),
+            proptest::option::of(key()).prop_map(|after| Request::Handles { after }),
+            key().prop_map(|key| Request::Handle { key }),
+            proptest::option::of(file()).prop_map(|after| Request::Files { after }),
+            Just(Request::Frontends),
+            Just(Request::Stats),
+            key().prop_map(|key| Request::Expire { key }),
+            Just(Request::PurgeDisconnected),
+            (scope(), any::<u64>(), text(), any::<u32>()).prop_map(
+                |(scope, op_id, reply, keep)| {
+                    Request::RecordReply {
+                        scope,
+                        op_id,
+                        reply,
+                        keep,
+                    }
+                }
+            ),
+            (scope(), any::<u64>())
+                .prop_map(|(scope, op_id)| Request::LookupReply { scope, op_id }),
+            (scope(), proptest::option::of(any::<u64>()))
+                .prop_map(|(scope, after)| Request::ListRecords { scope, after }),
+            (
+                proptest::collection::vec(record_spec(), 0..3),
+                proptest::collection::vec((scope(), any::<u64>()), 0..3)
+            )
+                .prop_map(|(put, delete)| Request::WriteRecords {
+                    put: put.into_iter().flatten().collect(),
+                    delete,
+                }),
+            (scope(), any::<u64>())
+                .prop_map(|(scope, op_id)| Request::DeleteRecord { scope, op_id }),
+            scope().prop_map(|scope| Request::DropScope { scope }),
+            (
+                key(),
+                proptest::collection::vec(lock_op, 0..4),
+                proptest::option::of((any::<u8>(), any::<u8>())),
+                proptest::option::of(text())
+            )
+                .prop_map(|(key, locks, seq, lock_owner)| Request::Lock {
+                    key,
+                    locks,
+                    lock_sequence: seq.map(|(number, index)| LockSequence { number, index }),
+                    lock_owner,
+                }),
+            (key(), range(), any::<bool>(), any::<bool>()).prop_map(
+                |(key, range, write, own_protocol_advisory)| Request::CheckIo {
+                    key,
+                    range,
+                    write,
+                    own_protocol_advisory,
+                }
+            ),
+            any::<u64>().prop_map(|check| Request::IoDone { check }),
+            (lease_key(), lease_state())
+                .prop_map(|(lease_key, state)| Request::LeaseBreakAck { lease_key, state }),
+            key().prop_map(|key| Request::BreakReadCaching { key }),
+            (key(), path(), any::<bool>(), record_spec()).prop_map(|(key, to, replace, record)| {
+                Request::Rename {
+                    key,
+                    to,
+                    replace,
+                    record,
+                }
+            }),
+            (key(), any::<u64>(), record_spec())
+                .prop_map(|(key, size, record)| Request::SetEndOfFile { key, size, record }),
+            (key(), any::<bool>(), record_spec()).prop_map(|(key, delete, record)| {
+                Request::SetDeleteOnClose {
+                    key,
+                    delete,
+                    record,
+                }
+            }),
+            file().prop_map(|file| Request::LockHintAck { file }),
+            (path(), record_spec()).prop_map(|(path, record)| Request::Remove { path, record }),
+            proptest::option::of(file()).prop_map(|after| Request::Locks { after }),
+        ]
+    }
+
+    #[test]
+    fn covers_every_request() {
+        // Compile-time reminder: a new variant needs a case in `request()`.
+        fn _exhaustive(r: &Request) {
+            match r {
+                Request::Open(_)
+                | Request::ReplayOpen(_)
+                | Request::Resume(_)
+                | Request::Close { .. }
+                | Request::Detach { .. }
+                | Request::Status
+                | Request::Handles { .. }
+                | Request::Handle { .. }
+                | Request::Files { .. }
+                | Request::Frontends
+                | Request::Stats
+                | Request::Expire { .. }
+                | Request::PurgeDisconnected
+                | Request::RecordReply { .. }
+                | Request::LookupReply { .. }
+                | Request::ListRecords { .. }
+                | Request::WriteRecords { .. }
+                | Request::DeleteRecord { .. }
+                | Request::DropScope { .. }
+                | Request::Lock { .. }
+                | Request::CheckIo { .. }
+                | Request::IoDone { .. }
+                | Request::LeaseBreakAck { .. }
+                | Request::BreakReadCaching { .. }
+                | Request::Rename { .. }
+                | Request::SetEndOfFile { .. }
+                | Request::SetDeleteOnClose { .. }
+                | Request::LockHintAck { .. }
+                | Request::Remove { .. }
+                | Request::Locks { .. } => {}
+            }
+        }
+    }
+
+    fn lock_view() -> impl Strategy<Value = LockView> {
+        (
+            file(),
+            key(),
+            proptest::option::of(text()),
+            range(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(file, key, owner, range, excl, unmirrored)| LockView {
+                file,
+                key,
+                owner,
+                range,
+                kind: if excl {
+                    LockKind::Exclusive
+                } else {
+                    LockKind::Shared
+                },
+                unmirrored,
+            })
+    }
+
+    fn wire_error() -> impl Strategy<Value = WireError> {
+        (
+            prop::sample::select(vec![
+                ErrorCode::BadFrame,
+                ErrorCode::NotFound,
+                ErrorCode::SharingViolation,
+                ErrorCode::LockNotGranted,
+                ErrorCode::Busy,
+                ErrorCode::Internal,
+            ]),
+            text(),
+            proptest::option::of(lock_view()),
+        )
+            .prop_map(|(code, message, conflict)| WireError {
+                code,
+                message,
+                conflict: conflict.map(Box::new),
+            })
+    }
+
+    fn reply() -> impl Strategy<Value = Reply> {
+        let opened = (
+            key(),
+            any::<u64>(),
+            file(),
+            durability(),
+            proptest::option::of(held_lease()),
+            any::<bool>(),
+        )
+            .prop_map(|(key, size, file, durability, lease, locked)| Opened {
+                key,
+                create_action: CreateAction::Created,
+                size,
+                file,
+                durability,
+                lease,
+                locked,
+            });
+        let status = (any::<u64>(), path(), any::<bool>(), text()).prop_map(
+            |(n, root, recovering, store)| StatusInfo {
+                pid: 1,
+                epoch: n,
+                root: root.to_string(),
+                state_dir: "/s".into(),
+                uptime_ms: n,
+                handles_connected: n,
+                handles_disconnected: 0,
+                handles_lost: 1,
+                frontends: 2,
+                recovering,
+                fanotify: !recovering,
+                mediation: "off".into(),
+                store,
+                schema_version: 2,
+            },
+        );
+        let handle_view = || {
+            (handle_record(), any::<bool>())
+                .prop_map(|(record, fd_open)| HandleView { record, fd_open })
+        };
+        let file_view =
+            (file(), path(), key(), durability()).prop_map(|(file, path, key, durability)| {
+                FileView {
+                    file,
+                    path,
+                    holders: vec![FileHolder {
+                        key,
+                        access: Access::new(Rights::READ).expect("non-empty"),
+                        share: Rights::ALL,
+                        durability,
+                        conn: ConnState::Connected,
+                    }],
+                }
+            });
+        prop_oneof![
+            opened.prop_map(Reply::Opened),
+            Just(Reply::Done),
+            status.prop_map(Reply::Status),
+            (
+                proptest::collection::vec(handle_view(), 0..3),
+                proptest::option::of(key())
+            )
+                .prop_map(|(handles, next)| Reply::Handles { handles, next }),
+            handle_view().prop_map(Reply::Handle),
+            (
+                proptest::collection::vec(file_view, 0..3),
+                proptest::option::of(file())
+            )
+                .prop_map(|(files, next)| Reply::Files { files, next }),
+            (name(), name(), any::<i32>(), any::<u64>()).prop_map(|(p, i, pid, n)| {
+                Reply::Frontends {
+                    frontends: vec![FrontendView {
+                        protocol: Protocol::new(p).expect("valid name"),
+                        instance: InstanceName::new(i).expect("valid name"),
+                        pid,
+                        uid: 0,
+                        attached_ms: n,
+                        handles: n,
+                    }],
+                }
+            }),
+            any::<u64>().prop_map(|n| Reply::Stats(Stats {
+                opens: n,
+                bad_frames: n / 2,
+                ..Stats::default()
+            })),
+            held_lease().prop_map(Reply::Lease),
+            proptest::option::of((text(), any::<u64>())).prop_map(|r| Reply::Recorded {
+                record: r.map(|(reply, recorded_ms)| ReplayRecord { reply, recorded_ms }),
+            }),
+            (
+                proptest::collection::vec((any::<u64>(), text()), 0..3),
+                proptest::option::of(any::<u64>())
+            )
+                .prop_map(|(records, next)| Reply::Records { records, next }),
+            (
+                proptest::collection::vec(lock_view(), 0..3),
+                proptest::option::of(file())
+            )
+                .prop_map(|(locks, next)| Reply::Locks { locks, next }),
+            any::<u64>().prop_map(|count| Reply::Purged { count }),
+        ]
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            key().prop_map(|key| Event::Expired { key }),
+            key().prop_map(|key| Event::Purged { key }),
+            (
+                lease_key(),
+                lease_state(),
+                lease_state(),
+                any::<u16>(),
+                any::<bool>()
+            )
+                .prop_map(
+                    |(lease_key, current_state, new_state, epoch, ack_required)| {
+                        Event::LeaseBreak {
+                            lease_key,
+                            current_state,
+                            new_state,
+                            epoch,
+                            ack_required,
+                        }
+                    }
+                ),
+            file().prop_map(|file| Event::LocksPresent { file }),
+            file().prop_map(|file| Event::LocksGone { file }),
+            Just(Event::ConnectionLost),
+        ]
+    }
+
+    fn server_frame() -> impl Strategy<Value = ServerFrame> {
+        prop_oneof![
+            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(features, epoch, pid)| {
+                ServerFrame::Hello(HelloReply {
+                    version: PROTO_VERSION,
+                    features,
+                    epoch,
+                    pid,
+                })
+            }),
+            (
+                proptest::option::of(any::<u64>()),
+                reply(),
+                proptest::option::of(wire_error())
+            )
+                .prop_map(|(id, r, e)| ServerFrame::Reply {
+                    id,
+                    result: e.map_or(Ok(r), Err),
+                }),
+            event().prop_map(ServerFrame::Event),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn requests_roundtrip_in_both_encodings(id in any::<u64>(), req in request()) {
+            let frame = RequestFrame { id, req };
+            for enc in [Encoding::Binary, Encoding::Json] {
+                let bytes = encode_request(enc, &frame).expect("encodes");
+                prop_assert_eq!(is_binary(&bytes), enc == Encoding::Binary);
+                prop_assert_eq!(decode_request(&bytes).expect("decodes"), frame.clone());
+            }
+        }
+
+        #[test]
+        fn server_frames_roundtrip_in_both_encodings(frame in server_frame()) {
+            for enc in [Encoding::Binary, Encoding::Json] {
+                let bytes = encode_server(enc, &frame).expect("encodes");
+                prop_assert_eq!(decode_server(&bytes).expect("decodes"), frame.clone());
+            }
+        }
+
+        /// Cutting a binary frame short, or flipping a byte of it, gives a
+        /// frame or a typed BadFrame error, never a panic; cut short it is
+        /// always refused.
+        #[test]
+        fn damaged_binary_frames_are_refused(
+            id in any::<u64>(),
+            req in request(),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<(prop::sample::Index, u8)>(),
+        ) {
+            let bytes = encode_request(Encoding::Binary, &RequestFrame { id, req }).expect("encodes");
+            let short = &bytes[..cut.index(bytes.len())];
+            let (_, e) = decode_request(short).expect_err("a truncated frame is refused");
+            prop_assert_eq!(e.code, ErrorCode::BadFrame);
+            let mut flipped = bytes.clone();
+            let at = flip.0.index(flipped.len());
+            flipped[at] ^= flip.1 | 1;
+            if let Err((_, e)) = decode_request(&flipped) {
+                prop_assert_eq!(e.code, ErrorCode::BadFrame);
+            }
+            let _ = decode_server(&flipped);
+        }
+
+        #[test]
+        fn arbitrary_binary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut framed = vec![0x92];
+            framed.extend_from_slice(&body);
+            if let Err((_, e)) = decode_request(&framed) {
+                prop_assert_eq!(e.code, ErrorCode::BadFrame);
+            }
+            framed[0] = 0x93;
+            let _ = decode_server(&framed);
+        }
+    }
+
+    #[test]
+    fn malformed_binary_frames_are_typed_errors() {
+        let status = encode_request(
+            Encoding::Binary,
+            &RequestFrame {
+                id: 9,
+                req: Request::Status,
+            },
+        )
+        .expect("encodes");
+        let mut trailing = status.clone();
+        trailing.push(0xc0);
+        let deep = {
+            let mut v = vec![0x92, 0x05];
+            v.extend(std::iter::repeat_n(0x91, 10_000));
+            v.push(0xc0);
+            v
+        };
+        let cases: Vec<(Vec<u8>, Option<u64>)> = vec![
+            (vec![0x90], None),
+            (vec![0x92, 0x07], Some(7)),
+            (vec![0x92, 0x07, 0xc1], Some(7)),
+            (
+                vec![0x92, 0x07, 0x81, 0xa2, b'o', b'p', 0xa3, b'f', b'o', b'o'],
+                Some(7),
+            ),
+            (vec![0x92, 0xff, 0x80], None),
+            (vec![0x92, 0x07, 0xdb, 0xff, 0xff, 0xff, 0xff], Some(7)),
+            (vec![0x92, 0x07, 0xdf, 0xff, 0xff, 0xff, 0xff], Some(7)),
+            (trailing, None),
+            (deep, Some(5)),
+        ];
+        for (bytes, want_id) in cases {
+            let (id, e) = decode_request(&bytes).expect_err("refused");
+            assert_eq!(e.code, ErrorCode::BadFrame, "{bytes:x?}");
+            if want_id.is_some() {
+                assert_eq!(id, want_id, "{bytes:x?}: {e}");
+            }
+        }
+        assert!(decode_server(&[0x92, 0x09, 0xc0]).is_err());
+        assert!(decode_server(&[0x93, 0x01, 0xc0]).is_err());
+    }
+
+    /// A JSON frame is still read on any connection, and the binary one is
+    /// smaller.
+    #[test]
+    fn json_is_still_read_and_binary_is_smaller() {
+        let frame = RequestFrame {
+            id: 3,
+            req: Request::Close {
+                key: ResumeKey::new_random(),
+            },
+        };
+        let json = encode_request(Encoding::Json, &frame).expect("encodes");
+        let bin = encode_request(Encoding::Binary, &frame).expect("encodes");
+        assert_eq!(decode_request(&json).expect("json"), frame);
+        assert_eq!(decode_request(&bin).expect("binary"), frame);
+        assert!(bin.len() < json.len(), "{} vs {}", bin.len(), json.len());
     }
 }

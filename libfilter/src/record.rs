@@ -742,24 +742,24 @@ impl StoredRecord for Intent {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn uuid() -> impl Strategy<Value = Uuid> {
+    pub(crate) fn uuid() -> impl Strategy<Value = Uuid> {
         any::<[u8; 16]>().prop_map(Uuid::from_bytes)
     }
 
-    fn name() -> impl Strategy<Value = String> {
+    pub(crate) fn name() -> impl Strategy<Value = String> {
         "[A-Za-z0-9._-]{1,64}"
     }
 
-    fn path() -> impl Strategy<Value = RelPath> {
+    pub(crate) fn path() -> impl Strategy<Value = RelPath> {
         "[a-z0-9é ._-]{0,8}[a-z]{1,4}(/[a-z0-9._-]{0,5}[a-z]{1,3}){0,3}"
             .prop_map(|s| RelPath::new(s).expect("the pattern makes valid paths"))
     }
 
-    fn text() -> impl Strategy<Value = String> {
+    pub(crate) fn text() -> impl Strategy<Value = String> {
         ".{0,40}"
     }
 
@@ -771,16 +771,16 @@ mod tests {
             .prop_map(|(handle_type, bytes)| KernelHandle { handle_type, bytes })
     }
 
-    fn file() -> impl Strategy<Value = FileId> {
+    pub(crate) fn file() -> impl Strategy<Value = FileId> {
         (any::<u64>(), any::<u64>()).prop_map(|(dev, ino)| FileId { dev, ino })
     }
 
-    fn lease_state() -> impl Strategy<Value = LeaseState> {
+    pub(crate) fn lease_state() -> impl Strategy<Value = LeaseState> {
         prop::sample::select(vec!["", "R", "RH", "RW", "RWH", "H"])
             .prop_map(|s| LeaseState::parse(s).expect("a valid lease state"))
     }
 
-    fn durability() -> impl Strategy<Value = Durability> {
+    pub(crate) fn durability() -> impl Strategy<Value = Durability> {
         prop_oneof![
             Just(Durability::None),
             any::<u32>().prop_map(|timeout_ms| Durability::Durable { timeout_ms }),
@@ -788,7 +788,7 @@ mod tests {
         ]
     }
 
-    fn conn() -> impl Strategy<Value = ConnState> {
+    pub(crate) fn conn() -> impl Strategy<Value = ConnState> {
         prop_oneof![
             Just(ConnState::Connected),
             (any::<u64>(), any::<u64>()).prop_map(|(since_ms, expires_ms)| {
@@ -815,7 +815,7 @@ mod tests {
     }
 
     prop_compose! {
-        fn handle_record()(
+        pub(crate) fn handle_record()(
             key in uuid(),
             (protocol, frontend) in (name(), name()),
             client in "[^\u{0}]{1,30}",
@@ -874,14 +874,14 @@ mod tests {
         }
     }
 
-    fn scope() -> impl Strategy<Value = ReplayScope> {
+    pub(crate) fn scope() -> impl Strategy<Value = ReplayScope> {
         prop_oneof![
             uuid().prop_map(|k| ReplayScope::Handle(ResumeKey(k))),
             ".{1,20}".prop_map(|s| ReplayScope::Session(ScopeName::new(s).expect("valid scope"))),
         ]
     }
 
-    fn record_spec() -> impl Strategy<Value = Option<RecordSpec>> {
+    pub(crate) fn record_spec() -> impl Strategy<Value = Option<RecordSpec>> {
         proptest::option::of((scope(), any::<u64>(), text(), any::<u32>()).prop_map(
             |(scope, op_id, reply, keep)| RecordSpec {
                 scope,

@@ -199,3 +199,162 @@ fn malformed_and_mutated_requests_never_fault_a_frontend() {
     );
     assert_eq!(r["status"], "NFS4_OK", "{r}");
 }
+
+/// Issue 16: binary frames. A frontend that agreed on binary frames in
+/// its hello sends malformed ones (a reserved marker, an unknown op, a
+/// real CLOSE cut short or with bytes after it, a huge claimed array, deep
+/// nesting, no id): each gets a typed BadFrame reply (naming the id when
+/// it can be read), nothing stored changes — the handle the damaged CLOSE
+/// names stays open — and the connection and the daemon keep serving,
+/// binary and JSON requests alike.
+#[test]
+fn malformed_binary_frames_get_errors_and_change_nothing() {
+    use libfilter::model::{Access, ClientId, Disposition, Durability, RelPath, Rights};
+    use libfilter::proto::{
+        self, Encoding, ErrorCode, OpenRequest, Request, RequestFrame, ServerFrame,
+    };
+    use libfilter::sys::{recv_packet, send_packet, Packet};
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::{AsFd, AsRawFd};
+
+    let s = Scratch::new("garbage-binary");
+    let d = Filterd::start(&s, &[], &[]);
+    let fe = rkfilter_tests::attach(&s.socket(), "smb", "smb-bin");
+    assert_ne!(fe.hello().features & proto::FEATURE_BINARY_FRAMES, 0);
+    let h = fe
+        .open(OpenRequest {
+            client: ClientId::new("alice").unwrap(),
+            path: RelPath::new("p").unwrap(),
+            access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+            share: Rights::READ,
+            disposition: Disposition::Create,
+            durability: Durability::Persistent { timeout_ms: 60_000 },
+            create_guid: None,
+            owner: None,
+            lease: None,
+            no_wait: false,
+            share_group: None,
+            stat: false,
+        })
+        .unwrap();
+    let ctl = d.control();
+    let before = serde_json::to_value(ctl.handles().unwrap()).unwrap();
+
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
+    let hello = format!(
+        r#"{{"version":1,"features":{},"role":{{"kind":"frontend","protocol":"raw","instance":"raw-bin"}}}}"#,
+        proto::FEATURE_BINARY_FRAMES
+    );
+    send_packet(fd.as_fd(), hello.as_bytes(), None).unwrap();
+    let mut buf = vec![0u8; 70_000];
+    let mut recv = || -> (Vec<u8>, ServerFrame) {
+        match recv_packet(fd.as_fd(), &mut buf).unwrap() {
+            Packet::Data { len, .. } => {
+                let bytes = buf[..len].to_vec();
+                let f = proto::decode_server(&bytes)
+                    .unwrap_or_else(|e| panic!("undecodable reply {bytes:x?}: {e}"));
+                (bytes, f)
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let (first, f) = recv();
+    assert_eq!(first.first(), Some(&b'{'), "the hello reply is JSON");
+    match f {
+        ServerFrame::Hello(h) => assert_ne!(h.features & proto::FEATURE_BINARY_FRAMES, 0),
+        other => panic!("{other:?}"),
+    }
+
+    let close = |id| {
+        proto::encode_request(
+            Encoding::Binary,
+            &RequestFrame {
+                id,
+                req: Request::Close { key: h.info.key },
+            },
+        )
+        .unwrap()
+    };
+    let cut = {
+        let mut c = close(7);
+        c.pop();
+        c
+    };
+    let trailing = {
+        let mut c = close(8);
+        c.push(0xc0);
+        c
+    };
+    let deep = {
+        let mut v = vec![0x92, 0x0a];
+        v.extend(std::iter::repeat_n(0x91, 5_000));
+        v.push(0xc0);
+        v
+    };
+    let op = |id: u8, name: &str| {
+        let mut v = vec![
+            0x92,
+            id,
+            0x81,
+            0xa2,
+            b'o',
+            b'p',
+            0xa0 | u8::try_from(name.len()).unwrap(),
+        ];
+        v.extend_from_slice(name.as_bytes());
+        v
+    };
+    let bad: Vec<(Vec<u8>, Option<u64>)> = vec![
+        (vec![0x92, 0x05, 0xc1], Some(5)),
+        (op(6, "format_disk"), Some(6)),
+        (cut, Some(7)),
+        (trailing, Some(8)),
+        (vec![0x92, 0x09, 0xdd, 0xff, 0xff, 0xff, 0xff], Some(9)),
+        (deep, Some(10)),
+        (vec![0x90], None),
+        (vec![0x93, 0x01, 0x02, 0x03], Some(1)),
+    ];
+    for (frame, want) in &bad {
+        send_packet(fd.as_fd(), frame, None).unwrap();
+        let (bytes, reply) = recv();
+        assert_eq!(bytes.first(), Some(&0x93), "a binary reply: {bytes:x?}");
+        match reply {
+            ServerFrame::Reply { id, result: Err(e) } => {
+                assert_eq!(e.code, ErrorCode::BadFrame, "{frame:x?}: {e}");
+                assert_eq!(id, *want, "{frame:x?}: {e}");
+            }
+            other => panic!("{frame:x?}: {other:?}"),
+        }
+    }
+    // The connection still serves, binary and JSON requests.
+    send_packet(fd.as_fd(), &op(11, "status"), None).unwrap();
+    match recv().1 {
+        ServerFrame::Reply {
+            id: Some(11),
+            result: Ok(proto::Reply::Status(_)),
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    send_packet(fd.as_fd(), br#"{"id":12,"op":"stats"}"#, None).unwrap();
+    match recv().1 {
+        ServerFrame::Reply {
+            id: Some(12),
+            result: Ok(proto::Reply::Stats(st)),
+        } => assert!(st.bad_frames >= 8, "{st:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Nothing stored changed: the damaged CLOSEs closed nothing.
+    assert_eq!(
+        serde_json::to_value(ctl.handles().unwrap()).unwrap(),
+        before
+    );
+    // And the real frontend's handle still works.
+    fe.close(h.info.key).unwrap();
+}

@@ -343,7 +343,7 @@ impl Engine {
             writer.send_frame(&frame, None);
             return;
         }
-        match libfilter::proto::encode(&frame) {
+        match writer.encode(&frame) {
             Ok(bytes) => self.pipe.reply_after(
                 dep,
                 crate::committer::Deferred {
@@ -433,7 +433,7 @@ impl Engine {
         if dep == self.batch.seq {
             self.batch.requests += 1;
         }
-        let bytes = match libfilter::proto::encode(frame) {
+        let bytes = match writer.encode(frame) {
             Ok(b) => b,
             Err(e) => {
                 error!(error = %e, "cannot encode reply");
@@ -441,7 +441,7 @@ impl Engine {
                     id: Some(id),
                     result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
                 };
-                match libfilter::proto::encode(&fallback) {
+                match writer.encode(&fallback) {
                     Ok(b) => b,
                     Err(_) => return,
                 }

@@ -511,7 +511,7 @@ impl Engine {
         }
         let granted = match hello.role {
             Role::Frontend { .. } => hello.features & proto::FEATURES,
-            Role::Control => 0,
+            Role::Control => hello.features & proto::FEATURE_BINARY_FRAMES,
         };
         if let Role::Frontend { protocol, instance } = &hello.role {
             // A replacement may say hello before the dead instance's EOF has

@@ -1,0 +1,83 @@
+//! Issue 16: the CPU cost of the frame codec, JSON against binary frames
+//! (`cargo run --release -p libfilter --example frame_codec`): a
+//! non-durable open+close pair's four frames (open request, opened reply,
+//! close request, done reply), each encoded and decoded once, timed with
+//! the thread's CPU clock so other processes' load does not count.
+
+use libfilter::model::*;
+use libfilter::proto::*;
+fn cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+fn main() {
+    let key = ResumeKey::new_random();
+    let req = RequestFrame {
+        id: 12345,
+        req: Request::Open(OpenRequest {
+            client: ClientId::new("client-1").unwrap(),
+            path: RelPath::new("dir/file-0001.txt").unwrap(),
+            access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+            share: Rights::READ,
+            disposition: Disposition::OpenIf,
+            durability: Durability::None,
+            create_guid: None,
+            owner: None,
+            lease: None,
+            no_wait: false,
+            share_group: None,
+            stat: false,
+        }),
+    };
+    let rep = ServerFrame::Reply {
+        id: Some(12345),
+        result: Ok(Reply::Opened(Opened {
+            key,
+            create_action: CreateAction::Opened,
+            size: 4096,
+            file: FileId {
+                dev: 2049,
+                ino: 123456,
+            },
+            durability: Durability::None,
+            lease: None,
+            locked: false,
+        })),
+    };
+    let close = RequestFrame {
+        id: 12346,
+        req: Request::Close { key },
+    };
+    let done = ServerFrame::Reply {
+        id: Some(12346),
+        result: Ok(Reply::Done),
+    };
+    let n = 200_000;
+    for round in 0..5 {
+        for enc in [Encoding::Json, Encoding::Binary] {
+            let t = cpu_s();
+            let mut bytes = 0;
+            for _ in 0..n {
+                // One open+close pair: both requests and both replies,
+                // each encoded once and decoded once.
+                let a = encode_request(enc, &req).unwrap();
+                let b = encode_server(enc, &rep).unwrap();
+                let c = encode_request(enc, &close).unwrap();
+                let d = encode_server(enc, &done).unwrap();
+                bytes = a.len() + b.len() + c.len() + d.len();
+                std::hint::black_box(decode_request(&a).unwrap());
+                std::hint::black_box(decode_server(&b).unwrap());
+                std::hint::black_box(decode_request(&c).unwrap());
+                std::hint::black_box(decode_server(&d).unwrap());
+            }
+            let per = (cpu_s() - t) * 1e6 / f64::from(n);
+            println!("round {round} {enc:?}: {per:.2} CPU µs per open+close pair (4 frames, {bytes} bytes)");
+        }
+    }
+}
