@@ -19,7 +19,9 @@
 //! `intent.after_fs`, `engine.request` (the engine thread, per request),
 //! `local.unignore` (removing a file's ignore mark; `fail` makes it fail),
 //! `local.probe` (the write-lease probe, its lease held),
-//! `shutdown.after_engine` (stopping: the engine thread has returned).
+//! `shutdown.after_engine` (stopping: the engine thread has returned),
+//! `close.records_batched` (a close that carries records: the handle's
+//! removal and the records are in the batch, not yet committed).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

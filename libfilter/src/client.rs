@@ -724,7 +724,18 @@ impl FilterClient {
 
     /// Closes a handle for good.
     pub fn close(&self, key: ResumeKey) -> Result<(), ClientError> {
-        Self::expect_done(self.call(Request::Close { key })?)
+        self.close_recording(key, Vec::new(), Vec::new())
+    }
+
+    /// Closes a handle for good and, in the same commit, writes and deletes
+    /// records (as [`FilterClient::write_records`]).
+    pub fn close_recording(
+        &self,
+        key: ResumeKey,
+        put: Vec<crate::model::RecordSpec>,
+        delete: Vec<(ReplayScope, u64)>,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::Close { key, put, delete })?)
     }
 
     /// Tells the daemon the handle's client went away.

@@ -120,6 +120,17 @@ pub enum Request {
     Close {
         /// The handle.
         key: ResumeKey,
+        /// Records written in the close's own commit, as by
+        /// [`Request::WriteRecords`] (nfsl/1: the CLOSE's slot reply): the
+        /// handle's removal and the records are durable together or not at
+        /// all. Checked before anything is done: a bad scope refuses the
+        /// close.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        put: Vec<RecordSpec>,
+        /// (scope, op id) of records deleted in the same commit (nfsl/1:
+        /// the open state).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        delete: Vec<(ReplayScope, u64)>,
     },
     /// The handle's client lost its connection: a durable or persistent handle
     /// becomes disconnected (its timeout starts), another one is closed.
@@ -430,6 +441,18 @@ pub struct OpenRequest {
     /// the reader its access says.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stat: bool,
+    /// Records written in the open's own commit, as by
+    /// [`Request::WriteRecords`] (nfsl/1: the open state and the OPEN's slot
+    /// reply), only if the open succeeds: the handle and the records are
+    /// durable together or not at all. A record whose text is a JSON object
+    /// with an `"opened"` member is completed by filterd: `"opened"` becomes
+    /// this open's [`Opened`] (resume key, create action, size, lease
+    /// granted), which only filterd knows before the commit. A re-sent open
+    /// that returns the original ([`Request::ReplayOpen`]) writes them again,
+    /// completed with what it returns. Refused with a persistent open that
+    /// truncates (it commits in two steps, see the intents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub put: Vec<RecordSpec>,
 }
 
 /// Which handle to resume.
@@ -1011,6 +1034,7 @@ mod tests {
                 no_wait: false,
                 share_group: None,
                 stat: false,
+                put: Vec::new(),
             }),
         };
         let b = encode(&f).unwrap();
