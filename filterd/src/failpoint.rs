@@ -20,8 +20,9 @@
 //! `local.unignore` (removing a file's ignore mark; `fail` makes it fail),
 //! `local.probe` (the write-lease probe, its lease held),
 //! `shutdown.after_engine` (stopping: the engine thread has returned),
-//! `close.records_batched` (a close that carries records: the handle's
-//! removal and the records are in the batch, not yet committed).
+//! `open.records_batched` / `close.records_batched` (an open or close
+//! that carries records: the handle change and the records are in the
+//! batch, not yet committed).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
