@@ -26,7 +26,9 @@
 //!     lease: None,
 //!     no_wait: false,
 //!     share_group: None,
-//!  stat: false, })?;
+//!     stat: false,
+//!     put: Vec::new(),
+//! })?;
 //! // h.fd is the open file: pread/pwrite it directly.
 //! c.close(h.info.key)?;
 //! # Ok(()) }
