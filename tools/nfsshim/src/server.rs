@@ -1403,30 +1403,6 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         state,
         epoch: 0,
     });
-    // An owner's first open state, neither exclusive nor truncating: the
-    // filter open, the open state and the slot reply in one commit. (An
-    // owner with open states may be upgrading one of them, known only by
-    // the file id the open returns; an exclusive create records its
-    // verifier; a truncating persistent open commits in two steps.)
-    if excl_verifier.is_none() && !truncate && !st.opens.values().any(|o| o.rec.owner == owner) {
-        let words = Words {
-            owner,
-            access: access_w,
-            deny: deny_w,
-            want,
-        };
-        return open_recorded(
-            ctx,
-            st,
-            &path,
-            words,
-            access,
-            share,
-            disposition,
-            guid,
-            lease,
-        );
-    }
     let mut req = OpenRequest {
         client: ctx.client_id()?,
         path: path.clone(),
@@ -1447,6 +1423,20 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         stat: false,
         put: Vec::new(),
     };
+    // An owner's first open state, neither exclusive nor truncating: the
+    // filter open, the open state and the slot reply in one commit. (An
+    // owner with open states may be upgrading one of them, known only by
+    // the file id the open returns; an exclusive create records its
+    // verifier; a truncating persistent open commits in two steps.)
+    if excl_verifier.is_none() && !truncate && !st.opens.values().any(|o| o.rec.owner == owner) {
+        let words = Words {
+            owner,
+            access: access_w,
+            deny: deny_w,
+            want,
+        };
+        return open_recorded(ctx, st, req, words, access);
+    }
     let mut created_by_resend = false;
     let h = match sh.filter.replay_open(req.clone()) {
         Ok(h) => h,
@@ -1649,19 +1639,15 @@ struct Words {
 /// — one commit per OPEN. A restore derives the resume key, `created`,
 /// `size` and the delegation from that answer (`OpenRec::settle`,
 /// `SlotRec::settle`).
-#[allow(clippy::too_many_arguments)]
 fn open_recorded(
     ctx: &Ctx<'_>,
     st: &mut State,
-    path: &RelPath,
+    mut req: OpenRequest,
     w: Words,
     access: Rights,
-    share: Rights,
-    disposition: Disposition,
-    guid: uuid::Uuid,
-    lease: Option<LeaseRequest>,
 ) -> Outcome {
     let sh = ctx.sh;
+    let (path, lease) = (req.path.clone(), req.lease);
     let max = sh.limits.max_opens_per_client;
     if st.opens.len() >= max {
         return Err(Fail(
@@ -1751,23 +1737,7 @@ fn open_recorded(
             keep: state::KEEP,
         },
     ];
-    let req = OpenRequest {
-        client: ctx.client_id()?,
-        path: path.clone(),
-        access: Access::new(access).map_err(|e| inval(e.to_string()))?,
-        share,
-        disposition,
-        durability: Durability::Persistent {
-            timeout_ms: HANDLE_TIMEOUT_MS,
-        },
-        create_guid: Some(CreateGuid(guid)),
-        owner: Some(w.owner.clone()),
-        lease,
-        no_wait: true,
-        share_group: Some(w.owner.clone()),
-        stat: false,
-        put,
-    };
+    req.put = put;
     let h = sh.filter.replay_open(req).map_err(filter_fail)?;
     note_locked(sh, &h.info);
     // Memory as a restore would derive it from the records just committed.
