@@ -19,7 +19,10 @@
 //! `intent.after_fs`, `engine.request` (the engine thread, per request),
 //! `local.unignore` (removing a file's ignore mark; `fail` makes it fail),
 //! `local.probe` (the write-lease probe, its lease held),
-//! `shutdown.after_engine` (stopping: the engine thread has returned).
+//! `shutdown.after_engine` (stopping: the engine thread has returned),
+//! `open.records_batched` / `close.records_batched` (an open or close
+//! that carries records: the handle change and the records are in the
+//! batch, not yet committed).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

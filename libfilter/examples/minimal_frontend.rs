@@ -43,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     })?;
     println!("opened {} ({})", h.info.key, h.info.create_action);
 

@@ -566,7 +566,18 @@ impl Attachment {
 
     /// Closes and forgets the handle.
     pub fn close(&self, key: ResumeKey) -> Result<(), ClientError> {
-        let r = self.client().close(key);
+        self.close_recording(key, Vec::new(), Vec::new())
+    }
+
+    /// Closes a handle and writes and deletes records in the same commit
+    /// ([`FilterClient::close_recording`]), and forgets the handle.
+    pub fn close_recording(
+        &self,
+        key: ResumeKey,
+        put: Vec<crate::model::RecordSpec>,
+        delete: Vec<(crate::model::ReplayScope, u64)>,
+    ) -> Result<(), ClientError> {
+        let r = self.client().close_recording(key, put, delete);
         if !matches!(r, Err(ClientError::Disconnected)) {
             self.forget(key);
         }

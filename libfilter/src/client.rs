@@ -26,7 +26,9 @@
 //!     lease: None,
 //!     no_wait: false,
 //!     share_group: None,
-//!  stat: false, })?;
+//!     stat: false,
+//!     put: Vec::new(),
+//! })?;
 //! // h.fd is the open file: pread/pwrite it directly.
 //! c.close(h.info.key)?;
 //! # Ok(()) }
@@ -805,7 +807,18 @@ impl FilterClient {
 
     /// Closes a handle for good.
     pub fn close(&self, key: ResumeKey) -> Result<(), ClientError> {
-        Self::expect_done(self.call(Request::Close { key })?)
+        self.close_recording(key, Vec::new(), Vec::new())
+    }
+
+    /// Closes a handle for good and, in the same commit, writes and deletes
+    /// records (as [`FilterClient::write_records`]).
+    pub fn close_recording(
+        &self,
+        key: ResumeKey,
+        put: Vec<crate::model::RecordSpec>,
+        delete: Vec<(ReplayScope, u64)>,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::Close { key, put, delete })?)
     }
 
     /// Tells the daemon the handle's client went away.

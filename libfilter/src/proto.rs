@@ -131,6 +131,17 @@ pub enum Request {
     Close {
         /// The handle.
         key: ResumeKey,
+        /// Records written in the close's own commit, as by
+        /// [`Request::WriteRecords`] (nfsl/1: the CLOSE's slot reply): the
+        /// handle's removal and the records are durable together or not at
+        /// all. Checked before anything is done: a bad scope refuses the
+        /// close.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        put: Vec<RecordSpec>,
+        /// (scope, op id) of records deleted in the same commit (nfsl/1:
+        /// the open state).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        delete: Vec<(ReplayScope, u64)>,
     },
     /// The handle's client lost its connection: a durable or persistent handle
     /// becomes disconnected (its timeout starts), another one is closed.
@@ -443,6 +454,18 @@ pub struct OpenRequest {
     /// or recovered handle is a stat open still.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stat: bool,
+    /// Records written in the open's own commit, as by
+    /// [`Request::WriteRecords`] (nfsl/1: the open state and the OPEN's slot
+    /// reply), only if the open succeeds: the handle and the records are
+    /// durable together or not at all. A record whose text is a JSON object
+    /// with an `"opened"` member is completed by filterd: `"opened"` becomes
+    /// this open's [`Opened`] (resume key, create action, size, lease
+    /// granted), which only filterd knows before the commit. A re-sent open
+    /// that returns the original ([`Request::ReplayOpen`]) writes them again,
+    /// completed with what it returns. Refused with a persistent open that
+    /// truncates (it commits in two steps, see the intents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub put: Vec<RecordSpec>,
 }
 
 /// Which handle to resume.
@@ -1263,6 +1286,7 @@ mod tests {
                 no_wait: false,
                 share_group: None,
                 stat: false,
+                put: Vec::new(),
             }),
         };
         let b = encode(&f).unwrap();
@@ -1371,11 +1395,13 @@ mod binary_tests {
                 proptest::option::of(text()),
                 any::<bool>(),
             ),
+            proptest::collection::vec(record_spec(), 0..2),
         )
             .prop_map(
                 |(
                     (client, path, access, share, disp, durability),
                     (create_guid, owner, lease, no_wait, share_group, stat),
+                    put,
                 )| OpenRequest {
                     client: ClientId::new(client).expect("valid identity"),
                     path,
@@ -1396,6 +1422,7 @@ mod binary_tests {
                     no_wait,
                     share_group,
                     stat,
+                    put: put.into_iter().flatten().collect(),
                 },
             )
     }
@@ -1423,7 +1450,16 @@ mod binary_tests {
                     },
                 })
             }),
-            key().prop_map(|key| Request::Close { key }),
+            (
+                key(),
+                proptest::collection::vec(record_spec(), 0..2),
+                proptest::collection::vec((scope(), any::<u64>()), 0..2)
+            )
+                .prop_map(|(key, put, delete)| Request::Close {
+                    key,
+                    put: put.into_iter().flatten().collect(),
+                    delete,
+                }),
             key().prop_map(|key| Request::Detach { key }),
             Just(Request::Status),
             proptest::option::of(key()).prop_map(|after| Request::Handles { after }),
@@ -1849,6 +1885,8 @@ mod binary_tests {
             id: 3,
             req: Request::Close {
                 key: ResumeKey::new_random(),
+                put: Vec::new(),
+                delete: Vec::new(),
             },
         };
         let json = encode_request(Encoding::Json, &frame).expect("encodes");

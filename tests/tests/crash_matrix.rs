@@ -40,6 +40,7 @@ fn req(path: &str, guid: CreateGuid) -> OpenRequest {
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     }
 }
 
@@ -546,5 +547,118 @@ fn a_local_write_while_down_is_no_sign_that_a_size_change_happened() {
             );
         }
         assert!(said, "{case}: recovery says it cannot know");
+    }
+}
+
+/// filterd's commits so far.
+fn commits(d: &Filterd) -> u64 {
+    d.control().stats().expect("stats").commits
+}
+
+/// The open-state records of nfsshim instance `instance`'s client `cid`.
+fn nfs_states(d: &Filterd, instance: &str, cid: &str) -> Vec<(u64, String)> {
+    let scope =
+        ReplayScope::Session(ScopeName::new(format!("nfs/{instance}/states/{cid}")).unwrap());
+    d.control().list_records(scope).expect("list records")
+}
+
+/// Re-sends `req` (same slot and seqid) until the answer is not DELAY.
+fn resend(nfs: &mut rkfilter_tests::Nfs, req: &serde_json::Value) -> serde_json::Value {
+    wait_for(
+        "an answer other than DELAY",
+        Duration::from_secs(30),
+        || {
+            let r = nfs.send(req.clone());
+            (r["status"] != "NFS4ERR_DELAY").then_some(r)
+        },
+    )
+}
+
+/// An nfsl/1 OPEN and CLOSE are one commit each — the filter's open or
+/// close, the open state and the slot reply together — and stay exactly
+/// once when filterd dies at each point of that commit: with the records
+/// batched but not committed, before the commit, and after it (reply not
+/// sent). The client re-sends on the same slot and seqid, to the same
+/// nfsshim (which reattaches) or to a restarted one (which restores its
+/// slots): it gets one answer, the same on every re-send, and exactly one
+/// open state and handle exist (none after the CLOSE).
+#[test]
+fn nfs_open_and_close_commit_once_across_a_crash_at_every_point() {
+    use rkfilter_tests::{handles_on, Nfs};
+    let open = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "both",
+                      "deny": "none", "create": {"mode": "unchecked"}});
+    // Without a crash: how many commits each request makes, and where.
+    let (open_at, close_at) = {
+        let s = Scratch::new("cm-nfs-dry");
+        let d = Filterd::start(&s, &[], &[]);
+        let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+        let c0 = commits(&d);
+        let r = nfs.call(open.clone());
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        let c1 = commits(&d);
+        assert_eq!(c1 - c0, 1, "an OPEN is one commit");
+        let r = nfs.call(json!({"op": "CLOSE", "stateid": r["stateid"]}));
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        let c2 = commits(&d);
+        assert_eq!(c2 - c1, 1, "a CLOSE is one commit");
+        (c1, c2)
+    };
+    for (op, fp) in [
+        ("OPEN", "open.records_batched:1".to_owned()),
+        ("OPEN", format!("commit.before:{open_at}")),
+        ("OPEN", format!("commit.after:{open_at}")),
+        ("CLOSE", "close.records_batched:1".to_owned()),
+        ("CLOSE", format!("commit.before:{close_at}")),
+        ("CLOSE", format!("commit.after:{close_at}")),
+    ] {
+        for restart_shim in [false, true] {
+            let case = format!("{op} at {fp}, nfsshim restarted: {restart_shim}");
+            let s = Scratch::new("cm-nfs");
+            let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+            let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+            let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+            let cid = nfs.clientid.clone();
+            let req = if op == "OPEN" {
+                open.clone()
+            } else {
+                let r = nfs.call(open.clone());
+                assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+                json!({"op": "CLOSE", "stateid": r["stateid"]})
+            };
+            let r = nfs.call(req.clone());
+            assert_eq!(r["status"], "NFS4ERR_DELAY", "{case}: filterd died: {r}");
+            d.wait_exit(Duration::from_secs(10));
+            let d = Filterd::start(&s, &[], &[]);
+            if restart_shim {
+                shim.kill9_in_place();
+                shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+                nfs.c = LineClient::connect(&shim.addr);
+            }
+            let mut first = resend(&mut nfs, &req);
+            assert_eq!(first["status"], "NFS4_OK", "{case}: {first}");
+            let mut again = resend(&mut nfs, &req);
+            // Each answer carries its own request's xid.
+            first["xid"].take();
+            again["xid"].take();
+            assert_eq!(again, first, "{case}: a re-send gets the recorded answer");
+            let (handles, states) = (handles_on(&s, "f").len(), nfs_states(&d, "nfs-cm", &cid));
+            if op == "OPEN" {
+                assert_eq!(handles, 1, "{case}: one filter handle");
+                assert_eq!(states.len(), 1, "{case}: one open state: {states:?}");
+                let r = nfs.call(json!({"op": "CLOSE", "stateid": first["stateid"]}));
+                assert_eq!(r["status"], "NFS4_OK", "{case}: the open is usable: {r}");
+            } else {
+                assert_eq!(handles, 0, "{case}: the handle is closed");
+                assert!(states.is_empty(), "{case}: no open state: {states:?}");
+            }
+            assert!(handles_on(&s, "f").is_empty(), "{case}: nothing left open");
+            assert!(
+                nfs_states(&d, "nfs-cm", &cid).is_empty(),
+                "{case}: no state left"
+            );
+            drop(shim);
+            drop(d);
+        }
     }
 }

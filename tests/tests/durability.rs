@@ -39,6 +39,7 @@ fn open_req(path: &str, durability: Durability, guid: Option<CreateGuid>) -> Ope
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     }
 }
 

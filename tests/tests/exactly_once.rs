@@ -46,6 +46,7 @@ fn open_req(path: &str, disp: Disposition, guid: CreateGuid) -> OpenRequest {
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     }
 }
 

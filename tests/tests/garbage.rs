@@ -235,6 +235,7 @@ fn malformed_binary_frames_get_errors_and_change_nothing() {
             no_wait: false,
             share_group: None,
             stat: false,
+            put: Vec::new(),
         })
         .unwrap();
     let ctl = d.control();
@@ -277,7 +278,11 @@ fn malformed_binary_frames_get_errors_and_change_nothing() {
             Encoding::Binary,
             &RequestFrame {
                 id,
-                req: Request::Close { key: h.info.key },
+                req: Request::Close {
+                    key: h.info.key,
+                    put: Vec::new(),
+                    delete: Vec::new(),
+                },
             },
         )
         .unwrap()

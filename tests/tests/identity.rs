@@ -36,6 +36,7 @@ fn req(path: &str, client: &str, share: Rights, durability: Durability) -> OpenR
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     }
 }
 

@@ -48,6 +48,7 @@ fn req(
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     }
 }
 

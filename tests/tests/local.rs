@@ -42,6 +42,7 @@ fn req(path: &str, share: Rights, lease: Option<(LeaseKey, &str)>) -> OpenReques
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     }
 }
 

@@ -37,6 +37,7 @@ fn req(path: &str, share: Rights) -> OpenRequest {
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     }
 }
 

@@ -153,6 +153,7 @@ fn a_scan_cut_short_naming_nobody_just_after_a_frontend_closed_the_file_finds_no
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     };
     let h = fe.open(req(Rights::ALL)).unwrap();
     // The handle's descriptor leaves every descriptor table but stays open.

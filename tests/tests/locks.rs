@@ -43,6 +43,7 @@ fn open(
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     })
     .unwrap()
 }
@@ -293,6 +294,7 @@ fn lock_sequence_replays_and_locks_survive_kill9() {
             no_wait: false,
             share_group: None,
             stat: false,
+            put: Vec::new(),
         })
         .unwrap();
     assert_eq!(h.info.key, key);

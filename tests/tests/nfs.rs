@@ -493,16 +493,16 @@ fn crashing(point: &str, n: u32) -> (Scratch, String, Filterd, Shim, Nfs) {
     (s, fp, d, shim, a)
 }
 
-/// An OPEN whose filterd dies before or after each of its commits (the
-/// handle; the open state with the slot reply), re-sent on its slot once
+/// An OPEN whose filterd dies before or after its commit (the handle, the
+/// open state and the slot reply together), re-sent on its slot once
 /// filterd is back: one open, created once, one open state.
 #[test]
 fn open_is_exactly_once_across_a_filterd_crash_at_every_commit() {
     for point in ["commit.before", "commit.after"] {
         // Commits 1 and 2 are EXCHANGE_ID's and CREATE_SESSION's records;
-        // the OPEN commits its handle (3), then its open state together
-        // with its slot reply (4).
-        for n in 3..=4 {
+        // the OPEN commits its handle, its open state and its slot reply
+        // together (3).
+        for n in 3..=3 {
             let (s, fp, mut d, _shim, mut a) = crashing(point, n);
             let open = json!({"op": "OPEN", "owner": "p", "path": "new", "access": "both",
                               "deny": "none", "create": {"mode": "guarded"}});
@@ -546,14 +546,15 @@ fn open_is_exactly_once_across_a_filterd_crash_at_every_commit() {
     }
 }
 
-/// A CLOSE whose filterd dies before or after each of its commits (the
-/// handle's deletion; the open state's deletion with the slot reply),
+/// A CLOSE whose filterd dies before or after its commit (the handle's
+/// deletion, the open state's deletion and the slot reply together),
 /// re-sent once filterd is back: NFS4_OK, and no handle left.
 #[test]
 fn close_is_exactly_once_across_a_filterd_crash_at_every_commit() {
     for point in ["commit.before", "commit.after"] {
-        // 1-2: client and session; 3-4: the OPEN; 5: the WRITE's slot reply.
-        for n in 6..=7 {
+        // 1-2: client and session; 3: the OPEN; 4: the WRITE's slot reply;
+        // 5: the CLOSE.
+        for n in 5..=5 {
             let (s, fp, mut d, _shim, mut a) = crashing(point, n);
             let o = ok(a.open("p", "f", "both", "none", create()));
             ok(a.call(
@@ -595,8 +596,8 @@ fn close_is_exactly_once_across_a_filterd_crash_at_every_commit() {
 /// — it used to be DENIED by the lock nfsshim had forgotten.
 #[test]
 fn lock_is_exactly_once_when_filterd_dies_and_nfsshim_survives() {
-    // 1-2: client and session; 3-4: the OPEN; 5: the LOCK's lock.
-    let (s, fp, mut d, _shim, mut a) = crashing("commit.after", 5);
+    // 1-2: client and session; 3: the OPEN; 4: the LOCK's lock.
+    let (s, fp, mut d, _shim, mut a) = crashing("commit.after", 4);
     let o = ok(a.open("p", "f", "both", "none", create()));
     let lock = json!({"op": "LOCK", "owner": "lo", "stateid": o["stateid"], "type": "write",
                       "offset": 0, "length": 10});

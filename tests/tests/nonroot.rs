@@ -72,6 +72,7 @@ fn persistent(client: &str, path: &str, disp: Disposition) -> OpenRequest {
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     }
 }
 

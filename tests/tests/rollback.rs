@@ -41,6 +41,7 @@ fn req(client: &str, path: &str, share: Rights, durability: Durability) -> OpenR
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     }
 }
 

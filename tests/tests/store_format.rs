@@ -169,6 +169,7 @@ fn a_state_dir_with_json_records_opens_and_its_handles_resume() {
             no_wait: false,
             share_group: None,
             stat: false,
+            put: Vec::new(),
         })
         .unwrap()
         .info

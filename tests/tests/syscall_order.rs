@@ -13,12 +13,52 @@ use libfilter::model::*;
 use libfilter::proto::OpenRequest;
 use rkfilter_tests::{bin, wait_for, Scratch};
 
+/// A program run under `strace -f`. Killing strace alone would leave the
+/// traced program running (strace detaches from its tracees when it
+/// dies), so the guard kills the tracees first — strace reaps them and
+/// exits — then strace, and reaps it: on every path, panics included.
 struct Traced {
     child: Child,
 }
 
+impl Traced {
+    /// The processes strace started (its children, and theirs).
+    fn tracees(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        let mut todo = vec![i32::try_from(self.child.id()).unwrap_or(0)];
+        while let Some(pid) = todo.pop() {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                for k in kids
+                    .split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok())
+                {
+                    out.push(k);
+                    todo.push(k);
+                }
+            }
+        }
+        out
+    }
+}
+
 impl Drop for Traced {
     fn drop(&mut self) {
+        for pid in self.tracees() {
+            // SAFETY: kill(2) with a pid read from strace's own children.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // strace exits once its last tracee has gone; do not wait forever.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -128,6 +168,7 @@ fn changes_are_fsynced_before_the_commit_and_replies_come_after() {
             no_wait: false,
             share_group: None,
             stat: false,
+            put: Vec::new(),
         })
         .unwrap();
     fe.rename(h.info.key, RelPath::new("moved").unwrap(), false, None)
@@ -151,7 +192,7 @@ fn a_persistent_write_is_synced_before_its_reply() {
     let s = Scratch::new("strace-write");
     let _d = Filterd::start(&s, &[], &[]);
     let trace = s.dir.join("shim-trace");
-    let mut shim = Command::new("strace")
+    let shim = Command::new("strace")
         .args(["-f", "-qq", "-o"])
         .arg(&trace)
         .args(["-e", "trace=pwrite64,fdatasync,write,sendto,sendmsg,writev"])
@@ -164,8 +205,9 @@ fn a_persistent_write_is_synced_before_its_reply() {
         .stderr(Stdio::null())
         .spawn()
         .expect("strace smbshim");
+    let mut shim = Traced { child: shim };
     let mut line = String::new();
-    std::io::BufReader::new(shim.stdout.take().unwrap())
+    std::io::BufReader::new(shim.child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let addr = line
@@ -184,8 +226,8 @@ fn a_persistent_write_is_synced_before_its_reply() {
     // A payload the trace can recognise.
     let r = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": "TUFSS0VSLU1BUktFUg=="}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let _ = shim.kill();
-    let _ = shim.wait();
+    // Stopping the shim ends the trace: everything it did is written.
+    drop(shim);
     let text = std::fs::read_to_string(&trace).unwrap();
     let lines: Vec<&str> = text
         .lines()

@@ -740,7 +740,7 @@ impl Engine {
             | Request::Files { .. }
             | Request::Frontends
             | Request::Locks { .. } => self.depends_on_all(),
-            Request::Close { key }
+            Request::Close { key, .. }
             | Request::Detach { key }
             | Request::SetDeleteOnClose { key, .. }
             | Request::Rename { key, .. }
@@ -1014,25 +1014,8 @@ impl Engine {
             Request::WriteRecords { put, delete } => {
                 let (protocol, _) = need_frontend()?;
                 // Check everything first: all or nothing.
-                let put: Vec<RecordSpec> = put
-                    .into_iter()
-                    .map(|r| self.own_record(conn, &protocol, r))
-                    .collect::<Result<_, _>>()?;
-                let delete: Vec<(ReplayScope, u64)> = delete
-                    .into_iter()
-                    .map(|(s, op)| self.own_scope(conn, &protocol, s).map(|s| (s, op)))
-                    .collect::<Result<_, _>>()?;
-                for (scope, op_id) in delete {
-                    let persistent = self.scope_is_persistent(&scope);
-                    if let Some(recs) = self.replays.get_mut(&scope) {
-                        if recs.remove(&op_id).is_some() && persistent {
-                            self.batch.push(StoreOp::DeleteReplay { scope, op_id });
-                        }
-                    }
-                }
-                for r in put {
-                    self.remember_reply(r);
-                }
+                let (put, delete) = self.own_records(conn, &protocol, put, delete)?;
+                self.write_records(put, delete);
                 Ok(Some((Reply::Done, None)))
             }
             Request::DeleteRecord { scope, op_id } => {
@@ -1053,12 +1036,22 @@ impl Engine {
                 self.batch.push(StoreOp::DeleteReplayScope(scope));
                 Ok(Some((Reply::Done, None)))
             }
-            Request::Close { key } => {
-                need_frontend()?;
+            Request::Close { key, put, delete } => {
+                let (protocol, _) = need_frontend()?;
                 self.attached_to(conn, key)?;
+                // The records go into the close's own commit: all checked
+                // before anything is done.
+                let (put, delete) = self.own_records(conn, &protocol, put, delete)?;
+                let recording = !put.is_empty() || !delete.is_empty();
                 self.last_unlink = None;
                 self.remove(key);
                 self.stats.closes += 1;
+                self.write_records(put, delete);
+                if recording {
+                    // The handle's removal and the records are batched
+                    // together, nothing of them is committed yet.
+                    crate::failpoint::hit("close.records_batched");
+                }
                 // A delete on close: answered once the file is gone.
                 if let Some(p) = self
                     .last_unlink

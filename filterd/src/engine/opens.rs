@@ -42,6 +42,27 @@ impl Engine {
         replay: bool,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
         let durability = o.durability.normalized(self.cfg.max_durable_timeout_ms);
+        // The records an open carries, checked and mapped into the
+        // filter's scopes before anything is done (`o.put` stays as sent,
+        // for an open that waits and runs again).
+        let mut put = Vec::new();
+        if !o.put.is_empty() {
+            // Records ride only on an open that commits in one step.
+            if durability.is_persistent()
+                && matches!(
+                    o.disposition,
+                    Disposition::Overwrite | Disposition::OverwriteIf | Disposition::Supersede
+                )
+            {
+                return Err(err(
+                    ErrorCode::BadFrame,
+                    "put: records cannot ride on a persistent open that truncates",
+                ));
+            }
+            put = self
+                .own_records(conn, &protocol, o.put.clone(), Vec::new())?
+                .0;
+        }
         if let Some(g) = o.create_guid {
             if let Some(&k) = self.by_guid.get(&(o.client.clone(), g)) {
                 if let Some(f) = self.handles.get(&k).map(|h| h.rec.file) {
@@ -54,7 +75,15 @@ impl Engine {
                         format!("client already has open {k} with create GUID {g}"),
                     ));
                 }
-                return self.replay_existing(conn, &protocol, instance, k).map(Some);
+                let replayed = self.replay_existing(conn, &protocol, instance, k)?;
+                if let (Reply::Opened(opened), false) = (&replayed.0, put.is_empty()) {
+                    // The original's records again, completed with what
+                    // the replay returns (the same values the first time
+                    // wrote, but for the size).
+                    let opened = opened.clone();
+                    self.open_records(put, &opened);
+                }
+                return Ok(Some(replayed));
             }
             // A create GUID in use by another client is a duplicate too
             // (spec/smb-like.md "Create replay").
@@ -378,7 +407,35 @@ impl Engine {
         if park {
             return Ok(None);
         }
+        if !put.is_empty() {
+            self.open_records(put, &opened);
+            crate::failpoint::hit("open.records_batched");
+        }
         Ok(Some((Reply::Opened(opened), Some(key))))
+    }
+
+    /// Writes the records an open carries ([`OpenRequest::put`]) in its
+    /// commit, each JSON object with an `"opened"` member completed with
+    /// `opened`.
+    /// `put` is checked and mapped already ([`Self::own_records`]).
+    fn open_records(&mut self, put: Vec<RecordSpec>, opened: &Opened) {
+        let put = put
+            .into_iter()
+            .map(|mut r| {
+                if let Ok(serde_json::Value::Object(mut m)) =
+                    serde_json::from_str::<serde_json::Value>(&r.reply)
+                {
+                    if m.contains_key("opened") {
+                        if let Ok(v) = serde_json::to_value(opened) {
+                            m.insert("opened".into(), v);
+                            r.reply = serde_json::Value::Object(m).to_string();
+                        }
+                    }
+                }
+                r
+            })
+            .collect();
+        self.write_records(put, Vec::new());
     }
 
     /// Continues a parked open whose intent is durable: truncates, then

@@ -16,6 +16,44 @@ impl Engine {
         Ok(r)
     }
 
+    /// A frontend's record writes and deletes, each checked and mapped
+    /// into the filter's scopes ([`Self::own_record`], [`Self::own_scope`]):
+    /// all or nothing.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn own_records(
+        &self,
+        conn: ConnId,
+        protocol: &Protocol,
+        put: Vec<RecordSpec>,
+        delete: Vec<(ReplayScope, u64)>,
+    ) -> Result<(Vec<RecordSpec>, Vec<(ReplayScope, u64)>), WireError> {
+        let put = put
+            .into_iter()
+            .map(|r| self.own_record(conn, protocol, r))
+            .collect::<Result<_, _>>()?;
+        let delete = delete
+            .into_iter()
+            .map(|(s, op)| self.own_scope(conn, protocol, s).map(|s| (s, op)))
+            .collect::<Result<_, _>>()?;
+        Ok((put, delete))
+    }
+
+    /// Deletes, then writes, checked records in the current batch
+    /// (`WriteRecords`, and the records a `Close` carries).
+    pub(super) fn write_records(&mut self, put: Vec<RecordSpec>, delete: Vec<(ReplayScope, u64)>) {
+        for (scope, op_id) in delete {
+            let persistent = self.scope_is_persistent(&scope);
+            if let Some(recs) = self.replays.get_mut(&scope) {
+                if recs.remove(&op_id).is_some() && persistent {
+                    self.batch.push(StoreOp::DeleteReplay { scope, op_id });
+                }
+            }
+        }
+        for r in put {
+            self.remember_reply(r);
+        }
+    }
+
     pub(super) fn remember_reply(&mut self, r: RecordSpec) {
         let record = ReplayRecord {
             reply: r.reply.clone(),

@@ -465,6 +465,7 @@ fn open(path: &str, share: Rights) -> Request {
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     })
 }
 
@@ -578,7 +579,11 @@ impl Harness {
                 delete,
                 record: None,
             },
-            Op::Close(h) => Request::Close { key: key(h)? },
+            Op::Close(h) => Request::Close {
+                key: key(h)?,
+                put: vec![],
+                delete: vec![],
+            },
             Op::Record(s, op_id) => Request::RecordReply {
                 scope: session(s),
                 op_id,
@@ -825,6 +830,7 @@ fn a_share_group_is_one_reservation() {
             no_wait: true,
             share_group: group.map(str::to_owned),
             stat: false,
+            put: Vec::new(),
         })
     };
     // Read, denying write; then write by the same group.
@@ -1026,7 +1032,11 @@ fn size_changes_removes_and_deletes_on_close_wait_for_their_intent() {
     });
     h.commit(true);
     h.fs.take_log();
-    let id = h.run(Request::Close { key: c });
+    let id = h.run(Request::Close {
+        key: c,
+        put: vec![],
+        delete: vec![],
+    });
     assert!(h.fs.file("c").is_some());
     h.commit(true);
     let log = h.fs.take_log();
@@ -1133,7 +1143,11 @@ fn a_close_whose_commit_failed_puts_the_create_marker_back() {
     let key = h.opened(id);
     let marker = h.fs.file("n").and_then(|f| f.marker);
     assert!(marker.is_some());
-    let id = h.run(Request::Close { key });
+    let id = h.run(Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+    });
     assert_eq!(h.fs.file("n").and_then(|f| f.marker), None);
     h.commit(false);
     assert_eq!(h.refused(id), ErrorCode::DiskFull);
@@ -1172,7 +1186,11 @@ fn a_parked_open_closed_meanwhile_is_answered() {
         Disposition::Overwrite,
     ));
     let key = h.keys()[0];
-    h.run(Request::Close { key });
+    h.run(Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+    });
     h.commit(true);
     assert_eq!(h.refused(id), ErrorCode::NoSuchHandle);
     assert_eq!(
@@ -1204,7 +1222,11 @@ fn a_reused_inode_is_not_the_handles_file() {
     let new = h.fs.file("a").unwrap();
     assert_eq!((new.ino, new.gen), (old.ino, old.gen + 1));
     h.fs.take_log();
-    h.run(Request::Close { key });
+    h.run(Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+    });
     h.commit(true);
     assert_eq!(h.fs.file("a"), Some(new), "{:?}", h.fs.take_log());
 }
@@ -1329,7 +1351,11 @@ fn a_local_open_of_a_create_still_committing_waits_for_its_outcome() {
             .map(|h| (h.rec.key, h.rec.file))
             .unwrap();
         if closed {
-            h.run(Request::Close { key });
+            h.run(Request::Close {
+                key,
+                put: vec![],
+                delete: vec![],
+            });
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let fd: Arc<OwnedFd> = Arc::new(std::fs::File::open("/dev/null").unwrap().into());
@@ -1386,7 +1412,11 @@ fn changes_made_at_once_wait_for_a_pending_close_of_their_file() {
             h.commit(true);
             let (p, a) = (h.opened(p), h.opened(a));
             let before = h.fs.file("b");
-            let close = h.run(Request::Close { key: p });
+            let close = h.run(Request::Close {
+                key: p,
+                put: vec![],
+                delete: vec![],
+            });
             let req = match case {
                 "overwrite" => bobs("b", rw, Disposition::Overwrite),
                 "remove" => Request::Remove {
@@ -1450,8 +1480,16 @@ fn a_delete_on_close_waits_for_a_pending_close_of_the_file() {
         });
         h.commit(true);
         let before = h.fs.file("b");
-        h.run(Request::Close { key: p });
-        h.run(Request::Close { key: n });
+        h.run(Request::Close {
+            key: p,
+            put: vec![],
+            delete: vec![],
+        });
+        h.run(Request::Close {
+            key: n,
+            put: vec![],
+            delete: vec![],
+        });
         assert_eq!(h.fs.file("b"), before, "unlinked before the close commits");
         h.commit(ok);
         h.engine.process_retries();
@@ -1535,7 +1573,11 @@ fn a_lease_key_names_one_file_of_its_clients() {
     let kbob = h.opened(bob);
     // Closed everywhere, the key is free for another file.
     for k in [ka, h.opened(a2), h.opened(a3), kb, kbob] {
-        h.run(Request::Close { key: k });
+        h.run(Request::Close {
+            key: k,
+            put: vec![],
+            delete: vec![],
+        });
         h.commit(true);
     }
     let again = h.run(leased("alice", "e", "R", 0));

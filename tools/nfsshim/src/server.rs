@@ -497,6 +497,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
         let mut st = State::default();
         for (snum, mut o) in state::list::<OpenRec>(f, &t.states(&cid))? {
             max = max.max(snum);
+            o.settle();
             match f.resume(ClientId::new(cid.clone()).map_err(unexpected)?, o.key) {
                 Ok(h) => {
                     let mut extra = Vec::new();
@@ -638,7 +639,8 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                 retried: None,
             })
             .collect();
-        for (i, s) in state::list::<SlotRec>(f, &t.slots(&rec.sessionid))? {
+        for (i, mut s) in state::list::<SlotRec>(f, &t.slots(&rec.sessionid))? {
+            s.settle();
             if let Some(slot) = usize::try_from(i).ok().and_then(|i| slots.get_mut(i)) {
                 slot.seqid = s.seqid;
                 slot.reply = Some(s.reply);
@@ -1183,6 +1185,8 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         let rec = SlotRec {
             seqid: seq.seqid,
             reply: Value::Object(reply.clone()),
+            opened: None,
+            state: None,
         };
         let slot_op = u64::try_from(seq.slot).unwrap_or(0);
         if let Err(e) = pending.put(&sh.tables.slots(&seq.sessionid), slot_op, &rec) {
@@ -1417,7 +1421,22 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         no_wait: true,
         share_group: Some(owner.clone()),
         stat: false,
+        put: Vec::new(),
     };
+    // An owner's first open state, neither exclusive nor truncating: the
+    // filter open, the open state and the slot reply in one commit. (An
+    // owner with open states may be upgrading one of them, known only by
+    // the file id the open returns; an exclusive create records its
+    // verifier; a truncating persistent open commits in two steps.)
+    if excl_verifier.is_none() && !truncate && !st.opens.values().any(|o| o.rec.owner == owner) {
+        let words = Words {
+            owner,
+            access: access_w,
+            deny: deny_w,
+            want,
+        };
+        return open_recorded(ctx, st, req, words, access);
+    }
     let mut created_by_resend = false;
     let h = match sh.filter.replay_open(req.clone()) {
         Ok(h) => h,
@@ -1554,6 +1573,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                         deleg: None,
                         key_access: None,
                         extra: Vec::new(),
+                        opened: None,
                     },
                     num,
                     clientid: ctx.cid.to_owned(),
@@ -1602,6 +1622,160 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     m.insert("created".into(), json!(created));
     m.insert("size".into(), json!(size));
     m.insert("delegation".into(), deleg_json);
+    Ok(m)
+}
+
+/// An OPEN's modes as the client gave them.
+struct Words {
+    owner: String,
+    access: String,
+    deny: String,
+    want: String,
+}
+
+/// An owner's first OPEN (no upgrade possible): the open state's record
+/// and the slot reply ride on the filter open (`OpenRequest::put`), marked
+/// for filterd to complete with its answer, so they commit with the handle
+/// — one commit per OPEN. A restore derives the resume key, `created`,
+/// `size` and the delegation from that answer (`OpenRec::settle`,
+/// `SlotRec::settle`).
+fn open_recorded(
+    ctx: &Ctx<'_>,
+    st: &mut State,
+    mut req: OpenRequest,
+    w: Words,
+    access: Rights,
+) -> Outcome {
+    let sh = ctx.sh;
+    let (path, lease) = (req.path.clone(), req.lease);
+    let max = sh.limits.max_opens_per_client;
+    if st.opens.len() >= max {
+        return Err(Fail(
+            "NFS4ERR_RESOURCE",
+            format!("this client has {max} open states (--max-opens-per-client)"),
+        ));
+    }
+    let slots = sh.tables.slots(&ctx.seq.sessionid);
+    let slot_op = u64::try_from(ctx.seq.slot).unwrap_or(0);
+    // A re-send after filterd went away mid-OPEN: if the OPEN committed,
+    // its records name the open state; write the same ones again.
+    let earlier = if ctx.restored {
+        let scope = state::scope(&slots).map_err(filter_fail)?;
+        sh.filter
+            .client()
+            .lookup_reply(scope, slot_op)
+            .map_err(filter_fail)?
+            .and_then(|r| serde_json::from_str::<SlotRec>(&r.reply).ok())
+            .filter(|r| r.seqid == ctx.seq.seqid)
+    } else {
+        None
+    };
+    let earlier_id = |v: Option<&Value>| {
+        v.and_then(|v| v["stateid"]["other"].as_str())
+            .map(str::to_owned)
+    };
+    let (other, num, deleg_other) = match &earlier {
+        Some(r) if r.state.is_some() => (
+            earlier_id(Some(&r.reply)).unwrap_or_else(|| new_id("O")),
+            r.state.unwrap_or_else(|| sh.num()),
+            earlier_id(r.reply.get("delegation")).unwrap_or_else(|| new_id("D")),
+        ),
+        _ => (new_id("O"), sh.num(), new_id("D")),
+    };
+    let deleg = lease.map(|l| DelegRec {
+        other: deleg_other.clone(),
+        lease_key: l.key.0,
+        write: w.want == "write",
+    });
+    let rec = OpenRec {
+        other: other.clone(),
+        seqid: 1,
+        owner: w.owner.clone(),
+        path: path.as_str().to_owned(),
+        key: ResumeKey(uuid::Uuid::nil()),
+        access: w.access.clone(),
+        deny: w.deny.clone(),
+        locks: Vec::new(),
+        deleg,
+        key_access: None,
+        extra: Vec::new(),
+        opened: None,
+    };
+    let deleg_json = |write: bool| {
+        json!({"stateid": stateid_json(&deleg_other, 1),
+               "type": if write { "write" } else { "read" }})
+    };
+    let mut reply = Map::new();
+    reply.insert("stateid".into(), stateid_json(&other, 1));
+    reply.insert("created".into(), json!(false));
+    reply.insert("size".into(), json!(0));
+    reply.insert(
+        "delegation".into(),
+        if lease.is_some() {
+            deleg_json(w.want == "write")
+        } else {
+            Value::Null
+        },
+    );
+    let slot_rec = SlotRec {
+        seqid: ctx.seq.seqid,
+        reply: Value::Object(finish(Ok(reply))),
+        opened: None,
+        state: Some(num),
+    };
+    let put = vec![
+        RecordSpec {
+            scope: state::scope(&sh.tables.states(ctx.cid)).map_err(filter_fail)?,
+            op_id: num,
+            reply: state::encode_for_open(&rec).map_err(filter_fail)?,
+            keep: state::KEEP,
+        },
+        RecordSpec {
+            scope: state::scope(&slots).map_err(filter_fail)?,
+            op_id: slot_op,
+            reply: state::encode_for_open(&slot_rec).map_err(filter_fail)?,
+            keep: state::KEEP,
+        },
+    ];
+    req.put = put;
+    let h = sh.filter.replay_open(req).map_err(filter_fail)?;
+    note_locked(sh, &h.info);
+    // Memory as a restore would derive it from the records just committed.
+    let mut rec = rec;
+    rec.opened = Some(h.info.clone());
+    rec.settle();
+    let mut slot_rec = slot_rec;
+    slot_rec.opened = Some(h.info.clone());
+    slot_rec.settle();
+    let key = rec.key;
+    let deleg = rec.deleg.as_ref().map(|d| (d.other.clone(), d.lease_key));
+    st.opens.insert(
+        other.clone(),
+        Open {
+            rec,
+            num,
+            clientid: ctx.cid.to_owned(),
+            file: Arc::new(std::fs::File::from(h.fd).into()),
+            rights: access,
+            extra: Vec::new(),
+            file_key: h.info.file,
+        },
+    );
+    if let Some((d, _)) = &deleg {
+        st.aliases.insert(d.clone(), other.clone());
+    }
+    {
+        // Route filterd's events about this open (and its delegation) here.
+        let mut g = sh.global()?;
+        g.handle_client.insert(key, ctx.cid.to_owned());
+        if let Some((d, lease)) = deleg {
+            g.lease_client.insert(lease, (ctx.cid.to_owned(), d));
+        }
+    }
+    let Value::Object(mut m) = slot_rec.reply else {
+        return Err(internal("slot reply is not an object"));
+    };
+    m.insert(RECORDED.into(), json!(true));
     Ok(m)
 }
 
@@ -1900,6 +2074,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     no_wait: true,
                     share_group: Some(o.rec.owner.clone()),
                     stat: false,
+                    put: Vec::new(),
                 })
                 .map_err(filter_fail)?;
             (h.info.key, Some(h.info.key))
@@ -2200,14 +2375,32 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     if o.rec.locks.iter().any(|l| !l.held.is_empty()) {
         return Err(Fail("NFS4ERR_LOCKS_HELD", "unlock first".into()));
     }
-    for k in o.keys() {
+    let num = o.num;
+    // The further handles (upgrades, lock-owners) first; then the open's
+    // own handle, whose close carries the state's deletion and the slot
+    // reply: one commit (a crash leaves the open state whole, with its own
+    // handle, or gone with the reply recorded). A re-send after a crash
+    // finds the closed handles gone and closes the rest.
+    let mut recorded_with_close = false;
+    for k in o.keys().into_iter().skip(1) {
         match sh.filter.close(k) {
             Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
             Err(e) => return Err(filter_fail(e)),
         }
     }
-    let num = o.num;
+    let put = vec![slot_record(ctx)?];
+    let delete = vec![(
+        state::scope(&sh.tables.states(ctx.cid)).map_err(filter_fail)?,
+        num,
+    )];
+    match sh.filter.close_recording(o.rec.key, put, delete) {
+        Ok(()) => recorded_with_close = true,
+        // Closed already (a re-send after a crash whose close committed
+        // without its reply reaching us): the records go the usual way.
+        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
+        Err(e) => return Err(filter_fail(e)),
+    }
     st.closed.insert(
         other.clone(),
         (ctx.cid.to_owned(), Some(ctx.request_name("close"))),
@@ -2225,6 +2418,9 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             st.aliases.remove(&d.other);
             g.lease_client.remove(&d.lease_key);
         }
+    }
+    if recorded_with_close {
+        return Ok(recorded());
     }
     ctx.delete_state(num);
     Ok(Map::new())
@@ -2310,6 +2506,8 @@ fn slot_record(ctx: &Ctx<'_>) -> Result<RecordSpec, Fail> {
     let reply = SlotRec {
         seqid: ctx.seq.seqid,
         reply: json!({"status": "NFS4_OK"}),
+        opened: None,
+        state: None,
     };
     Ok(RecordSpec {
         scope: state::scope(&ctx.sh.tables.slots(&ctx.seq.sessionid)).map_err(filter_fail)?,
@@ -2407,6 +2605,7 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             no_wait: true,
             share_group: None,
             stat: false,
+            put: Vec::new(),
         })
         .map_err(namespace_fail)?;
     let r = sh

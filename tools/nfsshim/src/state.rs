@@ -20,7 +20,9 @@
 
 use libfilter::attach::Attachment;
 use libfilter::client::ClientError;
-use libfilter::model::{ReplayScope, ResumeKey, ScopeName};
+use libfilter::lease::LeaseState;
+use libfilter::model::{CreateAction, ReplayScope, ResumeKey, ScopeName};
+use libfilter::proto::Opened;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
@@ -48,6 +50,66 @@ pub struct SessionRec {
 pub struct SlotRec {
     pub seqid: u64,
     pub reply: Value,
+    /// An OPEN's reply written in the filter open's own commit: filterd's
+    /// answer to that open ([`OPENED`]), from which the reply's `created`,
+    /// `size` and `delegation` are derived ([`SlotRec::settle`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened: Option<Opened>,
+    /// That OPEN's open-state record (op id in the client's `states`): a
+    /// re-send after filterd went away mid-OPEN writes the same records
+    /// again rather than a second open state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<u64>,
+}
+
+/// The member a record carries (as `null`) for filterd to complete with
+/// the open's [`Opened`] in the open's commit (`OpenRequest::put`).
+pub const OPENED: &str = "opened";
+
+/// A record `rec` as text, marked for filterd to complete with `"opened"`.
+pub fn encode_for_open<T: Serialize>(rec: &T) -> Result<String, ClientError> {
+    let mut v = serde_json::to_value(rec)
+        .map_err(|e| ClientError::Unexpected(format!("encoding a record: {e}")))?;
+    if let Value::Object(m) = &mut v {
+        m.insert(OPENED.into(), Value::Null);
+    }
+    Ok(v.to_string())
+}
+
+/// Whether filterd granted a delegation (a lease with R) with an open.
+pub fn delegation_granted(o: &Opened) -> Option<bool> {
+    o.lease
+        .filter(|l| l.state.contains(LeaseState::R))
+        .map(|l| l.state.contains(LeaseState::W))
+}
+
+impl SlotRec {
+    /// Derives an OPEN's reply from filterd's answer, as nfsshim made it
+    /// when it answered: whether it created the file, its size, and the
+    /// delegation only if granted.
+    pub fn settle(&mut self) {
+        let Some(o) = self.opened.take() else {
+            return;
+        };
+        if let Value::Object(m) = &mut self.reply {
+            m.insert(
+                "created".into(),
+                Value::Bool(o.create_action == CreateAction::Created),
+            );
+            m.insert("size".into(), Value::from(o.size));
+            let d = m.get_mut("delegation");
+            match (d, delegation_granted(&o)) {
+                (Some(Value::Object(d)), Some(write)) => {
+                    d.insert(
+                        "type".into(),
+                        Value::from(if write { "write" } else { "read" }),
+                    );
+                }
+                (Some(d), None) => *d = Value::Null,
+                _ => {}
+            }
+        }
+    }
 }
 
 /// An open state (with its lock state and delegation, if any).
@@ -76,6 +138,30 @@ pub struct OpenRec {
     /// with the open.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra: Vec<ExtraHandle>,
+    /// Written in the filter open's own commit: filterd's answer to the
+    /// open, which holds the handle's resume key (`key` is nil until
+    /// [`OpenRec::settle`]) and whether the delegation was granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened: Option<Opened>,
+}
+
+impl OpenRec {
+    /// Takes the resume key and the delegation from filterd's answer to
+    /// the open, if the record was written with it.
+    pub fn settle(&mut self) {
+        let Some(o) = self.opened.take() else {
+            return;
+        };
+        self.key = o.key;
+        match delegation_granted(&o) {
+            Some(write) => {
+                if let Some(d) = &mut self.deleg {
+                    d.write = write;
+                }
+            }
+            None => self.deleg = None,
+        }
+    }
 }
 
 /// A further filter handle of an open state (see [`OpenRec::extra`]).

@@ -200,6 +200,7 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     })?;
     drop(std::fs::File::open(root.join("plain"))?); // first open sets the ignore mark
     let stateless = open_close(&root.join("plain"), dur)?;

@@ -89,6 +89,7 @@ fn warm_up(client: &FilterClient, i: usize, durability: Durability) -> anyhow::R
         no_wait: false,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     };
     for _ in 0..WARM_UP_PAIRS {
         let h = client.open(req.clone())?;
@@ -207,6 +208,7 @@ pub fn check_io(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Fig
             no_wait: false,
             share_group: None,
             stat: false,
+            put: Vec::new(),
         })
     };
     let holder = fe.open(req("holder")?)?;

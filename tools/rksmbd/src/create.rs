@@ -502,6 +502,7 @@ fn open_file(
         no_wait: true,
         share_group: None,
         stat: is_oplock_stat_open(f.access),
+        put: Vec::new(),
     };
     let replay = f.replay && create_guid.is_some();
     // AppInstanceId (3.3.5.9.13), with DH2Q: the application's earlier

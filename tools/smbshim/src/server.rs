@@ -612,6 +612,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>, no_wait: bool) -> O
         no_wait,
         share_group: None,
         stat: false,
+        put: Vec::new(),
     };
     let replay = is_replay(obj) && create_guid.is_some();
     let _teardown = if replay {
