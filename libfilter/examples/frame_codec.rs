@@ -33,6 +33,7 @@ fn main() {
             no_wait: false,
             share_group: None,
             stat: false,
+            put: Vec::new(),
         }),
     };
     let rep = ServerFrame::Reply {
@@ -52,7 +53,11 @@ fn main() {
     };
     let close = RequestFrame {
         id: 12346,
-        req: Request::Close { key },
+        req: Request::Close {
+            key,
+            put: Vec::new(),
+            delete: Vec::new(),
+        },
     };
     let done = ServerFrame::Reply {
         id: Some(12346),
