@@ -37,6 +37,7 @@ fn req(client: &str, access: Rights, share: Rights, dur: Durability, stat: bool)
         no_wait: true,
         share_group: None,
         stat,
+        put: Vec::new(),
     }
 }
 
