@@ -1328,21 +1328,27 @@ impl EtcdStore {
         }
     }
 
-    fn records<T: crate::store::StoredRecord>(
+    fn records<T: crate::store::StoredRecord + Send>(
         &self,
         table: &'static str,
         sub: &str,
     ) -> Vec<(Vec<u8>, Result<T, StoreError>)> {
         let p = self.key(sub);
-        self.lock_table()
+        let all = self.lock_table();
+        let stored: Vec<(&[u8], &[u8])> = all
             .range(p.clone()..)
             .take_while(|(k, _)| k.starts_with(&p))
-            .map(|(k, v)| {
-                let raw = unhex(&k[p.len()..]).unwrap_or_default();
-                let rec = decode_record::<T>(v).map_err(|reason| StoreError::Corrupt {
-                    table,
-                    reason: format!("key {}: {reason}", String::from_utf8_lossy(k)),
-                });
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        // Decoded on every core (restart recovery reads them all).
+        let recs = crate::store::decode_all::<T>(table, &stored, |k| {
+            String::from_utf8_lossy(k).into_owned()
+        });
+        stored
+            .iter()
+            .zip(recs)
+            .map(|((k, _), rec)| {
+                let raw = k.get(p.len()..).and_then(|h| unhex(h)).unwrap_or_default();
                 (raw, rec)
             })
             .collect()
