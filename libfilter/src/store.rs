@@ -851,7 +851,7 @@ impl Store {
         let stored = raw
             .iter(&txn)?
             .collect::<Result<Vec<(&[u8], &[u8])>, _>>()?;
-        Ok(decode_all("handles", &stored, |k| hex(k)))
+        Ok(decode_all("handles", &stored, hex))
     }
 
     /// Drops the map pages this process has resident (a full scan — restart
