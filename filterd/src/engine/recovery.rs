@@ -324,7 +324,7 @@ impl Engine {
         let (found, shared) = std::thread::scope(|s| {
             let indexing = std::thread::Builder::new()
                 .name("recovery-index".into())
-                .spawn_scoped(s, &index_all);
+                .spawn_scoped(s, index_all);
             let found = fs.locate_for_recovery(&probes);
             let shared = match indexing {
                 Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),

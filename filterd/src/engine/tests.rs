@@ -1390,7 +1390,7 @@ fn recovery_of_many_handles_fills_every_index_once() {
     let stored: HashMap<ResumeKey, &HandleRecord> = recs.iter().map(|r| (r.key, r)).collect();
     for hd in e.handles.values() {
         let was = HandleRecord {
-            conn: hd.rec.conn.clone(),
+            conn: hd.rec.conn,
             ..stored[&hd.rec.key].clone()
         };
         assert_eq!(hd.rec, was);
