@@ -703,18 +703,54 @@ pub fn locate_for_recovery(
 /// Handles per recovery worker below which another thread is not worth
 /// its start.
 const LOCATE_PER_THREAD_MIN: usize = 4096;
+/// Most recovery workers: the reopens are system calls on (mostly) cached
+/// inodes, so more threads than cores only queue.
+const LOCATE_THREADS_MAX: usize = 8;
 
 /// [`locate_for_recovery`] of every `(kernel handle, recorded path)`, in
-/// order, split over a few scoped threads ([`libfilter::par::map`], each
-/// with at least [`LOCATE_PER_THREAD_MIN`] handles): the lookups are
-/// independent, and the engine is not serving yet, so recovery's longest
-/// step runs on every core.
+/// order, split over a few scoped threads (one per core, at most
+/// [`LOCATE_THREADS_MAX`], each with at least [`LOCATE_PER_THREAD_MIN`]
+/// handles): the lookups are independent, and the engine is not serving
+/// yet, so recovery's longest step runs on every core.
 pub fn locate_all_for_recovery(
     root: BorrowedFd<'_>,
     files: &[(&libfilter::model::KernelHandle, &RelPath)],
 ) -> Vec<io::Result<FileId>> {
-    libfilter::par::map(files, LOCATE_PER_THREAD_MIN, "recovery", |(h, path)| {
-        locate_for_recovery(root, h, path)
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores
+        .min(LOCATE_THREADS_MAX)
+        .min(files.len() / LOCATE_PER_THREAD_MIN)
+        .max(1);
+    let locate = |part: &[(&libfilter::model::KernelHandle, &RelPath)]| {
+        part.iter()
+            .map(|(h, path)| locate_for_recovery(root, h, path))
+            .collect::<Vec<_>>()
+    };
+    if threads == 1 {
+        return locate(files);
+    }
+    let per = files.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = files
+            .chunks(per)
+            .enumerate()
+            .map(|(i, part)| {
+                std::thread::Builder::new()
+                    .name(format!("recovery-{i}"))
+                    .spawn_scoped(s, move || locate(part))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(files.len());
+        for (w, part) in workers.into_iter().zip(files.chunks(per)) {
+            match w.map(|t| t.join()) {
+                Ok(Ok(found)) => out.extend(found),
+                // No thread to spare (or one that panicked, which the
+                // panic hook turns into an abort anyway): this part on the
+                // calling thread.
+                _ => out.extend(locate(part)),
+            }
+        }
+        out
     })
 }
 

@@ -714,9 +714,7 @@ impl EtcdStore {
         ]);
         // (next key to read, end) of each range not read to its end.
         let mut todo = self.read_ranges();
-        // Gathered, then built into the map at once (in key order: a
-        // B-tree built whole instead of 100k inserts).
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         let mut tries = 0u32;
         while !todo.is_empty() {
             let tasks: Vec<_> = std::mem::take(&mut todo)
@@ -778,7 +776,7 @@ impl EtcdStore {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Ok(out.into_iter().collect())
+        Ok(out)
     }
 
     fn start_keepalive(&self) {
@@ -1330,27 +1328,21 @@ impl EtcdStore {
         }
     }
 
-    fn records<T: crate::store::StoredRecord + Send>(
+    fn records<T: crate::store::StoredRecord>(
         &self,
         table: &'static str,
         sub: &str,
     ) -> Vec<(Vec<u8>, Result<T, StoreError>)> {
         let p = self.key(sub);
-        let all = self.lock_table();
-        let stored: Vec<(&[u8], &[u8])> = all
+        self.lock_table()
             .range(p.clone()..)
             .take_while(|(k, _)| k.starts_with(&p))
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
-        // Decoded on every core (restart recovery reads them all).
-        let recs = crate::store::decode_all::<T>(table, &stored, |k| {
-            String::from_utf8_lossy(k).into_owned()
-        });
-        stored
-            .iter()
-            .zip(recs)
-            .map(|((k, _), rec)| {
-                let raw = k.get(p.len()..).and_then(unhex).unwrap_or_default();
+            .map(|(k, v)| {
+                let raw = unhex(&k[p.len()..]).unwrap_or_default();
+                let rec = decode_record::<T>(v).map_err(|reason| StoreError::Corrupt {
+                    table,
+                    reason: format!("key {}: {reason}", String::from_utf8_lossy(k)),
+                });
                 (raw, rec)
             })
             .collect()

@@ -18,8 +18,6 @@
 //!   by itself after a daemon restart.
 //! - [`runtime`]: the live daemon's record in its state dir (pid, socket),
 //!   how filterctl finds it.
-//! - [`par`]: work split over a few scoped threads (restart recovery's
-//!   decoding and file looks).
 //! - [`sys`]: the syscall backend (openat2, file handles, SCM_RIGHTS), the one
 //!   module allowed `unsafe`.
 #![deny(unsafe_code)]
@@ -32,7 +30,6 @@ pub mod etcd;
 pub mod lease;
 pub mod locks;
 pub mod model;
-pub mod par;
 pub mod proto;
 pub mod record;
 pub mod runtime;

@@ -204,25 +204,6 @@ pub fn replay_prefix(scope: &ReplayScope) -> Vec<u8> {
     }
 }
 
-/// Records below which decoding on more than one thread is not worth it.
-const DECODE_PER_THREAD_MIN: usize = 4096;
-
-/// Decodes stored `(key, value)` pairs of `table`, in order, on a few
-/// threads ([`crate::par::map`]); a value that does not decode is a
-/// [`StoreError::Corrupt`] naming its key (as `show_key` writes it).
-pub fn decode_all<T: StoredRecord + Send>(
-    table: &'static str,
-    stored: &[(&[u8], &[u8])],
-    show_key: impl Fn(&[u8]) -> String + Sync,
-) -> Vec<Result<T, StoreError>> {
-    crate::par::map(stored, DECODE_PER_THREAD_MIN, "decode", |(k, v)| {
-        decode_record::<T>(v).map_err(|reason| StoreError::Corrupt {
-            table,
-            reason: format!("key {}: {reason}", show_key(k)),
-        })
-    })
-}
-
 /// Splits a `replay` table key back into its scope and op id.
 pub fn parse_replay_key(k: &[u8]) -> Option<(ReplayScope, u64)> {
     let (tag, rest) = k.split_first()?;
@@ -846,12 +827,16 @@ impl Store {
         let _gate = self.gate();
         let txn = self.env.read_txn()?;
         let raw = self.handles.remap_types::<Bytes, Bytes>();
-        // The values are read where LMDB maps them and decoded on every
-        // core (restart recovery reads them all).
-        let stored = raw
-            .iter(&txn)?
-            .collect::<Result<Vec<(&[u8], &[u8])>, _>>()?;
-        Ok(decode_all("handles", &stored, hex))
+        let mut out = Vec::new();
+        for item in raw.iter(&txn)? {
+            let (k, v) = item?;
+            let rec = decode_record::<HandleRecord>(v).map_err(|reason| StoreError::Corrupt {
+                table: "handles",
+                reason: format!("key {}: {reason}", hex(k)),
+            });
+            out.push(rec);
+        }
+        Ok(out)
     }
 
     /// Drops the map pages this process has resident (a full scan — restart

@@ -770,28 +770,20 @@ impl Engine {
     /// [`Engine::insert`] but for the file index, which the caller fills
     /// (recovery builds it once, in file order, for all handles).
     pub(super) fn insert_unfiled(&mut self, h: Handle) {
-        let rec = &h.rec;
-        if let Some(l) = rec.lease {
-            self.lease_key_taken(&rec.client, l.key, rec.file);
+        let key = h.rec.key;
+        *self
+            .per_client
+            .entry((h.rec.protocol.clone(), h.rec.client.clone()))
+            .or_default() += 1;
+        *self.per_frontend.entry(h.rec.frontend.clone()).or_default() += 1;
+        if let Some(l) = h.rec.lease {
+            self.lease_key_taken(&h.rec.client, l.key, h.rec.file);
         }
-        self.name_indexes().add(
-            &rec.protocol,
-            &rec.frontend,
-            &rec.client,
-            rec.create_guid,
-            rec.key,
-        );
-        self.handles.insert(h.rec.key, Box::new(h));
-    }
-
-    /// The handle indexes keyed by names rather than files.
-    pub(super) fn name_indexes(&mut self) -> NameIndexes<'_> {
-        NameIndexes {
-            per_client: &mut self.per_client,
-            per_frontend: &mut self.per_frontend,
-            by_guid: &mut self.by_guid,
-            guid_clients: &mut self.guid_clients,
+        if let Some(g) = h.rec.create_guid {
+            self.by_guid.insert((h.rec.client.clone(), g), key);
+            *self.guid_clients.entry(g).or_default() += 1;
         }
+        self.handles.insert(key, Box::new(h));
     }
 
     /// Removes a handle the store does not hold (rolled back): no store
@@ -1179,39 +1171,5 @@ impl ShareGroup {
             && h.rec.client == self.client
             && h.rec.protocol == self.protocol
             && h.rec.frontend == self.frontend
-    }
-}
-
-/// The handle indexes keyed by names (protocol, client, frontend, create
-/// GUID) rather than by file: [`Engine::insert_unfiled`] fills them for
-/// every handle, and recovery on a thread of their own while the files
-/// are looked at (`recovery.rs`).
-pub(super) struct NameIndexes<'a> {
-    pub(super) per_client: &'a mut HashMap<(Protocol, ClientId), usize>,
-    pub(super) per_frontend: &'a mut HashMap<InstanceName, usize>,
-    pub(super) by_guid: &'a mut HashMap<(ClientId, CreateGuid), ResumeKey>,
-    pub(super) guid_clients: &'a mut HashMap<CreateGuid, u32>,
-}
-
-impl NameIndexes<'_> {
-    /// Counts and indexes one handle (its record's names, create GUID and
-    /// resume key).
-    pub(super) fn add(
-        &mut self,
-        protocol: &Protocol,
-        frontend: &InstanceName,
-        client: &ClientId,
-        create_guid: Option<CreateGuid>,
-        key: ResumeKey,
-    ) {
-        *self
-            .per_client
-            .entry((protocol.clone(), client.clone()))
-            .or_default() += 1;
-        *self.per_frontend.entry(frontend.clone()).or_default() += 1;
-        if let Some(g) = create_guid {
-            self.by_guid.insert((client.clone(), g), key);
-            *self.guid_clients.entry(g).or_default() += 1;
-        }
     }
 }

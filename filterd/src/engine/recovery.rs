@@ -6,7 +6,6 @@
 use std::hash::Hash;
 
 use super::fs::SizeRedo;
-use super::opens::NameIndexes;
 use super::*;
 
 /// One copy of each protocol, frontend and client name among the recovered
@@ -19,26 +18,20 @@ struct SharedNames {
     clients: HashSet<ClientId>,
 }
 
-/// A recovered handle's names, the shared copies.
-type Names = (Protocol, InstanceName, ClientId);
-
 impl SharedNames {
-    /// The shared copies of `rec`'s names (its own the first time).
-    fn of(&mut self, rec: &HandleRecord) -> Names {
-        fn one<T: Clone + Eq + Hash>(seen: &mut HashSet<T>, name: &T) -> T {
+    /// Points `rec`'s names at the shared copies (its own are dropped).
+    fn share(&mut self, rec: &mut HandleRecord) {
+        fn one<T: Clone + Eq + Hash>(seen: &mut HashSet<T>, name: &mut T) {
             match seen.get(name) {
-                Some(shared) => shared.clone(),
+                Some(shared) => *name = shared.clone(),
                 None => {
                     seen.insert(name.clone());
-                    name.clone()
                 }
             }
         }
-        (
-            one(&mut self.protocols, &rec.protocol),
-            one(&mut self.frontends, &rec.frontend),
-            one(&mut self.clients, &rec.client),
-        )
+        one(&mut self.protocols, &mut rec.protocol);
+        one(&mut self.frontends, &mut rec.frontend);
+        one(&mut self.clients, &mut rec.client);
     }
 }
 
@@ -285,74 +278,36 @@ impl Engine {
                 }
             }
         }
-        // Two steps at once: which files are still there, all looked at in
-        // one go (on the calling thread and a few more:
-        // `Fs::locate_for_recovery`), and the names shared and indexed on a
-        // thread of their own (neither needs the other's answer). A handle
-        // lost before, or without a kernel handle, is not looked for.
+        // Which files are still there, all looked at in one go (on every
+        // core: `Fs::locate_for_recovery`); a handle lost before, or without
+        // a kernel handle, is not looked for.
+        let located = {
+            let (which, probes): (Vec<usize>, Vec<_>) = persistent
+                .iter()
+                .enumerate()
+                .filter(|(_, rec)| rec.conn != ConnState::Lost)
+                .filter_map(|(i, rec)| Some((i, (rec.kernel_handle.as_ref()?, &rec.path))))
+                .unzip();
+            let mut located: Vec<Option<std::io::Result<FileId>>> = std::iter::repeat_with(|| None)
+                .take(persistent.len())
+                .collect();
+            for (i, found) in which.into_iter().zip(self.fs.locate_for_recovery(&probes)) {
+                if let Some(slot) = located.get_mut(i) {
+                    *slot = Some(found);
+                }
+            }
+            located
+        };
+        let located_done = t0.elapsed();
+        // The indexes grow once, to their size.
         self.by_guid.reserve(persistent.len());
         self.guid_clients.reserve(persistent.len());
         self.expiries.reserve(persistent.len());
-        let (which, probes): (Vec<usize>, Vec<_>) = persistent
-            .iter()
-            .enumerate()
-            .filter(|(_, rec)| rec.conn != ConnState::Lost)
-            .filter_map(|(i, rec)| Some((i, (rec.kernel_handle.as_ref()?, &rec.path))))
-            .unzip();
-        let fs = &*self.fs;
-        let job = std::sync::Mutex::new((
-            NameIndexes {
-                per_client: &mut self.per_client,
-                per_frontend: &mut self.per_frontend,
-                by_guid: &mut self.by_guid,
-                guid_clients: &mut self.guid_clients,
-            },
-            SharedNames::default(),
-        ));
-        let index_all = || -> Vec<Names> {
-            let mut guard = job.lock().unwrap_or_else(|p| p.into_inner());
-            let (indexes, names) = &mut *guard;
-            persistent
-                .iter()
-                .map(|rec| {
-                    let (p, f, c) = names.of(rec);
-                    indexes.add(&p, &f, &c, rec.create_guid, rec.key);
-                    (p, f, c)
-                })
-                .collect()
-        };
-        let (found, shared) = std::thread::scope(|s| {
-            let indexing = std::thread::Builder::new()
-                .name("recovery-index".into())
-                .spawn_scoped(s, index_all);
-            let found = fs.locate_for_recovery(&probes);
-            let shared = match indexing {
-                Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                // No thread to spare: here, after the look.
-                Err(_) => index_all(),
-            };
-            (found, shared)
-        });
-        drop(job);
-        let mut located: Vec<Option<std::io::Result<FileId>>> = std::iter::repeat_with(|| None)
-            .take(persistent.len())
-            .collect();
-        for (i, found) in which.into_iter().zip(found) {
-            if let Some(slot) = located.get_mut(i) {
-                *slot = Some(found);
-            }
-        }
-        drop(probes);
-        let located_done = t0.elapsed();
+        let mut names = SharedNames::default();
         let mut filed = Vec::with_capacity(persistent.len());
-        let mut table = Vec::with_capacity(persistent.len());
         let mut restores = Vec::new();
-        for ((mut rec, found), (protocol, frontend, client)) in
-            persistent.into_iter().zip(located).zip(shared)
-        {
-            rec.protocol = protocol;
-            rec.frontend = frontend;
-            rec.client = client;
+        for (mut rec, found) in persistent.into_iter().zip(located) {
+            names.share(&mut rec);
             let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
             let found = match found {
                 Some(Ok(file)) => Some(file),
@@ -409,11 +364,8 @@ impl Engine {
                 Vec::new()
             };
             let file = rec.file;
-            if let Some(l) = rec.lease {
-                self.lease_key_taken(&rec.client, l.key, file);
-            }
             filed.push((file, key));
-            let h = Box::new(Handle {
+            self.insert_unfiled(Handle {
                 rec,
                 fd: None,
                 conn: None,
@@ -423,18 +375,9 @@ impl Engine {
                 linked: false,
                 stat: false,
             });
-            table.push((key, h));
             if !restore.is_empty() {
                 restores.push((key, file, restore));
             }
-        }
-        // The handle table, built once: from key order (the store's), a
-        // B-tree is built whole, its nodes full, instead of 100k inserts
-        // at random places.
-        if self.handles.is_empty() {
-            self.handles = table.into_iter().collect();
-        } else {
-            self.handles.extend(table);
         }
         // The file index, built once: in file order (a B-tree filled in
         // order is built whole, its nodes full, instead of 100k lookups of
