@@ -1231,30 +1231,34 @@ fn a_reused_inode_is_not_the_handles_file() {
     assert_eq!(h.fs.file("a"), Some(new), "{:?}", h.fs.take_log());
 }
 
-/// Restart recovery without files: an interrupted rename whose change
-/// happened is finished (paths, reply), one that did not is dropped; a
-/// handle whose file is gone is lost; the changed directories are synced
-/// before the commit.
-#[test]
-fn recovery_finishes_or_drops_intents() {
-    let h = Harness::new();
-    let (fs, store) = (h.fs.clone(), h.store.clone());
-    let kh_of = |path: &str| fs.handle_at(&RelPath::new(path).unwrap());
-    let file_of = |path: &str| {
-        fs.file_at_checked(&RelPath::new(path).unwrap())
-            .unwrap()
-            .unwrap()
-    };
-    let rec = |path: &str| HandleRecord {
+/// A fresh engine (epoch 2) on `fs` and `store`, recovered.
+fn recovered(fs: &MemFs, store: &Arc<MemStore>) -> Engine {
+    let mut e = Engine::new(
+        config(),
+        Box::new(fs.clone()),
+        2,
+        Arc::new(Pipeline::default()),
+        store.clone(),
+        Arc::new(CommitCounters::default()),
+    );
+    e.recover(store.as_ref()).unwrap();
+    e
+}
+
+/// A persistent handle's stored record of `path` on `fs` (smb, frontend
+/// smb-t, client alice, no create GUID), as recovery finds it.
+fn persistent_record(fs: &MemFs, path: &str) -> HandleRecord {
+    let path = RelPath::new(path).unwrap();
+    HandleRecord {
         key: ResumeKey::new_random(),
         protocol: Protocol::new("smb").unwrap(),
         frontend: InstanceName::new("smb-t").unwrap(),
         client: ClientId::new("alice").unwrap(),
         create_guid: None,
         owner: None,
-        path: RelPath::new(path).unwrap(),
-        file: file_of(path),
-        kernel_handle: kh_of(path),
+        file: fs.file_at_checked(&path).unwrap().unwrap(),
+        kernel_handle: fs.handle_at(&path),
+        path,
         access: Access::new(Rights::READ).unwrap(),
         share: Rights::ALL,
         durability: Durability::Persistent { timeout_ms: 60_000 },
@@ -1268,7 +1272,18 @@ fn recovery_finishes_or_drops_intents() {
         share_group: None,
         lock_owner: None,
         stat: false,
-    };
+    }
+}
+
+/// Restart recovery without files: an interrupted rename whose change
+/// happened is finished (paths, reply), one that did not is dropped; a
+/// handle whose file is gone is lost; the changed directories are synced
+/// before the commit.
+#[test]
+fn recovery_finishes_or_drops_intents() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    let rec = |path: &str| persistent_record(&fs, path);
     let (ra, rb, rc) = (rec("a"), rec("b"), rec("c"));
     let rename = |r: &HandleRecord, to: &str| Intent {
         id: IntentId(uuid::Uuid::new_v4()),
@@ -1299,15 +1314,7 @@ fn recovery_finishes_or_drops_intents() {
         ]])
         .unwrap();
     fs.take_log();
-    let mut e = Engine::new(
-        config(),
-        Box::new(fs.clone()),
-        2,
-        Arc::new(Pipeline::default()),
-        store.clone(),
-        Arc::new(CommitCounters::default()),
-    );
-    e.recover(store.as_ref()).unwrap();
+    let e = recovered(&fs, &store);
     let m = store.inner.lock().unwrap().clone();
     assert!(m.intents.is_empty());
     assert_eq!(m.handles[&ra.key].path.as_str(), "x");
@@ -1330,6 +1337,73 @@ fn recovery_finishes_or_drops_intents() {
             .any(|l| matches!(l, Logged::Rename(..) | Logged::Remove(_))),
         "{log:?}"
     );
+}
+
+/// Recovery of many handles (the name indexes are filled on a thread of
+/// their own while the files are looked at): every handle is in the table
+/// in key order, the per-client, per-frontend and
+/// create-GUID indexes count each once (lost ones too), and a handle whose
+/// file is gone is lost — the same tables one insert at a time would give.
+#[test]
+fn recovery_of_many_handles_fills_every_index_once() {
+    let fs = MemFs::new();
+    let n = 1_500usize;
+    for i in 0..n {
+        fs.put(&format!("f{i}"), 1);
+    }
+    let h = Harness::on(fs.clone());
+    let store = h.store.clone();
+    let clients = ["alice", "bob", "carol"];
+    let recs: Vec<HandleRecord> = (0..n)
+        .map(|i| HandleRecord {
+            protocol: Protocol::new(if i % 2 == 0 { "smb" } else { "nfs" }).unwrap(),
+            frontend: InstanceName::new(format!("fe-{}", i % 4)).unwrap(),
+            client: ClientId::new(clients[i % 3]).unwrap(),
+            create_guid: (i % 5 != 0).then(|| CreateGuid(uuid::Uuid::new_v4())),
+            ..persistent_record(&fs, &format!("f{i}"))
+        })
+        .collect();
+    let ops: Vec<StoreOp> = recs
+        .iter()
+        .map(|r| StoreOp::PutHandle(Box::new(r.clone())))
+        .collect();
+    store.commit(&[&ops]).unwrap();
+    fs.unlink("f7");
+    let e = recovered(&fs, &store);
+    assert_eq!(e.handles.len(), n);
+    let mut keys: Vec<ResumeKey> = recs.iter().map(|r| r.key).collect();
+    keys.sort();
+    assert!(e.handles.keys().copied().eq(keys));
+    assert_eq!(e.handles[&recs[7].key].rec.conn, ConnState::Lost);
+    assert_eq!(e.by_file.values().map(Vec::len).sum::<usize>(), n);
+    for c in clients {
+        let count = recs.iter().filter(|r| r.client.as_str() == c).count();
+        let by_protocol: usize = e
+            .per_client
+            .iter()
+            .filter(|((_, cl), _)| cl.as_str() == c)
+            .map(|(_, k)| *k)
+            .sum();
+        assert_eq!(by_protocol, count, "client {c}");
+    }
+    assert_eq!(e.per_frontend.values().sum::<usize>(), n);
+    assert_eq!(e.per_frontend.len(), 4);
+    let guids: Vec<_> = recs.iter().filter(|r| r.create_guid.is_some()).collect();
+    assert_eq!(e.by_guid.len(), guids.len());
+    assert_eq!(e.guid_clients.len(), guids.len());
+    for r in guids {
+        let g = r.create_guid.unwrap();
+        assert_eq!(e.by_guid[&(r.client.clone(), g)], r.key);
+        assert_eq!(e.guid_clients[&g], 1);
+    }
+    let stored: HashMap<ResumeKey, &HandleRecord> = recs.iter().map(|r| (r.key, r)).collect();
+    for hd in e.handles.values() {
+        let was = HandleRecord {
+            conn: hd.rec.conn,
+            ..stored[&hd.rec.key].clone()
+        };
+        assert_eq!(hd.rec, was);
+    }
 }
 
 /// Issue 12's rollback review, F1: a local process's open of a file whose
@@ -1755,15 +1829,7 @@ fn recovery_redoes_a_size_change_only_over_an_untouched_file() {
             StoreOp::PutIntent(Box::new(d)),
         ]])
         .unwrap();
-    let mut e = Engine::new(
-        config(),
-        Box::new(fs.clone()),
-        2,
-        Arc::new(Pipeline::default()),
-        store.clone(),
-        Arc::new(CommitCounters::default()),
-    );
-    e.recover(store.as_ref()).unwrap();
+    let mut e = recovered(&fs, &store);
     let inner = store.inner.lock().unwrap();
     assert!(inner.intents.is_empty());
     let size = |p: &str| fs.file(p).unwrap().size;
