@@ -239,3 +239,53 @@ fn stays_a_stat_open_across_kill9(s: &Scratch, first: &[&str], restart: &[&str])
     a.close(holder.info.key).unwrap();
     c.open(ordinary()).unwrap();
 }
+
+/// A stat open cannot lock byte ranges: a lock would keep a share-none
+/// holder out of its own data (MS-FSA 2.1.5.7; an adversarial review
+/// locked the holder out of its file through an attribute-only open).
+#[test]
+fn a_stat_open_cannot_lock_a_holder_out_of_its_own_file() {
+    let s = Scratch::new("stat-open-lock");
+    let _d = Filterd::start(&s, &[], &[]);
+    let a = frontend(&s, "smb2", "fe-a");
+    let raw = frontend(&s, "raw", "fe-raw");
+    let holder = a
+        .open(req("alice", RW, Rights::NONE, Durability::None, false))
+        .unwrap();
+    let stat = raw
+        .open(req(
+            "mallory",
+            Rights::READ,
+            Rights::ALL,
+            Durability::None,
+            true,
+        ))
+        .unwrap();
+    let lock = vec![libfilter::locks::LockOp {
+        range: libfilter::locks::LockRange {
+            offset: 0,
+            length: 100,
+        },
+        exclusive: true,
+        unlock: false,
+    }];
+    assert_eq!(
+        raw.lock(stat.info.key, lock.clone(), None)
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::AccessDenied)
+    );
+    // The holder still writes its own data, and may lock it itself.
+    let io = a
+        .check_io(
+            holder.info.key,
+            libfilter::locks::LockRange {
+                offset: 0,
+                length: 6,
+            },
+            true,
+        )
+        .unwrap();
+    drop(io);
+    a.lock(holder.info.key, lock, None).unwrap();
+}

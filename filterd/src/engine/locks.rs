@@ -286,11 +286,20 @@ impl Engine {
             }
         }
         let held_now = |s: &Self, file: FileId| s.locks.get(&file).map_or(0, |t| t.locks().len());
-        let file = self
+        let (file, stat) = self
             .handles
             .get(&key)
-            .map(|h| h.rec.file)
+            .map(|h| (h.rec.file, h.rec.stat))
             .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
+        // A stat open got past share modes because it can change nothing;
+        // a byte-range lock would keep the holders out of their own data
+        // (MS-FSA 2.1.5.7: a lock needs read or write data access).
+        if stat {
+            return Err(err(
+                ErrorCode::AccessDenied,
+                "a stat (attribute-only) open cannot lock byte ranges",
+            ));
+        }
         // A lock-sequence replay, a conflict or a grant shows the file's
         // lock state: never before its pending change is durable.
         self.depends_on_file(file);

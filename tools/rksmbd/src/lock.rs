@@ -206,6 +206,16 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         blocking,
         bad_tail,
     } = decode(&mut r, count)?;
+    // MS-FSA 2.1.5.7: a byte-range lock needs read or write data access
+    // (an attribute-only open must not keep others out of their data).
+    let data_access = crate::files::FILE_READ_DATA | crate::files::FILE_WRITE_DATA;
+    if ops.iter().any(|o| !o.unlock)
+        && c.opens
+            .get(&open)
+            .is_some_and(|o| o.granted & data_access == 0)
+    {
+        return Err(status::ACCESS_DENIED);
+    }
     // Lock sequences count for durable, persistent and resilient opens
     // (3.3.5.14; resilient ones on SMB 2.1 too).
     let resilient = c.opens.get(&open).is_some_and(|o| o.resilient_ms.is_some());
