@@ -811,7 +811,8 @@ impl FilterClient {
     }
 
     /// Closes a handle for good and, in the same commit, writes and deletes
-    /// records (as [`FilterClient::write_records`]).
+    /// records (as [`FilterClient::write_records`]). With records, only a
+    /// persistent handle, and none into its own scope (else `BadFrame`).
     pub fn close_recording(
         &self,
         key: ResumeKey,

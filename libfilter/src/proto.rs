@@ -135,7 +135,11 @@ pub enum Request {
         /// [`Request::WriteRecords`] (nfsl/1: the CLOSE's slot reply): the
         /// handle's removal and the records are durable together or not at
         /// all. Checked before anything is done: a bad scope refuses the
-        /// close.
+        /// close. Only a persistent handle's close may carry records (a
+        /// non-persistent handle is gone at once and could not be brought
+        /// back if their commit failed), and never into the closed
+        /// handle's own scope (it goes with the handle): either refuses
+        /// the close with `BadFrame`.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         put: Vec<RecordSpec>,
         /// (scope, op id) of records deleted in the same commit (nfsl/1:

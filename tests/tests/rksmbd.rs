@@ -504,6 +504,24 @@ fn a_stat_open_is_served_without_a_readable_descriptor() {
     no_handles_left(&d);
 }
 
+/// CHANGE_NOTIFY's limits (issue 16, 8): 140 connections waiting with a
+/// CHANGE_NOTIFY each — more than `fs.inotify.max_user_instances`' 128 —
+/// are all answered (old code made an inotify instance per connection,
+/// and past the uid's limit every CHANGE_NOTIFY failed); an open without
+/// FILE_LIST_DIRECTORY is refused; one connection watches at most 64
+/// directories.
+#[test]
+fn change_notify_shares_one_inotify_and_is_bounded_per_connection() {
+    let s = Scratch::new("rksmbd-notify-limits");
+    let d = Filterd::start(&s, &[], &[]);
+    for dir in std::iter::once("watched".to_owned()).chain((0..=64).map(|i| format!("d{i}"))) {
+        std::fs::create_dir(s.root().join(dir)).unwrap();
+    }
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "change_notify_limits.py");
+    no_handles_left(&d);
+}
+
 /// A blocking LOCK held up by another client's lock is answered
 /// STATUS_PENDING (async) at once, its connection serves a WRITE
 /// meanwhile, and the other client's unlock — on another connection,

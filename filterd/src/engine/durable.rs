@@ -194,6 +194,11 @@ impl Batch {
         self.seq
     }
 
+    /// The highest sequence the request being handled depends on.
+    pub(super) fn dep(&self) -> u64 {
+        self.dep
+    }
+
     /// Closes the current request's group (if it changed anything) and
     /// starts the next.
     fn close_group(&mut self) {
@@ -338,6 +343,17 @@ impl Engine {
         else {
             return;
         };
+        self.event_after(dep, writer, ev);
+    }
+
+    /// Sends `ev` through `writer` once sequence `dep` is durable (dropped
+    /// if its commit fails).
+    pub(super) fn event_after(
+        &mut self,
+        dep: u64,
+        writer: std::sync::Arc<crate::outbox::ConnWriter>,
+        ev: Event,
+    ) {
         let frame = ServerFrame::Event(ev);
         if dep <= self.pipe.committed() {
             writer.send_frame(&frame, None);

@@ -502,16 +502,25 @@ impl Engine {
         ack: bool,
         b: Breaking,
     ) {
-        if let Some(c) = conn.and_then(|c| self.conns.get(&c)) {
-            c.writer.send_frame(
-                &ServerFrame::Event(Event::LeaseBreak {
+        if let Some(writer) = conn
+            .and_then(|c| self.conns.get(&c))
+            .map(|c| c.writer.clone())
+        {
+            // A persistent holder's epoch bump (or lowered state) is in
+            // the current group: the break shows it only once that, and
+            // all the request builds on, is durable — else after a
+            // restart the next break could repeat the epoch (a v2-lease
+            // client ignores it).
+            self.event_after(
+                self.batch.dep(),
+                writer,
+                Event::LeaseBreak {
                     lease_key: lk,
                     current_state: state,
                     new_state: b.to,
                     epoch,
                     ack_required: ack,
-                }),
-                None,
+                },
             );
         }
         if ack {

@@ -1043,6 +1043,28 @@ impl Engine {
                 // before anything is done.
                 let (put, delete) = self.own_records(conn, &protocol, put, delete)?;
                 let recording = !put.is_empty() || !delete.is_empty();
+                // Records ride only on a persistent handle's close: that
+                // close is undone whole when its commit fails. A
+                // non-persistent handle is gone at once (descriptor, share
+                // mode, locks, delete on close), so a failed commit of its
+                // records could not bring it back.
+                let persistent = self
+                    .handles
+                    .get(&key)
+                    .is_some_and(|h| h.rec.durability.is_persistent());
+                if recording && !persistent {
+                    return Err(err(
+                        ErrorCode::BadFrame,
+                        "put/delete: records ride only on a persistent handle's close",
+                    ));
+                }
+                // The closed handle's own scope goes with it.
+                if put.iter().any(|r| r.scope == ReplayScope::Handle(key)) {
+                    return Err(err(
+                        ErrorCode::BadFrame,
+                        "put: a close cannot record into the closed handle's own scope",
+                    ));
+                }
                 self.last_unlink = None;
                 self.remove(key);
                 self.stats.closes += 1;

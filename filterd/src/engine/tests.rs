@@ -2413,3 +2413,80 @@ fn a_lease_met_mid_break_is_broken_a_step_at_a_time() {
     assert_eq!(breaks(&h).len(), 1);
     assert_eq!((breaks(&h)[0].1, breaks(&h)[0].3), (st(""), true));
 }
+
+/// Issue 16, 6: a non-persistent handle's close is done at once, so it
+/// may not carry records whose commit could fail (old code dropped the
+/// handle, then answered the close with an error when the records'
+/// commit failed); and no close records into its own handle's scope
+/// (old code re-created that scope in memory after the close).
+#[test]
+fn a_close_carries_records_only_for_a_persistent_handle_and_not_into_its_own_scope() {
+    let spec = |scope: ReplayScope| RecordSpec {
+        scope,
+        op_id: 7,
+        reply: "ok".into(),
+        keep: 8,
+    };
+    let mut h = Harness::new();
+    let b = h.run(bobs("a", Rights::ALL, Disposition::Open));
+    let p = h.run(open("b", Rights::ALL));
+    h.commit(true);
+    let (b, p) = (h.opened(b), h.opened(p));
+    let id = h.run(Request::Close {
+        key: b,
+        put: vec![spec(session(1))],
+        delete: vec![],
+    });
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::BadFrame);
+    assert!(h.engine.handles.contains_key(&b), "the handle is kept");
+    let id = h.run(Request::Close {
+        key: p,
+        put: vec![spec(ReplayScope::Handle(p))],
+        delete: vec![],
+    });
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::BadFrame);
+    assert!(!h.engine.replays.contains_key(&ReplayScope::Handle(p)));
+    assert!(h.engine.handles.contains_key(&p));
+}
+
+/// Issue 16, 7: a break's epoch bump of a persistent holder is durable
+/// before the break shows it (old code sent the break at once: after a
+/// kill -9 before the commit the next break repeated the epoch).
+#[test]
+fn a_persistent_holders_break_waits_for_its_epoch_bump() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Event;
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
+    let st = |s: &str| LeaseState::parse(s).unwrap();
+    let k = LeaseKey(uuid::Uuid::new_v4());
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.disposition = Disposition::Open;
+    o.lease = Some(LeaseRequest {
+        key: k,
+        state: st("RWH"),
+        epoch: 0,
+    });
+    let holder = h.run(Request::Open(o));
+    h.commit(true);
+    let e0 = h.lease_of(holder).unwrap().epoch;
+    let breaks = |h: &Harness| -> Vec<u16> {
+        h.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::LeaseBreak { epoch, .. } => Some(*epoch),
+                _ => None,
+            })
+            .collect()
+    };
+    h.run(bobs("a", Rights::READ, Disposition::Open));
+    assert!(breaks(&h).is_empty(), "sent before the bump is durable");
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(breaks(&h), vec![e0 + 1]);
+}

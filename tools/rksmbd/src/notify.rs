@@ -4,25 +4,45 @@
 //! STATUS_CANCELLED (CANCEL) or STATUS_NOTIFY_CLEANUP (the directory's
 //! open is closed).
 //!
-//! Changes are seen through inotify on the directory itself (one inotify
-//! instance per connection, created with its first CHANGE_NOTIFY, polled
-//! by the connection thread beside its socket): they are the export
-//! root's, so changes made through filterd by any frontend, and by local
-//! processes, all show. Not done: SMB2_WATCH_TREE (only the directory
+//! Changes are seen through inotify on the directory itself: they are the
+//! export root's, so changes made through filterd by any frontend, and by
+//! local processes, all show. One inotify instance serves the whole server
+//! ([`Hub`], made with the first CHANGE_NOTIFY; its thread reads the
+//! events and hands each to the connections watching its directory, waking
+//! them through a socket pair their thread polls beside its socket):
+//! `fs.inotify.max_user_instances` (128 per uid by default) is not spent
+//! per connection, so many connections cannot starve other clients (nor
+//! other inotify users of the uid). A directory watched by several
+//! connections is one inotify watch, counted per connection; a connection
+//! watches at most [`MAX_DIRS`] directories and the server at most
+//! [`MAX_SERVER_DIRS`] (STATUS_INSUFFICIENT_RESOURCES past either). Left
+//! open: one client with many connections can still take the server's
+//! whole directory budget (a per-client cap needs the client's identity
+//! across connections). Not done: SMB2_WATCH_TREE (only the directory
 //! itself is watched, not its subdirectories), and changes between two
 //! CHANGE_NOTIFY requests of an open are not kept (Windows buffers them
 //! per open once the first request came).
 
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
-use crate::files::Kind;
+use crate::files::{Kind, FILE_READ_DATA as FILE_LIST_DIRECTORY};
 use crate::server::{AsyncHead, Connection, Outcome, Reply, Request};
 use crate::wire::{self, status, Reader, Writer, HEADER_LEN};
 
 /// Most CHANGE_NOTIFY requests one connection may have waiting.
 const MAX_WAITING: usize = 1024;
+/// Most directories one connection may watch at once.
+pub const MAX_DIRS: usize = 64;
+/// Most directories the server watches at once (inotify watches count
+/// against the uid's `fs.inotify.max_user_watches`).
+pub const MAX_SERVER_DIRS: usize = 4096;
 
 /// Completion filter bits (2.2.35).
 const FILE_NOTIFY_CHANGE_FILE_NAME: u32 = 0x1;
@@ -51,29 +71,206 @@ struct Waiting {
     max_output: usize,
 }
 
-/// A connection's waiting CHANGE_NOTIFY requests and its inotify
-/// instance.
+/// An inotify event, as the hub hands it to a connection.
+struct Change {
+    wd: WatchDescriptor,
+    mask: AddWatchFlags,
+    name: Option<OsString>,
+}
+
+/// Where the hub hands a connection its events: the queue, and the end of
+/// a socket pair that wakes the connection's thread.
+struct Inbox {
+    queue: Mutex<Vec<Change>>,
+    wake: UnixStream,
+}
+
+/// The connections watching one directory: each one's inbox and how many
+/// of its waiting requests watch it.
+type Watchers = HashMap<u64, (Arc<Inbox>, usize)>;
+
+/// The server's one inotify instance, and which connections watch each
+/// of its watches (and how many of their requests do).
+struct Hub {
+    inotify: Inotify,
+    watchers: Mutex<HashMap<WatchDescriptor, Watchers>>,
+}
+
+static HUB: OnceLock<Option<Arc<Hub>>> = OnceLock::new();
+
+/// The server's hub, made (with its reading thread) on first use; none
+/// when inotify cannot be had.
+fn hub() -> Option<Arc<Hub>> {
+    HUB.get_or_init(|| {
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
+        let hub = Arc::new(Hub {
+            inotify,
+            watchers: Mutex::new(HashMap::new()),
+        });
+        let h = hub.clone();
+        std::thread::Builder::new()
+            .name("notify-hub".into())
+            .spawn(move || h.run())
+            .ok()?;
+        Some(hub)
+    })
+    .clone()
+}
+
+impl Hub {
+    /// Reads events for good, handing each to the connections watching
+    /// its directory (an overflow to all of them).
+    fn run(&self) {
+        loop {
+            let Ok(events) = self.inotify.read_events() else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            };
+            let Ok(watchers) = self.watchers.lock() else {
+                return;
+            };
+            let mut woken: HashMap<*const Inbox, Arc<Inbox>> = HashMap::new();
+            for e in events {
+                let overflow = e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW);
+                let to: Vec<&Arc<Inbox>> = match overflow {
+                    true => watchers
+                        .values()
+                        .flat_map(|m| m.values())
+                        .map(|(i, _)| i)
+                        .collect(),
+                    false => watchers
+                        .get(&e.wd)
+                        .into_iter()
+                        .flat_map(|m| m.values())
+                        .map(|(i, _)| i)
+                        .collect(),
+                };
+                for inbox in to {
+                    if let Ok(mut q) = inbox.queue.lock() {
+                        q.push(Change {
+                            wd: e.wd,
+                            mask: e.mask,
+                            name: e.name.clone(),
+                        });
+                    }
+                    woken.insert(Arc::as_ptr(inbox), inbox.clone());
+                }
+            }
+            drop(watchers);
+            for inbox in woken.values() {
+                // Non-blocking: a full pair means a wakeup is pending.
+                let _ = (&inbox.wake).write(&[1]);
+            }
+        }
+    }
+
+    /// Watches directory descriptor `fd` for connection `conn`.
+    fn watch(
+        &self,
+        conn: u64,
+        inbox: &Arc<Inbox>,
+        fd: i32,
+        dirs: usize,
+    ) -> Result<WatchDescriptor, u32> {
+        let mut w = self
+            .watchers
+            .lock()
+            .map_err(|_| status::INSUFFICIENT_RESOURCES)?;
+        // The open's own descriptor names the directory, whatever renames
+        // happened since it was opened.
+        let path = format!("/proc/self/fd/{fd}");
+        let wd = self
+            .inotify
+            .add_watch(path.as_str(), mask())
+            .map_err(|_| status::INSUFFICIENT_RESOURCES)?;
+        let fresh = !w.contains_key(&wd);
+        let mine = w.get(&wd).is_some_and(|m| m.contains_key(&conn));
+        if (fresh && w.len() >= MAX_SERVER_DIRS) || (!mine && dirs >= MAX_DIRS) {
+            if fresh {
+                let _ = self.inotify.rm_watch(wd);
+            }
+            return Err(status::INSUFFICIENT_RESOURCES);
+        }
+        w.entry(wd)
+            .or_default()
+            .entry(conn)
+            .or_insert_with(|| (inbox.clone(), 0))
+            .1 += 1;
+        Ok(wd)
+    }
+
+    /// One request of connection `conn` no longer watches `wd` (`all`:
+    /// none of them does).
+    fn unwatch(&self, conn: u64, wd: WatchDescriptor, all: bool) {
+        let Ok(mut w) = self.watchers.lock() else {
+            return;
+        };
+        let Some(m) = w.get_mut(&wd) else {
+            return;
+        };
+        if let Some(n) = m.get_mut(&conn) {
+            n.1 = n.1.saturating_sub(1);
+            if n.1 == 0 || all {
+                m.remove(&conn);
+            }
+        }
+        if m.is_empty() {
+            w.remove(&wd);
+            let _ = self.inotify.rm_watch(wd);
+        }
+    }
+}
+
+/// A connection's waiting CHANGE_NOTIFY requests, and its inbox at the
+/// server's [`Hub`].
 #[derive(Default)]
 pub struct Watches {
-    inotify: Option<Inotify>,
+    /// The inbox, and the end of its socket pair this thread polls.
+    inbox: Option<(Arc<Inbox>, UnixStream)>,
     list: Vec<Waiting>,
+    /// This connection's number at the hub.
+    conn: u64,
 }
 
 impl Watches {
-    /// The inotify descriptor to poll while requests wait.
+    /// The descriptor to poll while requests wait.
     pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         match self.list.is_empty() {
             true => None,
-            false => self.inotify.as_ref().map(|i| i.as_fd()),
+            false => self.inbox.as_ref().map(|(_, rx)| rx.as_fd()),
         }
     }
 
     /// Nobody is left to answer (lost connection).
     pub fn clear(&mut self) {
+        if let Some(hub) = HUB.get().cloned().flatten() {
+            let mut wds: Vec<WatchDescriptor> = self.list.iter().map(|w| w.wd).collect();
+            wds.dedup();
+            for wd in wds {
+                hub.unwatch(self.conn, wd, true);
+            }
+        }
         self.list.clear();
-        self.inotify = None;
+        self.inbox = None;
+    }
+
+    /// How many directories this connection watches.
+    fn dirs(&self) -> usize {
+        let mut wds: Vec<WatchDescriptor> = self.list.iter().map(|w| w.wd).collect();
+        wds.sort_unstable();
+        wds.dedup();
+        wds.len()
     }
 }
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// Numbers connections at the hub.
+static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// CHANGE_NOTIFY (3.3.5.19): on a directory open only; goes async.
 pub fn change_notify(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
@@ -89,29 +286,36 @@ pub fn change_notify(c: &mut Connection, req: &Request<'_>, related: Option<u64>
     if max_output > crate::server::MAX_IO {
         return Err(status::INVALID_PARAMETER);
     }
-    let fd = match c.opens.get(&id).map(|o| &o.kind) {
-        Some(Kind::Dir { fd, .. }) => fd.as_raw_fd(),
-        Some(Kind::File { .. }) => return Err(status::INVALID_PARAMETER),
+    let fd = match c.opens.get(&id).map(|o| (&o.kind, o.granted)) {
+        // 3.3.5.19: the open must have been granted FILE_LIST_DIRECTORY.
+        Some((Kind::Dir { .. }, granted)) if granted & FILE_LIST_DIRECTORY == 0 => {
+            return Err(status::ACCESS_DENIED)
+        }
+        Some((Kind::Dir { fd, .. }, _)) => fd.as_raw_fd(),
+        Some((Kind::File { .. }, _)) => return Err(status::INVALID_PARAMETER),
         None => return Err(status::FILE_CLOSED),
     };
     // Only the last request of a PDU goes async (3.3.4.2).
     if req.hdr.next_command != 0 || c.notify.list.len() >= MAX_WAITING {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
-    if c.notify.inotify.is_none() {
-        c.notify.inotify = Some(
-            Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-                .map_err(|_| status::INSUFFICIENT_RESOURCES)?,
-        );
+    let hub = hub().ok_or(status::INSUFFICIENT_RESOURCES)?;
+    if c.notify.inbox.is_none() {
+        let (tx, rx) = UnixStream::pair().map_err(|_| status::INSUFFICIENT_RESOURCES)?;
+        tx.set_nonblocking(true)
+            .and_then(|_| rx.set_nonblocking(true))
+            .map_err(|_| status::INSUFFICIENT_RESOURCES)?;
+        let inbox = Arc::new(Inbox {
+            queue: Mutex::new(Vec::new()),
+            wake: tx,
+        });
+        c.notify.conn = NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.notify.inbox = Some((inbox, rx));
     }
-    let Some(inotify) = &c.notify.inotify else {
+    let Some((inbox, _)) = &c.notify.inbox else {
         return Err(status::INSUFFICIENT_RESOURCES);
     };
-    // The open's own descriptor names the directory, whatever renames
-    // happened since it was opened.
-    let wd = inotify
-        .add_watch(format!("/proc/self/fd/{fd}").as_str(), mask())
-        .map_err(|_| status::INSUFFICIENT_RESOURCES)?;
+    let wd = hub.watch(c.notify.conn, inbox, fd, c.notify.dirs())?;
     let head = c.go_async(&req.hdr);
     c.notify.list.push(Waiting {
         head,
@@ -138,7 +342,7 @@ fn mask() -> AddWatchFlags {
 }
 
 /// The action an inotify event is for a completion filter, if any.
-fn action(ev: &InotifyEvent, filter: u32) -> Option<u32> {
+fn action(ev: &Change, filter: u32) -> Option<u32> {
     let m = ev.mask;
     let names = match m.contains(AddWatchFlags::IN_ISDIR) {
         true => FILE_NOTIFY_CHANGE_DIR_NAME,
@@ -171,16 +375,15 @@ fn action(ev: &InotifyEvent, filter: u32) -> Option<u32> {
 /// The connection's inotify descriptor is readable: the waiting requests
 /// whose directory changed as their filter asks are answered.
 pub fn deliver(c: &mut Connection) {
-    let Some(inotify) = &c.notify.inotify else {
+    let Some((inbox, rx)) = &c.notify.inbox else {
         return;
     };
-    let mut events = Vec::new();
-    while let Ok(mut batch) = inotify.read_events() {
-        if batch.is_empty() {
-            break;
-        }
-        events.append(&mut batch);
-    }
+    let mut buf = [0u8; 64];
+    while (&*rx).read(&mut buf).is_ok_and(|n| n > 0) {}
+    let events = match inbox.queue.lock() {
+        Ok(mut q) => std::mem::take(&mut *q),
+        Err(_) => return,
+    };
     let overflow = events
         .iter()
         .any(|e| e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW));
@@ -220,13 +423,11 @@ fn finish(c: &mut Connection, w: Waiting, body: Option<Vec<u8>>) {
     unwatch(c, &w.wd);
 }
 
-/// Drops the inotify watch no waiting request uses any more.
+/// A waiting request on `wd` is gone: the hub's watch goes with the last
+/// of its requests, of all connections.
 fn unwatch(c: &mut Connection, wd: &WatchDescriptor) {
-    if c.notify.list.iter().any(|w| w.wd == *wd) {
-        return;
-    }
-    if let Some(i) = &c.notify.inotify {
-        let _ = i.rm_watch(*wd);
+    if let Some(hub) = HUB.get().cloned().flatten() {
+        hub.unwatch(c.notify.conn, *wd, false);
     }
 }
 
