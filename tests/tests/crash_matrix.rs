@@ -746,3 +746,56 @@ fn nfs_upgrade_open_applies_once_across_a_crash_of_its_commit() {
         }
     }
 }
+
+/// A LOCK by a new lock-owner makes its lock state (seqid 1) in memory
+/// before the commit of the open state's record and the slot reply. When
+/// filterd dies before or after that commit, the re-send on the same slot
+/// and seqid gives lock seqid 1 (not 2), and the lock is held once.
+#[test]
+fn nfs_lock_applies_once_across_a_crash_of_its_commit() {
+    use rkfilter_tests::Nfs;
+    let open = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "both",
+                      "deny": "none", "create": {"mode": "unchecked"}});
+    let lock = |sid: &serde_json::Value| {
+        json!({"op": "LOCK", "stateid": sid, "owner": "lo", "type": "write",
+               "offset": 0, "length": 10})
+    };
+    let lock_at = {
+        let s = Scratch::new("cm-nfs-lock-dry");
+        let d = Filterd::start(&s, &[], &[]);
+        let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+        let r = nfs.call(open.clone());
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        let r = nfs.call(lock(&r["stateid"]));
+        assert_eq!(r["lock_stateid"]["seqid"], 1, "{r}");
+        commits(&d)
+    };
+    for fp in [
+        format!("commit.before:{lock_at}"),
+        format!("commit.after:{lock_at}"),
+    ] {
+        for restart_shim in [false, true] {
+            let case = format!("LOCK at {fp}, nfsshim restarted: {restart_shim}");
+            let s = Scratch::new("cm-nfs-lock");
+            let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+            let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+            let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+            let o = nfs.call(open.clone());
+            assert_eq!(o["status"], "NFS4_OK", "{case}: {o}");
+            let req = lock(&o["stateid"]);
+            let (_d, first) =
+                crash_and_resend(&s, d, &mut shim, &mut nfs, &req, restart_shim, &case);
+            assert_eq!(
+                first["lock_stateid"]["seqid"], 1,
+                "{case}: the lock state made once: {first}"
+            );
+            let r = nfs.call(json!({"op": "LOCKU", "lock_stateid": first["lock_stateid"],
+                                    "offset": 0, "length": 10}));
+            assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+            assert_eq!(r["lock_stateid"]["seqid"], 2, "{case}: {r}");
+            let r = nfs.call(json!({"op": "CLOSE", "stateid": o["stateid"]}));
+            assert_eq!(r["status"], "NFS4_OK", "{case}: the lock is gone: {r}");
+        }
+    }
+}
