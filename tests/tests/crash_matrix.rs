@@ -574,6 +574,38 @@ fn resend(nfs: &mut rkfilter_tests::Nfs, req: &serde_json::Value) -> serde_json:
     )
 }
 
+/// Sends `req`, which kills filterd at its failpoint (DELAY), starts filterd
+/// again (and nfsshim too if `restart_shim`), and re-sends `req` on the same
+/// slot and seqid until it is answered, twice: the same answer both times.
+/// Returns the new filterd and that answer (without its xid).
+fn crash_and_resend(
+    s: &Scratch,
+    mut d: Filterd,
+    shim: &mut Shim,
+    nfs: &mut rkfilter_tests::Nfs,
+    req: &serde_json::Value,
+    restart_shim: bool,
+    case: &str,
+) -> (Filterd, serde_json::Value) {
+    let r = nfs.call(req.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{case}: filterd died: {r}");
+    d.wait_exit(Duration::from_secs(10));
+    let d = Filterd::start(s, &[], &[]);
+    if restart_shim {
+        shim.kill9_in_place();
+        *shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        nfs.c = LineClient::connect(&shim.addr);
+    }
+    let mut first = resend(nfs, req);
+    assert_eq!(first["status"], "NFS4_OK", "{case}: {first}");
+    let mut again = resend(nfs, req);
+    // Each answer carries its own request's xid.
+    first["xid"].take();
+    again["xid"].take();
+    assert_eq!(again, first, "{case}: a re-send gets the recorded answer");
+    (d, first)
+}
+
 /// An nfsl/1 OPEN and CLOSE are one commit each — the filter's open or
 /// close, the open state and the slot reply together — and stay exactly
 /// once when filterd dies at each point of that commit: with the records
@@ -615,7 +647,7 @@ fn nfs_open_and_close_commit_once_across_a_crash_at_every_point() {
         for restart_shim in [false, true] {
             let case = format!("{op} at {fp}, nfsshim restarted: {restart_shim}");
             let s = Scratch::new("cm-nfs");
-            let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+            let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
             let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
             let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
             let cid = nfs.clientid.clone();
@@ -626,22 +658,8 @@ fn nfs_open_and_close_commit_once_across_a_crash_at_every_point() {
                 assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
                 json!({"op": "CLOSE", "stateid": r["stateid"]})
             };
-            let r = nfs.call(req.clone());
-            assert_eq!(r["status"], "NFS4ERR_DELAY", "{case}: filterd died: {r}");
-            d.wait_exit(Duration::from_secs(10));
-            let d = Filterd::start(&s, &[], &[]);
-            if restart_shim {
-                shim.kill9_in_place();
-                shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
-                nfs.c = LineClient::connect(&shim.addr);
-            }
-            let mut first = resend(&mut nfs, &req);
-            assert_eq!(first["status"], "NFS4_OK", "{case}: {first}");
-            let mut again = resend(&mut nfs, &req);
-            // Each answer carries its own request's xid.
-            first["xid"].take();
-            again["xid"].take();
-            assert_eq!(again, first, "{case}: a re-send gets the recorded answer");
+            let (d, first) =
+                crash_and_resend(&s, d, &mut shim, &mut nfs, &req, restart_shim, &case);
             let (handles, states) = (handles_on(&s, "f").len(), nfs_states(&d, "nfs-cm", &cid));
             if op == "OPEN" {
                 assert_eq!(handles, 1, "{case}: one filter handle");
@@ -659,6 +677,125 @@ fn nfs_open_and_close_commit_once_across_a_crash_at_every_point() {
             );
             drop(shim);
             drop(d);
+        }
+    }
+}
+
+/// An upgrade OPEN (the same owner opening the same file again) changes the
+/// open state it finds: its stateid seqid grows by one. When filterd dies
+/// before or after the commit of the state record and the slot reply, the
+/// client's re-send on the same slot and seqid applies the upgrade once:
+/// the stateid seqid is 2 (not 3), a READ with it is current, and one open
+/// state and one handle exist — whether nfsshim stays up (its open states in
+/// memory must not run ahead of what committed) or restarts.
+#[test]
+fn nfs_upgrade_open_applies_once_across_a_crash_of_its_commit() {
+    use rkfilter_tests::{handles_on, Nfs};
+    let open = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "both",
+                      "deny": "both", "create": {"mode": "unchecked"}});
+    // Widens nothing: only the stateid seqid changes.
+    let upgrade = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "read",
+                         "deny": "write"});
+    // Without a crash: the upgrade's last commit holds its state and reply.
+    let upgrade_at = {
+        let s = Scratch::new("cm-nfs-up-dry");
+        let d = Filterd::start(&s, &[], &[]);
+        let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+        let r = nfs.call(open.clone());
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        let r = nfs.call(upgrade.clone());
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        assert_eq!(r["stateid"]["seqid"], 2, "{r}");
+        commits(&d)
+    };
+    for fp in [
+        format!("commit.before:{upgrade_at}"),
+        format!("commit.after:{upgrade_at}"),
+    ] {
+        for restart_shim in [false, true] {
+            let case = format!("upgrade OPEN at {fp}, nfsshim restarted: {restart_shim}");
+            let s = Scratch::new("cm-nfs-up");
+            let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+            let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+            let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+            let cid = nfs.clientid.clone();
+            let r = nfs.call(open.clone());
+            assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+            let other = r["stateid"]["other"].clone();
+            let (d, first) =
+                crash_and_resend(&s, d, &mut shim, &mut nfs, &upgrade, restart_shim, &case);
+            assert_eq!(
+                first["stateid"],
+                json!({"other": other, "seqid": 2}),
+                "{case}: the upgrade applied once: {first}"
+            );
+            let r = nfs.call(
+                json!({"op": "READ", "stateid": {"other": other, "seqid": 2},
+                                    "offset": 0, "count": 1}),
+            );
+            assert_eq!(r["status"], "NFS4_OK", "{case}: seqid 2 is current: {r}");
+            assert_eq!(handles_on(&s, "f").len(), 1, "{case}: one filter handle");
+            let states = nfs_states(&d, "nfs-cm", &cid);
+            assert_eq!(states.len(), 1, "{case}: one open state: {states:?}");
+            let r = nfs.call(json!({"op": "CLOSE", "stateid": first["stateid"]}));
+            assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+            assert!(handles_on(&s, "f").is_empty(), "{case}: nothing left open");
+            drop(shim);
+            drop(d);
+        }
+    }
+}
+
+/// A LOCK by a new lock-owner makes its lock state (seqid 1) in memory
+/// before the commit of the open state's record and the slot reply. When
+/// filterd dies before or after that commit, the re-send on the same slot
+/// and seqid gives lock seqid 1 (not 2), and the lock is held once.
+#[test]
+fn nfs_lock_applies_once_across_a_crash_of_its_commit() {
+    use rkfilter_tests::Nfs;
+    let open = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "both",
+                      "deny": "none", "create": {"mode": "unchecked"}});
+    let lock = |sid: &serde_json::Value| {
+        json!({"op": "LOCK", "stateid": sid, "owner": "lo", "type": "write",
+               "offset": 0, "length": 10})
+    };
+    let lock_at = {
+        let s = Scratch::new("cm-nfs-lock-dry");
+        let d = Filterd::start(&s, &[], &[]);
+        let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+        let r = nfs.call(open.clone());
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        let r = nfs.call(lock(&r["stateid"]));
+        assert_eq!(r["lock_stateid"]["seqid"], 1, "{r}");
+        commits(&d)
+    };
+    for fp in [
+        format!("commit.before:{lock_at}"),
+        format!("commit.after:{lock_at}"),
+    ] {
+        for restart_shim in [false, true] {
+            let case = format!("LOCK at {fp}, nfsshim restarted: {restart_shim}");
+            let s = Scratch::new("cm-nfs-lock");
+            let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+            let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+            let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+            let o = nfs.call(open.clone());
+            assert_eq!(o["status"], "NFS4_OK", "{case}: {o}");
+            let req = lock(&o["stateid"]);
+            let (_d, first) =
+                crash_and_resend(&s, d, &mut shim, &mut nfs, &req, restart_shim, &case);
+            assert_eq!(
+                first["lock_stateid"]["seqid"], 1,
+                "{case}: the lock state made once: {first}"
+            );
+            let r = nfs.call(json!({"op": "LOCKU", "lock_stateid": first["lock_stateid"],
+                                    "offset": 0, "length": 10}));
+            assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+            assert_eq!(r["lock_stateid"]["seqid"], 2, "{case}: {r}");
+            let r = nfs.call(json!({"op": "CLOSE", "stateid": o["stateid"]}));
+            assert_eq!(r["status"], "NFS4_OK", "{case}: the lock is gone: {r}");
         }
     }
 }

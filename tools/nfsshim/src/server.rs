@@ -204,6 +204,7 @@ struct Session {
     slots: Vec<Slot>,
 }
 
+#[derive(Clone)]
 struct Open {
     rec: OpenRec,
     num: u64,
@@ -1136,6 +1137,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
     let ctx = Ctx {
         sh,
         pending: Default::default(),
+        undo: Default::default(),
         cid: &cid,
         seq: &seq,
         restored,
@@ -1164,6 +1166,10 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
             false,
         ),
     };
+    if outcome.is_err() {
+        // What the request changed of its open states was not committed.
+        roll_back(&mut st, &ctx);
+    }
     if let Err(Fail(s, _)) = &outcome {
         if s.trim_end() == "NFS4ERR_DELAY" {
             // Every DELAY leaves the slot where it was (filterd away, or a
@@ -1196,6 +1202,10 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
     // The request's table changes and its slot reply: one commit, before
     // the reply goes out.
     if let Err(e) = pending.flush(&sh.filter) {
+        // Not stored: the open states are as before the request, so a
+        // re-send applies its change once (filterd's own side of it, a
+        // replayed handle or lock, is found again by the re-send).
+        roll_back(&mut st, &ctx);
         if e.code() != Some(ErrorCode::DiskFull) {
             // Not durable: do not advance; the client re-sends (and the
             // re-send checks what filterd holds: the request's own changes
@@ -1221,6 +1231,13 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         slot.retried = None;
     }
     reply
+}
+
+/// Puts back the open states `ctx` saved before changing them.
+fn roll_back(st: &mut State, ctx: &Ctx<'_>) {
+    for (other, o) in ctx.undo.take().into_iter().rev() {
+        st.opens.insert(other, o);
+    }
 }
 
 /// The request on `seq`'s slot was cut off by filterd going away.
@@ -1253,6 +1270,9 @@ struct Ctx<'a> {
     sh: &'a Shared,
     /// Table changes, written with the slot reply in one commit.
     pending: std::cell::RefCell<state::Pending>,
+    /// The open states as they were before this request changed them in
+    /// memory (`Ctx::save`): put back unless the change commits.
+    undo: std::cell::RefCell<Vec<(String, Open)>>,
     cid: &'a str,
     seq: &'a SeqArgs,
     /// The slot was restored after a restart: the request may have been
@@ -1261,6 +1281,17 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Keeps `other`'s open state as it is now, to put back if the
+    /// request's commit fails: call before changing it in memory.
+    fn save(&self, st: &State, other: &str) {
+        let mut undo = self.undo.borrow_mut();
+        if undo.iter().any(|(k, _)| k == other) {
+            return;
+        }
+        if let Some(o) = st.opens.get(other) {
+            undo.push((other.to_owned(), o.clone()));
+        }
+    }
     /// Writes an open state's record with the slot reply.
     fn put_state(&self, num: u64, rec: &OpenRec) -> Result<(), Fail> {
         self.pending
@@ -1500,6 +1531,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let mut added = None;
     let other = match existing {
         Some(other) => {
+            ctx.save(st, &other);
             let Some(o) = st.opens.get_mut(&other) else {
                 return Err(internal("open state vanished"));
             };
@@ -2101,6 +2133,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         }
         return Err(filter_fail(e));
     }
+    ctx.save(st, &other);
     let o = st
         .opens
         .get_mut(&other)
@@ -2256,6 +2289,7 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let Named::Lock(other, lock_other) = n else {
         return Err(Fail("NFS4ERR_BAD_STATEID", "not a lock stateid".into()));
     };
+    ctx.save(st, &other);
     let o = st
         .opens
         .get_mut(&other)
