@@ -60,7 +60,7 @@ pub struct Via {
     pub credits: u32,
     /// What the client said in the channel's own NEGOTIATE (what its
     /// FSCTL_VALIDATE_NEGOTIATE_INFO is checked against).
-    pub client: crate::server::ClientNegotiate,
+    pub client: Box<crate::server::ClientNegotiate>,
 }
 
 /// A PDU of a bound session, handed from a channel to the home thread.

@@ -614,7 +614,7 @@ impl Connection {
                 sign: via.sign,
             }),
             credits: via.credits,
-            client: via.client,
+            client: *via.client,
         });
         self.outer.push(saved);
         let out = self.handle_pdu(&pdu);
@@ -765,7 +765,7 @@ impl Connection {
                 session,
                 sign: (self.signing, key),
                 credits: self.credits,
-                client: self.client.clone(),
+                client: Box::new(self.client.clone()),
             },
             reply: tx,
         };
