@@ -16,7 +16,12 @@ key is derived from the binding's own session key). Then:
    MessageId (MessageIds are per connection) leaves it pending: a file
    created afterwards completes it with STATUS_SUCCESS, not
    STATUS_CANCELLED.
-3. Connection C starts a binding of S1 (first leg flagged and signed) and
+3. A CREATE sent on B, not the last of its compound (so it waits at the
+   home, serving the home's own socket meanwhile), needs A's RWH lease on
+   the file broken: A's acknowledgment, signed with S1's key on A, is
+   answered STATUS_SUCCESS (it was checked against the channel's key and
+   refused), and B's CREATE succeeds.
+4. Connection C starts a binding of S1 (first leg flagged and signed) and
    sends the second leg (AUTHENTICATE) unsigned and without the flag: it
    is refused (STATUS_INVALID_PARAMETER), not bound.
 
@@ -24,6 +29,7 @@ Prints one line per step; exits non-zero on any failure (after the
 other steps, when the connections still serve).
 """
 
+import queue
 import socket
 import struct
 import sys
@@ -46,11 +52,16 @@ from smbprotocol.open import (
     Open,
     ShareAccess,
 )
+from smbprotocol.create_contexts import CreateContextName, SMB2CreateContextRequest, SMB2CreateRequestLease
+from smbprotocol.open import RequestedOplockLevel
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 
+from server_messages import LeaseBreakAck, Requests
+
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CANCEL, ECHO = 0, 1, 3, 0xC, 0xD
+NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, CANCEL, ECHO = 0, 1, 3, 5, 0xC, 0xD
+R, H, W = 1, 2, 4
 FLAG_SIGNED = 0x8
 BINDING = 0x1
 SUCCESS = 0
@@ -174,6 +185,15 @@ def tree_connect_body():
     return struct.pack("<HHHH", 9, 0, 64 + 8, len(path)) + path
 
 
+def create_body(name):
+    """A CREATE of `name` for read and write, no lease, sharing all."""
+    n = name.encode("utf-16-le")
+    fixed = struct.pack(
+        "<HBBIQQIIIIIHHII", 57, 0, 0, 2, 0, 0, 0xC0000000, 0x80, 7, 3, 0x40, 64 + 56, len(n), 0, 0
+    )
+    return fixed + n
+
+
 def main():
     guid = uuid.uuid4()
     a = Connection(guid, HOST, PORT, require_signing=False)
@@ -184,6 +204,8 @@ def main():
     s2.connect()
     tree = TreeConnect(s1, rf"\\{HOST}\{SHARE}")
     tree.connect()
+    arrived = queue.Queue()
+    a.outstanding_requests = Requests(a, arrived, a.outstanding_requests)
 
     b = Raw(guid)
     chan_key = bind(b, s1.session_id, s1.signing_key)
@@ -243,7 +265,63 @@ def main():
     check(not cancelled, "A's CHANGE_NOTIFY completed with the change, not cancelled by B's CANCEL", fatal=False)
     d.close()
 
-    # 3. A binding's later leg must carry the flag and the signature.
+    # 3. The home's own lease break ack while a channel's CREATE waits.
+    lease_key = uuid.uuid4().bytes
+    lease = SMB2CreateRequestLease()
+    lease["lease_key"] = lease_key
+    lease["lease_state"] = R | W | H
+    ctx = SMB2CreateContextRequest()
+    ctx["buffer_name"] = CreateContextName.SMB2_CREATE_REQUEST_LEASE
+    ctx["buffer_data"] = lease
+    fa = Open(tree, "leased.txt")
+    resp = fa.create(
+        ImpersonationLevel.Impersonation,
+        FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
+        FileAttributes.FILE_ATTRIBUTE_NORMAL,
+        ALL_SHARE,
+        CreateDisposition.FILE_OVERWRITE_IF,
+        CreateOptions.FILE_NON_DIRECTORY_FILE,
+        create_contexts=[ctx],
+        oplock_level=RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE,
+    )
+    leases = [r for r in resp or [] if hasattr(r, "fields") and "lease_state" in r.fields]
+    check(len(leases) == 1 and leases[0]["lease_state"].get_value() == R | W | H, "A holds an RWH lease")
+    body = create_body("leased.txt")
+    first = 64 + len(body)
+    first += -first % 8
+    create = cmac_sign(
+        chan_key,
+        b.header(CREATE, s1.session_id, next_command=first, tid=tree.tree_connect_id)
+        + body
+        + b"\0" * (first - 64 - len(body)),
+    )
+    echo = cmac_sign(chan_key, b.header(ECHO, s1.session_id) + struct.pack("<HH", 4, 0))
+    b.send(create + echo)
+    brk = arrived.get(timeout=30)
+    check(brk.response_event.wait(10), "A gets a lease break")
+    new = int.from_bytes(brk.response["data"].get_value()[28:32], "little")
+    ack = LeaseBreakAck()
+    ack["lease_key"] = lease_key
+    ack["lease_state"] = new
+    try:
+        r = a.send(ack, sid=s1.session_id, tid=tree.tree_connect_id, force_signature=True)
+        answered = r.response_event.wait(timeout=10)
+        st = r.response["status"].get_value() if answered else None
+    except Exception as e:
+        print(f"the acknowledgment failed with {e!r}", flush=True)
+        st = None
+    check(st == SUCCESS, f"A's signed break acknowledgment is answered STATUS_SUCCESS (got {st})", fatal=False)
+    r = b.recv()
+    st = struct.unpack_from("<I", r, 8)[0]
+    check(st == SUCCESS, f"B's CREATE succeeded (got {st:#010x})", fatal=False)
+    if st == SUCCESS:
+        fid = r[64 + 64 : 64 + 80]
+        close = cmac_sign(chan_key, b.header(6, s1.session_id, tid=tree.tree_connect_id) + struct.pack("<HHI", 24, 0, 0) + fid)
+        st, _ = b.call(close)
+        check(st == SUCCESS, "B closed its open")
+    fa.close()
+
+    # 4. A binding's later leg must carry the flag and the signature.
     c = Raw(guid)
     ctx = ntlm_context()
     st, tok = c.setup_leg(s1.session_id, BINDING, ctx.step(None), s1.signing_key)

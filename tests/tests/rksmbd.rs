@@ -536,10 +536,13 @@ fn a_create_waiting_for_a_lease_break_pends_and_can_be_cancelled() {
 /// What a bound channel does at its session's home is confined to it
 /// (issue 14's review): a forwarded compound's message of another session
 /// of the home connection is STATUS_USER_SESSION_DELETED, a CANCEL on the
-/// channel does not end the home's request of the same MessageId, and a
-/// binding whose second leg drops the BINDING flag (and its signature) is
-/// refused. Before, the TREE_CONNECT of the other session was served, the
-/// home's CHANGE_NOTIFY was cancelled, and the unflagged leg bound.
+/// channel does not end the home's request of the same MessageId, the
+/// home's own lease break ack, served while a channel's CREATE waits for
+/// it, is checked with the home's key, and a binding whose second leg
+/// drops the BINDING flag (and its signature) is refused. Before, the
+/// TREE_CONNECT of the other session was served, the home's CHANGE_NOTIFY
+/// was cancelled, the ack was STATUS_ACCESS_DENIED, and the unflagged leg
+/// bound.
 #[test]
 fn a_bound_channel_acts_only_on_its_own_session_and_requests() {
     let s = Scratch::new("rksmbd-channel-confinement");
