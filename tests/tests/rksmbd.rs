@@ -551,6 +551,26 @@ fn a_create_waiting_for_a_lease_break_pends_and_can_be_cancelled() {
     no_handles_left(&d);
 }
 
+/// What a bound channel does at its session's home is confined to it
+/// (issue 14's review): a forwarded compound's message of another session
+/// of the home connection is STATUS_USER_SESSION_DELETED, a CANCEL on the
+/// channel does not end the home's request of the same MessageId, the
+/// home's own lease break ack, served while a channel's CREATE waits for
+/// it, is checked with the home's key, and a binding whose second leg
+/// drops the BINDING flag (and its signature) is refused. Before, the
+/// TREE_CONNECT of the other session was served, the home's CHANGE_NOTIFY
+/// was cancelled, the ack was STATUS_ACCESS_DENIED, and the unflagged leg
+/// bound.
+#[test]
+fn a_bound_channel_acts_only_on_its_own_session_and_requests() {
+    let s = Scratch::new("rksmbd-channel-confinement");
+    let d = Filterd::start(&s, &[], &[]);
+    std::fs::create_dir_all(s.root().join("watched")).unwrap();
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "channel_confinement.py");
+    no_handles_left(&d);
+}
+
 /// A lease break its holder never acknowledges ends at filterd's break
 /// timeout (2 s here) as on Windows (MS-SMB2 3.3.2.5): the pending CREATE
 /// completes, the holder's whole lease is gone (none, not the RH the break

@@ -10,8 +10,20 @@
 //! the session to the home thread through the home's [`Inbox`], with what
 //! the home needs to answer as that channel would ([`Via`]: the channel's
 //! signing key, its credits and its socket for the final responses of
-//! requests that go async). The reply comes back to the channel thread,
-//! which writes it to its own socket.
+//! requests that go async, and what the client said in the channel's
+//! NEGOTIATE, for FSCTL_VALIDATE_NEGOTIATE_INFO). The home writes the
+//! answer to the channel's socket itself, before it serves anything else
+//! (so a final async response cannot overtake its interim one), and
+//! tells the channel thread its credits.
+//!
+//! What the home answers for a channel is confined to it: every message
+//! of a forwarded PDU must be of the session bound on that channel (others
+//! are STATUS_USER_SESSION_DELETED, NEGOTIATE and SESSION_SETUP too); the
+//! channel's key, credits and negotiate state are in force only for that
+//! PDU — a PDU of the home's own socket served meanwhile (a forwarded
+//! CREATE waiting for a lease break acknowledgment pumps it) runs with the
+//! home's own; CANCEL matches only requests of the same connection and
+//! session (MessageIds are per connection).
 //!
 //! A session lives until its last channel goes: when the home's own socket
 //! is lost while channels are bound, the home thread keeps serving them
@@ -38,12 +50,17 @@ const MAX_QUEUED: usize = 1024;
 pub struct Via {
     /// The channel's connection number (where async final responses go).
     pub conn: u64,
+    /// The session bound on the channel: the only one its PDUs may act on.
+    pub session: u64,
     /// The channel's socket, for those final responses.
     pub writer: ConnWriter,
     /// The channel's signing algorithm and key.
     pub sign: (SigningAlgorithm, [u8; 16]),
     /// The credits the channel's client holds (updated by the answer).
     pub credits: u32,
+    /// What the client said in the channel's own NEGOTIATE (what its
+    /// FSCTL_VALIDATE_NEGOTIATE_INFO is checked against).
+    pub client: Box<crate::server::ClientNegotiate>,
 }
 
 /// A PDU of a bound session, handed from a channel to the home thread.
@@ -52,9 +69,9 @@ pub struct Forwarded {
     pub pdu: Vec<u8>,
     /// Where it came from.
     pub via: Via,
-    /// The answer: the response PDU (empty when there is none: CANCEL) and
-    /// the channel's credits after it, or `None` when the PDU was
-    /// malformed and the channel must close.
+    /// The answer, once the home wrote the response to the channel's
+    /// socket: nothing (empty) and the channel's credits after it, or
+    /// `None` when the PDU was malformed and the channel must close.
     pub reply: SyncSender<Option<(Vec<u8>, u32)>>,
 }
 

@@ -726,13 +726,10 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
 /// opened.
 pub fn cancel_pending(c: &mut Connection, req: &Request<'_>) {
     let hdr = &req.hdr;
-    let by_async = hdr.flags & wire::FLAG_ASYNC != 0;
+    let origin = c.origin();
     let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut c.pending_creates.list)
         .into_iter()
-        .partition(|p| match by_async {
-            true => p.head.async_id == hdr.async_id,
-            false => p.head.message_id == hdr.message_id,
-        });
+        .partition(|p| p.head.cancelled_by(hdr, origin));
     c.pending_creates.list = kept;
     for p in gone {
         c.finish_async(&p.head, status::CANCELLED, &[]);

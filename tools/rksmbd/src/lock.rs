@@ -344,11 +344,8 @@ pub fn retry(c: &mut Connection) {
 /// names nothing waiting is ignored (it gets no response either way).
 pub fn cancel(c: &mut Connection, req: &Request<'_>) {
     let hdr = &req.hdr;
-    let by_async = hdr.flags & crate::wire::FLAG_ASYNC != 0;
-    let gone = c.waiting.remove_where(|w| match by_async {
-        true => w.head.async_id == hdr.async_id,
-        false => w.head.message_id == hdr.message_id,
-    });
+    let origin = c.origin();
+    let gone = c.waiting.remove_where(|w| w.head.cancelled_by(hdr, origin));
     for w in gone {
         c.finish_async(&w.head, status::CANCELLED, &LOCK_RESPONSE);
     }

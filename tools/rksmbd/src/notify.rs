@@ -465,11 +465,12 @@ fn response(changes: &[(u32, String)], max_output: usize) -> Option<Vec<u8>> {
 /// MessageId: it ends with STATUS_CANCELLED.
 pub fn cancel(c: &mut Connection, req: &Request<'_>) {
     let hdr = &req.hdr;
-    let by_async = hdr.flags & wire::FLAG_ASYNC != 0;
-    let hit = c.notify.list.iter().position(|w| match by_async {
-        true => w.head.async_id == hdr.async_id,
-        false => w.head.message_id == hdr.message_id,
-    });
+    let origin = c.origin();
+    let hit = c
+        .notify
+        .list
+        .iter()
+        .position(|w| w.head.cancelled_by(hdr, origin));
     if let Some(i) = hit {
         let w = c.notify.list.remove(i);
         c.finish_async(&w.head, status::CANCELLED, &[]);

@@ -154,9 +154,22 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
     Ok(())
 }
 
+/// Writes one PDU, framed, to a socket shared by several writers (whole
+/// frames under its lock); false when it could not.
+fn write_frame(wr: &crate::breaks::ConnWriter, pdu: &[u8]) -> bool {
+    let Ok(n) = u32::try_from(pdu.len()) else {
+        return false;
+    };
+    let mut frame = n.to_be_bytes().to_vec();
+    frame.extend_from_slice(pdu);
+    wr.lock()
+        .map(|mut w| w.write_all(&frame).is_ok())
+        .unwrap_or(false)
+}
+
 /// What the client said in NEGOTIATE, for FSCTL_VALIDATE_NEGOTIATE_INFO.
 #[derive(Debug, Clone, Default)]
-struct ClientNegotiate {
+pub struct ClientNegotiate {
     capabilities: u32,
     guid: [u8; 16],
     security_mode: u16,
@@ -292,12 +305,37 @@ pub struct Connection {
     /// the end that wakes this thread (none when no socket pair could be
     /// made: the sessions then cannot be bound).
     inbox: Option<(Arc<crate::channels::Inbox>, std::os::unix::net::UnixStream)>,
-    /// While a channel's PDU is answered: the channel's connection number
-    /// and signing algorithm and key.
-    via: Option<(u64, (SigningAlgorithm, [u8; 16]))>,
+    /// While a channel's PDU is answered: the channel's connection number,
+    /// the session bound there, and the channel's signing algorithm and
+    /// key.
+    via: Option<ViaNow>,
+    /// What [`Connection::serve_forwarded`] swapped out, innermost last:
+    /// the entry without `via` is this connection's own state, which a PDU
+    /// from its own socket served meanwhile ([`Connection::pump`]) runs
+    /// with.
+    outer: Vec<PerConn>,
     /// The sockets of channels whose requests went async here, for their
     /// final responses (weak: the channel's thread owns its socket).
     channel_writers: HashMap<u64, std::sync::Weak<Mutex<TcpStream>>>,
+}
+
+/// The channel a forwarded PDU came on (see [`crate::channels`]).
+#[derive(Debug, Clone, Copy)]
+struct ViaNow {
+    conn: u64,
+    /// The only session its messages may act on.
+    session: u64,
+    sign: (SigningAlgorithm, [u8; 16]),
+}
+
+/// What differs between a connection's own PDUs and a channel's it
+/// answers: where they came from, the client's credits on that socket,
+/// and what the client said in that socket's NEGOTIATE.
+#[derive(Debug, Default)]
+struct PerConn {
+    via: Option<ViaNow>,
+    credits: u32,
+    client: ClientNegotiate,
 }
 
 /// What a connection thread serves next.
@@ -342,6 +380,20 @@ pub struct AsyncHead {
     pub conn: u64,
 }
 
+impl AsyncHead {
+    /// Whether this request is the one CANCEL `hdr`, which came on
+    /// connection `origin`, names: by AsyncId or MessageId, sent on the
+    /// same connection (MessageIds are per connection: a channel's must
+    /// not cancel the home's) for the same session.
+    pub fn cancelled_by(&self, hdr: &Header, origin: u64) -> bool {
+        let named = match hdr.flags & wire::FLAG_ASYNC != 0 {
+            true => self.async_id == hdr.async_id,
+            false => self.message_id == hdr.message_id,
+        };
+        named && self.conn == origin && self.session_id == hdr.session_id
+    }
+}
+
 impl Connection {
     /// A fresh connection.
     pub fn new(sh: Arc<Shared>, id: u64) -> Self {
@@ -369,6 +421,7 @@ impl Connection {
             queued_async: None,
             inbox: crate::channels::Inbox::new().ok(),
             via: None,
+            outer: Vec::new(),
             channel_writers: HashMap::new(),
         }
     }
@@ -385,7 +438,23 @@ impl Connection {
             credit_charge: hdr.credit_charge,
             command: hdr.command,
             sign: None,
-            conn: self.via.map_or(self.id, |v| v.0),
+            conn: self.origin(),
+        }
+    }
+
+    /// The connection the request being answered came on: a channel's
+    /// (MessageIds and final responses belong to it), or this one.
+    pub fn origin(&self) -> u64 {
+        self.via.map_or(self.id, |v| v.conn)
+    }
+
+    /// Puts `st` in place of the current per-socket state, giving the old
+    /// one back.
+    fn swap_state(&mut self, st: PerConn) -> PerConn {
+        PerConn {
+            via: std::mem::replace(&mut self.via, st.via),
+            credits: std::mem::replace(&mut self.credits, st.credits),
+            client: std::mem::replace(&mut self.client, st.client),
         }
     }
 
@@ -538,14 +607,32 @@ impl Connection {
         self.channel_writers.retain(|_, w| w.strong_count() > 0);
         self.channel_writers
             .insert(via.conn, Arc::downgrade(&via.writer));
-        let saved_via = self.via.replace((via.conn, via.sign));
-        let saved_credits = std::mem::replace(&mut self.credits, via.credits);
+        let saved = self.swap_state(PerConn {
+            via: Some(ViaNow {
+                conn: via.conn,
+                session: via.session,
+                sign: via.sign,
+            }),
+            credits: via.credits,
+            client: *via.client,
+        });
+        self.outer.push(saved);
         let out = self.handle_pdu(&pdu);
-        let credits = std::mem::replace(&mut self.credits, saved_credits);
-        self.via = saved_via;
+        let saved = self.outer.pop().unwrap_or_default();
+        let credits = self.swap_state(saved).credits;
         // A failed negotiate validation ends the channel, not this one.
         self.terminate = false;
-        let _ = reply.send(out.ok().map(|b| (b, credits)));
+        // The answer goes to the channel's socket from here, before
+        // anything else is served: a request that went async here could
+        // otherwise see its final response (written from here) overtake
+        // its interim one (written by the channel thread once woken).
+        let out = out.ok().map(|b| {
+            if !b.is_empty() && !write_frame(&via.writer, &b) {
+                tracing::debug!(conn = via.conn, "channel socket gone");
+            }
+            (Vec::new(), credits)
+        });
+        let _ = reply.send(out);
     }
 
     /// Sends the final response of a request answered STATUS_PENDING
@@ -584,11 +671,6 @@ impl Connection {
         if let Some((alg, key)) = a.sign {
             crypto::sign(alg, &key, &mut bytes);
         }
-        let Ok(n) = u32::try_from(bytes.len()) else {
-            return;
-        };
-        let mut frame = n.to_be_bytes().to_vec();
-        frame.extend_from_slice(&bytes);
         let wr = match a.conn == self.id {
             true => self.io.as_ref().map(|(_, w)| w.clone()),
             false => self
@@ -597,9 +679,7 @@ impl Connection {
                 .and_then(std::sync::Weak::upgrade),
         };
         if let Some(wr) = wr {
-            if let Ok(mut wr) = wr.lock() {
-                let _ = wr.write_all(&frame);
-            }
+            write_frame(&wr, &bytes);
         }
     }
 
@@ -644,16 +724,7 @@ impl Connection {
         if out.is_empty() {
             return true;
         }
-        let Ok(n) = u32::try_from(out.len()) else {
-            return false;
-        };
-        let mut frame = n.to_be_bytes().to_vec();
-        frame.extend_from_slice(&out);
-        self.io.as_ref().is_some_and(|(_, w)| {
-            w.lock()
-                .map(|mut w| w.write_all(&frame).is_ok())
-                .unwrap_or(false)
-        })
+        self.io.as_ref().is_some_and(|(_, w)| write_frame(w, &out))
     }
 
     /// The home of the session a PDU is for, when this connection is one
@@ -691,8 +762,10 @@ impl Connection {
             via: crate::channels::Via {
                 conn: self.id,
                 writer,
+                session,
                 sign: (self.signing, key),
                 credits: self.credits,
+                client: Box::new(self.client.clone()),
             },
             reply: tx,
         };
@@ -736,8 +809,11 @@ impl Connection {
 
     /// This channel leaves session `id` (LOGOFF through it, its home gone).
     fn unbind(&mut self, id: u64) {
-        if let Some(home) = self.sessions.remove(&id).and_then(|s| s.bound) {
-            home.unbound();
+        if let Some(s) = self.sessions.remove(&id) {
+            // Only a finished binding counted itself at the home.
+            if let (Some(home), Some(_)) = (s.bound, s.user) {
+                home.unbound();
+            }
         }
     }
 
@@ -756,7 +832,7 @@ impl Connection {
         match ready {
             Ready::Socket => match self.read_frame() {
                 Some(pdu) => {
-                    if !self.answer(&pdu) {
+                    if !self.answer_own(&pdu) {
                         self.io = None;
                     }
                 }
@@ -767,6 +843,32 @@ impl Connection {
             Ready::Nothing => {}
         }
         self.pump_depth -= 1;
+    }
+
+    /// Answers a PDU of this connection's own socket, also while a
+    /// channel's PDU is being answered (a forwarded CREATE waiting for a
+    /// lease break ack pumps this socket): with this connection's own
+    /// signing keys, credits, negotiate state and socket for async final
+    /// responses, never the channel's.
+    fn answer_own(&mut self, pdu: &[u8]) -> bool {
+        if self.via.is_none() {
+            return self.answer(pdu);
+        }
+        let Some(i) = self.outer.iter().rposition(|o| o.via.is_none()) else {
+            return self.answer(pdu);
+        };
+        let own = self
+            .outer
+            .get_mut(i)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        let channel = self.swap_state(own);
+        let ok = self.answer(pdu);
+        let own = self.swap_state(channel);
+        if let Some(o) = self.outer.get_mut(i) {
+            *o = own;
+        }
+        ok
     }
 
     /// The client went away: durable and persistent opens are detached in
@@ -787,8 +889,13 @@ impl Connection {
         }
         for (id, s) in self.sessions.drain() {
             match s.bound {
-                // A channel: the session lives on at its home.
-                Some(home) => home.unbound(),
+                // A channel: the session lives on at its home (a binding
+                // never finished was not counted there).
+                Some(home) => {
+                    if s.user.is_some() {
+                        home.unbound();
+                    }
+                }
                 None => {
                     if let Some(home) = s.link.as_ref().and_then(|l| l.home.get()) {
                         home.end();
@@ -1030,10 +1137,20 @@ impl Connection {
             crate::notify::cancel(self, req);
             return (None, None);
         }
+        // A channel's PDU acts on the session bound there only, and never
+        // negotiates or sets up a session at the home.
+        let foreign = self.via.is_some_and(|v| {
+            v.session != req.hdr.session_id
+                || matches!(cmd, Command::Negotiate | Command::SessionSetup)
+        });
         // Signing: the key of the request's session, before the command
         // runs (LOGOFF removes it).
-        let mut sign = self.signing_for(req);
+        let mut sign = match foreign {
+            true => None,
+            false => self.signing_for(req),
+        };
         let outcome = match (failed_related, self.check_signature(req, cmd)) {
+            _ if foreign => Err(status::USER_SESSION_DELETED),
             (Some(st), _) => Err(st),
             (None, Err(st)) => {
                 sign = None;
@@ -1177,7 +1294,7 @@ impl Connection {
         let key = s.signing_key?;
         let signed = req.hdr.flags & wire::FLAG_SIGNED != 0;
         // A channel's request is signed with the channel's key.
-        let sign = self.via.map_or((self.signing, key), |v| v.1);
+        let sign = self.via.map_or((self.signing, key), |v| v.sign);
         (signed || s.signing_required).then_some(sign)
     }
 
@@ -1194,7 +1311,7 @@ impl Connection {
             return Ok(());
         };
         if req.hdr.flags & wire::FLAG_SIGNED != 0 {
-            let (alg, key) = self.via.map_or((self.signing, key), |v| v.1);
+            let (alg, key) = self.via.map_or((self.signing, key), |v| v.sign);
             if crypto::verify(alg, &key, req.msg) {
                 Ok(())
             } else {
@@ -1394,7 +1511,20 @@ impl Connection {
         let previous = r.u64("previous session")?;
         let blob = wire::buffer(req.msg, u32::from(off), u32::from(len), "security blob")?;
         let new = req.hdr.session_id == 0;
-        let binding = !new && flags & SESSION_FLAG_BINDING != 0;
+        let flagged = !new && flags & SESSION_FLAG_BINDING != 0;
+        // A binding under way stays one: every later leg must carry the
+        // flag and the session's signature, and its success the same-user
+        // check (3.3.5.5.2), whatever the leg says.
+        let binding_under_way = !new
+            && self
+                .sessions
+                .get(&req.hdr.session_id)
+                .is_some_and(|s| s.bound.is_some() && s.user.is_none());
+        if binding_under_way && !flagged {
+            self.sessions.remove(&req.hdr.session_id);
+            return Err(status::INVALID_PARAMETER);
+        }
+        let binding = flagged;
         let first_bind = binding && !self.sessions.contains_key(&req.hdr.session_id);
         if first_bind {
             self.start_binding(req)?;
