@@ -666,6 +666,19 @@ impl Engine {
         // Persistent state: exactly what the store holds (a handle's own
         // replay records go and come with it).
         for k in handles {
+            // A break whose event waited for this commit (a persistent
+            // holder's epoch bump, `Engine::send_break`) was never sent:
+            // it is no longer in progress, and the open that wanted it
+            // runs again below and sends it anew.
+            if let Some((file, lk)) = self
+                .handles
+                .get(&k)
+                .and_then(|h| h.rec.lease.as_ref().map(|l| (h.rec.file, l.key)))
+            {
+                if self.breaking.remove(&(file, lk)).is_some() {
+                    self.retry_files.insert(file);
+                }
+            }
             created.extend(self.restore_handle(k));
             scopes.insert(ReplayScope::Handle(k));
         }

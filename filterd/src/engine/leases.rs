@@ -510,9 +510,23 @@ impl Engine {
             // the current group: the break shows it only once that, and
             // all the request builds on, is durable — else after a
             // restart the next break could repeat the epoch (a v2-lease
-            // client ignores it).
+            // client ignores it). If that commit fails, the rollback
+            // forgets the break (`Engine::roll_back`) so it is sent again.
+            // Other holders' lease state is not stored: their break goes
+            // at once.
+            let persistent = self
+                .by_file
+                .get(&file)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.handles.get(k))
+                .any(|h| {
+                    h.rec.durability.is_persistent()
+                        && h.rec.lease.as_ref().is_some_and(|l| l.key == lk)
+                });
+            let dep = if persistent { self.batch.dep() } else { 0 };
             self.event_after(
-                self.batch.dep(),
+                dep,
                 writer,
                 Event::LeaseBreak {
                     lease_key: lk,

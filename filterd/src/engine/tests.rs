@@ -2490,3 +2490,48 @@ fn a_persistent_holders_break_waits_for_its_epoch_bump() {
     h.drain_replies();
     assert_eq!(breaks(&h), vec![e0 + 1]);
 }
+
+/// A break whose event waited for a commit that failed was never sent: the
+/// rollback forgets it, so the open that wants it sends it anew (a review
+/// found the break dropped while filterd still counted it in progress, so
+/// the lease would later be taken without the holder ever told).
+#[test]
+fn a_break_whose_commit_failed_is_sent_again() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Event;
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
+    let st = |s: &str| LeaseState::parse(s).unwrap();
+    let k = LeaseKey(uuid::Uuid::new_v4());
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.disposition = Disposition::Open;
+    o.lease = Some(LeaseRequest {
+        key: k,
+        state: st("RWH"),
+        epoch: 0,
+    });
+    let holder = h.run(Request::Open(o));
+    h.commit(true);
+    let e0 = h.lease_of(holder).unwrap().epoch;
+    let breaks = |h: &Harness| -> Vec<u16> {
+        h.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::LeaseBreak { epoch, .. } => Some(*epoch),
+                _ => None,
+            })
+            .collect()
+    };
+    h.run(bobs("a", Rights::READ, Disposition::Open));
+    h.commit(false);
+    h.drain_replies();
+    assert!(breaks(&h).is_empty(), "a break shown whose bump failed");
+    assert_eq!(h.lease_of(holder).unwrap().epoch, e0, "the bump is undone");
+    h.run(bobs("a", Rights::READ, Disposition::Open));
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(breaks(&h), vec![e0 + 1], "the break is sent again");
+}
