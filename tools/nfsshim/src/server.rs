@@ -1166,12 +1166,14 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
             false,
         ),
     };
-    if outcome.is_err() {
-        // What the request changed of its open states was not committed.
-        roll_back(&mut st, &ctx);
-    }
     if let Err(Fail(s, _)) = &outcome {
         if s.trim_end() == "NFS4ERR_DELAY" {
+            // What the request changed of its open states was not
+            // committed, and the client re-sends: the re-send runs from
+            // the open states as they were. (After any other error the
+            // answer is final and the changes stay, as what filterd did
+            // for them — a handle added, ranges locked — stays too.)
+            roll_back(&mut st, &ctx);
             // Every DELAY leaves the slot where it was (filterd away, or a
             // recall outstanding): the client re-sends with the same seqid
             // and the request runs again, so a client never has to tell the
@@ -1202,11 +1204,11 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
     // The request's table changes and its slot reply: one commit, before
     // the reply goes out.
     if let Err(e) = pending.flush(&sh.filter) {
-        // Not stored: the open states are as before the request, so a
-        // re-send applies its change once (filterd's own side of it, a
-        // replayed handle or lock, is found again by the re-send).
-        roll_back(&mut st, &ctx);
         if e.code() != Some(ErrorCode::DiskFull) {
+            // Not stored: the open states are as before the request, so a
+            // re-send applies its change once (filterd's own side of it, a
+            // replayed handle or lock, is found again by the re-send).
+            roll_back(&mut st, &ctx);
             // Not durable: do not advance; the client re-sends (and the
             // re-send checks what filterd holds: the request's own changes
             // committed).
@@ -1215,6 +1217,9 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         }
         // No room to record it: the request's answer is NOSPC, kept on the
         // slot in memory only (a re-send gets it; nothing more is stored).
+        // No re-send runs the request again, so its open states keep what
+        // filterd holds for them (a handle added, ranges locked or
+        // unlocked): putting them back would leave those untracked.
         reply = finish(Err(Fail(
             "NFS4ERR_NOSPC",
             format!("recording the reply: {e}"),
