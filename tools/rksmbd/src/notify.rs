@@ -43,6 +43,9 @@ pub const MAX_DIRS: usize = 64;
 /// Most directories the server watches at once (inotify watches count
 /// against the uid's `fs.inotify.max_user_watches`).
 pub const MAX_SERVER_DIRS: usize = 4096;
+/// Events the hub queues for one connection before it folds them into one
+/// overflow (the kernel's own queue is bounded the same way).
+const INBOX_LIMIT: usize = 1024;
 
 /// Completion filter bits (2.2.35).
 const FILE_NOTIFY_CHANGE_FILE_NAME: u32 = 0x1;
@@ -126,9 +129,11 @@ impl Hub {
                 std::thread::sleep(std::time::Duration::from_millis(10));
                 continue;
             };
-            let Ok(watchers) = self.watchers.lock() else {
-                return;
-            };
+            // A poisoned map is still the map: the hub must not die.
+            let watchers = self
+                .watchers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut woken: HashMap<*const Inbox, Arc<Inbox>> = HashMap::new();
             for e in events {
                 let overflow = e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW);
@@ -147,11 +152,27 @@ impl Hub {
                 };
                 for inbox in to {
                     if let Ok(mut q) = inbox.queue.lock() {
-                        q.push(Change {
-                            wd: e.wd,
-                            mask: e.mask,
-                            name: e.name.clone(),
-                        });
+                        if q.len() < INBOX_LIMIT {
+                            q.push(Change {
+                                wd: e.wd,
+                                mask: e.mask,
+                                name: e.name.clone(),
+                            });
+                        } else if !q
+                            .last()
+                            .is_some_and(|c| c.mask.contains(AddWatchFlags::IN_Q_OVERFLOW))
+                        {
+                            // A connection that does not keep up (its
+                            // client stopped reading): what it missed is
+                            // an overflow, answered NOTIFY_ENUM_DIR, not
+                            // memory without bound.
+                            q.clear();
+                            q.push(Change {
+                                wd: e.wd,
+                                mask: AddWatchFlags::IN_Q_OVERFLOW,
+                                name: None,
+                            });
+                        }
                     }
                     woken.insert(Arc::as_ptr(inbox), inbox.clone());
                 }

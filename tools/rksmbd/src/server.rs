@@ -626,11 +626,14 @@ impl Connection {
         // anything else is served: a request that went async here could
         // otherwise see its final response (written from here) overtake
         // its interim one (written by the channel thread once woken).
-        let out = out.ok().map(|b| {
+        let out = out.ok().and_then(|b| {
             if !b.is_empty() && !write_frame(&via.writer, &b) {
+                // Cut off mid-frame, perhaps: the channel ends (as when
+                // its request fails) rather than write after half a frame.
                 tracing::debug!(conn = via.conn, "channel socket gone");
+                return None;
             }
-            (Vec::new(), credits)
+            Some((Vec::new(), credits))
         });
         let _ = reply.send(out);
     }
