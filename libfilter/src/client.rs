@@ -1161,6 +1161,73 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Issue 16, round 5: a caller that read its own reply delivers the
+    /// replies already queued for other pending calls before it gives the
+    /// reader role up, instead of leaving each to be read after a nudge.
+    #[test]
+    fn a_reader_hands_out_the_replies_already_queued() {
+        let dir = std::env::temp_dir().join(format!("rkf-ho-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s");
+        let l = listen_at(&path);
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<[u64; 2]>(0);
+        let (sent_tx, sent_rx) = crossbeam_channel::bounded::<()>(0);
+        let daemon = std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_FRAME + 1];
+            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
+            answer_hello(&c, &mut buf);
+            for ids in go_rx.iter() {
+                for id in ids {
+                    let r = ServerFrame::Reply {
+                        id: Some(id),
+                        result: Err(WireError::new(ErrorCode::Internal, format!("for {id}"))),
+                    };
+                    sys::send_packet(c.as_fd(), &proto::encode(&r).expect("encode"), None)
+                        .expect("send reply");
+                }
+                sent_tx.send(()).expect("sent");
+            }
+        });
+        let c = FilterClient::connect_control(&path).expect("connect");
+        let deadline = || Instant::now() + Duration::from_secs(60);
+        let mut handed_out = false;
+        for round in 0..5u64 {
+            let (a, b) = (1_000_000 + 2 * round, 1_000_001 + 2 * round);
+            let (sa, sb) = (
+                Arc::new(ReplySlot::default()),
+                Arc::new(ReplySlot::default()),
+            );
+            {
+                let mut p = c.inner.pending.lock().expect("pending");
+                p.insert(a, sa.clone());
+                p.insert(b, sb.clone());
+            }
+            {
+                // Both replies are queued before anyone reads: the idle
+                // reader, woken by them, finds the reader lock taken.
+                let _reading = c.inner.reader.lock().expect("reader");
+                go_tx.send([a, b]).expect("go");
+                sent_rx.recv().expect("sent");
+            }
+            assert!(c.wait_reply(a, &sa, deadline()).is_some(), "a's reply");
+            if sb.state.lock().expect("slot").reply.is_some() {
+                handed_out = true;
+                break;
+            }
+            // The idle reader may still have read a's reply first (a race
+            // this test cannot rule out): b's is queued; collect it, retry.
+            assert!(c.wait_reply(b, &sb, deadline()).is_some(), "b's reply");
+        }
+        assert!(
+            handed_out,
+            "b's reply was left in the socket when a's caller returned"
+        );
+        drop(go_tx);
+        drop(c);
+        daemon.join().expect("daemon");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Issue 16: waiting callers park on a condvar (no 2 ms polling) and
     /// rely on nudges to take over reading. Many concurrent calls answered
     /// in reverse order each get their own reply; then calls left waiting
