@@ -571,6 +571,21 @@ fn a_bound_channel_acts_only_on_its_own_session_and_requests() {
     no_handles_left(&d);
 }
 
+/// A bound channel whose client sends 64 READs of 1 MiB and stops reading
+/// its socket does not stall its session's home connection: the home's
+/// CREATE+CLOSE is answered within seconds, rksmbd ends the channel (its
+/// answers pass the channel's outbox bound) and the home goes on serving.
+/// Before, the home thread wrote the channel's answers to its socket
+/// itself and stalled 30 s per write (issue 14's review).
+#[test]
+fn a_stalled_channel_does_not_stall_its_sessions_home() {
+    let s = Scratch::new("rksmbd-stalled-channel");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "stalled_channel.py");
+    no_handles_left(&d);
+}
+
 /// A lease break its holder never acknowledges ends at filterd's break
 /// timeout (2 s here) as on Windows (MS-SMB2 3.3.2.5): the pending CREATE
 /// completes, the holder's whole lease is gone (none, not the RH the break
