@@ -76,23 +76,11 @@ from raw_channel import (
     bind,
     check,
     cmac_sign,
+    create_body,
     ntlm_context,
     open_file,
+    tree_connect_body,
 )
-
-
-def tree_connect_body():
-    path = rf"\\{HOST}\{SHARE}".encode("utf-16-le")
-    return struct.pack("<HHHH", 9, 0, 64 + 8, len(path)) + path
-
-
-def create_body(name):
-    """A CREATE of `name` for read and write, no lease, sharing all."""
-    n = name.encode("utf-16-le")
-    fixed = struct.pack(
-        "<HBBIQQIIIIIHHII", 57, 0, 0, 2, 0, 0, 0xC0000000, 0x80, 7, 3, 0x40, 64 + 56, len(n), 0, 0
-    )
-    return fixed + n
 
 
 def main():

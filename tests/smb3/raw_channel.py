@@ -157,3 +157,36 @@ def open_file(tree, name):
         CreateOptions.FILE_NON_DIRECTORY_FILE,
     )
     return f
+
+
+def tree_connect_body():
+    path = rf"\\{HOST}\{SHARE}".encode("utf-16-le")
+    return struct.pack("<HHHH", 9, 0, 64 + 8, len(path)) + path
+
+
+def create_body(name, access=0xC0000000, attributes=0x80, disposition=3, options=0x40):
+    """A CREATE of `name`, no lease, sharing all: by default a file opened
+    (or made) for read and write."""
+    n = name.encode("utf-16-le")
+    fixed = struct.pack(
+        "<HBBIQQIIIIIHHII", 57, 0, 0, 2, 0, 0, access, attributes, 7, disposition, options, 64 + 56, len(n), 0, 0
+    )
+    return fixed + n
+
+
+def logon(raw):
+    """Sets up a session of USER on `raw` (NTLM, not a binding); its id
+    and signing key."""
+    ctx = ntlm_context()
+    token = ctx.step(None)
+    body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(token), 0) + token
+    st, r = raw.call(raw.header(SESSION_SETUP, 0) + body)
+    check(st == MORE_PROCESSING, f"session setup leg 1 answered (got {st:#010x})")
+    sid = struct.unpack_from("<Q", r, 40)[0]
+    off, length = struct.unpack_from("<HH", r, 64 + 4)
+    token = ctx.step(r[off : off + length])
+    body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(token), 0) + token
+    st, r = raw.call(raw.header(SESSION_SETUP, sid) + body)
+    check(st == SUCCESS, "session set up")
+    session_key = ctx.session_key[:16].ljust(16, b"\0")
+    return sid, smb3kdf(session_key, b"SMB2AESCMAC\x00", b"SmbSign\x00")

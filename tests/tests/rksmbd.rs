@@ -522,6 +522,23 @@ fn change_notify_shares_one_inotify_and_is_bounded_per_connection() {
     no_handles_left(&d);
 }
 
+/// A connection whose CHANGE_NOTIFY waits while its client stops reading
+/// (its thread blocked writing READ answers) gets the changes it missed as
+/// one STATUS_NOTIFY_ENUM_DIR once it reads again: past 1,024 queued
+/// events they fold into an overflow (notify.rs `INBOX_LIMIT`), and the
+/// client creating 1,100 files meanwhile is answered promptly. Without
+/// the bound the queue grows with every event and the CHANGE_NOTIFY is
+/// answered STATUS_SUCCESS with the names.
+#[test]
+fn a_stalled_clients_notify_events_fold_into_an_overflow() {
+    let s = Scratch::new("rksmbd-notify-overflow");
+    let d = Filterd::start(&s, &[], &[]);
+    std::fs::create_dir_all(s.root().join("watched")).unwrap();
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "notify_overflow.py");
+    no_handles_left(&d);
+}
+
 /// A blocking LOCK held up by another client's lock is answered
 /// STATUS_PENDING (async) at once, its connection serves a WRITE
 /// meanwhile, and the other client's unlock — on another connection,
