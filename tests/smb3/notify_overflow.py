@@ -27,18 +27,10 @@ import struct
 import time
 import uuid
 
-from smbprotocol.connection import Connection, Dialects
-from smbprotocol.session import Session
-from smbprotocol.tree import TreeConnect
 
 from raw_channel import (
-    HOST,
-    PASSWORD,
-    PORT,
-    SHARE,
     SUCCESS,
     TREE_CONNECT,
-    USER,
     CREATE,
     Raw,
     check,
@@ -46,6 +38,7 @@ from raw_channel import (
     create_body,
     logon,
     open_file,
+    session,
     tree_connect_body,
 )
 
@@ -59,12 +52,7 @@ PROMPT = 5
 
 
 def main():
-    y = Connection(uuid.uuid4(), HOST, PORT, require_signing=False)
-    y.connect(dialect=Dialects.SMB_3_0_2)
-    ys = Session(y, USER, PASSWORD, require_encryption=False)
-    ys.connect()
-    ytree = TreeConnect(ys, rf"\\{HOST}\{SHARE}")
-    ytree.connect()
+    y, _, ytree = session(uuid.uuid4())
     big = open_file(ytree, "big.bin")
     big.write(b"n" * SIZE, 0)
     big.close()

@@ -13,6 +13,13 @@ from cryptography.hazmat.backends import default_backend
 from cryptography.hazmat.primitives import cmac, hashes
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.kdf.kbkdf import CounterLocation, KBKDFHMAC, Mode
+from smbprotocol.connection import Connection, Dialects
+from smbprotocol.create_contexts import (
+    CreateContextName,
+    LeaseState,
+    SMB2CreateContextRequest,
+    SMB2CreateRequestLeaseV2,
+)
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
@@ -22,6 +29,8 @@ from smbprotocol.open import (
     Open,
     ShareAccess,
 )
+from smbprotocol.session import Session
+from smbprotocol.tree import TreeConnect
 
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, CANCEL, ECHO = 0, 1, 3, 5, 0xC, 0xD
@@ -33,6 +42,7 @@ MORE_PROCESSING = 0xC0000016
 INVALID_PARAMETER = 0xC000000D
 USER_SESSION_DELETED = 0xC0000203
 CANCELLED = 0xC0000120
+RWH = LeaseState.SMB2_LEASE_READ_CACHING | LeaseState.SMB2_LEASE_WRITE_CACHING | LeaseState.SMB2_LEASE_HANDLE_CACHING
 ALL_SHARE = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
 
 
@@ -190,3 +200,34 @@ def logon(raw):
     check(st == SUCCESS, "session set up")
     session_key = ctx.session_key[:16].ljust(16, b"\0")
     return sid, smb3kdf(session_key, b"SMB2AESCMAC\x00", b"SmbSign\x00")
+
+
+def session(guid):
+    """An smbprotocol connection of client `guid` (SMB 3.0.2, signing not
+    required), a session of USER on it and the share connected: the
+    three."""
+    conn = Connection(guid, HOST, PORT, require_signing=False)
+    conn.connect(dialect=Dialects.SMB_3_0_2)
+    s = Session(conn, USER, PASSWORD, require_encryption=False)
+    s.connect()
+    tree = TreeConnect(s, rf"\\{HOST}\{SHARE}")
+    tree.connect()
+    return conn, s, tree
+
+
+# durable_reconnect.py keeps its own context() and lease_context():
+# rkdemo ships that script alone.
+def context(name, data):
+    c = SMB2CreateContextRequest()
+    c["buffer_name"] = name
+    c["buffer_data"] = data
+    return c
+
+
+def lease_context(key):
+    lease = SMB2CreateRequestLeaseV2()
+    lease["lease_key"] = key
+    lease["lease_state"] = RWH
+    lease["parent_lease_key"] = b"\x00" * 16
+    lease["epoch"] = b"\x00\x00"
+    return context(CreateContextName.SMB2_CREATE_REQUEST_LEASE_V2, lease)

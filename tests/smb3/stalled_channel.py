@@ -23,16 +23,12 @@ Prints one line per step; exits non-zero on any failure.
 
 import socket
 import struct
-import sys
 import threading
 import time
 import uuid
 
-from smbprotocol.connection import Connection, Dialects
-from smbprotocol.session import Session
-from smbprotocol.tree import TreeConnect
 
-from raw_channel import HOST, PASSWORD, PORT, SHARE, USER, Raw, bind, check, cmac_sign, open_file
+from raw_channel import PORT, Raw, bind, check, cmac_sign, open_file, session
 
 READ = 8
 SIZE = 1 << 20
@@ -71,12 +67,7 @@ def within(seconds, fn):
 
 def main():
     guid = uuid.uuid4()
-    a = Connection(guid, HOST, PORT, require_signing=False)
-    a.connect(dialect=Dialects.SMB_3_0_2)
-    s1 = Session(a, USER, PASSWORD, require_encryption=False)
-    s1.connect()
-    tree = TreeConnect(s1, rf"\\{HOST}\{SHARE}")
-    tree.connect()
+    a, s1, tree = session(guid)
     sid, tid = s1.session_id, tree.tree_connect_id
     big = open_file(tree, "big.bin")
     big.write(b"z" * SIZE, 0)

@@ -603,6 +603,20 @@ fn a_stalled_channel_does_not_stall_its_sessions_home() {
     no_handles_left(&d);
 }
 
+/// A persistent handle opened through a bound channel outlives its
+/// session's home connection (reset): the channel still reads through it,
+/// a DH2C from a new connection is refused while the channel lives, and
+/// once the channel is reset too a DH2C from a new connection resumes it
+/// with its data.
+#[test]
+fn a_persistent_handle_opened_through_a_channel_survives_both_resets() {
+    let s = Scratch::new("rksmbd-channel-durable");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "channel_durable.py");
+    no_handles_left(&d);
+}
+
 /// A lease break its holder never acknowledges ends at filterd's break
 /// timeout (2 s here) as on Windows (MS-SMB2 3.3.2.5): the pending CREATE
 /// completes, the holder's whole lease is gone (none, not the RH the break
