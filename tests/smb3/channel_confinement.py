@@ -30,16 +30,10 @@ other steps, when the connections still serve).
 """
 
 import queue
-import socket
 import struct
 import sys
 import uuid
 
-import spnego
-from cryptography.hazmat.backends import default_backend
-from cryptography.hazmat.primitives import cmac, hashes
-from cryptography.hazmat.primitives.ciphers import algorithms
-from cryptography.hazmat.primitives.kdf.kbkdf import CounterLocation, KBKDFHMAC, Mode
 from smbprotocol.change_notify import CompletionFilter, FileSystemWatcher
 from smbprotocol.connection import Connection, Dialects
 from smbprotocol.open import (
@@ -50,7 +44,6 @@ from smbprotocol.open import (
     FilePipePrinterAccessMask,
     ImpersonationLevel,
     Open,
-    ShareAccess,
 )
 from smbprotocol.create_contexts import CreateContextName, SMB2CreateContextRequest, SMB2CreateRequestLease
 from smbprotocol.open import RequestedOplockLevel
@@ -59,139 +52,35 @@ from smbprotocol.tree import TreeConnect
 
 from server_messages import LeaseBreakAck, Requests
 
-HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, CANCEL, ECHO = 0, 1, 3, 5, 0xC, 0xD
-R, H, W = 1, 2, 4
-FLAG_SIGNED = 0x8
-BINDING = 0x1
-SUCCESS = 0
-MORE_PROCESSING = 0xC0000016
-INVALID_PARAMETER = 0xC000000D
-USER_SESSION_DELETED = 0xC0000203
-CANCELLED = 0xC0000120
-ALL_SHARE = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
-
-
-FAILURES = []
-
-
-def check(cond, what, fatal=True):
-    """Fatal checks end the script; the others are counted (each step's
-    verdict is printed, so one run shows every one that fails)."""
-    if not cond:
-        print(f"FAILED: {what}", flush=True)
-        if fatal:
-            sys.exit(1)
-        FAILURES.append(what)
-        return
-    print(f"ok: {what}", flush=True)
-
-
-def cmac_sign(key, msg):
-    """The message with SMB2_FLAGS_SIGNED set and its AES-CMAC signature."""
-    flags = struct.unpack_from("<I", msg, 16)[0] | FLAG_SIGNED
-    m = bytearray(msg)
-    struct.pack_into("<I", m, 16, flags)
-    m[48:64] = b"\0" * 16
-    c = cmac.CMAC(algorithms.AES(key), backend=default_backend())
-    c.update(bytes(m))
-    m[48:64] = c.finalize()
-    return bytes(m)
-
-
-def smb3kdf(key, label, context):
-    return KBKDFHMAC(
-        algorithm=hashes.SHA256(),
-        mode=Mode.CounterMode,
-        length=16,
-        rlen=4,
-        llen=4,
-        location=CounterLocation.BeforeFixed,
-        label=label,
-        context=context,
-        fixed=None,
-        backend=default_backend(),
-    ).derive(key)
-
-
-class Raw:
-    """One raw SMB 3.0.2 connection."""
-
-    def __init__(self, guid):
-        self.s = socket.create_connection((HOST, PORT), timeout=10)
-        self.mid = 0
-        body = struct.pack("<HHHHI16sIHH", 36, 1, 1, 0, 0x08, guid.bytes, 0, 0, 0) + struct.pack("<H", 0x302)
-        st, _ = self.call(self.header(NEGOTIATE, 0) + body)
-        check(st == SUCCESS, "raw connection negotiated SMB 3.0.2")
-
-    def header(self, cmd, sid, next_command=0, tid=0, mid=None):
-        if mid is None:
-            mid = self.mid
-            self.mid += 1
-        return struct.pack(
-            "<4sHHIHHIIQIIQ16s", b"\xfeSMB", 64, 1, 0, cmd, 64, 0, next_command, mid, 0, tid, sid, b"\0" * 16
-        )
-
-    def send(self, pdu):
-        self.s.sendall(struct.pack(">I", len(pdu)) + pdu)
-
-    def recv(self):
-        n = struct.unpack(">I", self.read(4))[0]
-        return self.read(n)
-
-    def read(self, n):
-        b = b""
-        while len(b) < n:
-            chunk = self.s.recv(n - len(b))
-            if not chunk:
-                raise EOFError("connection closed")
-            b += chunk
-        return b
-
-    def call(self, pdu):
-        self.send(pdu)
-        r = self.recv()
-        return struct.unpack_from("<I", r, 8)[0], r
-
-    def setup_leg(self, sid, flags, token, key):
-        body = struct.pack("<HBBIIHHQ", 25, flags, 1, 0, 0, 64 + 24, len(token), 0) + token
-        msg = self.header(SESSION_SETUP, sid) + body
-        if key is not None:
-            msg = cmac_sign(key, msg)
-        st, r = self.call(msg)
-        off, length = struct.unpack_from("<HH", r, 64 + 4)
-        return st, r[off : off + length]
-
-
-def ntlm_context():
-    return spnego.client(
-        USER, PASSWORD, service="cifs", hostname=HOST, options=spnego.NegotiateOptions.session_key, protocol="negotiate"
-    )
-
-
-def bind(raw, sid, key):
-    """Binds session `sid` on `raw`; the channel's signing key."""
-    ctx = ntlm_context()
-    st, tok = raw.setup_leg(sid, BINDING, ctx.step(None), key)
-    check(st == MORE_PROCESSING, f"binding leg 1 answered (got {st:#010x})")
-    st, tok = raw.setup_leg(sid, BINDING, ctx.step(tok), key)
-    check(st == SUCCESS, "binding leg 2 bound the session")
-    session_key = ctx.session_key[:16].ljust(16, b"\0")
-    return smb3kdf(session_key, b"SMB2AESCMAC\x00", b"SmbSign\x00")
-
-
-def tree_connect_body():
-    path = rf"\\{HOST}\{SHARE}".encode("utf-16-le")
-    return struct.pack("<HHHH", 9, 0, 64 + 8, len(path)) + path
-
-
-def create_body(name):
-    """A CREATE of `name` for read and write, no lease, sharing all."""
-    n = name.encode("utf-16-le")
-    fixed = struct.pack(
-        "<HBBIQQIIIIIHHII", 57, 0, 0, 2, 0, 0, 0xC0000000, 0x80, 7, 3, 0x40, 64 + 56, len(n), 0, 0
-    )
-    return fixed + n
+from raw_channel import (
+    ALL_SHARE,
+    BINDING,
+    CANCEL,
+    CREATE,
+    ECHO,
+    FAILURES,
+    HOST,
+    INVALID_PARAMETER,
+    MORE_PROCESSING,
+    PASSWORD,
+    PORT,
+    SHARE,
+    SUCCESS,
+    TREE_CONNECT,
+    USER,
+    USER_SESSION_DELETED,
+    H,
+    R,
+    Raw,
+    W,
+    bind,
+    check,
+    cmac_sign,
+    create_body,
+    ntlm_context,
+    open_file,
+    tree_connect_body,
+)
 
 
 def main():
@@ -246,16 +135,7 @@ def main():
     # An ECHO on B after the CANCEL: B has handed the CANCEL on by then.
     st, _ = b.call(cmac_sign(chan_key, b.header(ECHO, s1.session_id) + struct.pack("<HH", 4, 0)))
     check(st == SUCCESS, "B served an ECHO after its CANCEL")
-    f = Open(tree, r"watched\new.txt")
-    f.create(
-        ImpersonationLevel.Impersonation,
-        FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
-        FileAttributes.FILE_ATTRIBUTE_NORMAL,
-        ALL_SHARE,
-        CreateDisposition.FILE_OVERWRITE_IF,
-        CreateOptions.FILE_NON_DIRECTORY_FILE,
-    )
-    f.close()
+    open_file(tree, r"watched\new.txt").close()
     try:
         w.wait()
         cancelled = w.cancelled

@@ -522,6 +522,23 @@ fn change_notify_shares_one_inotify_and_is_bounded_per_connection() {
     no_handles_left(&d);
 }
 
+/// A connection whose CHANGE_NOTIFY waits while its client stops reading
+/// (its thread blocked writing READ answers) gets the changes it missed as
+/// one STATUS_NOTIFY_ENUM_DIR once it reads again: past 1,024 queued
+/// events they fold into an overflow (notify.rs `INBOX_LIMIT`), and the
+/// client creating 1,100 files meanwhile is answered promptly. Without
+/// the bound the queue grows with every event and the CHANGE_NOTIFY is
+/// answered STATUS_SUCCESS with the names.
+#[test]
+fn a_stalled_clients_notify_events_fold_into_an_overflow() {
+    let s = Scratch::new("rksmbd-notify-overflow");
+    let d = Filterd::start(&s, &[], &[]);
+    std::fs::create_dir_all(s.root().join("watched")).unwrap();
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "notify_overflow.py");
+    no_handles_left(&d);
+}
+
 /// A blocking LOCK held up by another client's lock is answered
 /// STATUS_PENDING (async) at once, its connection serves a WRITE
 /// meanwhile, and the other client's unlock — on another connection,
@@ -568,6 +585,35 @@ fn a_bound_channel_acts_only_on_its_own_session_and_requests() {
     std::fs::create_dir_all(s.root().join("watched")).unwrap();
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     smbprotocol_script_passes(&srv, "channel_confinement.py");
+    no_handles_left(&d);
+}
+
+/// A bound channel whose client sends 64 READs of 1 MiB and stops reading
+/// its socket does not stall its session's home connection: the home's
+/// CREATE+CLOSE is answered within seconds, rksmbd ends the channel (its
+/// answers pass the channel's outbox bound) and the home goes on serving.
+/// Before, the home thread wrote the channel's answers to its socket
+/// itself and stalled 30 s per write (issue 14's review).
+#[test]
+fn a_stalled_channel_does_not_stall_its_sessions_home() {
+    let s = Scratch::new("rksmbd-stalled-channel");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "stalled_channel.py");
+    no_handles_left(&d);
+}
+
+/// A persistent handle opened through a bound channel outlives its
+/// session's home connection (reset): the channel still reads through it,
+/// a DH2C from a new connection is refused while the channel lives, and
+/// once the channel is reset too a DH2C from a new connection resumes it
+/// with its data.
+#[test]
+fn a_persistent_handle_opened_through_a_channel_survives_both_resets() {
+    let s = Scratch::new("rksmbd-channel-durable");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "channel_durable.py");
     no_handles_left(&d);
 }
 

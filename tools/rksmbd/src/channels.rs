@@ -11,10 +11,15 @@
 //! the home needs to answer as that channel would ([`Via`]: the channel's
 //! signing key, its credits and its socket for the final responses of
 //! requests that go async, and what the client said in the channel's
-//! NEGOTIATE, for FSCTL_VALIDATE_NEGOTIATE_INFO). The home writes the
-//! answer to the channel's socket itself, before it serves anything else
-//! (so a final async response cannot overtake its interim one), and
-//! tells the channel thread its credits.
+//! NEGOTIATE, for FSCTL_VALIDATE_NEGOTIATE_INFO). The home queues the
+//! answer in the channel's [`Outbox`], before it serves anything else (so
+//! a final async response, queued later, cannot overtake its interim
+//! one), and tells the channel thread its credits. The home never writes
+//! to a channel's socket: the outbox's own writer thread does, so a
+//! channel whose client stops reading stalls only that writer; when the
+//! answers it holds pass [`MAX_OUTBOX`] bytes, the channel ends (its
+//! socket is shut down; the session and its other channels go on, and the
+//! client may bind again, MS-SMB2 3.3.5.5.2).
 //!
 //! What the home answers for a channel is confined to it: every message
 //! of a forwarded PDU must be of the session bound on that channel (others
@@ -34,10 +39,11 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::breaks::ConnWriter;
 use crate::crypto::{Dialect, SigningAlgorithm};
@@ -52,8 +58,9 @@ pub struct Via {
     pub conn: u64,
     /// The session bound on the channel: the only one its PDUs may act on.
     pub session: u64,
-    /// The channel's socket, for those final responses.
-    pub writer: ConnWriter,
+    /// Where the answers for the channel's socket go (the responses, and
+    /// the final responses of requests that went async).
+    pub outbox: Arc<Outbox>,
     /// The channel's signing algorithm and key.
     pub sign: (SigningAlgorithm, [u8; 16]),
     /// The credits the channel's client holds (updated by the answer).
@@ -69,9 +76,10 @@ pub struct Forwarded {
     pub pdu: Vec<u8>,
     /// Where it came from.
     pub via: Via,
-    /// The answer, once the home wrote the response to the channel's
-    /// socket: nothing (empty) and the channel's credits after it, or
-    /// `None` when the PDU was malformed and the channel must close.
+    /// The answer, once the home queued the response in the channel's
+    /// outbox: nothing (empty) and the channel's credits after it, or
+    /// `None` when the PDU was malformed or the outbox full, and the
+    /// channel must close.
     pub reply: SyncSender<Option<(Vec<u8>, u32)>>,
 }
 
@@ -140,6 +148,107 @@ impl Inbox {
 pub fn drain_wakeups(rx: &UnixStream) {
     let mut buf = [0u8; 64];
     while matches!((&*rx).read(&mut buf), Ok(n) if n > 0) {}
+}
+
+/// Most bytes of answers an [`Outbox`] holds (the one being written
+/// included) before its channel is ended: sixteen of the largest READ
+/// answers. A client that reads its socket never has that many waiting;
+/// one that stopped reading costs no more memory than this.
+pub const MAX_OUTBOX: usize = 16 * crate::server::MAX_IO as usize;
+
+/// The answers a home thread has for one channel's socket, in order, and
+/// the thread that writes them: a stalled channel socket holds up that
+/// thread only, never the home.
+pub struct Outbox {
+    state: Mutex<Queued>,
+    ready: Condvar,
+    /// The channel's socket, to end it (shut down from any thread, also
+    /// while the writer is blocked on it).
+    socket: TcpStream,
+}
+
+/// What an [`Outbox`] holds.
+#[derive(Default)]
+struct Queued {
+    pdus: VecDeque<Vec<u8>>,
+    /// Bytes of `pdus` and of the PDU being written.
+    bytes: usize,
+    ended: bool,
+}
+
+impl Outbox {
+    /// The outbox of channel `conn`, whose socket `writer` is, with its
+    /// writer thread.
+    pub fn start(conn: u64, writer: ConnWriter) -> std::io::Result<Arc<Outbox>> {
+        let socket = lock(&writer).try_clone()?;
+        let out = Arc::new(Outbox {
+            state: Mutex::default(),
+            ready: Condvar::new(),
+            socket,
+        });
+        let o = out.clone();
+        std::thread::Builder::new()
+            .name(format!("rksmbd-out-{conn}"))
+            .spawn(move || o.drain(&writer))?;
+        Ok(out)
+    }
+
+    /// Queues `pdu` for the channel's socket; false when the channel is
+    /// ended (before, or now: the outbox is full — its client stopped
+    /// reading).
+    pub fn push(&self, pdu: Vec<u8>) -> bool {
+        let mut q = lock(&self.state);
+        if q.ended {
+            return false;
+        }
+        if q.bytes > 0 && q.bytes.saturating_add(pdu.len()) > MAX_OUTBOX {
+            drop(q);
+            tracing::info!("channel's client does not read its answers; ending the channel");
+            self.end();
+            return false;
+        }
+        q.bytes = q.bytes.saturating_add(pdu.len());
+        q.pdus.push_back(pdu);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Ends the channel: what is queued is dropped, the writer thread
+    /// stops, the socket is shut down (the channel thread's read sees it).
+    pub fn end(&self) {
+        {
+            let mut q = lock(&self.state);
+            q.ended = true;
+            q.pdus.clear();
+        }
+        self.ready.notify_all();
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The writer thread: writes the queued PDUs in order until the
+    /// outbox ends or a write fails (which ends it).
+    fn drain(&self, writer: &ConnWriter) {
+        loop {
+            let pdu = {
+                let mut q = lock(&self.state);
+                loop {
+                    if q.ended {
+                        return;
+                    }
+                    if let Some(p) = q.pdus.pop_front() {
+                        break p;
+                    }
+                    q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            if !crate::server::write_frame(writer, &pdu) {
+                self.end();
+                return;
+            }
+            let mut q = lock(&self.state);
+            q.bytes = q.bytes.saturating_sub(pdu.len());
+        }
+    }
 }
 
 /// Where a logged-on SMB 3.x session lives, for a connection that binds

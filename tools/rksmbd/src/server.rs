@@ -156,7 +156,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
 
 /// Writes one PDU, framed, to a socket shared by several writers (whole
 /// frames under its lock); false when it could not.
-fn write_frame(wr: &crate::breaks::ConnWriter, pdu: &[u8]) -> bool {
+pub(crate) fn write_frame(wr: &crate::breaks::ConnWriter, pdu: &[u8]) -> bool {
     let Ok(n) = u32::try_from(pdu.len()) else {
         return false;
     };
@@ -314,9 +314,12 @@ pub struct Connection {
     /// from its own socket served meanwhile ([`Connection::pump`]) runs
     /// with.
     outer: Vec<PerConn>,
-    /// The sockets of channels whose requests went async here, for their
-    /// final responses (weak: the channel's thread owns its socket).
-    channel_writers: HashMap<u64, std::sync::Weak<Mutex<TcpStream>>>,
+    /// The outboxes of channels whose requests went async here, for their
+    /// final responses (weak: the channel's thread owns its outbox).
+    channel_writers: HashMap<u64, std::sync::Weak<crate::channels::Outbox>>,
+    /// When this connection is a channel: where its home threads queue
+    /// the answers for its socket.
+    outbox: Option<Arc<crate::channels::Outbox>>,
 }
 
 /// The channel a forwarded PDU came on (see [`crate::channels`]).
@@ -423,6 +426,7 @@ impl Connection {
             via: None,
             outer: Vec::new(),
             channel_writers: HashMap::new(),
+            outbox: None,
         }
     }
 
@@ -480,6 +484,9 @@ impl Connection {
             self.after_pdu();
         }
         self.io = None;
+        if let Some(o) = self.outbox.take() {
+            o.end();
+        }
         self.sh.notifier.disconnected(self.id);
         // A session bound to other connections lives until its last
         // channel goes (multichannel): this thread keeps serving them.
@@ -606,7 +613,7 @@ impl Connection {
         let crate::channels::Forwarded { pdu, via, reply } = f;
         self.channel_writers.retain(|_, w| w.strong_count() > 0);
         self.channel_writers
-            .insert(via.conn, Arc::downgrade(&via.writer));
+            .insert(via.conn, Arc::downgrade(&via.outbox));
         let saved = self.swap_state(PerConn {
             via: Some(ViaNow {
                 conn: via.conn,
@@ -622,15 +629,14 @@ impl Connection {
         let credits = self.swap_state(saved).credits;
         // A failed negotiate validation ends the channel, not this one.
         self.terminate = false;
-        // The answer goes to the channel's socket from here, before
+        // The answer is queued for the channel's socket from here, before
         // anything else is served: a request that went async here could
-        // otherwise see its final response (written from here) overtake
-        // its interim one (written by the channel thread once woken).
+        // otherwise see its final response (queued from here) overtake
+        // its interim one. Never written from here: a channel whose client
+        // stops reading must not stall this thread (its outbox ends it).
         let out = out.ok().and_then(|b| {
-            if !b.is_empty() && !write_frame(&via.writer, &b) {
-                // Cut off mid-frame, perhaps: the channel ends (as when
-                // its request fails) rather than write after half a frame.
-                tracing::debug!(conn = via.conn, "channel socket gone");
+            if !b.is_empty() && !via.outbox.push(b) {
+                tracing::debug!(conn = via.conn, "channel ended");
                 return None;
             }
             Some((Vec::new(), credits))
@@ -674,15 +680,16 @@ impl Connection {
         if let Some((alg, key)) = a.sign {
             crypto::sign(alg, &key, &mut bytes);
         }
-        let wr = match a.conn == self.id {
-            true => self.io.as_ref().map(|(_, w)| w.clone()),
-            false => self
-                .channel_writers
-                .get(&a.conn)
-                .and_then(std::sync::Weak::upgrade),
-        };
-        if let Some(wr) = wr {
-            write_frame(&wr, &bytes);
+        if a.conn == self.id {
+            if let Some((_, wr)) = &self.io {
+                write_frame(wr, &bytes);
+            }
+        } else if let Some(o) = self
+            .channel_writers
+            .get(&a.conn)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            o.push(bytes);
         }
     }
 
@@ -759,12 +766,21 @@ impl Connection {
         let Some(key) = sign else {
             return self.handle_pdu(pdu);
         };
+        let outbox = match &self.outbox {
+            Some(o) => o.clone(),
+            None => {
+                let o = crate::channels::Outbox::start(self.id, writer)
+                    .map_err(|_| WireError::Bad("no channel writer"))?;
+                self.outbox = Some(o.clone());
+                o
+            }
+        };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let f = crate::channels::Forwarded {
             pdu: pdu.to_vec(),
             via: crate::channels::Via {
                 conn: self.id,
-                writer,
+                outbox,
                 session,
                 sign: (self.signing, key),
                 credits: self.credits,
@@ -784,7 +800,7 @@ impl Connection {
                 }
                 Ok(out)
             }
-            Some(None) => Err(WireError::Bad("forwarded PDU")),
+            Some(None) => Err(WireError::Bad("forwarded PDU, or answers left unread")),
             None => {
                 // The home thread is gone, and the session with it.
                 self.unbind(session);
