@@ -2,7 +2,7 @@
 changes it missed as one STATUS_NOTIFY_ENUM_DIR, not a queue without
 bound, and slows nobody (rksmbd; raw SMB 3.0.2 plus smbprotocol).
 
-Usage: notify_overflow.py HOST PORT SHARE USER PASSWORD
+Usage: notify_overflow.py HOST PORT SHARE USER PASSWORD EXPORT_DIR
 
 The export has a directory watched/. Connection Y (smbprotocol) writes a
 1 MiB file. Connection X (raw, signed) sets up a session, opens
@@ -10,9 +10,9 @@ watched/ and sends a CHANGE_NOTIFY on it (answered STATUS_PENDING), then
 READS reads of the file, and reads nothing more: its thread, serving the
 reads first, blocks writing their answers. Then:
 
-1. Y creates FILES files in watched/ (more than the 1,024 events rksmbd
-   queues for one connection), each CREATE+CLOSE answered within a few
-   seconds.
+1. FILES files are made in watched/ (in EXPORT_DIR directly: more than
+   the 1,024 events rksmbd queues for one connection), and Y makes
+   SMB_FILES more there, each CREATE+CLOSE answered within a few seconds.
 2. X reads again: its READs are answered, then its CHANGE_NOTIFY with
    STATUS_NOTIFY_ENUM_DIR (the events past the bound were folded into an
    overflow). Without the bound, every name fits the CHANGE_NOTIFY's
@@ -22,7 +22,9 @@ All of it within the socket's 30 s write timeout (X would be closed).
 Prints one line per step; exits non-zero on any failure.
 """
 
+import os
 import socket
+import sys
 import struct
 import time
 import uuid
@@ -48,6 +50,8 @@ FLAG_ASYNC = 0x2
 SIZE = 1 << 20
 READS = 24
 FILES = 1100
+SMB_FILES = 50
+ROOT = sys.argv[6]
 PROMPT = 5
 
 
@@ -84,17 +88,19 @@ def main():
         x.send(cmac_sign(key, x.header(READ, sid, tid=tid) + read))
     print(f"X sent {READS} READs of 1 MiB and reads nothing", flush=True)
 
-    # 1. Y is not slowed by X.
-    started = time.monotonic()
-    slowest = 0.0
+    # 1. FILES files appear in watched/ (made in the export directly: fast
+    # enough to stay within X's write timeout on a loaded machine), and
+    # Y, making SMB_FILES more, is not slowed by X.
     for i in range(FILES):
+        open(os.path.join(ROOT, "watched", f"f{i}"), "w").close()
+    slowest = 0.0
+    for i in range(SMB_FILES):
         t = time.monotonic()
-        open_file(ytree, rf"watched\f{i}").close()
+        open_file(ytree, rf"watched\y{i}").close()
         slowest = max(slowest, time.monotonic() - t)
         if slowest >= PROMPT:
             check(False, f"Y's CREATE+CLOSE #{i} answered within {PROMPT}s")
-    took = time.monotonic() - started
-    check(True, f"Y created {FILES} files in {took:.1f}s (slowest {slowest:.2f}s)")
+    check(True, f"{FILES} files made; Y's {SMB_FILES} CREATE+CLOSEs answered meanwhile (slowest {slowest:.2f}s)")
 
     # 2. X reads again: its READs, then the CHANGE_NOTIFY's end.
     x.s.settimeout(30)

@@ -525,8 +525,9 @@ fn change_notify_shares_one_inotify_and_is_bounded_per_connection() {
 /// A connection whose CHANGE_NOTIFY waits while its client stops reading
 /// (its thread blocked writing READ answers) gets the changes it missed as
 /// one STATUS_NOTIFY_ENUM_DIR once it reads again: past 1,024 queued
-/// events they fold into an overflow (notify.rs `INBOX_LIMIT`), and the
-/// client creating 1,100 files meanwhile is answered promptly. Without
+/// events (1,100 files made in the export) they fold into an overflow
+/// (notify.rs `INBOX_LIMIT`), and another client's CREATE+CLOSEs
+/// meanwhile are answered promptly. Without
 /// the bound the queue grows with every event and the CHANGE_NOTIFY is
 /// answered STATUS_SUCCESS with the names.
 #[test]
@@ -535,7 +536,8 @@ fn a_stalled_clients_notify_events_fold_into_an_overflow() {
     let d = Filterd::start(&s, &[], &[]);
     std::fs::create_dir_all(s.root().join("watched")).unwrap();
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    smbprotocol_script_passes(&srv, "notify_overflow.py");
+    let root = s.root().display().to_string();
+    smbprotocol_script_passes_with(&srv, "notify_overflow.py", &[&root]);
     no_handles_left(&d);
 }
 
