@@ -11,9 +11,10 @@ never reads its socket: its answers fill both socket buffers. Then:
 
 1. A's CREATE+CLOSEs, one after another, are each answered within a few
    seconds (the home thread answers B's requests but never writes to B's
-   socket itself) until rksmbd ends B (its answers pass the channel's
-   outbox bound): rksmbd's end of B's connection leaves ESTABLISHED
-   (/proc/net/tcp), within 40 s.
+   socket itself; past the channel's outbox bound it waits at most 5 s
+   for B's writer) until rksmbd ends B (its writer made no progress):
+   rksmbd's end of B's connection leaves ESTABLISHED (/proc/net/tcp),
+   within 40 s.
 2. Read now, B's socket gives less than every answer, then EOF or a
    reset.
 3. A still serves: another CREATE+CLOSE, a READ of the file.

@@ -605,6 +605,19 @@ fn a_stalled_channel_does_not_stall_its_sessions_home() {
     no_handles_left(&d);
 }
 
+/// A bound channel whose client reads its 64 MiB of READ answers slowly
+/// keeps the channel and gets every answer: past the outbox bound the home
+/// waits for the channel's writer while it makes progress. Before, the
+/// channel was ended as soon as its answers passed 16 MiB.
+#[test]
+fn a_slowly_read_channel_keeps_its_channel_and_every_answer() {
+    let s = Scratch::new("rksmbd-slow-channel");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "slow_channel.py");
+    no_handles_left(&d);
+}
+
 /// A persistent handle opened through a bound channel outlives its
 /// session's home connection (reset): the channel still reads through it,
 /// a DH2C from a new connection is refused while the channel lives, and

@@ -16,8 +16,10 @@
 //! a final async response, queued later, cannot overtake its interim
 //! one), and tells the channel thread its credits. The home never writes
 //! to a channel's socket: the outbox's own writer thread does, so a
-//! channel whose client stops reading stalls only that writer; when the
-//! answers it holds pass [`MAX_OUTBOX`] bytes, the channel ends (its
+//! channel whose client stops reading stalls only that writer. When the
+//! answers it holds would pass [`MAX_OUTBOX`] bytes the home waits for
+//! the writer (back-pressure on a client that reads slowly), and when the
+//! writer finishes nothing within [`OUTBOX_STALL`] the channel ends (its
 //! socket is shut down; the session and its other channels go on, and the
 //! client may bind again, MS-SMB2 3.3.5.5.2).
 //!
@@ -151,10 +153,17 @@ pub fn drain_wakeups(rx: &UnixStream) {
 }
 
 /// Most bytes of answers an [`Outbox`] holds (the one being written
-/// included) before its channel is ended: sixteen of the largest READ
-/// answers. A client that reads its socket never has that many waiting;
-/// one that stopped reading costs no more memory than this.
+/// included): sixteen of the largest READ answers. Past it the home waits
+/// for the channel's writer (back-pressure: a client that reads its
+/// channel slowly slows only its own session, as a slow home socket
+/// would), and ends the channel when the writer finishes nothing within
+/// [`OUTBOX_STALL`]. A channel whose client stopped reading costs no more
+/// memory than this, and holds the home up at most that long.
 pub const MAX_OUTBOX: usize = 16 * crate::server::MAX_IO as usize;
+
+/// How long a full [`Outbox`] may go without its writer finishing a PDU
+/// before its channel is ended: a 1 MiB READ answer needs only 200 KB/s.
+pub const OUTBOX_STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The answers a home thread has for one channel's socket, in order, and
 /// the thread that writes them: a stalled channel socket holds up that
@@ -162,6 +171,8 @@ pub const MAX_OUTBOX: usize = 16 * crate::server::MAX_IO as usize;
 pub struct Outbox {
     state: Mutex<Queued>,
     ready: Condvar,
+    /// Signalled when the writer finishes a PDU or the outbox ends.
+    drained: Condvar,
     /// The channel's socket, to end it (shut down from any thread, also
     /// while the writer is blocked on it).
     socket: TcpStream,
@@ -173,6 +184,8 @@ struct Queued {
     pdus: VecDeque<Vec<u8>>,
     /// Bytes of `pdus` and of the PDU being written.
     bytes: usize,
+    /// PDUs written so far (the writer's progress).
+    written: u64,
     ended: bool,
 }
 
@@ -184,6 +197,7 @@ impl Outbox {
         let out = Arc::new(Outbox {
             state: Mutex::default(),
             ready: Condvar::new(),
+            drained: Condvar::new(),
             socket,
         });
         let o = out.clone();
@@ -194,18 +208,31 @@ impl Outbox {
     }
 
     /// Queues `pdu` for the channel's socket; false when the channel is
-    /// ended (before, or now: the outbox is full — its client stopped
-    /// reading).
+    /// ended (before, or now: the outbox stayed full for
+    /// [`OUTBOX_STALL`] without its writer finishing a PDU — its client
+    /// stopped reading). Called by the home thread, which waits here
+    /// while the outbox is full and its writer makes progress.
     pub fn push(&self, pdu: Vec<u8>) -> bool {
         let mut q = lock(&self.state);
-        if q.ended {
-            return false;
-        }
-        if q.bytes > 0 && q.bytes.saturating_add(pdu.len()) > MAX_OUTBOX {
-            drop(q);
-            tracing::info!("channel's client does not read its answers; ending the channel");
-            self.end();
-            return false;
+        loop {
+            if q.ended {
+                return false;
+            }
+            if q.bytes == 0 || q.bytes.saturating_add(pdu.len()) <= MAX_OUTBOX {
+                break;
+            }
+            let seen = q.written;
+            let (g, waited) = self
+                .drained
+                .wait_timeout_while(q, OUTBOX_STALL, |q| !q.ended && q.written == seen)
+                .unwrap_or_else(|p| p.into_inner());
+            q = g;
+            if waited.timed_out() && !q.ended && q.written == seen {
+                drop(q);
+                tracing::info!("channel's client does not read its answers; ending the channel");
+                self.end();
+                return false;
+            }
         }
         q.bytes = q.bytes.saturating_add(pdu.len());
         q.pdus.push_back(pdu);
@@ -222,6 +249,7 @@ impl Outbox {
             q.pdus.clear();
         }
         self.ready.notify_all();
+        self.drained.notify_all();
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 
@@ -247,6 +275,8 @@ impl Outbox {
             }
             let mut q = lock(&self.state);
             q.bytes = q.bytes.saturating_sub(pdu.len());
+            q.written = q.written.wrapping_add(1);
+            self.drained.notify_all();
         }
     }
 }
