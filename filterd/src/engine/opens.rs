@@ -419,10 +419,15 @@ impl Engine {
     /// `opened`.
     /// `put` is checked and mapped already ([`Self::own_records`]).
     fn open_records(&mut self, put: Vec<RecordSpec>, opened: &Opened) {
+        let text = serde_json::to_string(opened).ok();
         let put = put
             .into_iter()
             .map(|mut r| {
-                if let Ok(serde_json::Value::Object(mut m)) =
+                if let Some(filled) = text.as_deref().and_then(|t| fill_opened_last(&r.reply, t)) {
+                    // The common case (nfsshim writes the member last):
+                    // no parse and re-encode of the whole record.
+                    r.reply = filled;
+                } else if let Ok(serde_json::Value::Object(mut m)) =
                     serde_json::from_str::<serde_json::Value>(&r.reply)
                 {
                     if m.contains_key("opened") {
@@ -1255,5 +1260,70 @@ impl ShareGroup {
             && h.rec.client == self.client
             && h.rec.protocol == self.protocol
             && h.rec.frontend == self.frontend
+    }
+}
+
+/// A record whose last member is `"opened":null` (written as
+/// `,"opened":null}` or `{"opened":null}` at its very end), with `opened`
+/// (JSON text) in place of that `null`; `None` for any other text (the
+/// caller parses it). In a JSON object that ends so, the member is the
+/// object's own: a `,` or `"` inside a string would leave the text after
+/// it invalid JSON.
+fn fill_opened_last(reply: &str, opened: &str) -> Option<String> {
+    const TAIL: &str = "\"opened\":null}";
+    let head = reply.strip_suffix(TAIL)?;
+    if !(head.ends_with(',') || head == "{") {
+        return None;
+    }
+    let mut out = String::with_capacity(head.len() + TAIL.len() + opened.len());
+    out.push_str(head);
+    out.push_str("\"opened\":");
+    out.push_str(opened);
+    out.push('}');
+    Some(out)
+}
+
+#[cfg(test)]
+mod fill_tests {
+    use super::fill_opened_last;
+    use serde_json::{json, Value};
+
+    fn parsed(s: &str) -> Value {
+        serde_json::from_str(s).expect("valid JSON")
+    }
+
+    #[test]
+    fn the_last_member_is_filled_as_a_parse_would() {
+        let o = r#"{"key":"k","size":5}"#;
+        for (rec, want) in [
+            (
+                r#"{"a":1,"b":{"opened":null},"opened":null}"#,
+                json!({"a": 1, "b": {"opened": null}, "opened": {"key": "k", "size": 5}}),
+            ),
+            (
+                r#"{"opened":null}"#,
+                json!({"opened": {"key": "k", "size": 5}}),
+            ),
+        ] {
+            let filled = fill_opened_last(rec, o).expect("filled");
+            assert_eq!(parsed(&filled), want, "{rec}");
+        }
+    }
+
+    #[test]
+    fn anything_else_is_left_to_the_parse() {
+        let o = "1";
+        for rec in [
+            // Not last, or not top level, or not the member's own name.
+            r#"{"opened":null,"a":1}"#,
+            r#"{"a":{"opened":null}}"#,
+            r#"{"a":"x,\"opened\":null}"}"#,
+            r#"{"a\",\"opened":null}"#,
+            r#"{"reopened":null}"#,
+            r#"{"a":1, "opened": null}"#,
+            "",
+        ] {
+            assert_eq!(fill_opened_last(rec, o), None, "{rec}");
+        }
     }
 }
