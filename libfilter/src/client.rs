@@ -133,14 +133,29 @@ struct SlotState {
     nudged: bool,
     /// The connection failed: no reply will come.
     closed: bool,
+    /// The caller is parked on the condvar. Only then does a put wake it:
+    /// the leader filling its own slot, or a caller that has not parked
+    /// yet (it looks at its slot before it parks), needs no wake-up.
+    parked: bool,
 }
 
 impl ReplySlot {
     fn put(&self, f: impl FnOnce(&mut SlotState)) {
-        if let Ok(mut st) = self.state.lock() {
-            f(&mut st);
+        let parked = match self.state.lock() {
+            Ok(mut st) => {
+                f(&mut st);
+                st.parked
+            }
+            Err(_) => true,
+        };
+        // std's futex condvar makes a FUTEX_WAKE system call on every
+        // notify, waiter or not: one per reply the leader read for itself
+        // before this (issue 16).
+        if parked {
+            self.cv.notify_one();
+            #[cfg(test)]
+            tests::NOTIFIES.with(|n| n.set(n.get() + 1));
         }
-        self.cv.notify_one();
     }
 
     /// Whether nothing is waiting in the slot (a nudge may be given).
@@ -440,9 +455,11 @@ impl FilterClient {
                     break;
                 }
                 let wait = (deadline - now).min(FOLLOWER_TICK);
+                st.parked = true;
                 match slot.cv.wait_timeout(st, wait) {
                     Ok((g, t)) => {
                         st = g;
+                        st.parked = false;
                         if t.timed_out() {
                             break;
                         }
@@ -1065,6 +1082,11 @@ pub(crate) mod tests {
     use crate::model::FileId;
     use nix::sys::socket::{accept, bind, listen, Backlog};
 
+    thread_local! {
+        /// Condvar wake-ups `ReplySlot::put` made on this thread.
+        pub(super) static NOTIFIES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
     /// A listening SEQPACKET socket at `path`, for a fake daemon.
     fn listen_at(path: &Path) -> OwnedFd {
         let l = socket(
@@ -1090,6 +1112,30 @@ pub(crate) mod tests {
         });
         sys::send_packet(c.as_fd(), &proto::encode(&reply).expect("encode"), None)
             .expect("send hello");
+    }
+
+    /// A fake daemon on a fresh socket: accepts one client, answers its
+    /// hello, then runs `serve` on the connection (with a frame buffer).
+    /// Returns the socket's directory (remove it after), its path and the
+    /// daemon's thread.
+    fn fake_daemon(
+        serve: impl FnOnce(OwnedFd, &mut [u8]) + Send + 'static,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::thread::JoinHandle<()>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("rkf-lf-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s");
+        let l = listen_at(&path);
+        let daemon = std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_FRAME + 1];
+            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
+            answer_hello(&c, &mut buf);
+            serve(c, &mut buf);
+        });
+        (dir, path, daemon)
     }
 
     /// A daemon that answers the hello and then pushes `n` events (file
@@ -1232,21 +1278,52 @@ pub(crate) mod tests {
     /// rely on nudges to take over reading. Many concurrent calls answered
     /// in reverse order each get their own reply; then calls left waiting
     /// when the daemon goes away all return `Disconnected` (not a timeout).
+    /// Issue 16: a lone caller reads its own reply (it is the leader) and
+    /// must not pay a condvar wake-up (a FUTEX_WAKE system call) for it.
+    #[test]
+    fn a_caller_reading_its_own_reply_wakes_nobody() {
+        const CALLS: u64 = 20;
+        let (dir, path, daemon) = fake_daemon(|c, buf| loop {
+            let len = match sys::recv_packet(c.as_fd(), buf) {
+                Ok(Packet::Data { len, .. }) => len,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                _ => return,
+            };
+            let f = proto::decode_request(&buf[..len]).expect("request");
+            let r = ServerFrame::Reply {
+                id: Some(f.id),
+                result: Err(WireError::new(ErrorCode::Internal, "answered")),
+            };
+            if sys::send_packet(c.as_fd(), &proto::encode(&r).expect("encode"), None).is_err() {
+                return;
+            }
+        });
+        let c = FilterClient::connect_control(&path).expect("connect");
+        NOTIFIES.with(|n| n.set(0));
+        for _ in 0..CALLS {
+            assert!(matches!(
+                c.call(Request::Stats),
+                Err(ClientError::Refused(_))
+            ));
+        }
+        assert_eq!(
+            NOTIFIES.with(|n| n.get()),
+            0,
+            "no wake-ups for the leader's own replies"
+        );
+        drop(c);
+        daemon.join().expect("daemon");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn concurrent_calls_get_their_own_replies_and_a_lost_daemon_wakes_every_waiter() {
         const CALLERS: usize = 24;
-        let dir = std::env::temp_dir().join(format!("rkf-lf-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("s");
-        let l = listen_at(&path);
-        let daemon = std::thread::spawn(move || {
-            let mut buf = vec![0u8; MAX_FRAME + 1];
-            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
-            answer_hello(&c, &mut buf);
+        let (dir, path, daemon) = fake_daemon(|c, buf| {
             let mut read_ids = |n: usize| -> Vec<u64> {
                 let mut ids = Vec::new();
                 while ids.len() < n {
-                    match sys::recv_packet(c.as_fd(), &mut buf) {
+                    match sys::recv_packet(c.as_fd(), buf) {
                         Ok(Packet::Data { len, .. }) => {
                             let f = proto::decode_request(&buf[..len]).expect("request");
                             ids.push(f.id);
