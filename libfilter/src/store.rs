@@ -827,7 +827,10 @@ impl Store {
         let _gate = self.gate();
         let txn = self.env.read_txn()?;
         let raw = self.handles.remap_types::<Bytes, Bytes>();
-        let mut out = Vec::new();
+        // Sized once from the tree's own count (no per-record regrowth, each
+        // of which copied every record read so far).
+        let count = raw.stat(&txn).map_or(0, |s| s.entries);
+        let mut out = Vec::with_capacity(count);
         for item in raw.iter(&txn)? {
             let (k, v) = item?;
             let rec = decode_record::<HandleRecord>(v).map_err(|reason| StoreError::Corrupt {

@@ -884,15 +884,7 @@ impl Engine {
                 self.expiries
                     .push(std::cmp::Reverse((super::mono_ms() + timeout, key, 0)));
                 warn!(resume_key = %key, "a close whose commit failed is undone: the handle is disconnected");
-                self.insert(Handle {
-                    rec,
-                    fd: None,
-                    conn: None,
-                    gen: 0,
-                    parked: false,
-                    lock_fd: None,
-                    linked: false,
-                });
+                self.insert(Handle::detached(rec));
             }
             (None, false) => {}
         }

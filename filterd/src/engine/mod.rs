@@ -111,6 +111,22 @@ struct Handle {
     linked: bool,
 }
 
+impl Handle {
+    /// A handle with no descriptor and no connection (recovered, or put
+    /// back after a failed close), as `rec` describes it.
+    fn detached(rec: HandleRecord) -> Handle {
+        Handle {
+            rec,
+            fd: None,
+            conn: None,
+            gen: 0,
+            parked: false,
+            lock_fd: None,
+            linked: false,
+        }
+    }
+}
+
 /// Most commands drained into one batch.
 const MAX_BATCH: usize = 1024;
 

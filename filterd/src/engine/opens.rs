@@ -858,21 +858,48 @@ impl Engine {
 
     /// [`Engine::insert`] but for the file index, which the caller fills
     /// (recovery builds it once, in file order, for all handles).
-    pub(super) fn insert_unfiled(&mut self, h: Handle) {
-        let key = h.rec.key;
-        *self
+    pub(super) fn insert_unfiled(&mut self, mut h: Handle) {
+        self.index_names(&mut h.rec);
+        self.handles.insert(h.rec.key, Box::new(h));
+    }
+
+    /// A handle's entries in every index but the handle table and the file
+    /// index: its client's and frontend's counts — whose keys its names
+    /// then share, so 100k handles of a few clients keep one copy of each
+    /// name (recovery decodes a copy per record) — its lease key and its
+    /// create GUID.
+    pub(super) fn index_names(&mut self, rec: &mut HandleRecord) {
+        use std::collections::hash_map::Entry;
+        match self
             .per_client
-            .entry((h.rec.protocol.clone(), h.rec.client.clone()))
-            .or_default() += 1;
-        *self.per_frontend.entry(h.rec.frontend.clone()).or_default() += 1;
-        if let Some(l) = h.rec.lease {
-            self.lease_key_taken(&h.rec.client, l.key, h.rec.file);
+            .entry((rec.protocol.clone(), rec.client.clone()))
+        {
+            Entry::Occupied(mut o) => {
+                *o.get_mut() += 1;
+                let (protocol, client) = o.key();
+                rec.protocol = protocol.clone();
+                rec.client = client.clone();
+            }
+            Entry::Vacant(v) => {
+                v.insert(1);
+            }
         }
-        if let Some(g) = h.rec.create_guid {
-            self.by_guid.insert((h.rec.client.clone(), g), key);
+        match self.per_frontend.entry(rec.frontend.clone()) {
+            Entry::Occupied(mut o) => {
+                *o.get_mut() += 1;
+                rec.frontend = o.key().clone();
+            }
+            Entry::Vacant(v) => {
+                v.insert(1);
+            }
+        }
+        if let Some(l) = rec.lease {
+            self.lease_key_taken(&rec.client, l.key, rec.file);
+        }
+        if let Some(g) = rec.create_guid {
+            self.by_guid.insert((rec.client.clone(), g), rec.key);
             *self.guid_clients.entry(g).or_default() += 1;
         }
-        self.handles.insert(key, Box::new(h));
     }
 
     /// Removes a handle the store does not hold (rolled back): no store

@@ -3,37 +3,8 @@
 //! beneath the root) with its locks re-taken — all before the socket
 //! accepts anyone (invariant 5).
 
-use std::hash::Hash;
-
 use super::fs::SizeRedo;
 use super::*;
-
-/// One copy of each protocol, frontend and client name among the recovered
-/// handles: each record decodes its own, and a daemon with 100k handles of
-/// a few frontends and clients would otherwise keep 300k small strings.
-#[derive(Default)]
-struct SharedNames {
-    protocols: HashSet<Protocol>,
-    frontends: HashSet<InstanceName>,
-    clients: HashSet<ClientId>,
-}
-
-impl SharedNames {
-    /// Points `rec`'s names at the shared copies (its own are dropped).
-    fn share(&mut self, rec: &mut HandleRecord) {
-        fn one<T: Clone + Eq + Hash>(seen: &mut HashSet<T>, name: &mut T) {
-            match seen.get(name) {
-                Some(shared) => *name = shared.clone(),
-                None => {
-                    seen.insert(name.clone());
-                }
-            }
-        }
-        one(&mut self.protocols, &mut rec.protocol);
-        one(&mut self.frontends, &mut rec.frontend);
-        one(&mut self.clients, &mut rec.client);
-    }
-}
 
 impl Engine {
     /// Restart recovery: reopens every persistent handle in the store by its
@@ -267,10 +238,15 @@ impl Engine {
         let mut corrupt = 0u64;
         let stored = store.all_handles()?;
         let read_done = t0.elapsed();
+        // Each record moves once, into the box the handle table keeps (a
+        // record is some 400 bytes: 100k of them copied from vector to
+        // vector was tens of MB of copies and page faults).
         let mut persistent = Vec::with_capacity(stored.len());
         for r in stored {
             match r {
-                Ok(rec) if rec.durability.is_persistent() => persistent.push(rec),
+                Ok(rec) if rec.durability.is_persistent() => {
+                    persistent.push(Box::new(Handle::detached(rec)))
+                }
                 Ok(rec) => updates.push(StoreOp::DeleteHandle(Box::new(rec))),
                 Err(e) => {
                     error!(error = %e, "stored handle record does not decode; left in place for inspection");
@@ -285,8 +261,8 @@ impl Engine {
             let (which, probes): (Vec<usize>, Vec<_>) = persistent
                 .iter()
                 .enumerate()
-                .filter(|(_, rec)| rec.conn != ConnState::Lost)
-                .filter_map(|(i, rec)| Some((i, (rec.kernel_handle.as_ref()?, &rec.path))))
+                .filter(|(_, h)| h.rec.conn != ConnState::Lost)
+                .filter_map(|(i, h)| Some((i, (h.rec.kernel_handle.as_ref()?, &h.rec.path))))
                 .unzip();
             let mut located: Vec<Option<std::io::Result<FileId>>> = std::iter::repeat_with(|| None)
                 .take(persistent.len())
@@ -303,11 +279,13 @@ impl Engine {
         self.by_guid.reserve(persistent.len());
         self.guid_clients.reserve(persistent.len());
         self.expiries.reserve(persistent.len());
-        let mut names = SharedNames::default();
         let mut filed = Vec::with_capacity(persistent.len());
+        let mut table = Vec::with_capacity(persistent.len());
         let mut restores = Vec::new();
-        for (mut rec, found) in persistent.into_iter().zip(located) {
-            names.share(&mut rec);
+        // One clock reading for every recovered handle's expiry.
+        let mono_now = mono_ms();
+        for (mut h, found) in persistent.into_iter().zip(located) {
+            let rec = &mut h.rec;
             let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
             let found = match found {
                 Some(Ok(file)) => Some(file),
@@ -356,7 +334,7 @@ impl Engine {
             // A lost handle stays visible until its timeout too, then goes
             // (it protects nothing: its file is gone).
             self.expiries
-                .push(Reverse((mono_ms() + timeout, rec.key, 0)));
+                .push(Reverse((mono_now + timeout, rec.key, 0)));
             let key = rec.key;
             let restore = if matches!(rec.conn, ConnState::Disconnected { .. }) {
                 rec.locks.clone()
@@ -365,18 +343,20 @@ impl Engine {
             };
             let file = rec.file;
             filed.push((file, key));
-            self.insert_unfiled(Handle {
-                rec,
-                fd: None,
-                conn: None,
-                gen: 0,
-                parked: false,
-                lock_fd: None,
-                linked: false,
-            });
+            // Counted, and its names shared with the count's keys.
+            self.index_names(&mut h.rec);
+            table.push((key, h));
             if !restore.is_empty() {
                 restores.push((key, file, restore));
             }
+        }
+        // The handle table, built once from key order as the file index
+        // below (the store reads in key order, so the sort finds it sorted).
+        table.sort_unstable_by_key(|(key, _)| *key);
+        if self.handles.is_empty() {
+            self.handles = table.into_iter().collect();
+        } else {
+            self.handles.extend(table);
         }
         // The file index, built once: in file order (a B-tree filled in
         // order is built whole, its nodes full, instead of 100k lookups of

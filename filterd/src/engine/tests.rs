@@ -850,6 +850,23 @@ fn a_share_group_is_one_reservation() {
     assert_eq!(h.keys().len(), 3);
 }
 
+#[test]
+fn handles_of_one_client_share_one_copy_of_its_names() {
+    // Each request carries its own copy of the client's and frontend's
+    // names; the handle keeps the copy its count's key holds (100k handles
+    // of one client are one name, not 100k).
+    let mut h = Harness::new();
+    let a = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let b = h.run(open("b", Rights::ALL));
+    h.commit(true);
+    let (a, b) = (h.opened(a), h.opened(b));
+    let (ra, rb) = (&h.engine.handles[&a].rec, &h.engine.handles[&b].rec);
+    assert!(std::ptr::eq(ra.client.as_str(), rb.client.as_str()));
+    assert!(std::ptr::eq(ra.protocol.as_str(), rb.protocol.as_str()));
+    assert!(std::ptr::eq(ra.frontend.as_str(), rb.frontend.as_str()));
+}
+
 impl Harness {
     /// The reply to request `id`, if it came.
     fn reply(&self, id: u64) -> Option<&Result<libfilter::proto::Reply, WireError>> {
