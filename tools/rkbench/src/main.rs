@@ -686,7 +686,10 @@ fn etcd_restart_section(
     };
     let mut ratios = Vec::with_capacity(reps);
     for i in 0..reps {
-        eprintln!("rkbench: restart with {n} handles from etcd ({}/{reps})…", i + 1);
+        eprintln!(
+            "rkbench: restart with {n} handles from etcd ({}/{reps})…",
+            i + 1
+        );
         let (fe, page_ms) = restart::measure_etcd(filterd, dir, n, &e.hosts())?;
         let raw = page_ms + fe.raw_open_by_handle_ms;
         rep.rows.push(
