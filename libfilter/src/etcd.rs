@@ -52,7 +52,8 @@
 //!
 //! **Reads.** The owner reads the whole table once, at one pinned revision,
 //! in pages (the client's 4 MiB message limit) of 35 key ranges read at
-//! once, and keeps it in memory; as
+//! once, gathers the pages in key order and builds its copy whole from them
+//! (a bulk build, not one tree descent per key), and keeps it in memory; as
 //! the only writer it applies each committed Txn to that copy, so reads
 //! (recovery, rollback) never go to the network and always show exactly
 //! what is durable.
@@ -714,7 +715,10 @@ impl EtcdStore {
         ]);
         // (next key to read, end) of each range not read to its end.
         let mut todo = self.read_ranges();
-        let mut out = BTreeMap::new();
+        // Gathered in key order (the ranges are, and so is each range's
+        // pages) and built into the map whole at the end: a bulk build
+        // from sorted input, not 100k descents of the tree.
+        let mut out = Vec::new();
         let mut tries = 0u32;
         while !todo.is_empty() {
             let tasks: Vec<_> = std::mem::take(&mut todo)
@@ -776,7 +780,9 @@ impl EtcdStore {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Ok(out)
+        // (A retried range's rest comes after the other ranges: the sort
+        // inside `collect` puts it in place; its keys are all distinct.)
+        Ok(out.into_iter().collect())
     }
 
     fn start_keepalive(&self) {
@@ -1328,6 +1334,25 @@ impl EtcdStore {
         }
     }
 
+    /// The decoded records of one table (`sub`), without their keys.
+    fn values<T: crate::store::StoredRecord>(
+        &self,
+        table: &'static str,
+        sub: &str,
+    ) -> Vec<Result<T, StoreError>> {
+        let p = self.key(sub);
+        self.lock_table()
+            .range(p.clone()..)
+            .take_while(|(k, _)| k.starts_with(&p))
+            .map(|(k, v)| {
+                decode_record::<T>(v).map_err(|reason| StoreError::Corrupt {
+                    table,
+                    reason: format!("key {}: {reason}", String::from_utf8_lossy(k)),
+                })
+            })
+            .collect()
+    }
+
     fn records<T: crate::store::StoredRecord>(
         &self,
         table: &'static str,
@@ -1441,11 +1466,7 @@ impl StateStore for EtcdStore {
         }
     }
     fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
-        Ok(self
-            .records::<HandleRecord>("handles", "h/")
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect())
+        Ok(self.values::<HandleRecord>("handles", "h/"))
     }
     fn scope_records(&self, scope: &ReplayScope) -> Result<Vec<(u64, ReplayRecord)>, StoreError> {
         let mut out = Vec::new();
@@ -1462,11 +1483,7 @@ impl StateStore for EtcdStore {
         Ok(self.records::<ReplayRecord>("replay", "r/"))
     }
     fn all_intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
-        Ok(self
-            .records::<Intent>("intents", "i/")
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect())
+        Ok(self.values::<Intent>("intents", "i/"))
     }
     fn clean_shutdown(&self) -> Result<(), StoreError> {
         let mut m = BTreeMap::new();

@@ -105,6 +105,12 @@ struct Args {
     /// comparisons of the etcd store.
     #[arg(long)]
     etcd_only: bool,
+    /// Only the restart from a one-member etcd (100k persistent handles,
+    /// 10k with `--quick`), measured three times (once with `--quick`)
+    /// beside the raw page-through + `open_by_handle_at`, for before/after
+    /// comparisons of the etcd store's read.
+    #[arg(long)]
+    etcd_restart_only: bool,
     /// Only the frontend rows (smbl/1 CREATE+CLOSE through smbshim, nfsl/1
     /// OPEN+CLOSE through nfsshim) beside the round trips and
     /// filterd-direct persistent open+close at 32 connections, each row's
@@ -154,6 +160,11 @@ fn main() -> anyhow::Result<()> {
     let mut rep = Report::default();
     if args.etcd_only {
         etcd_section(&mut rep, &filterd, &dir, dur)?;
+        print!("{}", rep.table());
+        return Ok(());
+    }
+    if args.etcd_restart_only {
+        etcd_restart_section(&mut rep, &filterd, &dir, args.quick, reps)?;
         print!("{}", rep.table());
         return Ok(());
     }
@@ -656,6 +667,50 @@ fn restart_section(
             );
         }
     }
+    Ok(())
+}
+
+/// The restart from a one-member etcd alone, `reps` times: each run's row
+/// and the median ratio to the raw page-through + `open_by_handle_at`.
+fn etcd_restart_section(
+    rep: &mut Report,
+    filterd: &std::path::Path,
+    dir: &std::path::Path,
+    quick: bool,
+    reps: usize,
+) -> anyhow::Result<()> {
+    let n = if quick { 10_000 } else { 100_000 };
+    let Some(e) = etcd::start(dir, 1)? else {
+        eprintln!("rkbench: skipped the etcd restart: no etcd binary (Debian etcd-server)");
+        return Ok(());
+    };
+    let mut ratios = Vec::with_capacity(reps);
+    for i in 0..reps {
+        eprintln!(
+            "rkbench: restart with {n} handles from etcd ({}/{reps})…",
+            i + 1
+        );
+        let (fe, page_ms) = restart::measure_etcd(filterd, dir, n, &e.hosts())?;
+        let raw = page_ms + fe.raw_open_by_handle_ms;
+        rep.rows.push(
+            Row::new(
+                &format!("filterd start→serving, {n} persistent handles, etcd store 1 node"),
+                1,
+                0.0,
+                fe.start_to_serving_ms * 1e3,
+                0.0,
+            )
+            .beside("raw page through etcd + open_by_handle_at", raw * 1e3)
+            .with("raw_page_ms", page_ms),
+        );
+        ratios.push(fe.start_to_serving_ms / raw);
+    }
+    rep.target_median(
+        &format!("restart with {n} handles from etcd ≤ 2× raw page-through + open_by_handle_at"),
+        &ratios,
+        2.0,
+        true,
+    );
     Ok(())
 }
 

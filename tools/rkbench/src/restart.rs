@@ -213,7 +213,11 @@ fn start_to_serving(
     );
     if std::env::var_os("RKBENCH_FILTERD_LOG").is_some() {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        for line in text.lines().filter(|l| l.contains("recovery done")) {
+        let phases = ["recovery done", "etcd claim", "etcd table read"];
+        for line in text
+            .lines()
+            .filter(|l| phases.iter().any(|p| l.contains(p)))
+        {
             eprintln!("rkbench: {n} handles: {line}");
         }
     }
