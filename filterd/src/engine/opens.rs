@@ -1293,13 +1293,19 @@ impl ShareGroup {
 /// A record whose last member is `"opened":null` (written as
 /// `,"opened":null}` or `{"opened":null}` at its very end), with `opened`
 /// (JSON text) in place of that `null`; `None` for any other text (the
-/// caller parses it). In a JSON object that ends so, the member is the
-/// object's own: a `,` or `"` inside a string would leave the text after
-/// it invalid JSON.
+/// caller parses it, and leaves text that is not a JSON object as it is).
+/// The text must be one JSON object with one top-level `opened` member
+/// (checked by a scan that builds nothing but the keys): then the member
+/// at its end is that one, and the result is what a parse and re-encode
+/// would store (review of issue 16: without the scan, `[1,"opened":null}`
+/// was filled, and a duplicate `opened` kept).
 fn fill_opened_last(reply: &str, opened: &str) -> Option<String> {
     const TAIL: &str = "\"opened\":null}";
     let head = reply.strip_suffix(TAIL)?;
     if !(head.ends_with(',') || head == "{") {
+        return None;
+    }
+    if serde_json::from_str::<OpenedMembers>(reply).ok()?.0 != 1 {
         return None;
     }
     let mut out = String::with_capacity(head.len() + TAIL.len() + opened.len());
@@ -1308,6 +1314,70 @@ fn fill_opened_last(reply: &str, opened: &str) -> Option<String> {
     out.push_str(opened);
     out.push('}');
     Some(out)
+}
+
+/// How many top-level `opened` members a JSON object has; deserializing
+/// anything but a valid JSON object fails (every value is checked as a
+/// parse would: strings' escapes, numbers' range), and nothing is built
+/// but keys with escapes in them.
+struct OpenedMembers(usize);
+
+impl<'de> serde::Deserialize<'de> for OpenedMembers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(Scan { top: true }).map(OpenedMembers)
+    }
+}
+
+/// A JSON value checked and dropped ([`OpenedMembers`]).
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Scan { top: false }).map(|_| Checked)
+    }
+}
+
+/// Visits a JSON value, checking all of it; counts the `opened` members of
+/// the top-level object.
+struct Scan {
+    top: bool,
+}
+
+impl<'de> serde::de::Visitor<'de> for Scan {
+    type Value = usize;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_unit<E>(self) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<usize, A::Error> {
+        while s.next_element::<Checked>()?.is_some() {}
+        Ok(0)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<usize, A::Error> {
+        let mut n = 0;
+        while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            m.next_value::<Checked>()?;
+            n += usize::from(self.top && k == "opened");
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -1349,6 +1419,15 @@ mod fill_tests {
             r#"{"reopened":null}"#,
             r#"{"a":1, "opened": null}"#,
             "",
+            // Not a (valid) JSON object, or a duplicate member (the
+            // adversarial review of issue 16 had these filled).
+            r#"[1,"opened":null}"#,
+            r#"garbage,"opened":null}"#,
+            r#"{"a":"\ud800","opened":null}"#,
+            r#"{"a":1e400,"opened":null}"#,
+            r#"{"opened":{"x":1},"opened":null}"#,
+            r#"{"opened":null,"opened":null}"#,
+            r#"{"a":1,"opened":null}}"#,
         ] {
             assert_eq!(fill_opened_last(rec, o), None, "{rec}");
         }
