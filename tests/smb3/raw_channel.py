@@ -33,7 +33,7 @@ from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, CANCEL, ECHO = 0, 1, 3, 5, 0xC, 0xD
+NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, READ, CANCEL, ECHO = 0, 1, 3, 5, 8, 0xC, 0xD
 R, H, W = 1, 2, 4
 FLAG_SIGNED = 0x8
 BINDING = 0x1
@@ -213,6 +213,43 @@ def session(guid):
     tree = TreeConnect(s, rf"\\{HOST}\{SHARE}")
     tree.connect()
     return conn, s, tree
+
+
+def server_side_established(port):
+    """Whether rksmbd's end of the connection from local port `port` is
+    still ESTABLISHED (/proc/net/tcp{,6}: state 01)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, remote, state = fields[1], fields[2], fields[3]
+                if int(local.rsplit(":", 1)[1], 16) == PORT and int(remote.rsplit(":", 1)[1], 16) == port:
+                    return state == "01"
+    return False
+
+
+def flooding_channels(guid, count, reads, fill):
+    """Session S1 of USER on an smbprotocol connection of client `guid`, a
+    1 MiB file big.bin of `fill` bytes opened on it, and `count` raw
+    connections bound to S1 as channels (receive buffers kept small), each
+    of which has sent `reads` READs of the whole file and read nothing:
+    (connection, session, tree, big, [(raw, channel key)])."""
+    size = 1 << 20
+    conn, s1, tree = session(guid)
+    sid, tid = s1.session_id, tree.tree_connect_id
+    big = open_file(tree, "big.bin")
+    big.write(fill * size, 0)
+    chans = []
+    body = struct.pack("<HBBIQ16sIIIHH", 49, 0, 0, size, 0, big.file_id, 0, 0, 0, 0, 0) + b"\0"
+    for _ in range(count):
+        raw = Raw(guid)
+        key = bind(raw, sid, s1.signing_key)
+        raw.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        chans.append((raw, key))
+    for raw, key in chans:
+        for _ in range(reads):
+            raw.send(cmac_sign(key, raw.header(READ, sid, tid=tid) + body))
+    return conn, s1, tree, big, chans
 
 
 # durable_reconnect.py keeps its own context() and lease_context():

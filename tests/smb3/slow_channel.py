@@ -24,9 +24,8 @@ import struct
 import time
 import uuid
 
-from raw_channel import ECHO, SUCCESS, Raw, bind, check, cmac_sign, open_file, session
+from raw_channel import ECHO, SUCCESS, check, cmac_sign, flooding_channels, open_file
 
-READ = 8
 SIZE = 1 << 20
 READS = 64
 # B's reading pace: one answer, then this pause (about 6 MiB/s here).
@@ -34,18 +33,9 @@ PAUSE = 0.15
 
 
 def main():
-    guid = uuid.uuid4()
-    a, s1, tree = session(guid)
-    sid, tid = s1.session_id, tree.tree_connect_id
-    big = open_file(tree, "big.bin")
-    big.write(b"y" * SIZE, 0)
-
-    b = Raw(guid)
-    chan_key = bind(b, sid, s1.signing_key)
-    b.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    body = struct.pack("<HBBIQ16sIIIHH", 49, 0, 0, SIZE, 0, big.file_id, 0, 0, 0, 0, 0) + b"\0"
-    for _ in range(READS):
-        b.send(cmac_sign(chan_key, b.header(READ, sid, tid=tid) + body))
+    a, s1, tree, big, chans = flooding_channels(uuid.uuid4(), 1, READS, b"y")
+    sid = s1.session_id
+    b, chan_key = chans[0]
     print(f"B sent {READS} READs of 1 MiB and reads them slowly", flush=True)
 
     # 1. Every answer comes, slowly read.

@@ -1,21 +1,24 @@
-"""A bound channel whose client stops reading does not stall its
+"""Bound channels whose client stops reading do not stall their
 session's home connection (rksmbd multichannel, issue 14; smbprotocol plus
 raw SMB 3.0.2).
 
 Usage: stalled_channel.py HOST PORT SHARE USER PASSWORD
 
 Connection A (smbprotocol, SMB 3.0.2) sets up session S1 and writes a
-1 MiB file. Connection B (raw, same client GUID) binds S1 as a channel
-(see channel_confinement.py), sends READS reads of the whole file and
-never reads its socket: its answers fill both socket buffers. Then:
+1 MiB file. CHANNELS raw connections B (same client GUID) each bind S1
+as a channel (see channel_confinement.py), send READS reads of the whole
+file and never read their sockets: their answers fill both socket
+buffers and the channels' outboxes. Then:
 
 1. A's CREATE+CLOSEs, one after another, are each answered within a few
-   seconds (the home thread answers B's requests but never writes to B's
-   socket itself; past the channel's outbox bound it waits at most 5 s
-   for B's writer) until rksmbd ends B (its writer made no progress):
-   rksmbd's end of B's connection leaves ESTABLISHED (/proc/net/tcp),
-   within 40 s.
-2. Read now, B's socket gives less than every answer, then EOF or a
+   seconds (the home thread answers the channels' requests but never
+   writes to their sockets, and never waits for them: a channel whose
+   outbox is full forwards nothing more) until rksmbd ends every B (its
+   writer made no progress for 5 s): rksmbd's end of each B's connection
+   leaves ESTABLISHED (/proc/net/tcp), within 40 s. With several channels
+   stalled at once, a home that waited for each in turn would miss the
+   few seconds (the adversarial review had 99 s with 31 channels).
+2. Read now, each B's socket gives less than every answer, then EOF or a
    reset.
 3. A still serves: another CREATE+CLOSE, a READ of the file.
 
@@ -23,34 +26,21 @@ Prints one line per step; exits non-zero on any failure.
 """
 
 import socket
-import struct
 import threading
 import time
 import uuid
 
 
-from raw_channel import PORT, Raw, bind, check, cmac_sign, open_file, session
+from raw_channel import check, flooding_channels, open_file, server_side_established
 
-READ = 8
 SIZE = 1 << 20
 # 64 MiB of answers: well past the outbox bound (16 MiB) plus what the
 # socket buffers of both ends take.
 READS = 64
+# Channels stalled at once.
+CHANNELS = 4
 # How long A's requests may take while B is stalled.
 PROMPT = 10
-
-
-def server_side_established(port):
-    """Whether rksmbd's end of the connection from local port `port` is
-    still ESTABLISHED (/proc/net/tcp{,6}: state 01)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                local, remote, state = fields[1], fields[2], fields[3]
-                if int(local.rsplit(":", 1)[1], 16) == PORT and int(remote.rsplit(":", 1)[1], 16) == port:
-                    return state == "01"
-    return False
 
 
 def within(seconds, fn):
@@ -67,57 +57,45 @@ def within(seconds, fn):
 
 
 def main():
-    guid = uuid.uuid4()
-    a, s1, tree = session(guid)
-    sid, tid = s1.session_id, tree.tree_connect_id
-    big = open_file(tree, "big.bin")
-    big.write(b"z" * SIZE, 0)
+    a, s1, tree, big, chans = flooding_channels(uuid.uuid4(), CHANNELS, READS, b"z")
+    print(f"{CHANNELS} channels sent {READS} READs of 1 MiB each and read nothing", flush=True)
 
-    b = Raw(guid)
-    chan_key = bind(b, sid, s1.signing_key)
-    b.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    body = struct.pack("<HBBIQ16sIIIHH", 49, 0, 0, SIZE, 0, big.file_id, 0, 0, 0, 0, 0) + b"\0"
-    for _ in range(READS):
-        b.send(cmac_sign(chan_key, b.header(READ, sid, tid=tid) + body))
-    print(f"B sent {READS} READs of 1 MiB and reads nothing", flush=True)
-
-    # 1. The home serves while B is stalled, until rksmbd ends B (its
-    # end of B's connection leaves ESTABLISHED). The answers B does not
-    # read pile up at rksmbd as fast as it makes them: the home would be
-    # stuck once they fill the socket buffers.
-    b_port = b.s.getsockname()[1]
+    # 1. The home serves while the channels are stalled, until rksmbd ends
+    # them (its end of each channel's connection leaves ESTABLISHED).
+    ports = [b.s.getsockname()[1] for b, _ in chans]
     deadline = time.monotonic() + 40
     n, slowest = 0, 0.0
-    while server_side_established(b_port):
+    while any(server_side_established(p) for p in ports):
         if time.monotonic() >= deadline:
-            check(False, "rksmbd ends B within 40 s")
+            check(False, "rksmbd ends every stalled channel within 40 s")
         started = time.monotonic()
         if not within(PROMPT, lambda: open_file(tree, "a.txt").close()):
-            check(False, f"A's CREATE+CLOSE #{n} answered within {PROMPT}s while B is stalled")
+            check(False, f"A's CREATE+CLOSE #{n} answered within {PROMPT}s while the channels are stalled")
         slowest = max(slowest, time.monotonic() - started)
         n += 1
         time.sleep(0.05)  # the polling interval
-    check(n > 0, f"A's {n} CREATE+CLOSEs answered while B was stalled (slowest {slowest:.2f}s)")
+    check(n > 0, f"A's {n} CREATE+CLOSEs answered while the channels were stalled (slowest {slowest:.2f}s)")
 
-    # 2. B is ended: reading it now gives less than every answer, then
-    # EOF or a reset.
-    b.s.settimeout(PROMPT)
-    got, ended = 0, False
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            chunk = b.s.recv(1 << 20)
-        except ConnectionResetError:
-            ended = True
-            break
-        except socket.timeout:
-            break
-        if not chunk:
-            ended = True
-            break
-        got += len(chunk)
-    check(ended, f"rksmbd ended B ({got} bytes of {READS * SIZE} read before its end)")
-    check(got < READS * SIZE, "B got less than every answer")
+    # 2. Each channel is ended: reading it now gives less than every
+    # answer, then EOF or a reset.
+    for i, (b, _) in enumerate(chans):
+        b.s.settimeout(PROMPT)
+        got, ended = 0, False
+        until = time.monotonic() + 10
+        while time.monotonic() < until:
+            try:
+                chunk = b.s.recv(1 << 20)
+            except ConnectionResetError:
+                ended = True
+                break
+            except socket.timeout:
+                break
+            if not chunk:
+                ended = True
+                break
+            got += len(chunk)
+        check(ended, f"rksmbd ended channel {i} ({got} bytes of {READS * SIZE} read before its end)")
+        check(got < READS * SIZE, f"channel {i} got less than every answer")
 
     # 3. The home still serves.
     ok = within(PROMPT, lambda: open_file(tree, "a2.txt").close())

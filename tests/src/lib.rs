@@ -597,6 +597,17 @@ impl RkSmbd {
     /// Writes `users` (name, password) into `DIR/users` in smbpasswd
     /// format and starts rksmbd on filterd's socket, sharing `share`.
     pub fn start(s: &Scratch, instance: &str, share: &str, users: &[(&str, &str)]) -> RkSmbd {
+        RkSmbd::start_with(s, instance, share, users, &[])
+    }
+
+    /// [`RkSmbd::start`] with `extra` flags.
+    pub fn start_with(
+        s: &Scratch,
+        instance: &str,
+        share: &str,
+        users: &[(&str, &str)],
+        extra: &[&str],
+    ) -> RkSmbd {
         let file = s.dir.join("users");
         let mut text = String::new();
         for (name, password) in users {
@@ -621,7 +632,7 @@ impl RkSmbd {
             "rksmbd",
             &s.socket(),
             instance,
-            &["--share", share, "--users", &users_arg],
+            &[&["--share", share, "--users", &users_arg][..], extra].concat(),
         );
         RkSmbd {
             shim,

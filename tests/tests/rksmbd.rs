@@ -618,6 +618,25 @@ fn a_slowly_read_channel_keeps_its_channel_and_every_answer() {
     no_handles_left(&d);
 }
 
+/// Channels that leave their answers unread cannot hold more than
+/// `--channel-memory` together: past it rksmbd ends those whose client
+/// reads nothing (the adversarial review held 1.6 GiB in rksmbd with 124
+/// channels each just under its own 16 MiB bound).
+#[test]
+fn channels_hold_no_more_answers_than_the_channel_memory_bound() {
+    let s = Scratch::new("rksmbd-channel-memory");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with(
+        &s,
+        "rksmbd",
+        "data",
+        &[("alice", "pw")],
+        &["--channel-memory", "8"],
+    );
+    smbprotocol_script_passes(&srv, "channel_memory.py");
+    no_handles_left(&d);
+}
+
 /// A persistent handle opened through a bound channel outlives its
 /// session's home connection (reset): the channel still reads through it,
 /// a DH2C from a new connection is refused while the channel lives, and

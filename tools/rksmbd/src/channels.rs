@@ -16,10 +16,11 @@
 //! a final async response, queued later, cannot overtake its interim
 //! one), and tells the channel thread its credits. The home never writes
 //! to a channel's socket: the outbox's own writer thread does, so a
-//! channel whose client stops reading stalls only that writer. When the
-//! answers it holds would pass [`MAX_OUTBOX`] bytes the home waits for
-//! the writer (back-pressure on a client that reads slowly), and when the
-//! writer finishes nothing within [`OUTBOX_STALL`] the channel ends (its
+//! channel whose client stops reading stalls only that writer. While the
+//! answers it holds pass [`MAX_OUTBOX`] bytes (or all outboxes together
+//! [`MAX_OUTBOXES`]) the channel's own thread forwards nothing more
+//! (back-pressure on that channel alone, [`Outbox::room`]), and when the
+//! writer has finished nothing for [`OUTBOX_STALL`] the channel ends (its
 //! socket is shut down; the session and its other channels go on, and the
 //! client may bind again, MS-SMB2 3.3.5.5.2).
 //!
@@ -46,6 +47,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::breaks::ConnWriter;
 use crate::crypto::{Dialect, SigningAlgorithm};
@@ -153,21 +155,55 @@ pub fn drain_wakeups(rx: &UnixStream) {
 }
 
 /// Most bytes of answers an [`Outbox`] holds (the one being written
-/// included): sixteen of the largest READ answers. Past it the home waits
-/// for the channel's writer (back-pressure: a client that reads its
-/// channel slowly slows only its own session, as a slow home socket
-/// would), and ends the channel when the writer finishes nothing within
-/// [`OUTBOX_STALL`]. A channel whose client stopped reading costs no more
-/// memory than this, and holds the home up at most that long.
+/// included) before its channel forwards nothing more: sixteen of the
+/// largest READ answers ([`Outbox::room`]: back-pressure on the channel
+/// alone; the channel ends when its writer has finished nothing for
+/// [`OUTBOX_STALL`]). A channel whose client stopped reading costs about
+/// this much memory.
 pub const MAX_OUTBOX: usize = 16 * crate::server::MAX_IO as usize;
 
-/// How long a full [`Outbox`] may go without its writer finishing a PDU
-/// before its channel is ended: a 1 MiB READ answer needs only 200 KB/s.
-pub const OUTBOX_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most bytes all outboxes of the server hold together, by default
+/// (`--channel-memory`, [`set_memory`]): past it, a channel whose outbox
+/// is not empty forwards nothing more, as one past [`MAX_OUTBOX`], so
+/// channels that read just slowly enough to stay under their own bound
+/// cannot add up to more memory than this and one PDU's answers per
+/// channel (the adversarial review of issue 14 held 1.6 GiB with 124 such
+/// channels).
+pub const MAX_OUTBOXES: usize = 256 * crate::server::MAX_IO as usize;
+
+/// The bound of all outboxes together in force ([`MAX_OUTBOXES`]).
+static OUTBOXES_BOUND: AtomicUsize = AtomicUsize::new(MAX_OUTBOXES);
+
+/// Sets the bound of all outboxes together, in bytes (rksmbd's
+/// `--channel-memory`).
+pub fn set_memory(bytes: usize) {
+    OUTBOXES_BOUND.store(bytes, Ordering::Relaxed);
+}
+
+/// How long a full [`Outbox`]'s writer may go without finishing a PDU
+/// (counted from its last finished PDU, or from when the outbox last
+/// became non-empty) before its channel is ended: a 1 MiB READ answer
+/// needs only 200 KB/s.
+pub const OUTBOX_STALL: Duration = Duration::from_secs(5);
+
+/// Bytes held by all outboxes ([`OUTBOXES_BOUND`]).
+static OUTBOXES: AtomicUsize = AtomicUsize::new(0);
+
+/// What [`Outbox::room`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Room {
+    /// The channel may forward a PDU.
+    Free,
+    /// Still full after the wait; the writer is making progress.
+    Full,
+    /// The channel is ended.
+    Ended,
+}
 
 /// The answers a home thread has for one channel's socket, in order, and
 /// the thread that writes them: a stalled channel socket holds up that
-/// thread only, never the home.
+/// thread and (through [`Outbox::room`]) the channel's own reader, never
+/// the home.
 pub struct Outbox {
     state: Mutex<Queued>,
     ready: Condvar,
@@ -182,10 +218,14 @@ pub struct Outbox {
 #[derive(Default)]
 struct Queued {
     pdus: VecDeque<Vec<u8>>,
-    /// Bytes of `pdus` and of the PDU being written.
+    /// Bytes of `pdus` and of the PDU being written (counted in
+    /// [`OUTBOXES`] too until the outbox ends).
     bytes: usize,
     /// PDUs written so far (the writer's progress).
     written: u64,
+    /// When the writer last finished a PDU, or the outbox last became
+    /// non-empty: where [`OUTBOX_STALL`] is counted from.
+    progress: Option<Instant>,
     ended: bool,
 }
 
@@ -208,36 +248,66 @@ impl Outbox {
     }
 
     /// Queues `pdu` for the channel's socket; false when the channel is
-    /// ended (before, or now: the outbox stayed full for
-    /// [`OUTBOX_STALL`] without its writer finishing a PDU — its client
-    /// stopped reading). Called by the home thread, which waits here
-    /// while the outbox is full and its writer makes progress.
+    /// ended. Never waits: the home thread calls it, and the bound is kept
+    /// by the channel's own thread, which forwards nothing while the
+    /// outbox is full ([`Outbox::room`]); so the outbox holds at most its
+    /// bound plus the answers to one forwarded PDU (and final responses
+    /// of requests that went async).
     pub fn push(&self, pdu: Vec<u8>) -> bool {
         let mut q = lock(&self.state);
-        loop {
-            if q.ended {
-                return false;
-            }
-            if q.bytes == 0 || q.bytes.saturating_add(pdu.len()) <= MAX_OUTBOX {
-                break;
-            }
-            let seen = q.written;
-            let (g, waited) = self
-                .drained
-                .wait_timeout_while(q, OUTBOX_STALL, |q| !q.ended && q.written == seen)
-                .unwrap_or_else(|p| p.into_inner());
-            q = g;
-            if waited.timed_out() && !q.ended && q.written == seen {
-                drop(q);
-                tracing::info!("channel's client does not read its answers; ending the channel");
-                self.end();
-                return false;
-            }
+        if q.ended {
+            return false;
+        }
+        if q.bytes == 0 {
+            q.progress = Some(Instant::now());
         }
         q.bytes = q.bytes.saturating_add(pdu.len());
+        OUTBOXES.fetch_add(pdu.len(), Ordering::Relaxed);
         q.pdus.push_back(pdu);
         self.ready.notify_one();
         true
+    }
+
+    /// Whether the channel may forward another PDU, waiting at most
+    /// `wait` for room. The outbox is full past [`MAX_OUTBOX`], or when it
+    /// holds anything while all outboxes hold [`MAX_OUTBOXES`]; a full
+    /// outbox whose writer has finished nothing for [`OUTBOX_STALL`] ends
+    /// the channel (its client stopped reading). Called by the channel's
+    /// own thread, so a client that reads a channel slowly slows only
+    /// that channel, never the session's home.
+    pub fn room(&self, wait: Duration) -> Room {
+        let mut q = lock(&self.state);
+        let until = Instant::now() + wait;
+        loop {
+            if q.ended {
+                return Room::Ended;
+            }
+            let full = q.bytes >= MAX_OUTBOX
+                || (q.bytes > 0
+                    && OUTBOXES.load(Ordering::Relaxed) >= OUTBOXES_BOUND.load(Ordering::Relaxed));
+            if !full {
+                return Room::Free;
+            }
+            let now = Instant::now();
+            let stalled = q.progress.unwrap_or(now) + OUTBOX_STALL;
+            if now >= stalled {
+                drop(q);
+                tracing::info!("channel's client does not read its answers; ending the channel");
+                self.end();
+                return Room::Ended;
+            }
+            if now >= until {
+                return Room::Full;
+            }
+            let seen = q.written;
+            q = self
+                .drained
+                .wait_timeout_while(q, stalled.min(until) - now, |q| {
+                    !q.ended && q.written == seen
+                })
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     /// Ends the channel: what is queued is dropped, the writer thread
@@ -245,8 +315,12 @@ impl Outbox {
     pub fn end(&self) {
         {
             let mut q = lock(&self.state);
-            q.ended = true;
-            q.pdus.clear();
+            if !q.ended {
+                q.ended = true;
+                q.pdus.clear();
+                OUTBOXES.fetch_sub(q.bytes, Ordering::Relaxed);
+                q.bytes = 0;
+            }
         }
         self.ready.notify_all();
         self.drained.notify_all();
@@ -274,8 +348,13 @@ impl Outbox {
                 return;
             }
             let mut q = lock(&self.state);
+            if q.ended {
+                return; // its bytes were given back by end()
+            }
             q.bytes = q.bytes.saturating_sub(pdu.len());
+            OUTBOXES.fetch_sub(pdu.len(), Ordering::Relaxed);
             q.written = q.written.wrapping_add(1);
+            q.progress = Some(Instant::now());
             self.drained.notify_all();
         }
     }

@@ -2,7 +2,7 @@
 //! over the `rksmbd` library).
 //!
 //! Serve: `rksmbd --filter SOCKET --listen HOST:PORT [--instance NAME]
-//! --share NAME --users FILE` prints `listening on HOST:PORT` as its first
+//! --share NAME --users FILE [--channel-memory MIB]` prints `listening on HOST:PORT` as its first
 //! stdout line, then serves. `rksmbd hash-password USER [--uid N]` reads a
 //! password from stdin and prints a users-file (smbpasswd) line for it.
 #![forbid(unsafe_code)]
@@ -39,6 +39,12 @@ struct Args {
     /// Users file in Samba's smbpasswd format (NT hashes).
     #[arg(long, value_name = "FILE", required = true)]
     users: Option<PathBuf>,
+    /// Most MiB of answers all multichannel channels' outboxes hold
+    /// together; past it a channel with answers unread forwards nothing
+    /// more, and one whose client reads nothing for 5 s is ended.
+    #[arg(long, value_name = "MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    channel_memory: u32,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -84,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let users = rksmbd::users::Users::load(&users)
         .map_err(|e| anyhow::anyhow!("{}: {e}", users.display()))?;
+    rksmbd::channels::set_memory(args.channel_memory as usize * (1 << 20));
     let config = rksmbd::server::Config {
         share,
         users,

@@ -775,6 +775,18 @@ impl Connection {
                 o
             }
         };
+        // Nothing more is forwarded while the channel's answers wait
+        // unread: the channel waits here (serving what is handed to this
+        // connection meanwhile), never the home.
+        loop {
+            match outbox.room(Duration::from_millis(5)) {
+                crate::channels::Room::Free => break,
+                crate::channels::Room::Full => self.serve_inbox(),
+                crate::channels::Room::Ended => {
+                    return Err(WireError::Bad("forwarded PDU, or answers left unread"))
+                }
+            }
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let f = crate::channels::Forwarded {
             pdu: pdu.to_vec(),
