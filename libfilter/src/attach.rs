@@ -578,7 +578,12 @@ impl Attachment {
         delete: Vec<(crate::model::ReplayScope, u64)>,
     ) -> Result<(), ClientError> {
         let r = self.client().close_recording(key, put, delete);
-        if !matches!(r, Err(ClientError::Disconnected)) {
+        // Forgotten only once filterd answered: after any other failure
+        // (gone, reset, timed out) the handle may still be open, and must
+        // be resumed after a restart like any other — a forgotten open
+        // handle stays disconnected, and every later close of it fails
+        // NotOwner. One that was closed fails its resume and is `lost`.
+        if matches!(r, Ok(()) | Err(ClientError::Refused(_))) {
             self.forget(key);
         }
         r
