@@ -20,7 +20,7 @@ Prints one line per step; exits non-zero on any failure.
 import time
 import uuid
 
-from raw_channel import check, flooding_channels, open_file, server_side_established
+from raw_channel import check, finish, flooding_channels, open_file, server_side_established
 
 READS = 12
 CHANNELS = 4
@@ -40,11 +40,7 @@ def main():
 
     open_file(tree, "a.txt").close()
     check(True, "A's CREATE+CLOSE answered")
-    big.close()
-    tree.disconnect()
-    s1.disconnect()
-    a.disconnect()
-    print("PASS", flush=True)
+    finish(a, s1, tree, big)
 
 
 main()

@@ -252,6 +252,15 @@ def flooding_channels(guid, count, reads, fill):
     return conn, s1, tree, big, chans
 
 
+def finish(conn, s1, tree, big):
+    """Closes what flooding_channels set up and prints PASS."""
+    big.close()
+    tree.disconnect()
+    s1.disconnect()
+    conn.disconnect()
+    print("PASS", flush=True)
+
+
 # durable_reconnect.py keeps its own context() and lease_context():
 # rkdemo ships that script alone.
 def context(name, data):

@@ -24,7 +24,7 @@ import struct
 import time
 import uuid
 
-from raw_channel import ECHO, SUCCESS, check, cmac_sign, flooding_channels, open_file
+from raw_channel import ECHO, SUCCESS, check, cmac_sign, finish, flooding_channels, open_file
 
 SIZE = 1 << 20
 READS = 64
@@ -61,11 +61,7 @@ def main():
     # 3. The home still serves.
     open_file(tree, "a.txt").close()
     check(True, "A's CREATE+CLOSE answered")
-    big.close()
-    tree.disconnect()
-    s1.disconnect()
-    a.disconnect()
-    print("PASS", flush=True)
+    finish(a, s1, tree, big)
 
 
 main()

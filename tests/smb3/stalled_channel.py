@@ -31,7 +31,7 @@ import time
 import uuid
 
 
-from raw_channel import check, flooding_channels, open_file, server_side_established
+from raw_channel import check, finish, flooding_channels, open_file, server_side_established
 
 SIZE = 1 << 20
 # 64 MiB of answers: well past the outbox bound (16 MiB) plus what the
@@ -102,11 +102,7 @@ def main():
     check(ok, "A's CREATE+CLOSE answered after B is gone")
     data = big.read(0, 4096)
     check(data == b"z" * 4096, "A reads the file")
-    big.close()
-    tree.disconnect()
-    s1.disconnect()
-    a.disconnect()
-    print("PASS", flush=True)
+    finish(a, s1, tree, big)
 
 
 main()

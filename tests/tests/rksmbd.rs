@@ -637,6 +637,32 @@ fn channels_hold_no_more_answers_than_the_channel_memory_bound() {
     no_handles_left(&d);
 }
 
+/// Channels that keep their home busy (each a READ always in flight) do
+/// not starve the home's own socket: the home serves its channels' queue
+/// a few PDUs at a turn. Before, it served the queue until it was empty,
+/// and the home's CREATE waited minutes.
+#[test]
+fn busy_channels_do_not_starve_their_home() {
+    let s = Scratch::new("rksmbd-busy-channels");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "busy_channels.py");
+    no_handles_left(&d);
+}
+
+/// One compound of eight 1 MiB READs gets a response of a few MiB: once it
+/// gathers 2 MiB the later READs answer STATUS_INSUFFICIENT_RESOURCES.
+/// Before, every READ ran and one compound could make rksmbd hold (and
+/// past 16 MiB mis-frame) a response of any size.
+#[test]
+fn a_compound_of_reads_gets_a_bounded_response() {
+    let s = Scratch::new("rksmbd-compound-reads");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "compound_reads.py");
+    no_handles_left(&d);
+}
+
 /// A persistent handle opened through a bound channel outlives its
 /// session's home connection (reset): the channel still reads through it,
 /// a DH2C from a new connection is refused while the channel lives, and

@@ -135,6 +135,11 @@ impl Inbox {
         let _ = (&self.wake).write(&[1]);
     }
 
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.queue).is_empty()
+    }
+
     /// The next queued PDU.
     pub fn take(&self) -> Option<Forwarded> {
         lock(&self.queue).pop_front()

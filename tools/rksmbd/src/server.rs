@@ -39,6 +39,16 @@ const MAX_PDU: usize = MAX_IO as usize + 64 * 1024;
 const MAX_CREDITS_PER_REPLY: u16 = 512;
 /// Credits a client may hold at once.
 const MAX_CREDITS: u32 = 8192;
+/// Most forwarded PDUs a home serves before it looks at its own socket
+/// again ([`Connection::serve_inbox`]).
+const INBOX_TURN: usize = 4;
+/// Most bytes of responses one compound gathers: its later requests are
+/// not run and answer STATUS_INSUFFICIENT_RESOURCES. Without it one
+/// compound of READs held a response of any size in memory (and past
+/// 16 MiB its NetBIOS length no longer fit), whatever the channel and
+/// memory bounds (the adversarial review of issue 14: 8 compounds of 64
+/// READs held 1 GiB).
+const MAX_COMPOUND_OUT: usize = 2 * MAX_IO as usize;
 /// Opens one connection may hold (directory opens hold a descriptor in
 /// rksmbd; file opens are also limited per client by filterd).
 pub const MAX_OPENS_PER_CONNECTION: usize = 16_384;
@@ -155,9 +165,10 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
 }
 
 /// Writes one PDU, framed, to a socket shared by several writers (whole
-/// frames under its lock); false when it could not.
+/// frames under its lock); false when it could not, or when the PDU is too
+/// long for the 24-bit length of a NetBIOS session message.
 pub(crate) fn write_frame(wr: &crate::breaks::ConnWriter, pdu: &[u8]) -> bool {
-    let Ok(n) = u32::try_from(pdu.len()) else {
+    let Some(n) = u32::try_from(pdu.len()).ok().filter(|n| *n <= 0x00FF_FFFF) else {
         return false;
     };
     let mut frame = n.to_be_bytes().to_vec();
@@ -602,8 +613,20 @@ impl Connection {
         let Some(inbox) = self.inbox.as_ref().map(|(i, _)| i.clone()) else {
             return;
         };
-        while let Some(f) = inbox.take() {
+        // A bounded turn: channels that queue as fast as they are served
+        // must not starve this connection's own socket, its retries and
+        // notifications (the adversarial review of issue 14: two channels
+        // each keeping a READ in flight held the home's CREATE back for
+        // minutes). What is left waits for the next turn, after the socket
+        // (`poll_inputs` looks at it first).
+        for _ in 0..INBOX_TURN {
+            let Some(f) = inbox.take() else {
+                return;
+            };
             self.serve_forwarded(f);
+        }
+        if !inbox.is_empty() {
+            inbox.nudge();
         }
     }
 
@@ -1072,6 +1095,7 @@ impl Connection {
         // For related requests: the previous request's session, tree and
         // file, and the status of a failed CREATE they then share.
         let mut prev: Option<(u64, u32, u64, Option<u32>)> = None;
+        let mut out_bytes = 0usize;
         loop {
             let rest = pdu.get(offset..).ok_or(WireError::Truncated("compound"))?;
             let mut hdr = Header::decode(rest)?;
@@ -1100,10 +1124,14 @@ impl Connection {
                     failed_related = failed;
                 }
             }
+            if out_bytes > MAX_COMPOUND_OUT {
+                failed_related = Some(status::INSUFFICIENT_RESOURCES);
+            }
             let body = msg.get(HEADER_LEN..).unwrap_or(&[]);
             let req = Request { hdr, msg, body };
             let (resp, file) = self.dispatch(&req, file_override, failed_related);
             if let Some((st, r)) = resp {
+                out_bytes = out_bytes.saturating_add(r.bytes.len());
                 let created = Command::from_code(req.hdr.command) == Command::Create;
                 let prev_file = prev.map(|p| p.2).unwrap_or(u64::MAX);
                 let prev_failed = prev.and_then(|p| p.3);
