@@ -33,7 +33,7 @@ from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, READ, CANCEL, ECHO = 0, 1, 3, 5, 8, 0xC, 0xD
+NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, CLOSE, READ, CANCEL, ECHO = 0, 1, 3, 5, 6, 8, 0xC, 0xD
 R, H, W = 1, 2, 4
 FLAG_SIGNED = 0x8
 BINDING = 0x1

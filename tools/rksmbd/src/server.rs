@@ -42,8 +42,9 @@ const MAX_CREDITS: u32 = 8192;
 /// Most forwarded PDUs a home serves before it looks at its own socket
 /// again ([`Connection::serve_inbox`]).
 const INBOX_TURN: usize = 4;
-/// Most bytes of responses one compound gathers: its later requests are
-/// not run and answer STATUS_INSUFFICIENT_RESOURCES. Without it one
+/// Most bytes of responses one compound gathers: its later requests whose
+/// responses carry data are not run and answer
+/// STATUS_INSUFFICIENT_RESOURCES. Without it one
 /// compound of READs held a response of any size in memory (and past
 /// 16 MiB its NetBIOS length no longer fit), whatever the channel and
 /// memory bounds (the adversarial review of issue 14: 8 compounds of 64
@@ -1124,7 +1125,19 @@ impl Connection {
                     failed_related = failed;
                 }
             }
-            if out_bytes > MAX_COMPOUND_OUT {
+            // Only requests whose responses carry data are turned away: a
+            // CLOSE, WRITE, LOCK or SET_INFO answers in a few bytes, and a
+            // refused CLOSE or unlock would leave its state behind (a
+            // related CREATE…CLOSE compound's open, persistent even).
+            let carries_data = matches!(
+                Command::from_code(hdr.command),
+                Command::Read
+                    | Command::QueryDirectory
+                    | Command::QueryInfo
+                    | Command::Ioctl
+                    | Command::ChangeNotify
+            );
+            if out_bytes > MAX_COMPOUND_OUT && carries_data {
                 failed_related = Some(status::INSUFFICIENT_RESOURCES);
             }
             let body = msg.get(HEADER_LEN..).unwrap_or(&[]);
