@@ -650,6 +650,19 @@ fn busy_channels_do_not_starve_their_home() {
     no_handles_left(&d);
 }
 
+/// A client that keeps its session's home socket full of ECHOs does not
+/// hold back its channel's READs: the home reads a bounded turn from its
+/// socket, then serves its channels. Before, it always read its own
+/// socket first, and the channel waited until the flood stopped.
+#[test]
+fn a_flooded_home_still_serves_its_channels() {
+    let s = Scratch::new("rksmbd-home-flood");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "home_flood.py");
+    no_handles_left(&d);
+}
+
 /// One compound of eight 1 MiB READs gets a response of a few MiB: once it
 /// gathers 2 MiB the later READs answer STATUS_INSUFFICIENT_RESOURCES.
 /// Before, every READ ran and one compound could make rksmbd hold (and
