@@ -663,6 +663,26 @@ fn a_flooded_home_still_serves_its_channels() {
     no_handles_left(&d);
 }
 
+/// A persistent CREATE replayed on a new connection while its commit is
+/// still in flight (filterd's open path stalled by a failpoint; the
+/// original's connection reset) gives a handle that keeps working. Before,
+/// both rksmbd connections got the open from filterd, and the original's
+/// detached it when it found its client gone: the replay said SUCCESS and
+/// every request on the handle STATUS_ACCESS_DENIED.
+#[test]
+fn a_create_replayed_while_the_original_commits_gets_a_working_handle() {
+    let s = Scratch::new("rksmbd-replay-in-flight");
+    let d = Filterd::start(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "open.after_fs:sleep3000")],
+    );
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "replay_in_flight.py");
+    drop(srv);
+    drop(d);
+}
+
 /// One compound of eight 1 MiB READs gets a response of a few MiB: once it
 /// gathers 2 MiB the later READs answer STATUS_INSUFFICIENT_RESOURCES.
 /// Before, every READ ran and one compound could make rksmbd hold (and

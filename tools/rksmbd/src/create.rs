@@ -739,6 +739,7 @@ pub fn cancel_pending(c: &mut Connection, req: &Request<'_>) {
 /// Completes a file CREATE filterd granted: the open is kept, and the
 /// response made.
 fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle) -> Outcome {
+    let h = claim(c, &p, h)?;
     let Prepared {
         f,
         ctxs,
@@ -755,16 +756,7 @@ fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHand
     let key = h.info.key;
     let file = std::fs::File::from(h.fd);
     let held = h.info.lease;
-    // A durable (not persistent) open stands only with H granted.
-    let durable = match h.info.durability {
-        Durability::Persistent { timeout_ms } => Some((timeout_ms, true)),
-        Durability::Durable { timeout_ms }
-            if held.is_some_and(|l| l.state.contains(LeaseState::H)) =>
-        {
-            Some((timeout_ms, false))
-        }
-        _ => None,
-    };
+    let durable = durable_of(&h.info);
     let v1 = durable.is_some() && ctxs.durable_v2.is_none();
     let id = c.new_file_id();
     let pid = match durable {
@@ -874,6 +866,66 @@ fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHand
         level,
         contexts,
     ))
+}
+
+/// The durability an open stands with: (timeout, persistent). A durable
+/// (not persistent) open stands only with H granted.
+fn durable_of(info: &libfilter::proto::Opened) -> Option<(u32, bool)> {
+    match info.durability {
+        Durability::Persistent { timeout_ms } => Some((timeout_ms, true)),
+        Durability::Durable { timeout_ms }
+            if info.lease.is_some_and(|l| l.state.contains(LeaseState::H)) =>
+        {
+            Some((timeout_ms, false))
+        }
+        _ => None,
+    }
+}
+
+/// Makes this connection the one that holds a durable open filterd
+/// granted. rksmbd's connections share one filterd connection, so filterd
+/// returns an open still attached to it to a replay from any of them: a
+/// client that drops its connection while a persistent CREATE commits and
+/// replays the CREATE on a new one gets the open on both — and the old
+/// connection, finding its client gone, then detached the open under the
+/// new one (adversarial review of issue 14: the replay answered SUCCESS
+/// and every request on its handle STATUS_ACCESS_DENIED). The first to
+/// claim the create GUID holds it. An original CREATE that finds a replay
+/// holding it leaves the open to it; a replay that finds another
+/// connection holding it waits up to [`HELD_ELSEWHERE_WAIT`] for that one
+/// to let go (detached, it is reattached here) and is
+/// STATUS_FILE_NOT_AVAILABLE otherwise.
+fn claim(
+    c: &mut Connection,
+    p: &Prepared,
+    mut h: libfilter::client::OpenedHandle,
+) -> Result<libfilter::client::OpenedHandle, u32> {
+    let Some(guid) = p.create_guid.filter(|_| durable_of(&h.info).is_some()) else {
+        return Ok(h);
+    };
+    let deadline = std::time::Instant::now() + HELD_ELSEWHERE_WAIT;
+    loop {
+        let other = match c.sh.registry.claim(guid, c.id) {
+            Ok(()) => return Ok(h),
+            Err(other) => other,
+        };
+        if !p.replay || std::time::Instant::now() >= deadline {
+            tracing::debug!(
+                conn = c.id,
+                other,
+                resume_key = %h.info.key,
+                replay = p.replay,
+                "another connection holds the open"
+            );
+            return Err(status::FILE_NOT_AVAILABLE);
+        }
+        drop(h);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        h =
+            c.sh.filter
+                .replay_open(p.req.clone())
+                .map_err(|e| status_of(&e))?;
+    }
 }
 
 /// AlSi (2.2.13.2.6): reserves `n` bytes for a file the CREATE made,

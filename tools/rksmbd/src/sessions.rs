@@ -259,6 +259,19 @@ impl Registry {
         lock(&self.held).insert(create_guid, conn);
     }
 
+    /// Connection `conn` takes the durable open with this create GUID,
+    /// unless another connection holds it (that one's number then).
+    pub fn claim(&self, create_guid: uuid::Uuid, conn: u64) -> Result<(), u64> {
+        let mut m = lock(&self.held);
+        match m.get(&create_guid) {
+            Some(other) if *other != conn => Err(*other),
+            _ => {
+                m.insert(create_guid, conn);
+                Ok(())
+            }
+        }
+    }
+
     /// Connection `conn` no longer holds it.
     pub fn let_go(&self, create_guid: uuid::Uuid, conn: u64) {
         let mut m = lock(&self.held);
