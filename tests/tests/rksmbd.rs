@@ -683,6 +683,33 @@ fn a_create_replayed_while_the_original_commits_gets_a_working_handle() {
     drop(d);
 }
 
+/// Channels that keep their home's queue full do not hold back a
+/// CHANGE_NOTIFY answer of the home: channels' PDUs and notifications
+/// take turns. Before, a ready queue always went first, and the answer
+/// waited until the channels stopped.
+#[test]
+fn busy_channels_do_not_hold_back_their_homes_notifications() {
+    let s = Scratch::new("rksmbd-notify-channels");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let root = s.root().display().to_string();
+    smbprotocol_script_passes_with(&srv, "notify_channels.py", &[&root]);
+    no_handles_left(&d);
+}
+
+/// 300 connections that send half a frame and stall do not lock a client
+/// out: connections not logged on are bounded (128), and a new one ends
+/// the oldest. Before, they took every slot of the per-peer cap and the
+/// client was refused.
+#[test]
+fn connections_that_never_log_on_do_not_lock_clients_out() {
+    let s = Scratch::new("rksmbd-slow-clients");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "slow_clients.py");
+    no_handles_left(&d);
+}
+
 /// One compound of eight 1 MiB READs gets a response of a few MiB: once it
 /// gathers 2 MiB the later READs answer STATUS_INSUFFICIENT_RESOURCES.
 /// Before, every READ ran and one compound could make rksmbd hold (and

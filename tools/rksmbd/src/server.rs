@@ -48,6 +48,13 @@ const INBOX_TURN: usize = 4;
 /// sent (the adversarial review of issue 14: 4,096 pipelined ECHOs on the
 /// home delayed a channel's READ by 2.2 s).
 const SOCKET_TURN: u32 = 16;
+/// Most connections not logged on yet (no SESSION_SETUP has succeeded on
+/// them): past it a new connection ends the oldest ([`NotLoggedOn`]).
+const MAX_NOT_LOGGED_ON: usize = 128;
+/// How long a frame may take to arrive once its first byte has: reads
+/// follow a poll that found the socket readable, so only a client that
+/// stops in the middle of a frame waits this long.
+const FRAME_TIMEOUT: Duration = WRITE_TIMEOUT;
 /// Most bytes of responses one compound gathers: its later requests whose
 /// responses carry data are not run and answer
 /// STATUS_INSUFFICIENT_RESOURCES. Without it one
@@ -122,7 +129,45 @@ pub struct Shared {
     /// Files and directories an open marked delete-on-close, which
     /// QUERY_DIRECTORY does not list.
     pub delete_pending: crate::files::DeletePending,
+    /// Connections not logged on yet.
+    not_logged_on: NotLoggedOn,
     next_session: AtomicU64,
+}
+
+/// Connections no SESSION_SETUP has succeeded on yet, oldest first: at
+/// most [`MAX_NOT_LOGGED_ON`]; a new one past that ends the oldest. The
+/// connection caps count every connection alike, so before this clients
+/// that connected and sent nothing (or half a frame) held every slot for
+/// as long as they liked and everyone else was refused (adversarial
+/// review of issue 14: 1,024 stalled connections from four addresses).
+/// A client that logs on in time is never ended by it: evicting it takes
+/// [`MAX_NOT_LOGGED_ON`] newer connections while its NEGOTIATE and
+/// SESSION_SETUP are under way.
+#[derive(Default)]
+struct NotLoggedOn(Mutex<std::collections::VecDeque<(u64, TcpStream)>>);
+
+impl NotLoggedOn {
+    /// Connection `conn` arrived: counted in, ending the oldest one past
+    /// the bound (shut down: its thread's read ends).
+    fn arrived(&self, conn: u64, stream: &TcpStream) {
+        let Ok(mut l) = self.0.lock() else { return };
+        while l.len() >= MAX_NOT_LOGGED_ON {
+            if let Some((old, s)) = l.pop_front() {
+                tracing::info!(conn = old, "ending a connection that did not log on");
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        if let Ok(s) = stream.try_clone() {
+            l.push_back((conn, s));
+        }
+    }
+
+    /// Connection `conn` logged on or ended.
+    fn left(&self, conn: u64) {
+        if let Ok(mut l) = self.0.lock() {
+            l.retain(|(c, _)| *c != conn);
+        }
+    }
 }
 
 /// Attaches to filterd, listens, serves forever.
@@ -147,6 +192,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         breaking: crate::breaking::BreaksInProgress::default(),
         registry: crate::sessions::Registry::default(),
         delete_pending: crate::files::DeletePending::default(),
+        not_logged_on: NotLoggedOn::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
     });
     let events = shared.clone();
@@ -341,6 +387,12 @@ pub struct Connection {
     /// PDUs read from the socket in a row while something else was ready
     /// too (see [`SOCKET_TURN`]).
     socket_streak: u32,
+    /// Whether channels' PDUs were served after the last poll that found
+    /// them and a notification ready (they take turns).
+    inbox_went_last: bool,
+    /// Counted among the connections not logged on yet
+    /// ([`NotLoggedOn`]).
+    not_logged_on: bool,
 }
 
 /// The channel a forwarded PDU came on (see [`crate::channels`]).
@@ -447,6 +499,8 @@ impl Connection {
             via: None,
             outer: Vec::new(),
             socket_streak: 0,
+            inbox_went_last: false,
+            not_logged_on: false,
             channel_writers: HashMap::new(),
             outbox: None,
         }
@@ -488,9 +542,12 @@ impl Connection {
     pub fn serve(&mut self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let _ = stream.set_read_timeout(Some(FRAME_TIMEOUT));
         let Ok(writer) = stream.try_clone().map(|w| Arc::new(Mutex::new(w))) else {
             return;
         };
+        self.sh.not_logged_on.arrived(self.id, &stream);
+        self.not_logged_on = true;
         self.sh.notifier.connected(self.id, writer.clone());
         self.io = Some((stream, writer));
         loop {
@@ -503,8 +560,13 @@ impl Connection {
                 Input::Inbox => self.serve_inbox(),
                 Input::Gone => break,
             }
+            if self.not_logged_on && self.sessions.values().any(|s| s.user.is_some()) {
+                self.not_logged_on = false;
+                self.sh.not_logged_on.left(self.id);
+            }
             self.after_pdu();
         }
+        self.sh.not_logged_on.left(self.id);
         self.io = None;
         if let Some(o) = self.outbox.take() {
             o.end();
@@ -619,12 +681,18 @@ impl Connection {
             return Ready::Socket;
         }
         self.socket_streak = 0;
-        if inbox {
+        // Channels and notifications take turns: a queue of channels'
+        // PDUs that never empties must not hold a notification back
+        // (adversarial review of issue 14: four channels each keeping
+        // READs in flight held a CHANGE_NOTIFY's answer over 20 s).
+        if inbox && !(notify && self.inbox_went_last) {
+            self.inbox_went_last = true;
             if let Some((_, rx)) = &self.inbox {
                 crate::channels::drain_wakeups(rx);
             }
             return Ready::Inbox;
         }
+        self.inbox_went_last = false;
         if notify {
             Ready::Notify
         } else {
