@@ -580,6 +580,13 @@ impl WireError {
     }
 }
 
+/// The longest an [`Opened`] is as JSON text (about 330 bytes at most;
+/// filterd's tests check the bound). A record an open carries with an
+/// `"opened"` member for filterd to fill ([`OpenRequest::put`]) is refused
+/// unless it stays within [`crate::model::MAX_REPLY_BYTES`] filled with one
+/// this long.
+pub const MAX_OPENED_JSON_BYTES: usize = 512;
+
 /// A granted open or resume. The reply frame carries the descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Opened {

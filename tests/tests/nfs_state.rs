@@ -689,3 +689,68 @@ fn an_open_missing_a_handle_at_restore_is_dropped_whole() {
     ok(b.open("ob", "p", "write", "none", json!({})));
     ok(b.open("ob", "q", "write", "none", json!({})));
 }
+
+/// Defect (review of issue 16): filterd checked an OPEN's records against
+/// the 16 KiB record limit before it filled in its answer (`"opened"`), so
+/// an open-state record just under the limit was stored ~170 bytes over
+/// it. Now such an OPEN is refused whole (NFS4ERR_RESOURCE: no handle, no
+/// record) and every stored record stays within the limit.
+#[test]
+fn an_open_whose_filled_record_would_pass_the_limit_is_refused_whole() {
+    use libfilter::model::{ReplayScope, ScopeName, MAX_REPLY_BYTES};
+    let s = Scratch::new("nfs-filled-limit");
+    std::fs::write(s.root().join("p"), b"p").unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-fl");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    // Owners (each one's first OPEN: its records ride on the filter open)
+    // whose open-state record ends on either side of the limit.
+    let (mut granted, mut refused) = (0, 0);
+    for len in (15_500..16_200).step_by(25) {
+        let owner = "o".repeat(len);
+        let r = a.open(&owner, "p", "read", "none", json!({}));
+        match r["status"].as_str() {
+            Some("NFS4_OK") => granted += 1,
+            Some("NFS4ERR_RESOURCE") => refused += 1,
+            _ => panic!("owner of {len} bytes: {r}"),
+        }
+    }
+    let scope =
+        ReplayScope::Session(ScopeName::new(format!("nfs/nfs-fl/states/{}", a.clientid)).unwrap());
+    let states = d.control().list_records(scope).expect("list records");
+    assert_eq!(states.len(), granted, "one open state per granted OPEN");
+    for (op, text) in &states {
+        assert!(
+            text.len() <= MAX_REPLY_BYTES,
+            "state {op}: {} bytes stored",
+            text.len()
+        );
+    }
+    assert!(
+        granted > 0 && refused > 0,
+        "{granted} granted, {refused} refused"
+    );
+    assert_eq!(
+        handles_on(&s, "p").len(),
+        granted,
+        "a refused OPEN keeps no handle"
+    );
+    // The client's session goes on: a short owner opens.
+    ok(a.open("short", "p", "read", "none", json!({})));
+    // And all of it is restored after filterd and nfsshim die.
+    let last = ok(a.open("last", "p", "read", "none", json!({})));
+    let (mut d, mut nfs) = (d, nfs);
+    nfs.kill9_in_place();
+    d.kill9();
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-fl");
+    a.c = LineClient::connect(&nfs.addr);
+    let r = a
+        .call_patiently(json!({"op": "READ", "stateid": last["stateid"], "offset": 0, "count": 1}));
+    ok(r);
+    assert_eq!(
+        handles_on(&s, "p").len(),
+        granted + 2,
+        "every open restored"
+    );
+}

@@ -2,6 +2,7 @@
 //! and its indexes, closing (with delete on close), detaching.
 
 use super::*;
+use libfilter::proto::MAX_OPENED_JSON_BYTES;
 
 impl Engine {
     pub(super) fn attached_to(&self, conn: ConnId, key: ResumeKey) -> Result<(), WireError> {
@@ -61,7 +62,10 @@ impl Engine {
             }
             put = self
                 .own_records(conn, &protocol, o.put.clone(), Vec::new())?
-                .0;
+                .0
+                .into_iter()
+                .map(|r| OpenFill::of(&r.reply).map(|f| (r, f)))
+                .collect::<Result<_, _>>()?;
         }
         if let Some(g) = o.create_guid {
             if let Some(&k) = self.by_guid.get(&(o.client.clone(), g)) {
@@ -418,25 +422,24 @@ impl Engine {
     /// commit, each JSON object with an `"opened"` member completed with
     /// `opened`.
     /// `put` is checked and mapped already ([`Self::own_records`]).
-    fn open_records(&mut self, put: Vec<RecordSpec>, opened: &Opened) {
+    fn open_records(&mut self, put: Vec<(RecordSpec, OpenFill)>, opened: &Opened) {
         let text = serde_json::to_string(opened).ok();
         let put = put
             .into_iter()
-            .map(|mut r| {
-                if let Some(filled) = text.as_deref().and_then(|t| fill_opened_last(&r.reply, t)) {
+            .map(|(mut r, fill)| {
+                match (fill, text.as_deref()) {
                     // The common case (nfsshim writes the member last):
                     // no parse and re-encode of the whole record.
-                    r.reply = filled;
-                } else if let Ok(serde_json::Value::Object(mut m)) =
-                    serde_json::from_str::<serde_json::Value>(&r.reply)
-                {
-                    if m.contains_key("opened") {
+                    (OpenFill::Last, Some(t)) => r.reply = splice_opened(&r.reply, t),
+                    (OpenFill::Member(mut m), _) => {
                         if let Ok(v) = serde_json::to_value(opened) {
                             m.insert("opened".into(), v);
                             r.reply = serde_json::Value::Object(m).to_string();
                         }
                     }
+                    _ => {}
                 }
+                debug_assert!(r.reply.len() <= MAX_REPLY_BYTES, "checked by OpenFill::of");
                 r
             })
             .collect();
@@ -1299,21 +1302,82 @@ impl ShareGroup {
 /// at its end is that one, and the result is what a parse and re-encode
 /// would store (review of issue 16: without the scan, `[1,"opened":null}`
 /// was filled, and a duplicate `opened` kept).
+#[cfg(test)]
 fn fill_opened_last(reply: &str, opened: &str) -> Option<String> {
-    const TAIL: &str = "\"opened\":null}";
-    let head = reply.strip_suffix(TAIL)?;
-    if !(head.ends_with(',') || head == "{") {
-        return None;
-    }
-    if serde_json::from_str::<OpenedMembers>(reply).ok()?.0 != 1 {
-        return None;
-    }
-    let mut out = String::with_capacity(head.len() + TAIL.len() + opened.len());
+    opened_last(reply).then(|| splice_opened(reply, opened))
+}
+
+/// The member [`fill_opened_last`] fills, as it ends a record.
+const OPENED_TAIL: &str = "\"opened\":null}";
+
+/// Whether [`fill_opened_last`] fills `reply`.
+fn opened_last(reply: &str) -> bool {
+    let Some(head) = reply.strip_suffix(OPENED_TAIL) else {
+        return false;
+    };
+    (head.ends_with(',') || head == "{")
+        && serde_json::from_str::<OpenedMembers>(reply).is_ok_and(|n| n.0 == 1)
+}
+
+/// `reply`, checked by [`opened_last`], with `opened` for its last `null`.
+fn splice_opened(reply: &str, opened: &str) -> String {
+    let head = &reply[..reply.len() - OPENED_TAIL.len()];
+    let mut out = String::with_capacity(head.len() + OPENED_TAIL.len() + opened.len());
     out.push_str(head);
     out.push_str("\"opened\":");
     out.push_str(opened);
     out.push('}');
-    Some(out)
+    out
+}
+
+/// How a record an open carries takes the open's answer
+/// ([`Engine::open_records`]); decided before the open runs, so that the
+/// record's size once filled is checked first ([`OpenFill::of`]).
+pub(super) enum OpenFill {
+    /// Ends with `"opened":null}` ([`opened_last`]): spliced.
+    Last,
+    /// Another JSON object with a top-level `opened` member: parsed, the
+    /// member set, encoded again.
+    Member(serde_json::Map<String, serde_json::Value>),
+    /// Stored as sent.
+    Unfilled,
+}
+
+impl OpenFill {
+    /// How `reply` is filled, or an error if, filled with any answer, it
+    /// could exceed [`MAX_REPLY_BYTES`] (defect found after issue 16: the
+    /// limit was checked on the text as sent, and a record of 16,384 bytes
+    /// was stored at 16,553 once filled).
+    pub(super) fn of(reply: &str) -> Result<OpenFill, WireError> {
+        let (fill, unfilled) = if opened_last(reply) {
+            (OpenFill::Last, reply.len())
+        } else {
+            match serde_json::from_str::<serde_json::Value>(reply) {
+                Ok(serde_json::Value::Object(mut m)) if m.contains_key("opened") => {
+                    m.insert("opened".into(), serde_json::Value::Null);
+                    // The encoding with `null` there: filled, `null`
+                    // gives way to the answer (key order aside, the same
+                    // text).
+                    let len = serde_json::to_string(&m).map_or(usize::MAX, |t| t.len());
+                    (OpenFill::Member(m), len)
+                }
+                _ => return Ok(OpenFill::Unfilled),
+            }
+        };
+        let most = unfilled
+            .saturating_sub("null".len())
+            .saturating_add(MAX_OPENED_JSON_BYTES);
+        if most > MAX_REPLY_BYTES {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!(
+                    "put: a record of {unfilled} bytes would exceed {MAX_REPLY_BYTES} bytes \
+                     once its \"opened\" is filled (leave {MAX_OPENED_JSON_BYTES} bytes for it)"
+                ),
+            ));
+        }
+        Ok(fill)
+    }
 }
 
 /// How many top-level `opened` members a JSON object has; deserializing
@@ -1382,8 +1446,53 @@ impl<'de> serde::de::Visitor<'de> for Scan {
 
 #[cfg(test)]
 mod fill_tests {
-    use super::fill_opened_last;
+    use super::{fill_opened_last, OpenFill, MAX_OPENED_JSON_BYTES, MAX_REPLY_BYTES};
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::model::{CreateAction, Durability, FileId, HeldLease, ResumeKey};
+    use libfilter::proto::Opened;
     use serde_json::{json, Value};
+
+    #[test]
+    fn the_longest_answer_fits_the_room_left_for_it() {
+        let o = Opened {
+            key: ResumeKey(uuid::Uuid::from_u128(u128::MAX)),
+            create_action: CreateAction::Overwritten,
+            size: u64::MAX,
+            file: FileId {
+                dev: u64::MAX,
+                ino: u64::MAX,
+            },
+            durability: Durability::Persistent {
+                timeout_ms: u32::MAX,
+            },
+            lease: Some(HeldLease {
+                key: LeaseKey(uuid::Uuid::from_u128(u128::MAX)),
+                state: LeaseState::R.with(LeaseState::W).with(LeaseState::H),
+                epoch: u16::MAX,
+            }),
+            locked: false,
+        };
+        let n = serde_json::to_string(&o).expect("encoded").len();
+        assert!(n <= MAX_OPENED_JSON_BYTES, "{n}");
+        let n = serde_json::to_value(&o).expect("encoded").to_string().len();
+        assert!(n <= MAX_OPENED_JSON_BYTES, "{n}");
+    }
+
+    #[test]
+    fn a_record_is_checked_at_its_filled_size() {
+        let pad = |n: usize| format!(r#"{{"a":"{}","opened":null}}"#, "x".repeat(n));
+        let over = MAX_REPLY_BYTES - pad(0).len() - MAX_OPENED_JSON_BYTES + 5;
+        for rec in [
+            pad(over),
+            pad(over).replace(r#","opened":null}"#, r#", "opened":null}"#),
+        ] {
+            assert!(rec.len() <= MAX_REPLY_BYTES);
+            assert!(OpenFill::of(&rec).is_err(), "{}", rec.len());
+        }
+        assert!(matches!(OpenFill::of(&pad(over - 5)), Ok(OpenFill::Last)));
+        let long_plain = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_REPLY_BYTES - 10));
+        assert!(matches!(OpenFill::of(&long_plain), Ok(OpenFill::Unfilled)));
+    }
 
     fn parsed(s: &str) -> Value {
         serde_json::from_str(s).expect("valid JSON")

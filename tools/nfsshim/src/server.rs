@@ -24,7 +24,7 @@ use libfilter::client::ClientError;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::locks::{LockKind, LockOp, LockRange};
 use libfilter::model::*;
-use libfilter::proto::{ErrorCode, Event, OpenRequest, Request};
+use libfilter::proto::{ErrorCode, Event, OpenRequest, Request, MAX_OPENED_JSON_BYTES};
 use serde_json::{json, Map, Value};
 
 use crate::state::{self, ClientRec, DelegRec, ExtraHandle, LockRec, OpenRec, SessionRec, SlotRec};
@@ -1774,6 +1774,23 @@ fn open_recorded(
             keep: state::KEEP,
         },
     ];
+    // filterd refuses a record that could pass its limit once filled
+    // (BadFrame): the record is the server's, not bad input, so the client
+    // hears NFS4ERR_RESOURCE, and nothing is opened or stored.
+    let most = put
+        .iter()
+        .map(|r| r.reply.len().saturating_sub("null".len()) + MAX_OPENED_JSON_BYTES)
+        .max()
+        .unwrap_or(0);
+    if most > MAX_REPLY_BYTES {
+        return Err(Fail(
+            "NFS4ERR_RESOURCE",
+            format!(
+                "this open's state would take a record of up to {most} bytes, over \
+                 filterd's {MAX_REPLY_BYTES} (a shorter owner or path fits)"
+            ),
+        ));
+    }
     req.put = put;
     let h = sh.filter.replay_open(req).map_err(filter_fail)?;
     note_locked(sh, &h.info);
