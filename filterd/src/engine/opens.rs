@@ -1368,6 +1368,51 @@ impl<'de> serde::de::Visitor<'de> for Scan {
     }
 }
 
+/// Counts a handle for its client and its frontend, and replaces its names
+/// by the copies the counts' keys hold (see [`Engine::index_names`]; also
+/// run by recovery's indexing thread, which owns the counts meanwhile).
+pub(super) fn share_counted_names(
+    per_client: &mut HashMap<(Protocol, ClientId), usize>,
+    per_frontend: &mut HashMap<InstanceName, usize>,
+    protocol: &mut Protocol,
+    client: &mut ClientId,
+    frontend: &mut InstanceName,
+) {
+    use std::collections::hash_map::Entry;
+    match per_client.entry((protocol.clone(), client.clone())) {
+        Entry::Occupied(mut o) => {
+            *o.get_mut() += 1;
+            let (p, c) = o.key();
+            *protocol = p.clone();
+            *client = c.clone();
+        }
+        Entry::Vacant(v) => {
+            v.insert(1);
+        }
+    }
+    match per_frontend.entry(frontend.clone()) {
+        Entry::Occupied(mut o) => {
+            *o.get_mut() += 1;
+            *frontend = o.key().clone();
+        }
+        Entry::Vacant(v) => {
+            v.insert(1);
+        }
+    }
+}
+
+/// A handle's create GUID in the GUID index and its count of clients.
+pub(super) fn index_create_guid(
+    by_guid: &mut HashMap<(ClientId, CreateGuid), ResumeKey>,
+    guid_clients: &mut HashMap<CreateGuid, u32>,
+    client: &ClientId,
+    guid: CreateGuid,
+    key: ResumeKey,
+) {
+    by_guid.insert((client.clone(), guid), key);
+    *guid_clients.entry(guid).or_default() += 1;
+}
+
 #[cfg(test)]
 mod fill_tests {
     use super::fill_opened_last;
@@ -1420,49 +1465,4 @@ mod fill_tests {
             assert_eq!(fill_opened_last(rec, o), None, "{rec}");
         }
     }
-}
-
-/// Counts a handle for its client and its frontend, and replaces its names
-/// by the copies the counts' keys hold (see [`Engine::index_names`]; also
-/// run by recovery's indexing thread, which owns the counts meanwhile).
-pub(super) fn share_counted_names(
-    per_client: &mut HashMap<(Protocol, ClientId), usize>,
-    per_frontend: &mut HashMap<InstanceName, usize>,
-    protocol: &mut Protocol,
-    client: &mut ClientId,
-    frontend: &mut InstanceName,
-) {
-    use std::collections::hash_map::Entry;
-    match per_client.entry((protocol.clone(), client.clone())) {
-        Entry::Occupied(mut o) => {
-            *o.get_mut() += 1;
-            let (p, c) = o.key();
-            *protocol = p.clone();
-            *client = c.clone();
-        }
-        Entry::Vacant(v) => {
-            v.insert(1);
-        }
-    }
-    match per_frontend.entry(frontend.clone()) {
-        Entry::Occupied(mut o) => {
-            *o.get_mut() += 1;
-            *frontend = o.key().clone();
-        }
-        Entry::Vacant(v) => {
-            v.insert(1);
-        }
-    }
-}
-
-/// A handle's create GUID in the GUID index and its count of clients.
-pub(super) fn index_create_guid(
-    by_guid: &mut HashMap<(ClientId, CreateGuid), ResumeKey>,
-    guid_clients: &mut HashMap<CreateGuid, u32>,
-    client: &ClientId,
-    guid: CreateGuid,
-    key: ResumeKey,
-) {
-    by_guid.insert((client.clone(), guid), key);
-    *guid_clients.entry(guid).or_default() += 1;
 }
