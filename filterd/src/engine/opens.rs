@@ -872,36 +872,24 @@ impl Engine {
     /// name (recovery decodes a copy per record) — its lease key and its
     /// create GUID.
     pub(super) fn index_names(&mut self, rec: &mut HandleRecord) {
-        use std::collections::hash_map::Entry;
-        match self
-            .per_client
-            .entry((rec.protocol.clone(), rec.client.clone()))
-        {
-            Entry::Occupied(mut o) => {
-                *o.get_mut() += 1;
-                let (protocol, client) = o.key();
-                rec.protocol = protocol.clone();
-                rec.client = client.clone();
-            }
-            Entry::Vacant(v) => {
-                v.insert(1);
-            }
-        }
-        match self.per_frontend.entry(rec.frontend.clone()) {
-            Entry::Occupied(mut o) => {
-                *o.get_mut() += 1;
-                rec.frontend = o.key().clone();
-            }
-            Entry::Vacant(v) => {
-                v.insert(1);
-            }
-        }
+        share_counted_names(
+            &mut self.per_client,
+            &mut self.per_frontend,
+            &mut rec.protocol,
+            &mut rec.client,
+            &mut rec.frontend,
+        );
         if let Some(l) = rec.lease {
             self.lease_key_taken(&rec.client, l.key, rec.file);
         }
         if let Some(g) = rec.create_guid {
-            self.by_guid.insert((rec.client.clone(), g), rec.key);
-            *self.guid_clients.entry(g).or_default() += 1;
+            index_create_guid(
+                &mut self.by_guid,
+                &mut self.guid_clients,
+                &rec.client,
+                g,
+                rec.key,
+            );
         }
     }
 
@@ -1442,6 +1430,51 @@ impl<'de> serde::de::Visitor<'de> for Scan {
         }
         Ok(n)
     }
+}
+
+/// Counts a handle for its client and its frontend, and replaces its names
+/// by the copies the counts' keys hold (see [`Engine::index_names`]; also
+/// run by recovery's indexing thread, which owns the counts meanwhile).
+pub(super) fn share_counted_names(
+    per_client: &mut HashMap<(Protocol, ClientId), usize>,
+    per_frontend: &mut HashMap<InstanceName, usize>,
+    protocol: &mut Protocol,
+    client: &mut ClientId,
+    frontend: &mut InstanceName,
+) {
+    use std::collections::hash_map::Entry;
+    match per_client.entry((protocol.clone(), client.clone())) {
+        Entry::Occupied(mut o) => {
+            *o.get_mut() += 1;
+            let (p, c) = o.key();
+            *protocol = p.clone();
+            *client = c.clone();
+        }
+        Entry::Vacant(v) => {
+            v.insert(1);
+        }
+    }
+    match per_frontend.entry(frontend.clone()) {
+        Entry::Occupied(mut o) => {
+            *o.get_mut() += 1;
+            *frontend = o.key().clone();
+        }
+        Entry::Vacant(v) => {
+            v.insert(1);
+        }
+    }
+}
+
+/// A handle's create GUID in the GUID index and its count of clients.
+pub(super) fn index_create_guid(
+    by_guid: &mut HashMap<(ClientId, CreateGuid), ResumeKey>,
+    guid_clients: &mut HashMap<CreateGuid, u32>,
+    client: &ClientId,
+    guid: CreateGuid,
+    key: ResumeKey,
+) {
+    by_guid.insert((client.clone(), guid), key);
+    *guid_clients.entry(guid).or_default() += 1;
 }
 
 #[cfg(test)]

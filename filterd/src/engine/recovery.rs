@@ -254,36 +254,89 @@ impl Engine {
                 }
             }
         }
-        // Which files are still there, all looked at in one go (on every
-        // core: `Fs::locate_for_recovery`); a handle lost before, or without
-        // a kernel handle, is not looked for.
-        let located = {
-            let (which, probes): (Vec<usize>, Vec<_>) = persistent
-                .iter()
-                .enumerate()
-                .filter(|(_, h)| h.rec.conn != ConnState::Lost)
-                .filter_map(|(i, h)| Some((i, (h.rec.kernel_handle.as_ref()?, &h.rec.path))))
-                .unzip();
-            let mut located: Vec<Option<std::io::Result<FileId>>> = std::iter::repeat_with(|| None)
-                .take(persistent.len())
-                .collect();
-            for (i, found) in which.into_iter().zip(self.fs.locate_for_recovery(&probes)) {
-                if let Some(slot) = located.get_mut(i) {
-                    *slot = Some(found);
+        // Which files are still there, all looked at in one go
+        // (`Fs::locate_for_recovery`: mostly kernel time); a handle lost
+        // before, or without a kernel handle, is not looked for. Meanwhile a
+        // thread of its own fills the indexes that need only a record's
+        // names and keys (the client and frontend counts — whose names the
+        // records then share —, the create GUID index, the expiries): that
+        // is user-space work the calling thread would otherwise do after
+        // the look, with the other core idle.
+        let mono_now = mono_ms();
+        let mut named = NameIndexes {
+            per_client: std::mem::take(&mut self.per_client),
+            per_frontend: std::mem::take(&mut self.per_frontend),
+            by_guid: std::mem::take(&mut self.by_guid),
+            guid_clients: std::mem::take(&mut self.guid_clients),
+            expiries: std::mem::take(&mut self.expiries),
+        };
+        let mut which = Vec::with_capacity(persistent.len());
+        let mut probes = Vec::with_capacity(persistent.len());
+        let mut names = Vec::with_capacity(persistent.len());
+        for (i, h) in persistent.iter_mut().enumerate() {
+            // Disjoint fields: the look reads the kernel handle and path,
+            // the indexing thread rewrites the names.
+            let HandleRecord {
+                key,
+                protocol,
+                frontend,
+                client,
+                create_guid,
+                path,
+                kernel_handle,
+                durability,
+                conn,
+                ..
+            } = &mut h.rec;
+            if *conn != ConnState::Lost {
+                if let Some(kh) = kernel_handle.as_ref() {
+                    which.push(i);
+                    probes.push((kh, &*path));
                 }
             }
-            located
-        };
+            names.push(RecordNames {
+                key: *key,
+                protocol,
+                frontend,
+                client,
+                create_guid: *create_guid,
+                // A lost handle stays visible until its timeout too, then
+                // goes (it protects nothing: its file is gone).
+                expires_mono: mono_now + u64::from(durability.timeout_ms().unwrap_or(0)),
+            });
+        }
+        let (found, named) = std::thread::scope(|s| {
+            let indexer = std::thread::Builder::new()
+                .name("recovery-index".into())
+                .spawn_scoped(s, move || {
+                    named.index(names);
+                    named
+                });
+            let found = self.fs.locate_for_recovery(&probes);
+            match indexer.map(|t| t.join()) {
+                Ok(Ok(named)) => Ok((found, named)),
+                // No thread to spare at start (a panic aborts through the
+                // hook before this): refuse to start, as for descriptors.
+                _ => Err(anyhow::anyhow!("cannot start recovery's indexing thread")),
+            }
+        })?;
+        self.per_client = named.per_client;
+        self.per_frontend = named.per_frontend;
+        self.by_guid = named.by_guid;
+        self.guid_clients = named.guid_clients;
+        self.expiries = named.expiries;
+        let mut located: Vec<Option<std::io::Result<FileId>>> = std::iter::repeat_with(|| None)
+            .take(persistent.len())
+            .collect();
+        for (i, f) in which.into_iter().zip(found) {
+            if let Some(slot) = located.get_mut(i) {
+                *slot = Some(f);
+            }
+        }
         let located_done = t0.elapsed();
-        // The indexes grow once, to their size.
-        self.by_guid.reserve(persistent.len());
-        self.guid_clients.reserve(persistent.len());
-        self.expiries.reserve(persistent.len());
         let mut filed = Vec::with_capacity(persistent.len());
         let mut table = Vec::with_capacity(persistent.len());
         let mut restores = Vec::new();
-        // One clock reading for every recovered handle's expiry.
-        let mono_now = mono_ms();
         for (mut h, found) in persistent.into_iter().zip(located) {
             let rec = &mut h.rec;
             let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
@@ -331,10 +384,10 @@ impl Engine {
                     updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
                 }
             };
-            // A lost handle stays visible until its timeout too, then goes
-            // (it protects nothing: its file is gone).
-            self.expiries
-                .push(Reverse((mono_now + timeout, rec.key, 0)));
+            // The lease key's file is the one the look found.
+            if let Some(l) = rec.lease {
+                self.lease_key_taken(&rec.client, l.key, rec.file);
+            }
             let key = rec.key;
             let restore = if matches!(rec.conn, ConnState::Disconnected { .. }) {
                 rec.locks.clone()
@@ -343,8 +396,6 @@ impl Engine {
             };
             let file = rec.file;
             filed.push((file, key));
-            // Counted, and its names shared with the count's keys.
-            self.index_names(&mut h.rec);
             table.push((key, h));
             if !restore.is_empty() {
                 restores.push((key, file, restore));
@@ -417,5 +468,56 @@ impl Engine {
             "recovery done"
         );
         Ok(())
+    }
+}
+
+/// The indexes recovery fills from records' names and keys alone, owned by
+/// its indexing thread while the files are looked at.
+struct NameIndexes {
+    per_client: HashMap<(Protocol, ClientId), usize>,
+    per_frontend: HashMap<InstanceName, usize>,
+    by_guid: HashMap<(ClientId, CreateGuid), ResumeKey>,
+    guid_clients: HashMap<CreateGuid, u32>,
+    expiries: BinaryHeap<Reverse<(u64, ResumeKey, u64)>>,
+}
+
+/// What the indexing thread reads of one record, and the names it
+/// replaces by the shared copies.
+struct RecordNames<'a> {
+    key: ResumeKey,
+    protocol: &'a mut Protocol,
+    frontend: &'a mut InstanceName,
+    client: &'a mut ClientId,
+    create_guid: Option<CreateGuid>,
+    expires_mono: u64,
+}
+
+impl NameIndexes {
+    /// Every record counted, its names shared with the counts' keys, its
+    /// create GUID indexed and its expiry queued (the indexes grow once,
+    /// to their size).
+    fn index(&mut self, names: Vec<RecordNames<'_>>) {
+        self.by_guid.reserve(names.len());
+        self.guid_clients.reserve(names.len());
+        self.expiries.reserve(names.len());
+        for r in names {
+            super::opens::share_counted_names(
+                &mut self.per_client,
+                &mut self.per_frontend,
+                r.protocol,
+                r.client,
+                r.frontend,
+            );
+            if let Some(g) = r.create_guid {
+                super::opens::index_create_guid(
+                    &mut self.by_guid,
+                    &mut self.guid_clients,
+                    r.client,
+                    g,
+                    r.key,
+                );
+            }
+            self.expiries.push(Reverse((r.expires_mono, r.key, 0)));
+        }
     }
 }

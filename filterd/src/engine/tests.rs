@@ -1377,6 +1377,11 @@ fn recovery_of_many_handles_fills_every_index_once() {
             frontend: InstanceName::new(format!("fe-{}", i % 4)).unwrap(),
             client: ClientId::new(clients[i % 3]).unwrap(),
             create_guid: (i % 5 != 0).then(|| CreateGuid(uuid::Uuid::new_v4())),
+            lease: (i % 7 == 0).then(|| HeldLease {
+                key: LeaseKey(uuid::Uuid::new_v4()),
+                state: LeaseState::parse("RH").unwrap(),
+                epoch: 1,
+            }),
             ..persistent_record(&fs, &format!("f{i}"))
         })
         .collect();
@@ -1412,6 +1417,27 @@ fn recovery_of_many_handles_fills_every_index_once() {
         let g = r.create_guid.unwrap();
         assert_eq!(e.by_guid[&(r.client.clone(), g)], r.key);
         assert_eq!(e.guid_clients[&g], 1);
+    }
+    // Every handle's expiry is queued, the lost one's too.
+    assert_eq!(e.expiries.len(), n);
+    // Lease keys are indexed on the file each handle was found at.
+    let leased: Vec<_> = recs.iter().filter(|r| r.lease.is_some()).collect();
+    assert_eq!(e.lease_files.len(), leased.len());
+    for r in leased {
+        let l = r.lease.unwrap();
+        assert_eq!(e.lease_files[&(r.client.clone(), l.key)], (r.file, 1));
+    }
+    // The records share the counts' copies of their names.
+    for hd in e.handles.values() {
+        let (p, c) = e
+            .per_client
+            .get_key_value(&(hd.rec.protocol.clone(), hd.rec.client.clone()))
+            .unwrap()
+            .0;
+        assert!(std::ptr::eq(p.as_str(), hd.rec.protocol.as_str()));
+        assert!(std::ptr::eq(c.as_str(), hd.rec.client.as_str()));
+        let f = e.per_frontend.get_key_value(&hd.rec.frontend).unwrap().0;
+        assert!(std::ptr::eq(f.as_str(), hd.rec.frontend.as_str()));
     }
     let stored: HashMap<ResumeKey, &HandleRecord> = recs.iter().map(|r| (r.key, r)).collect();
     for hd in e.handles.values() {
