@@ -503,6 +503,8 @@ fn scm_rights(hdr: &libc::msghdr) -> Vec<OwnedFd> {
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                // `cmsg_len` is a size_t with glibc, a u32 with musl.
+                #[allow(clippy::useless_conversion)]
                 let bytes = usize::try_from((*c).cmsg_len)
                     .unwrap_or(0)
                     .saturating_sub(libc::CMSG_LEN(0) as usize);

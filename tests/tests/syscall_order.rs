@@ -283,7 +283,7 @@ fn a_lone_request_costs_one_receive_call() {
         let h = fe
             .open(OpenRequest {
                 client: ClientId::new("alice").unwrap(),
-                path: RelPath::new(&format!("f{i}")).unwrap(),
+                path: RelPath::new(format!("f{i}")).unwrap(),
                 access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
                 share: Rights::ALL,
                 disposition: Disposition::OpenIf,
