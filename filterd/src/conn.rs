@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use crossbeam_channel::{Receiver, Sender};
 use libfilter::proto::{self, ErrorCode, HelloReply, ServerFrame, WireError, MAX_FRAME};
-use libfilter::sys::{self, Packet};
+use libfilter::sys::{self, Packet, PacketBatch};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
@@ -100,7 +100,7 @@ pub struct Poller {
     wake: Arc<EventFd>,
     rx: Receiver<Command>,
     conns: HashMap<ConnId, PollConn>,
-    buf: Vec<u8>,
+    batch: PacketBatch,
     events: Vec<EpollEvent>,
     flusher: Arc<outbox::Flusher>,
 }
@@ -131,7 +131,7 @@ impl Poller {
                 wake: wake.clone(),
                 rx,
                 conns: HashMap::new(),
-                buf: vec![0u8; MAX_FRAME + 1],
+                batch: PacketBatch::new(sys::MAX_BATCH, MAX_FRAME + 1),
                 events: vec![EpollEvent::empty(); 256],
                 flusher: outbox::Flusher::start()?,
             },
@@ -197,84 +197,122 @@ impl Poller {
 
     /// Reads what `conn` sent (without blocking) into commands for the engine.
     /// Malformed frames are answered here; EOF becomes [`Command::Closed`].
+    ///
+    /// Packets come in batches of one `recvmmsg` each (up to
+    /// [`MAX_PACKETS_PER_ROUND`] in all): a batch with room to spare means
+    /// the socket is drained, so a lone request costs one receive call, not
+    /// a second one that finds the socket empty (issue 16).
     pub fn read(&mut self, conn: ConnId, out: &mut Vec<Command>) {
-        for _ in 0..MAX_PACKETS_PER_ROUND {
-            let Some(c) = self.conns.get_mut(&conn) else {
+        let mut batch = std::mem::take(&mut self.batch);
+        self.read_batches(conn, &mut batch, out);
+        self.batch = batch;
+    }
+
+    fn read_batches(&mut self, conn: ConnId, batch: &mut PacketBatch, out: &mut Vec<Command>) {
+        let mut left = MAX_PACKETS_PER_ROUND;
+        while left > 0 {
+            let Some(c) = self.conns.get(&conn) else {
                 return;
             };
-            let packet = sys::recv_packet_nonblocking(c.sock.as_fd(), &mut self.buf);
-            let (len, fds) = match packet {
-                Ok(Some(Packet::Data { len, fds })) => (len, fds),
-                Ok(None) => return,
-                Ok(Some(Packet::Truncated)) => {
-                    reject(
-                        &c.writer,
-                        None,
-                        WireError::new(
-                            ErrorCode::BadFrame,
-                            format!("frame exceeds {MAX_FRAME} bytes"),
-                        ),
-                    );
-                    out.push(Command::BadFrame);
-                    if !c.greeted {
-                        self.close(conn, out);
-                        return;
-                    }
-                    continue;
-                }
-                Ok(Some(Packet::Eof)) | Err(_) => {
+            let n = match batch.recv_nonblocking(c.sock.as_fd()) {
+                Ok(n) => n,
+                Err(_) => {
                     self.close(conn, out);
                     return;
                 }
             };
-            drop(fds); // peers never send us descriptors
-            let bytes = self.buf.get(..len).unwrap_or_default();
-            if !c.greeted {
-                match proto::decode_hello(bytes) {
-                    Ok(h) if h.version == proto::PROTO_VERSION => {
-                        c.greeted = true;
-                        out.push(Command::Hello {
-                            conn,
-                            hello: h,
-                            peer: c.peer,
-                            writer: c.writer.clone(),
-                        });
-                    }
-                    Ok(h) => {
-                        reject(
-                            &c.writer,
-                            None,
-                            WireError::new(
-                                ErrorCode::UnsupportedVersion,
-                                format!(
-                                    "protocol version {} not supported; this filterd speaks {}",
-                                    h.version,
-                                    proto::PROTO_VERSION
-                                ),
-                            ),
-                        );
-                        out.push(Command::BadFrame);
-                        self.close(conn, out);
-                        return;
-                    }
-                    Err(e) => {
-                        reject(&c.writer, None, e);
-                        out.push(Command::BadFrame);
-                        self.close(conn, out);
-                        return;
-                    }
+            for i in 0..n {
+                // Peers never send us descriptors: they are closed with
+                // the batch.
+                let Some((packet, bytes)) = batch.get(i) else {
+                    break;
+                };
+                if !self.on_packet(conn, packet, bytes, out) {
+                    return;
                 }
-                continue;
             }
-            match proto::decode_request(bytes) {
-                Ok(frame) => out.push(Command::Request { conn, frame }),
-                Err((id, e)) => {
-                    tracing::warn!(conn = conn.0, error = %e, "malformed request");
-                    reject(&c.writer, id, e);
-                    out.push(Command::BadFrame);
+            if n < batch.slots() {
+                return;
+            }
+            left = left.saturating_sub(n);
+        }
+    }
+
+    /// Handles one packet of `conn`; false when the connection was closed.
+    fn on_packet(
+        &mut self,
+        conn: ConnId,
+        packet: &Packet,
+        bytes: &[u8],
+        out: &mut Vec<Command>,
+    ) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        match packet {
+            Packet::Data { .. } => {}
+            Packet::Truncated => {
+                reject(
+                    &c.writer,
+                    None,
+                    WireError::new(
+                        ErrorCode::BadFrame,
+                        format!("frame exceeds {MAX_FRAME} bytes"),
+                    ),
+                );
+                out.push(Command::BadFrame);
+                if !c.greeted {
+                    self.close(conn, out);
+                    return false;
                 }
+                return true;
+            }
+            Packet::Eof => {
+                self.close(conn, out);
+                return false;
             }
         }
+        if !c.greeted {
+            match proto::decode_hello(bytes) {
+                Ok(h) if h.version == proto::PROTO_VERSION => {
+                    c.greeted = true;
+                    out.push(Command::Hello {
+                        conn,
+                        hello: h,
+                        peer: c.peer,
+                        writer: c.writer.clone(),
+                    });
+                    return true;
+                }
+                Ok(h) => {
+                    reject(
+                        &c.writer,
+                        None,
+                        WireError::new(
+                            ErrorCode::UnsupportedVersion,
+                            format!(
+                                "protocol version {} not supported; this filterd speaks {}",
+                                h.version,
+                                proto::PROTO_VERSION
+                            ),
+                        ),
+                    );
+                }
+                Err(e) => reject(&c.writer, None, e),
+            }
+            out.push(Command::BadFrame);
+            self.close(conn, out);
+            return false;
+        }
+        match proto::decode_request(bytes) {
+            Ok(frame) => out.push(Command::Request { conn, frame }),
+            Err((id, e)) => {
+                tracing::warn!(conn = conn.0, error = %e, "malformed request");
+                reject(&c.writer, id, e);
+                out.push(Command::BadFrame);
+            }
+        }
+        true
     }
 
     /// Answers a hello the engine decided on; a refusal closes the connection.

@@ -1162,6 +1162,129 @@ fn skip_value(rest: &mut &[u8], depth: u32) -> Option<()> {
     }
 }
 
+// The fast paths of the binary decoders (issue 16). serde's derive reads
+// an internally tagged enum (`Request` by `op`, `Reply` by `kind`) by
+// buffering the whole map into its generic content tree to find the tag,
+// then deserializing the variant from that copy: the largest part of
+// decoding a request in filterd's profile. For the frames of the hot path
+// — an open, a replay open and a close; an `Opened` or `Done` reply — the
+// decoders below read the tag straight from the bytes and deserialize the
+// variant's body from the same bytes (the body's type ignores the tag key,
+// as it ignores any unknown key). They take only frames whose tag is the
+// map's first key and appears once, with string keys and nothing after
+// the frame (what our encoder writes); anything else, and any frame their
+// body does not decode, goes through the general decoder, which accepts
+// and refuses exactly what it did before. `proto::binary_tests` checks
+// both give the same value for every frame they take.
+
+/// A MessagePack map at the start of `map` whose first key is `tag`, a
+/// string key appearing once, with string keys only: the tag's value, the
+/// map's entry count and its length in bytes.
+fn tagged_map<'a>(map: &'a [u8], tag: &str) -> Option<(&'a str, u32, usize)> {
+    let mut rest = map;
+    let n = rmp::decode::read_map_len(&mut rest).ok()?;
+    let (first, tail) = rmp::decode::read_str_from_slice(rest).ok()?;
+    if first != tag {
+        return None;
+    }
+    let (value, tail) = rmp::decode::read_str_from_slice(tail).ok()?;
+    rest = tail;
+    for _ in 1..n {
+        let (key, tail) = rmp::decode::read_str_from_slice(rest).ok()?;
+        if key == tag {
+            return None;
+        }
+        rest = tail;
+        skip_value(&mut rest, 1)?;
+    }
+    Some((value, n, map.len() - rest.len()))
+}
+
+/// Deserializes a variant's body from the map that also holds its tag.
+fn bin_body<'a, T: Deserialize<'a>>(map: &'a [u8]) -> Option<T> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(map);
+    de.set_max_depth(64);
+    T::deserialize(&mut de).ok()
+}
+
+/// [`Request::Close`]'s fields, for the fast path (built into the variant
+/// with every field named, so a field added to it fails to compile here
+/// until it is added to this mirror too).
+#[derive(Deserialize)]
+struct CloseBody {
+    key: ResumeKey,
+    #[serde(default)]
+    put: Vec<RecordSpec>,
+    #[serde(default)]
+    delete: Vec<(ReplayScope, u64)>,
+}
+
+/// A binary `[id, request]` frame of an open, replay open or close
+/// decoded without serde's content buffering, or None: see above.
+fn fast_bin_request(bytes: &[u8]) -> Option<(u64, Request)> {
+    let mut rest = bytes;
+    if rmp::decode::read_array_len(&mut rest).ok()? != 2 {
+        return None;
+    }
+    let id = rmp::decode::read_int::<u64, _>(&mut rest).ok()?;
+    let (op, _, len) = tagged_map(rest, "op")?;
+    if len != rest.len() {
+        return None;
+    }
+    let req = match op {
+        "open" => Request::Open(bin_body(rest)?),
+        "replay_open" => Request::ReplayOpen(bin_body(rest)?),
+        "close" => {
+            let b: CloseBody = bin_body(rest)?;
+            Request::Close {
+                key: b.key,
+                put: b.put,
+                delete: b.delete,
+            }
+        }
+        _ => return None,
+    };
+    Some((id, req))
+}
+
+/// A binary reply frame `[1, id, {"Ok": reply}]` whose reply is `Opened`
+/// or `Done`, decoded without serde's content buffering, or None.
+fn fast_bin_reply(bytes: &[u8]) -> Option<ServerFrame> {
+    let mut rest = bytes;
+    if rmp::decode::read_array_len(&mut rest).ok()? != 3
+        || rmp::decode::read_int::<u8, _>(&mut rest).ok()? != BIN_REPLY
+    {
+        return None;
+    }
+    let id = if rest.first() == Some(&0xc0) {
+        rest = rest.get(1..)?;
+        None
+    } else {
+        Some(rmp::decode::read_int::<u64, _>(&mut rest).ok()?)
+    };
+    if rmp::decode::read_map_len(&mut rest).ok()? != 1 {
+        return None;
+    }
+    let (ok, tail) = rmp::decode::read_str_from_slice(rest).ok()?;
+    if ok != "Ok" {
+        return None;
+    }
+    rest = tail;
+    let (kind, n, len) = tagged_map(rest, "kind")?;
+    if len != rest.len() {
+        return None;
+    }
+    let reply = match kind {
+        "opened" => Reply::Opened(bin_body(rest)?),
+        "done" if n == 1 => Reply::Done,
+        _ => return None,
+    };
+    Some(ServerFrame::Reply {
+        id,
+        result: Ok(reply),
+    })
+}
+
 /// A binary frame from the daemon: `[tag, fields...]`.
 struct BinServerFrame(ServerFrame);
 
@@ -1233,6 +1356,9 @@ pub fn decode_hello(bytes: &[u8]) -> Result<Hello, WireError> {
 /// are the same.
 pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, (Option<u64>, WireError)> {
     if is_binary(bytes) {
+        if let Some((id, req)) = fast_bin_request(bytes) {
+            return Ok(RequestFrame { id, req });
+        }
         return match bin_decode::<(u64, Request)>(bytes) {
             Ok((id, req)) => Ok(RequestFrame { id, req }),
             Err(e) => {
@@ -1265,6 +1391,9 @@ pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, (Option<u64>, WireEr
 /// Decodes a frame from the daemon.
 pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, WireError> {
     if is_binary(bytes) {
+        if let Some(frame) = fast_bin_reply(bytes) {
+            return Ok(frame);
+        }
         return bin_decode::<BinServerFrame>(bytes)
             .map(|f| f.0)
             .map_err(|e| {
@@ -1800,6 +1929,17 @@ mod binary_tests {
                 prop_assert_eq!(is_binary(&bytes), enc == Encoding::Binary);
                 prop_assert_eq!(decode_request(&bytes).expect("decodes"), frame.clone());
             }
+            // The fast path takes the hot requests, and gives what the
+            // general decoder gives.
+            let bytes = encode_request(Encoding::Binary, &frame).expect("encodes");
+            let fast = fast_bin_request(&bytes);
+            prop_assert_eq!(
+                fast.is_some(),
+                matches!(frame.req, Request::Open(_) | Request::ReplayOpen(_) | Request::Close { .. })
+            );
+            if let Some(fast) = fast {
+                prop_assert_eq!(Ok(fast), bin_decode::<(u64, Request)>(&bytes));
+            }
         }
 
         #[test]
@@ -1807,6 +1947,18 @@ mod binary_tests {
             for enc in [Encoding::Binary, Encoding::Json] {
                 let bytes = encode_server(enc, &frame).expect("encodes");
                 prop_assert_eq!(decode_server(&bytes).expect("decodes"), frame.clone());
+            }
+            let bytes = encode_server(Encoding::Binary, &frame).expect("encodes");
+            let fast = fast_bin_reply(&bytes);
+            prop_assert_eq!(
+                fast.is_some(),
+                matches!(
+                    frame,
+                    ServerFrame::Reply { result: Ok(Reply::Opened(_) | Reply::Done), .. }
+                )
+            );
+            if let Some(fast) = fast {
+                prop_assert_eq!(Ok(fast), bin_decode::<BinServerFrame>(&bytes).map(|f| f.0));
             }
         }
 
@@ -1831,6 +1983,11 @@ mod binary_tests {
                 prop_assert_eq!(e.code, ErrorCode::BadFrame);
             }
             let _ = decode_server(&flipped);
+            // A damaged frame the fast path takes, the general decoder
+            // takes too, as the same value.
+            if let Some(fast) = fast_bin_request(&flipped) {
+                prop_assert_eq!(Ok(fast), bin_decode::<(u64, Request)>(&flipped));
+            }
         }
 
         #[test]
@@ -1843,6 +2000,75 @@ mod binary_tests {
             framed[0] = 0x93;
             let _ = decode_server(&framed);
         }
+    }
+
+    /// What the fast paths leave to the general decoder: a tag that is
+    /// not the first key, a repeated tag, bytes after the frame, a `done`
+    /// with other keys; the general decoder's verdict on them stands.
+    #[test]
+    fn fast_paths_leave_unusual_frames_to_the_general_decoder() {
+        use rmp::encode::{write_array_len, write_bin, write_map_len, write_str, write_uint};
+        let key = ResumeKey::new_random();
+        // `[7, {entries}]`, each entry a string key and a string value or
+        // the resume key (`None`).
+        let request = |entries: &[(&str, Option<&str>)]| {
+            let mut b = Vec::new();
+            write_array_len(&mut b, 2).unwrap();
+            write_uint(&mut b, 7).unwrap();
+            write_map_len(&mut b, u32::try_from(entries.len()).unwrap()).unwrap();
+            for (k, v) in entries {
+                write_str(&mut b, k).unwrap();
+                match v {
+                    Some(v) => write_str(&mut b, v).unwrap(),
+                    None => write_bin(&mut b, key.0.as_bytes()).unwrap(),
+                }
+            }
+            b
+        };
+        for entries in [
+            &[("key", None), ("op", Some("close"))][..],
+            &[("op", Some("close")), ("key", None), ("op", Some("close"))][..],
+            &[("op", Some("status"))][..],
+        ] {
+            let bytes = request(entries);
+            assert!(fast_bin_request(&bytes).is_none(), "{entries:?}");
+        }
+        // The general decoder still reads a tag that is not first.
+        let late_tag = request(&[("key", None), ("op", Some("close"))]);
+        assert!(matches!(
+            decode_request(&late_tag),
+            Ok(RequestFrame {
+                id: 7,
+                req: Request::Close { .. }
+            })
+        ));
+        let mut bytes = request(&[("op", Some("close")), ("key", None)]);
+        assert!(fast_bin_request(&bytes).is_some());
+        bytes.push(0xc0);
+        assert!(fast_bin_request(&bytes).is_none());
+        assert!(decode_request(&bytes).is_err(), "bytes after the frame");
+        let done = |extra: bool| {
+            let mut b = Vec::new();
+            write_array_len(&mut b, 3).unwrap();
+            write_uint(&mut b, u64::from(BIN_REPLY)).unwrap();
+            write_uint(&mut b, 3).unwrap();
+            write_map_len(&mut b, 1).unwrap();
+            write_str(&mut b, "Ok").unwrap();
+            write_map_len(&mut b, if extra { 2 } else { 1 }).unwrap();
+            write_str(&mut b, "kind").unwrap();
+            write_str(&mut b, "done").unwrap();
+            if extra {
+                write_str(&mut b, "x").unwrap();
+                write_uint(&mut b, 1).unwrap();
+            }
+            b
+        };
+        assert!(fast_bin_reply(&done(false)).is_some());
+        assert!(fast_bin_reply(&done(true)).is_none());
+        assert_eq!(
+            decode_server(&done(true)).ok(),
+            bin_decode::<BinServerFrame>(&done(true)).ok().map(|f| f.0)
+        );
     }
 
     #[test]

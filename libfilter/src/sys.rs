@@ -356,13 +356,168 @@ fn recv_packet_flags(
         // nothing else owns them, so each is wrapped exactly once.
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
-    if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
-        return Ok(Packet::Truncated);
+    Ok(classify(
+        len,
+        flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
+        fds,
+    ))
+}
+
+/// What a received packet was: cut short (its descriptors closed), the
+/// end of the connection (nothing at all), or data.
+fn classify(len: usize, truncated: bool, fds: Vec<OwnedFd>) -> Packet {
+    if truncated {
+        return Packet::Truncated;
     }
     if len == 0 && fds.is_empty() {
-        return Ok(Packet::Eof);
+        return Packet::Eof;
     }
-    Ok(Packet::Data { len, fds })
+    Packet::Data { len, fds }
+}
+
+/// Most packets one [`PacketBatch`] receives in one system call.
+pub const MAX_BATCH: usize = 8;
+/// Room for one packet's ancillary data, in `u64` words (aligned for
+/// `cmsghdr`): as much as [`recv_packet`] takes, four descriptors.
+const CMSG_WORDS: usize = 8;
+
+/// Receives up to [`MAX_BATCH`] `SOCK_SEQPACKET` packets with one
+/// `recvmmsg(2)` without blocking, each into a slot of its own that is
+/// one byte larger than the largest packet accepted, so that a packet
+/// that does not fit is reported as [`Packet::Truncated`] (as
+/// [`recv_packet`] does). Fewer packets than slots means the socket was
+/// drained: unlike a loop of non-blocking `recvmsg` calls, the reader
+/// needs no extra call that finds the socket empty (issue 16).
+#[derive(Default)]
+pub struct PacketBatch {
+    slot: usize,
+    slots: usize,
+    data: Vec<u8>,
+    control: Vec<u64>,
+    got: Vec<Packet>,
+}
+
+impl PacketBatch {
+    /// A batch of `slots` (at most [`MAX_BATCH`]) buffers of `slot` bytes.
+    pub fn new(slots: usize, slot: usize) -> PacketBatch {
+        let slots = slots.clamp(1, MAX_BATCH);
+        PacketBatch {
+            slot,
+            slots,
+            data: vec![0u8; slots * slot],
+            control: vec![0u64; slots * CMSG_WORDS],
+            got: Vec::with_capacity(slots),
+        }
+    }
+
+    /// How many packets one call can receive.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Receives what is queued on `sock`, up to [`Self::slots`] packets,
+    /// without blocking; returns how many (0: nothing was queued). The
+    /// previous call's packets and their descriptors are dropped. An
+    /// error the kernel met after the first packet is reported by the
+    /// next call.
+    pub fn recv_nonblocking(&mut self, sock: BorrowedFd<'_>) -> io::Result<usize> {
+        self.got.clear();
+        // SAFETY: iovec and mmsghdr are plain C structs for which all-zero
+        // bytes (null pointers, zero lengths) are valid values.
+        let mut iov: [libc::iovec; MAX_BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+        let slots = self.slots.min(MAX_BATCH);
+        let data = self.data.chunks_mut(self.slot.max(1));
+        let control = self.control.chunks_mut(CMSG_WORDS);
+        for (((v, m), buf), ctl) in iov
+            .iter_mut()
+            .zip(msgs.iter_mut())
+            .zip(data)
+            .zip(control)
+            .take(slots)
+        {
+            v.iov_base = buf.as_mut_ptr().cast();
+            v.iov_len = buf.len();
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = ctl.as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = std::mem::size_of_val(ctl);
+        }
+        let n = loop {
+            // SAFETY: `msgs` holds `slots` headers, each pointing at one
+            // iovec of `iov` and at a control buffer of its own, all of
+            // which live (and are not otherwise borrowed) until the call
+            // returns; the kernel writes only within the lengths given.
+            let n = unsafe {
+                libc::recvmmsg(
+                    sock.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    u32::try_from(slots).unwrap_or(1),
+                    libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n >= 0 {
+                break usize::try_from(n).unwrap_or(0);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        };
+        for m in msgs.iter().take(n.min(slots)) {
+            let fds = scm_rights(&m.msg_hdr);
+            let truncated = m.msg_hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0;
+            let len = usize::try_from(m.msg_len).unwrap_or(usize::MAX);
+            self.got.push(classify(len, truncated, fds));
+        }
+        Ok(self.got.len())
+    }
+
+    /// Packet `i` of the last call and its bytes.
+    pub fn get(&self, i: usize) -> Option<(&Packet, &[u8])> {
+        let p = self.got.get(i)?;
+        let bytes = match p {
+            Packet::Data { len, .. } => {
+                let start = i.checked_mul(self.slot)?;
+                self.data.get(start..start.checked_add(*len)?)?
+            }
+            _ => &[],
+        };
+        Some((p, bytes))
+    }
+}
+
+/// Takes ownership of the descriptors an `SCM_RIGHTS` message of `hdr`
+/// (as the kernel filled it in) carried.
+fn scm_rights(hdr: &libc::msghdr) -> Vec<OwnedFd> {
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `hdr`'s control buffer and set its
+    // `msg_controllen`; CMSG_FIRSTHDR / CMSG_NXTHDR never step past it, and
+    // each header's data holds `cmsg_len - CMSG_LEN(0)` bytes.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                // `cmsg_len` is a size_t with glibc, a u32 with musl.
+                #[allow(clippy::useless_conversion)]
+                let bytes = usize::try_from((*c).cmsg_len)
+                    .unwrap_or(0)
+                    .saturating_sub(libc::CMSG_LEN(0) as usize);
+                for k in 0..bytes / std::mem::size_of::<libc::c_int>() {
+                    // SCM_RIGHTS just installed these descriptors in our
+                    // table; nothing else owns them, so each is wrapped once.
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(k))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    fds
 }
 
 /// Sends one packet, with at most one descriptor as `SCM_RIGHTS`. Never

@@ -65,6 +65,15 @@ impl Drop for Traced {
 }
 
 fn start_traced(s: &Scratch, trace: &Path) -> Traced {
+    start_traced_with(
+        s,
+        trace,
+        "trace=linkat,renameat2,ftruncate,unlinkat,fsync,fdatasync,sendmsg",
+    )
+}
+
+/// filterd under `strace -f`, tracing the system calls `filter` names.
+fn start_traced_with(s: &Scratch, trace: &Path, filter: &str) -> Traced {
     let strace = ["/usr/bin/strace", "/bin/strace"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -72,10 +81,7 @@ fn start_traced(s: &Scratch, trace: &Path) -> Traced {
     let child = Command::new(strace)
         .args(["-f", "-qq", "-o"])
         .arg(trace)
-        .args([
-            "-e",
-            "trace=linkat,renameat2,ftruncate,unlinkat,fsync,fdatasync,sendmsg",
-        ])
+        .args(["-e", filter])
         .arg(bin("filterd"))
         .arg("--root")
         .arg(s.root())
@@ -253,5 +259,61 @@ fn a_persistent_write_is_synced_before_its_reply() {
         sync < reply,
         "replied before the data was synced: {:?}",
         &lines[w..=reply]
+    );
+}
+
+/// A lone request costs filterd one receive call (issue 16): the engine
+/// reads a connection's packets in batches (`recvmmsg`), and a batch with
+/// room to spare means the socket is drained, so it makes no second call
+/// that finds the socket empty. Counted with strace over a run of
+/// non-durable opens and closes, each sent after the previous reply.
+#[test]
+fn a_lone_request_costs_one_receive_call() {
+    let s = Scratch::new("strace-recv");
+    let trace = s.dir.join("trace");
+    let t = start_traced_with(&s, &trace, "trace=recvmsg,recvmmsg");
+    let fe = FilterClient::connect_frontend(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new("smb-a").unwrap(),
+    )
+    .unwrap();
+    const PAIRS: usize = 50;
+    for i in 0..PAIRS {
+        let h = fe
+            .open(OpenRequest {
+                client: ClientId::new("alice").unwrap(),
+                path: RelPath::new(format!("f{i}")).unwrap(),
+                access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+                share: Rights::ALL,
+                disposition: Disposition::OpenIf,
+                durability: Durability::None,
+                create_guid: None,
+                owner: None,
+                lease: None,
+                no_wait: false,
+                share_group: None,
+                stat: false,
+                put: Vec::new(),
+            })
+            .unwrap();
+        fe.close(h.info.key).unwrap();
+    }
+    drop(fe);
+    // Stopping filterd ends the trace: every call it made is written.
+    drop(t);
+    let text = std::fs::read_to_string(&trace).expect("trace");
+    // Each call appears once as `name(` (a resumed one as `<... name`).
+    let calls = text
+        .lines()
+        .filter(|l| l.contains("recvmsg(") || l.contains("recvmmsg("))
+        .count();
+    // The requests, plus the hellos and closes of this connection and of
+    // the probe that waited for filterd to answer.
+    let bound = 2 * PAIRS + 12;
+    assert!(
+        calls <= bound,
+        "{calls} receive calls for {} requests (at most {bound} expected)",
+        2 * PAIRS
     );
 }

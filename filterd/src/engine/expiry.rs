@@ -18,7 +18,7 @@ impl Engine {
             // waited for again, as an absent frontend, by the lock it was
             // just dropped for (nor by another first lock until it attaches
             // again; it learns of locks when it resumes).
-            if let Role::Frontend { instance, .. } = &x.role {
+            if let Role::Frontend { instance, .. } = &*x.role {
                 self.hint_gave_up.insert(instance.clone());
             }
         }

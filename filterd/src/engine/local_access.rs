@@ -365,7 +365,7 @@ impl Engine {
         });
         self.conns
             .values()
-            .filter(|c| matches!(c.role, Role::Frontend { .. }))
+            .filter(|c| matches!(*c.role, Role::Frontend { .. }))
             .map(|c| c.peer.pid)
             .chain(self.frontends_gone.iter().map(|(p, _, _)| *p))
             .collect()

@@ -208,7 +208,7 @@ impl Engine {
         let locked = self.locks.get(&file).is_some_and(|t| !t.is_empty());
         if let Some(w) = self.hint_waits.get_mut(&file) {
             // An absent frontend waited for is back with a handle of it.
-            if let Some(Role::Frontend { instance, .. }) = self.conns.get(&conn).map(|c| &c.role) {
+            if let Some(Role::Frontend { instance, .. }) = self.conns.get(&conn).map(|c| &*c.role) {
                 if w.absent.remove(instance) && w.done() {
                     self.hint_waits.remove(&file);
                     self.retry_files.insert(file);

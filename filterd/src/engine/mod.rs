@@ -83,7 +83,8 @@ pub struct Config {
 }
 
 struct Conn {
-    role: Role,
+    /// Shared, so a request takes it without copying its names.
+    role: Arc<Role>,
     /// Optional features granted at hello (`proto::FEATURE_*`).
     features: u64,
     writer: Arc<ConnWriter>,
@@ -560,7 +561,7 @@ impl Engine {
         self.conns.insert(
             conn,
             Conn {
-                role: hello.role,
+                role: Arc::new(hello.role),
                 features: granted,
                 writer,
                 peer,
@@ -580,7 +581,7 @@ impl Engine {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
-        if let Role::Frontend { instance, .. } = &c.role {
+        if let Role::Frontend { instance, .. } = &*c.role {
             if self.instances.get(instance) == Some(&conn) {
                 self.instances.remove(instance);
             }
@@ -1252,7 +1253,7 @@ impl Engine {
         let mut v: Vec<FrontendView> = self
             .conns
             .values()
-            .filter_map(|c| match &c.role {
+            .filter_map(|c| match &*c.role {
                 Role::Frontend { protocol, instance } => Some(FrontendView {
                     protocol: protocol.clone(),
                     instance: instance.clone(),
