@@ -87,7 +87,7 @@ pub const MAX_TXN_OPS: usize = 128;
 /// Most value bytes in one Txn (etcd's `--max-request-bytes` is 1.5 MiB).
 const MAX_TXN_BYTES: usize = 1 << 20;
 /// Most keys per page when reading the table.
-const PAGE: i64 = 1000;
+const PAGE: i64 = 4000;
 /// The decoding limit of the client that reads the table (tonic's default
 /// is 4 MiB). A page whose answer is larger is asked again with half as
 /// many keys, down to one key.
