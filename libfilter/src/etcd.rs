@@ -51,12 +51,16 @@
 //! the table with them finished.
 //!
 //! **Reads.** The owner reads the whole table once, at one pinned revision,
-//! in pages (the client's 4 MiB message limit) of 35 key ranges read at
-//! once, gathers the pages in key order and builds its copy whole from them
-//! (a bulk build, not one tree descent per key), and keeps it in memory; as
-//! the only writer it applies each committed Txn to that copy, so reads
-//! (recovery, rollback) never go to the network and always show exactly
-//! what is durable.
+//! in pages of 35 key ranges read at once; each page is handed to the
+//! claiming thread as it arrives, which decodes its handle records while
+//! the next pages come (recovery's first `all_handles` gets them, unless a
+//! commit came first). A page larger than the reading client's decode
+//! limit (16 MiB; large replay records) is asked again with half as many
+//! keys. The pages are gathered in key order and the copy is built whole
+//! from them (a bulk build, not one tree descent per key) and kept in
+//! memory; as the only writer the store applies each committed Txn to that
+//! copy, so reads (recovery, rollback) never go to the network and always
+//! show exactly what is durable.
 //!
 //! **Housekeeping.** Expired handles are per-key deletes in ordinary
 //! commits. Every `compact_every` the store compacts etcd's history up to
@@ -82,8 +86,44 @@ use crate::store::{
 pub const MAX_TXN_OPS: usize = 128;
 /// Most value bytes in one Txn (etcd's `--max-request-bytes` is 1.5 MiB).
 const MAX_TXN_BYTES: usize = 1 << 20;
-/// Keys per page when reading the table.
-const PAGE: i64 = 1000;
+/// Most keys per page when reading the table.
+const PAGE: i64 = 4000;
+/// The decoding limit of the client that reads the table (tonic's default
+/// is 4 MiB). A page whose answer is larger is asked again with half as
+/// many keys, down to one key.
+const READ_MESSAGE_LIMIT: usize = 16 << 20;
+
+/// Handle records decoded from the table, in key order.
+type DecodedHandles = Vec<Result<HandleRecord, StoreError>>;
+
+/// The table as read (key → value) and, if asked for, its handle records
+/// decoded.
+type TableRead = (BTreeMap<Vec<u8>, Vec<u8>>, DecodedHandles);
+
+/// What a range's reader hands over: a page (range, key → value), or that
+/// the range is done (with where it stopped and why, if it failed).
+enum ReadMsg {
+    Page(usize, Vec<(Vec<u8>, Vec<u8>)>),
+    Done(usize, Option<(Vec<u8>, etcd_client::Error)>),
+}
+
+/// Whether an answer was refused as larger than the client may decode.
+fn too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large"))
+}
+
+/// One stored record of `table`, decoded; a failure names its key.
+fn decode_at<T: crate::store::StoredRecord>(
+    table: &'static str,
+    k: &[u8],
+    v: &[u8],
+) -> Result<T, StoreError> {
+    decode_record::<T>(v).map_err(|reason| StoreError::Corrupt {
+        table,
+        reason: format!("key {}: {reason}", String::from_utf8_lossy(k)),
+    })
+}
 /// Per-request timeout: a request to a dead member fails and is retried on
 /// another endpoint well within a lease.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -374,6 +414,9 @@ pub struct EtcdStore {
     /// resolved, so that a key's changes reach etcd in order and every
     /// commit is packed against what is durable. Locked before `table`.
     in_flight: Mutex<BTreeMap<Vec<u8>, usize>>,
+    /// The handle records decoded while the claim read the table, for the
+    /// first `all_handles`; dropped by any commit (it is the table as read).
+    handles_read: Mutex<Option<DecodedHandles>>,
 }
 
 impl EtcdStore {
@@ -430,6 +473,7 @@ impl EtcdStore {
             log_seq: AtomicU64::new(0),
             txn_budget: AtomicU64::new(u64::MAX),
             in_flight: Mutex::new(BTreeMap::new()),
+            handles_read: Mutex::new(None),
         })
     }
 
@@ -498,6 +542,10 @@ impl EtcdStore {
 
     fn lock_table(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_handles_read(&self) -> std::sync::MutexGuard<'_, Option<DecodedHandles>> {
+        self.handles_read.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs one request to completion as a task on the client runtime's
@@ -643,7 +691,7 @@ impl EtcdStore {
         self.start_keepalive();
         let lease = self.lease.clone();
         let t_read = Instant::now();
-        let table = self.read_table(Some(pinned), &|| lease.ok())?;
+        let (table, handles) = self.read_table(Some(pinned), &|| lease.ok(), true)?;
         let n = table.len();
         debug!(
             records = n,
@@ -652,6 +700,7 @@ impl EtcdStore {
         );
         let pending = self.logged(&table)?;
         *self.lock_table() = table;
+        *self.lock_handles_read() = Some(handles);
         self.finish_logged(pending)?;
         info!(url = %self.url, fencing_revision = fence, records = n, ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(0), margin_ms = u64::try_from(self.lease.margin.as_millis()).unwrap_or(0), "owner of the etcd table");
         let fence = u64::try_from(fence).unwrap_or(0);
@@ -683,17 +732,23 @@ impl EtcdStore {
     }
 
     /// Reads every record under the prefix at one revision (`None`: the
-    /// current one), in pages of [`PAGE`] keys (the client's 4 MiB message
-    /// limit), [`read_ranges`](Self::read_ranges) at once: each range's
-    /// pages follow one another, the ranges' overlap, so the read costs
-    /// about what etcd needs to serve it, not the sum of the round trips.
-    /// A range that fails is retried from where it stopped while
-    /// `keep_trying` says so.
+    /// current one), in pages of up to [`PAGE`] keys,
+    /// [`read_ranges`](Self::read_ranges) at once: each range's pages
+    /// follow one another, the ranges' overlap, so the read costs about
+    /// what etcd needs to serve it, not the sum of the round trips. The
+    /// ranges run on the client's runtime and hand each page over as it
+    /// arrives; this thread meanwhile decodes the handle records of the
+    /// pages it has (with `decode_handles`; returned in key order), so
+    /// the decode overlaps the read instead of following it. A page too
+    /// large for [`READ_MESSAGE_LIMIT`] (large replay records) is asked
+    /// again with half as many keys; a range that fails otherwise is
+    /// retried from where it stopped while `keep_trying` says so.
     fn read_table(
         &self,
         rev: Option<i64>,
         keep_trying: &dyn Fn() -> bool,
-    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+        decode_handles: bool,
+    ) -> Result<TableRead, StoreError> {
         let rev = match rev {
             Some(r) if r > 0 => r,
             _ => {
@@ -713,60 +768,112 @@ impl EtcdStore {
             self.key("x/"),
             self.key("xp/"),
         ]);
-        // (next key to read, end) of each range not read to its end.
-        let mut todo = self.read_ranges();
-        // Gathered in key order (the ranges are, and so is each range's
-        // pages) and built into the map whole at the end: a bulk build
-        // from sorted input, not 100k descents of the tree.
-        let mut out = Vec::new();
+        let handles = self.key("h/");
+        let ranges = self.read_ranges();
+        // Each range's pages and decoded handles, in key order: the
+        // ranges are in key order, so are a range's pages, and a retried
+        // range goes on in its own slot.
+        let mut slots: Vec<Vec<(Vec<u8>, Vec<u8>)>> = std::iter::repeat_with(Vec::new)
+            .take(ranges.len())
+            .collect();
+        let mut decoded: Vec<DecodedHandles> = std::iter::repeat_with(Vec::new)
+            .take(ranges.len())
+            .collect();
+        // (range, next key to read) of each range not read to its end.
+        let mut todo: Vec<(usize, Vec<u8>)> = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, (from, _))| (i, from.clone()))
+            .collect();
+        let kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(READ_MESSAGE_LIMIT);
         let mut tries = 0u32;
         while !todo.is_empty() {
-            let tasks: Vec<_> = std::mem::take(&mut todo)
-                .into_iter()
-                .map(|(from, end)| {
-                    let (mut c, tables) = (self.client.clone(), tables.clone());
-                    self.rt.spawn(async move {
-                        let mut kvs = Vec::new();
-                        let mut from = from;
-                        loop {
-                            let opts = GetOptions::new()
-                                .with_range(end.clone())
-                                .with_limit(PAGE)
-                                .with_revision(rev);
-                            let mut resp = match c.get(from.clone(), Some(opts)).await {
-                                Ok(r) => r,
-                                Err(e) => return (kvs, Some((from, end, e))),
-                            };
-                            let more = resp.more();
-                            let page = resp.take_kvs();
-                            let next = page.last().map(|kv| {
-                                let mut k = kv.key().to_vec();
-                                k.push(0);
-                                k
-                            });
-                            kvs.extend(
-                                page.into_iter()
-                                    .map(etcd_client::KeyValue::into_key_value)
-                                    .filter(|(k, _)| tables.iter().any(|t| k.starts_with(t))),
-                            );
-                            match next {
-                                Some(next) if more => from = next,
-                                _ => return (kvs, None),
+            let (tx, rx) = std::sync::mpsc::channel::<ReadMsg>();
+            let running = todo.len();
+            for (i, from) in std::mem::take(&mut todo) {
+                let Some((_, end)) = ranges.get(i) else {
+                    continue;
+                };
+                let (mut c, tables, tx, end) =
+                    (kv.clone(), tables.clone(), tx.clone(), end.clone());
+                self.rt.spawn(async move {
+                    let mut from = from;
+                    let mut limit = PAGE;
+                    loop {
+                        let opts = GetOptions::new()
+                            .with_range(end.clone())
+                            .with_limit(limit)
+                            .with_revision(rev);
+                        let mut resp = match c.get(from.clone(), Some(opts)).await {
+                            Ok(r) => r,
+                            Err(e) if too_large(&e) && limit > 1 => {
+                                limit = (limit / 2).max(1);
+                                continue;
+                            }
+                            Err(e) => {
+                                let _ = tx.send(ReadMsg::Done(i, Some((from, e))));
+                                return;
+                            }
+                        };
+                        let more = resp.more();
+                        let kvs = resp.take_kvs();
+                        let next = kvs.last().map(|kv| {
+                            let mut k = kv.key().to_vec();
+                            k.push(0);
+                            k
+                        });
+                        let kvs: Vec<_> = kvs
+                            .into_iter()
+                            .map(etcd_client::KeyValue::into_key_value)
+                            .filter(|(k, _)| tables.iter().any(|t| k.starts_with(t)))
+                            .collect();
+                        if tx.send(ReadMsg::Page(i, kvs)).is_err() {
+                            return;
+                        }
+                        match next {
+                            Some(next) if more => from = next,
+                            _ => {
+                                let _ = tx.send(ReadMsg::Done(i, None));
+                                return;
                             }
                         }
-                    })
-                })
-                .collect();
+                    }
+                });
+            }
+            drop(tx);
             let mut failed = None;
-            for t in tasks {
-                let (kvs, err) = self
-                    .rt
-                    .block_on(t)
-                    .map_err(|e| StoreError::Etcd(format!("reading the table: {e}")))?;
-                out.extend(kvs);
-                if let Some((from, end, e)) = err {
-                    todo.push((from, end));
-                    failed = Some(e);
+            let mut done = 0;
+            while done < running {
+                match rx.recv() {
+                    Ok(ReadMsg::Page(i, kvs)) => {
+                        if decode_handles {
+                            if let Some(out) = decoded.get_mut(i) {
+                                out.extend(
+                                    kvs.iter()
+                                        .filter(|(k, _)| k.starts_with(&handles))
+                                        .map(|(k, v)| decode_at("handles", k, v)),
+                                );
+                            }
+                        }
+                        if let Some(slot) = slots.get_mut(i) {
+                            slot.extend(kvs);
+                        }
+                    }
+                    Ok(ReadMsg::Done(i, err)) => {
+                        done += 1;
+                        if let Some((from, e)) = err {
+                            todo.push((i, from));
+                            failed = Some(e);
+                        }
+                    }
+                    Err(_) => {
+                        return Err(StoreError::Etcd(
+                            "reading the table: a range's reader stopped".into(),
+                        ))
+                    }
                 }
             }
             if let Some(e) = failed {
@@ -780,9 +887,10 @@ impl EtcdStore {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        // (A retried range's rest comes after the other ranges: the sort
-        // inside `collect` puts it in place; its keys are all distinct.)
-        Ok(out.into_iter().collect())
+        // Built whole from sorted input: a bulk build, not 100k descents
+        // of the tree.
+        let table = slots.into_iter().flatten().collect();
+        Ok((table, decoded.into_iter().flatten().collect()))
     }
 
     fn start_keepalive(&self) {
@@ -1017,6 +1125,7 @@ impl EtcdStore {
         }
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         self.revision.fetch_max(rev, Ordering::AcqRel);
+        *self.lock_handles_read() = None;
         let mut table = self.lock_table();
         for (k, v) in chunk {
             match v {
@@ -1287,7 +1396,8 @@ impl EtcdStore {
     pub fn open_read_only(url: &EtcdUrl) -> Result<EtcdStore, StoreError> {
         let s = EtcdStore::connect(url, Duration::from_secs(2), Duration::ZERO)?;
         let t0 = Instant::now();
-        let mut table = s.read_table(None, &|| t0.elapsed() < Duration::from_secs(10))?;
+        let (mut table, _) =
+            s.read_table(None, &|| t0.elapsed() < Duration::from_secs(10), false)?;
         // Show logged requests as their next owner will finish them.
         let (changes, log_keys) = s.logged(&table)?;
         for (k, v) in changes.into_iter().flatten() {
@@ -1344,12 +1454,7 @@ impl EtcdStore {
         self.lock_table()
             .range(p.clone()..)
             .take_while(|(k, _)| k.starts_with(&p))
-            .map(|(k, v)| {
-                decode_record::<T>(v).map_err(|reason| StoreError::Corrupt {
-                    table,
-                    reason: format!("key {}: {reason}", String::from_utf8_lossy(k)),
-                })
-            })
+            .map(|(k, v)| decode_at(table, k, v))
             .collect()
     }
 
@@ -1364,11 +1469,7 @@ impl EtcdStore {
             .take_while(|(k, _)| k.starts_with(&p))
             .map(|(k, v)| {
                 let raw = unhex(&k[p.len()..]).unwrap_or_default();
-                let rec = decode_record::<T>(v).map_err(|reason| StoreError::Corrupt {
-                    table,
-                    reason: format!("key {}: {reason}", String::from_utf8_lossy(k)),
-                });
-                (raw, rec)
+                (raw, decode_at(table, k, v))
             })
             .collect()
     }
@@ -1466,6 +1567,10 @@ impl StateStore for EtcdStore {
         }
     }
     fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
+        // Decoded while the claim read the table, if nothing committed since.
+        if let Some(read) = self.lock_handles_read().take() {
+            return Ok(read);
+        }
         Ok(self.values::<HandleRecord>("handles", "h/"))
     }
     fn scope_records(&self, scope: &ReplayScope) -> Result<Vec<(u64, ReplayRecord)>, StoreError> {

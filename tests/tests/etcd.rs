@@ -463,6 +463,51 @@ fn a_request_larger_than_one_txn_is_all_or_nothing() {
     assert_eq!(again.all_replays().expect("read").len(), 600);
 }
 
+/// A table whose replay records are large (20 of ~900 KB in one scope:
+/// more than one answer of the client's read may hold, whatever the page
+/// size) is read whole by the next owner and by `filterctl`'s read-only
+/// view: a page too large to decode is asked again with fewer keys.
+#[test]
+fn a_table_of_large_records_is_read_whole() {
+    use libfilter::etcd::{EtcdStore, EtcdUrl};
+    use libfilter::model::{ReplayRecord, ReplayScope, ResumeKey};
+    use libfilter::store::{StateStore, StoreOp};
+    if !etcd_available("a_table_of_large_records_is_read_whole") {
+        return;
+    }
+    let shared = Scratch::new("etcd-large");
+    let cluster = Cluster::start(&shared, 1);
+    let url = EtcdUrl::parse(&cluster.url("rk/large")).expect("url");
+    let ttl = Duration::from_secs(TTL);
+    let scope = ReplayScope::Handle(ResumeKey::new_random());
+    let a = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect a");
+    a.claim().expect("a claims");
+    for op_id in 1..=20u64 {
+        let op = StoreOp::PutReplay {
+            scope: scope.clone(),
+            op_id,
+            record: ReplayRecord {
+                reply: format!("{}{op_id}", " ".repeat(900_000)),
+                recorded_ms: 0,
+            },
+            keep: 1000,
+        };
+        a.commit(&[std::slice::from_ref(&op)]).expect("a commits");
+    }
+    a.clean_shutdown().expect("a stops cleanly");
+    drop(a);
+
+    let offline = EtcdStore::open_read_only(&url).expect("read-only view");
+    assert_eq!(offline.scope_records(&scope).expect("read").len(), 20);
+    let b = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect b");
+    b.claim().expect("b claims and reads the table");
+    let got = b.scope_records(&scope).expect("read");
+    assert_eq!(got.len(), 20);
+    assert!(got
+        .iter()
+        .all(|(op_id, r)| r.reply.trim_start() == op_id.to_string()));
+}
+
 /// Raw etcd client calls (ballast, compaction, defragmentation, alarms) on
 /// member `port`, on a runtime of their own.
 fn raw_etcd<T>(
