@@ -91,8 +91,9 @@ def smb3kdf(key, label, context):
 class Raw:
     """One raw SMB 3.0.2 connection."""
 
-    def __init__(self, guid):
-        self.s = socket.create_connection((HOST, PORT), timeout=10)
+    def __init__(self, guid, source=None):
+        src = (source, 0) if source else None
+        self.s = socket.create_connection((HOST, PORT), timeout=10, source_address=src)
         self.mid = 0
         body = struct.pack("<HHHHI16sIHH", 36, 1, 1, 0, 0x08, guid.bytes, 0, 0, 0) + struct.pack("<H", 0x302)
         st, _ = self.call(self.header(NEGOTIATE, 0) + body)

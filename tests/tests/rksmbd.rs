@@ -710,6 +710,31 @@ fn connections_that_never_log_on_do_not_lock_clients_out() {
     no_handles_left(&d);
 }
 
+/// A peer that opens connections as fast as it can and never logs on
+/// does not end a client's slow logon from another address (connections
+/// not logged on are bounded per address first); one user logged on over
+/// 256 connections gets STATUS_REQUEST_NOT_ACCEPTED for one more, and
+/// logs on again once one ends. Before, the peer ended every slow logon,
+/// and one user could take every connection.
+#[test]
+fn logons_are_bounded_per_peer_and_per_user() {
+    let s = Scratch::new("rksmbd-logon-limits");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "logon_limits.py");
+    no_handles_left(&d);
+}
+
+/// A frame trickled a byte every 4 s is not waited for past 30 s from its
+/// first byte. Before, the read timeout restarted with every byte.
+#[test]
+fn a_trickled_frame_is_not_waited_for_forever() {
+    let s = Scratch::new("rksmbd-trickle");
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "trickle.py");
+}
+
 /// One compound of eight 1 MiB READs gets a response of a few MiB: once it
 /// gathers 2 MiB the later READs answer STATUS_INSUFFICIENT_RESOURCES.
 /// Before, every READ ran and one compound could make rksmbd hold (and

@@ -49,11 +49,18 @@ const INBOX_TURN: usize = 4;
 /// home delayed a channel's READ by 2.2 s).
 const SOCKET_TURN: u32 = 16;
 /// Most connections not logged on yet (no SESSION_SETUP has succeeded on
-/// them): past it a new connection ends the oldest ([`NotLoggedOn`]).
+/// them): past it a new connection ends the oldest of the peer address
+/// that has most ([`NotLoggedOn`]).
 const MAX_NOT_LOGGED_ON: usize = 128;
+/// Most connections not logged on yet from one peer address: past it a
+/// new one from there ends that address's oldest.
+const MAX_NOT_LOGGED_ON_PER_PEER: usize = 16;
+/// Most connections one user may be logged on over; a SESSION_SETUP past
+/// it is STATUS_REQUEST_NOT_ACCEPTED ([`PerUser`]).
+const MAX_CONNECTIONS_PER_USER: usize = 256;
 /// How long a frame may take to arrive once its first byte has: reads
 /// follow a poll that found the socket readable, so only a client that
-/// stops in the middle of a frame waits this long.
+/// stops (or trickles) in the middle of a frame waits this long.
 const FRAME_TIMEOUT: Duration = WRITE_TIMEOUT;
 /// Most bytes of responses one compound gathers: its later requests whose
 /// responses carry data are not run and answer
@@ -131,41 +138,96 @@ pub struct Shared {
     pub delete_pending: crate::files::DeletePending,
     /// Connections not logged on yet.
     not_logged_on: NotLoggedOn,
+    /// Connections logged on, per user.
+    per_user: PerUser,
     next_session: AtomicU64,
 }
 
 /// Connections no SESSION_SETUP has succeeded on yet, oldest first: at
-/// most [`MAX_NOT_LOGGED_ON`]; a new one past that ends the oldest. The
-/// connection caps count every connection alike, so before this clients
-/// that connected and sent nothing (or half a frame) held every slot for
-/// as long as they liked and everyone else was refused (adversarial
-/// review of issue 14: 1,024 stalled connections from four addresses).
-/// A client that logs on in time is never ended by it: evicting it takes
-/// [`MAX_NOT_LOGGED_ON`] newer connections while its NEGOTIATE and
-/// SESSION_SETUP are under way.
+/// most [`MAX_NOT_LOGGED_ON`], [`MAX_NOT_LOGGED_ON_PER_PEER`] from one
+/// peer address. A new one from an address at its bound ends that
+/// address's oldest; one past the whole bound ends the oldest of the
+/// address that has most. The connection caps count every connection
+/// alike, so before this clients that connected and sent nothing (or half
+/// a frame) held every slot for as long as they liked and everyone else
+/// was refused (adversarial review of issue 14: 1,024 stalled connections
+/// from four addresses). With one bound for all, connections from one
+/// address ended others' logons under way (3,000 a second ended every
+/// logon that took 200 ms, second review); now a peer mostly ends its
+/// own, and a client logging on is ended only by peers on more addresses
+/// than it has connections in the table.
 #[derive(Default)]
-struct NotLoggedOn(Mutex<std::collections::VecDeque<(u64, TcpStream)>>);
+struct NotLoggedOn(Mutex<std::collections::VecDeque<Waiting>>);
+
+/// A connection not logged on yet: its number, peer address and socket.
+type Waiting = (u64, Option<std::net::IpAddr>, TcpStream);
 
 impl NotLoggedOn {
-    /// Connection `conn` arrived: counted in, ending the oldest one past
-    /// the bound (shut down: its thread's read ends).
-    fn arrived(&self, conn: u64, stream: &TcpStream) {
+    /// Connection `conn` from `peer` arrived: counted in, ending another
+    /// past the bounds (shut down: its thread's read ends).
+    fn arrived(&self, conn: u64, peer: Option<std::net::IpAddr>, stream: &TcpStream) {
         let Ok(mut l) = self.0.lock() else { return };
-        while l.len() >= MAX_NOT_LOGGED_ON {
-            if let Some((old, s)) = l.pop_front() {
-                tracing::info!(conn = old, "ending a connection that did not log on");
-                let _ = s.shutdown(std::net::Shutdown::Both);
+        let count = |l: &std::collections::VecDeque<Waiting>, ip: Option<std::net::IpAddr>| {
+            l.iter().filter(|(_, p, _)| *p == ip).count()
+        };
+        let victim = if count(&l, peer) >= MAX_NOT_LOGGED_ON_PER_PEER {
+            Some(peer)
+        } else if l.len() >= MAX_NOT_LOGGED_ON {
+            l.iter().map(|(_, p, _)| *p).max_by_key(|p| count(&l, *p))
+        } else {
+            None
+        };
+        if let Some(ip) = victim {
+            if let Some(i) = l.iter().position(|(_, p, _)| *p == ip) {
+                if let Some((old, _, s)) = l.remove(i) {
+                    tracing::info!(conn = old, "ending a connection that did not log on");
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
             }
         }
         if let Ok(s) = stream.try_clone() {
-            l.push_back((conn, s));
+            l.push_back((conn, peer, s));
         }
     }
 
     /// Connection `conn` logged on or ended.
     fn left(&self, conn: u64) {
         if let Ok(mut l) = self.0.lock() {
-            l.retain(|(c, _)| *c != conn);
+            l.retain(|(c, _, _)| *c != conn);
+        }
+    }
+}
+
+/// Connections logged on, per user: at most [`MAX_CONNECTIONS_PER_USER`].
+/// Before, one account's idle connections could take every slot of the
+/// connection caps and lock every other user out (second adversarial
+/// review of issue 14: 4 addresses × 256).
+#[derive(Default)]
+struct PerUser(Mutex<HashMap<String, usize>>);
+
+impl PerUser {
+    /// One more connection of `user`, unless it has the most already.
+    fn add(&self, user: &str) -> bool {
+        let Ok(mut m) = self.0.lock() else {
+            return false;
+        };
+        let n = m.entry(user.to_owned()).or_default();
+        if *n >= MAX_CONNECTIONS_PER_USER {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// A connection of `user` ended.
+    fn remove(&self, user: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            if let Some(n) = m.get_mut(user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(user);
+                }
+            }
         }
     }
 }
@@ -193,6 +255,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         registry: crate::sessions::Registry::default(),
         delete_pending: crate::files::DeletePending::default(),
         not_logged_on: NotLoggedOn::default(),
+        per_user: PerUser::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
     });
     let events = shared.clone();
@@ -215,6 +278,33 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         c.lost();
     });
     Ok(())
+}
+
+/// Fills `buf` from `stream` by `deadline`; None when the peer closed,
+/// failed or was too slow. The socket's read timeout is FRAME_TIMEOUT;
+/// only after a short read is it cut to what is left (and put back).
+fn read_within(stream: &mut TcpStream, buf: &mut [u8], deadline: std::time::Instant) -> Option<()> {
+    let mut got = 0;
+    let mut cut = false;
+    while got < buf.len() {
+        match stream.read(buf.get_mut(got..)?) {
+            Ok(0) => return None,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+        if got < buf.len() {
+            let left = deadline
+                .checked_duration_since(std::time::Instant::now())
+                .filter(|d| !d.is_zero())?;
+            stream.set_read_timeout(Some(left)).ok()?;
+            cut = true;
+        }
+    }
+    if cut {
+        let _ = stream.set_read_timeout(Some(FRAME_TIMEOUT));
+    }
+    Some(())
 }
 
 /// Writes one PDU, framed, to a socket shared by several writers (whole
@@ -393,6 +483,9 @@ pub struct Connection {
     /// Counted among the connections not logged on yet
     /// ([`NotLoggedOn`]).
     not_logged_on: bool,
+    /// The users logged on over this connection, each counted once in
+    /// [`PerUser`].
+    users_counted: Vec<String>,
 }
 
 /// The channel a forwarded PDU came on (see [`crate::channels`]).
@@ -501,6 +594,7 @@ impl Connection {
             socket_streak: 0,
             inbox_went_last: false,
             not_logged_on: false,
+            users_counted: Vec::new(),
             channel_writers: HashMap::new(),
             outbox: None,
         }
@@ -546,7 +640,8 @@ impl Connection {
         let Ok(writer) = stream.try_clone().map(|w| Arc::new(Mutex::new(w))) else {
             return;
         };
-        self.sh.not_logged_on.arrived(self.id, &stream);
+        let peer = stream.peer_addr().ok().map(|a| a.ip());
+        self.sh.not_logged_on.arrived(self.id, peer, &stream);
         self.not_logged_on = true;
         self.sh.notifier.connected(self.id, writer.clone());
         self.io = Some((stream, writer));
@@ -583,6 +678,9 @@ impl Connection {
         }
         if let Some((inbox, _)) = &self.inbox {
             inbox.close();
+        }
+        for u in self.users_counted.drain(..) {
+            self.sh.per_user.remove(&u);
         }
     }
 
@@ -813,8 +911,13 @@ impl Connection {
     fn read_frame(&mut self) -> Option<Vec<u8>> {
         let (stream, _) = self.io.as_mut()?;
         loop {
+            // The whole frame within FRAME_TIMEOUT of its first read, not
+            // 30 s of silence at a time (second adversarial review: a
+            // NEGOTIATE trickled a few bytes every 12 s was answered 60 s
+            // later).
+            let deadline = std::time::Instant::now() + FRAME_TIMEOUT;
             let mut len = [0u8; 4];
-            stream.read_exact(&mut len).ok()?;
+            read_within(stream, &mut len, deadline)?;
             let [kind, a, b, c] = len;
             let n = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
             if kind == 0x85 && n == 0 {
@@ -825,7 +928,7 @@ impl Connection {
                 return None;
             }
             let mut pdu = vec![0u8; n];
-            stream.read_exact(&mut pdu).ok()?;
+            read_within(stream, &mut pdu, deadline)?;
             return Some(pdu);
         }
     }
@@ -1917,6 +2020,13 @@ impl Connection {
                     }
                     _ => None,
                 };
+                if !self.users_counted.contains(&logged.user) {
+                    if !self.sh.per_user.add(&logged.user) {
+                        tracing::warn!(conn = conn_id, user = %logged.user, "too many connections of the user");
+                        return Err(status::REQUEST_NOT_ACCEPTED);
+                    }
+                    self.users_counted.push(logged.user.clone());
+                }
                 s.signing_key = Some(crypto::signing_key(
                     dialect,
                     &logged.session_key,
