@@ -697,10 +697,10 @@ fn busy_channels_do_not_hold_back_their_homes_notifications() {
     no_handles_left(&d);
 }
 
-/// 300 connections that send half a frame and stall do not lock a client
-/// out: connections not logged on are bounded (128), and a new one ends
-/// the oldest. Before, they took every slot of the per-peer cap and the
-/// client was refused.
+/// 1,024 connections from four addresses that send half a frame and
+/// stall do not lock a client out: connections not logged on are bounded
+/// (128, 16 per address), and a new one ends another. Before, they took
+/// every slot of the connection caps and the client was refused.
 #[test]
 fn connections_that_never_log_on_do_not_lock_clients_out() {
     let s = Scratch::new("rksmbd-slow-clients");
