@@ -710,9 +710,10 @@ fn connections_that_never_log_on_do_not_lock_clients_out() {
     no_handles_left(&d);
 }
 
-/// A peer that opens connections as fast as it can and never logs on
-/// does not end a client's slow logon from another address (connections
-/// not logged on are bounded per address first); one user logged on over
+/// 40 connections opened at once from one address all log on; a peer
+/// that opens connections as fast as it can and never logs on does not
+/// end a client's slow logon from another address (past the bound, the
+/// address with most not logged on loses its oldest); one user logged on over
 /// 256 connections gets STATUS_REQUEST_NOT_ACCEPTED for one more, and
 /// logs on again once one ends. Before, the peer ended every slow logon,
 /// and one user could take every connection.
