@@ -737,9 +737,23 @@ pub fn cancel_pending(c: &mut Connection, req: &Request<'_>) {
 }
 
 /// Completes a file CREATE filterd granted: the open is kept, and the
-/// response made.
+/// response made. A claim of its create GUID ([`claim`]) that ends in no
+/// open is let go, or a reconnect or replay from another connection would
+/// wait for this one to end.
 fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle) -> Outcome {
     let h = claim(c, &p, h)?;
+    let guid = p.create_guid;
+    let done = keep_open(c, p, h);
+    if let (Err(_), Some(g)) = (&done, guid) {
+        if !c.opens.values().any(|o| o.create_guid == Some(g)) {
+            c.sh.registry.let_go(g, c.id);
+        }
+    }
+    done
+}
+
+/// The open of [`finish_open`], its create GUID claimed.
+fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle) -> Outcome {
     let Prepared {
         f,
         ctxs,
