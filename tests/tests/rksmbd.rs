@@ -736,6 +736,18 @@ fn a_trickled_frame_is_not_waited_for_forever() {
     smbprotocol_script_passes(&srv, "trickle.py");
 }
 
+/// A 1 MiB WRITE sent at 32 KiB/s (about 33 s) is served: a frame gets
+/// 30 s plus its length at 8 KiB/s. Before, 30 s in all closed the
+/// connection mid-WRITE.
+#[test]
+fn a_slowly_sent_full_size_write_is_served() {
+    let s = Scratch::new("rksmbd-slow-write");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "slow_write.py");
+    no_handles_left(&d);
+}
+
 /// One compound of eight 1 MiB READs gets a response of a few MiB: once it
 /// gathers 2 MiB the later READs answer STATUS_INSUFFICIENT_RESOURCES.
 /// Before, every READ ran and one compound could make rksmbd hold (and

@@ -59,6 +59,11 @@ const MAX_CONNECTIONS_PER_USER: usize = 256;
 /// follow a poll that found the socket readable, so only a client that
 /// stops (or trickles) in the middle of a frame waits this long.
 const FRAME_TIMEOUT: Duration = WRITE_TIMEOUT;
+/// The slowest a frame's body may arrive, in bytes a second, on top of
+/// [`FRAME_TIMEOUT`]: a 1 MiB WRITE gets 30 s + 128 s. With 30 s for any
+/// frame, a client uploading below ~35 KB/s could never finish a
+/// full-size WRITE (third adversarial review).
+const FRAME_MIN_RATE: u64 = 8 * 1024;
 /// Most bytes of responses one compound gathers: its later requests whose
 /// responses carry data are not run and answer
 /// STATUS_INSUFFICIENT_RESOURCES. Without it one
@@ -151,8 +156,8 @@ pub struct Shared {
 /// from four addresses). Ending simply the oldest let connections from
 /// one address end others' logons under way (3,000 a second ended every
 /// logon that took 200 ms, second review); now a flooding peer ends its
-/// own, and a client logging on is ended only by peers on more addresses
-/// than it has connections in the table.
+/// own. A client with c connections not logged on can still be cut short
+/// by a peer spread over about 128 / c addresses (docs/smb3.md).
 #[derive(Default)]
 struct NotLoggedOn(Mutex<std::collections::VecDeque<Waiting>>);
 
@@ -922,8 +927,9 @@ impl Connection {
                 tracing::warn!(conn = self.id, kind, n, "bad NetBIOS frame; closing");
                 return None;
             }
+            let slack = Duration::from_secs(u64::try_from(n).unwrap_or(u64::MAX) / FRAME_MIN_RATE);
             let mut pdu = vec![0u8; n];
-            read_within(stream, &mut pdu, deadline)?;
+            read_within(stream, &mut pdu, deadline + slack)?;
             return Some(pdu);
         }
     }
