@@ -2035,6 +2035,13 @@ impl Connection {
                 ));
                 tracing::info!(conn = conn_id, user = %logged.user, session = id, "logged on");
                 s.user = Some(logged.user);
+                // Out of the not-logged-on table before the reply goes out:
+                // once the client has its session, no newcomer may end the
+                // connection as one that never logged on.
+                if self.not_logged_on {
+                    self.not_logged_on = false;
+                    self.sh.not_logged_on.left(conn_id);
+                }
                 let mut reply = Reply::ok(session_setup_body(
                     0,
                     &spnego::accept_completed(mic.as_ref().map(|m| &m[..])),
