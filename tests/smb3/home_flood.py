@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 
-from raw_channel import CREATE, ECHO, READ, TREE_CONNECT, Raw, bind, check, cmac_sign, create_body, logon, tree_connect_body
+from raw_channel import CREATE, ECHO, READ, Raw, bind, check, cmac_sign, connect_share, create_body
 
 PROMPT = 10
 PROBES = 5
@@ -31,10 +31,7 @@ BATCH = 256
 def main():
     guid = uuid.uuid4()
     h = Raw(guid)
-    sid, key = logon(h)
-    st, r = h.call(cmac_sign(key, h.header(TREE_CONNECT, sid) + tree_connect_body()))
-    check(st == 0, "H connected the share")
-    tid = struct.unpack_from("<I", r, 36)[0]
+    sid, key, tid = connect_share(h)
     st, r = h.call(cmac_sign(key, h.header(CREATE, sid, tid=tid) + create_body("flood.txt")))
     check(st == 0, "H opened flood.txt")
     fid = r[64 + 64 : 64 + 80]

@@ -20,7 +20,6 @@ Prints one line per step; exits non-zero on any failure.
 """
 
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -28,16 +27,14 @@ import uuid
 import raw_channel
 from raw_channel import (
     HOST,
-    MORE_PROCESSING,
     PORT,
-    SESSION_SETUP,
     SUCCESS,
     TREE_CONNECT,
     Raw,
     check,
     cmac_sign,
     logon,
-    ntlm_context,
+    logon_legs,
     tree_connect_body,
 )
 
@@ -119,23 +116,9 @@ def logon_status(raw):
     """The final status of a logon of USER on `raw` (-1: the connection
     ended)."""
     try:
-        return logon_legs(raw)
+        return logon_legs(raw)[0]
     except (OSError, EOFError):
         return -1
-
-
-def logon_legs(raw):
-    ctx = ntlm_context()
-    token = ctx.step(None)
-    body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(token), 0) + token
-    st, r = raw.call(raw.header(SESSION_SETUP, 0) + body)
-    if st != MORE_PROCESSING:
-        return st
-    sid = struct.unpack_from("<Q", r, 40)[0]
-    off, length = struct.unpack_from("<HH", r, 64 + 4)
-    token = ctx.step(r[off : off + length])
-    body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(token), 0) + token
-    return raw.call(raw.header(SESSION_SETUP, sid) + body)[0]
 
 
 main()

@@ -25,14 +25,12 @@ from raw_channel import (
     CREATE,
     READ,
     SUCCESS,
-    TREE_CONNECT,
     Raw,
     bind,
     check,
     cmac_sign,
+    connect_share,
     create_body,
-    logon,
-    tree_connect_body,
 )
 
 ROOT = sys.argv[6]
@@ -46,9 +44,7 @@ PROMPT = 10
 def main():
     guid = uuid.uuid4()
     h = Raw(guid)
-    sid, key = logon(h)
-    st, r = h.call(cmac_sign(key, h.header(TREE_CONNECT, sid) + tree_connect_body()))
-    tid = struct.unpack_from("<I", r, 36)[0]
+    sid, key, tid = connect_share(h)
     st, r = h.call(cmac_sign(key, h.header(CREATE, sid, tid=tid) + create_body("big.bin")))
     check(st == SUCCESS, "H opened big.bin")
     fid = r[128:144]

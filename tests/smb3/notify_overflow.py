@@ -32,16 +32,14 @@ import uuid
 
 from raw_channel import (
     SUCCESS,
-    TREE_CONNECT,
     CREATE,
     Raw,
     check,
     cmac_sign,
+    connect_share,
     create_body,
-    logon,
     open_file,
     session,
-    tree_connect_body,
 )
 
 CHANGE_NOTIFY, READ = 0xF, 8
@@ -62,10 +60,7 @@ def main():
     big.close()
 
     x = Raw(uuid.uuid4())
-    sid, key = logon(x)
-    st, r = x.call(cmac_sign(key, x.header(TREE_CONNECT, sid) + tree_connect_body()))
-    check(st == SUCCESS, "X connected the share")
-    tid = struct.unpack_from("<I", r, 36)[0]
+    sid, key, tid = connect_share(x)
 
     def call(cmd, body):
         return x.call(cmac_sign(key, x.header(cmd, sid, tid=tid) + body))

@@ -185,22 +185,40 @@ def create_body(name, access=0xC0000000, attributes=0x80, disposition=3, options
     return fixed + n
 
 
-def logon(raw):
-    """Sets up a session of USER on `raw` (NTLM, not a binding); its id
-    and signing key."""
+def logon_legs(raw):
+    """Runs the NTLM legs of a logon of USER on `raw` (not a binding):
+    the status of the last leg answered, the session id and the NTLM
+    context."""
     ctx = ntlm_context()
     token = ctx.step(None)
     body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(token), 0) + token
     st, r = raw.call(raw.header(SESSION_SETUP, 0) + body)
-    check(st == MORE_PROCESSING, f"session setup leg 1 answered (got {st:#010x})")
+    if st != MORE_PROCESSING:
+        return st, 0, ctx
     sid = struct.unpack_from("<Q", r, 40)[0]
     off, length = struct.unpack_from("<HH", r, 64 + 4)
     token = ctx.step(r[off : off + length])
     body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(token), 0) + token
-    st, r = raw.call(raw.header(SESSION_SETUP, sid) + body)
-    check(st == SUCCESS, "session set up")
+    st, _ = raw.call(raw.header(SESSION_SETUP, sid) + body)
+    return st, sid, ctx
+
+
+def logon(raw):
+    """Sets up a session of USER on `raw` (NTLM, not a binding); its id
+    and signing key."""
+    st, sid, ctx = logon_legs(raw)
+    check(st == SUCCESS, f"session set up (got {st:#010x})")
     session_key = ctx.session_key[:16].ljust(16, b"\0")
     return sid, smb3kdf(session_key, b"SMB2AESCMAC\x00", b"SmbSign\x00")
+
+
+def connect_share(raw):
+    """Logs USER on to `raw` and connects the share: the session id, its
+    signing key and the tree id."""
+    sid, key = logon(raw)
+    st, r = raw.call(cmac_sign(key, raw.header(TREE_CONNECT, sid) + tree_connect_body()))
+    check(st == SUCCESS, f"share connected (got {st:#010x})")
+    return sid, key, struct.unpack_from("<I", r, 36)[0]
 
 
 def session(guid):

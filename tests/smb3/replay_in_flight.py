@@ -25,13 +25,11 @@ from raw_channel import (
     CREATE,
     READ,
     SUCCESS,
-    TREE_CONNECT,
     Raw,
     check,
     cmac_sign,
+    connect_share,
     context,
-    logon,
-    tree_connect_body,
 )
 from smbprotocol.create_contexts import CreateContextName, DurableHandleFlags, SMB2CreateDurableHandleRequestV2
 
@@ -43,10 +41,8 @@ CREATE_GUID = uuid.uuid4()
 
 def connect(guid):
     r = Raw(guid)
-    sid, key = logon(r)
-    st, x = r.call(cmac_sign(key, r.header(TREE_CONNECT, sid) + tree_connect_body()))
-    check(st == SUCCESS, "share connected")
-    return r, sid, key, struct.unpack_from("<I", x, 36)[0]
+    sid, key, tid = connect_share(r)
+    return r, sid, key, tid
 
 
 def create(r, sid, key, tid, replay):

@@ -26,13 +26,11 @@ from raw_channel import (
     HOST,
     PORT,
     SUCCESS,
-    TREE_CONNECT,
     Raw,
     check,
     cmac_sign,
+    connect_share,
     create_body,
-    logon,
-    tree_connect_body,
 )
 
 STALLED = 1024
@@ -59,9 +57,7 @@ def main():
         tries += 1
         try:
             r = Raw(uuid.uuid4(), "127.0.0.1")
-            sid, key = logon(r)
-            st, x = r.call(cmac_sign(key, r.header(TREE_CONNECT, sid) + tree_connect_body()))
-            tid = struct.unpack_from("<I", x, 36)[0]
+            sid, key, tid = connect_share(r)
             st, x = r.call(cmac_sign(key, r.header(CREATE, sid, tid=tid) + create_body("served.txt")))
             check(st == SUCCESS, f"the client opened served.txt (got {st:#010x})")
             fid = x[128:144]

@@ -15,7 +15,7 @@ import struct
 import time
 import uuid
 
-from raw_channel import CREATE, SUCCESS, TREE_CONNECT, Raw, check, cmac_sign, create_body, logon, tree_connect_body
+from raw_channel import CREATE, SUCCESS, Raw, check, cmac_sign, connect_share, create_body
 
 WRITE = 9
 SIZE = 1 << 20
@@ -25,9 +25,7 @@ STEP = 0.25
 
 def main():
     r = Raw(uuid.uuid4())
-    sid, key = logon(r)
-    st, x = r.call(cmac_sign(key, r.header(TREE_CONNECT, sid) + tree_connect_body()))
-    tid = struct.unpack_from("<I", x, 36)[0]
+    sid, key, tid = connect_share(r)
     st, x = r.call(cmac_sign(key, r.header(CREATE, sid, tid=tid) + create_body("slow.bin")))
     check(st == SUCCESS, "opened slow.bin")
     fid = x[128:144]
