@@ -335,3 +335,100 @@ fn the_scriptable_client_drives_a_session() {
     assert_eq!(replies[3]["data"], b64("hello"));
     assert_eq!(std::fs::read(s.root().join("notes.txt")).unwrap(), b"hello");
 }
+
+/// smbshim talks to filterd over a pool of connections (here 4), each
+/// attached as an instance of its own (`NAME`, `NAME.1`, …), and pins each
+/// client (by client GUID) to one of them. Clients spread over several
+/// members; a client's handle on one member still keeps another member's
+/// client out (share modes hold between members as between smbshims); and
+/// after smbshim is SIGKILLed, a replacement with the same name reaches
+/// every client's handles again: each RECONNECTs through the member that
+/// owns it, and a replayed CREATE returns the original open (exactly once).
+#[test]
+fn a_pool_of_filterd_connections_keeps_each_clients_handles_reachable() {
+    let s = Scratch::new("smb-pool");
+    let _d = Filterd::start(&s, &[], &[]);
+    let pool = ["--filter-connections", "4"];
+    let shim = Shim::start_with("smbshim", &s.socket(), "smb-p", &pool);
+    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+    // 16 clients, each with one persistent open of a file of its own.
+    let mut opened = Vec::new();
+    for i in 0..16 {
+        let client_guid = uuid::Uuid::new_v4().to_string();
+        let guid = uuid::Uuid::new_v4().to_string();
+        let mut c = LineClient::connect(&shim.addr);
+        let sid = session(&mut c, &client_guid, "alice");
+        let r = persistent_create(&mut c, sid, &format!("f{i}"), &guid, "create", false);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        opened.push((client_guid, guid, r["file_id"].clone(), c));
+    }
+    let owner = |fid: &Value| -> String {
+        let key = fid.as_str().unwrap();
+        ctl.handles()
+            .unwrap()
+            .into_iter()
+            .find(|h| h.record.key.to_string() == key)
+            .map(|h| h.record.frontend.to_string())
+            .unwrap_or_else(|| panic!("no handle {key}"))
+    };
+    let owners: Vec<String> = opened.iter().map(|(_, _, fid, _)| owner(fid)).collect();
+    let names = ["smb-p", "smb-p.1", "smb-p.2", "smb-p.3"];
+    for o in &owners {
+        assert!(names.contains(&o.as_str()), "owner {o}");
+    }
+    let distinct: std::collections::HashSet<&String> = owners.iter().collect();
+    assert!(
+        distinct.len() >= 2,
+        "16 clients all went through one filterd connection: {owners:?}"
+    );
+    // Share modes between members: a client of another member cannot
+    // write a file another client holds with share read only.
+    let (a, b) = (0..owners.len())
+        .flat_map(|a| (0..owners.len()).map(move |b| (a, b)))
+        .find(|&(a, b)| owners[a] != owners[b])
+        .unwrap();
+    {
+        let c = &mut opened[b].3;
+        let sid = session(c, &uuid::Uuid::new_v4().to_string(), "bob");
+        let r = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": format!("f{a}"),
+                              "access": ["write"], "share": ["read", "write"], "disposition": "open"}));
+        assert_eq!(r["status"], "STATUS_SHARING_VIOLATION", "{r}");
+    }
+    // smbshim dies; the replacement (same name, same pool size) serves
+    // every client's RECONNECT and replay.
+    let handles_before = ctl.handles().unwrap().len();
+    shim.kill9();
+    let shim = Shim::start_with("smbshim", &s.socket(), "smb-p", &pool);
+    for (i, (client_guid, guid, fid, _)) in opened.iter().enumerate() {
+        let mut c = LineClient::connect(&shim.addr);
+        let sid = session(&mut c, client_guid, "alice");
+        if i % 2 == 0 {
+            let r =
+                rkfilter_tests::wait_for("RECONNECT", std::time::Duration::from_secs(10), || {
+                    let r = c.call(
+                        json!({"cmd": "RECONNECT", "session_id": sid, "file_id": fid,
+                                      "create_guid": guid}),
+                    );
+                    (r["status"] == "STATUS_SUCCESS").then_some(r)
+                });
+            assert_eq!(r["file_id"], *fid);
+        } else {
+            let r = rkfilter_tests::wait_for(
+                "replayed CREATE",
+                std::time::Duration::from_secs(10),
+                || {
+                    let r = persistent_create(&mut c, sid, &format!("f{i}"), guid, "create", true);
+                    (r["status"] == "STATUS_SUCCESS").then_some(r)
+                },
+            );
+            assert_eq!(r["file_id"], *fid, "the replay found the original open");
+            assert_eq!(r["create_action"], "created");
+        }
+        assert_eq!(owner(fid), owners[i], "still held by the same member");
+    }
+    assert_eq!(
+        ctl.handles().unwrap().len(),
+        handles_before,
+        "nothing opened twice"
+    );
+}

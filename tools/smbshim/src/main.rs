@@ -55,6 +55,16 @@ struct Args {
     /// name takes over the handles of a dead one.
     #[arg(long, value_name = "NAME")]
     instance: Option<String>,
+    /// Connections to filterd, each attached as an instance of its own:
+    /// NAME, NAME.1, … NAME.(N-1). A client (by client GUID) always goes
+    /// through the same one, which owns its handles; keep N the same
+    /// across restarts, or a client whose GUID maps elsewhere cannot
+    /// RECONNECT its handles (they wait out their timeout). filterd's
+    /// --max-handles-per-frontend counts per connection. Experimental
+    /// (docs/ARCHITECTURE.md, "A pool of filterd connections").
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=smbshim::server::MAX_FILTER_CONNECTIONS as i64))]
+    filter_connections: u32,
     /// Most client connections served at once; one more is refused with
     /// STATUS_INSUFFICIENT_RESOURCES.
     #[arg(long, value_name = "N", default_value_t = 1024,
@@ -112,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                 &filter,
                 &listen,
                 args.instance.as_deref().unwrap_or("smb"),
+                usize::try_from(args.filter_connections).unwrap_or(1),
                 limits,
             )
         }

@@ -101,7 +101,52 @@ struct Session {
     alive: bool,
 }
 
+/// Most filterd connections one smbshim keeps (`--filter-connections`).
+pub const MAX_FILTER_CONNECTIONS: usize = 16;
+
+/// One of smbshim's filterd connections: an attachment under an instance
+/// name of its own ([`member_name`]), with the files it heard have locks.
+/// To filterd each member is a frontend like any other (its own handles,
+/// lease breaks, lock hints and detach on loss), so what holds between two
+/// smbshims holds between two members.
+struct Member {
+    filter: Attachment,
+    /// Files with byte-range locks (lock hints from filterd, and files this
+    /// member is locking): only their I/O costs a CheckIo round trip.
+    locked_files: Mutex<std::collections::HashSet<FileId>>,
+}
+
+/// The instance name of member `k` of smbshim instance `instance`: member
+/// 0 is `instance` itself (so one connection is the smbshim of before),
+/// member k > 0 is `instance.k`.
+fn member_name(instance: &str, k: usize) -> anyhow::Result<InstanceName> {
+    let name = if k == 0 {
+        instance.to_owned()
+    } else {
+        format!("{instance}.{k}")
+    };
+    InstanceName::new(name.clone()).with_context(|| {
+        format!("filterd instance name {name:?} (--instance with its member number)")
+    })
+}
+
+/// The member serving client `guid` of `n`: the same for every session,
+/// connection and smbshim process of that client, as long as `n` stays
+/// the same, so a client's replays and RECONNECTs reach the instance that
+/// owns its handles. FNV-1a over the GUID's bytes: stable across builds
+/// and Rust versions (std's hasher promises neither).
+fn member_of(guid: uuid::Uuid, n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in guid.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    usize::try_from(h % u64::try_from(n.max(1)).unwrap_or(1)).unwrap_or(0)
+}
+
 struct Open {
+    /// The member whose attachment holds the handle.
+    member: usize,
     key: ResumeKey,
     file_key: FileId,
     session: u64,
@@ -112,15 +157,14 @@ struct Open {
 }
 
 struct Shared {
-    filter: Attachment,
+    /// The filterd connections; a client's opens go through
+    /// `members[member_of(client_guid)]`.
+    members: Vec<Member>,
     sessions: Mutex<HashMap<u64, Session>>,
     opens: Mutex<HashMap<String, Open>>,
     /// Each client connection's writer, for pushed LEASE_BREAKs.
     writers: shimline::Writers,
     next_session: AtomicU64,
-    /// Files with byte-range locks (lock hints from filterd, and files this
-    /// smbshim is locking): only their I/O costs a CheckIo round trip.
-    locked_files: Mutex<std::collections::HashSet<FileId>>,
     /// Held while a session is torn down (its opens detached or closed) and
     /// while a replayed CREATE or a RECONNECT takes an open over, so that a
     /// detach in flight never lands after the open was taken over.
@@ -128,19 +172,16 @@ struct Shared {
     limits: Limits,
 }
 
-/// Attaches to filterd, listens, serves forever.
-pub fn run(filter: &Path, listen: &str, instance: &str, limits: Limits) -> anyhow::Result<()> {
-    let protocol = Protocol::new("smb")?;
-    let instance = InstanceName::new(instance)?;
-    // filterd may still be starting: wait for it a while.
-    let attach = Attachment::connect_patiently(
-        filter,
-        protocol,
-        instance,
-        libfilter::proto::FEATURE_LOCK_HINTS,
-        Duration::from_secs(30),
-    )
-    .context("attaching to filterd")?;
+/// Attaches to filterd over `connections` connections (instances
+/// [`member_name`]), listens, serves forever.
+pub fn run(
+    filter: &Path,
+    listen: &str,
+    instance: &str,
+    connections: usize,
+    limits: Limits,
+) -> anyhow::Result<()> {
+    let attach = attach_members(filter, instance, connections)?;
     let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
     let shared = start(attach, limits)?;
     let cfg = shimline::Listen {
@@ -156,23 +197,81 @@ pub fn run(filter: &Path, listen: &str, instance: &str, limits: Limits) -> anyho
     Ok(())
 }
 
-/// The protocol state over an attachment, with its lease-break forwarder.
-fn start(attach: Attachment, limits: Limits) -> anyhow::Result<Arc<Shared>> {
+/// One attachment per member, `connections` in all (1 to
+/// [`MAX_FILTER_CONNECTIONS`]).
+fn attach_members(
+    filter: &Path,
+    instance: &str,
+    connections: usize,
+) -> anyhow::Result<Vec<Attachment>> {
+    anyhow::ensure!(
+        (1..=MAX_FILTER_CONNECTIONS).contains(&connections),
+        "--filter-connections must be 1 to {MAX_FILTER_CONNECTIONS}"
+    );
+    let names = (0..connections)
+        .map(|k| member_name(instance, k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let protocol = Protocol::new("smb")?;
+    names
+        .into_iter()
+        .map(|name| {
+            // filterd may still be starting: wait for it a while.
+            Attachment::connect_patiently(
+                filter,
+                protocol.clone(),
+                name.clone(),
+                libfilter::proto::FEATURE_LOCK_HINTS,
+                Duration::from_secs(30),
+            )
+            .with_context(|| format!("attaching to filterd as {name}"))
+        })
+        .collect()
+}
+
+/// The protocol state over the attachments, with a lease-break forwarder
+/// for each.
+fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>> {
     let shared = Arc::new(Shared {
-        filter: attach,
+        members: attach
+            .into_iter()
+            .map(|filter| Member {
+                filter,
+                locked_files: Mutex::new(std::collections::HashSet::new()),
+            })
+            .collect(),
         sessions: Mutex::new(HashMap::new()),
         opens: Mutex::new(HashMap::new()),
         writers: shimline::Writers::default(),
         next_session: AtomicU64::new(1),
-        locked_files: Mutex::new(std::collections::HashSet::new()),
         teardown: Mutex::new(()),
         limits,
     });
-    let sh = shared.clone();
-    std::thread::Builder::new()
-        .name("lease-breaks".into())
-        .spawn(move || forward_breaks(sh))?;
+    for k in 0..shared.members.len() {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("lease-breaks-{k}"))
+            .spawn(move || forward_breaks(sh, k))?;
+    }
     Ok(shared)
+}
+
+impl Shared {
+    /// Member `k` (always one of [`Shared::members`]: an index this
+    /// smbshim computed, never a peer's).
+    fn member(&self, k: usize) -> Result<&Member, Fail> {
+        self.members.get(k).ok_or_else(|| {
+            Fail(
+                "STATUS_INTERNAL_ERROR",
+                format!("no filterd connection {k}"),
+            )
+        })
+    }
+
+    /// The member serving client `guid`.
+    fn member_for(&self, guid: uuid::Uuid) -> Result<(usize, &Member), Fail> {
+        let k = member_of(guid, self.members.len());
+        Ok((k, self.member(k)?))
+    }
 }
 
 /// smbshim's request handling without its listener, for fuzzing: lines go
@@ -182,13 +281,7 @@ pub struct Harness(Arc<Shared>);
 impl Harness {
     /// Attaches to filterd at `filter` as instance `instance`.
     pub fn attach(filter: &Path, instance: &str) -> anyhow::Result<Harness> {
-        let attach = Attachment::connect_patiently(
-            filter,
-            Protocol::new("smb")?,
-            InstanceName::new(instance)?,
-            libfilter::proto::FEATURE_LOCK_HINTS,
-            Duration::from_secs(30),
-        )?;
+        let attach = attach_members(filter, instance, 1)?;
         Ok(Harness(start(attach, Limits::default())?))
     }
 
@@ -614,6 +707,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>, no_wait: bool) -> O
         stat: false,
         put: Vec::new(),
     };
+    let (member, m) = sh.member_for(client_guid)?;
     let replay = is_replay(obj) && create_guid.is_some();
     let _teardown = if replay {
         Some(
@@ -625,9 +719,9 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>, no_wait: bool) -> O
         None
     };
     let h = if replay {
-        sh.filter.replay_open(req)
+        m.filter.replay_open(req)
     } else {
-        sh.filter.open(req)
+        m.filter.open(req)
     }
     .map_err(|e| match e.code() {
         // Only an open filterd refused for a lease break goes to the
@@ -636,7 +730,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>, no_wait: bool) -> O
         Some(ErrorCode::Busy) if no_wait => Fail(INLINE_BUSY, e.to_string()),
         _ => filter_fail(e),
     })?;
-    note_locked(sh, &h.info);
+    note_locked(m, &h.info);
     let file_id = h.info.key.to_string();
     // A durable (not persistent) open is granted only if the lease came with
     // H; otherwise it is served as a plain open and closed on disconnect.
@@ -675,6 +769,7 @@ fn create(sh: &Shared, _conn: u64, obj: &Map<String, Value>, no_wait: bool) -> O
         opens.insert(
             file_id.clone(),
             Open {
+                member,
                 key: h.info.key,
                 file_key: h.info.file,
                 session,
@@ -710,12 +805,15 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             "no disconnected durable open with these ids".into(),
         )
     };
+    // The member that owns the client's handles (they were opened through
+    // it, by this smbshim or a predecessor with the same instance name).
+    let (member, m) = sh.member_for(client_guid)?;
     let _teardown = sh
         .teardown
         .lock()
         .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
     // The handle as the filter knows it: same create GUID, same user.
-    let view = match sh
+    let view = match m
         .filter
         .client()
         .call(libfilter::proto::Request::Handle { key })
@@ -743,20 +841,21 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             ));
         }
     }
-    let h = sh
+    let h = m
         .filter
         .resume(client_id(client_guid)?, key)
         .map_err(|e| match e.code() {
             Some(ErrorCode::NoSuchHandle) => not_found(),
             _ => filter_fail(e),
         })?;
-    note_locked(sh, &h.info);
+    note_locked(m, &h.info);
     let durable = json!({"create_guid": guid, "persistent": view.record.durability.is_persistent(),
                          "timeout_ms": view.record.durability.timeout_ms()});
     if let Ok(mut opens) = sh.opens.lock() {
         opens.insert(
             file_id.clone(),
             Open {
+                member,
                 key,
                 file_key: h.info.file,
                 session,
@@ -777,6 +876,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
 
 /// What a request needs of its open.
 struct OpenRef {
+    member: usize,
     file_id: String,
     key: ResumeKey,
     file_key: FileId,
@@ -785,9 +885,9 @@ struct OpenRef {
     persistent: bool,
 }
 
-fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
+fn note_locked(m: &Member, info: &libfilter::proto::Opened) {
     if info.locked {
-        if let Ok(mut l) = sh.locked_files.lock() {
+        if let Ok(mut l) = m.locked_files.lock() {
             l.insert(info.file);
         }
     }
@@ -803,6 +903,7 @@ fn open_of(sh: &Shared, obj: &Map<String, Value>) -> Result<OpenRef, Fail> {
         .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
     match opens.get(&file_id) {
         Some(o) if o.session == session => Ok(OpenRef {
+            member: o.member,
             key: o.key,
             file_key: o.file_key,
             file: o.file.clone(),
@@ -861,9 +962,10 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let op_id = op_id_field(obj)?;
     let o = open_of(sh, obj)?;
     let (key, file, durable) = (o.key, o.file.clone(), o.durable);
+    let member = sh.member(o.member)?;
     let scope = ReplayScope::Handle(key);
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
-        if let Ok(Some(r)) = sh.filter.client().lookup_reply(scope.clone(), op) {
+        if let Ok(Some(r)) = member.filter.client().lookup_reply(scope.clone(), op) {
             if let Ok(Value::Object(m)) = serde_json::from_str(&r.reply) {
                 return Ok(m);
             }
@@ -889,7 +991,8 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let mut m = Map::new();
     m.insert("count".into(), json!(data.len()));
     if let (Some(op), true) = (op_id, durable) {
-        sh.filter
+        member
+            .filter
             .client()
             .record_reply(
                 scope,
@@ -926,7 +1029,8 @@ fn check_io<'a>(
             .map(|m| m.get(&o.file_id).is_some_and(|x| x.key == o.key))
             .unwrap_or(false)
     };
-    match sh.filter.decide_io(&sh.locked_files, o.file_key, live) {
+    let m = sh.member(o.member)?;
+    match m.filter.decide_io(&m.locked_files, o.file_key, live) {
         // filterd is away (or back, but this smbshim has not re-learned
         // which files have locks yet): a lock may exist that nothing here
         // knows of, so no I/O goes unchecked; the client retries.
@@ -942,13 +1046,13 @@ fn check_io<'a>(
     }
     let key = o.key;
     let range = libfilter::locks::LockRange { offset, length };
-    let pass = sh
+    let pass = m
         .filter
         .client()
         .check_io(key, range, write)
         .map_err(filter_fail)?;
     // The daemon lost since the check: retry (as for NotReady).
-    sh.filter
+    m.filter
         .checked(o.file_key, pass)
         .map(Some)
         .ok_or_else(|| filter_fail(ClientError::Disconnected))
@@ -991,18 +1095,17 @@ fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         Some(_) => return Err(invalid("lock_sequence must be an object")),
     };
     let o = open_of(sh, obj)?;
+    let m = sh.member(o.member)?;
     if ops.iter().any(|op| !op.unlock) {
-        // Before the lock exists: this smbshim's other clients check their
-        // I/O on the file from now on.
-        if let Ok(mut l) = sh.locked_files.lock() {
+        // Before the lock exists: this member's other clients check their
+        // I/O on the file from now on (the other members hear of it from
+        // filterd, as other frontends do).
+        if let Ok(mut l) = m.locked_files.lock() {
             l.insert(o.file_key);
         }
     }
     let key = o.key;
-    sh.filter
-        .client()
-        .lock(key, ops, seq)
-        .map_err(filter_fail)?;
+    m.filter.client().lock(key, ops, seq).map_err(filter_fail)?;
     Ok(Map::new())
 }
 
@@ -1011,9 +1114,10 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let change = info_change(obj)?;
     let o = open_of(sh, obj)?;
     let (key, durable) = (o.key, o.durable);
+    let m = sh.member(o.member)?;
     let scope = ReplayScope::Handle(key);
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
-        match sh.filter.client().lookup_reply(scope.clone(), op) {
+        match m.filter.client().lookup_reply(scope.clone(), op) {
             Ok(Some(_)) => return Ok(Map::new()),
             // The filter refuses the lookup of a change whose outcome it
             // cannot know (it stopped during it and the file changed
@@ -1032,7 +1136,7 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         }),
         _ => None,
     };
-    let c = sh.filter.client();
+    let c = m.filter.client();
     match change {
         InfoChange::Rename { to, replace } => c.rename(key, to, replace, record),
         InfoChange::EndOfFile(size) => c.set_end_of_file(key, size, record),
@@ -1117,8 +1221,9 @@ fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     }
     // A WRITE of this open (from another connection of the session) may
     // be in its pwrite: it lands before filterd forgets the handle.
-    drain(sh, o.file_key);
-    sh.filter.close(key).map_err(filter_fail)?;
+    let m = sh.member(o.member)?;
+    drain(m, o.file_key);
+    m.filter.close(key).map_err(filter_fail)?;
     Ok(Map::new())
 }
 
@@ -1135,13 +1240,13 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) {
     if let Ok(mut s) = sh.sessions.lock() {
         s.remove(&session);
     }
-    let mine: Vec<(String, ResumeKey, bool, FileId)> = sh
+    let mine: Vec<(String, ResumeKey, bool, FileId, usize)> = sh
         .opens
         .lock()
         .map(|o| {
             o.iter()
                 .filter(|(_, v)| v.session == session)
-                .map(|(k, v)| (k.clone(), v.key, v.durable.is_some(), v.file_key))
+                .map(|(k, v)| (k.clone(), v.key, v.durable.is_some(), v.file_key, v.member))
                 .collect()
         })
         .unwrap_or_default();
@@ -1150,20 +1255,21 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) {
             o.remove(file_id);
         }
     }
-    for (_, key, durable, file) in mine {
-        drain(sh, file);
+    for (_, key, durable, file, member) in mine {
+        let Ok(m) = sh.member(member) else { continue };
+        drain(m, file);
         let _ = if durable && !logoff {
-            sh.filter.detach(key)
+            m.filter.detach(key)
         } else {
-            sh.filter.close(key)
+            m.filter.close(key)
         };
     }
 }
 
 /// Waits for the unchecked I/O in flight on `file` (see
 /// `Attachment::drain_file`).
-fn drain(sh: &Shared, file: FileId) {
-    if !sh.filter.drain_file(file) {
+fn drain(m: &Member, file: FileId) {
+    if !m.filter.drain_file(file) {
         eprintln!("smbshim: an unchecked read or write of a closing open is stuck; closing anyway");
     }
 }
@@ -1192,11 +1298,13 @@ fn lease_json(l: Option<HeldLease>) -> Value {
 }
 
 fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
-    session_of(sh, obj)?;
+    // The lease is the client's: its member holds it.
+    let (_, client_guid, _) = session_of(sh, obj)?;
+    let (_, m) = sh.member_for(client_guid)?;
     let key = libfilter::lease::LeaseKey(uuid_field(obj, "lease_key")?);
     let state = libfilter::lease::LeaseState::parse(str_field(obj, "state")?)
         .ok_or_else(|| invalid("state must be \"\", R, RH, RW or RWH"))?;
-    let reply = sh
+    let reply = m
         .filter
         .client()
         .call(libfilter::proto::Request::LeaseBreakAck {
@@ -1220,13 +1328,14 @@ fn forget_opens(sh: &Shared, keys: &[ResumeKey]) {
     }
 }
 
-/// Pushes the filter's lease breaks to the client connection holding the
-/// lease, as smbl/1 LEASE_BREAK notifications.
-fn forward_breaks(sh: Arc<Shared>) {
+/// Pushes member `k`'s lease breaks to the client connection holding the
+/// lease, as smbl/1 LEASE_BREAK notifications, and keeps its lock hints.
+fn forward_breaks(sh: Arc<Shared>, k: usize) {
     use libfilter::attach::AttachEvent;
     use libfilter::proto::Event;
+    let Some(m) = sh.members.get(k) else { return };
     loop {
-        let ev = match sh.filter.events().recv() {
+        let ev = match m.filter.events().recv() {
             Ok(ev) => ev,
             Err(_) => return,
         };
@@ -1245,11 +1354,11 @@ fn forward_breaks(sh: Arc<Shared>) {
             }
             AttachEvent::Daemon(Event::LocksPresent { file }) => {
                 // Acknowledged once no unchecked WRITE is in flight.
-                sh.filter.locks_present(&sh.locked_files, file);
+                m.filter.locks_present(&m.locked_files, file);
                 continue;
             }
             AttachEvent::Daemon(Event::LocksGone { file }) => {
-                if let Ok(mut l) = sh.locked_files.lock() {
+                if let Ok(mut l) = m.locked_files.lock() {
                     l.remove(&file);
                 }
                 continue;
@@ -1262,13 +1371,12 @@ fn forward_breaks(sh: Arc<Shared>) {
             } => {
                 // No unchecked I/O meanwhile, and none after on what this
                 // changes.
-                let _quiet = sh.filter.exclusive_io();
+                let _quiet = m.filter.exclusive_io();
                 // Durable (in-memory) opens do not survive a filterd crash.
                 forget_opens(&sh, &lost);
                 // What the resumes said about locks, before any I/O goes
                 // unchecked again.
-                sh.filter
-                    .relearn_locks(&sh.locked_files, locked, generation);
+                m.filter.relearn_locks(&m.locked_files, locked, generation);
                 continue;
             }
             _ => continue,
