@@ -1,6 +1,7 @@
 //! The connection: shimline's line client ([`shimline::client::LineClient`]:
-//! framing, `xid` assignment, the reader thread that routes replies by
-//! `xid` and queues what the server pushes) with nfsl's errors. The
+//! framing, `xid` assignment, routing replies by `xid` — read by the
+//! calling thread when no other call reads, by an idle reader thread
+//! between calls — and queuing what the server pushes) with nfsl's errors. The
 //! routing rules, the bounded pushed queue (oldest dropped and counted,
 //! never silently) and their tests live there, once for both protocols.
 

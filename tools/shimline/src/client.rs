@@ -1,7 +1,7 @@
 //! The client side of a line-JSON connection, shared by the smbl/1 and
 //! nfsl/1 client libraries (`tools/smbl`, `tools/nfsl`): framing, request
 //! id assignment (`mid` / `xid`, [`LineClient::connect`]'s `id_field`), and
-//! the reader thread that routes every line the server sends.
+//! the routing of every line the server sends.
 //!
 //! Routing, by what the line carries:
 //! - a u64 id: the reply to the request with that id, handed to the caller
@@ -17,6 +17,17 @@
 //! ([`LineClient::dropped_pushed`]), so an unread channel never stalls reply
 //! routing and no drop goes unseen.
 //!
+//! Who reads (leader/follower, as libfilter's `FilterClient`): a caller
+//! whose request finds nobody reading the socket reads it itself, routing
+//! every line it reads (replies of other callers, pushed lines) until its
+//! own reply comes, then hands the reading to another waiting caller — so
+//! a lone caller gets its reply without a thread hop. The connection's
+//! idle reader thread (`{name}-reader-PEER`) reads only when no call has
+//! been made for [`IDLE_READER_AFTER`], so pushed lines still arrive while
+//! the application makes no calls; a call made while it reads gets its
+//! reply from it (one hop), and it gives the reading back to the callers
+//! as soon as a line was routed while calls are being made.
+//!
 //! A waiter registers before its line is written, under the writer lock, so
 //! the queue of `send_raw` waiters is in the order the server sees the
 //! lines. When the connection ends, every waiter gets the reason at once;
@@ -26,9 +37,9 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use serde_json::Value;
@@ -42,6 +53,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_REPLY_LINE: usize = 16 << 20;
 /// Pushed lines kept for the application (oldest dropped and counted).
 pub const PUSHED_QUEUE: usize = 1024;
+/// How long after the last call the idle reader thread starts reading (a
+/// pushed line that arrives within this time of a call, with no call
+/// since, waits at most this long for it). Shorter would wake the thread
+/// more often while calls are made back to back.
+pub const IDLE_READER_AFTER: Duration = Duration::from_millis(20);
 
 /// Why a request got no reply.
 #[derive(Debug, thiserror::Error)]
@@ -98,14 +114,49 @@ impl From<Closed> for CallError {
     }
 }
 
-type Waiter = Sender<Result<Value, Closed>>;
+/// What a waiting caller is handed: its reply (or why there is none), or
+/// the reading of the socket.
+enum Msg {
+    Reply(Result<Value, Closed>),
+    Lead,
+}
 
-/// Who is waiting for which reply.
-#[derive(Default)]
+type Waiter = Sender<Msg>;
+
+/// Who is waiting for which reply, and who reads.
 struct Routes {
     by_id: HashMap<u64, Waiter>,
     id_null: VecDeque<Waiter>,
     closed: Option<Closed>,
+    /// Somebody (a caller or the idle reader) reads the socket; only that
+    /// one touches [`Shared::input`].
+    reading: bool,
+    /// When a call last started or got its reply.
+    last_call: Instant,
+    /// The idle reader waits for `notify` (not on a timer).
+    reader_parked: bool,
+}
+
+impl Routes {
+    fn waiters(&self) -> bool {
+        !self.by_id.is_empty() || !self.id_null.is_empty()
+    }
+
+    /// Hands the reading on: to a waiting caller if there is one, else
+    /// nobody reads (the idle reader is told).
+    fn release(&mut self, wake: &Condvar) {
+        let next = self
+            .by_id
+            .values()
+            .chain(self.id_null.iter())
+            .find(|w| w.try_send(Msg::Lead).is_ok());
+        if next.is_none() {
+            self.reading = false;
+            if self.reader_parked {
+                wake.notify_one();
+            }
+        }
+    }
 }
 
 /// Which reply a waiter waits for.
@@ -116,17 +167,164 @@ enum Route {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here is a single insert/remove/take; a panic
-    // in one cannot leave the routes half-updated, so a poisoned lock is
-    // still usable.
+    // Every critical section here is a single insert/remove/take or flag
+    // change; a panic in one cannot leave the routes half-updated, so a
+    // poisoned lock is still usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The reading side of the socket, with the line read so far.
+struct Input {
+    r: BufReader<TcpStream>,
+    buf: Vec<u8>,
+    /// The socket's receive timeout as last set.
+    timeout: Option<Duration>,
+    /// `buf` holds a whole line, already routed.
+    whole: bool,
+}
+
+impl Input {
+    /// Reads until `buf` holds a whole line (without its `\n`): true; false
+    /// when `until` passed first (what was read of the line is kept for the
+    /// next reader). Blocks without limit when `until` is None.
+    fn next_line(&mut self, until: Option<Instant>) -> Result<bool, Closed> {
+        if std::mem::take(&mut self.whole) {
+            self.buf.clear();
+        }
+        loop {
+            let wait = match until {
+                None => None,
+                Some(until) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(false);
+                    }
+                    // The timeout as set serves while it overshoots the
+                    // deadline by at most an eighth (no system call per
+                    // call of a caller that keeps its timeout).
+                    match self.timeout {
+                        Some(t) if t >= left && t - left <= left / 8 => Some(t),
+                        _ => Some(left),
+                    }
+                }
+            };
+            if self.timeout != wait {
+                self.r
+                    .get_ref()
+                    .set_read_timeout(wait)
+                    .map_err(|e| Closed::Lost(format!("setting a read timeout: {e}")))?;
+                self.timeout = wait;
+            }
+            let room = u64::try_from(MAX_REPLY_LINE + 1)
+                .unwrap_or(u64::MAX)
+                .saturating_sub(u64::try_from(self.buf.len()).unwrap_or(u64::MAX));
+            let read = (&mut self.r).take(room).read_until(b'\n', &mut self.buf);
+            match read {
+                Ok(_) if self.buf.last() == Some(&b'\n') => {
+                    self.buf.pop();
+                    self.whole = true;
+                    return Ok(true);
+                }
+                Ok(_) if self.buf.len() > MAX_REPLY_LINE => {
+                    return Err(Closed::BadLine(format!(
+                        "a line longer than {MAX_REPLY_LINE} bytes"
+                    )))
+                }
+                Ok(_) if self.buf.is_empty() => {
+                    return Err(Closed::Lost("the server closed the connection".into()))
+                }
+                Ok(_) => {
+                    return Err(Closed::Lost(
+                        "the server closed the connection in the middle of a line".into(),
+                    ))
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Closed::Lost(format!("reading: {e}"))),
+            }
+        }
+    }
+}
+
+/// What the callers and the idle reader share.
+struct Shared {
+    id_field: &'static str,
+    routes: Mutex<Routes>,
+    /// Wakes the idle reader (reading given up, or the connection closed).
+    wake: Condvar,
+    input: Mutex<Input>,
+    pushed: PushedQueue,
+    /// For shutting the connection down.
+    stream: TcpStream,
+    /// Lines the idle reader routed (the rest were read by callers).
+    idle_reads: AtomicU64,
+}
+
+impl Shared {
+    /// Routes the line in `input`; Err closes the connection.
+    fn route_line(&self, input: &Input) -> Result<(), Closed> {
+        route(&input.buf, self.id_field, &self.routes, &self.pushed).map_err(Closed::BadLine)
+    }
+
+    /// The connection ended: every waiter gets `why`, later calls fail so.
+    fn close(&self, why: Closed) {
+        if matches!(why, Closed::BadLine(_)) {
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        let (by_id, id_null) = {
+            let mut r = lock(&self.routes);
+            if r.closed.is_none() {
+                r.closed = Some(why.clone());
+            }
+            r.reading = false;
+            (std::mem::take(&mut r.by_id), std::mem::take(&mut r.id_null))
+        };
+        self.wake.notify_all();
+        for w in by_id.into_values().chain(id_null) {
+            let _ = w.try_send(Msg::Reply(Err(why.clone())));
+        }
+    }
+
+    /// A caller that holds the reading reads until its own reply came (on
+    /// `rx`), `until` passed (None: the caller unregisters, then hands the
+    /// reading on), or the connection ended.
+    fn lead(&self, rx: &Receiver<Msg>, until: Instant) -> Option<Msg> {
+        let mut input = lock(&self.input);
+        loop {
+            let routed = input.next_line(Some(until)).and_then(|got| match got {
+                true => self.route_line(&input).map(|()| true),
+                false => Ok(false),
+            });
+            match routed {
+                Ok(true) => {
+                    if let Ok(m) = rx.try_recv() {
+                        drop(input);
+                        let mut r = lock(&self.routes);
+                        r.last_call = Instant::now();
+                        r.release(&self.wake);
+                        return Some(m);
+                    }
+                }
+                Ok(false) => return None,
+                Err(why) => {
+                    drop(input);
+                    self.close(why.clone());
+                    return Some(rx.try_recv().unwrap_or(Msg::Reply(Err(why))));
+                }
+            }
+        }
+    }
 }
 
 /// One line-JSON connection, shareable by threads (`&self` everywhere).
 pub struct LineClient {
     id_field: &'static str,
     writer: Mutex<TcpStream>,
-    routes: Arc<Mutex<Routes>>,
+    shared: Arc<Shared>,
     next_id: AtomicU64,
     timeout_ms: AtomicU64,
     pushed: Receiver<Value>,
@@ -136,8 +334,8 @@ pub struct LineClient {
 }
 
 impl LineClient {
-    /// Connects (trying each address in turn) and starts the reader thread
-    /// (`{name}-reader-PEER`); requests carry their id in `id_field`.
+    /// Connects (trying each address in turn) and starts the idle reader
+    /// thread (`{name}-reader-PEER`); requests carry their id in `id_field`.
     pub fn connect(
         addr: impl ToSocketAddrs,
         id_field: &'static str,
@@ -149,25 +347,45 @@ impl LineClient {
         stream.set_nodelay(true).map_err(CallError::Connect)?;
         let peer = stream.peer_addr().map_err(CallError::Connect)?;
         let read_half = stream.try_clone().map_err(CallError::Connect)?;
-        let routes = Arc::new(Mutex::new(Routes::default()));
+        let shut = stream.try_clone().map_err(CallError::Connect)?;
         let (ptx, prx) = bounded(PUSHED_QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
-        let reader = {
-            let pushed = PushedQueue {
+        let shared = Arc::new(Shared {
+            id_field,
+            routes: Mutex::new(Routes {
+                by_id: HashMap::new(),
+                id_null: VecDeque::new(),
+                closed: None,
+                reading: false,
+                last_call: Instant::now(),
+                reader_parked: false,
+            }),
+            wake: Condvar::new(),
+            input: Mutex::new(Input {
+                r: BufReader::new(read_half),
+                buf: Vec::new(),
+                timeout: None,
+                whole: false,
+            }),
+            pushed: PushedQueue {
                 tx: ptx,
                 rx: prx.clone(),
                 dropped: dropped.clone(),
-            };
-            let routes = routes.clone();
+            },
+            stream: shut,
+            idle_reads: AtomicU64::new(0),
+        });
+        let reader = {
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-reader-{peer}"))
-                .spawn(move || read_loop(read_half, id_field, &routes, &pushed))
+                .spawn(move || idle_reader(&shared))
                 .map_err(CallError::Connect)?
         };
         Ok(LineClient {
             id_field,
             writer: Mutex::new(stream),
-            routes,
+            shared,
             next_id: AtomicU64::new(1),
             timeout_ms: AtomicU64::new(millis(DEFAULT_TIMEOUT)),
             pushed: prx,
@@ -251,13 +469,15 @@ impl LineClient {
     }
 
     fn exchange(&self, route: Route, line: &[u8]) -> Result<Value, CallError> {
-        let (tx, rx) = bounded(1);
-        {
+        let (tx, rx) = bounded(2);
+        let after = self.timeout();
+        let sh = &*self.shared;
+        let mut leads = {
             // Register and write under the writer lock, so id-null waiters
             // queue in the order their lines reach the server.
             let mut w = lock(&self.writer);
-            {
-                let mut r = lock(&self.routes);
+            let leads = {
+                let mut r = lock(&sh.routes);
                 if let Some(c) = &r.closed {
                     return Err(c.clone().into());
                 }
@@ -270,35 +490,55 @@ impl LineClient {
                     }
                     Route::IdNull => r.id_null.push_back(tx.clone()),
                 }
-            }
+                r.last_call = Instant::now();
+                // Nobody reads: this caller will.
+                !std::mem::replace(&mut r.reading, true)
+            };
             if let Err(e) = w.write_all(line) {
                 drop(w);
-                self.unregister(route, &tx);
+                self.give_up(route, &tx, &rx, leads);
                 return Err(CallError::Send(e));
             }
-        }
-        let after = self.timeout();
-        match rx.recv_timeout(after) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(closed)) => Err(closed.into()),
-            Err(RecvTimeoutError::Timeout) => {
-                self.unregister(route, &tx);
-                Err(CallError::Timeout {
-                    id: match route {
-                        Route::Id(id) => Some(id),
-                        Route::IdNull => None,
-                    },
-                    after,
-                })
+            leads
+        };
+        let until = Instant::now() + after;
+        loop {
+            let got = if leads {
+                sh.lead(&rx, until)
+            } else {
+                match rx.recv_deadline(until) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(CallError::Lost {
+                            reason: "the connection's state is gone".into(),
+                        })
+                    }
+                }
+            };
+            match got {
+                Some(Msg::Reply(Ok(v))) => return Ok(v),
+                Some(Msg::Reply(Err(closed))) => return Err(closed.into()),
+                Some(Msg::Lead) => leads = true,
+                None => {
+                    self.give_up(route, &tx, &rx, leads);
+                    return Err(CallError::Timeout {
+                        id: match route {
+                            Route::Id(id) => Some(id),
+                            Route::IdNull => None,
+                        },
+                        after,
+                    });
+                }
             }
-            Err(RecvTimeoutError::Disconnected) => Err(CallError::Lost {
-                reason: "the reader thread ended".into(),
-            }),
         }
     }
 
-    fn unregister(&self, route: Route, tx: &Waiter) {
-        let mut r = lock(&self.routes);
+    /// A call that ends without its reply: no longer waits, and hands on
+    /// the reading if it held it (or was just handed it).
+    fn give_up(&self, route: Route, tx: &Waiter, rx: &Receiver<Msg>, leads: bool) {
+        let sh = &*self.shared;
+        let mut r = lock(&sh.routes);
         match route {
             Route::Id(id) => {
                 if r.by_id.get(&id).is_some_and(|w| w.same_channel(tx)) {
@@ -307,13 +547,80 @@ impl LineClient {
             }
             Route::IdNull => r.id_null.retain(|w| !w.same_channel(tx)),
         }
+        // Under the lock nobody can hand this caller the reading any more;
+        // one handed over before counts as held.
+        let handed = matches!(rx.try_recv(), Ok(Msg::Lead));
+        if (leads || handed) && r.closed.is_none() {
+            r.release(&sh.wake);
+        }
+    }
+}
+
+/// The idle reader: reads only while no call has been made for
+/// [`IDLE_READER_AFTER`], so pushed lines arrive between calls; gives the
+/// reading back once a line was routed while calls are being made. Ends
+/// when the connection does.
+fn idle_reader(sh: &Shared) {
+    loop {
+        {
+            let mut r = lock(&sh.routes);
+            loop {
+                if r.closed.is_some() {
+                    return;
+                }
+                if r.reading || r.waiters() {
+                    // A caller reads; woken when it stops.
+                    r.reader_parked = true;
+                    r = sh.wake.wait(r).unwrap_or_else(|e| e.into_inner());
+                    r.reader_parked = false;
+                    continue;
+                }
+                let quiet = r.last_call.elapsed();
+                if quiet >= IDLE_READER_AFTER {
+                    r.reading = true;
+                    break;
+                }
+                r = sh
+                    .wake
+                    .wait_timeout(r, IDLE_READER_AFTER - quiet)
+                    .map(|(r, _)| r)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+        let mut input = lock(&sh.input);
+        loop {
+            let routed = input.next_line(None).and_then(|_| sh.route_line(&input));
+            if let Err(why) = routed {
+                drop(input);
+                sh.close(why);
+                return;
+            }
+            sh.idle_reads.fetch_add(1, Ordering::Relaxed);
+            let mut r = lock(&sh.routes);
+            if r.closed.is_some() {
+                return;
+            }
+            if r.waiters() || r.last_call.elapsed() < IDLE_READER_AFTER {
+                // Calls are being made: they read their own replies.
+                r.release(&sh.wake);
+                break;
+            }
+        }
     }
 }
 
 impl Drop for LineClient {
     fn drop(&mut self) {
-        // Unblocks the reader's read; it then fails any waiter and exits.
+        // Unblocks a read in progress; the idle reader then fails any
+        // waiter and exits (told by `closed` if it was not reading).
         let _ = lock(&self.writer).shutdown(Shutdown::Both);
+        {
+            let mut r = lock(&self.shared.routes);
+            if r.closed.is_none() {
+                r.closed = Some(Closed::Lost("the client was dropped".into()));
+            }
+        }
+        self.shared.wake.notify_all();
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
@@ -362,62 +669,6 @@ impl PushedQueue {
     }
 }
 
-/// The reader thread: routes every line until the connection ends, then
-/// fails every waiter with the reason.
-fn read_loop(stream: TcpStream, id_field: &str, routes: &Mutex<Routes>, pushed: &PushedQueue) {
-    let shut = stream.try_clone();
-    let mut r = BufReader::new(stream);
-    let mut buf = Vec::new();
-    let closed = loop {
-        if let Err(c) = read_line(&mut r, &mut buf) {
-            break c;
-        }
-        if let Err(reason) = route(&buf, id_field, routes, pushed) {
-            break Closed::BadLine(reason);
-        }
-    };
-    if matches!(closed, Closed::BadLine(_)) {
-        if let Ok(s) = shut {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-    let (by_id, id_null) = {
-        let mut r = lock(routes);
-        r.closed = Some(closed.clone());
-        (std::mem::take(&mut r.by_id), std::mem::take(&mut r.id_null))
-    };
-    for w in by_id.into_values().chain(id_null) {
-        let _ = w.try_send(Err(closed.clone()));
-    }
-}
-
-/// One line into `buf`, without its `\n`.
-fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<(), Closed> {
-    buf.clear();
-    let limit = u64::try_from(MAX_REPLY_LINE).unwrap_or(u64::MAX) + 1;
-    let n = r
-        .by_ref()
-        .take(limit)
-        .read_until(b'\n', buf)
-        .map_err(|e| Closed::Lost(format!("reading: {e}")))?;
-    if n == 0 {
-        return Err(Closed::Lost("the server closed the connection".into()));
-    }
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-        return Ok(());
-    }
-    if buf.len() > MAX_REPLY_LINE {
-        Err(Closed::BadLine(format!(
-            "a line longer than {MAX_REPLY_LINE} bytes"
-        )))
-    } else {
-        Err(Closed::Lost(
-            "the server closed the connection in the middle of a line".into(),
-        ))
-    }
-}
-
 /// Routes one line; `Err` when it cannot be routed.
 fn route(
     line: &[u8],
@@ -455,7 +706,7 @@ fn route(
     };
     match (waiter, target) {
         (Some(w), _) => {
-            let _ = w.try_send(Ok(v));
+            let _ = w.try_send(Msg::Reply(Ok(v)));
         }
         // Nobody asked: an id-null reply is still worth showing.
         (None, Route::IdNull) => pushed.push(v),
@@ -704,6 +955,71 @@ mod tests {
         assert_eq!(r["mid"], 777);
         assert!(matches!(c.call(json!([1])), Err(CallError::NotAnObject)));
         assert_eq!(c.next_id(), 778);
+        drop(c);
+        server.join().expect("fake server");
+    }
+
+    /// A caller alone on its connection reads its own replies: no thread
+    /// hop per request (before, every reply came through the reader thread).
+    #[test]
+    fn a_lone_caller_reads_its_own_replies() {
+        const CALLS: u64 = 200;
+        let (addr, server) = fake(|mut r, mut w| {
+            for _ in 0..CALLS {
+                let req = recv_line(&mut r);
+                send(
+                    &mut w,
+                    json!({"mid": req["mid"], "status": "STATUS_SUCCESS"}),
+                );
+            }
+            wait_close(&mut r);
+        });
+        let c = LineClient::connect(addr, "mid", "test").expect("connect");
+        for _ in 0..CALLS {
+            c.call(json!({"cmd": "ECHO"})).expect("a reply");
+        }
+        // A call that finds the idle reader reading (a pause of 20 ms
+        // between calls on a loaded machine) gets its reply through it.
+        let idle = c.shared.idle_reads.load(Ordering::Relaxed);
+        assert!(
+            idle <= CALLS / 10,
+            "{idle} of {CALLS} replies read by the idle reader"
+        );
+        drop(c);
+        server.join().expect("fake server");
+    }
+
+    /// A line pushed while no call is made still reaches the channel (the
+    /// idle reader reads it), and a call made while that reader reads gets
+    /// its reply.
+    #[test]
+    fn lines_pushed_between_calls_arrive() {
+        let (ptx, prx) = bounded::<()>(1);
+        let (addr, server) = fake(move |mut r, mut w| {
+            let req = recv_line(&mut r);
+            send(
+                &mut w,
+                json!({"mid": req["mid"], "status": "STATUS_SUCCESS"}),
+            );
+            // After the reply, with no call in flight.
+            let _ = prx.recv_timeout(Duration::from_secs(10));
+            send(&mut w, json!({"cmd": "LEASE_BREAK", "lease_key": "k"}));
+            let req = recv_line(&mut r);
+            send(
+                &mut w,
+                json!({"mid": req["mid"], "status": "STATUS_SUCCESS"}),
+            );
+            wait_close(&mut r);
+        });
+        let c = LineClient::connect(addr, "mid", "test").expect("connect");
+        c.call(json!({"cmd": "ECHO"})).expect("first reply");
+        ptx.send(()).expect("server waits");
+        let n = c
+            .pushed()
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the LEASE_BREAK, read with no call in flight");
+        assert_eq!(n["cmd"], "LEASE_BREAK");
+        c.call(json!({"cmd": "ECHO"})).expect("second reply");
         drop(c);
         server.join().expect("fake server");
     }

@@ -683,6 +683,10 @@ pub fn accept_forever(
     let mut next = 0u64;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
+        // Replies and pushed lines are small writes, often two in a row (a
+        // LEASE_BREAK then a reply): Nagle must not hold the second back
+        // until the peer's (delayed) acknowledgement of the first.
+        let _ = stream.set_nodelay(true);
         next += 1;
         let peer = stream.peer_addr().map(|a| a.ip()).ok();
         if let Err(why) = admit(&live, peer, &cfg) {
@@ -1127,5 +1131,30 @@ mod tests {
         assert!(!a.evicted());
         drop((old, new, third));
         assert_eq!(partial_line_bytes(), 0);
+    }
+
+    /// Accepted connections send without Nagle's delay.
+    #[test]
+    fn accepted_connections_have_nodelay() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let cfg = Listen {
+            prefix: "test",
+            id_field: "mid",
+            busy_status: "BUSY",
+            max_connections: 4,
+            max_connections_per_peer: 4,
+        };
+        std::thread::spawn(move || {
+            accept_forever(l, cfg, move |_, s: TcpStream| {
+                let _ = tx.send(s.nodelay().ok());
+            })
+        });
+        let _c = TcpStream::connect(addr).expect("connect");
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("served");
+        assert_eq!(got, Some(true));
     }
 }

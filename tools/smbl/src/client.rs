@@ -1,6 +1,7 @@
 //! The connection: shimline's line client ([`shimline::client::LineClient`]:
-//! framing, `mid` assignment, the reader thread that routes replies by
-//! `mid` and queues what the server pushes) with smbl's errors. The
+//! framing, `mid` assignment, routing replies by `mid` — read by the
+//! calling thread when no other call reads, by an idle reader thread
+//! between calls — and queuing what the server pushes) with smbl's errors. The
 //! routing rules, the bounded pushed queue (oldest dropped and counted,
 //! never silently) and their tests live there, once for both protocols.
 
