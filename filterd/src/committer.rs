@@ -746,6 +746,8 @@ mod tests {
         prepared: AtomicU64,
         gates: Mutex<BTreeMap<u64, mpsc::Receiver<Result<u64, StoreError>>>>,
         entered: Mutex<Vec<u64>>,
+        /// The threads `run_prepared` ran on.
+        threads: Mutex<std::collections::HashSet<std::thread::ThreadId>>,
     }
 
     impl StateStore for Gated {
@@ -768,6 +770,10 @@ mod tests {
         fn run_prepared(&self, p: Prepared) -> Result<u64, StoreError> {
             let n = *p.0.downcast::<u64>().expect("a number");
             self.entered.lock().unwrap().push(n);
+            self.threads
+                .lock()
+                .unwrap()
+                .insert(std::thread::current().id());
             let gate = loop {
                 if let Some(g) = self.gates.lock().unwrap().remove(&n) {
                     break g;
@@ -917,6 +923,34 @@ mod tests {
         assert_eq!(next_packet(&peer), b"one");
         assert_eq!(next_packet(&peer), b"two");
         assert_eq!(pipe.committed(), 2);
+        pipe.stop();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn commits_are_sent_by_threads_kept_for_the_committers_life() {
+        let Rig {
+            store,
+            pipe,
+            writer: w,
+            peer,
+            committer: t,
+            ..
+        } = setup();
+        for n in 1..=6u64 {
+            let g = store.gate(n);
+            pipe.submit(job(&pipe, n, &w, b"reply"));
+            wait_until("the commit is sent", || {
+                store.entered.lock().unwrap().len() == usize::try_from(n).unwrap()
+            });
+            g.send(Ok(n)).unwrap();
+            assert_eq!(next_packet(&peer), b"reply");
+        }
+        let used = store.threads.lock().unwrap().len();
+        assert!(
+            used <= PIPELINE_DEPTH,
+            "six commits were sent by {used} threads"
+        );
         pipe.stop();
         t.join().unwrap();
     }
