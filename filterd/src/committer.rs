@@ -289,6 +289,16 @@ impl Pipeline {
 /// ([`StateStore::pipelines`]).
 const PIPELINE_DEPTH: usize = 2;
 
+/// [`PIPELINE_DEPTH`], or `$RKFILTER_PIPELINE_DEPTH` (1–16) for measuring
+/// other depths (`rkbench --etcd-only` passes its environment on).
+fn pipeline_depth() -> usize {
+    std::env::var("RKFILTER_PIPELINE_DEPTH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|d| (1..=16).contains(d))
+        .unwrap_or(PIPELINE_DEPTH)
+}
+
 /// Where a started commit's store outcome will be.
 type Slot = Arc<Mutex<Option<Result<u64, StoreError>>>>;
 
@@ -345,7 +355,12 @@ pub fn run(
     // queued, or half the last commit's duration (at most 1 ms) has passed.
     let mut last_requests = 0usize;
     let mut last_commit = Duration::ZERO;
-    let depth = if store.pipelines() { PIPELINE_DEPTH } else { 1 };
+    let depth = if store.pipelines() {
+        pipeline_depth()
+    } else {
+        1
+    };
+    let txn_threads = TxnThreads::new(&store, &pipe, if depth > 1 { depth } else { 0 });
     let mut flight: VecDeque<Started> = VecDeque::new();
     // What is queued must wait until nothing is in flight.
     let mut drain = false;
@@ -466,7 +481,7 @@ pub fn run(
             match store.prepare(&batches) {
                 Ok(Some(prepared)) => {
                     drop(batches);
-                    start(&store, &pipe, prepared, &outcome);
+                    txn_threads.start(store.as_ref(), prepared, &outcome);
                 }
                 Ok(None) if !flight.is_empty() => {
                     // It reads or writes what one in flight changes: back
@@ -506,30 +521,63 @@ pub fn run(
     }
 }
 
-/// Sends a prepared commit on a thread of its own; its outcome lands in
-/// `slot` and wakes the committer. Without a thread, it runs here.
-fn start(store: &Arc<dyn StateStore>, pipe: &Arc<Pipeline>, prepared: Prepared, slot: &Slot) {
-    let (st, p, out) = (store.clone(), pipe.clone(), slot.clone());
-    let prepared = Arc::new(Mutex::new(Some(prepared)));
-    let mine = prepared.clone();
-    let spawned = std::thread::Builder::new()
-        .name("commit-txn".into())
-        .spawn(move || {
-            let taken = mine.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(prepared) = taken {
-                let r = st.run_prepared(prepared);
-                *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                // Under the pipeline's lock, so the committer cannot miss it.
-                drop(p.lock());
-                p.wake.notify_all();
-            }
-        });
-    if spawned.is_err() {
-        let taken = prepared.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(prepared) = taken {
-            let r = store.run_prepared(prepared);
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+/// The threads that send prepared commits (one per commit that may be in
+/// flight besides the committer's own), kept for the committer's life:
+/// a commit costs a channel send and a wake, not a thread's creation.
+struct TxnThreads {
+    tx: Option<crossbeam_channel::Sender<(Prepared, Slot)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for TxnThreads {
+    /// The committer returns with nothing in flight: the threads are idle
+    /// and end when the channel closes.
+    fn drop(&mut self) {
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
+    }
+}
+
+impl TxnThreads {
+    fn new(store: &Arc<dyn StateStore>, pipe: &Arc<Pipeline>, n: usize) -> TxnThreads {
+        let (tx, rx) = crossbeam_channel::unbounded::<(Prepared, Slot)>();
+        let mut threads = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (st, p, rx) = (store.clone(), pipe.clone(), rx.clone());
+            let spawned = std::thread::Builder::new()
+                .name("commit-txn".into())
+                .spawn(move || {
+                    for (prepared, out) in rx {
+                        let r = st.run_prepared(prepared);
+                        *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                        // Under the pipeline's lock, so the committer cannot
+                        // miss it.
+                        drop(p.lock());
+                        p.wake.notify_all();
+                    }
+                });
+            threads.extend(spawned.ok());
+        }
+        TxnThreads {
+            tx: (!threads.is_empty()).then_some(tx),
+            threads,
+        }
+    }
+
+    /// Sends a prepared commit on one of the threads; its outcome lands in
+    /// `slot` and wakes the committer. Without a thread, it runs here.
+    fn start(&self, store: &dyn StateStore, prepared: Prepared, slot: &Slot) {
+        let prepared = match &self.tx {
+            Some(tx) => match tx.send((prepared, slot.clone())) {
+                Ok(()) => return,
+                Err(crossbeam_channel::SendError((prepared, _))) => prepared,
+            },
+            None => prepared,
+        };
+        let r = store.run_prepared(prepared);
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
     }
 }
 
@@ -698,6 +746,8 @@ mod tests {
         prepared: AtomicU64,
         gates: Mutex<BTreeMap<u64, mpsc::Receiver<Result<u64, StoreError>>>>,
         entered: Mutex<Vec<u64>>,
+        /// The threads `run_prepared` ran on.
+        threads: Mutex<std::collections::HashSet<std::thread::ThreadId>>,
     }
 
     impl StateStore for Gated {
@@ -720,6 +770,10 @@ mod tests {
         fn run_prepared(&self, p: Prepared) -> Result<u64, StoreError> {
             let n = *p.0.downcast::<u64>().expect("a number");
             self.entered.lock().unwrap().push(n);
+            self.threads
+                .lock()
+                .unwrap()
+                .insert(std::thread::current().id());
             let gate = loop {
                 if let Some(g) = self.gates.lock().unwrap().remove(&n) {
                     break g;
@@ -869,6 +923,34 @@ mod tests {
         assert_eq!(next_packet(&peer), b"one");
         assert_eq!(next_packet(&peer), b"two");
         assert_eq!(pipe.committed(), 2);
+        pipe.stop();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn commits_are_sent_by_threads_kept_for_the_committers_life() {
+        let Rig {
+            store,
+            pipe,
+            writer: w,
+            peer,
+            committer: t,
+            ..
+        } = setup();
+        for n in 1..=6u64 {
+            let g = store.gate(n);
+            pipe.submit(job(&pipe, n, &w, b"reply"));
+            wait_until("the commit is sent", || {
+                store.entered.lock().unwrap().len() == usize::try_from(n).unwrap()
+            });
+            g.send(Ok(n)).unwrap();
+            assert_eq!(next_packet(&peer), b"reply");
+        }
+        let used = store.threads.lock().unwrap().len();
+        assert!(
+            used <= PIPELINE_DEPTH,
+            "six commits were sent by {used} threads"
+        );
         pipe.stop();
         t.join().unwrap();
     }
