@@ -400,7 +400,7 @@ fn local_section(
     dur: Duration,
 ) -> anyhow::Result<()> {
     eprintln!("rkbench: local opens under fanotify…");
-    match local::measure(&filterd, &dir, dur)? {
+    match local::measure(filterd, dir, dur)? {
         Some(l) => {
             rep.rows.push(Row::new(
                 "local open+close, no fanotify (raw)",
