@@ -53,7 +53,7 @@ impl EngineTx {
     /// Queues a command and wakes the engine. Fails when the engine is gone.
     pub fn send(&self, c: Command) -> Result<(), ()> {
         self.tx.send(c).map_err(|_| ())?;
-        let _ = self.wake.write(1);
+        wake(&self.wake);
         Ok(())
     }
 
@@ -78,12 +78,23 @@ impl EngineTx {
     pub fn try_send(&self, c: Command) -> Result<(), Option<Box<Command>>> {
         match self.tx.try_send(c) {
             Ok(()) => {
-                let _ = self.wake.write(1);
+                wake(&self.wake);
                 Ok(())
             }
             Err(crossbeam_channel::TrySendError::Full(c)) => Err(Some(Box::new(c))),
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(None),
         }
+    }
+}
+
+/// Wakes the engine's poller. The eventfd is watched edge-triggered, so
+/// every write is a new event and the poller never reads it back (a
+/// system call less per wake-up, issue 16); only a counter that would
+/// overflow (never, in practice: 2^64 - 2 writes) is reset first.
+fn wake(fd: &EventFd) {
+    if let Err(nix::errno::Errno::EAGAIN) = fd.write(1) {
+        let _ = fd.read();
+        let _ = fd.write(1);
     }
 }
 
@@ -97,7 +108,8 @@ struct PollConn {
 /// The engine's view of every connection's receive side.
 pub struct Poller {
     epoll: Epoll,
-    wake: Arc<EventFd>,
+    /// Kept open while the poller watches it (never read: edge-triggered).
+    _wake: Arc<EventFd>,
     rx: Receiver<Command>,
     conns: HashMap<ConnId, PollConn>,
     batch: PacketBatch,
@@ -120,15 +132,17 @@ impl Poller {
         let wake = Arc::new(EventFd::from_flags(
             EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
         )?);
+        // Edge-triggered: each write is an event of its own; nothing reads
+        // the counter back ([`wake`]).
         epoll.add(
             wake.as_fd(),
-            EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, WAKE_TOKEN),
         )?;
         let (tx, rx) = crossbeam_channel::bounded(capacity);
         Ok((
             Poller {
                 epoll,
-                wake: wake.clone(),
+                _wake: wake.clone(),
                 rx,
                 conns: HashMap::new(),
                 batch: PacketBatch::new(sys::MAX_BATCH, MAX_FRAME + 1),
@@ -149,7 +163,6 @@ impl Poller {
         let mut out = Vec::with_capacity(n + 1);
         for ev in self.events.iter().take(n) {
             if ev.data() == WAKE_TOKEN {
-                let _ = self.wake.read();
                 out.push(Ready::Commands);
             } else {
                 out.push(Ready::Conn(ConnId(ev.data())));

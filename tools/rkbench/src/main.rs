@@ -48,7 +48,7 @@ mod smb;
 mod smb3;
 mod targets;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -123,6 +123,11 @@ struct Args {
     /// comparisons of the request paths.
     #[arg(long)]
     targets_only: bool,
+    /// Only the local-open rows under fanotify (no listener, an allow-all
+    /// listener, filterd with files without and with protocol state; root
+    /// only), for before/after comparisons of filterd's fanotify path.
+    #[arg(long)]
+    local_only: bool,
     /// Internal: echo server for the socket round-trip baseline.
     #[arg(long, hide = true, value_name = "SOCKET")]
     echo_server: Option<PathBuf>,
@@ -170,6 +175,12 @@ fn main() -> anyhow::Result<()> {
     }
     if args.frontends_only {
         frontends_section(&mut rep, &filterd, &smbshim, &nfsshim, &dir, dur)?;
+        print!("{}", rep.table());
+        rep.write_json(&args.json)?;
+        return Ok(());
+    }
+    if args.local_only {
+        local_section(&mut rep, &filterd, &dir, dur)?;
         print!("{}", rep.table());
         rep.write_json(&args.json)?;
         return Ok(());
@@ -365,91 +376,7 @@ fn main() -> anyhow::Result<()> {
                 rounds.push(targets::measure_round(&programs, &dir, dur)?);
             }
             targets::push_round_targets(&mut rep, &rounds);
-            eprintln!("rkbench: local opens under fanotify…");
-            match local::measure(&filterd, &dir, dur)? {
-                Some(l) => {
-                    rep.rows.push(Row::new(
-                        "local open+close, no fanotify (raw)",
-                        1,
-                        l.raw.ops_per_s,
-                        l.raw.mean_us,
-                        l.raw.p99_us,
-                    ));
-                    rep.rows.push(
-                        Row::new(
-                            "local open+close, allow-all fanotify listener",
-                            1,
-                            l.allow_all.ops_per_s,
-                            l.allow_all.mean_us,
-                            l.allow_all.p99_us,
-                        )
-                        .beside("raw open+close", l.raw.mean_us),
-                    );
-                    rep.rows.push(
-                        Row::new(
-                            "local open+close via filterd, file without state",
-                            1,
-                            l.stateless.ops_per_s,
-                            l.stateless.mean_us,
-                            l.stateless.p99_us,
-                        )
-                        .beside("raw open+close", l.raw.mean_us),
-                    );
-                    rep.rows.push(
-                        Row::new(
-                            "local open+close via filterd, file with state",
-                            1,
-                            l.stateful.ops_per_s,
-                            l.stateful.mean_us,
-                            l.stateful.p99_us,
-                        )
-                        .beside("allow-all listener", l.allow_all.mean_us),
-                    );
-                    rep.target(
-                        "local open of a file without protocol state ≤ 1.2× raw",
-                        l.stateless.mean_us / l.raw.mean_us,
-                        1.2,
-                        true,
-                    );
-                    let n = local::OPENERS;
-                    rep.rows.push(
-                        Row::new(
-                            "local open+close, allow-all fanotify listener, concurrent openers",
-                            n,
-                            l.allow_all_many.ops_per_s,
-                            l.allow_all_many.mean_us,
-                            l.allow_all_many.p99_us,
-                        )
-                        .beside_rate("raw, same openers", l.raw_many.ops_per_s),
-                    );
-                    let (many, refused) = l.stateful_many;
-                    rep.rows.push(
-                        Row::new(
-                            "local open+close via filterd, file with state, concurrent openers",
-                            n,
-                            many.ops_per_s,
-                            many.mean_us,
-                            many.p99_us,
-                        )
-                        .beside_rate(
-                            "allow-all listener, same openers",
-                            l.allow_all_many.ops_per_s,
-                        )
-                        .with("refused", refused as f64)
-                        .with("raw_ops_per_s", l.raw_many.ops_per_s)
-                        .note(format!("{refused} refused")),
-                    );
-                    rep.target(
-                        "local open of a file with protocol state ≤ 1.5× allow-all listener",
-                        l.stateful.mean_us / l.allow_all.mean_us,
-                        1.5,
-                        true,
-                    );
-                }
-                None => eprintln!(
-                "rkbench: skipped local-open section: needs root (mounts a tmpfs, uses fanotify)"
-            ),
-            }
+            local_section(&mut rep, &filterd, &dir, dur)?;
         }
         restart_section(&mut rep, &filterd, &dir, args.quick, args.large, reps)?;
     } else {
@@ -462,6 +389,101 @@ fn main() -> anyhow::Result<()> {
     print!("{}", rep.table());
     rep.write_json(&args.json)?;
     println!("JSON report: {}", args.json.display());
+    Ok(())
+}
+
+/// The local-open rows under fanotify (root only: skipped otherwise).
+fn local_section(
+    rep: &mut Report,
+    filterd: &Path,
+    dir: &Path,
+    dur: Duration,
+) -> anyhow::Result<()> {
+    eprintln!("rkbench: local opens under fanotify…");
+    match local::measure(filterd, dir, dur)? {
+        Some(l) => {
+            rep.rows.push(Row::new(
+                "local open+close, no fanotify (raw)",
+                1,
+                l.raw.ops_per_s,
+                l.raw.mean_us,
+                l.raw.p99_us,
+            ));
+            rep.rows.push(
+                Row::new(
+                    "local open+close, allow-all fanotify listener",
+                    1,
+                    l.allow_all.ops_per_s,
+                    l.allow_all.mean_us,
+                    l.allow_all.p99_us,
+                )
+                .beside("raw open+close", l.raw.mean_us),
+            );
+            rep.rows.push(
+                Row::new(
+                    "local open+close via filterd, file without state",
+                    1,
+                    l.stateless.ops_per_s,
+                    l.stateless.mean_us,
+                    l.stateless.p99_us,
+                )
+                .beside("raw open+close", l.raw.mean_us),
+            );
+            rep.rows.push(
+                Row::new(
+                    "local open+close via filterd, file with state",
+                    1,
+                    l.stateful.ops_per_s,
+                    l.stateful.mean_us,
+                    l.stateful.p99_us,
+                )
+                .beside("allow-all listener", l.allow_all.mean_us),
+            );
+            rep.target(
+                "local open of a file without protocol state ≤ 1.2× raw",
+                l.stateless.mean_us / l.raw.mean_us,
+                1.2,
+                true,
+            );
+            let n = local::OPENERS;
+            rep.rows.push(
+                Row::new(
+                    "local open+close, allow-all fanotify listener, concurrent openers",
+                    n,
+                    l.allow_all_many.ops_per_s,
+                    l.allow_all_many.mean_us,
+                    l.allow_all_many.p99_us,
+                )
+                .beside_rate("raw, same openers", l.raw_many.ops_per_s),
+            );
+            let (many, refused) = l.stateful_many;
+            rep.rows.push(
+                Row::new(
+                    "local open+close via filterd, file with state, concurrent openers",
+                    n,
+                    many.ops_per_s,
+                    many.mean_us,
+                    many.p99_us,
+                )
+                .beside_rate(
+                    "allow-all listener, same openers",
+                    l.allow_all_many.ops_per_s,
+                )
+                .with("refused", refused as f64)
+                .with("raw_ops_per_s", l.raw_many.ops_per_s)
+                .note(format!("{refused} refused")),
+            );
+            rep.target(
+                "local open of a file with protocol state ≤ 1.5× allow-all listener",
+                l.stateful.mean_us / l.allow_all.mean_us,
+                1.5,
+                true,
+            );
+        }
+        None => eprintln!(
+            "rkbench: skipped local-open section: needs root (mounts a tmpfs, uses fanotify)"
+        ),
+    }
     Ok(())
 }
 
