@@ -119,10 +119,18 @@ fn decode_at<T: crate::store::StoredRecord>(
     k: &[u8],
     v: &[u8],
 ) -> Result<T, StoreError> {
-    decode_record::<T>(v).map_err(|reason| StoreError::Corrupt {
+    decode_record::<T>(v).map_err(corrupt_at(table, k))
+}
+
+/// A record under `k` that does not decode.
+fn corrupt_at<'a>(
+    table: &'static str,
+    k: &'a [u8],
+) -> impl FnOnce(crate::record::RecordError) -> StoreError + 'a {
+    move |reason| StoreError::Corrupt {
         table,
         reason: format!("key {}: {reason}", String::from_utf8_lossy(k)),
-    })
+    }
 }
 /// Per-request timeout: a request to a dead member fails and is retried on
 /// another endpoint well within a lease.
@@ -790,6 +798,8 @@ impl EtcdStore {
             .kv_client()
             .max_decoding_message_size(READ_MESSAGE_LIMIT);
         let mut tries = 0u32;
+        // The handles' names, shared across the whole read.
+        let mut names = crate::record::SharedNames::default();
         while !todo.is_empty() {
             let (tx, rx) = std::sync::mpsc::channel::<ReadMsg>();
             let running = todo.len();
@@ -852,9 +862,12 @@ impl EtcdStore {
                         if decode_handles {
                             if let Some(out) = decoded.get_mut(i) {
                                 out.extend(
-                                    kvs.iter()
-                                        .filter(|(k, _)| k.starts_with(&handles))
-                                        .map(|(k, v)| decode_at("handles", k, v)),
+                                    kvs.iter().filter(|(k, _)| k.starts_with(&handles)).map(
+                                        |(k, v)| {
+                                            crate::record::decode_handle_record(v, &mut names)
+                                                .map_err(corrupt_at("handles", k))
+                                        },
+                                    ),
                                 );
                             }
                         }

@@ -30,6 +30,8 @@
 //! and 2 only still reads every record but a stat handle's, which it reports
 //! as of an unknown version rather than taking it for an ordinary reader.
 
+use std::collections::HashMap;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -367,77 +369,164 @@ impl StoredRecord for HandleRecord {
     }
 
     fn from_v2(v: HandleRecordV2<'_>) -> Result<HandleRecord, RecordError> {
-        let lease = match v.lease {
-            None => None,
-            Some(l) => Some(HeldLease {
-                key: LeaseKey(Uuid::from_bytes(l.key)),
-                state: LeaseState::from_bits(l.state)
-                    .ok_or_else(|| refused("lease", "invalid lease state bits"))?,
-                epoch: l.epoch,
-            }),
-        };
-        Ok(HandleRecord {
-            key: ResumeKey(Uuid::from_bytes(v.key)),
-            protocol: Protocol::new(v.protocol).map_err(invalid("protocol"))?,
-            frontend: InstanceName::new(v.frontend).map_err(invalid("frontend"))?,
-            client: ClientId::new(v.client).map_err(invalid("client"))?,
-            create_guid: v.create_guid.map(|g| CreateGuid(Uuid::from_bytes(g))),
-            owner: v.owner.map(str::to_owned),
-            path: RelPath::new(v.path).map_err(invalid("path"))?,
-            file: FileId {
-                dev: v.file_dev,
-                ino: v.file_ino,
-            },
-            kernel_handle: v
-                .kernel_handle
-                .map(KernelHandleV2::into_model)
-                .transpose()?,
-            access: Access::new(rights("access", v.access)?).map_err(invalid("access"))?,
-            share: rights("share", v.share)?,
-            durability: match v.durability {
-                DurabilityV2::None => Durability::None,
-                DurabilityV2::Durable(timeout_ms) => Durability::Durable { timeout_ms },
-                DurabilityV2::Persistent(timeout_ms) => Durability::Persistent { timeout_ms },
-            },
-            conn: match v.conn {
-                ConnStateV2::Connected => ConnState::Connected,
-                ConnStateV2::Disconnected(since_ms, expires_ms) => ConnState::Disconnected {
-                    since_ms,
-                    expires_ms,
-                },
-                ConnStateV2::Lost => ConnState::Lost,
-            },
-            create_action: match v.create_action {
-                CreateActionV2::Opened => CreateAction::Opened,
-                CreateActionV2::Created => CreateAction::Created,
-                CreateActionV2::Overwritten => CreateAction::Overwritten,
-                CreateActionV2::Superseded => CreateAction::Superseded,
-            },
-            opened_ms: v.opened_ms,
-            locks: v
-                .locks
-                .into_iter()
-                .map(|l| HeldLock {
-                    range: LockRange {
-                        offset: l.offset,
-                        length: l.length,
-                    },
-                    kind: if l.exclusive {
-                        LockKind::Exclusive
-                    } else {
-                        LockKind::Shared
-                    },
-                })
-                .collect(),
-            lock_sequence: v.lock_sequence,
-            lease,
-            delete_on_close: v.delete_on_close,
-            share_group: v.share_group.map(str::to_owned),
-            lock_owner: v.lock_owner.map(str::to_owned),
-            // Added in version 3 (`with_v3_ext`).
-            stat: false,
-        })
+        handle_from_v2(v, None)
     }
+}
+
+/// The protocol, frontend and client names decoded so far, so that the
+/// records of one name share one copy (`Arc<str>`) from their decode on:
+/// a full read (restart recovery) then allocates no name per record — it
+/// looks the borrowed text up instead — and the engine's counts, whose
+/// keys are these same copies, share them too. Keyed by the stored text
+/// with the standard (randomly keyed) hasher: a client's name is chosen by
+/// a peer.
+#[derive(Debug, Default)]
+pub struct SharedNames {
+    protocols: HashMap<Box<str>, Protocol>,
+    frontends: HashMap<Box<str>, InstanceName>,
+    clients: HashMap<Box<str>, ClientId>,
+}
+
+/// The shared copy of `s` in `names`, made (checked by `make`) on its
+/// first use; without `names` (one record alone), a copy of its own.
+fn shared<T: Clone>(
+    names: Option<&mut HashMap<Box<str>, T>>,
+    s: &str,
+    make: impl FnOnce(&str) -> Result<T, ModelError>,
+    field: &'static str,
+) -> Result<T, RecordError> {
+    let Some(names) = names else {
+        return make(s).map_err(invalid(field));
+    };
+    if let Some(n) = names.get(s) {
+        return Ok(n.clone());
+    }
+    let n = make(s).map_err(invalid(field))?;
+    names.insert(s.into(), n.clone());
+    Ok(n)
+}
+
+/// Decodes a stored handle record (any version) as [`decode_record`] does,
+/// its names shared through `names` with the records decoded before it.
+pub fn decode_handle_record(
+    bytes: &[u8],
+    names: &mut SharedNames,
+) -> Result<HandleRecord, RecordError> {
+    match bytes.split_first() {
+        Some((&RECORD_V2_POSTCARD, body)) => {
+            let (v2, rest) = postcard::take_from_bytes::<HandleRecordV2<'_>>(body)
+                .map_err(RecordError::Binary)?;
+            if !rest.is_empty() {
+                return Err(RecordError::Trailing(rest.len()));
+            }
+            handle_from_v2(v2, Some(names))
+        }
+        Some((&RECORD_V3_POSTCARD, body)) => {
+            let (v2, rest) = postcard::take_from_bytes::<HandleRecordV2<'_>>(body)
+                .map_err(RecordError::Binary)?;
+            let (ext, rest) = postcard::take_from_bytes::<HandleRecordV3Ext>(rest)
+                .map_err(RecordError::Binary)?;
+            if !rest.is_empty() {
+                return Err(RecordError::Trailing(rest.len()));
+            }
+            handle_from_v2(v2, Some(names)).map(|r| r.with_v3_ext(ext))
+        }
+        // JSON (schema 1) and unknown versions: as any record.
+        _ => decode_record(bytes),
+    }
+}
+
+/// [`StoredRecord::from_v2`] of a handle record, its names from `names`
+/// when given.
+fn handle_from_v2(
+    v: HandleRecordV2<'_>,
+    mut names: Option<&mut SharedNames>,
+) -> Result<HandleRecord, RecordError> {
+    let lease = match v.lease {
+        None => None,
+        Some(l) => Some(HeldLease {
+            key: LeaseKey(Uuid::from_bytes(l.key)),
+            state: LeaseState::from_bits(l.state)
+                .ok_or_else(|| refused("lease", "invalid lease state bits"))?,
+            epoch: l.epoch,
+        }),
+    };
+    Ok(HandleRecord {
+        key: ResumeKey(Uuid::from_bytes(v.key)),
+        protocol: shared(
+            names.as_mut().map(|n| &mut n.protocols),
+            v.protocol,
+            |s| Protocol::new(s),
+            "protocol",
+        )?,
+        frontend: shared(
+            names.as_mut().map(|n| &mut n.frontends),
+            v.frontend,
+            |s| InstanceName::new(s),
+            "frontend",
+        )?,
+        client: shared(
+            names.as_mut().map(|n| &mut n.clients),
+            v.client,
+            |s| ClientId::new(s),
+            "client",
+        )?,
+        create_guid: v.create_guid.map(|g| CreateGuid(Uuid::from_bytes(g))),
+        owner: v.owner.map(str::to_owned),
+        path: RelPath::new(v.path).map_err(invalid("path"))?,
+        file: FileId {
+            dev: v.file_dev,
+            ino: v.file_ino,
+        },
+        kernel_handle: v
+            .kernel_handle
+            .map(KernelHandleV2::into_model)
+            .transpose()?,
+        access: Access::new(rights("access", v.access)?).map_err(invalid("access"))?,
+        share: rights("share", v.share)?,
+        durability: match v.durability {
+            DurabilityV2::None => Durability::None,
+            DurabilityV2::Durable(timeout_ms) => Durability::Durable { timeout_ms },
+            DurabilityV2::Persistent(timeout_ms) => Durability::Persistent { timeout_ms },
+        },
+        conn: match v.conn {
+            ConnStateV2::Connected => ConnState::Connected,
+            ConnStateV2::Disconnected(since_ms, expires_ms) => ConnState::Disconnected {
+                since_ms,
+                expires_ms,
+            },
+            ConnStateV2::Lost => ConnState::Lost,
+        },
+        create_action: match v.create_action {
+            CreateActionV2::Opened => CreateAction::Opened,
+            CreateActionV2::Created => CreateAction::Created,
+            CreateActionV2::Overwritten => CreateAction::Overwritten,
+            CreateActionV2::Superseded => CreateAction::Superseded,
+        },
+        opened_ms: v.opened_ms,
+        locks: v
+            .locks
+            .into_iter()
+            .map(|l| HeldLock {
+                range: LockRange {
+                    offset: l.offset,
+                    length: l.length,
+                },
+                kind: if l.exclusive {
+                    LockKind::Exclusive
+                } else {
+                    LockKind::Shared
+                },
+            })
+            .collect(),
+        lock_sequence: v.lock_sequence,
+        lease,
+        delete_on_close: v.delete_on_close,
+        share_group: v.share_group.map(str::to_owned),
+        lock_owner: v.lock_owner.map(str::to_owned),
+        // Added in version 3 (`with_v3_ext`).
+        stat: false,
+    })
 }
 
 /// [`ReplayRecord`], version 2.
@@ -1009,6 +1098,22 @@ pub(crate) mod tests {
             roundtrips(&r);
         }
 
+        /// A full read's decode (names shared) gives what the plain decode
+        /// gives, and a second record of the same names holds the first's
+        /// copies instead of its own.
+        #[test]
+        fn shared_names_decode_as_plain_and_share(r in handle_record()) {
+            let bytes = encode_record(&r).unwrap();
+            let mut names = SharedNames::default();
+            let a = decode_handle_record(&bytes, &mut names).unwrap();
+            let b = decode_handle_record(&bytes, &mut names).unwrap();
+            prop_assert_eq!(&a, &decode_record::<HandleRecord>(&bytes).unwrap());
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(a.protocol.as_str().as_ptr(), b.protocol.as_str().as_ptr());
+            prop_assert_eq!(a.frontend.as_str().as_ptr(), b.frontend.as_str().as_ptr());
+            prop_assert_eq!(a.client.as_str().as_ptr(), b.client.as_str().as_ptr());
+        }
+
         #[test]
         fn replay_records_roundtrip(r in replay_record()) {
             roundtrips(&r);
@@ -1023,6 +1128,7 @@ pub(crate) mod tests {
         fn arbitrary_bytes_never_panic(v in 0u8..=255, body in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut b = vec![v];
             b.extend(body);
+            let _ = decode_handle_record(&b, &mut SharedNames::default());
             let _ = decode_record::<HandleRecord>(&b);
             let _ = decode_record::<Intent>(&b);
             let _ = decode_record::<ReplayRecord>(&b);

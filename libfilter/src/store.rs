@@ -23,6 +23,7 @@ use heed::types::{Bytes, Str};
 use heed::{BoxedError, BytesDecode, BytesEncode, Database, Env, EnvFlags};
 
 use crate::model::{HandleRecord, Intent, IntentId, ReplayRecord, ReplayScope, ResumeKey};
+use crate::record::{decode_handle_record, SharedNames};
 pub use crate::record::{decode_record, encode_record, RecordError, StoredRecord};
 
 /// The schema this build writes. Bump it together with a step in [`migrate`].
@@ -375,6 +376,18 @@ pub trait StateStore: Send + Sync {
     /// Every handle record (a record that does not decode is an error in
     /// its place).
     fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError>;
+    /// Hands every handle record to `each`, in key order, as
+    /// [`StateStore::all_handles`] would list them — without a vector of
+    /// them all when the store can (LMDB decodes straight from its cursor,
+    /// the names of its records shared: restart recovery boxes each record
+    /// as it comes).
+    fn each_handle(
+        &self,
+        each: &mut dyn FnMut(Result<HandleRecord, StoreError>),
+    ) -> Result<(), StoreError> {
+        self.all_handles()?.into_iter().for_each(each);
+        Ok(())
+    }
     /// The replay records of one scope, by op id.
     fn scope_records(&self, scope: &ReplayScope) -> Result<Vec<(u64, ReplayRecord)>, StoreError>;
     /// Every replay record, by raw key (a prefix scan of the table).
@@ -404,6 +417,12 @@ impl StateStore for Store {
     }
     fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
         self.handles()
+    }
+    fn each_handle(
+        &self,
+        each: &mut dyn FnMut(Result<HandleRecord, StoreError>),
+    ) -> Result<(), StoreError> {
+        self.for_each_handle(each)
     }
     fn scope_records(&self, scope: &ReplayScope) -> Result<Vec<(u64, ReplayRecord)>, StoreError> {
         self.replays_in(scope)
@@ -830,16 +849,35 @@ impl Store {
         // Sized once from the tree's own count (no per-record regrowth, each
         // of which copied every record read so far).
         let count = raw.stat(&txn).map_or(0, |s| s.entries);
+        drop(txn);
+        drop(_gate);
         let mut out = Vec::with_capacity(count);
+        self.for_each_handle(&mut |rec| out.push(rec))?;
+        Ok(out)
+    }
+
+    /// Every handle record, decoded straight from the cursor and handed to
+    /// `each` (no vector of them all), the names of the records shared
+    /// ([`SharedNames`]). `each` runs inside the read transaction: it must
+    /// not call the store.
+    pub fn for_each_handle(
+        &self,
+        each: &mut dyn FnMut(Result<HandleRecord, StoreError>),
+    ) -> Result<(), StoreError> {
+        let _gate = self.gate();
+        let txn = self.env.read_txn()?;
+        let raw = self.handles.remap_types::<Bytes, Bytes>();
+        let mut names = SharedNames::default();
         for item in raw.iter(&txn)? {
             let (k, v) = item?;
-            let rec = decode_record::<HandleRecord>(v).map_err(|reason| StoreError::Corrupt {
-                table: "handles",
-                reason: format!("key {}: {reason}", hex(k)),
-            });
-            out.push(rec);
+            each(
+                decode_handle_record(v, &mut names).map_err(|reason| StoreError::Corrupt {
+                    table: "handles",
+                    reason: format!("key {}: {reason}", hex(k)),
+                }),
+            );
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Drops the map pages this process has resident (a full scan — restart

@@ -236,24 +236,22 @@ impl Engine {
         let mut updates = Vec::new();
         let now = now_ms();
         let mut corrupt = 0u64;
-        let stored = store.all_handles()?;
-        let read_done = t0.elapsed();
-        // Each record moves once, into the box the handle table keeps (a
-        // record is some 400 bytes: 100k of them copied from vector to
-        // vector was tens of MB of copies and page faults).
-        let mut persistent = Vec::with_capacity(stored.len());
-        for r in stored {
-            match r {
-                Ok(rec) if rec.durability.is_persistent() => {
-                    persistent.push(Box::new(Handle::detached(rec)))
-                }
-                Ok(rec) => updates.push(StoreOp::DeleteHandle(Box::new(rec))),
-                Err(e) => {
-                    error!(error = %e, "stored handle record does not decode; left in place for inspection");
-                    corrupt += 1;
-                }
+        // Each record moves once, from the store's decode into the box the
+        // handle table keeps, as it is read (a record is some 400 bytes: a
+        // vector of 100k of them first was tens of MB of copies and page
+        // faults); its names come shared from the decode.
+        let mut persistent = Vec::new();
+        store.each_handle(&mut |r| match r {
+            Ok(rec) if rec.durability.is_persistent() => {
+                persistent.push(Box::new(Handle::detached(rec)))
             }
-        }
+            Ok(rec) => updates.push(StoreOp::DeleteHandle(Box::new(rec))),
+            Err(e) => {
+                error!(error = %e, "stored handle record does not decode; left in place for inspection");
+                corrupt += 1;
+            }
+        })?;
+        let read_done = t0.elapsed();
         // Which files are still there, all looked at in one go
         // (`Fs::locate_for_recovery`: mostly kernel time); a handle lost
         // before, or without a kernel handle, is not looked for. Meanwhile a
