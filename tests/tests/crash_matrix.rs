@@ -184,19 +184,36 @@ fn rename_with_replace_at_every_failpoint() {
 /// 3 the intent, 4 the change's end with its reply.
 #[test]
 fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
-    for point in [
-        "commit.before:3",
-        "intent.after_commit:1",
-        "intent.after_fs:1",
-        "commit.before:4",
-        "commit.after:4",
-        "reply.before_send:3",
-    ] {
+    end_of_file_with_a_concurrent_write(EOF_FAILPOINTS, false);
+}
+
+/// The same with the WRITE coming through another frontend instance (a
+/// second smbshim, as a multi-protocol server's other frontend would): it
+/// learns of the size change only by the `LocksPresent` hint.
+#[test]
+fn end_of_file_with_a_concurrent_write_from_another_frontend_at_every_failpoint() {
+    end_of_file_with_a_concurrent_write(EOF_FAILPOINTS, true);
+}
+
+const EOF_FAILPOINTS: &[&str] = &[
+    "commit.before:3",
+    "intent.after_commit:1",
+    "intent.after_fs:1",
+    "commit.before:4",
+    "commit.after:4",
+    "reply.before_send:3",
+];
+
+/// `separate`: bob (the WRITE) talks to a second smbshim.
+fn end_of_file_with_a_concurrent_write(points: &[&str], separate: bool) {
+    for &point in points {
         let (name, n) = point.split_once(':').unwrap();
         let s = Scratch::new("cm-eof");
         let armed = format!("{point}:sleep2500");
         let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", armed.as_str())]);
         let shim = Shim::start("smbshim", &s.socket(), "smb-m");
+        let other = separate.then(|| Shim::start("smbshim", &s.socket(), "smb-n"));
+        let bob_addr = other.as_ref().map_or(&shim.addr, |o| &o.addr);
         let session = |c: &mut LineClient, guid: &str, user: &str, prev: Option<u64>| {
             let mut q = json!({"cmd": "SESSION_SETUP", "client_guid": guid, "user": user});
             if let Some(p) = prev {
@@ -222,7 +239,7 @@ fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
             base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b'x'; 100]);
         let r = a.call(json!({"cmd": "WRITE", "session_id": sa, "file_id": fa, "offset": 0, "data": hundred, "op_id": 1}));
         assert_eq!(r["status"], "STATUS_SUCCESS", "{point}: {r}");
-        let mut b = LineClient::connect(&shim.addr);
+        let mut b = LineClient::connect(bob_addr);
         let sb = session(&mut b, &uuid::Uuid::new_v4().to_string(), "bob", None);
         let r = b.call(json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": all, "share": all, "disposition": "open"}));
         assert_eq!(r["status"], "STATUS_SUCCESS", "{point}: {r}");
@@ -248,7 +265,7 @@ fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
         let early = rx.recv_timeout(Duration::from_millis(800)).ok();
         let answered_before_the_kill = early.is_some();
         d.kill9();
-        let _d = Filterd::start(&s, &[], &[]);
+        let d2 = Filterd::start(&s, &[], &[]);
         let write = early.or_else(|| rx.recv_timeout(Duration::from_secs(30)).ok());
         // Alice moves to a new connection (tearing her old session down),
         // reconnects her open and re-sends her SET_INFO with the replay flag.
@@ -269,8 +286,14 @@ fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
         again["replay"] = json!(true);
         let r = a2.call(again);
         assert_eq!(
-            r["status"], "STATUS_SUCCESS",
-            "{point}: the re-sent SET_INFO: {r}"
+            r["status"],
+            "STATUS_SUCCESS",
+            "{point}: the re-sent SET_INFO: {r}; the WRITE got {write:?}; recovery: {}",
+            d2.log_text()
+                .lines()
+                .filter(|l| l.contains("end-of-file"))
+                .collect::<Vec<_>>()
+                .join(" | ")
         );
         let content = std::fs::read(s.root().join("f")).unwrap();
         eprintln!(
@@ -305,6 +328,7 @@ fn end_of_file_with_a_concurrent_write_at_every_failpoint() {
                 "{point}: the change applied once, nothing else"
             );
         }
+        drop(other);
         drop(shim);
     }
 }

@@ -131,13 +131,34 @@ impl Engine {
         };
         let persistent = h.rec.durability.is_persistent();
         let file = h.rec.file;
-        // The file as it is before the change: recovery redoes the change
-        // only if it still is (else writes no gate saw may have come after
-        // the change).
-        let before = h.fd.as_ref().and_then(|f| fs.stamp(f.as_fd()).ok());
         let record = record
             .map(|r| self.own_record(conn, protocol, r))
             .transpose()?;
+        let bracketed = persistent || self.has_persistent_handles(file);
+        if needs_intent(bracketed, record.is_some()) {
+            // Every writer of the file through the filter checks its I/O
+            // before the stamp is taken (see `hint_size_change`).
+            if let Some(f) = self.hint_size_change(key) {
+                let req = Request::SetEndOfFile {
+                    key,
+                    size,
+                    record: record.map(|mut r| {
+                        r.scope = unscope(protocol, r.scope);
+                        r
+                    }),
+                };
+                self.waiting_changes.push((f, conn, req_id, req));
+                return Ok(None);
+            }
+        }
+        // The file as it is before the change: recovery redoes the change
+        // only if it still is (else writes no gate saw may have come after
+        // the change).
+        let before = self
+            .handles
+            .get(&key)
+            .and_then(|h| h.fd.as_ref())
+            .and_then(|f| self.fs.stamp(f.as_fd()).ok());
         if !needs_intent(persistent, record.is_some()) {
             if let Some(seq) = self.close_pending(file) {
                 let req = Request::SetEndOfFile {
@@ -155,7 +176,6 @@ impl Engine {
             record,
             before,
         };
-        let bracketed = persistent || self.has_persistent_handles(file);
         self.run_change(conn, req_id, key, change, bracketed)
     }
 

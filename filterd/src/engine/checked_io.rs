@@ -201,11 +201,31 @@ impl Engine {
         wait.then_some(file)
     }
 
-    /// Whether a LOCK waits on `file` for checked I/O (a new `CheckIo` of
-    /// the file waits behind it, so a stream of I/O cannot starve it).
+    /// Whether a size change of `file` must wait for checked writes of it
+    /// in flight (allowed before the file's writers were told of the
+    /// change; see `hint_size_change`). Starts the deadline of each.
+    pub(super) fn size_change_waits_for_io(
+        &mut self,
+        file: FileId,
+        deadline: u64,
+    ) -> Option<FileId> {
+        let ios = self.checked_io.by_file.get_mut(&file)?;
+        let mut wait = false;
+        for io in ios.iter_mut().filter(|io| io.write) {
+            wait = true;
+            io.deadline.get_or_insert(deadline);
+        }
+        wait.then_some(file)
+    }
+
+    /// Whether a LOCK or a size change waits on `file` for checked I/O (a
+    /// new `CheckIo` of the file waits behind it, so a stream of I/O cannot
+    /// starve it).
     pub(super) fn lock_waiting_on(&self, file: FileId) -> bool {
         self.waiting_changes.iter().any(|(f, c, _, r)| {
-            *f == file && matches!(r, Request::Lock { .. }) && self.conns.contains_key(c)
+            *f == file
+                && matches!(r, Request::Lock { .. } | Request::SetEndOfFile { .. })
+                && self.conns.contains_key(c)
         })
     }
 

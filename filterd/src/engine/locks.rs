@@ -118,14 +118,9 @@ impl Engine {
         if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
             return self.restart_wait(file, &me);
         }
-        let told = self.lock_hints.get(&file).cloned().unwrap_or_default();
         // The locker's own frontend too: another of its clients may have
         // an unchecked write of the file in flight (review of issue 13).
-        let others: HashSet<ConnId> = self
-            .hinted_conns_of(file)
-            .into_iter()
-            .filter(|c| !told.contains(c))
-            .collect();
+        let others = self.untold_conns_of(file);
         let absent: HashSet<InstanceName> = self
             .by_file
             .get(&file)
@@ -145,7 +140,32 @@ impl Engine {
         if others.is_empty() && absent.is_empty() {
             return None;
         }
-        for c in &others {
+        debug!(file = ?file, attached = others.len(), absent = absent.len(), "first lock waits for frontends to hear of it");
+        self.tell_and_wait(file, others, absent, mono_ms() + self.cfg.break_timeout_ms);
+        Some(file)
+    }
+
+    /// Connections with lock hints and attached handles of `file` not told
+    /// yet that it has locks.
+    fn untold_conns_of(&self, file: FileId) -> HashSet<ConnId> {
+        let told = self.lock_hints.get(&file);
+        self.hinted_conns_of(file)
+            .into_iter()
+            .filter(|c| told.is_none_or(|t| !t.contains(c)))
+            .collect()
+    }
+
+    /// Tells `conns` that `file` has locks (`LocksPresent`) and makes the
+    /// file's first lock or size change wait for their acknowledgement and
+    /// for the `absent` frontends, until `deadline`.
+    fn tell_and_wait(
+        &mut self,
+        file: FileId,
+        conns: HashSet<ConnId>,
+        absent: HashSet<InstanceName>,
+        deadline: u64,
+    ) {
+        for c in &conns {
             if let Some(x) = self.conns.get(c) {
                 x.writer
                     .send_frame(&ServerFrame::Event(Event::LocksPresent { file }), None);
@@ -154,17 +174,41 @@ impl Engine {
         self.lock_hints
             .entry(file)
             .or_default()
-            .extend(others.iter());
-        debug!(file = ?file, attached = others.len(), absent = absent.len(), "first lock waits for frontends to hear of it");
-        let deadline = mono_ms() + self.cfg.break_timeout_ms;
+            .extend(conns.iter());
         self.hint_waits.insert(
             file,
             HintWait {
-                conns: others,
+                conns,
                 absent,
                 deadline,
             },
         );
+    }
+
+    /// A bracketed size change of `file` (an end-of-file change) waits
+    /// before its intent until every frontend with handles of the file has
+    /// acknowledged `LocksPresent` — so none has an unchecked write of it
+    /// in flight or starts one — and no checked write of it is in flight.
+    /// Only then is the file's stamp taken for the intent: a write landing
+    /// between the stamp and the change would make recovery call the change
+    /// "outcome unknown" though it was never made (review of task rF: a
+    /// second frontend's unchecked WRITE, decided before the hint reached
+    /// it). Until the break timeout, as for a first lock; then the silent
+    /// frontend is dropped. Returns the file when the request must wait.
+    pub(super) fn hint_size_change(&mut self, key: ResumeKey) -> Option<FileId> {
+        let file = self.handles.get(&key)?.rec.file;
+        if self.hint_waits.contains_key(&file) {
+            return Some(file);
+        }
+        // The changer's own frontend too: another of its clients may have
+        // an unchecked write of the file in flight.
+        let others = self.untold_conns_of(file);
+        let deadline = mono_ms() + self.cfg.break_timeout_ms;
+        if others.is_empty() {
+            return self.size_change_waits_for_io(file, deadline);
+        }
+        debug!(file = ?file, attached = others.len(), "size change waits for frontends to hear of it");
+        self.tell_and_wait(file, others, HashSet::new(), deadline);
         Some(file)
     }
 
