@@ -367,35 +367,12 @@ pub fn alone_on_inode(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<bool> 
 pub fn free_descriptors(open_at_least: u64) -> Option<(u64, u64)> {
     use nix::sys::resource::{getrlimit, Resource};
     let (limit, _) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-    let open = open_descriptors()
+    let open = std::fs::metadata("/proc/self/fd")
+        .map(|m| m.len())
+        .ok()
         .filter(|&n| n > 0)
         .unwrap_or(open_at_least);
     Some((limit, limit.saturating_sub(open.max(open_at_least))))
-}
-
-/// How many descriptors filterd has open: the size of `/proc/self/fd`
-/// (Linux 6.2), read with an `fstat` of a descriptor of that directory
-/// opened once (`O_PATH`; it counts itself) rather than a path lookup per
-/// call — the reader counts before every read (issue 16). Falls back to a
-/// `stat` of the path when the directory cannot be kept open.
-fn open_descriptors() -> Option<u64> {
-    static PROC_FD: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
-    let dir = PROC_FD.get_or_init(|| {
-        nix::fcntl::open(
-            "/proc/self/fd",
-            nix::fcntl::OFlag::O_PATH
-                | nix::fcntl::OFlag::O_DIRECTORY
-                | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .ok()
-    });
-    match dir {
-        Some(d) => nix::sys::stat::fstat(d)
-            .ok()
-            .and_then(|st| u64::try_from(st.st_size).ok()),
-        None => std::fs::metadata("/proc/self/fd").map(|m| m.len()).ok(),
-    }
 }
 
 /// Descriptors the reader leaves free for the rest of filterd when it
@@ -488,86 +465,27 @@ impl Drop for Answer {
     }
 }
 
-/// An event handed to the engine, answered exactly once by whoever comes
-/// first: the engine's verdict, written on the engine's thread as it is
-/// given (no hop through another thread: issue 16), or the reader's
-/// watchdog once the event's deadline passes ([`ToEngine::watch`]). The
-/// [`Answer`] inside refuses on drop, so a decision nobody takes — its
-/// last holder gone — refuses the open too.
-struct Decision {
-    answer: std::sync::Mutex<Option<Answer>>,
-    deadline: std::time::Instant,
-    /// Events handed over and not answered yet, shared with the reader.
-    pending: Arc<AtomicU64>,
-    /// The reader, woken when an answer frees room (it parks only while
-    /// it waits for room or descriptors; otherwise waking costs nothing).
-    reader: std::thread::Thread,
-}
-
-impl Decision {
-    /// The answer, if nobody has taken it yet (then it is this caller's to
-    /// give, and the event no longer counts as pending).
-    fn take(&self) -> Option<Answer> {
-        let a = self
-            .answer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if a.is_some() {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-        }
-        a
-    }
-
-    fn is_answered(&self) -> bool {
-        self.answer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_none()
-    }
-
-    /// Gives `answer` (taken from this decision) and wakes a reader that
-    /// waits for room.
-    fn give(&self, answer: Answer, v: Verdict) {
-        match v {
-            Verdict::Deny => {
-                answer.counters.denied.fetch_add(1, Ordering::Relaxed);
-                answer.deny();
-            }
-            Verdict::Allow => {
-                answer.counters.allowed.fetch_add(1, Ordering::Relaxed);
-                answer.allow();
-            }
-        }
-        self.reader.unpark();
-    }
-}
-
-/// Where the engine's verdict on an event goes: straight to the event's
-/// [`Decision`]. Dropped without a verdict (the engine stopped with the
-/// command still queued or the open waiting) it refuses the event at once
-/// rather than at its deadline.
+/// Where the engine's verdict on event `id` goes: to the answerer. Dropped
+/// without a verdict (the engine stopped with the command still queued or
+/// the open waiting) it tells the answerer the event is undecided, which
+/// refuses it at once rather than at its deadline.
 struct VerdictTo {
-    decision: Arc<Decision>,
+    id: u64,
+    answers: crossbeam_channel::Sender<AnswerMsg>,
     sent: bool,
 }
 
 impl VerdictTo {
     fn send(mut self, v: Verdict) {
         self.sent = true;
-        if let Some(a) = self.decision.take() {
-            self.decision.give(a, v);
-        }
+        let _ = self.answers.send(AnswerMsg::Verdict(self.id, v));
     }
 }
 
 impl Drop for VerdictTo {
     fn drop(&mut self) {
         if !self.sent {
-            if let Some(a) = self.decision.take() {
-                a.deny();
-                self.decision.reader.unpark();
-            }
+            let _ = self.answers.send(AnswerMsg::Undecided(self.id));
         }
     }
 }
@@ -579,6 +497,23 @@ fn respond(fan: &Fanotify, fd: i32, response: u32) -> nix::Result<usize> {
     r[..4].copy_from_slice(&fd.to_ne_bytes());
     r[4..].copy_from_slice(&response.to_ne_bytes());
     nix::unistd::write(fan.as_fd(), &r)
+}
+
+/// What the answerer thread hears about.
+pub enum AnswerMsg {
+    /// An event waiting for its verdict.
+    Pending(u64, Box<AnswerSlot>),
+    /// The engine's verdict on event `id`.
+    Verdict(u64, Verdict),
+    /// Event `id` will not be decided (the engine's queue is full, or the
+    /// engine stopped): answered at once by the rule for undecided events.
+    Undecided(u64),
+}
+
+/// An event being decided, with its deadline.
+pub struct AnswerSlot {
+    answer: Answer,
+    deadline: std::time::Instant,
 }
 
 /// Most local opens of the export waiting for a verdict at once
@@ -612,12 +547,8 @@ pub fn descriptor_reserve(fd_limit: u64) -> u64 {
 /// [`MarkScope::Subtree`] mark, is an open of a file outside the export
 /// ([`outside_the_export`]): neither needs the engine, so **neither ever
 /// waits behind the export's events**. Each local open of the export is
-/// handed to the engine, at most `max_pending` at once; the engine writes
-/// its verdict itself, on its own thread, as it gives it (no hop through
-/// an answer thread: issue 16), and this thread is the watchdog that
-/// refuses an event still undecided at its deadline ([`ToEngine::watch`]:
-/// it never waits longer than the first deadline, and blocks on nothing
-/// else but a probe's [`PROBE_GATE`], held for microseconds). Past `max_pending`, the export's events wait
+/// handed to the engine, at most `max_pending` at once; the answerer
+/// thread writes the verdict. Past `max_pending`, the export's events wait
 /// in the reader's backlog ([`Backlog`]: as many again, oldest first, each
 /// until its own deadline) while the reader goes on reading; past that,
 /// one is refused as undecided. The reader never waits on the engine
@@ -644,7 +575,8 @@ pub fn descriptor_reserve(fd_limit: u64) -> u64 {
 /// an open a share mode would deny is never let through because filterd
 /// was overloaded; the local process may retry.
 ///
-/// **Once the engine is gone** (filterd stopping), this loop keeps reading and refuses every further event
+/// **Once the engine is gone** (filterd stopping), or if the answerer
+/// cannot start, this loop keeps reading and refuses every further event
 /// at once: the mark stays until the process exits, and no open may pass
 /// undecided nor wait for a verdict nobody will give.
 pub fn run(
@@ -656,14 +588,29 @@ pub fn run(
     max_pending: u64,
 ) {
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
+    let (tx, rx) = crossbeam_channel::unbounded::<AnswerMsg>();
+    let pending = Arc::new(AtomicU64::new(0));
+    // Once nobody decides (the engine gone: filterd stopping; or no
+    // answerer), every further event is refused at once.
+    let engine_gone = {
+        let (counters, pending) = (counters.clone(), pending.clone());
+        let reader = std::thread::current();
+        let spawned = std::thread::Builder::new()
+            .name("fanotify-answer".into())
+            .spawn(move || answerer(rx, counters, pending, reader));
+        if let Err(e) = &spawned {
+            tracing::error!(error = %e, "cannot start the fanotify answerer; every local open of the export is refused");
+        }
+        spawned.is_err()
+    };
     let mut to_engine = ToEngine {
         engine,
-        pending: Arc::new(AtomicU64::new(0)),
-        reader: std::thread::current(),
-        handed: Default::default(),
+        answers: tx,
+        pending,
         max_pending,
         counters: counters.clone(),
-        engine_gone: false,
+        next_id: 0,
+        engine_gone,
         untaken: None,
         backlog: Backlog {
             events: Default::default(),
@@ -676,22 +623,15 @@ pub fn run(
         MaskFlags::FAN_Q_OVERFLOW.bits(),
     );
     loop {
-        // The watchdog: events past their deadline are refused.
-        let next_deadline = to_engine.watch();
         // Waiting events first, oldest first, as far as there is room.
         to_engine.hand_over_waiting();
         // With events of ours waiting for room, look again shortly (answers
-        // free room; an answer's wake-up reaches a parked reader only);
-        // with events handed over, by the first one's deadline.
-        let mut timeout = if to_engine.is_waiting() {
+        // free room; the answerer's wake-up reaches a parked reader only).
+        let timeout = if to_engine.is_waiting() {
             Some(Duration::from_millis(10))
         } else {
             None
         };
-        if let Some(d) = next_deadline {
-            let until = d.saturating_duration_since(std::time::Instant::now());
-            timeout = Some(timeout.map_or(until, |t| t.min(until)));
-        }
         match wait_readable(&fan, timeout) {
             Ok(true) => {}
             Ok(false) => continue,
@@ -721,7 +661,7 @@ pub fn run(
                 std::time::Instant::now()
             });
             if !nothing_of_ours || since.elapsed() < bound {
-                // Answers (whoever gives one wakes this thread) or filterd's
+                // Answers (the answerer wakes this thread) or filterd's
                 // other threads free descriptors.
                 std::thread::park_timeout(Duration::from_millis(10));
                 continue;
@@ -813,18 +753,15 @@ pub fn run(
 /// most one command the engine's full queue did not take yet.
 struct ToEngine {
     engine: EngineTx,
-    /// Events handed over and not answered yet (their answers count down).
+    answers: crossbeam_channel::Sender<AnswerMsg>,
+    /// Events handed over and not answered yet (the answerer counts down).
     pending: Arc<AtomicU64>,
-    /// This thread, which answers wake when they free room.
-    reader: std::thread::Thread,
-    /// Events handed over, in the order of their deadlines, until the
-    /// watchdog has seen them answered or refused them ([`ToEngine::watch`]).
-    handed: std::collections::VecDeque<Arc<Decision>>,
     max_pending: u64,
     counters: Arc<LocalCounters>,
+    next_id: u64,
     /// Nobody decides any more: every event is refused at once.
     engine_gone: bool,
-    /// A command (its event's decision already watched) the engine's
+    /// A command (its event registered with the answerer) the engine's
     /// full queue did not take, with its event's deadline.
     untaken: Option<(Box<Command>, std::time::Instant)>,
     backlog: Backlog,
@@ -905,7 +842,7 @@ impl ToEngine {
     fn hand_over_waiting(&mut self) {
         if let Some((cmd, deadline)) = self.untaken.take() {
             if std::time::Instant::now() >= deadline {
-                // Dropped: its `VerdictTo` refuses the event at once
+                // Dropped: its `VerdictTo` tells the answerer the event
                 // is undecided, which refuses it at once.
                 self.counters.overloaded.fetch_add(1, Ordering::Relaxed);
                 drop(cmd);
@@ -934,21 +871,30 @@ impl ToEngine {
         }
     }
 
-    /// Watches the event and queues its command; the engine's verdict
-    /// answers it directly ([`VerdictTo`]).
+    /// Registers the event with the answerer and queues its command.
     fn hand_over(&mut self, event: WaitingEvent) {
+        self.next_id += 1;
+        let id = self.next_id;
         let fd = event.answer.fd.clone();
-        // Counted before the engine can possibly answer.
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        let decision = Arc::new(Decision {
-            answer: std::sync::Mutex::new(Some(event.answer)),
+        let slot = AnswerSlot {
+            answer: event.answer,
             deadline: event.deadline,
-            pending: self.pending.clone(),
-            reader: self.reader.clone(),
-        });
-        self.handed.push_back(decision.clone());
+        };
+        // Registered before the engine can possibly answer. Should the
+        // answerer be gone (it cannot, short of a panic), the slot comes
+        // back in the error and its drop refuses the open.
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        if self
+            .answers
+            .send(AnswerMsg::Pending(id, Box::new(slot)))
+            .is_err()
+        {
+            self.engine_gone = true;
+            return;
+        }
         let to = VerdictTo {
-            decision,
+            id,
+            answers: self.answers.clone(),
             sent: false,
         };
         let cmd = Command::LocalOpen {
@@ -958,31 +904,6 @@ impl ToEngine {
             reply: Box::new(move |v| to.send(v)),
         };
         self.send(cmd, event.deadline);
-    }
-
-    /// The watchdog: forgets the events answered at the front of the
-    /// watch, and refuses those whose deadline has passed undecided (the
-    /// rule for undecided events). Deadlines come in order (each is the
-    /// read's time plus the same bound), so this is O(1) per event. Returns
-    /// the first deadline still to come.
-    fn watch(&mut self) -> Option<std::time::Instant> {
-        let now = std::time::Instant::now();
-        while let Some(d) = self.handed.front() {
-            if d.is_answered() {
-                self.handed.pop_front();
-                continue;
-            }
-            if d.deadline > now {
-                return Some(d.deadline);
-            }
-            if let Some(a) = d.take() {
-                self.counters.watchdog.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("local open not decided in time: refused");
-                a.deny();
-            }
-            self.handed.pop_front();
-        }
-        None
     }
 
     /// Queues `cmd` without waiting (the engine never waits on this
@@ -1054,5 +975,83 @@ fn allow_own(fan: &Fanotify, fd: OwnedFd) {
     drop(fd);
     if let Err(e) = respond(fan, n, libc::FAN_ALLOW) {
         tracing::error!(error = %e, "could not answer one of filterd's own opens");
+    }
+}
+
+/// Holds every undecided event; answers each with the engine's verdict, or
+/// by the rule for undecided events (refuse) when its deadline passes (the
+/// watchdog). A verdict the engine has sent is always taken before the
+/// watchdog looks. O(1) per event: deadlines come in order.
+fn answerer(
+    rx: crossbeam_channel::Receiver<AnswerMsg>,
+    counters: Arc<LocalCounters>,
+    count: Arc<AtomicU64>,
+    reader: std::thread::Thread,
+) {
+    let mut pending: std::collections::HashMap<u64, Box<AnswerSlot>> = Default::default();
+    let mut order: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
+    let handle =
+        |msg: AnswerMsg,
+         pending: &mut std::collections::HashMap<u64, Box<AnswerSlot>>,
+         order: &mut std::collections::VecDeque<(std::time::Instant, u64)>| {
+            match msg {
+                AnswerMsg::Pending(id, slot) => {
+                    order.push_back((slot.deadline, id));
+                    pending.insert(id, slot);
+                }
+                AnswerMsg::Verdict(id, v) => {
+                    if let Some(slot) = pending.remove(&id) {
+                        count.fetch_sub(1, Ordering::Relaxed);
+                        match v {
+                            Verdict::Deny => {
+                                counters.denied.fetch_add(1, Ordering::Relaxed);
+                                slot.answer.deny();
+                            }
+                            Verdict::Allow => {
+                                counters.allowed.fetch_add(1, Ordering::Relaxed);
+                                slot.answer.allow();
+                            }
+                        }
+                    }
+                }
+                AnswerMsg::Undecided(id) => {
+                    if let Some(slot) = pending.remove(&id) {
+                        count.fetch_sub(1, Ordering::Relaxed);
+                        slot.answer.deny();
+                    }
+                }
+            }
+        };
+    loop {
+        let now = std::time::Instant::now();
+        let wait = order
+            .front()
+            .map(|(d, _)| d.saturating_duration_since(now))
+            .unwrap_or(Duration::from_secs(1));
+        match rx.recv_timeout(wait) {
+            Ok(msg) => handle(msg, &mut pending, &mut order),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+        // Everything already sent first: a decided verdict is never
+        // overtaken by the watchdog.
+        while let Ok(msg) = rx.try_recv() {
+            handle(msg, &mut pending, &mut order);
+        }
+        let now = std::time::Instant::now();
+        while let Some(&(deadline, id)) = order.front() {
+            if deadline > now {
+                break;
+            }
+            order.pop_front();
+            if let Some(slot) = pending.remove(&id) {
+                count.fetch_sub(1, Ordering::Relaxed);
+                counters.watchdog.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(event = id, "local open not decided in time: refused");
+                slot.answer.deny();
+            }
+        }
+        // Answers free room: a reader waiting for it reads again.
+        reader.unpark();
     }
 }
