@@ -74,12 +74,6 @@ fn start_traced(s: &Scratch, trace: &Path) -> Traced {
 
 /// filterd under `strace -f`, tracing the system calls `filter` names.
 fn start_traced_with(s: &Scratch, trace: &Path, filter: &str) -> Traced {
-    start_traced_args(s, trace, &["-e", filter], &["--no-fanotify"])
-}
-
-/// filterd under `strace -f` with `strace_args`, and `args` after its
-/// root and state.
-fn start_traced_args(s: &Scratch, trace: &Path, strace_args: &[&str], args: &[&str]) -> Traced {
     let strace = ["/usr/bin/strace", "/bin/strace"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -87,13 +81,13 @@ fn start_traced_args(s: &Scratch, trace: &Path, strace_args: &[&str], args: &[&s
     let child = Command::new(strace)
         .args(["-f", "-qq", "-o"])
         .arg(trace)
-        .args(strace_args)
+        .args(["-e", filter])
         .arg(bin("filterd"))
         .arg("--root")
         .arg(s.root())
         .arg("--state")
         .arg(s.state())
-        .args(args)
+        .arg("--no-fanotify")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -321,77 +315,5 @@ fn a_lone_request_costs_one_receive_call() {
         calls <= bound,
         "{calls} receive calls for {} requests (at most {bound} expected)",
         2 * PAIRS
-    );
-}
-
-/// A local open of a file with protocol state is answered by the engine
-/// itself: the fanotify response (a `write` of `{fd, FAN_ALLOW}` to the
-/// group) comes from the thread that polls the connections
-/// (`epoll_wait`), as it decides (issue 16). Before, the verdict went to a
-/// third thread, the answerer, which wrote it: a wake-up more per local
-/// open (and the reader woke it too, to register each event).
-#[test]
-fn a_local_opens_verdict_is_written_by_the_engine_thread() {
-    let Some(s) = Scratch::with_tmpfs("strace-local") else {
-        return;
-    };
-    let trace = s.dir.join("trace");
-    let _t = start_traced_args(&s, &trace, &["-xx", "-e", "trace=write,epoll_wait"], &[]);
-    let fe = FilterClient::connect_frontend(
-        &s.socket(),
-        Protocol::new("smb").unwrap(),
-        InstanceName::new("smb-a").unwrap(),
-    )
-    .unwrap();
-    let h = fe
-        .open(OpenRequest {
-            client: ClientId::new("alice").unwrap(),
-            path: RelPath::new("shared").unwrap(),
-            access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-            share: Rights::ALL,
-            disposition: Disposition::OpenIf,
-            durability: Durability::None,
-            create_guid: None,
-            owner: None,
-            lease: None,
-            no_wait: false,
-            share_group: None,
-            stat: false,
-            put: Vec::new(),
-        })
-        .unwrap();
-    const OPENS: usize = 30;
-    for _ in 0..OPENS {
-        std::fs::File::open(s.root().join("shared")).unwrap();
-    }
-    fe.close(h.info.key).unwrap();
-    let text = std::fs::read_to_string(&trace).expect("trace");
-    let tid = |l: &str| l.split_whitespace().next().unwrap_or("").to_owned();
-    let pollers: std::collections::HashSet<String> = text
-        .lines()
-        .filter(|l| l.contains("epoll_wait("))
-        .map(tid)
-        .collect();
-    // `{__s32 fd; __u32 response}` with response FAN_ALLOW (1); the
-    // eventfd's writes are a u64 1 (second word 0).
-    let responders: Vec<String> = text
-        .lines()
-        .filter(|l| l.contains(r#"write("#) && l.contains(r#"\x01\x00\x00\x00", 8"#))
-        .map(tid)
-        .collect();
-    assert!(
-        responders.len() >= OPENS,
-        "{} fanotify responses for {OPENS} local opens:\n{text}",
-        responders.len()
-    );
-    let elsewhere: Vec<&String> = responders
-        .iter()
-        .filter(|t| !pollers.contains(*t))
-        .collect();
-    assert!(
-        elsewhere.is_empty(),
-        "{} of {} verdicts written by a thread other than the engine's ({pollers:?}): {elsewhere:?}",
-        elsewhere.len(),
-        responders.len()
     );
 }
