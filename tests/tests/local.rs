@@ -117,59 +117,6 @@ fn share_modes_refuse_local_opens_until_closed() {
     }
 }
 
-/// Voluntary context switches of every thread of process `pid` (each is
-/// a thread going to sleep: a wake-up it waited for).
-fn voluntary_switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|st| {
-            st.lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .sum()
-}
-
-/// A local open of a file with protocol state wakes two of filterd's
-/// threads, not three: the fanotify reader (which reads the event) and
-/// the engine (which decides it and writes the verdict itself). Before
-/// (issue 16), the verdict went through a third thread, the answerer,
-/// which the reader woke to register each event and the engine woke again
-/// with the verdict: about four wake-ups per local open, against the
-/// allow-all listener's one.
-#[test]
-fn a_local_open_of_a_file_with_state_wakes_two_threads() {
-    let Some(s) = Scratch::with_tmpfs("fan-hops") else {
-        return;
-    };
-    let d = Filterd::start_mediated(&s, &[]);
-    let fe = frontend(&s);
-    let h = fe.open(req("shared", Rights::ALL, None)).unwrap();
-    let path = s.root().join("shared");
-    // Warm up: the file's first local opens may scan or probe.
-    for _ in 0..20 {
-        std::fs::File::open(&path).unwrap();
-    }
-    const OPENS: u64 = 400;
-    let before = voluntary_switches(d.pid());
-    for _ in 0..OPENS {
-        std::fs::File::open(&path).unwrap();
-    }
-    let switches = voluntary_switches(d.pid()) - before;
-    let per_open = switches as f64 / OPENS as f64;
-    eprintln!("{switches} voluntary context switches in filterd for {OPENS} local opens ({per_open:.2} each)");
-    // Two per open, and a little room for the odd timer or lock.
-    assert!(
-        per_open <= 2.5,
-        "{per_open:.2} wake-ups of filterd's threads per local open ({switches} for {OPENS})"
-    );
-    fe.close(h.info.key).unwrap();
-}
-
 /// A protocol open whose file's ignore mark cannot be removed (armed
 /// failpoint: the removal fails) is refused with a clear error and counted:
 /// granted, local opens of the file would never reach filterd, past its
