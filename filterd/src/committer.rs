@@ -20,7 +20,9 @@
 //! With a store whose commits go over the network (etcd,
 //! [`StateStore::pipelines`]), up to [`PIPELINE_DEPTH`] merged commits are
 //! in flight at once, each guarded by the owner's fencing revision as
-//! always; one that builds on a commit in flight, or reads or writes a key
+//! always; a commit goes out beside one in flight only when it is full
+//! ([`StateStore::overlap_at_ops`]: a fuller commit costs the store less per
+//! request than two half-full ones); one that builds on a commit in flight, or reads or writes a key
 //! one in flight changes, waits until nothing is in flight. Outcomes are
 //! settled in order (see [`run`]).
 //!
@@ -299,6 +301,14 @@ fn pipeline_depth() -> usize {
         .unwrap_or(PIPELINE_DEPTH)
 }
 
+/// Store operations queued in `jobs`.
+fn queued_ops(jobs: &[CommitJob]) -> usize {
+    jobs.iter()
+        .flat_map(|j| j.groups.iter())
+        .map(|g| g.ops.len())
+        .sum()
+}
+
 /// Where a started commit's store outcome will be.
 type Slot = Arc<Mutex<Option<Result<u64, StoreError>>>>;
 
@@ -360,6 +370,7 @@ pub fn run(
     } else {
         1
     };
+    let overlap_at = store.overlap_at_ops();
     let txn_threads = TxnThreads::new(&store, &pipe, if depth > 1 { depth } else { 0 });
     let mut flight: VecDeque<Started> = VecDeque::new();
     // What is queued must wait until nothing is in flight.
@@ -371,7 +382,10 @@ pub fn run(
                 drain = false;
             }
             let oldest_done = flight.front().is_some_and(Started::done);
-            let can_start = !s.jobs.is_empty() && flight.len() < depth && !drain;
+            let can_start = !s.jobs.is_empty()
+                && flight.len() < depth
+                && !drain
+                && (flight.is_empty() || queued_ops(&s.jobs) >= overlap_at);
             if oldest_done || can_start || (s.stop && s.jobs.is_empty() && flight.is_empty()) {
                 break;
             }
@@ -424,8 +438,8 @@ pub fn run(
                 continue;
             }
         }
-        // With a commit in flight, what is queued goes at once: the next
-        // clients' requests overlap the one in flight instead of joining it.
+        // With a commit in flight, what is queued (a full commit's worth,
+        // see `can_start`) goes at once: no gathering beside it.
         let gather = if flight.is_empty() {
             (last_commit / 2).min(MAX_GATHER)
         } else {
@@ -748,6 +762,8 @@ mod tests {
         entered: Mutex<Vec<u64>>,
         /// The threads `run_prepared` ran on.
         threads: Mutex<std::collections::HashSet<std::thread::ThreadId>>,
+        /// What [`StateStore::overlap_at_ops`] says (0: the default, 1).
+        overlap_at: usize,
     }
 
     impl StateStore for Gated {
@@ -762,6 +778,9 @@ mod tests {
         }
         fn pipelines(&self) -> bool {
             true
+        }
+        fn overlap_at_ops(&self) -> usize {
+            self.overlap_at.max(1)
         }
         fn prepare(&self, _: &[&[StoreOp]]) -> Result<Option<Prepared>, StoreError> {
             let n = self.prepared.fetch_add(1, Ordering::AcqRel) + 1;
@@ -828,9 +847,14 @@ mod tests {
         }
     }
 
-    /// A job of one group under `seq` (the store ignores its ops), whose reply says
-    /// `tag` on the test's socket.
+    /// A job of one group under `seq` with one store operation (the store
+    /// ignores it), whose reply says `tag` on the test's socket.
     fn job(pipe: &Pipeline, seq: u64, w: &Arc<ConnWriter>, tag: &[u8]) -> CommitJob {
+        job_of(pipe, seq, w, tag, 1)
+    }
+
+    /// [`job`] with `n` store operations.
+    fn job_of(pipe: &Pipeline, seq: u64, w: &Arc<ConnWriter>, tag: &[u8], n: u64) -> CommitJob {
         pipe.reply_after(
             seq,
             Deferred {
@@ -843,7 +867,14 @@ mod tests {
         CommitJob {
             groups: vec![Group {
                 seq,
-                ops: Vec::new(),
+                ops: (0..n)
+                    .map(|op_id| StoreOp::DeleteReplay {
+                        scope: libfilter::model::ReplayScope::Handle(
+                            libfilter::model::ResumeKey::new_random(),
+                        ),
+                        op_id,
+                    })
+                    .collect(),
                 deps: Vec::new(),
                 notify: Vec::new(),
                 completes_intent: false,
@@ -865,6 +896,10 @@ mod tests {
     }
 
     fn setup() -> Rig {
+        setup_with(Gated::default())
+    }
+
+    fn setup_with(store: Gated) -> Rig {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (a, b) = socketpair(
             AddressFamily::Unix,
@@ -873,7 +908,7 @@ mod tests {
             SockFlag::SOCK_CLOEXEC,
         )
         .unwrap();
-        let store = Arc::new(Gated::default());
+        let store = Arc::new(store);
         let pipe = Arc::new(Pipeline::default());
         let (tx, rx) = EngineTx::for_test();
         let (st, p) = (store.clone() as Arc<dyn StateStore>, pipe.clone());
@@ -923,6 +958,46 @@ mod tests {
         assert_eq!(next_packet(&peer), b"one");
         assert_eq!(next_packet(&peer), b"two");
         assert_eq!(pipe.committed(), 2);
+        pipe.stop();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_commit_smaller_than_the_store_overlaps_waits_for_the_one_in_flight() {
+        let Rig {
+            store,
+            pipe,
+            writer: w,
+            peer,
+            committer: t,
+            ..
+        } = setup_with(Gated {
+            overlap_at: 3,
+            ..Gated::default()
+        });
+        let g1 = store.gate(1);
+        pipe.submit(job_of(&pipe, 1, &w, b"one", 1));
+        wait_until("the first commit is sent", || {
+            store.entered.lock().unwrap().len() == 1
+        });
+        let g2 = store.gate(2);
+        pipe.submit(job_of(&pipe, 2, &w, b"two", 2));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            store.entered.lock().unwrap().len(),
+            1,
+            "two operations went out beside the one in flight"
+        );
+        // A third request makes it a full commit: it goes out now.
+        pipe.submit(job_of(&pipe, 3, &w, b"three", 1));
+        wait_until("a full commit is sent beside the one in flight", || {
+            store.entered.lock().unwrap().len() == 2
+        });
+        g2.send(Ok(2)).unwrap();
+        g1.send(Ok(1)).unwrap();
+        assert_eq!(next_packet(&peer), b"one");
+        assert_eq!(next_packet(&peer), b"two");
+        assert_eq!(next_packet(&peer), b"three");
         pipe.stop();
         t.join().unwrap();
     }

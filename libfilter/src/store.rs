@@ -353,6 +353,12 @@ pub trait StateStore: Send + Sync {
     fn pipelines(&self) -> bool {
         false
     }
+    /// How many store operations make a commit worth sending while another
+    /// is still in flight: fewer wait for the one in flight and join the
+    /// next (fuller) commit instead. Only asked when [`StateStore::pipelines`].
+    fn overlap_at_ops(&self) -> usize {
+        1
+    }
     /// The first half of a commit that may overlap earlier ones still in
     /// flight: packs `batches` and reserves what they read and write.
     /// `Ok(None)`: they read or write something a commit in flight
