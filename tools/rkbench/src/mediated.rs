@@ -167,21 +167,29 @@ pub fn open_close_with(
     let (all, wall) = crate::gate::run("bench", workers, dur)?;
     let pairs = all.len() as u64;
     let f = Figure::from_samples(all, pairs, wall);
-    let ops_per_commit = match FilterClient::connect_control(&d.socket)?
-        .call(libfilter::proto::Request::Stats)?
-        .0
-    {
-        libfilter::proto::Reply::Stats(s) if s.commits > 0 => {
-            s.committed_ops as f64 / s.commits as f64
-        }
-        _ => 0.0,
-    };
+    let ops_per_commit = ops_per_commit(&d.socket)?;
     Ok(Mediated {
         requests_per_s: 2.0 * f.ops_per_s,
         mean_us: f.mean_us,
         p99_us: f.p99_us,
         ops_per_commit,
     })
+}
+
+/// filterd's store operations per commit so far (its `Stats`); 0 before
+/// any commit.
+pub(crate) fn ops_per_commit(socket: &Path) -> anyhow::Result<f64> {
+    Ok(
+        match FilterClient::connect_control(socket)?
+            .call(libfilter::proto::Request::Stats)?
+            .0
+        {
+            libfilter::proto::Reply::Stats(s) if s.commits > 0 => {
+                s.committed_ops as f64 / s.commits as f64
+            }
+            _ => 0.0,
+        },
+    )
 }
 
 /// The cost of a mandatory-lock check (`CheckIo`) round trip and its

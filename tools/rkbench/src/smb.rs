@@ -297,6 +297,9 @@ pub struct CreateClose {
     pub creates: u64,
     /// Of those, how many were granted a durable handle (`durable` not null).
     pub durable_granted: u64,
+    /// filterd's store operations per commit over the whole row (warm-up
+    /// included), as the mediated rows report it; 0 without commits.
+    pub ops_per_commit: f64,
 }
 
 /// `conns` connections (one thread each) CREATE and CLOSE in a loop.
@@ -336,6 +339,7 @@ pub fn create_close(
     })?;
     let pairs = all.len() as u64;
     let f = Figure::from_samples(all, pairs, wall);
+    let ops_per_commit = crate::mediated::ops_per_commit(&d.socket)?;
     drop(shim);
     drop(d);
     Ok(CreateClose {
@@ -344,6 +348,7 @@ pub fn create_close(
         p99_us: f.p99_us,
         creates: pairs,
         durable_granted: granted.load(Ordering::Relaxed),
+        ops_per_commit,
     })
 }
 
