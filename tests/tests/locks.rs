@@ -489,3 +489,68 @@ fn a_size_change_waits_for_the_other_frontends_to_hear_of_it() {
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 10);
 }
+
+/// A truncating open (overwrite) with a persistent handle is a bracketed
+/// size change too: it waits before its intent, as an end-of-file change
+/// does, until the other frontends with handles of the file acknowledged
+/// the hint. Old code: it truncated at once, telling nobody (review sG).
+#[test]
+fn a_truncating_open_waits_for_the_other_frontends_to_hear_of_it() {
+    let s = Scratch::new("truncate-hint");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    std::fs::write(s.root().join("f"), [b'x'; 100]).unwrap();
+    let writer = FilterClient::connect_frontend_with(
+        &s.socket(),
+        Protocol::new("nfs").unwrap(),
+        InstanceName::new("nfs-w").unwrap(),
+        libfilter::proto::FEATURE_LOCK_HINTS,
+    )
+    .unwrap();
+    let w = open(&writer, "carol", RW, Durability::None, None);
+    let changer = FilterClient::connect_frontend_with(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new("smb-c").unwrap(),
+        0,
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(changer.open(OpenRequest {
+            client: ClientId::new("alice").unwrap(),
+            path: RelPath::new("f").unwrap(),
+            access: Access::new(RW).unwrap(),
+            share: Rights::ALL,
+            disposition: Disposition::Overwrite,
+            durability: Durability::Persistent { timeout_ms: 60_000 },
+            create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+            owner: None,
+            lease: None,
+            no_wait: false,
+            share_group: None,
+            stat: false,
+            put: Vec::new(),
+        }));
+    });
+    let file = match writer.events().recv_timeout(Duration::from_secs(10)) {
+        Ok(libfilter::proto::Event::LocksPresent { file }) => file,
+        other => panic!("the writer is told to check its I/O first: {other:?}"),
+    };
+    assert_eq!(file, w.info.file);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the truncating open went on before the writer acknowledged the hint"
+    );
+    assert_eq!(
+        std::fs::metadata(s.root().join("f")).unwrap().len(),
+        100,
+        "not truncated before the acknowledgement"
+    );
+    writer.lock_hint_ack(file).unwrap();
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the open is answered once acknowledged");
+    let h = r.expect("the truncating open");
+    assert_eq!(h.info.create_action, CreateAction::Overwritten);
+    assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 0);
+}
