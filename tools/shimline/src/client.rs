@@ -537,8 +537,10 @@ impl LineClient {
                     // Part of the line may have gone: the stream is cut
                     // mid-request, so the connection ends for everyone.
                     let reason = format!("the server took no bytes of a request for {after:?}");
-                    let _ = sh.stream.shutdown(Shutdown::Both);
                     sh.close(Closed::Lost(reason.clone()));
+                    // After the reason is set: a reader the shutdown wakes
+                    // finds it there.
+                    let _ = sh.stream.shutdown(Shutdown::Both);
                     return Err(CallError::Lost { reason });
                 }
                 self.give_up(route, &tx, &rx, leads);
