@@ -34,9 +34,10 @@
 //! no call waits out its timeout on a dead connection.
 //!
 //! The timeout bounds the write too: a write that makes no progress for
-//! the call's timeout (a server that stopped reading) ends the connection
-//! ([`CallError::Lost`]; part of the line may have gone, so nothing more
-//! can be sent on it). Before, the write had no limit, and a stalled
+//! the call's timeout (a server that stopped reading) fails the call —
+//! [`CallError::Timeout`] when none of its line went, else it ends the
+//! connection ([`CallError::Lost`]: the stream is cut mid-line, so nothing
+//! more can be sent on it). Before, the write had no limit, and a stalled
 //! server held the call, every call queued behind the writer lock and the
 //! client's drop forever (`tests/tests/line_client.rs`).
 
@@ -76,8 +77,8 @@ pub enum CallError {
     #[error("sending a request")]
     Send(#[source] std::io::Error),
     /// The connection is gone (or was ended because the server took no
-    /// bytes of a request for the call's timeout); every pending and later
-    /// request fails so.
+    /// bytes of a request for the call's timeout after part of its line
+    /// went); every pending and later request fails so.
     #[error("connection lost: {reason}")]
     Lost {
         /// What ended it.
@@ -340,14 +341,26 @@ impl Output {
     /// Writes `line`; a write that makes no progress for `limit` fails
     /// (`WouldBlock`), so a server that stops reading cannot hold a call —
     /// or the callers queued behind the writer lock — past its timeout.
-    fn send(&mut self, line: &[u8], limit: Duration) -> std::io::Result<()> {
+    /// The error says whether part of the line went.
+    fn send(&mut self, line: &[u8], limit: Duration) -> Result<(), (std::io::Error, bool)> {
         // A zero timeout would mean "none" to the socket.
         let limit = Some(limit.max(Duration::from_millis(1)));
         if self.timeout != limit {
-            self.stream.set_write_timeout(limit)?;
+            self.stream
+                .set_write_timeout(limit)
+                .map_err(|e| (e, false))?;
             self.timeout = limit;
         }
-        self.stream.write_all(line)
+        let mut sent = 0;
+        while let Some(rest) = line.get(sent..).filter(|r| !r.is_empty()) {
+            match self.stream.write(rest) {
+                Ok(0) => return Err((std::io::ErrorKind::WriteZero.into(), sent > 0)),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((e, sent > 0)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -528,14 +541,26 @@ impl LineClient {
                 // Nobody reads: this caller will.
                 !std::mem::replace(&mut r.reading, true)
             };
-            if let Err(e) = w.send(line, after) {
+            if let Err((e, partial)) = w.send(line, after) {
                 drop(w);
-                if matches!(
+                let stalled = matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) {
-                    // Part of the line may have gone: the stream is cut
-                    // mid-request, so the connection ends for everyone.
+                );
+                if stalled && !partial {
+                    // Nothing went: the connection stays usable.
+                    self.give_up(route, &tx, &rx, leads);
+                    return Err(CallError::Timeout {
+                        id: match route {
+                            Route::Id(id) => Some(id),
+                            Route::IdNull => None,
+                        },
+                        after,
+                    });
+                }
+                if stalled {
+                    // Part of the line went: the stream is cut mid-request,
+                    // so the connection ends for everyone.
                     let reason = format!("the server took no bytes of a request for {after:?}");
                     sh.close(Closed::Lost(reason.clone()));
                     // After the reason is set: a reader the shutdown wakes
