@@ -30,12 +30,24 @@ fn open(
     dur: Durability,
     guid: Option<CreateGuid>,
 ) -> libfilter::client::OpenedHandle {
-    fe.open(OpenRequest {
+    fe.open(open_request(client, access, dur, guid, Disposition::OpenIf))
+        .unwrap()
+}
+
+/// An open of "f" sharing everything.
+fn open_request(
+    client: &str,
+    access: Rights,
+    dur: Durability,
+    guid: Option<CreateGuid>,
+    disposition: Disposition,
+) -> OpenRequest {
+    OpenRequest {
         client: ClientId::new(client).unwrap(),
         path: RelPath::new("f").unwrap(),
         access: Access::new(access).unwrap(),
         share: Rights::ALL,
-        disposition: Disposition::OpenIf,
+        disposition,
         durability: dur,
         create_guid: guid,
         owner: None,
@@ -44,8 +56,40 @@ fn open(
         share_group: None,
         stat: false,
         put: Vec::new(),
-    })
-    .unwrap()
+    }
+}
+
+/// filterd with a 100-byte "f", a frontend with lock hints holding a
+/// handle of it (the writer), and one without hints (the changer, which
+/// checks all its I/O: only the writer is waited for).
+fn writer_and_changer(
+    name: &str,
+) -> (
+    Scratch,
+    Filterd,
+    FilterClient,
+    libfilter::client::OpenedHandle,
+    FilterClient,
+) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    std::fs::write(s.root().join("f"), [b'x'; 100]).unwrap();
+    let writer = FilterClient::connect_frontend_with(
+        &s.socket(),
+        Protocol::new("nfs").unwrap(),
+        InstanceName::new("nfs-w").unwrap(),
+        libfilter::proto::FEATURE_LOCK_HINTS,
+    )
+    .unwrap();
+    let w = open(&writer, "carol", RW, Durability::None, None);
+    let changer = FilterClient::connect_frontend_with(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new("smb-c").unwrap(),
+        0,
+    )
+    .unwrap();
+    (s, d, writer, w, changer)
 }
 
 fn op(offset: u64, length: u64, exclusive: bool, unlock: bool) -> LockOp {
@@ -424,6 +468,35 @@ fn a_lock_recovery_could_not_mirror_is_retried() {
     assert!(!d.control().locks().unwrap()[0].unmirrored);
 }
 
+/// The writer is told the file's size is about to change; the change
+/// (its answer on `rx`) waits — "f" keeps its 100 bytes — until the writer
+/// acknowledges (its intent would take the stamp of a file the writer may
+/// still be writing unchecked); then it is answered.
+fn held_until_the_writer_acknowledges<T>(
+    s: &Scratch,
+    writer: &FilterClient,
+    w: &libfilter::client::OpenedHandle,
+    rx: &std::sync::mpsc::Receiver<T>,
+) -> T {
+    let file = match writer.events().recv_timeout(Duration::from_secs(10)) {
+        Ok(libfilter::proto::Event::LocksPresent { file }) => file,
+        other => panic!("the writer is told to check its I/O first: {other:?}"),
+    };
+    assert_eq!(file, w.info.file);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the size change went on before the writer acknowledged the hint"
+    );
+    assert_eq!(
+        std::fs::metadata(s.root().join("f")).unwrap().len(),
+        100,
+        "not changed before the acknowledgement"
+    );
+    writer.lock_hint_ack(file).unwrap();
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the size change is answered once acknowledged")
+}
+
 /// A bracketed end-of-file change waits until every other frontend with a
 /// handle of the file has acknowledged `LocksPresent` before it takes the
 /// file's stamp and commits its intent: a frontend's unchecked WRITE
@@ -434,26 +507,7 @@ fn a_lock_recovery_could_not_mirror_is_retried() {
 /// sometimes).
 #[test]
 fn a_size_change_waits_for_the_other_frontends_to_hear_of_it() {
-    let s = Scratch::new("size-hint");
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
-    std::fs::write(s.root().join("f"), [b'x'; 100]).unwrap();
-    let writer = FilterClient::connect_frontend_with(
-        &s.socket(),
-        Protocol::new("nfs").unwrap(),
-        InstanceName::new("nfs-w").unwrap(),
-        libfilter::proto::FEATURE_LOCK_HINTS,
-    )
-    .unwrap();
-    let w = open(&writer, "carol", RW, Durability::None, None);
-    // The changer asks for no hints (it checks all its I/O): only the
-    // writer is waited for.
-    let changer = FilterClient::connect_frontend_with(
-        &s.socket(),
-        Protocol::new("smb").unwrap(),
-        InstanceName::new("smb-c").unwrap(),
-        0,
-    )
-    .unwrap();
+    let (s, _d, writer, w, changer) = writer_and_changer("size-hint");
     let c = open(
         &changer,
         "alice",
@@ -466,26 +520,30 @@ fn a_size_change_waits_for_the_other_frontends_to_hear_of_it() {
     std::thread::spawn(move || {
         let _ = tx.send(changer.set_end_of_file(key, 10, None));
     });
-    let file = match writer.events().recv_timeout(Duration::from_secs(10)) {
-        Ok(libfilter::proto::Event::LocksPresent { file }) => file,
-        other => panic!("the writer is told to check its I/O first: {other:?}"),
-    };
-    assert_eq!(file, w.info.file);
-    // Not acknowledged: the change has not started (its intent would take
-    // the stamp of a file the writer may still be writing unchecked).
-    assert!(
-        rx.recv_timeout(Duration::from_millis(500)).is_err(),
-        "the size change went on before the writer acknowledged the hint"
-    );
-    assert_eq!(
-        std::fs::metadata(s.root().join("f")).unwrap().len(),
-        100,
-        "not changed before the acknowledgement"
-    );
-    writer.lock_hint_ack(file).unwrap();
-    let r = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the size change is answered once acknowledged");
+    let r = held_until_the_writer_acknowledges(&s, &writer, &w, &rx);
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 10);
+}
+
+/// A truncating open (overwrite) with a persistent handle is a bracketed
+/// size change too: it waits before its intent, as an end-of-file change
+/// does, until the other frontends with handles of the file acknowledged
+/// the hint. Old code: it truncated at once, telling nobody (review sG).
+#[test]
+fn a_truncating_open_waits_for_the_other_frontends_to_hear_of_it() {
+    let (s, _d, writer, w, changer) = writer_and_changer("truncate-hint");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(changer.open(open_request(
+            "alice",
+            RW,
+            Durability::Persistent { timeout_ms: 60_000 },
+            Some(CreateGuid(uuid::Uuid::new_v4())),
+            Disposition::Overwrite,
+        )));
+    });
+    let r = held_until_the_writer_acknowledges(&s, &writer, &w, &rx);
+    let h = r.expect("the truncating open");
+    assert_eq!(h.info.create_action, CreateAction::Overwritten);
+    assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 0);
 }

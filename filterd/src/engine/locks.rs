@@ -197,6 +197,12 @@ impl Engine {
     /// frontend is dropped. Returns the file when the request must wait.
     pub(super) fn hint_size_change(&mut self, key: ResumeKey) -> Option<FileId> {
         let file = self.handles.get(&key)?.rec.file;
+        self.hint_size_change_of(file)
+    }
+
+    /// [`Self::hint_size_change`] for `file` (a truncating open has no
+    /// handle of it yet).
+    pub(super) fn hint_size_change_of(&mut self, file: FileId) -> Option<FileId> {
         if self.hint_waits.contains_key(&file) {
             return Some(file);
         }

@@ -210,12 +210,21 @@ impl Engine {
             }
             return self.open(conn, req_id, protocol, instance, o, replay);
         }
-        if breaking && o.no_wait {
+        // A truncating persistent open is a size change bracketed by an
+        // intent, as an end-of-file change is: it waits before its intent
+        // (before the file's stamp is taken) until every frontend with
+        // handles of the file has heard that it must check its I/O and no
+        // checked write of it is in flight (`hint_size_change`), then runs
+        // again from the start.
+        let hint_wait = truncation.is_some()
+            && durability.is_persistent()
+            && self.hint_size_change_of(of.file).is_some();
+        if (breaking || hint_wait) && o.no_wait {
             self.stats.opens_refused += 1;
             self.stats.not_available += 1;
             return Err(err(
                 ErrorCode::Busy,
-                "lease holders must acknowledge a break first; retry",
+                "lease holders (or, for a truncation, other frontends) must acknowledge first; retry",
             ));
         }
         // A persistent handle of the file whose close is pending comes back
@@ -225,7 +234,7 @@ impl Engine {
             Some(_) if !durability.is_persistent() => self.close_pending(of.file),
             _ => None,
         };
-        if breaking || closing.is_some() {
+        if breaking || hint_wait || closing.is_some() {
             // Wait (the descriptor is dropped; the open runs again from
             // the start).
             self.wait_limit()?;

@@ -32,6 +32,14 @@
 //! the queue of `send_raw` waiters is in the order the server sees the
 //! lines. When the connection ends, every waiter gets the reason at once;
 //! no call waits out its timeout on a dead connection.
+//!
+//! The timeout bounds the write too: a write that makes no progress for
+//! the call's timeout (a server that stopped reading) fails the call —
+//! [`CallError::Timeout`] when none of its line went, else it ends the
+//! connection ([`CallError::Lost`]: the stream is cut mid-line, so nothing
+//! more can be sent on it). Before, the write had no limit, and a stalled
+//! server held the call, every call queued behind the writer lock and the
+//! client's drop forever (`tests/tests/line_client.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -68,7 +76,9 @@ pub enum CallError {
     /// Writing the request failed.
     #[error("sending a request")]
     Send(#[source] std::io::Error),
-    /// The connection is gone; every pending and later request fails so.
+    /// The connection is gone (or was ended because the server took no
+    /// bytes of a request for the call's timeout after part of its line
+    /// went); every pending and later request fails so.
     #[error("connection lost: {reason}")]
     Lost {
         /// What ended it.
@@ -320,10 +330,44 @@ impl Shared {
     }
 }
 
+/// The writing side of the socket.
+struct Output {
+    stream: TcpStream,
+    /// The socket's send timeout as last set.
+    timeout: Option<Duration>,
+}
+
+impl Output {
+    /// Writes `line`; a write that makes no progress for `limit` fails
+    /// (`WouldBlock`), so a server that stops reading cannot hold a call —
+    /// or the callers queued behind the writer lock — past its timeout.
+    /// The error says whether part of the line went.
+    fn send(&mut self, line: &[u8], limit: Duration) -> Result<(), (std::io::Error, bool)> {
+        // A zero timeout would mean "none" to the socket.
+        let limit = Some(limit.max(Duration::from_millis(1)));
+        if self.timeout != limit {
+            self.stream
+                .set_write_timeout(limit)
+                .map_err(|e| (e, false))?;
+            self.timeout = limit;
+        }
+        let mut sent = 0;
+        while let Some(rest) = line.get(sent..).filter(|r| !r.is_empty()) {
+            match self.stream.write(rest) {
+                Ok(0) => return Err((std::io::ErrorKind::WriteZero.into(), sent > 0)),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((e, sent > 0)),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One line-JSON connection, shareable by threads (`&self` everywhere).
 pub struct LineClient {
     id_field: &'static str,
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Output>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
     timeout_ms: AtomicU64,
@@ -384,7 +428,10 @@ impl LineClient {
         };
         Ok(LineClient {
             id_field,
-            writer: Mutex::new(stream),
+            writer: Mutex::new(Output {
+                stream,
+                timeout: None,
+            }),
             shared,
             next_id: AtomicU64::new(1),
             timeout_ms: AtomicU64::new(millis(DEFAULT_TIMEOUT)),
@@ -494,8 +541,33 @@ impl LineClient {
                 // Nobody reads: this caller will.
                 !std::mem::replace(&mut r.reading, true)
             };
-            if let Err(e) = w.write_all(line) {
+            if let Err((e, partial)) = w.send(line, after) {
                 drop(w);
+                let stalled = matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+                if stalled && !partial {
+                    // Nothing went: the connection stays usable.
+                    self.give_up(route, &tx, &rx, leads);
+                    return Err(CallError::Timeout {
+                        id: match route {
+                            Route::Id(id) => Some(id),
+                            Route::IdNull => None,
+                        },
+                        after,
+                    });
+                }
+                if stalled {
+                    // Part of the line went: the stream is cut mid-request,
+                    // so the connection ends for everyone.
+                    let reason = format!("the server took no bytes of a request for {after:?}");
+                    sh.close(Closed::Lost(reason.clone()));
+                    // After the reason is set: a reader the shutdown wakes
+                    // finds it there.
+                    let _ = sh.stream.shutdown(Shutdown::Both);
+                    return Err(CallError::Lost { reason });
+                }
                 self.give_up(route, &tx, &rx, leads);
                 return Err(CallError::Send(e));
             }
@@ -613,7 +685,7 @@ impl Drop for LineClient {
     fn drop(&mut self) {
         // Unblocks a read in progress; the idle reader then fails any
         // waiter and exits (told by `closed` if it was not reading).
-        let _ = lock(&self.writer).shutdown(Shutdown::Both);
+        let _ = lock(&self.writer).stream.shutdown(Shutdown::Both);
         {
             let mut r = lock(&self.shared.routes);
             if r.closed.is_none() {
