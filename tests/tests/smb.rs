@@ -463,16 +463,28 @@ fn the_readers_typed_fast_path_answers_as_the_parsed_object_path() {
     let r = c
         .raw(format!("{{\"cmd\":\"CLOSE\",\"mid\":8,\"session_id\":{sid},\"file_id\":\"zz\",\"file_id\":\"{fid}\"}}\n").as_bytes())
         .unwrap();
-    assert_eq!((r["status"].as_str(), r["mid"].as_u64()), (Some("STATUS_SUCCESS"), Some(8)), "{r}");
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].as_u64()),
+        (Some("STATUS_SUCCESS"), Some(8)),
+        "{r}"
+    );
     // Missing and mistyped fields are named.
     let r = c
         .raw(format!("{{\"cmd\":\"CLOSE\",\"mid\":9,\"file_id\":\"{fid}\"}}\n").as_bytes())
         .unwrap();
-    assert_eq!((r["status"].as_str(), r["mid"].as_u64()), (Some("STATUS_INVALID_PARAMETER"), Some(9)), "{r}");
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].as_u64()),
+        (Some("STATUS_INVALID_PARAMETER"), Some(9)),
+        "{r}"
+    );
     let r = c
         .raw(format!("{{\"cmd\":\"CREATE\",\"mid\":10,\"session_id\":{sid},\"path\":\"h\",\"access\":\"read\",\"share\":[],\"disposition\":\"open_if\"}}\n").as_bytes())
         .unwrap();
-    assert_eq!((r["status"].as_str(), r["mid"].as_u64()), (Some("STATUS_INVALID_PARAMETER"), Some(10)), "{r}");
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].as_u64()),
+        (Some("STATUS_INVALID_PARAMETER"), Some(10)),
+        "{r}"
+    );
     // And the connection keeps serving.
     assert_eq!(c.call(json!({"cmd": "ECHO"}))["status"], "STATUS_SUCCESS");
 }

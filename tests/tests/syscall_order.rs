@@ -364,7 +364,10 @@ fn an_open_if_of_an_existing_file_costs_one_openat2() {
     };
     for i in 0..FILES {
         let n = calls(&format!("old{i}"));
-        assert_eq!(n, 1, "open_if of existing old{i} made {n} openat2 calls:\n{text}");
+        assert_eq!(
+            n, 1,
+            "open_if of existing old{i} made {n} openat2 calls:\n{text}"
+        );
     }
     assert!(s.root().join("new0").exists());
 }

@@ -816,7 +816,8 @@ fn create_with(
 ) -> Outcome {
     let path =
         RelPath::new(f.path).map_err(|e| Fail("STATUS_OBJECT_NAME_INVALID", e.to_string()))?;
-    let access = Access::new(rights_of("access", &f.access)?).map_err(|e| invalid(e.to_string()))?;
+    let access =
+        Access::new(rights_of("access", &f.access)?).map_err(|e| invalid(e.to_string()))?;
     let share = rights_of("share", &f.share)?;
     let disp = disposition(f.disposition)?;
     let lease_req = match &f.lease {
