@@ -371,7 +371,7 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
         "STATUS_INVALID_PARAMETER",
         |line, w| {
             if is_lease_break_ack(line) {
-                return Some(handle_line(&sh, conn, line));
+                return Some(Reply::Json(handle_line(&sh, conn, line)));
             }
             if worker.as_ref().is_none_or(|(p, _)| p.idle()) {
                 if let Some(reply) = answer_inline(&sh, line) {
@@ -396,22 +396,22 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
                     });
                 match spawned {
                     Ok(j) => worker = Some((p, j)),
-                    Err(_) => return Some(handle_line(&sh, conn, line)),
+                    Err(_) => return Some(Reply::Json(handle_line(&sh, conn, line))),
                 }
             }
             let Some((p, _)) = worker.as_ref() else {
-                return Some(handle_line(&sh, conn, line));
+                return Some(Reply::Json(handle_line(&sh, conn, line)));
             };
             let Some(charge) = w.charge_queued(line.len()) else {
-                return Some(busy(line, "over the request budget"));
+                return Some(Reply::Json(busy(line, "over the request budget")));
             };
             if p.push(line.to_vec(), charge) {
                 None
             } else {
-                Some(busy(
+                Some(Reply::Json(busy(
                     line,
                     &format!("more than {MAX_PIPELINED} requests of this connection are waiting"),
-                ))
+                )))
             }
         },
     );
@@ -465,7 +465,7 @@ fn busy(line: &[u8], why: &str) -> Value {
 /// runs it again from the start and waits there while the reader reads
 /// the acks. The caller makes sure nothing of the connection is waiting
 /// or being served, so requests stay in order.
-fn answer_inline(sh: &Shared, line: &[u8]) -> Option<Value> {
+fn answer_inline(sh: &Shared, line: &[u8]) -> Option<Reply> {
     // Other lines (a WRITE's may be megabytes) are not parsed twice.
     let named = |cmd: &[u8]| mentions(line, cmd);
     if line.len() > INLINE_MAX_LINE || !(named(b"CREATE") || named(b"CLOSE") || named(b"ECHO")) {
@@ -487,7 +487,7 @@ fn answer_inline(sh: &Shared, line: &[u8]) -> Option<Value> {
         },
         _ => return None,
     };
-    Some(reply_of(outcome, mid))
+    Some(Reply::Json(reply_of(outcome, mid)))
 }
 
 /// A request line as [`answer_typed`] decodes it: no JSON tree, strings
@@ -518,7 +518,7 @@ struct InlineLine<'a> {
 /// line needs parsing into an object (then everything, errors included,
 /// goes as before), else what `answer_inline` answers. Gives the same
 /// answers as the object path for every line it decodes.
-fn answer_typed(sh: &Shared, line: &[u8]) -> Option<Option<Value>> {
+fn answer_typed(sh: &Shared, line: &[u8]) -> Option<Option<Reply>> {
     // serde would take a JSON array for the struct too; smbl/1 says a
     // request is an object.
     if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -549,14 +549,22 @@ fn answer_typed(sh: &Shared, line: &[u8]) -> Option<Option<Value>> {
             }
             match session_by_id(sh, sid).and_then(|s| create_with(sh, s, &f, true)) {
                 Err(Fail(INLINE_BUSY, _)) => return Some(None),
-                other => other,
+                Err(f) => Err(f),
+                // The reply straight from the typed fields, no Map.
+                Ok(body) => {
+                    return Some(Some(Reply::Created(Answer {
+                        mid: l.mid,
+                        status: "STATUS_SUCCESS",
+                        body,
+                    })))
+                }
             }
         }
         // Another command, or one the object path words the error of.
         ("CLOSE" | "CREATE", None) => return None,
         _ => return Some(None),
     };
-    Some(Some(reply_of(outcome, l.mid)))
+    Some(Some(Reply::Json(reply_of(outcome, l.mid))))
 }
 
 fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
@@ -804,7 +812,11 @@ impl<'a> CreateFields<'a> {
 /// STATUS_FILE_NOT_AVAILABLE instead of waiting (the breaks are sent).
 fn create(sh: &Shared, obj: &Map<String, Value>, no_wait: bool) -> Outcome {
     let session = session_of(sh, obj)?;
-    create_with(sh, session, &CreateFields::of(obj)?, no_wait)
+    let created = create_with(sh, session, &CreateFields::of(obj)?, no_wait)?;
+    match serde_json::to_value(created) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(Fail("STATUS_INTERNAL_ERROR", "reply encoding".into())),
+    }
 }
 
 /// CREATE by `session` (its id, client GUID and user) with fields `f`.
@@ -813,7 +825,7 @@ fn create_with(
     (session, client_guid, user): (u64, uuid::Uuid, String),
     f: &CreateFields<'_>,
     no_wait: bool,
-) -> Outcome {
+) -> Result<Created, Fail> {
     let path =
         RelPath::new(f.path).map_err(|e| Fail("STATUS_OBJECT_NAME_INVALID", e.to_string()))?;
     let access =
@@ -956,13 +968,42 @@ fn create_with(
     let o = opens
         .get(&file_id)
         .ok_or_else(|| Fail("STATUS_INTERNAL_ERROR", "open vanished".into()))?;
-    let mut m = Map::new();
-    m.insert("file_id".into(), json!(file_id));
-    m.insert("create_action".into(), json!(o.create_action.to_string()));
-    m.insert("size".into(), json!(h.info.size));
-    m.insert("durable".into(), o.durable.clone().unwrap_or(Value::Null));
-    m.insert("lease".into(), lease_json(h.info.lease.or(o.lease)));
-    Ok(m)
+    Ok(Created {
+        create_action: o.create_action.to_string(),
+        size: h.info.size,
+        durable: o.durable.clone(),
+        lease: lease_json(h.info.lease.or(o.lease)),
+        file_id,
+    })
+}
+
+/// A successful CREATE's reply fields (`durable` and `lease` null when
+/// absent).
+#[derive(serde::Serialize)]
+struct Created {
+    file_id: String,
+    create_action: String,
+    size: u64,
+    durable: Option<Value>,
+    lease: Value,
+}
+
+/// A reply line built without a `Value` tree: `mid`, `status` and the
+/// fields of `body` (for the reader's typed CREATE, [`answer_typed`]).
+#[derive(serde::Serialize)]
+struct Answer<T> {
+    mid: u64,
+    status: &'static str,
+    #[serde(flatten)]
+    body: T,
+}
+
+/// What the connection's reader answers a line with.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Reply {
+    Json(Value),
+    Created(Answer<Created>),
 }
 
 fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
