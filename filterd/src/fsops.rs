@@ -294,18 +294,21 @@ pub fn open(
             true,
         ),
         Disposition::OpenIf | Disposition::OverwriteIf | Disposition::Supersede => {
-            // Create-if-absent, knowing which happened: try exclusive create,
-            // fall back to open; retry if the file vanished in between.
+            // Create-if-absent, knowing which happened: open what exists,
+            // else create exclusively; retry if the file came or went in
+            // between. Opening first spares the common case (the file is
+            // there) a failing O_CREAT|O_EXCL openat2, which also takes the
+            // directory's inode lock exclusively (issue #16).
             let mut tries = 0;
             loop {
-                match open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE) {
-                    Ok(fd) => break (fd, true),
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(e) => return Err(err(e)),
-                }
                 match open_nb(root, p, mode, 0) {
                     Ok(fd) => break (fd, false),
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tries < 8 => tries += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(err(e)),
+                }
+                match open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE) {
+                    Ok(fd) => break (fd, true),
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < 8 => tries += 1,
                     Err(e) => return Err(err(e)),
                 }
             }

@@ -432,3 +432,59 @@ fn a_pool_of_filterd_connections_keeps_each_clients_handles_reachable() {
         "nothing opened twice"
     );
 }
+
+#[test]
+fn the_readers_typed_fast_path_answers_as_the_parsed_object_path() {
+    // smbshim's reader decodes a CREATE/CLOSE line into typed fields
+    // (issue #16) and falls back to a parsed object for anything that does
+    // not fit; these lines take the fallback and must answer as before.
+    let s = Scratch::new("smb-typed");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut c = LineClient::connect(&shim.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+    // An escaped string (not borrowable from the line).
+    let line = format!(
+        "{{\"cmd\":\"CREATE\",\"mid\":5,\"session_id\":{sid},\"path\":\"f\\u0069le\",\"access\":[\"read\"],\"share\":[],\"disposition\":\"create\"}}\n"
+    );
+    let r = c.raw(line.as_bytes()).unwrap();
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["create_action"], "created");
+    assert!(s.root().join("file").exists());
+    let fid = r["file_id"].as_str().unwrap().to_owned();
+    // A JSON array naming CREATE is not a request object.
+    let r = c.raw(b"[\"CREATE\", 6, 1]\n").unwrap();
+    assert_eq!(r["status"], "STATUS_INVALID_PARAMETER", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("object"), "{r}");
+    // A non-bool replay counts as no replay.
+    let r = c.raw(format!("{{\"cmd\":\"CREATE\",\"mid\":7,\"session_id\":{sid},\"path\":\"g\",\"access\":[\"read\"],\"share\":[],\"disposition\":\"open_if\",\"replay\":\"yes\"}}\n").as_bytes()).unwrap();
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // A repeated key: the last one counts.
+    let r = c
+        .raw(format!("{{\"cmd\":\"CLOSE\",\"mid\":8,\"session_id\":{sid},\"file_id\":\"zz\",\"file_id\":\"{fid}\"}}\n").as_bytes())
+        .unwrap();
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].as_u64()),
+        (Some("STATUS_SUCCESS"), Some(8)),
+        "{r}"
+    );
+    // Missing and mistyped fields are named.
+    let r = c
+        .raw(format!("{{\"cmd\":\"CLOSE\",\"mid\":9,\"file_id\":\"{fid}\"}}\n").as_bytes())
+        .unwrap();
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].as_u64()),
+        (Some("STATUS_INVALID_PARAMETER"), Some(9)),
+        "{r}"
+    );
+    let r = c
+        .raw(format!("{{\"cmd\":\"CREATE\",\"mid\":10,\"session_id\":{sid},\"path\":\"h\",\"access\":\"read\",\"share\":[],\"disposition\":\"open_if\"}}\n").as_bytes())
+        .unwrap();
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].as_u64()),
+        (Some("STATUS_INVALID_PARAMETER"), Some(10)),
+        "{r}"
+    );
+    // And the connection keeps serving.
+    assert_eq!(c.call(json!({"cmd": "ECHO"}))["status"], "STATUS_SUCCESS");
+}

@@ -269,6 +269,25 @@ fn a_persistent_write_is_synced_before_its_reply() {
 /// room to spare means the socket is drained, so it makes no second call
 /// that finds the socket empty. Counted with strace over a run of
 /// non-durable opens and closes, each sent after the previous reply.
+/// A non-durable read-write `open_if` of `name` by client alice.
+fn open_if(name: String) -> OpenRequest {
+    OpenRequest {
+        client: ClientId::new("alice").unwrap(),
+        path: RelPath::new(name).unwrap(),
+        access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+        share: Rights::ALL,
+        disposition: Disposition::OpenIf,
+        durability: Durability::None,
+        create_guid: None,
+        owner: None,
+        lease: None,
+        no_wait: false,
+        share_group: None,
+        stat: false,
+        put: Vec::new(),
+    }
+}
+
 #[test]
 fn a_lone_request_costs_one_receive_call() {
     let s = Scratch::new("strace-recv");
@@ -282,23 +301,7 @@ fn a_lone_request_costs_one_receive_call() {
     .unwrap();
     const PAIRS: usize = 50;
     for i in 0..PAIRS {
-        let h = fe
-            .open(OpenRequest {
-                client: ClientId::new("alice").unwrap(),
-                path: RelPath::new(format!("f{i}")).unwrap(),
-                access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-                share: Rights::ALL,
-                disposition: Disposition::OpenIf,
-                durability: Durability::None,
-                create_guid: None,
-                owner: None,
-                lease: None,
-                no_wait: false,
-                share_group: None,
-                stat: false,
-                put: Vec::new(),
-            })
-            .unwrap();
+        let h = fe.open(open_if(format!("f{i}"))).unwrap();
         fe.close(h.info.key).unwrap();
     }
     drop(fe);
@@ -318,4 +321,53 @@ fn a_lone_request_costs_one_receive_call() {
         "{calls} receive calls for {} requests (at most {bound} expected)",
         2 * PAIRS
     );
+}
+
+#[test]
+fn an_open_if_of_an_existing_file_costs_one_openat2() {
+    // issue #16: create-if-absent opened what exists first; it used to try
+    // an O_CREAT|O_EXCL openat2 that failed with EEXIST (and took the
+    // directory's lock) before every open of an existing file.
+    let s = Scratch::new("strace-open-if");
+    const FILES: usize = 20;
+    for i in 0..FILES {
+        std::fs::write(s.root().join(format!("old{i}")), b"x").unwrap();
+    }
+    let trace = s.dir.join("trace");
+    let t = start_traced_with(&s, &trace, "trace=openat2");
+    let fe = FilterClient::connect_frontend(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new("smb-a").unwrap(),
+    )
+    .unwrap();
+    let open_once = |name: String| {
+        let h = fe.open(open_if(name)).unwrap();
+        let action = h.info.create_action;
+        fe.close(h.info.key).unwrap();
+        action
+    };
+    for i in 0..FILES {
+        assert_eq!(open_once(format!("old{i}")), CreateAction::Opened);
+    }
+    // Absent files are still created, and say so.
+    for i in 0..3 {
+        assert_eq!(open_once(format!("new{i}")), CreateAction::Created);
+    }
+    drop(fe);
+    drop(t);
+    let text = std::fs::read_to_string(&trace).expect("trace");
+    let calls = |name: &str| {
+        text.lines()
+            .filter(|l| l.contains("openat2(") && l.contains(&format!("\"{name}\"")))
+            .count()
+    };
+    for i in 0..FILES {
+        let n = calls(&format!("old{i}"));
+        assert_eq!(
+            n, 1,
+            "open_if of existing old{i} made {n} openat2 calls:\n{text}"
+        );
+    }
+    assert!(s.root().join("new0").exists());
 }

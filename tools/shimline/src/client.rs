@@ -712,9 +712,12 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn line_of(v: &Value) -> Vec<u8> {
-    let mut s = v.to_string();
-    s.push('\n');
-    s.into_bytes()
+    // serde_json's writer, not Display (fmt::Formatter costs more).
+    let mut line = Vec::with_capacity(256);
+    // A Value always serializes into a Vec.
+    let _ = serde_json::to_writer(&mut line, v);
+    line.push(b'\n');
+    line
 }
 
 /// The pushed channel's sending side: drops (and counts) the oldest entry
