@@ -1022,9 +1022,19 @@ const BIN_REPLY: u8 = 1;
 const BIN_EVENT: u8 = 2;
 
 fn bin_encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, WireError> {
-    rmp_serde::to_vec_named(value)
-        .map_err(|e| WireError::new(ErrorCode::Internal, format!("encode: {e}")))
+    // Room for the hot frames from the start (an open+close pair's four
+    // are 349 bytes together): `to_vec_named` grows an empty `Vec` by
+    // doubling, four or five reallocations and copies per frame (issue
+    // 16: 1.18 → 0.42 µs of CPU for a pair's four encodes). A larger
+    // frame still grows.
+    let mut out = Vec::with_capacity(BIN_ENCODE_START);
+    rmp_serde::encode::write_named(&mut out, value)
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("encode: {e}")))?;
+    Ok(out)
 }
+
+/// The capacity a binary frame's buffer starts with.
+const BIN_ENCODE_START: usize = 256;
 
 /// Refuses a frame larger than [`MAX_FRAME`].
 fn checked_size(bytes: Vec<u8>) -> Result<Vec<u8>, WireError> {
@@ -1932,6 +1942,11 @@ mod binary_tests {
             // The fast path takes the hot requests, and gives what the
             // general decoder gives.
             let bytes = encode_request(Encoding::Binary, &frame).expect("encodes");
+            // The pre-sized encoder writes the bytes `to_vec_named` writes.
+            prop_assert_eq!(
+                &bytes,
+                &rmp_serde::to_vec_named(&(frame.id, &frame.req)).expect("encodes")
+            );
             let fast = fast_bin_request(&bytes);
             prop_assert_eq!(
                 fast.is_some(),
