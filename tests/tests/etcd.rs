@@ -634,3 +634,160 @@ fn etcd_out_of_space_is_disk_full_and_service_resumes() {
     acked.sort();
     assert_eq!(handle_paths(d.socket()), acked, "nothing acknowledged lost");
 }
+
+/// The claim's read looks at each persistent handle's file (with the look
+/// filterd gives it) as the page with its record arrives, and hands what
+/// it found to recovery: every persistent handle not lost before, once,
+/// by resume key; nothing after a commit (the table is no longer the one
+/// read).
+#[test]
+fn the_claims_read_looks_at_the_files_for_recovery() {
+    use libfilter::etcd::{EtcdStore, EtcdUrl};
+    use libfilter::model::*;
+    use libfilter::store::{StateStore, StoreOp};
+    use std::sync::{Arc, Mutex};
+    if !etcd_available("the_claims_read_looks_at_the_files_for_recovery") {
+        return;
+    }
+    let shared = Scratch::new("etcd-look");
+    let cluster = Cluster::start(&shared, 1);
+    let url = EtcdUrl::parse(&cluster.url("rk/look")).expect("url");
+    let ttl = Duration::from_secs(TTL);
+    let record = |i: u64, durability: Durability, conn: ConnState| HandleRecord {
+        key: ResumeKey::new_random(),
+        protocol: Protocol::new("smb").unwrap(),
+        frontend: InstanceName::new("smb-1").unwrap(),
+        client: ClientId::new(format!("client-{}", i % 7)).unwrap(),
+        create_guid: None,
+        owner: None,
+        path: RelPath::new(format!("f{i}")).unwrap(),
+        file: FileId { dev: 1, ino: i },
+        kernel_handle: Some(KernelHandle {
+            handle_type: 1,
+            bytes: i.to_le_bytes().to_vec(),
+        }),
+        access: Access::new(Rights::READ).unwrap(),
+        share: Rights::READ,
+        durability,
+        conn,
+        create_action: CreateAction::Created,
+        opened_ms: 0,
+        locks: Vec::new(),
+        lock_sequence: Vec::new(),
+        lease: None,
+        delete_on_close: false,
+        share_group: None,
+        lock_owner: None,
+        stat: false,
+    };
+    let persistent = Durability::Persistent { timeout_ms: 60_000 };
+    // 9000 persistent handles (more than one page of the read), one lost
+    // before, one durable (not persistent).
+    let mut ops: Vec<StoreOp> = (0..9000u64)
+        .map(|i| StoreOp::PutHandle(Box::new(record(i, persistent, ConnState::Connected))))
+        .collect();
+    let lost = record(9000, persistent, ConnState::Lost);
+    let durable = record(
+        9001,
+        Durability::Durable { timeout_ms: 60_000 },
+        ConnState::Connected,
+    );
+    ops.push(StoreOp::PutHandle(Box::new(lost.clone())));
+    ops.push(StoreOp::PutHandle(Box::new(durable.clone())));
+    let a = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect a");
+    a.claim().expect("a claims");
+    let each: Vec<&[StoreOp]> = ops.iter().map(std::slice::from_ref).collect();
+    for part in each.chunks(500) {
+        a.commit(part).expect("a commits");
+    }
+    a.clean_shutdown().expect("a stops cleanly");
+    drop(a);
+
+    let b = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect b");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    b.set_file_look(Arc::new(move |kh: &KernelHandle, path: &RelPath| {
+        s.lock().unwrap().push(path.as_str().to_owned());
+        let ino = u64::from_le_bytes(kh.bytes.as_slice().try_into().unwrap());
+        if ino % 1000 == 7 {
+            return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        Ok(FileId { dev: 2, ino })
+    }));
+    b.claim().expect("b claims and reads the table");
+    let mut looked = b.take_looked().expect("the read looked at the files");
+    assert_eq!(looked.len(), 9000, "every persistent handle not lost");
+    assert_eq!(seen.lock().unwrap().len(), 9000, "each looked at once");
+    assert!(looked.windows(2).all(|w| w[0].0 < w[1].0), "sorted by key");
+    let mut by_key = std::collections::HashMap::new();
+    b.each_handle(&mut |r| {
+        let r = r.unwrap();
+        by_key.insert(r.key, r);
+    })
+    .unwrap();
+    for (key, found) in &mut looked {
+        let rec = &by_key[key];
+        assert!(rec.durability.is_persistent() && rec.conn != ConnState::Lost);
+        match found.take().expect("one result each") {
+            Ok(f) => assert_eq!(f, FileId { dev: 2, ino: rec.file.ino }),
+            Err(e) => {
+                assert_eq!(rec.file.ino % 1000, 7);
+                assert_eq!(e.raw_os_error(), Some(libc::ESTALE));
+            }
+        }
+    }
+    assert!(!looked.iter().any(|(k, _)| *k == lost.key || *k == durable.key));
+    assert!(b.take_looked().is_none(), "taken once");
+    b.clean_shutdown().expect("b stops cleanly");
+    drop(b);
+
+    // A commit between the read and recovery drops what was looked at.
+    let c = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect c");
+    c.set_file_look(Arc::new(|_: &KernelHandle, _: &RelPath| {
+        Ok(FileId { dev: 3, ino: 0 })
+    }));
+    c.claim().expect("c claims");
+    c.commit(&[&[StoreOp::DeleteHandle(Box::new(durable))]])
+        .expect("c commits");
+    assert!(c.take_looked().is_none());
+}
+
+/// filterd restarted on an etcd table finds each persistent handle's file
+/// as it is now (the look made while the table's pages came): a file
+/// removed while filterd was down is a lost handle, the others come back.
+#[test]
+fn a_restart_from_etcd_finds_the_files_as_they_are() {
+    if !etcd_available("a_restart_from_etcd_finds_the_files_as_they_are") {
+        return;
+    }
+    let s = Scratch::new("etcd-restart-look");
+    let cluster = Cluster::start(&s, 1);
+    let url = cluster.url("rk/restart-look");
+    let mut f = start_node(&s, &url, false);
+    f.wait_ready();
+    let smb = Shim::start("smbshim", f.socket(), "smb-1");
+    let mut c = LineClient::connect(&smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+    for p in ["kept", "gone"] {
+        let r = persistent_create(&mut c, sid, p);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+    smb.kill9();
+    f.kill9();
+    std::fs::remove_file(s.root().join("gone")).expect("remove while down");
+    // As a standby: it takes over once the killed owner's lease runs out.
+    let f = start_node(&s, &url, true);
+    f.wait_ready();
+    let sock = f.socket().display().to_string();
+    let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    let state = |p: &str| -> String {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .find(|h| h["path"] == p)
+            .map(|h| h["conn"].to_string())
+            .unwrap_or_else(|| panic!("no handle {p}: {v}"))
+    };
+    assert!(state("gone").contains("lost"), "{v}");
+    assert!(state("kept").contains("disconnected"), "{v}");
+}

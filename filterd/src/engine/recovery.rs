@@ -22,7 +22,16 @@ impl Engine {
         // Files whose change mark proved a change: unmarked once that is
         // recorded.
         let mut unmark = Vec::new();
-        for i in store.all_intents()? {
+        let intents = store.all_intents()?;
+        // Files the store's read already looked at (etcd: as the pages
+        // came) stand for the look below, unless an intent was there: its
+        // recovery may have renamed or removed a file since.
+        let mut looked = if intents.is_empty() {
+            store.take_looked()
+        } else {
+            None
+        };
+        for i in intents {
             let intent = match i {
                 Ok(i) => i,
                 Err(e) => {
@@ -269,6 +278,7 @@ impl Engine {
             expiries: std::mem::take(&mut self.expiries),
         };
         let mut which = Vec::with_capacity(persistent.len());
+        let mut prelooked = Vec::new();
         let mut probes = Vec::with_capacity(persistent.len());
         let mut names = Vec::with_capacity(persistent.len());
         for (i, h) in persistent.iter_mut().enumerate() {
@@ -288,8 +298,17 @@ impl Engine {
             } = &mut h.rec;
             if *conn != ConnState::Lost {
                 if let Some(kh) = kernel_handle.as_ref() {
-                    which.push(i);
-                    probes.push((kh, &*path));
+                    let found = looked.as_mut().and_then(|l| {
+                        let at = l.binary_search_by_key(key, |(k, _)| *k).ok()?;
+                        l.get_mut(at)?.1.take()
+                    });
+                    match found {
+                        Some(found) => prelooked.push((i, found)),
+                        None => {
+                            which.push(i);
+                            probes.push((kh, &*path));
+                        }
+                    }
                 }
             }
             names.push(RecordNames {
@@ -326,7 +345,8 @@ impl Engine {
         let mut located: Vec<Option<std::io::Result<FileId>>> = std::iter::repeat_with(|| None)
             .take(persistent.len())
             .collect();
-        for (i, f) in which.into_iter().zip(found) {
+        let looked_before = prelooked.len();
+        for (i, f) in which.into_iter().zip(found).chain(prelooked) {
             if let Some(slot) = located.get_mut(i) {
                 *slot = Some(f);
             }
@@ -462,6 +482,7 @@ impl Engine {
             intents_and_replays_ms = millis(replays_done),
             read_ms = millis(read_done - replays_done),
             located_ms = millis(located_done - read_done),
+            looked_while_reading = looked_before,
             indexed_ms = millis(indexed_done - located_done),
             "recovery done"
         );

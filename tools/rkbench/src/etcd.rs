@@ -148,9 +148,10 @@ pub fn raw_txn_puts(port: u16, per_txn: usize, dur: Duration) -> anyhow::Result<
     })
 }
 
-/// The raw time to read every key under `prefix` in pages of 1000 (what a
-/// taking-over filterd must read at least).
-pub fn raw_page_through(port: u16, prefix: &str) -> anyhow::Result<Duration> {
+/// The raw time to read every key under `prefix` (the store's, with its
+/// leading `/`) in pages of 1000 at one revision (what a taking-over
+/// filterd must read at least), and how many keys that was.
+pub fn raw_page_through(port: u16, prefix: &str) -> anyhow::Result<(Duration, usize)> {
     use etcd_client::GetOptions;
     let rt = runtime()?;
     rt.block_on(async {
@@ -161,6 +162,7 @@ pub fn raw_page_through(port: u16, prefix: &str) -> anyhow::Result<Duration> {
         let mut end = prefix.as_bytes().to_vec();
         end.push(b'/' + 1);
         let mut rev = 0;
+        let mut keys = 0;
         loop {
             let r = c
                 .get(
@@ -176,6 +178,7 @@ pub fn raw_page_through(port: u16, prefix: &str) -> anyhow::Result<Duration> {
             if rev == 0 {
                 rev = r.header().map(|h| h.revision()).unwrap_or(0);
             }
+            keys += r.kvs().len();
             match r.kvs().last() {
                 Some(last) if r.more() => {
                     from = last.key().to_vec();
@@ -184,6 +187,6 @@ pub fn raw_page_through(port: u16, prefix: &str) -> anyhow::Result<Duration> {
                 _ => break,
             }
         }
-        Ok(t0.elapsed())
+        Ok((t0.elapsed(), keys))
     })
 }
