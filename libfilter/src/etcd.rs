@@ -724,7 +724,8 @@ impl EtcdStore {
         self.start_keepalive();
         let lease = self.lease.clone();
         let t_read = Instant::now();
-        let look = self.look.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // Used once, by this read (its export root descriptor goes with it).
+        let look = self.look.lock().unwrap_or_else(|p| p.into_inner()).take();
         let ((table, handles), looked) = match look {
             Some(look) => {
                 let (read, looked) = self.read_table_looking(pinned, &|| lease.ok(), look)?;

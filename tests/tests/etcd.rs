@@ -729,14 +729,22 @@ fn the_claims_read_looks_at_the_files_for_recovery() {
         let rec = &by_key[key];
         assert!(rec.durability.is_persistent() && rec.conn != ConnState::Lost);
         match found.take().expect("one result each") {
-            Ok(f) => assert_eq!(f, FileId { dev: 2, ino: rec.file.ino }),
+            Ok(f) => assert_eq!(
+                f,
+                FileId {
+                    dev: 2,
+                    ino: rec.file.ino
+                }
+            ),
             Err(e) => {
                 assert_eq!(rec.file.ino % 1000, 7);
                 assert_eq!(e.raw_os_error(), Some(libc::ESTALE));
             }
         }
     }
-    assert!(!looked.iter().any(|(k, _)| *k == lost.key || *k == durable.key));
+    assert!(!looked
+        .iter()
+        .any(|(k, _)| *k == lost.key || *k == durable.key));
     assert!(b.take_looked().is_none(), "taken once");
     b.clean_shutdown().expect("b stops cleanly");
     drop(b);
