@@ -188,7 +188,6 @@ fn open_store(
     args: &Args,
     state: &std::path::Path,
     sigs: &SigSet,
-    root: &std::os::fd::OwnedFd,
 ) -> anyhow::Result<Option<Claimed>> {
     if args.store == "lmdb" {
         let lmdb =
@@ -211,13 +210,6 @@ fn open_store(
         nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
     )
     .context("signalfd")?;
-    // The claim's read looks at each handle's file as its page arrives
-    // (the look recovery makes, overlapped with the wait for the next
-    // pages; recovery uses what it found).
-    let look_root = root.try_clone().context("duplicating the export root")?;
-    etcd.set_file_look(Arc::new(move |kh, path| {
-        fsops::locate_for_recovery(std::os::fd::AsFd::as_fd(&look_root), kh, path)
-    }));
     let mut waiting = false;
     let (epoch, was_clean) = loop {
         if let Some(claimed) = etcd.try_claim().context("claiming the etcd table")? {
@@ -332,7 +324,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let own_mount = root.try_clone().context("duplicating the export root")?;
 
-    let (store, epoch, was_clean) = match open_store(&args, &state, &sigs, &own_mount)? {
+    let (store, epoch, was_clean) = match open_store(&args, &state, &sigs)? {
         Some(s) => s,
         None => return Ok(()),
     };

@@ -54,9 +54,7 @@
 //! in pages of 35 key ranges read at once; each page is handed to the
 //! claiming thread as it arrives, which decodes its handle records while
 //! the next pages come (recovery's first `all_handles` gets them, unless a
-//! commit came first), and — given a [`FileLook`] — two threads look
-//! at those handles' files meanwhile, for recovery
-//! ([`StateStore::take_looked`]). A page larger than the reading client's decode
+//! commit came first). A page larger than the reading client's decode
 //! limit (16 MiB; large replay records) is asked again with half as many
 //! keys. The pages are gathered in key order and the copy is built whole
 //! from them (a bulk build, not one tree descent per key) and kept in
@@ -80,8 +78,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::model::{HandleRecord, Intent, ReplayRecord, ReplayScope, ResumeKey};
 use crate::store::{
-    decode_record, encode_record, parse_replay_key, replay_key, replay_prefix, FileLook, Looked,
-    MetaInfo, Prepared, RawReplay, StateStore, StoreError, StoreOp, SCHEMA_VERSION,
+    decode_record, encode_record, parse_replay_key, replay_key, replay_prefix, MetaInfo, Prepared,
+    RawReplay, StateStore, StoreError, StoreOp, SCHEMA_VERSION,
 };
 
 /// Most operations in one Txn (etcd's `--max-txn-ops` default).
@@ -94,9 +92,6 @@ const PAGE: i64 = 4000;
 /// is 4 MiB). A page whose answer is larger is asked again with half as
 /// many keys, down to one key.
 const READ_MESSAGE_LIMIT: usize = 16 << 20;
-
-/// Files to look at during the read: (resume key, kernel handle, path).
-type LookJob = Vec<(ResumeKey, crate::model::KernelHandle, crate::model::RelPath)>;
 
 /// Handle records decoded from the table, in key order.
 type DecodedHandles = Vec<Result<HandleRecord, StoreError>>;
@@ -430,12 +425,6 @@ pub struct EtcdStore {
     /// The handle records decoded while the claim read the table, for the
     /// first `all_handles`; dropped by any commit (it is the table as read).
     handles_read: Mutex<Option<DecodedHandles>>,
-    /// Looks at a handle's file as its record is decoded during the
-    /// claim's read ([`EtcdStore::set_file_look`]).
-    look: Mutex<Option<FileLook>>,
-    /// What those looks found, for recovery; dropped by any commit, as
-    /// `handles_read`.
-    looked: Mutex<Option<Looked>>,
 }
 
 impl EtcdStore {
@@ -493,17 +482,7 @@ impl EtcdStore {
             txn_budget: AtomicU64::new(u64::MAX),
             in_flight: Mutex::new(BTreeMap::new()),
             handles_read: Mutex::new(None),
-            look: Mutex::new(None),
-            looked: Mutex::new(None),
         })
-    }
-
-    /// Has the claim's read look at each handle's file (with `look`, on
-    /// threads of its own) as the page holding its record arrives, so that
-    /// the look overlaps the wait for the next pages; recovery takes the
-    /// results ([`StateStore::take_looked`]).
-    pub fn set_file_look(&self, look: FileLook) {
-        *self.look.lock().unwrap_or_else(|p| p.into_inner()) = Some(look);
     }
 
     /// The margin by which this daemon stops before its lease could expire.
@@ -575,10 +554,6 @@ impl EtcdStore {
 
     fn lock_handles_read(&self) -> std::sync::MutexGuard<'_, Option<DecodedHandles>> {
         self.handles_read.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_looked(&self) -> std::sync::MutexGuard<'_, Option<Looked>> {
-        self.looked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs one request to completion as a task on the client runtime's
@@ -724,18 +699,7 @@ impl EtcdStore {
         self.start_keepalive();
         let lease = self.lease.clone();
         let t_read = Instant::now();
-        // Used once, by this read (its export root descriptor goes with it).
-        let look = self.look.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let ((table, handles), looked) = match look {
-            Some(look) => {
-                let (read, looked) = self.read_table_looking(pinned, &|| lease.ok(), look)?;
-                (read, Some(looked))
-            }
-            None => (
-                self.read_table(Some(pinned), &|| lease.ok(), true, None)?,
-                None,
-            ),
-        };
+        let (table, handles) = self.read_table(Some(pinned), &|| lease.ok(), true)?;
         let n = table.len();
         debug!(
             records = n,
@@ -745,7 +709,6 @@ impl EtcdStore {
         let pending = self.logged(&table)?;
         *self.lock_table() = table;
         *self.lock_handles_read() = Some(handles);
-        *self.lock_looked() = looked;
         self.finish_logged(pending)?;
         info!(url = %self.url, fencing_revision = fence, records = n, ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(0), margin_ms = u64::try_from(self.lease.margin.as_millis()).unwrap_or(0), "owner of the etcd table");
         let fence = u64::try_from(fence).unwrap_or(0);
@@ -793,7 +756,6 @@ impl EtcdStore {
         rev: Option<i64>,
         keep_trying: &dyn Fn() -> bool,
         decode_handles: bool,
-        looks: Option<&std::sync::mpsc::Sender<LookJob>>,
     ) -> Result<TableRead, StoreError> {
         let rev = match rev {
             Some(r) if r > 0 => r,
@@ -899,7 +861,6 @@ impl EtcdStore {
                     Ok(ReadMsg::Page(i, kvs)) => {
                         if decode_handles {
                             if let Some(out) = decoded.get_mut(i) {
-                                let from = out.len();
                                 out.extend(
                                     kvs.iter().filter(|(k, _)| k.starts_with(&handles)).map(
                                         |(k, v)| {
@@ -908,24 +869,6 @@ impl EtcdStore {
                                         },
                                     ),
                                 );
-                                if let (Some(looks), Some(new)) = (looks, out.get(from..)) {
-                                    let job: LookJob = new
-                                        .iter()
-                                        .flatten()
-                                        // What recovery looks at: persistent
-                                        // handles not lost before.
-                                        .filter(|r| {
-                                            r.durability.is_persistent()
-                                                && r.conn != crate::model::ConnState::Lost
-                                        })
-                                        .filter_map(|r| {
-                                            Some((r.key, r.kernel_handle.clone()?, r.path.clone()))
-                                        })
-                                        .collect();
-                                    if !job.is_empty() {
-                                        let _ = looks.send(job);
-                                    }
-                                }
                             }
                         }
                         if let Some(slot) = slots.get_mut(i) {
@@ -961,74 +904,6 @@ impl EtcdStore {
         // of the tree.
         let table = slots.into_iter().flatten().collect();
         Ok((table, decoded.into_iter().flatten().collect()))
-    }
-
-    /// [`read_table`](Self::read_table) at `rev`, its handle records
-    /// decoded, each handle's file looked at with `look` as its page
-    /// arrives: a couple of threads take the pages' (key, kernel handle,
-    /// path) while the next pages are on their way. Returns the read and
-    /// what the looks found, sorted by resume key. A look that names a
-    /// lost handle's file, or one whose record recovery then changes, is
-    /// simply not used (recovery matches by key and only without
-    /// intents).
-    fn read_table_looking(
-        &self,
-        rev: i64,
-        keep_trying: &dyn Fn() -> bool,
-        look: FileLook,
-    ) -> Result<(TableRead, Looked), StoreError> {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(1, 2);
-        let (tx, rx) = std::sync::mpsc::channel::<LookJob>();
-        let rx = Mutex::new(rx);
-        std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .filter_map(|i| {
-                    let (rx, look) = (&rx, look.clone());
-                    std::thread::Builder::new()
-                        .name(format!("etcd-look-{i}"))
-                        .spawn_scoped(s, move || {
-                            let mut out: Looked = Vec::new();
-                            loop {
-                                let job = match rx.lock() {
-                                    Ok(r) => r.recv(),
-                                    Err(_) => break,
-                                };
-                                let Ok(job) = job else { break };
-                                out.extend(
-                                    job.iter()
-                                        .map(|(key, kh, path)| (*key, Some(look(kh, path)))),
-                                );
-                            }
-                            out
-                        })
-                        .ok()
-                })
-                .collect();
-            let read = if workers.is_empty() {
-                // No thread to spare: recovery looks as without a look.
-                drop(tx);
-                self.read_table(Some(rev), keep_trying, true, None)
-            } else {
-                let read = self.read_table(Some(rev), keep_trying, true, Some(&tx));
-                drop(tx);
-                read
-            };
-            let mut looked: Looked = Vec::new();
-            let mut complete = true;
-            for w in workers {
-                match w.join() {
-                    Ok(part) => looked.extend(part),
-                    Err(_) => complete = false,
-                }
-            }
-            looked.sort_unstable_by_key(|(k, _)| *k);
-            if !complete {
-                looked.clear();
-            }
-            read.map(|r| (r, looked))
-        })
     }
 
     fn start_keepalive(&self) {
@@ -1264,7 +1139,6 @@ impl EtcdStore {
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         self.revision.fetch_max(rev, Ordering::AcqRel);
         *self.lock_handles_read() = None;
-        *self.lock_looked() = None;
         let mut table = self.lock_table();
         for (k, v) in chunk {
             match v {
@@ -1535,12 +1409,8 @@ impl EtcdStore {
     pub fn open_read_only(url: &EtcdUrl) -> Result<EtcdStore, StoreError> {
         let s = EtcdStore::connect(url, Duration::from_secs(2), Duration::ZERO)?;
         let t0 = Instant::now();
-        let (mut table, _) = s.read_table(
-            None,
-            &|| t0.elapsed() < Duration::from_secs(10),
-            false,
-            None,
-        )?;
+        let (mut table, _) =
+            s.read_table(None, &|| t0.elapsed() < Duration::from_secs(10), false)?;
         // Show logged requests as their next owner will finish them.
         let (changes, log_keys) = s.logged(&table)?;
         for (k, v) in changes.into_iter().flatten() {
@@ -1708,9 +1578,6 @@ impl StateStore for EtcdStore {
                 .map(Some)
                 .map_err(crate::store::corrupt("handles")),
         }
-    }
-    fn take_looked(&self) -> Option<Looked> {
-        self.lock_looked().take()
     }
     fn all_handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
         // Decoded while the claim read the table, if nothing committed since.

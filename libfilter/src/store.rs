@@ -400,34 +400,7 @@ pub trait StateStore: Send + Sync {
     /// recovery calls it once done). Best effort; nothing for a store that
     /// keeps nothing mapped.
     fn release_read_pages(&self) {}
-    /// Files already looked at while the claim read the table (a store
-    /// that reads over the network looks at each handle's file as its
-    /// page arrives, with the [`FileLook`] it was given, so the look
-    /// overlaps the wait for the next pages): `(resume key, what the look
-    /// found)`, sorted by key, for the handle records the first
-    /// [`StateStore::each_handle`] lists. Taken once; `None` when nothing
-    /// was looked at, or a commit came since (the table is no longer the
-    /// one read).
-    fn take_looked(&self) -> Option<Looked> {
-        None
-    }
 }
-
-/// Looks at one handle's file at recovery (filterd's
-/// `fsops::locate_for_recovery`): given to a store that reads its table
-/// in pages, so the look overlaps the read.
-pub type FileLook = std::sync::Arc<
-    dyn Fn(
-            &crate::model::KernelHandle,
-            &crate::model::RelPath,
-        ) -> std::io::Result<crate::model::FileId>
-        + Send
-        + Sync,
->;
-
-/// What [`StateStore::take_looked`] hands over: per resume key (sorted),
-/// what the look found (each taken once).
-pub type Looked = Vec<(ResumeKey, Option<std::io::Result<crate::model::FileId>>)>;
 
 impl StateStore for Store {
     fn kind(&self) -> &'static str {

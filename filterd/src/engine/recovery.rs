@@ -22,16 +22,7 @@ impl Engine {
         // Files whose change mark proved a change: unmarked once that is
         // recorded.
         let mut unmark = Vec::new();
-        let intents = store.all_intents()?;
-        // Files the store's read already looked at (etcd: as the pages
-        // came) stand for the look below, unless an intent was there: its
-        // recovery may have renamed or removed a file since.
-        let mut looked = if intents.is_empty() {
-            store.take_looked()
-        } else {
-            None
-        };
-        for i in intents {
+        for i in store.all_intents()? {
             let intent = match i {
                 Ok(i) => i,
                 Err(e) => {
@@ -278,7 +269,6 @@ impl Engine {
             expiries: std::mem::take(&mut self.expiries),
         };
         let mut which = Vec::with_capacity(persistent.len());
-        let mut prelooked = Vec::new();
         let mut probes = Vec::with_capacity(persistent.len());
         let mut names = Vec::with_capacity(persistent.len());
         for (i, h) in persistent.iter_mut().enumerate() {
@@ -298,17 +288,8 @@ impl Engine {
             } = &mut h.rec;
             if *conn != ConnState::Lost {
                 if let Some(kh) = kernel_handle.as_ref() {
-                    let found = looked.as_mut().and_then(|l| {
-                        let at = l.binary_search_by_key(key, |(k, _)| *k).ok()?;
-                        l.get_mut(at)?.1.take()
-                    });
-                    match found {
-                        Some(found) => prelooked.push((i, found)),
-                        None => {
-                            which.push(i);
-                            probes.push((kh, &*path));
-                        }
-                    }
+                    which.push(i);
+                    probes.push((kh, &*path));
                 }
             }
             names.push(RecordNames {
@@ -345,8 +326,7 @@ impl Engine {
         let mut located: Vec<Option<std::io::Result<FileId>>> = std::iter::repeat_with(|| None)
             .take(persistent.len())
             .collect();
-        let looked_before = prelooked.len();
-        for (i, f) in which.into_iter().zip(found).chain(prelooked) {
+        for (i, f) in which.into_iter().zip(found) {
             if let Some(slot) = located.get_mut(i) {
                 *slot = Some(f);
             }
@@ -482,7 +462,6 @@ impl Engine {
             intents_and_replays_ms = millis(replays_done),
             read_ms = millis(read_done - replays_done),
             located_ms = millis(located_done - read_done),
-            looked_while_reading = looked_before,
             indexed_ms = millis(indexed_done - located_done),
             "recovery done"
         );
