@@ -634,3 +634,43 @@ fn etcd_out_of_space_is_disk_full_and_service_resumes() {
     acked.sort();
     assert_eq!(handle_paths(d.socket()), acked, "nothing acknowledged lost");
 }
+
+/// filterd restarted on an etcd table finds each persistent handle's file
+/// as it is now (the look made while the table's pages came): a file
+/// removed while filterd was down is a lost handle, the others come back.
+#[test]
+fn a_restart_from_etcd_finds_the_files_as_they_are() {
+    if !etcd_available("a_restart_from_etcd_finds_the_files_as_they_are") {
+        return;
+    }
+    let s = Scratch::new("etcd-restart-look");
+    let cluster = Cluster::start(&s, 1);
+    let url = cluster.url("rk/restart-look");
+    let mut f = start_node(&s, &url, false);
+    f.wait_ready();
+    let smb = Shim::start("smbshim", f.socket(), "smb-1");
+    let mut c = LineClient::connect(&smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+    for p in ["kept", "gone"] {
+        let r = persistent_create(&mut c, sid, p);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+    smb.kill9();
+    f.kill9();
+    std::fs::remove_file(s.root().join("gone")).expect("remove while down");
+    // As a standby: it takes over once the killed owner's lease runs out.
+    let f = start_node(&s, &url, true);
+    f.wait_ready();
+    let sock = f.socket().display().to_string();
+    let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    let state = |p: &str| -> String {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .find(|h| h["path"] == p)
+            .map(|h| h["conn"].to_string())
+            .unwrap_or_else(|| panic!("no handle {p}: {v}"))
+    };
+    assert!(state("gone").contains("lost"), "{v}");
+    assert!(state("kept").contains("disconnected"), "{v}");
+}

@@ -111,6 +111,12 @@ struct Args {
     /// comparisons of the etcd store's read.
     #[arg(long)]
     etcd_restart_only: bool,
+    /// With `--etcd-restart-only`: a second filterd binary (an older
+    /// build, say) started on the same prepared table right after the
+    /// first in every repetition, the order alternating; its rows are
+    /// marked "(alt)", each with filterd's CPU to serving.
+    #[arg(long, value_name = "PATH")]
+    filterd_alt: Option<PathBuf>,
     /// Only the frontend rows (smbl/1 CREATE+CLOSE through smbshim, nfsl/1
     /// OPEN+CLOSE through nfsshim) beside the round trips and
     /// filterd-direct persistent open+close at 32 connections, each row's
@@ -169,7 +175,14 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.etcd_restart_only {
-        etcd_restart_section(&mut rep, &filterd, &dir, args.quick, reps)?;
+        etcd_restart_section(
+            &mut rep,
+            &filterd,
+            args.filterd_alt.as_deref(),
+            &dir,
+            args.quick,
+            reps,
+        )?;
         print!("{}", rep.table());
         return Ok(());
     }
@@ -697,6 +710,7 @@ fn restart_section(
 fn etcd_restart_section(
     rep: &mut Report,
     filterd: &std::path::Path,
+    alt: Option<&std::path::Path>,
     dir: &std::path::Path,
     quick: bool,
     reps: usize,
@@ -707,25 +721,49 @@ fn etcd_restart_section(
         return Ok(());
     };
     let mut ratios = Vec::with_capacity(reps);
+    let mut alt_ratios = Vec::with_capacity(reps);
     for i in 0..reps {
         eprintln!(
             "rkbench: restart with {n} handles from etcd ({}/{reps})…",
             i + 1
         );
-        let (fe, page_ms) = restart::measure_etcd(filterd, dir, n, &e.hosts())?;
-        let raw = page_ms + fe.raw_open_by_handle_ms;
-        rep.rows.push(
-            Row::new(
-                &format!("filterd start→serving, {n} persistent handles, etcd store 1 node"),
-                1,
-                0.0,
-                fe.start_to_serving_ms * 1e3,
-                0.0,
-            )
-            .beside("raw page through etcd + open_by_handle_at", raw * 1e3)
-            .with("raw_page_ms", page_ms),
-        );
-        ratios.push(fe.start_to_serving_ms / raw);
+        // The alternative goes first in every other repetition.
+        let mut order = vec![(filterd, false)];
+        if let Some(alt) = alt {
+            order.push((alt, true));
+            if i % 2 == 1 {
+                order.reverse();
+            }
+        }
+        let bins: Vec<&std::path::Path> = order.iter().map(|(b, _)| *b).collect();
+        let (figures, page_ms) = restart::measure_etcd_each(&bins, dir, n, &e.hosts())?;
+        for ((_, is_alt), fe) in order.iter().zip(figures) {
+            let raw = page_ms + fe.raw_open_by_handle_ms;
+            let which = if *is_alt { " (alt)" } else { "" };
+            rep.rows.push(
+                Row::new(
+                    &format!(
+                        "filterd start→serving, {n} persistent handles, etcd store 1 node{which}"
+                    ),
+                    1,
+                    0.0,
+                    fe.start_to_serving_ms * 1e3,
+                    0.0,
+                )
+                .beside("raw page through etcd + open_by_handle_at", raw * 1e3)
+                .with("raw_page_ms", page_ms)
+                .with("filterd_cpu_ms", fe.cpu_ms),
+            );
+            eprintln!(
+                "rkbench: {n} handles from etcd{which}: {:.0} ms to serving, filterd CPU {:.0} ms, raw page-through {page_ms:.0} ms + open_by_handle_at {:.0} ms",
+                fe.start_to_serving_ms, fe.cpu_ms, fe.raw_open_by_handle_ms
+            );
+            if *is_alt {
+                alt_ratios.push(fe.start_to_serving_ms / raw);
+            } else {
+                ratios.push(fe.start_to_serving_ms / raw);
+            }
+        }
     }
     rep.target_median(
         &format!("restart with {n} handles from etcd ≤ 2× raw page-through + open_by_handle_at"),
@@ -733,6 +771,14 @@ fn etcd_restart_section(
         2.0,
         true,
     );
+    if !alt_ratios.is_empty() {
+        rep.target_median(
+            &format!("(alt) restart with {n} handles from etcd ≤ 2× raw page-through + open_by_handle_at"),
+            &alt_ratios,
+            2.0,
+            true,
+        );
+    }
     Ok(())
 }
 

@@ -39,6 +39,28 @@ pub struct RestartFigure {
     pub rss_file_kib: u64,
     /// Disk blocks the LMDB data file holds, bytes (0 for etcd).
     pub stored_bytes: u64,
+    /// CPU filterd used from its start to serving (user + system, all its
+    /// threads; `/proc/PID/stat`, 10 ms ticks), ms.
+    pub cpu_ms: f64,
+}
+
+/// User + system CPU of `pid` so far (all threads), ms.
+fn cpu_of(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the line.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("/proc/PID/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("field {i} of /proc/{pid}/stat"))
+    };
+    // USER_HZ: 100 on every Linux port (the ABI fixes it).
+    Ok((ticks(11)? + ticks(12)?) as f64 * 10.0)
 }
 
 /// `VmRSS`, `RssAnon` and `RssFile` of `pid`, KiB.
@@ -135,7 +157,9 @@ pub fn measure(filterd: &Path, dir: &Path, n: usize) -> anyhow::Result<RestartFi
     let root = dir.join(format!("restart-{n}/root"));
     let state = dir.join(format!("restart-{n}/state"));
     let handles = prepare(&root, &state, n)?;
-    start_to_serving(filterd, dir, n, &handles, &[])
+    let f = start_to_serving(filterd, dir, n, &handles, &[])?;
+    let _ = std::fs::remove_dir_all(dir.join(format!("restart-{n}")));
+    Ok(f)
 }
 
 /// The same with the table in etcd (`hosts`: its members): the handles
@@ -147,6 +171,20 @@ pub fn measure_etcd(
     n: usize,
     hosts: &str,
 ) -> anyhow::Result<(RestartFigure, f64)> {
+    let (mut figures, page) = measure_etcd_each(&[filterd], dir, n, hosts)?;
+    let f = figures.pop().context("a figure")?;
+    Ok((f, page))
+}
+
+/// [`measure_etcd`] for each of `filterds` in turn on the same table (one
+/// preparation; each start finds the table the one before stopped
+/// cleanly with): old and new binaries alternated in the same window.
+pub fn measure_etcd_each(
+    filterds: &[&Path],
+    dir: &Path,
+    n: usize,
+    hosts: &str,
+) -> anyhow::Result<(Vec<RestartFigure>, f64)> {
     use libfilter::etcd::{EtcdStore, EtcdUrl};
     use libfilter::store::StateStore;
     let root = dir.join(format!("restart-{n}/root"));
@@ -154,8 +192,8 @@ pub fn measure_etcd(
     let prefix = format!("rkbench/restart-{}", uuid::Uuid::new_v4().simple());
     let url = format!("etcd://{hosts}/{prefix}");
     let (handles, ops) = files_and_records(&root, &state, n)?;
+    let parsed = EtcdUrl::parse(&url).map_err(anyhow::Error::msg)?;
     {
-        let parsed = EtcdUrl::parse(&url).map_err(anyhow::Error::msg)?;
         let store = EtcdStore::connect(&parsed, Duration::from_secs(4), Duration::ZERO)?;
         store.claim()?;
         let each: Vec<&[StoreOp]> = ops.iter().map(std::slice::from_ref).collect();
@@ -170,10 +208,23 @@ pub fn measure_etcd(
         .and_then(|h| h.rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .context("an etcd port")?;
-    let page = crate::etcd::raw_page_through(port, &prefix)?;
-    let page = page.min(crate::etcd::raw_page_through(port, &prefix)?);
-    let f = start_to_serving(filterd, dir, n, &handles, &["--store".to_owned(), url])?;
-    Ok((f, page.as_secs_f64() * 1e3))
+    // The store's keys: its prefix has the leading `/` (reading `prefix`
+    // as given found no key at all, so the baseline was the file look
+    // alone until round 8).
+    let (page, keys) = crate::etcd::raw_page_through(port, &parsed.prefix)?;
+    anyhow::ensure!(
+        keys >= n,
+        "the raw page-through read {keys} keys under {}, not the table's {n}",
+        parsed.prefix
+    );
+    let page = page.min(crate::etcd::raw_page_through(port, &parsed.prefix)?.0);
+    let mut figures = Vec::with_capacity(filterds.len());
+    for filterd in filterds {
+        let args = ["--store".to_owned(), url.clone()];
+        figures.push(start_to_serving(filterd, dir, n, &handles, &args)?);
+    }
+    let _ = std::fs::remove_dir_all(dir.join(format!("restart-{n}")));
+    Ok((figures, page.as_secs_f64() * 1e3))
 }
 
 fn start_to_serving(
@@ -193,6 +244,7 @@ fn start_to_serving(
     let mut d = Daemon::spawn(filterd, &root, &state, &log, false, extra)?;
     let client = d.wait_serving(Duration::from_micros(500), Duration::from_secs(120))?;
     let serving = t0.elapsed();
+    let cpu_ms = cpu_of(d.pid())?;
     let recovered = match client.call(libfilter::proto::Request::Stats)?.0 {
         libfilter::proto::Reply::Stats(s) => s.recoveries,
         _ => 0,
@@ -221,7 +273,6 @@ fn start_to_serving(
             eprintln!("rkbench: {n} handles: {line}");
         }
     }
-    let _ = std::fs::remove_dir_all(dir.join(format!("restart-{n}")));
     Ok(RestartFigure {
         handles: n,
         start_to_serving_ms: serving.as_secs_f64() * 1e3,
@@ -231,5 +282,6 @@ fn start_to_serving(
         rss_anon_kib,
         rss_file_kib,
         stored_bytes,
+        cpu_ms,
     })
 }
