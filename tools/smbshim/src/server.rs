@@ -289,6 +289,16 @@ impl Harness {
     pub fn handle(&self, line: &[u8]) -> Value {
         handle_line(&self.0, 1, line)
     }
+
+    /// The reply the connection's reader gives `line` itself (its fast
+    /// path for CREATE, CLOSE and ECHO, typed lines first), or `None` when
+    /// it hands the line to the worker ([`Harness::handle`]).
+    pub fn handle_inline(&self, line: &[u8]) -> Option<Value> {
+        let reply = answer_inline(&self.0, line)?;
+        Some(serde_json::to_value(reply).unwrap_or_else(
+            |e| serde_json::json!({"status": "UNSERIALIZABLE", "error": e.to_string()}),
+        ))
+    }
 }
 
 /// Lines waiting for a connection's worker, with their budget charges.
