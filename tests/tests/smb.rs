@@ -336,6 +336,43 @@ fn the_scriptable_client_drives_a_session() {
     assert_eq!(std::fs::read(s.root().join("notes.txt")).unwrap(), b"hello");
 }
 
+/// smbl/1: RECONNECT fails with `STATUS_OBJECT_NAME_NOT_FOUND` whenever
+/// the open cannot be resumed, `STATUS_ACCESS_DENIED` only for another
+/// user. A disconnected open another frontend instance holds (another
+/// smbshim, or a pool member the client is no longer pinned to after a
+/// restart with another `--filter-connections`) is not found here: the
+/// client falls back to a fresh open instead of giving up.
+#[test]
+fn a_reconnect_through_another_frontend_instance_is_not_found() {
+    let s = Scratch::new("smb-other-instance");
+    let _d = Filterd::start(&s, &[], &[]);
+    let a = Shim::start("smbshim", &s.socket(), "smb-a");
+    let b = Shim::start("smbshim", &s.socket(), "smb-b");
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let guid = uuid::Uuid::new_v4().to_string();
+    let mut c = LineClient::connect(&a.addr);
+    let sid = session(&mut c, &client_guid, "alice");
+    let r = persistent_create(&mut c, sid, "f", &guid, "create", false);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    drop(c);
+    let mut c = LineClient::connect(&b.addr);
+    let sid = session(&mut c, &client_guid, "alice");
+    let r =
+        c.call(json!({"cmd": "RECONNECT", "session_id": sid, "file_id": fid, "create_guid": guid}));
+    assert_eq!(r["status"], "STATUS_OBJECT_NAME_NOT_FOUND", "{r}");
+    // Through its own instance it still comes back.
+    let mut c = LineClient::connect(&a.addr);
+    let sid = session(&mut c, &client_guid, "alice");
+    let r = rkfilter_tests::wait_for("RECONNECT", std::time::Duration::from_secs(10), || {
+        let r = c.call(
+            json!({"cmd": "RECONNECT", "session_id": sid, "file_id": fid, "create_guid": guid}),
+        );
+        (r["status"] == "STATUS_SUCCESS").then_some(r)
+    });
+    assert_eq!(r["file_id"], fid);
+}
+
 /// smbshim talks to filterd over a pool of connections (here 4), each
 /// attached as an instance of its own (`NAME`, `NAME.1`, …), and pins each
 /// client (by client GUID) to one of them. Clients spread over several

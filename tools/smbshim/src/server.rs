@@ -1070,6 +1070,14 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         .resume(client_id(client_guid)?, key)
         .map_err(|e| match e.code() {
             Some(ErrorCode::NoSuchHandle) => not_found(),
+            // Held by another frontend instance (another smbshim, or a pool
+            // member this client is no longer pinned to after a restart with
+            // another --filter-connections): smbl/1 says not found, so the
+            // client opens anew instead of giving up.
+            Some(ErrorCode::NotOwner) => Fail(
+                "STATUS_OBJECT_NAME_NOT_FOUND",
+                format!("the open is held through another frontend instance ({e})"),
+            ),
             _ => filter_fail(e),
         })?;
     note_locked(m, &h.info);
