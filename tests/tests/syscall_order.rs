@@ -264,11 +264,6 @@ fn a_persistent_write_is_synced_before_its_reply() {
     );
 }
 
-/// A lone request costs filterd one receive call (issue 16): the engine
-/// reads a connection's packets in batches (`recvmmsg`), and a batch with
-/// room to spare means the socket is drained, so it makes no second call
-/// that finds the socket empty. Counted with strace over a run of
-/// non-durable opens and closes, each sent after the previous reply.
 /// A non-durable read-write `open_if` of `name` by client alice.
 fn open_if(name: String) -> OpenRequest {
     OpenRequest {
@@ -288,6 +283,11 @@ fn open_if(name: String) -> OpenRequest {
     }
 }
 
+/// A lone request costs filterd one receive call (issue 16): the engine
+/// reads a connection's packets in batches (`recvmmsg`), and a batch with
+/// room to spare means the socket is drained, so it makes no second call
+/// that finds the socket empty. Counted with strace over a run of
+/// non-durable opens and closes, each sent after the previous reply.
 #[test]
 fn a_lone_request_costs_one_receive_call() {
     let s = Scratch::new("strace-recv");
