@@ -162,23 +162,12 @@ pub fn measure(filterd: &Path, dir: &Path, n: usize) -> anyhow::Result<RestartFi
     Ok(f)
 }
 
-/// The same with the table in etcd (`hosts`: its members): the handles
-/// are written there by an owner that then stops cleanly. Also returns
-/// the raw time to page through the table's keys (ms).
-pub fn measure_etcd(
-    filterd: &Path,
-    dir: &Path,
-    n: usize,
-    hosts: &str,
-) -> anyhow::Result<(RestartFigure, f64)> {
-    let (mut figures, page) = measure_etcd_each(&[filterd], dir, n, hosts)?;
-    let f = figures.pop().context("a figure")?;
-    Ok((f, page))
-}
-
-/// [`measure_etcd`] for each of `filterds` in turn on the same table (one
-/// preparation; each start finds the table the one before stopped
-/// cleanly with): old and new binaries alternated in the same window.
+/// The same with the table in etcd (`hosts`: its members), for each of
+/// `filterds` in turn on the same table: the handles are written there
+/// once by an owner that then stops cleanly, and each start finds the
+/// table the one before stopped cleanly with (old and new binaries
+/// alternated in the same window, or one binary started again). Also
+/// returns the raw time to page through the table's keys (ms).
 pub fn measure_etcd_each(
     filterds: &[&Path],
     dir: &Path,
