@@ -401,6 +401,30 @@ impl Drop for TestFront {
     }
 }
 
+/// An open of `path` by `client` asking for nothing beyond it: read access,
+/// share all, open (never create), not durable, no create GUID, owner,
+/// lease or stat. Tests change what they need with struct update syntax:
+/// `OpenRequest { durability, ..plain_open("alice", "f") }`. Panics on a
+/// name the model refuses (tests build their own requests).
+pub fn plain_open(client: &str, path: &str) -> libfilter::proto::OpenRequest {
+    use libfilter::model::{Access, ClientId, Disposition, Durability, RelPath, Rights};
+    libfilter::proto::OpenRequest {
+        client: ClientId::new(client).expect("client id"),
+        path: RelPath::new(path).expect("relative path"),
+        access: Access::new(Rights::READ).expect("read access"),
+        share: Rights::ALL,
+        disposition: Disposition::Open,
+        durability: Durability::None,
+        create_guid: None,
+        owner: None,
+        lease: None,
+        no_wait: false,
+        share_group: None,
+        stat: false,
+        put: Vec::new(),
+    }
+}
+
 /// Attaches an in-process frontend of `protocol` named `instance` (panics
 /// if filterd refuses it).
 pub fn attach(socket: &Path, protocol: &str, instance: &str) -> FilterClient {

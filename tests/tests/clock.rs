@@ -9,7 +9,7 @@ use libfilter::client::FilterClient;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
-use rkfilter_tests::{Filterd, Scratch};
+use rkfilter_tests::{plain_open, Filterd, Scratch};
 
 fn libfaketime() -> PathBuf {
     [
@@ -47,23 +47,16 @@ fn req(
     lease: Option<(LeaseKey, &str)>,
 ) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new(client).unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-        share: Rights::ALL,
         disposition: Disposition::OpenIf,
         durability,
         create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
-        owner: None,
         lease: lease.map(|(key, st)| LeaseRequest {
             key,
             state: LeaseState::parse(st).unwrap(),
             epoch: 0,
         }),
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open(client, path)
     }
 }
 

@@ -14,7 +14,7 @@ use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
 use libfilter::store::Store;
-use rkfilter_tests::{wait_for, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{plain_open, wait_for, Filterd, LineClient, Scratch, Shim};
 use serde_json::json;
 
 fn frontend(s: &Scratch) -> FilterClient {
@@ -28,19 +28,12 @@ fn frontend(s: &Scratch) -> FilterClient {
 
 fn req(path: &str, guid: CreateGuid) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
         share: Rights::READ,
         disposition: Disposition::OpenIf,
         durability: Durability::Persistent { timeout_ms: 60_000 },
         create_guid: Some(guid),
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open("alice", path)
     }
 }
 

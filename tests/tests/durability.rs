@@ -14,7 +14,7 @@ use libfilter::locks::LockRange;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
 use libfilter::store::Store;
-use rkfilter_tests::{wait_for, Filterd, Scratch};
+use rkfilter_tests::{plain_open, wait_for, Filterd, Scratch};
 
 fn frontend(s: &Scratch, instance: &str) -> FilterClient {
     FilterClient::connect_frontend(
@@ -27,19 +27,11 @@ fn frontend(s: &Scratch, instance: &str) -> FilterClient {
 
 fn open_req(path: &str, durability: Durability, guid: Option<CreateGuid>) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-        share: Rights::ALL,
         disposition: Disposition::OpenIf,
         durability,
         create_guid: guid,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open("alice", path)
     }
 }
 

@@ -12,7 +12,7 @@ use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
 use libfilter::store::Store;
-use rkfilter_tests::{Filterd, Scratch};
+use rkfilter_tests::{plain_open, Filterd, Scratch};
 
 const FAILPOINTS: &[&str] = &[
     "open.after_fs",
@@ -34,19 +34,12 @@ fn frontend(s: &Scratch) -> FilterClient {
 
 fn open_req(path: &str, disp: Disposition, guid: CreateGuid) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
         share: Rights::READ,
         disposition: disp,
         durability: Durability::Persistent { timeout_ms: 60_000 },
         create_guid: Some(guid),
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open("alice", path)
     }
 }
 

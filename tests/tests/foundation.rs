@@ -8,7 +8,7 @@ use std::time::Duration;
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest, Request};
-use rkfilter_tests::{bin, filterctl, wait_for, Filterd, Scratch, TestFront};
+use rkfilter_tests::{bin, filterctl, plain_open, wait_for, Filterd, Scratch, TestFront};
 use serde_json::{json, Value};
 
 fn frontend(d: &Scratch, proto: &str, inst: &str) -> FilterClient {
@@ -29,19 +29,11 @@ fn req(
     dur: Durability,
 ) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new(client).unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(access).unwrap(),
         share,
         disposition: disp,
         durability: dur,
-        create_guid: None,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open(client, path)
     }
 }
 

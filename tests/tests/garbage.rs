@@ -4,7 +4,7 @@
 //! both frontends keep serving. A seeded generator keeps failures
 //! reproducible.
 
-use rkfilter_tests::{Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{plain_open, Filterd, LineClient, Scratch, Shim};
 use serde_json::{json, Value};
 
 /// xorshift64*: deterministic, good enough to pick mutations.
@@ -209,7 +209,7 @@ fn malformed_and_mutated_requests_never_fault_a_frontend() {
 /// binary and JSON requests alike.
 #[test]
 fn malformed_binary_frames_get_errors_and_change_nothing() {
-    use libfilter::model::{Access, ClientId, Disposition, Durability, RelPath, Rights};
+    use libfilter::model::{Access, Disposition, Durability, Rights};
     use libfilter::proto::{
         self, Encoding, ErrorCode, OpenRequest, Request, RequestFrame, ServerFrame,
     };
@@ -223,19 +223,11 @@ fn malformed_binary_frames_get_errors_and_change_nothing() {
     assert_ne!(fe.hello().features & proto::FEATURE_BINARY_FRAMES, 0);
     let h = fe
         .open(OpenRequest {
-            client: ClientId::new("alice").unwrap(),
-            path: RelPath::new("p").unwrap(),
             access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
             share: Rights::READ,
             disposition: Disposition::Create,
             durability: Durability::Persistent { timeout_ms: 60_000 },
-            create_guid: None,
-            owner: None,
-            lease: None,
-            no_wait: false,
-            share_group: None,
-            stat: false,
-            put: Vec::new(),
+            ..plain_open("alice", "p")
         })
         .unwrap();
     let ctl = d.control();

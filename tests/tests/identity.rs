@@ -11,7 +11,7 @@ use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
 use libfilter::store::Store;
-use rkfilter_tests::{wait_for, Filterd, Scratch};
+use rkfilter_tests::{plain_open, wait_for, Filterd, Scratch};
 
 fn frontend(s: &Scratch, instance: &str) -> FilterClient {
     FilterClient::connect_frontend(
@@ -24,19 +24,12 @@ fn frontend(s: &Scratch, instance: &str) -> FilterClient {
 
 fn req(path: &str, client: &str, share: Rights, durability: Durability) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new(client).unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
         share,
         disposition: Disposition::OpenIf,
         durability,
         create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open(client, path)
     }
 }
 

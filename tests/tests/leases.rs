@@ -9,7 +9,7 @@ use libfilter::client::{FilterClient, OpenedHandle};
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest, Reply, Request};
-use rkfilter_tests::{Filterd, Scratch};
+use rkfilter_tests::{plain_open, Filterd, Scratch};
 
 fn frontend(s: &Scratch, proto: &str, inst: &str) -> FilterClient {
     FilterClient::connect_frontend(
@@ -32,23 +32,16 @@ fn req(
     lease: Option<(LeaseKey, &str)>,
 ) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new(client).unwrap(),
-        path: RelPath::new("f").unwrap(),
         access: Access::new(access).unwrap(),
         share,
         disposition: Disposition::OpenIf,
         durability: dur,
-        create_guid: None,
-        owner: None,
         lease: lease.map(|(key, s)| LeaseRequest {
             key,
             state: st(s),
             epoch: 0,
         }),
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open(client, "f")
     }
 }
 

@@ -13,7 +13,7 @@ use libfilter::client::FilterClient;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest, Reply, Request};
-use rkfilter_tests::{wait_for, Filterd, Scratch};
+use rkfilter_tests::{plain_open, wait_for, Filterd, Scratch};
 
 fn frontend(s: &Scratch) -> FilterClient {
     FilterClient::connect_frontend(
@@ -26,23 +26,15 @@ fn frontend(s: &Scratch) -> FilterClient {
 
 fn req(path: &str, share: Rights, lease: Option<(LeaseKey, &str)>) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
         share,
         disposition: Disposition::OpenIf,
-        durability: Durability::None,
-        create_guid: None,
-        owner: None,
         lease: lease.map(|(key, s)| LeaseRequest {
             key,
             state: LeaseState::parse(s).unwrap(),
             epoch: 0,
         }),
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open("alice", path)
     }
 }
 

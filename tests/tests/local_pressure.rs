@@ -12,7 +12,7 @@ use std::time::Duration;
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
-use rkfilter_tests::{wait_for, Filterd, Scratch};
+use rkfilter_tests::{plain_open, wait_for, Filterd, Scratch};
 
 fn frontend(s: &Scratch) -> FilterClient {
     FilterClient::connect_frontend(
@@ -25,19 +25,10 @@ fn frontend(s: &Scratch) -> FilterClient {
 
 fn req(path: &str, share: Rights) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
         share,
         disposition: Disposition::OpenIf,
-        durability: Durability::None,
-        create_guid: None,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open("alice", path)
     }
 }
 

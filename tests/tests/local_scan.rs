@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rkfilter_tests::{wait_for, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{plain_open, wait_for, Filterd, LineClient, Scratch, Shim};
 use serde_json::json;
 
 /// Old code: the scan statx'd every descriptor of every process on the
@@ -141,19 +141,10 @@ fn a_scan_cut_short_naming_nobody_just_after_a_frontend_closed_the_file_finds_no
     )
     .unwrap();
     let req = |share| libfilter::proto::OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new("f").unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
         share,
         disposition: Disposition::OpenIf,
-        durability: Durability::None,
-        create_guid: None,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open("alice", "f")
     };
     let h = fe.open(req(Rights::ALL)).unwrap();
     // The handle's descriptor leaves every descriptor table but stays open.

@@ -12,7 +12,7 @@ use libfilter::client::FilterClient;
 use libfilter::locks::{LockKind, LockOp, LockRange};
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
-use rkfilter_tests::{Filterd, Scratch};
+use rkfilter_tests::{plain_open, Filterd, Scratch};
 
 fn frontend(s: &Scratch, proto: &str, inst: &str) -> FilterClient {
     FilterClient::connect_frontend(
@@ -43,19 +43,11 @@ fn open_request(
     disposition: Disposition,
 ) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new(client).unwrap(),
-        path: RelPath::new("f").unwrap(),
         access: Access::new(access).unwrap(),
-        share: Rights::ALL,
         disposition,
         durability: dur,
         create_guid: guid,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open(client, "f")
     }
 }
 
@@ -326,19 +318,11 @@ fn lock_sequence_replays_and_locks_survive_kill9() {
     // The client reconnects and replays its lock: recognised after failover.
     let h = smb
         .replay_open(OpenRequest {
-            client: ClientId::new("alice").unwrap(),
-            path: RelPath::new("f").unwrap(),
             access: Access::new(RW).unwrap(),
-            share: Rights::ALL,
             disposition: Disposition::OpenIf,
             durability: Durability::Persistent { timeout_ms: 60_000 },
             create_guid: Some(guid),
-            owner: None,
-            lease: None,
-            no_wait: false,
-            share_group: None,
-            stat: false,
-            put: Vec::new(),
+            ..plain_open("alice", "f")
         })
         .unwrap();
     assert_eq!(h.info.key, key);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
-use rkfilter_tests::{filterctl, Filterd, Scratch};
+use rkfilter_tests::{filterctl, plain_open, Filterd, Scratch};
 
 const NOBODY: [&str; 5] = [
     "setpriv",
@@ -60,19 +60,12 @@ fn frontend(s: &Scratch) -> FilterClient {
 
 fn persistent(client: &str, path: &str, disp: Disposition) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new(client).unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
         share: Rights::NONE,
         disposition: disp,
         durability: Durability::Persistent { timeout_ms: 60000 },
         create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open(client, path)
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
-use rkfilter_tests::{Filterd, Scratch};
+use rkfilter_tests::{plain_open, Filterd, Scratch};
 
 fn frontend(s: &Scratch) -> FilterClient {
     FilterClient::connect_frontend(
@@ -27,19 +27,12 @@ fn open_req(
     guid: Option<CreateGuid>,
 ) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(access).unwrap(),
         share,
         disposition: Disposition::OpenIf,
         durability: dur,
         create_guid: guid,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open("alice", path)
     }
 }
 

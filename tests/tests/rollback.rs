@@ -16,7 +16,7 @@ use std::time::Duration;
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
-use rkfilter_tests::{held_in_injected_syscall, wait_for, Filterd, Scratch, Strace};
+use rkfilter_tests::{held_in_injected_syscall, plain_open, wait_for, Filterd, Scratch, Strace};
 
 /// How long strace holds the failing sync: the window the test acts in.
 const WINDOW_US: u32 = 8_000_000;
@@ -27,8 +27,6 @@ fn frontend(s: &Scratch, instance: &str) -> FilterClient {
 
 fn req(client: &str, path: &str, share: Rights, durability: Durability) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new(client).unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
         share,
         disposition: Disposition::OpenIf,
@@ -36,12 +34,7 @@ fn req(client: &str, path: &str, share: Rights, durability: Durability) -> OpenR
         create_guid: durability
             .is_persistent()
             .then(|| CreateGuid(uuid::Uuid::new_v4())),
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open(client, path)
     }
 }
 

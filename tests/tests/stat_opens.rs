@@ -10,7 +10,7 @@ use libfilter::client::FilterClient;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest};
-use rkfilter_tests::{Filterd, Scratch};
+use rkfilter_tests::{plain_open, Filterd, Scratch};
 
 fn frontend(s: &Scratch, proto: &str, inst: &str) -> FilterClient {
     rkfilter_tests::attach(&s.socket(), proto, inst)
@@ -25,19 +25,13 @@ const PERSISTENT: Durability = Durability::Persistent { timeout_ms: 60_000 };
 
 fn req(client: &str, access: Rights, share: Rights, dur: Durability, stat: bool) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new(client).unwrap(),
-        path: RelPath::new("f").unwrap(),
         access: Access::new(access).unwrap(),
         share,
         disposition: Disposition::OpenIf,
         durability: dur,
-        create_guid: None,
-        owner: None,
-        lease: None,
         no_wait: true,
-        share_group: None,
         stat,
-        put: Vec::new(),
+        ..plain_open(client, "f")
     }
 }
 

@@ -12,7 +12,7 @@ use libfilter::locks::{LockKind, LockRange};
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
 use libfilter::store::{replay_key, Store, StoreOp};
-use rkfilter_tests::{filterctl, Filterd, Scratch};
+use rkfilter_tests::{filterctl, plain_open, Filterd, Scratch};
 use serde_json::Value;
 
 const PERSISTENT: Durability = Durability::Persistent { timeout_ms: 60_000 };
@@ -157,19 +157,10 @@ fn a_state_dir_with_json_records_opens_and_its_handles_resume() {
     // A record written now is version 2.
     let c = fe
         .open(OpenRequest {
-            client: alice(),
-            path: RelPath::new("c").unwrap(),
-            access: Access::new(Rights::READ).unwrap(),
-            share: Rights::ALL,
             disposition: Disposition::OpenIf,
             durability: PERSISTENT,
             create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
-            owner: None,
-            lease: None,
-            no_wait: false,
-            share_group: None,
-            stat: false,
-            put: Vec::new(),
+            ..plain_open("alice", "c")
         })
         .unwrap()
         .info

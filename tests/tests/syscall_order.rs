@@ -11,7 +11,7 @@ use std::time::Duration;
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
-use rkfilter_tests::{bin, wait_for, Scratch};
+use rkfilter_tests::{bin, plain_open, wait_for, Scratch};
 
 /// A program run under `strace -f`. Killing strace alone would leave the
 /// traced program running (strace detaches from its tracees when it
@@ -162,19 +162,11 @@ fn changes_are_fsynced_before_the_commit_and_replies_come_after() {
     .unwrap();
     let h = fe
         .open(OpenRequest {
-            client: ClientId::new("alice").unwrap(),
-            path: RelPath::new("new").unwrap(),
             access: Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
-            share: Rights::ALL,
             disposition: Disposition::Create,
             durability: Durability::Persistent { timeout_ms: 60_000 },
             create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
-            owner: None,
-            lease: None,
-            no_wait: false,
-            share_group: None,
-            stat: false,
-            put: Vec::new(),
+            ..plain_open("alice", "new")
         })
         .unwrap();
     fe.rename(h.info.key, RelPath::new("moved").unwrap(), false, None)
@@ -267,19 +259,9 @@ fn a_persistent_write_is_synced_before_its_reply() {
 /// A non-durable read-write `open_if` of `name` by client alice.
 fn open_if(name: String) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(name).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-        share: Rights::ALL,
         disposition: Disposition::OpenIf,
-        durability: Durability::None,
-        create_guid: None,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open("alice", &name)
     }
 }
 
