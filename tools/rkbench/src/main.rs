@@ -131,7 +131,8 @@ struct Args {
     targets_only: bool,
     /// Only the local-open rows under fanotify (no listener, an allow-all
     /// listener, filterd with files without and with protocol state; root
-    /// only), for before/after comparisons of filterd's fanotify path.
+    /// only), measured three times (once with `--quick`), the targets the
+    /// medians, for before/after comparisons of filterd's fanotify path.
     #[arg(long)]
     local_only: bool,
     /// Internal: echo server for the socket round-trip baseline.
