@@ -689,8 +689,19 @@ pub fn stamp(fd: BorrowedFd<'_>) -> io::Result<libfilter::model::FileStamp> {
 /// write descriptor (the client's may be read-only) and checks it is the same
 /// file, so a rename racing in between cannot truncate another file.
 pub fn truncate(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<(), WireError> {
-    let fd = open_nb(root, path.as_str(), libc::O_WRONLY | libc::O_NOCTTY, 0)
-        .map_err(|e| map_errno(&e, root, path))?;
+    let fd = open_nb(root, path.as_str(), libc::O_WRONLY | libc::O_NOCTTY, 0).map_err(|e| {
+        // The file the open found was unlinked since (a local process):
+        // like a replaced one, a retry, not "not found" -- the open may
+        // be a create-if-absent (overwrite_if, supersede).
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            WireError::new(
+                ErrorCode::FileNotAvailable,
+                format!("{path}: removed while opening; retry"),
+            )
+        } else {
+            map_errno(&e, root, path)
+        }
+    })?;
     let (file, _) = stat(fd.as_fd()).map_err(|e| map_errno(&e, root, path))?;
     if file != expect {
         return Err(WireError::new(
