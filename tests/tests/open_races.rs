@@ -5,10 +5,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
-use rkfilter_tests::{Filterd, Scratch};
+use rkfilter_tests::{attach, Filterd, Scratch};
 
 fn req(path: &str, disposition: Disposition, persistent: bool) -> OpenRequest {
     OpenRequest {
@@ -102,12 +101,7 @@ fn race(name: &str, disposition: Disposition, persistent: bool) -> u32 {
         .map(|k| {
             let socket = s.socket();
             std::thread::spawn(move || {
-                let c = FilterClient::connect_frontend(
-                    &socket,
-                    Protocol::new("smb").unwrap(),
-                    InstanceName::new(format!("smb-{k}")).unwrap(),
-                )
-                .unwrap();
+                let c = attach(&socket, "smb", &format!("smb-{k}"));
                 let mut wrong = 0;
                 for _ in 0..300 {
                     match c.open(req("race.bin", disposition, persistent)) {
