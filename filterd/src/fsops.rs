@@ -162,6 +162,22 @@ fn marker_name(root: BorrowedFd<'_>) -> Result<&'static CStr, WireError> {
     })
 }
 
+/// How often a create-if-absent goes round again when the name came or
+/// went between its steps.
+const RACE_TRIES: u32 = 8;
+
+/// A marked create-if-absent whose name kept coming and going (a local
+/// process creating and removing it) for [`RACE_TRIES`] rounds: refused
+/// for a retry, not "not found" — that would not be true of it. (The
+/// unmarked one still answers what its last `O_EXCL` said, `EEXIST`; the
+/// attack of review uD never got it that far.)
+fn name_kept_changing(path: &RelPath) -> WireError {
+    WireError::new(
+        ErrorCode::FileNotAvailable,
+        format!("{path}: created and removed by someone else while opening; retry"),
+    )
+}
+
 enum MarkedCreate {
     /// Created and linked under its name, marker set.
     Created(OwnedFd),
@@ -220,32 +236,55 @@ pub fn open(
     if let (Some(m), true) = (marker, creates) {
         // An existing file is opened as it is (no temporary file made and
         // thrown away); only an absent one is created, marked, by linking.
-        let existing = match open_nb(root, p, mode, 0) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => match create_marked(root, path, m)?
-            {
-                MarkedCreate::Created(tmp) => {
-                    let fd = open_nb(root, p, mode, 0).map_err(err)?;
-                    let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
-                    let (tmp_file, _) = stat(tmp.as_fd()).map_err(err)?;
-                    if !is_reg || file != tmp_file {
-                        return Err(WireError::new(
-                            ErrorCode::FileNotAvailable,
-                            format!("{path}: replaced while creating; retry"),
-                        ));
+        // The name may come and go (a local process) between these steps:
+        // go round again, as the unmarked create-if-absent below does,
+        // rather than answer "not found" to a create.
+        let gone = |e: &io::Error| e.raw_os_error() == Some(libc::ENOENT);
+        let mut tries = 0;
+        let existing = loop {
+            let e = match open_nb(root, p, mode, 0) {
+                Ok(fd) => break fd,
+                Err(e) => e,
+            };
+            if !gone(&e) {
+                return Err(err(e));
+            }
+            let e = match create_marked(root, path, m)? {
+                MarkedCreate::Created(tmp) => match open_nb(root, p, mode, 0) {
+                    Ok(fd) => {
+                        let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
+                        let (tmp_file, _) = stat(tmp.as_fd()).map_err(err)?;
+                        if !is_reg || file != tmp_file {
+                            return Err(WireError::new(
+                                ErrorCode::FileNotAvailable,
+                                format!("{path}: replaced while creating; retry"),
+                            ));
+                        }
+                        return Ok(OpenedFile {
+                            fd,
+                            created: true,
+                            linked: true,
+                            file,
+                            size,
+                        });
                     }
-                    return Ok(OpenedFile {
-                        fd,
-                        created: true,
-                        linked: true,
-                        file,
-                        size,
-                    });
-                }
+                    // Linked, then unlinked by someone else: nothing of
+                    // it is left to open.
+                    Err(e) => e,
+                },
                 // Created by someone else in between.
-                MarkedCreate::Exists => open_nb(root, p, mode, 0).map_err(err)?,
-            },
-            Err(e) => return Err(err(e)),
+                MarkedCreate::Exists => match open_nb(root, p, mode, 0) {
+                    Ok(fd) => break fd,
+                    Err(e) => e,
+                },
+            };
+            if !gone(&e) {
+                return Err(err(e));
+            }
+            if tries >= RACE_TRIES {
+                return Err(name_kept_changing(path));
+            }
+            tries += 1;
         };
         let fd = existing;
         let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
@@ -308,7 +347,9 @@ pub fn open(
                 }
                 match open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE) {
                     Ok(fd) => break (fd, true),
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < 8 => tries += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < RACE_TRIES => {
+                        tries += 1
+                    }
                     Err(e) => return Err(err(e)),
                 }
             }
@@ -648,8 +689,19 @@ pub fn stamp(fd: BorrowedFd<'_>) -> io::Result<libfilter::model::FileStamp> {
 /// write descriptor (the client's may be read-only) and checks it is the same
 /// file, so a rename racing in between cannot truncate another file.
 pub fn truncate(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<(), WireError> {
-    let fd = open_nb(root, path.as_str(), libc::O_WRONLY | libc::O_NOCTTY, 0)
-        .map_err(|e| map_errno(&e, root, path))?;
+    let fd = open_nb(root, path.as_str(), libc::O_WRONLY | libc::O_NOCTTY, 0).map_err(|e| {
+        // The file the open found was unlinked since (a local process):
+        // like a replaced one, a retry, not "not found" -- the open may
+        // be a create-if-absent (overwrite_if, supersede).
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            WireError::new(
+                ErrorCode::FileNotAvailable,
+                format!("{path}: removed while opening; retry"),
+            )
+        } else {
+            map_errno(&e, root, path)
+        }
+    })?;
     let (file, _) = stat(fd.as_fd()).map_err(|e| map_errno(&e, root, path))?;
     if file != expect {
         return Err(WireError::new(

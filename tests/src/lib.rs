@@ -531,7 +531,26 @@ impl Shim {
 
     /// As [`Shim::start`], with extra flags.
     pub fn start_with(bin_name: &str, socket: &Path, instance: &str, extra: &[&str]) -> Shim {
-        let mut child = Command::new(bin(bin_name))
+        Shim::spawn(Command::new(bin(bin_name)), socket, instance, extra)
+    }
+
+    /// As [`Shim::start_with`], under a descriptor limit of `nofile`
+    /// (soft and hard, set by util-linux `prlimit`).
+    pub fn start_with_nofile(
+        bin_name: &str,
+        socket: &Path,
+        instance: &str,
+        extra: &[&str],
+        nofile: u64,
+    ) -> Shim {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(bin(bin_name));
+        Shim::spawn(cmd, socket, instance, extra)
+    }
+
+    fn spawn(mut cmd: Command, socket: &Path, instance: &str, extra: &[&str]) -> Shim {
+        let mut child = cmd
             .arg("--filter")
             .arg(socket)
             .arg("--listen")

@@ -431,3 +431,63 @@ fn an_over_long_line_closes_only_its_connection() {
         );
     }
 }
+
+/// Old code: smbshim held one descriptor per open with no cap below its
+/// descriptor limit; once the table was full, a descriptor filterd sent
+/// for the next open was cut from its message (`MSG_CTRUNC`), smbshim
+/// dropped its filterd connection as broken, and every request of every
+/// client failed with "connection to filterd lost" for good — also after
+/// the client that held the opens went away (here: open 244 failed so; on
+/// cb8c26b's release binaries under a limit of 200, 189 opens held, the
+/// next 111 failed so). Now smbshim refuses the opens past its limit with
+/// STATUS_INSUFFICIENT_RESOURCES and serves on.
+#[test]
+fn opens_past_the_descriptor_limit_are_refused_and_others_are_served() {
+    let s = Scratch::new("limit-shim-descriptors");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with_nofile(
+        "smbshim",
+        &s.socket(),
+        "smb-fd",
+        &["--max-connections", "8"],
+        256,
+    );
+    let session = |c: &mut LineClient, user: &str| {
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": user}));
+        r["session_id"].as_u64().expect("session")
+    };
+    let create = |c: &mut LineClient, sid: u64, path: &str| {
+        c.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
+                      "share": ["read"], "disposition": "open_if"}),
+        )
+    };
+    let mut a = LineClient::connect(&shim.addr);
+    let sa = session(&mut a, "a");
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for i in 0..400 {
+        let r = create(&mut a, sa, &format!("fd{i}"));
+        match r["status"].as_str() {
+            Some("STATUS_SUCCESS") => held.push(r["file_id"].clone()),
+            Some("STATUS_INSUFFICIENT_RESOURCES") => refused += 1,
+            _ => panic!("open {i} with {} held: {r}", held.len()),
+        }
+    }
+    assert!(
+        refused > 0 && !held.is_empty(),
+        "{} held, {refused} refused",
+        held.len()
+    );
+    // Another client is served once a slot is free, and so is A.
+    let mut b = LineClient::connect(&shim.addr);
+    let sb = session(&mut b, "b");
+    let fid = held.pop().expect("an open");
+    let r = a.call(json!({"cmd": "CLOSE", "session_id": sa, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = create(&mut b, sb, "other");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "B with A at the limit: {r}");
+    let r = b.call(json!({"cmd": "CLOSE", "session_id": sb, "file_id": r["file_id"]}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = create(&mut a, sa, "again");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "A after a close: {r}");
+}

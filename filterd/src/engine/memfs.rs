@@ -446,7 +446,11 @@ impl Fs for MemFs {
             return Err(st.map_errno(&e, path));
         }
         let Some(obj) = st.names.get(path.as_str()).copied() else {
-            return Err(st.map_errno(&errno(libc::ENOENT), path));
+            // As fsops::truncate: removed since the open, a retry.
+            return Err(WireError::new(
+                ErrorCode::FileNotAvailable,
+                format!("{path}: removed while opening; retry"),
+            ));
         };
         match st.objs.get_mut(&obj) {
             Some(f) if id(f) == expect => {

@@ -536,7 +536,18 @@ impl Engine {
                 // request on the handle) may have written its record
                 // meanwhile.
                 self.remove(p.key);
-                Err(self.fs.map_errno(&e, &path))
+                if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) {
+                    // Unlinked since its open (a local process): the
+                    // kernel handle names no file any more. As for a
+                    // file replaced meanwhile, a retry -- not Internal
+                    // ("Stale file handle") to an overwrite_if.
+                    Err(err(
+                        ErrorCode::FileNotAvailable,
+                        format!("{path}: removed while opening; retry"),
+                    ))
+                } else {
+                    Err(self.fs.map_errno(&e, &path))
+                }
             }
         };
         let fd = match result {

@@ -40,6 +40,17 @@
 //! more can be sent on it). Before, the write had no limit, and a stalled
 //! server held the call, every call queued behind the writer lock and the
 //! client's drop forever (`tests/tests/line_client.rs`).
+//!
+//! Left open (review uD): the bound is per write, not per call. A call
+//! queued behind the writer lock waits for the holder's write — up to one
+//! timeout without progress — before its own write and reply wait start,
+//! so a call can take about twice its timeout (16 threads sharing a client
+//! with a 1 s timeout, 256 KiB lines, smbshim stopped: the slowest call
+//! took 2.27 s; with 1 and 16 KiB lines 1.09 and 1.11 s); and a server
+//! that takes a few bytes within every timeout holds a long line's write
+//! (and the callers behind it) for as long as it trickles. Bounding the
+//! whole call by its timeout would cut a slow but moving large write
+//! mid-line, which ends the connection for every caller.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -339,8 +350,9 @@ struct Output {
 
 impl Output {
     /// Writes `line`; a write that makes no progress for `limit` fails
-    /// (`WouldBlock`), so a server that stops reading cannot hold a call —
-    /// or the callers queued behind the writer lock — past its timeout.
+    /// (`WouldBlock`), so a server that stops reading holds a call — and
+    /// each caller queued behind the writer lock — for at most one more
+    /// timeout (see the module's "Left open").
     /// The error says whether part of the line went.
     fn send(&mut self, line: &[u8], limit: Duration) -> Result<(), (std::io::Error, bool)> {
         // A zero timeout would mean "none" to the socket.

@@ -116,6 +116,9 @@ fn main() -> anyhow::Result<()> {
                     .unwrap_or(usize::MAX),
                 max_sessions_per_connection: usize::try_from(args.max_sessions_per_connection)
                     .unwrap_or(usize::MAX),
+                max_opens: server::opens_allowed(
+                    usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                ),
             };
             args.lines.apply();
             server::run(

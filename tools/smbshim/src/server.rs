@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,10 @@ pub struct Limits {
     pub max_connections_per_peer: usize,
     /// Most sessions one connection may set up.
     pub max_sessions_per_connection: usize,
+    /// Most opens held (and being made) at once: each holds a descriptor,
+    /// and a descriptor filterd sends when none is free is lost with the
+    /// filterd connection ([`opens_allowed`]).
+    pub max_opens: usize,
 }
 
 impl Default for Limits {
@@ -44,8 +48,65 @@ impl Default for Limits {
             max_connections: shimline::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: shimline::DEFAULT_MAX_CONNECTIONS_PER_PEER,
             max_sessions_per_connection: 64,
+            max_opens: usize::MAX,
         }
     }
+}
+
+/// Descriptors kept free beside the opens: the filterd connections, the
+/// listener, logs, and up to `max_connections` client sockets (at most a
+/// quarter of the limit).
+const FD_RESERVE: u64 = 64;
+
+/// How many opens smbshim may hold given its descriptor limit, raised
+/// first to the hard limit. An open holds the descriptor filterd sent for
+/// it; a descriptor sent when the table is full is cut from its message
+/// (`MSG_CTRUNC`), and the filterd connection is then dropped as broken:
+/// every client of this smbshim failed with "connection to filterd lost"
+/// until a restart (review uD: one client holding ~190 opens under a limit
+/// of 200). A CREATE or RECONNECT past this is refused with
+/// STATUS_INSUFFICIENT_RESOURCES instead.
+pub fn opens_allowed(max_connections: usize) -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return usize::MAX;
+    };
+    let limit = if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let sockets = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .min(limit / 4);
+    usize::try_from(limit.saturating_sub(FD_RESERVE + sockets)).unwrap_or(usize::MAX)
+}
+
+/// An open being made: counted against [`Limits::max_opens`] until the
+/// request is done (by then it is in `Shared::opens`, or was not made).
+struct OpenSlot<'a>(&'a AtomicUsize);
+
+impl Drop for OpenSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A slot for one more open, or STATUS_INSUFFICIENT_RESOURCES when the
+/// opens held and being made reach [`Limits::max_opens`].
+fn open_slot(sh: &Shared) -> Result<OpenSlot<'_>, Fail> {
+    let slot = OpenSlot(&sh.opening);
+    let making = sh.opening.fetch_add(1, Ordering::AcqRel) + 1;
+    let held = sh.opens.lock().map(|o| o.len()).unwrap_or(0);
+    if held.saturating_add(making) > sh.limits.max_opens {
+        return Err(Fail(
+            "STATUS_INSUFFICIENT_RESOURCES",
+            format!(
+                "smbshim holds {held} opens, as many as its descriptor limit allows (close some)"
+            ),
+        ));
+    }
+    Ok(slot)
 }
 
 /// A failed request: an smbl/1 status and a message.
@@ -170,6 +231,8 @@ struct Shared {
     /// detach in flight never lands after the open was taken over.
     teardown: Mutex<()>,
     limits: Limits,
+    /// Opens being made ([`open_slot`]).
+    opening: AtomicUsize,
 }
 
 /// Attaches to filterd over `connections` connections (instances
@@ -245,6 +308,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
         next_session: AtomicU64::new(1),
         teardown: Mutex::new(()),
         limits,
+        opening: AtomicUsize::new(0),
     });
     for k in 0..shared.members.len() {
         let sh = shared.clone();
@@ -913,6 +977,7 @@ fn create_with(
     } else {
         None
     };
+    let _slot = open_slot(sh)?;
     let h = if replay {
         m.filter.replay_open(req)
     } else {
@@ -1065,6 +1130,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             ));
         }
     }
+    let _slot = open_slot(sh)?;
     let h = m
         .filter
         .resume(client_id(client_guid)?, key)
