@@ -7,12 +7,10 @@ use std::sync::Arc;
 
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
-use rkfilter_tests::{attach, Filterd, Scratch};
+use rkfilter_tests::{attach, plain_open, Filterd, Scratch};
 
 fn req(path: &str, disposition: Disposition, persistent: bool) -> OpenRequest {
     OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(path).unwrap(),
         access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
         share: Rights::READ.union(Rights::WRITE).union(Rights::DELETE),
         disposition,
@@ -22,12 +20,7 @@ fn req(path: &str, disposition: Disposition, persistent: bool) -> OpenRequest {
             Durability::None
         },
         create_guid: persistent.then(|| CreateGuid(uuid::Uuid::new_v4())),
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..plain_open("alice", path)
     }
 }
 
