@@ -1,4 +1,5 @@
 //! Issue 16: the CPU cost of the frame codec, JSON against binary frames
+//! and the compact hot frames
 //! (`cargo run --release -p libfilter --example frame_codec`): a
 //! non-durable open+close pair's four frames (open request, opened reply,
 //! close request, done reply), each encoded and decoded once, timed with
@@ -65,7 +66,7 @@ fn main() {
     };
     let n = 200_000;
     for round in 0..5 {
-        for enc in [Encoding::Json, Encoding::Binary] {
+        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
             let t = cpu_s();
             let mut bytes = 0;
             for _ in 0..n {
