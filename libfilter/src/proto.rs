@@ -1418,11 +1418,15 @@ mod compact {
     const START: usize = 160;
 
     fn varint(out: &mut Vec<u8>, mut v: u64) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
+        loop {
+            let [low, ..] = v.to_le_bytes();
             v >>= 7;
+            if v == 0 {
+                out.push(low & 0x7f);
+                return;
+            }
+            out.push(low | 0x80);
         }
-        out.push(v as u8);
     }
 
     fn opt_varint(out: &mut Vec<u8>, v: Option<u64>) {
