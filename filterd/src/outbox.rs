@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use libfilter::proto::{self, ServerFrame};
@@ -212,9 +212,9 @@ fn run(me: Weak<Flusher>) {
 pub struct ConnWriter {
     sock: Arc<OwnedFd>,
     dead: AtomicBool,
-    /// Frames after the hello are binary (the hello granted
-    /// `FEATURE_BINARY_FRAMES`); else JSON.
-    binary: AtomicBool,
+    /// The encoding of frames after the hello (what the hello granted):
+    /// 0 JSON, 1 binary, 2 binary with compact hot frames.
+    encoding: AtomicU8,
     queue: Mutex<Queue>,
     flusher: Option<(Arc<Flusher>, u64)>,
     me: std::sync::Weak<ConnWriter>,
@@ -250,7 +250,7 @@ impl ConnWriter {
         Arc::new_cyclic(|me| ConnWriter {
             sock,
             dead: AtomicBool::new(false),
-            binary: AtomicBool::new(false),
+            encoding: AtomicU8::new(0),
             queue: std::sync::Mutex::new(Queue::default()),
             flusher: flusher.map(|f| {
                 let t = f.token();
@@ -299,16 +299,20 @@ impl ConnWriter {
     /// The encoding of this connection's frames from now on (set once
     /// the hello reply, always JSON, has been sent).
     pub fn set_encoding(&self, encoding: proto::Encoding) {
-        self.binary
-            .store(encoding == proto::Encoding::Binary, Ordering::Release);
+        let e = match encoding {
+            proto::Encoding::Json => 0,
+            proto::Encoding::Binary => 1,
+            proto::Encoding::Compact => 2,
+        };
+        self.encoding.store(e, Ordering::Release);
     }
 
     /// Encodes a frame in this connection's encoding.
     pub fn encode(&self, frame: &ServerFrame) -> Result<Vec<u8>, proto::WireError> {
-        let encoding = if self.binary.load(Ordering::Acquire) {
-            proto::Encoding::Binary
-        } else {
-            proto::Encoding::Json
+        let encoding = match self.encoding.load(Ordering::Acquire) {
+            0 => proto::Encoding::Json,
+            1 => proto::Encoding::Binary,
+            _ => proto::Encoding::Compact,
         };
         proto::encode_server(encoding, frame)
     }

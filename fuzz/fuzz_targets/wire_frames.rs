@@ -1,6 +1,7 @@
-//! The frontend↔filterd frame decoders, JSON and binary (issue 16): any
-//! bytes give a frame or an error, never a panic; a frame that decodes
-//! encodes (in both encodings) and decodes again to the same frame.
+//! The frontend↔filterd frame decoders, JSON, binary and compact (issue
+//! 16; a leading 0xc1 reaches the compact decoder): any bytes give a frame
+//! or an error, never a panic; a frame that decodes encodes (in every
+//! encoding) and decodes again to the same frame.
 #![no_main]
 
 use libfilter::proto::{self, Encoding};
@@ -9,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let _ = proto::decode_hello(data);
     if let Ok(f) = proto::decode_request(data) {
-        for enc in [Encoding::Json, Encoding::Binary] {
+        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
             // JSON is larger: a frame near the size limit may not fit it.
             let Ok(bytes) = proto::encode_request(enc, &f) else {
                 continue;
@@ -19,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(f) = proto::decode_server(data) {
-        for enc in [Encoding::Json, Encoding::Binary] {
+        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
             let Ok(bytes) = proto::encode_server(enc, &f) else {
                 continue;
             };

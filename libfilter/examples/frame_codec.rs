@@ -1,4 +1,5 @@
 //! Issue 16: the CPU cost of the frame codec, JSON against binary frames
+//! and the compact hot frames
 //! (`cargo run --release -p libfilter --example frame_codec`): a
 //! non-durable open+close pair's four frames (open request, opened reply,
 //! close request, done reply), each encoded and decoded once, timed with
@@ -63,9 +64,19 @@ fn main() {
         id: Some(12346),
         result: Ok(Reply::Done),
     };
-    let n = 200_000;
-    for round in 0..5 {
-        for enc in [Encoding::Json, Encoding::Binary] {
+    // `frame_codec [PAIRS [json|binary|compact]]`: one encoding for a fixed
+    // count (for `perf stat -e instructions:u` of two counts), else all
+    // three alternated over five rounds.
+    let mut args = std::env::args().skip(1);
+    let n: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    let (rounds, encs) = match args.next().as_deref() {
+        Some("json") => (1, vec![Encoding::Json]),
+        Some("binary") => (1, vec![Encoding::Binary]),
+        Some("compact") => (1, vec![Encoding::Compact]),
+        _ => (5, vec![Encoding::Json, Encoding::Binary, Encoding::Compact]),
+    };
+    for round in 0..rounds {
+        for &enc in &encs {
             let t = cpu_s();
             let mut bytes = 0;
             for _ in 0..n {

@@ -257,15 +257,17 @@ impl FilterClient {
     }
 
     /// Connects and exchanges hellos, asking for `features`. Binary
-    /// frames ([`proto::FEATURE_BINARY_FRAMES`]) are always asked for,
-    /// unless the environment variable `RKFILTER_FRAMES` is `json` (to
-    /// compare the two encodings, or to read the frames in a trace).
+    /// frames with the compact hot frames ([`proto::FEATURE_BINARY_FRAMES`],
+    /// [`proto::FEATURE_COMPACT_FRAMES`]) are always asked for, unless the
+    /// environment variable `RKFILTER_FRAMES` is `json` (neither) or
+    /// `binary` (binary frames, version 1, only) — to compare the
+    /// encodings, or to read the frames in a trace.
     pub fn connect_with(path: &Path, role: Role, features: u64) -> Result<Self, ClientError> {
         let sock = connect_socket(path)?;
-        let binary = if std::env::var_os("RKFILTER_FRAMES").is_some_and(|v| v == "json") {
-            0
-        } else {
-            proto::FEATURE_BINARY_FRAMES
+        let binary = match std::env::var("RKFILTER_FRAMES").as_deref() {
+            Ok("json") => 0,
+            Ok("binary") => proto::FEATURE_BINARY_FRAMES,
+            _ => proto::FEATURE_BINARY_FRAMES | proto::FEATURE_COMPACT_FRAMES,
         };
         let hello = proto::encode(&Hello {
             version: proto::PROTO_VERSION,

@@ -3,8 +3,10 @@
 //!
 //! Transport: a Unix `SOCK_SEQPACKET` socket; one message = one packet of at
 //! most [`MAX_FRAME`] bytes: a UTF-8 JSON document, or a binary frame once
-//! the hello agreed on [`FEATURE_BINARY_FRAMES`] (see [`Encoding`] and
-//! docs/ARCHITECTURE.md, "Frame format"). The first frame each way is a
+//! the hello agreed on [`FEATURE_BINARY_FRAMES`] — with the open+close
+//! frames in a hand-made compact layout once it also agreed on
+//! [`FEATURE_COMPACT_FRAMES`] (see [`Encoding`], the layout at that
+//! feature, and docs/ARCHITECTURE.md, "Frame format"). The first frame each way is a
 //! hello ([`Hello`] / [`HelloReply`], always JSON) carrying the version and
 //! feature bits. After that the peer sends [`RequestFrame`]s, each with an id of its
 //! choosing; the daemon answers each with exactly one [`ServerFrame::Reply`]
@@ -31,7 +33,7 @@ use crate::model::{
 /// The protocol version this library speaks.
 pub const PROTO_VERSION: u32 = 1;
 /// Feature bits this library understands.
-pub const FEATURES: u64 = FEATURE_LOCK_HINTS | FEATURE_BINARY_FRAMES;
+pub const FEATURES: u64 = FEATURE_LOCK_HINTS | FEATURE_BINARY_FRAMES | FEATURE_COMPACT_FRAMES;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -41,6 +43,40 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS | FEATURE_BINARY_FRAMES;
 /// or `[2, event]`. The daemon still reads JSON frames on such a
 /// connection. A different binary layout would take another bit.
 pub const FEATURE_BINARY_FRAMES: u64 = 2;
+/// Feature: compact hot frames (issue 16), on top of
+/// [`FEATURE_BINARY_FRAMES`] (granted together with it; alone it changes
+/// nothing). The four frames of an open+close — an open or replay open
+/// without records to write, a close without records, an `Opened` reply
+/// and a `Done` reply — are written in a hand-made layout instead of
+/// MessagePack; every other frame stays a binary frame, version 1. Both
+/// sides read all three forms on any connection (the first byte tells:
+/// `{` JSON, an array marker binary, `0xc1` — the marker MessagePack
+/// never uses — compact). Layout (`varint`: unsigned LEB128, at most 10
+/// bytes; `str`: varint length, then that many UTF-8 bytes; `uuid`: 16
+/// bytes; `opt`: 0, or 1 then a varint; `dur`: 0 none, 1 durable then
+/// varint `timeout_ms`, 2 persistent then varint `timeout_ms`):
+///
+/// ```text
+/// open / replay open  c1 01|02 id:varint flags access share disposition dur
+///                     client:str path:str [create_guid:uuid] [owner:str]
+///                     [lease key:uuid state epoch:varint] [share_group:str]
+///     flags: 1 create_guid, 2 owner, 4 lease, 8 no_wait, 16 share_group,
+///            32 stat (others must be 0); access and share: the rights
+///            bits (1 read, 2 write, 4 delete); disposition 0..=5 in the
+///            order of `Disposition`; state: the lease state bits
+/// close               c1 03 id:varint key:uuid
+/// Opened reply        c1 04 id:opt flags key:uuid create_action size:varint
+///                     dev:varint ino:varint dur [lease key:uuid state epoch]
+///     flags: 1 lease, 2 locked; create_action 0..=3 in the order of
+///            `CreateAction`
+/// Done reply          c1 05 id:opt
+/// ```
+///
+/// Nothing may follow a frame. The decoder is total: a short frame, a
+/// length past its end, an unknown flag, kind or enum value, bad UTF-8 or
+/// a value the model refuses (an empty access, a bad path) is a
+/// [`ErrorCode::BadFrame`] [`WireError`].
+pub const FEATURE_COMPACT_FRAMES: u64 = 4;
 /// Feature: lock hints. The daemon tells the frontend which files of its
 /// handles have byte-range locks ([`Event::LocksPresent`], acknowledged with
 /// [`Request::LockHintAck`] before the lock that caused it is granted, and
@@ -997,12 +1033,17 @@ pub enum Encoding {
     Json,
     /// Binary frames, version 1: see [`FEATURE_BINARY_FRAMES`].
     Binary,
+    /// Binary frames, with the hot frames compact: see
+    /// [`FEATURE_COMPACT_FRAMES`].
+    Compact,
 }
 
 impl Encoding {
     /// The encoding that granted feature bits `features` select.
     pub fn from_features(features: u64) -> Self {
-        if features & FEATURE_BINARY_FRAMES != 0 {
+        if features & FEATURE_BINARY_FRAMES != 0 && features & FEATURE_COMPACT_FRAMES != 0 {
+            Encoding::Compact
+        } else if features & FEATURE_BINARY_FRAMES != 0 {
             Encoding::Binary
         } else {
             Encoding::Json
@@ -1053,6 +1094,10 @@ pub fn encode_request(encoding: Encoding, frame: &RequestFrame) -> Result<Vec<u8
     match encoding {
         Encoding::Json => encode(frame),
         Encoding::Binary => checked_size(bin_encode(&(frame.id, &frame.req))?),
+        Encoding::Compact => match compact::encode_request(frame) {
+            Some(bytes) => checked_size(bytes),
+            None => encode_request(Encoding::Binary, frame),
+        },
     }
 }
 
@@ -1066,6 +1111,10 @@ pub fn encode_server(encoding: Encoding, frame: &ServerFrame) -> Result<Vec<u8>,
             ServerFrame::Reply { id, result } => bin_encode(&(BIN_REPLY, id, result))?,
             ServerFrame::Event(ev) => bin_encode(&(BIN_EVENT, ev))?,
         }),
+        Encoding::Compact => match compact::encode_server(frame) {
+            Some(bytes) => checked_size(bytes),
+            None => encode_server(Encoding::Binary, frame),
+        },
     }
 }
 
@@ -1332,6 +1381,439 @@ impl<'de> Deserialize<'de> for BinServerFrame {
     }
 }
 
+/// The hot frames' compact layout ([`FEATURE_COMPACT_FRAMES`], issue 16):
+/// a hand-written encoder and a total decoder, no serde. See the feature's
+/// doc for the layout; everything here reads peer bytes through
+/// [`compact::Reader`], whose every read is checked.
+mod compact {
+    use super::*;
+    use crate::lease::{LeaseKey, LeaseState};
+    use crate::model::Rights;
+    use uuid::Uuid;
+
+    /// The first byte of a compact frame: MessagePack's never-used
+    /// marker, so neither JSON (`{`) nor a binary v1 frame (an array).
+    pub const MARK: u8 = 0xc1;
+    const OPEN: u8 = 1;
+    const REPLAY_OPEN: u8 = 2;
+    const CLOSE: u8 = 3;
+    const OPENED: u8 = 4;
+    const DONE: u8 = 5;
+
+    // `OpenRequest` flags.
+    const F_CREATE_GUID: u8 = 1;
+    const F_OWNER: u8 = 2;
+    const F_LEASE: u8 = 4;
+    const F_NO_WAIT: u8 = 8;
+    const F_SHARE_GROUP: u8 = 16;
+    const F_STAT: u8 = 32;
+    const OPEN_FLAGS: u8 = 63;
+    // `Opened` flags.
+    const O_LEASE: u8 = 1;
+    const O_LOCKED: u8 = 2;
+    const OPENED_FLAGS: u8 = 3;
+
+    /// Room for a hot frame from the start (an open with a 100-byte path
+    /// and client is ~130 bytes).
+    const START: usize = 160;
+
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        loop {
+            let [low, ..] = v.to_le_bytes();
+            v >>= 7;
+            if v == 0 {
+                out.push(low & 0x7f);
+                return;
+            }
+            out.push(low | 0x80);
+        }
+    }
+
+    fn opt_varint(out: &mut Vec<u8>, v: Option<u64>) {
+        match v {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                varint(out, v);
+            }
+        }
+    }
+
+    fn text(out: &mut Vec<u8>, s: &str) {
+        varint(out, s.len() as u64);
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    fn durability(out: &mut Vec<u8>, d: Durability) {
+        match d {
+            Durability::None => out.push(0),
+            Durability::Durable { timeout_ms } => {
+                out.push(1);
+                varint(out, u64::from(timeout_ms));
+            }
+            Durability::Persistent { timeout_ms } => {
+                out.push(2);
+                varint(out, u64::from(timeout_ms));
+            }
+        }
+    }
+
+    fn open(out: &mut Vec<u8>, o: &OpenRequest) {
+        let mut flags = 0;
+        for (set, bit) in [
+            (o.create_guid.is_some(), F_CREATE_GUID),
+            (o.owner.is_some(), F_OWNER),
+            (o.lease.is_some(), F_LEASE),
+            (o.no_wait, F_NO_WAIT),
+            (o.share_group.is_some(), F_SHARE_GROUP),
+            (o.stat, F_STAT),
+        ] {
+            if set {
+                flags |= bit;
+            }
+        }
+        out.extend_from_slice(&[
+            flags,
+            o.access.rights().bits(),
+            o.share.bits(),
+            match o.disposition {
+                Disposition::Open => 0,
+                Disposition::Create => 1,
+                Disposition::OpenIf => 2,
+                Disposition::Overwrite => 3,
+                Disposition::OverwriteIf => 4,
+                Disposition::Supersede => 5,
+            },
+        ]);
+        durability(out, o.durability);
+        text(out, o.client.as_str());
+        text(out, o.path.as_str());
+        if let Some(g) = &o.create_guid {
+            out.extend_from_slice(g.0.as_bytes());
+        }
+        if let Some(owner) = &o.owner {
+            text(out, owner);
+        }
+        if let Some(l) = &o.lease {
+            out.extend_from_slice(l.key.0.as_bytes());
+            out.push(l.state.bits());
+            varint(out, u64::from(l.epoch));
+        }
+        if let Some(g) = &o.share_group {
+            text(out, g);
+        }
+    }
+
+    /// The compact form of a request, or None for one it does not cover
+    /// (every request but an open, a replay open or a close; an open or
+    /// close that carries records to write).
+    pub fn encode_request(frame: &RequestFrame) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(START);
+        match &frame.req {
+            Request::Open(o) | Request::ReplayOpen(o) if o.put.is_empty() => {
+                let kind = if matches!(frame.req, Request::Open(_)) {
+                    OPEN
+                } else {
+                    REPLAY_OPEN
+                };
+                out.extend_from_slice(&[MARK, kind]);
+                varint(&mut out, frame.id);
+                open(&mut out, o);
+            }
+            Request::Close { key, put, delete } if put.is_empty() && delete.is_empty() => {
+                out.extend_from_slice(&[MARK, CLOSE]);
+                varint(&mut out, frame.id);
+                out.extend_from_slice(key.0.as_bytes());
+            }
+            _ => return None,
+        }
+        Some(out)
+    }
+
+    /// The compact form of a daemon frame, or None for one it does not
+    /// cover (all but an `Opened` or `Done` reply).
+    pub fn encode_server(frame: &ServerFrame) -> Option<Vec<u8>> {
+        let ServerFrame::Reply { id, result: Ok(r) } = frame else {
+            return None;
+        };
+        let mut out = Vec::with_capacity(START);
+        match r {
+            Reply::Opened(o) => {
+                out.extend_from_slice(&[MARK, OPENED]);
+                opt_varint(&mut out, *id);
+                let flags = if o.lease.is_some() { O_LEASE } else { 0 }
+                    | if o.locked { O_LOCKED } else { 0 };
+                out.push(flags);
+                out.extend_from_slice(o.key.0.as_bytes());
+                out.push(match o.create_action {
+                    CreateAction::Opened => 0,
+                    CreateAction::Created => 1,
+                    CreateAction::Overwritten => 2,
+                    CreateAction::Superseded => 3,
+                });
+                varint(&mut out, o.size);
+                varint(&mut out, o.file.dev);
+                varint(&mut out, o.file.ino);
+                durability(&mut out, o.durability);
+                if let Some(l) = &o.lease {
+                    out.extend_from_slice(l.key.0.as_bytes());
+                    out.push(l.state.bits());
+                    varint(&mut out, u64::from(l.epoch));
+                }
+            }
+            Reply::Done => {
+                out.extend_from_slice(&[MARK, DONE]);
+                opt_varint(&mut out, *id);
+            }
+            _ => return None,
+        }
+        Some(out)
+    }
+
+    /// Checked reads from a peer's frame: every read either succeeds
+    /// within the bytes or names what was wrong.
+    pub struct Reader<'a> {
+        rest: &'a [u8],
+    }
+
+    type R<T> = Result<T, String>;
+
+    impl<'a> Reader<'a> {
+        pub fn new(bytes: &'a [u8]) -> Self {
+            Reader { rest: bytes }
+        }
+        fn byte(&mut self, what: &str) -> R<u8> {
+            let (&b, rest) = self
+                .rest
+                .split_first()
+                .ok_or_else(|| format!("frame ends before {what}"))?;
+            self.rest = rest;
+            Ok(b)
+        }
+        fn bytes(&mut self, n: usize, what: &str) -> R<&'a [u8]> {
+            if self.rest.len() < n {
+                return Err(format!("frame ends inside {what}"));
+            }
+            let (b, rest) = self.rest.split_at(n);
+            self.rest = rest;
+            Ok(b)
+        }
+        /// A LEB128 integer of at most 10 bytes that fits in 64 bits.
+        fn varint(&mut self, what: &str) -> R<u64> {
+            let mut v: u64 = 0;
+            for shift in (0..64).step_by(7) {
+                let b = self.byte(what)?;
+                let part = u64::from(b & 0x7f);
+                if shift == 63 && part > 1 {
+                    return Err(format!("{what} overflows 64 bits"));
+                }
+                v |= part << shift;
+                if b & 0x80 == 0 {
+                    return Ok(v);
+                }
+            }
+            Err(format!("{what} overflows 64 bits"))
+        }
+        fn u32(&mut self, what: &str) -> R<u32> {
+            u32::try_from(self.varint(what)?).map_err(|_| format!("{what} exceeds 32 bits"))
+        }
+        fn u16(&mut self, what: &str) -> R<u16> {
+            u16::try_from(self.varint(what)?).map_err(|_| format!("{what} exceeds 16 bits"))
+        }
+        fn opt_varint(&mut self, what: &str) -> R<Option<u64>> {
+            match self.byte(what)? {
+                0 => Ok(None),
+                1 => self.varint(what).map(Some),
+                b => Err(format!("bad option tag {b} for {what}")),
+            }
+        }
+        /// A length-prefixed UTF-8 string; the length is bounded by the
+        /// bytes left (so by the frame, at most [`MAX_FRAME`]).
+        fn text(&mut self, what: &str) -> R<&'a str> {
+            let n = self.varint(what)?;
+            let n = usize::try_from(n)
+                .ok()
+                .filter(|n| *n <= self.rest.len())
+                .ok_or_else(|| format!("{what} longer than the frame"))?;
+            std::str::from_utf8(self.bytes(n, what)?).map_err(|_| format!("{what} is not UTF-8"))
+        }
+        fn uuid(&mut self, what: &str) -> R<Uuid> {
+            let b = self.bytes(16, what)?;
+            Uuid::from_slice(b).map_err(|_| format!("bad {what}"))
+        }
+        fn durability(&mut self) -> R<Durability> {
+            Ok(match self.byte("durability")? {
+                0 => Durability::None,
+                1 => Durability::Durable {
+                    timeout_ms: self.u32("timeout")?,
+                },
+                2 => Durability::Persistent {
+                    timeout_ms: self.u32("timeout")?,
+                },
+                b => return Err(format!("bad durability {b}")),
+            })
+        }
+        fn lease(&mut self) -> R<(LeaseKey, LeaseState, u16)> {
+            let key = LeaseKey(self.uuid("lease key")?);
+            let b = self.byte("lease state")?;
+            let state = LeaseState::from_bits(b).ok_or_else(|| format!("bad lease state {b}"))?;
+            Ok((key, state, self.u16("lease epoch")?))
+        }
+        fn open(&mut self) -> R<OpenRequest> {
+            let flags = self.byte("flags")?;
+            if flags & !OPEN_FLAGS != 0 {
+                return Err(format!("unknown open flags {flags:#x}"));
+            }
+            let a = self.byte("access")?;
+            let access = Rights::from_bits(a)
+                .and_then(|r| Access::new(r).ok())
+                .ok_or_else(|| format!("bad access {a:#x}"))?;
+            let s = self.byte("share")?;
+            let share = Rights::from_bits(s).ok_or_else(|| format!("bad share {s:#x}"))?;
+            let disposition = match self.byte("disposition")? {
+                0 => Disposition::Open,
+                1 => Disposition::Create,
+                2 => Disposition::OpenIf,
+                3 => Disposition::Overwrite,
+                4 => Disposition::OverwriteIf,
+                5 => Disposition::Supersede,
+                b => return Err(format!("bad disposition {b}")),
+            };
+            let durability = self.durability()?;
+            let client = ClientId::new(self.text("client")?).map_err(|e| e.to_string())?;
+            let path = RelPath::new(self.text("path")?).map_err(|e| e.to_string())?;
+            let create_guid = if flags & F_CREATE_GUID != 0 {
+                Some(CreateGuid(self.uuid("create guid")?))
+            } else {
+                None
+            };
+            let owner = if flags & F_OWNER != 0 {
+                Some(self.text("owner")?.to_owned())
+            } else {
+                None
+            };
+            let lease = if flags & F_LEASE != 0 {
+                let (key, state, epoch) = self.lease()?;
+                Some(LeaseRequest { key, state, epoch })
+            } else {
+                None
+            };
+            let share_group = if flags & F_SHARE_GROUP != 0 {
+                Some(self.text("share group")?.to_owned())
+            } else {
+                None
+            };
+            Ok(OpenRequest {
+                client,
+                path,
+                access,
+                share,
+                disposition,
+                durability,
+                create_guid,
+                owner,
+                lease,
+                no_wait: flags & F_NO_WAIT != 0,
+                share_group,
+                stat: flags & F_STAT != 0,
+                put: Vec::new(),
+            })
+        }
+        fn opened(&mut self) -> R<Opened> {
+            let flags = self.byte("flags")?;
+            if flags & !OPENED_FLAGS != 0 {
+                return Err(format!("unknown opened flags {flags:#x}"));
+            }
+            let key = ResumeKey(self.uuid("resume key")?);
+            let create_action = match self.byte("create action")? {
+                0 => CreateAction::Opened,
+                1 => CreateAction::Created,
+                2 => CreateAction::Overwritten,
+                3 => CreateAction::Superseded,
+                b => return Err(format!("bad create action {b}")),
+            };
+            let size = self.varint("size")?;
+            let file = FileId {
+                dev: self.varint("dev")?,
+                ino: self.varint("ino")?,
+            };
+            let durability = self.durability()?;
+            let lease = if flags & O_LEASE != 0 {
+                let (key, state, epoch) = self.lease()?;
+                Some(HeldLease { key, state, epoch })
+            } else {
+                None
+            };
+            Ok(Opened {
+                key,
+                create_action,
+                size,
+                file,
+                durability,
+                lease,
+                locked: flags & O_LOCKED != 0,
+            })
+        }
+        fn end(&self) -> R<()> {
+            if self.rest.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{} bytes after the frame", self.rest.len()))
+            }
+        }
+    }
+
+    /// Decodes a compact request frame (its first byte is [`MARK`]); on
+    /// failure, the id too when it could be read.
+    pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, (Option<u64>, String)> {
+        let mut r = Reader::new(bytes);
+        let head = (|| -> R<(u8, u64)> {
+            if r.byte("mark")? != MARK {
+                return Err("not a compact frame".into());
+            }
+            let kind = r.byte("kind")?;
+            Ok((kind, r.varint("id")?))
+        })();
+        let (kind, id) = head.map_err(|e| (None, e))?;
+        let req = (|| -> R<Request> {
+            let req = match kind {
+                OPEN => Request::Open(r.open()?),
+                REPLAY_OPEN => Request::ReplayOpen(r.open()?),
+                CLOSE => Request::Close {
+                    key: ResumeKey(r.uuid("resume key")?),
+                    put: Vec::new(),
+                    delete: Vec::new(),
+                },
+                k => return Err(format!("unknown compact request kind {k}")),
+            };
+            r.end()?;
+            Ok(req)
+        })()
+        .map_err(|e| (Some(id), e))?;
+        Ok(RequestFrame { id, req })
+    }
+
+    /// Decodes a compact daemon frame (its first byte is [`MARK`]).
+    pub fn decode_server(bytes: &[u8]) -> R<ServerFrame> {
+        let mut r = Reader::new(bytes);
+        if r.byte("mark")? != MARK {
+            return Err("not a compact frame".into());
+        }
+        let kind = r.byte("kind")?;
+        let id = r.opt_varint("id")?;
+        let reply = match kind {
+            OPENED => Reply::Opened(r.opened()?),
+            DONE => Reply::Done,
+            k => return Err(format!("unknown compact reply kind {k}")),
+        };
+        r.end()?;
+        Ok(ServerFrame::Reply {
+            id,
+            result: Ok(reply),
+        })
+    }
+}
+
 /// Encodes a JSON frame, refusing one larger than [`MAX_FRAME`]: the
 /// hello, and every frame of a connection that did not agree on
 /// [`FEATURE_BINARY_FRAMES`].
@@ -1365,6 +1847,14 @@ pub fn decode_hello(bytes: &[u8]) -> Result<Hello, WireError> {
 /// `id` key (no request has a field of that name), so the frames accepted
 /// are the same.
 pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, (Option<u64>, WireError)> {
+    if bytes.first() == Some(&compact::MARK) {
+        return compact::decode_request(bytes).map_err(|(id, e)| {
+            (
+                id,
+                WireError::new(ErrorCode::BadFrame, format!("bad compact request: {e}")),
+            )
+        });
+    }
     if is_binary(bytes) {
         if let Some((id, req)) = fast_bin_request(bytes) {
             return Ok(RequestFrame { id, req });
@@ -1400,6 +1890,14 @@ pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, (Option<u64>, WireEr
 
 /// Decodes a frame from the daemon.
 pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, WireError> {
+    if bytes.first() == Some(&compact::MARK) {
+        return compact::decode_server(bytes).map_err(|e| {
+            WireError::new(
+                ErrorCode::BadFrame,
+                format!("bad compact server frame: {e}"),
+            )
+        });
+    }
     if is_binary(bytes) {
         if let Some(frame) = fast_bin_reply(bytes) {
             return Ok(frame);
@@ -1773,24 +2271,37 @@ mod binary_tests {
             })
     }
 
-    fn reply() -> impl Strategy<Value = Reply> {
-        let opened = (
+    /// An `Opened` with every field drawn.
+    fn opened() -> impl Strategy<Value = Opened> {
+        (
             key(),
+            0usize..4,
             any::<u64>(),
             file(),
             durability(),
             proptest::option::of(held_lease()),
             any::<bool>(),
         )
-            .prop_map(|(key, size, file, durability, lease, locked)| Opened {
-                key,
-                create_action: CreateAction::Created,
-                size,
-                file,
-                durability,
-                lease,
-                locked,
-            });
+            .prop_map(
+                |(key, action, size, file, durability, lease, locked)| Opened {
+                    key,
+                    create_action: [
+                        CreateAction::Opened,
+                        CreateAction::Created,
+                        CreateAction::Overwritten,
+                        CreateAction::Superseded,
+                    ][action],
+                    size,
+                    file,
+                    durability,
+                    lease,
+                    locked,
+                },
+            )
+    }
+
+    fn reply() -> impl Strategy<Value = Reply> {
+        let opened = opened();
         let status = (any::<u64>(), path(), any::<bool>(), text()).prop_map(
             |(n, root, recovering, store)| StatusInfo {
                 pid: 1,
@@ -1934,10 +2445,17 @@ mod binary_tests {
         #[test]
         fn requests_roundtrip_in_both_encodings(id in any::<u64>(), req in request()) {
             let frame = RequestFrame { id, req };
-            for enc in [Encoding::Binary, Encoding::Json] {
+            for enc in [Encoding::Binary, Encoding::Json, Encoding::Compact] {
                 let bytes = encode_request(enc, &frame).expect("encodes");
-                prop_assert_eq!(is_binary(&bytes), enc == Encoding::Binary);
+                prop_assert_eq!(is_binary(&bytes), enc == Encoding::Binary || (enc == Encoding::Compact && !compact_request(&frame)));
                 prop_assert_eq!(decode_request(&bytes).expect("decodes"), frame.clone());
+            }
+            // The compact layout takes exactly the hot requests; what it
+            // leaves is written as binary v1, byte for byte.
+            let c = encode_request(Encoding::Compact, &frame).expect("encodes");
+            prop_assert_eq!(c.first() == Some(&compact::MARK), compact_request(&frame));
+            if !compact_request(&frame) {
+                prop_assert_eq!(&c, &encode_request(Encoding::Binary, &frame).expect("encodes"));
             }
             // The fast path takes the hot requests, and gives what the
             // general decoder gives.
@@ -1959,9 +2477,18 @@ mod binary_tests {
 
         #[test]
         fn server_frames_roundtrip_in_both_encodings(frame in server_frame()) {
-            for enc in [Encoding::Binary, Encoding::Json] {
+            for enc in [Encoding::Binary, Encoding::Json, Encoding::Compact] {
                 let bytes = encode_server(enc, &frame).expect("encodes");
                 prop_assert_eq!(decode_server(&bytes).expect("decodes"), frame.clone());
+            }
+            let hot = matches!(
+                frame,
+                ServerFrame::Reply { result: Ok(Reply::Opened(_) | Reply::Done), .. }
+            );
+            let c = encode_server(Encoding::Compact, &frame).expect("encodes");
+            prop_assert_eq!(c.first() == Some(&compact::MARK), hot);
+            if !hot {
+                prop_assert_eq!(&c, &encode_server(Encoding::Binary, &frame).expect("encodes"));
             }
             let bytes = encode_server(Encoding::Binary, &frame).expect("encodes");
             let fast = fast_bin_reply(&bytes);
@@ -2002,6 +2529,77 @@ mod binary_tests {
             // takes too, as the same value.
             if let Some(fast) = fast_bin_request(&flipped) {
                 prop_assert_eq!(Ok(fast), bin_decode::<(u64, Request)>(&flipped));
+            }
+        }
+
+        /// Every field of the compact frames round-trips (an `Opened`
+        /// with every field drawn, in a reply with or without an id), and
+        /// a compact frame cut short is refused; one with a byte flipped
+        /// is refused as a `BadFrame` or decodes to a frame that
+        /// round-trips — never a panic.
+        #[test]
+        fn compact_frames_roundtrip_and_damage_is_refused(
+            id in any::<u64>(),
+            req in request(),
+            reply_id in proptest::option::of(any::<u64>()),
+            opened in opened(),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<(prop::sample::Index, u8)>(),
+        ) {
+            let frame = RequestFrame { id, req };
+            let reply = ServerFrame::Reply { id: reply_id, result: Ok(Reply::Opened(opened)) };
+            let done = ServerFrame::Reply { id: reply_id, result: Ok(Reply::Done) };
+            let mut frames = vec![
+                encode_server(Encoding::Compact, &reply).expect("encodes"),
+                encode_server(Encoding::Compact, &done).expect("encodes"),
+            ];
+            prop_assert_eq!(decode_server(&frames[0]).expect("decodes"), reply);
+            prop_assert_eq!(decode_server(&frames[1]).expect("decodes"), done);
+            if compact_request(&frame) {
+                let bytes = encode_request(Encoding::Compact, &frame).expect("encodes");
+                prop_assert_eq!(decode_request(&bytes).expect("decodes"), frame.clone());
+                let short = &bytes[..cut.index(bytes.len())];
+                let (_, e) = decode_request(short).expect_err("a truncated frame is refused");
+                prop_assert_eq!(e.code, ErrorCode::BadFrame);
+                let mut longer = bytes.clone();
+                longer.push(0);
+                let (got, e) = decode_request(&longer).expect_err("a trailing byte is refused");
+                prop_assert_eq!(e.code, ErrorCode::BadFrame);
+                prop_assert_eq!(got, Some(id));
+                frames.push(bytes);
+            }
+            for bytes in frames {
+                let short = &bytes[..cut.index(bytes.len())];
+                prop_assert!(decode_server(short).is_err());
+                let mut flipped = bytes.clone();
+                let at = flip.0.index(flipped.len());
+                flipped[at] ^= flip.1 | 1;
+                match decode_request(&flipped) {
+                    Err((_, e)) => prop_assert_eq!(e.code, ErrorCode::BadFrame),
+                    Ok(f) => {
+                        let again = encode_request(Encoding::Compact, &f).expect("encodes");
+                        prop_assert_eq!(decode_request(&again).expect("decodes"), f);
+                    }
+                }
+                match decode_server(&flipped) {
+                    Err(e) => prop_assert_eq!(e.code, ErrorCode::BadFrame),
+                    Ok(f) => {
+                        let again = encode_server(Encoding::Compact, &f).expect("encodes");
+                        prop_assert_eq!(decode_server(&again).expect("decodes"), f);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_compact_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut framed = vec![compact::MARK];
+            framed.extend_from_slice(&body);
+            if let Err((_, e)) = decode_request(&framed) {
+                prop_assert_eq!(e.code, ErrorCode::BadFrame);
+            }
+            if let Err(e) = decode_server(&framed) {
+                prop_assert_eq!(e.code, ErrorCode::BadFrame);
             }
         }
 
@@ -2131,6 +2729,125 @@ mod binary_tests {
 
     /// A JSON frame is still read on any connection, and the binary one is
     /// smaller.
+    /// Whether the compact layout covers a request.
+    fn compact_request(f: &RequestFrame) -> bool {
+        match &f.req {
+            Request::Open(o) | Request::ReplayOpen(o) => o.put.is_empty(),
+            Request::Close { put, delete, .. } => put.is_empty() && delete.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// Hand-made compact frames that are wrong in one way each: every one
+    /// is a `BadFrame`, with the id when it was read.
+    #[test]
+    fn malformed_compact_frames_are_typed_errors() {
+        let m = compact::MARK;
+        // An open: id 7, flags, access R, share none, disposition open,
+        // durability none, client "c", then the path.
+        let open = |flags: u8, access: u8, disp: u8, path: &[u8]| {
+            let mut b = vec![m, 1, 7, flags, access, 0, disp, 0, 1, b'c'];
+            b.push(u8::try_from(path.len()).expect("short"));
+            b.extend_from_slice(path);
+            b
+        };
+        assert!(decode_request(&open(0, 1, 0, b"f")).is_ok());
+        let cases: Vec<(Vec<u8>, Option<u64>)> = vec![
+            (vec![m], None),
+            (vec![m, 1], None),
+            (vec![m, 9, 7], Some(7)),
+            (vec![m, 3, 7, 1, 2, 3], Some(7)),
+            // An id of eleven varint bytes, and one past 64 bits.
+            ([&[m, 3][..], &[0xff; 10], &[1]].concat(), None),
+            ([&[m, 3][..], &[0xff; 9], &[2]].concat(), None),
+            (open(64, 1, 0, b"f"), Some(7)),
+            (open(0, 0, 0, b"f"), Some(7)),
+            (open(0, 8, 0, b"f"), Some(7)),
+            (open(0, 1, 6, b"f"), Some(7)),
+            (open(0, 1, 0, b"../f"), Some(7)),
+            (open(0, 1, 0, b"/f"), Some(7)),
+            (open(0, 1, 0, &[0xff, 0xfe]), Some(7)),
+            (open(1, 1, 0, b"f"), Some(7)),
+            // A path length past the frame's end.
+            (
+                vec![m, 1, 7, 0, 1, 0, 0, 0, 1, b'c', 0xff, 0xff, 0x03, b'f'],
+                Some(7),
+            ),
+            // Durability 3; a durable timeout past 32 bits.
+            (vec![m, 1, 7, 0, 1, 0, 0, 3, 1, b'c', 1, b'f'], Some(7)),
+            (
+                vec![
+                    m, 1, 7, 0, 1, 0, 0, 1, 0x80, 0x80, 0x80, 0x80, 0x10, 1, b'c', 1, b'f',
+                ],
+                Some(7),
+            ),
+            ([open(0, 1, 0, b"f"), vec![0]].concat(), Some(7)),
+        ];
+        for (bytes, id) in cases {
+            let (got, e) = decode_request(&bytes).expect_err("refused");
+            assert_eq!(e.code, ErrorCode::BadFrame, "{bytes:?}");
+            assert_eq!(got, id, "{bytes:?}: {e}");
+        }
+        for bytes in [
+            vec![m, 5],
+            vec![m, 5, 2],
+            vec![m, 5, 0, 0],
+            vec![m, 6, 0],
+            vec![m, 4, 0, 4],
+            // An `Opened` with lease state W without R.
+            [
+                &[m, 4, 0, 1][..],
+                &[0; 16],
+                &[0, 0, 0, 0, 0],
+                &[0; 16],
+                &[4, 0],
+            ]
+            .concat(),
+        ] {
+            let e = decode_server(&bytes).expect_err("refused");
+            assert_eq!(e.code, ErrorCode::BadFrame, "{bytes:?}");
+        }
+    }
+
+    /// The fuzz corpus's compact seeds are frames the decoders take (so
+    /// the fuzzer starts inside the compact decoder, not at its refusal).
+    #[test]
+    fn fuzz_corpus_compact_seeds_decode() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/wire_frames");
+        for (name, request) in [
+            ("compact-request-open", true),
+            ("compact-request-close", true),
+            ("compact-reply-opened", false),
+            ("compact-reply-done", false),
+        ] {
+            let bytes = std::fs::read(dir.join(name)).expect("seed");
+            if request {
+                decode_request(&bytes).unwrap_or_else(|(_, e)| panic!("{name}: {e}"));
+            } else {
+                decode_server(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+    }
+
+    /// The features pick the encoding: compact only on top of binary.
+    #[test]
+    fn compact_needs_binary_frames() {
+        assert_eq!(Encoding::from_features(0), Encoding::Json);
+        assert_eq!(
+            Encoding::from_features(FEATURE_COMPACT_FRAMES),
+            Encoding::Json
+        );
+        assert_eq!(
+            Encoding::from_features(FEATURE_BINARY_FRAMES),
+            Encoding::Binary
+        );
+        assert_eq!(
+            Encoding::from_features(FEATURE_BINARY_FRAMES | FEATURE_COMPACT_FRAMES),
+            Encoding::Compact
+        );
+    }
+
     #[test]
     fn json_is_still_read_and_binary_is_smaller() {
         let frame = RequestFrame {

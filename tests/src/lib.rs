@@ -436,6 +436,24 @@ pub fn attach(socket: &Path, protocol: &str, instance: &str) -> FilterClient {
     .unwrap_or_else(|e| panic!("frontend {protocol}/{instance} attaches: {e}"))
 }
 
+/// A raw SEQPACKET connection to filterd's socket at `path` that has sent `hello`
+/// (a JSON hello document) and nothing else: for tests that write frames
+/// by hand.
+pub fn raw_connect(path: &Path, hello: &str) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    connect(fd.as_raw_fd(), &UnixAddr::new(path).expect("address")).expect("connect");
+    libfilter::sys::send_packet(fd.as_fd(), hello.as_bytes(), None).expect("hello");
+    fd
+}
+
 /// Output of a filterctl run.
 pub struct CtlOutput {
     /// Exit code.

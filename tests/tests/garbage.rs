@@ -214,8 +214,7 @@ fn malformed_binary_frames_get_errors_and_change_nothing() {
         self, Encoding, ErrorCode, OpenRequest, Request, RequestFrame, ServerFrame,
     };
     use libfilter::sys::{recv_packet, send_packet, Packet};
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::fd::AsFd;
 
     let s = Scratch::new("garbage-binary");
     let d = Filterd::start(&s, &[], &[]);
@@ -233,19 +232,11 @@ fn malformed_binary_frames_get_errors_and_change_nothing() {
     let ctl = d.control();
     let before = serde_json::to_value(ctl.handles().unwrap()).unwrap();
 
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
     let hello = format!(
         r#"{{"version":1,"features":{},"role":{{"kind":"frontend","protocol":"raw","instance":"raw-bin"}}}}"#,
         proto::FEATURE_BINARY_FRAMES
     );
-    send_packet(fd.as_fd(), hello.as_bytes(), None).unwrap();
+    let fd = rkfilter_tests::raw_connect(&s.socket(), &hello);
     let mut buf = vec![0u8; 70_000];
     let mut recv = || -> (Vec<u8>, ServerFrame) {
         match recv_packet(fd.as_fd(), &mut buf).unwrap() {
@@ -353,5 +344,197 @@ fn malformed_binary_frames_get_errors_and_change_nothing() {
         before
     );
     // And the real frontend's handle still works.
+    fe.close(h.info.key).unwrap();
+}
+
+/// Compact hot frames (issue 16, `FEATURE_COMPACT_FRAMES`) against the
+/// real daemon: a peer that asks for them gets them granted and its open
+/// and close answered compact (the open with its descriptor); a peer that
+/// asks only for binary frames v1 still gets MessagePack replies to the
+/// same compact requests; damaged compact frames (cut short, trailing
+/// byte, unknown kind or flag, a path that escapes, a length past the
+/// frame) each get a typed BadFrame naming the id when it was read,
+/// execute nothing (the handle a damaged CLOSE names stays open), and the
+/// connection keeps serving.
+#[test]
+fn compact_frames_are_negotiated_and_damaged_ones_change_nothing() {
+    use libfilter::model::{Access, ClientId, Disposition, Durability, RelPath, Rights};
+    use libfilter::proto::{
+        self, Encoding, ErrorCode, OpenRequest, Reply, Request, RequestFrame, ServerFrame,
+    };
+    use libfilter::sys::{recv_packet, send_packet, Packet};
+    use std::os::fd::{AsFd, OwnedFd};
+
+    let s = Scratch::new("garbage-compact");
+    let d = Filterd::start(&s, &[], &[]);
+    let open_req = |path: &str, durability| OpenRequest {
+        client: ClientId::new("alice").unwrap(),
+        path: RelPath::new(path).unwrap(),
+        access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+        share: Rights::ALL,
+        disposition: Disposition::OpenIf,
+        durability,
+        create_guid: None,
+        owner: None,
+        lease: None,
+        no_wait: false,
+        share_group: None,
+        stat: false,
+        put: Vec::new(),
+    };
+    // A persistent handle of a real frontend (which asks for compact
+    // frames itself) that the damaged closes below name.
+    let fe = rkfilter_tests::attach(&s.socket(), "smb", "smb-compact");
+    assert_ne!(fe.hello().features & proto::FEATURE_COMPACT_FRAMES, 0);
+    let h = fe
+        .open(open_req("p", Durability::Persistent { timeout_ms: 60_000 }))
+        .unwrap();
+    let ctl = d.control();
+    let before = serde_json::to_value(ctl.handles().unwrap()).unwrap();
+
+    struct Raw {
+        fd: OwnedFd,
+        buf: Vec<u8>,
+    }
+    impl Raw {
+        fn recv(&mut self) -> (Vec<u8>, ServerFrame, usize) {
+            match recv_packet(self.fd.as_fd(), &mut self.buf).unwrap() {
+                Packet::Data { len, fds } => {
+                    let bytes = self.buf[..len].to_vec();
+                    let f = proto::decode_server(&bytes)
+                        .unwrap_or_else(|e| panic!("undecodable reply {bytes:x?}: {e}"));
+                    (bytes, f, fds.len())
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let attach = |instance: &str, features: u64| {
+        let hello = format!(
+            r#"{{"version":1,"features":{features},"role":{{"kind":"frontend","protocol":"raw","instance":"{instance}"}}}}"#,
+        );
+        let fd = rkfilter_tests::raw_connect(&s.socket(), &hello);
+        let mut raw = Raw {
+            fd,
+            buf: vec![0u8; 70_000],
+        };
+        match raw.recv().1 {
+            ServerFrame::Hello(h) => assert_eq!(
+                h.features & (proto::FEATURE_BINARY_FRAMES | proto::FEATURE_COMPACT_FRAMES),
+                features
+            ),
+            other => panic!("{other:?}"),
+        }
+        raw
+    };
+    let compact = |id, req| {
+        let b = proto::encode_request(Encoding::Compact, &RequestFrame { id, req }).unwrap();
+        assert_eq!(b.first(), Some(&0xc1), "a compact request");
+        b
+    };
+
+    // Granted, and the hot pair is answered compact.
+    let mut new = attach(
+        "raw-compact",
+        proto::FEATURE_BINARY_FRAMES | proto::FEATURE_COMPACT_FRAMES,
+    );
+    // The v1-only peer asks for binary frames alone.
+    let mut old = attach("raw-binary", proto::FEATURE_BINARY_FRAMES);
+    for (raw, lead, path) in [(&mut new, 0xc1, "q"), (&mut old, 0x93, "r")] {
+        let req = Request::Open(open_req(path, Durability::None));
+        send_packet(raw.fd.as_fd(), &compact(1, req), None).unwrap();
+        let (bytes, f, fds) = raw.recv();
+        assert_eq!(bytes.first(), Some(&lead), "{bytes:x?}");
+        assert_eq!(fds, 1, "the open's descriptor comes with the reply");
+        let key = match f {
+            ServerFrame::Reply {
+                id: Some(1),
+                result: Ok(Reply::Opened(o)),
+            } => o.key,
+            other => panic!("{other:?}"),
+        };
+        let close = Request::Close {
+            key,
+            put: Vec::new(),
+            delete: Vec::new(),
+        };
+        send_packet(raw.fd.as_fd(), &compact(2, close), None).unwrap();
+        let (bytes, f, _) = raw.recv();
+        assert_eq!(bytes.first(), Some(&lead), "{bytes:x?}");
+        assert!(
+            matches!(
+                f,
+                ServerFrame::Reply {
+                    id: Some(2),
+                    result: Ok(Reply::Done)
+                }
+            ),
+            "{f:?}"
+        );
+    }
+
+    let close_h = |id| {
+        compact(
+            id,
+            Request::Close {
+                key: h.info.key,
+                put: Vec::new(),
+                delete: Vec::new(),
+            },
+        )
+    };
+    let cut = {
+        let mut c = close_h(7);
+        c.pop();
+        c
+    };
+    let trailing = {
+        let mut c = close_h(8);
+        c.push(0);
+        c
+    };
+    // An open: id, flags, access RW, share none, open_if, none, client "c".
+    let open = |id: u8, flags: u8, path: &[u8], len: &[u8]| {
+        let mut v = vec![0xc1, 1, id, flags, 3, 0, 2, 0, 1, b'c'];
+        v.extend_from_slice(len);
+        v.extend_from_slice(path);
+        v
+    };
+    let bad: Vec<(Vec<u8>, Option<u64>)> = vec![
+        (cut, Some(7)),
+        (trailing, Some(8)),
+        (vec![0xc1, 9, 9], Some(9)),
+        (open(10, 0x40, b"x", &[1]), Some(10)),
+        (open(11, 0, b"../x", &[4]), Some(11)),
+        (open(12, 0, b"x", &[0xff, 0xff, 0x03]), Some(12)),
+        (vec![0xc1], None),
+        (vec![0xc1, 3, 0xff, 0xff], None),
+    ];
+    for (frame, want) in &bad {
+        send_packet(new.fd.as_fd(), frame, None).unwrap();
+        let (bytes, reply, _) = new.recv();
+        assert_eq!(bytes.first(), Some(&0x93), "a binary error: {bytes:x?}");
+        match reply {
+            ServerFrame::Reply { id, result: Err(e) } => {
+                assert_eq!(e.code, ErrorCode::BadFrame, "{frame:x?}: {e}");
+                assert_eq!(id, *want, "{frame:x?}: {e}");
+            }
+            other => panic!("{frame:x?}: {other:?}"),
+        }
+    }
+    // The connection still serves JSON too.
+    send_packet(new.fd.as_fd(), br#"{"id":13,"op":"stats"}"#, None).unwrap();
+    match new.recv().1 {
+        ServerFrame::Reply {
+            id: Some(13),
+            result: Ok(Reply::Stats(st)),
+        } => assert!(st.bad_frames >= 8, "{st:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Nothing stored changed: the damaged CLOSEs closed nothing.
+    assert_eq!(
+        serde_json::to_value(ctl.handles().unwrap()).unwrap(),
+        before
+    );
     fe.close(h.info.key).unwrap();
 }
