@@ -573,7 +573,8 @@ impl EtcdStore {
     }
 
     /// Runs `f` until it succeeds or fails for a reason a retry cannot
-    /// change; retries while `keep_trying` says so.
+    /// change; retries while `keep_trying` says so. `f` clones what it
+    /// needs of the client (a commit only the KV client).
     fn retry<T, F, Fut>(
         &self,
         what: &str,
@@ -582,12 +583,12 @@ impl EtcdStore {
     ) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: Fn(Client) -> Fut,
+        F: Fn(&Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
         let mut tries = 0u32;
         loop {
-            match self.on_worker(f(self.client.clone())) {
+            match self.on_worker(f(&self.client)) {
                 Ok(v) => return Ok(v),
                 Err(e) if retryable(&e) && keep_trying() => {
                     tries += 1;
@@ -617,8 +618,9 @@ impl EtcdStore {
             < self.lease.valid_until.load(Ordering::Acquire);
         if lease_id == 0 || !half_left || self.lease.lost.load(Ordering::Acquire) {
             let sent = Instant::now();
-            let granted = self.retry("lease grant", still, |mut c| async move {
-                c.lease_grant(ttl, None).await
+            let granted = self.retry("lease grant", still, |c| {
+                let mut c = c.clone();
+                async move { c.lease_grant(ttl, None).await }
             })?;
             lease_id = granted.id();
             self.lease.id.store(lease_id, Ordering::Release);
@@ -641,8 +643,8 @@ impl EtcdStore {
             ])
             .or_else([TxnOp::get(owner, None)]);
         let t_claim = Instant::now();
-        let resp = self.retry("claim", still, |mut c| {
-            let t = txn.clone();
+        let resp = self.retry("claim", still, |c| {
+            let (mut c, t) = (c.clone(), txn.clone());
             async move { c.txn(t).await }
         })?;
         debug!(
@@ -761,8 +763,8 @@ impl EtcdStore {
             Some(r) if r > 0 => r,
             _ => {
                 let owner = self.owner_key();
-                let r = self.retry("read", keep_trying, |mut c| {
-                    let o = owner.clone();
+                let r = self.retry("read", keep_trying, |c| {
+                    let (mut c, o) = (c.clone(), owner.clone());
                     async move { c.get(o, None).await }
                 })?;
                 r.header().map(|h| h.revision()).unwrap_or(0)
@@ -1085,31 +1087,38 @@ impl EtcdStore {
             return Err(StoreError::Etcd("failing on purpose (test)".into()));
         }
         let fence = self.fence.load(Ordering::Acquire);
-        let owner = self.owner_key();
-        let ops: Vec<TxnOp> = chunk
-            .iter()
-            .map(|(k, v)| match v {
-                Some(v) => TxnOp::put(k.clone(), v.clone(), None),
-                None => TxnOp::delete(k.clone(), None),
-            })
-            .collect();
-        // (The client wants the compares first.)
-        let mut txn = Txn::new();
-        if fence != 0 {
-            txn = txn.when([Compare::create_revision(
-                owner.clone(),
-                CompareOp::Equal,
-                fence,
-            )]);
-        }
-        let txn = txn.and_then(ops).or_else([TxnOp::get(owner, None)]);
+        let build = || {
+            let owner = self.owner_key();
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(k, v)| match v {
+                    Some(v) => TxnOp::put(k.clone(), v.clone(), None),
+                    None => TxnOp::delete(k.clone(), None),
+                })
+                .collect();
+            // (The client wants the compares first.)
+            let mut txn = Txn::new();
+            if fence != 0 {
+                txn = txn.when([Compare::create_revision(
+                    owner.clone(),
+                    CompareOp::Equal,
+                    fence,
+                )]);
+            }
+            txn.and_then(ops).or_else([TxnOp::get(owner, None)])
+        };
+        // The first attempt sends the Txn built here; a retry builds it
+        // again from the chunk (no copy of every key and value kept aside).
+        let first = std::cell::Cell::new(Some(build()));
         let lease = self.lease.clone();
         let resp = self.retry(
             "commit",
             || fence == 0 || lease.ok(),
-            |mut c| {
-                let t = txn.clone();
-                async move { c.txn(t).await }
+            |c| {
+                let t = first.take().unwrap_or_else(build);
+                // Only the KV client, not the whole `Client`'s eight.
+                let mut kv = c.kv_client();
+                async move { kv.txn(t).await }
             },
         );
         let resp = match resp {
@@ -1221,6 +1230,7 @@ impl EtcdStore {
         let mut steps: Vec<Packed> = Vec::new();
         let table = self.lock_table();
         let mut view: Chunk = BTreeMap::new();
+        let replays = self.key("r/");
         let mut chunk: Chunk = BTreeMap::new();
         let mut bytes = 0usize;
         for ops in batches {
@@ -1239,7 +1249,13 @@ impl EtcdStore {
                 });
                 bytes = 0;
             }
-            view.extend(d.iter().map(|(k, v)| (k.clone(), v.clone())));
+            // Only replay keys are ever looked up in the view (a scope's
+            // keys, by prefix): handle and intent keys are not copied in.
+            view.extend(
+                d.iter()
+                    .filter(|(k, _)| k.starts_with(&replays))
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
             if alone_too_big {
                 steps.push(Packed {
                     ops: d,
@@ -1426,8 +1442,8 @@ impl EtcdStore {
         let got = s.retry(
             "read",
             || false,
-            |mut c| {
-                let o = owner.clone();
+            |c| {
+                let (mut c, o) = (c.clone(), owner.clone());
                 async move { c.get(o, None).await }
             },
         )?;
