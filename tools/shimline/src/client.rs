@@ -138,15 +138,27 @@ impl From<Closed> for CallError {
 /// What a waiting caller is handed: its reply (or why there is none), or
 /// the reading of the socket.
 enum Msg {
-    Reply(Result<Value, Closed>),
+    Reply(Result<Line, Closed>),
     Lead,
+}
+
+/// A reply as the router read it: parsed into a tree (while only callers
+/// that want trees wait, as before), or the line itself (without its
+/// `\n`) once a [`LineClient::call_line`] waits, read only as far as
+/// routing needs.
+enum Line {
+    Tree(Value),
+    Raw(Vec<u8>),
 }
 
 type Waiter = Sender<Msg>;
 
 /// Who is waiting for which reply, and who reads.
 struct Routes {
-    by_id: HashMap<u64, Waiter>,
+    /// Each waiter, and whether it wants the raw line.
+    by_id: HashMap<u64, (Waiter, bool)>,
+    /// How many of `by_id` want the raw line.
+    raw: usize,
     id_null: VecDeque<Waiter>,
     closed: Option<Closed>,
     /// Somebody (a caller or the idle reader) reads the socket; only that
@@ -169,6 +181,7 @@ impl Routes {
         let next = self
             .by_id
             .values()
+            .map(|(w, _)| w)
             .chain(self.id_null.iter())
             .find(|w| w.try_send(Msg::Lead).is_ok());
         if next.is_none() {
@@ -302,10 +315,11 @@ impl Shared {
                 r.closed = Some(why.clone());
             }
             r.reading = false;
+            r.raw = 0;
             (std::mem::take(&mut r.by_id), std::mem::take(&mut r.id_null))
         };
         self.wake.notify_all();
-        for w in by_id.into_values().chain(id_null) {
+        for w in by_id.into_values().map(|(w, _)| w).chain(id_null) {
             let _ = w.try_send(Msg::Reply(Err(why.clone())));
         }
     }
@@ -410,6 +424,7 @@ impl LineClient {
             id_field,
             routes: Mutex::new(Routes {
                 by_id: HashMap::new(),
+                raw: 0,
                 id_null: VecDeque::new(),
                 closed: None,
                 reading: false,
@@ -492,7 +507,43 @@ impl LineClient {
         let obj = req.as_object_mut().ok_or(CallError::NotAnObject)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         obj.insert(self.id_field.into(), Value::from(id));
-        self.exchange(Route::Id(id), &line_of(&req))
+        let reply = self.exchange(Route::Id(id), &line_of(&req), false)?;
+        self.tree_of(reply)
+    }
+
+    /// Sends the request line `write` writes for a fresh id (one JSON
+    /// object carrying that id; the `\n` is added) and waits for its reply,
+    /// returned as the line it came in (a JSON object with that id, without
+    /// its `\n`). For callers that write and parse their hot lines without
+    /// a `Value` tree; the routing is [`LineClient::call`]'s.
+    pub fn call_line(&self, write: impl FnOnce(u64, &mut Vec<u8>)) -> Result<Vec<u8>, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut line = Vec::with_capacity(256);
+        write(id, &mut line);
+        line.push(b'\n');
+        match self.exchange(Route::Id(id), &line, true)? {
+            Line::Raw(l) => Ok(l),
+            // Not sent to a caller that waits for the line; still the reply.
+            Line::Tree(v) => Ok(serde_json::to_vec(&v).unwrap_or_default()),
+        }
+    }
+
+    fn tree_of(&self, reply: Line) -> Result<Value, CallError> {
+        match reply {
+            Line::Tree(v) => Ok(v),
+            Line::Raw(l) => self.value_of(&l),
+        }
+    }
+
+    /// A reply line as a JSON tree. The router checked its syntax but not
+    /// the UTF-8 of strings it skipped: a line that fails here ends the
+    /// connection as one that fails to route does.
+    pub fn value_of(&self, reply: &[u8]) -> Result<Value, CallError> {
+        serde_json::from_slice(reply).map_err(|e| {
+            let why = Closed::BadLine(not_json(&e, reply));
+            self.shared.close(why.clone());
+            why.into()
+        })
     }
 
     /// Sends a request as given when it carries a u64 id (for tests of the
@@ -508,7 +559,8 @@ impl LineClient {
             Some(id) => {
                 self.next_id
                     .fetch_max(id.saturating_add(1), Ordering::Relaxed);
-                self.exchange(Route::Id(id), &line_of(&req))
+                let reply = self.exchange(Route::Id(id), &line_of(&req), false)?;
+                self.tree_of(reply)
             }
             None => self.call(req),
         }
@@ -524,10 +576,13 @@ impl LineClient {
         if bytes.last() != Some(&b'\n') {
             bytes.push(b'\n');
         }
-        self.exchange(Route::IdNull, &bytes)
+        let reply = self.exchange(Route::IdNull, &bytes, false)?;
+        self.tree_of(reply)
     }
 
-    fn exchange(&self, route: Route, line: &[u8]) -> Result<Value, CallError> {
+    /// Sends `line` and waits for the reply `route` names; `raw`: the
+    /// caller wants the line rather than a tree (see [`Line`]).
+    fn exchange(&self, route: Route, line: &[u8], raw: bool) -> Result<Line, CallError> {
         let (tx, rx) = bounded(2);
         let after = self.timeout();
         let sh = &*self.shared;
@@ -545,7 +600,8 @@ impl LineClient {
                         if r.by_id.contains_key(&id) {
                             return Err(CallError::IdInUse(id));
                         }
-                        r.by_id.insert(id, tx.clone());
+                        r.by_id.insert(id, (tx.clone(), raw));
+                        r.raw += usize::from(raw);
                     }
                     Route::IdNull => r.id_null.push_back(tx.clone()),
                 }
@@ -625,8 +681,10 @@ impl LineClient {
         let mut r = lock(&sh.routes);
         match route {
             Route::Id(id) => {
-                if r.by_id.get(&id).is_some_and(|w| w.same_channel(tx)) {
-                    r.by_id.remove(&id);
+                if r.by_id.get(&id).is_some_and(|(w, _)| w.same_channel(tx)) {
+                    if let Some((_, true)) = r.by_id.remove(&id) {
+                        r.raw = r.raw.saturating_sub(1);
+                    }
                 }
             }
             Route::IdNull => r.id_null.retain(|w| !w.same_channel(tx)),
@@ -756,47 +814,170 @@ impl PushedQueue {
     }
 }
 
-/// Routes one line; `Err` when it cannot be routed.
+/// How a line names its id field.
+enum Id {
+    Absent,
+    Null,
+    U64(u64),
+    /// Neither a u64 nor null, as JSON.
+    Other(String),
+}
+
+/// What routing needs of a line: its id, and whether it has a `status`.
+/// Read without building a JSON tree (the rest of the line is skipped,
+/// its syntax checked): the caller gets the line and parses what it
+/// needs (issue #16: parsing every reply into a `Value` was a large part
+/// of the bench clients' CPU).
+struct Head {
+    id: Id,
+    status: bool,
+}
+
+/// Reads a [`Head`] of an object whose id field is `.0`.
+struct HeadOf<'f>(&'f str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for HeadOf<'_> {
+    type Value = Head;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Head, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for HeadOf<'_> {
+    type Value = Head;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Head, A::Error> {
+        let mut head = Head {
+            id: Id::Absent,
+            status: false,
+        };
+        // A repeated key counts as its last value, as in a `Value` map.
+        while let Some(Key(k)) = a.next_key()? {
+            if k == self.0 {
+                head.id = match a.next_value::<Value>()? {
+                    Value::Null => Id::Null,
+                    v => v.as_u64().map_or_else(|| Id::Other(v.to_string()), Id::U64),
+                };
+            } else {
+                head.status |= k == "status";
+                a.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(head)
+    }
+}
+
+/// An object key, borrowed from the line unless it has an escape.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+fn not_json(e: &serde_json::Error, line: &[u8]) -> String {
+    format!(
+        "not JSON ({e}): {:?}",
+        String::from_utf8_lossy(line.get(..200).unwrap_or(line))
+    )
+}
+
+/// The [`Head`] of a line, or why it cannot be routed.
+fn head_of(line: &[u8], id_field: &str) -> Result<Head, String> {
+    use serde::de::DeserializeSeed as _;
+    let mut de = serde_json::Deserializer::from_slice(line);
+    match HeadOf(id_field)
+        .deserialize(&mut de)
+        .and_then(|h| de.end().map(|()| h))
+    {
+        Ok(h) => Ok(h),
+        // Worded as the whole parse words it (not JSON, or not an object).
+        Err(e) => match serde_json::from_slice::<Value>(line) {
+            Err(e) => Err(not_json(&e, line)),
+            Ok(v) if !v.is_object() => Err(format!("not a JSON object: {v}")),
+            Ok(_) => Err(not_json(&e, line)),
+        },
+    }
+}
+
+/// Routes one line; `Err` when it cannot be routed. While no caller
+/// wants a raw line the line is parsed into a tree once, as the callers
+/// want it; else only its [`Head`] is read and the line handed on.
 fn route(
     line: &[u8],
     id_field: &str,
     routes: &Mutex<Routes>,
     pushed: &PushedQueue,
 ) -> Result<(), String> {
-    let v: Value = serde_json::from_slice(line).map_err(|e| {
-        format!(
-            "not JSON ({e}): {:?}",
-            String::from_utf8_lossy(line.get(..200).unwrap_or(line))
-        )
-    })?;
-    let Value::Object(obj) = &v else {
-        return Err(format!("not a JSON object: {v}"));
-    };
-    let target = match obj.get(id_field) {
-        Some(Value::Null) => Route::IdNull,
-        None if obj.contains_key("status") => Route::IdNull,
-        None => {
-            pushed.push(v);
-            return Ok(());
-        }
-        Some(x) => Route::Id(
-            x.as_u64()
-                .ok_or_else(|| format!("{id_field} is neither a u64 nor null: {x}"))?,
-        ),
+    let parsed = || serde_json::from_slice::<Value>(line).map_err(|e| not_json(&e, line));
+    let raw = lock(routes).raw > 0;
+    let (target, reply) = if raw {
+        let head = head_of(line, id_field)?;
+        let target = match head.id {
+            Id::Null => Route::IdNull,
+            Id::Absent if head.status => Route::IdNull,
+            Id::Absent => {
+                pushed.push(parsed()?);
+                return Ok(());
+            }
+            Id::U64(id) => Route::Id(id),
+            Id::Other(x) => return Err(format!("{id_field} is neither a u64 nor null: {x}")),
+        };
+        (target, Line::Raw(line.to_vec()))
+    } else {
+        let v = parsed()?;
+        let Value::Object(obj) = &v else {
+            return Err(format!("not a JSON object: {v}"));
+        };
+        let target = match obj.get(id_field) {
+            Some(Value::Null) => Route::IdNull,
+            None if obj.contains_key("status") => Route::IdNull,
+            None => {
+                pushed.push(v);
+                return Ok(());
+            }
+            Some(x) => Route::Id(
+                x.as_u64()
+                    .ok_or_else(|| format!("{id_field} is neither a u64 nor null: {x}"))?,
+            ),
+        };
+        (target, Line::Tree(v))
     };
     let waiter = {
         let mut r = lock(routes);
         match target {
-            Route::Id(id) => r.by_id.remove(&id),
+            Route::Id(id) => r.by_id.remove(&id).map(|(w, raw)| {
+                r.raw = r.raw.saturating_sub(usize::from(raw));
+                w
+            }),
             Route::IdNull => r.id_null.pop_front(),
         }
     };
     match (waiter, target) {
         (Some(w), _) => {
-            let _ = w.try_send(Msg::Reply(Ok(v)));
+            let _ = w.try_send(Msg::Reply(Ok(reply)));
         }
         // Nobody asked: an id-null reply is still worth showing.
-        (None, Route::IdNull) => pushed.push(v),
+        (None, Route::IdNull) => pushed.push(match reply {
+            Line::Tree(v) => v,
+            Line::Raw(_) => parsed()?,
+        }),
         // The caller gave up (timed out); its reply is dropped.
         (None, Route::Id(_)) => {}
     }
@@ -1072,6 +1253,106 @@ mod tests {
             idle <= CALLS / 10,
             "{idle} of {CALLS} replies read by the idle reader"
         );
+        drop(c);
+        server.join().expect("fake server");
+    }
+
+    /// The head reader routes every line as the tree does: the same id
+    /// (escaped keys, repeated keys, nested ids), the same verdict on
+    /// lines that cannot be routed.
+    #[test]
+    fn heads_route_as_trees_do() {
+        let tree = |line: &[u8]| -> Result<(Option<Option<u64>>, bool), ()> {
+            let v: Value = serde_json::from_slice(line).map_err(|_| ())?;
+            let o = v.as_object().ok_or(())?;
+            let id = match o.get("mid") {
+                None => None,
+                Some(Value::Null) => Some(None),
+                Some(x) => Some(Some(x.as_u64().ok_or(())?)),
+            };
+            Ok((id, o.contains_key("status")))
+        };
+        let lines: &[&[u8]] = &[
+            br#"{"mid":1,"status":"S"}"#,
+            br#"{"m\u0069d":2,"x":{"mid":9},"y":[{"mid":8}]}"#,
+            br#"{"mid":3,"mid":4}"#,
+            br#"{"mid":null,"status":null}"#,
+            br#"{"cmd":"LEASE_BREAK"}"#,
+            br#" { "mid" : 5 , "st\u0061tus" : [] } "#,
+            br#"{"mid":-1}"#,
+            br#"{"mid":1.5}"#,
+            br#"{"mid":"1"}"#,
+            br#"[{"mid":1}]"#,
+            br#"{"mid":1} x"#,
+            br#"{"mid":1,"s":"\x"}"#,
+            b"{\"mid\":1,\"s\":\"a\tb\"}",
+            br#"{"mid":1"#,
+            br#"7"#,
+            b"",
+        ];
+        for line in lines {
+            let head = head_of(line, "mid").map_err(|_| ()).and_then(|h| {
+                let id = match h.id {
+                    Id::Absent => None,
+                    Id::Null => Some(None),
+                    Id::U64(n) => Some(Some(n)),
+                    Id::Other(_) => return Err(()),
+                };
+                Ok((id, h.status))
+            });
+            assert_eq!(head, tree(line), "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    /// A `call_line` gets its reply's line as sent (routed by its head,
+    /// escapes and all), a pushed line read while it waits still becomes a
+    /// tree in the channel, a `call` waiting beside it gets its tree, and
+    /// a bad line still fails the caller and ends the connection.
+    #[test]
+    fn raw_callers_get_their_lines_and_tree_callers_their_trees() {
+        let (addr, server) = fake(|mut r, mut w| {
+            let (a, b) = (recv_line(&mut r), recv_line(&mut r));
+            // Either may be written first.
+            let (a, b) = if a["cmd"] == "RAW" { (a, b) } else { (b, a) };
+            assert_eq!((&a["cmd"], &b["cmd"]), (&json!("RAW"), &json!("TREE")));
+            send(&mut w, json!({"cmd": "LEASE_BREAK", "k": 1}));
+            w.write_all(b"{\"status\":\"S\\u0041\",\"x\":[1,{\"mid\":7}],\"mid\":")
+                .and_then(|()| w.write_all(format!("{}}}\n", a["mid"]).as_bytes()))
+                .expect("writing a reply line");
+            send(&mut w, json!({"mid": b["mid"], "status": "T"}));
+            let c = recv_line(&mut r);
+            assert_eq!(c["cmd"], "RAW");
+            w.write_all(b"{\"mid\": [}\n").expect("writing a bad line");
+            wait_close(&mut r);
+        });
+        let c = LineClient::connect(addr, "mid", "test").expect("connect");
+        std::thread::scope(|s| {
+            let raw = s.spawn(|| {
+                c.call_line(|id, out| {
+                    out.extend_from_slice(format!("{{\"cmd\":\"RAW\",\"mid\":{id}}}").as_bytes())
+                })
+            });
+            // The tree call goes second (the server reads in order).
+            while c.next_id() < 2 {
+                std::thread::yield_now();
+            }
+            let tree = c.call(json!({"cmd": "TREE"})).expect("the tree reply");
+            assert_eq!(tree["status"], "T");
+            let line = raw.join().expect("raw caller").expect("the raw reply");
+            assert_eq!(
+                String::from_utf8_lossy(&line),
+                "{\"status\":\"S\\u0041\",\"x\":[1,{\"mid\":7}],\"mid\":1}"
+            );
+        });
+        assert_eq!(
+            c.pushed().try_recv().ok(),
+            Some(json!({"cmd": "LEASE_BREAK", "k": 1}))
+        );
+        let bad = c.call_line(|id, out| {
+            out.extend_from_slice(format!("{{\"cmd\":\"RAW\",\"mid\":{id}}}").as_bytes())
+        });
+        assert!(matches!(bad, Err(CallError::BadLine { .. })), "{bad:?}");
+        assert!(matches!(c.call(json!({})), Err(CallError::BadLine { .. })));
         drop(c);
         server.join().expect("fake server");
     }

@@ -31,10 +31,12 @@
 
 mod client;
 mod error;
+mod fast;
 pub mod ops;
 mod reply;
 
 pub use client::{Client, DEFAULT_TIMEOUT, MAX_LINE, NOTIFICATION_QUEUE};
 pub use error::Error;
+pub use fast::Outcome;
 pub use ops::{CreateArgs, Durable, LockSpec};
 pub use reply::{Reply, StatusError};
