@@ -79,6 +79,20 @@ impl Client {
         Ok(Reply::new(self.conn.call_keeping_id(req)?))
     }
 
+    /// Sends the line `write` writes for a fresh `xid` and returns the
+    /// reply's line (see [`shimline::client::LineClient::call_line`]).
+    pub(crate) fn call_line(
+        &self,
+        write: impl FnOnce(u64, &mut Vec<u8>),
+    ) -> Result<Vec<u8>, Error> {
+        Ok(self.conn.call_line(write)?)
+    }
+
+    /// A reply line as a JSON tree (a line that is not ends the connection).
+    pub(crate) fn value_of(&self, line: &[u8]) -> Result<Value, Error> {
+        Ok(self.conn.value_of(line)?)
+    }
+
     /// Sends `line` as is (a `\n` is appended unless it ends with one) and
     /// waits for the next reply whose `xid` is null (malformed-input tests).
     pub fn send_raw(&self, line: &[u8]) -> Result<Reply, Error> {

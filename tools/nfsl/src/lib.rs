@@ -18,7 +18,10 @@
 //! ([`ops`]). A status other than `NFS4_OK` is an ordinary `Ok(Reply)`,
 //! since tests inspect statuses; [`Error`] is only for transport, protocol
 //! and slot-table failures (connection lost, timeout, a reply that is not
-//! JSON, a slot the session does not have).
+//! JSON, a slot the session does not have). [`Session::open_outcome`] and
+//! [`Session::close_outcome`] send the same OPEN and CLOSE lines without a
+//! JSON tree and read the reply's status and stateid borrowed from its
+//! line ([`Outcome`]), for loops of opens (benchmarks).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -40,6 +43,7 @@
 
 mod client;
 mod error;
+mod fast;
 pub mod ops;
 mod reply;
 mod session;
@@ -48,6 +52,7 @@ mod testing;
 
 pub use client::{Client, CALLBACK_QUEUE, DEFAULT_TIMEOUT, MAX_LINE};
 pub use error::Error;
+pub use fast::Outcome;
 pub use ops::{Access, CreateMode, Deny, LockType, OpenArgs, WantDelegation, TO_EOF};
 pub use reply::{Reply, StateId, StatusError, NFS4_OK, SEQ_REJECTIONS};
 pub use session::{Seq, Session, MAX_SLOTS};

@@ -205,7 +205,7 @@ impl Session {
     }
 
     /// Undoes `next_seq` for `seq`, unless the slot moved on meanwhile.
-    fn take_back(&self, seq: &Seq) {
+    pub(crate) fn take_back(&self, seq: &Seq) {
         let mut slots = lock(&self.slots);
         if let Some(last) = usize::try_from(seq.slot)
             .ok()
