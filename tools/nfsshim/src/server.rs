@@ -1315,10 +1315,16 @@ impl Ctx<'_> {
     }
     /// A name unique to this request (slot and seqid), stable across re-sends.
     fn request_name(&self, what: &str) -> String {
-        format!(
-            "{}/{}/{}/{what}",
-            self.seq.sessionid, self.seq.slot, self.seq.seqid
-        )
+        use std::fmt::Write as _;
+        // `{sessionid}/{slot}/{seqid}/{what}` into one allocation (a
+        // `format!` of four arguments grew its buffer twice; issue #16).
+        let sessionid = &self.seq.sessionid;
+        let mut name = String::with_capacity(sessionid.len() + what.len() + 43);
+        name.push_str(sessionid);
+        // Writing into a String cannot fail.
+        let _ = write!(name, "/{}/{}/", self.seq.slot, self.seq.seqid);
+        name.push_str(what);
+        name
     }
 }
 

@@ -65,16 +65,23 @@ pub struct SlotRec {
 /// The member a record carries (as `null`) for filterd to complete with
 /// the open's [`Opened`] in the open's commit (`OpenRequest::put`).
 pub const OPENED: &str = "opened";
+/// [`OPENED`] as a member's head, `"opened":`.
+const OPENED_MEMBER: &str = "\"opened\":";
 
 /// A record `rec` as text, marked for filterd to complete with `"opened"`.
 /// The member goes last (`,"opened":null}`), which filterd fills without
 /// parsing the record again (any other place it parses the record).
 pub fn encode_for_open<T: Serialize>(rec: &T) -> Result<String, ClientError> {
-    let text = encode(rec)?;
-    let marked = format!("\"{OPENED}\":");
-    if let (Some(head), false) = (text.strip_suffix('}'), text.contains(&marked)) {
-        let sep = if head == "{" { "" } else { "," };
-        return Ok(format!("{head}{sep}\"{OPENED}\":null}}"));
+    let mut text = encode(rec)?;
+    if text.ends_with('}') && !text.contains(OPENED_MEMBER) {
+        // Appended in place: no `format!` per record (issue #16, uF).
+        text.pop();
+        if text != "{" {
+            text.push(',');
+        }
+        text.push_str(OPENED_MEMBER);
+        text.push_str("null}");
+        return Ok(text);
     }
     let mut v = serde_json::to_value(rec)
         .map_err(|e| ClientError::Unexpected(format!("encoding a record: {e}")))?;
@@ -224,25 +231,35 @@ impl Tables {
     pub fn instance(&self) -> &str {
         &self.instance
     }
+    /// `{instance}/{what}{id}`, built without `format!` (a pair of OPEN
+    /// and CLOSE names four tables; issue #16, uF).
+    fn table(&self, what: &str, id: &str) -> String {
+        let mut t = String::with_capacity(self.instance.len() + 1 + what.len() + id.len());
+        t.push_str(&self.instance);
+        t.push('/');
+        t.push_str(what);
+        t.push_str(id);
+        t
+    }
     /// The client records.
     pub fn clients(&self) -> String {
-        format!("{}/clients", self.instance)
+        self.table("clients", "")
     }
     /// A client's sessions.
     pub fn sessions(&self, clientid: &str) -> String {
-        format!("{}/sessions/{clientid}", self.instance)
+        self.table("sessions/", clientid)
     }
     /// A session's slot replies.
     pub fn slots(&self, sessionid: &str) -> String {
-        format!("{}/slots/{sessionid}", self.instance)
+        self.table("slots/", sessionid)
     }
     /// A client's open states.
     pub fn states(&self, clientid: &str) -> String {
-        format!("{}/states/{clientid}", self.instance)
+        self.table("states/", clientid)
     }
     /// Exclusive-create verifiers.
     pub fn excl(&self) -> String {
-        format!("{}/excl", self.instance)
+        self.table("excl", "")
     }
     /// Whether this instance is in the shared `instances` registry (which
     /// filterctl reads to find its tables). Refuses when another instance
@@ -404,5 +421,35 @@ mod tests {
             m.insert(OPENED.into(), Value::Null);
         }
         assert_eq!(serde_json::from_str::<Value>(&text).expect("json"), want);
+        assert_eq!(OPENED_MEMBER, format!("\"{OPENED}\":"));
+        #[derive(Serialize)]
+        struct Empty {}
+        assert_eq!(
+            encode_for_open(&Empty {}).expect("encode"),
+            "{\"opened\":null}"
+        );
+    }
+
+    #[test]
+    fn table_names() {
+        let t = Tables {
+            instance: "i-1".into(),
+        };
+        assert_eq!(
+            [
+                t.clients(),
+                t.sessions("c"),
+                t.slots("s"),
+                t.states("c"),
+                t.excl()
+            ],
+            [
+                "i-1/clients",
+                "i-1/sessions/c",
+                "i-1/slots/s",
+                "i-1/states/c",
+                "i-1/excl"
+            ]
+        );
     }
 }
