@@ -752,6 +752,14 @@ fn session_by_id(sh: &Shared, id: u64) -> Result<(u64, uuid::Uuid, String), Fail
     }
 }
 
+/// Whether session `id` is alive (no copy of its fields).
+fn session_alive(sh: &Shared, id: u64) -> bool {
+    sh.sessions
+        .lock()
+        .map(|s| s.get(&id).is_some_and(|x| x.alive))
+        .unwrap_or(false)
+}
+
 fn client_id(guid: uuid::Uuid) -> Result<ClientId, Fail> {
     ClientId::new(guid.to_string()).map_err(|e| invalid(e.to_string()))
 }
@@ -1024,7 +1032,7 @@ fn create_with(
         .opens
         .lock()
         .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
-    if session_by_id(sh, session).is_err() {
+    if !session_alive(sh, session) {
         // Let go as the session's end would have (a replay that found a
         // stored original leaves it to whoever holds it).
         if !opens.contains_key(&file_id) {
@@ -1226,7 +1234,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
     // As in `create_with`: a session that ended meanwhile would never
     // let go of the open; it goes back to waiting for a reconnect.
-    if session_by_id(sh, session).is_err() {
+    if !session_alive(sh, session) {
         drop(opens);
         drop(h.fd);
         let _ = m.filter.detach(key);
