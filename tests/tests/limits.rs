@@ -491,3 +491,63 @@ fn opens_past_the_descriptor_limit_are_refused_and_others_are_served() {
     let r = create(&mut a, sa, "again");
     assert_eq!(r["status"], "STATUS_SUCCESS", "A after a close: {r}");
 }
+
+/// Old code: a plain CREATE whose session ended while filterd made the
+/// open (here: it waited for a lease break, and the client set up a new
+/// session with `previous_session_id` from another connection meanwhile)
+/// was stored under the dead session. Nothing ever closed it: its
+/// descriptor, its slot under the open cap and filterd's handle (with its
+/// share mode) stayed until smbshim restarted — also after both of the
+/// client's connections were gone. Now such an open is let go (closed,
+/// or detached if durable, as the session's end would have done) and the
+/// CREATE answers STATUS_USER_SESSION_DELETED.
+#[test]
+fn an_open_made_while_its_session_ends_is_not_kept() {
+    use rkfilter_tests::{handles_on, wait_for};
+    use std::time::Duration;
+    let s = Scratch::new("limit-orphan-open");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-o");
+    let guid = uuid::Uuid::new_v4().to_string();
+    let mut h = LineClient::connect(&shim.addr);
+    let r = h.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "h"}));
+    let sh = r["session_id"].as_u64().expect("session");
+    let lk = uuid::Uuid::new_v4().to_string();
+    let r = h.call(
+        json!({"cmd": "CREATE", "session_id": sh, "path": "f", "access": ["read", "write"],
+               "share": ["read", "write", "delete"], "disposition": "create",
+               "lease": {"key": lk, "state": "RWH"}}),
+    );
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    let mut a = LineClient::connect(&shim.addr);
+    let r = a.call(json!({"cmd": "SESSION_SETUP", "client_guid": guid, "user": "u"}));
+    let sa = r["session_id"].as_u64().expect("session");
+    // A's write open waits for H's ack.
+    let mid = a.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["write"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    let n = h.next_line().expect("LEASE_BREAK");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    // The client comes back on a new connection; its old session ends.
+    let mut a2 = LineClient::connect(&shim.addr);
+    let r = a2.call(
+        json!({"cmd": "SESSION_SETUP", "client_guid": guid, "user": "u",
+                           "previous_session_id": sa}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let ack = h.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sh, "lease_key": lk, "state": n["new_state"]}));
+    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    let (r, _) = a.reply_to("mid", mid).expect("the CREATE's reply");
+    assert_ne!(
+        r["status"], "STATUS_SUCCESS",
+        "an open under a dead session: {r}"
+    );
+    drop(a);
+    drop(a2);
+    // Only H's open is left on the file.
+    wait_for("A's open to go", Duration::from_secs(10), || {
+        (handles_on(&s, "f").len() == 1).then_some(())
+    });
+}

@@ -50,3 +50,73 @@ fn a_call_to_a_server_that_stops_reading_ends_within_its_timeout() {
     caller.join().expect("caller thread");
     shim.signal(nix::sys::signal::Signal::SIGCONT);
 }
+
+/// A fake smbl/1 server that answers every request line with `reply`
+/// (`{mid}` replaced by the request's mid); its address.
+fn fake_server(reply: &'static [u8]) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("address").to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(c.try_clone().expect("clone"));
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let req: serde_json::Value = serde_json::from_str(&line).expect("a request");
+                    let mid = req["mid"].to_string();
+                    let mut out = Vec::new();
+                    for (i, part) in reply.split(|b| *b == b'#').enumerate() {
+                        if i > 0 {
+                            out.extend_from_slice(mid.as_bytes());
+                        }
+                        out.extend_from_slice(part);
+                    }
+                    if c.write_all(&out).is_err() {
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Old code: the router skipped the fields it does not route by (all but
+/// the id and `status`) without checking their strings, so a reply line
+/// with bad UTF-8 or a lone surrogate escape in such a field reached
+/// smbl's typed `create_outcome` as a success, while `create` (a `Value`
+/// caller) was told the line was bad and the connection ended: the two
+/// disagreed on what the server said. Now both refuse the line.
+#[test]
+fn typed_and_value_callers_refuse_the_same_bad_reply_lines() {
+    let lines: [&'static [u8]; 2] = [
+        b"{\"mid\":#,\"status\":\"STATUS_SUCCESS\",\"file_id\":\"F1\",\"junk\":\"\xff\xfe\"}\n",
+        b"{\"mid\":#,\"status\":\"STATUS_SUCCESS\",\"file_id\":\"F1\",\"junk\":[\"\\ud800\"]}\n",
+    ];
+    for line in lines {
+        let addr = fake_server(line);
+        let shown = String::from_utf8_lossy(line);
+        let args = smbl::CreateArgs::new(1, "x");
+        let c = smbl::Client::connect(&addr).expect("connect");
+        c.set_timeout(Duration::from_secs(10));
+        let value = c.create(&args);
+        assert!(value.is_err(), "{shown}: a Value caller took {value:?}");
+        let c = smbl::Client::connect(&addr).expect("connect");
+        c.set_timeout(Duration::from_secs(10));
+        let typed = c.create_outcome(&args);
+        assert!(typed.is_err(), "{shown}: a typed caller took {typed:?}");
+    }
+    // A good line is a reply to both.
+    let addr = fake_server(
+        b"{\"mid\":#,\"status\":\"STATUS_SUCCESS\",\"file_id\":\"F\\u0031\",\"x\":{\"mid\":0}}\n",
+    );
+    let c = smbl::Client::connect(&addr).expect("connect");
+    let args = smbl::CreateArgs::new(1, "x");
+    let typed = c.create_outcome(&args).expect("typed");
+    assert_eq!(typed.file_id(), Some("F1"));
+    let value = c.create(&args).expect("value").into_value();
+    assert_eq!(value["file_id"], "F1");
+}

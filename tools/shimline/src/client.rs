@@ -535,8 +535,9 @@ impl LineClient {
         }
     }
 
-    /// A reply line as a JSON tree. The router checked its syntax but not
-    /// the UTF-8 of strings it skipped: a line that fails here ends the
+    /// A reply line as a JSON tree. The router checked what this parse
+    /// checks but a number past f64's range or nesting past 128 in a field
+    /// it skipped (see `head_of`): a line that fails here ends the
     /// connection as one that fails to route does.
     pub fn value_of(&self, reply: &[u8]) -> Result<Value, CallError> {
         serde_json::from_slice(reply).map_err(|e| {
@@ -906,7 +907,20 @@ fn head_of(line: &[u8], id_field: &str) -> Result<Head, String> {
         .deserialize(&mut de)
         .and_then(|h| de.end().map(|()| h))
     {
-        Ok(h) => Ok(h),
+        // `IgnoredAny` skips strings without checking their UTF-8 or
+        // escapes, which a `Value` parse refuses: a line with bad UTF-8 or a
+        // lone surrogate in a skipped field reached a typed caller (smbl's
+        // `create_outcome`) as a reply while a `Value` caller was told the
+        // line was bad and the connection ended (review uE). A line with a
+        // byte past ASCII or an escape (rare in replies) is parsed whole
+        // to be sure. (Left open, as costlier to find than they are worth:
+        // a number past f64's range, or nesting past `Value`'s limit of
+        // 128, in a skipped field.)
+        Ok(h) if !needs_full_check(line) => Ok(h),
+        Ok(h) => match serde_json::from_slice::<Value>(line) {
+            Ok(_) => Ok(h),
+            Err(e) => Err(not_json(&e, line)),
+        },
         // Worded as the whole parse words it (not JSON, or not an object).
         Err(e) => match serde_json::from_slice::<Value>(line) {
             Err(e) => Err(not_json(&e, line)),
@@ -914,6 +928,16 @@ fn head_of(line: &[u8], id_field: &str) -> Result<Head, String> {
             Ok(_) => Err(not_json(&e, line)),
         },
     }
+}
+
+/// Whether a line may hold what the router's skip accepts and a `Value`
+/// parse refuses (see [`head_of`]): a byte past ASCII or an escape. One
+/// branch-free pass (this runs on every routed reply; an early-exit byte
+/// loop cost ~1000 instructions a line).
+fn needs_full_check(line: &[u8]) -> bool {
+    line.iter()
+        .fold(0u8, |a, &b| a | (b & 0x80) | u8::from(b == b'\\'))
+        != 0
 }
 
 /// Routes one line; `Err` when it cannot be routed. While no caller

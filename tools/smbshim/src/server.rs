@@ -752,6 +752,14 @@ fn session_by_id(sh: &Shared, id: u64) -> Result<(u64, uuid::Uuid, String), Fail
     }
 }
 
+/// Whether session `id` is alive (no copy of its fields).
+fn session_alive(sh: &Shared, id: u64) -> bool {
+    sh.sessions
+        .lock()
+        .map(|s| s.get(&id).is_some_and(|x| x.alive))
+        .unwrap_or(false)
+}
+
 fn client_id(guid: uuid::Uuid) -> Result<ClientId, Fail> {
     ClientId::new(guid.to_string()).map_err(|e| invalid(e.to_string()))
 }
@@ -1013,10 +1021,35 @@ fn create_with(
         }
         _ => granted,
     };
+    // Whether the session lives is checked under the opens lock, and the
+    // open stored before it goes: a session that ended while filterd made
+    // the open (a LOGOFF, or a SESSION_SETUP naming it as
+    // `previous_session_id`, on another connection) took its opens before
+    // this one was stored, and nothing would ever close it (review uE).
+    // `end_session` removes the session before it takes the opens lock, so
+    // an open stored while the session lived is among those it takes.
     let mut opens = sh
         .opens
         .lock()
         .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
+    if !session_alive(sh, session) {
+        // Let go as the session's end would have (a replay that found a
+        // stored original leaves it to whoever holds it).
+        if !opens.contains_key(&file_id) {
+            drop(opens);
+            let key = h.info.key;
+            drop(h);
+            let _ = if granted.is_some() {
+                m.filter.detach(key)
+            } else {
+                m.filter.close(key)
+            };
+        }
+        return Err(Fail(
+            "STATUS_USER_SESSION_DELETED",
+            format!("session {session} ended while the open was made"),
+        ));
+    }
     if let Some(existing) = opens.get_mut(&file_id) {
         // A replay that found the original open.
         let other_alive = existing.session != session
@@ -1195,21 +1228,35 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         persistent: view.record.durability.is_persistent(),
         timeout_ms: view.record.durability.timeout_ms(),
     };
-    if let Ok(mut opens) = sh.opens.lock() {
-        opens.insert(
-            file_id.clone(),
-            Open {
-                member,
-                key,
-                file_key: h.info.file,
-                session,
-                file: Arc::new(std::fs::File::from(h.fd).into()),
-                durable: Some(durable),
-                create_action: h.info.create_action,
-                lease: h.info.lease,
-            },
-        );
+    let mut opens = sh
+        .opens
+        .lock()
+        .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
+    // As in `create_with`: a session that ended meanwhile would never
+    // let go of the open; it goes back to waiting for a reconnect.
+    if !session_alive(sh, session) {
+        drop(opens);
+        drop(h.fd);
+        let _ = m.filter.detach(key);
+        return Err(Fail(
+            "STATUS_USER_SESSION_DELETED",
+            format!("session {session} ended while the open was reconnected"),
+        ));
     }
+    opens.insert(
+        file_id.clone(),
+        Open {
+            member,
+            key,
+            file_key: h.info.file,
+            session,
+            file: Arc::new(std::fs::File::from(h.fd).into()),
+            durable: Some(durable),
+            create_action: h.info.create_action,
+            lease: h.info.lease,
+        },
+    );
+    drop(opens);
     let mut m = Map::new();
     m.insert("file_id".into(), json!(file_id));
     m.insert("size".into(), json!(h.info.size));
