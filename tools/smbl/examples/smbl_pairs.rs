@@ -1,4 +1,4 @@
-//! `pairs ADDR N [typed|value] [durable|persistent]`: one connection's N
+//! `smbl_pairs ADDR N [typed|value] [durable|persistent]`: one connection's N
 //! CREATE+CLOSE pairs (durable + RWH lease, or persistent) against an
 //! smbshim at ADDR, as rkbench's smbl/1 rows make them — for counting the
 //! client's CPU and instructions per pair (`perf stat`, callgrind: the
@@ -13,7 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().collect();
     let addr = a
         .get(1)
-        .ok_or("usage: pairs ADDR N [typed|value] [durable|persistent]")?;
+        .ok_or("usage: smbl_pairs ADDR N [typed|value] [durable|persistent]")?;
     let n: u64 = a.get(2).map_or(Ok(1000), |s| s.parse())?;
     let typed = a.get(3).is_none_or(|m| m != "value");
     let persistent = a.get(4).is_some_and(|k| k == "persistent");

@@ -1,4 +1,4 @@
-//! `pairs ADDR N [typed|value]`: one connection's N OPEN+CLOSE pairs
+//! `nfsl_pairs ADDR N [typed|value]`: one connection's N OPEN+CLOSE pairs
 //! (create unchecked, read and write, deny none, slot 0) against an
 //! nfsshim at ADDR, as rkbench's nfsl/1 rows make them — for counting the
 //! client's CPU and instructions per pair (`perf stat`, callgrind: the
@@ -12,7 +12,7 @@ use nfsl::{Client, CreateMode, OpenArgs, Session};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().collect();
-    let addr = a.get(1).ok_or("usage: pairs ADDR N [typed|value]")?;
+    let addr = a.get(1).ok_or("usage: nfsl_pairs ADDR N [typed|value]")?;
     let n: u64 = a.get(2).map_or(Ok(1000), |s| s.parse())?;
     let typed = a.get(3).is_none_or(|m| m != "value");
     let pid = std::process::id();
