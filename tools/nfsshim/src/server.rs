@@ -27,6 +27,8 @@ use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest, Request, MAX_OPENED_JSON_BYTES};
 use serde_json::{json, Map, Value};
 
+mod wire;
+
 use crate::state::{self, ClientRec, DelegRec, ExtraHandle, LockRec, OpenRec, SessionRec, SlotRec};
 
 /// How long filterd keeps an nfsl/1 open while no nfsshim is attached.
@@ -728,6 +730,16 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
 }
 
 fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
+    if let Some((l, op)) = wire::Line::decode(line) {
+        // OPEN and CLOSE without the `Value` map (issue #16; `wire`).
+        let (name, body) = match op {
+            wire::Op::Open => ("OPEN", Body::Open(&l)),
+            wire::Op::Close => ("CLOSE", Body::Close(&l)),
+        };
+        let mut out = sequenced(sh, conn, name, body);
+        out.insert("xid".into(), json!(l.xid));
+        return Value::Object(out);
+    }
     let (obj, xid) = match shimline::parse_request(line, "xid", "NFS4ERR_INVAL") {
         Ok(x) => x,
         Err(reply) => return reply,
@@ -739,7 +751,7 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
         "CREATE_SESSION" => finish(create_session(sh, obj)),
         "DESTROY_CLIENTID" => finish(destroy_clientid(sh, obj)),
         "" => finish(Err(inval("op must be a string"))),
-        _ => sequenced(sh, conn, op, obj),
+        _ => sequenced(sh, conn, op, Body::Map(obj)),
     };
     out.insert("xid".into(), json!(xid));
     Value::Object(out)
@@ -781,7 +793,60 @@ fn str_field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str, Fai
 }
 
 fn path_field(obj: &Map<String, Value>, name: &str) -> Result<RelPath, Fail> {
-    RelPath::new(str_field(obj, name)?).map_err(|e| inval(format!("{name}: {e}")))
+    path_of(str_field(obj, name)?, name)
+}
+
+fn path_of(text: &str, name: &str) -> Result<RelPath, Fail> {
+    RelPath::new(text).map_err(|e| inval(format!("{name}: {e}")))
+}
+
+/// A request's body: its `Value` map, or an OPEN or CLOSE decoded typed
+/// (`wire`).
+#[derive(Clone, Copy)]
+enum Body<'a> {
+    Map(&'a Map<String, Value>),
+    Open(&'a wire::Line<'a>),
+    Close(&'a wire::Line<'a>),
+}
+
+/// An OPEN's fields as its body gives them: the `Value` map's words each
+/// field's missing or mistyped value; a typed line (`wire`) has them right.
+trait Fields {
+    /// A required string.
+    fn str(&self, name: &str) -> Result<&str, Fail>;
+    /// An optional string (`null` is absent).
+    fn opt_str(&self, name: &str) -> Result<Option<&str>, Fail>;
+    fn truncate(&self) -> Result<Option<bool>, Fail>;
+    /// `create`'s mode and verifier.
+    fn create(&self) -> Result<Option<(&str, Option<&str>)>, Fail>;
+}
+
+impl Fields for Map<String, Value> {
+    fn str(&self, name: &str) -> Result<&str, Fail> {
+        str_field(self, name)
+    }
+    fn opt_str(&self, name: &str) -> Result<Option<&str>, Fail> {
+        match self.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => str_field(self, name).map(Some),
+        }
+    }
+    fn truncate(&self) -> Result<Option<bool>, Fail> {
+        match self.get("truncate") {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| inval("truncate must be a bool")),
+        }
+    }
+    fn create(&self) -> Result<Option<(&str, Option<&str>)>, Fail> {
+        match self.get("create") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(c)) => Ok(Some((c.str("mode")?, c.opt_str("verifier")?))),
+            Some(_) => Err(inval("create must be an object")),
+        }
+    }
 }
 
 fn new_id(prefix: &str) -> String {
@@ -1052,8 +1117,12 @@ struct SeqArgs {
 }
 
 /// Runs a request that carries `seq`: the exactly-once slot table.
-fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<String, Value> {
-    let seq = match parse_seq(obj) {
+fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Value> {
+    let seq = match body {
+        Body::Map(obj) => parse_seq(obj),
+        Body::Open(l) | Body::Close(l) => l.seq(),
+    };
+    let seq = match seq {
         Ok(s) => s,
         Err(f) => return finish(Err(f)),
     };
@@ -1142,14 +1211,20 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, obj: &Map<String, Value>) -> Map<
         seq: &seq,
         restored,
     };
+    let empty = Map::new();
+    let obj = match body {
+        Body::Map(obj) => obj,
+        // Only OPEN and CLOSE come typed; no other op runs on this.
+        Body::Open(_) | Body::Close(_) => &empty,
+    };
     let (outcome, mutating) = match op {
-        "OPEN" => (open(&ctx, &mut st, obj), true),
+        "OPEN" => (open(&ctx, &mut st, body), true),
         "READ" => (read(&ctx, &mut st, obj), false),
         "WRITE" => (write(&ctx, &mut st, obj), true),
         "COMMIT" => (commit(&ctx, &mut st, obj), false),
         "LOCK" => (lock(&ctx, &mut st, obj), true),
         "LOCKU" => (locku(&ctx, &mut st, obj), true),
-        "CLOSE" => (close(&ctx, &mut st, obj), true),
+        "CLOSE" => (close(&ctx, &mut st, body), true),
         "DELEGRETURN" => (delegreturn(&ctx, &mut st, obj), true),
         "REMOVE" => {
             let r = remove(&ctx, &mut st, obj);
@@ -1372,45 +1447,43 @@ fn stateid_json(other: &str, seqid: u32) -> Value {
     json!({"other": other, "seqid": seqid})
 }
 
-fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
-    let sh = ctx.sh;
-    let owner = str_field(obj, "owner")?.to_owned();
-    let path = path_field(obj, "path")?;
-    let access_w = str_field(obj, "access")?.to_owned();
-    let deny_w = match obj.get("deny") {
-        None | Some(Value::Null) => "none".to_owned(),
-        Some(_) => str_field(obj, "deny")?.to_owned(),
-    };
+/// An OPEN's checked fields.
+struct OpenFields {
+    owner: String,
+    path: RelPath,
+    access_w: String,
+    deny_w: String,
+    access: Rights,
+    share: Rights,
+    truncate: bool,
+    create: Option<(String, Option<String>)>,
+    want: String,
+    lease_state: Option<LeaseState>,
+}
+
+/// Reads and checks an OPEN's fields, in the order the errors name them.
+fn open_fields(obj: &(impl Fields + ?Sized)) -> Result<OpenFields, Fail> {
+    let owner = obj.str("owner")?.to_owned();
+    let path = path_of(obj.str("path")?, "path")?;
+    let access_w = obj.str("access")?.to_owned();
+    let deny_w = obj.opt_str("deny")?.unwrap_or("none").to_owned();
     let access = access_of(&access_w)?;
     let share = share_of(&deny_w)?;
-    let truncate = match obj.get("truncate") {
-        None | Some(Value::Null) => false,
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| inval("truncate must be a bool"))?,
-    };
-    let create = match obj.get("create") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(c)) => {
-            let mode = str_field(c, "mode")?.to_owned();
-            let verifier = match c.get("verifier") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(str_field(c, "verifier")?.to_ascii_lowercase()),
-            };
-            match mode.as_str() {
+    let truncate = obj.truncate()?.unwrap_or(false);
+    let create = match obj.create()? {
+        None => None,
+        Some((mode, verifier)) => {
+            let verifier = verifier.map(str::to_ascii_lowercase);
+            match mode {
                 "unchecked" | "guarded" => {}
                 "exclusive" if verifier.is_some() => {}
                 "exclusive" => return Err(inval("exclusive create needs a verifier")),
                 other => return Err(inval(format!("unknown create mode {other:?}"))),
             }
-            Some((mode, verifier))
+            Some((mode.to_owned(), verifier))
         }
-        Some(_) => return Err(inval("create must be an object")),
     };
-    let want = match obj.get("want_delegation") {
-        None | Some(Value::Null) => "none".to_owned(),
-        Some(_) => str_field(obj, "want_delegation")?.to_owned(),
-    };
+    let want = obj.opt_str("want_delegation")?.unwrap_or("none").to_owned();
     // Delegations are filter leases with H: a recall must be answered
     // (DELEGRETURN) before the conflicting open proceeds, which a bare R
     // lease would not require.
@@ -1424,6 +1497,39 @@ fn open(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             )))
         }
     };
+    Ok(OpenFields {
+        owner,
+        path,
+        access_w,
+        deny_w,
+        access,
+        share,
+        truncate,
+        create,
+        want,
+        lease_state,
+    })
+}
+
+fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
+    let sh = ctx.sh;
+    let f = match body {
+        Body::Map(obj) => open_fields(obj)?,
+        Body::Open(l) => open_fields(l)?,
+        Body::Close(_) => return Err(internal("OPEN with a CLOSE body")),
+    };
+    let OpenFields {
+        owner,
+        path,
+        access_w,
+        deny_w,
+        access,
+        share,
+        truncate,
+        create,
+        want,
+        lease_state,
+    } = f;
     let disposition = match (&create, truncate) {
         (None, false) => Disposition::Open,
         (None, true) => Disposition::Overwrite,
@@ -1853,7 +1959,12 @@ fn resolve(ctx: &Ctx<'_>, st: &State, v: &Value) -> Result<Named, Fail> {
         .as_object()
         .ok_or_else(|| inval("stateid must be an object"))?;
     let other = str_field(s, "other")?;
-    let seqid = u32::try_from(u64_field(s, "seqid")?).map_err(|_| inval("seqid too large"))?;
+    resolve_parts(ctx, st, other, u64_field(s, "seqid")?)
+}
+
+/// [`resolve`] of a stateid's `other` and `seqid`.
+fn resolve_parts(ctx: &Ctx<'_>, st: &State, other: &str, seqid: u64) -> Result<Named, Fail> {
+    let seqid = u32::try_from(seqid).map_err(|_| inval("seqid too large"))?;
     if st.expired.contains(other) {
         return Err(Fail(
             "NFS4ERR_EXPIRED",
@@ -2414,10 +2525,20 @@ mod ranges {
     }
 }
 
-fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
+fn close(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     let sh = ctx.sh;
-    let named = field(obj, "stateid")?;
-    let closed_other = named.get("other").and_then(Value::as_str).filter(|o| {
+    // The stateid's `other` if it is a string, and how it resolves.
+    let (named_other, named) = match body {
+        Body::Map(obj) => {
+            let named = field(obj, "stateid")?;
+            (named.get("other").and_then(Value::as_str), Err(named))
+        }
+        Body::Close(wire::Line {
+            stateid: Some(s), ..
+        }) => (Some(&*s.other.0), Ok((&*s.other.0, s.seqid))),
+        Body::Open(_) | Body::Close(_) => return Err(internal("CLOSE without a stateid")),
+    };
+    let closed_other = named_other.filter(|o| {
         st.closed.get(o).is_some_and(|(c, by)| {
             c == ctx.cid && by.as_ref().is_none_or(|r| *r == ctx.request_name("close"))
         })
@@ -2426,7 +2547,10 @@ fn close(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         // Closed already by a request whose reply may have been lost.
         return Ok(Map::new());
     }
-    let n = resolve(ctx, st, named)?;
+    let n = match named {
+        Err(v) => resolve(ctx, st, v)?,
+        Ok((other, seqid)) => resolve_parts(ctx, st, other, seqid)?,
+    };
     let Named::Open(other) = n else {
         return Err(Fail("NFS4ERR_BAD_STATEID", "not an open stateid".into()));
     };

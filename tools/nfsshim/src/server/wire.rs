@@ -1,0 +1,242 @@
+//! OPEN and CLOSE decoded into typed fields borrowed from the line (issue
+//! #16): the two requests of the nfsl/1 OPEN+CLOSE pair skip the
+//! `serde_json::Value` map (a `String` per key, a tree of nodes, its drop).
+//! Anything this does not take — another op, a missing or mistyped field, a
+//! duplicate key, a line that is not JSON — goes the `Value` way
+//! ([`super::handle_line`]), so its errors read exactly as before; what it
+//! takes, it checks in the same order and with the same words as the
+//! `Value` way ([`super::Fields`]), so a request reads the same either way
+//! (`typed_and_value_requests_answer_alike`).
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use super::{inval, Fail, SeqArgs};
+
+/// A string field, borrowed unless it has escapes.
+#[derive(Deserialize)]
+pub(super) struct Str<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+#[derive(Deserialize)]
+pub(super) struct SeqLine<'a> {
+    #[serde(borrow)]
+    sessionid: Str<'a>,
+    slot: u64,
+    seqid: u64,
+}
+
+#[derive(Deserialize)]
+pub(super) struct StateidLine<'a> {
+    #[serde(borrow)]
+    pub other: Str<'a>,
+    pub seqid: u64,
+}
+
+#[derive(Deserialize)]
+pub(super) struct CreateLine<'a> {
+    #[serde(borrow)]
+    pub mode: Str<'a>,
+    #[serde(borrow, default)]
+    pub verifier: Option<Str<'a>>,
+}
+
+/// An OPEN or CLOSE line: the fields either reads (`null` reads as absent,
+/// as the `Value` way reads it for the optional ones).
+#[derive(Deserialize)]
+pub(super) struct Line<'a> {
+    pub xid: u64,
+    #[serde(borrow)]
+    pub op: Str<'a>,
+    #[serde(borrow)]
+    seq: SeqLine<'a>,
+    #[serde(borrow, default)]
+    pub owner: Option<Str<'a>>,
+    #[serde(borrow, default)]
+    pub path: Option<Str<'a>>,
+    #[serde(borrow, default)]
+    pub access: Option<Str<'a>>,
+    #[serde(borrow, default)]
+    pub deny: Option<Str<'a>>,
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    #[serde(borrow, default)]
+    pub create: Option<CreateLine<'a>>,
+    #[serde(borrow, default)]
+    pub want_delegation: Option<Str<'a>>,
+    #[serde(borrow, default)]
+    pub stateid: Option<StateidLine<'a>>,
+}
+
+/// What the typed way runs.
+pub(super) enum Op {
+    Open,
+    Close,
+}
+
+impl<'a> Line<'a> {
+    /// The line, if it is an OPEN or CLOSE the typed way runs: `None`
+    /// sends it the `Value` way (which then reports what is wrong).
+    pub(super) fn decode(line: &'a [u8]) -> Option<(Line<'a>, Op)> {
+        let l: Line<'a> = serde_json::from_slice(line).ok()?;
+        let op = match &*l.op.0 {
+            // The required fields present as strings (`null` or absent:
+            // the `Value` way words the error).
+            "OPEN" if l.owner.is_some() && l.path.is_some() && l.access.is_some() => Op::Open,
+            "CLOSE" if l.stateid.is_some() => Op::Close,
+            _ => return None,
+        };
+        Some((l, op))
+    }
+
+    /// The slot, as `parse_seq` reads it.
+    pub(super) fn seq(&self) -> Result<SeqArgs, Fail> {
+        Ok(SeqArgs {
+            sessionid: self.seq.sessionid.0.clone().into_owned(),
+            slot: usize::try_from(self.seq.slot).map_err(|_| inval("slot too large"))?,
+            seqid: self.seq.seqid,
+        })
+    }
+}
+
+fn text<'s>(s: &'s Option<Str<'_>>) -> Option<&'s str> {
+    s.as_ref().map(|s| &*s.0)
+}
+
+impl super::Fields for Line<'_> {
+    fn str(&self, name: &str) -> Result<&str, Fail> {
+        match name {
+            "owner" => text(&self.owner),
+            "path" => text(&self.path),
+            "access" => text(&self.access),
+            _ => None,
+        }
+        .ok_or_else(|| inval(format!("missing field {name}")))
+    }
+    fn opt_str(&self, name: &str) -> Result<Option<&str>, Fail> {
+        Ok(match name {
+            "deny" => text(&self.deny),
+            "want_delegation" => text(&self.want_delegation),
+            _ => None,
+        })
+    }
+    fn truncate(&self) -> Result<Option<bool>, Fail> {
+        Ok(self.truncate)
+    }
+    fn create(&self) -> Result<Option<(&str, Option<&str>)>, Fail> {
+        Ok(self
+            .create
+            .as_ref()
+            .map(|c| (&*c.mode.0, c.verifier.as_ref().map(|v| &*v.0))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Map, Value};
+
+    use super::super::{open_fields, parse_seq, Fail, OpenFields};
+    use super::{Line, Op};
+
+    fn shown(r: Result<OpenFields, Fail>) -> String {
+        match r {
+            Ok(f) => format!(
+                "{} {:?} {} {} {:?} {:?} {} {:?} {} {:?}",
+                f.owner,
+                f.path,
+                f.access_w,
+                f.deny_w,
+                f.access,
+                f.share,
+                f.truncate,
+                f.create,
+                f.want,
+                f.lease_state
+            ),
+            Err(Fail(s, m)) => format!("{s}: {m}"),
+        }
+    }
+
+    fn map(line: &str) -> Map<String, Value> {
+        match serde_json::from_str(line) {
+            Ok(Value::Object(m)) => m,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    const SEQ: &str = r#""seq":{"seqid":7,"sessionid":"S\u00e9\"x","slot":3},"xid":9"#;
+
+    /// Every OPEN the typed way takes reads as the `Value` way reads it:
+    /// the same fields, or the same error, in the same order.
+    #[test]
+    fn typed_and_value_opens_read_alike() {
+        let opens = [
+            r#""access":"both","create":{"mode":"unchecked"},"deny":"none","owner":"o","path":"a""#,
+            r#""access":"read","owner":"\u00fcn\u00efc\u00f6d\u00e9 \ud83d\ude00","path":"d/\u00e9t\u00e9\n.txt""#,
+            r#""access":"write","owner":"o\"q\\","path":"名前/ファイル","deny":null,"truncate":null,"create":null,"want_delegation":null"#,
+            r#""access":"read","owner":"o","path":"a","deny":"both","truncate":true,"want_delegation":"write""#,
+            r#""access":"read","owner":"o","path":"a","create":{"mode":"exclusive","verifier":"ABCdef"}"#,
+            r#""access":"read","owner":"o","path":"a","create":{"mode":"exclusive","verifier":null}"#,
+            r#""access":"read","owner":"o","path":"a","create":{"mode":"exclusive"}"#,
+            r#""access":"read","owner":"o","path":"a","create":{"mode":"sideways"}"#,
+            r#""access":"most","owner":"o","path":"../up","deny":"all""#,
+            r#""access":"most","owner":"o","path":"a","deny":"all""#,
+            r#""access":"read","owner":"o","path":"a","deny":"all","want_delegation":"x""#,
+            r#""access":"read","owner":"o","path":"a","want_delegation":"x","extra":[1,{"y":2}]"#,
+            r#""access":"read","owner":"o","path":"/abs""#,
+            r#""access":"read","owner":"o","path":"""#,
+        ];
+        for body in opens {
+            let line = format!(r#"{{"op":"OPEN",{body},{SEQ}}}"#);
+            let Some((l, Op::Open)) = Line::decode(line.as_bytes()) else {
+                panic!("not typed: {line}");
+            };
+            let m = map(&line);
+            assert_eq!(shown(open_fields(&l)), shown(open_fields(&m)), "{line}");
+            let (a, b) = (l.seq(), parse_seq(&m));
+            let (Ok(a), Ok(b)) = (a, b) else {
+                panic!("seq of {line}");
+            };
+            assert_eq!(
+                (a.sessionid, a.slot, a.seqid),
+                (b.sessionid, b.slot, b.seqid)
+            );
+            assert_eq!(l.xid, 9);
+        }
+    }
+
+    /// What the typed way does not take goes the `Value` way, which words
+    /// the error (or runs the op) as before.
+    #[test]
+    fn mistyped_or_other_lines_go_the_value_way() {
+        let others = [
+            r#"{"op":"OPEN","access":"read","path":"a",SEQ}"#,
+            r#"{"op":"OPEN","access":"read","owner":null,"path":"a",SEQ}"#,
+            r#"{"op":"OPEN","access":"read","owner":"o","path":"a","truncate":1,SEQ}"#,
+            r#"{"op":"OPEN","access":"read","owner":"o","path":"a","deny":5,SEQ}"#,
+            r#"{"op":"OPEN","access":"read","owner":"o","path":"a","create":"x",SEQ}"#,
+            r#"{"op":"OPEN","access":"read","owner":"o","path":"a","owner":"p",SEQ}"#,
+            r#"{"op":"OPEN","access":"read","owner":"o","path":"a","seq":{"slot":0,"seqid":1},"xid":1}"#,
+            r#"{"op":"OPEN","access":"read","owner":"o","path":"a","seq":{"sessionid":"s","slot":-1,"seqid":1},"xid":1}"#,
+            r#"{"op":"OPEN","access":"read","owner":"o","path":"a",SEQ} x"#,
+            r#"{"op":"CLOSE",SEQ}"#,
+            r#"{"op":"CLOSE","stateid":{"other":"O1","seqid":"1"},SEQ}"#,
+            r#"{"op":"CLOSE","stateid":{"other":"O1","seqid":4294967296e0},SEQ}"#,
+            r#"{"op":"CLOSE","stateid":"O1",SEQ}"#,
+            r#"{"op":"WRITE","stateid":{"other":"O1","seqid":1},SEQ}"#,
+            r#"{"op":"OPEN","access":"read","owner":"o","path":"a","seq":{"sessionid":"s","slot":0,"seqid":1},"xid":-1}"#,
+            r#"["OPEN"]"#,
+        ];
+        for line in others {
+            let line = line.replace("SEQ", SEQ);
+            assert!(Line::decode(line.as_bytes()).is_none(), "typed: {line}");
+        }
+        let close =
+            format!(r#"{{"op":"CLOSE","stateid":{{"other":"O\u0031","seqid":4294967296}},{SEQ}}}"#);
+        let Some((l, Op::Close)) = Line::decode(close.as_bytes()) else {
+            panic!("not typed: {close}");
+        };
+        let s = l.stateid.as_ref().map(|s| (&*s.other.0, s.seqid));
+        assert_eq!(s, Some(("O1", 4_294_967_296)));
+    }
+}
