@@ -190,7 +190,8 @@ struct Client {
 
 struct Slot {
     seqid: u64,
-    reply: Option<Value>,
+    /// Shared with the reply's writer (`Answer::Shared`).
+    reply: Option<Arc<Value>>,
     /// Restored after a restart: non-mutating replies were not kept, so a
     /// seqid above the restored one starts afresh.
     restored: bool,
@@ -473,7 +474,16 @@ impl Harness {
 
     /// The reply to one request line.
     pub fn handle(&self, line: &[u8]) -> Value {
-        handle_line(&self.0, 1, line)
+        match handle_line(&self.0, 1, line) {
+            Answer::Whole(v) => v,
+            Answer::Shared(v, xid) => {
+                let mut v = Value::clone(&v);
+                if let Value::Object(m) = &mut v {
+                    m.insert("xid".into(), json!(xid));
+                }
+                v
+            }
+        }
     }
 }
 
@@ -646,7 +656,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
             s.settle();
             if let Some(slot) = usize::try_from(i).ok().and_then(|i| slots.get_mut(i)) {
                 slot.seqid = s.seqid;
-                slot.reply = Some(s.reply);
+                slot.reply = Some(Arc::new(s.reply));
             }
         }
         let Some(cl) = g.clients.get(&rec.clientid).cloned() else {
@@ -729,20 +739,78 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
     }
 }
 
-fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
+/// A reply line: a whole `Value`, or a sequenced op's reply shared with
+/// its slot (written with `xid` in its sorted place, as `Value` writes a
+/// map's keys; `shared_replies_write_as_the_map_would`).
+enum Answer {
+    Whole(Value),
+    Shared(Arc<Value>, u64),
+}
+
+impl serde::Serialize for Answer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let (m, xid) = match self {
+            Answer::Whole(v) => return v.serialize(s),
+            Answer::Shared(v, xid) => match &**v {
+                Value::Object(m) => (m, xid),
+                v => return v.serialize(s),
+            },
+        };
+        let mut out = s.serialize_map(Some(m.len() + usize::from(!m.contains_key("xid"))))?;
+        let mut xid_written = false;
+        for (k, v) in m {
+            if !xid_written && k.as_str() >= "xid" {
+                out.serialize_entry("xid", xid)?;
+                xid_written = true;
+                if k == "xid" {
+                    continue;
+                }
+            }
+            out.serialize_entry(k, v)?;
+        }
+        if !xid_written {
+            out.serialize_entry("xid", xid)?;
+        }
+        out.end()
+    }
+}
+
+/// What `sequenced` answers: a fresh map, or the reply its slot keeps.
+enum Sequenced {
+    Fresh(Map<String, Value>),
+    Shared(Arc<Value>),
+}
+
+impl From<Map<String, Value>> for Sequenced {
+    fn from(m: Map<String, Value>) -> Sequenced {
+        Sequenced::Fresh(m)
+    }
+}
+
+/// `sequenced`'s answer to request `xid`.
+fn answer(s: Sequenced, xid: u64) -> Answer {
+    match s {
+        Sequenced::Fresh(mut m) => {
+            m.insert("xid".into(), json!(xid));
+            Answer::Whole(Value::Object(m))
+        }
+        Sequenced::Shared(v) => Answer::Shared(v, xid),
+    }
+}
+
+fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Answer {
     if let Some((l, op)) = wire::Line::decode(line) {
         // OPEN and CLOSE without the `Value` map (issue #16; `wire`).
         let (name, body) = match op {
             wire::Op::Open => ("OPEN", Body::Open(&l)),
             wire::Op::Close => ("CLOSE", Body::Close(&l)),
         };
-        let mut out = sequenced(sh, conn, name, body);
-        out.insert("xid".into(), json!(l.xid));
-        return Value::Object(out);
+        return answer(sequenced(sh, conn, name, body), l.xid);
     }
     let (obj, xid) = match shimline::parse_request(line, "xid", "NFS4ERR_INVAL") {
         Ok(x) => x,
-        Err(reply) => return reply,
+        Err(reply) => return Answer::Whole(reply),
     };
     let obj = &obj;
     let op = obj.get("op").and_then(Value::as_str).unwrap_or("");
@@ -751,10 +819,10 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
         "CREATE_SESSION" => finish(create_session(sh, obj)),
         "DESTROY_CLIENTID" => finish(destroy_clientid(sh, obj)),
         "" => finish(Err(inval("op must be a string"))),
-        _ => sequenced(sh, conn, op, Body::Map(obj)),
+        _ => return answer(sequenced(sh, conn, op, Body::Map(obj)), xid),
     };
     out.insert("xid".into(), json!(xid));
-    Value::Object(out)
+    Answer::Whole(Value::Object(out))
 }
 
 fn finish(o: Outcome) -> Map<String, Value> {
@@ -1117,14 +1185,14 @@ struct SeqArgs {
 }
 
 /// Runs a request that carries `seq`: the exactly-once slot table.
-fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Value> {
+fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     let seq = match body {
         Body::Map(obj) => parse_seq(obj),
         Body::Open(l) | Body::Close(l) => l.seq(),
     };
     let seq = match seq {
         Ok(s) => s,
-        Err(f) => return finish(Err(f)),
+        Err(f) => return finish(Err(f)).into(),
     };
     let bad_session = || {
         finish(Err(Fail(
@@ -1137,20 +1205,21 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Va
             .session_client
             .get(&seq.sessionid)
             .and_then(|cid| g.clients.get(cid).cloned()),
-        Err(f) => return finish(Err(f)),
+        Err(f) => return finish(Err(f)).into(),
     };
     let Some(cl) = cl else {
-        return bad_session();
+        return bad_session().into();
     };
     let mut st = match lock_client(&cl) {
         Ok(st) => st,
-        Err(f) => return finish(Err(f)),
+        Err(f) => return finish(Err(f)).into(),
     };
     let Some(session) = st.sessions.get(&seq.sessionid) else {
         return finish(Err(Fail(
             "NFS4ERR_BADSESSION",
             format!("no session {}", seq.sessionid),
-        )));
+        )))
+        .into();
     };
     let Some(slot) = session.slots.get(seq.slot) else {
         return finish(Err(Fail(
@@ -1160,14 +1229,15 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Va
                 seq.slot,
                 session.slots.len()
             ),
-        )));
+        )))
+        .into();
     };
     let cid = session.rec.clientid.clone();
     let replay_of_restored = slot.restored && slot.reply.is_none() && seq.seqid == slot.seqid;
     if seq.seqid == slot.seqid && !replay_of_restored {
-        if let Some(Value::Object(cached)) = &slot.reply {
+        if let Some(cached) = slot.reply.as_ref().filter(|r| r.is_object()) {
             // The cached reply, exactly, without executing.
-            return cached.clone();
+            return Sequenced::Shared(Arc::clone(cached));
         }
     }
     let fresh = seq.seqid == slot.seqid.wrapping_add(1)
@@ -1177,7 +1247,8 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Va
         return finish(Err(Fail(
             "NFS4ERR_SEQ_MISORDERED",
             format!("slot {} is at seqid {}", seq.slot, slot.seqid),
-        )));
+        )))
+        .into();
     }
     // After a restart, or when this very request was cut off by filterd
     // going away (its changes may have committed), check what filterd
@@ -1194,7 +1265,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Va
                 g.forgotten.remove(&cid).unwrap_or_default(),
             )
         }
-        Err(f) => return finish(Err(f)),
+        Err(f) => return finish(Err(f)).into(),
     };
     for lease in revoked {
         revoke(&mut st, lease);
@@ -1234,7 +1305,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Va
         "RECLAIM_COMPLETE" => (Ok(Map::new()), false),
         "DESTROY_SESSION" => {
             drop_session(sh, &mut st, &seq.sessionid);
-            return finish(Ok(Map::new()));
+            return finish(Ok(Map::new())).into();
         }
         other => (
             Err(Fail("NFS4ERR_NOTSUPP", format!("unknown op {other:?}"))),
@@ -1257,7 +1328,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Va
             if *s == UNREACHABLE {
                 mark_retried(&mut st, &seq);
             }
-            return finish(outcome);
+            return finish(outcome).into();
         }
     }
     let already_recorded = matches!(&outcome, Ok(m) if m.contains_key(RECORDED));
@@ -1273,7 +1344,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Va
         };
         let slot_op = u64::try_from(seq.slot).unwrap_or(0);
         if let Err(e) = pending.put(&sh.tables.slots(&seq.sessionid), slot_op, &rec) {
-            return finish(Err(internal(e.to_string())));
+            return finish(Err(internal(e.to_string()))).into();
         }
     }
     // The request's table changes and its slot reply: one commit, before
@@ -1288,7 +1359,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Va
             // re-send checks what filterd holds: the request's own changes
             // committed).
             mark_retried(&mut st, &seq);
-            return finish(Err(Fail(UNREACHABLE, format!("recording the reply: {e}"))));
+            return finish(Err(Fail(UNREACHABLE, format!("recording the reply: {e}")))).into();
         }
         // No room to record it: the request's answer is NOSPC, kept on the
         // slot in memory only (a re-send gets it; nothing more is stored).
@@ -1306,11 +1377,15 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Map<String, Va
         .and_then(|s| s.slots.get_mut(seq.slot))
     {
         slot.seqid = seq.seqid;
-        slot.reply = Some(Value::Object(reply.clone()));
+        // The slot keeps the reply and the connection writes it: one map
+        // for both, no copy (issue #16).
+        let reply = Arc::new(Value::Object(reply));
+        slot.reply = Some(Arc::clone(&reply));
         slot.restored = false;
         slot.retried = None;
+        return Sequenced::Shared(reply);
     }
-    reply
+    reply.into()
 }
 
 /// Puts back the open states `ctx` saved before changing them.

@@ -240,3 +240,46 @@ mod tests {
         assert_eq!(s, Some(("O1", 4_294_967_296)));
     }
 }
+
+/// A reply kept on a slot and written with the request's `xid`
+/// (`Answer::Shared`) is byte for byte the map with `xid` inserted, as the
+/// `Value` way wrote it.
+#[cfg(test)]
+#[test]
+fn shared_replies_write_as_the_map_would() {
+    use std::sync::Arc;
+
+    use serde_json::{json, Value};
+
+    use super::Answer;
+    let replies = [
+        json!({"status": "NFS4_OK"}),
+        json!({}),
+        json!({"created": true, "delegation": null, "size": 0,
+               "stateid": {"other": "O0123456789abcdef", "seqid": 1}, "status": "NFS4_OK"}),
+        json!({"created": false, "delegation": {"stateid": {"other": "D\u{e9}", "seqid": 1}, "type": "write"},
+               "size": 18446744073709551615u64, "stateid": {"other": "O\"q\\\n", "seqid": 4294967295u32},
+               "status": "NFS4_OK"}),
+        json!({"error": "no file d/\u{e9}t\u{e9}\n.txt \u{1f600} \"x\"", "status": "NFS4ERR_NOENT"}),
+        json!({"denied": {"offset": 0, "length": 1}, "error": "a conflicting lock is held", "status": "NFS4ERR_DENIED"}),
+        json!({"status": "NFS4_OK", "xid": 3, "zz": [1, "y"]}),
+        json!({"status": "NFS4_OK", "xi": 1, "xida": 2}),
+        json!("not an object"),
+    ];
+    for r in replies {
+        let mut want = r.clone();
+        if let Value::Object(m) = &mut want {
+            m.insert("xid".into(), json!(77));
+        }
+        let got = Answer::Shared(Arc::new(r), 77);
+        assert_eq!(
+            serde_json::to_string(&got).ok(),
+            serde_json::to_string(&want).ok()
+        );
+        let whole = Answer::Whole(want.clone());
+        assert_eq!(
+            serde_json::to_string(&whole).ok(),
+            serde_json::to_string(&want).ok()
+        );
+    }
+}
