@@ -132,6 +132,10 @@ fn main() -> anyhow::Result<()> {
                         .unwrap_or(usize::MAX),
                     max_opens_per_client: usize::try_from(args.max_opens_per_client)
                         .unwrap_or(usize::MAX),
+                    // Raises the soft descriptor limit to the hard one.
+                    max_descriptors: shimline::descriptors::opens_allowed(
+                        usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                    ),
                 },
             )
         }
