@@ -34,6 +34,10 @@ use clap::{Parser, Subcommand};
 /// [--lease-ms N]` prints `listening on HOST:PORT` as its first stdout
 /// line, then serves. Try a server by hand: `nfsshim client HOST:PORT`
 /// (see `nfsshim client --help`).
+///
+/// nfsshim raises its soft descriptor limit to the hard one and keeps the
+/// descriptors its opens hold below it, less 64 and --max-connections (at
+/// most a quarter of it); an OPEN past that is NFS4ERR_DELAY.
 #[derive(Parser, Debug)]
 #[command(
     name = "nfsshim",
