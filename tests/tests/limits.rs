@@ -770,3 +770,61 @@ fn a_descriptor_cut_from_a_reply_fails_only_its_request() {
     let r = call_nfs(&mut b, json!({"op": "CLOSE", "stateid": sb}));
     assert_eq!(r["status"], "NFS4_OK", "{r}");
 }
+
+/// The count of descriptors nfsshim's opens hold is exact through the
+/// paths that end or keep an open: an OPEN whose client went away before
+/// the reply (it completes and holds one), a CLOSE that fails (LOCKS_HELD:
+/// the open and its count stay), and a client whose lease lapses (all of
+/// its opens go, and so do their counts — once each). Under a limit of
+/// 128 and `--max-connections 8` the cap is 128 − 64 − 8 = 56.
+#[test]
+fn nfs_descriptor_count_follows_lost_clients_failed_closes_and_expiry() {
+    let s = Scratch::new("limit-nfs-fd-count");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with_nofile(
+        "nfsshim",
+        &s.socket(),
+        "nfs-fdc",
+        &["--max-connections", "8", "--lease-ms", "3000"],
+        128,
+    );
+    const CAP: usize = 128 - 64 - 8;
+    let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
+    // An OPEN sent on another connection (slot 1) that goes away at once.
+    {
+        let mut lost = LineClient::connect(&shim.addr);
+        let mut req = nfs_open("oa-lost", "lost");
+        req["seq"] = json!({"sessionid": a.sessionid, "slot": 1, "seqid": 1});
+        lost.send_only("xid", req);
+    }
+    wait_for("the lost OPEN to complete", Duration::from_secs(10), || {
+        (!rkfilter_tests::handles_on(&s, "lost").is_empty()).then_some(())
+    });
+    let (held, refused, req) = open_until_refused(&mut a, "c", 400);
+    assert_eq!(refused["status"], "NFS4ERR_DELAY", "{refused}");
+    assert_eq!(held.len() + 1, CAP, "the lost OPEN's descriptor counts");
+    // A CLOSE that fails keeps its open and its count.
+    let first = held.first().expect("an open").clone();
+    let r = call_nfs(
+        &mut a,
+        json!({"op": "LOCK", "stateid": first, "owner": "lo", "type": "write",
+               "offset": 0, "length": 1}),
+    );
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let r = call_nfs(&mut a, json!({"op": "CLOSE", "stateid": first}));
+    assert_eq!(r["status"], "NFS4ERR_LOCKS_HELD", "{r}");
+    let r = call_nfs(&mut a, req);
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "still at the cap: {r}");
+    // A goes quiet; its lease lapses and its opens go. B then gets the
+    // whole cap, no more.
+    let mut b = Nfs::connect(&shim.addr, "b", "0123456789abcdef");
+    let first_b = nfs_open("ob", "b0");
+    let r = wait_for("A's opens released", Duration::from_secs(30), || {
+        let r = call_nfs(&mut b, first_b.clone());
+        (r["status"] != "NFS4ERR_DELAY").then_some(r)
+    });
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let (more, refused, _) = open_until_refused(&mut b, "d", 400);
+    assert_eq!(refused["status"], "NFS4ERR_DELAY", "{refused}");
+    assert_eq!(more.len() + 1, CAP, "the whole cap again, no more");
+}
