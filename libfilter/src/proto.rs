@@ -33,10 +33,8 @@ use crate::model::{
 /// The protocol version this library speaks.
 pub const PROTO_VERSION: u32 = 1;
 /// Feature bits this library understands.
-pub const FEATURES: u64 = FEATURE_LOCK_HINTS
-    | FEATURE_BINARY_FRAMES
-    | FEATURE_COMPACT_FRAMES
-    | FEATURE_COMPACT_RECORDS;
+pub const FEATURES: u64 =
+    FEATURE_LOCK_HINTS | FEATURE_BINARY_FRAMES | FEATURE_COMPACT_FRAMES | FEATURE_COMPACT_RECORDS;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -2941,7 +2939,10 @@ mod binary_tests {
             panic!("decodes");
         };
         assert!(put.is_empty());
-        assert_eq!(delete, vec![(ReplayScope::Handle(ResumeKey(uuid::Uuid::nil())), 5)]);
+        assert_eq!(
+            delete,
+            vec![(ReplayScope::Handle(ResumeKey(uuid::Uuid::nil())), 5)]
+        );
         let cases: Vec<Vec<u8>> = vec![
             [&open[..], &[0]].concat(),
             [&open[..], &[0xff, 0xff, 0x03], &rec].concat(),
@@ -2965,10 +2966,7 @@ mod binary_tests {
         assert!(is_binary(&plain));
         let with = encode_request(Encoding::CompactRecords, &f).expect("encodes");
         assert_eq!(with.get(..2), Some(&[m, 6][..]));
-        assert_eq!(
-            Encoding::from_features(FEATURES),
-            Encoding::CompactRecords
-        );
+        assert_eq!(Encoding::from_features(FEATURES), Encoding::CompactRecords);
         assert_eq!(
             Encoding::from_features(FEATURE_BINARY_FRAMES | FEATURE_COMPACT_RECORDS),
             Encoding::Binary
