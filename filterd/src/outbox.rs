@@ -302,7 +302,8 @@ impl ConnWriter {
         let e = match encoding {
             proto::Encoding::Json => 0,
             proto::Encoding::Binary => 1,
-            proto::Encoding::Compact => 2,
+            // The daemon's frames are the same in both.
+            proto::Encoding::Compact | proto::Encoding::CompactRecords => 2,
         };
         self.encoding.store(e, Ordering::Release);
     }

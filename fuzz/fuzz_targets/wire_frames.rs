@@ -10,7 +10,12 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let _ = proto::decode_hello(data);
     if let Ok(f) = proto::decode_request(data) {
-        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
+        for enc in [
+            Encoding::Json,
+            Encoding::Binary,
+            Encoding::Compact,
+            Encoding::CompactRecords,
+        ] {
             // JSON is larger: a frame near the size limit may not fit it.
             let Ok(bytes) = proto::encode_request(enc, &f) else {
                 continue;
@@ -20,7 +25,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(f) = proto::decode_server(data) {
-        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
+        for enc in [
+            Encoding::Json,
+            Encoding::Binary,
+            Encoding::Compact,
+            Encoding::CompactRecords,
+        ] {
             let Ok(bytes) = proto::encode_server(enc, &f) else {
                 continue;
             };

@@ -267,16 +267,23 @@ impl FilterClient {
 
     /// Connects and exchanges hellos, asking for `features`. Binary
     /// frames with the compact hot frames ([`proto::FEATURE_BINARY_FRAMES`],
-    /// [`proto::FEATURE_COMPACT_FRAMES`]) are always asked for, unless the
-    /// environment variable `RKFILTER_FRAMES` is `json` (neither) or
-    /// `binary` (binary frames, version 1, only) — to compare the
-    /// encodings, or to read the frames in a trace.
+    /// [`proto::FEATURE_COMPACT_FRAMES`], [`proto::FEATURE_COMPACT_RECORDS`])
+    /// are always asked for, unless the environment variable
+    /// `RKFILTER_FRAMES` is `json` (neither), `binary` (binary frames,
+    /// version 1, only) or `compact` (compact hot frames, but not those
+    /// that carry records) — to compare the encodings, or to read the
+    /// frames in a trace.
     pub fn connect_with(path: &Path, role: Role, features: u64) -> Result<Self, ClientError> {
         let sock = connect_socket(path)?;
         let binary = match std::env::var("RKFILTER_FRAMES").as_deref() {
             Ok("json") => 0,
             Ok("binary") => proto::FEATURE_BINARY_FRAMES,
-            _ => proto::FEATURE_BINARY_FRAMES | proto::FEATURE_COMPACT_FRAMES,
+            Ok("compact") => proto::FEATURE_BINARY_FRAMES | proto::FEATURE_COMPACT_FRAMES,
+            _ => {
+                proto::FEATURE_BINARY_FRAMES
+                    | proto::FEATURE_COMPACT_FRAMES
+                    | proto::FEATURE_COMPACT_RECORDS
+            }
         };
         let hello = proto::encode(&Hello {
             version: proto::PROTO_VERSION,

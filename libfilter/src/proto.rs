@@ -33,7 +33,8 @@ use crate::model::{
 /// The protocol version this library speaks.
 pub const PROTO_VERSION: u32 = 1;
 /// Feature bits this library understands.
-pub const FEATURES: u64 = FEATURE_LOCK_HINTS | FEATURE_BINARY_FRAMES | FEATURE_COMPACT_FRAMES;
+pub const FEATURES: u64 =
+    FEATURE_LOCK_HINTS | FEATURE_BINARY_FRAMES | FEATURE_COMPACT_FRAMES | FEATURE_COMPACT_RECORDS;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -77,6 +78,25 @@ pub const FEATURE_BINARY_FRAMES: u64 = 2;
 /// a value the model refuses (an empty access, a bad path) is a
 /// [`ErrorCode::BadFrame`] [`WireError`].
 pub const FEATURE_COMPACT_FRAMES: u64 = 4;
+/// Feature: compact frames also for an open, replay open or close that
+/// carries records to write (issue 16: nfsshim's OPEN writes its open
+/// state and slot reply in the open's commit, its CLOSE the slot reply,
+/// and the MessagePack decode of those frames was filterd's largest extra
+/// cost per nfsl/1 pair). On top of [`FEATURE_COMPACT_FRAMES`] (granted
+/// with both it and [`FEATURE_BINARY_FRAMES`]; alone it changes nothing).
+/// A writer uses these kinds only once granted (an older daemon reads
+/// them as unknown kinds); the daemon reads them on any connection.
+/// Layout (`rec`: `scope op_id:varint reply:str keep:varint`; `scope`: 0
+/// then the handle's resume key `uuid`, or 1 then the session scope's
+/// name `str`; `n`, `m`: varint counts, at least 1 record or deletion):
+///
+/// ```text
+/// open / replay open with records  c1 06|07, then the open's layout as
+///                                  above, then n:varint rec × n
+/// close with records               c1 08 id:varint key:uuid n:varint
+///                                  rec × n m:varint (scope op_id) × m
+/// ```
+pub const FEATURE_COMPACT_RECORDS: u64 = 8;
 /// Feature: lock hints. The daemon tells the frontend which files of its
 /// handles have byte-range locks ([`Event::LocksPresent`], acknowledged with
 /// [`Request::LockHintAck`] before the lock that caused it is granted, and
@@ -1036,12 +1056,18 @@ pub enum Encoding {
     /// Binary frames, with the hot frames compact: see
     /// [`FEATURE_COMPACT_FRAMES`].
     Compact,
+    /// As [`Encoding::Compact`], and the hot frames that carry records
+    /// compact too: see [`FEATURE_COMPACT_RECORDS`].
+    CompactRecords,
 }
 
 impl Encoding {
     /// The encoding that granted feature bits `features` select.
     pub fn from_features(features: u64) -> Self {
-        if features & FEATURE_BINARY_FRAMES != 0 && features & FEATURE_COMPACT_FRAMES != 0 {
+        let compact = FEATURE_BINARY_FRAMES | FEATURE_COMPACT_FRAMES;
+        if features & (compact | FEATURE_COMPACT_RECORDS) == compact | FEATURE_COMPACT_RECORDS {
+            Encoding::CompactRecords
+        } else if features & compact == compact {
             Encoding::Compact
         } else if features & FEATURE_BINARY_FRAMES != 0 {
             Encoding::Binary
@@ -1094,10 +1120,12 @@ pub fn encode_request(encoding: Encoding, frame: &RequestFrame) -> Result<Vec<u8
     match encoding {
         Encoding::Json => encode(frame),
         Encoding::Binary => checked_size(bin_encode(&(frame.id, &frame.req))?),
-        Encoding::Compact => match compact::encode_request(frame) {
-            Some(bytes) => checked_size(bytes),
-            None => encode_request(Encoding::Binary, frame),
-        },
+        Encoding::Compact | Encoding::CompactRecords => {
+            match compact::encode_request(frame, encoding == Encoding::CompactRecords) {
+                Some(bytes) => checked_size(bytes),
+                None => encode_request(Encoding::Binary, frame),
+            }
+        }
     }
 }
 
@@ -1111,7 +1139,7 @@ pub fn encode_server(encoding: Encoding, frame: &ServerFrame) -> Result<Vec<u8>,
             ServerFrame::Reply { id, result } => bin_encode(&(BIN_REPLY, id, result))?,
             ServerFrame::Event(ev) => bin_encode(&(BIN_EVENT, ev))?,
         }),
-        Encoding::Compact => match compact::encode_server(frame) {
+        Encoding::Compact | Encoding::CompactRecords => match compact::encode_server(frame) {
             Some(bytes) => checked_size(bytes),
             None => encode_server(Encoding::Binary, frame),
         },
@@ -1388,7 +1416,7 @@ impl<'de> Deserialize<'de> for BinServerFrame {
 mod compact {
     use super::*;
     use crate::lease::{LeaseKey, LeaseState};
-    use crate::model::Rights;
+    use crate::model::{Rights, ScopeName};
     use uuid::Uuid;
 
     /// The first byte of a compact frame: MessagePack's never-used
@@ -1399,6 +1427,9 @@ mod compact {
     const CLOSE: u8 = 3;
     const OPENED: u8 = 4;
     const DONE: u8 = 5;
+    const OPEN_RECORDS: u8 = 6;
+    const REPLAY_OPEN_RECORDS: u8 = 7;
+    const CLOSE_RECORDS: u8 = 8;
 
     // `OpenRequest` flags.
     const F_CREATE_GUID: u8 = 1;
@@ -1504,26 +1535,82 @@ mod compact {
         }
     }
 
+    fn scope(out: &mut Vec<u8>, s: &ReplayScope) {
+        match s {
+            ReplayScope::Handle(k) => {
+                out.push(0);
+                out.extend_from_slice(k.0.as_bytes());
+            }
+            ReplayScope::Session(name) => {
+                out.push(1);
+                text(out, name.as_str());
+            }
+        }
+    }
+
+    fn records(out: &mut Vec<u8>, put: &[RecordSpec]) {
+        varint(out, put.len() as u64);
+        for r in put {
+            scope(out, &r.scope);
+            varint(out, r.op_id);
+            text(out, &r.reply);
+            varint(out, u64::from(r.keep));
+        }
+    }
+
+    /// Room for `put`'s records beyond [`START`].
+    fn records_len(put: &[RecordSpec]) -> usize {
+        put.iter()
+            .map(|r| {
+                let name = match &r.scope {
+                    ReplayScope::Handle(_) => 16,
+                    ReplayScope::Session(s) => s.as_str().len(),
+                };
+                name + r.reply.len() + 32
+            })
+            .sum()
+    }
+
     /// The compact form of a request, or None for one it does not cover
     /// (every request but an open, a replay open or a close; an open or
-    /// close that carries records to write).
-    pub fn encode_request(frame: &RequestFrame) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(START);
+    /// close that carries records to write unless `with_records`, see
+    /// [`FEATURE_COMPACT_RECORDS`]).
+    pub fn encode_request(frame: &RequestFrame, with_records: bool) -> Option<Vec<u8>> {
+        let mut out;
         match &frame.req {
-            Request::Open(o) | Request::ReplayOpen(o) if o.put.is_empty() => {
-                let kind = if matches!(frame.req, Request::Open(_)) {
-                    OPEN
-                } else {
-                    REPLAY_OPEN
+            Request::Open(o) | Request::ReplayOpen(o) if o.put.is_empty() || with_records => {
+                let open_kind = matches!(frame.req, Request::Open(_));
+                let kind = match (open_kind, o.put.is_empty()) {
+                    (true, true) => OPEN,
+                    (false, true) => REPLAY_OPEN,
+                    (true, false) => OPEN_RECORDS,
+                    (false, false) => REPLAY_OPEN_RECORDS,
                 };
+                out = Vec::with_capacity(START + records_len(&o.put));
                 out.extend_from_slice(&[MARK, kind]);
                 varint(&mut out, frame.id);
                 open(&mut out, o);
+                if !o.put.is_empty() {
+                    records(&mut out, &o.put);
+                }
             }
             Request::Close { key, put, delete } if put.is_empty() && delete.is_empty() => {
+                out = Vec::with_capacity(START);
                 out.extend_from_slice(&[MARK, CLOSE]);
                 varint(&mut out, frame.id);
                 out.extend_from_slice(key.0.as_bytes());
+            }
+            Request::Close { key, put, delete } if with_records => {
+                out = Vec::with_capacity(START + records_len(put) + 32 * delete.len());
+                out.extend_from_slice(&[MARK, CLOSE_RECORDS]);
+                varint(&mut out, frame.id);
+                out.extend_from_slice(key.0.as_bytes());
+                records(&mut out, put);
+                varint(&mut out, delete.len() as u64);
+                for (s, op) in delete {
+                    scope(&mut out, s);
+                    varint(&mut out, *op);
+                }
             }
             _ => return None,
         }
@@ -1754,6 +1841,40 @@ mod compact {
                 locked: flags & O_LOCKED != 0,
             })
         }
+        /// A count of items that each take at least `min` bytes, bounded
+        /// by the bytes left (so a count cannot make a large allocation).
+        fn count(&mut self, what: &str, min: usize) -> R<usize> {
+            let n = self.varint(what)?;
+            usize::try_from(n)
+                .ok()
+                .filter(|n| n.saturating_mul(min) <= self.rest.len())
+                .ok_or_else(|| format!("{what} {n} exceeds the frame"))
+        }
+        fn scope(&mut self) -> R<ReplayScope> {
+            match self.byte("scope")? {
+                0 => Ok(ReplayScope::Handle(ResumeKey(self.uuid("scope key")?))),
+                1 => ScopeName::new(self.text("scope name")?)
+                    .map(ReplayScope::Session)
+                    .map_err(|e| format!("scope name: {e}")),
+                b => Err(format!("bad scope kind {b}")),
+            }
+        }
+        /// A count, then that many records.
+        fn records(&mut self) -> R<Vec<RecordSpec>> {
+            // A record takes at least 5 bytes (scope kind, an empty name,
+            // op id, reply length, keep).
+            let n = self.count("records", 5)?;
+            let mut put = Vec::with_capacity(n);
+            for _ in 0..n {
+                put.push(RecordSpec {
+                    scope: self.scope()?,
+                    op_id: self.varint("op id")?,
+                    reply: self.text("reply")?.to_owned(),
+                    keep: self.u32("keep")?,
+                });
+            }
+            Ok(put)
+        }
         fn end(&self) -> R<()> {
             if self.rest.is_empty() {
                 Ok(())
@@ -1779,11 +1900,39 @@ mod compact {
             let req = match kind {
                 OPEN => Request::Open(r.open()?),
                 REPLAY_OPEN => Request::ReplayOpen(r.open()?),
+                OPEN_RECORDS | REPLAY_OPEN_RECORDS => {
+                    let mut o = r.open()?;
+                    o.put = r.records()?;
+                    // One form per frame: an open without records is
+                    // written as OPEN or REPLAY_OPEN.
+                    if o.put.is_empty() {
+                        return Err("no records in a frame kind with records".into());
+                    }
+                    if kind == OPEN_RECORDS {
+                        Request::Open(o)
+                    } else {
+                        Request::ReplayOpen(o)
+                    }
+                }
                 CLOSE => Request::Close {
                     key: ResumeKey(r.uuid("resume key")?),
                     put: Vec::new(),
                     delete: Vec::new(),
                 },
+                CLOSE_RECORDS => {
+                    let key = ResumeKey(r.uuid("resume key")?);
+                    let put = r.records()?;
+                    // A deletion takes at least 3 bytes (kind, empty name, op id).
+                    let m = r.count("deletions", 3)?;
+                    if put.is_empty() && m == 0 {
+                        return Err("no records in a frame kind with records".into());
+                    }
+                    let mut delete = Vec::with_capacity(m);
+                    for _ in 0..m {
+                        delete.push((r.scope()?, r.varint("op id")?));
+                    }
+                    Request::Close { key, put, delete }
+                }
                 k => return Err(format!("unknown compact request kind {k}")),
             };
             r.end()?;
@@ -2445,10 +2594,22 @@ mod binary_tests {
         #[test]
         fn requests_roundtrip_in_both_encodings(id in any::<u64>(), req in request()) {
             let frame = RequestFrame { id, req };
-            for enc in [Encoding::Binary, Encoding::Json, Encoding::Compact] {
+            for enc in [Encoding::Binary, Encoding::Json, Encoding::Compact, Encoding::CompactRecords] {
                 let bytes = encode_request(enc, &frame).expect("encodes");
-                prop_assert_eq!(is_binary(&bytes), enc == Encoding::Binary || (enc == Encoding::Compact && !compact_request(&frame)));
+                prop_assert_eq!(
+                    is_binary(&bytes),
+                    enc == Encoding::Binary
+                        || (enc == Encoding::Compact && !compact_request(&frame))
+                        || (enc == Encoding::CompactRecords && !hot_request(&frame))
+                );
                 prop_assert_eq!(decode_request(&bytes).expect("decodes"), frame.clone());
+            }
+            // With records compact too, every hot request is compact, and
+            // one without records is written as before, byte for byte.
+            let r = encode_request(Encoding::CompactRecords, &frame).expect("encodes");
+            prop_assert_eq!(r.first() == Some(&compact::MARK), hot_request(&frame));
+            if compact_request(&frame) || !hot_request(&frame) {
+                prop_assert_eq!(&r, &encode_request(Encoding::Compact, &frame).expect("encodes"));
             }
             // The compact layout takes exactly the hot requests; what it
             // leaves is written as binary v1, byte for byte.
@@ -2555,8 +2716,8 @@ mod binary_tests {
             ];
             prop_assert_eq!(decode_server(&frames[0]).expect("decodes"), reply);
             prop_assert_eq!(decode_server(&frames[1]).expect("decodes"), done);
-            if compact_request(&frame) {
-                let bytes = encode_request(Encoding::Compact, &frame).expect("encodes");
+            if hot_request(&frame) {
+                let bytes = encode_request(Encoding::CompactRecords, &frame).expect("encodes");
                 prop_assert_eq!(decode_request(&bytes).expect("decodes"), frame.clone());
                 let short = &bytes[..cut.index(bytes.len())];
                 let (_, e) = decode_request(short).expect_err("a truncated frame is refused");
@@ -2577,7 +2738,7 @@ mod binary_tests {
                 match decode_request(&flipped) {
                     Err((_, e)) => prop_assert_eq!(e.code, ErrorCode::BadFrame),
                     Ok(f) => {
-                        let again = encode_request(Encoding::Compact, &f).expect("encodes");
+                        let again = encode_request(Encoding::CompactRecords, &f).expect("encodes");
                         prop_assert_eq!(decode_request(&again).expect("decodes"), f);
                     }
                 }
@@ -2730,6 +2891,88 @@ mod binary_tests {
     /// A JSON frame is still read on any connection, and the binary one is
     /// smaller.
     /// Whether the compact layout covers a request.
+    /// Whether `f` is an open, replay open or close, compact with
+    /// [`FEATURE_COMPACT_RECORDS`] whatever records it carries.
+    fn hot_request(f: &RequestFrame) -> bool {
+        matches!(
+            f.req,
+            Request::Open(_) | Request::ReplayOpen(_) | Request::Close { .. }
+        )
+    }
+
+    /// The compact kinds with records ([`FEATURE_COMPACT_RECORDS`]): one
+    /// hand-made frame of each decodes to what it says; a count of none,
+    /// a count past the frame, a bad scope kind, a bad scope name or a
+    /// truncated record is a `BadFrame` with the id.
+    #[test]
+    fn compact_frames_with_records() {
+        let m = compact::MARK;
+        // An open (kind 6), id 7, access R, client "c", path "f".
+        let open = [m, 6, 7, 0, 1, 0, 0, 0, 1, b'c', 1, b'f'];
+        // A session record: scope "s", op 3, reply "{}", keep 9.
+        let rec = [1, 1, b's', 3, 2, b'{', b'}', 9];
+        let frame = [&open[..], &[1], &rec].concat();
+        let Ok(RequestFrame {
+            id: 7,
+            req: Request::Open(o),
+        }) = decode_request(&frame)
+        else {
+            panic!("decodes");
+        };
+        assert_eq!(
+            o.put,
+            vec![RecordSpec {
+                scope: ReplayScope::Session(crate::model::ScopeName::new("s").expect("name")),
+                op_id: 3,
+                reply: "{}".into(),
+                keep: 9,
+            }]
+        );
+        // A close (kind 8), key 0…, no records, one deletion of handle
+        // scope 0… op 5.
+        let close = [&[m, 8, 7][..], &[0; 16], &[0, 1, 0], &[0; 16], &[5]].concat();
+        let Ok(RequestFrame {
+            req: Request::Close { put, delete, .. },
+            ..
+        }) = decode_request(&close)
+        else {
+            panic!("decodes");
+        };
+        assert!(put.is_empty());
+        assert_eq!(
+            delete,
+            vec![(ReplayScope::Handle(ResumeKey(uuid::Uuid::nil())), 5)]
+        );
+        let cases: Vec<Vec<u8>> = vec![
+            [&open[..], &[0]].concat(),
+            [&open[..], &[0xff, 0xff, 0x03], &rec].concat(),
+            [&open[..], &[1, 2], &rec[1..]].concat(),
+            [&open[..], &[1, 1, 0], &rec[2..]].concat(),
+            [&open[..], &[1], &rec[..rec.len() - 1]].concat(),
+            [&[m, 8, 7][..], &[0; 16], &[0, 0]].concat(),
+            [&[m, 8, 7][..], &[0; 16], &[0, 9]].concat(),
+        ];
+        for bytes in cases {
+            let (got, e) = decode_request(&bytes).expect_err("refused");
+            assert_eq!(e.code, ErrorCode::BadFrame, "{bytes:?}");
+            assert_eq!(got, Some(7), "{bytes:?}: {e}");
+        }
+        // Only a connection granted the feature writes them.
+        let f = RequestFrame {
+            id: 7,
+            req: Request::Open(o),
+        };
+        let plain = encode_request(Encoding::Compact, &f).expect("encodes");
+        assert!(is_binary(&plain));
+        let with = encode_request(Encoding::CompactRecords, &f).expect("encodes");
+        assert_eq!(with.get(..2), Some(&[m, 6][..]));
+        assert_eq!(Encoding::from_features(FEATURES), Encoding::CompactRecords);
+        assert_eq!(
+            Encoding::from_features(FEATURE_BINARY_FRAMES | FEATURE_COMPACT_RECORDS),
+            Encoding::Binary
+        );
+    }
+
     fn compact_request(f: &RequestFrame) -> bool {
         match &f.req {
             Request::Open(o) | Request::ReplayOpen(o) => o.put.is_empty(),
