@@ -287,8 +287,9 @@ pub struct MetaInfo {
     pub clean_shutdown: bool,
 }
 
-/// The LMDB environment and its typed tables.
-pub struct Store {
+/// The LMDB environment and its typed tables (replaced together: a table
+/// handle belongs to the environment that opened it).
+struct Tables {
     env: Env,
     meta: Database<Str, Bytes>,
     handles: Database<ResumeKeyCodec, Versioned<HandleRecord>>,
@@ -299,10 +300,16 @@ pub struct Store {
     /// Protocol client records.
     #[allow(dead_code)]
     clients: Database<Bytes, Bytes>,
-    /// Held shared by every method while its transaction is open, and
-    /// exclusively to grow the map (LMDB allows that only with no
-    /// transaction open in the process).
-    gate: std::sync::RwLock<()>,
+}
+
+/// The LMDB environment and its typed tables.
+pub struct Store {
+    /// The tables, behind the transaction gate: held shared by every
+    /// method while its transaction is open, and exclusively to grow the
+    /// map (LMDB allows that only with no transaction open in the process)
+    /// or to reopen the environment after LMDB declared it broken
+    /// ([`Store::reopen_if_broken`]; `None` only if that reopen failed).
+    gate: std::sync::RwLock<Option<Tables>>,
     /// The map grows (doubling) up to this many bytes when it fills.
     max_map: std::sync::atomic::AtomicUsize,
     /// The epoch this handle claimed ([`Store::begin_epoch`]); every later
@@ -494,7 +501,19 @@ impl Store {
             .map_err(|_| StoreError::InUse {
                 path: db_dir.display().to_string(),
             })?;
-        let env = crate::sys::open_lmdb(&db_dir, 8, map_size, EnvFlags::empty())
+        let tables = Self::open_tables(&db_dir, map_size)?;
+        Ok(Store {
+            gate: std::sync::RwLock::new(Some(tables)),
+            max_map: std::sync::atomic::AtomicUsize::new(0),
+            fence: std::sync::atomic::AtomicU64::new(0),
+            _writer: Some(writer),
+        })
+    }
+
+    /// Opens the environment in `db_dir` for writing and its tables,
+    /// creating or migrating them as needed.
+    fn open_tables(db_dir: &Path, map_size: usize) -> Result<Tables, StoreError> {
+        let env = crate::sys::open_lmdb(db_dir, 8, map_size, EnvFlags::empty())
             .map_err(StoreError::from_heed)?;
         let mut txn = env.write_txn()?;
         let meta: Database<Str, Bytes> = env.create_database(&mut txn, Some("meta"))?;
@@ -508,20 +527,58 @@ impl Store {
             }
             Some(_) => {}
         }
-        let store = Store {
+        let tables = Tables {
             meta,
             handles: env.create_database(&mut txn, Some("handles"))?,
             replay: env.create_database(&mut txn, Some("replay"))?,
             intents: env.create_database(&mut txn, Some("intents"))?,
             clients: env.create_database(&mut txn, Some("clients"))?,
             env: env.clone(),
-            gate: std::sync::RwLock::new(()),
-            max_map: std::sync::atomic::AtomicUsize::new(0),
-            fence: std::sync::atomic::AtomicU64::new(0),
-            _writer: Some(writer),
         };
         txn.commit().map_err(StoreError::from_heed)?;
-        Ok(store)
+        Ok(tables)
+    }
+
+    /// After a failed commit: if LMDB now refuses the environment for good
+    /// (`MDB_PANIC`: its meta page write failed, and it marks the
+    /// environment broken rather than trust what the page cache holds),
+    /// closes it and opens it again, which reads back what is on disk — the
+    /// state before the failed commit, which it wrote back over its meta
+    /// page. Without this every later transaction, the rollback's reads of
+    /// what the failed commit replaced included, fails until a restart.
+    fn reopen_if_broken(&self) {
+        let mut gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let broken = match gate.as_ref() {
+            Some(t) => matches!(
+                t.env.read_txn(),
+                Err(heed::Error::Mdb(heed::MdbError::Panic))
+            ),
+            None => true,
+        };
+        if !broken || self._writer.is_none() {
+            return;
+        }
+        let Some(old) = gate.take() else {
+            return;
+        };
+        let path = old.env.path().to_path_buf();
+        let map_size = old.env.info().map_size;
+        // The tables hold the only handle of the environment (no
+        // transaction is open: the gate is held exclusively), so dropping
+        // them closes it.
+        let closing = old.env.clone().prepare_for_closing();
+        drop(old);
+        if !closing.wait_timeout(std::time::Duration::from_secs(5)) {
+            tracing::error!("the broken state store environment did not close; not reopened");
+            return;
+        }
+        match Self::open_tables(&path, map_size) {
+            Ok(t) => {
+                tracing::warn!("the state store was reopened after LMDB declared it broken (a meta page write failed)");
+                *gate = Some(t);
+            }
+            Err(e) => tracing::error!(error = %e, "the state store could not be reopened"),
+        }
     }
 
     /// Opens the store in `dir` read-only (filterctl post-mortem).
@@ -540,7 +597,7 @@ impl Store {
         if found > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew { found });
         }
-        let store = Store {
+        let tables = Tables {
             meta,
             handles: env
                 .open_database(&txn, Some("handles"))?
@@ -555,28 +612,30 @@ impl Store {
                 .open_database(&txn, Some("clients"))?
                 .ok_or(StoreError::Missing("clients"))?,
             env: env.clone(),
-            gate: std::sync::RwLock::new(()),
+        };
+        txn.commit()?;
+        Ok(Store {
+            gate: std::sync::RwLock::new(Some(tables)),
             max_map: std::sync::atomic::AtomicUsize::new(0),
             fence: std::sync::atomic::AtomicU64::new(0),
             _writer: None,
-        };
-        txn.commit()?;
-        Ok(store)
+        })
     }
 
     /// Starts a daemon epoch: increments the epoch and clears the clean flag,
     /// durably. Returns the new epoch and whether the last run stopped cleanly.
     pub fn begin_epoch(&self) -> Result<(u64, bool), StoreError> {
-        let _gate = self.gate();
-        let mut txn = self.env.write_txn()?;
-        let epoch = read_u64(self.meta.get(&txn, META_EPOCH)?) + 1;
-        let was_clean = self
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let mut txn = t.env.write_txn()?;
+        let epoch = read_u64(t.meta.get(&txn, META_EPOCH)?) + 1;
+        let was_clean = t
             .meta
             .get(&txn, META_CLEAN)?
             .map(|b| b == [1])
             .unwrap_or(true);
-        self.meta.put(&mut txn, META_EPOCH, &epoch.to_le_bytes())?;
-        self.meta.put(&mut txn, META_CLEAN, &[0])?;
+        t.meta.put(&mut txn, META_EPOCH, &epoch.to_le_bytes())?;
+        t.meta.put(&mut txn, META_CLEAN, &[0])?;
         txn.commit().map_err(StoreError::from_heed)?;
         self.fence
             .store(epoch, std::sync::atomic::Ordering::Release);
@@ -585,20 +644,22 @@ impl Store {
 
     /// Records a clean shutdown.
     pub fn mark_clean_shutdown(&self) -> Result<(), StoreError> {
-        let _gate = self.gate();
-        let mut txn = self.env.write_txn()?;
-        self.meta.put(&mut txn, META_CLEAN, &[1])?;
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let mut txn = t.env.write_txn()?;
+        t.meta.put(&mut txn, META_CLEAN, &[1])?;
         txn.commit().map_err(StoreError::from_heed)
     }
 
     /// Reads `meta`.
     pub fn meta(&self) -> Result<MetaInfo, StoreError> {
-        let _gate = self.gate();
-        let txn = self.env.read_txn()?;
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let txn = t.env.read_txn()?;
         Ok(MetaInfo {
-            schema_version: read_u32(self.meta.get(&txn, META_SCHEMA)?).unwrap_or(0),
-            epoch: read_u64(self.meta.get(&txn, META_EPOCH)?),
-            clean_shutdown: self
+            schema_version: read_u32(t.meta.get(&txn, META_SCHEMA)?).unwrap_or(0),
+            epoch: read_u64(t.meta.get(&txn, META_EPOCH)?),
+            clean_shutdown: t
                 .meta
                 .get(&txn, META_CLEAN)?
                 .map(|b| b == [1])
@@ -616,17 +677,21 @@ impl Store {
     /// Conditional on this handle's claim ([`Store::begin_epoch`]) still
     /// standing. Returns the transaction's id (ascending).
     pub fn apply_all(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
-        let r = {
-            let _gate = self.gate();
-            self.apply_ops(batches).map_err(|e| self.explain(e))
-        };
-        match r {
-            Err(StoreError::MapFull) if self.grow_map()? => {
-                let _gate = self.gate();
-                self.apply_ops(batches).map_err(|e| self.explain(e))
-            }
+        let r = self.apply_gated(batches);
+        let r = match r {
+            Err(StoreError::MapFull) if self.grow_map()? => self.apply_gated(batches),
             r => r,
+        };
+        if r.is_err() {
+            self.reopen_if_broken();
         }
+        r
+    }
+
+    fn apply_gated(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        self.apply_ops(t, batches).map_err(|e| Self::explain(t, e))
     }
 
     /// Lets the map grow, doubling, up to `max_bytes` when it fills (0: it
@@ -638,10 +703,10 @@ impl Store {
 
     /// The current map size.
     pub fn map_size(&self) -> usize {
-        self.env.info().map_size
+        self.gate().as_ref().map_or(0, |t| t.env.info().map_size)
     }
 
-    fn gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+    fn gate(&self) -> std::sync::RwLockReadGuard<'_, Option<Tables>> {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -655,14 +720,17 @@ impl Store {
         let next = now.saturating_mul(2).min(max);
         // No transaction of this store is open while the write guard is held.
         let guard = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        crate::sys::resize_lmdb(&self.env, next, &guard)?;
+        let Some(t) = guard.as_ref() else {
+            return Ok(false);
+        };
+        crate::sys::resize_lmdb(&t.env, next, &guard)?;
         tracing::info!(from = now, to = next, "state store map grown");
         Ok(true)
     }
 
     /// LMDB reports a short write on a full filesystem as EIO: when the
     /// state dir has (next to) no room left, that is a full disk.
-    fn explain(&self, e: StoreError) -> StoreError {
+    fn explain(t: &Tables, e: StoreError) -> StoreError {
         let eio = match &e {
             StoreError::Lmdb(heed::Error::Io(io)) => io.raw_os_error() == Some(libc::EIO),
             StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::Other(c))) => *c == libc::EIO,
@@ -671,7 +739,7 @@ impl Store {
         if !eio {
             return e;
         }
-        match nix::sys::statvfs::statvfs(self.env.path()) {
+        match nix::sys::statvfs::statvfs(t.env.path()) {
             Ok(v) if v.blocks_available().saturating_mul(v.fragment_size()) < 1 << 20 => {
                 StoreError::Full
             }
@@ -679,12 +747,12 @@ impl Store {
         }
     }
 
-    fn apply_ops(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
-        let mut txn = self.env.write_txn().map_err(StoreError::from_heed)?;
+    fn apply_ops(&self, t: &Tables, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+        let mut txn = t.env.write_txn().map_err(StoreError::from_heed)?;
         let mine = self.fence.load(std::sync::atomic::Ordering::Acquire);
         if mine != 0 {
             let now = read_u64(
-                self.meta
+                t.meta
                     .get(&txn, META_EPOCH)
                     .map_err(StoreError::from_heed)?,
             );
@@ -696,13 +764,13 @@ impl Store {
         for op in batches.iter().flat_map(|b| b.iter()) {
             match op {
                 StoreOp::PutHandle(rec) => {
-                    self.handles
+                    t.handles
                         .put(&mut txn, &rec.key, rec)
                         .map_err(StoreError::from_heed)?;
                 }
                 StoreOp::DeleteHandle(rec) => {
-                    self.delete_scope(&mut txn, &ReplayScope::Handle(rec.key))?;
-                    self.handles.delete(&mut txn, &rec.key)?;
+                    Self::delete_scope(t, &mut txn, &ReplayScope::Handle(rec.key))?;
+                    t.handles.delete(&mut txn, &rec.key)?;
                 }
                 StoreOp::PutReplay {
                     scope,
@@ -710,22 +778,22 @@ impl Store {
                     record,
                     keep,
                 } => {
-                    self.replay
+                    t.replay
                         .put(&mut txn, &replay_key(scope, *op_id), record)
                         .map_err(StoreError::from_heed)?;
-                    self.trim_scope(&mut txn, scope, *keep)?;
+                    Self::trim_scope(t, &mut txn, scope, *keep)?;
                 }
-                StoreOp::DeleteReplayScope(scope) => self.delete_scope(&mut txn, scope)?,
+                StoreOp::DeleteReplayScope(scope) => Self::delete_scope(t, &mut txn, scope)?,
                 StoreOp::DeleteReplay { scope, op_id } => {
-                    self.replay.delete(&mut txn, &replay_key(scope, *op_id))?;
+                    t.replay.delete(&mut txn, &replay_key(scope, *op_id))?;
                 }
                 StoreOp::PutIntent(intent) => {
-                    self.intents
+                    t.intents
                         .put(&mut txn, intent.id.0.as_bytes(), intent)
                         .map_err(StoreError::from_heed)?;
                 }
                 StoreOp::DeleteIntent(id) => {
-                    self.intents.delete(&mut txn, id.0.as_bytes())?;
+                    t.intents.delete(&mut txn, id.0.as_bytes())?;
                 }
             }
         }
@@ -737,21 +805,22 @@ impl Store {
     /// would: for tests of fencing.
     #[doc(hidden)]
     pub fn claim_behind_our_back(&self) -> Result<u64, StoreError> {
-        let _gate = self.gate();
-        let mut txn = self.env.write_txn()?;
-        let epoch = read_u64(self.meta.get(&txn, META_EPOCH)?) + 1;
-        self.meta.put(&mut txn, META_EPOCH, &epoch.to_le_bytes())?;
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let mut txn = t.env.write_txn()?;
+        let epoch = read_u64(t.meta.get(&txn, META_EPOCH)?) + 1;
+        t.meta.put(&mut txn, META_EPOCH, &epoch.to_le_bytes())?;
         txn.commit().map_err(StoreError::from_heed)?;
         Ok(epoch)
     }
 
     fn scope_keys(
-        &self,
+        t: &Tables,
         txn: &heed::RwTxn<'_>,
         scope: &ReplayScope,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         let prefix = replay_prefix(scope);
-        let raw = self.replay.remap_data_type::<Bytes>();
+        let raw = t.replay.remap_data_type::<Bytes>();
         let mut keys = Vec::new();
         for item in raw.prefix_iter(txn, &prefix)? {
             keys.push(item?.0.to_vec());
@@ -760,29 +829,29 @@ impl Store {
     }
 
     fn delete_scope(
-        &self,
+        t: &Tables,
         txn: &mut heed::RwTxn<'_>,
         scope: &ReplayScope,
     ) -> Result<(), StoreError> {
-        for k in self.scope_keys(txn, scope)? {
-            self.replay.delete(txn, &k)?;
+        for k in Self::scope_keys(t, txn, scope)? {
+            t.replay.delete(txn, &k)?;
         }
         Ok(())
     }
 
     /// Keeps the newest `keep` records of a scope (keys sort by op id).
     fn trim_scope(
-        &self,
+        t: &Tables,
         txn: &mut heed::RwTxn<'_>,
         scope: &ReplayScope,
         keep: u32,
     ) -> Result<(), StoreError> {
-        let keys = self.scope_keys(txn, scope)?;
+        let keys = Self::scope_keys(t, txn, scope)?;
         let excess = keys
             .len()
             .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
         for k in keys.into_iter().take(excess) {
-            self.replay.delete(txn, &k)?;
+            t.replay.delete(txn, &k)?;
         }
         Ok(())
     }
@@ -793,9 +862,10 @@ impl Store {
         scope: &ReplayScope,
         op_id: u64,
     ) -> Result<Option<ReplayRecord>, StoreError> {
-        let _gate = self.gate();
-        let txn = self.env.read_txn()?;
-        let raw = self.replay.remap_data_type::<Bytes>();
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let txn = t.env.read_txn()?;
+        let raw = t.replay.remap_data_type::<Bytes>();
         match raw.get(&txn, &replay_key(scope, op_id))? {
             None => Ok(None),
             Some(v) => decode_record(v).map(Some).map_err(corrupt("replay")),
@@ -804,9 +874,10 @@ impl Store {
 
     /// Every replay record (loaded into daemon memory at start).
     pub fn replays(&self) -> Result<Vec<RawReplay>, StoreError> {
-        let _gate = self.gate();
-        let txn = self.env.read_txn()?;
-        let raw = self.replay.remap_data_type::<Bytes>();
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let txn = t.env.read_txn()?;
+        let raw = t.replay.remap_data_type::<Bytes>();
         let mut out = Vec::new();
         for item in raw.iter(&txn)? {
             let (k, v) = item?;
@@ -818,9 +889,10 @@ impl Store {
 
     /// The replay records of one scope, by op id (what is durable of it).
     pub fn replays_in(&self, scope: &ReplayScope) -> Result<Vec<(u64, ReplayRecord)>, StoreError> {
-        let _gate = self.gate();
-        let txn = self.env.read_txn()?;
-        let raw = self.replay.remap_types::<Bytes, Bytes>();
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let txn = t.env.read_txn()?;
+        let raw = t.replay.remap_types::<Bytes, Bytes>();
         let mut out = Vec::new();
         for item in raw.prefix_iter(&txn, &replay_prefix(scope))? {
             let (k, v) = item?;
@@ -835,9 +907,10 @@ impl Store {
 
     /// Every intent still in the table (dangling after a crash).
     pub fn intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
-        let _gate = self.gate();
-        let txn = self.env.read_txn()?;
-        let raw = self.intents.remap_data_type::<Bytes>();
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let txn = t.env.read_txn()?;
+        let raw = t.intents.remap_data_type::<Bytes>();
         let mut out = Vec::new();
         for item in raw.iter(&txn)? {
             let (_, v) = item?;
@@ -849,14 +922,15 @@ impl Store {
     /// Every handle record; a record that does not decode is reported as an
     /// error in its place (with its key when the key decodes), not skipped.
     pub fn handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
-        let _gate = self.gate();
-        let txn = self.env.read_txn()?;
-        let raw = self.handles.remap_types::<Bytes, Bytes>();
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let txn = t.env.read_txn()?;
+        let raw = t.handles.remap_types::<Bytes, Bytes>();
         // Sized once from the tree's own count (no per-record regrowth, each
         // of which copied every record read so far).
         let count = raw.stat(&txn).map_or(0, |s| s.entries);
         drop(txn);
-        drop(_gate);
+        drop(gate);
         let mut out = Vec::with_capacity(count);
         self.for_each_handle(&mut |rec| out.push(rec))?;
         Ok(out)
@@ -870,9 +944,10 @@ impl Store {
         &self,
         each: &mut dyn FnMut(Result<HandleRecord, StoreError>),
     ) -> Result<(), StoreError> {
-        let _gate = self.gate();
-        let txn = self.env.read_txn()?;
-        let raw = self.handles.remap_types::<Bytes, Bytes>();
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let txn = t.env.read_txn()?;
+        let raw = t.handles.remap_types::<Bytes, Bytes>();
         let mut names = SharedNames::default();
         for item in raw.iter(&txn)? {
             let (k, v) = item?;
@@ -891,8 +966,11 @@ impl Store {
     /// in the page cache and are mapped again when read. Best effort.
     pub fn release_mapped_pages(&self) {
         // The gate keeps a resize from replacing the map meanwhile.
-        let _gate = self.gate();
-        let data = self.env.path().join("data.mdb");
+        let gate = self.gate();
+        let Ok(t) = tables(&gate) else {
+            return;
+        };
+        let data = t.env.path().join("data.mdb");
         if let Err(e) = crate::sys::release_file_pages(&data) {
             tracing::debug!(error = %e, "LMDB map pages not released");
         }
@@ -900,9 +978,10 @@ impl Store {
 
     /// One handle record.
     pub fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
-        let _gate = self.gate();
-        let txn = self.env.read_txn()?;
-        let raw = self.handles.remap_types::<ResumeKeyCodec, Bytes>();
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let txn = t.env.read_txn()?;
+        let raw = t.handles.remap_types::<ResumeKeyCodec, Bytes>();
         match raw.get(&txn, &key)? {
             None => Ok(None),
             Some(v) => decode_record(v).map(Some).map_err(corrupt("handles")),
@@ -910,12 +989,12 @@ impl Store {
     }
 
     /// A table by name, keys and values as raw bytes.
-    fn raw_table(&self, table: &str) -> Result<Database<Bytes, Bytes>, StoreError> {
+    fn raw_table(t: &Tables, table: &str) -> Result<Database<Bytes, Bytes>, StoreError> {
         Ok(match table {
-            "meta" => self.meta.remap_types(),
-            "handles" => self.handles.remap_types(),
-            "replay" => self.replay.remap_types(),
-            "intents" => self.intents.remap_types(),
+            "meta" => t.meta.remap_types(),
+            "handles" => t.handles.remap_types(),
+            "replay" => t.replay.remap_types(),
+            "intents" => t.intents.remap_types(),
             _ => return Err(StoreError::Missing("a table of that name")),
         })
     }
@@ -924,9 +1003,10 @@ impl Store {
     /// `intents`): for tests of corrupt, old-format and old-schema records.
     #[doc(hidden)]
     pub fn put_raw(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let _gate = self.gate();
-        let db = self.raw_table(table)?;
-        let mut txn = self.env.write_txn()?;
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let db = Self::raw_table(t, table)?;
+        let mut txn = t.env.write_txn()?;
         db.put(&mut txn, key, value)?;
         txn.commit().map_err(StoreError::from_heed)
     }
@@ -934,9 +1014,10 @@ impl Store {
     /// Every raw value of `table`, by key: for tests of the stored form.
     #[doc(hidden)]
     pub fn raw_values(&self, table: &str) -> Result<Vec<RawEntry>, StoreError> {
-        let _gate = self.gate();
-        let db = self.raw_table(table)?;
-        let txn = self.env.read_txn()?;
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let db = Self::raw_table(t, table)?;
+        let txn = t.env.read_txn()?;
         let mut out = Vec::new();
         for item in db.iter(&txn)? {
             let (k, v) = item?;
@@ -944,6 +1025,15 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The tables behind a held gate; an error if the environment is closed
+/// (its reopen after LMDB declared it broken failed).
+fn tables<'a>(
+    gate: &'a std::sync::RwLockReadGuard<'_, Option<Tables>>,
+) -> Result<&'a Tables, StoreError> {
+    gate.as_ref()
+        .ok_or(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::Panic)))
 }
 
 fn hex(b: &[u8]) -> String {

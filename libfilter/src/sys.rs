@@ -267,10 +267,10 @@ pub(crate) fn release_file_pages(path: &Path) -> io::Result<usize> {
 /// Sets an open environment's map size. `no_txns` is the exclusive guard
 /// of the lock that every transaction on `env` holds shared while it is
 /// open (the store's), proving none is open — LMDB's only condition.
-pub(crate) fn resize_lmdb(
+pub(crate) fn resize_lmdb<T>(
     env: &heed::Env,
     new_size: usize,
-    no_txns: &std::sync::RwLockWriteGuard<'_, ()>,
+    no_txns: &std::sync::RwLockWriteGuard<'_, T>,
 ) -> heed::Result<()> {
     let _ = no_txns;
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)

@@ -317,3 +317,75 @@ fn a_create_undone_after_a_local_rename_leaves_its_file_unmarked() {
     });
     assert!(g.exists(), "the renamed file stays");
 }
+
+/// The offset a failed, injected `pwrite64` line of strace's output names
+/// (its last argument), if the trace holds one.
+fn injected_pwrite_offset(trace: &std::path::Path) -> Option<u64> {
+    let text = std::fs::read_to_string(trace).ok()?;
+    let line = text.lines().find(|l| l.contains("INJECTED"))?;
+    let args = line.rsplit_once(") =")?.0;
+    args.rsplit(", ").next()?.trim().parse().ok()
+}
+
+/// F3: a commit whose meta-page write fails (EIO from the `pwrite` of
+/// LMDB's meta page: LMDB then marks the environment fatally broken and
+/// answers MDB_PANIC to every later transaction) is undone like any failed
+/// commit, and the daemon goes on committing: it reopens the environment,
+/// which reads back what is on disk. Old code refused every later
+/// persistent request ("MDB_PANIC") until it was restarted, and could not
+/// read back what its rollback needed.
+#[test]
+fn a_failed_meta_page_write_is_undone_and_later_commits_go_on() {
+    let s = Scratch::new("rb-meta-eio");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let kept = fe
+        .open(req("alice", "kept", Rights::ALL, PERSISTENT))
+        .expect("a persistent open before the failure")
+        .info
+        .key;
+    // The meta page is the first or second page of the file; data pages
+    // come after it. Fail the N-th pwrite64 of one commit, N = 1, 2, …,
+    // until the one that fails is the meta page's (a failed data page
+    // write is a plain failed commit, already covered above).
+    let trace = s.dir.join("strace-meta");
+    let mut hit = None;
+    for n in 1..=16 {
+        let st = Strace::attach(
+            d.pid(),
+            &trace,
+            &["pwrite64"],
+            &[&format!("pwrite64:error=EIO:when={n}")],
+        );
+        let name = format!("lost{n}");
+        let r = fe.open(req("alice", &name, Rights::ALL, PERSISTENT));
+        drop(st);
+        match injected_pwrite_offset(&trace) {
+            // The meta pages are the first two pages; a meta write starts
+            // inside one (past its header), a data page write at a page.
+            Some(off) if off < 2 * 4096 && off % 4096 != 0 && r.is_err() => {
+                hit = Some(name);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let lost = hit.expect("no injected EIO hit LMDB's meta page write");
+    assert!(
+        rkfilter_tests::handles_on(&s, &lost).is_empty(),
+        "the failed create is undone"
+    );
+    fe.open(req("alice", "after", Rights::ALL, PERSISTENT))
+        .expect("a persistent open after the failed meta write commits");
+    fe.close(kept)
+        .expect("a persistent close after the failed meta write commits");
+    d.kill9();
+    let _d = Filterd::start(&s, &[], &[]);
+    assert_eq!(
+        rkfilter_tests::handles_on(&s, "after").len(),
+        1,
+        "what was acknowledged after the failure is on disk"
+    );
+    assert!(rkfilter_tests::handles_on(&s, "kept").is_empty(), "closed");
+    assert!(rkfilter_tests::handles_on(&s, &lost).is_empty(), "undone");
+}
