@@ -59,6 +59,8 @@ pub use crate::command::Verdict;
 pub struct LocalCounters {
     /// Local opens allowed.
     pub allowed: AtomicU64,
+    /// Of `allowed`, those the reader allowed itself ([`Plain`]).
+    pub allowed_by_reader: AtomicU64,
     /// Local opens denied by a share mode.
     pub denied: AtomicU64,
     /// Local opens not decided in time: refused by the watchdog.
@@ -130,6 +132,118 @@ pub struct Mediated {
     /// allows an open of a file not in it cannot interleave with an add:
     /// the open it allows is then one the probe that follows sees.
     files: std::sync::RwLock<std::collections::HashSet<libfilter::model::FileId>>,
+    /// Files whose local opens the reader allows itself ([`Plain`]).
+    pub plain: Plain,
+}
+
+/// Takes the reader's [`Plain`] files back when dropped (the engine's
+/// loop ending, or unwinding from a panic).
+pub struct TakeBackOnDrop(pub Option<Arc<Mediated>>);
+
+impl Drop for TakeBackOnDrop {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.plain.take_back();
+        }
+    }
+}
+
+/// Most files the engine publishes as [`Plain`] at once.
+pub const MAX_PLAIN_FILES: usize = 64;
+
+/// Most local openers the reader records for the engine between two of
+/// its wake-ups; past it, local opens go to the engine as usual.
+pub const MAX_PLAIN_SEEN: usize = 256;
+
+/// Files whose every local open is allowed without a break, a purge or a
+/// wait, published by the engine: the reader allows such an open itself —
+/// no hop to the engine and back (issue 16) — and records its opener for
+/// the engine. See docs/ARCHITECTURE.md, "Local opens the reader decides",
+/// for why this decides every open exactly as the engine would:
+///
+/// - The engine publishes only right before it waits for work
+///   ([`Plain::publish`]), each file checked against its state then, and
+///   takes everything back first thing when it wakes ([`Plain::take_back`]),
+///   before it acts on anything: while a file is published, the engine's
+///   state of it does not change.
+/// - The reader decides, records the opener and writes the answer under
+///   the lock the engine takes back with: a local open is either answered
+///   and recorded before the engine looks at the file again (as if the
+///   engine had decided it first), or reaches the engine as a
+///   `LocalOpen` (as if it came after).
+#[derive(Default)]
+pub struct Plain {
+    /// Whether anything is published (the reader's lock-free look).
+    any: std::sync::atomic::AtomicBool,
+    inner: std::sync::Mutex<PlainInner>,
+}
+
+#[derive(Default)]
+struct PlainInner {
+    files: Vec<libfilter::model::FileId>,
+    /// Local opens the reader allowed: (file, opener), each once.
+    seen: Vec<(libfilter::model::FileId, i32)>,
+}
+
+impl Plain {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PlainInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The engine, about to wait: local opens of `files` (at most
+    /// [`MAX_PLAIN_FILES`]) are the reader's to allow until
+    /// [`Plain::take_back`].
+    pub fn publish(&self, files: &[libfilter::model::FileId]) {
+        let mut g = self.lock();
+        g.files.clear();
+        g.files.extend(files.iter().take(MAX_PLAIN_FILES).copied());
+        self.any.store(!g.files.is_empty(), Ordering::Release);
+    }
+
+    /// The engine, woken: nothing is the reader's to allow any more; the
+    /// local opens it allowed since the last call, (file, opener).
+    pub fn take_back(&self) -> Vec<(libfilter::model::FileId, i32)> {
+        if !self.any.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut g = self.lock();
+        g.files.clear();
+        self.any.store(false, Ordering::Release);
+        std::mem::take(&mut g.seen)
+    }
+
+    /// The reader: allows `ans` itself if `file` is published (recording
+    /// `pid` for the engine, answering before the lock is let go), or
+    /// gives it back.
+    fn allow(
+        &self,
+        file: libfilter::model::FileId,
+        pid: i32,
+        ans: Answer,
+        counters: &LocalCounters,
+    ) -> Result<(), Answer> {
+        if !self.any.load(Ordering::Acquire) {
+            return Err(ans);
+        }
+        let mut g = self.lock();
+        if !g.files.contains(&file) {
+            return Err(ans);
+        }
+        if !g.seen.contains(&(file, pid)) {
+            if g.seen.len() >= MAX_PLAIN_SEEN {
+                return Err(ans);
+            }
+            g.seen.push((file, pid));
+        }
+        counters.allowed.fetch_add(1, Ordering::Relaxed);
+        counters.allowed_by_reader.fetch_add(1, Ordering::Relaxed);
+        // Written now, the lock still held (the drop answers).
+        ans.allow();
+        drop(g);
+        Ok(())
+    }
 }
 
 impl Mediated {
@@ -265,6 +379,7 @@ pub fn setup(
         scope,
         export_mount,
         files: Default::default(),
+        plain: Default::default(),
     };
     Ok((Arc::new(fan), Arc::new(mediated)))
 }
@@ -605,6 +720,7 @@ pub fn run(
     };
     let mut to_engine = ToEngine {
         engine,
+        plain: mediated.clone(),
         answers: tx,
         pending,
         max_pending,
@@ -753,6 +869,8 @@ pub fn run(
 /// most one command the engine's full queue did not take yet.
 struct ToEngine {
     engine: EngineTx,
+    /// Shared with the engine: its published plain files ([`Plain`]).
+    plain: Arc<Mediated>,
     answers: crossbeam_channel::Sender<AnswerMsg>,
     /// Events handed over and not answered yet (the answerer counts down).
     pending: Arc<AtomicU64>,
@@ -806,12 +924,18 @@ impl ToEngine {
             ans.deny();
             return;
         };
+        let file = libfilter::model::FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        };
+        // A file the engine published as plain: allowed here ([`Plain`]).
+        let ans = match self.plain.plain.allow(file, pid, ans, &self.counters) {
+            Ok(()) => return,
+            Err(ans) => ans,
+        };
         let event = WaitingEvent {
             answer: ans,
-            file: libfilter::model::FileId {
-                dev: st.st_dev,
-                ino: st.st_ino,
-            },
+            file,
             pid,
             deadline,
         };

@@ -961,6 +961,11 @@ pub struct Stats {
     pub local_lock_conflicts: u64,
     /// Local opens (fanotify) allowed.
     pub local_opens_allowed: u64,
+    /// Of `local_opens_allowed`, those the fanotify reader allowed itself
+    /// (a file the engine published as plain: no share mode, purge,
+    /// lease or pending create in the way).
+    #[serde(default)]
+    pub local_opens_allowed_by_reader: u64,
     /// Local opens refused by a protocol share mode.
     pub local_opens_denied: u64,
     /// Local opens refused by the watchdog (no verdict in time).

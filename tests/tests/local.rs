@@ -1073,3 +1073,126 @@ fn opens_outside_a_subtree_export_never_wait_behind_the_exports() {
     assert_eq!(st.local_opens_overloaded, 1, "{st:?}");
     assert_eq!(st.local_opens_watchdog, 0, "{st:?}");
 }
+
+/// `filterctl stats`' count of local opens the fanotify reader allowed by
+/// itself.
+fn allowed_by_reader(s: &Scratch) -> u64 {
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    match ctl.call(Request::Stats).unwrap().0 {
+        Reply::Stats(st) => st.local_opens_allowed_by_reader,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// filterd mediating `file`, held by a writer sharing everything, and
+/// local opens of it allowed by the fanotify reader: the first local open
+/// is the engine's, which then publishes the file as plain.
+fn plain_file(
+    name: &str,
+    file: &str,
+) -> Option<(
+    Scratch,
+    Filterd,
+    FilterClient,
+    std::path::PathBuf,
+    libfilter::client::OpenedHandle,
+)> {
+    let (s, d, fe, t) = mediated_with(name, file, b"x")?;
+    let mut writer = req(file, Rights::ALL, None);
+    writer.access = Access::new(Rights::WRITE).unwrap();
+    let first = fe.open(writer).unwrap();
+    wait_for(
+        "a local open the reader allows",
+        Duration::from_secs(10),
+        || {
+            std::fs::File::open(&t).unwrap();
+            (allowed_by_reader(&s) >= 1).then_some(())
+        },
+    );
+    Some((s, d, fe, t, first))
+}
+
+/// A local open the fanotify reader allowed by itself (the engine
+/// published the file as plain after deciding an earlier local open of
+/// it, issue 16) counts like one the engine allowed: a protocol open
+/// sharing write but not read is refused while its opener runs, and
+/// granted once it has exited. Fails if the reader's openers are not
+/// handed to the engine before it looks at the file again.
+#[test]
+fn a_local_open_the_reader_allowed_counts_until_it_exits() {
+    let Some((s, _d, fe, t, first)) = plain_file("fan-plain", "t7.txt") else {
+        return;
+    };
+    // A holder whose own open the reader allowed (a request between the
+    // publishing and its open would send it to the engine: tried again).
+    let holder = (0..20)
+        .find_map(|_| {
+            let before = allowed_by_reader(&s);
+            // Published again before the engine waits: give it a moment
+            // by asking once more.
+            let _ = allowed_by_reader(&s);
+            let holder = LocalHolder::start(&t, false);
+            (allowed_by_reader(&s) > before).then_some(holder)
+        })
+        .expect("a holder whose open the reader allowed");
+    refused_until_it_exits(&fe, "t7.txt", holder);
+    close(&fe, first);
+}
+
+/// A protocol open sharing write but not read that races a local process
+/// opening and closing the file in a loop, its opens allowed by the
+/// fanotify reader itself: each round the protocol open is either refused
+/// (the opener held the file), or granted — and then the opener holds no
+/// descriptor of the file (an open allowed before the grant and missed by
+/// it would show here) and its next open is refused, which ends its loop.
+#[test]
+fn a_protocol_open_racing_reader_allowed_local_opens_sees_them() {
+    let Some((s, _d, fe, t, first)) = plain_file("fan-plain-race", "t8.txt") else {
+        return;
+    };
+    let (mut granted, mut refused) = (0, 0);
+    for _ in 0..30 {
+        let before = allowed_by_reader(&s);
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"while exec 3< "$0"; do exec 3<&-; done"#)
+            .arg(&t)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The loop runs: its opens are the reader's.
+        wait_for("the opener's loop", Duration::from_secs(10), || {
+            (allowed_by_reader(&s) > before + 10).then_some(())
+        });
+        match fe.open(req("t8.txt", Rights::WRITE, None)) {
+            Ok(h) => {
+                granted += 1;
+                let fds = format!("/proc/{}/fd", child.id());
+                let holds = std::fs::read_dir(&fds).is_ok_and(|d| {
+                    d.flatten()
+                        .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == t))
+                });
+                assert!(
+                    !holds,
+                    "a local reader holds t8.txt while a handle sharing no read is granted"
+                );
+                // Its next open is refused: the loop ends.
+                wait_for("the opener to stop", Duration::from_secs(10), || {
+                    child.try_wait().unwrap().map(|_| ())
+                });
+                close(&fe, h);
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{e}");
+                refused += 1;
+                let _ = child.kill();
+            }
+        }
+        let _ = child.wait();
+        // The next round's local opens find the file plain again.
+        std::fs::File::open(&t).unwrap();
+    }
+    eprintln!("granted {granted}, refused {refused}");
+    close(&fe, first);
+}

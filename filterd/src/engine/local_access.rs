@@ -99,6 +99,95 @@ impl Engine {
             return;
         }
         reply.send(Verdict::Allow);
+        // The next ones may be the reader's to allow (checked again
+        // before the engine waits).
+        if self.mediated.is_some() && !self.plain_files.contains(&file) {
+            self.plain_files.push(file);
+        }
+    }
+
+    /// Whether a local open of `file` would be allowed as it stands,
+    /// with nothing to do but record its opener: the file has handles,
+    /// no create of it is committing, no local open of it waits, the share
+    /// modes let a local reader in without purging anything, and no
+    /// handle of it holds a lease nor is one being broken (conservative:
+    /// any lease sends its local opens to the engine).
+    fn local_open_is_plain(&self, file: FileId) -> bool {
+        if self
+            .pending_creates
+            .get(&file)
+            .is_some_and(|&seq| seq > self.pipe.committed())
+            || self.waiting_local.iter().any(|(f, ..)| *f == file)
+        {
+            return false;
+        }
+        let mut holders = self.holders_of(file);
+        if holders.is_empty() {
+            return false;
+        }
+        if self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .any(|h| h.rec.lease.is_some())
+            || self.breaking.keys().any(|(f, _)| *f == file)
+        {
+            return false;
+        }
+        holders.extend(self.pending_removed_holders(file));
+        matches!(
+            share::decide(ShareMode::LOCAL_PROCESS, holders),
+            ShareDecision::Grant { purge } if purge.is_empty()
+        )
+    }
+
+    /// Before the engine waits: the files whose local opens were plain
+    /// when decided, and still are, are published to the reader
+    /// ([`crate::local::Plain`]); the others are forgotten.
+    pub(super) fn publish_plain_files(&mut self) {
+        if self.plain_files.is_empty() {
+            return;
+        }
+        if self.store.kind() != "lmdb" {
+            // A shared store's owner checks its lease before it acts on
+            // each event (`Engine::run`), which the reader cannot: its
+            // local opens all reach the engine.
+            self.plain_files.clear();
+            return;
+        }
+        let mut files = std::mem::take(&mut self.plain_files);
+        files.retain(|f| self.local_open_is_plain(*f));
+        if files.len() > crate::local::MAX_PLAIN_FILES {
+            // The most recently decided ones.
+            files.drain(..files.len() - crate::local::MAX_PLAIN_FILES);
+        }
+        if let Some(m) = &self.mediated {
+            m.plain.publish(&files);
+        }
+        self.plain_files = files;
+    }
+
+    /// When the engine wakes: the reader allows nothing by itself any
+    /// more, and the openers it allowed count as if the engine had
+    /// allowed them (`on_local_open`).
+    pub(super) fn take_back_plain_files(&mut self) {
+        let Some(m) = &self.mediated else {
+            return;
+        };
+        let seen = m.plain.take_back();
+        if seen.is_empty() {
+            return;
+        }
+        let frontends = self.frontend_pids();
+        for (file, pid) in seen {
+            if pid > 0 {
+                if let Some(l) = self.local_openers.get_mut(&file) {
+                    l.saw(pid, &frontends);
+                }
+            }
+        }
     }
 
     /// Refuses a client path that, in the export as local processes see it

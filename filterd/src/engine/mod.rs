@@ -186,6 +186,10 @@ pub struct Engine {
     /// entry exists from a file's first protocol open to
     /// [`crate::local_opens::LINGER`] after its last close).
     local_openers: HashMap<FileId, crate::local_opens::LocalOpeners>,
+    /// Files whose local opens were plain when last decided here: checked
+    /// again and published to the reader before each wait
+    /// (`crate::local::Plain`).
+    plain_files: Vec<FileId>,
     /// Files whose last handle closed, in order, with when their entry in
     /// `local_openers` may go.
     lingering: std::collections::VecDeque<(std::time::Instant, FileId)>,
@@ -385,6 +389,7 @@ impl Engine {
             pending_creates: HashMap::new(),
             deferred_deletes: Vec::new(),
             local_openers: HashMap::new(),
+            plain_files: Vec::new(),
             lingering: Default::default(),
             frontends_gone: std::collections::VecDeque::new(),
             fanotify: None,
@@ -404,8 +409,15 @@ impl Engine {
     pub fn run(mut self, mut poller: Poller) {
         let mut cmds = Vec::new();
         let mut stop = false;
+        // However the loop ends (a panic too), the reader allows nothing
+        // more by itself.
+        let _take_back = crate::local::TakeBackOnDrop(self.mediated.clone());
         while !stop {
-            for ready in poller.wait(self.next_wakeup()) {
+            let ready = poller.wait(self.next_wakeup());
+            // Before acting on anything: the reader's plain files are
+            // taken back, and the openers it allowed are known.
+            self.take_back_plain_files();
+            for ready in ready {
                 // A shared store's owner whose lease may have run out acts
                 // on nothing more (docs/ARCHITECTURE.md, "etcd").
                 if let Err(e) = self.store.owner_check() {
@@ -448,7 +460,12 @@ impl Engine {
             self.expire_due(mono_ms());
             self.process_retries();
             self.flush();
+            if !stop {
+                // Nothing changes from here until the next wake-up.
+                self.publish_plain_files();
+            }
         }
+        self.take_back_plain_files();
         self.flush();
         info!("engine stopped");
     }
@@ -1143,6 +1160,10 @@ impl Engine {
                 s.commits = self.commit_counters.commits.load(Ordering::Relaxed);
                 s.committed_ops = self.commit_counters.ops.load(Ordering::Relaxed);
                 s.local_opens_allowed = self.local_counters.allowed.load(Ordering::Relaxed);
+                s.local_opens_allowed_by_reader = self
+                    .local_counters
+                    .allowed_by_reader
+                    .load(Ordering::Relaxed);
                 s.local_opens_denied = self.local_counters.denied.load(Ordering::Relaxed);
                 s.local_opens_watchdog = self.local_counters.watchdog.load(Ordering::Relaxed);
                 s.local_opens_overloaded = self.local_counters.overloaded.load(Ordering::Relaxed);
