@@ -736,10 +736,15 @@ fn supervise(shared: Arc<Shared>) {
                 lost.push(key);
                 continue;
             }
-            match client.resume(cid, key) {
-                Ok(h) => {
-                    if h.info.locked {
-                        locked.push(h.info.file);
+            // Attached is all that counts: the frontend still holds the
+            // descriptor it had, so one cut from this reply for want of a
+            // free one (a full table) is no loss — before, it failed the
+            // new connection too, and the reattach never came through
+            // while the table stayed full.
+            match client.resume_attached(cid, key) {
+                Ok(info) => {
+                    if info.locked {
+                        locked.push(info.file);
                     }
                     resumed.push(key);
                 }

@@ -91,6 +91,14 @@ pub enum ClientError {
     /// Socket I/O failed.
     #[error("socket i/o")]
     Io(#[from] std::io::Error),
+    /// filterd answered, but the descriptor its answer carried was cut
+    /// from the message (`MSG_CTRUNC`): this process's descriptor table is
+    /// full. Only this request failed; the connection serves on. An open
+    /// or resume it answered was made in filterd and then detached (as if
+    /// this client had gone away: a durable or persistent handle waits to
+    /// be resumed or replayed, another is closed), which the text says.
+    #[error("filterd's answer lost its descriptor (this process has no free descriptor): {0}")]
+    DescriptorsCut(String),
 }
 
 impl ClientError {
@@ -112,8 +120,9 @@ pub struct OpenedHandle {
     pub fd: OwnedFd,
 }
 
-/// A reply as the reader hands it over: the result and its descriptors.
-type Delivered = (Result<Reply, WireError>, Vec<OwnedFd>);
+/// A reply as the reader hands it over: the result, its descriptors, and
+/// whether any of them were cut from the message (the table was full).
+type Delivered = (Result<Reply, WireError>, Vec<OwnedFd>, bool);
 
 /// Where a waiting caller receives its reply, or a nudge to become the
 /// connection's reader. A caller parks on the condvar (a plain futex wait,
@@ -276,6 +285,7 @@ impl FilterClient {
         })?;
         sys::send_packet(sock.as_fd(), &hello, None)?;
         let mut buf = vec![0u8; MAX_FRAME + 1];
+        // The hello reply carries no descriptor.
         let reply = match sys::recv_packet(sock.as_fd(), &mut buf)? {
             Packet::Data { len, .. } => proto::decode_server(buf.get(..len).unwrap_or_default())?,
             Packet::Eof => return Err(ClientError::Disconnected),
@@ -368,6 +378,12 @@ impl FilterClient {
     }
 
     /// Sends any request and waits for its reply (and descriptors).
+    ///
+    /// A reply whose descriptors were cut from the message (this process's
+    /// descriptor table is full) fails this request alone with
+    /// [`ClientError::DescriptorsCut`], after the descriptors that did
+    /// arrive are closed and a handle it opened or resumed is detached —
+    /// the frame itself was whole, so the connection serves on.
     pub fn call(&self, req: Request) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         self.call_as(id, req)
@@ -375,6 +391,40 @@ impl FilterClient {
 
     /// As [`FilterClient::call`], with the request id chosen by the caller.
     fn call_as(&self, id: u64, req: Request) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
+        match self.call_keeping_cut(id, req)? {
+            (reply, fds, false) => Ok((reply, fds)),
+            (reply, fds, true) => {
+                drop(fds);
+                Err(self.descriptors_cut(reply))
+            }
+        }
+    }
+
+    /// What a reply whose descriptors were cut leaves: a handle it opened
+    /// or resumed is detached (filterd then treats it as a client gone:
+    /// a durable or persistent one can be resumed or replayed once
+    /// descriptors are free, another is closed), so it is not kept
+    /// attached to a connection whose frontend never got it.
+    fn descriptors_cut(&self, reply: Reply) -> ClientError {
+        let Reply::Opened(info) = reply else {
+            return ClientError::DescriptorsCut(format!("{reply:?}"));
+        };
+        let key = info.key;
+        let what = match self.call(Request::Detach { key }) {
+            Ok(_) => format!("handle {key} was detached"),
+            Err(e) => format!("handle {key} could not be detached: {e}"),
+        };
+        tracing::warn!(resume_key = %key, "{what}: its descriptor did not fit this process's table");
+        ClientError::DescriptorsCut(what)
+    }
+
+    /// The reply to `req` sent as `id`, and whether its descriptors were
+    /// cut from the message.
+    fn call_keeping_cut(
+        &self,
+        id: u64,
+        req: Request,
+    ) -> Result<(Reply, Vec<OwnedFd>, bool), ClientError> {
         let bytes = proto::encode_request(self.inner.encoding, &RequestFrame { id, req })?;
         let slot = Arc::new(ReplySlot::default());
         {
@@ -407,8 +457,8 @@ impl FilterClient {
             self.forget(id);
         }
         match outcome {
-            Some((Ok(reply), fds)) => Ok((reply, fds)),
-            Some((Err(e), _)) => Err(ClientError::Refused(e)),
+            Some((Ok(reply), fds, cut)) => Ok((reply, fds, cut)),
+            Some((Err(e), _, _)) => Err(ClientError::Refused(e)),
             None if self.inner.dead.load(Ordering::Acquire) => Err(ClientError::Disconnected),
             None => Err(ClientError::Timeout(self.timeout)),
         }
@@ -812,6 +862,26 @@ impl FilterClient {
         }
     }
 
+    /// Resumes a handle by its resume key for a caller that needs it
+    /// attached, not its descriptor (an attachment's reattach, whose
+    /// frontend still holds the descriptor it had): a descriptor cut from
+    /// the reply (no room in this process's table) does not fail it.
+    pub(crate) fn resume_attached(
+        &self,
+        client: ClientId,
+        key: ResumeKey,
+    ) -> Result<Opened, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let req = Request::Resume(ResumeRequest {
+            client,
+            target: ResumeTarget::Key { key },
+        });
+        match self.call_keeping_cut(id, req)? {
+            (Reply::Opened(info), _, _) => Ok(info),
+            (other, _, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Resumes a disconnected handle by its resume key.
     pub fn resume(&self, client: ClientId, key: ResumeKey) -> Result<OpenedHandle, ClientError> {
         Self::expect_opened(self.call(Request::Resume(ResumeRequest {
@@ -909,6 +979,11 @@ fn fail_all(inner: &Inner) {
     if inner.dead.swap(true, Ordering::AcqRel) {
         return;
     }
+    // Given up on this side, so filterd hears it now and detaches this
+    // frontend's handles as for a crash (durable ones wait to be resumed),
+    // rather than keep them attached to a connection nobody reads until
+    // the last clone of this client is dropped.
+    let _ = nix::sys::socket::shutdown(inner.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
     if let Ok(mut p) = inner.pending.lock() {
         // Every waiter wakes and finds the connection dead.
         for (_, slot) in p.drain() {
@@ -924,8 +999,11 @@ fn fail_all(inner: &Inner) {
 /// it belongs. Returns false once the connection is gone. Call with the
 /// `reader` lock held (`buf` is its buffer).
 fn read_one(inner: &Inner, buf: &mut [u8]) -> bool {
-    let got = sys::recv_packet(inner.sock.as_fd(), buf);
-    deliver(inner, buf, got)
+    match sys::recv_packet_cut(inner.sock.as_fd(), buf, false) {
+        Ok(Some((p, cut))) => deliver(inner, buf, Ok(p), cut),
+        Ok(None) => true,
+        Err(e) => deliver(inner, buf, Err(e), false),
+    }
 }
 
 /// Most replies a reader hands out after its own arrived ([`hand_out_queued`]).
@@ -946,15 +1024,15 @@ fn hand_out_queued(inner: &Inner, buf: &mut [u8]) {
         if !others || inner.dead.load(Ordering::Acquire) {
             return;
         }
-        match sys::recv_packet_nonblocking(inner.sock.as_fd(), buf) {
+        match sys::recv_packet_cut(inner.sock.as_fd(), buf, true) {
             Ok(None) => return,
-            Ok(Some(p)) => {
-                if !deliver(inner, buf, Ok(p)) {
+            Ok(Some((p, cut))) => {
+                if !deliver(inner, buf, Ok(p), cut) {
                     return;
                 }
             }
             Err(e) => {
-                deliver(inner, buf, Err(e));
+                deliver(inner, buf, Err(e), false);
                 return;
             }
         }
@@ -962,8 +1040,12 @@ fn hand_out_queued(inner: &Inner, buf: &mut [u8]) {
 }
 
 /// Hands a received packet (in `buf`) to whom it belongs; false once the
-/// connection is gone.
-fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>) -> bool {
+/// connection is gone. `cut`: the packet arrived whole but without all its
+/// descriptors (this process's table was full) — its caller hears so
+/// ([`ClientError::DescriptorsCut`]), the connection goes on; before, the
+/// whole connection was given up, and with it every request of every
+/// client of the frontend (review uD).
+fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -> bool {
     let (len, fds) = match got {
         Ok(Packet::Data { len, fds }) => (len, fds),
         Err(e)
@@ -991,7 +1073,7 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>) -> bool {
         }) => {
             let slot = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
             if let Some(slot) = slot {
-                slot.put(|st| st.reply = Some((result, fds)));
+                slot.put(|st| st.reply = Some((result, fds, cut)));
             }
         }
         Ok(ServerFrame::Reply { id: None, result }) => {
@@ -1307,6 +1389,89 @@ pub(crate) mod tests {
             "b's reply was left in the socket when a's caller returned"
         );
         drop(go_tx);
+        drop(c);
+        daemon.join().expect("daemon");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Review uD: a reply whose descriptor was cut from the message
+    /// (`MSG_CTRUNC`; here five descriptors where the receiver has room for
+    /// four, as a full table cuts one) made the client give the whole
+    /// connection up: every later call failed `Disconnected`. Now the
+    /// frame, which arrived whole, fails its own call alone
+    /// (`DescriptorsCut`), the handle it opened is detached, and the next
+    /// call is answered on the same connection.
+    #[test]
+    fn a_reply_whose_descriptors_were_cut_fails_only_its_call() {
+        use crate::model::{CreateAction, Durability};
+        let key = ResumeKey(uuid::Uuid::new_v4());
+        let (dir, path, daemon) = fake_daemon(move |c, buf| {
+            let mut detached = None;
+            loop {
+                let len = match sys::recv_packet(c.as_fd(), buf) {
+                    Ok(Packet::Data { len, .. }) => len,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    _ => return,
+                };
+                let f = proto::decode_request(&buf[..len]).expect("request");
+                let (reply, fds) = match f.req {
+                    Request::Resume(_) => (
+                        Reply::Opened(Opened {
+                            key,
+                            create_action: CreateAction::Opened,
+                            size: 0,
+                            file: FileId { dev: 1, ino: 2 },
+                            durability: Durability::None,
+                            lease: None,
+                            locked: false,
+                        }),
+                        5,
+                    ),
+                    Request::Detach { key } => {
+                        detached = Some(key);
+                        (Reply::Done, 0)
+                    }
+                    Request::Stats => {
+                        // Answered only once the cut open was detached.
+                        assert_eq!(detached, Some(key), "detached first");
+                        (Reply::Done, 0)
+                    }
+                    other => panic!("{other:?}"),
+                };
+                let bytes = proto::encode(&ServerFrame::Reply {
+                    id: Some(f.id),
+                    result: Ok(reply),
+                })
+                .expect("encode");
+                let files: Vec<std::fs::File> = (0..fds)
+                    .map(|_| std::fs::File::open("/dev/null").expect("open"))
+                    .collect();
+                let raw: Vec<std::os::fd::RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+                let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+                let cmsgs: &[nix::sys::socket::ControlMessage] =
+                    if raw.is_empty() { &[] } else { &cmsg };
+                let sent = nix::sys::socket::sendmsg::<()>(
+                    c.as_raw_fd(),
+                    &[std::io::IoSlice::new(&bytes)],
+                    cmsgs,
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                );
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        let c = FilterClient::connect_control(&path).expect("connect");
+        let r = c.resume(ClientId::new("c").expect("client"), key);
+        match r {
+            Err(ClientError::DescriptorsCut(what)) => {
+                assert!(what.contains("detached"), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!c.is_dead(), "the connection serves on");
+        assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
         drop(c);
         daemon.join().expect("daemon");
         let _ = std::fs::remove_dir_all(&dir);

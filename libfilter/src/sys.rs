@@ -325,6 +325,53 @@ fn recv_packet_flags(
     buf: &mut [u8],
     extra: nix::sys::socket::MsgFlags,
 ) -> io::Result<Packet> {
+    let (len, flags, fds) = recv_raw(sock, buf, extra)?;
+    Ok(classify(
+        len,
+        flags.intersects(
+            nix::sys::socket::MsgFlags::MSG_TRUNC | nix::sys::socket::MsgFlags::MSG_CTRUNC,
+        ),
+        fds,
+    ))
+}
+
+/// As [`recv_packet`] (or, with `nonblocking`, [`recv_packet_nonblocking`]),
+/// except for a packet that arrived whole while some of its descriptors did
+/// not (`MSG_CTRUNC` without `MSG_TRUNC`: this process's descriptor table
+/// was full, and the kernel closed what it could not install): that one is
+/// [`Packet::Data`] with the descriptors that did arrive, and `true` beside
+/// it — its frame can still be read and answered, where [`recv_packet`]
+/// calls it [`Packet::Truncated`].
+pub fn recv_packet_cut(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    nonblocking: bool,
+) -> io::Result<Option<(Packet, bool)>> {
+    use nix::sys::socket::MsgFlags;
+    let extra = if nonblocking {
+        MsgFlags::MSG_DONTWAIT
+    } else {
+        MsgFlags::empty()
+    };
+    let (len, flags, fds) = match recv_raw(sock, buf, extra) {
+        Ok(got) => got,
+        Err(e) if nonblocking && e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let cut = flags.contains(MsgFlags::MSG_CTRUNC) && !flags.contains(MsgFlags::MSG_TRUNC);
+    Ok(Some((
+        classify(len, flags.contains(MsgFlags::MSG_TRUNC), fds),
+        cut,
+    )))
+}
+
+/// One `recvmsg`: the bytes read, the message flags, and the descriptors
+/// it carried (owned).
+fn recv_raw(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    extra: nix::sys::socket::MsgFlags,
+) -> io::Result<(usize, nix::sys::socket::MsgFlags, Vec<OwnedFd>)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
     let (len, flags, raw_fds) = loop {
@@ -356,11 +403,7 @@ fn recv_packet_flags(
         // nothing else owns them, so each is wrapped exactly once.
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
-    Ok(classify(
-        len,
-        flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
-        fds,
-    ))
+    Ok((len, flags, fds))
 }
 
 /// What a received packet was: cut short (its descriptors closed), the

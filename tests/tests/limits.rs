@@ -1,8 +1,10 @@
 //! Limits give a clear error to the client that reaches them and leave
 //! other clients working.
 
-use rkfilter_tests::{Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{wait_for, Filterd, LineClient, Nfs, Scratch, Shim};
 use serde_json::json;
+use serde_json::Value;
+use std::time::Duration;
 
 /// One client holds at most 64 byte-range locks on a file, so it cannot
 /// take the file's whole capacity from everyone else; the file holds at
@@ -550,4 +552,279 @@ fn an_open_made_while_its_session_ends_is_not_kept() {
     wait_for("A's open to go", Duration::from_secs(10), || {
         (handles_on(&s, "f").len() == 1).then_some(())
     });
+}
+
+/// `req` with the next seqid on slot 0; an NFS4ERR_DELAY leaves the slot
+/// where it was, so the next request re-uses that seqid.
+fn call_nfs(c: &mut Nfs, req: Value) -> Value {
+    let r = c.call(req);
+    if r["status"] == "NFS4ERR_DELAY" {
+        c.seqid -= 1;
+    }
+    r
+}
+
+/// OPEN of `path` as `owner` (created if absent, read and write).
+fn nfs_open(owner: &str, path: &str) -> Value {
+    json!({"op": "OPEN", "owner": owner, "path": path, "access": "both", "deny": "none",
+           "create": {"mode": "unchecked"}})
+}
+
+/// OPENs of files `{tag}0`, `{tag}1`, … until the first answer that is not
+/// NFS4_OK: the stateids held, that answer and its request. Owners
+/// alternate between one shared owner (an owner with open states) and one
+/// per file (an owner's first open, one commit with its records).
+fn open_until_refused(c: &mut Nfs, tag: &str, most: usize) -> (Vec<Value>, Value, Value) {
+    let mut held = Vec::new();
+    for i in 0..most {
+        let owner = if i % 2 == 0 {
+            format!("{tag}-owner")
+        } else {
+            format!("{tag}-owner-{i}")
+        };
+        let req = nfs_open(&owner, &format!("{tag}{i}"));
+        let r = call_nfs(c, req.clone());
+        if r["status"] != "NFS4_OK" {
+            return (held, r, req);
+        }
+        held.push(r["stateid"].clone());
+    }
+    panic!("{most} opens and none refused");
+}
+
+/// The descriptors process `pid` holds, and how many of them are files
+/// under `root`.
+fn fds_held(pid: u32, root: &std::path::Path) -> (usize, usize) {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return (0, 0);
+    };
+    let (mut all, mut files) = (0, 0);
+    for e in dir.flatten() {
+        all += 1;
+        if std::fs::read_link(e.path()).is_ok_and(|l| l.starts_with(root)) {
+            files += 1;
+        }
+    }
+    (all, files)
+}
+
+/// Old code: nfsshim held one descriptor per open with no cap below its
+/// descriptor limit. With the table full the descriptor filterd sent for
+/// the next OPEN was cut from its message (`MSG_CTRUNC`), the libfilter
+/// client gave the filterd connection up, and its reattach — which needs a
+/// socket, and a descriptor per resumed handle — never came through while
+/// the opens held the table: every request of every client answered
+/// NFS4ERR_DELAY ("connection to filterd lost") for good. Now an OPEN past
+/// the cap is NFS4ERR_DELAY naming the descriptor limit, and the other
+/// clients' READs, WRITEs and CLOSEs go on — also across a filterd
+/// restart with the cap reached; a freed descriptor serves the next OPEN,
+/// and the count comes back whole once everything is closed.
+#[test]
+fn nfs_opens_past_the_descriptor_limit_wait_and_others_are_served() {
+    let s = Scratch::new("limit-nfs-descriptors");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with_nofile(
+        "nfsshim",
+        &s.socket(),
+        "nfs-fd",
+        &["--max-connections", "8"],
+        256,
+    );
+    let mut b = Nfs::connect(&shim.addr, "b", "0123456789abcdef");
+    let r = call_nfs(&mut b, nfs_open("ob", "b"));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let sb = r["stateid"].clone();
+    let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
+    let (mut held, refused, req) = open_until_refused(&mut a, "fd", 400);
+    assert_eq!(refused["status"], "NFS4ERR_DELAY", "{refused}");
+    // The cap: the opens held (B's and A's), at most the limit less the
+    // reserve (64) and the client sockets (8).
+    let cap = held.len() + 1;
+    assert!(cap > 100 && cap <= 256 - 64 - 8, "{cap}");
+    // The re-sent OPEN waits too (its slot did not advance).
+    let again = call_nfs(&mut a, req);
+    assert_eq!(again["status"], "NFS4ERR_DELAY", "{again}");
+    // B is served meanwhile: I/O on its open; its OPEN waits its turn.
+    let w = call_nfs(
+        &mut b,
+        json!({"op": "WRITE", "stateid": sb, "offset": 0, "data": "aGVsbG8="}),
+    );
+    assert_eq!(w["status"], "NFS4_OK", "B writes with A at the cap: {w}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("descriptor limit")),
+        "the cap, not a lost filterd, after {} opens: {refused}",
+        held.len()
+    );
+    let r = call_nfs(
+        &mut b,
+        json!({"op": "READ", "stateid": sb, "offset": 0, "count": 5}),
+    );
+    assert_eq!(r["data"], "aGVsbG8=", "{r}");
+    let r = call_nfs(&mut b, nfs_open("ob2", "b2"));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    // filterd killed and restarted with the cap reached: nfsshim
+    // reattaches (each resume needs room for a descriptor in passing) and
+    // serves again.
+    d.kill9();
+    let _d2 = Filterd::start(&s, &[], &[]);
+    let w = wait_for("nfsshim to reattach", Duration::from_secs(20), || {
+        let w = call_nfs(
+            &mut b,
+            json!({"op": "WRITE", "stateid": sb, "offset": 5, "data": "IQ=="}),
+        );
+        (w["status"] != "NFS4ERR_DELAY").then_some(w)
+    });
+    assert_eq!(w["status"], "NFS4_OK", "{w}");
+    // A frees one: B's OPEN gets it.
+    let r = a.call_patiently(json!({"op": "CLOSE", "stateid": held.pop().expect("one")}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let r = call_nfs(&mut b, nfs_open("ob2", "b2"));
+    assert_eq!(r["status"], "NFS4_OK", "B once A closed one: {r}");
+    let sb2 = r["stateid"].clone();
+    // Everything closed: the whole cap is free again (no count leaked,
+    // none given back twice).
+    for st in [sb, sb2] {
+        let r = b.call_patiently(json!({"op": "CLOSE", "stateid": st}));
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+    }
+    for st in held.drain(..) {
+        let r = a.call_patiently(json!({"op": "CLOSE", "stateid": st}));
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+    }
+    let (pid, root) = (shim.pid(), s.root());
+    wait_for("the descriptors closed", Duration::from_secs(10), || {
+        (fds_held(pid, &root).1 == 0).then_some(())
+    });
+    let (again, refused, _) = open_until_refused(&mut a, "again", 400);
+    assert_eq!(refused["status"], "NFS4ERR_DELAY", "{refused}");
+    assert_eq!(again.len(), cap, "the same cap after a full cycle");
+}
+
+/// Old code: a descriptor cut from filterd's reply (`MSG_CTRUNC`: the
+/// frontend's table full — here of client sockets, which the cap on opens
+/// does not count) made the libfilter client give the whole filterd
+/// connection up: every client's WRITE answered NFS4ERR_DELAY, and the
+/// reattach needed a socket the table did not have. Now only the request
+/// whose reply lost its descriptor fails (NFS4ERR_DELAY, its handle
+/// detached in filterd), the others are served, and the re-sent OPEN gets
+/// its open once descriptors are free — nothing of it left behind.
+#[test]
+fn a_descriptor_cut_from_a_reply_fails_only_its_request() {
+    const LIMIT: usize = 128;
+    let s = Scratch::new("limit-nfs-cut");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with_nofile(
+        "nfsshim",
+        &s.socket(),
+        "nfs-cut",
+        &["--max-connections-per-peer", "1000"],
+        LIMIT as u64,
+    );
+    let (pid, root) = (shim.pid(), s.root());
+    let mut b = Nfs::connect(&shim.addr, "b", "0123456789abcdef");
+    let r = call_nfs(&mut b, nfs_open("ob", "b"));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let sb = r["stateid"].clone();
+    let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
+    // Client sockets fill nfsshim's table.
+    let mut flood = Vec::new();
+    wait_for("nfsshim's table full", Duration::from_secs(30), || {
+        if fds_held(pid, &root).0 >= LIMIT {
+            return Some(());
+        }
+        if flood.len() < 2 * LIMIT {
+            flood.push(std::net::TcpStream::connect(&shim.addr).expect("connect"));
+        }
+        None
+    });
+    let open_a = nfs_open("oa", "a");
+    let r = call_nfs(&mut a, open_a.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    // Other requests are served: they need no descriptor.
+    let w = call_nfs(
+        &mut b,
+        json!({"op": "WRITE", "stateid": sb, "offset": 0, "data": "aGVsbG8="}),
+    );
+    assert_eq!(w["status"], "NFS4_OK", "B with the table full: {w}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("descriptor")),
+        "{r}"
+    );
+    drop(flood);
+    wait_for("the sockets closed", Duration::from_secs(30), || {
+        (fds_held(pid, &root).0 < LIMIT / 2).then_some(())
+    });
+    // The OPEN re-sent on its slot: the open filterd made, resumed.
+    let r = call_nfs(&mut a, open_a);
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let r = call_nfs(&mut a, json!({"op": "CLOSE", "stateid": r["stateid"]}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    assert!(
+        rkfilter_tests::handles_on(&s, "a").is_empty(),
+        "the cut open left nothing in filterd"
+    );
+    let r = call_nfs(&mut b, json!({"op": "CLOSE", "stateid": sb}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+}
+
+/// The count of descriptors nfsshim's opens hold is exact through the
+/// paths that end or keep an open: an OPEN whose client went away before
+/// the reply (it completes and holds one), a CLOSE that fails (LOCKS_HELD:
+/// the open and its count stay), and a client whose lease lapses (all of
+/// its opens go, and so do their counts — once each). Under a limit of
+/// 128 and `--max-connections 8` the cap is 128 − 64 − 8 = 56.
+#[test]
+fn nfs_descriptor_count_follows_lost_clients_failed_closes_and_expiry() {
+    let s = Scratch::new("limit-nfs-fd-count");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with_nofile(
+        "nfsshim",
+        &s.socket(),
+        "nfs-fdc",
+        &["--max-connections", "8", "--lease-ms", "3000"],
+        128,
+    );
+    const CAP: usize = 128 - 64 - 8;
+    let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
+    // An OPEN sent on another connection (slot 1) that goes away at once.
+    {
+        let mut lost = LineClient::connect(&shim.addr);
+        let mut req = nfs_open("oa-lost", "lost");
+        req["seq"] = json!({"sessionid": a.sessionid, "slot": 1, "seqid": 1});
+        lost.send_only("xid", req);
+    }
+    wait_for("the lost OPEN to complete", Duration::from_secs(10), || {
+        (!rkfilter_tests::handles_on(&s, "lost").is_empty()).then_some(())
+    });
+    let (held, refused, req) = open_until_refused(&mut a, "c", 400);
+    assert_eq!(refused["status"], "NFS4ERR_DELAY", "{refused}");
+    assert_eq!(held.len() + 1, CAP, "the lost OPEN's descriptor counts");
+    // A CLOSE that fails keeps its open and its count.
+    let first = held.first().expect("an open").clone();
+    let r = call_nfs(
+        &mut a,
+        json!({"op": "LOCK", "stateid": first, "owner": "lo", "type": "write",
+               "offset": 0, "length": 1}),
+    );
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let r = call_nfs(&mut a, json!({"op": "CLOSE", "stateid": first}));
+    assert_eq!(r["status"], "NFS4ERR_LOCKS_HELD", "{r}");
+    let r = call_nfs(&mut a, req);
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "still at the cap: {r}");
+    // A goes quiet; its lease lapses and its opens go. B then gets the
+    // whole cap, no more.
+    let mut b = Nfs::connect(&shim.addr, "b", "0123456789abcdef");
+    let first_b = nfs_open("ob", "b0");
+    let r = wait_for("A's opens released", Duration::from_secs(30), || {
+        let r = call_nfs(&mut b, first_b.clone());
+        (r["status"] != "NFS4ERR_DELAY").then_some(r)
+    });
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let (more, refused, _) = open_until_refused(&mut b, "d", 400);
+    assert_eq!(refused["status"], "NFS4ERR_DELAY", "{refused}");
+    assert_eq!(more.len() + 1, CAP, "the whole cap again, no more");
 }

@@ -34,6 +34,10 @@ use clap::{Parser, Subcommand};
 /// [--lease-ms N]` prints `listening on HOST:PORT` as its first stdout
 /// line, then serves. Try a server by hand: `nfsshim client HOST:PORT`
 /// (see `nfsshim client --help`).
+///
+/// nfsshim raises its soft descriptor limit to the hard one and keeps the
+/// descriptors its opens hold below it, less 64 and --max-connections (at
+/// most a quarter of it); an OPEN past that is NFS4ERR_DELAY.
 #[derive(Parser, Debug)]
 #[command(
     name = "nfsshim",
@@ -132,6 +136,10 @@ fn main() -> anyhow::Result<()> {
                         .unwrap_or(usize::MAX),
                     max_opens_per_client: usize::try_from(args.max_opens_per_client)
                         .unwrap_or(usize::MAX),
+                    // Raises the soft descriptor limit to the hard one.
+                    max_descriptors: shimline::descriptors::opens_allowed(
+                        usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                    ),
                 },
             )
         }

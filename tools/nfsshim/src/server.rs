@@ -27,6 +27,8 @@ use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest, Request, MAX_OPENED_JSON_BYTES};
 use serde_json::{json, Map, Value};
 
+use shimline::descriptors::{Counted, DescriptorSlot, Descriptors};
+
 mod wire;
 
 use crate::state::{self, ClientRec, DelegRec, ExtraHandle, LockRec, OpenRec, SessionRec, SlotRec};
@@ -57,6 +59,10 @@ pub struct Limits {
     pub max_sessions_per_client: usize,
     /// Most open states per client.
     pub max_opens_per_client: usize,
+    /// Most descriptors the opens may hold at once
+    /// ([`shimline::descriptors::opens_allowed`]): an OPEN past it is
+    /// answered NFS4ERR_DELAY ([`descriptor_slot`]).
+    pub max_descriptors: usize,
 }
 
 impl Default for Limits {
@@ -68,6 +74,7 @@ impl Default for Limits {
             max_clients_per_peer: 256,
             max_sessions_per_client: 16,
             max_opens_per_client: 4096,
+            max_descriptors: usize::MAX,
         }
     }
 }
@@ -166,7 +173,16 @@ fn status_of(e: &ClientError) -> &'static str {
         Some(ErrorCode::Unsupported) => "NFS4ERR_NOTSUPP",
         // An extension of nfsl/1 (docs/nfs-like.md): a limit was reached.
         Some(ErrorCode::LimitReached) => "NFS4ERR_RESOURCE",
-        None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => UNREACHABLE,
+        // A descriptor cut from filterd's answer (nfsshim's table full):
+        // the open is made in filterd (and detached), maybe with its
+        // records: the re-send checks what filterd holds, as after a loss.
+        None if matches!(
+            e,
+            ClientError::Disconnected | ClientError::Timeout(_) | ClientError::DescriptorsCut(_)
+        ) =>
+        {
+            UNREACHABLE
+        }
         _ => "NFS4ERR_SERVERFAULT",
     }
 }
@@ -207,22 +223,53 @@ struct Session {
     slots: Vec<Slot>,
 }
 
+/// A descriptor an open holds, counted against
+/// [`Limits::max_descriptors`] until its last reference goes.
+type OpenFile = Counted<shimline::datasync::SyncedFile>;
+
+/// `fd` as an open's file, counted by `slot`.
+fn open_file(fd: std::os::fd::OwnedFd, slot: DescriptorSlot) -> Arc<OpenFile> {
+    Arc::new(Counted::new(std::fs::File::from(fd).into(), slot))
+}
+
+/// A slot for the descriptor an OPEN (or a further lock-owner's handle)
+/// will get from filterd, or NFS4ERR_DELAY when the opens hold as many as
+/// the descriptor limit allows. Taken before filterd is asked, so a
+/// descriptor filterd sends always has room: one sent into a full table is
+/// cut from its message (`MSG_CTRUNC`) and the open is not usable. DELAY,
+/// the spec's status for "retry later" (its list has no resource status;
+/// RESOURCE is this implementation's extension for limits a client can
+/// remedy itself): the descriptors are shared by every client and free up
+/// as any of them closes; the slot does not advance and nothing is
+/// recorded.
+fn descriptor_slot(sh: &Shared) -> Result<DescriptorSlot, Fail> {
+    sh.fds.reserve().ok_or_else(|| {
+        Fail(
+            "NFS4ERR_DELAY",
+            format!(
+                "nfsshim's opens hold {} descriptors, as many as its descriptor limit allows; retry",
+                sh.fds.held()
+            ),
+        )
+    })
+}
+
 #[derive(Clone)]
 struct Open {
     rec: OpenRec,
     num: u64,
     clientid: String,
     /// The open's own handle's descriptor, with its rights.
-    file: Arc<shimline::datasync::SyncedFile>,
+    file: Arc<OpenFile>,
     rights: Rights,
     /// The descriptors of `rec.extra`, in its order, with their rights.
-    extra: Vec<(Rights, Arc<shimline::datasync::SyncedFile>)>,
+    extra: Vec<(Rights, Arc<OpenFile>)>,
     file_key: FileId,
 }
 
 impl Open {
     /// A descriptor of this open state that may `right` (read or write).
-    fn file_for(&self, right: Rights) -> Option<&Arc<shimline::datasync::SyncedFile>> {
+    fn file_for(&self, right: Rights) -> Option<&Arc<OpenFile>> {
         if self.rights.contains(right) {
             return Some(&self.file);
         }
@@ -233,7 +280,7 @@ impl Open {
     }
 
     /// Every descriptor of the open state.
-    fn files(&self) -> impl Iterator<Item = &Arc<shimline::datasync::SyncedFile>> {
+    fn files(&self) -> impl Iterator<Item = &Arc<OpenFile>> {
         std::iter::once(&self.file).chain(self.extra.iter().map(|(_, f)| f))
     }
 
@@ -321,6 +368,8 @@ struct Shared {
     registered: std::sync::atomic::AtomicBool,
     /// filterd commits the event thread leaves to the chores thread.
     chores: crossbeam_channel::Sender<Chore>,
+    /// The descriptors the opens hold ([`descriptor_slot`]).
+    fds: Arc<Descriptors>,
 }
 
 /// A filterd call that forgetting a handle leaves to do. Each is a commit,
@@ -428,6 +477,7 @@ fn start(
         limits,
         tables,
         registered: std::sync::atomic::AtomicBool::new(false),
+        fds: Descriptors::new(limits.max_descriptors),
     });
     let registered = shared
         .tables
@@ -512,6 +562,10 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
             max = max.max(snum);
             o.settle();
             match f.resume(ClientId::new(cid.clone()).map_err(unexpected)?, o.key) {
+                // No room for the open's descriptor (the limit is below
+                // the opens to hold): fail the start loudly rather than
+                // drop an open its client was granted.
+                Err(e @ ClientError::DescriptorsCut(_)) => return Err(e),
                 Ok(h) => {
                     let mut extra = Vec::new();
                     let mut attached = vec![o.key];
@@ -526,8 +580,11 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                                 attached.push(e.key);
                                 leases.extend(x.info.lease);
                                 let rights = access_of(&e.access).unwrap_or(Rights::READ);
-                                extra.push((rights, Arc::new(std::fs::File::from(x.fd).into())));
+                                // Held whatever the cap: the client was
+                                // granted it.
+                                extra.push((rights, open_file(x.fd, sh.fds.force())));
                             }
+                            Err(e @ ClientError::DescriptorsCut(_)) => return Err(e),
                             // One that only carried a delegation was
                             // closed with its DELEGRETURN, whose record may
                             // not have been written: nothing of the open's
@@ -545,6 +602,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                         let client = ClientId::new(cid.clone()).map_err(unexpected)?;
                         match f.resume(client, k) {
                             Ok(_) => attached.push(k),
+                            Err(e @ ClientError::DescriptorsCut(_)) => return Err(e),
                             Err(err) => gone = Some(err),
                         }
                     }
@@ -603,7 +661,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                         Open {
                             num: snum,
                             clientid: cid.clone(),
-                            file: Arc::new(std::fs::File::from(h.fd).into()),
+                            file: open_file(h.fd, sh.fds.force()),
                             rights: access_of(o.key_access.as_deref().unwrap_or(&o.access))
                                 .unwrap_or(Rights::READ),
                             extra,
@@ -1646,6 +1704,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         stat: false,
         put: Vec::new(),
     };
+    let slot = descriptor_slot(sh)?;
     // An owner's first open state, neither exclusive nor truncating: the
     // filter open, the open state and the slot reply in one commit. (An
     // owner with open states may be upgrading one of them, known only by
@@ -1658,7 +1717,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             deny: deny_w,
             want,
         };
-        return open_recorded(ctx, st, req, words, access);
+        return open_recorded(ctx, st, req, words, access, slot);
     }
     let mut created_by_resend = false;
     let h = match sh.filter.replay_open(req.clone()) {
@@ -1761,8 +1820,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                         // with the delegation (DELEGRETURN).
                         for_deleg: acc == o.rec.access && den == o.rec.deny,
                     });
-                    o.extra
-                        .push((access, Arc::new(std::fs::File::from(h.fd).into())));
+                    o.extra.push((access, open_file(h.fd, slot)));
                     o.rec.access = acc;
                     o.rec.deny = den;
                     added = Some(h.info.key);
@@ -1801,7 +1859,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                     },
                     num,
                     clientid: ctx.cid.to_owned(),
-                    file: Arc::new(std::fs::File::from(h.fd).into()),
+                    file: open_file(h.fd, slot),
                     rights: access,
                     extra: Vec::new(),
                     file_key: h.info.file,
@@ -1869,6 +1927,7 @@ fn open_recorded(
     mut req: OpenRequest,
     w: Words,
     access: Rights,
+    slot: DescriptorSlot,
 ) -> Outcome {
     let sh = ctx.sh;
     let (path, lease) = (req.path.clone(), req.lease);
@@ -1996,7 +2055,7 @@ fn open_recorded(
             rec,
             num,
             clientid: ctx.cid.to_owned(),
-            file: Arc::new(std::fs::File::from(h.fd).into()),
+            file: open_file(h.fd, slot),
             rights: access,
             extra: Vec::new(),
             file_key: h.info.file,
@@ -2302,6 +2361,8 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         Some(l) => (l.key.unwrap_or(o.rec.key), None),
         None if o.rec.locks.is_empty() => (o.rec.key, None),
         None => {
+            // Its descriptor is closed at once, but needs room to arrive.
+            let _slot = descriptor_slot(sh)?;
             let h = sh
                 .filter
                 .replay_open(OpenRequest {

@@ -47,6 +47,7 @@
 pub mod cli;
 pub mod client;
 pub mod datasync;
+pub mod descriptors;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -689,7 +690,20 @@ pub fn accept_forever(
     let live = Arc::new(Mutex::new(Live::default()));
     let mut next = 0u64;
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Out of descriptors: the connection stays queued until one
+                // is free; wait a little rather than spin on `accept`.
+                let errno = e.raw_os_error();
+                if errno == Some(nix::errno::Errno::EMFILE as i32)
+                    || errno == Some(nix::errno::Errno::ENFILE as i32)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                continue;
+            }
+        };
         // Replies and pushed lines are small writes, often two in a row (a
         // LEASE_BREAK then a reply): Nagle must not hold the second back
         // until the peer's (delayed) acknowledgement of the first.

@@ -53,33 +53,17 @@ impl Default for Limits {
     }
 }
 
-/// Descriptors kept free beside the opens: the filterd connections, the
-/// listener, logs, and up to `max_connections` client sockets (at most a
-/// quarter of the limit).
-const FD_RESERVE: u64 = 64;
-
 /// How many opens smbshim may hold given its descriptor limit, raised
-/// first to the hard limit. An open holds the descriptor filterd sent for
-/// it; a descriptor sent when the table is full is cut from its message
-/// (`MSG_CTRUNC`), and the filterd connection is then dropped as broken:
-/// every client of this smbshim failed with "connection to filterd lost"
-/// until a restart (review uD: one client holding ~190 opens under a limit
-/// of 200). A CREATE or RECONNECT past this is refused with
-/// STATUS_INSUFFICIENT_RESOURCES instead.
+/// first to the hard limit ([`shimline::descriptors::opens_allowed`]). An
+/// open holds the descriptor filterd sent for it; a descriptor sent when
+/// the table is full is cut from its message (`MSG_CTRUNC`), and before
+/// review uD the filterd connection was then dropped as broken: every
+/// client of this smbshim failed with "connection to filterd lost" until a
+/// restart (one client holding ~190 opens under a limit of 200). A CREATE
+/// or RECONNECT past this is refused with STATUS_INSUFFICIENT_RESOURCES
+/// instead.
 pub fn opens_allowed(max_connections: usize) -> usize {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return usize::MAX;
-    };
-    let limit = if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        hard
-    } else {
-        soft
-    };
-    let sockets = u64::try_from(max_connections)
-        .unwrap_or(u64::MAX)
-        .min(limit / 4);
-    usize::try_from(limit.saturating_sub(FD_RESERVE + sockets)).unwrap_or(usize::MAX)
+    shimline::descriptors::opens_allowed(max_connections)
 }
 
 /// An open being made: counted against [`Limits::max_opens`] until the
@@ -147,6 +131,9 @@ fn status_of(e: &ClientError) -> &'static str {
         None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => {
             "STATUS_FILE_NOT_AVAILABLE"
         }
+        // The open's descriptor did not fit smbshim's table (it was
+        // detached in filterd): this request alone fails.
+        None if matches!(e, ClientError::DescriptorsCut(_)) => "STATUS_INSUFFICIENT_RESOURCES",
         _ => "STATUS_INTERNAL_ERROR",
     }
 }
