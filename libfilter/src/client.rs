@@ -93,10 +93,11 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     /// filterd answered, but the descriptor its answer carried was cut
     /// from the message (`MSG_CTRUNC`): this process's descriptor table is
-    /// full. Only this request failed; the connection serves on. An open
-    /// or resume it answered was made in filterd and then detached (as if
-    /// this client had gone away: a durable or persistent handle waits to
-    /// be resumed or replayed, another is closed), which the text says.
+    /// full. Only this request failed; the connection serves on. A plain
+    /// open it answered was made in filterd and then closed; a replay or
+    /// resume it answered was detached (as if this client had gone away: a
+    /// durable or persistent handle waits to be resumed or replayed,
+    /// another is closed). The text says which.
     #[error("filterd's answer lost its descriptor (this process has no free descriptor): {0}")]
     DescriptorsCut(String),
 }
@@ -398,28 +399,40 @@ impl FilterClient {
 
     /// As [`FilterClient::call`], with the request id chosen by the caller.
     fn call_as(&self, id: u64, req: Request) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
+        let fresh_open = matches!(req, Request::Open(_));
         match self.call_keeping_cut(id, req)? {
             (reply, fds, false) => Ok((reply, fds)),
             (reply, fds, true) => {
                 drop(fds);
-                Err(self.descriptors_cut(reply))
+                Err(self.descriptors_cut(reply, fresh_open))
             }
         }
     }
 
-    /// What a reply whose descriptors were cut leaves: a handle it opened
-    /// or resumed is detached (filterd then treats it as a client gone:
-    /// a durable or persistent one can be resumed or replayed once
+    /// What a reply whose descriptors were cut leaves. A handle a replay
+    /// or resume answered is detached (filterd then treats it as a client
+    /// gone: a durable or persistent one can be resumed or replayed once
     /// descriptors are free, another is closed), so it is not kept
-    /// attached to a connection whose frontend never got it.
-    fn descriptors_cut(&self, reply: Reply) -> ClientError {
+    /// attached to a connection whose frontend never got it. A handle a
+    /// plain open (`fresh_open`) made is closed: its caller tells its
+    /// client the open failed and nobody can name it again, so a durable
+    /// one kept detached held its share mode and lease against everyone
+    /// until its timeout (review vS).
+    fn descriptors_cut(&self, reply: Reply, fresh_open: bool) -> ClientError {
         let Reply::Opened(info) = reply else {
             return ClientError::DescriptorsCut(format!("{reply:?}"));
         };
         let key = info.key;
-        let what = match self.call(Request::Detach { key }) {
-            Ok(_) => format!("handle {key} was detached"),
-            Err(e) => format!("handle {key} could not be detached: {e}"),
+        let what = if fresh_open {
+            match self.close(key) {
+                Ok(()) => format!("handle {key} was closed"),
+                Err(e) => format!("handle {key} could not be closed: {e}"),
+            }
+        } else {
+            match self.call(Request::Detach { key }) {
+                Ok(_) => format!("handle {key} was detached"),
+                Err(e) => format!("handle {key} could not be detached: {e}"),
+            }
         };
         tracing::warn!(resume_key = %key, "{what}: its descriptor did not fit this process's table");
         ClientError::DescriptorsCut(what)

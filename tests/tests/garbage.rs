@@ -4,7 +4,7 @@
 //! both frontends keep serving. A seeded generator keeps failures
 //! reproducible.
 
-use rkfilter_tests::{plain_open, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{plain_open, Filterd, LineClient, Nfs, Scratch, Shim};
 use serde_json::{json, Value};
 
 /// xorshift64*: deterministic, good enough to pick mutations.
@@ -537,4 +537,53 @@ fn compact_frames_are_negotiated_and_damaged_ones_change_nothing() {
         before
     );
     fe.close(h.info.key).unwrap();
+}
+
+/// Review vS: nfsshim's typed OPEN/CLOSE decode (issue #16) let serde skip
+/// fields it did not know without the checks of a whole JSON parse, so an
+/// OPEN with a lone surrogate, a number past f64's range or nesting past
+/// 128 in such a field created its file, where nfsshim before it (and
+/// every other op) refuses the line as not JSON. Each must be refused,
+/// create nothing, and leave the slot where it was.
+#[test]
+fn nfs_open_lines_that_are_not_json_create_nothing() {
+    let s = Scratch::new("garbage-nfs-typed");
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-t");
+    let Nfs {
+        c: mut n,
+        sessionid: sess,
+        ..
+    } = Nfs::connect(&nfs.addr, "t", "0123456789abcdef");
+    let seq = format!(r#"{{"sessionid":"{sess}","slot":0,"seqid":1}}"#);
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let bad = [r#""\ud800""#, r#""\udc00x""#, "1e400", deep.as_str()];
+    for (i, b) in bad.iter().enumerate() {
+        let open = format!(
+            r#"{{"op":"OPEN","owner":"o","path":"n{i}","access":"both","create":{{"mode":"unchecked"}},"seq":{seq},"xid":{i}"#
+        );
+        for line in [
+            format!(r#"{open},"extra":{b}}}"#),
+            format!(r#"{open},"create":{{"mode":"unchecked","x":{b}}}}}"#).replacen(
+                r#""create":{"mode":"unchecked"},"#,
+                "",
+                1,
+            ),
+        ] {
+            let r = n.raw(format!("{line}\n").as_bytes()).expect("a reply");
+            assert_eq!(r["status"], "NFS4ERR_INVAL", "{line}: {r}");
+            assert!(!s.root().join(format!("n{i}")).exists(), "{line} created");
+        }
+    }
+    // The slot did not advance: seqid 1 runs now.
+    let r = n.raw(
+        format!(
+            r#"{{"op":"OPEN","owner":"o","path":"ok","access":"both","create":{{"mode":"unchecked"}},"seq":{seq},"xid":99}}
+"#
+        )
+        .as_bytes(),
+    );
+    let r = r.expect("a reply");
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    assert!(s.root().join("ok").exists());
 }

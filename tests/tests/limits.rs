@@ -828,3 +828,67 @@ fn nfs_descriptor_count_follows_lost_clients_failed_closes_and_expiry() {
     assert_eq!(refused["status"], "NFS4ERR_DELAY", "{refused}");
     assert_eq!(more.len() + 1, CAP, "the whole cap again, no more");
 }
+
+/// Review vS: a CREATE under smbshim whose descriptor is cut from filterd's
+/// answer (smbshim's table full of client sockets) is answered
+/// STATUS_INSUFFICIENT_RESOURCES: the client holds no open. filterd must
+/// not keep one for it either — a durable one with its share mode would
+/// refuse everyone else the file until its timeout.
+#[test]
+fn a_create_whose_descriptor_was_cut_holds_nothing_in_filterd() {
+    const LIMIT: usize = 128;
+    let s = Scratch::new("limit-smb-cut");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with_nofile(
+        "smbshim",
+        &s.socket(),
+        "smb-cut",
+        &["--max-connections-per-peer", "1000"],
+        LIMIT as u64,
+    );
+    let (pid, root) = (shim.pid(), s.root());
+    let session = |c: &mut LineClient, user: &str| {
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": user}));
+        r["session_id"].as_u64().expect("session")
+    };
+    let create = |c: &mut LineClient, sid: u64, durable: bool| {
+        let mut req = json!({"cmd": "CREATE", "session_id": sid, "path": "x", "access": ["read", "write"],
+                             "share": [], "disposition": "open_if"});
+        if durable {
+            req["durable"] = json!({"create_guid": uuid::Uuid::new_v4().to_string(),
+                                    "persistent": true, "timeout_ms": 0});
+        }
+        c.call(req)
+    };
+    let mut a = LineClient::connect(&shim.addr);
+    let sa = session(&mut a, "a");
+    let mut b = LineClient::connect(&shim.addr);
+    let sb = session(&mut b, "b");
+    for durable in [true, false] {
+        let mut flood = Vec::new();
+        wait_for("smbshim's table full", Duration::from_secs(30), || {
+            if fds_held(pid, &root).0 >= LIMIT {
+                return Some(());
+            }
+            if flood.len() < 2 * LIMIT {
+                flood.push(std::net::TcpStream::connect(&shim.addr).expect("connect"));
+            }
+            None
+        });
+        let r = create(&mut a, sa, durable);
+        assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
+        drop(flood);
+        wait_for("the sockets closed", Duration::from_secs(30), || {
+            (fds_held(pid, &root).0 < LIMIT / 2).then_some(())
+        });
+        assert_eq!(
+            rkfilter_tests::handles_on(&s, "x"),
+            Vec::new(),
+            "durable {durable}: filterd holds an open the client was told failed"
+        );
+        let r = create(&mut b, sb, false);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "durable {durable}: {r}");
+        let r = b.call(json!({"cmd": "CLOSE", "session_id": sb, "file_id": r["file_id"]}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+}

@@ -80,8 +80,9 @@ pub fn status_of(e: &ClientError) -> u32 {
         None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => {
             status::FILE_NOT_AVAILABLE
         }
-        // The open's descriptor did not fit rksmbd's table (detached in
-        // filterd): this request alone fails.
+        // The open's descriptor did not fit rksmbd's table (a plain open
+        // was closed in filterd, a replayed one detached): this request
+        // alone fails.
         None if matches!(e, ClientError::DescriptorsCut(_)) => status::INSUFFICIENT_RESOURCES,
         _ => status::INTERNAL_ERROR,
     }

@@ -131,8 +131,9 @@ fn status_of(e: &ClientError) -> &'static str {
         None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => {
             "STATUS_FILE_NOT_AVAILABLE"
         }
-        // The open's descriptor did not fit smbshim's table (it was
-        // detached in filterd): this request alone fails.
+        // The open's descriptor did not fit smbshim's table (a plain open
+        // was closed in filterd, a replayed one detached): this request
+        // alone fails.
         None if matches!(e, ClientError::DescriptorsCut(_)) => "STATUS_INSUFFICIENT_RESOURCES",
         _ => "STATUS_INTERNAL_ERROR",
     }
