@@ -67,7 +67,7 @@
 //! the revision it saw one interval earlier.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -135,44 +135,6 @@ fn corrupt_at<'a>(
 /// Per-request timeout: a request to a dead member fails and is retried on
 /// another endpoint well within a lease.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// What one request may take in all, waiting for a connection included
-/// (the per-request timeout above does not cover a member whose socket
-/// accepts but which never answers: a stalled, SIGSTOPped member).
-const ATTEMPT_LIMIT: Duration = Duration::from_millis(1750);
-
-/// The error an attempt that ran out of time ends with (retryable).
-fn attempt_timed_out() -> etcd_client::Error {
-    etcd_client::Error::GRpcStatus(tonic::Status::deadline_exceeded(
-        "no answer from the etcd member in time",
-    ))
-}
-
-/// Moves the member in use on from `from`, unless another failure already
-/// did.
-fn next_member(member: &AtomicUsize, from: usize, members: usize) {
-    let _ = member.compare_exchange(
-        from,
-        (from + 1) % members.max(1),
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    );
-}
-
-/// One keepalive renewal on `client`: sets up the stream first if there is
-/// none (which renews once already), then renews and waits for the answer.
-async fn renew_once(
-    keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
-    client: &Client,
-    id: i64,
-) -> Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error> {
-    let (k, stream) = match keeper {
-        Some(ks) => ks,
-        None => keeper.insert(client.clone().lease_keep_alive(id).await?),
-    };
-    k.keep_alive().await?;
-    stream.message().await
-}
 
 /// Where the table lives: `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -433,15 +395,7 @@ impl Lease {
 pub struct EtcdStore {
     url: EtcdUrl,
     rt: tokio::runtime::Runtime,
-    /// All endpoints (balanced): the claim's table read.
     client: Client,
-    /// One client per endpoint (just `client` when there is one): commits
-    /// and the keepalive go to one member at a time and move on to the
-    /// next when it fails or does not answer in time, so a stalled member
-    /// cannot hold them (the balanced channel may pick it again and again).
-    members: Arc<Vec<Client>>,
-    /// Index into `members` of the member in use.
-    member: Arc<AtomicUsize>,
     /// Who we are in the owner key.
     me: String,
     ttl: Duration,
@@ -493,21 +447,8 @@ impl EtcdStore {
             .with_require_leader(true);
         let t0 = Instant::now();
         let client = rt
-            .block_on(Client::connect(&url.endpoints, Some(opts.clone())))
+            .block_on(Client::connect(&url.endpoints, Some(opts)))
             .map_err(|e| StoreError::Etcd(format!("connecting to {url}: {e}")))?;
-        let members = if url.endpoints.len() > 1 {
-            let mut v = Vec::with_capacity(url.endpoints.len());
-            for e in &url.endpoints {
-                // Lazy too: a dead member fails its requests, not this.
-                let c = rt
-                    .block_on(Client::connect([e], Some(opts.clone())))
-                    .map_err(|err| StoreError::Etcd(format!("connecting to {e}: {err}")))?;
-                v.push(c);
-            }
-            v
-        } else {
-            vec![client.clone()]
-        };
         debug!(
             connect_us = t0.elapsed().as_micros(),
             "etcd client connected"
@@ -521,8 +462,6 @@ impl EtcdStore {
             url: url.clone(),
             rt,
             client,
-            members: Arc::new(members),
-            member: Arc::new(AtomicUsize::new(0)),
             me: format!("{host} pid {}", std::process::id()),
             ttl,
             lease: Arc::new(Lease {
@@ -648,22 +587,10 @@ impl EtcdStore {
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
         let mut tries = 0u32;
-        let n = self.members.len();
         loop {
-            let at = self.member.load(Ordering::Acquire) % n.max(1);
-            let Some(client) = self.members.get(at) else {
-                return Err(StoreError::Etcd("no etcd endpoint".into()));
-            };
-            let fut = f(client);
-            let attempt = async move {
-                tokio::time::timeout(ATTEMPT_LIMIT, fut)
-                    .await
-                    .unwrap_or_else(|_| Err(attempt_timed_out()))
-            };
-            match self.on_worker(attempt) {
+            match self.on_worker(f(&self.client)) {
                 Ok(v) => return Ok(v),
                 Err(e) if retryable(&e) && keep_trying() => {
-                    next_member(&self.member, at, n);
                     tries += 1;
                     if tries == 1 || tries.is_multiple_of(20) {
                         warn!(error = %e, tries, "etcd {what}: retrying on another endpoint");
@@ -983,31 +910,27 @@ impl EtcdStore {
 
     fn start_keepalive(&self) {
         let lease = self.lease.clone();
-        let members = self.members.clone();
-        let member = self.member.clone();
+        let mut client = self.client.clone();
         let revision = self.revision.clone();
         let compact_every = self.compact_every;
         let interval = (self.ttl / 4).max(Duration::from_millis(250));
-        // Each attempt (stream set-up included) is bounded well inside the
-        // margin, so that after one stalled attempt there is time for the
-        // other members (4 s TTL: 500 ms attempts, 1 s margin).
-        let attempt = (self.ttl / 8).clamp(Duration::from_millis(250), Duration::from_secs(1));
         self.rt.spawn(async move {
             let id = lease.id.load(Ordering::Acquire);
-            let n = members.len();
             let mut keeper = None;
-            let mut at = member.load(Ordering::Acquire) % n.max(1);
             let mut last_compact = Instant::now();
             let mut compact_to = revision.load(Ordering::Acquire);
             while !lease.lost.load(Ordering::Acquire) {
                 if keeper.is_none() {
-                    at = member.load(Ordering::Acquire) % n.max(1);
+                    keeper = client.lease_keep_alive(id).await.ok();
                 }
                 let sent = Instant::now();
                 let mut renewed = false;
-                if let Some(client) = members.get(at) {
-                    let answer =
-                        tokio::time::timeout(attempt, renew_once(&mut keeper, client, id)).await;
+                if let Some((k, stream)) = keeper.as_mut() {
+                    let answer = tokio::time::timeout(interval, async {
+                        k.keep_alive().await?;
+                        stream.message().await
+                    })
+                    .await;
                     match answer {
                         Ok(Ok(Some(r))) if r.ttl() > 0 => {
                             lease.renewed(sent, Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0)));
@@ -1018,19 +941,7 @@ impl EtcdStore {
                             lease.lost.store(true, Ordering::Release);
                             return;
                         }
-                        other => {
-                            // A stalled or failed member: the next
-                            // attempt (a new stream) goes to the next one,
-                            // and so do commits.
-                            let why = match other {
-                                Err(_) => "no answer in time".to_owned(),
-                                Ok(Err(e)) => e.to_string(),
-                                Ok(Ok(_)) => "the stream ended".to_owned(),
-                            };
-                            warn!(member = at, why, "etcd keepalive failed: trying the next member");
-                            keeper = None;
-                            next_member(&member, at, n);
-                        }
+                        _ => keeper = None,
                     }
                 }
                 if !renewed && !lease.ok() {
@@ -1039,19 +950,12 @@ impl EtcdStore {
                     return;
                 }
                 if !compact_every.is_zero() && last_compact.elapsed() >= compact_every {
-                    // On a task of its own, bounded: a stalled member
-                    // must not hold up the renewals.
-                    if let Some(mut c) = members.get(at).cloned().filter(|_| compact_to > 0) {
-                        tokio::spawn(async move {
-                            let compacted = tokio::time::timeout(ATTEMPT_LIMIT, c.compact(compact_to, None))
-                                .await
-                                .unwrap_or_else(|_| Err(attempt_timed_out()));
-                            match compacted {
-                                Ok(_) => info!(revision = compact_to, "etcd history compacted"),
-                                Err(e) if e.to_string().contains("compacted") => {}
-                                Err(e) => warn!(error = %e, "etcd compaction failed"),
-                            }
-                        });
+                    if compact_to > 0 {
+                        match client.compact(compact_to, None).await {
+                            Ok(_) => info!(revision = compact_to, "etcd history compacted"),
+                            Err(e) if e.to_string().contains("compacted") => {}
+                            Err(e) => warn!(error = %e, "etcd compaction failed"),
+                        }
                     }
                     compact_to = revision.load(Ordering::Acquire);
                     last_compact = Instant::now();

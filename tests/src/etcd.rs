@@ -139,47 +139,6 @@ impl Cluster {
         }
     }
 
-    /// Sends `sig` to member `i` (SIGSTOP stalls it: its sockets stay
-    /// open and accept, nothing answers).
-    pub fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
-        if let Some(c) = &self.members[i].child {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("a pid"));
-            nix::sys::signal::kill(pid, sig).expect("signal the etcd member");
-        }
-    }
-
-    /// The index of the member that is the cluster's leader, as member
-    /// `ask` (which must answer) sees it.
-    pub fn leader(&self, ask: usize) -> usize {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let ports: Vec<u16> = self.members.iter().map(|m| m.client).collect();
-        rt.block_on(async {
-            let mut c =
-                etcd_client::Client::connect([format!("http://127.0.0.1:{}", ports[ask])], None)
-                    .await
-                    .expect("connect to etcd");
-            let leader = c.status().await.expect("etcd status").leader();
-            for (i, p) in ports.iter().enumerate() {
-                let mut m = etcd_client::Client::connect([format!("http://127.0.0.1:{p}")], None)
-                    .await
-                    .expect("connect to etcd");
-                let id = m
-                    .status()
-                    .await
-                    .expect("etcd status")
-                    .header()
-                    .map(|h| h.member_id());
-                if id == Some(leader) {
-                    return i;
-                }
-            }
-            panic!("no member is the leader {leader:x}")
-        })
-    }
-
     /// The client port of member `i`.
     pub fn client_port(&self, i: usize) -> u16 {
         self.members[i].client
