@@ -133,14 +133,15 @@ fn vu_differential_and_mutations() {
             let mut m = c.clone();
             for _ in 0..(rnd() % 4 + 1) {
                 let r = rnd();
-                let i = (r as usize) % m.len().max(1);
+                let [b0, b1, _, _, _, byte, ..] = r.to_le_bytes();
+                let i = usize::from(u16::from_le_bytes([b0, b1])) % m.len().max(1);
                 match (r >> 32) % 3 {
                     0 => {
                         if let Some(x) = m.get_mut(i) {
-                            *x = (r >> 40) as u8;
+                            *x = byte;
                         }
                     }
-                    1 => m.insert(i.min(m.len()), (r >> 40) as u8),
+                    1 => m.insert(i.min(m.len()), byte),
                     _ => {
                         if i < m.len() && m.len() > 2 {
                             m.remove(i);
