@@ -425,6 +425,27 @@ pub fn plain_open(client: &str, path: &str) -> libfilter::proto::OpenRequest {
     }
 }
 
+/// A read-write `open_if` of `path` by `alice` sharing `share`, with a lease
+/// (key, state such as "RWH") if given: the local-open tests' request.
+pub fn rw_open_if(
+    path: &str,
+    share: libfilter::model::Rights,
+    lease: Option<(libfilter::lease::LeaseKey, &str)>,
+) -> libfilter::proto::OpenRequest {
+    use libfilter::model::{Access, Disposition, Rights};
+    libfilter::proto::OpenRequest {
+        access: Access::new(Rights::READ.union(Rights::WRITE)).expect("read-write access"),
+        share,
+        disposition: Disposition::OpenIf,
+        lease: lease.map(|(key, s)| libfilter::model::LeaseRequest {
+            key,
+            state: libfilter::lease::LeaseState::parse(s).expect("lease state"),
+            epoch: 0,
+        }),
+        ..plain_open("alice", path)
+    }
+}
+
 /// Attaches an in-process frontend of `protocol` named `instance` (panics
 /// if filterd refuses it).
 pub fn attach(socket: &Path, protocol: &str, instance: &str) -> FilterClient {

@@ -10,10 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use libfilter::client::FilterClient;
-use libfilter::lease::{LeaseKey, LeaseState};
+use libfilter::lease::LeaseKey;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest, Reply, Request};
-use rkfilter_tests::{plain_open, wait_for, Filterd, Scratch};
+use rkfilter_tests::{wait_for, Filterd, Scratch};
 
 fn frontend(s: &Scratch) -> FilterClient {
     FilterClient::connect_frontend(
@@ -25,17 +25,7 @@ fn frontend(s: &Scratch) -> FilterClient {
 }
 
 fn req(path: &str, share: Rights, lease: Option<(LeaseKey, &str)>) -> OpenRequest {
-    OpenRequest {
-        access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-        share,
-        disposition: Disposition::OpenIf,
-        lease: lease.map(|(key, s)| LeaseRequest {
-            key,
-            state: LeaseState::parse(s).unwrap(),
-            epoch: 0,
-        }),
-        ..plain_open("alice", path)
-    }
+    rkfilter_tests::rw_open_if(path, share, lease)
 }
 
 /// A local open in another thread, with its outcome on the receiver.
