@@ -608,6 +608,38 @@ fn fds_held(pid: u32, root: &std::path::Path) -> (usize, usize) {
     (all, files)
 }
 
+/// Fills the frontend `pid`'s descriptor table (`limit` slots) to the last
+/// slot with client sockets, one at a time, so that none is left in the
+/// listener's queue to take a freed slot later. Each connection must cost
+/// the frontend exactly one descriptor. Before review wA one cost four (the
+/// stream and three `try_clone`s): the table could not be filled exactly,
+/// and a connection that found one to three slots free took them, failed
+/// and gave them back — these tests raced that churn and failed a CI run.
+fn fill_with_sockets(
+    pid: u32,
+    root: &std::path::Path,
+    addr: &str,
+    limit: usize,
+) -> Vec<std::net::TcpStream> {
+    let mut sockets = Vec::new();
+    loop {
+        let before = fds_held(pid, root).0;
+        if before >= limit {
+            return sockets;
+        }
+        sockets.push(std::net::TcpStream::connect(addr).expect("connect"));
+        let after = wait_for("the connection accepted", Duration::from_secs(10), || {
+            let n = fds_held(pid, root).0;
+            (n != before).then_some(n)
+        });
+        assert_eq!(
+            after,
+            before + 1,
+            "a client connection costs the frontend one descriptor"
+        );
+    }
+}
+
 /// Old code: nfsshim held one descriptor per open with no cap below its
 /// descriptor limit. With the table full the descriptor filterd sent for
 /// the next OPEN was cut from its message (`MSG_CTRUNC`), the libfilter
@@ -729,16 +761,7 @@ fn a_descriptor_cut_from_a_reply_fails_only_its_request() {
     let sb = r["stateid"].clone();
     let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
     // Client sockets fill nfsshim's table.
-    let mut flood = Vec::new();
-    wait_for("nfsshim's table full", Duration::from_secs(30), || {
-        if fds_held(pid, &root).0 >= LIMIT {
-            return Some(());
-        }
-        if flood.len() < 2 * LIMIT {
-            flood.push(std::net::TcpStream::connect(&shim.addr).expect("connect"));
-        }
-        None
-    });
+    let flood = fill_with_sockets(pid, &root, &shim.addr, LIMIT);
     let open_a = nfs_open("oa", "a");
     let r = call_nfs(&mut a, open_a.clone());
     assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
@@ -864,22 +887,14 @@ fn a_create_whose_descriptor_was_cut_holds_nothing_in_filterd() {
     let sa = session(&mut a, "a");
     let mut b = LineClient::connect(&shim.addr);
     let sb = session(&mut b, "b");
+    let base = fds_held(pid, &root).0;
     for durable in [true, false] {
-        let mut flood = Vec::new();
-        wait_for("smbshim's table full", Duration::from_secs(30), || {
-            if fds_held(pid, &root).0 >= LIMIT {
-                return Some(());
-            }
-            if flood.len() < 2 * LIMIT {
-                flood.push(std::net::TcpStream::connect(&shim.addr).expect("connect"));
-            }
-            None
-        });
+        let flood = fill_with_sockets(pid, &root, &shim.addr, LIMIT);
         let r = create(&mut a, sa, durable);
         assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
         drop(flood);
         wait_for("the sockets closed", Duration::from_secs(30), || {
-            (fds_held(pid, &root).0 < LIMIT / 2).then_some(())
+            (fds_held(pid, &root).0 <= base).then_some(())
         });
         assert_eq!(
             rkfilter_tests::handles_on(&s, "x"),

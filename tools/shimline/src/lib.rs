@@ -184,7 +184,7 @@ static BUDGET: Mutex<Budget> = Mutex::new(Budget {
 /// displaced.
 struct Account {
     conn: u64,
-    stream: Option<TcpStream>,
+    stream: Option<Arc<TcpStream>>,
     evicted: AtomicBool,
     /// When its unfinished line last received bytes (ns since
     /// [`progress_epoch`]): set on every read, not only when the charge
@@ -198,7 +198,7 @@ fn progress_epoch() -> std::time::Instant {
 }
 
 impl Account {
-    fn new(conn: u64, stream: Option<TcpStream>) -> Arc<Account> {
+    fn new(conn: u64, stream: Option<Arc<TcpStream>>) -> Arc<Account> {
         Arc::new(Account {
             conn,
             stream,
@@ -398,7 +398,7 @@ pub struct Outbound {
     conn: u64,
     out: Arc<OutQueue>,
     dropped: AtomicBool,
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     acct: Arc<Account>,
 }
 
@@ -438,7 +438,7 @@ impl OutQueue {
 
     /// The writer thread: writes queued lines in order until closed and
     /// drained (or the peer is gone), then shuts the socket down.
-    fn drain(&self, conn: u64, mut out: TcpStream) {
+    fn drain(&self, conn: u64, out: Arc<TcpStream>) {
         loop {
             let line = {
                 let Some(mut st) = self.lock() else { break };
@@ -457,7 +457,7 @@ impl OutQueue {
                 }
             };
             let Some(line) = line else { break };
-            let wrote = out.write_all(&line);
+            let wrote = (&*out).write_all(&line);
             // Saturating: a discarding close may have zeroed the count
             // while this line was being written.
             let _ = self
@@ -522,10 +522,14 @@ impl Drop for Outbound {
 }
 
 impl Outbound {
-    /// Starts the writer thread (`{name}-out`) of `stream`.
-    fn start(conn: u64, name: &str, stream: &TcpStream) -> std::io::Result<Writer> {
-        let out = stream.try_clone()?;
-        out.set_write_timeout(Some(WRITE_STALL_LIMIT))?;
+    /// Starts the writer thread (`{name}-out`) of `stream`. The reader,
+    /// the writer thread and the evictor share its one descriptor: a
+    /// connection costs a frontend one descriptor, as
+    /// [`descriptors::FD_RESERVE`]'s arithmetic counts it (it cost four,
+    /// one per `try_clone`, before review wA).
+    fn start(conn: u64, name: &str, stream: Arc<TcpStream>) -> std::io::Result<Writer> {
+        stream.set_write_timeout(Some(WRITE_STALL_LIMIT))?;
+        let out = stream.clone();
         let queue = Arc::new(OutQueue {
             state: Mutex::new(OutState::default()),
             ready: std::sync::Condvar::new(),
@@ -540,8 +544,8 @@ impl Outbound {
             conn,
             out: queue,
             dropped: AtomicBool::new(false),
-            stream: stream.try_clone()?,
-            acct: Account::new(conn, Some(stream.try_clone()?)),
+            acct: Account::new(conn, Some(stream.clone())),
+            stream,
         }))
     }
 
@@ -721,7 +725,8 @@ pub fn accept_forever(
                 serve(conn, stream);
                 release(&gone, peer);
             });
-        if spawned.is_err() {
+        if let Err(e) = spawned {
+            eprintln!("connection {next}: dropped, no thread to serve it: {e}");
             release(&live, peer);
         }
     }
@@ -807,13 +812,18 @@ impl Writers {
             .name()
             .map(str::to_owned)
             .unwrap_or_else(|| format!("conn-{conn}"));
-        let Ok(writer) = Outbound::start(conn, &name, &stream) else {
-            return;
+        let stream = Arc::new(stream);
+        let writer = match Outbound::start(conn, &name, stream.clone()) {
+            Ok(writer) => writer,
+            Err(e) => {
+                eprintln!("connection {conn}: dropped, its writer could not start: {e}");
+                return;
+            }
         };
         if let Ok(mut w) = self.0.lock() {
             w.insert(conn, writer.clone());
         }
-        serve_lines(BufReader::new(stream), &writer, id_field, status, handle);
+        serve_lines(BufReader::new(&*stream), &writer, id_field, status, handle);
         if let Ok(mut w) = self.0.lock() {
             w.remove(&conn);
         }
@@ -846,7 +856,7 @@ trait Timed {
     fn wait_at_most(&mut self, t: Option<std::time::Duration>);
 }
 
-impl Timed for BufReader<TcpStream> {
+impl Timed for BufReader<&TcpStream> {
     fn wait_at_most(&mut self, t: Option<std::time::Duration>) {
         let _ = self.get_ref().set_read_timeout(t);
     }
@@ -937,7 +947,7 @@ fn read_line(
 /// rule is in the crate docs) are answered with an error (`id_field` null,
 /// `status`) and end the connection.
 pub fn serve_lines<R: serde::Serialize>(
-    mut reader: BufReader<TcpStream>,
+    mut reader: BufReader<&TcpStream>,
     writer: &Writer,
     id_field: &str,
     status: &str,
@@ -1033,7 +1043,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let peer = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
         let (server, _) = l.accept().expect("accept");
-        let w = Outbound::start(1, "test", &server).expect("writer");
+        let w = Outbound::start(1, "test", Arc::new(server)).expect("writer");
         // Large lines fill the peer's window while it does not read, so
         // some sends are cut short and the rest of them queued.
         let payload = "x".repeat(600_000);
