@@ -644,6 +644,25 @@ fn store_dump(state: &Path) -> Value {
     json!({"replays": replays, "intents": intents})
 }
 
+/// Every session scope's records, listed through `f`.
+fn list_records(f: &mut Front) -> Vec<Value> {
+    SCOPES
+        .iter()
+        .map(|scope| {
+            match f.call(Request::ListRecords {
+                scope: session(scope),
+                after: None,
+            }) {
+                Ok(Reply::Records { records, next }) => {
+                    assert!(next.is_none(), "one page");
+                    json!({"scope": scope, "records": records})
+                }
+                other => panic!("list {scope}: {other:?}"),
+            }
+        })
+        .collect()
+}
+
 fn run(mode: &Mode, export: &Path) -> Run {
     let s = Scratch::new(&format!("frames-{}", mode.name));
     std::fs::remove_dir(s.root()).expect("rmdir root");
@@ -664,7 +683,8 @@ fn run(mode: &Mode, export: &Path) -> Run {
         };
         *request_kinds.entry(kind).or_insert(0) += 1;
     }
-    let mut dumps = vec![("live", keys.normalize(&ctl_dump(&["--socket", &sock])))];
+    let live = json!({"ctl": ctl_dump(&["--socket", &sock]), "records": list_records(&mut f)});
+    let mut dumps = vec![("live", keys.normalize(&live))];
     d.kill9();
     let offline = json!({"ctl": ctl_dump(&["--state", &state]), "store": store_dump(&s.state())});
     dumps.push(("after kill -9", keys.normalize(&offline)));
@@ -673,19 +693,7 @@ fn run(mode: &Mode, export: &Path) -> Run {
     // through a new connection of the same instance, a handle resumed.
     let mut d = Filterd::start(&s, &[], &[]);
     let mut g = Front::attach(&s.socket(), mode.features);
-    let mut recovered = Vec::new();
-    for scope in SCOPES {
-        match g.call(Request::ListRecords {
-            scope: session(scope),
-            after: None,
-        }) {
-            Ok(Reply::Records { records, next }) => {
-                assert!(next.is_none(), "one page");
-                recovered.push(json!({"scope": scope, "records": records}));
-            }
-            other => panic!("list {scope}: {other:?}"),
-        }
-    }
+    let mut recovered = list_records(&mut g);
     let k1 = *still_open.first().expect("a handle left open");
     for op_id in [7, 8] {
         let r = g.call(Request::LookupReply {
@@ -814,7 +822,7 @@ fn every_encoding_stores_and_answers_the_same() {
         }
     }
     // The state, at every stage.
-    for (m, r) in MODES.iter().zip(others) {
+    for (m, r) in MODES.iter().skip(1).zip(others) {
         for ((stage, got), (_, want)) in r.dumps.iter().zip(&reference.dumps) {
             assert!(
                 got == want,
