@@ -821,6 +821,13 @@ fn every_encoding_stores_and_answers_the_same() {
             );
         }
     }
+    eprintln!(
+        "{} replies and {} state dumps compared across {} encodings; request kinds {:?}",
+        reference.replies.len(),
+        reference.dumps.len(),
+        MODES.len(),
+        reference.request_kinds
+    );
     // The state, at every stage.
     for (m, r) in MODES.iter().skip(1).zip(others) {
         for ((stage, got), (_, want)) in r.dumps.iter().zip(&reference.dumps) {
