@@ -37,6 +37,12 @@
 //! went out in the encoding asked for (compact kinds 6–8 only with the
 //! feature), so the comparison cannot pass by all four runs sending the
 //! same bytes.
+//!
+//! A second test runs the real nfsshim under each `RKFILTER_FRAMES` value
+//! (README) with an nfsl/1 client and compares the client's replies and
+//! filterd's state the same way (nfsshim's random ids normalized too);
+//! filterd's `frontend attached` log line shows each nfsshim was granted
+//! the frames asked for (`features`).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
@@ -577,31 +583,37 @@ impl Keys {
     /// A JSON document normalized: keys replaced, every `*_ms` time
     /// zeroed, every array sorted (orders by resume key differ per run).
     fn normalize(&self, v: &Value) -> String {
-        fn walk(v: &mut Value) {
-            match v {
-                Value::Object(m) => {
-                    for (k, x) in m.iter_mut() {
-                        if k.ends_with("_ms") && x.is_u64() {
-                            *x = json!(0);
-                        }
-                        walk(x);
-                    }
-                }
-                Value::Array(a) => {
-                    a.iter_mut().for_each(walk);
-                    if a.iter().all(Value::is_object) {
-                        a.sort_by_key(Value::to_string);
-                    }
-                }
-                _ => {}
-            }
-        }
         let text =
             String::from_utf8(self.normalize_bytes(v.to_string().as_bytes())).expect("still UTF-8");
-        let mut v: Value = serde_json::from_str(&text).expect("still JSON");
-        walk(&mut v);
-        serde_json::to_string_pretty(&v).expect("JSON")
+        canonical(&text)
     }
+}
+
+/// JSON text with every `*_ms` time zeroed and every array of objects
+/// sorted (orders by resume key differ per run), pretty-printed.
+fn canonical(text: &str) -> String {
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    if k.ends_with("_ms") && x.is_u64() {
+                        *x = json!(0);
+                    }
+                    walk(x);
+                }
+            }
+            Value::Array(a) => {
+                a.iter_mut().for_each(walk);
+                if a.iter().all(Value::is_object) {
+                    a.sort_by_key(Value::to_string);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut v: Value = serde_json::from_str(text).expect("JSON");
+    walk(&mut v);
+    serde_json::to_string_pretty(&v).expect("JSON")
 }
 
 fn ctl(target: &[&str], cmd: &str) -> Value {
@@ -664,9 +676,7 @@ fn list_records(f: &mut Front) -> Vec<Value> {
 }
 
 fn run(mode: &Mode, export: &Path) -> Run {
-    let s = Scratch::new(&format!("frames-{}", mode.name));
-    std::fs::remove_dir(s.root()).expect("rmdir root");
-    std::os::unix::fs::symlink(export, s.root()).expect("export symlink");
+    let s = scratch_on(export, &format!("frames-{}", mode.name));
     let sock = s.socket().display().to_string();
     let state = s.state().display().to_string();
     let mut d = Filterd::start(&s, &[], &[]);
@@ -754,14 +764,28 @@ fn server_encoding(features: u64) -> Encoding {
     }
 }
 
-#[test]
-fn every_encoding_stores_and_answers_the_same() {
-    let export = Scratch::new("frames-export");
+/// The export every run of a test serves: [`FILES`], each holding its name.
+fn shared_export(name: &str) -> Scratch {
+    let export = Scratch::new(name);
     for f in FILES {
         let p = export.root().join(f);
         std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
         std::fs::write(&p, f.as_bytes()).expect("file");
     }
+    export
+}
+
+/// A state dir of its own serving the shared `export`.
+fn scratch_on(export: &Path, name: &str) -> Scratch {
+    let s = Scratch::new(name);
+    std::fs::remove_dir(s.root()).expect("rmdir root");
+    std::os::unix::fs::symlink(export, s.root()).expect("export symlink");
+    s
+}
+
+#[test]
+fn every_encoding_stores_and_answers_the_same() {
+    let export = shared_export("frames-export");
     let runs: Vec<Run> = MODES.iter().map(|m| run(m, &export.root())).collect();
     let (reference, others) = runs.split_first().expect("runs");
 
@@ -891,4 +915,153 @@ fn first_difference(a: &str, b: &str) -> String {
             .unwrap_or_default()
             .join("\n")
     )
+}
+
+/// The real nfsshim under each `RKFILTER_FRAMES` (unset: compact frames
+/// with records; `compact`; `binary`; `json`), driven by an nfsl/1 client
+/// through OPEN, a re-sent OPEN, LOCK, LOCKU, CLOSE, a re-sent CLOSE and
+/// OPENs of odd names left open: the client's replies and the state
+/// filterd holds (live, and after `kill -9` from the LMDB files) are the
+/// same. nfsshim draws its client, session and state ids and filterd its
+/// resume keys at random: ids are replaced by their order of appearance
+/// in the client's replies, and each handle's key, create GUID and lease
+/// key by the handle's place among the handles sorted by what is left.
+#[test]
+fn real_nfsshim_stores_the_same_under_every_frame_encoding() {
+    let export = shared_export("frames-nfs-export");
+    // Granted: lock hints (1), and the frames each value asks for.
+    let runs: Vec<(&str, Vec<String>)> = [("", 15), ("compact", 7), ("binary", 3), ("json", 1)]
+        .into_iter()
+        .map(|(frames, granted)| (frames, nfs_run(frames, granted, &export.root())))
+        .collect();
+    let (_, reference) = runs.first().expect("runs");
+    for (frames, got) in &runs {
+        assert_eq!(got.len(), reference.len());
+        for (i, (g, w)) in got.iter().zip(reference).enumerate() {
+            assert!(
+                g == w,
+                "RKFILTER_FRAMES={frames:?}: stage {i} differs:\n{}",
+                first_difference(g, w)
+            );
+        }
+    }
+    eprintln!(
+        "real nfsshim: {} stages compared across {} encodings",
+        reference.len(),
+        runs.len()
+    );
+}
+
+/// One run of the real nfsshim: the client's replies, then the state
+/// live and after `kill -9`, normalized.
+fn nfs_run(frames: &str, granted: u64, export: &Path) -> Vec<String> {
+    use rkfilter_tests::{Nfs, Shim};
+    let s = scratch_on(export, &format!("frames-nfs-{}", frames.len()));
+    let sock = s.socket().display().to_string();
+    let state = s.state().display().to_string();
+    let mut d = Filterd::start(&s, &["--log-format", "json"], &[]);
+    let env: &[(&str, &str)] = if frames.is_empty() {
+        &[]
+    } else {
+        &[("RKFILTER_FRAMES", frames)]
+    };
+    let shim = Shim::start_with_env("nfsshim", &s.socket(), INSTANCE, env);
+    let mut a = Nfs::connect(&shim.addr, "host-é \"a\"", "0123456789abcdef");
+    // nfsshim attached with the frames asked for (filterd logs the grant).
+    d.wait_log(
+        &format!("\"features\":{granted},"),
+        std::time::Duration::from_secs(10),
+    );
+    let mut replies = Vec::new();
+    let open =
+        json!({"op": "OPEN", "owner": "o1", "path": FILES[0], "access": "both", "deny": "none"});
+    let o = a.call(open.clone());
+    replies.push(o.clone());
+    replies.push(a.send(open));
+    let sid = o["stateid"].clone();
+    let l = a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo", "type": "write", "offset": 0, "length": 10}));
+    replies.push(l.clone());
+    replies.push(a.call(
+        json!({"op": "LOCKU", "lock_stateid": l["lock_stateid"], "offset": 0, "length": 10}),
+    ));
+    for (owner, path, deny) in [("o2", FILES[3], "write"), ("o3", FILES[4], "none")] {
+        replies.push(a.call(
+            json!({"op": "OPEN", "owner": owner, "path": path, "access": "read", "deny": deny}),
+        ));
+    }
+    let close = json!({"op": "CLOSE", "stateid": sid});
+    replies.push(a.call(close.clone()));
+    replies.push(a.send(close));
+    for r in &replies {
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+    }
+    let live = ctl_dump(&["--socket", &sock]);
+    d.kill9();
+    let offline = json!({"ctl": ctl_dump(&["--state", &state]), "store": store_dump(&s.state())});
+    drop(shim);
+
+    // nfsshim's ids, by order of appearance in the client's replies.
+    let mut subst: Vec<(String, String)> = Vec::new();
+    fn add(subst: &mut Vec<(String, String)>, from: &str, to: String) {
+        if !from.is_empty() && !subst.iter().any(|(f, _)| f == from) {
+            subst.push((from.to_owned(), to));
+        }
+    }
+    add(&mut subst, &a.clientid, "CLIENT".into());
+    add(&mut subst, &a.sessionid, "SESSION".into());
+    fn ids(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("other", Value::String(s)) => out.push(s.clone()),
+                        _ => ids(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| ids(x, out)),
+            _ => {}
+        }
+    }
+    let mut others = Vec::new();
+    replies.iter().for_each(|r| ids(r, &mut others));
+    for (n, o) in others.iter().enumerate() {
+        add(&mut subst, o, format!("STATE{n}"));
+    }
+    let subst_text = |text: String, subst: &[(String, String)]| {
+        subst
+            .iter()
+            .fold(text, |t, (from, to)| t.replace(from.as_str(), to))
+    };
+    // filterd's and nfsshim's per-handle UUIDs, by the handle's place.
+    let handles = subst_text(live["handles"].to_string(), &subst);
+    let mut handles: Vec<Value> = serde_json::from_str(&handles).expect("handles");
+    let uuids = |h: &Value| {
+        [&h["key"], &h["create_guid"], &h["lease"]["key"]]
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect::<Vec<_>>()
+    };
+    let rest = |h: &Value| {
+        let mut t = h.to_string();
+        for u in uuids(h) {
+            t = t.replace(&u, "");
+        }
+        canonical(&t)
+    };
+    handles.sort_by_cached_key(|h| rest(h));
+    for (n, h) in handles.iter().enumerate() {
+        for (i, u) in uuids(h).into_iter().enumerate() {
+            add(&mut subst, &u, format!("H{n}U{i}"));
+        }
+    }
+    [
+        Value::Array(replies),
+        json!({"client": {"clientid": a.clientid, "sessionid": a.sessionid}}),
+        live,
+        offline,
+    ]
+    .iter()
+    .map(|v| canonical(&subst_text(v.to_string(), &subst)))
+    .collect()
 }

@@ -573,7 +573,7 @@ impl Engine {
                 .values()
                 .filter(|h| h.rec.frontend == *instance && h.conn.is_none())
                 .count();
-            info!(%protocol, %instance, pid = peer.pid, uid = peer.uid, disconnected_handles = orphans, "frontend attached");
+            info!(%protocol, %instance, pid = peer.pid, uid = peer.uid, features = granted, disconnected_handles = orphans, "frontend attached");
         }
         self.conns.insert(
             conn,
