@@ -31,8 +31,10 @@
 //! one open (evicting down to `keep`), op ids 0 and `u64::MAX`, paths with
 //! a tab, a newline, quotes, backslashes and CJK / combining characters
 //! (the wire carries UTF-8 only: a name that is not UTF-8 cannot be asked
-//! for), a close that only deletes, and closes refused (records into the
-//! closed handle's own scope, records on a non-persistent handle's close).
+//! for), a close that only deletes, a durable open with records, frame
+//! ids near `u64::MAX` (ten-byte varints), and closes refused (records
+//! into the closed handle's own scope, records on a non-persistent or
+//! durable handle's close).
 //! Each run also checks that the request frames carrying records really
 //! went out in the encoding asked for (compact kinds 6–8 only with the
 //! feature), so the comparison cannot pass by all four runs sending the
@@ -127,7 +129,9 @@ impl Front {
             fd,
             buf: vec![0; proto::MAX_FRAME + 1],
             encoding: Encoding::Json,
-            next_id: 1,
+            // Frame ids near the top of their range: ten-byte varints
+            // in the compact frames.
+            next_id: u64::MAX - (1 << 20),
             wire: Vec::new(),
         };
         match f.recv() {
@@ -483,6 +487,26 @@ fn workload(f: &mut Front) -> Vec<ResumeKey> {
         delete: vec![],
     })
     .expect("plain close");
+    // A durable (not persistent) open with records, whose close may not
+    // carry any; timeouts at the top of their range (filterd caps them).
+    let durable = f.opened(Request::ReplayOpen(OpenRequest {
+        durability: Durability::Durable {
+            timeout_ms: u32::MAX,
+        },
+        ..nfs_open(FILES[1], 13, true, open_records(13, 30))
+    }));
+    f.call(Request::Close {
+        key: durable,
+        put: vec![],
+        delete: vec![(session("states/c1"), 13)],
+    })
+    .expect_err("records on a durable close");
+    f.call(Request::Close {
+        key: durable,
+        put: vec![],
+        delete: vec![],
+    })
+    .expect("durable close");
     // A record-only update and a deletion (nfsshim's DELEGRETURN, its
     // restore pruning).
     f.call(Request::WriteRecords {
