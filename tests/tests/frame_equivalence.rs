@@ -943,10 +943,12 @@ fn first_difference(a: &str, b: &str) -> String {
 
 /// The real nfsshim under each `RKFILTER_FRAMES` (unset: compact frames
 /// with records; `compact`; `binary`; `json`), driven by an nfsl/1 client
-/// through OPEN, a re-sent OPEN, LOCK, LOCKU, CLOSE, a re-sent CLOSE and
-/// OPENs of odd names left open: the client's replies and the state
-/// filterd holds (live, and after `kill -9` from the LMDB files) are the
-/// same. nfsshim draws its client, session and state ids and filterd its
+/// through OPEN, a re-sent OPEN, LOCK, an OPEN of the locked file, LOCKU,
+/// CLOSE, a re-sent CLOSE and OPENs of odd names left open, then (after
+/// `kill -9` and a restart of filterd, nfsshim reattaching by itself) an
+/// OPEN and a CLOSE: the client's replies and the state filterd holds
+/// (live, after `kill -9` from the LMDB files, and after the restart) are
+/// the same. nfsshim draws its client, session and state ids and filterd its
 /// resume keys at random: ids are replaced by their order of appearance
 /// in the client's replies, and each handle's key, create GUID and lease
 /// key by the handle's place among the handles sorted by what is left.
@@ -1005,6 +1007,10 @@ fn nfs_run(frames: &str, granted: u64, export: &Path) -> Vec<String> {
     let sid = o["stateid"].clone();
     let l = a.call(json!({"op": "LOCK", "stateid": sid, "owner": "lo", "type": "write", "offset": 0, "length": 10}));
     replies.push(l.clone());
+    // An open of the locked file (filterd's answer says `locked`).
+    replies.push(a.call(
+        json!({"op": "OPEN", "owner": "o4", "path": FILES[0], "access": "read", "deny": "none"}),
+    ));
     replies.push(a.call(
         json!({"op": "LOCKU", "lock_stateid": l["lock_stateid"], "offset": 0, "length": 10}),
     ));
@@ -1022,7 +1028,31 @@ fn nfs_run(frames: &str, granted: u64, export: &Path) -> Vec<String> {
     let live = ctl_dump(&["--socket", &sock]);
     d.kill9();
     let offline = json!({"ctl": ctl_dump(&["--state", &state]), "store": store_dump(&s.state())});
+    // Restarted: nfsshim reattaches by itself (restoring its tables from
+    // the records), then serves an OPEN and a CLOSE with records again.
+    let d = Filterd::start(&s, &[], &[]);
+    let o5 =
+        json!({"op": "OPEN", "owner": "o5", "path": FILES[1], "access": "read", "deny": "none"});
+    let o5 = a.call_patiently(o5);
+    replies.push(o5.clone());
+    replies.push(a.call(json!({"op": "CLOSE", "stateid": o5["stateid"]})));
+    assert!(
+        replies.iter().all(|r| r["status"] == "NFS4_OK"),
+        "{replies:?}"
+    );
+    // The DELAYs before nfsshim was back took transport ids (xids).
+    for r in &mut replies {
+        if let Some(m) = r.as_object_mut() {
+            m.remove("xid");
+        }
+    }
+    let restarted = ctl_dump(&["--socket", &sock]);
+    for dump in [&live, &restarted] {
+        let n = dump["handles"].as_array().map(Vec::len);
+        assert_eq!(n, Some(3), "o2, o3 and o4 stay open: {dump}");
+    }
     drop(shim);
+    drop(d);
 
     // nfsshim's ids, by order of appearance in the client's replies.
     let mut subst: Vec<(String, String)> = Vec::new();
@@ -1084,6 +1114,7 @@ fn nfs_run(frames: &str, granted: u64, export: &Path) -> Vec<String> {
         json!({"client": {"clientid": a.clientid, "sessionid": a.sessionid}}),
         live,
         offline,
+        restarted,
     ]
     .iter()
     .map(|v| canonical(&subst_text(v.to_string(), &subst)))
