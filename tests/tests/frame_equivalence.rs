@@ -31,7 +31,8 @@
 //! one open (evicting down to `keep`), op ids 0 and `u64::MAX`, paths with
 //! a tab, a newline, quotes, backslashes and CJK / combining characters
 //! (the wire carries UTF-8 only: a name that is not UTF-8 cannot be asked
-//! for), a close that only deletes, a durable open with records, frame
+//! for), a close that only deletes and one that only puts, a durable
+//! open with records, frame
 //! ids near `u64::MAX` (ten-byte varints), and closes refused (records
 //! into the closed handle's own scope, records on a non-persistent or
 //! durable handle's close).
@@ -468,6 +469,15 @@ fn workload(f: &mut Front) -> Vec<ResumeKey> {
         delete: vec![],
     })
     .expect_err("records into the closed handle's scope");
+    // It closes with a record and no deletion (no deletions in the
+    // compact frame).
+    f.call(Request::Close {
+        key: own,
+        put: vec![slot_reply(22)],
+        delete: vec![],
+    })
+    .expect("close with a record only");
+    odd.remove(0);
     let passing = f.opened(Request::Open(OpenRequest {
         durability: Durability::None,
         share: Rights::ALL,
