@@ -32,11 +32,9 @@
 //! a tab, a newline, quotes, backslashes and CJK / combining characters
 //! (the wire carries UTF-8 only: a name that is not UTF-8 cannot be asked
 //! for), a close that only deletes and one that only puts, a durable
-//! open with records, frame
-//! ids near `u64::MAX` (ten-byte varints), and closes refused (records
-//! into the closed handle's own scope, records on a non-persistent or
-//! durable handle's close).
-//! Each run also checks that the request frames carrying records really
+//! open with records, frame ids near `u64::MAX` (ten-byte varints), and
+//! closes refused (records into the closed handle's own scope, records on
+//! a non-persistent or durable handle's close). Each run also checks that the request frames carrying records really
 //! went out in the encoding asked for (compact kinds 6–8 only with the
 //! feature), so the comparison cannot pass by all four runs sending the
 //! same bytes.
