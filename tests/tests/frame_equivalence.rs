@@ -118,12 +118,22 @@ struct Front {
 
 impl Front {
     fn attach(socket: &Path, features: u64) -> Front {
+        Self::attach_as(socket, features, INSTANCE)
+    }
+    fn attach_as(socket: &Path, features: u64, instance: &str) -> Front {
         let hello = json!({
             "version": 1,
             "features": features,
-            "role": {"kind": "frontend", "protocol": "nfs", "instance": INSTANCE},
+            "role": {"kind": "frontend", "protocol": "nfs", "instance": instance},
         });
         let fd = rkfilter_tests::raw_connect(socket, &hello.to_string());
+        // A reply that never comes fails the test rather than hanging it.
+        nix::sys::socket::setsockopt(
+            &fd,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(20, 0),
+        )
+        .expect("receive timeout");
         let mut f = Front {
             fd,
             buf: vec![0; proto::MAX_FRAME + 1],
@@ -1127,4 +1137,60 @@ fn nfs_run(frames: &str, granted: u64, export: &Path) -> Vec<String> {
     .iter()
     .map(|v| canonical(&subst_text(v.to_string(), &subst)))
     .collect()
+}
+
+/// Where the encodings are not equivalent, by design: a frame is at most
+/// 64 KiB in every encoding, and JSON escapes a control character in six
+/// bytes, so a record of up to 16 KiB stored through binary frames (which
+/// carry text as it is) may not fit a JSON reply. A JSON reader then gets
+/// a clear error (`Internal`, "reply could not be encoded") for that
+/// lookup or listing page — never a hang or a lost connection — and a
+/// binary reader the record. (nfsshim's records are JSON text, which JSON
+/// escapes to at most twice its length: they always fit.)
+#[test]
+fn a_record_too_large_for_json_frames_is_refused_to_json_readers_only() {
+    let s = Scratch::new("frames-json-limit");
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut writer = Front::attach_as(&s.socket(), MODES[0].features, "writer");
+    let mut json_reader = Front::attach_as(&s.socket(), 0, "json-reader");
+    let mut binary_reader =
+        Front::attach_as(&s.socket(), proto::FEATURE_BINARY_FRAMES, "binary-reader");
+    let record = |n: usize| "\u{1}".repeat(n);
+    for n in [10_000, libfilter::model::MAX_REPLY_BYTES] {
+        writer
+            .call(Request::RecordReply {
+                scope: session("limit"),
+                op_id: n as u64,
+                reply: record(n),
+                keep: 8,
+            })
+            .expect("stored");
+    }
+    let lookup = |f: &mut Front, n: usize| {
+        f.call(Request::LookupReply {
+            scope: session("limit"),
+            op_id: n as u64,
+        })
+    };
+    let text = |r: Result<Reply, proto::WireError>| match r {
+        Ok(Reply::Recorded {
+            record: Some(rec), ..
+        }) => rec.reply,
+        other => panic!("{other:?}"),
+    };
+    // 60 KiB escaped: fits.
+    assert_eq!(text(lookup(&mut json_reader, 10_000)), record(10_000));
+    // 96 KiB escaped: a clear error, and the connection keeps serving.
+    let e = lookup(&mut json_reader, libfilter::model::MAX_REPLY_BYTES)
+        .expect_err("too large for a JSON frame");
+    assert_eq!(e.code, proto::ErrorCode::Internal, "{e:?}");
+    assert!(e.message.contains("could not be encoded"), "{e:?}");
+    assert_eq!(text(lookup(&mut json_reader, 10_000)), record(10_000));
+    assert_eq!(
+        text(lookup(
+            &mut binary_reader,
+            libfilter::model::MAX_REPLY_BYTES
+        )),
+        record(libfilter::model::MAX_REPLY_BYTES)
+    );
 }
