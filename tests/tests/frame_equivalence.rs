@@ -1184,7 +1184,11 @@ fn a_record_too_large_for_json_frames_is_refused_to_json_readers_only() {
     let e = lookup(&mut json_reader, libfilter::model::MAX_REPLY_BYTES)
         .expect_err("too large for a JSON frame");
     assert_eq!(e.code, proto::ErrorCode::Internal, "{e:?}");
-    assert!(e.message.contains("could not be encoded"), "{e:?}");
+    // It says why (it said only "reply could not be encoded").
+    assert!(
+        e.message.contains("could not be encoded") && e.message.contains("exceeds 65536"),
+        "{e:?}"
+    );
     assert_eq!(text(lookup(&mut json_reader, 10_000)), record(10_000));
     assert_eq!(
         text(lookup(

@@ -723,16 +723,28 @@ impl Engine {
                 None => None,
             };
             self.reply_when_durable(writer, id, &out, fd);
-        } else if !writer.send_frame(&out, fd.map(|f| f.as_fd())) {
-            // The reply could not be encoded (or sent): never leave a request
-            // unanswered.
-            writer.send_frame(
-                &ServerFrame::Reply {
-                    id: Some(id),
-                    result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
-                },
-                None,
-            );
+        } else {
+            match writer.encode(&out) {
+                Ok(bytes) => {
+                    // A peer that cannot take it is shut down by `send`.
+                    writer.send(&bytes, fd.map(|f| f.as_fd()));
+                }
+                // Never leave a request unanswered, and say why (a stored
+                // record that fits binary frames may not fit JSON ones).
+                Err(e) => {
+                    error!(error = %e, "could not encode a reply");
+                    writer.send_frame(
+                        &ServerFrame::Reply {
+                            id: Some(id),
+                            result: Err(err(
+                                ErrorCode::Internal,
+                                format!("reply could not be encoded: {}", e.message),
+                            )),
+                        },
+                        None,
+                    );
+                }
+            }
         }
     }
 
