@@ -1014,7 +1014,7 @@ fn nfs_run(frames: &str, granted: u64, export: &Path) -> Vec<String> {
     // nfsshim attached with the frames asked for (filterd logs the grant).
     d.wait_log(
         &format!("\"features\":{granted},"),
-        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(30),
     );
     let mut replies = Vec::new();
     let open =
@@ -1049,6 +1049,16 @@ fn nfs_run(frames: &str, granted: u64, export: &Path) -> Vec<String> {
     // Restarted: nfsshim reattaches by itself (restoring its tables from
     // the records), then serves an OPEN and a CLOSE with records again.
     let d = Filterd::start(&s, &[], &[]);
+    rkfilter_tests::wait_for(
+        "nfsshim to reattach",
+        std::time::Duration::from_secs(30),
+        || {
+            let f = ctl(&["--socket", &sock], "frontends");
+            f.as_array()
+                .is_some_and(|a| a.iter().any(|x| x["instance"] == INSTANCE))
+                .then_some(())
+        },
+    );
     let o5 =
         json!({"op": "OPEN", "owner": "o5", "path": FILES[1], "access": "read", "deny": "none"});
     let o5 = a.call_patiently(o5);
