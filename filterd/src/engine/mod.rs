@@ -334,6 +334,19 @@ pub(crate) fn mono_ms() -> u64 {
     u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The reply to request `id` in place of one that could not be encoded
+/// (`e`): never leave a request unanswered, and say why (a stored record
+/// that fits binary frames may not fit JSON ones).
+fn unencodable(id: u64, e: &WireError) -> ServerFrame {
+    ServerFrame::Reply {
+        id: Some(id),
+        result: Err(err(
+            ErrorCode::Internal,
+            format!("reply could not be encoded: {}", e.message),
+        )),
+    }
+}
+
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
 }
@@ -729,20 +742,9 @@ impl Engine {
                     // A peer that cannot take it is shut down by `send`.
                     writer.send(&bytes, fd.map(|f| f.as_fd()));
                 }
-                // Never leave a request unanswered, and say why (a stored
-                // record that fits binary frames may not fit JSON ones).
                 Err(e) => {
                     error!(error = %e, "could not encode a reply");
-                    writer.send_frame(
-                        &ServerFrame::Reply {
-                            id: Some(id),
-                            result: Err(err(
-                                ErrorCode::Internal,
-                                format!("reply could not be encoded: {}", e.message),
-                            )),
-                        },
-                        None,
-                    );
+                    writer.send_frame(&unencodable(id, &e), None);
                 }
             }
         }
