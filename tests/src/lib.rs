@@ -573,6 +573,18 @@ impl Shim {
         Shim::spawn(Command::new(bin(bin_name)), socket, instance, extra)
     }
 
+    /// As [`Shim::start`], with extra environment (e.g. `RKFILTER_FRAMES`).
+    pub fn start_with_env(
+        bin_name: &str,
+        socket: &Path,
+        instance: &str,
+        env: &[(&str, &str)],
+    ) -> Shim {
+        let mut cmd = Command::new(bin(bin_name));
+        cmd.envs(env.iter().copied());
+        Shim::spawn(cmd, socket, instance, &[])
+    }
+
     /// As [`Shim::start_with`], under a descriptor limit of `nofile`
     /// (soft and hard, set by util-linux `prlimit`).
     pub fn start_with_nofile(

@@ -453,11 +453,7 @@ impl Engine {
             Ok(b) => b,
             Err(e) => {
                 error!(error = %e, "cannot encode reply");
-                let fallback = ServerFrame::Reply {
-                    id: Some(id),
-                    result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
-                };
-                match writer.encode(&fallback) {
+                match writer.encode(&super::unencodable(id, &e)) {
                     Ok(b) => b,
                     Err(_) => return,
                 }

@@ -334,6 +334,19 @@ pub(crate) fn mono_ms() -> u64 {
     u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The reply to request `id` in place of one that could not be encoded
+/// (`e`): never leave a request unanswered, and say why (a stored record
+/// that fits binary frames may not fit JSON ones).
+fn unencodable(id: u64, e: &WireError) -> ServerFrame {
+    ServerFrame::Reply {
+        id: Some(id),
+        result: Err(err(
+            ErrorCode::Internal,
+            format!("reply could not be encoded: {}", e.message),
+        )),
+    }
+}
+
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
 }
@@ -573,7 +586,7 @@ impl Engine {
                 .values()
                 .filter(|h| h.rec.frontend == *instance && h.conn.is_none())
                 .count();
-            info!(%protocol, %instance, pid = peer.pid, uid = peer.uid, disconnected_handles = orphans, "frontend attached");
+            info!(%protocol, %instance, pid = peer.pid, uid = peer.uid, features = granted, disconnected_handles = orphans, "frontend attached");
         }
         self.conns.insert(
             conn,
@@ -723,16 +736,17 @@ impl Engine {
                 None => None,
             };
             self.reply_when_durable(writer, id, &out, fd);
-        } else if !writer.send_frame(&out, fd.map(|f| f.as_fd())) {
-            // The reply could not be encoded (or sent): never leave a request
-            // unanswered.
-            writer.send_frame(
-                &ServerFrame::Reply {
-                    id: Some(id),
-                    result: Err(err(ErrorCode::Internal, "reply could not be encoded")),
-                },
-                None,
-            );
+        } else {
+            match writer.encode(&out) {
+                Ok(bytes) => {
+                    // A peer that cannot take it is shut down by `send`.
+                    writer.send(&bytes, fd.map(|f| f.as_fd()));
+                }
+                Err(e) => {
+                    error!(error = %e, "could not encode a reply");
+                    writer.send_frame(&unencodable(id, &e), None);
+                }
+            }
         }
     }
 
