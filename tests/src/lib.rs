@@ -702,6 +702,29 @@ impl RkSmbd {
         users: &[(&str, &str)],
         extra: &[&str],
     ) -> RkSmbd {
+        RkSmbd::start_full(s, instance, share, users, extra, None)
+    }
+
+    /// [`RkSmbd::start`] under a descriptor limit of `nofile` (as
+    /// [`Shim::start_with_nofile`]).
+    pub fn start_with_nofile(
+        s: &Scratch,
+        instance: &str,
+        share: &str,
+        users: &[(&str, &str)],
+        nofile: u64,
+    ) -> RkSmbd {
+        RkSmbd::start_full(s, instance, share, users, &[], Some(nofile))
+    }
+
+    fn start_full(
+        s: &Scratch,
+        instance: &str,
+        share: &str,
+        users: &[(&str, &str)],
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> RkSmbd {
         let file = s.dir.join("users");
         let mut text = String::new();
         for (name, password) in users {
@@ -722,12 +745,11 @@ impl RkSmbd {
         }
         std::fs::write(&file, text).expect("users file");
         let users_arg = file.to_string_lossy().into_owned();
-        let shim = Shim::start_with(
-            "rksmbd",
-            &s.socket(),
-            instance,
-            &[&["--share", share, "--users", &users_arg][..], extra].concat(),
-        );
+        let flags = [&["--share", share, "--users", &users_arg][..], extra].concat();
+        let shim = match nofile {
+            Some(n) => Shim::start_with_nofile("rksmbd", &s.socket(), instance, &flags, n),
+            None => Shim::start_with("rksmbd", &s.socket(), instance, &flags),
+        };
         RkSmbd {
             shim,
             share: share.to_owned(),

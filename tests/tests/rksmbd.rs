@@ -440,6 +440,21 @@ fn smbprotocol_script_passes(srv: &RkSmbd, script: &str) {
     smbprotocol_script_passes_with(srv, script, &[]);
 }
 
+/// Review wB: rksmbd's opens had no cap below its descriptor limit. Under
+/// a limit of 128 one client's opens filled the table (117), its next
+/// CREATEs failed STATUS_INTERNAL_ERROR, and every other client's
+/// connection was closed as it came. Now a CREATE past the cap is
+/// STATUS_INSUFFICIENT_RESOURCES, others connect and log on, a closed
+/// open frees a slot, and filterd is left holding nothing.
+#[test]
+fn opens_stay_below_the_descriptor_limit() {
+    let s = Scratch::new("rksmbd-descriptors");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &[("alice", "pw")], 128);
+    smbprotocol_script_passes_with(&srv, "descriptor_limit.py", &["128"]);
+    no_handles_left(&d);
+}
+
 /// As [`smbprotocol_script_passes`], with `extra` arguments after the
 /// usual five.
 fn smbprotocol_script_passes_with(srv: &RkSmbd, script: &str, extra: &[&str]) {

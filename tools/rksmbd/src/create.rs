@@ -72,6 +72,14 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     if c.opens.len() >= MAX_OPENS_PER_CONNECTION {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
+    if c.sh.fds.held() >= c.sh.fds.cap() {
+        tracing::info!(
+            conn = c.id,
+            cap = c.sh.fds.cap(),
+            "CREATE refused: the opens hold the descriptors allowed"
+        );
+        return Err(status::INSUFFICIENT_RESOURCES);
+    }
     let mut r = Reader::new(req.body);
     if r.u16("structure size")? != 57 {
         return Err(status::INVALID_PARAMETER);
@@ -870,6 +878,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             }),
             resilient_ms: None,
             lock_sequences: Vec::new(),
+            counted: None,
         },
     );
     Ok(create_reply(
@@ -1227,6 +1236,7 @@ fn reconnect(
             replay: None,
             resilient_ms: None,
             lock_sequences: Vec::new(),
+            counted: None,
         },
     );
     if !rc.v1 {
@@ -1322,5 +1332,6 @@ fn dir_open(
         replay: None,
         resilient_ms: None,
         lock_sequences: Vec::new(),
+        counted: None,
     }
 }

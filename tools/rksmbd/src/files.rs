@@ -101,6 +101,8 @@ pub(crate) fn errno_status(e: nix::errno::Errno) -> u32 {
         }
         Errno::ENOSPC | Errno::EDQUOT => status::DISK_FULL,
         Errno::ENAMETOOLONG => status::OBJECT_NAME_INVALID,
+        // rksmbd's descriptor table (or the system's) is full.
+        Errno::EMFILE | Errno::ENFILE => status::INSUFFICIENT_RESOURCES,
         _ => status::INTERNAL_ERROR,
     }
 }
@@ -239,6 +241,10 @@ pub struct Open {
     /// durable handles, and such an open lives no longer than this
     /// connection. (index, number) of the LOCKs applied, one per index.
     pub(crate) lock_sequences: Vec<(u8, u8)>,
+    /// Its descriptor, counted under the server's cap
+    /// ([`crate::server::Shared::fds`]) from [`Connection::add_open`]
+    /// until the open is dropped.
+    pub(crate) counted: Option<shimline::descriptors::DescriptorSlot>,
 }
 
 /// The lease key of the oplock of open `id` (an OPLOCK_BREAK

@@ -138,6 +138,10 @@ pub struct Shared {
     /// Files and directories an open marked delete-on-close, which
     /// QUERY_DIRECTORY does not list.
     pub delete_pending: crate::files::DeletePending,
+    /// The descriptors opens hold, capped below the descriptor limit
+    /// ([`opens_allowed`]): a CREATE past it is
+    /// STATUS_INSUFFICIENT_RESOURCES.
+    pub fds: Arc<shimline::descriptors::Descriptors>,
     /// Connections not logged on yet.
     not_logged_on: NotLoggedOn,
     /// Connections logged on, per user.
@@ -232,6 +236,27 @@ impl PerUser {
     }
 }
 
+/// Most connections served at once (and from one address), as the shims
+/// have them.
+const MAX_CONNECTIONS: usize = 1024;
+const MAX_CONNECTIONS_PER_PEER: usize = 256;
+
+/// Descriptors a connection may hold: its socket, the writer's clone, one
+/// while it is not logged on ([`NotLoggedOn`]) and its channel outbox's.
+const DESCRIPTORS_PER_CONNECTION: usize = 4;
+
+/// How many descriptors rksmbd's opens (files and directories) may hold,
+/// the descriptor limit raised first to the hard limit
+/// ([`shimline::descriptors::opens_allowed`]). Before review wB there was
+/// no cap: one client's opens filled the table (under a limit of 128,
+/// 117 opens), its next CREATEs failed STATUS_INTERNAL_ERROR (EMFILE),
+/// every other client's connection was closed as it came (no descriptor
+/// for its writer) and filterd could not be reattached; and the soft
+/// limit (often 1,024) was never raised.
+fn opens_allowed() -> usize {
+    shimline::descriptors::opens_allowed(MAX_CONNECTIONS * DESCRIPTORS_PER_CONNECTION)
+}
+
 /// Attaches to filterd, listens, serves forever.
 pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -254,6 +279,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         breaking: crate::breaking::BreaksInProgress::default(),
         registry: crate::sessions::Registry::default(),
         delete_pending: crate::files::DeletePending::default(),
+        fds: shimline::descriptors::Descriptors::new(opens_allowed()),
         not_logged_on: NotLoggedOn::default(),
         per_user: PerUser::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
@@ -269,8 +295,8 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         prefix: "rksmbd",
         id_field: "mid",
         busy_status: "STATUS_INSUFFICIENT_RESOURCES",
-        max_connections: 1024,
-        max_connections_per_peer: 256,
+        max_connections: MAX_CONNECTIONS,
+        max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
     };
     shimline::accept_forever(listener, cfg, move |conn, stream| {
         let mut c = Connection::new(shared.clone(), conn);
@@ -637,8 +663,15 @@ impl Connection {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         let _ = stream.set_read_timeout(Some(FRAME_TIMEOUT));
-        let Ok(writer) = stream.try_clone().map(|w| Arc::new(Mutex::new(w))) else {
-            return;
+        let writer = match stream.try_clone() {
+            Ok(w) => Arc::new(Mutex::new(w)),
+            Err(e) => {
+                tracing::warn!(
+                    conn = self.id,
+                    "connection dropped, no descriptor for its writer: {e}"
+                );
+                return;
+            }
         };
         let peer = stream.peer_addr().ok().map(|a| a.ip());
         self.sh.not_logged_on.arrived(self.id, peer, &stream);
@@ -1158,7 +1191,12 @@ impl Connection {
 
     /// A new open: kept by this connection, its filterd handle known to
     /// its session's link.
-    pub fn add_open(&mut self, id: u64, open: Open) {
+    pub fn add_open(&mut self, id: u64, mut open: Open) {
+        if open.counted.is_none() {
+            // Counted even past the cap: the open is made (a CREATE
+            // checks the cap before making one).
+            open.counted = Some(self.sh.fds.force());
+        }
         if let (crate::files::Kind::File { key, .. }, Some(link)) = (
             &open.kind,
             self.sessions

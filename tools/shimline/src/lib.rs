@@ -19,7 +19,8 @@
 //!   writer thread either.
 //! - **Connections are capped**, in all and per peer address.
 //!   [`accept_forever`] serves at most `max_connections` at once (two
-//!   threads each: reader and writer), and at most
+//!   threads each: reader and writer; a connection counts until both have
+//!   let go of its socket), and at most
 //!   `max_connections_per_peer` from one IP address, so one host's flood
 //!   fills its own share first; one more is answered with a single refusal
 //!   line and closed.
@@ -536,10 +537,16 @@ impl Outbound {
             queued: AtomicUsize::new(0),
         });
         let q = queue.clone();
+        // The connection stays counted under the caps while this thread
+        // holds its socket (see [`Admitted`]).
+        let admitted = ADMITTED.with(|a| a.borrow().clone());
         std::thread::Builder::new()
             .name(format!("{name}-out"))
             .stack_size(WRITER_STACK)
-            .spawn(move || q.drain(conn, out))?;
+            .spawn(move || {
+                q.drain(conn, out);
+                drop(admitted);
+            })?;
         Ok(Arc::new(Outbound {
             conn,
             out: queue,
@@ -718,18 +725,50 @@ pub fn accept_forever(
             refuse(stream, &cfg, &why);
             continue;
         }
-        let (conn, serve, gone) = (next, serve.clone(), live.clone());
+        let (conn, serve) = (next, serve.clone());
+        // Released when the thread is not spawned, too (the closure goes).
+        let admitted = Arc::new(Admitted {
+            live: live.clone(),
+            peer,
+        });
         let spawned = std::thread::Builder::new()
             .name(format!("{}-conn-{conn}", cfg.prefix))
             .spawn(move || {
+                ADMITTED.with(|a| *a.borrow_mut() = Some(admitted.clone()));
                 serve(conn, stream);
-                release(&gone, peer);
+                ADMITTED.with(|a| a.borrow_mut().take());
+                drop(admitted);
             });
         if let Err(e) = spawned {
             eprintln!("connection {next}: dropped, no thread to serve it: {e}");
-            release(&live, peer);
         }
     }
+}
+
+/// A connection counted under the caps of [`accept_forever`] until every
+/// thread holding its socket has let go: the thread serving it and its
+/// writer thread ([`Outbound::start`] takes a share from [`ADMITTED`]).
+/// Before review wB the count went when the reader ended, while the
+/// writer thread could go on draining replies to a peer that half-closed
+/// and read nothing — for up to [`WRITE_STALL_LIMIT`], holding the socket,
+/// a thread and up to [`MAX_QUEUED_BYTES`]: a client could hold any
+/// number of them past `--max-connections`.
+struct Admitted {
+    live: Arc<Mutex<Live>>,
+    peer: Option<std::net::IpAddr>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        release(&self.live, self.peer);
+    }
+}
+
+thread_local! {
+    /// The admission of the connection this thread serves, for its writer
+    /// thread to share.
+    static ADMITTED: std::cell::RefCell<Option<Arc<Admitted>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Connections being served: in all and per peer address.
@@ -1165,6 +1204,78 @@ mod tests {
     }
 
     /// Accepted connections send without Nagle's delay.
+    /// Review wB: a peer that sent a request with a large reply, half-closed
+    /// and read nothing ended its reader at once, and its connection left
+    /// the count while its writer thread went on holding the socket (for up
+    /// to [`WRITE_STALL_LIMIT`]): here a second connection was served past
+    /// `max_connections` 1. It now counts until its writer lets go too.
+    #[test]
+    fn a_connection_counts_until_its_writer_lets_go_of_the_socket() {
+        use std::io::Read;
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (ended, readers_ended) = crossbeam_channel::unbounded();
+        let cfg = Listen {
+            prefix: "test",
+            id_field: "mid",
+            busy_status: "BUSY",
+            max_connections: 1,
+            max_connections_per_peer: 1,
+        };
+        std::thread::spawn(move || {
+            let writers = Writers::default();
+            accept_forever(l, cfg, move |conn, s: TcpStream| {
+                writers.serve(conn, s, "mid", "BAD", |line, _| {
+                    // More than the sockets' buffers hold.
+                    Some(match line {
+                        b"big\n" => json!({"mid": 1, "data": "x".repeat(16 << 20)}),
+                        _ => json!({"mid": 2, "status": "OK"}),
+                    })
+                });
+                let _ = ended.send(conn);
+            })
+        });
+        let mut stalled = TcpStream::connect(addr).expect("connect");
+        stalled.write_all(b"big\n").expect("send");
+        stalled.shutdown(Shutdown::Write).expect("half-close");
+        let wait = std::time::Duration::from_secs(10);
+        assert_eq!(readers_ended.recv_timeout(wait), Ok(1), "its reader ended");
+        let line_of = |mut c: TcpStream| {
+            c.set_read_timeout(Some(wait)).expect("timeout");
+            let _ = c.write_all(b"small\n");
+            let mut line = String::new();
+            let _ = BufReader::new(&mut c).read_line(&mut line);
+            line
+        };
+        // Its reader's end is signalled just before the old code let the
+        // count go: connections within the next half second are refused.
+        for _ in 0..25 {
+            let line = line_of(TcpStream::connect(addr).expect("connect"));
+            assert!(
+                line.contains("BUSY"),
+                "served past the cap while the writer holds the socket: {line}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The stalled peer goes (its unread bytes make the close a reset):
+        // the writer fails, lets go, and the next connection is served.
+        let mut one = [0u8; 1];
+        assert_eq!(stalled.read(&mut one).ok(), Some(1), "replies were pending");
+        drop(stalled);
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let line = line_of(TcpStream::connect(addr).expect("connect"));
+            if line.contains("OK") {
+                break;
+            }
+            assert!(
+                line.contains("BUSY") && std::time::Instant::now() < deadline,
+                "{line}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn accepted_connections_have_nodelay() {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
