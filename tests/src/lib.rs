@@ -85,13 +85,22 @@ impl Scratch {
     }
 }
 
+/// Whether this runs as root (mounting `what` for test `name`); says on
+/// stderr that the test is skipped otherwise.
+fn root_or_skip(name: &str, what: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("skipping: {name} needs root to mount {what}");
+    }
+    root
+}
+
 impl Scratch {
     /// A scratch dir whose export root is its own tmpfs mount (so filterd
     /// can mediate local access with fanotify). `None`, with a note on
     /// stderr, when not root or mounting fails; CI runs as root.
     pub fn with_tmpfs(name: &str) -> Option<Scratch> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: {name} needs root to mount a tmpfs");
+        if !root_or_skip(name, "a tmpfs") {
             return None;
         }
         let s = Scratch::new(name);
@@ -112,11 +121,42 @@ impl Scratch {
 }
 
 impl Scratch {
+    /// A scratch dir whose export root is an ext4 filesystem of its own (a
+    /// loop-mounted image beside it): ext4 gives a freed inode number to
+    /// the next file made at once, tmpfs never. `None`, with a note on
+    /// stderr, when not root or the image cannot be made or mounted
+    /// (`mkfs.ext4`, loop devices).
+    pub fn with_ext4(name: &str) -> Option<Scratch> {
+        if !root_or_skip(name, "an ext4 image") {
+            return None;
+        }
+        let s = Scratch::new(name);
+        let img = s.dir.join("ext4.img");
+        let ok = |c: &mut Command| {
+            c.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|st| st.success())
+        };
+        if !(ok(Command::new("truncate").arg("-s").arg("32M").arg(&img))
+            && ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))
+            && ok(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(s.root())))
+        {
+            eprintln!("skipping: {name} cannot make an ext4 loop mount (mkfs.ext4, loop devices)");
+            return None;
+        }
+        Some(s)
+    }
+}
+
+impl Scratch {
     /// A scratch dir whose state dir is a small tmpfs of `size` (e.g.
     /// "2m"), to run out of space on purpose. `None` when not root.
     pub fn with_small_state(name: &str, size: &str) -> Option<Scratch> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: {name} needs root to mount a tmpfs");
+        if !root_or_skip(name, "a tmpfs") {
             return None;
         }
         let s = Scratch::new(name);

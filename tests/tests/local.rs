@@ -1186,3 +1186,58 @@ fn a_protocol_open_racing_reader_allowed_local_opens_sees_them() {
     eprintln!("granted {granted}, refused {refused}");
     close(&fe, first);
 }
+
+/// Review wA (round 11): a recovered persistent handle holds no descriptor
+/// of its file (one is taken when it is resumed), so its file can be
+/// removed and the inode number given to the next file made (ext4 does
+/// that at once). That unrelated file's opens — local and protocol — were
+/// refused by the removed file's handle (its share mode), and would have
+/// been until the handle's timeout: the handle, whose kernel handle names
+/// another generation, has lost its file, and decides nothing.
+#[test]
+fn a_recovered_handle_does_not_decide_opens_of_a_file_reusing_its_inode() {
+    let Some(s) = Scratch::with_ext4("fan-reuse") else {
+        return;
+    };
+    let mut d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    let old = s.root().join("old.txt");
+    std::fs::write(&old, b"x").unwrap();
+    // Shares write only: a local open (a read) conflicts.
+    let mut r = req("old.txt", Rights::WRITE, None);
+    r.durability = Durability::Persistent { timeout_ms: 60_000 };
+    let key = fe.open(r).unwrap().info.key;
+    d.kill9();
+    drop(fe);
+    let _d2 = Filterd::start_mediated(&s, &[]);
+    let read = |p: &std::path::Path| {
+        let rx = local_open(p.to_path_buf());
+        rx.recv_timeout(Duration::from_secs(10)).expect("a verdict")
+    };
+    assert!(
+        read(&old).is_err(),
+        "the recovered handle refuses local reads"
+    );
+    std::fs::remove_file(&old).unwrap();
+    let new = s.root().join("new.txt");
+    // Made even if the open making it is refused.
+    let created = std::fs::write(&new, b"y");
+    let fe = frontend(&s);
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&new).unwrap());
+    let recovered = fe.handles().unwrap();
+    let h = recovered.iter().find(|v| v.record.key == key).unwrap();
+    assert_eq!(
+        h.record.file.ino, ino,
+        "ext4 gave the removed file's inode number to the new one"
+    );
+    created.expect("the new file is created and opened locally");
+    read(&new).expect("a local read of the new file");
+    let opened = fe.open(req("new.txt", Rights::ALL, None)).unwrap();
+    fe.close(opened.info.key).unwrap();
+    // The old handle lost its file, as a resume finds.
+    let views = fe.handles().unwrap();
+    let h = views.iter().find(|v| v.record.key == key).unwrap();
+    assert_eq!(h.record.conn, ConnState::Lost);
+    let err = fe.resume(ClientId::new("alice").unwrap(), key).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NoSuchHandle), "{err}");
+}

@@ -7,6 +7,13 @@
 //! `VU_ROUNDS=50 VU_OPENERS=1 cargo test --release -p rkfilter-tests
 //! --test local_plain_attacks -- --ignored --nocapture --test-threads 1`
 //! (VU_OPENERS: 1–5 shell loops, 6 adds a 4-thread Python opener).
+//!
+//! Review wA (round 11) adds the `wa_` attacks (durable expiry, disconnect
+//! and resume; files replaced under published ones, hard links,
+//! `/proc/self/fd` reopens), run the same way with `WA_HOLD_MS` (0 by
+//! default: how long, at most, each opener keeps the file open). The
+//! inode-reuse defect it found has its regression test in `local.rs`
+//! (`a_recovered_handle_does_not_decide_opens_of_a_file_reusing_its_inode`).
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -379,4 +386,391 @@ fn vu_slow_commits_against_openers() {
     eprintln!("VU slow commits: granted {granted}, refused {refused}, broken {broken}");
     fe.close(first.info.key).unwrap();
     assert_eq!(broken, 0);
+}
+
+// Review wA (round 11): expiry, disconnect and resume of durable handles,
+// files replaced under published ones, hard links and /proc/self/fd reopens,
+// each racing openers that keep trying after a refusal. Same checks each:
+// at every grant (or resume) of a handle whose share mode refuses local
+// opens, no opener holds the file (`/proc/PID/fd`), and while that handle
+// is live the reader allows nothing (`local_opens_allowed_by_reader` does
+// not move) nor does anyone else (`local_opens_allowed`).
+
+/// (allowed, by the reader, denied) local opens.
+fn local_counts(s: &Scratch) -> (u64, u64, u64) {
+    let ctl = FilterClient::connect_control(&s.socket()).unwrap();
+    match ctl.call(Request::Stats).unwrap().0 {
+        Reply::Stats(st) => (
+            st.local_opens_allowed,
+            st.local_opens_allowed_by_reader,
+            st.local_opens_denied,
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Whether process `pid` (any of its threads: they share one table) has a
+/// descriptor open on (dev, ino), `O_PATH` ones aside (they open nothing).
+fn holds_inode(pid: u32, dev: u64, ino: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let o_path = |fd: &std::ffi::OsStr| {
+        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_string_lossy()))
+            .ok()
+            .and_then(|i| {
+                i.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            })
+            .is_some_and(|f| f & 0o10000000 != 0)
+    };
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+        d.flatten().any(|e| {
+            std::fs::metadata(e.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+                && !o_path(&e.file_name())
+        })
+    })
+}
+
+/// A Python opener of each path in `paths` (2 threads per path) that keeps
+/// trying after a refusal: open (read-only or read-write, alternately),
+/// hold it 0–`WA_HOLD_MS` ms (default 0), close, pause 0–2 ms. A path
+/// `fd:NAME` is reopened through `/proc/self/fd` from an `O_PATH`
+/// descriptor of NAME taken (and closed) each time.
+fn stubborn_openers(paths: &[std::path::PathBuf]) -> Child {
+    Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import sys, threading, os, random, time
+def run(p, i):
+    flags = os.O_RDONLY if i % 2 == 0 else os.O_RDWR
+    while True:
+        base = None
+        try:
+            if p.startswith("fd:"):
+                base = os.open(p[3:], os.O_PATH)
+                fd = os.open("/proc/self/fd/%d" % base, flags)
+            else:
+                fd = os.open(p, flags)
+            if hold > 0:
+                time.sleep(random.random() * hold)
+            os.close(fd)
+        except OSError:
+            pass
+        if base is not None:
+            os.close(base)
+        time.sleep(random.random() * 0.002)
+hold = float(os.environ.get("WA_HOLD_MS", "0")) / 1000
+ts = [threading.Thread(target=run, args=(p, i), daemon=True) for p in sys.argv[1:] for i in range(2)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+"#,
+        )
+        .args(paths)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// What a round of the wA attacks saw.
+#[derive(Default, Debug)]
+struct WaTally {
+    granted: u64,
+    refused: u64,
+    resumed: u64,
+    resume_failed: u64,
+    /// Grants or resumes while an opener held the file.
+    held_at_reply: u64,
+    /// Holds during which an opener was seen holding the file.
+    held_during_hold: u64,
+    /// Local opens the reader allowed while a handle refusing them lived.
+    reader_during_hold: u64,
+    /// Local opens anyone allowed while a handle refusing them lived.
+    allowed_during_hold: u64,
+}
+
+impl WaTally {
+    /// `h` (a grant or resume of a handle refusing local opens) came back
+    /// now: nobody may hold its file, then or while it is held until ten
+    /// more local opens are refused (`/proc` looked at all along); with
+    /// `counted` (no other file's opens allowed meanwhile), no local open
+    /// may be allowed meanwhile, by the reader or anyone.
+    fn check_hold(
+        &mut self,
+        s: &Scratch,
+        h: &libfilter::client::OpenedHandle,
+        kid: &Child,
+        counted: bool,
+        what: &str,
+    ) {
+        let (dev, ino) = (h.info.file.dev, h.info.file.ino);
+        if holds_inode(kid.id(), dev, ino) {
+            self.held_at_reply += 1;
+            eprintln!("{what}: granted while an opener holds the file");
+        }
+        let (a0, r0, d0) = local_counts(s);
+        let mut seen = false;
+        wait_for("refusals while held", Duration::from_secs(20), || {
+            seen |= holds_inode(kid.id(), dev, ino);
+            (local_counts(s).2 >= d0 + 10).then_some(())
+        });
+        if seen {
+            self.held_during_hold += 1;
+            eprintln!("{what}: an opener held the file while a handle refusing it lived");
+        }
+        if !counted {
+            return;
+        }
+        let (a1, r1, _) = local_counts(s);
+        if r1 != r0 {
+            self.reader_during_hold += r1 - r0;
+            eprintln!(
+                "{what}: the reader allowed {} local opens while a handle refusing them lived",
+                r1 - r0
+            );
+        }
+        if a1 != a0 {
+            self.allowed_during_hold += a1 - a0;
+            eprintln!(
+                "{what}: {} local opens allowed while a handle refusing them lived",
+                a1 - a0
+            );
+        }
+    }
+
+    /// Fails on any break, the reader's own told apart from the window
+    /// docs/ARCHITECTURE.md ("Local opens the reader decides", "What stays
+    /// as it was") leaves open to the engine's path too.
+    fn assert_ok(&self) {
+        assert_eq!(
+            self.reader_during_hold, 0,
+            "the reader allowed opens a live handle refuses: {self:?}"
+        );
+        assert!(
+            self.held_at_reply == 0 && self.held_during_hold == 0 && self.allowed_during_hold == 0,
+            "an open allowed before the grant, not yet in /proc when it was probed, held the file after it (the known window): {self:?}"
+        );
+    }
+}
+
+/// Opens `path` sharing write only (local opens, read access, conflict)
+/// with `durability` through `fe`, retrying refusals (openers caught
+/// holding the file) up to 500 times.
+fn open_refusing_locals(
+    fe: &FilterClient,
+    path: &str,
+    durability: Durability,
+    tally: &mut WaTally,
+) -> Option<libfilter::client::OpenedHandle> {
+    let mut r = req(path, Rights::WRITE, None);
+    r.durability = durability;
+    for _ in 0..500 {
+        match fe.open(r.clone()) {
+            Ok(h) => {
+                tally.granted += 1;
+                return Some(h);
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{e}");
+                tally.refused += 1;
+            }
+        }
+    }
+    None
+}
+
+/// A durable handle refusing local opens, granted between openers' opens;
+/// its frontend then disconnects (timeout 20, 100 or 400 ms) while the
+/// openers go on, and a new frontend of the same instance resumes it at
+/// once: a resume that succeeds must find no local open allowed since the
+/// disconnect (an allowed one purges the handle), and no opener holding the
+/// file. `keep_writer`: another handle sharing everything keeps the file
+/// published throughout; without it the file goes stateless (lingering,
+/// then ignored) when the durable handle goes.
+fn durable_expiry_rounds(name: &str, keep_writer: bool) {
+    let Some(s) = Scratch::with_tmpfs(name) else {
+        return;
+    };
+    let _d = Filterd::start_mediated(&s, &[]);
+    let t = s.root().join("f.txt");
+    std::fs::write(&t, b"x").unwrap();
+    let fe0 = frontend(&s);
+    let first = keep_writer.then(|| {
+        let mut w = req("f.txt", Rights::ALL, None);
+        w.access = Access::new(Rights::WRITE).unwrap();
+        fe0.open(w).unwrap()
+    });
+    let mut kid = stubborn_openers(std::slice::from_ref(&t));
+    // Its threads running (a file without state is ignored: its opens
+    // are not counted).
+    wait_for("openers", Duration::from_secs(20), || {
+        (std::fs::read_dir(format!("/proc/{}/task", kid.id())).map_or(0, |d| d.count()) > 2)
+            .then_some(())
+    });
+    let mut tally = WaTally::default();
+    let alice = ClientId::new("alice").unwrap();
+    for round in 0..rounds() {
+        let timeout_ms = [20, 100, 400][round % 3];
+        let fe1 = rkfilter_tests::attach(&s.socket(), "smb", "smb-2");
+        let Some(h) = open_refusing_locals(
+            &fe1,
+            "f.txt",
+            Durability::Durable { timeout_ms },
+            &mut tally,
+        ) else {
+            continue;
+        };
+        tally.check_hold(&s, &h, &kid, true, "durable open");
+        let key = h.info.key;
+        let (at_disconnect, ..) = local_counts(&s);
+        drop(h);
+        drop(fe1);
+        // The same instance again: attached once filterd has read the
+        // old connection's end.
+        let fe2 = wait_for("re-attach", Duration::from_secs(10), || {
+            FilterClient::connect_frontend(
+                &s.socket(),
+                Protocol::new("smb").unwrap(),
+                InstanceName::new("smb-2").unwrap(),
+            )
+            .ok()
+        });
+        match fe2.resume(alice.clone(), key) {
+            Ok(h) => {
+                tally.resumed += 1;
+                let (now, ..) = local_counts(&s);
+                if now != at_disconnect {
+                    tally.allowed_during_hold += now - at_disconnect;
+                    eprintln!(
+                        "resumed a handle refusing local opens after {} were allowed",
+                        now - at_disconnect
+                    );
+                }
+                tally.check_hold(&s, &h, &kid, true, "resume");
+                fe2.close(key).unwrap();
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::NoSuchHandle), "{e}");
+                tally.resume_failed += 1;
+            }
+        }
+    }
+    let (allowed, by_reader, denied) = local_counts(&s);
+    eprintln!(
+        "wA {name}: {tally:?}; local opens allowed {allowed} (by reader {by_reader}), denied {denied}"
+    );
+    let _ = kid.kill();
+    let _ = kid.wait();
+    if let Some(h) = first {
+        fe0.close(h.info.key).unwrap();
+    }
+    tally.assert_ok();
+}
+
+#[test]
+#[ignore = "stress: run by hand on release binaries (module doc)"]
+fn wa_durable_expiry_and_resume_against_openers_published() {
+    durable_expiry_rounds("wa-exp-pub", true);
+}
+
+#[test]
+#[ignore = "stress: run by hand on release binaries (module doc)"]
+fn wa_durable_expiry_and_resume_against_openers_stateless() {
+    durable_expiry_rounds("wa-exp-bare", false);
+}
+
+/// A published file replaced under its openers (removed and created anew,
+/// or another renamed over it) while its handle keeps the old inode, then
+/// opened through a hard link and through `/proc/self/fd` reopens: each
+/// round, handles refusing local opens are granted on the new file (whose
+/// opens the old one's publication must not decide) and on the published
+/// one by both its names.
+#[test]
+#[ignore = "stress: run by hand on release binaries (module doc)"]
+fn wa_replaced_linked_and_proc_fd_against_openers() {
+    let Some(s) = Scratch::with_tmpfs("wa-repl") else {
+        return;
+    };
+    let _d = Filterd::start_mediated(&s, &[]);
+    let (t, l, g) = (
+        s.root().join("f.txt"),
+        s.root().join("l.txt"),
+        s.root().join("g.txt"),
+    );
+    std::fs::write(&t, b"x").unwrap();
+    let fe = frontend(&s);
+    let writer = || {
+        let mut w = req("f.txt", Rights::ALL, None);
+        w.access = Access::new(Rights::WRITE).unwrap();
+        fe.open(w).unwrap()
+    };
+    let mut tally = WaTally::default();
+    let mut h0 = writer();
+    let _ = std::fs::hard_link(&t, &l);
+    let openers_of = |t: &std::path::Path, l: &std::path::Path| {
+        stubborn_openers(&[
+            t.to_path_buf(),
+            l.to_path_buf(),
+            std::path::PathBuf::from(format!("fd:{}", t.display())),
+        ])
+    };
+    let mut kid = openers_of(&t, &l);
+    let (mut replaced, mut same_inode) = (0, 0);
+    for round in 0..rounds() {
+        let by_reader = local_counts(&s).1;
+        wait_for("reader-allowed opens", Duration::from_secs(20), || {
+            (local_counts(&s).1 > by_reader + 20).then_some(())
+        });
+        // The published file by its link, then its name.
+        for p in ["l.txt", "f.txt"] {
+            if let Some(h) = open_refusing_locals(&fe, p, Durability::None, &mut tally) {
+                tally.check_hold(&s, &h, &kid, true, p);
+                fe.close(h.info.key).unwrap();
+            }
+        }
+        // Replaced while the openers go on (the link and the /proc/self/fd
+        // reopens still reach the old inode, the name the new one).
+        let old = h0.info.file;
+        match round % 3 {
+            0 => {
+                std::fs::remove_file(&t).unwrap();
+                std::fs::write(&t, b"y").unwrap();
+            }
+            1 => {
+                std::fs::write(&g, b"z").unwrap();
+                std::fs::rename(&g, &t).unwrap();
+            }
+            _ => continue,
+        }
+        replaced += 1;
+        let new = {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&t).unwrap();
+            (m.dev(), m.ino())
+        };
+        if new == (old.dev, old.ino) {
+            same_inode += 1;
+        }
+        if let Some(h) = open_refusing_locals(&fe, "f.txt", Durability::None, &mut tally) {
+            tally.check_hold(&s, &h, &kid, false, "replaced f.txt");
+            fe.close(h.info.key).unwrap();
+        }
+        // Next round: the new file published, reached by all three routes.
+        let _ = kid.kill();
+        let _ = kid.wait();
+        fe.close(h0.info.key).unwrap();
+        h0 = writer();
+        let _ = std::fs::remove_file(&l);
+        std::fs::hard_link(&t, &l).unwrap();
+        kid = openers_of(&t, &l);
+    }
+    let (allowed, by_reader, denied) = local_counts(&s);
+    eprintln!(
+        "wA replaced: {tally:?}; replaced {replaced} (same inode {same_inode}); local opens allowed {allowed} (by reader {by_reader}), denied {denied}"
+    );
+    let _ = kid.kill();
+    let _ = kid.wait();
+    fe.close(h0.info.key).unwrap();
+    tally.assert_ok();
 }

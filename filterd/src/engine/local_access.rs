@@ -51,6 +51,7 @@ impl Engine {
             self.wait_for_commit(seq, file);
             return;
         }
+        self.lose_handles_of_a_reused_inode(file, fd.as_fd());
         let mut holders = self.holders_of(file);
         holders.extend(self.pending_removed_holders(file));
         if holders.is_empty() && self.lingers(file) {

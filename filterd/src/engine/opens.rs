@@ -148,6 +148,7 @@ impl Engine {
         // Share modes, leases and the file's state decide this open: it
         // must not be answered before a pending change of them is durable.
         self.depends_on_file(of.file);
+        self.lose_handles_of_a_reused_inode(of.file, of.fd.as_fd());
         self.keep_descriptor_reserve(&o.path, of.fd.as_fd())?;
         self.mediate_local_opens_of(&o.path, &of)?;
         let mode = ShareMode {
@@ -712,6 +713,65 @@ impl Engine {
         Ok((Reply::Opened(opened), Some(key)))
     }
 
+    /// Disconnected handle `key` lost its file: kept (visible, refusing
+    /// nobody) until its timeout, then gone.
+    fn lose(&mut self, key: ResumeKey) {
+        let Some(h) = self.handles.get_mut(&key) else {
+            return;
+        };
+        h.rec.conn = ConnState::Lost;
+        h.gen += 1;
+        let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
+        self.expiries
+            .push(Reverse((mono_ms() + timeout, key, h.gen)));
+        if h.rec.durability.is_persistent() {
+            self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+        }
+    }
+
+    /// Handles of `file` that hold no descriptor of it (recovered, or put
+    /// back by an undone close) kept its inode number only: once their file
+    /// is removed, the next file made may get the same number (ext4 reuses
+    /// them at once). `fd` is the file at that number now; a handle whose
+    /// kernel handle (which carries the inode's generation) does not name
+    /// it lost its file, as a resume would find — it must not decide opens
+    /// of an unrelated file.
+    pub(super) fn lose_handles_of_a_reused_inode(
+        &mut self,
+        file: FileId,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) {
+        let fdless: Vec<ResumeKey> = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter(|k| {
+                self.handles.get(*k).is_some_and(|h| {
+                    h.fd.is_none() && h.rec.conn != ConnState::Lost && h.rec.kernel_handle.is_some()
+                })
+            })
+            .copied()
+            .collect();
+        if fdless.is_empty() {
+            return;
+        }
+        // Unreadable: nothing is concluded (the handles stay as they are).
+        let Ok(now) = self.fs.file_handle_of(fd) else {
+            return;
+        };
+        for key in fdless {
+            if self
+                .handles
+                .get(&key)
+                .is_some_and(|h| h.rec.kernel_handle.as_ref() != Some(&now))
+            {
+                warn!(resume_key = %key, %file, "a disconnected handle's file was removed and its inode number reused: the handle lost its file");
+                self.lose(key);
+            }
+        }
+    }
+
     /// Attaches a disconnected handle to `conn`.
     pub(super) fn reattach(
         &mut self,
@@ -754,14 +814,7 @@ impl Engine {
                     ));
                 }
                 Err(e) => {
-                    h.rec.conn = ConnState::Lost;
-                    h.gen += 1;
-                    let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
-                    self.expiries
-                        .push(Reverse((mono_ms() + timeout, key, h.gen)));
-                    if h.rec.durability.is_persistent() {
-                        self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
-                    }
+                    self.lose(key);
                     return Err(err(
                         ErrorCode::NoSuchHandle,
                         format!("handle {key} lost its file: {e}"),
