@@ -1203,7 +1203,6 @@ mod tests {
         assert_eq!(partial_line_bytes(), 0);
     }
 
-    /// Accepted connections send without Nagle's delay.
     /// Review wB: a peer that sent a request with a large reply, half-closed
     /// and read nothing ended its reader at once, and its connection left
     /// the count while its writer thread went on holding the socket (for up
@@ -1276,6 +1275,7 @@ mod tests {
         }
     }
 
+    /// Accepted connections send without Nagle's delay.
     #[test]
     fn accepted_connections_have_nodelay() {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
