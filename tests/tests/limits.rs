@@ -907,3 +907,115 @@ fn a_create_whose_descriptor_was_cut_holds_nothing_in_filterd() {
         assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     }
 }
+
+/// Review wD: an owner's first OPEN whose descriptor was cut committed its
+/// open state record (and its slot reply) with the handle, which filterd
+/// keeps detached. Re-sent after the same owner opened again on another
+/// slot, the OPEN took the owner's further-open path, which gave that
+/// handle a second open state (another file opened) or joined it to the
+/// owner's open of the same file (an upgrade), and left the first record
+/// in the store. After nfsshim was killed and restarted, the restore
+/// resumed the handle for the record the client never heard of and dropped
+/// the state it was answered: the re-send's cached NFS4_OK named a state
+/// READ called NFS4ERR_EXPIRED, and the phantom kept the file open in
+/// filterd after the client's CLOSE. Now the re-send's state takes over
+/// that record (a new state) or deletes it (an upgrade), in its commit.
+#[test]
+fn a_cut_open_re_sent_after_its_owner_opened_again_survives_a_restart() {
+    // The owner's other OPEN: another file (the re-send makes a second
+    // open state), or the same file read-only (the re-send upgrades it).
+    for (tag, other_path, other_access, seqid) in
+        [("file", "a2", "both", 1), ("upgrade", "a", "read", 2)]
+    {
+        cut_open_re_sent_after_its_owner_opened_again(tag, other_path, other_access, seqid);
+    }
+}
+
+fn cut_open_re_sent_after_its_owner_opened_again(
+    tag: &str,
+    other_path: &str,
+    other_access: &str,
+    seqid: u64,
+) {
+    const LIMIT: usize = 128;
+    let s = Scratch::new(&format!("limit-nfs-cut-{tag}"));
+    let d = Filterd::start(&s, &[], &[]);
+    let instance = "nfs-cut-restart";
+    let shim = Shim::start_with_nofile(
+        "nfsshim",
+        &s.socket(),
+        instance,
+        &["--max-connections-per-peer", "1000"],
+        LIMIT as u64,
+    );
+    let (pid, root) = (shim.pid(), s.root());
+    std::fs::write(root.join("a"), b"hello").expect("write a");
+    let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
+    let flood = fill_with_sockets(pid, &root, &shim.addr, LIMIT);
+    let open_a = nfs_open("oa", "a");
+    let r = call_nfs(&mut a, open_a.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{tag}: {r}");
+    drop(flood);
+    wait_for("the sockets closed", Duration::from_secs(30), || {
+        (fds_held(pid, &root).0 < LIMIT / 2).then_some(())
+    });
+    let mut other = nfs_open("oa", other_path);
+    other["access"] = json!(other_access);
+    other["seq"] = json!({"sessionid": a.sessionid, "slot": 1, "seqid": 1});
+    let r = a.c.call_with("xid", other);
+    assert_eq!(r["status"], "NFS4_OK", "{tag}: {r}");
+    let r = call_nfs(&mut a, open_a.clone());
+    assert_eq!(r["status"], "NFS4_OK", "{tag}: {r}");
+    let stateid = r["stateid"].clone();
+    assert_eq!(stateid["seqid"], seqid, "{tag}: {r}");
+    let states = format!("states/{}", a.clientid);
+    let of_a = |d: &Filterd| {
+        nfs_records(d, instance, &states)
+            .into_iter()
+            .filter(|(_, rec)| rec["path"] == "a")
+            .count()
+    };
+    assert_eq!(of_a(&d), 1, "{tag}: one open state record of file a");
+    // nfsshim killed and restarted: the re-send gets its cached reply, and
+    // the state it names is the open the store restored.
+    shim.kill9();
+    let shim = Shim::start("nfsshim", &s.socket(), instance);
+    a.c = LineClient::connect(&shim.addr);
+    a.seqid -= 1;
+    let r = a.call(open_a);
+    assert_eq!(r["stateid"], stateid, "{tag}: the cached reply: {r}");
+    let r = call_nfs(
+        &mut a,
+        json!({"op": "READ", "stateid": stateid, "offset": 0, "count": 5}),
+    );
+    assert_eq!(
+        r["status"], "NFS4_OK",
+        "{tag}: READ with the re-sent OPEN's state: {r}"
+    );
+    assert_eq!(r["data"], "aGVsbG8=", "{tag}: {r}");
+    let r = call_nfs(&mut a, json!({"op": "CLOSE", "stateid": stateid}));
+    assert_eq!(r["status"], "NFS4_OK", "{tag}: {r}");
+    assert_eq!(
+        of_a(&d),
+        0,
+        "{tag}: no open state record of file a after its CLOSE"
+    );
+    assert!(
+        rkfilter_tests::handles_on(&s, "a").is_empty(),
+        "{tag}: filterd holds no open of file a after its CLOSE"
+    );
+}
+
+/// The records nfsshim instance `instance` keeps in its table `what`
+/// (`states/<clientid>`, `slots/<sessionid>`; nfsshim/src/state.rs).
+fn nfs_records(d: &Filterd, instance: &str, what: &str) -> Vec<(u64, Value)> {
+    let scope = libfilter::model::ReplayScope::Session(
+        libfilter::model::ScopeName::new(format!("nfs/{instance}/{what}")).expect("scope"),
+    );
+    d.control()
+        .list_records(scope)
+        .expect("list records")
+        .into_iter()
+        .map(|(op, text)| (op, serde_json::from_str(&text).expect("a JSON record")))
+        .collect()
+}
