@@ -1006,6 +1006,56 @@ fn cut_open_re_sent_after_its_owner_opened_again(
     );
 }
 
+/// Review wD: a client whose OPEN's descriptor was cut and who never
+/// re-sends it leaves filterd a detached open (kept for the re-send, which
+/// would find it by its create GUID). When that client's lease lapses,
+/// everything it held goes — that open too: with deny `both` it would
+/// otherwise refuse everyone the file until the handle's own timeout
+/// (five minutes), and its open state record would name it.
+#[test]
+fn a_cut_open_never_re_sent_goes_with_its_client() {
+    const LIMIT: usize = 128;
+    let s = Scratch::new("limit-nfs-cut-lapse");
+    let d = Filterd::start(&s, &[], &[]);
+    let instance = "nfs-cut-lapse";
+    let shim = Shim::start_with_nofile(
+        "nfsshim",
+        &s.socket(),
+        instance,
+        &["--max-connections-per-peer", "1000", "--lease-ms", "2000"],
+        LIMIT as u64,
+    );
+    let (pid, root) = (shim.pid(), s.root());
+    let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
+    let flood = fill_with_sockets(pid, &root, &shim.addr, LIMIT);
+    let mut open_x = nfs_open("oa", "x");
+    open_x["deny"] = json!("both");
+    let r = call_nfs(&mut a, open_x.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    drop(flood);
+    assert_eq!(
+        rkfilter_tests::handles_on(&s, "x").len(),
+        1,
+        "kept for the re-send"
+    );
+    // A goes quiet; its lease lapses and nfsshim releases it.
+    wait_for("A released", Duration::from_secs(30), || {
+        nfs_records(&d, instance, "clients")
+            .iter()
+            .all(|(_, c)| c["clientid"] != a.clientid.as_str())
+            .then_some(())
+    });
+    let mut b = Nfs::connect(&shim.addr, "b", "0123456789abcdef");
+    let r = call_nfs(&mut b, open_x);
+    assert_eq!(r["status"], "NFS4_OK", "B opens the file A held: {r}");
+    let r = call_nfs(&mut b, json!({"op": "CLOSE", "stateid": r["stateid"]}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    assert!(
+        rkfilter_tests::handles_on(&s, "x").is_empty(),
+        "the cut open went with its client"
+    );
+}
+
 /// The records nfsshim instance `instance` keeps in its table `what`
 /// (`states/<clientid>`, `slots/<sessionid>`; nfsshim/src/state.rs).
 fn nfs_records(d: &Filterd, instance: &str, what: &str) -> Vec<(u64, Value)> {

@@ -738,14 +738,28 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
     // modes for their whole timeout.
     let known: HashSet<ResumeKey> = g.handle_client.keys().copied().collect();
     drop(g);
+    close_strays(sh, |h| !known.contains(&h.record.key))
+}
+
+/// Closes the filter handles of this instance that `stray` picks: ones no
+/// open state in memory names, which filterd keeps disconnected — an OPEN
+/// that committed but never got into memory (nfsshim died, filterd went
+/// away before answering, or the answer's descriptor was cut) and is kept
+/// for its re-send. Nobody else can reach them; left alone they would hold
+/// their modes for their whole timeout. Best effort.
+fn close_strays(
+    sh: &Shared,
+    stray: impl Fn(&libfilter::proto::HandleView) -> bool,
+) -> Result<(), ClientError> {
+    let f = &sh.filter;
     let ours = |h: &libfilter::proto::HandleView| {
-        h.record.frontend.as_str() == t.instance() && h.record.protocol.as_str() == "nfs"
+        h.record.frontend.as_str() == sh.tables.instance() && h.record.protocol.as_str() == "nfs"
     };
     for h in f.client().handles()?.into_iter().filter(ours) {
-        let key = h.record.key;
-        if known.contains(&key) {
+        if !stray(&h) {
             continue;
         }
+        let key = h.record.key;
         eprintln!("nfsshim: closing handle {key} that no open state names");
         if f.resume(h.record.client.clone(), key).is_ok() {
             let _ = f.close(key);
@@ -1185,6 +1199,14 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         }
     }
     st.aliases.clear();
+    // An OPEN of this client that filterd made but that never got into
+    // memory (its descriptor cut, or filterd gone before it answered) and
+    // was never re-sent: kept detached for the re-send, it goes now too
+    // (review wD). Every handle of the client's open states is closed
+    // above, so whatever of the client filterd still holds is such a one.
+    if let Err(e) = close_strays(sh, |h| h.record.client.as_str() == cid) {
+        eprintln!("nfsshim: listing client {cid}'s handles to close: {e}");
+    }
     if let Ok(s) = state::scope(&sh.tables.states(cid)) {
         let _ = f.client().call(Request::DropScope { scope: s });
     }
