@@ -784,12 +784,7 @@ fn a_descriptor_cut_from_a_reply_fails_only_its_request() {
     // The OPEN re-sent on its slot: the open filterd made, resumed.
     let r = call_nfs(&mut a, open_a);
     assert_eq!(r["status"], "NFS4_OK", "{r}");
-    let r = call_nfs(&mut a, json!({"op": "CLOSE", "stateid": r["stateid"]}));
-    assert_eq!(r["status"], "NFS4_OK", "{r}");
-    assert!(
-        rkfilter_tests::handles_on(&s, "a").is_empty(),
-        "the cut open left nothing in filterd"
-    );
+    close_leaving_nothing(&mut a, &s, &r["stateid"], "a", "the cut open");
     let r = call_nfs(&mut b, json!({"op": "CLOSE", "stateid": sb}));
     assert_eq!(r["status"], "NFS4_OK", "{r}");
 }
@@ -937,17 +932,11 @@ fn cut_open_re_sent_after_its_owner_opened_again(
     other_access: &str,
     seqid: u64,
 ) {
-    const LIMIT: usize = 128;
+    const LIMIT: usize = CUT_LIMIT;
     let s = Scratch::new(&format!("limit-nfs-cut-{tag}"));
     let d = Filterd::start(&s, &[], &[]);
     let instance = "nfs-cut-restart";
-    let shim = Shim::start_with_nofile(
-        "nfsshim",
-        &s.socket(),
-        instance,
-        &["--max-connections-per-peer", "1000"],
-        LIMIT as u64,
-    );
+    let shim = nfsshim_to_cut(&s, instance, &[]);
     let (pid, root) = (shim.pid(), s.root());
     std::fs::write(root.join("a"), b"hello").expect("write a");
     let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
@@ -993,16 +982,11 @@ fn cut_open_re_sent_after_its_owner_opened_again(
         "{tag}: READ with the re-sent OPEN's state: {r}"
     );
     assert_eq!(r["data"], "aGVsbG8=", "{tag}: {r}");
-    let r = call_nfs(&mut a, json!({"op": "CLOSE", "stateid": stateid}));
-    assert_eq!(r["status"], "NFS4_OK", "{tag}: {r}");
+    close_leaving_nothing(&mut a, &s, &stateid, "a", tag);
     assert_eq!(
         of_a(&d),
         0,
         "{tag}: no open state record of file a after its CLOSE"
-    );
-    assert!(
-        rkfilter_tests::handles_on(&s, "a").is_empty(),
-        "{tag}: filterd holds no open of file a after its CLOSE"
     );
 }
 
@@ -1014,17 +998,11 @@ fn cut_open_re_sent_after_its_owner_opened_again(
 /// (five minutes), and its open state record would name it.
 #[test]
 fn a_cut_open_never_re_sent_goes_with_its_client() {
-    const LIMIT: usize = 128;
+    const LIMIT: usize = CUT_LIMIT;
     let s = Scratch::new("limit-nfs-cut-lapse");
     let d = Filterd::start(&s, &[], &[]);
     let instance = "nfs-cut-lapse";
-    let shim = Shim::start_with_nofile(
-        "nfsshim",
-        &s.socket(),
-        instance,
-        &["--max-connections-per-peer", "1000", "--lease-ms", "2000"],
-        LIMIT as u64,
-    );
+    let shim = nfsshim_to_cut(&s, instance, &["--lease-ms", "2000"]);
     let (pid, root) = (shim.pid(), s.root());
     let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
     let flood = fill_with_sockets(pid, &root, &shim.addr, LIMIT);
@@ -1048,11 +1026,27 @@ fn a_cut_open_never_re_sent_goes_with_its_client() {
     let mut b = Nfs::connect(&shim.addr, "b", "0123456789abcdef");
     let r = call_nfs(&mut b, open_x);
     assert_eq!(r["status"], "NFS4_OK", "B opens the file A held: {r}");
-    let r = call_nfs(&mut b, json!({"op": "CLOSE", "stateid": r["stateid"]}));
+    close_leaving_nothing(&mut b, &s, &r["stateid"], "x", "A's cut open");
+}
+
+/// The descriptor limit of an nfsshim whose table `fill_with_sockets` fills.
+const CUT_LIMIT: usize = 128;
+
+/// nfsshim as `instance` under a descriptor limit of [`CUT_LIMIT`], taking
+/// that many connections from this host, with `extra` flags.
+fn nfsshim_to_cut(s: &Scratch, instance: &str, extra: &[&str]) -> Shim {
+    let args = [&["--max-connections-per-peer", "1000"][..], extra].concat();
+    Shim::start_with_nofile("nfsshim", &s.socket(), instance, &args, CUT_LIMIT as u64)
+}
+
+/// CLOSE of `stateid` on `c`, after which filterd holds no open of `path`
+/// (`what` left nothing there).
+fn close_leaving_nothing(c: &mut Nfs, s: &Scratch, stateid: &Value, path: &str, what: &str) {
+    let r = call_nfs(c, json!({"op": "CLOSE", "stateid": stateid}));
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     assert!(
-        rkfilter_tests::handles_on(&s, "x").is_empty(),
-        "the cut open went with its client"
+        rkfilter_tests::handles_on(s, path).is_empty(),
+        "{what} left an open of {path} in filterd"
     );
 }
 
