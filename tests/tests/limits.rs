@@ -608,6 +608,24 @@ fn fds_held(pid: u32, root: &std::path::Path) -> (usize, usize) {
     (all, files)
 }
 
+/// The descriptors process `pid` keeps: all but those it holds for a
+/// moment to read a file of `/sys` or `/proc` — glibc's malloc reads
+/// `/sys/devices/system/cpu/online` in each new thread that gets an arena
+/// of its own (one per connection thread, up to eight per core; seen with
+/// strace), which a count of every descriptor caught at random (review wD:
+/// the fill below counted one too many, or waited for good).
+fn fds_kept(pid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|l| !l.starts_with("/sys") && !l.starts_with("/proc"))
+        })
+        .count()
+}
+
 /// Fills the frontend `pid`'s descriptor table (`limit` slots) to the last
 /// slot with client sockets, one at a time, so that none is left in the
 /// listener's queue to take a freed slot later. Each connection must cost
@@ -615,21 +633,16 @@ fn fds_held(pid: u32, root: &std::path::Path) -> (usize, usize) {
 /// stream and three `try_clone`s): the table could not be filled exactly,
 /// and a connection that found one to three slots free took them, failed
 /// and gave them back — these tests raced that churn and failed a CI run.
-fn fill_with_sockets(
-    pid: u32,
-    root: &std::path::Path,
-    addr: &str,
-    limit: usize,
-) -> Vec<std::net::TcpStream> {
+fn fill_with_sockets(pid: u32, addr: &str, limit: usize) -> Vec<std::net::TcpStream> {
     let mut sockets = Vec::new();
     loop {
-        let before = fds_held(pid, root).0;
+        let before = fds_kept(pid);
         if before >= limit {
             return sockets;
         }
         sockets.push(std::net::TcpStream::connect(addr).expect("connect"));
         let after = wait_for("the connection accepted", Duration::from_secs(10), || {
-            let n = fds_held(pid, root).0;
+            let n = fds_kept(pid);
             (n != before).then_some(n)
         });
         assert_eq!(
@@ -761,7 +774,7 @@ fn a_descriptor_cut_from_a_reply_fails_only_its_request() {
     let sb = r["stateid"].clone();
     let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
     // Client sockets fill nfsshim's table.
-    let flood = fill_with_sockets(pid, &root, &shim.addr, LIMIT);
+    let flood = fill_with_sockets(pid, &shim.addr, LIMIT);
     let open_a = nfs_open("oa", "a");
     let r = call_nfs(&mut a, open_a.clone());
     assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
@@ -784,12 +797,7 @@ fn a_descriptor_cut_from_a_reply_fails_only_its_request() {
     // The OPEN re-sent on its slot: the open filterd made, resumed.
     let r = call_nfs(&mut a, open_a);
     assert_eq!(r["status"], "NFS4_OK", "{r}");
-    let r = call_nfs(&mut a, json!({"op": "CLOSE", "stateid": r["stateid"]}));
-    assert_eq!(r["status"], "NFS4_OK", "{r}");
-    assert!(
-        rkfilter_tests::handles_on(&s, "a").is_empty(),
-        "the cut open left nothing in filterd"
-    );
+    close_leaving_nothing(&mut a, &s, &r["stateid"], "a", "the cut open");
     let r = call_nfs(&mut b, json!({"op": "CLOSE", "stateid": sb}));
     assert_eq!(r["status"], "NFS4_OK", "{r}");
 }
@@ -889,7 +897,7 @@ fn a_create_whose_descriptor_was_cut_holds_nothing_in_filterd() {
     let sb = session(&mut b, "b");
     let base = fds_held(pid, &root).0;
     for durable in [true, false] {
-        let flood = fill_with_sockets(pid, &root, &shim.addr, LIMIT);
+        let flood = fill_with_sockets(pid, &shim.addr, LIMIT);
         let r = create(&mut a, sa, durable);
         assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
         drop(flood);
@@ -906,4 +914,166 @@ fn a_create_whose_descriptor_was_cut_holds_nothing_in_filterd() {
         let r = b.call(json!({"cmd": "CLOSE", "session_id": sb, "file_id": r["file_id"]}));
         assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     }
+}
+
+/// Review wD: an owner's first OPEN whose descriptor was cut committed its
+/// open state record (and its slot reply) with the handle, which filterd
+/// keeps detached. Re-sent after the same owner opened again on another
+/// slot, the OPEN took the owner's further-open path, which gave that
+/// handle a second open state (another file opened) or joined it to the
+/// owner's open of the same file (an upgrade), and left the first record
+/// in the store. After nfsshim was killed and restarted, the restore
+/// resumed the handle for the record the client never heard of and dropped
+/// the state it was answered: the re-send's cached NFS4_OK named a state
+/// READ called NFS4ERR_EXPIRED, and the phantom kept the file open in
+/// filterd after the client's CLOSE. Now the re-send's state takes over
+/// that record (a new state) or deletes it (an upgrade), in its commit.
+#[test]
+fn a_cut_open_re_sent_after_its_owner_opened_again_survives_a_restart() {
+    // The owner's other OPEN: another file (the re-send makes a second
+    // open state), or the same file read-only (the re-send upgrades it).
+    for (tag, other_path, other_access, seqid) in
+        [("file", "a2", "both", 1), ("upgrade", "a", "read", 2)]
+    {
+        cut_open_re_sent_after_its_owner_opened_again(tag, other_path, other_access, seqid);
+    }
+}
+
+fn cut_open_re_sent_after_its_owner_opened_again(
+    tag: &str,
+    other_path: &str,
+    other_access: &str,
+    seqid: u64,
+) {
+    const LIMIT: usize = CUT_LIMIT;
+    let s = Scratch::new(&format!("limit-nfs-cut-{tag}"));
+    let d = Filterd::start(&s, &[], &[]);
+    let instance = "nfs-cut-restart";
+    let shim = nfsshim_to_cut(&s, instance, &[]);
+    let (pid, root) = (shim.pid(), s.root());
+    std::fs::write(root.join("a"), b"hello").expect("write a");
+    let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
+    let flood = fill_with_sockets(pid, &shim.addr, LIMIT);
+    let open_a = nfs_open("oa", "a");
+    let r = call_nfs(&mut a, open_a.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{tag}: {r}");
+    drop(flood);
+    wait_for("the sockets closed", Duration::from_secs(30), || {
+        (fds_held(pid, &root).0 < LIMIT / 2).then_some(())
+    });
+    let mut other = nfs_open("oa", other_path);
+    other["access"] = json!(other_access);
+    other["seq"] = json!({"sessionid": a.sessionid, "slot": 1, "seqid": 1});
+    let r = a.c.call_with("xid", other);
+    assert_eq!(r["status"], "NFS4_OK", "{tag}: {r}");
+    let r = call_nfs(&mut a, open_a.clone());
+    assert_eq!(r["status"], "NFS4_OK", "{tag}: {r}");
+    let stateid = r["stateid"].clone();
+    assert_eq!(stateid["seqid"], seqid, "{tag}: {r}");
+    let states = format!("states/{}", a.clientid);
+    let of_a = |d: &Filterd| {
+        nfs_records(d, instance, &states)
+            .into_iter()
+            .filter(|(_, rec)| rec["path"] == "a")
+            .count()
+    };
+    assert_eq!(of_a(&d), 1, "{tag}: one open state record of file a");
+    // nfsshim killed and restarted: the re-send gets its cached reply, and
+    // the state it names is the open the store restored.
+    shim.kill9();
+    let shim = Shim::start("nfsshim", &s.socket(), instance);
+    a.c = LineClient::connect(&shim.addr);
+    a.seqid -= 1;
+    let r = a.call(open_a);
+    assert_eq!(r["stateid"], stateid, "{tag}: the cached reply: {r}");
+    let r = call_nfs(
+        &mut a,
+        json!({"op": "READ", "stateid": stateid, "offset": 0, "count": 5}),
+    );
+    assert_eq!(
+        r["status"], "NFS4_OK",
+        "{tag}: READ with the re-sent OPEN's state: {r}"
+    );
+    assert_eq!(r["data"], "aGVsbG8=", "{tag}: {r}");
+    close_leaving_nothing(&mut a, &s, &stateid, "a", tag);
+    assert_eq!(
+        of_a(&d),
+        0,
+        "{tag}: no open state record of file a after its CLOSE"
+    );
+}
+
+/// Review wD: a client whose OPEN's descriptor was cut and who never
+/// re-sends it leaves filterd a detached open (kept for the re-send, which
+/// would find it by its create GUID). When that client's lease lapses,
+/// everything it held goes — that open too: with deny `both` it would
+/// otherwise refuse everyone the file until the handle's own timeout
+/// (five minutes), and its open state record would name it.
+#[test]
+fn a_cut_open_never_re_sent_goes_with_its_client() {
+    const LIMIT: usize = CUT_LIMIT;
+    let s = Scratch::new("limit-nfs-cut-lapse");
+    let d = Filterd::start(&s, &[], &[]);
+    let instance = "nfs-cut-lapse";
+    // A lease longer than filling the table takes on a loaded machine.
+    let shim = nfsshim_to_cut(&s, instance, &["--lease-ms", "8000"]);
+    let pid = shim.pid();
+    let mut a = Nfs::connect(&shim.addr, "a", "0123456789abcdef");
+    let flood = fill_with_sockets(pid, &shim.addr, LIMIT);
+    let mut open_x = nfs_open("oa", "x");
+    open_x["deny"] = json!("both");
+    let r = call_nfs(&mut a, open_x.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    drop(flood);
+    assert_eq!(
+        rkfilter_tests::handles_on(&s, "x").len(),
+        1,
+        "kept for the re-send"
+    );
+    // A goes quiet; its lease lapses and nfsshim releases it.
+    wait_for("A released", Duration::from_secs(60), || {
+        nfs_records(&d, instance, "clients")
+            .iter()
+            .all(|(_, c)| c["clientid"] != a.clientid.as_str())
+            .then_some(())
+    });
+    let mut b = Nfs::connect(&shim.addr, "b", "0123456789abcdef");
+    let r = call_nfs(&mut b, open_x);
+    assert_eq!(r["status"], "NFS4_OK", "B opens the file A held: {r}");
+    close_leaving_nothing(&mut b, &s, &r["stateid"], "x", "A's cut open");
+}
+
+/// The descriptor limit of an nfsshim whose table `fill_with_sockets` fills.
+const CUT_LIMIT: usize = 128;
+
+/// nfsshim as `instance` under a descriptor limit of [`CUT_LIMIT`], taking
+/// that many connections from this host, with `extra` flags.
+fn nfsshim_to_cut(s: &Scratch, instance: &str, extra: &[&str]) -> Shim {
+    let args = [&["--max-connections-per-peer", "1000"][..], extra].concat();
+    Shim::start_with_nofile("nfsshim", &s.socket(), instance, &args, CUT_LIMIT as u64)
+}
+
+/// CLOSE of `stateid` on `c`, after which filterd holds no open of `path`
+/// (`what` left nothing there).
+fn close_leaving_nothing(c: &mut Nfs, s: &Scratch, stateid: &Value, path: &str, what: &str) {
+    let r = call_nfs(c, json!({"op": "CLOSE", "stateid": stateid}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    assert!(
+        rkfilter_tests::handles_on(s, path).is_empty(),
+        "{what} left an open of {path} in filterd"
+    );
+}
+
+/// The records nfsshim instance `instance` keeps in its table `what`
+/// (`states/<clientid>`, `slots/<sessionid>`; nfsshim/src/state.rs).
+fn nfs_records(d: &Filterd, instance: &str, what: &str) -> Vec<(u64, Value)> {
+    let scope = libfilter::model::ReplayScope::Session(
+        libfilter::model::ScopeName::new(format!("nfs/{instance}/{what}")).expect("scope"),
+    );
+    d.control()
+        .list_records(scope)
+        .expect("list records")
+        .into_iter()
+        .map(|(op, text)| (op, serde_json::from_str(&text).expect("a JSON record")))
+        .collect()
 }

@@ -738,14 +738,28 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
     // modes for their whole timeout.
     let known: HashSet<ResumeKey> = g.handle_client.keys().copied().collect();
     drop(g);
+    close_strays(sh, |h| !known.contains(&h.record.key))
+}
+
+/// Closes the filter handles of this instance that `stray` picks: ones no
+/// open state in memory names, which filterd keeps disconnected — an OPEN
+/// that committed but never got into memory (nfsshim died, filterd went
+/// away before answering, or the answer's descriptor was cut) and is kept
+/// for its re-send. Nobody else can reach them; left alone they would hold
+/// their modes for their whole timeout. Best effort.
+fn close_strays(
+    sh: &Shared,
+    stray: impl Fn(&libfilter::proto::HandleView) -> bool,
+) -> Result<(), ClientError> {
+    let f = &sh.filter;
     let ours = |h: &libfilter::proto::HandleView| {
-        h.record.frontend.as_str() == t.instance() && h.record.protocol.as_str() == "nfs"
+        h.record.frontend.as_str() == sh.tables.instance() && h.record.protocol.as_str() == "nfs"
     };
     for h in f.client().handles()?.into_iter().filter(ours) {
-        let key = h.record.key;
-        if known.contains(&key) {
+        if !stray(&h) {
             continue;
         }
+        let key = h.record.key;
         eprintln!("nfsshim: closing handle {key} that no open state names");
         if f.resume(h.record.client.clone(), key).is_ok() {
             let _ = f.close(key);
@@ -1185,6 +1199,14 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         }
     }
     st.aliases.clear();
+    // An OPEN of this client that filterd made but that never got into
+    // memory (its descriptor cut, or filterd gone before it answered) and
+    // was never re-sent: kept detached for the re-send, it goes now too
+    // (review wD). Every handle of the client's open states is closed
+    // above, so whatever of the client filterd still holds is such a one.
+    if let Err(e) = close_strays(sh, |h| h.record.client.as_str() == cid) {
+        eprintln!("nfsshim: listing client {cid}'s handles to close: {e}");
+    }
     if let Ok(s) = state::scope(&sh.tables.states(cid)) {
         let _ = f.client().call(Request::DropScope { scope: s });
     }
@@ -1718,6 +1740,19 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         };
         return open_recorded(ctx, st, req, words, access, slot);
     }
+    // An earlier try of this OPEN that committed as an owner's first open
+    // (its descriptor cut, or filterd gone before the answer) left an open
+    // state record naming the very handle the replay below returns. This
+    // OPEN's state takes that record's number (a new state) or the record
+    // goes (the open joins one of the owner's states, or fails): kept, a
+    // restore would resume the handle for a state the client never heard
+    // of, then drop the one it was answered as gone (review wD).
+    let earlier = earlier_open(ctx)?
+        .and_then(|r| Some((r.state?, earlier_id(Some(&r.reply))?)))
+        .filter(|(_, other)| !st.opens.contains_key(other));
+    if let Some((num, _)) = &earlier {
+        ctx.delete_state(*num);
+    }
     let mut created_by_resend = false;
     let h = match sh.filter.replay_open(req.clone()) {
         Ok(h) => h,
@@ -1837,8 +1872,10 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                     format!("this client has {max} open states (--max-opens-per-client)"),
                 ));
             }
-            let other = new_id("O");
-            let num = ctx.sh.num();
+            let (other, num) = match earlier {
+                Some((num, other)) => (other, num),
+                None => (new_id("O"), ctx.sh.num()),
+            };
             st.opens.insert(
                 other.clone(),
                 Open {
@@ -1941,21 +1978,7 @@ fn open_recorded(
     let slot_op = u64::try_from(ctx.seq.slot).unwrap_or(0);
     // A re-send after filterd went away mid-OPEN: if the OPEN committed,
     // its records name the open state; write the same ones again.
-    let earlier = if ctx.restored {
-        let scope = state::scope(&slots).map_err(filter_fail)?;
-        sh.filter
-            .client()
-            .lookup_reply(scope, slot_op)
-            .map_err(filter_fail)?
-            .and_then(|r| serde_json::from_str::<SlotRec>(&r.reply).ok())
-            .filter(|r| r.seqid == ctx.seq.seqid)
-    } else {
-        None
-    };
-    let earlier_id = |v: Option<&Value>| {
-        v.and_then(|v| v["stateid"]["other"].as_str())
-            .map(str::to_owned)
-    };
+    let earlier = earlier_open(ctx)?;
     let (other, num, deleg_other) = match &earlier {
         Some(r) if r.state.is_some() => (
             earlier_id(Some(&r.reply)).unwrap_or_else(|| new_id("O")),
@@ -2076,6 +2099,32 @@ fn open_recorded(
     };
     m.insert(RECORDED.into(), json!(true));
     Ok(m)
+}
+
+/// The slot record of this very request (same slot, same seqid) if an
+/// earlier try of it committed one — filterd went away mid-request, or the
+/// open's descriptor was cut from filterd's answer (its handle detached,
+/// its records kept) — and the request runs again (`Ctx::restored`).
+fn earlier_open(ctx: &Ctx<'_>) -> Result<Option<SlotRec>, Fail> {
+    if !ctx.restored {
+        return Ok(None);
+    }
+    let scope = state::scope(&ctx.sh.tables.slots(&ctx.seq.sessionid)).map_err(filter_fail)?;
+    let slot_op = u64::try_from(ctx.seq.slot).unwrap_or(0);
+    Ok(ctx
+        .sh
+        .filter
+        .client()
+        .lookup_reply(scope, slot_op)
+        .map_err(filter_fail)?
+        .and_then(|r| serde_json::from_str::<SlotRec>(&r.reply).ok())
+        .filter(|r| r.seqid == ctx.seq.seqid))
+}
+
+/// The `other` of the stateid an OPEN's reply (or its delegation) names.
+fn earlier_id(v: Option<&Value>) -> Option<String> {
+    v.and_then(|v| v["stateid"]["other"].as_str())
+        .map(str::to_owned)
 }
 
 /// What a stateid names.
