@@ -145,10 +145,13 @@ impl Engine {
                 }
             })?;
         crate::failpoint::hit("open.after_fs");
+        // A handle that lost its file to inode reuse decides nothing (its
+        // record marked lost goes into the batch: first, so that the
+        // dependency below covers it too).
+        self.lose_handles_of_a_reused_inode(of.file, of.fd.as_fd());
         // Share modes, leases and the file's state decide this open: it
         // must not be answered before a pending change of them is durable.
         self.depends_on_file(of.file);
-        self.lose_handles_of_a_reused_inode(of.file, of.fd.as_fd());
         self.keep_descriptor_reserve(&o.path, of.fd.as_fd())?;
         self.mediate_local_opens_of(&o.path, &of)?;
         let mode = ShareMode {

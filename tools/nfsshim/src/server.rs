@@ -316,6 +316,9 @@ struct State {
     opens: HashMap<String, Open>,
     /// Lock and delegation `other`s → their open's `other`.
     aliases: HashMap<String, String>,
+    /// An OPEN of this client failed: filterd may hold a handle of it that
+    /// no open state names (see [`release_client`]).
+    may_hold_strays: bool,
 }
 
 /// What routes requests and events to a client, and what outlives it. Held
@@ -1204,8 +1207,12 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
     // was never re-sent: kept detached for the re-send, it goes now too
     // (review wD). Every handle of the client's open states is closed
     // above, so whatever of the client filterd still holds is such a one.
-    if let Err(e) = close_strays(sh, |h| h.record.client.as_str() == cid) {
-        eprintln!("nfsshim: listing client {cid}'s handles to close: {e}");
+    // Only a client with a failed OPEN can have one: the listing (every
+    // handle of the instance) is not paid for each client released.
+    if st.may_hold_strays {
+        if let Err(e) = close_strays(sh, |h| h.record.client.as_str() == cid) {
+            eprintln!("nfsshim: listing client {cid}'s handles to close: {e}");
+        }
     }
     if let Ok(s) = state::scope(&sh.tables.states(cid)) {
         let _ = f.client().call(Request::DropScope { scope: s });
@@ -1368,7 +1375,11 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         Body::Open(_) | Body::Close(_) => &empty,
     };
     let (outcome, mutating) = match op {
-        "OPEN" => (open(&ctx, &mut st, body), true),
+        "OPEN" => {
+            let outcome = open(&ctx, &mut st, body);
+            st.may_hold_strays |= outcome.is_err();
+            (outcome, true)
+        }
         "READ" => (read(&ctx, &mut st, obj), false),
         "WRITE" => (write(&ctx, &mut st, obj), true),
         "COMMIT" => (commit(&ctx, &mut st, obj), false),
