@@ -168,14 +168,55 @@ const RACE_TRIES: u32 = 8;
 
 /// A marked create-if-absent whose name kept coming and going (a local
 /// process creating and removing it) for [`RACE_TRIES`] rounds: refused
-/// for a retry, not "not found" — that would not be true of it. (The
-/// unmarked one still answers what its last `O_EXCL` said, `EEXIST`; the
-/// attack of review uD never got it that far.)
+/// for a retry, not "not found" — that would not be true of it; nor
+/// "exists" ([`open_or_create`]).
 fn name_kept_changing(path: &RelPath) -> WireError {
     WireError::new(
         ErrorCode::FileNotAvailable,
         format!("{path}: created and removed by someone else while opening; retry"),
     )
+}
+
+/// Why [`open_or_create`] failed: a system call's error, or its own.
+enum RaceError {
+    Io(io::Error),
+    Wire(WireError),
+}
+
+impl RaceError {
+    fn either(self, io: impl FnOnce(io::Error) -> WireError) -> WireError {
+        match self {
+            RaceError::Io(e) => io(e),
+            RaceError::Wire(e) => e,
+        }
+    }
+}
+
+/// An unmarked create-if-absent: `open` what exists, else `create` it
+/// exclusively; when the name came or went in between, round again. After
+/// [`RACE_TRIES`] rounds the name kept changing: refused for a retry, like
+/// the marked one — never `EEXIST` ("exists"), which is no answer to a
+/// create-if-absent (an `overwrite_if` answered `Collision` so on a loaded
+/// CI machine). Returns the descriptor and whether this call created it.
+fn open_or_create(
+    path: &RelPath,
+    mut open: impl FnMut() -> io::Result<OwnedFd>,
+    mut create: impl FnMut() -> io::Result<OwnedFd>,
+) -> Result<(OwnedFd, bool), RaceError> {
+    let errno = |e: &io::Error, n| e.raw_os_error() == Some(n);
+    for _ in 0..=RACE_TRIES {
+        match open() {
+            Ok(fd) => return Ok((fd, false)),
+            Err(e) if errno(&e, libc::ENOENT) => {}
+            Err(e) => return Err(RaceError::Io(e)),
+        }
+        match create() {
+            Ok(fd) => return Ok((fd, true)),
+            Err(e) if errno(&e, libc::EEXIST) => {}
+            Err(e) => return Err(RaceError::Io(e)),
+        }
+    }
+    Err(RaceError::Wire(name_kept_changing(path)))
 }
 
 enum MarkedCreate {
@@ -338,21 +379,12 @@ pub fn open(
             // between. Opening first spares the common case (the file is
             // there) a failing O_CREAT|O_EXCL openat2, which also takes the
             // directory's inode lock exclusively (issue #16).
-            let mut tries = 0;
-            loop {
-                match open_nb(root, p, mode, 0) {
-                    Ok(fd) => break (fd, false),
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(err(e)),
-                }
-                match open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE) {
-                    Ok(fd) => break (fd, true),
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < RACE_TRIES => {
-                        tries += 1
-                    }
-                    Err(e) => return Err(err(e)),
-                }
-            }
+            open_or_create(
+                path,
+                || open_nb(root, p, mode, 0),
+                || open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE),
+            )
+            .map_err(|e| e.either(err))?
         }
     };
     let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
@@ -1035,4 +1067,67 @@ pub fn remove(
     let (dir, leaf) = parent_and_leaf(root, path)?;
     nix::unistd::unlinkat(dir.as_fd(), leaf, nix::unistd::UnlinkatFlags::NoRemoveDir)
         .map_err(|e| map_errno(&io::Error::from(e), root, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errno(n: i32) -> io::Result<OwnedFd> {
+        Err(io::Error::from_raw_os_error(n))
+    }
+
+    fn a_descriptor() -> io::Result<OwnedFd> {
+        std::fs::File::open("/dev/null").map(OwnedFd::from)
+    }
+
+    /// Round 12 (CI): an unmarked `overwrite_if` whose name a local
+    /// process kept creating and removing answered what its last `O_EXCL`
+    /// said — `Collision`, "exists" — after eight rounds.
+    #[test]
+    fn a_name_that_keeps_changing_is_a_retry_not_a_collision() {
+        let path = RelPath::new("race.bin").unwrap();
+        let (mut opens, mut creates) = (0, 0);
+        let got = open_or_create(
+            &path,
+            || {
+                opens += 1;
+                errno(libc::ENOENT)
+            },
+            || {
+                creates += 1;
+                errno(libc::EEXIST)
+            },
+        );
+        match got {
+            Err(RaceError::Wire(e)) => assert_eq!(e.code, ErrorCode::FileNotAvailable, "{e}"),
+            Err(RaceError::Io(e)) => panic!("answered the system call's error: {e}"),
+            Ok(_) => panic!("opened nothing, yet succeeded"),
+        }
+        assert_eq!((opens, creates), (RACE_TRIES + 1, RACE_TRIES + 1));
+    }
+
+    #[test]
+    fn the_round_that_finds_the_name_steady_decides() {
+        let path = RelPath::new("race.bin").unwrap();
+        let mut round = 0;
+        let got = open_or_create(
+            &path,
+            || {
+                round += 1;
+                if round < 3 {
+                    errno(libc::ENOENT)
+                } else {
+                    a_descriptor()
+                }
+            },
+            || errno(libc::EEXIST),
+        );
+        assert!(matches!(got, Ok((_, false))));
+        let got = open_or_create(&path, || errno(libc::ENOENT), a_descriptor);
+        assert!(matches!(got, Ok((_, true))));
+        // Other errors are the system call's, at once.
+        let got = open_or_create(&path, || errno(libc::EACCES), a_descriptor);
+        assert!(matches!(got, Err(RaceError::Io(e)) if e.raw_os_error() == Some(libc::EACCES)));
+    }
 }
