@@ -537,8 +537,10 @@ fn wait_readable(fan: &Fanotify, timeout: Option<Duration>) -> nix::Result<bool>
 /// (`local_opens_denied_by_default`).
 struct Answer {
     fan: Arc<Fanotify>,
-    /// The event's descriptor, shared with the engine's command: open until
-    /// the answer is written (its number names this event).
+    /// The event's descriptor, shared with the engine's command (which
+    /// lets go of it before its verdict is sent). Its number names this
+    /// event until the answer is written; its file is let go before that
+    /// ([`release_before_answer`]).
     fd: Arc<OwnedFd>,
     /// The explicit answer, once given.
     response: Option<u32>,
@@ -574,9 +576,43 @@ impl Drop for Answer {
                 .fetch_add(1, Ordering::Relaxed);
             libc::FAN_DENY
         });
+        if let Some(fd) = Arc::get_mut(&mut self.fd) {
+            release_before_answer(fd);
+        }
         if let Err(e) = respond(&self.fan, self.fd.as_raw_fd(), response) {
             tracing::error!(error = %e, "could not answer a fanotify permission event");
         }
+    }
+}
+
+/// Lets go of the event's file behind `fd` while keeping its number: a
+/// placeholder (one end of a pipe made once) takes the number in one
+/// step (`dup3`), so no event read meanwhile can get it and be named by
+/// this event's answer, which is written next.
+///
+/// Before this, the answer was written with the file still open, and the
+/// opener it let go — woken, it often takes the CPU from the answering
+/// thread at once — could close the file and make a protocol open of it
+/// that shares nothing before filterd closed its descriptor: the
+/// engine's write-lease probe saw that descriptor, the `/proc` scan named
+/// nobody (filterd leaves itself out), and the open was refused as if a
+/// local process still held the file (test `local.rs
+/// a_protocol_open_right_after_a_local_open_closed_is_not_refused`).
+/// Without a placeholder (no pipe could be made) the file stays open
+/// until after the answer, as before.
+fn release_before_answer(fd: &mut OwnedFd) {
+    static PLACEHOLDER: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    let Some(placeholder) = PLACEHOLDER.get_or_init(|| {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map(|(read, _write)| read)
+            .inspect_err(|e| tracing::warn!(error = %e, "no placeholder descriptor: fanotify events' files close after their answers"))
+            .ok()
+    }) else {
+        return;
+    };
+    // `fd` keeps owning its number, which now refers to the pipe.
+    if let Err(e) = nix::unistd::dup3(placeholder, fd, nix::fcntl::OFlag::O_CLOEXEC) {
+        tracing::warn!(error = %e, "could not let go of a fanotify event's file before its answer");
     }
 }
 

@@ -1241,3 +1241,45 @@ fn a_recovered_handle_does_not_decide_opens_of_a_file_reusing_its_inode() {
     let err = fe.resume(ClientId::new("alice").unwrap(), key).unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NoSuchHandle), "{err}");
 }
+
+/// Round 12 (CI): a protocol open that shares nothing, made right after a
+/// local process opened and closed the file, was refused as if the local
+/// process still held it: filterd's answer to the local open's fanotify
+/// event let the opener go on before filterd closed the event's own
+/// descriptor, and the write-lease probe saw that descriptor (a thread
+/// preempted by the opener it woke keeps it open for a whole time slice).
+/// Everything on one CPU makes that preemption the rule.
+#[test]
+fn a_protocol_open_right_after_a_local_open_closed_is_not_refused() {
+    let Some(s) = Scratch::with_tmpfs("fan-after-local") else {
+        return;
+    };
+    // This thread, and filterd it spawns, on CPU 0.
+    // SAFETY: a zeroed cpu_set_t is empty; the call reads it only.
+    unsafe {
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut one);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one),
+            0
+        );
+    }
+    let _d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    let mut refused = 0;
+    for i in 0..300 {
+        let name = format!("f{i}.txt");
+        std::fs::write(s.root().join(&name), b"x").unwrap();
+        match fe.open(req(&name, Rights::NONE, None)) {
+            Ok(h) => close(&fe, h),
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::SharingViolation), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(
+        refused, 0,
+        "{refused} of 300 opens refused by a local open already closed"
+    );
+}

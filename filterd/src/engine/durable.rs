@@ -510,6 +510,13 @@ impl Engine {
                 self.locks_gone(f);
             }
         }
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.idle_lock_fds)
+            .into_iter()
+            .partition(|(s, _)| *s <= committed);
+        self.idle_lock_fds = later;
+        for (_, k) in now {
+            self.close_idle_lock_fd(k);
+        }
         // A size change's mark proves nothing once its completion is
         // resolved (its intent is gone, or will not be redone by this run):
         // removed lazily, here.
@@ -685,9 +692,9 @@ impl Engine {
             .into_iter()
             .partition(|(f, ..)| unlinked.contains(f));
         self.waiting_local = waiting;
-        for (file, pid, reply, _) in refused {
+        for (file, pid, reply, fd) in refused {
             debug!(%file, pid, "a local open of a create that was undone is refused");
-            reply.send(crate::command::Verdict::Deny);
+            reply.send(crate::command::Verdict::Deny, fd);
         }
         self.pending_creates.retain(|_, s| !abandoned.contains(s));
         let resolved: Vec<u64> = self

@@ -60,7 +60,7 @@ impl Engine {
             if let Some(l) = self.local_openers.get_mut(&file) {
                 l.saw(pid, &frontends);
             }
-            reply.send(Verdict::Allow);
+            reply.send(Verdict::Allow, fd);
             return;
         }
         if holders.is_empty() {
@@ -71,13 +71,13 @@ impl Engine {
             if let Some(m) = &self.mediated {
                 m.remove(file);
             }
-            reply.send(Verdict::Allow);
+            reply.send(Verdict::Allow, fd);
             return;
         }
         match share::decide(ShareMode::LOCAL_PROCESS, holders) {
             ShareDecision::Violation | ShareDecision::NotAvailable => {
                 debug!(pid, %file, "local open refused by a protocol share mode");
-                reply.send(Verdict::Deny);
+                reply.send(Verdict::Deny, fd);
                 return;
             }
             ShareDecision::Grant { purge } => {
@@ -99,7 +99,7 @@ impl Engine {
             self.waiting_local.push((file, 0, reply, fd));
             return;
         }
-        reply.send(Verdict::Allow);
+        reply.send(Verdict::Allow, fd);
         // The next ones may be the reader's to allow (checked again
         // before the engine waits).
         if self.mediated.is_some() && !self.plain_files.contains(&file) {

@@ -105,7 +105,8 @@ struct Handle {
     /// Its open waits for an intent to be durable (not yet acknowledged).
     parked: bool,
     /// A read-write descriptor of its own (its own open file description)
-    /// carrying its byte-range locks as OFD locks; only while it has locks.
+    /// carrying its byte-range locks as OFD locks; only while it has locks
+    /// (and, with none left, until that is durable).
     lock_fd: Option<OwnedFd>,
     /// Its open gave the file its name in this daemon (see
     /// `OpenedFile::linked`): a rollback of the open may unlink it.
@@ -245,6 +246,9 @@ pub struct Engine {
     /// Files whose frontends may go back to unchecked I/O once this
     /// sequence is durable.
     gone_after: Vec<(u64, FileId)>,
+    /// Handles whose lock descriptor, its locks released, is closed once
+    /// this sequence is durable (`locks::Engine::close_lock_fd_after`).
+    idle_lock_fds: Vec<(u64, ResumeKey)>,
     /// Files whose change mark (`Fs::mark_change`) is removed once this
     /// sequence — the change's completion — is resolved.
     marks_after: Vec<(u64, KernelHandle, Option<RelPath>, IntentId)>,
@@ -267,7 +271,13 @@ pub struct Engine {
 struct LocalReply(crate::command::VerdictSink);
 
 impl LocalReply {
-    fn send(self, v: crate::command::Verdict) {
+    /// Sends `v`, the engine's share of the event's descriptor `fd` let go
+    /// first: the answer then closes the event's file before the opener
+    /// goes on (`local::Answer`), so a probe of the file made after it
+    /// (the opener's next protocol open) does not find filterd's own
+    /// descriptor and take it for a local opener.
+    fn send(self, v: crate::command::Verdict, fd: Arc<OwnedFd>) {
+        drop(fd);
         (self.0)(v);
     }
 }
@@ -383,6 +393,7 @@ impl Engine {
             checked_io: Default::default(),
             unmirrored: Default::default(),
             gone_after: Vec::new(),
+            idle_lock_fds: Vec::new(),
             marks_after: Vec::new(),
             last_unlink: None,
             locks: BTreeMap::new(),
