@@ -430,7 +430,11 @@ impl Engine {
                     r.offset, r.length
                 ),
             )),
-            Ok(()) => match self.mirror(key, &held) {
+            Ok(()) => match if held.is_empty() {
+                self.release_mirror(key)
+            } else {
+                self.mirror(key, &held)
+            } {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     // A local process holds a conflicting fcntl lock: undo.
@@ -469,6 +473,10 @@ impl Engine {
         if persistent && (result.is_ok() || checked.is_some()) {
             self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
         }
+        if result.is_ok() && h.rec.locks.is_empty() {
+            let dep = self.request_dependency();
+            self.close_lock_fd_after(dep, key);
+        }
         if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
             if result.is_ok() {
                 self.locks_present(file);
@@ -480,6 +488,47 @@ impl Engine {
             self.locks_gone_after(dep, file);
         }
         result.map(|()| Reply::Done)
+    }
+
+    /// The handle's last lock went: its OFD locks are released now; its
+    /// lock descriptor is kept until the unlock is durable
+    /// ([`Self::close_lock_fd_after`]). A failed commit takes the locks
+    /// again on that descriptor — reopening the file may fail by then (it
+    /// was removed or renamed since the lock), which left the handle's
+    /// restored locks unmirrored (the engine's proptest of failed commits).
+    pub(super) fn release_mirror(&mut self, key: ResumeKey) -> Result<(), WireError> {
+        let fs = &*self.fs;
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Ok(());
+        };
+        let Some(fd) = h.lock_fd.as_ref() else {
+            return Ok(());
+        };
+        if let Err(e) = fs.mirror_ofd_locks(fd.as_fd(), &[]) {
+            // Closing our own open file description releases them.
+            warn!(resume_key = %key, error = %e, "cannot release OFD locks: closing their descriptor");
+            h.lock_fd = None;
+        }
+        Ok(())
+    }
+
+    /// Closes the lock descriptor of `key`, released by
+    /// [`Self::release_mirror`], once sequence `seq` is durable — if the
+    /// handle has no locks then.
+    pub(super) fn close_lock_fd_after(&mut self, seq: u64, key: ResumeKey) {
+        if seq > self.pipe.committed() {
+            self.idle_lock_fds.push((seq, key));
+        } else {
+            self.close_idle_lock_fd(key);
+        }
+    }
+
+    pub(super) fn close_idle_lock_fd(&mut self, key: ResumeKey) {
+        if let Some(h) = self.handles.get_mut(&key) {
+            if h.rec.locks.is_empty() {
+                h.lock_fd = None;
+            }
+        }
     }
 
     /// Takes the handle's locks as OFD locks on its own lock descriptor.
