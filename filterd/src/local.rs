@@ -598,21 +598,31 @@ impl Drop for Answer {
 /// nobody (filterd leaves itself out), and the open was refused as if a
 /// local process still held the file (test `local.rs
 /// a_protocol_open_right_after_a_local_open_closed_is_not_refused`).
-/// Without a placeholder (no pipe could be made) the file stays open
-/// until after the answer, as before.
+/// Without a placeholder (no pipe could be made: tried again at the next
+/// answer) the file stays open until after the answer, as before.
 fn release_before_answer(fd: &mut OwnedFd) {
-    static PLACEHOLDER: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
-    let Some(placeholder) = PLACEHOLDER.get_or_init(|| {
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map(|(read, _write)| read)
-            .inspect_err(|e| tracing::warn!(error = %e, "no placeholder descriptor: fanotify events' files close after their answers"))
-            .ok()
-    }) else {
+    let Some(placeholder) = placeholder() else {
         return;
     };
     // `fd` keeps owning its number, which now refers to the pipe.
     if let Err(e) = nix::unistd::dup3(placeholder, fd, nix::fcntl::OFlag::O_CLOEXEC) {
         tracing::warn!(error = %e, "could not let go of a fanotify event's file before its answer");
+    }
+}
+
+/// The placeholder of [`release_before_answer`]: one end of a pipe, made
+/// when the reader starts (or, failing that, at a later answer).
+fn placeholder() -> Option<&'static OwnedFd> {
+    static PLACEHOLDER: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(p) = PLACEHOLDER.get() {
+        return Some(p);
+    }
+    match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok((read, _write)) => Some(PLACEHOLDER.get_or_init(|| read)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no placeholder descriptor: a fanotify event's file closes after its answer");
+            None
+        }
     }
 }
 
@@ -739,6 +749,7 @@ pub fn run(
     max_pending: u64,
 ) {
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
+    let _ = placeholder();
     let (tx, rx) = crossbeam_channel::unbounded::<AnswerMsg>();
     let pending = Arc::new(AtomicU64::new(0));
     // Once nobody decides (the engine gone: filterd stopping; or no
