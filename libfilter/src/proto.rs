@@ -1044,6 +1044,10 @@ pub struct Stats {
     /// for a checked read or write a lock waited on past the break timeout.
     #[serde(default)]
     pub frontends_dropped: u64,
+    /// Requests waiting now (a gauge, not a counter) for lease-break
+    /// acknowledgements or a commit: what `--max-pending-breaks` caps.
+    #[serde(default)]
+    pub requests_waiting: u64,
 }
 
 /// How a connection's frames after the hello are encoded: JSON unless

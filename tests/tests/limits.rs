@@ -298,7 +298,7 @@ fn handles_per_frontend_are_capped() {
 #[test]
 fn pending_breaks_are_capped() {
     let s = Scratch::new("limit-breaks");
-    let _d = Filterd::start(&s, &["--max-pending-breaks", "1"], &[]);
+    let d = Filterd::start(&s, &["--max-pending-breaks", "1"], &[]);
     let shim = Shim::start("smbshim", &s.socket(), "smb-b");
     let session = |c: &mut LineClient| {
         let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "u"}));
@@ -326,6 +326,15 @@ fn pending_breaks_are_capped() {
     });
     let n = a.next_line().expect("LEASE_BREAK");
     assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    // The break goes out on smbshim's first, `no_wait`, try of B's open;
+    // B waits only once its second try reaches filterd. Had C's open come
+    // between the two, C would wait and B be refused (both concurrent: the
+    // cap is kept either way, but this test names who waits).
+    let ctl = d.control();
+    wait_for("B's open to wait", Duration::from_secs(30), || {
+        let st = ctl.stats().expect("stats");
+        (st.requests_waiting == 1).then_some(())
+    });
     // C's is refused at once: one request waits already.
     let mut c = LineClient::connect(&shim.addr);
     let sc = session(&mut c);
@@ -339,6 +348,8 @@ fn pending_breaks_are_capped() {
     assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
     let rb = waiter.join().unwrap();
     assert_eq!(rb["status"], "STATUS_SUCCESS", "{rb}");
+    let st = ctl.stats().expect("stats");
+    assert_eq!(st.requests_waiting, 0, "{st:?}");
 }
 
 /// nfsl/1 on a full state dir: NFS4ERR_NOSPC, and other work goes on.

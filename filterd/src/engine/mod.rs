@@ -1209,6 +1209,7 @@ impl Engine {
                 let claims = crate::lease_claim::counters();
                 s.lease_claims = claims.claimed.load(Ordering::Relaxed);
                 s.lease_claims_missed = claims.unclaimed.load(Ordering::Relaxed);
+                s.requests_waiting = self.requests_waiting() as u64;
                 Ok(Some((Reply::Stats(s), None)))
             }
             Request::Expire { key } => {

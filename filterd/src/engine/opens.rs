@@ -19,7 +19,7 @@ impl Engine {
     /// Refuses a request that would wait (for lease breaks or a commit)
     /// when [`Config::max_pending_breaks`] requests wait already.
     pub(super) fn wait_limit(&mut self) -> Result<(), WireError> {
-        let pending = self.waiting.len() + self.waiting_changes.len();
+        let pending = self.requests_waiting();
         if pending >= self.cfg.max_pending_breaks {
             // Any breaks were sent; this request does not wait.
             self.stats.opens_refused += 1;
@@ -31,6 +31,12 @@ impl Engine {
             ));
         }
         Ok(())
+    }
+
+    /// Requests waiting for lease breaks or commits now (what
+    /// [`Config::max_pending_breaks`] caps).
+    pub(super) fn requests_waiting(&self) -> usize {
+        self.waiting.len() + self.waiting_changes.len()
     }
 
     pub(super) fn open(
