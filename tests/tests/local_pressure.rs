@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use libfilter::client::FilterClient;
 use libfilter::model::*;
-use libfilter::proto::{ErrorCode, OpenRequest};
+use libfilter::proto::OpenRequest;
 use rkfilter_tests::{plain_open, wait_for, Filterd, Scratch};
 
 fn frontend(s: &Scratch) -> FilterClient {
@@ -453,7 +453,10 @@ fn a_starved_first_answer_does_not_leave_later_local_files_open() {
     let Some(s) = Scratch::with_tmpfs("fan-placeholder") else {
         return;
     };
-    // This thread, and filterd it spawns, on CPU 0.
+    // This thread, and filterd it spawns, on CPU 0 (as in `local.rs`
+    // `a_protocol_open_right_after_a_local_open_closed_is_not_refused`; the
+    // tests' library forbids unsafe code, and nix's safe call needs a
+    // feature the workspace does not build).
     // SAFETY: a zeroed cpu_set_t is empty; the call reads it only.
     unsafe {
         let mut one: libc::cpu_set_t = std::mem::zeroed();
@@ -466,7 +469,6 @@ fn a_starved_first_answer_does_not_leave_later_local_files_open() {
     let p = s.root().join("first");
     std::fs::write(&p, b"x").unwrap();
     let d = Filterd::start_mediated(&s, &[]);
-    let fe = frontend(&s);
     // One descriptor free: the first local open's event takes it.
     // The reader counts descriptors by number open (see `free_descriptors`):
     // two free by count, one read; a pipe then needs two.
