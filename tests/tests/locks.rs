@@ -531,3 +531,46 @@ fn a_truncating_open_waits_for_the_other_frontends_to_hear_of_it() {
     assert_eq!(h.info.create_action, CreateAction::Overwritten);
     assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 0);
 }
+
+/// Review xB (round 12, the lock descriptor kept until the unlock of a
+/// handle's last lock is durable): the kept descriptor holds no lock a
+/// local process sees — the unlocked range is free as soon as the unlock
+/// is answered — and does not outlive its handle, persistent or not.
+#[test]
+fn a_kept_lock_descriptor_holds_no_lock_and_goes_with_its_handle() {
+    let s = Scratch::new("ofd-kept");
+    let d = Filterd::start(&s, &[], &[]);
+    let smb = frontend(&s, "smb", "smb-1");
+    let f = s.root().join("f");
+    let filterd_holds_f = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == f))
+            .count()
+    };
+    for dur in [
+        Durability::None,
+        Durability::Persistent { timeout_ms: 60_000 },
+    ] {
+        for round in 0..10 {
+            let a = open(&smb, "alice", RW, dur, None);
+            smb.lock(a.info.key, vec![op(0, 100, true, false)], None)
+                .unwrap();
+            assert_eq!(local_getlk(&s, 50, 1), libc::F_WRLCK as i16);
+            smb.lock(a.info.key, vec![op(0, 100, true, true)], None)
+                .unwrap();
+            assert_eq!(
+                local_getlk(&s, 0, 0),
+                libc::F_UNLCK as i16,
+                "{dur:?} round {round}: the unlocked range is free at once"
+            );
+            smb.close(a.info.key).unwrap();
+            rkfilter_tests::wait_for(
+                "filterd to let go of the closed handle's file",
+                Duration::from_secs(10),
+                || (filterd_holds_f() == 0).then_some(()),
+            );
+        }
+    }
+}
