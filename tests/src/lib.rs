@@ -1087,3 +1087,12 @@ pub fn markers_on(path: &Path, name: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// Pins the calling thread — and the processes it spawns from now on,
+/// which inherit it — to CPU 0: a thread that wakes another then
+/// usually loses the CPU to it at once, which makes such races the rule.
+pub fn pin_to_cpu0() {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).expect("CPU 0 is in range");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("sched_setaffinity");
+}

@@ -1255,15 +1255,7 @@ fn a_protocol_open_right_after_a_local_open_closed_is_not_refused() {
         return;
     };
     // This thread, and filterd it spawns, on CPU 0.
-    // SAFETY: a zeroed cpu_set_t is empty; the call reads it only.
-    unsafe {
-        let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut one);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one),
-            0
-        );
-    }
+    rkfilter_tests::pin_to_cpu0();
     let _d = Filterd::start_mediated(&s, &[]);
     let fe = frontend(&s);
     let mut refused = 0;

@@ -453,19 +453,8 @@ fn a_starved_first_answer_does_not_leave_later_local_files_open() {
     let Some(s) = Scratch::with_tmpfs("fan-placeholder") else {
         return;
     };
-    // This thread, and filterd it spawns, on CPU 0 (as in `local.rs`
-    // `a_protocol_open_right_after_a_local_open_closed_is_not_refused`; the
-    // tests' library forbids unsafe code, and nix's safe call needs a
-    // feature the workspace does not build).
-    // SAFETY: a zeroed cpu_set_t is empty; the call reads it only.
-    unsafe {
-        let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut one);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one),
-            0
-        );
-    }
+    // This thread, and filterd it spawns, on CPU 0.
+    rkfilter_tests::pin_to_cpu0();
     let p = s.root().join("first");
     std::fs::write(&p, b"x").unwrap();
     let d = Filterd::start_mediated(&s, &[]);
