@@ -7,6 +7,7 @@
 //! | key | value |
 //! |---|---|
 //! | `PREFIX/owner` | the owning daemon (`node pid`), under its lease |
+//! | `PREFIX/gen` | the owner's commit generation (its mod revision counts) |
 //! | `PREFIX/meta/clean` | present after a clean shutdown |
 //! | `PREFIX/h/<hex resume key>` | a handle record |
 //! | `PREFIX/r/<hex replay key>` | a recorded reply ([`crate::store::replay_key`]) |
@@ -33,6 +34,20 @@
 //! refuses a key twice in one Txn); every put is a full value and every
 //! delete names one key, so retrying a Txn after an ambiguous failure
 //! (Unavailable, a timeout: another endpoint is tried) is harmless.
+//!
+//! **A Txn that was not answered may still arrive.** A member that stalled
+//! (SIGSTOP, a long pause) with our Txn unread in its socket proposes it
+//! when it resumes — after the retry elsewhere committed it and after later
+//! commits changed the same keys (a CLOSE deleted the handle the old Txn
+//! puts). So every commit also compares `mod_revision(PREFIX/gen) == g`, the
+//! owner's *commit generation* (set by the claim's Txn, so it starts at the
+//! fencing revision), and before retrying a Txn whose answer did not come
+//! the owner moves the generation on (`EtcdStore::next_gen`: a put of `gen`
+//! guarded by the owner key and the old generation). The unanswered copy
+//! then compares against a generation that is gone and writes nothing,
+//! whenever it arrives. A commit in flight beside it (pipelined commits)
+//! that fails only on the generation wrote nothing either and is sent again
+//! with the new one.
 //! Retrying stops when the lease may have run out: the commit fails as
 //! fenced. NOSPACE (etcd's quota) is [`StoreError::Full`].
 //!
@@ -227,6 +242,23 @@ fn etcd_err(e: etcd_client::Error) -> StoreError {
     StoreError::Etcd(e.to_string())
 }
 
+/// From a commit Txn's failure branch (`Get(owner)`, `Get(gen)`): the
+/// owner key's create revision and the generation's mod revision (0 for a
+/// key that is missing).
+fn owner_and_gen(resp: &etcd_client::TxnResponse) -> (i64, i64) {
+    let mut revs = resp.op_responses().into_iter().filter_map(|r| match r {
+        TxnOpResponse::Get(g) => Some(
+            g.kvs()
+                .first()
+                .map(|kv| (kv.create_revision(), kv.mod_revision())),
+        ),
+        _ => None,
+    });
+    let owner = revs.next().flatten().map_or(0, |(created, _)| created);
+    let gen = revs.next().flatten().map_or(0, |(_, modified)| modified);
+    (owner, gen)
+}
+
 /// Whether a failed request may have reached no server or may be retried
 /// as it is (every op is a full value or a one-key delete).
 fn retryable(e: &etcd_client::Error) -> bool {
@@ -402,6 +434,14 @@ pub struct EtcdStore {
     lease: Arc<Lease>,
     /// Our fencing revision (create revision of the owner key; 0 unclaimed).
     fence: AtomicI64,
+    /// Our commit generation: the mod revision of `PREFIX/gen` every commit
+    /// compares (see the module docs). Moved on only under `gen_moving`.
+    gen: AtomicI64,
+    gen_moving: Mutex<()>,
+    /// Tests: hold the next commit Txn back instead of sending it (as a
+    /// stalled member would), and answer that attempt with a timeout.
+    hold_next_txn: AtomicBool,
+    held_txn: Mutex<Option<Txn>>,
     /// The table as committed (key → value), read at claim and kept up to
     /// date by our own commits.
     table: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
@@ -473,6 +513,10 @@ impl EtcdStore {
                 lost: AtomicBool::new(false),
             }),
             fence: AtomicI64::new(0),
+            gen: AtomicI64::new(0),
+            gen_moving: Mutex::new(()),
+            hold_next_txn: AtomicBool::new(false),
+            held_txn: Mutex::new(None),
             table: Mutex::new(BTreeMap::new()),
             revision: Arc::new(AtomicI64::new(0)),
             compact_every,
@@ -524,8 +568,49 @@ impl EtcdStore {
             .count()
     }
 
+    /// For tests: the next commit Txn is not sent but kept (see
+    /// [`EtcdStore::send_held_txn`]) and its attempt fails as a timeout, as
+    /// when the member it went to stalled with it unread.
+    #[doc(hidden)]
+    pub fn hold_next_txn(&self) {
+        self.hold_next_txn.store(true, Ordering::Release);
+    }
+
+    /// For tests: sends the Txn [`EtcdStore::hold_next_txn`] kept, late, as
+    /// the stalled member would once it resumed; whether it wrote anything.
+    #[doc(hidden)]
+    pub fn send_held_txn(&self) -> Result<bool, StoreError> {
+        let Some(t) = self
+            .held_txn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Err(StoreError::Etcd("no Txn was held".into()));
+        };
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .on_worker(async move { kv.txn(t).await })
+            .map_err(etcd_err)?;
+        Ok(resp.succeeded())
+    }
+
+    /// For tests: the next commit is built against the generation before
+    /// the current one, as a commit in flight while another's retry moved
+    /// the generation on.
+    #[doc(hidden)]
+    pub fn forget_last_gen(&self) -> i64 {
+        let _moving = self.gen_moving.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.gen.load(Ordering::Acquire);
+        self.gen.store(now - 1, Ordering::Release);
+        now
+    }
+
     fn owner_key(&self) -> Vec<u8> {
         self.key("owner")
+    }
+    fn gen_key(&self) -> Vec<u8> {
+        self.key("gen")
     }
     fn clean_key(&self) -> Vec<u8> {
         self.key("meta/clean")
@@ -640,6 +725,8 @@ impl EtcdStore {
                 TxnOp::get(clean.clone(), None),
                 TxnOp::delete(clean, None),
                 TxnOp::get(owner.clone(), None),
+                // The commit generation starts at the fencing revision.
+                TxnOp::put(self.gen_key(), self.me.clone(), None),
             ])
             .or_else([TxnOp::get(owner, None)]);
         let t_claim = Instant::now();
@@ -697,6 +784,7 @@ impl EtcdStore {
             ));
         }
         self.fence.store(fence, Ordering::Release);
+        self.gen.store(fence, Ordering::Release);
         self.revision.store(pinned, Ordering::Release);
         self.start_keepalive();
         let lease = self.lease.clone();
@@ -1074,7 +1162,8 @@ impl EtcdStore {
         Ok(d)
     }
 
-    /// Commits one chunk (guarded); returns the revision.
+    /// Commits one chunk (guarded by the owner key and the commit
+    /// generation); returns the revision.
     fn commit_chunk(&self, chunk: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> Result<i64, StoreError> {
         if self.retired.load(Ordering::Acquire) {
             return Err(self.lost());
@@ -1087,8 +1176,10 @@ impl EtcdStore {
             return Err(StoreError::Etcd("failing on purpose (test)".into()));
         }
         let fence = self.fence.load(Ordering::Acquire);
-        let build = || {
-            let owner = self.owner_key();
+        let (owner, gen_key) = (self.owner_key(), self.gen_key());
+        // Each attempt sends a Txn built afresh from the chunk (no copy of
+        // every key and value kept aside for a retry).
+        let build = |gen: i64| {
             let ops: Vec<TxnOp> = chunk
                 .iter()
                 .map(|(k, v)| match v {
@@ -1099,52 +1190,57 @@ impl EtcdStore {
             // (The client wants the compares first.)
             let mut txn = Txn::new();
             if fence != 0 {
-                txn = txn.when([Compare::create_revision(
-                    owner.clone(),
-                    CompareOp::Equal,
-                    fence,
-                )]);
+                txn = txn.when([
+                    Compare::create_revision(owner.clone(), CompareOp::Equal, fence),
+                    Compare::mod_revision(gen_key.clone(), CompareOp::Equal, gen),
+                ]);
             }
-            txn.and_then(ops).or_else([TxnOp::get(owner, None)])
+            txn.and_then(ops).or_else([
+                TxnOp::get(owner.clone(), None),
+                TxnOp::get(gen_key.clone(), None),
+            ])
         };
-        // The first attempt sends the Txn built here; a retry builds it
-        // again from the chunk (no copy of every key and value kept aside).
-        let first = std::cell::Cell::new(Some(build()));
-        let lease = self.lease.clone();
-        let resp = self.retry(
-            "commit",
-            || fence == 0 || lease.ok(),
-            |c| {
-                let t = first.take().unwrap_or_else(build);
+        let mut gen = self.gen.load(Ordering::Acquire);
+        let mut tries = 0u32;
+        let resp = loop {
+            let t = build(gen);
+            let answer = if self.hold_next_txn.swap(false, Ordering::AcqRel) {
+                *self.held_txn.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+                Err(etcd_client::Error::GRpcStatus(
+                    tonic::Status::deadline_exceeded("held back (test)"),
+                ))
+            } else {
                 // Only the KV client, not the whole `Client`'s eight.
-                let mut kv = c.kv_client();
-                async move { kv.txn(t).await }
-            },
-        );
-        let resp = match resp {
-            Ok(r) => r,
-            Err(StoreError::Etcd(e)) if fence != 0 && !self.lease.ok() => {
-                self.lease.lost.store(true, Ordering::Release);
-                warn!(error = %e, "an etcd commit could not be confirmed before the lease might run out");
-                return Err(self.lost());
+                let mut kv = self.client.kv_client();
+                self.on_worker(async move { kv.txn(t).await })
+            };
+            match answer {
+                Ok(r) if r.succeeded() || fence == 0 => break r,
+                Ok(r) => {
+                    let (owner_now, gen_now) = owner_and_gen(&r);
+                    if owner_now != fence || gen_now <= gen {
+                        return Err(self.fenced(fence, owner_now));
+                    }
+                    // Only the generation had moved on (another commit's
+                    // retry): this attempt wrote nothing; send it again.
+                    self.gen.fetch_max(gen_now, Ordering::AcqRel);
+                    gen = gen_now;
+                }
+                Err(e) if retryable(&e) && (fence == 0 || self.lease.ok()) => {
+                    tries += 1;
+                    if tries == 1 || tries.is_multiple_of(20) {
+                        warn!(error = %e, tries, "etcd commit: retrying on another endpoint");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    if fence != 0 {
+                        // The unanswered attempt may still arrive: fence it
+                        // off before its retry can commit (module docs).
+                        gen = self.next_gen(gen)?;
+                    }
+                }
+                Err(e) => return Err(self.commit_failed(fence, e)),
             }
-            Err(e) => return Err(e),
         };
-        if !resp.succeeded() {
-            let now = resp
-                .op_responses()
-                .iter()
-                .find_map(|r| match r {
-                    TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.create_revision()),
-                    _ => None,
-                })
-                .unwrap_or(0);
-            self.lease.lost.store(true, Ordering::Release);
-            return Err(StoreError::Fenced {
-                mine: u64::try_from(fence).unwrap_or(0),
-                now: u64::try_from(now).unwrap_or(0),
-            });
-        }
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         self.revision.fetch_max(rev, Ordering::AcqRel);
         *self.lock_handles_read() = None;
@@ -1156,6 +1252,84 @@ impl EtcdStore {
             };
         }
         Ok(rev)
+    }
+
+    /// Moves the commit generation past `seen`, the one an unanswered Txn
+    /// was sent with, so that Txn can no longer write whenever it arrives;
+    /// returns the generation to send its retry with.
+    fn next_gen(&self, seen: i64) -> Result<i64, StoreError> {
+        let _moving = self.gen_moving.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.gen.load(Ordering::Acquire);
+        if now > seen {
+            return Ok(now); // Already moved on (by another commit's retry).
+        }
+        let fence = self.fence.load(Ordering::Acquire);
+        let (owner, gen_key) = (self.owner_key(), self.gen_key());
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(owner.clone(), CompareOp::Equal, fence),
+                Compare::mod_revision(gen_key.clone(), CompareOp::Equal, seen),
+            ])
+            .and_then([TxnOp::put(gen_key.clone(), self.me.clone(), None)])
+            .or_else([TxnOp::get(owner, None), TxnOp::get(gen_key, None)]);
+        // Retried as it is: it moves the generation from `seen` only.
+        let lease = self.lease.clone();
+        let resp = self.retry(
+            "commit generation",
+            || lease.ok(),
+            |c| {
+                let (mut kv, t) = (c.kv_client(), txn.clone());
+                async move { kv.txn(t).await }
+            },
+        );
+        let resp = match resp {
+            Ok(r) => r,
+            Err(StoreError::Etcd(e)) if !self.lease.ok() => {
+                self.lease.lost.store(true, Ordering::Release);
+                warn!(error = %e, "the etcd commit generation could not be moved on before the lease might run out");
+                return Err(self.lost());
+            }
+            Err(e) => return Err(e),
+        };
+        let next = if resp.succeeded() {
+            resp.header().map(|h| h.revision()).unwrap_or(0)
+        } else {
+            // Unless fenced, an earlier attempt of this Txn moved it: only
+            // the owner moves it, and only from `seen` here.
+            let (owner_now, gen_now) = owner_and_gen(&resp);
+            if owner_now != fence {
+                return Err(self.fenced(fence, owner_now));
+            }
+            gen_now
+        };
+        if next <= seen {
+            return Err(self.fenced(fence, fence));
+        }
+        self.gen.fetch_max(next, Ordering::AcqRel);
+        debug!(from = seen, to = next, "etcd commit generation moved on");
+        Ok(next)
+    }
+
+    /// A compare failed on the owner key (or the generation went back:
+    /// someone else wrote it): this daemon no longer owns the table.
+    fn fenced(&self, mine: i64, now: i64) -> StoreError {
+        self.lease.lost.store(true, Ordering::Release);
+        StoreError::Fenced {
+            mine: u64::try_from(mine).unwrap_or(0),
+            now: u64::try_from(now).unwrap_or(0),
+        }
+    }
+
+    /// A commit Txn failed for good: a lost lease if the lease may have run
+    /// out meanwhile, else the error.
+    fn commit_failed(&self, fence: i64, e: etcd_client::Error) -> StoreError {
+        let err = etcd_err(e);
+        if matches!(err, StoreError::Etcd(_)) && fence != 0 && !self.lease.ok() {
+            self.lease.lost.store(true, Ordering::Release);
+            warn!(error = %err, "an etcd commit could not be confirmed before the lease might run out");
+            return self.lost();
+        }
+        err
     }
 
     /// Sends a packed commit's Txns, one after another; returns the

@@ -384,6 +384,35 @@ fn etcd_members_die_under_load() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
 
+/// A one-member cluster for a test driving the store itself, and the URL
+/// of `prefix` in it; `None` (skipped) without an etcd binary.
+fn one_member(test: &str, prefix: &str) -> Option<(Scratch, Cluster, libfilter::etcd::EtcdUrl)> {
+    if !etcd_available(test) {
+        return None;
+    }
+    let shared = Scratch::new(test);
+    let cluster = Cluster::start(&shared, 1);
+    let url = libfilter::etcd::EtcdUrl::parse(&cluster.url(prefix)).expect("url");
+    Some((shared, cluster, url))
+}
+
+/// A replay record `reply` as reply `op_id` of `scope`.
+fn put_replay(
+    scope: &libfilter::model::ReplayScope,
+    op_id: u64,
+    reply: String,
+) -> libfilter::store::StoreOp {
+    libfilter::store::StoreOp::PutReplay {
+        scope: scope.clone(),
+        op_id,
+        record: libfilter::model::ReplayRecord {
+            reply,
+            recorded_ms: 0,
+        },
+        keep: 1000,
+    }
+}
+
 /// A request larger than one etcd Txn (300 replay records of one handle in
 /// one request; a Txn holds 128 operations) is all or nothing: when the
 /// commit fails before its commit point nothing of it is in the table, and
@@ -391,27 +420,18 @@ fn etcd_members_die_under_load() {
 /// the store itself, which fails its Txns on purpose after a count.
 #[test]
 fn a_request_larger_than_one_txn_is_all_or_nothing() {
-    use libfilter::etcd::{EtcdStore, EtcdUrl};
-    use libfilter::model::{ReplayRecord, ReplayScope, ResumeKey};
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
     use libfilter::store::{StateStore, StoreError, StoreOp};
-    if !etcd_available("a_request_larger_than_one_txn_is_all_or_nothing") {
+    let Some((_shared, _cluster, url)) =
+        one_member("a_request_larger_than_one_txn_is_all_or_nothing", "rk/big")
+    else {
         return;
-    }
-    let shared = Scratch::new("etcd-big");
-    let cluster = Cluster::start(&shared, 1);
-    let url = EtcdUrl::parse(&cluster.url("rk/big")).expect("url");
+    };
     let ttl = Duration::from_secs(TTL);
     let big = |scope: &ReplayScope| -> Vec<StoreOp> {
         (1..=300)
-            .map(|op_id| StoreOp::PutReplay {
-                scope: scope.clone(),
-                op_id,
-                record: ReplayRecord {
-                    reply: format!("reply {op_id}"),
-                    recorded_ms: 0,
-                },
-                keep: 1000,
-            })
+            .map(|op_id| put_replay(scope, op_id, format!("reply {op_id}")))
             .collect()
     };
     let a = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect a");
@@ -463,35 +483,89 @@ fn a_request_larger_than_one_txn_is_all_or_nothing() {
     assert_eq!(again.all_replays().expect("read").len(), 600);
 }
 
+/// A commit Txn whose answer never came (the member it went to stalled
+/// with it unread) is retried and commits; a later commit deletes what it
+/// wrote; when the stalled member finally proposes the old Txn it writes
+/// nothing, so a closed handle's record cannot come back for the next
+/// owner to restore. And a commit sent against a generation that another
+/// commit's retry moved on (pipelined commits) is sent again, not taken
+/// for a lost lease.
+#[test]
+fn a_commit_txn_delivered_late_writes_nothing() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::{StateStore, StoreOp};
+    let Some((_shared, _cluster, url)) =
+        one_member("a_commit_txn_delivered_late_writes_nothing", "rk/late")
+    else {
+        return;
+    };
+    let scope = ReplayScope::Handle(ResumeKey::new_random());
+    let put = |op_id: u64| put_replay(&scope, op_id, format!("reply {op_id}"));
+    let in_etcd = || {
+        let view = EtcdStore::open_read_only(&url).expect("read-only view");
+        let mut ops: Vec<u64> = view
+            .scope_records(&scope)
+            .expect("read")
+            .into_iter()
+            .map(|(op_id, _)| op_id)
+            .collect();
+        ops.sort_unstable();
+        ops
+    };
+    // A long lease: the test is about the Txn, not the keepalive.
+    let a = EtcdStore::connect(&url, Duration::from_secs(20), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+
+    a.hold_next_txn();
+    a.commit(&[&[put(1)]]).expect("the retry commits");
+    a.commit(&[&[StoreOp::DeleteReplay {
+        scope: scope.clone(),
+        op_id: 1,
+    }]])
+    .expect("the delete commits");
+    assert_eq!(in_etcd(), Vec::<u64>::new());
+    let wrote = a.send_held_txn().expect("the late Txn is answered");
+    assert!(!wrote, "the late copy of a retried Txn wrote to the table");
+    assert_eq!(
+        in_etcd(),
+        Vec::<u64>::new(),
+        "the deleted record is back in etcd"
+    );
+
+    a.forget_last_gen();
+    a.commit(&[&[put(2)]])
+        .expect("a commit behind the generation is sent again");
+    a.owner_check().expect("still the owner");
+    a.commit(&[&[put(3)]]).expect("and commits go on");
+    assert_eq!(in_etcd(), vec![2, 3]);
+    assert_eq!(
+        a.scope_records(&scope).expect("read").len(),
+        2,
+        "the owner's copy matches etcd"
+    );
+}
+
 /// A table whose replay records are large (20 of ~900 KB in one scope:
 /// more than one answer of the client's read may hold, whatever the page
 /// size) is read whole by the next owner and by `filterctl`'s read-only
 /// view: a page too large to decode is asked again with fewer keys.
 #[test]
 fn a_table_of_large_records_is_read_whole() {
-    use libfilter::etcd::{EtcdStore, EtcdUrl};
-    use libfilter::model::{ReplayRecord, ReplayScope, ResumeKey};
-    use libfilter::store::{StateStore, StoreOp};
-    if !etcd_available("a_table_of_large_records_is_read_whole") {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::StateStore;
+    let Some((_shared, _cluster, url)) =
+        one_member("a_table_of_large_records_is_read_whole", "rk/large")
+    else {
         return;
-    }
-    let shared = Scratch::new("etcd-large");
-    let cluster = Cluster::start(&shared, 1);
-    let url = EtcdUrl::parse(&cluster.url("rk/large")).expect("url");
+    };
     let ttl = Duration::from_secs(TTL);
     let scope = ReplayScope::Handle(ResumeKey::new_random());
     let a = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect a");
     a.claim().expect("a claims");
     for op_id in 1..=20u64 {
-        let op = StoreOp::PutReplay {
-            scope: scope.clone(),
-            op_id,
-            record: ReplayRecord {
-                reply: format!("{}{op_id}", " ".repeat(900_000)),
-                recorded_ms: 0,
-            },
-            keep: 1000,
-        };
+        let op = put_replay(&scope, op_id, format!("{}{op_id}", " ".repeat(900_000)));
         a.commit(&[std::slice::from_ref(&op)]).expect("a commits");
     }
     a.clean_shutdown().expect("a stops cleanly");
