@@ -47,7 +47,10 @@
 //! then compares against a generation that is gone and writes nothing,
 //! whenever it arrives. A commit in flight beside it (pipelined commits)
 //! that fails only on the generation wrote nothing either and is sent again
-//! with the new one.
+//! with the new one. If the generation cannot be moved on (etcd refuses it,
+//! or the lease may run out first), the copy could still write, so this
+//! daemon stops as owner, as with a lost lease: it acknowledges nothing
+//! more and the next owner reads whatever etcd holds.
 //! Retrying stops when the lease may have run out: the commit fails as
 //! fenced. NOSPACE (etcd's quota) is [`StoreError::Full`].
 //!
@@ -1284,12 +1287,14 @@ impl EtcdStore {
         );
         let resp = match resp {
             Ok(r) => r,
-            Err(StoreError::Etcd(e)) if !self.lease.ok() => {
+            Err(e) => {
+                // The unanswered Txn may still arrive and write: what the
+                // table holds is no longer known here. Stop as owner; the
+                // next one reads what etcd holds (as after a lost lease).
                 self.lease.lost.store(true, Ordering::Release);
-                warn!(error = %e, "the etcd commit generation could not be moved on before the lease might run out");
+                error!(error = %e, "an unanswered etcd commit could not be fenced off: stopping as owner");
                 return Err(self.lost());
             }
-            Err(e) => return Err(e),
         };
         let next = if resp.succeeded() {
             resp.header().map(|h| h.revision()).unwrap_or(0)
