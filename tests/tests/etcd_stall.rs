@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use rkfilter_tests::etcd::{etcd_available, Cluster};
-use rkfilter_tests::{wait_for, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{
+    listed_paths, smb_persistent_create, smb_session, wait_for, Filterd, Scratch, Shim,
+};
 use serde_json::{json, Value};
 
 #[derive(Default)]
@@ -32,17 +34,12 @@ struct Seen {
 }
 
 fn writer(addr: String, w: usize, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
-    let mut c = LineClient::connect(&addr);
-    let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "alice"}));
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let sid = r["session_id"].as_u64().expect("session id");
+    let (mut c, sid) = smb_session(&addr);
     let mut i = 0u32;
     while !stop.load(Ordering::Acquire) {
         i += 1;
         let path = format!("w{w}-{i:05}");
-        let r = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
-               "share": ["read"], "disposition": "create",
-               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 600000}}));
+        let r = smb_persistent_create(&mut c, sid, &path);
         if r["status"] != "STATUS_SUCCESS" {
             let lost = r.to_string().contains("connection to filterd lost");
             seen.lock()
@@ -68,16 +65,7 @@ fn writer(addr: String, w: usize, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>)
 }
 
 fn paths_of(v: &Value) -> BTreeSet<String> {
-    v.as_array()
-        .expect("a list")
-        .iter()
-        .filter_map(|h| {
-            h["record"]["path"]
-                .as_str()
-                .or(h["path"].as_str())
-                .map(str::to_owned)
-        })
-        .collect()
+    listed_paths(v).into_iter().collect()
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -171,18 +159,19 @@ fn etcd_stall_hunt() {
     {
         eprintln!("  failed {p}: {e}");
     }
+    // Acknowledged creates whose close was not attempted or not answered.
+    let open: BTreeSet<String> = seen
+        .created
+        .iter()
+        .filter(|p| !seen.closed.contains(*p) && !seen.close_failed.contains_key(*p))
+        .cloned()
+        .collect();
     let mut bad = Vec::new();
     if alive {
         let sock = f.socket().display().to_string();
         let listed =
             paths_of(&rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json());
         let closed_listed: Vec<_> = listed.intersection(&seen.closed).collect();
-        let open: BTreeSet<String> = seen
-            .created
-            .iter()
-            .filter(|p| !seen.closed.contains(*p) && !seen.close_failed.contains_key(*p))
-            .cloned()
-            .collect();
         let lost: Vec<_> = open.difference(&listed).collect();
         let unknown: Vec<_> = listed
             .iter()
@@ -205,12 +194,7 @@ fn etcd_stall_hunt() {
     let table =
         paths_of(&rkfilter_tests::filterctl(&["--store", &url, "handles", "--json"]).json());
     let closed_in_table: Vec<_> = table.intersection(&seen.closed).collect();
-    let open_not_in_table: Vec<_> = seen
-        .created
-        .iter()
-        .filter(|p| !seen.closed.contains(*p) && !seen.close_failed.contains_key(*p))
-        .filter(|p| !table.contains(*p))
-        .collect();
+    let open_not_in_table: Vec<_> = open.difference(&table).collect();
     eprintln!(
         "etcd table holds {}: acknowledged-closed {closed_in_table:?} (the late-Txn defect), acknowledged-open missing {open_not_in_table:?}",
         table.len()

@@ -6,28 +6,8 @@
 //! takes that as closed) while filterd still held the handle, its share
 //! mode and its record, for as long as smbshim stayed attached.
 
-use std::path::Path;
-
-use rkfilter_tests::{Filterd, LineClient, Scratch, Shim};
-use serde_json::{json, Value};
-
-fn handle_paths(socket: &Path) -> Vec<String> {
-    let sock = socket.display().to_string();
-    let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
-    v.as_array()
-        .expect("a list")
-        .iter()
-        .filter_map(|h| h["path"].as_str().map(str::to_owned))
-        .collect()
-}
-
-fn create(c: &mut LineClient, sid: u64, path: &str) -> Value {
-    c.call(
-        json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
-               "share": ["read"], "disposition": "create",
-               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 60000}}),
-    )
-}
+use rkfilter_tests::{handle_paths, smb_persistent_create, smb_session, Filterd, Scratch, Shim};
+use serde_json::json;
 
 #[test]
 fn a_close_whose_commit_fails_leaves_the_open_usable_and_closable() {
@@ -35,11 +15,8 @@ fn a_close_whose_commit_fails_leaves_the_open_usable_and_closable() {
     // Commit 1 records the create; commit 2 is the close's.
     let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
     let smb = Shim::start("smbshim", d.socket(), "smb-fc");
-    let mut c = LineClient::connect(&smb.addr);
-    let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "alice"}));
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let sid = r["session_id"].as_u64().expect("session id");
-    let r = create(&mut c, sid, "f");
+    let (mut c, sid) = smb_session(&smb.addr);
+    let r = smb_persistent_create(&mut c, sid, "f");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     let fid = r["file_id"].clone();
 
