@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use rkfilter_tests::etcd::{etcd_available, Cluster};
-use rkfilter_tests::{
-    listed_paths, smb_persistent_create, smb_session, wait_for, Filterd, Scratch, Shim,
-};
+use rkfilter_tests::{listed_paths, smb_persistent_create, smb_session, Filterd, Scratch, Shim};
 use serde_json::{json, Value};
 
 #[derive(Default)]
@@ -99,13 +97,27 @@ fn etcd_stall_hunt() {
             std::thread::spawn(move || writer(addr, w, stop, seen))
         })
         .collect();
-    let progress = |n: usize| {
+    // Until 50 more closes are acknowledged, or filterd has exited (then
+    // its status); panics with filterd's log after 60 s.
+    let progress = |f: &mut Filterd| {
         let base = seen.lock().unwrap().closed.len();
-        wait_for("writers progress", Duration::from_secs(60), || {
-            (seen.lock().unwrap().closed.len() >= base + n).then_some(())
-        });
+        let t0 = Instant::now();
+        loop {
+            if seen.lock().unwrap().closed.len() >= base + 50 {
+                return None;
+            }
+            if let Some(st) = f.exited() {
+                return Some(st);
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no progress in 60 s; filterd's log:\n{}",
+                f.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     };
-    progress(50);
+    assert_eq!(progress(&mut f), None, "{}", f.log_text());
     let mut exit = None;
     for (round, ms) in stalls.iter().enumerate() {
         let leader = cluster.leader();
@@ -128,15 +140,14 @@ fn etcd_stall_hunt() {
             "round {round}: members {targets:?} (leader {leader}) stalled {:?}",
             t0.elapsed()
         );
-        if let Some(st) = f.exited() {
+        for i in 0..3 {
+            cluster.wait_healthy(i);
+        }
+        if let Some(st) = f.exited().or_else(|| progress(&mut f)) {
             eprintln!("filterd exited {st:?} during round {round}");
             exit = Some(st);
             break;
         }
-        for i in 0..3 {
-            cluster.wait_healthy(i);
-        }
-        progress(50);
     }
     stop.store(true, Ordering::Release);
     for w in writers {
