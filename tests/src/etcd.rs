@@ -170,3 +170,38 @@ impl Drop for Cluster {
         }
     }
 }
+
+impl Cluster {
+    /// Sends member `i` `sig` (SIGSTOP/SIGCONT to stall it).
+    pub fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.members[i].child {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
+            nix::sys::signal::kill(pid, sig).expect("signal etcd");
+        }
+    }
+
+    /// The member that is the raft leader now (polled until one says so).
+    pub fn leader(&self) -> usize {
+        wait_for("an etcd leader", Duration::from_secs(30), || {
+            (0..self.members.len()).find(|&i| {
+                member_status(self.members[i].client).is_some_and(|(me, leader)| me == leader)
+            })
+        })
+    }
+}
+
+/// Member `port`'s own id and the leader's id it knows.
+fn member_status(port: u16) -> Option<(u64, u64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(1));
+        let mut c = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], Some(opts))
+            .await
+            .ok()?;
+        let s = c.status().await.ok()?;
+        Some((s.header()?.member_id(), s.leader()))
+    })
+}

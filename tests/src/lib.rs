@@ -559,6 +559,40 @@ pub fn smb_session(addr: &str) -> (LineClient, u64) {
     (m, sid)
 }
 
+/// A persistent CREATE of `path` (read/write, sharing read, a new create
+/// GUID, 60 s timeout) on an smbl/1 connection; the reply as it came.
+pub fn smb_persistent_create(c: &mut LineClient, sid: u64, path: &str) -> Value {
+    c.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
+               "share": ["read"], "disposition": "create",
+               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 60000}}),
+    )
+}
+
+/// The paths of a `filterctl handles --json` listing, sorted: a live
+/// daemon's (`path`) or a store's read offline (`record.path`).
+pub fn listed_paths(v: &Value) -> Vec<String> {
+    let mut p: Vec<String> = v
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|h| {
+            h["record"]["path"]
+                .as_str()
+                .or(h["path"].as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    p.sort();
+    p
+}
+
+/// The paths of the handles the filterd serving `socket` lists, sorted.
+pub fn handle_paths(socket: &Path) -> Vec<String> {
+    let sock = socket.display().to_string();
+    listed_paths(&filterctl(&["--socket", &sock, "handles", "--json"]).json())
+}
+
 /// Two smbl/1 clients of the smbshim at `addr` opening `f` (write access,
 /// sharing write) and closing it again, as fast as they can, for `run`:
 /// opens that never conflict with each other. Returns each client's

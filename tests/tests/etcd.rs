@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use nix::sys::signal::Signal;
 use rkfilter_tests::etcd::{etcd_available, Cluster};
-use rkfilter_tests::{wait_for, Filterd, LineClient, Nfs, Scratch, Shim};
+use rkfilter_tests::{
+    handle_paths, listed_paths, smb_persistent_create, wait_for, Filterd, LineClient, Nfs, Scratch,
+    Shim,
+};
 use serde_json::{json, Value};
 
 const TTL: u64 = 2;
@@ -68,19 +71,6 @@ fn session(c: &mut LineClient, client_guid: &str, user: &str) -> u64 {
 fn ok(r: Value) -> Value {
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     r
-}
-
-fn handle_paths(socket: &Path) -> Vec<String> {
-    let sock = socket.display().to_string();
-    let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
-    let mut p: Vec<String> = v
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter_map(|h| h["path"].as_str().map(str::to_owned))
-        .collect();
-    p.sort();
-    p
 }
 
 /// A new session as the SMB client, and its persistent handle back by
@@ -264,19 +254,8 @@ fn another_machine_takes_over_and_a_stale_owner_steps_down() {
         st.stdout,
         st.stderr
     );
-    let v = rkfilter_tests::filterctl(&["--store", &url, "handles", "--json"]).json();
-    let mut stored: Vec<String> = v
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter_map(|h| {
-            h["record"]["path"]
-                .as_str()
-                .or(h["path"].as_str())
-                .map(str::to_owned)
-        })
-        .collect();
-    stored.sort();
+    let stored =
+        listed_paths(&rkfilter_tests::filterctl(&["--store", &url, "handles", "--json"]).json());
     assert_eq!(stored, before, "the etcd table, read offline");
     // Node A serves on.
     let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
@@ -297,15 +276,6 @@ fn another_machine_takes_over_and_a_stale_owner_steps_down() {
     let st = rkfilter_tests::filterctl(&["--store", &url, "status"]).stdout;
     assert!(st.contains("owner none") && st.contains("clean\n"), "{st}");
     drop(cluster);
-}
-
-/// A persistent create of `path` on an smbl/1 connection.
-fn persistent_create(c: &mut LineClient, sid: u64, path: &str) -> Value {
-    c.call(
-        json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
-               "share": ["read"], "disposition": "create",
-               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 60000}}),
-    )
 }
 
 #[test]
@@ -335,7 +305,7 @@ fn etcd_members_die_under_load() {
             cluster.kill(0);
         }
         let path = format!("f{i:02}");
-        let r = persistent_create(&mut c, sid, &path);
+        let r = smb_persistent_create(&mut c, sid, &path);
         assert_eq!(
             r["status"], "STATUS_SUCCESS",
             "{path} with one member down: {r}"
@@ -352,7 +322,7 @@ fn etcd_members_die_under_load() {
     // acknowledged; filterd stops once its lease may have run out.
     cluster.kill(1);
     let t0 = Instant::now();
-    let r = persistent_create(&mut c, sid, "nq");
+    let r = smb_persistent_create(&mut c, sid, "nq");
     assert_ne!(
         r["status"], "STATUS_SUCCESS",
         "acknowledged without quorum: {r}"
@@ -380,7 +350,7 @@ fn etcd_members_die_under_load() {
     let smb = Shim::start("smbshim", b.socket(), "smb-q2");
     let mut c = LineClient::connect(&smb.addr);
     let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "bob");
-    let r = persistent_create(&mut c, sid, "after");
+    let r = smb_persistent_create(&mut c, sid, "after");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
 
@@ -720,7 +690,7 @@ fn etcd_out_of_space_is_disk_full_and_service_resumes() {
     let mut acked = Vec::new();
     for i in 0..5 {
         let path = format!("before{i}");
-        let r = persistent_create(&mut c, sid, &path);
+        let r = smb_persistent_create(&mut c, sid, &path);
         assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
         acked.push(path);
     }
@@ -741,7 +711,7 @@ fn etcd_out_of_space_is_disk_full_and_service_resumes() {
     });
     assert!(filled, "32 MiB of ballast did not fill an 8 MiB quota");
 
-    let r = persistent_create(&mut c, sid, "refused");
+    let r = smb_persistent_create(&mut c, sid, "refused");
     assert_eq!(r["status"], "STATUS_DISK_FULL", "{r}");
     // Nothing of it stored: the daemon and the table hold the acknowledged
     // creates only.
@@ -798,7 +768,7 @@ fn etcd_out_of_space_is_disk_full_and_service_resumes() {
         }
         Ok(())
     });
-    let r = persistent_create(&mut c, sid, "after");
+    let r = smb_persistent_create(&mut c, sid, "after");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     acked.push("after".to_owned());
     acked.sort();
@@ -822,7 +792,7 @@ fn a_restart_from_etcd_finds_the_files_as_they_are() {
     let mut c = LineClient::connect(&smb.addr);
     let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
     for p in ["kept", "gone"] {
-        let r = persistent_create(&mut c, sid, p);
+        let r = smb_persistent_create(&mut c, sid, p);
         assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     }
     smb.kill9();

@@ -1598,15 +1598,54 @@ fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// Closes open `o` (found for a CLOSE).
 fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
     let key = o.key;
-    if let Ok(mut opens) = sh.opens.lock() {
-        opens.remove(&o.file_id);
-    }
+    let m = sh.member(o.member)?;
+    let taken = sh
+        .opens
+        .lock()
+        .ok()
+        .and_then(|mut opens| opens.remove(&o.file_id));
     // A WRITE of this open (from another connection of the session) may
     // be in its pwrite: it lands before filterd forgets the handle.
-    let m = sh.member(o.member)?;
     drain(m, o.file_key);
-    m.filter.close(key).map_err(filter_fail)?;
+    if let Err(e) = m.filter.close(key) {
+        if close_undone(&e) {
+            if let Some(open) = taken {
+                keep_open(sh, o.file_id, open);
+            }
+        }
+        return Err(filter_fail(e));
+    }
     Ok(Map::new())
+}
+
+/// Whether filterd answered a close with an error that leaves the handle
+/// as it was: it refused the request, or undid it when its commit failed
+/// (then the handle is back, attached to this member). Not when the
+/// handle is not this member's, nor when the outcome is unknown (the
+/// connection was lost or the answer did not come).
+fn close_undone(e: &ClientError) -> bool {
+    !matches!(
+        e.code(),
+        None | Some(ErrorCode::NoSuchHandle) | Some(ErrorCode::NotOwner)
+    )
+}
+
+/// Puts back an open whose CLOSE filterd did not make: the client was told
+/// it failed and may use it or close it again. Not if its session ended
+/// meanwhile (the teardown did not see it; it stays with filterd, which
+/// detaches it with this member's connection).
+fn keep_open(sh: &Shared, file_id: String, open: Open) {
+    let _teardown = sh.teardown.lock();
+    let alive = sh
+        .sessions
+        .lock()
+        .is_ok_and(|s| s.contains_key(&open.session));
+    if !alive {
+        return;
+    }
+    if let Ok(mut opens) = sh.opens.lock() {
+        opens.entry(file_id).or_insert(open);
+    }
 }
 
 fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {

@@ -1,0 +1,231 @@
+//! An etcd member stalls (SIGSTOP, then SIGCONT) while writers do
+//! persistent CREATE then CLOSE through smbshim, and filterd survives:
+//! no handle whose CLOSE was acknowledged is in filterd's handle list,
+//! and every acknowledged create that was not closed is. (A closed
+//! handle's record back in etcd's table only is the late-Txn defect
+//! described in docs/ARCHITECTURE.md, counted and printed, not asserted.)
+//!
+//! `etcd_stall_hunt` is the hunt (ignored: ~1 min a run); its shape comes
+//! from the environment: `RK_STALL_TTL` (lease TTL, default 15),
+//! `RK_STALL_MS` (stall lengths, comma separated, default
+//! "1200,1600,2200,3000"), `RK_STALL_WHO` (`leader`, `follower`, `both`
+//! alternating, or `two`: the leader and a follower at once; default
+//! `both`), `RK_STALL_WRITERS` (default 4; 200 fills Txns, so commits
+//! overlap).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use rkfilter_tests::etcd::{etcd_available, Cluster};
+use rkfilter_tests::{listed_paths, smb_persistent_create, smb_session, Filterd, Scratch, Shim};
+use serde_json::{json, Value};
+
+#[derive(Default)]
+struct Seen {
+    created: BTreeSet<String>,
+    create_failed: BTreeMap<String, String>,
+    closed: BTreeSet<String>,
+    close_failed: BTreeMap<String, String>,
+}
+
+fn writer(addr: String, w: usize, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
+    let (mut c, sid) = smb_session(&addr);
+    let mut i = 0u32;
+    while !stop.load(Ordering::Acquire) {
+        i += 1;
+        let path = format!("w{w}-{i:05}");
+        let r = smb_persistent_create(&mut c, sid, &path);
+        if r["status"] != "STATUS_SUCCESS" {
+            let lost = r.to_string().contains("connection to filterd lost");
+            seen.lock()
+                .unwrap()
+                .create_failed
+                .insert(path, r.to_string());
+            if lost {
+                return;
+            }
+            continue;
+        }
+        seen.lock().unwrap().created.insert(path.clone());
+        let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": r["file_id"]}));
+        if r["status"] == "STATUS_SUCCESS" {
+            seen.lock().unwrap().closed.insert(path);
+        } else {
+            seen.lock()
+                .unwrap()
+                .close_failed
+                .insert(path, r.to_string());
+        }
+    }
+}
+
+fn paths_of(v: &Value) -> BTreeSet<String> {
+    listed_paths(v).into_iter().collect()
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+#[test]
+#[ignore = "a hunt: ~1 min a run, shaped by RK_STALL_* (see the module docs)"]
+fn etcd_stall_hunt() {
+    if !etcd_available("etcd_stall_hunt") {
+        return;
+    }
+    let ttl = env_or("RK_STALL_TTL", "15");
+    let stalls: Vec<u64> = env_or("RK_STALL_MS", "1200,1600,2200,3000")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let who = env_or("RK_STALL_WHO", "both");
+    let n_writers: usize = env_or("RK_STALL_WRITERS", "4").parse().unwrap_or(4);
+    let s = Scratch::new("etcd-stall");
+    let cluster = Cluster::start(&s, 3);
+    let url = cluster.url("rk/stall");
+    let mut f = Filterd::spawn(&s, &["--store", &url, "--lease-ttl-secs", &ttl], &[]);
+    f.wait_ready();
+    let smb = Shim::start("smbshim", f.socket(), "smb-stall");
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let writers: Vec<_> = (0..n_writers)
+        .map(|w| {
+            let (addr, stop, seen) = (smb.addr.clone(), stop.clone(), seen.clone());
+            std::thread::spawn(move || writer(addr, w, stop, seen))
+        })
+        .collect();
+    // Until 50 more closes are acknowledged, or filterd has exited (then
+    // its status); panics with filterd's log after 60 s.
+    let progress = |f: &mut Filterd| {
+        let base = seen.lock().unwrap().closed.len();
+        let t0 = Instant::now();
+        loop {
+            if seen.lock().unwrap().closed.len() >= base + 50 {
+                return None;
+            }
+            if let Some(st) = f.exited() {
+                return Some(st);
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no progress in 60 s; filterd's log:\n{}",
+                f.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    assert_eq!(progress(&mut f), None, "{}", f.log_text());
+    let mut exit = None;
+    for (round, ms) in stalls.iter().enumerate() {
+        let leader = cluster.leader();
+        let targets = match who.as_str() {
+            "leader" => vec![leader],
+            "follower" => vec![(leader + 1) % 3],
+            "two" => vec![leader, (leader + 1) % 3],
+            _ if round % 2 == 0 => vec![leader],
+            _ => vec![(leader + 1) % 3],
+        };
+        let t0 = Instant::now();
+        for t in &targets {
+            cluster.signal(*t, Signal::SIGSTOP);
+        }
+        std::thread::sleep(Duration::from_millis(*ms));
+        for t in &targets {
+            cluster.signal(*t, Signal::SIGCONT);
+        }
+        eprintln!(
+            "round {round}: members {targets:?} (leader {leader}) stalled {:?}",
+            t0.elapsed()
+        );
+        for i in 0..3 {
+            cluster.wait_healthy(i);
+        }
+        if let Some(st) = f.exited().or_else(|| progress(&mut f)) {
+            eprintln!("filterd exited {st:?} during round {round}");
+            exit = Some(st);
+            break;
+        }
+    }
+    stop.store(true, Ordering::Release);
+    for w in writers {
+        let _ = w.join();
+    }
+    let alive = exit.is_none() && f.exited().is_none();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    eprintln!(
+        "filterd alive: {alive}; created {} (failed {}), closed {} (failed {})",
+        seen.created.len(),
+        seen.create_failed.len(),
+        seen.closed.len(),
+        seen.close_failed.len()
+    );
+    for (p, e) in seen
+        .create_failed
+        .iter()
+        .chain(seen.close_failed.iter())
+        .take(10)
+    {
+        eprintln!("  failed {p}: {e}");
+    }
+    // Acknowledged creates whose close was not attempted or not answered.
+    let open: BTreeSet<String> = seen
+        .created
+        .iter()
+        .filter(|p| !seen.closed.contains(*p) && !seen.close_failed.contains_key(*p))
+        .cloned()
+        .collect();
+    let mut bad = Vec::new();
+    if alive {
+        let sock = f.socket().display().to_string();
+        let listed =
+            paths_of(&rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json());
+        let closed_listed: Vec<_> = listed.intersection(&seen.closed).collect();
+        let lost: Vec<_> = open.difference(&listed).collect();
+        let unknown: Vec<_> = listed
+            .iter()
+            .filter(|p| !seen.created.contains(*p))
+            .collect();
+        eprintln!(
+            "daemon lists {}: acknowledged-closed {closed_listed:?}, acknowledged-open lost {lost:?}, never acknowledged {unknown:?}",
+            listed.len()
+        );
+        if !closed_listed.is_empty() || !lost.is_empty() {
+            bad.push(format!(
+                "daemon: closed yet listed {closed_listed:?}, open yet missing {lost:?}"
+            ));
+        }
+        drop(smb);
+        let _ = f.terminate();
+    } else {
+        drop(smb);
+    }
+    let table =
+        paths_of(&rkfilter_tests::filterctl(&["--store", &url, "handles", "--json"]).json());
+    let closed_in_table: Vec<_> = table.intersection(&seen.closed).collect();
+    let open_not_in_table: Vec<_> = open.difference(&table).collect();
+    eprintln!(
+        "etcd table holds {}: acknowledged-closed {closed_in_table:?} (the late-Txn defect), acknowledged-open missing {open_not_in_table:?}",
+        table.len()
+    );
+    if !open_not_in_table.is_empty() {
+        bad.push(format!("etcd: open yet missing {open_not_in_table:?}"));
+    }
+    let log = f.log_text();
+    for l in log
+        .lines()
+        .filter(|l| {
+            l.contains("WARN")
+                || l.contains("ERROR")
+                || l.contains("rolled back")
+                || l.contains("undone")
+        })
+        .take(40)
+    {
+        eprintln!("  log: {l}");
+    }
+    drop(cluster);
+    assert!(bad.is_empty(), "{bad:?}");
+}
