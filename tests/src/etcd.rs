@@ -139,14 +139,6 @@ impl Cluster {
         }
     }
 
-    /// Sends `sig` to member `i` (SIGSTOP / SIGCONT: a stalled member).
-    pub fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
-        if let Some(c) = &self.members[i].child {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("a pid"));
-            nix::sys::signal::kill(pid, sig).expect("signal an etcd member");
-        }
-    }
-
     /// The client port of member `i`.
     pub fn client_port(&self, i: usize) -> u16 {
         self.members[i].client

@@ -389,7 +389,8 @@ fn stalled_etcd_members_bring_no_closed_handle_back() {
                 let mut i = 0u32;
                 while !stop.load(Ordering::Acquire) {
                     i += 1;
-                    let r = persistent_create(&mut c, sid, &format!("w{w}-{i}"));
+                    let r =
+                        rkfilter_tests::smb_persistent_create(&mut c, sid, &format!("w{w}-{i}"));
                     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
                     let r =
                         c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": r["file_id"]}));
