@@ -686,6 +686,25 @@ fn smb_create(
     )
 }
 
+/// Two smbl/1 clients of `shim` with a session each: the first holds `f`
+/// open persistently for writing, sharing read and write; the second
+/// (returned with its session id) is to open it for reading.
+fn persistent_writer_and_reader(
+    shim: &rkfilter_tests::Shim,
+) -> (rkfilter_tests::LineClient, rkfilter_tests::LineClient, u64) {
+    let mut a = rkfilter_tests::LineClient::connect(&shim.addr);
+    let mut b = rkfilter_tests::LineClient::connect(&shim.addr);
+    let (sa, sb) = (smb_session(&mut a), smb_session(&mut b));
+    let r = a.call(
+        serde_json::json!({"cmd": "CREATE", "session_id": sa, "path": "f",
+        "access": ["write"], "share": ["read", "write"], "disposition": "open_if",
+        "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true,
+                    "timeout_ms": 60000}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    (a, b, sb)
+}
+
 /// Old code (issue 18 review): after a filterd restart, smbshim's
 /// descriptor of a persistent handle (passed by the filterd before) was
 /// taken for a local reader, and a CREATE sharing only write — granted
@@ -697,16 +716,7 @@ fn a_frontends_descriptor_from_before_a_restart_is_not_a_local_open() {
     };
     let mut d = Filterd::start_mediated(&s, &[]);
     let shim = rkfilter_tests::Shim::start("smbshim", &s.socket(), "smb-fr");
-    let mut a = rkfilter_tests::LineClient::connect(&shim.addr);
-    let mut b = rkfilter_tests::LineClient::connect(&shim.addr);
-    let (sa, sb) = (smb_session(&mut a), smb_session(&mut b));
-    let r = a.call(
-        serde_json::json!({"cmd": "CREATE", "session_id": sa, "path": "f",
-        "access": ["write"], "share": ["read", "write"], "disposition": "open_if",
-        "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true,
-                    "timeout_ms": 60000}}),
-    );
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let (_a, mut b, sb) = persistent_writer_and_reader(&shim);
     let rb = smb_create(&mut b, sb, &["read"], &["write"]);
     assert_eq!(rb["status"], "STATUS_SUCCESS", "before the restart: {rb}");
     let r = b.call(serde_json::json!({"cmd": "CLOSE", "session_id": sb, "file_id": rb["file_id"]}));
@@ -1299,16 +1309,7 @@ fn a_scan_delayed_by_a_loaded_cpu_is_not_a_local_open() {
         .collect();
     let mut d = Filterd::start_mediated(&s, &[]);
     let shim = rkfilter_tests::Shim::start("smbshim", &s.socket(), "smb-slow-scan");
-    let mut a = rkfilter_tests::LineClient::connect(&shim.addr);
-    let mut b = rkfilter_tests::LineClient::connect(&shim.addr);
-    let (sa, sb) = (smb_session(&mut a), smb_session(&mut b));
-    let r = a.call(
-        serde_json::json!({"cmd": "CREATE", "session_id": sa, "path": "f",
-        "access": ["write"], "share": ["read", "write"], "disposition": "open_if",
-        "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true,
-                    "timeout_ms": 60000}}),
-    );
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let (_a, mut b, sb) = persistent_writer_and_reader(&shim);
     d.kill9();
     let d2 = Filterd::start_mediated(&s, &[]);
     // smbshim reattached and resumed its handle: it holds the filterd

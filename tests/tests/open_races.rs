@@ -83,18 +83,7 @@ fn a_persistent_overwrite_if_racing_a_local_create_and_unlink_is_a_retry() {
 fn race(name: &str, disposition: Disposition, persistent: bool) -> u32 {
     let s = Scratch::new(name);
     let _d = Filterd::start(&s, &[], &[]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let racers: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, path) = (stop.clone(), s.root().join("race.bin"));
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = std::fs::File::create(&path);
-                    let _ = std::fs::remove_file(&path);
-                }
-            })
-        })
-        .collect();
+    let racers = Racers::start(&s);
     let clients: Vec<_> = (0..3)
         .map(|k| {
             let socket = s.socket();
@@ -133,10 +122,7 @@ fn race(name: &str, disposition: Disposition, persistent: bool) -> u32 {
         })
         .collect();
     let wrong: u32 = clients.into_iter().map(|t| t.join().unwrap()).sum();
-    stop.store(true, Ordering::Relaxed);
-    for r in racers {
-        r.join().unwrap();
-    }
+    racers.stop();
     wrong
 }
 
@@ -153,18 +139,7 @@ fn an_nfs_open_racing_a_local_create_and_unlink_is_delayed_then_granted() {
     let _d = Filterd::start(&s, &[], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-race");
     let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let stop = Arc::new(AtomicBool::new(false));
-    let racers: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, path) = (stop.clone(), s.root().join("race.bin"));
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = std::fs::File::create(&path);
-                    let _ = std::fs::remove_file(&path);
-                }
-            })
-        })
-        .collect();
+    let racers = Racers::start(&s);
     let (mut opens, mut delayed, mut cache_checked) = (0u32, 0u32, false);
     let mut wrong: Vec<Value> = Vec::new();
     let t0 = std::time::Instant::now();
@@ -203,10 +178,7 @@ fn an_nfs_open_racing_a_local_create_and_unlink_is_delayed_then_granted() {
         let c = a.call(json!({"op": "CLOSE", "stateid": r["stateid"]}));
         assert_eq!(c["status"], "NFS4_OK", "{c}");
     }
-    stop.store(true, Ordering::Relaxed);
-    for r in racers {
-        r.join().unwrap();
-    }
+    racers.stop();
     assert!(
         wrong.is_empty(),
         "{} of {opens} OPENs failed while a local process created and removed the name: {:?}",
@@ -241,4 +213,35 @@ fn disconnected(s: &Scratch, path: &str) -> bool {
         hs.iter()
             .any(|h| h["path"] == path && h.to_string().contains("isconnected"))
     })
+}
+
+/// Two local threads creating and unlinking `race.bin` in the export.
+struct Racers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Racers {
+    fn start(s: &Scratch) -> Racers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..2)
+            .map(|_| {
+                let (stop, path) = (stop.clone(), s.root().join("race.bin"));
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = std::fs::File::create(&path);
+                        let _ = std::fs::remove_file(&path);
+                    }
+                })
+            })
+            .collect();
+        Racers { stop, threads }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+    }
 }
