@@ -56,9 +56,11 @@ pub const SCAN_WALL_TIME: std::time::Duration = std::time::Duration::from_secs(1
 /// What one check may still spend on `/proc`.
 pub struct ScanBudget {
     left: usize,
-    /// The engine thread's CPU time when the check began (`None`: the
-    /// clock could not be read; the wall clock alone bounds it).
-    cpu_start: Option<std::time::Duration>,
+    /// The engine thread's CPU time when the check's scan began: read at
+    /// its first entry (most protocol opens scan nothing, and pay no
+    /// clock read). Inner `None`: the clock could not be read; the wall
+    /// clock alone bounds it.
+    cpu_start: Option<Option<std::time::Duration>>,
     cpu_limit: std::time::Duration,
     deadline: std::time::Instant,
     /// The budget ran out: what was not looked at counted as held.
@@ -77,7 +79,7 @@ impl ScanBudget {
     pub fn times(times: u32) -> Self {
         ScanBudget {
             left: SCAN_ENTRIES.saturating_mul(times as usize),
-            cpu_start: libfilter::sys::thread_cpu_time(),
+            cpu_start: None,
             cpu_limit: SCAN_TIME * times,
             deadline: std::time::Instant::now() + SCAN_WALL_TIME * times,
             cut: false,
@@ -89,6 +91,9 @@ impl ScanBudget {
         if self.cut {
             return false;
         }
+        if self.cpu_start.is_none() {
+            self.cpu_start = Some(libfilter::sys::thread_cpu_time());
+        }
         self.left = self.left.saturating_sub(1);
         if self.left == 0 || (self.left.is_multiple_of(512) && self.out_of_time()) {
             self.cut = true;
@@ -98,7 +103,7 @@ impl ScanBudget {
 
     /// Whether the check has used its CPU time, or its wall time.
     fn out_of_time(&self) -> bool {
-        let cpu = match (self.cpu_start, libfilter::sys::thread_cpu_time()) {
+        let cpu = match (self.cpu_start.flatten(), libfilter::sys::thread_cpu_time()) {
             (Some(start), Some(now)) => now.saturating_sub(start) >= self.cpu_limit,
             _ => false,
         };
@@ -344,11 +349,13 @@ mod tests {
     #[test]
     fn a_scan_budget_is_cpu_time_not_waiting() {
         let mut b = ScanBudget::default();
+        assert!(b.spend());
         std::thread::sleep(SCAN_TIME * 2);
         assert!(spend_to_check(&mut b), "cut by time spent waiting");
         assert!(!b.cut);
         let spin = std::time::Instant::now();
-        while libfilter::sys::thread_cpu_time().unwrap() < b.cpu_start.unwrap() + SCAN_TIME {
+        let start = b.cpu_start.flatten().expect("the thread's CPU clock");
+        while libfilter::sys::thread_cpu_time().unwrap() < start + SCAN_TIME {
             assert!(spin.elapsed() < SCAN_WALL_TIME, "no CPU time measured");
         }
         assert!(!spend_to_check(&mut b), "not cut by CPU time");
