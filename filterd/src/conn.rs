@@ -341,6 +341,8 @@ impl Poller {
         match r {
             Ok(h) => {
                 let encoding = proto::Encoding::from_features(h.features);
+                // Before the hello reply goes: no later reply may miss it.
+                c.writer.set_features(h.features);
                 if !c.writer.send_frame(&ServerFrame::Hello(h), None) {
                     self.close(conn, out);
                     return;

@@ -172,7 +172,7 @@ const RACE_TRIES: u32 = 8;
 /// "exists" ([`open_or_create`]).
 fn name_kept_changing(path: &RelPath) -> WireError {
     WireError::new(
-        ErrorCode::FileNotAvailable,
+        ErrorCode::Retry,
         format!("{path}: created and removed by someone else while opening; retry"),
     )
 }
@@ -297,7 +297,7 @@ pub fn open(
                         let (tmp_file, _) = stat(tmp.as_fd()).map_err(err)?;
                         if !is_reg || file != tmp_file {
                             return Err(WireError::new(
-                                ErrorCode::FileNotAvailable,
+                                ErrorCode::Retry,
                                 format!("{path}: replaced while creating; retry"),
                             ));
                         }
@@ -727,7 +727,7 @@ pub fn truncate(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<
         // be a create-if-absent (overwrite_if, supersede).
         if e.raw_os_error() == Some(libc::ENOENT) {
             WireError::new(
-                ErrorCode::FileNotAvailable,
+                ErrorCode::Retry,
                 format!("{path}: removed while opening; retry"),
             )
         } else {
@@ -737,7 +737,7 @@ pub fn truncate(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<
     let (file, _) = stat(fd.as_fd()).map_err(|e| map_errno(&e, root, path))?;
     if file != expect {
         return Err(WireError::new(
-            ErrorCode::FileNotAvailable,
+            ErrorCode::Retry,
             format!("{path}: replaced while opening; retry"),
         ));
     }
@@ -1100,7 +1100,7 @@ mod tests {
             },
         );
         match got {
-            Err(RaceError::Wire(e)) => assert_eq!(e.code, ErrorCode::FileNotAvailable, "{e}"),
+            Err(RaceError::Wire(e)) => assert_eq!(e.code, ErrorCode::Retry, "{e}"),
             Err(RaceError::Io(e)) => panic!("answered the system call's error: {e}"),
             Ok(_) => panic!("opened nothing, yet succeeded"),
         }

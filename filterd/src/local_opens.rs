@@ -35,20 +35,33 @@ use libfilter::model::FileId;
 /// `/proc` again.
 pub const MAX_PIDS: usize = 256;
 
-/// Most `/proc/PID/fd` entries one check looks at, and the longest it
-/// takes ([`ScanBudget`]): the engine thread does it. Past either, the
+/// Most `/proc/PID/fd` entries one check looks at, and the most CPU time
+/// it spends ([`ScanBudget`]): the engine thread does it. Past either, the
 /// check decides as if a local opener exists (conservative: share modes
 /// without read are refused, no write caching) and counts it
 /// (`filterctl stats`: `local_scans_cut_short`) — unless the scan named
 /// nobody while a frontend holds the file or just closed its last handle
 /// ([`LocalOpeners::scanned`]).
 pub const SCAN_ENTRIES: usize = 65_536;
-/// See [`SCAN_ENTRIES`].
+/// See [`SCAN_ENTRIES`]: CPU time of the engine thread, which a loaded
+/// machine does not eat (a wall-clock budget did: on one busy CPU the
+/// scan at the first open after a restart ran out of it before it reached
+/// the frontend holding the file, and the open was refused as if a local
+/// reader held it).
 pub const SCAN_TIME: std::time::Duration = std::time::Duration::from_millis(50);
+/// The longest a check takes by the wall clock, whatever its CPU time (a
+/// scan whose `statx` calls block in the kernel stops there).
+pub const SCAN_WALL_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What one check may still spend on `/proc`.
 pub struct ScanBudget {
     left: usize,
+    /// The engine thread's CPU time when the check's scan began: read at
+    /// its first entry (most protocol opens scan nothing, and pay no
+    /// clock read). Inner `None`: the clock could not be read; the wall
+    /// clock alone bounds it.
+    cpu_start: Option<Option<std::time::Duration>>,
+    cpu_limit: std::time::Duration,
     deadline: std::time::Instant,
     /// The budget ran out: what was not looked at counted as held.
     pub cut: bool,
@@ -56,11 +69,7 @@ pub struct ScanBudget {
 
 impl Default for ScanBudget {
     fn default() -> Self {
-        ScanBudget {
-            left: SCAN_ENTRIES,
-            deadline: std::time::Instant::now() + SCAN_TIME,
-            cut: false,
-        }
+        ScanBudget::times(1)
     }
 }
 
@@ -70,7 +79,9 @@ impl ScanBudget {
     pub fn times(times: u32) -> Self {
         ScanBudget {
             left: SCAN_ENTRIES.saturating_mul(times as usize),
-            deadline: std::time::Instant::now() + SCAN_TIME * times,
+            cpu_start: None,
+            cpu_limit: SCAN_TIME * times,
+            deadline: std::time::Instant::now() + SCAN_WALL_TIME * times,
             cut: false,
         }
     }
@@ -80,13 +91,23 @@ impl ScanBudget {
         if self.cut {
             return false;
         }
+        if self.cpu_start.is_none() {
+            self.cpu_start = Some(libfilter::sys::thread_cpu_time());
+        }
         self.left = self.left.saturating_sub(1);
-        if self.left == 0
-            || (self.left.is_multiple_of(512) && std::time::Instant::now() >= self.deadline)
-        {
+        if self.left == 0 || (self.left.is_multiple_of(512) && self.out_of_time()) {
             self.cut = true;
         }
         !self.cut
+    }
+
+    /// Whether the check has used its CPU time, or its wall time.
+    fn out_of_time(&self) -> bool {
+        let cpu = match (self.cpu_start.flatten(), libfilter::sys::thread_cpu_time()) {
+            (Some(start), Some(now)) => now.saturating_sub(start) >= self.cpu_limit,
+            _ => false,
+        };
+        cpu || std::time::Instant::now() >= self.deadline
     }
 }
 
@@ -311,5 +332,43 @@ mod start_time_tests {
         assert!(t.is_some());
         assert_eq!(super::start_time(me), t);
         assert_eq!(super::start_time(i32::MAX), None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spends entries up to the next clock check.
+    fn spend_to_check(b: &mut ScanBudget) -> bool {
+        (0..512).all(|_| b.spend())
+    }
+
+    /// Round 13: time the engine thread waits for a CPU (here: sleeps)
+    /// does not use up a scan's budget; time it computes does.
+    #[test]
+    fn a_scan_budget_is_cpu_time_not_waiting() {
+        let mut b = ScanBudget::default();
+        assert!(b.spend());
+        std::thread::sleep(SCAN_TIME * 2);
+        assert!(spend_to_check(&mut b), "cut by time spent waiting");
+        assert!(!b.cut);
+        let spin = std::time::Instant::now();
+        let start = b.cpu_start.flatten().expect("the thread's CPU clock");
+        while libfilter::sys::thread_cpu_time().unwrap() < start + SCAN_TIME {
+            assert!(spin.elapsed() < SCAN_WALL_TIME, "no CPU time measured");
+        }
+        assert!(!spend_to_check(&mut b), "not cut by CPU time");
+        assert!(b.cut);
+    }
+
+    /// The wall clock still bounds a scan whose calls block.
+    #[test]
+    fn a_scan_budget_has_a_wall_clock_limit() {
+        let mut b = ScanBudget {
+            deadline: std::time::Instant::now(),
+            ..Default::default()
+        };
+        assert!(!spend_to_check(&mut b));
     }
 }

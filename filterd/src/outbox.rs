@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use libfilter::proto::{self, ServerFrame};
@@ -215,6 +215,10 @@ pub struct ConnWriter {
     /// The encoding of frames after the hello (what the hello granted):
     /// 0 JSON, 1 binary, 2 binary with compact hot frames.
     encoding: AtomicU8,
+    /// The feature bits the hello granted: an error code newer than
+    /// them is sent as the code that meant it before
+    /// ([`proto::ServerFrame::granted`]).
+    features: AtomicU64,
     queue: Mutex<Queue>,
     flusher: Option<(Arc<Flusher>, u64)>,
     me: std::sync::Weak<ConnWriter>,
@@ -251,6 +255,7 @@ impl ConnWriter {
             sock,
             dead: AtomicBool::new(false),
             encoding: AtomicU8::new(0),
+            features: AtomicU64::new(0),
             queue: std::sync::Mutex::new(Queue::default()),
             flusher: flusher.map(|f| {
                 let t = f.token();
@@ -296,6 +301,12 @@ impl ConnWriter {
         }
     }
 
+    /// The features the hello granted (set before the hello reply is
+    /// sent; until then no code newer than the protocol is sent).
+    pub fn set_features(&self, features: u64) {
+        self.features.store(features, Ordering::Release);
+    }
+
     /// The encoding of this connection's frames from now on (set once
     /// the hello reply, always JSON, has been sent).
     pub fn set_encoding(&self, encoding: proto::Encoding) {
@@ -315,7 +326,10 @@ impl ConnWriter {
             1 => proto::Encoding::Binary,
             _ => proto::Encoding::Compact,
         };
-        proto::encode_server(encoding, frame)
+        match frame.granted(self.features.load(Ordering::Acquire)) {
+            Some(older) => proto::encode_server(encoding, &older),
+            None => proto::encode_server(encoding, frame),
+        }
     }
 
     /// Encodes and sends a frame.
@@ -349,5 +363,74 @@ impl ConnWriter {
     pub fn kill(&self) {
         self.dead.store(true, Ordering::Release);
         let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libfilter::proto::{ErrorCode, WireError, FEATURE_RETRY_CODE};
+
+    /// What the peer reads of a refusal with `code` sent on a connection
+    /// granted `features`.
+    fn sent_as(features: Option<u64>, code: ErrorCode) -> ErrorCode {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (ours, peer) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_NONBLOCK,
+        )
+        .unwrap();
+        let w = ConnWriter::for_test(ours);
+        if let Some(f) = features {
+            w.set_features(f);
+        }
+        let frame = ServerFrame::Reply {
+            id: Some(7),
+            result: Err(WireError::new(code, "the name changed; retry")),
+        };
+        assert!(w.send_frame(&frame, None));
+        let mut buf = vec![0u8; proto::MAX_FRAME];
+        let n = nix::sys::socket::recv(
+            peer.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        match proto::decode_server(&buf[..n]).unwrap() {
+            ServerFrame::Reply {
+                id: Some(7),
+                result: Err(e),
+            } => {
+                assert_eq!(e.message, "the name changed; retry");
+                e.code
+            }
+            other => panic!("not the refusal: {other:?}"),
+        }
+    }
+
+    /// A frontend that did not ask for `FEATURE_RETRY_CODE` (every one
+    /// built before it) reads a transient refusal as the
+    /// `FileNotAvailable` it always was: an unknown code would not decode.
+    #[test]
+    fn a_retry_is_sent_only_to_a_connection_granted_its_feature() {
+        assert_eq!(sent_as(None, ErrorCode::Retry), ErrorCode::FileNotAvailable);
+        assert_eq!(
+            sent_as(Some(proto::FEATURE_LOCK_HINTS), ErrorCode::Retry),
+            ErrorCode::FileNotAvailable
+        );
+        assert_eq!(
+            sent_as(Some(FEATURE_RETRY_CODE), ErrorCode::Retry),
+            ErrorCode::Retry
+        );
+        // A disconnected persistent open holding the file stays what it is.
+        for f in [None, Some(FEATURE_RETRY_CODE)] {
+            assert_eq!(
+                sent_as(f, ErrorCode::FileNotAvailable),
+                ErrorCode::FileNotAvailable
+            );
+            assert_eq!(sent_as(f, ErrorCode::Busy), ErrorCode::Busy);
+        }
     }
 }

@@ -33,8 +33,11 @@ use crate::model::{
 /// The protocol version this library speaks.
 pub const PROTO_VERSION: u32 = 1;
 /// Feature bits this library understands.
-pub const FEATURES: u64 =
-    FEATURE_LOCK_HINTS | FEATURE_BINARY_FRAMES | FEATURE_COMPACT_FRAMES | FEATURE_COMPACT_RECORDS;
+pub const FEATURES: u64 = FEATURE_LOCK_HINTS
+    | FEATURE_BINARY_FRAMES
+    | FEATURE_COMPACT_FRAMES
+    | FEATURE_COMPACT_RECORDS
+    | FEATURE_RETRY_CODE;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -109,6 +112,19 @@ pub const FEATURE_COMPACT_RECORDS: u64 = 8;
 /// a restarted daemon makes a first lock wait for the hello of every
 /// hinted frontend that was attached before the restart.
 pub const FEATURE_LOCK_HINTS: u64 = 1;
+/// Feature: the [`ErrorCode::Retry`] answer. A request refused because
+/// the file or its name changed under it (a local process created,
+/// removed or replaced it meanwhile) or because the original of a
+/// replayed open is still in progress is answered `Retry` on a
+/// connection that was granted this bit, and `FileNotAvailable` — what
+/// every daemon answered before the bit existed — on any other, so a
+/// frontend that does not know the code never sees it. `FileNotAvailable`
+/// then keeps only its lasting meaning on such a connection: a
+/// disconnected persistent open holds the file. nfsshim asks for it (its
+/// clients are told `NFS4ERR_DELAY`, not `NFS4ERR_SHARE_DENIED`);
+/// smbshim and rksmbd do not (both answer `STATUS_FILE_NOT_AVAILABLE`
+/// either way).
+pub const FEATURE_RETRY_CODE: u64 = 16;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Listings are cut into pages of about this many bytes, so every reply
@@ -581,8 +597,9 @@ pub enum ErrorCode {
     NotAFile,
     /// A live open's share mode conflicts.
     SharingViolation,
-    /// A disconnected persistent open holds the file, or the daemon is
-    /// recovering: retry later.
+    /// A disconnected persistent open holds the file (until it is resumed
+    /// or expires), or the daemon is recovering: retry later. Without
+    /// [`FEATURE_RETRY_CODE`] also what [`ErrorCode::Retry`] is answered as.
     FileNotAvailable,
     /// No such handle (or not resumable: connected, expired, closed).
     NoSuchHandle,
@@ -608,8 +625,47 @@ pub enum ErrorCode {
     /// The request would wait for a lease break and asked not to: the break
     /// was sent; retry later.
     Busy,
+    /// Nothing was done and a retry may well succeed at once: the file or
+    /// its name changed under the request (a local process created,
+    /// removed or replaced it between the steps of the open), or the
+    /// original of a replayed open is still in progress. Sent only on a
+    /// connection granted [`FEATURE_RETRY_CODE`]; `FileNotAvailable`
+    /// on any other ([`ErrorCode::granted`]).
+    Retry,
     /// A fault in the daemon; the message says which.
     Internal,
+}
+
+impl ErrorCode {
+    /// The code a connection granted `features` is sent for this one: a
+    /// code newer than the connection's features is sent as the older
+    /// code that meant it before.
+    pub fn granted(self, features: u64) -> ErrorCode {
+        match self {
+            ErrorCode::Retry if features & FEATURE_RETRY_CODE == 0 => ErrorCode::FileNotAvailable,
+            code => code,
+        }
+    }
+}
+
+impl ServerFrame {
+    /// This frame as a connection granted `features` is sent it (see
+    /// [`ErrorCode::granted`]); `None` when it is sent as it is.
+    pub fn granted(&self, features: u64) -> Option<ServerFrame> {
+        match self {
+            ServerFrame::Reply { id, result: Err(e) } if e.code.granted(features) != e.code => {
+                Some(ServerFrame::Reply {
+                    id: *id,
+                    result: Err(WireError {
+                        code: e.code.granted(features),
+                        message: e.message.clone(),
+                        conflict: e.conflict.clone(),
+                    }),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A failed request: the code is what peers act on, the message is for people.
@@ -2148,6 +2204,44 @@ mod tests {
             }
         }
     }
+
+    /// `Retry` goes only to a connection granted `FEATURE_RETRY_CODE`;
+    /// any other reads it as the `FileNotAvailable` daemons answered
+    /// before, with the message kept. Every other code and frame goes as
+    /// it is.
+    #[test]
+    fn a_retry_is_file_not_available_without_its_feature() {
+        let refusal = |code| ServerFrame::Reply {
+            id: Some(9),
+            result: Err(WireError::new(code, "replaced while opening; retry")),
+        };
+        let old = refusal(ErrorCode::Retry).granted(FEATURE_LOCK_HINTS);
+        assert_eq!(old, Some(refusal(ErrorCode::FileNotAvailable)));
+        assert_eq!(refusal(ErrorCode::Retry).granted(FEATURES), None);
+        assert_eq!(refusal(ErrorCode::Retry).granted(FEATURE_RETRY_CODE), None);
+        assert_ne!(FEATURES & FEATURE_RETRY_CODE, 0);
+        for code in [
+            ErrorCode::FileNotAvailable,
+            ErrorCode::Busy,
+            ErrorCode::SharingViolation,
+        ] {
+            assert_eq!(refusal(code).granted(0), None, "{code:?}");
+            assert_eq!(code.granted(0), code);
+        }
+        let ok = ServerFrame::Reply {
+            id: Some(1),
+            result: Ok(Reply::Done),
+        };
+        assert_eq!(ok.granted(0), None);
+        // The new code on the wire, both encodings.
+        let f = refusal(ErrorCode::Retry);
+        assert!(String::from_utf8(encode(&f).unwrap())
+            .unwrap()
+            .contains("\"retry\""));
+        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
+            assert_eq!(decode_server(&encode_server(enc, &f).unwrap()).unwrap(), f);
+        }
+    }
 }
 
 /// Issue 16: binary frames. Every message type goes through the binary
@@ -2417,6 +2511,7 @@ mod binary_tests {
                 ErrorCode::SharingViolation,
                 ErrorCode::LockNotGranted,
                 ErrorCode::Busy,
+                ErrorCode::Retry,
                 ErrorCode::Internal,
             ]),
             text(),

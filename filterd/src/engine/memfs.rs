@@ -448,7 +448,7 @@ impl Fs for MemFs {
         let Some(obj) = st.names.get(path.as_str()).copied() else {
             // As fsops::truncate: removed since the open, a retry.
             return Err(WireError::new(
-                ErrorCode::FileNotAvailable,
+                ErrorCode::Retry,
                 format!("{path}: removed while opening; retry"),
             ));
         };
@@ -459,7 +459,7 @@ impl Fs for MemFs {
             }
             _ => {
                 return Err(WireError::new(
-                    ErrorCode::FileNotAvailable,
+                    ErrorCode::Retry,
                     format!("{path}: replaced while opening; retry"),
                 ))
             }

@@ -552,7 +552,7 @@ impl Engine {
                     // file replaced meanwhile, a retry -- not Internal
                     // ("Stale file handle") to an overwrite_if.
                     Err(err(
-                        ErrorCode::FileNotAvailable,
+                        ErrorCode::Retry,
                         format!("{path}: removed while opening; retry"),
                     ))
                 } else {
@@ -606,7 +606,7 @@ impl Engine {
         }
         if h.parked {
             return Err(err(
-                ErrorCode::FileNotAvailable,
+                ErrorCode::Retry,
                 "the original open is still in progress; retry",
             ));
         }

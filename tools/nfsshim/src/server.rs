@@ -167,7 +167,10 @@ fn status_of(e: &ClientError) -> &'static str {
         Some(ErrorCode::DiskFull) => "NFS4ERR_NOSPC",
         Some(ErrorCode::LockNotGranted) => "NFS4ERR_DENIED",
         Some(ErrorCode::LockConflict) => "NFS4ERR_LOCKED",
-        Some(ErrorCode::Busy) => "NFS4ERR_DELAY",
+        // Nothing was done and a re-send may succeed at once (the name
+        // changed under the open: a local process). SHARE_DENIED would be
+        // final to a client; DELAY leaves the slot where it was.
+        Some(ErrorCode::Busy) | Some(ErrorCode::Retry) => "NFS4ERR_DELAY",
         Some(ErrorCode::BadFrame) => "NFS4ERR_INVAL",
         Some(ErrorCode::Unsupported) => "NFS4ERR_NOTSUPP",
         // An extension of nfsl/1 (docs/nfs-like.md): a limit was reached.
@@ -185,6 +188,11 @@ fn status_of(e: &ClientError) -> &'static str {
         _ => "NFS4ERR_SERVERFAULT",
     }
 }
+
+/// What nfsshim asks filterd for: lock hints, and `Retry` told apart from
+/// `FileNotAvailable` (a transient race is NFS4ERR_DELAY, a disconnected
+/// persistent open holding the file NFS4ERR_SHARE_DENIED).
+const FEATURES: u64 = libfilter::proto::FEATURE_LOCK_HINTS | libfilter::proto::FEATURE_RETRY_CODE;
 
 /// NFS4ERR_DELAY because filterd cannot be reached: the slot does not
 /// advance (the client re-sends with the same seqid).
@@ -431,7 +439,7 @@ pub fn run(
         filter,
         protocol,
         instance,
-        libfilter::proto::FEATURE_LOCK_HINTS,
+        FEATURES,
         Duration::from_secs(30),
     )
     .context("attaching to filterd")?;
@@ -518,7 +526,7 @@ impl Harness {
             filter,
             Protocol::new("nfs")?,
             instance,
-            libfilter::proto::FEATURE_LOCK_HINTS,
+            FEATURES,
             Duration::from_secs(30),
         )?;
         Ok(Harness(start(attach, tables, 90_000, Limits::default())?))
@@ -3192,5 +3200,41 @@ fn reaper(sh: Arc<Shared>) {
                 release_client(&sh, &mut st, &cid);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+    use libfilter::proto::WireError;
+
+    fn refused(code: ErrorCode) -> ClientError {
+        ClientError::Refused(WireError::new(code, "refused"))
+    }
+
+    /// A name a local process kept changing under the open is a retry to
+    /// filterd and a DELAY to the client (which re-sends on the same
+    /// seqid); before, it was SHARE_DENIED, final to a client.
+    #[test]
+    fn a_transient_race_is_delay() {
+        assert_eq!(status_of(&refused(ErrorCode::Retry)), "NFS4ERR_DELAY");
+        // The same on REMOVE and RENAME: not FILE_OPEN.
+        let Fail(s, _) = namespace_fail(refused(ErrorCode::Retry));
+        assert_eq!(s, "NFS4ERR_DELAY");
+        assert_ne!(FEATURES & libfilter::proto::FEATURE_RETRY_CODE, 0);
+    }
+
+    /// A disconnected persistent open holding the file is a real
+    /// conflict until it is resumed or expires: SHARE_DENIED, and
+    /// FILE_OPEN on REMOVE and RENAME, as a live open's share mode.
+    #[test]
+    fn a_disconnected_persistent_holder_is_share_denied() {
+        for code in [ErrorCode::FileNotAvailable, ErrorCode::SharingViolation] {
+            assert_eq!(status_of(&refused(code)), "NFS4ERR_SHARE_DENIED");
+            let Fail(s, _) = namespace_fail(refused(code));
+            assert_eq!(s, "NFS4ERR_FILE_OPEN");
+        }
+        // A lease being broken stays a DELAY.
+        assert_eq!(status_of(&refused(ErrorCode::Busy)), "NFS4ERR_DELAY");
     }
 }
