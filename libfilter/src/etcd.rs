@@ -154,6 +154,16 @@ fn corrupt_at<'a>(
 /// another endpoint well within a lease.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// How the daemon's clients connect: a request to a dead member fails
+/// within [`REQUEST_TIMEOUT`], and a member without a leader refuses at
+/// once rather than wait for one.
+fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_require_leader(true)
+}
+
 /// Where the table lives: `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdUrl {
@@ -398,6 +408,35 @@ fn decode_log_page(mut b: &[u8]) -> Option<Chunk> {
     Some(out)
 }
 
+/// The keepalive stream of one member and the request half of it.
+type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// One lease renewal through member `at` (connecting to it and opening its
+/// stream first if need be); its answer, `None` if the stream ended.
+async fn renew_once(
+    members: &mut [Option<Client>],
+    endpoints: &[String],
+    at: usize,
+    keeper: &mut Option<Keeper>,
+    id: i64,
+) -> Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error> {
+    if keeper.is_none() {
+        let (Some(slot), Some(endpoint)) = (members.get_mut(at), endpoints.get(at)) else {
+            return Ok(None);
+        };
+        let member = match slot {
+            Some(c) => c,
+            None => slot.insert(Client::connect([endpoint], Some(connect_options())).await?),
+        };
+        *keeper = Some(member.lease_keep_alive(id).await?);
+    }
+    let Some((k, stream)) = keeper.as_mut() else {
+        return Ok(None);
+    };
+    k.keep_alive().await?;
+    stream.message().await
+}
+
 /// The lease state shared with the keepalive task.
 struct Lease {
     id: AtomicI64,
@@ -484,13 +523,9 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Etcd(format!("starting the etcd client runtime: {e}")))?;
-        let opts = ConnectOptions::new()
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_connect_timeout(Duration::from_millis(500))
-            .with_require_leader(true);
         let t0 = Instant::now();
         let client = rt
-            .block_on(Client::connect(&url.endpoints, Some(opts)))
+            .block_on(Client::connect(&url.endpoints, Some(connect_options())))
             .map_err(|e| StoreError::Etcd(format!("connecting to {url}: {e}")))?;
         debug!(
             connect_us = t0.elapsed().as_micros(),
@@ -1005,34 +1040,41 @@ impl EtcdStore {
         let revision = self.revision.clone();
         let compact_every = self.compact_every;
         let interval = (self.ttl / 4).max(Duration::from_millis(250));
+        let endpoints = self.url.endpoints.clone();
         self.rt.spawn(async move {
             let id = lease.id.load(Ordering::Acquire);
+            // A client per member, used in turn: a renewal not answered
+            // within `interval` moves to the next member (its stream is
+            // dropped, so a late answer is never read). The shared,
+            // balanced client could send every new stream to a member that
+            // stalled (its socket still accepts), one round after another,
+            // until the lease ran out while the rest of the cluster served.
+            let mut members: Vec<Option<Client>> = endpoints.iter().map(|_| None).collect();
+            let mut at = 0usize;
             let mut keeper = None;
             let mut last_compact = Instant::now();
             let mut compact_to = revision.load(Ordering::Acquire);
             while !lease.lost.load(Ordering::Acquire) {
-                if keeper.is_none() {
-                    keeper = client.lease_keep_alive(id).await.ok();
-                }
                 let sent = Instant::now();
                 let mut renewed = false;
-                if let Some((k, stream)) = keeper.as_mut() {
-                    let answer = tokio::time::timeout(interval, async {
-                        k.keep_alive().await?;
-                        stream.message().await
-                    })
-                    .await;
-                    match answer {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                            lease.renewed(sent, Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0)));
-                            renewed = true;
-                        }
-                        Ok(Ok(Some(_))) => {
-                            error!("the etcd lease expired: this daemon no longer owns the table");
-                            lease.lost.store(true, Ordering::Release);
-                            return;
-                        }
-                        _ => keeper = None,
+                let answer = tokio::time::timeout(
+                    interval,
+                    renew_once(&mut members, &endpoints, at, &mut keeper, id),
+                )
+                .await;
+                match answer {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        lease.renewed(sent, Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0)));
+                        renewed = true;
+                    }
+                    Ok(Ok(Some(_))) => {
+                        error!("the etcd lease expired: this daemon no longer owns the table");
+                        lease.lost.store(true, Ordering::Release);
+                        return;
+                    }
+                    _ => {
+                        keeper = None;
+                        at = (at + 1) % endpoints.len().max(1);
                     }
                 }
                 if !renewed && !lease.ok() {
@@ -1059,7 +1101,6 @@ impl EtcdStore {
             }
         });
     }
-
     /// Whether this daemon may still act as owner: its lease surely stands
     /// (by its own clock, less the margin) and no commit was fenced.
     pub fn owner_check(&self) -> Result<(), StoreError> {
@@ -1229,7 +1270,15 @@ impl EtcdStore {
                     self.gen.fetch_max(gen_now, Ordering::AcqRel);
                     gen = gen_now;
                 }
-                Err(e) if retryable(&e) && (fence == 0 || self.lease.ok()) => {
+                Err(e) if retryable(&e) && fence != 0 && !self.lease.ok() => {
+                    // Unanswered, and no time left to fence it off: it may
+                    // still write, so no reply either way (not a plain
+                    // failure, whatever a renewal landing now would say).
+                    self.lease.lost.store(true, Ordering::Release);
+                    warn!(error = %e, "an etcd commit could not be confirmed before the lease might run out");
+                    return Err(self.lost());
+                }
+                Err(e) if retryable(&e) => {
                     tries += 1;
                     if tries == 1 || tries.is_multiple_of(20) {
                         warn!(error = %e, tries, "etcd commit: retrying on another endpoint");
@@ -1241,7 +1290,8 @@ impl EtcdStore {
                         gen = self.next_gen(gen)?;
                     }
                 }
-                Err(e) => return Err(self.commit_failed(fence, e)),
+                // Refused as it was (NOSPACE, too large): nothing written.
+                Err(e) => return Err(etcd_err(e)),
             }
         };
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -1323,18 +1373,6 @@ impl EtcdStore {
             mine: u64::try_from(mine).unwrap_or(0),
             now: u64::try_from(now).unwrap_or(0),
         }
-    }
-
-    /// A commit Txn failed for good: a lost lease if the lease may have run
-    /// out meanwhile, else the error.
-    fn commit_failed(&self, fence: i64, e: etcd_client::Error) -> StoreError {
-        let err = etcd_err(e);
-        if matches!(err, StoreError::Etcd(_)) && fence != 0 && !self.lease.ok() {
-            self.lease.lost.store(true, Ordering::Release);
-            warn!(error = %err, "an etcd commit could not be confirmed before the lease might run out");
-            return self.lost();
-        }
-        err
     }
 
     /// Sends a packed commit's Txns, one after another; returns the

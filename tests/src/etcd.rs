@@ -172,6 +172,40 @@ impl Cluster {
         }
     }
 
+    /// Stalls member `i` for `how_long` (SIGSTOP, then SIGCONT) and waits
+    /// until it is healthy again.
+    pub fn stall(&self, i: usize, how_long: Duration) {
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP);
+        // The stall itself (the scenario), not a wait for readiness.
+        std::thread::sleep(how_long);
+        self.signal(i, nix::sys::signal::Signal::SIGCONT);
+        self.wait_healthy(i);
+    }
+
+    /// Makes sure member `i` is a follower: if it leads, hands the
+    /// leadership to another member and waits until one leads.
+    pub fn make_follower(&self, i: usize) {
+        if self.leader() != i {
+            return;
+        }
+        raw_etcd(self.members[i].client, async |c| {
+            let me = c.status().await?.header().map(|h| h.member_id());
+            let list = c.member_list().await?;
+            match list
+                .members()
+                .iter()
+                .map(|m| m.id())
+                .find(|id| Some(*id) != me)
+            {
+                Some(other) => c.move_leader(other).await.map(drop),
+                None => Ok(()),
+            }
+        });
+        wait_for("another leader", Duration::from_secs(30), || {
+            (self.leader() != i).then_some(())
+        });
+    }
+
     /// The member that is the raft leader now (polled until one says so).
     pub fn leader(&self) -> usize {
         wait_for("an etcd leader", Duration::from_secs(30), || {
@@ -195,5 +229,23 @@ fn member_status(port: u16) -> Option<(u64, u64)> {
             .ok()?;
         let s = c.status().await.ok()?;
         Some((s.header()?.member_id(), s.leader()))
+    })
+}
+
+/// Raw etcd client calls (ballast, compaction, defragmentation, alarms,
+/// leadership) on member `port`, on a runtime of their own.
+pub fn raw_etcd<T>(
+    port: u16,
+    f: impl AsyncFnOnce(&mut etcd_client::Client) -> Result<T, etcd_client::Error>,
+) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None)
+            .await
+            .expect("connect to etcd");
+        f(&mut c).await.expect("etcd call")
     })
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use nix::sys::signal::Signal;
-use rkfilter_tests::etcd::{etcd_available, Cluster};
+use rkfilter_tests::etcd::{etcd_available, raw_etcd, Cluster};
 use rkfilter_tests::{
     handle_paths, listed_paths, smb_persistent_create, wait_for, Filterd, LineClient, Nfs, Scratch,
     Shim,
@@ -364,8 +364,6 @@ fn etcd_members_die_under_load() {
 /// committed: the closed handle's record came back in etcd.)
 #[test]
 fn stalled_etcd_members_bring_no_closed_handle_back() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
     if !etcd_available("stalled_etcd_members_bring_no_closed_handle_back") {
         return;
     }
@@ -377,56 +375,19 @@ fn stalled_etcd_members_bring_no_closed_handle_back() {
     let a = start_node_ttl(&sa, &url, false, 30);
     a.wait_ready();
     let smb = Shim::start("smbshim", a.socket(), "smb-stall");
-    let (stop, closed) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let (addr, stop, closed) = (smb.addr.clone(), stop.clone(), closed.clone());
-            std::thread::spawn(move || {
-                let (mut c, sid) = rkfilter_tests::smb_session(&addr);
-                let mut i = 0u32;
-                while !stop.load(Ordering::Acquire) {
-                    i += 1;
-                    let r =
-                        rkfilter_tests::smb_persistent_create(&mut c, sid, &format!("w{w}-{i}"));
-                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-                    let r =
-                        c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": r["file_id"]}));
-                    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-                    closed.fetch_add(1, Ordering::AcqRel);
-                }
-            })
-        })
-        .collect();
-    let progress = |n: u64| {
-        let from = closed.load(Ordering::Acquire);
-        wait_for("closes go on", Duration::from_secs(60), || {
-            (closed.load(Ordering::Acquire) >= from + n).then_some(())
-        });
-    };
+    let writers = Writers::start(&smb.addr);
     for member in 0..3 {
-        progress(40);
-        cluster.signal(member, Signal::SIGSTOP);
-        // The stall itself (the scenario, not a wait for readiness): past
-        // the client's 1.5 s request timeout.
-        std::thread::sleep(Duration::from_millis(2500));
-        cluster.signal(member, Signal::SIGCONT);
-        cluster.wait_healthy(member);
+        writers.progress(40);
+        // Past the client's 1.5 s request timeout.
+        cluster.stall(member, Duration::from_millis(2500));
     }
-    progress(40);
-    stop.store(true, Ordering::Release);
-    for w in writers {
-        w.join().expect("a writer");
-    }
+    let closed = writers.stop();
     for member in 0..3 {
         cluster.wait_healthy(member);
     }
     let log = a.log_text();
     eprintln!(
-        "{} persistent CREATE+CLOSE pairs acknowledged across three stalls; {} commit retries, {} generation moves",
-        closed.load(Ordering::Acquire),
+        "{closed} persistent CREATE+CLOSE pairs acknowledged across three stalls; {} commit retries, {} generation moves",
         log.matches("etcd commit: retrying").count(),
         log.matches("commit generation moved on").count()
     );
@@ -449,6 +410,110 @@ fn stalled_etcd_members_bring_no_closed_handle_back() {
         Vec::<String>::new(),
         "closed handles are back in etcd"
     );
+}
+
+/// A follower that stalls for longer than the lease's time to live costs
+/// the owner nothing: with the default lease (4 s) filterd renews it
+/// through the other members and every request of four persistent
+/// CREATE/CLOSE writers is answered. Each follower stalls in turn, the
+/// URL's first member (where the keepalive starts) among them. Before,
+/// the keepalive's new streams went through the shared balanced client,
+/// which kept choosing the stalled member when it held the stream, and
+/// filterd stepped down (exit 75).
+#[test]
+fn a_stalled_follower_does_not_make_the_owner_step_down() {
+    if !etcd_available("a_stalled_follower_does_not_make_the_owner_step_down") {
+        return;
+    }
+    let shared = Scratch::new("etcd-follower");
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 3);
+    cluster.make_follower(0);
+    let url = cluster.url("rk/follower");
+    let sa = node("etcd-follower-a", &export);
+    let mut a = start_node_ttl(&sa, &url, false, 4);
+    a.wait_ready();
+    let smb = Shim::start("smbshim", a.socket(), "smb-follower");
+    let writers = Writers::start(&smb.addr);
+    let leader = cluster.leader();
+    for follower in (0..3).filter(|&m| m != leader) {
+        writers.progress(40);
+        cluster.stall(follower, Duration::from_secs(6));
+    }
+    writers.progress(40);
+    let closed = writers.stop();
+    assert!(
+        a.exited().is_none(),
+        "filterd stepped down:\n{}",
+        a.log_text()
+    );
+    eprintln!("{closed} persistent CREATE+CLOSE pairs acknowledged across two 6 s follower stalls");
+}
+
+/// Four smbl/1 clients doing persistent CREATE then CLOSE of a new file
+/// each time until stopped; every reply must be a success.
+struct Writers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(addr: &str) -> Writers {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads = (0..4)
+            .map(|w| {
+                let (addr, stop, closed) = (addr.to_owned(), stop.clone(), closed.clone());
+                std::thread::spawn(move || {
+                    let (mut c, sid) = rkfilter_tests::smb_session(&addr);
+                    let mut i = 0u32;
+                    while !stop.load(Ordering::Acquire) {
+                        i += 1;
+                        let path = format!("w{w}-{i}");
+                        let r = rkfilter_tests::smb_persistent_create(&mut c, sid, &path);
+                        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+                        let r = c.call(
+                            json!({"cmd": "CLOSE", "session_id": sid, "file_id": r["file_id"]}),
+                        );
+                        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+                        closed.fetch_add(1, Ordering::AcqRel);
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            closed,
+            threads,
+        }
+    }
+
+    /// Waits until `n` more pairs were acknowledged.
+    fn progress(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let from = self.closed.load(Ordering::Acquire);
+        wait_for("closes go on", Duration::from_secs(60), || {
+            // A writer that stopped failed its assertion: say so now.
+            assert!(
+                !self.threads.iter().any(|t| t.is_finished()),
+                "a writer's request failed"
+            );
+            (self.closed.load(Ordering::Acquire) >= from + n).then_some(())
+        });
+    }
+
+    /// Stops the writers (each after its pair in progress); the pairs
+    /// acknowledged in all.
+    fn stop(self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads {
+            t.join().expect("a writer");
+        }
+        self.closed.load(Ordering::Acquire)
+    }
 }
 
 /// A one-member cluster for a test driving the store itself, and the URL
@@ -647,24 +712,6 @@ fn a_table_of_large_records_is_read_whole() {
     assert!(got
         .iter()
         .all(|(op_id, r)| r.reply.trim_start() == op_id.to_string()));
-}
-
-/// Raw etcd client calls (ballast, compaction, defragmentation, alarms) on
-/// member `port`, on a runtime of their own.
-fn raw_etcd<T>(
-    port: u16,
-    f: impl AsyncFnOnce(&mut etcd_client::Client) -> Result<T, etcd_client::Error>,
-) -> T {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    rt.block_on(async {
-        let mut c = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None)
-            .await
-            .expect("connect to etcd");
-        f(&mut c).await.expect("etcd call")
-    })
 }
 
 /// etcd's space quota fills up (a small `--quota-backend-bytes`, ballast
