@@ -1101,6 +1101,7 @@ impl EtcdStore {
             }
         });
     }
+
     /// Whether this daemon may still act as owner: its lease surely stands
     /// (by its own clock, less the margin) and no commit was fenced.
     pub fn owner_check(&self) -> Result<(), StoreError> {
