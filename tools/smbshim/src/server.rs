@@ -1608,7 +1608,7 @@ fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
     // be in its pwrite: it lands before filterd forgets the handle.
     drain(m, o.file_key);
     if let Err(e) = m.filter.close(key) {
-        if close_undone(&e) {
+        if e.close_undone() {
             if let Some(open) = taken {
                 keep_open(sh, o.file_id, open);
             }
@@ -1616,18 +1616,6 @@ fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
         return Err(filter_fail(e));
     }
     Ok(Map::new())
-}
-
-/// Whether filterd answered a close with an error that leaves the handle
-/// as it was: it refused the request, or undid it when its commit failed
-/// (then the handle is back, attached to this member). Not when the
-/// handle is not this member's, nor when the outcome is unknown (the
-/// connection was lost or the answer did not come).
-fn close_undone(e: &ClientError) -> bool {
-    !matches!(
-        e.code(),
-        None | Some(ErrorCode::NoSuchHandle) | Some(ErrorCode::NotOwner)
-    )
 }
 
 /// Puts back an open whose CLOSE filterd did not make: the client was told
