@@ -5,8 +5,20 @@
 //! when it sent the close: a retried CLOSE got STATUS_FILE_CLOSED (a client
 //! takes that as closed) while filterd still held the handle, its share
 //! mode and its record, for as long as smbshim stayed attached.
+//!
+//! rksmbd (the real SMB 3 server) answered such a CLOSE with
+//! STATUS_SUCCESS and forgot the open: the client believed the file closed
+//! while filterd held its handle, share mode and persistent record (and
+//! would restore it after a failover). Now it answers
+//! STATUS_INSUFFICIENT_RESOURCES and keeps the open.
 
-use rkfilter_tests::{handle_paths, smb_persistent_create, smb_session, Filterd, Scratch, Shim};
+use std::io::{BufRead, BufReader, Write as _};
+use std::process::{Command, Stdio};
+
+use rkfilter_tests::smb3::{script, smbprotocol_python};
+use rkfilter_tests::{
+    handle_paths, smb_persistent_create, smb_session, Filterd, RkSmbd, Scratch, Shim,
+};
 use serde_json::json;
 
 #[test]
@@ -41,4 +53,65 @@ fn a_close_whose_commit_fails_leaves_the_open_usable_and_closable() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "the retried close: {r}");
     assert!(handle_paths(d.socket()).is_empty(), "closed in filterd too");
     assert_eq!(std::fs::read(s.root().join("f")).expect("f"), b"data");
+}
+
+/// A real SMB 3 client (smbprotocol, `tests/smb3/failed_close.py`): its
+/// CLOSE of a persistent open, whose commit fails, is refused; the FileId
+/// still writes and reads; a second CLOSE succeeds, and only then does
+/// filterd forget the handle.
+#[test]
+fn rksmbd_refuses_a_close_filterd_did_not_make_and_keeps_the_open() {
+    let s = Scratch::new("rksmbd-failed-close");
+    // Commit 1 records the persistent create; commit 2 is the close's.
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut child = Command::new("timeout")
+        .arg("60")
+        .arg(smbprotocol_python())
+        .arg(script("failed_close.py"))
+        .args(["127.0.0.1", &srv.port(), "data", "alice", "pw"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the smbprotocol script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut log = String::new();
+    let mut until = |marker: &str, log: &mut String| loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the script ended before {marker:?}:\n{log}\nstderr:\n{err}");
+        }
+        log.push_str(&line);
+        if line.trim_end() == marker {
+            return;
+        }
+    };
+    until("close refused", &mut log);
+    assert_eq!(
+        handle_paths(d.socket()),
+        ["closing.txt"],
+        "filterd undid the close: the open is still held\n{log}"
+    );
+    writeln!(stdin, "go").expect("to the script");
+    until("closed", &mut log);
+    assert!(
+        handle_paths(d.socket()).is_empty(),
+        "the second CLOSE closed it in filterd: {:?}\n{log}",
+        handle_paths(d.socket())
+    );
+    writeln!(stdin, "go").expect("to the script");
+    until("PASS", &mut log);
+    drop(stdin);
+    let o = child.wait_with_output().expect("script exit");
+    assert!(
+        o.status.success(),
+        "{log}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use libfilter::model::{RelPath, ResumeKey};
 
+use crate::files::NotClosed;
 use crate::server::Shared;
 
 /// Most sessions rksmbd tracks across all connections.
@@ -56,12 +57,22 @@ impl Link {
 
     /// The owning connection releases open `id`: `release` (the filterd
     /// close or detach) runs only if nobody else has released it, under
-    /// the session's lock.
-    pub fn release(&self, id: u64, release: impl FnOnce()) {
+    /// the session's lock. When it fails with the handle kept (a CLOSE
+    /// filterd refused or undid) the open stays the session's.
+    pub fn release(
+        &self,
+        id: u64,
+        release: impl FnOnce() -> Result<(), NotClosed>,
+    ) -> Result<(), NotClosed> {
         let mut st = lock(&self.state);
-        if st.live.remove(&id).is_some() {
-            release();
+        let Some(entry) = st.live.remove(&id) else {
+            return Ok(());
+        };
+        let r = release();
+        if r.is_err_and(|e| e.kept) {
+            st.live.insert(id, entry);
         }
+        r
     }
 
     /// Ended by another connection?
