@@ -16,19 +16,9 @@ opens the file for writing. Prints PASS; exits non-zero on any failure.
 import sys
 import uuid
 
-from smbprotocol.connection import Connection
-from smbprotocol.create_contexts import (
-    CreateContextName,
-    DurableHandleFlags,
-    LeaseState,
-    SMB2CreateContextRequest,
-    SMB2CreateDurableHandleRequestV2,
-    SMB2CreateRequestLeaseV2,
-)
 from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import (
     CreateDisposition,
-    SMB2CloseRequest,
     CreateOptions,
     FileAttributes,
     FilePipePrinterAccessMask,
@@ -36,41 +26,16 @@ from smbprotocol.open import (
     Open,
     RequestedOplockLevel,
     ShareAccess,
+    SMB2CloseRequest,
 )
-from smbprotocol.session import Session
-from smbprotocol.tree import TreeConnect
 
-HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+from smbtest import args, check, connect, lease_context, persistent_context
 
+SERVER = args()
 STATUS_INSUFFICIENT_RESOURCES = 0xC000009A
 DATA = b"written before the failed close\n"
 MORE = b"and after it\n"
-RWH = LeaseState.SMB2_LEASE_READ_CACHING | LeaseState.SMB2_LEASE_WRITE_CACHING | LeaseState.SMB2_LEASE_HANDLE_CACHING
 RW = FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE
-
-
-def check(cond, what):
-    if not cond:
-        print(f"FAILED: {what}", flush=True)
-        sys.exit(1)
-    print(f"ok: {what}", flush=True)
-
-
-def connect():
-    conn = Connection(uuid.uuid4(), HOST, PORT, require_signing=True)
-    conn.connect()
-    session = Session(conn, USER, PASSWORD, require_encryption=False)
-    session.connect()
-    tree = TreeConnect(session, rf"\\{HOST}\{SHARE}")
-    tree.connect()
-    return conn, tree
-
-
-def context(name, data):
-    c = SMB2CreateContextRequest()
-    c["buffer_name"] = name
-    c["buffer_data"] = data
-    return c
 
 
 def close(conn, tree, file_id):
@@ -83,35 +48,27 @@ def close(conn, tree, file_id):
     conn.receive(sent)
 
 
-def persistent_create(tree):
-    dh2q = SMB2CreateDurableHandleRequestV2()
-    dh2q["timeout"] = 60000
-    dh2q["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT
-    dh2q["create_guid"] = uuid.uuid4()
-    lease = SMB2CreateRequestLeaseV2()
-    lease["lease_key"] = uuid.uuid4().bytes
-    lease["lease_state"] = RWH
-    lease["parent_lease_key"] = b"\x00" * 16
-    lease["epoch"] = b"\x00\x00"
+def open_closing(tree, disposition, contexts):
     f = Open(tree, "closing.txt")
     f.create(
         ImpersonationLevel.Impersonation,
         RW,
         FileAttributes.FILE_ATTRIBUTE_NORMAL,
         ShareAccess.FILE_SHARE_READ,
-        CreateDisposition.FILE_OVERWRITE_IF,
+        disposition,
         CreateOptions.FILE_NON_DIRECTORY_FILE,
-        create_contexts=[
-            context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q),
-            context(CreateContextName.SMB2_CREATE_REQUEST_LEASE_V2, lease),
-        ],
-        oplock_level=RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE,
+        create_contexts=contexts,
+        oplock_level=RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE if contexts else 0,
     )
     return f
 
 
-conn, tree = connect()
-f = persistent_create(tree)
+conn, tree = connect(*SERVER)
+f = open_closing(
+    tree,
+    CreateDisposition.FILE_OVERWRITE_IF,
+    [persistent_context(uuid.uuid4()), lease_context(uuid.uuid4().bytes)],
+)
 f.write(DATA, 0)
 try:
     close(conn, tree, f.file_id)
@@ -130,16 +87,8 @@ print("closed", flush=True)
 sys.stdin.readline()
 
 # Closed for good: another client's write open is granted.
-other, other_tree = connect()
-g = Open(other_tree, "closing.txt")
-g.create(
-    ImpersonationLevel.Impersonation,
-    RW,
-    FileAttributes.FILE_ATTRIBUTE_NORMAL,
-    ShareAccess.FILE_SHARE_READ,
-    CreateDisposition.FILE_OPEN,
-    CreateOptions.FILE_NON_DIRECTORY_FILE,
-)
+other, other_tree = connect(*SERVER)
+g = open_closing(other_tree, CreateDisposition.FILE_OPEN, [])
 check(g.read(0, 4096) == DATA + MORE, "another client opens the closed file")
 g.close()
 other.disconnect()

@@ -12,10 +12,9 @@
 //! would restore it after a failover). Now it answers
 //! STATUS_INSUFFICIENT_RESOURCES and keeps the open.
 
-use std::io::{BufRead, BufReader, Write as _};
-use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use rkfilter_tests::smb3::{script, smbprotocol_python};
+use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
     handle_paths, smb_persistent_create, smb_session, Filterd, RkSmbd, Scratch, Shim,
 };
@@ -65,53 +64,22 @@ fn rksmbd_refuses_a_close_filterd_did_not_make_and_keeps_the_open() {
     // Commit 1 records the persistent create; commit 2 is the close's.
     let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let mut child = Command::new("timeout")
-        .arg("60")
-        .arg(smbprotocol_python())
-        .arg(script("failed_close.py"))
-        .args(["127.0.0.1", &srv.port(), "data", "alice", "pw"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the smbprotocol script");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut log = String::new();
-    let mut until = |marker: &str, log: &mut String| loop {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap_or(0) == 0 {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
-            }
-            panic!("the script ended before {marker:?}:\n{log}\nstderr:\n{err}");
-        }
-        log.push_str(&line);
-        if line.trim_end() == marker {
-            return;
-        }
-    };
-    until("close refused", &mut log);
+    let mut script = Dialogue::start(&srv, "failed_close.py", Duration::from_secs(60));
+    script.expect("close refused");
     assert_eq!(
         handle_paths(d.socket()),
         ["closing.txt"],
-        "filterd undid the close: the open is still held\n{log}"
+        "filterd undid the close: the open is still held\n{}",
+        script.log
     );
-    writeln!(stdin, "go").expect("to the script");
-    until("closed", &mut log);
-    assert!(
-        handle_paths(d.socket()).is_empty(),
-        "the second CLOSE closed it in filterd: {:?}\n{log}",
-        handle_paths(d.socket())
+    script.say("go");
+    script.expect("closed");
+    assert_eq!(
+        handle_paths(d.socket()),
+        Vec::<String>::new(),
+        "the second CLOSE closed it in filterd\n{}",
+        script.log
     );
-    writeln!(stdin, "go").expect("to the script");
-    until("PASS", &mut log);
-    drop(stdin);
-    let o = child.wait_with_output().expect("script exit");
-    assert!(
-        o.status.success(),
-        "{log}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    script.say("go");
+    script.finish();
 }
