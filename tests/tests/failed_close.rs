@@ -83,3 +83,33 @@ fn rksmbd_refuses_a_close_filterd_did_not_make_and_keeps_the_open() {
     script.say("go");
     script.finish();
 }
+
+/// TREE_DISCONNECT closes the tree's opens: one whose close filterd undid
+/// fails the request, and the tree and the open stay, usable; the next
+/// TREE_DISCONNECT closes it. (A LOGOFF detaches persistent opens and
+/// closes only others, which commit nothing: no commit of it can fail.)
+#[test]
+fn rksmbd_refuses_a_tree_disconnect_whose_close_fails() {
+    let s = Scratch::new("rksmbd-failed-tdis");
+    // Commit 1 records the persistent create; commit 2 is the close's.
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = Dialogue::start(&srv, "failed_tree_disconnect.py", Duration::from_secs(60));
+    script.expect("refused");
+    assert_eq!(
+        handle_paths(d.socket()),
+        ["kept.txt"],
+        "filterd undid the close: the open is still held\n{}",
+        script.log
+    );
+    script.say("go");
+    script.expect("done");
+    assert_eq!(
+        handle_paths(d.socket()),
+        Vec::<String>::new(),
+        "the second TREE_DISCONNECT closed it in filterd\n{}",
+        script.log
+    );
+    script.say("go");
+    script.finish();
+}

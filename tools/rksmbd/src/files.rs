@@ -283,20 +283,24 @@ impl Open {
 /// Why an open goes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Ending {
-    /// Its connection was lost or its session logged off: a durable open
-    /// is detached in filterd (kept for a reconnect), the others closed.
+    /// Its connection was lost: a durable open is detached in filterd
+    /// (kept for a reconnect), the others closed; nobody is told of an
+    /// error.
     Lost,
-    /// Its tree was disconnected or its session ended elsewhere: closed in
-    /// filterd, an error only logged.
-    Teardown,
+    /// Its session logged off: as `Lost`, but a close filterd refused or
+    /// undid keeps the open and fails the LOGOFF.
+    Logoff,
+    /// Its tree was disconnected: closed in filterd; a close filterd
+    /// refused or undid keeps the open and fails the TREE_DISCONNECT.
+    TreeDisconnect,
     /// The client's CLOSE: what filterd answered is the client's answer.
     Close,
 }
 
-/// A CLOSE that filterd did not make.
+/// A close that filterd did not make.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct NotClosed {
-    /// What the CLOSE is answered.
+    /// What the CLOSE (LOGOFF, TREE_DISCONNECT) is answered.
     pub status: u32,
     /// filterd refused or undid the close and holds the handle as it was:
     /// the open stays, usable and closable again.
@@ -309,38 +313,38 @@ pub struct NotClosed {
 pub const CLOSE_NOT_MADE: u32 = status::INSUFFICIENT_RESOURCES;
 
 /// Releases an open that is going away: a file is closed (or detached) in
-/// filterd; a directory marked delete-on-close is removed. For a CLOSE
-/// (`Ending::Close`) filterd's error is returned: when it kept the handle
-/// (`kept`) nothing else was done — the open is still the client's.
+/// filterd; a directory marked delete-on-close is removed. Unless the
+/// connection was lost, a close filterd refused or undid is returned
+/// (`kept`) and nothing else is done — the open is still the client's.
+/// For a CLOSE, a close whose outcome is unknown is returned too.
 pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed> {
     // filterd first: until it has closed the handle, the open holds its
     // lease, share mode and delete on close.
     let mut answer = Ok(());
+    let detach = matches!(ending, Ending::Lost | Ending::Logoff) && open.durable;
     if let Kind::File { key, .. } = &open.kind {
-        if ending == Ending::Lost && open.durable {
+        if detach {
             if let Err(e) = sh.filter.detach(*key) {
                 tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
             }
         } else if let Err(e) = sh.filter.close(*key) {
             tracing::warn!(resume_key = %key, error = %e, ?ending, "close in filterd failed");
-            if ending == Ending::Close {
-                // Refused or undone: the handle is back, the open stays.
-                if e.close_undone() {
-                    return Err(NotClosed {
-                        status: CLOSE_NOT_MADE,
-                        kept: true,
-                    });
-                }
-                // The outcome is unknown (filterd's connection went, or
-                // its answer did not come): not a success either. Not
-                // this open's handle (NoSuchHandle, NotOwner): filterd
-                // holds nothing of it, the close is made.
-                if e.code().is_none() {
-                    answer = Err(NotClosed {
-                        status: status_of(&e),
-                        kept: false,
-                    });
-                }
+            // Refused or undone: the handle is back, the open stays.
+            if ending != Ending::Lost && e.close_undone() {
+                return Err(NotClosed {
+                    status: CLOSE_NOT_MADE,
+                    kept: true,
+                });
+            }
+            // The outcome is unknown (filterd's connection went, or its
+            // answer did not come): a CLOSE is not a success either. Not
+            // this open's handle (NoSuchHandle, NotOwner): filterd holds
+            // nothing of it, the close is made.
+            if ending == Ending::Close && e.code().is_none() {
+                answer = Err(NotClosed {
+                    status: status_of(&e),
+                    kept: false,
+                });
             }
         }
     }
@@ -355,7 +359,7 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
         // Closing an open with delete on close while others keep the
         // file leaves it pending delete (MS-FSA 2.1.5.4).
         Kind::File { file, .. } => {
-            if !(ending == Ending::Lost && open.durable) && open.delete_on_close && linked(file) {
+            if !detach && open.delete_on_close && linked(file) {
                 sh.delete_pending.set(file.as_fd(), true);
             }
         }

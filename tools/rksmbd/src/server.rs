@@ -1220,7 +1220,7 @@ impl Connection {
             return Ok(());
         };
         let sh = &self.sh;
-        let lost = ending == Ending::Lost;
+        let lost = matches!(ending, Ending::Lost | Ending::Logoff);
         let release = || {
             crate::files::release(sh, open, ending)?;
             if let crate::files::Kind::File { key, .. } = &open.kind {
@@ -1296,9 +1296,10 @@ impl Connection {
         }
     }
 
-    /// Closes every open `which` selects (LOGOFF, TREE_DISCONNECT, a lost
-    /// connection).
-    fn close_opens_where(&mut self, which: impl Fn(&Open) -> bool) {
+    /// Closes every open `which` selects, as its tree is disconnected.
+    /// `Err` when filterd refused or undid some of the closes: those opens
+    /// stay (the others are closed).
+    fn close_opens_where(&mut self, which: impl Fn(&Open) -> bool) -> Result<(), u32> {
         let mut ids: Vec<u64> = self
             .opens
             .iter()
@@ -1309,15 +1310,19 @@ impl Connection {
         // later open is granted when an earlier one's locks go (what
         // Windows answers, smbtorture's lock.cancel-tdis).
         ids.sort_unstable();
-        for id in ids {
-            self.close_open(id);
-        }
+        self.release_opens(ids, Ending::TreeDisconnect)
     }
 
-    /// Closes and forgets one open as its tree or session ends (errors are
-    /// logged: the handle is gone from this connection either way).
-    pub fn close_open(&mut self, id: u64) {
-        let _ = self.release_open(id, Ending::Teardown);
+    /// Releases opens `ids` in order; the status of a close filterd did not
+    /// make (after trying them all).
+    fn release_opens(&mut self, ids: Vec<u64>, ending: Ending) -> Result<(), u32> {
+        let mut answer = Ok(());
+        for id in ids {
+            if let Err(e) = self.release_open(id, ending) {
+                answer = Err(e.status);
+            }
+        }
+        answer
     }
 
     /// The client's CLOSE of open `id`. `Err` when filterd did not close
@@ -2122,9 +2127,10 @@ impl Connection {
             .collect();
         // Oldest first, as in close_opens_where (lock.cancel-logoff).
         ids.sort_unstable();
-        for k in ids {
-            let _ = self.release_open(k, Ending::Lost);
-        }
+        // A close filterd did not make keeps its open, and the session
+        // with it: the LOGOFF fails, the client may CLOSE it or log off
+        // again (or drop the connection, which closes it as any open).
+        self.release_opens(ids, Ending::Logoff)?;
         if let Some(home) = self
             .sessions
             .remove(&id)
@@ -2183,7 +2189,8 @@ impl Connection {
 
     fn tree_disconnect(&mut self, req: &Request<'_>) -> Outcome {
         let (sid, tid) = (req.hdr.session_id, req.hdr.tree_id);
-        self.close_opens_where(|o| o.session == sid && o.tree == tid);
+        // As for LOGOFF: the tree stays with the opens filterd kept.
+        self.close_opens_where(|o| o.session == sid && o.tree == tid)?;
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.trees.retain(|t| *t != tid);
         }
