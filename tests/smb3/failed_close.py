@@ -6,9 +6,9 @@ Run against a filterd whose second commit fails (the first records the
 persistent open, the second is its close). Opens closing.txt with a DH2Q
 persistent context and an RWH lease, writes, and CLOSEs: the CLOSE must
 fail with STATUS_INSUFFICIENT_RESOURCES (filterd undid it). Prints
-"close refused" and waits for a line on stdin (the driver checks that
+"refused" and waits for a line on stdin (the driver checks that
 filterd still lists the handle). The FileId still works: a write and a
-read through it; a second CLOSE succeeds. Prints "closed" and waits for a
+read through it; a second CLOSE succeeds. Prints "done" and waits for a
 line (the driver checks filterd lists nothing); then another client
 opens the file for writing. Prints PASS; exits non-zero on any failure.
 """
@@ -75,7 +75,7 @@ try:
     check(False, "the CLOSE whose commit failed is refused")
 except SMBResponseException as e:
     check(e.status == STATUS_INSUFFICIENT_RESOURCES, f"the CLOSE whose commit failed is refused ({e.status:#x})")
-print("close refused", flush=True)
+print("refused", flush=True)
 sys.stdin.readline()
 
 # The open is still the client's: its FileId reads and writes.
@@ -83,7 +83,7 @@ f.write(MORE, len(DATA))
 check(f.read(0, len(DATA) + len(MORE)) == DATA + MORE, "the FileId still writes and reads")
 close(conn, tree, f.file_id)
 check(True, "the second CLOSE succeeds")
-print("closed", flush=True)
+print("done", flush=True)
 sys.stdin.readline()
 
 # Closed for good: another client's write open is granted.

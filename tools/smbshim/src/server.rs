@@ -1636,8 +1636,37 @@ fn keep_open(sh: &Shared, file_id: String, open: Open) {
     }
 }
 
+/// LOGOFF: every open of the session is closed first as a CLOSE would be,
+/// so that one filterd refused or undid stays — and the session with it:
+/// the LOGOFF then fails (the client may CLOSE it, log off again or drop
+/// the connection). Only then does the session end.
 fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (session, _, _) = session_of(sh, obj)?;
+    let mine: Vec<String> = sh
+        .opens
+        .lock()
+        .map(|o| {
+            o.iter()
+                .filter(|(_, v)| v.session == session)
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut failed = None;
+    for file_id in mine {
+        if let Err(e) = open_in(sh, session, &file_id).and_then(|o| close_open(sh, o)) {
+            failed = Some(e);
+        }
+    }
+    if let Some(e) = failed {
+        let kept = sh
+            .opens
+            .lock()
+            .is_ok_and(|o| o.values().any(|v| v.session == session));
+        if kept {
+            return Err(e);
+        }
+    }
     end_session(sh, session, true);
     Ok(Map::new())
 }
