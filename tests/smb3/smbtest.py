@@ -2,7 +2,8 @@
 directory: Python puts the script's directory on the path).
 
 New scripts use these rather than copying them; the older scripts still
-carry their own copies.
+carry their own copies. Not durable_reconnect.py: rkdemo embeds that one
+alone (include_str!) and runs it from elsewhere.
 """
 
 import sys
