@@ -13,29 +13,21 @@ line (the driver checks filterd lists nothing); then another client
 opens the file for writing. Prints PASS; exits non-zero on any failure.
 """
 
-import sys
 import uuid
 
 from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import (
     CreateDisposition,
-    CreateOptions,
-    FileAttributes,
-    FilePipePrinterAccessMask,
-    ImpersonationLevel,
-    Open,
     RequestedOplockLevel,
-    ShareAccess,
     SMB2CloseRequest,
 )
 
-from smbtest import args, check, connect, lease_context, persistent_context
+from smbtest import args, check, connect, lease_context, open_rw, pause, persistent_context
 
 SERVER = args()
 STATUS_INSUFFICIENT_RESOURCES = 0xC000009A
 DATA = b"written before the failed close\n"
 MORE = b"and after it\n"
-RW = FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE
 
 
 def close(conn, tree, file_id):
@@ -49,18 +41,8 @@ def close(conn, tree, file_id):
 
 
 def open_closing(tree, disposition, contexts):
-    f = Open(tree, "closing.txt")
-    f.create(
-        ImpersonationLevel.Impersonation,
-        RW,
-        FileAttributes.FILE_ATTRIBUTE_NORMAL,
-        ShareAccess.FILE_SHARE_READ,
-        disposition,
-        CreateOptions.FILE_NON_DIRECTORY_FILE,
-        create_contexts=contexts,
-        oplock_level=RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE if contexts else 0,
-    )
-    return f
+    level = RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE if contexts else 0
+    return open_rw(tree, "closing.txt", disposition, contexts, level)
 
 
 conn, tree = connect(*SERVER)
@@ -75,16 +57,14 @@ try:
     check(False, "the CLOSE whose commit failed is refused")
 except SMBResponseException as e:
     check(e.status == STATUS_INSUFFICIENT_RESOURCES, f"the CLOSE whose commit failed is refused ({e.status:#x})")
-print("refused", flush=True)
-sys.stdin.readline()
+pause("refused")
 
 # The open is still the client's: its FileId reads and writes.
 f.write(MORE, len(DATA))
 check(f.read(0, len(DATA) + len(MORE)) == DATA + MORE, "the FileId still writes and reads")
 close(conn, tree, f.file_id)
 check(True, "the second CLOSE succeeds")
-print("done", flush=True)
-sys.stdin.readline()
+pause("done")
 
 # Closed for good: another client's write open is granted.
 other, other_tree = connect(*SERVER)

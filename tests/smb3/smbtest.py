@@ -18,6 +18,14 @@ from smbprotocol.create_contexts import (
     SMB2CreateDurableHandleRequestV2,
     SMB2CreateRequestLeaseV2,
 )
+from smbprotocol.open import (
+    CreateOptions,
+    FileAttributes,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 
@@ -27,6 +35,12 @@ RWH = LeaseState.SMB2_LEASE_READ_CACHING | LeaseState.SMB2_LEASE_WRITE_CACHING |
 def args():
     """HOST PORT SHARE USER PASSWORD from the command line."""
     return sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+
+
+def pause(line):
+    """Prints `line` for the driver and waits for its line on stdin."""
+    print(line, flush=True)
+    sys.stdin.readline()
 
 
 def check(cond, what):
@@ -72,3 +86,19 @@ def persistent_context(create_guid, timeout_ms=60000):
     dh2q["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT
     dh2q["create_guid"] = create_guid
     return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q)
+
+
+def open_rw(tree, name, disposition, contexts=(), oplock_level=0):
+    """An open of file `name` for reading and writing, sharing reading."""
+    f = Open(tree, name)
+    f.create(
+        ImpersonationLevel.Impersonation,
+        FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
+        FileAttributes.FILE_ATTRIBUTE_NORMAL,
+        ShareAccess.FILE_SHARE_READ,
+        disposition,
+        CreateOptions.FILE_NON_DIRECTORY_FILE,
+        create_contexts=list(contexts),
+        oplock_level=oplock_level,
+    )
+    return f

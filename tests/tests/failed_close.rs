@@ -127,3 +127,12 @@ fn rksmbd_refuses_a_tree_disconnect_whose_close_fails() {
         "kept.txt",
     );
 }
+
+/// A CREATE with an AppInstanceId closes the old open of that id (another
+/// connection's) first: when filterd undoes that close, the old open stays
+/// its client's (rksmbd forgot it, leaving the handle attached) and the
+/// new CREATE is refused.
+#[test]
+fn rksmbd_keeps_an_open_whose_app_instance_takeover_fails() {
+    rksmbd_keeps_the_open("rksmbd-failed-app", "failed_app_instance.py", "app.txt");
+}

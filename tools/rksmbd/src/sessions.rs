@@ -103,14 +103,20 @@ impl Link {
         }
     }
 
-    /// Closes open `id` from another connection; false when it is gone.
+    /// Closes open `id` from another connection; false when it is gone,
+    /// or when filterd refused or undid the close (then the open stays its
+    /// connection's, as after a failed CLOSE).
     fn close_elsewhere(&self, sh: &Shared, id: u64) -> bool {
         let mut st = lock(&self.state);
-        let Some((key, _)) = st.live.remove(&id) else {
+        let Some((key, durable)) = st.live.remove(&id) else {
             return false;
         };
         if let Err(e) = sh.filter.close(key) {
             tracing::warn!(resume_key = %key, error = %e, "closing the open of an app instance");
+            if e.close_undone() {
+                st.live.insert(id, (key, durable));
+                return false;
+            }
         }
         st.closed_elsewhere.push(id);
         true
@@ -205,13 +211,16 @@ impl Registry {
         };
         let Some(old) = old else { return };
         let link = lock(&self.sessions).get(&old.session).cloned();
-        if let Some(l) = link {
-            if l.close_elsewhere(sh, old.id) {
-                tracing::info!(
-                    session = old.session,
-                    "closed the open of a replaced app instance"
-                );
-            }
+        let Some(l) = link else { return };
+        if l.close_elsewhere(sh, old.id) {
+            tracing::info!(
+                session = old.session,
+                "closed the open of a replaced app instance"
+            );
+        } else if l.is_live(old.id) {
+            // filterd did not close it: the id still names it (the new
+            // open is refused while it holds the file).
+            lock(&self.apps).entry(app).or_insert(old);
         }
     }
 
