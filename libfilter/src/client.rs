@@ -110,6 +110,20 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether the daemon answered a close with an error that leaves the
+    /// handle as it was: it refused the request, or undid it when its
+    /// commit failed (then the handle is back, attached to the caller).
+    /// Not when the handle is not the caller's (`NoSuchHandle`,
+    /// `NotOwner`), nor when the outcome is unknown (the connection was
+    /// lost or the answer did not come). A frontend keeps its open then:
+    /// its client was told the close failed.
+    pub fn close_undone(&self) -> bool {
+        !matches!(
+            self.code(),
+            None | Some(ErrorCode::NoSuchHandle) | Some(ErrorCode::NotOwner)
+        )
+    }
 }
 
 /// An open (or resumed) handle: what the daemon said, and the descriptor.

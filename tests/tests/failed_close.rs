@@ -5,22 +5,38 @@
 //! when it sent the close: a retried CLOSE got STATUS_FILE_CLOSED (a client
 //! takes that as closed) while filterd still held the handle, its share
 //! mode and its record, for as long as smbshim stayed attached.
+//!
+//! rksmbd (the real SMB 3 server) answered such a CLOSE with
+//! STATUS_SUCCESS and forgot the open: the client believed the file closed
+//! while filterd held its handle, share mode and persistent record (and
+//! would restore it after a failover). Now it answers
+//! STATUS_INSUFFICIENT_RESOURCES and keeps the open.
 
-use rkfilter_tests::{handle_paths, smb_persistent_create, smb_session, Filterd, Scratch, Shim};
+use std::time::Duration;
+
+use rkfilter_tests::smb3::Dialogue;
+use rkfilter_tests::{
+    handle_paths, smb_persistent_create, smb_session, Filterd, RkSmbd, Scratch, Shim,
+};
 use serde_json::json;
 
-#[test]
-fn a_close_whose_commit_fails_leaves_the_open_usable_and_closable() {
-    let s = Scratch::new("failed-close");
+/// smbshim: a persistent open of `f`; `teardown` (a CLOSE or a LOGOFF of
+/// it, by session id and file id) fails as its close's commit fails, the
+/// handle stays listed, the open writes, and `teardown` again closes it.
+fn smbshim_keeps_the_open(
+    name: &str,
+    teardown: impl Fn(&serde_json::Value, &serde_json::Value) -> serde_json::Value,
+) {
+    let s = Scratch::new(name);
     // Commit 1 records the create; commit 2 is the close's.
     let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
-    let smb = Shim::start("smbshim", d.socket(), "smb-fc");
+    let smb = Shim::start("smbshim", d.socket(), name);
     let (mut c, sid) = smb_session(&smb.addr);
     let r = smb_persistent_create(&mut c, sid, "f");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
+    let (sid, fid) = (json!(sid), r["file_id"].clone());
 
-    let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    let r = c.call(teardown(&sid, &fid));
     assert_ne!(
         r["status"], "STATUS_SUCCESS",
         "the close's commit failed: {r}"
@@ -28,7 +44,7 @@ fn a_close_whose_commit_fails_leaves_the_open_usable_and_closable() {
     assert_eq!(handle_paths(d.socket()), ["f"], "filterd undid the close");
 
     // The open is still the client's: it writes through it, and a second
-    // CLOSE closes it for good.
+    // try closes it for good.
     let r = c.call(
         json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0,
                           "data": "ZGF0YQ==", "op_id": 1}),
@@ -37,8 +53,86 @@ fn a_close_whose_commit_fails_leaves_the_open_usable_and_closable() {
         r["status"], "STATUS_SUCCESS",
         "a write after the failed close: {r}"
     );
-    let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
-    assert_eq!(r["status"], "STATUS_SUCCESS", "the retried close: {r}");
+    let r = c.call(teardown(&sid, &fid));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "the second try: {r}");
     assert!(handle_paths(d.socket()).is_empty(), "closed in filterd too");
     assert_eq!(std::fs::read(s.root().join("f")).expect("f"), b"data");
+}
+
+#[test]
+fn a_close_whose_commit_fails_leaves_the_open_usable_and_closable() {
+    smbshim_keeps_the_open(
+        "failed-close",
+        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+}
+
+/// smbshim's LOGOFF closes every open of the session, persistent ones too:
+/// one whose close filterd undid fails the LOGOFF, and the session and the
+/// open stay, usable; the next LOGOFF closes it. (It answered success
+/// while filterd kept the handle attached, and remembered for a restart.)
+#[test]
+fn smbshim_refuses_a_logoff_whose_close_fails() {
+    smbshim_keeps_the_open(
+        "failed-logoff",
+        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
+    );
+}
+
+/// rksmbd and a real SMB 3 client (smbprotocol, `tests/smb3/SCRIPT`): the
+/// script's first close of persistent open `file` (a CLOSE, a
+/// TREE_DISCONNECT), whose commit fails, is refused ("refused": filterd
+/// still lists the handle); its FileId still writes and reads; the second
+/// try succeeds ("done": filterd lists nothing).
+fn rksmbd_keeps_the_open(name: &str, script: &str, file: &str) {
+    let s = Scratch::new(name);
+    // Commit 1 records the persistent create; commit 2 is the close's.
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = Dialogue::start(&srv, script, Duration::from_secs(60));
+    script.expect("refused");
+    assert_eq!(
+        handle_paths(d.socket()),
+        [file],
+        "filterd undid the close: the open is still held\n{}",
+        script.log
+    );
+    script.say("go");
+    script.expect("done");
+    assert_eq!(
+        handle_paths(d.socket()),
+        Vec::<String>::new(),
+        "the second try closed it in filterd\n{}",
+        script.log
+    );
+    script.say("go");
+    script.finish();
+}
+
+/// The CLOSE is refused; then another client opens the closed file.
+#[test]
+fn rksmbd_refuses_a_close_filterd_did_not_make_and_keeps_the_open() {
+    rksmbd_keeps_the_open("rksmbd-failed-close", "failed_close.py", "closing.txt");
+}
+
+/// TREE_DISCONNECT closes the tree's opens: one whose close filterd undid
+/// fails the request, and the tree and the open stay. (A LOGOFF detaches
+/// persistent opens and closes only others, which commit nothing: no
+/// commit of it can fail.)
+#[test]
+fn rksmbd_refuses_a_tree_disconnect_whose_close_fails() {
+    rksmbd_keeps_the_open(
+        "rksmbd-failed-tdis",
+        "failed_tree_disconnect.py",
+        "kept.txt",
+    );
+}
+
+/// A CREATE with an AppInstanceId closes the old open of that id (another
+/// connection's) first: when filterd undoes that close, the old open stays
+/// its client's (rksmbd forgot it, leaving the handle attached) and the
+/// new CREATE is refused.
+#[test]
+fn rksmbd_keeps_an_open_whose_app_instance_takeover_fails() {
+    rksmbd_keeps_the_open("rksmbd-failed-app", "failed_app_instance.py", "app.txt");
 }

@@ -280,9 +280,74 @@ impl Open {
     }
 }
 
-/// Releases an open that is going away: a file is closed in filterd; a
-/// directory marked delete-on-close is removed.
-pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
+/// Why an open goes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Ending {
+    /// Its connection was lost: a durable open is detached in filterd
+    /// (kept for a reconnect), the others closed; nobody is told of an
+    /// error.
+    Lost,
+    /// Its session logged off: as `Lost`, but a close filterd refused or
+    /// undid keeps the open and fails the LOGOFF.
+    Logoff,
+    /// Its tree was disconnected: closed in filterd; a close filterd
+    /// refused or undid keeps the open and fails the TREE_DISCONNECT.
+    TreeDisconnect,
+    /// The client's CLOSE: what filterd answered is the client's answer.
+    Close,
+}
+
+/// A close that filterd did not make.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct NotClosed {
+    /// What the CLOSE (LOGOFF, TREE_DISCONNECT) is answered.
+    pub status: u32,
+    /// filterd refused or undid the close and holds the handle as it was:
+    /// the open stays, usable and closable again.
+    pub kept: bool,
+}
+
+/// What a CLOSE filterd refused or undid is answered (docs/smb3.md):
+/// STATUS_INSUFFICIENT_RESOURCES, a transient failure after which the
+/// FileId is still valid; the Linux client retries such a CLOSE.
+pub const CLOSE_NOT_MADE: u32 = status::INSUFFICIENT_RESOURCES;
+
+/// Releases an open that is going away: a file is closed (or detached) in
+/// filterd; a directory marked delete-on-close is removed. Unless the
+/// connection was lost, a close filterd refused or undid is returned
+/// (`kept`) and nothing else is done — the open is still the client's.
+/// For a CLOSE, a close whose outcome is unknown is returned too.
+pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed> {
+    // filterd first: until it has closed the handle, the open holds its
+    // lease, share mode and delete on close.
+    let mut answer = Ok(());
+    let detach = matches!(ending, Ending::Lost | Ending::Logoff) && open.durable;
+    if let Kind::File { key, .. } = &open.kind {
+        if detach {
+            if let Err(e) = sh.filter.detach(*key) {
+                tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
+            }
+        } else if let Err(e) = sh.filter.close(*key) {
+            tracing::warn!(resume_key = %key, error = %e, ?ending, "close in filterd failed");
+            // Refused or undone: the handle is back, the open stays.
+            if ending != Ending::Lost && e.close_undone() {
+                return Err(NotClosed {
+                    status: CLOSE_NOT_MADE,
+                    kept: true,
+                });
+            }
+            // The outcome is unknown (filterd's connection went, or its
+            // answer did not come): a CLOSE is not a success either. Not
+            // this open's handle (NoSuchHandle, NotOwner): filterd holds
+            // nothing of it, the close is made.
+            if ending == Ending::Close && e.code().is_none() {
+                answer = Err(NotClosed {
+                    status: status_of(&e),
+                    kept: false,
+                });
+            }
+        }
+    }
     // With its last open the lease goes, and a break of it with it
     // (filterd lowers a lease no attached open holds at once).
     if let Some(k) = open.lease.filter(|k| sh.notifier.released(*k)) {
@@ -291,18 +356,10 @@ pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
     // Its share mode and lease go: an open waiting elsewhere may get in.
     sh.breaking.bump();
     match &open.kind {
-        Kind::File { key, .. } if connection_lost && open.durable => {
-            if let Err(e) = sh.filter.detach(*key) {
-                tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
-            }
-        }
-        Kind::File { key, file } => {
-            if let Err(e) = sh.filter.close(*key) {
-                tracing::warn!(resume_key = %key, error = %e, "close in filterd failed");
-            }
-            // Closing an open with delete on close while others keep the
-            // file leaves it pending delete (MS-FSA 2.1.5.4).
-            if open.delete_on_close && linked(file) {
+        // Closing an open with delete on close while others keep the
+        // file leaves it pending delete (MS-FSA 2.1.5.4).
+        Kind::File { file, .. } => {
+            if !detach && open.delete_on_close && linked(file) {
                 sh.delete_pending.set(file.as_fd(), true);
             }
         }
@@ -315,6 +372,7 @@ pub fn release(sh: &Shared, open: &Open, connection_lost: bool) {
             }
         }
     }
+    answer
 }
 
 /// Runs a file command.
@@ -606,7 +664,7 @@ fn close(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     } else {
         None
     };
-    c.close_open(id);
+    c.close_by_client(id).map_err(|e| e.status)?;
     let mut w = Writer::new();
     w.u16(60).u16(flags & 1).u32(0);
     match meta {

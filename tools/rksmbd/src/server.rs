@@ -25,7 +25,7 @@ use libfilter::attach::Attachment;
 use libfilter::model::{InstanceName, Protocol};
 
 use crate::crypto::{self, Dialect, SigningAlgorithm};
-use crate::files::Open;
+use crate::files::{Ending, NotClosed, Open};
 use crate::ntlm;
 use crate::spnego;
 use crate::users::Users;
@@ -1165,7 +1165,7 @@ impl Connection {
         let mut ids: Vec<u64> = self.opens.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
-            self.release_open(id, true);
+            let _ = self.release_open(id, Ending::Lost);
         }
         if let Some((inbox, _)) = &self.inbox {
             inbox.close();
@@ -1215,23 +1215,25 @@ impl Connection {
     /// connection is lost and the open durable), unless another
     /// connection already did (an ended session, a replaced app
     /// instance).
-    fn release_open(&mut self, id: u64, connection_lost: bool) -> Option<Open> {
-        crate::lock::open_closing(self, id);
-        crate::notify::open_closing(self, id);
-        let open = self.opens.remove(&id)?;
+    fn release_open(&mut self, id: u64, ending: Ending) -> Result<(), NotClosed> {
+        let Some(open) = self.opens.get(&id) else {
+            return Ok(());
+        };
         let sh = &self.sh;
+        let lost = matches!(ending, Ending::Lost | Ending::Logoff);
         let release = || {
+            crate::files::release(sh, open, ending)?;
             if let crate::files::Kind::File { key, .. } = &open.kind {
-                if !connection_lost {
+                if !lost {
                     sh.registry.v2_closed(crate::create::persistent_id(*key));
                 }
             }
-            if let (false, Some(g)) = (connection_lost, open.create_guid) {
+            if let (false, Some(g)) = (lost, open.create_guid) {
                 sh.registry.keep_position(g, 0);
             }
-            crate::files::release(sh, &open, connection_lost);
+            Ok(())
         };
-        match (
+        let released = match (
             &open.kind,
             self.sessions
                 .get(&open.session)
@@ -1239,15 +1241,23 @@ impl Connection {
         ) {
             (crate::files::Kind::File { .. }, Some(link)) => link.release(id, release),
             _ => release(),
+        };
+        // A CLOSE filterd refused or undid: the open stays as it was.
+        if released.is_err_and(|e| e.kept) {
+            return released;
         }
+        crate::lock::open_closing(self, id);
+        crate::notify::open_closing(self, id);
         // Only now, with the handle detached, may a reconnect stop
         // waiting for this connection.
-        self.let_go(&open);
+        if let Some(open) = self.opens.remove(&id) {
+            self.let_go(&open);
+        }
         // Its locks are gone: a lock waiting on another open may be in,
         // and its share mode and lease: a pending CREATE too.
         crate::lock::retry(self);
         self.pending_creates.nudge();
-        Some(open)
+        released
     }
 
     fn let_go(&self, open: &Open) {
@@ -1286,9 +1296,10 @@ impl Connection {
         }
     }
 
-    /// Closes every open `which` selects (LOGOFF, TREE_DISCONNECT, a lost
-    /// connection).
-    fn close_opens_where(&mut self, which: impl Fn(&Open) -> bool) {
+    /// Closes every open `which` selects, as its tree is disconnected.
+    /// `Err` when filterd refused or undid some of the closes: those opens
+    /// stay (the others are closed).
+    fn close_opens_where(&mut self, which: impl Fn(&Open) -> bool) -> Result<(), u32> {
         let mut ids: Vec<u64> = self
             .opens
             .iter()
@@ -1299,15 +1310,26 @@ impl Connection {
         // later open is granted when an earlier one's locks go (what
         // Windows answers, smbtorture's lock.cancel-tdis).
         ids.sort_unstable();
-        for id in ids {
-            self.close_open(id);
-        }
+        self.release_opens(ids, Ending::TreeDisconnect)
     }
 
-    /// Closes and forgets one open (errors are logged: the handle is gone
-    /// from this connection either way).
-    pub fn close_open(&mut self, id: u64) -> Option<Open> {
-        self.release_open(id, false)
+    /// Releases opens `ids` in order; the status of a close filterd did not
+    /// make (after trying them all).
+    fn release_opens(&mut self, ids: Vec<u64>, ending: Ending) -> Result<(), u32> {
+        let mut answer = Ok(());
+        for id in ids {
+            if let Err(e) = self.release_open(id, ending) {
+                answer = Err(e.status);
+            }
+        }
+        answer
+    }
+
+    /// The client's CLOSE of open `id`. `Err` when filterd did not close
+    /// it: with `kept` the open stays, usable and closable again (filterd
+    /// still holds the handle); without, it is forgotten all the same.
+    pub fn close_by_client(&mut self, id: u64) -> Result<(), NotClosed> {
+        self.release_open(id, Ending::Close)
     }
 
     /// A new volatile file id.
@@ -2105,9 +2127,10 @@ impl Connection {
             .collect();
         // Oldest first, as in close_opens_where (lock.cancel-logoff).
         ids.sort_unstable();
-        for k in ids {
-            self.release_open(k, true);
-        }
+        // A close filterd did not make keeps its open, and the session
+        // with it: the LOGOFF fails, the client may CLOSE it or log off
+        // again (or drop the connection, which closes it as any open).
+        self.release_opens(ids, Ending::Logoff)?;
         if let Some(home) = self
             .sessions
             .remove(&id)
@@ -2166,7 +2189,8 @@ impl Connection {
 
     fn tree_disconnect(&mut self, req: &Request<'_>) -> Outcome {
         let (sid, tid) = (req.hdr.session_id, req.hdr.tree_id);
-        self.close_opens_where(|o| o.session == sid && o.tree == tid);
+        // As for LOGOFF: the tree stays with the opens filterd kept.
+        self.close_opens_where(|o| o.session == sid && o.tree == tid)?;
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.trees.retain(|t| *t != tid);
         }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use libfilter::model::{RelPath, ResumeKey};
 
+use crate::files::NotClosed;
 use crate::server::Shared;
 
 /// Most sessions rksmbd tracks across all connections.
@@ -56,12 +57,22 @@ impl Link {
 
     /// The owning connection releases open `id`: `release` (the filterd
     /// close or detach) runs only if nobody else has released it, under
-    /// the session's lock.
-    pub fn release(&self, id: u64, release: impl FnOnce()) {
+    /// the session's lock. When it fails with the handle kept (a CLOSE
+    /// filterd refused or undid) the open stays the session's.
+    pub fn release(
+        &self,
+        id: u64,
+        release: impl FnOnce() -> Result<(), NotClosed>,
+    ) -> Result<(), NotClosed> {
         let mut st = lock(&self.state);
-        if st.live.remove(&id).is_some() {
-            release();
+        let Some(entry) = st.live.remove(&id) else {
+            return Ok(());
+        };
+        let r = release();
+        if r.is_err_and(|e| e.kept) {
+            st.live.insert(id, entry);
         }
+        r
     }
 
     /// Ended by another connection?
@@ -92,14 +103,20 @@ impl Link {
         }
     }
 
-    /// Closes open `id` from another connection; false when it is gone.
+    /// Closes open `id` from another connection; false when it is gone,
+    /// or when filterd refused or undid the close (then the open stays its
+    /// connection's, as after a failed CLOSE).
     fn close_elsewhere(&self, sh: &Shared, id: u64) -> bool {
         let mut st = lock(&self.state);
-        let Some((key, _)) = st.live.remove(&id) else {
+        let Some((key, durable)) = st.live.remove(&id) else {
             return false;
         };
         if let Err(e) = sh.filter.close(key) {
             tracing::warn!(resume_key = %key, error = %e, "closing the open of an app instance");
+            if e.close_undone() {
+                st.live.insert(id, (key, durable));
+                return false;
+            }
         }
         st.closed_elsewhere.push(id);
         true
@@ -194,13 +211,16 @@ impl Registry {
         };
         let Some(old) = old else { return };
         let link = lock(&self.sessions).get(&old.session).cloned();
-        if let Some(l) = link {
-            if l.close_elsewhere(sh, old.id) {
-                tracing::info!(
-                    session = old.session,
-                    "closed the open of a replaced app instance"
-                );
-            }
+        let Some(l) = link else { return };
+        if l.close_elsewhere(sh, old.id) {
+            tracing::info!(
+                session = old.session,
+                "closed the open of a replaced app instance"
+            );
+        } else if l.is_live(old.id) {
+            // filterd did not close it: the id still names it (the new
+            // open is refused while it holds the file).
+            lock(&self.apps).entry(app).or_insert(old);
         }
     }
 

@@ -1608,7 +1608,7 @@ fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
     // be in its pwrite: it lands before filterd forgets the handle.
     drain(m, o.file_key);
     if let Err(e) = m.filter.close(key) {
-        if close_undone(&e) {
+        if e.close_undone() {
             if let Some(open) = taken {
                 keep_open(sh, o.file_id, open);
             }
@@ -1616,18 +1616,6 @@ fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
         return Err(filter_fail(e));
     }
     Ok(Map::new())
-}
-
-/// Whether filterd answered a close with an error that leaves the handle
-/// as it was: it refused the request, or undid it when its commit failed
-/// (then the handle is back, attached to this member). Not when the
-/// handle is not this member's, nor when the outcome is unknown (the
-/// connection was lost or the answer did not come).
-fn close_undone(e: &ClientError) -> bool {
-    !matches!(
-        e.code(),
-        None | Some(ErrorCode::NoSuchHandle) | Some(ErrorCode::NotOwner)
-    )
 }
 
 /// Puts back an open whose CLOSE filterd did not make: the client was told
@@ -1648,8 +1636,37 @@ fn keep_open(sh: &Shared, file_id: String, open: Open) {
     }
 }
 
+/// LOGOFF: every open of the session is closed first as a CLOSE would be,
+/// so that one filterd refused or undid stays — and the session with it:
+/// the LOGOFF then fails (the client may CLOSE it, log off again or drop
+/// the connection). Only then does the session end.
 fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (session, _, _) = session_of(sh, obj)?;
+    let mine: Vec<String> = sh
+        .opens
+        .lock()
+        .map(|o| {
+            o.iter()
+                .filter(|(_, v)| v.session == session)
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut failed = None;
+    for file_id in mine {
+        if let Err(e) = open_in(sh, session, &file_id).and_then(|o| close_open(sh, o)) {
+            failed = Some(e);
+        }
+    }
+    if let Some(e) = failed {
+        let kept = sh
+            .opens
+            .lock()
+            .is_ok_and(|o| o.values().any(|v| v.session == session));
+        if kept {
+            return Err(e);
+        }
+    }
     end_session(sh, session, true);
     Ok(Map::new())
 }

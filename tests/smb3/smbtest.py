@@ -1,0 +1,104 @@
+"""What the smbprotocol scripts here share (import it from a script in this
+directory: Python puts the script's directory on the path).
+
+New scripts use these rather than copying them; the older scripts still
+carry their own copies. Not durable_reconnect.py: rkdemo embeds that one
+alone (include_str!) and runs it from elsewhere.
+"""
+
+import sys
+import uuid
+
+from smbprotocol.connection import Connection
+from smbprotocol.create_contexts import (
+    CreateContextName,
+    DurableHandleFlags,
+    LeaseState,
+    SMB2CreateContextRequest,
+    SMB2CreateDurableHandleRequestV2,
+    SMB2CreateRequestLeaseV2,
+)
+from smbprotocol.open import (
+    CreateOptions,
+    FileAttributes,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
+from smbprotocol.session import Session
+from smbprotocol.tree import TreeConnect
+
+RWH = LeaseState.SMB2_LEASE_READ_CACHING | LeaseState.SMB2_LEASE_WRITE_CACHING | LeaseState.SMB2_LEASE_HANDLE_CACHING
+
+
+def args():
+    """HOST PORT SHARE USER PASSWORD from the command line."""
+    return sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+
+
+def pause(line):
+    """Prints `line` for the driver and waits for its line on stdin."""
+    print(line, flush=True)
+    sys.stdin.readline()
+
+
+def check(cond, what):
+    """Prints "ok: WHAT", or "FAILED: WHAT" and exits 1."""
+    if not cond:
+        print(f"FAILED: {what}", flush=True)
+        sys.exit(1)
+    print(f"ok: {what}", flush=True)
+
+
+def connect(host, port, share, user, password, client_guid=None):
+    """A signed SMB 3 connection, a session and a tree connect of `share`."""
+    conn = Connection(client_guid or uuid.uuid4(), host, port, require_signing=True)
+    conn.connect()
+    session = Session(conn, user, password, require_encryption=False)
+    session.connect()
+    tree = TreeConnect(session, rf"\\{host}\{share}")
+    tree.connect()
+    return conn, tree
+
+
+def context(name, data):
+    c = SMB2CreateContextRequest()
+    c["buffer_name"] = name
+    c["buffer_data"] = data
+    return c
+
+
+def lease_context(key, state=RWH):
+    """A lease (v2) create context asking for `state`."""
+    lease = SMB2CreateRequestLeaseV2()
+    lease["lease_key"] = key
+    lease["lease_state"] = state
+    lease["parent_lease_key"] = b"\x00" * 16
+    lease["epoch"] = b"\x00\x00"
+    return context(CreateContextName.SMB2_CREATE_REQUEST_LEASE_V2, lease)
+
+
+def persistent_context(create_guid, timeout_ms=60000):
+    """A DH2Q create context asking for a persistent handle."""
+    dh2q = SMB2CreateDurableHandleRequestV2()
+    dh2q["timeout"] = timeout_ms
+    dh2q["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT
+    dh2q["create_guid"] = create_guid
+    return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q)
+
+
+def open_rw(tree, name, disposition, contexts=(), oplock_level=0):
+    """An open of file `name` for reading and writing, sharing reading."""
+    f = Open(tree, name)
+    f.create(
+        ImpersonationLevel.Impersonation,
+        FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
+        FileAttributes.FILE_ATTRIBUTE_NORMAL,
+        ShareAccess.FILE_SHARE_READ,
+        disposition,
+        CreateOptions.FILE_NON_DIRECTORY_FILE,
+        create_contexts=list(contexts),
+        oplock_level=oplock_level,
+    )
+    return f
