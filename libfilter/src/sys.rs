@@ -867,19 +867,9 @@ pub fn alone_on_inode_holding(fd: BorrowedFd<'_>, while_held: impl FnOnce()) -> 
 /// unlike a wall clock, it does not run while the thread waits for a CPU
 /// on a loaded machine. `None` if the clock cannot be read.
 pub fn thread_cpu_time() -> Option<std::time::Duration> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer for the call's duration.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if r != 0 {
-        return None;
-    }
-    Some(std::time::Duration::new(
-        u64::try_from(ts.tv_sec).ok()?,
-        u32::try_from(ts.tv_nsec).ok()?,
-    ))
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .ok()
+        .map(std::time::Duration::from)
 }
 
 /// `(st_dev, st_ino)` of what `path` names, following links (a
