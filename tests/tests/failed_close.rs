@@ -136,3 +136,54 @@ fn rksmbd_refuses_a_tree_disconnect_whose_close_fails() {
 fn rksmbd_keeps_an_open_whose_app_instance_takeover_fails() {
     rksmbd_keeps_the_open("rksmbd-failed-app", "failed_app_instance.py", "app.txt");
 }
+
+/// smbshim: a CLOSE (from another connection of the session) whose
+/// commit fails while the session ends meanwhile (its LOGOFF, with no
+/// other open, answered at once): smbshim cannot put the open back into
+/// an ended session, and must not leave filterd holding its handle. It
+/// did: the handle stayed attached to smbshim, its share mode refusing
+/// every other open of the file, for as long as smbshim ran — while the
+/// LOGOFF had answered success. filterd is stopped (SIGSTOP) while the
+/// CLOSE waits in it, so the LOGOFF surely comes first.
+#[test]
+fn a_close_undone_after_its_session_ended_does_not_leave_the_handle() {
+    use nix::sys::signal::Signal;
+    let s = Scratch::new("failed-close-ended");
+    // Commit 1 records the create; commit 2 is the close's.
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    let smb = Shim::start("smbshim", d.socket(), "failed-close-ended");
+    let (mut a, sid) = smb_session(&smb.addr);
+    let r = smb_persistent_create(&mut a, sid, "f");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+
+    d.signal(Signal::SIGSTOP);
+    let mut b = rkfilter_tests::LineClient::connect(&smb.addr);
+    let close = b.send_only(
+        "mid",
+        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+    // The CLOSE took the open from smbshim's table (a FLUSH of it, which
+    // asks filterd nothing, no longer finds it) and waits in filterd.
+    rkfilter_tests::wait_for("the CLOSE under way", Duration::from_secs(30), || {
+        let r = a.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+        (r["status"] != "STATUS_SUCCESS").then_some(())
+    });
+    let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    d.signal(Signal::SIGCONT);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "no open left to close: {r}");
+    let (r, _) = b.reply_to("mid", close).expect("the CLOSE's reply");
+    assert_ne!(r["status"], "STATUS_SUCCESS", "its commit failed: {r}");
+
+    // The session is gone and the open with it: filterd holds nothing of
+    // it, and another client opens the file exclusively.
+    assert!(
+        handle_paths(d.socket()).is_empty(),
+        "the handle of an open no session has: {:?}",
+        handle_paths(d.socket())
+    );
+    let (mut c, sid2) = smb_session(&smb.addr);
+    let r = c.call(json!({"cmd": "CREATE", "session_id": sid2, "path": "f",
+                          "access": ["read", "write"], "share": [], "disposition": "open"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
