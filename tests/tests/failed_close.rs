@@ -158,6 +158,18 @@ fn a_close_undone_after_its_session_ended_does_not_leave_the_handle() {
     let fid = r["file_id"].clone();
 
     d.signal(Signal::SIGSTOP);
+    // Stopped, every thread of it (the signal lands asynchronously).
+    let tasks = format!("/proc/{}/task", d.pid());
+    rkfilter_tests::wait_for("filterd stopped", Duration::from_secs(30), || {
+        let stopped = |t: std::fs::DirEntry| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+        };
+        let mut all = std::fs::read_dir(&tasks).ok()?;
+        all.all(|t| t.is_ok_and(stopped)).then_some(())
+    });
     let mut b = rkfilter_tests::LineClient::connect(&smb.addr);
     let close = b.send_only(
         "mid",
