@@ -16,9 +16,26 @@ use std::time::Duration;
 
 use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
-    handle_paths, smb_persistent_create, smb_session, Filterd, RkSmbd, Scratch, Shim,
+    handle_paths, smb_persistent_create, smb_session, wait_for, Filterd, LineClient, RkSmbd,
+    Scratch, Shim,
 };
 use serde_json::json;
+
+/// smbshim in front of a filterd whose second commit (the first close's:
+/// commit 1 records the create) fails, and a persistent open of `f` in a
+/// session: (scratch, filterd, smbshim, client, session id, file id).
+fn persistent_open_failing_its_close(
+    name: &str,
+) -> (Scratch, Filterd, Shim, LineClient, u64, serde_json::Value) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    let smb = Shim::start("smbshim", d.socket(), name);
+    let (mut c, sid) = smb_session(&smb.addr);
+    let r = smb_persistent_create(&mut c, sid, "f");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    (s, d, smb, c, sid, fid)
+}
 
 /// smbshim: a persistent open of `f`; `teardown` (a CLOSE or a LOGOFF of
 /// it, by session id and file id) fails as its close's commit fails, the
@@ -27,14 +44,8 @@ fn smbshim_keeps_the_open(
     name: &str,
     teardown: impl Fn(&serde_json::Value, &serde_json::Value) -> serde_json::Value,
 ) {
-    let s = Scratch::new(name);
-    // Commit 1 records the create; commit 2 is the close's.
-    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
-    let smb = Shim::start("smbshim", d.socket(), name);
-    let (mut c, sid) = smb_session(&smb.addr);
-    let r = smb_persistent_create(&mut c, sid, "f");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let (sid, fid) = (json!(sid), r["file_id"].clone());
+    let (s, d, _smb, mut c, sid, fid) = persistent_open_failing_its_close(name);
+    let sid = json!(sid);
 
     let r = c.call(teardown(&sid, &fid));
     assert_ne!(
@@ -135,4 +146,80 @@ fn rksmbd_refuses_a_tree_disconnect_whose_close_fails() {
 #[test]
 fn rksmbd_keeps_an_open_whose_app_instance_takeover_fails() {
     rksmbd_keeps_the_open("rksmbd-failed-app", "failed_app_instance.py", "app.txt");
+}
+
+/// smbshim: a CLOSE (from another connection of the session) whose
+/// commit fails while the session ends meanwhile (`end` ends it: a LOGOFF
+/// or the loss of its connection, with no other open, done at once):
+/// smbshim cannot put the open back into an ended session, and must not
+/// leave filterd holding its handle. It did: the handle stayed attached
+/// to smbshim, its share mode refusing every other open of the file, for
+/// as long as smbshim ran — while a LOGOFF had answered success. filterd
+/// is stopped (SIGSTOP) while the CLOSE waits in it, so the session surely
+/// ends first.
+fn a_close_undone_after_the_session_ends(name: &str, end: impl FnOnce(&str, LineClient, u64)) {
+    use nix::sys::signal::Signal;
+    let (_s, d, smb, mut a, sid, fid) = persistent_open_failing_its_close(name);
+
+    d.signal(Signal::SIGSTOP);
+    // Stopped, every thread of it (the signal lands asynchronously).
+    let tasks = format!("/proc/{}/task", d.pid());
+    wait_for("filterd stopped", Duration::from_secs(30), || {
+        let stopped = |t: std::fs::DirEntry| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+        };
+        let mut all = std::fs::read_dir(&tasks).ok()?;
+        all.all(|t| t.is_ok_and(stopped)).then_some(())
+    });
+    let mut b = LineClient::connect(&smb.addr);
+    let close = b.send_only(
+        "mid",
+        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+    // The CLOSE took the open from smbshim's table (a FLUSH of it, which
+    // asks filterd nothing, no longer finds it) and waits in filterd.
+    wait_for("the CLOSE under way", Duration::from_secs(30), || {
+        let r = a.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+        (r["status"] != "STATUS_SUCCESS").then_some(())
+    });
+    end(&smb.addr, a, sid);
+    d.signal(Signal::SIGCONT);
+    let (r, _) = b.reply_to("mid", close).expect("the CLOSE's reply");
+    assert_ne!(r["status"], "STATUS_SUCCESS", "its commit failed: {r}");
+
+    // The session is gone and the open with it: filterd holds nothing of
+    // it, and another client opens the file exclusively.
+    assert!(
+        handle_paths(d.socket()).is_empty(),
+        "the handle of an open no session has: {:?}",
+        handle_paths(d.socket())
+    );
+    let (mut c, sid2) = smb_session(&smb.addr);
+    let r = c.call(json!({"cmd": "CREATE", "session_id": sid2, "path": "f",
+                          "access": ["read", "write"], "share": [], "disposition": "open"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+#[test]
+fn a_close_undone_after_its_session_logged_off_does_not_leave_the_handle() {
+    a_close_undone_after_the_session_ends("failed-close-logoff", |_, mut a, sid| {
+        let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "no open left to close: {r}");
+    });
+}
+
+#[test]
+fn a_close_undone_after_its_connection_went_does_not_leave_the_handle() {
+    a_close_undone_after_the_session_ends("failed-close-lost", |addr, a, sid| {
+        drop(a);
+        // Its session ends with it (asked from a third connection).
+        let mut c = LineClient::connect(addr);
+        wait_for("the session ended", Duration::from_secs(30), || {
+            let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": "x"}));
+            (r["status"] == "STATUS_USER_SESSION_DELETED").then_some(())
+        });
+    });
 }

@@ -1610,7 +1610,7 @@ fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
     if let Err(e) = m.filter.close(key) {
         if e.close_undone() {
             if let Some(open) = taken {
-                keep_open(sh, o.file_id, open);
+                keep_open(sh, m, o.file_id, open);
             }
         }
         return Err(filter_fail(e));
@@ -1620,15 +1620,24 @@ fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
 
 /// Puts back an open whose CLOSE filterd did not make: the client was told
 /// it failed and may use it or close it again. Not if its session ended
-/// meanwhile (the teardown did not see it; it stays with filterd, which
-/// detaches it with this member's connection).
-fn keep_open(sh: &Shared, file_id: String, open: Open) {
+/// meanwhile (a LOGOFF or the connection's loss, whose teardown did not
+/// see the open): nobody can name it any more, so it is closed in filterd
+/// again as the client asked (detached if that fails too, as a lost
+/// connection's durable open is) — left as it was, filterd would hold the
+/// handle and its share mode for as long as smbshim stays attached.
+fn keep_open(sh: &Shared, m: &Member, file_id: String, open: Open) {
     let _teardown = sh.teardown.lock();
     let alive = sh
         .sessions
         .lock()
         .is_ok_and(|s| s.contains_key(&open.session));
     if !alive {
+        if let Err(e) = m.filter.close(open.key) {
+            eprintln!("smbshim: closing an open whose session ended: {e}");
+            if e.close_undone() {
+                let _ = m.filter.detach(open.key);
+            }
+        }
         return;
     }
     if let Ok(mut opens) = sh.opens.lock() {
