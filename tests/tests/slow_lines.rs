@@ -23,6 +23,42 @@ fn status_mib(pid: u32, field: &str) -> u64 {
     kb >> 10
 }
 
+/// The port of a `HOST:PORT` address.
+fn port_of(addr: &str) -> u16 {
+    let (_, port) = addr.rsplit_once(':').expect("HOST:PORT");
+    port.parse().expect("a port")
+}
+
+/// Bytes received and not yet read by the process on the far side, in all
+/// established TCP connections to local `port` (from `/proc/net/tcp*`);
+/// `None` when no such connection is listed.
+fn unread_at(port: u16) -> Option<u64> {
+    let mut found = None;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for row in text.lines().skip(1) {
+            let f: Vec<&str> = row.split_whitespace().collect();
+            let (Some(local), Some(state), Some(queues)) = (f.get(1), f.get(3), f.get(4)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port != Some(port) || *state != "01" {
+                continue;
+            }
+            let rx = queues
+                .split_once(':')
+                .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+                .unwrap_or(u64::MAX);
+            found = Some(found.unwrap_or(0u64).saturating_add(rx));
+        }
+    }
+    found
+}
+
 /// filterd and an smbshim started with `flags` on a fresh export.
 /// The tests that spend the partial-line budget push megabytes through
 /// smbshim and judge who stalled by arrival times: they run one at a time,
@@ -302,11 +338,17 @@ fn a_line_at_full_speed_displaces_stalled_lines_not_itself() {
             c
         })
         .collect();
-    // smbshim has read them (about 13 MiB).
+    // smbshim has read every byte of them (about 13 MiB): none is still
+    // growing when the newcomer comes. (Waiting for most of them let the
+    // last ones grow into the newcomer's room under load: a flake.)
+    let port = port_of(&shim.addr);
     wait_for(
         "smbshim to read the stalled lines",
         Duration::from_secs(10),
-        || (status_mib(shim.pid(), "VmRSS") >= before + 11).then_some(()),
+        || {
+            (status_mib(shim.pid(), "VmRSS") >= before + 11 && unread_at(port) == Some(0))
+                .then_some(())
+        },
     );
     let mut newcomer = LineClient::connect(&shim.addr);
     let pad = "a".repeat(3584 << 10);

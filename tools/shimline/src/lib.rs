@@ -31,7 +31,10 @@
 //!   lines are fine), and the request bytes a connection holds — its
 //!   unfinished line and its complete lines queued behind a waiting request
 //!   ([`Outbound::charge_queued`]) — beyond [`FREE_PARTIAL_BYTES`] are
-//!   charged to one budget shared by every connection. When it is spent,
+//!   charged to one budget shared by every connection. A large line stays
+//!   charged from its first byte until it is answered or queued (its
+//!   charge then moves to the queue in one step), so the room it held
+//!   while arriving is never taken by others in between. When it is spent,
 //!   queuing more complete lines drops the queuing connection; a growing
 //!   unfinished line drops, first, connections holding queued lines, then
 //!   the connection whose unfinished line is stalest (its last byte came
@@ -295,6 +298,24 @@ impl Account {
             b.holders.remove(&self.conn);
         }
         Ok(())
+    }
+
+    /// Charges a complete line of `len` bytes as queued, its charge as an
+    /// unfinished line released in the same step (see
+    /// [`Outbound::charge_queued`]). `None` (the connection dropped) when
+    /// that would pass the budget.
+    fn queue(self: &Arc<Self>, len: usize, budget: usize) -> Option<Queued> {
+        let signed = isize::try_from(len).unwrap_or(isize::MAX);
+        match self.set(Some(0), signed, budget) {
+            Ok(()) => Some(Queued {
+                acct: self.clone(),
+                len,
+            }),
+            Err(()) => {
+                self.evict();
+                None
+            }
+        }
     }
 
     /// Drops the connection to make room: its reader sees the end of its
@@ -613,21 +634,13 @@ impl Outbound {
     /// when that would pass the budget: the connection is then dropped
     /// (its reader answers with an error line and ends) and the line
     /// should be too.
+    ///
+    /// Called by the connection's line handler for the line it was handed:
+    /// that line's charge as an unfinished line moves to the queue in the
+    /// same step, so a line that was within the budget while it arrived
+    /// stays within it.
     pub fn charge_queued(&self, len: usize) -> Option<Queued> {
-        let signed = isize::try_from(len).unwrap_or(isize::MAX);
-        match self
-            .acct
-            .set(None, signed, line_limits().partial_line_budget)
-        {
-            Ok(()) => Some(Queued {
-                acct: self.acct.clone(),
-                len,
-            }),
-            Err(()) => {
-                self.acct.evict();
-                None
-            }
-        }
+        self.acct.queue(len, line_limits().partial_line_budget)
     }
 
     /// Whether the connection was dropped to keep request bytes within
@@ -912,12 +925,7 @@ fn read_line(
     charge: &mut Charge,
     limits: LineLimits,
 ) -> Line {
-    buf.clear();
-    if buf.capacity() > FREE_PARTIAL_BYTES {
-        // A large line is done with: its memory goes too.
-        buf.shrink_to(FREE_PARTIAL_BYTES);
-    }
-    charge.release();
+    done_with_line(buf, charge);
     let mut deadline: Option<std::time::Instant> = None;
     let line = loop {
         let chunk = match r.fill_buf() {
@@ -953,7 +961,11 @@ fn read_line(
         } else {
             buf.capacity()
         };
-        if !done && charge.hold(cap, limits.partial_line_budget).is_err() {
+        // A complete line keeps its charge until its handler has queued
+        // or answered it (a large one only: small lines cost no lock).
+        if (!done || cap > FREE_PARTIAL_BYTES)
+            && charge.hold(cap, limits.partial_line_budget).is_err()
+        {
             break Line::OverBudget;
         }
         buf.reserve_exact(cap.saturating_sub(buf.len()));
@@ -975,8 +987,22 @@ fn read_line(
     if deadline.is_some() {
         r.wait_at_most(None);
     }
-    charge.release();
+    if !matches!(line, Line::Data) {
+        charge.release();
+    }
     line
+}
+
+/// Lets go of the last line read: its memory (when large) and its charge.
+/// A complete line stays charged until this (or until its handler moves
+/// the charge to the queue, [`Outbound::charge_queued`]), so the room it
+/// held cannot be taken by other lines between reading and queuing it.
+fn done_with_line(buf: &mut Vec<u8>, charge: &mut Charge) {
+    buf.clear();
+    if buf.capacity() > FREE_PARTIAL_BYTES {
+        buf.shrink_to(FREE_PARTIAL_BYTES);
+    }
+    charge.release();
 }
 
 /// Serves a connection: hands every line to `handle`, in order, until the
@@ -1022,7 +1048,10 @@ pub fn serve_lines<R: serde::Serialize>(
             let _ = reader.get_ref().shutdown(Shutdown::Read);
             return;
         }
-        if let Some(reply) = handle(&buf, writer) {
+        let reply = handle(&buf, writer);
+        // Answered or queued: an idle connection holds no charge.
+        done_with_line(&mut buf, &mut charge);
+        if let Some(reply) = reply {
             if !send(writer, &reply) {
                 return;
             }
@@ -1133,9 +1162,10 @@ mod tests {
 
     /// One test: the budget is process-wide.
     #[test]
-    fn lines_are_limited_and_the_budget_displaces_the_stalest_line() {
+    fn lines_are_limited_and_the_budget_is_shared_fairly() {
         lines_are_limited();
         the_budget_displaces_the_stalest_line();
+        a_complete_line_keeps_its_room_until_it_is_queued();
     }
 
     fn lines_are_limited() {
@@ -1200,6 +1230,46 @@ mod tests {
         assert!(third.hold(FREE_PARTIAL_BYTES + budget + 1, budget).is_err());
         assert!(!a.evicted());
         drop((old, new, third));
+        assert_eq!(partial_line_bytes(), 0);
+    }
+
+    /// A complete line keeps the room it held while it arrived until it is
+    /// queued. Old code released it as soon as the line was read: a line
+    /// still growing elsewhere took the room (nothing had to be displaced),
+    /// and queuing the complete line then passed the budget and dropped its
+    /// connection — seen as a flaky end-to-end test under load.
+    fn a_complete_line_keeps_its_room_until_it_is_queued() {
+        let budget = 1 << 20;
+        let limits = LineLimits {
+            partial_line_budget: budget,
+            ..LineLimits::default()
+        };
+        let (stale, done, growing) = (
+            Account::new(12, None),
+            Account::new(13, None),
+            Account::new(14, None),
+        );
+        let mut stalled = Charge::new(stale.clone());
+        stalled
+            .hold(FREE_PARTIAL_BYTES + budget / 2, budget)
+            .unwrap();
+        let mut line = vec![b'a'; FREE_PARTIAL_BYTES + budget / 4];
+        line.push(b'\n');
+        let (mut buf, mut charge) = (Vec::new(), Charge::new(done.clone()));
+        assert!(matches!(
+            read_line(&mut &line[..], &mut buf, &mut charge, limits),
+            Line::Data
+        ));
+        // Another line grows meanwhile: it displaces the stalled one, not
+        // the complete line...
+        let mut other = Charge::new(growing.clone());
+        other.hold(FREE_PARTIAL_BYTES + budget / 2, budget).unwrap();
+        assert!(stale.evicted() && !done.evicted());
+        // ...which is then queued within the room it held.
+        let queued = done.queue(buf.len(), budget);
+        assert!(queued.is_some() && !done.evicted());
+        done_with_line(&mut buf, &mut charge);
+        drop((queued, stalled, other));
         assert_eq!(partial_line_bytes(), 0);
     }
 
