@@ -1595,23 +1595,32 @@ fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     close_open(sh, open_of(sh, obj)?)
 }
 
-/// Closes open `o` (found for a CLOSE).
+/// Closes open `o` (found for a CLOSE). Only the request that takes the
+/// open out of the table asks filterd: another CLOSE of it at the same
+/// time (or a teardown that took it) is answered `STATUS_FILE_CLOSED`, as
+/// if it came just after. (Both asked once: when the taker's close was
+/// undone, the other's could close the handle in filterd before the taker
+/// put the open back — an open served with no handle behind it.)
 fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
     let key = o.key;
     let m = sh.member(o.member)?;
-    let taken = sh
+    let Some(taken) = sh
         .opens
         .lock()
         .ok()
-        .and_then(|mut opens| opens.remove(&o.file_id));
+        .and_then(|mut opens| opens.remove(&o.file_id))
+    else {
+        return Err(Fail(
+            "STATUS_FILE_CLOSED",
+            format!("open {} is being closed", o.file_id),
+        ));
+    };
     // A WRITE of this open (from another connection of the session) may
     // be in its pwrite: it lands before filterd forgets the handle.
     drain(m, o.file_key);
     if let Err(e) = m.filter.close(key) {
         if e.close_undone() {
-            if let Some(open) = taken {
-                keep_open(sh, m, o.file_id, open);
-            }
+            keep_open(sh, m, o.file_id, taken);
         }
         return Err(filter_fail(e));
     }
