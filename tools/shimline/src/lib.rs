@@ -31,10 +31,9 @@
 //!   lines are fine), and the request bytes a connection holds — its
 //!   unfinished line and its complete lines queued behind a waiting request
 //!   ([`Outbound::charge_queued`]) — beyond [`FREE_PARTIAL_BYTES`] are
-//!   charged to one budget shared by every connection. A large line stays
-//!   charged from its first byte until it is answered or queued (its
-//!   charge then moves to the queue in one step), so the room it held
-//!   while arriving is never taken by others in between. When it is spent,
+//!   charged to one budget shared by every connection. A line being
+//!   answered is not charged, but queuing a complete line may take back
+//!   the room it held while arriving (displacing as a growing line does). When it is spent,
 //!   queuing more complete lines drops the queuing connection; a growing
 //!   unfinished line drops, first, connections holding queued lines, then
 //!   the connection whose unfinished line is stalest (its last byte came
@@ -194,6 +193,10 @@ struct Account {
     /// [`progress_epoch`]): set on every read, not only when the charge
     /// grows (the buffer's capacity doubles, so most reads charge nothing).
     progressed: AtomicU64,
+    /// What its last complete line was charged (bytes beyond
+    /// [`FREE_PARTIAL_BYTES`]) until its handler is done with it: queuing
+    /// that line may displace others up to this much ([`Account::queue`]).
+    room: AtomicUsize,
 }
 
 fn progress_epoch() -> std::time::Instant {
@@ -208,6 +211,7 @@ impl Account {
             stream,
             evicted: AtomicBool::new(false),
             progressed: AtomicU64::new(0),
+            room: AtomicUsize::new(0),
         })
     }
 
@@ -232,6 +236,18 @@ impl Account {
         queued: isize,
         budget: usize,
     ) -> Result<(), ()> {
+        self.set_within(partial, queued, budget, 0).map(|_| ())
+    }
+
+    /// [`Account::set`], where a charge of at most `room` may displace
+    /// others as a growing line does. Ok: the charge before.
+    fn set_within(
+        self: &Arc<Self>,
+        partial: Option<usize>,
+        queued: isize,
+        budget: usize,
+        room: usize,
+    ) -> Result<usize, ()> {
         let Ok(mut b) = BUDGET.lock() else {
             return Err(());
         };
@@ -254,7 +270,7 @@ impl Account {
         };
         let fits = |b: &Budget| b.live.saturating_sub(old).saturating_add(new) <= budget;
         while new > old && !fits(b) {
-            if !grows_line || new > budget {
+            if !(grows_line || new <= room) || new > budget {
                 return Err(());
             }
             // Displace: queued lines first, then the stalest line (of two
@@ -297,17 +313,19 @@ impl Account {
         if gone {
             b.holders.remove(&self.conn);
         }
-        Ok(())
+        Ok(old)
     }
 
-    /// Charges a complete line of `len` bytes as queued, its charge as an
-    /// unfinished line released in the same step (see
-    /// [`Outbound::charge_queued`]). `None` (the connection dropped) when
-    /// that would pass the budget.
+    /// Charges a complete line of `len` bytes as queued (see
+    /// [`Outbound::charge_queued`]). Within the room the line held while
+    /// it arrived, it displaces others as a growing line would: lines that
+    /// grew meanwhile may have taken that room. `None` (the connection
+    /// dropped) when that would pass the budget.
     fn queue(self: &Arc<Self>, len: usize, budget: usize) -> Option<Queued> {
         let signed = isize::try_from(len).unwrap_or(isize::MAX);
-        match self.set(Some(0), signed, budget) {
-            Ok(()) => Some(Queued {
+        let room = self.room.load(Ordering::Relaxed);
+        match self.set_within(Some(0), signed, budget, room) {
+            Ok(_) => Some(Queued {
                 acct: self.clone(),
                 len,
             }),
@@ -372,6 +390,17 @@ impl Charge {
             let _ = self.acct.set(Some(0), 0, usize::MAX);
             self.held = 0;
         }
+    }
+
+    /// Releases a complete line's charge, remembering it as the room its
+    /// queuing may take back ([`Account::queue`]).
+    fn release_complete(&mut self) {
+        let mut room = 0;
+        if self.held > 0 {
+            room = self.acct.set_within(Some(0), 0, usize::MAX, 0).unwrap_or(0);
+            self.held = 0;
+        }
+        self.acct.room.store(room, Ordering::Relaxed);
     }
 }
 
@@ -636,9 +665,10 @@ impl Outbound {
     /// should be too.
     ///
     /// Called by the connection's line handler for the line it was handed:
-    /// that line's charge as an unfinished line moves to the queue in the
-    /// same step, so a line that was within the budget while it arrived
-    /// stays within it.
+    /// within the room that line held while it arrived, the charge
+    /// displaces others as a growing line would, so a line that was within
+    /// the budget while it arrived is not dropped because others grew into
+    /// its room between its last byte and its queuing.
     pub fn charge_queued(&self, len: usize) -> Option<Queued> {
         self.acct.queue(len, line_limits().partial_line_budget)
     }
@@ -961,8 +991,8 @@ fn read_line(
         } else {
             buf.capacity()
         };
-        // A complete line keeps its charge until its handler has queued
-        // or answered it (a large one only: small lines cost no lock).
+        // A complete line is charged whole (a large one only: small lines
+        // cost no lock), the room its queuing may take back.
         if (!done || cap > FREE_PARTIAL_BYTES)
             && charge.hold(cap, limits.partial_line_budget).is_err()
         {
@@ -987,22 +1017,23 @@ fn read_line(
     if deadline.is_some() {
         r.wait_at_most(None);
     }
-    if !matches!(line, Line::Data) {
+    if matches!(line, Line::Data) {
+        charge.release_complete();
+    } else {
         charge.release();
     }
     line
 }
 
-/// Lets go of the last line read: its memory (when large) and its charge.
-/// A complete line stays charged until this (or until its handler moves
-/// the charge to the queue, [`Outbound::charge_queued`]), so the room it
-/// held cannot be taken by other lines between reading and queuing it.
+/// Lets go of the last line read: its memory (when large), its charge,
+/// and the room its queuing could take back.
 fn done_with_line(buf: &mut Vec<u8>, charge: &mut Charge) {
     buf.clear();
     if buf.capacity() > FREE_PARTIAL_BYTES {
         buf.shrink_to(FREE_PARTIAL_BYTES);
     }
     charge.release();
+    charge.acct.room.store(0, Ordering::Relaxed);
 }
 
 /// Serves a connection: hands every line to `handle`, in order, until the
@@ -1049,7 +1080,6 @@ pub fn serve_lines<R: serde::Serialize>(
             return;
         }
         let reply = handle(&buf, writer);
-        // Answered or queued: an idle connection holds no charge.
         done_with_line(&mut buf, &mut charge);
         if let Some(reply) = reply {
             if !send(writer, &reply) {
@@ -1165,7 +1195,7 @@ mod tests {
     fn lines_are_limited_and_the_budget_is_shared_fairly() {
         lines_are_limited();
         the_budget_displaces_the_stalest_line();
-        a_complete_line_keeps_its_room_until_it_is_queued();
+        a_complete_line_takes_back_its_room_when_queued();
     }
 
     fn lines_are_limited() {
@@ -1233,12 +1263,13 @@ mod tests {
         assert_eq!(partial_line_bytes(), 0);
     }
 
-    /// A complete line keeps the room it held while it arrived until it is
-    /// queued. Old code released it as soon as the line was read: a line
-    /// still growing elsewhere took the room (nothing had to be displaced),
-    /// and queuing the complete line then passed the budget and dropped its
-    /// connection — seen as a flaky end-to-end test under load.
-    fn a_complete_line_keeps_its_room_until_it_is_queued() {
+    /// Queuing a complete line takes back the room it held while it
+    /// arrived. Old code released that room as soon as the line was read,
+    /// a line still growing elsewhere took it (nothing had to be
+    /// displaced), and queuing the complete line, which may not displace,
+    /// then passed the budget and dropped its connection — seen as a flaky
+    /// end-to-end test under load.
+    fn a_complete_line_takes_back_its_room_when_queued() {
         let budget = 1 << 20;
         let limits = LineLimits {
             partial_line_budget: budget,
@@ -1260,14 +1291,18 @@ mod tests {
             read_line(&mut &line[..], &mut buf, &mut charge, limits),
             Line::Data
         ));
-        // Another line grows meanwhile: it displaces the stalled one, not
-        // the complete line...
+        // Another line grows into its room meanwhile (displacing no one)...
         let mut other = Charge::new(growing.clone());
         other.hold(FREE_PARTIAL_BYTES + budget / 2, budget).unwrap();
-        assert!(stale.evicted() && !done.evicted());
-        // ...which is then queued within the room it held.
+        assert!(!stale.evicted() && !done.evicted());
+        // ...and queuing the complete line takes the room back from the
+        // stalled line, not from the growing one or itself.
         let queued = done.queue(buf.len(), budget);
-        assert!(queued.is_some() && !done.evicted());
+        assert!(
+            queued.is_some() && !done.evicted(),
+            "the complete line dropped"
+        );
+        assert!(stale.evicted() && !growing.evicted());
         done_with_line(&mut buf, &mut charge);
         drop((queued, stalled, other));
         assert_eq!(partial_line_bytes(), 0);
