@@ -86,7 +86,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -110,6 +110,10 @@ const PAGE: i64 = 4000;
 /// is 4 MiB). A page whose answer is larger is asked again with half as
 /// many keys, down to one key.
 const READ_MESSAGE_LIMIT: usize = 16 << 20;
+
+/// The daemon's failpoint hook: acts if `name` is armed; whether the step
+/// there is to fail.
+pub type Failpoints = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Handle records decoded from the table, in key order.
 type DecodedHandles = Vec<Result<HandleRecord, StoreError>>;
@@ -484,6 +488,8 @@ pub struct EtcdStore {
     /// stalled member would), and answer that attempt with a timeout.
     hold_next_txn: AtomicBool,
     held_txn: Mutex<Option<Txn>>,
+    /// The daemon's named crash points (see [`EtcdStore::set_failpoints`]).
+    failpoints: OnceLock<Failpoints>,
     /// The table as committed (key → value), read at claim and kept up to
     /// date by our own commits.
     table: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
@@ -555,6 +561,7 @@ impl EtcdStore {
             gen_moving: Mutex::new(()),
             hold_next_txn: AtomicBool::new(false),
             held_txn: Mutex::new(None),
+            failpoints: OnceLock::new(),
             table: Mutex::new(BTreeMap::new()),
             revision: Arc::new(AtomicI64::new(0)),
             compact_every,
@@ -631,6 +638,25 @@ impl EtcdStore {
             .on_worker(async move { kv.txn(t).await })
             .map_err(etcd_err)?;
         Ok(resp.succeeded())
+    }
+
+    /// Hands the store the daemon's failpoints (filterd's
+    /// `RKFILTER_FAILPOINTS`): `f(name)` acts if `name` is armed (kills,
+    /// stalls) and says whether the step there is to fail. Points:
+    /// `etcd.txn.sent` (a commit Txn was sent and its answer came, not yet
+    /// handled; failing there drops the answer, so the attempt counts as
+    /// unanswered) and `etcd.gen.moved` (the commit generation was moved on
+    /// for an unanswered Txn, its retry not yet sent; failing there stops
+    /// this daemon as owner), and `etcd.claim.before_txn` (a claim Txn is
+    /// about to be sent under the lease it names; `sleepMS` there is a claim
+    /// whose answer is slow, as from a stalled member). Set once; later
+    /// calls are ignored.
+    pub fn set_failpoints(&self, f: Failpoints) {
+        let _ = self.failpoints.set(f);
+    }
+
+    fn failpoint(&self, name: &str) -> bool {
+        self.failpoints.get().is_some_and(|f| f(name))
     }
 
     /// For tests: the next commit is built against the generation before
@@ -768,6 +794,7 @@ impl EtcdStore {
             ])
             .or_else([TxnOp::get(owner, None)]);
         let t_claim = Instant::now();
+        self.failpoint("etcd.claim.before_txn");
         let resp = self.retry("claim", still, |c| {
             let (mut c, t) = (c.clone(), txn.clone());
             async move { c.txn(t).await }
@@ -1257,7 +1284,15 @@ impl EtcdStore {
             } else {
                 // Only the KV client, not the whole `Client`'s eight.
                 let mut kv = self.client.kv_client();
-                self.on_worker(async move { kv.txn(t).await })
+                let answer = self.on_worker(async move { kv.txn(t).await });
+                if self.failpoint("etcd.txn.sent") {
+                    // As if the answer was lost on the way back.
+                    Err(etcd_client::Error::GRpcStatus(
+                        tonic::Status::deadline_exceeded("answer dropped (failpoint)"),
+                    ))
+                } else {
+                    answer
+                }
             };
             match answer {
                 Ok(r) if r.succeeded() || fence == 0 => break r,
@@ -1289,6 +1324,10 @@ impl EtcdStore {
                         // The unanswered attempt may still arrive: fence it
                         // off before its retry can commit (module docs).
                         gen = self.next_gen(gen)?;
+                        if self.failpoint("etcd.gen.moved") {
+                            self.lease.lost.store(true, Ordering::Release);
+                            return Err(self.lost());
+                        }
                     }
                 }
                 // Refused as it was (NOSPACE, too large): nothing written.
