@@ -1146,6 +1146,68 @@ fn a_stalled_etcd_leader_under_load_loses_no_acknowledged_request() {
     check_against("etcd", &fates, &etcd_paths(&run.url), &run.export);
 }
 
+/// filterd is SIGKILLed right after it moved the commit generation past an
+/// unanswered commit Txn (failpoint `etcd.gen.moved`), before its retry:
+/// an etcd follower is stopped (SIGSTOP) under four persistent CREATE/CLOSE
+/// writers until a Txn sent to it goes unanswered, and stays stopped, the
+/// unanswered Txn unread in its socket, until standby B has taken over;
+/// then it resumes and reads it. B serves within the lease TTL + 2 s (its
+/// own requests to the stopped member time out too: before, its claim
+/// could outlive its lease and the standby exited, or took 8–14 s), and
+/// B's handles and
+/// etcd's table (read after the resumed member is healthy and B committed
+/// again) hold every acknowledged open not closed, no acknowledged-closed
+/// handle, and only handles whose files exist.
+#[test]
+fn filterd_killed_after_a_generation_move_loses_nothing() {
+    if !etcd_available("filterd_killed_after_a_generation_move_loses_nothing") {
+        return;
+    }
+    let mut run = UnderLoad::start("genkill", &[("RKFILTER_FAILPOINTS", "etcd.gen.moved:kill")]);
+    let (cluster, ttl) = (&run.cluster, LOAD_TTL);
+    let leader = cluster.leader();
+    let stalled = (leader + 1) % 3;
+    cluster.signal(stalled, Signal::SIGSTOP);
+    let st = run.a.wait_exit(Duration::from_secs(30));
+    let died = Instant::now();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(9),
+        "{}",
+        run.a.log_text()
+    );
+    let log = run.a.log_text();
+    assert!(
+        log.contains("etcd commit: retrying") && log.contains("failpoint etcd.gen.moved"),
+        "{log}"
+    );
+    drop(run.a_smb.take());
+    let fates = run.ledger.take().map(Ledger::stop).unwrap_or_default();
+    run.b.wait_ready();
+    let took = died.elapsed();
+    assert!(
+        took <= Duration::from_secs(ttl + 2),
+        "B served {took:?} after A died (lease {ttl} s):\n{}",
+        run.b.log_text()
+    );
+    eprintln!("B served {took:?} after A was killed right after a generation move");
+    check_against("node B", &fates, &handle_paths(run.b.socket()), &run.export);
+
+    // The stopped member reads A's unanswered Txn now; B commits on.
+    cluster.signal(stalled, Signal::SIGCONT);
+    cluster.wait_healthy(stalled);
+    let b_smb = Shim::start("smbshim", run.b.socket(), "smb-genkill-b");
+    let (mut c, sid) = rkfilter_tests::smb_session(&b_smb.addr);
+    let r = smb_persistent_create(&mut c, sid, "after");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let mut fates = fates;
+    fates.insert("after".to_owned(), Fate::Open);
+    tally(&fates);
+    let b_has = handle_paths(run.b.socket());
+    check_against("node B", &fates, &b_has, &run.export);
+    assert_eq!(etcd_paths(&run.url), b_has, "etcd's table is B's");
+}
+
 /// The store alone: a commit Txn is held back (unanswered), the generation
 /// is moved past it and the owner stops right there (failpoint
 /// `etcd.gen.moved` failing: the commit is refused as a lost lease, as if
@@ -1192,4 +1254,44 @@ fn a_dead_owners_late_txn_after_a_generation_move_writes_nothing() {
     assert!(!wrote, "the dead owner's late Txn wrote to the table");
     let view = EtcdStore::open_read_only(&url).expect("read-only view");
     assert_eq!(ops(&view), vec![1], "the unacknowledged record is in etcd");
+}
+
+/// A standby whose claim is answered only after its lease ran out (the
+/// claim Txn's attempts went to a stalled member: failpoint
+/// `etcd.claim.before_txn` stalls it past the lease here) claims under a
+/// fresh lease. Before, etcd's "requested lease not found" ended the
+/// claim with an error and the standby exited, just when it was needed.
+#[test]
+fn a_claim_answered_after_its_lease_ran_out_claims_again() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, _cluster, url)) = one_member(
+        "a_claim_answered_after_its_lease_ran_out_claims_again",
+        "rk/slowclaim",
+    ) else {
+        return;
+    };
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    let stalled = std::sync::atomic::AtomicBool::new(false);
+    b.set_failpoints(Box::new(move |name| {
+        if name == "etcd.claim.before_txn"
+            && !stalled.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            // Past the lease (etcd expires leases within 500 ms of TTL).
+            std::thread::sleep(Duration::from_secs(TTL + 2));
+        }
+        false
+    }));
+    let (fence, _clean) = b
+        .try_claim()
+        .expect("a slow claim is no error")
+        .expect("b owns the table");
+    assert!(fence > 0);
+    b.owner_check().expect("b is the owner");
+    b.commit(&[&[put_replay(
+        &libfilter::model::ReplayScope::Handle(libfilter::model::ResumeKey::new_random()),
+        1,
+        "x".into(),
+    )]])
+    .expect("b commits");
 }
