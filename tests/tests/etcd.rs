@@ -1084,6 +1084,40 @@ impl UnderLoad {
         }
     }
 
+    /// Node A SIGKILLed itself at failpoint `etcd.gen.moved` (its log
+    /// also saying `why`): the writers end, B serves within the lease TTL
+    /// + 2 s and holds what the clients were told. Every path's fate.
+    fn killed_then_b_serves(&mut self, why: &str) -> std::collections::BTreeMap<String, Fate> {
+        let st = self.a.wait_exit(Duration::from_secs(30));
+        let died = Instant::now();
+        let log = self.a.log_text();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(9),
+            "{log}"
+        );
+        assert!(
+            log.contains(why) && log.contains("failpoint etcd.gen.moved"),
+            "{log}"
+        );
+        let fates = self.stop_writers();
+        self.b.wait_ready();
+        let took = died.elapsed();
+        assert!(
+            took <= Duration::from_secs(LOAD_TTL + 2),
+            "B served {took:?} after A died (lease {LOAD_TTL} s):\n{}",
+            self.b.log_text()
+        );
+        eprintln!("B served {took:?} after A was killed right after a generation move");
+        check_against(
+            "node B",
+            &fates,
+            &handle_paths(self.b.socket()),
+            &self.export,
+        );
+        fates
+    }
+
     /// Ends node A's frontend (A itself is dead or killed first) and the
     /// writers; every path's fate.
     fn stop_writers(&mut self) -> std::collections::BTreeMap<String, Fate> {
@@ -1164,38 +1198,13 @@ fn filterd_killed_after_a_generation_move_loses_nothing() {
         return;
     }
     let mut run = UnderLoad::start("genkill", &[("RKFILTER_FAILPOINTS", "etcd.gen.moved:kill")]);
-    let (cluster, ttl) = (&run.cluster, LOAD_TTL);
-    let leader = cluster.leader();
-    let stalled = (leader + 1) % 3;
-    cluster.signal(stalled, Signal::SIGSTOP);
-    let st = run.a.wait_exit(Duration::from_secs(30));
-    let died = Instant::now();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&st),
-        Some(9),
-        "{}",
-        run.a.log_text()
-    );
-    let log = run.a.log_text();
-    assert!(
-        log.contains("etcd commit: retrying") && log.contains("failpoint etcd.gen.moved"),
-        "{log}"
-    );
-    drop(run.a_smb.take());
-    let fates = run.ledger.take().map(Ledger::stop).unwrap_or_default();
-    run.b.wait_ready();
-    let took = died.elapsed();
-    assert!(
-        took <= Duration::from_secs(ttl + 2),
-        "B served {took:?} after A died (lease {ttl} s):\n{}",
-        run.b.log_text()
-    );
-    eprintln!("B served {took:?} after A was killed right after a generation move");
-    check_against("node B", &fates, &handle_paths(run.b.socket()), &run.export);
+    let stalled = (run.cluster.leader() + 1) % 3;
+    run.cluster.signal(stalled, Signal::SIGSTOP);
+    let fates = run.killed_then_b_serves("etcd commit: retrying");
 
     // The stopped member reads A's unanswered Txn now; B commits on.
-    cluster.signal(stalled, Signal::SIGCONT);
-    cluster.wait_healthy(stalled);
+    run.cluster.signal(stalled, Signal::SIGCONT);
+    run.cluster.wait_healthy(stalled);
     let b_smb = Shim::start("smbshim", run.b.socket(), "smb-genkill-b");
     let (mut c, sid) = rkfilter_tests::smb_session(&b_smb.addr);
     let r = smb_persistent_create(&mut c, sid, "after");
@@ -1206,6 +1215,23 @@ fn filterd_killed_after_a_generation_move_loses_nothing() {
     let b_has = handle_paths(run.b.socket());
     check_against("node B", &fates, &b_has, &run.export);
     assert_eq!(etcd_paths(&run.url), b_has, "etcd's table is B's");
+}
+
+/// The same kill with every member up: the answer of a commit Txn that
+/// did commit is dropped (failpoint `etcd.txn.sent:fail`), so filterd moves
+/// the generation on and dies there. The unacknowledged request is whole
+/// in the table or absent; B serves within the lease TTL + 2 s with every
+/// acknowledged open, no acknowledged-closed handle, and etcd agrees.
+#[test]
+fn filterd_killed_after_a_dropped_answer_loses_nothing() {
+    if !etcd_available("filterd_killed_after_a_dropped_answer_loses_nothing") {
+        return;
+    }
+    let points = "etcd.txn.sent:40:fail,etcd.gen.moved:kill";
+    let mut run = UnderLoad::start("dropans", &[("RKFILTER_FAILPOINTS", points)]);
+    let fates = run.killed_then_b_serves("failpoint etcd.txn.sent: failing");
+    tally(&fates);
+    check_against("etcd", &fates, &etcd_paths(&run.url), &run.export);
 }
 
 /// The store alone: a commit Txn is held back (unanswered), the generation
