@@ -22,7 +22,14 @@
 //! `shutdown.after_engine` (stopping: the engine thread has returned),
 //! `open.records_batched` / `close.records_batched` (an open or close
 //! that carries records: the handle change and the records are in the
-//! batch, not yet committed).
+//! batch, not yet committed); with `--store etcd://…`, `etcd.txn.sent`
+//! (a commit Txn was sent and answered, the answer not yet handled; `fail`
+//! drops the answer, so the attempt counts as unanswered and the
+//! generation moves on) and `etcd.gen.moved` (the commit generation was
+//! moved past an unanswered Txn, its retry not yet sent; `fail` stops the
+//! daemon as owner there), and `etcd.claim.before_txn` (a claim Txn
+//! about to be sent under the lease it names; `sleepMS` there lets the
+//! lease run out first, as behind a stalled member).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

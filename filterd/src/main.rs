@@ -205,6 +205,7 @@ fn open_store(
         std::time::Duration::from_secs(args.lease_ttl_secs),
         std::time::Duration::from_secs(args.compact_every_secs),
     )?;
+    etcd.set_failpoints(Box::new(failpoint::fails));
     let signals = nix::sys::signalfd::SignalFd::with_flags(
         sigs,
         nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,

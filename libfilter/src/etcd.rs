@@ -86,7 +86,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -110,6 +110,10 @@ const PAGE: i64 = 4000;
 /// is 4 MiB). A page whose answer is larger is asked again with half as
 /// many keys, down to one key.
 const READ_MESSAGE_LIMIT: usize = 16 << 20;
+
+/// The daemon's failpoint hook: acts if `name` is armed; whether the step
+/// there is to fail.
+pub type Failpoints = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Handle records decoded from the table, in key order.
 type DecodedHandles = Vec<Result<HandleRecord, StoreError>>;
@@ -150,6 +154,8 @@ fn corrupt_at<'a>(
         reason: format!("key {}: {reason}", String::from_utf8_lossy(k)),
     }
 }
+/// How long requests go first to the member that last answered a retry.
+const STEER_FOR: Duration = Duration::from_secs(10);
 /// Per-request timeout: a request to a dead member fails and is retried on
 /// another endpoint well within a lease.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -484,6 +490,15 @@ pub struct EtcdStore {
     /// stalled member would), and answer that attempt with a timeout.
     hold_next_txn: AtomicBool,
     held_txn: Mutex<Option<Txn>>,
+    /// The daemon's named crash points (see [`EtcdStore::set_failpoints`]).
+    failpoints: OnceLock<Failpoints>,
+    /// A client per member (connected when first needed): a retry goes
+    /// to the members in turn (see [`EtcdStore::member_client`]).
+    members: Mutex<Vec<Option<Client>>>,
+    /// The member that last answered a retry, and when: for
+    /// [`STEER_FOR`] every request of `retry` and the table read goes to
+    /// it first.
+    steer: Mutex<Option<(usize, Instant)>>,
     /// The table as committed (key → value), read at claim and kept up to
     /// date by our own commits.
     table: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
@@ -555,6 +570,9 @@ impl EtcdStore {
             gen_moving: Mutex::new(()),
             hold_next_txn: AtomicBool::new(false),
             held_txn: Mutex::new(None),
+            failpoints: OnceLock::new(),
+            members: Mutex::new(url.endpoints.iter().map(|_| None).collect()),
+            steer: Mutex::new(None),
             table: Mutex::new(BTreeMap::new()),
             revision: Arc::new(AtomicI64::new(0)),
             compact_every,
@@ -633,6 +651,25 @@ impl EtcdStore {
         Ok(resp.succeeded())
     }
 
+    /// Hands the store the daemon's failpoints (filterd's
+    /// `RKFILTER_FAILPOINTS`): `f(name)` acts if `name` is armed (kills,
+    /// stalls) and says whether the step there is to fail. Points:
+    /// `etcd.txn.sent` (a commit Txn was sent and its answer came, not yet
+    /// handled; failing there drops the answer, so the attempt counts as
+    /// unanswered) and `etcd.gen.moved` (the commit generation was moved on
+    /// for an unanswered Txn, its retry not yet sent; failing there stops
+    /// this daemon as owner), and `etcd.claim.before_txn` (a claim Txn is
+    /// about to be sent under the lease it names; `sleepMS` there is a claim
+    /// whose answer is slow, as from a stalled member). Set once; later
+    /// calls are ignored.
+    pub fn set_failpoints(&self, f: Failpoints) {
+        let _ = self.failpoints.set(f);
+    }
+
+    fn failpoint(&self, name: &str) -> bool {
+        self.failpoints.get().is_some_and(|f| f(name))
+    }
+
     /// For tests: the next commit is built against the generation before
     /// the current one, as a commit in flight while another's retry moved
     /// the generation on.
@@ -695,6 +732,49 @@ impl EtcdStore {
             .unwrap_or_else(|e| Err(etcd_client::Error::IoError(std::io::Error::other(e))))
     }
 
+    /// Where attempt `n` of a request goes: attempt 0 to the member that
+    /// last answered a retry (within [`STEER_FOR`]), else through the
+    /// balanced client (`None`); later ones to the members in turn (from
+    /// the one after it), each through a client of its own. The member's
+    /// index and its client; `None` too if it cannot be connected to now.
+    /// The balanced client can send attempt after attempt to a member that
+    /// stalled (SIGSTOP: its socket still accepts, each attempt times
+    /// out), as the keepalive found in round 13: a standby's claim then
+    /// outlived its lease, and its table read took seconds more.
+    fn member_client(&self, n: u32) -> Option<(usize, Client)> {
+        let steer = *self.steer.lock().unwrap_or_else(|p| p.into_inner());
+        let steered = steer
+            .filter(|(_, at)| at.elapsed() < STEER_FOR)
+            .map(|(m, _)| m);
+        let count = self.url.endpoints.len().max(1);
+        let at = match (n, steered) {
+            (0, None) => return None,
+            (n, steered) => {
+                let n = usize::try_from(n).unwrap_or(0);
+                steered.map_or(n.saturating_sub(1), |m| m + n) % count
+            }
+        };
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let endpoint = self.url.endpoints.get(at)?.clone();
+        let slot = members.get_mut(at)?;
+        if slot.is_none() {
+            let c = self
+                .on_worker(
+                    async move { Client::connect([endpoint], Some(connect_options())).await },
+                )
+                .ok()?;
+            *slot = Some(c);
+        }
+        slot.clone().map(|c| (at, c))
+    }
+
+    /// Member `at` answered a retried request: go to it first for a while.
+    fn answered(&self, at: Option<usize>) {
+        if let Some(m) = at {
+            *self.steer.lock().unwrap_or_else(|p| p.into_inner()) = Some((m, Instant::now()));
+        }
+    }
+
     /// Runs `f` until it succeeds or fails for a reason a retry cannot
     /// change; retries while `keep_trying` says so. `f` clones what it
     /// needs of the client (a commit only the KV client).
@@ -711,8 +791,13 @@ impl EtcdStore {
     {
         let mut tries = 0u32;
         loop {
-            match self.on_worker(f(&self.client)) {
-                Ok(v) => return Ok(v),
+            let member = self.member_client(tries);
+            let client = member.as_ref().map_or(&self.client, |(_, c)| c);
+            match self.on_worker(f(client)) {
+                Ok(v) => {
+                    self.answered(member.map(|(m, _)| m));
+                    return Ok(v);
+                }
                 Err(e) if retryable(&e) && keep_trying() => {
                     tries += 1;
                     if tries == 1 || tries.is_multiple_of(20) {
@@ -739,39 +824,60 @@ impl EtcdStore {
         // set up its keepalive.
         let half_left = self.lease.nanos(Instant::now() + self.ttl / 2)
             < self.lease.valid_until.load(Ordering::Acquire);
-        if lease_id == 0 || !half_left || self.lease.lost.load(Ordering::Acquire) {
+        let grant = || -> Result<i64, StoreError> {
             let sent = Instant::now();
             let granted = self.retry("lease grant", still, |c| {
                 let mut c = c.clone();
                 async move { c.lease_grant(ttl, None).await }
             })?;
-            lease_id = granted.id();
-            self.lease.id.store(lease_id, Ordering::Release);
+            self.lease.id.store(granted.id(), Ordering::Release);
             self.lease.lost.store(false, Ordering::Release);
             let secs = u64::try_from(granted.ttl()).unwrap_or(0);
             self.lease.renewed(sent, Duration::from_secs(secs));
+            Ok(granted.id())
+        };
+        if lease_id == 0 || !half_left || self.lease.lost.load(Ordering::Acquire) {
+            lease_id = grant()?;
         }
         let (owner, clean) = (self.owner_key(), self.clean_key());
-        let txn = Txn::new()
-            .when([Compare::create_revision(owner.clone(), CompareOp::Equal, 0)])
-            .and_then([
-                TxnOp::put(
-                    owner.clone(),
-                    self.me.clone(),
-                    Some(PutOptions::new().with_lease(lease_id)),
-                ),
-                TxnOp::get(clean.clone(), None),
-                TxnOp::delete(clean, None),
-                TxnOp::get(owner.clone(), None),
-                // The commit generation starts at the fencing revision.
-                TxnOp::put(self.gen_key(), self.me.clone(), None),
-            ])
-            .or_else([TxnOp::get(owner, None)]);
+        let claim = |lease_id: i64| {
+            Txn::new()
+                .when([Compare::create_revision(owner.clone(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::put(
+                        owner.clone(),
+                        self.me.clone(),
+                        Some(PutOptions::new().with_lease(lease_id)),
+                    ),
+                    TxnOp::get(clean.clone(), None),
+                    TxnOp::delete(clean.clone(), None),
+                    TxnOp::get(owner.clone(), None),
+                    // The commit generation starts at the fencing revision.
+                    TxnOp::put(self.gen_key(), self.me.clone(), None),
+                ])
+                .or_else([TxnOp::get(owner.clone(), None)])
+        };
         let t_claim = Instant::now();
-        let resp = self.retry("claim", still, |c| {
-            let (mut c, t) = (c.clone(), txn.clone());
-            async move { c.txn(t).await }
-        })?;
+        let resp = loop {
+            let txn = claim(lease_id);
+            self.failpoint("etcd.claim.before_txn");
+            let resp = self.retry("claim", still, |c| {
+                let (mut c, t) = (c.clone(), txn.clone());
+                async move { c.txn(t).await }
+            });
+            match resp {
+                // Our lease ran out while the claim's attempts went
+                // unanswered (a stalled member): no attempt made the key
+                // (etcd refuses a put under a lease it no longer has), so
+                // claim again under a fresh one. Before, the standby
+                // exited here, just when it was needed.
+                Err(StoreError::Etcd(e)) if e.contains("requested lease not found") && still() => {
+                    warn!("etcd claim: our lease ran out before the claim was answered; taking a fresh one");
+                    lease_id = grant()?;
+                }
+                other => break other?,
+            }
+        };
         debug!(
             lease_and_claim_us = start.elapsed().as_micros(),
             claim_txn_us = t_claim.elapsed().as_micros(),
@@ -816,6 +922,18 @@ impl EtcdStore {
             }
         }
         let pinned = resp.header().map(|h| h.revision()).unwrap_or(0);
+        // A claim answered late (its attempts went to a stalled member)
+        // may leave too little of the lease for the keepalive to renew it
+        // in time: the new owner then stepped down before reading the
+        // table. Renew it once now; the answer says whether it (and the
+        // owner key under it) still stands.
+        let half_left = self.lease.nanos(Instant::now() + self.ttl / 2)
+            < self.lease.valid_until.load(Ordering::Acquire);
+        if !half_left && !self.renew_now(lease_id, still)? {
+            self.lease.lost.store(true, Ordering::Release);
+            warn!("etcd claim: our lease ran out as the claim was answered");
+            return Ok(None);
+        }
         if fence <= 0 {
             return Err(StoreError::Etcd(
                 "the owner key vanished as it was made".into(),
@@ -841,6 +959,37 @@ impl EtcdStore {
         info!(url = %self.url, fencing_revision = fence, records = n, ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(0), margin_ms = u64::try_from(self.lease.margin.as_millis()).unwrap_or(0), "owner of the etcd table");
         let fence = u64::try_from(fence).unwrap_or(0);
         Ok(Some((fence, was_clean)))
+    }
+
+    /// One renewal of lease `id` (retried on the members in turn while
+    /// `keep_trying`): whether it still stands (then counted from this
+    /// attempt's send time).
+    fn renew_now(&self, id: i64, keep_trying: impl Fn() -> bool) -> Result<bool, StoreError> {
+        let (sent, answer) = self.retry("lease renewal", keep_trying, |c| {
+            let mut c = c.clone();
+            async move {
+                let sent = Instant::now();
+                let renew = async {
+                    let (mut k, mut stream) = c.lease_keep_alive(id).await?;
+                    k.keep_alive().await?;
+                    stream.message().await
+                };
+                match tokio::time::timeout(REQUEST_TIMEOUT, renew).await {
+                    Ok(r) => Ok((sent, r?)),
+                    Err(_) => Err(etcd_client::Error::GRpcStatus(
+                        tonic::Status::deadline_exceeded("lease renewal timed out"),
+                    )),
+                }
+            }
+        })?;
+        match answer {
+            Some(r) if r.ttl() > 0 => {
+                let ttl = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
+                self.lease.renewed(sent, ttl);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// The ranges the table is read in, concurrently (they cover the
@@ -921,16 +1070,19 @@ impl EtcdStore {
             .enumerate()
             .map(|(i, (from, _))| (i, from.clone()))
             .collect();
-        let kv = self
-            .client
-            .kv_client()
-            .max_decoding_message_size(READ_MESSAGE_LIMIT);
         let mut tries = 0u32;
         // The handles' names, shared across the whole read.
         let mut names = crate::record::SharedNames::default();
         while !todo.is_empty() {
             let (tx, rx) = std::sync::mpsc::channel::<ReadMsg>();
             let running = todo.len();
+            // A retried range goes to the members in turn.
+            let member = self.member_client(tries);
+            let kv = member
+                .as_ref()
+                .map_or(&self.client, |(_, c)| c)
+                .kv_client()
+                .max_decoding_message_size(READ_MESSAGE_LIMIT);
             for (i, from) in std::mem::take(&mut todo) {
                 let Some((_, end)) = ranges.get(i) else {
                     continue;
@@ -1016,6 +1168,9 @@ impl EtcdStore {
                         ))
                     }
                 }
+            }
+            if failed.is_none() {
+                self.answered(member.map(|(m, _)| m));
             }
             if let Some(e) = failed {
                 if !retryable(&e) || !keep_trying() {
@@ -1257,7 +1412,15 @@ impl EtcdStore {
             } else {
                 // Only the KV client, not the whole `Client`'s eight.
                 let mut kv = self.client.kv_client();
-                self.on_worker(async move { kv.txn(t).await })
+                let answer = self.on_worker(async move { kv.txn(t).await });
+                if self.failpoint("etcd.txn.sent") {
+                    // As if the answer was lost on the way back.
+                    Err(etcd_client::Error::GRpcStatus(
+                        tonic::Status::deadline_exceeded("answer dropped (failpoint)"),
+                    ))
+                } else {
+                    answer
+                }
             };
             match answer {
                 Ok(r) if r.succeeded() || fence == 0 => break r,
@@ -1289,6 +1452,10 @@ impl EtcdStore {
                         // The unanswered attempt may still arrive: fence it
                         // off before its retry can commit (module docs).
                         gen = self.next_gen(gen)?;
+                        if self.failpoint("etcd.gen.moved") {
+                            self.lease.lost.store(true, Ordering::Release);
+                            return Err(self.lost());
+                        }
                     }
                 }
                 // Refused as it was (NOSPACE, too large): nothing written.

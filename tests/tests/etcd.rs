@@ -862,3 +862,462 @@ fn a_restart_from_etcd_finds_the_files_as_they_are() {
     assert!(state("gone").contains("lost"), "{v}");
     assert!(state("kept").contains("disconnected"), "{v}");
 }
+
+/// What became of one path a [`Ledger`] writer worked on, as its client saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// The persistent CREATE was acknowledged; no CLOSE sent.
+    Open,
+    /// The CREATE was sent and no success came back.
+    OpenUnknown,
+    /// The CREATE was acknowledged, the CLOSE sent, no success came back.
+    CloseUnknown,
+    /// The CLOSE was acknowledged.
+    Closed,
+}
+
+type Fates = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Fate>>>;
+
+/// Four smbl/1 clients doing persistent CREATEs of new files, closing two
+/// of every three, until stopped or until a request is not acknowledged
+/// (filterd stepped down or died): each records the fate of every path.
+struct Ledger {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    fates: Fates,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// One request; `None` if the connection broke or timed out.
+fn try_call(c: &mut LineClient, mid: &mut u64, mut v: Value) -> Option<Value> {
+    *mid += 1;
+    v["mid"] = Value::from(*mid);
+    let mut line = v.to_string();
+    line.push('\n');
+    let r = c.raw(line.as_bytes())?;
+    (r["mid"] == *mid).then_some(r)
+}
+
+impl Ledger {
+    fn start(addr: &str, tag: &str) -> Ledger {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fates: Fates = Default::default();
+        let threads = (0..4)
+            .map(|w| {
+                let (addr, stop, fates) = (addr.to_owned(), stop.clone(), fates.clone());
+                let tag = tag.to_owned();
+                std::thread::spawn(move || {
+                    let mut c = LineClient::connect(&addr);
+                    c.set_read_timeout(Duration::from_secs(20));
+                    let mut mid = 0;
+                    let set = |p: &str, f: Fate| {
+                        fates
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(p.to_owned(), f);
+                    };
+                    let Some(r) = try_call(
+                        &mut c,
+                        &mut mid,
+                        json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "m"}),
+                    ) else {
+                        return;
+                    };
+                    let sid = r["session_id"].clone();
+                    let mut i = 0u32;
+                    while !stop.load(Ordering::Acquire) {
+                        i += 1;
+                        let path = format!("{tag}{w}-{i}");
+                        set(&path, Fate::OpenUnknown);
+                        let create = json!({"cmd": "CREATE", "session_id": sid, "path": path,
+                            "access": ["read", "write"], "share": ["read"], "disposition": "create",
+                            "durable": {"create_guid": uuid::Uuid::new_v4().to_string(),
+                                        "persistent": true, "timeout_ms": 600000}});
+                        let Some(r) = try_call(&mut c, &mut mid, create) else {
+                            return;
+                        };
+                        if r["status"] != "STATUS_SUCCESS" {
+                            return;
+                        }
+                        set(&path, Fate::Open);
+                        if i.is_multiple_of(3) {
+                            continue;
+                        }
+                        set(&path, Fate::CloseUnknown);
+                        let close =
+                            json!({"cmd": "CLOSE", "session_id": sid, "file_id": r["file_id"]});
+                        match try_call(&mut c, &mut mid, close) {
+                            Some(r) if r["status"] == "STATUS_SUCCESS" => set(&path, Fate::Closed),
+                            _ => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        Ledger {
+            stop,
+            fates,
+            threads,
+        }
+    }
+
+    /// Requests acknowledged so far (creates and closes).
+    fn acked(&self) -> usize {
+        let f = self.fates.lock().unwrap_or_else(|p| p.into_inner());
+        f.values()
+            .map(|f| match f {
+                Fate::OpenUnknown => 0,
+                Fate::Open | Fate::CloseUnknown => 1,
+                Fate::Closed => 2,
+            })
+            .sum()
+    }
+
+    /// Stops the writers (their connections must answer or break) and
+    /// returns every path's fate.
+    fn stop(self) -> std::collections::BTreeMap<String, Fate> {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads {
+            t.join().expect("a writer");
+        }
+        let f = self.fates.lock().unwrap_or_else(|p| p.into_inner());
+        f.clone()
+    }
+}
+
+/// Checks a table's handle paths (`have`, from a daemon or etcd) against
+/// the clients' view: every acknowledged open that no CLOSE was sent for is
+/// there, no acknowledged CLOSE's handle is, nothing else is, and every
+/// handle's file exists.
+fn check_against(
+    what: &str,
+    fates: &std::collections::BTreeMap<String, Fate>,
+    have: &[String],
+    export: &Path,
+) {
+    for (p, f) in fates {
+        let there = have.contains(p);
+        match f {
+            Fate::Open => assert!(there, "{what}: acknowledged open {p} lost"),
+            Fate::Closed => assert!(!there, "{what}: acknowledged-closed {p} is back"),
+            Fate::OpenUnknown | Fate::CloseUnknown => {}
+        }
+    }
+    for p in have {
+        assert!(fates.contains_key(p), "{what}: {p} was never asked for");
+        assert!(
+            export.join(p).exists(),
+            "{what}: the handle of {p} names no file"
+        );
+    }
+}
+
+/// How many paths met each fate (open, closed, create unknown, close
+/// unknown), printed.
+fn tally(fates: &std::collections::BTreeMap<String, Fate>) -> [usize; 4] {
+    let n = |f: Fate| fates.values().filter(|&&x| x == f).count();
+    let c = [
+        n(Fate::Open),
+        n(Fate::Closed),
+        n(Fate::OpenUnknown),
+        n(Fate::CloseUnknown),
+    ];
+    eprintln!("open {} closed {} unknown {}+{}", c[0], c[1], c[2], c[3]);
+    c
+}
+
+/// The handle paths etcd's table holds, read offline.
+fn etcd_paths(url: &str) -> Vec<String> {
+    listed_paths(&rkfilter_tests::filterctl(&["--store", url, "handles", "--json"]).json())
+}
+
+/// Node A (owner, its filterd with `env`) serving four [`Ledger`] writers
+/// through smbshim, node B waiting as standby, both with a 4 s lease, on a
+/// 3-member cluster; the writers under way. Processes drop before the
+/// cluster, the cluster before the dirs.
+struct UnderLoad {
+    ledger: Option<Ledger>,
+    a_smb: Option<Shim>,
+    a: Filterd,
+    b: Filterd,
+    cluster: Cluster,
+    url: String,
+    export: std::path::PathBuf,
+    _nodes: (Scratch, Scratch),
+    _shared: Scratch,
+}
+
+const LOAD_TTL: u64 = 4;
+
+impl UnderLoad {
+    fn start(name: &str, env: &[(&str, &str)]) -> UnderLoad {
+        let shared = Scratch::new(&format!("etcd-{name}"));
+        let export = shared.root();
+        let cluster = Cluster::start(&shared, 3);
+        let url = cluster.url(&format!("rk/{name}"));
+        let (sa, sb) = (
+            node(&format!("etcd-{name}-a"), &export),
+            node(&format!("etcd-{name}-b"), &export),
+        );
+        let flags = store_flags(&url, false, LOAD_TTL);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let a = Filterd::spawn(&sa, &flags, env);
+        a.wait_ready();
+        let b = start_node_ttl(&sb, &url, true, LOAD_TTL);
+        b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+        let a_smb = Shim::start("smbshim", a.socket(), &format!("smb-{name}"));
+        let ledger = Ledger::start(&a_smb.addr, "w");
+        wait_for("writers under way", Duration::from_secs(30), || {
+            (ledger.acked() >= 60).then_some(())
+        });
+        UnderLoad {
+            ledger: Some(ledger),
+            a_smb: Some(a_smb),
+            a,
+            b,
+            cluster,
+            url,
+            export,
+            _nodes: (sa, sb),
+            _shared: shared,
+        }
+    }
+
+    /// Node A SIGKILLed itself at failpoint `etcd.gen.moved` (its log
+    /// also saying `why`): the writers end, B serves within the lease TTL
+    /// + 2 s and holds what the clients were told. Every path's fate.
+    fn killed_then_b_serves(&mut self, why: &str) -> std::collections::BTreeMap<String, Fate> {
+        let st = self.a.wait_exit(Duration::from_secs(30));
+        let died = Instant::now();
+        let log = self.a.log_text();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(9),
+            "{log}"
+        );
+        assert!(
+            log.contains(why) && log.contains("failpoint etcd.gen.moved"),
+            "{log}"
+        );
+        let fates = self.stop_writers();
+        self.b.wait_ready();
+        let took = died.elapsed();
+        assert!(
+            took <= Duration::from_secs(LOAD_TTL + 2),
+            "B served {took:?} after A died (lease {LOAD_TTL} s):\n{}",
+            self.b.log_text()
+        );
+        eprintln!("B served {took:?} after A was killed right after a generation move");
+        check_against(
+            "node B",
+            &fates,
+            &handle_paths(self.b.socket()),
+            &self.export,
+        );
+        fates
+    }
+
+    /// Ends node A's frontend (A itself is dead or killed first) and the
+    /// writers; every path's fate.
+    fn stop_writers(&mut self) -> std::collections::BTreeMap<String, Fate> {
+        drop(self.a_smb.take());
+        self.ledger.take().map(Ledger::stop).unwrap_or_default()
+    }
+}
+
+/// The etcd *leader* stalls (SIGSTOP, 3 s: past the 1 s election timeout,
+/// so the others elect a new one; then SIGCONT) while node A serves four
+/// persistent CREATE/CLOSE writers and node B waits as standby. Either A
+/// keeps serving once a new leader is elected, or it steps down (exit 75)
+/// and B serves within the lease TTL + 2 s. Then A is killed and B takes
+/// over (if it had not): B's handles and etcd's table hold every
+/// acknowledged open not closed and no acknowledged-closed handle.
+#[test]
+fn a_stalled_etcd_leader_under_load_loses_no_acknowledged_request() {
+    if !etcd_available("a_stalled_etcd_leader_under_load_loses_no_acknowledged_request") {
+        return;
+    }
+    let mut run = UnderLoad::start("lstall", &[]);
+    let (cluster, ttl) = (&run.cluster, LOAD_TTL);
+    let leader = cluster.leader();
+    let t0 = Instant::now();
+    cluster.signal(leader, Signal::SIGSTOP);
+    // The stall itself (the scenario), not a wait for readiness.
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.signal(leader, Signal::SIGCONT);
+    let at_cont = run.ledger.as_ref().map_or(0, Ledger::acked);
+    // Service goes on: A acknowledges more, or A stepped down and B serves.
+    let stepped_down = wait_for("service after the stall", Duration::from_secs(30), || {
+        if let Some(st) = run.a.exited() {
+            return Some(Some(st));
+        }
+        (run.ledger.as_ref().map_or(0, Ledger::acked) >= at_cont + 40).then_some(None)
+    });
+    if let Some(st) = stepped_down {
+        assert_eq!(st.code(), Some(75), "{}", run.a.log_text());
+        run.b.wait_ready();
+        let took = t0.elapsed();
+        assert!(
+            took <= Duration::from_secs(3 + ttl + 2),
+            "B served {took:?} after the leader stalled"
+        );
+        eprintln!("A stepped down; B served {took:?} after the leader stalled");
+    } else {
+        eprintln!(
+            "A rode the leader stall out: {} requests acknowledged since SIGCONT",
+            run.ledger.as_ref().map_or(0, Ledger::acked) - at_cont
+        );
+    }
+    cluster.wait_healthy(leader);
+    // Node A dies; B takes over (or already has) with the table.
+    run.a.kill9();
+    let fates = run.stop_writers();
+    run.b.wait_ready();
+    let counts = tally(&fates);
+    assert!(counts[0] > 0 && counts[1] > 0, "{counts:?}");
+    check_against("node B", &fates, &handle_paths(run.b.socket()), &run.export);
+    check_against("etcd", &fates, &etcd_paths(&run.url), &run.export);
+}
+
+/// filterd is SIGKILLed right after it moved the commit generation past an
+/// unanswered commit Txn (failpoint `etcd.gen.moved`), before its retry:
+/// an etcd follower is stopped (SIGSTOP) under four persistent CREATE/CLOSE
+/// writers until a Txn sent to it goes unanswered, and stays stopped, the
+/// unanswered Txn unread in its socket, until standby B has taken over;
+/// then it resumes and reads it. B serves within the lease TTL + 2 s (its
+/// own requests to the stopped member time out too: before, its claim
+/// could outlive its lease and the standby exited, or took 8–14 s), and
+/// B's handles and
+/// etcd's table (read after the resumed member is healthy and B committed
+/// again) hold every acknowledged open not closed, no acknowledged-closed
+/// handle, and only handles whose files exist.
+#[test]
+fn filterd_killed_after_a_generation_move_loses_nothing() {
+    if !etcd_available("filterd_killed_after_a_generation_move_loses_nothing") {
+        return;
+    }
+    let mut run = UnderLoad::start("genkill", &[("RKFILTER_FAILPOINTS", "etcd.gen.moved:kill")]);
+    let stalled = (run.cluster.leader() + 1) % 3;
+    run.cluster.signal(stalled, Signal::SIGSTOP);
+    let fates = run.killed_then_b_serves("etcd commit: retrying");
+
+    // The stopped member reads A's unanswered Txn now; B commits on.
+    run.cluster.signal(stalled, Signal::SIGCONT);
+    run.cluster.wait_healthy(stalled);
+    let b_smb = Shim::start("smbshim", run.b.socket(), "smb-genkill-b");
+    let (mut c, sid) = rkfilter_tests::smb_session(&b_smb.addr);
+    let r = smb_persistent_create(&mut c, sid, "after");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let mut fates = fates;
+    fates.insert("after".to_owned(), Fate::Open);
+    tally(&fates);
+    let b_has = handle_paths(run.b.socket());
+    check_against("node B", &fates, &b_has, &run.export);
+    assert_eq!(etcd_paths(&run.url), b_has, "etcd's table is B's");
+}
+
+/// The same kill with every member up: the answer of a commit Txn that
+/// did commit is dropped (failpoint `etcd.txn.sent:fail`), so filterd moves
+/// the generation on and dies there. The unacknowledged request is whole
+/// in the table or absent; B serves within the lease TTL + 2 s with every
+/// acknowledged open, no acknowledged-closed handle, and etcd agrees.
+#[test]
+fn filterd_killed_after_a_dropped_answer_loses_nothing() {
+    if !etcd_available("filterd_killed_after_a_dropped_answer_loses_nothing") {
+        return;
+    }
+    let points = "etcd.txn.sent:40:fail,etcd.gen.moved:kill";
+    let mut run = UnderLoad::start("dropans", &[("RKFILTER_FAILPOINTS", points)]);
+    let fates = run.killed_then_b_serves("failpoint etcd.txn.sent: failing");
+    tally(&fates);
+    check_against("etcd", &fates, &etcd_paths(&run.url), &run.export);
+}
+
+/// The store alone: a commit Txn is held back (unanswered), the generation
+/// is moved past it and the owner stops right there (failpoint
+/// `etcd.gen.moved` failing: the commit is refused as a lost lease, as if
+/// the daemon died), its lease runs out, B claims; the held Txn, sent
+/// late, writes nothing, and B never sees its record.
+#[test]
+fn a_dead_owners_late_txn_after_a_generation_move_writes_nothing() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::{StateStore, StoreError};
+    let Some((_shared, _cluster, url)) = one_member(
+        "a_dead_owners_late_txn_after_a_generation_move_writes_nothing",
+        "rk/deadlate",
+    ) else {
+        return;
+    };
+    let ttl = Duration::from_secs(TTL);
+    let scope = ReplayScope::Handle(ResumeKey::new_random());
+    let a = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect a");
+    a.set_failpoints(Box::new(|name| name == "etcd.gen.moved"));
+    a.claim().expect("a claims");
+    a.commit(&[&[put_replay(&scope, 1, "kept".into())]])
+        .expect("a commits");
+    a.hold_next_txn();
+    let err = a
+        .commit(&[&[put_replay(&scope, 2, "never acknowledged".into())]])
+        .expect_err("a stops after the generation move");
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
+    assert!(a.owner_check().is_err(), "a stopped as owner");
+
+    let b = EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect b");
+    wait_for("b claims", Duration::from_secs(3 * TTL + 5), || {
+        b.try_claim().expect("b tries to claim")
+    });
+    let ops = |s: &EtcdStore| -> Vec<u64> {
+        s.scope_records(&scope)
+            .expect("read")
+            .into_iter()
+            .map(|(op, _)| op)
+            .collect()
+    };
+    assert_eq!(ops(&b), vec![1]);
+    let wrote = a.send_held_txn().expect("the late Txn is answered");
+    assert!(!wrote, "the dead owner's late Txn wrote to the table");
+    let view = EtcdStore::open_read_only(&url).expect("read-only view");
+    assert_eq!(ops(&view), vec![1], "the unacknowledged record is in etcd");
+}
+
+/// A standby whose claim is answered only after its lease ran out (the
+/// claim Txn's attempts went to a stalled member: failpoint
+/// `etcd.claim.before_txn` stalls it past the lease here) claims under a
+/// fresh lease. Before, etcd's "requested lease not found" ended the
+/// claim with an error and the standby exited, just when it was needed.
+#[test]
+fn a_claim_answered_after_its_lease_ran_out_claims_again() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, _cluster, url)) = one_member(
+        "a_claim_answered_after_its_lease_ran_out_claims_again",
+        "rk/slowclaim",
+    ) else {
+        return;
+    };
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    let stalled = std::sync::atomic::AtomicBool::new(false);
+    b.set_failpoints(Box::new(move |name| {
+        if name == "etcd.claim.before_txn"
+            && !stalled.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            // Past the lease (etcd expires leases within 500 ms of TTL).
+            std::thread::sleep(Duration::from_secs(TTL + 2));
+        }
+        false
+    }));
+    let (fence, _clean) = b
+        .try_claim()
+        .expect("a slow claim is no error")
+        .expect("b owns the table");
+    assert!(fence > 0);
+    b.owner_check().expect("b is the owner");
+    b.commit(&[&[put_replay(
+        &libfilter::model::ReplayScope::Handle(libfilter::model::ResumeKey::new_random()),
+        1,
+        "x".into(),
+    )]])
+    .expect("b commits");
+}
