@@ -96,9 +96,14 @@ fn smbshim_refuses_a_logoff_whose_close_fails() {
 /// still lists the handle); its FileId still writes and reads; the second
 /// try succeeds ("done": filterd lists nothing).
 fn rksmbd_keeps_the_open(name: &str, script: &str, file: &str) {
-    let s = Scratch::new(name);
     // Commit 1 records the persistent create; commit 2 is the close's.
-    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    rksmbd_keeps_the_open_with(name, script, file, "commit.before:2:fail");
+}
+
+/// [`rksmbd_keeps_the_open`], filterd's failure armed by `failpoints`.
+fn rksmbd_keeps_the_open_with(name: &str, script: &str, file: &str, failpoints: &str) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", failpoints)]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let mut script = Dialogue::start(&srv, script, Duration::from_secs(60));
     script.expect("refused");
@@ -136,6 +141,22 @@ fn rksmbd_refuses_a_tree_disconnect_whose_close_fails() {
         "rksmbd-failed-tdis",
         "failed_tree_disconnect.py",
         "kept.txt",
+    );
+}
+
+/// A LOGOFF sent through a bound channel (multichannel) whose close
+/// filterd refuses fails and changes nothing: the channel stays bound, and
+/// reads the open. rksmbd unbound the channel all the same, so it could
+/// no longer use the session the LOGOFF had kept. (LOGOFF closes only
+/// opens that are not durable, which commit nothing: the failpoint
+/// refuses the close instead.)
+#[test]
+fn rksmbd_keeps_the_channel_of_a_logoff_whose_close_fails() {
+    rksmbd_keeps_the_open_with(
+        "rksmbd-failed-channel-logoff",
+        "failed_channel_logoff.py",
+        "kept.txt",
+        "close.refuse:1:fail",
     );
 }
 

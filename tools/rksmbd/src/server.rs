@@ -1059,7 +1059,9 @@ impl Connection {
         match answer {
             Some(Some((out, credits))) => {
                 self.credits = credits;
-                if Command::from_code(hdr.command) == Command::Logoff {
+                // Only a LOGOFF that ended the session unbinds: one that
+                // failed (a close filterd refused) changed nothing.
+                if Command::from_code(hdr.command) == Command::Logoff && home.is_ended() {
                     self.unbind(session);
                 }
                 Ok(out)
