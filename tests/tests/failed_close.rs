@@ -160,6 +160,30 @@ fn rksmbd_keeps_the_channel_of_a_logoff_whose_close_fails() {
     );
 }
 
+/// A CLOSE whose answer from filterd never came (filterd killed under its
+/// commit): the CLOSE is not a success and rksmbd forgets the open (it
+/// serves nothing through a handle filterd may have closed), but the
+/// handle must not stay behind. It did: the close never committed, the
+/// restarted filterd got the handle back, resumed by rksmbd's attachment,
+/// and nobody named it again — its share mode refused every other writer
+/// for as long as rksmbd ran. Now rksmbd closes it again until filterd
+/// answers (`rksmbd::settle`).
+#[test]
+fn rksmbd_closes_again_a_handle_whose_close_was_never_answered() {
+    let s = Scratch::new("rksmbd-unsettled-close");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = Dialogue::start(&srv, "unsettled_close.py", Duration::from_secs(60));
+    script.expect("refused");
+    d.wait_exit(Duration::from_secs(10));
+    let d = Filterd::start(&s, &[], &[]);
+    wait_for("filterd holds no handle", Duration::from_secs(20), || {
+        handle_paths(d.socket()).is_empty().then_some(())
+    });
+    script.say("go");
+    script.finish();
+}
+
 /// A CREATE with an AppInstanceId closes the old open of that id (another
 /// connection's) first: when filterd undoes that close, the old open stays
 /// its client's (rksmbd forgot it, leaving the handle attached) and the
