@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
-    handle_paths, smb_persistent_create, smb_session, wait_for, Filterd, LineClient, RkSmbd,
-    Scratch, Shim,
+    handle_paths, handles_on, smb_persistent_create, smb_session, wait_for, Filterd, LineClient,
+    Nfs, RkSmbd, Scratch, Shim,
 };
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// smbshim in front of a filterd whose second commit (the first close's:
 /// commit 1 records the create) fails, and a persistent open of `f` in a
@@ -267,4 +267,102 @@ fn a_close_undone_after_its_connection_went_does_not_leave_the_handle() {
             (r["status"] == "STATUS_USER_SESSION_DELETED").then_some(())
         });
     });
+}
+
+/// nfsshim in front of a filterd whose commit `n` fails, a file `f`, and
+/// client host-a with `owner`'s OPEN of it for `access`, then its second
+/// OPEN of it with `extra`: (scratch, filterd, nfsshim, client, the second
+/// OPEN's answer).
+fn nfs_open_twice(
+    name: &str,
+    n: u32,
+    access: &str,
+    extra: Value,
+) -> (Scratch, Filterd, Shim, Nfs, Value) {
+    let s = Scratch::new(name);
+    std::fs::write(s.root().join("f"), b"f").expect("f");
+    let fp = format!("commit.before:{n}:fail");
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+    let nfs = Shim::start("nfsshim", &s.socket(), name);
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    nfs_ok(a.open("oo", "f", "read", "none", json!({})));
+    let o = nfs_ok(a.open("oo", "f", access, "none", extra));
+    (s, d, nfs, a, o)
+}
+
+fn nfs_ok(r: Value) -> Value {
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    r
+}
+
+/// nfsshim: a CLOSE closes the open state's further handles (an upgrade's
+/// here) before its own, whose commit carries the state's deletion. When
+/// that last commit fails the CLOSE fails and the open state stays — but
+/// it still named the upgrade's handle filterd had closed: its WRITEs went
+/// through that descriptor while filterd held no write access, so another
+/// client's OPEN denying writes was granted beside them. Now a handle the
+/// CLOSE closed leaves the open state at once: nfsshim and filterd agree,
+/// the open is left with the access filterd still holds for it, and the
+/// next CLOSE closes the rest. The seventh commit is the open's own
+/// close (the sixth the upgrade handle's: failing it leaves all as it
+/// was).
+#[test]
+fn nfsshim_a_close_whose_commit_fails_names_no_handle_filterd_closed() {
+    let (s, _d, nfs, mut a, o) = nfs_open_twice("nfs-failed-close", 7, "both", json!({}));
+    let sid = o["stateid"].clone();
+    assert_eq!(handles_on(&s, "f").len(), 2, "the open and its upgrade");
+
+    let r = a.call(json!({"op": "CLOSE", "stateid": sid}));
+    assert_ne!(
+        r["status"], "NFS4_OK",
+        "the open's close did not commit: {r}"
+    );
+    let held = handles_on(&s, "f");
+    assert_eq!(held.len(), 1, "the upgrade's handle closed: {held:?}");
+
+    // The open state writes no more through a handle filterd closed, and
+    // another client may deny writes beside what filterd holds.
+    let r = a.call(json!({"op": "WRITE", "stateid": sid, "offset": 0, "data": "eA=="}));
+    assert_ne!(
+        r["status"], "NFS4_OK",
+        "a write without a write handle: {r}"
+    );
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let r = b.open("ob", "f", "read", "write", json!({}));
+    let bsid = nfs_ok(r)["stateid"].clone();
+    nfs_ok(b.call(json!({"op": "CLOSE", "stateid": bsid})));
+
+    // The next CLOSE closes the rest.
+    nfs_ok(a.call(json!({"op": "CLOSE", "stateid": sid})));
+    assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
+}
+
+/// nfsshim: a DELEGRETURN closes the handle that only carried the
+/// delegation (an OPEN that widened no mode but got one). When that
+/// close's commit failed, nfsshim ignored the error and forgot the handle:
+/// filterd held it, attached to nfsshim and named by no state, for as
+/// long as nfsshim ran (the open's CLOSE left it behind). Now the
+/// DELEGRETURN fails with nothing changed, and the next one returns it.
+#[test]
+fn nfsshim_a_delegreturn_whose_carrier_close_fails_keeps_the_delegation() {
+    // Commit 7 is the carrier's close (8 the DELEGRETURN's record).
+    let deleg = json!({"want_delegation": "read"});
+    let (s, _d, _nfs, mut a, o) = nfs_open_twice("nfs-failed-delegreturn", 7, "read", deleg);
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let sid = o["stateid"].clone();
+    let deleg = o["delegation"]["stateid"].clone();
+    assert_eq!(handles_on(&s, "f").len(), 2, "the open and its carrier");
+
+    let r = a.call(json!({"op": "DELEGRETURN", "stateid": deleg}));
+    assert_ne!(
+        r["status"], "NFS4_OK",
+        "the carrier's close did not commit: {r}"
+    );
+    assert_eq!(handles_on(&s, "f").len(), 2, "the carrier is still held");
+
+    // Still the client's: the next DELEGRETURN returns it, and the CLOSE
+    // leaves filterd holding nothing.
+    nfs_ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
+    nfs_ok(a.call(json!({"op": "CLOSE", "stateid": sid})));
+    assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
 }
