@@ -102,6 +102,19 @@ fn rksmbd_keeps_the_open(name: &str, script: &str, file: &str) {
 
 /// [`rksmbd_keeps_the_open`], filterd's failure armed by `failpoints`.
 fn rksmbd_keeps_the_open_with(name: &str, script: &str, file: &str, failpoints: &str) {
+    rksmbd_keeps_the_open_through(name, script, file, failpoints, |_, d| d);
+}
+
+/// [`rksmbd_keeps_the_open_with`], `between` (given the scratch dir and
+/// filterd, returning the filterd to go on with) run once the script's
+/// first close was refused, while the client waits.
+fn rksmbd_keeps_the_open_through(
+    name: &str,
+    script: &str,
+    file: &str,
+    failpoints: &str,
+    between: impl FnOnce(&Scratch, Filterd) -> Filterd,
+) {
     let s = Scratch::new(name);
     let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", failpoints)]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
@@ -113,6 +126,7 @@ fn rksmbd_keeps_the_open_with(name: &str, script: &str, file: &str, failpoints: 
         "filterd undid the close: the open is still held\n{}",
         script.log
     );
+    let d = between(&s, d);
     script.say("go");
     script.expect("done");
     assert_eq!(
@@ -129,6 +143,35 @@ fn rksmbd_keeps_the_open_with(name: &str, script: &str, file: &str, failpoints: 
 #[test]
 fn rksmbd_refuses_a_close_filterd_did_not_make_and_keeps_the_open() {
     rksmbd_keeps_the_open("rksmbd-failed-close", "failed_close.py", "closing.txt");
+}
+
+/// As above, with filterd killed and restarted after the failed CLOSE:
+/// the open rksmbd kept must still be attached to it. rksmbd's
+/// `Attachment` forgot the handle on the refusal, so the restart left it
+/// disconnected, the second CLOSE found it not rksmbd's (`NotOwner`,
+/// answered as closed) and filterd held it, share mode and record, until
+/// its durable timeout. Now a close filterd undid keeps the handle
+/// remembered, and the reattach resumes it.
+#[test]
+fn rksmbd_keeps_an_open_whose_close_failed_across_a_filterd_restart() {
+    rksmbd_keeps_the_open_through(
+        "rksmbd-failed-close-restart",
+        "failed_close.py",
+        "closing.txt",
+        "commit.before:2:fail",
+        |s, mut d| {
+            d.kill9();
+            let d = Filterd::start(s, &[], &[]);
+            // Resumed: attached again (a disconnected handle is listed
+            // too).
+            wait_for("the kept open resumed", Duration::from_secs(20), || {
+                attached_paths(&d)
+                    .contains(&"closing.txt".to_owned())
+                    .then_some(())
+            });
+            d
+        },
+    );
 }
 
 /// TREE_DISCONNECT closes the tree's opens: one whose close filterd undid
@@ -191,6 +234,20 @@ fn rksmbd_closes_again_a_handle_whose_close_was_never_answered() {
 #[test]
 fn rksmbd_keeps_an_open_whose_app_instance_takeover_fails() {
     rksmbd_keeps_the_open("rksmbd-failed-app", "failed_app_instance.py", "app.txt");
+}
+
+/// The paths of the handles filterd `d` lists as attached, sorted.
+fn attached_paths(d: &Filterd) -> Vec<String> {
+    let sock = d.socket().display().to_string();
+    let all = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    let attached: Vec<Value> = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h["conn"]["state"] == "connected")
+        .cloned()
+        .collect();
+    rkfilter_tests::listed_paths(&Value::Array(attached))
 }
 
 /// smbshim: a CLOSE (from another connection of the session) whose
