@@ -578,12 +578,19 @@ impl Attachment {
         delete: Vec<(crate::model::ReplayScope, u64)>,
     ) -> Result<(), ClientError> {
         let r = self.client().close_recording(key, put, delete);
-        // Forgotten only once filterd answered: after any other failure
-        // (gone, reset, timed out) the handle may still be open, and must
-        // be resumed after a restart like any other — a forgotten open
-        // handle stays disconnected, and every later close of it fails
-        // NotOwner. One that was closed fails its resume and is `lost`.
-        if matches!(r, Ok(()) | Err(ClientError::Refused(_))) {
+        // Forgotten only once filterd answered that the handle is not
+        // (or no longer) this frontend's: after any other failure (gone,
+        // reset, timed out; or a close filterd refused or undid, the handle
+        // back and attached) the handle may still be open, and must be
+        // resumed after a restart like any other — a forgotten open handle
+        // stays disconnected, and every later close of it fails NotOwner.
+        // One that was closed fails its resume and is `lost`.
+        let closed = match &r {
+            Ok(()) => true,
+            Err(e @ ClientError::Refused(_)) => !e.close_undone(),
+            Err(_) => false,
+        };
+        if closed {
             self.forget(key);
         }
         r

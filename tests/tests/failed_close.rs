@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
-    handle_paths, smb_persistent_create, smb_session, wait_for, Filterd, LineClient, RkSmbd,
-    Scratch, Shim,
+    handle_paths, handles_on, smb_persistent_create, smb_session, wait_for, Filterd, LineClient,
+    Nfs, RkSmbd, Scratch, Shim,
 };
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// smbshim in front of a filterd whose second commit (the first close's:
 /// commit 1 records the create) fails, and a persistent open of `f` in a
@@ -96,9 +96,27 @@ fn smbshim_refuses_a_logoff_whose_close_fails() {
 /// still lists the handle); its FileId still writes and reads; the second
 /// try succeeds ("done": filterd lists nothing).
 fn rksmbd_keeps_the_open(name: &str, script: &str, file: &str) {
-    let s = Scratch::new(name);
     // Commit 1 records the persistent create; commit 2 is the close's.
-    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    rksmbd_keeps_the_open_with(name, script, file, "commit.before:2:fail");
+}
+
+/// [`rksmbd_keeps_the_open`], filterd's failure armed by `failpoints`.
+fn rksmbd_keeps_the_open_with(name: &str, script: &str, file: &str, failpoints: &str) {
+    rksmbd_keeps_the_open_through(name, script, file, failpoints, |_, d| d);
+}
+
+/// [`rksmbd_keeps_the_open_with`], `between` (given the scratch dir and
+/// filterd, returning the filterd to go on with) run once the script's
+/// first close was refused, while the client waits.
+fn rksmbd_keeps_the_open_through(
+    name: &str,
+    script: &str,
+    file: &str,
+    failpoints: &str,
+    between: impl FnOnce(&Scratch, Filterd) -> Filterd,
+) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", failpoints)]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let mut script = Dialogue::start(&srv, script, Duration::from_secs(60));
     script.expect("refused");
@@ -108,6 +126,7 @@ fn rksmbd_keeps_the_open(name: &str, script: &str, file: &str) {
         "filterd undid the close: the open is still held\n{}",
         script.log
     );
+    let d = between(&s, d);
     script.say("go");
     script.expect("done");
     assert_eq!(
@@ -126,6 +145,35 @@ fn rksmbd_refuses_a_close_filterd_did_not_make_and_keeps_the_open() {
     rksmbd_keeps_the_open("rksmbd-failed-close", "failed_close.py", "closing.txt");
 }
 
+/// As above, with filterd killed and restarted after the failed CLOSE:
+/// the open rksmbd kept must still be attached to it. rksmbd's
+/// `Attachment` forgot the handle on the refusal, so the restart left it
+/// disconnected, the second CLOSE found it not rksmbd's (`NotOwner`,
+/// answered as closed) and filterd held it, share mode and record, until
+/// its durable timeout. Now a close filterd undid keeps the handle
+/// remembered, and the reattach resumes it.
+#[test]
+fn rksmbd_keeps_an_open_whose_close_failed_across_a_filterd_restart() {
+    rksmbd_keeps_the_open_through(
+        "rksmbd-failed-close-restart",
+        "failed_close.py",
+        "closing.txt",
+        "commit.before:2:fail",
+        |s, mut d| {
+            d.kill9();
+            let d = Filterd::start(s, &[], &[]);
+            // Resumed: attached again (a disconnected handle is listed
+            // too).
+            wait_for("the kept open resumed", Duration::from_secs(20), || {
+                attached_paths(&d)
+                    .contains(&"closing.txt".to_owned())
+                    .then_some(())
+            });
+            d
+        },
+    );
+}
+
 /// TREE_DISCONNECT closes the tree's opens: one whose close filterd undid
 /// fails the request, and the tree and the open stay. (A LOGOFF detaches
 /// persistent opens and closes only others, which commit nothing: no
@@ -139,6 +187,46 @@ fn rksmbd_refuses_a_tree_disconnect_whose_close_fails() {
     );
 }
 
+/// A LOGOFF sent through a bound channel (multichannel) whose close
+/// filterd refuses fails and changes nothing: the channel stays bound, and
+/// reads the open. rksmbd unbound the channel all the same, so it could
+/// no longer use the session the LOGOFF had kept. (LOGOFF closes only
+/// opens that are not durable, which commit nothing: the failpoint
+/// refuses the close instead.)
+#[test]
+fn rksmbd_keeps_the_channel_of_a_logoff_whose_close_fails() {
+    rksmbd_keeps_the_open_with(
+        "rksmbd-failed-channel-logoff",
+        "failed_channel_logoff.py",
+        "kept.txt",
+        "close.refuse:1:fail",
+    );
+}
+
+/// A CLOSE whose answer from filterd never came (filterd killed under its
+/// commit): the CLOSE is not a success and rksmbd forgets the open (it
+/// serves nothing through a handle filterd may have closed), but the
+/// handle must not stay behind. It did: the close never committed, the
+/// restarted filterd got the handle back, resumed by rksmbd's attachment,
+/// and nobody named it again — its share mode refused every other writer
+/// for as long as rksmbd ran. Now rksmbd closes it again until filterd
+/// answers (`rksmbd::settle`).
+#[test]
+fn rksmbd_closes_again_a_handle_whose_close_was_never_answered() {
+    let s = Scratch::new("rksmbd-unsettled-close");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = Dialogue::start(&srv, "unsettled_close.py", Duration::from_secs(60));
+    script.expect("refused");
+    d.wait_exit(Duration::from_secs(10));
+    let d = Filterd::start(&s, &[], &[]);
+    wait_for("filterd holds no handle", Duration::from_secs(20), || {
+        handle_paths(d.socket()).is_empty().then_some(())
+    });
+    script.say("go");
+    script.finish();
+}
+
 /// A CREATE with an AppInstanceId closes the old open of that id (another
 /// connection's) first: when filterd undoes that close, the old open stays
 /// its client's (rksmbd forgot it, leaving the handle attached) and the
@@ -146,6 +234,20 @@ fn rksmbd_refuses_a_tree_disconnect_whose_close_fails() {
 #[test]
 fn rksmbd_keeps_an_open_whose_app_instance_takeover_fails() {
     rksmbd_keeps_the_open("rksmbd-failed-app", "failed_app_instance.py", "app.txt");
+}
+
+/// The paths of the handles filterd `d` lists as attached, sorted.
+fn attached_paths(d: &Filterd) -> Vec<String> {
+    let sock = d.socket().display().to_string();
+    let all = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    let attached: Vec<Value> = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h["conn"]["state"] == "connected")
+        .cloned()
+        .collect();
+    rkfilter_tests::listed_paths(&Value::Array(attached))
 }
 
 /// smbshim: a CLOSE (from another connection of the session) whose
@@ -222,4 +324,102 @@ fn a_close_undone_after_its_connection_went_does_not_leave_the_handle() {
             (r["status"] == "STATUS_USER_SESSION_DELETED").then_some(())
         });
     });
+}
+
+/// nfsshim in front of a filterd whose commit `n` fails, a file `f`, and
+/// client host-a with `owner`'s OPEN of it for `access`, then its second
+/// OPEN of it with `extra`: (scratch, filterd, nfsshim, client, the second
+/// OPEN's answer).
+fn nfs_open_twice(
+    name: &str,
+    n: u32,
+    access: &str,
+    extra: Value,
+) -> (Scratch, Filterd, Shim, Nfs, Value) {
+    let s = Scratch::new(name);
+    std::fs::write(s.root().join("f"), b"f").expect("f");
+    let fp = format!("commit.before:{n}:fail");
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+    let nfs = Shim::start("nfsshim", &s.socket(), name);
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    nfs_ok(a.open("oo", "f", "read", "none", json!({})));
+    let o = nfs_ok(a.open("oo", "f", access, "none", extra));
+    (s, d, nfs, a, o)
+}
+
+fn nfs_ok(r: Value) -> Value {
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    r
+}
+
+/// nfsshim: a CLOSE closes the open state's further handles (an upgrade's
+/// here) before its own, whose commit carries the state's deletion. When
+/// that last commit fails the CLOSE fails and the open state stays — but
+/// it still named the upgrade's handle filterd had closed: its WRITEs went
+/// through that descriptor while filterd held no write access, so another
+/// client's OPEN denying writes was granted beside them. Now a handle the
+/// CLOSE closed leaves the open state at once: nfsshim and filterd agree,
+/// the open is left with the access filterd still holds for it, and the
+/// next CLOSE closes the rest. The seventh commit is the open's own
+/// close (the sixth the upgrade handle's: failing it leaves all as it
+/// was).
+#[test]
+fn nfsshim_a_close_whose_commit_fails_names_no_handle_filterd_closed() {
+    let (s, _d, nfs, mut a, o) = nfs_open_twice("nfs-failed-close", 7, "both", json!({}));
+    let sid = o["stateid"].clone();
+    assert_eq!(handles_on(&s, "f").len(), 2, "the open and its upgrade");
+
+    let r = a.call(json!({"op": "CLOSE", "stateid": sid}));
+    assert_ne!(
+        r["status"], "NFS4_OK",
+        "the open's close did not commit: {r}"
+    );
+    let held = handles_on(&s, "f");
+    assert_eq!(held.len(), 1, "the upgrade's handle closed: {held:?}");
+
+    // The open state writes no more through a handle filterd closed, and
+    // another client may deny writes beside what filterd holds.
+    let r = a.call(json!({"op": "WRITE", "stateid": sid, "offset": 0, "data": "eA=="}));
+    assert_ne!(
+        r["status"], "NFS4_OK",
+        "a write without a write handle: {r}"
+    );
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let r = b.open("ob", "f", "read", "write", json!({}));
+    let bsid = nfs_ok(r)["stateid"].clone();
+    nfs_ok(b.call(json!({"op": "CLOSE", "stateid": bsid})));
+
+    // The next CLOSE closes the rest.
+    nfs_ok(a.call(json!({"op": "CLOSE", "stateid": sid})));
+    assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
+}
+
+/// nfsshim: a DELEGRETURN closes the handle that only carried the
+/// delegation (an OPEN that widened no mode but got one). When that
+/// close's commit failed, nfsshim ignored the error and forgot the handle:
+/// filterd held it, attached to nfsshim and named by no state, for as
+/// long as nfsshim ran (the open's CLOSE left it behind). Now the
+/// DELEGRETURN fails with nothing changed, and the next one returns it.
+#[test]
+fn nfsshim_a_delegreturn_whose_carrier_close_fails_keeps_the_delegation() {
+    // Commit 7 is the carrier's close (8 the DELEGRETURN's record).
+    let deleg = json!({"want_delegation": "read"});
+    let (s, _d, _nfs, mut a, o) = nfs_open_twice("nfs-failed-delegreturn", 7, "read", deleg);
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let sid = o["stateid"].clone();
+    let deleg = o["delegation"]["stateid"].clone();
+    assert_eq!(handles_on(&s, "f").len(), 2, "the open and its carrier");
+
+    let r = a.call(json!({"op": "DELEGRETURN", "stateid": deleg}));
+    assert_ne!(
+        r["status"], "NFS4_OK",
+        "the carrier's close did not commit: {r}"
+    );
+    assert_eq!(handles_on(&s, "f").len(), 2, "the carrier is still held");
+
+    // Still the client's: the next DELEGRETURN returns it, and the CLOSE
+    // leaves filterd holding nothing.
+    nfs_ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
+    nfs_ok(a.call(json!({"op": "CLOSE", "stateid": sid})));
+    assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
 }

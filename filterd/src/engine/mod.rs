@@ -1098,6 +1098,15 @@ impl Engine {
             Request::Close { key, put, delete } => {
                 let (protocol, _) = need_frontend()?;
                 self.attached_to(conn, key)?;
+                // A close refused before anything is done, for testing a
+                // frontend's answer to a refusal (a non-persistent close
+                // commits nothing, so `commit.before` cannot fail it).
+                if crate::failpoint::fails("close.refuse") {
+                    return Err(err(
+                        ErrorCode::FileNotAvailable,
+                        "failpoint close.refuse: refusing on purpose",
+                    ));
+                }
                 // The records go into the close's own commit: all checked
                 // before anything is done.
                 let (put, delete) = self.own_records(conn, &protocol, put, delete)?;

@@ -2770,25 +2770,40 @@ fn close(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     // reply: one commit (a crash leaves the open state whole, with its own
     // handle, or gone with the reply recorded). A re-send after a crash
     // finds the closed handles gone and closes the rest.
+    let (key, further) = (o.rec.key, o.keys().split_off(1));
     let mut recorded_with_close = false;
-    for k in o.keys().into_iter().skip(1) {
+    // A further handle filterd closed leaves the open state at once: if a
+    // later close fails, the state stays with what filterd still holds for
+    // it, never naming (and writing through) a handle filterd closed. Its
+    // record follows with the failed request's reply (a restart finding a
+    // handle gone drops the whole state, as it should then).
+    let mut trimmed = false;
+    let failed = |st: &State, trimmed: bool, e: ClientError| {
+        if let (true, Some(o)) = (trimmed, st.opens.get(&other)) {
+            ctx.put_state(o.num, &o.rec)?;
+        }
+        Err(filter_fail(e))
+    };
+    for k in further {
         match sh.filter.close(k) {
             Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
-            Err(e) => return Err(filter_fail(e)),
+            Err(e) => return failed(st, trimmed, e),
         }
+        drop_further_handle(sh, st, &other, k, true)?;
+        trimmed = true;
     }
     let put = vec![slot_record(ctx)?];
     let delete = vec![(
         state::scope(&sh.tables.states(ctx.cid)).map_err(filter_fail)?,
         num,
     )];
-    match sh.filter.close_recording(o.rec.key, put, delete) {
+    match sh.filter.close_recording(key, put, delete) {
         Ok(()) => recorded_with_close = true,
         // Closed already (a re-send after a crash whose close committed
         // without its reply reaching us): the records go the usual way.
         Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
-        Err(e) => return Err(filter_fail(e)),
+        Err(e) => return failed(st, trimmed, e),
     }
     st.closed.insert(
         other.clone(),
@@ -2815,6 +2830,51 @@ fn close(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     Ok(Map::new())
 }
 
+/// A further handle `key` of open state `other` (an upgrade's, a
+/// delegation carrier's, a lock-owner's) was closed in filterd: the state
+/// no longer names it. With `revoking`, a delegation whose carrier it was
+/// goes with it (its lease is no longer held), as if revoked.
+fn drop_further_handle(
+    sh: &Shared,
+    st: &mut State,
+    other: &str,
+    key: ResumeKey,
+    revoking: bool,
+) -> Result<(), Fail> {
+    let Some(o) = st.opens.get_mut(other) else {
+        return Ok(());
+    };
+    let mut carried = false;
+    if let Some(i) = o.rec.extra.iter().position(|e| e.key == key) {
+        carried = o.rec.extra.remove(i).for_deleg;
+        if i < o.extra.len() {
+            o.extra.remove(i);
+        }
+    }
+    let mut lock_other = None;
+    if let Some(i) = o.rec.locks.iter().position(|l| l.key == Some(key)) {
+        lock_other = Some(o.rec.locks.remove(i).other);
+    }
+    let lease = o
+        .rec
+        .deleg
+        .as_ref()
+        .filter(|_| carried && revoking)
+        .map(|d| d.lease_key);
+    if let Some(l) = lock_other {
+        st.aliases.remove(&l);
+    }
+    let mut g = sh.global()?;
+    g.handle_client.remove(&key);
+    g.lock_owner.remove(&key);
+    if let Some(lease) = lease {
+        g.lease_client.remove(&lease);
+        drop(g);
+        revoke(st, lease);
+    }
+    Ok(())
+}
+
 fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
     let named = field(obj, "stateid")?;
@@ -2838,9 +2898,8 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
     };
     let o = st
         .opens
-        .get_mut(&other)
+        .get(&other)
         .ok_or_else(|| internal("open vanished"))?;
-    let mut carriers = Vec::new();
     if let Some(d) = &o.rec.deleg {
         // Acknowledge a recall (or give the lease up): nothing cached.
         // Unless filterd could not be reached, nothing changes here (the
@@ -2854,38 +2913,54 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
             }
         }
     }
-    if let Some(d) = o.rec.deleg.take() {
-        // Handles kept only to carry a delegation go with it.
-        let mut i = 0;
-        while let Some(e) = o.rec.extra.get(i) {
-            if e.for_deleg {
-                carriers.push(e.key);
-                o.rec.extra.remove(i);
-                if i < o.extra.len() {
-                    o.extra.remove(i);
+    // Handles kept only to carry a delegation go with it: closed first,
+    // each leaving the state once filterd closed it. One whose close
+    // failed (undone, refused, no answer) stays the state's, with the
+    // delegation: the DELEGRETURN fails and nothing else changed (before,
+    // the error was ignored and the handle stayed in filterd, named by
+    // nobody).
+    let carriers: Vec<ResumeKey> = match &o.rec.deleg {
+        Some(_) => o
+            .rec
+            .extra
+            .iter()
+            .filter(|e| e.for_deleg)
+            .map(|e| e.key)
+            .collect(),
+        None => Vec::new(),
+    };
+    let num = o.num;
+    let mut trimmed = false;
+    for k in carriers {
+        match sh.filter.close(k) {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
+            Err(e) => {
+                if let (true, Some(o)) = (trimmed, st.opens.get(&other)) {
+                    ctx.put_state(num, &o.rec)?;
                 }
-            } else {
-                i += 1;
+                return Err(filter_fail(e));
             }
         }
+        drop_further_handle(sh, st, &other, k, false)?;
+        trimmed = true;
+    }
+    let o = st
+        .opens
+        .get_mut(&other)
+        .ok_or_else(|| internal("open vanished"))?;
+    if let Some(d) = o.rec.deleg.take() {
         st.aliases.remove(&d.other);
         st.closed
             .insert(d.other.clone(), (ctx.cid.to_owned(), Some(me)));
         if let Ok(mut g) = sh.global() {
             g.lease_client.remove(&d.lease_key);
-            for k in &carriers {
-                g.handle_client.remove(k);
-            }
         }
     }
     let Some(o) = st.opens.get(&other) else {
         return Err(internal("open vanished"));
     };
     ctx.put_state(o.num, &o.rec)?;
-    // A restore that finds one of them gone skips it (`for_deleg`).
-    for k in carriers {
-        let _ = sh.filter.close(k);
-    }
     Ok(Map::new())
 }
 

@@ -336,10 +336,16 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
                     kept: true,
                 });
             }
-            // The outcome is unknown (filterd's connection went, or its
-            // answer did not come): a CLOSE is not a success either. Not
+            // Filterd may still hold the handle of the open forgotten
+            // here (the outcome is unknown: filterd's connection went, or
+            // its answer did not come; or a lost connection's close was
+            // refused): it is closed again until filterd answers. Not
             // this open's handle (NoSuchHandle, NotOwner): filterd holds
             // nothing of it, the close is made.
+            if crate::settle::may_hold(&e) {
+                sh.unsettled.add(*key);
+            }
+            // A CLOSE whose outcome is unknown is not a success either.
             if ending == Ending::Close && e.code().is_none() {
                 answer = Err(NotClosed {
                     status: status_of(&e),

@@ -21,7 +21,8 @@
 //!
 //! [`sessions`] holds what crosses connections: PreviousSessionId and
 //! AppInstanceId; [`channels`] multichannel (a session bound to several
-//! connections, served by the thread of the one that set it up).
+//! connections, served by the thread of the one that set it up);
+//! [`settle`] closes again the handles whose close filterd never answered.
 //!
 //! docs/smb3.md says what is implemented and what is not.
 #![forbid(unsafe_code)]
@@ -39,6 +40,7 @@ pub mod notify;
 pub mod ntlm;
 pub mod server;
 pub mod sessions;
+pub mod settle;
 pub mod spnego;
 pub mod users;
 pub mod wire;

@@ -142,6 +142,8 @@ pub struct Shared {
     /// ([`opens_allowed`]): a CREATE past it is
     /// STATUS_INSUFFICIENT_RESOURCES.
     pub fds: Arc<shimline::descriptors::Descriptors>,
+    /// Handles of forgotten opens whose close filterd never answered.
+    pub unsettled: crate::settle::Unsettled,
     /// Connections not logged on yet.
     not_logged_on: NotLoggedOn,
     /// Connections logged on, per user.
@@ -280,6 +282,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         registry: crate::sessions::Registry::default(),
         delete_pending: crate::files::DeletePending::default(),
         fds: shimline::descriptors::Descriptors::new(opens_allowed()),
+        unsettled: crate::settle::Unsettled::default(),
         not_logged_on: NotLoggedOn::default(),
         per_user: PerUser::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
@@ -288,6 +291,10 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
     std::thread::Builder::new()
         .name("filter-events".into())
         .spawn(move || crate::breaks::forward(events))?;
+    let settling = shared.clone();
+    std::thread::Builder::new()
+        .name("close-settler".into())
+        .spawn(move || crate::settle::run(settling))?;
     // Connection caps as the shims have them. The refusal shimline writes
     // is a JSON line, which an SMB client reads as a broken reply and
     // drops — a refusal all the same.
@@ -1059,7 +1066,9 @@ impl Connection {
         match answer {
             Some(Some((out, credits))) => {
                 self.credits = credits;
-                if Command::from_code(hdr.command) == Command::Logoff {
+                // Only a LOGOFF that ended the session unbinds: one that
+                // failed (a close filterd refused) changed nothing.
+                if Command::from_code(hdr.command) == Command::Logoff && home.is_ended() {
                     self.unbind(session);
                 }
                 Ok(out)

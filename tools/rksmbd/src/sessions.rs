@@ -99,6 +99,9 @@ impl Link {
             };
             if let Err(e) = r {
                 tracing::warn!(resume_key = %key, error = %e, "releasing a handle of an ended session");
+                if !durable && crate::settle::may_hold(&e) {
+                    sh.unsettled.add(key);
+                }
             }
         }
     }
@@ -116,6 +119,11 @@ impl Link {
             if e.close_undone() {
                 st.live.insert(id, (key, durable));
                 return false;
+            }
+            // Unknown outcome: the open is forgotten, the handle closed
+            // again until filterd answers.
+            if crate::settle::may_hold(&e) {
+                sh.unsettled.add(key);
             }
         }
         st.closed_elsewhere.push(id);
