@@ -61,8 +61,25 @@ use crate::sys::{self, Packet};
 /// says so; an [`crate::attach::Attachment`] then reattaches and resumes.
 pub const EVENT_QUEUE_LIMIT: usize = 65_536;
 
-/// How long a call waits for its reply before giving up.
+/// How long a call waits for its reply before giving up, unless the
+/// environment says otherwise ([`CALL_TIMEOUT_ENV`]).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The environment variable that sets every new connection's call timeout,
+/// in milliseconds (`RKFILTER_CALL_TIMEOUT_MS=1500`): tests stall filterd
+/// past it without waiting two minutes. Unset, unparsable or 0: the
+/// default ([`DEFAULT_CALL_TIMEOUT`]). [`FilterClient::set_timeout`] still
+/// overrides it per client.
+pub const CALL_TIMEOUT_ENV: &str = "RKFILTER_CALL_TIMEOUT_MS";
+
+/// The call timeout a new connection starts with ([`CALL_TIMEOUT_ENV`]).
+fn call_timeout_from_env() -> Duration {
+    std::env::var(CALL_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis)
+}
 
 /// Client failures.
 #[derive(Debug, thiserror::Error)]
@@ -348,7 +365,7 @@ impl FilterClient {
             inner,
             events: ev_rx,
             hello,
-            timeout: DEFAULT_CALL_TIMEOUT,
+            timeout: call_timeout_from_env(),
         })
     }
 
