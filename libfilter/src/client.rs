@@ -34,11 +34,13 @@
 //! # Ok(()) }
 //! ```
 
+mod late;
+
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -226,7 +228,22 @@ struct Inner {
     overflowed: AtomicBool,
     /// How requests are encoded (what the hello agreed on).
     encoding: proto::Encoding,
+    /// Calls that gave up waiting, and what undoes their late answers.
+    /// Taken only with `pending` held, or after it (never the reverse).
+    late: Mutex<late::LateAnswers>,
+    /// The worker that runs the undo calls, started by the first late
+    /// answer that needs one.
+    undoer: OnceLock<Sender<late::Undo>>,
+    /// This connection, for the undo worker (a weak one: the worker must
+    /// not keep it open).
+    me: Weak<Inner>,
+    /// The daemon's hello and the call timeout, for the undo worker's calls.
+    hello: HelloReply,
+    timeout: Duration,
 }
+
+/// Most undo calls queued for the worker ([`late::LATE_MAX`]).
+const UNDO_QUEUE: usize = late::LATE_MAX;
 
 /// How long the idle reader stays away while callers are reading.
 const IDLE_BACKOFF: Duration = Duration::from_millis(50);
@@ -242,7 +259,9 @@ const FOLLOWER_TICK: Duration = Duration::from_millis(20);
 #[derive(Clone)]
 pub struct FilterClient {
     inner: Arc<Inner>,
-    _closer: Arc<Closer>,
+    /// `None` only for the undo worker's client, which must not keep the
+    /// connection open.
+    _closer: Option<Arc<Closer>>,
     events: Receiver<Event>,
     hello: HelloReply,
     timeout: Duration,
@@ -346,7 +365,8 @@ impl FilterClient {
             ),
         );
         let (ev_tx, ev_rx) = bounded(EVENT_QUEUE_LIMIT);
-        let inner = Arc::new(Inner {
+        let timeout = call_timeout_from_env();
+        let inner = Arc::new_cyclic(|me| Inner {
             sock,
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
@@ -355,17 +375,22 @@ impl FilterClient {
             events: ev_tx,
             overflowed: AtomicBool::new(false),
             encoding: proto::Encoding::from_features(hello.features),
+            late: Mutex::new(late::LateAnswers::default()),
+            undoer: OnceLock::new(),
+            me: me.clone(),
+            hello: hello.clone(),
+            timeout,
         });
         let idle = inner.clone();
         std::thread::Builder::new()
             .name("filter-client-idle".into())
             .spawn(move || idle_reader(idle))?;
         Ok(FilterClient {
-            _closer: Arc::new(Closer(inner.clone())),
+            _closer: Some(Arc::new(Closer(inner.clone()))),
             inner,
             events: ev_rx,
             hello,
-            timeout: call_timeout_from_env(),
+            timeout,
         })
     }
 
@@ -476,6 +501,7 @@ impl FilterClient {
         id: u64,
         req: Request,
     ) -> Result<(Reply, Vec<OwnedFd>, bool), ClientError> {
+        let undo = late::LateUndo::of(&req);
         let bytes = proto::encode_request(self.inner.encoding, &RequestFrame { id, req })?;
         let slot = Arc::new(ReplySlot::default());
         {
@@ -503,10 +529,10 @@ impl FilterClient {
             );
         }
         let deadline = Instant::now() + self.timeout;
-        let outcome = self.wait_reply(id, &slot, deadline);
-        if outcome.is_none() {
-            self.forget(id);
-        }
+        let outcome = match self.wait_reply(id, &slot, deadline) {
+            Some(o) => Some(o),
+            None => self.give_up(id, &slot, undo),
+        };
         match outcome {
             Some((Ok(reply), fds, cut)) => Ok((reply, fds, cut)),
             Some((Err(e), _, _)) => Err(ClientError::Refused(e)),
@@ -593,6 +619,60 @@ impl FilterClient {
             .unwrap_or(false);
         if nudged {
             nudge_one(&self.inner, id);
+        }
+    }
+
+    /// Call `id` gives up waiting: it is no longer pending, and when it
+    /// has an `undo`, its late answer will be undone ([`late`]). An answer
+    /// delivered to its slot just as it gave up is taken after all.
+    fn give_up(
+        &self,
+        id: u64,
+        slot: &ReplySlot,
+        undo: Option<late::LateUndo>,
+    ) -> Option<Delivered> {
+        let Ok(mut p) = self.inner.pending.lock() else {
+            return None;
+        };
+        if p.remove(&id).is_none() {
+            // Answered (or failed by `fail_all`) between the deadline and
+            // now: its answer, if any, is in the slot.
+            drop(p);
+            return slot.state.lock().ok().and_then(|mut st| st.reply.take());
+        }
+        if let Some(undo) = undo {
+            if !self.inner.dead.load(Ordering::Acquire) {
+                // Under `pending`: the reader, not finding the id pending,
+                // then finds it here.
+                if let Ok(mut l) = self.inner.late.lock() {
+                    l.remember(id, undo);
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs one undo of a late answer (on the undo worker).
+    fn undo_late(&self, undo: &late::Undo) {
+        let key = undo.key();
+        let done = match undo {
+            late::Undo::Close(_) => self.close(key).map(|_| "closed"),
+            late::Undo::Detach(_) => self.call(Request::Detach { key }).map(|_| "detached"),
+            late::Undo::Unlock { unlocks, .. } => {
+                self.lock(key, unlocks.clone(), None).map(|_| "unlocked")
+            }
+        };
+        match done {
+            Ok(what) => tracing::warn!(
+                resume_key = %key,
+                "filterd answered after the call gave up; the handle was {what}"
+            ),
+            Err(e) => tracing::error!(
+                resume_key = %key,
+                ?undo,
+                error = %e,
+                "filterd answered after the call gave up, and undoing the answer failed"
+            ),
         }
     }
 
@@ -1041,6 +1121,10 @@ fn fail_all(inner: &Inner) {
             slot.put(|st| st.closed = true);
         }
     }
+    // filterd detaches this connection's handles itself.
+    if let Ok(mut l) = inner.late.lock() {
+        l.clear();
+    }
     // With a full queue this cannot be queued; the queue's reader then
     // learns it from `is_dead` once it has drained the queue.
     let _ = inner.events.try_send(Event::ConnectionLost);
@@ -1123,8 +1207,11 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -
             result,
         }) => {
             let slot = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
-            if let Some(slot) = slot {
-                slot.put(|st| st.reply = Some((result, fds, cut)));
+            match slot {
+                Some(slot) => slot.put(|st| st.reply = Some((result, fds, cut))),
+                // Its call gave up: undo what the answer reports (its
+                // descriptors are closed as they drop).
+                None => late_answer(inner, id, &result),
             }
         }
         Ok(ServerFrame::Reply { id: None, result }) => {
@@ -1156,6 +1243,53 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -
         Err(e) => tracing::warn!(error = %e, "undecodable frame from filterd"),
     }
     true
+}
+
+/// The answer to call `id`, which came after the call gave up: when it
+/// reports state the caller's client was told did not happen, the undo
+/// worker takes it back. Never waits (the reader must keep reading).
+fn late_answer(inner: &Inner, id: u64, result: &Result<Reply, WireError>) {
+    let Some(undo) = inner.late.lock().ok().and_then(|mut l| l.take(id)) else {
+        return;
+    };
+    let Some(undo) = result.as_ref().ok().and_then(|r| undo.undo(r)) else {
+        return;
+    };
+    let worker = inner.undoer.get_or_init(|| start_undoer(inner.me.clone()));
+    if let Err(e) = worker.try_send(undo) {
+        tracing::error!(
+            undo = ?e.into_inner(),
+            "a late filterd answer cannot be undone: the undo worker is gone or full"
+        );
+    }
+}
+
+/// Starts the thread that runs undo calls for connection `me`; it ends
+/// with the connection (its queue's sender lives in the connection).
+fn start_undoer(me: Weak<Inner>) -> Sender<late::Undo> {
+    let (tx, rx) = bounded::<late::Undo>(UNDO_QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("filter-client-undo".into())
+        .spawn(move || {
+            while let Ok(undo) = rx.recv() {
+                let Some(inner) = me.upgrade() else {
+                    return;
+                };
+                let client = FilterClient {
+                    _closer: None,
+                    events: crossbeam_channel::never(),
+                    hello: inner.hello.clone(),
+                    timeout: inner.timeout,
+                    inner,
+                };
+                client.undo_late(&undo);
+            }
+        });
+    if let Err(e) = spawned {
+        // The receiver is gone with the closure: every send fails, loudly.
+        tracing::error!(error = %e, "cannot start the late-answer undo worker");
+    }
+    tx
 }
 
 /// After giving up the reader role, wakes one waiting caller (other than
