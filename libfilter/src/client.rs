@@ -36,7 +36,7 @@
 
 mod late;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -167,6 +167,9 @@ type Delivered = (Result<Reply, WireError>, Vec<OwnedFd>, bool);
 struct ReplySlot {
     state: Mutex<SlotState>,
     cv: Condvar,
+    /// The call may attach a handle again (`ReplayOpen`, `Resume`): a late
+    /// answer's detach waits for it ([`FilterClient::detach_late`]).
+    reattach: bool,
 }
 
 #[derive(Default)]
@@ -234,6 +237,17 @@ struct Inner {
     /// The worker that runs the undo calls, started by the first late
     /// answer that needs one.
     undoer: OnceLock<Sender<late::Undo>>,
+    /// Handles a late answer to a replay or resume attached, whose detach
+    /// is queued: a call answered with one of them since takes it out (it
+    /// has been handed out again, so it must stay attached). Taken only
+    /// with `pending` held.
+    watch: Mutex<HashSet<ResumeKey>>,
+    /// Held while a reattaching call or a late answer's detach is sent, so
+    /// a detach is sent only when no reattaching call is in flight, and
+    /// one sent after it reaches filterd after it.
+    reattach_order: Mutex<()>,
+    /// Late answers the undo worker has dealt with (undone or left).
+    undone: AtomicU64,
     /// This connection, for the undo worker (a weak one: the worker must
     /// not keep it open).
     me: Weak<Inner>,
@@ -377,6 +391,9 @@ impl FilterClient {
             encoding: proto::Encoding::from_features(hello.features),
             late: Mutex::new(late::LateAnswers::default()),
             undoer: OnceLock::new(),
+            watch: Mutex::new(HashSet::new()),
+            reattach_order: Mutex::new(()),
+            undone: AtomicU64::new(0),
             me: me.clone(),
             hello: hello.clone(),
             timeout,
@@ -501,9 +518,34 @@ impl FilterClient {
         id: u64,
         req: Request,
     ) -> Result<(Reply, Vec<OwnedFd>, bool), ClientError> {
+        self.call_ordered(id, req, None)
+    }
+
+    /// As [`FilterClient::call_keeping_cut`]; a reattaching call is sent
+    /// under `reattach_order`, taken here unless `order` holds it already.
+    fn call_ordered(
+        &self,
+        id: u64,
+        req: Request,
+        order: Option<std::sync::MutexGuard<'_, ()>>,
+    ) -> Result<(Reply, Vec<OwnedFd>, bool), ClientError> {
         let undo = late::LateUndo::of(&req);
+        let reattach = matches!(req, Request::ReplayOpen(_) | Request::Resume(_));
         let bytes = proto::encode_request(self.inner.encoding, &RequestFrame { id, req })?;
-        let slot = Arc::new(ReplySlot::default());
+        let slot = Arc::new(ReplySlot {
+            reattach,
+            ..ReplySlot::default()
+        });
+        let order = match order {
+            Some(o) => Some(o),
+            None if reattach => Some(
+                self.inner
+                    .reattach_order
+                    .lock()
+                    .map_err(|_| ClientError::Disconnected)?,
+            ),
+            None => None,
+        };
         {
             let mut p = self
                 .inner
@@ -528,6 +570,7 @@ impl FilterClient {
                 },
             );
         }
+        drop(order);
         let deadline = Instant::now() + self.timeout;
         let outcome = match self.wait_reply(id, &slot, deadline) {
             Some(o) => Some(o),
@@ -657,7 +700,7 @@ impl FilterClient {
         let key = undo.key();
         let done = match undo {
             late::Undo::Close(_) => self.close(key).map(|_| "closed"),
-            late::Undo::Detach(_) => self.call(Request::Detach { key }).map(|_| "detached"),
+            late::Undo::Detach(_) => self.detach_late(key),
             late::Undo::Unlock { unlocks, .. } => {
                 self.lock(key, unlocks.clone(), None).map(|_| "unlocked")
             }
@@ -673,6 +716,57 @@ impl FilterClient {
                 error = %e,
                 "filterd answered after the call gave up, and undoing the answer failed"
             ),
+        }
+        self.inner.undone.fetch_add(1, Ordering::Release);
+    }
+
+    /// Detaches `key`, which a late answer to a replay or resume attached,
+    /// unless it has been handed out again: a call answered with it since
+    /// holds it. While a reattaching call is in flight (it may be answered
+    /// with it) the detach waits, up to the call timeout; sent, it reaches
+    /// filterd before any reattaching call sent after it, which then finds
+    /// the handle disconnected and attaches it again.
+    fn detach_late(&self, key: ResumeKey) -> Result<&'static str, ClientError> {
+        let until = Instant::now() + self.timeout;
+        loop {
+            let order = self
+                .inner
+                .reattach_order
+                .lock()
+                .map_err(|_| ClientError::Disconnected)?;
+            let (watched, busy) = {
+                let p = self
+                    .inner
+                    .pending
+                    .lock()
+                    .map_err(|_| ClientError::Disconnected)?;
+                let busy = p.values().any(|s| s.reattach);
+                let mut w = self
+                    .inner
+                    .watch
+                    .lock()
+                    .map_err(|_| ClientError::Disconnected)?;
+                let watched = w.contains(&key);
+                if watched && (!busy || Instant::now() >= until) {
+                    w.remove(&key);
+                }
+                (watched, busy)
+            };
+            if !watched {
+                return Ok("left attached: a call was answered with it since");
+            }
+            if busy && Instant::now() >= until {
+                return Ok("left attached: reattaching calls stayed in flight");
+            }
+            if busy {
+                drop(order);
+                std::thread::sleep(FOLLOWER_TICK);
+                continue;
+            }
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            return self
+                .call_ordered(id, Request::Detach { key }, Some(order))
+                .map(|_| "detached");
         }
     }
 
@@ -1125,6 +1219,11 @@ fn fail_all(inner: &Inner) {
     if let Ok(mut l) = inner.late.lock() {
         l.clear();
     }
+    if let Ok(_p) = inner.pending.lock() {
+        if let Ok(mut w) = inner.watch.lock() {
+            w.clear();
+        }
+    }
     // With a full queue this cannot be queued; the queue's reader then
     // learns it from `is_dead` once it has drained the queue.
     let _ = inner.events.try_send(Event::ConnectionLost);
@@ -1206,7 +1305,19 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -
             id: Some(id),
             result,
         }) => {
-            let slot = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
+            let slot = inner.pending.lock().ok().and_then(|mut p| {
+                let slot = p.remove(&id);
+                if let (Some(_), Ok(Reply::Opened(info))) = (&slot, &result) {
+                    // Handed out: a queued late detach leaves it (under
+                    // `pending`, see `FilterClient::detach_late`).
+                    if let Ok(mut w) = inner.watch.lock() {
+                        if !w.is_empty() {
+                            w.remove(&info.key);
+                        }
+                    }
+                }
+                slot
+            });
             match slot {
                 Some(slot) => slot.put(|st| st.reply = Some((result, fds, cut))),
                 // Its call gave up: undo what the answer reports (its
@@ -1255,6 +1366,14 @@ fn late_answer(inner: &Inner, id: u64, result: &Result<Reply, WireError>) {
     let Some(undo) = result.as_ref().ok().and_then(|r| undo.undo(r)) else {
         return;
     };
+    if let late::Undo::Detach(key) = &undo {
+        // Under `pending` (see `FilterClient::detach_late`).
+        if let Ok(_p) = inner.pending.lock() {
+            if let Ok(mut w) = inner.watch.lock() {
+                w.insert(*key);
+            }
+        }
+    }
     let worker = inner.undoer.get_or_init(|| start_undoer(inner.me.clone()));
     if let Err(e) = worker.try_send(undo) {
         tracing::error!(
@@ -1588,7 +1707,6 @@ pub(crate) mod tests {
     /// call is answered on the same connection.
     #[test]
     fn a_reply_whose_descriptors_were_cut_fails_only_its_call() {
-        use crate::model::{CreateAction, Durability};
         let key = ResumeKey(uuid::Uuid::new_v4());
         let (dir, path, daemon) = fake_daemon(move |c, buf| {
             let mut detached = None;
@@ -1600,18 +1718,7 @@ pub(crate) mod tests {
                 };
                 let f = proto::decode_request(&buf[..len]).expect("request");
                 let (reply, fds) = match f.req {
-                    Request::Resume(_) => (
-                        Reply::Opened(Opened {
-                            key,
-                            create_action: CreateAction::Opened,
-                            size: 0,
-                            file: FileId { dev: 1, ino: 2 },
-                            durability: Durability::None,
-                            lease: None,
-                            locked: false,
-                        }),
-                        5,
-                    ),
+                    Request::Resume(_) => (opened(key), 5),
                     Request::Detach { key } => {
                         detached = Some(key);
                         (Reply::Done, 0)
@@ -1659,6 +1766,131 @@ pub(crate) mod tests {
         assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
         drop(c);
         daemon.join().expect("daemon");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A non-durable handle `key` opened (or resumed) by a fake daemon.
+    fn opened(key: ResumeKey) -> Reply {
+        use crate::model::{CreateAction, Durability};
+        Reply::Opened(Opened {
+            key,
+            create_action: CreateAction::Opened,
+            size: 0,
+            file: FileId { dev: 1, ino: 2 },
+            durability: Durability::None,
+            lease: None,
+            locked: false,
+        })
+    }
+
+    /// A fake daemon that reads `hold` requests unanswered, then answers
+    /// each of them (a `Resume` with `Opened(key)`, anything else `Done`)
+    /// and every later request, until the client goes. Returns the ops of
+    /// the requests after the held ones.
+    fn late_daemon(
+        key: ResumeKey,
+        hold: usize,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::thread::JoinHandle<Vec<String>>,
+    ) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (dir, path, daemon) = fake_daemon(move |c, buf| {
+            let answer = |f: RequestFrame| {
+                let reply = match f.req {
+                    Request::Resume(_) => opened(key),
+                    _ => Reply::Done,
+                };
+                let frame = ServerFrame::Reply {
+                    id: Some(f.id),
+                    result: Ok(reply),
+                };
+                let _ = sys::send_packet(c.as_fd(), &proto::encode(&frame).expect("encode"), None);
+            };
+            let recv = |buf: &mut [u8]| loop {
+                match sys::recv_packet(c.as_fd(), buf) {
+                    Ok(Packet::Data { len, .. }) => {
+                        return Some(proto::decode_request(&buf[..len]).expect("request"))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    _ => return None,
+                }
+            };
+            let mut held = Vec::new();
+            while held.len() < hold {
+                held.push(recv(buf).expect("a held request"));
+            }
+            for f in held {
+                answer(f);
+            }
+            let mut after = Vec::new();
+            while let Some(f) = recv(buf) {
+                after.push(f.req.name().to_owned());
+                answer(f);
+            }
+            let _ = tx.send(after);
+        });
+        let joined = std::thread::spawn(move || {
+            daemon.join().expect("daemon");
+            rx.recv().expect("the requests")
+        });
+        (dir, path, joined)
+    }
+
+    /// Waits until the undo worker has dealt with `n` late answers.
+    fn undone(c: &FilterClient, n: u64) {
+        let t0 = Instant::now();
+        while c.inner.undone.load(Ordering::Acquire) < n {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no undo");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A client of the daemon at `path` whose resume of `key` timed out
+    /// (200 ms); its later calls wait 30 s.
+    fn resume_timed_out(path: &Path, key: ResumeKey) -> FilterClient {
+        let mut c = FilterClient::connect_control(path).expect("connect");
+        c.set_timeout(Duration::from_millis(200));
+        let r = c.resume(ClientId::new("c").expect("client"), key);
+        assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+        c.set_timeout(Duration::from_secs(30));
+        c
+    }
+
+    /// A resume answered after its call gave up is detached (round 15,
+    /// branch aD): the frontend told its client the resume failed.
+    #[test]
+    fn a_resume_answered_late_is_detached() {
+        let key = ResumeKey(uuid::Uuid::new_v4());
+        let (dir, path, daemon) = late_daemon(key, 2);
+        let c = resume_timed_out(&path, key);
+        // The second held request: answered after the late one.
+        assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
+        undone(&c, 1);
+        drop(c);
+        assert_eq!(daemon.join().expect("daemon"), ["detach"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The client re-sends a resume its frontend timed out (an nfsl/1
+    /// client after NFS4ERR_DELAY): the first answer comes late, the second
+    /// in time, both naming the handle. The late one's detach must not
+    /// take the handle from the caller that now holds it.
+    #[test]
+    fn a_late_resume_is_not_detached_once_a_resent_one_has_it() {
+        let key = ResumeKey(uuid::Uuid::new_v4());
+        let (dir, path, daemon) = late_daemon(key, 2);
+        let c = resume_timed_out(&path, key);
+        let r = c.call(Request::Resume(ResumeRequest {
+            client: ClientId::new("c").expect("client"),
+            target: ResumeTarget::Key { key },
+        }));
+        assert!(matches!(r, Ok((Reply::Opened(_), _))), "{r:?}");
+        undone(&c, 1);
+        assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
+        drop(c);
+        assert_eq!(daemon.join().expect("daemon"), ["stats"], "never detached");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
