@@ -21,10 +21,15 @@ const CALL_TIMEOUT_MS: &str = "700";
 
 /// filterd and an smbshim whose calls give up after [`CALL_TIMEOUT_MS`].
 fn setup(name: &str) -> (Scratch, Filterd, Shim) {
+    setup_shim(name, "smbshim")
+}
+
+/// filterd and frontend `shim` whose calls give up after [`CALL_TIMEOUT_MS`].
+fn setup_shim(name: &str, shim: &str) -> (Scratch, Filterd, Shim) {
     let s = Scratch::new(name);
     let d = Filterd::start(&s, &[], &[]);
     let smb = Shim::start_with_env(
-        "smbshim",
+        shim,
         d.socket(),
         name,
         &[("RKFILTER_CALL_TIMEOUT_MS", CALL_TIMEOUT_MS)],
@@ -51,6 +56,15 @@ fn handles(d: &Filterd) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// Waits until filterd's one handle, of `f`, is disconnected.
+fn wait_detached(d: &Filterd) {
+    wait_for(
+        "the late answer's handle to be detached",
+        Duration::from_secs(10),
+        || (handles(d) == [("f".to_owned(), "disconnected".to_owned())]).then_some(()),
+    );
 }
 
 /// Sends `req` on `c` while filterd is stopped, waits for smbshim's answer
@@ -106,11 +120,7 @@ fn a_replayed_open_answered_late_is_detached_and_stays_resumable() {
     // Not closed (the client may replay its GUID), not kept attached to a
     // frontend that never handed it out: disconnected, as after a lost
     // connection.
-    wait_for(
-        "the late replay to be detached",
-        Duration::from_secs(10),
-        || (handles(&d) == [("f".to_owned(), "disconnected".to_owned())]).then_some(()),
-    );
+    wait_detached(&d);
     // The client replays its create and gets the handle back.
     let r = a.call(create);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
@@ -149,4 +159,27 @@ fn a_lock_answered_after_its_call_gave_up_is_unlocked() {
             (r["status"] == "STATUS_SUCCESS").then_some(())
         },
     );
+}
+
+/// nfsshim: an OPEN (a `ReplayOpen` carrying the open's records) that
+/// filterd answers after nfsshim answered `NFS4ERR_DELAY`. Before the fix
+/// its handle stayed attached to nfsshim, named by no stateid the client
+/// was given, until nfsshim went; now it is detached — it expires after
+/// its timeout unless the client's re-sent OPEN takes it back, as here.
+#[test]
+fn nfsshim_detaches_an_open_answered_late_and_its_resend_gets_it() {
+    let (_s, d, nfs) = setup_shim("late-nfs", "nfsshim");
+    let mut n = rkfilter_tests::Nfs::connect(&nfs.addr, "host", "00000000000000aa");
+    d.signal(Signal::SIGSTOP);
+    let open = json!({"op": "OPEN", "owner": "p", "path": "f", "access": "both", "deny": "both",
+                      "create": {"mode": "unchecked"}});
+    let r = n.call(open.clone());
+    d.signal(Signal::SIGCONT);
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "gave up: {r}");
+
+    wait_detached(&d);
+    // The client re-sends its OPEN (same slot and seqid) and gets it.
+    let r = n.send(open);
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
 }
