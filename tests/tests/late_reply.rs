@@ -88,12 +88,17 @@ fn an_open_answered_after_its_call_gave_up_is_closed() {
     let (_s, d, smb) = setup("late-open");
     let (mut a, sid) = smb_session(&smb.addr);
     answered_late(&d, &mut a, exclusive_create(sid));
+    let resumed = std::time::Instant::now();
 
     // The open nobody can name goes away once its late answer is read.
     wait_for(
         "the late open to be closed",
         Duration::from_secs(10),
         || handles(&d).is_empty().then_some(()),
+    );
+    eprintln!(
+        "the late open was closed {:?} after filterd went on",
+        resumed.elapsed()
     );
     // Another client opens the file exclusively: no orphan refuses it.
     let (mut b, bsid) = smb_session(&smb.addr);
