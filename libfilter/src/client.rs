@@ -34,11 +34,13 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
+mod late;
+
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -61,8 +63,25 @@ use crate::sys::{self, Packet};
 /// says so; an [`crate::attach::Attachment`] then reattaches and resumes.
 pub const EVENT_QUEUE_LIMIT: usize = 65_536;
 
-/// How long a call waits for its reply before giving up.
+/// How long a call waits for its reply before giving up, unless the
+/// environment says otherwise ([`CALL_TIMEOUT_ENV`]).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The environment variable that sets every new connection's call timeout,
+/// in milliseconds (`RKFILTER_CALL_TIMEOUT_MS=1500`): tests stall filterd
+/// past it without waiting two minutes. Unset, unparsable or 0: the
+/// default ([`DEFAULT_CALL_TIMEOUT`]). [`FilterClient::set_timeout`] still
+/// overrides it per client.
+pub const CALL_TIMEOUT_ENV: &str = "RKFILTER_CALL_TIMEOUT_MS";
+
+/// The call timeout a new connection starts with ([`CALL_TIMEOUT_ENV`]).
+fn call_timeout_from_env() -> Duration {
+    std::env::var(CALL_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis)
+}
 
 /// Client failures.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +167,9 @@ type Delivered = (Result<Reply, WireError>, Vec<OwnedFd>, bool);
 struct ReplySlot {
     state: Mutex<SlotState>,
     cv: Condvar,
+    /// The call may attach a handle again (`ReplayOpen`, `Resume`): a late
+    /// answer's detach waits for it ([`FilterClient::detach_late`]).
+    reattach: bool,
 }
 
 #[derive(Default)]
@@ -209,7 +231,33 @@ struct Inner {
     overflowed: AtomicBool,
     /// How requests are encoded (what the hello agreed on).
     encoding: proto::Encoding,
+    /// Calls that gave up waiting, and what undoes their late answers.
+    /// Taken only with `pending` held, or after it (never the reverse).
+    late: Mutex<late::LateAnswers>,
+    /// The worker that runs the undo calls, started by the first late
+    /// answer that needs one.
+    undoer: OnceLock<Sender<late::Undo>>,
+    /// Handles a late answer to a replay or resume attached, whose detach
+    /// is queued: a call answered with one of them since takes it out (it
+    /// has been handed out again, so it must stay attached). Taken only
+    /// with `pending` held.
+    watch: Mutex<HashSet<ResumeKey>>,
+    /// Held while a reattaching call or a late answer's detach is sent, so
+    /// a detach is sent only when no reattaching call is in flight, and
+    /// one sent after it reaches filterd after it.
+    reattach_order: Mutex<()>,
+    /// Late answers the undo worker has dealt with (undone or left).
+    undone: AtomicU64,
+    /// This connection, for the undo worker (a weak one: the worker must
+    /// not keep it open).
+    me: Weak<Inner>,
+    /// The daemon's hello and the call timeout, for the undo worker's calls.
+    hello: HelloReply,
+    timeout: Duration,
 }
+
+/// Most undo calls queued for the worker ([`late::LATE_MAX`]).
+const UNDO_QUEUE: usize = late::LATE_MAX;
 
 /// How long the idle reader stays away while callers are reading.
 const IDLE_BACKOFF: Duration = Duration::from_millis(50);
@@ -225,7 +273,9 @@ const FOLLOWER_TICK: Duration = Duration::from_millis(20);
 #[derive(Clone)]
 pub struct FilterClient {
     inner: Arc<Inner>,
-    _closer: Arc<Closer>,
+    /// `None` only for the undo worker's client, which must not keep the
+    /// connection open.
+    _closer: Option<Arc<Closer>>,
     events: Receiver<Event>,
     hello: HelloReply,
     timeout: Duration,
@@ -329,7 +379,8 @@ impl FilterClient {
             ),
         );
         let (ev_tx, ev_rx) = bounded(EVENT_QUEUE_LIMIT);
-        let inner = Arc::new(Inner {
+        let timeout = call_timeout_from_env();
+        let inner = Arc::new_cyclic(|me| Inner {
             sock,
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
@@ -338,17 +389,25 @@ impl FilterClient {
             events: ev_tx,
             overflowed: AtomicBool::new(false),
             encoding: proto::Encoding::from_features(hello.features),
+            late: Mutex::new(late::LateAnswers::default()),
+            undoer: OnceLock::new(),
+            watch: Mutex::new(HashSet::new()),
+            reattach_order: Mutex::new(()),
+            undone: AtomicU64::new(0),
+            me: me.clone(),
+            hello: hello.clone(),
+            timeout,
         });
         let idle = inner.clone();
         std::thread::Builder::new()
             .name("filter-client-idle".into())
             .spawn(move || idle_reader(idle))?;
         Ok(FilterClient {
-            _closer: Arc::new(Closer(inner.clone())),
+            _closer: Some(Arc::new(Closer(inner.clone()))),
             inner,
             events: ev_rx,
             hello,
-            timeout: DEFAULT_CALL_TIMEOUT,
+            timeout,
         })
     }
 
@@ -459,8 +518,34 @@ impl FilterClient {
         id: u64,
         req: Request,
     ) -> Result<(Reply, Vec<OwnedFd>, bool), ClientError> {
+        self.call_ordered(id, req, None)
+    }
+
+    /// As [`FilterClient::call_keeping_cut`]; a reattaching call is sent
+    /// under `reattach_order`, taken here unless `order` holds it already.
+    fn call_ordered(
+        &self,
+        id: u64,
+        req: Request,
+        order: Option<std::sync::MutexGuard<'_, ()>>,
+    ) -> Result<(Reply, Vec<OwnedFd>, bool), ClientError> {
+        let undo = late::LateUndo::of(&req);
+        let reattach = matches!(req, Request::ReplayOpen(_) | Request::Resume(_));
         let bytes = proto::encode_request(self.inner.encoding, &RequestFrame { id, req })?;
-        let slot = Arc::new(ReplySlot::default());
+        let slot = Arc::new(ReplySlot {
+            reattach,
+            ..ReplySlot::default()
+        });
+        let order = match order {
+            Some(o) => Some(o),
+            None if reattach => Some(
+                self.inner
+                    .reattach_order
+                    .lock()
+                    .map_err(|_| ClientError::Disconnected)?,
+            ),
+            None => None,
+        };
         {
             let mut p = self
                 .inner
@@ -485,11 +570,12 @@ impl FilterClient {
                 },
             );
         }
+        drop(order);
         let deadline = Instant::now() + self.timeout;
-        let outcome = self.wait_reply(id, &slot, deadline);
-        if outcome.is_none() {
-            self.forget(id);
-        }
+        let outcome = match self.wait_reply(id, &slot, deadline) {
+            Some(o) => Some(o),
+            None => self.give_up(id, &slot, undo),
+        };
         match outcome {
             Some((Ok(reply), fds, cut)) => Ok((reply, fds, cut)),
             Some((Err(e), _, _)) => Err(ClientError::Refused(e)),
@@ -576,6 +662,111 @@ impl FilterClient {
             .unwrap_or(false);
         if nudged {
             nudge_one(&self.inner, id);
+        }
+    }
+
+    /// Call `id` gives up waiting: it is no longer pending, and when it
+    /// has an `undo`, its late answer will be undone ([`late`]). An answer
+    /// delivered to its slot just as it gave up is taken after all.
+    fn give_up(
+        &self,
+        id: u64,
+        slot: &ReplySlot,
+        undo: Option<late::LateUndo>,
+    ) -> Option<Delivered> {
+        let Ok(mut p) = self.inner.pending.lock() else {
+            return None;
+        };
+        if p.remove(&id).is_none() {
+            // Answered (or failed by `fail_all`) between the deadline and
+            // now: its answer, if any, is in the slot.
+            drop(p);
+            return slot.state.lock().ok().and_then(|mut st| st.reply.take());
+        }
+        if let Some(undo) = undo {
+            if !self.inner.dead.load(Ordering::Acquire) {
+                // Under `pending`: the reader, not finding the id pending,
+                // then finds it here.
+                if let Ok(mut l) = self.inner.late.lock() {
+                    l.remember(id, undo);
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs one undo of a late answer (on the undo worker).
+    fn undo_late(&self, undo: &late::Undo) {
+        let key = undo.key();
+        let done = match undo {
+            late::Undo::Close(_) => self.close(key).map(|_| "closed"),
+            late::Undo::Detach(_) => self.detach_late(key),
+            late::Undo::Unlock { unlocks, .. } => {
+                self.lock(key, unlocks.clone(), None).map(|_| "unlocked")
+            }
+        };
+        match done {
+            Ok(what) => tracing::warn!(
+                resume_key = %key,
+                "filterd answered after the call gave up; the handle was {what}"
+            ),
+            Err(e) => tracing::error!(
+                resume_key = %key,
+                ?undo,
+                error = %e,
+                "filterd answered after the call gave up, and undoing the answer failed"
+            ),
+        }
+        self.inner.undone.fetch_add(1, Ordering::Release);
+    }
+
+    /// Detaches `key`, which a late answer to a replay or resume attached,
+    /// unless it has been handed out again: a call answered with it since
+    /// holds it. While a reattaching call is in flight (it may be answered
+    /// with it) the detach waits, up to the call timeout; sent, it reaches
+    /// filterd before any reattaching call sent after it, which then finds
+    /// the handle disconnected and attaches it again.
+    fn detach_late(&self, key: ResumeKey) -> Result<&'static str, ClientError> {
+        let until = Instant::now() + self.timeout;
+        loop {
+            let order = self
+                .inner
+                .reattach_order
+                .lock()
+                .map_err(|_| ClientError::Disconnected)?;
+            let (watched, busy) = {
+                let p = self
+                    .inner
+                    .pending
+                    .lock()
+                    .map_err(|_| ClientError::Disconnected)?;
+                let busy = p.values().any(|s| s.reattach);
+                let mut w = self
+                    .inner
+                    .watch
+                    .lock()
+                    .map_err(|_| ClientError::Disconnected)?;
+                let watched = w.contains(&key);
+                if watched && (!busy || Instant::now() >= until) {
+                    w.remove(&key);
+                }
+                (watched, busy)
+            };
+            if !watched {
+                return Ok("left attached: a call was answered with it since");
+            }
+            if busy && Instant::now() >= until {
+                return Ok("left attached: reattaching calls stayed in flight");
+            }
+            if busy {
+                drop(order);
+                std::thread::sleep(FOLLOWER_TICK);
+                continue;
+            }
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            return self
+                .call_ordered(id, Request::Detach { key }, Some(order))
+                .map(|_| "detached");
         }
     }
 
@@ -1024,6 +1215,15 @@ fn fail_all(inner: &Inner) {
             slot.put(|st| st.closed = true);
         }
     }
+    // filterd detaches this connection's handles itself.
+    if let Ok(mut l) = inner.late.lock() {
+        l.clear();
+    }
+    if let Ok(_p) = inner.pending.lock() {
+        if let Ok(mut w) = inner.watch.lock() {
+            w.clear();
+        }
+    }
     // With a full queue this cannot be queued; the queue's reader then
     // learns it from `is_dead` once it has drained the queue.
     let _ = inner.events.try_send(Event::ConnectionLost);
@@ -1105,9 +1305,24 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -
             id: Some(id),
             result,
         }) => {
-            let slot = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
-            if let Some(slot) = slot {
-                slot.put(|st| st.reply = Some((result, fds, cut)));
+            let slot = inner.pending.lock().ok().and_then(|mut p| {
+                let slot = p.remove(&id);
+                if let (Some(_), Ok(Reply::Opened(info))) = (&slot, &result) {
+                    // Handed out: a queued late detach leaves it (under
+                    // `pending`, see `FilterClient::detach_late`).
+                    if let Ok(mut w) = inner.watch.lock() {
+                        if !w.is_empty() {
+                            w.remove(&info.key);
+                        }
+                    }
+                }
+                slot
+            });
+            match slot {
+                Some(slot) => slot.put(|st| st.reply = Some((result, fds, cut))),
+                // Its call gave up: undo what the answer reports (its
+                // descriptors are closed as they drop).
+                None => late_answer(inner, id, &result),
             }
         }
         Ok(ServerFrame::Reply { id: None, result }) => {
@@ -1139,6 +1354,61 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -
         Err(e) => tracing::warn!(error = %e, "undecodable frame from filterd"),
     }
     true
+}
+
+/// The answer to call `id`, which came after the call gave up: when it
+/// reports state the caller's client was told did not happen, the undo
+/// worker takes it back. Never waits (the reader must keep reading).
+fn late_answer(inner: &Inner, id: u64, result: &Result<Reply, WireError>) {
+    let Some(undo) = inner.late.lock().ok().and_then(|mut l| l.take(id)) else {
+        return;
+    };
+    let Some(undo) = result.as_ref().ok().and_then(|r| undo.undo(r)) else {
+        return;
+    };
+    if let late::Undo::Detach(key) = &undo {
+        // Under `pending` (see `FilterClient::detach_late`).
+        if let Ok(_p) = inner.pending.lock() {
+            if let Ok(mut w) = inner.watch.lock() {
+                w.insert(*key);
+            }
+        }
+    }
+    let worker = inner.undoer.get_or_init(|| start_undoer(inner.me.clone()));
+    if let Err(e) = worker.try_send(undo) {
+        tracing::error!(
+            undo = ?e.into_inner(),
+            "a late filterd answer cannot be undone: the undo worker is gone or full"
+        );
+    }
+}
+
+/// Starts the thread that runs undo calls for connection `me`; it ends
+/// with the connection (its queue's sender lives in the connection).
+fn start_undoer(me: Weak<Inner>) -> Sender<late::Undo> {
+    let (tx, rx) = bounded::<late::Undo>(UNDO_QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("filter-client-undo".into())
+        .spawn(move || {
+            while let Ok(undo) = rx.recv() {
+                let Some(inner) = me.upgrade() else {
+                    return;
+                };
+                let client = FilterClient {
+                    _closer: None,
+                    events: crossbeam_channel::never(),
+                    hello: inner.hello.clone(),
+                    timeout: inner.timeout,
+                    inner,
+                };
+                client.undo_late(&undo);
+            }
+        });
+    if let Err(e) = spawned {
+        // The receiver is gone with the closure: every send fails, loudly.
+        tracing::error!(error = %e, "cannot start the late-answer undo worker");
+    }
+    tx
 }
 
 /// After giving up the reader role, wakes one waiting caller (other than
@@ -1437,7 +1707,6 @@ pub(crate) mod tests {
     /// call is answered on the same connection.
     #[test]
     fn a_reply_whose_descriptors_were_cut_fails_only_its_call() {
-        use crate::model::{CreateAction, Durability};
         let key = ResumeKey(uuid::Uuid::new_v4());
         let (dir, path, daemon) = fake_daemon(move |c, buf| {
             let mut detached = None;
@@ -1449,18 +1718,7 @@ pub(crate) mod tests {
                 };
                 let f = proto::decode_request(&buf[..len]).expect("request");
                 let (reply, fds) = match f.req {
-                    Request::Resume(_) => (
-                        Reply::Opened(Opened {
-                            key,
-                            create_action: CreateAction::Opened,
-                            size: 0,
-                            file: FileId { dev: 1, ino: 2 },
-                            durability: Durability::None,
-                            lease: None,
-                            locked: false,
-                        }),
-                        5,
-                    ),
+                    Request::Resume(_) => (opened(key), 5),
                     Request::Detach { key } => {
                         detached = Some(key);
                         (Reply::Done, 0)
@@ -1508,6 +1766,131 @@ pub(crate) mod tests {
         assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
         drop(c);
         daemon.join().expect("daemon");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A non-durable handle `key` opened (or resumed) by a fake daemon.
+    fn opened(key: ResumeKey) -> Reply {
+        use crate::model::{CreateAction, Durability};
+        Reply::Opened(Opened {
+            key,
+            create_action: CreateAction::Opened,
+            size: 0,
+            file: FileId { dev: 1, ino: 2 },
+            durability: Durability::None,
+            lease: None,
+            locked: false,
+        })
+    }
+
+    /// A fake daemon that reads `hold` requests unanswered, then answers
+    /// each of them (a `Resume` with `Opened(key)`, anything else `Done`)
+    /// and every later request, until the client goes. Returns the ops of
+    /// the requests after the held ones.
+    fn late_daemon(
+        key: ResumeKey,
+        hold: usize,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::thread::JoinHandle<Vec<String>>,
+    ) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (dir, path, daemon) = fake_daemon(move |c, buf| {
+            let answer = |f: RequestFrame| {
+                let reply = match f.req {
+                    Request::Resume(_) => opened(key),
+                    _ => Reply::Done,
+                };
+                let frame = ServerFrame::Reply {
+                    id: Some(f.id),
+                    result: Ok(reply),
+                };
+                let _ = sys::send_packet(c.as_fd(), &proto::encode(&frame).expect("encode"), None);
+            };
+            let recv = |buf: &mut [u8]| loop {
+                match sys::recv_packet(c.as_fd(), buf) {
+                    Ok(Packet::Data { len, .. }) => {
+                        return Some(proto::decode_request(&buf[..len]).expect("request"))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    _ => return None,
+                }
+            };
+            let mut held = Vec::new();
+            while held.len() < hold {
+                held.push(recv(buf).expect("a held request"));
+            }
+            for f in held {
+                answer(f);
+            }
+            let mut after = Vec::new();
+            while let Some(f) = recv(buf) {
+                after.push(f.req.name().to_owned());
+                answer(f);
+            }
+            let _ = tx.send(after);
+        });
+        let joined = std::thread::spawn(move || {
+            daemon.join().expect("daemon");
+            rx.recv().expect("the requests")
+        });
+        (dir, path, joined)
+    }
+
+    /// Waits until the undo worker has dealt with `n` late answers.
+    fn undone(c: &FilterClient, n: u64) {
+        let t0 = Instant::now();
+        while c.inner.undone.load(Ordering::Acquire) < n {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no undo");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A client of the daemon at `path` whose resume of `key` timed out
+    /// (200 ms); its later calls wait 30 s.
+    fn resume_timed_out(path: &Path, key: ResumeKey) -> FilterClient {
+        let mut c = FilterClient::connect_control(path).expect("connect");
+        c.set_timeout(Duration::from_millis(200));
+        let r = c.resume(ClientId::new("c").expect("client"), key);
+        assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+        c.set_timeout(Duration::from_secs(30));
+        c
+    }
+
+    /// A resume answered after its call gave up is detached (round 15,
+    /// branch aD): the frontend told its client the resume failed.
+    #[test]
+    fn a_resume_answered_late_is_detached() {
+        let key = ResumeKey(uuid::Uuid::new_v4());
+        let (dir, path, daemon) = late_daemon(key, 2);
+        let c = resume_timed_out(&path, key);
+        // The second held request: answered after the late one.
+        assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
+        undone(&c, 1);
+        drop(c);
+        assert_eq!(daemon.join().expect("daemon"), ["detach"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The client re-sends a resume its frontend timed out (an nfsl/1
+    /// client after NFS4ERR_DELAY): the first answer comes late, the second
+    /// in time, both naming the handle. The late one's detach must not
+    /// take the handle from the caller that now holds it.
+    #[test]
+    fn a_late_resume_is_not_detached_once_a_resent_one_has_it() {
+        let key = ResumeKey(uuid::Uuid::new_v4());
+        let (dir, path, daemon) = late_daemon(key, 2);
+        let c = resume_timed_out(&path, key);
+        let r = c.call(Request::Resume(ResumeRequest {
+            client: ClientId::new("c").expect("client"),
+            target: ResumeTarget::Key { key },
+        }));
+        assert!(matches!(r, Ok((Reply::Opened(_), _))), "{r:?}");
+        undone(&c, 1);
+        assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
+        drop(c);
+        assert_eq!(daemon.join().expect("daemon"), ["stats"], "never detached");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -1,0 +1,226 @@
+//! Answers that come after their call gave up.
+//!
+//! A call waits [`super::DEFAULT_CALL_TIMEOUT`] (or
+//! `RKFILTER_CALL_TIMEOUT_MS`) for filterd; a filterd stalled longer (a
+//! slow disk, a long commit, SIGSTOP) still answers later. Its caller told
+//! its own client the request failed, so what the late answer reports must
+//! not stay in force: an open nobody can name would hold its share mode,
+//! lease and record against every other client for as long as the frontend
+//! stays attached, and a lock the client was told failed would refuse
+//! everyone else's. [`LateAnswers`] remembers, for each call that gave up
+//! and whose success would leave such state, what undoes it
+//! ([`LateUndo`]); the reader turns a late success into an [`Undo`] that a
+//! worker thread runs as an ordinary call (the reader must keep reading).
+//!
+//! Per request kind (docs/ARCHITECTURE.md "Answers that come after the
+//! call gave up"):
+//! - a fresh `Open`: the handle is closed (its client was told the open
+//!   failed and will never name it);
+//! - a `ReplayOpen` or `Resume`: the handle is detached, as when its client
+//!   goes away — a durable or persistent one stays resumable by its create
+//!   GUID, another is closed;
+//! - a `Lock` of ranges only, without a lock sequence: the ranges are
+//!   unlocked. With a lock sequence the client's replay of it is answered
+//!   from the record (exactly once), so the lock stays; a batch that also
+//!   unlocks cannot be undone by a call and stays too;
+//! - anything else: nothing. Closes and detaches taken back late are
+//!   settled by the frontends (`rksmbd::settle`); record writes, renames
+//!   and size changes are found again by the client's replay.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::locks::LockOp;
+use crate::model::ResumeKey;
+use crate::proto::{Reply, Request};
+
+/// Most calls that gave up whose answers are remembered. An older one is
+/// forgotten (with a warning): its answer, if it ever comes, is dropped as
+/// before.
+pub(super) const LATE_MAX: usize = 1024;
+
+/// What undoes a late success of a call that gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum LateUndo {
+    /// A fresh open: close the handle it answers with.
+    Close,
+    /// A replay or resume: detach the handle it answers with.
+    Detach,
+    /// A lock: unlock these ranges of this handle.
+    Unlock {
+        /// The handle.
+        key: ResumeKey,
+        /// The ranges it locked, as unlocks.
+        unlocks: Vec<LockOp>,
+    },
+}
+
+impl LateUndo {
+    /// What would undo `req` answered late; `None` when nothing should.
+    pub(super) fn of(req: &Request) -> Option<LateUndo> {
+        match req {
+            Request::Open(_) => Some(LateUndo::Close),
+            Request::ReplayOpen(_) | Request::Resume(_) => Some(LateUndo::Detach),
+            Request::Lock {
+                key,
+                locks,
+                lock_sequence: None,
+                ..
+            } if !locks.is_empty() && locks.iter().all(|l| !l.unlock) => Some(LateUndo::Unlock {
+                key: *key,
+                unlocks: locks
+                    .iter()
+                    .map(|l| LockOp { unlock: true, ..*l })
+                    .collect(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The call that undoes a late answer `reply`, if it reports the
+    /// state this undo takes back.
+    pub(super) fn undo(self, reply: &Reply) -> Option<Undo> {
+        match (self, reply) {
+            (LateUndo::Close, Reply::Opened(info)) => Some(Undo::Close(info.key)),
+            (LateUndo::Detach, Reply::Opened(info)) => Some(Undo::Detach(info.key)),
+            (LateUndo::Unlock { key, unlocks }, Reply::Done) => Some(Undo::Unlock { key, unlocks }),
+            _ => None,
+        }
+    }
+}
+
+/// A call that takes back what a late answer reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Undo {
+    /// Close this handle.
+    Close(ResumeKey),
+    /// Detach this handle.
+    Detach(ResumeKey),
+    /// Unlock these ranges of this handle.
+    Unlock {
+        /// The handle.
+        key: ResumeKey,
+        /// The unlocks.
+        unlocks: Vec<LockOp>,
+    },
+}
+
+impl Undo {
+    /// The handle it concerns.
+    pub(super) fn key(&self) -> ResumeKey {
+        match self {
+            Undo::Close(k) | Undo::Detach(k) | Undo::Unlock { key: k, .. } => *k,
+        }
+    }
+}
+
+/// The calls that gave up, by request id, bounded by [`LATE_MAX`].
+#[derive(Debug, Default)]
+pub(super) struct LateAnswers {
+    undo: HashMap<u64, LateUndo>,
+    /// Ids in the order they gave up (some may have been answered since).
+    order: VecDeque<u64>,
+}
+
+impl LateAnswers {
+    /// Remembers that call `id` gave up; forgets the oldest beyond
+    /// [`LATE_MAX`].
+    pub(super) fn remember(&mut self, id: u64, undo: LateUndo) {
+        self.undo.insert(id, undo);
+        self.order.push_back(id);
+        while self.order.len() > LATE_MAX {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(u) = self.undo.remove(&old) {
+                tracing::warn!(
+                    id = old,
+                    ?u,
+                    limit = LATE_MAX,
+                    "too many calls gave up on filterd: a late answer will not be undone"
+                );
+            }
+        }
+    }
+
+    /// What undoes the late answer to `id`, if `id` gave up.
+    pub(super) fn take(&mut self, id: u64) -> Option<LateUndo> {
+        self.undo.remove(&id)
+    }
+
+    /// Forgets everything (the connection is gone: filterd detaches its
+    /// handles itself).
+    pub(super) fn clear(&mut self) {
+        self.undo.clear();
+        self.order.clear();
+    }
+
+    /// How many are remembered.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.undo.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::locks::LockRange;
+
+    fn lock(unlock: bool) -> LockOp {
+        LockOp {
+            range: LockRange {
+                offset: 0,
+                length: 10,
+            },
+            exclusive: true,
+            unlock,
+        }
+    }
+
+    fn lock_req(locks: Vec<LockOp>, seq: bool) -> Request {
+        Request::Lock {
+            key: ResumeKey(uuid::Uuid::from_u128(7)),
+            locks,
+            lock_sequence: seq.then_some(crate::model::LockSequence {
+                number: 1,
+                index: 1,
+            }),
+            lock_owner: None,
+        }
+    }
+
+    #[test]
+    fn a_lock_is_undone_only_without_a_sequence_and_without_unlocks() {
+        assert_eq!(
+            LateUndo::of(&lock_req(vec![lock(false)], false)),
+            Some(LateUndo::Unlock {
+                key: ResumeKey(uuid::Uuid::from_u128(7)),
+                unlocks: vec![lock(true)]
+            })
+        );
+        assert_eq!(LateUndo::of(&lock_req(vec![lock(false)], true)), None);
+        assert_eq!(
+            LateUndo::of(&lock_req(vec![lock(false), lock(true)], false)),
+            None
+        );
+        assert_eq!(LateUndo::of(&Request::Status), None);
+    }
+
+    #[test]
+    fn the_memory_is_bounded() {
+        let mut l = LateAnswers::default();
+        for id in 0..(LATE_MAX as u64 + 10) {
+            l.remember(id, LateUndo::Close);
+        }
+        assert_eq!(l.len(), LATE_MAX);
+        assert_eq!(l.take(0), None, "the oldest was forgotten");
+        assert_eq!(l.take(LATE_MAX as u64 + 9), Some(LateUndo::Close));
+        // Answered ids leave the order too, in time.
+        for id in 0..(2 * LATE_MAX as u64) {
+            l.remember(10_000 + id, LateUndo::Detach);
+            l.take(10_000 + id);
+        }
+        assert_eq!(l.len(), 0);
+        assert!(l.order.len() <= LATE_MAX);
+    }
+}

@@ -1,0 +1,190 @@
+//! An answer that comes after its call gave up. A frontend's `FilterClient`
+//! waits `RKFILTER_CALL_TIMEOUT_MS` (120 s by default) for filterd; when
+//! filterd is stalled past it (SIGSTOP here; a slow disk or a long commit
+//! in the field) the frontend tells its client the request failed. Before
+//! the fix the answer that came later was dropped unread: a CREATE's open
+//! stayed in filterd, attached to the frontend, named by nobody — its share
+//! mode refused every other client for as long as the frontend lived; a
+//! LOCK's range stayed locked against everyone. Now libfilter remembers
+//! what a call that gave up was and undoes its late answer: a fresh open is
+//! closed, a replayed or resumed one detached (it stays resumable), a lock
+//! without a lock sequence unlocked.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use rkfilter_tests::{filterctl, smb_session, wait_for, Filterd, LineClient, Scratch, Shim};
+use serde_json::{json, Value};
+
+/// How long smbshim waits for filterd before it answers its client.
+const CALL_TIMEOUT_MS: &str = "700";
+
+/// filterd and an smbshim whose calls give up after [`CALL_TIMEOUT_MS`].
+fn setup(name: &str) -> (Scratch, Filterd, Shim) {
+    setup_shim(name, "smbshim")
+}
+
+/// filterd and frontend `shim` whose calls give up after [`CALL_TIMEOUT_MS`].
+fn setup_shim(name: &str, shim: &str) -> (Scratch, Filterd, Shim) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[]);
+    let smb = Shim::start_with_env(
+        shim,
+        d.socket(),
+        name,
+        &[("RKFILTER_CALL_TIMEOUT_MS", CALL_TIMEOUT_MS)],
+    );
+    (s, d, smb)
+}
+
+/// filterd's handles: (path, connection state) each.
+fn handles(d: &Filterd) -> Vec<(String, String)> {
+    let sock = d.socket().display().to_string();
+    let v = filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    v.as_array()
+        .expect("a list")
+        .iter()
+        .map(|h| {
+            let r = if h["record"].is_object() {
+                &h["record"]
+            } else {
+                h
+            };
+            (
+                r["path"].as_str().unwrap_or_default().to_owned(),
+                r["conn"]["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until filterd's one handle, of `f`, is disconnected.
+fn wait_detached(d: &Filterd) {
+    wait_for(
+        "the late answer's handle to be detached",
+        Duration::from_secs(10),
+        || (handles(d) == [("f".to_owned(), "disconnected".to_owned())]).then_some(()),
+    );
+}
+
+/// Sends `req` on `c` while filterd is stopped, waits for smbshim's answer
+/// (it gives up on filterd), then lets filterd go on: its late answer
+/// reaches smbshim after the client was told the request failed.
+fn answered_late(d: &Filterd, c: &mut LineClient, req: Value) -> Value {
+    d.signal(Signal::SIGSTOP);
+    let r = c.call(req);
+    d.signal(Signal::SIGCONT);
+    assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "gave up: {r}");
+    r
+}
+
+fn exclusive_create(sid: u64) -> Value {
+    json!({"cmd": "CREATE", "session_id": sid, "path": "f", "access": ["read", "write"],
+           "share": [], "disposition": "open_if"})
+}
+
+#[test]
+fn an_open_answered_after_its_call_gave_up_is_closed() {
+    let (_s, d, smb) = setup("late-open");
+    let (mut a, sid) = smb_session(&smb.addr);
+    answered_late(&d, &mut a, exclusive_create(sid));
+    let resumed = std::time::Instant::now();
+
+    // The open nobody can name goes away once its late answer is read.
+    wait_for(
+        "the late open to be closed",
+        Duration::from_secs(10),
+        || handles(&d).is_empty().then_some(()),
+    );
+    eprintln!(
+        "the late open was closed {:?} after filterd went on",
+        resumed.elapsed()
+    );
+    // Another client opens the file exclusively: no orphan refuses it.
+    let (mut b, bsid) = smb_session(&smb.addr);
+    let r = b.call(exclusive_create(bsid));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // And the first client, told its open failed, opens again once b is done.
+    let fid = r["file_id"].clone();
+    let r = b.call(json!({"cmd": "CLOSE", "session_id": bsid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = a.call(exclusive_create(sid));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+#[test]
+fn a_replayed_open_answered_late_is_detached_and_stays_resumable() {
+    let (_s, d, smb) = setup("late-replay");
+    let (mut a, sid) = smb_session(&smb.addr);
+    let guid = uuid::Uuid::new_v4().to_string();
+    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": [], "disposition": "open_if", "replay": true,
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    answered_late(&d, &mut a, create.clone());
+
+    // Not closed (the client may replay its GUID), not kept attached to a
+    // frontend that never handed it out: disconnected, as after a lost
+    // connection.
+    wait_detached(&d);
+    // The client replays its create and gets the handle back.
+    let r = a.call(create);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
+}
+
+#[test]
+fn a_lock_answered_after_its_call_gave_up_is_unlocked() {
+    let (_s, d, smb) = setup("late-lock");
+    let (mut a, sid) = smb_session(&smb.addr);
+    let share = json!({"cmd": "CREATE", "session_id": sid, "path": "f", "access": ["read", "write"],
+                       "share": ["read", "write"], "disposition": "open_if"});
+    let r = a.call(share.clone());
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let lock = |sid: u64, fid: &Value| {
+        json!({"cmd": "LOCK", "session_id": sid, "file_id": fid,
+               "locks": [{"offset": 0, "length": 10, "exclusive": true, "unlock": false}]})
+    };
+    // b's open first: with two opens of the file, a lock goes to filterd.
+    let (mut b, bsid) = smb_session(&smb.addr);
+    let mut open = share;
+    open["session_id"] = json!(bsid);
+    let r = b.call(open);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let bfid = r["file_id"].clone();
+    answered_late(&d, &mut a, lock(sid, &fid));
+
+    // b's lock of the range: refused while the lock a was told failed
+    // still stands, granted once it is undone.
+    wait_for(
+        "the late lock to be undone",
+        Duration::from_secs(10),
+        || {
+            let r = b.call(lock(bsid, &bfid));
+            (r["status"] == "STATUS_SUCCESS").then_some(())
+        },
+    );
+}
+
+/// nfsshim: an OPEN (a `ReplayOpen` carrying the open's records) that
+/// filterd answers after nfsshim answered `NFS4ERR_DELAY`. Before the fix
+/// its handle stayed attached to nfsshim, named by no stateid the client
+/// was given, until nfsshim went; now it is detached — it expires after
+/// its timeout unless the client's re-sent OPEN takes it back, as here.
+#[test]
+fn nfsshim_detaches_an_open_answered_late_and_its_resend_gets_it() {
+    let (_s, d, nfs) = setup_shim("late-nfs", "nfsshim");
+    let mut n = rkfilter_tests::Nfs::connect(&nfs.addr, "host", "00000000000000aa");
+    d.signal(Signal::SIGSTOP);
+    let open = json!({"op": "OPEN", "owner": "p", "path": "f", "access": "both", "deny": "both",
+                      "create": {"mode": "unchecked"}});
+    let r = n.call(open.clone());
+    d.signal(Signal::SIGCONT);
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "gave up: {r}");
+
+    wait_detached(&d);
+    // The client re-sends its OPEN (same slot and seqid) and gets it.
+    let r = n.send(open);
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
+}
