@@ -168,7 +168,7 @@ struct ReplySlot {
     state: Mutex<SlotState>,
     cv: Condvar,
     /// The call may attach a handle again (`ReplayOpen`, `Resume`): a late
-    /// answer's detach waits for it ([`FilterClient::detach_late`]).
+    /// answer's detach waits for it ([`FilterClient::take_back_late`]).
     reattach: bool,
 }
 
@@ -237,10 +237,10 @@ struct Inner {
     /// The worker that runs the undo calls, started by the first late
     /// answer that needs one.
     undoer: OnceLock<Sender<late::Undo>>,
-    /// Handles a late answer to a replay or resume attached, whose detach
-    /// is queued: a call answered with one of them since takes it out (it
-    /// has been handed out again, so it must stay attached). Taken only
-    /// with `pending` held.
+    /// Handles a late answer made or attached whose close or detach is
+    /// queued: a call answered with one of them since takes it out (it
+    /// has been handed out again, so it must stay). Taken only with
+    /// `pending` held.
     watch: Mutex<HashSet<ResumeKey>>,
     /// Held while a reattaching call or a late answer's detach is sent, so
     /// a detach is sent only when no reattaching call is in flight, and
@@ -699,8 +699,8 @@ impl FilterClient {
     fn undo_late(&self, undo: &late::Undo) {
         let key = undo.key();
         let done = match undo {
-            late::Undo::Close(_) => self.close(key).map(|_| "closed"),
-            late::Undo::Detach(_) => self.detach_late(key),
+            late::Undo::Close(_) => self.take_back_late(key, true),
+            late::Undo::Detach(_) => self.take_back_late(key, false),
             late::Undo::Unlock { unlocks, .. } => {
                 self.lock(key, unlocks.clone(), None).map(|_| "unlocked")
             }
@@ -720,13 +720,16 @@ impl FilterClient {
         self.inner.undone.fetch_add(1, Ordering::Release);
     }
 
-    /// Detaches `key`, which a late answer to a replay or resume attached,
-    /// unless it has been handed out again: a call answered with it since
-    /// holds it. While a reattaching call is in flight (it may be answered
-    /// with it) the detach waits, up to the call timeout; sent, it reaches
-    /// filterd before any reattaching call sent after it, which then finds
-    /// the handle disconnected and attaches it again.
-    fn detach_late(&self, key: ResumeKey) -> Result<&'static str, ClientError> {
+    /// Closes (`close`: a fresh open answered late) or detaches (a replay
+    /// or resume answered late) `key`, unless it has been handed out
+    /// again: a call answered with it since holds it (a fresh open with a
+    /// create GUID is taken by the replay of that GUID as surely as a
+    /// replay's handle is). While a reattaching call is in flight (it may
+    /// be answered with it) the undo waits, up to the call timeout; sent,
+    /// it reaches filterd before any reattaching call sent after it, which
+    /// then finds the handle disconnected (or closed) and attaches it
+    /// again (or opens anew).
+    fn take_back_late(&self, key: ResumeKey, close: bool) -> Result<&'static str, ClientError> {
         let until = Instant::now() + self.timeout;
         loop {
             let order = self
@@ -764,9 +767,14 @@ impl FilterClient {
                 continue;
             }
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            return self
-                .call_ordered(id, Request::Detach { key }, Some(order))
-                .map(|_| "detached");
+            let (req, what) = if close {
+                let (put, delete) = (Vec::new(), Vec::new());
+                (Request::Close { key, put, delete }, "closed")
+            } else {
+                (Request::Detach { key }, "detached")
+            };
+            let (reply, _, _) = self.call_ordered(id, req, Some(order))?;
+            return Self::expect_done((reply, Vec::new())).map(|()| what);
         }
     }
 
@@ -1307,12 +1315,18 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -
         }) => {
             let slot = inner.pending.lock().ok().and_then(|mut p| {
                 let slot = p.remove(&id);
-                if let (Some(_), Ok(Reply::Opened(info))) = (&slot, &result) {
-                    // Handed out: a queued late detach leaves it (under
-                    // `pending`, see `FilterClient::detach_late`).
+                if let (Some(s), Ok(Reply::Opened(info))) = (&slot, &result) {
+                    // Handed out: a queued late undo leaves it (under
+                    // `pending`, see `FilterClient::take_back_late`), and
+                    // so does a late answer naming it that comes after.
                     if let Ok(mut w) = inner.watch.lock() {
                         if !w.is_empty() {
                             w.remove(&info.key);
+                        }
+                    }
+                    if s.reattach {
+                        if let Ok(mut l) = inner.late.lock() {
+                            l.handed_out(info.key);
                         }
                     }
                 }
@@ -1360,14 +1374,23 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -
 /// reports state the caller's client was told did not happen, the undo
 /// worker takes it back. Never waits (the reader must keep reading).
 fn late_answer(inner: &Inner, id: u64, result: &Result<Reply, WireError>) {
-    let Some(undo) = inner.late.lock().ok().and_then(|mut l| l.take(id)) else {
+    let Some(undo) = inner.late.lock().ok().and_then(|mut l| {
+        let undo = l.take(id)?;
+        let undo = result.as_ref().ok().and_then(|r| undo.undo(r));
+        // A replay or resume was answered with it already: it is held.
+        let handed = undo.as_ref().is_some_and(|u| l.handed_out_since(u.key()));
+        let undo = undo?;
+        if handed {
+            tracing::info!(resume_key = %undo.key(), "filterd answered after the call gave up; a replay holds the handle since, so it stays");
+            inner.undone.fetch_add(1, Ordering::Release);
+            return None;
+        }
+        Some(undo)
+    }) else {
         return;
     };
-    let Some(undo) = result.as_ref().ok().and_then(|r| undo.undo(r)) else {
-        return;
-    };
-    if let late::Undo::Detach(key) = &undo {
-        // Under `pending` (see `FilterClient::detach_late`).
+    if let late::Undo::Detach(key) | late::Undo::Close(key) = &undo {
+        // Under `pending` (see `FilterClient::take_back_late`).
         if let Ok(_p) = inner.pending.lock() {
             if let Ok(mut w) = inner.watch.lock() {
                 w.insert(*key);
@@ -1795,11 +1818,25 @@ pub(crate) mod tests {
         std::path::PathBuf,
         std::thread::JoinHandle<Vec<String>>,
     ) {
+        late_daemon_answering(key, hold, false)
+    }
+
+    /// As [`late_daemon`], answering the held requests last first when
+    /// `reverse`.
+    fn late_daemon_answering(
+        key: ResumeKey,
+        hold: usize,
+        reverse: bool,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::thread::JoinHandle<Vec<String>>,
+    ) {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let (dir, path, daemon) = fake_daemon(move |c, buf| {
             let answer = |f: RequestFrame| {
                 let reply = match f.req {
-                    Request::Resume(_) => opened(key),
+                    Request::Resume(_) | Request::Open(_) | Request::ReplayOpen(_) => opened(key),
                     _ => Reply::Done,
                 };
                 let frame = ServerFrame::Reply {
@@ -1820,6 +1857,9 @@ pub(crate) mod tests {
             let mut held = Vec::new();
             while held.len() < hold {
                 held.push(recv(buf).expect("a held request"));
+            }
+            if reverse {
+                held.reverse();
             }
             for f in held {
                 answer(f);
@@ -1891,6 +1931,45 @@ pub(crate) mod tests {
         assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
         drop(c);
         assert_eq!(daemon.join().expect("daemon"), ["stats"], "never detached");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A fresh open with a create GUID gave up; the client's replay of
+    /// that GUID, sent after, is answered with the handle the open made
+    /// before the open's own late answer comes (filterd stalled with both
+    /// queued). The late answer must not close the handle the replay's
+    /// caller now holds.
+    #[test]
+    fn a_late_open_is_not_closed_once_its_replay_has_it() {
+        use crate::model::{Access, Disposition, Durability, RelPath, Rights};
+        let key = ResumeKey(uuid::Uuid::new_v4());
+        let (dir, path, daemon) = late_daemon_answering(key, 2, true);
+        let mut c = FilterClient::connect_control(&path).expect("connect");
+        let req = OpenRequest {
+            client: ClientId::new("c").expect("client"),
+            path: RelPath::new("f").expect("path"),
+            access: Access::new(Rights::READ).expect("access"),
+            share: Rights::ALL,
+            disposition: Disposition::OpenIf,
+            durability: Durability::Persistent { timeout_ms: 0 },
+            create_guid: Some(crate::model::CreateGuid(uuid::Uuid::new_v4())),
+            owner: None,
+            lease: None,
+            no_wait: false,
+            share_group: None,
+            stat: false,
+            put: Vec::new(),
+        };
+        c.set_timeout(Duration::from_millis(200));
+        let r = c.call(Request::Open(req.clone()));
+        assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+        c.set_timeout(Duration::from_secs(30));
+        let r = c.call(Request::ReplayOpen(req));
+        assert!(matches!(r, Ok((Reply::Opened(_), _))), "{r:?}");
+        undone(&c, 1);
+        assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
+        drop(c);
+        assert_eq!(daemon.join().expect("daemon"), ["stats"], "never closed");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -119,6 +119,13 @@ pub(super) struct LateAnswers {
     undo: HashMap<u64, LateUndo>,
     /// Ids in the order they gave up (some may have been answered since).
     order: VecDeque<u64>,
+    /// Handles answered to reattaching calls (replay, resume) while calls
+    /// that gave up are remembered, newest last, at most [`LATE_MAX`]: a
+    /// late answer naming one of them is left alone, for the replay that
+    /// took the handle may have been answered before the late answer came
+    /// (a create GUID's fresh open and its replay, queued together in a
+    /// stalled filterd).
+    handed: VecDeque<ResumeKey>,
 }
 
 impl LateAnswers {
@@ -147,11 +154,35 @@ impl LateAnswers {
         self.undo.remove(&id)
     }
 
+    /// Whether a reattaching call was answered with `key` since a call
+    /// that is still remembered gave up; the handed-out handles are
+    /// forgotten once no such call is left.
+    pub(super) fn handed_out_since(&mut self, key: ResumeKey) -> bool {
+        let handed = self.handed.contains(&key);
+        if self.undo.is_empty() {
+            self.handed.clear();
+        }
+        handed
+    }
+
+    /// A reattaching call was answered with handle `key` (remembered only
+    /// while some call that gave up is).
+    pub(super) fn handed_out(&mut self, key: ResumeKey) {
+        if self.undo.is_empty() {
+            return;
+        }
+        if self.handed.len() >= LATE_MAX {
+            self.handed.pop_front();
+        }
+        self.handed.push_back(key);
+    }
+
     /// Forgets everything (the connection is gone: filterd detaches its
     /// handles itself).
     pub(super) fn clear(&mut self) {
         self.undo.clear();
         self.order.clear();
+        self.handed.clear();
     }
 
     /// How many are remembered.
