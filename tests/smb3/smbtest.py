@@ -90,15 +90,21 @@ def persistent_context(create_guid, timeout_ms=60000):
 
 def open_rw(tree, name, disposition, contexts=(), oplock_level=0):
     """An open of file `name` for reading and writing, sharing reading."""
+    return create_rw(tree, name, disposition, contexts, oplock_level)[0]
+
+
+def create_rw(tree, name, disposition, contexts=(), oplock_level=0, share=ShareAccess.FILE_SHARE_READ):
+    """An open of file `name` for reading and writing, sharing `share`:
+    the Open and the create contexts of the response."""
     f = Open(tree, name)
-    f.create(
+    resp = f.create(
         ImpersonationLevel.Impersonation,
         FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
         FileAttributes.FILE_ATTRIBUTE_NORMAL,
-        ShareAccess.FILE_SHARE_READ,
+        share,
         disposition,
         CreateOptions.FILE_NON_DIRECTORY_FILE,
         create_contexts=list(contexts),
         oplock_level=oplock_level,
     )
-    return f
+    return f, resp or []

@@ -943,6 +943,26 @@ impl LineClient {
     }
 }
 
+/// Sends a smbl/1 request until the answer is not the retry status
+/// (smbshim reattaching to a restarted filterd, or re-learning its locks).
+pub fn smb_patiently(m: &mut LineClient, req: Value) -> Value {
+    wait_for("smbshim to answer", Duration::from_secs(20), || {
+        let r = m.call(req.clone());
+        (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
+    })
+}
+
+/// The lock tests' file `f`, made of 100 dots: bytes 10..30 (the locked
+/// range) are still dots.
+pub fn nothing_landed(s: &Scratch) {
+    let bytes = std::fs::read(s.root().join("f")).expect("read f");
+    assert_eq!(
+        bytes.get(10..30),
+        Some(&[b'.'; 20][..]),
+        "nothing landed in the lock"
+    );
+}
+
 /// An nfsl/1 client with its session and slot 0's seqid.
 pub struct Nfs {
     /// The connection.

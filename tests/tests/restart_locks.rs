@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use nix::sys::signal::Signal;
-use rkfilter_tests::{smb_session, wait_for, Filterd, LineClient, Nfs, Scratch, Shim, Strace};
+use rkfilter_tests::{
+    nothing_landed, smb_patiently, smb_session, wait_for, Filterd, LineClient, Nfs, Scratch, Shim,
+    Strace,
+};
 use serde_json::{json, Value};
 
 fn b64(b: &[u8]) -> String {
@@ -43,15 +46,6 @@ fn setup(name: &str) -> (Scratch, Filterd, Shim, Shim) {
     (s, d, nfs, smb)
 }
 
-/// Sends a smbl/1 request until the answer is not the retry status
-/// (smbshim reattaching to the restarted filterd).
-fn smb_patiently(m: &mut LineClient, req: Value) -> Value {
-    wait_for("smbshim to answer", Duration::from_secs(20), || {
-        let r = m.call(req.clone());
-        (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
-    })
-}
-
 fn smb_open(m: &mut LineClient, sid: u64, path: &str, persistent: bool) -> Value {
     let mut req = json!({"cmd": "CREATE", "session_id": sid, "path": path,
                          "access": ["read", "write"], "share": ["read", "write", "delete"],
@@ -73,16 +67,6 @@ fn nfs_write_refused(n: &mut Nfs, sid: &Value) {
     assert_eq!(
         r["status"], "NFS4ERR_LOCKED",
         "a WRITE inside the lock: {r}"
-    );
-}
-
-/// The locked bytes 10..30 of `f` are still dots.
-fn nothing_landed(s: &Scratch) {
-    let bytes = std::fs::read(s.root().join("f")).unwrap();
-    assert_eq!(
-        &bytes[10..30],
-        &[b'.'; 20][..],
-        "nothing landed in the lock"
     );
 }
 
