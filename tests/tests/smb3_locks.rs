@@ -1,0 +1,216 @@
+//! Byte-range locks a real SMB 3 client (smbprotocol) takes through
+//! rksmbd on a persistent handle hold against nfsl/1 and smbl/1 clients
+//! across failures — rksmbd SIGKILLed (and filterd with it) while the
+//! client is away — and the other way round, locks of those clients hold
+//! against rksmbd's client, also after a filterd restart that rksmbd
+//! slept through. Lock sequences (MS-SMB2 3.3.5.14) replayed after the
+//! failover are recognised: a replayed LOCK never locks twice, a replayed
+//! unlock never unlocks a range locked again since.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use nix::sys::signal::Signal;
+use rkfilter_tests::smb3::Dialogue;
+use rkfilter_tests::{
+    nothing_landed, smb_patiently, smb_session, wait_for, Filterd, Nfs, RkSmbd, Scratch, Shim,
+};
+use serde_json::{json, Value};
+
+const SUCCESS: &str = "0x0";
+const LOCK_NOT_GRANTED: &str = "0xc0000055";
+const FILE_LOCK_CONFLICT: &str = "0xc0000054";
+const RANGE_NOT_LOCKED: &str = "0xc000007e";
+const FILE_NOT_AVAILABLE: &str = "0xc0000467";
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A file `f` of 100 dots, filterd, rksmbd, nfsshim and smbshim.
+fn setup(name: &str) -> (Scratch, Filterd, RkSmbd, Shim, Shim) {
+    let s = Scratch::new(name);
+    std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let nfs = Shim::start("nfsshim", &s.socket(), &format!("nfs-{name}"));
+    let smb = Shim::start("smbshim", &s.socket(), &format!("smb-{name}"));
+    (s, d, srv, nfs, smb)
+}
+
+/// Sends `cmd` to the script and returns the status its answer line
+/// (`WORD STATUS`) carries.
+fn ask(script: &mut Dialogue, cmd: &str) -> String {
+    script.say(cmd);
+    let word = cmd.split(' ').next().unwrap_or_default();
+    let line = script.expect(&format!("{word} "));
+    line.rsplit(' ').next().unwrap_or_default().to_owned()
+}
+
+/// [`ask`], asserting the status is `want`.
+fn said(script: &mut Dialogue, cmd: &str, want: &str) {
+    let st = ask(script, cmd);
+    assert_eq!(st, want, "{cmd}:\n{}", script.log);
+}
+
+/// [`ask`], again while rksmbd answers STATUS_FILE_NOT_AVAILABLE (it is
+/// reattaching, or re-learning which files have locks).
+fn ask_patiently(script: &mut Dialogue, cmd: &str) -> String {
+    wait_for(
+        "an answer other than FILE_NOT_AVAILABLE",
+        Duration::from_secs(20),
+        || {
+            let st = ask(script, cmd);
+            (st != FILE_NOT_AVAILABLE).then_some(st)
+        },
+    )
+}
+
+/// An nfsl/1 client with `f` open for reading and writing: its stateid.
+fn nfs_open(n: &mut Nfs) -> Value {
+    let r = n.call_patiently(
+        json!({"op": "OPEN", "owner": "p", "path": "f", "access": "both", "deny": "none"}),
+    );
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    r["stateid"].clone()
+}
+
+/// An nfsl/1 write LOCK of `offset`..+`length`: its status.
+fn nfs_lock(n: &mut Nfs, sid: &Value, offset: u64, length: u64) -> Value {
+    n.call_patiently(
+        json!({"op": "LOCK", "stateid": sid, "owner": "lo", "type": "write",
+                            "offset": offset, "length": length}),
+    )
+}
+
+/// The SMB 3 client locks 10..30 (exclusive, sequence 1/1) and 50..60
+/// (shared, 2/1) on a persistent handle and goes away; rksmbd is
+/// SIGKILLed (and filterd too, when `filterd_too`). Meanwhile nfsl/1 and
+/// smbl/1 clients can neither lock nor write inside; once rksmbd is back
+/// the client resumes with DH2C and finds its locks kept.
+fn smb3_locks_hold_while_rksmbd_is_down(name: &str, filterd_too: bool) {
+    let (s, mut d, mut srv, nfsshim, smbshim) = setup(name);
+    // Connected before the failure (a session survives it; DELAY while
+    // nfsshim reattaches).
+    let mut n = Nfs::connect(&nfsshim.addr, "host-n", "1212121212121212");
+    let (mut m, msid) = smb_session(&smbshim.addr);
+    let mut script = Dialogue::start(&srv, "lock_failover.py", Duration::from_secs(120));
+    script.say("open f");
+    script.expect("opened");
+    said(&mut script, "lock 10 20 excl 1 1", SUCCESS);
+    said(&mut script, "lock 50 10 shared 2 1", SUCCESS);
+    script.say("drop");
+    script.expect("dropped");
+    srv.shim.kill9_in_place();
+    if filterd_too {
+        d.kill9();
+        d = Filterd::start(&s, &[], &[]);
+    }
+
+    // rksmbd is down: the disconnected persistent handle's locks hold.
+    let sid = nfs_open(&mut n);
+    let r = nfs_lock(&mut n, &sid, 15, 5);
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "{r}");
+    let r = n
+        .call_patiently(json!({"op": "WRITE", "stateid": sid, "offset": 12, "data": b64(b"XXXX")}));
+    assert_eq!(r["status"], "NFS4ERR_LOCKED", "{r}");
+    let r = smb_patiently(
+        &mut m,
+        json!({"cmd": "CREATE", "session_id": msid, "path": "f", "access": ["read", "write"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let r = m.call(json!({"cmd": "LOCK", "session_id": msid, "file_id": fid,
+        "locks": [{"offset": 12, "length": 4, "exclusive": true, "unlock": false}]}));
+    assert_eq!(r["status"], "STATUS_LOCK_NOT_GRANTED", "{r}");
+    let r = m.call(json!({"cmd": "WRITE", "session_id": msid, "file_id": fid,
+        "offset": 12, "data": b64(b"YYYY")}));
+    assert_eq!(r["status"], "STATUS_FILE_LOCK_CONFLICT", "{r}");
+    nothing_landed(&s);
+
+    // rksmbd is back; the client resumes its handle.
+    srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    script.say(&format!("reconnect {}", srv.port()));
+    script.expect("reconnected");
+    // Replays of both LOCKs: recognised, nothing applied (a second
+    // exclusive lock of the same range would be refused, a second shared
+    // one would stay after one unlock).
+    said(&mut script, "lock 10 20 excl 1 1", SUCCESS);
+    said(&mut script, "lock 50 10 shared 2 1", SUCCESS);
+    let r = nfs_lock(&mut n, &sid, 15, 5);
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "still locked: {r}");
+    // Its own unlocks work, once.
+    said(&mut script, "unlock 50 10 3 1", SUCCESS);
+    said(&mut script, "unlock 50 10 4 1", RANGE_NOT_LOCKED);
+    let r = nfs_lock(&mut n, &sid, 50, 10);
+    assert_eq!(r["status"], "NFS4_OK", "one shared lock, one unlock: {r}");
+    said(&mut script, "unlock 10 20 5 1", SUCCESS);
+    // Locked again; a replay of the unlock changes nothing.
+    said(&mut script, "lock 10 20 excl 6 1", SUCCESS);
+    said(&mut script, "unlock 10 20 5 1", SUCCESS);
+    let r = nfs_lock(&mut n, &sid, 15, 5);
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "the re-lock holds: {r}");
+    said(&mut script, "write 12 SMB3", SUCCESS);
+    nothing_landed_but(&s, b"SMB3");
+    said(&mut script, "unlock 10 20 7 1", SUCCESS);
+    let r = nfs_lock(&mut n, &sid, 15, 5);
+    assert_eq!(r["status"], "NFS4_OK", "unlocked: {r}");
+    script.say("done");
+    script.finish();
+    drop(d);
+}
+
+/// Only the SMB 3 client's own bytes landed at 12.
+fn nothing_landed_but(s: &Scratch, own: &[u8]) {
+    let bytes = std::fs::read(s.root().join("f")).unwrap();
+    assert_eq!(&bytes[12..16], own);
+    assert_eq!(&bytes[16..30], &[b'.'; 14][..], "nothing else landed");
+}
+
+#[test]
+fn smb3_locks_hold_while_rksmbd_is_killed() {
+    smb3_locks_hold_while_rksmbd_is_down("smb3-locks-rksmbd", false);
+}
+
+#[test]
+fn smb3_locks_hold_while_rksmbd_and_filterd_are_killed() {
+    smb3_locks_hold_while_rksmbd_is_down("smb3-locks-both", true);
+}
+
+/// The other way round: an nfsl/1 client's lock keeps rksmbd's client
+/// out (STATUS_FILE_LOCK_CONFLICT) — also a lock granted while filterd
+/// was restarted and rksmbd was stopped (SIGSTOP), so that rksmbd was not
+/// attached to hear of it.
+#[test]
+fn nfs_locks_hold_against_rksmbd_across_a_filterd_restart() {
+    let (s, mut d, srv, nfsshim, _smbshim) = setup("smb3-locks-reverse");
+    let mut script = Dialogue::start(&srv, "lock_failover.py", Duration::from_secs(120));
+    script.say("open f");
+    script.expect("opened");
+    let mut n = Nfs::connect(&nfsshim.addr, "host-r", "3434343434343434");
+    let sid = nfs_open(&mut n);
+    let r = nfs_lock(&mut n, &sid, 10, 5);
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    said(&mut script, "write 11 XX", FILE_LOCK_CONFLICT);
+    said(&mut script, "lock 11 2 shared 1 1", LOCK_NOT_GRANTED);
+
+    // rksmbd sleeps through a filterd restart; a new lock is granted
+    // meanwhile.
+    srv.shim.signal(Signal::SIGSTOP);
+    d.kill9();
+    d = Filterd::start(&s, &[], &[]);
+    let r = nfs_lock(&mut n, &sid, 20, 10);
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    srv.shim.signal(Signal::SIGCONT);
+    // Never a write inside either lock, at once or later.
+    for off in ["11", "22"] {
+        let st = ask_patiently(&mut script, &format!("write {off} XX"));
+        assert_eq!(st, FILE_LOCK_CONFLICT, "a write at {off}: {}", script.log);
+    }
+    nothing_landed(&s);
+    said(&mut script, "write 40 ok", SUCCESS);
+    script.say("done");
+    script.finish();
+    drop(d);
+}
