@@ -19,9 +19,8 @@ Reads commands from stdin, one a line, and answers each with one line:
 STATUS is the NTSTATUS in hex (0x0 for STATUS_SUCCESS). Any other
 failure prints "FAILED: ..." and exits non-zero.
 
-smbprotocol's Open.lock packs the lock sequence the wrong way round
-(Number << 28 | Index); MS-SMB2 2.2.26 puts the Number in the low 4 bits
-and the Index in the 28 above, so the request's field is set here.
+The lock sequence goes into the request as MS-SMB2 2.2.26 has it
+(smbtest.lock_in_sequence: smbprotocol packs it the wrong way round).
 """
 
 import sys
@@ -33,9 +32,9 @@ from smbprotocol.create_contexts import (
     SMB2CreateDurableHandleReconnectV2,
 )
 from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.open import CreateDisposition, LockFlags, ShareAccess, SMB2LockElement
+from smbprotocol.open import CreateDisposition, LockFlags, ShareAccess
 
-from smbtest import args, connect, context, create_rw, persistent_context
+from smbtest import args, connect, context, create_rw, lock_in_sequence, persistent_context
 
 HOST, PORT, SHARE, USER, PASSWORD = args()
 CLIENT_GUID = uuid.uuid4()
@@ -59,18 +58,6 @@ def status_of(call):
         return 0
     except SMBResponseException as e:
         return e.status
-
-
-def lock(f, off, length, flags, index, number):
-    e = SMB2LockElement()
-    e["offset"] = off
-    e["length"] = length
-    e["flags"] = flags
-    req, receive = f.lock([e], send=False)
-    req["lock_sequence"] = (index << 4) | number
-    session = f.tree_connect.session
-    sent = f.connection.send(req, session.session_id, f.tree_connect.tree_connect_id)
-    receive(sent)
 
 
 conn = f = None
@@ -97,7 +84,7 @@ for line in sys.stdin:
         else:
             flags = LockFlags.SMB2_LOCKFLAG_UNLOCK
             index, number = int(rest[2]), int(rest[3])
-        st = status_of(lambda: lock(f, off, length, flags, index, number))
+        st = status_of(lambda: lock_in_sequence(f, off, length, flags, index, number))
         print(f"{cmd} {st:#x}", flush=True)
     elif cmd == "write":
         st = status_of(lambda: f.write(rest[1].encode(), int(rest[0])))
