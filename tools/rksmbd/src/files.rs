@@ -236,10 +236,11 @@ pub struct Open {
     /// Open.IsResilient and Open.ResiliencyTimeout (MS-SMB2 3.3.1.10),
     /// set by FSCTL_LMR_REQUEST_RESILIENCY ([`request_resiliency`]).
     pub(crate) resilient_ms: Option<u32>,
-    /// The lock sequences of a resilient open that is not durable
-    /// (Open.LockSequenceArray, 3.3.5.14): filterd keeps them only for
-    /// durable handles, and such an open lives no longer than this
-    /// connection. (index, number) of the LOCKs applied, one per index.
+    /// The lock sequences of an open that is not durable (resilient, or
+    /// any open of an SMB 3 connection: Open.LockSequenceArray,
+    /// 3.3.5.14): filterd keeps them only for durable handles, and such
+    /// an open lives no longer than its session. (index, number) of the
+    /// LOCKs applied, one per index.
     pub(crate) lock_sequences: Vec<(u8, u8)>,
     /// Its descriptor, counted under the server's cap
     /// ([`crate::server::Shared::fds`]) from [`Connection::add_open`]
