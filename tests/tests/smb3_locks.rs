@@ -13,10 +13,13 @@ use base64::Engine as _;
 use nix::sys::signal::Signal;
 use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
-    nothing_landed, smb_patiently, smb_session, wait_for, Filterd, Nfs, RkSmbd, Scratch, Shim,
+    in_pwrite, nothing_landed, slow_syscalls, smb_patiently, smb_session, wait_for, Filterd, Nfs,
+    RkSmbd, Scratch, Shim,
 };
 use serde_json::{json, Value};
 
+/// filterd's break timeout: how long a lock waits for a frontend.
+const BREAK_MS: &str = "15000";
 const SUCCESS: &str = "0x0";
 const LOCK_NOT_GRANTED: &str = "0xc0000055";
 const FILE_LOCK_CONFLICT: &str = "0xc0000054";
@@ -31,11 +34,20 @@ fn b64(b: &[u8]) -> String {
 fn setup(name: &str) -> (Scratch, Filterd, RkSmbd, Shim, Shim) {
     let s = Scratch::new(name);
     std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
-    let d = Filterd::start(&s, &[], &[]);
+    let d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let nfs = Shim::start("nfsshim", &s.socket(), &format!("nfs-{name}"));
     let smb = Shim::start("smbshim", &s.socket(), &format!("smb-{name}"));
     (s, d, srv, nfs, smb)
+}
+
+/// `lock_failover.py` against `srv`, with `f` open on a persistent
+/// handle.
+fn smb3_client_of_f(srv: &RkSmbd) -> Dialogue {
+    let mut script = Dialogue::start(srv, "lock_failover.py", Duration::from_secs(120));
+    script.say("open f");
+    script.expect("opened");
+    script
 }
 
 /// Sends `cmd` to the script and returns the status its answer line
@@ -66,6 +78,14 @@ fn ask_patiently(script: &mut Dialogue, cmd: &str) -> String {
     )
 }
 
+/// An nfsl/1 client of `nfsshim` as `owner` with `f` open for reading
+/// and writing, and its stateid.
+fn nfs_client_of_f(nfsshim: &Shim, owner: &str, verifier: &str) -> (Nfs, Value) {
+    let mut n = Nfs::connect(&nfsshim.addr, owner, verifier);
+    let sid = nfs_open(&mut n);
+    (n, sid)
+}
+
 /// An nfsl/1 client with `f` open for reading and writing: its stateid.
 fn nfs_open(n: &mut Nfs) -> Value {
     let r = n.call_patiently(
@@ -94,9 +114,7 @@ fn smb3_locks_hold_while_rksmbd_is_down(name: &str, filterd_too: bool) {
     // nfsshim reattaches).
     let mut n = Nfs::connect(&nfsshim.addr, "host-n", "1212121212121212");
     let (mut m, msid) = smb_session(&smbshim.addr);
-    let mut script = Dialogue::start(&srv, "lock_failover.py", Duration::from_secs(120));
-    script.say("open f");
-    script.expect("opened");
+    let mut script = smb3_client_of_f(&srv);
     said(&mut script, "lock 10 20 excl 1 1", SUCCESS);
     said(&mut script, "lock 50 10 shared 2 1", SUCCESS);
     script.say("drop");
@@ -104,7 +122,7 @@ fn smb3_locks_hold_while_rksmbd_is_down(name: &str, filterd_too: bool) {
     srv.shim.kill9_in_place();
     if filterd_too {
         d.kill9();
-        d = Filterd::start(&s, &[], &[]);
+        d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
     }
 
     // rksmbd is down: the disconnected persistent handle's locks hold.
@@ -179,37 +197,86 @@ fn smb3_locks_hold_while_rksmbd_and_filterd_are_killed() {
 }
 
 /// The other way round: an nfsl/1 client's lock keeps rksmbd's client
-/// out (STATUS_FILE_LOCK_CONFLICT) — also a lock granted while filterd
+/// out (STATUS_FILE_LOCK_CONFLICT) — also a lock asked for while filterd
 /// was restarted and rksmbd was stopped (SIGSTOP), so that rksmbd was not
-/// attached to hear of it.
+/// attached to hear of it; that lock waits for rksmbd's hello.
 #[test]
 fn nfs_locks_hold_against_rksmbd_across_a_filterd_restart() {
     let (s, mut d, srv, nfsshim, _smbshim) = setup("smb3-locks-reverse");
-    let mut script = Dialogue::start(&srv, "lock_failover.py", Duration::from_secs(120));
-    script.say("open f");
-    script.expect("opened");
-    let mut n = Nfs::connect(&nfsshim.addr, "host-r", "3434343434343434");
-    let sid = nfs_open(&mut n);
+    let mut script = smb3_client_of_f(&srv);
+    let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-r", "3434343434343434");
     let r = nfs_lock(&mut n, &sid, 10, 5);
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     said(&mut script, "write 11 XX", FILE_LOCK_CONFLICT);
     said(&mut script, "lock 11 2 shared 1 1", LOCK_NOT_GRANTED);
 
-    // rksmbd sleeps through a filterd restart; a new lock is granted
-    // meanwhile.
+    // rksmbd sleeps through a filterd restart; a new lock asked for
+    // meanwhile waits for rksmbd (it checked I/O before the restart, and
+    // may have some in flight) until rksmbd is back and says hello.
     srv.shim.signal(Signal::SIGSTOP);
     d.kill9();
-    d = Filterd::start(&s, &[], &[]);
-    let r = nfs_lock(&mut n, &sid, 20, 10);
-    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let t0 = std::time::Instant::now();
+    let locker = std::thread::spawn(move || nfs_lock(&mut n, &sid, 20, 10));
+    d.wait_log(
+        "lock waits for the frontends seen before the restart",
+        Duration::from_secs(10),
+    );
     srv.shim.signal(Signal::SIGCONT);
+    let r = locker.join().expect("the LOCK's thread");
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(12),
+        "rksmbd's hello ended the wait, not the 15 s break timeout: {:?}",
+        t0.elapsed()
+    );
     // Never a write inside either lock, at once or later.
     for off in ["11", "22"] {
         let st = ask_patiently(&mut script, &format!("write {off} XX"));
         assert_eq!(st, FILE_LOCK_CONFLICT, "a write at {off}: {}", script.log);
     }
     nothing_landed(&s);
-    said(&mut script, "write 40 ok", SUCCESS);
+    let st = ask_patiently(&mut script, "write 40 ok");
+    assert_eq!(st, SUCCESS, "{}", script.log);
+    script.say("done");
+    script.finish();
+    drop(d);
+}
+
+/// A WRITE through rksmbd that the old filterd checked and let through is
+/// still in its pwrite (strace holds it 3 s, and rksmbd's connect to the
+/// new daemon 1.5 s) when filterd is SIGKILLed and restarted; an nfsl/1
+/// LOCK over it is granted only after it landed (invariant 9: no frontend
+/// writes a locked range unchecked, also across a restart).
+#[test]
+fn a_checked_rksmbd_write_in_flight_across_a_restart_lands_before_a_later_lock() {
+    let (s, mut d, srv, nfsshim, _smbshim) = setup("smb3-locks-inflight");
+    let mut script = smb3_client_of_f(&srv);
+    let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-i", "5656565656565656");
+    let pid = srv.shim.pid();
+    let _slow = slow_syscalls(
+        pid,
+        &s.dir.join("trace"),
+        &[("pwrite64", 3_000_000), ("connect", 1_500_000)],
+    );
+    script.say("write 12 XXXX");
+    wait_for(
+        "the WRITE to reach its pwrite",
+        Duration::from_secs(10),
+        || in_pwrite(pid).then_some(()),
+    );
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let r = nfs_lock(&mut n, &sid, 10, 20);
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let at_grant = std::fs::read(s.root().join("f")).unwrap();
+    assert_eq!(
+        at_grant.get(12..16),
+        Some(&b"XXXX"[..]),
+        "the LOCK was granted before the checked WRITE landed"
+    );
+    assert_eq!(script.expect("write "), format!("write {SUCCESS}"));
+    assert_eq!(std::fs::read(s.root().join("f")).unwrap(), at_grant);
     script.say("done");
     script.finish();
     drop(d);
