@@ -3,9 +3,9 @@
 Usage: lock_failover.py HOST PORT SHARE USER PASSWORD
 
 Reads commands from stdin, one a line, and answers each with one line:
-  open NAME               connect as a fixed client GUID and open NAME
-                          with a DH2Q persistent context (no lease)
-                          -> "opened"
+  open NAME [plain]       connect as a fixed client GUID and open NAME
+                          with a DH2Q persistent context (no lease), or
+                          with no context at all -> "opened"
   lock OFF LEN KIND I N   LOCK (KIND excl or shared, FAIL_IMMEDIATELY)
                           with LockSequenceIndex I and Number N (I 0:
                           none) -> "lock STATUS"
@@ -49,7 +49,7 @@ def fail(what):
 
 def create(tree, name, ctx):
     """An open of `name` for reading and writing, sharing everything."""
-    return create_rw(tree, name, CreateDisposition.FILE_OPEN_IF, [ctx], share=SHARE_ALL)
+    return create_rw(tree, name, CreateDisposition.FILE_OPEN_IF, [ctx] if ctx else [], share=SHARE_ALL)
 
 
 def status_of(call):
@@ -70,9 +70,11 @@ for line in sys.stdin:
     if cmd == "open":
         name = rest[0]
         conn, tree = connect(HOST, PORT, SHARE, USER, PASSWORD, CLIENT_GUID)
-        f, resp = create(tree, name, persistent_context(CREATE_GUID))
+        plain = rest[1:] == ["plain"]
+        f, resp = create(tree, name, None if plain else persistent_context(CREATE_GUID))
         durable = [r for r in resp if hasattr(r, "fields") and "timeout" in r.fields and "flags" in r.fields]
-        if not (len(durable) == 1 and durable[0]["flags"].has_flag(DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT)):
+        persistent = len(durable) == 1 and durable[0]["flags"].has_flag(DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT)
+        if not plain and not persistent:
             fail("persistent handle granted")
         print("opened", flush=True)
     elif cmd in ("lock", "unlock"):

@@ -44,8 +44,13 @@ fn setup(name: &str) -> (Scratch, Filterd, RkSmbd, Shim, Shim) {
 /// `lock_failover.py` against `srv`, with `f` open on a persistent
 /// handle.
 fn smb3_client_of_f(srv: &RkSmbd) -> Dialogue {
+    smb3_client_opening(srv, "open f")
+}
+
+/// `lock_failover.py` against `srv`, told `open`.
+fn smb3_client_opening(srv: &RkSmbd, open: &str) -> Dialogue {
     let mut script = Dialogue::start(srv, "lock_failover.py", Duration::from_secs(120));
-    script.say("open f");
+    script.say(open);
     script.expect("opened");
     script
 }
@@ -250,8 +255,21 @@ fn nfs_locks_hold_against_rksmbd_across_a_filterd_restart() {
 /// writes a locked range unchecked, also across a restart).
 #[test]
 fn a_checked_rksmbd_write_in_flight_across_a_restart_lands_before_a_later_lock() {
-    let (s, mut d, srv, nfsshim, _smbshim) = setup("smb3-locks-inflight");
-    let mut script = smb3_client_of_f(&srv);
+    checked_write_in_flight_across_a_restart("smb3-locks-inflight", "open f");
+}
+
+/// The same through a plain open, which the restart forgets: the lock
+/// waits for rksmbd because filterd remembered (`frontends.seen`) that it
+/// checks I/O. Without that, the LOCK was granted at once and the WRITE
+/// landed inside it.
+#[test]
+fn a_checked_rksmbd_write_through_a_plain_open_in_flight_across_a_restart_lands_first() {
+    checked_write_in_flight_across_a_restart("smb3-locks-inflight-plain", "open f plain");
+}
+
+fn checked_write_in_flight_across_a_restart(name: &str, open: &str) {
+    let (s, mut d, srv, nfsshim, _smbshim) = setup(name);
+    let mut script = smb3_client_opening(&srv, open);
     let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-i", "5656565656565656");
     let pid = srv.shim.pid();
     let _slow = slow_syscalls(
