@@ -15,7 +15,8 @@ Reads commands from stdin, one a line, and answers each with one line:
                           -> "dropped"
   reconnect PORT          connect again (same client GUID) to PORT and
                           resume the handle with DH2C -> "reconnected"
-  done                    close the handle -> "PASS", exit
+  done                    close the handle (again while the answer is
+                          STATUS_FILE_NOT_AVAILABLE) -> "PASS", exit
 STATUS is the NTSTATUS in hex (0x0 for STATUS_SUCCESS). Any other
 failure prints "FAILED: ..." and exits non-zero.
 
@@ -24,6 +25,7 @@ The lock sequence goes into the request as MS-SMB2 2.2.26 has it
 """
 
 import sys
+import time
 import uuid
 
 from smbprotocol.create_contexts import (
@@ -39,6 +41,7 @@ from smbtest import args, connect, context, create_rw, lock_in_sequence, persist
 HOST, PORT, SHARE, USER, PASSWORD = args()
 CLIENT_GUID = uuid.uuid4()
 CREATE_GUID = uuid.uuid4()
+FILE_NOT_AVAILABLE = 0xC0000467
 SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
 
 
@@ -109,7 +112,14 @@ for line in sys.stdin:
             fail("the same persistent file id")
         print("reconnected", flush=True)
     elif cmd == "done":
-        f.close()
+        # Again while rksmbd answers the retry status (it is back on a
+        # restarted filterd and not yet resynced), as a client does.
+        deadline = time.monotonic() + 20
+        st = status_of(f.close)
+        while st == FILE_NOT_AVAILABLE and time.monotonic() < deadline:
+            st = status_of(f.close)
+        if st != 0:
+            fail(f"close {st:#x}")
         conn.disconnect()
         print("PASS", flush=True)
         sys.exit(0)
