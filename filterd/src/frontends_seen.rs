@@ -1,5 +1,5 @@
-//! The frontend instances that have attached with lock hints
-//! (`STATE/frontends.seen`: a line per instance, `NAME PID START` — the
+//! The frontend instances that have attached with lock hints or asked
+//! for a CheckIo (`STATE/frontends.seen`: a line per instance, `NAME PID START` — the
 //! process that attached last under that name, and its start time).
 //!
 //! A frontend decides "this file has no locks" and does that read or write
@@ -116,6 +116,12 @@ impl FrontendsSeen {
         self.seen
             .iter()
             .any(|s| s.name == *name && s.pid != pid && s.pid > 0 && s.alive())
+    }
+
+    /// Whether `name` is recorded as attached by process `pid` (then
+    /// [`FrontendsSeen::insert`] has nothing to do).
+    pub fn has(&self, name: &InstanceName, pid: i32) -> bool {
+        self.seen.iter().any(|s| s.name == *name && s.pid == pid)
     }
 
     /// Records `name`, attached now by process `pid`; `attached` says

@@ -45,21 +45,13 @@ from smbprotocol.open import (
     ShareAccess,
 )
 
-from raw_channel import CREATE, SUCCESS, Raw, bind, check, cmac_sign, context, create_body, lease_context, session
+from raw_channel import CREATE, SUCCESS, Raw, bind, check, cmac_sign, context, create_body, lease_context, reset, session
 
 READ, WRITE, CLOSE, LOCK = 8, 0x9, 6, 0xA
 EXCLUSIVE, UNLOCK, FAIL_IMMEDIATELY = 2, 4, 0x10
 PENDING, FLAG_ASYNC = 0x103, 0x2
 NAME = "channel.txt"
 DATA = b"written through a channel\n"
-
-
-def reset(sock):
-    """Closes `sock` with an RST (linger 0); shut down for reading first,
-    so that a thread blocked reading it (smbprotocol's) lets go of it."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.shutdown(socket.SHUT_RD)
-    sock.close()
 
 
 def raw_create(b, key, sid, tid, contexts):

@@ -138,6 +138,14 @@ class Raw:
         return st, r[off : off + length]
 
 
+def reset(sock):
+    """Closes `sock` with an RST (linger 0); shut down for reading first,
+    so that a thread blocked reading it (smbprotocol's) lets go of it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.shutdown(socket.SHUT_RD)
+    sock.close()
+
+
 def ntlm_context():
     return spnego.client(
         USER, PASSWORD, service="cifs", hostname=HOST, options=spnego.NegotiateOptions.session_key, protocol="negotiate"

@@ -20,6 +20,7 @@ from smbprotocol.create_contexts import (
 )
 from smbprotocol.open import (
     CreateOptions,
+    SMB2LockElement,
     FileAttributes,
     FilePipePrinterAccessMask,
     ImpersonationLevel,
@@ -90,15 +91,37 @@ def persistent_context(create_guid, timeout_ms=60000):
 
 def open_rw(tree, name, disposition, contexts=(), oplock_level=0):
     """An open of file `name` for reading and writing, sharing reading."""
+    return create_rw(tree, name, disposition, contexts, oplock_level)[0]
+
+
+def create_rw(tree, name, disposition, contexts=(), oplock_level=0, share=ShareAccess.FILE_SHARE_READ):
+    """An open of file `name` for reading and writing, sharing `share`:
+    the Open and the create contexts of the response."""
     f = Open(tree, name)
-    f.create(
+    resp = f.create(
         ImpersonationLevel.Impersonation,
         FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
         FileAttributes.FILE_ATTRIBUTE_NORMAL,
-        ShareAccess.FILE_SHARE_READ,
+        share,
         disposition,
         CreateOptions.FILE_NON_DIRECTORY_FILE,
         create_contexts=list(contexts),
         oplock_level=oplock_level,
     )
-    return f
+    return f, resp or []
+
+
+def lock_in_sequence(f, offset, length, flags, index, number):
+    """One LOCK element on open `f` with LockSequenceIndex `index` and
+    LockSequenceNumber `number` (raises SMBResponseException on failure).
+    smbprotocol's Open.lock packs the sequence as Number << 28 | Index;
+    MS-SMB2 2.2.26 puts the Number in the low 4 bits and the Index in the
+    28 above, so the request's field is set here."""
+    e = SMB2LockElement()
+    e["offset"] = offset
+    e["length"] = length
+    e["flags"] = flags
+    req, receive = f.lock([e], send=False)
+    req["lock_sequence"] = (index << 4) | number
+    session = f.tree_connect.session
+    receive(f.connection.send(req, session.session_id, f.tree_connect.tree_connect_id))

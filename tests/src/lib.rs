@@ -943,6 +943,58 @@ impl LineClient {
     }
 }
 
+/// Sends a smbl/1 request until the answer is not the retry status
+/// (smbshim reattaching to a restarted filterd, or re-learning its locks).
+pub fn smb_patiently(m: &mut LineClient, req: Value) -> Value {
+    wait_for("smbshim to answer", Duration::from_secs(20), || {
+        let r = m.call(req.clone());
+        (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
+    })
+}
+
+/// The lock tests' file `f`, made of 100 dots: bytes 10..30 (the locked
+/// range) are still dots.
+pub fn nothing_landed(s: &Scratch) {
+    let bytes = std::fs::read(s.root().join("f")).expect("read f");
+    assert_eq!(
+        bytes.get(10..30),
+        Some(&[b'.'; 20][..]),
+        "nothing landed in the lock"
+    );
+}
+
+/// Strace attached to `pid`, delaying each of `delays` (syscall, µs) at
+/// its entry; the trace goes to `trace`.
+pub fn slow_syscalls(pid: u32, trace: &std::path::Path, delays: &[(&str, u32)]) -> Strace {
+    let names: Vec<&str> = delays.iter().map(|(n, _)| *n).collect();
+    let injects: Vec<String> = delays
+        .iter()
+        .map(|(name, us)| format!("{name}:delay_enter={us}"))
+        .collect();
+    let injects: Vec<&str> = injects.iter().map(String::as_str).collect();
+    Strace::attach(pid, trace, &names, &injects)
+}
+
+/// Whether a thread of `pid` is held at the entry of a pwrite64 (18).
+pub fn in_pwrite(pid: u32) -> bool {
+    in_pwrites(pid) > 0
+}
+
+/// How many of `pid`'s threads are in pwrite64 now.
+pub fn in_pwrites(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("syscall"))
+                        .is_ok_and(|s| s.split(' ').next() == Some("18"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// An nfsl/1 client with its session and slot 0's seqid.
 pub struct Nfs {
     /// The connection.

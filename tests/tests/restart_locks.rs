@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use nix::sys::signal::Signal;
-use rkfilter_tests::{smb_session, wait_for, Filterd, LineClient, Nfs, Scratch, Shim, Strace};
+use rkfilter_tests::{
+    in_pwrite, in_pwrites, nothing_landed, slow_syscalls, smb_patiently, smb_session, wait_for,
+    Filterd, LineClient, Nfs, Scratch, Shim, Strace,
+};
 use serde_json::{json, Value};
 
 fn b64(b: &[u8]) -> String {
@@ -43,15 +46,6 @@ fn setup(name: &str) -> (Scratch, Filterd, Shim, Shim) {
     (s, d, nfs, smb)
 }
 
-/// Sends a smbl/1 request until the answer is not the retry status
-/// (smbshim reattaching to the restarted filterd).
-fn smb_patiently(m: &mut LineClient, req: Value) -> Value {
-    wait_for("smbshim to answer", Duration::from_secs(20), || {
-        let r = m.call(req.clone());
-        (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
-    })
-}
-
 fn smb_open(m: &mut LineClient, sid: u64, path: &str, persistent: bool) -> Value {
     let mut req = json!({"cmd": "CREATE", "session_id": sid, "path": path,
                          "access": ["read", "write"], "share": ["read", "write", "delete"],
@@ -73,16 +67,6 @@ fn nfs_write_refused(n: &mut Nfs, sid: &Value) {
     assert_eq!(
         r["status"], "NFS4ERR_LOCKED",
         "a WRITE inside the lock: {r}"
-    );
-}
-
-/// The locked bytes 10..30 of `f` are still dots.
-fn nothing_landed(s: &Scratch) {
-    let bytes = std::fs::read(s.root().join("f")).unwrap();
-    assert_eq!(
-        &bytes[10..30],
-        &[b'.'; 20][..],
-        "nothing landed in the lock"
     );
 }
 
@@ -204,37 +188,6 @@ fn a_first_lock_waits_for_a_stopped_frontend_until_it_resumes() {
 /// delaying every pwrite64 by 3 s before it runs. Detaches when dropped.
 fn slow_pwrites(pid: u32, trace: &std::path::Path) -> Strace {
     slow_syscalls(pid, trace, &[("pwrite64", 3_000_000)])
-}
-
-/// As [`slow_pwrites`], delaying each of `delays` (syscall, µs) instead.
-fn slow_syscalls(pid: u32, trace: &std::path::Path, delays: &[(&str, u32)]) -> Strace {
-    let names: Vec<&str> = delays.iter().map(|(n, _)| *n).collect();
-    let injects: Vec<String> = delays
-        .iter()
-        .map(|(name, us)| format!("{name}:delay_enter={us}"))
-        .collect();
-    let injects: Vec<&str> = injects.iter().map(String::as_str).collect();
-    Strace::attach(pid, trace, &names, &injects)
-}
-
-/// Whether a thread of `pid` is held at the entry of a pwrite64 (18).
-fn in_pwrite(pid: u32) -> bool {
-    in_pwrites(pid) > 0
-}
-
-/// How many of `pid`'s threads are in pwrite64 now.
-fn in_pwrites(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .filter(|t| {
-                    std::fs::read_to_string(t.path().join("syscall"))
-                        .is_ok_and(|s| s.split(' ').next() == Some("18"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 /// Whether every thread of `pid` is stopped (state T): a request sent now

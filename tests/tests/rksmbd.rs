@@ -776,6 +776,23 @@ fn a_compound_of_reads_gets_a_bounded_response() {
     no_handles_left(&d);
 }
 
+/// A LOCK replayed on a bound channel after the channel it came on was
+/// reset is recognised by its lock sequence also on a plain open: rksmbd
+/// advertises multichannel, and MS-SMB2 3.3.5.14 then checks lock
+/// sequences for every SMB 3 open. Old code checked them only for
+/// durable, persistent and resilient opens: the replayed exclusive LOCK
+/// was refused by its own lock (STATUS_LOCK_NOT_GRANTED), a replayed
+/// shared one was held twice, a replayed unlock released a re-lock.
+#[test]
+fn a_lock_replayed_on_another_channel_is_applied_once() {
+    let s = Scratch::new("rksmbd-lock-channel-replay");
+    std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "lock_channel_replay.py");
+    no_handles_left(&d);
+}
+
 /// A persistent handle opened through a bound channel outlives its
 /// session's home connection (reset): the channel still reads through it,
 /// a DH2C from a new connection is refused while the channel lives, and
@@ -1044,9 +1061,12 @@ const LOCK_PASSING: &[&str] = &[
     "unlock",
     "multiple-unlock",
     "rw-shared",
-    // FSCTL_LMR_REQUEST_RESILIENCY: a resilient open's LOCKs carry lock
-    // sequences, on SMB 2.1 too.
-    "replay_broken_windows",
+    // Lock sequences are checked for every open of an SMB 3 connection
+    // (rksmbd advertises multichannel; 3.3.5.14). So replay_broken_windows,
+    // which passed while only durable, persistent and resilient opens had
+    // them, now skips ("SMB3 Server implements LockSequence for all
+    // handles"), as against smbd.
+    "replay_smb3_specification_multi",
 ];
 
 /// Runs an smbtorture suite against a fresh filterd + rksmbd and fails if

@@ -63,6 +63,27 @@ impl Engine {
         }
     }
 
+    /// `conn` asked for a CheckIo: a read or write the answer lets through
+    /// may still be in flight when this daemon dies, and its successor
+    /// knows nothing of it. So a frontend that checks its I/O is
+    /// remembered across restarts as one with lock hints is (rksmbd takes
+    /// no hints and checks every read and write): a restarted daemon's
+    /// locks wait for its hello, which it says only once that I/O is done.
+    pub(super) fn frontend_checks_io(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let proto::Role::Frontend { instance, .. } = &*c.role else {
+            return;
+        };
+        if self.frontends_seen.has(instance, c.peer.pid) {
+            return;
+        }
+        let attached = &self.instances;
+        self.frontends_seen
+            .insert(instance, c.peer.pid, |n| attached.contains_key(n));
+    }
+
     /// Lock hints: `instance` did not come back before a first lock's
     /// deadline: no first lock waits for it again until it attaches.
     pub(super) fn hint_give_up(&mut self, instance: InstanceName) {

@@ -892,6 +892,7 @@ impl Engine {
             } => {
                 let (protocol, _) = need_frontend()?;
                 self.stats.io_checks += 1;
+                self.frontend_checks_io(conn);
                 self.attached_to(conn, key)?;
                 let file = self.handles.get(&key).map(|h| h.rec.file);
                 if let Some(f) = file {

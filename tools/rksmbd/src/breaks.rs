@@ -298,6 +298,13 @@ fn notification(
 /// Forwards filterd's events for as long as the attachment lives.
 pub fn forward(sh: Arc<Shared>) {
     while let Ok(ev) = sh.filter.events().recv() {
+        if let AttachEvent::Reattached { generation, .. } = ev {
+            // Back on a restarted filterd, the I/O of before drained:
+            // rksmbd checks every read and write, so it has no lock
+            // state to relearn; checked I/O is counted again.
+            sh.filter.resynced(generation);
+            continue;
+        }
         let AttachEvent::Daemon(Event::LeaseBreak {
             lease_key,
             current_state,

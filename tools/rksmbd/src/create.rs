@@ -776,6 +776,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     let sh = c.sh.clone();
     let smb3 = c.dialect().is_some_and(Dialect::is_smb3);
     let key = h.info.key;
+    let fid = h.info.file;
     let file = std::fs::File::from(h.fd);
     let held = h.info.lease;
     let durable = durable_of(&h.info);
@@ -859,7 +860,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             path: Some(f.path),
             granted: granted_mask(f.access),
             delete_on_close,
-            kind: Kind::File { key, file },
+            kind: Kind::File { key, file, fid },
             durable: durable.is_some(),
             oplock,
             lease: leased,
@@ -1158,6 +1159,7 @@ fn reconnect(
         _ => status_of(&e),
     })?;
     let key = h.info.key;
+    let fid = h.info.file;
     let held = h.info.lease;
     let oplock = held.map(|l| l.key).filter(breaks::is_oplock_key);
     let lease_ok = match (held, &lease) {
@@ -1226,7 +1228,7 @@ fn reconnect(
             path: Some(rec.path),
             granted: mask_of_rights(rec.access.rights()),
             delete_on_close: rec.delete_on_close,
-            kind: Kind::File { key, file },
+            kind: Kind::File { key, file, fid },
             durable: true,
             oplock,
             lease: held.map(|l| l.key),

@@ -22,10 +22,11 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
-use libfilter::client::{CheckedIo, ClientError};
+use libfilter::attach::IoPass;
+use libfilter::client::ClientError;
 use libfilter::lease::LeaseKey;
 use libfilter::locks::LockRange;
-use libfilter::model::{Disposition, RelPath, ResumeKey, Rights};
+use libfilter::model::{Disposition, FileId, RelPath, ResumeKey, Rights};
 use libfilter::proto::ErrorCode;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
@@ -189,8 +190,12 @@ fn linked(f: &std::fs::File) -> bool {
 
 /// What an open is.
 pub(crate) enum Kind {
-    /// A filterd handle on a regular file.
-    File { key: ResumeKey, file: std::fs::File },
+    /// A filterd handle on a regular file (`fid`: filterd's file id).
+    File {
+        key: ResumeKey,
+        file: std::fs::File,
+        fid: FileId,
+    },
     /// A directory, opened beneath the root by rksmbd.
     Dir {
         fd: OwnedFd,
@@ -236,10 +241,11 @@ pub struct Open {
     /// Open.IsResilient and Open.ResiliencyTimeout (MS-SMB2 3.3.1.10),
     /// set by FSCTL_LMR_REQUEST_RESILIENCY ([`request_resiliency`]).
     pub(crate) resilient_ms: Option<u32>,
-    /// The lock sequences of a resilient open that is not durable
-    /// (Open.LockSequenceArray, 3.3.5.14): filterd keeps them only for
-    /// durable handles, and such an open lives no longer than this
-    /// connection. (index, number) of the LOCKs applied, one per index.
+    /// The lock sequences of an open that is not durable (resilient, or
+    /// any open of an SMB 3 connection: Open.LockSequenceArray,
+    /// 3.3.5.14): filterd keeps them only for durable handles, and such
+    /// an open lives no longer than its session. (index, number) of the
+    /// LOCKs applied, one per index.
     pub(crate) lock_sequences: Vec<(u8, u8)>,
     /// Its descriptor, counted under the server's cap
     /// ([`crate::server::Shared::fds`]) from [`Connection::add_open`]
@@ -699,19 +705,25 @@ fn may(o: &Open, mask: u32) -> Result<(), u32> {
 /// Mandatory byte-range locks: filterd decides whether this handle may
 /// touch the range (rksmbd does not take lock hints, so every I/O asks).
 /// Do the pread/pwrite while holding the returned pass and drop it right
-/// after: until then filterd holds back conflicting locks (`None`: an
-/// empty range, nothing to hold back).
+/// after: until then filterd holds back conflicting locks, and the
+/// attachment counts the I/O in flight on file `fid`, so that after
+/// filterd dies it finishes before rksmbd says hello to the new one —
+/// which holds back its locks until that hello (`None`: an empty range,
+/// nothing to hold back). STATUS_FILE_NOT_AVAILABLE (retry) when the
+/// daemon that allowed it is gone already.
 fn check_io(
     sh: &Shared,
     key: ResumeKey,
+    fid: FileId,
     offset: u64,
     len: u64,
     write: bool,
-) -> Result<Option<CheckedIo>, u32> {
+) -> Result<Option<IoPass<'_>>, u32> {
     if len == 0 {
         return Ok(None);
     }
-    sh.filter
+    let pass = sh
+        .filter
         .client()
         .check_io(
             key,
@@ -721,8 +733,11 @@ fn check_io(
             },
             write,
         )
+        .map_err(|e| status_of(&e))?;
+    sh.filter
+        .checked(fid, pass)
         .map(Some)
-        .map_err(|e| status_of(&e))
+        .ok_or(status::FILE_NOT_AVAILABLE)
 }
 
 /// READ (2.2.19).
@@ -737,14 +752,14 @@ fn read(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome 
     let offset = r.u64("offset")?;
     let id = open_id(c, req, 16, related)?;
     let o = get(c, id)?;
-    let Kind::File { key, file } = &o.kind else {
+    let Kind::File { key, file, fid } = &o.kind else {
         return Err(status::INVALID_DEVICE_REQUEST);
     };
     may(o, FILE_READ_DATA | FILE_EXECUTE)?;
     if len > MAX_IO {
         return Err(status::INVALID_PARAMETER);
     }
-    let pass = check_io(&c.sh, *key, offset, u64::from(len), false)?;
+    let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), false)?;
     let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
     let n = read_full(file, &mut buf, offset).map_err(io_status)?;
     drop(pass);
@@ -804,11 +819,11 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     let id = open_id(c, req, 16, related)?;
     let data = wire::buffer(req.msg, u32::from(data_off), len, "data")?;
     let o = get(c, id)?;
-    let Kind::File { key, file } = &o.kind else {
+    let Kind::File { key, file, fid } = &o.kind else {
         return Err(status::INVALID_DEVICE_REQUEST);
     };
     may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
-    let pass = check_io(&c.sh, *key, offset, u64::from(len), true)?;
+    let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), true)?;
     file.write_all_at(data, offset).map_err(io_status)?;
     // Landed: a lock waiting for it may be granted now.
     drop(pass);

@@ -2,8 +2,11 @@
 //! (LockFileEx rules, mandatory across every frontend, mirrored as OFD
 //! locks for local processes): locks are taken all or nothing, unlocks
 //! released in order up to the first that fails (all or nothing, too,
-//! with the lock sequence of durable and persistent opens, so a replayed
-//! LOCK is recognised whole and changes nothing).
+//! with a lock sequence, so a replayed LOCK is recognised whole and
+//! changes nothing). Lock sequences are checked for durable, persistent
+//! and resilient opens and, since rksmbd advertises multichannel, for
+//! every open of an SMB 3 connection; filterd keeps those of durable
+//! handles (they outlive rksmbd), rksmbd those of the others.
 //!
 //! A lock without SMB2_LOCKFLAG_FAIL_IMMEDIATELY that conflicts goes
 //! async (3.3.4.2): the client gets an interim STATUS_PENDING response
@@ -49,8 +52,8 @@ pub struct Waiting {
     key: ResumeKey,
     ops: Vec<LockOp>,
     sequence: Option<LockSequence>,
-    /// The lock sequence rksmbd records itself once granted (a resilient
-    /// open that is not durable).
+    /// The lock sequence rksmbd records itself once granted (an open
+    /// that is not durable).
     local: Option<LockSequence>,
 }
 
@@ -217,14 +220,21 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         return Err(status::ACCESS_DENIED);
     }
     // Lock sequences count for durable, persistent and resilient opens
-    // (3.3.5.14; resilient ones on SMB 2.1 too).
+    // (resilient ones on SMB 2.1 too), and for every open of a connection
+    // we told of multichannel (3.3.5.14): a LOCK whose channel was lost
+    // comes again on another channel of the session, the open still the
+    // same.
     let resilient = c.opens.get(&open).is_some_and(|o| o.resilient_ms.is_some());
+    let multichannel = c
+        .dialect()
+        .is_some_and(crate::server::advertises_multichannel);
     let index = seq >> 4;
-    let sequence = ((durable || resilient) && (1..=64).contains(&index)).then(|| LockSequence {
+    let checked = durable || resilient || multichannel;
+    let sequence = (checked && (1..=64).contains(&index)).then(|| LockSequence {
         number: u8::try_from(seq & 0xF).unwrap_or(0),
         index: u8::try_from(index).unwrap_or(0),
     });
-    // A resilient open that is not durable: rksmbd keeps its sequences.
+    // An open that is not durable: rksmbd keeps its sequences.
     let local = sequence.filter(|_| !durable);
     if let Some(q) = local {
         let o = c.opens.get_mut(&open).ok_or(status::FILE_CLOSED)?;

@@ -2329,6 +2329,12 @@ impl Response {
 
 /// The capabilities rksmbd offers in a dialect (2.2.4): leasing and large
 /// MTU; persistent handles and multichannel in SMB 3.x.
+/// Whether NEGOTIATE advertises SMB2_GLOBAL_CAP_MULTI_CHANNEL for
+/// `dialect` (then every open's LOCKs check lock sequences, 3.3.5.14).
+pub fn advertises_multichannel(dialect: Dialect) -> bool {
+    capabilities_of(dialect) & CAP_MULTI_CHANNEL != 0
+}
+
 fn capabilities_of(dialect: Dialect) -> u32 {
     if dialect.is_smb3() {
         CAP_LEASING | CAP_LARGE_MTU | CAP_PERSISTENT_HANDLES | CAP_MULTI_CHANNEL
