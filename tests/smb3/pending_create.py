@@ -14,8 +14,9 @@ failure.
 With "timeout" (filterd started with a short --break-timeout-ms), A never
 acknowledges: B's open completes once filterd's break timeout has taken
 A's whole lease (MS-SMB2 3.3.2.5: none, not the RH the break asked for),
-A's late acknowledgment is STATUS_UNSUCCESSFUL, and an open under A's key
-asking for nothing reports the lease as none.
+A's late acknowledgment is STATUS_UNSUCCESSFUL, an open under A's key
+asking for nothing reports the lease as none, and A was sent no second
+notification for the lowering.
 
 With "churn", while B's open is pending a client C on a third connection
 opens and closes churn.txt for 2 s (every close is something that may end
@@ -191,6 +192,10 @@ if TIMEOUT:
     check(acknowledge(new) == STATUS_UNSUCCESSFUL, "A's late acknowledgment is STATUS_UNSUCCESSFUL")
     f, granted = open_leased(tree_a, key, 0)
     check(granted == 0, "the timeout took A's whole lease")
+    # The timeout tells A nothing (MS-SMB2 3.3.2.5): the one break A saw is
+    # the one it never acknowledged. A second notification (RWH to none)
+    # would be sent before B's open completed, so it is here by now.
+    check(arrived.empty(), "A is sent no notification when the timeout takes its lease")
     f.close()
     fa.close()
     conn_a.disconnect()

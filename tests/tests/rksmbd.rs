@@ -810,7 +810,9 @@ fn a_persistent_handle_opened_through_a_channel_survives_both_resets() {
 /// A lease break its holder never acknowledges ends at filterd's break
 /// timeout (2 s here) as on Windows (MS-SMB2 3.3.2.5): the pending CREATE
 /// completes, the holder's whole lease is gone (none, not the RH the break
-/// asked for), and its late acknowledgment is STATUS_UNSUCCESSFUL.
+/// asked for), its late acknowledgment is STATUS_UNSUCCESSFUL, and it is
+/// sent no second notification for the lowering (one came late under
+/// load and failed smbtorture's smb2.lease.timeout).
 #[test]
 fn an_unacknowledged_lease_break_takes_the_whole_lease_at_the_timeout() {
     let s = Scratch::new("rksmbd-break-timeout");

@@ -1,7 +1,8 @@
 //! Which leases have a break in progress (MS-SMB2 3.3.1.4 Lease.Breaking):
 //! from the lease break notification that asks for an acknowledgment
 //! until the client acknowledges it, or filterd lowers the lease without
-//! it (its break timeout: a break without acknowledgment is forwarded).
+//! it (its break timeout: filterd's event without an acknowledgment ends
+//! the break here; the client is not told, MS-SMB2 3.3.2.5).
 //!
 //! rksmbd answers from it what filterd does not say: a CREATE under a
 //! lease key being broken reports SMB2_LEASE_FLAG_BREAK_IN_PROGRESS
