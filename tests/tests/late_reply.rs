@@ -13,7 +13,10 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use rkfilter_tests::{filterctl, smb_session, wait_for, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::smb3::Dialogue;
+use rkfilter_tests::{
+    filterctl, smb_session, wait_for, Filterd, LineClient, RkSmbd, Scratch, Shim,
+};
 use serde_json::{json, Value};
 
 /// How long smbshim waits for filterd before it answers its client.
@@ -187,4 +190,58 @@ fn nfsshim_detaches_an_open_answered_late_and_its_resend_gets_it() {
     let r = n.send(open);
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
+}
+
+/// rksmbd and a real SMB 3 client (`tests/smb3/late_reply.py`, raw SMB
+/// 3.0.2), rksmbd's calls giving up after 2 s (room for the replay below
+/// to be answered once filterd goes on). A plain exclusive CREATE sent
+/// while filterd is stopped fails with STATUS_FILE_NOT_AVAILABLE
+/// (docs/smb3.md); after SIGCONT its late open is closed and another
+/// client's exclusive open is granted. A persistent CREATE (DH2Q, create
+/// GUID G) fails the same way, and its replay (SMB2_FLAGS_REPLAY_OPERATION,
+/// G) is sent while filterd is still stopped: filterd answers the original
+/// (late) and the replay with the same handle, and the original's undo
+/// must leave the replay's handle attached and working.
+#[test]
+fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
+    let s = Scratch::new("late-rksmbd");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with_env(
+        &s,
+        "rksmbd",
+        "data",
+        &[("alice", "pw")],
+        &[("RKFILTER_CALL_TIMEOUT_MS", "2000")],
+    );
+    let mut script = Dialogue::start(&srv, "late_reply.py", Duration::from_secs(60));
+    let file = || "late.txt".to_owned();
+
+    script.expect("ready");
+    d.signal(Signal::SIGSTOP);
+    script.say("go");
+    script.expect("gave up");
+    d.signal(Signal::SIGCONT);
+    wait_for(
+        "the late plain open to be closed",
+        Duration::from_secs(10),
+        || handles(&d).is_empty().then_some(()),
+    );
+    script.say("go");
+
+    script.expect("ready");
+    d.signal(Signal::SIGSTOP);
+    script.say("go");
+    script.expect("replaying");
+    d.signal(Signal::SIGCONT);
+
+    script.expect("replayed");
+    assert_eq!(
+        handles(&d),
+        [(file(), "connected".to_owned())],
+        "the replay holds the handle\n{}",
+        script.log
+    );
+    script.say("go");
+    script.finish();
+    assert!(handles(&d).is_empty(), "closed");
 }
