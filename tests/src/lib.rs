@@ -776,7 +776,19 @@ impl RkSmbd {
         users: &[(&str, &str)],
         extra: &[&str],
     ) -> RkSmbd {
-        RkSmbd::start_full(s, instance, share, users, extra, None)
+        RkSmbd::start_full(s, instance, share, users, extra, None, &[])
+    }
+
+    /// [`RkSmbd::start`] with extra environment (e.g.
+    /// `RKFILTER_CALL_TIMEOUT_MS`).
+    pub fn start_with_env(
+        s: &Scratch,
+        instance: &str,
+        share: &str,
+        users: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> RkSmbd {
+        RkSmbd::start_full(s, instance, share, users, &[], None, env)
     }
 
     /// [`RkSmbd::start`] under a descriptor limit of `nofile` (as
@@ -788,7 +800,7 @@ impl RkSmbd {
         users: &[(&str, &str)],
         nofile: u64,
     ) -> RkSmbd {
-        RkSmbd::start_full(s, instance, share, users, &[], Some(nofile))
+        RkSmbd::start_full(s, instance, share, users, &[], Some(nofile), &[])
     }
 
     fn start_full(
@@ -798,6 +810,7 @@ impl RkSmbd {
         users: &[(&str, &str)],
         extra: &[&str],
         nofile: Option<u64>,
+        env: &[(&str, &str)],
     ) -> RkSmbd {
         let file = s.dir.join("users");
         let mut text = String::new();
@@ -822,7 +835,11 @@ impl RkSmbd {
         let flags = [&["--share", share, "--users", &users_arg][..], extra].concat();
         let shim = match nofile {
             Some(n) => Shim::start_with_nofile("rksmbd", &s.socket(), instance, &flags, n),
-            None => Shim::start_with("rksmbd", &s.socket(), instance, &flags),
+            None => {
+                let mut cmd = Command::new(bin("rksmbd"));
+                cmd.envs(env.iter().copied());
+                Shim::spawn(cmd, &s.socket(), instance, &flags)
+            }
         };
         RkSmbd {
             shim,

@@ -13,7 +13,10 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use rkfilter_tests::{filterctl, smb_session, wait_for, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::smb3::Dialogue;
+use rkfilter_tests::{
+    filterctl, smb_session, wait_for, Filterd, LineClient, RkSmbd, Scratch, Shim,
+};
 use serde_json::{json, Value};
 
 /// How long smbshim waits for filterd before it answers its client.
@@ -187,4 +190,106 @@ fn nfsshim_detaches_an_open_answered_late_and_its_resend_gets_it() {
     let r = n.send(open);
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
+}
+
+/// filterd and an rksmbd (share `data`, user alice) whose calls give up
+/// after `timeout_ms`.
+fn setup_rksmbd(name: &str, timeout_ms: &str) -> (Scratch, Filterd, RkSmbd) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[]);
+    let env = [("RKFILTER_CALL_TIMEOUT_MS", timeout_ms)];
+    let srv = RkSmbd::start_with_env(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    (s, d, srv)
+}
+
+/// rksmbd and a real SMB 3 client (`tests/smb3/late_reply.py`, raw SMB
+/// 3.0.2), rksmbd's calls giving up after 2 s (room for the replay below
+/// to be answered once filterd goes on). A plain exclusive CREATE sent
+/// while filterd is stopped fails with STATUS_FILE_NOT_AVAILABLE
+/// (docs/smb3.md); after SIGCONT its late open is closed and another
+/// client's exclusive open is granted. A persistent CREATE (DH2Q, create
+/// GUID G) fails the same way, and its replay (SMB2_FLAGS_REPLAY_OPERATION,
+/// G) is sent while filterd is still stopped: filterd answers the original
+/// (late) and the replay with the same handle, and the original's undo
+/// must leave the replay's handle attached and working.
+#[test]
+fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
+    let (_s, d, srv) = setup_rksmbd("late-rksmbd", "2000");
+    let mut script = Dialogue::start(&srv, "late_reply.py", Duration::from_secs(60));
+    let file = || "late.txt".to_owned();
+
+    script.expect("ready");
+    d.signal(Signal::SIGSTOP);
+    script.say("go");
+    script.expect("gave up");
+    d.signal(Signal::SIGCONT);
+    wait_for(
+        "the late plain open to be closed",
+        Duration::from_secs(10),
+        || handles(&d).is_empty().then_some(()),
+    );
+    script.say("go");
+
+    script.expect("ready");
+    d.signal(Signal::SIGSTOP);
+    script.say("go");
+    script.expect("replaying");
+    d.signal(Signal::SIGCONT);
+
+    script.expect("replayed");
+    assert_eq!(
+        handles(&d),
+        [(file(), "connected".to_owned())],
+        "the replay holds the handle\n{}",
+        script.log
+    );
+    script.say("go");
+    script.finish();
+    assert!(handles(&d).is_empty(), "closed");
+}
+
+/// `tests/smb3/lock_failover.py` against `srv`, with `f` opened plain
+/// (sharing everything).
+fn smb3_client_of_f(srv: &RkSmbd) -> Dialogue {
+    let mut script = Dialogue::start(srv, "lock_failover.py", Duration::from_secs(60));
+    script.say("open f plain");
+    script.expect("opened");
+    script
+}
+
+/// Sends `cmd` (`lock ...`) to `script`: the status its answer carries.
+fn lock_status(script: &mut Dialogue, cmd: &str) -> String {
+    script.say(cmd);
+    let line = script.expect("lock ");
+    line.rsplit(' ').next().unwrap_or_default().to_owned()
+}
+
+/// rksmbd: a LOCK (no lock sequence) of a real SMB 3 client sent while
+/// filterd is stopped is STATUS_FILE_NOT_AVAILABLE; once filterd goes on
+/// its late grant is undone, and another client's lock of the range is
+/// granted.
+#[test]
+fn rksmbd_unlocks_a_lock_answered_after_its_call_gave_up() {
+    let (s, d, srv) = setup_rksmbd("late-rksmbd-lock", CALL_TIMEOUT_MS);
+    std::fs::write(s.root().join("f"), vec![b'.'; 100]).expect("f");
+    let mut a = smb3_client_of_f(&srv);
+    let mut b = smb3_client_of_f(&srv);
+    let lock = "lock 0 10 excl 0 0";
+
+    d.signal(Signal::SIGSTOP);
+    let st = lock_status(&mut a, lock);
+    d.signal(Signal::SIGCONT);
+    assert_eq!(st, "0xc0000467", "gave up:\n{}", a.log);
+
+    // FAIL_IMMEDIATELY: refused while the lock a was told failed still
+    // stands, granted once it is undone.
+    wait_for(
+        "the late lock to be undone",
+        Duration::from_secs(10),
+        || (lock_status(&mut b, lock) == "0x0").then_some(()),
+    );
+    for c in [&mut a, &mut b] {
+        c.say("done");
+        c.finish();
+    }
 }
