@@ -31,19 +31,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let guid = CreateGuid(uuid::Uuid::new_v4());
     let client = ClientId::new("client-42")?;
     let h = filter.open(OpenRequest {
-        client: client.clone(),
-        path: RelPath::new("hello.txt")?,
-        access: Access::new(Rights::READ.union(Rights::WRITE))?,
-        share: Rights::READ,
-        disposition: Disposition::OpenIf,
-        durability: Durability::Persistent { timeout_ms: 0 },
         create_guid: Some(guid),
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..OpenRequest::new(
+            client.clone(),
+            RelPath::new("hello.txt")?,
+            Access::new(Rights::READ.union(Rights::WRITE))?,
+            Rights::READ,
+            Disposition::OpenIf,
+            Durability::Persistent { timeout_ms: 0 },
+        )
     })?;
     println!("opened {} ({})", h.info.key, h.info.create_action);
 

@@ -1946,19 +1946,15 @@ pub(crate) mod tests {
         let (dir, path, daemon) = late_daemon_answering(key, 2, true);
         let mut c = FilterClient::connect_control(&path).expect("connect");
         let req = OpenRequest {
-            client: ClientId::new("c").expect("client"),
-            path: RelPath::new("f").expect("path"),
-            access: Access::new(Rights::READ).expect("access"),
-            share: Rights::ALL,
-            disposition: Disposition::OpenIf,
-            durability: Durability::Persistent { timeout_ms: 0 },
             create_guid: Some(crate::model::CreateGuid(uuid::Uuid::new_v4())),
-            owner: None,
-            lease: None,
-            no_wait: false,
-            share_group: None,
-            stat: false,
-            put: Vec::new(),
+            ..OpenRequest::new(
+                ClientId::new("c").expect("client"),
+                RelPath::new("f").expect("path"),
+                Access::new(Rights::READ).expect("access"),
+                Rights::ALL,
+                Disposition::OpenIf,
+                Durability::Persistent { timeout_ms: 0 },
+            )
         };
         c.set_timeout(Duration::from_millis(200));
         let r = c.call(Request::Open(req.clone()));

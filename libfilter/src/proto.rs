@@ -544,6 +544,37 @@ pub struct OpenRequest {
     pub put: Vec<RecordSpec>,
 }
 
+impl OpenRequest {
+    /// An open with what every open names; the optional parts (create
+    /// GUID, owner, lease, share group, stat, records) are left out. Set
+    /// them with struct update syntax:
+    /// `OpenRequest { create_guid: Some(g), ..OpenRequest::new(..) }`.
+    pub fn new(
+        client: ClientId,
+        path: RelPath,
+        access: Access,
+        share: ShareAccess,
+        disposition: Disposition,
+        durability: Durability,
+    ) -> Self {
+        OpenRequest {
+            client,
+            path,
+            access,
+            share,
+            disposition,
+            durability,
+            create_guid: None,
+            owner: None,
+            lease: None,
+            no_wait: false,
+            share_group: None,
+            stat: false,
+            put: Vec::new(),
+        }
+    }
+}
+
 /// Which handle to resume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "by")]
@@ -2135,21 +2166,14 @@ mod tests {
     fn request_roundtrip() {
         let f = RequestFrame {
             id: 7,
-            req: Request::Open(OpenRequest {
-                client: ClientId::new("c1").unwrap(),
-                path: RelPath::new("a/b").unwrap(),
-                access: Access::new(Rights::READ).unwrap(),
-                share: Rights::ALL,
-                disposition: Disposition::OpenIf,
-                durability: Durability::Persistent { timeout_ms: 0 },
-                create_guid: None,
-                owner: None,
-                lease: None,
-                no_wait: false,
-                share_group: None,
-                stat: false,
-                put: Vec::new(),
-            }),
+            req: Request::Open(OpenRequest::new(
+                ClientId::new("c1").unwrap(),
+                RelPath::new("a/b").unwrap(),
+                Access::new(Rights::READ).unwrap(),
+                Rights::ALL,
+                Disposition::OpenIf,
+                Durability::Persistent { timeout_ms: 0 },
+            )),
         };
         let b = encode(&f).unwrap();
         assert_eq!(decode_request(&b).unwrap(), f);
