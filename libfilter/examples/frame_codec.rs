@@ -21,21 +21,14 @@ fn main() {
     let key = ResumeKey::new_random();
     let req = RequestFrame {
         id: 12345,
-        req: Request::Open(OpenRequest {
-            client: ClientId::new("client-1").unwrap(),
-            path: RelPath::new("dir/file-0001.txt").unwrap(),
-            access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-            share: Rights::READ,
-            disposition: Disposition::OpenIf,
-            durability: Durability::None,
-            create_guid: None,
-            owner: None,
-            lease: None,
-            no_wait: false,
-            share_group: None,
-            stat: false,
-            put: Vec::new(),
-        }),
+        req: Request::Open(OpenRequest::new(
+            ClientId::new("client-1").unwrap(),
+            RelPath::new("dir/file-0001.txt").unwrap(),
+            Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+            Rights::READ,
+            Disposition::OpenIf,
+            Durability::None,
+        )),
     };
     let rep = ServerFrame::Reply {
         id: Some(12345),

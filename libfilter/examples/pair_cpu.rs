@@ -45,21 +45,14 @@ fn main() {
     .expect("attaches");
     let pid = client.hello().pid;
     let features = client.hello().features;
-    let req = OpenRequest {
-        client: ClientId::new("client-1").unwrap(),
-        path: RelPath::new("f0").unwrap(),
-        access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-        share: Rights::ALL,
-        disposition: Disposition::OpenIf,
-        durability: Durability::None,
-        create_guid: None,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
-    };
+    let req = OpenRequest::new(
+        ClientId::new("client-1").unwrap(),
+        RelPath::new("f0").unwrap(),
+        Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+        Rights::ALL,
+        Disposition::OpenIf,
+        Durability::None,
+    );
     let pair = || {
         let h = client.open(req.clone()).expect("opens");
         client.close(h.info.key).expect("closes");

@@ -448,21 +448,14 @@ impl Drop for TestFront {
 /// name the model refuses (tests build their own requests).
 pub fn plain_open(client: &str, path: &str) -> libfilter::proto::OpenRequest {
     use libfilter::model::{Access, ClientId, Disposition, Durability, RelPath, Rights};
-    libfilter::proto::OpenRequest {
-        client: ClientId::new(client).expect("client id"),
-        path: RelPath::new(path).expect("relative path"),
-        access: Access::new(Rights::READ).expect("read access"),
-        share: Rights::ALL,
-        disposition: Disposition::Open,
-        durability: Durability::None,
-        create_guid: None,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
-    }
+    libfilter::proto::OpenRequest::new(
+        ClientId::new(client).expect("client id"),
+        RelPath::new(path).expect("relative path"),
+        Access::new(Rights::READ).expect("read access"),
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    )
 }
 
 /// A read-write `open_if` of `path` by `alice` sharing `share`, with a lease

@@ -367,20 +367,15 @@ fn compact_frames_are_negotiated_and_damaged_ones_change_nothing() {
 
     let s = Scratch::new("garbage-compact");
     let d = Filterd::start(&s, &[], &[]);
-    let open_req = |path: &str, durability| OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(path).unwrap(),
-        access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-        share: Rights::ALL,
-        disposition: Disposition::OpenIf,
-        durability,
-        create_guid: None,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+    let open_req = |path: &str, durability| {
+        OpenRequest::new(
+            ClientId::new("alice").unwrap(),
+            RelPath::new(path).unwrap(),
+            Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+            Rights::ALL,
+            Disposition::OpenIf,
+            durability,
+        )
     };
     // A persistent handle of a real frontend (which asks for compact
     // frames itself) that the damaged closes below name.

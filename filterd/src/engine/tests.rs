@@ -454,19 +454,15 @@ fn op_name(op: &StoreOp) -> &'static str {
 
 fn open(path: &str, share: Rights) -> Request {
     Request::Open(OpenRequest {
-        client: ClientId::new("alice").unwrap(),
-        path: RelPath::new(path).unwrap(),
-        access: Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
-        share,
-        disposition: Disposition::OpenIf,
-        durability: Durability::Persistent { timeout_ms: 60_000 },
         create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..OpenRequest::new(
+            ClientId::new("alice").unwrap(),
+            RelPath::new(path).unwrap(),
+            Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
+            share,
+            Disposition::OpenIf,
+            Durability::Persistent { timeout_ms: 60_000 },
+        )
     })
 }
 
@@ -869,19 +865,17 @@ fn a_share_group_is_one_reservation() {
     let mut h = Harness::new();
     let grouped = |client: &str, group: Option<&str>, access: Rights, share: Rights| {
         Request::Open(OpenRequest {
-            client: ClientId::new(client).unwrap(),
-            path: RelPath::new("a").unwrap(),
-            access: Access::new(access).unwrap(),
-            share,
-            disposition: Disposition::Open,
-            durability: Durability::Persistent { timeout_ms: 60_000 },
             create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
-            owner: None,
-            lease: None,
             no_wait: true,
             share_group: group.map(str::to_owned),
-            stat: false,
-            put: Vec::new(),
+            ..OpenRequest::new(
+                ClientId::new(client).unwrap(),
+                RelPath::new("a").unwrap(),
+                Access::new(access).unwrap(),
+                share,
+                Disposition::Open,
+                Durability::Persistent { timeout_ms: 60_000 },
+            )
         })
     };
     // Read, denying write; then write by the same group.

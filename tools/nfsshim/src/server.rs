@@ -3057,19 +3057,15 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let h = sh
         .filter
         .open(OpenRequest {
-            client: ctx.client_id()?,
-            path: from,
-            access: Access::new(Rights::DELETE).map_err(|e| internal(e.to_string()))?,
-            share: Rights::ALL,
-            disposition: Disposition::Open,
-            durability: Durability::None,
-            create_guid: None,
-            owner: None,
-            lease: None,
             no_wait: true,
-            share_group: None,
-            stat: false,
-            put: Vec::new(),
+            ..OpenRequest::new(
+                ctx.client_id()?,
+                from,
+                Access::new(Rights::DELETE).map_err(|e| internal(e.to_string()))?,
+                Rights::ALL,
+                Disposition::Open,
+                Durability::None,
+            )
         })
         .map_err(namespace_fail)?;
     let r = sh

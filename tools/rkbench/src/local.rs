@@ -187,21 +187,14 @@ pub fn measure(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Opti
         Protocol::new("bench")?,
         InstanceName::new("bench-local")?,
     )?;
-    let _h = fe.open(OpenRequest {
-        client: ClientId::new("bench")?,
-        path: RelPath::new("stateful")?,
-        access: Access::new(Rights::READ)?,
-        share: Rights::ALL,
-        disposition: Disposition::Open,
-        durability: Durability::None,
-        create_guid: None,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
-    })?;
+    let _h = fe.open(OpenRequest::new(
+        ClientId::new("bench")?,
+        RelPath::new("stateful")?,
+        Access::new(Rights::READ)?,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ))?;
     drop(std::fs::File::open(root.join("plain"))?); // first open sets the ignore mark
     let stateless = open_close(&root.join("plain"), dur)?;
     let stateful = open_close(&root.join("stateful"), dur)?;

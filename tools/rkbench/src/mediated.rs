@@ -76,21 +76,14 @@ pub struct Mediated {
 /// The open request of connection `i`, after [`WARM_UP_PAIRS`] untimed
 /// open+close pairs with it.
 fn warm_up(client: &FilterClient, i: usize, durability: Durability) -> anyhow::Result<OpenRequest> {
-    let req = OpenRequest {
-        client: ClientId::new(format!("bench-client-{i}"))?,
-        path: RelPath::new(format!("f{}", i % FILES))?,
-        access: Access::new(Rights::READ.union(Rights::WRITE))?,
-        share: Rights::ALL,
-        disposition: Disposition::Open,
+    let req = OpenRequest::new(
+        ClientId::new(format!("bench-client-{i}"))?,
+        RelPath::new(format!("f{}", i % FILES))?,
+        Access::new(Rights::READ.union(Rights::WRITE))?,
+        Rights::ALL,
+        Disposition::Open,
         durability,
-        create_guid: None,
-        owner: None,
-        lease: None,
-        no_wait: false,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
-    };
+    );
     for _ in 0..WARM_UP_PAIRS {
         let h = client.open(req.clone())?;
         client.close(h.info.key)?;
@@ -203,21 +196,14 @@ pub fn check_io(filterd: &Path, dir: &Path, dur: Duration) -> anyhow::Result<Fig
         InstanceName::new("bench-io")?,
     )?;
     let req = |client: &str| -> anyhow::Result<OpenRequest> {
-        Ok(OpenRequest {
-            client: ClientId::new(client)?,
-            path: RelPath::new("f0")?,
-            access: Access::new(Rights::READ.union(Rights::WRITE))?,
-            share: Rights::ALL,
-            disposition: Disposition::Open,
-            durability: Durability::None,
-            create_guid: None,
-            owner: None,
-            lease: None,
-            no_wait: false,
-            share_group: None,
-            stat: false,
-            put: Vec::new(),
-        })
+        Ok(OpenRequest::new(
+            ClientId::new(client)?,
+            RelPath::new("f0")?,
+            Access::new(Rights::READ.union(Rights::WRITE))?,
+            Rights::ALL,
+            Disposition::Open,
+            Durability::None,
+        ))
     };
     let holder = fe.open(req("holder")?)?;
     fe.lock(

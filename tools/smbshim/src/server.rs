@@ -956,19 +956,18 @@ fn create_with(
         None => (Durability::None, None, None),
     };
     let req = OpenRequest {
-        client: client_id(client_guid)?,
-        path,
-        access,
-        share,
-        disposition: disp,
-        durability,
         create_guid: create_guid.map(CreateGuid),
         owner: Some(user),
         lease: lease_req,
         no_wait,
-        share_group: None,
-        stat: false,
-        put: Vec::new(),
+        ..OpenRequest::new(
+            client_id(client_guid)?,
+            path,
+            access,
+            share,
+            disp,
+            durability,
+        )
     };
     let (member, m) = sh.member_for(client_guid)?;
     let replay = f.replay && create_guid.is_some();
