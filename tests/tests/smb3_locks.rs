@@ -614,10 +614,16 @@ fn a_pending_lock_whose_waiter_goes(name: &str, kill_rksmbd: bool) {
     script.say(&format!("reconnect {}", srv.port()));
     script.expect("reconnected");
     said(&mut script, "lock 10 10 excl 1 1", SUCCESS);
-    assert_eq!(locks_listed(&d), [(10, 10, "\"exclusive\"".to_owned())]);
-    let r = nfs_lock(&mut n, &sid, 12, 2);
-    assert_eq!(r["status"], "NFS4ERR_DENIED", "{r}");
-    said(&mut script, "unlock 10 10 2 1", SUCCESS);
+    the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
+}
+
+/// filterd holds one lock, 10..20 exclusive, the SMB 3 client's: the
+/// nfsl/1 client is refused inside it; then the client unlocks, closes.
+fn the_waiter_alone_holds_10_20(d: &Filterd, n: &mut Nfs, sid: &Value, script: &mut Dialogue) {
+    assert_eq!(locks_listed(d), [(10, 10, "\"exclusive\"".to_owned())]);
+    let r = nfs_lock(n, sid, 12, 2);
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "the waiter holds it: {r}");
+    said(script, "unlock 10 10 2 1", SUCCESS);
     script.say("done");
     script.finish();
 }
@@ -630,4 +636,34 @@ fn a_lock_pending_when_rksmbd_is_killed_is_granted_to_nobody() {
 #[test]
 fn a_lock_pending_when_its_connection_drops_is_granted_to_nobody() {
     a_pending_lock_whose_waiter_goes("smb3-pending-drop", false);
+}
+
+/// A blocking LOCK pending (persistent handle) when filterd is SIGKILLed
+/// and restarted under a live rksmbd keeps waiting through the outage
+/// (rksmbd's retries meet a daemon that is gone, then one recovering) and
+/// is granted once the nfsl/1 holder unlocks — one lock, the waiter's.
+/// Before, the first retry that found filterd gone answered the LOCK with
+/// STATUS_FILE_NOT_AVAILABLE, a failure an application's blocking
+/// LockFileEx does not expect while the range was simply still held.
+#[test]
+fn a_pending_lock_keeps_waiting_across_a_filterd_restart() {
+    let (s, mut d, srv, nfsshim, _smbshim) = setup("smb3-pending-restart");
+    let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-x", "4545454545454545");
+    let held = nfs_lock(&mut n, &sid, 10, 10);
+    assert_eq!(held["status"], "NFS4_OK", "{held}");
+    let mut script = smb3_client_of_f(&srv);
+    said(&mut script, "blocking 10 10 1 1", PENDING);
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    wait_for(
+        "rksmbd to resume its persistent handle",
+        Duration::from_secs(20),
+        || {
+            let h = handles_of_f(&d);
+            (h.len() == 2 && h.iter().all(|(_, c)| *c == ConnState::Connected)).then_some(())
+        },
+    );
+    nfs_unlock(&mut n, &held, 10, 10);
+    said(&mut script, "final", SUCCESS);
+    the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
 }

@@ -17,10 +17,13 @@
 //! until it is granted (final response, STATUS_SUCCESS), cancelled
 //! (CANCEL, 3.3.5.16: STATUS_CANCELLED), or its open is closed
 //! (STATUS_RANGE_NOT_LOCKED). A waiting lock holds nothing in filterd:
-//! it never blocks filterd's engine or another client.
+//! it never blocks filterd's engine or another client, and one whose
+//! connection or rksmbd goes leaves nothing behind. A filterd outage is
+//! no answer to it: it waits through one ([`keeps_waiting`]).
 
 use std::time::{Duration, Instant};
 
+use libfilter::client::ClientError;
 use libfilter::locks::{LockOp, LockRange};
 use libfilter::model::{LockSequence, ResumeKey};
 use libfilter::proto::ErrorCode;
@@ -315,6 +318,23 @@ fn record_local(c: &mut Connection, open: u64, q: Option<LockSequence>) {
     }
 }
 
+/// Whether a waiting lock's retry that failed with `e` goes on waiting:
+/// the range is still held, or filterd is away for a while (gone and
+/// being reattached, recovering, busy). A blocking LOCK has no deadline,
+/// so an outage of filterd is no answer to it; the next retry after the
+/// reattach is.
+fn keeps_waiting(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(
+            ErrorCode::LockNotGranted
+                | ErrorCode::FileNotAvailable
+                | ErrorCode::Busy
+                | ErrorCode::Retry
+        )
+    ) || matches!(e, ClientError::Disconnected | ClientError::Timeout(_))
+}
+
 /// Retries every waiting lock; those granted or failed for good are
 /// answered (final async response), the others keep waiting.
 pub fn retry(c: &mut Connection) {
@@ -335,7 +355,7 @@ pub fn retry(c: &mut Connection) {
                 granted.push((w.open, w.local));
                 done.push((w.head.async_id, status::SUCCESS));
             }
-            Err(e) if e.code() == Some(ErrorCode::LockNotGranted) => {}
+            Err(e) if keeps_waiting(&e) => {}
             Err(e) => done.push((w.head.async_id, status_of(&e))),
         }
     }
