@@ -314,6 +314,7 @@ fn checked_write_in_flight_across_a_restart(name: &str, open: &str) {
 // lasts the timeout rksmbd granted (3.3.7.1: 0 -> 60 s, at most 300 s).
 
 const OBJECT_NAME_NOT_FOUND: &str = "0xc0000034";
+const FILE_CLOSED: &str = "0xc0000128";
 const RWH: &str = "0x7";
 
 /// `lock_failover.py` against `srv` with `f` open on a durable handle
@@ -666,4 +667,26 @@ fn a_pending_lock_keeps_waiting_across_a_filterd_restart() {
     nfs_unlock(&mut n, &held, 10, 10);
     said(&mut script, "final", SUCCESS);
     the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
+}
+
+/// filterd SIGKILLed and restarted under a live rksmbd forgets a durable
+/// (not persistent) handle, as a restarted SMB server would: the client's
+/// WRITE and LOCK on the open are STATUS_FILE_CLOSED (MS-SMB2 3.3.5.13,
+/// 3.3.5.14: the open is not found), never a success through a lock that
+/// is gone; its CLOSE succeeds. Before, they were
+/// STATUS_OBJECT_NAME_NOT_FOUND, filterd's "no such handle" mapped as for
+/// a CREATE.
+#[test]
+fn an_open_filterd_forgot_is_closed() {
+    let (s, mut d, srv, _nfsshim, _smbshim) = setup("smb3-durable-forgotten");
+    let mut script = smb3_durable_client_of_f(&srv, 60_000);
+    said(&mut script, "lock 10 20 excl 1 1", SUCCESS);
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let st = ask_patiently(&mut script, "write 40 AA");
+    assert_eq!(st, FILE_CLOSED, "{}", script.log);
+    said(&mut script, "lock 10 20 excl 2 1", FILE_CLOSED);
+    assert_eq!(locks_listed(&d), []);
+    nothing_landed(&s);
+    closed_last(&mut script, &d);
 }

@@ -29,7 +29,7 @@ use libfilter::model::{LockSequence, ResumeKey};
 use libfilter::proto::ErrorCode;
 
 use crate::crypto::SigningAlgorithm;
-use crate::files::{file_of, open_id, status_of};
+use crate::files::{file_of, open_id, status_on_open};
 use crate::server::{AsyncHead, Connection, Outcome, Reply, Request};
 use crate::wire::{status, Reader};
 
@@ -261,7 +261,7 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         for op in ops {
             client
                 .lock(key, vec![op], None)
-                .map_err(|e| status_of(&e))?;
+                .map_err(|e| status_on_open(&e))?;
             c.waiting.nudged = true;
         }
         return match bad_tail {
@@ -304,7 +304,7 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 crate::server::error_body(),
             ))
         }
-        Err(e) => Err(status_of(&e)),
+        Err(e) => Err(status_on_open(&e)),
     }
 }
 
@@ -356,7 +356,7 @@ pub fn retry(c: &mut Connection) {
                 done.push((w.head.async_id, status::SUCCESS));
             }
             Err(e) if keeps_waiting(&e) => {}
-            Err(e) => done.push((w.head.async_id, status_of(&e))),
+            Err(e) => done.push((w.head.async_id, status_on_open(&e))),
         }
     }
     for (open, local) in granted {
