@@ -6,6 +6,10 @@ Reads commands from stdin, one a line, and answers each with one line:
   open NAME [plain]       connect as a fixed client GUID and open NAME
                           with a DH2Q persistent context (no lease), or
                           with no context at all -> "opened"
+  open NAME durable MS    the same with a DH2Q durable (not persistent)
+                          context asking for a timeout of MS ms and an
+                          RWH lease (v2) -> "opened lease STATE timeout T"
+                          (what was granted)
   lock OFF LEN KIND I N   LOCK (KIND excl or shared, FAIL_IMMEDIATELY)
                           with LockSequenceIndex I and Number N (I 0:
                           none) -> "lock STATUS"
@@ -14,7 +18,19 @@ Reads commands from stdin, one a line, and answers each with one line:
   drop                    drop the TCP connection without LOGOFF
                           -> "dropped"
   reconnect PORT          connect again (same client GUID) to PORT and
-                          resume the handle with DH2C -> "reconnected"
+                          resume the handle with DH2C (and the lease, if
+                          any) -> "reconnected lease STATE", or
+                          "refused STATUS"
+  replay PORT             connect again (same client GUID) to PORT and send
+                          the open's DH2Q CREATE again, flagged
+                          SMB2_FLAGS_REPLAY_OPERATION -> "replayed STATUS
+                          same|other" (the persistent FileId half the
+                          open had, or another)
+  blocking OFF LEN I N    an exclusive LOCK without FAIL_IMMEDIATELY: the
+                          interim response -> "blocking STATUS" (0x103:
+                          pending; else the final one)
+  final                   the pending LOCK's final response -> "final
+                          STATUS"
   done                    close the handle (again while the answer is
                           STATUS_FILE_NOT_AVAILABLE) -> "PASS", exit
 STATUS is the NTSTATUS in hex (0x0 for STATUS_SUCCESS). Any other
@@ -32,16 +48,28 @@ from smbprotocol.create_contexts import (
     CreateContextName,
     DurableHandleFlags,
     SMB2CreateDurableHandleReconnectV2,
+    SMB2CreateDurableHandleRequestV2,
 )
 from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.open import CreateDisposition, LockFlags, ShareAccess
+from smbprotocol.open import CreateDisposition, LockFlags, RequestedOplockLevel, ShareAccess
 
-from smbtest import args, connect, context, create_rw, lock_in_sequence, persistent_context
+from smbtest import (
+    args,
+    connect,
+    context,
+    create_rw,
+    lease_context,
+    lock_in_sequence,
+    persistent_context,
+    sent_as_replay,
+)
 
 HOST, PORT, SHARE, USER, PASSWORD = args()
 CLIENT_GUID = uuid.uuid4()
 CREATE_GUID = uuid.uuid4()
+LEASE_KEY = uuid.uuid4().bytes
 FILE_NOT_AVAILABLE = 0xC0000467
+STATUS_PENDING = 0x103
 SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
 
 
@@ -50,9 +78,32 @@ def fail(what):
     sys.exit(1)
 
 
-def create(tree, name, ctx):
-    """An open of `name` for reading and writing, sharing everything."""
-    return create_rw(tree, name, CreateDisposition.FILE_OPEN_IF, [ctx] if ctx else [], share=SHARE_ALL)
+def create(tree, name, contexts, send=True):
+    """An open of `name` for reading and writing, sharing everything
+    (under a lease when `contexts` ask for one)."""
+    leased = any(c["buffer_name"].get_value() == CreateContextName.SMB2_CREATE_REQUEST_LEASE_V2 for c in contexts)
+    level = RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE if leased else 0
+    return create_rw(tree, name, CreateDisposition.FILE_OPEN_IF, contexts, level, share=SHARE_ALL)
+
+
+def durable_context(timeout_ms):
+    """A DH2Q create context asking for a durable, not persistent, handle."""
+    dh2q = SMB2CreateDurableHandleRequestV2()
+    dh2q["timeout"] = timeout_ms
+    dh2q["flags"] = 0
+    dh2q["create_guid"] = CREATE_GUID
+    return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q)
+
+
+def granted(resp, field):
+    """The response context carrying `field` (the DH2Q or lease response)."""
+    found = [r for r in resp if hasattr(r, "fields") and field in r.fields]
+    return found[0] if len(found) == 1 else None
+
+
+def lease_of(resp):
+    lease = granted(resp, "lease_state")
+    return lease["lease_state"].get_value() if lease else 0
 
 
 def status_of(call):
@@ -65,6 +116,9 @@ def status_of(call):
 
 conn = f = None
 name = None
+opened_with = []
+durable = False
+pending = None
 for line in sys.stdin:
     words = line.split()
     if not words:
@@ -74,9 +128,21 @@ for line in sys.stdin:
         name = rest[0]
         conn, tree = connect(HOST, PORT, SHARE, USER, PASSWORD, CLIENT_GUID)
         plain = rest[1:] == ["plain"]
-        f, resp = create(tree, name, None if plain else persistent_context(CREATE_GUID))
-        durable = [r for r in resp if hasattr(r, "fields") and "timeout" in r.fields and "flags" in r.fields]
-        persistent = len(durable) == 1 and durable[0]["flags"].has_flag(DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT)
+        durable = rest[1:2] == ["durable"]
+        if plain:
+            opened_with = []
+        elif durable:
+            opened_with = [durable_context(int(rest[2])), lease_context(LEASE_KEY)]
+        else:
+            opened_with = [persistent_context(CREATE_GUID)]
+        f, resp = create(tree, name, opened_with)
+        dh2q = granted(resp, "timeout")
+        persistent = dh2q is not None and dh2q["flags"].has_flag(DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT)
+        if durable:
+            if dh2q is None or persistent:
+                fail("a durable, not persistent, handle granted")
+            print(f"opened lease {lease_of(resp):#x} timeout {dh2q['timeout'].get_value()}", flush=True)
+            continue
         if not plain and not persistent:
             fail("persistent handle granted")
         print("opened", flush=True)
@@ -91,6 +157,19 @@ for line in sys.stdin:
             index, number = int(rest[2]), int(rest[3])
         st = status_of(lambda: lock_in_sequence(f, off, length, flags, index, number))
         print(f"{cmd} {st:#x}", flush=True)
+    elif cmd == "blocking":
+        off, length, index, number = (int(w) for w in rest[:4])
+        pending = lock_in_sequence(f, off, length, LockFlags.SMB2_LOCKFLAG_EXCLUSIVE_LOCK, index, number, wait=False)
+        # (Read the interim response in place: receive(wait=False) would
+        # forget the request, and the final response with it.)
+        if not pending.response_event.wait(timeout=30):
+            fail("no answer to the blocking LOCK")
+        with pending.response_event_lock:
+            st = pending.response["status"].get_value()
+        print(f"blocking {st:#x}", flush=True)
+    elif cmd == "final":
+        st = status_of(lambda: f.connection.receive(pending, wait=True, timeout=30))
+        print(f"final {st:#x}", flush=True)
     elif cmd == "write":
         st = status_of(lambda: f.write(rest[1].encode(), int(rest[0])))
         print(f"write {st:#x}", flush=True)
@@ -103,14 +182,25 @@ for line in sys.stdin:
         dh2c = SMB2CreateDurableHandleReconnectV2()
         dh2c["file_id"] = file_id
         dh2c["create_guid"] = CREATE_GUID
-        dh2c["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT
+        dh2c["flags"] = 0 if durable else DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT
+        ctxs = [context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_RECONNECT_V2, dh2c)]
         try:
-            f, _ = create(tree, name, context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_RECONNECT_V2, dh2c))
+            f, resp = create(tree, name, ctxs + opened_with[1:])
         except SMBResponseException as e:
-            fail(f"DH2C refused ({e.status:#x})")
+            print(f"refused {e.status:#x}", flush=True)
+            continue
         if f.file_id[:8] != file_id[:8]:
             fail("the same persistent file id")
-        print("reconnected", flush=True)
+        print(f"reconnected lease {lease_of(resp):#x}", flush=True)
+    elif cmd == "replay":
+        file_id = f.file_id
+        conn, tree = connect(HOST, int(rest[0]), SHARE, USER, PASSWORD, CLIENT_GUID)
+        try:
+            f, _ = sent_as_replay(lambda: create(tree, name, opened_with))
+        except SMBResponseException as e:
+            print(f"replayed {e.status:#x}", flush=True)
+            continue
+        print(f"replayed 0x0 {'same' if f.file_id[:8] == file_id[:8] else 'other'}", flush=True)
     elif cmd == "done":
         # Again while rksmbd answers the retry status (it is back on a
         # restarted filterd and not yet resynced), as a client does.

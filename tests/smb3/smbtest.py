@@ -9,6 +9,7 @@ alone (include_str!) and runs it from elsewhere.
 import sys
 import uuid
 
+from smbprotocol import connection
 from smbprotocol.connection import Connection
 from smbprotocol.create_contexts import (
     CreateContextName,
@@ -27,6 +28,7 @@ from smbprotocol.open import (
     Open,
     ShareAccess,
 )
+from smbprotocol.header import Smb2Flags
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 
@@ -111,9 +113,10 @@ def create_rw(tree, name, disposition, contexts=(), oplock_level=0, share=ShareA
     return f, resp or []
 
 
-def lock_in_sequence(f, offset, length, flags, index, number):
+def lock_in_sequence(f, offset, length, flags, index, number, wait=True):
     """One LOCK element on open `f` with LockSequenceIndex `index` and
-    LockSequenceNumber `number` (raises SMBResponseException on failure).
+    LockSequenceNumber `number` (raises SMBResponseException on failure;
+    `wait` False: returns the sent request instead of waiting for it).
     smbprotocol's Open.lock packs the sequence as Number << 28 | Index;
     MS-SMB2 2.2.26 puts the Number in the low 4 bits and the Index in the
     28 above, so the request's field is set here."""
@@ -124,4 +127,25 @@ def lock_in_sequence(f, offset, length, flags, index, number):
     req, receive = f.lock([e], send=False)
     req["lock_sequence"] = (index << 4) | number
     session = f.tree_connect.session
-    receive(f.connection.send(req, session.session_id, f.tree_connect.tree_connect_id))
+    sent = f.connection.send(req, session.session_id, f.tree_connect.tree_connect_id)
+    if not wait:
+        return sent
+    receive(sent)
+
+
+def sent_as_replay(call):
+    """Runs `call`, every request it sends flagged
+    SMB2_FLAGS_REPLAY_OPERATION (smbprotocol has no way to ask for it: the
+    flag must be in the header before the header is signed)."""
+    made = connection.SMB2HeaderRequest
+
+    def replayed():
+        header = made()
+        header["flags"].set_flag(Smb2Flags.SMB2_FLAGS_REPLAY_OPERATIONS)
+        return header
+
+    connection.SMB2HeaderRequest = replayed
+    try:
+        return call()
+    finally:
+        connection.SMB2HeaderRequest = made

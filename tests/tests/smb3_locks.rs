@@ -6,10 +6,18 @@
 //! slept through. Lock sequences (MS-SMB2 3.3.5.14) replayed after the
 //! failover are recognised: a replayed LOCK never locks twice, a replayed
 //! unlock never unlocks a range locked again since.
+//!
+//! Durable (not persistent) handles: one comes back with its lease and
+//! lock after rksmbd is SIGKILLed, a replayed DH2Q gets it again, another
+//! client's open closes it while it is disconnected (MS-SMB2 3.3.4.7),
+//! and it goes at its timeout or with filterd. A blocking LOCK pending
+//! when its waiter goes (rksmbd killed, or its connection dropped) is
+//! granted to nobody.
 
 use std::time::Duration;
 
 use base64::Engine as _;
+use libfilter::model::{ConnState, Durability};
 use nix::sys::signal::Signal;
 use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
@@ -298,4 +306,387 @@ fn checked_write_in_flight_across_a_restart(name: &str, open: &str) {
     script.say("done");
     script.finish();
     drop(d);
+}
+
+// Durable (not persistent) handles: DH2Q without the persistent flag,
+// under an RWH lease (MS-SMB2 3.3.5.9.10). filterd keeps them in memory
+// only, so they outlive rksmbd but not filterd, and a disconnected one
+// lasts the timeout rksmbd granted (3.3.7.1: 0 -> 60 s, at most 300 s).
+
+const OBJECT_NAME_NOT_FOUND: &str = "0xc0000034";
+const FILE_CLOSED: &str = "0xc0000128";
+const RWH: &str = "0x7";
+
+/// `lock_failover.py` against `srv` with `f` open on a durable handle
+/// asking for `timeout_ms`, under an RWH lease: the script, and what was
+/// granted (`opened lease STATE timeout T`).
+fn smb3_durable_client_of_f(srv: &RkSmbd, timeout_ms: u32) -> Dialogue {
+    let mut script = Dialogue::start(srv, "lock_failover.py", Duration::from_secs(120));
+    script.say(&format!("open f durable {timeout_ms}"));
+    let opened = script.expect("opened");
+    assert_eq!(
+        opened,
+        format!("opened lease {RWH} timeout {timeout_ms}"),
+        "{}",
+        script.log
+    );
+    script
+}
+
+/// filterd's byte-range locks as `filterctl locks --json` lists them:
+/// (offset, length, kind) of each.
+fn locks_listed(d: &Filterd) -> Vec<(u64, u64, String)> {
+    let sock = d.socket().to_string_lossy().into_owned();
+    let out = rkfilter_tests::filterctl(&["--socket", &sock, "locks", "--json"]);
+    let v = out.json();
+    let list = v.as_array().cloned().unwrap_or_default();
+    list.iter()
+        .map(|l| {
+            (
+                l["offset"].as_u64().unwrap_or(u64::MAX),
+                l["length"].as_u64().unwrap_or(u64::MAX),
+                l["kind"].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// filterd's handles of `f`: (durability, connection state) of each.
+fn handles_of_f(d: &Filterd) -> Vec<(Durability, ConnState)> {
+    d.control()
+        .handles()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|h| h.record.path.as_str() == "f")
+        .map(|h| (h.record.durability, h.record.conn))
+        .collect()
+}
+
+/// Waits until filterd holds `f` through exactly one disconnected durable
+/// handle (rksmbd is gone).
+fn wait_for_disconnected_durable(d: &Filterd) {
+    wait_for(
+        "one disconnected durable handle of f",
+        Duration::from_secs(10),
+        || {
+            let h = handles_of_f(d);
+            matches!(
+                h.as_slice(),
+                [(Durability::Durable { .. }, ConnState::Disconnected { .. })]
+            )
+            .then_some(())
+        },
+    );
+}
+
+/// [`setup`], then the SMB 3 client opens `f` on a durable handle asking
+/// for `timeout_ms` and locks 10..30 (sequence 1/1), and rksmbd is
+/// SIGKILLed under it: filterd holds the handle disconnected. Returns the
+/// setup (rksmbd not restarted) and the client.
+fn durable_lock_then_rksmbd_killed(
+    name: &str,
+    timeout_ms: u32,
+) -> (Scratch, Filterd, Shim, Dialogue) {
+    let (s, d, mut srv, nfsshim, _smbshim) = setup(name);
+    let mut script = smb3_durable_client_of_f(&srv, timeout_ms);
+    said(&mut script, "lock 10 20 excl 1 1", SUCCESS);
+    said(&mut script, "write 12 SMB3", SUCCESS);
+    srv.shim.kill9_in_place();
+    wait_for_disconnected_durable(&d);
+    (s, d, nfsshim, script)
+}
+
+/// The client closes its handle, the last one: filterd then holds none.
+fn closed_last(script: &mut Dialogue, d: &Filterd) {
+    script.say("done");
+    script.finish();
+    rkfilter_tests::smb3::no_handles_left(d);
+}
+
+/// The client's DH2C through `srv` finds nothing.
+fn reconnect_refused(script: &mut Dialogue, srv: &RkSmbd) {
+    script.say(&format!("reconnect {}", srv.port()));
+    let back = script.expect("re");
+    assert_eq!(
+        back,
+        format!("refused {OBJECT_NAME_NOT_FOUND}"),
+        "{}",
+        script.log
+    );
+}
+
+/// The SMB 3 client locks 10..30 and writes (never flushing) through a
+/// durable handle; rksmbd is SIGKILLed under it. filterd keeps the handle
+/// disconnected with its lock; a replacement rksmbd reconnects it (DH2C)
+/// with its RWH lease, its lock (a replayed LOCK applies nothing, a new
+/// one meets it) and the bytes written.
+#[test]
+fn a_durable_handle_comes_back_with_its_lease_and_lock_after_rksmbd_is_killed() {
+    let (s, d, _nfsshim, mut script) = durable_lock_then_rksmbd_killed("smb3-durable-back", 60_000);
+    assert_eq!(locks_listed(&d), [(10, 20, "\"exclusive\"".to_owned())]);
+
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    script.say(&format!("reconnect {}", srv.port()));
+    let back = script.expect("re");
+    assert_eq!(back, format!("reconnected lease {RWH}"), "{}", script.log);
+    said(&mut script, "lock 10 20 excl 1 1", SUCCESS);
+    assert_eq!(locks_listed(&d).len(), 1, "a replayed LOCK locks nothing");
+    said(&mut script, "lock 10 20 excl 2 1", LOCK_NOT_GRANTED);
+    nothing_landed_but(&s, b"SMB3");
+    said(&mut script, "unlock 10 20 3 1", SUCCESS);
+    assert_eq!(locks_listed(&d), []);
+    closed_last(&mut script, &d);
+}
+
+/// MS-SMB2 3.3.4.7: a lease break that finds a durable (not persistent)
+/// open without a connection closes it. Another SMB 3 client's open of
+/// the file (it breaks the RWH lease's W) therefore closes the
+/// disconnected handle, its lock with it: the other client locks the
+/// range, and the owner's DH2C finds nothing.
+#[test]
+fn another_clients_open_closes_a_disconnected_durable_handle() {
+    let (s, d, _nfsshim, mut script) =
+        durable_lock_then_rksmbd_killed("smb3-durable-other", 60_000);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+
+    let mut other = smb3_client_opening(&srv, "open f plain");
+    said(&mut other, "lock 15 5 excl 0 0", SUCCESS);
+    assert_eq!(locks_listed(&d), [(15, 5, "\"exclusive\"".to_owned())]);
+    reconnect_refused(&mut script, &srv);
+    closed_last(&mut other, &d);
+}
+
+/// Nobody reconnects: the durable handle lasts the 3 s rksmbd granted and
+/// then goes, its lock with it; an nfsl/1 client then opens and locks the
+/// range, and a late DH2C finds nothing.
+#[test]
+fn a_durable_handle_nobody_reconnects_goes_at_its_timeout() {
+    let (s, d, nfsshim, mut script) =
+        durable_lock_then_rksmbd_killed("smb3-durable-timeout", 3_000);
+    let (since_ms, expires_ms) = match handles_of_f(&d).as_slice() {
+        [(
+            _,
+            ConnState::Disconnected {
+                since_ms,
+                expires_ms,
+            },
+        )] => (*since_ms, *expires_ms),
+        h => panic!("{h:?}"),
+    };
+    assert_eq!(expires_ms - since_ms, 3_000, "the timeout rksmbd granted");
+    wait_for(
+        "the durable handle to expire",
+        Duration::from_secs(20),
+        || handles_of_f(&d).is_empty().then_some(()),
+    );
+    let gone_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+    eprintln!(
+        "the disconnected durable handle went {} ms after its disconnect",
+        gone_ms - since_ms
+    );
+    assert!(gone_ms >= expires_ms, "gone before its timeout");
+    assert_eq!(locks_listed(&d), []);
+    let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-t", "7878787878787878");
+    let r = nfs_lock(&mut n, &sid, 15, 5);
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    reconnect_refused(&mut script, &srv);
+}
+
+/// filterd keeps durable (not persistent) handles in memory, as an SMB
+/// server does (MS-SMB2: only persistent opens survive the server): with
+/// filterd SIGKILLed and restarted too, the DH2C finds nothing, the lock
+/// is gone, an nfsl/1 client locks the range — and the bytes the client
+/// wrote without flushing are in the file.
+#[test]
+fn a_durable_handle_does_not_outlive_filterd() {
+    let (s, mut d, mut srv, nfsshim, _smbshim) = setup("smb3-durable-filterd");
+    let mut n = Nfs::connect(&nfsshim.addr, "host-f", "9090909090909090");
+    let mut script = smb3_durable_client_of_f(&srv, 60_000);
+    said(&mut script, "lock 10 20 excl 1 1", SUCCESS);
+    said(&mut script, "write 12 SMB3", SUCCESS);
+    srv.shim.kill9_in_place();
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    assert_eq!(handles_of_f(&d), []);
+    assert_eq!(locks_listed(&d), []);
+    let sid = nfs_open(&mut n);
+    let r = nfs_lock(&mut n, &sid, 15, 5);
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    reconnect_refused(&mut script, &srv);
+    nothing_landed_but(&s, b"SMB3");
+}
+
+/// A DH2Q CREATE replayed (SMB2_FLAGS_REPLAY_OPERATION, same create
+/// GUID) to a replacement rksmbd after the kill gets the same handle —
+/// same persistent FileId, its lock still held — and creates nothing:
+/// filterd still has one handle of f.
+#[test]
+fn a_durable_create_replayed_after_rksmbd_is_killed_gets_the_same_handle() {
+    let (s, d, _nfsshim, mut script) =
+        durable_lock_then_rksmbd_killed("smb3-durable-replay", 60_000);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    script.say(&format!("replay {}", srv.port()));
+    let replayed = script.expect("replayed");
+    assert_eq!(replayed, "replayed 0x0 same", "{}", script.log);
+    let h = handles_of_f(&d);
+    assert!(
+        matches!(
+            h.as_slice(),
+            [(Durability::Durable { .. }, ConnState::Connected)]
+        ),
+        "{h:?}"
+    );
+    assert_eq!(locks_listed(&d).len(), 1);
+    said(&mut script, "lock 10 20 excl 2 1", LOCK_NOT_GRANTED);
+    closed_last(&mut script, &d);
+}
+
+// A blocking LOCK (no FAIL_IMMEDIATELY) pending on a range an nfsl/1
+// client holds. A waiting lock holds nothing in filterd (rksmbd retries
+// it), so when its waiter goes — rksmbd killed, or the waiter's own
+// connection dropped — the holder's unlock leaves the range to nobody:
+// no lock is granted to a waiter that is gone, and the waiter's
+// reconnect re-issues the lock and holds exactly one.
+
+const PENDING: &str = "0x103";
+
+/// The nfsl/1 client's LOCKU of the lock `l` (a LOCK's reply).
+fn nfs_unlock(n: &mut Nfs, l: &Value, offset: u64, length: u64) {
+    let r = n.call_patiently(json!({"op": "LOCKU", "lock_stateid": l["lock_stateid"],
+                                    "offset": offset, "length": length}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+}
+
+/// No lock appears in filterd while a retrying rksmbd would have taken
+/// one many times over (rksmbd retries a waiting lock every 50 ms): a
+/// condition that must stay false, so it is watched for a while.
+fn no_lock_granted_meanwhile(d: &Filterd) {
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            locks_listed(d),
+            [],
+            "a lock granted to a waiter that is gone"
+        );
+    }
+}
+
+/// `outage` happens while the SMB 3 client's blocking LOCK of 10..20
+/// (persistent handle) waits for the nfsl/1 client's lock; then the
+/// nfsl/1 client unlocks; the SMB 3 client reconnects through `srv` (the
+/// same or a replacement rksmbd) and locks again.
+fn a_pending_lock_whose_waiter_goes(name: &str, kill_rksmbd: bool) {
+    let (s, d, mut srv, nfsshim, _smbshim) = setup(name);
+    let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-w", "2323232323232323");
+    let held = nfs_lock(&mut n, &sid, 10, 10);
+    assert_eq!(held["status"], "NFS4_OK", "{held}");
+    let mut script = smb3_client_of_f(&srv);
+    said(&mut script, "blocking 10 10 1 1", PENDING);
+    if kill_rksmbd {
+        srv.shim.kill9_in_place();
+    } else {
+        script.say("drop");
+        script.expect("dropped");
+    }
+    wait_for(
+        "the waiter's handle to be disconnected",
+        Duration::from_secs(10),
+        || {
+            let h = handles_of_f(&d);
+            h.iter()
+                .any(|(_, c)| matches!(c, ConnState::Disconnected { .. }))
+                .then_some(())
+        },
+    );
+    nfs_unlock(&mut n, &held, 10, 10);
+    no_lock_granted_meanwhile(&d);
+    let again = nfs_lock(&mut n, &sid, 10, 10);
+    assert_eq!(again["status"], "NFS4_OK", "nobody holds 10..20: {again}");
+    nfs_unlock(&mut n, &again, 10, 10);
+
+    if kill_rksmbd {
+        srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    }
+    script.say(&format!("reconnect {}", srv.port()));
+    script.expect("reconnected");
+    said(&mut script, "lock 10 10 excl 1 1", SUCCESS);
+    the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
+}
+
+/// filterd holds one lock, 10..20 exclusive, the SMB 3 client's: the
+/// nfsl/1 client is refused inside it; then the client unlocks, closes.
+fn the_waiter_alone_holds_10_20(d: &Filterd, n: &mut Nfs, sid: &Value, script: &mut Dialogue) {
+    assert_eq!(locks_listed(d), [(10, 10, "\"exclusive\"".to_owned())]);
+    let r = nfs_lock(n, sid, 12, 2);
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "the waiter holds it: {r}");
+    said(script, "unlock 10 10 2 1", SUCCESS);
+    script.say("done");
+    script.finish();
+}
+
+#[test]
+fn a_lock_pending_when_rksmbd_is_killed_is_granted_to_nobody() {
+    a_pending_lock_whose_waiter_goes("smb3-pending-kill", true);
+}
+
+#[test]
+fn a_lock_pending_when_its_connection_drops_is_granted_to_nobody() {
+    a_pending_lock_whose_waiter_goes("smb3-pending-drop", false);
+}
+
+/// A blocking LOCK pending (persistent handle) when filterd is SIGKILLed
+/// and restarted under a live rksmbd keeps waiting through the outage
+/// (rksmbd's retries meet a daemon that is gone, then one recovering) and
+/// is granted once the nfsl/1 holder unlocks — one lock, the waiter's.
+/// Before, the first retry that found filterd gone answered the LOCK with
+/// STATUS_FILE_NOT_AVAILABLE, a failure an application's blocking
+/// LockFileEx does not expect while the range was simply still held.
+#[test]
+fn a_pending_lock_keeps_waiting_across_a_filterd_restart() {
+    let (s, mut d, srv, nfsshim, _smbshim) = setup("smb3-pending-restart");
+    let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-x", "4545454545454545");
+    let held = nfs_lock(&mut n, &sid, 10, 10);
+    assert_eq!(held["status"], "NFS4_OK", "{held}");
+    let mut script = smb3_client_of_f(&srv);
+    said(&mut script, "blocking 10 10 1 1", PENDING);
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    wait_for(
+        "rksmbd to resume its persistent handle",
+        Duration::from_secs(20),
+        || {
+            let h = handles_of_f(&d);
+            (h.len() == 2 && h.iter().all(|(_, c)| *c == ConnState::Connected)).then_some(())
+        },
+    );
+    nfs_unlock(&mut n, &held, 10, 10);
+    said(&mut script, "final", SUCCESS);
+    the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
+}
+
+/// filterd SIGKILLed and restarted under a live rksmbd forgets a durable
+/// (not persistent) handle, as a restarted SMB server would: the client's
+/// WRITE and LOCK on the open are STATUS_FILE_CLOSED (MS-SMB2 3.3.5.13,
+/// 3.3.5.14: the open is not found), never a success through a lock that
+/// is gone; its CLOSE succeeds. Before, they were
+/// STATUS_OBJECT_NAME_NOT_FOUND, filterd's "no such handle" mapped as for
+/// a CREATE.
+#[test]
+fn an_open_filterd_forgot_is_closed() {
+    let (s, mut d, srv, _nfsshim, _smbshim) = setup("smb3-durable-forgotten");
+    let mut script = smb3_durable_client_of_f(&srv, 60_000);
+    said(&mut script, "lock 10 20 excl 1 1", SUCCESS);
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let st = ask_patiently(&mut script, "write 40 AA");
+    assert_eq!(st, FILE_CLOSED, "{}", script.log);
+    said(&mut script, "lock 10 20 excl 2 1", FILE_CLOSED);
+    assert_eq!(locks_listed(&d), []);
+    nothing_landed(&s);
+    closed_last(&mut script, &d);
 }

@@ -89,6 +89,18 @@ pub fn status_of(e: &ClientError) -> u32 {
     }
 }
 
+/// [`status_of`] for a request on an open rksmbd has (READ, WRITE,
+/// LOCK, SET_INFO): filterd no longer knowing its handle — a durable or
+/// plain open a filterd restart forgot — means the open is gone,
+/// STATUS_FILE_CLOSED (MS-SMB2 3.3.5.12–3.3.5.14, an open not found),
+/// not a name that was not found.
+pub fn status_on_open(e: &ClientError) -> u32 {
+    match e.code() {
+        Some(ErrorCode::NoSuchHandle) => status::FILE_CLOSED,
+        _ => status_of(e),
+    }
+}
+
 /// An errno from a directory operation as an NTSTATUS.
 pub(crate) fn errno_status(e: nix::errno::Errno) -> u32 {
     use nix::errno::Errno;
@@ -733,7 +745,7 @@ fn check_io(
             },
             write,
         )
-        .map_err(|e| status_of(&e))?;
+        .map_err(|e| status_on_open(&e))?;
     sh.filter
         .checked(fid, pass)
         .map(Some)
@@ -1034,7 +1046,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             sh.filter
                 .client()
                 .set_end_of_file(*key, size, None)
-                .map_err(|e| status_of(&e))?;
+                .map_err(|e| status_on_open(&e))?;
         }
         _ => return Err(status::INVALID_INFO_CLASS),
     }

@@ -17,16 +17,19 @@
 //! until it is granted (final response, STATUS_SUCCESS), cancelled
 //! (CANCEL, 3.3.5.16: STATUS_CANCELLED), or its open is closed
 //! (STATUS_RANGE_NOT_LOCKED). A waiting lock holds nothing in filterd:
-//! it never blocks filterd's engine or another client.
+//! it never blocks filterd's engine or another client, and one whose
+//! connection or rksmbd goes leaves nothing behind. A filterd outage is
+//! no answer to it: it waits through one ([`keeps_waiting`]).
 
 use std::time::{Duration, Instant};
 
+use libfilter::client::ClientError;
 use libfilter::locks::{LockOp, LockRange};
 use libfilter::model::{LockSequence, ResumeKey};
 use libfilter::proto::ErrorCode;
 
 use crate::crypto::SigningAlgorithm;
-use crate::files::{file_of, open_id, status_of};
+use crate::files::{file_of, open_id, status_on_open};
 use crate::server::{AsyncHead, Connection, Outcome, Reply, Request};
 use crate::wire::{status, Reader};
 
@@ -258,7 +261,7 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         for op in ops {
             client
                 .lock(key, vec![op], None)
-                .map_err(|e| status_of(&e))?;
+                .map_err(|e| status_on_open(&e))?;
             c.waiting.nudged = true;
         }
         return match bad_tail {
@@ -301,7 +304,7 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 crate::server::error_body(),
             ))
         }
-        Err(e) => Err(status_of(&e)),
+        Err(e) => Err(status_on_open(&e)),
     }
 }
 
@@ -313,6 +316,23 @@ fn record_local(c: &mut Connection, open: u64, q: Option<LockSequence>) {
         o.lock_sequences.retain(|(i, _)| *i != q.index);
         o.lock_sequences.push((q.index, q.number));
     }
+}
+
+/// Whether a waiting lock's retry that failed with `e` goes on waiting:
+/// the range is still held, or filterd is away for a while (gone and
+/// being reattached, recovering, busy). A blocking LOCK has no deadline,
+/// so an outage of filterd is no answer to it; the next retry after the
+/// reattach is.
+fn keeps_waiting(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(
+            ErrorCode::LockNotGranted
+                | ErrorCode::FileNotAvailable
+                | ErrorCode::Busy
+                | ErrorCode::Retry
+        )
+    ) || matches!(e, ClientError::Disconnected | ClientError::Timeout(_))
 }
 
 /// Retries every waiting lock; those granted or failed for good are
@@ -335,8 +355,8 @@ pub fn retry(c: &mut Connection) {
                 granted.push((w.open, w.local));
                 done.push((w.head.async_id, status::SUCCESS));
             }
-            Err(e) if e.code() == Some(ErrorCode::LockNotGranted) => {}
-            Err(e) => done.push((w.head.async_id, status_of(&e))),
+            Err(e) if keeps_waiting(&e) => {}
+            Err(e) => done.push((w.head.async_id, status_on_open(&e))),
         }
     }
     for (open, local) in granted {
