@@ -417,30 +417,62 @@ fn decode_log_page(mut b: &[u8]) -> Option<Chunk> {
 /// The keepalive stream of one member and the request half of it.
 type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
 
-/// One lease renewal through member `at` (connecting to it and opening its
-/// stream first if need be); its answer, `None` if the stream ended.
-async fn renew_once(
-    members: &mut [Option<Client>],
-    endpoints: &[String],
-    at: usize,
-    keeper: &mut Option<Keeper>,
+/// One renewal attempt of the keepalive and what came of it.
+struct Renewal {
+    member: usize,
+    /// When it was sent: an answer counts from here.
+    sent: Instant,
+    /// The member's client, handed back (connected if it was not).
+    client: Option<Client>,
+    /// Its stream, kept only after an answer (a stream whose request was
+    /// not answered in time is dropped, so a late answer is never read).
+    keeper: Option<Keeper>,
+    /// The answer; an error too when none came within the attempt's bound.
+    answer: Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>,
+}
+
+/// One lease renewal through `member` (connecting to it and opening its
+/// stream first if need be), answered within `bound` of its send time or
+/// failed.
+async fn renew_on(
+    member: usize,
+    endpoint: String,
+    mut client: Option<Client>,
+    mut keeper: Option<Keeper>,
     id: i64,
-) -> Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error> {
-    if keeper.is_none() {
-        let (Some(slot), Some(endpoint)) = (members.get_mut(at), endpoints.get(at)) else {
+    bound: Duration,
+) -> Renewal {
+    let sent = Instant::now();
+    let attempt = async {
+        let c = match client.as_mut() {
+            Some(c) => c,
+            None => client.insert(Client::connect([endpoint], Some(connect_options())).await?),
+        };
+        if keeper.is_none() {
+            keeper = Some(c.lease_keep_alive(id).await?);
+        }
+        let Some((k, stream)) = keeper.as_mut() else {
             return Ok(None);
         };
-        let member = match slot {
-            Some(c) => c,
-            None => slot.insert(Client::connect([endpoint], Some(connect_options())).await?),
-        };
-        *keeper = Some(member.lease_keep_alive(id).await?);
-    }
-    let Some((k, stream)) = keeper.as_mut() else {
-        return Ok(None);
+        k.keep_alive().await?;
+        stream.message().await
     };
-    k.keep_alive().await?;
-    stream.message().await
+    let answer = match tokio::time::timeout(bound, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(etcd_client::Error::GRpcStatus(
+            tonic::Status::deadline_exceeded("lease renewal not answered in time"),
+        )),
+    };
+    if !matches!(answer, Ok(Some(_))) {
+        keeper = None;
+    }
+    Renewal {
+        member,
+        sent,
+        client,
+        keeper,
+        answer,
+    }
 }
 
 /// The lease state shared with the keepalive task.
@@ -741,7 +773,10 @@ impl EtcdStore {
     /// stalled (SIGSTOP: its socket still accepts, each attempt times
     /// out), as the keepalive found in round 13: a standby's claim then
     /// outlived its lease, and its table read took seconds more.
-    fn member_client(&self, n: u32) -> Option<(usize, Client)> {
+    ///
+    /// `part` picks what the caller needs of the member's client (all of
+    /// it, or only the KV client a commit uses).
+    fn member_client<T>(&self, n: u32, part: impl FnOnce(&Client) -> T) -> Option<(usize, T)> {
         let steer = *self.steer.lock().unwrap_or_else(|p| p.into_inner());
         let steered = steer
             .filter(|(_, at)| at.elapsed() < STEER_FOR)
@@ -765,7 +800,7 @@ impl EtcdStore {
                 .ok()?;
             *slot = Some(c);
         }
-        slot.clone().map(|c| (at, c))
+        slot.as_ref().map(|c| (at, part(c)))
     }
 
     /// Member `at` answered a retried request: go to it first for a while.
@@ -791,7 +826,7 @@ impl EtcdStore {
     {
         let mut tries = 0u32;
         loop {
-            let member = self.member_client(tries);
+            let member = self.member_client(tries, Client::clone);
             let client = member.as_ref().map_or(&self.client, |(_, c)| c);
             match self.on_worker(f(client)) {
                 Ok(v) => {
@@ -1077,7 +1112,7 @@ impl EtcdStore {
             let (tx, rx) = std::sync::mpsc::channel::<ReadMsg>();
             let running = todo.len();
             // A retried range goes to the members in turn.
-            let member = self.member_client(tries);
+            let member = self.member_client(tries, Client::clone);
             let kv = member
                 .as_ref()
                 .map_or(&self.client, |(_, c)| c)
@@ -1189,69 +1224,150 @@ impl EtcdStore {
         Ok((table, decoded.into_iter().flatten().collect()))
     }
 
+    /// Renews the lease every TTL/4 from a task on the client runtime
+    /// (and compacts every `compact_every`).
+    ///
+    /// A renewal goes to the member that answered the last one, over its
+    /// kept stream. If no answer has come after a quarter of a round
+    /// (`hedge`), another attempt goes to the next member with none
+    /// outstanding, and so on, the earlier ones still running: the first
+    /// answer renews. Each attempt counts from its own send time and only
+    /// if it is answered within a round (TTL/4) of it; after that its
+    /// stream is dropped, its answer is never read, and the member may be
+    /// tried again on a fresh stream. An answer at a raft term below one
+    /// already seen (an old leader resuming from a stall answers from its
+    /// own lessor before it learns it was replaced) does not count.
+    ///
+    /// Found with the leader SIGSTOPped (round 16): one attempt at a time,
+    /// each waiting a whole round, left too little of TTL − margin for
+    /// the cluster's new leader: a renewal stuck on the stopped leader,
+    /// then one on a follower that forwarded it to the stopped leader
+    /// (etcd forwards renewals to the leader it knows and waits for that
+    /// answer, seconds), and the owner stepped down.
     fn start_keepalive(&self) {
         let lease = self.lease.clone();
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let revision = self.revision.clone();
         let compact_every = self.compact_every;
         let interval = (self.ttl / 4).max(Duration::from_millis(250));
+        let hedge = interval / 4;
         let endpoints = self.url.endpoints.clone();
         self.rt.spawn(async move {
             let id = lease.id.load(Ordering::Acquire);
-            // A client per member, used in turn: a renewal not answered
-            // within `interval` moves to the next member (its stream is
-            // dropped, so a late answer is never read). The shared,
-            // balanced client could send every new stream to a member that
-            // stalled (its socket still accepts), one round after another,
-            // until the lease ran out while the rest of the cluster served.
+            let n = endpoints.len().max(1);
+            // A client and a kept stream per member, and whether an
+            // attempt through it is outstanding (it holds them meanwhile).
             let mut members: Vec<Option<Client>> = endpoints.iter().map(|_| None).collect();
-            let mut at = 0usize;
-            let mut keeper = None;
+            let mut keepers: Vec<Option<Keeper>> = endpoints.iter().map(|_| None).collect();
+            let mut busy = vec![false; n];
+            let mut attempts = tokio::task::JoinSet::new();
+            // The member that answered last; the highest raft term seen.
+            let (mut at, mut term) = (0usize, 0u64);
+            // When the next renewal is due, and since when one is wanted
+            // (`None`: the last one was answered) and the next attempt
+            // may go out.
+            let mut due = Instant::now();
+            let mut wanted: Option<(Instant, u32)> = None;
+            let mut next_attempt = due;
             let mut last_compact = Instant::now();
             let mut compact_to = revision.load(Ordering::Acquire);
             while !lease.lost.load(Ordering::Acquire) {
-                let sent = Instant::now();
-                let mut renewed = false;
-                let answer = tokio::time::timeout(
-                    interval,
-                    renew_once(&mut members, &endpoints, at, &mut keeper, id),
-                )
-                .await;
-                match answer {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                        lease.renewed(sent, Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0)));
-                        renewed = true;
-                    }
-                    Ok(Ok(Some(_))) => {
-                        error!("the etcd lease expired: this daemon no longer owns the table");
-                        lease.lost.store(true, Ordering::Release);
-                        return;
-                    }
-                    _ => {
-                        keeper = None;
-                        at = (at + 1) % endpoints.len().max(1);
-                    }
+                let now = Instant::now();
+                if wanted.is_none() && now >= due {
+                    wanted = Some((now, 0));
+                    next_attempt = now;
                 }
-                if !renewed && !lease.ok() {
-                    error!("the etcd lease could not be renewed in time: this daemon may no longer own the table");
-                    lease.lost.store(true, Ordering::Release);
-                    return;
+                if let Some((since, tried)) = wanted.as_mut() {
+                    if now >= next_attempt {
+                        // From the member that answered last, the first
+                        // with no attempt outstanding.
+                        let free = (0..n)
+                            .map(|i| (at + usize::try_from(*tried).unwrap_or(0) + i) % n)
+                            .find(|&m| !busy.get(m).copied().unwrap_or(true));
+                        if let (Some(m), Some(endpoint)) = (free, free.and_then(|m| endpoints.get(m))) {
+                            let (client, keeper) = (
+                                members.get_mut(m).and_then(Option::take),
+                                keepers.get_mut(m).and_then(Option::take),
+                            );
+                            if let Some(b) = busy.get_mut(m) {
+                                *b = true;
+                            }
+                            if *tried > 0 {
+                                debug!(member = m, waited_ms = since.elapsed().as_millis(), "etcd lease renewal not answered yet: asking another member too");
+                            }
+                            *tried += 1;
+                            attempts.spawn(renew_on(m, endpoint.clone(), client, keeper, id, interval));
+                        }
+                        next_attempt = now + hedge;
+                    }
                 }
                 if !compact_every.is_zero() && last_compact.elapsed() >= compact_every {
                     if compact_to > 0 {
-                        match client.compact(compact_to, None).await {
-                            Ok(_) => info!(revision = compact_to, "etcd history compacted"),
-                            Err(e) if e.to_string().contains("compacted") => {}
-                            Err(e) => warn!(error = %e, "etcd compaction failed"),
-                        }
+                        // Its own task: a compaction that waits on a
+                        // stalled member holds up no renewal.
+                        let mut client = client.clone();
+                        tokio::spawn(async move {
+                            match client.compact(compact_to, None).await {
+                                Ok(_) => info!(revision = compact_to, "etcd history compacted"),
+                                Err(e) if e.to_string().contains("compacted") => {}
+                                Err(e) => warn!(error = %e, "etcd compaction failed"),
+                            }
+                        });
                     }
                     compact_to = revision.load(Ordering::Acquire);
                     last_compact = Instant::now();
                 }
-                if renewed {
-                    tokio::time::sleep(interval.saturating_sub(sent.elapsed())).await;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                let wake = if wanted.is_some() { next_attempt } else { due };
+                let done = tokio::select! {
+                    d = attempts.join_next(), if !attempts.is_empty() => d,
+                    () = tokio::time::sleep_until(wake.into()) => None,
+                };
+                if let Some(Ok(r)) = done {
+                    let m = r.member;
+                    if let Some(b) = busy.get_mut(m) {
+                        *b = false;
+                    }
+                    if let Some(slot) = members.get_mut(m) {
+                        *slot = r.client;
+                    }
+                    let answered_ms = r.sent.elapsed().as_millis();
+                    match r.answer {
+                        Ok(Some(resp)) if resp.ttl() > 0 => {
+                            let t = resp.header().map_or(0, |h| h.raft_term());
+                            if t < term {
+                                debug!(member = m, raft_term = t, highest = term, "etcd lease renewal answered at an old raft term: not counted");
+                                next_attempt = next_attempt.min(Instant::now() + Duration::from_millis(50));
+                            } else {
+                                term = t;
+                                let secs = u64::try_from(resp.ttl()).unwrap_or(0);
+                                lease.renewed(r.sent, Duration::from_secs(secs));
+                                if let Some(slot) = keepers.get_mut(m) {
+                                    *slot = r.keeper;
+                                }
+                                if let Some((since, tried)) = wanted.take().filter(|(_, tried)| *tried > 1) {
+                                    info!(member = m, attempts = tried, waited_ms = since.elapsed().as_millis(), answered_ms, "etcd lease renewed after asking more than one member");
+                                }
+                                at = m;
+                                due = due.max(r.sent + interval);
+                            }
+                        }
+                        Ok(Some(_)) => {
+                            error!("the etcd lease expired: this daemon no longer owns the table");
+                            lease.lost.store(true, Ordering::Release);
+                            return;
+                        }
+                        other => {
+                            let error = other.err().map(|e| e.to_string()).unwrap_or_else(|| "stream ended".into());
+                            debug!(member = m, answered_ms, error, "etcd lease renewal failed");
+                            // Another member at once (paced), not a hedge later.
+                            next_attempt = next_attempt.min(Instant::now() + Duration::from_millis(50));
+                        }
+                    }
+                }
+                if !lease.ok() {
+                    error!("the etcd lease could not be renewed in time: this daemon may no longer own the table");
+                    lease.lost.store(true, Ordering::Release);
+                    return;
                 }
             }
         });
@@ -1402,6 +1518,8 @@ impl EtcdStore {
         };
         let mut gen = self.gen.load(Ordering::Acquire);
         let mut tries = 0u32;
+        // The member the last attempt went to (`None`: the balanced client).
+        let mut at = None;
         let resp = loop {
             let t = build(gen);
             let answer = if self.hold_next_txn.swap(false, Ordering::AcqRel) {
@@ -1410,8 +1528,15 @@ impl EtcdStore {
                     tonic::Status::deadline_exceeded("held back (test)"),
                 ))
             } else {
-                // Only the KV client, not the whole `Client`'s eight.
-                let mut kv = self.client.kv_client();
+                // Only the KV client, not the whole `Client`'s eight. Like
+                // `retry`: first to the member that last answered a retry,
+                // retries to the members in turn. Through the balanced
+                // client alone, attempt after attempt went to a stalled
+                // member (each a `REQUEST_TIMEOUT`): with the leader
+                // SIGSTOPped, 20 acknowledged pairs took 11–22 s.
+                let member = self.member_client(tries, Client::kv_client);
+                at = member.as_ref().map(|(m, _)| *m);
+                let mut kv = member.map_or_else(|| self.client.kv_client(), |(_, kv)| kv);
                 let answer = self.on_worker(async move { kv.txn(t).await });
                 if self.failpoint("etcd.txn.sent") {
                     // As if the answer was lost on the way back.
@@ -1422,6 +1547,12 @@ impl EtcdStore {
                     answer
                 }
             };
+            if answer.is_ok() && tries > 0 {
+                // (Not refreshed by the steered first attempts: ten
+                // seconds after a retry, commits go back to the balanced
+                // client.)
+                self.answered(at);
+            }
             match answer {
                 Ok(r) if r.succeeded() || fence == 0 => break r,
                 Ok(r) => {
