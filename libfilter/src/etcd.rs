@@ -18,7 +18,7 @@
 //! lease))`; the owner key's create revision is its *fencing revision* (the
 //! epoch). Every commit is `Txn(If create_revision(owner) == mine Then …
 //! Else Get(owner))`: a stale owner's commit writes nothing. A keepalive
-//! task renews the lease every TTL/4. The daemon may act only while its own
+//! task renews the lease every TTL/8. The daemon may act only while its own
 //! monotonic clock says the lease cannot have run out: the lease counts from
 //! when the server received the last renewal, which is after we sent it, so
 //! it lasts at least until `sent + TTL`; we stop at `sent + TTL − margin`
@@ -1224,15 +1224,15 @@ impl EtcdStore {
         Ok((table, decoded.into_iter().flatten().collect()))
     }
 
-    /// Renews the lease every TTL/4 from a task on the client runtime
+    /// Renews the lease every TTL/8 from a task on the client runtime
     /// (and compacts every `compact_every`).
     ///
     /// A renewal goes to the member that answered the last one, over its
-    /// kept stream. If no answer has come after a quarter of a round
-    /// (`hedge`), another attempt goes to the next member with none
-    /// outstanding, and so on, the earlier ones still running: the first
-    /// answer renews. Each attempt counts from its own send time and only
-    /// if it is answered within a round (TTL/4) of it; after that its
+    /// kept stream. If no answer has come after TTL/16 (`hedge`), another
+    /// attempt goes to the next member with none outstanding, and so on,
+    /// the earlier ones still running: the first answer renews. Each
+    /// attempt counts from its own send time and only if it is answered
+    /// within a round (TTL/4) of it; after that its
     /// stream is dropped, its answer is never read, and the member may be
     /// tried again on a fresh stream. An answer at a raft term below one
     /// already seen (an old leader resuming from a stall answers from its
@@ -1243,14 +1243,20 @@ impl EtcdStore {
     /// the cluster's new leader: a renewal stuck on the stopped leader,
     /// then one on a follower that forwarded it to the stopped leader
     /// (etcd forwards renewals to the leader it knows and waits for that
-    /// answer, seconds), and the owner stepped down.
+    /// answer, seconds), and the owner stepped down. Renewals go every
+    /// TTL/8, not TTL/4: a stall just after an answered renewal leaves
+    /// TTL − margin − interval for the election, 2 s at the default lease
+    /// with TTL/4 against an election of 1–2 s (etcd's randomized election
+    /// timeout; round 12 lost 1 run in 12 to it), 2.5 s with TTL/8.
     fn start_keepalive(&self) {
         let lease = self.lease.clone();
         let client = self.client.clone();
         let revision = self.revision.clone();
         let compact_every = self.compact_every;
-        let interval = (self.ttl / 4).max(Duration::from_millis(250));
-        let hedge = interval / 4;
+        // How long an attempt may take to count, and how often one goes.
+        let round = (self.ttl / 4).max(Duration::from_millis(250));
+        let interval = round / 2;
+        let hedge = round / 4;
         let endpoints = self.url.endpoints.clone();
         self.rt.spawn(async move {
             let id = lease.id.load(Ordering::Acquire);
@@ -1296,7 +1302,7 @@ impl EtcdStore {
                                 debug!(member = m, waited_ms = since.elapsed().as_millis(), "etcd lease renewal not answered yet: asking another member too");
                             }
                             *tried += 1;
-                            attempts.spawn(renew_on(m, endpoint.clone(), client, keeper, id, interval));
+                            attempts.spawn(renew_on(m, endpoint.clone(), client, keeper, id, round));
                         }
                         next_attempt = now + hedge;
                     }

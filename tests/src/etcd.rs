@@ -216,6 +216,14 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Member `i`'s own id and the id of the leader it knows (0: none),
+    /// or `None` when it does not answer within a second.
+    pub fn status(&self, i: usize) -> Option<(u64, u64)> {
+        member_status(self.members.get(i)?.client)
+    }
+}
+
 /// Member `port`'s own id and the leader's id it knows.
 fn member_status(port: u16) -> Option<(u64, u64)> {
     let rt = tokio::runtime::Builder::new_current_thread()

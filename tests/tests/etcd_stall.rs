@@ -332,9 +332,25 @@ fn a_stalled_etcd_leader_does_not_make_the_owner_step_down() {
     } = under_load("leader");
     let long = Duration::from_secs(30);
     let leader = cluster.leader();
+    let old_id = cluster.status(leader).map(|(me, _)| me);
     cluster.signal(leader, Signal::SIGSTOP);
-    // The stall itself (the scenario): past the election timeout.
-    std::thread::sleep(Duration::from_secs(3));
+    let stopped = Instant::now();
+    // The stall itself (the scenario): past the election timeout. Meanwhile
+    // the live members are asked who leads, to tell a run whose cluster
+    // had no leader in time (below) from one the owner should ride out.
+    let mut elected = None;
+    while stopped.elapsed() < Duration::from_secs(3) {
+        if elected.is_none()
+            && (0..3).filter(|&i| i != leader).any(|i| {
+                cluster
+                    .status(i)
+                    .is_some_and(|(_, l)| l != 0 && Some(l) != old_id)
+            })
+        {
+            elected = Some(stopped.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     cluster.signal(leader, Signal::SIGCONT);
     let resumed = Instant::now();
     // Service goes on, and for a whole lease after the stall: an owner
@@ -351,10 +367,23 @@ fn a_stalled_etcd_leader_does_not_make_the_owner_step_down() {
             eprintln!("etcd member e{i}:\n{}", log.unwrap_or_default());
         }
     }
+    // The owner's last answered renewal may be up to TTL/8 (0.5 s) old
+    // when the leader stops, so it must be renewed again by TTL − margin −
+    // TTL/8 = 2.5 s after the stop. Past about 2.2 s with no leader (the
+    // live members split their votes, or the machine is so loaded that
+    // they voted late), no client could renew in time, and stepping down
+    // is right: the run says so and proves nothing either way.
+    let in_time = elected.is_some_and(|t| t < Duration::from_millis(2200));
+    if after.is_some() && !in_time {
+        eprintln!(
+            "inconclusive: the live members had no new leader in time ({elected:?} after the stop); filterd stepped down"
+        );
+        return;
+    }
     assert_eq!(
         after,
         None,
-        "filterd stepped down with the leader (member {leader}) stalled:\n{}",
+        "filterd stepped down with the leader (member {leader}) stalled, a new leader {elected:?} after the stop:\n{}",
         f.log_text()
     );
     eprintln!(
