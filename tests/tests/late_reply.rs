@@ -29,8 +29,13 @@ fn setup(name: &str) -> (Scratch, Filterd, Shim) {
 
 /// filterd and frontend `shim` whose calls give up after [`CALL_TIMEOUT_MS`].
 fn setup_shim(name: &str, shim: &str) -> (Scratch, Filterd, Shim) {
+    setup_failing(name, shim, &[])
+}
+
+/// As [`setup_shim`], filterd started with environment `env`.
+fn setup_failing(name: &str, shim: &str, env: &[(&str, &str)]) -> (Scratch, Filterd, Shim) {
     let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[]);
+    let d = Filterd::start(&s, &[], env);
     let smb = Shim::start_with_env(
         shim,
         d.socket(),
@@ -86,33 +91,62 @@ fn exclusive_create(sid: u64) -> Value {
            "share": [], "disposition": "open_if"})
 }
 
-#[test]
-fn an_open_answered_after_its_call_gave_up_is_closed() {
-    let (_s, d, smb) = setup("late-open");
-    let (mut a, sid) = smb_session(&smb.addr);
-    answered_late(&d, &mut a, exclusive_create(sid));
+/// Client `a` (session `sid`) of `smb` sends an exclusive CREATE of `f`
+/// that filterd answers late; waits for the open nobody can name to go
+/// (`what`), then opens `f` exclusively from another client: no orphan
+/// refuses it. Returns that client, its session and the CREATE's reply.
+fn late_open_goes(
+    d: &Filterd,
+    smb: &Shim,
+    a: &mut LineClient,
+    sid: u64,
+    what: &str,
+) -> (LineClient, u64, Value) {
+    answered_late(d, a, exclusive_create(sid));
     let resumed = std::time::Instant::now();
-
-    // The open nobody can name goes away once its late answer is read.
-    wait_for(
-        "the late open to be closed",
-        Duration::from_secs(10),
-        || handles(&d).is_empty().then_some(()),
-    );
+    wait_for(what, Duration::from_secs(10), || {
+        handles(d).is_empty().then_some(())
+    });
     eprintln!(
         "the late open was closed {:?} after filterd went on",
         resumed.elapsed()
     );
-    // Another client opens the file exclusively: no orphan refuses it.
     let (mut b, bsid) = smb_session(&smb.addr);
     let r = b.call(exclusive_create(bsid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    (b, bsid, r)
+}
+
+#[test]
+fn an_open_answered_after_its_call_gave_up_is_closed() {
+    let (_s, d, smb) = setup("late-open");
+    let (mut a, sid) = smb_session(&smb.addr);
+    // The open nobody can name goes away once its late answer is read.
+    let (mut b, bsid, r) = late_open_goes(&d, &smb, &mut a, sid, "the late open to be closed");
     // And the first client, told its open failed, opens again once b is done.
     let fid = r["file_id"].clone();
     let r = b.call(json!({"cmd": "CLOSE", "session_id": bsid, "file_id": fid}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     let r = a.call(exclusive_create(sid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+/// The late open's undo fails: filterd refuses its close
+/// (`close.refuse:1:fail`, as a close whose commit fails is undone).
+/// Before, the failure was only logged: the open stayed attached to
+/// smbshim, named by nobody, and refused every other client's exclusive
+/// open for as long as smbshim stayed attached (this test timed out).
+/// Now the undo is sent again until filterd answers it.
+#[test]
+fn a_late_open_whose_close_is_refused_is_closed_again() {
+    let (_s, d, smb) = setup_failing(
+        "late-open-refused",
+        "smbshim",
+        &[("RKFILTER_FAILPOINTS", "close.refuse:1:fail")],
+    );
+    let (mut a, sid) = smb_session(&smb.addr);
+    let what = "the late open to be closed, its refused close sent again";
+    late_open_goes(&d, &smb, &mut a, sid, what);
 }
 
 #[test]
