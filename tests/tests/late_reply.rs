@@ -229,8 +229,17 @@ fn nfsshim_detaches_an_open_answered_late_and_its_resend_gets_it() {
 /// filterd and an rksmbd (share `data`, user alice) whose calls give up
 /// after `timeout_ms`.
 fn setup_rksmbd(name: &str, timeout_ms: &str) -> (Scratch, Filterd, RkSmbd) {
+    setup_rksmbd_failing(name, timeout_ms, &[])
+}
+
+/// As [`setup_rksmbd`], filterd started with environment `env`.
+fn setup_rksmbd_failing(
+    name: &str,
+    timeout_ms: &str,
+    env: &[(&str, &str)],
+) -> (Scratch, Filterd, RkSmbd) {
     let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[]);
+    let d = Filterd::start(&s, &[], env);
     let env = [("RKFILTER_CALL_TIMEOUT_MS", timeout_ms)];
     let srv = RkSmbd::start_with_env(&s, "rksmbd", "data", &[("alice", "pw")], &env);
     (s, d, srv)
@@ -326,4 +335,59 @@ fn rksmbd_unlocks_a_lock_answered_after_its_call_gave_up() {
         c.say("done");
         c.finish();
     }
+}
+
+/// rksmbd and a real SMB 3 client (`tests/smb3/close_then_reconnect.py`):
+/// a persistent handle's CLOSE is sent while filterd is stopped and the
+/// client drops its connection without the answer, then reconnects the
+/// handle (DH2C, same create GUID) — which MS-SMB2 allows a client that
+/// never got the CLOSE's answer. rksmbd's call gives up (1 s), the open is
+/// forgotten and its handle goes to the close-settler. The CLOSE was sent
+/// first, so it wins: the DH2C fails, the handle is closed (never left
+/// held against another client's open), and no reconnect gets a handle
+/// the settler then closes. filterd goes on while the DH2C is in flight
+/// (`cont_early`) or after rksmbd gave up on it too.
+fn rksmbd_close_then_reconnect(name: &str, cont_early: bool, env: &[(&str, &str)]) {
+    let (_s, d, srv) = setup_rksmbd_failing(name, "1000", env);
+    let mut script = Dialogue::start(&srv, "close_then_reconnect.py", Duration::from_secs(90));
+    script.expect("ready");
+    d.signal(Signal::SIGSTOP);
+    script.say("go");
+    script.expect("reconnecting");
+    if cont_early {
+        d.signal(Signal::SIGCONT);
+    }
+    let refused = script.expect("reconnect refused");
+    if !cont_early {
+        d.signal(Signal::SIGCONT);
+    }
+    eprintln!("{refused}");
+    wait_for(
+        "the handle whose CLOSE was unanswered to be closed",
+        Duration::from_secs(10),
+        || handles(&d).is_empty().then_some(()),
+    );
+    script.say("go");
+    script.finish();
+    assert!(handles(&d).is_empty(), "nothing left\n{}", script.log);
+}
+
+#[test]
+fn rksmbd_refuses_a_reconnect_racing_its_unanswered_close() {
+    rksmbd_close_then_reconnect("close-reconnect-early", true, &[]);
+}
+
+#[test]
+fn rksmbd_refuses_a_reconnect_after_its_unanswered_close() {
+    rksmbd_close_then_reconnect("close-reconnect-late", false, &[]);
+}
+
+/// As above, and the CLOSE's commit fails once filterd goes on
+/// (`commit.before:2:fail`; the first commit records the persistent open):
+/// filterd undoes the close and the handle is back, attached to rksmbd,
+/// while the settler's own closes and the DH2C were queued behind it.
+#[test]
+fn rksmbd_closes_a_handle_whose_unanswered_close_is_undone() {
+    let fp = [("RKFILTER_FAILPOINTS", "commit.before:2:fail")];
+    rksmbd_close_then_reconnect("close-reconnect-undone", false, &fp);
 }
