@@ -391,3 +391,43 @@ fn rksmbd_closes_a_handle_whose_unanswered_close_is_undone() {
     let fp = [("RKFILTER_FAILPOINTS", "commit.before:2:fail")];
     rksmbd_close_then_reconnect("close-reconnect-undone", false, &fp);
 }
+
+/// A persistent fresh open answered late on a connection that died first
+/// (smbshim killed while filterd is stopped, after it gave up): nobody
+/// reads the answer, so nothing in libfilter undoes it. filterd's own
+/// disconnect handling does what matters: the handle is not left attached
+/// to the dead connection but waits disconnected, as any persistent handle
+/// of a lost connection does, until its timeout (60 s here) or its
+/// client's replay through a replacement frontend. Accepted (docs).
+#[test]
+fn a_late_persistent_open_of_a_frontend_that_died_waits_disconnected() {
+    let (_s, d, smb) = setup("late-open-dead");
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let session = |addr: &str| {
+        let mut c = LineClient::connect(addr);
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": "m"}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        let sid = r["session_id"].as_u64().expect("session_id");
+        (c, sid)
+    };
+    let (mut a, sid) = session(&smb.addr);
+    let guid = uuid::Uuid::new_v4().to_string();
+    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": [], "disposition": "open_if",
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    d.signal(Signal::SIGSTOP);
+    let r = a.call(create.clone());
+    assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "gave up: {r}");
+    smb.kill9();
+    d.signal(Signal::SIGCONT);
+    wait_detached(&d);
+    // The client replays its create through a replacement and gets it.
+    let smb = Shim::start("smbshim", d.socket(), "late-open-dead");
+    let (mut a, sid) = session(&smb.addr);
+    let mut replay = create;
+    replay["session_id"] = json!(sid);
+    replay["replay"] = json!(true);
+    let r = a.call(replay);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
+}
