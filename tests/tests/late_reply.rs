@@ -79,7 +79,7 @@ fn wait_detached(d: &Filterd) {
 /// (it gives up on filterd), then lets filterd go on: its late answer
 /// reaches smbshim after the client was told the request failed.
 fn answered_late(d: &Filterd, c: &mut LineClient, req: Value) -> Value {
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     let r = c.call(req);
     d.signal(Signal::SIGCONT);
     assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "gave up: {r}");
@@ -212,7 +212,7 @@ fn a_lock_answered_after_its_call_gave_up_is_unlocked() {
 fn nfsshim_detaches_an_open_answered_late_and_its_resend_gets_it() {
     let (_s, d, nfs) = setup_shim("late-nfs", "nfsshim");
     let mut n = rkfilter_tests::Nfs::connect(&nfs.addr, "host", "00000000000000aa");
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     let open = json!({"op": "OPEN", "owner": "p", "path": "f", "access": "both", "deny": "both",
                       "create": {"mode": "unchecked"}});
     let r = n.call(open.clone());
@@ -262,7 +262,7 @@ fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
     let file = || "late.txt".to_owned();
 
     script.expect("ready");
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     script.say("go");
     script.expect("gave up");
     d.signal(Signal::SIGCONT);
@@ -274,7 +274,7 @@ fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
     script.say("go");
 
     script.expect("ready");
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     script.say("go");
     script.expect("replaying");
     d.signal(Signal::SIGCONT);
@@ -319,7 +319,7 @@ fn rksmbd_unlocks_a_lock_answered_after_its_call_gave_up() {
     let mut b = smb3_client_of_f(&srv);
     let lock = "lock 0 10 excl 0 0";
 
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     let st = lock_status(&mut a, lock);
     d.signal(Signal::SIGCONT);
     assert_eq!(st, "0xc0000467", "gave up:\n{}", a.log);
@@ -351,7 +351,7 @@ fn rksmbd_close_then_reconnect(name: &str, cont_early: bool, env: &[(&str, &str)
     let (_s, d, srv) = setup_rksmbd_failing(name, "1000", env);
     let mut script = Dialogue::start(&srv, "close_then_reconnect.py", Duration::from_secs(90));
     script.expect("ready");
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     script.say("go");
     script.expect("reconnecting");
     if cont_early {
@@ -415,7 +415,7 @@ fn a_late_persistent_open_of_a_frontend_that_died_waits_disconnected() {
     let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
         "access": ["read", "write"], "share": [], "disposition": "open_if",
         "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     let r = a.call(create.clone());
     assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "gave up: {r}");
     smb.kill9();
