@@ -695,8 +695,10 @@ impl FilterClient {
         None
     }
 
-    /// Runs one undo of a late answer (on the undo worker).
-    fn undo_late(&self, undo: &late::Undo) {
+    /// Runs one undo of a late answer (on the undo worker); false when it
+    /// failed in a way a later try may mend ([`late::worth_retrying`]) and
+    /// the connection lives: it is to be sent again.
+    fn undo_late(&self, undo: &late::Undo) -> bool {
         let key = undo.key();
         let done = match undo {
             late::Undo::Close(_) => self.take_back_late(key, true),
@@ -710,6 +712,17 @@ impl FilterClient {
                 resume_key = %key,
                 "filterd answered after the call gave up; the handle was {what}"
             ),
+            Err(e)
+                if late::worth_retrying(undo, &e) && !self.inner.dead.load(Ordering::Acquire) =>
+            {
+                tracing::warn!(
+                    resume_key = %key,
+                    ?undo,
+                    error = %e,
+                    "undoing a late filterd answer failed; trying again later"
+                );
+                return false;
+            }
             Err(e) => tracing::error!(
                 resume_key = %key,
                 ?undo,
@@ -717,7 +730,14 @@ impl FilterClient {
                 "filterd answered after the call gave up, and undoing the answer failed"
             ),
         }
+        // Settled: the handle is no longer watched for a hand-out.
+        if let Ok(_p) = self.inner.pending.lock() {
+            if let Ok(mut w) = self.inner.watch.lock() {
+                w.remove(&key);
+            }
+        }
         self.inner.undone.fetch_add(1, Ordering::Release);
+        true
     }
 
     /// Closes (`close`: a fresh open answered late) or detaches (a replay
@@ -728,10 +748,15 @@ impl FilterClient {
     /// be answered with it) the undo waits, up to the call timeout; sent,
     /// it reaches filterd before any reattaching call sent after it, which
     /// then finds the handle disconnected (or closed) and attaches it
-    /// again (or opens anew).
+    /// again (or opens anew). The handle stays watched while the undo is
+    /// in flight: should it fail and be tried again, a call answered with
+    /// the handle meanwhile (sent after it) still keeps the retry off it.
     fn take_back_late(&self, key: ResumeKey, close: bool) -> Result<&'static str, ClientError> {
         let until = Instant::now() + self.timeout;
         loop {
+            if self.inner.dead.load(Ordering::Acquire) {
+                return Err(ClientError::Disconnected);
+            }
             let order = self
                 .inner
                 .reattach_order
@@ -750,7 +775,7 @@ impl FilterClient {
                     .lock()
                     .map_err(|_| ClientError::Disconnected)?;
                 let watched = w.contains(&key);
-                if watched && (!busy || Instant::now() >= until) {
+                if watched && busy && Instant::now() >= until {
                     w.remove(&key);
                 }
                 (watched, busy)
@@ -1413,7 +1438,24 @@ fn start_undoer(me: Weak<Inner>) -> Sender<late::Undo> {
     let spawned = std::thread::Builder::new()
         .name("filter-client-undo".into())
         .spawn(move || {
-            while let Ok(undo) = rx.recv() {
+            // Undos that failed and wait to be sent again (`late::Retries`).
+            let mut retries = late::Retries::default();
+            loop {
+                let now = Instant::now();
+                let mut work: Vec<(Duration, late::Undo)> = retries.due(now);
+                if work.is_empty() {
+                    let next = match retries.next_in(now) {
+                        None => rx.recv().map_err(|_| ()),
+                        Some(wait) => match rx.recv_timeout(wait) {
+                            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                            r => r.map_err(|_| ()),
+                        },
+                    };
+                    let Ok(undo) = next else {
+                        return;
+                    };
+                    work.push((Duration::ZERO, undo));
+                }
                 let Some(inner) = me.upgrade() else {
                     return;
                 };
@@ -1424,7 +1466,11 @@ fn start_undoer(me: Weak<Inner>) -> Sender<late::Undo> {
                     timeout: inner.timeout,
                     inner,
                 };
-                client.undo_late(&undo);
+                for (pause, undo) in work {
+                    if !client.undo_late(&undo) {
+                        retries.again(undo, pause, Instant::now());
+                    }
+                }
             }
         });
     if let Err(e) = spawned {

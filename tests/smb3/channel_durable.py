@@ -30,22 +30,12 @@ import uuid
 from smbprotocol.create_contexts import (
     CreateContextName,
     DurableHandleFlags,
-    SMB2CreateDurableHandleReconnectV2,
     SMB2CreateDurableHandleRequestV2,
 )
-from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.open import (
-    CreateDisposition,
-    CreateOptions,
-    FileAttributes,
-    FilePipePrinterAccessMask,
-    ImpersonationLevel,
-    Open,
-    RequestedOplockLevel,
-    ShareAccess,
-)
+from smbprotocol.open import RequestedOplockLevel
 
 from raw_channel import CREATE, SUCCESS, Raw, bind, check, cmac_sign, context, create_body, lease_context, reset, session
+from smbtest import reconnect_v2
 
 READ, WRITE, CLOSE, LOCK = 8, 0x9, 6, 0xA
 EXCLUSIVE, UNLOCK, FAIL_IMMEDIATELY = 2, 4, 0x10
@@ -85,25 +75,11 @@ def reconnect(guid, fid, create_guid, lease_key):
     """A DH2C of the handle from a new connection: the open, or the
     status it was refused with."""
     conn, s, tree = session(guid)
-    dh2c = SMB2CreateDurableHandleReconnectV2()
-    dh2c["file_id"] = fid
-    dh2c["create_guid"] = create_guid
-    dh2c["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT
-    f = Open(tree, NAME)
-    try:
-        f.create(
-            ImpersonationLevel.Impersonation,
-            FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
-            FileAttributes.FILE_ATTRIBUTE_NORMAL,
-            ShareAccess.FILE_SHARE_READ,
-            CreateDisposition.FILE_OPEN,
-            CreateOptions.FILE_NON_DIRECTORY_FILE,
-            create_contexts=[context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_RECONNECT_V2, dh2c), lease_context(lease_key)],
-            oplock_level=RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE,
-        )
-    except SMBResponseException as e:
+    lease = [lease_context(lease_key)]
+    f, st = reconnect_v2(tree, NAME, fid, create_guid, lease, RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE)
+    if f is None:
         conn.disconnect()
-        return None, e.status, None
+        return None, st, None
     return f, SUCCESS, conn
 
 

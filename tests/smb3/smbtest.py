@@ -16,10 +16,13 @@ from smbprotocol.create_contexts import (
     DurableHandleFlags,
     LeaseState,
     SMB2CreateContextRequest,
+    SMB2CreateDurableHandleReconnectV2,
     SMB2CreateDurableHandleRequestV2,
     SMB2CreateRequestLeaseV2,
 )
+from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import (
+    CreateDisposition,
     CreateOptions,
     SMB2LockElement,
     FileAttributes,
@@ -89,6 +92,27 @@ def persistent_context(create_guid, timeout_ms=60000):
     dh2q["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT
     dh2q["create_guid"] = create_guid
     return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q)
+
+
+def reconnect_v2(tree, name, file_id, create_guid, contexts=(), oplock_level=0):
+    """A DH2C (persistent) of open `file_id` (create GUID `create_guid`)
+    of file `name` on `tree`, with `contexts` besides: (the Open, 0), or
+    (None, the status it failed with)."""
+    dh2c = SMB2CreateDurableHandleReconnectV2()
+    dh2c["file_id"] = file_id
+    dh2c["create_guid"] = create_guid
+    dh2c["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT
+    try:
+        f, _ = create_rw(
+            tree,
+            name,
+            CreateDisposition.FILE_OPEN,
+            [context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_RECONNECT_V2, dh2c), *contexts],
+            oplock_level,
+        )
+    except SMBResponseException as e:
+        return None, e.status
+    return f, 0
 
 
 def open_rw(tree, name, disposition, contexts=(), oplock_level=0):

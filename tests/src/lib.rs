@@ -294,6 +294,30 @@ impl Filterd {
         nix::sys::signal::kill(pid, sig).expect("signal filterd");
     }
 
+    /// SIGSTOPs it and waits until every thread of it has stopped. The
+    /// stop is not done when `kill` returns: on a loaded machine (a VM
+    /// whose other vCPU is descheduled) a thread still ran for a while
+    /// after it and answered the very request the test sent to a
+    /// "stopped" filterd (late_reply.rs, ~1 run in 3 under load: the main
+    /// thread was still `R` after the signal).
+    pub fn stop(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        wait_for("filterd to stop", Duration::from_secs(10), || {
+            let all_stopped = std::fs::read_dir(&tasks).ok()?.all(|t| {
+                t.ok()
+                    .and_then(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                    .and_then(|st| {
+                        // The state follows the command's closing parenthesis.
+                        let state = st.rsplit_once(')')?.1.trim_start().chars().next()?;
+                        Some(state == 'T' || state == 't')
+                    })
+                    .unwrap_or(true)
+            });
+            all_stopped.then_some(())
+        });
+    }
+
     /// Polls its log until it contains `needle` (panics with the log after
     /// `timeout`).
     pub fn wait_log(&self, needle: &str, timeout: Duration) {

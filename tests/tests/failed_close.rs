@@ -263,19 +263,8 @@ fn a_close_undone_after_the_session_ends(name: &str, end: impl FnOnce(&str, Line
     use nix::sys::signal::Signal;
     let (_s, d, smb, mut a, sid, fid) = persistent_open_failing_its_close(name);
 
-    d.signal(Signal::SIGSTOP);
     // Stopped, every thread of it (the signal lands asynchronously).
-    let tasks = format!("/proc/{}/task", d.pid());
-    wait_for("filterd stopped", Duration::from_secs(30), || {
-        let stopped = |t: std::fs::DirEntry| {
-            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
-                s.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('T'))
-            })
-        };
-        let mut all = std::fs::read_dir(&tasks).ok()?;
-        all.all(|t| t.is_ok_and(stopped)).then_some(())
-    });
+    d.stop();
     let mut b = LineClient::connect(&smb.addr);
     let close = b.send_only(
         "mid",

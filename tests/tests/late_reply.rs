@@ -29,8 +29,13 @@ fn setup(name: &str) -> (Scratch, Filterd, Shim) {
 
 /// filterd and frontend `shim` whose calls give up after [`CALL_TIMEOUT_MS`].
 fn setup_shim(name: &str, shim: &str) -> (Scratch, Filterd, Shim) {
+    setup_failing(name, shim, &[])
+}
+
+/// As [`setup_shim`], filterd started with environment `env`.
+fn setup_failing(name: &str, shim: &str, env: &[(&str, &str)]) -> (Scratch, Filterd, Shim) {
     let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[]);
+    let d = Filterd::start(&s, &[], env);
     let smb = Shim::start_with_env(
         shim,
         d.socket(),
@@ -74,7 +79,7 @@ fn wait_detached(d: &Filterd) {
 /// (it gives up on filterd), then lets filterd go on: its late answer
 /// reaches smbshim after the client was told the request failed.
 fn answered_late(d: &Filterd, c: &mut LineClient, req: Value) -> Value {
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     let r = c.call(req);
     d.signal(Signal::SIGCONT);
     assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "gave up: {r}");
@@ -86,33 +91,62 @@ fn exclusive_create(sid: u64) -> Value {
            "share": [], "disposition": "open_if"})
 }
 
-#[test]
-fn an_open_answered_after_its_call_gave_up_is_closed() {
-    let (_s, d, smb) = setup("late-open");
-    let (mut a, sid) = smb_session(&smb.addr);
-    answered_late(&d, &mut a, exclusive_create(sid));
+/// Client `a` (session `sid`) of `smb` sends an exclusive CREATE of `f`
+/// that filterd answers late; waits for the open nobody can name to go
+/// (`what`), then opens `f` exclusively from another client: no orphan
+/// refuses it. Returns that client, its session and the CREATE's reply.
+fn late_open_goes(
+    d: &Filterd,
+    smb: &Shim,
+    a: &mut LineClient,
+    sid: u64,
+    what: &str,
+) -> (LineClient, u64, Value) {
+    answered_late(d, a, exclusive_create(sid));
     let resumed = std::time::Instant::now();
-
-    // The open nobody can name goes away once its late answer is read.
-    wait_for(
-        "the late open to be closed",
-        Duration::from_secs(10),
-        || handles(&d).is_empty().then_some(()),
-    );
+    wait_for(what, Duration::from_secs(10), || {
+        handles(d).is_empty().then_some(())
+    });
     eprintln!(
         "the late open was closed {:?} after filterd went on",
         resumed.elapsed()
     );
-    // Another client opens the file exclusively: no orphan refuses it.
     let (mut b, bsid) = smb_session(&smb.addr);
     let r = b.call(exclusive_create(bsid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    (b, bsid, r)
+}
+
+#[test]
+fn an_open_answered_after_its_call_gave_up_is_closed() {
+    let (_s, d, smb) = setup("late-open");
+    let (mut a, sid) = smb_session(&smb.addr);
+    // The open nobody can name goes away once its late answer is read.
+    let (mut b, bsid, r) = late_open_goes(&d, &smb, &mut a, sid, "the late open to be closed");
     // And the first client, told its open failed, opens again once b is done.
     let fid = r["file_id"].clone();
     let r = b.call(json!({"cmd": "CLOSE", "session_id": bsid, "file_id": fid}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     let r = a.call(exclusive_create(sid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+/// The late open's undo fails: filterd refuses its close
+/// (`close.refuse:1:fail`, as a close whose commit fails is undone).
+/// Before, the failure was only logged: the open stayed attached to
+/// smbshim, named by nobody, and refused every other client's exclusive
+/// open for as long as smbshim stayed attached (this test timed out).
+/// Now the undo is sent again until filterd answers it.
+#[test]
+fn a_late_open_whose_close_is_refused_is_closed_again() {
+    let (_s, d, smb) = setup_failing(
+        "late-open-refused",
+        "smbshim",
+        &[("RKFILTER_FAILPOINTS", "close.refuse:1:fail")],
+    );
+    let (mut a, sid) = smb_session(&smb.addr);
+    let what = "the late open to be closed, its refused close sent again";
+    late_open_goes(&d, &smb, &mut a, sid, what);
 }
 
 #[test]
@@ -178,7 +212,7 @@ fn a_lock_answered_after_its_call_gave_up_is_unlocked() {
 fn nfsshim_detaches_an_open_answered_late_and_its_resend_gets_it() {
     let (_s, d, nfs) = setup_shim("late-nfs", "nfsshim");
     let mut n = rkfilter_tests::Nfs::connect(&nfs.addr, "host", "00000000000000aa");
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     let open = json!({"op": "OPEN", "owner": "p", "path": "f", "access": "both", "deny": "both",
                       "create": {"mode": "unchecked"}});
     let r = n.call(open.clone());
@@ -195,8 +229,17 @@ fn nfsshim_detaches_an_open_answered_late_and_its_resend_gets_it() {
 /// filterd and an rksmbd (share `data`, user alice) whose calls give up
 /// after `timeout_ms`.
 fn setup_rksmbd(name: &str, timeout_ms: &str) -> (Scratch, Filterd, RkSmbd) {
+    setup_rksmbd_failing(name, timeout_ms, &[])
+}
+
+/// As [`setup_rksmbd`], filterd started with environment `env`.
+fn setup_rksmbd_failing(
+    name: &str,
+    timeout_ms: &str,
+    env: &[(&str, &str)],
+) -> (Scratch, Filterd, RkSmbd) {
     let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[]);
+    let d = Filterd::start(&s, &[], env);
     let env = [("RKFILTER_CALL_TIMEOUT_MS", timeout_ms)];
     let srv = RkSmbd::start_with_env(&s, "rksmbd", "data", &[("alice", "pw")], &env);
     (s, d, srv)
@@ -219,7 +262,7 @@ fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
     let file = || "late.txt".to_owned();
 
     script.expect("ready");
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     script.say("go");
     script.expect("gave up");
     d.signal(Signal::SIGCONT);
@@ -231,7 +274,7 @@ fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
     script.say("go");
 
     script.expect("ready");
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     script.say("go");
     script.expect("replaying");
     d.signal(Signal::SIGCONT);
@@ -276,7 +319,7 @@ fn rksmbd_unlocks_a_lock_answered_after_its_call_gave_up() {
     let mut b = smb3_client_of_f(&srv);
     let lock = "lock 0 10 excl 0 0";
 
-    d.signal(Signal::SIGSTOP);
+    d.stop();
     let st = lock_status(&mut a, lock);
     d.signal(Signal::SIGCONT);
     assert_eq!(st, "0xc0000467", "gave up:\n{}", a.log);
@@ -292,4 +335,99 @@ fn rksmbd_unlocks_a_lock_answered_after_its_call_gave_up() {
         c.say("done");
         c.finish();
     }
+}
+
+/// rksmbd and a real SMB 3 client (`tests/smb3/close_then_reconnect.py`):
+/// a persistent handle's CLOSE is sent while filterd is stopped and the
+/// client drops its connection without the answer, then reconnects the
+/// handle (DH2C, same create GUID) — which MS-SMB2 allows a client that
+/// never got the CLOSE's answer. rksmbd's call gives up (1 s), the open is
+/// forgotten and its handle goes to the close-settler. The CLOSE was sent
+/// first, so it wins: the DH2C fails, the handle is closed (never left
+/// held against another client's open), and no reconnect gets a handle
+/// the settler then closes. filterd goes on while the DH2C is in flight
+/// (`cont_early`) or after rksmbd gave up on it too.
+fn rksmbd_close_then_reconnect(name: &str, cont_early: bool, env: &[(&str, &str)]) {
+    let (_s, d, srv) = setup_rksmbd_failing(name, "1000", env);
+    let mut script = Dialogue::start(&srv, "close_then_reconnect.py", Duration::from_secs(90));
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("reconnecting");
+    if cont_early {
+        d.signal(Signal::SIGCONT);
+    }
+    let refused = script.expect("reconnect refused");
+    if !cont_early {
+        d.signal(Signal::SIGCONT);
+    }
+    eprintln!("{refused}");
+    wait_for(
+        "the handle whose CLOSE was unanswered to be closed",
+        Duration::from_secs(10),
+        || handles(&d).is_empty().then_some(()),
+    );
+    script.say("go");
+    script.finish();
+    assert!(handles(&d).is_empty(), "nothing left\n{}", script.log);
+}
+
+#[test]
+fn rksmbd_refuses_a_reconnect_racing_its_unanswered_close() {
+    rksmbd_close_then_reconnect("close-reconnect-early", true, &[]);
+}
+
+#[test]
+fn rksmbd_refuses_a_reconnect_after_its_unanswered_close() {
+    rksmbd_close_then_reconnect("close-reconnect-late", false, &[]);
+}
+
+/// As above, and the CLOSE's commit fails once filterd goes on
+/// (`commit.before:2:fail`; the first commit records the persistent open):
+/// filterd undoes the close and the handle is back, attached to rksmbd,
+/// while the settler's own closes and the DH2C were queued behind it.
+#[test]
+fn rksmbd_closes_a_handle_whose_unanswered_close_is_undone() {
+    let fp = [("RKFILTER_FAILPOINTS", "commit.before:2:fail")];
+    rksmbd_close_then_reconnect("close-reconnect-undone", false, &fp);
+}
+
+/// A persistent fresh open answered late on a connection that died first
+/// (smbshim killed while filterd is stopped, after it gave up): nobody
+/// reads the answer, so nothing in libfilter undoes it. filterd's own
+/// disconnect handling does what matters: the handle is not left attached
+/// to the dead connection but waits disconnected, as any persistent handle
+/// of a lost connection does, until its timeout (60 s here) or its
+/// client's replay through a replacement frontend. Accepted (docs).
+#[test]
+fn a_late_persistent_open_of_a_frontend_that_died_waits_disconnected() {
+    let (_s, d, smb) = setup("late-open-dead");
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let session = |addr: &str| {
+        let mut c = LineClient::connect(addr);
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": "m"}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        let sid = r["session_id"].as_u64().expect("session_id");
+        (c, sid)
+    };
+    let (mut a, sid) = session(&smb.addr);
+    let guid = uuid::Uuid::new_v4().to_string();
+    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": [], "disposition": "open_if",
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    d.stop();
+    let r = a.call(create.clone());
+    assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "gave up: {r}");
+    smb.kill9();
+    d.signal(Signal::SIGCONT);
+    wait_detached(&d);
+    // The client replays its create through a replacement and gets it.
+    let smb = Shim::start("smbshim", d.socket(), "late-open-dead");
+    let (mut a, sid) = session(&smb.addr);
+    let mut replay = create;
+    replay["session_id"] = json!(sid);
+    replay["replay"] = json!(true);
+    let r = a.call(replay);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
 }

@@ -717,6 +717,47 @@ impl Engine {
         self.pipe.rolled_back(abandoned);
     }
 
+    /// The latest pending sequence that removed a persistent handle
+    /// matching `removed` (a close, expiry or purge): if its commit fails
+    /// the handle is back (`Undo::Reinsert`).
+    fn removal_pending(&self, removed: impl Fn(&HandleRecord) -> bool) -> Option<u64> {
+        let committed = self.pipe.committed();
+        self.batch
+            .pending
+            .range(committed + 1..)
+            .rev()
+            .find(|(_, t)| {
+                t.undo
+                    .iter()
+                    .any(|u| matches!(u, Undo::Reinsert(h) if removed(&h.rec)))
+            })
+            .map(|(s, _)| *s)
+    }
+
+    /// The current request's reply is about handle `key`: it shows the
+    /// handle's file, or — the handle gone — its removal, when that is
+    /// still committing. A "no such handle" must not go out before the
+    /// close it reports is durable: were the commit to fail, the handle
+    /// would be back while its frontend, told it is gone, stopped closing
+    /// it (found in round 16: rksmbd's close-settler, told `NoSuchHandle`
+    /// by a retry queued behind the close, left the handle attached for
+    /// good once the close's commit failed). Such a reply waits, and fails
+    /// with the commit.
+    pub(super) fn depends_on_handle(&mut self, key: ResumeKey) {
+        match self.handles.get(&key).map(|h| h.rec.file) {
+            Some(f) => self.depends_on_file(f),
+            None => self.depends_on_removal(|r| r.key == key),
+        }
+    }
+
+    /// The current request's reply shows that no handle matching
+    /// `removed` is left: it waits for a removal of one still committing.
+    pub(super) fn depends_on_removal(&mut self, removed: impl Fn(&HandleRecord) -> bool) {
+        if let Some(s) = self.removal_pending(removed) {
+            self.batch.note_read(s);
+        }
+    }
+
     /// The pending sequence that records the create of `file` by a
     /// persistent open of this daemon (undone with its file if it fails).
     pub(super) fn create_pending(&mut self, file: FileId) -> Option<u64> {
@@ -733,17 +774,7 @@ impl Engine {
     /// is put back whole (`Undo::Reinsert`), so nothing may have changed
     /// the file under it meanwhile.
     pub(super) fn close_pending(&self, file: FileId) -> Option<u64> {
-        let committed = self.pipe.committed();
-        self.batch
-            .pending
-            .range(committed + 1..)
-            .rev()
-            .find(|(_, t)| {
-                t.undo
-                    .iter()
-                    .any(|u| matches!(u, Undo::Reinsert(h) if h.rec.file == file))
-            })
-            .map(|(s, _)| *s)
+        self.removal_pending(|r| r.file == file)
     }
 
     /// What waits on `file` runs again once sequence `seq` is resolved

@@ -803,11 +803,7 @@ impl Engine {
             | Request::Detach { key }
             | Request::SetDeleteOnClose { key, .. }
             | Request::Rename { key, .. }
-            | Request::SetEndOfFile { key, .. } => {
-                if let Some(f) = self.handles.get(key).map(|h| h.rec.file) {
-                    self.depends_on_file(f);
-                }
-            }
+            | Request::SetEndOfFile { key, .. } => self.depends_on_handle(*key),
             _ => {}
         }
         match req {

@@ -666,20 +666,25 @@ impl Engine {
     ) -> Result<(Reply, Option<ResumeKey>), WireError> {
         let key = match r.target {
             ResumeTarget::Key { key } => key,
-            ResumeTarget::CreateGuid { create_guid } => *self
-                .by_guid
-                .get(&(r.client.clone(), create_guid))
-                .ok_or_else(|| {
-                    err(
-                        ErrorCode::NoSuchHandle,
-                        format!("no open with create GUID {create_guid}"),
-                    )
-                })?,
+            ResumeTarget::CreateGuid { create_guid } => {
+                match self.by_guid.get(&(r.client.clone(), create_guid)) {
+                    Some(k) => *k,
+                    None => {
+                        // Gone: a removal still committing is what the
+                        // refusal shows (`depends_on_handle`).
+                        self.depends_on_removal(|h| {
+                            h.client == r.client && h.create_guid == Some(create_guid)
+                        });
+                        return Err(err(
+                            ErrorCode::NoSuchHandle,
+                            format!("no open with create GUID {create_guid}"),
+                        ));
+                    }
+                }
+            }
         };
         tracing::Span::current().record("resume_key", tracing::field::display(key));
-        if let Some(f) = self.handles.get(&key).map(|h| h.rec.file) {
-            self.depends_on_file(f);
-        }
+        self.depends_on_handle(key);
         let h = self
             .handles
             .get(&key)

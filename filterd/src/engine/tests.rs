@@ -1217,6 +1217,36 @@ fn a_close_whose_commit_failed_puts_the_create_marker_back() {
     assert_eq!(h.fs.file("n").and_then(|f| f.marker), marker);
 }
 
+/// A second close of a persistent handle whose close is still committing
+/// (rksmbd's close-settler re-sending a close whose answer never came) is
+/// not answered "no such handle" before that commit (round 16): if the
+/// commit fails the handle is back, and the second close fails with it,
+/// so its sender closes again. Once the close is durable it is
+/// `NoSuchHandle`.
+#[test]
+fn no_such_handle_waits_for_the_removal_it_shows() {
+    let mut h = Harness::new();
+    let id = h.run(open("n", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    let close = || Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+    };
+    h.run(close());
+    let again = h.run(close());
+    assert!(h.reply(again).is_none(), "not before the close commits");
+    h.commit(false);
+    assert_ne!(h.refused(again), ErrorCode::NoSuchHandle);
+    assert!(h.engine.handles.contains_key(&key), "the close was undone");
+    h.run(close());
+    let again = h.run(close());
+    h.commit(true);
+    assert_eq!(h.refused(again), ErrorCode::NoSuchHandle);
+    assert!(h.engine.handles.is_empty());
+}
+
 /// A truncating open whose truncation fails after its connection dropped
 /// (the detach wrote its record): the store does not keep the handle.
 #[test]

@@ -26,8 +26,19 @@
 //! - anything else: nothing. Closes and detaches taken back late are
 //!   settled by the frontends (`rksmbd::settle`); record writes, renames
 //!   and size changes are found again by the client's replay.
+//!
+//! An undo that fails while the connection lives is sent again
+//! ([`worth_retrying`], [`Retries`]) until filterd answers it one way or
+//! the other: a close it refused or undid (a failed commit) left the
+//! handle attached to this connection, named by nobody, for as long as
+//! the connection lived. A lost connection ends the retries: filterd
+//! detaches its handles itself.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::ClientError;
+use crate::proto::ErrorCode;
 
 use crate::locks::LockOp;
 use crate::model::ResumeKey;
@@ -110,6 +121,81 @@ impl Undo {
         match self {
             Undo::Close(k) | Undo::Detach(k) | Undo::Unlock { key: k, .. } => *k,
         }
+    }
+}
+
+/// Whether undo `undo`, failed with `e`, may be made by sending it again
+/// on the same, live, connection: filterd refused or undid it for a
+/// passing cause (a failed commit, a full disk, a busy or recovering
+/// daemon), or — a close or detach — its answer did not come (filterd
+/// stalled again; had it made the undo, the retry is answered
+/// `NoSuchHandle`, and a handle handed out since is left alone). An
+/// unlock whose answer did not come is not sent again: made late, its
+/// range may be the client's again by the retry, and the retry would
+/// take that lock. Not when filterd answered that nothing is left to
+/// undo (`NoSuchHandle`, `NotOwner`, `RangeNotLocked`) or refused the
+/// request as such, nor when the connection is gone (filterd detaches
+/// its handles itself).
+pub(super) fn worth_retrying(undo: &Undo, e: &ClientError) -> bool {
+    match e {
+        ClientError::Timeout(_) => !matches!(undo, Undo::Unlock { .. }),
+        ClientError::Refused(w) => matches!(
+            w.code,
+            ErrorCode::FileNotAvailable
+                | ErrorCode::DiskFull
+                | ErrorCode::LimitReached
+                | ErrorCode::Busy
+                | ErrorCode::Retry
+                | ErrorCode::Internal
+        ),
+        _ => false,
+    }
+}
+
+/// First pause before an undo that failed is sent again; it doubles up
+/// to [`RETRY_MAX_PAUSE`].
+const RETRY_FIRST_PAUSE: Duration = Duration::from_millis(20);
+
+/// Longest pause between two tries of one undo.
+const RETRY_MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// Undos that failed and are to be sent again, each when its pause is
+/// over; at most [`LATE_MAX`] (one more is dropped with an error).
+#[derive(Debug, Default)]
+pub(super) struct Retries {
+    waiting: VecDeque<(Instant, Duration, Undo)>,
+}
+
+impl Retries {
+    /// `undo` failed after a pause of `pause` (zero: its first try);
+    /// sends it again after twice that, at most [`RETRY_MAX_PAUSE`].
+    pub(super) fn again(&mut self, undo: Undo, pause: Duration, now: Instant) {
+        if self.waiting.len() >= LATE_MAX {
+            tracing::error!(
+                ?undo,
+                limit = LATE_MAX,
+                "too many late answers' undos failing: this one is not tried again"
+            );
+            return;
+        }
+        let pause = (pause * 2).clamp(RETRY_FIRST_PAUSE, RETRY_MAX_PAUSE);
+        self.waiting.push_back((now + pause, pause, undo));
+    }
+
+    /// How long until the next retry is due; `None` when none waits.
+    pub(super) fn next_in(&self, now: Instant) -> Option<Duration> {
+        self.waiting
+            .iter()
+            .map(|(at, _, _)| at.saturating_duration_since(now))
+            .min()
+    }
+
+    /// The retries due at `now`, each with the pause it waited.
+    pub(super) fn due(&mut self, now: Instant) -> Vec<(Duration, Undo)> {
+        let (due, wait): (VecDeque<_>, VecDeque<_>) =
+            self.waiting.drain(..).partition(|(at, _, _)| *at <= now);
+        self.waiting = wait;
+        due.into_iter().map(|(_, p, u)| (p, u)).collect()
     }
 }
 
@@ -235,6 +321,55 @@ mod tests {
             None
         );
         assert_eq!(LateUndo::of(&Request::Status), None);
+    }
+
+    #[test]
+    fn failed_undos_are_retried_with_a_growing_pause_and_bounded() {
+        let t0 = Instant::now();
+        let undo = Undo::Close(ResumeKey(uuid::Uuid::from_u128(7)));
+        let mut r = Retries::default();
+        assert_eq!(r.next_in(t0), None);
+        r.again(undo.clone(), Duration::ZERO, t0);
+        assert_eq!(r.next_in(t0), Some(RETRY_FIRST_PAUSE));
+        assert!(r.due(t0).is_empty(), "not before its pause");
+        let due = r.due(t0 + RETRY_FIRST_PAUSE);
+        assert_eq!(due, vec![(RETRY_FIRST_PAUSE, undo.clone())]);
+        r.again(undo.clone(), Duration::from_millis(800), t0);
+        assert_eq!(r.next_in(t0), Some(RETRY_MAX_PAUSE));
+        for _ in 0..LATE_MAX + 5 {
+            r.again(undo.clone(), Duration::ZERO, t0);
+        }
+        assert_eq!(r.waiting.len(), LATE_MAX);
+    }
+
+    #[test]
+    fn only_passing_failures_are_retried() {
+        let refused = |code| {
+            ClientError::Refused(crate::proto::WireError {
+                code,
+                message: String::new(),
+                conflict: None,
+            })
+        };
+        let close = Undo::Close(ResumeKey(uuid::Uuid::from_u128(7)));
+        let unlock = Undo::Unlock {
+            key: ResumeKey(uuid::Uuid::from_u128(7)),
+            unlocks: vec![lock(true)],
+        };
+        let timeout = ClientError::Timeout(Duration::ZERO);
+        assert!(worth_retrying(&close, &timeout));
+        assert!(
+            !worth_retrying(&unlock, &timeout),
+            "made late, it may take a new lock"
+        );
+        for u in [&close, &unlock] {
+            assert!(worth_retrying(u, &refused(ErrorCode::FileNotAvailable)));
+            assert!(worth_retrying(u, &refused(ErrorCode::Internal)));
+            assert!(!worth_retrying(u, &refused(ErrorCode::NoSuchHandle)));
+            assert!(!worth_retrying(u, &refused(ErrorCode::NotOwner)));
+            assert!(!worth_retrying(u, &refused(ErrorCode::RangeNotLocked)));
+            assert!(!worth_retrying(u, &ClientError::Disconnected));
+        }
     }
 
     #[test]
