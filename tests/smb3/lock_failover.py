@@ -31,6 +31,10 @@ Reads commands from stdin, one a line, and answers each with one line:
                           pending; else the final one)
   final                   the pending LOCK's final response -> "final
                           STATUS"
+  break SECONDS           the next lease break notification rksmbd sent
+                          since the open (waiting up to SECONDS) -> "break
+                          CURRENT NEW FLAGS" (lease states and flags in
+                          hex), or "break none"
   done                    close the handle (again while the answer is
                           STATUS_FILE_NOT_AVAILABLE) -> "PASS", exit
 STATUS is the NTSTATUS in hex (0x0 for STATUS_SUCCESS). Any other
@@ -40,6 +44,7 @@ The lock sequence goes into the request as MS-SMB2 2.2.26 has it
 (smbtest.lock_in_sequence: smbprotocol packs it the wrong way round).
 """
 
+import queue
 import sys
 import time
 import uuid
@@ -53,6 +58,7 @@ from smbprotocol.create_contexts import (
 from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import CreateDisposition, LockFlags, RequestedOplockLevel, ShareAccess
 
+from server_messages import Requests
 from smbtest import (
     args,
     connect,
@@ -119,6 +125,7 @@ name = None
 opened_with = []
 durable = False
 pending = None
+breaks = queue.Queue()
 for line in sys.stdin:
     words = line.split()
     if not words:
@@ -127,6 +134,7 @@ for line in sys.stdin:
     if cmd == "open":
         name = rest[0]
         conn, tree = connect(HOST, PORT, SHARE, USER, PASSWORD, CLIENT_GUID)
+        conn.outstanding_requests = Requests(conn, breaks, conn.outstanding_requests)
         plain = rest[1:] == ["plain"]
         durable = rest[1:2] == ["durable"]
         if plain:
@@ -170,6 +178,21 @@ for line in sys.stdin:
     elif cmd == "final":
         st = status_of(lambda: f.connection.receive(pending, wait=True, timeout=30))
         print(f"final {st:#x}", flush=True)
+    elif cmd == "break":
+        try:
+            r = breaks.get(timeout=float(rest[0]))
+        except queue.Empty:
+            print("break none", flush=True)
+            continue
+        if not r.response_event.wait(10):
+            fail("a server-initiated message arrived whole")
+        body = r.response["data"].get_value()
+        # [MS-SMB2] 2.2.23.2: StructureSize 44, NewEpoch, Flags, LeaseKey,
+        # CurrentLeaseState, NewLeaseState, ...
+        if len(body) < 44 or int.from_bytes(body[0:2], "little") != 44 or body[8:24] != LEASE_KEY:
+            fail(f"a LEASE_BREAK notification of our lease: {body.hex()}")
+        current, new = int.from_bytes(body[24:28], "little"), int.from_bytes(body[28:32], "little")
+        print(f"break {current:#x} {new:#x} {int.from_bytes(body[4:8], 'little'):#x}", flush=True)
     elif cmd == "write":
         st = status_of(lambda: f.write(rest[1].encode(), int(rest[0])))
         print(f"write {st:#x}", flush=True)

@@ -690,3 +690,61 @@ fn an_open_filterd_forgot_is_closed() {
     nothing_landed(&s);
     closed_last(&mut script, &d);
 }
+
+/// A restarted filterd (SIGKILLed under a live rksmbd) forgot a durable
+/// open that held an RWH lease: the lease went with it (MS-SMB2 3.3.4.17),
+/// and rksmbd tells the client at once with a break to none and no
+/// acknowledgment asked (3.3.4.7; there is nothing left to acknowledge),
+/// so it stops caching writes under a W lease it no longer has. The
+/// open's lock is gone too: an nfsl/1 client locks the range. Before, the
+/// client was told nothing ("break none") and went on caching until its
+/// next request on the open.
+#[test]
+fn a_lease_filterd_forgot_is_broken_to_none() {
+    let (s, mut d, srv, nfsshim, _smbshim) = setup("smb3-lease-forgotten");
+    let mut script = smb3_durable_client_of_f(&srv, 60_000);
+    said(&mut script, "lock 10 20 excl 1 1", SUCCESS);
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let back = std::time::Instant::now();
+    script.say("break 20");
+    let told = script.expect("break ");
+    assert_eq!(told, format!("break {RWH} 0x0 0x0"), "{}", script.log);
+    // The window in which the restarted filterd may grant a conflicting
+    // open before the client hears (rksmbd's reattach).
+    eprintln!("break heard {:?} after filterd was back", back.elapsed());
+    let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-l", "6767676767676767");
+    let l = nfs_lock(&mut n, &sid, 10, 20);
+    assert_eq!(l["status"], "NFS4_OK", "{l}");
+    let st = ask_patiently(&mut script, "write 40 AA");
+    assert_eq!(st, FILE_CLOSED, "{}", script.log);
+    script.say("done");
+    script.finish();
+    drop(d);
+}
+
+/// A blocking LOCK pending on a durable (not persistent) open when
+/// filterd is SIGKILLed and restarted under a live rksmbd: the restarted
+/// filterd forgot the open, so the LOCK ends with STATUS_FILE_CLOSED
+/// (MS-SMB2 3.3.5.14: the open is not found) instead of waiting forever,
+/// and no lock of it is left behind.
+#[test]
+fn a_pending_lock_on_an_open_filterd_forgot_ends() {
+    let (s, mut d, srv, nfsshim, _smbshim) = setup("smb3-pending-forgotten");
+    let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-p", "7878787878787878");
+    let held = nfs_lock(&mut n, &sid, 10, 10);
+    assert_eq!(held["status"], "NFS4_OK", "{held}");
+    // (No W caching beside the nfsl/1 writer: RH.)
+    let mut script = smb3_client_opening(&srv, "open f durable 60000");
+    said(&mut script, "blocking 10 10 1 1", PENDING);
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    said(&mut script, "final", FILE_CLOSED);
+    assert!(
+        locks_listed(&d).len() <= 1,
+        "at most the nfsl/1 client's lock: {:?}",
+        locks_listed(&d)
+    );
+    script.say("done");
+    script.finish();
+}

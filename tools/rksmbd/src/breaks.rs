@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use libfilter::attach::AttachEvent;
 use libfilter::lease::{LeaseKey, LeaseState};
+use libfilter::model::{HeldLease, ResumeKey};
 use libfilter::proto::{ErrorCode, Event, Reply as FilterReply, Request as FilterRequest};
 
 use crate::files::status_of;
@@ -52,6 +53,9 @@ pub struct Notifier {
     guids: Mutex<HashMap<u64, uuid::Uuid>>,
     /// Per lease key: who holds it and where its breaks go.
     holders: Mutex<HashMap<LeaseKey, Held>>,
+    /// The lease of each filterd handle that holds one (to find the
+    /// leases of handles a restarted filterd forgot).
+    handles: Mutex<HashMap<ResumeKey, LeaseKey>>,
 }
 
 /// A lease or oplock some open of this rksmbd holds.
@@ -65,6 +69,19 @@ struct Held {
     holder: Holder,
     /// How many opens of this rksmbd hold it.
     opens: usize,
+    /// The state last granted or broken to, and its epoch.
+    state: LeaseState,
+    epoch: u16,
+}
+
+/// A lease whose every handle a restarted filterd forgot: it is gone, and
+/// its client is told so with a break to none ([`Notifier::forgotten`]).
+pub struct GoneLease {
+    key: LeaseKey,
+    writer: ConnWriter,
+    holder: Holder,
+    state: LeaseState,
+    epoch: u16,
 }
 
 /// The first bytes of the lease keys rksmbd makes for oplocks (filterd
@@ -173,18 +190,32 @@ impl Notifier {
     /// keeps the version it was first granted with while any open holds
     /// it (Windows answers a v1 request for a v2 lease with a v2
     /// response, and the other way round).
-    pub fn granted(&self, key: LeaseKey, conn: u64, guid: uuid::Uuid, holder: Holder) -> Holder {
+    pub fn granted(
+        &self,
+        lease: HeldLease,
+        handle: ResumeKey,
+        conn: u64,
+        guid: uuid::Uuid,
+        holder: Holder,
+    ) -> Holder {
+        if let Ok(mut h) = self.handles.lock() {
+            h.insert(handle, lease.key);
+        }
         let Ok(mut m) = self.holders.lock() else {
             return holder;
         };
-        let e = m.entry(key).or_insert(Held {
+        let e = m.entry(lease.key).or_insert(Held {
             conn,
             guid,
             holder,
             opens: 0,
+            state: lease.state,
+            epoch: lease.epoch,
         });
         e.conn = conn;
         e.guid = guid;
+        e.state = lease.state;
+        e.epoch = lease.epoch;
         if !matches!(
             (e.holder, holder),
             (Holder::Lease { .. }, Holder::Lease { .. })
@@ -210,6 +241,68 @@ impl Notifier {
             return true;
         }
         false
+    }
+
+    /// filterd handle `handle` is closed or detached: its lease is no
+    /// longer its.
+    pub fn handle_gone(&self, handle: &ResumeKey) {
+        if let Ok(mut h) = self.handles.lock() {
+            h.remove(handle);
+        }
+    }
+
+    /// filterd broke lease `key` to `state` (at `epoch`).
+    fn broken(&self, key: &LeaseKey, state: LeaseState, epoch: u16) {
+        if let Some(h) = self
+            .holders
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|m| m.get_mut(key))
+        {
+            h.state = state;
+            h.epoch = epoch;
+        }
+    }
+
+    /// A restarted filterd forgot handles `lost`: the leases no other
+    /// handle of this rksmbd holds went with them (MS-SMB2 3.3.4.17: the
+    /// lease of a server-closed open's last open is freed) and hold
+    /// nothing now. Returns those that held any caching, with where to
+    /// tell their client.
+    pub fn forgotten(&self, lost: &[ResumeKey]) -> Vec<GoneLease> {
+        let Ok(mut handles) = self.handles.lock() else {
+            return Vec::new();
+        };
+        let mut leases: Vec<LeaseKey> = lost.iter().filter_map(|k| handles.remove(k)).collect();
+        leases.sort_unstable();
+        leases.dedup();
+        leases.retain(|l| !handles.values().any(|h| h == l));
+        drop(handles);
+        let mut gone = Vec::new();
+        for key in leases {
+            let route = self.route(&key);
+            // The entry stays, counting the opens rksmbd still has until
+            // their client closes them; it holds nothing now.
+            let held = self.holders.lock().ok().and_then(|mut m| {
+                let h = m.get_mut(&key)?;
+                let was = (h.state, h.epoch);
+                h.state = LeaseState::NONE;
+                Some(was)
+            });
+            if let (Some((writer, holder)), Some((state, epoch))) = (route, held) {
+                if state != LeaseState::NONE {
+                    gone.push(GoneLease {
+                        key,
+                        writer,
+                        holder,
+                        state,
+                        epoch,
+                    });
+                }
+            }
+        }
+        gone
     }
 
     /// Whether any open of this rksmbd holds a lease or an oplock (a
@@ -298,11 +391,15 @@ fn notification(
 /// Forwards filterd's events for as long as the attachment lives.
 pub fn forward(sh: Arc<Shared>) {
     while let Ok(ev) = sh.filter.events().recv() {
-        if let AttachEvent::Reattached { generation, .. } = ev {
+        if let AttachEvent::Reattached {
+            generation, lost, ..
+        } = ev
+        {
             // Back on a restarted filterd, the I/O of before drained:
             // rksmbd checks every read and write, so it has no lock
             // state to relearn; checked I/O is counted again.
             sh.filter.resynced(generation);
+            leases_forgotten(&sh, &lost);
             continue;
         }
         let AttachEvent::Daemon(Event::LeaseBreak {
@@ -317,6 +414,7 @@ pub fn forward(sh: Arc<Shared>) {
             continue;
         };
         sh.breaking.noticed(lease_key, ack_required);
+        sh.notifier.broken(&lease_key, new_state, epoch);
         if !ack_required && libfilter::lease::ack_required(current_state) {
             // A break from W or H always wants an acknowledgment, so this
             // is filterd lowering a lease at its break timeout. MS-SMB2
@@ -339,16 +437,47 @@ pub fn forward(sh: Arc<Shared>) {
             epoch,
             ack_required,
         );
-        let spawned = std::thread::Builder::new()
-            .name("lease-break".into())
-            .spawn(move || {
-                if let Ok(mut s) = w.lock() {
-                    let _ = s.write_all(&frame);
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "could not send a lease break");
-        }
+        send(w, frame);
+    }
+}
+
+/// Writes a break notification on a thread of its own (a client that
+/// does not read stalls only that thread).
+fn send(w: ConnWriter, frame: Vec<u8>) {
+    let spawned = std::thread::Builder::new()
+        .name("lease-break".into())
+        .spawn(move || {
+            if let Ok(mut s) = w.lock() {
+                let _ = s.write_all(&frame);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not send a lease break");
+    }
+}
+
+/// A restarted filterd forgot handles `lost` (every one not persistent):
+/// their opens are gone as on a server restart, and so are the leases
+/// only they held. Nothing in MS-SMB2 tells a client whose connection
+/// lives on that a server closed its open (3.3.4.17), so a client caching
+/// writes under such a lease would go on doing so while another client's
+/// open gets in. rksmbd tells it as the object store breaking the lease
+/// (3.3.4.7): a break to none, without an acknowledgment (there is no
+/// lease left to acknowledge to, 3.3.5.22.2), so it stops caching and
+/// flushes — and its flush finds the open closed (STATUS_FILE_CLOSED).
+fn leases_forgotten(sh: &Shared, lost: &[ResumeKey]) {
+    for g in sh.notifier.forgotten(lost) {
+        sh.breaking.noticed(g.key, false);
+        tracing::info!(lease_key = %g.key.0, "lease of handles filterd forgot broken to none");
+        let frame = notification(
+            g.key,
+            g.holder,
+            g.state,
+            LeaseState::NONE,
+            g.epoch.wrapping_add(1),
+            false,
+        );
+        send(g.writer, frame);
     }
 }
 
@@ -484,6 +613,40 @@ mod tests {
         assert_eq!(o.len(), 4 + 64 + 24);
         assert_eq!(o[4 + 66], 0x01, "broken to level II");
         assert_eq!(&o[4 + 72..], &[9; 16]);
+    }
+
+    /// A lease goes with the last of its handles filterd forgot, once,
+    /// and not while a handle it resumed (persistent) still holds it.
+    #[test]
+    fn a_lease_goes_with_the_last_handle_filterd_forgot() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let n = Notifier::default();
+        n.connected(1, Arc::new(Mutex::new(stream)));
+        let guid = uuid::Uuid::from_bytes([5; 16]);
+        n.negotiated(1, guid);
+        let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
+        let (a, b) = (
+            ResumeKey(uuid::Uuid::from_bytes([1; 16])),
+            ResumeKey(uuid::Uuid::from_bytes([2; 16])),
+        );
+        for h in [a, b] {
+            let lease = HeldLease {
+                key,
+                state: lease_state(7),
+                epoch: 4,
+            };
+            n.granted(lease, h, 1, guid, Holder::Lease { v2: true });
+        }
+        assert!(n.forgotten(&[a]).is_empty(), "b still holds it");
+        let gone = n.forgotten(&[b]);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(
+            (gone[0].key, lease_bits(gone[0].state), gone[0].epoch),
+            (key, 7, 4)
+        );
+        assert!(n.forgotten(&[a, b]).is_empty(), "told once");
+        assert!(!n.released(key) && n.released(key), "the opens still count");
     }
 
     #[test]

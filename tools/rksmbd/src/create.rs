@@ -792,7 +792,8 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     match (held, &mut lease, oplock) {
         (Some(l), Some(asked), _) => {
             let known = sh.notifier.granted(
-                l.key,
+                l,
+                key,
                 c.id,
                 c.client_guid,
                 Holder::Lease {
@@ -803,7 +804,8 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         }
         (Some(l), None, Some(_)) => {
             sh.notifier.granted(
-                l.key,
+                l,
+                key,
                 c.id,
                 c.client_guid,
                 Holder::Oplock {
@@ -1224,7 +1226,8 @@ fn reconnect(
         (Some(l), _, Some(_)) => {
             level = breaks::oplock_level(l.state);
             sh.notifier.granted(
-                l.key,
+                l,
+                key,
                 c.id,
                 c.client_guid,
                 Holder::Oplock {
@@ -1234,7 +1237,8 @@ fn reconnect(
         }
         (Some(l), Some(asked), None) => {
             sh.notifier.granted(
-                l.key,
+                l,
+                key,
                 c.id,
                 c.client_guid,
                 Holder::Lease {

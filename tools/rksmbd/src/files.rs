@@ -374,6 +374,9 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
     }
     // With its last open the lease goes, and a break of it with it
     // (filterd lowers a lease no attached open holds at once).
+    if let Kind::File { key, .. } = &open.kind {
+        sh.notifier.handle_gone(key);
+    }
     if let Some(k) = open.lease.filter(|k| sh.notifier.released(*k)) {
         sh.breaking.take(&k);
     }
