@@ -24,7 +24,7 @@ import uuid
 from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import CreateDisposition, SMB2CloseRequest
 
-from smbtest import args, check, connect, create_rw, open_rw, pause, persistent_context, reconnect_v2
+from smbtest import args, check, connect, open_exclusive, open_rw, pause, persistent_context, reconnect_v2
 
 SERVER = args()
 NAME = "cr.txt"
@@ -72,10 +72,6 @@ except SMBResponseException as e:
     check(e.status == FILE_CLOSED, f"the CLOSE replayed on the new session: FILE_CLOSED (got {e.status:#010x})")
 
 # Nothing of the old handle is left to refuse an open sharing nothing.
-other, other_tree = connect(*SERVER)
-exclusive, _ = create_rw(other_tree, NAME, CreateDisposition.FILE_OPEN, share=0)
-check(exclusive.read(0, 6) == b"before", "another client opens the file sharing nothing, the data written")
-exclusive.close()
-for c in (other, again):
-    c.disconnect()
+open_exclusive(SERVER, NAME, b"before")
+again.disconnect()
 print("PASS", flush=True)

@@ -137,6 +137,16 @@ def create_rw(tree, name, disposition, contexts=(), oplock_level=0, share=ShareA
     return f, resp or []
 
 
+def open_exclusive(server, name, data):
+    """Another client opens file `name` sharing nothing (nothing of an
+    old handle is left to refuse it) and reads `data` at its start."""
+    other, other_tree = connect(*server)
+    exclusive, _ = create_rw(other_tree, name, CreateDisposition.FILE_OPEN, share=0)
+    check(exclusive.read(0, len(data)) == data, "another client opens the file sharing nothing, the data written")
+    exclusive.close()
+    other.disconnect()
+
+
 def lock_in_sequence(f, offset, length, flags, index, number, wait=True):
     """One LOCK element on open `f` with LockSequenceIndex `index` and
     LockSequenceNumber `number` (raises SMBResponseException on failure;

@@ -203,6 +203,25 @@ fn rksmbd_keeps_the_channel_of_a_logoff_whose_close_fails() {
     );
 }
 
+/// rksmbd and `script`, its filterd killed under its second commit
+/// (commit 1 records the persistent create) once `until_killed` went
+/// through the script, then restarted: (scratch, rksmbd, the restarted
+/// filterd, the script).
+fn rksmbd_across_a_killed_commit(
+    name: &str,
+    script: &str,
+    until_killed: impl FnOnce(&mut Dialogue),
+) -> (Scratch, RkSmbd, Filterd, Dialogue) {
+    let s = Scratch::new(name);
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = Dialogue::start(&srv, script, Duration::from_secs(60));
+    until_killed(&mut script);
+    d.wait_exit(Duration::from_secs(10));
+    let d = Filterd::start(&s, &[], &[]);
+    (s, srv, d, script)
+}
+
 /// A CLOSE whose answer from filterd never came (filterd killed under its
 /// commit): the CLOSE is not a success and rksmbd forgets the open (it
 /// serves nothing through a handle filterd may have closed), but the
@@ -213,18 +232,61 @@ fn rksmbd_keeps_the_channel_of_a_logoff_whose_close_fails() {
 /// answers (`rksmbd::settle`).
 #[test]
 fn rksmbd_closes_again_a_handle_whose_close_was_never_answered() {
-    let s = Scratch::new("rksmbd-unsettled-close");
-    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
-    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let mut script = Dialogue::start(&srv, "unsettled_close.py", Duration::from_secs(60));
-    script.expect("refused");
-    d.wait_exit(Duration::from_secs(10));
-    let d = Filterd::start(&s, &[], &[]);
+    let (_s, _srv, d, mut script) =
+        rksmbd_across_a_killed_commit("rksmbd-unsettled-close", "unsettled_close.py", |script| {
+            script.expect("refused");
+        });
     wait_for("filterd holds no handle", Duration::from_secs(20), || {
         handle_paths(d.socket()).is_empty().then_some(())
     });
     script.say("go");
     script.finish();
+}
+
+/// A connection drop whose Detach filterd never answered: filterd dies
+/// under the detach's commit (commit 1 records the persistent create,
+/// commit 2 is the detach's), and the restarted one gets the handle back
+/// as the store had it, attached. rksmbd only logs the failed detach; a
+/// reviewer feared the handle stays attached to rksmbd, "connected" with
+/// no connection holding it, its DH2C refused ("attached, not
+/// disconnected") until rksmbd exits. It does not: `Attachment::detach`
+/// forgets the handle before it asks, so rksmbd's reattach does not
+/// resume it and it waits disconnected; the DH2C succeeds. This guards
+/// that (it passed before any change).
+#[test]
+fn rksmbd_resumes_a_handle_whose_detach_was_never_answered() {
+    let (_s, _srv, d, mut script) = rksmbd_across_a_killed_commit(
+        "rksmbd-unsettled-detach",
+        "detach_then_reconnect.py",
+        |script| {
+            script.expect("ready");
+            script.say("go");
+            script.expect("dropped");
+        },
+    );
+    // rksmbd attached again; the restored handle, which rksmbd's
+    // attachment forgot when it sent the detach, waits disconnected.
+    let sock = d.socket().display().to_string();
+    wait_for(
+        "the handle to wait disconnected, not attached to rksmbd",
+        Duration::from_secs(20),
+        || {
+            let attached = matches!(
+                d.control().call(libfilter::proto::Request::Frontends),
+                Ok((libfilter::proto::Reply::Frontends { frontends }, _)) if !frontends.is_empty()
+            );
+            let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+            let states: Vec<&str> = v
+                .as_array()?
+                .iter()
+                .filter_map(|h| h["conn"]["state"].as_str())
+                .collect();
+            (attached && states == ["disconnected"]).then_some(())
+        },
+    );
+    script.say("go");
+    script.finish();
+    rkfilter_tests::smb3::no_handles_left(&d);
 }
 
 /// A CREATE with an AppInstanceId closes the old open of that id (another
