@@ -819,6 +819,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
         if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
+            sh.notifier.handle_gone(&key);
             if let Some(k) = leased {
                 sh.notifier.released(k);
             }
