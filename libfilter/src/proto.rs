@@ -1135,6 +1135,11 @@ pub struct Stats {
     /// acknowledgements or a commit: what `--max-pending-breaks` caps.
     #[serde(default)]
     pub requests_waiting: u64,
+    /// Commits that failed and were rolled back (with every request that
+    /// built on them): counted once the rollback is done, so a request
+    /// sent after this counter moved sees the rolled-back state.
+    #[serde(default)]
+    pub commits_failed: u64,
 }
 
 /// How a connection's frames after the hello are encoded: JSON unless

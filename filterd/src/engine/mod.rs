@@ -533,6 +533,7 @@ impl Engine {
             } => {
                 debug!(through, failed = failed.len(), "commit failed");
                 self.roll_back(&failed, through, code, &message);
+                self.stats.commits_failed += 1;
             }
             Command::LocalOpen {
                 file,
