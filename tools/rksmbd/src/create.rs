@@ -760,6 +760,17 @@ fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHand
     done
 }
 
+/// Undoes an open [`keep_open`] cannot answer: the CREATE fails, so
+/// no open of the client's holds the handle or its lease; filterd closes
+/// it (left attached, it would hold the file against every other open).
+fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>) {
+    sh.notifier.handle_gone(&key);
+    if let Some(k) = leased {
+        sh.notifier.released(k);
+    }
+    let _ = sh.filter.close(key);
+}
+
 /// The open of [`finish_open`], its create GUID claimed.
 fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle) -> Outcome {
     let Prepared {
@@ -819,11 +830,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
         if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
-            sh.notifier.handle_gone(&key);
-            if let Some(k) = leased {
-                sh.notifier.released(k);
-            }
-            let _ = sh.filter.close(key);
+            give_back(&sh, key, leased);
             return Err(status_of(&e));
         }
         delete_on_close = true;
@@ -843,7 +850,17 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             }
         }
     }
-    let meta = Meta::of(&file)?;
+    let meta = match Meta::of(&file) {
+        Ok(m) => m,
+        Err(st) => {
+            // The CREATE fails: its delete-on-close must not delete the file.
+            if delete_on_close {
+                let _ = sh.filter.client().set_delete_on_close(key, false, None);
+            }
+            give_back(&sh, key, leased);
+            return Err(st);
+        }
+    };
     let (contexts, mut level) = reply_contexts(&sh, durable.map(|d| (d, v1)), lease.as_ref(), held);
     if oplock.is_some() {
         level = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
@@ -1218,7 +1235,15 @@ fn reconnect(
         return Err(status::INVALID_PARAMETER);
     }
     let file = std::fs::File::from(h.fd);
-    let meta = Meta::of(&file)?;
+    let meta = match Meta::of(&file) {
+        Ok(m) => m,
+        Err(st) => {
+            // Resumed but not answered: disconnected again, for the
+            // client's next DH2C.
+            let _ = sh.filter.detach(key);
+            return Err(st);
+        }
+    };
     let id = c.new_file_id();
     let pid = rc.persistent_file_id;
     // A reconnect answers with no DH2Q response context.
