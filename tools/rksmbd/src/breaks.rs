@@ -14,7 +14,6 @@
 //! stalls only that thread, never the events loop or other clients.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
@@ -447,9 +446,7 @@ fn send(w: ConnWriter, frame: Vec<u8>) {
     let spawned = std::thread::Builder::new()
         .name("lease-break".into())
         .spawn(move || {
-            if let Ok(mut s) = w.lock() {
-                let _ = s.write_all(&frame);
-            }
+            crate::server::write_whole(&w, &frame);
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "could not send a lease break");

@@ -349,9 +349,27 @@ pub(crate) fn write_frame(wr: &crate::breaks::ConnWriter, pdu: &[u8]) -> bool {
     };
     let mut frame = n.to_be_bytes().to_vec();
     frame.extend_from_slice(pdu);
-    wr.lock()
-        .map(|mut w| w.write_all(&frame).is_ok())
-        .unwrap_or(false)
+    write_whole(wr, &frame)
+}
+
+/// Writes `frame` whole under the writer's lock. A write that fails —
+/// [`WRITE_TIMEOUT`] passed with the client not reading — may have sent
+/// part of the frame, after which nothing the stream carries parses: the
+/// connection is shut down, so its reader ends it (its durable handles
+/// wait for a reconnect) and every other writer fails at once instead of
+/// waiting out its own timeout behind the stalled client.
+pub(crate) fn write_whole(wr: &crate::breaks::ConnWriter, frame: &[u8]) -> bool {
+    let Ok(mut w) = wr.lock() else {
+        return false;
+    };
+    match w.write_all(frame) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "a write failed: shutting the connection down");
+            let _ = w.shutdown(std::net::Shutdown::Both);
+            false
+        }
+    }
 }
 
 /// What the client said in NEGOTIATE, for FSCTL_VALIDATE_NEGOTIATE_INFO.
@@ -2373,4 +2391,50 @@ pub fn ioctl_body(code: u32, file: &[u8; 16], output: &[u8]) -> Vec<u8> {
         .u32(wire::len32(output.len()));
     w.u32(0).u32(0).bytes(output);
     w.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    /// A client that stops reading: the write that times out part way
+    /// through a frame shuts the connection down, so the next writer fails
+    /// at once, and the client, reading again, finds the end of the stream
+    /// after the cut frame — never more frames, mid-frame.
+    #[test]
+    fn a_write_that_fails_part_way_shuts_the_connection_down() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (server, _) = l.accept().expect("accept");
+        server
+            .set_write_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let wr: crate::breaks::ConnWriter = Arc::new(Mutex::new(server));
+        // More than loopback's socket buffers hold.
+        let pdu = vec![0u8; 0x00FF_FFFF];
+        assert!(!write_frame(&wr, &pdu), "the write times out");
+        let t = Instant::now();
+        assert!(!write_frame(&wr, b"next"), "the next writer fails");
+        assert!(
+            t.elapsed() < Duration::from_millis(150),
+            "at once: {:?}",
+            t.elapsed()
+        );
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let (mut n, mut buf) = (0, vec![0u8; 1 << 16]);
+        loop {
+            match (&client).read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => panic!("no end of stream after {n} bytes: {e}"),
+            }
+        }
+        assert!(n < 4 + pdu.len(), "the frame was cut: {n} bytes");
+    }
 }
