@@ -135,6 +135,16 @@ struct Args {
     /// medians, for before/after comparisons of filterd's fanotify path.
     #[arg(long)]
     local_only: bool,
+    /// Only the nfsl/1 32-connection target: smbl/1 persistent
+    /// CREATE+CLOSE and nfsl/1 OPEN+CLOSE at 32 connections, one after the
+    /// other, `--repeat` times (once with `--quick`), each repetition's
+    /// ratio and ops/commit printed and the target the median, for
+    /// before/after comparisons of nfsshim's request path.
+    #[arg(long)]
+    nfs32_only: bool,
+    /// Repetitions of `--nfs32-only`.
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
     /// Internal: echo server for the socket round-trip baseline.
     #[arg(long, hide = true, value_name = "SOCKET")]
     echo_server: Option<PathBuf>,
@@ -189,6 +199,14 @@ fn main() -> anyhow::Result<()> {
     }
     if args.frontends_only {
         frontends_section(&mut rep, &filterd, &smbshim, &nfsshim, &dir, dur)?;
+        print!("{}", rep.table());
+        rep.write_json(&args.json)?;
+        return Ok(());
+    }
+    if args.nfs32_only {
+        let reps = if args.quick { 1 } else { args.repeat.max(1) };
+        let programs = (filterd.as_path(), smbshim.as_path(), nfsshim.as_path());
+        nfs32_section(&mut rep, programs, &dir, dur, reps)?;
         print!("{}", rep.table());
         rep.write_json(&args.json)?;
         return Ok(());
@@ -1017,6 +1035,8 @@ fn nfs_section(
             )
             .with("requests_per_s", 2.0 * m.pairs_per_s)
             .with("pairs", m.pairs as f64)
+            .with("ops_per_commit", m.ops_per_commit)
+            .note(format!("{:.1} ops/commit", m.ops_per_commit))
             .beside("2 × raw TCP line round trip", 2.0 * tcp.mean_us),
         );
     }
@@ -1131,6 +1151,58 @@ fn frontends_section(
         }
         rep.rows.push(row);
     }
+    Ok(())
+}
+
+/// `--nfs32-only`: the nfsl/1 32-connection target row alone, its
+/// baseline (smbl/1 persistent at 32 connections) measured right before
+/// it in every repetition.
+fn nfs32_section(
+    rep: &mut Report,
+    (filterd, smbshim, nfsshim): (&std::path::Path, &std::path::Path, &std::path::Path),
+    dir: &std::path::Path,
+    dur: Duration,
+    reps: usize,
+) -> anyhow::Result<()> {
+    let mut ratios = Vec::with_capacity(reps);
+    for i in 0..reps {
+        let s = smb::create_close(filterd, smbshim, dir, smb::Kind::Persistent, 32, dur)?;
+        let n = nfs::open_close(filterd, nfsshim, dir, 32, dur)?;
+        let ratio = s.pairs_per_s / n.pairs_per_s;
+        eprintln!(
+            "rkbench: nfsl/1 at 32 ({}/{reps}): smbl/1 {:.0} pairs/s ({:.1} ops/commit), \
+             nfsl/1 {:.0} pairs/s ({:.1} ops/commit): {ratio:.2}×",
+            i + 1,
+            s.pairs_per_s,
+            s.ops_per_commit,
+            n.pairs_per_s,
+            n.ops_per_commit,
+        );
+        for (label, pairs_per_s, mean_us, p99_us, opc) in [
+            (
+                "smbl/1 CREATE+CLOSE, persistent (pairs/s, µs/pair)",
+                s.pairs_per_s,
+                s.mean_us,
+                s.p99_us,
+                s.ops_per_commit,
+            ),
+            (
+                "nfsl/1 OPEN+CLOSE, create unchecked (pairs/s, µs/pair)",
+                n.pairs_per_s,
+                n.mean_us,
+                n.p99_us,
+                n.ops_per_commit,
+            ),
+        ] {
+            rep.rows.push(
+                Row::new(label, 32, pairs_per_s, mean_us, p99_us)
+                    .note(format!("{opc:.1} ops/commit"))
+                    .with("ops_per_commit", opc),
+            );
+        }
+        ratios.push(ratio);
+    }
+    rep.target_median(targets::NFS_32_TARGET, &ratios, 1.2, true);
     Ok(())
 }
 

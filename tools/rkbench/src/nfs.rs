@@ -98,6 +98,9 @@ pub struct OpenClose {
     pub p99_us: f64,
     /// Timed pairs.
     pub pairs: u64,
+    /// filterd's store operations per commit over the whole run (warm-up
+    /// included): how many requests share a group commit.
+    pub ops_per_commit: f64,
 }
 
 /// `conns` connections (one thread each) OPEN and CLOSE in a loop.
@@ -124,6 +127,7 @@ pub fn open_close(
         .with_context(|| format!("nfsl/1 OPEN+CLOSE at {conns} connections"))?;
     let pairs = all.len() as u64;
     let f = Figure::from_samples(all, pairs, wall);
+    let ops_per_commit = crate::mediated::ops_per_commit(&d.socket)?;
     drop(shim);
     drop(d);
     Ok(OpenClose {
@@ -131,6 +135,7 @@ pub fn open_close(
         mean_us: f.mean_us,
         p99_us: f.p99_us,
         pairs,
+        ops_per_commit,
     })
 }
 

@@ -40,6 +40,10 @@ pub struct Round {
     pub nfs_32_pairs: Option<f64>,
 }
 
+/// The nfsl/1 32-connection target's name (also `rkbench --nfs32-only`'s
+/// line).
+pub const NFS_32_TARGET: &str = "nfsl/1 OPEN+CLOSE time/pair, 32 conns ≤ 1.2× smbl/1 persistent's";
+
 /// A target computed from a round: its name, bound, direction, and the
 /// ratio (None when a figure is missing).
 type RatioOf = (&'static str, f64, bool, fn(&Round) -> Option<f64>);
@@ -72,7 +76,7 @@ const ROUND_TARGETS: &[RatioOf] = &[
         |r| Some(r.nfs_1_us? / r.smb_persistent_1_us?),
     ),
     (
-        "nfsl/1 OPEN+CLOSE time/pair, 32 conns ≤ 1.2× smbl/1 persistent's",
+        NFS_32_TARGET,
         1.2,
         true,
         // Time per pair at a fixed concurrency is the inverse rate.
