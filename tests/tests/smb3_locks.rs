@@ -14,7 +14,7 @@
 //! when its waiter goes (rksmbd killed, or its connection dropped) is
 //! granted to nobody.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use libfilter::model::{ConnState, Durability};
@@ -716,6 +716,97 @@ fn a_lease_filterd_forgot_is_broken_to_none() {
     let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-l", "6767676767676767");
     let l = nfs_lock(&mut n, &sid, 10, 20);
     assert_eq!(l["status"], "NFS4_OK", "{l}");
+    let st = ask_patiently(&mut script, "write 40 AA");
+    assert_eq!(st, FILE_CLOSED, "{}", script.log);
+    script.say("done");
+    script.finish();
+    drop(d);
+}
+
+/// An smbl/1 CREATE of `f` for writing that shares nothing, sent from a
+/// thread of its own (again while smbshim answers the retry status): its
+/// reply, and when it came. The connection (and the open) goes when the
+/// answer has been read.
+fn smb_exclusive_open_of_f(smbshim: &Shim) -> std::sync::mpsc::Receiver<(Value, Instant)> {
+    smb_open_of_f(smbshim, json!([]))
+}
+
+/// [`smb_exclusive_open_of_f`], sharing `share`.
+fn smb_open_of_f(smbshim: &Shim, share: Value) -> std::sync::mpsc::Receiver<(Value, Instant)> {
+    let (mut m, sid) = smb_session(&smbshim.addr);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = smb_patiently(
+            &mut m,
+            json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+                   "access": ["read", "write"], "share": share, "disposition": "open"}),
+        );
+        let _ = tx.send((r, Instant::now()));
+    });
+    rx
+}
+
+/// The window after a filterd restart in which a conflicting open was
+/// granted against a lease filterd forgot. The SMB 3 client holds an RWH
+/// lease on a durable (not persistent) open through rksmbd; rksmbd is
+/// stopped (SIGSTOP) while filterd is SIGKILLed and restarted, so the
+/// new filterd forgot the open and its lease, and rksmbd has not told
+/// its client. An smbl/1 client's CREATE of the file for writing,
+/// sharing nothing, must not be granted while the lease holder was not
+/// sent its break: it waits (filterd holds opens until rksmbd, seen
+/// before the restart and alive, has resynced — sent its breaks).
+/// After SIGCONT the client hears the break to none, then the CREATE is
+/// granted, long before the break timeout. Before the fix the CREATE
+/// was granted at once, while rksmbd's client still cached writes.
+#[test]
+fn an_open_after_a_restart_waits_until_a_forgotten_lease_was_broken() {
+    let (s, mut d, srv, _nfsshim, smbshim) = setup("smb3-forgotten-lease-window");
+    let mut script = smb3_durable_client_of_f(&srv, 60_000);
+    srv.shim.signal(Signal::SIGSTOP);
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let back = Instant::now();
+    let answered = smb_exclusive_open_of_f(&smbshim);
+    // Either the CREATE is answered, or filterd holds it.
+    let early = wait_for(
+        "the CREATE to be answered or held by filterd",
+        Duration::from_secs(20),
+        || {
+            if let Ok(r) = answered.try_recv() {
+                return Some(Some(r));
+            }
+            let st = d.control().stats().expect("stats");
+            (st.requests_waiting >= 1).then_some(None)
+        },
+    );
+    if let Some((r, at)) = early {
+        srv.shim.signal(Signal::SIGCONT);
+        panic!(
+            "the CREATE was answered {:?} after filterd was back, while rksmbd (stopped) had not \
+             sent its client the break of the RWH lease filterd forgot: {r}",
+            at - back
+        );
+    }
+    let held = Instant::now();
+    srv.shim.signal(Signal::SIGCONT);
+    let thawed = Instant::now();
+    script.say("break 20");
+    let told = script.expect("break ");
+    assert_eq!(told, format!("break {RWH} 0x0 0x0"), "{}", script.log);
+    let (r, at) = answered
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the CREATE's answer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        at - thawed < Duration::from_secs(10),
+        "rksmbd's resync ended the wait, not the 15 s break timeout: {:?}",
+        at - thawed
+    );
+    eprintln!(
+        "held {:?} after filterd was back; granted {:?} after rksmbd was thawed",
+        held - back,
+        at - thawed
+    );
     let st = ask_patiently(&mut script, "write 40 AA");
     assert_eq!(st, FILE_CLOSED, "{}", script.log);
     script.say("done");
