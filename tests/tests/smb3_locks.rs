@@ -814,6 +814,79 @@ fn an_open_after_a_restart_waits_until_a_forgotten_lease_was_broken() {
     drop(d);
 }
 
+/// What the open gate after a restart costs an open of another
+/// frontend, measured from filterd being back to the smbl/1 CREATE's
+/// grant: with rksmbd alive and running (the wait ends at its
+/// `Resynced`), with rksmbd dead (nothing to wait for), and with rksmbd
+/// alive but stopped throughout (given up at the break timeout, 2 s
+/// here; the next open does not wait again).
+#[test]
+fn the_open_gate_after_a_restart_costs_little_and_at_most_the_break_timeout() {
+    let (s, mut d, mut srv, nfsshim, smbshim) = setup("smb3-open-gate-cost");
+    // Two frontends: smbshim opens, rksmbd is waited for.
+    nfsshim.kill9();
+    let mut script = smb3_durable_client_of_f(&srv, 60_000);
+    let grant_after_restart = |d: &mut Filterd, extra: &[&str]| {
+        d.kill9();
+        *d = Filterd::start(&s, extra, &[]);
+        let back = Instant::now();
+        let (r, at) = smb_open_of_f(&smbshim, json!(["read", "write", "delete"]))
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the CREATE's answer");
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        wait_for("smbshim to close it", Duration::from_secs(10), || {
+            handles_of_f(d).is_empty().then_some(())
+        });
+        at - back
+    };
+    let live = grant_after_restart(&mut d, &["--break-timeout-ms", BREAK_MS]);
+    script.say("break 20");
+    let told = script.expect("break ");
+    assert_eq!(told, format!("break {RWH} 0x0 0x0"), "{}", script.log);
+    let waited = d
+        .control()
+        .stats()
+        .expect("stats")
+        .opens_waited_for_frontends;
+    drop(script);
+    srv.shim.kill9_in_place();
+    let dead = grant_after_restart(&mut d, &["--break-timeout-ms", BREAK_MS]);
+    assert_eq!(
+        d.control()
+            .stats()
+            .expect("stats")
+            .opens_waited_for_frontends,
+        0,
+        "a dead rksmbd costs nothing"
+    );
+    srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let script = smb3_durable_client_of_f(&srv, 60_000);
+    srv.shim.signal(Signal::SIGSTOP);
+    let stopped = grant_after_restart(&mut d, &["--break-timeout-ms", "2000"]);
+    let again = {
+        let t = Instant::now();
+        let (r, at) = smb_open_of_f(&smbshim, json!(["read", "write", "delete"]))
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the CREATE's answer");
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        at - t
+    };
+    srv.shim.signal(Signal::SIGCONT);
+    eprintln!(
+        "open granted after the restart: rksmbd live {live:?} (held {waited} times), \
+         dead {dead:?}, stopped {stopped:?} (break timeout 2 s), the next open {again:?}"
+    );
+    assert!(
+        stopped >= Duration::from_millis(1900) && stopped < Duration::from_secs(10),
+        "given up at the break timeout: {stopped:?}"
+    );
+    assert!(
+        again < Duration::from_millis(1500),
+        "a frontend given up is not waited for again: {again:?}"
+    );
+    drop(script);
+}
+
 /// A blocking LOCK pending on a durable (not persistent) open when
 /// filterd is SIGKILLed and restarted under a live rksmbd: the restarted
 /// filterd forgot the open, so the LOCK ends with STATUS_FILE_CLOSED
