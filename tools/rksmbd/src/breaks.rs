@@ -499,6 +499,9 @@ fn leases_forgotten(sh: &Shared, lost: &[ResumeKey]) {
         send_then(g.writer, frame, Some(done.clone()));
         sent += 1;
     }
+    // Only the writers hold senders now: one that could not be spawned
+    // ends the wait instead of holding it to the end.
+    drop(done);
     let until = std::time::Instant::now() + FORGOTTEN_BREAKS_WAIT;
     for _ in 0..sent {
         let left = until.saturating_duration_since(std::time::Instant::now());
