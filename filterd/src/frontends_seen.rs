@@ -1,6 +1,12 @@
-//! The frontend instances that have attached with lock hints or asked
-//! for a CheckIo (`STATE/frontends.seen`: a line per instance, `NAME PID START` — the
-//! process that attached last under that name, and its start time).
+//! The frontend instances that have attached with lock hints or with
+//! `FEATURE_RESYNCED`, or asked for a CheckIo (`STATE/frontends.seen`: a
+//! line per instance, `NAME PID START` — the process that attached last
+//! under that name, and its start time).
+//!
+//! Opens wait for them too after a restart: a live one may have clients
+//! caching under leases of handles the restart forgot, and an open is
+//! granted only once it has resynced (told them) or been given up
+//! (`engine::restart_gate`).
 //!
 //! A frontend decides "this file has no locks" and does that read or write
 //! without asking filterd. When filterd dies, such a write may still be in

@@ -61,7 +61,13 @@
 //!
 //! Non-durable handles die with the daemon (they are not persistent state);
 //! they are reported in [`AttachEvent::Reattached::lost`] together with any
-//! persistent handle that could not be resumed.
+//! persistent handle that could not be resumed. The leases of those handles
+//! died too, and the restarted daemon would grant another frontend's
+//! conflicting open while this frontend's clients still cache under them:
+//! so the attachment asks for [`crate::proto::FEATURE_RESYNCED`], and
+//! [`Attachment::resynced`] tells the daemon ([`crate::proto::Request::Resynced`])
+//! — call it only after acting on `lost` (breaking those leases). A
+//! restarted daemon holds other frontends' opens until then.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -285,19 +291,24 @@ impl Attachment {
     }
 
     /// Attaches asking for optional `features` (see [`crate::proto::FEATURES`]),
-    /// at every reattach too.
+    /// at every reattach too; [`crate::proto::FEATURE_RESYNCED`] always
+    /// (see [`Attachment::resynced`]).
     pub fn connect_with(
         socket: &Path,
         protocol: Protocol,
         instance: InstanceName,
         features: u64,
     ) -> Result<Self, ClientError> {
+        let features = features | crate::proto::FEATURE_RESYNCED;
         let client = FilterClient::connect_frontend_with(
             socket,
             protocol.clone(),
             instance.clone(),
             features,
         )?;
+        // A first attach has nothing to apply (a daemon restarted since
+        // this process last attached waits for this, not for a reattach).
+        client.resynced();
         let (tx, rx) = bounded(EVENT_QUEUE_LIMIT);
         let shared = Arc::new(Shared {
             socket: socket.to_owned(),
@@ -349,9 +360,17 @@ impl Attachment {
     }
 
     /// The frontend has applied the `Reattached` of `generation` (marked
-    /// its `locked` files): I/O on other files may go unchecked again.
+    /// its `locked` files, sent its clients the breaks of leases whose
+    /// handles are `lost`): I/O on other files may go unchecked again, and
+    /// the daemon is told ([`crate::proto::Request::Resynced`]) — a
+    /// restarted daemon holds other frontends' opens until then, so call
+    /// this only once everything the reattach found has been acted on.
     pub fn resynced(&self, generation: u64) {
         self.shared.synced.store(generation, Ordering::Release);
+        // The connection of that reattach, not of a later one.
+        if self.shared.generation.load(Ordering::Acquire) == generation {
+            self.client().resynced();
+        }
     }
 
     /// Decides one read or write of `file`, in this order under the gate:

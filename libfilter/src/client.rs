@@ -986,6 +986,26 @@ impl FilterClient {
         Self::expect_done(self.call(Request::LockHintAck { file })?)
     }
 
+    /// Tells the daemon this frontend has applied its reattach
+    /// ([`Request::Resynced`], one way, no reply) when the hello granted
+    /// [`proto::FEATURE_RESYNCED`]; otherwise does nothing. A failed send
+    /// means the connection is going: the next hello starts over.
+    pub fn resynced(&self) {
+        if self.hello.features & proto::FEATURE_RESYNCED == 0
+            || self.inner.dead.load(Ordering::Acquire)
+        {
+            return;
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = RequestFrame {
+            id,
+            req: Request::Resynced,
+        };
+        if let Ok(bytes) = proto::encode_request(self.inner.encoding, &frame) {
+            let _ = sys::send_packet(self.inner.sock.as_fd(), &bytes, None);
+        }
+    }
+
     /// Sets or clears delete-on-close: the file is removed when its last
     /// open goes away. With `record`, the reply is recorded in the same
     /// commit.

@@ -37,7 +37,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_BINARY_FRAMES
     | FEATURE_COMPACT_FRAMES
     | FEATURE_COMPACT_RECORDS
-    | FEATURE_RETRY_CODE;
+    | FEATURE_RETRY_CODE
+    | FEATURE_RESYNCED;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -125,6 +126,17 @@ pub const FEATURE_LOCK_HINTS: u64 = 1;
 /// smbshim and rksmbd do not (both answer `STATUS_FILE_NOT_AVAILABLE`
 /// either way).
 pub const FEATURE_RETRY_CODE: u64 = 16;
+/// Feature: the [`Request::Resynced`] notice. A frontend that asks for it
+/// tells the daemon, after every hello, once it has applied what the
+/// reattach that followed it found — above all, once it has sent its
+/// clients the breaks of the leases whose handles a restarted daemon
+/// forgot. A restarted daemon holds every open (but the frontend's own)
+/// until each frontend seen before the restart whose process is alive
+/// has said it: until the notice for one that asked for this bit, until
+/// the hello for one that did not (or, either way, the break timeout).
+/// `crate::attach` asks for it and sends the notice from
+/// `Attachment::resynced` (and right after its first hello).
+pub const FEATURE_RESYNCED: u64 = 32;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Listings are cut into pages of about this many bytes, so every reply
@@ -360,6 +372,12 @@ pub enum Request {
         /// The id of the `CheckIo` request frame that passed.
         check: u64,
     },
+    /// One-way, never answered ([`FEATURE_RESYNCED`]): this frontend has
+    /// applied the reattach that followed its hello — it resumed what it
+    /// could and sent its clients the breaks of leases whose handles were
+    /// lost. A restarted daemon's opens wait for it from every frontend
+    /// seen before the restart. Frontend only.
+    Resynced,
     /// The holder of a lease acknowledges a break to `state` (at most what
     /// the break asked for). With no break in progress, the holder lowers
     /// its lease of its own accord (`state` at most what it holds; the
@@ -458,6 +476,7 @@ impl Request {
             Request::Lock { .. } => "lock",
             Request::CheckIo { .. } => "check_io",
             Request::IoDone { .. } => "io_done",
+            Request::Resynced => "resynced",
             Request::Locks { .. } => "locks",
             Request::LeaseBreakAck { .. } => "lease_break_ack",
             Request::BreakReadCaching { .. } => "break_read_caching",
@@ -1131,6 +1150,10 @@ pub struct Stats {
     /// for a checked read or write a lock waited on past the break timeout.
     #[serde(default)]
     pub frontends_dropped: u64,
+    /// Opens a restarted daemon held until the frontends seen before the
+    /// restart had resynced ([`Request::Resynced`]) or were given up.
+    #[serde(default)]
+    pub opens_waited_for_frontends: u64,
     /// Requests waiting now (a gauge, not a counter) for lease-break
     /// acknowledgements or a commit: what `--max-pending-breaks` caps.
     #[serde(default)]
@@ -2444,6 +2467,7 @@ mod binary_tests {
                 }
             ),
             any::<u64>().prop_map(|check| Request::IoDone { check }),
+            Just(Request::Resynced),
             (lease_key(), lease_state())
                 .prop_map(|(lease_key, state)| Request::LeaseBreakAck { lease_key, state }),
             key().prop_map(|key| Request::BreakReadCaching { key }),
@@ -2497,6 +2521,7 @@ mod binary_tests {
                 | Request::Lock { .. }
                 | Request::CheckIo { .. }
                 | Request::IoDone { .. }
+                | Request::Resynced
                 | Request::LeaseBreakAck { .. }
                 | Request::BreakReadCaching { .. }
                 | Request::Rename { .. }

@@ -14,7 +14,7 @@
 //! when its waiter goes (rksmbd killed, or its connection dropped) is
 //! granted to nobody.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use libfilter::model::{ConnState, Durability};
@@ -721,6 +721,170 @@ fn a_lease_filterd_forgot_is_broken_to_none() {
     script.say("done");
     script.finish();
     drop(d);
+}
+
+/// An smbl/1 CREATE of `f` for writing that shares nothing, sent from a
+/// thread of its own (again while smbshim answers the retry status): its
+/// reply, and when it came. The connection (and the open) goes when the
+/// answer has been read.
+fn smb_exclusive_open_of_f(smbshim: &Shim) -> std::sync::mpsc::Receiver<(Value, Instant)> {
+    smb_open_of_f(smbshim, json!([]))
+}
+
+/// [`smb_exclusive_open_of_f`], sharing `share`.
+fn smb_open_of_f(smbshim: &Shim, share: Value) -> std::sync::mpsc::Receiver<(Value, Instant)> {
+    let (mut m, sid) = smb_session(&smbshim.addr);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = smb_patiently(
+            &mut m,
+            json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+                   "access": ["read", "write"], "share": share, "disposition": "open"}),
+        );
+        let _ = tx.send((r, Instant::now()));
+    });
+    rx
+}
+
+/// The window after a filterd restart in which a conflicting open was
+/// granted against a lease filterd forgot. The SMB 3 client holds an RWH
+/// lease on a durable (not persistent) open through rksmbd; rksmbd is
+/// stopped (SIGSTOP) while filterd is SIGKILLed and restarted, so the
+/// new filterd forgot the open and its lease, and rksmbd has not told
+/// its client. An smbl/1 client's CREATE of the file for writing,
+/// sharing nothing, must not be granted while the lease holder was not
+/// sent its break: it waits (filterd holds opens until rksmbd, seen
+/// before the restart and alive, has resynced — sent its breaks).
+/// After SIGCONT the client hears the break to none, then the CREATE is
+/// granted, long before the break timeout. Before the fix the CREATE
+/// was granted at once, while rksmbd's client still cached writes.
+#[test]
+fn an_open_after_a_restart_waits_until_a_forgotten_lease_was_broken() {
+    let (s, mut d, srv, _nfsshim, smbshim) = setup("smb3-forgotten-lease-window");
+    let mut script = smb3_durable_client_of_f(&srv, 60_000);
+    srv.shim.signal(Signal::SIGSTOP);
+    d.kill9();
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let back = Instant::now();
+    let answered = smb_exclusive_open_of_f(&smbshim);
+    // Either the CREATE is answered, or filterd holds it.
+    let early = wait_for(
+        "the CREATE to be answered or held by filterd",
+        Duration::from_secs(20),
+        || {
+            if let Ok(r) = answered.try_recv() {
+                return Some(Some(r));
+            }
+            let st = d.control().stats().expect("stats");
+            (st.requests_waiting >= 1).then_some(None)
+        },
+    );
+    if let Some((r, at)) = early {
+        srv.shim.signal(Signal::SIGCONT);
+        panic!(
+            "the CREATE was answered {:?} after filterd was back, while rksmbd (stopped) had not \
+             sent its client the break of the RWH lease filterd forgot: {r}",
+            at - back
+        );
+    }
+    let held = Instant::now();
+    srv.shim.signal(Signal::SIGCONT);
+    let thawed = Instant::now();
+    script.say("break 20");
+    let told = script.expect("break ");
+    assert_eq!(told, format!("break {RWH} 0x0 0x0"), "{}", script.log);
+    let (r, at) = answered
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the CREATE's answer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        at - thawed < Duration::from_secs(10),
+        "rksmbd's resync ended the wait, not the 15 s break timeout: {:?}",
+        at - thawed
+    );
+    eprintln!(
+        "held {:?} after filterd was back; granted {:?} after rksmbd was thawed",
+        held - back,
+        at - thawed
+    );
+    let st = ask_patiently(&mut script, "write 40 AA");
+    assert_eq!(st, FILE_CLOSED, "{}", script.log);
+    script.say("done");
+    script.finish();
+    drop(d);
+}
+
+/// What the open gate after a restart costs an open of another
+/// frontend, measured from filterd being back to the smbl/1 CREATE's
+/// grant: with rksmbd alive and running (the wait ends at its
+/// `Resynced`), with rksmbd dead (nothing to wait for), and with rksmbd
+/// alive but stopped throughout (given up at the break timeout, 2 s
+/// here; the next open does not wait again).
+#[test]
+fn the_open_gate_after_a_restart_costs_little_and_at_most_the_break_timeout() {
+    let (s, mut d, mut srv, nfsshim, smbshim) = setup("smb3-open-gate-cost");
+    // Two frontends: smbshim opens, rksmbd is waited for.
+    nfsshim.kill9();
+    let mut script = smb3_durable_client_of_f(&srv, 60_000);
+    let grant_after_restart = |d: &mut Filterd, extra: &[&str]| {
+        d.kill9();
+        *d = Filterd::start(&s, extra, &[]);
+        let back = Instant::now();
+        let (r, at) = smb_open_of_f(&smbshim, json!(["read", "write", "delete"]))
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the CREATE's answer");
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        wait_for("smbshim to close it", Duration::from_secs(10), || {
+            handles_of_f(d).is_empty().then_some(())
+        });
+        at - back
+    };
+    let live = grant_after_restart(&mut d, &["--break-timeout-ms", BREAK_MS]);
+    script.say("break 20");
+    let told = script.expect("break ");
+    assert_eq!(told, format!("break {RWH} 0x0 0x0"), "{}", script.log);
+    let waited = d
+        .control()
+        .stats()
+        .expect("stats")
+        .opens_waited_for_frontends;
+    drop(script);
+    srv.shim.kill9_in_place();
+    let dead = grant_after_restart(&mut d, &["--break-timeout-ms", BREAK_MS]);
+    assert_eq!(
+        d.control()
+            .stats()
+            .expect("stats")
+            .opens_waited_for_frontends,
+        0,
+        "a dead rksmbd costs nothing"
+    );
+    srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let script = smb3_durable_client_of_f(&srv, 60_000);
+    srv.shim.signal(Signal::SIGSTOP);
+    let stopped = grant_after_restart(&mut d, &["--break-timeout-ms", "2000"]);
+    let again = {
+        let t = Instant::now();
+        let (r, at) = smb_open_of_f(&smbshim, json!(["read", "write", "delete"]))
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the CREATE's answer");
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        at - t
+    };
+    srv.shim.signal(Signal::SIGCONT);
+    eprintln!(
+        "open granted after the restart: rksmbd live {live:?} (held {waited} times), \
+         dead {dead:?}, stopped {stopped:?} (break timeout 2 s), the next open {again:?}"
+    );
+    assert!(
+        stopped >= Duration::from_millis(1900) && stopped < Duration::from_secs(10),
+        "given up at the break timeout: {stopped:?}"
+    );
+    assert!(
+        again < Duration::from_millis(1500),
+        "a frontend given up is not waited for again: {again:?}"
+    );
+    drop(script);
 }
 
 /// A blocking LOCK pending on a durable (not persistent) open when

@@ -90,6 +90,7 @@ impl Engine {
             self.retry_files.insert(f);
         }
         self.checked_io_overdue(now);
+        self.restart_gate_due(now);
         let due: Vec<(FileId, LeaseKey)> = self
             .breaking
             .iter()

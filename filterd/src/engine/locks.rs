@@ -29,8 +29,10 @@ impl Engine {
     /// without asking the old daemon; a first lock waits for them (as
     /// absent frontends) until they say hello — a frontend drains that I/O
     /// before its hello — or the break timeout.
+    /// Opens wait for them too, until they resynced (`restart_gate`).
     pub fn set_frontends_seen(&mut self, seen: crate::frontends_seen::FrontendsSeen) {
         self.restart_expected = seen.alive().cloned().collect();
+        self.restart_unsettled = self.restart_expected.clone();
         if !self.restart_expected.is_empty() {
             info!(
                 frontends = self.restart_expected.len(),
@@ -42,7 +44,9 @@ impl Engine {
 
     /// Lock hints: `instance` said hello (with `features`): it has no
     /// unchecked I/O in flight from before, so no first lock waits for it
-    /// as absent any more; remembered across restarts if it uses hints.
+    /// as absent any more; remembered across restarts if it uses hints or
+    /// says `Resynced` (then opens after a restart wait for that, not for
+    /// the hello: `restart_gate`).
     pub(super) fn frontend_said_hello(&mut self, instance: &InstanceName, pid: i32, features: u64) {
         // A new process under the name of one seen before the restart
         // that is still running ends nothing: the old one may have I/O in
@@ -55,8 +59,15 @@ impl Engine {
                 }
             }
             self.hint_waits.retain(|_, w| !w.done());
+            // One that will not say `Resynced` has resynced as far as
+            // filterd can know (`restart_gate`).
+            if features & proto::FEATURE_RESYNCED == 0 {
+                self.restart_settled(instance);
+            }
         }
-        if features & proto::FEATURE_LOCK_HINTS != 0 {
+        // One that will say `Resynced` is one whose clients' leases a
+        // restart may forget: opens after a restart wait for it.
+        if features & (proto::FEATURE_LOCK_HINTS | proto::FEATURE_RESYNCED) != 0 {
             let attached = &self.instances;
             self.frontends_seen
                 .insert(instance, pid, |n| attached.contains_key(n));

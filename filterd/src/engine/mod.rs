@@ -55,6 +55,7 @@ mod memfs;
 mod opens;
 mod records;
 mod recovery;
+mod restart_gate;
 #[cfg(test)]
 mod tests;
 
@@ -233,6 +234,14 @@ pub struct Engine {
     /// in flight from before it and have not said hello since (a first
     /// lock waits for them; see `hint_first`).
     restart_expected: HashSet<InstanceName>,
+    /// The open gate after a restart (`restart_gate`): instances seen
+    /// before it that have not resynced since.
+    restart_unsettled: HashSet<InstanceName>,
+    /// When the open gate gives up on them (monotonic ms; set by the first
+    /// open that waits).
+    restart_gate_deadline: Option<u64>,
+    /// Files of opens waiting at the open gate.
+    restart_gate_files: std::collections::BTreeSet<FileId>,
     /// Opens waiting for their intent to be durable before their change.
     parked: HashMap<IntentId, Parked>,
     /// Reads and writes a `CheckIo` let through, until their `IoDone`.
@@ -408,6 +417,9 @@ impl Engine {
             hint_gave_up: HashSet::new(),
             frontends_seen: Default::default(),
             restart_expected: HashSet::new(),
+            restart_unsettled: HashSet::new(),
+            restart_gate_deadline: None,
+            restart_gate_files: Default::default(),
             waiting_local: Vec::new(),
             commit_waits: BTreeMap::new(),
             pending_creates: HashMap::new(),
@@ -505,6 +517,7 @@ impl Engine {
             .chain(next_break)
             .chain(next_hint)
             .chain(next_io)
+            .chain(self.restart_gate_deadline)
             .min()
         {
             Some(t) => Duration::from_millis(t.saturating_sub(now).clamp(1, 1000)),
@@ -942,6 +955,12 @@ impl Engine {
             Request::IoDone { check } => {
                 need_frontend()?;
                 self.checked_io_done(conn, check);
+                // One way: never answered.
+                Ok(None)
+            }
+            Request::Resynced => {
+                need_frontend()?;
+                self.frontend_resynced(conn);
                 // One way: never answered.
                 Ok(None)
             }

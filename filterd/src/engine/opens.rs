@@ -184,7 +184,13 @@ impl Engine {
                 o.disposition,
                 Disposition::Overwrite | Disposition::OverwriteIf | Disposition::Supersede
             );
+        // After a restart: a frontend seen before it may have a client
+        // caching under a lease this daemon forgot; wait until it has
+        // been told (`restart_gate`). A file this open created had none.
+        // (Then it breaks nothing yet: it runs again from the start.)
+        let gate_wait = !stat && !of.created && self.restart_gate_closed(&instance);
         let breaking = !stat
+            && !gate_wait
             && self.break_leases_for(
                 of.file,
                 o.lease.map(|l| l.key),
@@ -226,15 +232,16 @@ impl Engine {
         // handles of the file has heard that it must check its I/O and no
         // checked write of it is in flight (`hint_size_change`), then runs
         // again from the start.
-        let hint_wait = truncation.is_some()
+        let hint_wait = !gate_wait
+            && truncation.is_some()
             && durability.is_persistent()
             && self.hint_size_change_of(of.file).is_some();
-        if (breaking || hint_wait) && o.no_wait {
+        if (breaking || hint_wait || gate_wait) && o.no_wait {
             self.stats.opens_refused += 1;
             self.stats.not_available += 1;
             return Err(err(
                 ErrorCode::Busy,
-                "lease holders (or, for a truncation, other frontends) must acknowledge first; retry",
+                "lease holders (or, for a truncation, other frontends; after a restart, the frontends attached before it) must acknowledge first; retry",
             ));
         }
         // A persistent handle of the file whose close is pending comes back
@@ -244,12 +251,15 @@ impl Engine {
             Some(_) if !durability.is_persistent() => self.close_pending(of.file),
             _ => None,
         };
-        if breaking || hint_wait || closing.is_some() {
+        if breaking || hint_wait || gate_wait || closing.is_some() {
             // Wait (the descriptor is dropped; the open runs again from
             // the start).
             self.wait_limit()?;
             if let Some(seq) = closing {
                 self.wait_for_commit(seq, of.file);
+            }
+            if gate_wait {
+                self.restart_gate_hold(of.file);
             }
             self.waiting.push(WaitingOpen {
                 file: of.file,

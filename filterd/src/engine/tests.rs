@@ -2653,3 +2653,71 @@ fn a_break_whose_commit_failed_is_sent_again() {
     h.drain_replies();
     assert_eq!(breaks(&h), vec![e0 + 1], "the break is sent again");
 }
+
+/// A plain (non-durable) open of `path` by alice, read and write, sharing
+/// nothing.
+fn plain_exclusive_open(path: &str, disposition: Disposition) -> Request {
+    let Request::Open(mut o) = open(path, Rights::NONE) else {
+        unreachable!()
+    };
+    o.durability = Durability::None;
+    o.create_guid = None;
+    o.disposition = disposition;
+    Request::Open(o)
+}
+
+/// The open gate after a restart (`restart_gate`): an open of an existing
+/// file waits while a frontend seen before the restart has not resynced
+/// (its client may cache under a lease the restart forgot); a `no_wait`
+/// open is answered Busy; a create and the instance's own opens do not
+/// wait; `Resynced` (or a hello without the feature) lets the open run;
+/// at the gate's deadline the absent instance is given up.
+#[test]
+fn opens_after_a_restart_wait_until_the_frontends_seen_before_resynced() {
+    let mut h = Harness::new();
+    let away = InstanceName::new("rksmbd-x").unwrap();
+    let me = InstanceName::new("smb-t").unwrap();
+    h.engine.restart_unsettled = [away.clone(), me.clone()].into_iter().collect();
+    let held = h.run(plain_exclusive_open("a", Disposition::Open));
+    assert!(h.reply(held).is_none(), "held for rksmbd-x");
+    assert_eq!(h.engine.stats.opens_waited_for_frontends, 1);
+    let Request::Open(mut o) = plain_exclusive_open("b", Disposition::Open) else {
+        unreachable!()
+    };
+    o.no_wait = true;
+    let busy = h.run(Request::Open(o));
+    assert_eq!(h.refused(busy), ErrorCode::Busy);
+    let created = h.run(plain_exclusive_open("new", Disposition::Create));
+    h.opened(created);
+    // Our own Resynced settles us, not rksmbd-x: still held.
+    h.run(Request::Resynced);
+    assert!(!h.engine.restart_unsettled.contains(&me));
+    h.engine.process_retries();
+    h.drain_replies();
+    assert!(h.reply(held).is_none(), "still held for rksmbd-x");
+    // rksmbd-x resyncs: the open runs.
+    h.engine.restart_settled(&away);
+    h.engine.process_retries();
+    h.drain_replies();
+    h.opened(held);
+
+    // Own opens pass; an absent instance is given up at the deadline.
+    let mut h = Harness::new();
+    h.engine.restart_unsettled = [me.clone()].into_iter().collect();
+    let own = h.run(plain_exclusive_open("a", Disposition::Open));
+    h.opened(own);
+    h.engine.restart_unsettled = [away.clone()].into_iter().collect();
+    let held = h.run(plain_exclusive_open("b", Disposition::Open));
+    assert!(h.reply(held).is_none(), "held for rksmbd-x");
+    let deadline = h.engine.restart_gate_deadline.expect("a deadline");
+    h.engine.expire_due(deadline - 1);
+    h.engine.process_retries();
+    h.drain_replies();
+    assert!(h.reply(held).is_none(), "held until the deadline");
+    h.engine.expire_due(deadline);
+    h.engine.process_retries();
+    h.drain_replies();
+    h.opened(held);
+    assert!(h.engine.hint_gave_up.contains(&away), "given up");
+    assert!(h.engine.restart_unsettled.is_empty());
+}

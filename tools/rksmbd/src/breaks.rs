@@ -396,9 +396,12 @@ pub fn forward(sh: Arc<Shared>) {
         {
             // Back on a restarted filterd, the I/O of before drained:
             // rksmbd checks every read and write, so it has no lock
-            // state to relearn; checked I/O is counted again.
-            sh.filter.resynced(generation);
+            // state to relearn; checked I/O is counted again. The breaks
+            // of forgotten leases go first: `resynced` tells filterd,
+            // which holds other frontends' opens until then, so none of
+            // them is granted before a holder was sent its break.
             leases_forgotten(&sh, &lost);
+            sh.filter.resynced(generation);
             continue;
         }
         let AttachEvent::Daemon(Event::LeaseBreak {
@@ -443,15 +446,28 @@ pub fn forward(sh: Arc<Shared>) {
 /// Writes a break notification on a thread of its own (a client that
 /// does not read stalls only that thread).
 fn send(w: ConnWriter, frame: Vec<u8>) {
+    send_then(w, frame, None);
+}
+
+/// [`send`], then a word on `done` once the write returned.
+fn send_then(w: ConnWriter, frame: Vec<u8>, done: Option<std::sync::mpsc::Sender<()>>) {
     let spawned = std::thread::Builder::new()
         .name("lease-break".into())
         .spawn(move || {
             crate::server::write_whole(&w, &frame);
+            if let Some(d) = done {
+                let _ = d.send(());
+            }
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "could not send a lease break");
     }
 }
+
+/// Longest the breaks of forgotten leases are waited for before rksmbd
+/// tells filterd it has resynced: a client that does not read holds up
+/// other frontends' opens after a filterd restart this long at most.
+const FORGOTTEN_BREAKS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A restarted filterd forgot handles `lost` (every one not persistent):
 /// their opens are gone as on a server restart, and so are the leases
@@ -462,7 +478,10 @@ fn send(w: ConnWriter, frame: Vec<u8>) {
 /// (3.3.4.7): a break to none, without an acknowledgment (there is no
 /// lease left to acknowledge to, 3.3.5.22.2), so it stops caching and
 /// flushes — and its flush finds the open closed (STATUS_FILE_CLOSED).
+/// Returns once every break was written (or [`FORGOTTEN_BREAKS_WAIT`]).
 fn leases_forgotten(sh: &Shared, lost: &[ResumeKey]) {
+    let (done, written) = std::sync::mpsc::channel();
+    let mut sent = 0;
     for g in sh.notifier.forgotten(lost) {
         sh.breaking.noticed(g.key, false);
         tracing::info!(lease_key = %g.key.0, "lease of handles filterd forgot broken to none");
@@ -474,7 +493,19 @@ fn leases_forgotten(sh: &Shared, lost: &[ResumeKey]) {
             g.epoch.wrapping_add(1),
             false,
         );
-        send(g.writer, frame);
+        send_then(g.writer, frame, Some(done.clone()));
+        sent += 1;
+    }
+    // Only the writers hold senders now: one that could not be spawned
+    // ends the wait instead of holding it to the end.
+    drop(done);
+    let until = std::time::Instant::now() + FORGOTTEN_BREAKS_WAIT;
+    for _ in 0..sent {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if written.recv_timeout(left).is_err() {
+            tracing::warn!("a break of a forgotten lease is not written yet: resynced anyway");
+            break;
+        }
     }
 }
 
