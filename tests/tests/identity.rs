@@ -278,3 +278,110 @@ fn a_handle_whose_file_left_the_root_is_lost() {
     assert_eq!(hs[0].record.conn, ConnState::Lost, "{hs:?}");
     assert_eq!(std::fs::read(&outside).unwrap(), b"inside");
 }
+
+/// On an ext4 export: file `f` opened persistent by alice (with delete on
+/// close when `delete`), then filterd killed. Returns the handle's key and
+/// the file's inode number.
+fn persistent_f_then_kill(s: &Scratch, delete: bool) -> (ResumeKey, u64) {
+    std::fs::write(s.root().join("f"), b"old").unwrap();
+    let ino = std::fs::metadata(s.root().join("f")).unwrap().ino();
+    let mut d = Filterd::start(s, &[], &[]);
+    let fe = frontend(s, "smb-a");
+    let h = fe
+        .open(req("f", "alice", Rights::ALL, persistent(60_000)))
+        .unwrap();
+    if delete {
+        fe.set_delete_on_close(h.info.key, true, None).unwrap();
+    }
+    d.kill9();
+    (h.info.key, ino)
+}
+
+/// Makes files in the export root until the filesystem gives one the inode
+/// number `ino` (ext4 hands a freed one out again at once); returns its
+/// name.
+fn file_reusing(s: &Scratch, ino: u64, content: &[u8]) -> String {
+    for i in 0..200 {
+        let name = format!("g{i}");
+        std::fs::write(s.root().join(&name), content).unwrap();
+        if std::fs::metadata(s.root().join(&name)).unwrap().ino() == ino {
+            return name;
+        }
+    }
+    panic!("ext4 did not give inode number {ino} to a new file");
+}
+
+/// Hunt aQ (inode numbers reused): a lost handle stayed in filterd's file
+/// index under its old file's id. Here its file was removed and its inode
+/// number given to an unrelated file while filterd was down, so recovery
+/// marked it lost. The handle had delete on close set; when it expired,
+/// the "delete pending" passed to the opens of the file now holding that
+/// number, and the unrelated file was deleted when its own open closed —
+/// an open that never asked for it.
+#[test]
+fn a_lost_handles_delete_on_close_does_not_pass_to_a_file_reusing_its_inode() {
+    let Some(s) = Scratch::with_ext4("id-reuse-doc-pass") else {
+        return;
+    };
+    let (key, old_ino) = persistent_f_then_kill(&s, true);
+    std::fs::remove_file(s.root().join("f")).unwrap();
+    let name = file_reusing(&s, old_ino, b"unrelated");
+    let d = Filterd::start(&s, &[], &[]);
+    let ctl = d.control();
+    let hs = ctl.handles().unwrap();
+    assert_eq!(hs.len(), 1, "{hs:?}");
+    assert_eq!(hs[0].record.conn, ConnState::Lost, "{hs:?}");
+    assert_eq!(hs[0].record.file.ino, old_ino);
+    let fe = frontend(&s, "smb-b");
+    let g = fe
+        .open(req(&name, "bob", Rights::ALL, Durability::None))
+        .unwrap();
+    assert_eq!(g.info.file.ino, old_ino, "the new file has the old number");
+    ctl.call(libfilter::proto::Request::Expire { key })
+        .expect("a lost handle can be expired");
+    wait_for("the lost handle to go", Duration::from_secs(10), || {
+        (ctl.handles().unwrap().len() == 1).then_some(())
+    });
+    fe.close(g.info.key).unwrap();
+    assert_eq!(
+        std::fs::read(s.root().join(&name)).ok().as_deref(),
+        Some(&b"unrelated"[..]),
+        "the unrelated file survives its own close"
+    );
+}
+
+/// Hunt aQ: the other direction. A recovered handle holds no descriptor of
+/// its file, so the file can be removed after recovery and its number
+/// reused; the first open of the new file marks the old handle lost — but
+/// it stayed in the file index, and the new file's delete on close passed
+/// to it instead of happening: the close was answered, the file stayed.
+#[test]
+fn a_delete_on_close_of_a_file_reusing_a_lost_handles_inode_deletes_it() {
+    let Some(s) = Scratch::with_ext4("id-reuse-doc-kept") else {
+        return;
+    };
+    let (key, old_ino) = persistent_f_then_kill(&s, false);
+    let d = Filterd::start(&s, &[], &[]);
+    let ctl = d.control();
+    // Recovered, holding no descriptor: the file can go now.
+    assert!(matches!(
+        ctl.handles().unwrap()[0].record.conn,
+        ConnState::Disconnected { .. }
+    ));
+    std::fs::remove_file(s.root().join("f")).unwrap();
+    let name = file_reusing(&s, old_ino, b"to be deleted");
+    let fe = frontend(&s, "smb-b");
+    let g = fe
+        .open(req(&name, "bob", Rights::ALL, Durability::None))
+        .unwrap();
+    assert_eq!(g.info.file.ino, old_ino, "the new file has the old number");
+    let hs = ctl.handles().unwrap();
+    let old = hs.iter().find(|v| v.record.key == key).unwrap();
+    assert_eq!(old.record.conn, ConnState::Lost, "{hs:?}");
+    fe.set_delete_on_close(g.info.key, true, None).unwrap();
+    fe.close(g.info.key).unwrap();
+    assert!(
+        !s.root().join(&name).exists(),
+        "the close with delete on close deleted the file"
+    );
+}

@@ -728,11 +728,21 @@ impl Engine {
     }
 
     /// Disconnected handle `key` lost its file: kept (visible, refusing
-    /// nobody) until its timeout, then gone.
+    /// nobody) until its timeout, then gone. It leaves the file index: the
+    /// id it names is an inode number that another file may hold now
+    /// (`lose_handles_of_a_reused_inode`), whose opens it must not take
+    /// part in — a delete on close passed between the two deleted the
+    /// wrong file or none.
     fn lose(&mut self, key: ResumeKey) {
         let Some(h) = self.handles.get_mut(&key) else {
             return;
         };
+        if let Some(v) = self.by_file.get_mut(&h.rec.file) {
+            v.retain(|k| *k != key);
+            if v.is_empty() {
+                self.by_file.remove(&h.rec.file);
+            }
+        }
         h.rec.conn = ConnState::Lost;
         h.gen += 1;
         let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
@@ -941,8 +951,13 @@ impl Engine {
         }
     }
 
+    /// Files a handle in every index. A lost handle is left out of the
+    /// file index: its file is gone, and the file holding its inode number
+    /// now is another one (see [`Engine::lose`]).
     pub(super) fn insert(&mut self, h: Handle) {
-        self.by_file.entry(h.rec.file).or_default().push(h.rec.key);
+        if h.rec.conn != ConnState::Lost {
+            self.by_file.entry(h.rec.file).or_default().push(h.rec.key);
+        }
         self.insert_unfiled(h);
     }
 
@@ -1187,6 +1202,12 @@ impl Engine {
     /// handle's deletion is durable. A lost handle deletes nothing: its
     /// file is gone, and whatever has its name now is another file.
     pub(super) fn delete_pending(&mut self, gone: &Handle) {
+        if gone.rec.conn == ConnState::Lost {
+            // Not passed on either: the opens of its file id now are of
+            // another file (an inode number reused).
+            warn!(path = %gone.rec.path, "a lost handle's delete on close is dropped: its file is gone");
+            return;
+        }
         let file = gone.rec.file;
         if self.by_file.get(&file).is_none_or(|v| v.is_empty()) {
             if gone.rec.conn != ConnState::Lost && !gone.rec.durability.is_persistent() {

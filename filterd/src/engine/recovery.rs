@@ -393,7 +393,10 @@ impl Engine {
                 Vec::new()
             };
             let file = rec.file;
-            filed.push((file, key));
+            // A lost handle is left out of the file index (`Engine::lose`).
+            if rec.conn != ConnState::Lost {
+                filed.push((file, key));
+            }
             table.push((key, h));
             if !restore.is_empty() {
                 restores.push((key, file, restore));
