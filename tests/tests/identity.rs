@@ -279,16 +279,16 @@ fn a_handle_whose_file_left_the_root_is_lost() {
     assert_eq!(std::fs::read(&outside).unwrap(), b"inside");
 }
 
-/// On an ext4 export: file `f` opened persistent by alice (with delete on
-/// close when `delete`), then filterd killed. Returns the handle's key and
-/// the file's inode number.
-fn persistent_f_then_kill(s: &Scratch, delete: bool) -> (ResumeKey, u64) {
+/// On an ext4 export: file `f` opened persistent by alice sharing `share`
+/// (with delete on close when `delete`), then filterd killed. Returns the
+/// handle's key and the file's inode number.
+fn persistent_f_then_kill(s: &Scratch, share: Rights, delete: bool) -> (ResumeKey, u64) {
     std::fs::write(s.root().join("f"), b"old").unwrap();
     let ino = std::fs::metadata(s.root().join("f")).unwrap().ino();
     let mut d = Filterd::start(s, &[], &[]);
     let fe = frontend(s, "smb-a");
     let h = fe
-        .open(req("f", "alice", Rights::ALL, persistent(60_000)))
+        .open(req("f", "alice", share, persistent(60_000)))
         .unwrap();
     if delete {
         fe.set_delete_on_close(h.info.key, true, None).unwrap();
@@ -323,7 +323,7 @@ fn a_lost_handles_delete_on_close_does_not_pass_to_a_file_reusing_its_inode() {
     let Some(s) = Scratch::with_ext4("id-reuse-doc-pass") else {
         return;
     };
-    let (key, old_ino) = persistent_f_then_kill(&s, true);
+    let (key, old_ino) = persistent_f_then_kill(&s, Rights::ALL, true);
     std::fs::remove_file(s.root().join("f")).unwrap();
     let name = file_reusing(&s, old_ino, b"unrelated");
     let d = Filterd::start(&s, &[], &[]);
@@ -360,7 +360,7 @@ fn a_delete_on_close_of_a_file_reusing_a_lost_handles_inode_deletes_it() {
     let Some(s) = Scratch::with_ext4("id-reuse-doc-kept") else {
         return;
     };
-    let (key, old_ino) = persistent_f_then_kill(&s, false);
+    let (key, old_ino) = persistent_f_then_kill(&s, Rights::ALL, false);
     let d = Filterd::start(&s, &[], &[]);
     let ctl = d.control();
     // Recovered, holding no descriptor: the file can go now.
@@ -384,4 +384,48 @@ fn a_delete_on_close_of_a_file_reusing_a_lost_handles_inode_deletes_it() {
         !s.root().join(&name).exists(),
         "the close with delete on close deleted the file"
     );
+}
+
+/// On an ext4 export, a persistent handle of `f` sharing no delete,
+/// recovered (holding no descriptor); then `f` is removed behind its back
+/// and a new file gets its inode number. Returns that file's name.
+fn recovered_then_replaced(s: &Scratch) -> (Filterd, String) {
+    let (_, old_ino) = persistent_f_then_kill(s, Rights::READ.union(Rights::WRITE), false);
+    let d = Filterd::start(s, &[], &[]);
+    std::fs::remove_file(s.root().join("f")).unwrap();
+    (d, file_reusing(s, old_ino, b"unrelated"))
+}
+
+/// Hunt aQ: a REMOVE by path names no handle, so nothing had compared the
+/// recovered handle's kernel handle with the file now holding its inode
+/// number: the unrelated file's removal was refused by the old handle's
+/// share mode (SharingViolation), until that handle's timeout.
+#[test]
+fn a_file_reusing_a_recovered_handles_inode_can_be_removed() {
+    let Some(s) = Scratch::with_ext4("id-reuse-remove") else {
+        return;
+    };
+    let (_d, name) = recovered_then_replaced(&s);
+    let fe = frontend(&s, "smb-b");
+    fe.remove(RelPath::new(&name).unwrap(), None)
+        .expect("the unrelated file is removed");
+    assert!(!s.root().join(&name).exists());
+}
+
+/// Hunt aQ: the same for a rename replacing the unrelated file (replacing
+/// a target is deleting it: its opens must share delete).
+#[test]
+fn a_file_reusing_a_recovered_handles_inode_can_be_replaced() {
+    let Some(s) = Scratch::with_ext4("id-reuse-replace") else {
+        return;
+    };
+    let (_d, name) = recovered_then_replaced(&s);
+    std::fs::write(s.root().join("src"), b"replacement").unwrap();
+    let fe = frontend(&s, "smb-b");
+    let src = fe
+        .open(req("src", "bob", Rights::ALL, Durability::None))
+        .unwrap();
+    fe.rename(src.info.key, RelPath::new(&name).unwrap(), true, None)
+        .expect("the unrelated file is replaced");
+    assert_eq!(std::fs::read(s.root().join(&name)).unwrap(), b"replacement");
 }

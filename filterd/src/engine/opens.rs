@@ -765,8 +765,38 @@ impl Engine {
         file: FileId,
         fd: std::os::fd::BorrowedFd<'_>,
     ) {
-        let fdless: Vec<ResumeKey> = self
-            .by_file
+        let fdless = self.fdless_handles_of(file);
+        if fdless.is_empty() {
+            return;
+        }
+        // Unreadable: nothing is concluded (the handles stay as they are).
+        let Ok(now) = self.fs.file_handle_of(fd) else {
+            return;
+        };
+        self.lose_handles_not_of(file, fdless, &now);
+    }
+
+    /// [`Engine::lose_handles_of_a_reused_inode`] for a change by path (a
+    /// REMOVE, a rename's target), which opens nothing: `file` is what
+    /// `path` named. Before review aQ such a change of the file reusing
+    /// the number was refused by the old handle's share mode.
+    pub(super) fn lose_handles_of_a_reused_inode_at(&mut self, file: FileId, path: &RelPath) {
+        let fdless = self.fdless_handles_of(file);
+        if fdless.is_empty() {
+            return;
+        }
+        // Gone or changed since `file` was read: nothing is concluded.
+        match self.fs.identity_at(path) {
+            Some((now_file, now)) if now_file == file => {
+                self.lose_handles_not_of(file, fdless, &now)
+            }
+            _ => {}
+        }
+    }
+
+    /// Handles of `file` that hold no descriptor of it (only its number).
+    fn fdless_handles_of(&self, file: FileId) -> Vec<ResumeKey> {
+        self.by_file
             .get(&file)
             .into_iter()
             .flatten()
@@ -776,19 +806,22 @@ impl Engine {
                 })
             })
             .copied()
-            .collect();
-        if fdless.is_empty() {
-            return;
-        }
-        // Unreadable: nothing is concluded (the handles stay as they are).
-        let Ok(now) = self.fs.file_handle_of(fd) else {
-            return;
-        };
+            .collect()
+    }
+
+    /// Of `fdless`, handles of `file`, those whose kernel handle is not
+    /// `now` (the file holding the number now) lost their file.
+    fn lose_handles_not_of(
+        &mut self,
+        file: FileId,
+        fdless: Vec<ResumeKey>,
+        now: &libfilter::model::KernelHandle,
+    ) {
         for key in fdless {
             if self
                 .handles
                 .get(&key)
-                .is_some_and(|h| h.rec.kernel_handle.as_ref() != Some(&now))
+                .is_some_and(|h| h.rec.kernel_handle.as_ref() != Some(now))
             {
                 warn!(resume_key = %key, %file, "a disconnected handle's file was removed and its inode number reused: the handle lost its file");
                 self.lose(key);
