@@ -734,15 +734,31 @@ impl Engine {
     /// part in — a delete on close passed between the two deleted the
     /// wrong file or none.
     fn lose(&mut self, key: ResumeKey) {
+        let Some(file) = self.handles.get(&key).map(|h| h.rec.file) else {
+            return;
+        };
+        if let Some(v) = self.by_file.get_mut(&file) {
+            v.retain(|k| *k != key);
+            if v.is_empty() {
+                self.by_file.remove(&file);
+            }
+        }
+        // Its byte-range locks go too (as at recovery, which re-takes no
+        // lost handle's): left in the table under that number, they refused
+        // the new file's locks and I/O (review aQ).
+        if let Some(t) = self.locks.get_mut(&file) {
+            t.remove_owner(&key);
+            if t.is_empty() {
+                self.locks.remove(&file);
+                self.locks_gone(file);
+            }
+            self.retry_files.insert(file);
+        }
+        self.unmirrored.remove(&key);
         let Some(h) = self.handles.get_mut(&key) else {
             return;
         };
-        if let Some(v) = self.by_file.get_mut(&h.rec.file) {
-            v.retain(|k| *k != key);
-            if v.is_empty() {
-                self.by_file.remove(&h.rec.file);
-            }
-        }
+        h.lock_fd = None;
         h.rec.conn = ConnState::Lost;
         h.gen += 1;
         let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
