@@ -429,3 +429,40 @@ fn a_file_reusing_a_recovered_handles_inode_can_be_replaced() {
         .expect("the unrelated file is replaced");
     assert_eq!(std::fs::read(s.root().join(&name)).unwrap(), b"replacement");
 }
+
+/// Hunt aQ (files replaced under open handles): a persistent handle's file
+/// replaced while filterd was down — an editor's save, a new file renamed
+/// over the old name — is lost at recovery; its lease key stayed taken by
+/// the lost handle's (gone) file, so its client's open of the file now at
+/// that name under the same key (what an SMB client does: one lease key
+/// per name) was refused (LeaseKeyInUse) until the lost handle's timeout.
+#[test]
+fn a_lost_handles_lease_key_is_free_for_the_file_that_replaced_it() {
+    let s = Scratch::new("id-replaced-lease");
+    std::fs::write(s.root().join("f"), b"old").unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let leased = |share| OpenRequest {
+        lease: Some(LeaseRequest {
+            key,
+            state: libfilter::lease::LeaseState::parse("RWH").unwrap(),
+            epoch: 0,
+        }),
+        ..req("f", "alice", share, persistent(60_000))
+    };
+    let h = fe.open(leased(Rights::READ)).unwrap();
+    assert!(h.info.lease.is_some());
+    d.kill9();
+    drop((fe, h));
+    std::fs::write(s.root().join("f.new"), b"saved").unwrap();
+    std::fs::rename(s.root().join("f.new"), s.root().join("f")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let hs = d.control().handles().unwrap();
+    assert_eq!(hs[0].record.conn, ConnState::Lost, "{hs:?}");
+    let fe = frontend(&s, "smb-a");
+    let again = fe
+        .open(leased(Rights::READ))
+        .expect("the client's open of the new file under its lease key");
+    assert!(again.info.lease.is_some(), "{:?}", again.info);
+}

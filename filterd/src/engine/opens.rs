@@ -755,6 +755,16 @@ impl Engine {
             self.retry_files.insert(file);
         }
         self.unmirrored.remove(&key);
+        // And its lease key: its client may use the key again for the file
+        // now at that name (review aQ: refused LeaseKeyInUse until the
+        // handle's timeout after its file was replaced).
+        if let Some((client, l)) = self
+            .handles
+            .get(&key)
+            .and_then(|h| h.rec.lease.map(|l| (h.rec.client.clone(), l)))
+        {
+            self.lease_key_released(key, &client, l.key, file);
+        }
         let Some(h) = self.handles.get_mut(&key) else {
             return;
         };
@@ -1030,7 +1040,8 @@ impl Engine {
             &mut rec.client,
             &mut rec.frontend,
         );
-        if let Some(l) = rec.lease {
+        // A lost handle holds no lease key (`Engine::lose`).
+        if let Some(l) = rec.lease.filter(|_| rec.conn != ConnState::Lost) {
             self.lease_key_taken(&rec.client, l.key, rec.file);
         }
         if let Some(g) = rec.create_guid {
@@ -1147,19 +1158,9 @@ impl Engine {
             }
         }
         self.replays.remove(&ReplayScope::Handle(key));
-        if let Some(l) = h.rec.lease {
-            self.lease_key_dropped(&h.rec.client, l.key);
-            let still_held = self
-                .by_file
-                .get(&h.rec.file)
-                .into_iter()
-                .flatten()
-                .filter(|k| **k != key)
-                .filter_map(|k| self.handles.get(k))
-                .any(|o| o.rec.lease.is_some_and(|x| x.key == l.key));
-            if !still_held && self.breaking.remove(&(h.rec.file, l.key)).is_some() {
-                self.retry_files.insert(h.rec.file);
-            }
+        // A lost handle let go of its lease key when it was lost.
+        if let Some(l) = h.rec.lease.filter(|_| h.rec.conn != ConnState::Lost) {
+            self.lease_key_released(key, &h.rec.client, l.key, h.rec.file);
         }
         let mut locks_emptied = false;
         if let Some(t) = self.locks.get_mut(&h.rec.file) {
