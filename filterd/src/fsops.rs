@@ -923,6 +923,25 @@ pub fn handle_at(root: BorrowedFd<'_>, path: &RelPath) -> Option<libfilter::mode
         .ok()
 }
 
+/// The identity and kernel handle of the file `path` names (not following
+/// a final symlink), both of one descriptor: a name replaced between two
+/// looks cannot pair one file's number with another's handle.
+pub fn identity_at(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+) -> Option<(FileId, libfilter::model::KernelHandle)> {
+    let fd = sys::openat2_beneath(root, path.as_str(), libc::O_PATH | libc::O_NOFOLLOW, 0).ok()?;
+    let st = fstat(fd.as_fd()).ok()?;
+    let kh = sys::file_handle_of(fd.as_fd()).ok()?;
+    Some((
+        FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        },
+        kh,
+    ))
+}
+
 /// The directory holding `path`, opened for `fsync` (a new, removed or
 /// renamed name is durable once its directory is synced).
 pub fn dir_of(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<OwnedFd> {

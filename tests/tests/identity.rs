@@ -278,3 +278,191 @@ fn a_handle_whose_file_left_the_root_is_lost() {
     assert_eq!(hs[0].record.conn, ConnState::Lost, "{hs:?}");
     assert_eq!(std::fs::read(&outside).unwrap(), b"inside");
 }
+
+/// On an ext4 export: file `f` opened persistent by alice sharing `share`
+/// (with delete on close when `delete`), then filterd killed. Returns the
+/// handle's key and the file's inode number.
+fn persistent_f_then_kill(s: &Scratch, share: Rights, delete: bool) -> (ResumeKey, u64) {
+    std::fs::write(s.root().join("f"), b"old").unwrap();
+    let ino = std::fs::metadata(s.root().join("f")).unwrap().ino();
+    let mut d = Filterd::start(s, &[], &[]);
+    let fe = frontend(s, "smb-a");
+    let h = fe
+        .open(req("f", "alice", share, persistent(60_000)))
+        .unwrap();
+    if delete {
+        fe.set_delete_on_close(h.info.key, true, None).unwrap();
+    }
+    d.kill9();
+    (h.info.key, ino)
+}
+
+/// Makes files in the export root until the filesystem gives one the inode
+/// number `ino` (ext4 hands a freed one out again at once); returns its
+/// name.
+fn file_reusing(s: &Scratch, ino: u64, content: &[u8]) -> String {
+    for i in 0..200 {
+        let name = format!("g{i}");
+        std::fs::write(s.root().join(&name), content).unwrap();
+        if std::fs::metadata(s.root().join(&name)).unwrap().ino() == ino {
+            return name;
+        }
+    }
+    panic!("ext4 did not give inode number {ino} to a new file");
+}
+
+/// Hunt aQ (inode numbers reused): a lost handle stayed in filterd's file
+/// index under its old file's id. Here its file was removed and its inode
+/// number given to an unrelated file while filterd was down, so recovery
+/// marked it lost. The handle had delete on close set; when it expired,
+/// the "delete pending" passed to the opens of the file now holding that
+/// number, and the unrelated file was deleted when its own open closed —
+/// an open that never asked for it.
+#[test]
+fn a_lost_handles_delete_on_close_does_not_pass_to_a_file_reusing_its_inode() {
+    let Some(s) = Scratch::with_ext4("id-reuse-doc-pass") else {
+        return;
+    };
+    let (key, old_ino) = persistent_f_then_kill(&s, Rights::ALL, true);
+    std::fs::remove_file(s.root().join("f")).unwrap();
+    let name = file_reusing(&s, old_ino, b"unrelated");
+    let d = Filterd::start(&s, &[], &[]);
+    let ctl = d.control();
+    let hs = ctl.handles().unwrap();
+    assert_eq!(hs.len(), 1, "{hs:?}");
+    assert_eq!(hs[0].record.conn, ConnState::Lost, "{hs:?}");
+    assert_eq!(hs[0].record.file.ino, old_ino);
+    let fe = frontend(&s, "smb-b");
+    let g = fe
+        .open(req(&name, "bob", Rights::ALL, Durability::None))
+        .unwrap();
+    assert_eq!(g.info.file.ino, old_ino, "the new file has the old number");
+    ctl.call(libfilter::proto::Request::Expire { key })
+        .expect("a lost handle can be expired");
+    wait_for("the lost handle to go", Duration::from_secs(10), || {
+        (ctl.handles().unwrap().len() == 1).then_some(())
+    });
+    fe.close(g.info.key).unwrap();
+    assert_eq!(
+        std::fs::read(s.root().join(&name)).ok().as_deref(),
+        Some(&b"unrelated"[..]),
+        "the unrelated file survives its own close"
+    );
+}
+
+/// Hunt aQ: the other direction. A recovered handle holds no descriptor of
+/// its file, so the file can be removed after recovery and its number
+/// reused; the first open of the new file marks the old handle lost — but
+/// it stayed in the file index, and the new file's delete on close passed
+/// to it instead of happening: the close was answered, the file stayed.
+#[test]
+fn a_delete_on_close_of_a_file_reusing_a_lost_handles_inode_deletes_it() {
+    let Some(s) = Scratch::with_ext4("id-reuse-doc-kept") else {
+        return;
+    };
+    let (key, old_ino) = persistent_f_then_kill(&s, Rights::ALL, false);
+    let d = Filterd::start(&s, &[], &[]);
+    let ctl = d.control();
+    // Recovered, holding no descriptor: the file can go now.
+    assert!(matches!(
+        ctl.handles().unwrap()[0].record.conn,
+        ConnState::Disconnected { .. }
+    ));
+    std::fs::remove_file(s.root().join("f")).unwrap();
+    let name = file_reusing(&s, old_ino, b"to be deleted");
+    let fe = frontend(&s, "smb-b");
+    let g = fe
+        .open(req(&name, "bob", Rights::ALL, Durability::None))
+        .unwrap();
+    assert_eq!(g.info.file.ino, old_ino, "the new file has the old number");
+    let hs = ctl.handles().unwrap();
+    let old = hs.iter().find(|v| v.record.key == key).unwrap();
+    assert_eq!(old.record.conn, ConnState::Lost, "{hs:?}");
+    fe.set_delete_on_close(g.info.key, true, None).unwrap();
+    fe.close(g.info.key).unwrap();
+    assert!(
+        !s.root().join(&name).exists(),
+        "the close with delete on close deleted the file"
+    );
+}
+
+/// On an ext4 export, a persistent handle of `f` sharing no delete,
+/// recovered (holding no descriptor); then `f` is removed behind its back
+/// and a new file gets its inode number. Returns that file's name.
+fn recovered_then_replaced(s: &Scratch) -> (Filterd, String) {
+    let (_, old_ino) = persistent_f_then_kill(s, Rights::READ.union(Rights::WRITE), false);
+    let d = Filterd::start(s, &[], &[]);
+    std::fs::remove_file(s.root().join("f")).unwrap();
+    (d, file_reusing(s, old_ino, b"unrelated"))
+}
+
+/// Hunt aQ: a REMOVE by path names no handle, so nothing had compared the
+/// recovered handle's kernel handle with the file now holding its inode
+/// number: the unrelated file's removal was refused by the old handle's
+/// share mode (SharingViolation), until that handle's timeout.
+#[test]
+fn a_file_reusing_a_recovered_handles_inode_can_be_removed() {
+    let Some(s) = Scratch::with_ext4("id-reuse-remove") else {
+        return;
+    };
+    let (_d, name) = recovered_then_replaced(&s);
+    let fe = frontend(&s, "smb-b");
+    fe.remove(RelPath::new(&name).unwrap(), None)
+        .expect("the unrelated file is removed");
+    assert!(!s.root().join(&name).exists());
+}
+
+/// Hunt aQ: the same for a rename replacing the unrelated file (replacing
+/// a target is deleting it: its opens must share delete).
+#[test]
+fn a_file_reusing_a_recovered_handles_inode_can_be_replaced() {
+    let Some(s) = Scratch::with_ext4("id-reuse-replace") else {
+        return;
+    };
+    let (_d, name) = recovered_then_replaced(&s);
+    std::fs::write(s.root().join("src"), b"replacement").unwrap();
+    let fe = frontend(&s, "smb-b");
+    let src = fe
+        .open(req("src", "bob", Rights::ALL, Durability::None))
+        .unwrap();
+    fe.rename(src.info.key, RelPath::new(&name).unwrap(), true, None)
+        .expect("the unrelated file is replaced");
+    assert_eq!(std::fs::read(s.root().join(&name)).unwrap(), b"replacement");
+}
+
+/// Hunt aQ (files replaced under open handles): a persistent handle's file
+/// replaced while filterd was down — an editor's save, a new file renamed
+/// over the old name — is lost at recovery; its lease key stayed taken by
+/// the lost handle's (gone) file, so its client's open of the file now at
+/// that name under the same key (what an SMB client does: one lease key
+/// per name) was refused (LeaseKeyInUse) until the lost handle's timeout.
+#[test]
+fn a_lost_handles_lease_key_is_free_for_the_file_that_replaced_it() {
+    let s = Scratch::new("id-replaced-lease");
+    std::fs::write(s.root().join("f"), b"old").unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let leased = |share| OpenRequest {
+        lease: Some(LeaseRequest {
+            key,
+            state: libfilter::lease::LeaseState::parse("RWH").unwrap(),
+            epoch: 0,
+        }),
+        ..req("f", "alice", share, persistent(60_000))
+    };
+    let h = fe.open(leased(Rights::READ)).unwrap();
+    assert!(h.info.lease.is_some());
+    d.kill9();
+    drop((fe, h));
+    std::fs::write(s.root().join("f.new"), b"saved").unwrap();
+    std::fs::rename(s.root().join("f.new"), s.root().join("f")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let hs = d.control().handles().unwrap();
+    assert_eq!(hs[0].record.conn, ConnState::Lost, "{hs:?}");
+    let fe = frontend(&s, "smb-a");
+    let again = fe
+        .open(leased(Rights::READ))
+        .expect("the client's open of the new file under its lease key");
+    assert!(again.info.lease.is_some(), "{:?}", again.info);
+}

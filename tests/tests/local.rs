@@ -1252,6 +1252,72 @@ fn a_recovered_handle_does_not_decide_opens_of_a_file_reusing_its_inode() {
     assert_eq!(err.code(), Some(ErrorCode::NoSuchHandle), "{err}");
 }
 
+/// Hunt aQ: a recovered handle with byte-range locks whose lock
+/// descriptor could not be opened (a local process held a kernel lease on
+/// the file at the restart) kept only the number of its file. Once the
+/// file was removed and ext4 gave the number to a new file, the first open
+/// of that file marked the handle lost — but the handle's locks stayed in
+/// the lock table under that number and refused the new file's locks
+/// until the handle's timeout.
+#[test]
+fn a_lost_handles_locks_do_not_hold_a_file_reusing_its_inode() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(s) = Scratch::with_ext4("reuse-locks") else {
+        return;
+    };
+    let old = s.root().join("old.txt");
+    std::fs::write(&old, b"0123456789").unwrap();
+    let old_ino = std::fs::metadata(&old).unwrap().ino();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s);
+    let mut r = req("old.txt", Rights::ALL, None);
+    r.durability = Durability::Persistent { timeout_ms: 60_000 };
+    let h = fe.open(r).unwrap();
+    let exclusive = libfilter::locks::LockOp {
+        range: libfilter::locks::LockRange {
+            offset: 0,
+            length: 10,
+        },
+        exclusive: true,
+        unlock: false,
+    };
+    fe.lock(h.info.key, vec![exclusive], None).unwrap();
+    d.kill9();
+    drop((fe, h));
+    // Held across the restart: filterd cannot open the file read-write
+    // for its OFD locks (the open would break the lease).
+    let leased = kernel_lease(&old);
+    let d = Filterd::start(&s, &[], &[]);
+    let ctl = d.control();
+    assert_eq!(ctl.locks().unwrap().len(), 1, "the lock is recovered");
+    drop(leased);
+    // filterd's first open of the file ends its claim of it (which holds
+    // the file open for a while after a lease break, `lease_claim`).
+    let fe = frontend(&s);
+    let other = wait_for(
+        "an open once the lease is gone",
+        Duration::from_secs(10),
+        || fe.open(req("old.txt", Rights::ALL, None)).ok(),
+    );
+    fe.close(other.info.key).unwrap();
+    drop(other);
+    std::fs::remove_file(&old).unwrap();
+    let mut reused = None;
+    for i in 0..200 {
+        let name = format!("new{i}.txt");
+        std::fs::write(s.root().join(&name), b"unrelated!").unwrap();
+        if std::fs::metadata(s.root().join(&name)).unwrap().ino() == old_ino {
+            reused = Some(name);
+            break;
+        }
+    }
+    let name = reused.expect("ext4 gives the removed file's inode number to a new one");
+    let g = fe.open(req(&name, Rights::ALL, None)).unwrap();
+    assert_eq!(g.info.file.ino, old_ino, "the new file has the old number");
+    fe.lock(g.info.key, vec![exclusive], None)
+        .expect("the new file's range is free");
+}
+
 /// Round 12 (CI): a protocol open that shares nothing, made right after a
 /// local process opened and closed the file, was refused as if the local
 /// process still held it: filterd's answer to the local open's fanotify

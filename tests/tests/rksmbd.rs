@@ -434,6 +434,46 @@ fn smbprotocol_persistent_handle_survives_filterd_and_rksmbd_sigkill() {
     persistent_handle_survives(Outage::BothKilled);
 }
 
+/// Hunt aQ (inode numbers reused), a guard: a persistent handle's file
+/// removed while filterd restarts and its inode number given to a new
+/// file (ext4). The old handle neither refuses the new file's opens nor is
+/// reattached to it by a DH2C (tests/smb3/reused_inode.py).
+#[test]
+fn smbprotocol_dh2c_is_never_reattached_to_a_file_reusing_the_inode() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(s) = Scratch::with_ext4("rksmbd-reuse") else {
+        return;
+    };
+    let mut d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "reused_inode.py",
+        std::time::Duration::from_secs(60),
+    );
+    script.expect("dropped");
+    let old = s.root().join("old.txt");
+    let ino = std::fs::metadata(&old).unwrap().ino();
+    d.kill9();
+    let d = Filterd::start(&s, &[], &[]);
+    std::fs::remove_file(&old).unwrap();
+    let name = (0..200)
+        .map(|i| format!("new{i}.txt"))
+        .find(|n| {
+            std::fs::write(s.root().join(n), b"unrelated").unwrap();
+            std::fs::metadata(s.root().join(n)).unwrap().ino() == ino
+        })
+        .expect("ext4 gives the removed file's inode number to a new one");
+    script.say(&name);
+    script.finish();
+    let hs = d.control().handles().unwrap();
+    assert!(
+        hs.iter().all(|h| h.record.path.as_str() != "old.txt"
+            || h.record.conn == libfilter::model::ConnState::Lost),
+        "{hs:?}"
+    );
+}
+
 /// Runs `tests/smb3/SCRIPT` (smbprotocol) against `srv` as alice and
 /// fails unless it exits successfully having printed PASS.
 fn smbprotocol_script_passes(srv: &RkSmbd, script: &str) {

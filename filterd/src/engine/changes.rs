@@ -41,6 +41,10 @@ impl Engine {
             None
         };
         if let Some(t) = target {
+            // A handle that lost its file to inode reuse decides nothing
+            // (its record marked lost goes into the batch first, so that
+            // the dependency below covers it too).
+            self.lose_handles_of_a_reused_inode_at(t, &to);
             self.depends_on_file(t);
             self.others_share_delete(t, None)?;
         }
@@ -192,6 +196,8 @@ impl Engine {
             .fs
             .file_at_checked(&path)?
             .ok_or_else(|| err(ErrorCode::NotFound, format!("{path}: not found")))?;
+        // As for a rename's target.
+        self.lose_handles_of_a_reused_inode_at(file, &path);
         self.depends_on_file(file);
         self.others_share_delete(file, None)?;
         let record = record

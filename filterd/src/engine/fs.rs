@@ -168,6 +168,10 @@ pub trait Fs: Send {
     /// The kernel handle of the file `path` names, if any.
     fn handle_at(&self, path: &RelPath) -> Option<KernelHandle>;
 
+    /// The identity and kernel handle of the file `path` names, both from
+    /// one look at one file (`None`: nothing there, or no kernel handle).
+    fn identity_at(&self, path: &RelPath) -> Option<(FileId, KernelHandle)>;
+
     /// Which file `path` names now; a path that leaves the root is an error.
     fn file_at_checked(&self, path: &RelPath) -> Result<Option<FileId>, WireError>;
 
@@ -317,6 +321,10 @@ impl Fs for HostFs {
 
     fn handle_at(&self, path: &RelPath) -> Option<KernelHandle> {
         fsops::handle_at(self.root(), path)
+    }
+
+    fn identity_at(&self, path: &RelPath) -> Option<(FileId, KernelHandle)> {
+        fsops::identity_at(self.root(), path)
     }
 
     fn file_at_checked(&self, path: &RelPath) -> Result<Option<FileId>, WireError> {

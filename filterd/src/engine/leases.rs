@@ -385,6 +385,31 @@ impl Engine {
         }
     }
 
+    /// Handle `key` (of `client`, on `file`) no longer holds lease key
+    /// `lk` (removed, or lost): one handle fewer holds the key, and a break
+    /// of it on `file` that no other handle of the file holds is over (what
+    /// waited on it is retried).
+    pub(super) fn lease_key_released(
+        &mut self,
+        key: ResumeKey,
+        client: &ClientId,
+        lk: LeaseKey,
+        file: FileId,
+    ) {
+        self.lease_key_dropped(client, lk);
+        let still_held = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter(|k| **k != key)
+            .filter_map(|k| self.handles.get(k))
+            .any(|o| o.rec.lease.is_some_and(|x| x.key == lk));
+        if !still_held && self.breaking.remove(&(file, lk)).is_some() {
+            self.retry_files.insert(file);
+        }
+    }
+
     /// Refuses an open of `path` by `client` under lease key `lk` when the
     /// client holds the key on another file: a lease key names one file
     /// (MS-SMB2 3.3.5.9.8, 3.3.5.9.11 keep a lease table per client).

@@ -701,6 +701,14 @@ impl Fs for MemFs {
             .map(kernel_handle)
     }
 
+    fn identity_at(&self, path: &RelPath) -> Option<(FileId, KernelHandle)> {
+        let st = self.st();
+        st.names
+            .get(path.as_str())
+            .and_then(|o| st.objs.get(o))
+            .map(|f| (id(f), kernel_handle(f)))
+    }
+
     fn file_at_checked(&self, path: &RelPath) -> Result<Option<FileId>, WireError> {
         let st = self.st();
         Ok(st

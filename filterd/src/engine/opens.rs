@@ -738,11 +738,47 @@ impl Engine {
     }
 
     /// Disconnected handle `key` lost its file: kept (visible, refusing
-    /// nobody) until its timeout, then gone.
+    /// nobody) until its timeout, then gone. It leaves the file index: the
+    /// id it names is an inode number that another file may hold now
+    /// (`lose_handles_of_a_reused_inode`), whose opens it must not take
+    /// part in — a delete on close passed between the two deleted the
+    /// wrong file or none.
     fn lose(&mut self, key: ResumeKey) {
+        let Some(file) = self.handles.get(&key).map(|h| h.rec.file) else {
+            return;
+        };
+        if let Some(v) = self.by_file.get_mut(&file) {
+            v.retain(|k| *k != key);
+            if v.is_empty() {
+                self.by_file.remove(&file);
+            }
+        }
+        // Its byte-range locks go too (as at recovery, which re-takes no
+        // lost handle's): left in the table under that number, they refused
+        // the new file's locks and I/O (review aQ).
+        if let Some(t) = self.locks.get_mut(&file) {
+            t.remove_owner(&key);
+            if t.is_empty() {
+                self.locks.remove(&file);
+                self.locks_gone(file);
+            }
+            self.retry_files.insert(file);
+        }
+        self.unmirrored.remove(&key);
+        // And its lease key: its client may use the key again for the file
+        // now at that name (review aQ: refused LeaseKeyInUse until the
+        // handle's timeout after its file was replaced).
+        if let Some((client, l)) = self
+            .handles
+            .get(&key)
+            .and_then(|h| h.rec.lease.map(|l| (h.rec.client.clone(), l)))
+        {
+            self.lease_key_released(key, &client, l.key, file);
+        }
         let Some(h) = self.handles.get_mut(&key) else {
             return;
         };
+        h.lock_fd = None;
         h.rec.conn = ConnState::Lost;
         h.gen += 1;
         let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
@@ -765,8 +801,38 @@ impl Engine {
         file: FileId,
         fd: std::os::fd::BorrowedFd<'_>,
     ) {
-        let fdless: Vec<ResumeKey> = self
-            .by_file
+        let fdless = self.fdless_handles_of(file);
+        if fdless.is_empty() {
+            return;
+        }
+        // Unreadable: nothing is concluded (the handles stay as they are).
+        let Ok(now) = self.fs.file_handle_of(fd) else {
+            return;
+        };
+        self.lose_handles_not_of(file, fdless, &now);
+    }
+
+    /// [`Engine::lose_handles_of_a_reused_inode`] for a change by path (a
+    /// REMOVE, a rename's target), which opens nothing: `file` is what
+    /// `path` named. Before review aQ such a change of the file reusing
+    /// the number was refused by the old handle's share mode.
+    pub(super) fn lose_handles_of_a_reused_inode_at(&mut self, file: FileId, path: &RelPath) {
+        let fdless = self.fdless_handles_of(file);
+        if fdless.is_empty() {
+            return;
+        }
+        // Gone or changed since `file` was read: nothing is concluded.
+        match self.fs.identity_at(path) {
+            Some((now_file, now)) if now_file == file => {
+                self.lose_handles_not_of(file, fdless, &now)
+            }
+            _ => {}
+        }
+    }
+
+    /// Handles of `file` that hold no descriptor of it (only its number).
+    fn fdless_handles_of(&self, file: FileId) -> Vec<ResumeKey> {
+        self.by_file
             .get(&file)
             .into_iter()
             .flatten()
@@ -776,19 +842,22 @@ impl Engine {
                 })
             })
             .copied()
-            .collect();
-        if fdless.is_empty() {
-            return;
-        }
-        // Unreadable: nothing is concluded (the handles stay as they are).
-        let Ok(now) = self.fs.file_handle_of(fd) else {
-            return;
-        };
+            .collect()
+    }
+
+    /// Of `fdless`, handles of `file`, those whose kernel handle is not
+    /// `now` (the file holding the number now) lost their file.
+    fn lose_handles_not_of(
+        &mut self,
+        file: FileId,
+        fdless: Vec<ResumeKey>,
+        now: &libfilter::model::KernelHandle,
+    ) {
         for key in fdless {
             if self
                 .handles
                 .get(&key)
-                .is_some_and(|h| h.rec.kernel_handle.as_ref() != Some(&now))
+                .is_some_and(|h| h.rec.kernel_handle.as_ref() != Some(now))
             {
                 warn!(resume_key = %key, %file, "a disconnected handle's file was removed and its inode number reused: the handle lost its file");
                 self.lose(key);
@@ -951,8 +1020,13 @@ impl Engine {
         }
     }
 
+    /// Files a handle in every index. A lost handle is left out of the
+    /// file index: its file is gone, and the file holding its inode number
+    /// now is another one (see [`Engine::lose`]).
     pub(super) fn insert(&mut self, h: Handle) {
-        self.by_file.entry(h.rec.file).or_default().push(h.rec.key);
+        if h.rec.conn != ConnState::Lost {
+            self.by_file.entry(h.rec.file).or_default().push(h.rec.key);
+        }
         self.insert_unfiled(h);
     }
 
@@ -976,7 +1050,8 @@ impl Engine {
             &mut rec.client,
             &mut rec.frontend,
         );
-        if let Some(l) = rec.lease {
+        // A lost handle holds no lease key (`Engine::lose`).
+        if let Some(l) = rec.lease.filter(|_| rec.conn != ConnState::Lost) {
             self.lease_key_taken(&rec.client, l.key, rec.file);
         }
         if let Some(g) = rec.create_guid {
@@ -1093,19 +1168,9 @@ impl Engine {
             }
         }
         self.replays.remove(&ReplayScope::Handle(key));
-        if let Some(l) = h.rec.lease {
-            self.lease_key_dropped(&h.rec.client, l.key);
-            let still_held = self
-                .by_file
-                .get(&h.rec.file)
-                .into_iter()
-                .flatten()
-                .filter(|k| **k != key)
-                .filter_map(|k| self.handles.get(k))
-                .any(|o| o.rec.lease.is_some_and(|x| x.key == l.key));
-            if !still_held && self.breaking.remove(&(h.rec.file, l.key)).is_some() {
-                self.retry_files.insert(h.rec.file);
-            }
+        // A lost handle let go of its lease key when it was lost.
+        if let Some(l) = h.rec.lease.filter(|_| h.rec.conn != ConnState::Lost) {
+            self.lease_key_released(key, &h.rec.client, l.key, h.rec.file);
         }
         let mut locks_emptied = false;
         if let Some(t) = self.locks.get_mut(&h.rec.file) {
@@ -1197,6 +1262,12 @@ impl Engine {
     /// handle's deletion is durable. A lost handle deletes nothing: its
     /// file is gone, and whatever has its name now is another file.
     pub(super) fn delete_pending(&mut self, gone: &Handle) {
+        if gone.rec.conn == ConnState::Lost {
+            // Not passed on either: the opens of its file id now are of
+            // another file (an inode number reused).
+            warn!(path = %gone.rec.path, "a lost handle's delete on close is dropped: its file is gone");
+            return;
+        }
         let file = gone.rec.file;
         if self.by_file.get(&file).is_none_or(|v| v.is_empty()) {
             if gone.rec.conn != ConnState::Lost && !gone.rec.durability.is_persistent() {

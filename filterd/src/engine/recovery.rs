@@ -382,8 +382,9 @@ impl Engine {
                     updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
                 }
             };
-            // The lease key's file is the one the look found.
-            if let Some(l) = rec.lease {
+            // The lease key's file is the one the look found (a lost
+            // handle holds none: `Engine::lose`).
+            if let Some(l) = rec.lease.filter(|_| rec.conn != ConnState::Lost) {
                 self.lease_key_taken(&rec.client, l.key, rec.file);
             }
             let key = rec.key;
@@ -393,7 +394,10 @@ impl Engine {
                 Vec::new()
             };
             let file = rec.file;
-            filed.push((file, key));
+            // A lost handle is left out of the file index (`Engine::lose`).
+            if rec.conn != ConnState::Lost {
+                filed.push((file, key));
+            }
             table.push((key, h));
             if !restore.is_empty() {
                 restores.push((key, file, restore));
