@@ -53,6 +53,13 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// The state letter of a process or thread from its `/proc/.../stat` (it
+/// follows the command's closing parenthesis); `None` when it is gone.
+fn task_state(stat: &Path) -> Option<char> {
+    let st = std::fs::read_to_string(stat).ok()?;
+    st.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 /// A temporary directory with `root/` (the export) and `state/`; removed on drop.
 pub struct Scratch {
     /// The top directory.
@@ -306,13 +313,8 @@ impl Filterd {
         wait_for("filterd to stop", Duration::from_secs(10), || {
             let all_stopped = std::fs::read_dir(&tasks).ok()?.all(|t| {
                 t.ok()
-                    .and_then(|t| std::fs::read_to_string(t.path().join("stat")).ok())
-                    .and_then(|st| {
-                        // The state follows the command's closing parenthesis.
-                        let state = st.rsplit_once(')')?.1.trim_start().chars().next()?;
-                        Some(state == 'T' || state == 't')
-                    })
-                    .unwrap_or(true)
+                    .and_then(|t| task_state(&t.path().join("stat")))
+                    .is_none_or(|state| state == 'T' || state == 't')
             });
             all_stopped.then_some(())
         });
@@ -335,12 +337,23 @@ impl Filterd {
         st
     }
 
-    /// Polls until a control hello succeeds.
+    /// Polls until a control hello succeeds. Panics with the log if it
+    /// exits first (it cannot claim its store, say) — at once, not at the
+    /// deadline as if it were only slow (a CI run reported "not ready
+    /// after 20 s" for a filterd whose log was all there was to tell).
     pub fn wait_ready(&self) {
         let t0 = Instant::now();
+        let stat = PathBuf::from(format!("/proc/{}/stat", self.pid()));
         loop {
             if FilterClient::connect_control(&self.socket).is_ok() {
                 return;
+            }
+            if self.pid() != 0 && task_state(&stat).is_none_or(|s| s == 'Z' || s == 'X') {
+                panic!(
+                    "filterd exited before it was ready (after {:?}); log:\n{}",
+                    t0.elapsed(),
+                    self.log_text()
+                );
             }
             if t0.elapsed() > Duration::from_secs(20) {
                 panic!("filterd not ready after 20 s; log:\n{}", self.log_text());

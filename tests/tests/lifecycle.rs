@@ -93,6 +93,32 @@ fn a_waiting_standby_stops_on_sigterm_or_sigint_and_never_takes_over() {
     assert!(libfilter::client::FilterClient::connect_control(&s.socket()).is_err());
 }
 
+/// Waiting for a filterd that has exited (here a second one refused the
+/// store another serves) ends at once with "exited" and its log. It used
+/// to poll for the whole 20 s and then say "not ready", which read as a
+/// slow start (a CI run under load reported that for the etcd matrix,
+/// whose standbys are ready in 2.2–2.5 s: the owner's 2 s lease).
+#[test]
+fn waiting_for_a_filterd_that_exited_says_so_at_once() {
+    let s = Scratch::new("exited-early");
+    let _active = Filterd::start(&s, &[], &[]);
+    let other = s.dir.join("second.sock");
+    let second = Filterd::spawn_on(&s, Some(&other), &[], &[], &[]);
+    let t0 = std::time::Instant::now();
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| second.wait_ready()))
+        .expect_err("a filterd that exited is never ready");
+    let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.starts_with("filterd exited before it was ready"),
+        "{msg}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
+
 /// Deleting every file of the state dir while a daemon runs does not let a
 /// second daemon (on another socket) in: it refuses, or with --standby
 /// waits, and touches nothing — the epoch stays the active daemon's.
