@@ -747,7 +747,13 @@ fn nfs_upgrade_open_applies_once_across_a_crash_of_its_commit() {
                 json!({"other": other, "seqid": 2}),
                 "{case}: the upgrade applied once: {first}"
             );
-            let r = nfs.call(
+            // The re-send above went through the reattached connection, but
+            // an nfsshim that stayed up answers READ and WRITE NFS4ERR_DELAY
+            // until its event thread has applied the reattach (re-learned
+            // which files have locks; nfs-like.md, "Restarts"), which under
+            // load can come after that answer. A client re-sends a DELAY;
+            // a stale seqid (NFS4ERR_OLD_STATEID) still fails the check.
+            let r = nfs.call_patiently(
                 json!({"op": "READ", "stateid": {"other": other, "seqid": 2},
                                     "offset": 0, "count": 1}),
             );
