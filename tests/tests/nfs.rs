@@ -539,7 +539,10 @@ fn open_is_exactly_once_across_a_filterd_crash_at_every_commit() {
                 .filter(|h| h.record.path.as_str() == "new")
                 .collect();
             assert_eq!(handles.len(), 1, "{fp}: exactly one handle: {handles:?}");
-            ok(a.call(
+            // nfsshim answers WRITE NFS4ERR_DELAY until it has applied its
+            // reattach, which under load can come after the OPEN's answer
+            // (nfs-like.md, "Restarts"): re-sent as a client does.
+            ok(a.call_patiently(
                 json!({"op": "WRITE", "stateid": r["stateid"], "offset": 0, "data": b64("once")}),
             ));
         }
