@@ -1867,8 +1867,8 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
             }) => (lease_key, current_state, new_state, epoch, ack_required),
             // Gone for good: later requests on them get STATUS_FILE_CLOSED.
             AttachEvent::Daemon(Event::Expired { key } | Event::Purged { key }) => {
-                // Only a disconnected open expires or is purged: no
-                // connection to tell.
+                // No break sent for these (as before: an open expires
+                // only while disconnected).
                 let _ = forget_opens(&sh, &[key]);
                 continue;
             }
