@@ -999,6 +999,65 @@ pub fn smb_patiently(m: &mut LineClient, req: Value) -> Value {
     })
 }
 
+/// An smbl/1 CREATE of `f` (read and write access, sharing `share`,
+/// disposition open) on a new session at `addr`, sent from a thread of
+/// its own and again while smbshim answers the retry status: its reply,
+/// and when it came. The connection (and the open) goes when the answer
+/// has been read.
+pub fn smb_open_of_f(addr: &str, share: Value) -> std::sync::mpsc::Receiver<(Value, Instant)> {
+    let (mut m, sid) = smb_session(addr);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = smb_patiently(
+            &mut m,
+            json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+                   "access": ["read", "write"], "share": share, "disposition": "open"}),
+        );
+        let _ = tx.send((r, Instant::now()));
+    });
+    rx
+}
+
+/// Waits until an open sent to a restarted filterd (`answered`, from
+/// [`smb_open_of_f`]) is either answered — `Some` answer — or held by
+/// filterd's open gate (a request waiting: `None`).
+pub fn answered_or_held(
+    d: &Filterd,
+    answered: &std::sync::mpsc::Receiver<(Value, Instant)>,
+) -> Option<(Value, Instant)> {
+    wait_for(
+        "the CREATE to be answered or held by filterd",
+        Duration::from_secs(20),
+        || {
+            if let Ok(r) = answered.try_recv() {
+                return Some(Some(r));
+            }
+            let st = d.control().stats().expect("stats");
+            (st.requests_waiting >= 1).then_some(None)
+        },
+    )
+}
+
+/// The open of [`smb_open_of_f`] held by a restarted filterd until a
+/// frontend resynced, which happened at `resync` or after: it is granted,
+/// well before filterd's break timeout in these tests (15 s), so that
+/// resync let it in. When it was granted.
+pub fn granted_at_the_resync(
+    answered: &std::sync::mpsc::Receiver<(Value, Instant)>,
+    resync: Instant,
+) -> Instant {
+    let (r, at) = answered
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the CREATE's answer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        at - resync < Duration::from_secs(10),
+        "the frontend's resync ended the wait, not the 15 s break timeout: {:?}",
+        at - resync
+    );
+    at
+}
+
 /// The lock tests' file `f`, made of 100 dots: bytes 10..30 (the locked
 /// range) are still dots.
 pub fn nothing_landed(s: &Scratch) {

@@ -2,8 +2,15 @@
 //! serves, malformed input, and failover flows A (client connection drop)
 //! and B (smbshim SIGKILL + replacement + RECONNECT) with replays.
 
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
 use base64::Engine as _;
-use rkfilter_tests::{Filterd, LineClient, Scratch, Shim};
+use nix::sys::signal::Signal;
+use rkfilter_tests::{
+    answered_or_held, granted_at_the_resync, smb_open_of_f, smb_patiently, smb_session, wait_for,
+    Filterd, LineClient, Scratch, Shim,
+};
 use serde_json::{json, Value};
 
 fn b64(s: &str) -> String {
@@ -524,4 +531,184 @@ fn the_readers_typed_fast_path_answers_as_the_parsed_object_path() {
     );
     // And the connection keeps serving.
     assert_eq!(c.call(json!({"cmd": "ECHO"}))["status"], "STATUS_SUCCESS");
+}
+
+/// filterd's break timeout in the forgotten-lease tests: long, so an open
+/// granted well before it was let through by the holder's resync.
+const FORGOTTEN_BREAK_MS: &str = "15000";
+
+/// A file `f` under an RWH lease of a non-durable open through smbshim
+/// `smb-a`, with a second smbshim `smb-b` (another frontend) attached:
+/// the scratch, filterd, both shims, and the holder's connection,
+/// session, lease key and file_id.
+struct ForgottenLease {
+    s: Scratch,
+    d: Filterd,
+    holder: Shim,
+    other: Shim,
+    a: LineClient,
+    sa: u64,
+    lease_key: String,
+    file_id: Value,
+}
+
+fn forgotten_lease_setup(name: &str) -> ForgottenLease {
+    let s = Scratch::new(name);
+    std::fs::write(s.root().join("f"), vec![b'.'; 4 << 20]).unwrap();
+    let d = Filterd::start(&s, &["--break-timeout-ms", FORGOTTEN_BREAK_MS], &[]);
+    let holder = Shim::start("smbshim", &s.socket(), "smb-a");
+    let other = Shim::start("smbshim", &s.socket(), "smb-b");
+    let (mut a, sa) = smb_session(&holder.addr);
+    let lease_key = uuid::Uuid::new_v4().to_string();
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+               "share": ["read", "write", "delete"], "disposition": "open",
+               "lease": {"key": lease_key, "state": "RWH"}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    assert!(r["durable"].is_null(), "a non-durable open: {r}");
+    let file_id = r["file_id"].clone();
+    ForgottenLease {
+        s,
+        d,
+        holder,
+        other,
+        a,
+        sa,
+        lease_key,
+        file_id,
+    }
+}
+
+/// The break of a lease filterd forgot, as smbshim sends it (docs/smb-like.md).
+fn assert_forgotten_break(n: &Value, lease_key: &str) {
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(n["lease_key"], lease_key, "{n}");
+    assert_eq!(
+        (n["current_state"].as_str(), n["new_state"].as_str()),
+        (Some("RWH"), Some("")),
+        "{n}"
+    );
+    assert_eq!(n["ack_required"], false, "{n}");
+    assert!(n["epoch"].as_u64().is_some_and(|e| e >= 1), "{n}");
+}
+
+/// filterd SIGKILLed and restarted under a live smbshim forgets a
+/// non-durable open and the RWH lease it held. smbshim (stopped across the
+/// restart, so the window is wide open) must send its client a
+/// LEASE_BREAK to none, no acknowledgment asked, before another
+/// frontend's conflicting CREATE (write access, sharing nothing) is
+/// granted: filterd holds that CREATE until smbshim has resynced, and
+/// smbshim resyncs only after its breaks were written — so when the
+/// CREATE's reply is in, the break is in the holder's socket already. The
+/// holder's WRITE on the forgotten open is then STATUS_FILE_CLOSED.
+/// Before, smbshim resynced without telling its client anything: the
+/// CREATE was granted while the client still cached writes.
+#[test]
+fn a_lease_filterd_forgot_is_broken_before_another_frontends_open() {
+    let mut t = forgotten_lease_setup("smb-lease-forgotten");
+    t.holder.signal(Signal::SIGSTOP);
+    t.d.kill9();
+    t.d = Filterd::start(&t.s, &["--break-timeout-ms", FORGOTTEN_BREAK_MS], &[]);
+    let answered = smb_open_of_f(&t.other.addr, json!([]));
+    let early = answered_or_held(&t.d, &answered);
+    t.holder.signal(Signal::SIGCONT);
+    let thawed = Instant::now();
+    if let Some((r, _)) = early {
+        panic!("the CREATE was answered while smbshim (stopped) had not resynced: {r}");
+    }
+    let at = granted_at_the_resync(&answered, thawed);
+    // Written before the resync that let the CREATE in: there already.
+    t.a.stream().set_nonblocking(true).unwrap();
+    let n = t.a.next_line();
+    t.a.stream().set_nonblocking(false).unwrap();
+    let n = n.unwrap_or_else(|| {
+        panic!(
+            "the CREATE was granted {:?} after smbshim was thawed, and its client holding \
+             the RWH lease filterd forgot was sent no LEASE_BREAK",
+            at - thawed
+        )
+    });
+    assert_forgotten_break(&n, &t.lease_key);
+    let w = smb_patiently(
+        &mut t.a,
+        json!({"cmd": "WRITE", "session_id": t.sa, "file_id": t.file_id, "offset": 0, "data": b64("AA")}),
+    );
+    assert_eq!(w["status"], "STATUS_FILE_CLOSED", "{w}");
+    eprintln!("CREATE granted {:?} after smbshim was thawed", at - thawed);
+}
+
+/// A client holding a lease filterd forgot that does not read (its socket
+/// full of READ replies) holds up another frontend's open after the
+/// restart about a second at most — smbshim waits that long for the break
+/// to be written, then resyncs — not until filterd's break timeout; and
+/// once it reads, the break is there, after the replies queued before it.
+/// (Before the fix the CREATE was not held, and the break never came.)
+#[test]
+fn a_client_that_does_not_read_its_forgotten_lease_break_holds_others_up_a_second_at_most() {
+    let mut t = forgotten_lease_setup("smb-lease-forgotten-stalled");
+    // Unread, the receive buffer stays small (autotuning grows it as the
+    // application reads): the replies back up into smbshim's queue.
+    let reads: Vec<u64> = (0..2)
+        .map(|_| {
+            t.a.send_only(
+                "mid",
+                json!({"cmd": "READ", "session_id": t.sa, "file_id": t.file_id,
+                       "offset": 0, "length": 4 << 20}),
+            )
+        })
+        .collect();
+    // The first reply (5.6 MB) is being sent: what the sockets' buffers do
+    // not hold of it waits in smbshim's queue, and the break will too.
+    wait_for("a READ reply to arrive", Duration::from_secs(20), || {
+        let mut one = [0u8; 1];
+        nix::sys::socket::recv(
+            t.a.stream().as_raw_fd(),
+            &mut one,
+            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .is_ok_and(|n| n == 1)
+        .then_some(())
+    });
+    t.d.kill9();
+    t.d = Filterd::start(&t.s, &["--break-timeout-ms", FORGOTTEN_BREAK_MS], &[]);
+    let back = Instant::now();
+    let (r, at) = smb_open_of_f(&t.other.addr, json!([]))
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the CREATE's answer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let mut seen = Vec::new();
+    for (k, mid) in reads.into_iter().enumerate() {
+        let (reply, notes) = t.a.reply_to("mid", mid).expect("a READ reply");
+        // The second may have met the restart (the retry status).
+        if k == 0 || reply["status"] != "STATUS_FILE_NOT_AVAILABLE" {
+            assert_eq!(reply["status"], "STATUS_SUCCESS", "READ {k}");
+        }
+        seen.extend(notes);
+    }
+    if seen.is_empty() {
+        t.a.set_read_timeout(Duration::from_secs(10));
+        seen.extend(t.a.next_line());
+    }
+    let n = seen.first().unwrap_or_else(|| {
+        panic!("the client holding the RWH lease filterd forgot was sent no LEASE_BREAK")
+    });
+    assert_forgotten_break(n, &t.lease_key);
+    assert!(
+        at - back < Duration::from_secs(5),
+        "a client that does not read held another frontend's open {:?}",
+        at - back
+    );
+    assert!(
+        at - back >= Duration::from_millis(900),
+        "granted {:?} after filterd was back: the holder's queue was not backed up, \
+         so this tested no stalled client",
+        at - back
+    );
+    eprintln!(
+        "CREATE granted {:?} after filterd was back, the lease holder not reading",
+        at - back
+    );
+    drop(t.holder);
 }

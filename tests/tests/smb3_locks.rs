@@ -21,8 +21,8 @@ use libfilter::model::{ConnState, Durability};
 use nix::sys::signal::Signal;
 use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
-    in_pwrite, nothing_landed, slow_syscalls, smb_patiently, smb_session, wait_for, Filterd, Nfs,
-    RkSmbd, Scratch, Shim,
+    answered_or_held, granted_at_the_resync, in_pwrite, nothing_landed, slow_syscalls,
+    smb_open_of_f, smb_patiently, smb_session, wait_for, Filterd, Nfs, RkSmbd, Scratch, Shim,
 };
 use serde_json::{json, Value};
 
@@ -723,27 +723,10 @@ fn a_lease_filterd_forgot_is_broken_to_none() {
     drop(d);
 }
 
-/// An smbl/1 CREATE of `f` for writing that shares nothing, sent from a
-/// thread of its own (again while smbshim answers the retry status): its
-/// reply, and when it came. The connection (and the open) goes when the
-/// answer has been read.
+/// An smbl/1 CREATE of `f` for writing that shares nothing
+/// ([`smb_open_of_f`]).
 fn smb_exclusive_open_of_f(smbshim: &Shim) -> std::sync::mpsc::Receiver<(Value, Instant)> {
-    smb_open_of_f(smbshim, json!([]))
-}
-
-/// [`smb_exclusive_open_of_f`], sharing `share`.
-fn smb_open_of_f(smbshim: &Shim, share: Value) -> std::sync::mpsc::Receiver<(Value, Instant)> {
-    let (mut m, sid) = smb_session(&smbshim.addr);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let r = smb_patiently(
-            &mut m,
-            json!({"cmd": "CREATE", "session_id": sid, "path": "f",
-                   "access": ["read", "write"], "share": share, "disposition": "open"}),
-        );
-        let _ = tx.send((r, Instant::now()));
-    });
-    rx
+    smb_open_of_f(&smbshim.addr, json!([]))
 }
 
 /// The window after a filterd restart in which a conflicting open was
@@ -768,17 +751,7 @@ fn an_open_after_a_restart_waits_until_a_forgotten_lease_was_broken() {
     let back = Instant::now();
     let answered = smb_exclusive_open_of_f(&smbshim);
     // Either the CREATE is answered, or filterd holds it.
-    let early = wait_for(
-        "the CREATE to be answered or held by filterd",
-        Duration::from_secs(20),
-        || {
-            if let Ok(r) = answered.try_recv() {
-                return Some(Some(r));
-            }
-            let st = d.control().stats().expect("stats");
-            (st.requests_waiting >= 1).then_some(None)
-        },
-    );
+    let early = answered_or_held(&d, &answered);
     if let Some((r, at)) = early {
         srv.shim.signal(Signal::SIGCONT);
         panic!(
@@ -793,15 +766,7 @@ fn an_open_after_a_restart_waits_until_a_forgotten_lease_was_broken() {
     script.say("break 20");
     let told = script.expect("break ");
     assert_eq!(told, format!("break {RWH} 0x0 0x0"), "{}", script.log);
-    let (r, at) = answered
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the CREATE's answer");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    assert!(
-        at - thawed < Duration::from_secs(10),
-        "rksmbd's resync ended the wait, not the 15 s break timeout: {:?}",
-        at - thawed
-    );
+    let at = granted_at_the_resync(&answered, thawed);
     eprintln!(
         "held {:?} after filterd was back; granted {:?} after rksmbd was thawed",
         held - back,
@@ -830,7 +795,7 @@ fn the_open_gate_after_a_restart_costs_little_and_at_most_the_break_timeout() {
         d.kill9();
         *d = Filterd::start(&s, extra, &[]);
         let back = Instant::now();
-        let (r, at) = smb_open_of_f(&smbshim, json!(["read", "write", "delete"]))
+        let (r, at) = smb_open_of_f(&smbshim.addr, json!(["read", "write", "delete"]))
             .recv_timeout(Duration::from_secs(30))
             .expect("the CREATE's answer");
         assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
@@ -865,7 +830,7 @@ fn the_open_gate_after_a_restart_costs_little_and_at_most_the_break_timeout() {
     let stopped = grant_after_restart(&mut d, &["--break-timeout-ms", "2000"]);
     let again = {
         let t = Instant::now();
-        let (r, at) = smb_open_of_f(&smbshim, json!(["read", "write", "delete"]))
+        let (r, at) = smb_open_of_f(&smbshim.addr, json!(["read", "write", "delete"]))
             .recv_timeout(Duration::from_secs(30))
             .expect("the CREATE's answer");
         assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");

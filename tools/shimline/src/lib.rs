@@ -457,6 +457,10 @@ pub struct Outbound {
 struct OutQueue {
     state: Mutex<OutState>,
     ready: std::sync::Condvar,
+    /// Signalled when the writer thread emptied the queue, or at close
+    /// ([`Outbound::flushed_by`]; apart from `ready`, whose single
+    /// wake-ups are the writer thread's).
+    emptied: std::sync::Condvar,
     /// Bytes queued and not yet written.
     queued: AtomicUsize,
 }
@@ -485,6 +489,7 @@ impl OutQueue {
             }
         }
         self.ready.notify_all();
+        self.emptied.notify_all();
     }
 
     /// The writer thread: writes queued lines in order until closed and
@@ -518,6 +523,9 @@ impl OutQueue {
                 });
             if let Some(mut st) = self.lock() {
                 st.writing = false;
+                if st.lines.is_empty() {
+                    self.emptied.notify_all();
+                }
             }
             match wrote {
                 Ok(()) => {}
@@ -584,6 +592,7 @@ impl Outbound {
         let queue = Arc::new(OutQueue {
             state: Mutex::new(OutState::default()),
             ready: std::sync::Condvar::new(),
+            emptied: std::sync::Condvar::new(),
             queued: AtomicUsize::new(0),
         });
         let q = queue.clone();
@@ -677,6 +686,29 @@ impl Outbound {
     /// the budget (its queued requests need not be served).
     pub fn over_budget(&self) -> bool {
         self.acct.evicted()
+    }
+
+    /// Waits until every line sent so far is written to the socket (or
+    /// the connection is closed), but not past `deadline`: false if lines
+    /// still wait then (a peer that does not read). For a notification
+    /// that must be on its way before something else happens, without
+    /// letting a stalled peer hold that up for longer than the caller
+    /// allows.
+    pub fn flushed_by(&self, deadline: std::time::Instant) -> bool {
+        let Some(mut st) = self.out.lock() else {
+            return false;
+        };
+        while !st.closed && (st.writing || !st.lines.is_empty()) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = match self.out.emptied.wait_timeout(st, left) {
+                Ok((st, _)) => st,
+                Err(_) => return false,
+            };
+        }
+        true
     }
 
     /// Bytes queued and not yet written.

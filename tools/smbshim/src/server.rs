@@ -1771,12 +1771,78 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     Ok(m)
 }
 
-fn forget_opens(sh: &Shared, keys: &[ResumeKey]) {
+/// Drops the opens of handles filterd no longer has (later requests on
+/// them get STATUS_FILE_CLOSED). Returns the leases that went with them —
+/// those no other open of this smbshim still holds, that held any caching
+/// — each in its latest state, with the session of an open that held it.
+fn forget_opens(sh: &Shared, keys: &[ResumeKey]) -> Vec<(HeldLease, u64)> {
     if keys.is_empty() {
-        return;
+        return Vec::new();
     }
-    if let Ok(mut o) = sh.opens.lock() {
-        o.retain(|_, v| !keys.contains(&v.key));
+    let keys: std::collections::HashSet<&ResumeKey> = keys.iter().collect();
+    let Ok(mut o) = sh.opens.lock() else {
+        return Vec::new();
+    };
+    let mut gone = Vec::new();
+    o.retain(|_, v| {
+        if !keys.contains(&v.key) {
+            return true;
+        }
+        gone.extend(v.lease.map(|l| (l, v.session)));
+        false
+    });
+    // A lease a resumed (persistent) open still holds stays.
+    gone.retain(|(l, _)| !o.values().any(|v| v.lease.is_some_and(|x| x.key == l.key)));
+    drop(o);
+    // The epoch grows at every change: the latest state is the highest's.
+    gone.sort_unstable_by_key(|(l, _)| (l.key, std::cmp::Reverse(l.epoch)));
+    gone.dedup_by_key(|(l, _)| l.key);
+    gone.retain(|(l, _)| l.state != libfilter::lease::LeaseState::NONE);
+    gone
+}
+
+/// The writer of the client connection of session `session`, while both
+/// live.
+fn writer_of(sh: &Shared, session: u64) -> Option<shimline::Writer> {
+    let conn = sh.sessions.lock().ok()?.get(&session).map(|x| x.conn)?;
+    sh.writers.get(conn)
+}
+
+/// Longest the breaks of forgotten leases are waited for before smbshim
+/// tells filterd it has resynced: a client that does not read holds up
+/// other frontends' opens after a filterd restart this long at most.
+const FORGOTTEN_BREAKS_WAIT: Duration = Duration::from_secs(1);
+
+/// A restarted filterd forgot the non-persistent handles of opens whose
+/// leases are `gone`: the opens are closed, as on a failure of the server
+/// (smb-like.md, Sessions), and their leases with them. A client whose
+/// connection lives on would go on caching writes under an RWH lease
+/// while another frontend's open is granted, so it is told as rksmbd
+/// tells an SMB 3 client: a LEASE_BREAK to `""` (none), its epoch one
+/// past the lease's, `ack_required` false — there is no lease left to
+/// acknowledge. Its next request on the open gets STATUS_FILE_CLOSED.
+/// Returns once every break was written to its socket, or after
+/// [`FORGOTTEN_BREAKS_WAIT`] (a client that does not read).
+fn break_forgotten_leases(sh: &Shared, gone: Vec<(HeldLease, u64)>) {
+    let until = std::time::Instant::now() + FORGOTTEN_BREAKS_WAIT;
+    let mut sent = Vec::new();
+    for (l, session) in gone {
+        let Some(w) = writer_of(sh, session) else {
+            continue;
+        };
+        let note = json!({"cmd": "LEASE_BREAK", "lease_key": l.key, "current_state": l.state.to_string(),
+                          "new_state": "", "epoch": l.epoch.wrapping_add(1), "ack_required": false});
+        if shimline::send(&w, &note) {
+            sent.push(w);
+        }
+    }
+    for w in sent {
+        if !w.flushed_by(until) {
+            eprintln!(
+                "smbshim: a break of a lease filterd forgot is not written yet: resynced anyway"
+            );
+            return;
+        }
     }
 }
 
@@ -1801,7 +1867,9 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
             }) => (lease_key, current_state, new_state, epoch, ack_required),
             // Gone for good: later requests on them get STATUS_FILE_CLOSED.
             AttachEvent::Daemon(Event::Expired { key } | Event::Purged { key }) => {
-                forget_opens(&sh, &[key]);
+                // No break sent for these (as before: an open expires
+                // only while disconnected).
+                let _ = forget_opens(&sh, &[key]);
                 continue;
             }
             AttachEvent::Daemon(Event::LocksPresent { file }) => {
@@ -1821,31 +1889,38 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 locked,
                 ..
             } => {
-                // No unchecked I/O meanwhile, and none after on what this
-                // changes.
-                let _quiet = m.filter.exclusive_io();
-                // Durable (in-memory) opens do not survive a filterd crash.
-                forget_opens(&sh, &lost);
+                // Durable (in-memory) opens do not survive a filterd
+                // crash. No unchecked I/O meanwhile.
+                let gone = {
+                    let _quiet = m.filter.exclusive_io();
+                    forget_opens(&sh, &lost)
+                };
+                // Their leases' breaks go first (and not under the I/O
+                // gate: a client that does not read holds up only this):
+                // `resynced` below tells filterd, which holds other
+                // frontends' opens until then.
+                break_forgotten_leases(&sh, gone);
                 // What the resumes said about locks, before any I/O goes
-                // unchecked again.
+                // unchecked again; none meanwhile.
+                let _quiet = m.filter.exclusive_io();
                 m.filter.relearn_locks(&m.locked_files, locked, generation);
                 continue;
             }
             _ => continue,
         };
-        let session = sh.opens.lock().ok().and_then(|o| {
-            o.values()
-                .find(|x| x.lease.is_some_and(|l| l.key == lease_key))
-                .map(|x| x.session)
+        // The opens under the lease hold what it was broken to (a break
+        // of a lease filterd then forgets starts from there).
+        let session = sh.opens.lock().ok().and_then(|mut o| {
+            let mut session = None;
+            for x in o.values_mut() {
+                if let Some(l) = x.lease.as_mut().filter(|l| l.key == lease_key) {
+                    (l.state, l.epoch) = (new_state, epoch);
+                    session = session.or(Some(x.session));
+                }
+            }
+            session
         });
-        let conn = session.and_then(|s| {
-            sh.sessions
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&s).map(|x| x.conn))
-        });
-        let writer = conn.and_then(|c| sh.writers.get(c));
-        if let Some(w) = writer {
+        if let Some(w) = session.and_then(|s| writer_of(&sh, s)) {
             shimline::send(
                 &w,
                 &json!({"cmd": "LEASE_BREAK", "lease_key": lease_key, "current_state": current_state.to_string(),
