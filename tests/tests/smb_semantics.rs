@@ -109,12 +109,30 @@ fn flow_c_filterd_sigkill_while_the_client_stays_connected() {
     d.kill9();
     let _d2 = Filterd::start(&s, &[], &[]);
     // The client never reconnected: its persistent open carries on once
-    // smbshim has reattached.
+    // smbshim has reattached. The durable open's RWH lease went with it:
+    // the client is told by a LEASE_BREAK to none, no ack asked, which
+    // may come before or among these replies.
+    let mut notes = Vec::new();
     let r = wait_for("the open to work again", Duration::from_secs(10), || {
-        let r = read(&mut a, sa, &fid, 100);
+        let id = a.send_only(
+            "mid",
+            json!({"cmd": "READ", "session_id": sa, "file_id": fid, "offset": 0, "length": 100}),
+        );
+        let (r, seen) = a.reply_to("mid", id)?;
+        notes.extend(seen);
         (r["status"] == "STATUS_SUCCESS").then_some(r)
     });
     assert_eq!(r["data"], b64("persist"));
+    if notes.is_empty() {
+        a.set_read_timeout(Duration::from_secs(10));
+        notes.extend(a.next_line());
+        a.set_read_timeout(Duration::from_secs(60));
+    }
+    assert_eq!(notes.len(), 1, "one notification: {notes:?}");
+    assert_eq!(notes[0]["cmd"], "LEASE_BREAK", "{notes:?}");
+    assert_eq!(notes[0]["lease_key"], json!(lk), "{notes:?}");
+    assert_eq!(notes[0]["new_state"], "", "{notes:?}");
+    assert_eq!(notes[0]["ack_required"], false, "{notes:?}");
     // Lock-sequence replay after the failover: success, nothing applied...
     ok(a.call(lock));
     // ...and the lock itself survived: B is refused.
