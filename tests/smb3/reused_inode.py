@@ -16,6 +16,7 @@ holds now.
 Prints one line per step and PASS; exits non-zero on any failure.
 """
 
+import time
 import uuid
 
 from smbprotocol.exceptions import SMBResponseException
@@ -52,7 +53,17 @@ print("dropped", flush=True)
 NEW = input().strip()
 
 b_conn, b_tree = connect(*SERVER)
-g, _ = create_rw(b_tree, NEW, CreateDisposition.FILE_OPEN, share=0)
+# filterd was just restarted: until rksmbd has reattached, a CREATE is
+# STATUS_FILE_NOT_AVAILABLE (retry later), as for any client.
+deadline = time.monotonic() + 20
+while True:
+    try:
+        g, _ = create_rw(b_tree, NEW, CreateDisposition.FILE_OPEN, share=0)
+        break
+    except SMBResponseException as e:
+        if e.status != 0xC0000467 or time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
 check(True, "B opens the new file sharing nothing")
 
 conn2, tree2 = connect(*SERVER, client_guid=a_guid)
