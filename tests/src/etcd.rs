@@ -82,7 +82,27 @@ impl Cluster {
         for i in 0..n {
             c.wait_healthy(i);
         }
+        c.wait_agreed_leader();
         c
+    }
+
+    /// Polls until every member names the same leader: a cluster just
+    /// started may still change leaders, and a test's first claim and
+    /// commits would meet that election (a CI run's owner met "leader
+    /// changed" 20 ms after its claim and stepped down).
+    fn wait_agreed_leader(&self) {
+        wait_for(
+            "the etcd members to agree on a leader",
+            Duration::from_secs(30),
+            || {
+                let leaders: Option<Vec<u64>> = (0..self.members.len())
+                    .map(|i| self.status(i).map(|(_, leader)| leader))
+                    .collect();
+                let leaders = leaders?;
+                let first = *leaders.first()?;
+                (first != 0 && leaders.iter().all(|l| *l == first)).then_some(())
+            },
+        );
     }
 
     /// (Re)starts member `i` on its data dir.
