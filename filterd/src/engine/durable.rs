@@ -243,6 +243,7 @@ impl Engine {
     /// Starts a request (or an internal step that changes state): it gets
     /// a group of its own and depends on nothing yet.
     pub(super) fn begin_request(&mut self) {
+        self.stop_unless_owner();
         self.end_request();
         self.batch.dep = 0;
         self.batch.committed = self.pipe.committed();

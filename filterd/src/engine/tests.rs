@@ -37,6 +37,8 @@ struct Mem {
     intents: BTreeMap<IntentId, Intent>,
     seq: u64,
     fail: bool,
+    /// The lease of a shared table may have run out: `owner_check` fails.
+    lost: bool,
 }
 
 impl StateStore for MemStore {
@@ -45,6 +47,12 @@ impl StateStore for MemStore {
     }
     fn claim(&self) -> Result<(u64, bool), StoreError> {
         Ok((1, true))
+    }
+    fn owner_check(&self) -> Result<(), StoreError> {
+        match self.inner.lock().unwrap().lost {
+            true => Err(StoreError::LeaseLost { fence: 1 }),
+            false => Ok(()),
+        }
     }
     fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
         let mut m = self.inner.lock().unwrap();
@@ -2729,4 +2737,27 @@ fn opens_after_a_restart_wait_until_the_frontends_seen_before_resynced() {
     h.opened(held);
     assert!(h.engine.hint_gave_up.contains(&away), "given up");
     assert!(h.engine.restart_unsettled.is_empty());
+}
+
+/// A request the engine runs once its lease may have run out acts on
+/// nothing: no file is created, nothing is batched or answered. The poll's
+/// own check is not enough: a thread stopped (SIGSTOP) after that check
+/// reads, once it runs again, requests that arrived while the lease ran
+/// out (seen once in `etcd.rs`: a stale owner created the file `late`).
+#[test]
+fn a_request_run_after_the_lease_may_have_run_out_acts_on_nothing() {
+    let mut h = Harness::new();
+    h.store.inner.lock().unwrap().lost = true;
+    let stepped_down = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        h.run(open("n", Rights::READ))
+    }));
+    assert!(stepped_down.is_err(), "the engine stepped down");
+    assert!(h.fs.file("n").is_none(), "the stale owner created a file");
+    assert!(h.drain_replies().is_empty(), "the stale owner answered");
+    h.store.inner.lock().unwrap().lost = false;
+    h.engine.flush();
+    assert!(
+        h.pipe.take_jobs().is_empty(),
+        "the stale owner batched a change"
+    );
 }
