@@ -1252,6 +1252,43 @@ fn a_recovered_handle_does_not_decide_opens_of_a_file_reusing_its_inode() {
     assert_eq!(err.code(), Some(ErrorCode::NoSuchHandle), "{err}");
 }
 
+/// `name` (10 bytes) opened persistently with an exclusive lock of its
+/// 10 bytes (returned), filterd killed, a kernel lease taken on the file
+/// (returned: dropping it lets go), filterd started again: it recovered
+/// the lock but cannot open the file read-write for its OFD locks (the
+/// open would break the lease).
+fn locked_then_restarted_under_a_kernel_lease(
+    s: &Scratch,
+    name: &str,
+) -> (Filterd, std::fs::File, libfilter::locks::LockOp) {
+    let path = s.root().join(name);
+    std::fs::write(&path, b"0123456789").unwrap();
+    let mut d = Filterd::start(s, &[], &[]);
+    let fe = frontend(s);
+    let mut r = req(name, Rights::ALL, None);
+    r.durability = Durability::Persistent { timeout_ms: 60_000 };
+    let h = fe.open(r).unwrap();
+    let exclusive = libfilter::locks::LockOp {
+        range: libfilter::locks::LockRange {
+            offset: 0,
+            length: 10,
+        },
+        exclusive: true,
+        unlock: false,
+    };
+    fe.lock(h.info.key, vec![exclusive], None).unwrap();
+    d.kill9();
+    drop((fe, h));
+    let leased = kernel_lease(&path);
+    let d = Filterd::start(s, &[], &[]);
+    assert_eq!(
+        d.control().locks().unwrap().len(),
+        1,
+        "the lock is recovered"
+    );
+    (d, leased, exclusive)
+}
+
 /// Hunt aQ: a recovered handle with byte-range locks whose lock
 /// descriptor could not be opened (a local process held a kernel lease on
 /// the file at the restart) kept only the number of its file. Once the
@@ -1266,56 +1303,77 @@ fn a_lost_handles_locks_do_not_hold_a_file_reusing_its_inode() {
         return;
     };
     let old = s.root().join("old.txt");
-    std::fs::write(&old, b"0123456789").unwrap();
+    let (_d, leased, exclusive) = locked_then_restarted_under_a_kernel_lease(&s, "old.txt");
     let old_ino = std::fs::metadata(&old).unwrap().ino();
-    let mut d = Filterd::start(&s, &[], &[]);
-    let fe = frontend(&s);
-    let mut r = req("old.txt", Rights::ALL, None);
-    r.durability = Durability::Persistent { timeout_ms: 60_000 };
-    let h = fe.open(r).unwrap();
-    let exclusive = libfilter::locks::LockOp {
-        range: libfilter::locks::LockRange {
-            offset: 0,
-            length: 10,
-        },
-        exclusive: true,
-        unlock: false,
-    };
-    fe.lock(h.info.key, vec![exclusive], None).unwrap();
-    d.kill9();
-    drop((fe, h));
-    // Held across the restart: filterd cannot open the file read-write
-    // for its OFD locks (the open would break the lease).
-    let leased = kernel_lease(&old);
-    let d = Filterd::start(&s, &[], &[]);
-    let ctl = d.control();
-    assert_eq!(ctl.locks().unwrap().len(), 1, "the lock is recovered");
-    drop(leased);
-    // filterd's first open of the file ends its claim of it (which holds
-    // the file open for a while after a lease break, `lease_claim`).
-    let fe = frontend(&s);
-    let other = wait_for(
-        "an open once the lease is gone",
-        Duration::from_secs(10),
-        || fe.open(req("old.txt", Rights::ALL, None)).ok(),
-    );
-    fe.close(other.info.key).unwrap();
-    drop(other);
+    // Removed while the lease still keeps filterd from taking its lock
+    // descriptor (which would keep the inode, and its number, in use).
     std::fs::remove_file(&old).unwrap();
-    let mut reused = None;
-    for i in 0..200 {
-        let name = format!("new{i}.txt");
-        std::fs::write(s.root().join(&name), b"unrelated!").unwrap();
-        if std::fs::metadata(s.root().join(&name)).unwrap().ino() == old_ino {
-            reused = Some(name);
-            break;
-        }
-    }
-    let name = reused.expect("ext4 gives the removed file's inode number to a new one");
+    drop(leased);
+    // The number is free once filterd's claim of the file ends (it holds
+    // a file open for a while after breaking its lease, `lease_claim`).
+    let fe = frontend(&s);
+    let mut i = 0;
+    let name = wait_for(
+        "ext4 to give the removed file's inode number to a new one",
+        Duration::from_secs(20),
+        || {
+            i += 1;
+            let name = format!("new{i}.txt");
+            std::fs::write(s.root().join(&name), b"unrelated!").unwrap();
+            (std::fs::metadata(s.root().join(&name)).unwrap().ino() == old_ino).then_some(name)
+        },
+    );
     let g = fe.open(req(&name, Rights::ALL, None)).unwrap();
     assert_eq!(g.info.file.ino, old_ino, "the new file has the old number");
     fe.lock(g.info.key, vec![exclusive], None)
         .expect("the new file's range is free");
+}
+
+/// Hunt aQ's open end (88dec65): a local process held a kernel lease on
+/// the file when filterd restarted, so recovery could not open the lock
+/// descriptor (its read-write open would break the lease). The recovered
+/// lock held among protocol clients only, yet filterctl showed it
+/// mirrored and nothing tried again: local processes could take a
+/// conflicting lock until the handle's next LOCK. Now it shows as not
+/// mirrored, and filterd takes the OFD lock once the lease is gone.
+#[test]
+fn a_lock_recovered_under_a_local_kernel_lease_is_mirrored_once_it_goes() {
+    let s = Scratch::new("lock-unmirrored-lease");
+    let f = s.root().join("f.txt");
+    let (d, leased, _) = locked_then_restarted_under_a_kernel_lease(&s, "f.txt");
+    let locks = d.control().locks().unwrap();
+    assert!(
+        locks[0].unmirrored,
+        "filterctl shows the lock is not mirrored: {locks:?}"
+    );
+    // The holder lets go (its lease was being broken): filterd takes the
+    // OFD lock without waiting for the handle's next LOCK.
+    drop(leased);
+    let (wrlck, set) = (
+        i16::try_from(libc::F_WRLCK).unwrap(),
+        i16::try_from(libc::SEEK_SET).unwrap(),
+    );
+    let local_view = || {
+        use nix::fcntl::{fcntl, FcntlArg};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f)
+            .unwrap();
+        let mut fl = libc::flock {
+            l_type: wrlck,
+            l_whence: set,
+            l_start: 0,
+            l_len: 10,
+            l_pid: 0,
+        };
+        fcntl(&file, FcntlArg::F_OFD_GETLK(&mut fl)).unwrap();
+        fl.l_type
+    };
+    wait_for("the OFD lock to be taken", Duration::from_secs(10), || {
+        (local_view() == wrlck).then_some(())
+    });
+    assert!(!d.control().locks().unwrap()[0].unmirrored);
 }
 
 /// Round 12 (CI): a protocol open that shares nothing, made right after a

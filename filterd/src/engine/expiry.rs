@@ -46,8 +46,8 @@ impl Engine {
 
     pub(super) fn expire_due(&mut self, now: u64) {
         self.begin_request();
-        // Locks recovery could not mirror (a local process held a
-        // conflicting lock): try again.
+        // Locks not mirrored yet (a local process held a conflicting lock
+        // or a kernel lease): try again.
         let retry: Vec<ResumeKey> = self.unmirrored.iter().copied().collect();
         for key in retry {
             let held = match self.handles.get(&key) {
@@ -57,9 +57,9 @@ impl Engine {
                     continue;
                 }
             };
-            if self.mirror(key, &held).is_ok() {
-                info!(resume_key = %key, "recovered locks mirrored as OFD locks at last");
-                self.unmirrored.remove(&key);
+            // (`mirror` takes the key off `unmirrored` once it took them.)
+            if self.mirror(key, &held).is_ok() && !self.unmirrored.contains(&key) {
+                info!(resume_key = %key, "locks mirrored as OFD locks at last");
             }
         }
         let late: Vec<FileId> = self

@@ -564,6 +564,10 @@ impl Engine {
     }
 
     /// Takes the handle's locks as OFD locks on its own lock descriptor.
+    /// When that descriptor cannot be opened (a local process's kernel
+    /// lease: the read-write open would break it) the locks hold among
+    /// protocol clients only for now: the handle is counted `unmirrored`,
+    /// which filterctl shows and `expire_due` retries.
     pub(super) fn mirror(&mut self, key: ResumeKey, held: &[HeldLock]) -> Result<(), WireError> {
         let fs = &*self.fs;
         let Some(h) = self.handles.get_mut(&key) else {
@@ -571,6 +575,7 @@ impl Engine {
         };
         if held.is_empty() {
             h.lock_fd = None; // closing our own OFD releases its locks
+            self.unmirrored.remove(&key);
             return Ok(());
         }
         if h.lock_fd.is_none() {
@@ -591,7 +596,9 @@ impl Engine {
             {
                 Some(Ok((fd, _, _))) => h.lock_fd = Some(fd),
                 _ => {
-                    warn!(resume_key = %key, "cannot open a lock descriptor: locks are enforced among protocol clients only");
+                    if self.unmirrored.insert(key) {
+                        warn!(resume_key = %key, "cannot open a lock descriptor: locks are enforced among protocol clients only until it can be");
+                    }
                     return Ok(());
                 }
             }
@@ -599,15 +606,19 @@ impl Engine {
         let Some(fd) = h.lock_fd.as_ref() else {
             return Ok(());
         };
-        fs.mirror_ofd_locks(fd.as_fd(), held).map_err(|e| {
-            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
-                err(
-                    ErrorCode::LockNotGranted,
-                    "a local process holds a conflicting lock",
-                )
-            } else {
-                err(ErrorCode::Internal, format!("OFD lock: {e}"))
-            }
-        })
+        fs.mirror_ofd_locks(fd.as_fd(), held)
+            .map(|()| {
+                self.unmirrored.remove(&key);
+            })
+            .map_err(|e| {
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+                    err(
+                        ErrorCode::LockNotGranted,
+                        "a local process holds a conflicting lock",
+                    )
+                } else {
+                    err(ErrorCode::Internal, format!("OFD lock: {e}"))
+                }
+            })
     }
 }
