@@ -1414,7 +1414,8 @@ fn local_write_open(
 
 /// After a restart: smbshim (stopped across it) has a client holding an
 /// RWH lease on `f` through a non-persistent open the restarted filterd
-/// forgot, and a local process opens `f` for writing. Returns filterd,
+/// forgot (started with `env`), and a local process opens `f` for
+/// writing. Returns filterd,
 /// smbshim, the lease holder's connection and the local open's outcome
 /// once filterd answered it or held it (`None`: held, counted in
 /// `local_opens_waited_for_frontends`).
@@ -1422,6 +1423,7 @@ fn local_write_open(
 fn a_local_write_open_after_a_restart(
     s: &Scratch,
     break_ms: &str,
+    env: &[(&str, &str)],
 ) -> (
     Filterd,
     rkfilter_tests::Shim,
@@ -1444,7 +1446,7 @@ fn a_local_write_open_after_a_restart(
     assert_eq!(r["lease"]["state"], "RWH", "{r}");
     shim.signal(nix::sys::signal::Signal::SIGSTOP);
     d.kill9();
-    let d = Filterd::start_mediated(s, &flags);
+    let d = Filterd::start_mediated_with(s, &flags, env);
     let back = std::time::Instant::now();
     let opened = local_write_open(s.root().join("f"));
     let ctl = d.control();
@@ -1473,7 +1475,8 @@ fn a_local_open_after_a_restart_waits_until_a_forgotten_lease_was_broken() {
     let Some(s) = Scratch::with_tmpfs("fan-restart-gate") else {
         return;
     };
-    let (d, shim, mut a, opened, back, early) = a_local_write_open_after_a_restart(&s, "30000");
+    let (d, shim, mut a, opened, back, early) =
+        a_local_write_open_after_a_restart(&s, "30000", &[]);
     if let Some((r, at)) = early {
         shim.signal(nix::sys::signal::Signal::SIGCONT);
         panic!(
@@ -1510,7 +1513,7 @@ fn a_stopped_frontend_holds_a_local_open_after_a_restart_at_most_the_break_timeo
     let Some(s) = Scratch::with_tmpfs("fan-restart-gate-stalled") else {
         return;
     };
-    let (d, shim, _a, opened, back, early) = a_local_write_open_after_a_restart(&s, "2000");
+    let (d, shim, _a, opened, back, early) = a_local_write_open_after_a_restart(&s, "2000", &[]);
     let (r, at) = early.unwrap_or_else(|| {
         opened
             .recv_timeout(Duration::from_secs(20))
@@ -1527,4 +1530,34 @@ fn a_stopped_frontend_holds_a_local_open_after_a_restart_at_most_the_break_timeo
     let st = d.control().stats().expect("stats");
     assert_eq!(st.local_opens_watchdog, 0, "{st:?}");
     assert!(st.local_opens_waited_for_frontends >= 1, "{st:?}");
+}
+
+/// A local open held at the gate when filterd stops is refused at once
+/// (its verdict's sender dropped with the engine), not left waiting for
+/// the verdict deadline (the break timeout + 2 s, 32 s here) nor allowed
+/// past the lease. Stopping stalls 40 s once the engine has returned
+/// (failpoint), so an answer within 10 s is filterd's, not the kernel's at
+/// the group's release.
+#[test]
+fn a_local_open_held_at_the_gate_is_refused_when_filterd_stops() {
+    let Some(s) = Scratch::with_tmpfs("fan-restart-gate-stop") else {
+        return;
+    };
+    let env = [("RKFILTER_FAILPOINTS", "shutdown.after_engine:sleep40000")];
+    let (mut d, shim, _a, opened, _back, early) =
+        a_local_write_open_after_a_restart(&s, "30000", &env);
+    assert!(early.is_none(), "held at the gate: {early:?}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = std::time::Instant::now();
+    let (r, at) = opened
+        .recv_timeout(Duration::from_secs(10))
+        .expect("an answer once the engine stopped");
+    shim.signal(nix::sys::signal::Signal::SIGCONT);
+    eprintln!("answered {:?} after SIGTERM: {r:?}", at - stopped);
+    assert_eq!(
+        r.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EPERM)),
+        "refused, never allowed undecided"
+    );
+    d.kill9();
 }
