@@ -4,7 +4,8 @@
 //! root that is not a mount point, and files local processes already hold
 //! open count as share-all readers (opened before the file had protocol
 //! state — the write-lease probe — or allowed by fanotify while another
-//! handle held it) until they exit.
+//! handle held it) until they exit. After a restart, local opens wait at
+//! the open gate until the frontends attached before it have resynced.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
