@@ -1154,6 +1154,11 @@ pub struct Stats {
     /// restart had resynced ([`Request::Resynced`]) or were given up.
     #[serde(default)]
     pub opens_waited_for_frontends: u64,
+    /// Local opens (fanotify) a restarted daemon held at the same gate
+    /// as [`Stats::opens_waited_for_frontends`]: any existing file's,
+    /// since which files had forgotten leases is not known.
+    #[serde(default)]
+    pub local_opens_waited_for_frontends: u64,
     /// Requests waiting now (a gauge, not a counter) for lease-break
     /// acknowledgements or a commit: what `--max-pending-breaks` caps.
     #[serde(default)]

@@ -4,7 +4,8 @@
 //! root that is not a mount point, and files local processes already hold
 //! open count as share-all readers (opened before the file had protocol
 //! state — the write-lease probe — or allowed by fanotify while another
-//! handle held it) until they exit.
+//! handle held it) until they exit. After a restart, local opens wait at
+//! the open gate until the frontends attached before it have resynced.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -1455,4 +1456,167 @@ fn a_scan_delayed_by_a_loaded_cpu_is_not_a_local_open() {
     let cut = d2.control().stats().unwrap().local_scans_cut_short;
     assert_eq!(cut, 0, "the scan was cut short");
     drop(crowd);
+}
+
+/// A local process's open for writing, in another thread: its outcome and
+/// when it came.
+fn local_write_open(
+    path: std::path::PathBuf,
+) -> crossbeam_channel::Receiver<(std::io::Result<()>, std::time::Instant)> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let r = std::fs::OpenOptions::new().write(true).open(path);
+        let _ = tx.send((r.map(|_| ()), std::time::Instant::now()));
+    });
+    rx
+}
+
+/// After a restart: smbshim (stopped across it) has a client holding an
+/// RWH lease on `f` through a non-persistent open the restarted filterd
+/// forgot (started with `env`), and a local process opens `f` for
+/// writing. Returns filterd,
+/// smbshim, the lease holder's connection and the local open's outcome
+/// once filterd answered it or held it (`None`: held, counted in
+/// `local_opens_waited_for_frontends`).
+#[allow(clippy::type_complexity)]
+fn a_local_write_open_after_a_restart(
+    s: &Scratch,
+    break_ms: &str,
+    env: &[(&str, &str)],
+) -> (
+    Filterd,
+    rkfilter_tests::Shim,
+    rkfilter_tests::LineClient,
+    crossbeam_channel::Receiver<(std::io::Result<()>, std::time::Instant)>,
+    std::time::Instant,
+    Option<(std::io::Result<()>, std::time::Instant)>,
+) {
+    let flags = ["--break-timeout-ms", break_ms];
+    let mut d = Filterd::start_mediated(s, &flags);
+    std::fs::write(s.root().join("f"), b"cached").unwrap();
+    let shim = rkfilter_tests::Shim::start("smbshim", &s.socket(), "smb-gate");
+    let mut a = rkfilter_tests::LineClient::connect(&shim.addr);
+    let sa = smb_session(&mut a);
+    let r = a.call(
+        serde_json::json!({"cmd": "CREATE", "session_id": sa, "path": "f",
+        "access": ["read", "write"], "share": ["read", "write", "delete"],
+        "disposition": "open", "lease": {"key": uuid::Uuid::new_v4().to_string(), "state": "RWH"}}),
+    );
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    shim.signal(nix::sys::signal::Signal::SIGSTOP);
+    d.kill9();
+    let d = Filterd::start_mediated_with(s, &flags, env);
+    let back = std::time::Instant::now();
+    let opened = local_write_open(s.root().join("f"));
+    let ctl = d.control();
+    let early = wait_for(
+        "the local open to be answered or held",
+        Duration::from_secs(20),
+        || {
+            if let Ok(r) = opened.try_recv() {
+                return Some(Some(r));
+            }
+            (ctl.stats().ok()?.local_opens_waited_for_frontends >= 1).then_some(None)
+        },
+    );
+    (d, shim, a, opened, back, early)
+}
+
+/// Round aW: a restarted filterd held frontends' opens of existing files
+/// until the frontends attached before the restart had resynced (broken
+/// the leases it forgot: `restart_gate`), but not local opens — a local
+/// writer got in at once while smbshim (stopped) had not yet told its
+/// client, still caching writes under an RWH lease, anything. Now the
+/// local open is held until smbshim has sent its client the break to
+/// none and resynced.
+#[test]
+fn a_local_open_after_a_restart_waits_until_a_forgotten_lease_was_broken() {
+    let Some(s) = Scratch::with_tmpfs("fan-restart-gate") else {
+        return;
+    };
+    let (d, shim, mut a, opened, back, early) =
+        a_local_write_open_after_a_restart(&s, "30000", &[]);
+    if let Some((r, at)) = early {
+        shim.signal(nix::sys::signal::Signal::SIGCONT);
+        panic!(
+            "the local open was answered ({r:?}) {:?} after filterd was back, while smbshim \
+             (stopped) had not sent its client the break of the RWH lease filterd forgot",
+            at - back
+        );
+    }
+    let held = std::time::Instant::now();
+    shim.signal(nix::sys::signal::Signal::SIGCONT);
+    let thawed = std::time::Instant::now();
+    let n = a.next_line().expect("the break of the forgotten lease");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(n["new_state"], "", "{n}");
+    let (r, at) = opened
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the local open's answer");
+    r.expect("allowed once smbshim resynced");
+    eprintln!(
+        "held {:?} after filterd was back; allowed {:?} after smbshim was thawed",
+        held - back,
+        at - thawed
+    );
+    // Let in by smbshim's resync, not by the gate's deadline (30 s).
+    assert!(at - thawed < Duration::from_secs(15), "{:?}", at - thawed);
+    drop(d);
+}
+
+/// The same with smbshim stopped throughout: the local opener is held
+/// until the gate's deadline (the break timeout, 2 s here), then
+/// allowed — never refused by the verdict watchdog, never held for good.
+#[test]
+fn a_stopped_frontend_holds_a_local_open_after_a_restart_at_most_the_break_timeout() {
+    let Some(s) = Scratch::with_tmpfs("fan-restart-gate-stalled") else {
+        return;
+    };
+    let (d, shim, _a, opened, back, early) = a_local_write_open_after_a_restart(&s, "2000", &[]);
+    let (r, at) = early.unwrap_or_else(|| {
+        opened
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the local open's answer")
+    });
+    shim.signal(nix::sys::signal::Signal::SIGCONT);
+    r.expect("allowed at the gate's deadline");
+    eprintln!("allowed {:?} after filterd was back", at - back);
+    assert!(
+        at - back >= Duration::from_millis(1900) && at - back < Duration::from_secs(10),
+        "held until the break timeout (2 s): {:?}",
+        at - back
+    );
+    let st = d.control().stats().expect("stats");
+    assert_eq!(st.local_opens_watchdog, 0, "{st:?}");
+    assert!(st.local_opens_waited_for_frontends >= 1, "{st:?}");
+}
+
+/// A local open held at the gate when filterd stops is refused at once
+/// (its verdict's sender dropped with the engine), not left waiting for
+/// the verdict deadline (the break timeout + 2 s, 32 s here) nor allowed
+/// past the lease. Stopping stalls 40 s once the engine has returned
+/// (failpoint), so an answer within 10 s is filterd's, not the kernel's at
+/// the group's release.
+#[test]
+fn a_local_open_held_at_the_gate_is_refused_when_filterd_stops() {
+    let Some(s) = Scratch::with_tmpfs("fan-restart-gate-stop") else {
+        return;
+    };
+    let env = [("RKFILTER_FAILPOINTS", "shutdown.after_engine:sleep40000")];
+    let (mut d, shim, _a, opened, _back, early) =
+        a_local_write_open_after_a_restart(&s, "30000", &env);
+    assert!(early.is_none(), "held at the gate: {early:?}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = std::time::Instant::now();
+    let (r, at) = opened
+        .recv_timeout(Duration::from_secs(10))
+        .expect("an answer once the engine stopped");
+    shim.signal(nix::sys::signal::Signal::SIGCONT);
+    eprintln!("answered {:?} after SIGTERM: {r:?}", at - stopped);
+    assert_eq!(
+        r.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EPERM)),
+        "refused, never allowed undecided"
+    );
+    d.kill9();
 }

@@ -51,6 +51,14 @@ impl Engine {
             self.wait_for_commit(seq, file);
             return;
         }
+        if self.restart_gate_closed(None) {
+            // After a restart: a frontend seen before it may have a client
+            // caching under a lease this daemon forgot — of any file, one
+            // without state here included — and has not broken it yet
+            // (`restart_gate`). Decided again when the gate opens.
+            self.restart_gate_hold_local(file, pid, reply, fd);
+            return;
+        }
         self.lose_handles_of_a_reused_inode(file, fd.as_fd());
         let mut holders = self.holders_of(file);
         holders.extend(self.pending_removed_holders(file));
@@ -112,12 +120,14 @@ impl Engine {
     /// no create of it is committing, no local open of it waits, the share
     /// modes let a local reader in without purging anything, and no
     /// handle of it holds a lease nor is one being broken (conservative:
-    /// any lease sends its local opens to the engine).
-    fn local_open_is_plain(&self, file: FileId) -> bool {
-        if self
-            .pending_creates
-            .get(&file)
-            .is_some_and(|&seq| seq > self.pipe.committed())
+    /// any lease sends its local opens to the engine), and the open gate
+    /// after a restart does not hold local opens (`restart_gate`).
+    pub(super) fn local_open_is_plain(&self, file: FileId) -> bool {
+        if self.restart_gate_holds(None)
+            || self
+                .pending_creates
+                .get(&file)
+                .is_some_and(|&seq| seq > self.pipe.committed())
             || self.waiting_local.iter().any(|(f, ..)| *f == file)
         {
             return false;

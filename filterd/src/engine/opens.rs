@@ -188,7 +188,7 @@ impl Engine {
         // caching under a lease this daemon forgot; wait until it has
         // been told (`restart_gate`). A file this open created had none.
         // (Then it breaks nothing yet: it runs again from the start.)
-        let gate_wait = !stat && !of.created && self.restart_gate_closed(&instance);
+        let gate_wait = !stat && !of.created && self.restart_gate_closed(Some(&instance));
         let breaking = !stat
             && !gate_wait
             && self.break_leases_for(

@@ -19,17 +19,23 @@
 //! that waited, the instances still not back are given up and struck
 //! off, as for a first lock (`locks::Engine::hint_first`); a dead one
 //! costs nothing. A `no_wait` open is answered `Busy` instead.
+//!
+//! A local process's open (fanotify, `local_access`) waits at the same
+//! gate, whatever its file: filterd cannot tell which files had the
+//! forgotten leases, nor a local open that creates its file from one
+//! that does not (the permission event says neither), so while the gate
+//! is closed every local open of the export waits — at most until the
+//! gate's deadline — and the reader allows none by itself
+//! (`local_open_is_plain`).
 
 use super::*;
 
 impl Engine {
-    /// Whether an open by `me` must wait for frontends seen before the
-    /// restart to resync; starts the gate's deadline if so.
-    pub(super) fn restart_gate_closed(&mut self, me: &InstanceName) -> bool {
-        let closed = self
-            .restart_unsettled
-            .iter()
-            .any(|i| i != me && !self.hint_gave_up.contains(i));
+    /// Whether an open by `me` (`None`: a local process's) must wait for
+    /// frontends seen before the restart to resync; starts the gate's
+    /// deadline if so.
+    pub(super) fn restart_gate_closed(&mut self, me: Option<&InstanceName>) -> bool {
+        let closed = self.restart_gate_holds(me);
         if closed && self.restart_gate_deadline.is_none() {
             self.restart_gate_deadline = Some(mono_ms() + self.cfg.break_timeout_ms);
             info!(
@@ -40,10 +46,36 @@ impl Engine {
         closed
     }
 
+    /// [`Engine::restart_gate_closed`] without starting the deadline.
+    pub(super) fn restart_gate_holds(&self, me: Option<&InstanceName>) -> bool {
+        self.restart_unsettled
+            .iter()
+            .any(|i| Some(i) != me && !self.hint_gave_up.contains(i))
+    }
+
     /// Parks an open of `file` behind the gate (see
     /// [`Engine::restart_gate_closed`]).
     pub(super) fn restart_gate_hold(&mut self, file: FileId) {
         self.stats.opens_waited_for_frontends += 1;
+        self.restart_gate_files.insert(file);
+    }
+
+    /// Parks a local process's open of `file` behind the gate, as
+    /// [`Engine::restart_gate_hold`] does a frontend's: it is decided
+    /// again (`on_local_open`) when the gate opens or its deadline
+    /// passes. Its permission event stays with the reader's answerer,
+    /// whose verdict deadline (the break timeout + 2 s) is past the
+    /// gate's whenever this open started it.
+    pub(super) fn restart_gate_hold_local(
+        &mut self,
+        file: FileId,
+        pid: i32,
+        reply: LocalReply,
+        fd: Arc<OwnedFd>,
+    ) {
+        self.stats.local_opens_waited_for_frontends += 1;
+        debug!(pid, %file, "local open after a restart waits for the frontends seen before it");
+        self.waiting_local.push((file, pid, reply, fd));
         self.restart_gate_files.insert(file);
     }
 

@@ -2761,3 +2761,49 @@ fn a_request_run_after_the_lease_may_have_run_out_acts_on_nothing() {
         "the stale owner batched a change"
     );
 }
+
+/// The open gate after a restart holds local opens too (round aW), of
+/// any file — one without state here may be one whose lease the restart
+/// forgot: decided once the instance seen before has resynced, or at the
+/// gate's deadline; never published to the reader meanwhile.
+#[test]
+fn local_opens_after_a_restart_wait_at_the_open_gate() {
+    use crate::command::Verdict;
+    let away = InstanceName::new("smb-away").unwrap();
+    let local_open = |h: &mut Harness| {
+        let got = Arc::new(Mutex::new(None));
+        let sink = got.clone();
+        let fd = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        h.engine.on_local_open(
+            FileId { dev: 1, ino: 2 },
+            4242,
+            fd,
+            LocalReply(Box::new(move |v| *sink.lock().unwrap() = Some(v))),
+        );
+        got
+    };
+    // Ended by the resync.
+    let mut h = Harness::new();
+    h.engine.restart_unsettled = [away.clone()].into_iter().collect();
+    let got = local_open(&mut h);
+    assert_eq!(*got.lock().unwrap(), None, "held for smb-away");
+    assert_eq!(h.engine.stats.local_opens_waited_for_frontends, 1);
+    assert_eq!(h.engine.stats.opens_waited_for_frontends, 0);
+    assert!(!h.engine.local_open_is_plain(FileId { dev: 1, ino: 2 }));
+    h.engine.restart_settled(&away);
+    h.engine.process_retries();
+    assert_eq!(*got.lock().unwrap(), Some(Verdict::Allow));
+    assert!(h.engine.waiting_local.is_empty());
+    // Ended by the deadline.
+    let mut h = Harness::new();
+    h.engine.restart_unsettled = [away.clone()].into_iter().collect();
+    let got = local_open(&mut h);
+    let deadline = h.engine.restart_gate_deadline.expect("a deadline");
+    h.engine.expire_due(deadline - 1);
+    h.engine.process_retries();
+    assert_eq!(*got.lock().unwrap(), None, "held until the deadline");
+    h.engine.expire_due(deadline);
+    h.engine.process_retries();
+    assert_eq!(*got.lock().unwrap(), Some(Verdict::Allow));
+    assert!(h.engine.restart_unsettled.is_empty());
+}
