@@ -1611,7 +1611,10 @@ impl EtcdStore {
                 Ok(r) if r.succeeded() || fence == 0 => break r,
                 Ok(r) => {
                     let (owner_now, gen_now) = owner_and_gen(&r);
-                    if owner_now != fence || gen_now <= gen {
+                    if owner_now != fence {
+                        return Err(self.not_ours(&r, fence, owner_now));
+                    }
+                    if gen_now <= gen {
                         return Err(self.fenced(fence, owner_now));
                     }
                     // Only the generation had moved on (another commit's
@@ -1706,7 +1709,7 @@ impl EtcdStore {
             // the owner moves it, and only from `seen` here.
             let (owner_now, gen_now) = owner_and_gen(&resp);
             if owner_now != fence {
-                return Err(self.fenced(fence, owner_now));
+                return Err(self.not_ours(&resp, fence, owner_now));
             }
             gen_now
         };
@@ -1716,6 +1719,32 @@ impl EtcdStore {
         self.gen.fetch_max(next, Ordering::AcqRel);
         debug!(from = seen, to = next, "etcd commit generation moved on");
         Ok(next)
+    }
+
+    /// A guarded Txn (its failure branch read at the Txn's own place in
+    /// etcd's log, so never stale) found the owner key not ours: another
+    /// daemon's (fenced), or gone — etcd ended our lease (revoked, or ran
+    /// out by etcd's clock), which no retry undoes. Either way this daemon
+    /// stops as owner; the two are told apart in the error and the log
+    /// (before, a missing key read as "another filterd owns this state
+    /// now (epoch 0)", though nobody did).
+    fn not_ours(&self, resp: &etcd_client::TxnResponse, fence: i64, owner_now: i64) -> StoreError {
+        if owner_now != 0 {
+            return self.fenced(fence, owner_now);
+        }
+        self.lease.lost.store(true, Ordering::Release);
+        let (revision, raft_term) = resp
+            .header()
+            .map_or((0, 0), |h| (h.revision(), h.raft_term()));
+        error!(
+            fencing_revision = fence,
+            revision,
+            raft_term,
+            lease_ok_by_our_clock = self.lease.nanos(Instant::now() + self.lease.margin)
+                < self.lease.valid_until.load(Ordering::Acquire),
+            "our etcd owner key is gone: etcd ended our lease; stopping as owner"
+        );
+        self.lost()
     }
 
     /// A compare failed on the owner key (or the generation went back:

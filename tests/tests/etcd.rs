@@ -1383,3 +1383,34 @@ fn election_errors_are_retried_not_taken_for_a_fence() {
         "etcd holds both commits, once"
     );
 }
+
+/// An owner whose owner key etcd no longer holds (etcd ended its lease:
+/// revoked, or run out by etcd's clock) stops as owner and says so —
+/// `LeaseLost`, not "another filterd owns this state now (epoch 0)", which
+/// is what a CI run's log said although nobody else owned the table.
+/// Nothing of the commit is written. (The key is deleted behind the
+/// owner's back here, as etcd does when it ends the lease.)
+#[test]
+fn an_owner_key_gone_is_a_lost_lease_not_another_owner() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::{StateStore, StoreError};
+    let Some((_shared, cluster, url)) = one_member(
+        "an_owner_key_gone_is_a_lost_lease_not_another_owner",
+        "rk/gone",
+    ) else {
+        return;
+    };
+    let scope = ReplayScope::Handle(ResumeKey::new_random());
+    let a = EtcdStore::connect(&url, Duration::from_secs(20), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    raw_etcd(cluster.client_port(0), async |c| {
+        c.delete("/rk/gone/owner", None).await.map(drop)
+    });
+    match a.commit(&[&[put_replay(&scope, 1, "reply 1".into())]]) {
+        Err(StoreError::LeaseLost { .. }) => {}
+        other => panic!("an owner key gone is a lost lease, not {other:?}"),
+    }
+    assert!(a.owner_check().is_err(), "no longer the owner");
+    assert_eq!(scope_in_etcd(&url, &scope), Vec::<u64>::new());
+}
