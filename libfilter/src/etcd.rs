@@ -52,7 +52,12 @@
 //! daemon stops as owner, as with a lost lease: it acknowledges nothing
 //! more and the next owner reads whatever etcd holds.
 //! Retrying stops when the lease may have run out: the commit fails as
-//! fenced. NOSPACE (etcd's quota) is [`StoreError::Full`].
+//! [`StoreError::LeaseLost`]. What members answer while they elect a
+//! leader ("no leader", "leader changed", "request timed out", "too many
+//! requests") is retried like a missing answer; only an owner key that is
+//! another's ([`StoreError::Fenced`]) or gone (etcd ended our lease:
+//! `LeaseLost`) stops the owner at once. NOSPACE (etcd's quota) is
+//! [`StoreError::Full`].
 //!
 //! **A request larger than one Txn** (a close that drops a handle with more
 //! than ~127 replay records, say) goes through a redo log so that it is
