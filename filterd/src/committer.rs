@@ -718,14 +718,21 @@ fn retry_alone(store: &dyn StateStore, groups: &[Group], failed: &mut BTreeSet<u
     }
 }
 
-/// Another daemon claimed the table: this one must not acknowledge or
-/// change anything more. It exits at once (its clients see the connection
-/// drop and reconnect to the owner).
+/// Another daemon claimed the table, or this one's lease may have ended:
+/// it must not acknowledge or change anything more. It exits at once (its
+/// clients see the connection drop and reconnect to the owner). The log
+/// says which (the error), not "fenced" for both.
 fn fenced(e: &StoreError) {
-    if let StoreError::Fenced { .. } | StoreError::LeaseLost { .. } = e {
-        error!(error = %e, "fenced: another filterd owns this state; exiting without acknowledging anything more");
-        std::process::exit(75);
+    match e {
+        StoreError::Fenced { .. } => {
+            error!(error = %e, "fenced: another filterd owns this state; exiting without acknowledging anything more");
+        }
+        StoreError::LeaseLost { .. } => {
+            error!(error = %e, "no longer the owner (lease): exiting without acknowledging anything more");
+        }
+        _ => return,
     }
+    std::process::exit(75);
 }
 
 /// Makes the filesystem changes a commit records durable before it.

@@ -52,7 +52,12 @@
 //! daemon stops as owner, as with a lost lease: it acknowledges nothing
 //! more and the next owner reads whatever etcd holds.
 //! Retrying stops when the lease may have run out: the commit fails as
-//! fenced. NOSPACE (etcd's quota) is [`StoreError::Full`].
+//! [`StoreError::LeaseLost`]. What members answer while they elect a
+//! leader ("no leader", "leader changed", "request timed out", "too many
+//! requests") is retried like a missing answer; only an owner key that is
+//! another's ([`StoreError::Fenced`]) or gone (etcd ended our lease:
+//! `LeaseLost`) stops the owner at once. NOSPACE (etcd's quota) is
+//! [`StoreError::Full`].
 //!
 //! **A request larger than one Txn** (a close that drops a handle with more
 //! than ~127 replay records, say) goes through a redo log so that it is
@@ -278,16 +283,28 @@ fn owner_and_gen(resp: &etcd_client::TxnResponse) -> (i64, i64) {
     (owner, gen)
 }
 
-/// Whether a failed request may have reached no server or may be retried
-/// as it is (every op is a full value or a one-key delete).
+/// Whether a failed request may be retried as it is (every op is a full
+/// value or a one-key delete; an unanswered commit Txn is fenced off by
+/// the generation first): the member did not answer, or answered with a
+/// transient refusal. What etcd says while its members elect a leader is
+/// transient — "etcdserver: no leader", "leader changed", "request timed
+/// out" (all `Unavailable`), "raft proposal dropped" (`Unknown`) and
+/// "too many requests" (`ResourceExhausted`: the member's apply lags its
+/// log, as a new leader's may; refused before it proposes). Not retried:
+/// a refusal that a retry gets again (NOSPACE, a request too large, a
+/// lease etcd does not have).
 fn retryable(e: &etcd_client::Error) -> bool {
     use tonic::Code;
     match e {
         etcd_client::Error::GRpcStatus(s) => {
-            matches!(
-                s.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
-            ) && !s.message().contains("space exceeded")
+            let m = s.message();
+            match s.code() {
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
+                    !m.contains("space exceeded")
+                }
+                Code::ResourceExhausted => m.contains("too many requests"),
+                _ => false,
+            }
         }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         _ => false,
@@ -522,6 +539,10 @@ pub struct EtcdStore {
     /// stalled member would), and answer that attempt with a timeout.
     hold_next_txn: AtomicBool,
     held_txn: Mutex<Option<Txn>>,
+    /// Tests: errors the next requests of `retry` and commit Txns are
+    /// answered with instead of being sent (as a member in an election
+    /// answers), in order.
+    injected: Mutex<std::collections::VecDeque<tonic::Status>>,
     /// The daemon's named crash points (see [`EtcdStore::set_failpoints`]).
     failpoints: OnceLock<Failpoints>,
     /// A client per member (connected when first needed): a retry goes
@@ -602,6 +623,7 @@ impl EtcdStore {
             gen_moving: Mutex::new(()),
             hold_next_txn: AtomicBool::new(false),
             held_txn: Mutex::new(None),
+            injected: Mutex::new(std::collections::VecDeque::new()),
             failpoints: OnceLock::new(),
             members: Mutex::new(url.endpoints.iter().map(|_| None).collect()),
             steer: Mutex::new(None),
@@ -681,6 +703,31 @@ impl EtcdStore {
             .on_worker(async move { kv.txn(t).await })
             .map_err(etcd_err)?;
         Ok(resp.succeeded())
+    }
+
+    /// For tests: the next requests sent through the store's retries
+    /// (lease grant, claim, generation moves, reads of the owner key) and
+    /// its commit Txns are answered, one each and in order, with these
+    /// gRPC errors (code, message) instead of being sent — as members
+    /// answer while they elect a leader ("etcdserver: leader changed",
+    /// "etcdserver: no leader", "etcdserver: too many requests").
+    #[doc(hidden)]
+    pub fn answer_next_with(&self, errors: &[(i32, &str)]) {
+        let mut q = self.injected.lock().unwrap_or_else(|p| p.into_inner());
+        q.extend(
+            errors
+                .iter()
+                .map(|(code, msg)| tonic::Status::new(tonic::Code::from_i32(*code), *msg)),
+        );
+    }
+
+    /// The next injected answer, if any ([`EtcdStore::answer_next_with`]).
+    fn injected(&self) -> Option<etcd_client::Error> {
+        self.injected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+            .map(etcd_client::Error::GRpcStatus)
     }
 
     /// Hands the store the daemon's failpoints (filterd's
@@ -828,7 +875,11 @@ impl EtcdStore {
         loop {
             let member = self.member_client(tries, Client::clone);
             let client = member.as_ref().map_or(&self.client, |(_, c)| c);
-            match self.on_worker(f(client)) {
+            let answer = match self.injected() {
+                Some(e) => Err(e),
+                None => self.on_worker(f(client)),
+            };
+            match answer {
                 Ok(v) => {
                     self.answered(member.map(|(m, _)| m));
                     return Ok(v);
@@ -1528,7 +1579,9 @@ impl EtcdStore {
         let mut at = None;
         let resp = loop {
             let t = build(gen);
-            let answer = if self.hold_next_txn.swap(false, Ordering::AcqRel) {
+            let answer = if let Some(e) = self.injected() {
+                Err(e)
+            } else if self.hold_next_txn.swap(false, Ordering::AcqRel) {
                 *self.held_txn.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
                 Err(etcd_client::Error::GRpcStatus(
                     tonic::Status::deadline_exceeded("held back (test)"),
@@ -1563,7 +1616,10 @@ impl EtcdStore {
                 Ok(r) if r.succeeded() || fence == 0 => break r,
                 Ok(r) => {
                     let (owner_now, gen_now) = owner_and_gen(&r);
-                    if owner_now != fence || gen_now <= gen {
+                    if owner_now != fence {
+                        return Err(self.not_ours(&r, fence, owner_now));
+                    }
+                    if gen_now <= gen {
                         return Err(self.fenced(fence, owner_now));
                     }
                     // Only the generation had moved on (another commit's
@@ -1658,7 +1714,7 @@ impl EtcdStore {
             // the owner moves it, and only from `seen` here.
             let (owner_now, gen_now) = owner_and_gen(&resp);
             if owner_now != fence {
-                return Err(self.fenced(fence, owner_now));
+                return Err(self.not_ours(&resp, fence, owner_now));
             }
             gen_now
         };
@@ -1668,6 +1724,32 @@ impl EtcdStore {
         self.gen.fetch_max(next, Ordering::AcqRel);
         debug!(from = seen, to = next, "etcd commit generation moved on");
         Ok(next)
+    }
+
+    /// A guarded Txn (its failure branch read at the Txn's own place in
+    /// etcd's log, so never stale) found the owner key not ours: another
+    /// daemon's (fenced), or gone — etcd ended our lease (revoked, or ran
+    /// out by etcd's clock), which no retry undoes. Either way this daemon
+    /// stops as owner; the two are told apart in the error and the log
+    /// (before, a missing key read as "another filterd owns this state
+    /// now (epoch 0)", though nobody did).
+    fn not_ours(&self, resp: &etcd_client::TxnResponse, fence: i64, owner_now: i64) -> StoreError {
+        if owner_now != 0 {
+            return self.fenced(fence, owner_now);
+        }
+        self.lease.lost.store(true, Ordering::Release);
+        let (revision, raft_term) = resp
+            .header()
+            .map_or((0, 0), |h| (h.revision(), h.raft_term()));
+        error!(
+            fencing_revision = fence,
+            revision,
+            raft_term,
+            lease_ok_by_our_clock = self.lease.nanos(Instant::now() + self.lease.margin)
+                < self.lease.valid_until.load(Ordering::Acquire),
+            "our etcd owner key is gone: etcd ended our lease; stopping as owner"
+        );
+        self.lost()
     }
 
     /// A compare failed on the owner key (or the generation went back:
@@ -2364,5 +2446,32 @@ mod tests {
         assert_eq!(unhex(hex(&b).as_bytes()).unwrap(), b);
         assert_eq!(unhex(b"abc"), None);
         assert_eq!(unhex(b"zz"), None);
+    }
+
+    /// What members say during an election is retried; what a retry would
+    /// get again is not (etcd 3.4's codes and messages).
+    #[test]
+    fn election_errors_retry_and_refusals_do_not() {
+        use tonic::{Code, Status};
+        let e = |code, msg: &str| etcd_client::Error::GRpcStatus(Status::new(code, msg));
+        for (code, msg) in [
+            (Code::Unavailable, "etcdserver: no leader"),
+            (Code::Unavailable, "etcdserver: leader changed"),
+            (Code::Unavailable, "etcdserver: request timed out"),
+            (Code::Unknown, "raft proposal dropped"),
+            (Code::ResourceExhausted, "etcdserver: too many requests"),
+        ] {
+            assert!(retryable(&e(code, msg)), "{msg} is transient");
+        }
+        for (code, msg) in [
+            (
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
+            ),
+            (Code::InvalidArgument, "etcdserver: request is too large"),
+            (Code::NotFound, "etcdserver: requested lease not found"),
+        ] {
+            assert!(!retryable(&e(code, msg)), "{msg} is not transient");
+        }
     }
 }

@@ -56,6 +56,22 @@ impl Cluster {
 
     /// [`Cluster::start`] with more flags for every member.
     pub fn start_with(s: &Scratch, n: usize, extra: &[&str]) -> Cluster {
+        let c = Cluster::spawn_all(s, n, extra);
+        for i in 0..n {
+            c.wait_healthy(i);
+        }
+        c.wait_agreed_leader();
+        c
+    }
+
+    /// Starts an `n`-member cluster and returns at once, waiting for
+    /// nothing: its members may still be electing their first leader, and
+    /// may change leaders again, while the test's first requests arrive.
+    pub fn start_unsettled(s: &Scratch, n: usize) -> Cluster {
+        Cluster::spawn_all(s, n, &[])
+    }
+
+    fn spawn_all(s: &Scratch, n: usize, extra: &[&str]) -> Cluster {
         let dir = s.dir.join("etcd");
         let members: Vec<Member> = (1..=n)
             .map(|i| Member {
@@ -79,10 +95,6 @@ impl Cluster {
         for i in 0..n {
             c.spawn(i);
         }
-        for i in 0..n {
-            c.wait_healthy(i);
-        }
-        c.wait_agreed_leader();
         c
     }
 

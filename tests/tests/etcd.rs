@@ -533,6 +533,24 @@ fn one_member(test: &str, prefix: &str) -> Option<(Scratch, Cluster, libfilter::
     Some((shared, cluster, url))
 }
 
+/// The op ids of `scope`'s replay records in etcd now, in order (read
+/// through `filterctl`'s read-only view).
+fn scope_in_etcd(
+    url: &libfilter::etcd::EtcdUrl,
+    scope: &libfilter::model::ReplayScope,
+) -> Vec<u64> {
+    use libfilter::store::StateStore;
+    let view = libfilter::etcd::EtcdStore::open_read_only(url).expect("read-only view");
+    let mut ops: Vec<u64> = view
+        .scope_records(scope)
+        .expect("read")
+        .into_iter()
+        .map(|(op_id, _)| op_id)
+        .collect();
+    ops.sort_unstable();
+    ops
+}
+
 /// A replay record `reply` as reply `op_id` of `scope`.
 fn put_replay(
     scope: &libfilter::model::ReplayScope,
@@ -639,17 +657,7 @@ fn a_commit_txn_delivered_late_writes_nothing() {
     };
     let scope = ReplayScope::Handle(ResumeKey::new_random());
     let put = |op_id: u64| put_replay(&scope, op_id, format!("reply {op_id}"));
-    let in_etcd = || {
-        let view = EtcdStore::open_read_only(&url).expect("read-only view");
-        let mut ops: Vec<u64> = view
-            .scope_records(&scope)
-            .expect("read")
-            .into_iter()
-            .map(|(op_id, _)| op_id)
-            .collect();
-        ops.sort_unstable();
-        ops
-    };
+    let in_etcd = || scope_in_etcd(&url, &scope);
     // A long lease: the test is about the Txn, not the keepalive.
     let a = EtcdStore::connect(&url, Duration::from_secs(20), Duration::ZERO).expect("connect");
     a.claim().expect("a claims");
@@ -1325,4 +1333,89 @@ fn a_claim_answered_after_its_lease_ran_out_claims_again() {
         "x".into(),
     )]])
     .expect("b commits");
+}
+
+/// What etcd answers while its members elect a leader is transient: the
+/// claim, a commit and the generation move that fences off a commit's
+/// unanswered attempt are retried through it while the lease stands, and
+/// the owner stays the owner. ("etcdserver: too many requests" is a member
+/// whose apply lags its log, as a new leader's does; it refuses before
+/// proposing.) A CI run's owner stepped down 20 ms after a claim made
+/// during a fresh cluster's first election; before the fix a generation
+/// move answered "too many requests" made the owner stop (`LeaseLost`,
+/// exit 75) and a commit answered so failed. The errors are answered by
+/// the store in place of the members (`answer_next_with`), in order.
+#[test]
+fn election_errors_are_retried_not_taken_for_a_fence() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::StateStore;
+    const UNAVAILABLE: i32 = 14;
+    const RESOURCE_EXHAUSTED: i32 = 8;
+    let Some((_shared, _cluster, url)) = one_member(
+        "election_errors_are_retried_not_taken_for_a_fence",
+        "rk/election",
+    ) else {
+        return;
+    };
+    let scope = ReplayScope::Handle(ResumeKey::new_random());
+    let put = |op_id: u64| put_replay(&scope, op_id, format!("reply {op_id}"));
+    let a = EtcdStore::connect(&url, Duration::from_secs(5), Duration::ZERO).expect("connect");
+    a.answer_next_with(&[
+        (UNAVAILABLE, "etcdserver: no leader"),
+        (UNAVAILABLE, "etcdserver: leader changed"),
+    ]);
+    a.claim().expect("a claim during an election is retried");
+    // The commit's first attempt unanswered ("leader changed"), the move
+    // of the generation that fences it off refused ("too many requests"),
+    // then a timeout, then the commit Txn refused again.
+    a.answer_next_with(&[
+        (UNAVAILABLE, "etcdserver: leader changed"),
+        (RESOURCE_EXHAUSTED, "etcdserver: too many requests"),
+        (UNAVAILABLE, "etcdserver: request timed out"),
+        (RESOURCE_EXHAUSTED, "etcdserver: too many requests"),
+    ]);
+    a.commit(&[&[put(1)]])
+        .expect("a commit that meets an election is retried");
+    a.owner_check().expect("still the owner");
+    a.answer_next_with(&[(RESOURCE_EXHAUSTED, "etcdserver: too many requests")]);
+    a.commit(&[&[put(2)]])
+        .expect("a commit refused as too many requests is retried");
+    a.owner_check().expect("still the owner");
+    assert_eq!(
+        scope_in_etcd(&url, &scope),
+        vec![1, 2],
+        "etcd holds both commits, once"
+    );
+}
+
+/// An owner whose owner key etcd no longer holds (etcd ended its lease:
+/// revoked, or run out by etcd's clock) stops as owner and says so —
+/// `LeaseLost`, not "another filterd owns this state now (epoch 0)", which
+/// is what a CI run's log said although nobody else owned the table.
+/// Nothing of the commit is written. (The key is deleted behind the
+/// owner's back here, as etcd does when it ends the lease.)
+#[test]
+fn an_owner_key_gone_is_a_lost_lease_not_another_owner() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::{StateStore, StoreError};
+    let Some((_shared, cluster, url)) = one_member(
+        "an_owner_key_gone_is_a_lost_lease_not_another_owner",
+        "rk/gone",
+    ) else {
+        return;
+    };
+    let scope = ReplayScope::Handle(ResumeKey::new_random());
+    let a = EtcdStore::connect(&url, Duration::from_secs(20), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    raw_etcd(cluster.client_port(0), async |c| {
+        c.delete("/rk/gone/owner", None).await.map(drop)
+    });
+    match a.commit(&[&[put_replay(&scope, 1, "reply 1".into())]]) {
+        Err(StoreError::LeaseLost { .. }) => {}
+        other => panic!("an owner key gone is a lost lease, not {other:?}"),
+    }
+    assert!(a.owner_check().is_err(), "no longer the owner");
+    assert_eq!(scope_in_etcd(&url, &scope), Vec::<u64>::new());
 }
