@@ -67,7 +67,7 @@ impl Engine {
         };
         // Another process under the name of one still running says
         // nothing of the old one's clients.
-        if self.frontends_seen.another_alive(instance, c.peer.pid) {
+        if self.another_ran_before_restart(instance, c.peer.pid) {
             return;
         }
         let instance = instance.clone();
