@@ -29,6 +29,36 @@ fn frontend(d: &Filterd, instance: &str) -> FilterClient {
     .unwrap_or_else(|e| panic!("{instance} attaches: {e}"))
 }
 
+/// `files` (10 bytes each), filterd, and smbshim as `smb-real`, recorded
+/// in `frontends.seen`, then stopped (SIGSTOP) while filterd is killed
+/// (SIGKILL) and started again with break timeout `break_ms`.
+fn stopped_across_a_restart(
+    name: &str,
+    files: &[&str],
+    break_ms: &str,
+) -> (Scratch, Filterd, Shim) {
+    let s = Scratch::new(name);
+    for f in files {
+        std::fs::write(s.root().join(f), b"0123456789").expect("write a file");
+    }
+    let mut d = Filterd::start(&s, &["--break-timeout-ms", break_ms], &[]);
+    let real = Shim::start("smbshim", &s.socket(), "smb-real");
+    let seen = s.state().join("frontends.seen");
+    wait_for(
+        "smbshim to be recorded in frontends.seen",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&seen)
+                .ok()
+                .filter(|t| t.contains(&format!("smb-real {} ", real.pid())))
+        },
+    );
+    real.signal(Signal::SIGSTOP);
+    d.kill9();
+    let d = Filterd::start(&s, &["--break-timeout-ms", break_ms], &[]);
+    (s, d, real)
+}
+
 /// Sends `Resynced` on `c` and waits until filterd has run it: `Resynced`
 /// is one way, and filterd runs a connection's requests in order, so the
 /// answer to an open sent after it says it was.
@@ -66,23 +96,7 @@ fn open_f_now(c: &FilterClient) -> Result<(), Option<ErrorCode>> {
 /// impostor "alive under the name") until the break timeout.
 #[test]
 fn a_process_taking_a_frontends_name_does_not_resync_for_it() {
-    let s = Scratch::new("gate-impostor");
-    std::fs::write(s.root().join("f"), b"0123456789").expect("write f");
-    let mut d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
-    let real = Shim::start("smbshim", &s.socket(), "smb-real");
-    let seen = s.state().join("frontends.seen");
-    wait_for(
-        "smbshim to be recorded in frontends.seen",
-        Duration::from_secs(10),
-        || {
-            std::fs::read_to_string(&seen)
-                .ok()
-                .filter(|t| t.contains(&format!("smb-real {} ", real.pid())))
-        },
-    );
-    real.signal(Signal::SIGSTOP);
-    d.kill9();
-    let d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let (_s, d, real) = stopped_across_a_restart("gate-impostor", &["f"], BREAK_MS);
     let other = frontend(&d, "smb-other");
     resync(&other);
     let held = |why: &str| assert_eq!(open_f_now(&other), Err(Some(ErrorCode::Busy)), "{why}");
@@ -116,4 +130,50 @@ fn a_process_taking_a_frontends_name_does_not_resync_for_it() {
         "granted {after:?} after smbshim was thawed: at the break timeout, not at its resync"
     );
     eprintln!("granted {after:?} after smbshim was thawed");
+}
+
+/// The gate's deadline passes with many opens held, of several files and
+/// from several frontends: every one of them is answered then (granted,
+/// or refused by the share modes of those granted before it on its
+/// file), none is dropped, and none before the deadline while the
+/// frontend seen before the restart stays stopped.
+#[test]
+fn every_open_held_at_the_gates_deadline_is_answered() {
+    let files = ["f0", "f1", "f2", "f3", "f4"];
+    let (_s, d, real) = stopped_across_a_restart("gate-deadline", &files, "1500");
+    let t0 = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut threads = Vec::new();
+    for f in 0..3 {
+        let c = frontend(&d, &format!("smb-o{f}"));
+        c.resynced();
+        for n in 0..8 {
+            let (c, tx) = (c.clone(), tx.clone());
+            threads.push(std::thread::spawn(move || {
+                let req = OpenRequest {
+                    share: libfilter::model::Rights::READ,
+                    ..plain_open(&format!("c{f}"), &format!("f{}", n % 5))
+                };
+                let r = c.open(req).map(drop).map_err(|e| e.code());
+                let _ = tx.send((f, n, r, Instant::now()));
+            }));
+        }
+    }
+    drop(tx);
+    let answers: Vec<_> = rx.iter().collect();
+    for t in threads {
+        t.join().expect("opener");
+    }
+    assert_eq!(answers.len(), 24, "every open answered");
+    for (f, n, r, at) in &answers {
+        assert!(
+            at.duration_since(t0) >= Duration::from_millis(1400),
+            "open {f}/{n} answered before the deadline: {r:?}"
+        );
+        assert!(r.is_ok(), "open {f}/{n}: {r:?}");
+    }
+    let st = d.control().stats().expect("stats");
+    assert!(st.opens_waited_for_frontends >= 24, "{st:?}");
+    assert_eq!(st.requests_waiting, 0);
+    real.signal(Signal::SIGCONT);
 }
