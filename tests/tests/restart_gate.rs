@@ -177,3 +177,28 @@ fn every_open_held_at_the_gates_deadline_is_answered() {
     assert_eq!(st.requests_waiting, 0);
     real.signal(Signal::SIGCONT);
 }
+
+/// filterd killed again while its gate holds opens: the next one gates
+/// them too (the frontend seen before the first restart is still
+/// remembered, and still alive).
+#[test]
+fn a_restart_during_the_gate_gates_again() {
+    let (s, mut d, real) = stopped_across_a_restart("gate-twice", &["f"], BREAK_MS);
+    let other = frontend(&d, "smb-other");
+    resync(&other);
+    assert_eq!(open_f_now(&other), Err(Some(ErrorCode::Busy)));
+    drop(other);
+    d.kill9();
+    let d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let other = frontend(&d, "smb-other");
+    resync(&other);
+    assert_eq!(
+        open_f_now(&other),
+        Err(Some(ErrorCode::Busy)),
+        "the second restart forgot the frontend seen before the first"
+    );
+    real.signal(Signal::SIGCONT);
+    wait_for("smbshim to resync", Duration::from_secs(10), || {
+        open_f_now(&other).ok()
+    });
+}
