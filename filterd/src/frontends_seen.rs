@@ -110,6 +110,15 @@ impl FrontendsSeen {
         }
     }
 
+    /// The list as it is now, never written (what the engine compares
+    /// later hellos with).
+    pub fn snapshot(&self) -> FrontendsSeen {
+        FrontendsSeen {
+            path: None,
+            seen: self.seen.clone(),
+        }
+    }
+
     /// The instances seen whose process may still be running.
     pub fn alive(&self) -> impl Iterator<Item = &InstanceName> {
         self.seen.iter().filter(|s| s.alive()).map(|s| &s.name)

@@ -55,6 +55,24 @@ pub(super) enum Undo {
     /// a non-persistent one waited for): kept whole — descriptor, locks'
     /// descriptor, attachment — to put back.
     Reinsert(Box<Handle>),
+    /// A persistent handle lost its file (`Engine::lose`) in a request
+    /// whose commit records that: what the loss took, to give back.
+    Lose(Box<Loss>),
+}
+
+/// What [`Engine::lose`] took from a handle besides its record's
+/// connection state: its place in the file index, its locks in the lock
+/// table and its lease key follow from the record and are given back from
+/// it; the rest is kept here.
+pub(super) struct Loss {
+    /// The handle.
+    pub(super) key: ResumeKey,
+    /// Its connection state before (disconnected, with its deadline).
+    pub(super) conn: ConnState,
+    /// Its locks' descriptor (carrying their OFD mirror).
+    pub(super) lock_fd: Option<OwnedFd>,
+    /// Its locks were not mirrored yet (`Engine::unmirrored`).
+    pub(super) unmirrored: bool,
 }
 
 /// A handle an expiry or purge removed in the request being run
@@ -617,6 +635,10 @@ impl Engine {
                     self.reinsert(*h);
                     continue;
                 }
+                if let Undo::Lose(l) = u {
+                    reinserted.extend(self.unlose(*l));
+                    continue;
+                }
                 let u = &u;
                 match u {
                     Undo::Drop(k) => {
@@ -630,7 +652,7 @@ impl Engine {
                             h.rec.frontend = frontend;
                         }
                     }
-                    Undo::Reinsert(_) => {}
+                    Undo::Reinsert(_) | Undo::Lose(_) => {}
                 }
             }
         }
@@ -807,13 +829,52 @@ impl Engine {
     /// Files the whole of a persistent handle being removed, to put back if
     /// its deletion does not commit.
     pub(super) fn keep_until_durable(&mut self, h: Box<Handle>) {
+        self.undo_if_this_group_fails(Undo::Reinsert(h));
+    }
+
+    /// Files `undo` under the group being built (the current request's
+    /// store operations), whatever its reply waits for.
+    pub(super) fn undo_if_this_group_fails(&mut self, undo: Undo) {
         let seq = self.batch.seq;
-        self.batch
-            .pending
-            .entry(seq)
-            .or_default()
-            .undo
-            .push(Undo::Reinsert(h));
+        self.batch.pending.entry(seq).or_default().undo.push(undo);
+    }
+
+    /// Undoes a loss that did not commit: the handle is disconnected as it
+    /// was, in the file index, holding its lease key, its locks' descriptor
+    /// and its expiry's deadline; its locks are re-taken from its record
+    /// (the rollback rebuilds the lock table of the file returned). The
+    /// next open of the file finds the loss again.
+    fn unlose(&mut self, loss: Loss) -> Option<FileId> {
+        let key = loss.key;
+        let h = self
+            .handles
+            .get_mut(&key)
+            .filter(|h| h.rec.conn == ConnState::Lost)?;
+        h.rec.conn = loss.conn;
+        h.lock_fd = loss.lock_fd;
+        h.gen += 1;
+        let (file, gen) = (h.rec.file, h.gen);
+        let lease = h.rec.lease.map(|l| (h.rec.client.clone(), l.key));
+        let mono = super::mono_ms();
+        let due = match loss.conn {
+            ConnState::Disconnected { expires_ms, .. } => {
+                mono + expires_ms.saturating_sub(libfilter::model::now_ms())
+            }
+            ConnState::Lost | ConnState::Connected => mono,
+        };
+        self.expiries.push(std::cmp::Reverse((due, key, gen)));
+        let filed = self.by_file.entry(file).or_default();
+        if !filed.contains(&key) {
+            filed.push(key);
+        }
+        if loss.unmirrored {
+            self.unmirrored.insert(key);
+        }
+        if let Some((client, lk)) = lease {
+            self.lease_key_taken(&client, lk, file);
+        }
+        warn!(resume_key = %key, "a handle's loss whose commit failed is undone: found again at the next open of its file");
+        Some(file)
     }
 
     /// Puts back a handle whose removal did not commit, attached as it was

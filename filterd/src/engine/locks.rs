@@ -33,6 +33,7 @@ impl Engine {
     pub fn set_frontends_seen(&mut self, seen: crate::frontends_seen::FrontendsSeen) {
         self.restart_expected = seen.alive().cloned().collect();
         self.restart_unsettled = self.restart_expected.clone();
+        self.seen_before_restart = seen.snapshot();
         if !self.restart_expected.is_empty() {
             info!(
                 frontends = self.restart_expected.len(),
@@ -49,9 +50,12 @@ impl Engine {
     /// the hello: `restart_gate`).
     pub(super) fn frontend_said_hello(&mut self, instance: &InstanceName, pid: i32, features: u64) {
         // A new process under the name of one seen before the restart
-        // that is still running ends nothing: the old one may have I/O in
-        // flight (it is waited for until it dies or the break timeout).
-        if !self.frontends_seen.another_alive(instance, pid) {
+        // (or, since, the last one recorded) that is still running ends
+        // nothing: the old one may have I/O in flight (it is waited for
+        // until it dies or the break timeout).
+        let another = self.another_ran_before_restart(instance, pid)
+            || self.frontends_seen.another_alive(instance, pid);
+        if !another {
             self.restart_expected.remove(instance);
             for (file, w) in self.hint_waits.iter_mut() {
                 if w.absent.remove(instance) && w.done() {
@@ -72,6 +76,18 @@ impl Engine {
             self.frontends_seen
                 .insert(instance, pid, |n| attached.contains_key(n));
         }
+    }
+
+    /// Whether the process that was attached as `instance` before the
+    /// restart is another one than `pid` and may still be running: `pid`
+    /// then speaks neither for the I/O that process may have in flight nor
+    /// for its clients' leases. Asked of the list as this daemon found it,
+    /// not as hellos since rewrote it: a second process under the name —
+    /// a replacement, or a peer of the same uid claiming the name — is
+    /// recorded at its hello, and before review aV was then taken for the
+    /// one from before at its next hello or `Resynced`.
+    pub(super) fn another_ran_before_restart(&self, instance: &InstanceName, pid: i32) -> bool {
+        self.seen_before_restart.another_alive(instance, pid)
     }
 
     /// `conn` asked for a CheckIo: a read or write the answer lets through

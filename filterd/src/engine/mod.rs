@@ -231,6 +231,10 @@ pub struct Engine {
     /// Lock hints: the frontend instances that attached with lock hints,
     /// kept in the state dir across restarts.
     frontends_seen: crate::frontends_seen::FrontendsSeen,
+    /// The processes `frontends_seen` named when this daemon started, as
+    /// they were: which process under each name was attached before the
+    /// restart (a hello overwrites the live list).
+    seen_before_restart: crate::frontends_seen::FrontendsSeen,
     /// Lock hints after a restart: instances that may have unchecked I/O
     /// in flight from before it and have not said hello since (a first
     /// lock waits for them; see `hint_first`).
@@ -417,6 +421,7 @@ impl Engine {
             hint_waits: HashMap::new(),
             hint_gave_up: HashSet::new(),
             frontends_seen: Default::default(),
+            seen_before_restart: Default::default(),
             restart_expected: HashSet::new(),
             restart_unsettled: HashSet::new(),
             restart_gate_deadline: None,

@@ -743,8 +743,17 @@ impl Engine {
     /// (`lose_handles_of_a_reused_inode`), whose opens it must not take
     /// part in — a delete on close passed between the two deleted the
     /// wrong file or none.
+    ///
+    /// A persistent handle's loss is recorded in the current request's
+    /// group, and all of it is undone if that commit fails
+    /// (`Undo::Lose`, review aV): the store still holds the handle
+    /// disconnected, and the next open of the file finds the loss again.
     fn lose(&mut self, key: ResumeKey) {
-        let Some(file) = self.handles.get(&key).map(|h| h.rec.file) else {
+        let Some((file, was, persistent)) = self
+            .handles
+            .get(&key)
+            .map(|h| (h.rec.file, h.rec.conn, h.rec.durability.is_persistent()))
+        else {
             return;
         };
         if let Some(v) = self.by_file.get_mut(&file) {
@@ -760,11 +769,18 @@ impl Engine {
             t.remove_owner(&key);
             if t.is_empty() {
                 self.locks.remove(&file);
-                self.locks_gone(file);
+                // Told once the loss is durable (a failed commit puts
+                // the locks back).
+                if persistent {
+                    let seq = self.batch.seq();
+                    self.locks_gone_after(seq, file);
+                } else {
+                    self.locks_gone(file);
+                }
             }
             self.retry_files.insert(file);
         }
-        self.unmirrored.remove(&key);
+        let unmirrored = self.unmirrored.remove(&key);
         // And its lease key: its client may use the key again for the file
         // now at that name (review aQ: refused LeaseKeyInUse until the
         // handle's timeout after its file was replaced).
@@ -778,14 +794,22 @@ impl Engine {
         let Some(h) = self.handles.get_mut(&key) else {
             return;
         };
-        h.lock_fd = None;
+        let lock_fd = h.lock_fd.take();
         h.rec.conn = ConnState::Lost;
         h.gen += 1;
         let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
         self.expiries
             .push(Reverse((mono_ms() + timeout, key, h.gen)));
-        if h.rec.durability.is_persistent() {
+        if persistent {
             self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+            self.undo_if_this_group_fails(super::durable::Undo::Lose(Box::new(
+                super::durable::Loss {
+                    key,
+                    conn: was,
+                    lock_fd,
+                    unmirrored,
+                },
+            )));
         }
     }
 

@@ -14,7 +14,9 @@
 //! had, do not) until every instance named in `STATE/frontends.seen`
 //! whose process is still alive has resynced: sent `Request::Resynced`
 //! (`proto::FEATURE_RESYNCED`: the frontend has sent its breaks) or, for
-//! one that did not ask for that feature, said hello. An instance's own
+//! one that did not ask for that feature, said hello — that process
+//! itself: another one under its name speaks not for its clients
+//! (`Engine::another_ran_before_restart`). An instance's own
 //! opens do not wait for it. At the break timeout after the first open
 //! that waited, the instances still not back are given up and struck
 //! off, as for a first lock (`locks::Engine::hint_first`); a dead one
@@ -99,7 +101,7 @@ impl Engine {
         };
         // Another process under the name of one still running says
         // nothing of the old one's clients.
-        if self.frontends_seen.another_alive(instance, c.peer.pid) {
+        if self.another_ran_before_restart(instance, c.peer.pid) {
             return;
         }
         let instance = instance.clone();

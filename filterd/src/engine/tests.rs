@@ -200,16 +200,31 @@ impl Harness {
     /// A fresh engine whose frontend attaches as protocol `protocol`
     /// (`"smb2"`: leases break by Windows' rules).
     fn on_as(fs: MemFs, protocol: &str) -> Harness {
+        Harness::serving(fs, Arc::new(MemStore::default()), 1, protocol)
+    }
+
+    /// filterd restarted on the same filesystem and store: a fresh engine
+    /// (the next epoch) that recovered what the store holds.
+    fn restarted(self) -> Harness {
+        let (fs, store) = (self.fs.clone(), self.store.clone());
+        let epoch = self.engine.epoch + 1;
+        drop(self);
+        Harness::serving(fs, store, epoch, "smb")
+    }
+
+    /// An engine of `epoch` on `fs` and `store` (recovered from it when it
+    /// holds anything) with one frontend attached as `protocol`.
+    fn serving(fs: MemFs, store: Arc<MemStore>, epoch: u64, protocol: &str) -> Harness {
         let pipe = Arc::new(Pipeline::default());
-        let store = Arc::new(MemStore::default());
         let mut engine = Engine::new(
             config(),
             Box::new(fs.clone()),
-            1,
+            epoch,
             pipe.clone(),
             store.clone(),
             Arc::new(CommitCounters::default()),
         );
+        engine.recover(store.as_ref()).unwrap();
         let (ours, peer) = nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::SeqPacket,
@@ -2806,4 +2821,86 @@ fn local_opens_after_a_restart_wait_at_the_open_gate() {
     h.engine.process_retries();
     assert_eq!(*got.lock().unwrap(), Some(Verdict::Allow));
     assert!(h.engine.restart_unsettled.is_empty());
+}
+
+/// Review aV: a handle lost to a reused inode (`Engine::lose`) leaves the
+/// file index and drops its locks and lease key at once, and the commit
+/// that records the loss may fail. Then the loss is undone whole, as any
+/// change of a failed commit: the handle is disconnected again, filed
+/// under its file, holds its locks (and their OFD mirror) and its lease
+/// key — exactly what the store still says. The next open of the file
+/// finds the loss again and records it.
+#[test]
+fn a_loss_whose_commit_fails_is_undone_whole() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    let mut h = Harness::new();
+    h.fs.reuse_inodes(true);
+    let lk = LeaseKey(uuid::Uuid::new_v4());
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.lease = Some(LeaseRequest {
+        key: lk,
+        state: LeaseState::parse("RH").unwrap(),
+        epoch: 0,
+    });
+    let id = h.run(Request::Open(o));
+    h.commit(true);
+    let key = h.opened(id);
+    let locked = h.run(Request::Lock {
+        key,
+        locks: vec![LockOp {
+            range: LockRange {
+                offset: 0,
+                length: 4,
+            },
+            exclusive: true,
+            unlock: false,
+        }],
+        lock_sequence: None,
+        lock_owner: None,
+    });
+    h.commit(true);
+    assert!(
+        matches!(h.reply(locked), Some(Ok(_))),
+        "{:?}",
+        h.reply(locked)
+    );
+    // filterd restarts: the recovered handle holds no descriptor of its
+    // file, only its number — which a new file under the name gets.
+    let mut h = h.restarted();
+    assert!(h.engine.handles[&key].fd.is_none());
+    h.fs.unlink("a");
+    h.fs.put("a", 5);
+    let before = h.digest();
+    let alice = ClientId::new("alice").unwrap();
+    let lease_key_before = h.engine.lease_files.get(&(alice.clone(), lk)).copied();
+    assert!(lease_key_before.is_some());
+    let stored = h.store.inner.lock().unwrap().handles[&key].clone();
+
+    let id = h.run(open("a", Rights::ALL));
+    assert_eq!(h.engine.handles[&key].rec.conn, ConnState::Lost);
+    assert!(
+        h.reply(id).is_none(),
+        "the open waits for the loss's commit"
+    );
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    assert_eq!(h.digest(), before, "the loss is undone");
+    assert_eq!(
+        h.engine.lease_files.get(&(alice, lk)).copied(),
+        lease_key_before,
+        "the lease key is held again"
+    );
+    assert_eq!(h.store.inner.lock().unwrap().handles[&key], stored);
+
+    // The next open finds the loss again, and it is recorded.
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    h.opened(id);
+    assert_eq!(
+        h.store.inner.lock().unwrap().handles[&key].conn,
+        ConnState::Lost
+    );
+    assert!(!h.engine.by_file.values().flatten().any(|k| *k == key));
 }
