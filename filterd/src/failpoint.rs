@@ -18,7 +18,8 @@
 //! (file created/opened, nothing recorded), `intent.after_commit`,
 //! `intent.after_fs`, `engine.request` (the engine thread, per request),
 //! `local.unignore` (removing a file's ignore mark; `fail` makes it fail),
-//! `local.probe` (the write-lease probe, its lease held),
+//! `local.probe` (the write-lease probe, its lease held), `local.scan`
+//! (a `/proc` scan for a file's local openers begins),
 //! `shutdown.after_engine` (stopping: the engine thread has returned),
 //! `open.records_batched` / `close.records_batched` (an open or close
 //! that carries records: the handle change and the records are in the

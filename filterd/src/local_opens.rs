@@ -223,6 +223,9 @@ pub fn scan_all(
     frontends: &[i32],
     budget: &mut ScanBudget,
 ) -> (Vec<i32>, bool) {
+    // (`sleepMS`: the engine thread held off the CPU as the scan starts,
+    // as on a loaded machine.)
+    crate::failpoint::hit("local.scan");
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return (Vec::new(), false);
