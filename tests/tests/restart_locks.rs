@@ -499,10 +499,13 @@ fn a_slow_write_on_one_file_does_not_hold_up_a_first_lock_on_another() {
 /// acknowledged independently. A WRITE on `f` is in its pwrite (3 s) when
 /// a first LOCK of `f` arrives; then a WRITE on `g` and a first LOCK of
 /// `g`. Each lock is granted once its own file's WRITE landed, both
-/// within the 4.5 s break timeout, and smbshim is not dropped. Old code:
-/// the acknowledgements were serial under one gate, so the WRITE on `g`
-/// waited behind the first acknowledgement and the second one came about
-/// 6 s in: smbshim was dropped for it.
+/// WRITEs are in their pwrites at once, and smbshim is not dropped (4.5 s
+/// break timeout). Old code: the acknowledgements were serial under one
+/// gate, so the WRITE on `g` waited behind the first acknowledgement and
+/// the second one came about 6 s in: smbshim was dropped for it. (A
+/// bound on the total time, 4.5 s, once failed at 5.3 s on a machine at
+/// load 7 where strace slowed everything; the checks above do not depend
+/// on the machine's speed.)
 #[test]
 fn first_locks_on_two_files_are_acknowledged_independently() {
     let mut b = both_with("acks-per-file", "4500", false);
@@ -534,7 +537,10 @@ fn first_locks_on_two_files_are_acknowledged_independently() {
     );
     // The WRITE on g is decided (unchecked) and in its pwrite before the
     // first LOCK of g arrives; sent back to back, the LOCK could win and
-    // the WRITE be refused as conflicting.
+    // the WRITE be refused as conflicting. This is also the test's
+    // timing-free check of independence: with serial acknowledgements the
+    // WRITE on g waited behind f's, which waits for f's pwrite, so the two
+    // pwrites were never in flight together and this wait ran out.
     wait_for(
         "the WRITE on g to reach its pwrite",
         Duration::from_secs(20),
@@ -555,7 +561,6 @@ fn first_locks_on_two_files_are_acknowledged_independently() {
             .contains("did not acknowledge a lock hint in time"),
         "smbshim was dropped (both locks after {waited:?})"
     );
-    assert!(waited < Duration::from_millis(4500), "{waited:?}");
     assert_eq!(&locked_bytes_of(&b.s, "f")[2..6], b"XXXX");
     assert_eq!(&locked_bytes_of(&b.s, "g")[2..6], b"YYYY");
 }
