@@ -822,3 +822,56 @@ fn nfs_lock_applies_once_across_a_crash_of_its_commit() {
         }
     }
 }
+
+/// An nfsl/1 REMOVE or RENAME is recorded by filterd in the commit that
+/// ends its change (the slot reply with it). When filterd dies at each
+/// point of that change — intent committed, name changed, change
+/// committed and reply not sent — the client's re-send on the same slot
+/// and seqid gets `NFS4_OK` (spec: "a REMOVE re-sent after a crash is
+/// `NFS4_OK`, not `NFS4ERR_NOENT`"), the same on every re-send, also
+/// through an nfsshim that stayed up and only reattached, and the change
+/// is applied once.
+#[test]
+fn nfs_remove_and_rename_answer_once_across_a_crash_at_every_point() {
+    use rkfilter_tests::Nfs;
+    let remove = json!({"op": "REMOVE", "path": "f"});
+    let rename = json!({"op": "RENAME", "from": "f", "to": "g"});
+    for (op, req) in [("REMOVE", &remove), ("RENAME", &rename)] {
+        // Without a crash: the commits the change makes (intent, end).
+        let (before, after) = {
+            let s = Scratch::new("cm-nfs-ns-dry");
+            std::fs::write(s.root().join("f"), b"x").unwrap();
+            let d = Filterd::start(&s, &[], &[]);
+            let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+            let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+            let c0 = commits(&d);
+            let r = nfs.call(req.clone());
+            assert_eq!(r["status"], "NFS4_OK", "{op}: {r}");
+            (c0, commits(&d))
+        };
+        assert!(after > before, "{op} commits");
+        let mut points = vec![
+            "intent.after_commit".to_owned(),
+            "intent.after_fs".to_owned(),
+        ];
+        points.extend((before + 1..=after).map(|n| format!("commit.after:{n}")));
+        for fp in points {
+            for restart_shim in [false, true] {
+                let case = format!("{op} at {fp}, nfsshim restarted: {restart_shim}");
+                let s = Scratch::new("cm-nfs-ns");
+                std::fs::write(s.root().join("f"), b"x").unwrap();
+                let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+                let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+                let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+                let (_d, _) =
+                    crash_and_resend(&s, d, &mut shim, &mut nfs, req, restart_shim, &case);
+                assert!(!s.root().join("f").exists(), "{case}: f is gone");
+                assert_eq!(
+                    s.root().join("g").exists(),
+                    op == "RENAME",
+                    "{case}: applied once"
+                );
+            }
+        }
+    }
+}

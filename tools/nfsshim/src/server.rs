@@ -2987,8 +2987,22 @@ fn recorded() -> Map<String, Value> {
     m
 }
 
+/// Whether filterd already made this REMOVE or RENAME: it records the
+/// slot reply in the commit that ends the change, so when filterd went away
+/// after that commit (or during it: its recovery finishes the change and
+/// records the reply) the re-send on the same slot and seqid finds the
+/// record. Doing the change again would find the name gone
+/// (`NFS4ERR_NOENT`) where the spec wants the original `NFS4_OK`.
+fn changed_before(ctx: &Ctx<'_>) -> Result<bool, Fail> {
+    Ok(earlier_open(ctx)?.is_some())
+}
+
 fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let path = path_field(obj, "path")?;
+    if changed_before(ctx)? {
+        forget_verifier(ctx.sh, path.as_str());
+        return Ok(recorded());
+    }
     lower_own_delegations(ctx, st, &[path.as_str()]);
     match ctx
         .sh
@@ -3050,8 +3064,33 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
     let from = path_field(obj, "from")?;
     let to = path_field(obj, "to")?;
-    lower_own_delegations(ctx, st, &[from.as_str(), to.as_str()]);
     let (from_s, to_s) = (from.as_str().to_owned(), to.as_str().to_owned());
+    if !changed_before(ctx)? {
+        lower_own_delegations(ctx, st, &[from.as_str(), to.as_str()]);
+        rename_in_filter(ctx, from, to)?;
+    }
+    forget_verifier(sh, &from_s);
+    forget_verifier(sh, &to_s);
+    // This client's opens of the file follow it (its own later REMOVE or
+    // RENAME of the new name finds their delegations).
+    let moved: Vec<(u64, OpenRec)> = st
+        .opens
+        .values_mut()
+        .filter(|o| o.rec.path == from_s)
+        .map(|o| {
+            o.rec.path = to_s.clone();
+            (o.num, o.rec.clone())
+        })
+        .collect();
+    for (num, rec) in moved {
+        ctx.put_state(num, &rec)?;
+    }
+    Ok(recorded())
+}
+
+/// RENAME's change in filterd, its slot reply recorded with it.
+fn rename_in_filter(ctx: &Ctx<'_>, from: RelPath, to: RelPath) -> Result<(), Fail> {
+    let sh = ctx.sh;
     // Renames go through a short-lived handle with delete access: its open
     // is refused when another open does not share delete.
     let h = sh
@@ -3073,24 +3112,7 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .client()
         .rename(h.info.key, to, true, Some(slot_record(ctx)?));
     let _ = sh.filter.close(h.info.key);
-    r.map_err(namespace_fail)?;
-    forget_verifier(sh, &from_s);
-    forget_verifier(sh, &to_s);
-    // This client's opens of the file follow it (its own later REMOVE or
-    // RENAME of the new name finds their delegations).
-    let moved: Vec<(u64, OpenRec)> = st
-        .opens
-        .values_mut()
-        .filter(|o| o.rec.path == from_s)
-        .map(|o| {
-            o.rec.path = to_s.clone();
-            (o.num, o.rec.clone())
-        })
-        .collect();
-    for (num, rec) in moved {
-        ctx.put_state(num, &rec)?;
-    }
-    Ok(recorded())
+    r.map_err(namespace_fail)
 }
 
 /// Filter events: delegation recalls (CB_RECALL), lock hints, handles gone.
