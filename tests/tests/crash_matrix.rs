@@ -875,3 +875,50 @@ fn nfs_remove_and_rename_answer_once_across_a_crash_at_every_point() {
         }
     }
 }
+
+/// An nfsl/1 exclusive create keeps its verifier with the file it made,
+/// so that its re-send "succeeds as if it had created the file" (spec).
+/// When filterd dies at each commit of that OPEN and nfsshim is restarted
+/// too (or only reattaches), the re-send on the same slot and seqid, and a
+/// new OPEN with the same verifier, get `NFS4_OK` with `created: true`
+/// and one handle exists — never `NFS4ERR_EXIST` for the client's own
+/// create.
+#[test]
+fn nfs_exclusive_create_is_its_own_across_a_crash_at_every_commit() {
+    use rkfilter_tests::{handles_on, Nfs};
+    let open = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "both",
+                      "deny": "none",
+                      "create": {"mode": "exclusive", "verifier": "00000000000000ff"}});
+    let (before, after) = {
+        let s = Scratch::new("cm-nfs-excl-dry");
+        let d = Filterd::start(&s, &[], &[]);
+        let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+        let c0 = commits(&d);
+        let r = nfs.call(open.clone());
+        assert_eq!(r["created"], true, "{r}");
+        (c0, commits(&d))
+    };
+    for n in before + 1..=after {
+        for fp in [format!("commit.before:{n}"), format!("commit.after:{n}")] {
+            for restart_shim in [false, true] {
+                let case = format!("exclusive OPEN at {fp}, nfsshim restarted: {restart_shim}");
+                let s = Scratch::new("cm-nfs-excl");
+                let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+                let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+                let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+                let (_d, first) =
+                    crash_and_resend(&s, d, &mut shim, &mut nfs, &open, restart_shim, &case);
+                assert_eq!(first["created"], true, "{case}: {first}");
+                assert_eq!(handles_on(&s, "f").len(), 1, "{case}: one filter handle");
+                let r = nfs.call(json!({"op": "CLOSE", "stateid": first["stateid"]}));
+                assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+                // The client's next exclusive create with its verifier (it
+                // never saw an answer, say): still its own file.
+                let r = nfs.call(open.clone());
+                assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+                assert_eq!(r["created"], true, "{case}: {r}");
+            }
+        }
+    }
+}

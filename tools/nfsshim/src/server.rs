@@ -1744,6 +1744,20 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         stat: false,
         put: Vec::new(),
     };
+    if let Some(v) = &excl_verifier {
+        // The verifier and the file it made: in the open's own commit, so
+        // a create that committed is always found by its re-send (apart,
+        // the re-send of a create whose verifier record was lost with
+        // filterd, its handle dropped at nfsshim's restore, found the file
+        // and no verifier: NFS4ERR_EXIST for the client's own create).
+        // filterd fills in `opened`, whose `file` the re-send checks.
+        req.put.push(RecordSpec {
+            scope: state::scope(&sh.tables.excl()).map_err(filter_fail)?,
+            op_id: fnv64(path.as_str()),
+            reply: json!({"path": path.as_str(), "verifier": v, "opened": null}).to_string(),
+            keep: state::KEEP,
+        });
+    }
     let slot = descriptor_slot(sh)?;
     // An owner's first open state, neither exclusive nor truncating: the
     // filter open, the open state and the slot reply in one commit. (An
@@ -1796,8 +1810,13 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             created_by_resend = true;
             req.disposition = Disposition::Open;
             req.create_guid = Some(CreateGuid(derived_uuid(&ctx.request_name("open-excl"))));
+            // The record stays as the create wrote it (this open may find
+            // another file under the name).
+            req.put.clear();
             let h = sh.filter.replay_open(req).map_err(filter_fail)?;
-            if serde_json::to_value(h.info.file).ok().as_ref() != Some(&stored["file"]) {
+            // Written with the open: `opened.file`; before, apart: `file`.
+            let file = stored.get("file").unwrap_or(&stored["opened"]["file"]);
+            if serde_json::to_value(h.info.file).ok().as_ref() != Some(file) {
                 // Another file now has that name.
                 let _ = sh.filter.close(h.info.key);
                 return Err(Fail("NFS4ERR_EXIST", format!("{path} exists")));
@@ -1808,21 +1827,6 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     };
     note_locked(sh, &h.info);
     let created = created_by_resend || h.info.create_action == CreateAction::Created;
-    if let (Some(v), true) = (
-        &excl_verifier,
-        h.info.create_action == CreateAction::Created,
-    ) {
-        let rec = json!({"path": path.as_str(), "verifier": v, "file": h.info.file}).to_string();
-        sh.filter
-            .client()
-            .record_reply(
-                state::scope(&sh.tables.excl()).map_err(filter_fail)?,
-                fnv64(path.as_str()),
-                rec,
-                state::KEEP,
-            )
-            .map_err(filter_fail)?;
-    }
     let size = h.info.size;
     let mut deleg_granted = h.info.lease.filter(|l| l.state.contains(LeaseState::R));
     // The same owner's open of the same file: one open state, upgraded.
