@@ -922,3 +922,75 @@ fn nfs_exclusive_create_is_its_own_across_a_crash_at_every_commit() {
         }
     }
 }
+
+/// A truncating nfsl/1 OPEN commits in steps (the truncation bracketed by
+/// an intent, then the open state and slot reply). When filterd dies
+/// after the truncation committed and nfsshim is restarted too, another
+/// client writes the file and is answered; the first client's re-send of
+/// its OPEN on the same slot and seqid must find the open that was made,
+/// not truncate again over the acknowledged write (invariant 3: recovery
+/// never redoes a change over work acknowledged since). Old code: the
+/// restarted nfsshim closed the open's handle at restore (no state record
+/// named it), and the re-send truncated the file a second time.
+#[test]
+fn nfs_truncating_open_is_not_redone_over_a_later_write() {
+    use rkfilter_tests::Nfs;
+    let open = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "both",
+                      "deny": "none", "truncate": true});
+    let (before, after) = {
+        let s = Scratch::new("cm-nfs-trunc-dry");
+        std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+        let d = Filterd::start(&s, &[], &[]);
+        let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+        let c0 = commits(&d);
+        let r = nfs.call(open.clone());
+        assert_eq!(r["size"], 0, "{r}");
+        (c0, commits(&d))
+    };
+    // The first commit is the intent, before the truncation.
+    for n in before + 2..=after {
+        let fp = format!("commit.before:{n}");
+        for restart_shim in [false, true] {
+            let case = format!("truncating OPEN at {fp}, nfsshim restarted: {restart_shim}");
+            let s = Scratch::new("cm-nfs-trunc");
+            std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+            let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+            let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+            let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+            let r = a.call(open.clone());
+            assert_eq!(r["status"], "NFS4ERR_DELAY", "{case}: filterd died: {r}");
+            d.wait_exit(Duration::from_secs(10));
+            let _d = Filterd::start(&s, &[], &[]);
+            if restart_shim {
+                shim.kill9_in_place();
+                shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+                a.c = LineClient::connect(&shim.addr);
+            }
+            assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"", "{case}");
+            wait_for("filterd reachable", Duration::from_secs(30), || {
+                let mut c = LineClient::connect(&shim.addr);
+                let r = c.call_with(
+                    "xid",
+                    json!({"op": "EXCHANGE_ID", "owner": "host-b", "verifier": "00000000000000b2"}),
+                );
+                (r["status"] == "NFS4_OK").then_some(())
+            });
+            let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000b2");
+            let o = b.call_patiently(json!({"op": "OPEN", "owner": "ob", "path": "f",
+                                            "access": "write", "deny": "none"}));
+            assert_eq!(o["status"], "NFS4_OK", "{case}: {o}");
+            let w = b.call_patiently(
+                json!({"op": "WRITE", "stateid": o["stateid"], "offset": 0, "data": "YWNrZWQ="}),
+            );
+            assert_eq!(w["status"], "NFS4_OK", "{case}: {w}");
+            let r = resend(&mut a, &open);
+            assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+            assert_eq!(
+                std::fs::read(s.root().join("f")).unwrap(),
+                b"acked",
+                "{case}: the re-sent OPEN truncated again over an acknowledged write"
+            );
+        }
+    }
+}

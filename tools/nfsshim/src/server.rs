@@ -744,12 +744,39 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
         let _ = state::put(f, &t.states(&cid), num, &rec);
     }
     // Handles of this instance that no table names: an OPEN whose filter
-    // handle committed but whose state record did not (nfsshim died in
-    // between). Nobody can reach them; left alone they would hold their
-    // modes for their whole timeout.
+    // handle committed but whose state record did not (nfsshim or filterd
+    // died in between). One of a client that is gone: nobody can reach
+    // it; left alone it would hold its modes for its whole timeout. One
+    // of a client restored here is kept for the re-send of that OPEN, as
+    // an nfsshim that stayed up keeps it, and goes when the client is
+    // released (`may_hold_strays`): closed now, the re-send would open the
+    // file again — a truncating OPEN truncating a second time, over data
+    // written and acknowledged since.
     let known: HashSet<ResumeKey> = g.handle_client.keys().copied().collect();
+    let live: HashSet<String> = g.clients.keys().cloned().collect();
     drop(g);
-    close_strays(sh, |h| !known.contains(&h.record.key))
+    let kept = std::cell::RefCell::new(HashSet::new());
+    close_strays(sh, |h| {
+        if known.contains(&h.record.key) {
+            return false;
+        }
+        let cid = h.record.client.as_str();
+        if live.contains(cid) {
+            kept.borrow_mut().insert(cid.to_owned());
+            return false;
+        }
+        true
+    })?;
+    let g = sh
+        .st
+        .lock()
+        .map_err(|_| ClientError::Unexpected("lock".into()))?;
+    for cid in kept.into_inner() {
+        if let Some(mut st) = g.clients.get(&cid).and_then(|cl| cl.lock().ok()) {
+            st.may_hold_strays = true;
+        }
+    }
+    Ok(())
 }
 
 /// Closes the filter handles of this instance that `stray` picks: ones no
