@@ -822,3 +822,175 @@ fn nfs_lock_applies_once_across_a_crash_of_its_commit() {
         }
     }
 }
+
+/// An nfsl/1 REMOVE or RENAME is recorded by filterd in the commit that
+/// ends its change (the slot reply with it). When filterd dies at each
+/// point of that change — intent committed, name changed, change
+/// committed and reply not sent — the client's re-send on the same slot
+/// and seqid gets `NFS4_OK` (spec: "a REMOVE re-sent after a crash is
+/// `NFS4_OK`, not `NFS4ERR_NOENT`"), the same on every re-send, also
+/// through an nfsshim that stayed up and only reattached, and the change
+/// is applied once.
+#[test]
+fn nfs_remove_and_rename_answer_once_across_a_crash_at_every_point() {
+    use rkfilter_tests::Nfs;
+    let remove = json!({"op": "REMOVE", "path": "f"});
+    let rename = json!({"op": "RENAME", "from": "f", "to": "g"});
+    for (op, req) in [("REMOVE", &remove), ("RENAME", &rename)] {
+        // Without a crash: the commits the change makes (intent, end).
+        let (before, after) = {
+            let s = Scratch::new("cm-nfs-ns-dry");
+            std::fs::write(s.root().join("f"), b"x").unwrap();
+            let d = Filterd::start(&s, &[], &[]);
+            let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+            let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+            let c0 = commits(&d);
+            let r = nfs.call(req.clone());
+            assert_eq!(r["status"], "NFS4_OK", "{op}: {r}");
+            (c0, commits(&d))
+        };
+        assert!(after > before, "{op} commits");
+        let mut points = vec![
+            "intent.after_commit".to_owned(),
+            "intent.after_fs".to_owned(),
+        ];
+        points.extend((before + 1..=after).map(|n| format!("commit.after:{n}")));
+        for fp in points {
+            for restart_shim in [false, true] {
+                let case = format!("{op} at {fp}, nfsshim restarted: {restart_shim}");
+                let s = Scratch::new("cm-nfs-ns");
+                std::fs::write(s.root().join("f"), b"x").unwrap();
+                let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+                let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+                let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+                let (_d, _) =
+                    crash_and_resend(&s, d, &mut shim, &mut nfs, req, restart_shim, &case);
+                assert!(!s.root().join("f").exists(), "{case}: f is gone");
+                assert_eq!(
+                    s.root().join("g").exists(),
+                    op == "RENAME",
+                    "{case}: applied once"
+                );
+            }
+        }
+    }
+}
+
+/// An nfsl/1 exclusive create keeps its verifier with the file it made,
+/// so that its re-send "succeeds as if it had created the file" (spec).
+/// When filterd dies at each commit of that OPEN and nfsshim is restarted
+/// too (or only reattaches), the re-send on the same slot and seqid, and a
+/// new OPEN with the same verifier, get `NFS4_OK` with `created: true`
+/// and one handle exists — never `NFS4ERR_EXIST` for the client's own
+/// create.
+#[test]
+fn nfs_exclusive_create_is_its_own_across_a_crash_at_every_commit() {
+    use rkfilter_tests::{handles_on, Nfs};
+    let open = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "both",
+                      "deny": "none",
+                      "create": {"mode": "exclusive", "verifier": "00000000000000ff"}});
+    let (before, after) = {
+        let s = Scratch::new("cm-nfs-excl-dry");
+        let d = Filterd::start(&s, &[], &[]);
+        let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+        let c0 = commits(&d);
+        let r = nfs.call(open.clone());
+        assert_eq!(r["created"], true, "{r}");
+        (c0, commits(&d))
+    };
+    for n in before + 1..=after {
+        for fp in [format!("commit.before:{n}"), format!("commit.after:{n}")] {
+            for restart_shim in [false, true] {
+                let case = format!("exclusive OPEN at {fp}, nfsshim restarted: {restart_shim}");
+                let s = Scratch::new("cm-nfs-excl");
+                let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+                let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+                let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+                let (_d, first) =
+                    crash_and_resend(&s, d, &mut shim, &mut nfs, &open, restart_shim, &case);
+                assert_eq!(first["created"], true, "{case}: {first}");
+                assert_eq!(handles_on(&s, "f").len(), 1, "{case}: one filter handle");
+                let r = nfs.call(json!({"op": "CLOSE", "stateid": first["stateid"]}));
+                assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+                // The client's next exclusive create with its verifier (it
+                // never saw an answer, say): still its own file.
+                let r = nfs.call(open.clone());
+                assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+                assert_eq!(r["created"], true, "{case}: {r}");
+            }
+        }
+    }
+}
+
+/// A truncating nfsl/1 OPEN commits in steps (the truncation bracketed by
+/// an intent, then the open state and slot reply). When filterd dies
+/// after the truncation committed and nfsshim is restarted too, another
+/// client writes the file and is answered; the first client's re-send of
+/// its OPEN on the same slot and seqid must find the open that was made,
+/// not truncate again over the acknowledged write (invariant 3: recovery
+/// never redoes a change over work acknowledged since). Old code: the
+/// restarted nfsshim closed the open's handle at restore (no state record
+/// named it), and the re-send truncated the file a second time.
+#[test]
+fn nfs_truncating_open_is_not_redone_over_a_later_write() {
+    use rkfilter_tests::Nfs;
+    let open = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "both",
+                      "deny": "none", "truncate": true});
+    let (before, after) = {
+        let s = Scratch::new("cm-nfs-trunc-dry");
+        std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+        let d = Filterd::start(&s, &[], &[]);
+        let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+        let c0 = commits(&d);
+        let r = nfs.call(open.clone());
+        assert_eq!(r["size"], 0, "{r}");
+        (c0, commits(&d))
+    };
+    // The first commit is the intent, before the truncation.
+    for n in before + 2..=after {
+        let fp = format!("commit.before:{n}");
+        for restart_shim in [false, true] {
+            let case = format!("truncating OPEN at {fp}, nfsshim restarted: {restart_shim}");
+            let s = Scratch::new("cm-nfs-trunc");
+            std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+            let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+            let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+            let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+            let r = a.call(open.clone());
+            assert_eq!(r["status"], "NFS4ERR_DELAY", "{case}: filterd died: {r}");
+            d.wait_exit(Duration::from_secs(10));
+            let _d = Filterd::start(&s, &[], &[]);
+            if restart_shim {
+                shim.kill9_in_place();
+                shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+                a.c = LineClient::connect(&shim.addr);
+            }
+            assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"", "{case}");
+            wait_for("filterd reachable", Duration::from_secs(30), || {
+                let mut c = LineClient::connect(&shim.addr);
+                let r = c.call_with(
+                    "xid",
+                    json!({"op": "EXCHANGE_ID", "owner": "host-b", "verifier": "00000000000000b2"}),
+                );
+                (r["status"] == "NFS4_OK").then_some(())
+            });
+            let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000b2");
+            let o = b.call_patiently(json!({"op": "OPEN", "owner": "ob", "path": "f",
+                                            "access": "write", "deny": "none"}));
+            assert_eq!(o["status"], "NFS4_OK", "{case}: {o}");
+            let w = b.call_patiently(
+                json!({"op": "WRITE", "stateid": o["stateid"], "offset": 0, "data": "YWNrZWQ="}),
+            );
+            assert_eq!(w["status"], "NFS4_OK", "{case}: {w}");
+            let r = resend(&mut a, &open);
+            assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+            assert_eq!(
+                std::fs::read(s.root().join("f")).unwrap(),
+                b"acked",
+                "{case}: the re-sent OPEN truncated again over an acknowledged write"
+            );
+        }
+    }
+}

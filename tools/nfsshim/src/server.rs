@@ -744,12 +744,39 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
         let _ = state::put(f, &t.states(&cid), num, &rec);
     }
     // Handles of this instance that no table names: an OPEN whose filter
-    // handle committed but whose state record did not (nfsshim died in
-    // between). Nobody can reach them; left alone they would hold their
-    // modes for their whole timeout.
+    // handle committed but whose state record did not (nfsshim or filterd
+    // died in between). One of a client that is gone: nobody can reach
+    // it; left alone it would hold its modes for its whole timeout. One
+    // of a client restored here is kept for the re-send of that OPEN, as
+    // an nfsshim that stayed up keeps it, and goes when the client is
+    // released (`may_hold_strays`): closed now, the re-send would open the
+    // file again — a truncating OPEN truncating a second time, over data
+    // written and acknowledged since.
     let known: HashSet<ResumeKey> = g.handle_client.keys().copied().collect();
+    let live: HashSet<String> = g.clients.keys().cloned().collect();
     drop(g);
-    close_strays(sh, |h| !known.contains(&h.record.key))
+    let kept = std::cell::RefCell::new(HashSet::new());
+    close_strays(sh, |h| {
+        if known.contains(&h.record.key) {
+            return false;
+        }
+        let cid = h.record.client.as_str();
+        if live.contains(cid) {
+            kept.borrow_mut().insert(cid.to_owned());
+            return false;
+        }
+        true
+    })?;
+    let g = sh
+        .st
+        .lock()
+        .map_err(|_| ClientError::Unexpected("lock".into()))?;
+    for cid in kept.into_inner() {
+        if let Some(mut st) = g.clients.get(&cid).and_then(|cl| cl.lock().ok()) {
+            st.may_hold_strays = true;
+        }
+    }
+    Ok(())
 }
 
 /// Closes the filter handles of this instance that `stray` picks: ones no
@@ -1744,6 +1771,20 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         stat: false,
         put: Vec::new(),
     };
+    if let Some(v) = &excl_verifier {
+        // The verifier and the file it made: in the open's own commit, so
+        // a create that committed is always found by its re-send (apart,
+        // the re-send of a create whose verifier record was lost with
+        // filterd, its handle dropped at nfsshim's restore, found the file
+        // and no verifier: NFS4ERR_EXIST for the client's own create).
+        // filterd fills in `opened`, whose `file` the re-send checks.
+        req.put.push(RecordSpec {
+            scope: state::scope(&sh.tables.excl()).map_err(filter_fail)?,
+            op_id: fnv64(path.as_str()),
+            reply: json!({"path": path.as_str(), "verifier": v, "opened": null}).to_string(),
+            keep: state::KEEP,
+        });
+    }
     let slot = descriptor_slot(sh)?;
     // An owner's first open state, neither exclusive nor truncating: the
     // filter open, the open state and the slot reply in one commit. (An
@@ -1796,8 +1837,13 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             created_by_resend = true;
             req.disposition = Disposition::Open;
             req.create_guid = Some(CreateGuid(derived_uuid(&ctx.request_name("open-excl"))));
+            // The record stays as the create wrote it (this open may find
+            // another file under the name).
+            req.put.clear();
             let h = sh.filter.replay_open(req).map_err(filter_fail)?;
-            if serde_json::to_value(h.info.file).ok().as_ref() != Some(&stored["file"]) {
+            // Written with the open: `opened.file`; before, apart: `file`.
+            let file = stored.get("file").unwrap_or(&stored["opened"]["file"]);
+            if serde_json::to_value(h.info.file).ok().as_ref() != Some(file) {
                 // Another file now has that name.
                 let _ = sh.filter.close(h.info.key);
                 return Err(Fail("NFS4ERR_EXIST", format!("{path} exists")));
@@ -1808,21 +1854,6 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     };
     note_locked(sh, &h.info);
     let created = created_by_resend || h.info.create_action == CreateAction::Created;
-    if let (Some(v), true) = (
-        &excl_verifier,
-        h.info.create_action == CreateAction::Created,
-    ) {
-        let rec = json!({"path": path.as_str(), "verifier": v, "file": h.info.file}).to_string();
-        sh.filter
-            .client()
-            .record_reply(
-                state::scope(&sh.tables.excl()).map_err(filter_fail)?,
-                fnv64(path.as_str()),
-                rec,
-                state::KEEP,
-            )
-            .map_err(filter_fail)?;
-    }
     let size = h.info.size;
     let mut deleg_granted = h.info.lease.filter(|l| l.state.contains(LeaseState::R));
     // The same owner's open of the same file: one open state, upgraded.
@@ -2987,8 +3018,22 @@ fn recorded() -> Map<String, Value> {
     m
 }
 
+/// Whether filterd already made this REMOVE or RENAME: it records the
+/// slot reply in the commit that ends the change, so when filterd went away
+/// after that commit (or during it: its recovery finishes the change and
+/// records the reply) the re-send on the same slot and seqid finds the
+/// record. Doing the change again would find the name gone
+/// (`NFS4ERR_NOENT`) where the spec wants the original `NFS4_OK`.
+fn changed_before(ctx: &Ctx<'_>) -> Result<bool, Fail> {
+    Ok(earlier_open(ctx)?.is_some())
+}
+
 fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let path = path_field(obj, "path")?;
+    if changed_before(ctx)? {
+        forget_verifier(ctx.sh, path.as_str());
+        return Ok(recorded());
+    }
     lower_own_delegations(ctx, st, &[path.as_str()]);
     match ctx
         .sh
@@ -3050,8 +3095,33 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
     let from = path_field(obj, "from")?;
     let to = path_field(obj, "to")?;
-    lower_own_delegations(ctx, st, &[from.as_str(), to.as_str()]);
     let (from_s, to_s) = (from.as_str().to_owned(), to.as_str().to_owned());
+    if !changed_before(ctx)? {
+        lower_own_delegations(ctx, st, &[from.as_str(), to.as_str()]);
+        rename_in_filter(ctx, from, to)?;
+    }
+    forget_verifier(sh, &from_s);
+    forget_verifier(sh, &to_s);
+    // This client's opens of the file follow it (its own later REMOVE or
+    // RENAME of the new name finds their delegations).
+    let moved: Vec<(u64, OpenRec)> = st
+        .opens
+        .values_mut()
+        .filter(|o| o.rec.path == from_s)
+        .map(|o| {
+            o.rec.path = to_s.clone();
+            (o.num, o.rec.clone())
+        })
+        .collect();
+    for (num, rec) in moved {
+        ctx.put_state(num, &rec)?;
+    }
+    Ok(recorded())
+}
+
+/// RENAME's change in filterd, its slot reply recorded with it.
+fn rename_in_filter(ctx: &Ctx<'_>, from: RelPath, to: RelPath) -> Result<(), Fail> {
+    let sh = ctx.sh;
     // Renames go through a short-lived handle with delete access: its open
     // is refused when another open does not share delete.
     let h = sh
@@ -3073,24 +3143,7 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .client()
         .rename(h.info.key, to, true, Some(slot_record(ctx)?));
     let _ = sh.filter.close(h.info.key);
-    r.map_err(namespace_fail)?;
-    forget_verifier(sh, &from_s);
-    forget_verifier(sh, &to_s);
-    // This client's opens of the file follow it (its own later REMOVE or
-    // RENAME of the new name finds their delegations).
-    let moved: Vec<(u64, OpenRec)> = st
-        .opens
-        .values_mut()
-        .filter(|o| o.rec.path == from_s)
-        .map(|o| {
-            o.rec.path = to_s.clone();
-            (o.num, o.rec.clone())
-        })
-        .collect();
-    for (num, rec) in moved {
-        ctx.put_state(num, &rec)?;
-    }
-    Ok(recorded())
+    r.map_err(namespace_fail)
 }
 
 /// Filter events: delegation recalls (CB_RECALL), lock hints, handles gone.
