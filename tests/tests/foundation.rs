@@ -1012,3 +1012,35 @@ fn confinement_holds_while_a_symlink_is_swapped_in() {
         "the race must reach both the real directory and the symlink out"
     );
 }
+
+/// An error printed by filterctl is one line that names its cause once
+/// (a refusal of filterd's, an LMDB error), not the cause twice over.
+#[test]
+fn filterctl_errors_name_their_cause_once() {
+    let s = Scratch::new("ctl-once");
+    let d = Filterd::start(&s, &[], &[]);
+    let sock = d.socket().to_string_lossy().into_owned();
+    let key = "00000000-0000-0000-0000-000000000000";
+    let out = filterctl(&["--socket", &sock, "handle", key]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches(&format!("no handle {key}")).count(),
+        1,
+        "{}",
+        out.stderr
+    );
+    // A state dir whose LMDB file is not one, with no daemon.
+    let junk = s.dir.join("junk");
+    std::fs::create_dir_all(junk.join("lmdb")).unwrap();
+    std::fs::write(junk.join("lmdb/data.mdb"), b"not lmdb").unwrap();
+    let out = filterctl(&["--state", junk.to_str().unwrap(), "handles"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("not an LMDB file").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+}
