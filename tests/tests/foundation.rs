@@ -1013,6 +1013,37 @@ fn confinement_holds_while_a_symlink_is_swapped_in() {
     );
 }
 
+/// `filterctl … | head`: a reader that goes away before filterctl writes
+/// ends it quietly (exit 0, nothing on stderr) — not a panic with a
+/// backtrace from `println!`.
+#[test]
+fn filterctl_stops_quietly_when_its_reader_goes_away() {
+    let s = Scratch::new("ctl-epipe");
+    let d = Filterd::start(&s, &[], &[]);
+    let sock = d.socket().to_string_lossy().into_owned();
+    for args in [
+        vec!["--socket", &sock, "stats"],
+        vec!["--socket", &sock, "status", "--json"],
+    ] {
+        // The read end is closed before filterctl starts: its first write
+        // gets EPIPE.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = std::process::Command::new(bin("filterctl"))
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(writer)
+            .output()
+            .expect("run filterctl");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
+}
+
 /// An error printed by filterctl is one line that names its cause once
 /// (a refusal of filterd's, an LMDB error), not the cause twice over.
 #[test]

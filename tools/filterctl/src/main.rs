@@ -86,6 +86,23 @@ enum Cmd {
     },
 }
 
+/// `print!` that returns the write's error instead of panicking: a reader
+/// that went away (`filterctl … | head`) ends the command quietly ([`main`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// `println!` that returns the write's error, as [`out!`] does.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 /// Where the answers come from.
 enum Source {
     Live(FilterClient),
@@ -281,7 +298,7 @@ fn offline_files(views: &[HandleView]) -> Vec<FileView> {
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
 }
 
@@ -328,7 +345,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&locks)
             } else {
-                print!("{}", render::locks(&locks));
+                out!("{}", render::locks(&locks))?;
                 Ok(())
             }
         }
@@ -341,7 +358,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&leases)
             } else {
-                print!("{}", render::leases(&leases));
+                out!("{}", render::leases(&leases))?;
                 Ok(())
             }
         }
@@ -379,14 +396,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&clients)
             } else {
-                print!("{}", render::clients(&clients));
+                out!("{}", render::clients(&clients))?;
                 Ok(())
             }
         }
         (Cmd::Status, Source::Live(c)) => match c.call(Request::Status)?.0 {
             Reply::Status(s) if args.json => print_json(&s),
             Reply::Status(s) => {
-                print!("{}", render::status(&s));
+                out!("{}", render::status(&s))?;
                 Ok(())
             }
             other => bail!("unexpected reply {other:?}"),
@@ -403,10 +420,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     "corrupt_records": corrupt,
                 }))
             } else {
-                print!(
+                out!(
                     "{}",
                     render::offline_status(&meta, store.owner().as_deref(), &views, &corrupt)
-                );
+                )?;
                 Ok(())
             }
         }
@@ -422,9 +439,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     print_json(&serde_json::json!({ "handles": views, "corrupt_records": corrupt }))
                 }
             } else {
-                print!("{}", render::handles(&views, libfilter::model::now_ms()));
+                out!("{}", render::handles(&views, libfilter::model::now_ms()))?;
                 for c in &corrupt {
-                    println!("corrupt record: {c}");
+                    outln!("corrupt record: {c}")?;
                 }
                 Ok(())
             }
@@ -447,7 +464,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&view)
             } else {
-                print!("{}", render::handle(&view, libfilter::model::now_ms()));
+                out!("{}", render::handle(&view, libfilter::model::now_ms()))?;
                 Ok(())
             }
         }
@@ -459,17 +476,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&files)
             } else {
-                print!("{}", render::files(&files));
+                out!("{}", render::files(&files))?;
                 Ok(())
             }
         }
         (Cmd::Frontends, Source::Live(c)) => match c.call(Request::Frontends)?.0 {
             Reply::Frontends { frontends } if args.json => print_json(&frontends),
             Reply::Frontends { frontends } => {
-                print!(
+                out!(
                     "{}",
                     render::frontends(&frontends, libfilter::model::now_ms())
-                );
+                )?;
                 Ok(())
             }
             other => bail!("unexpected reply {other:?}"),
@@ -500,17 +517,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
                         ]
                     })
                     .collect();
-                print!(
+                out!(
                     "{}",
                     render::table(&["PROTOCOL", "INSTANCE", "HANDLES", "ATTACHED"], &rows)
-                );
+                )?;
                 Ok(())
             }
         }
         (Cmd::Stats, Source::Live(c)) => match c.call(Request::Stats)?.0 {
             Reply::Stats(s) if args.json => print_json(&s),
             Reply::Stats(s) => {
-                print!("{}", render::stats(&s)?);
+                out!("{}", render::stats(&s)?)?;
                 Ok(())
             }
             other => bail!("unexpected reply {other:?}"),
@@ -524,7 +541,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&serde_json::json!({ "expired": key }))
             } else {
-                println!("expired {key}");
+                outln!("expired {key}")?;
                 Ok(())
             }
         }
@@ -533,7 +550,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 print_json(&serde_json::json!({ "purged": count }))
             }
             Reply::Purged { count } => {
-                println!("purged {count} disconnected handle(s)");
+                outln!("purged {count} disconnected handle(s)")?;
                 Ok(())
             }
             other => bail!("unexpected reply {other:?}"),
@@ -548,9 +565,20 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`filterctl handles | head`):
+        // what it wanted it has; stop quietly, as ripgrep does.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("filterctl: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+/// Whether `e` is a write to a closed pipe (stdout's reader is gone).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
