@@ -1075,3 +1075,43 @@ fn filterctl_errors_name_their_cause_once() {
         out.stderr
     );
 }
+
+/// `filterctl --state DIR locks` with the daemon down names a lock's
+/// owner as the live daemon did (the lock owner the frontend gave, e.g.
+/// nfsshim's `OWNER-lock`), not the owner of the open.
+#[test]
+fn offline_locks_name_the_owner_the_live_daemon_names() {
+    let s = Scratch::new("ctl-lock-owner");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let nfs = rkfilter_tests::Shim::start("nfsshim", d.socket(), "nfs");
+    let mut c = std::process::Command::new(bin("nfsshim"))
+        .args(["client", &nfs.addr])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("nfsshim client");
+    {
+        use std::io::Write;
+        let mut stdin = c.stdin.take().unwrap();
+        stdin
+            .write_all(b"exchange bob\nsession\nopen b.txt create=unchecked\nlock . 0 eof write\n")
+            .unwrap();
+    }
+    let out = c.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("lock_stateid"), "{text}");
+    let sock = d.socket().to_string_lossy().into_owned();
+    let owners = |v: Value| -> Vec<Value> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["owner"].clone())
+            .collect()
+    };
+    let live = owners(filterctl(&["--socket", &sock, "locks", "--json"]).json());
+    assert_eq!(live, vec![json!("bob-lock")]);
+    assert!(d.terminate().success());
+    let state = s.state().to_string_lossy().into_owned();
+    let offline = owners(filterctl(&["--state", &state, "locks", "--json"]).json());
+    assert_eq!(offline, live, "offline locks name the lock owner");
+}

@@ -334,7 +334,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
                         v.record.locks.iter().map(|l| libfilter::proto::LockView {
                             file: v.record.file,
                             key: v.record.key,
-                            owner: v.record.owner.clone(),
+                            owner: v
+                                .record
+                                .lock_owner
+                                .clone()
+                                .or_else(|| v.record.owner.clone()),
                             range: l.range,
                             kind: l.kind,
                             unmirrored: false,
