@@ -1076,6 +1076,53 @@ fn filterctl_errors_name_their_cause_once() {
     );
 }
 
+/// smbshim, nfsshim and rksmbd that cannot start say why in one line
+/// (`PROGRAM: what: why`, as filterd and filterctl do) and exit 1 — not
+/// anyhow's multi-line report with a backtrace.
+#[test]
+fn frontends_that_cannot_listen_say_why_in_one_line() {
+    let s = Scratch::new("shim-one-line");
+    let d = Filterd::start(&s, &[], &[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let users = s.dir.join("users");
+    let mut hash = std::process::Command::new(bin("rksmbd"))
+        .args(["hash-password", "u"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("rksmbd hash-password");
+    {
+        use std::io::Write;
+        hash.stdin.take().unwrap().write_all(b"pw\n").unwrap();
+    }
+    std::fs::write(&users, hash.wait_with_output().unwrap().stdout).unwrap();
+    for (prog, extra) in [
+        ("smbshim", vec![]),
+        ("nfsshim", vec![]),
+        (
+            "rksmbd",
+            vec!["--share", "s", "--users", users.to_str().unwrap()],
+        ),
+    ] {
+        let out = std::process::Command::new(bin(prog))
+            .arg("--filter")
+            .arg(d.socket())
+            .args(["--listen", &addr, "--instance", &format!("{prog}-busy")])
+            .args(&extra)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .expect("run the frontend");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{prog}: {err}");
+        assert_eq!(err.lines().count(), 1, "{prog}: {err}");
+        assert!(
+            err.starts_with(&format!("{prog}: listening on {addr}: ")) && err.contains("in use"),
+            "{prog}: {err}"
+        );
+    }
+}
+
 /// `filterctl --state DIR locks` with the daemon down names a lock's
 /// owner as the live daemon did (the lock owner the frontend gave, e.g.
 /// nfsshim's `OWNER-lock`), not the owner of the open.

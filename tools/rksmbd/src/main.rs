@@ -62,7 +62,11 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    shimline::cli::exit_status("rksmbd", run())
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(Command::HashPassword { user, uid }) = args.command {
         if user.is_empty() || user.contains(':') {

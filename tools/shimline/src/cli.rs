@@ -92,3 +92,21 @@ pub fn word(s: &str) -> Option<(&str, &str)> {
     let end = s.find(char::is_whitespace).unwrap_or(s.len());
     Some((s.get(..end)?, s.get(end..)?.trim_start()))
 }
+
+/// How a frontend's `main` ends: status 0, or its error as one line on
+/// stderr (`PROGRAM: what failed: why`, the chain `{:#}` prints) and status
+/// 1 — the form filterd and filterctl use, rather than the multi-line
+/// `Error: … Caused by: …` (and, with `RUST_BACKTRACE` set, a backtrace)
+/// that returning the error from `main` prints.
+pub fn exit_status<E: std::fmt::Display>(
+    program: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -101,7 +101,11 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    shimline::cli::exit_status("smbshim", run())
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     match (args.command, args.filter, args.listen) {
         (Some(Command::Client { addr, timeout }), _, _) => {
