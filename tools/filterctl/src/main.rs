@@ -503,22 +503,31 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     .entry((v.record.protocol.to_string(), v.record.frontend.to_string()))
                     .or_default() += 1;
             }
+            // An LMDB store read offline has no daemon; an etcd table may
+            // have an owner serving on another node, whose frontends this
+            // read cannot see: their attachment is unknown (JSON null).
+            let (attached, attached_text) = match store.owner() {
+                Some(o) if o != "none" => (
+                    serde_json::Value::Null,
+                    format!("unknown (owner {o} serves the table)"),
+                ),
+                Some(_) => (
+                    serde_json::json!(false),
+                    "no (the table has no owner)".into(),
+                ),
+                None => (serde_json::json!(false), "no (daemon down)".into()),
+            };
             if args.json {
                 let v: Vec<_> = names
                     .iter()
-                    .map(|((p, i), n)| serde_json::json!({"protocol": p, "instance": i, "handles": n, "attached": false}))
+                    .map(|((p, i), n)| serde_json::json!({"protocol": p, "instance": i, "handles": n, "attached": attached}))
                     .collect();
                 print_json(&v)
             } else {
                 let rows: Vec<Vec<String>> = names
                     .iter()
                     .map(|((p, i), n)| {
-                        vec![
-                            p.clone(),
-                            i.clone(),
-                            n.to_string(),
-                            "no (daemon down)".into(),
-                        ]
+                        vec![p.clone(), i.clone(), n.to_string(), attached_text.clone()]
                     })
                     .collect();
                 out!(
