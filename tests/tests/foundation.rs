@@ -1162,3 +1162,39 @@ fn offline_locks_name_the_owner_the_live_daemon_names() {
     let offline = owners(filterctl(&["--state", &state, "locks", "--json"]).json());
     assert_eq!(offline, live, "offline locks name the lock owner");
 }
+
+/// A malformed `--store` is bad usage, as any bad flag value: exit 2 and
+/// an error naming the flag — for filterd and for filterctl.
+#[test]
+fn a_malformed_store_is_bad_usage() {
+    let s = Scratch::new("bad-store");
+    let (root, state) = (s.root(), s.state());
+    for (prog, args) in [
+        (
+            "filterctl",
+            vec!["--store", "etcd://127.0.0.1:2379", "status"],
+        ),
+        ("filterctl", vec!["--store", "foo", "handles"]),
+        (
+            "filterd",
+            vec![
+                "--root",
+                root.to_str().unwrap(),
+                "--state",
+                state.to_str().unwrap(),
+                "--no-fanotify",
+                "--store",
+                "etcd://127.0.0.1:2379",
+            ],
+        ),
+    ] {
+        let out = std::process::Command::new(bin(prog))
+            .args(&args)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{prog} {args:?}: {err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.contains("--store"), "{prog} {args:?}: {err}");
+    }
+}

@@ -40,7 +40,7 @@ struct Args {
     /// An etcd table (`etcd://HOST:PORT[,HOST:PORT…]/PREFIX`, as filterd's
     /// `--store`), read as it is now, shown as a takeover will show it;
     /// `status` names its owner and fencing revision.
-    #[arg(long, value_name = "URL", global = true)]
+    #[arg(long, value_name = "URL", global = true, value_parser = store_arg)]
     store: Option<String>,
     /// Print one JSON document instead of tables.
     #[arg(long, global = true)]
@@ -101,6 +101,12 @@ macro_rules! outln {
         use std::io::Write as _;
         writeln!(std::io::stdout().lock(), $($arg)*)
     }};
+}
+
+/// `--store` checked as the command line is parsed: a malformed one is bad
+/// usage (exit 2), as filterd's `--store` is.
+fn store_arg(s: &str) -> Result<String, String> {
+    libfilter::etcd::EtcdUrl::parse(s).map(|_| s.to_owned())
 }
 
 /// Where the answers come from.
