@@ -266,9 +266,7 @@ fn another_machine_takes_over_and_a_stale_owner_steps_down() {
     // not known from the table, and filterctl does not say "daemon down".
     let fe = rkfilter_tests::filterctl(&["--store", &url, "frontends"]);
     assert!(
-        fe.code == 0
-            && fe.stdout.contains("unknown (owner ")
-            && !fe.stdout.contains("daemon down"),
+        fe.code == 0 && fe.stdout.contains("unknown (owner ") && !fe.stdout.contains("daemon down"),
         "{}{}",
         fe.stdout,
         fe.stderr
