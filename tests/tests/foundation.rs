@@ -1123,6 +1123,30 @@ fn frontends_that_cannot_listen_say_why_in_one_line() {
     }
 }
 
+/// A malformed `--listen` is bad usage (exit 2, the flag named), found
+/// before the frontend attaches to filterd — here there is none to attach
+/// to, which it would otherwise wait 30 s for.
+#[test]
+fn a_malformed_listen_is_bad_usage() {
+    let s = Scratch::new("bad-listen");
+    for prog in ["smbshim", "nfsshim", "rksmbd"] {
+        for listen in ["nonsense", "127.0.0.1:http", ":4450", "127.0.0.1:70000"] {
+            let mut cmd = std::process::Command::new(bin(prog));
+            cmd.arg("--filter")
+                .arg(s.socket())
+                .args(["--listen", listen]);
+            if prog == "rksmbd" {
+                cmd.args(["--share", "s", "--users", "/dev/null"]);
+            }
+            let out = cmd.output().expect("run the frontend");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{prog} {listen}: {err}");
+            let first = err.lines().next().unwrap_or_default();
+            assert!(first.contains("--listen"), "{prog} {listen}: {err}");
+        }
+    }
+}
+
 /// `filterctl --state DIR locks` with the daemon down names a lock's
 /// owner as the live daemon did (the lock owner the frontend gave, e.g.
 /// nfsshim's `OWNER-lock`), not the owner of the open.

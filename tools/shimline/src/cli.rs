@@ -110,3 +110,18 @@ pub fn exit_status<E: std::fmt::Display>(
         }
     }
 }
+
+/// `--listen HOST:PORT` checked as the command line is parsed, so a
+/// malformed one is a usage error (exit 2) rather than a failure found
+/// after attaching to filterd. HOST may be a name or an address (an IPv6
+/// one in brackets); PORT a number, 0 for a free one.
+pub fn listen_arg(s: &str) -> Result<String, String> {
+    let ok = s
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("expected HOST:PORT, e.g. 127.0.0.1:4450 (port 0 picks a free port)".into())
+    }
+}
