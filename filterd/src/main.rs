@@ -97,7 +97,7 @@ struct Args {
     /// Where the resume-key table lives: `lmdb` (embedded, in the state
     /// dir) or `etcd://HOST:PORT[,HOST:PORT…]/PREFIX` (an etcd v3 cluster,
     /// shared with standbys on other machines; README "Two machines").
-    #[arg(long, value_name = "STORE", default_value = "lmdb")]
+    #[arg(long, value_name = "STORE", default_value = "lmdb", value_parser = store_arg)]
     store: String,
     /// etcd store: the ownership lease's time to live in seconds (at least
     /// 2). filterd stops acting max(TTL/4, 500 ms) before it could expire;
@@ -114,6 +114,15 @@ struct Args {
     /// persistent changes get DISK_FULL.
     #[arg(long, value_name = "MIB", default_value_t = 1 << 20)]
     max_map_size_mib: usize,
+}
+
+/// `--store` checked as the command line is parsed, so a malformed one is
+/// a usage error (exit 2) like any bad flag value.
+fn store_arg(s: &str) -> Result<String, String> {
+    if s == "lmdb" {
+        return Ok(s.to_owned());
+    }
+    libfilter::etcd::EtcdUrl::parse(s).map(|_| s.to_owned())
 }
 
 fn main() {

@@ -95,9 +95,10 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// The daemon refused the request.
+    /// The daemon refused the request. The refusal is in the message and
+    /// not also a `source`, so a printed chain (`{:#}`) says it once.
     #[error("filterd refused the request: {0}")]
-    Refused(#[from] WireError),
+    Refused(WireError),
     /// The connection to the daemon is gone.
     #[error("connection to filterd lost")]
     Disconnected,
@@ -119,6 +120,12 @@ pub enum ClientError {
     /// another is closed). The text says which.
     #[error("filterd's answer lost its descriptor (this process has no free descriptor): {0}")]
     DescriptorsCut(String),
+}
+
+impl From<WireError> for ClientError {
+    fn from(e: WireError) -> Self {
+        ClientError::Refused(e)
+    }
 }
 
 impl ClientError {

@@ -36,9 +36,10 @@ pub const DEFAULT_MAP_SIZE: usize = 4 << 30;
 /// Store failures, one variant per cause.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// LMDB returned an error.
+    /// LMDB returned an error (in the message and not also a `source`, so
+    /// a printed chain says it once).
     #[error("lmdb: {0}")]
-    Lmdb(#[source] heed::Error),
+    Lmdb(heed::Error),
     /// The state dir could not be prepared.
     #[error("state directory {path}")]
     Dir {

@@ -262,6 +262,15 @@ fn another_machine_takes_over_and_a_stale_owner_steps_down() {
     let stored =
         listed_paths(&rkfilter_tests::filterctl(&["--store", &url, "handles", "--json"]).json());
     assert_eq!(stored, before, "the etcd table, read offline");
+    // Its owner serves elsewhere: whether its frontends are attached is
+    // not known from the table, and filterctl does not say "daemon down".
+    let fe = rkfilter_tests::filterctl(&["--store", &url, "frontends"]);
+    assert!(
+        fe.code == 0 && fe.stdout.contains("unknown (owner ") && !fe.stdout.contains("daemon down"),
+        "{}{}",
+        fe.stdout,
+        fe.stderr
+    );
     // Node A serves on.
     let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
     let mut c = LineClient::connect(&a_smb.addr);

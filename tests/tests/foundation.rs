@@ -1012,3 +1012,213 @@ fn confinement_holds_while_a_symlink_is_swapped_in() {
         "the race must reach both the real directory and the symlink out"
     );
 }
+
+/// `filterctl … | head`: a reader that goes away before filterctl writes
+/// ends it quietly (exit 0, nothing on stderr) — not a panic with a
+/// backtrace from `println!`.
+#[test]
+fn filterctl_stops_quietly_when_its_reader_goes_away() {
+    let s = Scratch::new("ctl-epipe");
+    let d = Filterd::start(&s, &[], &[]);
+    let sock = d.socket().to_string_lossy().into_owned();
+    for args in [
+        vec!["--socket", &sock, "stats"],
+        vec!["--socket", &sock, "status", "--json"],
+    ] {
+        // The read end is closed before filterctl starts: its first write
+        // gets EPIPE.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = std::process::Command::new(bin("filterctl"))
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(writer)
+            .output()
+            .expect("run filterctl");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
+}
+
+/// An error printed by filterctl is one line that names its cause once
+/// (a refusal of filterd's, an LMDB error), not the cause twice over.
+#[test]
+fn filterctl_errors_name_their_cause_once() {
+    let s = Scratch::new("ctl-once");
+    let d = Filterd::start(&s, &[], &[]);
+    let sock = d.socket().to_string_lossy().into_owned();
+    let key = "00000000-0000-0000-0000-000000000000";
+    let out = filterctl(&["--socket", &sock, "handle", key]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches(&format!("no handle {key}")).count(),
+        1,
+        "{}",
+        out.stderr
+    );
+    // A state dir whose LMDB file is not one, with no daemon.
+    let junk = s.dir.join("junk");
+    std::fs::create_dir_all(junk.join("lmdb")).unwrap();
+    std::fs::write(junk.join("lmdb/data.mdb"), b"not lmdb").unwrap();
+    let out = filterctl(&["--state", junk.to_str().unwrap(), "handles"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("not an LMDB file").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+}
+
+/// smbshim, nfsshim and rksmbd that cannot start say why in one line
+/// (`PROGRAM: what: why`, as filterd and filterctl do) and exit 1 — not
+/// anyhow's multi-line report with a backtrace.
+#[test]
+fn frontends_that_cannot_listen_say_why_in_one_line() {
+    let s = Scratch::new("shim-one-line");
+    let d = Filterd::start(&s, &[], &[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let users = s.dir.join("users");
+    let mut hash = std::process::Command::new(bin("rksmbd"))
+        .args(["hash-password", "u"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("rksmbd hash-password");
+    {
+        use std::io::Write;
+        hash.stdin.take().unwrap().write_all(b"pw\n").unwrap();
+    }
+    std::fs::write(&users, hash.wait_with_output().unwrap().stdout).unwrap();
+    for (prog, extra) in [
+        ("smbshim", vec![]),
+        ("nfsshim", vec![]),
+        (
+            "rksmbd",
+            vec!["--share", "s", "--users", users.to_str().unwrap()],
+        ),
+    ] {
+        let out = std::process::Command::new(bin(prog))
+            .arg("--filter")
+            .arg(d.socket())
+            .args(["--listen", &addr, "--instance", &format!("{prog}-busy")])
+            .args(&extra)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .expect("run the frontend");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{prog}: {err}");
+        assert_eq!(err.lines().count(), 1, "{prog}: {err}");
+        assert!(
+            err.starts_with(&format!("{prog}: listening on {addr}: ")) && err.contains("in use"),
+            "{prog}: {err}"
+        );
+    }
+}
+
+/// A malformed `--listen` is bad usage (exit 2, the flag named), found
+/// before the frontend attaches to filterd — here there is none to attach
+/// to, which it would otherwise wait 30 s for.
+#[test]
+fn a_malformed_listen_is_bad_usage() {
+    let s = Scratch::new("bad-listen");
+    for prog in ["smbshim", "nfsshim", "rksmbd"] {
+        for listen in ["nonsense", "127.0.0.1:http", ":4450", "127.0.0.1:70000"] {
+            let mut cmd = std::process::Command::new(bin(prog));
+            cmd.arg("--filter")
+                .arg(s.socket())
+                .args(["--listen", listen]);
+            if prog == "rksmbd" {
+                cmd.args(["--share", "s", "--users", "/dev/null"]);
+            }
+            let out = cmd.output().expect("run the frontend");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{prog} {listen}: {err}");
+            let first = err.lines().next().unwrap_or_default();
+            assert!(first.contains("--listen"), "{prog} {listen}: {err}");
+        }
+    }
+}
+
+/// `filterctl --state DIR locks` with the daemon down names a lock's
+/// owner as the live daemon did (the lock owner the frontend gave, e.g.
+/// nfsshim's `OWNER-lock`), not the owner of the open.
+#[test]
+fn offline_locks_name_the_owner_the_live_daemon_names() {
+    let s = Scratch::new("ctl-lock-owner");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let nfs = rkfilter_tests::Shim::start("nfsshim", d.socket(), "nfs");
+    let mut c = std::process::Command::new(bin("nfsshim"))
+        .args(["client", &nfs.addr])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("nfsshim client");
+    {
+        use std::io::Write;
+        let mut stdin = c.stdin.take().unwrap();
+        stdin
+            .write_all(b"exchange bob\nsession\nopen b.txt create=unchecked\nlock . 0 eof write\n")
+            .unwrap();
+    }
+    let out = c.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("lock_stateid"), "{text}");
+    let sock = d.socket().to_string_lossy().into_owned();
+    let owners = |v: Value| -> Vec<Value> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["owner"].clone())
+            .collect()
+    };
+    let live = owners(filterctl(&["--socket", &sock, "locks", "--json"]).json());
+    assert_eq!(live, vec![json!("bob-lock")]);
+    assert!(d.terminate().success());
+    let state = s.state().to_string_lossy().into_owned();
+    let offline = owners(filterctl(&["--state", &state, "locks", "--json"]).json());
+    assert_eq!(offline, live, "offline locks name the lock owner");
+}
+
+/// A malformed `--store` is bad usage, as any bad flag value: exit 2 and
+/// an error naming the flag — for filterd and for filterctl.
+#[test]
+fn a_malformed_store_is_bad_usage() {
+    let s = Scratch::new("bad-store");
+    let (root, state) = (s.root(), s.state());
+    for (prog, args) in [
+        (
+            "filterctl",
+            vec!["--store", "etcd://127.0.0.1:2379", "status"],
+        ),
+        ("filterctl", vec!["--store", "foo", "handles"]),
+        (
+            "filterd",
+            vec![
+                "--root",
+                root.to_str().unwrap(),
+                "--state",
+                state.to_str().unwrap(),
+                "--no-fanotify",
+                "--store",
+                "etcd://127.0.0.1:2379",
+            ],
+        ),
+    ] {
+        let out = std::process::Command::new(bin(prog))
+            .args(&args)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{prog} {args:?}: {err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.contains("--store"), "{prog} {args:?}: {err}");
+    }
+}

@@ -57,6 +57,12 @@ fn identity_sessions_slots_and_stateids() {
         (r["data"].as_str(), r["eof"].as_bool()),
         (Some(b64("HELLO").as_str()), Some(true))
     );
+    // eof: the read reached the end of the file — also a read that ends
+    // exactly there (RFC 8881 18.22.3), and not one that bytes follow.
+    for (offset, count, eof) in [(0, 5, true), (2, 3, true), (0, 4, false), (5, 1, true)] {
+        let r = ok(a.call(json!({"op": "READ", "stateid": sid, "offset": offset, "count": count})));
+        assert_eq!(r["eof"], eof, "READ {offset} {count}: {r}");
+    }
     // The slot table's refusals.
     let mut bad = json!({"op": "READ", "stateid": sid, "offset": 0, "count": 1});
     bad["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid + 5});

@@ -60,6 +60,13 @@ fn basic_commands_and_malformed_input() {
     );
     assert_eq!(rd["data"], b64("hello"));
     assert_eq!(rd["eof"], true);
+    // eof says whether the read reached the end: also when it ends exactly
+    // there, and not when bytes follow.
+    for (offset, length, eof) in [(0, 5, true), (2, 3, true), (0, 4, false), (5, 1, true)] {
+        let rd = c.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid,
+                               "offset": offset, "length": length}));
+        assert_eq!(rd["eof"], eof, "READ {offset} {length}: {rd}");
+    }
     assert_eq!(std::fs::read(s.root().join("doc.txt")).unwrap(), b"hello");
     // Errors with their statuses.
     let bad = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "../x", "access": ["read"], "share": [], "disposition": "open"}));

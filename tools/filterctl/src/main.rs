@@ -40,7 +40,7 @@ struct Args {
     /// An etcd table (`etcd://HOST:PORT[,HOST:PORT…]/PREFIX`, as filterd's
     /// `--store`), read as it is now, shown as a takeover will show it;
     /// `status` names its owner and fencing revision.
-    #[arg(long, value_name = "URL", global = true)]
+    #[arg(long, value_name = "URL", global = true, value_parser = store_arg)]
     store: Option<String>,
     /// Print one JSON document instead of tables.
     #[arg(long, global = true)]
@@ -84,6 +84,29 @@ enum Cmd {
         #[arg(long, required = true)]
         disconnected: bool,
     },
+}
+
+/// `print!` that returns the write's error instead of panicking: a reader
+/// that went away (`filterctl … | head`) ends the command quietly ([`main`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// `println!` that returns the write's error, as [`out!`] does.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// `--store` checked as the command line is parsed: a malformed one is bad
+/// usage (exit 2), as filterd's `--store` is.
+fn store_arg(s: &str) -> Result<String, String> {
+    libfilter::etcd::EtcdUrl::parse(s).map(|_| s.to_owned())
 }
 
 /// Where the answers come from.
@@ -281,7 +304,7 @@ fn offline_files(views: &[HandleView]) -> Vec<FileView> {
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
 }
 
@@ -317,7 +340,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
                         v.record.locks.iter().map(|l| libfilter::proto::LockView {
                             file: v.record.file,
                             key: v.record.key,
-                            owner: v.record.owner.clone(),
+                            owner: v
+                                .record
+                                .lock_owner
+                                .clone()
+                                .or_else(|| v.record.owner.clone()),
                             range: l.range,
                             kind: l.kind,
                             unmirrored: false,
@@ -328,7 +355,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&locks)
             } else {
-                print!("{}", render::locks(&locks));
+                out!("{}", render::locks(&locks))?;
                 Ok(())
             }
         }
@@ -341,7 +368,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&leases)
             } else {
-                print!("{}", render::leases(&leases));
+                out!("{}", render::leases(&leases))?;
                 Ok(())
             }
         }
@@ -379,14 +406,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&clients)
             } else {
-                print!("{}", render::clients(&clients));
+                out!("{}", render::clients(&clients))?;
                 Ok(())
             }
         }
         (Cmd::Status, Source::Live(c)) => match c.call(Request::Status)?.0 {
             Reply::Status(s) if args.json => print_json(&s),
             Reply::Status(s) => {
-                print!("{}", render::status(&s));
+                out!("{}", render::status(&s))?;
                 Ok(())
             }
             other => bail!("unexpected reply {other:?}"),
@@ -403,10 +430,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     "corrupt_records": corrupt,
                 }))
             } else {
-                print!(
+                out!(
                     "{}",
                     render::offline_status(&meta, store.owner().as_deref(), &views, &corrupt)
-                );
+                )?;
                 Ok(())
             }
         }
@@ -422,9 +449,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     print_json(&serde_json::json!({ "handles": views, "corrupt_records": corrupt }))
                 }
             } else {
-                print!("{}", render::handles(&views, libfilter::model::now_ms()));
+                out!("{}", render::handles(&views, libfilter::model::now_ms()))?;
                 for c in &corrupt {
-                    println!("corrupt record: {c}");
+                    outln!("corrupt record: {c}")?;
                 }
                 Ok(())
             }
@@ -447,7 +474,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&view)
             } else {
-                print!("{}", render::handle(&view, libfilter::model::now_ms()));
+                out!("{}", render::handle(&view, libfilter::model::now_ms()))?;
                 Ok(())
             }
         }
@@ -459,17 +486,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&files)
             } else {
-                print!("{}", render::files(&files));
+                out!("{}", render::files(&files))?;
                 Ok(())
             }
         }
         (Cmd::Frontends, Source::Live(c)) => match c.call(Request::Frontends)?.0 {
             Reply::Frontends { frontends } if args.json => print_json(&frontends),
             Reply::Frontends { frontends } => {
-                print!(
+                out!(
                     "{}",
                     render::frontends(&frontends, libfilter::model::now_ms())
-                );
+                )?;
                 Ok(())
             }
             other => bail!("unexpected reply {other:?}"),
@@ -482,35 +509,44 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     .entry((v.record.protocol.to_string(), v.record.frontend.to_string()))
                     .or_default() += 1;
             }
+            // An LMDB store read offline has no daemon; an etcd table may
+            // have an owner serving on another node, whose frontends this
+            // read cannot see: their attachment is unknown (JSON null).
+            let (attached, attached_text) = match store.owner() {
+                Some(o) if o != "none" => (
+                    serde_json::Value::Null,
+                    format!("unknown (owner {o} serves the table)"),
+                ),
+                Some(_) => (
+                    serde_json::json!(false),
+                    "no (the table has no owner)".into(),
+                ),
+                None => (serde_json::json!(false), "no (daemon down)".into()),
+            };
             if args.json {
                 let v: Vec<_> = names
                     .iter()
-                    .map(|((p, i), n)| serde_json::json!({"protocol": p, "instance": i, "handles": n, "attached": false}))
+                    .map(|((p, i), n)| serde_json::json!({"protocol": p, "instance": i, "handles": n, "attached": attached}))
                     .collect();
                 print_json(&v)
             } else {
                 let rows: Vec<Vec<String>> = names
                     .iter()
                     .map(|((p, i), n)| {
-                        vec![
-                            p.clone(),
-                            i.clone(),
-                            n.to_string(),
-                            "no (daemon down)".into(),
-                        ]
+                        vec![p.clone(), i.clone(), n.to_string(), attached_text.clone()]
                     })
                     .collect();
-                print!(
+                out!(
                     "{}",
                     render::table(&["PROTOCOL", "INSTANCE", "HANDLES", "ATTACHED"], &rows)
-                );
+                )?;
                 Ok(())
             }
         }
         (Cmd::Stats, Source::Live(c)) => match c.call(Request::Stats)?.0 {
             Reply::Stats(s) if args.json => print_json(&s),
             Reply::Stats(s) => {
-                print!("{}", render::stats(&s)?);
+                out!("{}", render::stats(&s)?)?;
                 Ok(())
             }
             other => bail!("unexpected reply {other:?}"),
@@ -524,7 +560,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&serde_json::json!({ "expired": key }))
             } else {
-                println!("expired {key}");
+                outln!("expired {key}")?;
                 Ok(())
             }
         }
@@ -533,7 +569,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 print_json(&serde_json::json!({ "purged": count }))
             }
             Reply::Purged { count } => {
-                println!("purged {count} disconnected handle(s)");
+                outln!("purged {count} disconnected handle(s)")?;
                 Ok(())
             }
             other => bail!("unexpected reply {other:?}"),
@@ -548,9 +584,20 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`filterctl handles | head`):
+        // what it wanted it has; stop quietly, as ripgrep does.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("filterctl: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+/// Whether `e` is a write to a closed pipe (stdout's reader is gone).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

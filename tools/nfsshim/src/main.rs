@@ -51,7 +51,8 @@ struct Args {
     #[arg(long, value_name = "SOCKET", required = true)]
     filter: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port).
-    #[arg(long, value_name = "HOST:PORT", required = true)]
+    #[arg(long, value_name = "HOST:PORT", required = true,
+          value_parser = shimline::cli::listen_arg)]
     listen: Option<String>,
     /// Frontend instance name [default: nfs]; a new nfsshim with the same
     /// name takes over the state of a dead one.
@@ -110,7 +111,11 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    shimline::cli::exit_status("nfsshim", run())
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     match (args.command, args.filter, args.listen) {
         (Some(Command::Client { addr, timeout }), _, _) => {

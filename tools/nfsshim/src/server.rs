@@ -2350,11 +2350,13 @@ fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     }
     let pass = check_io(ctx, o, io_key(o, &n), offset, count, false)?;
     let mut buf = vec![0u8; usize::try_from(count).unwrap_or(0)];
-    let got = o
+    let file = o
         .file_for(Rights::READ)
-        .ok_or_else(|| Fail("NFS4ERR_ACCESS", "the open does not read".into()))?
+        .ok_or_else(|| Fail("NFS4ERR_ACCESS", "the open does not read".into()))?;
+    let got = file
         .read_at(&mut buf, offset)
         .map_err(|e| internal(e.to_string()))?;
+    let eof = shimline::datasync::read_reached_eof(file, offset, got, buf.len());
     drop(pass);
     buf.truncate(got);
     let mut m = Map::new();
@@ -2362,7 +2364,7 @@ fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         "data".into(),
         json!(base64::engine::general_purpose::STANDARD.encode(&buf)),
     );
-    m.insert("eof".into(), json!(u64::try_from(got).unwrap_or(0) < count));
+    m.insert("eof".into(), json!(eof));
     Ok(m)
 }
 

@@ -27,7 +27,8 @@ struct Args {
     #[arg(long, value_name = "SOCKET", required = true)]
     filter: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port).
-    #[arg(long, value_name = "HOST:PORT", required = true)]
+    #[arg(long, value_name = "HOST:PORT", required = true,
+          value_parser = shimline::cli::listen_arg)]
     listen: Option<String>,
     /// Frontend instance name [default: rksmbd]; a new rksmbd with the
     /// same name takes over the handles of a dead one.
@@ -62,7 +63,11 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    shimline::cli::exit_status("rksmbd", run())
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(Command::HashPassword { user, uid }) = args.command {
         if user.is_empty() || user.contains(':') {

@@ -92,3 +92,36 @@ pub fn word(s: &str) -> Option<(&str, &str)> {
     let end = s.find(char::is_whitespace).unwrap_or(s.len());
     Some((s.get(..end)?, s.get(end..)?.trim_start()))
 }
+
+/// How a frontend's `main` ends: status 0, or its error as one line on
+/// stderr (`PROGRAM: what failed: why`, the chain `{:#}` prints) and status
+/// 1 — the form filterd and filterctl use, rather than the multi-line
+/// `Error: … Caused by: …` (and, with `RUST_BACKTRACE` set, a backtrace)
+/// that returning the error from `main` prints.
+pub fn exit_status<E: std::fmt::Display>(
+    program: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--listen HOST:PORT` checked as the command line is parsed, so a
+/// malformed one is a usage error (exit 2) rather than a failure found
+/// after attaching to filterd. HOST may be a name or an address (an IPv6
+/// one in brackets); PORT a number, 0 for a free one.
+pub fn listen_arg(s: &str) -> Result<String, String> {
+    let ok = s
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("expected HOST:PORT, e.g. 127.0.0.1:4450 (port 0 picks a free port)".into())
+    }
+}

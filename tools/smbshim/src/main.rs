@@ -49,7 +49,8 @@ struct Args {
     #[arg(long, value_name = "SOCKET", required = true)]
     filter: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port).
-    #[arg(long, value_name = "HOST:PORT", required = true)]
+    #[arg(long, value_name = "HOST:PORT", required = true,
+          value_parser = shimline::cli::listen_arg)]
     listen: Option<String>,
     /// Frontend instance name [default: smb]; a new smbshim with the same
     /// name takes over the handles of a dead one.
@@ -101,7 +102,11 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    shimline::cli::exit_status("smbshim", run())
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     match (args.command, args.filter, args.listen) {
         (Some(Command::Client { addr, timeout }), _, _) => {
