@@ -77,9 +77,9 @@ impl SyncedFile {
 
 /// Whether a READ of `wanted` bytes at `offset` that got `got` reached the
 /// end of `file`: a short read, or a full one that ends at or past the
-/// file's size. That is NFSv4's READ `eof` (RFC 8881 18.22.3), and what
-/// both frontends answer, so a client reading a file whole stops without
-/// one more READ that returns nothing.
+/// file's size. That is NFSv4's READ `eof` (RFC 8881 18.22.3), nfsshim's
+/// answer, so a client reading a file whole stops without one more READ
+/// that returns nothing. (smbshim keeps SMB's way: only a short read.)
 pub fn read_reached_eof(file: &File, offset: u64, got: usize, wanted: usize) -> bool {
     if got < wanted {
         return true;

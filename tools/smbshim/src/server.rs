@@ -1320,7 +1320,6 @@ fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let n = file
         .read_at(&mut buf, offset)
         .map_err(|e| Fail("STATUS_INTERNAL_ERROR", e.to_string()))?;
-    let eof = shimline::datasync::read_reached_eof(&file, offset, n, length);
     drop(pass);
     buf.truncate(n);
     let mut m = Map::new();
@@ -1328,7 +1327,7 @@ fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         "data".into(),
         json!(base64::engine::general_purpose::STANDARD.encode(&buf)),
     );
-    m.insert("eof".into(), json!(eof));
+    m.insert("eof".into(), json!(n < length));
     Ok(m)
 }
 
