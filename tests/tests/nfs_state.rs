@@ -922,3 +922,39 @@ fn a_stalled_recall_holder_hurts_only_itself_and_stays_consistent() {
 fn a_stalled_recall_holder_across_an_nfsshim_restart() {
     a_stalled_recall_holder_hurts_only_itself(true);
 }
+
+/// Another client renames a file this client has open; this client's
+/// second lock-owner then locks through a handle of its own, which must
+/// be the open's file under its new name. Old code opened it by the name
+/// the open was made with: NFS4ERR_NOENT, or — once someone made a new
+/// file of that name — a lock on that other file.
+#[test]
+fn a_further_lock_owner_locks_the_open_file_after_another_clients_rename() {
+    let s = Scratch::new("nfs-lock-renamed");
+    std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-lr");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000bb");
+    let o = ok(a.open("p", "f", "both", "none", json!({})));
+    let lock = |owner: &str, offset: u64| {
+        json!({"op": "LOCK", "owner": owner, "type": "write", "stateid": o["stateid"],
+               "offset": offset, "length": 4})
+    };
+    ok(a.call(lock("l1", 0)));
+    ok(b.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
+    ok(b.open(
+        "q",
+        "f",
+        "write",
+        "none",
+        json!({"create": {"mode": "unchecked"}}),
+    ));
+    ok(a.call(lock("l2", 4)));
+    assert_eq!(handles_on(&s, "f").len(), 1, "only b's handle names f");
+    assert_eq!(
+        handles_on(&s, "g").len(),
+        2,
+        "a's open and its second lock-owner"
+    );
+}
