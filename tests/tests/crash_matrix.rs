@@ -994,3 +994,93 @@ fn nfs_truncating_open_is_not_redone_over_a_later_write() {
         }
     }
 }
+
+/// A RENAME moves the renaming client's open states to the new name. When
+/// filterd dies after the commit that records the rename (and its slot
+/// reply), the moves nfsshim writes in a later commit are lost; the re-send
+/// is then answered from the recorded reply and never writes them. An
+/// nfsshim restored after that (at once, or after more work) must still
+/// know the open by its file's name now: a further lock-owner's LOCK opens
+/// its handle of the open's file by that name, and by the old name it
+/// would lock another client's new file of that name (or fail), leaving
+/// the renamed file's range unlocked. Old code: the open state kept "f".
+#[test]
+fn nfs_rename_moves_open_states_once_across_a_crash_of_its_commit() {
+    use rkfilter_tests::{handles_on, Nfs};
+    let rename = json!({"op": "RENAME", "from": "f", "to": "g"});
+    let open_f = json!({"op": "OPEN", "owner": "o1", "path": "f", "access": "both",
+                        "deny": "none"});
+    let lock = |owner: &str, offset: u64, stateid: &serde_json::Value| {
+        json!({"op": "LOCK", "owner": owner, "type": "write", "stateid": stateid,
+               "offset": offset, "length": 4})
+    };
+    let setup = || {
+        let s = Scratch::new("cm-nfs-mv");
+        std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+        s
+    };
+    // Client a opens f and locks it (its first lock-owner locks through
+    // the open's handle); filterd starts again with `fp` armed.
+    let start_locked = |s: &Scratch, fp: Option<&str>, case: &str| {
+        let d = Filterd::start(s, &[], &[]);
+        let shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+        let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+        let o = a.call(open_f.clone());
+        assert_eq!(o["status"], "NFS4_OK", "{case}: {o}");
+        let stateid = o["stateid"].clone();
+        let r = a.call(lock("l1", 0, &stateid));
+        assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+        drop(d);
+        let env: Vec<(&str, &str)> = fp.map(|f| ("RKFILTER_FAILPOINTS", f)).into_iter().collect();
+        let d = Filterd::start(s, &[], &env);
+        let r = a.call_patiently(json!({"op": "READ", "stateid": stateid, "offset": 0,
+                                         "count": 1}));
+        assert_eq!(r["status"], "NFS4_OK", "{case}: nfsshim reattached: {r}");
+        (d, shim, a, stateid)
+    };
+    // Without a crash: the commits the RENAME makes.
+    let (before, after) = {
+        let s = setup();
+        let shim_and_d = start_locked(&s, None, "dry run");
+        let (d, _shim, mut nfs) = (shim_and_d.0, shim_and_d.1, shim_and_d.2);
+        let c0 = commits(&d);
+        let r = nfs.call(rename.clone());
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        (c0, commits(&d))
+    };
+    let points = (before + 1..=after)
+        .flat_map(|n| [format!("commit.before:{n}"), format!("commit.after:{n}")]);
+    for fp in points {
+        for restart_shim in [true, false] {
+            let case = format!("RENAME at {fp}, nfsshim restarted with filterd: {restart_shim}");
+            let s = setup();
+            let (d, mut shim, mut a, stateid) = start_locked(&s, Some(&fp), &case);
+            let (d, _) = crash_and_resend(&s, d, &mut shim, &mut a, &rename, restart_shim, &case);
+            if !restart_shim {
+                shim.kill9_in_place();
+                shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
+                a.c = LineClient::connect(&shim.addr);
+            }
+            // Another client makes a new file under the old name.
+            let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000b2");
+            let ob = b.call_patiently(json!({"op": "OPEN", "owner": "ob", "path": "f",
+                "access": "write", "deny": "none", "create": {"mode": "unchecked"}}));
+            assert_eq!(ob["status"], "NFS4_OK", "{case}: {ob}");
+            // A second lock-owner of the renamed open locks its file.
+            let r = a.call_patiently(lock("l2", 4, &stateid));
+            assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
+            assert_eq!(
+                handles_on(&s, "f").len(),
+                1,
+                "{case}: only b's handle names f"
+            );
+            assert_eq!(
+                handles_on(&s, "g").len(),
+                2,
+                "{case}: the open's and the second lock-owner's handles are g's"
+            );
+            drop(shim);
+            drop(d);
+        }
+    }
+}

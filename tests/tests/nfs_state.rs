@@ -764,3 +764,197 @@ fn an_open_whose_filled_record_would_pass_the_limit_is_refused_whole() {
         "every open restored"
     );
 }
+
+/// A delegation holder that stalls: its callback connection is stuffed
+/// with replies it never reads (so its CB_RECALL sits behind them) and it
+/// never returns the delegation. Another client's conflicting OPEN gets
+/// NFS4ERR_DELAY while the recall is outstanding and then proceeds within
+/// the recall timeout (filterd's break timeout, 1 s here) plus slack; a
+/// third client's OPEN/CLOSE of another file keeps its latency throughout;
+/// the holder, back on a fresh connection, finds the delegation revoked
+/// (NFS4ERR_EXPIRED) and closes its opens. With `restart`, nfsshim is
+/// killed and replaced while the recall is outstanding.
+fn a_stalled_recall_holder_hurts_only_itself(restart: bool) {
+    use std::io::Write as _;
+    let s = Scratch::new("nfs-stalled-holder");
+    std::fs::write(s.root().join("d"), b"d").unwrap();
+    std::fs::write(s.root().join("other"), b"o").unwrap();
+    std::fs::write(s.root().join("big"), vec![b'x'; 1 << 20]).unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-stall");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000aa");
+    let big = ok(a.open("p", "big", "read", "none", json!({})));
+    let od = ok(a.open("p", "d", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(od["delegation"]["type"], "read", "{od}");
+    let dsid = od["delegation"]["stateid"].clone();
+    // The holder's callback connection: ten 1 MiB READs on slot 1 (about
+    // 14 MB of replies), none of them read.
+    let mut stalled = std::net::TcpStream::connect(&shim.addr).unwrap();
+    let n = 10;
+    let mut lines = Vec::new();
+    for seqid in 1..=n {
+        let r = json!({"op": "READ", "stateid": big["stateid"], "offset": 0,
+                       "count": 1 << 20, "xid": 1000 + seqid,
+                       "seq": {"sessionid": a.sessionid, "slot": 1, "seqid": seqid}});
+        lines.extend_from_slice(r.to_string().as_bytes());
+        lines.push(b'\n');
+    }
+    stalled.write_all(&lines).unwrap();
+    // All of them ran (slot 1 answers the last from its cache; a cached
+    // answer does not move the callback path).
+    let last = json!({"op": "READ", "stateid": big["stateid"], "offset": 0, "count": 1 << 20,
+                      "seq": {"sessionid": a.sessionid, "slot": 1, "seqid": n}});
+    rkfilter_tests::wait_for("the stuffing ran", Duration::from_secs(30), || {
+        let r = a.c.call_with("xid", last.clone());
+        (r["status"] == "NFS4_OK").then_some(())
+    });
+    // A third client's OPEN/CLOSE latency, measured while b waits.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (addr, stop) = (shim.addr.clone(), done.clone());
+    let mut prober = Some(std::thread::spawn(move || {
+        let mut c = Nfs::connect(&addr, "host-c", "00000000000000cc");
+        let mut worst = Duration::ZERO;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            let o = c.call_patiently(json!({"op": "OPEN", "owner": "c", "path": "other",
+                                            "access": "read", "deny": "none"}));
+            if o["status"] != "NFS4_OK" {
+                return Err(format!("{o}"));
+            }
+            let r = c.call(json!({"op": "CLOSE", "stateid": o["stateid"]}));
+            if r["status"] != "NFS4_OK" {
+                return Err(format!("{r}"));
+            }
+            worst = worst.max(t.elapsed());
+        }
+        Ok(worst)
+    }));
+    let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000bb");
+    let write_d = json!({"op": "OPEN", "owner": "q", "path": "d", "access": "write",
+                         "deny": "none"});
+    let t0 = Instant::now();
+    let first = b.call(write_d.clone());
+    assert_eq!(
+        first["status"], "NFS4ERR_DELAY",
+        "the recall is outstanding: {first}"
+    );
+    if restart {
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        // (c's connection goes with nfsshim: c is measured without restart.)
+        let _ = prober.take().map(|p| p.join());
+        shim.kill9_in_place();
+        shim = Shim::start("nfsshim", &s.socket(), "nfs-stall");
+        b.c = LineClient::connect(&shim.addr);
+        a.c = LineClient::connect(&shim.addr);
+    }
+    let ob = rkfilter_tests::wait_for("b's OPEN", Duration::from_secs(20), || {
+        let r = b.send(write_d.clone());
+        (r["status"] != "NFS4ERR_DELAY").then_some(r)
+    });
+    let waited = t0.elapsed();
+    assert_eq!(
+        ob["status"], "NFS4_OK",
+        "b proceeds once the recall times out: {ob}"
+    );
+    assert!(
+        waited < Duration::from_secs(4),
+        "b waited {waited:?} (bound 1 s)"
+    );
+    ok(b.call(json!({"op": "WRITE", "stateid": ob["stateid"], "offset": 0, "data": b64("B")})));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    eprintln!("restart {restart}: b's conflicting OPEN proceeded after {waited:?}");
+    if !restart {
+        let worst = prober
+            .take()
+            .map(|p| p.join().unwrap())
+            .unwrap()
+            .expect("c's opens");
+        eprintln!("c's worst OPEN+CLOSE meanwhile: {worst:?}");
+        assert!(
+            worst < Duration::from_millis(1500),
+            "c's worst OPEN+CLOSE: {worst:?}"
+        );
+        // The recall went to the stalled connection, behind its replies.
+        use std::io::BufRead as _;
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut replies = 0;
+        let cb = std::io::BufReader::new(&stalled)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                replies += 1;
+                let v: Value = serde_json::from_str(&l).ok()?;
+                (v["op"] == "CB_RECALL").then_some(v)
+            });
+        // (Or on the holder's first connection, if the polling above ran
+        // slot 1's last READ itself: that connection was not read either.)
+        let cb = cb.unwrap_or_else(|| {
+            a.c.set_read_timeout(Duration::from_secs(1));
+            a.c.next_line()
+                .expect("a CB_RECALL on one of the holder's connections")
+        });
+        eprintln!("CB_RECALL after {replies} lines of the stalled connection: {cb}");
+        assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+        assert_eq!(cb["stateid"]["other"], dsid["other"], "{cb}");
+    }
+    // The holder comes back on a fresh connection.
+    drop(stalled);
+    a.c = LineClient::connect(&shim.addr);
+    let r = a.call(json!({"op": "DELEGRETURN", "stateid": dsid}));
+    assert_eq!(
+        r["status"], "NFS4ERR_EXPIRED",
+        "the delegation was revoked: {r}"
+    );
+    ok(a.call(json!({"op": "CLOSE", "stateid": od["stateid"]})));
+    ok(a.call(json!({"op": "CLOSE", "stateid": big["stateid"]})));
+    assert_eq!(std::fs::read(s.root().join("d")).unwrap(), b"B");
+    assert_eq!(handles_on(&s, "d").len(), 1, "only b's open of d is left");
+}
+
+#[test]
+fn a_stalled_recall_holder_hurts_only_itself_and_stays_consistent() {
+    a_stalled_recall_holder_hurts_only_itself(false);
+}
+
+#[test]
+fn a_stalled_recall_holder_across_an_nfsshim_restart() {
+    a_stalled_recall_holder_hurts_only_itself(true);
+}
+
+/// Another client renames a file this client has open; this client's
+/// second lock-owner then locks through a handle of its own, which must
+/// be the open's file under its new name. Old code opened it by the name
+/// the open was made with: NFS4ERR_NOENT, or — once someone made a new
+/// file of that name — a lock on that other file.
+#[test]
+fn a_further_lock_owner_locks_the_open_file_after_another_clients_rename() {
+    let s = Scratch::new("nfs-lock-renamed");
+    std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-lr");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000bb");
+    let o = ok(a.open("p", "f", "both", "none", json!({})));
+    let lock = |owner: &str, offset: u64| {
+        json!({"op": "LOCK", "owner": owner, "type": "write", "stateid": o["stateid"],
+               "offset": offset, "length": 4})
+    };
+    ok(a.call(lock("l1", 0)));
+    ok(b.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
+    ok(b.open(
+        "q",
+        "f",
+        "write",
+        "none",
+        json!({"create": {"mode": "unchecked"}}),
+    ));
+    ok(a.call(lock("l2", 4)));
+    assert_eq!(handles_on(&s, "f").len(), 1, "only b's handle names f");
+    assert_eq!(
+        handles_on(&s, "g").len(),
+        2,
+        "a's open and its second lock-owner"
+    );
+}

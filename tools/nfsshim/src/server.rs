@@ -563,6 +563,16 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
     // Open states whose delegation went while nfsshim was down: their
     // records are written again without it once the tables are read.
     let mut deleg_gone: Vec<(String, u64, OpenRec)> = Vec::new();
+    // Where filterd has each handle now: a RENAME records the move of the
+    // handles in its own commit, the open states' records follow in a
+    // later one that a crash can lose (and a re-send answered from the
+    // slot record never writes). An open state's name is its handle's.
+    let paths: HashMap<ResumeKey, String> = f
+        .client()
+        .handles()?
+        .into_iter()
+        .map(|h| (h.record.key, h.record.path.as_str().to_owned()))
+        .collect();
     for (num, rec) in state::list::<ClientRec>(f, &t.clients())? {
         max = max.max(num);
         g.by_owner.insert(rec.owner.clone(), rec.clientid.clone());
@@ -571,6 +581,9 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
         for (snum, mut o) in state::list::<OpenRec>(f, &t.states(&cid))? {
             max = max.max(snum);
             o.settle();
+            if let Some(p) = paths.get(&o.key) {
+                o.path.clone_from(p);
+            }
             match f.resume(ClientId::new(cid.clone()).map_err(unexpected)?, o.key) {
                 // No room for the open's descriptor (the limit is below
                 // the opens to hold): fail the start loudly rather than
@@ -2467,7 +2480,8 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                 .filter
                 .replay_open(OpenRequest {
                     client: ctx.client_id()?,
-                    path: RelPath::new(o.rec.path.as_str()).map_err(|e| internal(e.to_string()))?,
+                    path: RelPath::new(current_path(sh, o.rec.key, &o.rec.path))
+                        .map_err(|e| internal(e.to_string()))?,
                     access: Access::new(access_of(&o.rec.access)?)
                         .map_err(|e| internal(e.to_string()))?,
                     share: Rights::ALL,
@@ -2484,6 +2498,15 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     put: Vec::new(),
                 })
                 .map_err(filter_fail)?;
+            if h.info.file != o.file_key {
+                // Renamed away between the look-up and the open: not the
+                // open's file, so no lock of its may go through it.
+                let _ = sh.filter.close(h.info.key);
+                return Err(Fail(
+                    "NFS4ERR_DELAY",
+                    "the open's file was renamed meanwhile".into(),
+                ));
+            }
             (h.info.key, Some(h.info.key))
         }
     };
@@ -2547,6 +2570,15 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let mut m = Map::new();
     m.insert("lock_stateid".into(), stateid_json(&lock_other, lseq));
     Ok(m)
+}
+
+/// The name filterd has for handle `key`'s file now (it follows every
+/// rename, also another client's or a local one), else `known`.
+fn current_path(sh: &Shared, key: ResumeKey, known: &str) -> String {
+    match sh.filter.client().call(Request::Handle { key }) {
+        Ok((libfilter::proto::Reply::Handle(v), _)) => v.record.path.as_str().to_owned(),
+        _ => known.to_owned(),
+    }
 }
 
 /// One held range: (offset, length, write).
@@ -3105,18 +3137,21 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     forget_verifier(sh, &from_s);
     forget_verifier(sh, &to_s);
     // This client's opens of the file follow it (its own later REMOVE or
-    // RENAME of the new name finds their delegations).
-    let moved: Vec<(u64, OpenRec)> = st
+    // RENAME of the new name finds their delegations). Saved first: when
+    // their records do not commit, the re-send moves them again and writes
+    // them (a restore takes the name from filterd's handle either way).
+    let moving: Vec<String> = st
         .opens
-        .values_mut()
-        .filter(|o| o.rec.path == from_s)
-        .map(|o| {
-            o.rec.path = to_s.clone();
-            (o.num, o.rec.clone())
-        })
+        .iter()
+        .filter(|(_, o)| o.rec.path == from_s)
+        .map(|(other, _)| other.clone())
         .collect();
-    for (num, rec) in moved {
-        ctx.put_state(num, &rec)?;
+    for other in moving {
+        ctx.save(st, &other);
+        if let Some(o) = st.opens.get_mut(&other) {
+            o.rec.path.clone_from(&to_s);
+            ctx.put_state(o.num, &o.rec)?;
+        }
     }
     Ok(recorded())
 }
