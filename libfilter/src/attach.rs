@@ -273,18 +273,29 @@ impl Attachment {
     /// As [`Attachment::connect_with`], retrying every 50 ms for up to
     /// `within` while filterd is not there yet (it may be starting or
     /// recovering): a frontend started beside filterd just waits for it.
+    /// A wait past a second calls `waiting` once with why, so that the
+    /// frontend can say so (an operator who started it without filterd
+    /// should not watch silence for `within`).
     pub fn connect_patiently(
         socket: &Path,
         protocol: Protocol,
         instance: InstanceName,
         features: u64,
         within: Duration,
+        waiting: &mut dyn FnMut(&ClientError),
     ) -> Result<Self, ClientError> {
         let t0 = Instant::now();
+        let mut said = false;
         loop {
             match Self::connect_with(socket, protocol.clone(), instance.clone(), features) {
                 Ok(a) => return Ok(a),
-                Err(_) if t0.elapsed() < within => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) if t0.elapsed() < within => {
+                    if !said && t0.elapsed() >= Duration::from_secs(1) {
+                        said = true;
+                        waiting(&e);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -1222,3 +1222,53 @@ fn a_malformed_store_is_bad_usage() {
         assert!(first.contains("--store"), "{prog} {args:?}: {err}");
     }
 }
+
+/// A frontend started before filterd waits for it (it may be starting or
+/// recovering), says so once on stderr after a second rather than leaving
+/// the operator 30 s of silence, and attaches as soon as filterd is up.
+/// Before, nothing was said until the 30 s ran out.
+#[test]
+fn a_frontend_started_before_filterd_says_it_waits_then_attaches() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    for prog in ["smbshim", "nfsshim"] {
+        let s = Scratch::new(&format!("{prog}-early"));
+        let mut child = Command::new(bin(prog))
+            .arg("--filter")
+            .arg(s.socket())
+            .args(["--listen", "127.0.0.1:0", "--instance", "early"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the frontend");
+        let lines = |r: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            std::thread::spawn(move || {
+                for l in BufReader::new(r).lines().map_while(Result::ok) {
+                    let _ = tx.send(l);
+                }
+            });
+            rx
+        };
+        let err = lines(Box::new(child.stderr.take().expect("stderr")));
+        let out = lines(Box::new(child.stdout.take().expect("stdout")));
+        let said = err
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|_| panic!("{prog} said nothing while it waited for filterd"));
+        assert!(
+            said.starts_with(&format!("{prog}: filterd at {} ", s.socket().display()))
+                && said.contains("is not answering yet")
+                && said.ends_with("waiting up to 30 s"),
+            "{said}"
+        );
+        let _d = Filterd::start(&s, &[], &[]);
+        let listening = out
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{prog} did not attach once filterd was up"));
+        assert!(listening.starts_with("listening on "), "{listening}");
+        assert!(err.try_recv().is_err(), "{prog} said it more than once");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

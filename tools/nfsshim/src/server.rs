@@ -440,7 +440,12 @@ pub fn run(
         protocol,
         instance,
         FEATURES,
-        Duration::from_secs(30),
+        shimline::cli::FILTERD_START_WAIT,
+        &mut shimline::cli::say_waiting_for_filterd(
+            "nfsshim",
+            filter,
+            shimline::cli::FILTERD_START_WAIT,
+        ),
     )
     .context("attaching to filterd")?;
     let shared = start(attach, tables, lease_ms, limits.clamped())?;
@@ -527,7 +532,12 @@ impl Harness {
             Protocol::new("nfs")?,
             instance,
             FEATURES,
-            Duration::from_secs(30),
+            shimline::cli::FILTERD_START_WAIT,
+            &mut shimline::cli::say_waiting_for_filterd(
+                "nfsshim",
+                filter,
+                shimline::cli::FILTERD_START_WAIT,
+            ),
         )?;
         Ok(Harness(start(attach, tables, 90_000, Limits::default())?))
     }

@@ -267,7 +267,12 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         Protocol::new(libfilter::lease::MSFSA_PROTOCOL)?,
         InstanceName::new(instance)?,
         0,
-        Duration::from_secs(30),
+        shimline::cli::FILTERD_START_WAIT,
+        &mut shimline::cli::say_waiting_for_filterd(
+            "rksmbd",
+            filter,
+            shimline::cli::FILTERD_START_WAIT,
+        ),
     )
     .context("attaching to filterd")?;
     let root = crate::files::open_root(&attach).context("opening the export root")?;

@@ -125,3 +125,25 @@ pub fn listen_arg(s: &str) -> Result<String, String> {
         Err("expected HOST:PORT, e.g. 127.0.0.1:4450 (port 0 picks a free port)".into())
     }
 }
+
+/// How long a frontend waits at start for filterd (it may be starting or
+/// recovering) before it gives up.
+pub const FILTERD_START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What a frontend says, once, while it waits at start for filterd at
+/// `socket` (`libfilter::attach::Attachment::connect_patiently`): one line
+/// on stderr, `PROGRAM: filterd at SOCKET is not answering yet (why);
+/// waiting up to N s`.
+pub fn say_waiting_for_filterd<E: std::fmt::Display>(
+    program: &'static str,
+    socket: &std::path::Path,
+    within: std::time::Duration,
+) -> impl FnMut(&E) {
+    let socket = socket.display().to_string();
+    move |e| {
+        eprintln!(
+            "{program}: filterd at {socket} is not answering yet ({e}); waiting up to {} s",
+            within.as_secs()
+        );
+    }
+}

@@ -272,7 +272,12 @@ fn attach_members(
                 protocol.clone(),
                 name.clone(),
                 libfilter::proto::FEATURE_LOCK_HINTS,
-                Duration::from_secs(30),
+                shimline::cli::FILTERD_START_WAIT,
+                &mut shimline::cli::say_waiting_for_filterd(
+                    "smbshim",
+                    filter,
+                    shimline::cli::FILTERD_START_WAIT,
+                ),
             )
             .with_context(|| format!("attaching to filterd as {name}"))
         })
