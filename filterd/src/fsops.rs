@@ -590,12 +590,15 @@ fn clear_nonblock(fd: BorrowedFd<'_>, flags: i32) -> io::Result<()> {
 /// of a persistent handle.
 ///
 /// Returns the descriptor, to be fsync'd before the commit that records it.
+/// `fence` runs right before the `ftruncate` (see [`Fence`]).
 pub fn truncate_by_handle(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
     path: &RelPath,
+    fence: Fence<'_>,
 ) -> io::Result<OwnedFd> {
     let fd = open_by_handle_or_path(root, h, Some(path), libc::O_WRONLY)?;
+    fence();
     nix::unistd::ftruncate(fd.as_fd(), 0).map_err(io::Error::from)?;
     Ok(fd)
 }
@@ -605,14 +608,17 @@ pub fn truncate_by_handle(
 /// when known, without the capability.
 ///
 /// Returns the descriptor, to be fsync'd before the commit that records it.
+/// `fence` runs right before the `ftruncate` (see [`Fence`]).
 pub fn set_size_by_handle(
     root: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
     path: Option<&RelPath>,
     size: u64,
+    fence: Fence<'_>,
 ) -> io::Result<OwnedFd> {
     let fd = open_by_handle_or_path(root, h, path, libc::O_WRONLY)?;
     let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    fence();
     nix::unistd::ftruncate(fd.as_fd(), len).map_err(io::Error::from)?;
     Ok(fd)
 }
@@ -684,6 +690,7 @@ pub fn redo_size_change(
     size: u64,
     before: Option<&libfilter::model::FileStamp>,
     id: libfilter::model::IntentId,
+    fence: Fence<'_>,
 ) -> io::Result<crate::engine::fs::SizeRedo> {
     use crate::engine::fs::SizeRedo;
     let fd = open_by_handle_or_path(root, h, path, libc::O_WRONLY)?;
@@ -699,6 +706,7 @@ pub fn redo_size_change(
         }
     }
     let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    fence();
     nix::unistd::ftruncate(fd.as_fd(), len).map_err(io::Error::from)?;
     // Recovery's own change is marked like any other (before the fsync
     // that precedes its commit): a crash before that commit must find it
@@ -720,7 +728,13 @@ pub fn stamp(fd: BorrowedFd<'_>) -> io::Result<libfilter::model::FileStamp> {
 /// Truncates the file `expect` names at `path` to zero. Opens a separate
 /// write descriptor (the client's may be read-only) and checks it is the same
 /// file, so a rename racing in between cannot truncate another file.
-pub fn truncate(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<(), WireError> {
+/// `fence` runs right before the `ftruncate` (see [`Fence`]).
+pub fn truncate(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    expect: FileId,
+    fence: Fence<'_>,
+) -> Result<(), WireError> {
     let fd = open_nb(root, path.as_str(), libc::O_WRONLY | libc::O_NOCTTY, 0).map_err(|e| {
         // The file the open found was unlinked since (a local process):
         // like a replaced one, a retry, not "not found" -- the open may
@@ -741,6 +755,7 @@ pub fn truncate(root: BorrowedFd<'_>, path: &RelPath, expect: FileId) -> Result<
             format!("{path}: replaced while opening; retry"),
         ));
     }
+    fence();
     nix::unistd::ftruncate(fd.as_fd(), 0).map_err(|e| map_errno(&io::Error::from(e), root, path))
 }
 
@@ -882,6 +897,13 @@ pub fn prove_beneath(
     }
     Ok(())
 }
+
+/// Runs right before a filesystem change is made (the `renameat2`,
+/// `unlinkat` or `ftruncate` itself, after the lookups that prepare it):
+/// the daemon's check that it still owns a shared store
+/// (`engine::fs::HostFs`). It returns only when the change may be made;
+/// otherwise it ends the process, as a lost lease does everywhere else.
+pub type Fence<'a> = &'a dyn Fn();
 
 /// Opens a file by kernel handle and proves it lies beneath the root.
 pub fn open_by_handle_beneath(
@@ -1045,6 +1067,7 @@ pub fn file_at(root: BorrowedFd<'_>, path: &RelPath) -> Option<FileId> {
 }
 
 /// Renames `from` (which must still name `expect`) to `to`, beneath the root.
+/// `fence` runs right before the `renameat2` (see [`Fence`]).
 pub fn rename(
     root: BorrowedFd<'_>,
     from: &RelPath,
@@ -1052,6 +1075,7 @@ pub fn rename(
     expect: FileId,
     kh: Option<&libfilter::model::KernelHandle>,
     replace: bool,
+    fence: Fence<'_>,
 ) -> Result<(), WireError> {
     if !names(root, from, expect, kh) {
         return Err(WireError::new(
@@ -1066,16 +1090,19 @@ pub fn rename(
     } else {
         nix::fcntl::RenameFlags::RENAME_NOREPLACE
     };
+    fence();
     nix::fcntl::renameat2(fdir.as_fd(), fleaf, tdir.as_fd(), tleaf, flags)
         .map_err(|e| map_errno(&io::Error::from(e), root, to))
 }
 
 /// Removes `path` (which must still name `expect`), beneath the root.
+/// `fence` runs right before the `unlinkat` (see [`Fence`]).
 pub fn remove(
     root: BorrowedFd<'_>,
     path: &RelPath,
     expect: FileId,
     kh: Option<&libfilter::model::KernelHandle>,
+    fence: Fence<'_>,
 ) -> Result<(), WireError> {
     if !names(root, path, expect, kh) {
         return Err(WireError::new(
@@ -1084,6 +1111,7 @@ pub fn remove(
         ));
     }
     let (dir, leaf) = parent_and_leaf(root, path)?;
+    fence();
     nix::unistd::unlinkat(dir.as_fd(), leaf, nix::unistd::UnlinkatFlags::NoRemoveDir)
         .map_err(|e| map_errno(&io::Error::from(e), root, path))
 }

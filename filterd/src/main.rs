@@ -355,7 +355,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_connections: args.max_connections,
             max_pending_breaks: args.max_pending_breaks,
         },
-        Box::new(engine::fs::HostFs::new(root)),
+        Box::new(engine::fs::HostFs::new(root, store.clone())),
         epoch,
         pipe.clone(),
         store.clone(),

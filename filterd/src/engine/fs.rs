@@ -18,11 +18,13 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use libfilter::model::{
     Access, Disposition, FileId, FileStamp, HeldLock, IntentId, KernelHandle, RelPath,
 };
 use libfilter::proto::WireError;
+use libfilter::store::StateStore;
 
 use crate::fsops::{self, OpenedFile};
 
@@ -195,16 +197,36 @@ pub trait Fs: Send {
 /// [`crate::fsops`].
 pub struct HostFs {
     root: OwnedFd,
+    /// Whose ownership every change is fenced by ([`HostFs::fence`]).
+    store: Arc<dyn StateStore>,
 }
 
 impl HostFs {
-    /// Over the export root's descriptor.
-    pub fn new(root: OwnedFd) -> HostFs {
-        HostFs { root }
+    /// Over the export root's descriptor; every rename, remove and size
+    /// change is made only while this daemon still owns `store`.
+    pub fn new(root: OwnedFd, store: Arc<dyn StateStore>) -> HostFs {
+        HostFs { root, store }
     }
 
     fn root(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
+    }
+
+    /// The fence right before each non-idempotent filesystem change
+    /// ([`fsops::Fence`]): a shared store's owner whose lease may have run
+    /// out makes no change (docs/ARCHITECTURE.md, "A change in flight at
+    /// a takeover"). The engine checked as the step began
+    /// (`Engine::begin_request`), but a process frozen after that check
+    /// and before the change — during the lookups and the open by handle
+    /// that prepare it, each of which can block on a shared filesystem —
+    /// would otherwise make it after another daemon took over and
+    /// recovered its intent. Failpoint `fs.before_change` stalls here,
+    /// before the check.
+    fn fence(&self) {
+        crate::failpoint::hit("fs.before_change");
+        if let Err(e) = self.store.owner_check() {
+            super::step_down(&e);
+        }
     }
 }
 
@@ -220,11 +242,11 @@ impl Fs for HostFs {
     }
 
     fn truncate(&self, path: &RelPath, expect: FileId) -> Result<(), WireError> {
-        fsops::truncate(self.root(), path, expect)
+        fsops::truncate(self.root(), path, expect, &|| self.fence())
     }
 
     fn truncate_by_handle(&self, kh: &KernelHandle, path: &RelPath) -> io::Result<OwnedFd> {
-        fsops::truncate_by_handle(self.root(), kh, path)
+        fsops::truncate_by_handle(self.root(), kh, path, &|| self.fence())
     }
 
     fn set_size_by_handle(
@@ -233,7 +255,7 @@ impl Fs for HostFs {
         path: Option<&RelPath>,
         size: u64,
     ) -> io::Result<OwnedFd> {
-        fsops::set_size_by_handle(self.root(), kh, path, size)
+        fsops::set_size_by_handle(self.root(), kh, path, size, &|| self.fence())
     }
 
     fn reopen(
@@ -270,7 +292,7 @@ impl Fs for HostFs {
         before: Option<&FileStamp>,
         id: IntentId,
     ) -> io::Result<SizeRedo> {
-        fsops::redo_size_change(self.root(), kh, path, size, before, id)
+        fsops::redo_size_change(self.root(), kh, path, size, before, id, &|| self.fence())
     }
 
     fn stamp(&self, fd: BorrowedFd<'_>) -> io::Result<FileStamp> {
@@ -301,7 +323,7 @@ impl Fs for HostFs {
         expect: FileId,
         kh: Option<&KernelHandle>,
     ) -> Result<(), WireError> {
-        fsops::remove(self.root(), path, expect, kh)
+        fsops::remove(self.root(), path, expect, kh, &|| self.fence())
     }
 
     fn rename(
@@ -312,7 +334,7 @@ impl Fs for HostFs {
         kh: Option<&KernelHandle>,
         replace: bool,
     ) -> Result<(), WireError> {
-        fsops::rename(self.root(), from, to, expect, kh, replace)
+        fsops::rename(self.root(), from, to, expect, kh, replace, &|| self.fence())
     }
 
     fn names(&self, path: &RelPath, expect: FileId, kh: Option<&KernelHandle>) -> bool {
