@@ -1,0 +1,382 @@
+//! A takeover while a filesystem change is in flight: node A (filterd +
+//! smbshim) owns the etcd table and is frozen (SIGSTOP, every thread) in
+//! the middle of a bracketed change — between its intent's commit and the
+//! change, or between the change and the commit that ends it; its lease
+//! lapses, node B (standby, same export) takes over and recovers the
+//! intent, the client re-sends to B and goes on working there; then A is
+//! continued. A must change nothing on disk after B took over (no
+//! split-brain filesystem change) and acknowledge nothing; the client's
+//! re-sent request is answered once, by B.
+//!
+//! Skips (with a note) when the `etcd` binary is missing, except under
+//! `CI=true`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use nix::sys::signal::Signal;
+use rkfilter_tests::etcd::{etcd_available, Cluster};
+use rkfilter_tests::{smb_patiently, wait_for, Filterd, LineClient, Scratch, Shim};
+use serde_json::{json, Value};
+
+const TTL: u64 = 2;
+
+fn b64(s: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A node: its own scratch dir (runtime dir), its export root a symlink to
+/// the shared export.
+fn node(name: &str, export: &Path) -> Scratch {
+    let s = Scratch::new(name);
+    std::fs::remove_dir(s.root()).expect("rmdir root");
+    std::os::unix::fs::symlink(export, s.root()).expect("symlink the shared export");
+    s
+}
+
+fn start_node(s: &Scratch, url: &str, standby: bool, env: &[(&str, &str)]) -> Filterd {
+    let ttl = TTL.to_string();
+    let mut flags = vec!["--store", url, "--lease-ttl-secs", &ttl];
+    if standby {
+        flags.push("--standby");
+    }
+    Filterd::spawn(s, &flags, env)
+}
+
+fn session(c: &mut LineClient, client_guid: &str) -> u64 {
+    let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": "alice"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    r["session_id"].as_u64().expect("session id")
+}
+
+fn persistent_open(sid: u64, path: &str, disposition: &str, create_guid: &str) -> Value {
+    json!({"cmd": "CREATE", "session_id": sid, "path": path,
+           "access": ["read", "write", "delete"], "share": ["read", "write", "delete"],
+           "disposition": disposition,
+           "durable": {"create_guid": create_guid, "persistent": true, "timeout_ms": 60000}})
+}
+
+/// Two nodes on one export and a one-member etcd; A owns the table, armed
+/// with `failpoints`, B waits as standby.
+struct TwoNodes {
+    export: std::path::PathBuf,
+    a: Filterd,
+    b: Filterd,
+    a_smb: Shim,
+    _sa: Scratch,
+    _sb: Scratch,
+    _cluster: Cluster,
+    _shared: Scratch,
+}
+
+impl TwoNodes {
+    fn start(name: &str, failpoints: &str) -> TwoNodes {
+        let shared = Scratch::new(&format!("{name}-export"));
+        let export = shared.root();
+        let cluster = Cluster::start(&shared, 1);
+        let url = cluster.url(&format!("rk/{name}"));
+        let sa = node(&format!("{name}-a"), &export);
+        let sb = node(&format!("{name}-b"), &export);
+        let a = start_node(&sa, &url, false, &[("RKFILTER_FAILPOINTS", failpoints)]);
+        a.wait_ready();
+        let b = start_node(&sb, &url, true, &[]);
+        b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+        let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
+        TwoNodes {
+            export,
+            a,
+            b,
+            a_smb,
+            _sa: sa,
+            _sb: sb,
+            _cluster: cluster,
+            _shared: shared,
+        }
+    }
+
+    /// Waits until A's engine stalls at the armed failpoint `point`, then
+    /// freezes all of A and waits for B to serve; B's smbshim.
+    fn freeze_a_at(&mut self, point: &str) -> Shim {
+        self.freeze_a_then(point, || ())
+    }
+
+    /// [`TwoNodes::freeze_a_at`], running `meanwhile` once A is frozen,
+    /// before B takes over (B waits for A's lease to run out: seconds).
+    fn freeze_a_then(&mut self, point: &str, meanwhile: impl FnOnce()) -> Shim {
+        self.a.wait_log(
+            &format!("failpoint {point}: stalling"),
+            Duration::from_secs(10),
+        );
+        self.a.stop();
+        meanwhile();
+        self.b.wait_ready();
+        Shim::start("smbshim", self.b.socket(), "smb-1")
+    }
+
+    /// Continues A; it must step down (75) having acknowledged nothing of
+    /// request `mid` on `client`.
+    fn thaw_a(&mut self, client: &mut LineClient, mid: u64) {
+        self.a.signal(Signal::SIGCONT);
+        let st = self.a.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            st.code(),
+            Some(75),
+            "the stale owner steps down (exit 75); log:\n{}",
+            self.a.log_text()
+        );
+        client.set_read_timeout(Duration::from_secs(2));
+        if let Some((reply, _)) = client.reply_to("mid", mid) {
+            assert_ne!(
+                reply["status"], "STATUS_SUCCESS",
+                "the stale owner acknowledged: {reply}"
+            );
+        }
+        for (who, log) in [("A", self.a.log_text()), ("B", self.b.log_text())] {
+            for l in log.lines().filter(|l| {
+                ["failpoint", "interrupted", "owner", "stepping down"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            }) {
+                eprintln!("{who}: {l}");
+            }
+        }
+    }
+}
+
+/// A RENAME (SET_INFO rename, op id 5) of a persistent handle's file is in
+/// flight on A when A is frozen at `point`. After B took over, the client
+/// re-sends it to B (answered success, the file renamed once), then renames
+/// the file back (op id 6). When A runs again, the file keeps the name B
+/// gave it last: A did not rename it a second time.
+fn rename_in_flight(name: &str, point: &str) {
+    let mut n = TwoNodes::start(name, &format!("{point}:sleep1500"));
+    std::fs::write(n.export.join("r"), b"content").expect("write r");
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let create_guid = uuid::Uuid::new_v4().to_string();
+    let mut c = LineClient::connect(&n.a_smb.addr);
+    let sid = session(&mut c, &client_guid);
+    let r = c.call(persistent_open(sid, "r", "open", &create_guid));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let rename = |sid: u64, to: &str, op_id: u64| {
+        json!({"cmd": "SET_INFO", "session_id": sid, "file_id": fid,
+               "rename": {"to": to, "replace": false}, "op_id": op_id})
+    };
+    let mid = c.send_only("mid", rename(sid, "r2", 5));
+
+    let b_smb = n.freeze_a_at(point);
+    let mut c2 = LineClient::connect(&b_smb.addr);
+    let sid2 = session(&mut c2, &client_guid);
+    let r = smb_patiently(
+        &mut c2,
+        json!({"cmd": "RECONNECT", "session_id": sid2, "file_id": fid, "create_guid": create_guid}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", n.b.log_text());
+    let mut again = rename(sid2, "r2", 5);
+    again["replay"] = json!(true);
+    let r = c2.call(again);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "the re-sent rename: {r}");
+    assert!(n.export.join("r2").exists() && !n.export.join("r").exists());
+    // Work acknowledged since the takeover: the file is renamed back.
+    let r = c2.call(rename(sid2, "r", 6));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+
+    n.thaw_a(&mut c, mid);
+    assert!(
+        n.export.join("r").exists() && !n.export.join("r2").exists(),
+        "the stale owner renamed the file after node B took over; A's log:\n{}",
+        n.a.log_text()
+    );
+    assert_eq!(std::fs::read(n.export.join("r")).expect("r"), b"content");
+}
+
+/// A truncating persistent open (`overwrite_if`) of a file is in flight on
+/// A when A is frozen at `point`. After B took over (its recovery finishes
+/// or drops the open), the client re-sends the CREATE to B and writes new
+/// data through it. When A runs again, the new data is still there: A did
+/// not truncate the file over work acknowledged by B.
+fn truncating_open_in_flight(name: &str, point: &str) {
+    let mut n = TwoNodes::start(name, &format!("{point}:sleep1500"));
+    std::fs::write(n.export.join("t"), b"old data").expect("write t");
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let create_guid = uuid::Uuid::new_v4().to_string();
+    let mut c = LineClient::connect(&n.a_smb.addr);
+    let sid = session(&mut c, &client_guid);
+    let mid = c.send_only(
+        "mid",
+        persistent_open(sid, "t", "overwrite_if", &create_guid),
+    );
+
+    let b_smb = n.freeze_a_at(point);
+    let mut c2 = LineClient::connect(&b_smb.addr);
+    let sid2 = session(&mut c2, &client_guid);
+    let mut again = persistent_open(sid2, "t", "overwrite_if", &create_guid);
+    again["replay"] = json!(true);
+    let r = smb_patiently(&mut c2, again);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", n.b.log_text());
+    let fid = r["file_id"].clone();
+    let r = c2.call(
+        json!({"cmd": "WRITE", "session_id": sid2, "file_id": fid, "offset": 0,
+                           "data": b64(b"NEW"), "op_id": 2}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = wait_for(
+        "the write to reach the file",
+        Duration::from_secs(5),
+        || {
+            let d = std::fs::read(n.export.join("t")).ok()?;
+            (d == b"NEW").then_some(d)
+        },
+    );
+    assert_eq!(r, b"NEW");
+
+    n.thaw_a(&mut c, mid);
+    assert_eq!(
+        std::fs::read(n.export.join("t")).expect("t"),
+        b"NEW",
+        "the stale owner truncated the file after node B took over; A's log:\n{}",
+        n.a.log_text()
+    );
+}
+
+/// On A: file `d` (holding "old") opened persistent, marked delete on
+/// close, and its CLOSE sent (the unlink is bracketed by an intent).
+/// Returns the client, the CLOSE's mid and the file's inode number.
+fn delete_on_close_sent(n: &TwoNodes) -> (LineClient, u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let d = n.export.join("d");
+    std::fs::write(&d, b"old").expect("write d");
+    let ino = std::fs::metadata(&d).expect("d").ino();
+    let mut c = LineClient::connect(&n.a_smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string());
+    let create_guid = uuid::Uuid::new_v4().to_string();
+    let r = c.call(persistent_open(sid, "d", "open", &create_guid));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let r = c.call(json!({"cmd": "SET_INFO", "session_id": sid, "file_id": fid,
+                          "delete_on_close": true, "op_id": 3}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let mid = c.send_only(
+        "mid",
+        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+    (c, mid, ino)
+}
+
+/// The delete on close of a persistent handle's file (its CLOSE) is in
+/// flight on A when A is frozen at `point`. While A is frozen a local
+/// process replaces the file by a new one of the same name (a new inode:
+/// A's descriptors still hold the old one). B's recovery must not take
+/// the new file for the old one, and A, when it runs again, must not
+/// unlink it either (its own look at the name came before the freeze).
+fn delete_on_close_in_flight(name: &str, point: &str) {
+    let mut n = TwoNodes::start(name, &format!("{point}:sleep1500"));
+    let d = n.export.join("d");
+    let (mut c, mid, _) = delete_on_close_sent(&n);
+    let _b_smb = n.freeze_a_then(point, || {
+        let _ = std::fs::remove_file(&d);
+        std::fs::write(&d, b"LOCAL").expect("a local process writes a new d");
+    });
+    assert_eq!(
+        std::fs::read(&d).ok().as_deref(),
+        Some(&b"LOCAL"[..]),
+        "node B's recovery removed the new file; B's log:\n{}",
+        n.b.log_text()
+    );
+
+    n.thaw_a(&mut c, mid);
+    assert_eq!(
+        std::fs::read(&d).ok().as_deref(),
+        Some(&b"LOCAL"[..]),
+        "the stale owner removed the new file after node B took over; A's log:\n{}",
+        n.a.log_text()
+    );
+}
+
+/// Where A is frozen: after the intent's commit, before the step's
+/// ownership check; after that check, right before the change itself
+/// (where a frozen process once went on to make it); after the change,
+/// before the commit that ends the intent.
+const POINTS: [&str; 3] = ["intent.after_commit", "fs.before_change", "intent.after_fs"];
+
+/// Runs `attack` (named `name`) with A frozen at each of [`POINTS`], or at
+/// `RK_FENCE_POINT` alone when set; skipped without etcd.
+fn at_every_point(name: &str, attack: fn(&str, &str)) {
+    if !etcd_available(name) {
+        return;
+    }
+    let points = match std::env::var("RK_FENCE_POINT") {
+        Ok(p) => vec![p],
+        Err(_) => POINTS.iter().map(|p| (*p).to_owned()).collect(),
+    };
+    for point in points {
+        attack(name, &point);
+    }
+}
+
+#[test]
+fn a_delete_on_close_frozen_in_flight_is_not_made_after_a_takeover() {
+    at_every_point("fence-doc", delete_on_close_in_flight);
+}
+
+/// The inode-reuse angle of a takeover: A dies (SIGKILL at
+/// `intent.after_commit`) with a delete on close's intent committed and
+/// the unlink not made, so its descriptors close; a local process removes
+/// the file and the filesystem gives its inode number to a new file at the
+/// same path before B takes over. B's recovery of the intent must take the
+/// new file for another (its kernel handle's generation differs): the
+/// remove counts as done, and the new file stays.
+#[test]
+fn a_delete_on_close_recovered_over_a_reused_inode_number_keeps_the_new_file() {
+    use std::os::unix::fs::MetadataExt;
+    if !etcd_available("fence-reuse") {
+        return;
+    }
+    let mut n = TwoNodes::start("fence-reuse", "intent.after_commit:kill");
+    let d = n.export.join("d");
+    let (_c, _, old_ino) = delete_on_close_sent(&n);
+    let st = n.a.wait_exit(Duration::from_secs(10));
+    assert!(
+        n.a.log_text()
+            .contains("failpoint intent.after_commit: killing"),
+        "{st:?}\n{}",
+        n.a.log_text()
+    );
+    // Before B can claim (A's lease runs out first): the file goes and a
+    // new one takes its inode number at the same path.
+    std::fs::remove_file(&d).expect("remove d");
+    let reused = (0..200).any(|i| {
+        std::fs::write(&d, b"LOCAL").expect("write the new d");
+        if std::fs::metadata(&d).expect("d").ino() == old_ino {
+            return true;
+        }
+        std::fs::rename(&d, n.export.join(format!("other{i}"))).expect("rename");
+        false
+    });
+    assert!(reused, "ext4 gave inode number {old_ino} to no new file");
+    n.b.wait_ready();
+    n.b.wait_log("recovery done", Duration::from_secs(5));
+    assert_eq!(
+        std::fs::read(&d).ok().as_deref(),
+        Some(&b"LOCAL"[..]),
+        "node B's recovery removed the file that reuses the inode number; B's log:\n{}",
+        n.b.log_text()
+    );
+    assert!(
+        n.b.log_text()
+            .contains("recovery finished an interrupted remove"),
+        "{}",
+        n.b.log_text()
+    );
+}
+
+#[test]
+fn a_rename_frozen_in_flight_is_not_made_after_a_takeover() {
+    at_every_point("fence-rename", rename_in_flight);
+}
+
+#[test]
+fn a_truncating_open_frozen_in_flight_is_not_made_after_a_takeover() {
+    at_every_point("fence-trunc", truncating_open_in_flight);
+}
