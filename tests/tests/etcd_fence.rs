@@ -6,7 +6,9 @@
 //! intent, the client re-sends to B and goes on working there; then A is
 //! continued. A must change nothing on disk after B took over (no
 //! split-brain filesystem change) and acknowledge nothing; the client's
-//! re-sent request is answered once, by B.
+//! re-sent request is answered once, by B. Also: A not frozen but cut off
+//! from etcd in the middle of a change, and B's recovery of a delete on
+//! close whose file's inode number a new file took.
 //!
 //! Skips (with a note) when the `etcd` binary is missing, except under
 //! `CI=true`.
@@ -66,21 +68,38 @@ struct TwoNodes {
     a_smb: Shim,
     _sa: Scratch,
     _sb: Scratch,
-    _cluster: Cluster,
+    cluster: Cluster,
     _shared: Scratch,
 }
 
 impl TwoNodes {
     fn start(name: &str, failpoints: &str) -> TwoNodes {
+        TwoNodes::start_on(name, failpoints, 1)
+    }
+
+    /// [`TwoNodes::start`] on an etcd of `members` members; with more than
+    /// one, A talks to member 0 only and B to the others (so stalling
+    /// member 0 cuts A off while the cluster keeps its quorum).
+    fn start_on(name: &str, failpoints: &str, members: usize) -> TwoNodes {
         let shared = Scratch::new(&format!("{name}-export"));
         let export = shared.root();
-        let cluster = Cluster::start(&shared, 1);
-        let url = cluster.url(&format!("rk/{name}"));
+        let cluster = Cluster::start(&shared, members);
+        let prefix = format!("rk/{name}");
+        let (a_url, b_url) = if members == 1 {
+            (cluster.url(&prefix), cluster.url(&prefix))
+        } else {
+            let host = |i: usize| format!("127.0.0.1:{}", cluster.client_port(i));
+            let rest: Vec<String> = (1..members).map(host).collect();
+            (
+                format!("etcd://{}/{prefix}", host(0)),
+                format!("etcd://{}/{prefix}", rest.join(",")),
+            )
+        };
         let sa = node(&format!("{name}-a"), &export);
         let sb = node(&format!("{name}-b"), &export);
-        let a = start_node(&sa, &url, false, &[("RKFILTER_FAILPOINTS", failpoints)]);
+        let a = start_node(&sa, &a_url, false, &[("RKFILTER_FAILPOINTS", failpoints)]);
         a.wait_ready();
-        let b = start_node(&sb, &url, true, &[]);
+        let b = start_node(&sb, &b_url, true, &[]);
         b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
         let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
         TwoNodes {
@@ -90,7 +109,7 @@ impl TwoNodes {
             a_smb,
             _sa: sa,
             _sb: sb,
-            _cluster: cluster,
+            cluster,
             _shared: shared,
         }
     }
@@ -366,6 +385,64 @@ fn a_delete_on_close_recovered_over_a_reused_inode_number_keeps_the_new_file() {
     assert!(
         n.b.log_text()
             .contains("recovery finished an interrupted remove"),
+        "{}",
+        n.b.log_text()
+    );
+}
+
+/// Case 3 of the attack: A is not frozen but cut off from etcd (the one
+/// member it talks to is stopped; the other two keep the quorum and B
+/// talks to them) while its engine thread is in the middle of a truncating
+/// open, past the step's check, stalled longer than the lease
+/// (`fs.before_change:sleep3000`, lease 2 s). A's `lease-watch` ends the
+/// process at its margin, before etcd can let B claim, and the stalled
+/// thread dies with it: the file is untouched when A has exited, B serves
+/// after A's exit and finishes the interrupted overwrite itself, and A
+/// acknowledged nothing. (A guard: no fix was needed.)
+#[test]
+fn an_owner_cut_off_from_etcd_mid_change_stops_before_the_takeover() {
+    use std::time::Instant;
+    if !etcd_available("fence-cut") {
+        return;
+    }
+    let mut n = TwoNodes::start_on("fence-cut", "fs.before_change:sleep3000", 3);
+    std::fs::write(n.export.join("t"), b"old data").expect("write t");
+    let mut c = LineClient::connect(&n.a_smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string());
+    let create_guid = uuid::Uuid::new_v4().to_string();
+    let mid = c.send_only(
+        "mid",
+        persistent_open(sid, "t", "overwrite_if", &create_guid),
+    );
+    n.a.wait_log(
+        "failpoint fs.before_change: stalling",
+        Duration::from_secs(10),
+    );
+    let t0 = Instant::now();
+    n.cluster.signal(0, Signal::SIGSTOP);
+    let st = n.a.wait_exit(Duration::from_secs(15));
+    let a_exit = t0.elapsed();
+    let at_exit = std::fs::read(n.export.join("t")).expect("t");
+    let b_claimed_first = n.b.log_text().contains("owner of the etcd table url");
+    n.b.wait_ready();
+    let b_ready = t0.elapsed();
+    n.cluster.signal(0, Signal::SIGCONT);
+    eprintln!("A cut off: exited at {a_exit:?}, B served at {b_ready:?}");
+    assert_eq!(st.code(), Some(75), "{}", n.a.log_text());
+    assert!(
+        n.a.log_text().contains("stepping down"),
+        "{}",
+        n.a.log_text()
+    );
+    assert_eq!(at_exit, b"old data", "A truncated the file once cut off");
+    assert!(!b_claimed_first, "B took over before A had stopped");
+    c.set_read_timeout(Duration::from_secs(2));
+    if let Some((reply, _)) = c.reply_to("mid", mid) {
+        assert_ne!(reply["status"], "STATUS_SUCCESS", "{reply}");
+    }
+    assert!(
+        n.b.log_text()
+            .contains("recovery finished an interrupted overwrite"),
         "{}",
         n.b.log_text()
     );
