@@ -16,8 +16,8 @@
 //! Points (see docs/ARCHITECTURE.md): `commit.before`, `commit.after`
 //! (durable, reply not yet sent), `reply.before_send`, `open.after_fs`
 //! (file created/opened, nothing recorded), `intent.after_commit`,
-//! `intent.after_fs`, `fs.before_change` (a rename, remove or size change
-//! prepared, its system call not yet made: right before the owner fence,
+//! `intent.after_fs`, `fs.before_change` (a rename, remove, size change or
+//! create prepared, its system call not yet made: right before the owner fence,
 //! `engine::fs::HostFs::fence`), `engine.request` (the engine thread, per request),
 //! `local.unignore` (removing a file's ignore mark; `fail` makes it fail),
 //! `local.probe` (the write-lease probe, its lease held), `local.scan`

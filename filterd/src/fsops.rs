@@ -227,12 +227,13 @@ enum MarkedCreate {
 }
 
 /// Creates `path` atomically with a marker: an `O_TMPFILE` in the parent
-/// directory gets the marker first, then its name (`linkat`), so the name
-/// never exists without the marker.
+/// directory gets the marker first, then its name (`linkat`, right after
+/// `fence`), so the name never exists without the marker.
 fn create_marked(
     root: BorrowedFd<'_>,
     path: &RelPath,
     marker: &[u8],
+    fence: Fence<'_>,
 ) -> Result<MarkedCreate, WireError> {
     let err = |e: io::Error| map_errno(&e, root, path);
     let (parent, leaf) = match path.as_str().rsplit_once('/') {
@@ -250,6 +251,7 @@ fn create_marked(
             format!("{path}: cannot set the create marker: {e}"),
         )
     })?;
+    fence();
     match sys::link_tmpfile(tmp.as_fd(), dir.as_fd(), leaf) {
         Ok(()) => Ok(MarkedCreate::Created(tmp)),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(MarkedCreate::Exists),
@@ -263,12 +265,15 @@ fn create_marked(
 /// With `marker` (persistent opens with a create GUID), a file this open
 /// creates carries the marker, and an existing file that carries the same
 /// marker counts as created by this open (a replay after a crash).
+/// `fence` runs right before each system call that may create the file
+/// (see [`Fence`]).
 pub fn open(
     root: BorrowedFd<'_>,
     path: &RelPath,
     access: Access,
     disposition: Disposition,
     marker: Option<&[u8]>,
+    fence: Fence<'_>,
 ) -> Result<OpenedFile, WireError> {
     let mode = open_mode(access) | libc::O_NOCTTY;
     let p = path.as_str();
@@ -290,7 +295,7 @@ pub fn open(
             if !gone(&e) {
                 return Err(err(e));
             }
-            let e = match create_marked(root, path, m)? {
+            let e = match create_marked(root, path, m, fence)? {
                 MarkedCreate::Created(tmp) => match open_nb(root, p, mode, 0) {
                     Ok(fd) => {
                         let (file, size, is_reg) = stat_file(fd.as_fd()).map_err(err)?;
@@ -369,10 +374,13 @@ pub fn open(
         Disposition::Open | Disposition::Overwrite => {
             (open_nb(root, p, mode, 0).map_err(err)?, false)
         }
-        Disposition::Create => (
-            open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE).map_err(err)?,
-            true,
-        ),
+        Disposition::Create => {
+            fence();
+            (
+                open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE).map_err(err)?,
+                true,
+            )
+        }
         Disposition::OpenIf | Disposition::OverwriteIf | Disposition::Supersede => {
             // Create-if-absent, knowing which happened: open what exists,
             // else create exclusively; retry if the file came or went in
@@ -382,7 +390,10 @@ pub fn open(
             open_or_create(
                 path,
                 || open_nb(root, p, mode, 0),
-                || open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE),
+                || {
+                    fence();
+                    open_nb(root, p, mode | libc::O_CREAT | libc::O_EXCL, CREATE_MODE)
+                },
             )
             .map_err(|e| e.either(err))?
         }
@@ -899,7 +910,8 @@ pub fn prove_beneath(
 }
 
 /// Runs right before a filesystem change is made (the `renameat2`,
-/// `unlinkat` or `ftruncate` itself, after the lookups that prepare it):
+/// `unlinkat`, `ftruncate`, or the `linkat`/`O_CREAT` that creates a file,
+/// after the lookups that prepare it):
 /// the daemon's check that it still owns a shared store
 /// (`engine::fs::HostFs`). It returns only when the change may be made;
 /// otherwise it ends the process, as a lost lease does everywhere else.

@@ -390,6 +390,31 @@ fn a_delete_on_close_recovered_over_a_reused_inode_number_keeps_the_new_file() {
     );
 }
 
+/// A persistent create (`create`, marked: an `O_TMPFILE` linked under its
+/// name) is in flight on A when A is frozen right before the link (after
+/// the step's check). B takes over; nothing of the create is in the table.
+/// When A runs again it must not link the file: after the takeover a
+/// name appearing from nowhere would make a create through B collide.
+#[test]
+fn a_create_frozen_in_flight_is_not_made_after_a_takeover() {
+    if !etcd_available("fence-create") {
+        return;
+    }
+    let mut n = TwoNodes::start("fence-create", "fs.before_change:sleep1500");
+    let mut c = LineClient::connect(&n.a_smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string());
+    let create_guid = uuid::Uuid::new_v4().to_string();
+    let mid = c.send_only("mid", persistent_open(sid, "n", "create", &create_guid));
+    let _b_smb = n.freeze_a_at("fs.before_change");
+    assert!(!n.export.join("n").exists());
+    n.thaw_a(&mut c, mid);
+    assert!(
+        !n.export.join("n").exists(),
+        "the stale owner created a file after node B took over; A's log:\n{}",
+        n.a.log_text()
+    );
+}
+
 /// Case 3 of the attack: A is not frozen but cut off from etcd (the one
 /// member it talks to is stopped; the other two keep the quorum and B
 /// talks to them) while its engine thread is in the middle of a truncating

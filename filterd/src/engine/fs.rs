@@ -202,8 +202,8 @@ pub struct HostFs {
 }
 
 impl HostFs {
-    /// Over the export root's descriptor; every rename, remove and size
-    /// change is made only while this daemon still owns `store`.
+    /// Over the export root's descriptor; every rename, remove, size
+    /// change and create is made only while this daemon still owns `store`.
     pub fn new(root: OwnedFd, store: Arc<dyn StateStore>) -> HostFs {
         HostFs { root, store }
     }
@@ -213,7 +213,7 @@ impl HostFs {
     }
 
     /// The fence right before each non-idempotent filesystem change
-    /// ([`fsops::Fence`]): a shared store's owner whose lease may have run
+    /// (a rename, remove, size change or create: [`fsops::Fence`]): a shared store's owner whose lease may have run
     /// out makes no change (docs/ARCHITECTURE.md, "A change in flight at
     /// a takeover"). The engine checked as the step began
     /// (`Engine::begin_request`), but a process frozen after that check
@@ -238,7 +238,9 @@ impl Fs for HostFs {
         disposition: Disposition,
         marker: Option<&[u8]>,
     ) -> Result<OpenedFile, WireError> {
-        fsops::open(self.root(), path, access, disposition, marker)
+        fsops::open(self.root(), path, access, disposition, marker, &|| {
+            self.fence()
+        })
     }
 
     fn truncate(&self, path: &RelPath, expect: FileId) -> Result<(), WireError> {

@@ -2904,3 +2904,83 @@ fn a_loss_whose_commit_fails_is_undone_whole() {
     );
     assert!(!h.engine.by_file.values().flatten().any(|k| *k == key));
 }
+
+/// The daemon's filesystem fences every change on the owner's lease
+/// (`HostFs::fence`, round 20): once the lease may have run out, no
+/// rename, remove, size change or create is made — each checked right
+/// before its system call, after the lookups that prepare it. End to end
+/// (`tests/tests/etcd_fence.rs`) an etcd owner frozen between the step's
+/// own check and the system call made its change after a standby had
+/// taken over; here the lease is lost before the call, on a real
+/// directory, so the fence is what stops each operation.
+#[test]
+fn the_host_filesystem_changes_nothing_once_the_lease_may_have_run_out() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::env::temp_dir().join(format!("rkf-fence-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("a"), b"data").unwrap();
+    let meta = std::fs::metadata(dir.join("a")).unwrap();
+    let file = FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    let kh = libfilter::sys::file_handle_of(std::fs::File::open(dir.join("a")).unwrap().as_fd())
+        .unwrap();
+    let root = OwnedFd::from(std::fs::File::open(&dir).unwrap());
+    let store = Arc::new(MemStore::default());
+    let fs = super::fs::HostFs::new(root, store.clone());
+    let (a, b, new) = (
+        RelPath::new("a").unwrap(),
+        RelPath::new("b").unwrap(),
+        RelPath::new("new").unwrap(),
+    );
+    let rw = Access::new(Rights::READ.union(Rights::WRITE)).unwrap();
+    store.inner.lock().unwrap().lost = true;
+    type Step<'a> = (&'a str, Box<dyn Fn() + 'a>);
+    let steps: Vec<Step<'_>> = vec![
+        (
+            "rename",
+            Box::new(|| drop(fs.rename(&a, &b, file, Some(&kh), false))),
+        ),
+        ("remove", Box::new(|| drop(fs.remove(&a, file, Some(&kh))))),
+        ("truncate", Box::new(|| drop(fs.truncate(&a, file)))),
+        (
+            "truncate by handle",
+            Box::new(|| drop(fs.truncate_by_handle(&kh, &a))),
+        ),
+        (
+            "set size",
+            Box::new(|| drop(fs.set_size_by_handle(&kh, Some(&a), 1))),
+        ),
+        (
+            "create",
+            Box::new(|| drop(fs.open(&new, rw, Disposition::Create, None))),
+        ),
+        (
+            "create if absent",
+            Box::new(|| drop(fs.open(&new, rw, Disposition::OpenIf, None))),
+        ),
+        (
+            "marked create",
+            Box::new(|| drop(fs.open(&new, rw, Disposition::Create, Some(b"G")))),
+        ),
+    ];
+    for (what, step) in &steps {
+        let stepped_down = std::panic::catch_unwind(std::panic::AssertUnwindSafe(step));
+        assert!(stepped_down.is_err(), "{what}: made without stepping down");
+        assert_eq!(
+            std::fs::read(dir.join("a")).ok().as_deref(),
+            Some(&b"data"[..]),
+            "{what}"
+        );
+        assert!(
+            !dir.join("b").exists() && !dir.join("new").exists(),
+            "{what}"
+        );
+    }
+    // Owning again, the same calls act.
+    store.inner.lock().unwrap().lost = false;
+    fs.rename(&a, &b, file, Some(&kh), false).unwrap();
+    assert!(dir.join("b").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
