@@ -911,10 +911,10 @@ pub fn prove_beneath(
 
 /// Runs right before a filesystem change is made (the `renameat2`,
 /// `unlinkat`, `ftruncate`, or the `linkat`/`O_CREAT` that creates a file,
-/// after the lookups that prepare it):
-/// the daemon's check that it still owns a shared store
-/// (`engine::fs::HostFs`). It returns only when the change may be made;
-/// otherwise it ends the process, as a lost lease does everywhere else.
+/// after the lookups that prepare it): the daemon's check that it still
+/// owns a shared store (`engine::fs::HostFs`). It returns only when the
+/// change may be made; otherwise it ends the process, as a lost lease
+/// does everywhere else.
 pub type Fence<'a> = &'a dyn Fn();
 
 /// Opens a file by kernel handle and proves it lies beneath the root.

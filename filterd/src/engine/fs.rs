@@ -212,16 +212,16 @@ impl HostFs {
         self.root.as_fd()
     }
 
-    /// The fence right before each non-idempotent filesystem change
-    /// (a rename, remove, size change or create: [`fsops::Fence`]): a shared store's owner whose lease may have run
-    /// out makes no change (docs/ARCHITECTURE.md, "A change in flight at
-    /// a takeover"). The engine checked as the step began
-    /// (`Engine::begin_request`), but a process frozen after that check
-    /// and before the change — during the lookups and the open by handle
-    /// that prepare it, each of which can block on a shared filesystem —
-    /// would otherwise make it after another daemon took over and
-    /// recovered its intent. Failpoint `fs.before_change` stalls here,
-    /// before the check.
+    /// The fence right before each non-idempotent filesystem change (a
+    /// rename, remove, size change or create: [`fsops::Fence`]): a shared
+    /// store's owner whose lease may have run out makes no change
+    /// (docs/ARCHITECTURE.md, "A change in flight at a takeover"). The
+    /// engine checked as the step began (`Engine::begin_request`), but a
+    /// process frozen after that check and before the change — during the
+    /// lookups and the open by handle that prepare it, each of which can
+    /// block on a shared filesystem — would otherwise make it after
+    /// another daemon took over and recovered its intent. Failpoint
+    /// `fs.before_change` stalls here, before the check.
     fn fence(&self) {
         crate::failpoint::hit("fs.before_change");
         if let Err(e) = self.store.owner_check() {
