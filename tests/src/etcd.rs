@@ -25,6 +25,15 @@ pub fn etcd_available(test: &str) -> bool {
     found
 }
 
+/// A "machine" of a two-node test: its own scratch dir (runtime and state
+/// dir), its export root a symlink to the shared `export`.
+pub fn node(name: &str, export: &std::path::Path) -> Scratch {
+    let s = Scratch::new(name);
+    std::fs::remove_dir(s.root()).expect("rmdir root");
+    std::os::unix::fs::symlink(export, s.root()).expect("symlink the shared export");
+    s
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

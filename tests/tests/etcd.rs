@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use nix::sys::signal::Signal;
-use rkfilter_tests::etcd::{etcd_available, raw_etcd, Cluster};
+use rkfilter_tests::etcd::{etcd_available, node, raw_etcd, Cluster};
 use rkfilter_tests::{
     handle_paths, listed_paths, smb_persistent_create, wait_for, Filterd, LineClient, Nfs, Scratch,
     Shim,
@@ -28,15 +28,6 @@ const TTL: u64 = 2;
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// A node: its own scratch dir (runtime dir), its export root a symlink to
-/// the shared export.
-fn node(name: &str, export: &Path) -> Scratch {
-    let s = Scratch::new(name);
-    std::fs::remove_dir(s.root()).expect("rmdir root");
-    std::os::unix::fs::symlink(export, s.root()).expect("symlink the shared export");
-    s
 }
 
 fn store_flags(url: &str, standby: bool, ttl: u64) -> Vec<String> {

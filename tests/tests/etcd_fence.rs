@@ -13,12 +13,11 @@
 //! Skips (with a note) when the `etcd` binary is missing, except under
 //! `CI=true`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
 use nix::sys::signal::Signal;
-use rkfilter_tests::etcd::{etcd_available, Cluster};
+use rkfilter_tests::etcd::{etcd_available, node, Cluster};
 use rkfilter_tests::{smb_patiently, wait_for, Filterd, LineClient, Scratch, Shim};
 use serde_json::{json, Value};
 
@@ -26,15 +25,6 @@ const TTL: u64 = 2;
 
 fn b64(s: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// A node: its own scratch dir (runtime dir), its export root a symlink to
-/// the shared export.
-fn node(name: &str, export: &Path) -> Scratch {
-    let s = Scratch::new(name);
-    std::fs::remove_dir(s.root()).expect("rmdir root");
-    std::os::unix::fs::symlink(export, s.root()).expect("symlink the shared export");
-    s
 }
 
 fn start_node(s: &Scratch, url: &str, standby: bool, env: &[(&str, &str)]) -> Filterd {
@@ -59,8 +49,8 @@ fn persistent_open(sid: u64, path: &str, disposition: &str, create_guid: &str) -
            "durable": {"create_guid": create_guid, "persistent": true, "timeout_ms": 60000}})
 }
 
-/// Two nodes on one export and a one-member etcd; A owns the table, armed
-/// with `failpoints`, B waits as standby.
+/// Two nodes on one export and an etcd; A owns the table, armed with
+/// `failpoints`, B waits as standby.
 struct TwoNodes {
     export: std::path::PathBuf,
     a: Filterd,
