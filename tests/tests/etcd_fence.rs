@@ -13,7 +13,7 @@
 //! Skips (with a note) when the `etcd` binary is missing, except under
 //! `CI=true`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use nix::sys::signal::Signal;
@@ -22,6 +22,17 @@ use rkfilter_tests::{smb_patiently, wait_for, Filterd, LineClient, Scratch, Shim
 use serde_json::{json, Value};
 
 const TTL: u64 = 2;
+
+/// How long A's engine thread stalls at the armed point (`sleepMS`): the
+/// test must freeze A within it, and continues A only after it, so that
+/// A's engine thread is runnable the moment A runs again (the race the
+/// fence decides) rather than still asleep while `lease-watch` exits.
+const STALL: Duration = Duration::from_millis(3000);
+
+/// The failpoint spec that stalls at `point`.
+fn stall_at(point: &str) -> String {
+    format!("{point}:sleep{}", STALL.as_millis())
+}
 
 fn b64(s: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -60,6 +71,8 @@ struct TwoNodes {
     _sb: Scratch,
     cluster: Cluster,
     _shared: Scratch,
+    /// When A's log showed it stalling ([`TwoNodes::freeze_a_then`]).
+    stalled_at: Option<Instant>,
 }
 
 impl TwoNodes {
@@ -101,6 +114,7 @@ impl TwoNodes {
             _sb: sb,
             cluster,
             _shared: shared,
+            stalled_at: None,
         }
     }
 
@@ -117,7 +131,14 @@ impl TwoNodes {
             &format!("failpoint {point}: stalling"),
             Duration::from_secs(10),
         );
+        let stalled_at = Instant::now();
+        self.stalled_at = Some(stalled_at);
         self.a.stop();
+        assert!(
+            stalled_at.elapsed() < STALL,
+            "A was frozen only after its stall at {point} had ended (a loaded machine): \
+             this run shows nothing"
+        );
         meanwhile();
         self.b.wait_ready();
         Shim::start("smbshim", self.b.socket(), "smb-1")
@@ -126,6 +147,12 @@ impl TwoNodes {
     /// Continues A; it must step down (75) having acknowledged nothing of
     /// request `mid` on `client`.
     fn thaw_a(&mut self, client: &mut LineClient, mid: u64) {
+        // The stall is over (it began before its log line was read).
+        if let Some(t) = self.stalled_at {
+            wait_for("A's stall to have ended", STALL * 2, || {
+                (t.elapsed() > STALL).then_some(())
+            });
+        }
         self.a.signal(Signal::SIGCONT);
         let st = self.a.wait_exit(Duration::from_secs(10));
         assert_eq!(
@@ -159,7 +186,7 @@ impl TwoNodes {
 /// the file back (op id 6). When A runs again, the file keeps the name B
 /// gave it last: A did not rename it a second time.
 fn rename_in_flight(name: &str, point: &str) {
-    let mut n = TwoNodes::start(name, &format!("{point}:sleep1500"));
+    let mut n = TwoNodes::start(name, &stall_at(point));
     std::fs::write(n.export.join("r"), b"content").expect("write r");
     let client_guid = uuid::Uuid::new_v4().to_string();
     let create_guid = uuid::Uuid::new_v4().to_string();
@@ -206,7 +233,7 @@ fn rename_in_flight(name: &str, point: &str) {
 /// data through it. When A runs again, the new data is still there: A did
 /// not truncate the file over work acknowledged by B.
 fn truncating_open_in_flight(name: &str, point: &str) {
-    let mut n = TwoNodes::start(name, &format!("{point}:sleep1500"));
+    let mut n = TwoNodes::start(name, &stall_at(point));
     std::fs::write(n.export.join("t"), b"old data").expect("write t");
     let client_guid = uuid::Uuid::new_v4().to_string();
     let create_guid = uuid::Uuid::new_v4().to_string();
@@ -280,7 +307,7 @@ fn delete_on_close_sent(n: &TwoNodes) -> (LineClient, u64, u64) {
 /// the new file for the old one, and A, when it runs again, must not
 /// unlink it either (its own look at the name came before the freeze).
 fn delete_on_close_in_flight(name: &str, point: &str) {
-    let mut n = TwoNodes::start(name, &format!("{point}:sleep1500"));
+    let mut n = TwoNodes::start(name, &stall_at(point));
     let d = n.export.join("d");
     let (mut c, mid, _) = delete_on_close_sent(&n);
     let _b_smb = n.freeze_a_then(point, || {
@@ -390,7 +417,7 @@ fn a_create_frozen_in_flight_is_not_made_after_a_takeover() {
     if !etcd_available("fence-create") {
         return;
     }
-    let mut n = TwoNodes::start("fence-create", "fs.before_change:sleep1500");
+    let mut n = TwoNodes::start("fence-create", &stall_at("fs.before_change"));
     let mut c = LineClient::connect(&n.a_smb.addr);
     let sid = session(&mut c, &uuid::Uuid::new_v4().to_string());
     let create_guid = uuid::Uuid::new_v4().to_string();
@@ -409,18 +436,17 @@ fn a_create_frozen_in_flight_is_not_made_after_a_takeover() {
 /// member it talks to is stopped; the other two keep the quorum and B
 /// talks to them) while its engine thread is in the middle of a truncating
 /// open, past the step's check, stalled longer than the lease
-/// (`fs.before_change:sleep3000`, lease 2 s). A's `lease-watch` ends the
+/// ([`STALL`], lease 2 s). A's `lease-watch` ends the
 /// process at its margin, before etcd can let B claim, and the stalled
 /// thread dies with it: the file is untouched when A has exited, B serves
 /// after A's exit and finishes the interrupted overwrite itself, and A
 /// acknowledged nothing. (A guard: no fix was needed.)
 #[test]
 fn an_owner_cut_off_from_etcd_mid_change_stops_before_the_takeover() {
-    use std::time::Instant;
     if !etcd_available("fence-cut") {
         return;
     }
-    let mut n = TwoNodes::start_on("fence-cut", "fs.before_change:sleep3000", 3);
+    let mut n = TwoNodes::start_on("fence-cut", &stall_at("fs.before_change"), 3);
     std::fs::write(n.export.join("t"), b"old data").expect("write t");
     let mut c = LineClient::connect(&n.a_smb.addr);
     let sid = session(&mut c, &uuid::Uuid::new_v4().to_string());
