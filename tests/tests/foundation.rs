@@ -257,6 +257,20 @@ fn open_cmd(
            "disposition": disp, "durability": dur, "create_guid": guid})
 }
 
+/// alice's persistent read-write create of `path` (sharing read), with no
+/// create GUID.
+fn persistent_create(path: &str) -> Value {
+    open_cmd(
+        "alice",
+        path,
+        &["read", "write"],
+        &["read"],
+        "create",
+        json!({"kind": "persistent", "timeout_ms": 60000}),
+        None,
+    )
+}
+
 fn state_of(s: &Scratch, key: &Value) -> String {
     let h = handle_list(&handles_json(s));
     h.iter()
@@ -611,15 +625,7 @@ fn malformed_frames_get_errors_and_change_nothing() {
     let s = Scratch::new("garbage");
     let _d = Filterd::start(&s, &[], &[]);
     let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
-    let p = fe.cmd(open_cmd(
-        "alice",
-        "p",
-        &["read", "write"],
-        &["read"],
-        "create",
-        json!({"kind": "persistent", "timeout_ms": 60000}),
-        None,
-    ));
+    let p = fe.cmd(persistent_create("p"));
     assert_eq!(p["ok"], true);
     let before = handles_json(&s);
     let big = vec![b'x'; 70_000];
@@ -722,15 +728,7 @@ fn filterctl_reads_state_while_filterd_is_down() {
     let s = Scratch::new("offline");
     let mut d = Filterd::start(&s, &[], &[]);
     let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
-    let p = fe.cmd(open_cmd(
-        "alice",
-        "dir-less.txt",
-        &["read", "write"],
-        &["read"],
-        "create",
-        json!({"kind": "persistent", "timeout_ms": 60000}),
-        None,
-    ));
+    let p = fe.cmd(persistent_create("dir-less.txt"));
     assert_eq!(p["ok"], true);
     d.kill9();
     let st = s.state();
@@ -1271,4 +1269,91 @@ fn a_frontend_started_before_filterd_says_it_waits_then_attaches() {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Every file under `dir` with its bytes, for "wrote nothing" checks.
+fn tree(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.strip_prefix(dir).unwrap().display().to_string();
+            if p.is_dir() {
+                todo.push(p.clone());
+                out.insert(name + "/", Vec::new());
+            } else if p.is_file() {
+                out.insert(name, std::fs::read(&p).unwrap());
+            } else {
+                out.insert(name, b"(special)".to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// Offline filterctl inspects a state dir without writing into it: not a
+/// `lock.mdb` next to a file that is not LMDB, nor beside a good store
+/// whose lock file is gone (a copy taken for a post-mortem), nor anything
+/// where there is no store at all — and a store it cannot read is named in
+/// one line. With a live filterd, `--state` still answers.
+#[test]
+fn offline_filterctl_writes_nothing_into_the_state_dir() {
+    let s = Scratch::new("ctl-readonly");
+    let empty = s.dir.join("empty");
+    let no_data = s.dir.join("no-data");
+    let junk = s.dir.join("junk");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::create_dir_all(no_data.join("lmdb")).unwrap();
+    std::fs::create_dir_all(junk.join("lmdb")).unwrap();
+    std::fs::write(junk.join("lmdb/data.mdb"), vec![0x5a; 8192]).unwrap();
+    for (dir, says) in [
+        (&empty, "missing database data.mdb"),
+        (&no_data, "missing database data.mdb"),
+        (&junk, "not an LMDB file"),
+    ] {
+        let before = tree(dir);
+        let out = filterctl(&["--state", dir.to_str().unwrap(), "handles"]);
+        assert_eq!(out.code, 1, "{}", out.stderr);
+        assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        assert!(out.stderr.contains(says), "{}", out.stderr);
+        assert_eq!(
+            tree(dir).keys().collect::<Vec<_>>(),
+            before.keys().collect::<Vec<_>>()
+        );
+        assert!(tree(dir) == before, "{} changed", dir.display());
+    }
+
+    // A live daemon's state dir: answered (through its socket).
+    let mut d = Filterd::start(&s, &[], &[]);
+    let st = s.state();
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let p = fe.cmd(persistent_create("kept.txt"));
+    assert_eq!(p["ok"], true);
+    let out = filterctl(&["--state", st.to_str().unwrap(), "handles", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(handle_list(&out.json()).len(), 1, "{}", out.stdout);
+    d.kill9();
+    drop(fe);
+
+    // A copy of the dead daemon's store without its lock file.
+    let copy = s.dir.join("copy");
+    std::fs::create_dir_all(copy.join("lmdb")).unwrap();
+    std::fs::copy(st.join("lmdb/data.mdb"), copy.join("lmdb/data.mdb")).unwrap();
+    let before = tree(&copy);
+    let out = filterctl(&["--state", copy.to_str().unwrap(), "handles", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let hs = handle_list(&out.json());
+    assert_eq!(hs.len(), 1, "{}", out.stdout);
+    assert_eq!(hs[0]["key"], p["key"]);
+    assert_eq!(
+        tree(&copy).keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    assert!(tree(&copy) == before, "the copy changed");
+
+    // The dead daemon's own dir (its lock file left behind) reads as well.
+    let out = filterctl(&["--state", st.to_str().unwrap(), "handles", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(handle_list(&out.json()).len(), 1, "{}", out.stdout);
 }
