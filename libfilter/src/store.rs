@@ -95,6 +95,16 @@ pub enum StoreError {
     /// The remote store (etcd) failed the request.
     #[error("etcd: {0}")]
     Etcd(String),
+    /// No etcd endpoint answered a read-only open in time.
+    #[error("etcd at {endpoints} is not reachable: {cause} (tried for {waited_s} s)")]
+    Unreachable {
+        /// `HOST:PORT, …`.
+        endpoints: String,
+        /// The innermost cause of the last try ("connection refused").
+        cause: String,
+        /// How long it was retried.
+        waited_s: u64,
+    },
     /// This daemon's etcd lease may have run out (it could not be renewed
     /// in time, or a commit could not be confirmed before it might): it may
     /// no longer act as owner.

@@ -1262,6 +1262,29 @@ fn a_malformed_store_is_bad_usage() {
     }
 }
 
+/// filterctl against an etcd that is not there says so in one line that
+/// names the endpoint and the cause, exit 1, within a few seconds. Before:
+/// after 10 s of retries, tonic's whole transport error on one long line
+/// (`grpc request error: code: ... source: tonic::transport::Error(...)`).
+#[test]
+fn filterctl_names_an_unreachable_etcd_in_one_line_quickly() {
+    // Nothing listens on port 1; the listener below never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = silent.local_addr().unwrap().to_string();
+    for (endpoint, cause) in [("127.0.0.1:1", "connection refused"), (silent.as_str(), "")] {
+        let url = format!("etcd://{endpoint}/rk");
+        let t0 = std::time::Instant::now();
+        let out = filterctl(&["--store", &url, "status"]);
+        let took = t0.elapsed();
+        assert_eq!(out.code, 1, "{}", out.stderr);
+        assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        let expect = format!("etcd at {endpoint} is not reachable: {cause}");
+        assert!(out.stderr.contains(&expect), "{expect:?} in {}", out.stderr);
+        assert!(!out.stderr.contains("tonic"), "{}", out.stderr);
+        assert!(took < Duration::from_secs(6), "took {took:?}");
+    }
+}
+
 /// A frontend started before filterd waits for it (it may be starting or
 /// recovering), says so once on stderr after a second rather than leaving
 /// the operator 30 s of silence, and attaches as soon as filterd is up.
