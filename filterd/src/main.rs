@@ -128,7 +128,7 @@ fn store_arg(s: &str) -> Result<String, String> {
 fn main() {
     // Before any other thread: see the function (issue 16's profile).
     libfilter::sys::no_malloc_fastbins();
-    let args = Args::parse();
+    let args: Args = libfilter::cli::parse();
     observability::init(args.log_format);
     abort_on_panic();
     failpoint::init();

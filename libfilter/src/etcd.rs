@@ -214,14 +214,24 @@ impl EtcdUrl {
     }
 }
 
-impl std::fmt::Display for EtcdUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hosts: Vec<&str> = self
-            .endpoints
+impl EtcdUrl {
+    /// The endpoints as `HOST:PORT`.
+    fn host_list(&self) -> Vec<&str> {
+        self.endpoints
             .iter()
             .map(|e| e.trim_start_matches("http://"))
-            .collect();
-        write!(f, "etcd://{}{}", hosts.join(","), self.prefix)
+            .collect()
+    }
+
+    /// The endpoints as `HOST:PORT, HOST:PORT…`.
+    pub fn hosts(&self) -> String {
+        self.host_list().join(", ")
+    }
+}
+
+impl std::fmt::Display for EtcdUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "etcd://{}{}", self.host_list().join(","), self.prefix)
     }
 }
 
@@ -255,6 +265,34 @@ fn unhex(s: &[u8]) -> Option<Vec<u8>> {
                 .and_then(|p| u8::from_str_radix(p, 16).ok())
         })
         .collect()
+}
+
+/// How long a read-only open (filterctl) retries an etcd that does not
+/// answer.
+const READ_ONLY_PATIENCE: Duration = Duration::from_secs(3);
+
+/// The innermost cause of an etcd request's failure, below gRPC and the
+/// transport, for a one-line report: "connection refused", "timeout
+/// expired" — not tonic's nested debug output.
+fn root_cause(e: &etcd_client::Error) -> String {
+    let top: &(dyn std::error::Error + 'static) = match e {
+        etcd_client::Error::GRpcStatus(s) => match std::error::Error::source(s) {
+            Some(inner) => inner,
+            None => return s.message().to_owned(),
+        },
+        etcd_client::Error::TransportError(t) => t,
+        etcd_client::Error::IoError(io) => io,
+        other => return other.to_string(),
+    };
+    let mut cause = top;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    match cause.downcast_ref::<std::io::Error>() {
+        // An errno: its kind reads best ("connection refused").
+        Some(io) if io.raw_os_error().is_some() => io.kind().to_string(),
+        _ => cause.to_string().to_lowercase(),
+    }
 }
 
 fn etcd_err(e: etcd_client::Error) -> StoreError {
@@ -871,6 +909,22 @@ impl EtcdStore {
         F: Fn(&Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
+        self.retry_raw(what, keep_trying, f).map_err(etcd_err)
+    }
+
+    /// As [`EtcdStore::retry`], with etcd's own error (whether the last
+    /// try failed for a reason a retry might change, and its cause).
+    fn retry_raw<T, F, Fut>(
+        &self,
+        what: &str,
+        keep_trying: impl Fn() -> bool,
+        f: F,
+    ) -> Result<T, etcd_client::Error>
+    where
+        T: Send + 'static,
+        F: Fn(&Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let mut tries = 0u32;
         loop {
             let member = self.member_client(tries, Client::clone);
@@ -891,7 +945,7 @@ impl EtcdStore {
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => return Err(etcd_err(e)),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -2029,8 +2083,34 @@ impl EtcdStore {
     pub fn open_read_only(url: &EtcdUrl) -> Result<EtcdStore, StoreError> {
         let s = EtcdStore::connect(url, Duration::from_secs(2), Duration::ZERO)?;
         let t0 = Instant::now();
+        // The owner first, and the table as of the same revision. A tool
+        // waits a little for a cluster that elects a leader or restarts a
+        // member, not the daemon's 10 s: an etcd that does not answer by
+        // then is named in one line with the cause below gRPC.
+        let owner = s.owner_key();
+        let got = s
+            .retry_raw(
+                "read",
+                || t0.elapsed() < READ_ONLY_PATIENCE,
+                |c| {
+                    let (mut c, o) = (c.clone(), owner.clone());
+                    async move { c.get(o, None).await }
+                },
+            )
+            .map_err(|e| {
+                if retryable(&e) {
+                    StoreError::Unreachable {
+                        endpoints: url.hosts(),
+                        cause: root_cause(&e),
+                        waited_s: READ_ONLY_PATIENCE.as_secs(),
+                    }
+                } else {
+                    etcd_err(e)
+                }
+            })?;
+        let rev = got.header().map(|h| h.revision());
         let (mut table, _) =
-            s.read_table(None, &|| t0.elapsed() < Duration::from_secs(10), false)?;
+            s.read_table(rev, &|| t0.elapsed() < Duration::from_secs(10), false)?;
         // Show logged requests as their next owner will finish them.
         let (changes, log_keys) = s.logged(&table)?;
         for (k, v) in changes.into_iter().flatten() {
@@ -2042,15 +2122,6 @@ impl EtcdStore {
         // (The log's keys stay: records() never shows them.)
         let _ = log_keys;
         *s.lock_table() = table;
-        let owner = s.owner_key();
-        let got = s.retry(
-            "read",
-            || false,
-            |c| {
-                let (mut c, o) = (c.clone(), owner.clone());
-                async move { c.get(o, None).await }
-            },
-        )?;
         *s.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = match got.kvs().first() {
             Some(kv) => format!(
                 "{} (fencing revision {})",

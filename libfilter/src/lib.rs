@@ -18,12 +18,16 @@
 //!   by itself after a daemon restart.
 //! - [`runtime`]: the live daemon's record in its state dir (pid, socket),
 //!   how filterctl finds it.
+//! - `cli` (feature `cli`): the programs' command lines — a usage error is
+//!   one line naming what is wrong, exit 2.
 //! - [`sys`]: the syscall backend (openat2, file handles, SCM_RIGHTS), the one
 //!   module allowed `unsafe`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod attach;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod client;
 #[cfg(feature = "etcd")]
 pub mod etcd;

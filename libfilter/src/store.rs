@@ -95,6 +95,16 @@ pub enum StoreError {
     /// The remote store (etcd) failed the request.
     #[error("etcd: {0}")]
     Etcd(String),
+    /// No etcd endpoint answered a read-only open in time.
+    #[error("etcd at {endpoints} is not reachable: {cause} (tried for {waited_s} s)")]
+    Unreachable {
+        /// `HOST:PORT, …`.
+        endpoints: String,
+        /// The innermost cause of the last try ("connection refused").
+        cause: String,
+        /// How long it was retried.
+        waited_s: u64,
+    },
     /// This daemon's etcd lease may have run out (it could not be renewed
     /// in time, or a commit could not be confirmed before it might): it may
     /// no longer act as owner.
@@ -582,13 +592,33 @@ impl Store {
         }
     }
 
-    /// Opens the store in `dir` read-only (filterctl post-mortem).
+    /// Opens the store in `dir` read-only (filterctl post-mortem, when no
+    /// filterd holds the state dir), writing nothing into it.
+    ///
+    /// A read-only LMDB environment still creates `lock.mdb` when there is
+    /// none — next to a `data.mdb` that is not LMDB at all, or in a copy of
+    /// a store taken for a post-mortem. Without a lock file no process has
+    /// the environment open (every writer creates one), so the reader then
+    /// goes without (`MDB_NOLOCK`); with one, it takes a reader slot there,
+    /// which keeps a filterd that starts meanwhile from reusing the pages
+    /// it reads. A lock file it may not write (a read-only copy) is read
+    /// around in the same way.
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
         let db_dir = dir.join("lmdb");
         if !db_dir.join("data.mdb").exists() {
             return Err(StoreError::Missing("data.mdb"));
         }
-        let env = crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, EnvFlags::READ_ONLY)?;
+        let unlocked = EnvFlags::READ_ONLY | EnvFlags::NO_LOCK;
+        let env = if db_dir.join("lock.mdb").exists() {
+            match crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, EnvFlags::READ_ONLY) {
+                Err(heed::Error::Mdb(heed::MdbError::Other(libc::EACCES | libc::EPERM))) => {
+                    crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, unlocked)?
+                }
+                r => r?,
+            }
+        } else {
+            crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, unlocked)?
+        };
         let txn = env.read_txn()?;
         let meta: Database<Str, Bytes> = env
             .open_database(&txn, Some("meta"))?

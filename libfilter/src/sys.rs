@@ -201,7 +201,9 @@ pub fn open_lmdb(
     // SAFETY: heed requires that an environment is not opened twice in one
     // process and that flags be consistent; the store opens each state dir
     // once per process (filterd holds an exclusive lock on the state dir,
-    // filterctl opens it once per run).
+    // filterctl opens it once per run). `NO_LOCK` leaves concurrency to the
+    // caller: only a read-only open of a store no process has open uses it
+    // (`Store::open_read_only`).
     unsafe {
         opts.flags(flags);
         opts.open(path)

@@ -958,3 +958,68 @@ fn a_further_lock_owner_locks_the_open_file_after_another_clients_rename() {
         "a's open and its second lock-owner"
     );
 }
+
+/// The state of every lease filterd holds.
+fn lease_states(s: &Scratch) -> Vec<String> {
+    let sock = s.socket().display().to_string();
+    let leases = rkfilter_tests::filterctl(&["--socket", &sock, "leases", "--json"]).json();
+    leases
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|l| l["state"].to_string())
+        .collect()
+}
+
+/// A client's own REMOVE finds its delegations by the file the name
+/// reaches, not by the name nfsshim saw at OPEN: a local process renamed
+/// the delegated file (f → g, which neither nfsshim nor filterd hears of)
+/// and made a new f. Old code compared names: its REMOVE of the new f
+/// lowered the delegation of g (RH → R, so a later conflicting open
+/// revokes it instead of recalling it), and its REMOVE of g waited out the
+/// whole break timeout for a recall of its own delegation, which it could
+/// not answer while its REMOVE ran.
+#[test]
+fn a_clients_remove_finds_its_own_delegation_by_the_file_not_the_name() {
+    let s = Scratch::new("nfs-deleg-renamed");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "4000"], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-dr");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
+    let o = ok(a.open("p", "f", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let dsid = o["delegation"]["stateid"].clone();
+    std::fs::rename(s.root().join("f"), s.root().join("g")).unwrap();
+    std::fs::write(s.root().join("f"), b"another file").unwrap();
+    let before = lease_states(&s);
+    assert_eq!(before.len(), 1, "only the delegation's: {before:?}");
+    ok(a.call(json!({"op": "REMOVE", "path": "f"})));
+    assert_eq!(
+        lease_states(&s),
+        before,
+        "a REMOVE of another file lowered the delegation"
+    );
+    let t0 = Instant::now();
+    ok(a.call(json!({"op": "REMOVE", "path": "g"})));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "REMOVE of the delegated file under its new name took {:?}",
+        t0.elapsed()
+    );
+    assert!(!s.root().join("g").exists());
+    // The delegation is still the client's to return.
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
+    // Its RENAME likewise.
+    std::fs::write(s.root().join("w"), b"w").unwrap();
+    let o = ok(a.open("p", "w", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    std::fs::rename(s.root().join("w"), s.root().join("x")).unwrap();
+    let t0 = Instant::now();
+    ok(a.call(json!({"op": "RENAME", "from": "x", "to": "y"})));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "RENAME of the delegated file under its new name took {:?}",
+        t0.elapsed()
+    );
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
+}

@@ -581,7 +581,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = libfilter::cli::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of our output went away (`filterctl handles | head`):

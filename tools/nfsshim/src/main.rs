@@ -116,7 +116,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args: Args = libfilter::cli::parse();
     match (args.command, args.filter, args.listen) {
         (Some(Command::Client { addr, timeout }), _, _) => {
             let timeout = Duration::try_from_secs_f64(timeout)

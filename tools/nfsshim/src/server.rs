@@ -3078,7 +3078,7 @@ fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         forget_verifier(ctx.sh, path.as_str());
         return Ok(recorded());
     }
-    lower_own_delegations(ctx, st, &[path.as_str()]);
+    lower_own_delegations(ctx, st, &[&path]);
     match ctx
         .sh
         .filter
@@ -3102,10 +3102,26 @@ fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
 /// them, as for any lease without H). Without this the recall would need
 /// this client's lock, which the caller holds, and the request would wait
 /// out filterd's break timeout.
-fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&str]) {
+///
+/// A delegation is on a name when the name reaches its open's file now
+/// (filterd's answer, [`file_at`]), not when it is the name the open was
+/// made by: a local process, a directory's rename or a rename nfsshim did
+/// not make for this client may have moved the file since, and neither
+/// nfsshim's name nor filterd's record follows every such move. Only when
+/// filterd cannot tell is the open's name compared.
+fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&RelPath]) {
+    if st.opens.values().all(|o| o.rec.deleg.is_none()) {
+        return;
+    }
+    let targets: Vec<(&RelPath, AtName)> = paths.iter().map(|p| (*p, file_at(ctx, p))).collect();
     for o in st.opens.values() {
         let Some(d) = &o.rec.deleg else { continue };
-        if !paths.contains(&o.rec.path.as_str()) {
+        let on_it = targets.iter().any(|(p, at)| match at {
+            AtName::File(file) => *file == o.file_key,
+            AtName::Nothing => false,
+            AtName::Unknown => o.rec.path == p.as_str(),
+        });
+        if !on_it {
             continue;
         }
         if let Err(e) = ctx.sh.filter.client().call(Request::LeaseBreakAck {
@@ -3117,6 +3133,56 @@ fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&str]) {
                 d.other
             );
         }
+    }
+}
+
+/// What a name reaches now, as filterd finds it.
+enum AtName {
+    /// This file.
+    File(FileId),
+    /// Nothing.
+    Nothing,
+    /// filterd could not tell (not reached, no descriptor to spare...).
+    Unknown,
+}
+
+/// The file `path` names now, asked with a stat open (it takes no part in
+/// sharing and breaks no lease), closed at once.
+fn file_at(ctx: &Ctx<'_>, path: &RelPath) -> AtName {
+    let sh = ctx.sh;
+    let (Ok(_slot), Ok(client), Ok(access)) = (
+        descriptor_slot(sh),
+        ctx.client_id(),
+        Access::new(Rights::READ),
+    ) else {
+        return AtName::Unknown;
+    };
+    let opened = sh.filter.open(OpenRequest {
+        no_wait: true,
+        stat: true,
+        ..OpenRequest::new(
+            client,
+            path.clone(),
+            access,
+            Rights::ALL,
+            Disposition::Open,
+            Durability::None,
+        )
+    });
+    match opened {
+        Ok(h) => {
+            let _ = sh.filter.close(h.info.key);
+            AtName::File(h.info.file)
+        }
+        Err(e)
+            if matches!(
+                e.code(),
+                Some(ErrorCode::NotFound | ErrorCode::PathNotFound)
+            ) =>
+        {
+            AtName::Nothing
+        }
+        Err(_) => AtName::Unknown,
     }
 }
 
@@ -3141,7 +3207,7 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let to = path_field(obj, "to")?;
     let (from_s, to_s) = (from.as_str().to_owned(), to.as_str().to_owned());
     if !changed_before(ctx)? {
-        lower_own_delegations(ctx, st, &[from.as_str(), to.as_str()]);
+        lower_own_delegations(ctx, st, &[&from, &to]);
         rename_in_filter(ctx, from, to)?;
     }
     forget_verifier(sh, &from_s);

@@ -68,7 +68,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args: Args = libfilter::cli::parse();
     if let Some(Command::HashPassword { user, uid }) = args.command {
         if user.is_empty() || user.contains(':') {
             anyhow::bail!("USER must be non-empty and contain no ':'");
