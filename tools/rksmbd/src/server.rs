@@ -1379,25 +1379,13 @@ impl Connection {
             return Err(WireError::Bad("SMB1 is not served"));
         }
         let mut out: Vec<Response> = Vec::new();
-        let mut offset = 0usize;
         // For related requests: the previous request's session, tree and
         // file, and the status of a failed CREATE they then share.
         let mut prev: Option<(u64, u32, u64, Option<u32>)> = None;
         let mut out_bytes = 0usize;
-        loop {
-            let rest = pdu.get(offset..).ok_or(WireError::Truncated("compound"))?;
-            let mut hdr = Header::decode(rest)?;
-            let len = match hdr.next_command {
-                0 => rest.len(),
-                n => {
-                    let n = usize::try_from(n).map_err(|_| WireError::Bad("next command"))?;
-                    if n < HEADER_LEN || n > rest.len() || n % 8 != 0 {
-                        return Err(WireError::Bad("next command"));
-                    }
-                    n
-                }
-            };
-            let msg = wire::slice(rest, 0, len, "message")?;
+        // The whole chain is framed before any of it runs: a malformed
+        // message further on closes the connection with nothing done.
+        for (mut hdr, msg) in wire::compound(pdu)? {
             let mut file_override = None;
             let mut failed_related = None;
             if hdr.flags & wire::FLAG_RELATED != 0 {
@@ -1450,10 +1438,6 @@ impl Connection {
             if self.terminate {
                 return Err(WireError::Bad("negotiate validation failed"));
             }
-            if req.hdr.next_command == 0 {
-                break;
-            }
-            offset += len;
         }
         // Chain: pad every response but the last to 8 and set NextCommand,
         // then sign each over its own (padded) bytes.
