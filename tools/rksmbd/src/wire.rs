@@ -361,6 +361,28 @@ impl Header {
     }
 }
 
+/// What the 4-byte Direct TCP transport header (MS-SMB2 2.1) announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// A NetBIOS session keep-alive: nothing follows.
+    KeepAlive,
+    /// A PDU of this many bytes follows.
+    Pdu(usize),
+    /// Not a session message, or longer than `max`: the connection ends.
+    Bad,
+}
+
+/// Reads a transport header: type 0 and a 24-bit length of at most `max`.
+pub fn frame(header: [u8; 4], max: usize) -> Frame {
+    let [kind, a, b, c] = header;
+    let n = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+    match kind {
+        0x85 if n == 0 => Frame::KeepAlive,
+        0 if n <= max => Frame::Pdu(n),
+        _ => Frame::Bad,
+    }
+}
+
 /// Splits a PDU into its compounded messages (MS-SMB2 3.3.5.2.7), each
 /// with its decoded header. Every header and every NextCommand is checked
 /// before anything runs, so that a malformed message at the end of a
