@@ -19,6 +19,7 @@ from raw_channel import CLOSE, CREATE, READ, Raw, check, connect_share, create_b
 
 WRITE, LOCK, IOCTL, QUERY_DIRECTORY, ECHO = 9, 0xA, 0xB, 0xE, 0xD
 SUCCESS = 0
+INVALID_PARAMETER = 0xC000000D
 FLAG_RELATED = 0x4
 NOT_FOUND = 0xC0000034
 EVERY = (uuid.UUID(int=0), uuid.UUID(int=0))
@@ -147,9 +148,15 @@ def main():
     write = c.header(WRITE) + struct.pack("<HHIQ", 49, 64 + 48, 0xFFFFFFFF, 0) + fid + struct.pack("<IIHHI", 0, 0, 0, 0, 0) + b"abcd"
     st = c.answer(write)
     check(st is not None and st[0] != SUCCESS, f"a WRITE claiming 0xFFFFFFFF bytes: an error ({st})")
-    write = c.header(WRITE) + struct.pack("<HHIQ", 49, 64 + 48, 4, 2**64 - 16) + fid + struct.pack("<IIHHI", 0, 0, 0, 0, 0) + b"abcd"
-    st = c.answer(write)
-    check(st is not None and st[0] != SUCCESS, f"a WRITE at offset 2^64-16: an error ({st})")
+    # Past a signed 64-bit file offset: STATUS_INVALID_PARAMETER (it was
+    # STATUS_INTERNAL_ERROR, the kernel's EINVAL).
+    for offset in (2**64 - 16, 2**63 - 2):
+        write = c.header(WRITE) + struct.pack("<HHIQ", 49, 64 + 48, 4, offset) + fid + struct.pack("<IIHHI", 0, 0, 0, 0, 0) + b"abcd"
+        st = c.answer(write)
+        check(st == [INVALID_PARAMETER], f"a WRITE at offset {offset:#x}: STATUS_INVALID_PARAMETER ({st})")
+        read = c.header(READ) + struct.pack("<HBBIQ", 49, 0, 0, 4, offset) + fid + struct.pack("<IIIHH", 0, 0, 0, 0, 0) + b"\0"
+        st = c.answer(read)
+        check(st == [INVALID_PARAMETER], f"a READ at offset {offset:#x}: STATUS_INVALID_PARAMETER ({st})")
     lock = c.header(LOCK) + struct.pack("<HHI", 48, 0xFFFF, 0) + fid + struct.pack("<QQII", 0, 1, 2, 0)
     st = c.answer(lock)
     check(st is not None and st[0] != SUCCESS, f"a LOCK counting 65535 elements, carrying 1: an error ({st})")
