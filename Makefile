@@ -95,10 +95,12 @@ soak-etcd: release etcd
 	$(RELEASE_BIN)/rksoak --etcd --seconds $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
 
 # Fuzzing: the cargo-fuzz targets in fuzz/ (frame, LMDB record and line
-# decoders) from the checked-in seed corpus, FUZZ_SECONDS each. Builds on
-# the stable toolchain (--sanitizer none); installs cargo-fuzz if missing.
+# decoders, rksmbd's SMB2 requests and its SPNEGO/NTLMSSP decoders) from
+# the checked-in seed corpus, FUZZ_SECONDS each. Builds on the stable
+# toolchain (--sanitizer none); installs cargo-fuzz if missing.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := wire_frames store_records shim_lines smbl_requests nfsl_requests
+FUZZ_TARGETS := wire_frames store_records shim_lines smbl_requests nfsl_requests \
+	smb2_requests smb2_auth
 fuzz: release
 	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)

@@ -319,6 +319,28 @@ fn malformed_requests_get_errors_and_the_server_keeps_serving() {
     drop(stalled);
 }
 
+/// Malformed but framed requests after a real logon (tests/smb3/
+/// hostile_requests.py): bad NextCommand offsets, a chain after a failed
+/// CREATE, offsets and lengths past the message, create contexts whose
+/// Next leads nowhere or into themselves, absurd credits, READ and WRITE
+/// lengths of 0xFFFFFFFF, a LOCK counting 65535 elements. Each is answered
+/// with an error or, a broken chain, a dropped connection, and other
+/// clients are still served. A compound whose CREATE was followed by a
+/// broken chain used to run the CREATE — the file was made — before the
+/// connection was dropped.
+#[test]
+fn hostile_requests_change_nothing_and_the_server_keeps_serving() {
+    let s = Scratch::new("rksmbd-hostile");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "hostile_requests.py");
+    assert!(
+        !s.root().join("ghost.txt").exists(),
+        "a broken chain made a file"
+    );
+    no_handles_left(&d);
+}
+
 #[test]
 fn credits_granted_never_exceed_the_window() {
     let s = Scratch::new("rksmbd-credits");

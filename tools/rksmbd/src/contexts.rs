@@ -95,6 +95,20 @@ pub fn parse(msg: &[u8], offset: u32, len: u32) -> Result<CreateContexts, u32> {
         let data_len = r.u32("data length")?;
         let name = wire::slice(ctx, usize::from(name_off), usize::from(name_len), "name")?;
         let data = wire::buffer(ctx, u32::from(data_off), data_len, "data")?;
+        // The name and data lie after the 16-byte header and before the
+        // next context: contexts never overlap (a Next of 8 made the
+        // next one out of this one's name and data).
+        let name_end = usize::from(name_off) + usize::from(name_len);
+        let data_end = match data.len() {
+            0 => 0,
+            n => usize::from(data_off) + n,
+        };
+        if name_off < 16
+            || (!data.is_empty() && data_off < 16)
+            || (next != 0 && next < name_end.max(data_end).max(16))
+        {
+            return Err(status::INVALID_PARAMETER);
+        }
         let mut d = Reader::new(data);
         match name {
             b"DHnQ" => out.durable_v1 = true,
@@ -273,6 +287,36 @@ mod tests {
         for n in 0..chain.len() {
             assert!(parse(&chain[..n], 0, wire::len32(n)).is_err(), "{n}");
         }
+    }
+
+    #[test]
+    fn overlapping_contexts_are_refused() {
+        let mut rqls = Writer::new();
+        rqls.bytes(&[1; 16]).u32(7).u32(0).u64(0);
+        let ok = |next: u32| {
+            let mut chain = ctx(b"RqLs", &rqls.0, next);
+            chain.extend_from_slice(&ctx(b"DHnQ", &[0; 16], 0));
+            parse(&chain, 0, wire::len32(chain.len()))
+        };
+        // RqLs: 16-byte header, name padded to 24, 32 bytes of data.
+        assert!(ok(56).is_ok());
+        // A Next into its own header, name or data.
+        for next in [8, 16, 24, 48] {
+            assert_eq!(ok(next), Err(status::INVALID_PARAMETER), "next {next}");
+        }
+        // A name or data over the context's own header.
+        let mut chain = ctx(b"DHnQ", &[0; 16], 0);
+        chain[4..6].copy_from_slice(&8u16.to_le_bytes());
+        assert_eq!(
+            parse(&chain, 0, wire::len32(chain.len())),
+            Err(status::INVALID_PARAMETER)
+        );
+        let mut chain = ctx(b"DHnQ", &[0; 16], 0);
+        chain[10..12].copy_from_slice(&0u16.to_le_bytes());
+        assert_eq!(
+            parse(&chain, 0, wire::len32(chain.len())),
+            Err(status::INVALID_PARAMETER)
+        );
     }
 
     #[test]

@@ -755,6 +755,16 @@ fn check_io(
         .ok_or(status::FILE_NOT_AVAILABLE)
 }
 
+/// Whether `len` bytes at `offset` lie within a file offset (a signed
+/// 64-bit number, MS-FSA 2.1.5.2 and 2.1.5.3: a negative ByteOffset is
+/// STATUS_INVALID_PARAMETER). Past it the kernel answered EINVAL or EFBIG,
+/// which came out as STATUS_INTERNAL_ERROR.
+fn io_range_ok(offset: u64, len: u32) -> bool {
+    offset
+        .checked_add(u64::from(len))
+        .is_some_and(|end| i64::try_from(end).is_ok())
+}
+
 /// READ (2.2.19).
 fn read(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
     let mut r = Reader::new(req.body);
@@ -771,7 +781,7 @@ fn read(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome 
         return Err(status::INVALID_DEVICE_REQUEST);
     };
     may(o, FILE_READ_DATA | FILE_EXECUTE)?;
-    if len > MAX_IO {
+    if len > MAX_IO || !io_range_ok(offset, len) {
         return Err(status::INVALID_PARAMETER);
     }
     let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), false)?;
@@ -838,6 +848,9 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         return Err(status::INVALID_DEVICE_REQUEST);
     };
     may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
+    if !io_range_ok(offset, len) {
+        return Err(status::INVALID_PARAMETER);
+    }
     let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), true)?;
     file.write_all_at(data, offset).map_err(io_status)?;
     // Landed: a lock waiting for it may be granted now.
@@ -1301,6 +1314,15 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_ranges_stay_within_a_signed_file_offset() {
+        assert!(io_range_ok(0, u32::MAX));
+        assert!(io_range_ok(i64::MAX as u64 - 4, 4));
+        assert!(!io_range_ok(i64::MAX as u64 - 3, 4));
+        assert!(!io_range_ok(u64::MAX - 15, 4));
+        assert!(!io_range_ok(u64::MAX, 0));
+    }
 
     #[test]
     fn names_map_to_paths_beneath_the_share() {

@@ -275,8 +275,31 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         ),
     )
     .context("attaching to filterd")?;
-    let root = crate::files::open_root(&attach).context("opening the export root")?;
+    let shared = start(attach, config)?;
     let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
+    // Connection caps as the shims have them. The refusal shimline writes
+    // is a JSON line, which an SMB client reads as a broken reply and
+    // drops — a refusal all the same.
+    let cfg = shimline::Listen {
+        prefix: "rksmbd",
+        id_field: "mid",
+        busy_status: "STATUS_INSUFFICIENT_RESOURCES",
+        max_connections: MAX_CONNECTIONS,
+        max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
+    };
+    shimline::accept_forever(listener, cfg, move |conn, stream| {
+        let mut c = Connection::new(shared.clone(), conn);
+        c.serve(stream);
+        c.lost();
+    });
+    Ok(())
+}
+
+/// What the connections of an attachment share, with the threads that
+/// forward filterd's events and settle unanswered closes running.
+fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
+    use anyhow::Context;
+    let root = crate::files::open_root(&attach).context("opening the export root")?;
     let shared = Arc::new(Shared {
         filter: attach,
         root,
@@ -300,22 +323,98 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
     std::thread::Builder::new()
         .name("close-settler".into())
         .spawn(move || crate::settle::run(settling))?;
-    // Connection caps as the shims have them. The refusal shimline writes
-    // is a JSON line, which an SMB client reads as a broken reply and
-    // drops — a refusal all the same.
-    let cfg = shimline::Listen {
-        prefix: "rksmbd",
-        id_field: "mid",
-        busy_status: "STATUS_INSUFFICIENT_RESOURCES",
-        max_connections: MAX_CONNECTIONS,
-        max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
-    };
-    shimline::accept_forever(listener, cfg, move |conn, stream| {
-        let mut c = Connection::new(shared.clone(), conn);
-        c.serve(stream);
-        c.lost();
-    });
-    Ok(())
+    Ok(shared)
+}
+
+/// rksmbd's request handling without its sockets, for the fuzz targets
+/// (fuzz/fuzz_targets/smb2_requests.rs): a connection is fed the bytes a
+/// client would send and answers them through the very code the read
+/// loop runs — transport framing, the compound chain, every header and
+/// command body, CREATE contexts, SPNEGO and NTLMSSP — against a live
+/// filterd. Nothing here changes how rksmbd serves.
+pub struct Harness(Arc<Shared>, AtomicU64);
+
+impl Harness {
+    /// Attaches to filterd at `filter` as instance `instance`.
+    pub fn attach(filter: &Path, instance: &str, config: Config) -> anyhow::Result<Harness> {
+        let attach = Attachment::connect(
+            filter,
+            Protocol::new(libfilter::lease::MSFSA_PROTOCOL)?,
+            InstanceName::new(instance)?,
+        )?;
+        Ok(Harness(start(attach, config)?, AtomicU64::new(1)))
+    }
+
+    /// A fresh connection; dropping it is losing it (its opens go).
+    pub fn connection(&self) -> HarnessConnection {
+        HarnessConnection(Connection::new(
+            self.0.clone(),
+            self.1.fetch_add(1, Ordering::Relaxed),
+        ))
+    }
+}
+
+/// A connection of a [`Harness`].
+pub struct HarnessConnection(Connection);
+
+impl HarnessConnection {
+    /// Answers `stream` as the read loop would have read it from the
+    /// socket: the responses, up to the frame that ends the connection
+    /// (a bad transport header, a truncated frame, or a PDU whose answer
+    /// is `Err`), which is then `Err`.
+    pub fn frames(&mut self, mut stream: &[u8]) -> Vec<Result<Vec<u8>, WireError>> {
+        let mut out = Vec::new();
+        while let Some((head, rest)) = stream.split_first_chunk::<4>() {
+            let n = match wire::frame(*head, MAX_PDU) {
+                wire::Frame::KeepAlive => {
+                    stream = rest;
+                    continue;
+                }
+                wire::Frame::Pdu(n) => n,
+                wire::Frame::Bad => {
+                    out.push(Err(WireError::Bad("transport header")));
+                    break;
+                }
+            };
+            let Some((pdu, rest)) = rest.split_at_checked(n) else {
+                out.push(Err(WireError::Truncated("frame")));
+                break;
+            };
+            let answer = self.0.handle_pdu(pdu);
+            let end = answer.is_err();
+            out.push(answer);
+            self.0.after_pdu();
+            if end {
+                break;
+            }
+            stream = rest;
+        }
+        out
+    }
+
+    /// After a NEGOTIATE: a session logged on as `user` (unsigned, as an
+    /// SMB 2 session that did not ask for signing) with a tree connected,
+    /// as SESSION_SETUP and TREE_CONNECT leave them — so that fuzzed
+    /// requests reach the command bodies without an NTLM exchange.
+    /// Returns the session and tree ids.
+    pub fn log_on(&mut self, user: &str) -> (u64, u32) {
+        let c = &mut self.0;
+        let id = c.sh.next_session.fetch_add(1, Ordering::Relaxed);
+        let tree = c.next_tree;
+        c.next_tree += 1;
+        let mut s = Session::new(c.preauth, None);
+        s.user = Some(user.to_owned());
+        s.trees.push(tree);
+        s.link = Some(c.sh.registry.logged_on(id, user));
+        c.sessions.insert(id, s);
+        (id, tree)
+    }
+}
+
+impl Drop for HarnessConnection {
+    fn drop(&mut self) {
+        self.0.lost();
+    }
 }
 
 /// Fills `buf` from `stream` by `deadline`; None when the peer closed,
@@ -981,15 +1080,14 @@ impl Connection {
             let deadline = std::time::Instant::now() + FRAME_TIMEOUT;
             let mut len = [0u8; 4];
             read_within(stream, &mut len, deadline)?;
-            let [kind, a, b, c] = len;
-            let n = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
-            if kind == 0x85 && n == 0 {
-                continue; // NetBIOS session keep-alive
-            }
-            if kind != 0 || n > MAX_PDU {
-                tracing::warn!(conn = self.id, kind, n, "bad NetBIOS frame; closing");
-                return None;
-            }
+            let n = match wire::frame(len, MAX_PDU) {
+                wire::Frame::KeepAlive => continue,
+                wire::Frame::Pdu(n) => n,
+                wire::Frame::Bad => {
+                    tracing::warn!(conn = self.id, header = ?len, "bad NetBIOS frame; closing");
+                    return None;
+                }
+            };
             let slack = Duration::from_secs(u64::try_from(n).unwrap_or(u64::MAX) / FRAME_MIN_RATE);
             let mut pdu = vec![0u8; n];
             read_within(stream, &mut pdu, deadline + slack)?;
@@ -1379,25 +1477,13 @@ impl Connection {
             return Err(WireError::Bad("SMB1 is not served"));
         }
         let mut out: Vec<Response> = Vec::new();
-        let mut offset = 0usize;
         // For related requests: the previous request's session, tree and
         // file, and the status of a failed CREATE they then share.
         let mut prev: Option<(u64, u32, u64, Option<u32>)> = None;
         let mut out_bytes = 0usize;
-        loop {
-            let rest = pdu.get(offset..).ok_or(WireError::Truncated("compound"))?;
-            let mut hdr = Header::decode(rest)?;
-            let len = match hdr.next_command {
-                0 => rest.len(),
-                n => {
-                    let n = usize::try_from(n).map_err(|_| WireError::Bad("next command"))?;
-                    if n < HEADER_LEN || n > rest.len() || n % 8 != 0 {
-                        return Err(WireError::Bad("next command"));
-                    }
-                    n
-                }
-            };
-            let msg = wire::slice(rest, 0, len, "message")?;
+        // The whole chain is framed before any of it runs: a malformed
+        // message further on closes the connection with nothing done.
+        for (mut hdr, msg) in wire::compound(pdu)? {
             let mut file_override = None;
             let mut failed_related = None;
             if hdr.flags & wire::FLAG_RELATED != 0 {
@@ -1450,10 +1536,6 @@ impl Connection {
             if self.terminate {
                 return Err(WireError::Bad("negotiate validation failed"));
             }
-            if req.hdr.next_command == 0 {
-                break;
-            }
-            offset += len;
         }
         // Chain: pad every response but the last to 8 and set NextCommand,
         // then sign each over its own (padded) bytes.

@@ -361,6 +361,60 @@ impl Header {
     }
 }
 
+/// What the 4-byte Direct TCP transport header (MS-SMB2 2.1) announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// A NetBIOS session keep-alive: nothing follows.
+    KeepAlive,
+    /// A PDU of this many bytes follows.
+    Pdu(usize),
+    /// Not a session message, or longer than `max`: the connection ends.
+    Bad,
+}
+
+/// Reads a transport header: type 0 and a 24-bit length of at most `max`.
+pub fn frame(header: [u8; 4], max: usize) -> Frame {
+    let [kind, a, b, c] = header;
+    let n = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+    match kind {
+        0x85 if n == 0 => Frame::KeepAlive,
+        0 if n <= max => Frame::Pdu(n),
+        _ => Frame::Bad,
+    }
+}
+
+/// Splits a PDU into its compounded messages (MS-SMB2 3.3.5.2.7), each
+/// with its decoded header. Every header and every NextCommand is checked
+/// before anything runs, so that a malformed message at the end of a
+/// chain leaves the ones before it undone: NextCommand must be 8-aligned,
+/// at least a header and within the PDU.
+pub fn compound(pdu: &[u8]) -> Result<Vec<(Header, &[u8])>, WireError> {
+    let mut out = Vec::new();
+    let mut rest = pdu;
+    loop {
+        let hdr = Header::decode(rest)?;
+        let len = match hdr.next_command {
+            0 => rest.len(),
+            n => {
+                let n = usize::try_from(n).map_err(|_| WireError::Bad("next command"))?;
+                if n < HEADER_LEN || n > rest.len() || !n.is_multiple_of(8) {
+                    return Err(WireError::Bad("next command"));
+                }
+                n
+            }
+        };
+        let (msg, after) = rest
+            .split_at_checked(len)
+            .ok_or(WireError::Bad("next command"))?;
+        let last = hdr.next_command == 0;
+        out.push((hdr, msg));
+        if last {
+            return Ok(out);
+        }
+        rest = after;
+    }
+}
+
 /// NTSTATUS values rksmbd sends (MS-ERREF 2.3).
 #[allow(missing_docs)]
 pub mod status {
@@ -449,6 +503,44 @@ mod tests {
             assert!(Header::decode(&w.0[..n]).is_err());
         }
         assert!(Header::decode(&[0xFF; 64]).is_err());
+    }
+
+    #[test]
+    fn a_compound_is_framed_whole_or_not_at_all() {
+        let msg = |next: u32| {
+            let mut w = Writer::new();
+            Header {
+                credit_charge: 1,
+                status: 0,
+                command: 0xD,
+                credits: 1,
+                flags: 0,
+                next_command: next,
+                message_id: 1,
+                async_id: 0,
+                tree_id: 0,
+                session_id: 0,
+                signature: [0; 16],
+            }
+            .encode(&mut w);
+            w.bytes(&[4, 0, 0, 0, 0, 0, 0, 0]);
+            w.0
+        };
+        let two = [msg(72), msg(0)].concat();
+        let chain = compound(&two).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!((chain[0].1.len(), chain[1].1.len()), (72, 72));
+        // A broken message anywhere in the chain refuses all of it.
+        for bad in [
+            [msg(72), msg(0)[..40].to_vec()].concat(),
+            [msg(72), vec![0x55; 72]].concat(),
+            msg(72),
+            [msg(68), msg(0)].concat(),
+            [msg(8), msg(0)].concat(),
+            [msg(u32::MAX - 7), msg(0)].concat(),
+        ] {
+            assert!(compound(&bad).is_err(), "{bad:02x?}");
+        }
     }
 
     #[test]
