@@ -22,6 +22,7 @@ SUCCESS = 0
 INVALID_PARAMETER = 0xC000000D
 FLAG_RELATED = 0x4
 NOT_FOUND = 0xC0000034
+NO_SUCH_FILE = 0xC000000F
 EVERY = (uuid.UUID(int=0), uuid.UUID(int=0))
 
 
@@ -164,6 +165,24 @@ def main():
     st = c.answer(ioctl)
     check(st is not None and st[0] != SUCCESS, f"an IOCTL input past the message: an error ({st})")
     check(c.exists("data.bin"), "the connection still serves its opens")
+
+    # A QUERY_DIRECTORY pattern of 32 000 characters (16 000 × "a*"): more
+    # than 255 fixed characters match no name, so the listing is empty and
+    # costs nothing per entry; a short pattern still lists data.bin.
+    c.raw.send(c.header(CREATE) + create_body("", access=0x00100081, attributes=0, disposition=1, options=0x1) + b"\0")
+    r = c.raw.recv()
+    check(struct.unpack_from("<I", r, 8)[0] == SUCCESS, "the share root opened as a directory")
+    root = r[64 + 64 : 64 + 80]
+
+    def query(pattern):
+        n = pattern.encode("utf-16-le")
+        fixed = struct.pack("<HBBI", 33, 0x0C, 0x01, 0) + root + struct.pack("<HHI", 64 + 32, len(n), 65536)
+        return c.answer(c.header(QUERY_DIRECTORY) + fixed + n)
+
+    st = query("a*" * 16_000)
+    check(st == [NO_SUCH_FILE], f"a 32 000-character pattern: STATUS_NO_SUCH_FILE ({st})")
+    st = query("*" * 32_000 + "DATA.bin")
+    check(st == [SUCCESS], f"32 000 stars and a name: it is listed ({st})")
     still_served()
     print("PASS", flush=True)
 

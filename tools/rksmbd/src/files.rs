@@ -1198,44 +1198,80 @@ fn dir_is_empty(dir: &OwnedFd) -> Result<bool, u32> {
     Ok(read_dir(dir)?.len() <= 2)
 }
 
-/// Windows wildcard match, case-insensitive: `*`, `?`, and the DOS forms
-/// `<` `>` `"` taken as `*`, `?`, `.`. Greedy with one backtrack point,
-/// so any pattern costs at most pattern × name steps.
-fn matches(pattern: &str, name: &str) -> bool {
-    let fold = |c: char| c.to_lowercase().next().unwrap_or(c);
-    let p: Vec<char> = pattern
-        .chars()
-        .map(|c| match c {
-            '<' => '*',
-            '>' => '?',
-            '"' => '.',
-            c => fold(c),
-        })
-        .collect();
-    let n: Vec<char> = name.chars().map(fold).collect();
-    let (mut pi, mut ni) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        match (p.get(pi), n.get(ni)) {
-            (Some('*'), _) => {
-                star = Some((pi, ni));
-                pi += 1;
-            }
-            (Some(a), Some(b)) if *a == '?' || a == b => {
-                pi += 1;
-                ni += 1;
-            }
-            _ => match star {
-                Some((sp, sn)) => {
-                    pi = sp + 1;
-                    ni = sn + 1;
-                    star = Some((sp, sn + 1));
+/// The longest name a directory entry can have (Linux NAME_MAX, in bytes,
+/// so never fewer characters).
+const NAME_MAX: usize = 255;
+
+/// A QUERY_DIRECTORY search pattern, folded once per listing rather than
+/// once per entry: Windows wildcards, case-insensitive — `*`, `?`, and the
+/// DOS forms `<` `>` `"` taken as `*`, `?`, `.`. A run of `*` is one `*`.
+/// A pattern with more than NAME_MAX other characters (each matches
+/// exactly one character) matches no name, so it is `None` and costs
+/// nothing per entry: a client's 32K-character pattern cannot make a
+/// listing of 100 000 entries cost 32K × 255 steps each.
+struct Pattern(Option<Vec<char>>);
+
+impl Pattern {
+    fn new(pattern: &str) -> Pattern {
+        let mut p: Vec<char> = Vec::new();
+        let mut others = 0usize;
+        for c in pattern.chars() {
+            let c = match c {
+                '<' => '*',
+                '>' => '?',
+                '"' => '.',
+                c => fold(c),
+            };
+            if c == '*' {
+                if p.last() == Some(&'*') {
+                    continue;
                 }
-                None => return false,
-            },
+            } else {
+                others += 1;
+                if others > NAME_MAX {
+                    return Pattern(None);
+                }
+            }
+            p.push(c);
         }
+        Pattern(Some(p))
     }
-    p.get(pi..).unwrap_or(&[]).iter().all(|c| *c == '*')
+
+    /// Greedy with one backtrack point, so a match costs at most
+    /// pattern × name steps (both bounded by NAME_MAX).
+    fn matches(&self, name: &str) -> bool {
+        let Some(p) = &self.0 else {
+            return false;
+        };
+        let n: Vec<char> = name.chars().map(fold).collect();
+        let (mut pi, mut ni) = (0usize, 0usize);
+        let mut star: Option<(usize, usize)> = None;
+        while ni < n.len() {
+            match (p.get(pi), n.get(ni)) {
+                (Some('*'), _) => {
+                    star = Some((pi, ni));
+                    pi += 1;
+                }
+                (Some(a), Some(b)) if *a == '?' || a == b => {
+                    pi += 1;
+                    ni += 1;
+                }
+                _ => match star {
+                    Some((sp, sn)) => {
+                        pi = sp + 1;
+                        ni = sn + 1;
+                        star = Some((sp, sn + 1));
+                    }
+                    None => return false,
+                },
+            }
+        }
+        p.get(pi..).unwrap_or(&[]).iter().all(|c| *c == '*')
+    }
+}
+
+fn fold(c: char) -> char {
+    c.to_lowercase().next().unwrap_or(c)
 }
 
 /// QUERY_DIRECTORY (2.2.33).
@@ -1266,11 +1302,11 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
     let restart = flags & (0x01 | 0x10) != 0;
     let first = listing.is_none() || restart;
     if first {
-        let pattern = if pattern.is_empty() { "*" } else { &pattern };
+        let pattern = Pattern::new(if pattern.is_empty() { "*" } else { &pattern });
         let pending = &c.sh.delete_pending;
         let entries = read_dir(fd)?
             .into_iter()
-            .filter(|(n, m)| matches(pattern, n) && !pending.hides(m))
+            .filter(|(n, m)| pattern.matches(n) && !pending.hides(m))
             .collect();
         *listing = Some(Listing { entries, next: 0 });
     }
@@ -1334,6 +1370,10 @@ mod tests {
         }
     }
 
+    fn matches(pattern: &str, name: &str) -> bool {
+        Pattern::new(pattern).matches(name)
+    }
+
     #[test]
     fn wildcards() {
         assert!(matches("*", "anything"));
@@ -1348,6 +1388,15 @@ mod tests {
         // No exponential backtracking.
         let long = "a".repeat(255);
         assert!(!matches(&format!("{}b", "*a".repeat(100)), &long));
+        // Runs of `*` are one; a pattern that could match a 255-character
+        // name still does, one with more fixed characters matches nothing.
+        assert!(matches(&format!("{}{}", "*".repeat(32_000), "a"), "a"));
+        assert!(matches(&"?".repeat(NAME_MAX), &long));
+        assert!(!matches(&"?".repeat(NAME_MAX + 1), &long));
+        assert!(!matches(&format!("*{}", "a*".repeat(16_000)), &long));
+        // What a listing then pays per entry: nothing, or a short pattern.
+        assert!(Pattern::new(&"a*".repeat(16_000)).0.is_none());
+        assert_eq!(Pattern::new(&"*<".repeat(16_000)).0, Some(vec!['*']));
     }
 
     #[test]
