@@ -640,6 +640,66 @@ fn proc_fd_path(fd: BorrowedFd<'_>) -> io::Result<CString> {
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// One entry of a directory read by [`dir_entries`]: its name, and the
+/// offset of the entry after it — where a later read resumes once this
+/// entry is used up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// The name, as the filesystem has it (not always UTF-8).
+    pub name: Vec<u8>,
+    /// The offset to read on from once this entry is used up.
+    pub next: i64,
+}
+
+/// Reads the next entries of directory `dir` from offset `at` (0: the
+/// start; else the `next` of an entry an earlier read returned): one
+/// `getdents64` of at most `max_bytes`, so as many entries as fit. Empty
+/// at the end. A directory listing then holds only an offset between
+/// reads, as an NFS server's cookie, never the directory; an offset stays
+/// valid across opens of the directory on the filesystems Linux exports.
+/// Moves `dir`'s file position: give each reader a descriptor of its own.
+pub fn dir_entries(dir: BorrowedFd<'_>, at: i64, max_bytes: usize) -> io::Result<Vec<DirEntry>> {
+    // SAFETY: lseek only moves the descriptor's file position.
+    if unsafe { libc::lseek(dir.as_raw_fd(), at, libc::SEEK_SET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; max_bytes.max(512)];
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`,
+    // which outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            dir.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(r).map_err(|_| io::Error::last_os_error())?;
+    Ok(parse_dirents(buf.get(..n).unwrap_or(&[])))
+}
+
+/// The entries of a `getdents64` buffer (`struct linux_dirent64`: inode
+/// u64, next offset i64, record length u16, type u8, the name up to its
+/// NUL); a record that does not fit ends the list.
+fn parse_dirents(mut b: &[u8]) -> Vec<DirEntry> {
+    let mut out = Vec::new();
+    while let (Some(off), Some(len)) = (b.get(8..16), b.get(16..18)) {
+        let next = i64::from_ne_bytes(off.try_into().unwrap_or([0; 8]));
+        let len = usize::from(u16::from_ne_bytes(len.try_into().unwrap_or([0; 2])));
+        let Some(record) = b.get(..len).filter(|_| len > 19) else {
+            break;
+        };
+        let name = record.get(19..).unwrap_or(&[]);
+        let end = name.iter().position(|c| *c == 0).unwrap_or(name.len());
+        out.push(DirEntry {
+            name: name.get(..end).unwrap_or(&[]).to_vec(),
+            next,
+        });
+        b = b.get(len..).unwrap_or(&[]);
+    }
+    out
+}
+
 /// Whether `fd` is an `O_PATH` descriptor (it reaches its file for
 /// `fstat`, `fstatfs` and path-relative calls, never for I/O).
 pub fn is_path_only(fd: BorrowedFd<'_>) -> bool {
@@ -1067,6 +1127,58 @@ pub fn no_malloc_fastbins() -> bool {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn a_directory_read_resumes_at_an_entrys_offset_through_a_new_descriptor() {
+        let dir = std::env::temp_dir().join(format!("rkf-dirents-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut want: Vec<Vec<u8>> = (0..300)
+            .map(|i| format!("f{i:03}-{}", "n".repeat(i % 40)).into_bytes())
+            .collect();
+        for n in &want {
+            std::fs::write(dir.join(std::str::from_utf8(n).unwrap()), b"").unwrap();
+        }
+        want.push(b".".to_vec());
+        want.push(b"..".to_vec());
+        want.sort();
+        // A few entries per read, each read through a fresh descriptor
+        // from the offset the last one ended at.
+        let (mut got, mut at) = (Vec::new(), 0i64);
+        loop {
+            let fd = std::fs::File::open(&dir).unwrap();
+            let batch = dir_entries(fd.as_fd(), at, 512).unwrap();
+            let Some(last) = batch.last() else { break };
+            at = last.next;
+            got.extend(batch.into_iter().map(|e| e.name));
+        }
+        got.sort();
+        assert_eq!(got, want);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_short_or_broken_dirent_record_ends_the_list() {
+        let mut rec = vec![0u8; 24];
+        rec[8..16].copy_from_slice(&7i64.to_ne_bytes());
+        rec[16..18].copy_from_slice(&24u16.to_ne_bytes());
+        rec[19..22].copy_from_slice(b"abc");
+        let one = parse_dirents(&rec);
+        assert_eq!(
+            one,
+            vec![DirEntry {
+                name: b"abc".to_vec(),
+                next: 7
+            }]
+        );
+        let mut two = rec.clone();
+        two.extend_from_slice(&rec[..20]); // a second record cut short
+        assert_eq!(parse_dirents(&two), one);
+        let mut zero = rec.clone();
+        zero[16..18].copy_from_slice(&0u16.to_ne_bytes());
+        assert!(parse_dirents(&zero).is_empty());
+        assert!(parse_dirents(&rec[..10]).is_empty());
+    }
 
     #[test]
     fn the_write_lease_probe_sees_other_opens() {

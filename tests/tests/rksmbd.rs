@@ -552,6 +552,29 @@ fn a_file_pending_delete_is_not_listed_nor_opened() {
     no_handles_left(&d);
 }
 
+/// A directory listing holds where it stands, not the directory: 64
+/// listings of a 20 000-entry directory started on one connection leave
+/// rksmbd's memory as it was (before, each first QUERY_DIRECTORY read and
+/// kept every entry: one connection's 16 384 directory opens could hold
+/// 16 384 copies of a directory), and a listing read in small pages
+/// still gives every name once; a delete of it is refused as not empty
+/// after reading to its first name (big_listing.py).
+#[test]
+fn directory_listings_hold_a_position_not_the_directory() {
+    let s = Scratch::new("rksmbd-big-listing");
+    let d = Filterd::start(&s, &[], &[]);
+    let big = s.root().join("big");
+    std::fs::create_dir(&big).unwrap();
+    for i in 0..20_000 {
+        std::fs::File::create(big.join(format!("entry-{i:05}"))).unwrap();
+    }
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let pid = srv.shim.pid().to_string();
+    smbprotocol_script_passes_with(&srv, "big_listing.py", &[&pid, "20000", "64"]);
+    assert!(big.is_dir() && !s.root().join("empty").exists());
+    no_handles_left(&d);
+}
+
 /// A rename of a file to the name it has succeeds and changes nothing,
 /// as on Windows — so a client's replay of a rename it lost the reply of
 /// (which rksmbd runs again) succeeds too.

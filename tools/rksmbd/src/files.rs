@@ -37,8 +37,9 @@ use crate::info::{self, FileFacts, Meta};
 use crate::server::{Connection, Outcome, Reply, Request, Shared, MAX_IO};
 use crate::wire::{self, status, Command, Reader, Writer, HEADER_LEN};
 
-/// Most entries one directory listing holds (a bigger directory is cut).
-const MAX_LISTING: usize = 100_000;
+/// Bytes of directory entries read from the kernel at a time while
+/// listing (one `getdents64`).
+const DIR_READ_BYTES: usize = 32 * 1024;
 
 // Access mask bits (MS-SMB2 2.2.13.1).
 pub(crate) const FILE_READ_DATA: u32 = 0x1;
@@ -215,10 +216,21 @@ pub(crate) enum Kind {
     },
 }
 
-/// A directory listing in progress (QUERY_DIRECTORY).
+/// A directory listing in progress (QUERY_DIRECTORY): where it stands,
+/// never the entries themselves. A client may keep thousands of
+/// directory opens, each with a listing of a huge directory read a few
+/// entries at a time; holding each listing's entries would let one
+/// connection make rksmbd hold them all (16 384 opens × 100 000 entries).
+/// So each QUERY_DIRECTORY reads on from the offset the last one stopped
+/// at, through a descriptor of its own, as Samba and NFS servers do.
 pub(crate) struct Listing {
-    entries: Vec<(String, Meta)>,
-    next: usize,
+    pattern: Pattern,
+    /// `.` and `..` used up (0 to 2).
+    dots: u8,
+    /// The directory offset after the last entry used up (0: the start).
+    at: i64,
+    /// The directory's end was reached.
+    end: bool,
 }
 
 /// An open of this connection.
@@ -1161,41 +1173,36 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
     Ok(())
 }
 
-/// Reads a directory through a fresh descriptor of it (so every listing
-/// starts at the beginning): names and metadata, `.` and `..` first
-/// (both reported with the directory's own metadata, so nothing above the
-/// export root is ever looked at).
-fn read_dir(dir: &OwnedFd) -> Result<Vec<(String, Meta)>, u32> {
-    let own = Meta::of(dir)?;
-    let fd = libfilter::sys::openat2_beneath(
+/// A descriptor of its own for reading directory `dir` (its file
+/// position is the reader's alone).
+fn dir_reader(dir: &OwnedFd) -> Result<OwnedFd, u32> {
+    libfilter::sys::openat2_beneath(
         dir.as_fd(),
         ".",
         libc_flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY),
         0,
     )
-    .map_err(io_status)?;
-    let mut d = nix::dir::Dir::from_fd(fd).map_err(errno_status)?;
-    let mut out = vec![(".".to_owned(), own), ("..".to_owned(), own)];
-    for entry in d.iter() {
-        let Ok(entry) = entry else { continue };
-        let Ok(name) = entry.file_name().to_str() else {
-            continue; // names that are not UTF-8 cannot be shown to SMB
-        };
-        if name == "." || name == ".." {
-            continue;
-        }
-        if let Ok(st) = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            out.push((name.to_owned(), Meta::from_stat(&st)));
-        }
-        if out.len() >= MAX_LISTING {
-            break;
-        }
-    }
-    Ok(out)
+    .map_err(io_status)
 }
 
+/// Whether directory `dir` has no entry but `.` and `..`: reads only as
+/// far as the first other name.
 fn dir_is_empty(dir: &OwnedFd) -> Result<bool, u32> {
-    Ok(read_dir(dir)?.len() <= 2)
+    let reader = dir_reader(dir)?;
+    let mut at = 0;
+    loop {
+        let batch = libfilter::sys::dir_entries(reader.as_fd(), at, 4096).map_err(io_status)?;
+        let Some(last) = batch.last() else {
+            return Ok(true);
+        };
+        if batch.iter().any(|e| e.name != b"." && e.name != b"..") {
+            return Ok(false);
+        }
+        if last.next == at {
+            return Ok(true); // offsets that do not move
+        }
+        at = last.next;
+    }
 }
 
 /// The longest name a directory entry can have (Linux NAME_MAX, in bytes,
@@ -1302,49 +1309,122 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
     let restart = flags & (0x01 | 0x10) != 0;
     let first = listing.is_none() || restart;
     if first {
-        let pattern = Pattern::new(if pattern.is_empty() { "*" } else { &pattern });
-        let pending = &c.sh.delete_pending;
-        let entries = read_dir(fd)?
-            .into_iter()
-            .filter(|(n, m)| pattern.matches(n) && !pending.hides(m))
-            .collect();
-        *listing = Some(Listing { entries, next: 0 });
+        *listing = Some(Listing {
+            pattern: Pattern::new(if pattern.is_empty() { "*" } else { &pattern }),
+            dots: 0,
+            at: 0,
+            end: false,
+        });
     }
     let Some(l) = listing.as_mut() else {
         return Err(status::INTERNAL_ERROR);
     };
+    let fd: &OwnedFd = fd;
     let single = flags & 0x02 != 0;
-    let mut out = Writer::new();
-    let mut last_at: Option<usize> = None;
-    while let Some((name, meta)) = l.entries.get(l.next) {
-        let entry = info::dir_entry(class, name, meta);
-        let start = (out.len() + 7) & !7;
-        if start + entry.len() > max {
-            if last_at.is_none() {
-                return Err(status::BUFFER_OVERFLOW);
+    let pending = &c.sh.delete_pending;
+    let mut page = Page {
+        out: Writer::new(),
+        last_at: None,
+        max,
+        class,
+    };
+    let mut full = false;
+    // `.` and `..` first, both with the directory's own metadata (nothing
+    // above the export root is ever looked at).
+    while l.dots < 2 && !full {
+        let name = if l.dots == 0 { "." } else { ".." };
+        if l.pattern.matches(name) {
+            let own = Meta::of(fd)?;
+            if !pending.hides(&own) {
+                if !page.push(name, &own)? {
+                    break;
+                }
+                full = single;
             }
-            break;
         }
-        out.align(8);
-        if let Some(prev) = last_at {
-            out.put_u32(prev, wire::len32(start - prev));
+        l.dots += 1;
+    }
+    let mut reader: Option<OwnedFd> = None;
+    while l.dots == 2 && !full && !l.end {
+        let rd = match &reader {
+            Some(rd) => rd,
+            None => reader.insert(dir_reader(fd)?),
+        };
+        let batch =
+            libfilter::sys::dir_entries(rd.as_fd(), l.at, DIR_READ_BYTES).map_err(io_status)?;
+        let from = l.at;
+        if batch.is_empty() {
+            l.end = true;
         }
-        last_at = Some(start);
-        out.bytes(&entry);
-        l.next += 1;
-        if single {
-            break;
+        for e in batch {
+            // Names that are not UTF-8 cannot be shown to SMB.
+            let shown = std::str::from_utf8(&e.name)
+                .ok()
+                .filter(|n| *n != "." && *n != ".." && l.pattern.matches(n))
+                .and_then(|n| {
+                    let st = nix::sys::stat::fstatat(fd, n, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+                    Some((n, Meta::from_stat(&st)))
+                })
+                .filter(|(_, m)| !pending.hides(m));
+            if let Some((name, meta)) = shown {
+                if !page.push(name, &meta)? {
+                    full = true;
+                    break;
+                }
+                full = single;
+            }
+            l.at = e.next;
+            if full {
+                break;
+            }
+        }
+        // Offsets that do not move would read the same entries forever.
+        if !full && l.at == from {
+            l.end = true;
         }
     }
     let _ = fixed;
-    if last_at.is_none() {
-        return Err(if first && l.entries.is_empty() {
+    if page.last_at.is_none() {
+        return Err(if first {
             status::NO_SUCH_FILE
         } else {
             status::NO_MORE_FILES
         });
     }
-    Ok(Reply::ok(output_body(&out.0)))
+    Ok(Reply::ok(output_body(&page.out.0)))
+}
+
+/// The entries one QUERY_DIRECTORY answers with, up to its output length.
+struct Page {
+    out: Writer,
+    /// Where the last entry starts (its NextEntryOffset is set when
+    /// another follows).
+    last_at: Option<usize>,
+    max: usize,
+    class: u8,
+}
+
+impl Page {
+    /// Adds an entry: false when it does not fit (and is left for the next
+    /// QUERY_DIRECTORY), STATUS_BUFFER_OVERFLOW when not even the first
+    /// one fits.
+    fn push(&mut self, name: &str, meta: &Meta) -> Result<bool, u32> {
+        let entry = info::dir_entry(self.class, name, meta);
+        let start = (self.out.len() + 7) & !7;
+        if start + entry.len() > self.max {
+            return match self.last_at {
+                None => Err(status::BUFFER_OVERFLOW),
+                Some(_) => Ok(false),
+            };
+        }
+        self.out.align(8);
+        if let Some(prev) = self.last_at {
+            self.out.put_u32(prev, wire::len32(start - prev));
+        }
+        self.last_at = Some(start);
+        self.out.bytes(&entry);
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
