@@ -18,23 +18,17 @@ from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.file_info import FileDispositionInformation, FileInformationClass
 from smbprotocol.open import (
     CreateDisposition,
-    CreateOptions,
     DirectoryAccessMask,
-    FileAttributes,
-    ImpersonationLevel,
-    Open,
-    ShareAccess,
     SMB2SetInfoRequest,
     SMB2SetInfoResponse,
 )
-from smbtest import args, check, connect
+from smbtest import args, check, connect, open_dir
 
 PID, N, K = int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 NO_MORE_FILES = 0x80000006
 DIRECTORY_NOT_EMPTY = 0xC0000101
 DELETE = 0x00010000
 NAMES = FileInformationClass.FILE_NAMES_INFORMATION
-SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
 
 
 def rss_kib():
@@ -43,19 +37,6 @@ def rss_kib():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def open_dir(tree, name, access=DirectoryAccessMask.FILE_LIST_DIRECTORY, disposition=CreateDisposition.FILE_OPEN):
-    d = Open(tree, name)
-    d.create(
-        ImpersonationLevel.Impersonation,
-        access,
-        FileAttributes.FILE_ATTRIBUTE_DIRECTORY,
-        SHARE_ALL,
-        disposition,
-        CreateOptions.FILE_DIRECTORY_FILE,
-    )
-    return d
 
 
 def set_delete(conn, tree, d):
@@ -132,6 +113,17 @@ def main():
     st = set_delete(conn, tree, e)
     check(st == 0, f"deleting an empty directory: STATUS_SUCCESS ({st:#x})")
     e.close()
+
+    # A directory removed in the middle of its listing: the listing ends
+    # (it was STATUS_OBJECT_NAME_NOT_FOUND, getdents64's ENOENT).
+    g = open_dir(tree, "gone", disposition=CreateDisposition.FILE_CREATE)
+    check(page(g, "*", 20) == ["."], "a page with room for `.` alone")
+    r = open_dir(tree, "gone", access=DirectoryAccessMask.FILE_LIST_DIRECTORY | DELETE)
+    check(set_delete(conn, tree, r) == 0, "gone/ set to be deleted")
+    r.close()
+    check(page(g, "*", 20) == [".."], "then `..`, after the directory went")
+    check(page(g, "*", 20) is None, "then STATUS_NO_MORE_FILES")
+    g.close()
     print("PASS", flush=True)
 
 

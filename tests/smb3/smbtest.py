@@ -24,6 +24,7 @@ from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
+    DirectoryAccessMask,
     SMB2LockElement,
     FileAttributes,
     FilePipePrinterAccessMask,
@@ -66,6 +67,23 @@ def connect(host, port, share, user, password, client_guid=None):
     tree = TreeConnect(session, rf"\\{host}\{share}")
     tree.connect()
     return conn, tree
+
+
+SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
+
+
+def open_dir(tree, name, access=DirectoryAccessMask.FILE_LIST_DIRECTORY, disposition=CreateDisposition.FILE_OPEN):
+    """An open of directory `name`, sharing all."""
+    d = Open(tree, name)
+    d.create(
+        ImpersonationLevel.Impersonation,
+        access,
+        FileAttributes.FILE_ATTRIBUTE_DIRECTORY,
+        SHARE_ALL,
+        disposition,
+        CreateOptions.FILE_DIRECTORY_FILE,
+    )
+    return d
 
 
 def context(name, data):

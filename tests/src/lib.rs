@@ -160,6 +160,49 @@ impl Scratch {
 }
 
 impl Scratch {
+    /// A scratch dir whose export root is an overlayfs mount: `lower`
+    /// fills the lower layer first; upper and work dirs lie on a tmpfs of
+    /// their own beside it (an upper layer cannot be on an overlay, as
+    /// a container's /tmp may be). `None`, with a note on stderr, when not
+    /// root.
+    pub fn with_overlay(name: &str, lower: impl FnOnce(&Path)) -> Option<Scratch> {
+        if !root_or_skip(name, "an overlayfs") {
+            return None;
+        }
+        let s = Scratch::new(name);
+        let layers = s.dir.join("layers");
+        std::fs::create_dir(&layers).expect("mkdir layers");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &layers,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64m"),
+        )
+        .expect("mounting a tmpfs as root");
+        for d in ["lower", "upper", "work"] {
+            std::fs::create_dir(layers.join(d)).expect("mkdir a layer");
+        }
+        lower(&layers.join("lower"));
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            layers.join("lower").display(),
+            layers.join("upper").display(),
+            layers.join("work").display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &s.root(),
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .expect("mounting an overlayfs as root");
+        Some(s)
+    }
+}
+
+impl Scratch {
     /// A scratch dir whose state dir is a small tmpfs of `size` (e.g.
     /// "2m"), to run out of space on purpose. `None` when not root.
     pub fn with_small_state(name: &str, size: &str) -> Option<Scratch> {
@@ -185,6 +228,7 @@ impl Drop for Scratch {
         // be going away).
         let _ = nix::mount::umount2(&self.root(), nix::mount::MntFlags::MNT_DETACH);
         let _ = nix::mount::umount2(&self.state(), nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&self.dir.join("layers"), nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -222,7 +222,9 @@ pub(crate) enum Kind {
 /// entries at a time; holding each listing's entries would let one
 /// connection make rksmbd hold them all (16 384 opens × 100 000 entries).
 /// So each QUERY_DIRECTORY reads on from the offset the last one stopped
-/// at, through a descriptor of its own, as Samba and NFS servers do.
+/// at, through the open's own descriptor (a directory open is a readable
+/// `O_DIRECTORY` descriptor that nothing else reads), as Samba does with
+/// its directory handle's telldir/seekdir.
 pub(crate) struct Listing {
     pattern: Pattern,
     /// `.` and `..` used up (0 to 2).
@@ -1344,14 +1346,17 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
         }
         l.dots += 1;
     }
-    let mut reader: Option<OwnedFd> = None;
     while l.dots == 2 && !full && !l.end {
-        let rd = match &reader {
-            Some(rd) => rd,
-            None => reader.insert(dir_reader(fd)?),
+        // Through the open's own descriptor, whose offsets stay valid
+        // between calls: a fresh open's would not on overlayfs, whose
+        // merged directory numbers entries per open (names that existed
+        // throughout were skipped or listed twice as others came and went).
+        let batch = match libfilter::sys::dir_entries(fd.as_fd(), l.at, DIR_READ_BYTES) {
+            Ok(batch) => batch,
+            // The directory was removed meanwhile: nothing more to list.
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => Vec::new(),
+            Err(e) => return Err(io_status(e)),
         };
-        let batch =
-            libfilter::sys::dir_entries(rd.as_fd(), l.at, DIR_READ_BYTES).map_err(io_status)?;
         let from = l.at;
         if batch.is_empty() {
             l.end = true;
