@@ -325,15 +325,23 @@ fn malformed_requests_get_errors_and_the_server_keeps_serving() {
 /// Next leads nowhere or into themselves, absurd credits, READ and WRITE
 /// lengths of 0xFFFFFFFF, a LOCK counting 65535 elements. Each is answered
 /// with an error or, a broken chain, a dropped connection, and other
-/// clients are still served. A compound whose CREATE was followed by a
+/// clients are still served. QUERY_DIRECTORY patterns that cost a
+/// backtracking matcher pattern × name steps list what they match from a
+/// directory of 3000 255-character names. A compound whose CREATE was followed by a
 /// broken chain used to run the CREATE — the file was made — before the
 /// connection was dropped.
 #[test]
 fn hostile_requests_change_nothing_and_the_server_keeps_serving() {
+    const LONG_NAMES: usize = 3000;
     let s = Scratch::new("rksmbd-hostile");
     let d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    smbprotocol_script_passes(&srv, "hostile_requests.py");
+    let long = s.root().join("long");
+    std::fs::create_dir(&long).unwrap();
+    for i in 0..LONG_NAMES {
+        std::fs::File::create(long.join(format!("{}{i:05}", "a".repeat(250)))).unwrap();
+    }
+    smbprotocol_script_passes_with(&srv, "hostile_requests.py", &[&LONG_NAMES.to_string()]);
     assert!(
         !s.root().join("ghost.txt").exists(),
         "a broken chain made a file"
