@@ -396,7 +396,9 @@ impl HarnessConnection {
     /// SMB 2 session that did not ask for signing) with a tree connected,
     /// as SESSION_SETUP and TREE_CONNECT leave them — so that fuzzed
     /// requests reach the command bodies without an NTLM exchange.
-    /// Returns the session and tree ids.
+    /// Returns the session and tree ids. It skips authentication, so it
+    /// exists only in builds with the `fuzzing` feature (the fuzz crate's).
+    #[cfg(feature = "fuzzing")]
     pub fn log_on(&mut self, user: &str) -> (u64, u32) {
         let c = &mut self.0;
         let id = c.sh.next_session.fetch_add(1, Ordering::Relaxed);
