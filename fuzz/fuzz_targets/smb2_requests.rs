@@ -6,8 +6,8 @@
 //! smbclient and smbprotocol). One that starts with a NEGOTIATE is served
 //! from the start, as is; any other first negotiates and logs on, and
 //! gets its session and tree ids pointed at that session (related ones,
-//! all ones, are left), so the command bodies behind the session check
-//! are reached. Never a panic; and a PDU answered is answered with
+//! all ones, are left) and its message ids at the credits granted, so the
+//! command bodies behind the session and message id checks are reached. Never a panic; and a PDU answered is answered with
 //! well-formed SMB2 responses.
 #![no_main]
 
@@ -25,7 +25,7 @@ static LIVE: OnceLock<Harness> = OnceLock::new();
 /// A 3.1.1 NEGOTIATE (with the SHA-512 preauth context it needs), framed.
 fn negotiate() -> Vec<u8> {
     let mut m = vec![0xFE, b'S', b'M', b'B', 64, 0, 1, 0, 0, 0, 0, 0];
-    m.extend_from_slice(&[0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // command, credits, flags
+    m.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0]); // command, 512 credits, flags
     m.extend_from_slice(&[0; 8 + 4 + 4 + 8 + 16]); // message id .. signature
     m.extend_from_slice(&[36, 0, 1, 0, 1, 0, 0, 0]); // size, 1 dialect, signing
     m.extend_from_slice(&[0; 4 + 16]); // capabilities, client guid
@@ -39,8 +39,11 @@ fn negotiate() -> Vec<u8> {
 }
 
 /// Points every message of every frame of `stream` at `session` and
-/// `tree` (but those a related message leaves to the one before).
+/// `tree` (but those a related message leaves to the one before), and
+/// gives each but a CANCEL the next message ids, as many as its credit
+/// charge (the NEGOTIATE used 0 and was granted 512).
 fn retarget(stream: &mut [u8], session: u64, tree: u32) {
+    let mut mid = 1u64;
     let mut at = 0usize;
     while let Some(head) = stream.get(at..at + 4) {
         let n = usize::from(head[1]) << 16 | usize::from(head[2]) << 8 | usize::from(head[3]);
@@ -58,6 +61,10 @@ fn retarget(stream: &mut [u8], session: u64, tree: u32) {
             }
             if flags & wire::FLAG_ASYNC == 0 && msg[36..40] != [0xFF; 4] {
                 msg[36..40].copy_from_slice(&tree.to_le_bytes());
+            }
+            if wire::Command::from_code(u16::from_le_bytes([msg[12], msg[13]])) != wire::Command::Cancel {
+                msg[24..32].copy_from_slice(&mid.to_le_bytes());
+                mid += u64::from(u16::from_le_bytes([msg[6], msg[7]]).max(1));
             }
             let next = u32::from_le_bytes([msg[20], msg[21], msg[22], msg[23]]);
             match usize::try_from(next) {

@@ -5,9 +5,9 @@ what the session's channels send (rksmbd multichannel, issue 14; raw SMB
 Usage: home_flood.py HOST PORT SHARE USER PASSWORD
 
 Connection H sets up session S and opens a file; connection C binds S as
-a channel. H then sends ECHOs as fast as it can (and reads their answers,
-so rksmbd never waits to write), keeping its socket readable the whole
-time. Meanwhile C's READs, which its home H answers, must each be
+a channel. H then sends ECHOs as fast as its credits let it (and reads
+their answers, so rksmbd never waits to write), keeping its socket
+readable the whole time. Meanwhile C's READs, which its home H answers, must each be
 answered within PROMPT seconds (before, the home always read its own
 socket first and served the channel only once that socket was empty,
 which under the flood it never was). Then the flood stops and C is still
@@ -26,6 +26,9 @@ from raw_channel import CREATE, ECHO, READ, Raw, bind, check, cmac_sign, connect
 PROMPT = 10
 PROBES = 5
 BATCH = 256
+# ECHOs sent and not yet answered at most: well inside rksmbd's 8,192
+# credits (a request past the credits granted ends the connection).
+IN_FLIGHT = 4096
 
 
 def main():
@@ -47,6 +50,11 @@ def main():
         echo = struct.pack("<HH", 4, 0)
         try:
             while not stop.is_set():
+                # Within the credits granted, as a client must (each answer,
+                # 72 bytes framed, grants what the next ECHO spends and more).
+                if sent[0] - got[0] // 72 > IN_FLIGHT:
+                    time.sleep(0.001)
+                    continue
                 h.s.sendall(b"".join(struct.pack(">I", 68) + h.header(ECHO, 0) + echo for _ in range(BATCH)))
                 sent[0] += BATCH
         except Exception as e:

@@ -34,8 +34,13 @@ class Client:
         self.raw = Raw(uuid.uuid4())
         self.sid, _, self.tid = connect_share(self.raw)
 
-    def header(self, cmd, next_command=0, flags=0, credit_charge=1, credits=8):
-        h = bytearray(self.raw.header(cmd, self.sid, next_command, self.tid))
+    def header(self, cmd, next_command=0, flags=0, credit_charge=1, credits=8, mid=None):
+        """A request header with the next message ids, as many as its
+        credit charge, or `mid`."""
+        if mid is None:
+            mid = self.raw.mid
+            self.raw.mid += max(credit_charge, 1)
+        h = bytearray(self.raw.header(cmd, self.sid, next_command, self.tid, mid=mid))
         struct.pack_into("<HIHH", h, 6, credit_charge, 0, cmd, credits)
         struct.pack_into("<I", h, 16, flags)
         return bytes(h)
@@ -121,7 +126,7 @@ def main():
     # lands inside the context itself.
     ctx = struct.pack("<IHHHHI", 0xFFFFFFF8, 16, 4, 0, 0, 0) + b"DHnQ" + b"\0" * 4
     ctx_far = c.header(CREATE) + struct.pack("<HBBIQQIIIIIHHII", 57, 0, 0, 2, 0, 0, 0x80, 0x80, 7, 2, 0x40, 120, len(n), 128, len(ctx)) + pad8(n) + ctx
-    ctx_in = ctx_far[: 64 + 56 + 8] + struct.pack("<I", 8) + ctx_far[64 + 56 + 8 + 4 :]
+    ctx_in = c.header(CREATE) + ctx_far[64 : 64 + 56 + 8] + struct.pack("<I", 8) + ctx_far[64 + 56 + 8 + 4 :]
     for what, msg in [
         ("a name past the message", huge_name),
         ("contexts past the message", huge_ctx),
@@ -133,10 +138,31 @@ def main():
         check(st is not None and st[0] != SUCCESS, f"{what}: an error ({st})")
     check(not c.exists("x"), "none of them made x")
 
-    # Zero credits asked, an absurd CreditCharge: still answered.
-    for charge, credits in ((0, 0), (0xFFFF, 0), (0xFFFF, 0xFFFF)):
-        st = c.answer(c.header(ECHO, credit_charge=charge, credits=credits) + struct.pack("<HH", 4, 0))
-        check(st == [SUCCESS], f"an ECHO charging {charge:#x} asking {credits:#x} credits is answered")
+    # Zero credits asked, no CreditCharge: answered (and a credit granted).
+    st = c.answer(c.header(ECHO, credit_charge=0, credits=0) + struct.pack("<HH", 4, 0))
+    check(st == [SUCCESS], f"an ECHO charging nothing asking no credits is answered ({st})")
+
+    # Message ids (3.3.5.2.3): a CreditCharge past the credits granted, an
+    # id used already, one never granted, or the same id twice in one
+    # compound ends the connection with nothing of the compound run.
+    echo = struct.pack("<HH", 4, 0)
+
+    def one_id_twice(d):
+        create = pad8(d.create("twice.txt", disposition=2))
+        chain = bytearray(create + d.header(ECHO, mid=d.raw.mid - 1) + echo)
+        struct.pack_into("<I", chain, 20, len(create))
+        return bytes(chain)
+
+    for what, pdu in [
+        ("a CreditCharge of 0xFFFF", lambda d: d.header(ECHO, credit_charge=0xFFFF) + echo),
+        ("the id of the NEGOTIATE", lambda d: d.header(ECHO, mid=0) + echo),
+        ("an id 10 000 past the grants", lambda d: d.header(ECHO, mid=d.raw.mid + 10_000) + echo),
+        ("a CREATE and an ECHO with one id", one_id_twice),
+    ]:
+        d = Client()
+        check(d.answer(pdu(d)) is None, f"{what}: the connection is ended")
+    check(not c.exists("twice.txt"), "the compound with one id twice made nothing")
+    still_served()
 
     # A file to read, write and lock.
     st = c.answer(c.create("data.bin", disposition=5))

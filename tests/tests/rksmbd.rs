@@ -176,6 +176,7 @@ mod raw {
     use std::time::Duration;
 
     pub const NEGOTIATE: u16 = 0;
+    pub const CANCEL: u16 = 0xC;
     pub const ECHO: u16 = 0xD;
 
     pub fn connect(addr: &str) -> TcpStream {
@@ -196,6 +197,14 @@ mod raw {
         h
     }
 
+    /// A connection that negotiated SMB 3.0.2, and the NEGOTIATE's answer.
+    pub fn negotiated(addr: &str) -> (TcpStream, Vec<u8>) {
+        let mut c = connect(addr);
+        send(&mut c, &negotiate(0, &[0x0302], 1));
+        let r = recv(&mut c).expect("negotiate reply");
+        (c, r)
+    }
+
     pub fn negotiate(message_id: u64, dialects: &[u16], claimed: u16) -> Vec<u8> {
         let mut m = header(NEGOTIATE, message_id, 0);
         m.extend_from_slice(&36u16.to_le_bytes());
@@ -211,6 +220,10 @@ mod raw {
     /// Credits a response grants.
     pub fn credits(msg: &[u8]) -> u16 {
         u16::from_le_bytes(msg[14..16].try_into().unwrap())
+    }
+
+    pub fn message_id(msg: &[u8]) -> u64 {
+        u64::from_le_bytes(msg[24..32].try_into().unwrap())
     }
 
     pub fn echo(message_id: u64, next: u32) -> Vec<u8> {
@@ -354,9 +367,7 @@ fn credits_granted_never_exceed_the_window() {
     let s = Scratch::new("rksmbd-credits");
     let _d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let mut c = raw::connect(&srv.shim.addr);
-    raw::send(&mut c, &raw::negotiate(0, &[0x0302], 1));
-    let r = raw::recv(&mut c).expect("negotiate reply");
+    let (mut c, r) = raw::negotiated(&srv.shim.addr);
     // The client starts with one credit; each request spends one.
     let mut held = u32::from(raw::credits(&r));
     for mid in 1..400u64 {
@@ -369,6 +380,32 @@ fn credits_granted_never_exceed_the_window() {
         assert!(held >= 1, "left without credits at {mid}");
         assert!(held <= 8192, "{held} credits granted at {mid}");
     }
+}
+
+/// Message ids (MS-SMB2 3.3.1.1, 3.3.5.2.3): any order within the
+/// credits granted is served; a CANCEL uses none; an id used already ends
+/// the connection (it was run again, both answers carrying that id).
+#[test]
+fn message_ids_are_served_in_any_order_once_each() {
+    let s = Scratch::new("rksmbd-message-ids");
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let (mut c, r) = raw::negotiated(&srv.shim.addr);
+    assert_eq!(raw::credits(&r), 8, "ids 1 to 8 granted");
+    let echo = |c: &mut std::net::TcpStream, mid: u64| {
+        raw::send(c, &raw::echo(mid, 0));
+        raw::recv(c).map(|r| (raw::status(&r), raw::message_id(&r)))
+    };
+    for mid in [5, 2, 1, 8] {
+        assert_eq!(echo(&mut c, mid), Some((0, mid)));
+    }
+    let mut cancel = raw::header(raw::CANCEL, 5, 0);
+    cancel.extend_from_slice(&[4, 0, 0, 0]);
+    raw::send(&mut c, &cancel);
+    assert_eq!(echo(&mut c, 3), Some((0, 3)), "a CANCEL of 5 used no id");
+    assert_eq!(echo(&mut c, 5), None, "5 again ends the connection");
+    let (_, r) = raw::negotiated(&srv.shim.addr);
+    assert_eq!(raw::status(&r), 0, "others are served");
 }
 
 /// What happens while the client is away.

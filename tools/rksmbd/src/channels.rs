@@ -68,7 +68,7 @@ pub struct Via {
     /// The channel's signing algorithm and key.
     pub sign: (SigningAlgorithm, [u8; 16]),
     /// The credits the channel's client holds (updated by the answer).
-    pub credits: u32,
+    pub credits: Box<crate::credits::Credits>,
     /// What the client said in the channel's own NEGOTIATE (what its
     /// FSCTL_VALIDATE_NEGOTIATE_INFO is checked against).
     pub client: Box<crate::server::ClientNegotiate>,
@@ -84,7 +84,7 @@ pub struct Forwarded {
     /// outbox: nothing (empty) and the channel's credits after it, or
     /// `None` when the PDU was malformed or the outbox full, and the
     /// channel must close.
-    pub reply: SyncSender<Option<(Vec<u8>, u32)>>,
+    pub reply: SyncSender<Option<(Vec<u8>, crate::credits::Credits)>>,
 }
 
 /// The queue of PDUs channels hand to one connection thread, with a

@@ -9,8 +9,9 @@
 //!   KDF and the 3.1.1 preauth integrity hash.
 //! - [`spnego`] and [`ntlm`]: authentication — SPNEGO-wrapped NTLMSSP,
 //!   NTLMv2 checked against the NT hashes of [`users`] (smbpasswd format).
-//! - [`server`]: connections, compounding, credits, signing, NEGOTIATE,
-//!   SESSION_SETUP, TREE_CONNECT, IOCTL and the other non-file commands.
+//! - [`server`]: connections, compounding, signing, NEGOTIATE,
+//!   SESSION_SETUP, TREE_CONNECT, IOCTL and the other non-file commands;
+//!   [`credits`] the credits and message ids a connection allows.
 //! - [`files`] and [`create`]: CREATE, CLOSE, READ, WRITE, FLUSH, QUERY_INFO, SET_INFO,
 //!   QUERY_DIRECTORY over filterd handles, durable and persistent handles
 //!   and leases; [`contexts`] decodes and encodes CREATE contexts, [`info`]
@@ -32,6 +33,7 @@ pub mod breaks;
 pub mod channels;
 pub mod contexts;
 pub mod create;
+pub mod credits;
 pub mod crypto;
 pub mod files;
 pub mod info;

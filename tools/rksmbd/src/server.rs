@@ -24,6 +24,7 @@ use std::time::Duration;
 use libfilter::attach::Attachment;
 use libfilter::model::{InstanceName, Protocol};
 
+use crate::credits::Credits;
 use crate::crypto::{self, Dialect, SigningAlgorithm};
 use crate::files::{Ending, NotClosed, Open};
 use crate::ntlm;
@@ -35,10 +36,6 @@ use crate::wire::{self, status, Command, Header, Reader, WireError, Writer, HEAD
 pub const MAX_IO: u32 = 1 << 20;
 /// Largest NetBIOS frame accepted: one maximal WRITE and its headers.
 const MAX_PDU: usize = MAX_IO as usize + 64 * 1024;
-/// Credits granted per response at most.
-const MAX_CREDITS_PER_REPLY: u16 = 512;
-/// Credits a client may hold at once.
-const MAX_CREDITS: u32 = 8192;
 /// Most forwarded PDUs a home serves before it looks at its own socket
 /// again ([`Connection::serve_inbox`]).
 const INBOX_TURN: usize = 4;
@@ -599,8 +596,8 @@ pub struct Connection {
     io: Option<(TcpStream, crate::breaks::ConnWriter)>,
     /// How deep [`Connection::pump`] calls are nested.
     pump_depth: u8,
-    /// Credits the client holds, as granted minus spent.
-    credits: u32,
+    /// The message ids the client may use, and so its credits.
+    credits: Credits,
     /// Blocking locks answered STATUS_PENDING, still waiting.
     pub waiting: crate::lock::WaitingLocks,
     /// CREATEs answered STATUS_PENDING, waiting for lease breaks.
@@ -660,7 +657,7 @@ struct ViaNow {
 #[derive(Debug, Default)]
 struct PerConn {
     via: Option<ViaNow>,
-    credits: u32,
+    credits: Credits,
     client: ClientNegotiate,
 }
 
@@ -739,7 +736,7 @@ impl Connection {
             terminate: false,
             io: None,
             pump_depth: 0,
-            credits: 1,
+            credits: Credits::default(),
             waiting: crate::lock::WaitingLocks::default(),
             pending_creates: crate::create::PendingCreates::default(),
             notify: crate::notify::Watches::default(),
@@ -997,7 +994,7 @@ impl Connection {
                 session: via.session,
                 sign: via.sign,
             }),
-            credits: via.credits,
+            credits: *via.credits,
             client: *via.client,
         });
         self.outer.push(saved);
@@ -1177,7 +1174,7 @@ impl Connection {
                 outbox,
                 session,
                 sign: (self.signing, key),
-                credits: self.credits,
+                credits: Box::new(self.credits.clone()),
                 client: Box::new(self.client.clone()),
             },
             reply: tx,
@@ -1210,8 +1207,8 @@ impl Connection {
     /// each a channel of the other's session must not wait on each other.
     fn await_home(
         &mut self,
-        rx: &std::sync::mpsc::Receiver<Option<(Vec<u8>, u32)>>,
-    ) -> Option<Option<(Vec<u8>, u32)>> {
+        rx: &std::sync::mpsc::Receiver<Option<(Vec<u8>, Credits)>>,
+    ) -> Option<Option<(Vec<u8>, Credits)>> {
         use std::sync::mpsc::RecvTimeoutError;
         loop {
             match rx.recv_timeout(Duration::from_millis(5)) {
@@ -1483,9 +1480,12 @@ impl Connection {
         // file, and the status of a failed CREATE they then share.
         let mut prev: Option<(u64, u32, u64, Option<u32>)> = None;
         let mut out_bytes = 0usize;
-        // The whole chain is framed before any of it runs: a malformed
-        // message further on closes the connection with nothing done.
-        for (mut hdr, msg) in wire::compound(pdu)? {
+        // The whole chain is framed, and its message ids used, before any
+        // of it runs: a malformed message or an id not granted further on
+        // closes the connection with nothing done.
+        let chain = wire::compound(pdu)?;
+        self.take_message_ids(&chain)?;
+        for (mut hdr, msg) in chain {
             let mut file_override = None;
             let mut failed_related = None;
             if hdr.flags & wire::FLAG_RELATED != 0 {
@@ -1716,20 +1716,40 @@ impl Connection {
         )
     }
 
-    /// Credits for a response (MS-SMB2 3.3.1.2): the request spends its
-    /// charge; the grant is what the client asks for, at most
-    /// [`MAX_CREDITS_PER_REPLY`], and never lets the client hold more than
-    /// [`MAX_CREDITS`] (clients treat more than 65535 as a broken server).
+    /// Credits for a response (MS-SMB2 3.3.1.2): what the client asks
+    /// for, within [`Credits::grant`]'s bounds.
     fn grant_credits(&mut self, hdr: &Header) -> u16 {
-        let spent = u32::from(hdr.credit_charge.max(1));
-        self.credits = self.credits.saturating_sub(spent);
-        let room = MAX_CREDITS.saturating_sub(self.credits);
-        let mut grant = u32::from(hdr.credits.min(MAX_CREDITS_PER_REPLY)).min(room);
-        if grant == 0 && self.credits == 0 {
-            grant = 1; // a client must never be left without a credit
+        self.credits.grant(hdr.credits)
+    }
+
+    /// Uses the message ids of every request of a compound (3.3.5.2.3)
+    /// before any of it runs: a CANCEL uses none; a multi-credit request
+    /// its CreditCharge (at least one). An id not granted or used
+    /// already ends the connection.
+    fn take_message_ids(&mut self, chain: &[(Header, &[u8])]) -> Result<(), WireError> {
+        // Every dialect served (2.1 and later) is multi-credit; before the
+        // NEGOTIATE none is.
+        let multi_credit = self.dialect.is_some();
+        for (hdr, _) in chain {
+            if Command::from_code(hdr.command) == Command::Cancel {
+                continue;
+            }
+            let count = match multi_credit {
+                true => u64::from(hdr.credit_charge.max(1)),
+                false => 1,
+            };
+            if !self.credits.take(hdr.message_id, count) {
+                tracing::warn!(
+                    conn = self.origin(),
+                    message_id = hdr.message_id,
+                    count,
+                    held = self.credits.held(),
+                    "a message id that was not granted, or was used already"
+                );
+                return Err(WireError::Bad("message id outside the granted window"));
+            }
         }
-        self.credits += grant;
-        u16::try_from(grant).unwrap_or(1)
+        Ok(())
     }
 
     fn signing_for(&self, req: &Request<'_>) -> Option<(SigningAlgorithm, [u8; 16])> {
