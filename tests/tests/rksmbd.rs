@@ -524,13 +524,7 @@ fn smbprotocol_dh2c_is_never_reattached_to_a_file_reusing_the_inode() {
     d.kill9();
     let d = Filterd::start(&s, &[], &[]);
     std::fs::remove_file(&old).unwrap();
-    let name = (0..200)
-        .map(|i| format!("new{i}.txt"))
-        .find(|n| {
-            std::fs::write(s.root().join(n), b"unrelated").unwrap();
-            std::fs::metadata(s.root().join(n)).unwrap().ino() == ino
-        })
-        .expect("ext4 gives the removed file's inode number to a new one");
+    let name = file_under_inode(&s.root(), ino);
     script.say(&name);
     script.finish();
     let hs = d.control().handles().unwrap();
@@ -539,6 +533,46 @@ fn smbprotocol_dh2c_is_never_reattached_to_a_file_reusing_the_inode() {
             || h.record.conn == libfilter::model::ConnState::Lost),
         "{hs:?}"
     );
+}
+
+/// Hunt aQ again: FSCTL_CREATE_OR_GET_OBJECT_ID gave a file the object id
+/// of a removed file whose inode number ext4 gave it (the id was the
+/// device and inode numbers). Now it is the same for every open of a file
+/// and a file of its own under a reused inode number gets an id of its
+/// own (tests/smb3/object_ids.py).
+#[test]
+fn an_object_id_is_not_inherited_with_an_inode_number() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(s) = Scratch::with_ext4("rksmbd-object-ids") else {
+        return;
+    };
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "object_ids.py",
+        std::time::Duration::from_secs(60),
+    );
+    script.expect("made");
+    let old = s.root().join("old.txt");
+    let ino = std::fs::metadata(&old).unwrap().ino();
+    std::fs::remove_file(&old).unwrap();
+    let name = file_under_inode(&s.root(), ino);
+    script.say(&name);
+    script.finish();
+}
+
+/// Makes files in `dir` until one gets inode number `ino` (ext4 gives a
+/// freed number to the next file); its name.
+fn file_under_inode(dir: &std::path::Path, ino: u64) -> String {
+    use std::os::unix::fs::MetadataExt;
+    (0..200)
+        .map(|i| format!("new{i}.txt"))
+        .find(|n| {
+            std::fs::write(dir.join(n), b"unrelated").unwrap();
+            std::fs::metadata(dir.join(n)).unwrap().ino() == ino
+        })
+        .expect("ext4 gives the removed file's inode number to a new one")
 }
 
 /// Runs `tests/smb3/SCRIPT` (smbprotocol) against `srv` as alice and

@@ -876,9 +876,9 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
 }
 
 /// FSCTL_CREATE_OR_GET_OBJECT_ID ([MS-FSCC] 2.3.7): the file's object
-/// id, derived from its device and inode numbers, so it is the same for
-/// every open of the file and changes nothing (a replay of it is
-/// harmless). `max_output`: the IOCTL's MaxOutputResponse.
+/// id, derived from the file itself, so it is the same for every open of
+/// the file, across renames and restarts, and changes nothing (a replay
+/// of it is harmless). `max_output`: the IOCTL's MaxOutputResponse.
 pub(crate) fn object_id(
     c: &mut Connection,
     req: &Request<'_>,
@@ -894,9 +894,8 @@ pub(crate) fn object_id(
         return Err(status::INVALID_PARAMETER);
     }
     let m = o.meta()?;
-    let mut oid = [0u8; 16];
-    oid[..8].copy_from_slice(&m.ino.to_le_bytes());
-    oid[8..].copy_from_slice(&m.dev.to_le_bytes());
+    let handle = libfilter::sys::file_handle_of(o.fd()).ok();
+    let oid = object_id_of(m.dev, m.ino, handle.as_ref());
     // FILE_OBJECTID_BUFFER, type 1: ObjectId, BirthVolumeId,
     // BirthObjectId, DomainId.
     let mut out = Vec::with_capacity(64);
@@ -905,6 +904,32 @@ pub(crate) fn object_id(
     out.extend_from_slice(&oid);
     out.extend_from_slice(&[0; 16]);
     Ok(out)
+}
+
+/// A file's object id: its device number and kernel file handle, hashed.
+/// The handle carries the inode's generation where the filesystem has
+/// one (ext4, xfs, tmpfs, btrfs), so a file given a removed file's inode
+/// number gets an id of its own; the device and inode numbers alone (the
+/// id before, and still where the filesystem gives no handle) gave it
+/// the removed file's id.
+fn object_id_of(dev: u64, ino: u64, handle: Option<&libfilter::model::KernelHandle>) -> [u8; 16] {
+    let mut oid = [0u8; 16];
+    let Some(h) = handle else {
+        oid[..8].copy_from_slice(&ino.to_le_bytes());
+        oid[8..].copy_from_slice(&dev.to_le_bytes());
+        return oid;
+    };
+    use sha2::Digest;
+    let mut d = sha2::Sha256::new();
+    d.update(b"rksmbd object id\0");
+    d.update(dev.to_le_bytes());
+    d.update(h.handle_type.to_le_bytes());
+    d.update(&h.bytes);
+    let sum = d.finalize();
+    for (o, b) in oid.iter_mut().zip(sum.iter()) {
+        *o = *b;
+    }
+    oid
 }
 
 /// FLUSH (2.2.17).
@@ -1724,6 +1749,23 @@ mod tests {
                 .collect();
             proptest::prop_assert!(matches(&pattern, &name), "{} / {}", pattern, name);
         }
+    }
+
+    #[test]
+    fn object_ids_follow_the_kernel_handle() {
+        use libfilter::model::KernelHandle;
+        let h = |generation: u8| KernelHandle {
+            handle_type: 1,
+            bytes: vec![12, 0, 0, 0, generation, 0, 0, 0],
+        };
+        let id = object_id_of(5, 12, Some(&h(1)));
+        assert_eq!(id, object_id_of(5, 12, Some(&h(1))), "the same file");
+        assert_ne!(id, object_id_of(5, 12, Some(&h(2))), "another generation");
+        assert_ne!(id, object_id_of(6, 12, Some(&h(1))), "another device");
+        // Without a handle: the inode and device numbers, as before.
+        let plain = object_id_of(5, 12, None);
+        assert_eq!(plain[..8], 12u64.to_le_bytes());
+        assert_eq!(plain[8..], 5u64.to_le_bytes());
     }
 
     #[test]
