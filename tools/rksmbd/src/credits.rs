@@ -12,10 +12,10 @@
 
 use std::collections::BTreeSet;
 
-/// Credits granted per response at most.
-pub const MAX_CREDITS_PER_REPLY: u16 = 512;
 /// Credits a client may hold at once (clients treat more than 65535 as a
-/// broken server).
+/// broken server). One response may grant them all: smbtorture's
+/// smb2.credits asks for 65535 in one request and wants at least 8192
+/// back, as Windows Server 2016 and Samba grant.
 pub const MAX_CREDITS: u32 = 8192;
 /// How far past the lowest id not yet used the granted ids may reach
 /// (3.3.1.1 lets a server bound it): a client that leaves one id unused
@@ -73,16 +73,16 @@ impl Credits {
     }
 
     /// Grants credits for a response to a request that asked for `asked`:
-    /// at most [`MAX_CREDITS_PER_REPLY`], never so many that the client
-    /// holds more than [`MAX_CREDITS`] or its ids reach [`MAX_RANGE`] past
-    /// the lowest unused one, and always one when it holds none.
+    /// what it asked for, never so many that the client holds more than
+    /// [`MAX_CREDITS`] or its ids reach [`MAX_RANGE`] past the lowest
+    /// unused one, and always one when it holds none.
     pub fn grant(&mut self, asked: u16) -> u16 {
         let held = self.held();
         let reach = self.low.saturating_add(MAX_RANGE).saturating_sub(self.end);
         let room = MAX_CREDITS
             .saturating_sub(held)
             .min(u32::try_from(reach).unwrap_or(u32::MAX));
-        let mut grant = u32::from(asked.min(MAX_CREDITS_PER_REPLY)).min(room);
+        let mut grant = u32::from(asked).min(room);
         if grant == 0 && held == 0 {
             grant = 1; // a client must never be left without a credit
         }
@@ -125,6 +125,10 @@ mod tests {
         }
         assert_eq!(c.held(), MAX_CREDITS);
         assert_eq!(c.grant(512), 0);
+        // One response may grant them all (smbtorture's smb2.credits).
+        let mut c = Credits::default();
+        assert!(c.take(0, 1));
+        assert_eq!(u32::from(c.grant(u16::MAX)), MAX_CREDITS);
         // A client that leaves id 0 unused and uses everything after it:
         // the ids it may reach stop MAX_RANGE past 0.
         let mut c = Credits::default();
