@@ -27,6 +27,7 @@
 //!     no_wait: false,
 //!     share_group: None,
 //!     stat: false,
+//!     share_exempt: false,
 //!     put: Vec::new(),
 //! })?;
 //! // h.fd is the open file: pread/pwrite it directly.

@@ -629,6 +629,11 @@ pub struct HandleRecord {
     /// `O_PATH`. Stored (record version 3), so a recovered one stays one.
     #[serde(default, skip_serializing_if = "is_false")]
     pub stat: bool,
+    /// An open without data access (`OpenRequest::share_exempt`,
+    /// honoured): no part in sharing and an `O_PATH` descriptor, but
+    /// otherwise an ordinary open. Stored (record version 4).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub share_exempt: bool,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -549,6 +549,16 @@ pub struct OpenRequest {
     /// or recovered handle is a stat open still.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stat: bool,
+    /// An open that asks for no data access nor delete (MS-FSA
+    /// 2.1.5.1.2.1: SMB opens for extended attributes, the security
+    /// descriptor's writing or the like). It takes no part in sharing —
+    /// refused by no share mode, refusing no open — but unlike a `stat`
+    /// open it breaks leases and counts as an open as a reader's would.
+    /// Honoured like `stat` (access at most read, no overwrite), its
+    /// descriptor is `O_PATH`. Stored with the handle
+    /// (`HandleRecord::share_exempt`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub share_exempt: bool,
     /// Records written in the open's own commit, as by
     /// [`Request::WriteRecords`] (nfsl/1: the open state and the OPEN's slot
     /// reply), only if the open succeeds: the handle and the records are
@@ -588,6 +598,7 @@ impl OpenRequest {
             lease: None,
             no_wait: false,
             share_group: None,
+            share_exempt: false,
             stat: false,
             put: Vec::new(),
         }
@@ -1567,7 +1578,8 @@ mod compact {
     const F_NO_WAIT: u8 = 8;
     const F_SHARE_GROUP: u8 = 16;
     const F_STAT: u8 = 32;
-    const OPEN_FLAGS: u8 = 63;
+    const F_SHARE_EXEMPT: u8 = 64;
+    const OPEN_FLAGS: u8 = 127;
     // `Opened` flags.
     const O_LEASE: u8 = 1;
     const O_LOCKED: u8 = 2;
@@ -1627,6 +1639,7 @@ mod compact {
             (o.no_wait, F_NO_WAIT),
             (o.share_group.is_some(), F_SHARE_GROUP),
             (o.stat, F_STAT),
+            (o.share_exempt, F_SHARE_EXEMPT),
         ] {
             if set {
                 flags |= bit;
@@ -1932,6 +1945,7 @@ mod compact {
                 no_wait: flags & F_NO_WAIT != 0,
                 share_group,
                 stat: flags & F_STAT != 0,
+                share_exempt: flags & F_SHARE_EXEMPT != 0,
                 put: Vec::new(),
             })
         }
@@ -2351,13 +2365,14 @@ mod binary_tests {
                 any::<bool>(),
                 proptest::option::of(text()),
                 any::<bool>(),
+                any::<bool>(),
             ),
             proptest::collection::vec(record_spec(), 0..2),
         )
             .prop_map(
                 |(
                     (client, path, access, share, disp, durability),
-                    (create_guid, owner, lease, no_wait, share_group, stat),
+                    (create_guid, owner, lease, no_wait, share_group, stat, share_exempt),
                     put,
                 )| OpenRequest {
                     client: ClientId::new(client).expect("valid identity"),
@@ -2379,6 +2394,7 @@ mod binary_tests {
                     no_wait,
                     share_group,
                     stat,
+                    share_exempt,
                     put: put.into_iter().flatten().collect(),
                 },
             )
@@ -3166,7 +3182,7 @@ mod binary_tests {
             // An id of eleven varint bytes, and one past 64 bits.
             ([&[m, 3][..], &[0xff; 10], &[1]].concat(), None),
             ([&[m, 3][..], &[0xff; 9], &[2]].concat(), None),
-            (open(64, 1, 0, b"f"), Some(7)),
+            (open(128, 1, 0, b"f"), Some(7)),
             (open(0, 0, 0, b"f"), Some(7)),
             (open(0, 8, 0, b"f"), Some(7)),
             (open(0, 1, 6, b"f"), Some(7)),

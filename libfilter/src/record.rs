@@ -4,7 +4,8 @@
 //!
 //! | first byte | body |
 //! |---|---|
-//! | `3` | postcard of the `…V2` mirror, then postcard of the fields added since ([`StoredRecord::V3Ext`]) |
+//! | `4` | postcard of the `…V2` mirror, then postcard of the fields added since, version 4's layout ([`StoredRecord::Ext`]) |
+//! | `3` | postcard of the `…V2` mirror, then postcard of the fields added in version 3 ([`StoredRecord::V3Ext`]) |
 //! | `2` | postcard of the record's `…V2` mirror type |
 //! | `1` | JSON of the public model type (written by schema-1 builds) |
 //! | `{` | JSON with no version byte at all (the oldest form) |
@@ -29,6 +30,9 @@
 //! (a stat handle), else as version 2 — so a build that reads versions 1
 //! and 2 only still reads every record but a stat handle's, which it reports
 //! as of an unknown version rather than taking it for an ordinary reader.
+//! Version 4 added [`HandleRecord::share_exempt`] after it, the same way: a
+//! record is written as version 4 only when that field is set, else as
+//! version 3 or 2, so older builds refuse just those records.
 
 use std::collections::HashMap;
 
@@ -53,6 +57,9 @@ pub const RECORD_V2_POSTCARD: u8 = 2;
 /// The version byte of a postcard record with the fields added since
 /// version 2 after its version-2 mirror.
 pub const RECORD_V3_POSTCARD: u8 = 3;
+/// The version byte of a postcard record with the fields added since
+/// version 2 in version 4's layout after its version-2 mirror.
+pub const RECORD_V4_POSTCARD: u8 = 4;
 /// Longest kernel handle a record may carry (`MAX_HANDLE_SZ`).
 const MAX_KERNEL_HANDLE_BYTES: usize = 128;
 
@@ -63,7 +70,7 @@ pub enum RecordError {
     #[error("empty record")]
     Empty,
     /// The first byte names no encoding this build reads.
-    #[error("unknown record version {0} (this build reads 1, 2, 3 and unversioned JSON)")]
+    #[error("unknown record version {0} (this build reads 1, 2, 3, 4 and unversioned JSON)")]
     UnknownVersion(u8),
     /// A JSON record (version 1 or unversioned) that does not parse.
     #[error("JSON record: {0}")]
@@ -113,16 +120,22 @@ pub trait StoredRecord: Serialize + DeserializeOwned {
     fn to_v2(&self) -> Self::V2<'_>;
     /// The record a mirror describes, checked as the model checks a peer's.
     fn from_v2(v: Self::V2<'_>) -> Result<Self, RecordError>;
-    /// The fields added in version 3, stored after the version-2 mirror.
-    type V3Ext: Serialize + DeserializeOwned;
+    /// The fields added since version 2, in version 4's layout, stored
+    /// after the version-2 mirror.
+    type Ext: Serialize + DeserializeOwned;
+    /// The fields added in version 3 (a prefix of [`Self::Ext`]'s layout).
+    type V3Ext: Serialize + DeserializeOwned + Into<Self::Ext>;
     /// Those fields, when one is not at its default (the record is then
-    /// written as version 3; else as version 2).
-    fn v3_ext(&self) -> Option<Self::V3Ext>;
-    /// The record with the version-3 fields set.
-    fn with_v3_ext(self, ext: Self::V3Ext) -> Self;
+    /// written as version 3 or 4; else as version 2).
+    fn ext(&self) -> Option<Self::Ext>;
+    /// Their version-3 form, when the fields added in version 4 are at
+    /// their defaults (the record is then written as version 3).
+    fn ext_as_v3(ext: &Self::Ext) -> Option<Self::V3Ext>;
+    /// The record with the fields added since version 2 set.
+    fn with_ext(self, ext: Self::Ext) -> Self;
 }
 
-/// The version-3 fields of a record kind that added none.
+/// The added fields of a record kind that added none.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NoExt;
 
@@ -133,20 +146,39 @@ pub struct HandleRecordV3Ext {
     stat: bool,
 }
 
+/// [`HandleRecord`]'s fields added since version 2, version 4's layout:
+/// version 3's, then those added in 4. Field order is the layout: frozen.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandleRecordV4Ext {
+    stat: bool,
+    share_exempt: bool,
+}
+
+impl From<HandleRecordV3Ext> for HandleRecordV4Ext {
+    fn from(v: HandleRecordV3Ext) -> Self {
+        HandleRecordV4Ext {
+            stat: v.stat,
+            share_exempt: false,
+        }
+    }
+}
+
 /// Encodes a record as every backend stores it: version 2, postcard — or
-/// version 3 when a field added since is not at its default.
+/// version 3 or 4 when a field added since is not at its default.
 pub fn encode_record<T: StoredRecord>(item: &T) -> Result<Vec<u8>, RecordError> {
     let mut out = Vec::with_capacity(128);
-    let ext = item.v3_ext();
-    out.push(if ext.is_some() {
-        RECORD_V3_POSTCARD
-    } else {
-        RECORD_V2_POSTCARD
+    let ext = item.ext();
+    let v3 = ext.as_ref().and_then(T::ext_as_v3);
+    out.push(match (&ext, &v3) {
+        (None, _) => RECORD_V2_POSTCARD,
+        (Some(_), Some(_)) => RECORD_V3_POSTCARD,
+        (Some(_), None) => RECORD_V4_POSTCARD,
     });
     let out = postcard::to_extend(&item.to_v2(), out).map_err(RecordError::Encode)?;
-    match ext {
-        Some(e) => postcard::to_extend(&e, out).map_err(RecordError::Encode),
-        None => Ok(out),
+    match (ext, v3) {
+        (Some(_), Some(v3)) => postcard::to_extend(&v3, out).map_err(RecordError::Encode),
+        (Some(e), None) => postcard::to_extend(&e, out).map_err(RecordError::Encode),
+        (None, _) => Ok(out),
     }
 }
 
@@ -179,7 +211,17 @@ pub fn decode_record<T: StoredRecord>(bytes: &[u8]) -> Result<T, RecordError> {
             if !rest.is_empty() {
                 return Err(RecordError::Trailing(rest.len()));
             }
-            T::from_v2(v2).map(|r| r.with_v3_ext(ext))
+            T::from_v2(v2).map(|r| r.with_ext(ext.into()))
+        }
+        Some((&RECORD_V4_POSTCARD, body)) => {
+            let (v2, rest) =
+                postcard::take_from_bytes::<T::V2<'_>>(body).map_err(RecordError::Binary)?;
+            let (ext, rest) =
+                postcard::take_from_bytes::<T::Ext>(rest).map_err(RecordError::Binary)?;
+            if !rest.is_empty() {
+                return Err(RecordError::Trailing(rest.len()));
+            }
+            T::from_v2(v2).map(|r| r.with_ext(ext))
         }
         Some((&RECORD_V1_JSON, body)) => serde_json::from_slice(body).map_err(RecordError::Json),
         Some((b'{', _)) => serde_json::from_slice(bytes).map_err(RecordError::Json),
@@ -300,15 +342,24 @@ fn rights(field: &'static str, bits: u8) -> Result<Rights, RecordError> {
 
 impl StoredRecord for HandleRecord {
     type V2<'a> = HandleRecordV2<'a>;
+    type Ext = HandleRecordV4Ext;
     type V3Ext = HandleRecordV3Ext;
 
-    fn v3_ext(&self) -> Option<HandleRecordV3Ext> {
-        self.stat.then_some(HandleRecordV3Ext { stat: true })
+    fn ext(&self) -> Option<HandleRecordV4Ext> {
+        (self.stat || self.share_exempt).then_some(HandleRecordV4Ext {
+            stat: self.stat,
+            share_exempt: self.share_exempt,
+        })
     }
 
-    fn with_v3_ext(self, ext: HandleRecordV3Ext) -> HandleRecord {
+    fn ext_as_v3(ext: &HandleRecordV4Ext) -> Option<HandleRecordV3Ext> {
+        (!ext.share_exempt).then_some(HandleRecordV3Ext { stat: ext.stat })
+    }
+
+    fn with_ext(self, ext: HandleRecordV4Ext) -> HandleRecord {
         HandleRecord {
             stat: ext.stat,
+            share_exempt: ext.share_exempt,
             ..self
         }
     }
@@ -429,7 +480,17 @@ pub fn decode_handle_record(
             if !rest.is_empty() {
                 return Err(RecordError::Trailing(rest.len()));
             }
-            handle_from_v2(v2, Some(names)).map(|r| r.with_v3_ext(ext))
+            handle_from_v2(v2, Some(names)).map(|r| r.with_ext(ext.into()))
+        }
+        Some((&RECORD_V4_POSTCARD, body)) => {
+            let (v2, rest) = postcard::take_from_bytes::<HandleRecordV2<'_>>(body)
+                .map_err(RecordError::Binary)?;
+            let (ext, rest) = postcard::take_from_bytes::<HandleRecordV4Ext>(rest)
+                .map_err(RecordError::Binary)?;
+            if !rest.is_empty() {
+                return Err(RecordError::Trailing(rest.len()));
+            }
+            handle_from_v2(v2, Some(names)).map(|r| r.with_ext(ext))
         }
         // JSON (schema 1) and unknown versions: as any record.
         _ => decode_record(bytes),
@@ -524,8 +585,9 @@ fn handle_from_v2(
         delete_on_close: v.delete_on_close,
         share_group: v.share_group.map(str::to_owned),
         lock_owner: v.lock_owner.map(str::to_owned),
-        // Added in version 3 (`with_v3_ext`).
+        // Added in versions 3 and 4 (`with_ext`).
         stat: false,
+        share_exempt: false,
     })
 }
 
@@ -538,13 +600,18 @@ pub struct ReplayRecordV2<'a> {
 
 impl StoredRecord for ReplayRecord {
     type V2<'a> = ReplayRecordV2<'a>;
+    type Ext = NoExt;
     type V3Ext = NoExt;
 
-    fn v3_ext(&self) -> Option<NoExt> {
+    fn ext(&self) -> Option<NoExt> {
         None
     }
 
-    fn with_v3_ext(self, _: NoExt) -> ReplayRecord {
+    fn ext_as_v3(_: &NoExt) -> Option<NoExt> {
+        Some(NoExt)
+    }
+
+    fn with_ext(self, _: NoExt) -> ReplayRecord {
         self
     }
 
@@ -688,18 +755,24 @@ impl StoredRecord for Intent {
     type V2<'a> = IntentV2<'a>;
     /// A truncating open's handle record's added fields (a stat open never
     /// truncates, but a record decodes as it was written).
+    type Ext = HandleRecordV4Ext;
     type V3Ext = HandleRecordV3Ext;
 
-    fn v3_ext(&self) -> Option<HandleRecordV3Ext> {
+    fn ext(&self) -> Option<HandleRecordV4Ext> {
         match &self.change {
-            IntentChange::TruncatingOpen { record, .. } => record.v3_ext(),
+            IntentChange::TruncatingOpen { record, .. } => record.ext(),
             _ => None,
         }
     }
 
-    fn with_v3_ext(mut self, ext: HandleRecordV3Ext) -> Intent {
+    fn ext_as_v3(ext: &HandleRecordV4Ext) -> Option<HandleRecordV3Ext> {
+        HandleRecord::ext_as_v3(ext)
+    }
+
+    fn with_ext(mut self, ext: HandleRecordV4Ext) -> Intent {
         if let IntentChange::TruncatingOpen { record, .. } = &mut self.change {
             record.stat = ext.stat;
+            record.share_exempt = ext.share_exempt;
         }
         self
     }
@@ -931,6 +1004,7 @@ pub(crate) mod tests {
             share_group in proptest::option::of(text()),
             lock_owner in proptest::option::of(text()),
             stat in any::<bool>(),
+            share_exempt in any::<bool>(),
         ) -> HandleRecord {
             HandleRecord {
                 key: ResumeKey(key),
@@ -959,6 +1033,7 @@ pub(crate) mod tests {
                 share_group,
                 lock_owner,
                 stat,
+                share_exempt,
             }
         }
     }
@@ -1067,10 +1142,10 @@ pub(crate) mod tests {
     /// set) and never longer than the JSON one.
     fn roundtrips<T: StoredRecord + PartialEq + std::fmt::Debug>(r: &T) {
         let v2 = encode_record(r).expect("encodes");
-        let version = if r.v3_ext().is_some() {
-            RECORD_V3_POSTCARD
-        } else {
-            RECORD_V2_POSTCARD
+        let version = match r.ext() {
+            None => RECORD_V2_POSTCARD,
+            Some(e) if T::ext_as_v3(&e).is_some() => RECORD_V3_POSTCARD,
+            Some(_) => RECORD_V4_POSTCARD,
         };
         assert_eq!(v2.first(), Some(&version));
         assert_eq!(&decode_record::<T>(&v2).expect("v2 decodes"), r);
@@ -1180,6 +1255,7 @@ pub(crate) mod tests {
             share_group: Some("g".into()),
             lock_owner: None,
             stat: false,
+            share_exempt: false,
         };
         assert_eq!(encode_record(&rec).expect("encodes"), golden);
         assert_eq!(decode_record::<HandleRecord>(golden).expect("decodes"), rec);
@@ -1190,9 +1266,30 @@ pub(crate) mod tests {
         v3.push(1);
         let golden_v3 = include_bytes!("../../fuzz/corpus/store_records/handle-v3");
         assert_eq!(v3, golden_v3);
-        let stat = HandleRecord { stat: true, ..rec };
+        let stat = HandleRecord {
+            stat: true,
+            ..rec.clone()
+        };
         assert_eq!(encode_record(&stat).expect("encodes"), v3);
         assert_eq!(decode_record::<HandleRecord>(&v3).expect("decodes"), stat);
+        // Version 4: the same bytes after its own version byte, then
+        // version 3's field and `share_exempt` (one byte each).
+        let mut v4 = vec![RECORD_V4_POSTCARD];
+        v4.extend_from_slice(golden.get(1..).expect("a version byte"));
+        v4.extend_from_slice(&[0, 1]);
+        let golden_v4 = include_bytes!("../../fuzz/corpus/store_records/handle-v4");
+        assert_eq!(v4, golden_v4);
+        let exempt = HandleRecord {
+            share_exempt: true,
+            ..rec
+        };
+        assert_eq!(encode_record(&exempt).expect("encodes"), v4);
+        assert_eq!(decode_record::<HandleRecord>(&v4).expect("decodes"), exempt);
+        let mut names = SharedNames::default();
+        assert_eq!(
+            decode_handle_record(&v4, &mut names).expect("decodes"),
+            exempt
+        );
         let replay = include_bytes!("../../fuzz/corpus/store_records/replay-v2");
         let r = decode_record::<ReplayRecord>(replay).expect("decodes");
         assert_eq!((r.reply.as_str(), r.recorded_ms), ("done", 1));
@@ -1200,7 +1297,7 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_versions_and_invalid_values_are_errors() {
-        for v in [0u8, 4, 9, 255] {
+        for v in [0u8, 5, 9, 255] {
             assert!(matches!(
                 decode_record::<ReplayRecord>(&[v, 0, 0]),
                 Err(RecordError::UnknownVersion(x)) if x == v

@@ -1197,6 +1197,7 @@ mod tests {
             share_group: None,
             lock_owner: None,
             stat: false,
+            share_exempt: false,
         }
     }
 

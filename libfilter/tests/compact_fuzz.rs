@@ -32,6 +32,7 @@ fn reqs() -> Vec<RequestFrame> {
         no_wait: true,
         share_group: Some("g".into()),
         stat: true,
+        share_exempt: true,
         put: vec![
             rec(
                 ReplayScope::Session(ScopeName::new("sess").unwrap()),

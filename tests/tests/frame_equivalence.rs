@@ -245,6 +245,7 @@ fn nfs_open(path: &str, n: u128, lease: bool, put: Vec<RecordSpec>) -> OpenReque
         no_wait: true,
         share_group: Some(owner),
         stat: false,
+        share_exempt: false,
         put,
     }
 }

@@ -49,6 +49,7 @@ fn file_and_record(root: &Path, name: &str, data: &str, guid: CreateGuid) -> Han
         share_group: None,
         lock_owner: None,
         stat: false,
+        share_exempt: false,
     }
 }
 

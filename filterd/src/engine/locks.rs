@@ -387,15 +387,16 @@ impl Engine {
         let (file, stat) = self
             .handles
             .get(&key)
-            .map(|h| (h.rec.file, h.rec.stat))
+            .map(|h| (h.rec.file, h.rec.stat || h.rec.share_exempt))
             .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
-        // A stat open got past share modes because it can change nothing;
+        // A stat or sharing-exempt open got past share modes because it
+        // can change nothing;
         // a byte-range lock would keep the holders out of their own data
         // (MS-FSA 2.1.5.7: a lock needs read or write data access).
         if stat {
             return Err(err(
                 ErrorCode::AccessDenied,
-                "a stat (attribute-only) open cannot lock byte ranges",
+                "an open without data access (stat or sharing-exempt) cannot lock byte ranges",
             ));
         }
         // A lock-sequence replay, a conflict or a grant shows the file's

@@ -178,23 +178,36 @@ impl Engine {
         // that can change nothing is taken for one: asking for more than
         // reading, or overwriting, the flag counts for nothing (a frontend
         // cannot use it to slip past a share mode or a lease).
-        let stat = o.stat
-            && libfilter::model::Rights::READ.contains(o.access.rights())
+        let changes_nothing = libfilter::model::Rights::READ.contains(o.access.rights())
             && !matches!(
                 o.disposition,
                 Disposition::Overwrite | Disposition::OverwriteIf | Disposition::Supersede
             );
+        let stat = o.stat && changes_nothing;
+        // An open without data access (MS-FSA 2.1.5.1.2.1) takes no part
+        // in sharing, under the same condition; a stat open is one too.
+        let share_exempt = (o.share_exempt || o.stat) && changes_nothing;
         // After a restart: a frontend seen before it may have a client
         // caching under a lease this daemon forgot; wait until it has
         // been told (`restart_gate`). A file this open created had none.
         // (Then it breaks nothing yet: it runs again from the start.)
         let gate_wait = !stat && !of.created && self.restart_gate_closed(Some(&instance));
+        // One exempt from sharing meets no holder's share mode: its breaks
+        // are those of an open that conflicts with none.
+        let break_mode = if share_exempt {
+            ShareMode {
+                access: libfilter::model::Rights::NONE,
+                share: libfilter::model::Rights::ALL,
+            }
+        } else {
+            mode
+        };
         let breaking = !stat
             && !gate_wait
             && self.break_leases_for(
                 of.file,
                 o.lease.map(|l| l.key),
-                mode,
+                break_mode,
                 group.as_ref(),
                 truncation.is_some(),
             );
@@ -277,7 +290,7 @@ impl Engine {
         // it — it takes no part in sharing and breaks no lease. Made
         // before anything is decided or stored, so a failure leaves
         // nothing behind.
-        let stat_fd = if stat {
+        let stat_fd = if share_exempt {
             Some(self.fs.path_only(of.fd.as_fd()).map_err(|e| {
                 self.stats.opens_refused += 1;
                 err(
@@ -291,7 +304,7 @@ impl Engine {
         // Local processes count as share-all readers, those that opened
         // the file before fanotify asked about it included.
         let (local, learnt) = self.local_opens_of(of.file, of.fd.as_fd());
-        let decision = if stat {
+        let decision = if share_exempt {
             // Refused by nobody, as it refuses nobody (holders_of).
             ShareDecision::Grant { purge: Vec::new() }
         } else if local && share::conflicts(mode, ShareMode::LOCAL_PROCESS) {
@@ -380,6 +393,7 @@ impl Engine {
             share_group: o.share_group,
             lock_owner: None,
             stat,
+            share_exempt: share_exempt && !stat,
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {
@@ -912,8 +926,9 @@ impl Engine {
                 .fs
                 .reopen(kh, h.rec.access, &h.rec.path, h.rec.file)
                 .and_then(|(fd, id, size)| {
-                    // A stat open's descriptor is O_PATH again.
-                    if h.rec.stat {
+                    // A stat or sharing-exempt open's descriptor is
+                    // O_PATH again.
+                    if h.rec.stat || h.rec.share_exempt {
                         Ok((self.fs.path_only(fd.as_fd())?, id, size))
                     } else {
                         Ok((fd, id, size))
@@ -980,7 +995,7 @@ impl Engine {
             .into_iter()
             .flatten()
             .filter_map(|k| self.handles.get(k))
-            .filter(|h| !h.rec.stat)
+            .filter(|h| !h.rec.stat && !h.rec.share_exempt)
             .map(|h| Holder {
                 key: h.rec.key,
                 mode: ShareMode {

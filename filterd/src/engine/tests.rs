@@ -1387,6 +1387,7 @@ fn persistent_record(fs: &MemFs, path: &str) -> HandleRecord {
         share_group: None,
         lock_owner: None,
         stat: false,
+        share_exempt: false,
     }
 }
 
@@ -2408,6 +2409,83 @@ fn a_stat_open_takes_no_part_in_sharing_or_leases() {
     h.commit(true);
     assert_eq!(h.refused(reader), ErrorCode::Busy);
     assert_eq!(breaks(&h), 1);
+}
+
+/// An open exempt from sharing (`OpenRequest::share_exempt`: no data
+/// access, MS-FSA 2.1.5.1.2.1) is refused by no share mode and refuses no
+/// open (smbtorture smb2.sharemode.sharemode-access, access-sharemode), but
+/// unlike a stat open it breaks leases; it is honoured only for an open
+/// that can change nothing.
+#[test]
+fn a_sharing_exempt_open_takes_no_part_in_sharing_but_breaks_leases() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Event;
+    let mut h = Harness::new();
+    let with = |path: &str, access: Rights, share: Rights, exempt: bool| {
+        let Request::Open(mut o) = open(path, share) else {
+            unreachable!("open() makes an open")
+        };
+        o.access = Access::new(access).unwrap();
+        o.durability = Durability::None;
+        o.create_guid = None;
+        o.share_exempt = exempt;
+        o.no_wait = true;
+        Request::Open(o)
+    };
+    // First in: a later open that shares nothing is not refused by it.
+    let x = h.run(with("b", Rights::READ, Rights::ALL, true));
+    h.commit(true);
+    let x = h.opened(x);
+    assert!(h.engine.handles.get(&x).is_some_and(|h| h.rec.share_exempt));
+    let y = h.run(with(
+        "b",
+        Rights::READ.union(Rights::WRITE),
+        Rights::NONE,
+        false,
+    ));
+    h.commit(true);
+    h.opened(y);
+    // Beside a holder that shares nothing: in, where a reader is not.
+    let z = h.run(with("b", Rights::READ, Rights::ALL, true));
+    h.commit(true);
+    h.opened(z);
+    let reader = h.run(with("b", Rights::READ, Rights::ALL, false));
+    h.commit(true);
+    assert_eq!(h.refused(reader), ErrorCode::SharingViolation);
+    // Asking for more than reading, or overwriting: an ordinary open.
+    for (access, d) in [
+        (Rights::WRITE, Disposition::Open),
+        (Rights::READ, Disposition::OverwriteIf),
+    ] {
+        let r = h.run(with_disposition(with("b", access, Rights::ALL, true), d));
+        h.commit(true);
+        assert_eq!(
+            h.refused(r),
+            ErrorCode::SharingViolation,
+            "{access:?} {d:?}"
+        );
+    }
+    // It breaks another key's RWH lease, as a stat open does not.
+    let Request::Open(mut leased) = open("c", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    leased.durability = Durability::None;
+    leased.create_guid = None;
+    leased.lease = Some(LeaseRequest {
+        key: LeaseKey(uuid::Uuid::new_v4()),
+        state: LeaseState::parse("RWH").unwrap(),
+        epoch: 0,
+    });
+    let l = h.run(Request::Open(leased));
+    h.commit(true);
+    h.opened(l);
+    let e = h.run(with("c", Rights::READ, Rights::ALL, true));
+    h.commit(true);
+    assert_eq!(h.refused(e), ErrorCode::Busy);
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LeaseBreak { .. })));
 }
 
 /// A stat open that asks for more than reading, or overwrites, is an

@@ -1792,6 +1792,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         no_wait: true,
         share_group: Some(owner.clone()),
         stat: false,
+        share_exempt: false,
         put: Vec::new(),
     };
     if let Some(v) = &excl_verifier {
@@ -2505,6 +2506,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     no_wait: true,
                     share_group: Some(o.rec.owner.clone()),
                     stat: false,
+                    share_exempt: false,
                     put: Vec::new(),
                 })
                 .map_err(filter_fail)?;

@@ -137,6 +137,7 @@ fn files_and_records(
             share_group: None,
             lock_owner: None,
             stat: false,
+            share_exempt: false,
         })));
     }
     Ok((handles, batch))

@@ -492,9 +492,9 @@ fn open_file(
         path: f.path.clone(),
         access: Access::new(rights_of(f.access)).map_err(|_| status::INVALID_PARAMETER)?,
         share: if is_stat_open(f.access) {
-            // A stat open (attributes only) takes no part in sharing
-            // (MS-FSA 2.1.5.1.2): it refuses nobody. filterd models it as
-            // a reader that shares everything.
+            // An open without data access nor delete takes no part in
+            // sharing (MS-FSA 2.1.5.1.2.1): it refuses nobody, and nobody
+            // refuses it (`share_exempt`, or `stat` for attributes only).
             Rights::ALL
         } else {
             Rights::from_bits_truncate(u8::try_from(f.share & 7).unwrap_or(0))
@@ -510,6 +510,10 @@ fn open_file(
         no_wait: true,
         share_group: None,
         stat: is_oplock_stat_open(f.access),
+        // For extended attributes, WRITE_DAC, WRITE_OWNER: exempt from
+        // sharing, but it breaks leases as any open (smbtorture
+        // smb2.sharemode.sharemode-access and access-sharemode).
+        share_exempt: is_stat_open(f.access) && !is_oplock_stat_open(f.access),
         put: Vec::new(),
     };
     let replay = f.replay && create_guid.is_some();
