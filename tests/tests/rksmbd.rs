@@ -1279,6 +1279,36 @@ const CREDITS_PASSING: &[&str] = &[
     "skipped_mid",
 ];
 
+/// The smb2.create tests that pass (10 of 16, as many as Samba's own
+/// smbd passes here; before this list 5 did): impersonation levels above
+/// Delegate and names with a leading separator are refused, maximal-access
+/// and on-disk-id contexts are answered, a previous-version (TWrp)
+/// context finds nothing, an OPEN_IF mkdir that loses a race opens the
+/// directory, and a file cannot be given the directory attribute. Left
+/// failing: ACLs, quotas, gentest and `open`'s access-mask checks.
+const CREATE_PASSING: &[&str] = &[
+    "blob",
+    "bench-path-contention-shared",
+    "brlocked",
+    "delete",
+    "dir-alloc-size",
+    "dosattr_tmp_dir",
+    "impersonation",
+    "leading-slash",
+    "mkdir-dup",
+    "multi",
+];
+
+/// The smb2.read tests that pass: a READ at or past the end of the file,
+/// or shorter than its MinimumCount, is END_OF_FILE (`eof`; before, a
+/// zero-length success). Left failing: `position` (FilePositionInformation).
+const READ_PASSING: &[&str] = &["access", "dir", "eof"];
+
+/// All of smb2.sharemode: an attributes-only open (a "stat open") takes no
+/// part in sharing, so it neither conflicts with nor is refused by a
+/// share mode (before, only bug14375 passed).
+const SHAREMODE_PASSING: &[&str] = &["access-sharemode", "bug14375", "sharemode-access"];
+
 /// Runs an smbtorture suite against a fresh filterd + rksmbd and fails if
 /// any of `passing` does not pass.
 fn smbtorture_keeps(suite: &str, passing: &[&str]) {
@@ -1357,6 +1387,21 @@ fn smbtorture_session_binding_passes_what_it_passed() {
 #[test]
 fn smbtorture_credits_passes() {
     smbtorture_keeps("smb2.credits", CREDITS_PASSING);
+}
+
+#[test]
+fn smbtorture_create_passes_what_it_passed() {
+    smbtorture_keeps_each("smb2.create", CREATE_PASSING);
+}
+
+#[test]
+fn smbtorture_read_passes_what_it_passed() {
+    smbtorture_keeps_each("smb2.read", READ_PASSING);
+}
+
+#[test]
+fn smbtorture_sharemode_passes() {
+    smbtorture_keeps("smb2.sharemode", SHAREMODE_PASSING);
 }
 
 #[test]

@@ -63,6 +63,12 @@ pub struct CreateContexts {
     pub app_instance: Option<[u8; 16]>,
     /// SMB2_CREATE_ALLOCATION_SIZE (AlSi, 2.2.13.2.6).
     pub allocation_size: Option<u64>,
+    /// SMB2_CREATE_QUERY_MAXIMAL_ACCESS_REQUEST (MxAc, 2.2.13.2.5).
+    pub maximal_access: bool,
+    /// SMB2_CREATE_QUERY_ON_DISK_ID (QFid, 2.2.13.2.9).
+    pub on_disk_id: bool,
+    /// SMB2_CREATE_TIMEWARP_TOKEN (TWrp, 2.2.13.2.7): a previous version.
+    pub timewarp: bool,
 }
 
 /// The name of SMB2_CREATE_APP_INSTANCE_ID, a GUID as bytes.
@@ -103,7 +109,10 @@ pub fn parse(msg: &[u8], offset: u32, len: u32) -> Result<CreateContexts, u32> {
             0 => 0,
             n => usize::from(data_off) + n,
         };
+        // A name shorter than a tag is no context at all (Windows and
+        // Samba refuse it; smbtorture smb2.create.blob).
         if name_off < 16
+            || name_len < 4
             || (!data.is_empty() && data_off < 16)
             || (next != 0 && next < name_end.max(data_end).max(16))
         {
@@ -148,6 +157,9 @@ pub fn parse(msg: &[u8], offset: u32, len: u32) -> Result<CreateContexts, u32> {
                 out.lease = Some(LeaseV { key, state, v2 });
             }
             b"AlSi" => out.allocation_size = Some(d.u64("allocation size")?),
+            b"MxAc" => out.maximal_access = true,
+            b"QFid" => out.on_disk_id = true,
+            b"TWrp" => out.timewarp = true,
             n if n == APP_INSTANCE_ID => {
                 if d.u16("structure size")? != 20 {
                     return Err(status::INVALID_PARAMETER);
@@ -240,6 +252,43 @@ impl ResponseContexts {
     /// The encoded chain.
     pub fn into_bytes(self) -> Vec<u8> {
         self.w.0
+    }
+
+    /// The chain `bytes` (one this type built) to append to.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        let mut last = None;
+        let mut at = 0usize;
+        while at < bytes.len() {
+            last = Some(at);
+            let next = bytes
+                .get(at..at + 4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map_or(0, u32::from_le_bytes);
+            if next == 0 {
+                break;
+            }
+            at += usize::try_from(next).unwrap_or(usize::MAX / 2);
+        }
+        ResponseContexts {
+            w: Writer(bytes),
+            last,
+        }
+    }
+
+    /// The MxAc response (2.2.14.2.5): the query succeeded, and what the
+    /// user may be granted.
+    pub fn maximal_access(&mut self, mask: u32) {
+        let mut d = Writer::new();
+        d.u32(0).u32(mask);
+        self.push(b"MxAc", &d.0);
+    }
+
+    /// The QFid response (2.2.14.2.9): the file's on-disk id and its
+    /// volume's.
+    pub fn on_disk_id(&mut self, file: u64, volume: u64) {
+        let mut d = Writer::new();
+        d.u64(file).u64(volume).bytes(&[0; 16]);
+        self.push(b"QFid", &d.0);
     }
 }
 

@@ -86,7 +86,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     }
     r.u8("security flags")?;
     let oplock = r.u8("oplock level")?;
-    r.u32("impersonation")?;
+    let impersonation = r.u32("impersonation")?;
     r.u64("create flags")?;
     r.u64("reserved")?;
     let access = r.u32("desired access")?;
@@ -102,11 +102,20 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
         wire::buffer(req.msg, u32::from(name_off), u32::from(name_len), "name")?,
         "name",
     )?;
+    // Names are relative to the share: one that starts with a separator
+    // is refused (3.3.5.9; smbtorture smb2.create.leading-slash).
+    if name.starts_with('\\') {
+        return Err(status::INVALID_PARAMETER);
+    }
     let mut ctxs = if ctx_len == 0 {
         CreateContexts::default()
     } else {
         contexts::parse(req.msg, ctx_off, ctx_len)?
     };
+    // No previous versions are kept (3.3.5.9.4 with none to offer).
+    if ctxs.timewarp {
+        return Err(status::OBJECT_NAME_NOT_FOUND);
+    }
     // A reconnect ignores every other field of the request but the name
     // (3.3.5.9.7, 3.3.5.9.12), including the oplock level.
     if let Some(pid) = ctxs.reconnect_v1 {
@@ -114,6 +123,11 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     }
     if let Some(rc) = ctxs.reconnect_v2 {
         return reconnect(c, req, rc.into(), ctxs.lease, &name);
+    }
+    // Anonymous, Identification, Impersonation, Delegate (2.2.13); a
+    // reconnect above is not refused for it (smbtorture durable-open.reopen2).
+    if impersonation > 3 {
+        return Err(status::BAD_IMPERSONATION_LEVEL);
     }
     // Leases are considered only with the lease oplock level (2.2.13).
     let lease = ctxs.lease.filter(|_| oplock == OPLOCK_LEVEL_LEASE);
@@ -201,8 +215,15 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 _ => return Err(status::INVALID_PARAMETER),
             }
             let (parent, leaf) = parent_and_leaf(&sh, p)?;
-            nix::sys::stat::mkdirat(&parent, leaf, Mode::from_bits_truncate(0o755))
-                .map_err(errno_status)?;
+            // Another client's CREATE of the same directory may make it
+            // between the lookup and here: OPEN_IF then opens it
+            // (smbtorture smb2.create.mkdir-dup).
+            let made = match nix::sys::stat::mkdirat(&parent, leaf, Mode::from_bits_truncate(0o755))
+            {
+                Ok(()) => true,
+                Err(nix::errno::Errno::EEXIST) if matches!(disp, Disposition::OpenIf) => false,
+                Err(e) => return Err(errno_status(e)),
+            };
             let fd = open_dir(&sh, &path)?;
             let meta = Meta::of(&fd)?;
             (
@@ -215,7 +236,11 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                     fd,
                     channel_sequence_of(req),
                 ),
-                CreateAction::Created,
+                if made {
+                    CreateAction::Created
+                } else {
+                    CreateAction::Opened
+                },
                 meta,
             )
         }
@@ -244,6 +269,70 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let id = c.new_file_id();
     c.add_open(id, open);
     Ok(create_reply(action, &meta, id, id, 0, Vec::new()))
+}
+
+/// A granted CREATE's response with the answers to its MxAc and QFid
+/// contexts appended (2.2.14.2.5, 2.2.14.2.9), read again from the
+/// request; any other response as it is.
+pub fn answer_queries(c: &Connection, req: &Request<'_>, reply: Reply) -> Reply {
+    let asked = Reader::new(req.body.get(48..).unwrap_or_default());
+    let ctxs = match read_contexts_field(asked) {
+        Some((off, len)) if len > 0 && reply.status == status::SUCCESS => {
+            contexts::parse(req.msg, off, len).unwrap_or_default()
+        }
+        _ => return reply,
+    };
+    with_queries(c, &ctxs, reply)
+}
+
+fn read_contexts_field(mut r: Reader<'_>) -> Option<(u32, u32)> {
+    Some((
+        r.u32("contexts offset").ok()?,
+        r.u32("contexts length").ok()?,
+    ))
+}
+
+/// `reply` (a granted CREATE's) with the MxAc and QFid answers `ctxs`
+/// asked for. The maximal access is every right of a file or directory:
+/// rksmbd grants any access a logged-on user asks for on its shares.
+fn with_queries(c: &Connection, ctxs: &CreateContexts, mut reply: Reply) -> Reply {
+    if reply.status != status::SUCCESS || !(ctxs.maximal_access || ctxs.on_disk_id) {
+        return reply;
+    }
+    let Some(meta) = reply
+        .file
+        .and_then(|id| c.opens.get(&id))
+        .and_then(|o| o.meta().ok())
+    else {
+        return reply;
+    };
+    // The fixed part is 88 bytes; its contexts' offset and length are
+    // at 80 and 84 (2.2.14).
+    let chain_len = reply
+        .body
+        .get(84..88)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_le_bytes);
+    let chain = reply
+        .body
+        .get(88..88 + usize::try_from(chain_len).unwrap_or(0))
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    let mut rc = ResponseContexts::from_bytes(chain);
+    if ctxs.maximal_access {
+        rc.maximal_access(crate::files::FILE_ALL_ACCESS);
+    }
+    if ctxs.on_disk_id {
+        rc.on_disk_id(meta.ino, meta.dev);
+    }
+    let chain = rc.into_bytes();
+    reply.body.truncate(80);
+    let mut w = Writer(std::mem::take(&mut reply.body));
+    w.u32(wire::len32(HEADER_LEN + 88))
+        .u32(wire::len32(chain.len()))
+        .bytes(&chain);
+    reply.body = w.0;
+    reply
 }
 
 /// A CREATE of a regular file, decoded.
@@ -719,7 +808,8 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
             Err(e) => c.finish_async(&p.head, status_of(&e), &[]),
             Ok(h) => {
                 let head = p.head;
-                match finish_open(c, p.prepared, h) {
+                let ctxs = p.prepared.ctxs.clone();
+                match finish_open(c, p.prepared, h).map(|r| with_queries(c, &ctxs, r)) {
                     Ok(reply) => c.finish_async(&head, reply.status, &reply.body),
                     Err(st) => c.finish_async(&head, st, &[]),
                 }

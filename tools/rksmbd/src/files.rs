@@ -54,7 +54,7 @@ pub(crate) const GENERIC_EXECUTE: u32 = 0x2000_0000;
 pub(crate) const GENERIC_WRITE: u32 = 0x4000_0000;
 pub(crate) const GENERIC_READ: u32 = 0x8000_0000;
 /// What MAXIMUM_ALLOWED and GENERIC_ALL grant.
-const FILE_ALL_ACCESS: u32 = 0x001F_01FF;
+pub(crate) const FILE_ALL_ACCESS: u32 = 0x001F_01FF;
 
 // Create options.
 pub(crate) const FILE_DIRECTORY_FILE: u32 = 0x1;
@@ -291,7 +291,7 @@ pub fn oplock_of(c: &Connection, req: &Request<'_>, id: u64) -> Result<LeaseKey,
 }
 
 impl Open {
-    fn meta(&self) -> Result<Meta, u32> {
+    pub(crate) fn meta(&self) -> Result<Meta, u32> {
         match &self.kind {
             Kind::File { file, .. } => Meta::of(file),
             Kind::Dir { fd, .. } => Meta::of(fd),
@@ -419,7 +419,9 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
 /// Runs a file command.
 pub fn command(c: &mut Connection, cmd: Command, req: &Request<'_>, file: Option<u64>) -> Outcome {
     match cmd {
-        Command::Create => crate::create::create(c, req),
+        Command::Create => {
+            crate::create::create(c, req).map(|r| crate::create::answer_queries(c, req, r))
+        }
         Command::Close => close(c, req, file),
         Command::Read => read(c, req, file),
         Command::Write => write(c, req, file),
@@ -789,6 +791,8 @@ fn read(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome 
     r.u8("flags")?;
     let len = r.u32("length")?;
     let offset = r.u64("offset")?;
+    r.skip(16, "file id")?;
+    let min_count = r.u32("minimum count")?;
     let id = open_id(c, req, 16, related)?;
     let o = get(c, id)?;
     let Kind::File { key, file, fid } = &o.kind else {
@@ -802,7 +806,9 @@ fn read(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome 
     let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
     let n = read_full(file, &mut buf, offset).map_err(io_status)?;
     drop(pass);
-    if n == 0 && len > 0 {
+    // Nothing where something was asked for, or less than the client's
+    // MinimumCount: STATUS_END_OF_FILE (3.3.5.12; smbtorture smb2.read.eof).
+    if (n == 0 && len > 0) || u32::try_from(n).is_ok_and(|n| n < min_count) {
         return Err(status::END_OF_FILE);
     }
     buf.truncate(n);
@@ -1030,6 +1036,14 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             let mtime = b.u64("write time")?;
             b.u64("change time")?;
             let attrs = b.u32("file attributes")?;
+            // A file is not made a directory, nor a directory temporary
+            // (MS-FSA 2.1.5.14.2; smbtorture smb2.create.dosattr_tmp_dir).
+            const DIRECTORY: u32 = 0x10;
+            const TEMPORARY: u32 = 0x100;
+            let is_dir = matches!(o.kind, Kind::Dir { .. });
+            if attrs & if is_dir { TEMPORARY } else { DIRECTORY } != 0 {
+                return Err(status::INVALID_PARAMETER);
+            }
             set_times(o.fd(), atime, mtime)?;
             if let (Kind::File { file, .. }, true) = (&o.kind, attrs != 0) {
                 info::set_dos_attributes(file, attrs)?;

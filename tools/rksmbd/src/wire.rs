@@ -439,6 +439,7 @@ pub mod status {
     pub const OBJECT_NAME_INVALID: u32 = 0xC000_0033;
     pub const OBJECT_NAME_NOT_FOUND: u32 = 0xC000_0034;
     pub const OBJECT_NAME_COLLISION: u32 = 0xC000_0035;
+    pub const BAD_IMPERSONATION_LEVEL: u32 = 0xC000_00A5;
     pub const OBJECT_PATH_NOT_FOUND: u32 = 0xC000_003A;
     pub const SHARING_VIOLATION: u32 = 0xC000_0043;
     pub const FILE_LOCK_CONFLICT: u32 = 0xC000_0054;
