@@ -47,6 +47,7 @@ pub(crate) const FILE_WRITE_DATA: u32 = 0x2;
 pub(crate) const FILE_APPEND_DATA: u32 = 0x4;
 pub(crate) const FILE_EXECUTE: u32 = 0x20;
 const FILE_WRITE_ATTRIBUTES: u32 = 0x100;
+const READ_CONTROL: u32 = 0x2_0000;
 pub(crate) const DELETE: u32 = 0x1_0000;
 pub(crate) const MAXIMUM_ALLOWED: u32 = 0x0200_0000;
 pub(crate) const GENERIC_ALL: u32 = 0x1000_0000;
@@ -975,10 +976,19 @@ fn query_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Ou
     let info_type = r.u8("info type")?;
     let class = r.u8("info class")?;
     let max = usize::try_from(r.u32("output buffer length")?).unwrap_or(usize::MAX);
+    r.u16("input buffer offset")?;
+    r.u16("reserved")?;
+    r.u32("input buffer length")?;
+    let additional = r.u32("additional information")?;
     let id = open_id(c, req, 24, related)?;
+    let smb311 = c.dialect() == Some(crate::crypto::Dialect::Smb311);
     let o = get(c, id)?;
     let data = match info_type {
         1 => {
+            let needs = info::file_class_access(class);
+            if needs != 0 {
+                may(o, needs)?;
+            }
             let name = o.smb_name();
             info::file_class(
                 class,
@@ -988,22 +998,38 @@ fn query_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Ou
                     access: o.granted,
                     position: o.position,
                     name: &name,
+                    normalized: smb311,
                 },
             )?
         }
         2 => info::fs_class(class, o.fd())?,
-        // Security descriptors and quotas are not offered.
+        // The security descriptor (3.3.5.20.3); reading its owner, group
+        // or DACL needs READ_CONTROL (MS-FSA 2.1.5.13).
+        3 => {
+            if additional & info::SECURITY_PARTS != 0 {
+                may(o, READ_CONTROL)?;
+            }
+            let sd = info::security_descriptor(&o.meta()?, additional);
+            if sd.len() > max {
+                // The size it needs, as the error data.
+                let mut w = Writer::new();
+                w.u16(9).u8(0).u8(0).u32(4).u32(wire::len32(sd.len()));
+                return Ok(Reply::with_status(status::BUFFER_TOO_SMALL, w.0));
+            }
+            sd
+        }
+        // Quotas are not offered.
         _ => return Err(status::NOT_SUPPORTED),
     };
-    if data.len() > max {
-        if info::is_variable(info_type, class) {
-            let cut = data.get(..max).unwrap_or(&[]);
-            return Ok(Reply::with_status(
-                status::BUFFER_OVERFLOW,
-                output_body(cut),
-            ));
-        }
+    if max < info::fixed_len(info_type, class, data.len()) {
         return Err(status::INFO_LENGTH_MISMATCH);
+    }
+    if data.len() > max {
+        let cut = data.get(..max).unwrap_or(&[]);
+        return Ok(Reply::with_status(
+            status::BUFFER_OVERFLOW,
+            output_body(cut),
+        ));
     }
     Ok(Reply::ok(output_body(&data)))
 }
