@@ -191,6 +191,9 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
             }
             let fd = open_dir(&sh, &path)?;
             let meta = Meta::of(&fd)?;
+            let place = sh
+                .dir_shares
+                .take((meta.dev, meta.ino), granted_mask(access), share)?;
             (
                 dir_open(
                     session,
@@ -198,7 +201,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                     path,
                     access,
                     options,
-                    fd,
+                    (fd, place),
                     channel_sequence_of(req),
                 ),
                 CreateAction::Opened,
@@ -226,6 +229,9 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
             };
             let fd = open_dir(&sh, &path)?;
             let meta = Meta::of(&fd)?;
+            let place = sh
+                .dir_shares
+                .take((meta.dev, meta.ino), granted_mask(access), share)?;
             (
                 dir_open(
                     session,
@@ -233,7 +239,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                     path,
                     access,
                     options,
-                    fd,
+                    (fd, place),
                     channel_sequence_of(req),
                 ),
                 if made {
@@ -1463,7 +1469,7 @@ fn dir_open(
     path: Option<RelPath>,
     access: u32,
     options: u32,
-    fd: OwnedFd,
+    (fd, share): (OwnedFd, crate::dirshare::DirShare),
     channel_sequence: u16,
 ) -> Open {
     Open {
@@ -1472,7 +1478,11 @@ fn dir_open(
         path,
         granted: granted_mask(access),
         delete_on_close: options & FILE_DELETE_ON_CLOSE != 0,
-        kind: Kind::Dir { fd, listing: None },
+        kind: Kind::Dir {
+            _share: share,
+            fd,
+            listing: None,
+        },
         durable: false,
         oplock: None,
         lease: None,

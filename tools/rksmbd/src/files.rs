@@ -212,6 +212,10 @@ pub(crate) enum Kind {
     },
     /// A directory, opened beneath the root by rksmbd.
     Dir {
+        /// Its share modes among this process's directory opens, held
+        /// for as long as the open: dropped before `fd` is closed (fields
+        /// drop in order).
+        _share: crate::dirshare::DirShare,
         fd: OwnedFd,
         listing: Option<Listing>,
     },
@@ -1214,17 +1218,30 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
         // rename that was done (3.3.5.2.10: SET_INFO is run again).
         return Ok(());
     }
+    // The directories it takes the name from and gives it to must admit
+    // the change (see `dirshare`).
+    let (to_dir, to_leaf) = parent_and_leaf(&sh, &to)?;
+    let from = match &o.path {
+        Some(from) => {
+            let (dir, leaf) = parent_and_leaf(&sh, from)?;
+            Some((dir, leaf.to_owned()))
+        }
+        None => None,
+    };
+    for dir in std::iter::once(&to_dir).chain(from.as_ref().map(|(d, _)| d)) {
+        let st = nix::sys::stat::fstat(dir.as_fd()).map_err(errno_status)?;
+        sh.dir_shares.may_rename_in((st.st_dev, st.st_ino))?;
+    }
     match &o.kind {
         Kind::File { key, .. } => {
             let key = *key;
             rename_serving(c, key, to.clone(), replace)?;
         }
         Kind::Dir { .. } => {
-            let Some(from) = &o.path else {
+            let Some((from_dir, from_leaf)) = &from else {
                 return Err(status::ACCESS_DENIED);
             };
-            let (from_dir, from_leaf) = parent_and_leaf(&sh, from)?;
-            let (to_dir, to_leaf) = parent_and_leaf(&sh, &to)?;
+            let from_leaf = from_leaf.as_str();
             let flags = if replace {
                 nix::fcntl::RenameFlags::empty()
             } else {
@@ -1527,7 +1544,7 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
     )?;
     let fixed = info::dir_class_fixed(class).ok_or(status::INVALID_INFO_CLASS)?;
     let o = c.opens.get_mut(&id).ok_or(status::FILE_CLOSED)?;
-    let Kind::Dir { fd, listing } = &mut o.kind else {
+    let Kind::Dir { fd, listing, .. } = &mut o.kind else {
         return Err(status::INVALID_PARAMETER);
     };
     let restart = flags & (0x01 | 0x10) != 0;

@@ -35,6 +35,7 @@ pub mod contexts;
 pub mod create;
 pub mod credits;
 pub mod crypto;
+pub mod dirshare;
 pub mod files;
 pub mod info;
 pub mod lock;

@@ -135,6 +135,8 @@ pub struct Shared {
     /// Files and directories an open marked delete-on-close, which
     /// QUERY_DIRECTORY does not list.
     pub delete_pending: crate::files::DeletePending,
+    /// Directory opens' share modes, across connections.
+    pub dir_shares: Arc<crate::dirshare::DirShares>,
     /// The descriptors opens hold, capped below the descriptor limit
     /// ([`opens_allowed`]): a CREATE past it is
     /// STATUS_INSUFFICIENT_RESOURCES.
@@ -306,6 +308,7 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
         breaking: crate::breaking::BreaksInProgress::default(),
         registry: crate::sessions::Registry::default(),
         delete_pending: crate::files::DeletePending::default(),
+        dir_shares: Arc::default(),
         fds: shimline::descriptors::Descriptors::new(opens_allowed()),
         unsettled: crate::settle::Unsettled::default(),
         not_logged_on: NotLoggedOn::default(),
