@@ -1247,7 +1247,7 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
             } else {
                 nix::fcntl::RenameFlags::RENAME_NOREPLACE
             };
-            nix::fcntl::renameat2(&from_dir, from_leaf, &to_dir, to_leaf, flags)
+            nix::fcntl::renameat2(from_dir, from_leaf, &to_dir, to_leaf, flags)
                 .map_err(errno_status)?;
         }
     }
