@@ -364,6 +364,11 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
             if let Err(e) = sh.filter.detach(*key) {
                 tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
             }
+            // Its position comes back with its reconnect, also where
+            // READs moved it.
+            if let Some(g) = open.create_guid {
+                sh.registry.keep_position(g, open.position);
+            }
         } else if let Err(e) = sh.filter.close(*key) {
             tracing::warn!(resume_key = %key, error = %e, ?ending, "close in filterd failed");
             // Refused or undone: the handle is back, the open stays.
@@ -815,6 +820,12 @@ fn read(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome 
     // MinimumCount: STATUS_END_OF_FILE (3.3.5.12; smbtorture smb2.read.eof).
     if (n == 0 && len > 0) || u32::try_from(n).is_ok_and(|n| n < min_count) {
         return Err(status::END_OF_FILE);
+    }
+    // The current byte offset follows the read (FilePositionInformation,
+    // as Samba keeps it; smbtorture smb2.read.position).
+    let end = offset.saturating_add(u64::try_from(n).unwrap_or(0));
+    if let Some(o) = c.opens.get_mut(&id) {
+        o.position = end;
     }
     buf.truncate(n);
     let mut w = Writer::new();
