@@ -115,7 +115,12 @@ mine = [watch(d) for d in dirs[:PER_CONNECTION]]
 w = watch(dirs[PER_CONNECTION])
 check(refused_with(w, STATUS_INSUFFICIENT_RESOURCES), f"a {PER_CONNECTION + 1}th directory: STATUS_INSUFFICIENT_RESOURCES")
 mine[0].cancel()
+# A directory stays watched until its open is closed: what changes in it
+# meanwhile is kept for the open's next request (MS-FSA 2.1.5.10).
 w = watch(dirs[PER_CONNECTION])
-check(not w.response_event.wait(timeout=0.5), "once one request ended, the next directory is watched")
+check(refused_with(w, STATUS_INSUFFICIENT_RESOURCES), "a cancelled request's directory stays watched")
+dirs[0].close()
+w = watch(dirs[PER_CONNECTION])
+check(not w.response_event.wait(timeout=0.5), "once one directory's open is closed, the next directory is watched")
 w.cancel()
 print("PASS", flush=True)

@@ -721,7 +721,8 @@ fn a_stat_open_is_served_without_a_readable_descriptor() {
 /// are all answered (old code made an inotify instance per connection,
 /// and past the uid's limit every CHANGE_NOTIFY failed); an open without
 /// FILE_LIST_DIRECTORY is refused; one connection watches at most 64
-/// directories.
+/// directories, each until its open is closed (a cancelled request's
+/// directory stays watched, its changes kept for the next request).
 #[test]
 fn change_notify_shares_one_inotify_and_is_bounded_per_connection() {
     let s = Scratch::new("rksmbd-notify-limits");
@@ -1299,10 +1300,11 @@ const CREATE_PASSING: &[&str] = &[
     "multi",
 ];
 
-/// The smb2.read tests that pass: a READ at or past the end of the file,
-/// or shorter than its MinimumCount, is END_OF_FILE (`eof`; before, a
-/// zero-length success). Left failing: `position` (FilePositionInformation).
-const READ_PASSING: &[&str] = &["access", "dir", "eof"];
+/// The smb2.read tests that pass (all 4 that do not skip; Samba 4.17
+/// passes 4): a READ at or past the end of the file, or shorter than its
+/// MinimumCount, is END_OF_FILE (`eof`; before, a zero-length success),
+/// and a READ moves the open's FilePositionInformation (`position`).
+const READ_PASSING: &[&str] = &["access", "dir", "eof", "position"];
 
 /// All of smb2.sharemode: an attributes-only open (a "stat open") takes no
 /// part in sharing, so it neither conflicts with nor is refused by a
@@ -1340,6 +1342,35 @@ const RENAME_PASSING: &[&str] = &[
     "share_delete_no_delete_access",
     "simple",
     "simple_nodelete",
+];
+
+/// The smb2.notify tests that pass (19 of 23 with `mask`, which passes
+/// but spends 70 s in smbtorture's sleeps and is left out here; Samba 4.17
+/// passes 17). Before, the suite hung in `dir` after `tcon`: changes
+/// between two requests of an open were not kept, several changes were
+/// not answered together, a removed directory's waiting request never
+/// ended, nor one whose session was replaced on its own connection. Left
+/// failing: `tree`, `rec`, `mask-change` (SMB2_WATCH_TREE) and
+/// `invalid-reauth`.
+const NOTIFY_PASSING: &[&str] = &[
+    "valid-req",
+    "tcon",
+    "dir",
+    "tdis",
+    "tdis1",
+    "close",
+    "logoff",
+    "session-reconnect",
+    "basedir",
+    "double",
+    "file",
+    "tcp",
+    "overflow",
+    "rmdir1",
+    "rmdir2",
+    "rmdir3",
+    "rmdir4",
+    "handle-permissions",
 ];
 
 /// Runs an smbtorture suite against a fresh filterd + rksmbd and fails if
@@ -1440,6 +1471,11 @@ fn smbtorture_getinfo_passes_what_it_passed() {
 #[test]
 fn smbtorture_rename_passes_what_it_passed() {
     smbtorture_keeps_each("smb2.rename", RENAME_PASSING);
+}
+
+#[test]
+fn smbtorture_notify_passes_what_it_passed() {
+    smbtorture_keeps_each("smb2.notify", NOTIFY_PASSING);
 }
 
 #[test]

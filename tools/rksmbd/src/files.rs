@@ -414,11 +414,14 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
                 sh.delete_pending.set(file.as_fd(), true);
             }
         }
-        Kind::Dir { .. } => {
+        Kind::Dir { fd, .. } => {
             if let (true, Some(path)) = (open.delete_on_close, &open.path) {
                 if let Ok((parent, leaf)) = parent_and_leaf(sh, path) {
-                    let _ =
+                    let gone =
                         nix::unistd::unlinkat(&parent, leaf, nix::unistd::UnlinkatFlags::RemoveDir);
+                    if let (Ok(()), Ok(st)) = (gone, nix::sys::stat::fstat(fd)) {
+                        crate::notify::directory_removed((st.st_dev, st.st_ino));
+                    }
                 }
             }
         }

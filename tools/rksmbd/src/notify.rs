@@ -19,9 +19,17 @@
 //! open: one client with many connections can still take the server's
 //! whole directory budget (a per-client cap needs the client's identity
 //! across connections). Not done: SMB2_WATCH_TREE (only the directory
-//! itself is watched, not its subdirectories), and changes between two
-//! CHANGE_NOTIFY requests of an open are not kept (Windows buffers them
-//! per open once the first request came).
+//! itself is watched, not its subdirectories).
+//!
+//! As Windows does (MS-FSA 2.1.5.10), an open's first CHANGE_NOTIFY starts
+//! a watch that lasts as long as the open ([`Standing`]): changes that
+//! come while none of its requests waits are kept, and the next request
+//! is answered with them at once. What is kept is bounded by the first
+//! request's output buffer length, as Windows sizes the open's buffer;
+//! past it the open's next answer is STATUS_NOTIFY_ENUM_DIR (the client
+//! lists the directory). Before, changes between two requests were lost,
+//! so a client re-arming its request after each answer missed what
+//! happened in between.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -47,6 +55,12 @@ pub const MAX_SERVER_DIRS: usize = 4096;
 /// overflow (the kernel's own queue is bounded the same way).
 const INBOX_LIMIT: usize = 1024;
 
+/// Most bytes of changes one open keeps between its requests (its first
+/// request's output buffer length if smaller): with [`MAX_DIRS`], at
+/// most 1 MiB a connection. Past it the open's next answer is
+/// STATUS_NOTIFY_ENUM_DIR.
+const MAX_KEPT: usize = 16 * 1024;
+
 /// Completion filter bits (2.2.35).
 const FILE_NOTIFY_CHANGE_FILE_NAME: u32 = 0x1;
 const FILE_NOTIFY_CHANGE_DIR_NAME: u32 = 0x2;
@@ -69,9 +83,64 @@ const FILE_ACTION_RENAMED_NEW_NAME: u32 = 5;
 struct Waiting {
     head: AsyncHead,
     open: u64,
-    wd: WatchDescriptor,
-    filter: u32,
     max_output: usize,
+}
+
+/// A directory open's watch, from its first CHANGE_NOTIFY until it is
+/// closed, and the changes kept while none of its requests waits.
+struct Standing {
+    wd: WatchDescriptor,
+    /// The last request's completion filter.
+    filter: u32,
+    /// What may be kept: the first request's output buffer length, at most
+    /// [`MAX_KEPT`].
+    capacity: usize,
+    kept: Vec<(u32, String)>,
+    /// The kept changes' size as FILE_NOTIFY_INFORMATION entries.
+    size: usize,
+    /// More changed than could be kept (or inotify lost events).
+    overflow: bool,
+    /// The directory itself was removed: every request on the open ends
+    /// with STATUS_DELETE_PENDING, as on Windows.
+    removed: bool,
+}
+
+impl Standing {
+    fn keep(&mut self, change: (u32, String)) {
+        if self.overflow || self.kept.last() == Some(&change) {
+            return;
+        }
+        // An entry: 12 bytes, the UTF-16 name, aligned to 4.
+        let len = (12 + 2 * change.1.encode_utf16().count() + 3) & !3;
+        if self.size + len > self.capacity {
+            self.overflow = true;
+            self.kept.clear();
+            self.size = 0;
+            return;
+        }
+        self.size += len;
+        self.kept.push(change);
+    }
+
+    /// Whether an answer is ready for a request.
+    fn has_news(&self) -> bool {
+        self.removed || self.overflow || !self.kept.is_empty()
+    }
+
+    /// The kept changes as the answer to a request with `max_output`
+    /// (`None`: NOTIFY_ENUM_DIR), leaving nothing kept.
+    fn answer(&mut self, max_output: usize) -> Result<Vec<u8>, u32> {
+        if self.removed {
+            return Err(status::DELETE_PENDING);
+        }
+        let overflow = std::mem::take(&mut self.overflow);
+        let kept = std::mem::take(&mut self.kept);
+        self.size = 0;
+        if overflow {
+            return Err(status::NOTIFY_ENUM_DIR);
+        }
+        response(&kept, max_output).ok_or(status::NOTIFY_ENUM_DIR)
+    }
 }
 
 /// An inotify event, as the hub hands it to a connection.
@@ -97,6 +166,9 @@ type Watchers = HashMap<u64, (Arc<Inbox>, usize)>;
 struct Hub {
     inotify: Inotify,
     watchers: Mutex<HashMap<WatchDescriptor, Watchers>>,
+    /// Each watch's directory (device, inode): one inotify instance gives
+    /// one watch per inode.
+    by_inode: Mutex<HashMap<(u64, u64), WatchDescriptor>>,
 }
 
 static HUB: OnceLock<Option<Arc<Hub>>> = OnceLock::new();
@@ -109,6 +181,7 @@ fn hub() -> Option<Arc<Hub>> {
         let hub = Arc::new(Hub {
             inotify,
             watchers: Mutex::new(HashMap::new()),
+            by_inode: Mutex::new(HashMap::new()),
         });
         let h = hub.clone();
         std::thread::Builder::new()
@@ -185,12 +258,13 @@ impl Hub {
         }
     }
 
-    /// Watches directory descriptor `fd` for connection `conn`.
+    /// Watches directory descriptor `fd` (device and inode `dir`) for
+    /// connection `conn`.
     fn watch(
         &self,
         conn: u64,
         inbox: &Arc<Inbox>,
-        fd: i32,
+        (fd, dir): (i32, Option<(u64, u64)>),
         dirs: usize,
     ) -> Result<WatchDescriptor, u32> {
         let mut w = self
@@ -217,7 +291,42 @@ impl Hub {
             .entry(conn)
             .or_insert_with(|| (inbox.clone(), 0))
             .1 += 1;
+        if let Some(dir) = dir {
+            self.inodes().insert(dir, wd);
+        }
         Ok(wd)
+    }
+
+    fn inodes(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), WatchDescriptor>> {
+        self.by_inode
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The directory (device, inode) was removed through this server:
+    /// its watchers hear of it as of IN_DELETE_SELF, which the kernel
+    /// sends only once the last descriptor of it is closed (and the open
+    /// that waits holds one).
+    fn removed(&self, dir: (u64, u64)) {
+        let Some(wd) = self.inodes().get(&dir).copied() else {
+            return;
+        };
+        let watchers = self
+            .watchers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (inbox, _) in watchers.get(&wd).into_iter().flat_map(|m| m.values()) {
+            if let Ok(mut q) = inbox.queue.lock() {
+                if q.len() < INBOX_LIMIT {
+                    q.push(Change {
+                        wd,
+                        mask: AddWatchFlags::IN_DELETE_SELF,
+                        name: None,
+                    });
+                }
+            }
+            let _ = (&inbox.wake).write(&[1]);
+        }
     }
 
     /// One request of connection `conn` no longer watches `wd` (`all`:
@@ -238,25 +347,28 @@ impl Hub {
         if m.is_empty() {
             w.remove(&wd);
             let _ = self.inotify.rm_watch(wd);
+            self.inodes().retain(|_, v| *v != wd);
         }
     }
 }
 
-/// A connection's waiting CHANGE_NOTIFY requests, and its inbox at the
-/// server's [`Hub`].
+/// A connection's directory watches and waiting CHANGE_NOTIFY requests,
+/// and its inbox at the server's [`Hub`].
 #[derive(Default)]
 pub struct Watches {
     /// The inbox, and the end of its socket pair this thread polls.
     inbox: Option<(Arc<Inbox>, UnixStream)>,
     list: Vec<Waiting>,
+    /// The watches of its directory opens, by open.
+    standing: HashMap<u64, Standing>,
     /// This connection's number at the hub.
     conn: u64,
 }
 
 impl Watches {
-    /// The descriptor to poll while requests wait.
+    /// The descriptor to poll while directory opens are watched.
     pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        match self.list.is_empty() {
+        match self.standing.is_empty() {
             true => None,
             false => self.inbox.as_ref().map(|(_, rx)| rx.as_fd()),
         }
@@ -265,19 +377,18 @@ impl Watches {
     /// Nobody is left to answer (lost connection).
     pub fn clear(&mut self) {
         if let Some(hub) = HUB.get().cloned().flatten() {
-            let mut wds: Vec<WatchDescriptor> = self.list.iter().map(|w| w.wd).collect();
-            wds.dedup();
-            for wd in wds {
-                hub.unwatch(self.conn, wd, true);
+            for st in self.standing.values() {
+                hub.unwatch(self.conn, st.wd, true);
             }
         }
+        self.standing.clear();
         self.list.clear();
         self.inbox = None;
     }
 
     /// How many directories this connection watches.
     fn dirs(&self) -> usize {
-        let mut wds: Vec<WatchDescriptor> = self.list.iter().map(|w| w.wd).collect();
+        let mut wds: Vec<WatchDescriptor> = self.standing.values().map(|w| w.wd).collect();
         wds.sort_unstable();
         wds.dedup();
         wds.len()
@@ -287,6 +398,15 @@ impl Watches {
 impl Drop for Watches {
     fn drop(&mut self) {
         self.clear();
+    }
+}
+
+/// Directory `dir` (device, inode) was removed by this server: requests
+/// waiting on its opens end with STATUS_DELETE_PENDING (smbtorture
+/// smb2.notify.rmdir1–4).
+pub fn directory_removed(dir: (u64, u64)) {
+    if let Some(hub) = HUB.get().cloned().flatten() {
+        hub.removed(dir);
     }
 }
 
@@ -312,10 +432,32 @@ pub fn change_notify(c: &mut Connection, req: &Request<'_>, related: Option<u64>
         Some((Kind::Dir { .. }, granted)) if granted & FILE_LIST_DIRECTORY == 0 => {
             return Err(status::ACCESS_DENIED)
         }
-        Some((Kind::Dir { fd, .. }, _)) => fd.as_raw_fd(),
+        Some((Kind::Dir { fd, .. }, _)) => (
+            fd.as_raw_fd(),
+            nix::sys::stat::fstat(fd.as_fd())
+                .ok()
+                .map(|st| (st.st_dev, st.st_ino)),
+        ),
         Some((Kind::File { .. }, _)) => return Err(status::INVALID_PARAMETER),
         None => return Err(status::FILE_CLOSED),
     };
+    let max_output = usize::try_from(max_output).unwrap_or(0);
+    // What came since the open's last request is the answer, at once.
+    deliver(c);
+    if let Some(st) = c.notify.standing.get_mut(&id) {
+        st.filter = filter;
+        if st.has_news() {
+            return match st.answer(max_output) {
+                Ok(body) => Ok(Reply::ok(body)),
+                // A warning, with an empty body.
+                Err(status::NOTIFY_ENUM_DIR) => Ok(Reply::with_status(
+                    status::NOTIFY_ENUM_DIR,
+                    crate::server::error_body(),
+                )),
+                Err(e) => Err(e),
+            };
+        }
+    }
     // Only the last request of a PDU goes async (3.3.4.2).
     if req.hdr.next_command != 0 || c.notify.list.len() >= MAX_WAITING {
         return Err(status::INSUFFICIENT_RESOURCES);
@@ -336,14 +478,26 @@ pub fn change_notify(c: &mut Connection, req: &Request<'_>, related: Option<u64>
     let Some((inbox, _)) = &c.notify.inbox else {
         return Err(status::INSUFFICIENT_RESOURCES);
     };
-    let wd = hub.watch(c.notify.conn, inbox, fd, c.notify.dirs())?;
+    if !c.notify.standing.contains_key(&id) {
+        let wd = hub.watch(c.notify.conn, inbox, fd, c.notify.dirs())?;
+        c.notify.standing.insert(
+            id,
+            Standing {
+                wd,
+                filter,
+                capacity: max_output.min(MAX_KEPT),
+                kept: Vec::new(),
+                size: 0,
+                overflow: false,
+                removed: false,
+            },
+        );
+    }
     let head = c.go_async(&req.hdr);
     c.notify.list.push(Waiting {
         head,
         open: id,
-        wd,
-        filter,
-        max_output: usize::try_from(max_output).unwrap_or(0),
+        max_output,
     });
     Ok(Reply::with_status(
         status::PENDING,
@@ -359,6 +513,7 @@ fn mask() -> AddWatchFlags {
         | AddWatchFlags::IN_MOVED_TO
         | AddWatchFlags::IN_MODIFY
         | AddWatchFlags::IN_ATTRIB
+        | AddWatchFlags::IN_DELETE_SELF
         | AddWatchFlags::IN_ONLYDIR
 }
 
@@ -393,8 +548,9 @@ fn action(ev: &Change, filter: u32) -> Option<u32> {
     (filter & wanted != 0).then_some(action)
 }
 
-/// The connection's inotify descriptor is readable: the waiting requests
-/// whose directory changed as their filter asks are answered.
+/// The connection's inbox was woken: each watched open keeps its
+/// directory's changes (as its filter asks), and the oldest waiting
+/// request of each open with news is answered with them.
 pub fn deliver(c: &mut Connection) {
     let Some((inbox, rx)) = &c.notify.inbox else {
         return;
@@ -408,47 +564,40 @@ pub fn deliver(c: &mut Connection) {
     let overflow = events
         .iter()
         .any(|e| e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW));
+    for st in c.notify.standing.values_mut() {
+        if overflow {
+            st.overflow = true;
+        }
+        let wd = st.wd;
+        for e in events.iter().filter(|e| e.wd == wd) {
+            if e.mask.contains(AddWatchFlags::IN_DELETE_SELF) {
+                st.removed = true;
+            }
+            let name = e.name.as_ref().and_then(|n| n.to_str());
+            if let (Some(action), Some(name)) = (action(e, st.filter), name) {
+                st.keep((action, name.to_owned()));
+            }
+        }
+    }
+    let mut answered: Vec<u64> = Vec::new();
     let mut done = Vec::new();
     for (i, w) in c.notify.list.iter().enumerate() {
-        let changes: Vec<(u32, String)> = events
-            .iter()
-            .filter(|e| e.wd == w.wd)
-            .filter_map(|e| {
-                let name = e.name.as_ref()?.to_str()?.to_owned();
-                Some((action(e, w.filter)?, name))
-            })
-            .collect();
-        if changes.is_empty() && !overflow {
+        if answered.contains(&w.open) {
             continue;
         }
-        let body = match overflow {
-            true => None,
-            false => response(&changes, w.max_output),
-        };
-        done.push((i, body));
+        if let Some(st) = c.notify.standing.get_mut(&w.open) {
+            if st.has_news() {
+                answered.push(w.open);
+                done.push((i, st.answer(w.max_output)));
+            }
+        }
     }
     for (i, body) in done.into_iter().rev() {
         let w = c.notify.list.remove(i);
-        finish(c, w, body);
-    }
-}
-
-/// Answers a waiting request with its changes, or with
-/// STATUS_NOTIFY_ENUM_DIR when they do not fit (or were lost): the client
-/// then lists the directory itself.
-fn finish(c: &mut Connection, w: Waiting, body: Option<Vec<u8>>) {
-    match body {
-        Some(b) => c.finish_async(&w.head, status::SUCCESS, &b),
-        None => c.finish_async(&w.head, status::NOTIFY_ENUM_DIR, &[]),
-    }
-    unwatch(c, &w.wd);
-}
-
-/// A waiting request on `wd` is gone: the hub's watch goes with the last
-/// of its requests, of all connections.
-fn unwatch(c: &mut Connection, wd: &WatchDescriptor) {
-    if let Some(hub) = HUB.get().cloned().flatten() {
-        hub.unwatch(c.notify.conn, *wd, false);
+        match body {
+            Ok(b) => c.finish_async(&w.head, status::SUCCESS, &b),
+            Err(st) => c.finish_async(&w.head, st, &[]),
+        }
     }
 }
 
@@ -495,7 +644,6 @@ pub fn cancel(c: &mut Connection, req: &Request<'_>) {
     if let Some(i) = hit {
         let w = c.notify.list.remove(i);
         c.finish_async(&w.head, status::CANCELLED, &[]);
-        unwatch(c, &w.wd);
     }
 }
 
@@ -505,6 +653,12 @@ pub fn open_closing(c: &mut Connection, open: u64) {
     while let Some(i) = c.notify.list.iter().position(|w| w.open == open) {
         let w = c.notify.list.remove(i);
         c.finish_async(&w.head, status::NOTIFY_CLEANUP, &[]);
-        unwatch(c, &w.wd);
+    }
+    // The open's watch goes with it (the hub's with the last of its
+    // watchers, of all connections).
+    if let Some(st) = c.notify.standing.remove(&open) {
+        if let Some(hub) = HUB.get().cloned().flatten() {
+            hub.unwatch(c.notify.conn, st.wd, false);
+        }
     }
 }

@@ -1418,6 +1418,8 @@ impl Connection {
             self.sessions.remove(&id);
         }
         for k in gone {
+            // Its waiting CHANGE_NOTIFYs end with STATUS_NOTIFY_CLEANUP.
+            crate::notify::open_closing(self, k);
             if let Some(open) = self.opens.remove(&k) {
                 self.let_go(&open);
             }
@@ -2055,6 +2057,13 @@ impl Connection {
                             previous,
                             "ended the previous session"
                         );
+                        // A previous session of this very connection goes
+                        // now, its waiting requests answered (smbtorture
+                        // smb2.notify.session-reconnect); another
+                        // connection's, before its next request.
+                        if self.sessions.contains_key(&previous) {
+                            let _ = self.settle_session(previous);
+                        }
                     }
                 }
             }
