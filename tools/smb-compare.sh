@@ -17,7 +17,7 @@ set -euo pipefail
 BIN=${1:?usage: smb-compare.sh BIN_DIR [SUITE...]}
 shift
 SUITES=("$@")
-[ ${#SUITES[@]} -gt 0 ] || SUITES=(smb2.durable-v2-open smb2.durable-open smb2.lease smb2.lock smb2.replay smb2.credits smb2.create smb2.read smb2.sharemode smb2.getinfo smb2.rename smb2.notify)
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(smb2.durable-v2-open smb2.durable-open smb2.lease smb2.lock smb2.replay smb2.credits smb2.create smb2.read smb2.sharemode smb2.getinfo smb2.rename smb2.notify smb2.ioctl)
 SUITE_TIMEOUT=${SUITE_TIMEOUT:-900}
 
 for tool in smbd smbtorture smbpasswd; do

@@ -122,7 +122,7 @@ pub(crate) fn errno_status(e: nix::errno::Errno) -> u32 {
     }
 }
 
-fn io_status(e: std::io::Error) -> u32 {
+pub(crate) fn io_status(e: std::io::Error) -> u32 {
     errno_status(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
 }
 
@@ -755,7 +755,7 @@ fn may(o: &Open, mask: u32) -> Result<(), u32> {
 /// which holds back its locks until that hello (`None`: an empty range,
 /// nothing to hold back). STATUS_FILE_NOT_AVAILABLE (retry) when the
 /// daemon that allowed it is gone already.
-fn check_io(
+pub(crate) fn check_io(
     sh: &Shared,
     key: ResumeKey,
     fid: FileId,
@@ -788,7 +788,7 @@ fn check_io(
 /// 64-bit number, MS-FSA 2.1.5.2 and 2.1.5.3: a negative ByteOffset is
 /// STATUS_INVALID_PARAMETER). Past it the kernel answered EINVAL or EFBIG,
 /// which came out as STATUS_INTERNAL_ERROR.
-fn io_range_ok(offset: u64, len: u32) -> bool {
+pub(crate) fn io_range_ok(offset: u64, len: u32) -> bool {
     offset
         .checked_add(u64::from(len))
         .is_some_and(|end| i64::try_from(end).is_ok())

@@ -32,6 +32,7 @@ pub mod breaking;
 pub mod breaks;
 pub mod channels;
 pub mod contexts;
+pub mod copychunk;
 pub mod create;
 pub mod credits;
 pub mod crypto;

@@ -104,6 +104,11 @@ const SESSION_FLAG_BINDING: u8 = 0x01;
 /// all, as Windows and Samba allow).
 const MAX_CHANNELS_PER_SESSION: usize = 31;
 const FSCTL_LMR_REQUEST_RESILIENCY: u32 = 0x0014_01D4;
+const FSCTL_SRV_REQUEST_RESUME_KEY: u32 = 0x0014_0078;
+const FSCTL_GET_COMPRESSION: u32 = 0x0009_003C;
+const FSCTL_SET_COMPRESSION: u32 = 0x0009_C040;
+const FSCTL_SRV_COPYCHUNK: u32 = 0x0014_40F2;
+const FSCTL_SRV_COPYCHUNK_WRITE: u32 = 0x0014_80F2;
 
 /// What rksmbd serves, fixed at start.
 pub struct Config {
@@ -2379,6 +2384,40 @@ impl Connection {
                 let input = wire::buffer(req.msg, in_off, in_len, "input")?;
                 crate::files::request_resiliency(self, req, related, input)?;
                 Ok(Reply::ok(ioctl_body(code, &file, &[])))
+            }
+            // No compression ([MS-FSCC] 2.3.20, 2.3.67): a file is
+            // COMPRESSION_FORMAT_NONE and may only be set to it.
+            FSCTL_GET_COMPRESSION => {
+                crate::files::open_id(self, req, 8, related)?;
+                if max_output < 2 {
+                    return Err(status::INVALID_PARAMETER);
+                }
+                Ok(Reply::ok(ioctl_body(code, &file, &[0, 0])))
+            }
+            FSCTL_SET_COMPRESSION => {
+                crate::files::open_id(self, req, 8, related)?;
+                let input = wire::buffer(req.msg, in_off, in_len, "input")?;
+                match Reader::new(input).u16("compression state")? {
+                    0 => Ok(Reply::ok(ioctl_body(code, &file, &[]))),
+                    _ => Err(status::NOT_SUPPORTED),
+                }
+            }
+            FSCTL_SRV_REQUEST_RESUME_KEY => {
+                let id = crate::files::open_id(self, req, 8, related)?;
+                let out = crate::copychunk::request_resume_key(self, id, max_output)?;
+                Ok(Reply::ok(ioctl_body(code, &file, &out)))
+            }
+            FSCTL_SRV_COPYCHUNK | FSCTL_SRV_COPYCHUNK_WRITE => {
+                let id = crate::files::open_id(self, req, 8, related)?;
+                let input = wire::buffer(req.msg, in_off, in_len, "input")?;
+                let write_only = code == FSCTL_SRV_COPYCHUNK_WRITE;
+                let session = req.hdr.session_id;
+                let copied =
+                    crate::copychunk::copy_chunk(self, id, session, input, max_output, write_only)?;
+                Ok(Reply::with_status(
+                    copied.status,
+                    ioctl_body(code, &file, &copied.response),
+                ))
             }
             FSCTL_DFS_GET_REFERRALS | FSCTL_DFS_GET_REFERRALS_EX => Err(status::FS_DRIVER_REQUIRED),
             _ => Err(status::NOT_SUPPORTED),
