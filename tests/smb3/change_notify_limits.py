@@ -123,4 +123,12 @@ dirs[0].close()
 w = watch(dirs[PER_CONNECTION])
 check(not w.response_event.wait(timeout=0.5), "once one directory's open is closed, the next directory is watched")
 w.cancel()
+
+# Each open keeps its own changes, so opens count, not directories: one
+# directory opened 65 times is watched through 64 of them at most.
+_, tree = trees[3]
+same = [open_dir(tree, "watched") for _ in range(PER_CONNECTION + 1)]
+kept = [watch(d) for d in same[:PER_CONNECTION]]
+w = watch(same[PER_CONNECTION])
+check(refused_with(w, STATUS_INSUFFICIENT_RESOURCES), f"a {PER_CONNECTION + 1}th open of one directory: STATUS_INSUFFICIENT_RESOURCES")
 print("PASS", flush=True)

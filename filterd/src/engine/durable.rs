@@ -338,14 +338,18 @@ impl Engine {
             .values()
             .flat_map(|t| t.undo.iter())
             .filter_map(|u| match u {
-                Undo::Reinsert(h) if h.rec.file == file => Some(libfilter::share::Holder {
-                    key: h.rec.key,
-                    mode: libfilter::share::ShareMode {
-                        access: h.rec.access.rights(),
-                        share: h.rec.share,
-                    },
-                    state: super::holder_state(h),
-                }),
+                // Stat and sharing-exempt opens refuse nobody, as in
+                // `holders_of`.
+                Undo::Reinsert(h) if h.rec.file == file && !h.rec.stat && !h.rec.share_exempt => {
+                    Some(libfilter::share::Holder {
+                        key: h.rec.key,
+                        mode: libfilter::share::ShareMode {
+                            access: h.rec.access.rights(),
+                            share: h.rec.share,
+                        },
+                        state: super::holder_state(h),
+                    })
+                }
                 _ => None,
             })
             .collect()

@@ -1235,11 +1235,17 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
     // The directories it takes the name from and gives it to must admit
     // the change (see `dirshare`).
     let (to_dir, to_leaf) = parent_and_leaf(&sh, &to)?;
+    // A file's open may name it by a path gone stale (another open
+    // renamed it, or a directory above it): filterd renames it by its
+    // handle, and the directory it leaves is checked only when the name
+    // still resolves. A directory is renamed by its name, which must.
+    let is_dir = matches!(o.kind, Kind::Dir { .. });
     let from = match &o.path {
-        Some(from) => {
-            let (dir, leaf) = parent_and_leaf(&sh, from)?;
-            Some((dir, leaf.to_owned()))
-        }
+        Some(from) => match parent_and_leaf(&sh, from) {
+            Ok((dir, leaf)) => Some((dir, leaf.to_owned())),
+            Err(e) if is_dir => return Err(e),
+            Err(_) => None,
+        },
         None => None,
     };
     for dir in std::iter::once(&to_dir).chain(from.as_ref().map(|(d, _)| d)) {

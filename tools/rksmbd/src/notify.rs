@@ -14,7 +14,7 @@
 //! per connection, so many connections cannot starve other clients (nor
 //! other inotify users of the uid). A directory watched by several
 //! connections is one inotify watch, counted per connection; a connection
-//! watches at most [`MAX_DIRS`] directories and the server at most
+//! watches through at most [`MAX_DIRS`] opens and the server at most
 //! [`MAX_SERVER_DIRS`] (STATUS_INSUFFICIENT_RESOURCES past either). Left
 //! open: one client with many connections can still take the server's
 //! whole directory budget (a per-client cap needs the client's identity
@@ -46,7 +46,7 @@ use crate::wire::{self, status, Reader, Writer, HEADER_LEN};
 
 /// Most CHANGE_NOTIFY requests one connection may have waiting.
 const MAX_WAITING: usize = 1024;
-/// Most directories one connection may watch at once.
+/// Most directory opens one connection may watch through at once.
 pub const MAX_DIRS: usize = 64;
 /// Most directories the server watches at once (inotify watches count
 /// against the uid's `fs.inotify.max_user_watches`).
@@ -55,11 +55,13 @@ pub const MAX_SERVER_DIRS: usize = 4096;
 /// overflow (the kernel's own queue is bounded the same way).
 const INBOX_LIMIT: usize = 1024;
 
-/// Most bytes of changes one open keeps between its requests (its first
-/// request's output buffer length if smaller): with [`MAX_DIRS`], at
-/// most 1 MiB a connection. Past it the open's next answer is
-/// STATUS_NOTIFY_ENUM_DIR.
-const MAX_KEPT: usize = 16 * 1024;
+/// Most bytes of changes one open keeps between its requests, as they
+/// go on the wire (its first request's output buffer length if smaller).
+/// A connection watches through at most [`MAX_DIRS`] opens, so it keeps
+/// at most 64 × 4 KiB of names (each kept change costs its name and ~32
+/// bytes more in memory: ~1 MiB at worst). Past it the open's next
+/// answer is STATUS_NOTIFY_ENUM_DIR and the client lists the directory.
+const MAX_KEPT: usize = 4 * 1024;
 
 /// Completion filter bits (2.2.35).
 const FILE_NOTIFY_CHANGE_FILE_NAME: u32 = 0x1;
@@ -316,14 +318,15 @@ impl Hub {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (inbox, _) in watchers.get(&wd).into_iter().flat_map(|m| m.values()) {
+            // Pushed even to a full queue: nothing else would end the
+            // waiting request, and a watched directory is removed once,
+            // so a connection gets at most one per directory it watches.
             if let Ok(mut q) = inbox.queue.lock() {
-                if q.len() < INBOX_LIMIT {
-                    q.push(Change {
-                        wd,
-                        mask: AddWatchFlags::IN_DELETE_SELF,
-                        name: None,
-                    });
-                }
+                q.push(Change {
+                    wd,
+                    mask: AddWatchFlags::IN_DELETE_SELF,
+                    name: None,
+                });
             }
             let _ = (&inbox.wake).write(&[1]);
         }
@@ -386,12 +389,11 @@ impl Watches {
         self.inbox = None;
     }
 
-    /// How many directories this connection watches.
-    fn dirs(&self) -> usize {
-        let mut wds: Vec<WatchDescriptor> = self.standing.values().map(|w| w.wd).collect();
-        wds.sort_unstable();
-        wds.dedup();
-        wds.len()
+    /// How many opens this connection watches through (each keeps its
+    /// own changes, so opens count, not directories: 16 384 opens of one
+    /// directory must not keep 16 384 buffers).
+    fn watched(&self) -> usize {
+        self.standing.len()
     }
 }
 
@@ -479,7 +481,10 @@ pub fn change_notify(c: &mut Connection, req: &Request<'_>, related: Option<u64>
         return Err(status::INSUFFICIENT_RESOURCES);
     };
     if !c.notify.standing.contains_key(&id) {
-        let wd = hub.watch(c.notify.conn, inbox, fd, c.notify.dirs())?;
+        if c.notify.watched() >= MAX_DIRS {
+            return Err(status::INSUFFICIENT_RESOURCES);
+        }
+        let wd = hub.watch(c.notify.conn, inbox, fd, c.notify.watched())?;
         c.notify.standing.insert(
             id,
             Standing {
@@ -587,7 +592,11 @@ pub fn deliver(c: &mut Connection) {
         }
         if let Some(st) = c.notify.standing.get_mut(&w.open) {
             if st.has_news() {
-                answered.push(w.open);
+                // A removed directory ends every request of the open;
+                // changes go to its oldest.
+                if !st.removed {
+                    answered.push(w.open);
+                }
                 done.push((i, st.answer(w.max_output)));
             }
         }
