@@ -349,6 +349,51 @@ fn retryable(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// `n` distinct loopback ports that nothing listens on, for the members
+/// of an etcd cluster a test, the bench or the demo starts. A port that
+/// `bind(":0")` handed out and that was closed again can be handed out
+/// again to the next caller — another cluster's member started by a test
+/// running beside this one, or any process's outgoing connection — and
+/// etcd, which cannot inherit a listening socket, binds it only later:
+/// two members then answer on one port and the cluster never agrees on a
+/// leader. So the ports come from below the kernel's ephemeral range
+/// (which connections and `bind(":0")` draw from), walked by one counter
+/// for the whole process from a start drawn from its pid, and each must
+/// bind now. Held together while choosing, so they are distinct.
+pub fn spare_loopback_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    const LOW: u32 = 10_000;
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|h| *h > LOW + 1_000 && *h <= 65_536)
+        .unwrap_or(32_768);
+    let span = high - LOW;
+    let seed = (std::process::id().wrapping_mul(7_919)) % span;
+    let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::Relaxed, Ordering::Relaxed);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..span {
+        if held.len() == n {
+            break;
+        }
+        let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push((port, l));
+        }
+    }
+    if held.len() < n {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("no {n} free loopback ports below {high}"),
+        ));
+    }
+    Ok(held.into_iter().map(|(p, _)| p).collect())
+}
+
 /// Whether the etcd member serving clients on `127.0.0.1:port` says its
 /// cluster is healthy (its `/health`; tests and the demo poll it).
 pub fn member_healthy(port: u16) -> bool {

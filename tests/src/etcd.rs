@@ -34,13 +34,6 @@ pub fn node(name: &str, export: &std::path::Path) -> Scratch {
     s
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 struct Member {
     name: String,
     client: u16,
@@ -82,11 +75,14 @@ impl Cluster {
 
     fn spawn_all(s: &Scratch, n: usize, extra: &[&str]) -> Cluster {
         let dir = s.dir.join("etcd");
-        let members: Vec<Member> = (1..=n)
-            .map(|i| Member {
+        let ports = libfilter::etcd::spare_loopback_ports(2 * n).expect("free loopback ports");
+        let members: Vec<Member> = ports
+            .chunks(2)
+            .zip(1..)
+            .map(|(p, i)| Member {
                 name: format!("e{i}"),
-                client: free_port(),
-                peer: free_port(),
+                client: p[0],
+                peer: p[1],
                 child: None,
             })
             .collect();
@@ -111,19 +107,50 @@ impl Cluster {
     /// started may still change leaders, and a test's first claim and
     /// commits would meet that election (a CI run's owner met "leader
     /// changed" 20 ms after its claim and stepped down).
+    /// On a timeout it panics with what each member said and the end of
+    /// each member's log.
     fn wait_agreed_leader(&self) {
-        wait_for(
-            "the etcd members to agree on a leader",
-            Duration::from_secs(30),
-            || {
-                let leaders: Option<Vec<u64>> = (0..self.members.len())
-                    .map(|i| self.status(i).map(|(_, leader)| leader))
-                    .collect();
-                let leaders = leaders?;
-                let first = *leaders.first()?;
-                (first != 0 && leaders.iter().all(|l| *l == first)).then_some(())
-            },
-        );
+        let t0 = std::time::Instant::now();
+        loop {
+            let said: Vec<Option<(u64, u64)>> =
+                (0..self.members.len()).map(|i| self.status(i)).collect();
+            let leaders: Option<Vec<u64>> = said.iter().map(|s| s.map(|(_, l)| l)).collect();
+            if let Some(leaders) = leaders {
+                if leaders
+                    .first()
+                    .is_some_and(|first| *first != 0 && leaders.iter().all(|l| l == first))
+                {
+                    return;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                panic!(
+                    "timed out after 30s waiting for the etcd members to agree on a leader; \
+                     (own id, leader id) per member: {said:?}\n{}",
+                    self.log_tails(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `lines` lines of every member's log.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let log = std::fs::read_to_string(self.dir.join(format!("{}.log", m.name)))
+                .unwrap_or_default();
+            let all: Vec<&str> = log.lines().collect();
+            out.push_str(&format!(
+                "--- {} (client {}, peer {}):\n",
+                m.name, m.client, m.peer
+            ));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// (Re)starts member `i` on its data dir.

@@ -1032,6 +1032,23 @@ impl LineClient {
     pub fn call(&mut self, v: Value) -> Value {
         self.call_with("mid", v)
     }
+
+    /// smbl/1: [`LineClient::call`], but `None` when the connection ends
+    /// before the reply (the request's outcome is then unknown).
+    pub fn try_call(&mut self, mut v: Value) -> Option<Value> {
+        let id = self.next;
+        self.next += 1;
+        v["mid"] = Value::from(id);
+        let mut line = v.to_string();
+        line.push('\n');
+        let reply = self.raw(line.as_bytes())?;
+        assert_eq!(
+            reply["mid"],
+            Value::from(id),
+            "reply to another request: {reply}"
+        );
+        Some(reply)
+    }
 }
 
 /// Sends a smbl/1 request until the answer is not the retry status

@@ -38,12 +38,6 @@ impl Etcd {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Starts an `n`-member etcd cluster in `dir/etcd-n`; `None` when no etcd
 /// binary is installed.
 pub fn start(dir: &Path, n: usize) -> anyhow::Result<Option<Etcd>> {
@@ -53,10 +47,12 @@ pub fn start(dir: &Path, n: usize) -> anyhow::Result<Option<Etcd>> {
     if !installed {
         return Ok(None);
     }
-    let mut members = Vec::new();
-    for i in 0..n {
-        members.push((format!("bench{i}"), free_port()?, free_port()?));
-    }
+    let ports = libfilter::etcd::spare_loopback_ports(2 * n)?;
+    let members: Vec<(String, u16, u16)> = ports
+        .chunks(2)
+        .zip(0..)
+        .filter_map(|(p, i)| Some((format!("bench{i}"), *p.first()?, *p.get(1)?)))
+        .collect();
     let initial = members
         .iter()
         .map(|(name, _, peer)| format!("{name}=http://127.0.0.1:{peer}"))

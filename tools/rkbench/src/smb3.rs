@@ -15,7 +15,7 @@
 //! `smbpasswd -a`; stopped on drop.
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -231,7 +231,11 @@ pub fn samba(
     ] {
         std::fs::create_dir_all(s.join(sub))?;
     }
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    // Samba binds its port only later: from below the ephemeral range
+    // (see `spare_loopback_ports`), so no connection can have taken it.
+    let port = *libfilter::etcd::spare_loopback_ports(1)?
+        .first()
+        .context("a loopback port for Samba")?;
     let d = s.display();
     let conf = s.join("smb.conf");
     std::fs::write(

@@ -20,18 +20,13 @@ use crate::{alice_session, ms, need, report_create, Story, DATA};
 /// The lease: node B may take over this long after A stops renewing.
 const TTL_SECS: u64 = 2;
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Starts three etcd members under `dir`; returns their client ports.
 fn start_etcd(stage: &Stage, dir: &Path) -> anyhow::Result<Vec<u16>> {
-    let mut ports = Vec::new();
-    for i in 1..=3 {
-        ports.push((format!("e{i}"), free_port()?, free_port()?));
-    }
+    let ports: Vec<(String, u16, u16)> = libfilter::etcd::spare_loopback_ports(6)?
+        .chunks(2)
+        .zip(1..)
+        .filter_map(|(p, i)| Some((format!("e{i}"), *p.first()?, *p.get(1)?)))
+        .collect();
     let initial = ports
         .iter()
         .map(|(n, _, p)| format!("{n}=http://127.0.0.1:{p}"))
