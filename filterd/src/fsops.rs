@@ -1097,14 +1097,55 @@ pub fn rename(
     }
     let (fdir, fleaf) = parent_and_leaf(root, from)?;
     let (tdir, tleaf) = parent_and_leaf(root, to)?;
-    let flags = if replace {
-        nix::fcntl::RenameFlags::empty()
-    } else {
-        nix::fcntl::RenameFlags::RENAME_NOREPLACE
-    };
+    let flags = rename_flags(replace);
     fence();
     nix::fcntl::renameat2(fdir.as_fd(), fleaf, tdir.as_fd(), tleaf, flags)
         .map_err(|e| map_errno(&io::Error::from(e), root, to))
+}
+
+/// `renameat2`'s flags: `RENAME_NOREPLACE` unless replacing.
+fn rename_flags(replace: bool) -> nix::fcntl::RenameFlags {
+    if replace {
+        nix::fcntl::RenameFlags::empty()
+    } else {
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE
+    }
+}
+
+/// Renames directory `from` to `to`, beneath the root; `replace` lets it
+/// replace an empty directory at `to` (the kernel refuses a non-empty one
+/// or a file). `fence` runs right before the `renameat2`.
+pub fn rename_directory(
+    root: BorrowedFd<'_>,
+    from: &RelPath,
+    to: &RelPath,
+    replace: bool,
+    fence: Fence<'_>,
+) -> Result<(), WireError> {
+    let (fdir, fleaf) = parent_and_leaf(root, from)?;
+    let st = nix::sys::stat::fstatat(
+        fdir.as_fd(),
+        fleaf,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| map_errno(&io::Error::from(e), root, from))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(WireError::new(
+            ErrorCode::NotAFile,
+            format!("{from}: not a directory"),
+        ));
+    }
+    let (tdir, tleaf) = parent_and_leaf(root, to)?;
+    let flags = rename_flags(replace);
+    fence();
+    nix::fcntl::renameat2(fdir.as_fd(), fleaf, tdir.as_fd(), tleaf, flags).map_err(|e| match e {
+        // A non-empty target, a target below the directory itself, a
+        // mount point: refused, as Windows refuses them.
+        nix::errno::Errno::ENOTEMPTY | nix::errno::Errno::EINVAL | nix::errno::Errno::EBUSY => {
+            WireError::new(ErrorCode::AccessDenied, format!("{from} → {to}: {e}"))
+        }
+        e => map_errno(&io::Error::from(e), root, to),
+    })
 }
 
 /// Removes `path` (which must still name `expect`), beneath the root.

@@ -1040,6 +1040,23 @@ impl FilterClient {
         Self::expect_done(self.call(Request::Remove { path, record })?)
     }
 
+    /// Whether the daemon renames directories
+    /// ([`proto::FEATURE_RENAME_DIRECTORY`]).
+    pub fn renames_directories(&self) -> bool {
+        self.hello.features & proto::FEATURE_RENAME_DIRECTORY != 0
+    }
+
+    /// Renames directory `from` to `to` ([`Request::RenameDirectory`]):
+    /// refused `AccessDenied` while a handle was opened below it.
+    pub fn rename_directory(
+        &self,
+        from: crate::model::RelPath,
+        to: crate::model::RelPath,
+        replace: bool,
+    ) -> Result<(), ClientError> {
+        Self::expect_done(self.call(Request::RenameDirectory { from, to, replace })?)
+    }
+
     /// Locks and unlocks byte ranges, all or nothing.
     pub fn lock(
         &self,

@@ -38,7 +38,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_COMPACT_FRAMES
     | FEATURE_COMPACT_RECORDS
     | FEATURE_RETRY_CODE
-    | FEATURE_RESYNCED;
+    | FEATURE_RESYNCED
+    | FEATURE_RENAME_DIRECTORY;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -137,6 +138,10 @@ pub const FEATURE_RETRY_CODE: u64 = 16;
 /// `crate::attach` asks for it and sends the notice from
 /// `Attachment::resynced` (and right after its first hello).
 pub const FEATURE_RESYNCED: u64 = 32;
+/// Feature: [`Request::RenameDirectory`]. A daemon without it answers the
+/// request `BadFrame`; a frontend then renames directories itself, and a
+/// handle below one keeps the path it was opened by.
+pub const FEATURE_RENAME_DIRECTORY: u64 = 64;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Listings are cut into pages of about this many bytes, so every reply
@@ -453,6 +458,25 @@ pub enum Request {
         #[serde(default)]
         record: Option<RecordSpec>,
     },
+    /// Rename a directory by path, refused `AccessDenied` while any handle
+    /// (attached or disconnected, any frontend's) was opened by a path
+    /// below it — as Windows refuses it while a file below is open
+    /// (smbtorture smb2.rename.rename_dir_openfile), and so that no
+    /// handle's stored path goes stale. The check and the `renameat2` are
+    /// one step of the engine, so no open below can slip between them. A
+    /// directory rename changes nothing stored: not bracketed, not
+    /// recorded. `from` must name a directory (`NotAFile` otherwise);
+    /// `replace` lets it replace an empty directory. Needs
+    /// [`FEATURE_RENAME_DIRECTORY`]. Frontend only.
+    RenameDirectory {
+        /// The directory.
+        from: RelPath,
+        /// Its new path.
+        to: RelPath,
+        /// Replace an existing (empty) directory at `to`.
+        #[serde(default)]
+        replace: bool,
+    },
     /// Byte-range locks, a page at a time (by file id).
     Locks {
         /// File id the previous page ended with.
@@ -482,6 +506,7 @@ impl Request {
             Request::BreakReadCaching { .. } => "break_read_caching",
             Request::Rename { .. } => "rename",
             Request::Remove { .. } => "remove",
+            Request::RenameDirectory { .. } => "rename_directory",
             Request::LockHintAck { .. } => "lock_hint_ack",
             Request::SetEndOfFile { .. } => "set_end_of_file",
             Request::SetDeleteOnClose { .. } => "set_delete_on_close",
@@ -2511,6 +2536,8 @@ mod binary_tests {
             }),
             file().prop_map(|file| Request::LockHintAck { file }),
             (path(), record_spec()).prop_map(|(path, record)| Request::Remove { path, record }),
+            (path(), path(), any::<bool>())
+                .prop_map(|(from, to, replace)| { Request::RenameDirectory { from, to, replace } }),
             proptest::option::of(file()).prop_map(|after| Request::Locks { after }),
         ]
     }
@@ -2550,6 +2577,7 @@ mod binary_tests {
                 | Request::SetDeleteOnClose { .. }
                 | Request::LockHintAck { .. }
                 | Request::Remove { .. }
+                | Request::RenameDirectory { .. }
                 | Request::Locks { .. } => {}
             }
         }

@@ -99,6 +99,63 @@ fn smbclient_file_ops_over_smb3_11() {
     file_ops_over("SMB3_11");
 }
 
+/// A directory with a file open below it — here an NFS client's open,
+/// through nfsshim on the same filterd — is not renamed by an SMB client
+/// (STATUS_ACCESS_DENIED, as Windows and Samba answer), and filterd's
+/// handle keeps naming its file; once the open is closed the rename goes.
+/// Before, rksmbd renamed the directory and the handle's stored path went
+/// stale (a later rename or remove by it missed the file).
+#[test]
+fn a_directory_with_an_open_file_below_is_not_renamed() {
+    let s = Scratch::new("rksmbd-rename-dir-open-below");
+    let root = s.root();
+    std::fs::create_dir_all(root.join("d/sub")).unwrap();
+    std::fs::write(root.join("d/sub/f.txt"), "below\n").unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let nfsshim = rkfilter_tests::Shim::start("nfsshim", &s.socket(), "nfs-1");
+    let mut nfs = rkfilter_tests::Nfs::connect(&nfsshim.addr, "host-b", "00000000000000bb");
+    let opened = nfs.open("b", "d/sub/f.txt", "read", "none", serde_json::json!({}));
+    assert_eq!(opened["status"], "NFS4_OK", "{opened}");
+    let paths = || -> Vec<String> {
+        d.control()
+            .handles()
+            .expect("handles")
+            .into_iter()
+            .map(|h| h.record.path.as_str().to_owned())
+            .collect()
+    };
+    assert_eq!(paths(), ["d/sub/f.txt"]);
+
+    for (from, to) in [("d", "e"), ("d\\sub", "d\\other")] {
+        let o = smbclient(
+            &srv,
+            "alice",
+            "pw",
+            "SMB3_11",
+            &format!("rename {from} {to}"),
+        );
+        let out = text(&o);
+        assert!(
+            out.contains("NT_STATUS_ACCESS_DENIED"),
+            "renaming {from} with a file open below:\n{out}"
+        );
+    }
+    assert!(root.join("d/sub/f.txt").exists());
+    assert_eq!(paths(), ["d/sub/f.txt"], "the handle still names its file");
+
+    let closed = nfs.call(serde_json::json!({"op": "CLOSE", "stateid": opened["stateid"]}));
+    assert_eq!(closed["status"], "NFS4_OK", "{closed}");
+    let o = smbclient(&srv, "alice", "pw", "SMB3_11", "rename d e");
+    let out = text(&o);
+    assert!(
+        !out.contains("NT_STATUS_"),
+        "renaming d once nothing is open:\n{out}"
+    );
+    assert!(root.join("e/sub/f.txt").exists() && !root.join("d").exists());
+    no_handles_left(&d);
+}
+
 #[test]
 fn smbclient_file_ops_over_smb3_02() {
     file_ops_over("SMB3_02");
@@ -1326,11 +1383,11 @@ const GETINFO_PASSING: &[&str] = &[
     "qsec_buffercheck",
 ];
 
-/// The smb2.rename tests that pass (10 of 11; Samba 4.17 9): a rename
+/// The smb2.rename tests that pass (all 11; Samba 4.17 9): a rename
 /// below a directory open with DELETE access, or one that shares no
 /// writing, is a sharing violation, through directory share modes (before,
-/// 7). Left failing: `rename_dir_openfile` (a directory with open files
-/// below it is renamed).
+/// 7); a directory with a file open below it is not renamed (filterd's
+/// `RenameDirectory`; before, 10).
 const RENAME_PASSING: &[&str] = &[
     "close-full-information",
     "msword",
@@ -1338,6 +1395,7 @@ const RENAME_PASSING: &[&str] = &[
     "no_share_delete_no_delete_access",
     "no_sharing",
     "rename_dir_bench",
+    "rename_dir_openfile",
     "share_delete_and_delete_access",
     "share_delete_no_delete_access",
     "simple",

@@ -4,6 +4,13 @@
 
 use super::*;
 
+/// Whether `path` lies below directory `dir` (not `dir` itself).
+fn is_below(path: &RelPath, dir: &RelPath) -> bool {
+    path.as_str()
+        .strip_prefix(dir.as_str())
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
 impl Engine {
     /// Renames the file of an attached handle (spec/smb-like.md "SET_INFO").
     #[allow(clippy::too_many_arguments)]
@@ -99,6 +106,48 @@ impl Engine {
         };
         let bracketed = persistent || self.has_persistent_handles(file);
         self.run_change(conn, req_id, key, change, bracketed)
+    }
+
+    /// Renames directory `from` (`Request::RenameDirectory`): refused
+    /// while a handle was opened by a path below it — Windows refuses a
+    /// directory rename while a file below is open, and a handle's stored
+    /// path must not go stale (a later rename, remove or delete on close
+    /// by that path would miss its file; a restart would list it under a
+    /// name it no longer has). One engine step from the check to the
+    /// `renameat2`, so no open below slips between them; nothing stored
+    /// changes, so nothing is bracketed or recorded.
+    pub(super) fn rename_directory(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        from: RelPath,
+        to: RelPath,
+        replace: bool,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        // A handle below whose removal is still committing comes back if
+        // that commit fails: the request waits for it, and runs again.
+        if let Some((seq, file)) = self.removal_pending_of(|r| is_below(&r.path, &from)) {
+            self.wait_limit()?;
+            self.wait_for_commit(seq, file);
+            let req = Request::RenameDirectory { from, to, replace };
+            self.waiting_changes.push((file, conn, req_id, req));
+            return Ok(None);
+        }
+        let open_below = self
+            .handles
+            .values()
+            .find(|h| is_below(&h.rec.path, &from))
+            .map(|h| h.rec.path.clone());
+        if let Some(path) = open_below {
+            // The refusal shows that handle, maybe still committing.
+            self.depends_on_all();
+            return Err(err(
+                ErrorCode::AccessDenied,
+                format!("{from}: {path} is open below it"),
+            ));
+        }
+        self.fs.rename_directory(&from, &to, replace)?;
+        Ok(Some((Reply::Done, None)))
     }
 
     /// Truncates or extends the file of an attached handle.

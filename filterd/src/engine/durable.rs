@@ -748,17 +748,25 @@ impl Engine {
     /// matching `removed` (a close, expiry or purge): if its commit fails
     /// the handle is back (`Undo::Reinsert`).
     fn removal_pending(&self, removed: impl Fn(&HandleRecord) -> bool) -> Option<u64> {
+        self.removal_pending_of(removed).map(|(s, _)| s)
+    }
+
+    /// [`Engine::removal_pending`], with the removed handle's file.
+    pub(super) fn removal_pending_of(
+        &self,
+        removed: impl Fn(&HandleRecord) -> bool,
+    ) -> Option<(u64, FileId)> {
         let committed = self.pipe.committed();
         self.batch
             .pending
             .range(committed + 1..)
             .rev()
-            .find(|(_, t)| {
-                t.undo
-                    .iter()
-                    .any(|u| matches!(u, Undo::Reinsert(h) if removed(&h.rec)))
+            .find_map(|(s, t)| {
+                t.undo.iter().find_map(|u| match u {
+                    Undo::Reinsert(h) if removed(&h.rec) => Some((*s, h.rec.file)),
+                    _ => None,
+                })
             })
-            .map(|(s, _)| *s)
     }
 
     /// The current request's reply is about handle `key`: it shows the

@@ -164,6 +164,15 @@ pub trait Fs: Send {
         replace: bool,
     ) -> Result<(), WireError>;
 
+    /// Renames directory `from` to `to` (replacing an empty directory
+    /// there with `replace`); `NotAFile` when `from` is no directory.
+    fn rename_directory(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        replace: bool,
+    ) -> Result<(), WireError>;
+
     /// Whether `path` names the file `expect` (and `kh`) now.
     fn names(&self, path: &RelPath, expect: FileId, kh: Option<&KernelHandle>) -> bool;
 
@@ -337,6 +346,15 @@ impl Fs for HostFs {
         replace: bool,
     ) -> Result<(), WireError> {
         fsops::rename(self.root(), from, to, expect, kh, replace, &|| self.fence())
+    }
+
+    fn rename_directory(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        replace: bool,
+    ) -> Result<(), WireError> {
+        fsops::rename_directory(self.root(), from, to, replace, &|| self.fence())
     }
 
     fn names(&self, path: &RelPath, expect: FileId, kh: Option<&KernelHandle>) -> bool {

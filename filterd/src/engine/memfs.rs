@@ -689,6 +689,81 @@ impl Fs for MemFs {
         Ok(())
     }
 
+    fn rename_directory(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        replace: bool,
+    ) -> Result<(), WireError> {
+        let mut st = self.st();
+        if let Err(e) = st.check("rename") {
+            return Err(st.map_errno(&e, to));
+        }
+        let (f, t) = (from.as_str(), to.as_str());
+        if !st.dirs.contains(f) {
+            if st.names.contains_key(f) {
+                return Err(WireError::new(
+                    ErrorCode::NotAFile,
+                    format!("{from}: not a directory"),
+                ));
+            }
+            return Err(st.map_errno(&errno(libc::ENOENT), from));
+        }
+        let inside = |p: &str, d: &str| p.strip_prefix(d).is_some_and(|r| r.starts_with('/'));
+        let refused = if !st.dirs.contains(parent_of(t)) {
+            Some(libc::ENOENT)
+        } else if inside(t, f) {
+            Some(libc::EINVAL)
+        } else if st.names.contains_key(t) {
+            Some(libc::ENOTDIR)
+        } else if st.dirs.contains(t) && !replace {
+            Some(libc::EEXIST)
+        } else if st.dirs.iter().any(|d| inside(d, t)) || st.names.keys().any(|n| inside(n, t)) {
+            Some(libc::ENOTEMPTY)
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            return Err(st.map_errno(&errno(e), to));
+        }
+        if f == t {
+            return Ok(());
+        }
+        let moved = |p: &str| -> Option<String> {
+            if p == f {
+                Some(t.to_owned())
+            } else {
+                inside(p, f).then(|| format!("{t}{}", &p[f.len()..]))
+            }
+        };
+        st.dirs.remove(t);
+        let dirs: Vec<String> = st
+            .dirs
+            .iter()
+            .filter(|d| moved(d).is_some())
+            .cloned()
+            .collect();
+        for d in dirs {
+            st.dirs.remove(&d);
+            if let Some(n) = moved(&d) {
+                st.dirs.insert(n);
+            }
+        }
+        let names: Vec<String> = st
+            .names
+            .keys()
+            .filter(|n| moved(n).is_some())
+            .cloned()
+            .collect();
+        for n in names {
+            if let (Some(obj), Some(new)) = (st.names.remove(&n), moved(&n)) {
+                st.names.insert(new, obj);
+            }
+        }
+        st.log.push(Logged::Rename(f.to_owned(), t.to_owned()));
+        Ok(())
+    }
+
     fn names(&self, path: &RelPath, expect: FileId, kh: Option<&KernelHandle>) -> bool {
         self.st().names(path.as_str(), expect, kh)
     }

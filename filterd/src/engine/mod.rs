@@ -995,6 +995,10 @@ impl Engine {
                 let (protocol, _) = need_frontend()?;
                 self.rename(conn, req_id, &protocol, key, to, replace, record)
             }
+            Request::RenameDirectory { from, to, replace } => {
+                need_frontend()?;
+                self.rename_directory(conn, req_id, from, to, replace)
+            }
             Request::SetEndOfFile { key, size, record } => {
                 let (protocol, _) = need_frontend()?;
                 self.set_end_of_file(conn, req_id, &protocol, key, size, record)

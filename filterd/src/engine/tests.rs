@@ -3062,3 +3062,52 @@ fn the_host_filesystem_changes_nothing_once_the_lease_may_have_run_out() {
     assert!(dir.join("b").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A directory rename (rksmbd's, `Request::RenameDirectory`) is refused
+/// while a handle was opened below the directory — Windows refuses it,
+/// and the handle's path would go stale — and a pending close of the last
+/// one makes it wait: if that close's commit fails the handle is back and
+/// the rename is refused; if it commits, the directory moves. A handle in
+/// a sibling with the same prefix does not count.
+#[test]
+fn a_directory_rename_is_refused_by_handles_below_and_waits_for_their_close() {
+    for ok in [false, true] {
+        let mut h = Harness::new();
+        h.fs.mkdir("dd");
+        let below = h.run(open("d/m", Rights::ALL));
+        let sibling = h.run(open("dd/m", Rights::ALL));
+        h.commit(true);
+        let (below, _sibling) = (h.opened(below), h.opened(sibling));
+        let mv = || Request::RenameDirectory {
+            from: RelPath::new("d").unwrap(),
+            to: RelPath::new("e").unwrap(),
+            replace: false,
+        };
+        let refused = h.run(mv());
+        h.commit(true);
+        h.drain_replies();
+        assert_eq!(h.refused(refused), ErrorCode::AccessDenied);
+        assert!(h.fs.file("d/m").is_some(), "moved under an open handle");
+        let close = h.run(Request::Close {
+            key: below,
+            put: vec![],
+            delete: vec![],
+        });
+        let id = h.run(mv());
+        assert!(h.reply(id).is_none(), "answered before the close commits");
+        assert!(h.fs.file("d/m").is_some(), "moved before the close commits");
+        h.commit(ok);
+        h.engine.process_retries();
+        h.commit(true);
+        h.drain_replies();
+        if ok {
+            assert!(h.reply(close).is_some_and(|r| r.is_ok()));
+            assert!(h.reply(id).is_some_and(|r| r.is_ok()), "{:?}", h.reply(id));
+            assert!(h.fs.file("e/m").is_some() && h.fs.file("d/m").is_none());
+        } else {
+            assert!(h.engine.handles.contains_key(&below), "the close is undone");
+            assert_eq!(h.refused(id), ErrorCode::AccessDenied);
+            assert!(h.fs.file("d/m").is_some(), "moved under the handle back");
+        }
+    }
+}

@@ -189,11 +189,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 Disposition::Create => return Err(status::OBJECT_NAME_COLLISION),
                 _ => return Err(status::INVALID_PARAMETER),
             }
-            let fd = open_dir(&sh, &path)?;
-            let meta = Meta::of(&fd)?;
-            let place = sh
-                .dir_shares
-                .take((meta.dev, meta.ino), granted_mask(access), share)?;
+            let (fd, meta, place) = open_dir_shared(&sh, &path, access, share)?;
             (
                 dir_open(
                     session,
@@ -227,11 +223,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 Err(nix::errno::Errno::EEXIST) if matches!(disp, Disposition::OpenIf) => false,
                 Err(e) => return Err(errno_status(e)),
             };
-            let fd = open_dir(&sh, &path)?;
-            let meta = Meta::of(&fd)?;
-            let place = sh
-                .dir_shares
-                .take((meta.dev, meta.ino), granted_mask(access), share)?;
+            let (fd, meta, place) = open_dir_shared(&sh, &path, access, share)?;
             (
                 dir_open(
                     session,
@@ -1423,6 +1415,25 @@ fn mask_of_rights(r: Rights) -> u32 {
         m |= DELETE;
     }
     m
+}
+
+/// Opens directory `path` and takes its place among the directory opens
+/// with `access` and `share`.
+fn open_dir_shared(
+    sh: &Shared,
+    path: &Option<RelPath>,
+    access: u32,
+    share: u32,
+) -> Result<(OwnedFd, Meta, crate::dirshare::DirShare), u32> {
+    let fd = open_dir(sh, path)?;
+    let meta = Meta::of(&fd)?;
+    let place = sh.dir_shares.take(
+        (meta.dev, meta.ino),
+        path.as_ref().map_or("", |p| p.as_str()),
+        granted_mask(access),
+        share,
+    )?;
+    Ok((fd, meta, place))
 }
 
 /// The CREATE response (2.2.14).

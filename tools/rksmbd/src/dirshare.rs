@@ -9,6 +9,10 @@
 //! violation (smbtorture smb2.rename's share_delete_and_delete_access,
 //! no_share_delete_but_delete_access and no_share_delete_no_delete_access).
 //!
+//! Each open also keeps the path it names its directory by, so that a
+//! rename of a directory above it is refused while it is open (as
+//! Windows refuses it; filterd refuses it for the files it holds below).
+//!
 //! One rksmbd process's opens only: another frontend's directory opens
 //! (another rksmbd instance, nfsshim) are not seen.
 
@@ -35,12 +39,14 @@ const SHARE_DELETE: u32 = 0x4;
 const RENAME_ACCESS: u32 = 0x2;
 const RENAME_SHARE: u32 = SHARE_READ | SHARE_WRITE;
 
-/// One directory open's modes.
-#[derive(Debug, Clone, Copy)]
+/// One directory open's modes, and the path it names the directory by
+/// (`""`: the share's root).
+#[derive(Debug, Clone)]
 struct Modes {
     token: u64,
     access: u32,
     share: u32,
+    path: String,
 }
 
 impl Modes {
@@ -76,12 +82,14 @@ impl DirShares {
         self.opens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens directory `dir` (device, inode) with `access` (a granted
-    /// mask) and `share`: `STATUS_SHARING_VIOLATION` if an open of it does
-    /// not admit this one, else the open's place, held until dropped.
+    /// Opens directory `dir` (device, inode), named by `path`, with
+    /// `access` (a granted mask) and `share`: `STATUS_SHARING_VIOLATION`
+    /// if an open of it does not admit this one, else the open's place,
+    /// held until dropped.
     pub fn take(
         self: &Arc<Self>,
         dir: (u64, u64),
+        path: &str,
         access: u32,
         share: u32,
     ) -> Result<DirShare, u32> {
@@ -90,6 +98,7 @@ impl DirShares {
             token,
             access,
             share,
+            path: path.to_owned(),
         };
         let mut opens = self.lock();
         let refused = !Modes::exempt(access)
@@ -121,6 +130,25 @@ impl DirShares {
             Err(status::SHARING_VIOLATION)
         } else {
             Ok(())
+        }
+    }
+
+    /// Whether a directory open names a path below directory `dir` (not
+    /// `dir` itself).
+    pub fn open_below(&self, dir: &str) -> bool {
+        let below = |p: &str| {
+            p.strip_prefix(dir)
+                .is_some_and(|rest| rest.starts_with('/'))
+        };
+        self.lock().values().flatten().any(|m| below(&m.path))
+    }
+
+    /// Directory `dir` was renamed to `to`: its opens name it by `to`.
+    pub fn renamed(&self, dir: (u64, u64), to: &str) {
+        if let Some(held) = self.lock().get_mut(&dir) {
+            for m in held {
+                to.clone_into(&mut m.path);
+            }
         }
     }
 
@@ -160,16 +188,19 @@ mod tests {
     #[test]
     fn opens_that_share_what_the_other_uses_stand_together() {
         let s = Arc::new(DirShares::default());
-        let a = s.take(D, READS, SHARE_READ).unwrap();
-        let b = s.take(D, 0x1, SHARE_READ).unwrap();
+        let a = s.take(D, "d", READS, SHARE_READ).unwrap();
+        let b = s.take(D, "d", 0x1, SHARE_READ).unwrap();
         // A writer is refused by opens that share no writing.
-        assert_eq!(s.take(D, 0x2, ALL).err(), Some(status::SHARING_VIOLATION));
+        assert_eq!(
+            s.take(D, "d", 0x2, ALL).err(),
+            Some(status::SHARING_VIOLATION)
+        );
         // An attributes-only open is refused by nobody.
-        let c = s.take(D, 0x80, 0).unwrap();
+        let c = s.take(D, "d", 0x80, 0).unwrap();
         drop((a, b));
         // Once they go, the writer gets in, and the exempt open refuses
         // nothing.
-        let w = s.take(D, 0x2, ALL).unwrap();
+        let w = s.take(D, "d", 0x2, ALL).unwrap();
         drop((c, w));
         assert_eq!(s.held(), 0);
     }
@@ -177,14 +208,36 @@ mod tests {
     #[test]
     fn a_delete_open_refuses_those_that_do_not_share_delete() {
         let s = Arc::new(DirShares::default());
-        let d = s.take(D, DELETE, ALL).unwrap();
+        let d = s.take(D, "d", DELETE, ALL).unwrap();
         assert_eq!(
-            s.take(D, 0x1, SHARE_READ | SHARE_WRITE).err(),
+            s.take(D, "d", 0x1, SHARE_READ | SHARE_WRITE).err(),
             Some(status::SHARING_VIOLATION)
         );
-        let other = s.take((1, 3), 0x1, SHARE_READ).unwrap();
+        let other = s.take((1, 3), "e", 0x1, SHARE_READ).unwrap();
         drop((d, other));
         assert_eq!(s.held(), 0);
+    }
+
+    /// A rename of a directory is refused while an open names a path
+    /// below it; the directory itself, a sibling with the same prefix or
+    /// an open that went do not count, and a renamed open counts by its
+    /// new name.
+    #[test]
+    fn opens_below_a_directory_are_found_by_their_paths() {
+        let s = Arc::new(DirShares::default());
+        let sub = s.take((1, 5), "a/b/c", READS, ALL).unwrap();
+        let _a = s.take((1, 4), "a", READS, ALL).unwrap();
+        let _sib = s.take((1, 6), "ab/x", READS, ALL).unwrap();
+        assert!(s.open_below("a"));
+        assert!(s.open_below("a/b"));
+        assert!(!s.open_below("a/b/c"));
+        assert!(!s.open_below("b"));
+        s.renamed((1, 5), "z");
+        assert!(!s.open_below("a/b"));
+        assert!(s.open_below("ab"));
+        assert!(!s.open_below("z"));
+        drop(sub);
+        assert!(!s.open_below("a/b"));
     }
 
     /// smbtorture smb2.rename: the parent opened with DELETE, or sharing
@@ -194,13 +247,13 @@ mod tests {
     fn a_rename_is_refused_below_a_delete_open_or_one_that_shares_no_write() {
         let s = Arc::new(DirShares::default());
         let rw = READS | WRITES;
-        let with_delete = s.take(D, rw | DELETE, ALL).unwrap();
+        let with_delete = s.take(D, "d", rw | DELETE, ALL).unwrap();
         assert_eq!(s.may_rename_in(D), Err(status::SHARING_VIOLATION));
         drop(with_delete);
-        let no_share = s.take(D, rw, 0).unwrap();
+        let no_share = s.take(D, "d", rw, 0).unwrap();
         assert_eq!(s.may_rename_in(D), Err(status::SHARING_VIOLATION));
         drop(no_share);
-        let fine = s.take(D, rw, ALL).unwrap();
+        let fine = s.take(D, "d", rw, ALL).unwrap();
         assert_eq!(s.may_rename_in(D), Ok(()));
         assert_eq!(s.may_rename_in((9, 9)), Ok(()));
         drop(fine);

@@ -1257,18 +1257,35 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
             let key = *key;
             rename_serving(c, key, to.clone(), replace)?;
         }
-        Kind::Dir { .. } => {
-            let Some((from_dir, from_leaf)) = &from else {
+        Kind::Dir { fd, .. } => {
+            let (Some((from_dir, from_leaf)), Some(from_path)) = (&from, &o.path) else {
                 return Err(status::ACCESS_DENIED);
             };
-            let from_leaf = from_leaf.as_str();
-            let flags = if replace {
-                nix::fcntl::RenameFlags::empty()
+            // Windows refuses to rename a directory while anything below
+            // it is open (smbtorture smb2.rename.rename_dir_openfile):
+            // this process's directory opens here, every frontend's files
+            // in filterd, which checks and renames in one step.
+            if sh.dir_shares.open_below(from_path.as_str()) {
+                return Err(status::ACCESS_DENIED);
+            }
+            let me = nix::sys::stat::fstat(fd.as_fd()).map_err(errno_status)?;
+            let client = sh.filter.client();
+            if client.renames_directories() {
+                client
+                    .rename_directory(from_path.clone(), to.clone(), replace)
+                    .map_err(|e| status_of(&e))?;
             } else {
-                nix::fcntl::RenameFlags::RENAME_NOREPLACE
-            };
-            nix::fcntl::renameat2(from_dir, from_leaf, &to_dir, to_leaf, flags)
-                .map_err(errno_status)?;
+                // An older filterd: renamed here, and a file open below
+                // keeps the path it was opened by.
+                let flags = if replace {
+                    nix::fcntl::RenameFlags::empty()
+                } else {
+                    nix::fcntl::RenameFlags::RENAME_NOREPLACE
+                };
+                nix::fcntl::renameat2(from_dir, from_leaf.as_str(), &to_dir, to_leaf, flags)
+                    .map_err(errno_status)?;
+            }
+            sh.dir_shares.renamed((me.st_dev, me.st_ino), to.as_str());
         }
     }
     if let Some(o) = c.opens.get_mut(&id) {

@@ -263,6 +263,10 @@ fn opens_allowed() -> usize {
     shimline::descriptors::opens_allowed(MAX_CONNECTIONS * DESCRIPTORS_PER_CONNECTION)
 }
 
+/// What rksmbd asks filterd for beyond the attachment's own: directory
+/// renames that know the handles below them.
+const FEATURES: u64 = libfilter::proto::FEATURE_RENAME_DIRECTORY;
+
 /// Attaches to filterd, listens, serves forever.
 pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -270,7 +274,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         filter,
         Protocol::new(libfilter::lease::MSFSA_PROTOCOL)?,
         InstanceName::new(instance)?,
-        0,
+        FEATURES,
         shimline::cli::FILTERD_START_WAIT,
         &mut shimline::cli::say_waiting_for_filterd(
             "rksmbd",
@@ -342,10 +346,11 @@ pub struct Harness(Arc<Shared>, AtomicU64);
 impl Harness {
     /// Attaches to filterd at `filter` as instance `instance`.
     pub fn attach(filter: &Path, instance: &str, config: Config) -> anyhow::Result<Harness> {
-        let attach = Attachment::connect(
+        let attach = Attachment::connect_with(
             filter,
             Protocol::new(libfilter::lease::MSFSA_PROTOCOL)?,
             InstanceName::new(instance)?,
+            FEATURES,
         )?;
         Ok(Harness(start(attach, config)?, AtomicU64::new(1)))
     }
