@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 
-from raw_channel import READ, SUCCESS, check, cmac_sign, finish, flooding_channels, open_file
+from raw_channel import READ, SUCCESS, charge_for, check, cmac_sign, finish, flooding_channels, open_file
 
 SIZE = 1 << 20
 CHANNELS = 3
@@ -49,7 +49,7 @@ def main():
             served[i] += 1
             if stop.is_set():
                 return
-            raw.send(cmac_sign(key, raw.header(READ, sid, tid=tid) + body))
+            raw.send(cmac_sign(key, raw.header(READ, sid, tid=tid, charge=charge_for(SIZE)) + body))
 
     threads = [threading.Thread(target=busy, args=(i, r, k), daemon=True) for i, (r, k) in enumerate(chans)]
     for t in threads:

@@ -18,7 +18,7 @@ Prints one line per step; exits non-zero on any failure.
 import struct
 import uuid
 
-from raw_channel import CLOSE, ECHO, READ, SUCCESS, check, cmac_sign, flooding_channels
+from raw_channel import CLOSE, ECHO, READ, SUCCESS, charge_for, check, cmac_sign, flooding_channels
 
 SIZE = 1 << 20
 READS = 8
@@ -35,7 +35,7 @@ def main():
         last = i + 1 == READS
         msg_len = 64 + len(body)
         padded = msg_len if last else (msg_len + 7) // 8 * 8
-        msg = raw.header(READ, sid, next_command=0 if last else padded, tid=tid) + body
+        msg = raw.header(READ, sid, next_command=0 if last else padded, tid=tid, charge=charge_for(SIZE)) + body
         msg += b"\0" * (padded - msg_len)
         pdu += cmac_sign(key, msg)
     raw.send(pdu)

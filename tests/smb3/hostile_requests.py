@@ -24,6 +24,7 @@ INVALID_PARAMETER = 0xC000000D
 FLAG_RELATED = 0x4
 NOT_FOUND = 0xC0000034
 NO_SUCH_FILE = 0xC000000F
+END_OF_FILE = 0xC0000011
 EVERY = (uuid.UUID(int=0), uuid.UUID(int=0))
 
 
@@ -192,6 +193,27 @@ def main():
     st = c.answer(ioctl)
     check(st is not None and st[0] != SUCCESS, f"an IOCTL input past the message: an error ({st})")
     check(c.exists("data.bin"), "the connection still serves its opens")
+
+    # A CreditCharge must cover the payload, a credit per 64 KiB begun
+    # (3.3.5.2.5): a 70 000-byte WRITE or READ charging one credit (or
+    # none) is STATUS_INVALID_PARAMETER and writes nothing; charging two,
+    # it goes. Before, rksmbd took any charge.
+    big = bytes(range(256)) * 273 + b"\1" * 112
+    def write_big(charge):
+        h = c.header(WRITE, credit_charge=charge)
+        return c.answer(h + struct.pack("<HHIQ", 49, 64 + 48, len(big), 0) + fid + struct.pack("<IIHHI", 0, 0, 0, 0, 0) + big)
+    def read_big(charge):
+        h = c.header(READ, credit_charge=charge)
+        return c.answer(h + struct.pack("<HBBIQ", 49, 0, 0, len(big), 0) + fid + struct.pack("<IIIHH", 0, 0, 0, 0, 0) + b"\0")
+    for charge in (0, 1):
+        st = write_big(charge)
+        check(st == [INVALID_PARAMETER], f"a {len(big)}-byte WRITE charging {charge}: STATUS_INVALID_PARAMETER ({st})")
+    check(read_big(2) == [END_OF_FILE], "nothing was written")
+    check(write_big(2) == [SUCCESS], f"a {len(big)}-byte WRITE charging 2 goes")
+    for charge in (0, 1):
+        st = read_big(charge)
+        check(st == [INVALID_PARAMETER], f"a {len(big)}-byte READ charging {charge}: STATUS_INVALID_PARAMETER ({st})")
+    check(read_big(2) == [SUCCESS], f"a {len(big)}-byte READ charging 2 goes")
 
     # A QUERY_DIRECTORY pattern of 32 000 characters (16 000 × "a*"): more
     # than 255 fixed characters match no name, so the listing is empty and

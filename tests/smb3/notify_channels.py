@@ -27,6 +27,7 @@ from raw_channel import (
     SUCCESS,
     Raw,
     bind,
+    charge_for,
     check,
     cmac_sign,
     connect_share,
@@ -49,7 +50,7 @@ def main():
     check(st == SUCCESS, "H opened big.bin")
     fid = r[128:144]
     wr = struct.pack("<HHIQ16sIIHHI", 49, 112, SIZE, 0, fid, 0, 0, 0, 0, 0) + b"q" * SIZE
-    st, _ = h.call(cmac_sign(key, h.header(WRITE, sid, tid=tid) + wr))
+    st, _ = h.call(cmac_sign(key, h.header(WRITE, sid, tid=tid, charge=charge_for(SIZE)) + wr))
     check(st == SUCCESS, "H wrote 256 KiB")
     body = create_body("nd", access=0x1, attributes=0x10, disposition=3, options=0x1)
     st, r = h.call(cmac_sign(key, h.header(CREATE, sid, tid=tid) + body))
@@ -85,11 +86,11 @@ def main():
         c.s.settimeout(None)
         try:
             for _ in range(READS):
-                c.send(cmac_sign(ckey, c.header(READ, sid, tid=tid) + read))
+                c.send(cmac_sign(ckey, c.header(READ, sid, tid=tid, charge=charge_for(SIZE)) + read))
             while not stop.is_set():
                 c.recv()
                 served[0] += 1
-                c.send(cmac_sign(ckey, c.header(READ, sid, tid=tid) + read))
+                c.send(cmac_sign(ckey, c.header(READ, sid, tid=tid, charge=charge_for(SIZE)) + read))
         except Exception:
             pass
 

@@ -34,6 +34,7 @@ from raw_channel import (
     SUCCESS,
     CREATE,
     Raw,
+    charge_for,
     check,
     cmac_sign,
     connect_share,
@@ -80,7 +81,7 @@ def main():
     x.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     read = struct.pack("<HBBIQ16sIIIHH", 49, 0, 0, SIZE, 0, file_id, 0, 0, 0, 0, 0) + b"\0"
     for _ in range(READS):
-        x.send(cmac_sign(key, x.header(READ, sid, tid=tid) + read))
+        x.send(cmac_sign(key, x.header(READ, sid, tid=tid, charge=charge_for(SIZE)) + read))
     print(f"X sent {READS} READs of 1 MiB and reads nothing", flush=True)
 
     # 1. FILES files appear in watched/ (made in the export directly: fast

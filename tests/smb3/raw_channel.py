@@ -99,12 +99,16 @@ class Raw:
         st, _ = self.call(self.header(NEGOTIATE, 0) + body)
         check(st == SUCCESS, "raw connection negotiated SMB 3.0.2")
 
-    def header(self, cmd, sid, next_command=0, tid=0, mid=None):
+    def header(self, cmd, sid, next_command=0, tid=0, mid=None, charge=1):
+        """A request header with the next `charge` message ids (a
+        multi-credit request's CreditCharge, see `charge_for`), asking for
+        as many credits as a client may hold, so that floods of large
+        READs have the credits they charge."""
         if mid is None:
             mid = self.mid
-            self.mid += 1
+            self.mid += charge
         return struct.pack(
-            "<4sHHIHHIIQIIQ16s", b"\xfeSMB", 64, 1, 0, cmd, 64, 0, next_command, mid, 0, tid, sid, b"\0" * 16
+            "<4sHHIHHIIQIIQ16s", b"\xfeSMB", 64, charge, 0, cmd, 8192, 0, next_command, mid, 0, tid, sid, b"\0" * 16
         )
 
     def send(self, pdu):
@@ -255,6 +259,12 @@ def server_side_established(port):
     return False
 
 
+def charge_for(size):
+    """The CreditCharge of a READ or WRITE of `size` bytes: a credit per
+    64 KiB begun (MS-SMB2 3.1.5.2; rksmbd refuses less, 3.3.5.2.5)."""
+    return max(1, (size - 1) // 65536 + 1)
+
+
 def flooding_channels(guid, count, reads, fill):
     """Session S1 of USER on an smbprotocol connection of client `guid`, a
     1 MiB file big.bin of `fill` bytes opened on it, and `count` raw
@@ -275,7 +285,7 @@ def flooding_channels(guid, count, reads, fill):
         chans.append((raw, key))
     for raw, key in chans:
         for _ in range(reads):
-            raw.send(cmac_sign(key, raw.header(READ, sid, tid=tid) + body))
+            raw.send(cmac_sign(key, raw.header(READ, sid, tid=tid, charge=charge_for(size)) + body))
     return conn, s1, tree, big, chans
 
 

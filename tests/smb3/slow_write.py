@@ -15,7 +15,7 @@ import struct
 import time
 import uuid
 
-from raw_channel import CREATE, SUCCESS, Raw, check, cmac_sign, connect_share, create_body
+from raw_channel import CREATE, SUCCESS, Raw, charge_for, check, cmac_sign, connect_share, create_body
 
 WRITE = 9
 SIZE = 1 << 20
@@ -30,7 +30,7 @@ def main():
     check(st == SUCCESS, "opened slow.bin")
     fid = x[128:144]
     body = struct.pack("<HHIQ16sIIHHI", 49, 112, SIZE, 0, fid, 0, 0, 0, 0, 0) + b"s" * SIZE
-    pdu = cmac_sign(key, r.header(WRITE, sid, tid=tid) + body)
+    pdu = cmac_sign(key, r.header(WRITE, sid, tid=tid, charge=charge_for(SIZE)) + body)
     frame = struct.pack(">I", len(pdu)) + pdu
     started = time.monotonic()
     chunk = int(RATE * STEP)

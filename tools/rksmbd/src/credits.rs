@@ -12,6 +12,8 @@
 
 use std::collections::BTreeSet;
 
+use crate::wire::Command;
+
 /// Credits a client may hold at once (clients treat more than 65535 as a
 /// broken server). One response may grant them all: smbtorture's
 /// smb2.credits asks for 65535 in one request and wants at least 8192
@@ -91,10 +93,80 @@ impl Credits {
     }
 }
 
+/// The larger of what a request sends and what its response may carry,
+/// for the commands whose CreditCharge must cover it (MS-SMB2 3.3.5.2.5):
+/// READ and WRITE their Length, IOCTL its input and output buffers against
+/// its MaxInputResponse + MaxOutputResponse, QUERY_DIRECTORY and
+/// CHANGE_NOTIFY their OutputBufferLength, QUERY_INFO the larger of its
+/// input and output lengths, SET_INFO its BufferLength. `None` for other
+/// commands, and for a body too short to hold the field (the command
+/// itself refuses that).
+pub fn payload_size(cmd: Command, body: &[u8]) -> Option<u64> {
+    let at = |o: usize| -> Option<u64> {
+        let b: [u8; 4] = body.get(o..o + 4)?.try_into().ok()?;
+        Some(u64::from(u32::from_le_bytes(b)))
+    };
+    match cmd {
+        Command::Read | Command::Write | Command::ChangeNotify | Command::SetInfo => at(4),
+        Command::QueryDirectory => at(28),
+        Command::QueryInfo => Some(at(4)?.max(at(12)?)),
+        Command::Ioctl => {
+            let sent = at(28)? + at(40)?;
+            let expected = at(32)? + at(44)?;
+            Some(sent.max(expected))
+        }
+        _ => None,
+    }
+}
+
+/// Whether a CreditCharge covers `size` bytes of payload (3.3.5.2.5): one
+/// credit for every 64 KiB begun, a charge of 0 counting as one. A request
+/// it does not cover is `STATUS_INVALID_PARAMETER`: without the check a
+/// client could move megabytes on the message ids of one credit.
+pub fn charge_covers(charge: u16, size: u64) -> bool {
+    size.saturating_sub(1) / 65_536 < u64::from(charge.max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_charge_covers_64_kib_a_credit() {
+        for (charge, size, covered) in [
+            (0, 0, true),
+            (0, 65_536, true),
+            (0, 65_537, false),
+            (1, 65_536, true),
+            (1, 65_537, false),
+            (2, 131_072, true),
+            (2, 131_073, false),
+            (128, 8 << 20, true),
+            (127, 8 << 20, false),
+        ] {
+            assert_eq!(charge_covers(charge, size), covered, "{charge} {size}");
+        }
+    }
+
+    #[test]
+    fn payload_sizes_come_from_each_commands_fields() {
+        let mut body = vec![0u8; 56];
+        body[4..8].copy_from_slice(&100_000u32.to_le_bytes());
+        body[12..16].copy_from_slice(&200_000u32.to_le_bytes());
+        body[28..32].copy_from_slice(&300_000u32.to_le_bytes());
+        body[32..36].copy_from_slice(&1u32.to_le_bytes());
+        body[40..44].copy_from_slice(&5u32.to_le_bytes());
+        body[44..48].copy_from_slice(&65_536u32.to_le_bytes());
+        assert_eq!(payload_size(Command::Read, &body), Some(100_000));
+        assert_eq!(payload_size(Command::Write, &body), Some(100_000));
+        assert_eq!(payload_size(Command::QueryInfo, &body), Some(200_000));
+        assert_eq!(payload_size(Command::QueryDirectory, &body), Some(300_000));
+        // IOCTL: input 300 000 + output 5 sent, 1 + 65 536 expected.
+        assert_eq!(payload_size(Command::Ioctl, &body), Some(300_005));
+        assert_eq!(payload_size(Command::Create, &body), None);
+        assert_eq!(payload_size(Command::Ioctl, &body[..40]), None);
+    }
 
     #[test]
     fn ids_are_used_once_each_and_only_when_granted() {

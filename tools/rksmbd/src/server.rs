@@ -1824,6 +1824,19 @@ impl Connection {
                     }
                     _ => {
                         self.tree_of(req)?;
+                        // Every dialect served is multi-credit: a request's
+                        // charge must cover its payload (3.3.5.2.5).
+                        if let Some(size) = crate::credits::payload_size(cmd, req.body) {
+                            if !crate::credits::charge_covers(req.hdr.credit_charge, size) {
+                                tracing::debug!(
+                                    conn = self.id,
+                                    charge = req.hdr.credit_charge,
+                                    size,
+                                    "credit charge does not cover the payload"
+                                );
+                                return Err(status::INVALID_PARAMETER);
+                            }
+                        }
                         match cmd {
                             Command::TreeDisconnect => self.tree_disconnect(req),
                             Command::Ioctl => self.ioctl(req, file),
