@@ -325,6 +325,8 @@ impl FilterClient {
         instance: InstanceName,
         features: u64,
     ) -> Result<Self, ClientError> {
+        // Always asked for: it only tells `open` what it may send.
+        let features = features | proto::FEATURE_SHARE_EXEMPT;
         Self::connect_with(path, Role::Frontend { protocol, instance }, features)
     }
 
@@ -841,13 +843,23 @@ impl FilterClient {
 
     /// Opens a file.
     pub fn open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
-        Self::expect_opened(self.call(Request::Open(req))?)
+        Self::expect_opened(self.call(Request::Open(self.understood(req)))?)
     }
 
     /// Re-sends an open after a failure: returns the original open if the
     /// client's create GUID names one, else opens.
     pub fn replay_open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
-        Self::expect_opened(self.call(Request::ReplayOpen(req))?)
+        Self::expect_opened(self.call(Request::ReplayOpen(self.understood(req)))?)
+    }
+
+    /// `req` as this daemon understands it: without `share_exempt` when
+    /// the hello did not grant [`proto::FEATURE_SHARE_EXEMPT`] (an older
+    /// daemon refuses the flag).
+    fn understood(&self, mut req: OpenRequest) -> OpenRequest {
+        if self.hello.features & proto::FEATURE_SHARE_EXEMPT == 0 {
+            req.share_exempt = false;
+        }
+        req
     }
 
     /// Records the reply of a mutating request (durable before this returns,
@@ -1610,15 +1622,25 @@ pub(crate) mod tests {
 
     /// Reads a client's hello on `c` and answers it.
     fn answer_hello(c: &OwnedFd, buf: &mut [u8]) {
-        let _ = sys::recv_packet(c.as_fd(), buf).expect("hello");
+        answer_hello_granting(c, buf, 0);
+    }
+
+    /// Reads a client's hello on `c`, answers it granting `granted`, and
+    /// returns the features it asked for.
+    fn answer_hello_granting(c: &OwnedFd, buf: &mut [u8], granted: u64) -> u64 {
+        let asked = match sys::recv_packet(c.as_fd(), buf).expect("hello") {
+            Packet::Data { len, .. } => proto::decode_hello(&buf[..len]).map_or(0, |h| h.features),
+            _ => 0,
+        };
         let reply = ServerFrame::Hello(HelloReply {
             version: proto::PROTO_VERSION,
-            features: 0,
+            features: granted,
             epoch: 1,
             pid: 1,
         });
         sys::send_packet(c.as_fd(), &proto::encode(&reply).expect("encode"), None)
             .expect("send hello");
+        asked
     }
 
     /// A fake daemon on a fresh socket: accepts one client, answers its
@@ -1632,6 +1654,20 @@ pub(crate) mod tests {
         std::path::PathBuf,
         std::thread::JoinHandle<()>,
     ) {
+        fake_daemon_granting(0, move |c, buf, _| serve(c, buf))
+    }
+
+    /// [`fake_daemon`] granting `granted` in the hello; `serve` also gets
+    /// the features the client asked for, and the thread returns what it
+    /// returns.
+    fn fake_daemon_granting<T: Send + 'static>(
+        granted: u64,
+        serve: impl FnOnce(OwnedFd, &mut [u8], u64) -> T + Send + 'static,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::thread::JoinHandle<T>,
+    ) {
         let dir = std::env::temp_dir().join(format!("rkf-lf-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("s");
@@ -1639,8 +1675,8 @@ pub(crate) mod tests {
         let daemon = std::thread::spawn(move || {
             let mut buf = vec![0u8; MAX_FRAME + 1];
             let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
-            answer_hello(&c, &mut buf);
-            serve(c, &mut buf);
+            let asked = answer_hello_granting(&c, &mut buf, granted);
+            serve(c, &mut buf, asked)
         });
         (dir, path, daemon)
     }
@@ -1884,6 +1920,60 @@ pub(crate) mod tests {
     }
 
     /// A non-durable handle `key` opened (or resumed) by a fake daemon.
+    /// An exempt open goes to a daemon that granted
+    /// `FEATURE_SHARE_EXEMPT` with its flag, and to one that did not (an
+    /// older daemon, which refuses the compact flag as unknown) without
+    /// it; a frontend's hello always asks for the bit.
+    #[test]
+    fn share_exempt_goes_only_to_a_daemon_that_knows_it() {
+        use crate::model::{Access, ClientId, Disposition, Durability, RelPath, Rights};
+        for granted in [0, proto::FEATURE_SHARE_EXEMPT] {
+            let (dir, path, daemon) = fake_daemon_granting(granted, |c, buf, asked| {
+                let Ok(Packet::Data { len, .. }) = sys::recv_packet(c.as_fd(), buf) else {
+                    panic!("no open");
+                };
+                let f = proto::decode_request(&buf[..len]).expect("request");
+                let Request::Open(o) = f.req else {
+                    panic!("{:?}", f.req)
+                };
+                let refused = ServerFrame::Reply {
+                    id: Some(f.id),
+                    result: Err(WireError::new(ErrorCode::NotFound, "fake")),
+                };
+                sys::send_packet(c.as_fd(), &proto::encode(&refused).expect("encode"), None)
+                    .expect("send reply");
+                (asked, o.share_exempt)
+            });
+            let c = FilterClient::connect_frontend_with(
+                &path,
+                Protocol::new("smb3").expect("protocol"),
+                InstanceName::new("x").expect("instance"),
+                0,
+            )
+            .expect("connect");
+            let req = OpenRequest {
+                share_exempt: true,
+                ..OpenRequest::new(
+                    ClientId::new("c").expect("client"),
+                    RelPath::new("f").expect("path"),
+                    Access::new(Rights::READ).expect("access"),
+                    Rights::ALL,
+                    Disposition::Open,
+                    Durability::None,
+                )
+            };
+            assert!(c.open(req).is_err(), "the fake daemon refuses every open");
+            let (asked, sent) = daemon.join().expect("daemon");
+            assert_ne!(
+                asked & proto::FEATURE_SHARE_EXEMPT,
+                0,
+                "the hello asks for the bit"
+            );
+            assert_eq!(sent, granted != 0, "granted {granted}: flag sent {sent}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     fn opened(key: ResumeKey) -> Reply {
         use crate::model::{CreateAction, Durability};
         Reply::Opened(Opened {

@@ -39,7 +39,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_COMPACT_RECORDS
     | FEATURE_RETRY_CODE
     | FEATURE_RESYNCED
-    | FEATURE_RENAME_DIRECTORY;
+    | FEATURE_RENAME_DIRECTORY
+    | FEATURE_SHARE_EXEMPT;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -142,6 +143,12 @@ pub const FEATURE_RESYNCED: u64 = 32;
 /// request `BadFrame`; a frontend then renames directories itself, and a
 /// handle below one keeps the path it was opened by.
 pub const FEATURE_RENAME_DIRECTORY: u64 = 64;
+/// Feature: the daemon knows [`OpenRequest::share_exempt`]. A daemon
+/// without it refuses the compact open flag for it as unknown
+/// (`BadFrame`), so [`crate::client::FilterClient`] always asks for the bit
+/// and, when it is not granted, sends such an open without the flag: the
+/// open then takes part in sharing, as every open did before.
+pub const FEATURE_SHARE_EXEMPT: u64 = 128;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Listings are cut into pages of about this many bytes, so every reply
