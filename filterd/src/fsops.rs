@@ -1230,4 +1230,32 @@ mod tests {
         let got = open_or_create(&path, || errno(libc::EACCES), a_descriptor);
         assert!(matches!(got, Err(RaceError::Io(e)) if e.raw_os_error() == Some(libc::EACCES)));
     }
+
+    /// A directory is renamed beneath the root; a file is not a directory;
+    /// a non-empty target or a target inside the directory is refused as
+    /// Windows refuses them; a missing one is not found.
+    #[test]
+    fn directories_are_renamed_and_what_is_not_one_is_refused() {
+        let dir =
+            std::env::temp_dir().join(format!("rkf-rendir-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(dir.join("d/sub")).unwrap();
+        std::fs::create_dir_all(dir.join("full/x")).unwrap();
+        std::fs::create_dir_all(dir.join("empty")).unwrap();
+        std::fs::write(dir.join("f"), b"").unwrap();
+        let root: OwnedFd = std::fs::File::open(&dir).unwrap().into();
+        let p = |s: &str| RelPath::new(s).unwrap();
+        let ren = |from: &str, to: &str, replace| {
+            rename_directory(root.as_fd(), &p(from), &p(to), replace, &|| {}).map_err(|e| e.code)
+        };
+        assert_eq!(ren("f", "g", false), Err(ErrorCode::NotAFile));
+        assert_eq!(ren("nope", "g", false), Err(ErrorCode::NotFound));
+        assert_eq!(ren("d", "d/sub/d", false), Err(ErrorCode::AccessDenied));
+        assert_eq!(ren("d", "full", true), Err(ErrorCode::AccessDenied));
+        assert_eq!(ren("d", "empty", false), Err(ErrorCode::Collision));
+        assert_eq!(ren("d", "e", false), Ok(()));
+        assert!(dir.join("e/sub").is_dir() && !dir.join("d").exists());
+        assert_eq!(ren("e", "empty", true), Ok(()));
+        assert!(dir.join("empty/sub").is_dir());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

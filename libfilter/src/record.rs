@@ -191,6 +191,19 @@ pub fn encode_record_v1_json<T: StoredRecord>(item: &T) -> Result<Vec<u8>, Recor
     Ok(v)
 }
 
+/// A version-3 or -4 body: the version-2 mirror, then the added fields in
+/// that version's layout `E`, then nothing.
+fn decode_extended<T: StoredRecord, E: DeserializeOwned + Into<T::Ext>>(
+    body: &[u8],
+) -> Result<T, RecordError> {
+    let (v2, rest) = postcard::take_from_bytes::<T::V2<'_>>(body).map_err(RecordError::Binary)?;
+    let (ext, rest) = postcard::take_from_bytes::<E>(rest).map_err(RecordError::Binary)?;
+    if !rest.is_empty() {
+        return Err(RecordError::Trailing(rest.len()));
+    }
+    T::from_v2(v2).map(|r| r.with_ext(ext.into()))
+}
+
 /// Decodes a stored record of any version this build reads.
 pub fn decode_record<T: StoredRecord>(bytes: &[u8]) -> Result<T, RecordError> {
     match bytes.split_first() {
@@ -203,26 +216,8 @@ pub fn decode_record<T: StoredRecord>(bytes: &[u8]) -> Result<T, RecordError> {
             }
             T::from_v2(v2)
         }
-        Some((&RECORD_V3_POSTCARD, body)) => {
-            let (v2, rest) =
-                postcard::take_from_bytes::<T::V2<'_>>(body).map_err(RecordError::Binary)?;
-            let (ext, rest) =
-                postcard::take_from_bytes::<T::V3Ext>(rest).map_err(RecordError::Binary)?;
-            if !rest.is_empty() {
-                return Err(RecordError::Trailing(rest.len()));
-            }
-            T::from_v2(v2).map(|r| r.with_ext(ext.into()))
-        }
-        Some((&RECORD_V4_POSTCARD, body)) => {
-            let (v2, rest) =
-                postcard::take_from_bytes::<T::V2<'_>>(body).map_err(RecordError::Binary)?;
-            let (ext, rest) =
-                postcard::take_from_bytes::<T::Ext>(rest).map_err(RecordError::Binary)?;
-            if !rest.is_empty() {
-                return Err(RecordError::Trailing(rest.len()));
-            }
-            T::from_v2(v2).map(|r| r.with_ext(ext))
-        }
+        Some((&RECORD_V3_POSTCARD, body)) => decode_extended::<T, T::V3Ext>(body),
+        Some((&RECORD_V4_POSTCARD, body)) => decode_extended::<T, T::Ext>(body),
         Some((&RECORD_V1_JSON, body)) => serde_json::from_slice(body).map_err(RecordError::Json),
         Some((b'{', _)) => serde_json::from_slice(bytes).map_err(RecordError::Json),
         Some((&v, _)) => Err(RecordError::UnknownVersion(v)),
