@@ -569,6 +569,27 @@ fn paths_cannot_leave_the_root() {
         Durability::None,
     ))
     .unwrap();
+    // A directory rename neither follows a final symlink nor resolves its
+    // source or target through one that leaves the root (session 23).
+    std::fs::create_dir(s.root().join("mv")).unwrap();
+    let p = |p: &str| RelPath::new(p).unwrap();
+    for (from, to, code) in [
+        ("etc-link", "renamed-etc", ErrorCode::NotAFile),
+        ("etc-link/ssl", "ssl", ErrorCode::AccessDenied),
+        (
+            "mv",
+            "etc-link/rkf-should-not-exist",
+            ErrorCode::AccessDenied,
+        ),
+    ] {
+        let r = fe.rename_directory(p(from), p(to), false);
+        assert_eq!(r.unwrap_err().code(), Some(code), "{from} → {to}");
+    }
+    assert!(!std::path::Path::new("/etc/rkf-should-not-exist").exists());
+    assert!(s.root().join("mv").is_dir() && std::path::Path::new("/etc").is_dir());
+    assert!(std::fs::symlink_metadata(s.root().join("etc-link"))
+        .unwrap()
+        .is_symlink());
     // `..` and absolute paths never reach the daemon as a RelPath, and the
     // daemon refuses them when a peer sends them raw.
     for p in ["../etc/passwd", "/etc/passwd", "a/../../b"] {
