@@ -1114,12 +1114,16 @@ fn rename_flags(replace: bool) -> nix::fcntl::RenameFlags {
 
 /// Renames directory `from` to `to`, beneath the root; `replace` lets it
 /// replace an empty directory at `to` (the kernel refuses a non-empty one
-/// or a file). `fence` runs right before the `renameat2`.
+/// or a file). With `expect`, `from` must name that directory: a
+/// frontend's open that names its directory by a path gone stale (renamed
+/// away, another directory made at the name) must not move another one.
+/// `fence` runs right before the `renameat2`.
 pub fn rename_directory(
     root: BorrowedFd<'_>,
     from: &RelPath,
     to: &RelPath,
     replace: bool,
+    expect: Option<FileId>,
     fence: Fence<'_>,
 ) -> Result<(), WireError> {
     let (fdir, fleaf) = parent_and_leaf(root, from)?;
@@ -1133,6 +1137,16 @@ pub fn rename_directory(
         return Err(WireError::new(
             ErrorCode::NotAFile,
             format!("{from}: not a directory"),
+        ));
+    }
+    let found = FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
+    if expect.is_some_and(|e| e != found) {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("{from}: no longer names the open directory"),
         ));
     }
     let (tdir, tleaf) = parent_and_leaf(root, to)?;
@@ -1233,7 +1247,8 @@ mod tests {
 
     /// A directory is renamed beneath the root; a file is not a directory;
     /// a non-empty target or a target inside the directory is refused as
-    /// Windows refuses them; a missing one is not found.
+    /// Windows refuses them; a missing one is not found, and so is one
+    /// that is not the directory expected (an open's stale path).
     #[test]
     fn directories_are_renamed_and_what_is_not_one_is_refused() {
         let dir =
@@ -1244,15 +1259,29 @@ mod tests {
         std::fs::write(dir.join("f"), b"").unwrap();
         let root: OwnedFd = std::fs::File::open(&dir).unwrap().into();
         let p = |s: &str| RelPath::new(s).unwrap();
-        let ren = |from: &str, to: &str, replace| {
-            rename_directory(root.as_fd(), &p(from), &p(to), replace, &|| {}).map_err(|e| e.code)
+        let id = |d: &str| {
+            let st = std::fs::metadata(dir.join(d)).unwrap();
+            std::os::unix::fs::MetadataExt::ino(&st)
         };
+        let (d_ino, full_ino) = (id("d"), id("full"));
+        let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&dir).unwrap());
+        let ren_expecting = |from: &str, to: &str, replace, ino: Option<u64>| {
+            let expect = ino.map(|ino| FileId { dev, ino });
+            rename_directory(root.as_fd(), &p(from), &p(to), replace, expect, &|| {})
+                .map_err(|e| e.code)
+        };
+        let ren = |from: &str, to: &str, replace| ren_expecting(from, to, replace, None);
+        assert_eq!(
+            ren_expecting("d", "e", false, Some(full_ino)),
+            Err(ErrorCode::NotFound)
+        );
+        assert!(dir.join("d").is_dir(), "the other directory stays");
         assert_eq!(ren("f", "g", false), Err(ErrorCode::NotAFile));
         assert_eq!(ren("nope", "g", false), Err(ErrorCode::NotFound));
         assert_eq!(ren("d", "d/sub/d", false), Err(ErrorCode::AccessDenied));
         assert_eq!(ren("d", "full", true), Err(ErrorCode::AccessDenied));
         assert_eq!(ren("d", "empty", false), Err(ErrorCode::Collision));
-        assert_eq!(ren("d", "e", false), Ok(()));
+        assert_eq!(ren_expecting("d", "e", false, Some(d_ino)), Ok(()));
         assert!(dir.join("e/sub").is_dir() && !dir.join("d").exists());
         assert_eq!(ren("e", "empty", true), Ok(()));
         assert!(dir.join("empty/sub").is_dir());

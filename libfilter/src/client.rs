@@ -1059,14 +1059,21 @@ impl FilterClient {
     }
 
     /// Renames directory `from` to `to` ([`Request::RenameDirectory`]):
-    /// refused `AccessDenied` while a handle was opened below it.
+    /// refused `AccessDenied` while a handle was opened below it, and
+    /// `NotFound` when `from` no longer names directory `expect`.
     pub fn rename_directory(
         &self,
         from: crate::model::RelPath,
         to: crate::model::RelPath,
         replace: bool,
+        expect: Option<crate::model::FileId>,
     ) -> Result<(), ClientError> {
-        Self::expect_done(self.call(Request::RenameDirectory { from, to, replace })?)
+        Self::expect_done(self.call(Request::RenameDirectory {
+            from,
+            to,
+            replace,
+            expect,
+        })?)
     }
 
     /// Locks and unlocks byte ranges, all or nothing.

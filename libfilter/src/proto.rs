@@ -472,9 +472,11 @@ pub enum Request {
     /// handle's stored path goes stale. The check and the `renameat2` are
     /// one step of the engine, so no open below can slip between them. A
     /// directory rename changes nothing stored: not bracketed, not
-    /// recorded. `from` must name a directory (`NotAFile` otherwise);
-    /// `replace` lets it replace an empty directory. Needs
-    /// [`FEATURE_RENAME_DIRECTORY`]. Frontend only.
+    /// recorded. `from` must name a directory (`NotAFile` otherwise) and,
+    /// with `expect`, that very directory (`NotFound` otherwise: the
+    /// frontend's open names it by a path gone stale); `replace` lets it
+    /// replace an empty directory. Needs [`FEATURE_RENAME_DIRECTORY`].
+    /// Frontend only.
     RenameDirectory {
         /// The directory.
         from: RelPath,
@@ -483,6 +485,9 @@ pub enum Request {
         /// Replace an existing (empty) directory at `to`.
         #[serde(default)]
         replace: bool,
+        /// The directory `from` must name (the frontend's open of it).
+        #[serde(default)]
+        expect: Option<FileId>,
     },
     /// Byte-range locks, a page at a time (by file id).
     Locks {
@@ -2543,8 +2548,14 @@ mod binary_tests {
             }),
             file().prop_map(|file| Request::LockHintAck { file }),
             (path(), record_spec()).prop_map(|(path, record)| Request::Remove { path, record }),
-            (path(), path(), any::<bool>())
-                .prop_map(|(from, to, replace)| { Request::RenameDirectory { from, to, replace } }),
+            (path(), path(), any::<bool>(), proptest::option::of(file())).prop_map(
+                |(from, to, replace, expect)| Request::RenameDirectory {
+                    from,
+                    to,
+                    replace,
+                    expect
+                }
+            ),
             proptest::option::of(file()).prop_map(|after| Request::Locks { after }),
         ]
     }

@@ -582,7 +582,7 @@ fn paths_cannot_leave_the_root() {
             ErrorCode::AccessDenied,
         ),
     ] {
-        let r = fe.rename_directory(p(from), p(to), false);
+        let r = fe.rename_directory(p(from), p(to), false, None);
         assert_eq!(r.unwrap_err().code(), Some(code), "{from} → {to}");
     }
     assert!(!std::path::Path::new("/etc/rkf-should-not-exist").exists());

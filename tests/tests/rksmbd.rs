@@ -760,6 +760,35 @@ fn a_rename_to_the_own_name_succeeds() {
     no_handles_left(&d);
 }
 
+/// A directory open whose path went stale — a local process renamed the
+/// directory away and made another at its name — renames no other
+/// directory: STATUS_OBJECT_NAME_NOT_FOUND, and both directories stay
+/// where they are. Before, rksmbd renamed whatever the path named.
+#[test]
+fn a_directory_open_with_a_stale_path_renames_no_other_directory() {
+    let s = Scratch::new("rksmbd-stale-dir-rename");
+    let root = s.root();
+    std::fs::create_dir(root.join("a")).unwrap();
+    std::fs::write(root.join("a/old.txt"), "old").unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "stale_dir_rename.py",
+        std::time::Duration::from_secs(60),
+    );
+    script.expect("opened");
+    std::fs::rename(root.join("a"), root.join("b")).unwrap();
+    std::fs::create_dir(root.join("a")).unwrap();
+    script.say("go");
+    let st = script.expect("status ");
+    assert_eq!(st, "status 0xc0000034", "{}", script.log);
+    script.finish();
+    assert!(root.join("a").is_dir() && root.join("b/old.txt").is_file());
+    assert!(!root.join("c").exists(), "another directory was moved");
+    no_handles_left(&d);
+}
+
 /// A stat open (attributes only) holds an O_PATH descriptor from filterd:
 /// beside a share-none holder rksmbd serves its QUERY_INFO classes, its
 /// SET_INFO basic information (times and DOS attributes), FLUSH and CLOSE

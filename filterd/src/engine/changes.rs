@@ -123,13 +123,19 @@ impl Engine {
         from: RelPath,
         to: RelPath,
         replace: bool,
+        expect: Option<FileId>,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
         // A handle below whose removal is still committing comes back if
         // that commit fails: the request waits for it, and runs again.
         if let Some((seq, file)) = self.removal_pending_of(|r| is_below(&r.path, &from)) {
             self.wait_limit()?;
             self.wait_for_commit(seq, file);
-            let req = Request::RenameDirectory { from, to, replace };
+            let req = Request::RenameDirectory {
+                from,
+                to,
+                replace,
+                expect,
+            };
             self.waiting_changes.push((file, conn, req_id, req));
             return Ok(None);
         }
@@ -146,7 +152,7 @@ impl Engine {
                 format!("{from}: {path} is open below it"),
             ));
         }
-        self.fs.rename_directory(&from, &to, replace)?;
+        self.fs.rename_directory(&from, &to, replace, expect)?;
         Ok(Some((Reply::Done, None)))
     }
 

@@ -165,12 +165,14 @@ pub trait Fs: Send {
     ) -> Result<(), WireError>;
 
     /// Renames directory `from` to `to` (replacing an empty directory
-    /// there with `replace`); `NotAFile` when `from` is no directory.
+    /// there with `replace`); `NotAFile` when `from` is no directory,
+    /// `NotFound` when it is not `expect`.
     fn rename_directory(
         &self,
         from: &RelPath,
         to: &RelPath,
         replace: bool,
+        expect: Option<FileId>,
     ) -> Result<(), WireError>;
 
     /// Whether `path` names the file `expect` (and `kh`) now.
@@ -353,8 +355,9 @@ impl Fs for HostFs {
         from: &RelPath,
         to: &RelPath,
         replace: bool,
+        expect: Option<FileId>,
     ) -> Result<(), WireError> {
-        fsops::rename_directory(self.root(), from, to, replace, &|| self.fence())
+        fsops::rename_directory(self.root(), from, to, replace, expect, &|| self.fence())
     }
 
     fn names(&self, path: &RelPath, expect: FileId, kh: Option<&KernelHandle>) -> bool {

@@ -694,6 +694,8 @@ impl Fs for MemFs {
         from: &RelPath,
         to: &RelPath,
         replace: bool,
+        // Directories have no identity in the fake.
+        _expect: Option<FileId>,
     ) -> Result<(), WireError> {
         let mut st = self.st();
         if let Err(e) = st.check("rename") {

@@ -995,9 +995,14 @@ impl Engine {
                 let (protocol, _) = need_frontend()?;
                 self.rename(conn, req_id, &protocol, key, to, replace, record)
             }
-            Request::RenameDirectory { from, to, replace } => {
+            Request::RenameDirectory {
+                from,
+                to,
+                replace,
+                expect,
+            } => {
                 need_frontend()?;
-                self.rename_directory(conn, req_id, from, to, replace)
+                self.rename_directory(conn, req_id, from, to, replace, expect)
             }
             Request::SetEndOfFile { key, size, record } => {
                 let (protocol, _) = need_frontend()?;

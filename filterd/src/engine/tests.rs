@@ -3082,6 +3082,7 @@ fn a_directory_rename_is_refused_by_handles_below_and_waits_for_their_close() {
             from: RelPath::new("d").unwrap(),
             to: RelPath::new("e").unwrap(),
             replace: false,
+            expect: None,
         };
         let refused = h.run(mv());
         h.commit(true);

@@ -1268,15 +1268,31 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
             if sh.dir_shares.open_below(from_path.as_str()) {
                 return Err(status::ACCESS_DENIED);
             }
+            // The open's own directory, which its path may no longer
+            // name (renamed away, another directory made at the name):
+            // never another one is moved.
             let me = nix::sys::stat::fstat(fd.as_fd()).map_err(errno_status)?;
             let client = sh.filter.client();
             if client.renames_directories() {
+                let expect = libfilter::model::FileId {
+                    dev: me.st_dev,
+                    ino: me.st_ino,
+                };
                 client
-                    .rename_directory(from_path.clone(), to.clone(), replace)
+                    .rename_directory(from_path.clone(), to.clone(), replace, Some(expect))
                     .map_err(|e| status_of(&e))?;
             } else {
                 // An older filterd: renamed here, and a file open below
                 // keeps the path it was opened by.
+                let there = nix::sys::stat::fstatat(
+                    from_dir,
+                    from_leaf.as_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .map_err(errno_status)?;
+                if (there.st_dev, there.st_ino) != (me.st_dev, me.st_ino) {
+                    return Err(status::OBJECT_NAME_NOT_FOUND);
+                }
                 let flags = if replace {
                     nix::fcntl::RenameFlags::empty()
                 } else {
