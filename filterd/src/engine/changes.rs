@@ -95,6 +95,19 @@ impl Engine {
                 return self.wait_for_close(seq, f, conn, req_id, req);
             }
         }
+        let bracketed = persistent || self.has_persistent_handles(file);
+        // An intent names its file by kernel handle, also for a handle
+        // that keeps none (a non-durable one): recovery tells the renamed
+        // file from one created since under a reused inode number, and a
+        // file moved elsewhere meanwhile from one never renamed.
+        let kernel_handle = match kernel_handle {
+            None if needs_intent(bracketed, record.is_some()) => self
+                .handles
+                .get(&key)
+                .and_then(|h| h.fd.as_ref())
+                .and_then(|f| self.fs.file_handle_of(f.as_fd()).ok()),
+            kh => kh,
+        };
         let change = IntentChange::Rename {
             key,
             from,
@@ -104,12 +117,12 @@ impl Engine {
             record,
             kernel_handle,
         };
-        let bracketed = persistent || self.has_persistent_handles(file);
         self.run_change(conn, req_id, key, change, bracketed)
     }
 
     /// Renames directory `from` (`Request::RenameDirectory`): refused
-    /// while a handle was opened by a path below it — Windows refuses a
+    /// while a handle was opened by a path below it, or a rename, remove
+    /// or delete on close of a path below it is in progress — Windows refuses a
     /// directory rename while a file below is open, and a handle's stored
     /// path must not go stale (a later rename, remove or delete on close
     /// by that path would miss its file; a restart would list it under a
@@ -143,17 +156,38 @@ impl Engine {
             .handles
             .values()
             .find(|h| is_below(&h.rec.path, &from))
-            .map(|h| h.rec.path.clone());
+            .map(|h| h.rec.path.clone())
+            .or_else(|| self.change_in_progress_below(&from));
         if let Some(path) = open_below {
             // The refusal shows that handle, maybe still committing.
             self.depends_on_all();
             return Err(err(
                 ErrorCode::AccessDenied,
-                format!("{from}: {path} is open below it"),
+                format!("{from}: {path} below it is open or being changed"),
             ));
         }
         self.fs.rename_directory(&from, &to, replace, expect)?;
         Ok(Some((Reply::Done, None)))
+    }
+
+    /// A path at or below directory `dir` that a change in progress
+    /// names: a rename or remove whose intent is committing, or whose
+    /// intent is durable and whose system call has not run yet (a delete
+    /// on close whose handle's removal just committed among them). Moving
+    /// the directory under it would make that change miss its file, and
+    /// recovery take the path's emptiness for the change made.
+    fn change_in_progress_below(&self, dir: &RelPath) -> Option<RelPath> {
+        let at_or_below = |p: &RelPath| p == dir || is_below(p, dir);
+        self.parked.values().find_map(|p| match &p.change {
+            Some(IntentChange::Rename { from, to, .. }) => {
+                [from, to].into_iter().find(|p| at_or_below(p)).cloned()
+            }
+            Some(IntentChange::Remove { path, .. }) => at_or_below(path).then(|| path.clone()),
+            Some(IntentChange::TruncatingOpen { record, .. }) => {
+                at_or_below(&record.path).then(|| record.path.clone())
+            }
+            Some(IntentChange::SetSize { .. }) | None => None,
+        })
     }
 
     /// Truncates or extends the file of an attached handle.

@@ -107,8 +107,21 @@ impl Engine {
                         if let Some(r) = record {
                             finished.push(record_op(r));
                         }
-                    } else {
+                    } else if fs.names(&from, file, kernel_handle.as_ref()) {
                         warn!(resume_key = %key, %from, %to, "interrupted rename had not happened: dropped (a replay runs it)");
+                    } else {
+                        // The file is at neither name: moved or removed
+                        // while filterd was down, before or after the
+                        // rename — which, nothing says. Neither claimed
+                        // nor run again over whatever `from` names now.
+                        warn!(resume_key = %key, %from, %to, "interrupted rename: outcome unknown (the file is at neither name): not done again, its replay fails");
+                        self.stats.intents_unknown += 1;
+                        if let Some(r) = record {
+                            finished.push(record_op(RecordSpec {
+                                reply: OUTCOME_UNKNOWN.to_owned(),
+                                ..r
+                            }));
+                        }
                     }
                     finished.push(StoreOp::DeleteIntent(intent.id));
                 }
@@ -177,7 +190,26 @@ impl Engine {
                     on_close,
                 } => {
                     let fs = &*self.fs;
-                    if !fs.names(&path, file, kernel_handle.as_ref()) {
+                    let named = fs.names(&path, file, kernel_handle.as_ref());
+                    // The path no longer naming the file proves the
+                    // remove only if the file has no name left: one moved
+                    // elsewhere while filterd was down (or renamed before
+                    // the unlink) was not removed, or not by this.
+                    let elsewhere = !named
+                        && kernel_handle
+                            .as_ref()
+                            .and_then(|kh| fs.still_linked(kh))
+                            .unwrap_or(false);
+                    if elsewhere {
+                        warn!(%path, on_close, "interrupted remove: outcome unknown (the file lives on under another name): not done again, its replay fails");
+                        self.stats.intents_unknown += 1;
+                        if let Some(r) = record {
+                            finished.push(record_op(RecordSpec {
+                                reply: OUTCOME_UNKNOWN.to_owned(),
+                                ..r
+                            }));
+                        }
+                    } else if !named {
                         info!(%path, "recovery finished an interrupted remove");
                         self.stats.intents_recovered += 1;
                         sync.extend(fs.dir_of(&path).ok());

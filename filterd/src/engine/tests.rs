@@ -325,6 +325,15 @@ impl Harness {
     }
 
     fn commit_once(&mut self, ok: bool) {
+        for id in self.commit_holding_intents(ok) {
+            self.engine.finish_parked(id);
+        }
+    }
+
+    /// One commit whose intents the engine does not hear of yet (as when
+    /// the committer has made them durable and the engine is still busy
+    /// with its round): their ids, to hand to `finish_parked` later.
+    fn commit_holding_intents(&mut self, ok: bool) -> Vec<IntentId> {
         self.engine.flush();
         self.store.inner.lock().unwrap().fail = !ok;
         let jobs = self.pipe.take_jobs();
@@ -340,10 +349,11 @@ impl Harness {
         let Some(through) = groups.iter().map(|g| g.seq).max() else {
             // What the round settled without a commit went out at once.
             self.drain_replies();
-            return;
+            return Vec::new();
         };
         let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
         let result = self.store.commit(&batches);
+        let mut notify = Vec::new();
         if result.is_ok() {
             self.fs.log_commit(
                 groups
@@ -359,10 +369,7 @@ impl Harness {
                     d.send();
                 }
                 self.drain_replies();
-                let notify: Vec<IntentId> = groups.iter().flat_map(|g| g.notify.clone()).collect();
-                for id in notify {
-                    self.engine.finish_parked(id);
-                }
+                notify = groups.iter().flat_map(|g| g.notify.clone()).collect();
             }
             Err(_) => {
                 let failed: Vec<u64> = groups.iter().map(|g| g.seq).collect();
@@ -379,6 +386,7 @@ impl Harness {
         }
         self.store.inner.lock().unwrap().fail = false;
         self.drain_replies();
+        notify
     }
 
     fn keys(&self) -> Vec<ResumeKey> {
@@ -3111,4 +3119,181 @@ fn a_directory_rename_is_refused_by_handles_below_and_waits_for_their_close() {
             assert!(h.fs.file("d/m").is_some(), "moved under the handle back");
         }
     }
+}
+
+/// Recovery decides an interrupted rename or remove by where its file is,
+/// named by kernel handle — not by what the target name holds. A rename
+/// whose file is at neither name (moved while filterd was down: before or
+/// after the rename, nothing says), one whose target a new file took
+/// under the reused inode number, and a remove whose file lives on under
+/// another name are neither claimed nor run again: their replays are told
+/// the outcome is unknown. A remove whose file has no name left is done.
+#[test]
+fn recovery_claims_no_rename_or_remove_whose_file_went_elsewhere() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    fs.put("r", 1);
+    fs.put("n", 1);
+    let scope = ReplayScope::Session(ScopeName::new("nfs/s").unwrap());
+    let path = |p: &str| RelPath::new(p).unwrap();
+    let spec = |op_id| RecordSpec {
+        scope: scope.clone(),
+        op_id,
+        reply: "ok".into(),
+        keep: 8,
+    };
+    let rename = |from: &str, to: &str, op_id| {
+        let (file, kh) = fs.identity_at(&path(from)).unwrap();
+        let key = ResumeKey::new_random();
+        Intent {
+            id: IntentId(uuid::Uuid::new_v4()),
+            change: IntentChange::Rename {
+                key,
+                from: path(from),
+                to: path(to),
+                file,
+                replace: false,
+                record: Some(spec(op_id)),
+                kernel_handle: Some(kh),
+            },
+            recorded_ms: 0,
+        }
+    };
+    let remove = |p: &str, op_id| {
+        let (file, kh) = fs.identity_at(&path(p)).unwrap();
+        Intent {
+            id: IntentId(uuid::Uuid::new_v4()),
+            change: IntentChange::Remove {
+                path: path(p),
+                file,
+                record: Some(spec(op_id)),
+                kernel_handle: Some(kh),
+                on_close: false,
+            },
+            recorded_ms: 0,
+        }
+    };
+    // a → x, interrupted; then a local process moved a to z.
+    let moved = rename("a", "x", 1);
+    // r → s never happened; a local process removed r and made s, which
+    // took r's inode number.
+    let reused = rename("r", "s", 2);
+    // The remove of b never happened; a local process moved b to y.
+    let kept = remove("b", 3);
+    // The remove of n happened.
+    let removed = remove("n", 4);
+    let (z, y) = (path("z"), path("y"));
+    let (fa, fb) = (
+        fs.file_at_checked(&path("a")).unwrap().unwrap(),
+        fs.file_at_checked(&path("b")).unwrap().unwrap(),
+    );
+    fs.rename(&path("a"), &z, fa, None, false).unwrap();
+    fs.rename(&path("b"), &y, fb, None, false).unwrap();
+    fs.unlink("r");
+    fs.reuse_inodes(true);
+    fs.put("s", 2);
+    fs.unlink("n");
+    store
+        .commit(&[&[
+            StoreOp::PutIntent(Box::new(moved)),
+            StoreOp::PutIntent(Box::new(reused)),
+            StoreOp::PutIntent(Box::new(kept)),
+            StoreOp::PutIntent(Box::new(removed)),
+        ]])
+        .unwrap();
+    fs.take_log();
+    let _e = recovered(&fs, &store);
+    let inner = store.inner.lock().unwrap();
+    assert!(inner.intents.is_empty());
+    let reply = |op: u64| {
+        inner
+            .replays
+            .get(&replay_key(&scope, op))
+            .map(|r| r.reply.clone())
+    };
+    for (op, what) in [
+        (1, "a rename whose file moved elsewhere"),
+        (2, "a rename whose target a reused inode took"),
+        (3, "a remove whose file lives on elsewhere"),
+    ] {
+        assert_eq!(reply(op).as_deref(), Some(OUTCOME_UNKNOWN), "{what}");
+    }
+    assert_eq!(reply(4).as_deref(), Some("ok"), "a remove that happened");
+    assert!(fs.file("z").is_some() && fs.file("y").is_some() && fs.file("s").is_some());
+    let log = fs.take_log();
+    assert!(
+        !log.iter()
+            .any(|l| matches!(l, Logged::Rename(..) | Logged::Remove(_))),
+        "nothing redone: {log:?}"
+    );
+}
+
+/// A directory rename is refused while a change of a path below it is in
+/// progress: a remove whose intent is committing (a crash after that
+/// commit would find the path empty and take the remove for made), and a
+/// delete on close whose handle's removal has committed but whose unlink
+/// has not run yet. Once they are done the directory moves.
+#[test]
+fn a_directory_rename_is_refused_while_a_change_below_is_in_progress() {
+    let mut h = Harness::new();
+    h.fs.put("d/f", 1);
+    h.fs.put("d/g", 1);
+    let g = h.run(open("d/g", Rights::ALL));
+    h.commit(true);
+    let g = h.opened(g);
+    h.run(Request::SetDeleteOnClose {
+        key: g,
+        delete: true,
+        record: None,
+    });
+    h.commit(true);
+    h.drain_replies();
+    let mv = || Request::RenameDirectory {
+        from: RelPath::new("d").unwrap(),
+        to: RelPath::new("e").unwrap(),
+        replace: false,
+        expect: None,
+    };
+    let remove = h.run(Request::Remove {
+        path: RelPath::new("d/f").unwrap(),
+        record: Some(RecordSpec {
+            scope: session(1),
+            op_id: 1,
+            reply: "ok".into(),
+            keep: 8,
+        }),
+    });
+    let refused = h.run(mv());
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(h.refused(refused), ErrorCode::AccessDenied);
+    assert!(h.reply(remove).is_some_and(|r| r.is_ok()));
+    assert!(h.fs.file("d/f").is_none());
+    // The delete on close: the handle's removal and the intent commit,
+    // the unlink waits for the engine to hear of it.
+    h.run(Request::Close {
+        key: g,
+        put: vec![],
+        delete: vec![],
+    });
+    let held = h.commit_holding_intents(true);
+    assert!(!held.is_empty() && h.fs.file("d/g").is_some());
+    let refused = h.run(mv());
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(h.refused(refused), ErrorCode::AccessDenied);
+    assert!(h.fs.file("d/g").is_some(), "moved before the unlink");
+    for id in held {
+        h.engine.finish_parked(id);
+    }
+    h.commit(true);
+    assert!(h.fs.file("d/g").is_none(), "the delete on close is lost");
+    let moved = h.run(mv());
+    h.commit(true);
+    h.drain_replies();
+    assert!(
+        h.reply(moved).is_some_and(|r| r.is_ok()),
+        "{:?}",
+        h.reply(moved)
+    );
 }
