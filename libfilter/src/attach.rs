@@ -589,7 +589,20 @@ impl Attachment {
         client: ClientId,
         guid: CreateGuid,
     ) -> Result<OpenedHandle, ClientError> {
-        let h = self.client().resume_by_guid(client.clone(), guid)?;
+        self.resume_by_guid_of(client, guid, None)
+    }
+
+    /// Resumes by create GUID a handle that must also belong to `owner`
+    /// ([`FilterClient::resume_by_guid_of`]) and remembers it.
+    pub fn resume_by_guid_of(
+        &self,
+        client: ClientId,
+        guid: CreateGuid,
+        owner: Option<String>,
+    ) -> Result<OpenedHandle, ClientError> {
+        let h = self
+            .client()
+            .resume_by_guid_of(client.clone(), guid, owner)?;
         self.remember(&h, &client);
         Ok(h)
     }

@@ -1197,6 +1197,7 @@ impl FilterClient {
         let req = Request::Resume(ResumeRequest {
             client,
             target: ResumeTarget::Key { key },
+            owner: None,
         });
         match self.call_keeping_cut(id, req)? {
             (Reply::Opened(info), _, _) => Ok(info),
@@ -1209,6 +1210,7 @@ impl FilterClient {
         Self::expect_opened(self.call(Request::Resume(ResumeRequest {
             client,
             target: ResumeTarget::Key { key },
+            owner: None,
         }))?)
     }
 
@@ -1218,10 +1220,30 @@ impl FilterClient {
         client: ClientId,
         create_guid: CreateGuid,
     ) -> Result<OpenedHandle, ClientError> {
+        self.resume_by_guid_of(client, create_guid, None)
+    }
+
+    /// [`FilterClient::resume_by_guid`] of a handle that must also belong
+    /// to protocol-level `owner` (`AccessDenied` if not). A daemon without
+    /// [`proto::FEATURE_RESUME_OWNER`] checks the client alone
+    /// ([`FilterClient::checks_resume_owner`] says which).
+    pub fn resume_by_guid_of(
+        &self,
+        client: ClientId,
+        create_guid: CreateGuid,
+        owner: Option<String>,
+    ) -> Result<OpenedHandle, ClientError> {
         Self::expect_opened(self.call(Request::Resume(ResumeRequest {
             client,
             target: ResumeTarget::CreateGuid { create_guid },
+            owner: owner.filter(|_| self.checks_resume_owner()),
         }))?)
+    }
+
+    /// Whether the daemon checks a resume's owner
+    /// ([`proto::FEATURE_RESUME_OWNER`]).
+    pub fn checks_resume_owner(&self) -> bool {
+        self.hello.features & proto::FEATURE_RESUME_OWNER != 0
     }
 
     /// Closes a handle for good.
@@ -2113,6 +2135,7 @@ pub(crate) mod tests {
         let r = c.call(Request::Resume(ResumeRequest {
             client: ClientId::new("c").expect("client"),
             target: ResumeTarget::Key { key },
+            owner: None,
         }));
         assert!(matches!(r, Ok((Reply::Opened(_), _))), "{r:?}");
         undone(&c, 1);

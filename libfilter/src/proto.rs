@@ -40,7 +40,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_RETRY_CODE
     | FEATURE_RESYNCED
     | FEATURE_RENAME_DIRECTORY
-    | FEATURE_SHARE_EXEMPT;
+    | FEATURE_SHARE_EXEMPT
+    | FEATURE_RESUME_OWNER;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -149,6 +150,9 @@ pub const FEATURE_RENAME_DIRECTORY: u64 = 64;
 /// and, when it is not granted, sends such an open without the flag: the
 /// open then takes part in sharing, as every open did before.
 pub const FEATURE_SHARE_EXEMPT: u64 = 128;
+/// Feature: the daemon checks [`ResumeRequest::owner`]. rksmbd asks for
+/// it; without it a reconnect is checked by client alone, as before.
+pub const FEATURE_RESUME_OWNER: u64 = 256;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Listings are cut into pages of about this many bytes, so every reply
@@ -666,6 +670,13 @@ pub struct ResumeRequest {
     /// Which handle.
     #[serde(flatten)]
     pub target: ResumeTarget,
+    /// Must also be the handle's protocol-level owner (the open's
+    /// `owner`), else `AccessDenied` and nothing changes: rksmbd's leased
+    /// opens belong to a client GUID, which goes in clear, and MS-SMB2
+    /// 3.3.5.9.12 refuses a reconnect by another user. Needs
+    /// [`FEATURE_RESUME_OWNER`] (an older daemon ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Why a request failed. Typed on the wire; frontends map these onto their
@@ -2458,6 +2469,7 @@ mod binary_tests {
                         },
                         None => ResumeTarget::Key { key },
                     },
+                    owner: None,
                 })
             }),
             (

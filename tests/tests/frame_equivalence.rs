@@ -774,6 +774,7 @@ fn run(mode: &Mode, export: &Path) -> Run {
     let resumed = g.call(Request::Resume(ResumeRequest {
         client: ClientId::new("c1").expect("client"),
         target: ResumeTarget::Key { key: k1 },
+        owner: None,
     }));
     assert!(matches!(resumed, Ok(Reply::Opened(_))), "{resumed:?}");
     for (_, reply) in &g.wire {

@@ -789,6 +789,24 @@ fn a_directory_open_with_a_stale_path_renames_no_other_directory() {
     no_handles_left(&d);
 }
 
+/// Review B-3: a leased durable open was reconnected by whoever sent its
+/// client GUID (in clear in every NEGOTIATE), create GUID and FileId —
+/// another user read and wrote through it. The reconnect now names the
+/// open's user, filterd refuses another one before attaching anything
+/// (`ACCESS_DENIED`), and the owner's own reconnect still works.
+#[test]
+fn another_user_cannot_reconnect_a_durable_open() {
+    let s = Scratch::new("rksmbd-other-user");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw"), ("bob", "pw2")]);
+    smbprotocol_script_passes_with(&srv, "other_user_reconnect.py", &["bob", "pw2"]);
+    assert_eq!(
+        std::fs::read(s.root().join("secret.txt")).unwrap_or_default(),
+        b"owner's secret\n"
+    );
+    no_handles_left(&d);
+}
+
 /// A stat open (attributes only) holds an O_PATH descriptor from filterd:
 /// beside a share-none holder rksmbd serves its QUERY_INFO classes, its
 /// SET_INFO basic information (times and DOS attributes), FLUSH and CLOSE

@@ -719,6 +719,17 @@ impl Engine {
                 format!("handle {key} belongs to another client or protocol"),
             ));
         }
+        // The frontend's own owner check (rksmbd: the user, where the
+        // client is a GUID anyone can send).
+        if r.owner
+            .as_ref()
+            .is_some_and(|o| h.rec.owner.as_ref() != Some(o))
+        {
+            return Err(err(
+                ErrorCode::AccessDenied,
+                format!("handle {key} belongs to another owner"),
+            ));
+        }
         // Only the instance that owns it resumes it; taking a dead
         // instance's handles over means attaching under its name.
         if h.rec.frontend != instance {

@@ -1271,10 +1271,19 @@ fn reconnect(
         .then(|| sh.registry.v2_create_guid(rc.persistent_file_id))
         .flatten()
         .map(CreateGuid);
+    // Either way the open must be this user's (3.3.5.9.12, 3.3.5.9.7:
+    // the client GUID goes in clear; another user is refused
+    // `ACCESS_DENIED`), which filterd checks before it attaches anything.
+    let owner = Some(user.clone());
     let resume = |guid: CreateGuid| {
         sh.filter
-            .resume_by_guid(by_client.clone(), guid)
-            .or_else(|_| sh.filter.resume_by_guid(by_user.clone(), guid))
+            .resume_by_guid_of(by_client.clone(), guid, owner.clone())
+            .or_else(|e| match e.code() {
+                Some(ErrorCode::AccessDenied) => Err(e),
+                _ => sh
+                    .filter
+                    .resume_by_guid_of(by_user.clone(), guid, owner.clone()),
+            })
     };
     let try_both = || resume(guid).or_else(|e| v2_guid.map_or(Err(e), resume));
     // A client that reconnects at once after dropping TCP may beat the

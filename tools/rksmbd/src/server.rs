@@ -264,8 +264,10 @@ fn opens_allowed() -> usize {
 }
 
 /// What rksmbd asks filterd for beyond the attachment's own: directory
-/// renames that know the handles below them.
-const FEATURES: u64 = libfilter::proto::FEATURE_RENAME_DIRECTORY;
+/// renames that know the handles below them, and reconnects checked
+/// against the open's user.
+const FEATURES: u64 =
+    libfilter::proto::FEATURE_RENAME_DIRECTORY | libfilter::proto::FEATURE_RESUME_OWNER;
 
 /// Attaches to filterd, listens, serves forever.
 pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyhow::Result<()> {
