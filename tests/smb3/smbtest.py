@@ -30,6 +30,8 @@ from smbprotocol.open import (
     FilePipePrinterAccessMask,
     ImpersonationLevel,
     Open,
+    SMB2SetInfoRequest,
+    SMB2SetInfoResponse,
     ShareAccess,
 )
 from smbprotocol.header import Smb2Flags
@@ -201,3 +203,20 @@ def sent_as_replay(call):
         return call()
     finally:
         connection.SMB2HeaderRequest = made
+
+
+def set_info_status(tree, op, info):
+    """Sends SET_INFO of `info` (a smbprotocol file information structure)
+    on open `op`; returns the status (0 on success)."""
+    req = SMB2SetInfoRequest()
+    req["info_type"] = info.INFO_TYPE
+    req["file_info_class"] = info.INFO_CLASS
+    req["file_id"] = op.file_id
+    req["buffer"] = info
+    conn = tree.session.connection
+    sent = conn.send(req, sid=tree.session.session_id, tid=tree.tree_connect_id)
+    try:
+        SMB2SetInfoResponse().unpack(conn.receive(sent)["data"].get_value())
+        return 0
+    except SMBResponseException as e:
+        return e.status

@@ -9,11 +9,10 @@ line on stdin (meanwhile the test renames `a` to `b` and makes a new
 "status 0x…" with the answer's status; closes; prints PASS.
 """
 
-from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.file_info import FileRenameInformation
-from smbprotocol.open import DirectoryAccessMask, SMB2SetInfoRequest, SMB2SetInfoResponse
+from smbprotocol.open import DirectoryAccessMask
 
-from smbtest import args, connect, open_dir, pause
+from smbtest import args, connect, open_dir, pause, set_info_status
 
 
 def main():
@@ -23,17 +22,7 @@ def main():
     rename = FileRenameInformation()
     rename["replace_if_exists"] = False
     rename["file_name"] = "c"
-    req = SMB2SetInfoRequest()
-    req["info_type"] = rename.INFO_TYPE
-    req["file_info_class"] = rename.INFO_CLASS
-    req["file_id"] = d.file_id
-    req["buffer"] = rename
-    sent = conn.send(req, sid=tree.session.session_id, tid=tree.tree_connect_id)
-    try:
-        SMB2SetInfoResponse().unpack(conn.receive(sent)["data"].get_value())
-        status = 0
-    except SMBResponseException as e:
-        status = e.status
+    status = set_info_status(tree, d, rename)
     print(f"status {status:#010x}", flush=True)
     d.close()
     print("PASS", flush=True)

@@ -789,6 +789,26 @@ fn a_directory_open_with_a_stale_path_renames_no_other_directory() {
     no_handles_left(&d);
 }
 
+/// Review B-1: a directory open closed with delete on close removed
+/// whatever its own stale path named — after another open of it renamed
+/// it `a` → `z` and a new `a` was made, the new `a` went and `z` stayed.
+/// Now the name its opens share is used, and only while it still names
+/// the open's directory.
+#[test]
+fn a_directory_delete_on_close_removes_its_own_directory() {
+    let s = Scratch::new("rksmbd-dir-doc");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let root = s.root();
+    smbprotocol_script_passes_with(
+        &srv,
+        "dir_delete_after_rename.py",
+        &[root.to_str().expect("utf-8 root")],
+    );
+    assert!(root.join("a").is_dir() && !root.join("z").exists());
+    no_handles_left(&d);
+}
+
 /// Review B-3: a leased durable open was reconnected by whoever sent its
 /// client GUID (in clear in every NEGOTIATE), create GUID and FileId —
 /// another user read and wrote through it. The reconnect now names the

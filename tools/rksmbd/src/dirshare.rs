@@ -143,6 +143,15 @@ impl DirShares {
         self.lock().values().flatten().any(|m| below(&m.path))
     }
 
+    /// The path directory `dir`'s opens name it by (the same for all of
+    /// them: a rename through any one moves them all), if it is open.
+    pub fn path_of(&self, dir: (u64, u64)) -> Option<String> {
+        self.lock()
+            .get(&dir)
+            .and_then(|held| held.first())
+            .map(|m| m.path.clone())
+    }
+
     /// Directory `dir` was renamed to `to`: its opens name it by `to`.
     pub fn renamed(&self, dir: (u64, u64), to: &str) {
         if let Some(held) = self.lock().get_mut(&dir) {

@@ -114,7 +114,10 @@ pub(crate) fn errno_status(e: nix::errno::Errno) -> u32 {
         Errno::EACCES | Errno::EPERM | Errno::EROFS | Errno::EXDEV | Errno::ELOOP => {
             status::ACCESS_DENIED
         }
-        Errno::ENOSPC | Errno::EDQUOT => status::DISK_FULL,
+        // EFBIG: past the filesystem's largest file (a WRITE at 2^62), as
+        // Samba answers it.
+        Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG => status::DISK_FULL,
+        Errno::EINVAL => status::INVALID_PARAMETER,
         Errno::ENAMETOOLONG => status::OBJECT_NAME_INVALID,
         // rksmbd's descriptor table (or the system's) is full.
         Errno::EMFILE | Errno::ENFILE => status::INSUFFICIENT_RESOURCES,
@@ -415,18 +418,48 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
             }
         }
         Kind::Dir { fd, .. } => {
-            if let (true, Some(path)) = (open.delete_on_close, &open.path) {
-                if let Ok((parent, leaf)) = parent_and_leaf(sh, path) {
-                    let gone =
-                        nix::unistd::unlinkat(&parent, leaf, nix::unistd::UnlinkatFlags::RemoveDir);
-                    if let (Ok(()), Ok(st)) = (gone, nix::sys::stat::fstat(fd)) {
-                        crate::notify::directory_removed((st.st_dev, st.st_ino));
-                    }
-                }
+            if open.delete_on_close {
+                remove_dir_on_close(sh, fd, open.path.as_ref());
             }
         }
     }
     answer
+}
+
+/// The path a directory open names its directory by now: the one its
+/// process's opens of it share (a rename through another open of it moved
+/// them all), else the open's own.
+fn dir_path(sh: &Shared, fd: &OwnedFd, own: Option<&RelPath>) -> Option<RelPath> {
+    nix::sys::stat::fstat(fd.as_fd())
+        .ok()
+        .and_then(|st| sh.dir_shares.path_of((st.st_dev, st.st_ino)))
+        .and_then(|p| RelPath::new(p).ok())
+        .or_else(|| own.cloned())
+}
+
+/// Removes the directory of an open closed with delete on close — by its
+/// name, only while that name is still this directory: one renamed away
+/// by a local process, with another made at its old name, is left, and
+/// the other is never removed in its place (review B-1).
+fn remove_dir_on_close(sh: &Shared, fd: &OwnedFd, own: Option<&RelPath>) {
+    let Some(path) = dir_path(sh, fd, own) else {
+        return;
+    };
+    let Ok(me) = nix::sys::stat::fstat(fd.as_fd()) else {
+        return;
+    };
+    let Ok((parent, leaf)) = parent_and_leaf(sh, &path) else {
+        return;
+    };
+    let named = nix::sys::stat::fstatat(&parent, leaf, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino));
+    if !named {
+        tracing::info!(%path, "directory closed with delete on close is no longer at its name: left");
+        return;
+    }
+    if nix::unistd::unlinkat(&parent, leaf, nix::unistd::UnlinkatFlags::RemoveDir).is_ok() {
+        crate::notify::directory_removed((me.st_dev, me.st_ino));
+    }
 }
 
 /// Runs a file command.
@@ -1240,7 +1273,13 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
     // handle, and the directory it leaves is checked only when the name
     // still resolves. A directory is renamed by its name, which must.
     let is_dir = matches!(o.kind, Kind::Dir { .. });
-    let from = match &o.path {
+    // A directory by the name its opens share (a rename through another
+    // of them moved it).
+    let path = match &o.kind {
+        Kind::Dir { fd, .. } => dir_path(&sh, fd, o.path.as_ref()),
+        Kind::File { .. } => o.path.clone(),
+    };
+    let from = match &path {
         Some(from) => match parent_and_leaf(&sh, from) {
             Ok((dir, leaf)) => Some((dir, leaf.to_owned())),
             Err(e) if is_dir => return Err(e),
@@ -1258,7 +1297,7 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
             rename_serving(c, key, to.clone(), replace)?;
         }
         Kind::Dir { fd, .. } => {
-            let (Some((from_dir, from_leaf)), Some(from_path)) = (&from, &o.path) else {
+            let (Some((from_dir, from_leaf)), Some(from_path)) = (&from, &path) else {
                 return Err(status::ACCESS_DENIED);
             };
             // Windows refuses to rename a directory while anything below
