@@ -181,6 +181,17 @@ fn slots_and_stateids_survive_nfsshim_and_filterd_restarts() {
         r["status"], "NFS4_OK",
         "the slot's cached reply after the replacement: {r}"
     );
+    // A slot never used is at seqid 0 after the restore too: seqid 0 there
+    // is neither a replay nor the next request, and runs nothing (review
+    // C-3: it ran).
+    std::fs::write(s.root().join("spared"), b"x").unwrap();
+    let mut zero = json!({"op": "REMOVE", "path": "spared"});
+    zero["seq"] = json!({"sessionid": a.sessionid, "slot": 5, "seqid": 0});
+    assert_eq!(
+        a.c.call_with("xid", zero)["status"],
+        "NFS4ERR_SEQ_MISORDERED"
+    );
+    assert!(s.root().join("spared").exists(), "a misordered REMOVE ran");
     let r = ok(a.call(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 10})));
     assert_eq!(r["data"], b64("kept"));
     let r = a.c.call_with(

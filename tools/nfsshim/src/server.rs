@@ -1377,7 +1377,10 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         .into();
     };
     let cid = session.rec.clientid.clone();
-    let replay_of_restored = slot.restored && slot.reply.is_none() && seq.seqid == slot.seqid;
+    // (Seqid 0 was never used: on a slot restored without a record it is
+    // neither a replay nor the next request — review C-3.)
+    let replay_of_restored =
+        slot.restored && slot.reply.is_none() && seq.seqid == slot.seqid && seq.seqid != 0;
     if seq.seqid == slot.seqid && !replay_of_restored {
         if let Some(cached) = slot.reply.as_ref().filter(|r| r.is_object()) {
             // The cached reply, exactly, without executing.
