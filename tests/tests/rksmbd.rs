@@ -789,6 +789,22 @@ fn a_directory_open_with_a_stale_path_renames_no_other_directory() {
     no_handles_left(&d);
 }
 
+/// Review B-2: every lease break to a connection got a thread of its own
+/// that waited for the connection's writer — a client that held 4,000
+/// leases and stopped reading cost rksmbd 4,023 threads. Breaks now wait
+/// in one bounded queue per connection, written by one thread; the other
+/// client's opens finish once the stalled one goes, and a new connection
+/// is served.
+#[test]
+fn breaks_to_a_client_that_does_not_read_cost_one_thread() {
+    let s = Scratch::new("rksmbd-break-backlog");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let pid = srv.shim.pid().to_string();
+    smbprotocol_script_passes_with(&srv, "break_backlog.py", &[&pid, "400"]);
+    no_handles_left(&d);
+}
+
 /// Review B-1: a directory open closed with delete on close removed
 /// whatever its own stale path named — after another open of it renamed
 /// it `a` → `z` and a new `a` was made, the new `a` went and `z` stayed.

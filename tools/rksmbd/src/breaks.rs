@@ -443,24 +443,102 @@ pub fn forward(sh: Arc<Shared>) {
     }
 }
 
-/// Writes a break notification on a thread of its own (a client that
-/// does not read stalls only that thread).
+/// Writes a break notification to its connection, in order after the
+/// breaks already waiting for it (a client that does not read stalls only
+/// its own connection's writer; see [`Outbox`]).
 fn send(w: ConnWriter, frame: Vec<u8>) {
     send_then(w, frame, None);
 }
 
+/// Most break notifications one connection may have waiting to be
+/// written. A client that lets more pile up is not reading: its
+/// connection is shut down once the write in progress returns (within
+/// the writer's timeout), so its reader ends it as for a dropped client.
+const MAX_WAITING_BREAKS: usize = 4096;
+
+/// A break notification waiting for its connection, and whom to tell once
+/// its write returned.
+type Waiting = (Vec<u8>, Option<std::sync::mpsc::Sender<()>>);
+
+/// One connection's break notifications waiting to be written.
+struct Queue {
+    writer: ConnWriter,
+    frames: std::collections::VecDeque<Waiting>,
+    /// More than [`MAX_WAITING_BREAKS`] piled up: the connection is shut
+    /// down and what waits is not written.
+    overflowed: bool,
+}
+
+/// The break notifications waiting for each connection (by its writer),
+/// each connection's written in order by one thread of its own that lives
+/// while any wait: a client holding thousands of leases that stops
+/// reading costs one thread and a bounded queue, not a thread per break
+/// (review B-2: 4,023 threads).
+static OUTBOX: std::sync::LazyLock<Mutex<HashMap<usize, Queue>>> =
+    std::sync::LazyLock::new(Mutex::default);
+
+fn outbox() -> std::sync::MutexGuard<'static, HashMap<usize, Queue>> {
+    OUTBOX.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// [`send`], then a word on `done` once the write returned.
 fn send_then(w: ConnWriter, frame: Vec<u8>, done: Option<std::sync::mpsc::Sender<()>>) {
+    let id = Arc::as_ptr(&w) as usize;
+    let mut ob = outbox();
+    if let Some(q) = ob.get_mut(&id) {
+        // Its writer thread is running and takes this one in turn.
+        if q.frames.len() < MAX_WAITING_BREAKS {
+            q.frames.push_back((frame, done));
+        } else if !q.overflowed {
+            tracing::warn!(
+                "a client lets its break notifications pile up unread: its connection is shut down"
+            );
+            q.overflowed = true;
+        }
+        return;
+    }
+    let q = Queue {
+        writer: w,
+        frames: std::collections::VecDeque::from([(frame, done)]),
+        overflowed: false,
+    };
+    ob.insert(id, q);
+    drop(ob);
     let spawned = std::thread::Builder::new()
         .name("lease-break".into())
-        .spawn(move || {
-            crate::server::write_whole(&w, &frame);
-            if let Some(d) = done {
-                let _ = d.send(());
-            }
-        });
+        .spawn(move || write_waiting(id));
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "could not send a lease break");
+        outbox().remove(&id);
+    }
+}
+
+/// The writer thread of one connection's break notifications: writes them
+/// in order until none waits (or, the queue overflowed, shuts the
+/// connection down and drops them: its client reconnects and its leases
+/// are broken at the break timeout).
+fn write_waiting(id: usize) {
+    loop {
+        let (w, item, overflowed) = {
+            let mut ob = outbox();
+            let Some(q) = ob.get_mut(&id) else {
+                return;
+            };
+            let Some(item) = q.frames.pop_front() else {
+                ob.remove(&id);
+                return;
+            };
+            (q.writer.clone(), item, q.overflowed)
+        };
+        let (frame, done) = item;
+        if overflowed {
+            crate::server::shut_down(&w);
+        } else {
+            crate::server::write_whole(&w, &frame);
+        }
+        if let Some(d) = done {
+            let _ = d.send(());
+        }
     }
 }
 

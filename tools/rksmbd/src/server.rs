@@ -19,7 +19,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libfilter::attach::Attachment;
 use libfilter::model::{InstanceName, Protocol};
@@ -476,17 +476,62 @@ pub(crate) fn write_frame(wr: &crate::breaks::ConnWriter, pdu: &[u8]) -> bool {
 /// connection is shut down, so its reader ends it (its durable handles
 /// wait for a reconnect) and every other writer fails at once instead of
 /// waiting out its own timeout behind the stalled client.
+/// The timeout bounds the whole frame, not each system call: a client
+/// that reads a little now and then (each `write` making progress within
+/// the socket's timeout) held the lock — and every writer behind it —
+/// for as long as it liked (review B-2).
 pub(crate) fn write_whole(wr: &crate::breaks::ConnWriter, frame: &[u8]) -> bool {
     let Ok(mut w) = wr.lock() else {
         return false;
     };
-    match w.write_all(frame) {
+    match write_by(&mut w, frame, Instant::now() + WRITE_TIMEOUT) {
         Ok(()) => true,
         Err(e) => {
             tracing::debug!(error = %e, "a write failed: shutting the connection down");
             let _ = w.shutdown(std::net::Shutdown::Both);
             false
         }
+    }
+}
+
+/// Writes `frame` whole before `deadline`: after a partial write the
+/// socket's timeout is cut to what is left (and set back after).
+fn write_by(w: &mut TcpStream, frame: &[u8], deadline: Instant) -> std::io::Result<()> {
+    let mut rest = frame;
+    let mut shortened = false;
+    let result = loop {
+        if rest.is_empty() {
+            break Ok(());
+        }
+        match w.write(rest) {
+            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+        if rest.is_empty() {
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(std::io::ErrorKind::TimedOut.into());
+        }
+        if w.set_write_timeout(Some(left)).is_err() {
+            break Err(std::io::ErrorKind::TimedOut.into());
+        }
+        shortened = true;
+    };
+    if shortened {
+        let _ = w.set_write_timeout(Some(WRITE_TIMEOUT));
+    }
+    result
+}
+
+/// Shuts a connection down (its reader ends it; every writer fails at
+/// once), once the write in progress, if any, returned.
+pub(crate) fn shut_down(wr: &crate::breaks::ConnWriter) {
+    if let Ok(w) = wr.lock() {
+        let _ = w.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -2632,5 +2677,38 @@ mod tests {
             }
         }
         assert!(n < 4 + pdu.len(), "the frame was cut: {n} bytes");
+    }
+
+    /// A client that reads a little now and then makes every `write`
+    /// progress within the socket's timeout: the frame still fails at its
+    /// deadline (review B-2: the lock, and every writer behind it, was
+    /// held for as long as the client liked).
+    #[test]
+    fn a_trickling_reader_cannot_stretch_a_write_past_its_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let mut w = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut r, _) = listener.accept().expect("accept");
+        w.set_write_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 || stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let frame = vec![7u8; 64 << 20];
+        let t = Instant::now();
+        let e = write_by(&mut w, &frame, t + Duration::from_millis(800))
+            .expect_err("64 MiB at 200 KiB/s");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        stop.store(true, Ordering::Relaxed);
+        drop(w);
+        reader.join().expect("reader");
     }
 }
