@@ -12,55 +12,17 @@ few seconds; then A goes away, B's opens finish, and a fresh connection
 is served. Prints PASS.
 """
 
-import socket
 import struct
 import sys
 import threading
 import time
 import uuid
 
-from raw_channel import CLOSE, CREATE, ECHO, READ, Raw, check, cmac_sign, connect_share
+from raw_channel import CREATE, ECHO, READ, SignedClient, check, lease_ctx
+from raw_channel import create_with as create
 
 WRITE = 9
 PID, N = int(sys.argv[6]), int(sys.argv[7])
-
-
-def lease_ctx(key, state=7):
-    data = key + struct.pack("<IIQ", state, 0, 0) + b"\0" * 16 + struct.pack("<HH", 0, 0)
-    return struct.pack("<IHHHHI", 0, 16, 4, 0, 24, len(data)) + b"RqLs" + b"\0" * 4 + data
-
-
-def create(name, access=0xC0000000, disposition=5, oplock=0, ctxs=b""):
-    n = name.encode("utf-16-le")
-    name_off = 64 + 56
-    ctx_off = (name_off + len(n) + 7) // 8 * 8 if ctxs else 0
-    fixed = struct.pack("<HBBIQQIIIIIHHII", 57, 0, oplock, 2, 0, 0, access, 0x80, 7,
-                        disposition, 0x40, name_off, len(n), ctx_off, len(ctxs))
-    pad = b"\0" * (ctx_off - name_off - len(n)) if ctxs else b""
-    return fixed + n + pad + ctxs
-
-
-class Client:
-    def __init__(self, rcvbuf=None):
-        self.raw = Raw(uuid.uuid4())
-        if rcvbuf:
-            self.raw.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sid, self.key, self.tid = connect_share(self.raw)
-
-    def send(self, cmd, body, charge=1):
-        m = self.raw.header(cmd, self.sid, tid=self.tid, charge=charge) + body
-        self.raw.send(cmac_sign(self.key, m))
-
-    def recv(self):
-        r = self.raw.recv()
-        return struct.unpack_from("<I", r, 8)[0], r
-
-    def call(self, cmd, body, charge=1):
-        self.send(cmd, body, charge)
-        while True:
-            st, r = self.recv()
-            if st != 0x103 and struct.unpack_from("<Q", r, 24)[0] != 2**64 - 1:
-                return st, r
 
 
 def threads():
@@ -71,7 +33,7 @@ def threads():
 
 
 def main():
-    a = Client(rcvbuf=16 * 1024)
+    a = SignedClient(rcvbuf=16 * 1024)
     st, r = a.call(CREATE, create("big.bin"))
     check(st == 0, f"big.bin made ({st:#x})")
     big = r[128:144]
@@ -92,7 +54,7 @@ def main():
     done = []
 
     def opens(lo, hi):
-        b = Client()
+        b = SignedClient()
         for i in range(lo, hi):
             b.send(CREATE, create(f"leased{i}", access=0x80000000, disposition=1))
         got = 0
@@ -119,7 +81,7 @@ def main():
     for t in bs:
         t.join(60)
     check(sum(done) == N, f"every one of B's opens answered once A went away ({sum(done)} of {N})")
-    c = Client()
+    c = SignedClient()
     st, _ = c.call(ECHO, struct.pack("<HH", 4, 0))
     check(st == 0, "a fresh connection is served")
     print("PASS")

@@ -7,6 +7,7 @@ so does this module.
 import socket
 import struct
 import sys
+import uuid
 
 import spnego
 from cryptography.hazmat.backends import default_backend
@@ -314,3 +315,48 @@ def lease_context(key):
     lease["parent_lease_key"] = b"\x00" * 16
     lease["epoch"] = b"\x00\x00"
     return context(CreateContextName.SMB2_CREATE_REQUEST_LEASE_V2, lease)
+
+
+def lease_ctx(key, state=7):
+    """A RqLs create context (a v1 lease request) for lease `key`."""
+    data = key + struct.pack("<IIQ", state, 0, 0) + b"\0" * 16 + struct.pack("<HH", 0, 0)
+    return struct.pack("<IHHHHI", 0, 16, 4, 0, 24, len(data)) + b"RqLs" + b"\0" * 4 + data
+
+
+def create_with(name, access=0xC0000000, disposition=5, oplock=0, ctxs=b""):
+    """A CREATE of `name` sharing all, with an oplock level and create
+    contexts (`ctxs`, already laid out)."""
+    n = name.encode("utf-16-le")
+    name_off = 64 + 56
+    ctx_off = (name_off + len(n) + 7) // 8 * 8 if ctxs else 0
+    fixed = struct.pack("<HBBIQQIIIIIHHII", 57, 0, oplock, 2, 0, 0, access, 0x80, 7,
+                        disposition, 0x40, name_off, len(n), ctx_off, len(ctxs))
+    pad = b"\0" * (ctx_off - name_off - len(n)) if ctxs else b""
+    return fixed + n + pad + ctxs
+
+
+class SignedClient:
+    """A raw connection of USER, logged on and connected to SHARE, whose
+    requests are signed (`rcvbuf`: a small receive buffer, for a client
+    that reads slowly)."""
+
+    def __init__(self, rcvbuf=None):
+        self.raw = Raw(uuid.uuid4())
+        if rcvbuf:
+            self.raw.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sid, self.key, self.tid = connect_share(self.raw)
+
+    def send(self, cmd, body, charge=1):
+        m = self.raw.header(cmd, self.sid, tid=self.tid, charge=charge) + body
+        self.raw.send(cmac_sign(self.key, m))
+
+    def recv(self):
+        r = self.raw.recv()
+        return struct.unpack_from("<I", r, 8)[0], r
+
+    def call(self, cmd, body, charge=1):
+        self.send(cmd, body, charge)
+        while True:
+            st, r = self.recv()
+            if st != 0x103 and struct.unpack_from("<Q", r, 24)[0] != 2**64 - 1:
+                return st, r

@@ -789,6 +789,21 @@ fn a_directory_open_with_a_stale_path_renames_no_other_directory() {
     no_handles_left(&d);
 }
 
+/// Review B-4: lease keys went to filterd as the client chose them, so a
+/// second client (another client GUID) opening a file under the first's
+/// key joined its lease — both were granted RWH at once, no break sent.
+/// rksmbd now scopes each key by its client GUID (`breaks::scoped_key`):
+/// the second open breaks the first's write caching, and the break names
+/// the key as the first client chose it.
+#[test]
+fn a_lease_key_is_its_own_clients() {
+    let s = Scratch::new("rksmbd-lease-scope");
+    let d = Filterd::start(&s, &["--break-timeout-ms", "2000"], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "lease_key_other_client.py");
+    no_handles_left(&d);
+}
+
 /// Review B-2: every lease break to a connection got a thread of its own
 /// that waited for the connection's writer — a client that held 4,000
 /// leases and stopped reading cost rksmbd 4,023 threads. Breaks now wait

@@ -36,6 +36,9 @@ pub enum Holder {
     Lease {
         /// A v2 lease.
         v2: bool,
+        /// The key as its client chose it (filterd knows the lease by
+        /// [`scoped_key`]).
+        key: [u8; 16],
     },
     /// An oplock on the open with this FileId.
     Oplock {
@@ -92,6 +95,29 @@ pub fn oplock_key() -> LeaseKey {
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(OPLOCK_TAG);
     b[8..].copy_from_slice(&crate::ntlm::random_bytes::<8>());
+    LeaseKey(uuid::Uuid::from_bytes(b))
+}
+
+/// The filterd lease key of lease `key` of client `guid`. A lease belongs
+/// to its client's GUID (MS-SMB2 3.3.1.4: a LeaseTable per ClientGuid):
+/// the same key from another client is another lease. Hashed, not mixed
+/// reversibly, so no client can pick a key that lands on another's (both
+/// GUID and key go in clear); never an oplock key (review B-4: two clients
+/// sharing one key were both granted write caching of one file).
+pub fn scoped_key(guid: uuid::Uuid, key: [u8; 16]) -> LeaseKey {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"rksmbd lease key\0")
+        .chain_update(guid.as_bytes())
+        .chain_update(key)
+        .finalize();
+    let mut b: [u8; 16] = digest
+        .get(..16)
+        .and_then(|d| d.try_into().ok())
+        .unwrap_or_default();
+    if b.starts_with(OPLOCK_TAG) {
+        b[0] ^= 1;
+    }
     LeaseKey(uuid::Uuid::from_bytes(b))
 }
 
@@ -347,7 +373,6 @@ pub fn lease_state(bits: u32) -> LeaseState {
 /// The break notification for `holder`, framed for TCP: a lease break
 /// (2.2.23.2) or an oplock break (2.2.23.1).
 fn notification(
-    key: LeaseKey,
     holder: Holder,
     from: LeaseState,
     to: LeaseState,
@@ -370,11 +395,11 @@ fn notification(
     }
     .encode(&mut w);
     match holder {
-        Holder::Lease { v2 } => {
+        Holder::Lease { v2, key } => {
             w.u16(44)
                 .u16(if v2 { epoch } else { 0 })
                 .u32(u32::from(ack));
-            w.bytes(&key.0.to_bytes_le());
+            w.bytes(&key);
             w.u32(lease_bits(from)).u32(lease_bits(to));
             w.u32(0).u32(0).u32(0);
         }
@@ -431,14 +456,7 @@ pub fn forward(sh: Arc<Shared>) {
             tracing::debug!(lease_key = %lease_key.0, "break for a lease no connection holds");
             continue;
         };
-        let frame = notification(
-            lease_key,
-            holder,
-            current_state,
-            new_state,
-            epoch,
-            ack_required,
-        );
+        let frame = notification(holder, current_state, new_state, epoch, ack_required);
         send(w, frame);
     }
 }
@@ -564,7 +582,6 @@ fn leases_forgotten(sh: &Shared, lost: &[ResumeKey]) {
         sh.breaking.noticed(g.key, false);
         tracing::info!(lease_key = %g.key.0, "lease of handles filterd forgot broken to none");
         let frame = notification(
-            g.key,
             g.holder,
             g.state,
             LeaseState::NONE,
@@ -601,7 +618,7 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
     r.u32("flags")?;
     let key_bytes = r.array::<16>("lease key")?;
     let state = r.u32("lease state")?;
-    let key = LeaseKey(uuid::Uuid::from_bytes_le(key_bytes));
+    let key = scoped_key(c.client_guid, key_bytes);
     // No break in progress (never, or lowered at the break timeout):
     // STATUS_UNSUCCESSFUL; a state the break does not allow:
     // STATUS_REQUEST_NOT_ACCEPTED (3.3.5.22.2).
@@ -695,10 +712,11 @@ mod tests {
         for b in 0..8 {
             assert_eq!(lease_bits(lease_state(b)), b);
         }
-        let key = LeaseKey(uuid::Uuid::from_bytes_le([3; 16]));
         let f = notification(
-            key,
-            Holder::Lease { v2: true },
+            Holder::Lease {
+                v2: true,
+                key: [3; 16],
+            },
             lease_state(7),
             lease_state(1),
             2,
@@ -709,7 +727,6 @@ mod tests {
         assert_eq!(&f[4 + 72..4 + 88], &[3; 16]);
         assert_eq!(&f[4 + 88..4 + 96], &[7, 0, 0, 0, 1, 0, 0, 0]);
         let o = notification(
-            oplock_key(),
             Holder::Oplock { file_id: [9; 16] },
             lease_state(7),
             lease_state(1),
@@ -719,6 +736,24 @@ mod tests {
         assert_eq!(o.len(), 4 + 64 + 24);
         assert_eq!(o[4 + 66], 0x01, "broken to level II");
         assert_eq!(&o[4 + 72..], &[9; 16]);
+    }
+
+    /// One client's lease key is its own: the same key from another
+    /// client GUID names another filterd lease, the same client's always
+    /// the same one, and none is taken for an oplock's (review B-4).
+    #[test]
+    fn lease_keys_are_scoped_by_client() {
+        let (a, b) = (
+            uuid::Uuid::from_bytes([1; 16]),
+            uuid::Uuid::from_bytes([2; 16]),
+        );
+        let key = [5; 16];
+        assert_eq!(scoped_key(a, key), scoped_key(a, key));
+        assert_ne!(scoped_key(a, key), scoped_key(b, key));
+        assert_ne!(scoped_key(a, key), scoped_key(a, [6; 16]));
+        for n in 0..=255u8 {
+            assert!(!is_oplock_key(&scoped_key(a, [n; 16])));
+        }
     }
 
     /// A lease goes with the last of its handles filterd forgot, once,
@@ -742,7 +777,16 @@ mod tests {
                 state: lease_state(7),
                 epoch: 4,
             };
-            n.granted(lease, h, 1, guid, Holder::Lease { v2: true });
+            n.granted(
+                lease,
+                h,
+                1,
+                guid,
+                Holder::Lease {
+                    v2: true,
+                    key: [3; 16],
+                },
+            );
         }
         assert!(n.forgotten(&[a]).is_empty(), "b still holds it");
         let gone = n.forgotten(&[b]);

@@ -526,7 +526,7 @@ fn open_file(
     };
     let lease_req = match (&lease, oplock_key) {
         (Some(l), _) => Some(LeaseRequest {
-            key: LeaseKey(uuid::Uuid::from_bytes_le(l.key)),
+            key: breaks::scoped_key(c.client_guid, l.key),
             // Without R nothing is granted (H, W, HW: smbtorture
             // smb2.lease.request); an empty request still names the key,
             // and is answered with what the key holds.
@@ -901,6 +901,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
                 c.client_guid,
                 Holder::Lease {
                     v2: asked.v2.is_some(),
+                    key: asked.key,
                 },
             );
             *asked = in_version(*asked, known);
@@ -1152,7 +1153,7 @@ fn is_oplock_stat_open(access: u32) -> bool {
 /// v2_epoch3).
 fn in_version(asked: LeaseV, known: Holder) -> LeaseV {
     let v2 = match known {
-        Holder::Lease { v2 } => v2,
+        Holder::Lease { v2, .. } => v2,
         Holder::Oplock { .. } => asked.v2.is_some(),
     };
     LeaseV {
@@ -1309,7 +1310,7 @@ fn reconnect(
     let oplock = held.map(|l| l.key).filter(breaks::is_oplock_key);
     let lease_ok = match (held, &lease) {
         (Some(_), _) if oplock.is_some() => true,
-        (Some(l), Some(asked)) => l.key == LeaseKey(uuid::Uuid::from_bytes_le(asked.key)),
+        (Some(l), Some(asked)) => l.key == breaks::scoped_key(c.client_guid, asked.key),
         (Some(_), None) => false,
         (None, _) => true,
     };
@@ -1370,6 +1371,7 @@ fn reconnect(
                 c.client_guid,
                 Holder::Lease {
                     v2: asked.v2.is_some(),
+                    key: asked.key,
                 },
             );
         }
