@@ -386,6 +386,61 @@ fn nfsl_conformance_points() {
     assert_eq!(std::fs::read(s.root().join("x")).unwrap(), b"bob");
 }
 
+/// Review C-1: a re-sent exclusive create found "its" file by inode
+/// number alone — after another client deleted the file and made a new
+/// one that took the freed inode number (ext4 gives it out again), the re-send was
+/// told `created: true` for a file it never made. The verifier record now
+/// also holds the created file's kernel handle, which differs.
+#[test]
+fn a_resent_exclusive_create_is_not_fooled_by_a_reused_inode() {
+    let Some(s) = Scratch::with_ext4("nfs-excl-reuse") else {
+        return;
+    };
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-excl");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-excl");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let excl = json!({"create": {"mode": "exclusive", "verifier": "00000000000000c1"}});
+    let x = ok(a.open("p", "x", "both", "none", excl.clone()));
+    assert_eq!(x["created"], true);
+    ok(a.call(json!({"op": "CLOSE", "stateid": x["stateid"]})));
+    let path = s.root().join("x");
+    let ino =
+        |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let made = ino(&path);
+    // Another client (smbl/1) deletes it through the filter and makes a
+    // file of its own there, until one takes the freed inode number.
+    let (mut m, sid) = smb_session(&smb.addr);
+    let reused = (0..50).any(|_| {
+        let mut call = |req: Value| {
+            let mut req = req;
+            req["session_id"] = json!(sid);
+            let r = m.call(req);
+            assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+            r
+        };
+        let f = call(
+            json!({"cmd": "CREATE", "path": "x", "access": ["read", "write", "delete"],
+                            "share": ["read", "write", "delete"], "disposition": "open"}),
+        )["file_id"]
+            .clone();
+        call(json!({"cmd": "SET_INFO", "file_id": f, "delete_on_close": true}));
+        call(json!({"cmd": "CLOSE", "file_id": f}));
+        let f = call(
+            json!({"cmd": "CREATE", "path": "x", "access": ["read", "write"],
+                            "share": ["read", "write", "delete"], "disposition": "create"}),
+        )["file_id"]
+            .clone();
+        call(json!({"cmd": "WRITE", "file_id": f, "offset": 0, "data": b64("bob's")}));
+        call(json!({"cmd": "CLOSE", "file_id": f}));
+        ino(&path) == made
+    });
+    assert!(reused, "ext4 gave the freed inode number to no new file");
+    let r = a.open("p", "x", "both", "none", excl);
+    assert_eq!(r["status"], "NFS4ERR_EXIST", "{r}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"bob's");
+}
+
 /// Issue 13 #4, the other half: nfsshim's event thread never waits for a
 /// client's lock. Old code: a recall took the holder's lock, so while the
 /// holder's own REMOVE waited (here for an smbl/1 client's break ack, up

@@ -1870,7 +1870,17 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             let h = sh.filter.replay_open(req).map_err(filter_fail)?;
             // Written with the open: `opened.file`; before, apart: `file`.
             let file = stored.get("file").unwrap_or(&stored["opened"]["file"]);
-            if serde_json::to_value(h.info.file).ok().as_ref() != Some(file) {
+            // And once the create was answered, its kernel handle: another
+            // file under the reused inode number has the same `file`, not
+            // the same handle (review C-1).
+            let other_handle = stored.get("handle").is_some_and(|kh| {
+                libfilter::sys::file_handle_of(std::os::fd::AsFd::as_fd(&h.fd))
+                    .ok()
+                    .and_then(|mine| serde_json::to_value(mine).ok())
+                    .as_ref()
+                    != Some(kh)
+            });
+            if serde_json::to_value(h.info.file).ok().as_ref() != Some(file) || other_handle {
                 // Another file now has that name.
                 let _ = sh.filter.close(h.info.key);
                 return Err(Fail("NFS4ERR_EXIST", format!("{path} exists")));
@@ -1879,6 +1889,11 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         }
         Err(e) => return Err(filter_fail(e)),
     };
+    if let (Some(v), false, CreateAction::Created) =
+        (&excl_verifier, created_by_resend, h.info.create_action)
+    {
+        remember_created_handle(sh, &path, v, &h);
+    }
     note_locked(sh, &h.info);
     let created = created_by_resend || h.info.create_action == CreateAction::Created;
     let size = h.info.size;
@@ -2196,6 +2211,41 @@ fn earlier_open(ctx: &Ctx<'_>) -> Result<Option<SlotRec>, Fail> {
         .map_err(filter_fail)?
         .and_then(|r| serde_json::from_str::<SlotRec>(&r.reply).ok())
         .filter(|r| r.seqid == ctx.seq.seqid))
+}
+
+/// An exclusive create made its file: its verifier record gains the
+/// file's kernel handle, so a re-send tells it from a file created since
+/// under the reused inode number (the record written with the open holds
+/// only the `FileId` filterd fills in). One more commit, for exclusive
+/// creates alone; should it be lost, the re-send compares inode numbers
+/// as before.
+fn remember_created_handle(
+    sh: &Shared,
+    path: &RelPath,
+    verifier: &str,
+    h: &libfilter::client::OpenedHandle,
+) {
+    let Ok(kh) = libfilter::sys::file_handle_of(std::os::fd::AsFd::as_fd(&h.fd)) else {
+        return;
+    };
+    let Ok(scope) = state::scope(&sh.tables.excl()) else {
+        return;
+    };
+    let reply = json!({
+        "path": path.as_str(),
+        "verifier": verifier,
+        "file": h.info.file,
+        "handle": kh,
+    });
+    let spec = RecordSpec {
+        scope,
+        op_id: fnv64(path.as_str()),
+        reply: reply.to_string(),
+        keep: state::KEEP,
+    };
+    if let Err(e) = sh.filter.client().write_records(vec![spec], Vec::new()) {
+        eprintln!("nfsshim: {path}: an exclusive create's file handle was not recorded ({e}): a re-send compares inode numbers only");
+    }
 }
 
 /// The `other` of the stateid an OPEN's reply (or its delegation) names.
