@@ -949,17 +949,6 @@ pub fn names(
     }
 }
 
-/// Whether the file of kernel handle `kh` still has a name: opened by
-/// handle (not proven beneath the root: a file moved out of the export
-/// still has one), its link count. `ESTALE`/`ENOENT`: the file is gone.
-pub fn still_linked(root: BorrowedFd<'_>, kh: &libfilter::model::KernelHandle) -> Option<bool> {
-    match sys::open_by_handle(root, kh, libc::O_PATH) {
-        Ok(fd) => fstat(fd.as_fd()).ok().map(|st| st.st_nlink > 0),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => Some(false),
-        Err(_) => None,
-    }
-}
-
 /// The kernel handle of the file `path` names (not following a final
 /// symlink), if it has one.
 pub fn handle_at(root: BorrowedFd<'_>, path: &RelPath) -> Option<libfilter::model::KernelHandle> {

@@ -7,16 +7,18 @@ Usage: other_user_reconnect.py HOST PORT SHARE USER PASSWORD OTHER OTHER_PASSWOR
 USER opens secret.txt read/write, persistent, with an RWH lease, writes
 and drops TCP. OTHER logs on over a connection that negotiated USER's
 client GUID (it goes in clear in every NEGOTIATE) and sends a DH2C with
-USER's create GUID, FileId and lease key: refused ACCESS_DENIED. USER
-then reconnects the open and finds its data untouched; prints PASS.
+USER's create GUID, FileId and lease key: refused ACCESS_DENIED; so is
+OTHER's replay of USER's CREATE (replay flag, DH2Q with the create GUID).
+USER then reconnects the open and finds its data untouched; prints PASS.
 """
 
 import sys
 import uuid
 
+from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import CreateDisposition, RequestedOplockLevel
 
-from smbtest import connect, create_rw, lease_context, persistent_context, reconnect_v2
+from smbtest import connect, create_rw, lease_context, persistent_context, reconnect_v2, sent_as_replay
 
 ACCESS_DENIED = 0xC0000022
 LEASE = RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE
@@ -40,6 +42,17 @@ def main():
         sys.exit(f"{other} reconnected {user}'s open and wrote through it")
     if st != ACCESS_DENIED:
         sys.exit(f"{other}'s reconnect: status {st:#010x}, expected ACCESS_DENIED")
+    # Nor by replaying USER's CREATE (the replay flag and a DH2Q naming
+    # the create GUID), which finds the open by the same client GUID and
+    # create GUID (review D-1).
+    try:
+        sent_as_replay(lambda: create_rw(
+            tree2, "secret.txt", CreateDisposition.FILE_OPEN_IF,
+            [lease_context(lease_key), persistent_context(create_guid)], LEASE))
+        sys.exit(f"{other} got {user}'s open by replaying its CREATE")
+    except SMBResponseException as e:
+        if e.status != ACCESS_DENIED:
+            sys.exit(f"{other}'s replayed CREATE: status {e.status:#010x}, expected ACCESS_DENIED")
     conn2.disconnect()
 
     conn3, tree3 = connect(host, port, share, user, pw, client_guid=guid)

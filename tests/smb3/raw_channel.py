@@ -318,7 +318,8 @@ def lease_context(key):
 
 
 def lease_ctx(key, state=7):
-    """A RqLs create context (a v1 lease request) for lease `key`."""
+    """A RqLs create context (a v2 lease request, no parent key) for lease
+    `key`."""
     data = key + struct.pack("<IIQ", state, 0, 0) + b"\0" * 16 + struct.pack("<HH", 0, 0)
     return struct.pack("<IHHHHI", 0, 16, 4, 0, 24, len(data)) + b"RqLs" + b"\0" * 4 + data
 

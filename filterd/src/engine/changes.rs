@@ -171,7 +171,7 @@ impl Engine {
     }
 
     /// A path at or below directory `dir` that a change in progress
-    /// names: a rename or remove whose intent is committing, or whose
+    /// names: a rename or remove (by path) whose intent is committing, or whose
     /// intent is durable and whose system call has not run yet (a delete
     /// on close whose handle's removal just committed among them). Moving
     /// the directory under it would make that change miss its file, and
@@ -183,10 +183,9 @@ impl Engine {
                 [from, to].into_iter().find(|p| at_or_below(p)).cloned()
             }
             Some(IntentChange::Remove { path, .. }) => at_or_below(path).then(|| path.clone()),
-            Some(IntentChange::TruncatingOpen { record, .. }) => {
-                at_or_below(&record.path).then(|| record.path.clone())
-            }
-            Some(IntentChange::SetSize { .. }) | None => None,
+            // A truncating open (no change to perform: `None`) or a size
+            // change is by a handle, which `handles` shows.
+            Some(IntentChange::TruncatingOpen { .. } | IntentChange::SetSize { .. }) | None => None,
         })
     }
 

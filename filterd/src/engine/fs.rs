@@ -181,11 +181,6 @@ pub trait Fs: Send {
     /// The kernel handle of the file `path` names, if any.
     fn handle_at(&self, path: &RelPath) -> Option<KernelHandle>;
 
-    /// Whether the file of kernel handle `kh` still has a name anywhere
-    /// (`Some(false)`: gone, or unlinked and kept alive by a descriptor;
-    /// `None`: the kernel would not say).
-    fn still_linked(&self, kh: &KernelHandle) -> Option<bool>;
-
     /// The identity and kernel handle of the file `path` names, both from
     /// one look at one file (`None`: nothing there, or no kernel handle).
     fn identity_at(&self, path: &RelPath) -> Option<(FileId, KernelHandle)>;
@@ -371,10 +366,6 @@ impl Fs for HostFs {
 
     fn handle_at(&self, path: &RelPath) -> Option<KernelHandle> {
         fsops::handle_at(self.root(), path)
-    }
-
-    fn still_linked(&self, kh: &KernelHandle) -> Option<bool> {
-        fsops::still_linked(self.root(), kh)
     }
 
     fn identity_at(&self, path: &RelPath) -> Option<(FileId, KernelHandle)> {

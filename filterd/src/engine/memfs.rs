@@ -770,10 +770,6 @@ impl Fs for MemFs {
         self.st().names(path.as_str(), expect, kh)
     }
 
-    fn still_linked(&self, kh: &KernelHandle) -> Option<bool> {
-        Some(self.st().obj_of_handle(kh).is_ok())
-    }
-
     fn handle_at(&self, path: &RelPath) -> Option<KernelHandle> {
         let st = self.st();
         st.names

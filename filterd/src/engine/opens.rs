@@ -85,7 +85,8 @@ impl Engine {
                         format!("client already has open {k} with create GUID {g}"),
                     ));
                 }
-                let replayed = self.replay_existing(conn, &protocol, instance, k)?;
+                let replayed =
+                    self.replay_existing(conn, &protocol, instance, k, o.owner.as_deref())?;
                 if let (Reply::Opened(opened), false) = (&replayed.0, put.is_empty()) {
                     // The original's records again, completed with what
                     // the replay returns (the same values the first time
@@ -609,6 +610,7 @@ impl Engine {
         protocol: &Protocol,
         instance: InstanceName,
         key: ResumeKey,
+        owner: Option<&str>,
     ) -> Result<(Reply, Option<ResumeKey>), WireError> {
         tracing::Span::current().record("resume_key", tracing::field::display(key));
         let file = self
@@ -626,6 +628,17 @@ impl Engine {
             return Err(err(
                 ErrorCode::DuplicateCreateGuid,
                 "create GUID in use by another protocol's open",
+            ));
+        }
+        // The replay must come from the open's owner, as a resume must
+        // (`ResumeRequest::owner`): rksmbd's leased opens belong to a
+        // client GUID that goes in clear, and a replayed CREATE naming the
+        // create GUID would otherwise hand the open to another user
+        // (review D-1).
+        if owner.is_some_and(|o| h.rec.owner.as_deref() != Some(o)) {
+            return Err(err(
+                ErrorCode::AccessDenied,
+                format!("open {key} with this create GUID belongs to another owner"),
             ));
         }
         if h.parked {

@@ -463,16 +463,20 @@ pub fn forward(sh: Arc<Shared>) {
 
 /// Writes a break notification to its connection, in order after the
 /// breaks already waiting for it (a client that does not read stalls only
-/// its own connection's writer; see [`Outbox`]).
+/// its own connection's writer; see [`OUTBOX`]).
 fn send(w: ConnWriter, frame: Vec<u8>) {
     send_then(w, frame, None);
 }
 
 /// Most break notifications one connection may have waiting to be
-/// written. A client that lets more pile up is not reading: its
-/// connection is shut down once the write in progress returns (within
-/// the writer's timeout), so its reader ends it as for a dropped client.
-const MAX_WAITING_BREAKS: usize = 4096;
+/// written: a memory bound (~150 bytes each), not the test of a client
+/// that does not read — that is the writer's deadline, after which the
+/// connection is shut down and what waits fails at once. It is four
+/// connections' worth of leases (`MAX_OPENS_PER_CONNECTION`), all broken
+/// at once, as after a filterd restart, and routed to one connection of
+/// their client GUID (review D-3: 4,096 shut a reading client's connection
+/// down then). Past it the connection is shut down.
+const MAX_WAITING_BREAKS: usize = 4 * crate::server::MAX_OPENS_PER_CONNECTION;
 
 /// A break notification waiting for its connection, and whom to tell once
 /// its write returned.
