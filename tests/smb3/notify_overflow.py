@@ -41,6 +41,7 @@ from raw_channel import (
     create_body,
     open_file,
     session,
+    wait_until_writer_blocked,
 )
 
 CHANGE_NOTIFY, READ = 0xF, 8
@@ -83,6 +84,10 @@ def main():
     for _ in range(READS):
         x.send(cmac_sign(key, x.header(READ, sid, tid=tid, charge=charge_for(SIZE)) + read))
     print(f"X sent {READS} READs of 1 MiB and reads nothing", flush=True)
+    # X's thread is blocked writing READ answers before any file is made:
+    # else, between two answers, it would complete the CHANGE_NOTIFY with
+    # the first few names, before the bound is reached (a CI run saw that).
+    wait_until_writer_blocked(x.s)
 
     # 1. FILES files appear in watched/ (made in the export directly: fast
     # enough to stay within X's write timeout on a loaded machine), and

@@ -7,6 +7,7 @@ so does this module.
 import socket
 import struct
 import sys
+import time
 import uuid
 
 import spnego
@@ -258,6 +259,37 @@ def server_side_established(port):
                 if int(local.rsplit(":", 1)[1], 16) == PORT and int(remote.rsplit(":", 1)[1], 16) == port:
                     return state == "01"
     return False
+
+
+def server_side_send_queue(port):
+    """The bytes rksmbd's end of the connection from local port `port` has
+    queued to send (/proc/net/tcp{,6}: tx_queue), or None."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, remote = fields[1], fields[2]
+                if int(local.rsplit(":", 1)[1], 16) == PORT and int(remote.rsplit(":", 1)[1], 16) == port:
+                    return int(fields[4].split(":")[0], 16)
+    return None
+
+
+def wait_until_writer_blocked(sock, limit=20):
+    """Waits until rksmbd's end of `sock` holds bytes it cannot send (its
+    connection thread blocked writing to a client that does not read):
+    its send queue non-empty and unchanged for half a second."""
+    port = sock.getsockname()[1]
+    last, since = None, time.monotonic()
+    deadline = since + limit
+    while time.monotonic() < deadline:
+        q = server_side_send_queue(port)
+        now = time.monotonic()
+        if q != last:
+            last, since = q, now
+        elif q and now - since > 0.5:
+            return
+        time.sleep(0.05)
+    check(False, f"rksmbd's writer blocked within {limit} s (send queue {last})")
 
 
 def charge_for(size):
