@@ -97,6 +97,42 @@ fn open_write_read_close() {
     );
 }
 
+/// filterd names new handles with time-ordered keys (UUID v7), so a
+/// commit's new records land together at the end of the handle table
+/// (docs/PERFORMANCE.md, round 17): each open's key is above the last.
+#[test]
+fn new_handles_get_time_ordered_keys() {
+    let s = Scratch::new("keys");
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb", "smb-1");
+    let keys: Vec<ResumeKey> = (0..20)
+        .map(|i| {
+            let dur = if i % 2 == 0 {
+                Durability::Persistent { timeout_ms: 60_000 }
+            } else {
+                Durability::None
+            };
+            let h = fe
+                .open(req(
+                    "c1",
+                    &format!("k{i}"),
+                    RW,
+                    Rights::ALL,
+                    Disposition::OpenIf,
+                    dur,
+                ))
+                .unwrap();
+            h.info.key
+        })
+        .collect();
+    for k in &keys {
+        assert_eq!(k.0.get_version_num(), 7, "{k}");
+    }
+    for w in keys.windows(2) {
+        assert!(w[0] < w[1], "{} then {}", w[0], w[1]);
+    }
+}
+
 #[test]
 fn dispositions() {
     let s = Scratch::new("disp");

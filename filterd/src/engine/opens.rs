@@ -1807,7 +1807,8 @@ mod fill_tests {
     }
 }
 
-/// A new handle's resume key: random. In unit tests, drawn from a
+/// A new handle's resume key: time-ordered
+/// ([`ResumeKey::new_time_ordered`]). In unit tests, drawn from a
 /// sequence seeded by [`reset_keys`], so a proptest case that fails picks
 /// the same handles, in the same key order, when it runs again (its saved
 /// seed reproduces it).
@@ -1829,7 +1830,7 @@ fn new_key() -> ResumeKey {
         })
     }
     #[cfg(not(test))]
-    ResumeKey::new_random()
+    ResumeKey::new_time_ordered()
 }
 
 #[cfg(test)]

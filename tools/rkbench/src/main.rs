@@ -142,7 +142,14 @@ struct Args {
     /// before/after comparisons of nfsshim's request path.
     #[arg(long)]
     nfs32_only: bool,
-    /// Repetitions of `--nfs32-only`.
+    /// Only the key-locality rows: the raw LMDB 64-put commit with random
+    /// and with time-ordered keys, and persistent open+close at 64
+    /// connections on a daemon holding nothing and on one already holding
+    /// 100k persistent handles (5k with `--quick`), `--repeat` times, for comparing two filterd
+    /// builds' key schemes (docs/PERFORMANCE.md, round 17).
+    #[arg(long)]
+    keys_only: bool,
+    /// Repetitions of `--nfs32-only` and `--keys-only`.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Internal: echo server for the socket round-trip baseline.
@@ -211,6 +218,27 @@ fn main() -> anyhow::Result<()> {
         rep.write_json(&args.json)?;
         return Ok(());
     }
+    if args.keys_only {
+        let reps = if args.quick { 1 } else { args.repeat.max(1) };
+        for _ in 0..reps {
+            let random = raw::lmdb_commits(&dir, 64, raw::KeyOrder::Random, dur)?;
+            // The same loop on an empty table, for the comparison.
+            let durability = libfilter::model::Durability::Persistent { timeout_ms: 60_000 };
+            let m = mediated::open_close(&filterd, &dir, durability, 64, dur)?;
+            rep.rows.push(
+                mediated_row(
+                    "mediated open+close, persistent (requests/s, µs/pair)",
+                    64,
+                    &m,
+                )
+                .beside_rate("raw LMDB 64 puts/commit", random.ops_per_s),
+            );
+            keys_section(&mut rep, &filterd, &dir, dur, args.quick, &random)?;
+        }
+        print!("{}", rep.table());
+        rep.write_json(&args.json)?;
+        return Ok(());
+    }
     if args.local_only {
         local_section(&mut rep, &filterd, &dir, dur, reps)?;
         print!("{}", rep.table());
@@ -239,8 +267,8 @@ fn main() -> anyhow::Result<()> {
     let openat2 = raw::openat2_close(&dir, dur)?;
     let rtt = raw::socket_rtt(&dir, dur)?;
     let tcp = smb::tcp_line_rtt(dur)?;
-    let lmdb1 = raw::lmdb_commits(&dir, 1, dur)?;
-    let lmdb64 = raw::lmdb_commits(&dir, 64, dur)?;
+    let lmdb1 = raw::lmdb_commits(&dir, 1, raw::KeyOrder::Random, dur)?;
+    let lmdb64 = raw::lmdb_commits(&dir, 64, raw::KeyOrder::Random, dur)?;
     rep.rows.push(Row::new(
         "raw openat+close",
         1,
@@ -332,6 +360,7 @@ fn main() -> anyhow::Result<()> {
                     rep.rows.push(row);
                 }
             }
+            keys_section(&mut rep, &filterd, &dir, dur, args.quick, &lmdb64)?;
             if let Some(p) = persistent64 {
                 rep.target(
                     "persistent requests/s at 64 conns ≥ 0.7× raw LMDB puts/s (64/commit)",
@@ -870,16 +899,13 @@ fn etcd_section(
             &extra,
         )?;
         rep.rows.push(
-            Row::new(
+            mediated_row(
                 &format!(
                     "mediated open+close, persistent, etcd store {nodes} (requests/s, µs/pair)"
                 ),
                 64,
-                m.requests_per_s,
-                m.mean_us,
-                m.p99_us,
+                &m,
             )
-            .note(format!("{:.1} ops/commit", m.ops_per_commit))
             .beside_rate("raw etcd 64 puts/Txn", raw.ops_per_s),
         );
         rep.target(
@@ -1151,6 +1177,57 @@ fn frontends_section(
         }
         rep.rows.push(row);
     }
+    Ok(())
+}
+
+/// A row of mediated open+close pairs, with filterd's operations per commit.
+fn mediated_row(name: &str, conns: usize, m: &mediated::Mediated) -> Row {
+    Row::new(name, conns, m.requests_per_s, m.mean_us, m.p99_us)
+        .note(format!("{:.1} ops/commit", m.ops_per_commit))
+}
+
+/// Handles the key-locality row's daemon holds before its clock starts.
+const HELD: usize = 100_000;
+/// The same with `--quick`.
+const HELD_QUICK: usize = 5_000;
+
+/// Where new keys land in a large table: the raw 64-put LMDB commit with
+/// time-ordered keys beside `random` (the same loop with random keys,
+/// measured by the caller), and persistent open+close at 64 connections
+/// on a daemon holding [`HELD`] persistent handles, beside `random`.
+fn keys_section(
+    rep: &mut Report,
+    filterd: &Path,
+    dir: &Path,
+    dur: Duration,
+    quick: bool,
+    random: &report::Figure,
+) -> anyhow::Result<()> {
+    let ordered = raw::lmdb_commits(dir, 64, raw::KeyOrder::TimeOrdered, dur)?;
+    rep.rows.push(
+        Row::new(
+            "raw LMDB commit, 64 puts, time-ordered keys (puts/s)",
+            1,
+            ordered.ops_per_s,
+            ordered.mean_us,
+            ordered.p99_us,
+        )
+        .beside_rate("raw LMDB 64 puts/commit", random.ops_per_s),
+    );
+    let held = if quick { HELD_QUICK } else { HELD };
+    eprintln!("rkbench: persistent open+close beside {held} held handles…");
+    let m = mediated::open_close_held(filterd, dir, 64, held, dur)?;
+    rep.rows.push(
+        mediated_row(
+            &format!("mediated open+close, persistent, {held} handles held (requests/s, µs/pair)"),
+            64,
+            &m,
+        )
+        .with("pairs_per_s", m.requests_per_s / 2.0)
+        .with("store_ops_per_commit", m.ops_per_commit)
+        .with("raw_time_ordered_puts_per_s", ordered.ops_per_s)
+        .beside_rate("raw LMDB 64 puts/commit", random.ops_per_s),
+    );
     Ok(())
 }
 

@@ -137,6 +137,56 @@ pub fn open_close_with(
 ) -> anyhow::Result<Mediated> {
     let tag = format!("med-{}-{conns}-{}", durability.word(), extra.len());
     let d = start_export_with(filterd, dir, &tag, extra)?;
+    drive(&d, durability, conns, dur)
+}
+
+/// Persistent open+close at `conns` connections as [`open_close`] does, on
+/// a daemon that already holds `held` persistent handles (of other files,
+/// written into its store before it starts, the way a restart finds them):
+/// what a commit costs when the handle table is large, so that where a new
+/// key lands in it matters.
+pub fn open_close_held(
+    filterd: &Path,
+    dir: &Path,
+    conns: usize,
+    held: usize,
+    dur: Duration,
+) -> anyhow::Result<Mediated> {
+    let tag = format!("med-held-{held}-{conns}");
+    let _ = std::fs::remove_dir_all(dir.join(&tag));
+    let root = dir.join(format!("{tag}/root"));
+    let state = dir.join(format!("{tag}/state"));
+    crate::restart::prepare(&root, &state, held)?;
+    for i in 0..FILES {
+        std::fs::write(root.join(format!("f{i}")), b"bench")?;
+    }
+    let d = Daemon::start_on(
+        filterd,
+        &root,
+        &state,
+        &dir.join(format!("{tag}/filterd.log")),
+        false,
+        &[],
+    )?;
+    let m = drive(
+        &d,
+        Durability::Persistent { timeout_ms: 60_000 },
+        conns,
+        dur,
+    );
+    drop(d);
+    let _ = std::fs::remove_dir_all(dir.join(&tag));
+    m
+}
+
+/// `conns` connections to `d`, one thread each, open and close their files
+/// until `dur` has passed.
+fn drive(
+    d: &Daemon,
+    durability: Durability,
+    conns: usize,
+    dur: Duration,
+) -> anyhow::Result<Mediated> {
     // Connect every client first, so the clock starts with all of them
     // attached.
     let mut clients = Vec::with_capacity(conns);

@@ -148,10 +148,35 @@ impl Drop for EchoProcess {
     }
 }
 
-/// Raw LMDB: fsync'd commits of `per_commit` puts of a 16-byte key and a
-/// 300-byte value (a handle record's size). `ops_per_s` counts puts.
-pub fn lmdb_commits(dir: &Path, per_commit: usize, dur: Duration) -> anyhow::Result<Figure> {
-    let d = dir.join(format!("lmdb-{per_commit}"));
+/// How the raw LMDB loop draws its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrder {
+    /// Random (UUID v4): each put lands on a leaf anywhere in the table.
+    Random,
+    /// Time-ordered (UUID v7, as filterd names new handles): a commit's
+    /// puts land on the last few leaves.
+    TimeOrdered,
+}
+
+impl KeyOrder {
+    fn key(self) -> uuid::Uuid {
+        match self {
+            KeyOrder::Random => uuid::Uuid::new_v4(),
+            KeyOrder::TimeOrdered => uuid::Uuid::now_v7(),
+        }
+    }
+}
+
+/// Raw LMDB: fsync'd commits of `per_commit` puts of a 16-byte key drawn
+/// as `order` says and a 300-byte value (a handle record's size), into a
+/// table that grows by every put. `ops_per_s` counts puts.
+pub fn lmdb_commits(
+    dir: &Path,
+    per_commit: usize,
+    order: KeyOrder,
+    dur: Duration,
+) -> anyhow::Result<Figure> {
+    let d = dir.join(format!("lmdb-{per_commit}-{order:?}"));
     std::fs::create_dir_all(&d)?;
     let env = sys::open_lmdb(&d, 2, 1 << 30, heed::EnvFlags::empty())?;
     let mut txn = env.write_txn()?;
@@ -166,7 +191,7 @@ pub fn lmdb_commits(dir: &Path, per_commit: usize, dur: Duration) -> anyhow::Res
         let t = Instant::now();
         let mut txn = env.write_txn()?;
         for _ in 0..per_commit {
-            db.put(&mut txn, uuid::Uuid::new_v4().as_bytes(), &value)?;
+            db.put(&mut txn, order.key().as_bytes(), &value)?;
         }
         txn.commit()?;
         commits.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));

@@ -76,7 +76,9 @@ fn rss_of(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
     Ok((field("VmRSS:")?, field("RssAnon:")?, field("RssFile:")?))
 }
 
-fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHandle>> {
+/// `n` files under `root` and a persistent handle record of each in a
+/// fresh LMDB store in `state`; the files' kernel handles.
+pub(crate) fn prepare(root: &Path, state: &Path, n: usize) -> anyhow::Result<Vec<KernelHandle>> {
     let store = Store::open(state, libfilter::store::DEFAULT_MAP_SIZE)?;
     let (handles, ops) = files_and_records(root, state, n)?;
     for batch in ops.chunks(10_000) {

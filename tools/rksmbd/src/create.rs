@@ -463,9 +463,22 @@ fn client_of(c: &Connection, user: &str, leased: bool) -> Result<ClientId, u32> 
 }
 
 /// The persistent half of an SMB2 FileId for a filterd handle: the same
-/// on every connection and after a reconnect (2.2.14.1).
+/// on every connection and after a reconnect (2.2.14.1), and distinct for
+/// distinct handles (the DHnC lookup by FileId keys on it). Of a
+/// time-ordered key (UUID v7, what filterd mints) the low half: its high
+/// half is the millisecond and a counter's top bits, the same for every
+/// handle opened in one millisecond, while its low half holds the rest of
+/// the counter and 32 random bits. Of a random key (v4, minted before
+/// filterd named handles in time order) the high half, as then, so that
+/// durable opens made before an upgrade reconnect with the FileId their
+/// clients hold.
 pub fn persistent_id(key: ResumeKey) -> u64 {
-    key.0.as_u64_pair().0
+    let (high, low) = key.0.as_u64_pair();
+    if key.0.get_version_num() == 7 {
+        low
+    } else {
+        high
+    }
 }
 
 /// The granted lease as a response context value.
@@ -1521,6 +1534,21 @@ fn dir_open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Handles opened in the same millisecond get distinct persistent
+    /// FileIds; a handle named before the upgrade keeps its FileId.
+    #[test]
+    fn persistent_ids_differ_within_a_millisecond() {
+        let ids: std::collections::HashSet<u64> = (0..10_000)
+            .map(|_| persistent_id(ResumeKey::new_time_ordered()))
+            .collect();
+        assert_eq!(ids.len(), 10_000);
+        let old = ResumeKey(uuid::Uuid::from_u64_pair(
+            0x1234_5678_9abc_4def,
+            0x8000_0000_0000_0001,
+        ));
+        assert_eq!(persistent_id(old), 0x1234_5678_9abc_4def);
+    }
 
     /// The old connection detaches the open and lets it go between a
     /// reconnect's refused resume and its look at who holds the open
