@@ -606,7 +606,12 @@ pub struct OpenRequest {
     /// durable together or not at all. A record whose text is a JSON object
     /// with an `"opened"` member is completed by filterd: `"opened"` becomes
     /// this open's [`Opened`] (resume key, create action, size, lease
-    /// granted), which only filterd knows before the commit. A re-sent open
+    /// granted), which only filterd knows before the commit; a top-level
+    /// `"kernel_handle"` member of such a record becomes the opened file's
+    /// kernel handle ([`crate::model::KernelHandle`]; stays `null` on a
+    /// filesystem without handles, or for an open that is not durable or
+    /// persistent), so the record tells that file from another given the
+    /// same inode number later. A re-sent open
     /// that returns the original ([`Request::ReplayOpen`]) writes them again,
     /// completed with what it returns. Refused with a persistent open that
     /// truncates (it commits in two steps, see the intents).
@@ -807,6 +812,13 @@ impl WireError {
 /// unless it stays within [`crate::model::MAX_REPLY_BYTES`] filled with one
 /// this long.
 pub const MAX_OPENED_JSON_BYTES: usize = 512;
+
+/// The longest a [`crate::model::KernelHandle`] is as JSON text (about 300
+/// bytes for the kernel's largest, 128-byte, handle; filterd's tests check
+/// the bound). A record an open carries with a top-level
+/// `"kernel_handle": null` member besides `"opened"` is refused unless it
+/// stays within [`crate::model::MAX_REPLY_BYTES`] filled with both.
+pub const MAX_KERNEL_HANDLE_JSON_BYTES: usize = 320;
 
 /// A granted open or resume. The reply frame carries the descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

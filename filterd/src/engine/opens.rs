@@ -2,7 +2,7 @@
 //! and its indexes, closing (with delete on close), detaching.
 
 use super::*;
-use libfilter::proto::MAX_OPENED_JSON_BYTES;
+use libfilter::proto::{MAX_KERNEL_HANDLE_JSON_BYTES, MAX_OPENED_JSON_BYTES};
 
 impl Engine {
     pub(super) fn attached_to(&self, conn: ConnId, key: ResumeKey) -> Result<(), WireError> {
@@ -92,7 +92,11 @@ impl Engine {
                     // the replay returns (the same values the first time
                     // wrote, but for the size).
                     let opened = opened.clone();
-                    self.open_records(put, &opened);
+                    let kh = self
+                        .handles
+                        .get(&k)
+                        .and_then(|h| h.rec.kernel_handle.clone());
+                    self.open_records(put, &opened, kh.as_ref());
                 }
                 return Ok(Some(replayed));
             }
@@ -456,7 +460,11 @@ impl Engine {
             return Ok(None);
         }
         if !put.is_empty() {
-            self.open_records(put, &opened);
+            let kh = self
+                .handles
+                .get(&key)
+                .and_then(|h| h.rec.kernel_handle.clone());
+            self.open_records(put, &opened, kh.as_ref());
             crate::failpoint::hit("open.records_batched");
         }
         Ok(Some((Reply::Opened(opened), Some(key))))
@@ -464,9 +472,15 @@ impl Engine {
 
     /// Writes the records an open carries ([`OpenRequest::put`]) in its
     /// commit, each JSON object with an `"opened"` member completed with
-    /// `opened`.
+    /// `opened`, and a `"kernel_handle"` member beside it with
+    /// `kernel_handle`, the opened file's.
     /// `put` is checked and mapped already ([`Self::own_records`]).
-    fn open_records(&mut self, put: Vec<(RecordSpec, OpenFill)>, opened: &Opened) {
+    fn open_records(
+        &mut self,
+        put: Vec<(RecordSpec, OpenFill)>,
+        opened: &Opened,
+        kernel_handle: Option<&KernelHandle>,
+    ) {
         let text = serde_json::to_string(opened).ok();
         let put = put
             .into_iter()
@@ -478,6 +492,11 @@ impl Engine {
                     (OpenFill::Member(mut m), _) => {
                         if let Ok(v) = serde_json::to_value(opened) {
                             m.insert("opened".into(), v);
+                            if let (Some(slot), Some(kh)) =
+                                (m.get_mut("kernel_handle"), kernel_handle)
+                            {
+                                *slot = serde_json::to_value(kh).unwrap_or_default();
+                            }
                             r.reply = serde_json::Value::Object(m).to_string();
                         }
                     }
@@ -1568,30 +1587,34 @@ impl OpenFill {
     /// limit was checked on the text as sent, and a record of 16,384 bytes
     /// was stored at 16,553 once filled).
     pub(super) fn of(reply: &str) -> Result<OpenFill, WireError> {
-        let (fill, unfilled) = if opened_last(reply) {
-            (OpenFill::Last, reply.len())
+        // A record that may ask for the kernel handle too is parsed.
+        let (fill, unfilled, room) = if !reply.contains("\"kernel_handle\"") && opened_last(reply) {
+            (OpenFill::Last, reply.len(), MAX_OPENED_JSON_BYTES)
         } else {
             match serde_json::from_str::<serde_json::Value>(reply) {
                 Ok(serde_json::Value::Object(mut m)) if m.contains_key("opened") => {
                     m.insert("opened".into(), serde_json::Value::Null);
-                    // The encoding with `null` there: filled, `null`
+                    let mut room = MAX_OPENED_JSON_BYTES;
+                    if let Some(kh) = m.get_mut("kernel_handle") {
+                        *kh = serde_json::Value::Null;
+                        room += MAX_KERNEL_HANDLE_JSON_BYTES;
+                    }
+                    // The encoding with `null` there: filled, each `null`
                     // gives way to the answer (key order aside, the same
                     // text).
                     let len = serde_json::to_string(&m).map_or(usize::MAX, |t| t.len());
-                    (OpenFill::Member(m), len)
+                    (OpenFill::Member(m), len, room)
                 }
                 _ => return Ok(OpenFill::Unfilled),
             }
         };
-        let most = unfilled
-            .saturating_sub("null".len())
-            .saturating_add(MAX_OPENED_JSON_BYTES);
+        let most = unfilled.saturating_sub("null".len()).saturating_add(room);
         if most > MAX_REPLY_BYTES {
             return Err(err(
                 ErrorCode::BadFrame,
                 format!(
                     "put: a record of {unfilled} bytes would exceed {MAX_REPLY_BYTES} bytes \
-                     once its \"opened\" is filled (leave {MAX_OPENED_JSON_BYTES} bytes for it)"
+                     once filled (leave {room} bytes for what filterd fills in)"
                 ),
             ));
         }
@@ -1710,7 +1733,10 @@ pub(super) fn index_create_guid(
 
 #[cfg(test)]
 mod fill_tests {
-    use super::{fill_opened_last, OpenFill, MAX_OPENED_JSON_BYTES, MAX_REPLY_BYTES};
+    use super::{
+        fill_opened_last, OpenFill, MAX_KERNEL_HANDLE_JSON_BYTES, MAX_OPENED_JSON_BYTES,
+        MAX_REPLY_BYTES,
+    };
     use libfilter::lease::{LeaseKey, LeaseState};
     use libfilter::model::{CreateAction, Durability, FileId, HeldLease, ResumeKey};
     use libfilter::proto::Opened;
@@ -1740,6 +1766,34 @@ mod fill_tests {
         assert!(n <= MAX_OPENED_JSON_BYTES, "{n}");
         let n = serde_json::to_value(&o).expect("encoded").to_string().len();
         assert!(n <= MAX_OPENED_JSON_BYTES, "{n}");
+    }
+
+    #[test]
+    fn the_longest_kernel_handle_fits_the_room_left_for_it() {
+        let kh = libfilter::model::KernelHandle {
+            handle_type: i32::MIN,
+            bytes: vec![0xff; 128],
+        };
+        let n = serde_json::to_value(&kh)
+            .expect("encoded")
+            .to_string()
+            .len();
+        assert!(n <= MAX_KERNEL_HANDLE_JSON_BYTES, "{n}");
+    }
+
+    /// A record that asks for the kernel handle too has room left for it.
+    #[test]
+    fn a_record_asking_for_the_kernel_handle_is_checked_with_it() {
+        let pad = |n: usize| {
+            format!(
+                r#"{{"a":"{}","kernel_handle":null,"opened":null}}"#,
+                "x".repeat(n)
+            )
+        };
+        let fits =
+            MAX_REPLY_BYTES - pad(0).len() - MAX_OPENED_JSON_BYTES - MAX_KERNEL_HANDLE_JSON_BYTES;
+        assert!(matches!(OpenFill::of(&pad(fits)), Ok(OpenFill::Member(_))));
+        assert!(OpenFill::of(&pad(fits + 20)).is_err());
     }
 
     #[test]

@@ -3303,3 +3303,48 @@ fn a_directory_rename_is_refused_while_a_change_below_is_in_progress() {
         h.reply(moved)
     );
 }
+
+/// Review D-5: a record an open carries asks for the opened file's kernel
+/// handle with a `"kernel_handle": null` member, and gets it in the
+/// open's own commit (nfsshim wrote it in a second commit, which an
+/// older create's could overwrite a newer create's record with); a
+/// record without the member is filled as before and gains nothing.
+#[test]
+fn an_opens_record_gets_the_kernel_handle_it_asks_for() {
+    let spec = |op_id: u64, reply: &str| RecordSpec {
+        scope: session(1),
+        op_id,
+        reply: reply.into(),
+        keep: 8,
+    };
+    let mut h = Harness::new();
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.put = vec![
+        spec(1, r#"{"v":"x","kernel_handle":null,"opened":null}"#),
+        spec(2, r#"{"v":"x","opened":null}"#),
+    ];
+    let id = h.run(Request::Open(o));
+    h.commit(true);
+    let key = h.opened(id);
+    let kh = h.engine.handles[&key].rec.kernel_handle.clone();
+    assert!(kh.is_some(), "MemFs gives handles");
+    let stored = |op_id: u64| -> serde_json::Value {
+        let scope = ReplayScope::Session(ScopeName::new("smb/s1").unwrap());
+        serde_json::from_str(&h.engine.replays[&scope][&op_id].reply).unwrap()
+    };
+    assert_eq!(
+        stored(1)["kernel_handle"],
+        serde_json::to_value(&kh).unwrap()
+    );
+    assert_eq!(
+        stored(1)["opened"]["key"],
+        serde_json::json!(key.to_string())
+    );
+    assert_eq!(stored(2).get("kernel_handle"), None);
+    assert_eq!(
+        stored(2)["opened"]["key"],
+        serde_json::json!(key.to_string())
+    );
+}

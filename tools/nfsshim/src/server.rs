@@ -1804,11 +1804,15 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         // the re-send of a create whose verifier record was lost with
         // filterd, its handle dropped at nfsshim's restore, found the file
         // and no verifier: NFS4ERR_EXIST for the client's own create).
-        // filterd fills in `opened`, whose `file` the re-send checks.
+        // filterd fills in `opened`, whose `file` the re-send checks, and
+        // `kernel_handle`: another file under the reused inode number has
+        // the same `file`, not the same handle (reviews C-1, D-5).
         req.put.push(RecordSpec {
             scope: state::scope(&sh.tables.excl()).map_err(filter_fail)?,
             op_id: fnv64(path.as_str()),
-            reply: json!({"path": path.as_str(), "verifier": v, "opened": null}).to_string(),
+            reply:
+                json!({"path": path.as_str(), "verifier": v, "kernel_handle": null, "opened": null})
+                    .to_string(),
             keep: state::KEEP,
         });
     }
@@ -1870,10 +1874,15 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             let h = sh.filter.replay_open(req).map_err(filter_fail)?;
             // Written with the open: `opened.file`; before, apart: `file`.
             let file = stored.get("file").unwrap_or(&stored["opened"]["file"]);
-            // And once the create was answered, its kernel handle: another
-            // file under the reused inode number has the same `file`, not
-            // the same handle (review C-1).
-            let other_handle = stored.get("handle").is_some_and(|kh| {
+            // And its kernel handle: another file under the reused inode
+            // number has the same `file`, not the same handle (review
+            // C-1). Filled in with the open (`kernel_handle`); a record of
+            // an earlier nfsshim has it as `handle`, written apart once the
+            // create was answered; a filesystem without handles has none.
+            let stored_handle = Some(&stored["kernel_handle"])
+                .filter(|kh| !kh.is_null())
+                .or_else(|| stored.get("handle"));
+            let other_handle = stored_handle.is_some_and(|kh| {
                 libfilter::sys::file_handle_of(std::os::fd::AsFd::as_fd(&h.fd))
                     .ok()
                     .and_then(|mine| serde_json::to_value(mine).ok())
@@ -1889,11 +1898,6 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         }
         Err(e) => return Err(filter_fail(e)),
     };
-    if let (Some(v), false, CreateAction::Created) =
-        (&excl_verifier, created_by_resend, h.info.create_action)
-    {
-        remember_created_handle(sh, &path, v, &h);
-    }
     note_locked(sh, &h.info);
     let created = created_by_resend || h.info.create_action == CreateAction::Created;
     let size = h.info.size;
@@ -2211,41 +2215,6 @@ fn earlier_open(ctx: &Ctx<'_>) -> Result<Option<SlotRec>, Fail> {
         .map_err(filter_fail)?
         .and_then(|r| serde_json::from_str::<SlotRec>(&r.reply).ok())
         .filter(|r| r.seqid == ctx.seq.seqid))
-}
-
-/// An exclusive create made its file: its verifier record gains the
-/// file's kernel handle, so a re-send tells it from a file created since
-/// under the reused inode number (the record written with the open holds
-/// only the `FileId` filterd fills in). One more commit, for exclusive
-/// creates alone; should it be lost, the re-send compares inode numbers
-/// as before.
-fn remember_created_handle(
-    sh: &Shared,
-    path: &RelPath,
-    verifier: &str,
-    h: &libfilter::client::OpenedHandle,
-) {
-    let Ok(kh) = libfilter::sys::file_handle_of(std::os::fd::AsFd::as_fd(&h.fd)) else {
-        return;
-    };
-    let Ok(scope) = state::scope(&sh.tables.excl()) else {
-        return;
-    };
-    let reply = json!({
-        "path": path.as_str(),
-        "verifier": verifier,
-        "file": h.info.file,
-        "handle": kh,
-    });
-    let spec = RecordSpec {
-        scope,
-        op_id: fnv64(path.as_str()),
-        reply: reply.to_string(),
-        keep: state::KEEP,
-    };
-    if let Err(e) = sh.filter.client().write_records(vec![spec], Vec::new()) {
-        eprintln!("nfsshim: {path}: an exclusive create's file handle was not recorded ({e}): a re-send compares inode numbers only");
-    }
 }
 
 /// The `other` of the stateid an OPEN's reply (or its delegation) names.
