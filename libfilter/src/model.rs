@@ -54,7 +54,8 @@ impl ResumeKey {
     }
     /// A fresh time-ordered key (UUID version 7: milliseconds since the
     /// epoch, then a counter that keeps one process's keys in creation
-    /// order, then random bits). filterd names new handles with these: the
+    /// order, then random bits). filterd names new handles with these when
+    /// its store is LMDB (`StateStore::time_ordered_keys`): the
     /// handle and replay tables are ordered by key, so a commit's new
     /// records land on the same few B-tree leaves at the table's end
     /// instead of one leaf each anywhere in it (docs/PERFORMANCE.md, round

@@ -365,6 +365,13 @@ pub trait StateStore: Send + Sync {
     /// while this daemon's claim stands ([`StoreError::Fenced`] otherwise,
     /// with nothing written). Returns the commit's sequence number.
     fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError>;
+    /// Whether new handles get time-ordered resume keys
+    /// ([`ResumeKey::new_time_ordered`]) rather than random ones: an
+    /// ordered store (LMDB's B-tree) writes a commit's new records on a
+    /// few leaves instead of one each (docs/PERFORMANCE.md, round 17).
+    fn time_ordered_keys(&self) -> bool {
+        true
+    }
     /// Whether commits may overlap ([`StateStore::prepare`]): a later
     /// commit's transaction goes out while an earlier one is in flight.
     /// An embedded store commits one at a time.

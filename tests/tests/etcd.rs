@@ -874,6 +874,16 @@ fn a_restart_from_etcd_finds_the_files_as_they_are() {
     };
     assert!(state("gone").contains("lost"), "{v}");
     assert!(state("kept").contains("disconnected"), "{v}");
+    // With the etcd store new handles get random keys, which its claim
+    // reads in ranges by first hex digit (time-ordered keys, as with
+    // LMDB, would all fall in one).
+    for h in v.as_array().expect("a list") {
+        let key: uuid::Uuid = h["key"]
+            .as_str()
+            .and_then(|k| k.parse().ok())
+            .expect("a key");
+        assert_eq!(key.get_version_num(), 4, "{h}");
+    }
 }
 
 /// What became of one path a [`Ledger`] writer worked on, as its client saw.

@@ -372,7 +372,7 @@ impl Engine {
                 self.batch.sync_fd(d);
             }
         }
-        let key = new_key();
+        let key = new_key(self.store.time_ordered_keys());
         tracing::Span::current().record("resume_key", tracing::field::display(key));
         let o_lease = o.lease;
         let rec = HandleRecord {
@@ -1862,13 +1862,15 @@ mod fill_tests {
 }
 
 /// A new handle's resume key: time-ordered
-/// ([`ResumeKey::new_time_ordered`]). In unit tests, drawn from a
+/// ([`ResumeKey::new_time_ordered`]) when the store gains by it
+/// (`ordered`), random otherwise. In unit tests, drawn from a
 /// sequence seeded by [`reset_keys`], so a proptest case that fails picks
 /// the same handles, in the same key order, when it runs again (its saved
 /// seed reproduces it).
-fn new_key() -> ResumeKey {
+fn new_key(ordered: bool) -> ResumeKey {
     #[cfg(test)]
     {
+        let _ = ordered;
         NEXT_KEY.with(|n| {
             let (seed, k) = n.get();
             n.set((seed, k + 1));
@@ -1884,7 +1886,11 @@ fn new_key() -> ResumeKey {
         })
     }
     #[cfg(not(test))]
-    ResumeKey::new_time_ordered()
+    if ordered {
+        ResumeKey::new_time_ordered()
+    } else {
+        ResumeKey::new_random()
+    }
 }
 
 #[cfg(test)]
