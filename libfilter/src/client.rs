@@ -1240,6 +1240,12 @@ impl FilterClient {
         }))?)
     }
 
+    /// Whether the daemon fills the `"kernel_handle"` member of a record an
+    /// open carries ([`proto::FEATURE_OPEN_KERNEL_HANDLE`]).
+    pub fn fills_open_kernel_handle(&self) -> bool {
+        self.hello.features & proto::FEATURE_OPEN_KERNEL_HANDLE != 0
+    }
+
     /// Whether the daemon checks a resume's owner
     /// ([`proto::FEATURE_RESUME_OWNER`]).
     pub fn checks_resume_owner(&self) -> bool {

@@ -2238,6 +2238,8 @@ impl StateStore for EtcdStore {
     /// nothing there, and a claim reads the table in ranges split by the
     /// keys' first hex digit (`read_ranges`), which
     /// time-ordered keys would all share (one range: no concurrency).
+    /// Said here, not left to the default, so a change of the default
+    /// cannot undo it.
     fn time_ordered_keys(&self) -> bool {
         false
     }

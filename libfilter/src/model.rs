@@ -55,14 +55,29 @@ impl ResumeKey {
     /// A fresh time-ordered key (UUID version 7: milliseconds since the
     /// epoch, then a counter that keeps one process's keys in creation
     /// order, then random bits). filterd names new handles with these when
-    /// its store is LMDB (`StateStore::time_ordered_keys`): the
+    /// its store is LMDB (`StateStore::time_ordered_keys`) and the frontend
+    /// asked (`FEATURE_TIME_ORDERED_KEYS`): the
     /// handle and replay tables are ordered by key, so a commit's new
     /// records land on the same few B-tree leaves at the table's end
     /// instead of one leaf each anywhere in it (docs/PERFORMANCE.md, round
     /// 17). Nothing relies on the order: keys stay unique by their counter and random
     /// bits, also across a restart or a clock stepped back.
+    ///
+    /// A wall clock before 1970 (which uuid's `now_v7` would panic on)
+    /// gives a random key instead.
     pub fn new_time_ordered() -> Self {
-        ResumeKey(Uuid::now_v7())
+        /// One counter for the process, as `now_v7`'s own.
+        static CONTEXT: std::sync::Mutex<uuid::ContextV7> =
+            std::sync::Mutex::new(uuid::ContextV7::new());
+        match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            Ok(since) => {
+                let context = CONTEXT.lock().unwrap_or_else(|e| e.into_inner());
+                let ts =
+                    uuid::Timestamp::from_unix(&*context, since.as_secs(), since.subsec_nanos());
+                ResumeKey(Uuid::new_v7(ts))
+            }
+            Err(_) => Self::new_random(),
+        }
     }
     /// The 16 bytes used as the LMDB key.
     pub fn as_bytes(&self) -> &[u8; 16] {

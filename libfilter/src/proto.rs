@@ -41,7 +41,9 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_RESYNCED
     | FEATURE_RENAME_DIRECTORY
     | FEATURE_SHARE_EXEMPT
-    | FEATURE_RESUME_OWNER;
+    | FEATURE_RESUME_OWNER
+    | FEATURE_TIME_ORDERED_KEYS
+    | FEATURE_OPEN_KERNEL_HANDLE;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -153,6 +155,22 @@ pub const FEATURE_SHARE_EXEMPT: u64 = 128;
 /// Feature: the daemon checks [`ResumeRequest::owner`]. rksmbd asks for
 /// it; without it a reconnect is checked by client alone, as before.
 pub const FEATURE_RESUME_OWNER: u64 = 256;
+/// Feature: time-ordered resume keys. A frontend that asks for it takes
+/// resume keys as opaque 16-byte values, unique only whole: the daemon
+/// may then name the frontend's new handles with time-ordered keys (UUID
+/// v7, [`ResumeKey::new_time_ordered`]) when its store gains by them (the
+/// LMDB store: docs/PERFORMANCE.md, round 17), and every key it mints in
+/// one millisecond shares its high 64 bits. A frontend that does not ask
+/// gets random (v4) keys, as every daemon minted before the bit existed.
+/// rksmbd, smbshim and nfsshim ask for it.
+pub const FEATURE_TIME_ORDERED_KEYS: u64 = 512;
+/// Feature: the daemon fills a top-level `"kernel_handle"` member of a
+/// record an open carries ([`OpenRequest::put`]) with the opened file's
+/// kernel handle. A daemon without it stores the member as sent. nfsshim
+/// asks for it (its exclusive-create verifier record) and, when it is not
+/// granted, writes the handle in a second commit after the create, as
+/// before the bit existed.
+pub const FEATURE_OPEN_KERNEL_HANDLE: u64 = 1024;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Listings are cut into pages of about this many bytes, so every reply
@@ -606,7 +624,8 @@ pub struct OpenRequest {
     /// durable together or not at all. A record whose text is a JSON object
     /// with an `"opened"` member is completed by filterd: `"opened"` becomes
     /// this open's [`Opened`] (resume key, create action, size, lease
-    /// granted), which only filterd knows before the commit; a top-level
+    /// granted), which only filterd knows before the commit; on a
+    /// connection granted [`FEATURE_OPEN_KERNEL_HANDLE`], a top-level
     /// `"kernel_handle"` member of such a record becomes the opened file's
     /// kernel handle ([`crate::model::KernelHandle`]; stays `null` on a
     /// filesystem without handles, or for an open that is not durable or

@@ -366,11 +366,14 @@ pub trait StateStore: Send + Sync {
     /// with nothing written). Returns the commit's sequence number.
     fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError>;
     /// Whether new handles get time-ordered resume keys
-    /// ([`ResumeKey::new_time_ordered`]) rather than random ones: an
-    /// ordered store (LMDB's B-tree) writes a commit's new records on a
-    /// few leaves instead of one each (docs/PERFORMANCE.md, round 17).
+    /// ([`ResumeKey::new_time_ordered`]) rather than random ones (for
+    /// frontends that were granted [`crate::proto::FEATURE_TIME_ORDERED_KEYS`]):
+    /// an ordered store (LMDB's B-tree) writes a commit's new records on a
+    /// few leaves instead of one each (docs/PERFORMANCE.md, round 17). No by
+    /// default: a store that reads its table in key ranges would find
+    /// every new key in one.
     fn time_ordered_keys(&self) -> bool {
-        true
+        false
     }
     /// Whether commits may overlap ([`StateStore::prepare`]): a later
     /// commit's transaction goes out while an earlier one is in flight.
@@ -436,6 +439,10 @@ pub trait StateStore: Send + Sync {
 impl StateStore for Store {
     fn kind(&self) -> &'static str {
         "lmdb"
+    }
+    /// A B-tree: a commit's new records share its last leaves.
+    fn time_ordered_keys(&self) -> bool {
+        true
     }
     fn claim(&self) -> Result<(u64, bool), StoreError> {
         self.begin_epoch()

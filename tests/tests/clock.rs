@@ -140,3 +140,33 @@ fn a_clock_step_back_stalls_no_break() {
         .expect("the waiting open is answered after the break timeout");
     assert!(r.is_ok(), "{r:?}");
 }
+
+/// A wall clock before 1970 (libfaketime sets it): opens still get keys
+/// and succeed (uuid's `now_v7` panics there; filterd's time-ordered keys
+/// fall back to random ones — review of session 25), and the daemon keeps
+/// serving.
+#[test]
+fn a_wall_clock_before_1970_still_opens() {
+    let s = Scratch::new("clock-1969");
+    let clock = s.dir.join("clock");
+    let d = start_with_clock(&s, &clock, &[]);
+    std::fs::write(&clock, "@1969-12-01 00:00:00").unwrap();
+    let fe = FilterClient::connect_frontend_with(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new("smb-c").unwrap(),
+        libfilter::proto::FEATURE_TIME_ORDERED_KEYS,
+    )
+    .unwrap();
+    for (i, dur) in [
+        Durability::None,
+        Durability::Persistent { timeout_ms: 60_000 },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let h = fe.open(req(&format!("f{i}"), "alice", dur, None)).unwrap();
+        fe.close(h.info.key).unwrap();
+    }
+    assert!(d.control().handles().is_ok(), "filterd still serves");
+}

@@ -97,14 +97,35 @@ fn open_write_read_close() {
     );
 }
 
-/// filterd names new handles with time-ordered keys (UUID v7), so a
+/// filterd names a frontend's new handles with time-ordered keys (UUID
+/// v7) when the frontend asked for `FEATURE_TIME_ORDERED_KEYS`, so a
 /// commit's new records land together at the end of the handle table
-/// (docs/PERFORMANCE.md, round 17): each open's key is above the last.
+/// (docs/PERFORMANCE.md, round 17): each open's key is above the last. A
+/// frontend that did not ask — one that may take a half of a key for
+/// unique — gets random (v4) keys, as from every daemon before.
 #[test]
 fn new_handles_get_time_ordered_keys() {
     let s = Scratch::new("keys");
     let _d = Filterd::start(&s, &[], &[]);
-    let fe = frontend(&s, "smb", "smb-1");
+    let old = frontend(&s, "smb", "smb-0");
+    let h = old
+        .open(req(
+            "c0",
+            "old",
+            RW,
+            Rights::ALL,
+            Disposition::OpenIf,
+            Durability::None,
+        ))
+        .unwrap();
+    assert_eq!(h.info.key.0.get_version_num(), 4, "{}", h.info.key);
+    let fe = FilterClient::connect_frontend_with(
+        &s.socket(),
+        Protocol::new("smb").unwrap(),
+        InstanceName::new("smb-1").unwrap(),
+        libfilter::proto::FEATURE_TIME_ORDERED_KEYS,
+    )
+    .expect("frontend attaches");
     let keys: Vec<ResumeKey> = (0..20)
         .map(|i| {
             let dur = if i % 2 == 0 {

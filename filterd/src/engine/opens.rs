@@ -5,6 +5,13 @@ use super::*;
 use libfilter::proto::{MAX_KERNEL_HANDLE_JSON_BYTES, MAX_OPENED_JSON_BYTES};
 
 impl Engine {
+    /// Whether connection `conn`'s hello was granted `feature`.
+    fn granted(&self, conn: ConnId, feature: u64) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.features & feature != 0)
+    }
+
     pub(super) fn attached_to(&self, conn: ConnId, key: ResumeKey) -> Result<(), WireError> {
         match self.handles.get(&key) {
             Some(h) if h.conn == Some(conn) => Ok(()),
@@ -66,11 +73,12 @@ impl Engine {
                     "put: records cannot ride on a persistent open that truncates",
                 ));
             }
+            let fill_handle = self.granted(conn, libfilter::proto::FEATURE_OPEN_KERNEL_HANDLE);
             put = self
                 .own_records(conn, &protocol, o.put.clone(), Vec::new())?
                 .0
                 .into_iter()
-                .map(|r| OpenFill::of(&r.reply).map(|f| (r, f)))
+                .map(|r| OpenFill::of(&r.reply, fill_handle).map(|f| (r, f)))
                 .collect::<Result<_, _>>()?;
         }
         if let Some(g) = o.create_guid {
@@ -372,7 +380,10 @@ impl Engine {
                 self.batch.sync_fd(d);
             }
         }
-        let key = new_key(self.store.time_ordered_keys());
+        let key = new_key(
+            self.store.time_ordered_keys()
+                && self.granted(conn, libfilter::proto::FEATURE_TIME_ORDERED_KEYS),
+        );
         tracing::Span::current().record("resume_key", tracing::field::display(key));
         let o_lease = o.lease;
         let rec = HandleRecord {
@@ -489,11 +500,11 @@ impl Engine {
                     // The common case (nfsshim writes the member last):
                     // no parse and re-encode of the whole record.
                     (OpenFill::Last, Some(t)) => r.reply = splice_opened(&r.reply, t),
-                    (OpenFill::Member(mut m), _) => {
+                    (OpenFill::Member(mut m, with_handle), _) => {
                         if let Ok(v) = serde_json::to_value(opened) {
                             m.insert("opened".into(), v);
-                            if let (Some(slot), Some(kh)) =
-                                (m.get_mut("kernel_handle"), kernel_handle)
+                            if let (Some(slot), Some(kh), true) =
+                                (m.get_mut("kernel_handle"), kernel_handle, with_handle)
                             {
                                 *slot = serde_json::to_value(kh).unwrap_or_default();
                             }
@@ -1575,8 +1586,8 @@ pub(super) enum OpenFill {
     /// Ends with `"opened":null}` ([`opened_last`]): spliced.
     Last,
     /// Another JSON object with a top-level `opened` member: parsed, the
-    /// member set, encoded again.
-    Member(serde_json::Map<String, serde_json::Value>),
+    /// member set (and `kernel_handle` when the flag says), encoded again.
+    Member(serde_json::Map<String, serde_json::Value>, bool),
     /// Stored as sent.
     Unfilled,
 }
@@ -1586,24 +1597,29 @@ impl OpenFill {
     /// could exceed [`MAX_REPLY_BYTES`] (defect found after issue 16: the
     /// limit was checked on the text as sent, and a record of 16,384 bytes
     /// was stored at 16,553 once filled).
-    pub(super) fn of(reply: &str) -> Result<OpenFill, WireError> {
+    /// `handle`: whether a top-level `"kernel_handle"` member is filled too
+    /// (the connection was granted `FEATURE_OPEN_KERNEL_HANDLE`).
+    pub(super) fn of(reply: &str, handle: bool) -> Result<OpenFill, WireError> {
         // A record that may ask for the kernel handle too is parsed.
-        let (fill, unfilled, room) = if !reply.contains("\"kernel_handle\"") && opened_last(reply) {
+        let asks = handle && reply.contains("\"kernel_handle\"");
+        let (fill, unfilled, room) = if !asks && opened_last(reply) {
             (OpenFill::Last, reply.len(), MAX_OPENED_JSON_BYTES)
         } else {
             match serde_json::from_str::<serde_json::Value>(reply) {
                 Ok(serde_json::Value::Object(mut m)) if m.contains_key("opened") => {
                     m.insert("opened".into(), serde_json::Value::Null);
                     let mut room = MAX_OPENED_JSON_BYTES;
-                    if let Some(kh) = m.get_mut("kernel_handle") {
+                    let mut with_handle = false;
+                    if let (Some(kh), true) = (m.get_mut("kernel_handle"), handle) {
                         *kh = serde_json::Value::Null;
                         room += MAX_KERNEL_HANDLE_JSON_BYTES;
+                        with_handle = true;
                     }
                     // The encoding with `null` there: filled, each `null`
                     // gives way to the answer (key order aside, the same
                     // text).
                     let len = serde_json::to_string(&m).map_or(usize::MAX, |t| t.len());
-                    (OpenFill::Member(m), len, room)
+                    (OpenFill::Member(m, with_handle), len, room)
                 }
                 _ => return Ok(OpenFill::Unfilled),
             }
@@ -1792,8 +1808,17 @@ mod fill_tests {
         };
         let fits =
             MAX_REPLY_BYTES - pad(0).len() - MAX_OPENED_JSON_BYTES - MAX_KERNEL_HANDLE_JSON_BYTES;
-        assert!(matches!(OpenFill::of(&pad(fits)), Ok(OpenFill::Member(_))));
-        assert!(OpenFill::of(&pad(fits + 20)).is_err());
+        assert!(matches!(
+            OpenFill::of(&pad(fits), true),
+            Ok(OpenFill::Member(_, true))
+        ));
+        assert!(OpenFill::of(&pad(fits + 20), true).is_err());
+        // Without the feature the member is the frontend's own text, and
+        // only `opened` has room kept for it.
+        assert!(matches!(
+            OpenFill::of(&pad(fits + 20), false),
+            Ok(OpenFill::Last)
+        ));
     }
 
     #[test]
@@ -1805,11 +1830,17 @@ mod fill_tests {
             pad(over).replace(r#","opened":null}"#, r#", "opened":null}"#),
         ] {
             assert!(rec.len() <= MAX_REPLY_BYTES);
-            assert!(OpenFill::of(&rec).is_err(), "{}", rec.len());
+            assert!(OpenFill::of(&rec, true).is_err(), "{}", rec.len());
         }
-        assert!(matches!(OpenFill::of(&pad(over - 5)), Ok(OpenFill::Last)));
+        assert!(matches!(
+            OpenFill::of(&pad(over - 5), true),
+            Ok(OpenFill::Last)
+        ));
         let long_plain = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_REPLY_BYTES - 10));
-        assert!(matches!(OpenFill::of(&long_plain), Ok(OpenFill::Unfilled)));
+        assert!(matches!(
+            OpenFill::of(&long_plain, true),
+            Ok(OpenFill::Unfilled)
+        ));
     }
 
     fn parsed(s: &str) -> Value {

@@ -3306,9 +3306,11 @@ fn a_directory_rename_is_refused_while_a_change_below_is_in_progress() {
 
 /// Review D-5: a record an open carries asks for the opened file's kernel
 /// handle with a `"kernel_handle": null` member, and gets it in the
-/// open's own commit (nfsshim wrote it in a second commit, which an
-/// older create's could overwrite a newer create's record with); a
-/// record without the member is filled as before and gains nothing.
+/// open's own commit when its connection was granted
+/// `FEATURE_OPEN_KERNEL_HANDLE` (nfsshim wrote it in a second commit,
+/// which an older create's could overwrite a newer create's record with);
+/// a record without the member is filled as before and gains nothing, and
+/// a frontend without the feature gets its member as it sent it.
 #[test]
 fn an_opens_record_gets_the_kernel_handle_it_asks_for() {
     let spec = |op_id: u64, reply: &str| RecordSpec {
@@ -3317,7 +3319,17 @@ fn an_opens_record_gets_the_kernel_handle_it_asks_for() {
         reply: reply.into(),
         keep: 8,
     };
+    fn stored(h: &Harness, op_id: u64) -> serde_json::Value {
+        let scope = ReplayScope::Session(ScopeName::new("smb/s1").unwrap());
+        serde_json::from_str(&h.engine.replays[&scope][&op_id].reply).unwrap()
+    }
+    fn grant(h: &mut Harness, features: u64) {
+        if let Some(c) = h.engine.conns.get_mut(&h.conn) {
+            c.features = features;
+        }
+    }
     let mut h = Harness::new();
+    grant(&mut h, libfilter::proto::FEATURE_OPEN_KERNEL_HANDLE);
     let Request::Open(mut o) = open("a", Rights::ALL) else {
         unreachable!("open() makes an open")
     };
@@ -3330,21 +3342,30 @@ fn an_opens_record_gets_the_kernel_handle_it_asks_for() {
     let key = h.opened(id);
     let kh = h.engine.handles[&key].rec.kernel_handle.clone();
     assert!(kh.is_some(), "MemFs gives handles");
-    let stored = |op_id: u64| -> serde_json::Value {
-        let scope = ReplayScope::Session(ScopeName::new("smb/s1").unwrap());
-        serde_json::from_str(&h.engine.replays[&scope][&op_id].reply).unwrap()
-    };
     assert_eq!(
-        stored(1)["kernel_handle"],
+        stored(&h, 1)["kernel_handle"],
         serde_json::to_value(&kh).unwrap()
     );
     assert_eq!(
-        stored(1)["opened"]["key"],
+        stored(&h, 1)["opened"]["key"],
         serde_json::json!(key.to_string())
     );
-    assert_eq!(stored(2).get("kernel_handle"), None);
+    assert_eq!(stored(&h, 2).get("kernel_handle"), None);
     assert_eq!(
-        stored(2)["opened"]["key"],
+        stored(&h, 2)["opened"]["key"],
+        serde_json::json!(key.to_string())
+    );
+    grant(&mut h, 0);
+    let Request::Open(mut o) = open("b", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.put = vec![spec(3, r#"{"v":"y","kernel_handle":"mine","opened":null}"#)];
+    let id = h.run(Request::Open(o));
+    h.commit(true);
+    let key = h.opened(id);
+    assert_eq!(stored(&h, 3)["kernel_handle"], serde_json::json!("mine"));
+    assert_eq!(
+        stored(&h, 3)["opened"]["key"],
         serde_json::json!(key.to_string())
     );
 }

@@ -189,10 +189,15 @@ fn status_of(e: &ClientError) -> &'static str {
     }
 }
 
-/// What nfsshim asks filterd for: lock hints, and `Retry` told apart from
+/// What nfsshim asks filterd for: lock hints, `Retry` told apart from
 /// `FileNotAvailable` (a transient race is NFS4ERR_DELAY, a disconnected
-/// persistent open holding the file NFS4ERR_SHARE_DENIED).
-const FEATURES: u64 = libfilter::proto::FEATURE_LOCK_HINTS | libfilter::proto::FEATURE_RETRY_CODE;
+/// persistent open holding the file NFS4ERR_SHARE_DENIED), time-ordered
+/// resume keys (it takes none apart), and an exclusive create's kernel
+/// handle filled into its verifier record.
+const FEATURES: u64 = libfilter::proto::FEATURE_LOCK_HINTS
+    | libfilter::proto::FEATURE_RETRY_CODE
+    | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
+    | libfilter::proto::FEATURE_OPEN_KERNEL_HANDLE;
 
 /// NFS4ERR_DELAY because filterd cannot be reached: the slot does not
 /// advance (the client re-sends with the same seqid).
@@ -1898,6 +1903,13 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         }
         Err(e) => return Err(filter_fail(e)),
     };
+    if let (Some(v), false, CreateAction::Created) =
+        (&excl_verifier, created_by_resend, h.info.create_action)
+    {
+        if !sh.filter.client().fills_open_kernel_handle() {
+            remember_created_handle(sh, &path, v, &h);
+        }
+    }
     note_locked(sh, &h.info);
     let created = created_by_resend || h.info.create_action == CreateAction::Created;
     let size = h.info.size;
@@ -2215,6 +2227,43 @@ fn earlier_open(ctx: &Ctx<'_>) -> Result<Option<SlotRec>, Fail> {
         .map_err(filter_fail)?
         .and_then(|r| serde_json::from_str::<SlotRec>(&r.reply).ok())
         .filter(|r| r.seqid == ctx.seq.seqid))
+}
+
+/// An exclusive create made its file, and filterd did not fill its kernel
+/// handle into the verifier record (a daemon without
+/// `FEATURE_OPEN_KERNEL_HANDLE`): the record gains it in a commit of its
+/// own, so a re-send tells the file from one created since under the
+/// reused inode number. Should that commit be lost, the re-send compares
+/// inode numbers only; an older create's write landing after a newer
+/// one's record replaces that record (review D-5, why filterd fills it
+/// in now).
+fn remember_created_handle(
+    sh: &Shared,
+    path: &RelPath,
+    verifier: &str,
+    h: &libfilter::client::OpenedHandle,
+) {
+    let Ok(kh) = libfilter::sys::file_handle_of(std::os::fd::AsFd::as_fd(&h.fd)) else {
+        return;
+    };
+    let Ok(scope) = state::scope(&sh.tables.excl()) else {
+        return;
+    };
+    let reply = json!({
+        "path": path.as_str(),
+        "verifier": verifier,
+        "file": h.info.file,
+        "handle": kh,
+    });
+    let spec = RecordSpec {
+        scope,
+        op_id: fnv64(path.as_str()),
+        reply: reply.to_string(),
+        keep: state::KEEP,
+    };
+    if let Err(e) = sh.filter.client().write_records(vec![spec], Vec::new()) {
+        eprintln!("nfsshim: {path}: an exclusive create's file handle was not recorded ({e}): a re-send compares inode numbers only");
+    }
 }
 
 /// The `other` of the stateid an OPEN's reply (or its delegation) names.

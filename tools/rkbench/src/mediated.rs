@@ -188,13 +188,14 @@ fn drive(
     dur: Duration,
 ) -> anyhow::Result<Mediated> {
     // Connect every client first, so the clock starts with all of them
-    // attached.
+    // attached. Each asks for time-ordered keys, as the frontends do.
     let mut clients = Vec::with_capacity(conns);
     for i in 0..conns {
-        clients.push(FilterClient::connect_frontend(
+        clients.push(FilterClient::connect_frontend_with(
             &d.socket,
             Protocol::new("bench")?,
             InstanceName::new(format!("bench-{i}"))?,
+            libfilter::proto::FEATURE_TIME_ORDERED_KEYS,
         )?);
     }
     let workers: Vec<Opener> = clients

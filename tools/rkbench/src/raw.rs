@@ -177,6 +177,8 @@ pub fn lmdb_commits(
     dur: Duration,
 ) -> anyhow::Result<Figure> {
     let d = dir.join(format!("lmdb-{per_commit}-{order:?}"));
+    // A fresh table each time (`--keys-only --repeat` measures again).
+    let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
     let env = sys::open_lmdb(&d, 2, 1 << 30, heed::EnvFlags::empty())?;
     let mut txn = env.write_txn()?;

@@ -264,10 +264,12 @@ fn opens_allowed() -> usize {
 }
 
 /// What rksmbd asks filterd for beyond the attachment's own: directory
-/// renames that know the handles below them, and reconnects checked
-/// against the open's user.
-const FEATURES: u64 =
-    libfilter::proto::FEATURE_RENAME_DIRECTORY | libfilter::proto::FEATURE_RESUME_OWNER;
+/// renames that know the handles below them, reconnects checked against
+/// the open's user, and time-ordered resume keys (the persistent FileId
+/// takes the half of a key that differs: `create::persistent_id`).
+const FEATURES: u64 = libfilter::proto::FEATURE_RENAME_DIRECTORY
+    | libfilter::proto::FEATURE_RESUME_OWNER
+    | libfilter::proto::FEATURE_TIME_ORDERED_KEYS;
 
 /// Attaches to filterd, listens, serves forever.
 pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyhow::Result<()> {

@@ -271,7 +271,8 @@ fn attach_members(
                 filter,
                 protocol.clone(),
                 name.clone(),
-                libfilter::proto::FEATURE_LOCK_HINTS,
+                // Its `file_id` is the whole resume key.
+                libfilter::proto::FEATURE_LOCK_HINTS | libfilter::proto::FEATURE_TIME_ORDERED_KEYS,
                 shimline::cli::FILTERD_START_WAIT,
                 &mut shimline::cli::say_waiting_for_filterd(
                     "smbshim",
