@@ -661,6 +661,13 @@ pub struct HandleRecord {
     /// otherwise an ordinary open. Stored (record version 4).
     #[serde(default, skip_serializing_if = "is_false")]
     pub share_exempt: bool,
+    /// Its path passes through a symbolic link inside the export (when it
+    /// was opened, or when its file was last renamed): where the file lies
+    /// in the tree is then not what the path says, and a directory rename
+    /// asks the file itself whether it lies below (review A3). Stored
+    /// (record version 5).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub through_link: bool,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -1212,6 +1212,7 @@ mod tests {
             lock_owner: None,
             stat: false,
             share_exempt: false,
+            through_link: false,
         }
     }
 

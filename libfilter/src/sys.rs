@@ -16,6 +16,8 @@ use crate::model::KernelHandle;
 
 /// `RESOLVE_NO_MAGICLINKS` from `<linux/openat2.h>`.
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+/// `RESOLVE_NO_SYMLINKS` from `<linux/openat2.h>`.
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
 /// `RESOLVE_BENEATH` from `<linux/openat2.h>`.
 const RESOLVE_BENEATH: u64 = 0x08;
 const RESOLVE_NO_XDEV: u64 = 0x01;
@@ -39,6 +41,28 @@ pub fn openat2_beneath(
     flags: i32,
     mode: u32,
 ) -> io::Result<OwnedFd> {
+    openat2_resolving(dir, path, flags, mode, 0)
+}
+
+/// [`openat2_beneath`] that also refuses any symbolic link on the way
+/// (`RESOLVE_NO_SYMLINKS`: `ELOOP`), the last component's included — so a
+/// success says the path names its file without a link.
+pub fn openat2_beneath_no_links(
+    dir: BorrowedFd<'_>,
+    path: &str,
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    openat2_resolving(dir, path, flags, mode, RESOLVE_NO_SYMLINKS)
+}
+
+fn openat2_resolving(
+    dir: BorrowedFd<'_>,
+    path: &str,
+    flags: i32,
+    mode: u32,
+    more: u64,
+) -> io::Result<OwnedFd> {
     let cpath = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let how = OpenHow {
         flags: u64::try_from(flags | libc::O_CLOEXEC)
@@ -52,7 +76,7 @@ pub fn openat2_beneath(
         },
         // Not into another filesystem mounted inside the export either:
         // fanotify marks the export's filesystem (or mount), not those.
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV | more,
     };
     // With O_NONBLOCK, EAGAIN also means the open would wait for a local
     // process's kernel lease to be broken: after a few tries (a rename race

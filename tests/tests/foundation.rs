@@ -660,6 +660,114 @@ fn paths_cannot_leave_the_root() {
     }
 }
 
+/// Review A3: a directory rename is refused while a file below it is open,
+/// also when the handle's path or the directory's name goes through a
+/// symbolic link inside the export, so the stored path never says less
+/// than where the file is — and across a kill -9 and restart (the mark is
+/// stored with the handle). Before, the rename went ahead and `link/f`
+/// named its file through a link that led nowhere.
+#[test]
+fn a_directory_rename_sees_files_opened_through_links() {
+    let s = Scratch::new("dir-rename-links");
+    let root = s.root();
+    std::fs::create_dir_all(root.join("d/sub")).unwrap();
+    std::fs::create_dir_all(root.join("other")).unwrap();
+    std::fs::write(root.join("d/sub/f"), "f").unwrap();
+    std::fs::write(root.join("d/sub/g"), "g").unwrap();
+    std::fs::write(root.join("other/h"), "h").unwrap();
+    // `link` → the directory, `glink` → a file in it, `ld` → `d`.
+    std::os::unix::fs::symlink("d/sub", root.join("link")).unwrap();
+    std::os::unix::fs::symlink("d/sub/g", root.join("glink")).unwrap();
+    std::os::unix::fs::symlink("d", root.join("ld")).unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let p = |p: &str| RelPath::new(p).unwrap();
+    let persistent = Durability::Persistent { timeout_ms: 60_000 };
+    let fe = frontend(&s, "smb", "smb-a");
+    let open = |fe: &FilterClient, path: &str| {
+        fe.open(req(
+            "c",
+            path,
+            Rights::READ,
+            Rights::ALL,
+            Disposition::Open,
+            persistent,
+        ))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .info
+        .key
+    };
+    let marks = |d: &Filterd| -> Vec<(String, bool)> {
+        let mut v: Vec<_> = d
+            .control()
+            .handles()
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.record.path.as_str().to_owned(), h.record.through_link))
+            .collect();
+        v.sort();
+        v
+    };
+    let refused = |fe: &FilterClient, from: &str, to: &str, what: &str| {
+        let r = fe.rename_directory(p(from), p(to), false, None);
+        assert_eq!(
+            r.unwrap_err().code(),
+            Some(ErrorCode::AccessDenied),
+            "{from} → {to} with {what} open below"
+        );
+    };
+    let f = open(&fe, "link/f");
+    assert_eq!(marks(&d), [("link/f".to_owned(), true)]);
+    refused(&fe, "d", "e", "link/f");
+    refused(&fe, "d/sub", "d/sub2", "link/f");
+    // A handle by a plain path, the directory named through `ld`.
+    fe.close(f).unwrap();
+    let plain = open(&fe, "d/sub/f");
+    assert_eq!(marks(&d), [("d/sub/f".to_owned(), false)]);
+    refused(&fe, "ld/sub", "ld/sub2", "d/sub/f");
+    fe.close(plain).unwrap();
+    // A link to the file itself, then a restart: the mark is stored, and
+    // the recovered handle (no descriptor yet) is found by kernel handle.
+    open(&fe, "glink");
+    open(&fe, "other/h");
+    assert_eq!(
+        marks(&d),
+        [("glink".to_owned(), true), ("other/h".to_owned(), false)]
+    );
+    refused(&fe, "d", "e", "glink");
+    d.kill9();
+    drop(fe);
+    let d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb", "smb-a");
+    assert_eq!(
+        marks(&d),
+        [("glink".to_owned(), true), ("other/h".to_owned(), false)]
+    );
+    refused(&fe, "d", "e", "glink (recovered)");
+    assert!(root.join("d/sub/g").exists());
+    refused(&fe, "other", "other2", "other/h");
+    // A directory with nothing open below still renames beside a marked
+    // handle, and so does `d` once that handle is closed.
+    std::fs::create_dir(root.join("x")).unwrap();
+    std::fs::write(root.join("x/k"), "k").unwrap();
+    fe.rename_directory(p("x"), p("y"), false, None)
+        .expect("nothing below x is open");
+    assert!(root.join("y/k").is_file());
+    let glink = d
+        .control()
+        .handles()
+        .unwrap()
+        .into_iter()
+        .find(|h| h.record.through_link)
+        .expect("the marked handle")
+        .record
+        .key;
+    fe.resume(ClientId::new("c").unwrap(), glink).unwrap();
+    fe.close(glink).unwrap();
+    fe.rename_directory(p("d"), p("e"), false, None)
+        .expect("nothing below d is open");
+    assert!(root.join("e/sub/g").is_file());
+}
+
 /// Attaches a raw SEQPACKET frontend, sends `frames` after a valid hello, and
 /// returns each reply (id, frame).
 fn raw_exchange(s: &Scratch, frames: &[&[u8]]) -> Vec<(Option<u64>, Value)> {

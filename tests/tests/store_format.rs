@@ -50,6 +50,7 @@ fn file_and_record(root: &Path, name: &str, data: &str, guid: CreateGuid) -> Han
         lock_owner: None,
         stat: false,
         share_exempt: false,
+        through_link: false,
     }
 }
 

@@ -157,6 +157,7 @@ impl Engine {
             .values()
             .find(|h| is_below(&h.rec.path, &from))
             .map(|h| h.rec.path.clone())
+            .or_else(|| self.open_below_by_place(&from))
             .or_else(|| self.change_in_progress_below(&from));
         if let Some(path) = open_below {
             // The refusal shows that handle, maybe still committing.
@@ -168,6 +169,35 @@ impl Engine {
         }
         self.fs.rename_directory(&from, &to, replace, expect)?;
         Ok(Some((Reply::Done, None)))
+    }
+
+    /// A handle's path whose file lies below directory `dir` where the
+    /// paths alone do not show it (review A3): `dir` named through a
+    /// symbolic link (`ld/sub` with `ld` → `d`: a handle of `d/sub/f`), or
+    /// a handle opened (or last renamed) through one (`link/f` with `link`
+    /// → `d/sub`, or a link to the file itself). The first costs a look at
+    /// `dir` per directory rename; the second one at each handle marked
+    /// [`through_link`](libfilter::model::HandleRecord::through_link) —
+    /// the others' paths say where their files are, as the checks before
+    /// this one take them.
+    fn open_below_by_place(&self, dir: &RelPath) -> Option<RelPath> {
+        let place = self.fs.place_of_path(dir)?;
+        let below = |p: &std::path::Path| p != place && p.starts_with(&place);
+        let by_path = place != std::path::Path::new(dir.as_str());
+        self.handles
+            .values()
+            .find(|h| {
+                (by_path && below(std::path::Path::new(h.rec.path.as_str())))
+                    || (h.rec.through_link
+                        && self
+                            .fs
+                            .place_of_file(
+                                h.fd.as_ref().map(|f| f.as_fd()),
+                                h.rec.kernel_handle.as_ref(),
+                            )
+                            .is_some_and(|p| below(&p)))
+            })
+            .map(|h| h.rec.path.clone())
     }
 
     /// A path at or below directory `dir` that a change in progress
@@ -488,12 +518,15 @@ impl Engine {
                     }
                 }
                 // The path is the file's: every handle that named it by the
-                // old path follows (the renaming one whatever it named).
+                // old path follows (the renaming one whatever it named),
+                // and whether it passes a link is the new path's.
                 let keys: Vec<ResumeKey> = self.by_file.get(file).cloned().unwrap_or_default();
+                let through_link = fs.path_has_link(to);
                 for k in keys {
                     if let Some(h) = self.handles.get_mut(&k) {
                         if k == *key || h.rec.path == *from {
                             h.rec.path = to.clone();
+                            h.rec.through_link = through_link;
                             if h.rec.durability.is_persistent() {
                                 self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
                             }

@@ -188,6 +188,23 @@ pub trait Fs: Send {
     /// Which file `path` names now; a path that leaves the root is an error.
     fn file_at_checked(&self, path: &RelPath) -> Result<Option<FileId>, WireError>;
 
+    /// Whether resolving `path` passes through a symbolic link
+    /// ([`fsops::path_has_link`]).
+    fn path_has_link(&self, path: &RelPath) -> bool;
+
+    /// Where what `path` names lies now, relative to the root, links on
+    /// the way resolved ([`fsops::place_of_path`]).
+    fn place_of_path(&self, path: &RelPath) -> Option<std::path::PathBuf>;
+
+    /// Where a handle's file lies now, relative to the root: by its
+    /// descriptor, else by its kernel handle ([`fsops::place`]); `None`
+    /// when it is gone, outside the root, or cannot be told.
+    fn place_of_file(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        kh: Option<&KernelHandle>,
+    ) -> Option<std::path::PathBuf>;
+
     /// The directory holding `path`, opened to be fsync'd.
     fn dir_of(&self, path: &RelPath) -> io::Result<OwnedFd>;
 
@@ -374,6 +391,26 @@ impl Fs for HostFs {
 
     fn file_at_checked(&self, path: &RelPath) -> Result<Option<FileId>, WireError> {
         fsops::file_at_checked(self.root(), path)
+    }
+
+    fn path_has_link(&self, path: &RelPath) -> bool {
+        fsops::path_has_link(self.root(), path)
+    }
+
+    fn place_of_path(&self, path: &RelPath) -> Option<std::path::PathBuf> {
+        fsops::place_of_path(self.root(), path)
+    }
+
+    fn place_of_file(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        kh: Option<&KernelHandle>,
+    ) -> Option<std::path::PathBuf> {
+        match (fd, kh) {
+            (Some(fd), _) => fsops::place(self.root(), fd),
+            (None, Some(kh)) => fsops::place_of_handle(self.root(), kh),
+            (None, None) => None,
+        }
     }
 
     fn dir_of(&self, path: &RelPath) -> io::Result<OwnedFd> {

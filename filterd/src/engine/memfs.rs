@@ -437,6 +437,8 @@ impl Fs for MemFs {
             linked,
             file,
             size,
+            // No links here.
+            through_link: false,
         })
     }
 
@@ -793,6 +795,22 @@ impl Fs for MemFs {
             .get(path.as_str())
             .and_then(|o| st.objs.get(o))
             .map(id))
+    }
+
+    fn path_has_link(&self, _path: &RelPath) -> bool {
+        false
+    }
+
+    fn place_of_path(&self, path: &RelPath) -> Option<std::path::PathBuf> {
+        Some(path.as_str().into())
+    }
+
+    fn place_of_file(
+        &self,
+        _fd: Option<BorrowedFd<'_>>,
+        _kh: Option<&KernelHandle>,
+    ) -> Option<std::path::PathBuf> {
+        None
     }
 
     fn dir_of(&self, path: &RelPath) -> io::Result<OwnedFd> {

@@ -410,6 +410,7 @@ impl Engine {
             lock_owner: None,
             stat,
             share_exempt: share_exempt && !stat,
+            through_link: of.through_link,
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {

@@ -1396,6 +1396,7 @@ fn persistent_record(fs: &MemFs, path: &str) -> HandleRecord {
         lock_owner: None,
         stat: false,
         share_exempt: false,
+        through_link: false,
     }
 }
 

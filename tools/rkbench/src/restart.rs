@@ -140,6 +140,7 @@ fn files_and_records(
             lock_owner: None,
             stat: false,
             share_exempt: false,
+            through_link: false,
         })));
     }
     Ok((handles, batch))
