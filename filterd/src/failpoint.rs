@@ -94,6 +94,40 @@ pub fn init() {
     let _ = ARMED.set(Mutex::new(map));
 }
 
+/// The environment variable naming feature bits (`proto::FEATURE_*`, a
+/// decimal or `0x` mask) this daemon grants no frontend, as a filterd
+/// built before them would: for tests of a frontend in front of an older
+/// daemon (a rolling upgrade).
+pub const WITHHOLD_ENV: &str = "RKFILTER_WITHHOLD_FEATURES";
+
+/// The feature bits [`WITHHOLD_ENV`] names (0 unset; read once).
+pub fn withheld_features() -> u64 {
+    static WITHHELD: OnceLock<u64> = OnceLock::new();
+    *WITHHELD.get_or_init(|| {
+        let Ok(v) = std::env::var(WITHHOLD_ENV) else {
+            return 0;
+        };
+        let v = v.trim();
+        let mask = match v.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => v.parse(),
+        };
+        match mask {
+            Ok(m) => {
+                tracing::warn!(
+                    withheld = m,
+                    "{WITHHOLD_ENV}: these feature bits are granted to no frontend"
+                );
+                m
+            }
+            Err(_) => {
+                tracing::error!(value = v, "{WITHHOLD_ENV}: not a number; ignored");
+                0
+            }
+        }
+    })
+}
+
 /// Acts if `name` is armed and this is its n-th hit.
 pub fn hit(name: &str) {
     let _ = fails(name);

@@ -132,6 +132,7 @@ fn main() {
     observability::init(args.log_format);
     abort_on_panic();
     failpoint::init();
+    failpoint::withheld_features();
     if let Err(e) = run(args) {
         error!("{e:#}");
         eprintln!("filterd: {e:#}");

@@ -595,7 +595,9 @@ impl Engine {
             ));
         }
         let granted = match hello.role {
-            Role::Frontend { .. } => hello.features & proto::FEATURES,
+            Role::Frontend { .. } => {
+                hello.features & proto::FEATURES & !crate::failpoint::withheld_features()
+            }
             Role::Control => hello.features & proto::FEATURE_BINARY_FRAMES,
         };
         if let Role::Frontend { protocol, instance } = &hello.role {
