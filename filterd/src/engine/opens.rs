@@ -1375,6 +1375,7 @@ impl Engine {
                         path: gone.rec.path.clone(),
                         file,
                         kernel_handle: gone.rec.kernel_handle.clone(),
+                        _pin: gone.fd.as_ref().and_then(|f| f.try_clone().ok()),
                     });
                     return;
                 }
@@ -1494,6 +1495,13 @@ pub(super) struct DeferredDelete {
     path: RelPath,
     file: FileId,
     kernel_handle: Option<libfilter::model::KernelHandle>,
+    /// The closed handle's descriptor (a duplicate), held until the delete
+    /// is decided: while the file is open its inode number cannot go to
+    /// another file, so `file` (an inode number: a non-durable handle has
+    /// no kernel handle) names this one when the path is checked. The
+    /// pending close's own handle pins it too until its commit resolves,
+    /// but that is dropped first, in the same step (`commits_resolved`).
+    _pin: Option<OwnedFd>,
 }
 
 /// A file a rolled-back open created.
