@@ -108,7 +108,7 @@ pub fn withheld_features() -> u64 {
             return 0;
         };
         let v = v.trim();
-        let mask = match v.strip_prefix("0x") {
+        let mask = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
             Some(hex) => u64::from_str_radix(hex, 16),
             None => v.parse(),
         };

@@ -924,26 +924,47 @@ fn root_path(root: BorrowedFd<'_>) -> io::Result<&'static std::path::Path> {
 }
 
 /// Where the file (or directory, or link) open at `fd` lies now, relative
-/// to the root, as the kernel names it: `None` when that is outside the
-/// root, or the file is deleted. One `readlink` of `/proc/self/fd`
-/// (~3 µs here): for the rare question, never per open.
+/// to the root, as the kernel names it: `None` when the file is deleted
+/// (no name left: told by `fstat`, not by the " (deleted)" the kernel
+/// appends, which a client may put in a name) or lies outside the root.
+/// One `fstat` and one `readlink` of `/proc/self/fd` (~3 µs here): for
+/// the rare question, never per open.
 pub fn place(root: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Option<std::path::PathBuf> {
-    let name = fd_path(fd).ok()?;
-    let rel = name.strip_prefix(root_path(root).ok()?).ok()?;
-    // A deleted file's name ends so; a file really named so is taken for
-    // deleted, which only makes a directory rename go ahead as before.
-    if rel.as_os_str().as_encoded_bytes().ends_with(b" (deleted)") {
+    if fstat(fd).ok()?.st_nlink == 0 {
         return None;
     }
-    Some(rel.to_path_buf())
+    let name = fd_path(fd).ok()?;
+    let root_path = root_path(root).ok()?;
+    match name.strip_prefix(root_path) {
+        Ok(rel) => Some(rel.to_path_buf()),
+        Err(_) => {
+            tracing::warn!(
+                name = %name.display(),
+                root = %root_path.display(),
+                "a file of a handle lies outside the export root as the kernel names it \
+                 (moved out, or the export's mount moved): where it lies is not known"
+            );
+            None
+        }
+    }
 }
 
-/// [`place`] of the file of kernel handle `kh` (opened `O_PATH`, so no
-/// local process's lease is broken and nothing is kept open).
+/// [`place`] of the file of kernel handle `kh`, recorded at `path`: by
+/// that path (links followed) when it still leads to the file — a file
+/// with several hard links is then placed by the name it was opened by,
+/// not by whichever of them the kernel's cache hands an open by handle
+/// (the session-26 review) — else by an `O_PATH` open by handle. Neither
+/// breaks a local process's lease or keeps anything open.
 pub fn place_of_handle(
     root: BorrowedFd<'_>,
     kh: &libfilter::model::KernelHandle,
+    path: &RelPath,
 ) -> Option<std::path::PathBuf> {
+    if let Ok(fd) = sys::openat2_beneath(root, path.as_str(), libc::O_PATH, 0) {
+        if sys::file_handle_of(fd.as_fd()).is_ok_and(|h| h == *kh) {
+            return place(root, fd.as_fd());
+        }
+    }
     let fd = sys::open_by_handle(root, kh, libc::O_PATH).ok()?;
     place(root, fd.as_fd())
 }

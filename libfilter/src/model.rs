@@ -664,8 +664,10 @@ pub struct HandleRecord {
     /// Its path passes through a symbolic link inside the export (when it
     /// was opened, or when its file was last renamed): where the file lies
     /// in the tree is then not what the path says, and a directory rename
-    /// asks the file itself whether it lies below (review A3). Stored
-    /// (record version 5).
+    /// asks the file itself whether it lies below (review A3). Not stored
+    /// (a build that does not know it reads every record): after a
+    /// restart the first directory rename finds it again from the path.
+    /// Shown by filterctl when set.
     #[serde(default, skip_serializing_if = "is_false")]
     pub through_link: bool,
 }

@@ -414,7 +414,12 @@ fn resent_exclusive_create_with_a_reused_inode(name: &str, env: &[(&str, &str)])
     let Some(s) = Scratch::with_ext4(name) else {
         return;
     };
-    let _d = Filterd::start(&s, &[], env);
+    let d = Filterd::start(&s, &[], env);
+    if !env.is_empty() {
+        // Else the test would run the ordinary path again and pass.
+        let log = d.log_text();
+        assert!(log.contains("granted to no frontend"), "{log}");
+    }
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-excl");
     let smb = Shim::start("smbshim", &s.socket(), "smb-excl");
     let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");

@@ -756,6 +756,15 @@ impl Engine {
         &self,
         removed: impl Fn(&HandleRecord) -> bool,
     ) -> Option<(u64, FileId)> {
+        self.removal_pending_with(|h| removed(&h.rec))
+    }
+
+    /// [`Engine::removal_pending_of`], asking of the whole handle (its
+    /// descriptor too).
+    pub(super) fn removal_pending_with(
+        &self,
+        removed: impl Fn(&Handle) -> bool,
+    ) -> Option<(u64, FileId)> {
         let committed = self.pipe.committed();
         self.batch
             .pending
@@ -763,7 +772,7 @@ impl Engine {
             .rev()
             .find_map(|(s, t)| {
                 t.undo.iter().find_map(|u| match u {
-                    Undo::Reinsert(h) if removed(&h.rec) => Some((*s, h.rec.file)),
+                    Undo::Reinsert(h) if removed(h) => Some((*s, h.rec.file)),
                     _ => None,
                 })
             })

@@ -197,12 +197,14 @@ pub trait Fs: Send {
     fn place_of_path(&self, path: &RelPath) -> Option<std::path::PathBuf>;
 
     /// Where a handle's file lies now, relative to the root: by its
-    /// descriptor, else by its kernel handle ([`fsops::place`]); `None`
-    /// when it is gone, outside the root, or cannot be told.
+    /// descriptor, else by its kernel handle and recorded `path`
+    /// ([`fsops::place`], [`fsops::place_of_handle`]); `None` when it is
+    /// gone, outside the root, or cannot be told.
     fn place_of_file(
         &self,
         fd: Option<BorrowedFd<'_>>,
         kh: Option<&KernelHandle>,
+        path: &RelPath,
     ) -> Option<std::path::PathBuf>;
 
     /// The directory holding `path`, opened to be fsync'd.
@@ -405,10 +407,11 @@ impl Fs for HostFs {
         &self,
         fd: Option<BorrowedFd<'_>>,
         kh: Option<&KernelHandle>,
+        path: &RelPath,
     ) -> Option<std::path::PathBuf> {
         match (fd, kh) {
             (Some(fd), _) => fsops::place(self.root(), fd),
-            (None, Some(kh)) => fsops::place_of_handle(self.root(), kh),
+            (None, Some(kh)) => fsops::place_of_handle(self.root(), kh, path),
             (None, None) => None,
         }
     }

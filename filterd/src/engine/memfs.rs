@@ -809,6 +809,7 @@ impl Fs for MemFs {
         &self,
         _fd: Option<BorrowedFd<'_>>,
         _kh: Option<&KernelHandle>,
+        _path: &RelPath,
     ) -> Option<std::path::PathBuf> {
         None
     }

@@ -113,6 +113,10 @@ struct Handle {
     /// Its open gave the file its name in this daemon (see
     /// `OpenedFile::linked`): a rollback of the open may unlink it.
     linked: bool,
+    /// `rec.through_link` was found by this daemon (at the open, a rename,
+    /// or a directory rename's look); not for a recovered handle, whose
+    /// record does not store it (`Engine::learn_links`).
+    link_known: bool,
 }
 
 impl Handle {
@@ -127,6 +131,7 @@ impl Handle {
             parked: false,
             lock_fd: None,
             linked: false,
+            link_known: false,
         }
     }
 }

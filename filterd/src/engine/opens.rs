@@ -458,6 +458,7 @@ impl Engine {
             parked: park,
             lock_fd: None,
             linked: of.linked,
+            link_known: true,
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {

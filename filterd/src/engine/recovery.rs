@@ -97,12 +97,10 @@ impl Engine {
                         sync.extend(fs.dir_of(&to).ok());
                         // The path is the file's: every handle that named
                         // it by the old path follows.
-                        let through_link = fs.path_has_link(&to);
                         for r in store.all_handles()?.into_iter().flatten() {
                             if r.file == file && (r.key == key || r.path == from) {
                                 let mut rec = r;
                                 rec.path = to.clone();
-                                rec.through_link = through_link;
                                 finished.push(StoreOp::PutHandle(Box::new(rec)));
                             }
                         }
