@@ -172,8 +172,21 @@ const RACE_TRIES: u32 = 8;
 /// A marked create-if-absent whose name kept coming and going (a local
 /// process creating and removing it) for [`RACE_TRIES`] rounds: refused
 /// for a retry, not "not found" — that would not be true of it; nor
-/// "exists" ([`open_or_create`]).
-fn name_kept_changing(path: &RelPath) -> WireError {
+/// "exists" ([`open_or_create`]). Unless the name is a symbolic link
+/// that leads nowhere: the open finds nothing through it and the
+/// exclusive create finds the link itself, every round, so a retry
+/// would fare no better — "not found" (the session-26 review).
+fn name_kept_changing(root: BorrowedFd<'_>, path: &RelPath) -> WireError {
+    let dangling = parent_and_leaf(root, path).is_ok_and(|(dir, leaf)| {
+        nix::sys::stat::fstatat(&dir, leaf, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+    });
+    if dangling {
+        return WireError::new(
+            ErrorCode::NotFound,
+            format!("{path}: a symbolic link that leads to no file"),
+        );
+    }
     WireError::new(
         ErrorCode::Retry,
         format!("{path}: created and removed by someone else while opening; retry"),
@@ -202,6 +215,7 @@ impl RaceError {
 /// create-if-absent (an `overwrite_if` answered `Collision` so on a loaded
 /// CI machine). Returns the descriptor and whether this call created it.
 fn open_or_create(
+    root: BorrowedFd<'_>,
     path: &RelPath,
     mut open: impl FnMut() -> io::Result<OwnedFd>,
     mut create: impl FnMut() -> io::Result<OwnedFd>,
@@ -219,7 +233,7 @@ fn open_or_create(
             Err(e) => return Err(RaceError::Io(e)),
         }
     }
-    Err(RaceError::Wire(name_kept_changing(path)))
+    Err(RaceError::Wire(name_kept_changing(root, path)))
 }
 
 enum MarkedCreate {
@@ -335,7 +349,7 @@ pub fn open(
                 return Err(err(e));
             }
             if tries >= RACE_TRIES {
-                return Err(name_kept_changing(path));
+                return Err(name_kept_changing(root, path));
             }
             tries += 1;
         };
@@ -395,6 +409,7 @@ pub fn open(
             // there) a failing O_CREAT|O_EXCL openat2, which also takes the
             // directory's inode lock exclusively (issue #16).
             open_or_create(
+                root,
                 path,
                 || open_at(mode, 0),
                 || {
@@ -1298,6 +1313,15 @@ mod tests {
         std::fs::File::open("/dev/null").map(OwnedFd::from)
     }
 
+    /// An empty directory of its own, as an export root.
+    fn empty_root() -> OwnedFd {
+        let dir = std::env::temp_dir().join(format!("rkf-race-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).unwrap();
+        let fd = std::fs::File::open(&dir).map(OwnedFd::from).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+        fd
+    }
+
     /// Round 12 (CI): an unmarked `overwrite_if` whose name a local
     /// process kept creating and removing answered what its last `O_EXCL`
     /// said — `Collision`, "exists" — after eight rounds.
@@ -1305,7 +1329,9 @@ mod tests {
     fn a_name_that_keeps_changing_is_a_retry_not_a_collision() {
         let path = RelPath::new("race.bin").unwrap();
         let (mut opens, mut creates) = (0, 0);
+        let root = empty_root();
         let got = open_or_create(
+            root.as_fd(),
             &path,
             || {
                 opens += 1;
@@ -1328,7 +1354,9 @@ mod tests {
     fn the_round_that_finds_the_name_steady_decides() {
         let path = RelPath::new("race.bin").unwrap();
         let mut round = 0;
+        let root = empty_root();
         let got = open_or_create(
+            root.as_fd(),
             &path,
             || {
                 round += 1;
@@ -1341,10 +1369,10 @@ mod tests {
             || errno(libc::EEXIST),
         );
         assert!(matches!(got, Ok((_, false))));
-        let got = open_or_create(&path, || errno(libc::ENOENT), a_descriptor);
+        let got = open_or_create(root.as_fd(), &path, || errno(libc::ENOENT), a_descriptor);
         assert!(matches!(got, Ok((_, true))));
         // Other errors are the system call's, at once.
-        let got = open_or_create(&path, || errno(libc::EACCES), a_descriptor);
+        let got = open_or_create(root.as_fd(), &path, || errno(libc::EACCES), a_descriptor);
         assert!(matches!(got, Err(RaceError::Io(e)) if e.raw_os_error() == Some(libc::EACCES)));
     }
 

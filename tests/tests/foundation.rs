@@ -790,6 +790,39 @@ fn a_directory_rename_sees_files_opened_through_links() {
     assert!(root.join("e/sub/g").is_file());
 }
 
+/// A create-if-absent of a name that is a symbolic link leading nowhere
+/// is "not found" at once: before, the open found nothing through it and
+/// the exclusive create found the link, round after round, and the answer
+/// was "retry" — forever, for a client that retries (the session-26
+/// review). Unmarked and marked (a persistent create with a GUID) alike;
+/// nothing is created.
+#[test]
+fn a_create_through_a_dangling_link_is_not_found() {
+    let s = Scratch::new("dangling-link");
+    let root = s.root();
+    std::os::unix::fs::symlink("nowhere", root.join("dangle")).unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb", "smb-a");
+    for (dur, guid) in [
+        (Durability::None, None),
+        (
+            Durability::Persistent { timeout_ms: 60_000 },
+            Some(CreateGuid(uuid::Uuid::new_v4())),
+        ),
+    ] {
+        for disp in [Disposition::OpenIf, Disposition::OverwriteIf] {
+            let mut r = req("c", "dangle", RW, Rights::ALL, disp, dur);
+            r.create_guid = guid;
+            let e = fe.open(r).expect_err("nothing to open");
+            assert_eq!(e.code(), Some(ErrorCode::NotFound), "{disp:?} {dur:?}: {e}");
+        }
+    }
+    assert!(!root.join("nowhere").exists());
+    assert!(std::fs::symlink_metadata(root.join("dangle"))
+        .unwrap()
+        .is_symlink());
+}
+
 /// Attaches a raw SEQPACKET frontend, sends `frames` after a valid hello, and
 /// returns each reply (id, frame).
 fn raw_exchange(s: &Scratch, frames: &[&[u8]]) -> Vec<(Option<u64>, Value)> {
