@@ -180,6 +180,12 @@ fn name_kept_changing(root: BorrowedFd<'_>, path: &RelPath) -> WireError {
     let dangling = parent_and_leaf(root, path).is_ok_and(|(dir, leaf)| {
         nix::sys::stat::fstatat(&dir, leaf, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
             .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+            // And leads nowhere now (not a target a local process keeps
+            // making and removing: that is a retry).
+            && matches!(
+                nix::sys::stat::fstatat(&dir, leaf, nix::fcntl::AtFlags::empty()),
+                Err(nix::errno::Errno::ENOENT)
+            )
     });
     if dangling {
         return WireError::new(
@@ -944,24 +950,48 @@ fn root_path(root: BorrowedFd<'_>) -> io::Result<&'static std::path::Path> {
 /// appends, which a client may put in a name) or lies outside the root.
 /// One `fstat` and one `readlink` of `/proc/self/fd` (~3 µs here): for
 /// the rare question, never per open.
+///
+/// The kernel's name is checked: it must lead to the same file again. The
+/// name a descriptor was opened by may be gone while another hard link
+/// keeps the file (the kernel then names the old one); the file is then
+/// placed by a name an open by its kernel handle finds, checked the same
+/// way, or not at all (the session-26 review).
 pub fn place(root: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Option<std::path::PathBuf> {
-    if fstat(fd).ok()?.st_nlink == 0 {
+    let st = fstat(fd).ok()?;
+    if st.st_nlink == 0 {
         return None;
     }
+    let file = (st.st_dev, st.st_ino);
+    if let Some(rel) = checked_place(root, fd, file) {
+        return Some(rel);
+    }
+    let kh = sys::file_handle_of(fd).ok()?;
+    let again = sys::open_by_handle(root, &kh, libc::O_PATH).ok()?;
+    checked_place(root, again.as_fd(), file)
+}
+
+/// The kernel's name of `fd` relative to the root, if it names `file`
+/// (device, inode number: both open, so the number is this file's).
+fn checked_place(
+    root: BorrowedFd<'_>,
+    fd: BorrowedFd<'_>,
+    file: (u64, u64),
+) -> Option<std::path::PathBuf> {
     let name = fd_path(fd).ok()?;
     let root_path = root_path(root).ok()?;
-    match name.strip_prefix(root_path) {
-        Ok(rel) => Some(rel.to_path_buf()),
-        Err(_) => {
-            tracing::warn!(
-                name = %name.display(),
-                root = %root_path.display(),
-                "a file of a handle lies outside the export root as the kernel names it \
-                 (moved out, or the export's mount moved): where it lies is not known"
-            );
-            None
-        }
-    }
+    let Ok(rel) = name.strip_prefix(root_path) else {
+        tracing::warn!(
+            name = %name.display(),
+            root = %root_path.display(),
+            "a file of a handle lies outside the export root as the kernel names it \
+             (moved out, or the export's mount moved): where it lies is not known"
+        );
+        return None;
+    };
+    let text = rel.to_str().filter(|r| !r.is_empty())?;
+    let again = sys::openat2_beneath(root, text, libc::O_PATH | libc::O_NOFOLLOW, 0).ok()?;
+    let st = fstat(again.as_fd()).ok()?;
+    ((st.st_dev, st.st_ino) == file).then(|| rel.to_path_buf())
 }
 
 /// [`place`] of the file of kernel handle `kh`, recorded at `path`: by

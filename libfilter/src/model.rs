@@ -666,8 +666,8 @@ pub struct HandleRecord {
     /// in the tree is then not what the path says, and a directory rename
     /// asks the file itself whether it lies below (review A3). Not stored
     /// (a build that does not know it reads every record): after a
-    /// restart the first directory rename finds it again from the path.
-    /// Shown by filterctl when set.
+    /// restart filterd finds it again from the path, in its first steps
+    /// (until then it reads false). Shown by filterctl when set.
     #[serde(default, skip_serializing_if = "is_false")]
     pub through_link: bool,
 }

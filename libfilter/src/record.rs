@@ -583,7 +583,7 @@ fn handle_from_v2(
         // Added in versions 3 and 4 (`with_ext`).
         stat: false,
         share_exempt: false,
-        // Not stored: found again after a restart (`Engine::learn_links`).
+        // Not stored: found again after a restart (`Engine::learn_links_step`).
         through_link: false,
     })
 }

@@ -790,6 +790,87 @@ fn a_directory_rename_sees_files_opened_through_links() {
     assert!(root.join("e/sub/g").is_file());
 }
 
+/// A commit that fails puts handles back from the store, which does not
+/// hold the link mark: the mark must survive (the session-26 review: a
+/// failed close of `link/f` came back unmarked, and `d` was renamed under
+/// it).
+#[test]
+fn a_failed_close_keeps_a_handle_seen_below_through_its_link() {
+    let s = Scratch::new("dir-rename-link-failed-close");
+    let root = s.root();
+    std::fs::create_dir_all(root.join("d/sub")).unwrap();
+    std::fs::write(root.join("d/sub/f"), "f").unwrap();
+    std::os::unix::fs::symlink("d/sub", root.join("link")).unwrap();
+    // The second commit (the close's) fails.
+    let _d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    let fe = frontend(&s, "smb", "smb-a");
+    let persistent = Durability::Persistent { timeout_ms: 60_000 };
+    let key = fe
+        .open(req(
+            "c",
+            "link/f",
+            Rights::READ,
+            Rights::ALL,
+            Disposition::Open,
+            persistent,
+        ))
+        .unwrap()
+        .info
+        .key;
+    assert!(fe.close(key).is_err(), "the close's commit fails");
+    let r = fe.rename_directory(
+        RelPath::new("d").unwrap(),
+        RelPath::new("e").unwrap(),
+        false,
+        None,
+    );
+    assert_eq!(
+        r.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied),
+        "link/f is open below d again"
+    );
+    assert!(root.join("d/sub/f").is_file());
+}
+
+/// A handle opened through a link to one of a file's two hard links, and
+/// that name then removed by a local process: the file now lies only
+/// below the other directory, which is not renamed under it, and the
+/// directory of the removed name renames freely (the session-26 review:
+/// the kernel named the file by its removed name, so the wrong directory
+/// was refused and the right one renamed).
+#[test]
+fn a_directory_rename_places_a_file_by_a_name_it_still_has() {
+    let s = Scratch::new("dir-rename-removed-alias");
+    let root = s.root();
+    std::fs::create_dir_all(root.join("other")).unwrap();
+    std::fs::create_dir_all(root.join("hd/sub")).unwrap();
+    std::fs::write(root.join("other/g2"), "g2").unwrap();
+    std::fs::hard_link(root.join("other/g2"), root.join("hd/sub/g2")).unwrap();
+    std::os::unix::fs::symlink("other/g2", root.join("hl")).unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb", "smb-a");
+    fe.open(req(
+        "c",
+        "hl",
+        Rights::READ,
+        Rights::ALL,
+        Disposition::Open,
+        Durability::None,
+    ))
+    .unwrap();
+    std::fs::remove_file(root.join("other/g2")).unwrap();
+    let p = |p: &str| RelPath::new(p).unwrap();
+    fe.rename_directory(p("other"), p("other2"), false, None)
+        .expect("nothing open lies below other now");
+    let r = fe.rename_directory(p("hd"), p("hd2"), false, None);
+    assert_eq!(
+        r.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied),
+        "the file's only name is below hd"
+    );
+    assert!(root.join("hd/sub/g2").is_file());
+}
+
 /// A create-if-absent of a name that is a symbolic link leading nowhere
 /// is "not found" at once: before, the open found nothing through it and
 /// the exclusive create found the link, round after round, and the answer

@@ -983,10 +983,20 @@ impl Engine {
             (Some(rec), true) => {
                 if let Some(h) = self.handles.get_mut(&key) {
                     let (conn, frontend) = (h.rec.conn, h.rec.frontend.clone());
+                    // The store does not hold the link mark: kept for the
+                    // same path, else found again.
+                    let through_link = (h.rec.path == rec.path).then_some(h.rec.through_link);
                     h.rec = rec;
                     h.rec.conn = conn;
                     h.rec.frontend = frontend;
                     h.parked = false;
+                    match through_link {
+                        Some(t) => h.rec.through_link = t,
+                        None => {
+                            h.link_known = false;
+                            self.links_pending = true;
+                        }
+                    }
                 }
             }
             (Some(mut rec), false) => {

@@ -633,6 +633,19 @@ impl Engine {
         for f in files {
             self.retry_waiting(f);
         }
+        self.learn_links_step();
+    }
+
+    /// Runs a request that waited, if its connection is still there.
+    pub(super) fn run_again(&mut self, conn: ConnId, id: u64, req: Request) {
+        let Some((writer, role)) = self
+            .conns
+            .get(&conn)
+            .map(|c| (c.writer.clone(), c.role.clone()))
+        else {
+            return;
+        };
+        self.run_request(conn, &writer, &role, id, req);
     }
 
     /// Runs again the opens of `file` that waited for lease breaks.
@@ -643,14 +656,7 @@ impl Engine {
             .partition(|(f, _, _, _)| *f == file);
         self.waiting_changes = later;
         for (_, conn, id, req) in ready {
-            let Some((writer, role)) = self
-                .conns
-                .get(&conn)
-                .map(|c| (c.writer.clone(), c.role.clone()))
-            else {
-                continue;
-            };
-            self.run_request(conn, &writer, &role, id, req);
+            self.run_again(conn, id, req);
         }
         let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_local)
             .into_iter()

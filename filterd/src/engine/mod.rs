@@ -115,7 +115,7 @@ struct Handle {
     linked: bool,
     /// `rec.through_link` was found by this daemon (at the open, a rename,
     /// or a directory rename's look); not for a recovered handle, whose
-    /// record does not store it (`Engine::learn_links`).
+    /// record does not store it (`Engine::learn_links_step`).
     link_known: bool,
 }
 
@@ -186,6 +186,12 @@ pub struct Engine {
     commit_waits: BTreeMap<u64, std::collections::BTreeSet<FileId>>,
     /// Deletes on close waiting for another handle's close to commit.
     deferred_deletes: Vec<opens::DeferredDelete>,
+    /// Some handle's `through_link` is not known (recovered, or put back
+    /// with a record from the store, which does not hold it): found a
+    /// chunk per engine step (`Engine::learn_links_step`).
+    links_pending: bool,
+    /// Directory renames waiting for that (`Engine::rename_directory`).
+    waiting_links: Vec<(ConnId, u64, Request)>,
     /// Files a persistent open created in this daemon whose record has
     /// not committed yet, with the sequence that records it: a failed
     /// commit unlinks them again (`Engine::undo_creates`).
@@ -435,6 +441,8 @@ impl Engine {
             commit_waits: BTreeMap::new(),
             pending_creates: HashMap::new(),
             deferred_deletes: Vec::new(),
+            links_pending: false,
+            waiting_links: Vec::new(),
             local_openers: HashMap::new(),
             plain_files: Vec::new(),
             lingering: Default::default(),
@@ -536,8 +544,12 @@ impl Engine {
             .chain(next_hint)
             .chain(next_io)
             .chain(self.restart_gate_deadline)
+            // Links still to find: the next chunk at once, between the
+            // requests that come meanwhile.
+            .chain(self.links_pending.then_some(now))
             .min()
         {
+            Some(t) if self.links_pending && t <= now => Duration::ZERO,
             Some(t) => Duration::from_millis(t.saturating_sub(now).clamp(1, 1000)),
             None => Duration::from_secs(1),
         }

@@ -43,7 +43,7 @@ impl Engine {
     /// Requests waiting for lease breaks or commits now (what
     /// [`Config::max_pending_breaks`] caps).
     pub(super) fn requests_waiting(&self) -> usize {
-        self.waiting.len() + self.waiting_changes.len()
+        self.waiting.len() + self.waiting_changes.len() + self.waiting_links.len()
     }
 
     pub(super) fn open(
@@ -1128,6 +1128,7 @@ impl Engine {
     /// [`Engine::insert`] but for the file index, which the caller fills
     /// (recovery builds it once, in file order, for all handles).
     pub(super) fn insert_unfiled(&mut self, mut h: Handle) {
+        self.links_pending |= !h.link_known;
         self.index_names(&mut h.rec);
         self.handles.insert(h.rec.key, Box::new(h));
     }

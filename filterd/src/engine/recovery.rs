@@ -426,6 +426,8 @@ impl Engine {
         // The handle table, built once from key order as the file index
         // below (the store reads in key order, so the sort finds it sorted).
         table.sort_unstable_by_key(|(key, _)| *key);
+        // Their link marks are not stored: found from the next step on.
+        self.links_pending |= !table.is_empty();
         if self.handles.is_empty() {
             self.handles = table.into_iter().collect();
         } else {

@@ -3122,6 +3122,43 @@ fn a_directory_rename_is_refused_by_handles_below_and_waits_for_their_close() {
     }
 }
 
+/// After a restart the link marks of the recovered handles are found a
+/// chunk per step (they are not stored): a directory rename waits until
+/// every one is known, then runs — here refused, a handle being below.
+#[test]
+fn a_directory_rename_after_a_restart_waits_for_the_link_marks() {
+    let mut h = Harness::new();
+    let n = super::changes::LINKS_PER_STEP + 2;
+    for i in 0..=n {
+        let path = if i == n {
+            "d/m".to_owned()
+        } else {
+            format!("f{i}")
+        };
+        let id = h.run(open(&path, Rights::ALL));
+        h.commit(true);
+        h.opened(id);
+    }
+    let mut h = h.restarted();
+    assert!(h.engine.links_pending);
+    let id = h.run(Request::RenameDirectory {
+        from: RelPath::new("d").unwrap(),
+        to: RelPath::new("e").unwrap(),
+        replace: false,
+        expect: None,
+    });
+    h.drain_replies();
+    assert!(h.reply(id).is_none(), "answered before the marks are known");
+    h.engine.process_retries();
+    h.drain_replies();
+    assert!(h.reply(id).is_none(), "{} handles need two steps", n + 1);
+    h.engine.process_retries();
+    h.drain_replies();
+    assert!(!h.engine.links_pending);
+    assert_eq!(h.refused(id), ErrorCode::AccessDenied);
+    assert!(h.fs.file("d/m").is_some());
+}
+
 /// Recovery decides an interrupted rename by where its file is, named by
 /// kernel handle — not by what the target name holds. A rename whose file
 /// is at neither name (moved while filterd was down: before or after the
