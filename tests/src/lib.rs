@@ -1175,12 +1175,22 @@ pub struct Nfs {
 }
 
 impl Nfs {
-    /// EXCHANGE_ID and CREATE_SESSION as `owner` with `verifier`.
+    /// EXCHANGE_ID and CREATE_SESSION as `owner` with `verifier`. An
+    /// EXCHANGE_ID answered `NFS4ERR_DELAY` (nfsshim not attached to a
+    /// restarted filterd yet) is sent again, as a client does, for up to
+    /// 10 s.
     pub fn connect(addr: &str, owner: &str, verifier: &str) -> Nfs {
         let mut c = LineClient::connect(addr);
-        let r = c.call_with(
-            "xid",
-            json!({"op": "EXCHANGE_ID", "owner": owner, "verifier": verifier}),
+        let r = wait_for(
+            "nfsshim to answer EXCHANGE_ID",
+            Duration::from_secs(10),
+            || {
+                let r = c.call_with(
+                    "xid",
+                    json!({"op": "EXCHANGE_ID", "owner": owner, "verifier": verifier}),
+                );
+                (r["status"] != "NFS4ERR_DELAY").then_some(r)
+            },
         );
         assert_eq!(r["status"], "NFS4_OK", "{r}");
         let clientid = r["clientid"].as_str().unwrap().to_owned();
