@@ -136,7 +136,8 @@ impl Engine {
     /// directory rename while a file below is open, and a handle's stored
     /// path must not go stale (a later rename, remove or delete on close
     /// by that path would miss its file; a restart would list it under a
-    /// name it no longer has). One engine step from the check to the
+    /// name it no longer has); waits while a rename below is made and its
+    /// completion still committing. One engine step from the check to the
     /// `renameat2`, so no open below slips between them; nothing stored
     /// changes, so nothing is bracketed or recorded.
     pub(super) fn rename_directory(
@@ -164,8 +165,23 @@ impl Engine {
         let place = self.fs.place_of_path(&from);
         let below = |h: &Handle| self.lies_below(h, &from, place.as_deref());
         // A handle below whose removal is still committing comes back if
-        // that commit fails: the request waits for it, and runs again.
-        if let Some((seq, file)) = self.removal_pending_with(below) {
+        // that commit fails; a rename below that is made, its completion
+        // still committing, leaves its intent to a crash now, and recovery
+        // would not find the file at its new path if the directory moved
+        // (review D-4). The request waits for that commit, and runs again.
+        let committed = self.pipe.committed();
+        let completing = || {
+            self.renames_completing
+                .iter()
+                .find(|(s, _, paths)| {
+                    *s > committed
+                        && paths
+                            .iter()
+                            .any(|p| at_or_below(p, &from, place.as_deref()))
+                })
+                .map(|&(seq, file, _)| (seq, file))
+        };
+        if let Some((seq, file)) = self.removal_pending_with(below).or_else(completing) {
             self.wait_limit()?;
             self.wait_for_commit(seq, file);
             let req = Request::RenameDirectory {
@@ -261,12 +277,7 @@ impl Engine {
     /// the directory under it would make that change miss its file, and
     /// recovery take the path's emptiness for the change made.
     fn change_in_progress_below(&self, dir: &RelPath, place: Option<&Path>) -> Option<RelPath> {
-        let by_place = place.filter(|p| *p != Path::new(dir.as_str()));
-        let at_or_below = |p: &RelPath| {
-            p == dir
-                || is_below(p, dir)
-                || by_place.is_some_and(|place| Path::new(p.as_str()).starts_with(place))
-        };
+        let at_or_below = |p: &RelPath| at_or_below(p, dir, place);
         self.parked.values().find_map(|p| match &p.change {
             Some(IntentChange::Rename { from, to, .. }) => {
                 [from, to].into_iter().find(|p| at_or_below(p)).cloned()
@@ -681,6 +692,13 @@ impl Engine {
             Err(e) => debug!(intent = %id.0, error = %e, "size change not marked"),
         }
     }
+}
+
+/// Whether `p` is directory `dir` or lies below it, `dir` lying at `place`
+/// (links on the way resolved, see `Engine::lies_below`).
+fn at_or_below(p: &RelPath, dir: &RelPath, place: Option<&Path>) -> bool {
+    let by_place = place.filter(|pl| *pl != Path::new(dir.as_str()));
+    p == dir || is_below(p, dir) || by_place.is_some_and(|pl| Path::new(p.as_str()).starts_with(pl))
 }
 
 /// Whether a change must be bracketed by an intent: on a persistent

@@ -520,6 +520,7 @@ impl Engine {
             }
         }
         self.pending_creates.retain(|_, s| *s > committed);
+        self.renames_completing.retain(|(s, _, _)| *s > committed);
         // Frontends go back to unchecked I/O on a file only once the
         // content change that made them check is durable.
         let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gone_after)

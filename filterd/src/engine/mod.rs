@@ -277,6 +277,12 @@ pub struct Engine {
     /// Files whose change mark (`Fs::mark_change`) is removed once this
     /// sequence — the change's completion — is resolved.
     marks_after: Vec<(u64, KernelHandle, Option<RelPath>, IntentId)>,
+    /// Renames made whose completion (their intent's deletion) commits in
+    /// this sequence: the sequence, the file, its old and new path. Until
+    /// it is resolved a crash leaves the intent for recovery, which finds
+    /// the rename made only if the new path still holds the file — a
+    /// directory rename above either path waits (review D-4).
+    renames_completing: Vec<(u64, FileId, [RelPath; 2])>,
     /// The delete-on-close unlink the last `remove` bracketed, for a CLOSE
     /// to wait on.
     last_unlink: Option<IntentId>,
@@ -420,6 +426,7 @@ impl Engine {
             gone_after: Vec::new(),
             idle_lock_fds: Vec::new(),
             marks_after: Vec::new(),
+            renames_completing: Vec::new(),
             last_unlink: None,
             locks: BTreeMap::new(),
             breaking: HashMap::new(),

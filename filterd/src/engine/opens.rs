@@ -535,6 +535,10 @@ impl Engine {
             let result = self.perform(&change, Some(id));
             crate::failpoint::hit("intent.after_fs");
             self.batch.push(StoreOp::DeleteIntent(id));
+            if let (Ok(()), IntentChange::Rename { from, to, file, .. }) = (&result, change) {
+                self.renames_completing
+                    .push((self.batch.seq(), file, [from, to]));
+            }
             let result = result.map(|()| Reply::Done);
             if let (Some(w), Some(rid)) = (&p.writer, p.id) {
                 let frame = ServerFrame::Reply {

@@ -3342,6 +3342,67 @@ fn a_directory_rename_is_refused_while_a_change_below_is_in_progress() {
     );
 }
 
+/// A rename below a directory that is made, its completion (the intent's
+/// deletion) still committing, holds a directory rename until that commit
+/// is resolved (review D-4): moved in between and then a crash, recovery
+/// would find the file at neither name and call a made rename unknown.
+/// Its handle closed meanwhile, nothing else holds the directory.
+#[test]
+fn a_directory_rename_waits_for_a_rename_below_to_complete() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    let renamed = h.run(Request::Rename {
+        key,
+        to: RelPath::new("d/x").unwrap(),
+        replace: false,
+        record: Some(RecordSpec {
+            scope: session(1),
+            op_id: 1,
+            reply: "renamed".into(),
+            keep: 8,
+        }),
+    });
+    let held = h.commit_holding_intents(true);
+    assert!(!held.is_empty());
+    h.run(Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+    });
+    for id in held {
+        h.engine.finish_parked(id);
+    }
+    assert!(h.fs.file("d/x").is_some(), "the rename is made");
+    let moved = h.run(Request::RenameDirectory {
+        from: RelPath::new("d").unwrap(),
+        to: RelPath::new("e").unwrap(),
+        replace: false,
+        expect: None,
+    });
+    h.drain_replies();
+    assert!(
+        h.reply(moved).is_none(),
+        "answered before the rename completes"
+    );
+    assert!(
+        h.fs.file("d/x").is_some(),
+        "moved before the rename completes"
+    );
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    assert!(h.reply(renamed).is_some_and(|r| r.is_ok()));
+    assert!(
+        h.reply(moved).is_some_and(|r| r.is_ok()),
+        "{:?}",
+        h.reply(moved)
+    );
+    assert!(h.fs.file("e/x").is_some() && h.fs.file("d/x").is_none());
+}
+
 /// Review D-5: a record an open carries asks for the opened file's kernel
 /// handle with a `"kernel_handle": null` member, and gets it in the
 /// open's own commit when its connection was granted
