@@ -33,6 +33,10 @@ pub(super) struct CheckedIo {
     /// Set when a lock first waits for it (monotonic ms): when it is not
     /// done by then, its frontend is dropped.
     deadline: Option<u64>,
+    /// The commit its answer waits for, when one was pending: if that
+    /// commit fails the answer is a refusal, and a frontend told "refused"
+    /// does no I/O and sends no `IoDone` — the entry goes with the commit.
+    until: Option<u64>,
 }
 
 /// Checked I/O in flight, by file.
@@ -91,6 +95,8 @@ impl Engine {
                 format!("check id {check} is still in flight (no IoDone yet)"),
             ));
         }
+        let until = self.request_waits_for();
+        let t = &mut self.checked_io;
         t.index.insert((conn, check), file);
         *t.per_conn.entry(conn).or_default() += 1;
         t.by_file.entry(file).or_default().push(CheckedIo {
@@ -102,8 +108,30 @@ impl Engine {
             write,
             advisory,
             deadline: None,
+            until,
         });
         Ok(())
+    }
+
+    /// The commits in `abandoned` failed: the checks whose answers waited
+    /// for one of them were refused, so no `IoDone` will come for them.
+    /// Forgotten, and locks waiting for them run again (review of session
+    /// 27: one left behind held every later conflicting lock to the break
+    /// timeout, which then dropped the frontend).
+    pub(super) fn checked_io_abandoned(&mut self, abandoned: &std::collections::BTreeSet<u64>) {
+        let t = &mut self.checked_io;
+        let gone: Vec<(ConnId, u64, FileId)> = t
+            .by_file
+            .iter()
+            .flat_map(|(f, v)| v.iter().map(move |io| (f, io)))
+            .filter(|(_, io)| io.until.is_some_and(|s| abandoned.contains(&s)))
+            .map(|(f, io)| (io.conn, io.check, *f))
+            .collect();
+        for (conn, check, file) in gone {
+            t.index.remove(&(conn, check));
+            Self::remove_io(t, conn, check, file);
+            self.retry_files.insert(file);
+        }
     }
 
     fn remove_io(t: &mut CheckedIoTable, conn: ConnId, check: u64, file: FileId) -> bool {

@@ -725,6 +725,7 @@ impl Engine {
             reply.send(crate::command::Verdict::Deny, fd);
         }
         self.pending_creates.retain(|_, s| !abandoned.contains(s));
+        self.checked_io_abandoned(&abandoned);
         let resolved: Vec<u64> = self
             .commit_waits
             .keys()
@@ -1100,7 +1101,12 @@ impl Engine {
             let has_mirror = self.handles.get(&k).is_some_and(|h| h.lock_fd.is_some());
             if !held.is_empty() || has_mirror {
                 if let Err(e) = self.mirror(k, &held) {
-                    warn!(resume_key = %k, error = %e.message, "restored locks not mirrored as OFD locks");
+                    // A local process took the range while the unlock's
+                    // commit was pending: keep trying until it lets go, as
+                    // recovery does; filterctl shows the lock as not
+                    // mirrored.
+                    warn!(resume_key = %k, error = %e.message, "restored locks not mirrored as OFD locks yet: retrying");
+                    self.unmirrored.insert(k);
                 }
             }
         }

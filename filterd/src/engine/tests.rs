@@ -779,18 +779,9 @@ proptest! {
     }
 }
 
-/// Round 12 (the proptest above, seen once in a thousand runs): an unlock
-/// of a handle's last lock closed its lock descriptor at once; when its
-/// commit failed, the lock came back in the table, but taking it again as
-/// an OFD lock meant reopening the file — removed since the lock, so the
-/// reopen failed and the restored lock was not mirrored.
-#[test]
-fn a_failed_unlock_of_a_removed_files_last_lock_keeps_its_ofd_lock() {
-    let mut h = Harness::new();
-    h.run(open("a", Rights::ALL));
-    h.commit(true);
-    let key = h.keys()[0];
-    let lock = |unlock| Request::Lock {
+/// An exclusive lock (or unlock) of byte 8 by `key`.
+fn lock_byte_8(key: ResumeKey, unlock: bool) -> Request {
+    Request::Lock {
         key,
         locks: vec![LockOp {
             range: LockRange {
@@ -802,9 +793,29 @@ fn a_failed_unlock_of_a_removed_files_last_lock_keeps_its_ofd_lock() {
         }],
         lock_sequence: None,
         lock_owner: None,
-    };
-    h.run(lock(false));
+    }
+}
+
+/// Opens "a" and locks its byte 8, durably: the handle.
+fn open_and_lock_byte_8(h: &mut Harness) -> ResumeKey {
+    h.run(open("a", Rights::ALL));
     h.commit(true);
+    let key = h.keys()[0];
+    h.run(lock_byte_8(key, false));
+    h.commit(true);
+    key
+}
+
+/// Round 12 (the proptest above, seen once in a thousand runs): an unlock
+/// of a handle's last lock closed its lock descriptor at once; when its
+/// commit failed, the lock came back in the table, but taking it again as
+/// an OFD lock meant reopening the file — removed since the lock, so the
+/// reopen failed and the restored lock was not mirrored.
+#[test]
+fn a_failed_unlock_of_a_removed_files_last_lock_keeps_its_ofd_lock() {
+    let mut h = Harness::new();
+    let key = open_and_lock_byte_8(&mut h);
+    let lock = |unlock| lock_byte_8(key, unlock);
     h.run(Request::Remove {
         path: RelPath::new("a").unwrap(),
         record: None,
@@ -824,6 +835,32 @@ fn a_failed_unlock_of_a_removed_files_last_lock_keeps_its_ofd_lock() {
     h.run(lock(true));
     h.commit(true);
     assert!(h.engine.handles[&key].lock_fd.is_none());
+}
+
+/// A failed unlock's lock comes back; when a local process took the range
+/// meanwhile (the unlock released the OFD lock at once), it cannot be
+/// taken again yet: it is counted unmirrored (filterctl shows it) and
+/// taken when the range is free, as after a restart — not left silently
+/// unenforced against local processes.
+#[test]
+fn a_failed_unlocks_lock_a_local_process_took_is_retried() {
+    let mut h = Harness::new();
+    let key = open_and_lock_byte_8(&mut h);
+    let lock = |unlock| lock_byte_8(key, unlock);
+    h.run(lock(true));
+    h.fs.fail_next("mirror", libc::EAGAIN);
+    h.commit(false);
+    assert_eq!(
+        h.engine.handles[&key].rec.locks.len(),
+        1,
+        "the lock is back"
+    );
+    assert!(
+        h.engine.unmirrored.contains(&key),
+        "left unmirrored silently"
+    );
+    h.engine.expire_due(0);
+    assert!(!h.engine.unmirrored.contains(&key), "not taken when free");
 }
 
 /// A request that builds on a failed one fails with it; one that does not
@@ -2308,6 +2345,50 @@ fn a_lock_waits_for_checked_io_until_its_io_done() {
     assert!(!h.engine.conns.contains_key(&h.conn), "dropped");
     assert_eq!(h.engine.stats.frontends_dropped, 1);
     assert!(h.engine.checked_io.next_deadline().is_none());
+}
+
+/// A CheckIo whose answer waited for a commit that failed was refused, so
+/// its frontend does no I/O and sends no IoDone: the check goes with the
+/// commit. Left behind, it held every later conflicting lock until the
+/// break timeout and then dropped the frontend (review, session 27).
+#[test]
+fn a_check_refused_by_a_failed_commit_holds_no_lock_back() {
+    let mut h = Harness::new();
+    let a = h.run(open("a", Rights::ALL));
+    let b = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let (ka, kb) = (h.opened(a), h.opened(b));
+    let lock = |offset| Request::Lock {
+        key: ka,
+        locks: vec![LockOp {
+            range: LockRange { offset, length: 10 },
+            exclusive: true,
+            unlock: false,
+        }],
+        lock_sequence: None,
+        lock_owner: None,
+    };
+    // A lock elsewhere in the file is committing; B's write check waits
+    // for that commit, which fails.
+    h.run(lock(100));
+    let w = h.run(Request::CheckIo {
+        key: kb,
+        range: LockRange {
+            offset: 0,
+            length: 10,
+        },
+        write: true,
+        own_protocol_advisory: false,
+    });
+    h.commit(false);
+    h.drain_replies();
+    assert!(matches!(h.reply(w), Some(Err(_))), "{:?}", h.reply(w));
+    let x = h.run(lock(5));
+    h.commit(true);
+    h.drain_replies();
+    assert!(matches!(h.reply(x), Some(Ok(_))), "{:?}", h.reply(x));
+    assert!(h.engine.checked_io.next_deadline().is_none());
+    assert_eq!(h.engine.stats.frontends_dropped, 0);
 }
 
 /// Review of issue 13's F3 fix: a CheckIo that reused the id of one still
