@@ -69,8 +69,9 @@ struct Args {
     /// are refused.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_connections: usize,
-    /// Most requests waiting for lease-break acknowledgements at once;
-    /// further conflicting opens are refused instead of waiting.
+    /// Most requests waiting at once — for lease-break acknowledgements,
+    /// commits, lock hints or checked I/O; further requests that would
+    /// wait are refused (LimitReached) instead.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_pending_breaks: usize,
     /// Most commands (local opens, new connections) queued for the engine;

@@ -87,6 +87,7 @@ impl Engine {
                     r
                 }),
             };
+            self.wait_limit()?;
             self.waiting_changes.push((file, conn, req_id, req));
             return Ok(None);
         }
@@ -339,6 +340,7 @@ impl Engine {
                         r
                     }),
                 };
+                self.wait_limit()?;
                 self.waiting_changes.push((f, conn, req_id, req));
                 return Ok(None);
             }
@@ -399,6 +401,7 @@ impl Engine {
                     r
                 }),
             };
+            self.wait_limit()?;
             self.waiting_changes.push((file, conn, req_id, req));
             return Ok(None);
         }

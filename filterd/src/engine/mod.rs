@@ -908,6 +908,10 @@ impl Engine {
                     Some(file)
                 });
                 if let Some(file) = waits {
+                    // Parked requests are capped like waiting opens: one
+                    // frontend pipelining locks cannot grow the queue
+                    // without bound.
+                    self.wait_limit()?;
                     let req = Request::Lock {
                         key,
                         locks,
@@ -949,6 +953,7 @@ impl Engine {
                         // A size change is in flight, or a lock waits for
                         // I/O in flight: wait for it (behind the lock, so
                         // a stream of I/O cannot starve it).
+                        self.wait_limit()?;
                         let req = Request::CheckIo {
                             key,
                             range,
@@ -1067,6 +1072,7 @@ impl Engine {
                                 r
                             }),
                         };
+                        self.wait_limit()?;
                         self.waiting_changes.push((file, conn, req_id, req));
                         return Ok(None);
                     }

@@ -2347,19 +2347,18 @@ fn a_lock_waits_for_checked_io_until_its_io_done() {
     assert!(h.engine.checked_io.next_deadline().is_none());
 }
 
-/// A CheckIo whose answer waited for a commit that failed was refused, so
-/// its frontend does no I/O and sends no IoDone: the check goes with the
-/// commit. Left behind, it held every later conflicting lock until the
-/// break timeout and then dropped the frontend (review, session 27).
-#[test]
-fn a_check_refused_by_a_failed_commit_holds_no_lock_back() {
-    let mut h = Harness::new();
+/// Two handles of file "a", opened durably.
+fn two_handles_of_a(h: &mut Harness) -> (ResumeKey, ResumeKey) {
     let a = h.run(open("a", Rights::ALL));
     let b = h.run(open("a", Rights::ALL));
     h.commit(true);
-    let (ka, kb) = (h.opened(a), h.opened(b));
-    let lock = |offset| Request::Lock {
-        key: ka,
+    (h.opened(a), h.opened(b))
+}
+
+/// An exclusive lock of 10 bytes at `offset` by `key`.
+fn lock_10(key: ResumeKey, offset: u64) -> Request {
+    Request::Lock {
+        key,
         locks: vec![LockOp {
             range: LockRange { offset, length: 10 },
             exclusive: true,
@@ -2367,19 +2366,32 @@ fn a_check_refused_by_a_failed_commit_holds_no_lock_back() {
         }],
         lock_sequence: None,
         lock_owner: None,
-    };
+    }
+}
+
+/// A check of a 10-byte write at `offset` through `key`.
+fn write_check_10(key: ResumeKey, offset: u64) -> Request {
+    Request::CheckIo {
+        key,
+        range: LockRange { offset, length: 10 },
+        write: true,
+        own_protocol_advisory: false,
+    }
+}
+
+/// A CheckIo whose answer waited for a commit that failed was refused, so
+/// its frontend does no I/O and sends no IoDone: the check goes with the
+/// commit. Left behind, it held every later conflicting lock until the
+/// break timeout and then dropped the frontend (review, session 27).
+#[test]
+fn a_check_refused_by_a_failed_commit_holds_no_lock_back() {
+    let mut h = Harness::new();
+    let (ka, kb) = two_handles_of_a(&mut h);
+    let lock = |offset| lock_10(ka, offset);
     // A lock elsewhere in the file is committing; B's write check waits
     // for that commit, which fails.
     h.run(lock(100));
-    let w = h.run(Request::CheckIo {
-        key: kb,
-        range: LockRange {
-            offset: 0,
-            length: 10,
-        },
-        write: true,
-        own_protocol_advisory: false,
-    });
+    let w = h.run(write_check_10(kb, 0));
     h.commit(false);
     h.drain_replies();
     assert!(matches!(h.reply(w), Some(Err(_))), "{:?}", h.reply(w));
@@ -2389,6 +2401,39 @@ fn a_check_refused_by_a_failed_commit_holds_no_lock_back() {
     assert!(matches!(h.reply(x), Some(Ok(_))), "{:?}", h.reply(x));
     assert!(h.engine.checked_io.next_deadline().is_none());
     assert_eq!(h.engine.stats.frontends_dropped, 0);
+}
+
+/// Locks and checks parked behind checked I/O count against
+/// `--max-pending-breaks` like waiting opens: a frontend that pipelines
+/// them cannot grow the queue without bound (review, session 27).
+#[test]
+fn parked_locks_and_checks_are_capped() {
+    let mut h = Harness::new();
+    let (ka, kb) = two_handles_of_a(&mut h);
+    let lock = |offset| lock_10(ka, offset);
+    let check = |offset| write_check_10(kb, offset);
+    h.run(lock(100));
+    h.commit(true);
+    let w = h.run(check(0));
+    h.commit(true);
+    assert!(matches!(h.reply(w), Some(Ok(_))));
+    h.engine.cfg.max_pending_breaks = 3;
+    let parked = [h.run(lock(5)), h.run(check(50)), h.run(check(70))];
+    let refused = [h.run(check(80)), h.run(lock(0))];
+    h.drain_replies();
+    for id in parked {
+        assert!(h.reply(id).is_none(), "{:?}", h.reply(id));
+    }
+    for id in refused {
+        assert_eq!(h.refused(id), ErrorCode::LimitReached);
+    }
+    h.run(Request::IoDone { check: w });
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    for id in parked {
+        assert!(matches!(h.reply(id), Some(Ok(_))), "{:?}", h.reply(id));
+    }
 }
 
 /// Review of issue 13's F3 fix: a CheckIo that reused the id of one still
