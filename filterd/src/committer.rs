@@ -607,6 +607,14 @@ fn settle(
     counters: &CommitCounters,
     done: Vec<(Started, Result<u64, StoreError>)>,
 ) -> Option<(usize, Duration)> {
+    // The store was ours when these commits were made, but a reply is an
+    // acknowledgement: none goes out once the claim may be gone (a
+    // process stopped past its etcd lease while a Txn's answer waited in
+    // its socket; another node has taken over and may have broken the
+    // leases these replies grant).
+    if let Err(e) = store.owner_check() {
+        fenced(&e);
+    }
     let mut failed = BTreeSet::new();
     let mut through = 0;
     let mut timing = None;
@@ -771,6 +779,10 @@ mod tests {
         threads: Mutex<std::collections::HashSet<std::thread::ThreadId>>,
         /// What [`StateStore::overlap_at_ops`] says (0: the default, 1).
         overlap_at: usize,
+        /// The claim is lost while a commit is in flight: `owner_check`
+        /// fails once `run_prepared` has run.
+        lose_claim_in_flight: bool,
+        claim_lost: std::sync::atomic::AtomicBool,
     }
 
     impl StateStore for Gated {
@@ -793,7 +805,16 @@ mod tests {
             let n = self.prepared.fetch_add(1, Ordering::AcqRel) + 1;
             Ok(Some(Prepared(Box::new(n))))
         }
+        fn owner_check(&self) -> Result<(), StoreError> {
+            if self.claim_lost.load(Ordering::Acquire) {
+                return Err(StoreError::LeaseLost { fence: 1 });
+            }
+            Ok(())
+        }
         fn run_prepared(&self, p: Prepared) -> Result<u64, StoreError> {
+            if self.lose_claim_in_flight {
+                self.claim_lost.store(true, Ordering::Release);
+            }
             let n = *p.0.downcast::<u64>().expect("a number");
             self.entered.lock().unwrap().push(n);
             self.threads
@@ -967,6 +988,48 @@ mod tests {
         assert_eq!(pipe.committed(), 2);
         pipe.stop();
         t.join().unwrap();
+    }
+
+    /// A commit made while the claim stood, whose claim is lost before its
+    /// answer is settled (a SIGSTOP past the etcd lease): no reply goes
+    /// out; the daemon exits 75 as when fenced. Run in a child process
+    /// (the exit ends it): the child reads its socket and returns, so it
+    /// exits 0 if the reply is sent.
+    #[test]
+    fn no_reply_goes_out_once_the_claim_may_be_lost() {
+        const CHILD: &str = "RKFILTER_TEST_CLAIM_LOST_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "committer::tests::no_reply_goes_out_once_the_claim_may_be_lost",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(75),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            return;
+        }
+        let Rig {
+            store,
+            pipe,
+            writer: w,
+            peer,
+            ..
+        } = setup_with(Gated {
+            lose_claim_in_flight: true,
+            ..Gated::default()
+        });
+        let g1 = store.gate(1);
+        pipe.submit(job(&pipe, 1, &w, b"one"));
+        g1.send(Ok(1)).unwrap();
+        assert_eq!(next_packet(&peer), b"one");
     }
 
     #[test]
