@@ -520,8 +520,10 @@ type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
 /// One renewal attempt of the keepalive and what came of it.
 struct Renewal {
     member: usize,
-    /// When it was sent: an answer counts from here.
+    /// When it was sent: an answer counts from here (`sent_boot` on the
+    /// lease clock, `sent` for scheduling the next).
     sent: Instant,
+    sent_boot: u64,
     /// The member's client, handed back (connected if it was not).
     client: Option<Client>,
     /// Its stream, kept only after an answer (a stream whose request was
@@ -543,6 +545,7 @@ async fn renew_on(
     bound: Duration,
 ) -> Renewal {
     let sent = Instant::now();
+    let sent_boot = boot_nanos_sent();
     let attempt = async {
         let c = match client.as_mut() {
             Some(c) => c,
@@ -569,6 +572,7 @@ async fn renew_on(
     Renewal {
         member,
         sent,
+        sent_boot,
         client,
         keeper,
         answer,
@@ -580,26 +584,58 @@ struct Lease {
     id: AtomicI64,
     ttl: Duration,
     margin: Duration,
-    /// Base of the monotonic deadline below.
-    base: Instant,
-    /// Nanoseconds after `base` until which the lease surely stands.
+    /// Until when the lease surely stands, in [`boot_nanos`].
     valid_until: AtomicU64,
     /// Lost for good (expired, revoked, fenced).
     lost: AtomicBool,
 }
 
+/// The lease clock: nanoseconds of `CLOCK_BOOTTIME`. Unlike `Instant`
+/// (`CLOCK_MONOTONIC`) it goes on while the system is suspended, so a
+/// machine that slept past its lease does not wake believing it still
+/// owns the table (review, session 27). A hypervisor's pause of the whole
+/// VM stops this clock too: that needs the cluster's own fencing (README,
+/// "Two machines"). `None` if the clock cannot be read.
+fn boot_nanos() -> Option<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let secs = u64::try_from(t.tv_sec()).ok()?;
+    let nanos = u64::try_from(t.tv_nsec()).ok()?;
+    let now = secs.checked_mul(1_000_000_000)?.checked_add(nanos)?;
+    #[cfg(test)]
+    let now = now.checked_add(tests::SUSPENDED_NANOS.load(Ordering::Acquire))?;
+    Some(now)
+}
+
+/// The lease clock as a send time: 0 if it cannot be read (a renewal then
+/// proves nothing).
+fn boot_nanos_sent() -> u64 {
+    boot_nanos().unwrap_or(0)
+}
+
+/// The lease clock `after` from now: the end of time if it cannot be read
+/// (the lease then never looks valid).
+fn boot_nanos_after(after: Duration) -> u64 {
+    boot_nanos().map_or(u64::MAX, |n| {
+        n.saturating_add(u64::try_from(after.as_nanos()).unwrap_or(u64::MAX))
+    })
+}
+
 impl Lease {
-    fn nanos(&self, t: Instant) -> u64 {
-        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
-    }
-    /// A renewal sent at `sent` was granted `ttl` more seconds.
-    fn renewed(&self, sent: Instant, ttl: Duration) {
-        let until = self.nanos(sent + ttl);
+    /// A renewal sent at `sent` ([`boot_nanos_sent`]) was granted `ttl`
+    /// more seconds.
+    fn renewed(&self, sent: u64, ttl: Duration) {
+        if sent == 0 {
+            return;
+        }
+        let until = sent.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
         self.valid_until.fetch_max(until, Ordering::AcqRel);
     }
+    /// Whether the lease stands at least `after` from now.
+    fn stands_for(&self, after: Duration) -> bool {
+        boot_nanos_after(after) < self.valid_until.load(Ordering::Acquire)
+    }
     fn ok(&self) -> bool {
-        !self.lost.load(Ordering::Acquire)
-            && self.nanos(Instant::now() + self.margin) < self.valid_until.load(Ordering::Acquire)
+        !self.lost.load(Ordering::Acquire) && self.stands_for(self.margin)
     }
 }
 
@@ -697,7 +733,6 @@ impl EtcdStore {
                 id: AtomicI64::new(0),
                 ttl,
                 margin,
-                base: Instant::now(),
                 valid_until: AtomicU64::new(0),
                 lost: AtomicBool::new(false),
             }),
@@ -1007,10 +1042,9 @@ impl EtcdStore {
         // A waiting standby's lease is not renewed: take a fresh one when
         // less than half of it is left, so the owner starts with time to
         // set up its keepalive.
-        let half_left = self.lease.nanos(Instant::now() + self.ttl / 2)
-            < self.lease.valid_until.load(Ordering::Acquire);
+        let half_left = self.lease.stands_for(self.ttl / 2);
         let grant = || -> Result<i64, StoreError> {
-            let sent = Instant::now();
+            let sent = boot_nanos_sent();
             let granted = self.retry("lease grant", still, |c| {
                 let mut c = c.clone();
                 async move { c.lease_grant(ttl, None).await }
@@ -1112,8 +1146,7 @@ impl EtcdStore {
         // in time: the new owner then stepped down before reading the
         // table. Renew it once now; the answer says whether it (and the
         // owner key under it) still stands.
-        let half_left = self.lease.nanos(Instant::now() + self.ttl / 2)
-            < self.lease.valid_until.load(Ordering::Acquire);
+        let half_left = self.lease.stands_for(self.ttl / 2);
         if !half_left && !self.renew_now(lease_id, still)? {
             self.lease.lost.store(true, Ordering::Release);
             warn!("etcd claim: our lease ran out as the claim was answered");
@@ -1153,7 +1186,7 @@ impl EtcdStore {
         let (sent, answer) = self.retry("lease renewal", keep_trying, |c| {
             let mut c = c.clone();
             async move {
-                let sent = Instant::now();
+                let sent = boot_nanos_sent();
                 let renew = async {
                     let (mut k, mut stream) = c.lease_keep_alive(id).await?;
                     k.keep_alive().await?;
@@ -1496,7 +1529,7 @@ impl EtcdStore {
                             } else {
                                 term = t;
                                 let secs = u64::try_from(resp.ttl()).unwrap_or(0);
-                                lease.renewed(r.sent, Duration::from_secs(secs));
+                                lease.renewed(r.sent_boot, Duration::from_secs(secs));
                                 if let Some(slot) = keepers.get_mut(m) {
                                     *slot = r.keeper;
                                 }
@@ -1844,8 +1877,7 @@ impl EtcdStore {
             fencing_revision = fence,
             revision,
             raft_term,
-            lease_ok_by_our_clock = self.lease.nanos(Instant::now() + self.lease.margin)
-                < self.lease.valid_until.load(Ordering::Acquire),
+            lease_ok_by_our_clock = self.lease.stands_for(self.lease.margin),
             "our etcd owner key is gone: etcd ended our lease; stopping as owner"
         );
         self.lost()
@@ -2372,6 +2404,33 @@ impl StateStore for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Time the tests pretend the system spent suspended: `CLOCK_BOOTTIME`
+    /// went on, `CLOCK_MONOTONIC` did not.
+    pub(super) static SUSPENDED_NANOS: AtomicU64 = AtomicU64::new(0);
+
+    /// The lease is counted on the clock that goes on during a suspend: a
+    /// machine that slept past its lease wakes knowing it may not act
+    /// (with `Instant`, it went on for a whole TTL after waking).
+    #[test]
+    fn a_suspend_past_the_lease_ends_it() {
+        let lease = Lease {
+            id: AtomicI64::new(1),
+            ttl: Duration::from_secs(10),
+            margin: Duration::from_millis(2500),
+            valid_until: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
+        };
+        assert!(!lease.ok(), "never renewed");
+        lease.renewed(0, lease.ttl);
+        assert!(!lease.ok(), "a send time not read proves nothing");
+        lease.renewed(boot_nanos_sent(), lease.ttl);
+        assert!(lease.ok());
+        SUSPENDED_NANOS.store(8_000_000_000, Ordering::Release);
+        assert!(!lease.ok(), "within the margin after a suspend");
+        SUSPENDED_NANOS.store(0, Ordering::Release);
+        assert!(lease.ok());
+    }
 
     #[test]
     fn urls_parse() {
