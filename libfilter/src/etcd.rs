@@ -2010,6 +2010,46 @@ impl EtcdStore {
         Ok(steps)
     }
 
+    /// Leaves out of `steps` the changes the table already holds — a key
+    /// whose value (or absence) each step would leave as it finds it,
+    /// counting the steps before it — and then the steps left empty,
+    /// keeping one (an empty Txn still checks that the table is ours).
+    /// Only for [`StateStore::commit`], which runs with nothing in flight
+    /// (prepared commits keep every key they pack: their keys are what
+    /// keeps another commit off them). What this is for: a commit whose
+    /// first Txns committed and a later one failed (etcd's quota, say) is
+    /// retried request by request; the requests the table already holds
+    /// then commit nothing, where writing their keys again failed under the
+    /// same quota and their clients were told they failed though etcd (and
+    /// memory, put back from the store) kept them (review, session 27).
+    fn drop_applied(&self, steps: &mut Vec<Packed>) {
+        let table = self.lock_table();
+        let mut earlier: Chunk = BTreeMap::new();
+        for step in steps.iter_mut() {
+            let now: Vec<(Vec<u8>, Option<Vec<u8>>)> = step
+                .ops
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            step.ops.retain(|k, v| {
+                let before = match earlier.get(k) {
+                    Some(e) => e.as_deref(),
+                    None => table.get(k).map(Vec::as_slice),
+                };
+                before != v.as_deref()
+            });
+            earlier.extend(now);
+        }
+        let any = !steps.is_empty();
+        steps.retain(|s| !s.ops.is_empty());
+        if steps.is_empty() && any {
+            steps.push(Packed {
+                ops: BTreeMap::new(),
+                logged: false,
+            });
+        }
+    }
+
     /// Commits one request too large for a Txn through the redo log (see
     /// the module docs); returns the revision.
     fn commit_logged(&self, changes: &Chunk) -> Result<i64, StoreError> {
@@ -2296,7 +2336,8 @@ impl StateStore for EtcdStore {
     fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
         self.owner_check()?;
         let t0 = Instant::now();
-        let steps = self.pack(batches)?;
+        let mut steps = self.pack(batches)?;
+        self.drop_applied(&mut steps);
         self.run_steps(&steps, batches.len(), t0.elapsed())
     }
     fn pipelines(&self) -> bool {

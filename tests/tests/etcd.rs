@@ -568,6 +568,52 @@ fn put_replay(
     }
 }
 
+/// A commit whose first Txn committed and whose second failed is retried
+/// request by request (the committer's `retry_alone`): a request the table
+/// already holds writes nothing again. It wrote its keys again before, and
+/// under etcd's quota (the failure that stopped the second Txn) that
+/// failed too: its client was told it failed though etcd, and filterd's
+/// memory put back from the store, kept it (review, session 27).
+#[test]
+fn a_retried_request_the_table_holds_writes_nothing() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::{StateStore, StoreOp};
+    let Some((_shared, _cluster, url)) = one_member(
+        "a_retried_request_the_table_holds_writes_nothing",
+        "rk/again",
+    ) else {
+        return;
+    };
+    let a = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    a.claim().expect("claim");
+    let scopes: Vec<ReplayScope> = (0..4)
+        .map(|_| ReplayScope::Handle(ResumeKey::new_random()))
+        .collect();
+    let ops = |scope: &ReplayScope| -> Vec<StoreOp> {
+        (1..=60)
+            .map(|op_id| put_replay(scope, op_id, format!("reply {op_id}")))
+            .collect()
+    };
+    let rev0 = a
+        .commit(&[&[put_replay(&scopes[3], 1, "first".into())]])
+        .expect("a first commit");
+    // Two requests of 60 keys fill the first Txn (128 at most), the third
+    // goes in a second, which fails.
+    let (first, second, third) = (ops(&scopes[0]), ops(&scopes[1]), ops(&scopes[2]));
+    a.fail_txns_after(1);
+    a.commit(&[&first, &second, &third])
+        .expect_err("the second Txn fails");
+    a.fail_txns_after(u64::MAX);
+    assert_eq!(a.scope_records(&scopes[0]).expect("read").len(), 60);
+    assert!(a.scope_records(&scopes[2]).expect("read").is_empty());
+    let again = a.commit(&[&first]).expect("a request the table holds");
+    assert_eq!(again, rev0 + 1, "written again");
+    let third_rev = a.commit(&[&third]).expect("the third request");
+    assert_eq!(third_rev, rev0 + 2);
+    assert_eq!(a.scope_records(&scopes[2]).expect("read").len(), 60);
+}
+
 /// A request larger than one etcd Txn (300 replay records of one handle in
 /// one request; a Txn holds 128 operations) is all or nothing: when the
 /// commit fails before its commit point nothing of it is in the table, and
