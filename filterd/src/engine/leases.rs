@@ -433,6 +433,22 @@ impl Engine {
         ))
     }
 
+    /// Whether a handle of a client other than `client` holds lease key
+    /// `lk` on `file`.
+    pub(super) fn lease_key_held_by_another_client(
+        &self,
+        file: FileId,
+        lk: LeaseKey,
+        client: &ClientId,
+    ) -> bool {
+        self.by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .any(|h| h.rec.lease.is_some_and(|l| l.key == lk) && h.rec.client != *client)
+    }
+
     /// A holder acknowledged a break.
     pub(super) fn lease_ack(
         &mut self,

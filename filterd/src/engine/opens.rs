@@ -171,6 +171,17 @@ impl Engine {
         // Share modes, leases and the file's state decide this open: it
         // must not be answered before a pending change of them is durable.
         self.depends_on_file(of.file);
+        // A lease key names a lease of one client (MS-SMB2 3.3.1.4: a lease
+        // table per client GUID): another client's open under a key held
+        // on this file is not under that lease. It breaks it as any open
+        // of another key would and is granted no lease (review, session
+        // 27: two smbshim clients under one key were both granted RWH).
+        let o = match o.lease {
+            Some(lr) if self.lease_key_held_by_another_client(of.file, lr.key, &o.client) => {
+                OpenRequest { lease: None, ..o }
+            }
+            _ => o,
+        };
         self.keep_descriptor_reserve(&o.path, of.fd.as_fd())?;
         self.mediate_local_opens_of(&o.path, &of)?;
         let mode = ShareMode {

@@ -1788,6 +1788,24 @@ impl Harness {
     }
 }
 
+/// A non-durable open of `path` by `client` under lease `key`.
+fn leased_open(
+    client: &str,
+    path: &str,
+    key: libfilter::lease::LeaseKey,
+    state: libfilter::lease::LeaseState,
+    epoch: u16,
+) -> Request {
+    let Request::Open(mut o) = open(path, Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.client = ClientId::new(client).unwrap();
+    o.durability = Durability::None;
+    o.create_guid = None;
+    o.lease = Some(LeaseRequest { key, state, epoch });
+    Request::Open(o)
+}
+
 /// A lease key names one file of its client's (MS-SMB2 3.3.5.9.8): an open
 /// of another file under it is refused before anything is created, another
 /// client may use it, and it is free again once its last handle is closed.
@@ -1799,18 +1817,7 @@ fn a_lease_key_names_one_file_of_its_clients() {
     let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
     let st = |s: &str| libfilter::lease::LeaseState::parse(s).unwrap();
     let leased = |client: &str, path: &str, state: &str, epoch: u16| {
-        let Request::Open(mut o) = open(path, Rights::ALL) else {
-            unreachable!("open() makes an open")
-        };
-        o.client = ClientId::new(client).unwrap();
-        o.durability = Durability::None;
-        o.create_guid = None;
-        o.lease = Some(LeaseRequest {
-            key,
-            state: st(state),
-            epoch,
-        });
-        Request::Open(o)
+        leased_open(client, path, key, st(state), epoch)
     };
     let a = h.run(leased("alice", "a", "RH", 0x4711));
     h.commit(true);
@@ -1854,6 +1861,58 @@ fn a_lease_key_names_one_file_of_its_clients() {
     let again = h.run(leased("alice", "e", "R", 0));
     h.commit(true);
     h.opened(again);
+}
+
+/// Another client's open under a lease key a client holds on the file is
+/// not under that lease: it breaks it as an open of another key would, and
+/// gets no lease of its own under the key (review, session 27: both were
+/// granted RWH, and both cached writes).
+#[test]
+fn another_clients_open_under_a_held_lease_key_breaks_it() {
+    let mut h = Harness::new();
+    let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let st = |s: &str| libfilter::lease::LeaseState::parse(s).unwrap();
+    let leased = |client: &str| leased_open(client, "a", key, st("RWH"), 0);
+    let alice = h.run(leased("alice"));
+    h.commit(true);
+    h.opened(alice);
+    assert_eq!(h.lease_of(alice).map(|l| l.state), Some(st("RWH")));
+    let bob = h.run(leased("bob"));
+    h.commit(true);
+    assert!(
+        h.events
+            .iter()
+            .any(|e| matches!(e, Event::LeaseBreak { lease_key, .. } if *lease_key == key)),
+        "alice's lease is not broken: {:?}",
+        h.events
+    );
+    assert!(h.reply(bob).is_none(), "waits for alice's acknowledgement");
+    // Alice acknowledges each break (down to none: bob writes).
+    for _ in 0..3 {
+        let Some(to) = h.events.iter().rev().find_map(|e| match e {
+            Event::LeaseBreak {
+                new_state,
+                ack_required: true,
+                ..
+            } => Some(*new_state),
+            _ => None,
+        }) else {
+            break;
+        };
+        h.run(Request::LeaseBreakAck {
+            lease_key: key,
+            state: to,
+        });
+        h.commit(true);
+        h.engine.process_retries();
+        h.commit(true);
+        h.drain_replies();
+        if h.reply(bob).is_some() {
+            break;
+        }
+    }
+    h.opened(bob);
+    assert_eq!(h.lease_of(bob), None, "bob shares alice's lease");
 }
 
 /// Whether an `Expired` or `Purged` event of `key` reached the frontend.
