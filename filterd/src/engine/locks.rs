@@ -90,6 +90,22 @@ impl Engine {
         self.seen_before_restart.another_alive(instance, pid)
     }
 
+    /// The frontend `me` a request of `conn` may skip in the waits after a
+    /// restart (for frontends seen before it): its own — unless another
+    /// process ran under the name before the restart and still runs. That
+    /// one may have I/O in flight, or clients caching under leases, that
+    /// the process asking knows nothing of (review, session 27: a
+    /// replacement's own LOCK was granted while its stalled predecessor's
+    /// write was in flight).
+    pub(super) fn own_frontend_exempt<'a>(
+        &self,
+        conn: ConnId,
+        me: &'a InstanceName,
+    ) -> Option<&'a InstanceName> {
+        let pid = self.conns.get(&conn).map_or(0, |c| c.peer.pid);
+        (!self.another_ran_before_restart(me, pid)).then_some(me)
+    }
+
     /// `conn` asked for a CheckIo: a read or write the answer lets through
     /// may still be in flight when this daemon dies, and its successor
     /// knows nothing of it. So a frontend that checks its I/O is
@@ -160,11 +176,12 @@ impl Engine {
         if !ops.iter().any(|o| !o.unlock) {
             return None;
         }
+        let me = self.own_frontend_exempt(conn, &me).cloned();
         if self.hint_waits.contains_key(&file) {
             return Some(file);
         }
         if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
-            return self.restart_wait(file, &me);
+            return self.restart_wait(file, me.as_ref());
         }
         // The locker's own frontend too: another of its clients may have
         // an unchecked write of the file in flight (review of issue 13).
@@ -182,7 +199,7 @@ impl Engine {
             // said hello since (it may have I/O on the file in flight) —
             // even when another process has taken its name meanwhile.
             .chain(self.restart_expected.iter())
-            .filter(|i| **i != me && !self.hint_gave_up.contains(*i))
+            .filter(|i| Some(*i) != me.as_ref() && !self.hint_gave_up.contains(*i))
             .cloned()
             .collect();
         if others.is_empty() && absent.is_empty() {
@@ -273,11 +290,11 @@ impl Engine {
     /// of; it drains those before its hello (`libfilter::attach`). Until
     /// the break timeout, as for a first lock. Returns the file when the
     /// request must wait.
-    fn restart_wait(&mut self, file: FileId, me: &InstanceName) -> Option<FileId> {
+    fn restart_wait(&mut self, file: FileId, me: Option<&InstanceName>) -> Option<FileId> {
         let absent: HashSet<InstanceName> = self
             .restart_expected
             .iter()
-            .filter(|i| *i != me && !self.hint_gave_up.contains(*i))
+            .filter(|i| Some(*i) != me && !self.hint_gave_up.contains(*i))
             .cloned()
             .collect();
         if absent.is_empty() {

@@ -215,7 +215,9 @@ impl Engine {
         // caching under a lease this daemon forgot; wait until it has
         // been told (`restart_gate`). A file this open created had none.
         // (Then it breaks nothing yet: it runs again from the start.)
-        let gate_wait = !stat && !of.created && self.restart_gate_closed(Some(&instance));
+        let gate_wait = !stat
+            && !of.created
+            && self.restart_gate_closed(self.own_frontend_exempt(conn, &instance));
         // One exempt from sharing meets no holder's share mode: its breaks
         // are those of an open that conflicts with none.
         let break_mode = if share_exempt {

@@ -17,7 +17,9 @@
 //! one that did not ask for that feature, said hello — that process
 //! itself: another one under its name speaks not for its clients
 //! (`Engine::another_ran_before_restart`). An instance's own
-//! opens do not wait for it. At the break timeout after the first open
+//! opens do not wait for it — unless they come from another process than
+//! the one seen before, which still runs (`Engine::own_frontend_exempt`;
+//! the same for a lock's waits). At the break timeout after the first open
 //! that waited, the instances still not back are given up and struck
 //! off, as for a first lock (`locks::Engine::hint_first`); a dead one
 //! costs nothing. A `no_wait` open is answered `Busy` instead.
