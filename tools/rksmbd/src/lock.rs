@@ -58,6 +58,12 @@ pub struct Waiting {
     /// The lock sequence rksmbd records itself once granted (an open
     /// that is not durable).
     local: Option<LockSequence>,
+    /// How many locks like this one (range and kind) its handle held
+    /// when it began to wait (`None`: not known).
+    held_before: Option<usize>,
+    /// A retry's outcome is unknown (filterd went away, or the call timed
+    /// out, after it may have granted and recorded the lock).
+    uncertain: bool,
 }
 
 /// A connection's waiting locks.
@@ -290,6 +296,9 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             if c.waiting.list.len() >= MAX_WAITING {
                 return Err(status::LOCK_NOT_GRANTED);
             }
+            let held_before = (filter_sequence.is_none())
+                .then(|| like_held(&client, key, &ops))
+                .flatten();
             let head = c.go_async(&req.hdr);
             c.waiting.list.push(Waiting {
                 head,
@@ -298,6 +307,8 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 ops,
                 sequence: filter_sequence,
                 local,
+                held_before,
+                uncertain: false,
             });
             Ok(Reply::with_status(
                 status::PENDING,
@@ -335,6 +346,39 @@ fn keeps_waiting(e: &ClientError) -> bool {
     ) || matches!(e, ClientError::Disconnected | ClientError::Timeout(_))
 }
 
+/// Whether a call that failed with `e` may have been carried out.
+fn outcome_unknown(e: &ClientError) -> bool {
+    matches!(e, ClientError::Disconnected | ClientError::Timeout(_))
+}
+
+/// How many locks like the single lock of `ops` (range and kind) handle
+/// `key` holds, by its record (`None`: filterd did not say).
+fn like_held(
+    client: &libfilter::client::FilterClient,
+    key: ResumeKey,
+    ops: &[LockOp],
+) -> Option<usize> {
+    let [op] = ops else {
+        return None;
+    };
+    match client.call(libfilter::proto::Request::Handle { key }) {
+        Ok((libfilter::proto::Reply::Handle(v), _)) => Some(count_like(&v.record.locks, op)),
+        _ => None,
+    }
+}
+
+/// How many of `held` have the range and kind of lock `op`.
+fn count_like(held: &[libfilter::model::HeldLock], op: &LockOp) -> usize {
+    let kind = if op.exclusive {
+        libfilter::locks::LockKind::Exclusive
+    } else {
+        libfilter::locks::LockKind::Shared
+    };
+    held.iter()
+        .filter(|l| l.range == op.range && l.kind == kind)
+        .count()
+}
+
 /// Retries every waiting lock; those granted or failed for good are
 /// answered (final async response), the others keep waiting.
 pub fn retry(c: &mut Connection) {
@@ -345,17 +389,36 @@ pub fn retry(c: &mut Connection) {
     let client = c.sh.filter.client();
     let mut done = Vec::new();
     let mut granted = Vec::new();
-    for w in &c.waiting.list {
+    for w in &mut c.waiting.list {
         if !c.opens.contains_key(&w.open) {
             done.push((w.head.async_id, status::FILE_CLOSED));
             continue;
+        }
+        if w.uncertain {
+            // The last retry may have been granted and recorded (filterd
+            // killed after its commit, before its reply). Without a lock
+            // sequence filterd cannot tell its replay, and the lock, held
+            // now, would conflict with itself for good (review, session
+            // 27): the handle's locks say.
+            match (w.held_before, like_held(&client, w.key, &w.ops)) {
+                (Some(before), Some(now)) if now > before => {
+                    w.uncertain = false;
+                    granted.push((w.open, w.local));
+                    done.push((w.head.async_id, status::SUCCESS));
+                    continue;
+                }
+                (_, None) => continue,
+                _ => w.uncertain = false,
+            }
         }
         match client.lock(w.key, w.ops.clone(), w.sequence) {
             Ok(()) => {
                 granted.push((w.open, w.local));
                 done.push((w.head.async_id, status::SUCCESS));
             }
-            Err(e) if keeps_waiting(&e) => {}
+            Err(e) if keeps_waiting(&e) => {
+                w.uncertain = w.sequence.is_none() && outcome_unknown(&e);
+            }
             Err(e) => done.push((w.head.async_id, status_on_open(&e))),
         }
     }
@@ -399,6 +462,35 @@ mod tests {
 
     fn element(w: &mut Writer, offset: u64, length: u64, flags: u32) {
         w.u64(offset).u64(length).u32(flags).u32(0);
+    }
+
+    /// A waiting lock whose retry's outcome is unknown is taken as granted
+    /// when its handle holds one more lock of its range and kind than when
+    /// it began to wait — a shared lock beside one the handle had already
+    /// counts, one of another kind or range does not.
+    #[test]
+    fn locks_like_a_waiting_one_are_counted_by_range_and_kind() {
+        use libfilter::locks::LockKind;
+        use libfilter::model::HeldLock;
+        let range = |offset| LockRange { offset, length: 10 };
+        let held = |offset, kind| HeldLock {
+            range: range(offset),
+            kind,
+        };
+        let op = |exclusive| LockOp {
+            range: range(10),
+            exclusive,
+            unlock: false,
+        };
+        let table = [
+            held(10, LockKind::Shared),
+            held(10, LockKind::Shared),
+            held(10, LockKind::Exclusive),
+            held(20, LockKind::Shared),
+        ];
+        assert_eq!(count_like(&table, &op(false)), 2);
+        assert_eq!(count_like(&table, &op(true)), 1);
+        assert_eq!(count_like(&table[3..], &op(true)), 0);
     }
 
     #[test]
