@@ -296,7 +296,11 @@ fn root_cause(e: &etcd_client::Error) -> String {
 }
 
 fn etcd_err(e: etcd_client::Error) -> StoreError {
-    if let etcd_client::Error::GRpcStatus(s) = &e {
+    etcd_err_ref(&e)
+}
+
+fn etcd_err_ref(e: &etcd_client::Error) -> StoreError {
+    if let etcd_client::Error::GRpcStatus(s) = e {
         if s.message().contains("database space exceeded") {
             return StoreError::Full;
         }
@@ -658,6 +662,9 @@ pub struct EtcdStore {
     /// stalled member would), and answer that attempt with a timeout.
     hold_next_txn: AtomicBool,
     held_txn: Mutex<Option<Txn>>,
+    /// Tests: the next commit Txn is sent, and its answer replaced by
+    /// NOSPACE (as etcd answers a Txn it applied at the quota's edge).
+    nospace_after_next_txn: AtomicBool,
     /// Tests: errors the next requests of `retry` and commit Txns are
     /// answered with instead of being sent (as a member in an election
     /// answers), in order.
@@ -741,6 +748,7 @@ impl EtcdStore {
             gen_moving: Mutex::new(()),
             hold_next_txn: AtomicBool::new(false),
             held_txn: Mutex::new(None),
+            nospace_after_next_txn: AtomicBool::new(false),
             injected: Mutex::new(std::collections::VecDeque::new()),
             failpoints: OnceLock::new(),
             members: Mutex::new(url.endpoints.iter().map(|_| None).collect()),
@@ -802,6 +810,14 @@ impl EtcdStore {
     #[doc(hidden)]
     pub fn hold_next_txn(&self) {
         self.hold_next_txn.store(true, Ordering::Release);
+    }
+
+    /// For tests: the next commit Txn is sent and applied, and answered
+    /// NOSPACE (etcd-io/etcd#16659: etcd checks its quota again as it
+    /// applies, and can answer so for a Txn it applied).
+    #[doc(hidden)]
+    pub fn answer_nospace_after_next_txn(&self) {
+        self.nospace_after_next_txn.store(true, Ordering::Release);
     }
 
     /// For tests: sends the Txn [`EtcdStore::hold_next_txn`] kept, late, as
@@ -1709,7 +1725,7 @@ impl EtcdStore {
         let mut tries = 0u32;
         // The member the last attempt went to (`None`: the balanced client).
         let mut at = None;
-        let resp = loop {
+        let rev = loop {
             let t = build(gen);
             let answer = if let Some(e) = self.injected() {
                 Err(e)
@@ -1729,7 +1745,13 @@ impl EtcdStore {
                 at = member.as_ref().map(|(m, _)| *m);
                 let mut kv = member.map_or_else(|| self.client.kv_client(), |(_, kv)| kv);
                 let answer = self.on_worker(async move { kv.txn(t).await });
-                if self.failpoint("etcd.txn.sent") {
+                if answer.is_ok() && self.nospace_after_next_txn.swap(false, Ordering::AcqRel) {
+                    Err(etcd_client::Error::GRpcStatus(
+                        tonic::Status::resource_exhausted(
+                            "etcdserver: mvcc: database space exceeded (test)",
+                        ),
+                    ))
+                } else if self.failpoint("etcd.txn.sent") {
                     // As if the answer was lost on the way back.
                     Err(etcd_client::Error::GRpcStatus(
                         tonic::Status::deadline_exceeded("answer dropped (failpoint)"),
@@ -1745,7 +1767,9 @@ impl EtcdStore {
                 self.answered(at);
             }
             match answer {
-                Ok(r) if r.succeeded() || fence == 0 => break r,
+                Ok(r) if r.succeeded() || fence == 0 => {
+                    break r.header().map(|h| h.revision()).unwrap_or(0)
+                }
                 Ok(r) => {
                     let (owner_now, gen_now) = owner_and_gen(&r);
                     if owner_now != fence {
@@ -1783,11 +1807,23 @@ impl EtcdStore {
                         }
                     }
                 }
-                // Refused as it was (NOSPACE, too large): nothing written.
+                // NOSPACE is not sure to mean nothing was written: etcd
+                // checks its quota before it proposes and again as it
+                // applies, and can answer NOSPACE for a Txn it applied
+                // (etcd-io/etcd#16659). The table says which (review,
+                // session 27: taken for a refusal, the requests were
+                // rolled back — a created file unlinked — while etcd kept
+                // their records).
+                Err(e) if matches!(etcd_err_ref(&e), StoreError::Full) && fence != 0 => {
+                    match self.applied_despite(chunk)? {
+                        Some(rev) => break rev,
+                        None => return Err(StoreError::Full),
+                    }
+                }
+                // Refused as it was (too large): nothing written.
                 Err(e) => return Err(etcd_err(e)),
             }
         };
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         self.revision.fetch_max(rev, Ordering::AcqRel);
         *self.lock_handles_read() = None;
         let mut table = self.lock_table();
@@ -1798,6 +1834,47 @@ impl EtcdStore {
             };
         }
         Ok(rev)
+    }
+
+    /// Whether commit Txn `chunk`, answered NOSPACE, was applied all the
+    /// same: `Some(revision)` if so. Decided by one of its keys whose value
+    /// (or absence) it changes from what the table holds — only this owner
+    /// writes them, so etcd holding the new value means the Txn applied.
+    /// A chunk that changes nothing leaves the table as it was either way.
+    /// If etcd cannot be read before the lease may run out, what it holds
+    /// is not known here: this daemon stops as owner.
+    fn applied_despite(&self, chunk: &Chunk) -> Result<Option<i64>, StoreError> {
+        let probe = {
+            let table = self.lock_table();
+            chunk
+                .iter()
+                .find(|(k, v)| table.get(*k).map(Vec::as_slice) != v.as_deref())
+                .map(|(k, v)| (k.clone(), v.clone()))
+        };
+        let Some((key, value)) = probe else {
+            return Ok(Some(self.revision.load(Ordering::Acquire)));
+        };
+        let lease = self.lease.clone();
+        let read = self.retry(
+            "read back a commit answered NOSPACE",
+            || lease.ok(),
+            |c| {
+                let (mut kv, key) = (c.kv_client(), key.clone());
+                async move { kv.get(key, None).await }
+            },
+        );
+        let resp = match read {
+            Ok(r) => r,
+            Err(e) => {
+                self.lease.lost.store(true, Ordering::Release);
+                error!(error = %e, "an etcd commit answered NOSPACE could not be read back: stopping as owner");
+                return Err(self.lost());
+            }
+        };
+        let now = resp.kvs().first().map(|kv| kv.value());
+        let applied = now == value.as_deref();
+        warn!(applied, "an etcd commit was answered NOSPACE: read back");
+        Ok(applied.then(|| resp.header().map_or(0, |h| h.revision())))
     }
 
     /// Moves the commit generation past `seen`, the one an unanswered Txn

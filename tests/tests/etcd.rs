@@ -568,6 +568,34 @@ fn put_replay(
     }
 }
 
+/// etcd checks its quota before it proposes a Txn and again as it applies
+/// it, and can answer NOSPACE for a Txn it applied (etcd-io/etcd#16659).
+/// Such an answer is not taken for a refusal: the store reads one of the
+/// Txn's keys back and counts the commit made — before, the requests were
+/// rolled back (a created file unlinked, the client told DISK_FULL) while
+/// etcd kept their records for the next owner (review, session 27).
+#[test]
+fn a_commit_etcd_applied_but_answered_nospace_is_made() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::StateStore;
+    let Some((_shared, _cluster, url)) = one_member(
+        "a_commit_etcd_applied_but_answered_nospace_is_made",
+        "rk/nospace",
+    ) else {
+        return;
+    };
+    let a = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    a.claim().expect("claim");
+    let scope = ReplayScope::Handle(ResumeKey::new_random());
+    a.answer_nospace_after_next_txn();
+    a.commit(&[&[put_replay(&scope, 1, "made".into())]])
+        .expect("applied, though answered NOSPACE: made");
+    assert_eq!(a.scope_records(&scope).expect("read").len(), 1);
+    let offline = EtcdStore::open_read_only(&url).expect("read-only view");
+    assert_eq!(offline.scope_records(&scope).expect("read").len(), 1);
+}
+
 /// A commit whose first Txn committed and whose second failed is retried
 /// request by request (the committer's `retry_alone`): a request the table
 /// already holds writes nothing again. It wrote its keys again before, and
