@@ -296,16 +296,29 @@ fn root_cause(e: &etcd_client::Error) -> String {
 }
 
 fn etcd_err(e: etcd_client::Error) -> StoreError {
-    etcd_err_ref(&e)
-}
-
-fn etcd_err_ref(e: &etcd_client::Error) -> StoreError {
-    if let etcd_client::Error::GRpcStatus(s) = e {
+    if let etcd_client::Error::GRpcStatus(s) = &e {
         if s.message().contains("database space exceeded") {
             return StoreError::Full;
         }
     }
     StoreError::Etcd(e.to_string())
+}
+
+/// Whether etcd refused a request before proposing it, so that it surely
+/// wrote nothing: it is too large (too many operations, too many bytes),
+/// or the client could not build it. Any other answer to a commit Txn may
+/// come after the Txn applied.
+fn refused_before_proposal(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let m = s.message();
+            s.code() == tonic::Code::InvalidArgument
+                || m.contains("too many operations")
+                || m.contains("too large")
+        }
+        etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => true,
+        _ => false,
+    }
 }
 
 /// From a commit Txn's failure branch (`Get(owner)`, `Get(gen)`): the
@@ -1807,20 +1820,21 @@ impl EtcdStore {
                         }
                     }
                 }
-                // NOSPACE is not sure to mean nothing was written: etcd
+                // A refusal is not sure to mean nothing was written: etcd
                 // checks its quota before it proposes and again as it
                 // applies, and can answer NOSPACE for a Txn it applied
-                // (etcd-io/etcd#16659). The table says which (review,
-                // session 27: taken for a refusal, the requests were
-                // rolled back — a created file unlinked — while etcd kept
-                // their records).
-                Err(e) if matches!(etcd_err_ref(&e), StoreError::Full) && fence != 0 => {
+                // (etcd-io/etcd#16659); an internal error may come after
+                // the apply too. The table says which (review, session
+                // 27: taken for a refusal, the requests were rolled back —
+                // a created file unlinked — while etcd kept their
+                // records). Only a request too large is surely refused
+                // before it is proposed.
+                Err(e) if fence != 0 && !refused_before_proposal(&e) => {
                     match self.applied_despite(chunk)? {
                         Some(rev) => break rev,
-                        None => return Err(StoreError::Full),
+                        None => return Err(etcd_err(e)),
                     }
                 }
-                // Refused as it was (too large): nothing written.
                 Err(e) => return Err(etcd_err(e)),
             }
         };
