@@ -859,13 +859,26 @@ fn the_open_gate_after_a_restart_costs_little_and_at_most_the_break_timeout() {
 /// and no lock of it is left behind.
 #[test]
 fn a_pending_lock_on_an_open_filterd_forgot_ends() {
-    let (s, mut d, srv, nfsshim, _smbshim) = setup("smb3-pending-forgotten");
+    pending_lock_on_an_open_filterd_forgot("smb3-pending-forgotten", "1 1");
+}
+
+/// The same without a lock sequence (LockSequenceIndex 0): rksmbd does not
+/// know whether its retry that met filterd gone was granted, and asks the
+/// handle first — which the restarted filterd does not have; the LOCK
+/// still ends (review of session 27: it waited for good).
+#[test]
+fn a_pending_lock_without_a_sequence_on_an_open_filterd_forgot_ends() {
+    pending_lock_on_an_open_filterd_forgot("smb3-pending-forgotten-0", "0 0");
+}
+
+fn pending_lock_on_an_open_filterd_forgot(name: &str, sequence: &str) {
+    let (s, mut d, srv, nfsshim, _smbshim) = setup(name);
     let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-p", "7878787878787878");
     let held = nfs_lock(&mut n, &sid, 10, 10);
     assert_eq!(held["status"], "NFS4_OK", "{held}");
     // (No W caching beside the nfsl/1 writer: RH.)
     let mut script = smb3_client_opening(&srv, "open f durable 60000");
-    said(&mut script, "blocking 10 10 1 1", PENDING);
+    said(&mut script, &format!("blocking 10 10 {sequence}"), PENDING);
     d.kill9();
     d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
     said(&mut script, "final", FILE_CLOSED);

@@ -17,6 +17,18 @@ use super::*;
 /// frontend that never says `IoDone` cannot grow the table without bound.
 pub(super) const MAX_CHECKED_IO_PER_CONN: usize = 4096;
 
+/// Whether checked I/O `io` holds back a LOCK of `key` (of `protocol`)
+/// with `ops`: another handle's, not exempt as its own protocol's
+/// advisory I/O, over a range a lock in `ops` takes — any lock over a
+/// write, an exclusive one over a read.
+fn io_holds_back(io: &CheckedIo, key: ResumeKey, protocol: &Protocol, ops: &[LockOp]) -> bool {
+    io.key != key
+        && (!io.advisory || io.protocol != *protocol)
+        && ops
+            .iter()
+            .any(|o| !o.unlock && o.range.overlaps(io.range) && (io.write || o.exclusive))
+}
+
 /// One read or write a `CheckIo` allowed, not yet done.
 pub(super) struct CheckedIo {
     /// The connection whose frontend does it, and the `CheckIo`'s frame id.
@@ -216,17 +228,26 @@ impl Engine {
         let deadline = mono_ms() + self.cfg.break_timeout_ms;
         let mut wait = false;
         for io in ios.iter_mut() {
-            let conflicts = io.key != key
-                && (!io.advisory || io.protocol != *protocol)
-                && ops
-                    .iter()
-                    .any(|o| !o.unlock && o.range.overlaps(io.range) && (io.write || o.exclusive));
-            if conflicts {
+            if io_holds_back(io, key, protocol, ops) {
                 wait = true;
                 io.deadline.get_or_insert(deadline);
             }
         }
         wait.then_some(file)
+    }
+
+    /// Whether a LOCK of `key` would wait for checked I/O in flight (see
+    /// [`Self::lock_waits_for_io`], which starts their deadlines): the
+    /// file, if so.
+    pub(super) fn lock_conflicts_with_io(&self, key: ResumeKey, ops: &[LockOp]) -> Option<FileId> {
+        let h = self.handles.get(&key)?;
+        let (file, protocol) = (h.rec.file, &h.rec.protocol);
+        self.checked_io
+            .by_file
+            .get(&file)?
+            .iter()
+            .any(|io| io_holds_back(io, key, protocol, ops))
+            .then_some(file)
     }
 
     /// Whether a size change of `file` must wait for checked writes of it

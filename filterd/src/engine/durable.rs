@@ -726,6 +726,10 @@ impl Engine {
         }
         self.pending_creates.retain(|_, s| !abandoned.contains(s));
         self.checked_io_abandoned(&abandoned);
+        // A rename whose completion was abandoned holds no directory
+        // rename any more (its intent stays for recovery).
+        self.renames_completing
+            .retain(|(s, _, _)| !abandoned.contains(s));
         let resolved: Vec<u64> = self
             .commit_waits
             .keys()

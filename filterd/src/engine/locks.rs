@@ -131,7 +131,12 @@ impl Engine {
     /// deadline: no first lock waits for it again until it attaches.
     pub(super) fn hint_give_up(&mut self, instance: InstanceName) {
         self.restart_expected.remove(&instance);
-        self.frontends_seen.remove(&instance);
+        if !self.instances.contains_key(&instance) {
+            // Attached under the name is another process (the one waited
+            // for was seen before the restart): it stays seen, so the next
+            // restart waits for it.
+            self.frontends_seen.remove(&instance);
+        }
         self.hint_gave_up.insert(instance);
     }
 
@@ -321,10 +326,24 @@ impl Engine {
     /// told by `LocksPresent`, one granted before by this answer.
     pub(super) fn hint_open(&mut self, conn: ConnId, file: FileId) -> bool {
         let locked = self.locks.get(&file).is_some_and(|t| !t.is_empty());
+        let back = match self.conns.get(&conn) {
+            // Not another process under the name while the one seen
+            // before the restart still runs: that one is what is waited
+            // for (`own_frontend_exempt`).
+            Some(c) => match &*c.role {
+                Role::Frontend { instance, .. }
+                    if !self.another_ran_before_restart(instance, c.peer.pid) =>
+                {
+                    Some(instance.clone())
+                }
+                _ => None,
+            },
+            None => None,
+        };
         if let Some(w) = self.hint_waits.get_mut(&file) {
             // An absent frontend waited for is back with a handle of it.
-            if let Some(Role::Frontend { instance, .. }) = self.conns.get(&conn).map(|c| &*c.role) {
-                if w.absent.remove(instance) && w.done() {
+            if let Some(instance) = back {
+                if w.absent.remove(&instance) && w.done() {
                     self.hint_waits.remove(&file);
                     self.retry_files.insert(file);
                 }

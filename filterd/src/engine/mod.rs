@@ -901,17 +901,19 @@ impl Engine {
                 // First the frontends' acknowledgement of a first lock;
                 // then the conflicting reads and writes that other handles
                 // were let do (`CheckIo`) must be done.
-                let waits = self.hint_first(conn, key, &locks).or_else(|| {
-                    let file = self.lock_waits_for_io(key, &locks)?;
-                    debug!(file = ?file, "lock waits for checked I/O in flight");
-                    self.stats.locks_waited_for_io += 1;
-                    Some(file)
-                });
+                let hinted = self.hint_first(conn, key, &locks);
+                let waits = hinted.or_else(|| self.lock_conflicts_with_io(key, &locks));
                 if let Some(file) = waits {
                     // Parked requests are capped like waiting opens: one
                     // frontend pipelining locks cannot grow the queue
-                    // without bound.
+                    // without bound. Checked I/O it waits for gets its
+                    // deadline only once it does wait.
                     self.wait_limit()?;
+                    if hinted.is_none() {
+                        self.lock_waits_for_io(key, &locks);
+                        debug!(file = ?file, "lock waits for checked I/O in flight");
+                        self.stats.locks_waited_for_io += 1;
+                    }
                     let req = Request::Lock {
                         key,
                         locks,

@@ -2476,6 +2476,13 @@ fn parked_locks_and_checks_are_capped() {
     let w = h.run(check(0));
     h.commit(true);
     assert!(matches!(h.reply(w), Some(Ok(_))));
+    // Refused for want of a waiting place, a lock starts no deadline on
+    // the I/O it would have waited for (past it, that I/O's frontend would
+    // be dropped for a lock that is not waiting).
+    h.engine.cfg.max_pending_breaks = 0;
+    let refused = h.run(lock(5));
+    assert_eq!(h.refused(refused), ErrorCode::LimitReached);
+    assert!(h.engine.checked_io.next_deadline().is_none());
     h.engine.cfg.max_pending_breaks = 3;
     let parked = [h.run(lock(5)), h.run(check(50)), h.run(check(70))];
     let refused = [h.run(check(80)), h.run(lock(0))];

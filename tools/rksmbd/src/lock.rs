@@ -296,9 +296,10 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             if c.waiting.list.len() >= MAX_WAITING {
                 return Err(status::LOCK_NOT_GRANTED);
             }
-            let held_before = (filter_sequence.is_none())
-                .then(|| like_held(&client, key, &ops))
-                .flatten();
+            let held_before = match filter_sequence {
+                None => like_held(&client, key, &ops).ok(),
+                Some(_) => None,
+            };
             let head = c.go_async(&req.hdr);
             c.waiting.list.push(Waiting {
                 head,
@@ -352,18 +353,20 @@ fn outcome_unknown(e: &ClientError) -> bool {
 }
 
 /// How many locks like the single lock of `ops` (range and kind) handle
-/// `key` holds, by its record (`None`: filterd did not say).
+/// `key` holds, by its record.
 fn like_held(
     client: &libfilter::client::FilterClient,
     key: ResumeKey,
     ops: &[LockOp],
-) -> Option<usize> {
+) -> Result<usize, ClientError> {
+    let unexpected =
+        || ClientError::Unexpected("not a single lock, or no handle in the reply".into());
     let [op] = ops else {
-        return None;
+        return Err(unexpected());
     };
-    match client.call(libfilter::proto::Request::Handle { key }) {
-        Ok((libfilter::proto::Reply::Handle(v), _)) => Some(count_like(&v.record.locks, op)),
-        _ => None,
+    match client.call(libfilter::proto::Request::Handle { key })? {
+        (libfilter::proto::Reply::Handle(v), _) => Ok(count_like(&v.record.locks, op)),
+        _ => Err(unexpected()),
     }
 }
 
@@ -401,13 +404,16 @@ pub fn retry(c: &mut Connection) {
             // now, would conflict with itself for good (review, session
             // 27): the handle's locks say.
             match (w.held_before, like_held(&client, w.key, &w.ops)) {
-                (Some(before), Some(now)) if now > before => {
+                (Some(before), Ok(now)) if now > before => {
                     w.uncertain = false;
                     granted.push((w.open, w.local));
                     done.push((w.head.async_id, status::SUCCESS));
                     continue;
                 }
-                (_, None) => continue,
+                // filterd still away: ask again at the next retry.
+                (_, Err(e)) if outcome_unknown(&e) => continue,
+                // Not granted, or not known (the handle is gone: the LOCK
+                // then ends as it would have).
                 _ => w.uncertain = false,
             }
         }
