@@ -65,6 +65,12 @@ impl Seen {
         if self.pid <= 0 {
             return true;
         }
+        if crate::local_opens::is_zombie(self.pid) {
+            // Exited (its parent has not reaped it yet): nothing in
+            // flight any more (review, session 27: a replacement waited
+            // the whole break timeout for an old process already gone).
+            return false;
+        }
         match (crate::local_opens::start_time(self.pid), self.start) {
             (None, _) => false,
             (Some(now), Some(then)) => now == then,

@@ -319,6 +319,19 @@ fn holds_in(
 /// The start time of process `pid` (`/proc/PID/stat` field 22, in clock
 /// ticks since boot): with the pid, it names one process, not whichever
 /// process has the pid now.
+/// Whether process `pid` has exited and awaits its parent's wait (a
+/// zombie): it holds no file and does no I/O any more, though `/proc`
+/// still shows it.
+pub fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat.rsplit_once(')')?.1.to_owned();
+            rest.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(false)
+}
+
 pub fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command (which may hold spaces and parentheses).
@@ -335,6 +348,32 @@ mod start_time_tests {
         assert!(t.is_some());
         assert_eq!(super::start_time(me), t);
         assert_eq!(super::start_time(i32::MAX), None);
+    }
+
+    /// An exited child not waited for yet is a zombie; a live one is not.
+    #[test]
+    fn an_exited_child_not_reaped_is_a_zombie() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        assert!(!super::is_zombie(pid));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        while !super::is_zombie(pid) {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "never a zombie"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert!(!super::is_zombie(pid), "reaped: gone");
     }
 }
 

@@ -315,6 +315,7 @@ fn refused_before_proposal(e: &etcd_client::Error) -> bool {
             s.code() == tonic::Code::InvalidArgument
                 || m.contains("too many operations")
                 || m.contains("too large")
+                || m.contains("larger than max")
         }
         etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => true,
         _ => false,
@@ -353,11 +354,17 @@ fn retryable(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
             let m = s.message();
+            // Not an answer of the server's (an HTTP/2 stream reset or
+            // GOAWAY that tonic reports as `Internal`, a peer's
+            // ENHANCE_YOUR_CALM as `ResourceExhausted`): the request may
+            // still be on its way, as when nothing answered.
+            let transport = !m.starts_with("etcdserver") && !m.contains("larger than max");
             match s.code() {
                 Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
                     !m.contains("space exceeded")
                 }
-                Code::ResourceExhausted => m.contains("too many requests"),
+                Code::ResourceExhausted => m.contains("too many requests") || transport,
+                Code::Internal => transport,
                 _ => false,
             }
         }
@@ -1868,26 +1875,46 @@ impl EtcdStore {
         let Some((key, value)) = probe else {
             return Ok(Some(self.revision.load(Ordering::Acquire)));
         };
+        // Read under the owner key's compare: a Txn that failed its own
+        // compare (another owner) may be answered NOSPACE all the same,
+        // and that owner may have written the very value read.
+        let fence = self.fence.load(Ordering::Acquire);
+        let owner = self.owner_key();
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                owner.clone(),
+                CompareOp::Equal,
+                fence,
+            )])
+            .and_then([TxnOp::get(key, None)])
+            .or_else([TxnOp::get(owner, None), TxnOp::get(self.gen_key(), None)]);
         let lease = self.lease.clone();
         let read = self.retry(
-            "read back a commit answered NOSPACE",
+            "read back a refused commit",
             || lease.ok(),
             |c| {
-                let (mut kv, key) = (c.kv_client(), key.clone());
-                async move { kv.get(key, None).await }
+                let (mut kv, t) = (c.kv_client(), txn.clone());
+                async move { kv.txn(t).await }
             },
         );
         let resp = match read {
             Ok(r) => r,
             Err(e) => {
                 self.lease.lost.store(true, Ordering::Release);
-                error!(error = %e, "an etcd commit answered NOSPACE could not be read back: stopping as owner");
+                error!(error = %e, "a refused etcd commit could not be read back: stopping as owner");
                 return Err(self.lost());
             }
         };
-        let now = resp.kvs().first().map(|kv| kv.value());
-        let applied = now == value.as_deref();
-        warn!(applied, "an etcd commit was answered NOSPACE: read back");
+        if !resp.succeeded() {
+            let (owner_now, _) = owner_and_gen(&resp);
+            return Err(self.not_ours(&resp, fence, owner_now));
+        }
+        let now = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| kv.value().to_vec())),
+            _ => None,
+        });
+        let applied = now.flatten().as_deref() == value.as_deref();
+        warn!(applied, "a refused etcd commit was read back");
         Ok(applied.then(|| resp.header().map_or(0, |h| h.revision())))
     }
 

@@ -901,14 +901,28 @@ impl Engine {
                 // First the frontends' acknowledgement of a first lock;
                 // then the conflicting reads and writes that other handles
                 // were let do (`CheckIo`) must be done.
+                let hint_waiting = |e: &Self| {
+                    e.handles
+                        .get(&key)
+                        .is_some_and(|h| e.hint_waits.contains_key(&h.rec.file))
+                };
+                let hint_wait_before = hint_waiting(self);
                 let hinted = self.hint_first(conn, key, &locks);
                 let waits = hinted.or_else(|| self.lock_conflicts_with_io(key, &locks));
                 if let Some(file) = waits {
                     // Parked requests are capped like waiting opens: one
                     // frontend pipelining locks cannot grow the queue
                     // without bound. Checked I/O it waits for gets its
-                    // deadline only once it does wait.
-                    self.wait_limit()?;
+                    // deadline only once it does wait; a hint wait this
+                    // lock started goes with its refusal (frontends that do
+                    // not acknowledge it are not dropped for a lock that
+                    // does not wait).
+                    if let Err(e) = self.wait_limit() {
+                        if hinted.is_some() && !hint_wait_before {
+                            self.hint_waits.remove(&file);
+                        }
+                        return Err(e);
+                    }
                     if hinted.is_none() {
                         self.lock_waits_for_io(key, &locks);
                         debug!(file = ?file, "lock waits for checked I/O in flight");

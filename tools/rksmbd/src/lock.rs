@@ -21,6 +21,7 @@
 //! connection or rksmbd goes leaves nothing behind. A filterd outage is
 //! no answer to it: it waits through one ([`keeps_waiting`]).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use libfilter::client::ClientError;
@@ -59,17 +60,27 @@ pub struct Waiting {
     /// that is not durable).
     local: Option<LockSequence>,
     /// How many locks like this one (range and kind) its handle held
-    /// when it began to wait (`None`: not known).
+    /// right before the last attempt (`None`: not known).
     held_before: Option<usize>,
     /// A retry's outcome is unknown (filterd went away, or the call timed
     /// out, after it may have granted and recorded the lock).
     uncertain: bool,
+    /// [`WaitingLocks::granted`] of its lock's kind right before the last
+    /// attempt: grants seen since then are not its own.
+    grants_before: u64,
 }
+
+/// A lock's handle, range and kind (exclusive or not).
+type LockLike = (ResumeKey, LockRange, bool);
 
 /// A connection's waiting locks.
 #[derive(Default)]
 pub struct WaitingLocks {
     list: Vec<Waiting>,
+    /// Locks this connection saw granted, by handle, range and kind: a
+    /// rise in a handle's count of such locks after an attempt whose
+    /// outcome is unknown is that attempt's only beyond these.
+    granted: HashMap<LockLike, u64>,
     /// Set by an unlock on this connection: retry after the PDU.
     nudged: bool,
     /// When the waiting locks were last retried.
@@ -97,6 +108,21 @@ impl WaitingLocks {
     pub fn set_sign(&mut self, async_id: u64, sign: Option<(SigningAlgorithm, [u8; 16])>) {
         if let Some(w) = self.list.iter_mut().find(|w| w.head.async_id == async_id) {
             w.head.sign = sign;
+        }
+    }
+
+    /// A lock like `like` was granted on this connection: counted when a
+    /// lock like it waits (see [`WaitingLocks::granted`]).
+    fn saw_granted(&mut self, like: Option<LockLike>) {
+        let Some(l) = like else {
+            return;
+        };
+        if self
+            .list
+            .iter()
+            .any(|w| lock_like(w.key, &w.ops) == Some(l))
+        {
+            *self.granted.entry(l).or_default() += 1;
         }
     }
 
@@ -280,6 +306,7 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             record_local(c, open, local);
             let unlock = ops.first().is_some_and(|o| o.unlock);
             c.waiting.nudged |= unlock;
+            c.waiting.saw_granted(lock_like(key, &ops));
             if !unlock {
                 // A lock breaks other keys' read caching as a write does
                 // (MS-FSA 2.1.4.12, LOCK_CONTROL; smb2.lease.lock1).
@@ -296,10 +323,6 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             if c.waiting.list.len() >= MAX_WAITING {
                 return Err(status::LOCK_NOT_GRANTED);
             }
-            let held_before = match filter_sequence {
-                None => like_held(&client, key, &ops).ok(),
-                Some(_) => None,
-            };
             let head = c.go_async(&req.hdr);
             c.waiting.list.push(Waiting {
                 head,
@@ -308,8 +331,9 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 ops,
                 sequence: filter_sequence,
                 local,
-                held_before,
+                held_before: None,
                 uncertain: false,
+                grants_before: 0,
             });
             Ok(Reply::with_status(
                 status::PENDING,
@@ -370,6 +394,14 @@ fn like_held(
     }
 }
 
+/// The handle, range and kind of the single lock of `ops`.
+fn lock_like(key: ResumeKey, ops: &[LockOp]) -> Option<LockLike> {
+    match ops {
+        [op] if !op.unlock => Some((key, op.range, op.exclusive)),
+        _ => None,
+    }
+}
+
 /// How many of `held` have the range and kind of lock `op`.
 fn count_like(held: &[libfilter::model::HeldLock], op: &LockOp) -> usize {
     let kind = if op.exclusive {
@@ -397,30 +429,51 @@ pub fn retry(c: &mut Connection) {
             done.push((w.head.async_id, status::FILE_CLOSED));
             continue;
         }
-        if w.uncertain {
-            // The last retry may have been granted and recorded (filterd
-            // killed after its commit, before its reply). Without a lock
-            // sequence filterd cannot tell its replay, and the lock, held
-            // now, would conflict with itself for good (review, session
-            // 27): the handle's locks say.
-            match (w.held_before, like_held(&client, w.key, &w.ops)) {
-                (Some(before), Ok(now)) if now > before => {
+        if w.sequence.is_none() {
+            // Without a lock sequence filterd cannot tell a replay: a
+            // retry granted and recorded just before filterd was killed
+            // (its reply lost) would, sent again, conflict with itself
+            // for good (review, session 27). So each attempt is preceded
+            // by a count of the handle's locks like it, and after an
+            // attempt whose outcome is unknown one more means granted.
+            let like = lock_like(w.key, &w.ops);
+            let seen = like
+                .and_then(|l| c.waiting.granted.get(&l))
+                .copied()
+                .unwrap_or(0);
+            let others =
+                usize::try_from(seen.saturating_sub(w.grants_before)).unwrap_or(usize::MAX);
+            let baseline = match like_held(&client, w.key, &w.ops) {
+                Ok(now)
+                    if w.uncertain
+                        && w.held_before
+                            .is_some_and(|b| now > b.saturating_add(others)) =>
+                {
                     w.uncertain = false;
                     granted.push((w.open, w.local));
                     done.push((w.head.async_id, status::SUCCESS));
+                    if let Some(l) = like {
+                        *c.waiting.granted.entry(l).or_default() += 1;
+                    }
                     continue;
                 }
-                // filterd still away: ask again at the next retry.
-                (_, Err(e)) if outcome_unknown(&e) => continue,
-                // Not granted, or not known (the handle is gone: the LOCK
-                // then ends as it would have).
-                _ => w.uncertain = false,
-            }
+                Ok(now) => Some(now),
+                // filterd away: no attempt now; ask again next time.
+                Err(e) if outcome_unknown(&e) => continue,
+                // Not known (the handle is gone): the attempt says.
+                Err(_) => None,
+            };
+            w.uncertain = false;
+            w.held_before = baseline;
+            w.grants_before = seen;
         }
         match client.lock(w.key, w.ops.clone(), w.sequence) {
             Ok(()) => {
                 granted.push((w.open, w.local));
                 done.push((w.head.async_id, status::SUCCESS));
+                if let Some(l) = lock_like(w.key, &w.ops) {
+                    *c.waiting.granted.entry(l).or_default() += 1;
+                }
             }
             Err(e) if keeps_waiting(&e) => {
                 w.uncertain = w.sequence.is_none() && outcome_unknown(&e);
@@ -431,6 +484,11 @@ pub fn retry(c: &mut Connection) {
     for (open, local) in granted {
         record_local(c, open, local);
     }
+    // Kept only for locks like one still waiting (bounded by the list).
+    let list = &c.waiting.list;
+    c.waiting
+        .granted
+        .retain(|l, _| list.iter().any(|w| lock_like(w.key, &w.ops) == Some(*l)));
     for (id, st) in done {
         for w in c.waiting.remove_where(|w| w.head.async_id == id) {
             c.finish_async(&w.head, st, &LOCK_RESPONSE);
