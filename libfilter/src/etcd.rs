@@ -1888,23 +1888,11 @@ impl EtcdStore {
             )])
             .and_then([TxnOp::get(key, None)])
             .or_else([TxnOp::get(owner, None), TxnOp::get(self.gen_key(), None)]);
-        let lease = self.lease.clone();
-        let read = self.retry(
+        let resp = self.txn_while_owner(
             "read back a refused commit",
-            || lease.ok(),
-            |c| {
-                let (mut kv, t) = (c.kv_client(), txn.clone());
-                async move { kv.txn(t).await }
-            },
-        );
-        let resp = match read {
-            Ok(r) => r,
-            Err(e) => {
-                self.lease.lost.store(true, Ordering::Release);
-                error!(error = %e, "a refused etcd commit could not be read back: stopping as owner");
-                return Err(self.lost());
-            }
-        };
+            txn,
+            "a refused etcd commit could not be read back: stopping as owner",
+        )?;
         if !resp.succeeded() {
             let (owner_now, _) = owner_and_gen(&resp);
             return Err(self.not_ours(&resp, fence, owner_now));
@@ -1916,6 +1904,31 @@ impl EtcdStore {
         let applied = now.flatten().as_deref() == value.as_deref();
         warn!(applied, "a refused etcd commit was read back");
         Ok(applied.then(|| resp.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Sends `txn`, retried while the lease surely stands; when it cannot
+    /// be, what etcd holds is not known here: this daemon stops as owner
+    /// (logging `stopping`).
+    fn txn_while_owner(
+        &self,
+        what: &str,
+        txn: Txn,
+        stopping: &str,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        let lease = self.lease.clone();
+        let sent = self.retry(
+            what,
+            || lease.ok(),
+            |c| {
+                let (mut kv, t) = (c.kv_client(), txn.clone());
+                async move { kv.txn(t).await }
+            },
+        );
+        sent.map_err(|e| {
+            self.lease.lost.store(true, Ordering::Release);
+            error!(error = %e, "{stopping}");
+            self.lost()
+        })
     }
 
     /// Moves the commit generation past `seen`, the one an unanswered Txn
@@ -1936,27 +1949,15 @@ impl EtcdStore {
             ])
             .and_then([TxnOp::put(gen_key.clone(), self.me.clone(), None)])
             .or_else([TxnOp::get(owner, None), TxnOp::get(gen_key, None)]);
-        // Retried as it is: it moves the generation from `seen` only.
-        let lease = self.lease.clone();
-        let resp = self.retry(
+        // Retried as it is: it moves the generation from `seen` only. If
+        // it fails, the unanswered Txn may still arrive and write: what the
+        // table holds is no longer known here. Stop as owner; the next one
+        // reads what etcd holds (as after a lost lease).
+        let resp = self.txn_while_owner(
             "commit generation",
-            || lease.ok(),
-            |c| {
-                let (mut kv, t) = (c.kv_client(), txn.clone());
-                async move { kv.txn(t).await }
-            },
-        );
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                // The unanswered Txn may still arrive and write: what the
-                // table holds is no longer known here. Stop as owner; the
-                // next one reads what etcd holds (as after a lost lease).
-                self.lease.lost.store(true, Ordering::Release);
-                error!(error = %e, "an unanswered etcd commit could not be fenced off: stopping as owner");
-                return Err(self.lost());
-            }
-        };
+            txn,
+            "an unanswered etcd commit could not be fenced off: stopping as owner",
+        )?;
         let next = if resp.succeeded() {
             resp.header().map(|h| h.revision()).unwrap_or(0)
         } else {
@@ -2142,13 +2143,12 @@ impl EtcdStore {
     /// memory, put back from the store) kept them (review, session 27).
     fn drop_applied(&self, steps: &mut Vec<Packed>) {
         let table = self.lock_table();
+        // What the steps before leave (a change left out leaves a key as
+        // it found it, so only those kept are noted; the last step's are
+        // not needed).
         let mut earlier: Chunk = BTreeMap::new();
-        for step in steps.iter_mut() {
-            let now: Vec<(Vec<u8>, Option<Vec<u8>>)> = step
-                .ops
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+        let last = steps.len().saturating_sub(1);
+        for (i, step) in steps.iter_mut().enumerate() {
             step.ops.retain(|k, v| {
                 let before = match earlier.get(k) {
                     Some(e) => e.as_deref(),
@@ -2156,7 +2156,9 @@ impl EtcdStore {
                 };
                 before != v.as_deref()
             });
-            earlier.extend(now);
+            if i < last {
+                earlier.extend(step.ops.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
         }
         let any = !steps.is_empty();
         steps.retain(|s| !s.ops.is_empty());

@@ -102,6 +102,11 @@ impl Engine {
         conn: ConnId,
         me: &'a InstanceName,
     ) -> Option<&'a InstanceName> {
+        if self.restart_expected.is_empty() && self.restart_unsettled.is_empty() {
+            // Nobody seen before a restart is waited for (the steady
+            // state): no look at /proc on every open.
+            return Some(me);
+        }
         let pid = self.conns.get(&conn).map_or(0, |c| c.peer.pid);
         (!self.another_ran_before_restart(me, pid)).then_some(me)
     }
@@ -326,19 +331,14 @@ impl Engine {
     /// told by `LocksPresent`, one granted before by this answer.
     pub(super) fn hint_open(&mut self, conn: ConnId, file: FileId) -> bool {
         let locked = self.locks.get(&file).is_some_and(|t| !t.is_empty());
-        let back = match self.conns.get(&conn) {
-            // Not another process under the name while the one seen
-            // before the restart still runs: that one is what is waited
-            // for (`own_frontend_exempt`).
-            Some(c) => match &*c.role {
-                Role::Frontend { instance, .. }
-                    if !self.another_ran_before_restart(instance, c.peer.pid) =>
-                {
-                    Some(instance.clone())
-                }
-                _ => None,
-            },
-            None => None,
+        // Not another process under the name while the one seen before
+        // the restart still runs: that one is what is waited for
+        // (`own_frontend_exempt`). Asked only while a lock waits here.
+        let back = match self.conns.get(&conn).map(|c| &*c.role) {
+            Some(Role::Frontend { instance, .. }) if self.hint_waits.contains_key(&file) => {
+                self.own_frontend_exempt(conn, instance).cloned()
+            }
+            _ => None,
         };
         if let Some(w) = self.hint_waits.get_mut(&file) {
             // An absent frontend waited for is back with a handle of it.
