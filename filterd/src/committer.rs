@@ -68,6 +68,9 @@ pub struct Deferred {
     pub bytes: Vec<u8>,
     /// A descriptor to pass along (a dup, closed after sending).
     pub fd: Option<OwnedFd>,
+    /// A failpoint of its own, hit right before it goes (see
+    /// `failpoint`: `lock.granted`).
+    pub point: Option<&'static str>,
 }
 
 impl Deferred {
@@ -654,6 +657,9 @@ fn settle(
         }
         for r in ready {
             failpoint::hit("reply.before_send");
+            if let Some(p) = r.point {
+                failpoint::hit(p);
+            }
             r.send();
         }
         return if done.len() == 1 && done.iter().all(|(_, r)| r.is_ok()) {
@@ -890,6 +896,7 @@ mod tests {
                 id: Some(seq),
                 bytes: tag.to_vec(),
                 fd: None,
+                point: None,
             },
         );
         CommitJob {

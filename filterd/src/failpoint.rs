@@ -14,7 +14,9 @@
 //! Unarmed, a hit costs one relaxed atomic load.
 //!
 //! Points (see docs/ARCHITECTURE.md): `commit.before`, `commit.after`
-//! (durable, reply not yet sent), `reply.before_send`, `open.after_fs`
+//! (durable, reply not yet sent), `reply.before_send`, `lock.granted` (a
+//! reply granting a byte-range lock, its commit durable, about to be
+//! sent), `open.after_fs`
 //! (file created/opened, nothing recorded), `intent.after_commit`,
 //! `intent.after_fs`, `fs.before_change` (a rename, remove, size change or
 //! create prepared, its system call not yet made: right before the owner fence,

@@ -669,6 +669,50 @@ fn a_pending_lock_keeps_waiting_across_a_filterd_restart() {
     the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
 }
 
+/// A blocking LOCK without a lock sequence (persistent handle) waits for
+/// the nfsl/1 client's lock; the holder unlocks, rksmbd's retry is
+/// granted and committed, and filterd is SIGKILLed before the grant's
+/// reply goes (failpoint `lock.granted`, the second grant of the run: the
+/// nfsl/1 client's was the first). filterd comes back with the lock;
+/// rksmbd cannot know its retry was granted, and a sequence-less retry
+/// sent again conflicted with the waiter's own lock and waited for good
+/// (review of session 27). The LOCK completes with success and the waiter
+/// holds the range exactly once.
+#[test]
+fn a_waiting_lock_granted_as_filterd_died_is_not_resent() {
+    let s = Scratch::new("smb3-pending-granted-kill");
+    std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
+    let mut d = Filterd::start(
+        &s,
+        &["--break-timeout-ms", BREAK_MS],
+        &[("RKFILTER_FAILPOINTS", "lock.granted:2:kill")],
+    );
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let nfsshim = Shim::start("nfsshim", &s.socket(), "nfs-smb3-pending-granted-kill");
+    let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-g", "5656565656565656");
+    let held = nfs_lock(&mut n, &sid, 10, 10);
+    assert_eq!(held["status"], "NFS4_OK", "{held}");
+    let mut script = smb3_client_of_f(&srv);
+    said(&mut script, "blocking 10 10 0 0", PENDING);
+    // The unlock's reply may share the grant's commit and be lost with
+    // filterd: nfsshim answers DELAY until filterd is back.
+    let unlocker = std::thread::spawn(move || {
+        nfs_unlock(&mut n, &held, 10, 10);
+        n
+    });
+    d.wait_exit(Duration::from_secs(20));
+    assert!(
+        d.log_text()
+            .contains("failpoint lock.granted: killing filterd"),
+        "filterd did not die at the grant's reply:\n{}",
+        d.log_text()
+    );
+    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    let mut n = unlocker.join().expect("the unlock");
+    said(&mut script, "final", SUCCESS);
+    the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
+}
+
 /// filterd SIGKILLed and restarted under a live rksmbd forgets a durable
 /// (not persistent) handle, as a restarted SMB server would: the client's
 /// WRITE and LOCK on the open are STATUS_FILE_CLOSED (MS-SMB2 3.3.5.13,

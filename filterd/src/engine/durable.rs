@@ -133,6 +133,9 @@ pub(super) struct Batch {
     scope_seq: HashMap<ReplayScope, u64>,
     /// What each pending sequence touched.
     pending: BTreeMap<u64, Touched>,
+    /// A failpoint hit right before the current request's reply goes
+    /// (after its commit is durable): `lock.granted`.
+    pub(super) reply_point: Option<&'static str>,
 }
 
 impl Default for Batch {
@@ -152,6 +155,7 @@ impl Default for Batch {
             file_seq: HashMap::new(),
             scope_seq: HashMap::new(),
             pending: BTreeMap::new(),
+            reply_point: None,
         }
     }
 }
@@ -265,6 +269,7 @@ impl Engine {
         self.end_request();
         self.batch.dep = 0;
         self.batch.committed = self.pipe.committed();
+        self.batch.reply_point = None;
     }
 
     /// The commit the request being run waits for, while it is pending.
@@ -390,6 +395,7 @@ impl Engine {
                     id: None,
                     bytes,
                     fd: None,
+                    point: None,
                 },
             ),
             Err(e) => error!(error = %e, "cannot encode an event"),
@@ -489,6 +495,7 @@ impl Engine {
                 id: Some(id),
                 bytes,
                 fd,
+                point: self.batch.reply_point.take(),
             },
         );
     }

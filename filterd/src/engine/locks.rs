@@ -552,6 +552,9 @@ impl Engine {
                     h.rec.lock_sequence.push((q.index, q.number));
                 }
                 self.stats.locks_granted += 1;
+                if adding > 0 {
+                    self.batch.reply_point = Some("lock.granted");
+                }
             }
             Err(_) => self.stats.locks_refused += 1,
         }

@@ -801,6 +801,9 @@ impl Engine {
             };
             self.reply_when_durable(writer, id, &out, fd);
         } else {
+            if let Some(p) = self.batch.reply_point.take() {
+                crate::failpoint::hit(p);
+            }
             match writer.encode(&out) {
                 Ok(bytes) => {
                     // A peer that cannot take it is shut down by `send`.
