@@ -24,6 +24,8 @@
 //! `local.unignore` (removing a file's ignore mark; `fail` makes it fail),
 //! `local.probe` (the write-lease probe, its lease held), `local.scan`
 //! (a `/proc` scan for a file's local openers begins),
+//! `request.NAME` (the engine begins a request of that kind, `NAME` as
+//! `proto::Request::name` has it: `request.set_delete_on_close`),
 //! `shutdown.after_engine` (stopping: the engine thread has returned),
 //! `open.records_batched` / `close.records_batched` (an open or close
 //! that carries records: the handle change and the records are in the
@@ -128,6 +130,16 @@ pub fn withheld_features() -> u64 {
             }
         }
     })
+}
+
+/// [`hit`] of `request.NAME` for a frontend's or controller's request
+/// named `name` (`proto::Request::name`: `request.set_delete_on_close`),
+/// as the engine begins it. The name is made only while something is
+/// armed.
+pub fn hit_request(name: &str) {
+    if ANY_ARMED.load(Ordering::Relaxed) {
+        hit(&format!("request.{name}"));
+    }
 }
 
 /// Acts if `name` is armed and this is its n-th hit.

@@ -6,6 +6,10 @@ Reads commands from stdin, one a line, and answers each with one line:
   open NAME [plain]       connect as a fixed client GUID and open NAME
                           with a DH2Q persistent context (no lease), or
                           with no context at all -> "opened"
+  open NAME renamable     the persistent open, with DELETE access too
+                          -> "opened"
+  open NAME deleting      the same with FILE_DELETE_ON_CLOSE -> "opened",
+                          or "refused STATUS"
   open NAME durable MS    the same with a DH2Q durable (not persistent)
                           context asking for a timeout of MS ms and an
                           RWH lease (v2) -> "opened lease STATE timeout T"
@@ -15,6 +19,8 @@ Reads commands from stdin, one a line, and answers each with one line:
                           none) -> "lock STATUS"
   unlock OFF LEN I N      an unlock, the same way -> "unlock STATUS"
   write OFF TEXT          WRITE -> "write STATUS"
+  rename NAME             SET_INFO FileRenameInformation to NAME, not
+                          replacing -> "rename STATUS"
   drop                    drop the TCP connection without LOGOFF
                           -> "dropped"
   reconnect PORT          connect again (same client GUID) to PORT and
@@ -56,7 +62,15 @@ from smbprotocol.create_contexts import (
     SMB2CreateDurableHandleRequestV2,
 )
 from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.open import CreateDisposition, LockFlags, RequestedOplockLevel, ShareAccess
+from smbprotocol.file_info import FileRenameInformation
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    FilePipePrinterAccessMask,
+    LockFlags,
+    RequestedOplockLevel,
+    ShareAccess,
+)
 
 from server_messages import Requests
 from smbtest import (
@@ -68,6 +82,7 @@ from smbtest import (
     lock_in_sequence,
     persistent_context,
     sent_as_replay,
+    set_info_status,
 )
 
 HOST, PORT, SHARE, USER, PASSWORD = args()
@@ -85,11 +100,25 @@ def fail(what):
 
 
 def create(tree, name, contexts, send=True):
-    """An open of `name` for reading and writing, sharing everything
-    (under a lease when `contexts` ask for one)."""
+    """An open of `name` for reading and writing (and deleting, when
+    `renamable`), sharing everything (under a lease when `contexts` ask
+    for one)."""
     leased = any(c["buffer_name"].get_value() == CreateContextName.SMB2_CREATE_REQUEST_LEASE_V2 for c in contexts)
     level = RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE if leased else 0
-    return create_rw(tree, name, CreateDisposition.FILE_OPEN_IF, contexts, level, share=SHARE_ALL)
+    extra = FilePipePrinterAccessMask.DELETE if renamable or deleting else 0
+    options = CreateOptions.FILE_DELETE_ON_CLOSE if deleting else 0
+    return create_rw(
+        tree, name, CreateDisposition.FILE_OPEN_IF, contexts, level, share=SHARE_ALL, extra=extra, options=options
+    )
+
+
+def rename_to(f, to):
+    """SET_INFO FileRenameInformation of open `f` to `to`, not replacing:
+    its status."""
+    info = FileRenameInformation()
+    info["replace_if_exists"] = False
+    info["file_name"] = to
+    return set_info_status(f.tree_connect, f, info)
 
 
 def durable_context(timeout_ms):
@@ -122,6 +151,7 @@ def status_of(call):
 
 conn = f = None
 name = None
+renamable = deleting = False
 opened_with = []
 durable = False
 pending = None
@@ -136,6 +166,8 @@ for line in sys.stdin:
         conn, tree = connect(HOST, PORT, SHARE, USER, PASSWORD, CLIENT_GUID)
         conn.outstanding_requests = Requests(conn, breaks, conn.outstanding_requests)
         plain = rest[1:] == ["plain"]
+        renamable = rest[1:] == ["renamable"]
+        deleting = rest[1:] == ["deleting"]
         durable = rest[1:2] == ["durable"]
         if plain:
             opened_with = []
@@ -143,7 +175,11 @@ for line in sys.stdin:
             opened_with = [durable_context(int(rest[2])), lease_context(LEASE_KEY)]
         else:
             opened_with = [persistent_context(CREATE_GUID)]
-        f, resp = create(tree, name, opened_with)
+        try:
+            f, resp = create(tree, name, opened_with)
+        except SMBResponseException as e:
+            print(f"refused {e.status:#x}", flush=True)
+            continue
         dh2q = granted(resp, "timeout")
         persistent = dh2q is not None and dh2q["flags"].has_flag(DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT)
         if durable:
@@ -196,6 +232,11 @@ for line in sys.stdin:
     elif cmd == "write":
         st = status_of(lambda: f.write(rest[1].encode(), int(rest[0])))
         print(f"write {st:#x}", flush=True)
+    elif cmd == "rename":
+        st = rename_to(f, rest[0])
+        if st == 0:
+            name = rest[0]
+        print(f"rename {st:#x}", flush=True)
     elif cmd == "drop":
         conn.disconnect(close=False)
         print("dropped", flush=True)

@@ -140,17 +140,18 @@ def open_rw(tree, name, disposition, contexts=(), oplock_level=0):
     return create_rw(tree, name, disposition, contexts, oplock_level)[0]
 
 
-def create_rw(tree, name, disposition, contexts=(), oplock_level=0, share=ShareAccess.FILE_SHARE_READ):
-    """An open of file `name` for reading and writing, sharing `share`:
+def create_rw(tree, name, disposition, contexts=(), oplock_level=0, share=ShareAccess.FILE_SHARE_READ, extra=0, options=0):
+    """An open of file `name` for reading and writing (and the access
+    rights `extra`, with the create options `options`), sharing `share`:
     the Open and the create contexts of the response."""
     f = Open(tree, name)
     resp = f.create(
         ImpersonationLevel.Impersonation,
-        FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
+        FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE | extra,
         FileAttributes.FILE_ATTRIBUTE_NORMAL,
         share,
         disposition,
-        CreateOptions.FILE_NON_DIRECTORY_FILE,
+        CreateOptions.FILE_NON_DIRECTORY_FILE | options,
         create_contexts=list(contexts),
         oplock_level=oplock_level,
     )

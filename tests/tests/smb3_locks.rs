@@ -13,6 +13,11 @@
 //! and it goes at its timeout or with filterd. A blocking LOCK pending
 //! when its waiter goes (rksmbd killed, or its connection dropped) is
 //! granted to nobody.
+//!
+//! filterd SIGKILLed between a commit and its reply (failpoints): a
+//! waiting LOCK granted then is not sent again, a rename made then
+//! succeeds when retried, and a CREATE whose delete on close could not be
+//! set leaves no handle attached that no open names.
 
 use std::time::{Duration, Instant};
 
@@ -353,11 +358,16 @@ fn locks_listed(d: &Filterd) -> Vec<(u64, u64, String)> {
 
 /// filterd's handles of `f`: (durability, connection state) of each.
 fn handles_of_f(d: &Filterd) -> Vec<(Durability, ConnState)> {
+    handles_of(d, "f")
+}
+
+/// filterd's handles of `path`: (durability, connection state) of each.
+fn handles_of(d: &Filterd, path: &str) -> Vec<(Durability, ConnState)> {
     d.control()
         .handles()
         .unwrap_or_default()
         .into_iter()
-        .filter(|h| h.record.path.as_str() == "f")
+        .filter(|h| h.record.path.as_str() == path)
         .map(|h| (h.record.durability, h.record.conn))
         .collect()
 }
@@ -669,6 +679,31 @@ fn a_pending_lock_keeps_waiting_across_a_filterd_restart() {
     the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
 }
 
+/// filterd armed to SIGKILL itself at failpoint `point` (`name:n:kill`),
+/// and rksmbd, serving a share with no files in it yet.
+fn armed(name: &str, point: &str) -> (Scratch, Filterd, RkSmbd) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(
+        &s,
+        &["--break-timeout-ms", BREAK_MS],
+        &[("RKFILTER_FAILPOINTS", point)],
+    );
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    (s, d, srv)
+}
+
+/// Waits for `d` to die at failpoint `name` and starts it again, unarmed.
+fn restarted_after(s: &Scratch, d: &mut Filterd, name: &str) {
+    d.wait_exit(Duration::from_secs(20));
+    assert!(
+        d.log_text()
+            .contains(&format!("failpoint {name}: killing filterd")),
+        "filterd did not die at {name}:\n{}",
+        d.log_text()
+    );
+    *d = Filterd::start(s, &["--break-timeout-ms", BREAK_MS], &[]);
+}
+
 /// A blocking LOCK without a lock sequence (persistent handle) waits for
 /// the nfsl/1 client's lock; the holder unlocks, rksmbd's retry is
 /// granted and committed, and filterd is SIGKILLed before the grant's
@@ -680,14 +715,8 @@ fn a_pending_lock_keeps_waiting_across_a_filterd_restart() {
 /// holds the range exactly once.
 #[test]
 fn a_waiting_lock_granted_as_filterd_died_is_not_resent() {
-    let s = Scratch::new("smb3-pending-granted-kill");
+    let (s, mut d, srv) = armed("smb3-pending-granted-kill", "lock.granted:2:kill");
     std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
-    let mut d = Filterd::start(
-        &s,
-        &["--break-timeout-ms", BREAK_MS],
-        &[("RKFILTER_FAILPOINTS", "lock.granted:2:kill")],
-    );
-    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let nfsshim = Shim::start("nfsshim", &s.socket(), "nfs-smb3-pending-granted-kill");
     let (mut n, sid) = nfs_client_of_f(&nfsshim, "host-g", "5656565656565656");
     let held = nfs_lock(&mut n, &sid, 10, 10);
@@ -700,17 +729,80 @@ fn a_waiting_lock_granted_as_filterd_died_is_not_resent() {
         nfs_unlock(&mut n, &held, 10, 10);
         n
     });
-    d.wait_exit(Duration::from_secs(20));
-    assert!(
-        d.log_text()
-            .contains("failpoint lock.granted: killing filterd"),
-        "filterd did not die at the grant's reply:\n{}",
-        d.log_text()
-    );
-    d = Filterd::start(&s, &["--break-timeout-ms", BREAK_MS], &[]);
+    restarted_after(&s, &mut d, "lock.granted");
     let mut n = unlocker.join().expect("the unlock");
     said(&mut script, "final", SUCCESS);
     the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
+}
+
+/// A rename of a persistent open's file that filterd made (its intent
+/// durable, the file renamed) when it was SIGKILLed, before the reply:
+/// recovery finishes it, and the client's retry of the SET_INFO — its
+/// open's path in rksmbd still the old one — succeeds, as a rename to the
+/// file's own name does (MS-SMB2 3.3.5.2.10: a replayed SET_INFO is run
+/// again). Before, filterd found the new name taken, by the file itself,
+/// and the client was told STATUS_OBJECT_NAME_COLLISION for a rename that
+/// happened. The open then writes to the file at its new name.
+#[test]
+fn a_rename_made_as_filterd_died_succeeds_when_retried() {
+    let (s, mut d, srv) = armed("smb3-rename-retry", "intent.after_fs:1:kill");
+    std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
+    let mut script = smb3_client_opening(&srv, "open f renamable");
+    let first = ask(&mut script, "rename g");
+    assert_ne!(first, SUCCESS, "filterd died before answering");
+    restarted_after(&s, &mut d, "intent.after_fs");
+    let again = ask_patiently(&mut script, "rename g");
+    assert_eq!(again, SUCCESS, "{}", script.log);
+    assert!(!s.root().join("f").exists());
+    said(&mut script, "write 0 AB", SUCCESS);
+    assert_eq!(&std::fs::read(s.root().join("g")).unwrap()[..2], b"AB");
+    closed_last(&mut script, &d);
+}
+
+/// A persistent CREATE with FILE_DELETE_ON_CLOSE: filterd commits the
+/// open and is SIGKILLed as it begins the delete on close (failpoint
+/// `request.set_delete_on_close`), so the CREATE fails and rksmbd's close
+/// of the handle fails too. Restarted, filterd has the handle back; it is
+/// left disconnected — the client, told to try again, may replay its
+/// CREATE, or the handle's timeout ends it. Before, rksmbd's attachment
+/// still remembered it and attached it again: a handle no open of
+/// rksmbd's named, never timing out, keeping every other open of the
+/// file out for as long as rksmbd ran.
+#[test]
+fn a_create_that_could_not_set_delete_on_close_leaves_no_attached_handle() {
+    let (s, mut d, srv) = armed("smb3-doc-orphan", "request.set_delete_on_close:1:kill");
+    // Another client's persistent open of g: back attached once rksmbd has
+    // resumed what it holds after the restart.
+    let mut marker = smb3_client_opening(&srv, "open g");
+    let mut script = Dialogue::start(&srv, "lock_failover.py", Duration::from_secs(120));
+    script.say("open f deleting");
+    let told = script.expect("refused ");
+    assert_ne!(told, "refused 0x0", "{}", script.log);
+    restarted_after(&s, &mut d, "request.set_delete_on_close");
+    wait_for(
+        "rksmbd to resume g's handle",
+        Duration::from_secs(20),
+        || {
+            (handles_of(&d, "g").first().map(|(_, c)| c) == Some(&ConnState::Connected))
+                .then_some(())
+        },
+    );
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let h = handles_of_f(&d);
+        assert!(
+            matches!(
+                h.as_slice(),
+                [(
+                    Durability::Persistent { .. },
+                    ConnState::Disconnected { .. }
+                )]
+            ),
+            "f's handle left disconnected: {h:?}"
+        );
+    }
+    marker.say("done");
+    marker.finish();
 }
 
 /// filterd SIGKILLed and restarted under a live rksmbd forgets a durable

@@ -739,6 +739,7 @@ impl Engine {
         id: u64,
         req: Request,
     ) {
+        crate::failpoint::hit_request(req.name());
         self.begin_request();
         // An in-memory-only handle the request may change: its record as it
         // was, to undo if the reply ends up waiting on a commit that fails.

@@ -868,12 +868,30 @@ fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHand
 /// Undoes an open [`keep_open`] cannot answer: the CREATE fails, so
 /// no open of the client's holds the handle or its lease; filterd closes
 /// it (left attached, it would hold the file against every other open).
-fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>) {
+/// When filterd may still hold it (the close's outcome unknown: filterd
+/// killed, or stalled past the call), a durable handle is left
+/// disconnected, not attached with no open behind it: the client, told
+/// to try again, replays its CREATE by create GUID, or its timeout ends
+/// it. Another is closed again until filterd answers (`settle`).
+fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>, durable: bool) {
     sh.notifier.handle_gone(&key);
     if let Some(k) = leased {
         sh.notifier.released(k);
     }
-    let _ = sh.filter.close(key);
+    let Err(e) = sh.filter.close(key) else {
+        return;
+    };
+    tracing::warn!(resume_key = %key, error = %e, "closing the handle of a failed CREATE");
+    if !crate::settle::may_hold(&e) {
+        return;
+    }
+    if durable {
+        // Forgotten by the attachment first, so a restarted filterd's
+        // recovered handle is not resumed here.
+        let _ = sh.filter.detach(key);
+    } else {
+        sh.unsettled.add(key);
+    }
 }
 
 /// The open of [`finish_open`], its create GUID claimed.
@@ -936,7 +954,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
         if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
-            give_back(&sh, key, leased);
+            give_back(&sh, key, leased, durable.is_some());
             return Err(status_of(&e));
         }
         delete_on_close = true;
@@ -963,7 +981,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             if delete_on_close {
                 let _ = sh.filter.client().set_delete_on_close(key, false, None);
             }
-            give_back(&sh, key, leased);
+            give_back(&sh, key, leased, durable.is_some());
             return Err(st);
         }
     };

@@ -1255,6 +1255,18 @@ fn serving(
     }
 }
 
+/// The path filterd's record of handle `key` names now, if it answers.
+fn recorded_path(sh: &Shared, key: ResumeKey) -> Option<RelPath> {
+    match sh
+        .filter
+        .client()
+        .call(libfilter::proto::Request::Handle { key })
+    {
+        Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v.record.path),
+        _ => None,
+    }
+}
+
 fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(), u32> {
     let sh = c.sh.clone();
     let o = get(c, id)?;
@@ -1294,7 +1306,15 @@ fn rename(c: &mut Connection, id: u64, to: RelPath, replace: bool) -> Result<(),
     match &o.kind {
         Kind::File { key, .. } => {
             let key = *key;
-            rename_serving(c, key, to.clone(), replace)?;
+            if let Err(st) = rename_serving(c, key, to.clone(), replace) {
+                // A rename made whose reply was lost (filterd killed after
+                // it; recovery finished it) comes again from the client
+                // with this open's path stale: filterd then found the
+                // name taken, by the file itself. Its handle says.
+                if recorded_path(&sh, key).as_ref() != Some(&to) {
+                    return Err(st);
+                }
+            }
         }
         Kind::Dir { fd, .. } => {
             let (Some((from_dir, from_leaf)), Some(from_path)) = (&from, &path) else {
