@@ -749,15 +749,42 @@ fn an_overlayfs_listing_lists_every_lasting_name_once_while_others_go() {
 /// (which rksmbd runs again) succeeds too.
 #[test]
 fn a_rename_to_the_own_name_succeeds() {
-    let s = Scratch::new("rksmbd-rename-self");
+    script_leaves(
+        "rksmbd-rename-self",
+        "rename_to_own_name.py",
+        "same.txt",
+        "kept\n",
+    );
+}
+
+/// `script` passes against filterd and rksmbd on a fresh scratch
+/// directory `name`, leaving `file` holding `text` and no handle in
+/// filterd.
+fn script_leaves(name: &str, script: &str, file: &str, text: &str) {
+    let s = Scratch::new(name);
     let d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    smbprotocol_script_passes(&srv, "rename_to_own_name.py");
-    assert_eq!(
-        std::fs::read_to_string(s.root().join("same.txt")).unwrap(),
-        "kept\n"
-    );
+    smbprotocol_script_passes(&srv, script);
+    assert_eq!(std::fs::read_to_string(s.root().join(file)).unwrap(), text);
     no_handles_left(&d);
+}
+
+/// A client whose connection went silent (half open) sets up a new
+/// session naming the old one as PreviousSessionId, which ends it and
+/// keeps its persistent open for a reconnect, and replays the CREATE
+/// whose reply it lost: it gets the same open, writes and closes it, and
+/// filterd holds nothing after. Before, the silent connection kept the
+/// create GUID in rksmbd until it made another request — never — and the
+/// replay was STATUS_FILE_NOT_AVAILABLE, its handle left attached with no
+/// open behind it (review, session 28).
+#[test]
+fn a_create_replayed_after_its_session_was_ended_gets_the_open() {
+    script_leaves(
+        "rksmbd-previous-replay",
+        "previous_session_replay.py",
+        "prev.txt",
+        "replayed\n",
+    );
 }
 
 /// A directory open whose path went stale — a local process renamed the

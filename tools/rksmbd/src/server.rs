@@ -1410,7 +1410,7 @@ impl Connection {
                 .get(&open.session)
                 .and_then(|s| s.link.as_ref()),
         ) {
-            link.track(id, *key, open.durable);
+            link.track(id, *key, open.durable, open.create_guid, self.id);
         }
         if let Some(g) = open.create_guid {
             self.sh.registry.held(g, self.id);

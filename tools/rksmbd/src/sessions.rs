@@ -38,11 +38,25 @@ pub struct Link {
 struct LinkState {
     /// Ended by another connection (PreviousSessionId).
     revoked: bool,
-    /// Open filterd handles by volatile FileId: key, durable.
-    live: HashMap<u64, (ResumeKey, bool)>,
+    /// Open filterd handles by volatile FileId.
+    live: HashMap<u64, Tracked>,
     /// Opens another connection closed (AppInstanceId), for the owning
     /// connection to forget.
     closed_elsewhere: Vec<u64>,
+}
+
+/// An open's filterd handle, as [`Link`] keeps it.
+#[derive(Clone, Copy)]
+struct Tracked {
+    key: ResumeKey,
+    durable: bool,
+    /// Its create GUID and the connection holding it in
+    /// [`Registry::claim`], let go by whoever releases the handle: a
+    /// connection whose session or open another ended may never make
+    /// another request (half open), and a replay of the CREATE found the
+    /// GUID held by it for good — the handle it got back attached then
+    /// had no open behind it (review, session 28).
+    held: Option<(uuid::Uuid, u64)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -50,9 +64,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Link {
-    /// Records an open of the session.
-    pub fn track(&self, id: u64, key: ResumeKey, durable: bool) {
-        lock(&self.state).live.insert(id, (key, durable));
+    /// Records an open of the session, held by connection `conn` under
+    /// `create_guid` if it has one.
+    pub fn track(
+        &self,
+        id: u64,
+        key: ResumeKey,
+        durable: bool,
+        create_guid: Option<uuid::Uuid>,
+        conn: u64,
+    ) {
+        let held = create_guid.map(|g| (g, conn));
+        lock(&self.state)
+            .live
+            .insert(id, Tracked { key, durable, held });
     }
 
     /// The owning connection releases open `id`: `release` (the filterd
@@ -91,7 +116,11 @@ impl Link {
     fn revoke(&self, sh: &Shared) {
         let mut st = lock(&self.state);
         st.revoked = true;
-        for (_, (key, durable)) in st.live.drain() {
+        for (_, t) in st.live.drain() {
+            let Tracked { key, durable, held } = t;
+            if let Some((g, conn)) = held {
+                sh.registry.let_go(g, conn);
+            }
             let r = if durable {
                 sh.filter.detach(key)
             } else {
@@ -111,13 +140,14 @@ impl Link {
     /// connection's, as after a failed CLOSE).
     fn close_elsewhere(&self, sh: &Shared, id: u64) -> bool {
         let mut st = lock(&self.state);
-        let Some((key, durable)) = st.live.remove(&id) else {
+        let Some(t) = st.live.remove(&id) else {
             return false;
         };
+        let key = t.key;
         if let Err(e) = sh.filter.close(key) {
             tracing::warn!(resume_key = %key, error = %e, "closing the open of an app instance");
             if e.close_undone() {
-                st.live.insert(id, (key, durable));
+                st.live.insert(id, t);
                 return false;
             }
             // Unknown outcome: the open is forgotten, the handle closed
@@ -125,6 +155,9 @@ impl Link {
             if crate::settle::may_hold(&e) {
                 sh.unsettled.add(key);
             }
+        }
+        if let Some((g, conn)) = t.held {
+            sh.registry.let_go(g, conn);
         }
         st.closed_elsewhere.push(id);
         true
