@@ -14,6 +14,7 @@
 //! stalls only that thread, never the events loop or other clients.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
@@ -51,8 +52,13 @@ pub enum Holder {
 #[derive(Default)]
 pub struct Notifier {
     writers: Mutex<HashMap<u64, ConnWriter>>,
-    /// The client GUID each connection negotiated.
-    guids: Mutex<HashMap<u64, uuid::Uuid>>,
+    /// The client GUID each connection negotiated, and the users logged
+    /// on over it (as [`Notifier::user_tag`]s): a lease's breaks go only
+    /// to a connection its user logged on over, never one that merely
+    /// names the client GUID (it goes in clear) or has not logged on.
+    guids: Mutex<HashMap<u64, (uuid::Uuid, Vec<u64>)>>,
+    /// Keys for [`Notifier::user_tag`] (this process's own).
+    tags: std::collections::hash_map::RandomState,
     /// Per lease key: who holds it and where its breaks go.
     holders: Mutex<HashMap<LeaseKey, Held>>,
     /// The lease of each filterd handle that holds one (to find the
@@ -67,6 +73,8 @@ struct Held {
     conn: u64,
     /// The client GUID of that connection.
     guid: uuid::Uuid,
+    /// The user whose open it was granted to ([`Notifier::user_tag`]).
+    user: u64,
     /// How the client knows it.
     holder: Holder,
     /// How many opens of this rksmbd hold it.
@@ -159,8 +167,50 @@ impl Notifier {
     /// A connection negotiated: its client GUID.
     pub fn negotiated(&self, conn: u64, guid: uuid::Uuid) {
         if let Ok(mut m) = self.guids.lock() {
-            m.insert(conn, guid);
+            m.insert(conn, (guid, Vec::new()));
         }
+    }
+
+    /// `user` logged on over connection `conn` (a session set up or a
+    /// channel bound).
+    pub fn logged_on(&self, conn: u64, user: &str) {
+        let tag = self.user_tag(user);
+        if let Some((_, users)) = self
+            .guids
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|m| m.get_mut(&conn))
+        {
+            // A handful at most: one per user a client logs on as.
+            if !users.contains(&tag) && users.len() < 64 {
+                users.push(tag);
+            }
+        }
+    }
+
+    /// A user's name as a number (this process's keyed hash).
+    fn user_tag(&self, user: &str) -> u64 {
+        self.tags.hash_one(user)
+    }
+
+    /// Whether `user` logged on over connection `conn` as the user lease
+    /// `key` was granted to: its acknowledgment may come there.
+    pub fn may_acknowledge(&self, key: &LeaseKey, conn: u64) -> bool {
+        let Some(user) = self
+            .holders
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).map(|h| h.user))
+        else {
+            // Not one of this rksmbd's: filterd says what it knows.
+            return true;
+        };
+        self.guids
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&conn).map(|(_, users)| users.contains(&user)))
+            .unwrap_or(false)
     }
 
     /// A connection ends: its leases are no longer reachable through it,
@@ -182,7 +232,7 @@ impl Notifier {
                 continue;
             }
             let other = match h.holder {
-                Holder::Lease { .. } => self.oldest_of(h.guid),
+                Holder::Lease { .. } => self.oldest_of(h.guid, h.user),
                 Holder::Oplock { .. } => None,
             };
             moved.push((*k, other));
@@ -197,15 +247,17 @@ impl Notifier {
         }
     }
 
-    /// The oldest live connection of client `guid`, where Windows and
-    /// Samba send a client's lease breaks (smbtorture
-    /// smb2.lease.v2_complex1 checks the transport).
-    fn oldest_of(&self, guid: uuid::Uuid) -> Option<u64> {
+    /// The oldest live connection of client `guid` that `user` logged on
+    /// over, where Windows and Samba send a client's lease breaks
+    /// (smbtorture smb2.lease.v2_complex1 checks the transport).
+    fn oldest_of(&self, guid: uuid::Uuid, user: u64) -> Option<u64> {
         let guids = self.guids.lock().ok()?;
         let writers = self.writers.lock().ok()?;
         guids
             .iter()
-            .filter(|(c, g)| **g == guid && writers.contains_key(c))
+            .filter(|(c, (g, users))| {
+                *g == guid && users.contains(&user) && writers.contains_key(c)
+            })
             .map(|(c, _)| *c)
             .min()
     }
@@ -219,10 +271,10 @@ impl Notifier {
         &self,
         lease: HeldLease,
         handle: ResumeKey,
-        conn: u64,
-        guid: uuid::Uuid,
+        (conn, guid, user): (u64, uuid::Uuid, &str),
         holder: Holder,
     ) -> Holder {
+        let user = self.user_tag(user);
         if let Ok(mut h) = self.handles.lock() {
             h.insert(handle, lease.key);
         }
@@ -232,6 +284,7 @@ impl Notifier {
         let e = m.entry(lease.key).or_insert(Held {
             conn,
             guid,
+            user,
             holder,
             opens: 0,
             state: lease.state,
@@ -239,6 +292,7 @@ impl Notifier {
         });
         e.conn = conn;
         e.guid = guid;
+        e.user = user;
         e.state = lease.state;
         e.epoch = lease.epoch;
         if !matches!(
@@ -342,7 +396,7 @@ impl Notifier {
     fn route(&self, key: &LeaseKey) -> Option<(ConnWriter, Holder)> {
         let h = self.holders.lock().ok()?.get(key).copied()?;
         let conn = match h.holder {
-            Holder::Lease { .. } => self.oldest_of(h.guid).unwrap_or(h.conn),
+            Holder::Lease { .. } => self.oldest_of(h.guid, h.user).unwrap_or(h.conn),
             Holder::Oplock { .. } => h.conn,
         };
         let w = self.writers.lock().ok()?.get(&conn).cloned()?;
@@ -623,6 +677,11 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let key_bytes = r.array::<16>("lease key")?;
     let state = r.u32("lease state")?;
     let key = scoped_key(c.client_guid, key_bytes);
+    // Only over a connection the lease's user logged on over: another
+    // user's connection may name the client GUID (it goes in clear).
+    if !c.sh.notifier.may_acknowledge(&key, c.id) {
+        return Err(status::UNSUCCESSFUL);
+    }
     // No break in progress (never, or lowered at the break timeout):
     // STATUS_UNSUCCESSFUL; a state the break does not allow:
     // STATUS_REQUEST_NOT_ACCEPTED (3.3.5.22.2).
@@ -770,6 +829,7 @@ mod tests {
         n.connected(1, Arc::new(Mutex::new(stream)));
         let guid = uuid::Uuid::from_bytes([5; 16]);
         n.negotiated(1, guid);
+        n.logged_on(1, "alice");
         let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
         let (a, b) = (
             ResumeKey(uuid::Uuid::from_bytes([1; 16])),
@@ -784,8 +844,7 @@ mod tests {
             n.granted(
                 lease,
                 h,
-                1,
-                guid,
+                (1, guid, "alice"),
                 Holder::Lease {
                     v2: true,
                     key: [3; 16],
@@ -801,6 +860,52 @@ mod tests {
         );
         assert!(n.forgotten(&[a, b]).is_empty(), "told once");
         assert!(!n.released(key) && n.released(key), "the opens still count");
+    }
+
+    /// A lease's breaks go to the oldest connection of its client GUID
+    /// that its user logged on over, and its acknowledgment is taken only
+    /// there: not from an older connection that only names the GUID (it
+    /// goes in clear) or that another user logged on over (review,
+    /// session 28: such a connection absorbed the breaks, and the client
+    /// went on caching past the break timeout).
+    #[test]
+    fn breaks_go_only_where_the_leases_user_logged_on() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let n = Notifier::default();
+        let guid = uuid::Uuid::from_bytes([5; 16]);
+        let mut writers = Vec::new();
+        for conn in 1..=3 {
+            let w: ConnWriter = Arc::new(Mutex::new(
+                TcpStream::connect(listener.local_addr().unwrap()).unwrap(),
+            ));
+            n.connected(conn, w.clone());
+            n.negotiated(conn, guid);
+            writers.push(w);
+        }
+        // 1 never logs on; 2 is mallory's; 3 is alice's.
+        n.logged_on(2, "mallory");
+        n.logged_on(3, "alice");
+        let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
+        let lease = HeldLease {
+            key,
+            state: lease_state(7),
+            epoch: 1,
+        };
+        let holder = Holder::Lease {
+            v2: true,
+            key: [3; 16],
+        };
+        let handle = ResumeKey(uuid::Uuid::from_bytes([1; 16]));
+        n.granted(lease, handle, (3, guid, "alice"), holder);
+        let (w, _) = n.route(&key).unwrap();
+        assert!(Arc::ptr_eq(&w, &writers[2]), "alice's connection");
+        assert!(!n.may_acknowledge(&key, 1) && !n.may_acknowledge(&key, 2));
+        assert!(n.may_acknowledge(&key, 3));
+        // Alice's older connection, once she logs on over it, is where
+        // Windows would send them (smb2.lease.v2_complex1).
+        n.logged_on(1, "alice");
+        let (w, _) = n.route(&key).unwrap();
+        assert!(Arc::ptr_eq(&w, &writers[0]), "the oldest of alice's");
     }
 
     #[test]

@@ -928,8 +928,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             let known = sh.notifier.granted(
                 l,
                 key,
-                c.id,
-                c.client_guid,
+                (c.id, c.client_guid, f.user.as_str()),
                 Holder::Lease {
                     v2: asked.v2.is_some(),
                     key: asked.key,
@@ -941,8 +940,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             sh.notifier.granted(
                 l,
                 key,
-                c.id,
-                c.client_guid,
+                (c.id, c.client_guid, f.user.as_str()),
                 Holder::Oplock {
                     file_id: file_id_bytes(pid, id),
                 },
@@ -1387,8 +1385,7 @@ fn reconnect(
             sh.notifier.granted(
                 l,
                 key,
-                c.id,
-                c.client_guid,
+                (c.id, c.client_guid, user.as_str()),
                 Holder::Oplock {
                     file_id: file_id_bytes(pid, id),
                 },
@@ -1398,8 +1395,7 @@ fn reconnect(
             sh.notifier.granted(
                 l,
                 key,
-                c.id,
-                c.client_guid,
+                (c.id, c.client_guid, user.as_str()),
                 Holder::Lease {
                     v2: asked.v2.is_some(),
                     key: asked.key,

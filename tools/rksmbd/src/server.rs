@@ -422,6 +422,7 @@ impl HarnessConnection {
         s.user = Some(user.to_owned());
         s.trees.push(tree);
         s.link = Some(c.sh.registry.logged_on(id, user));
+        c.sh.notifier.logged_on(c.id, user);
         c.sessions.insert(id, s);
         (id, tree)
     }
@@ -2114,6 +2115,10 @@ impl Connection {
             }
         }
         if let (Ok(reply), Some(s)) = (&out, self.sessions.get_mut(&id)) {
+            if let (status::SUCCESS, Some(user)) = (reply.status, &s.user) {
+                // Lease breaks of this user's opens may come here.
+                self.sh.notifier.logged_on(self.id, user);
+            }
             if let (status::SUCCESS, Some(user), None, None) =
                 (reply.status, &s.user, &s.link, &s.bound)
             {
