@@ -1215,14 +1215,16 @@ impl Nfs {
     /// answer is NFS4ERR_DELAY, as a client does while nfsshim reattaches.
     pub fn call_patiently(&mut self, req: Value) -> Value {
         self.seqid += 1;
-        wait_for(
-            "an answer other than DELAY",
-            Duration::from_secs(10),
-            || {
-                let r = self.send(req.clone());
-                (r["status"] != "NFS4ERR_DELAY").then_some(r)
-            },
-        )
+        self.resend_patiently(&req, Duration::from_secs(10))
+    }
+
+    /// Re-sends `req` (same slot and seqid) while the answer is
+    /// NFS4ERR_DELAY, for up to `timeout`.
+    pub fn resend_patiently(&mut self, req: &Value, timeout: Duration) -> Value {
+        wait_for("an answer other than DELAY", timeout, || {
+            let r = self.send(req.clone());
+            (r["status"] != "NFS4ERR_DELAY").then_some(r)
+        })
     }
 
     /// Sends `req` on slot 0 with the current seqid (a re-send).

@@ -581,14 +581,7 @@ fn nfs_states(d: &Filterd, instance: &str, cid: &str) -> Vec<(u64, String)> {
 
 /// Re-sends `req` (same slot and seqid) until the answer is not DELAY.
 fn resend(nfs: &mut rkfilter_tests::Nfs, req: &serde_json::Value) -> serde_json::Value {
-    wait_for(
-        "an answer other than DELAY",
-        Duration::from_secs(30),
-        || {
-            let r = nfs.send(req.clone());
-            (r["status"] != "NFS4ERR_DELAY").then_some(r)
-        },
-    )
+    nfs.resend_patiently(req, Duration::from_secs(30))
 }
 
 /// Sends `req`, which kills filterd at its failpoint (DELAY), starts filterd

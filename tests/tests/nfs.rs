@@ -510,6 +510,15 @@ fn crashing(point: &str, n: u32) -> (Scratch, String, Filterd, Shim, Nfs) {
     (s, fp, d, shim, a)
 }
 
+/// filterd `d` dies of its failpoint: a new one is started on the scratch
+/// dir and `req` re-sent on slot 0 at its current seqid until the answer is
+/// not DELAY (nfsshim reattaching).
+fn restart_and_resend(s: &Scratch, d: &mut Filterd, a: &mut Nfs, req: &Value) -> (Filterd, Value) {
+    d.wait_exit(Duration::from_secs(10));
+    let d2 = Filterd::start(s, &[], &[]);
+    (d2, a.resend_patiently(req, Duration::from_secs(10)))
+}
+
 /// An OPEN whose filterd dies before or after its commit (the handle, the
 /// open state and the slot reply together), re-sent on its slot once
 /// filterd is back: one open, created once, one open state.
@@ -529,16 +538,7 @@ fn open_is_exactly_once_across_a_filterd_crash_at_every_commit() {
                 first["status"], "NFS4ERR_DELAY",
                 "{fp}: the crash shows as DELAY: {first}"
             );
-            d.wait_exit(Duration::from_secs(10));
-            let _d2 = Filterd::start(&s, &[], &[]);
-            let r = wait_for(
-                "an answer other than DELAY",
-                Duration::from_secs(10),
-                || {
-                    let r = a.send(open.clone());
-                    (r["status"] != "NFS4ERR_DELAY").then_some(r)
-                },
-            );
+            let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &open);
             assert_eq!(r["status"], "NFS4_OK", "{fp}: {r}");
             assert_eq!(
                 r["created"], true,
@@ -584,16 +584,7 @@ fn close_is_exactly_once_across_a_filterd_crash_at_every_commit() {
             a.seqid += 1;
             let first = a.send(close.clone());
             assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
-            d.wait_exit(Duration::from_secs(10));
-            let _d2 = Filterd::start(&s, &[], &[]);
-            let r = wait_for(
-                "an answer other than DELAY",
-                Duration::from_secs(10),
-                || {
-                    let r = a.send(close.clone());
-                    (r["status"] != "NFS4ERR_DELAY").then_some(r)
-                },
-            );
+            let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &close);
             assert_eq!(r["status"], "NFS4_OK", "{fp}: {r}");
             let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
             let left: Vec<_> = ctl.handles().unwrap();
@@ -632,15 +623,82 @@ fn lock_is_exactly_once_when_filterd_dies_and_nfsshim_survives() {
         1,
         "{fp}: the lock committed before the crash"
     );
-    let r = wait_for(
-        "an answer other than DELAY",
-        Duration::from_secs(10),
-        || {
-            let r = a.send(lock.clone());
-            (r["status"] != "NFS4ERR_DELAY").then_some(r)
-        },
-    );
+    let r = a.resend_patiently(&lock, Duration::from_secs(10));
     assert_eq!(r["status"], "NFS4_OK", "{fp}: the re-sent LOCK: {r}");
     let locks = ctl.locks().unwrap();
     assert_eq!(locks.len(), 1, "{fp}: one lock, taken once: {locks:?}");
+}
+
+/// filterd dies right after committing an OPEN of `a` (the client saw
+/// DELAY, the slot did not advance) while nfsshim survives; the client then
+/// sends a *different* request at that seqid, as the slot rules let it.
+/// That request runs (review N1): it is not taken for the OPEN's re-send.
+/// `upgrade`: the owner has an open already, so the OPEN of `a` commits
+/// its handle alone (commit 4) and its records apart; else it commits its
+/// handle, open state and slot record together (commit 3), and the
+/// abandoned OPEN's handle is closed before the second request's answer.
+fn a_different_request_after_a_delayed_open(
+    upgrade: bool,
+    second: Value,
+    check: impl Fn(&Scratch, &mut Nfs, &Value),
+) {
+    // 1-2: client and session; 3: the OPEN of `a`, or of `c` before it.
+    let (s, fp, mut d, _shim, mut a) = crashing("commit.after", if upgrade { 4 } else { 3 });
+    std::fs::write(s.root().join("y"), b"y").unwrap();
+    if upgrade {
+        ok(a.open("p", "c", "read", "none", create()));
+    }
+    a.seqid += 1;
+    let first = a.send(
+        json!({"op": "OPEN", "owner": "p", "path": "a", "access": "both",
+                              "deny": "both", "create": {"mode": "unchecked"}}),
+    );
+    assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
+    let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &second);
+    assert_eq!(r["status"], "NFS4_OK", "{fp}: the second request: {r}");
+    check(&s, &mut a, &r);
+    if !upgrade {
+        assert!(
+            rkfilter_tests::handles_on(&s, "a").is_empty(),
+            "{fp}: the abandoned OPEN's handle is closed"
+        );
+    }
+}
+
+fn open_b() -> Value {
+    json!({"op": "OPEN", "owner": "p", "path": "b", "access": "both",
+           "deny": "none", "create": {"mode": "unchecked"}})
+}
+
+/// The OPEN of `b` opens `b`, and its writes go there.
+fn b_is_opened(s: &Scratch, a: &mut Nfs, r: &Value) {
+    assert_eq!(r["created"], true, "b is created by this OPEN: {r}");
+    ok(a.call_patiently(
+        json!({"op": "WRITE", "stateid": r["stateid"], "offset": 0, "data": b64("to-b")}),
+    ));
+    assert_eq!(std::fs::read(s.root().join("b")).unwrap(), b"to-b");
+    assert_eq!(
+        std::fs::read(s.root().join("a")).unwrap(),
+        b"",
+        "nothing went to a"
+    );
+    ok(a.call(json!({"op": "CLOSE", "stateid": r["stateid"]})));
+}
+
+#[test]
+fn a_different_open_at_a_delayed_opens_seqid_opens_its_own_file() {
+    a_different_request_after_a_delayed_open(false, open_b(), b_is_opened);
+}
+
+#[test]
+fn a_different_open_at_a_delayed_upgrades_seqid_opens_its_own_file() {
+    a_different_request_after_a_delayed_open(true, open_b(), b_is_opened);
+}
+
+#[test]
+fn a_remove_at_a_delayed_opens_seqid_removes() {
+    let remove = json!({"op": "REMOVE", "path": "y"});
+    a_different_request_after_a_delayed_open(false, remove, |s, _a, _r| {
+        assert!(!s.root().join("y").exists(), "REMOVE removed y");
+    });
 }

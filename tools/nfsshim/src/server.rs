@@ -1433,6 +1433,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         cid: &cid,
         seq: &seq,
         restored,
+        digest: std::cell::Cell::new(request_digest(op, &[])),
     };
     let empty = Map::new();
     let obj = match body {
@@ -1497,6 +1498,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
             reply: Value::Object(reply.clone()),
             opened: None,
             state: None,
+            digest: Some(ctx.digest.get()),
         };
         let slot_op = u64::try_from(seq.slot).unwrap_or(0);
         if let Err(e) = pending.put(&sh.tables.slots(&seq.sessionid), slot_op, &rec) {
@@ -1589,6 +1591,28 @@ struct Ctx<'a> {
     /// The slot was restored after a restart: the request may have been
     /// executed before the crash without its reply being recorded.
     restored: bool,
+    /// The request's digest ([`request_digest`]): its op, and the
+    /// arguments of an OPEN, REMOVE or RENAME (set by the op once it has
+    /// read them). Recorded with the slot reply, and part of the names of
+    /// the filter state an OPEN makes ([`Ctx::request_guid`]).
+    digest: std::cell::Cell<u64>,
+}
+
+/// A digest of a request: its op and `args` (FNV-1a over each, length
+/// first). A request at a seqid whose earlier request's answer was lost
+/// (DELAY) is that request's re-send only when the digests are the same;
+/// otherwise it is a new request (review N1). Only the client's own
+/// requests at its own slot and seqid are compared, so a client that makes
+/// two of its requests collide only gets the earlier one's answer.
+fn request_digest(op: &str, args: &[&str]) -> u64 {
+    let mut text =
+        String::with_capacity(op.len() + args.iter().map(|a| a.len() + 8).sum::<usize>());
+    for part in std::iter::once(op).chain(args.iter().copied()) {
+        text.push_str(&part.len().to_string());
+        text.push(':');
+        text.push_str(part);
+    }
+    fnv64(&text)
 }
 
 impl Ctx<'_> {
@@ -1631,6 +1655,17 @@ impl Ctx<'_> {
         let _ = write!(name, "/{}/{}/", self.seq.slot, self.seq.seqid);
         name.push_str(what);
         name
+    }
+    /// The filter name (create GUID, lease key) of `what` for this request:
+    /// unique to its slot, seqid and digest, so the same request re-sent
+    /// names the same filter state and a different one at that seqid never
+    /// does (review N1).
+    fn request_guid(&self, what: &str) -> uuid::Uuid {
+        use std::fmt::Write as _;
+        let mut name = self.request_name(what);
+        // Writing into a String cannot fail.
+        let _ = write!(name, "/{:016x}", self.digest.get());
+        derived_uuid(&name)
     }
 }
 
@@ -1761,6 +1796,43 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         want,
         lease_state,
     } = f;
+    let (mode, verifier) = create
+        .as_ref()
+        .map_or(("-", ""), |(m, v)| (m.as_str(), v.as_deref().unwrap_or("")));
+    ctx.digest.set(request_digest(
+        "OPEN",
+        &[
+            &owner,
+            path.as_str(),
+            &access_w,
+            &deny_w,
+            if truncate { "truncate" } else { "-" },
+            mode,
+            verifier,
+            &want,
+        ],
+    ));
+    // An earlier try of this very OPEN that committed its records (its
+    // answer lost); one of another request at this seqid is undone here.
+    let earlier = earlier_request(
+        ctx,
+        st,
+        &Asked::Open {
+            owner: &owner,
+            path: &path,
+        },
+    )?;
+    // The filter names of this OPEN's state: an earlier try recorded by an
+    // nfsshim before request digests named it without one.
+    let legacy = earlier.as_ref().is_some_and(|e| e.legacy);
+    let filter_name = |what: &str| {
+        if legacy {
+            derived_uuid(&ctx.request_name(what))
+        } else {
+            ctx.request_guid(what)
+        }
+    };
+    let earlier = earlier.map(|e| e.rec);
     let disposition = match (&create, truncate) {
         (None, false) => Disposition::Open,
         (None, true) => Disposition::Overwrite,
@@ -1776,9 +1848,9 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     let excl_verifier = create
         .as_ref()
         .and_then(|(m, v)| (m == "exclusive").then(|| v.clone()).flatten());
-    let guid = derived_uuid(&ctx.request_name("open"));
+    let guid = filter_name("open");
     let lease = lease_state.map(|state| LeaseRequest {
-        key: LeaseKey(derived_uuid(&ctx.request_name("lease"))),
+        key: LeaseKey(filter_name("lease")),
         state,
         epoch: 0,
     });
@@ -1834,7 +1906,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             deny: deny_w,
             want,
         };
-        return open_recorded(ctx, st, req, words, access, slot);
+        return open_recorded(ctx, st, req, words, access, slot, earlier);
     }
     // An earlier try of this OPEN that committed as an owner's first open
     // (its descriptor cut, or filterd gone before the answer) left an open
@@ -1843,7 +1915,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     // goes (the open joins one of the owner's states, or fails): kept, a
     // restore would resume the handle for a state the client never heard
     // of, then drop the one it was answered as gone (review wD).
-    let earlier = earlier_open(ctx)?
+    let earlier = earlier
         .and_then(|r| Some((r.state?, earlier_id(Some(&r.reply))?)))
         .filter(|(_, other)| !st.opens.contains_key(other));
     if let Some((num, _)) = &earlier {
@@ -1872,7 +1944,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             };
             created_by_resend = true;
             req.disposition = Disposition::Open;
-            req.create_guid = Some(CreateGuid(derived_uuid(&ctx.request_name("open-excl"))));
+            req.create_guid = Some(CreateGuid(filter_name("open-excl")));
             // The record stays as the create wrote it (this open may find
             // another file under the name).
             req.put.clear();
@@ -2072,6 +2144,7 @@ fn open_recorded(
     w: Words,
     access: Rights,
     slot: DescriptorSlot,
+    earlier: Option<SlotRec>,
 ) -> Outcome {
     let sh = ctx.sh;
     let (path, lease) = (req.path.clone(), req.lease);
@@ -2086,7 +2159,6 @@ fn open_recorded(
     let slot_op = u64::try_from(ctx.seq.slot).unwrap_or(0);
     // A re-send after filterd went away mid-OPEN: if the OPEN committed,
     // its records name the open state; write the same ones again.
-    let earlier = earlier_open(ctx)?;
     let (other, num, deleg_other) = match &earlier {
         Some(r) if r.state.is_some() => (
             earlier_id(Some(&r.reply)).unwrap_or_else(|| new_id("O")),
@@ -2135,6 +2207,7 @@ fn open_recorded(
         reply: Value::Object(finish(Ok(reply))),
         opened: None,
         state: Some(num),
+        digest: Some(ctx.digest.get()),
     };
     let put = vec![
         RecordSpec {
@@ -2209,24 +2282,124 @@ fn open_recorded(
     Ok(m)
 }
 
-/// The slot record of this very request (same slot, same seqid) if an
-/// earlier try of it committed one — filterd went away mid-request, or the
-/// open's descriptor was cut from filterd's answer (its handle detached,
-/// its records kept) — and the request runs again (`Ctx::restored`).
-fn earlier_open(ctx: &Ctx<'_>) -> Result<Option<SlotRec>, Fail> {
+/// What a request that may be an earlier one's re-send asks: compared
+/// with the earlier one's slot record when that record has no digest (an
+/// nfsshim before [`request_digest`] wrote it).
+enum Asked<'a> {
+    Open {
+        owner: &'a str,
+        path: &'a RelPath,
+    },
+    /// A REMOVE or a RENAME.
+    Namespace,
+}
+
+/// The slot record of an earlier try of this very request.
+struct Earlier {
+    rec: SlotRec,
+    /// Written by an nfsshim before request digests, which named the
+    /// request's filter state without one ([`Ctx::request_name`]).
+    legacy: bool,
+}
+
+/// The slot record of this very request (same slot, same seqid, same
+/// digest) if an earlier try of it committed one — filterd went away
+/// mid-request, or the open's descriptor was cut from filterd's answer
+/// (its handle detached, its records kept) — and the request runs again
+/// (`Ctx::restored`).
+///
+/// A record at this seqid of a *different* request (the client got DELAY
+/// for it, so the slot did not advance, and sent something else at that
+/// seqid, as the slot rules let it) is not this request's: what that
+/// request left in filterd is undone ([`abandon`]) and this one runs
+/// afresh (review N1). A record without a digest is this request's when
+/// it is of the same kind: an OPEN's by the same owner of the same path,
+/// a REMOVE's or RENAME's plain `NFS4_OK` (which does not say the path).
+fn earlier_request(ctx: &Ctx<'_>, st: &State, asked: &Asked<'_>) -> Result<Option<Earlier>, Fail> {
     if !ctx.restored {
         return Ok(None);
     }
     let scope = state::scope(&ctx.sh.tables.slots(&ctx.seq.sessionid)).map_err(filter_fail)?;
     let slot_op = u64::try_from(ctx.seq.slot).unwrap_or(0);
-    Ok(ctx
+    let Some(rec) = ctx
         .sh
         .filter
         .client()
         .lookup_reply(scope, slot_op)
         .map_err(filter_fail)?
         .and_then(|r| serde_json::from_str::<SlotRec>(&r.reply).ok())
-        .filter(|r| r.seqid == ctx.seq.seqid))
+        .filter(|r| r.seqid == ctx.seq.seqid)
+    else {
+        return Ok(None);
+    };
+    let same = match rec.digest {
+        Some(d) => d == ctx.digest.get(),
+        None => legacy_same(ctx, &rec, asked)?,
+    };
+    if same {
+        let legacy = rec.digest.is_none();
+        return Ok(Some(Earlier { rec, legacy }));
+    }
+    abandon(ctx, st, &rec)?;
+    Ok(None)
+}
+
+/// Whether a slot record without a digest is of the request `asked`.
+fn legacy_same(ctx: &Ctx<'_>, rec: &SlotRec, asked: &Asked<'_>) -> Result<bool, Fail> {
+    match asked {
+        Asked::Namespace => Ok(rec.state.is_none() && rec.reply == json!({"status": "NFS4_OK"})),
+        Asked::Open { owner, path } => {
+            let Some(num) = rec.state else {
+                return Ok(false);
+            };
+            let scope = state::scope(&ctx.sh.tables.states(ctx.cid)).map_err(filter_fail)?;
+            Ok(ctx
+                .sh
+                .filter
+                .client()
+                .lookup_reply(scope, num)
+                .map_err(filter_fail)?
+                .and_then(|r| serde_json::from_str::<OpenRec>(&r.reply).ok())
+                .is_some_and(|o| o.owner == *owner && o.path == path.as_str()))
+        }
+    }
+}
+
+/// Undoes what an abandoned request left in filterd: an OPEN that
+/// committed its handle, open state and slot record together
+/// ([`open_recorded`]) before its answer was lost. Its handle is closed and
+/// its open-state record deleted in one commit, before the request that
+/// took its seqid is answered; a failure to do so is that request's
+/// answer (DELAY while filterd is away). An open state nfsshim holds in
+/// memory is never undone. (An abandoned OPEN whose records never
+/// committed left at most a handle no record names, whose create GUID no
+/// other request names: it goes when the client is released,
+/// `may_hold_strays`.)
+fn abandon(ctx: &Ctx<'_>, st: &State, rec: &SlotRec) -> Result<(), Fail> {
+    let Some(num) = rec.state else {
+        return Ok(());
+    };
+    if st.opens.values().any(|o| o.num == num) {
+        return Ok(());
+    }
+    let f = &ctx.sh.filter;
+    let states = ctx.sh.tables.states(ctx.cid);
+    if let Some(key) = rec.opened.as_ref().map(|o| o.key) {
+        // Detached (its filterd answer never came back): attached first,
+        // as only its own instance closes it.
+        if let Err(e) = f.resume(ctx.client_id()?, key) {
+            if e.code() != Some(ErrorCode::NoSuchHandle) {
+                return Err(filter_fail(e));
+            }
+        }
+        let scope = state::scope(&states).map_err(filter_fail)?;
+        match f.close_recording(key, Vec::new(), vec![(scope, num)]) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
+            Err(e) => return Err(filter_fail(e)),
+        }
+    }
+    state::delete(f, &states, num).map_err(filter_fail)
 }
 
 /// An exclusive create made its file, and filterd did not fill its kernel
@@ -3120,6 +3293,7 @@ fn slot_record(ctx: &Ctx<'_>) -> Result<RecordSpec, Fail> {
         reply: json!({"status": "NFS4_OK"}),
         opened: None,
         state: None,
+        digest: Some(ctx.digest.get()),
     };
     Ok(RecordSpec {
         scope: state::scope(&ctx.sh.tables.slots(&ctx.seq.sessionid)).map_err(filter_fail)?,
@@ -3141,13 +3315,14 @@ fn recorded() -> Map<String, Value> {
 /// records the reply) the re-send on the same slot and seqid finds the
 /// record. Doing the change again would find the name gone
 /// (`NFS4ERR_NOENT`) where the spec wants the original `NFS4_OK`.
-fn changed_before(ctx: &Ctx<'_>) -> Result<bool, Fail> {
-    Ok(earlier_open(ctx)?.is_some())
+fn changed_before(ctx: &Ctx<'_>, st: &State) -> Result<bool, Fail> {
+    Ok(earlier_request(ctx, st, &Asked::Namespace)?.is_some())
 }
 
 fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let path = path_field(obj, "path")?;
-    if changed_before(ctx)? {
+    ctx.digest.set(request_digest("REMOVE", &[path.as_str()]));
+    if changed_before(ctx, st)? {
         forget_verifier(ctx.sh, path.as_str());
         return Ok(recorded());
     }
@@ -3279,7 +3454,8 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let from = path_field(obj, "from")?;
     let to = path_field(obj, "to")?;
     let (from_s, to_s) = (from.as_str().to_owned(), to.as_str().to_owned());
-    if !changed_before(ctx)? {
+    ctx.digest.set(request_digest("RENAME", &[&from_s, &to_s]));
+    if !changed_before(ctx, st)? {
         lower_own_delegations(ctx, st, &[&from, &to]);
         rename_in_filter(ctx, from, to)?;
     }
@@ -3525,6 +3701,15 @@ mod status_tests {
     /// A name a local process kept changing under the open is a retry to
     /// filterd and a DELAY to the client (which re-sends on the same
     /// seqid); before, it was SHARE_DENIED, final to a client.
+    #[test]
+    fn request_digests_tell_requests_apart() {
+        let d = super::request_digest;
+        assert_eq!(d("REMOVE", &["a"]), d("REMOVE", &["a"]));
+        assert_ne!(d("REMOVE", &["a"]), d("REMOVE", &["b"]));
+        assert_ne!(d("REMOVE", &["a"]), d("RENAME", &["a"]));
+        assert_ne!(d("RENAME", &["ab", "c"]), d("RENAME", &["a", "bc"]));
+    }
+
     #[test]
     fn a_transient_race_is_delay() {
         assert_eq!(status_of(&refused(ErrorCode::Retry)), "NFS4ERR_DELAY");

@@ -60,6 +60,12 @@ pub struct SlotRec {
     /// again rather than a second open state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<u64>,
+    /// The request's digest (its op and arguments, server.rs
+    /// `request_digest`): a request at the same seqid whose answer was
+    /// lost (`NFS4ERR_DELAY`) is taken as this one's re-send only when its
+    /// digest is the same. Absent in records of an nfsshim before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<u64>,
 }
 
 /// The member a record carries (as `null`) for filterd to complete with
@@ -413,6 +419,7 @@ mod tests {
             reply: serde_json::json!({"status": "NFS4_OK", "path": "a\"opened\":null}"}),
             opened: None,
             state: Some(3),
+            digest: Some(9),
         };
         let text = encode_for_open(&rec).expect("encode");
         assert!(text.ends_with(",\"opened\":null}"), "{text}");
@@ -428,6 +435,20 @@ mod tests {
             encode_for_open(&Empty {}).expect("encode"),
             "{\"opened\":null}"
         );
+    }
+
+    #[test]
+    fn a_slot_record_of_an_nfsshim_before_digests_still_reads() {
+        let old = r#"{"seqid":5,"reply":{"status":"NFS4_OK"},"state":3}"#;
+        let rec: SlotRec = serde_json::from_str(old).expect("an old record reads");
+        assert_eq!((rec.seqid, rec.state, rec.digest), (5, Some(3), None));
+        let new = SlotRec {
+            digest: Some(u64::MAX),
+            ..rec
+        };
+        let text = encode(&new).expect("encode");
+        let back: SlotRec = serde_json::from_str(&text).expect("decode");
+        assert_eq!(back.digest, Some(u64::MAX));
     }
 
     #[test]
