@@ -453,9 +453,10 @@ fn nfsshim_a_close_whose_commit_fails_names_no_handle_filterd_closed() {
 /// DELEGRETURN fails with nothing changed, and the next one returns it.
 #[test]
 fn nfsshim_a_delegreturn_whose_carrier_close_fails_keeps_the_delegation() {
-    // Commit 7 is the carrier's close (8 the DELEGRETURN's record).
+    // Commit 8 is the carrier's close (6 the DELEGRETURN's mark in the
+    // open state's record, 7 the lease given up, 9 its records).
     let deleg = json!({"want_delegation": "read"});
-    let (s, _d, _nfs, mut a, o) = nfs_open_twice("nfs-failed-delegreturn", 7, "read", deleg);
+    let (s, _d, _nfs, mut a, o) = nfs_open_twice("nfs-failed-delegreturn", 8, "read", deleg);
     assert_eq!(o["delegation"]["type"], "read", "{o}");
     let sid = o["stateid"].clone();
     let deleg = o["delegation"]["stateid"].clone();

@@ -702,3 +702,44 @@ fn a_remove_at_a_delayed_opens_seqid_removes() {
         assert!(!s.root().join("y").exists(), "REMOVE removed y");
     });
 }
+
+/// A DELEGRETURN whose lease was given up in filterd but whose records
+/// were not (filterd died between the two commits, the client saw DELAY),
+/// re-sent after nfsshim was killed -9 and restarted: NFS4_OK, the answer
+/// it would have had (review N3; it was NFS4ERR_EXPIRED). Nobody else's
+/// DELEGRETURN, nor a CLOSE, of that stateid is answered NFS4_OK (and a
+/// delegation revoked while nfsshim was down is still NFS4ERR_EXPIRED:
+/// nfs_state.rs `a_stalled_recall_holder_across_an_nfsshim_restart`).
+#[test]
+fn a_delegreturn_resent_after_both_daemons_restart_is_ok() {
+    // 1-2: client and session; 3: the OPEN; 4: the DELEGRETURN's mark in
+    // the open state's record; 5: the lease given up; 6: its open state
+    // and slot reply.
+    let (s, fp, mut d, shim, mut a) = crashing("commit.before", 6);
+    let o = ok(a.open(
+        "p",
+        "f",
+        "read",
+        "none",
+        json!({"create": {"mode": "unchecked"}, "want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    assert!(deleg.is_object(), "a delegation: {o}");
+    let ret = json!({"op": "DELEGRETURN", "stateid": deleg});
+    a.seqid += 1;
+    let first = a.send(ret.clone());
+    assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
+    shim.kill9();
+    d.wait_exit(Duration::from_secs(10));
+    let _d2 = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-c");
+    a.c = LineClient::connect(&shim.addr);
+    let r = a.resend_patiently(&ret, Duration::from_secs(10));
+    assert_eq!(r["status"], "NFS4_OK", "{fp}: the re-sent DELEGRETURN: {r}");
+    let r = a.call(json!({"op": "CLOSE", "stateid": deleg}));
+    assert_ne!(r["status"], "NFS4_OK", "a CLOSE of the delegation: {r}");
+    let mut b = Nfs::connect(&shim.addr, "host-b", "bcbcbcbcbcbcbcbc");
+    let r = b.call(ret);
+    assert_ne!(r["status"], "NFS4_OK", "another client's DELEGRETURN: {r}");
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+}

@@ -119,11 +119,12 @@ fn a_handle_no_open_state_names_is_closed_at_restore() {
 /// record was written; filterd died at that commit, and the re-send on the
 /// same slot and seqid got BAD_STATEID instead of NFS4_OK. Commits: 1-2
 /// the client and session, 3 the OPEN (handle, open state and slot reply
-/// in one), 4 the lease given up, 5 the DELEGRETURN's state and slot
-/// reply.
+/// in one), 4 the DELEGRETURN's mark in the open state's record
+/// (`DelegRec::returning`), 5 the lease given up, 6 the DELEGRETURN's
+/// state and slot reply.
 #[test]
 fn delegreturn_is_exactly_once_across_a_filterd_crash() {
-    for n in [4, 5] {
+    for n in [4, 5, 6] {
         let s = Scratch::new("nfs-delegreturn-crash");
         std::fs::write(s.root().join("f"), b"f").unwrap();
         let fp = format!("commit.after:{n}:kill");

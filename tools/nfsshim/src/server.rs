@@ -673,6 +673,12 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                                 d.other
                             );
                             st.expired.add(d.other.clone());
+                            // Unless a DELEGRETURN gave it up and its
+                            // records did not reach filterd: that request's
+                            // re-send is answered NFS4_OK (review N3).
+                            if let Some(by) = d.returning {
+                                st.closed.insert(d.other.clone(), (cid.clone(), Some(by)));
+                            }
                             deleg_gone.push((cid.clone(), snum, o.clone()));
                         }
                     }
@@ -2093,6 +2099,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             other: new_id("D"),
             lease_key: l.key.0,
             write: l.state.contains(LeaseState::W),
+            returning: None,
         });
         deleg_json = json!({"stateid": stateid_json(&d.other, 1),
                             "type": if d.write { "write" } else { "read" }});
@@ -2171,6 +2178,7 @@ fn open_recorded(
         other: deleg_other.clone(),
         lease_key: l.key.0,
         write: w.want == "write",
+        returning: None,
     });
     let rec = OpenRec {
         other: other.clone(),
@@ -3207,7 +3215,8 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
         .is_some_and(|(c, by)| c == ctx.cid && by.as_ref() == Some(&me))
     {
         // This very request returned it already; its reply was lost (the
-        // record of it did not reach filterd): the same answer again.
+        // record of it did not reach filterd, also across a restart of
+        // nfsshim: `DelegRec::returning`): the same answer again.
         return Ok(Map::new());
     }
     let n = resolve(ctx, st, named)?;
@@ -3222,6 +3231,16 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
         .get(&other)
         .ok_or_else(|| internal("open vanished"))?;
     if let Some(d) = &o.rec.deleg {
+        // First the record says which request gives the lease up: should
+        // nfsshim die before this request's records commit, its restore
+        // finds the lease gone and tells this return (whose re-send is
+        // answered NFS4_OK) from a revocation (NFS4ERR_EXPIRED). Only the
+        // record: in memory the delegation is the client's until it goes.
+        let mut marked = o.rec.clone();
+        if let Some(d) = &mut marked.deleg {
+            d.returning = Some(me.clone());
+        }
+        state::put(&sh.filter, &sh.tables.states(ctx.cid), o.num, &marked).map_err(filter_fail)?;
         // Acknowledge a recall (or give the lease up): nothing cached.
         // Unless filterd could not be reached, nothing changes here (the
         // client re-sends; the lease may already be down: fine).

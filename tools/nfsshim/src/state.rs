@@ -218,6 +218,13 @@ pub struct DelegRec {
     pub other: String,
     pub lease_key: uuid::Uuid,
     pub write: bool,
+    /// Written (in the record only) by a DELEGRETURN before it gives the
+    /// lease up: that request's name. A restore that finds the lease gone
+    /// answers that very request's re-send NFS4_OK — its records may not
+    /// have reached filterd — where a delegation revoked while nfsshim was
+    /// down is NFS4ERR_EXPIRED (review N3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returning: Option<String>,
 }
 
 /// One instance's table names.
