@@ -788,15 +788,24 @@ fn an_open_whose_filled_record_would_pass_the_limit_is_refused_whole() {
     use libfilter::model::{ReplayScope, ScopeName, MAX_REPLY_BYTES};
     let s = Scratch::new("nfs-filled-limit");
     std::fs::write(s.root().join("p"), b"p").unwrap();
+    // A path of control characters, six bytes each in a record (JSON
+    // escapes them): about 15 KB of the record, so that owners of up to
+    // 1 KiB (the most an owner may have) end it on either side of the limit.
+    let dir: Vec<String> = (0..13)
+        .map(|i| "\u{1}".repeat(if i < 12 { 200 } else { 100 }))
+        .collect();
+    std::fs::create_dir_all(dir.iter().fold(s.root().to_path_buf(), |p, c| p.join(c))).unwrap();
+    let long = format!("{}/p", dir.join("/"));
+    std::fs::write(s.root().join(&long), b"p").unwrap();
     let d = Filterd::start(&s, &[], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-fl");
     let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
     // Owners (each one's first OPEN: its records ride on the filter open)
     // whose open-state record ends on either side of the limit.
     let (mut granted, mut refused) = (0, 0);
-    for len in (15_500..16_200).step_by(25) {
+    for len in (25..=1024).step_by(25) {
         let owner = "o".repeat(len);
-        let r = a.open(&owner, "p", "read", "none", json!({}));
+        let r = a.open(&owner, &long, "read", "none", json!({}));
         match r["status"].as_str() {
             Some("NFS4_OK") => granted += 1,
             Some("NFS4ERR_RESOURCE") => refused += 1,
@@ -819,7 +828,7 @@ fn an_open_whose_filled_record_would_pass_the_limit_is_refused_whole() {
         "{granted} granted, {refused} refused"
     );
     assert_eq!(
-        handles_on(&s, "p").len(),
+        handles_on(&s, &long).len(),
         granted,
         "a refused OPEN keeps no handle"
     );
@@ -837,8 +846,8 @@ fn an_open_whose_filled_record_would_pass_the_limit_is_refused_whole() {
         .call_patiently(json!({"op": "READ", "stateid": last["stateid"], "offset": 0, "count": 1}));
     ok(r);
     assert_eq!(
-        handles_on(&s, "p").len(),
-        granted + 2,
+        (handles_on(&s, &long).len(), handles_on(&s, "p").len()),
+        (granted, 2),
         "every open restored"
     );
 }
@@ -1100,4 +1109,92 @@ fn a_clients_remove_finds_its_own_delegation_by_the_file_not_the_name() {
         t0.elapsed()
     );
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
+}
+
+/// filterd and nfsshim (instance `name`) on a scratch dir holding a file
+/// `f` of `content`, and a client with a session.
+fn one_client(name: &str, content: &[u8]) -> (Scratch, Filterd, Shim, Nfs) {
+    let s = Scratch::new(name);
+    std::fs::write(s.root().join("f"), content).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), name);
+    let a = Nfs::connect(&shim.addr, "host-a", "00000000000000aa");
+    (s, d, shim, a)
+}
+
+/// Review N4: a truncating OPEN with a 16 KB open-owner was made in filterd
+/// (the file truncated), then its record was refused as too long, and the
+/// OPEN answered NFS4ERR_DELAY on every re-send. An owner over 1 KiB is
+/// bad input now, refused before filterd is asked: the file is untouched.
+#[test]
+fn an_owner_over_1_kib_is_refused_before_anything_is_done() {
+    let (s, _d, _shim, mut a) = one_client("nfs-long-owner", b"keep");
+    let long = "o".repeat(16 * 1024);
+    let r = a.open(&long, "f", "both", "none", json!({"truncate": true}));
+    assert_eq!(r["status"], "NFS4ERR_INVAL", "{r}");
+    assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"keep");
+    assert!(handles_on(&s, "f").is_empty());
+    let o = ok(a.open("p", "f", "both", "none", json!({})));
+    let r = a.call(
+        json!({"op": "LOCK", "owner": "l".repeat(1025), "stateid": o["stateid"],
+                          "type": "write", "offset": 0, "length": 1}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_INVAL", "{r}");
+    assert!(filter_locks_on(&s, "f").is_empty());
+    let r = a.call(
+        json!({"op": "LOCK", "owner": "l".repeat(1024), "stateid": o["stateid"],
+                          "type": "write", "offset": 0, "length": 1}),
+    );
+    ok(r);
+}
+
+/// Review N4: a change whose open-state record grows past filterd's 16 KiB
+/// (here the 15th lock-owner of 1 KiB on one open) was made in filterd, its
+/// record refused, and the request answered NFS4ERR_DELAY forever. Now it
+/// is NFS4ERR_RESOURCE, final, with what filterd did for it undone: no
+/// lock and no handle of that lock-owner stay, and the open goes on.
+#[test]
+fn a_change_whose_record_would_pass_the_limit_is_undone_and_final() {
+    let (s, _d, _shim, mut a) = one_client("nfs-record-limit", b"f");
+    let o = ok(a.open("p", "f", "both", "none", json!({})));
+    let mut granted = 0;
+    let refused = loop {
+        assert!(granted < 32, "a record past 16 KiB was refused by now");
+        let owner = format!("{granted:04}{}", "l".repeat(1020));
+        let r = a.call(
+            json!({"op": "LOCK", "owner": owner, "stateid": o["stateid"],
+                              "type": "write", "offset": granted, "length": 1}),
+        );
+        if r["status"] != "NFS4_OK" {
+            break r;
+        }
+        granted += 1;
+    };
+    assert_eq!(refused["status"], "NFS4ERR_RESOURCE", "{refused}");
+    // The refused lock-owner's handle and lock are gone from filterd.
+    assert_eq!(filter_locks_on(&s, "f").len(), granted as usize);
+    assert_eq!(handles_on(&s, "f").len(), granted as usize);
+    // The re-send gets the same answer from the slot; the next request runs.
+    let r = a.send(json!({"op": "LOCK"}));
+    assert_eq!(r["status"], "NFS4ERR_RESOURCE", "{r}");
+    let w = ok(
+        a.call(json!({"op": "WRITE", "stateid": o["stateid"], "offset": 0,
+                             "data": b64("w")})),
+    );
+    assert_eq!(w["count"], 1);
+}
+
+/// Review N4: a reply whose slot record filterd refuses as too long (the
+/// `error` of a REMOVE naming a 4 KiB path of control characters, six
+/// bytes each in JSON) was answered NFS4ERR_DELAY on every re-send. Now the
+/// answer is final: NFS4ERR_RESOURCE, kept by the slot in memory.
+#[test]
+fn a_reply_too_long_to_record_is_final() {
+    let (_s, _d, _shim, mut a) = one_client("nfs-long-reply", b"f");
+    let path = vec!["\u{1}".repeat(200); 20].join("/");
+    let r = a.call(json!({"op": "REMOVE", "path": path}));
+    assert_eq!(r["status"], "NFS4ERR_RESOURCE", "{}", r["status"]);
+    let again = a.send(json!({"op": "REMOVE", "path": path}));
+    assert_eq!(again["status"], r["status"], "the slot keeps the answer");
+    ok(a.call(json!({"op": "RECLAIM_COMPLETE"})));
 }

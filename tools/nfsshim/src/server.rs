@@ -1077,11 +1077,28 @@ fn derived_uuid(text: &str) -> uuid::Uuid {
 
 use state::fnv64;
 
+/// The longest owner (EXCHANGE_ID's client owner, OPEN's open-owner,
+/// LOCK's lock-owner), in bytes. Owners are stored in nfsshim's records,
+/// which filterd holds to 16 KiB each; a longer owner is bad input
+/// (NFS4ERR_INVAL) refused before anything is asked of filterd (review N4).
+const MAX_OWNER_BYTES: usize = 1024;
+
+/// `owner` (the request's field `name`) if it is at most
+/// [`MAX_OWNER_BYTES`] long.
+fn bounded_owner(owner: &str, name: &str) -> Result<String, Fail> {
+    if owner.len() > MAX_OWNER_BYTES {
+        return Err(inval(format!(
+            "{name} must be at most {MAX_OWNER_BYTES} bytes"
+        )));
+    }
+    Ok(owner.to_owned())
+}
+
 fn exchange_id(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
     let owner = str_field(obj, "owner")?.to_owned();
     let verifier = str_field(obj, "verifier")?.to_ascii_lowercase();
-    if owner.is_empty() || owner.len() > 1024 {
-        return Err(inval("owner must be 1..1024 bytes"));
+    if owner.is_empty() || owner.len() > MAX_OWNER_BYTES {
+        return Err(inval(format!("owner must be 1..{MAX_OWNER_BYTES} bytes")));
     }
     if verifier.len() != 16 || !verifier.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(inval("verifier must be 16 hex digits"));
@@ -1440,6 +1457,8 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         seq: &seq,
         restored,
         digest: std::cell::Cell::new(request_digest(op, &[])),
+        undo_refused: Default::default(),
+        too_large: Default::default(),
     };
     let empty = Map::new();
     let obj = match body {
@@ -1494,6 +1513,13 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
             return finish(outcome).into();
         }
     }
+    if ctx.too_large.get() {
+        // A record filterd would refuse: the answer (NFS4ERR_RESOURCE) is
+        // final, so what the request did is undone and only its slot reply
+        // (and deletions) are written.
+        undo_refused(sh, &mut st, &ctx);
+        ctx.pending.borrow_mut().forget_puts();
+    }
     let already_recorded = matches!(&outcome, Ok(m) if m.contains_key(RECORDED));
     let mut reply = finish(outcome);
     reply.remove(RECORDED);
@@ -1514,7 +1540,18 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     // The request's table changes and its slot reply: one commit, before
     // the reply goes out.
     if let Err(e) = pending.flush(&sh.filter) {
-        if e.code() != Some(ErrorCode::DiskFull) {
+        if e.code() == Some(ErrorCode::BadFrame) {
+            // filterd refused the records themselves (one too long that
+            // `Ctx::put_state` did not see): they can never be stored, so
+            // the answer is final, not DELAY on every re-send. What the
+            // request did is undone; its answer is kept on the slot in
+            // memory only, as NOSPC's below.
+            undo_refused(sh, &mut st, &ctx);
+            reply = finish(Err(Fail(
+                "NFS4ERR_RESOURCE",
+                format!("recording the reply: {e}"),
+            )));
+        } else if e.code() != Some(ErrorCode::DiskFull) {
             // Not stored: the open states are as before the request, so a
             // re-send applies its change once (filterd's own side of it, a
             // replayed handle or lock, is found again by the re-send).
@@ -1530,10 +1567,12 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         // No re-send runs the request again, so its open states keep what
         // filterd holds for them (a handle added, ranges locked or
         // unlocked): putting them back would leave those untracked.
-        reply = finish(Err(Fail(
-            "NFS4ERR_NOSPC",
-            format!("recording the reply: {e}"),
-        )));
+        else {
+            reply = finish(Err(Fail(
+                "NFS4ERR_NOSPC",
+                format!("recording the reply: {e}"),
+            )));
+        }
     }
     if let Some(slot) = st
         .sessions
@@ -1550,6 +1589,62 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         return Sequenced::Shared(reply);
     }
     reply.into()
+}
+
+/// What a request did that is undone when its records are refused.
+enum Undo {
+    /// A filter handle it added: closed.
+    Close(ResumeKey),
+    /// A lock-owner's ranges it changed from `back` to `now` on handle
+    /// `key`: set back.
+    Ranges {
+        key: ResumeKey,
+        owner: String,
+        now: Vec<Held>,
+        back: Vec<Held>,
+    },
+    /// An open state it added (by `other`): dropped.
+    DropState(String),
+}
+
+/// Undoes what a request whose records filterd refuses (or would) did, in
+/// filterd and in memory: its answer is final, so nothing it did may stay
+/// that no record names. Best effort in filterd: a step that fails is
+/// logged (a handle left goes when the client is released).
+fn undo_refused(sh: &Shared, st: &mut State, ctx: &Ctx<'_>) {
+    for u in ctx.undo_refused.take().into_iter().rev() {
+        match u {
+            Undo::Close(key) => {
+                if let Err(e) = sh.filter.close(key) {
+                    eprintln!("nfsshim: closing handle {key} of a refused request: {e}");
+                    st.may_hold_strays = true;
+                }
+                if let Ok(mut g) = sh.global() {
+                    g.handle_client.remove(&key);
+                    g.lock_owner.remove(&key);
+                }
+            }
+            Undo::Ranges {
+                key,
+                owner,
+                now,
+                back,
+            } => {
+                if let Err(e) = apply_ranges(sh, key, &owner, &now, &back, false) {
+                    eprintln!("nfsshim: setting back the locks of a refused request: {e}");
+                }
+            }
+            Undo::DropState(other) => {
+                if let Some(o) = st.opens.remove(&other) {
+                    st.aliases.retain(|_, of| *of != other);
+                    if let (Some(d), Ok(mut g)) = (&o.rec.deleg, sh.global()) {
+                        g.lease_client.remove(&d.lease_key);
+                    }
+                }
+            }
+        }
+    }
+    roll_back(st, ctx);
 }
 
 /// Puts back the open states `ctx` saved before changing them.
@@ -1592,6 +1687,13 @@ struct Ctx<'a> {
     /// The open states as they were before this request changed them in
     /// memory (`Ctx::save`): put back unless the change commits.
     undo: std::cell::RefCell<Vec<(String, Open)>>,
+    /// What the request did in filterd (and the open states it added),
+    /// undone when its answer is final but its records can never be
+    /// stored ([`undo_refused`]).
+    undo_refused: std::cell::RefCell<Vec<Undo>>,
+    /// A record of this request's was over filterd's limit
+    /// ([`Ctx::put_state`]).
+    too_large: std::cell::Cell<bool>,
     cid: &'a str,
     seq: &'a SeqArgs,
     /// The slot was restored after a restart: the request may have been
@@ -1633,12 +1735,32 @@ impl Ctx<'_> {
             undo.push((other.to_owned(), o.clone()));
         }
     }
-    /// Writes an open state's record with the slot reply.
+    /// Writes an open state's record with the slot reply. A record over
+    /// filterd's limit (many lock-owners of long names, say) is
+    /// NFS4ERR_RESOURCE, and the request's answer then: what it did is
+    /// undone ([`undo_refused`]), as a record filterd refuses can never be
+    /// stored (review N4).
     fn put_state(&self, num: u64, rec: &OpenRec) -> Result<(), Fail> {
-        self.pending
+        let fits = self
+            .pending
             .borrow_mut()
-            .put(&self.sh.tables.states(self.cid), num, rec)
-            .map_err(filter_fail)
+            .put_within(&self.sh.tables.states(self.cid), num, rec, MAX_REPLY_BYTES)
+            .map_err(filter_fail)?;
+        if !fits {
+            self.too_large.set(true);
+            return Err(Fail(
+                "NFS4ERR_RESOURCE",
+                format!(
+                    "the open state's record would pass filterd's {MAX_REPLY_BYTES} bytes \
+                     (fewer or shorter lock-owners, or a shorter path, fit)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+    /// Undoes `u` should the request's records be refused.
+    fn on_refusal(&self, u: Undo) {
+        self.undo_refused.borrow_mut().push(u);
     }
     /// Deletes an open state's record with the slot reply.
     fn delete_state(&self, num: u64) {
@@ -1735,7 +1857,7 @@ struct OpenFields {
 
 /// Reads and checks an OPEN's fields, in the order the errors name them.
 fn open_fields(obj: &(impl Fields + ?Sized)) -> Result<OpenFields, Fail> {
-    let owner = obj.str("owner")?.to_owned();
+    let owner = bounded_owner(obj.str("owner")?, "owner")?;
     let path = path_of(obj.str("path")?, "path")?;
     let access_w = obj.str("access")?.to_owned();
     let deny_w = obj.opt_str("deny")?.unwrap_or("none").to_owned();
@@ -2044,6 +2166,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                     o.rec.access = acc;
                     o.rec.deny = den;
                     added = Some(h.info.key);
+                    ctx.on_refusal(Undo::Close(h.info.key));
                 }
                 o.rec.seqid = o.rec.seqid.wrapping_add(1);
             }
@@ -2062,6 +2185,8 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                 Some((num, other)) => (other, num),
                 None => (new_id("O"), ctx.sh.num()),
             };
+            ctx.on_refusal(Undo::Close(h.info.key));
+            ctx.on_refusal(Undo::DropState(other.clone()));
             st.opens.insert(
                 other.clone(),
                 Open {
@@ -2710,7 +2835,7 @@ fn range_of(obj: &Map<String, Value>) -> Result<LockRange, Fail> {
 
 fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
-    let owner = str_field(obj, "owner")?.to_owned();
+    let owner = bounded_owner(str_field(obj, "owner")?, "owner")?;
     let write = match str_field(obj, "type")? {
         "read" => false,
         "write" => true,
@@ -2795,6 +2920,16 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         }
         return Err(filter_fail(e));
     }
+    ctx.on_refusal(match new_key {
+        // Its locks go with it.
+        Some(k) => Undo::Close(k),
+        None => Undo::Ranges {
+            key,
+            owner: owner.clone(),
+            now: after.clone(),
+            back: before.clone(),
+        },
+    });
     ctx.save(st, &other);
     let o = st
         .opens
@@ -2974,6 +3109,12 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     // is not locked is fine.
     let after = ranges::without(&l.held, range.offset, range.length);
     apply_ranges(sh, key, &l.owner, &l.held, &after, ctx.restored).map_err(filter_fail)?;
+    ctx.on_refusal(Undo::Ranges {
+        key,
+        owner: l.owner.clone(),
+        now: after.clone(),
+        back: l.held.clone(),
+    });
     l.held = after;
     l.seqid = l.seqid.wrapping_add(1);
     let (lo, ls) = (l.other.clone(), l.seqid);
@@ -3494,7 +3635,14 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         ctx.save(st, &other);
         if let Some(o) = st.opens.get_mut(&other) {
             o.rec.path.clone_from(&to_s);
-            ctx.put_state(o.num, &o.rec)?;
+            if let Err(f) = ctx.put_state(o.num, &o.rec) {
+                // The rename is done and its reply recorded: a record too
+                // long to store under the new name keeps the old one (a
+                // restore takes an open's name from filterd's handle).
+                if !ctx.too_large.replace(false) {
+                    return Err(f);
+                }
+            }
         }
     }
     Ok(recorded())

@@ -353,11 +353,32 @@ impl Pending {
         op: u64,
         rec: &T,
     ) -> Result<(), ClientError> {
+        self.put_within(scope_name, op, rec, usize::MAX).map(|_| ())
+    }
+
+    /// A record to write if its text takes at most `max` bytes (filterd
+    /// refuses a longer one, `MAX_REPLY_BYTES`); false, and nothing
+    /// queued, if not.
+    pub fn put_within<T: Serialize>(
+        &mut self,
+        scope_name: &str,
+        op: u64,
+        rec: &T,
+        max: usize,
+    ) -> Result<bool, ClientError> {
         let text = encode(rec)?;
+        if text.len() > max {
+            return Ok(false);
+        }
         self.delete.retain(|(s, o)| !(s == scope_name && *o == op));
         self.put.retain(|(s, o, _)| !(s == scope_name && *o == op));
         self.put.push((scope_name.to_owned(), op, text));
-        Ok(())
+        Ok(true)
+    }
+
+    /// Forgets the records to write (the deletions stay).
+    pub fn forget_puts(&mut self) {
+        self.put.clear();
     }
 
     /// A record to delete.
