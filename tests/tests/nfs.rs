@@ -743,3 +743,60 @@ fn a_delegreturn_resent_after_both_daemons_restart_is_ok() {
     assert_ne!(r["status"], "NFS4_OK", "another client's DELEGRETURN: {r}");
     ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
 }
+
+/// Review N2: a client released while filterd is away. DESTROY_CLIENTID
+/// was answered NFS4_OK with nothing done in filterd, and the lease reaper
+/// dropped a lapsed client the same way: its open stayed in filterd,
+/// attached to nfsshim and named by no state, and kept other clients out.
+/// Now DESTROY_CLIENTID is NFS4ERR_DELAY until filterd is back and the
+/// release done; the reaper waits for filterd.
+#[test]
+fn destroy_clientid_while_filterd_is_away_is_delayed_then_releases() {
+    let s = Scratch::new("nfs-destroy-away");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-da");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "abababababababab");
+    ok(a.open("p", "f", "both", "both", create()));
+    d.kill9();
+    let destroy = json!({"op": "DESTROY_CLIENTID", "clientid": a.clientid});
+    let r = a.c.call_with("xid", destroy.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "filterd is away: {r}");
+    let _d = Filterd::start(&s, &[], &[]);
+    let r = wait_for("DESTROY_CLIENTID done", Duration::from_secs(10), || {
+        let r = a.c.call_with("xid", destroy.clone());
+        (r["status"] != "NFS4ERR_DELAY").then_some(r)
+    });
+    ok(r);
+    assert!(rkfilter_tests::handles_on(&s, "f").is_empty());
+    let mut b = Nfs::connect(&shim.addr, "host-b", "bcbcbcbcbcbcbcbc");
+    ok(b.call_patiently(
+        json!({"op": "OPEN", "owner": "q", "path": "f", "access": "both",
+                               "deny": "both"}),
+    ));
+}
+
+#[test]
+fn a_lease_lapsing_while_filterd_is_away_is_released_once_it_is_back() {
+    let s = Scratch::new("nfs-reap-away");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with("nfsshim", &s.socket(), "nfs-ra", &["--lease-ms", "1000"]);
+    let mut a = Nfs::connect(&shim.addr, "host-a", "abababababababab");
+    ok(a.open("p", "f", "both", "both", create()));
+    d.kill9();
+    // Longer than the lease, with nobody renewing it.
+    let t0 = std::time::Instant::now();
+    wait_for("the lease to lapse", Duration::from_secs(10), || {
+        (t0.elapsed() > Duration::from_millis(2500)).then_some(())
+    });
+    let _d = Filterd::start(&s, &[], &[]);
+    wait_for(
+        "the lapsed client's open closed",
+        Duration::from_secs(10),
+        || rkfilter_tests::handles_on(&s, "f").is_empty().then_some(()),
+    );
+    let r = a.c.call_with(
+        "xid",
+        json!({"op": "CREATE_SESSION", "clientid": a.clientid}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_STALE_CLIENTID", "{r}");
+}

@@ -332,6 +332,11 @@ struct State {
     /// An OPEN of this client failed: filterd may hold a handle of it that
     /// no open state names (see [`release_client`]).
     may_hold_strays: bool,
+    /// Being released (reboot, expiry, destroy), and a step of it in
+    /// filterd failed: the release is retried (by the next request naming
+    /// the client, or the lease reaper) until it is done, and meanwhile
+    /// the client's state serves nothing (see [`release_client`]).
+    releasing: bool,
 }
 
 /// What routes requests and events to a client, and what outlives it. Held
@@ -1111,6 +1116,11 @@ fn exchange_id(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
     };
     if let Some((cid, cl)) = known {
         let mut st = lock_client(&cl)?;
+        if st.releasing {
+            // A release left half done: finished first (the incarnation
+            // is gone whatever the verifier).
+            release_client(sh, &mut st, &cid)?;
+        }
         if let Some(c) = st.client.as_mut() {
             if c.rec.verifier == verifier {
                 c.deadline = Instant::now() + sh.lease;
@@ -1121,7 +1131,9 @@ fn exchange_id(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
             }
         }
         // A rebooted client: its previous incarnation's state goes.
-        release_client(sh, &mut st, &cid);
+        if st.client.is_some() {
+            release_client(sh, &mut st, &cid)?;
+        }
     }
     let peer = {
         // A new client record: within --max-clients (so the table never
@@ -1215,6 +1227,9 @@ fn create_session(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let cid = str_field(obj, "clientid")?.to_owned();
     let cl = sh.client(&cid)?.ok_or_else(|| stale(&cid))?;
     let mut st = lock_client(&cl)?;
+    if st.releasing {
+        release_client(sh, &mut st, &cid)?;
+    }
     let Some(c) = st.client.as_mut() else {
         return Err(stale(&cid));
     };
@@ -1261,23 +1276,31 @@ fn destroy_clientid(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     if st.client.is_none() {
         return Err(stale(&cid));
     }
-    release_client(sh, &mut st, &cid);
+    release_client(sh, &mut st, &cid)?;
     Ok(Map::new())
 }
 
 /// Releases everything of a client incarnation: its opens (their filter
 /// handles closed), locks, delegations, sessions and its record. Its
 /// clientid is stale from now on and its stateids expired.
-fn release_client(sh: &Shared, st: &mut State, cid: &str) {
-    let f = &sh.filter;
+///
+/// Every step in filterd comes first, and the client leaves memory only
+/// once all of them are done: should one fail (filterd away), the client
+/// stays, marked `releasing`, its state serving nothing, and the release
+/// runs again (each step is idempotent) when the client's next request or
+/// the lease reaper comes — the caller answers the failure (DELAY while
+/// filterd is away). Before, every error was ignored and the client
+/// dropped: its handles stayed in filterd, attached to nfsshim and named
+/// by no state, blocking other clients, and DESTROY_CLIENTID was answered
+/// NFS4_OK with nothing durable (review N2).
+fn release_client(sh: &Shared, st: &mut State, cid: &str) -> Result<(), Fail> {
+    st.releasing = true;
+    release_in_filter(sh, st, cid).map_err(filter_fail)?;
     let mut gone_others = Vec::new();
     let mut gone_keys = Vec::new();
     let mut gone_leases = Vec::new();
     for (other, o) in st.opens.drain() {
-        for k in o.keys() {
-            let _ = f.close(k);
-            gone_keys.push(k);
-        }
+        gone_keys.extend(o.keys());
         gone_others.push(other);
         for l in &o.rec.locks {
             gone_others.push(l.other.clone());
@@ -1288,31 +1311,13 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         }
     }
     st.aliases.clear();
-    // An OPEN of this client that filterd made but that never got into
-    // memory (its descriptor cut, or filterd gone before it answered) and
-    // was never re-sent: kept detached for the re-send, it goes now too
-    // (review wD). Every handle of the client's open states is closed
-    // above, so whatever of the client filterd still holds is such a one.
-    // Only a client with a failed OPEN can have one: the listing (every
-    // handle of the instance) is not paid for each client released.
-    if st.may_hold_strays {
-        if let Err(e) = close_strays(sh, |h| h.record.client.as_str() == cid) {
-            eprintln!("nfsshim: listing client {cid}'s handles to close: {e}");
-        }
-    }
-    if let Ok(s) = state::scope(&sh.tables.states(cid)) {
-        let _ = f.client().call(Request::DropScope { scope: s });
-    }
-    let sessions: Vec<String> = st.sessions.keys().cloned().collect();
-    for sid in sessions {
-        drop_session(sh, st, &sid);
-    }
+    let sessions: Vec<String> = st.sessions.drain().map(|(sid, _)| sid).collect();
     let mut peer = None;
     let owner = st.client.take().map(|c| {
-        let _ = state::delete(f, &sh.tables.clients(), c.num);
         peer = c.peer;
         c.rec.owner
     });
+    st.releasing = false;
     if let Ok(mut g) = sh.global() {
         g.clients.remove(cid);
         if let Some(owner) = owner {
@@ -1330,23 +1335,73 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) {
         for l in gone_leases {
             g.lease_client.remove(&l);
         }
+        for sid in sessions {
+            g.session_client.remove(&sid);
+        }
         unpeer(&mut g, peer);
         g.client_conn.remove(cid);
         g.revoked.remove(cid);
         g.forgotten.remove(cid);
     }
+    Ok(())
 }
 
-fn drop_session(sh: &Shared, st: &mut State, sid: &str) {
-    if let Some(s) = st.sessions.remove(sid) {
-        let _ = state::delete(&sh.filter, &sh.tables.sessions(&s.rec.clientid), s.num);
-        if let Ok(scope) = state::scope(&sh.tables.slots(sid)) {
-            let _ = sh.filter.client().call(Request::DropScope { scope });
+/// [`release_client`]'s steps in filterd, each done again harmlessly: the
+/// open states' handles closed (one already gone is fine), the client's
+/// strays, its open-state, session, slot and client records.
+fn release_in_filter(sh: &Shared, st: &State, cid: &str) -> Result<(), ClientError> {
+    let f = &sh.filter;
+    let gone_is_fine = |r: Result<(), ClientError>| match r {
+        Err(e) if e.code() != Some(ErrorCode::NoSuchHandle) => Err(e),
+        _ => Ok(()),
+    };
+    for o in st.opens.values() {
+        for k in o.keys() {
+            gone_is_fine(f.close(k))?;
         }
     }
+    // An OPEN of this client that filterd made but that never got into
+    // memory (its descriptor cut, or filterd gone before it answered) and
+    // was never re-sent: kept detached for the re-send, it goes now too
+    // (review wD). Every handle of the client's open states is closed
+    // above, so whatever of the client filterd still holds is such a one.
+    // Only a client with a failed OPEN can have one: the listing (every
+    // handle of the instance) is not paid for each client released.
+    if st.may_hold_strays {
+        close_strays(sh, |h| h.record.client.as_str() == cid)?;
+    }
+    f.client().call(Request::DropScope {
+        scope: state::scope(&sh.tables.states(cid))?,
+    })?;
+    for s in st.sessions.values() {
+        drop_session_records(sh, s)?;
+    }
+    if let Some(c) = &st.client {
+        state::delete(f, &sh.tables.clients(), c.num)?;
+    }
+    Ok(())
+}
+
+/// A session's records in filterd: its own and its slots'.
+fn drop_session_records(sh: &Shared, s: &Session) -> Result<(), ClientError> {
+    state::delete(&sh.filter, &sh.tables.sessions(&s.rec.clientid), s.num)?;
+    sh.filter.client().call(Request::DropScope {
+        scope: state::scope(&sh.tables.slots(&s.rec.sessionid))?,
+    })?;
+    Ok(())
+}
+
+/// DESTROY_SESSION: the session's records go first; the session leaves
+/// memory only once they are gone (else the failure is the answer).
+fn drop_session(sh: &Shared, st: &mut State, sid: &str) -> Result<(), Fail> {
+    if let Some(s) = st.sessions.get(sid) {
+        drop_session_records(sh, s).map_err(filter_fail)?;
+    }
+    st.sessions.remove(sid);
     if let Ok(mut g) = sh.global() {
         g.session_client.remove(sid);
     }
+    Ok(())
 }
 
 /// The slot a request runs on.
@@ -1386,6 +1441,17 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         Ok(st) => st,
         Err(f) => return finish(Err(f)).into(),
     };
+    if st.releasing {
+        // A release left half done serves nothing: finished now (then the
+        // session is gone) or its failure is the answer (DELAY while
+        // filterd is away; the slot does not advance).
+        let cid = st.client.as_ref().map(|c| c.rec.clientid.clone());
+        if let Some(cid) = cid {
+            if let Err(f) = release_client(sh, &mut st, &cid) {
+                return finish(Err(f)).into();
+            }
+        }
+    }
     let Some(session) = st.sessions.get(&seq.sessionid) else {
         return finish(Err(Fail(
             "NFS4ERR_BADSESSION",
@@ -1486,8 +1552,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         "RENAME" => (rename(&ctx, &mut st, obj), true),
         "RECLAIM_COMPLETE" => (Ok(Map::new()), false),
         "DESTROY_SESSION" => {
-            drop_session(sh, &mut st, &seq.sessionid);
-            return finish(Ok(Map::new())).into();
+            return finish(drop_session(sh, &mut st, &seq.sessionid).map(|()| Map::new())).into();
         }
         other => (
             Err(Fail("NFS4ERR_NOTSUPP", format!("unknown op {other:?}"))),
@@ -3834,6 +3899,7 @@ fn revoke(st: &mut State, lease: uuid::Uuid) {
 
 /// Releases the state of clients whose lease lapsed.
 fn reaper(sh: Arc<Shared>) {
+    let mut was_ready = true;
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let Ok(clients) = sh.global().map(|g| {
@@ -3844,13 +3910,35 @@ fn reaper(sh: Arc<Shared>) {
         }) else {
             return;
         };
+        // Not while filterd is away or nfsshim has not caught up with its
+        // reattach: a release then could not reach filterd (and time
+        // filterd was away does not count against a lease).
+        if !sh.filter.io_ready() {
+            was_ready = false;
+            continue;
+        }
         let now = Instant::now();
+        if !std::mem::replace(&mut was_ready, true) {
+            // Back: every lease runs afresh, as after a restart.
+            for (_, cl) in &clients {
+                if let Ok(mut st) = cl.lock() {
+                    if let Some(c) = st.client.as_mut() {
+                        c.deadline = c.deadline.max(now + sh.lease);
+                    }
+                }
+            }
+        }
         for (cid, cl) in clients {
             // A client with a request running is alive; look next time.
             let Ok(mut st) = cl.try_lock() else { continue };
             if st.client.as_ref().is_some_and(|c| c.deadline <= now) {
-                eprintln!("nfsshim: client {cid} let its lease lapse; releasing its state");
-                release_client(&sh, &mut st, &cid);
+                if !st.releasing {
+                    eprintln!("nfsshim: client {cid} let its lease lapse; releasing its state");
+                }
+                // Kept, marked, and tried again next time if it fails.
+                if let Err(Fail(_, e)) = release_client(&sh, &mut st, &cid) {
+                    eprintln!("nfsshim: releasing client {cid}: {e}; trying again");
+                }
             }
         }
     }
