@@ -800,3 +800,33 @@ fn a_lease_lapsing_while_filterd_is_away_is_released_once_it_is_back() {
     );
     assert_eq!(r["status"], "NFS4ERR_STALE_CLIENTID", "{r}");
 }
+
+/// Review N1, for LOCK: a further lock-owner's handle, made in filterd
+/// before it died (the client saw DELAY), was named by the slot and seqid
+/// only, so a different LOCK sent at that seqid by another lock-owner
+/// needing a handle of its own was handed that one — refused
+/// NFS4ERR_ACCESS (another owner's), or, by the same lock-owner name on
+/// another file, answered DELAY once. Now it gets a handle of its own.
+#[test]
+fn a_different_lock_at_a_delayed_locks_seqid_locks_its_own_file() {
+    // 1-2: client and session; 3, 4: OPENs of f and g; 5-8: their first
+    // lock-owners' locks, each with its records; 9: the handle of f's
+    // second lock-owner.
+    let (s, fp, mut d, _shim, mut a) = crashing("commit.after", 9);
+    let f = ok(a.open("p", "f", "both", "none", create()));
+    let g = ok(a.open("q", "g", "both", "none", create()));
+    let lock = |stateid: &Value, owner: &str| {
+        json!({"op": "LOCK", "owner": owner, "stateid": stateid, "type": "write",
+               "offset": 0, "length": 1})
+    };
+    ok(a.call(lock(&g["stateid"], "l0")));
+    ok(a.call(lock(&f["stateid"], "l1")));
+    a.seqid += 1;
+    let first = a.send(json!({"op": "LOCK", "owner": "l2", "stateid": f["stateid"],
+                              "type": "write", "offset": 5, "length": 1}));
+    assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
+    let second = json!({"op": "LOCK", "owner": "l3", "stateid": g["stateid"], "type": "write",
+                        "offset": 5, "length": 1});
+    let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &second);
+    assert_eq!(r["status"], "NFS4_OK", "{fp}: the second LOCK: {r}");
+}
