@@ -1765,9 +1765,9 @@ struct Ctx<'a> {
     /// executed before the crash without its reply being recorded.
     restored: bool,
     /// The request's digest ([`request_digest`]): its op, and the
-    /// arguments of an OPEN, REMOVE or RENAME (set by the op once it has
-    /// read them). Recorded with the slot reply, and part of the names of
-    /// the filter state an OPEN makes ([`Ctx::request_guid`]).
+    /// arguments of an OPEN, LOCK, REMOVE or RENAME (set by the op once it
+    /// has read them). Recorded with the slot reply, and part of the names
+    /// of the filter state an OPEN or LOCK makes ([`Ctx::request_guid`]).
     digest: std::cell::Cell<u64>,
 }
 
