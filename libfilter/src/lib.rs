@@ -16,6 +16,8 @@
 //!   events. A third-party file server needs nothing else.
 //! - [`attach`]: a reconnecting attachment that resumes a frontend's handles
 //!   by itself after a daemon restart.
+//! - [`settle`]: closes again, until filterd answers, the handles whose
+//!   close was never answered.
 //! - [`runtime`]: the live daemon's record in its state dir (pid, socket),
 //!   how filterctl finds it.
 //! - `cli` (feature `cli`): the programs' command lines — a usage error is
@@ -37,6 +39,7 @@ pub mod model;
 pub mod proto;
 pub mod record;
 pub mod runtime;
+pub mod settle;
 pub mod share;
 pub mod store;
 pub mod sys;

@@ -90,6 +90,67 @@ fn smbshim_refuses_a_logoff_whose_close_fails() {
     );
 }
 
+/// smbshim: a persistent open of `f`; filterd is killed as `teardown` (a
+/// CLOSE or a LOGOFF of it) asks for its close, so the close never ran,
+/// and is started again. `teardown` must not answer success, and the
+/// handle must not stay: before the fix smbshim forgot the open, its
+/// attachment resumed the handle in the restarted filterd, and nobody
+/// named it again — attached for good, its share mode and locks held (a
+/// LOGOFF even answered success). Now smbshim closes it again until
+/// filterd answers (`libfilter::settle`). Returns the scratch dir, the
+/// restarted filterd, smbshim, the client and its session, for more.
+fn smbshim_settles_an_unanswered_close(
+    name: &str,
+    teardown: impl Fn(&serde_json::Value, &serde_json::Value) -> serde_json::Value,
+) -> (Scratch, Filterd, Shim, LineClient, u64) {
+    let s = Scratch::new(name);
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "request.close:1:kill")]);
+    let smb = Shim::start("smbshim", d.socket(), name);
+    let (mut c, sid) = smb_session(&smb.addr);
+    let r = smb_persistent_create(&mut c, sid, "f");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+
+    let r = c.call(teardown(&json!(sid), &fid));
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "filterd died before the close: not done, retry: {r}"
+    );
+    d.wait_exit(Duration::from_secs(10));
+    let d = Filterd::start(&s, &[], &[]);
+    wait_for("filterd to hold no handle", Duration::from_secs(20), || {
+        handle_paths(d.socket()).is_empty().then_some(())
+    });
+    // Another client opens the file sharing nothing.
+    let (mut other, osid) = smb_session(&smb.addr);
+    let r = other.call(json!({"cmd": "CREATE", "session_id": osid, "path": "f",
+        "access": ["read", "write"], "share": [], "disposition": "open"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "nothing holds f: {r}");
+    (s, d, smb, c, sid)
+}
+
+#[test]
+fn smbshim_closes_again_a_handle_whose_close_was_never_answered() {
+    let (_s, _d, _smb, mut c, sid) = smbshim_settles_an_unanswered_close(
+        "smbshim-unsettled-close",
+        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+    let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+/// A LOGOFF whose close was never answered fails with the close's status
+/// (it answered success), the session stays, and the next LOGOFF ends it.
+#[test]
+fn smbshim_fails_a_logoff_whose_close_was_never_answered() {
+    let (_s, _d, _smb, mut c, sid) = smbshim_settles_an_unanswered_close(
+        "smbshim-unsettled-logoff",
+        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
+    );
+    let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "the second LOGOFF: {r}");
+}
+
 /// rksmbd and a real SMB 3 client (smbprotocol, `tests/smb3/SCRIPT`): the
 /// script's first close of persistent open `file` (a CLOSE, a
 /// TREE_DISCONNECT), whose commit fails, is refused ("refused": filterd

@@ -15,6 +15,7 @@ use libfilter::attach::{Attachment, IoDecision, IoPass};
 use libfilter::client::ClientError;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
+use libfilter::settle::{may_hold, Unsettled};
 use serde_json::{json, Map, Value};
 
 /// Longest request line (spec: 4 MiB).
@@ -163,6 +164,9 @@ struct Member {
     /// Files with byte-range locks (lock hints from filterd, and files this
     /// member is locking): only their I/O costs a CheckIo round trip.
     locked_files: Mutex<std::collections::HashSet<FileId>>,
+    /// Handles of forgotten opens whose close filterd never answered: the
+    /// member's `close-settler` thread closes them again until it does.
+    unsettled: Unsettled,
 }
 
 /// The instance name of member `k` of smbshim instance `instance`: member
@@ -294,6 +298,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
             .map(|filter| Member {
                 filter,
                 locked_files: Mutex::new(std::collections::HashSet::new()),
+                unsettled: Unsettled::default(),
             })
             .collect(),
         sessions: Mutex::new(HashMap::new()),
@@ -309,6 +314,14 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
         std::thread::Builder::new()
             .name(format!("lease-breaks-{k}"))
             .spawn(move || forward_breaks(sh, k))?;
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("close-settler-{k}"))
+            .spawn(move || {
+                if let Some(m) = sh.members.get(k) {
+                    m.unsettled.run(|key| m.filter.close(key));
+                }
+            })?;
     }
     Ok(shared)
 }
@@ -1606,30 +1619,59 @@ fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// if it came just after. (Both asked once: when the taker's close was
 /// undone, the other's could close the handle in filterd before the taker
 /// put the open back — an open served with no handle behind it.)
+///
+/// A close filterd never answered (killed or stalled under it) leaves the
+/// open forgotten — nothing is served through a handle filterd may have
+/// closed — and the handle to the member's settler, which closes it again
+/// until filterd answers ([`libfilter::settle`]): a restarted filterd
+/// gets back a close that never committed, and the attachment resumes it,
+/// named by no open, holding its share mode and locks for good.
 fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
+    close_taken(sh, o).map(|()| Map::new()).map_err(|f| f.fail)
+}
+
+/// Why [`close_taken`] failed.
+struct CloseFailed {
+    fail: Fail,
+    /// Filterd never answered: the open is forgotten, its handle settling.
+    unknown: bool,
+}
+
+/// [`close_open`], telling apart a close whose outcome is unknown.
+fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
+    let known = |fail| CloseFailed {
+        fail,
+        unknown: false,
+    };
     let key = o.key;
-    let m = sh.member(o.member)?;
+    let m = sh.member(o.member).map_err(known)?;
     let Some(taken) = sh
         .opens
         .lock()
         .ok()
         .and_then(|mut opens| opens.remove(&o.file_id))
     else {
-        return Err(Fail(
+        return Err(known(Fail(
             "STATUS_FILE_CLOSED",
             format!("open {} is being closed", o.file_id),
-        ));
+        )));
     };
     // A WRITE of this open (from another connection of the session) may
     // be in its pwrite: it lands before filterd forgets the handle.
     drain(m, o.file_key);
     if let Err(e) = m.filter.close(key) {
+        let unknown = !e.close_undone() && may_hold(&e);
         if e.close_undone() {
             keep_open(sh, m, o.file_id, taken);
+        } else if unknown {
+            m.unsettled.add(key);
         }
-        return Err(filter_fail(e));
+        return Err(CloseFailed {
+            fail: filter_fail(e),
+            unknown,
+        });
     }
-    Ok(Map::new())
+    Ok(())
 }
 
 /// Puts back an open whose CLOSE filterd did not make: the client was told
@@ -1650,6 +1692,8 @@ fn keep_open(sh: &Shared, m: &Member, file_id: String, open: Open) {
             eprintln!("smbshim: closing an open whose session ended: {e}");
             if e.close_undone() {
                 let _ = m.filter.detach(open.key);
+            } else if may_hold(&e) {
+                m.unsettled.add(open.key);
             }
         }
         return;
@@ -1662,7 +1706,10 @@ fn keep_open(sh: &Shared, m: &Member, file_id: String, open: Open) {
 /// LOGOFF: every open of the session is closed first as a CLOSE would be,
 /// so that one filterd refused or undid stays — and the session with it:
 /// the LOGOFF then fails (the client may CLOSE it, log off again or drop
-/// the connection). Only then does the session end.
+/// the connection). A close filterd never answered fails the LOGOFF too,
+/// with the session kept (its open is gone, its handle settling): it was
+/// not made, and a success would say it was. Only then does the session
+/// end.
 fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (session, _, _) = session_of(sh, obj)?;
     let mine: Vec<String> = sh
@@ -1676,10 +1723,22 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         })
         .unwrap_or_default();
     let mut failed = None;
+    let mut unknown = None;
     for file_id in mine {
-        if let Err(e) = open_in(sh, session, &file_id).and_then(|o| close_open(sh, o)) {
-            failed = Some(e);
+        let closed = open_in(sh, session, &file_id)
+            .map_err(|fail| CloseFailed {
+                fail,
+                unknown: false,
+            })
+            .and_then(|o| close_taken(sh, o));
+        match closed {
+            Ok(()) => {}
+            Err(f) if f.unknown => unknown = Some(f.fail),
+            Err(f) => failed = Some(f.fail),
         }
+    }
+    if let Some(e) = unknown {
+        return Err(e);
     }
     if let Some(e) = failed {
         let kept = sh
@@ -1719,11 +1778,14 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) {
     for (_, key, durable, file, member) in mine {
         let Ok(m) = sh.member(member) else { continue };
         drain(m, file);
-        let _ = if durable && !logoff {
-            m.filter.detach(key)
-        } else {
-            m.filter.close(key)
-        };
+        if durable && !logoff {
+            let _ = m.filter.detach(key);
+        } else if let Err(e) = m.filter.close(key) {
+            // Refused or unanswered: nobody can name the open any more.
+            if may_hold(&e) {
+                m.unsettled.add(key);
+            }
+        }
     }
 }
 

@@ -1,0 +1,105 @@
+//! Closes whose outcome filterd never told: the call timed out (filterd
+//! stalled past the call timeout) or filterd's connection went while it
+//! waited. A frontend that forgot such an open (it serves nothing through
+//! a handle filterd may have closed) may still leave filterd holding the
+//! handle: a stalled filterd closes it late or undoes the close (its
+//! commit failed), and a restarted one gets it back, resumed by the
+//! [`crate::attach::Attachment`], when the close never committed. Nobody
+//! would name it again, and it would keep its share mode, lease, locks and
+//! persistent record for as long as the frontend ran. [`Unsettled::run`],
+//! on a named thread of the frontend, asks filterd to close each such
+//! handle again until filterd answers for it: closed, or not (or no
+//! longer) this frontend's. rksmbd and smbshim use it.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::client::ClientError;
+use crate::model::ResumeKey;
+use crate::proto::ErrorCode;
+
+/// Longest pause between two tries of a handle still unsettled.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Whether an error answering a close leaves the handle possibly held by
+/// this frontend: everything but "not this frontend's handle" (a close
+/// undone, refused, or never answered).
+pub fn may_hold(e: &ClientError) -> bool {
+    !matches!(
+        e.code(),
+        Some(ErrorCode::NoSuchHandle) | Some(ErrorCode::NotOwner)
+    )
+}
+
+/// Handles whose close is to be asked again. Bounded by the opens the
+/// frontend may hold (each open's handle is added at most once).
+#[derive(Default)]
+pub struct Unsettled {
+    keys: Mutex<Vec<ResumeKey>>,
+    added: Condvar,
+}
+
+fn lock(m: &Mutex<Vec<ResumeKey>>) -> MutexGuard<'_, Vec<ResumeKey>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Unsettled {
+    /// Handle `key` of a forgotten open may still be held: close it.
+    pub fn add(&self, key: ResumeKey) {
+        tracing::warn!(resume_key = %key, "close outcome unknown: closing it again until filterd answers");
+        lock(&self.keys).push(key);
+        self.added.notify_one();
+    }
+
+    /// Handles waiting to be closed again.
+    pub fn len(&self) -> usize {
+        lock(&self.keys).len()
+    }
+
+    /// Whether no handle waits to be closed again.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The settling loop, for a thread of its own that lives as long as
+    /// the frontend: closes each added handle with `close` (the frontend's
+    /// [`crate::attach::Attachment::close`]) until it answers closed,
+    /// `NoSuchHandle` or `NotOwner`, pausing with backoff up to
+    /// [`MAX_BACKOFF`] between rounds that left some.
+    pub fn run(&self, close: impl Fn(ResumeKey) -> Result<(), ClientError>) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let keys = {
+                let mut keys = lock(&self.keys);
+                while keys.is_empty() {
+                    backoff = Duration::from_millis(10);
+                    keys = self
+                        .added
+                        .wait_timeout(keys, Duration::from_secs(60))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                std::mem::take(&mut *keys)
+            };
+            let mut left = Vec::new();
+            for key in keys {
+                match close(key) {
+                    Ok(()) => tracing::info!(resume_key = %key, "unsettled close made"),
+                    Err(e) if !may_hold(&e) => {
+                        tracing::info!(resume_key = %key, "unsettled close: filterd holds nothing of it")
+                    }
+                    // Undone, refused, or unknown again: later.
+                    Err(e) => {
+                        tracing::debug!(resume_key = %key, error = %e, "unsettled close: again later");
+                        left.push(key);
+                    }
+                }
+            }
+            if !left.is_empty() {
+                lock(&self.keys).extend(left);
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
