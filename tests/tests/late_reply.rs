@@ -491,3 +491,100 @@ fn rksmbd_reconnects_a_handle_whose_unanswered_detach_failed() {
     let fp = [("RKFILTER_FAILPOINTS", "commit.before:2:fail")];
     rksmbd_reconnect_after_unanswered_detach("detach-unanswered-failed", &fp);
 }
+
+/// smbshim and a persistent open of `f` whose first record lookup (a
+/// replay's) stalls filterd past smbshim's call timeout: `before` (WRITEs
+/// and SET_INFOs with op ids, each acknowledged) runs, then `replay` is
+/// re-sent with `"replay": true`. Its lookup gets no answer in time, and
+/// it must not run again: it did (the failed lookup fell through to the
+/// change), putting back old bytes or truncating again over data
+/// acknowledged since. Now it is answered the retry status, and once
+/// filterd answers again its re-send gets the recorded reply; `f` holds
+/// `want` throughout — also after a later size change of the handle, run
+/// after any change the replay sent to the stalled filterd.
+fn a_replay_whose_lookup_goes_unanswered_runs_nothing(
+    name: &str,
+    before: &[Value],
+    replay: Value,
+    want: &[u8],
+) {
+    let (s, d, smb) = setup_failing(
+        name,
+        "smbshim",
+        &[("RKFILTER_FAILPOINTS", "request.lookup_reply:1:sleep3000")],
+    );
+    let (mut c, sid) = smb_session(&smb.addr);
+    let r = rkfilter_tests::smb_persistent_create(&mut c, sid, "f");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let with_ids = |v: &Value| {
+        let mut v = v.clone();
+        v["session_id"] = json!(sid);
+        v["file_id"] = fid.clone();
+        v
+    };
+    for req in before {
+        let r = c.call(with_ids(req));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{req}: {r}");
+    }
+    assert_eq!(std::fs::read(s.root().join("f")).expect("f"), want);
+    let mut again = with_ids(&replay);
+    again["replay"] = json!(true);
+    let r = c.call(again.clone());
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "the lookup went unanswered: retry, nothing run: {r}"
+    );
+    assert_eq!(
+        std::fs::read(s.root().join("f")).expect("f"),
+        want,
+        "the replay ran again"
+    );
+    wait_for(
+        "the replay's recorded reply",
+        Duration::from_secs(20),
+        || (c.call(again.clone())["status"] == "STATUS_SUCCESS").then_some(()),
+    );
+    // filterd runs a handle's size changes in the order they came: once
+    // one sent now (to the size `f` has) is answered, a change sent by the
+    // timed-out replay has run, or never will.
+    let size = u64::try_from(want.len()).expect("a small file");
+    let r = c.call(json!({"cmd": "SET_INFO", "session_id": sid, "file_id": fid,
+        "end_of_file": size, "op_id": 99}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(
+        std::fs::read(s.root().join("f")).expect("f"),
+        want,
+        "the replay ran again, late"
+    );
+    drop(d);
+}
+
+#[test]
+fn smbshim_runs_no_replayed_write_whose_lookup_went_unanswered() {
+    let write =
+        |op: u64, data: &str| json!({"cmd": "WRITE", "offset": 0, "data": data, "op_id": op});
+    // "aaaa", then "bbbb" over it; the first again would put "aaaa" back.
+    a_replay_whose_lookup_goes_unanswered_runs_nothing(
+        "replay-write-unanswered",
+        &[write(1, "YWFhYQ=="), write(2, "YmJiYg==")],
+        write(1, "YWFhYQ=="),
+        b"bbbb",
+    );
+}
+
+#[test]
+fn smbshim_runs_no_replayed_set_info_whose_lookup_went_unanswered() {
+    let truncate = json!({"cmd": "SET_INFO", "end_of_file": 0, "op_id": 2});
+    // "aaaa", cut to nothing, then "bbbb": the cut again would lose it.
+    a_replay_whose_lookup_goes_unanswered_runs_nothing(
+        "replay-truncate-unanswered",
+        &[
+            json!({"cmd": "WRITE", "offset": 0, "data": "YWFhYQ==", "op_id": 1}),
+            truncate.clone(),
+            json!({"cmd": "WRITE", "offset": 0, "data": "YmJiYg==", "op_id": 3}),
+        ],
+        truncate,
+        b"bbbb",
+    );
+}

@@ -1361,10 +1361,23 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let member = sh.member(o.member)?;
     let scope = ReplayScope::Handle(key);
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
-        if let Ok(Some(r)) = member.filter.client().lookup_reply(scope.clone(), op) {
-            if let Ok(Value::Object(m)) = serde_json::from_str(&r.reply) {
-                return Ok(m);
+        // Run again only when the filter answered that it has no record:
+        // a lookup that failed (filterd away, stalled past the call
+        // timeout, or refusing) may hide a write that landed and was
+        // acknowledged, and running it again would put its bytes back over
+        // what was written since.
+        match member.filter.client().lookup_reply(scope.clone(), op) {
+            Ok(Some(r)) => {
+                return match serde_json::from_str(&r.reply) {
+                    Ok(Value::Object(m)) => Ok(m),
+                    _ => Err(Fail(
+                        "STATUS_INTERNAL_ERROR",
+                        "the recorded reply is unreadable".into(),
+                    )),
+                }
             }
+            Ok(None) => {}
+            Err(e) => return Err(filter_fail(e)),
         }
     }
     let pass = check_io(
@@ -1515,11 +1528,14 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
         match m.filter.client().lookup_reply(scope.clone(), op) {
             Ok(Some(_)) => return Ok(Map::new()),
+            Ok(None) => {}
             // The filter refuses the lookup of a change whose outcome it
             // cannot know (it stopped during it and the file changed
-            // meanwhile): said, never run again over what came after.
-            Err(e @ ClientError::Refused(_)) => return Err(Fail(status_of(&e), e.to_string())),
-            _ => {}
+            // meanwhile), or its answer did not come (filterd away or
+            // stalled past the call timeout): said (the retry status for
+            // the latter), never run again over what came after — a second
+            // truncate would cut data acknowledged since.
+            Err(e) => return Err(filter_fail(e)),
         }
     }
     // The filter records the reply in the same commit as the change.
