@@ -39,6 +39,20 @@ fn persistent_create(
     )
 }
 
+/// A new client (GUID, user alice) at the smbshim at `addr` with a
+/// persistent open of `f`: (client GUID, create GUID, connection, session
+/// id, file id).
+fn alice_persistent_f(addr: &str) -> (String, String, LineClient, u64, Value) {
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let guid = uuid::Uuid::new_v4().to_string();
+    let mut c = LineClient::connect(addr);
+    let sid = session(&mut c, &client_guid, "alice");
+    let r = persistent_create(&mut c, sid, "f", &guid, "create", false);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    (client_guid, guid, c, sid, fid)
+}
+
 #[test]
 fn basic_commands_and_malformed_input() {
     let s = Scratch::new("smb-basic");
@@ -364,13 +378,7 @@ fn a_reconnect_through_another_frontend_instance_is_not_found() {
     let _d = Filterd::start(&s, &[], &[]);
     let a = Shim::start("smbshim", &s.socket(), "smb-a");
     let b = Shim::start("smbshim", &s.socket(), "smb-b");
-    let client_guid = uuid::Uuid::new_v4().to_string();
-    let guid = uuid::Uuid::new_v4().to_string();
-    let mut c = LineClient::connect(&a.addr);
-    let sid = session(&mut c, &client_guid, "alice");
-    let r = persistent_create(&mut c, sid, "f", &guid, "create", false);
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
+    let (client_guid, guid, c, _, fid) = alice_persistent_f(&a.addr);
     drop(c);
     let mut c = LineClient::connect(&b.addr);
     let sid = session(&mut c, &client_guid, "alice");
@@ -830,4 +838,56 @@ fn a_client_gone_while_sent_its_forgotten_lease_break_holds_nobody_up() {
     let (mut c, _) = smb_session(&t.holder.addr);
     assert_eq!(c.call(json!({"cmd": "ECHO"}))["status"], "STATUS_SUCCESS");
     eprintln!("CREATE granted {:?} after filterd was back", at - back);
+}
+
+/// A RECONNECT while filterd is down is told to retry, not that the open
+/// is gone: smbl/1's STATUS_OBJECT_NAME_NOT_FOUND is final, and a client
+/// would give up a persistent open that filterd restores. It was (every
+/// failure of smbshim's handle query became not found). Once filterd is
+/// back the RECONNECT succeeds, the data there.
+#[test]
+fn a_reconnect_while_filterd_is_down_is_retried_not_refused() {
+    let s = Scratch::new("smb-reconnect-down");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let (client_guid, guid, mut c, sid, fid) = alice_persistent_f(&shim.addr);
+    let w = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid,
+        "offset": 0, "data": b64("data")}));
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    // The client's connection drops: the open waits disconnected.
+    drop(c);
+    let sock = s.socket().display().to_string();
+    wait_for(
+        "the open to wait disconnected",
+        Duration::from_secs(10),
+        || {
+            let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+            (v.as_array()?.first()?["conn"]["state"] == "disconnected").then_some(())
+        },
+    );
+    d.kill9();
+
+    let mut c = LineClient::connect(&shim.addr);
+    let sid = session(&mut c, &client_guid, "alice");
+    let reconnect = json!({"cmd": "RECONNECT", "session_id": sid, "file_id": fid,
+        "create_guid": guid});
+    let r = c.call(reconnect.clone());
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "filterd is down: retry, the open is not known gone: {r}"
+    );
+
+    let _d = Filterd::start(&s, &[], &[]);
+    let r = wait_for("the RECONNECT", Duration::from_secs(20), || {
+        let r = c.call(reconnect.clone());
+        assert_ne!(
+            r["status"], "STATUS_OBJECT_NAME_NOT_FOUND",
+            "the open is there: {r}"
+        );
+        (r["status"] == "STATUS_SUCCESS").then_some(r)
+    });
+    assert_eq!(r["file_id"], fid);
+    let rd = c.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid,
+        "offset": 0, "length": 10}));
+    assert_eq!(rd["data"], b64("data"), "{rd}");
 }

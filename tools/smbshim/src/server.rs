@@ -1184,13 +1184,23 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         .lock()
         .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
     // The handle as the filter knows it: same create GUID, same user.
+    // Only "no such handle" says there is no open to reconnect; filterd
+    // away or stalled is the retry status (not found is final: the client
+    // would give up an open that is there).
     let view = match m
         .filter
         .client()
         .call(libfilter::proto::Request::Handle { key })
     {
         Ok((libfilter::proto::Reply::Handle(v), _)) => v,
-        _ => return Err(not_found()),
+        Ok(_) => {
+            return Err(Fail(
+                "STATUS_INTERNAL_ERROR",
+                "filterd answered a handle query with something else".into(),
+            ))
+        }
+        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => return Err(not_found()),
+        Err(e) => return Err(filter_fail(e)),
     };
     if view.record.create_guid != Some(CreateGuid(guid))
         || view.record.client.as_str() != client_guid.to_string()
