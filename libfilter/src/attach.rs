@@ -61,7 +61,11 @@
 //!
 //! Non-durable handles die with the daemon (they are not persistent state);
 //! they are reported in [`AttachEvent::Reattached::lost`] together with any
-//! persistent handle that could not be resumed. The leases of those handles
+//! persistent handle that filterd says is gone or not this frontend's. A
+//! resume refused for a passing cause (busy, a failed commit, no answer in
+//! time) is tried again with backoff for up to [`RESUME_PATIENCE`] before
+//! `Reattached` (then lost); a connection that dies meanwhile is made
+//! again and every handle resumed over it. The leases of those handles
 //! died too, and the restarted daemon would grant another frontend's
 //! conflicting open while this frontend's clients still cache under them:
 //! so the attachment asks for [`crate::proto::FEATURE_RESYNCED`], and
@@ -79,7 +83,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::client::{ClientError, FilterClient, OpenedHandle, EVENT_QUEUE_LIMIT};
 use crate::model::{ClientId, CreateGuid, Durability, FileId, InstanceName, Protocol, ResumeKey};
-use crate::proto::{Event, OpenRequest};
+use crate::proto::{ErrorCode, Event, OpenRequest};
 
 /// What the attachment reports to its frontend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -752,55 +756,26 @@ fn supervise(shared: Arc<Shared>) {
         // tells the new one that nothing from before is in flight (a first
         // lock after a restart waits for that hello).
         shared.gate.drain();
-        let mut backoff = Duration::from_millis(5);
-        let client = loop {
-            if shared.stop.load(Ordering::Acquire) {
+        // Attached again once every remembered handle is resumed or known
+        // gone; a connection that dies meanwhile is made again.
+        let (
+            client,
+            Resumed {
+                resumed,
+                mut locked,
+                lost,
+            },
+        ) = loop {
+            let Some(client) = reconnect(&shared) else {
                 return;
-            }
-            match FilterClient::connect_frontend_with(
-                &shared.socket,
-                shared.protocol.clone(),
-                shared.instance.clone(),
-                shared.features,
-            ) {
-                Ok(c) => break c,
-                Err(_) => {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
+            };
+            match resume_known(&shared, &client) {
+                Some(r) => break (client, r),
+                None if shared.stop.load(Ordering::Acquire) => return,
+                None => continue,
             }
         };
         let epoch = client.hello().epoch;
-        let known: Vec<(ResumeKey, ClientId, bool)> = shared
-            .handles
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (*k, v.client.clone(), v.durable))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let (mut resumed, mut lost, mut locked) = (Vec::new(), Vec::new(), Vec::new());
-        for (key, cid, durable) in known {
-            if !durable {
-                lost.push(key);
-                continue;
-            }
-            // Attached is all that counts: the frontend still holds the
-            // descriptor it had, so one cut from this reply for want of a
-            // free one (a full table) is no loss — before, it failed the
-            // new connection too, and the reattach never came through
-            // while the table stayed full.
-            match client.resume_attached(cid, key) {
-                Ok(info) => {
-                    if info.locked {
-                        locked.push(info.file);
-                    }
-                    resumed.push(key);
-                }
-                Err(_) => lost.push(key),
-            }
-        }
         locked.sort_unstable();
         locked.dedup();
         if let Ok(mut m) = shared.handles.lock() {
@@ -830,6 +805,158 @@ fn supervise(shared: Arc<Shared>) {
         ) {
             return;
         }
+    }
+}
+
+/// Longest a reattach tries again the resume of a handle that filterd
+/// refused for a passing cause ([`resume_known`]) before it reports the
+/// handle lost.
+pub const RESUME_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Connects to filterd again, with backoff, under the attachment's
+/// protocol and instance name. None when the attachment stops.
+fn reconnect(shared: &Shared) -> Option<FilterClient> {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return None;
+        }
+        match FilterClient::connect_frontend_with(
+            &shared.socket,
+            shared.protocol.clone(),
+            shared.instance.clone(),
+            shared.features,
+        ) {
+            Ok(c) => return Some(c),
+            Err(_) => {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// What a reattach's resumes came to (see [`AttachEvent::Reattached`]).
+#[derive(Default)]
+struct Resumed {
+    resumed: Vec<ResumeKey>,
+    locked: Vec<FileId>,
+    lost: Vec<ResumeKey>,
+}
+
+/// Whether a refused resume says the handle is not (or no longer) this
+/// frontend's to resume: gone, expired, lost its file, another client's,
+/// owner's or instance's. Any other failure (busy, a commit that failed,
+/// no answer in time) may pass.
+fn resume_refused_for_good(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::NoSuchHandle) | Some(ErrorCode::NotOwner) | Some(ErrorCode::AccessDenied)
+    )
+}
+
+/// Resumes every remembered handle over `client`, the new connection.
+/// Non-durable handles died with the daemon: lost. A handle refused for
+/// good ([`resume_refused_for_good`]) is lost; one refused for a passing
+/// cause is tried again with backoff, for up to [`RESUME_PATIENCE`], then
+/// lost. (Every failure was `lost` before, and the frontend dropped an
+/// open whose handle filterd kept, disconnected, holding the file for its
+/// timeout, after one busy or failed commit.) None when the connection
+/// died meanwhile (its resumes are undone by filterd: attach again and
+/// resume all) or the attachment stops.
+fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
+    let known: Vec<(ResumeKey, ClientId, bool)> = shared
+        .handles
+        .lock()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (*k, v.client.clone(), v.durable))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Resumed::default();
+    let mut pending = Vec::new();
+    for (key, cid, durable) in known {
+        if durable {
+            pending.push((key, cid));
+        } else {
+            out.lost.push(key);
+        }
+    }
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(10);
+    let mut retry = false;
+    while !pending.is_empty() {
+        let mut again = Vec::new();
+        for (key, cid) in pending {
+            // Attached is all that counts: the frontend still holds the
+            // descriptor it had, so one cut from this reply for want of a
+            // free one (a full table) is no loss — before, it failed the
+            // new connection too, and the reattach never came through
+            // while the table stayed full.
+            match client.resume_attached(cid.clone(), key) {
+                Ok(info) => {
+                    if info.locked {
+                        out.locked.push(info.file);
+                    }
+                    out.resumed.push(key);
+                }
+                // A resume tried before may have attached the handle after
+                // all (its answer came too late, or its commit failed and
+                // filterd kept the handle attached in memory): a retry is
+                // then refused "attached, not disconnected". Attached to
+                // this instance is resumed; its lock state unknown, its file
+                // is marked locked (every read and write checked).
+                Err(e) if retry && e.code() == Some(ErrorCode::NoSuchHandle) => {
+                    match attached_here(shared, client, key) {
+                        Some(file) => {
+                            out.locked.push(file);
+                            out.resumed.push(key);
+                        }
+                        None => out.lost.push(key),
+                    }
+                }
+                Err(e) if resume_refused_for_good(&e) => out.lost.push(key),
+                Err(_) if client.is_dead() => return None,
+                Err(e) => {
+                    tracing::warn!(resume_key = %key, error = %e, "resume refused for now: trying again");
+                    again.push((key, cid));
+                }
+            }
+        }
+        if again.is_empty() {
+            break;
+        }
+        if started.elapsed() >= RESUME_PATIENCE {
+            tracing::warn!(
+                handles = again.len(),
+                "resumes still refused after {RESUME_PATIENCE:?}: reported lost"
+            );
+            out.lost.extend(again.into_iter().map(|(k, _)| k));
+            break;
+        }
+        if shared.stop.load(Ordering::Acquire) {
+            return None;
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        pending = again;
+        retry = true;
+    }
+    Some(out)
+}
+
+/// The file of handle `key` if filterd holds it attached to this
+/// attachment's instance (whose only live connection is `client`).
+fn attached_here(shared: &Shared, client: &FilterClient, key: ResumeKey) -> Option<FileId> {
+    match client.call(crate::proto::Request::Handle { key }) {
+        Ok((crate::proto::Reply::Handle(v), _))
+            if v.record.conn == crate::model::ConnState::Connected
+                && v.record.frontend == shared.instance =>
+        {
+            Some(v.record.file)
+        }
+        _ => None,
     }
 }
 

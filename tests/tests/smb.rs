@@ -53,6 +53,55 @@ fn alice_persistent_f(addr: &str) -> (String, String, LineClient, u64, Value) {
     (client_guid, guid, c, sid, fid)
 }
 
+/// filterd, smbshim (instance smb-a), and a client (user alice) that
+/// wrote "data" to its persistent open of `f`.
+struct AliceWrote {
+    s: Scratch,
+    d: Filterd,
+    shim: Shim,
+    client_guid: String,
+    guid: String,
+    c: LineClient,
+    sid: u64,
+    fid: Value,
+}
+
+/// Sends `req` until it succeeds (20 s at most), its answer never
+/// `never` (a final status where the open is still there); the success.
+fn until_success(c: &mut LineClient, req: &Value, never: &str) -> Value {
+    wait_for(
+        &format!("{req} to succeed"),
+        Duration::from_secs(20),
+        || {
+            let r = c.call(req.clone());
+            assert_ne!(r["status"], never, "{req}: {r}");
+            (r["status"] == "STATUS_SUCCESS").then_some(r)
+        },
+    )
+}
+
+impl AliceWrote {
+    fn start(name: &str) -> AliceWrote {
+        let s = Scratch::new(name);
+        let d = Filterd::start(&s, &[], &[]);
+        let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+        let (client_guid, guid, mut c, sid, fid) = alice_persistent_f(&shim.addr);
+        let w = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid,
+            "offset": 0, "data": b64("data")}));
+        assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+        AliceWrote {
+            s,
+            d,
+            shim,
+            client_guid,
+            guid,
+            c,
+            sid,
+            fid,
+        }
+    }
+}
+
 #[test]
 fn basic_commands_and_malformed_input() {
     let s = Scratch::new("smb-basic");
@@ -847,13 +896,16 @@ fn a_client_gone_while_sent_its_forgotten_lease_break_holds_nobody_up() {
 /// back the RECONNECT succeeds, the data there.
 #[test]
 fn a_reconnect_while_filterd_is_down_is_retried_not_refused() {
-    let s = Scratch::new("smb-reconnect-down");
-    let mut d = Filterd::start(&s, &[], &[]);
-    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
-    let (client_guid, guid, mut c, sid, fid) = alice_persistent_f(&shim.addr);
-    let w = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid,
-        "offset": 0, "data": b64("data")}));
-    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let AliceWrote {
+        s,
+        mut d,
+        shim,
+        client_guid,
+        guid,
+        c,
+        fid,
+        ..
+    } = AliceWrote::start("smb-reconnect-down");
     // The client's connection drops: the open waits disconnected.
     drop(c);
     let sock = s.socket().display().to_string();
@@ -878,16 +930,39 @@ fn a_reconnect_while_filterd_is_down_is_retried_not_refused() {
     );
 
     let _d = Filterd::start(&s, &[], &[]);
-    let r = wait_for("the RECONNECT", Duration::from_secs(20), || {
-        let r = c.call(reconnect.clone());
-        assert_ne!(
-            r["status"], "STATUS_OBJECT_NAME_NOT_FOUND",
-            "the open is there: {r}"
-        );
-        (r["status"] == "STATUS_SUCCESS").then_some(r)
-    });
+    let r = until_success(&mut c, &reconnect, "STATUS_OBJECT_NAME_NOT_FOUND");
     assert_eq!(r["file_id"], fid);
     let rd = c.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid,
         "offset": 0, "length": 10}));
     assert_eq!(rd["data"], b64("data"), "{rd}");
+}
+
+/// A persistent open whose resume after a filterd restart fails for a
+/// passing cause (here the resume's commit fails) stays the client's: the
+/// attachment tries again, and the open reads once it is back. It was
+/// reported lost on any failure, and smbshim dropped the open — the
+/// client's next request got STATUS_FILE_CLOSED — while filterd kept the
+/// handle, disconnected, holding the file for its timeout.
+#[test]
+fn a_resume_refused_for_a_passing_cause_keeps_the_open() {
+    let AliceWrote {
+        s,
+        mut d,
+        shim: _shim,
+        mut c,
+        sid,
+        fid,
+        ..
+    } = AliceWrote::start("smb-resume-retried");
+    d.kill9();
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:1:fail")]);
+    let read = json!({"cmd": "READ", "session_id": sid, "file_id": fid,
+        "offset": 0, "length": 10});
+    let rd = until_success(&mut c, &read, "STATUS_FILE_CLOSED");
+    assert_eq!(rd["data"], b64("data"), "{rd}");
+    assert!(
+        d.log_text().contains("failpoint commit.before: failing"),
+        "the resume's commit did not fail:\n{}",
+        d.log_text()
+    );
 }
