@@ -51,6 +51,13 @@ impl Unsettled {
         self.added.notify_one();
     }
 
+    /// Whether handle `key` waits to be closed again: a frontend must not
+    /// hand it to a client again (a replayed create finding it), as the
+    /// close the client asked for first is still being made.
+    pub fn contains(&self, key: ResumeKey) -> bool {
+        lock(&self.keys).contains(&key)
+    }
+
     /// Handles waiting to be closed again.
     pub fn len(&self) -> usize {
         lock(&self.keys).len()
@@ -65,7 +72,8 @@ impl Unsettled {
     /// the frontend: closes each added handle with `close` (the frontend's
     /// [`crate::attach::Attachment::close`]) until it answers closed,
     /// `NoSuchHandle` or `NotOwner`, pausing with backoff up to
-    /// [`MAX_BACKOFF`] between rounds that left some.
+    /// [`MAX_BACKOFF`] between rounds that left some. A handle stays
+    /// [`Unsettled::contains`] until its close was answered so.
     pub fn run(&self, close: impl Fn(ResumeKey) -> Result<(), ClientError>) {
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -79,24 +87,31 @@ impl Unsettled {
                         .map(|(g, _)| g)
                         .unwrap_or_else(|p| p.into_inner().0);
                 }
-                std::mem::take(&mut *keys)
+                keys.clone()
             };
-            let mut left = Vec::new();
+            let mut settled = Vec::new();
             for key in keys {
                 match close(key) {
-                    Ok(()) => tracing::info!(resume_key = %key, "unsettled close made"),
+                    Ok(()) => {
+                        tracing::info!(resume_key = %key, "unsettled close made");
+                        settled.push(key);
+                    }
                     Err(e) if !may_hold(&e) => {
-                        tracing::info!(resume_key = %key, "unsettled close: filterd holds nothing of it")
+                        tracing::info!(resume_key = %key, "unsettled close: filterd holds nothing of it");
+                        settled.push(key);
                     }
                     // Undone, refused, or unknown again: later.
                     Err(e) => {
-                        tracing::debug!(resume_key = %key, error = %e, "unsettled close: again later");
-                        left.push(key);
+                        tracing::debug!(resume_key = %key, error = %e, "unsettled close: again later")
                     }
                 }
             }
-            if !left.is_empty() {
-                lock(&self.keys).extend(left);
+            let left = {
+                let mut keys = lock(&self.keys);
+                keys.retain(|k| !settled.contains(k));
+                keys.len()
+            };
+            if left > 0 {
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }

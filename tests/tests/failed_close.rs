@@ -151,6 +151,38 @@ fn smbshim_fails_a_logoff_whose_close_was_never_answered() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "the second LOGOFF: {r}");
 }
 
+/// The CLOSE came first: a replayed CREATE of the open whose CLOSE filterd
+/// never answered (filterd killed at it, then restarted) must not get the
+/// original open back while smbshim still closes its handle again — it
+/// would be closed under the client. It is told to retry until the close
+/// is made, then opens anew (another file id).
+#[test]
+fn smbshim_hands_out_no_open_whose_close_is_being_made_again() {
+    let s = Scratch::new("smbshim-unsettled-replay");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "request.close:1:kill")]);
+    let smb = Shim::start("smbshim", d.socket(), "smbshim-unsettled-replay");
+    let (mut c, sid) = smb_session(&smb.addr);
+    let guid = uuid::Uuid::new_v4().to_string();
+    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    let r = c.call(create.clone());
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "{r}");
+    d.wait_exit(Duration::from_secs(10));
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut replay = create;
+    replay["replay"] = json!(true);
+    let r = wait_for("the replayed CREATE", Duration::from_secs(20), || {
+        let r = c.call(replay.clone());
+        (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
+    });
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_ne!(r["file_id"], fid, "the open whose CLOSE came first: {r}");
+}
+
 /// rksmbd and a real SMB 3 client (smbprotocol, `tests/smb3/SCRIPT`): the
 /// script's first close of persistent open `file` (a CLOSE, a
 /// TREE_DISCONNECT), whose commit fails, is refused ("refused": filterd

@@ -319,7 +319,13 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
             .name(format!("close-settler-{k}"))
             .spawn(move || {
                 if let Some(m) = sh.members.get(k) {
-                    m.unsettled.run(|key| m.filter.close(key));
+                    // Under the teardown lock, as a replayed CREATE is: a
+                    // replay never finds the handle between its close and
+                    // its leaving `unsettled`.
+                    m.unsettled.run(|key| {
+                        let _teardown = sh.teardown.lock();
+                        m.filter.close(key)
+                    });
                 }
             })?;
     }
@@ -1012,6 +1018,15 @@ fn create_with(
         Some(ErrorCode::Busy) if no_wait => Fail(INLINE_BUSY, e.to_string()),
         _ => filter_fail(e),
     })?;
+    // A replay that found the handle of an open whose CLOSE filterd never
+    // answered: that CLOSE came first and is being made again (`settle`),
+    // so the open is not handed out again, to be closed under the client.
+    if replay && m.unsettled.contains(h.info.key) {
+        return Err(Fail(
+            "STATUS_FILE_NOT_AVAILABLE",
+            "the open's CLOSE is still being made".into(),
+        ));
+    }
     note_locked(m, &h.info);
     let file_id = h.info.key.to_string();
     // A durable (not persistent) open is granted only if the lease came with
