@@ -642,19 +642,61 @@ fn a_different_request_after_a_delayed_open(
     second: Value,
     check: impl Fn(&Scratch, &mut Nfs, &Value),
 ) {
+    after_a_delayed_open(Before::Upgrade(upgrade), false, |_| second.clone(), check);
+}
+
+/// What the client holds before the delayed OPEN of `a`.
+enum Before {
+    /// Owner `p`'s open of `c` (the OPEN of `a` an upgrade of owner `p`),
+    /// or nothing.
+    Upgrade(bool),
+    /// Another owner's open of `c` (whose stateid the `second` request may
+    /// use): the OPEN of `a` is still owner `p`'s first.
+    OtherOwner,
+}
+
+/// [`a_different_request_after_a_delayed_open`], also with nfsshim killed
+/// -9 and restarted with filterd (`shim_too`) before the second request,
+/// which `second` makes from the open of `c` (`Before::OtherOwner`).
+fn after_a_delayed_open(
+    before: Before,
+    shim_too: bool,
+    second: impl Fn(&Value) -> Value,
+    check: impl Fn(&Scratch, &mut Nfs, &Value),
+) {
     // 1-2: client and session; 3: the OPEN of `a`, or of `c` before it.
-    let (s, fp, mut d, _shim, mut a) = crashing("commit.after", if upgrade { 4 } else { 3 });
+    let upgrade = matches!(before, Before::Upgrade(true));
+    let n = if matches!(before, Before::Upgrade(false)) {
+        3
+    } else {
+        4
+    };
+    let (s, fp, mut d, shim, mut a) = crashing("commit.after", n);
     std::fs::write(s.root().join("y"), b"y").unwrap();
-    if upgrade {
-        ok(a.open("p", "c", "read", "none", create()));
-    }
+    let c = match before {
+        Before::Upgrade(true) => ok(a.open("p", "c", "read", "none", create())),
+        Before::OtherOwner => ok(a.open("q", "c", "both", "none", create())),
+        Before::Upgrade(false) => Value::Null,
+    };
+    let second = second(&c);
     a.seqid += 1;
     let first = a.send(
         json!({"op": "OPEN", "owner": "p", "path": "a", "access": "both",
                               "deny": "both", "create": {"mode": "unchecked"}}),
     );
     assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
-    let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &second);
+    let live;
+    let (_d2, r) = if shim_too {
+        shim.kill9();
+        d.wait_exit(Duration::from_secs(10));
+        let d2 = Filterd::start(&s, &[], &[]);
+        live = Shim::start("nfsshim", &s.socket(), "nfs-c");
+        a.c = LineClient::connect(&live.addr);
+        (d2, a.resend_patiently(&second, Duration::from_secs(10)))
+    } else {
+        live = shim;
+        restart_and_resend(&s, &mut d, &mut a, &second)
+    };
     assert_eq!(r["status"], "NFS4_OK", "{fp}: the second request: {r}");
     check(&s, &mut a, &r);
     if !upgrade {
@@ -662,7 +704,72 @@ fn a_different_request_after_a_delayed_open(
             rkfilter_tests::handles_on(&s, "a").is_empty(),
             "{fp}: the abandoned OPEN's handle is closed"
         );
+        // Its deny-both reservation is gone with it.
+        let mut b = Nfs::connect(&live.addr, "host-b", "bcbcbcbcbcbcbcbc");
+        ok(
+            b.call_patiently(json!({"op": "OPEN", "owner": "q", "path": "a",
+                                   "access": "both", "deny": "both"})),
+        );
     }
+}
+
+/// Review F1: the same, with nfsshim killed -9 and restarted too before
+/// the different request. The restored slot's reply (the OPEN of `a`'s)
+/// was the cached answer to whatever came at its seqid — `b`'s OPEN got
+/// `a`'s stateid — and the restored open of `a` held its deny-both
+/// reservation until the client went.
+#[test]
+fn a_different_open_at_a_delayed_opens_seqid_opens_its_own_file_across_an_nfsshim_restart() {
+    after_a_delayed_open(Before::Upgrade(false), true, |_| open_b(), b_is_opened);
+}
+
+/// Review F2: a WRITE (any op but OPEN, REMOVE or RENAME) at the seqid of
+/// an OPEN answered DELAY left that OPEN's handle and deny-both
+/// reservation in filterd (and restored live after an nfsshim restart).
+#[test]
+fn a_write_at_a_delayed_opens_seqid_abandons_the_open() {
+    for shim_too in [false, true] {
+        after_a_delayed_open(
+            Before::OtherOwner,
+            shim_too,
+            |c| json!({"op": "WRITE", "stateid": c["stateid"], "offset": 0, "data": b64("to-c")}),
+            |s, _a, _r| assert_eq!(std::fs::read(s.root().join("c")).unwrap(), b"to-c"),
+        );
+    }
+}
+
+/// Review F2: a LOCK of 0-10 that filterd took (commit 4) but whose
+/// records did not commit (filterd died before commit 5; the client saw
+/// DELAY), then a LOCK of 20-30 at that seqid: filterd held both, nfsshim
+/// only 20-30 — a phantom lock on 0-10 nobody could unlock. Now the first
+/// one's range is set back before the second runs.
+#[test]
+fn a_different_lock_at_a_delayed_locks_seqid_sets_its_range_back() {
+    // 1-2: client and session; 3: the OPEN; 4: the LOCK's lock; 5: its
+    // records.
+    let (s, fp, mut d, shim, mut a) = crashing("commit.before", 5);
+    let o = ok(a.open("p", "f", "both", "none", create()));
+    let lock = |offset: u64| {
+        json!({"op": "LOCK", "owner": "lo", "stateid": o["stateid"], "type": "write",
+               "offset": offset, "length": 10})
+    };
+    a.seqid += 1;
+    let first = a.send(lock(0));
+    assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
+    let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &lock(20));
+    assert_eq!(r["status"], "NFS4_OK", "{fp}: the second LOCK: {r}");
+    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+    let locks = ctl.locks().unwrap();
+    assert_eq!(locks.len(), 1, "{fp}: only 20-30 is locked: {locks:?}");
+    let mut b = Nfs::connect(&shim.addr, "host-b", "bcbcbcbcbcbcbcbc");
+    let ob = ok(
+        b.call_patiently(json!({"op": "OPEN", "owner": "q", "path": "f",
+                                        "access": "both", "deny": "none"})),
+    );
+    ok(b.call(
+        json!({"op": "LOCK", "owner": "lb", "stateid": ob["stateid"], "type": "write",
+                     "offset": 0, "length": 10}),
+    ));
 }
 
 fn open_b() -> Value {

@@ -227,6 +227,14 @@ struct Slot {
     /// mid-request: its changes may have committed in filterd before the
     /// loss, so its re-send checks what filterd holds, as after a restart.
     retried: Option<u64>,
+    /// The digest ([`request_digest`]) of the request whose reply a
+    /// restore found recorded (`reply`): a request at that seqid with
+    /// another digest is not its re-send and runs afresh (review F1).
+    digest: Option<u64>,
+    /// What a request answered DELAY (its records did not commit, seqid
+    /// `retried`) did in filterd, and its digest: undone should a
+    /// different request take that seqid (review F2; a LOCK's ranges).
+    delayed: Option<(u64, Vec<Undo>)>,
 }
 
 struct Session {
@@ -757,12 +765,15 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                 reply: None,
                 restored: true,
                 retried: None,
+                digest: None,
+                delayed: None,
             })
             .collect();
         for (i, mut s) in state::list::<SlotRec>(f, &t.slots(&rec.sessionid))? {
             s.settle();
             if let Some(slot) = usize::try_from(i).ok().and_then(|i| slots.get_mut(i)) {
                 slot.seqid = s.seqid;
+                slot.digest = s.digest;
                 slot.reply = Some(Arc::new(s.reply));
             }
         }
@@ -1255,6 +1266,8 @@ fn create_session(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             reply: None,
             restored: false,
             retried: None,
+            digest: None,
+            delayed: None,
         })
         .collect();
     st.sessions.insert(sid.clone(), Session { rec, num, slots });
@@ -1475,7 +1488,17 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     // neither a replay nor the next request — review C-3.)
     let replay_of_restored =
         slot.restored && slot.reply.is_none() && seq.seqid == slot.seqid && seq.seqid != 0;
-    if seq.seqid == slot.seqid && !replay_of_restored {
+    // The request's digest, known before it runs where it is compared: a
+    // restored slot's reply is the cached answer only to a request with
+    // the digest recorded with it. Another request at that seqid is not
+    // its re-send (the earlier one may have been answered DELAY, its
+    // records committed just before nfsshim died): it runs afresh, and
+    // what the earlier one did is undone (review F1).
+    let restored_other = seq.seqid == slot.seqid
+        && slot.restored
+        && slot.reply.is_some()
+        && slot.digest.is_some_and(|d| d != digest_of(op, body));
+    if seq.seqid == slot.seqid && !replay_of_restored && !restored_other {
         if let Some(cached) = slot.reply.as_ref().filter(|r| r.is_object()) {
             // The cached reply, exactly, without executing.
             return Sequenced::Shared(Arc::clone(cached));
@@ -1483,7 +1506,8 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     }
     let fresh = seq.seqid == slot.seqid.wrapping_add(1)
         || (slot.restored && seq.seqid > slot.seqid)
-        || replay_of_restored;
+        || replay_of_restored
+        || restored_other;
     if !fresh {
         return finish(Err(Fail(
             "NFS4ERR_SEQ_MISORDERED",
@@ -1522,10 +1546,18 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         cid: &cid,
         seq: &seq,
         restored,
-        digest: std::cell::Cell::new(request_digest(op, &[])),
+        digest: std::cell::Cell::new(digest_of(op, body)),
         undo_refused: Default::default(),
         too_large: Default::default(),
     };
+    if restored {
+        // Whatever the op: an earlier request at this seqid that is not
+        // this one's re-send is undone before this one runs (review F2;
+        // before, only an OPEN, REMOVE or RENAME looked).
+        if let Err(f) = abandon_earlier(&ctx, &mut st) {
+            return finish(Err(f)).into();
+        }
+    }
     let empty = Map::new();
     let obj = match body {
         Body::Map(obj) => obj,
@@ -1573,7 +1605,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
             // two apart. If filterd went away mid-request, the re-send
             // first checks what of it filterd already holds.
             if *s == UNREACHABLE {
-                mark_retried(&mut st, &seq);
+                mark_retried(&mut st, &ctx);
             }
             return finish(outcome).into();
         }
@@ -1582,7 +1614,9 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         // A record filterd would refuse: the answer (NFS4ERR_RESOURCE) is
         // final, so what the request did is undone and only its slot reply
         // (and deletions) are written.
-        undo_refused(sh, &mut st, &ctx);
+        if let Err(delay) = undo_refused(sh, &mut st, &ctx) {
+            return delay;
+        }
         ctx.pending.borrow_mut().forget_puts();
     }
     let already_recorded = matches!(&outcome, Ok(m) if m.contains_key(RECORDED));
@@ -1611,7 +1645,9 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
             // the answer is final, not DELAY on every re-send. What the
             // request did is undone; its answer is kept on the slot in
             // memory only, as NOSPC's below.
-            undo_refused(sh, &mut st, &ctx);
+            if let Err(delay) = undo_refused(sh, &mut st, &ctx) {
+                return delay;
+            }
             reply = finish(Err(Fail(
                 "NFS4ERR_RESOURCE",
                 format!("recording the reply: {e}"),
@@ -1624,7 +1660,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
             // Not durable: do not advance; the client re-sends (and the
             // re-send checks what filterd holds: the request's own changes
             // committed).
-            mark_retried(&mut st, &seq);
+            mark_retried(&mut st, &ctx);
             return finish(Err(Fail(UNREACHABLE, format!("recording the reply: {e}")))).into();
         }
         // No room to record it: the request's answer is NOSPC, kept on the
@@ -1651,6 +1687,8 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         slot.reply = Some(Arc::clone(&reply));
         slot.restored = false;
         slot.retried = None;
+        slot.digest = None;
+        slot.delayed = None;
         return Sequenced::Shared(reply);
     }
     reply.into()
@@ -1674,42 +1712,68 @@ enum Undo {
 
 /// Undoes what a request whose records filterd refuses (or would) did, in
 /// filterd and in memory: its answer is final, so nothing it did may stay
-/// that no record names. Best effort in filterd: a step that fails is
-/// logged (a handle left goes when the client is released).
-fn undo_refused(sh: &Shared, st: &mut State, ctx: &Ctx<'_>) {
-    for u in ctx.undo_refused.take().into_iter().rev() {
-        match u {
-            Undo::Close(key) => {
-                if let Err(e) = sh.filter.close(key) {
-                    eprintln!("nfsshim: closing handle {key} of a refused request: {e}");
-                    st.may_hold_strays = true;
-                }
-                if let Ok(mut g) = sh.global() {
-                    g.handle_client.remove(&key);
-                    g.lock_owner.remove(&key);
-                }
+/// that no record names. A step that fails in filterd is the request's
+/// answer instead (DELAY while filterd is away, the slot not advanced):
+/// a final answer saying "not done" while filterd holds it done — a
+/// range unlocked that another client has locked since — would contradict
+/// filterd (review F4). What was not undone is kept with the slot and
+/// undone before the next request at its seqid (`abandon_earlier`).
+fn undo_refused(sh: &Shared, st: &mut State, ctx: &Ctx<'_>) -> Result<(), Sequenced> {
+    let mut steps = ctx.undo_refused.take();
+    let undone = undo_steps(sh, st, &mut steps);
+    roll_back(st, ctx);
+    if let Err(e) = undone {
+        ctx.undo_refused.replace(steps);
+        mark_retried(st, ctx);
+        return Err(finish(Err(Fail(
+            UNREACHABLE,
+            format!("undoing a refused request: {e}"),
+        )))
+        .into());
+    }
+    Ok(())
+}
+
+/// Undoes `steps`, last first, each leaving `steps` once done: on a
+/// failure the ones not done stay.
+fn undo_steps(sh: &Shared, st: &mut State, steps: &mut Vec<Undo>) -> Result<(), ClientError> {
+    while let Some(u) = steps.pop() {
+        if let Err(e) = undo_one(sh, st, &u) {
+            steps.push(u);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn undo_one(sh: &Shared, st: &mut State, u: &Undo) -> Result<(), ClientError> {
+    match u {
+        Undo::Close(key) => {
+            match sh.filter.close(*key) {
+                Err(e) if e.code() != Some(ErrorCode::NoSuchHandle) => return Err(e),
+                _ => {}
             }
-            Undo::Ranges {
-                key,
-                owner,
-                now,
-                back,
-            } => {
-                if let Err(e) = apply_ranges(sh, key, &owner, &now, &back, false) {
-                    eprintln!("nfsshim: setting back the locks of a refused request: {e}");
-                }
+            if let Ok(mut g) = sh.global() {
+                g.handle_client.remove(key);
+                g.lock_owner.remove(key);
             }
-            Undo::DropState(other) => {
-                if let Some(o) = st.opens.remove(&other) {
-                    st.aliases.retain(|_, of| *of != other);
-                    if let (Some(d), Ok(mut g)) = (&o.rec.deleg, sh.global()) {
-                        g.lease_client.remove(&d.lease_key);
-                    }
+        }
+        Undo::Ranges {
+            key,
+            owner,
+            now,
+            back,
+        } => apply_ranges(sh, *key, owner, now, back, false)?,
+        Undo::DropState(other) => {
+            if let Some(o) = st.opens.remove(other) {
+                st.aliases.retain(|_, of| of != other);
+                if let (Some(d), Ok(mut g)) = (&o.rec.deleg, sh.global()) {
+                    g.lease_client.remove(&d.lease_key);
                 }
             }
         }
     }
-    roll_back(st, ctx);
+    Ok(())
 }
 
 /// Puts back the open states `ctx` saved before changing them.
@@ -1719,14 +1783,28 @@ fn roll_back(st: &mut State, ctx: &Ctx<'_>) {
     }
 }
 
-/// The request on `seq`'s slot was cut off by filterd going away.
-fn mark_retried(st: &mut State, seq: &SeqArgs) {
+/// The request on `ctx`'s slot was cut off by filterd going away: what it
+/// did in filterd is kept with the slot, to undo should a different
+/// request take its seqid (`abandon_earlier`).
+fn mark_retried(st: &mut State, ctx: &Ctx<'_>) {
+    let seq = ctx.seq;
     if let Some(slot) = st
         .sessions
         .get_mut(&seq.sessionid)
         .and_then(|s| s.slots.get_mut(seq.slot))
     {
+        if slot.retried != Some(seq.seqid) {
+            slot.delayed = None;
+        }
         slot.retried = Some(seq.seqid);
+        let done = ctx.undo_refused.take();
+        let digest = ctx.digest.get();
+        match &mut slot.delayed {
+            // The same request again: what its tries did, together.
+            Some((d, undo)) if *d == digest => undo.extend(done),
+            // (A different one abandoned the earlier's already.)
+            _ => slot.delayed = Some((digest, done)),
+        }
     }
 }
 
@@ -1970,6 +2048,86 @@ fn open_fields(obj: &(impl Fields + ?Sized)) -> Result<OpenFields, Fail> {
     })
 }
 
+/// An OPEN's [`request_digest`].
+fn open_digest(f: &OpenFields) -> u64 {
+    let (mode, verifier) = f
+        .create
+        .as_ref()
+        .map_or(("-", ""), |(m, v)| (m.as_str(), v.as_deref().unwrap_or("")));
+    request_digest(
+        "OPEN",
+        &[
+            &f.owner,
+            f.path.as_str(),
+            &f.access_w,
+            &f.deny_w,
+            if f.truncate { "truncate" } else { "-" },
+            mode,
+            verifier,
+            &f.want,
+        ],
+    )
+}
+
+/// A LOCK's [`request_digest`].
+fn lock_digest(other: &str, owner: &str, write: bool, range: &LockRange) -> u64 {
+    request_digest(
+        "LOCK",
+        &[
+            other,
+            owner,
+            if write { "write" } else { "read" },
+            &range.offset.to_string(),
+            &range.length.to_string(),
+        ],
+    )
+}
+
+/// The [`request_digest`] a request's op computes once it has read its
+/// fields (the same helpers), known before it runs: to tell a request at a
+/// restored or delayed seqid from the earlier one's re-send (review F1,
+/// F2). A request whose fields do not read gets its op's bare digest (it
+/// fails as bad input whatever it is compared with).
+fn digest_of(op: &str, body: Body<'_>) -> u64 {
+    let bare = || request_digest(op, &[]);
+    let of_map = |obj: &Map<String, Value>| -> Option<u64> {
+        match op {
+            "OPEN" => open_fields(obj).ok().as_ref().map(open_digest),
+            "LOCK" => {
+                let owner = bounded_owner(str_field(obj, "owner").ok()?, "owner").ok()?;
+                let write = match str_field(obj, "type").ok()? {
+                    "read" => false,
+                    "write" => true,
+                    _ => return None,
+                };
+                let range = range_of(obj).ok()?;
+                let named = field(obj, "stateid").ok()?;
+                let other = named.get("other").and_then(Value::as_str).unwrap_or("");
+                Some(lock_digest(other, &owner, write, &range))
+            }
+            "REMOVE" => Some(request_digest(
+                "REMOVE",
+                &[path_field(obj, "path").ok()?.as_str()],
+            )),
+            "RENAME" => Some(request_digest(
+                "RENAME",
+                &[
+                    path_field(obj, "from").ok()?.as_str(),
+                    path_field(obj, "to").ok()?.as_str(),
+                ],
+            )),
+            _ => None,
+        }
+    };
+    match body {
+        Body::Map(obj) => of_map(obj).unwrap_or_else(bare),
+        Body::Open(l) if op == "OPEN" => {
+            open_fields(l).ok().as_ref().map_or_else(bare, open_digest)
+        }
+        Body::Open(_) | Body::Close(_) => bare(),
+    }
+}
+
 fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     let sh = ctx.sh;
     let f = match body {
@@ -1977,6 +2135,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         Body::Open(l) => open_fields(l)?,
         Body::Close(_) => return Err(internal("OPEN with a CLOSE body")),
     };
+    ctx.digest.set(open_digest(&f));
     let OpenFields {
         owner,
         path,
@@ -1989,22 +2148,6 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         want,
         lease_state,
     } = f;
-    let (mode, verifier) = create
-        .as_ref()
-        .map_or(("-", ""), |(m, v)| (m.as_str(), v.as_deref().unwrap_or("")));
-    ctx.digest.set(request_digest(
-        "OPEN",
-        &[
-            &owner,
-            path.as_str(),
-            &access_w,
-            &deny_w,
-            if truncate { "truncate" } else { "-" },
-            mode,
-            verifier,
-            &want,
-        ],
-    ));
     // An earlier try of this very OPEN that committed its records (its
     // answer lost); one of another request at this seqid is undone here.
     let earlier = earlier_request(
@@ -2513,33 +2656,84 @@ struct Earlier {
 /// afresh (review N1). A record without a digest is this request's when
 /// it is of the same kind: an OPEN's by the same owner of the same path,
 /// a REMOVE's or RENAME's plain `NFS4_OK` (which does not say the path).
-fn earlier_request(ctx: &Ctx<'_>, st: &State, asked: &Asked<'_>) -> Result<Option<Earlier>, Fail> {
+fn earlier_request(
+    ctx: &Ctx<'_>,
+    st: &mut State,
+    asked: &Asked<'_>,
+) -> Result<Option<Earlier>, Fail> {
     if !ctx.restored {
         return Ok(None);
     }
-    let scope = state::scope(&ctx.sh.tables.slots(&ctx.seq.sessionid)).map_err(filter_fail)?;
-    let slot_op = u64::try_from(ctx.seq.slot).unwrap_or(0);
-    let Some(rec) = ctx
-        .sh
-        .filter
-        .client()
-        .lookup_reply(scope, slot_op)
-        .map_err(filter_fail)?
-        .and_then(|r| serde_json::from_str::<SlotRec>(&r.reply).ok())
-        .filter(|r| r.seqid == ctx.seq.seqid)
-    else {
+    let Some(rec) = recorded_at_seqid(ctx)? else {
         return Ok(None);
     };
     let same = match rec.digest {
         Some(d) => d == ctx.digest.get(),
+        // (One with another digest was abandoned before the request ran:
+        // `abandon_earlier`.)
         None => legacy_same(ctx, &rec, asked)?,
     };
     if same {
         let legacy = rec.digest.is_none();
         return Ok(Some(Earlier { rec, legacy }));
     }
-    abandon(ctx, st, &rec)?;
+    if rec.digest.is_none() {
+        abandon(ctx, st, &rec)?;
+    }
     Ok(None)
+}
+
+/// Before a request runs at a seqid whose earlier request's answer may
+/// have been lost (a restored slot, or one answered DELAY): if that earlier
+/// request is a different one (another digest), what it left is undone
+/// now, whatever op takes its seqid (review F2) — the steps a request
+/// answered DELAY kept with the slot (a LOCK's ranges, a handle it added),
+/// and an OPEN that committed its records ([`abandon`]). A failure is the
+/// request's answer (DELAY while filterd is away; the steps not done stay).
+fn abandon_earlier(ctx: &Ctx<'_>, st: &mut State) -> Result<(), Fail> {
+    let (seq, digest) = (ctx.seq, ctx.digest.get());
+    fn slot<'s>(st: &'s mut State, seq: &SeqArgs) -> Option<&'s mut Slot> {
+        st.sessions
+            .get_mut(&seq.sessionid)
+            .and_then(|s| s.slots.get_mut(seq.slot))
+    }
+    let delayed = slot(st, seq)
+        .filter(|slot| slot.retried == Some(seq.seqid))
+        .and_then(|slot| {
+            if slot.delayed.as_ref().is_some_and(|(d, _)| *d != digest) {
+                slot.delayed.take()
+            } else {
+                None
+            }
+        });
+    if let Some((d, mut steps)) = delayed {
+        if let Err(e) = undo_steps(ctx.sh, st, &mut steps) {
+            if let Some(slot) = slot(st, seq) {
+                slot.delayed = Some((d, steps));
+            }
+            return Err(filter_fail(e));
+        }
+    }
+    let rec = recorded_at_seqid(ctx)?.filter(|r| r.digest.is_some_and(|d| d != digest));
+    match rec {
+        Some(rec) => abandon(ctx, st, &rec),
+        None => Ok(()),
+    }
+}
+
+/// The slot record filterd holds for `ctx`'s slot, if it is of `ctx`'s
+/// seqid.
+fn recorded_at_seqid(ctx: &Ctx<'_>) -> Result<Option<SlotRec>, Fail> {
+    let scope = state::scope(&ctx.sh.tables.slots(&ctx.seq.sessionid)).map_err(filter_fail)?;
+    let slot_op = u64::try_from(ctx.seq.slot).unwrap_or(0);
+    Ok(ctx
+        .sh
+        .filter
+        .client()
+        .lookup_reply(scope, slot_op)
+        .map_err(filter_fail)?
+        .and_then(|r| serde_json::from_str::<SlotRec>(&r.reply).ok())
+        .filter(|r| r.seqid == ctx.seq.seqid))
 }
 
 /// Whether a slot record without a digest is of the request `asked`.
@@ -2573,15 +2767,53 @@ fn legacy_same(ctx: &Ctx<'_>, rec: &SlotRec, asked: &Asked<'_>) -> Result<bool, 
 /// committed left at most a handle no record names, whose create GUID no
 /// other request names: it goes when the client is released,
 /// `may_hold_strays`.)
-fn abandon(ctx: &Ctx<'_>, st: &State, rec: &SlotRec) -> Result<(), Fail> {
+fn abandon(ctx: &Ctx<'_>, st: &mut State, rec: &SlotRec) -> Result<(), Fail> {
     let Some(num) = rec.state else {
         return Ok(());
     };
-    if st.opens.values().any(|o| o.num == num) {
-        return Ok(());
-    }
     let f = &ctx.sh.filter;
     let states = ctx.sh.tables.states(ctx.cid);
+    if let Some((other, o)) = st.opens.iter().find(|(_, o)| o.num == num) {
+        // In memory: restored from the records the OPEN committed (nfsshim
+        // restarted since). Dropped too — its share reservation would
+        // otherwise last until the client is released (review F1) — if
+        // nothing has named it since: the stateid the slot reply gives,
+        // not upgraded, no locks. (One the client uses it heard of.)
+        let reply_seqid = rec.reply["stateid"]["seqid"].as_u64();
+        let unheard = earlier_id(Some(&rec.reply)).as_deref() == Some(other.as_str())
+            && reply_seqid == Some(u64::from(o.rec.seqid))
+            && o.rec.locks.is_empty();
+        if !unheard {
+            return Ok(());
+        }
+        let other = other.clone();
+        let (main, extra) = (
+            o.rec.key,
+            o.rec.extra.iter().map(|e| e.key).collect::<Vec<_>>(),
+        );
+        let gone_is_fine = |r: Result<(), ClientError>| match r {
+            Err(e) if e.code() != Some(ErrorCode::NoSuchHandle) => Err(filter_fail(e)),
+            _ => Ok(()),
+        };
+        for k in &extra {
+            gone_is_fine(f.close(*k))?;
+        }
+        let scope = state::scope(&states).map_err(filter_fail)?;
+        gone_is_fine(f.close_recording(main, Vec::new(), vec![(scope, num)]))?;
+        state::delete(f, &states, num).map_err(filter_fail)?;
+        if let Some(o) = st.opens.remove(&other) {
+            st.aliases.retain(|_, of| *of != other);
+            if let Ok(mut g) = ctx.sh.global() {
+                for k in o.keys() {
+                    g.handle_client.remove(&k);
+                }
+                if let Some(d) = &o.rec.deleg {
+                    g.lease_client.remove(&d.lease_key);
+                }
+            }
+        }
+        return Ok(());
+    }
     if let Some(key) = rec.opened.as_ref().map(|o| o.key) {
         // Detached (its filterd answer never came back): attached first,
         // as only its own instance closes it. (Attached already, or gone,
@@ -2905,15 +3137,11 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     };
     let range = range_of(obj)?;
     let named = field(obj, "stateid")?;
-    ctx.digest.set(request_digest(
-        "LOCK",
-        &[
-            named.get("other").and_then(Value::as_str).unwrap_or(""),
-            &owner,
-            if write { "write" } else { "read" },
-            &range.offset.to_string(),
-            &range.length.to_string(),
-        ],
+    ctx.digest.set(lock_digest(
+        named.get("other").and_then(Value::as_str).unwrap_or(""),
+        &owner,
+        write,
+        &range,
     ));
     let n = resolve(ctx, st, named)?;
     if matches!(n, Named::Deleg(_)) {
@@ -3558,7 +3786,7 @@ fn recorded() -> Map<String, Value> {
 /// records the reply) the re-send on the same slot and seqid finds the
 /// record. Doing the change again would find the name gone
 /// (`NFS4ERR_NOENT`) where the spec wants the original `NFS4_OK`.
-fn changed_before(ctx: &Ctx<'_>, st: &State) -> Result<bool, Fail> {
+fn changed_before(ctx: &Ctx<'_>, st: &mut State) -> Result<bool, Fail> {
     Ok(earlier_request(ctx, st, &Asked::Namespace)?.is_some())
 }
 
