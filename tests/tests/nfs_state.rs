@@ -1198,3 +1198,64 @@ fn a_reply_too_long_to_record_is_final() {
     assert_eq!(again["status"], r["status"], "the slot keeps the answer");
     ok(a.call(json!({"op": "RECLAIM_COMPLETE"})));
 }
+
+/// Review F4: a LOCKU whose open-state record would pass filterd's 16 KiB
+/// (its split adds a range) unlocked in filterd first and was then undone
+/// by locking again — which fails once another client has locked the range
+/// meanwhile, and the client was told "not unlocked" while someone else
+/// owned it. Now the size is checked before filterd is asked: such a LOCKU
+/// is NFS4ERR_RESOURCE with one commit (its slot reply) and no unlock and
+/// re-lock, and the range stays locked.
+#[test]
+fn a_locku_whose_record_would_not_fit_unlocks_nothing() {
+    let (_s, d, shim, mut a) = one_client("nfs-locku-limit", b"f");
+    let commits = || d.control().stats().expect("stats").commits;
+    let o = ok(a.open("p", "f", "both", "none", json!({})));
+    let big = 100_000;
+    let first = ok(a.call(
+        json!({"op": "LOCK", "owner": "big", "stateid": o["stateid"],
+                                 "type": "write", "offset": big, "length": big}),
+    ));
+    // Further lock-owners, of 1 KiB, then shorter, fill the open state's
+    // record to within a few splits of the limit (and one client's locks
+    // on a file stay under filterd's 64).
+    let mut i = 0;
+    for len in [1020, 250, 60] {
+        loop {
+            assert!(i < 40, "a record past 16 KiB was refused by now");
+            let owner = format!("{i:04}{}", "l".repeat(len));
+            let r = a.call(
+                json!({"op": "LOCK", "owner": owner, "stateid": o["stateid"],
+                                  "type": "write", "offset": i, "length": 1}),
+            );
+            i += 1;
+            if r["status"] != "NFS4_OK" {
+                assert_eq!(r["status"], "NFS4ERR_RESOURCE", "{r}");
+                break;
+            }
+        }
+    }
+    // Each LOCKU of one byte inside the big range splits it: the record
+    // grows until one would not fit.
+    let mut lsid = first["lock_stateid"].clone();
+    let mut at = big + 1;
+    loop {
+        assert!(at < big + 200, "a record past 16 KiB was refused by now");
+        let before = commits();
+        let r = a.call(json!({"op": "LOCKU", "lock_stateid": lsid, "offset": at, "length": 1}));
+        if r["status"] != "NFS4_OK" {
+            assert_eq!(r["status"], "NFS4ERR_RESOURCE", "{r}");
+            assert_eq!(commits() - before, 1, "only the slot reply is written");
+            break;
+        }
+        lsid = r["lock_stateid"].clone();
+        at += 2;
+    }
+    let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000bb");
+    let ob = ok(b.open("q", "f", "both", "none", json!({})));
+    let r = b.call(
+        json!({"op": "LOCK", "owner": "lb", "stateid": ob["stateid"],
+                          "type": "write", "offset": at, "length": 1}),
+    );
+    assert_eq!(r["status"], "NFS4ERR_DENIED", "{at} is still locked: {r}");
+}

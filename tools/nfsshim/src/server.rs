@@ -1891,13 +1891,16 @@ impl Ctx<'_> {
             .map_err(filter_fail)?;
         if !fits {
             self.too_large.set(true);
-            return Err(Fail(
-                "NFS4ERR_RESOURCE",
-                format!(
-                    "the open state's record would pass filterd's {MAX_REPLY_BYTES} bytes \
-                     (fewer or shorter lock-owners, or a shorter path, fit)"
-                ),
-            ));
+            return Err(too_large_state());
+        }
+        Ok(())
+    }
+    /// [`Ctx::put_state`]'s limit checked before the request changes
+    /// anything in filterd: a record that would not fit is the answer
+    /// with nothing to undo (review F4).
+    fn state_fits(&self, rec: &OpenRec) -> Result<(), Fail> {
+        if state::encode(rec).map_err(filter_fail)?.len() > MAX_REPLY_BYTES {
+            return Err(too_large_state());
         }
         Ok(())
     }
@@ -1938,6 +1941,16 @@ impl Ctx<'_> {
         let _ = write!(name, "/{:016x}", self.digest.get());
         derived_uuid(&name)
     }
+}
+
+fn too_large_state() -> Fail {
+    Fail(
+        "NFS4ERR_RESOURCE",
+        format!(
+            "the open state's record would pass filterd's {MAX_REPLY_BYTES} bytes \
+             (fewer or shorter lock-owners, or a shorter path, fit)"
+        ),
+    )
 }
 
 fn share_of(deny: &str) -> Result<Rights, Fail> {
@@ -3412,6 +3425,16 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     // Unlocking part of a range keeps the rest (a split); unlocking what
     // is not locked is fine.
     let after = ranges::without(&l.held, range.offset, range.length);
+    // The record's size first: an unlock done in filterd and then refused
+    // could be undone only while nobody has locked the range since.
+    let (held, seqid) = (std::mem::replace(&mut l.held, after.clone()), l.seqid);
+    l.seqid = l.seqid.wrapping_add(1);
+    let fits = ctx.state_fits(&o.rec);
+    let Some(l) = o.rec.locks.iter_mut().find(|l| l.other == lock_other) else {
+        return Err(internal("lock state vanished"));
+    };
+    (l.held, l.seqid) = (held, seqid);
+    fits?;
     apply_ranges(sh, key, &l.owner, &l.held, &after, ctx.restored).map_err(filter_fail)?;
     ctx.on_refusal(Undo::Ranges {
         key,

@@ -332,7 +332,7 @@ pub fn put<T: Serialize>(
         .record_reply(scope(scope_name)?, op, encode(rec)?, KEEP)
 }
 
-fn encode<T: Serialize>(rec: &T) -> Result<String, ClientError> {
+pub fn encode<T: Serialize>(rec: &T) -> Result<String, ClientError> {
     serde_json::to_string(rec)
         .map_err(|e| ClientError::Unexpected(format!("encoding a record: {e}")))
 }
