@@ -653,6 +653,10 @@ enum Before {
     /// Another owner's open of `c` (whose stateid the `second` request may
     /// use): the OPEN of `a` is still owner `p`'s first.
     OtherOwner,
+    /// Owner `p`'s open of `c`, and the OPEN of `a` (a new open state of
+    /// that owner) commits its handle (commit 4) and then its records
+    /// (commit 5) before filterd dies.
+    SecondRecorded,
 }
 
 /// [`a_different_request_after_a_delayed_open`], also with nfsshim killed
@@ -666,15 +670,17 @@ fn after_a_delayed_open(
 ) {
     // 1-2: client and session; 3: the OPEN of `a`, or of `c` before it.
     let upgrade = matches!(before, Before::Upgrade(true));
-    let n = if matches!(before, Before::Upgrade(false)) {
-        3
-    } else {
-        4
+    let n = match before {
+        Before::Upgrade(false) => 3,
+        Before::Upgrade(true) | Before::OtherOwner => 4,
+        Before::SecondRecorded => 5,
     };
     let (s, fp, mut d, shim, mut a) = crashing("commit.after", n);
     std::fs::write(s.root().join("y"), b"y").unwrap();
     let c = match before {
-        Before::Upgrade(true) => ok(a.open("p", "c", "read", "none", create())),
+        Before::Upgrade(true) | Before::SecondRecorded => {
+            ok(a.open("p", "c", "read", "none", create()))
+        }
         Before::OtherOwner => ok(a.open("q", "c", "both", "none", create())),
         Before::Upgrade(false) => Value::Null,
     };
@@ -721,6 +727,18 @@ fn after_a_delayed_open(
 #[test]
 fn a_different_open_at_a_delayed_opens_seqid_opens_its_own_file_across_an_nfsshim_restart() {
     after_a_delayed_open(Before::Upgrade(false), true, |_| open_b(), b_is_opened);
+}
+
+/// An OPEN of an owner with opens already (its records written apart from
+/// its handle, its slot record naming no open state) committed all before
+/// filterd died: a different OPEN at its seqid left its handle and
+/// deny-both reservation, restored live after an nfsshim restart. Now its
+/// slot record names the open state it made, which is undone.
+#[test]
+fn a_different_open_at_a_delayed_second_opens_seqid_abandons_it() {
+    for shim_too in [false, true] {
+        after_a_delayed_open(Before::SecondRecorded, shim_too, |_| open_b(), b_is_opened);
+    }
 }
 
 /// Review F2: a WRITE (any op but OPEN, REMOVE or RENAME) at the seqid of

@@ -1549,6 +1549,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         digest: std::cell::Cell::new(digest_of(op, body)),
         undo_refused: Default::default(),
         too_large: Default::default(),
+        new_state: Default::default(),
     };
     if restored {
         // Whatever the op: an earlier request at this seqid that is not
@@ -1628,7 +1629,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
             seqid: seq.seqid,
             reply: Value::Object(reply.clone()),
             opened: None,
-            state: None,
+            state: ctx.new_state.get(),
             digest: Some(ctx.digest.get()),
         };
         let slot_op = u64::try_from(seq.slot).unwrap_or(0);
@@ -1847,6 +1848,11 @@ struct Ctx<'a> {
     /// has read them). Recorded with the slot reply, and part of the names
     /// of the filter state an OPEN or LOCK makes ([`Ctx::request_guid`]).
     digest: std::cell::Cell<u64>,
+    /// The open state an OPEN added (not an owner's first, whose records
+    /// ride on the filter open): named by the slot record, so that a
+    /// different request at this seqid, should the answer be lost, finds
+    /// it to undo, also after a restart of nfsshim ([`abandon`]).
+    new_state: std::cell::Cell<Option<u64>>,
 }
 
 /// A digest of a request: its op and `args` (FNV-1a over each, length
@@ -2408,6 +2414,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             };
             ctx.on_refusal(Undo::Close(h.info.key));
             ctx.on_refusal(Undo::DropState(other.clone()));
+            ctx.new_state.set(Some(num));
             st.opens.insert(
                 other.clone(),
                 Open {

@@ -55,9 +55,10 @@ pub struct SlotRec {
     /// `size` and `delegation` are derived ([`SlotRec::settle`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opened: Option<Opened>,
-    /// That OPEN's open-state record (op id in the client's `states`): a
-    /// re-send after filterd went away mid-OPEN writes the same records
-    /// again rather than a second open state.
+    /// The open-state record an OPEN made (op id in the client's
+    /// `states`): a re-send after filterd went away mid-OPEN writes the
+    /// same records again rather than a second open state, and a different
+    /// request at that seqid deletes it (server.rs `abandon`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<u64>,
     /// The request's digest (its op and arguments, server.rs
