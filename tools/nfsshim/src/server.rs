@@ -1726,6 +1726,9 @@ fn undo_refused(sh: &Shared, st: &mut State, ctx: &Ctx<'_>) -> Result<(), Sequen
     if let Err(e) = undone {
         ctx.undo_refused.replace(steps);
         mark_retried(st, ctx);
+        // Should the re-send succeed instead, a handle not closed here is
+        // named by nothing: the client's release looks for it.
+        st.may_hold_strays = true;
         return Err(finish(Err(Fail(
             UNREACHABLE,
             format!("undoing a refused request: {e}"),
