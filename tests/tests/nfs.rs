@@ -779,14 +779,19 @@ fn a_different_lock_at_a_delayed_locks_seqid_sets_its_range_back() {
     let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
     let locks = ctl.locks().unwrap();
     assert_eq!(locks.len(), 1, "{fp}: only 20-30 is locked: {locks:?}");
+    another_client_locks_0_10(&shim);
+}
+
+/// Another client opens `f` and locks 0-10 of it.
+fn another_client_locks_0_10(shim: &Shim) {
     let mut b = Nfs::connect(&shim.addr, "host-b", "bcbcbcbcbcbcbcbc");
     let ob = ok(
         b.call_patiently(json!({"op": "OPEN", "owner": "q", "path": "f",
-                                        "access": "both", "deny": "none"})),
+                                "access": "both", "deny": "none"})),
     );
     ok(b.call(
         json!({"op": "LOCK", "owner": "lb", "stateid": ob["stateid"], "type": "write",
-                     "offset": 0, "length": 10}),
+               "offset": 0, "length": 10}),
     ));
 }
 
@@ -954,4 +959,37 @@ fn a_different_lock_at_a_delayed_locks_seqid_locks_its_own_file() {
                         "offset": 5, "length": 1});
     let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &second);
     assert_eq!(r["status"], "NFS4_OK", "{fp}: the second LOCK: {r}");
+}
+
+/// A LOCKU that unlocked in filterd (commit 6) but whose records did not
+/// commit (filterd died before commit 7; the client saw DELAY), then
+/// another client locks that range, then a different request at the
+/// LOCKU's seqid: undoing the LOCKU (locking again) can never succeed now.
+/// It is given up and the request runs — before, every request at that
+/// seqid would have been answered by the undo's NFS4ERR_DENIED, the slot
+/// stuck there for good.
+#[test]
+fn an_abandoned_locku_whose_range_was_taken_does_not_hold_the_slot() {
+    // 1-2: client and session; 3: the OPEN; 4, 5: the LOCK's lock and
+    // records; 6: the LOCKU's unlock; 7: its records.
+    let (s, fp, mut d, shim, mut a) = crashing("commit.before", 7);
+    let o = ok(a.open("p", "f", "both", "none", create()));
+    let l = ok(
+        a.call(json!({"op": "LOCK", "owner": "lo", "stateid": o["stateid"],
+                             "type": "write", "offset": 0, "length": 10})),
+    );
+    a.seqid += 1;
+    let first = a.send(json!({"op": "LOCKU", "lock_stateid": l["lock_stateid"],
+                              "offset": 0, "length": 10}));
+    assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
+    d.wait_exit(Duration::from_secs(10));
+    let _d2 = Filterd::start(&s, &[], &[]);
+    another_client_locks_0_10(&shim);
+    let write = json!({"op": "WRITE", "stateid": o["stateid"], "offset": 100, "data": b64("w")});
+    let r = a.resend_patiently(&write, Duration::from_secs(10));
+    assert_eq!(
+        r["status"], "NFS4_OK",
+        "{fp}: the WRITE at the LOCKU's seqid: {r}"
+    );
+    ok(a.call(json!({"op": "RECLAIM_COMPLETE"})));
 }

@@ -1713,12 +1713,13 @@ enum Undo {
 
 /// Undoes what a request whose records filterd refuses (or would) did, in
 /// filterd and in memory: its answer is final, so nothing it did may stay
-/// that no record names. A step that fails in filterd is the request's
-/// answer instead (DELAY while filterd is away, the slot not advanced):
-/// a final answer saying "not done" while filterd holds it done — a
-/// range unlocked that another client has locked since — would contradict
-/// filterd (review F4). What was not undone is kept with the slot and
-/// undone before the next request at its seqid (`abandon_earlier`).
+/// that no record names. A step that fails while filterd is away makes
+/// the request's answer DELAY instead (the slot not advanced), not a final
+/// answer saying "not done" while filterd holds it done (review F4); what
+/// was not undone is kept with the slot and undone before a different
+/// request at its seqid (`abandon_earlier`). A LOCKU, whose undo could
+/// meet a range locked by someone else since, is refused before it
+/// unlocks anything.
 fn undo_refused(sh: &Shared, st: &mut State, ctx: &Ctx<'_>) -> Result<(), Sequenced> {
     let mut steps = ctx.undo_refused.take();
     let undone = undo_steps(sh, st, &mut steps);
@@ -1739,12 +1740,22 @@ fn undo_refused(sh: &Shared, st: &mut State, ctx: &Ctx<'_>) -> Result<(), Sequen
 }
 
 /// Undoes `steps`, last first, each leaving `steps` once done: on a
-/// failure the ones not done stay.
+/// failure that a retry may mend (filterd away, DELAY) the ones not done
+/// stay and the failure is returned. A step that can never succeed — a
+/// range unlocked that another client has locked since — is given up
+/// (logged): kept, it would answer every request at the seqid with its
+/// failure, and the slot would never move on.
 fn undo_steps(sh: &Shared, st: &mut State, steps: &mut Vec<Undo>) -> Result<(), ClientError> {
     while let Some(u) = steps.pop() {
         if let Err(e) = undo_one(sh, st, &u) {
-            steps.push(u);
-            return Err(e);
+            if status_of(&e).trim_end() == "NFS4ERR_DELAY" {
+                steps.push(u);
+                return Err(e);
+            }
+            eprintln!("nfsshim: undoing what an abandoned or refused request did: {e}; given up");
+            // A handle not closed is named by nothing: the client's
+            // release looks for it.
+            st.may_hold_strays = true;
         }
     }
     Ok(())
