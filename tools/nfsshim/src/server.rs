@@ -1359,15 +1359,19 @@ fn release_client(sh: &Shared, st: &mut State, cid: &str) -> Result<(), Fail> {
     Ok(())
 }
 
+/// A close's result, a handle filterd no longer has counted as closed.
+fn gone_is_fine(r: Result<(), ClientError>) -> Result<(), ClientError> {
+    match r {
+        Err(e) if e.code() != Some(ErrorCode::NoSuchHandle) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// [`release_client`]'s steps in filterd, each done again harmlessly: the
 /// open states' handles closed (one already gone is fine), the client's
 /// strays, its open-state, session, slot and client records.
 fn release_in_filter(sh: &Shared, st: &State, cid: &str) -> Result<(), ClientError> {
     let f = &sh.filter;
-    let gone_is_fine = |r: Result<(), ClientError>| match r {
-        Err(e) if e.code() != Some(ErrorCode::NoSuchHandle) => Err(e),
-        _ => Ok(()),
-    };
     for o in st.opens.values() {
         for k in o.keys() {
             gone_is_fine(f.close(k))?;
@@ -1546,7 +1550,15 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         cid: &cid,
         seq: &seq,
         restored,
-        digest: std::cell::Cell::new(digest_of(op, body)),
+        // The op's own digest is set by OPEN, LOCK, REMOVE and RENAME as
+        // they read their fields; read here first only where it is compared
+        // before the op runs (a restored or delayed slot), not on every
+        // request.
+        digest: std::cell::Cell::new(if restored {
+            digest_of(op, body)
+        } else {
+            request_digest(op, &[])
+        }),
         undo_refused: Default::default(),
         too_large: Default::default(),
         new_state: Default::default(),
@@ -2825,15 +2837,12 @@ fn abandon(ctx: &Ctx<'_>, st: &mut State, rec: &SlotRec) -> Result<(), Fail> {
             o.rec.key,
             o.rec.extra.iter().map(|e| e.key).collect::<Vec<_>>(),
         );
-        let gone_is_fine = |r: Result<(), ClientError>| match r {
-            Err(e) if e.code() != Some(ErrorCode::NoSuchHandle) => Err(filter_fail(e)),
-            _ => Ok(()),
-        };
         for k in &extra {
-            gone_is_fine(f.close(*k))?;
+            gone_is_fine(f.close(*k)).map_err(filter_fail)?;
         }
         let scope = state::scope(&states).map_err(filter_fail)?;
-        gone_is_fine(f.close_recording(main, Vec::new(), vec![(scope, num)]))?;
+        gone_is_fine(f.close_recording(main, Vec::new(), vec![(scope, num)]))
+            .map_err(filter_fail)?;
         state::delete(f, &states, num).map_err(filter_fail)?;
         if let Some(o) = st.opens.remove(&other) {
             st.aliases.retain(|_, of| *of != other);

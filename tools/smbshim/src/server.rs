@@ -319,13 +319,12 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
             .name(format!("close-settler-{k}"))
             .spawn(move || {
                 if let Some(m) = sh.members.get(k) {
-                    // Under the teardown lock, as a replayed CREATE is: a
-                    // replay never finds the handle between its close and
-                    // its leaving `unsettled`.
-                    m.unsettled.run(|key| {
-                        let _teardown = sh.teardown.lock();
-                        m.filter.close(key)
-                    });
+                    // No lock held across the call (a stalled filterd would
+                    // hold every member's teardowns and replays): a key
+                    // leaves `unsettled` only once its close is answered,
+                    // so a replay that finds the handle before then is
+                    // refused (`create`), and after it finds none.
+                    m.unsettled.run(|key| m.filter.close(key));
                 }
             })?;
     }
