@@ -902,8 +902,8 @@ fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
                     out.resumed.push(key);
                 }
                 // A resume tried before may have attached the handle after
-                // all (its answer came too late, or its commit failed and
-                // filterd kept the handle attached in memory): a retry is
+                // all (its answer came too late; an older filterd also kept
+                // a handle whose resume did not commit attached): a retry is
                 // then refused "attached, not disconnected". Attached to
                 // this instance is resumed; its lock state unknown, its file
                 // is marked locked (every read and write checked).

@@ -58,6 +58,25 @@ pub(super) enum Undo {
     /// A persistent handle lost its file (`Engine::lose`) in a request
     /// whose commit records that: what the loss took, to give back.
     Lose(Box<Loss>),
+    /// A handle a frontend resumed: its attachment before
+    /// (`Engine::put_back_attachment`).
+    Attachment(Box<Attachment>),
+}
+
+/// A handle's attachment as it was before a resume: what a failed commit
+/// puts back. Without it the store held the handle disconnected while the
+/// engine kept it attached to a frontend told the resume failed — never
+/// timing out, named by no open (found in session 28; the attachment's
+/// retry papered over it).
+pub(super) struct Attachment {
+    /// The handle.
+    pub(super) key: ResumeKey,
+    /// Its connection state (a disconnected one's deadline kept).
+    pub(super) state: ConnState,
+    /// The connection it was attached to.
+    pub(super) conn: Option<super::ConnId>,
+    /// The frontend instance it belonged to.
+    pub(super) frontend: libfilter::model::InstanceName,
 }
 
 /// What [`Engine::lose`] took from a handle besides its record's
@@ -664,6 +683,7 @@ impl Engine {
                             h.rec.frontend = frontend;
                         }
                     }
+                    Undo::Attachment(a) => self.put_back_attachment(a),
                     Undo::Reinsert(_) | Undo::Lose(_) => {}
                 }
             }
@@ -871,6 +891,46 @@ impl Engine {
     pub(super) fn undo_if_this_group_fails(&mut self, undo: Undo) {
         let seq = self.batch.seq;
         self.batch.pending.entry(seq).or_default().undo.push(undo);
+    }
+
+    /// Undoes a resume whose commit failed: the handle is attached as it
+    /// was, a disconnected one with its old deadline. A connection gone
+    /// meanwhile is not attached again (its frontend is gone: the handle
+    /// stays disconnected, as it would be).
+    fn put_back_attachment(&mut self, a: &Attachment) {
+        let conn = a.conn.filter(|c| self.conns.contains_key(c));
+        if a.conn.is_some() && conn.is_none() {
+            return;
+        }
+        let Some(h) = self.handles.get_mut(&a.key) else {
+            return;
+        };
+        if let Some(c) = h.conn.filter(|c| Some(*c) != conn) {
+            if let Some(c) = self.conns.get_mut(&c) {
+                c.handles.remove(&a.key);
+            }
+        }
+        if let Some(c) = conn.and_then(|c| self.conns.get_mut(&c)) {
+            c.handles.insert(a.key);
+        }
+        h.conn = conn;
+        h.rec.conn = a.state;
+        h.gen += 1;
+        let gen = h.gen;
+        if h.rec.frontend != a.frontend {
+            let now = std::mem::replace(&mut h.rec.frontend, a.frontend.clone());
+            if let Some(n) = self.per_frontend.get_mut(&now) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_frontend.remove(&now);
+                }
+            }
+            *self.per_frontend.entry(a.frontend.clone()).or_default() += 1;
+        }
+        if let ConnState::Disconnected { expires_ms, .. } = a.state {
+            let due = super::mono_ms() + expires_ms.saturating_sub(libfilter::model::now_ms());
+            self.expiries.push(std::cmp::Reverse((due, a.key, gen)));
+        }
     }
 
     /// Undoes a loss that did not commit: the handle is disconnected as it

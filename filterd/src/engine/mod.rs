@@ -1251,6 +1251,13 @@ impl Engine {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.handles.remove(&key);
                 }
+                // Not undone if its commit fails (unlike a resume): the
+                // frontend has let the handle go (it forgot it, as when its
+                // connection is lost, which is not undone either), so
+                // attached again it would be named by nobody and refuse
+                // its client's resume. Disconnected, it waits for that
+                // resume or its timeout; the store's record says attached,
+                // which recovery and the next write of it correct.
                 self.detach(key);
                 Ok(Some((Reply::Done, None)))
             }

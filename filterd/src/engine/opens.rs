@@ -1031,6 +1031,12 @@ impl Engine {
             Some(fd) => self.fs.stat(fd.as_fd()).map(|(_, s)| s).unwrap_or(0),
             None => 0,
         };
+        let before = super::durable::Attachment {
+            key,
+            state: h.rec.conn,
+            conn: h.conn,
+            frontend: h.rec.frontend.clone(),
+        };
         h.rec.conn = ConnState::Connected;
         if h.rec.frontend != instance {
             // Taken over by another instance: it counts there now.
@@ -1042,7 +1048,8 @@ impl Engine {
         h.rec.frontend = instance;
         h.conn = Some(conn);
         h.gen += 1;
-        if h.rec.durability.is_persistent() {
+        let persistent = h.rec.durability.is_persistent();
+        if persistent {
             self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
         }
         let opened = Opened {
@@ -1054,6 +1061,7 @@ impl Engine {
             lease: h.rec.lease,
             locked: false,
         };
+        self.undo_attachment_if_failed(persistent, before);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handles.insert(key);
         }
@@ -1477,6 +1485,17 @@ impl Engine {
     /// The handle's client went away: durable and persistent handles become
     /// disconnected with their timeout, others are closed. Returns whether
     /// the handle was kept.
+    /// Files the undo of a resume: under the group that records it (a
+    /// persistent handle), else under what its reply waits for.
+    fn undo_attachment_if_failed(&mut self, persistent: bool, before: super::durable::Attachment) {
+        let undo = super::durable::Undo::Attachment(Box::new(before));
+        if persistent {
+            self.undo_if_this_group_fails(undo);
+        } else {
+            self.undo_if_failed(undo);
+        }
+    }
+
     pub(super) fn detach(&mut self, key: ResumeKey) -> bool {
         let Some(h) = self.handles.get_mut(&key) else {
             return false;

@@ -541,6 +541,9 @@ enum Op {
     /// its timer or `filterctl expire` does (a non-persistent one's expiry
     /// rides on no commit).
     Expire(u8),
+    /// Resume a disconnected persistent handle (by index among them) on
+    /// the harness's connection.
+    Resume(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -555,10 +558,24 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..6u8, 0..1000u64).prop_map(|(p, o)| Op::Remove(p, o)),
         1 => (0..4u8, 0..100u64).prop_map(|(h, n)| Op::EndOfFile(h, n)),
         1 => (0..4u8).prop_map(Op::Expire),
+        1 => (0..4u8).prop_map(Op::Resume),
     ]
 }
 
 impl Harness {
+    /// The disconnected persistent handle at index `i` (modulo their
+    /// number), if any.
+    fn disconnected_persistent(&self, i: u8) -> Option<ResumeKey> {
+        let away: Vec<ResumeKey> = self
+            .engine
+            .handles
+            .values()
+            .filter(|x| x.conn.is_none() && x.rec.durability.is_persistent())
+            .map(|x| x.rec.key)
+            .collect();
+        away.get(usize::from(i) % away.len().max(1)).copied()
+    }
+
     /// Runs `op`; returns its request id (none: no handle to run it on).
     fn apply(&mut self, op: &Op) -> Option<u64> {
         let keys = self.keys();
@@ -632,17 +649,20 @@ impl Harness {
                 record: Some(record(session(9), 1000 + op_id)),
             },
             Op::Expire(i) => {
-                let gone: Vec<ResumeKey> = self
-                    .engine
-                    .handles
-                    .values()
-                    .filter(|x| x.conn.is_none() && x.rec.durability.is_persistent())
-                    .map(|x| x.rec.key)
-                    .collect();
-                let key = *gone.get(usize::from(i) % gone.len().max(1))?;
+                let key = self.disconnected_persistent(i)?;
                 self.engine.begin_request();
                 self.engine.expire(key);
                 return None;
+            }
+            // Of persistent handles: a durable one's resume rides on no
+            // commit.
+            Op::Resume(i) => {
+                let key = self.disconnected_persistent(i)?;
+                Request::Resume(libfilter::proto::ResumeRequest {
+                    client: ClientId::new("alice").unwrap(),
+                    target: libfilter::proto::ResumeTarget::Key { key },
+                    owner: None,
+                })
             }
             Op::EndOfFile(h, size) => {
                 let key = key(h)?;
@@ -3659,4 +3679,48 @@ fn an_opens_record_gets_the_kernel_handle_it_asks_for() {
         stored(&h, 3)["opened"]["key"],
         serde_json::json!(key.to_string())
     );
+}
+
+/// A resume whose commit fails is undone: the handle is disconnected
+/// again with its deadline (before, the engine kept it attached to the
+/// frontend that was told the resume failed; the store said disconnected,
+/// so it never timed out and a retry was refused "attached, not
+/// disconnected"). The frontend's retry then resumes it. A detach whose
+/// commit fails is not undone: its frontend has let the handle go.
+#[test]
+fn a_resume_whose_commit_fails_is_undone_and_a_detach_is_not() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    let mut h = h.restarted();
+    let resume = Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("alice").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key },
+        owner: None,
+    });
+    let was = h.engine.handles[&key].rec.conn;
+    assert!(matches!(was, ConnState::Disconnected { .. }), "{was:?}");
+
+    let id = h.run(resume.clone());
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    assert_eq!(h.engine.handles[&key].rec.conn, was);
+    assert_eq!(h.engine.handles[&key].conn, None);
+    assert!(!h.engine.conns[&h.conn].handles.contains(&key));
+
+    let id = h.run(resume.clone());
+    h.commit(true);
+    assert_eq!(h.opened(id), key, "the retry resumes it");
+    assert_eq!(h.engine.handles[&key].conn, Some(h.conn));
+
+    let id = h.run(Request::Detach { key });
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    assert_eq!(h.engine.handles[&key].conn, None);
+    assert!(!h.engine.conns[&h.conn].handles.contains(&key));
+    // The client's resume through its next frontend finds it.
+    let id = h.run(resume);
+    h.commit(true);
+    assert_eq!(h.opened(id), key);
 }
