@@ -2115,15 +2115,42 @@ fn open_digest(f: &OpenFields) -> u64 {
 }
 
 /// A LOCK's [`request_digest`].
-fn lock_digest(other: &str, owner: &str, write: bool, range: &LockRange) -> u64 {
+/// A LOCK's fields, read once by [`digest_of`] and by [`lock`] (so the
+/// digest a re-send is compared by is the one the LOCK records).
+struct LockFields<'a> {
+    owner: String,
+    write: bool,
+    range: LockRange,
+    /// The stateid it names.
+    stateid: &'a Value,
+}
+
+fn lock_fields(obj: &Map<String, Value>) -> Result<LockFields<'_>, Fail> {
+    let owner = bounded_owner(str_field(obj, "owner")?, "owner")?;
+    let write = match str_field(obj, "type")? {
+        "read" => false,
+        "write" => true,
+        other => return Err(inval(format!("type must be read or write, not {other:?}"))),
+    };
+    let range = range_of(obj)?;
+    let stateid = field(obj, "stateid")?;
+    Ok(LockFields {
+        owner,
+        write,
+        range,
+        stateid,
+    })
+}
+
+fn lock_digest(f: &LockFields<'_>) -> u64 {
     request_digest(
         "LOCK",
         &[
-            other,
-            owner,
-            if write { "write" } else { "read" },
-            &range.offset.to_string(),
-            &range.length.to_string(),
+            f.stateid.get("other").and_then(Value::as_str).unwrap_or(""),
+            &f.owner,
+            if f.write { "write" } else { "read" },
+            &f.range.offset.to_string(),
+            &f.range.length.to_string(),
         ],
     )
 }
@@ -2138,18 +2165,7 @@ fn digest_of(op: &str, body: Body<'_>) -> u64 {
     let of_map = |obj: &Map<String, Value>| -> Option<u64> {
         match op {
             "OPEN" => open_fields(obj).ok().as_ref().map(open_digest),
-            "LOCK" => {
-                let owner = bounded_owner(str_field(obj, "owner").ok()?, "owner").ok()?;
-                let write = match str_field(obj, "type").ok()? {
-                    "read" => false,
-                    "write" => true,
-                    _ => return None,
-                };
-                let range = range_of(obj).ok()?;
-                let named = field(obj, "stateid").ok()?;
-                let other = named.get("other").and_then(Value::as_str).unwrap_or("");
-                Some(lock_digest(other, &owner, write, &range))
-            }
+            "LOCK" => lock_fields(obj).ok().as_ref().map(lock_digest),
             "REMOVE" => Some(request_digest(
                 "REMOVE",
                 &[path_field(obj, "path").ok()?.as_str()],
@@ -3172,20 +3188,14 @@ fn range_of(obj: &Map<String, Value>) -> Result<LockRange, Fail> {
 
 fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
-    let owner = bounded_owner(str_field(obj, "owner")?, "owner")?;
-    let write = match str_field(obj, "type")? {
-        "read" => false,
-        "write" => true,
-        other => return Err(inval(format!("type must be read or write, not {other:?}"))),
-    };
-    let range = range_of(obj)?;
-    let named = field(obj, "stateid")?;
-    ctx.digest.set(lock_digest(
-        named.get("other").and_then(Value::as_str).unwrap_or(""),
-        &owner,
+    let f = lock_fields(obj)?;
+    ctx.digest.set(lock_digest(&f));
+    let LockFields {
+        owner,
         write,
-        &range,
-    ));
+        range,
+        stateid: named,
+    } = f;
     let n = resolve(ctx, st, named)?;
     if matches!(n, Named::Deleg(_)) {
         return Err(Fail(
