@@ -62,7 +62,14 @@ impl Engine {
         self.lose_handles_of_a_reused_inode(file, fd.as_fd());
         let mut holders = self.holders_of(file);
         holders.extend(self.pending_removed_holders(file));
-        if holders.is_empty() && self.lingers(file) {
+        // No protocol state: no share-mode holder and no handle at all. A
+        // stat or sharing-exempt open holds no share mode but may hold a
+        // lease (smb2.lease.statopen), which this open must break; taken
+        // for stateless, the file was marked ignored, the lease never
+        // broken, and this opener never tracked, so a later share-none
+        // open or write lease was granted past it (review, session 29).
+        let stateless = holders.is_empty() && !self.by_file.contains_key(&file);
+        if stateless && self.lingers(file) {
             // Its last handle closed a moment ago: still remembered.
             let frontends = self.frontend_pids();
             if let Some(l) = self.local_openers.get_mut(&file) {
@@ -71,7 +78,7 @@ impl Engine {
             reply.send(Verdict::Allow, fd);
             return;
         }
-        if holders.is_empty() {
+        if stateless {
             // No protocol state: ignore this file's opens from now on.
             if let Some(fan) = &self.fanotify {
                 crate::local::ignore(fan, &fd, &self.local_counters);

@@ -3724,3 +3724,70 @@ fn a_resume_whose_commit_fails_is_undone_and_a_detach_is_not() {
     h.commit(true);
     assert_eq!(h.opened(id), key);
 }
+
+/// Review (session 29): a file whose only handle is a stat open holding a
+/// lease (smb2.lease.statopen gives one RWH) has protocol state: a local
+/// open breaks the lease before it is let in. Before, no share-mode
+/// holder was taken for no state: the local open was allowed at once, the
+/// file marked ignored and its opener never tracked.
+#[test]
+fn a_local_open_breaks_the_lease_of_a_stat_open() {
+    use crate::command::Verdict;
+    use libfilter::lease::{LeaseKey, LeaseState};
+    let mut h = Harness::new();
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.access = Access::new(Rights::READ).unwrap();
+    o.durability = Durability::None;
+    o.create_guid = None;
+    o.stat = true;
+    o.lease = Some(LeaseRequest {
+        key: LeaseKey(uuid::Uuid::new_v4()),
+        state: LeaseState::parse("RWH").unwrap(),
+        epoch: 0,
+    });
+    let id = h.run(Request::Open(o));
+    h.commit(true);
+    let key = h.opened(id);
+    let rec = &h.engine.handles[&key].rec;
+    assert!(
+        rec.lease.is_some_and(|l| l.state.contains(LeaseState::W)),
+        "{:?}",
+        rec.lease
+    );
+    let file = rec.file;
+    let got = Arc::new(Mutex::new(None));
+    let sink = got.clone();
+    let fd = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+    h.engine.on_local_open(
+        file,
+        4242,
+        fd,
+        LocalReply(Box::new(move |v| *sink.lock().unwrap() = Some(v))),
+    );
+    h.drain_replies();
+    assert_eq!(*got.lock().unwrap(), None, "waits for the break");
+    assert!(
+        h.events
+            .iter()
+            .any(|e| matches!(e, Event::LeaseBreak { .. })),
+        "{:?}",
+        h.events
+    );
+    // Acknowledged: the local open goes in.
+    let Some((lease_key, state)) = h.events.iter().find_map(|e| match e {
+        Event::LeaseBreak {
+            lease_key,
+            new_state,
+            ..
+        } => Some((*lease_key, *new_state)),
+        _ => None,
+    }) else {
+        unreachable!("found above")
+    };
+    h.run(Request::LeaseBreakAck { lease_key, state });
+    h.commit(true);
+    h.engine.process_retries();
+    assert_eq!(*got.lock().unwrap(), Some(Verdict::Allow));
+}
