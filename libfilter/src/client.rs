@@ -567,21 +567,35 @@ impl FilterClient {
             }
             p.insert(id, slot.clone());
         }
-        if let Err(e) = sys::send_packet(self.inner.sock.as_fd(), &bytes, None) {
-            self.forget(id);
-            // A daemon gone shows as EPIPE, or as ECONNRESET when it died
-            // with requests of ours unread (kill -9): either way the
-            // request was not received.
-            return Err(
-                if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
-                    ClientError::Disconnected
-                } else {
-                    ClientError::Io(e)
-                },
-            );
+        // The call's time counts from before the send: a daemon that
+        // stopped reading (stalled, its engine wedged) leaves no room in
+        // its socket buffer after a few hundred requests, and a blocking
+        // send waited for it for good, past the timeout that is to give
+        // the frontend's client its retry status (review, session 29).
+        let deadline = Instant::now() + self.timeout;
+        match sys::send_packet_until(self.inner.sock.as_fd(), &bytes, None, deadline) {
+            Ok(true) => {}
+            // Nothing was sent (a SEQPACKET send is whole or nothing):
+            // no late answer to undo.
+            Ok(false) => {
+                self.forget(id);
+                return Err(ClientError::Timeout(self.timeout));
+            }
+            Err(e) => {
+                self.forget(id);
+                // A daemon gone shows as EPIPE, or as ECONNRESET when it
+                // died with requests of ours unread (kill -9): either way
+                // the request was not received.
+                return Err(
+                    if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
+                        ClientError::Disconnected
+                    } else {
+                        ClientError::Io(e)
+                    },
+                );
+            }
         }
         drop(order);
-        let deadline = Instant::now() + self.timeout;
         let outcome = match self.wait_reply(id, &slot, deadline) {
             Some(o) => Some(o),
             None => self.give_up(id, &slot, undo),
@@ -1022,7 +1036,7 @@ impl FilterClient {
             req: Request::Resynced,
         };
         if let Ok(bytes) = proto::encode_request(self.inner.encoding, &frame) {
-            let _ = sys::send_packet(self.inner.sock.as_fd(), &bytes, None);
+            send_one_way(&self.inner, &bytes);
         }
     }
 
@@ -1320,7 +1334,27 @@ impl Drop for CheckedIo {
         if let Ok(bytes) = proto::encode_request(inner.encoding, &frame) {
             // A failed send means the connection is going: filterd forgets
             // its I/O when it sees it gone.
-            let _ = sys::send_packet(inner.sock.as_fd(), &bytes, None);
+            send_one_way(&inner, &bytes);
+        }
+    }
+}
+
+/// Sends a message that has no reply. A daemon that has not read for the
+/// call timeout (no room in its socket buffer) is given up as for a call
+/// that timed out on a dead connection: the connection is failed, which
+/// filterd takes as this frontend lost (it forgets the connection's I/O,
+/// and the attachment says hello again). Before, the send blocked for
+/// good — in `CheckedIo::drop`, a frontend's I/O thread.
+fn send_one_way(inner: &Inner, bytes: &[u8]) {
+    let deadline = Instant::now() + inner.timeout;
+    match sys::send_packet_until(inner.sock.as_fd(), bytes, None, deadline) {
+        Ok(true) | Err(_) => {}
+        Ok(false) => {
+            tracing::warn!(
+                timeout = ?inner.timeout,
+                "filterd has read nothing for the call timeout: connection given up"
+            );
+            fail_all(inner);
         }
     }
 }
@@ -1814,6 +1848,45 @@ pub(crate) mod tests {
             }
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+
+    /// Review (session 29): a daemon that stopped reading (stalled) left
+    /// no room in its socket buffer after a few hundred requests, and every
+    /// later call blocked in its send for good, past the call timeout that
+    /// is to give the frontend's client its retry status. Now the timeout
+    /// counts from before the send: each such call times out, nothing sent.
+    #[test]
+    fn calls_to_a_daemon_that_stopped_reading_time_out() {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        // Answers the hello, then reads nothing until told (or 30 s: a
+        // blocked send then fails, and the test with it).
+        let (dir, path, daemon) = fake_daemon(move |c, _| {
+            let _ = stopped.recv_timeout(Duration::from_secs(30));
+            drop(c);
+        });
+        let mut c = FilterClient::connect_control(&path).expect("connect");
+        c.set_timeout(Duration::from_millis(200));
+        let t0 = Instant::now();
+        let calls: Vec<_> = (0..64)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    (0..20)
+                        .map(|_| matches!(c.stats(), Err(ClientError::Timeout(_))))
+                        .filter(|t| *t)
+                        .count()
+                })
+            })
+            .collect();
+        let timed_out: usize = calls.into_iter().map(|t| t.join().expect("caller")).sum();
+        let took = t0.elapsed();
+        let _ = stop.send(());
+        daemon.join().expect("daemon");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(timed_out, 64 * 20, "every call timed out");
+        // 20 rounds of 200 ms each, with room to spare; a send blocked for
+        // good never returns (the daemon reads nothing until told).
+        assert!(took < Duration::from_secs(20), "{took:?}");
     }
 
     /// Issue 16, round 5: a caller that read its own reply delivers the

@@ -648,6 +648,33 @@ pub fn send_packet_nonblocking(
     }
 }
 
+/// Sends one packet, waiting for room in the peer's socket buffer until
+/// `deadline`: `Ok(false)` when there was none by then (a SEQPACKET send
+/// is whole or nothing, so nothing was sent). Never raises SIGPIPE.
+pub fn send_packet_until(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+    deadline: std::time::Instant,
+) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    loop {
+        if send_packet_nonblocking(sock, bytes, fd)? {
+            return Ok(true);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(sock, PollFlags::POLLOUT)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+}
+
 /// Takes ownership of a descriptor `accept4` just returned.
 pub fn own_accepted(fd: std::os::fd::RawFd) -> OwnedFd {
     // SAFETY: the caller passes a descriptor freshly returned by accept4,
