@@ -857,12 +857,16 @@ pub fn run(
             }
             // Starved for a whole verdict deadline with nothing of ours to
             // free a descriptor: the oldest open is refused as undecided
-            // (the kernel refuses it, failing the read with EMFILE).
+            // (the kernel refuses it, failing the read with EMFILE). Still
+            // starved, the next one is too, at once: the starvation is not
+            // started again, or the k-th queued open waited k deadlines
+            // (review, session 29). A descriptor free ends it.
             counters.watchdog.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("a local open was refused: no descriptor free to read its fanotify event within the verdict deadline");
             room = 1;
+        } else {
+            starved_since = None;
         }
-        starved_since = None;
         let read = {
             // No probe's lease is held while the kernel opens the events'
             // descriptors.
