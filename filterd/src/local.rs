@@ -267,6 +267,26 @@ impl Mediated {
                 .remove(&file);
         }
     }
+
+    /// A subtree export's set, with no fanotify group behind it.
+    #[cfg(test)]
+    pub fn subtree_for_test() -> Mediated {
+        Mediated {
+            scope: MarkScope::Subtree,
+            export_mount: 0,
+            files: Default::default(),
+            plain: Default::default(),
+        }
+    }
+
+    /// Whether local opens of `file` through other mounts reach the engine.
+    #[cfg(test)]
+    pub fn contains(&self, file: libfilter::model::FileId) -> bool {
+        self.files
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&file)
+    }
 }
 
 /// Whether the mount `dir` lives on shows its filesystem from the top

@@ -480,7 +480,14 @@ impl Engine {
 
     /// `file`'s last handle closed: what is known of its local openers is
     /// kept for [`crate::local_opens::LINGER`] (see there); entries whose
-    /// time has passed go now.
+    /// time has passed go now, and so do their files from the set of
+    /// files the reader sends to the engine (`Mediated`, a subtree
+    /// export's) when they have no handle again. Before (review, session
+    /// 29) a file stayed in that set for the rest of the run: it grew with
+    /// every file ever opened, and once the filesystem gave a removed
+    /// file's inode number to another file, that file's opens through
+    /// other mounts went through the engine instead of being answered at
+    /// once.
     pub(super) fn linger_local_openers(&mut self, file: FileId) {
         let now = std::time::Instant::now();
         while let Some(&(until, f)) = self.lingering.front() {
@@ -488,24 +495,36 @@ impl Engine {
                 break;
             }
             self.lingering.pop_front();
-            if !self.by_file.contains_key(&f)
-                && self
-                    .local_openers
-                    .get(&f)
-                    .is_some_and(|l| l.lingering_until.is_none_or(|u| u <= now))
-            {
-                self.local_openers.remove(&f);
+            if self.by_file.contains_key(&f) {
+                continue;
+            }
+            let lingers = match self.local_openers.get(&f) {
+                Some(l) if l.lingering_until.is_none_or(|u| u <= now) => {
+                    self.local_openers.remove(&f);
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            };
+            // A handle whose removal is committing keeps it until then
+            // (were the commit to fail, the handle would be back).
+            let removing = self.removal_pending_of(|r| r.file == f).is_some();
+            if !lingers && !removing {
+                if let Some(m) = &self.mediated {
+                    m.remove(f);
+                }
             }
         }
-        if self.fanotify.is_none() {
+        if self.mediated.is_none() {
+            // No fanotify.
             self.local_openers.remove(&file);
             return;
         }
+        let until = now + crate::local_opens::LINGER;
         if let Some(l) = self.local_openers.get_mut(&file) {
-            let until = now + crate::local_opens::LINGER;
             l.lingering_until = Some(until);
-            self.lingering.push_back((until, file));
         }
+        self.lingering.push_back((until, file));
     }
 
     /// Whether `file` has no handle but what is known of its local openers

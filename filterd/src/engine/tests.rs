@@ -3791,3 +3791,55 @@ fn a_local_open_breaks_the_lease_of_a_stat_open() {
     h.engine.process_retries();
     assert_eq!(*got.lock().unwrap(), Some(Verdict::Allow));
 }
+
+/// Review (session 29): a subtree export's set of files whose local opens
+/// through other mounts reach the engine (`Mediated`) lets a file go once
+/// its last handle closed and what is known of its local openers has
+/// lingered — not while its close is committing (a failed commit puts the
+/// handle back). Before, every file ever opened stayed in it for the run.
+#[test]
+fn a_file_without_handles_leaves_the_mediated_set_after_lingering() {
+    let mut h = Harness::new();
+    let mediated = Arc::new(crate::local::Mediated::subtree_for_test());
+    h.engine.mediated = Some(mediated.clone());
+    let mut keys = Vec::new();
+    for p in ["a", "b", "c"] {
+        let id = h.run(open(p, Rights::ALL));
+        h.commit(true);
+        let k = h.opened(id);
+        mediated.add(h.engine.handles[&k].rec.file);
+        keys.push((k, h.engine.handles[&k].rec.file));
+    }
+    let [(a, fa), (b, fb), (c, fc)] = keys[..] else {
+        unreachable!("three opens")
+    };
+    let close = |key| Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+    };
+    let lingered = |h: &mut Harness| {
+        for (until, _) in h.engine.lingering.iter_mut() {
+            *until = std::time::Instant::now() - std::time::Duration::from_secs(1);
+        }
+    };
+    // Its close committing: kept; the commit fails, the handle is back.
+    h.run(close(a));
+    lingered(&mut h);
+    h.run(close(b));
+    assert!(mediated.contains(fa), "kept while its close commits");
+    h.commit(false);
+    assert!(h.engine.handles.contains_key(&a) && mediated.contains(fa));
+    // Closed: kept while it lingers, then let go at the next last close.
+    h.run(close(a));
+    h.commit(true);
+    assert!(mediated.contains(fa), "kept while it lingers");
+    lingered(&mut h);
+    h.run(close(c));
+    h.commit(true);
+    assert!(!mediated.contains(fa), "let go");
+    assert!(
+        mediated.contains(fb) && mediated.contains(fc),
+        "b open, c lingers"
+    );
+}
