@@ -105,6 +105,26 @@ struct PollConn {
     greeted: bool,
 }
 
+/// Longest a connection may stay without its hello before it is closed.
+pub const HELLO_WAIT: Duration = Duration::from_secs(5);
+
+/// Most connections that have not said hello yet at once: one more
+/// closes the oldest of them (told why). With `--max-connections` counting
+/// only connections that said hello (the engine's), a peer of the socket's
+/// group could otherwise hold any number open silently — each a socket
+/// and a writer in filterd — until descriptors ran out for everyone's
+/// opens (review, session 29). Closing the oldest, not refusing the new
+/// one, keeps a flood from shutting out a frontend that says hello at
+/// once.
+pub const MAX_UNGREETED: usize = 1024;
+
+/// Most connections one process may have waiting for their hello: one
+/// more of its own is refused at once. Room for a frontend or a bench that
+/// opens many connections at once (each says hello at once, but the
+/// engine takes in a burst of accepted connections before it reads their
+/// hellos).
+pub const MAX_UNGREETED_PER_PEER: usize = 256;
+
 /// The engine's view of every connection's receive side.
 pub struct Poller {
     epoll: Epoll,
@@ -115,6 +135,9 @@ pub struct Poller {
     batch: PacketBatch,
     events: Vec<EpollEvent>,
     flusher: Arc<outbox::Flusher>,
+    /// Connections accepted, oldest first, with when: those still without
+    /// a hello at `HELLO_WAIT` are closed.
+    ungreeted: std::collections::VecDeque<(std::time::Instant, ConnId)>,
 }
 
 /// What one poll round found.
@@ -148,13 +171,22 @@ impl Poller {
                 batch: PacketBatch::new(sys::MAX_BATCH, MAX_FRAME + 1),
                 events: vec![EpollEvent::empty(); 256],
                 flusher: outbox::Flusher::start()?,
+                ungreeted: std::collections::VecDeque::new(),
             },
             EngineTx { tx, wake },
         ))
     }
 
-    /// Waits up to `timeout` for work.
+    /// Waits up to `timeout` for work (less when a connection's hello is
+    /// due sooner).
     pub fn wait(&mut self, timeout: Duration) -> Vec<Ready> {
+        let timeout = match self.ungreeted.front() {
+            Some((at, _)) => timeout.min(
+                (*at + HELLO_WAIT).saturating_duration_since(std::time::Instant::now())
+                    + Duration::from_millis(1),
+            ),
+            None => timeout,
+        };
         let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
         let n = self
             .epoll
@@ -180,8 +212,49 @@ impl Poller {
         self.rx.try_iter()
     }
 
-    /// Starts reading a newly accepted connection.
+    /// Starts reading a newly accepted connection — unless its process has
+    /// [`MAX_UNGREETED_PER_PEER`] waiting for their hello already (then it
+    /// is refused); past [`MAX_UNGREETED`] in all, the oldest waiting one
+    /// is closed.
     pub fn add(&mut self, conn: ConnId, sock: OwnedFd, peer: Peer) {
+        self.close_silent(&mut Vec::new());
+        let waiting: Vec<(ConnId, i32)> = self
+            .ungreeted
+            .iter()
+            .filter_map(|(_, c)| {
+                self.conns
+                    .get(c)
+                    .filter(|x| !x.greeted)
+                    .map(|x| (*c, x.peer.pid))
+            })
+            .collect();
+        if waiting.iter().filter(|(_, pid)| *pid == peer.pid).count() >= MAX_UNGREETED_PER_PEER {
+            tracing::warn!(
+                pid = peer.pid,
+                "a process has {MAX_UNGREETED_PER_PEER} connections waiting to say hello: refusing another"
+            );
+            let refusal = ServerFrame::Reply {
+                id: None,
+                result: Err(WireError::new(
+                    ErrorCode::LimitReached,
+                    format!("{MAX_UNGREETED_PER_PEER} connections of this process are waiting to say hello"),
+                )),
+            };
+            if let Ok(bytes) = proto::encode(&refusal) {
+                let _ = sys::send_packet_nonblocking(sock.as_fd(), &bytes, None);
+            }
+            return;
+        }
+        if waiting.len() >= MAX_UNGREETED {
+            if let Some((oldest, _)) = waiting.first() {
+                self.close_waiting(
+                    *oldest,
+                    "too many connections waiting to say hello",
+                    &mut Vec::new(),
+                );
+            }
+        }
+        self.ungreeted.push_back((std::time::Instant::now(), conn));
         let sock = Arc::new(sock);
         if let Err(e) = self
             .epoll
@@ -200,6 +273,36 @@ impl Poller {
                 greeted: false,
             },
         );
+    }
+
+    /// Closes connections that have not said hello within
+    /// [`HELLO_WAIT`] (told why), and forgets those that did.
+    pub fn close_silent(&mut self, out: &mut Vec<Command>) {
+        let now = std::time::Instant::now();
+        while let Some(&(at, conn)) = self.ungreeted.front() {
+            let waiting = self.conns.get(&conn).is_some_and(|c| !c.greeted);
+            if waiting && now < at + HELLO_WAIT {
+                break;
+            }
+            self.ungreeted.pop_front();
+            if waiting {
+                self.close_waiting(conn, &format!("no hello within {HELLO_WAIT:?}"), out);
+            }
+        }
+    }
+
+    /// Closes `conn`, which has not said hello, telling it `why`.
+    fn close_waiting(&mut self, conn: ConnId, why: &str, out: &mut Vec<Command>) {
+        if let Some(c) = self.conns.get(&conn) {
+            tracing::warn!(pid = c.peer.pid, "{why}: connection closed");
+            reject(
+                &c.writer,
+                None,
+                WireError::new(ErrorCode::ProtocolViolation, why.to_owned()),
+            );
+            c.writer.kill();
+        }
+        self.close(conn, out);
     }
 
     fn remove(&mut self, conn: ConnId) {

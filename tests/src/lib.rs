@@ -575,8 +575,17 @@ pub fn attach(socket: &Path, protocol: &str, instance: &str) -> FilterClient {
 /// (a JSON hello document) and nothing else: for tests that write frames
 /// by hand.
 pub fn raw_connect(path: &Path, hello: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::AsFd;
+    let fd = raw_socket(path);
+    libfilter::sys::send_packet(fd.as_fd(), hello.as_bytes(), None).expect("hello");
+    fd
+}
+
+/// A raw SEQPACKET connection to filterd's socket at `path` that has sent
+/// nothing.
+pub fn raw_socket(path: &Path) -> std::os::fd::OwnedFd {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::fd::AsRawFd;
     let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -585,7 +594,6 @@ pub fn raw_connect(path: &Path, hello: &str) -> std::os::fd::OwnedFd {
     )
     .expect("socket");
     connect(fd.as_raw_fd(), &UnixAddr::new(path).expect("address")).expect("connect");
-    libfilter::sys::send_packet(fd.as_fd(), hello.as_bytes(), None).expect("hello");
     fd
 }
 

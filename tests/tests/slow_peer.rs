@@ -2,26 +2,18 @@
 //! the engine never waits on its socket, other peers keep being answered,
 //! and once what is queued for it passes its limit it is dropped.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use libfilter::client::FilterClient;
 use libfilter::sys::{recv_packet, send_packet, Packet};
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use rkfilter_tests::{wait_for, Filterd, Scratch};
 
 #[test]
 fn a_peer_that_stops_reading_is_dropped_and_stalls_nobody() {
     let s = Scratch::new("slow-peer");
     let d = Filterd::start(&s, &[], &[]);
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    connect(fd.as_raw_fd(), &UnixAddr::new(&s.socket()).unwrap()).unwrap();
+    let fd = rkfilter_tests::raw_socket(&s.socket());
     send_packet(
         fd.as_fd(),
         br#"{"version":1,"role":{"kind":"control"}}"#,
@@ -61,4 +53,73 @@ fn a_peer_that_stops_reading_is_dropped_and_stalls_nobody() {
             .then_some(())
     });
     ctl.stats().expect("still serving");
+}
+
+/// Review (session 29): connections that never say hello were kept for
+/// good and not counted by `--max-connections` (it counts connections
+/// that said hello): a peer of the socket's group could hold any number
+/// open — a socket and a writer each in filterd — until descriptors ran
+/// out for everyone. Now a process has at most 256 waiting for their hello
+/// (one more is refused at once), and each is closed, told why, 5 s after
+/// it came; another process is served meanwhile.
+#[test]
+fn connections_that_never_say_hello_are_bounded_and_closed() {
+    let s = Scratch::new("no-hello");
+    let d = Filterd::start(&s, &[], &[]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .map(Iterator::count)
+            .unwrap_or(usize::MAX)
+    };
+    let fds_before = fds();
+    let t0 = std::time::Instant::now();
+    let silent: Vec<_> = (0..300)
+        .map(|_| {
+            let fd = rkfilter_tests::raw_socket(&s.socket());
+            // A socket filterd keeps open fails the test, not hangs it.
+            nix::sys::socket::setsockopt(
+                &fd,
+                nix::sys::socket::sockopt::ReceiveTimeout,
+                &nix::sys::time::TimeVal::new(20, 0),
+            )
+            .unwrap();
+            fd
+        })
+        .collect();
+    wait_for(
+        "filterd to hold at most 256 of them",
+        Duration::from_secs(4),
+        || (fds() <= fds_before + 256).then_some(()),
+    );
+    // Another process is served meanwhile.
+    let st = rkfilter_tests::filterctl(&["--socket", s.socket().to_str().unwrap(), "stats"]);
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    // Every silent one hears why it is closed (or was refused), then EOF.
+    let mut buf = vec![0u8; 70_000];
+    let mut told = (0, 0);
+    for fd in &silent {
+        let first = recv_packet(fd.as_fd(), &mut buf).unwrap();
+        let Packet::Data { len, .. } = first else {
+            panic!("closed without a word: {first:?}");
+        };
+        let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+        if text.contains("limit_reached") {
+            told.0 += 1;
+        } else {
+            assert!(text.contains("no hello within"), "{text}");
+            told.1 += 1;
+        }
+        assert!(matches!(
+            recv_packet(fd.as_fd(), &mut buf).unwrap(),
+            Packet::Eof
+        ));
+    }
+    assert_eq!(told, (44, 256), "refused at once, closed after waiting");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(4),
+        "kept for the hello's time: {took:?}"
+    );
+    assert!(fds() <= fds_before + 1, "{} then {}", fds_before, fds());
 }

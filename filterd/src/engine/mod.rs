@@ -514,6 +514,12 @@ impl Engine {
                     }
                 }
             }
+            // Connections without their hello in time (none of them is
+            // the engine's: nothing to tell it).
+            poller.close_silent(&mut cmds);
+            for c in cmds.drain(..) {
+                stop |= self.handle(c);
+            }
             self.expire_due(mono_ms());
             self.process_retries();
             self.flush();
