@@ -554,18 +554,20 @@ impl Engine {
             // client ignores it). If that commit fails, the rollback
             // forgets the break (`Engine::roll_back`) so it is sent again.
             // Other holders' lease state is not stored: their break goes
-            // at once.
-            let persistent = self
-                .by_file
-                .get(&file)
-                .into_iter()
-                .flatten()
-                .filter_map(|k| self.handles.get(k))
-                .any(|h| {
-                    h.rec.durability.is_persistent()
-                        && h.rec.lease.as_ref().is_some_and(|l| l.key == lk)
-                });
-            let dep = if persistent { self.batch.dep() } else { 0 };
+            // at once — but never ahead of a reply that grants the lease
+            // and waits for a commit (`Handle::shown_at`): the frontend
+            // would not know the lease yet and drop the break.
+            let holders = || {
+                self.by_file
+                    .get(&file)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.handles.get(k))
+                    .filter(|h| h.rec.lease.as_ref().is_some_and(|l| l.key == lk))
+            };
+            let persistent = holders().any(|h| h.rec.durability.is_persistent());
+            let shown = holders().map(|h| h.shown_at).max().unwrap_or(0);
+            let dep = if persistent { self.batch.dep() } else { 0 }.max(shown);
             self.event_after(
                 dep,
                 writer,

@@ -117,6 +117,11 @@ struct Handle {
     /// or a directory rename's look); not for a recovered handle, whose
     /// record does not store it (`Engine::learn_links_step`).
     link_known: bool,
+    /// The commit the last reply showing it (its open, a replay of that,
+    /// its resume) waits for: a break of its lease goes out no earlier,
+    /// or the frontend hears of a lease it was not granted yet and drops
+    /// the break (`Engine::send_break`).
+    shown_at: u64,
 }
 
 impl Handle {
@@ -132,6 +137,7 @@ impl Handle {
             lock_fd: None,
             linked: false,
             link_known: false,
+            shown_at: 0,
         }
     }
 }
@@ -780,6 +786,10 @@ impl Engine {
                     o.locked = self.hint_open(conn, o.file);
                     if !o.durability.is_persistent() {
                         self.undo_if_failed(durable::Undo::Drop(o.key));
+                    }
+                    let dep = self.request_dependency();
+                    if let Some(h) = self.handles.get_mut(&o.key) {
+                        h.shown_at = h.shown_at.max(dep);
                     }
                 }
                 (Ok(reply), fd_of)

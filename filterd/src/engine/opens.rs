@@ -472,6 +472,7 @@ impl Engine {
             lock_fd: None,
             linked: of.linked,
             link_known: true,
+            shown_at: 0,
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {

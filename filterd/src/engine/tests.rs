@@ -165,6 +165,17 @@ struct Harness {
     replies: BTreeMap<u64, Result<libfilter::proto::Reply, WireError>>,
     /// Every event received, in order.
     events: Vec<libfilter::proto::Event>,
+    /// Every frame received, in order.
+    arrived: Vec<Arrived>,
+}
+
+/// A frame that reached the frontend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Arrived {
+    /// The reply to this request.
+    Reply(u64),
+    /// The event at this index of `Harness::events`.
+    Event(usize),
 }
 
 fn config() -> Config {
@@ -264,6 +275,7 @@ impl Harness {
             last_id: 0,
             replies: BTreeMap::new(),
             events: Vec::new(),
+            arrived: Vec::new(),
         }
     }
 
@@ -293,6 +305,7 @@ impl Harness {
             }
             let frame = libfilter::proto::decode_server(&buf[..n]);
             if let Ok(libfilter::proto::ServerFrame::Event(ev)) = frame {
+                self.arrived.push(Arrived::Event(self.events.len()));
                 self.events.push(ev);
                 continue;
             }
@@ -302,6 +315,7 @@ impl Harness {
             }) = frame
             {
                 self.fs.log_reply(id, result.is_ok());
+                self.arrived.push(Arrived::Reply(id));
                 got.push((id, result.is_ok()));
                 assert!(
                     self.replies.insert(id, result).is_none(),
@@ -1933,6 +1947,62 @@ fn another_clients_open_under_a_held_lease_key_breaks_it() {
     }
     h.opened(bob);
     assert_eq!(h.lease_of(bob), None, "bob shares alice's lease");
+}
+
+/// A break of a lease whose grant waits for a commit goes out only after
+/// that grant (review: a non-persistent holder's break went out at once,
+/// ahead of the open reply granting the lease; the frontend, knowing no
+/// such lease, dropped it, and the breaking open waited the whole break
+/// timeout). If the commit fails, neither goes out, and the breaking open
+/// does not wait for the break.
+#[test]
+fn a_break_never_overtakes_the_reply_that_granted_the_lease() {
+    use libfilter::proto::Event;
+    for ok in [true, false] {
+        let mut h = Harness::new();
+        let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+        let rh = libfilter::lease::LeaseState::parse("RH").unwrap();
+        // A persistent open of the file, committing.
+        h.run(open("a", Rights::ALL));
+        // Carol's durable open shows the file: it waits for that commit.
+        let Request::Open(mut o) = leased_open("carol", "a", key, rh, 0) else {
+            unreachable!("leased_open() makes an open")
+        };
+        o.durability = Durability::Durable { timeout_ms: 60_000 };
+        let carol = h.run(Request::Open(o));
+        assert!(h.reply(carol).is_none(), "answered before the commit");
+        // Bob's open breaks carol's lease meanwhile.
+        let rw = Rights::READ.union(Rights::WRITE);
+        let bob = h.run(bobs("a", rw, Disposition::Open));
+        let is_break =
+            |e: &Event| matches!(e, Event::LeaseBreak { lease_key, .. } if *lease_key == key);
+        assert!(
+            !h.events.iter().any(is_break),
+            "a break of a lease not granted yet: {:?}",
+            h.events
+        );
+        h.commit(ok);
+        if !ok {
+            h.engine.process_retries();
+            h.commit(true);
+            assert_eq!(h.refused(carol), ErrorCode::DiskFull);
+            assert!(!h.events.iter().any(is_break), "{:?}", h.events);
+            h.opened(bob);
+            continue;
+        }
+        assert_eq!(h.lease_of(carol).map(|l| l.state), Some(rh));
+        let granted = h.arrived.iter().position(|a| *a == Arrived::Reply(carol));
+        let broken = h
+            .arrived
+            .iter()
+            .position(|a| matches!(a, Arrived::Event(i) if is_break(&h.events[*i])));
+        assert!(
+            broken.is_some(),
+            "carol's lease is not broken: {:?}",
+            h.events
+        );
+        assert!(granted < broken, "the break came first: {:?}", h.arrived);
+    }
 }
 
 /// Whether an `Expired` or `Purged` event of `key` reached the frontend.
