@@ -157,7 +157,8 @@ struct Shared {
 pub struct Pipeline {
     shared: Mutex<Shared>,
     wake: Condvar,
-    /// Every sequence up to here is resolved: durable, or abandoned.
+    /// Every sequence up to here is resolved: durable, or abandoned, and
+    /// the replies that waited for it sent ([`Pipeline::publish`]).
     committed: AtomicU64,
     /// Whether any sequence was ever abandoned (then `reply_after` asks).
     any_abandoned: AtomicBool,
@@ -240,15 +241,17 @@ impl Pipeline {
         self.wake.notify_all();
     }
 
-    /// Everything up to `through` committed: the replies that waited for it.
+    /// Everything up to `through` committed: the replies that waited for
+    /// it, to send before [`Pipeline::publish`].
     pub(crate) fn settle_success(&self, through: u64) -> Vec<Deferred> {
         let mut s = self.lock();
-        self.resolve(&mut s, through)
+        Self::take_ready(&mut s, through)
     }
 
     /// After a failed commit through `through`: waits (when `wait`) for the
     /// engine's rollback, drops the abandoned groups, and hands back the
-    /// replies that may go (`.0`) and those that must fail (`.1`).
+    /// replies that may go (`.0`, to send before [`Pipeline::publish`])
+    /// and those that must fail (`.1`).
     pub(crate) fn settle_failure(
         &self,
         through: u64,
@@ -268,8 +271,23 @@ impl Pipeline {
         }
         s.abandoned.extend(abandoned.iter().copied());
         self.any_abandoned.store(true, Ordering::Release);
-        let ready = self.resolve(&mut s, through);
+        let ready = Self::take_ready(&mut s, through);
         (ready, refused)
+    }
+
+    /// Marks everything up to `through` resolved, once the replies that
+    /// waited for it are sent; first sends, under the lock, those parked
+    /// for it since. Until then the engine sees it pending, so what it
+    /// sends that shows it (an event, a reply) is parked behind those
+    /// replies: published earlier, a lease break went out at once ahead
+    /// of the open reply that granted the lease (review), and the
+    /// frontend dropped it.
+    pub(crate) fn publish(&self, through: u64) {
+        let mut s = self.lock();
+        for r in Self::take_ready(&mut s, through) {
+            r.send();
+        }
+        self.committed.store(through, Ordering::Release);
     }
 
     /// Takes every queued job (what the committer does; tests drive it).
@@ -278,10 +296,8 @@ impl Pipeline {
         std::mem::take(&mut self.lock().jobs)
     }
 
-    /// Marks everything up to `through` resolved and hands back the replies
-    /// that waited for it.
-    fn resolve(&self, s: &mut Shared, through: u64) -> Vec<Deferred> {
-        self.committed.store(through, Ordering::Release);
+    /// The replies that waited for sequences up to `through`.
+    fn take_ready(s: &mut Shared, through: u64) -> Vec<Deferred> {
         let later = s.waiting.split_off(&(through + 1));
         std::mem::replace(&mut s.waiting, later)
             .into_values()
@@ -649,18 +665,19 @@ fn settle(
     if failed.is_empty() {
         failpoint::hit("commit.after");
         let ready = pipe.settle_success(through);
-        if !notify.is_empty() {
-            let _ = engine.send(Command::IntentsDurable(notify));
-        }
-        if pipe.take_engine_wake() {
-            let _ = engine.send(Command::CommitsResolved);
-        }
         for r in ready {
             failpoint::hit("reply.before_send");
             if let Some(p) = r.point {
                 failpoint::hit(p);
             }
             r.send();
+        }
+        pipe.publish(through);
+        if !notify.is_empty() {
+            let _ = engine.send(Command::IntentsDurable(notify));
+        }
+        if pipe.take_engine_wake() {
+            let _ = engine.send(Command::CommitsResolved);
         }
         return if done.len() == 1 && done.iter().all(|(_, r)| r.is_ok()) {
             timing
@@ -696,17 +713,18 @@ fn settle(
     // Nothing more is committed until the engine has undone what the
     // failed groups did: later ones may build on it.
     let (ready, refused) = pipe.settle_failure(through, true);
-    if !notify.is_empty() {
-        let _ = engine.send(Command::IntentsDurable(notify));
-    }
-    if pipe.take_engine_wake() {
-        let _ = engine.send(Command::CommitsResolved);
-    }
     for r in refused {
         r.fail(code, &message);
     }
     for r in ready {
         r.send();
+    }
+    pipe.publish(through);
+    if !notify.is_empty() {
+        let _ = engine.send(Command::IntentsDurable(notify));
+    }
+    if pipe.take_engine_wake() {
+        let _ = engine.send(Command::CommitsResolved);
     }
     None
 }
@@ -935,6 +953,17 @@ mod tests {
     }
 
     fn setup_with(store: Gated) -> Rig {
+        setup_over(store, crossbeam_channel::unbounded())
+    }
+
+    /// [`setup_with`], the committer telling the engine over `channel`.
+    fn setup_over(
+        store: Gated,
+        channel: (
+            crossbeam_channel::Sender<Command>,
+            crossbeam_channel::Receiver<Command>,
+        ),
+    ) -> Rig {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (a, b) = socketpair(
             AddressFamily::Unix,
@@ -945,7 +974,7 @@ mod tests {
         .unwrap();
         let store = Arc::new(store);
         let pipe = Arc::new(Pipeline::default());
-        let (tx, rx) = EngineTx::for_test();
+        let (tx, rx) = EngineTx::for_test(channel);
         let (st, p) = (store.clone() as Arc<dyn StateStore>, pipe.clone());
         let committer =
             std::thread::spawn(move || run(st, p, tx, Arc::new(CommitCounters::default())));
@@ -992,7 +1021,7 @@ mod tests {
         g1.send(Ok(1)).unwrap();
         assert_eq!(next_packet(&peer), b"one");
         assert_eq!(next_packet(&peer), b"two");
-        assert_eq!(pipe.committed(), 2);
+        wait_until("both are published", || pipe.committed() == 2);
         pipe.stop();
         t.join().unwrap();
     }
@@ -1105,6 +1134,43 @@ mod tests {
         );
         pipe.stop();
         t.join().unwrap();
+    }
+
+    /// Once the engine sees a sequence committed, the replies that waited
+    /// for it are sent: what it then sends at once (a lease break, a
+    /// reply) cannot overtake them. The committer is held in its message
+    /// to the engine (a rendezvous channel) between the two. Old code
+    /// published the sequence first and sent its replies after that
+    /// message: the break went out ahead of the open reply granting the
+    /// lease it breaks (review).
+    #[test]
+    fn a_sequence_is_shown_committed_only_once_its_replies_are_sent() {
+        let rig = setup_over(Gated::default(), crossbeam_channel::bounded(0));
+        let (pipe, w) = (&rig.pipe, &rig.writer);
+        let gate = rig.store.gate(1);
+        pipe.submit(job(pipe, 1, w, b"granted"));
+        wait_until("the commit is sent", || {
+            !rig.store.entered.lock().unwrap().is_empty()
+        });
+        // The engine waits for the commit (and so hears of it).
+        assert!(pipe.wake_engine_at(1));
+        gate.send(Ok(1)).unwrap();
+        wait_until("the commit is published", || pipe.committed() == 1);
+        // The engine, seeing it durable, sends a frame at once.
+        let event = Deferred {
+            writer: w.clone(),
+            id: None,
+            bytes: b"break".to_vec(),
+            fd: None,
+            point: None,
+        };
+        pipe.reply_after(1, event);
+        let told = rig.rx.recv_timeout(Duration::from_secs(20));
+        assert!(matches!(told, Ok(Command::CommitsResolved)));
+        assert_eq!(next_packet(&rig.peer), b"granted");
+        assert_eq!(next_packet(&rig.peer), b"break");
+        pipe.stop();
+        rig.committer.join().unwrap();
     }
 
     #[test]

@@ -57,12 +57,15 @@ impl EngineTx {
         Ok(())
     }
 
-    /// A sender whose commands the test reads from the receiver.
+    /// A sender over channel `(tx, rx)`, whose commands the test reads
+    /// from the receiver (a bounded channel holds the sender in `send`
+    /// until the test reads).
     #[cfg(test)]
-    pub(crate) fn for_test() -> (EngineTx, crossbeam_channel::Receiver<Command>) {
+    pub(crate) fn for_test(
+        (tx, rx): (Sender<Command>, crossbeam_channel::Receiver<Command>),
+    ) -> (EngineTx, crossbeam_channel::Receiver<Command>) {
         let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .expect("an eventfd");
-        let (tx, rx) = crossbeam_channel::unbounded();
         (
             EngineTx {
                 tx,

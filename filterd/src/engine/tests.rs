@@ -382,6 +382,7 @@ impl Harness {
                 for d in self.pipe.settle_success(through) {
                     d.send();
                 }
+                self.pipe.publish(through);
                 self.drain_replies();
                 notify = groups.iter().flat_map(|g| g.notify.clone()).collect();
             }
@@ -396,6 +397,7 @@ impl Harness {
                 for d in refused {
                     d.fail(ErrorCode::DiskFull, "test");
                 }
+                self.pipe.publish(through);
             }
         }
         self.store.inner.lock().unwrap().fail = false;
@@ -947,6 +949,7 @@ fn only_what_builds_on_a_failed_group_is_abandoned() {
         "test",
     );
     let _ = h.pipe.settle_failure(through, false);
+    h.pipe.publish(through);
     assert!(
         !h.engine.locks.contains_key(&file_of(&h, ka)),
         "both locks on A are gone"
