@@ -568,17 +568,21 @@ impl Engine {
             let persistent = holders().any(|h| h.rec.durability.is_persistent());
             let shown = holders().map(|h| h.shown_at).max().unwrap_or(0);
             let dep = if persistent { self.batch.dep() } else { 0 }.max(shown);
-            self.event_after(
-                dep,
-                writer,
-                Event::LeaseBreak {
-                    lease_key: lk,
-                    current_state: state,
-                    new_state: b.to,
-                    epoch,
-                    ack_required: ack,
-                },
-            );
+            let parked = holders().find(|h| h.parked).map(|h| h.rec.key);
+            let ev = Event::LeaseBreak {
+                lease_key: lk,
+                current_state: state,
+                new_state: b.to,
+                epoch,
+                ack_required: ack,
+            };
+            match parked.and_then(|k| self.handles.get_mut(&k)) {
+                // Its open waits for an intent: the reply granting the
+                // lease is not even built. The break follows it
+                // (`finish_parked`).
+                Some(h) => h.held_break = Some(ev),
+                None => self.event_after(dep, writer, ev),
+            }
         }
         if ack {
             info!(lease_key = %lk, from = %state, to = %b.to, waits = b.waiters, "lease break sent");

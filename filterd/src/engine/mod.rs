@@ -122,6 +122,9 @@ struct Handle {
     /// or the frontend hears of a lease it was not granted yet and drops
     /// the break (`Engine::send_break`).
     shown_at: u64,
+    /// A break of its lease sent while its open was parked, held until
+    /// the open's reply (`Engine::finish_parked`).
+    held_break: Option<Event>,
 }
 
 impl Handle {
@@ -138,6 +141,7 @@ impl Handle {
             linked: false,
             link_known: false,
             shown_at: 0,
+            held_break: None,
         }
     }
 }

@@ -473,6 +473,7 @@ impl Engine {
             linked: of.linked,
             link_known: true,
             shown_at: 0,
+            held_break: None,
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -649,6 +650,20 @@ impl Engine {
                 result,
             };
             self.reply_when_durable(w, rid, &frame, fd);
+        }
+        // A break of the lease it grants goes out behind the reply.
+        let dep = self.request_dependency();
+        let Some(h) = self.handles.get_mut(&p.key) else {
+            return;
+        };
+        h.shown_at = h.shown_at.max(dep);
+        let held = h.held_break.take();
+        let writer = h
+            .conn
+            .and_then(|c| self.conns.get(&c))
+            .map(|c| c.writer.clone());
+        if let (Some(ev), Some(w)) = (held, writer) {
+            self.event_after(dep, w, ev);
         }
     }
 

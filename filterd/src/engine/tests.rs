@@ -2008,6 +2008,51 @@ fn a_break_never_overtakes_the_reply_that_granted_the_lease() {
     }
 }
 
+/// The same for a persistent open parked on its truncation's intent: a
+/// break of the lease it holds meanwhile is held until its reply (review
+/// follow-up: the break went out once the intent and the breaking open
+/// committed, before the open's reply was even built).
+#[test]
+fn a_break_of_a_parked_opens_lease_follows_its_reply() {
+    use libfilter::proto::Event;
+    let mut h = Harness::new();
+    let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let rh = libfilter::lease::LeaseState::parse("RH").unwrap();
+    let Request::Open(mut o) = leased_open("carol", "a", key, rh, 0) else {
+        unreachable!("leased_open() makes an open")
+    };
+    o.durability = Durability::Persistent { timeout_ms: 60_000 };
+    o.create_guid = Some(CreateGuid(uuid::Uuid::new_v4()));
+    o.disposition = Disposition::OverwriteIf;
+    let carol = h.run(Request::Open(o));
+    h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    let intents = h.commit_holding_intents(true);
+    assert!(
+        h.events.is_empty(),
+        "the open is not answered yet: {:?}",
+        h.events
+    );
+    for id in intents {
+        h.engine.finish_parked(id);
+    }
+    h.commit(true);
+    assert_eq!(h.lease_of(carol).map(|l| l.state), Some(rh));
+    let broken = h.arrived.iter().position(|a| {
+        matches!(a, Arrived::Event(i) if matches!(h.events[*i], Event::LeaseBreak { lease_key, .. } if lease_key == key))
+    });
+    let granted = h.arrived.iter().position(|a| *a == Arrived::Reply(carol));
+    assert!(
+        broken.is_some(),
+        "carol's lease is not broken: {:?}",
+        h.events
+    );
+    assert!(granted < broken, "the break came first: {:?}", h.arrived);
+}
+
 /// Whether an `Expired` or `Purged` event of `key` reached the frontend.
 fn told_gone(h: &Harness, key: ResumeKey) -> bool {
     use libfilter::proto::Event;
