@@ -164,6 +164,14 @@ impl Engine {
                 }
             })?;
         crate::failpoint::hit("open.after_fs");
+        // A delete on close of this file waits for its intent (its last
+        // persistent handle's close): the unlink would take the file from
+        // under this open once granted. The open breaks nothing and waits
+        // (below) for the unlink (`finish_parked`, or the close undone by
+        // a failed commit), then runs again against the file system as it
+        // is then — on Windows the file is delete-pending until that
+        // close is done.
+        let deleting = self.unlink_on_close_waiting(of.file);
         // A handle that lost its file to inode reuse decides nothing (its
         // record marked lost goes into the batch: first, so that the
         // dependency below covers it too).
@@ -216,6 +224,7 @@ impl Engine {
         // been told (`restart_gate`). A file this open created had none.
         // (Then it breaks nothing yet: it runs again from the start.)
         let gate_wait = !stat
+            && !deleting
             && !of.created
             && self.restart_gate_closed(self.own_frontend_exempt(conn, &instance));
         // One exempt from sharing meets no holder's share mode: its breaks
@@ -229,6 +238,7 @@ impl Engine {
             mode
         };
         let breaking = !stat
+            && !deleting
             && !gate_wait
             && self.break_leases_for(
                 of.file,
@@ -272,15 +282,16 @@ impl Engine {
         // checked write of it is in flight (`hint_size_change`), then runs
         // again from the start.
         let hint_wait = !gate_wait
+            && !deleting
             && truncation.is_some()
             && durability.is_persistent()
             && self.hint_size_change_of(of.file).is_some();
-        if (breaking || hint_wait || gate_wait) && o.no_wait {
+        if (breaking || hint_wait || gate_wait || deleting) && o.no_wait {
             self.stats.opens_refused += 1;
             self.stats.not_available += 1;
             return Err(err(
                 ErrorCode::Busy,
-                "lease holders (or, for a truncation, other frontends; after a restart, the frontends attached before it) must acknowledge first; retry",
+                "lease holders (or, for a truncation, other frontends; after a restart, the frontends attached before it) must acknowledge first, or the file's delete on close is in progress; retry",
             ));
         }
         // A persistent handle of the file whose close is pending comes back
@@ -290,7 +301,7 @@ impl Engine {
             Some(_) if !durability.is_persistent() => self.close_pending(of.file),
             _ => None,
         };
-        if breaking || hint_wait || gate_wait || closing.is_some() {
+        if breaking || hint_wait || gate_wait || deleting || closing.is_some() {
             // Wait (the descriptor is dropped; the open runs again from
             // the start).
             self.wait_limit()?;
@@ -550,6 +561,15 @@ impl Engine {
             let result = self.perform(&change, Some(id));
             crate::failpoint::hit("intent.after_fs");
             self.batch.push(StoreOp::DeleteIntent(id));
+            if let IntentChange::Remove {
+                file,
+                on_close: true,
+                ..
+            } = &change
+            {
+                // Opens that waited for this unlink run again.
+                self.retry_files.insert(*file);
+            }
             if let (Ok(()), IntentChange::Rename { from, to, file, .. }) = (&result, change) {
                 self.renames_completing
                     .push((self.batch.seq(), file, [from, to]));
@@ -1476,6 +1496,18 @@ impl Engine {
             self.begin_request();
             self.delete_or_pass(&d.path, d.file, d.kernel_handle.as_ref());
         }
+    }
+
+    /// Whether the delete on close of `file` by its last persistent
+    /// handle waits for its intent (`park_unlink`): the unlink is still to
+    /// come, so no open may be granted the file meanwhile.
+    fn unlink_on_close_waiting(&self, file: FileId) -> bool {
+        self.parked.values().any(|p| {
+            matches!(
+                &p.change,
+                Some(IntentChange::Remove { file: f, on_close: true, .. }) if *f == file
+            )
+        })
     }
 
     /// The delete on close of the last open of a file (see

@@ -206,15 +206,44 @@ impl Engine {
                         }
                     } else if on_close {
                         // The handle's deletion committed: finish its
-                        // delete-on-close.
-                        match fs.remove(&path, file, kernel_handle.as_ref()) {
-                            Ok(()) => {
-                                info!(%path, "recovery finished an interrupted delete on close");
-                                self.stats.intents_recovered += 1;
-                                sync.extend(fs.dir_of(&path).ok());
+                        // delete-on-close — unless a stored handle of the
+                        // file (one a build before opens waited for the
+                        // unlink, `Engine::unlink_on_close_waiting`, let
+                        // in) holds it: unlinked, that acknowledged handle
+                        // would come back lost. The delete passes to it,
+                        // as to any open that remains when a handle with
+                        // delete on close goes (it is the file's, as on
+                        // Windows).
+                        let same_file = |r: &HandleRecord| {
+                            r.file == file
+                                && r.conn != ConnState::Lost
+                                && match (&r.kernel_handle, &kernel_handle) {
+                                    (Some(a), Some(b)) => a == b,
+                                    _ => true,
+                                }
+                        };
+                        let holders: Vec<HandleRecord> = store
+                            .all_handles()?
+                            .into_iter()
+                            .flatten()
+                            .filter(same_file)
+                            .collect();
+                        if !holders.is_empty() {
+                            warn!(%path, handles = holders.len(), "interrupted delete on close passed to the file's stored handles");
+                            for mut r in holders {
+                                r.delete_on_close = true;
+                                finished.push(StoreOp::PutHandle(Box::new(r)));
                             }
-                            Err(e) => {
-                                warn!(%path, error = %e.message, "interrupted delete on close could not be finished")
+                        } else {
+                            match fs.remove(&path, file, kernel_handle.as_ref()) {
+                                Ok(()) => {
+                                    info!(%path, "recovery finished an interrupted delete on close");
+                                    self.stats.intents_recovered += 1;
+                                    sync.extend(fs.dir_of(&path).ok());
+                                }
+                                Err(e) => {
+                                    warn!(%path, error = %e.message, "interrupted delete on close could not be finished")
+                                }
                             }
                         }
                     } else {

@@ -1322,6 +1322,121 @@ fn a_close_whose_commit_failed_puts_the_create_marker_back() {
     assert_eq!(h.fs.file("n").and_then(|f| f.marker), marker);
 }
 
+/// Opens "c" persistent with delete on close (committed), then runs its
+/// CLOSE and another open of "c" (a new create GUID) behind it: the key,
+/// the close's and the open's request ids.
+fn closing_with_delete_on_close_then_opened(h: &mut Harness) -> (ResumeKey, u64, u64) {
+    let id = h.run(open("c", Rights::ALL));
+    h.commit(true);
+    let kc = h.opened(id);
+    h.run(Request::SetDeleteOnClose {
+        key: kc,
+        delete: true,
+        record: None,
+    });
+    h.commit(true);
+    let close = h.run(Request::Close {
+        key: kc,
+        put: vec![],
+        delete: vec![],
+    });
+    (kc, close, h.run(open("c", Rights::ALL)))
+}
+
+/// An open of a file whose delete on close is waiting for its intent (its
+/// last persistent handle's close committing, or committed and the unlink
+/// not yet made) is not granted that file: the unlink would take it from
+/// under the new handle after its "opened". It waits for the unlink and
+/// runs again, against the file system as it is then (here: it creates a
+/// new file).
+#[test]
+fn an_open_waits_for_a_delete_on_close_in_progress() {
+    let mut h = Harness::new();
+    let old = h.fs.file("c").map(|f| (f.ino, f.gen));
+    let (_, close, second) = closing_with_delete_on_close_then_opened(&mut h);
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    assert!(h.reply(close).is_some_and(|r| r.is_ok()));
+    let kb = h.opened(second);
+    let now = h.fs.file("c").map(|f| (f.ino, f.gen));
+    assert!(
+        now.is_some(),
+        "the second open's file was unlinked under it"
+    );
+    assert_ne!(now, old, "the second open got the file being deleted");
+    assert!(h.engine.handles.contains_key(&kb));
+}
+
+/// The same, the close's commit failing: the closing handle is back (its
+/// delete on close with it), and the open that waited runs again and
+/// shares the file with it.
+#[test]
+fn an_open_that_waited_for_a_delete_on_close_whose_close_failed_runs_again() {
+    let mut h = Harness::new();
+    let old = h.fs.file("c").map(|f| (f.ino, f.gen));
+    let (kc, close, second) = closing_with_delete_on_close_then_opened(&mut h);
+    h.commit(false);
+    assert_eq!(h.refused(close), ErrorCode::DiskFull);
+    h.engine.process_retries();
+    h.commit(true);
+    let kb = h.opened(second);
+    assert_eq!(h.fs.file("c").map(|f| (f.ino, f.gen)), old);
+    assert!(h.engine.handles.contains_key(&kc) && h.engine.handles.contains_key(&kb));
+}
+
+/// The same, killed once the close's commit is durable and before its
+/// unlink: the second open was not granted the file (nor recorded), so
+/// recovery's unlink takes no acknowledged handle's file.
+#[test]
+fn a_delete_on_close_finished_by_recovery_takes_no_later_open_s_file() {
+    let mut h = Harness::new();
+    closing_with_delete_on_close_then_opened(&mut h);
+    h.commit_holding_intents(true);
+    let h = h.restarted();
+    for r in h.engine.handles.values().map(|h| &h.rec) {
+        assert_ne!(r.conn, ConnState::Lost, "{} came back lost", r.path);
+    }
+    if !h.engine.handles.is_empty() {
+        assert!(
+            h.fs.file("c").is_some(),
+            "a stored handle's file was unlinked"
+        );
+    }
+}
+
+/// Recovery finishing a delete on close whose file a stored handle holds
+/// (an open a build before opens waited for the unlink let in, recorded
+/// with the close): the file is not unlinked under that acknowledged
+/// handle; the delete passes to it.
+#[test]
+fn recovery_passes_a_delete_on_close_to_a_stored_handle_of_the_file() {
+    let mut h = Harness::new();
+    let id = h.run(open("c", Rights::ALL));
+    h.commit(true);
+    let kb = h.opened(id);
+    let rec = h.engine.handles[&kb].rec.clone();
+    let intent = Intent {
+        id: IntentId(uuid::Uuid::new_v4()),
+        change: IntentChange::Remove {
+            path: rec.path.clone(),
+            file: rec.file,
+            record: None,
+            kernel_handle: rec.kernel_handle.clone(),
+            on_close: true,
+        },
+        recorded_ms: 0,
+    };
+    h.store
+        .commit(&[&[StoreOp::PutIntent(Box::new(intent))]])
+        .unwrap();
+    let h = h.restarted();
+    assert!(h.fs.file("c").is_some(), "unlinked under a stored handle");
+    let back = &h.engine.handles[&kb].rec;
+    assert_ne!(back.conn, ConnState::Lost);
+    assert!(back.delete_on_close, "the delete passed to it");
+}
+
 /// A second close of a persistent handle whose close is still committing
 /// (rksmbd's close-settler re-sending a close whose answer never came) is
 /// not answered "no such handle" before that commit (round 16): if the
