@@ -523,6 +523,7 @@ impl Engine {
                 seq: self.batch.seq(),
                 key,
                 change: then,
+                content,
             },
         );
         self.batch.push(StoreOp::PutIntent(Box::new(intent)));
@@ -555,6 +556,7 @@ impl Engine {
                 seq: self.batch.seq(),
                 key: gone.rec.key,
                 change: Some(change),
+                content: None,
             },
         );
         self.last_unlink = Some(intent.id);
@@ -650,11 +652,6 @@ impl Engine {
                         };
                         err(code, format!("set end of file to {size}: {e}"))
                     });
-                if durable {
-                    if let Some(f) = self.handles.get(key).map(|h| h.rec.file) {
-                        self.content_change_done(f);
-                    }
-                }
                 let fd = done?;
                 if let Some(id) = intent {
                     let path = self.handles.get(key).map(|h| h.rec.path.clone());

@@ -706,11 +706,9 @@ impl Engine {
         for id in parked {
             if let Some(p) = self.parked.remove(&id) {
                 handles.insert(p.key);
-                let changes_content = matches!(p.change, None | Some(IntentChange::SetSize { .. }));
-                if changes_content {
-                    if let Some(f) = self.handles.get(&p.key).map(|h| h.rec.file) {
-                        self.content_change_abandoned(f);
-                    }
+                // Whether or not its handle is still there.
+                if let Some(f) = p.content {
+                    self.content_change_abandoned(f);
                 }
                 if let (Some(w), Some(rid)) = (&p.writer, p.id) {
                     let frame = ServerFrame::Reply {

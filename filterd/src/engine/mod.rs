@@ -362,6 +362,10 @@ struct Parked {
     /// A rename or remove to perform once the intent is durable (none: a
     /// truncating open).
     change: Option<IntentChange>,
+    /// The file whose size the change sets (a truncating open, an
+    /// end-of-file change), counted in `content_changes` until it is done
+    /// or abandoned — kept here, as its handle may be gone by then.
+    content: Option<FileId>,
 }
 
 /// Most replay records a scope keeps, whatever the frontend asks.

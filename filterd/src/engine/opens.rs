@@ -559,6 +559,12 @@ impl Engine {
         self.completes_intent();
         if let Some(change) = p.change.take() {
             let result = self.perform(&change, Some(id));
+            if let Some(f) = p.content {
+                // Made or failed, its handle there or gone meanwhile
+                // (closed, detached, expired): reads and writes of the
+                // file go on once this completion is durable.
+                self.content_change_done(f);
+            }
             crate::failpoint::hit("intent.after_fs");
             self.batch.push(StoreOp::DeleteIntent(id));
             if let IntentChange::Remove {
@@ -594,6 +600,9 @@ impl Engine {
             // Closed (or expired) before its open finished: nothing to
             // truncate, and the open is still answered.
             self.batch.push(StoreOp::DeleteIntent(id));
+            if let Some(f) = p.content {
+                self.content_change_abandoned(f);
+            }
             if let (Some(w), Some(rid)) = (&p.writer, p.id) {
                 let frame = ServerFrame::Reply {
                     id: Some(rid),

@@ -1437,6 +1437,82 @@ fn recovery_passes_a_delete_on_close_to_a_stored_handle_of_the_file() {
     assert!(back.delete_on_close, "the delete passed to it");
 }
 
+/// A size change whose handle goes (closed here; a frontend gone or an
+/// expiry alike) while it waits for its intent: the change is still made,
+/// and the file's reads and writes go on once its completion commits —
+/// the file's count of changes in flight is not left behind.
+#[test]
+fn a_size_change_whose_handle_went_while_it_waited_lets_io_go_on() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    let change = h.run(Request::SetEndOfFile {
+        key,
+        size: 3,
+        record: None,
+    });
+    h.run(Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+    });
+    assert!(!h.engine.content_changes.is_empty());
+    h.commit(true);
+    assert!(h.reply(change).is_some_and(|r| r.is_ok()));
+    assert_eq!(h.fs.file("a").map(|f| f.size), Some(3));
+    assert!(h.engine.content_changes.is_empty());
+}
+
+/// The same for a truncating open whose handle went before its
+/// truncation was made (answered "closed before its open finished").
+#[test]
+fn a_truncating_open_whose_handle_went_while_it_waited_lets_io_go_on() {
+    let mut h = Harness::new();
+    let id = h.run(with_disposition(
+        open("a", Rights::ALL),
+        Disposition::OverwriteIf,
+    ));
+    let key = h.engine.handles.keys().copied().next();
+    assert!(
+        h.reply(id).is_none() && key.is_some(),
+        "parked on its intent"
+    );
+    h.engine.remove(key.unwrap_or(ResumeKey(uuid::Uuid::nil())));
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::NoSuchHandle);
+    assert!(h.engine.content_changes.is_empty());
+}
+
+/// The same, the intent's commit failing (a recorded size change on a
+/// non-persistent handle, whose going no failed commit undoes): the
+/// change is abandoned and leaves no count behind either.
+#[test]
+fn a_size_change_whose_handle_went_and_whose_intent_failed_lets_io_go_on() {
+    let mut h = Harness::new();
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.durability = Durability::None;
+    o.create_guid = None;
+    let id = h.run(Request::Open(o));
+    h.commit(true);
+    let key = h.opened(id);
+    h.run(Request::SetEndOfFile {
+        key,
+        size: 3,
+        record: Some(RecordSpec {
+            scope: session(1),
+            op_id: 1,
+            reply: "ok".into(),
+            keep: 8,
+        }),
+    });
+    h.engine.remove(key);
+    h.commit(false);
+    assert!(h.engine.content_changes.is_empty());
+}
+
 /// A second close of a persistent handle whose close is still committing
 /// (rksmbd's close-settler re-sending a close whose answer never came) is
 /// not answered "no such handle" before that commit (round 16): if the
