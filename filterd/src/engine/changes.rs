@@ -91,22 +91,32 @@ impl Engine {
             self.waiting_changes.push((file, conn, req_id, req));
             return Ok(None);
         }
-        if !needs_intent(persistent, record.is_some()) {
-            let closing = [Some(file), target]
-                .into_iter()
-                .flatten()
-                .find_map(|f| self.close_pending(f).map(|s| (s, f)));
-            if let Some((seq, f)) = closing {
-                let req = Request::Rename {
-                    key,
-                    to,
-                    replace,
-                    record: None,
-                };
-                return self.wait_for_close(seq, f, conn, req_id, req);
-            }
-        }
         let bracketed = persistent || self.has_persistent_handles(file);
+        let recorded = record.is_some();
+        // Made at once: it waits for a pending close of either file, and
+        // (not bracketed at all) for a change of either in flight.
+        let waits = [Some(file), target].into_iter().flatten().find_map(|f| {
+            let closing = if needs_intent(persistent, recorded) {
+                None
+            } else {
+                self.close_pending(f).map(Some)
+            };
+            let in_flight = if needs_intent(bracketed, recorded) {
+                None
+            } else {
+                self.change_in_flight(f)
+            };
+            closing.or(in_flight).map(|s| (s, f))
+        });
+        if let Some((seq, f)) = waits {
+            let req = Request::Rename {
+                key,
+                to,
+                replace,
+                record: None,
+            };
+            return self.wait_behind(seq, f, conn, req_id, req);
+        }
         // An intent names its file by kernel handle, also for a handle
         // that keeps none (a non-durable one): recovery tells the renamed
         // file from one created since under a reused inode number, and a
@@ -411,6 +421,15 @@ impl Engine {
                 return self.wait_for_close(seq, file, conn, req_id, req);
             }
         }
+        // Persistent handles of the file must find its removal bracketed
+        // after a crash, whoever removed it.
+        let bracketed = self.has_persistent_handles(file);
+        if !needs_intent(bracketed, record.is_some()) {
+            if let Some(seq) = self.change_in_flight(file) {
+                let req = Request::Remove { path, record: None };
+                return self.wait_behind(seq, file, conn, req_id, req);
+            }
+        }
         let kernel_handle = self.fs.handle_at(&path);
         let change = IntentChange::Remove {
             path,
@@ -419,9 +438,6 @@ impl Engine {
             kernel_handle,
             on_close: false,
         };
-        // Persistent handles of the file must find its removal bracketed
-        // after a crash, whoever removed it.
-        let bracketed = self.has_persistent_handles(file);
         self.run_change(
             conn,
             req_id,
@@ -482,8 +498,51 @@ impl Engine {
         req_id: u64,
         req: Request,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        self.wait_behind(Some(seq), file, conn, req_id, req)
+    }
+
+    /// A change of `file` by path or name in flight under an intent, which
+    /// a change made at once must not overtake: its intent committing or
+    /// its system call still to run (`parked`), or a rename made whose
+    /// completion is still committing (`renames_completing`). Recovery
+    /// judges such a change by which name holds the file; a change made
+    /// at once meanwhile would make it misjudge — a made rename moved back
+    /// taken for one never made, and redone by its replay over the
+    /// acknowledged move. `Some(None)`: wait for the parked change's
+    /// `finish_parked` (or its abandonment), which runs the file's waits
+    /// again; `Some(Some(seq))`: wait for commit `seq`.
+    fn change_in_flight(&self, file: FileId) -> Option<Option<u64>> {
+        if self
+            .parked
+            .values()
+            .any(|p| p.change.as_ref().and_then(super::durable::intent_file) == Some(file))
+        {
+            return Some(None);
+        }
+        let committed = self.pipe.committed();
+        self.renames_completing
+            .iter()
+            .filter(|(s, f, _)| *s > committed && *f == file)
+            .map(|&(s, _, _)| s)
+            .max()
+            .map(Some)
+    }
+
+    /// Parks request `req_id` on `file` until commit `seq` is resolved
+    /// (none: until something else runs the file's waits again), then
+    /// runs it again from the start.
+    fn wait_behind(
+        &mut self,
+        seq: Option<u64>,
+        file: FileId,
+        conn: ConnId,
+        req_id: u64,
+        req: Request,
+    ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
         self.wait_limit()?;
-        self.wait_for_commit(seq, file);
+        if let Some(seq) = seq {
+            self.wait_for_commit(seq, file);
+        }
         self.waiting_changes.push((file, conn, req_id, req));
         Ok(None)
     }

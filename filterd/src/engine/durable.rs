@@ -272,7 +272,7 @@ impl Batch {
 }
 
 /// The file an intent's change is about, when the intent names it.
-fn intent_file(c: &IntentChange) -> Option<FileId> {
+pub(super) fn intent_file(c: &IntentChange) -> Option<FileId> {
     match c {
         IntentChange::TruncatingOpen { record, .. } => Some(record.file),
         IntentChange::Rename { file, .. } | IntentChange::Remove { file, .. } => Some(*file),
@@ -706,6 +706,10 @@ impl Engine {
         for id in parked {
             if let Some(p) = self.parked.remove(&id) {
                 handles.insert(p.key);
+                // Opens and changes that waited for it run again.
+                if let Some(f) = p.change.as_ref().and_then(intent_file) {
+                    self.retry_files.insert(f);
+                }
                 // Whether or not its handle is still there.
                 if let Some(f) = p.content {
                     self.content_change_abandoned(f);

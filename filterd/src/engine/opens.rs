@@ -567,14 +567,10 @@ impl Engine {
             }
             crate::failpoint::hit("intent.after_fs");
             self.batch.push(StoreOp::DeleteIntent(id));
-            if let IntentChange::Remove {
-                file,
-                on_close: true,
-                ..
-            } = &change
-            {
-                // Opens that waited for this unlink run again.
-                self.retry_files.insert(*file);
+            if let Some(f) = super::durable::intent_file(&change) {
+                // Opens and changes that waited for this one (its unlink,
+                // or its system call and completion) run again.
+                self.retry_files.insert(f);
             }
             if let (Ok(()), IntentChange::Rename { from, to, file, .. }) = (&result, change) {
                 self.renames_completing

@@ -1513,6 +1513,119 @@ fn a_size_change_whose_handle_went_and_whose_intent_failed_lets_io_go_on() {
     assert!(h.engine.content_changes.is_empty());
 }
 
+/// A non-persistent open of `path` (no create GUID) sharing everything.
+fn plain_open(path: &str) -> Request {
+    let Request::Open(mut o) = open(path, Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.durability = Durability::None;
+    o.create_guid = None;
+    Request::Open(o)
+}
+
+/// Two non-persistent handles of "a": one renames it a→x with a recorded
+/// reply (an intent), made and its completion not yet committed; then the
+/// other renames it x→a back, nothing recorded (at once). The rename
+/// back's request id.
+fn renamed_then_renamed_back(h: &mut Harness) -> u64 {
+    let (x, y) = (h.run(plain_open("a")), h.run(plain_open("a")));
+    h.commit(true);
+    let (x, y) = (h.opened(x), h.opened(y));
+    let record = RecordSpec {
+        scope: session(1),
+        op_id: 1,
+        reply: "ok".into(),
+        keep: 8,
+    };
+    let rename = |key, to: &str, record| Request::Rename {
+        key,
+        to: RelPath::new(to).unwrap(),
+        replace: false,
+        record,
+    };
+    h.run(rename(x, "x", Some(record)));
+    for id in h.commit_holding_intents(true) {
+        h.engine.finish_parked(id);
+    }
+    assert!(h.fs.file("x").is_some(), "the recorded rename is made");
+    h.run(rename(y, "a", None))
+}
+
+/// A change made at once (no intent: a non-persistent handle, nothing
+/// recorded) does not overtake a change of the same file whose intent is
+/// in flight (`renamed_then_renamed_back`). Had the rename back been made
+/// and answered, a crash then would leave the file at `a`, recovery would
+/// take the recorded rename for one never made and drop it, and its replay
+/// would rename a→x again over the acknowledged x→a.
+#[test]
+fn a_change_made_at_once_waits_for_a_change_of_its_file_in_flight() {
+    let mut h = Harness::new();
+    let back = renamed_then_renamed_back(&mut h);
+    let back_answered = h.reply(back).is_some();
+    // Killed before the first rename's completion commits.
+    let h = h.restarted();
+    // (Its scope is the session's as the filter owns it.)
+    let recorded = h.engine.replays.values().any(|m| m.contains_key(&1));
+    assert!(
+        recorded && h.fs.file("x").is_some(),
+        "recovery dropped the made rename (answered since: {back_answered}); \
+         its replay would redo it over the rename back"
+    );
+    assert!(!back_answered, "answered, yet undone by the crash");
+}
+
+/// The same without a crash: the rename back runs once the first one's
+/// completion is durable.
+#[test]
+fn a_change_made_at_once_runs_once_the_change_in_flight_is_durable() {
+    let mut h = Harness::new();
+    let back = renamed_then_renamed_back(&mut h);
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    assert!(matches!(
+        h.reply(back),
+        Some(Ok(libfilter::proto::Reply::Done))
+    ));
+    assert!(h.fs.file("a").is_some() && h.fs.file("x").is_none());
+}
+
+/// A change made at once also waits for one whose intent is still
+/// committing (parked): it runs after that change is made and durable,
+/// so both are made in the order they came.
+#[test]
+fn a_change_made_at_once_waits_for_a_parked_change_of_its_file() {
+    let mut h = Harness::new();
+    let (x, y) = (h.run(plain_open("a")), h.run(plain_open("a")));
+    h.commit(true);
+    let (x, y) = (h.opened(x), h.opened(y));
+    let first = h.run(Request::Rename {
+        key: x,
+        to: RelPath::new("x").unwrap(),
+        replace: false,
+        record: Some(RecordSpec {
+            scope: session(1),
+            op_id: 1,
+            reply: "ok".into(),
+            keep: 8,
+        }),
+    });
+    let second = h.run(Request::Rename {
+        key: y,
+        to: RelPath::new("y").unwrap(),
+        replace: false,
+        record: None,
+    });
+    assert!(h.reply(second).is_none(), "waits for the first");
+    for _ in 0..3 {
+        h.commit(true);
+        h.engine.process_retries();
+    }
+    let done = |id| matches!(h.reply(id), Some(Ok(libfilter::proto::Reply::Done)));
+    assert!(done(first) && done(second));
+    assert!(h.fs.file("y").is_some() && h.fs.file("x").is_none());
+}
+
 /// A second close of a persistent handle whose close is still committing
 /// (rksmbd's close-settler re-sending a close whose answer never came) is
 /// not answered "no such handle" before that commit (round 16): if the
