@@ -71,6 +71,17 @@ pub struct Deferred {
     /// A failpoint of its own, hit right before it goes (see
     /// `failpoint`: `lock.granted`).
     pub point: Option<&'static str>,
+    /// Counted in its writer's parked frames (`ConnWriter::park`) while
+    /// it waits: given back when it is dropped.
+    pub parked: bool,
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        if self.parked {
+            self.writer.unpark(self.bytes.len());
+        }
+    }
 }
 
 impl Deferred {
@@ -199,7 +210,13 @@ impl Pipeline {
             drop(s);
             reply.send();
         } else {
-            s.waiting.entry(seq).or_default().push(reply);
+            let mut reply = reply;
+            // Past the peer's limit it is dropped (its connection shut):
+            // the reply is not kept.
+            if reply.writer.park(reply.bytes.len()) {
+                reply.parked = true;
+                s.waiting.entry(seq).or_default().push(reply);
+            }
         }
     }
 
@@ -915,6 +932,7 @@ mod tests {
                 bytes: tag.to_vec(),
                 fd: None,
                 point: None,
+                parked: false,
             },
         );
         CommitJob {
@@ -1163,6 +1181,7 @@ mod tests {
             bytes: b"break".to_vec(),
             fd: None,
             point: None,
+            parked: false,
         };
         pipe.reply_after(1, event);
         let told = rig.rx.recv_timeout(Duration::from_secs(20));
@@ -1171,6 +1190,52 @@ mod tests {
         assert_eq!(next_packet(&rig.peer), b"break");
         pipe.stop();
         rig.committer.join().unwrap();
+    }
+
+    /// Review (session 29): replies waiting for a commit were kept
+    /// without bound — a peer pipelining listings (48 KiB each) during a
+    /// slow commit grew filterd's memory as far as it liked. They count
+    /// against the peer's queue limits: past them the peer is dropped and
+    /// the reply not kept; what went is given back.
+    #[test]
+    fn replies_waiting_for_a_commit_count_against_the_peers_limit() {
+        let pipe = Pipeline::default();
+        let (ours, _peer) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        )
+        .unwrap();
+        let w = ConnWriter::for_test(ours);
+        let reply = |n: usize| Deferred {
+            writer: w.clone(),
+            id: Some(1),
+            bytes: vec![b'x'; n],
+            fd: None,
+            point: None,
+            parked: false,
+        };
+        // Small enough to be sent whole on the test's socket.
+        let size = 16 << 10;
+        for _ in 0..3 {
+            pipe.reply_after(1, reply(size));
+        }
+        assert_eq!(w.parked_now(), (3 * size, 3));
+        // Sent (or failed, or dropped): given back.
+        pipe.publish(1);
+        assert_eq!(w.parked_now(), (0, 0));
+        for _ in 0..(crate::outbox::MAX_QUEUED_BYTES / size) {
+            pipe.reply_after(2, reply(size));
+        }
+        assert!(w.send(b"alive", None), "within the limit");
+        pipe.reply_after(2, reply(1));
+        assert!(!w.send(b"dead", None), "one more byte drops the peer");
+        assert_eq!(
+            w.parked_now().0,
+            crate::outbox::MAX_QUEUED_BYTES,
+            "the one past the limit is not kept"
+        );
     }
 
     #[test]

@@ -222,6 +222,11 @@ pub struct ConnWriter {
     queue: Mutex<Queue>,
     flusher: Option<(Arc<Flusher>, u64)>,
     me: std::sync::Weak<ConnWriter>,
+    /// Replies and events waiting for a commit before they go (bytes,
+    /// frames): charged against the same limits as the queue, so a peer
+    /// that pipelines requests during a slow commit cannot grow filterd's
+    /// memory (and descriptors: a parked open's) without bound.
+    parked: Mutex<(usize, usize)>,
 }
 
 impl Flushable for ConnWriter {
@@ -262,7 +267,36 @@ impl ConnWriter {
                 (f, t)
             }),
             me: me.clone(),
+            parked: Mutex::new((0, 0)),
         })
+    }
+
+    /// Counts a frame of `len` bytes waiting for a commit. False (and the
+    /// peer dropped) when the peer's parked frames would pass its limits:
+    /// the frame is then not to be kept.
+    pub fn park(&self, len: usize) -> bool {
+        let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if p.0.saturating_add(len) > MAX_QUEUED_BYTES || p.1 >= MAX_QUEUED_FRAMES {
+            drop(p);
+            self.drop_peer("its replies waiting for a commit passed the queue's limit");
+            return false;
+        }
+        p.0 += len;
+        p.1 += 1;
+        true
+    }
+
+    /// The bytes and frames parked now.
+    #[cfg(test)]
+    pub fn parked_now(&self) -> (usize, usize) {
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A frame counted by [`ConnWriter::park`] went (or was dropped).
+    pub fn unpark(&self, len: usize) {
+        let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        p.0 = p.0.saturating_sub(len);
+        p.1 = p.1.saturating_sub(1);
     }
 
     /// A writer over a socket of the test's own.

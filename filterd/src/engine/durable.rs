@@ -415,6 +415,7 @@ impl Engine {
                     bytes,
                     fd: None,
                     point: None,
+                    parked: false,
                 },
             ),
             Err(e) => error!(error = %e, "cannot encode an event"),
@@ -515,6 +516,7 @@ impl Engine {
                 bytes,
                 fd,
                 point: self.batch.reply_point.take(),
+                parked: false,
             },
         );
     }
