@@ -118,8 +118,10 @@ pub struct Group {
     /// Intents whose parked requests continue once it is durable.
     pub notify: Vec<IntentId>,
     /// It finishes a change whose intent is durable (the change is made):
-    /// it cannot be undone, only finished. If it cannot commit, the daemon
-    /// stops as if it had crashed, and recovery finishes it from the intent.
+    /// it cannot be undone, only finished. If it cannot commit — it fails,
+    /// or a group it builds on does, also in an earlier commit — the daemon
+    /// stops as if it had crashed ([`stop_for_recovery`]), and recovery
+    /// finishes it from the intent.
     pub completes_intent: bool,
 }
 
@@ -704,11 +706,7 @@ fn settle(
     }
     counters.failed.fetch_add(1, Ordering::Relaxed);
     if groups().any(|g| g.completes_intent && failed.contains(&g.seq)) {
-        // The change is on disk and its intent durable; memory cannot
-        // be rolled back to before it. Stop as a crash would: recovery
-        // finishes the change, and clients replay as after any crash.
-        error!(error = ?error, "the completion of a durable intent cannot commit; stopping so that recovery finishes it");
-        std::process::exit(70);
+        stop_for_recovery("the completion of a durable intent cannot commit", &error);
     }
     let (code, message) = match error {
         Some(e @ (StoreError::Full | StoreError::MapFull)) => (ErrorCode::DiskFull, e.to_string()),
@@ -765,6 +763,20 @@ fn retry_alone(store: &dyn StateStore, groups: &[Group], failed: &mut BTreeSet<u
             failed.insert(g.seq);
         }
     }
+}
+
+/// A group that completes a durable intent cannot commit — it failed, or
+/// (`Engine::roll_back`) it built on a group that failed: the change is on
+/// disk and its intent durable, so memory cannot be rolled back to before
+/// it. Stops as a crash would (exit status 70): recovery finishes the
+/// change from its intent, and clients replay as after any crash. The
+/// unit tests see a panic instead.
+pub(crate) fn stop_for_recovery(why: &str, error: &dyn std::fmt::Debug) -> ! {
+    error!(error = ?error, "{why}; stopping so that recovery finishes it");
+    #[cfg(test)]
+    panic!("stopped for recovery: {why}");
+    #[cfg(not(test))]
+    std::process::exit(70);
 }
 
 /// Another daemon claimed the table, or this one's lease may have ended:

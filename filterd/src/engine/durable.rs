@@ -119,6 +119,10 @@ pub(super) struct Touched {
     files: BTreeSet<FileId>,
     deps: BTreeSet<u64>,
     undo: Vec<Undo>,
+    /// It finishes a durable intent's change (see
+    /// [`crate::committer::Group::completes_intent`]): abandoning it would
+    /// leave the change on disk and memory without it.
+    completes_intent: bool,
 }
 
 /// The groups being built and the bookkeeping of sequences not yet durable.
@@ -246,6 +250,7 @@ impl Batch {
         let has_ops = !self.ops.is_empty();
         if let Some(t) = self.pending.get_mut(&self.seq) {
             t.deps.extend(self.reads.iter().copied());
+            t.completes_intent |= self.completes_intent;
         } else if !has_ops {
             self.reads.clear();
             self.notify.clear();
@@ -591,22 +596,12 @@ impl Engine {
         self.pipe.submit(job);
     }
 
-    /// A commit failed: the groups in `failed` did not commit (those up
-    /// to `through` that are not in it did). Abandons them and every
-    /// pending group that built on them, undoes what those did, then lets
-    /// the committer fail the replies that waited for them.
-    pub(super) fn roll_back(
-        &mut self,
-        failed: &[u64],
-        through: u64,
-        code: ErrorCode,
-        message: &str,
-    ) {
-        self.end_request();
+    /// The groups a commit that failed abandons: the failed ones, and
+    /// every pending group after `through` that builds on an abandoned one
+    /// or touches what one touched (its state is read back from the store,
+    /// which does not hold theirs).
+    pub(super) fn abandoned_by(&self, failed: &[u64], through: u64) -> BTreeSet<u64> {
         let mut abandoned: BTreeSet<u64> = failed.iter().copied().collect();
-        // Pending groups after the failed commit: abandoned when they build
-        // on an abandoned group, or touch what one touched (its state is
-        // read back from the store, which does not hold theirs).
         loop {
             let mut gone_handles = BTreeSet::new();
             let mut gone_scopes = BTreeSet::new();
@@ -632,6 +627,50 @@ impl Engine {
                 break;
             }
             abandoned.extend(more);
+        }
+        abandoned
+    }
+
+    /// Whether abandoning `abandoned` would drop the completion of a
+    /// durable intent: its change is on disk, so the daemon must stop
+    /// instead (recovery finishes it from the intent).
+    pub(super) fn abandons_completion(&self, abandoned: &BTreeSet<u64>) -> bool {
+        abandoned.iter().any(|s| {
+            self.batch
+                .pending
+                .get(s)
+                .is_some_and(|t| t.completes_intent)
+        })
+    }
+
+    /// A commit failed: the groups in `failed` did not commit (those up
+    /// to `through` that are not in it did). Abandons them and every
+    /// pending group that built on them, undoes what those did, then lets
+    /// the committer fail the replies that waited for them. If that would
+    /// abandon the completion of a durable intent, the daemon stops
+    /// instead ([`crate::committer::stop_for_recovery`]).
+    pub(super) fn roll_back(
+        &mut self,
+        failed: &[u64],
+        through: u64,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        self.end_request();
+        let abandoned = self.abandoned_by(failed, through);
+        if self.abandons_completion(&abandoned) {
+            // A completion built on a request whose commit failed (a lock
+            // on the renamed handle, committing just before it): its change
+            // is on disk and its record carries what failed, so it can
+            // neither commit nor be undone — stop, as when a completion's
+            // own commit fails. Dropping it and serving on (old code) left
+            // memory and store without a change the disk has: the handle
+            // back at its old path while the file is at the new one, or an
+            // overwritten file whose handle was gone.
+            crate::committer::stop_for_recovery(
+                "the completion of a durable intent built on a commit that failed",
+                &message,
+            );
         }
         self.batch.groups.retain(|g| !abandoned.contains(&g.seq));
         warn!(
@@ -757,10 +796,6 @@ impl Engine {
         }
         self.pending_creates.retain(|_, s| !abandoned.contains(s));
         self.checked_io_abandoned(&abandoned);
-        // A rename whose completion was abandoned holds no directory
-        // rename any more (its intent stays for recovery).
-        self.renames_completing
-            .retain(|(s, _, _)| !abandoned.contains(s));
         let resolved: Vec<u64> = self
             .commit_waits
             .keys()

@@ -4265,3 +4265,73 @@ fn a_file_without_handles_leaves_the_mediated_set_after_lingering() {
         "b open, c lingers"
     );
 }
+
+/// A durable intent's change is made (a rename; an overwrite by a second
+/// open) right after a lock on the file's handle was queued for commit:
+/// the completion builds on the lock (it writes records of the file whole).
+/// When the lock's commit then fails, the completion can neither commit
+/// (it carries what failed) nor be undone (its change is on disk): the
+/// daemon stops as a crash would, and recovery finishes it from its intent
+/// (the unit tests see a panic). Old code abandoned the completion and
+/// served on: the handle put back at its old path with the file at the new
+/// one, or an overwritten file without its handle, the intent left behind.
+fn a_completion_built_on_a_failed_commit(overwrite: bool) {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    if overwrite {
+        h.run(with_disposition(
+            open("a", Rights::ALL),
+            Disposition::Overwrite,
+        ));
+    } else {
+        h.run(Request::Rename {
+            key,
+            to: RelPath::new("x").unwrap(),
+            replace: false,
+            record: None,
+        });
+    }
+    // The intent is durable; before the engine hears so, a lock on the
+    // handle runs and the committer takes its commit.
+    let intents = h.commit_holding_intents(true);
+    assert_eq!(intents.len(), 1);
+    h.run(lock_10(key, 0));
+    h.engine.flush();
+    let lock = h
+        .pipe
+        .take_jobs()
+        .iter()
+        .flat_map(|j| j.groups.iter().map(|g| g.seq))
+        .max()
+        .expect("the lock has a commit of its own");
+    for i in intents {
+        h.engine.finish_parked(i);
+    }
+    h.engine.flush();
+    if overwrite {
+        assert_eq!(h.fs.file("a").map(|f| f.size), Some(0), "truncated");
+    } else {
+        assert!(h.fs.file("a").is_none() && h.fs.file("x").is_some());
+    }
+    let abandoned = h.engine.abandoned_by(&[lock], lock);
+    assert!(
+        h.engine.abandons_completion(&abandoned),
+        "the completion builds on the lock"
+    );
+    h.engine
+        .roll_back(&[lock], lock, ErrorCode::DiskFull, "test");
+}
+
+#[test]
+#[should_panic(expected = "stopped for recovery")]
+fn a_rename_whose_completion_built_on_a_failed_commit_stops() {
+    a_completion_built_on_a_failed_commit(false);
+}
+
+#[test]
+#[should_panic(expected = "stopped for recovery")]
+fn an_overwrite_whose_completion_built_on_a_failed_commit_stops() {
+    a_completion_built_on_a_failed_commit(true);
+}
