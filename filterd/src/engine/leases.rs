@@ -244,7 +244,9 @@ impl Engine {
             if lowered && h.conn.is_none() && matches!(h.rec.durability, Durability::Durable { .. })
             {
                 purge.push(k);
-            } else if h.rec.durability.is_persistent() {
+            } else if h.rec.durability.is_persistent() && !h.parked {
+                // (A handle whose open waits for its intent gets its record
+                // from the completion, as in `detach`.)
                 self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
             }
         }
@@ -357,7 +359,9 @@ impl Engine {
             let same = k == key || h.rec.lease.is_some_and(|l| l.key == lr.key);
             if same && h.rec.lease != Some(held) {
                 h.rec.lease = Some(held);
-                if h.rec.durability.is_persistent() {
+                // (Not the record of a handle whose open waits for its
+                // intent, the new one's included: `detach`.)
+                if h.rec.durability.is_persistent() && !h.parked {
                     self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
                 }
             }

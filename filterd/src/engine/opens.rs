@@ -643,9 +643,9 @@ impl Engine {
                 let path = rec.path;
                 self.batch.push(StoreOp::DeleteIntent(id));
                 self.content_change_done(file);
-                // Deleted from the store too: a detach (or another
-                // request on the handle) may have written its record
-                // meanwhile.
+                // Deleted from the store too: another request may have
+                // written its record meanwhile (a rename of its file by
+                // another handle).
                 self.remove(p.key);
                 if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) {
                     // Unlinked since its open (a local process): the
@@ -1567,7 +1567,11 @@ impl Engine {
         h.gen += 1;
         self.expiries
             .push(Reverse((mono_ms() + u64::from(timeout), key, h.gen)));
-        if h.rec.durability.is_persistent() {
+        // A handle whose open waits for its intent is not in the store
+        // until its completion writes it as it is then (`finish_parked`).
+        // Written now, the record outlived an open that recovery drops
+        // (its change's outcome unknown) and came back claiming it.
+        if h.rec.durability.is_persistent() && !h.parked {
             self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
         }
         self.stats.disconnects += 1;

@@ -38,7 +38,12 @@ impl Engine {
                     // write while filterd was down looks the same as the
                     // truncate), so it is neither redone over what came
                     // after nor claimed: the open is dropped (never
-                    // answered, so nobody holds it).
+                    // answered, so nobody holds it), and with it any
+                    // record of its handle written meanwhile (a detach or
+                    // lease change of the waiting open did, before they
+                    // left it to the completion): kept, it came back
+                    // claiming `Overwritten` to the client's re-sent create.
+                    // A file gone drops it the same way.
                     let done = record.kernel_handle.as_ref().map(|kh| {
                         self.fs.redo_size_change(
                             kh,
@@ -52,6 +57,7 @@ impl Engine {
                         Some(Ok(SizeRedo::Unknown)) => {
                             warn!(resume_key = %record.key, path = %record.path, "interrupted overwrite: outcome unknown (the file changed while filterd was down and carries no mark): not truncated, open dropped");
                             self.stats.intents_unknown += 1;
+                            finished.push(StoreOp::DeleteHandle(record));
                         }
                         Some(Ok(redone)) => {
                             match redone {
@@ -75,7 +81,8 @@ impl Engine {
                             finished.push(StoreOp::PutHandle(record));
                         }
                         _ => {
-                            warn!(resume_key = %record.key, path = %record.path, "interrupted overwrite abandoned: file gone")
+                            warn!(resume_key = %record.key, path = %record.path, "interrupted overwrite abandoned: file gone");
+                            finished.push(StoreOp::DeleteHandle(record));
                         }
                     }
                     finished.push(StoreOp::DeleteIntent(intent.id));

@@ -1656,8 +1656,9 @@ fn no_such_handle_waits_for_the_removal_it_shows() {
     assert!(h.engine.handles.is_empty());
 }
 
-/// A truncating open whose truncation fails after its connection dropped
-/// (the detach wrote its record): the store does not keep the handle.
+/// A truncating open whose truncation fails after its connection dropped:
+/// the store does not keep the handle (whatever wrote its record
+/// meanwhile).
 #[test]
 fn a_parked_open_that_fails_leaves_no_record() {
     let mut h = Harness::new();
@@ -4334,4 +4335,78 @@ fn a_rename_whose_completion_built_on_a_failed_commit_stops() {
 #[should_panic(expected = "stopped for recovery")]
 fn an_overwrite_whose_completion_built_on_a_failed_commit_stops() {
     a_completion_built_on_a_failed_commit(true);
+}
+
+/// A persistent overwrite waiting for its intent, granted a lease, the
+/// lease broken by another client's open, its frontend's connection
+/// dropped: neither the grant, the break nor the detach writes the
+/// handle's record (the completion writes it, with the truncate), each of
+/// which did before. Killed after the intent's
+/// commit, before the truncate, and the file written by a local process
+/// meanwhile: recovery cannot tell whether the truncate happened and drops
+/// the open — and any record of its handle with it. Old code wrote the
+/// record at the detach and recovery kept it: the handle came back
+/// claiming `Overwritten`, and the client's re-sent create got that though
+/// the file was never truncated (exactly once broken).
+#[test]
+fn a_dropped_overwrite_leaves_no_handle_claiming_it() {
+    let mut h = Harness::new();
+    let Request::Open(mut o) = with_disposition(open("a", Rights::ALL), Disposition::Overwrite)
+    else {
+        unreachable!("open() makes an open")
+    };
+    o.lease = Some(LeaseRequest {
+        key: libfilter::lease::LeaseKey(uuid::Uuid::new_v4()),
+        state: libfilter::lease::LeaseState::parse("RWH").unwrap(),
+        epoch: 0,
+    });
+    let create = Request::Open(o);
+    let id = h.run(create.clone());
+    assert!(h.engine.handles.values().all(|h| h.rec.lease.is_some()));
+    // Another client's open breaks the lease (its epoch goes up).
+    let Request::Open(mut bob) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    bob.client = ClientId::new("bob").unwrap();
+    bob.durability = Durability::None;
+    let bob = h.run(Request::Open(bob));
+    assert!(h.reply(bob).is_none() && h.engine.breaking.len() == 1);
+    let conn = h.conn;
+    h.engine.begin_request();
+    h.engine.on_closed(conn);
+    let intents = h.commit_holding_intents(true);
+    assert_eq!(intents.len(), 1, "the intent is durable");
+    assert!(h.reply(id).is_none());
+    assert!(
+        h.store.inner.lock().unwrap().handles.is_empty(),
+        "no record before the completion"
+    );
+    // As a build whose detach wrote it left the store: recovery drops the
+    // record with the open.
+    let rec = h
+        .engine
+        .handles
+        .values()
+        .find(|h| h.parked)
+        .map(|h| h.rec.clone())
+        .expect("the waiting open's handle");
+    h.store.inner.lock().unwrap().handles.insert(rec.key, rec);
+    // kill -9 at intent.after_commit; a local process writes the file.
+    h.fs.write("a", 20);
+    let mut h = h.restarted();
+    assert!(h.store.inner.lock().unwrap().intents.is_empty());
+    assert!(
+        h.store.inner.lock().unwrap().handles.is_empty(),
+        "the dropped open's record is gone"
+    );
+    assert!(
+        h.engine.handles.is_empty(),
+        "no handle claims the overwrite"
+    );
+    // The re-sent create runs anew: it truncates before it says so.
+    let id = h.run(create);
+    assert!(h.reply(id).is_none(), "not a replay of the dropped open");
+    h.commit(true);
+    h.opened(id);
+    assert_eq!(h.fs.file("a").map(|f| f.size), Some(0));
 }
