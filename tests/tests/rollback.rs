@@ -6,7 +6,9 @@
 //! Commits are made to fail with strace: EIO injected into filterd's
 //! `fsync` (of a created file's directory, before the commit that records
 //! the create) or into LMDB's `fdatasync`, each delayed a few seconds so
-//! the test can act inside the window.
+//! the test can act inside the window. A durable intent's completion built
+//! on a commit that fails stops filterd; that commit is failed with the
+//! `commit.before` failpoint.
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
@@ -14,9 +16,12 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use libfilter::client::FilterClient;
+use libfilter::locks::{LockOp, LockRange};
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
-use rkfilter_tests::{held_in_injected_syscall, plain_open, wait_for, Filterd, Scratch, Strace};
+use rkfilter_tests::{
+    handle_paths, held_in_injected_syscall, plain_open, wait_for, Filterd, Scratch, Strace,
+};
 
 /// How long strace holds the failing sync: the window the test acts in.
 const WINDOW_US: u32 = 8_000_000;
@@ -388,4 +393,61 @@ fn a_failed_meta_page_write_is_undone_and_later_commits_go_on() {
     );
     assert!(rkfilter_tests::handles_on(&s, "kept").is_empty(), "closed");
     assert!(rkfilter_tests::handles_on(&s, &lost).is_empty(), "undone");
+}
+
+/// A durable intent's completion built on a commit that failed: a lock on
+/// a handle runs while the handle's rename intent is committing, goes to a
+/// commit of its own (commit 3) that fails, and the rename's completion --
+/// the file renamed on disk, its record carrying the lock -- was built on
+/// it meanwhile. filterd stops (exit status 70) as when a completion's own
+/// commit fails; a restart finishes the rename from its intent. Before,
+/// the rollback dropped the completion and filterd served on with the
+/// handle back at its old path while the file was at the new one.
+#[test]
+fn a_completion_built_on_a_failed_commit_stops_filterd() {
+    let s = Scratch::new("rb-completion");
+    // Commit 1 is the open, 2 the rename's intent (held 1 s once durable,
+    // while the lock runs), 3 the lock's (failed); the rename's completion
+    // is built (held 1 s first) while that fails.
+    let fp = "commit.after:2:sleep1000,intent.after_commit:1:sleep1000,commit.before:3:fail";
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
+    let fe = Arc::new(frontend(&s, "smb-a"));
+    let key = fe
+        .open(OpenRequest {
+            access: Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
+            ..req("alice", "a", Rights::ALL, PERSISTENT)
+        })
+        .unwrap()
+        .info
+        .key;
+    let renamer = {
+        let fe = fe.clone();
+        std::thread::spawn(move || fe.rename(key, RelPath::new("x").unwrap(), false, None))
+    };
+    d.wait_log("failpoint commit.after: stalling", Duration::from_secs(20));
+    let locker = std::thread::spawn(move || {
+        let one = LockOp {
+            range: LockRange {
+                offset: 0,
+                length: 1,
+            },
+            exclusive: true,
+            unlock: false,
+        };
+        fe.lock(key, vec![one], None)
+    });
+    let st = d.wait_exit(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(70), "{st:?}\n{}", d.log_text());
+    assert!(
+        renamer.join().unwrap().is_err(),
+        "the rename is not acknowledged"
+    );
+    assert!(locker.join().unwrap().is_err(), "nor the lock");
+    assert!(s.root().join("x").exists() && !s.root().join("a").exists());
+    let d = Filterd::start(&s, &[], &[]);
+    assert_eq!(
+        handle_paths(d.socket()),
+        ["x"],
+        "recovery finished the rename"
+    );
 }
