@@ -859,6 +859,17 @@ impl Engine {
             }
             ConnState::Disconnected { .. } => {}
         }
+        // Its open still waits for its intent (an overwrite whose
+        // frontend went meanwhile): resumed now, its reply would go out
+        // before the truncate it reports, and its record reach the store
+        // before the completion (as `replay_existing` refuses; review,
+        // session 29).
+        if h.parked {
+            return Err(err(
+                ErrorCode::Retry,
+                format!("handle {key}: its open is still in progress; retry"),
+            ));
+        }
         let opened = self.reattach(conn, instance, key)?;
         self.stats.resumes += 1;
         debug!(resume_key = %key, "resumed");

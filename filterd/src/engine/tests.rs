@@ -178,6 +178,39 @@ enum Arrived {
     Event(usize),
 }
 
+/// A frontend (instance `smb-t`) says hello on a new connection `conn`:
+/// its writer, and the frontend's end of the socket.
+fn hello(engine: &mut Engine, conn: ConnId, protocol: &str) -> (Arc<ConnWriter>, OwnedFd) {
+    let (ours, peer) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+    )
+    .unwrap();
+    let writer = ConnWriter::for_test(ours);
+    engine
+        .on_hello(
+            conn,
+            Hello {
+                version: libfilter::proto::PROTO_VERSION,
+                features: 0,
+                role: Role::Frontend {
+                    protocol: Protocol::new(protocol).unwrap(),
+                    instance: InstanceName::new("smb-t").unwrap(),
+                },
+            },
+            Peer {
+                pid: 1,
+                uid: 0,
+                gid: 0,
+            },
+            writer.clone(),
+        )
+        .unwrap();
+    (writer, peer)
+}
+
 fn config() -> Config {
     Config {
         max_durable_timeout_ms: 300_000,
@@ -236,34 +269,8 @@ impl Harness {
             Arc::new(CommitCounters::default()),
         );
         engine.recover(store.as_ref()).unwrap();
-        let (ours, peer) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_NONBLOCK,
-        )
-        .unwrap();
-        let writer = ConnWriter::for_test(ours);
         let conn = ConnId(1);
-        engine
-            .on_hello(
-                conn,
-                Hello {
-                    version: libfilter::proto::PROTO_VERSION,
-                    features: 0,
-                    role: Role::Frontend {
-                        protocol: Protocol::new(protocol).unwrap(),
-                        instance: InstanceName::new("smb-t").unwrap(),
-                    },
-                },
-                Peer {
-                    pid: 1,
-                    uid: 0,
-                    gid: 0,
-                },
-                writer.clone(),
-            )
-            .unwrap();
+        let (writer, peer) = hello(&mut engine, conn, protocol);
         Harness {
             engine,
             pipe,
@@ -277,6 +284,20 @@ impl Harness {
             events: Vec::new(),
             arrived: Vec::new(),
         }
+    }
+
+    /// The frontend attaches again (as after losing its connection) on a
+    /// new connection, as the same instance.
+    fn reattach(&mut self) {
+        let conn = ConnId(self.conn.0 + 1);
+        let protocol = match &*self.engine.conns[&self.conn].role {
+            Role::Frontend { protocol, .. } => protocol.as_str().to_owned(),
+            Role::Control => "smb".to_owned(),
+        };
+        self.engine.begin_request();
+        self.engine.on_closed(self.conn);
+        let (writer, peer) = hello(&mut self.engine, conn, &protocol);
+        (self.conn, self.writer, self.peer) = (conn, writer, peer);
     }
 
     /// Runs a request; returns its id.
@@ -4409,4 +4430,44 @@ fn a_dropped_overwrite_leaves_no_handle_claiming_it() {
     h.commit(true);
     h.opened(id);
     assert_eq!(h.fs.file("a").map(|f| f.size), Some(0));
+}
+
+/// Review (session 29): a persistent overwrite whose open waits for its
+/// intent, its frontend gone meanwhile, is not resumed until its open is
+/// done (Retry, as a replayed create gets): resumed, its reply went out
+/// before the truncate it reports and its record reached the store before
+/// its completion.
+#[test]
+fn a_waiting_overwrite_is_not_resumed_until_its_open_is_done() {
+    let mut h = Harness::new();
+    let id = h.run(with_disposition(
+        open("a", Rights::ALL),
+        Disposition::Overwrite,
+    ));
+    assert!(h.reply(id).is_none(), "waits for its intent");
+    let key = *h.engine.handles.keys().next().expect("its handle");
+    assert!(h.engine.handles[&key].parked);
+    h.reattach();
+    let resume = Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("alice").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key },
+        owner: None,
+    });
+    let r = h.run(resume.clone());
+    // The intent commits (the refusal, which waited for it, goes out);
+    // the file is not truncated yet.
+    let intents = h.commit_holding_intents(true);
+    // Retry, as a frontend that did not ask for its code reads it.
+    assert_eq!(h.refused(r), ErrorCode::FileNotAvailable);
+    assert!(h.store.inner.lock().unwrap().handles.is_empty());
+    assert_eq!(h.fs.file("a").map(|f| f.size), Some(10));
+    // Truncated, the completion committed: resumed then.
+    for i in intents {
+        h.engine.finish_parked(i);
+    }
+    h.commit(true);
+    assert_eq!(h.fs.file("a").map(|f| f.size), Some(0));
+    let r = h.run(resume);
+    h.commit(true);
+    assert_eq!(h.opened(r), key);
 }
