@@ -159,6 +159,10 @@ pub(super) struct Batch {
     /// A failpoint hit right before the current request's reply goes
     /// (after its commit is durable): `lock.granted`.
     pub(super) reply_point: Option<&'static str>,
+    /// The handle the current request's open put in (a new one, not a
+    /// replayed or resumed one): only that one is dropped if the commit
+    /// its reply waits for fails (`Undo::Drop`).
+    pub(super) inserted: Option<ResumeKey>,
 }
 
 impl Default for Batch {
@@ -179,6 +183,7 @@ impl Default for Batch {
             scope_seq: HashMap::new(),
             pending: BTreeMap::new(),
             reply_point: None,
+            inserted: None,
         }
     }
 }
@@ -294,6 +299,7 @@ impl Engine {
         self.batch.dep = 0;
         self.batch.committed = self.pipe.committed();
         self.batch.reply_point = None;
+        self.batch.inserted = None;
     }
 
     /// The commit the request being run waits for, while it is pending.
@@ -695,6 +701,17 @@ impl Engine {
                 b.scope_seq.insert(c.clone(), *s);
             }
             b.last = b.last.max(*s);
+        }
+        // A reply that showed a handle and waited for an abandoned commit
+        // went out as a failure: the handle's breaks need not wait for it.
+        // A break made to wait for an abandoned sequence after `through`
+        // (one that built on the failed commit, which `committed` never
+        // passes) would be dropped with it (review, session 29; no test
+        // reaches two commits in flight here).
+        for h in self.handles.values_mut() {
+            if abandoned.contains(&h.shown_at) {
+                h.shown_at = through;
+            }
         }
         // In-memory effects first, newest first.
         let mut undone = undone;

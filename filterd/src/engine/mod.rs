@@ -792,7 +792,14 @@ impl Engine {
             Ok(Some((mut reply, fd_of))) => {
                 if let Reply::Opened(o) = &mut reply {
                     o.locked = self.hint_open(conn, o.file);
-                    if !o.durability.is_persistent() {
+                    // A new non-persistent handle goes if what its reply
+                    // waits for fails; a resumed or replayed one stays (its
+                    // attachment is put back: `Undo::Attachment`). Before
+                    // (review, session 29) every Opened reply filed the
+                    // drop: a durable handle whose resume waited for
+                    // another handle's failed commit was deleted, and its
+                    // file unlinked if its open had created it.
+                    if !o.durability.is_persistent() && self.batch.inserted == Some(o.key) {
                         self.undo_if_failed(durable::Undo::Drop(o.key));
                     }
                     let dep = self.request_dependency();

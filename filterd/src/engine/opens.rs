@@ -474,6 +474,7 @@ impl Engine {
             }
         }
         debug!(resume_key = %key, path = %rec.path, action = %create_action, durability = durability.word(), parked = park, "opened");
+        self.batch.inserted = Some(key);
         self.insert(Handle {
             rec,
             fd: Some(stat_fd.unwrap_or(of.fd)),

@@ -691,8 +691,8 @@ impl Harness {
                 self.engine.expire(key);
                 return None;
             }
-            // Of persistent handles: a durable one's resume rides on no
-            // commit.
+            // Of persistent handles: a durable one's resume writes
+            // nothing, and with nothing pending is answered at once.
             Op::Resume(i) => {
                 let key = self.disconnected_persistent(i)?;
                 Request::Resume(libfilter::proto::ResumeRequest {
@@ -4470,4 +4470,44 @@ fn a_waiting_overwrite_is_not_resumed_until_its_open_is_done() {
     let r = h.run(resume);
     h.commit(true);
     assert_eq!(h.opened(r), key);
+}
+
+/// Review (session 29): a durable (not persistent) handle's resume waits
+/// for another handle's pending commit of its file; that commit fails.
+/// The resume is refused and its handle disconnected again, kept — before,
+/// every Opened reply filed a drop of its handle, and the durable handle
+/// was deleted (its file unlinked, had its open created it).
+#[test]
+fn a_durable_resume_whose_dependency_fails_keeps_the_handle() {
+    let mut h = Harness::new();
+    let p = h.run(open("a", Rights::ALL));
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.client = ClientId::new("carol").unwrap();
+    o.durability = Durability::Durable { timeout_ms: 60_000 };
+    o.create_guid = None;
+    let d = h.run(Request::Open(o));
+    h.commit(true);
+    let (p, d) = (h.opened(p), h.opened(d));
+    h.run(Request::Detach { key: d });
+    h.commit(true);
+    let was = h.engine.handles[&d].rec.conn;
+    // The persistent handle's lock is pending; the resume shows the file.
+    h.run(lock_byte_8(p, false));
+    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("carol").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key: d },
+        owner: None,
+    }));
+    assert!(h.reply(r).is_none(), "waits for the lock's commit");
+    h.commit(false);
+    assert_eq!(h.refused(r), ErrorCode::DiskFull);
+    let back = &h.engine.handles[&d];
+    assert_eq!(
+        (back.conn, back.rec.conn),
+        (None, was),
+        "kept, disconnected"
+    );
+    assert!(h.fs.file("a").is_some());
 }
