@@ -596,6 +596,39 @@ impl Engine {
         }
     }
 
+    /// A break held for a parked open's reply (`Handle::held_break`)
+    /// whose handle went before it was answered (its truncate failed, it
+    /// was closed): it goes to another attached holder of the lease key,
+    /// behind what that holder's replies wait for; with none, the break is
+    /// settled as for a holder that cannot acknowledge. Before (review,
+    /// session 29) it was dropped with the handle while the break stayed
+    /// in progress: the breaking open waited the whole break timeout and
+    /// the lease was then lowered without its client having flushed.
+    pub(super) fn pass_held_break(&mut self, file: FileId, ev: Event) {
+        let Event::LeaseBreak { lease_key: lk, .. } = ev else {
+            return;
+        };
+        let to = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .filter(|h| h.rec.lease.is_some_and(|l| l.key == lk))
+            .filter_map(|h| {
+                let c = self.conns.get(&h.conn?)?;
+                Some((h.shown_at, c.writer.clone()))
+            })
+            .max_by_key(|(shown, _)| *shown);
+        match to {
+            Some((shown, writer)) => {
+                let dep = self.request_dependency().max(shown);
+                self.event_after(dep, writer, ev);
+            }
+            None => self.settle_unackable_break(file, lk),
+        }
+    }
+
     /// Whether lease `lk` on `file` is held through a frontend of
     /// [`lease::MSFSA_PROTOCOL`] (its breaks follow Windows' rules).
     pub(super) fn lease_follows_msfsa(&self, file: FileId, lk: LeaseKey) -> bool {

@@ -1346,6 +1346,12 @@ impl Engine {
         if let Some(l) = h.rec.lease.filter(|_| h.rec.conn != ConnState::Lost) {
             self.lease_key_released(key, &h.rec.client, l.key, h.rec.file);
         }
+        // A break held for its reply (its open waited for an intent and
+        // ends without one): the lease's other holders are told instead.
+        let mut h = h;
+        if let Some(ev) = h.held_break.take() {
+            self.pass_held_break(h.rec.file, ev);
+        }
         let mut locks_emptied = false;
         if let Some(t) = self.locks.get_mut(&h.rec.file) {
             t.remove_owner(&key);

@@ -4511,3 +4511,57 @@ fn a_durable_resume_whose_dependency_fails_keeps_the_handle() {
     );
     assert!(h.fs.file("a").is_some());
 }
+
+/// Review (session 29): a client holds lease key L on `a` and opens `a`
+/// again, a persistent overwrite under L, which waits for its intent;
+/// another client's open breaks L — held for the waiting open's reply.
+/// The truncate then fails and that handle goes without a reply: the
+/// break reaches the client through its other handle. Before, it was
+/// dropped with the handle while the break stayed in progress.
+#[test]
+fn a_break_held_for_an_open_that_fails_goes_to_the_leases_other_holder() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    let mut h = Harness::new();
+    let lk = LeaseKey(uuid::Uuid::new_v4());
+    let leased = |r: Request| {
+        let Request::Open(mut o) = r else {
+            unreachable!("an open")
+        };
+        o.lease = Some(LeaseRequest {
+            key: lk,
+            state: LeaseState::parse("RWH").unwrap(),
+            epoch: 0,
+        });
+        Request::Open(o)
+    };
+    let first = h.run(leased(open("a", Rights::ALL)));
+    h.commit(true);
+    h.opened(first);
+    let second = h.run(leased(with_disposition(
+        open("a", Rights::ALL),
+        Disposition::Overwrite,
+    )));
+    assert!(h.reply(second).is_none(), "waits for its intent");
+    let bob = h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    assert!(h.reply(bob).is_none(), "waits for the break");
+    assert!(
+        !h.events
+            .iter()
+            .any(|e| matches!(e, Event::LeaseBreak { .. })),
+        "held for the waiting open's reply"
+    );
+    h.fs.fail_next("truncate", libc::EIO);
+    h.commit(true);
+    assert!(h.refused(second) != ErrorCode::DiskFull);
+    assert!(
+        h.events
+            .iter()
+            .any(|e| matches!(e, Event::LeaseBreak { lease_key, .. } if *lease_key == lk)),
+        "{:?}",
+        h.events
+    );
+}
