@@ -220,7 +220,6 @@ impl Poller {
     /// is refused); past [`MAX_UNGREETED`] in all, the oldest waiting one
     /// is closed.
     pub fn add(&mut self, conn: ConnId, sock: OwnedFd, peer: Peer) {
-        self.close_silent(&mut Vec::new());
         let waiting: Vec<(ConnId, i32)> = self
             .ungreeted
             .iter()
@@ -288,9 +287,20 @@ impl Poller {
                 break;
             }
             self.ungreeted.pop_front();
-            if waiting {
-                self.close_waiting(conn, &format!("no hello within {HELLO_WAIT:?}"), out);
+            if !waiting {
+                continue;
             }
+            // Its hello came but is not read yet (the engine was busy past
+            // the deadline, or this round did not poll it): read next round.
+            let unread = self
+                .conns
+                .get(&conn)
+                .is_some_and(|c| sys::queued_bytes(c.sock.as_fd()).is_ok_and(|n| n > 0));
+            if unread {
+                self.ungreeted.push_back((now, conn));
+                continue;
+            }
+            self.close_waiting(conn, &format!("no hello within {HELLO_WAIT:?}"), out);
         }
     }
 

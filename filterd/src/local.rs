@@ -841,7 +841,15 @@ pub fn run(
         } else {
             None
         };
-        match wait_readable(&fan, timeout) {
+        let waited = std::time::Instant::now();
+        let readable = wait_readable(&fan, timeout);
+        if waited.elapsed() >= Duration::from_millis(50) {
+            // Blocked: nothing was queued meanwhile, so no starvation
+            // goes on (the next event waits a deadline of its own before
+            // it is refused, not refused at once: review, session 29).
+            starved_since = None;
+        }
+        match readable {
             Ok(true) => {}
             Ok(false) => continue,
             Err(nix::errno::Errno::EINTR) => continue,

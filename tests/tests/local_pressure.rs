@@ -241,6 +241,17 @@ fn a_local_open_waits_for_a_free_descriptor_instead_of_being_refused() {
         took < Duration::from_secs(9),
         "one deadline (5 s) for all: {took:?}"
     );
+    // Still starved, but after a quiet moment (nothing queued, so no
+    // starvation went on): the next open waits a deadline of its own.
+    std::thread::sleep(Duration::from_millis(300));
+    let t1 = std::time::Instant::now();
+    let later = local_open(s.root().join("other"));
+    assert!(later.is_err(), "{later:?}");
+    assert!(
+        t1.elapsed() >= Duration::from_secs(4),
+        "refused at once after a quiet moment: {:?}",
+        t1.elapsed()
+    );
     set_fd_limit(d.pid(), 4096);
     let st = d.control().stats().unwrap();
     assert!(st.fanotify_waits_for_descriptors >= 2, "{st:?}");
