@@ -961,6 +961,19 @@ impl Engine {
         let Some(h) = self.handles.get_mut(&a.key) else {
             return;
         };
+        // A break of its lease sent meanwhile waited for the failed commit
+        // (behind the resume's reply) and is dropped with it: no longer in
+        // progress, the open that wanted it runs again (and finds the
+        // holder disconnected). Else it waited the whole break timeout.
+        if let Some(lk) = h.rec.lease.map(|l| l.key) {
+            let file = h.rec.file;
+            if self.breaking.remove(&(file, lk)).is_some() {
+                self.retry_files.insert(file);
+            }
+        }
+        let Some(h) = self.handles.get_mut(&a.key) else {
+            return;
+        };
         if let Some(c) = h.conn.filter(|c| Some(*c) != conn) {
             if let Some(c) = self.conns.get_mut(&c) {
                 c.handles.remove(&a.key);

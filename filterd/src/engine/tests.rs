@@ -4480,27 +4480,7 @@ fn a_waiting_overwrite_is_not_resumed_until_its_open_is_done() {
 #[test]
 fn a_durable_resume_whose_dependency_fails_keeps_the_handle() {
     let mut h = Harness::new();
-    let p = h.run(open("a", Rights::ALL));
-    let Request::Open(mut o) = open("a", Rights::ALL) else {
-        unreachable!("open() makes an open")
-    };
-    o.client = ClientId::new("carol").unwrap();
-    o.durability = Durability::Durable { timeout_ms: 60_000 };
-    o.create_guid = None;
-    let d = h.run(Request::Open(o));
-    h.commit(true);
-    let (p, d) = (h.opened(p), h.opened(d));
-    h.run(Request::Detach { key: d });
-    h.commit(true);
-    let was = h.engine.handles[&d].rec.conn;
-    // The persistent handle's lock is pending; the resume shows the file.
-    h.run(lock_byte_8(p, false));
-    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
-        client: ClientId::new("carol").unwrap(),
-        target: libfilter::proto::ResumeTarget::Key { key: d },
-        owner: None,
-    }));
-    assert!(h.reply(r).is_none(), "waits for the lock's commit");
+    let (d, was, r) = resume_carol_behind_a_pending_lock(&mut h, None);
     h.commit(false);
     assert_eq!(h.refused(r), ErrorCode::DiskFull);
     let back = &h.engine.handles[&d];
@@ -4564,4 +4544,65 @@ fn a_break_held_for_an_open_that_fails_goes_to_the_leases_other_holder() {
         "{:?}",
         h.events
     );
+}
+
+/// A durable handle with a lease is resumed while another handle's commit
+/// of its file is pending; a conflicting open breaks the lease, the break
+/// waiting behind the resume's reply. That commit fails: the resume is
+/// refused and the handle disconnected again — and the break, dropped
+/// with the commit, is no longer in progress: the conflicting open runs
+/// again and goes through. Before, it waited the whole break timeout.
+#[test]
+fn a_break_behind_a_failed_resume_does_not_hold_the_breaking_open() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    let mut h = Harness::new();
+    let lease = LeaseRequest {
+        key: LeaseKey(uuid::Uuid::new_v4()),
+        state: LeaseState::parse("RWH").unwrap(),
+        epoch: 0,
+    };
+    let (_, _, r) = resume_carol_behind_a_pending_lock(&mut h, Some(lease));
+    let bob = h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    assert!(h.reply(bob).is_none(), "waits for the break");
+    h.commit(false);
+    assert_eq!(h.refused(r), ErrorCode::DiskFull);
+    h.engine.process_retries();
+    h.commit(true);
+    assert!(h.reply(bob).is_some(), "bob's open went on");
+}
+
+/// Alice's persistent handle of `a` and carol's durable one (with
+/// `lease`), detached; alice's lock is left pending and carol's resume,
+/// which shows the file, waits for it: carol's handle, its connection
+/// state before, and the resume's request id.
+fn resume_carol_behind_a_pending_lock(
+    h: &mut Harness,
+    lease: Option<LeaseRequest>,
+) -> (ResumeKey, ConnState, u64) {
+    let p = h.run(open("a", Rights::ALL));
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.client = ClientId::new("carol").unwrap();
+    o.durability = Durability::Durable { timeout_ms: 60_000 };
+    o.create_guid = None;
+    o.lease = lease;
+    let d = h.run(Request::Open(o));
+    h.commit(true);
+    let (p, d) = (h.opened(p), h.opened(d));
+    h.run(Request::Detach { key: d });
+    h.commit(true);
+    let was = h.engine.handles[&d].rec.conn;
+    h.run(lock_byte_8(p, false));
+    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("carol").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key: d },
+        owner: None,
+    }));
+    assert!(h.reply(r).is_none(), "waits for the lock's commit");
+    (d, was, r)
 }
