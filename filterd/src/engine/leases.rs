@@ -608,6 +608,21 @@ impl Engine {
         let Event::LeaseBreak { lease_key: lk, .. } = ev else {
             return;
         };
+        // Another holder still waiting for its intent: held for its reply
+        // in turn (sent now, the break would come before the reply that
+        // grants the lease, and the frontend would drop it).
+        let parked = self
+            .by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k))
+            .find(|h| h.parked && h.rec.lease.is_some_and(|l| l.key == lk))
+            .map(|h| h.rec.key);
+        if let Some(h) = parked.and_then(|k| self.handles.get_mut(&k)) {
+            h.held_break = Some(ev);
+            return;
+        }
         let to = self
             .by_file
             .get(&file)

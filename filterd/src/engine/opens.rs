@@ -684,12 +684,18 @@ impl Engine {
         };
         h.shown_at = h.shown_at.max(dep);
         let held = h.held_break.take();
+        let file = h.rec.file;
         let writer = h
             .conn
             .and_then(|c| self.conns.get(&c))
             .map(|c| c.writer.clone());
-        if let (Some(ev), Some(w)) = (held, writer) {
-            self.event_after(dep, w, ev);
+        match (held, writer) {
+            (Some(ev), Some(w)) => self.event_after(dep, w, ev),
+            // Detached while it waited (its frontend's connection went):
+            // the lease's other holders are told instead (review, session
+            // 29: dropped here, the break stayed in progress).
+            (Some(ev), None) => self.pass_held_break(file, ev),
+            (None, _) => {}
         }
     }
 
@@ -1246,6 +1252,10 @@ impl Engine {
     pub(super) fn remove_quietly(&mut self, key: ResumeKey) -> Option<CreatedFile> {
         let mut created = None;
         if let Some(h) = self.handles.get_mut(&key) {
+            // A break held for its reply: the rollback that undoes the
+            // open forgets the break and runs again the open that wanted
+            // it (`roll_back`); passed on, it would go out besides.
+            h.held_break = None;
             h.rec.durability = Durability::None;
             h.rec.delete_on_close = false;
             // Only a name this open gave: a replayed create that found its

@@ -4500,28 +4500,8 @@ fn a_durable_resume_whose_dependency_fails_keeps_the_handle() {
 /// dropped with the handle while the break stayed in progress.
 #[test]
 fn a_break_held_for_an_open_that_fails_goes_to_the_leases_other_holder() {
-    use libfilter::lease::{LeaseKey, LeaseState};
     let mut h = Harness::new();
-    let lk = LeaseKey(uuid::Uuid::new_v4());
-    let leased = |r: Request| {
-        let Request::Open(mut o) = r else {
-            unreachable!("an open")
-        };
-        o.lease = Some(LeaseRequest {
-            key: lk,
-            state: LeaseState::parse("RWH").unwrap(),
-            epoch: 0,
-        });
-        Request::Open(o)
-    };
-    let first = h.run(leased(open("a", Rights::ALL)));
-    h.commit(true);
-    h.opened(first);
-    let second = h.run(leased(with_disposition(
-        open("a", Rights::ALL),
-        Disposition::Overwrite,
-    )));
-    assert!(h.reply(second).is_none(), "waits for its intent");
+    let (lk, _, second) = leased_then_a_waiting_overwrite(&mut h);
     let bob = h.run(bobs(
         "a",
         Rights::READ.union(Rights::WRITE),
@@ -4605,4 +4585,139 @@ fn resume_carol_behind_a_pending_lock(
     }));
     assert!(h.reply(r).is_none(), "waits for the lock's commit");
     (d, was, r)
+}
+
+/// Review (session 29): as above, but the waiting open's frontend
+/// connection went while it waited and the client resumed its other
+/// handle: the waiting open succeeds, detached — the break held for its
+/// reply reaches the client through the resumed handle. Before, with no
+/// connection to send it on, it was dropped while the break stayed in
+/// progress.
+#[test]
+fn a_break_held_for_a_detached_waiting_open_goes_to_the_leases_other_holder() {
+    let mut h = Harness::new();
+    let (lk, first, _) = leased_then_a_waiting_overwrite(&mut h);
+    h.reattach();
+    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("alice").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key: first },
+        owner: None,
+    }));
+    let intents = h.commit_holding_intents(true);
+    assert_eq!(h.opened(r), first);
+    let bob = h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    assert!(h.reply(bob).is_none(), "waits for the break");
+    let breaks = |h: &Harness| {
+        h.events
+            .iter()
+            .filter(|e| matches!(e, Event::LeaseBreak { lease_key, .. } if *lease_key == lk))
+            .count()
+    };
+    assert_eq!(breaks(&h), 0, "held for the waiting open's reply");
+    for i in intents {
+        h.engine.finish_parked(i);
+    }
+    h.commit(true);
+    assert_eq!(breaks(&h), 1, "{:?}", h.events);
+}
+
+/// Review (session 29): two overwrites under one lease key wait for their
+/// intents (no other holder); a break held for the first is passed on
+/// when the first's truncate fails — held for the second's reply in turn,
+/// not sent ahead of the reply that grants the lease. And a waiting
+/// open's break whose intent commit fails is sent once, by the open that
+/// runs again, not also passed on by the rollback.
+#[test]
+fn a_held_break_passed_on_waits_for_the_next_waiting_opens_reply() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    let mut h = Harness::new();
+    let lk = LeaseKey(uuid::Uuid::new_v4());
+    let overwrite = || {
+        let Request::Open(mut o) = with_disposition(open("a", Rights::ALL), Disposition::Overwrite)
+        else {
+            unreachable!("an open")
+        };
+        o.lease = Some(LeaseRequest {
+            key: lk,
+            state: LeaseState::parse("RWH").unwrap(),
+            epoch: 0,
+        });
+        Request::Open(o)
+    };
+    let first = h.run(overwrite());
+    let second = h.run(overwrite());
+    let bob = h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    assert!(h.reply(bob).is_none() && h.reply(second).is_none());
+    h.fs.fail_next("truncate", libc::EIO);
+    h.commit(true);
+    assert!(h.reply(first).is_some_and(Result::is_err));
+    let granted = h.arrived.iter().position(|a| *a == Arrived::Reply(second));
+    let broken = h.arrived.iter().position(|a| {
+        matches!(a, Arrived::Event(i) if matches!(h.events.get(*i), Some(Event::LeaseBreak { .. })))
+    });
+    assert!(granted.is_some() && broken.is_some(), "{:?}", h.arrived);
+    assert!(granted < broken, "the break came first: {:?}", h.arrived);
+}
+
+/// See above: the rollback of a waiting open that holds a break.
+#[test]
+fn a_break_held_for_a_waiting_open_whose_intent_fails_is_sent_once() {
+    let mut h = Harness::new();
+    let (lk, _, _) = leased_then_a_waiting_overwrite(&mut h);
+    h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    // The last request shows nothing pending (a break the rollback passed
+    // on would go out at once).
+    h.run(Request::Stats);
+    h.commit(false);
+    h.engine.process_retries();
+    h.commit(true);
+    let breaks = h
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::LeaseBreak { lease_key, .. } if *lease_key == lk))
+        .count();
+    assert_eq!(breaks, 1, "{:?}", h.events);
+}
+
+/// Open request `r` asking for an RWH lease under `lk`.
+fn with_rwh_lease(r: Request, lk: libfilter::lease::LeaseKey) -> Request {
+    let Request::Open(mut o) = r else {
+        unreachable!("an open")
+    };
+    o.lease = Some(LeaseRequest {
+        key: lk,
+        state: libfilter::lease::LeaseState::parse("RWH").unwrap(),
+        epoch: 0,
+    });
+    Request::Open(o)
+}
+
+/// Alice opens `a` with an RWH lease, then opens it again, a persistent
+/// overwrite under the same lease key, which waits for its intent: the
+/// key, the first handle, and the second open's request id.
+fn leased_then_a_waiting_overwrite(
+    h: &mut Harness,
+) -> (libfilter::lease::LeaseKey, ResumeKey, u64) {
+    let lk = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let first = h.run(with_rwh_lease(open("a", Rights::ALL), lk));
+    h.commit(true);
+    let first = h.opened(first);
+    let second = h.run(with_rwh_lease(
+        with_disposition(open("a", Rights::ALL), Disposition::Overwrite),
+        lk,
+    ));
+    assert!(h.reply(second).is_none(), "waits for its intent");
+    (lk, first, second)
 }
