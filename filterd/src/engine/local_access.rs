@@ -521,10 +521,23 @@ impl Engine {
             return;
         }
         let until = now + crate::local_opens::LINGER;
-        if let Some(l) = self.local_openers.get_mut(&file) {
-            l.lingering_until = Some(until);
+        let known = match self.local_openers.get_mut(&file) {
+            Some(l) => {
+                l.lingering_until = Some(until);
+                true
+            }
+            None => false,
+        };
+        // Queued only when there is something to let go then: a whole
+        // filesystem's or mount's export keeps no set of files, and a
+        // close there (the hot path) costs no entry.
+        let subtree = self
+            .mediated
+            .as_ref()
+            .is_some_and(|m| m.scope == crate::local::MarkScope::Subtree);
+        if known || subtree {
+            self.lingering.push_back((until, file));
         }
-        self.lingering.push_back((until, file));
     }
 
     /// Whether `file` has no handle but what is known of its local openers
