@@ -1212,14 +1212,7 @@ mod tests {
     #[test]
     fn replies_waiting_for_a_commit_count_against_the_peers_limit() {
         let pipe = Pipeline::default();
-        let (ours, _peer) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_NONBLOCK,
-        )
-        .unwrap();
-        let w = ConnWriter::for_test(ours);
+        let (w, _peer) = ConnWriter::pair_for_test();
         let reply = |n: usize| Deferred {
             writer: w.clone(),
             id: Some(1),

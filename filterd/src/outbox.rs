@@ -305,6 +305,20 @@ impl ConnWriter {
         ConnWriter::new(Arc::new(sock), None)
     }
 
+    /// A writer over one end of a new non-blocking SEQPACKET pair, and
+    /// the other end (the peer's, replies land there).
+    #[cfg(test)]
+    pub fn pair_for_test() -> (Arc<ConnWriter>, OwnedFd) {
+        let (ours, peer) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        )
+        .expect("a socket pair");
+        (ConnWriter::for_test(ours), peer)
+    }
+
     /// Sends one frame (with an optional descriptor), or queues it if the
     /// peer's socket is full. A peer that is gone, or whose queue is over
     /// its limit, is shut down, which the poller sees as EOF.
@@ -408,15 +422,7 @@ mod tests {
     /// What the peer reads of a refusal with `code` sent on a connection
     /// granted `features`.
     fn sent_as(features: Option<u64>, code: ErrorCode) -> ErrorCode {
-        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-        let (ours, peer) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_NONBLOCK,
-        )
-        .unwrap();
-        let w = ConnWriter::for_test(ours);
+        let (w, peer) = ConnWriter::pair_for_test();
         if let Some(f) = features {
             w.set_features(f);
         }

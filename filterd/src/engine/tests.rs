@@ -181,14 +181,7 @@ enum Arrived {
 /// A frontend (instance `smb-t`) says hello on a new connection `conn`:
 /// its writer, and the frontend's end of the socket.
 fn hello(engine: &mut Engine, conn: ConnId, protocol: &str) -> (Arc<ConnWriter>, OwnedFd) {
-    let (ours, peer) = nix::sys::socket::socketpair(
-        nix::sys::socket::AddressFamily::Unix,
-        nix::sys::socket::SockType::SeqPacket,
-        None,
-        nix::sys::socket::SockFlag::SOCK_NONBLOCK,
-    )
-    .unwrap();
-    let writer = ConnWriter::for_test(ours);
+    let (writer, peer) = ConnWriter::pair_for_test();
     engine
         .on_hello(
             conn,
