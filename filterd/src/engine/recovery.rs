@@ -22,6 +22,10 @@ impl Engine {
         // Files whose change mark proved a change: unmarked once that is
         // recorded.
         let mut unmark = Vec::new();
+        // The stored handles of each file, read once, when an interrupted
+        // delete on close first asks (not per intent: a crash amid a burst
+        // of them would read 100k records as often).
+        let mut stored_by_file: Option<HashMap<FileId, Vec<HandleRecord>>> = None;
         for i in store.all_intents()? {
             let intent = match i {
                 Ok(i) => i,
@@ -221,19 +225,32 @@ impl Engine {
                         // as to any open that remains when a handle with
                         // delete on close goes (it is the file's, as on
                         // Windows).
-                        let same_file = |r: &HandleRecord| {
-                            r.file == file
-                                && r.conn != ConnState::Lost
+                        // The same file: its number and its kernel handle,
+                        // or (without one) its name too — a number alone
+                        // may be another file's now.
+                        let same_file = |r: &&HandleRecord| {
+                            r.conn != ConnState::Lost
                                 && match (&r.kernel_handle, &kernel_handle) {
                                     (Some(a), Some(b)) => a == b,
-                                    _ => true,
+                                    _ => r.path == path,
                                 }
                         };
-                        let holders: Vec<HandleRecord> = store
-                            .all_handles()?
+                        let stored = match &mut stored_by_file {
+                            Some(m) => m,
+                            None => {
+                                let mut m: HashMap<FileId, Vec<HandleRecord>> = HashMap::new();
+                                for r in store.all_handles()?.into_iter().flatten() {
+                                    m.entry(r.file).or_default().push(r);
+                                }
+                                stored_by_file.insert(m)
+                            }
+                        };
+                        let holders: Vec<HandleRecord> = stored
+                            .get(&file)
                             .into_iter()
                             .flatten()
                             .filter(same_file)
+                            .cloned()
                             .collect();
                         if !holders.is_empty() {
                             warn!(%path, handles = holders.len(), "interrupted delete on close passed to the file's stored handles");

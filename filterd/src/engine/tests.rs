@@ -1430,7 +1430,20 @@ fn recovery_passes_a_delete_on_close_to_a_stored_handle_of_the_file() {
     h.commit(true);
     let kb = h.opened(id);
     let rec = h.engine.handles[&kb].rec.clone();
-    let intent = Intent {
+    let intent = on_close_intent(&rec);
+    h.store
+        .commit(&[&[StoreOp::PutIntent(Box::new(intent))]])
+        .unwrap();
+    let h = h.restarted();
+    assert!(h.fs.file("c").is_some(), "unlinked under a stored handle");
+    let back = &h.engine.handles[&kb].rec;
+    assert_ne!(back.conn, ConnState::Lost);
+    assert!(back.delete_on_close, "the delete passed to it");
+}
+
+/// The intent of `rec`'s delete on close, as its close records it.
+fn on_close_intent(rec: &HandleRecord) -> Intent {
+    Intent {
         id: IntentId(uuid::Uuid::new_v4()),
         change: IntentChange::Remove {
             path: rec.path.clone(),
@@ -1440,15 +1453,39 @@ fn recovery_passes_a_delete_on_close_to_a_stored_handle_of_the_file() {
             on_close: true,
         },
         recorded_ms: 0,
-    };
+    }
+}
+
+/// The same, but the stored handle is known by the file's number alone
+/// (no kernel handle) under another name: not proof that it is the file
+/// (numbers are reused), so the delete on close is finished, not passed.
+#[test]
+fn recovery_passes_no_delete_on_close_to_a_handle_known_by_number_alone() {
+    let mut h = Harness::new();
+    let id = h.run(open("c", Rights::ALL));
+    h.commit(true);
+    let kb = h.opened(id);
+    let rec = h.engine.handles[&kb].rec.clone();
+    let mut other = rec.clone();
+    other.kernel_handle = None;
+    other.path = RelPath::new("elsewhere").unwrap();
+    let intent = on_close_intent(&rec);
     h.store
-        .commit(&[&[StoreOp::PutIntent(Box::new(intent))]])
+        .commit(&[&[
+            StoreOp::PutHandle(Box::new(other)),
+            StoreOp::PutIntent(Box::new(intent)),
+        ]])
         .unwrap();
     let h = h.restarted();
-    assert!(h.fs.file("c").is_some(), "unlinked under a stored handle");
-    let back = &h.engine.handles[&kb].rec;
-    assert_ne!(back.conn, ConnState::Lost);
-    assert!(back.delete_on_close, "the delete passed to it");
+    assert!(h.fs.file("c").is_none(), "the delete on close is finished");
+    assert!(h
+        .store
+        .inner
+        .lock()
+        .unwrap()
+        .handles
+        .get(&kb)
+        .is_none_or(|r| !r.delete_on_close));
 }
 
 /// A size change whose handle goes (closed here; a frontend gone or an
