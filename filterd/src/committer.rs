@@ -270,15 +270,21 @@ impl Pipeline {
     /// After a failed commit through `through`: waits (when `wait`) for the
     /// engine's rollback, drops the abandoned groups, and hands back the
     /// replies that may go (`.0`, to send before [`Pipeline::publish`])
-    /// and those that must fail (`.1`).
+    /// and those that must fail (`.1`). None when the pipeline stopped
+    /// before the engine rolled back: the engine is gone (shutdown), so
+    /// nothing will say which groups failed — released as they were, the
+    /// failed ones' replies went out as successes (review).
     pub(crate) fn settle_failure(
         &self,
         through: u64,
         wait: bool,
-    ) -> (Vec<Deferred>, Vec<Deferred>) {
+    ) -> Option<(Vec<Deferred>, Vec<Deferred>)> {
         let mut s = self.lock();
         while wait && s.rolled_back.is_none() && !s.stop {
             s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if wait && s.rolled_back.is_none() {
+            return None;
         }
         let abandoned = s.rolled_back.take().unwrap_or_default();
         for j in &mut s.jobs {
@@ -291,7 +297,7 @@ impl Pipeline {
         s.abandoned.extend(abandoned.iter().copied());
         self.any_abandoned.store(true, Ordering::Release);
         let ready = Self::take_ready(&mut s, through);
-        (ready, refused)
+        Some((ready, refused))
     }
 
     /// Marks everything up to `through` resolved, once the replies that
@@ -714,6 +720,13 @@ fn settle(
         None => (ErrorCode::Internal, "commit failed".to_owned()),
     };
     error!(error = %message, failed = failed.len(), of = groups().count(), through, "commit failed; rolling back what it held and what built on it");
+    // Only the engine can undo what the failed groups did and say which
+    // later ones built on it. Gone (it stopped for a shutdown while this
+    // commit was in flight), nothing may be released or committed after
+    // this: the failed groups' replies, still waiting, would go out with
+    // the next commit that succeeds, as successes (review). Stopping
+    // without a clean shutdown mark, the next start recovers from the
+    // store, which holds none of it.
     if engine
         .send(Command::CommitFailed {
             failed: failed.iter().copied().collect(),
@@ -723,11 +736,13 @@ fn settle(
         })
         .is_err()
     {
-        return None;
+        stop_for_recovery("a commit failed after the engine stopped", &message);
     }
     // Nothing more is committed until the engine has undone what the
     // failed groups did: later ones may build on it.
-    let (ready, refused) = pipe.settle_failure(through, true);
+    let Some((ready, refused)) = pipe.settle_failure(through, true) else {
+        stop_for_recovery("a commit failed while the engine was stopping", &message);
+    };
     for r in refused {
         r.fail(code, &message);
     }
@@ -1285,5 +1300,79 @@ mod tests {
         assert_eq!(next_packet(&peer), b"two", "the later durable one goes");
         pipe.stop();
         t.join().unwrap();
+    }
+
+    /// Whether a packet is waiting for the peer (without blocking).
+    fn nothing_sent(fd: &OwnedFd) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            nix::sys::socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                &mut buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT
+            ),
+            Err(nix::errno::Errno::EAGAIN)
+        )
+    }
+
+    #[test]
+    fn a_commit_that_fails_after_the_engine_stopped_releases_nothing() {
+        // Review: the engine gone (shutdown), the failed commit's reply
+        // stayed waiting and went out, as a success, with the next commit.
+        let Rig {
+            store,
+            pipe,
+            rx,
+            writer: w,
+            peer,
+            committer: t,
+        } = setup();
+        drop(rx);
+        let g1 = store.gate(1);
+        pipe.submit(job(&pipe, 1, &w, b"one"));
+        wait_until("the first commit is sent", || {
+            store.entered.lock().unwrap().len() == 1
+        });
+        let g2 = store.gate(2);
+        pipe.submit(job(&pipe, 2, &w, b"two"));
+        wait_until("the second is sent", || {
+            store.entered.lock().unwrap().len() == 2
+        });
+        g1.send(Err(StoreError::Full)).unwrap();
+        g2.send(Ok(2)).unwrap();
+        pipe.stop();
+        assert!(t.join().is_err(), "the committer stops for recovery");
+        assert!(nothing_sent(&peer), "no reply of either commit went out");
+    }
+
+    #[test]
+    fn a_commit_that_fails_while_the_engine_stops_releases_nothing() {
+        // Review: the engine took CommitFailed but stopped before it
+        // rolled back; the stop woke the committer, which sent the failed
+        // group's reply as ready.
+        let Rig {
+            store,
+            pipe,
+            rx,
+            writer: w,
+            peer,
+            committer: t,
+        } = setup();
+        let g1 = store.gate(1);
+        pipe.submit(job(&pipe, 1, &w, b"one"));
+        wait_until("the first commit is sent", || {
+            store.entered.lock().unwrap().len() == 1
+        });
+        g1.send(Err(StoreError::Full)).unwrap();
+        match rx.recv_timeout(Duration::from_secs(20)).unwrap() {
+            Command::CommitFailed { failed, .. } => assert_eq!(failed, vec![1]),
+            _ => panic!("expected CommitFailed"),
+        }
+        pipe.stop();
+        assert!(t.join().is_err(), "the committer stops for recovery");
+        assert!(
+            nothing_sent(&peer),
+            "the failed commit's reply did not go out"
+        );
     }
 }

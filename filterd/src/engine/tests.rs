@@ -404,7 +404,7 @@ impl Harness {
                 let failed: Vec<u64> = groups.iter().map(|g| g.seq).collect();
                 self.engine
                     .roll_back(&failed, through, ErrorCode::DiskFull, "test");
-                let (ready, refused) = self.pipe.settle_failure(through, false);
+                let (ready, refused) = self.pipe.settle_failure(through, false).unwrap_or_default();
                 for d in ready {
                     d.send();
                 }
@@ -4780,7 +4780,7 @@ fn a_request_right_after_a_rollback_is_not_failed_with_it() {
         .roll_back(&failed, through, ErrorCode::DiskFull, "test");
     // The committer has not settled the failure yet.
     let status = h.run(Request::Status);
-    let (ready, refused) = h.pipe.settle_failure(through, false);
+    let (ready, refused) = h.pipe.settle_failure(through, false).unwrap_or_default();
     for d in refused {
         d.fail(ErrorCode::DiskFull, "test");
     }
