@@ -96,6 +96,34 @@ pub fn map_errno(e: &io::Error, root: BorrowedFd<'_>, path: &RelPath) -> WireErr
     WireError::new(code, format!("{path}: {e}"))
 }
 
+/// The export root's identity, which the table is bound to at its first
+/// start (`StateStore::bind_root`, checked at every later one): the
+/// filesystem's id (`f_fsid`: another filesystem mounted at the same place
+/// differs) and the root directory's kernel file handle (another directory
+/// of the same filesystem differs). A shared store (etcd) leaves the
+/// filesystem id out: another machine's mount of the same export may
+/// report its own, while the handle is the one recovery there opens files
+/// by. A filesystem without kernel handles says `none` for it.
+pub fn root_identity(root: BorrowedFd<'_>, shared: bool) -> io::Result<String> {
+    let handle = match sys::file_handle_of(root) {
+        Ok(h) => {
+            let mut t = format!("{}:", h.handle_type);
+            for b in &h.bytes {
+                t.push_str(&format!("{b:02x}"));
+            }
+            t
+        }
+        Err(_) => "none".to_owned(),
+    };
+    if shared {
+        return Ok(format!("handle={handle}"));
+    }
+    let fsid = nix::sys::statvfs::fstatvfs(root)
+        .map_err(io::Error::from)?
+        .filesystem_id();
+    Ok(format!("fsid={fsid:016x} handle={handle}"))
+}
+
 fn stat_file(fd: BorrowedFd<'_>) -> io::Result<(FileId, u64, bool)> {
     let st = fstat(fd)?;
     let is_reg = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;

@@ -95,6 +95,12 @@ struct Args {
     /// take over (SIGTERM or SIGINT stops it while it waits, exit 0).
     #[arg(long)]
     standby: bool,
+    /// Bind the state to this export root although it belongs to another
+    /// (a restored copy of the export, a filesystem whose id changed).
+    /// Without it filterd refuses to start on another root: recovered
+    /// there, every handle it could not find would be marked lost.
+    #[arg(long)]
+    rebind_root: bool,
     /// Where the resume-key table lives: `lmdb` (embedded, in the state
     /// dir) or `etcd://HOST:PORT[,HOST:PORT…]/PREFIX` (an etcd v3 cluster,
     /// shared with standbys on other machines; README "Two machines").
@@ -262,6 +268,41 @@ fn open_store(
     Ok(Some((store, epoch, was_clean)))
 }
 
+/// Refuses a table bound to another export root (unless
+/// `--rebind-root`), and binds one that is bound to none yet (its first
+/// start, or a table from before the binding). Started before the export
+/// was mounted, or with a mistyped `--root`, recovery found no file of any
+/// handle and marked them all lost, durably, and dropped the intents it
+/// could not finish (review).
+fn check_root(
+    args: &Args,
+    store: &dyn StateStore,
+    identity: &str,
+    root: &std::path::Path,
+) -> anyhow::Result<()> {
+    match store
+        .bound_root()
+        .context("reading the table's export root")?
+    {
+        Some(bound) if bound == identity => return Ok(()),
+        Some(bound) if !args.rebind_root => bail!(
+            "export root {} is not the one this state belongs to (bound to {bound}; this \
+             root is {identity}): if the export's filesystem is not mounted yet, mount it \
+             and start again; to bind the state to this root anyway (a restored copy of \
+             the export), pass --rebind-root — handles whose files are not found there \
+             are then reported lost",
+            root.display()
+        ),
+        Some(bound) => {
+            warn!(bound = %bound, root = %identity, "--rebind-root: the state is bound to this export root from now on")
+        }
+        None => info!(root = %identity, "the state is bound to this export root"),
+    }
+    store
+        .bind_root(identity)
+        .context("binding the table to the export root")
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     // Signals are taken synchronously by the main thread; block them before
@@ -327,6 +368,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     // With local mediation, every open of filterd's goes through a private
     // clone of the export's mount that the fanotify group exempts: filterd
     // never waits for its own group (local.rs).
+    let root_fd = std::os::fd::AsFd::as_fd(&root);
+    let local_identity = fsops::root_identity(root_fd, false)
+        .with_context(|| format!("identifying export root {}", root_path.display()))?;
+    let shared_identity = fsops::root_identity(root_fd, true)
+        .with_context(|| format!("identifying export root {}", root_path.display()))?;
     let root: std::os::fd::OwnedFd = if args.no_fanotify {
         root.into()
     } else {
@@ -340,6 +386,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(s) => s,
         None => return Ok(()),
     };
+    let identity = if store.shared() {
+        shared_identity
+    } else {
+        local_identity
+    };
+    check_root(&args, store.as_ref(), &identity, &root_path)?;
     info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
 
     let (poller, cmd_tx) = conn::Poller::new(args.command_queue.max(16))?;

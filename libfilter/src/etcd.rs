@@ -9,6 +9,7 @@
 //! | `PREFIX/owner` | the owning daemon (`node pid`), under its lease |
 //! | `PREFIX/gen` | the owner's commit generation (its mod revision counts) |
 //! | `PREFIX/meta/clean` | present after a clean shutdown |
+//! | `PREFIX/meta/root` | the export root the table belongs to ([`StateStore::bound_root`]) |
 //! | `PREFIX/h/<hex resume key>` | a handle record |
 //! | `PREFIX/r/<hex replay key>` | a recorded reply ([`crate::store::replay_key`]) |
 //! | `PREFIX/i/<hex intent id>` | an intent |
@@ -922,6 +923,9 @@ impl EtcdStore {
     }
     fn clean_key(&self) -> Vec<u8> {
         self.key("meta/clean")
+    }
+    fn root_key(&self) -> Vec<u8> {
+        self.key("meta/root")
     }
     /// `PREFIX/<table>/<hex raw>`.
     fn hex_key(&self, table: u8, raw: &[u8]) -> Vec<u8> {
@@ -2547,6 +2551,23 @@ impl StateStore for EtcdStore {
     }
     fn all_intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
         Ok(self.values::<Intent>("intents", "i/"))
+    }
+    fn bound_root(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .lock_table()
+            .get(&self.root_key())
+            .map(|v| String::from_utf8_lossy(v).into_owned()))
+    }
+    fn bind_root(&self, identity: &str) -> Result<(), StoreError> {
+        let mut m = BTreeMap::new();
+        m.insert(self.root_key(), Some(identity.as_bytes().to_vec()));
+        self.commit_chunk(&m)?;
+        self.lock_table()
+            .insert(self.root_key(), identity.as_bytes().to_vec());
+        Ok(())
+    }
+    fn shared(&self) -> bool {
+        true
     }
     fn clean_shutdown(&self) -> Result<(), StoreError> {
         let mut m = BTreeMap::new();

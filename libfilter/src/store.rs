@@ -430,6 +430,24 @@ pub trait StateStore: Send + Sync {
     fn all_intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError>;
     /// Records a clean shutdown.
     fn clean_shutdown(&self) -> Result<(), StoreError>;
+    /// The identity of the export root the table was bound to
+    /// ([`StateStore::bind_root`]), if any. A table holds kernel handles
+    /// and paths of one filesystem: recovered against another (the export
+    /// not mounted yet, a mistyped `--root`), every handle would be found
+    /// missing and marked lost, durably. Stores without a binding (test
+    /// stores) say none.
+    fn bound_root(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+    /// Binds the table to an export root (durable when this returns).
+    fn bind_root(&self, _identity: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Whether other machines recover this table (etcd): the root's
+    /// identity then leaves out what differs from machine to machine.
+    fn shared(&self) -> bool {
+        false
+    }
     /// Lets go of what reading the whole table left resident (restart
     /// recovery calls it once done). Best effort; nothing for a store that
     /// keeps nothing mapped.
@@ -474,6 +492,12 @@ impl StateStore for Store {
     fn clean_shutdown(&self) -> Result<(), StoreError> {
         self.mark_clean_shutdown()
     }
+    fn bound_root(&self) -> Result<Option<String>, StoreError> {
+        self.export_root()
+    }
+    fn bind_root(&self, identity: &str) -> Result<(), StoreError> {
+        self.bind_export_root(identity)
+    }
     fn release_read_pages(&self) {
         self.release_mapped_pages();
     }
@@ -482,6 +506,8 @@ impl StateStore for Store {
 const META_SCHEMA: &str = "schema_version";
 const META_EPOCH: &str = "epoch";
 const META_CLEAN: &str = "clean_shutdown";
+/// The export root the table belongs to ([`StateStore::bound_root`]).
+const META_ROOT: &str = "export_root";
 
 /// Upgrades a store from an older schema, one step at a time, inside the
 /// caller's transaction.
@@ -693,6 +719,25 @@ impl Store {
         let t = tables(&gate)?;
         let mut txn = t.env.write_txn()?;
         t.meta.put(&mut txn, META_CLEAN, &[1])?;
+        txn.commit().map_err(StoreError::from_heed)
+    }
+
+    /// The export root the table was bound to, if any.
+    pub fn export_root(&self) -> Result<Option<String>, StoreError> {
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let txn = t.env.read_txn()?;
+        Ok(t.meta
+            .get(&txn, META_ROOT)?
+            .map(|b| String::from_utf8_lossy(b).into_owned()))
+    }
+
+    /// Binds the table to an export root, durably.
+    pub fn bind_export_root(&self, identity: &str) -> Result<(), StoreError> {
+        let gate = self.gate();
+        let t = tables(&gate)?;
+        let mut txn = t.env.write_txn()?;
+        t.meta.put(&mut txn, META_ROOT, identity.as_bytes())?;
         txn.commit().map_err(StoreError::from_heed)
     }
 

@@ -395,3 +395,61 @@ fn filterctl_state_goes_by_the_lock_not_the_record() {
     );
     d.kill9();
 }
+
+/// A state dir is bound to its export root. Started on another directory
+/// (the export's filesystem not mounted yet: its mount point is another,
+/// empty directory), filterd refuses to start and changes nothing; before,
+/// recovery found none of the handles' files, marked every persistent
+/// handle lost durably, and a restart on the right root brought none back
+/// (review). `--rebind-root` binds the state to the new root on purpose.
+#[test]
+fn a_state_dir_started_on_another_export_root_refuses_and_keeps_its_handles() {
+    let s = Scratch::new("root-bound");
+    std::fs::write(s.root().join("f"), b"data").unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let g = uuid::Uuid::new_v4().to_string();
+    let r = fe.cmd(open_cmd("alice", "f", persistent(), Some(&g)));
+    assert_eq!(r["ok"], true, "{r}");
+    d.kill9();
+    drop(fe);
+
+    // The export "not mounted": its place holds an empty directory.
+    let real = s.dir.join("root-real");
+    std::fs::rename(s.root(), &real).unwrap();
+    std::fs::create_dir(s.root()).unwrap();
+    let mut wrong = Filterd::spawn(&s, &[], &[]);
+    let st = wrong.wait_exit(Duration::from_secs(20));
+    assert!(!st.success(), "{st:?}");
+    let log = wrong.log_text();
+    assert!(
+        log.contains("is not the one this state belongs to") && log.contains("--rebind-root"),
+        "{log}"
+    );
+    let before = handle_states(&ctl_state(&s, &["handles", "--json"]));
+    assert!(
+        before.values().all(|(state, _, _)| state != "lost") && before.len() == 1,
+        "nothing marked lost: {before:?}"
+    );
+
+    // Mounted after all: the handle comes back.
+    std::fs::remove_dir(s.root()).unwrap();
+    std::fs::rename(&real, s.root()).unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let r = fe.cmd(json!({"cmd": "resume", "client": "alice", "create_guid": g}));
+    assert_eq!(r["ok"], true, "the handle is resumed on its own root: {r}");
+    d.kill9();
+    drop(fe);
+
+    // Bound to another root on purpose: it starts, and says so.
+    let other = s.dir.join("root-other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::rename(s.root(), &real).unwrap();
+    std::fs::rename(&other, s.root()).unwrap();
+    let d = Filterd::start(&s, &["--rebind-root"], &[]);
+    d.wait_log(
+        "bound to this export root from now on",
+        Duration::from_secs(10),
+    );
+}
