@@ -1108,21 +1108,33 @@ pub fn open_by_handle_beneath(
 /// when its kernel handle is known, the same handle (so the same inode
 /// generation: a file created since under a reused inode number is not
 /// taken for it).
+///
+/// With the handle, `expect`'s device number may also differ from the
+/// file's when the file is on the export root's own filesystem: a table
+/// recovered on another machine (etcd takeover) or after a remount holds
+/// the device number the filesystem had there and then. Compared as is,
+/// recovery took every interrupted remove for made and every rename's
+/// outcome for unknown (review). The handle, beneath the root, is the
+/// proof.
 pub fn names(
     root: BorrowedFd<'_>,
     path: &RelPath,
     expect: FileId,
     kh: Option<&libfilter::model::KernelHandle>,
 ) -> bool {
-    if file_at(root, path) != Some(expect) {
+    let Some(kh) = kh else {
+        return file_at(root, path) == Some(expect);
+    };
+    let Ok(fd) = sys::openat2_beneath(root, path.as_str(), libc::O_PATH | libc::O_NOFOLLOW, 0)
+    else {
         return false;
-    }
-    match kh {
-        None => true,
-        Some(kh) => sys::openat2_beneath(root, path.as_str(), libc::O_PATH | libc::O_NOFOLLOW, 0)
-            .and_then(|fd| sys::file_handle_of(fd.as_fd()))
-            .is_ok_and(|h| h == *kh),
-    }
+    };
+    let (Ok(st), Ok(root_st)) = (fstat(fd.as_fd()), fstat(root)) else {
+        return false;
+    };
+    st.st_ino == expect.ino
+        && (st.st_dev == expect.dev || st.st_dev == root_st.st_dev)
+        && sys::file_handle_of(fd.as_fd()).is_ok_and(|h| h == *kh)
 }
 
 /// The kernel handle of the file `path` names (not following a final
@@ -1378,6 +1390,35 @@ mod tests {
         let fd = std::fs::File::open(&dir).map(OwnedFd::from).unwrap();
         std::fs::remove_dir(&dir).unwrap();
         fd
+    }
+
+    /// Review (etcd): a table recovered on another machine, or after a
+    /// remount, holds the device number the export's filesystem had
+    /// there; a file proven by its kernel handle is still the file.
+    #[test]
+    fn a_file_known_by_its_handle_is_named_whatever_device_number_was_recorded() {
+        let dir = std::env::temp_dir().join(format!("rkf-names-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("f"), b"x").unwrap();
+        let root = std::fs::File::open(&dir).map(OwnedFd::from).unwrap();
+        let path = RelPath::new("f").unwrap();
+        let (here, kh) = identity_at(root.as_fd(), &path).unwrap();
+        let elsewhere = FileId {
+            dev: here.dev ^ 0x5a5a,
+            ino: here.ino,
+        };
+        assert!(names(root.as_fd(), &path, here, Some(&kh)));
+        assert!(names(root.as_fd(), &path, elsewhere, Some(&kh)));
+        assert!(
+            !names(root.as_fd(), &path, elsewhere, None),
+            "without a handle the number is all there is"
+        );
+        let other_ino = FileId {
+            ino: here.ino + 1,
+            ..elsewhere
+        };
+        assert!(!names(root.as_fd(), &path, other_ino, Some(&kh)));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Round 12 (CI): an unmarked `overwrite_if` whose name a local
