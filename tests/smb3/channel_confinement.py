@@ -24,6 +24,9 @@ key is derived from the binding's own session key). Then:
 4. Connection C starts a binding of S1 (first leg flagged and signed) and
    sends the second leg (AUTHENTICATE) unsigned and without the flag: it
    is refused (STATUS_INVALID_PARAMETER), not bound.
+5. A compound on B whose first message is a sessionless ECHO (so the PDU
+   runs on B) and whose second is a LOGOFF of S1: the LOGOFF is
+   STATUS_USER_SESSION_DELETED, and S1 stays bound on B.
 
 Prints one line per step; exits non-zero on any failure (after the
 other steps, when the connections still serve).
@@ -212,6 +215,25 @@ def main():
         f"C's unsigned leg 2 without the binding flag is refused (got {st:#010x})",
         fatal=False,
     )
+
+    # 5. A PDU whose first message names no bound session runs on B
+    # itself; a LOGOFF of S1 after it in the compound must not end the
+    # channel's copy of S1 there (the home never heard of it and waited
+    # for the channel for ever, holding its opens).
+    echo0 = b.header(ECHO, 0, next_command=72) + struct.pack("<HH", 4, 0) + b"\0" * 4
+    logoff = cmac_sign(chan_key, b.header(2, s1.session_id) + struct.pack("<HH", 4, 0))
+    b.send(echo0 + logoff)
+    r = b.recv()
+    first = struct.unpack_from("<I", r, 20)[0]
+    check(first > 0 and len(r) > first, "B answered both messages of the ECHO+LOGOFF compound")
+    st2 = struct.unpack_from("<I", r, first + 8)[0] if first > 0 and len(r) > first else None
+    check(
+        st2 == USER_SESSION_DELETED,
+        f"the LOGOFF of S1 behind a sessionless ECHO is USER_SESSION_DELETED (got {st2})",
+        fatal=False,
+    )
+    st, _ = b.call(cmac_sign(chan_key, b.header(ECHO, s1.session_id) + struct.pack("<HH", 4, 0)))
+    check(st == SUCCESS, f"S1 is still bound on B: its ECHO is served (got {st:#010x})", fatal=False)
 
     tree.disconnect()
     s2.disconnect()

@@ -1662,11 +1662,26 @@ impl Connection {
             return (None, None);
         }
         // A channel's PDU acts on the session bound there only, and never
-        // negotiates or sets up a session at the home.
-        let foreign = self.via.is_some_and(|v| {
-            v.session != req.hdr.session_id
-                || matches!(cmd, Command::Negotiate | Command::SessionSetup)
-        });
+        // negotiates or sets up a session at the home. On the channel's
+        // own thread, a message naming the bound session in a PDU run
+        // here (its first message named no bound session: `channel_of`
+        // routes by that one) is refused too: run here on the channel's
+        // copy of the session, a LOGOFF ended the session in the registry
+        // without the home hearing of it, whose thread then waited for
+        // that channel for ever and never let go of its opens (review).
+        let foreign = match self.via {
+            Some(v) => {
+                v.session != req.hdr.session_id
+                    || matches!(cmd, Command::Negotiate | Command::SessionSetup)
+            }
+            None => {
+                cmd != Command::SessionSetup
+                    && self
+                        .sessions
+                        .get(&req.hdr.session_id)
+                        .is_some_and(|s| s.bound.is_some())
+            }
+        };
         // Signing: the key of the request's session, before the command
         // runs (LOGOFF removes it).
         let mut sign = match foreign {
