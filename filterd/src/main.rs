@@ -268,6 +268,13 @@ fn open_store(
     Ok(Some((store, epoch, was_clean)))
 }
 
+/// The device and inode of the file at `path`, not following a link.
+fn socket_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 /// Refuses a table bound to another export root (unless
 /// `--rebind-root`), and binds one that is bound to none yet (its first
 /// start, or a table from before the binding). Started before the export
@@ -495,6 +502,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || eng.run(poller))?;
 
     let listener = conn::listen_at(&socket_path)?;
+    // The socket file this daemon made: removed at shutdown only if the
+    // path still names it (another daemon may have bound the path since
+    // this one's file was removed, and must not lose its socket to this
+    // one's shutdown; review).
+    let socket_made = socket_identity(&socket_path);
     {
         let (tx, p) = (cmd_tx.clone(), socket_path.clone());
         std::thread::Builder::new()
@@ -521,7 +533,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if committer.join().is_err() {
         error!("committer thread panicked");
     }
-    let _ = std::fs::remove_file(&socket_path);
+    if socket_made.is_some() && socket_identity(&socket_path) == socket_made {
+        let _ = std::fs::remove_file(&socket_path);
+    }
     store.clean_shutdown()?;
     libfilter::runtime::remove(&state);
     info!("clean shutdown");

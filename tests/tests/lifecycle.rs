@@ -453,3 +453,27 @@ fn a_state_dir_started_on_another_export_root_refuses_and_keeps_its_handles() {
         Duration::from_secs(10),
     );
 }
+
+/// A daemon's shutdown removes its socket file only if the path still
+/// names the file it made: another daemon that bound the path since (the
+/// first one's file removed) keeps serving there. Before, the first one's
+/// SIGTERM removed the second one's socket and nobody could attach.
+#[test]
+fn a_shutdown_leaves_another_daemons_socket_at_its_path() {
+    let (a, b) = (Scratch::new("sock-a"), Scratch::new("sock-b"));
+    let sock = a.dir.join("shared.sock");
+    let mut first = Filterd::spawn_on(&a, Some(&sock), &[], &[], &[]);
+    first.wait_ready();
+    std::fs::remove_file(&sock).unwrap();
+    let second = Filterd::spawn_on(&b, Some(&sock), &[], &[], &[]);
+    second.wait_ready();
+    let st = first.terminate();
+    assert!(st.success(), "{st:?}");
+    assert!(sock.exists(), "the second daemon's socket is still there");
+    let out = filterctl(&["--socket", sock.to_str().unwrap(), "status"]);
+    assert_eq!(
+        out.code, 0,
+        "the second daemon still answers: {}",
+        out.stderr
+    );
+}
