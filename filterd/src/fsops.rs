@@ -1188,8 +1188,12 @@ pub fn mirror_ofd_locks(
         let Ok(start) = i64::try_from(offset) else {
             return Ok(()); // beyond what fcntl can express: not mirrored
         };
-        // POSIX length 0 means "to end of file".
-        let len = if offset.saturating_add(length) == u64::MAX {
+        // POSIX length 0 means "to end of file" — also for a range that
+        // ends past the last offset fcntl can lock: LOCK allows ranges up
+        // to 2^64, and the kernel refuses one ending past `i64::MAX` with
+        // `EOVERFLOW`, which failed a valid LOCK as an internal error
+        // (found by review). The superset is beyond any local I/O.
+        let len = if offset.saturating_add(length) > 1 << 63 {
             0
         } else {
             i64::try_from(length).unwrap_or(0)
@@ -1516,5 +1520,70 @@ mod tests {
         assert_eq!(ren("e", "empty", true), Ok(()));
         assert!(dir.join("empty/sub").is_dir());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file opened twice: two open file descriptions, as filterd's lock
+    /// descriptor and a local process's.
+    fn two_descriptions() -> (OwnedFd, OwnedFd) {
+        let path = std::env::temp_dir().join(format!("rkf-ofd-{}", uuid::Uuid::new_v4().simple()));
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map(OwnedFd::from)
+                .unwrap()
+        };
+        let (ours, theirs) = (open(), open());
+        std::fs::remove_file(&path).unwrap();
+        (ours, theirs)
+    }
+
+    /// Whether another open file description holds a lock on byte `at`,
+    /// as a local process asking F_OFD_GETLK for a write lock sees it.
+    fn byte_locked(fd: BorrowedFd<'_>, at: u64) -> bool {
+        use nix::fcntl::{fcntl, FcntlArg};
+        let mut fl = libc::flock {
+            l_type: short(libc::F_WRLCK),
+            l_whence: short(libc::SEEK_SET),
+            l_start: i64::try_from(at).unwrap(),
+            l_len: 1,
+            l_pid: 0,
+        };
+        fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl)).unwrap();
+        fl.l_type != short(libc::F_UNLCK)
+    }
+
+    fn held(
+        offset: u64,
+        length: u64,
+        kind: libfilter::locks::LockKind,
+    ) -> libfilter::model::HeldLock {
+        libfilter::model::HeldLock {
+            range: libfilter::locks::LockRange { offset, length },
+            kind,
+        }
+    }
+
+    /// Review: LOCK allows any range ending by 2^64, but the kernel
+    /// refuses an OFD lock ending past `i64::MAX` (`EOVERFLOW`), so such a
+    /// valid LOCK failed as an internal error; it is mirrored to end of
+    /// file instead.
+    #[test]
+    fn a_lock_ending_past_the_largest_file_offset_is_mirrored_to_end_of_file() {
+        use libfilter::locks::LockKind::{Exclusive, Shared};
+        let (ours, theirs) = two_descriptions();
+        for lock in [
+            held(100, (1 << 63) - 1, Exclusive),
+            held(1 << 62, (1 << 62) + 1, Shared),
+        ] {
+            let at = lock.range.offset;
+            mirror_ofd_locks(ours.as_fd(), &[lock]).unwrap();
+            assert!(byte_locked(theirs.as_fd(), at));
+            assert!(byte_locked(theirs.as_fd(), i64::MAX as u64));
+            assert!(!byte_locked(theirs.as_fd(), at - 1));
+        }
     }
 }

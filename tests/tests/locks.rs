@@ -269,6 +269,23 @@ fn local_processes_see_protocol_locks_and_protocol_sees_theirs() {
         .unwrap();
 }
 
+/// Review: a lock may end anywhere up to 2^64, but the kernel refuses an
+/// OFD lock ending past the largest file offset (`EOVERFLOW`), and such a
+/// valid LOCK was refused as an internal error. It is granted, and local
+/// processes see it from its first byte on.
+#[test]
+fn a_lock_ending_past_the_largest_file_offset_is_granted_and_seen_locally() {
+    let s = Scratch::new("ofd-far");
+    let _d = Filterd::start(&s, &[], &[]);
+    let smb = frontend(&s, "smb", "smb-1");
+    let a = open(&smb, "alice", RW, Durability::None, None);
+    smb.lock(a.info.key, vec![op(100, (1 << 63) - 1, true, false)], None)
+        .unwrap();
+    assert_eq!(local_getlk(&s, 100, 1), libc::F_WRLCK as i16);
+    assert_eq!(local_getlk(&s, i64::MAX, 1), libc::F_WRLCK as i16);
+    assert_eq!(local_getlk(&s, 99, 1), libc::F_UNLCK as i16);
+}
+
 #[test]
 fn lock_sequence_replays_and_locks_survive_kill9() {
     let s = Scratch::new("lockseq");
