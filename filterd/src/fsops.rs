@@ -1174,55 +1174,103 @@ pub fn dir_of(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<OwnedFd> {
     sys::openat2_beneath(root, parent, libc::O_RDONLY | libc::O_DIRECTORY, 0)
 }
 
+/// One past the last byte `fcntl` can lock: its offsets are `off_t`.
+const OFD_END: u64 = 1 << 63;
+
+/// One `F_OFD_SETLK` of a mirror: `F_RDLCK`, `F_WRLCK` or `F_UNLCK` over
+/// the bytes `[start, end)`, `end` at most [`OFD_END`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OfdStep {
+    kind: i16,
+    start: u64,
+    end: u64,
+}
+
+/// The `F_OFD_SETLK`s that make a lock descriptor carry `locks`, in the
+/// order to make them: every part the handle holds is set first (a new
+/// type over a range this open file description holds replaces it in one
+/// step, so a range it keeps is never free), then the parts it no longer
+/// holds are unlocked. Releasing everything first let a local process
+/// waiting for a range take it before the re-take, which then failed
+/// (found by review: a LOCK of an unrelated range handed a range the
+/// handle held exclusively to a local process, and the LOCK was refused).
+/// An exclusive lock wins over a shared one where both cover a byte. A
+/// lock ending past [`OFD_END`] is mirrored to end of file (LOCK allows
+/// ranges up to 2^64; the kernel refuses an OFD lock ending past
+/// `i64::MAX` with `EOVERFLOW`, and the superset is beyond local I/O); one
+/// starting there is not mirrored.
+fn ofd_steps(locks: &[libfilter::model::HeldLock]) -> Vec<OfdStep> {
+    use libfilter::locks::LockKind;
+    let spans: Vec<(u64, u64, LockKind)> = locks
+        .iter()
+        .filter(|l| l.range.length != 0 && l.range.offset < OFD_END)
+        .map(|l| (l.range.offset, l.range.end().min(OFD_END), l.kind))
+        .collect();
+    let mut cuts: Vec<u64> = spans
+        .iter()
+        .flat_map(|&(start, end, _)| [start, end])
+        .chain([0, OFD_END])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut parts: Vec<OfdStep> = Vec::new();
+    for pair in cuts.windows(2) {
+        let &[start, end] = pair else { continue };
+        // Between two neighbouring cuts a lock covers all or nothing.
+        let kind = match spans
+            .iter()
+            .filter(|&&(s, e, _)| s <= start && end <= e)
+            .map(|&(_, _, kind)| kind)
+            .max() // Exclusive > Shared
+        {
+            Some(LockKind::Exclusive) => short(libc::F_WRLCK),
+            Some(LockKind::Shared) => short(libc::F_RDLCK),
+            None => short(libc::F_UNLCK),
+        };
+        match parts.last_mut() {
+            Some(last) if last.kind == kind => last.end = end,
+            _ => parts.push(OfdStep { kind, start, end }),
+        }
+    }
+    // Stable: the set parts keep their order, the unlocks follow.
+    parts.sort_by_key(|p| p.kind == short(libc::F_UNLCK));
+    parts
+}
+
+/// Makes one [`OfdStep`] on `fd`.
+fn ofd_step(fd: BorrowedFd<'_>, step: OfdStep) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let too_far = || io::Error::from_raw_os_error(libc::EOVERFLOW);
+    let fl = libc::flock {
+        l_type: step.kind,
+        l_whence: short(libc::SEEK_SET),
+        l_start: i64::try_from(step.start).map_err(|_| too_far())?,
+        // POSIX length 0 means "to end of file".
+        l_len: if step.end >= OFD_END {
+            0
+        } else {
+            i64::try_from(step.end.saturating_sub(step.start)).map_err(|_| too_far())?
+        },
+        l_pid: 0,
+    };
+    fcntl(fd, FcntlArg::F_OFD_SETLK(&fl))
+        .map(|_| ())
+        .map_err(io::Error::from)
+}
+
 /// Mirrors one handle's byte-range locks as OFD locks on `fd` (the handle's
-/// own lock descriptor), so local processes using fcntl locks see them:
-/// releases everything, then takes shared locks, then exclusive ones.
-/// `EAGAIN` means a local process holds a conflicting lock.
+/// own lock descriptor), so local processes using fcntl locks see them,
+/// without ever freeing a range it keeps ([`ofd_steps`]). `EAGAIN` means
+/// a local process holds a conflicting lock; a failure leaves every range
+/// held before locked still (perhaps with its new type; some new ones may
+/// be taken too).
 pub fn mirror_ofd_locks(
     fd: BorrowedFd<'_>,
     locks: &[libfilter::model::HeldLock],
 ) -> io::Result<()> {
-    use libfilter::locks::LockKind;
-    use nix::fcntl::{fcntl, FcntlArg};
-    let set = |kind: i16, offset: u64, length: u64| -> io::Result<()> {
-        let Ok(start) = i64::try_from(offset) else {
-            return Ok(()); // beyond what fcntl can express: not mirrored
-        };
-        // POSIX length 0 means "to end of file" — also for a range that
-        // ends past the last offset fcntl can lock: LOCK allows ranges up
-        // to 2^64, and the kernel refuses one ending past `i64::MAX` with
-        // `EOVERFLOW`, which failed a valid LOCK as an internal error
-        // (found by review). The superset is beyond any local I/O.
-        let len = if offset.saturating_add(length) > 1 << 63 {
-            0
-        } else {
-            i64::try_from(length).unwrap_or(0)
-        };
-        let fl = libc::flock {
-            l_type: kind,
-            l_whence: short(libc::SEEK_SET),
-            l_start: start,
-            l_len: len,
-            l_pid: 0,
-        };
-        fcntl(fd, FcntlArg::F_OFD_SETLK(&fl))
-            .map(|_| ())
-            .map_err(io::Error::from)
-    };
-    set(short(libc::F_UNLCK), 0, u64::MAX)?;
-    for l in locks
-        .iter()
-        .filter(|l| l.kind == LockKind::Shared && l.range.length != 0)
-    {
-        set(short(libc::F_RDLCK), l.range.offset, l.range.length)?;
-    }
-    for l in locks
-        .iter()
-        .filter(|l| l.kind == LockKind::Exclusive && l.range.length != 0)
-    {
-        set(short(libc::F_WRLCK), l.range.offset, l.range.length)?;
-    }
-    Ok(())
+    ofd_steps(locks)
+        .into_iter()
+        .try_for_each(|step| ofd_step(fd, step))
 }
 
 /// The small `struct flock` constants fit a `c_short`.
@@ -1541,9 +1589,10 @@ mod tests {
         (ours, theirs)
     }
 
-    /// Whether another open file description holds a lock on byte `at`,
-    /// as a local process asking F_OFD_GETLK for a write lock sees it.
-    fn byte_locked(fd: BorrowedFd<'_>, at: u64) -> bool {
+    /// The lock another open file description holds on byte `at`
+    /// (`F_RDLCK`, `F_WRLCK` or `F_UNLCK`), as a local process asking
+    /// F_OFD_GETLK for a write lock sees it.
+    fn lock_on(fd: BorrowedFd<'_>, at: u64) -> i16 {
         use nix::fcntl::{fcntl, FcntlArg};
         let mut fl = libc::flock {
             l_type: short(libc::F_WRLCK),
@@ -1553,7 +1602,11 @@ mod tests {
             l_pid: 0,
         };
         fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl)).unwrap();
-        fl.l_type != short(libc::F_UNLCK)
+        fl.l_type
+    }
+
+    fn byte_locked(fd: BorrowedFd<'_>, at: u64) -> bool {
+        lock_on(fd, at) != short(libc::F_UNLCK)
     }
 
     fn held(
@@ -1584,6 +1637,51 @@ mod tests {
             assert!(byte_locked(theirs.as_fd(), at));
             assert!(byte_locked(theirs.as_fd(), i64::MAX as u64));
             assert!(!byte_locked(theirs.as_fd(), at - 1));
+        }
+    }
+
+    /// Review: a re-mirror released all of a handle's OFD locks before
+    /// taking them again, so a local process waiting for a range the
+    /// handle kept (exclusively) could take it in between; the re-take then
+    /// failed, refusing a LOCK of an unrelated range, and the restore
+    /// failed alike. Step by step, a kept range is never free.
+    #[test]
+    fn a_range_held_throughout_a_re_mirror_is_never_free_for_a_local_process() {
+        use libfilter::locks::LockKind::{Exclusive, Shared};
+        let (ours, theirs) = two_descriptions();
+        let (w, r, free) = (
+            short(libc::F_WRLCK),
+            short(libc::F_RDLCK),
+            short(libc::F_UNLCK),
+        );
+        let kept = held(0, 100, Exclusive);
+        let before = [kept, held(300, 10, Exclusive)];
+        // The locks after, and what a local process sees at some bytes.
+        let cases: [(Vec<_>, Vec<(u64, i16)>); 4] = [
+            (
+                vec![kept, held(300, 10, Exclusive), held(200, 10, Exclusive)],
+                vec![(150, free), (205, w), (305, w), (310, free)],
+            ),
+            (vec![kept], vec![(100, free), (305, free)]),
+            (
+                vec![kept, held(50, 100, Shared)],
+                vec![(60, w), (120, r), (150, free)],
+            ),
+            (
+                vec![held(0, u64::MAX, Shared), kept],
+                vec![(100, r), (i64::MAX as u64, r)],
+            ),
+        ];
+        for (after, sees) in cases {
+            mirror_ofd_locks(ours.as_fd(), &before).unwrap();
+            for step in ofd_steps(&after) {
+                ofd_step(ours.as_fd(), step).unwrap();
+                assert_eq!(lock_on(theirs.as_fd(), 0), w, "{after:?}: {step:?}");
+                assert_eq!(lock_on(theirs.as_fd(), 99), w, "{after:?}: {step:?}");
+            }
+            for (at, kind) in sees {
+                assert_eq!(lock_on(theirs.as_fd(), at), kind, "{after:?}: byte {at}");
+            }
         }
     }
 }

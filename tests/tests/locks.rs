@@ -92,23 +92,33 @@ fn op(offset: u64, length: u64, exclusive: bool, unlock: bool) -> LockOp {
     }
 }
 
-/// What a local process's F_OFD_GETLK says about `[offset, offset+len)`
-/// for a write lock: the type of the conflicting lock, or F_UNLCK.
-fn local_getlk(s: &Scratch, offset: i64, len: i64) -> i16 {
-    use nix::fcntl::{fcntl, FcntlArg};
-    let f = std::fs::OpenOptions::new()
+/// "f" opened read-write by a local process: an open file description of
+/// its own.
+fn local_open(s: &Scratch) -> std::fs::File {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(s.root().join("f"))
-        .unwrap();
-    let mut fl = libc::flock {
+        .unwrap()
+}
+
+/// An fcntl write lock of `[offset, offset+len)`.
+fn write_lock(offset: i64, len: i64) -> libc::flock {
+    libc::flock {
         l_type: libc::F_WRLCK as i16,
         l_whence: libc::SEEK_SET as i16,
         l_start: offset,
         l_len: len,
         l_pid: 0,
-    };
-    fcntl(f.as_fd(), FcntlArg::F_OFD_GETLK(&mut fl)).unwrap();
+    }
+}
+
+/// What a local process's F_OFD_GETLK says about `[offset, offset+len)`
+/// for a write lock: the type of the conflicting lock, or F_UNLCK.
+fn local_getlk(s: &Scratch, offset: i64, len: i64) -> i16 {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let mut fl = write_lock(offset, len);
+    fcntl(local_open(s).as_fd(), FcntlArg::F_OFD_GETLK(&mut fl)).unwrap();
     fl.l_type
 }
 
@@ -243,18 +253,8 @@ fn local_processes_see_protocol_locks_and_protocol_sees_theirs() {
     );
     // A local process holding an fcntl write lock keeps a protocol lock out.
     use nix::fcntl::{fcntl, FcntlArg};
-    let local = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(s.root().join("f"))
-        .unwrap();
-    let fl = libc::flock {
-        l_type: libc::F_WRLCK as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 100,
-        l_len: 10,
-        l_pid: 0,
-    };
+    let local = local_open(&s);
+    let fl = write_lock(100, 10);
     fcntl(local.as_fd(), FcntlArg::F_OFD_SETLK(&fl)).unwrap();
     let e = smb
         .lock(a.info.key, vec![op(105, 1, true, false)], None)
@@ -284,6 +284,53 @@ fn a_lock_ending_past_the_largest_file_offset_is_granted_and_seen_locally() {
     assert_eq!(local_getlk(&s, 100, 1), libc::F_WRLCK as i16);
     assert_eq!(local_getlk(&s, i64::MAX, 1), libc::F_WRLCK as i16);
     assert_eq!(local_getlk(&s, 99, 1), libc::F_UNLCK as i16);
+}
+
+/// Review: each LOCK re-mirrored the handle's OFD locks by releasing them
+/// all first, so a local process waiting for a range the handle held
+/// exclusively took it when the handle locked an unrelated range; the
+/// LOCK was refused and the range stayed the local process's. A waiter
+/// gets the range only once the handle unlocks it.
+#[test]
+fn a_local_waiter_gets_a_held_range_only_when_it_is_unlocked() {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let s = Scratch::new("ofd-waiter");
+    let _d = Filterd::start(&s, &[], &[]);
+    let smb = frontend(&s, "smb", "smb-1");
+    let a = open(&smb, "alice", RW, Durability::None, None);
+    smb.lock(a.info.key, vec![op(0, 100, true, false)], None)
+        .unwrap();
+    let local = local_open(&s);
+    let (took, taken) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let fl = write_lock(0, 100);
+        fcntl(local.as_fd(), FcntlArg::F_OFD_SETLKW(&fl)).unwrap();
+        took.send(()).unwrap();
+        local // its lock goes with it
+    });
+    // A blocked waiter shows in /proc/locks as "->", with the file's inode.
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(s.root().join("f")).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("-> OFDLCK") && l.contains(&format!(":{ino} ")))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiter never blocked"
+        );
+        std::thread::yield_now();
+    }
+    for i in 0..50 {
+        smb.lock(a.info.key, vec![op(200 + 10 * i, 5, true, false)], None)
+            .unwrap();
+        assert!(taken.try_recv().is_err(), "the waiter took a held range");
+    }
+    smb.lock(a.info.key, vec![op(0, 100, true, true)], None)
+        .unwrap();
+    taken.recv_timeout(Duration::from_secs(10)).unwrap();
+    drop(waiter.join().unwrap());
 }
 
 #[test]
@@ -441,18 +488,8 @@ fn a_lock_recovery_could_not_mirror_is_retried() {
     d.kill9();
     drop(fe);
     // A local process locks the same range while filterd is down.
-    let local = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(s.root().join("f"))
-        .unwrap();
-    let fl = libc::flock {
-        l_type: libc::F_WRLCK as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 0,
-        l_len: 10,
-        l_pid: 0,
-    };
+    let local = local_open(&s);
+    let fl = write_lock(0, 10);
     fcntl(local.as_fd(), FcntlArg::F_OFD_SETLK(&fl)).unwrap();
     let d = Filterd::start(&s, &[], &[]);
     let locks = d.control().locks().unwrap();

@@ -215,8 +215,9 @@ pub trait Fs: Send {
     fn fsync(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
 
     /// Mirrors a handle's byte-range locks as OFD locks on its own lock
-    /// descriptor. `EAGAIN`/`EACCES`: a local process holds a conflicting
-    /// lock.
+    /// descriptor, never freeing a range held before and held still.
+    /// `EAGAIN`/`EACCES`: a local process holds a conflicting lock; a
+    /// failure leaves every range held before locked.
     fn mirror_ofd_locks(&self, fd: BorrowedFd<'_>, locks: &[HeldLock]) -> io::Result<()>;
 
     /// Maps an errno from resolving `path` to a wire error.

@@ -836,6 +836,9 @@ impl Fs for MemFs {
         Ok(())
     }
 
+    /// A failed mirror leaves the descriptor's locks as they were, as the
+    /// real one does when its first `fcntl` fails: it never frees a range
+    /// before taking the new ones (`fsops::mirror_ofd_locks`).
     fn mirror_ofd_locks(&self, fd: BorrowedFd<'_>, locks: &[HeldLock]) -> io::Result<()> {
         let mut st = self.st();
         st.check("mirror")?;
