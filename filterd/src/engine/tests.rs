@@ -900,17 +900,45 @@ fn a_failed_unlocks_lock_a_local_process_took_is_retried() {
     h.run(lock(true));
     h.fs.fail_next("mirror", libc::EAGAIN);
     h.commit(false);
-    assert_eq!(
-        h.engine.handles[&key].rec.locks.len(),
-        1,
-        "the lock is back"
-    );
+    one_lock_unmirrored_until_retried(&mut h, key);
+}
+
+/// The handle holds one lock, counted unmirrored (filterctl shows it);
+/// the next wake-up takes its OFD locks, the range being free.
+fn one_lock_unmirrored_until_retried(h: &mut Harness, key: ResumeKey) {
+    assert_eq!(h.engine.handles[&key].rec.locks.len(), 1, "one lock held");
     assert!(
         h.engine.unmirrored.contains(&key),
         "left unmirrored silently"
     );
     h.engine.expire_due(0);
     assert!(!h.engine.unmirrored.contains(&key), "not taken when free");
+}
+
+/// Review: when a LOCK's OFD mirror failed (a local process holds a
+/// conflicting lock) and taking the handle's earlier locks again failed
+/// too, that result was dropped: the locks were enforced among protocol
+/// clients only, filterctl showed them mirrored, and nothing retried.
+#[test]
+fn a_refused_locks_earlier_locks_not_taken_again_are_retried() {
+    let mut h = Harness::new();
+    let key = open_and_lock_byte_8(&mut h);
+    h.fs.fail_next("mirror", libc::EAGAIN); // the LOCK's own
+    h.fs.fail_next("mirror", libc::EAGAIN); // the restore
+    h.run(Request::Lock {
+        key,
+        locks: vec![LockOp {
+            range: LockRange {
+                offset: 200,
+                length: 10,
+            },
+            exclusive: true,
+            unlock: false,
+        }],
+        lock_sequence: None,
+        lock_owner: None,
+    });
+    one_lock_unmirrored_until_retried(&mut h, key);
 }
 
 /// A request that builds on a failed one fails with it; one that does not
