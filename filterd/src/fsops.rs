@@ -1232,8 +1232,13 @@ fn ofd_steps(locks: &[libfilter::model::HeldLock]) -> Vec<OfdStep> {
             _ => parts.push(OfdStep { kind, start, end }),
         }
     }
-    // Stable: the set parts keep their order, the unlocks follow.
-    parts.sort_by_key(|p| p.kind == short(libc::F_UNLCK));
+    // Stable: exclusive parts first, then shared ones (a kept range made
+    // shared only once every new exclusive one is taken), then unlocks.
+    parts.sort_by_key(|p| match i32::from(p.kind) {
+        libc::F_WRLCK => 0,
+        libc::F_RDLCK => 1,
+        _ => 2,
+    });
     parts
 }
 
@@ -1261,16 +1266,24 @@ fn ofd_step(fd: BorrowedFd<'_>, step: OfdStep) -> io::Result<()> {
 /// Mirrors one handle's byte-range locks as OFD locks on `fd` (the handle's
 /// own lock descriptor), so local processes using fcntl locks see them,
 /// without ever freeing a range it keeps ([`ofd_steps`]). `EAGAIN` means
-/// a local process holds a conflicting lock; a failure leaves every range
-/// held before locked still (perhaps with its new type; some new ones may
-/// be taken too).
+/// a local process holds a conflicting lock. Every step is made, a failed
+/// one or not, and the first failure returned: the descriptor then holds
+/// all of `locks` but the parts that failed, and nothing else. Stopping at
+/// the first failure (review) skipped the unlocks, so a range the handle
+/// no longer held stayed locked: a new lock taken before the failure, and
+/// the restore of the locks before failed as well (a local process held
+/// one of them), so nothing ever let it go.
 pub fn mirror_ofd_locks(
     fd: BorrowedFd<'_>,
     locks: &[libfilter::model::HeldLock],
 ) -> io::Result<()> {
-    ofd_steps(locks)
-        .into_iter()
-        .try_for_each(|step| ofd_step(fd, step))
+    let mut first = None;
+    for step in ofd_steps(locks) {
+        if let Err(e) = ofd_step(fd, step) {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
 }
 
 /// The small `struct flock` constants fit a `c_short`.
@@ -1683,5 +1696,34 @@ mod tests {
                 assert_eq!(lock_on(theirs.as_fd(), at), kind, "{after:?}: byte {at}");
             }
         }
+    }
+    /// Review of the mirror above: a failed step ended the mirror before
+    /// its unlocks, so a new range taken before it stayed locked when the
+    /// restore of the locks before failed as well (a local process held
+    /// one of them): nobody held it in the table, and every other lock of
+    /// it was refused.
+    #[test]
+    fn a_failed_mirror_leaves_no_range_locked_that_the_handle_does_not_hold() {
+        use libfilter::locks::LockKind::Exclusive;
+        let (ours, theirs) = two_descriptions();
+        let local = ofd_step(
+            theirs.as_fd(),
+            OfdStep {
+                kind: short(libc::F_RDLCK),
+                start: 500,
+                end: 600,
+            },
+        );
+        local.unwrap();
+        let unmirrored = [held(500, 100, Exclusive)];
+        assert!(mirror_ofd_locks(ours.as_fd(), &unmirrored).is_err());
+        let asked = [held(500, 100, Exclusive), held(200, 100, Exclusive)];
+        assert!(mirror_ofd_locks(ours.as_fd(), &asked).is_err());
+        assert!(mirror_ofd_locks(ours.as_fd(), &unmirrored).is_err());
+        assert_eq!(
+            lock_on(theirs.as_fd(), 250),
+            short(libc::F_UNLCK),
+            "the refused lock's range is free again"
+        );
     }
 }

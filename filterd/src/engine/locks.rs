@@ -521,6 +521,17 @@ impl Engine {
                 self.mirror(key, &held)
             } {
                 Ok(()) => Ok(()),
+                Err(e) if adding == 0 => {
+                    // Only unlocks: nothing asked for can conflict. A kept
+                    // range a local process took while the handle was not
+                    // mirrored failed again (the mirror made every other
+                    // step): the unlock stands, the handle stays on
+                    // `unmirrored` for the retry. Refused, an unlock failed
+                    // for as long as that local lock lasted (review).
+                    warn!(resume_key = %key, error = %e.message, "unlocked; the handle's other locks are not all mirrored yet: retrying");
+                    self.unmirrored.insert(key);
+                    Ok(())
+                }
                 Err(e) => {
                     // A local process holds a conflicting fcntl lock: undo.
                     self.stats.local_lock_conflicts += 1;

@@ -925,7 +925,13 @@ fn a_refused_locks_earlier_locks_not_taken_again_are_retried() {
     let key = open_and_lock_byte_8(&mut h);
     h.fs.fail_next("mirror", libc::EAGAIN); // the LOCK's own
     h.fs.fail_next("mirror", libc::EAGAIN); // the restore
-    h.run(Request::Lock {
+    h.run(lock_10_at_200(key, false));
+    one_lock_unmirrored_until_retried(&mut h, key);
+}
+
+/// An exclusive LOCK (or UNLOCK) of bytes 200–209.
+fn lock_10_at_200(key: ResumeKey, unlock: bool) -> Request {
+    Request::Lock {
         key,
         locks: vec![LockOp {
             range: LockRange {
@@ -933,11 +939,32 @@ fn a_refused_locks_earlier_locks_not_taken_again_are_retried() {
                 length: 10,
             },
             exclusive: true,
-            unlock: false,
+            unlock,
         }],
         lock_sequence: None,
         lock_owner: None,
-    });
+    }
+}
+
+/// Review: while one of a handle's locks was not mirrored (a local
+/// process took its range), every mirror of the handle failed, and an
+/// UNLOCK of another of its locks was refused LockNotGranted for as long
+/// as that local lock lasted. An unlock asks for nothing that can
+/// conflict: it is granted, and the handle stays unmirrored until retried.
+#[test]
+fn an_unlock_is_granted_while_another_lock_of_the_handle_is_unmirrored() {
+    let mut h = Harness::new();
+    let key = open_and_lock_byte_8(&mut h);
+    h.run(lock_10_at_200(key, false));
+    h.commit(true);
+    h.fs.fail_next("mirror", libc::EAGAIN);
+    let id = h.run(lock_10_at_200(key, true));
+    h.commit(true);
+    assert!(
+        matches!(h.reply(id), Some(Ok(_))),
+        "the unlock is granted: {:?}",
+        h.reply(id)
+    );
     one_lock_unmirrored_until_retried(&mut h, key);
 }
 
