@@ -97,13 +97,15 @@ pub fn map_errno(e: &io::Error, root: BorrowedFd<'_>, path: &RelPath) -> WireErr
 }
 
 /// The export root's identity, which the table is bound to at its first
-/// start (`StateStore::bind_root`, checked at every later one): the
-/// filesystem's id (`f_fsid`: another filesystem mounted at the same place
-/// differs) and the root directory's kernel file handle (another directory
-/// of the same filesystem differs). A shared store (etcd) leaves the
-/// filesystem id out: another machine's mount of the same export may
-/// report its own, while the handle is the one recovery there opens files
-/// by. A filesystem without kernel handles says `none` for it.
+/// start (`StateStore::bind_root`, checked at every later one with
+/// [`same_root`]): the filesystem's UUID when it has one (stable across
+/// reboots and device renumbering), its `f_fsid` (which XFS, FAT and
+/// others derive from the device number), and the root directory's kernel
+/// file handle (another directory of the same filesystem differs; every
+/// ext4 filesystem's own root has the same one). A shared store (etcd)
+/// keeps the handle alone: another machine's mount of the same export may
+/// report its own filesystem ids, while the handle is the one recovery
+/// there opens files by. A filesystem without kernel handles says `none`.
 pub fn root_identity(root: BorrowedFd<'_>, shared: bool) -> io::Result<String> {
     let handle = match sys::file_handle_of(root) {
         Ok(h) => {
@@ -121,7 +123,33 @@ pub fn root_identity(root: BorrowedFd<'_>, shared: bool) -> io::Result<String> {
     let fsid = nix::sys::statvfs::fstatvfs(root)
         .map_err(io::Error::from)?
         .filesystem_id();
-    Ok(format!("fsid={fsid:016x} handle={handle}"))
+    let mut id = String::new();
+    if let Some(u) = sys::filesystem_uuid(root) {
+        id.push_str("uuid=");
+        for b in u {
+            id.push_str(&format!("{b:02x}"));
+        }
+        id.push(' ');
+    }
+    id.push_str(&format!("fsid={fsid:016x} handle={handle}"));
+    Ok(id)
+}
+
+/// Whether two [`root_identity`]s name the same root: the same handle,
+/// and the same filesystem — by UUID when both know it (a renumbered
+/// device changes an XFS `f_fsid`, which then refused a legitimate
+/// restart: review), else by `f_fsid` when both know it.
+pub fn same_root(bound: &str, now: &str) -> bool {
+    let field = |id: &str, name: &str| {
+        id.split(' ')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    let same = |name: &str| match (field(bound, name), field(now, name)) {
+        (Some(a), Some(b)) => Some(a == b),
+        _ => None,
+    };
+    same("handle") == Some(true) && same("uuid").or_else(|| same("fsid")).unwrap_or(true)
 }
 
 fn stat_file(fd: BorrowedFd<'_>) -> io::Result<(FileId, u64, bool)> {
@@ -1455,6 +1483,26 @@ mod tests {
         let fd = std::fs::File::open(&dir).map(OwnedFd::from).unwrap();
         std::fs::remove_dir(&dir).unwrap();
         fd
+    }
+
+    /// Review of the root binding: XFS derives `f_fsid` from the device
+    /// number, so a renumbered disk refused a legitimate restart; the
+    /// filesystem's UUID decides where both identities know it.
+    #[test]
+    fn the_same_root_is_the_same_handle_and_filesystem() {
+        let id = "uuid=aa fsid=0000000000000001 handle=1:02";
+        assert!(same_root(id, id));
+        assert!(same_root(id, "uuid=aa fsid=0000000000000009 handle=1:02"));
+        assert!(!same_root(id, "uuid=bb fsid=0000000000000001 handle=1:02"));
+        assert!(!same_root(id, "uuid=aa fsid=0000000000000001 handle=1:03"));
+        // A kernel that learnt the UUID since: the fsid decides.
+        assert!(same_root("fsid=0000000000000001 handle=1:02", id));
+        assert!(!same_root(
+            "fsid=0000000000000002 handle=1:02",
+            "fsid=0000000000000001 handle=1:02"
+        ));
+        assert!(same_root("handle=none", "handle=none"));
+        assert!(!same_root("handle=1:02", "handle=1:03"));
     }
 
     /// Review (etcd): a table recovered on another machine, or after a

@@ -291,7 +291,7 @@ fn check_root(
         .bound_root()
         .context("reading the table's export root")?
     {
-        Some(bound) if bound == identity => return Ok(()),
+        Some(bound) if fsops::same_root(&bound, identity) => return Ok(()),
         Some(bound) if !args.rebind_root => bail!(
             "export root {} is not the one this state belongs to (bound to {bound}; this \
              root is {identity}): if the export's filesystem is not mounted yet, mount it \

@@ -1100,6 +1100,28 @@ pub fn queued_bytes(fd: BorrowedFd<'_>) -> io::Result<i32> {
     Ok(n)
 }
 
+/// The UUID of the filesystem `fd` lives on (`FS_IOC_GETFSUUID`, Linux
+/// 6.5 and later), when it has one that is not all zeros (an image made
+/// without one says zeros, as any other such image would).
+pub fn filesystem_uuid(fd: BorrowedFd<'_>) -> Option<[u8; 16]> {
+    /// `struct fsuuid2`: len u8, uuid [u8; 16].
+    #[repr(C)]
+    struct FsUuid2 {
+        len: u8,
+        uuid: [u8; 16],
+    }
+    /// `_IOR(0x15, 0, struct fsuuid2)`.
+    const FS_IOC_GETFSUUID: libc::c_ulong = 0x8011_1500;
+    let mut u = FsUuid2 {
+        len: 0,
+        uuid: [0; 16],
+    };
+    // SAFETY: the ioctl writes at most one `struct fsuuid2` (17 bytes)
+    // through the pointer, which lives for the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETFSUUID, &mut u) };
+    (r == 0 && u.len == 16 && u.uuid != [0; 16]).then_some(u.uuid)
+}
+
 /// `struct fanotify_event_metadata`: event_len u32, vers u8, reserved u8,
 /// metadata_len u16, mask u64, fd i32, pid i32 (24 bytes) — the whole
 /// event of a group that asks for no information records.
