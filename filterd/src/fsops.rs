@@ -1138,7 +1138,7 @@ pub fn open_by_handle_beneath(
 /// taken for it).
 ///
 /// With the handle, `expect`'s device number may also differ from the
-/// file's when the file is on the export root's own filesystem: a table
+/// file's when the file is on the export root's own mount: a table
 /// recovered on another machine (etcd takeover) or after a remount holds
 /// the device number the filesystem had there and then. Compared as is,
 /// recovery took every interrupted remove for made and every rename's
@@ -1157,11 +1157,19 @@ pub fn names(
     else {
         return false;
     };
-    let (Ok(st), Ok(root_st)) = (fstat(fd.as_fd()), fstat(root)) else {
+    let Ok(st) = fstat(fd.as_fd()) else {
         return false;
     };
+    // On the root's own mount (not its device number: a btrfs subvolume
+    // beneath the root has a number of its own, given at each mount).
+    let on_roots_mount = || {
+        matches!(
+            (sys::mount_id_of(fd.as_fd()), sys::mount_id_of(root)),
+            (Ok(a), Ok(b)) if a == b
+        )
+    };
     st.st_ino == expect.ino
-        && (st.st_dev == expect.dev || st.st_dev == root_st.st_dev)
+        && (st.st_dev == expect.dev || on_roots_mount())
         && sys::file_handle_of(fd.as_fd()).is_ok_and(|h| h == *kh)
 }
 
