@@ -1173,6 +1173,23 @@ fn a_lock_replayed_on_another_channel_is_applied_once() {
     no_handles_left(&d);
 }
 
+/// Review (rksmbd, finding 1): a blocking LOCK waiting at the session's
+/// home outlived the channel it came on and was granted to nobody — a
+/// lock its client was never told of, behind which its replay on another
+/// channel waited for good. Now a waiting lock whose connection is gone
+/// is dropped, and a replay of a waiting LOCK (same open and lock
+/// sequence) takes the waiting one over: the replay is granted within
+/// 2 s and the lock held once, with or without the first channel reset,
+/// and without a replay nothing is left locked.
+#[test]
+fn a_waiting_lock_whose_channel_is_lost_is_granted_to_its_replay_or_to_nobody() {
+    let s = Scratch::new("rksmbd-lock-channel-pending");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "lock_channel_pending.py");
+    no_handles_left(&d);
+}
+
 /// A persistent handle opened through a bound channel outlives its
 /// session's home connection (reset): the channel still reads through it,
 /// a DH2C from a new connection is refused while the channel lives, and

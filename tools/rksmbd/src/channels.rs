@@ -315,6 +315,11 @@ impl Outbox {
         }
     }
 
+    /// Whether the channel is ended: nothing queued now reaches it.
+    pub fn is_ended(&self) -> bool {
+        lock(&self.state).ended
+    }
+
     /// Ends the channel: what is queued is dropped, the writer thread
     /// stops, the socket is shut down (the channel thread's read sees it).
     pub fn end(&self) {

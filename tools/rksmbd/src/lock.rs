@@ -18,7 +18,8 @@
 //! (CANCEL, 3.3.5.16: STATUS_CANCELLED), or its open is closed
 //! (STATUS_RANGE_NOT_LOCKED). A waiting lock holds nothing in filterd:
 //! it never blocks filterd's engine or another client, and one whose
-//! connection or rksmbd goes leaves nothing behind. A filterd outage is
+//! connection (a channel's too) or rksmbd goes leaves nothing behind.
+//! Its replay on another channel takes it over. A filterd outage is
 //! no answer to it: it waits through one ([`keeps_waiting`]).
 
 use std::collections::HashMap;
@@ -68,6 +69,14 @@ pub struct Waiting {
     /// [`WaitingLocks::granted`] of its lock's kind right before the last
     /// attempt: grants seen since then are not its own.
     grants_before: u64,
+}
+
+impl Waiting {
+    /// Whether a LOCK of `ops` on open `open` with lock sequence `q` is
+    /// this one's request again.
+    fn replayed_by(&self, open: u64, q: LockSequence, ops: &[LockOp]) -> bool {
+        self.open == open && self.sequence.or(self.local) == Some(q) && self.ops == ops
+    }
 }
 
 /// A lock's handle, range and kind (exclusive or not).
@@ -281,6 +290,22 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         o.lock_sequences.retain(|(i, _)| *i != q.index);
     }
     let filter_sequence = sequence.filter(|_| durable);
+    if let Some(q) = sequence.filter(|_| blocking && req.hdr.next_command == 0) {
+        if c.waiting.list.iter().any(|w| w.replayed_by(open, q, &ops)) {
+            // The LOCK waits already: this is it again, replayed on
+            // another channel after the client lost the first. The
+            // waiting lock answers this request from now on (the first
+            // gets no final response, as on a lost channel); tried as a
+            // new lock it would wait behind the first, once granted, for
+            // good.
+            let head = c.go_async(&req.hdr);
+            let replayed = c.waiting.list.iter_mut();
+            for w in replayed.filter(|w| w.replayed_by(open, q, &ops)) {
+                w.head = head;
+            }
+            return Ok(pending());
+        }
+    }
     let client = c.sh.filter.client();
     if let (Some(st), Some(_)) = (bad_tail, sequence) {
         // With a lock sequence the request stays all or nothing, so that
@@ -335,13 +360,15 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 uncertain: false,
                 grants_before: 0,
             });
-            Ok(Reply::with_status(
-                status::PENDING,
-                crate::server::error_body(),
-            ))
+            Ok(pending())
         }
         Err(e) => Err(status_on_open(&e)),
     }
+}
+
+/// The interim response of a LOCK that went async (3.3.4.2).
+fn pending() -> Reply {
+    Reply::with_status(status::PENDING, crate::server::error_body())
 }
 
 /// A LOCK with lock sequence `q` that rksmbd keeps (see
@@ -421,6 +448,20 @@ pub fn retry(c: &mut Connection) {
         return;
     }
     c.waiting.last_retry = Some(Instant::now());
+    // A lock whose request's connection is gone (the home's own socket
+    // while channels keep the session, or a channel) has nobody to answer:
+    // granted now it would be a lock its client was never told of, and a
+    // replay of it on another channel would wait behind it for good. It
+    // holds nothing, so it is dropped, as `lost` drops a connection's.
+    let orphans: Vec<u64> = c
+        .waiting
+        .list
+        .iter()
+        .filter(|w| !c.reaches(w.head.conn))
+        .map(|w| w.head.async_id)
+        .collect();
+    c.waiting
+        .remove_where(|w| orphans.contains(&w.head.async_id));
     let client = c.sh.filter.client();
     let mut done = Vec::new();
     let mut granted = Vec::new();

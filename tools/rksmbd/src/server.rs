@@ -1146,6 +1146,19 @@ impl Connection {
         }
     }
 
+    /// Whether the final response of a request that came on connection
+    /// `conn` can still reach its client: this connection's socket is
+    /// still served, or the channel's outbox has not ended.
+    pub fn reaches(&self, conn: u64) -> bool {
+        if conn == self.id {
+            return self.io.is_some();
+        }
+        self.channel_writers
+            .get(&conn)
+            .and_then(std::sync::Weak::upgrade)
+            .is_some_and(|o| !o.is_ended())
+    }
+
     /// The next PDU, or none when the connection is over (closed, broken,
     /// or a frame that is not SMB2 — then it is closed).
     fn read_frame(&mut self) -> Option<Vec<u8>> {
