@@ -735,6 +735,60 @@ fn a_waiting_lock_granted_as_filterd_died_is_not_resent() {
     the_waiter_alone_holds_10_20(&d, &mut n, &sid, &mut script);
 }
 
+/// Review (rksmbd, finding 2): a LOCK with FAIL_IMMEDIATELY and no lock
+/// sequence on a persistent handle, granted and committed by filterd,
+/// which is SIGKILLed before its reply (failpoint `lock.granted`): the
+/// restarted filterd has the lock, yet the client was told
+/// STATUS_FILE_NOT_AVAILABLE, and its retry of the same LOCK was refused
+/// by its own lock. Now the LOCK's answer waits for filterd to come back
+/// and is the truth: success, the range held once, one unlock frees it.
+#[test]
+fn a_lock_granted_as_filterd_died_before_its_reply_succeeds() {
+    a_lock_whose_reply_filterd_lost(
+        "smb3-lock-granted-kill",
+        "lock.granted:1:kill",
+        false,
+        SUCCESS,
+    );
+}
+
+/// The same LOCK not granted — the handle holds the range already, and
+/// filterd is SIGKILLed as the request reaches it (`request.lock`): once
+/// filterd is back it is answered STATUS_LOCK_NOT_GRANTED, as a
+/// FAIL_IMMEDIATELY lock is, and not left waiting as a blocking one.
+#[test]
+fn a_lock_refused_as_filterd_died_before_its_reply_is_not_granted() {
+    a_lock_whose_reply_filterd_lost(
+        "smb3-lock-refused-kill",
+        "request.lock:2:kill",
+        true,
+        LOCK_NOT_GRANTED,
+    );
+}
+
+/// `lock 10 10 excl 0 0` on a persistent handle of f (which holds that
+/// lock already when `held`), filterd SIGKILLed at failpoint `point`
+/// while it handles it and started again: the LOCK is answered `want`,
+/// and the handle holds 10..20 once (one unlock frees it).
+fn a_lock_whose_reply_filterd_lost(name: &str, point: &str, held: bool, want: &str) {
+    let (s, mut d, srv) = armed(name, point);
+    std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
+    let mut script = smb3_client_of_f(&srv);
+    if held {
+        said(&mut script, "lock 10 10 excl 0 0", SUCCESS);
+    }
+    script.say("lock 10 10 excl 0 0");
+    let failpoint = point.split(':').next().unwrap_or_default();
+    restarted_after(&s, &mut d, failpoint);
+    let line = script.expect("lock ");
+    assert_eq!(line.rsplit(' ').next(), Some(want), "{}", script.log);
+    assert_eq!(locks_listed(&d), [(10, 10, "\"exclusive\"".to_owned())]);
+    said(&mut script, "unlock 10 10 0 0", SUCCESS);
+    assert_eq!(locks_listed(&d), []);
+    script.say("done");
+    script.finish();
+}
+
 /// A rename of a persistent open's file that filterd made (its intent
 /// durable, the file renamed) when it was SIGKILLed, before the reply:
 /// recovery finishes it, and the client's retry of the SET_INFO — its

@@ -20,7 +20,10 @@
 //! it never blocks filterd's engine or another client, and one whose
 //! connection (a channel's too) or rksmbd goes leaves nothing behind.
 //! Its replay on another channel takes it over. A filterd outage is
-//! no answer to it: it waits through one ([`keeps_waiting`]).
+//! no answer to it: it waits through one ([`keeps_waiting`]). Nor to a
+//! durable open's LOCK whose first attempt's outcome is unknown: it
+//! waits (FAIL_IMMEDIATELY too) until filterd can tell whether it was
+//! granted.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -69,9 +72,36 @@ pub struct Waiting {
     /// [`WaitingLocks::granted`] of its lock's kind right before the last
     /// attempt: grants seen since then are not its own.
     grants_before: u64,
+    /// A FAIL_IMMEDIATELY LOCK, waiting only because its first attempt's
+    /// outcome was unknown: a range still held answers it
+    /// STATUS_LOCK_NOT_GRANTED.
+    immediate: bool,
 }
 
 impl Waiting {
+    /// A LOCK that waits for its range (nothing known of its attempts).
+    fn new(
+        head: AsyncHead,
+        open: u64,
+        key: ResumeKey,
+        ops: Vec<LockOp>,
+        sequence: Option<LockSequence>,
+        local: Option<LockSequence>,
+    ) -> Self {
+        Waiting {
+            head,
+            open,
+            key,
+            ops,
+            sequence,
+            local,
+            held_before: None,
+            uncertain: false,
+            grants_before: 0,
+            immediate: false,
+        }
+    }
+
     /// Whether a LOCK of `ops` on open `open` with lock sequence `q` is
     /// this one's request again.
     fn replayed_by(&self, open: u64, q: LockSequence, ops: &[LockOp]) -> bool {
@@ -290,6 +320,8 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         o.lock_sequences.retain(|(i, _)| *i != q.index);
     }
     let filter_sequence = sequence.filter(|_| durable);
+    let locking = !ops.first().is_some_and(|o| o.unlock);
+    let client = c.sh.filter.client();
     if let Some(q) = sequence.filter(|_| blocking && req.hdr.next_command == 0) {
         if c.waiting.list.iter().any(|w| w.replayed_by(open, q, &ops)) {
             // The LOCK waits already: this is it again, replayed on
@@ -306,13 +338,24 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             return Ok(pending());
         }
     }
-    let client = c.sh.filter.client();
+    // A durable handle's locks outlive filterd: killed after committing a
+    // grant and before its reply, filterd comes back with the lock, and
+    // the client, told the LOCK failed, would be refused by its own lock
+    // when it tried again. With a lock sequence filterd recognises the
+    // attempt made again; without one, a count of the handle's locks like
+    // this one, taken first, tells afterwards whether it was granted.
+    let like = lock_like(key, &ops).filter(|_| durable && filter_sequence.is_none());
+    let held_before = like.and_then(|_| like_held(&client, key, &ops).ok());
+    let grants_before = like
+        .and_then(|l| c.waiting.granted.get(&l))
+        .copied()
+        .unwrap_or(0);
     if let (Some(st), Some(_)) = (bad_tail, sequence) {
         // With a lock sequence the request stays all or nothing, so that
         // a replay of it is recognised whole.
         return Err(st);
     }
-    if ops.first().is_some_and(|o| o.unlock) && sequence.is_none() {
+    if !locking && sequence.is_none() {
         // Unlocks one at a time, in order, up to the first that fails
         // (smbtorture lock.multiple-unlock).
         for op in ops {
@@ -329,10 +372,9 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
     match client.lock(key, ops.clone(), filter_sequence) {
         Ok(()) => {
             record_local(c, open, local);
-            let unlock = ops.first().is_some_and(|o| o.unlock);
-            c.waiting.nudged |= unlock;
+            c.waiting.nudged |= !locking;
             c.waiting.saw_granted(lock_like(key, &ops));
-            if !unlock {
+            if locking {
                 // A lock breaks other keys' read caching as a write does
                 // (MS-FSA 2.1.4.12, LOCK_CONTROL; smb2.lease.lock1).
                 crate::files::break_read_caching(&c.sh, key);
@@ -348,22 +390,39 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             if c.waiting.list.len() >= MAX_WAITING {
                 return Err(status::LOCK_NOT_GRANTED);
             }
-            let head = c.go_async(&req.hdr);
-            c.waiting.list.push(Waiting {
-                head,
-                open,
-                key,
-                ops,
-                sequence: filter_sequence,
-                local,
-                held_before: None,
-                uncertain: false,
-                grants_before: 0,
-            });
-            Ok(pending())
+            Ok(park(c, req, |head| {
+                Waiting::new(head, open, key, ops, filter_sequence, local)
+            }))
+        }
+        // The outcome is unknown and can be learnt once filterd answers
+        // again: the LOCK is answered then (after an interim
+        // STATUS_PENDING, as a blocking one is), with the truth. A
+        // request of several locks without a lock sequence cannot be
+        // learnt so: it is answered STATUS_FILE_NOT_AVAILABLE, as before.
+        Err(e)
+            if outcome_unknown(&e)
+                && locking
+                && (filter_sequence.is_some() || held_before.is_some())
+                && req.hdr.next_command == 0
+                && c.waiting.list.len() < MAX_WAITING =>
+        {
+            Ok(park(c, req, |head| Waiting {
+                uncertain: held_before.is_some(),
+                held_before,
+                grants_before,
+                immediate: !blocking,
+                ..Waiting::new(head, open, key, ops, filter_sequence, local)
+            }))
         }
         Err(e) => Err(status_on_open(&e)),
     }
+}
+
+/// Makes the LOCK `req` wait, as `make` has it: its interim response.
+fn park(c: &mut Connection, req: &Request<'_>, make: impl FnOnce(AsyncHead) -> Waiting) -> Reply {
+    let head = c.go_async(&req.hdr);
+    c.waiting.list.push(make(head));
+    pending()
 }
 
 /// The interim response of a LOCK that went async (3.3.4.2).
@@ -516,7 +575,10 @@ pub fn retry(c: &mut Connection) {
                     *c.waiting.granted.entry(l).or_default() += 1;
                 }
             }
-            Err(e) if keeps_waiting(&e) => {
+            Err(e)
+                if keeps_waiting(&e)
+                    && !(w.immediate && e.code() == Some(ErrorCode::LockNotGranted)) =>
+            {
                 w.uncertain = w.sequence.is_none() && outcome_unknown(&e);
             }
             Err(e) => done.push((w.head.async_id, status_on_open(&e))),
