@@ -12,8 +12,9 @@
 //! async (3.3.4.2): the client gets an interim STATUS_PENDING response
 //! with an AsyncId at once, the connection goes on serving its other
 //! requests, and the lock is retried — after an unlock or close on this
-//! connection, and every [`RETRY`] however busy the client is (a lock
-//! held elsewhere: filterd has no per-unlock event to wait for) —
+//! connection, and on a timer however busy the client is ([`RETRY`],
+//! backing off to [`RETRY_MAX`]: a lock held elsewhere, and filterd has
+//! no per-unlock event to wait for) —
 //! until it is granted (final response, STATUS_SUCCESS), cancelled
 //! (CANCEL, 3.3.5.16: STATUS_CANCELLED), or its open is closed
 //! (STATUS_RANGE_NOT_LOCKED). A waiting lock holds nothing in filterd:
@@ -44,8 +45,16 @@ const UNLOCK: u32 = 0x4;
 const FAIL_IMMEDIATELY: u32 = 0x10;
 /// Most locks one LOCK request may carry.
 const MAX_LOCKS: u16 = 64;
-/// How often waiting locks are retried, quiet client or busy.
+/// How soon a waiting lock is first retried, quiet client or busy; the
+/// interval then doubles up to [`RETRY_MAX`].
 pub const RETRY: Duration = Duration::from_millis(50);
+/// The longest interval between retries of a waiting lock on the timer:
+/// each is a filterd request (two without a lock sequence), and up to
+/// [`MAX_WAITING`] locks wait per connection — at [`RETRY`] for good that
+/// was over 10,000 requests a second from one client (review of rksmbd,
+/// finding 3). A lock held elsewhere is so granted at most this late;
+/// an unlock or close on the waiter's own connection retries at once.
+pub const RETRY_MAX: Duration = Duration::from_millis(500);
 /// Most locks one connection may have waiting at once.
 const MAX_WAITING: usize = 256;
 /// The LOCK response body (2.2.27).
@@ -72,6 +81,11 @@ pub struct Waiting {
     /// [`WaitingLocks::granted`] of its lock's kind right before the last
     /// attempt: grants seen since then are not its own.
     grants_before: u64,
+    /// When it is next retried on the timer.
+    due: Instant,
+    /// The interval after that retry ([`RETRY`] doubling to
+    /// [`RETRY_MAX`]).
+    every: Duration,
     /// A FAIL_IMMEDIATELY LOCK, waiting only because its first attempt's
     /// outcome was unknown: a range still held answers it
     /// STATUS_LOCK_NOT_GRANTED.
@@ -99,6 +113,8 @@ impl Waiting {
             uncertain: false,
             grants_before: 0,
             immediate: false,
+            due: Instant::now() + RETRY,
+            every: RETRY,
         }
     }
 
@@ -122,8 +138,6 @@ pub struct WaitingLocks {
     granted: HashMap<LockLike, u64>,
     /// Set by an unlock on this connection: retry after the PDU.
     nudged: bool,
-    /// When the waiting locks were last retried.
-    last_retry: Option<Instant>,
 }
 
 impl WaitingLocks {
@@ -139,8 +153,11 @@ impl WaitingLocks {
 
     /// How long until the next retry on the timer is due.
     pub fn next_retry_in(&self) -> Duration {
-        self.last_retry
-            .map_or(Duration::ZERO, |t| RETRY.saturating_sub(t.elapsed()))
+        let now = Instant::now();
+        (self.list.iter())
+            .map(|w| w.due.saturating_duration_since(now))
+            .min()
+            .unwrap_or(RETRY)
     }
 
     /// Sets how the final response of lock `async_id` is signed.
@@ -500,13 +517,24 @@ fn count_like(held: &[libfilter::model::HeldLock], op: &LockOp) -> usize {
         .count()
 }
 
-/// Retries every waiting lock; those granted or failed for good are
-/// answered (final async response), the others keep waiting.
+/// Retries every waiting lock (an unlock or close on this connection may
+/// have let any in); those granted or failed for good are answered (final
+/// async response), the others keep waiting.
 pub fn retry(c: &mut Connection) {
+    attempt(c, true);
+}
+
+/// Retries the waiting locks due on the timer (see [`RETRY_MAX`]).
+pub fn retry_due(c: &mut Connection) {
+    attempt(c, false);
+}
+
+/// [`retry`] of every waiting lock (`all`) or of those due.
+fn attempt(c: &mut Connection, all: bool) {
     if c.waiting.is_empty() {
         return;
     }
-    c.waiting.last_retry = Some(Instant::now());
+    let now = Instant::now();
     // A lock whose request's connection is gone (the home's own socket
     // while channels keep the session, or a channel) has nobody to answer:
     // granted now it would be a lock its client was never told of, and a
@@ -529,6 +557,11 @@ pub fn retry(c: &mut Connection) {
             done.push((w.head.async_id, status::FILE_CLOSED));
             continue;
         }
+        if !all && w.due > now {
+            continue;
+        }
+        w.due = now + w.every;
+        w.every = w.every.saturating_mul(2).min(RETRY_MAX);
         if w.sequence.is_none() {
             // Without a lock sequence filterd cannot tell a replay: a
             // retry granted and recorded just before filterd was killed

@@ -935,7 +935,7 @@ impl Connection {
     }
 
     /// The next thing to serve: a PDU from the socket or PDUs of channels;
-    /// while locks wait, they are retried every [`crate::lock::RETRY`],
+    /// while locks wait, they are retried when due ([`crate::lock::RETRY`]),
     /// and pending CREATEs every [`crate::create::RETRY`], quiet client or
     /// busy.
     fn next_input(&mut self) -> Input {
@@ -944,7 +944,7 @@ impl Connection {
             let creates =
                 (!self.pending_creates.is_empty()).then(|| self.pending_creates.next_retry_in());
             if locks.is_some_and(|w| w.is_zero()) {
-                crate::lock::retry(self);
+                crate::lock::retry_due(self);
                 continue;
             }
             if creates.is_some_and(|w| w.is_zero()) {
