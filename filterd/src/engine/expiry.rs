@@ -99,6 +99,8 @@ impl Engine {
             .collect();
         for (file, lk) in due {
             if let Some(b) = self.breaking.remove(&(file, lk)) {
+                // Each lowering commits (or fails) by itself.
+                self.begin_request();
                 warn!(lease_key = %lk, to = %b.to, "lease break not acknowledged in time: lowered anyway");
                 let holder = self
                     .by_file
@@ -109,7 +111,8 @@ impl Engine {
                     .find_map(|h| match (h.rec.lease, h.conn) {
                         (Some(l), Some(c)) if l.key == lk => Some((l.state, c)),
                         _ => None,
-                    });
+                    })
+                    .and_then(|(s, c)| Some((s, self.conns.get(&c)?.writer.clone())));
                 // Windows takes the whole lease from a holder that did not
                 // acknowledge in time (MS-SMB2 3.3.2.5: Lease.LeaseState
                 // becomes none; smbtorture smb2.lease.timeout), not just
@@ -118,20 +121,22 @@ impl Engine {
                 let to = if windows { LeaseState::NONE } else { b.to };
                 let epoch = self.set_lease_state(file, lk, to);
                 // Tell the holder its lease went down without it (an nfsl/1
-                // delegation is revoked then).
-                if let Some((from, c)) =
-                    holder.and_then(|(s, c)| self.conns.get(&c).map(|c| (s, c)))
-                {
-                    c.writer.send_frame(
-                        &ServerFrame::Event(Event::LeaseBreak {
-                            lease_key: lk,
-                            current_state: from,
-                            new_state: to,
-                            epoch,
-                            ack_required: false,
-                        }),
-                        None,
-                    );
+                // delegation is revoked then) — as a break is told, once a
+                // persistent holder's lowered lease and new epoch are
+                // durable: shown before, a failed commit or a crash would
+                // give them back, and the next break would repeat an epoch
+                // the client saw (review: sent at once, it did). If the
+                // commit fails the event is dropped with it.
+                if let Some((from, writer)) = holder {
+                    let dep = self.break_dependency(file, lk);
+                    let ev = Event::LeaseBreak {
+                        lease_key: lk,
+                        current_state: from,
+                        new_state: to,
+                        epoch,
+                        ack_required: false,
+                    };
+                    self.event_after(dep, writer, ev);
                 }
                 self.retry_files.insert(file);
             }

@@ -551,28 +551,13 @@ impl Engine {
             .and_then(|c| self.conns.get(&c))
             .map(|c| c.writer.clone())
         {
-            // A persistent holder's epoch bump (or lowered state) is in
-            // the current group: the break shows it only once that, and
-            // all the request builds on, is durable — else after a
-            // restart the next break could repeat the epoch (a v2-lease
-            // client ignores it). If that commit fails, the rollback
-            // forgets the break (`Engine::roll_back`) so it is sent again.
-            // Other holders' lease state is not stored: their break goes
-            // at once — but never ahead of a reply that grants the lease
-            // and waits for a commit (`Handle::shown_at`): the frontend
-            // would not know the lease yet and drop the break.
-            let holders = || {
-                self.by_file
-                    .get(&file)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|k| self.handles.get(k))
-                    .filter(|h| h.rec.lease.as_ref().is_some_and(|l| l.key == lk))
-            };
-            let persistent = holders().any(|h| h.rec.durability.is_persistent());
-            let shown = holders().map(|h| h.shown_at).max().unwrap_or(0);
-            let dep = if persistent { self.batch.dep() } else { 0 }.max(shown);
-            let parked = holders().find(|h| h.parked).map(|h| h.rec.key);
+            // If the commit `dep` names fails, the rollback forgets the
+            // break (`Engine::roll_back`) so it is sent again.
+            let dep = self.break_dependency(file, lk);
+            let parked = self
+                .lease_holders(file, lk)
+                .find(|h| h.parked)
+                .map(|h| h.rec.key);
             let ev = Event::LeaseBreak {
                 lease_key: lk,
                 current_state: state,
@@ -596,6 +581,37 @@ impl Engine {
         }
     }
 
+    /// The commit a break of lease `lk` on `file` (or any event showing
+    /// its new state or epoch) must wait for. A persistent holder's epoch
+    /// bump (or lowered state) is in the current group: the event shows it
+    /// only once that, and all the request builds on, is durable — else
+    /// after a restart the next break could repeat the epoch (a v2-lease
+    /// client ignores it). Other holders' lease state is not stored: their
+    /// event goes at once — but never ahead of a reply that grants the
+    /// lease and waits for a commit (`Handle::shown_at`): the frontend
+    /// would not know the lease yet and drop the break.
+    pub(super) fn break_dependency(&self, file: FileId, lk: LeaseKey) -> u64 {
+        let persistent = self
+            .lease_holders(file, lk)
+            .any(|h| h.rec.durability.is_persistent());
+        let shown = self
+            .lease_holders(file, lk)
+            .map(|h| h.shown_at)
+            .max()
+            .unwrap_or(0);
+        if persistent { self.batch.dep() } else { 0 }.max(shown)
+    }
+
+    /// The handles of `file` under lease key `lk`.
+    fn lease_holders(&self, file: FileId, lk: LeaseKey) -> impl Iterator<Item = &Handle> + '_ {
+        self.by_file
+            .get(&file)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.handles.get(k).map(|h| &**h))
+            .filter(move |h| h.rec.lease.is_some_and(|l| l.key == lk))
+    }
+
     /// A break held for a parked open's reply (`Handle::held_break`)
     /// whose handle went before it was answered (its truncate failed, it
     /// was closed): it goes to another attached holder of the lease key,
@@ -612,12 +628,8 @@ impl Engine {
         // in turn (sent now, the break would come before the reply that
         // grants the lease, and the frontend would drop it).
         let parked = self
-            .by_file
-            .get(&file)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.handles.get(k))
-            .find(|h| h.parked && h.rec.lease.is_some_and(|l| l.key == lk))
+            .lease_holders(file, lk)
+            .find(|h| h.parked)
             .map(|h| h.rec.key);
         if let Some(h) = parked.and_then(|k| self.handles.get_mut(&k)) {
             h.held_break = Some(ev);
