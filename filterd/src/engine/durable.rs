@@ -32,7 +32,7 @@ use std::os::fd::OwnedFd;
 
 use libfilter::locks::{Lock, LockTable};
 use libfilter::model::{
-    ConnState, FileId, HandleRecord, InstanceName, IntentChange, ReplayScope, ResumeKey,
+    ConnState, FileId, HandleRecord, HeldLock, InstanceName, IntentChange, ReplayScope, ResumeKey,
 };
 use libfilter::proto::{ErrorCode, Event, ServerFrame};
 use libfilter::store::StoreOp;
@@ -48,8 +48,12 @@ pub(super) const EXPIRY_RETRY_MS: u64 = 5_000;
 pub(super) enum Undo {
     /// A non-persistent open that was granted: close it again.
     Drop(ResumeKey),
-    /// A non-persistent handle's record before the request changed it.
-    Record(Box<HandleRecord>),
+    /// What a request changed of a non-persistent handle's record, as it
+    /// was before: only that is put back, so what other requests changed
+    /// meanwhile without waiting for the failed commit stays (review: the
+    /// whole record was put back, and a lease acknowledged meanwhile went
+    /// back to its old state and epoch).
+    Record(Box<RecordPart>),
     /// A handle closed, expired or purged whose removal has not committed
     /// (a persistent handle's deletion; the commit the request that purged
     /// a non-persistent one waited for): kept whole — descriptor, locks'
@@ -61,6 +65,60 @@ pub(super) enum Undo {
     /// A handle a frontend resumed: its attachment before
     /// (`Engine::put_back_attachment`).
     Attachment(Box<Attachment>),
+}
+
+/// The part of a handle's record a request changes in memory only.
+pub(super) struct RecordPart {
+    /// The handle.
+    pub(super) key: ResumeKey,
+    /// Its part as it was.
+    pub(super) was: Part,
+}
+
+/// A part of a handle's record (`RecordPart`).
+pub(super) enum Part {
+    /// What a lock changes: the locks held, the lock sequences seen and
+    /// the lock owner.
+    Locks {
+        locks: Vec<HeldLock>,
+        lock_sequence: Vec<(u8, u8)>,
+        lock_owner: Option<String>,
+    },
+    /// Whether the file goes when the handle is closed.
+    DeleteOnClose(bool),
+}
+
+impl RecordPart {
+    /// The part of `rec` that `req` changes, if it changes one.
+    pub(super) fn of(req: &libfilter::proto::Request, rec: &HandleRecord) -> Option<RecordPart> {
+        use libfilter::proto::Request;
+        let was = match req {
+            Request::Lock { .. } => Part::Locks {
+                locks: rec.locks.clone(),
+                lock_sequence: rec.lock_sequence.clone(),
+                lock_owner: rec.lock_owner.clone(),
+            },
+            Request::SetDeleteOnClose { .. } => Part::DeleteOnClose(rec.delete_on_close),
+            _ => return None,
+        };
+        Some(RecordPart { key: rec.key, was })
+    }
+
+    /// Puts the part back into `rec`.
+    fn restore(self, rec: &mut HandleRecord) {
+        match self.was {
+            Part::Locks {
+                locks,
+                lock_sequence,
+                lock_owner,
+            } => {
+                rec.locks = locks;
+                rec.lock_sequence = lock_sequence;
+                rec.lock_owner = lock_owner;
+            }
+            Part::DeleteOnClose(d) => rec.delete_on_close = d,
+        }
+    }
 }
 
 /// A handle's attachment as it was before a resume: what a failed commit
@@ -740,20 +798,16 @@ impl Engine {
                     reinserted.extend(self.unlose(*l));
                     continue;
                 }
-                let u = &u;
                 match u {
                     Undo::Drop(k) => {
-                        created.extend(self.remove_quietly(*k));
+                        created.extend(self.remove_quietly(k));
                     }
-                    Undo::Record(rec) => {
-                        if let Some(h) = self.handles.get_mut(&rec.key) {
-                            let (conn, frontend) = (h.rec.conn, h.rec.frontend.clone());
-                            h.rec = (**rec).clone();
-                            h.rec.conn = conn;
-                            h.rec.frontend = frontend;
+                    Undo::Record(part) => {
+                        if let Some(h) = self.handles.get_mut(&part.key) {
+                            part.restore(&mut h.rec);
                         }
                     }
-                    Undo::Attachment(a) => self.put_back_attachment(a),
+                    Undo::Attachment(a) => self.put_back_attachment(&a),
                     Undo::Reinsert(_) | Undo::Lose(_) => {}
                 }
             }

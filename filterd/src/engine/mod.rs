@@ -761,19 +761,20 @@ impl Engine {
     ) {
         crate::failpoint::hit_request(req.name());
         self.begin_request();
-        // An in-memory-only handle the request may change: its record as it
-        // was, to undo if the reply ends up waiting on a commit that fails.
+        // An in-memory-only handle the request may change: the part of its
+        // record it changes, as it was, to undo if the reply ends up
+        // waiting on a commit that fails.
         let before = match &req {
             Request::Lock { key, .. } | Request::SetDeleteOnClose { key, .. } => self
                 .handles
                 .get(key)
                 .filter(|h| !h.rec.durability.is_persistent())
-                .map(|h| Box::new(h.rec.clone())),
+                .and_then(|h| durable::RecordPart::of(&req, &h.rec)),
             _ => None,
         };
         let outcome = self.dispatch(conn, role, id, req);
-        if let Some(rec) = before {
-            self.undo_if_failed(durable::Undo::Record(rec));
+        if let Some(part) = before {
+            self.undo_if_failed(durable::Undo::Record(Box::new(part)));
         }
         self.answer(conn, writer, id, outcome);
     }

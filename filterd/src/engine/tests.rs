@@ -2249,6 +2249,60 @@ impl Harness {
     }
 }
 
+/// A failed commit undoes a lock of a non-persistent handle that waited
+/// for it, and nothing else of that handle: a lease change made meanwhile
+/// that waited for no commit stays, at its epoch (review: the whole record
+/// was put back, the lease at its old epoch, and the next break repeated
+/// an epoch the client had seen).
+#[test]
+fn a_failed_commit_undoes_a_lock_but_not_a_lease_change_made_meanwhile() {
+    let mut h = Harness::new();
+    let st = |s: &str| libfilter::lease::LeaseState::parse(s).unwrap();
+    let lk = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let p = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let kp = h.opened(p);
+    let b = h.run(leased_open("bob", "a", lk, st("RH"), 0));
+    h.commit(true);
+    let kb = h.opened(b);
+    let before = h.lease_of(b).expect("a lease");
+    // The persistent handle's lock commits; bob's lock waits for it.
+    h.run(lock_byte_8(kp, false));
+    let bobs_lock = h.run(Request::Lock {
+        key: kb,
+        locks: vec![LockOp {
+            range: LockRange {
+                offset: 20,
+                length: 1,
+            },
+            exclusive: true,
+            unlock: false,
+        }],
+        lock_sequence: None,
+        lock_owner: None,
+    });
+    assert!(h.reply(bobs_lock).is_none(), "waits for the commit");
+    // Bob gives up H of its own accord: that waits for nothing.
+    let lowered = h.run(Request::LeaseBreakAck {
+        lease_key: lk,
+        state: st("R"),
+    });
+    assert!(
+        matches!(
+            h.reply(lowered),
+            Some(Ok(libfilter::proto::Reply::Lease(_)))
+        ),
+        "{:?}",
+        h.reply(lowered)
+    );
+    h.commit(false);
+    h.refused(bobs_lock);
+    let rec = &h.engine.handles[&kb].rec;
+    assert!(rec.locks.is_empty(), "{:?}", rec.locks);
+    let now = rec.lease.expect("still leased");
+    assert_eq!((now.state, now.epoch), (st("R"), before.epoch + 1));
+}
+
 /// A non-durable open of `path` by `client` under lease `key`.
 fn leased_open(
     client: &str,
