@@ -416,11 +416,22 @@ pub enum Request {
     /// the break asked for). With no break in progress, the holder lowers
     /// its lease of its own accord (`state` at most what it holds; the
     /// lease must be held through this connection). Frontend only.
+    ///
+    /// A lease key names a lease of one client (MS-SMB2 3.3.1.4: a lease
+    /// table per client GUID), and one connection may carry many clients:
+    /// `client` names the holder (the `client` of its opens). Without it,
+    /// the key must be held through this connection by one client only;
+    /// held by several, the acknowledgement is refused `LeaseKeyInUse`
+    /// rather than settle another client's lease.
     LeaseBreakAck {
         /// The lease key.
         lease_key: LeaseKey,
         /// The state kept.
         state: LeaseState,
+        /// The client whose lease it is (absent from frontends older than
+        /// the field: the key alone then names the lease).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<ClientId>,
     },
     /// A write through a handle attached to this connection: other keys'
     /// leases on its file that cache reads only (R, level II oplocks) are
@@ -2335,6 +2346,24 @@ mod tests {
         }
     }
 
+    /// A lease break acknowledgement from a frontend older than its
+    /// `client` field still decodes (naming no client), and one naming
+    /// none is sent as those frontends sent it.
+    #[test]
+    fn a_lease_break_ack_without_a_client_is_the_frame_from_before() {
+        let k = uuid::Uuid::new_v4();
+        let old = format!(r#"{{"id":1,"op":"lease_break_ack","lease_key":"{k}","state":"RH"}}"#);
+        let f = decode_request(old.as_bytes()).unwrap();
+        let ack = Request::LeaseBreakAck {
+            lease_key: LeaseKey(k),
+            state: LeaseState::parse("RH").unwrap(),
+            client: None,
+        };
+        assert_eq!(f.req, ack);
+        let sent = String::from_utf8(encode(&f).unwrap()).unwrap();
+        assert!(!sent.contains("client"), "{sent}");
+    }
+
     #[test]
     fn bad_requests_are_typed_errors() {
         let cases: &[&[u8]] = &[
@@ -2569,8 +2598,16 @@ mod binary_tests {
             ),
             any::<u64>().prop_map(|check| Request::IoDone { check }),
             Just(Request::Resynced),
-            (lease_key(), lease_state())
-                .prop_map(|(lease_key, state)| Request::LeaseBreakAck { lease_key, state }),
+            (
+                lease_key(),
+                lease_state(),
+                proptest::option::of("[^\u{0}]{1,30}")
+            )
+                .prop_map(|(lease_key, state, c)| Request::LeaseBreakAck {
+                    lease_key,
+                    state,
+                    client: c.map(|c| ClientId::new(c).expect("valid identity")),
+                }),
             key().prop_map(|key| Request::BreakReadCaching { key }),
             (key(), path(), any::<bool>(), record_spec()).prop_map(|(key, to, replace, record)| {
                 Request::Rename {

@@ -114,6 +114,7 @@ fn conflicting_open_waits_for_the_break_ack() {
         .call(Request::LeaseBreakAck {
             lease_key: k1,
             state: st("RH"),
+            client: None,
         })
         .unwrap()
         .0
@@ -144,7 +145,8 @@ fn conflicting_open_waits_for_the_break_ack() {
     assert_eq!(
         smb.call(Request::LeaseBreakAck {
             lease_key: k1,
-            state: st("RWH")
+            state: st("RWH"),
+            client: None,
         })
         .unwrap_err()
         .code(),
@@ -153,7 +155,8 @@ fn conflicting_open_waits_for_the_break_ack() {
     assert_eq!(
         smb.call(Request::LeaseBreakAck {
             lease_key: LeaseKey(uuid::Uuid::new_v4()),
-            state: st("R")
+            state: st("R"),
+            client: None,
         })
         .unwrap_err()
         .code(),
@@ -358,6 +361,7 @@ fn rename_breaks_handle_caching_first() {
     smb.call(Request::LeaseBreakAck {
         lease_key: k1,
         state: st("R"),
+        client: None,
     })
     .unwrap();
     rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();

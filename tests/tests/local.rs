@@ -180,6 +180,7 @@ fn a_local_open_breaks_a_write_lease_and_waits_for_the_ack() {
     fe.call(Request::LeaseBreakAck {
         lease_key: k,
         state: new,
+        client: None,
     })
     .unwrap();
     pending

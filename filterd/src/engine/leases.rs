@@ -453,15 +453,45 @@ impl Engine {
             .any(|h| h.rec.lease.is_some_and(|l| l.key == lk) && h.rec.client != *client)
     }
 
-    /// A holder acknowledged a break.
+    /// A holder acknowledged a break (or, with none in progress, lowers
+    /// its lease of its own accord). The lease is the one `lk` names on
+    /// this connection — of `client` when named: a key names a lease of
+    /// one client, and one frontend connection carries many (smbshim's
+    /// clients share it). Before (review), the first break of the key on
+    /// any file was taken, and any handle under the key on this connection
+    /// passed as its holder: one client's ack settled another client's
+    /// lease on another file, unflushed.
     pub(super) fn lease_ack(
         &mut self,
         conn: ConnId,
         lk: LeaseKey,
         state: LeaseState,
+        client: Option<&ClientId>,
     ) -> Result<Reply, WireError> {
-        let Some((&(file, _), b)) = self.breaking.iter().find(|((_, k), _)| *k == lk) else {
-            return self.lease_lower(conn, lk, state);
+        let Some((file, current)) = self.lease_held_here(conn, lk, client)? else {
+            if self.breaking.keys().any(|(_, k)| *k == lk) {
+                return Err(err(
+                    ErrorCode::NotOwner,
+                    format!("lease {lk} is not held through this connection"),
+                ));
+            }
+            return Err(err(
+                ErrorCode::NoSuchHandle,
+                format!("no break in progress for lease {lk}, nor is it held here"),
+            ));
+        };
+        let Some(b) = self.breaking.get(&(file, lk)) else {
+            // No break in progress: the holder gives up part or all of its
+            // lease of its own accord (nfsl/1 DELEGRETURN without a
+            // recall), so a later conflicting open need not break it. Only
+            // lowering.
+            if !current.contains(state) {
+                return Err(err(
+                    ErrorCode::BadFrame,
+                    format!("lease {lk} is {current}: {state} is not a lowering"),
+                ));
+            }
+            return Ok(self.settle_lease(file, lk, state));
         };
         if !b.to.contains(state) {
             return Err(err(
@@ -469,21 +499,8 @@ impl Engine {
                 format!("acknowledged state {state} exceeds the break's {}", b.to),
             ));
         }
-        let holder_here = self
-            .by_file
-            .get(&file)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.handles.get(k))
-            .any(|h| h.conn == Some(conn) && h.rec.lease.is_some_and(|l| l.key == lk));
-        if !holder_here {
-            return Err(err(
-                ErrorCode::NotOwner,
-                format!("lease {lk} is not held through this connection"),
-            ));
-        }
         let Some(b) = self.breaking.remove(&(file, lk)) else {
-            return self.lease_lower(conn, lk, state);
+            return Ok(self.settle_lease(file, lk, state));
         };
         // The break's epoch was bumped when it was sent.
         let epoch = self.set_lease_state_with(file, lk, state, Epoch::Keep);
@@ -681,35 +698,46 @@ impl Engine {
         })
     }
 
-    /// An ack with no break in progress: the holder gives up part or all of
-    /// its lease of its own accord (nfsl/1 DELEGRETURN without a recall),
-    /// so a later conflicting open need not break it. Only lowering.
-    pub(super) fn lease_lower(
-        &mut self,
+    /// The file on which lease key `lk` is held through connection `conn`
+    /// (by `client`, when named), with the lease's state. A key held here
+    /// by more than one client and no client named is refused: which
+    /// client's lease is meant cannot be told, and a guess could settle a
+    /// lease whose holder never flushed.
+    fn lease_held_here(
+        &self,
         conn: ConnId,
         lk: LeaseKey,
-        state: LeaseState,
-    ) -> Result<Reply, WireError> {
-        let held = self.conns.get(&conn).and_then(|c| {
-            c.handles.iter().find_map(|k| {
-                let h = self.handles.get(k)?;
+        client: Option<&ClientId>,
+    ) -> Result<Option<(FileId, LeaseState)>, WireError> {
+        let held: Vec<(FileId, LeaseState, &ClientId)> = self
+            .conns
+            .get(&conn)
+            .into_iter()
+            .flat_map(|c| c.handles.iter())
+            .filter_map(|k| self.handles.get(k))
+            .filter(|h| client.is_none_or(|c| h.rec.client == *c))
+            .filter_map(|h| {
                 let l = h.rec.lease.filter(|l| l.key == lk)?;
-                Some((h.rec.file, l.state))
+                Some((h.rec.file, l.state, &h.rec.client))
             })
-        });
-        let Some((file, current)) = held else {
-            return Err(err(
-                ErrorCode::NoSuchHandle,
-                format!("no break in progress for lease {lk}, nor is it held here"),
-            ));
-        };
-        if !current.contains(state) {
-            return Err(err(
-                ErrorCode::BadFrame,
-                format!("lease {lk} is {current}: {state} is not a lowering"),
-            ));
+            .collect();
+        if let Some((_, _, first)) = held.first() {
+            if held.iter().any(|(_, _, c)| c != first) {
+                return Err(err(
+                    ErrorCode::LeaseKeyInUse,
+                    format!(
+                        "lease key {lk} is held through this connection by more than one client: the acknowledgement must name its client"
+                    ),
+                ));
+            }
         }
-        Ok(self.settle_lease(file, lk, state))
+        // One client holds a key on one file (`lease_key_free_for`);
+        // should it hold more, the one with a break in progress is meant.
+        Ok(held
+            .iter()
+            .find(|(f, _, _)| self.breaking.contains_key(&(*f, lk)))
+            .or(held.first())
+            .map(|(f, s, _)| (*f, *s)))
     }
 
     /// Runs again the waiting opens of every file whose break ended.

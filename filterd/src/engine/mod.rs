@@ -1060,9 +1060,14 @@ impl Engine {
                 // One way: never answered.
                 Ok(None)
             }
-            Request::LeaseBreakAck { lease_key, state } => {
+            Request::LeaseBreakAck {
+                lease_key,
+                state,
+                client,
+            } => {
                 need_frontend()?;
-                Ok(Some((self.lease_ack(conn, lease_key, state)?, None)))
+                let reply = self.lease_ack(conn, lease_key, state, client.as_ref())?;
+                Ok(Some((reply, None)))
             }
             Request::BreakReadCaching { key } => {
                 need_frontend()?;

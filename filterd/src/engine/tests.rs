@@ -2286,6 +2286,7 @@ fn a_failed_commit_undoes_a_lock_but_not_a_lease_change_made_meanwhile() {
     let lowered = h.run(Request::LeaseBreakAck {
         lease_key: lk,
         state: st("R"),
+        client: None,
     });
     assert!(
         matches!(
@@ -2417,6 +2418,7 @@ fn another_clients_open_under_a_held_lease_key_breaks_it() {
         h.run(Request::LeaseBreakAck {
             lease_key: key,
             state: to,
+            client: None,
         });
         h.commit(true);
         h.engine.process_retries();
@@ -2428,6 +2430,82 @@ fn another_clients_open_under_a_held_lease_key_breaks_it() {
     }
     h.opened(bob);
     assert_eq!(h.lease_of(bob), None, "bob shares alice's lease");
+}
+
+/// A lease break acknowledgement settles the lease of the client it names,
+/// never another client's under the same key on another file of the same
+/// connection (review: alice's ack under her key found the break of bob's
+/// lease under it on b, set bob's lease to none unflushed and let carol
+/// in; bob's own ack was then refused). Naming no client, the ack is
+/// refused while the key is held here by two.
+#[test]
+fn a_lease_break_ack_settles_only_its_own_clients_lease() {
+    let mut h = Harness::new();
+    let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let st = |s: &str| libfilter::lease::LeaseState::parse(s).unwrap();
+    let ack = |state: &str, client: Option<&str>| Request::LeaseBreakAck {
+        lease_key: k,
+        state: st(state),
+        client: client.map(|c| ClientId::new(c).unwrap()),
+    };
+    let alice = h.run(leased_open("alice", "a", k, st("RWH"), 0));
+    h.commit(true);
+    assert_eq!(h.lease_of(alice).map(|l| l.state), Some(st("RWH")));
+    let bob = h.run(leased_open("bob", "b", k, st("RWH"), 0));
+    h.commit(true);
+    let kbob = h.opened(bob);
+    assert_eq!(h.lease_of(bob).map(|l| l.state), Some(st("RWH")));
+    // Carol writes b: bob's lease breaks, and carol waits for his ack.
+    let Request::Open(mut o) = bobs("b", Rights::READ.union(Rights::WRITE), Disposition::Open)
+    else {
+        unreachable!("bobs() makes an open")
+    };
+    o.client = ClientId::new("carol").unwrap();
+    let carol = h.run(Request::Open(o));
+    h.commit(true);
+    let to = h
+        .events
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::LeaseBreak {
+                lease_key,
+                new_state,
+                ack_required: true,
+                ..
+            } if *lease_key == k => Some(*new_state),
+            _ => None,
+        })
+        .expect("bob's lease breaks");
+    assert!(h.reply(carol).is_none(), "waits for bob");
+    let bobs_lease = |h: &Harness| h.engine.handles[&kbob].rec.lease.map(|l| l.state);
+    // Alice's ack, named: her lease on a has no break; she holds RWH, so it
+    // lowers hers (to none), and bob's stays as it was.
+    let hers = h.run(ack("", Some("alice")));
+    h.commit(true);
+    assert!(
+        h.reply(hers).is_some_and(|r| r.is_ok()),
+        "{:?}",
+        h.reply(hers)
+    );
+    assert_eq!(bobs_lease(&h), Some(st("RWH")));
+    // Unnamed, while two clients hold the key here: refused.
+    let unnamed = h.run(ack(&to.to_string(), None));
+    h.commit(true);
+    assert_eq!(h.refused(unnamed), ErrorCode::LeaseKeyInUse);
+    h.engine.process_retries();
+    h.commit(true);
+    assert!(h.reply(carol).is_none(), "still waits for bob");
+    assert_eq!(bobs_lease(&h), Some(st("RWH")));
+    // Bob's own ack settles it.
+    let his = h.run(ack(&to.to_string(), Some("bob")));
+    h.commit(true);
+    assert!(
+        h.reply(his).is_some_and(|r| r.is_ok()),
+        "{:?}",
+        h.reply(his)
+    );
+    assert_eq!(bobs_lease(&h), Some(to));
 }
 
 /// A break of a lease whose grant waits for a commit goes out only after
@@ -3423,6 +3501,7 @@ fn a_lease_met_mid_break_is_broken_a_step_at_a_time() {
     let ack = h.run(Request::LeaseBreakAck {
         lease_key: k1,
         state: st("RH"),
+        client: None,
     });
     h.commit(true);
     assert!(matches!(h.reply(ack), Some(Ok(Reply::Lease(l))) if l.state == st("RH")));
@@ -3434,6 +3513,7 @@ fn a_lease_met_mid_break_is_broken_a_step_at_a_time() {
     h.run(Request::LeaseBreakAck {
         lease_key: k1,
         state: st("R"),
+        client: None,
     });
     h.commit(true);
     assert_eq!(breaks(&h)[2..], [(st("R"), st(""), e0 + 1, false)]);
@@ -4406,7 +4486,11 @@ fn a_local_open_breaks_the_lease_of_a_stat_open() {
     }) else {
         unreachable!("found above")
     };
-    h.run(Request::LeaseBreakAck { lease_key, state });
+    h.run(Request::LeaseBreakAck {
+        lease_key,
+        state,
+        client: None,
+    });
     h.commit(true);
     h.engine.process_retries();
     assert_eq!(*got.lock().unwrap(), Some(Verdict::Allow));

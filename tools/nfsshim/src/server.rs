@@ -2405,6 +2405,9 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                     let _ = sh.filter.client().call(Request::LeaseBreakAck {
                         lease_key: l.key,
                         state: LeaseState::NONE,
+                        // nfsshim's lease keys are its own, one per OPEN
+                        // (`filter_name`): the key alone names the lease.
+                        client: None,
                     });
                     deleg_granted = None;
                 }
@@ -3762,6 +3765,9 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
         if let Err(e) = sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
             state: LeaseState::NONE,
+            // nfsshim's lease keys are its own, one per OPEN
+            // (`filter_name`): the key alone names the lease.
+            client: None,
         }) {
             if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) {
                 return Err(filter_fail(e));
@@ -3909,6 +3915,9 @@ fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&RelPath]) {
         if let Err(e) = ctx.sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
             state: LeaseState::R,
+            // nfsshim's lease keys are its own, one per OPEN
+            // (`filter_name`): the key alone names the lease.
+            client: None,
         }) {
             eprintln!(
                 "nfsshim: lowering delegation {} before a namespace change: {e}",

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use libfilter::attach::AttachEvent;
 use libfilter::lease::{LeaseKey, LeaseState};
-use libfilter::model::{HeldLease, ResumeKey};
+use libfilter::model::{ClientId, HeldLease, ResumeKey};
 use libfilter::proto::{ErrorCode, Event, Reply as FilterReply, Request as FilterRequest};
 
 use crate::files::status_of;
@@ -694,6 +694,10 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
             .call(FilterRequest::LeaseBreakAck {
                 lease_key: key,
                 state: lease_state(state),
+                // The key is scoped to the client already (`scoped_key`);
+                // naming the client (`create::client_of` for a leased
+                // open) makes filterd check it too.
+                client: ClientId::new(c.client_guid.to_string()).ok(),
             })
             .map_err(|e| match e.code() {
                 // filterd's break timeout may have taken the lease just
@@ -755,6 +759,8 @@ fn acknowledge_oplock(c: &mut Connection, req: &Request<'_>, mut r: Reader<'_>) 
             .call(FilterRequest::LeaseBreakAck {
                 lease_key: key,
                 state,
+                // An oplock's key names its one open (`files::oplock_of`).
+                client: None,
             })
             .map_err(|e| status_of(&e))?;
     let held = match reply.0 {

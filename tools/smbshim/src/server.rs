@@ -1870,6 +1870,10 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         .call(libfilter::proto::Request::LeaseBreakAck {
             lease_key: key,
             state,
+            // Clients' lease keys reach filterd as they chose them, and
+            // all of a member's clients share its connection: the key
+            // alone could name another client's lease there.
+            client: Some(client_id(client_guid)?),
         })
         .map_err(filter_fail)?;
     let mut m = Map::new();
