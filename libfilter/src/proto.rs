@@ -984,6 +984,12 @@ pub enum Event {
         epoch: u16,
         /// Whether the holder must acknowledge.
         ack_required: bool,
+        /// The file the lease is held on. A lease key names a lease of one
+        /// client, and one connection may carry several clients' leases
+        /// under one key, each on its own file: the file tells them apart
+        /// (absent from daemons older than the field).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<FileId>,
     },
     /// Lock hints: `file` has byte-range locks now. Acknowledge with
     /// [`Request::LockHintAck`] once I/O on it is checked: the lock that
@@ -2851,16 +2857,18 @@ mod binary_tests {
                 lease_state(),
                 lease_state(),
                 any::<u16>(),
-                any::<bool>()
+                any::<bool>(),
+                proptest::option::of(file())
             )
                 .prop_map(
-                    |(lease_key, current_state, new_state, epoch, ack_required)| {
+                    |(lease_key, current_state, new_state, epoch, ack_required, file)| {
                         Event::LeaseBreak {
                             lease_key,
                             current_state,
                             new_state,
                             epoch,
                             ack_required,
+                            file,
                         }
                     }
                 ),

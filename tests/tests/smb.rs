@@ -375,6 +375,70 @@ fn leases_are_granted_broken_and_acknowledged() {
     assert_eq!(rb["status"], "STATUS_SUCCESS", "{rb}");
 }
 
+/// Clients of one smbshim (one filterd connection) under the same lease
+/// key, each on its own file: a break goes to the client whose lease it is,
+/// and another's LEASE_BREAK_ACK lowers only its own lease, never the one
+/// under break (review: alice's ack settled bob's break on g unflushed,
+/// and carol got in; the break itself went to whichever client's open
+/// smbshim met first — so several others hold the key here).
+#[test]
+fn a_lease_break_goes_to_and_is_acknowledged_by_its_own_client_only() {
+    let s = Scratch::new("smb-lease-ack-client");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let lk = uuid::Uuid::new_v4().to_string();
+    let leased = |name: &str, path: &str| {
+        let mut cl = LineClient::connect(&shim.addr);
+        let sid = session(&mut cl, &uuid::Uuid::new_v4().to_string(), name);
+        let r = cl.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read", "write"],
+                   "share": ["read", "write", "delete"], "disposition": "open_if",
+                   "lease": {"key": lk, "state": "RWH"}}),
+        );
+        assert_eq!(r["lease"]["state"], "RWH", "{r}");
+        (cl, sid)
+    };
+    let mut others: Vec<(LineClient, u64)> =
+        ["f", "h", "i"].iter().map(|p| leased("alice", p)).collect();
+    let (mut b, sb) = leased("bob", "g");
+    // Carol opens g for write: bob's lease breaks; carol waits for bob.
+    let (mut c, sc) = smb_session(&shim.addr);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = c.call(
+            json!({"cmd": "CREATE", "session_id": sc, "path": "g", "access": ["read", "write"],
+                   "share": ["read", "write", "delete"], "disposition": "open"}),
+        );
+        let _ = tx.send(r);
+    });
+    b.set_read_timeout(Duration::from_secs(10));
+    let n = b.next_line().expect("bob's LEASE_BREAK");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(n["ack_required"], true);
+    let to = n["new_state"].as_str().expect("a state").to_owned();
+    for (o, _) in &mut others {
+        o.set_read_timeout(Duration::from_millis(100));
+        assert_eq!(o.next_line(), None, "another client was sent bob's break");
+    }
+    // Alice acknowledges under the same key: her own lease (on f, no
+    // break) is lowered; bob's break is still on.
+    let (a, sa) = &mut others[0];
+    a.set_read_timeout(Duration::from_secs(60));
+    let ack =
+        a.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": *sa, "lease_key": lk, "state": to}));
+    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "carol got in on alice's ack"
+    );
+    let ack =
+        b.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sb, "lease_key": lk, "state": to}));
+    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    assert_eq!(ack["lease"]["state"], to.as_str());
+    let rc = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(rc["status"], "STATUS_SUCCESS", "{rc}");
+}
+
 /// `smbshim client`: a person (or a script) drives smbl/1 from stdin.
 #[test]
 fn the_scriptable_client_drives_a_session() {

@@ -135,6 +135,7 @@ impl Engine {
                         new_state: to,
                         epoch,
                         ack_required: false,
+                        file: Some(file),
                     };
                     self.event_after(dep, writer, ev);
                 }

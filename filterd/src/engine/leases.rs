@@ -581,6 +581,7 @@ impl Engine {
                 new_state: b.to,
                 epoch,
                 ack_required: ack,
+                file: Some(file),
             };
             match parked.and_then(|k| self.handles.get_mut(&k)) {
                 // Its open waits for an intent: the reply granting the

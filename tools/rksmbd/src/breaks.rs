@@ -489,6 +489,8 @@ pub fn forward(sh: Arc<Shared>) {
             new_state,
             epoch,
             ack_required,
+            // Its keys are scoped to the client already (`scoped_key`).
+            ..
         }) = ev
         else {
             tracing::debug!(?ev, "filterd event");

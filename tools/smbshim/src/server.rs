@@ -1969,14 +1969,8 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
             Ok(ev) => ev,
             Err(_) => return,
         };
-        let (lease_key, current_state, new_state, epoch, ack_required) = match ev {
-            AttachEvent::Daemon(Event::LeaseBreak {
-                lease_key,
-                current_state,
-                new_state,
-                epoch,
-                ack_required,
-            }) => (lease_key, current_state, new_state, epoch, ack_required),
+        let brk = match ev {
+            AttachEvent::Daemon(brk @ Event::LeaseBreak { .. }) => brk,
             // Gone for good: later requests on them get STATUS_FILE_CLOSED.
             AttachEvent::Daemon(Event::Expired { key } | Event::Purged { key }) => {
                 // No break sent for these (as before: an open expires
@@ -2020,11 +2014,29 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
             }
             _ => continue,
         };
+        let Event::LeaseBreak {
+            lease_key,
+            current_state,
+            new_state,
+            epoch,
+            ack_required,
+            file,
+        } = brk
+        else {
+            continue;
+        };
         // The opens under the lease hold what it was broken to (a break
-        // of a lease filterd then forgets starts from there).
+        // of a lease filterd then forgets starts from there). Clients'
+        // keys reach filterd as they chose them: two clients here may use
+        // one key, each on its own file, and the break is of the lease on
+        // `file` only (review: it went to whichever client's open came
+        // first, and set that client's lease state too).
         let session = sh.opens.lock().ok().and_then(|mut o| {
             let mut session = None;
             for x in o.values_mut() {
+                if file.is_some_and(|f| f != x.file_key) {
+                    continue;
+                }
                 if let Some(l) = x.lease.as_mut().filter(|l| l.key == lease_key) {
                     (l.state, l.epoch) = (new_state, epoch);
                     session = session.or(Some(x.session));
