@@ -1895,22 +1895,30 @@ fn forget_opens(sh: &Shared, keys: &[ResumeKey]) -> Vec<(HeldLease, u64)> {
     let Ok(mut o) = sh.opens.lock() else {
         return Vec::new();
     };
+    // A lease is its key on its file: two clients here may hold leases
+    // under one key, each on its own file (review: a key still held on
+    // another client's file kept this one's break from being sent).
     let mut gone = Vec::new();
     o.retain(|_, v| {
         if !keys.contains(&v.key) {
             return true;
         }
-        gone.extend(v.lease.map(|l| (l, v.session)));
+        gone.extend(v.lease.map(|l| (l, v.session, v.file_key)));
         false
     });
     // A lease a resumed (persistent) open still holds stays.
-    gone.retain(|(l, _)| !o.values().any(|v| v.lease.is_some_and(|x| x.key == l.key)));
+    gone.retain(|(l, _, f)| {
+        !o.values()
+            .any(|v| v.file_key == *f && v.lease.is_some_and(|x| x.key == l.key))
+    });
     drop(o);
     // The epoch grows at every change: the latest state is the highest's.
-    gone.sort_unstable_by_key(|(l, _)| (l.key, std::cmp::Reverse(l.epoch)));
-    gone.dedup_by_key(|(l, _)| l.key);
-    gone.retain(|(l, _)| l.state != libfilter::lease::LeaseState::NONE);
-    gone
+    gone.sort_unstable_by_key(|(l, _, f)| (l.key, *f, std::cmp::Reverse(l.epoch)));
+    gone.dedup_by_key(|(l, _, f)| (l.key, *f));
+    gone.into_iter()
+        .filter(|(l, _, _)| l.state != libfilter::lease::LeaseState::NONE)
+        .map(|(l, session, _)| (l, session))
+        .collect()
 }
 
 /// The writer of the client connection of session `session`, while both
