@@ -92,7 +92,8 @@ struct Args {
     log_format: observability::LogFormat,
     /// Wait for the active daemon on this state dir (and, with an etcd
     /// store, for the owner of the etcd prefix, on any machine) to die, then
-    /// take over (SIGTERM or SIGINT stops it while it waits, exit 0).
+    /// take over (SIGTERM or SIGINT stops it while it waits, exit 0); it
+    /// waits on while etcd has no quorum or its quota is full.
     #[arg(long)]
     standby: bool,
     /// Bind the state to this export root although it belongs to another
@@ -228,28 +229,54 @@ fn open_store(
         nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
     )
     .context("signalfd")?;
+    // Asks only: the signal stays pending for the wait below.
+    let no_signal = || !signal_within(&signals, std::time::Duration::ZERO);
     let mut waiting = false;
+    let mut failed = 0u32;
     let (epoch, was_clean) = loop {
-        if let Some(claimed) = etcd.try_claim().context("claiming the etcd table")? {
-            break claimed;
-        }
-        if !args.standby {
-            bail!(
+        let mut pause = std::time::Duration::from_millis(50);
+        match etcd.try_claim_while(&no_signal) {
+            Ok(Some(claimed)) => break claimed,
+            Ok(None) if !args.standby => bail!(
                 "{}",
                 libfilter::store::StoreError::Owned {
                     by: etcd.last_owner()
                 }
-            );
+            ),
+            Ok(None) => {
+                if !waiting {
+                    info!(owner = %etcd.last_owner(), store = %url, "standby: waiting for the owner of the etcd table to go");
+                    waiting = true;
+                }
+                failed = 0;
+            }
+            // Without quorum (or with etcd's quota full) the owner steps
+            // down and only a standby that is still waiting can take over
+            // once etcd serves again: before, the standby exited too, and
+            // nobody did (review, etcd finding 1).
+            Err(e) if args.standby && etcd.claim_may_succeed_later(&e) => {
+                failed += 1;
+                if failed == 1 || failed.is_multiple_of(20) {
+                    warn!(error = %e, failed, store = %url, "standby: the etcd table cannot be claimed now; waiting on");
+                }
+                waiting = false;
+                // Up to 1 s between failed claims, so a standby does not
+                // ask an etcd that refuses at once (NOSPACE) 20 times a second.
+                pause = pause
+                    .saturating_mul(1 << failed.min(5))
+                    .min(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(e).context("claiming the etcd table"),
         }
-        if !waiting {
-            info!(owner = %etcd.last_owner(), store = %url, "standby: waiting for the owner of the etcd table to go");
-            waiting = true;
-        }
-        if let Ok(Some(si)) = signals.read_signal() {
-            info!(signal = si.ssi_signo, "standby stopped before taking over");
+        if signal_within(&signals, pause) {
+            let signal = signals
+                .read_signal()
+                .ok()
+                .flatten()
+                .map_or(0, |si| si.ssi_signo);
+            info!(signal, "standby stopped before taking over");
             return Ok(None);
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let store: Arc<dyn StateStore> = Arc::new(etcd);
     // Lease loss stops the daemon even when nothing else happens: it must
@@ -308,6 +335,18 @@ fn check_root(
     store
         .bind_root(identity)
         .context("binding the table to the export root")
+}
+
+/// Whether a signal is pending on `signals`, waiting up to `how_long` for
+/// one (rounded down to whole milliseconds, at most 65 s).
+fn signal_within(signals: &nix::sys::signalfd::SignalFd, how_long: std::time::Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(
+        std::os::fd::AsFd::as_fd(signals),
+        PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(how_long.as_millis()).unwrap_or(u16::MAX);
+    matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

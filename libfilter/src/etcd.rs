@@ -296,6 +296,11 @@ fn root_cause(e: &etcd_client::Error) -> String {
     }
 }
 
+/// Whether etcd refused a request for a lease it does not have (expired).
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("requested lease not found")
+}
+
 fn etcd_err(e: etcd_client::Error) -> StoreError {
     if let etcd_client::Error::GRpcStatus(s) = &e {
         if s.message().contains("database space exceeded") {
@@ -1074,9 +1079,21 @@ impl EtcdStore {
     /// (see [`EtcdStore::last_owner`]). On success: our fencing revision
     /// and whether the last owner stopped cleanly; the table is loaded.
     pub fn try_claim(&self) -> Result<Option<(u64, bool)>, StoreError> {
+        self.try_claim_while(&|| true)
+    }
+
+    /// As [`EtcdStore::try_claim`], giving up the claim's retries early
+    /// once `keep_trying` says so (a standby told to stop).
+    pub fn try_claim_while(
+        &self,
+        keep_trying: &dyn Fn() -> bool,
+    ) -> Result<Option<(u64, bool)>, StoreError> {
         let start = Instant::now();
         let connect_for = Duration::from_secs(10);
-        let still = || start.elapsed() < connect_for;
+        let still = || start.elapsed() < connect_for && keep_trying();
+        // A failure before the claim is made leaves nothing of ours that
+        // a later attempt cannot handle (see `claim_may_succeed_later`).
+        let unclaimed = |e| self.unclaimed(e, start);
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(2);
         let mut lease_id = self.lease.id.load(Ordering::Acquire);
         // A waiting standby's lease is not renewed: take a fresh one when
@@ -1085,10 +1102,12 @@ impl EtcdStore {
         let half_left = self.lease.stands_for(self.ttl / 2);
         let grant = || -> Result<i64, StoreError> {
             let sent = boot_nanos_sent();
-            let granted = self.retry("lease grant", still, |c| {
-                let mut c = c.clone();
-                async move { c.lease_grant(ttl, None).await }
-            })?;
+            let granted = self
+                .retry_raw("lease grant", still, |c| {
+                    let mut c = c.clone();
+                    async move { c.lease_grant(ttl, None).await }
+                })
+                .map_err(unclaimed)?;
             self.lease.id.store(granted.id(), Ordering::Release);
             self.lease.lost.store(false, Ordering::Release);
             let secs = u64::try_from(granted.ttl()).unwrap_or(0);
@@ -1120,7 +1139,7 @@ impl EtcdStore {
         let resp = loop {
             let txn = claim(lease_id);
             self.failpoint("etcd.claim.before_txn");
-            let resp = self.retry("claim", still, |c| {
+            let resp = self.retry_raw("claim", still, |c| {
                 let (mut c, t) = (c.clone(), txn.clone());
                 async move { c.txn(t).await }
             });
@@ -1130,11 +1149,11 @@ impl EtcdStore {
                 // (etcd refuses a put under a lease it no longer has), so
                 // claim again under a fresh one. Before, the standby
                 // exited here, just when it was needed.
-                Err(StoreError::Etcd(e)) if e.contains("requested lease not found") && still() => {
+                Err(e) if lease_not_found(&e) && still() => {
                     warn!("etcd claim: our lease ran out before the claim was answered; taking a fresh one");
                     lease_id = grant()?;
                 }
-                other => break other?,
+                other => break other.map_err(unclaimed)?,
             }
         };
         debug!(
@@ -1187,7 +1206,7 @@ impl EtcdStore {
         // table. Renew it once now; the answer says whether it (and the
         // owner key under it) still stands.
         let half_left = self.lease.stands_for(self.ttl / 2);
-        if !half_left && !self.renew_now(lease_id, still)? {
+        if !half_left && !self.renew_now(lease_id, still).map_err(unclaimed)? {
             self.lease.lost.store(true, Ordering::Release);
             warn!("etcd claim: our lease ran out as the claim was answered");
             return Ok(None);
@@ -1219,11 +1238,47 @@ impl EtcdStore {
         Ok(Some((fence, was_clean)))
     }
 
+    /// A claim's request that failed before the claim was made, as the
+    /// error `claim_may_succeed_later` judges: one a wait may mend — no
+    /// member answered in time or had a leader, or our lease ran out
+    /// before the claim was answered — is [`StoreError::Unreachable`];
+    /// NOSPACE is [`StoreError::Full`]; any other refusal is as etcd said.
+    fn unclaimed(&self, e: etcd_client::Error, since: Instant) -> StoreError {
+        if retryable(&e) || lease_not_found(&e) {
+            StoreError::Unreachable {
+                endpoints: self.url.hosts(),
+                cause: root_cause(&e),
+                waited_s: since.elapsed().as_secs(),
+            }
+        } else {
+            etcd_err(e)
+        }
+    }
+
+    /// Whether a failed [`EtcdStore::try_claim`] failed before the claim
+    /// was made and for a reason that may pass: etcd unreachable or
+    /// without quorum, or its quota full (NOSPACE: even the lease grant is
+    /// refused). Nothing of ours then holds the table: at most an owner
+    /// key whose answer was lost, under a lease nobody renews — a later
+    /// attempt under that lease finds the key its own, and one under a
+    /// fresh lease waits for it to expire — so a standby waits on and
+    /// tries again. Not for a refusal a retry gets again (a permission),
+    /// nor after the claim was made (the keepalive runs; the table read or
+    /// the redo log failed): the daemon then exits as owner.
+    pub fn claim_may_succeed_later(&self, e: &StoreError) -> bool {
+        self.fence.load(Ordering::Acquire) == 0
+            && matches!(e, StoreError::Unreachable { .. } | StoreError::Full)
+    }
+
     /// One renewal of lease `id` (retried on the members in turn while
     /// `keep_trying`): whether it still stands (then counted from this
     /// attempt's send time).
-    fn renew_now(&self, id: i64, keep_trying: impl Fn() -> bool) -> Result<bool, StoreError> {
-        let (sent, answer) = self.retry("lease renewal", keep_trying, |c| {
+    fn renew_now(
+        &self,
+        id: i64,
+        keep_trying: impl Fn() -> bool,
+    ) -> Result<bool, etcd_client::Error> {
+        let (sent, answer) = self.retry_raw("lease renewal", keep_trying, |c| {
             let mut c = c.clone();
             async move {
                 let sent = boot_nanos_sent();

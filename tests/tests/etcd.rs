@@ -359,6 +359,75 @@ fn etcd_members_die_under_load() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
 
+/// A standby already waiting when etcd loses quorum keeps waiting for as
+/// long as quorum is gone, and takes over with every acknowledged handle
+/// once it returns: the owner, whose lease could not be renewed, has
+/// stepped down by then, so the waiting standby is the only one left to
+/// take over. Before, the standby's claim failed after 10 s of
+/// unanswered retries and it exited 1 — failover was lost.
+#[test]
+fn a_standby_waits_through_a_loss_of_quorum_and_then_takes_over() {
+    if !etcd_available("a_standby_waits_through_a_loss_of_quorum_and_then_takes_over") {
+        return;
+    }
+    let shared = Scratch::new("etcd-noquorum");
+    let export = shared.root();
+    let mut cluster = Cluster::start(&shared, 3);
+    let url = cluster.url("rk/noquorum");
+    let ttl = 4;
+    let sa = node("etcd-noquorum-a", &export);
+    let mut a = start_node_ttl(&sa, &url, false, ttl);
+    a.wait_ready();
+    let smb = Shim::start("smbshim", a.socket(), "smb-nq");
+    let mut c = LineClient::connect(&smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+    let acked: Vec<String> = (0..5)
+        .map(|i| {
+            let path = format!("f{i}");
+            let r = smb_persistent_create(&mut c, sid, &path);
+            assert_eq!(r["status"], "STATUS_SUCCESS", "{path}: {r}");
+            path
+        })
+        .collect();
+    let sb = node("etcd-noquorum-b", &export);
+    let mut b = start_node_ttl(&sb, &url, true, ttl);
+    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+
+    // Quorum gone for longer than a claim's 10 s of retries.
+    cluster.kill(1);
+    cluster.kill(2);
+    let t0 = Instant::now();
+    let st = a.wait_exit(Duration::from_secs(ttl + 10));
+    assert_eq!(st.code(), Some(75), "{}", a.log_text());
+    // The outage itself lasts 15 s; the standby is watched through it,
+    // so one that exits fails the test at once.
+    while t0.elapsed() < Duration::from_secs(15) {
+        if let Some(st) = b.exited() {
+            panic!(
+                "the standby gave up without quorum ({st}); log:\n{}",
+                b.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        b.log_text().contains("cannot be claimed now"),
+        "{}",
+        b.log_text()
+    );
+
+    cluster.spawn(1);
+    cluster.spawn(2);
+    cluster.wait_healthy(1);
+    cluster.wait_healthy(2);
+    b.wait_ready();
+    let paths = handle_paths(b.socket());
+    for p in &acked {
+        assert!(paths.contains(p), "{p} lost: {paths:?}");
+    }
+    assert!(b.terminate().success(), "{}", b.log_text());
+}
+
 /// Every etcd member in turn stalls (SIGSTOP, longer than a request's
 /// timeout, so Txns sent to it are retried elsewhere) under persistent
 /// CREATE/CLOSE load through smbshim, and resumes. filterd, its lease long
