@@ -14,6 +14,10 @@
 //! | `PREFIX/r/<hex replay key>` | a recorded reply ([`crate::store::replay_key`]) |
 //! | `PREFIX/i/<hex intent id>` | an intent |
 //!
+//! (and the redo log's `PREFIX/x/` and `PREFIX/xp/`, below). No part of
+//! `PREFIX` may be one of these names (`EtcdUrl::parse` refuses it), so no
+//! table's keys lie among another's own.
+//!
 //! **Ownership.** A daemon takes a lease (TTL ≥ 2 s, etcd's minimum) and
 //! becomes owner with `Txn(If create_revision(owner) == 0 Then Put(owner,
 //! lease))`; the owner key's create revision is its *fencing revision* (the
@@ -176,6 +180,13 @@ fn connect_options() -> ConnectOptions {
         .with_require_leader(true)
 }
 
+/// The names a table uses below its prefix (module docs, and the redo
+/// log's `x` and `xp`). A prefix with a part so named could lie inside
+/// another table's keys: `/rk/xp/e2` inside `/rk`'s redo log, say, whose
+/// claim deleted every key of it (review, etcd finding 2). `EtcdUrl::parse`
+/// refuses such a prefix.
+const RESERVED: [&str; 8] = ["owner", "gen", "meta", "h", "r", "i", "x", "xp"];
+
 /// Where the table lives: `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdUrl {
@@ -207,6 +218,15 @@ impl EtcdUrl {
                 return Err(format!("{s}: endpoint {h:?} is not HOST:PORT"));
             }
             endpoints.push(format!("http://{h}"));
+        }
+        // Nested in another table's own keys, this table's keys would be
+        // taken for that table's records (and its log's deleted by that
+        // table's claims): see RESERVED.
+        if let Some(name) = prefix.split('/').find(|seg| RESERVED.contains(seg)) {
+            return Err(format!(
+                "{s}: the PREFIX must not have a part named {name:?}: {} name a table's own keys",
+                RESERVED.join(", ")
+            ));
         }
         Ok(EtcdUrl {
             endpoints,
@@ -294,6 +314,26 @@ fn root_cause(e: &etcd_client::Error) -> String {
         Some(io) if io.raw_os_error().is_some() => io.kind().to_string(),
         _ => cause.to_string().to_lowercase(),
     }
+}
+
+/// Whether `id` is a redo-log entry's id as `commit_logged` makes them:
+/// `<fence>-<sequence>`, 16 lower-case hex digits each.
+fn is_log_id(id: Option<&[u8]>) -> bool {
+    let hex16 = |p: &[u8]| p.len() == 16 && p.iter().all(|b| HEX_DIGITS.contains(b));
+    id.and_then(|id| id.split_at_checked(16))
+        .is_some_and(|(fence, rest)| hex16(fence) && rest.strip_prefix(b"-").is_some_and(hex16))
+}
+
+/// Whether `n` is a redo-log page's number (8 decimal digits).
+fn is_page_no(n: Option<&[u8]>) -> bool {
+    n.is_some_and(|n| n.len() == 8 && n.iter().all(u8::is_ascii_digit))
+}
+
+/// Whether `rest` (a key below `PREFIX/xp/`) is a redo-log page's:
+/// `<log id>/<page number>`.
+fn is_page_key(rest: Option<&[u8]>) -> bool {
+    rest.and_then(|r| r.split_at_checked(33))
+        .is_some_and(|(id, n)| is_log_id(Some(id)) && is_page_no(n.strip_prefix(b"/")))
 }
 
 /// Whether etcd refused a request for a lease it does not have (expired).
@@ -826,7 +866,10 @@ impl EtcdStore {
         let (x, xp) = (self.key("x/"), self.key("xp/"));
         self.lock_table()
             .keys()
-            .filter(|k| k.starts_with(&x) || k.starts_with(&xp))
+            .filter(|k| {
+                (k.starts_with(&x) && is_log_id(k.get(x.len()..)))
+                    || (k.starts_with(&xp) && is_page_key(k.get(xp.len()..)))
+            })
             .count()
     }
 
@@ -2306,15 +2349,22 @@ impl EtcdStore {
                 .range(p.clone()..)
                 .take_while(move |(k, _)| k.starts_with(&p))
         };
-        let (xp, ours) = (self.key("xp/"), self.key(""));
+        let (x, xp, ours) = (self.key("x/"), self.key("xp/"), self.key(""));
         let mut changes = Vec::new();
         let mut keys = Vec::new();
-        for (marker, count) in in_range(self.key("x/")) {
+        // Only keys of the log's own shape: another key there is not ours
+        // (a table whose prefix nested in this one's log, before
+        // `EtcdUrl::parse` refused that, had all its keys under `xp/`
+        // deleted by each claim — review, etcd finding 2).
+        let markers = in_range(x.clone()).filter(|(k, _)| is_log_id(k.get(x.len()..)));
+        for (marker, count) in markers {
             let id =
-                String::from_utf8_lossy(marker.get(self.key("x/").len()..).unwrap_or_default())
-                    .into_owned();
+                String::from_utf8_lossy(marker.get(x.len()..).unwrap_or_default()).into_owned();
             let mut pages: Vec<&Vec<u8>> = Vec::new();
-            for (k, page) in in_range(self.key(&format!("xp/{id}/"))) {
+            let under = self.key(&format!("xp/{id}/"));
+            let own_pages =
+                in_range(under.clone()).filter(|(k, _)| is_page_no(k.get(under.len()..)));
+            for (k, page) in own_pages {
                 pages.push(k);
                 let entries = decode_log_page(page).ok_or_else(|| {
                     corrupt(format!(
@@ -2348,7 +2398,11 @@ impl EtcdStore {
             }
             keys.push(marker.clone());
         }
-        keys.extend(in_range(xp).map(|(k, _)| k.clone()));
+        keys.extend(
+            in_range(xp.clone())
+                .filter(|(k, _)| is_page_key(k.get(xp.len()..)))
+                .map(|(k, _)| k.clone()),
+        );
         Ok((changes, keys))
     }
 
@@ -2684,6 +2738,27 @@ mod tests {
             "etcd://h:99999/x",
         ] {
             assert!(EtcdUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Another table's prefix cannot lie inside this one's own keys: a
+    /// prefix with a part named as a table's key is refused.
+    #[test]
+    fn a_prefix_that_could_nest_in_a_tables_own_keys_is_refused() {
+        for name in RESERVED {
+            for prefix in [
+                format!("rk/{name}/e2"),
+                format!("{name}/rk"),
+                format!("rk/{name}"),
+            ] {
+                let url = format!("etcd://h:1/{prefix}");
+                let err = EtcdUrl::parse(&url).expect_err(&url);
+                assert!(err.contains(&format!("{name:?}")), "{url}: {err}");
+            }
+        }
+        for ok in ["rk/xp2", "rk/export1", "rk/ownerless/h1", "x1/h-2"] {
+            let url = format!("etcd://h:1/{ok}");
+            assert!(EtcdUrl::parse(&url).is_ok(), "{url}");
         }
     }
 

@@ -781,6 +781,47 @@ fn a_request_larger_than_one_txn_is_all_or_nothing() {
     assert_eq!(again.all_replays().expect("read").len(), 600);
 }
 
+/// A claim removes only the redo log's own keys: keys below `PREFIX/x/`
+/// and `PREFIX/xp/` of another shape (another table's, had its prefix
+/// been nested there, as `EtcdUrl::parse` now refuses) stay, while a stray
+/// page of a logged request that failed before its commit point goes.
+/// Before, the claim deleted every key below `xp/` and took a key below
+/// `x/` for a log marker (Corrupt: no claim could succeed).
+#[test]
+fn a_claim_removes_only_the_redo_logs_own_keys() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, url)) =
+        one_member("a_claim_removes_only_the_redo_logs_own_keys", "rk/nest")
+    else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    let foreign = [
+        "/rk/nest/x/e2/gen",
+        "/rk/nest/xp/e2/h/00ff",
+        "/rk/nest/xp/e2/owner",
+    ];
+    let stray = "/rk/nest/xp/0000000000000001-0000000000000000/00000000";
+    raw_etcd(port, async |c| {
+        for k in foreign.iter().chain([&stray]) {
+            c.put(*k, "v", None).await?;
+        }
+        Ok(())
+    });
+    let a = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    let left: Vec<String> = raw_etcd(port, async |c| {
+        let opts = etcd_client::GetOptions::new().with_prefix();
+        let r = c.get("/rk/nest/x", Some(opts)).await?;
+        Ok(r.kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect())
+    });
+    assert_eq!(left, foreign, "only the stray page is gone");
+}
+
 /// A commit Txn whose answer never came (the member it went to stalled
 /// with it unread) is retried and commits; a later commit deletes what it
 /// wrote; when the stalled member finally proposes the old Txn it writes
