@@ -84,7 +84,9 @@
 //! the next pages come (recovery's first `all_handles` gets them, unless a
 //! commit came first). A page larger than the reading client's decode
 //! limit (16 MiB; large replay records) is asked again with half as many
-//! keys. The pages are gathered in key order and the copy is built whole
+//! keys; one that has not arrived whole within `PAGE_READ_TIMEOUT` (a
+//! member stalled in the middle of it) is asked again of the next member.
+//! The pages are gathered in key order and the copy is built whole
 //! from them (a bulk build, not one tree descent per key) and kept in
 //! memory; as the only writer the store applies each committed Txn to that
 //! copy, so reads (recovery, rollback) never go to the network and always
@@ -170,13 +172,27 @@ const STEER_FOR: Duration = Duration::from_secs(10);
 /// another endpoint well within a lease.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// How long one page of the table read may take to arrive whole. The
+/// request timeout bounds a call only until the answer's headers come;
+/// the body of a large page (megabytes) is read after them, and a member
+/// that stalls in the middle of it would hold the claim forever (review,
+/// etcd finding 3). Past this the page is asked again, of the next
+/// member. A page (≤ [`PAGE`] keys, ≤ [`READ_MESSAGE_LIMIT`]) takes
+/// milliseconds to a few hundred (notes/etcd.md).
+const PAGE_READ_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// How the daemon's clients connect: a request to a dead member fails
 /// within [`REQUEST_TIMEOUT`], and a member without a leader refuses at
-/// once rather than wait for one.
+/// once rather than wait for one. HTTP/2 pings (while a call is open)
+/// find a connection whose member stopped answering in the middle of an
+/// answer, which the request timeout does not cover; every 10 s, as etcd
+/// answers a client that pings more often than its
+/// `--grpc-keepalive-min-time` (5 s) with GOAWAY.
 fn connect_options() -> ConnectOptions {
     ConnectOptions::new()
         .with_timeout(REQUEST_TIMEOUT)
         .with_connect_timeout(Duration::from_millis(500))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_require_leader(true)
 }
 
@@ -1453,7 +1469,17 @@ impl EtcdStore {
                             .with_range(end.clone())
                             .with_limit(limit)
                             .with_revision(rev);
-                        let mut resp = match c.get(from.clone(), Some(opts)).await {
+                        let page = c.get(from.clone(), Some(opts));
+                        let page = tokio::time::timeout(PAGE_READ_TIMEOUT, page)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(etcd_client::Error::GRpcStatus(
+                                    tonic::Status::deadline_exceeded(
+                                        "a page of the table did not arrive in time",
+                                    ),
+                                ))
+                            });
+                        let mut resp = match page {
                             Ok(r) => r,
                             Err(e) if too_large(&e) && limit > 1 => {
                                 limit = (limit / 2).max(1);
