@@ -392,6 +392,10 @@ fn a_standby_waits_through_a_loss_of_quorum_and_then_takes_over() {
     let sb = node("etcd-noquorum-b", &export);
     let mut b = start_node_ttl(&sb, &url, true, ttl);
     b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    // A second standby, told to stop during the outage.
+    let sc = node("etcd-noquorum-c", &export);
+    let mut stopped = start_node_ttl(&sc, &url, true, ttl);
+    stopped.wait_log("standby: waiting for the owner", Duration::from_secs(20));
 
     // Quorum gone for longer than a claim's 10 s of retries.
     cluster.kill(1);
@@ -399,6 +403,11 @@ fn a_standby_waits_through_a_loss_of_quorum_and_then_takes_over() {
     let t0 = Instant::now();
     let st = a.wait_exit(Duration::from_secs(ttl + 10));
     assert_eq!(st.code(), Some(75), "{}", a.log_text());
+    // Stopped at once, also in the middle of a claim's 10 s of retries
+    // (the outage began less than 10 s ago).
+    stopped.signal(Signal::SIGTERM);
+    let st = stopped.wait_exit(Duration::from_secs(3));
+    assert!(st.success(), "{st}: {}", stopped.log_text());
     // The outage itself lasts 15 s; the standby is watched through it,
     // so one that exits fails the test at once.
     while t0.elapsed() < Duration::from_secs(15) {
@@ -1023,7 +1032,7 @@ fn etcd_out_of_space_is_disk_full_and_service_resumes() {
     let cluster = Cluster::start_with(&s, 1, &["--quota-backend-bytes", "8388608"]);
     let port = cluster.client_port(0);
     let url = cluster.url("rk/nospace");
-    let d = start_node_ttl(&s, &url, false, 4);
+    let mut d = start_node_ttl(&s, &url, false, 4);
     d.wait_ready();
     let smb = Shim::start("smbshim", d.socket(), "smb-nospace");
     let mut c = LineClient::connect(&smb.addr);
@@ -1054,6 +1063,20 @@ fn etcd_out_of_space_is_disk_full_and_service_resumes() {
 
     let r = smb_persistent_create(&mut c, sid, "refused");
     assert_eq!(r["status"], "STATUS_DISK_FULL", "{r}");
+    // A standby started now has even its lease grant refused: it waits on
+    // (before, it exited at once, and nobody could take over later).
+    let sb = node("etcd-nospace-b", &s.root());
+    let mut b = start_node_ttl(&sb, &url, true, 4);
+    wait_for(
+        "the standby to wait under NOSPACE",
+        Duration::from_secs(20),
+        || {
+            if let Some(st) = b.exited() {
+                panic!("the standby gave up under NOSPACE ({st}): {}", b.log_text());
+            }
+            b.log_text().contains("cannot be claimed now").then_some(())
+        },
+    );
     // Nothing of it stored: the daemon and the table hold the acknowledged
     // creates only.
     assert_eq!(handle_paths(d.socket()), acked);
@@ -1114,6 +1137,10 @@ fn etcd_out_of_space_is_disk_full_and_service_resumes() {
     acked.push("after".to_owned());
     acked.sort();
     assert_eq!(handle_paths(d.socket()), acked, "nothing acknowledged lost");
+    // The standby is still there to take over.
+    assert!(d.terminate().success(), "{}", d.log_text());
+    b.wait_ready();
+    assert_eq!(handle_paths(b.socket()), acked, "the standby has them all");
 }
 
 /// filterd restarted on an etcd table finds each persistent handle's file
