@@ -85,7 +85,9 @@
 //! commit came first). A page larger than the reading client's decode
 //! limit (16 MiB; large replay records) is asked again with half as many
 //! keys; one that has not arrived whole within `PAGE_READ_TIMEOUT` (a
-//! member stalled in the middle of it) is asked again of the next member.
+//! member stalled in the middle of it) is asked again of the next member,
+//! with half as many keys and twice as long (up to 32 times as long) for
+//! each time in a row it did not arrive, so a slow link lets it through.
 //! The pages are gathered in key order and the copy is built whole
 //! from them (a bulk build, not one tree descent per key) and kept in
 //! memory; as the only writer the store applies each committed Txn to that
@@ -138,7 +140,26 @@ type TableRead = (BTreeMap<Vec<u8>, Vec<u8>>, DecodedHandles);
 /// the range is done (with where it stopped and why, if it failed).
 enum ReadMsg {
     Page(usize, Vec<(Vec<u8>, Vec<u8>)>),
-    Done(usize, Option<(Vec<u8>, etcd_client::Error)>),
+    Done(usize, Option<(Resume, etcd_client::Error)>),
+}
+
+/// Where a range's read goes on after a failure: the next key, the page
+/// size to ask for, and how many times in a row a page of it did not
+/// arrive in time (each doubles its deadline, [`page_deadline`]).
+#[derive(Clone)]
+struct Resume {
+    from: Vec<u8>,
+    limit: i64,
+    slow: u32,
+}
+
+/// How long a page may take to arrive whole after `slow` pages of its
+/// range did not in a row: [`PAGE_READ_TIMEOUT`], doubled each time, up to
+/// 32 times that. A fixed deadline never let a big page through a slow
+/// link: the range was asked again from the same key, at full size, for
+/// ever, while the claimant held the table without serving (review).
+fn page_deadline(slow: u32) -> Duration {
+    PAGE_READ_TIMEOUT * (1u32 << slow.min(5))
 }
 
 /// Whether an answer was refused as larger than the client may decode.
@@ -1436,11 +1457,21 @@ impl EtcdStore {
         let mut decoded: Vec<DecodedHandles> = std::iter::repeat_with(Vec::new)
             .take(ranges.len())
             .collect();
-        // (range, next key to read) of each range not read to its end.
-        let mut todo: Vec<(usize, Vec<u8>)> = ranges
+        // (range, where to go on) of each range not read to its end.
+        let mut todo: Vec<(usize, Resume)> = ranges
             .iter()
             .enumerate()
-            .map(|(i, (from, _))| (i, from.clone()))
+            .map(|(i, (from, _))| {
+                let from = from.clone();
+                (
+                    i,
+                    Resume {
+                        from,
+                        limit: PAGE,
+                        slow: 0,
+                    },
+                )
+            })
             .collect();
         let mut tries = 0u32;
         // The handles' names, shared across the whole read.
@@ -1455,30 +1486,38 @@ impl EtcdStore {
                 .map_or(&self.client, |(_, c)| c)
                 .kv_client()
                 .max_decoding_message_size(READ_MESSAGE_LIMIT);
-            for (i, from) in std::mem::take(&mut todo) {
+            for (i, at) in std::mem::take(&mut todo) {
                 let Some((_, end)) = ranges.get(i) else {
                     continue;
                 };
                 let (mut c, tables, tx, end) =
                     (kv.clone(), tables.clone(), tx.clone(), end.clone());
                 self.rt.spawn(async move {
-                    let mut from = from;
-                    let mut limit = PAGE;
+                    let Resume {
+                        mut from,
+                        mut limit,
+                        mut slow,
+                    } = at;
                     loop {
                         let opts = GetOptions::new()
                             .with_range(end.clone())
                             .with_limit(limit)
                             .with_revision(rev);
                         let page = c.get(from.clone(), Some(opts));
-                        let page = tokio::time::timeout(PAGE_READ_TIMEOUT, page)
-                            .await
-                            .unwrap_or_else(|_| {
+                        let page = match tokio::time::timeout(page_deadline(slow), page).await {
+                            Ok(page) => page,
+                            Err(_) => {
+                                // Asked again (of the next member), smaller
+                                // and with longer to arrive.
+                                slow += 1;
+                                limit = (limit / 2).max(1);
                                 Err(etcd_client::Error::GRpcStatus(
                                     tonic::Status::deadline_exceeded(
                                         "a page of the table did not arrive in time",
                                     ),
                                 ))
-                            });
+                            }
+                        };
                         let mut resp = match page {
                             Ok(r) => r,
                             Err(e) if too_large(&e) && limit > 1 => {
@@ -1486,10 +1525,12 @@ impl EtcdStore {
                                 continue;
                             }
                             Err(e) => {
-                                let _ = tx.send(ReadMsg::Done(i, Some((from, e))));
+                                let at = Resume { from, limit, slow };
+                                let _ = tx.send(ReadMsg::Done(i, Some((at, e))));
                                 return;
                             }
                         };
+                        slow = 0;
                         let more = resp.more();
                         let kvs = resp.take_kvs();
                         let next = kvs.last().map(|kv| {
@@ -1539,8 +1580,8 @@ impl EtcdStore {
                     }
                     Ok(ReadMsg::Done(i, err)) => {
                         done += 1;
-                        if let Some((from, e)) = err {
-                            todo.push((i, from));
+                        if let Some((at, e)) = err {
+                            todo.push((i, at));
                             failed = Some(e);
                         }
                     }

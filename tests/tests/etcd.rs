@@ -831,21 +831,26 @@ fn a_claim_removes_only_the_redo_logs_own_keys() {
     assert_eq!(left, foreign, "only the stray page is gone");
 }
 
-/// A TCP proxy in front of an etcd member that stalls the first
-/// connection whose answers pass `after` bytes — as a member that stops
-/// in the middle of a large answer, its headers already sent — and passes
-/// every other connection through. Whether it has stalled one.
-fn stalling_proxy(
-    member: u16,
-    after: usize,
-) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// What [`proxy`] does to a member's answers.
+#[derive(Clone, Copy)]
+enum Answers {
+    /// Passed on until `after` bytes of one connection, then held for good
+    /// (the connection stays open and says nothing more).
+    StallAfter(usize),
+    /// Passed on at this many bytes a second, per connection.
+    Paced(usize),
+}
+
+/// A TCP proxy to `member` doing `what` to its answers; its port, and
+/// whether it stalled or paced anything.
+fn proxy(member: u16, what: Answers) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::{AtomicBool, Ordering};
     let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
     let port = listener.local_addr().expect("proxy address").port();
-    let stalled = std::sync::Arc::new(AtomicBool::new(false));
-    let flag = stalled.clone();
+    let acted = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = acted.clone();
     std::thread::spawn(move || {
         for client in listener.incoming().map_while(Result::ok) {
             let Ok(server) = TcpStream::connect(("127.0.0.1", member)) else {
@@ -858,19 +863,33 @@ fn stalling_proxy(
             std::thread::spawn(move || std::io::copy(&mut c_in, &mut s_out));
             let (mut s_in, mut c_out, flag) = (server, client, flag.clone());
             std::thread::spawn(move || {
-                let (mut buf, mut passed) = (vec![0u8; 16 << 10], 0usize);
+                let chunk = match what {
+                    Answers::StallAfter(_) => 16 << 10,
+                    Answers::Paced(rate) => (rate / 10).max(1),
+                };
+                let (mut buf, mut passed) = (vec![0u8; chunk], 0usize);
                 loop {
                     let n = match s_in.read(&mut buf) {
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };
                     passed += n;
-                    if passed > after && !flag.swap(true, Ordering::AcqRel) {
-                        // Stalled for good: the connection stays open and
-                        // says nothing more (the test ends first).
-                        let _keep = (s_in, c_out);
-                        std::thread::park();
-                        return;
+                    match what {
+                        Answers::StallAfter(after) if passed > after => {
+                            if !flag.swap(true, Ordering::AcqRel) {
+                                let _keep = (s_in, c_out);
+                                std::thread::park();
+                                return;
+                            }
+                        }
+                        Answers::StallAfter(_) => {}
+                        Answers::Paced(_) => {
+                            // A tenth of the rate a tenth of a second.
+                            if passed > chunk {
+                                flag.store(true, Ordering::Release);
+                            }
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
                     }
                     if c_out.write_all(&buf[..n]).is_err() {
                         return;
@@ -879,7 +898,7 @@ fn stalling_proxy(
             });
         }
     });
-    (port, stalled)
+    (port, acted)
 }
 
 /// A claim's table read whose member stops in the middle of a page —
@@ -890,8 +909,6 @@ fn stalling_proxy(
 /// would take to find the connection dead (10 s + 5 s).
 #[test]
 fn a_page_that_stops_in_the_middle_is_read_again() {
-    use libfilter::etcd::{EtcdStore, EtcdUrl};
-    use libfilter::store::StateStore;
     let Some((_shared, cluster, _)) =
         one_member("a_page_that_stops_in_the_middle_is_read_again", "rk/mid")
     else {
@@ -907,8 +924,16 @@ fn a_page_that_stops_in_the_middle_is_read_again() {
         }
         Ok(())
     });
-    let (proxy, stalled) = stalling_proxy(port, 64 << 10);
-    let url = EtcdUrl::parse(&format!("etcd://127.0.0.1:{proxy}/rk/mid")).expect("url");
+    claims_through(port, Answers::StallAfter(64 << 10), "rk/mid", 10);
+}
+
+/// A claim of `prefix` through a [`proxy`] of `member` doing `what`
+/// completes within `secs` seconds, and the proxy acted on an answer.
+fn claims_through(member: u16, what: Answers, prefix: &str, secs: u64) {
+    use libfilter::etcd::{EtcdStore, EtcdUrl};
+    use libfilter::store::StateStore;
+    let (proxy, acted) = proxy(member, what);
+    let url = EtcdUrl::parse(&format!("etcd://127.0.0.1:{proxy}/{prefix}")).expect("url");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let a = EtcdStore::connect(&url, Duration::from_secs(10), Duration::ZERO).expect("connect");
@@ -918,13 +943,36 @@ fn a_page_that_stops_in_the_middle_is_read_again() {
         std::thread::park();
     });
     let claimed = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the claim's read did not complete in 10 s");
+        .recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("the claim's read did not complete in {secs} s"));
     claimed.expect("a claims");
     assert!(
-        stalled.load(std::sync::atomic::Ordering::Acquire),
-        "the proxy stalled no answer: the test proves nothing"
+        acted.load(std::sync::atomic::Ordering::Acquire),
+        "the proxy held up no answer: the test proves nothing"
     );
+}
+
+/// A claim's table read over a slow link: a page that cannot arrive
+/// within the first deadline is asked again with a longer one (and a
+/// smaller page), and the claim completes. With one fixed deadline the
+/// page was asked again, as big, for ever, while the claimant held the
+/// table and served nothing (review of the fix above).
+#[test]
+fn a_page_slower_than_its_deadline_is_read_with_a_longer_one() {
+    let Some((_shared, cluster, _)) = one_member(
+        "a_page_slower_than_its_deadline_is_read_with_a_longer_one",
+        "rk/slow",
+    ) else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    // One value of 400 KB: a page no smaller than that, ~6 s at 64 KB/s.
+    raw_etcd(port, async |c| {
+        c.put("/rk/slow/zz/big", vec![b'v'; 400 << 10], None)
+            .await?;
+        Ok(())
+    });
+    claims_through(port, Answers::Paced(64 << 10), "rk/slow", 90);
 }
 
 /// A commit Txn whose answer never came (the member it went to stalled
