@@ -65,6 +65,49 @@ pub(super) enum Undo {
     /// A handle a frontend resumed: its attachment before
     /// (`Engine::put_back_attachment`).
     Attachment(Box<Attachment>),
+    /// What a request counted as granted in `filterctl stats`: its reply
+    /// fails with the commit, so the grants are taken back (and an open or
+    /// a lock counted refused instead). Before, a burst of failed commits
+    /// left `stats` counting opens and locks its clients were refused
+    /// (review).
+    Counts(Granted),
+}
+
+/// Grants one request counted in [`Stats`](libfilter::proto::Stats).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Granted {
+    pub(super) opens: u64,
+    pub(super) resumes: u64,
+    pub(super) locks: u64,
+}
+
+impl Granted {
+    /// The grants counted in `stats` so far.
+    pub(super) fn counted(stats: &libfilter::proto::Stats) -> Granted {
+        Granted {
+            opens: stats.opens,
+            resumes: stats.resumes,
+            locks: stats.locks_granted,
+        }
+    }
+
+    /// The grants counted since `before`.
+    pub(super) fn since(self, before: Granted) -> Granted {
+        Granted {
+            opens: self.opens.saturating_sub(before.opens),
+            resumes: self.resumes.saturating_sub(before.resumes),
+            locks: self.locks.saturating_sub(before.locks),
+        }
+    }
+
+    /// Takes these grants back from `stats`: refused, as their replies are.
+    fn take_back(self, stats: &mut libfilter::proto::Stats) {
+        stats.opens = stats.opens.saturating_sub(self.opens);
+        stats.resumes = stats.resumes.saturating_sub(self.resumes);
+        stats.locks_granted = stats.locks_granted.saturating_sub(self.locks);
+        stats.opens_refused += self.opens;
+        stats.locks_refused += self.locks;
+    }
 }
 
 /// The part of a handle's record a request changes in memory only.
@@ -808,6 +851,7 @@ impl Engine {
                         }
                     }
                     Undo::Attachment(a) => self.put_back_attachment(&a),
+                    Undo::Counts(c) => c.take_back(&mut self.stats),
                     Undo::Reinsert(_) | Undo::Lose(_) => {}
                 }
             }

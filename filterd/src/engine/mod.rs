@@ -772,9 +772,14 @@ impl Engine {
                 .and_then(|h| durable::RecordPart::of(&req, &h.rec)),
             _ => None,
         };
+        let counted = durable::Granted::counted(&self.stats);
         let outcome = self.dispatch(conn, role, id, req);
         if let Some(part) = before {
             self.undo_if_failed(durable::Undo::Record(Box::new(part)));
+        }
+        let granted = durable::Granted::counted(&self.stats).since(counted);
+        if matches!(outcome, Ok(Some(_))) && granted != durable::Granted::default() {
+            self.undo_if_failed(durable::Undo::Counts(granted));
         }
         self.answer(conn, writer, id, outcome);
     }

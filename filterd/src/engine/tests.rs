@@ -968,6 +968,40 @@ fn an_unlock_is_granted_while_another_lock_of_the_handle_is_unmirrored() {
     one_lock_unmirrored_until_retried(&mut h, key);
 }
 
+/// Review: `filterctl stats` counted an open or a lock granted when the
+/// engine decided it, and a failed commit, which refuses its reply, took
+/// nothing back: after a disk-full burst it showed grants its clients
+/// were refused. They are counted refused now.
+#[test]
+fn grants_whose_commit_fails_are_counted_refused() {
+    let mut h = Harness::new();
+    let key = open_and_lock_byte_8(&mut h);
+    let granted = |h: &Harness| {
+        let st = &h.engine.stats;
+        (
+            st.opens,
+            st.locks_granted,
+            st.opens_refused,
+            st.locks_refused,
+        )
+    };
+    assert_eq!(granted(&h), (1, 1, 0, 0));
+    let opened = h.run(open("b", Rights::ALL));
+    let locked = h.run(lock_10_at_200(key, false));
+    h.commit(false);
+    assert!(
+        matches!(h.reply(opened), Some(Err(_))),
+        "{:?}",
+        h.reply(opened)
+    );
+    assert!(
+        matches!(h.reply(locked), Some(Err(_))),
+        "{:?}",
+        h.reply(locked)
+    );
+    assert_eq!(granted(&h), (1, 1, 1, 1), "the failed ones counted refused");
+}
+
 /// A request that builds on a failed one fails with it; one that does not
 /// is kept (group by group, as the committer retries).
 #[test]
