@@ -37,6 +37,7 @@ Reads commands from stdin, one a line, and answers each with one line:
                           pending; else the final one)
   final                   the pending LOCK's final response -> "final
                           STATUS"
+  cancel                  send a CANCEL of the pending LOCK -> "cancel sent"
   break SECONDS           the next lease break notification rksmbd sent
                           since the open (waiting up to SECONDS) -> "break
                           CURRENT NEW FLAGS" (lease states and flags in
@@ -211,6 +212,9 @@ for line in sys.stdin:
         with pending.response_event_lock:
             st = pending.response["status"].get_value()
         print(f"blocking {st:#x}", flush=True)
+    elif cmd == "cancel":
+        pending.cancel()
+        print("cancel sent", flush=True)
     elif cmd == "final":
         st = status_of(lambda: f.connection.receive(pending, wait=True, timeout=30))
         print(f"final {st:#x}", flush=True)

@@ -766,6 +766,45 @@ fn a_lock_refused_as_filterd_died_before_its_reply_is_not_granted() {
     );
 }
 
+/// Review of the fix above: a LOCK whose outcome is unknown (filterd
+/// killed after committing the grant, before its reply) and that the
+/// client CANCELs meanwhile was answered CANCELLED at once, while the
+/// restarted filterd held the lock for the handle: the client took it for
+/// cancelled, and its own next LOCK of the range was refused. The CANCEL
+/// now waits for the truth: granted, the LOCK succeeds (a CANCEL may lose
+/// the race).
+#[test]
+fn a_lock_cancelled_while_its_outcome_is_unknown_is_answered_the_truth() {
+    cancelled_while_unknown("smb3-lock-cancel-granted", "lock.granted:1:kill", true);
+    // Not granted (filterd died as the LOCK reached it): the CANCEL stands.
+    cancelled_while_unknown("smb3-lock-cancel-refused", "request.lock:1:kill", false);
+}
+
+/// A blocking `lock 10 10` on a persistent handle of f, filterd SIGKILLed
+/// at failpoint `point`, the LOCK cancelled while filterd is away, then
+/// filterd started again: the final answer is SUCCESS with the lock held
+/// when `granted`, else CANCELLED with nothing held.
+fn cancelled_while_unknown(name: &str, point: &str, granted: bool) {
+    let (s, mut d, srv) = armed(name, point);
+    std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
+    let mut script = smb3_client_of_f(&srv);
+    said(&mut script, "blocking 10 10 0 0", "0x103");
+    script.say("cancel");
+    script.expect("cancel sent");
+    let failpoint = point.split(':').next().unwrap_or_default();
+    restarted_after(&s, &mut d, failpoint);
+    if granted {
+        said(&mut script, "final", SUCCESS);
+        assert_eq!(locks_listed(&d), [(10, 10, "\"exclusive\"".to_owned())]);
+        said(&mut script, "unlock 10 10 0 0", SUCCESS);
+    } else {
+        said(&mut script, "final", "0xc0000120");
+    }
+    assert_eq!(locks_listed(&d), []);
+    script.say("done");
+    script.finish();
+}
+
 /// Review of the fix above: the count of the handle's locks taken before
 /// a LOCK without a lock sequence is a filterd request that waits for
 /// every pending commit; a durable (not persistent) open's LOCK, which

@@ -90,6 +90,15 @@ pub struct Waiting {
     /// outcome was unknown: a range still held answers it
     /// STATUS_LOCK_NOT_GRANTED.
     immediate: bool,
+    /// Its last attempt's outcome is unknown (filterd went away, or the
+    /// call timed out): filterd may hold the lock granted.
+    unknown: bool,
+    /// A CANCEL came while the outcome was unknown: answered CANCELLED
+    /// once it is known not granted, SUCCESS if it was (a CANCEL may
+    /// lose the race, 3.3.5.16). Answered CANCELLED at once, a lock
+    /// filterd had granted stayed held by the handle while its client
+    /// took it for cancelled (review).
+    cancelled: bool,
 }
 
 impl Waiting {
@@ -113,6 +122,8 @@ impl Waiting {
             uncertain: false,
             grants_before: 0,
             immediate: false,
+            unknown: false,
+            cancelled: false,
             due: Instant::now() + RETRY,
             every: RETRY,
         }
@@ -433,6 +444,7 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 held_before,
                 grants_before,
                 immediate: !blocking,
+                unknown: true,
                 ..Waiting::new(head, open, key, ops, filter_sequence, local)
             }))
         }
@@ -604,6 +616,11 @@ fn attempt(c: &mut Connection, all: bool) {
             w.uncertain = false;
             w.held_before = baseline;
             w.grants_before = seen;
+            if w.cancelled && w.unknown {
+                // Known now not to be granted: the CANCEL stands.
+                done.push((w.head.async_id, status::CANCELLED));
+                continue;
+            }
         }
         match client.lock(w.key, w.ops.clone(), w.sequence) {
             Ok(()) => {
@@ -617,7 +634,11 @@ fn attempt(c: &mut Connection, all: bool) {
                 if keeps_waiting(&e)
                     && !(w.immediate && e.code() == Some(ErrorCode::LockNotGranted)) =>
             {
-                w.uncertain = w.sequence.is_none() && outcome_unknown(&e);
+                w.unknown = outcome_unknown(&e);
+                w.uncertain = w.sequence.is_none() && w.unknown;
+                if w.cancelled && !w.unknown {
+                    done.push((w.head.async_id, status::CANCELLED));
+                }
             }
             Err(e) => done.push((w.head.async_id, status_on_open(&e))),
         }
@@ -643,7 +664,15 @@ fn attempt(c: &mut Connection, all: bool) {
 pub fn cancel(c: &mut Connection, req: &Request<'_>) {
     let hdr = &req.hdr;
     let origin = c.origin();
-    let gone = c.waiting.remove_where(|w| w.head.cancelled_by(hdr, origin));
+    // One whose last attempt's outcome is unknown waits for the truth.
+    for w in c.waiting.list.iter_mut() {
+        if w.unknown && w.head.cancelled_by(hdr, origin) {
+            w.cancelled = true;
+        }
+    }
+    let gone = c
+        .waiting
+        .remove_where(|w| !w.unknown && w.head.cancelled_by(hdr, origin));
     for w in gone {
         c.finish_async(&w.head, status::CANCELLED, &LOCK_RESPONSE);
     }
