@@ -386,6 +386,17 @@ fn run(args: Args) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    let _root_lock = if args.store == "lmdb" {
+        match statedir::lock_root(&root_path, args.standby, &sigs)? {
+            Some(l) => Some(l),
+            None => {
+                info!("standby stopped before taking over");
+                return Ok(());
+            }
+        }
+    } else {
+        None
+    };
     let socket_path = match args.socket.clone() {
         Some(p) if p.is_relative() => std::env::current_dir()?.join(p),
         Some(p) => p,

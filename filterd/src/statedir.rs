@@ -91,6 +91,43 @@ pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked
     }
 }
 
+/// The export root's own lock, held beside the state dir's with the LMDB
+/// store; released when dropped or when the process dies.
+pub struct RootLock {
+    _dir: Flock<File>,
+}
+
+/// Takes an exclusive `flock` on the export root directory itself, so a
+/// second daemon serving the same root with *another* state dir is
+/// refused (or, `standby`, waits): each would grant opens the other's
+/// share modes and locks forbid, and neither's fanotify group would see
+/// the other's opens (review). `None` with the lock: a standby stopped by
+/// a signal while it waited. Only with the LMDB store: with etcd the
+/// table's owner key decides, on every machine, and a flock on a network
+/// filesystem would reach across machines.
+pub fn lock_root(root: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Option<RootLock>> {
+    let dir =
+        File::open(root).with_context(|| format!("opening export root {}", root.display()))?;
+    let held = match lock_now(dir) {
+        Ok(l) => l,
+        Err((dir, nix::errno::Errno::EWOULDBLOCK)) => {
+            if !standby {
+                bail!(
+                    "another filterd serves export root {} (with another state dir); one export root has one filterd: stop the other, or start this one with --standby to take over when it dies",
+                    root.display()
+                );
+            }
+            info!("standby: waiting for the filterd serving this export root to exit");
+            match wait_for_lock(dir, sigs)? {
+                Ok(l) => l,
+                Err(_) => return Ok(None),
+            }
+        }
+        Err((_, e)) => return Err(e).context("locking the export root"),
+    };
+    Ok(Some(RootLock { _dir: held }))
+}
+
 /// How long a busy lock is retried before another daemon is taken to hold
 /// it: `filterctl --state` probes it with a shared lock held for an
 /// instant (libfilter `runtime::lock_is_held`).

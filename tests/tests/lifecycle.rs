@@ -269,10 +269,15 @@ fn moving_the_lmdb_directory_lets_no_second_daemon_serve() {
     let other_state = s.dir.join("state2");
     std::fs::create_dir_all(&other_state).unwrap();
     std::fs::rename(s.state().join("lmdb"), other_state.join("lmdb")).unwrap();
+    // Another root: the same one is refused earlier, by its own lock
+    // (`a_second_daemon_on_one_export_root_is_refused_or_waits`); this is
+    // about the LMDB environment's.
+    let other_root = s.dir.join("root2");
+    std::fs::create_dir_all(&other_root).unwrap();
     let log = std::fs::File::create(s.dir.join("second.log")).unwrap();
     let mut second = std::process::Command::new(rkfilter_tests::bin("filterd"))
         .arg("--root")
-        .arg(s.root())
+        .arg(&other_root)
         .arg("--state")
         .arg(&other_state)
         .arg("--socket")
@@ -476,4 +481,34 @@ fn a_shutdown_leaves_another_daemons_socket_at_its_path() {
         "the second daemon still answers: {}",
         out.stderr
     );
+}
+
+/// One export root has one filterd: a second daemon given another state
+/// dir but the same root (here through a symbolic link to it) is refused,
+/// or with `--standby` waits and takes over when the first dies. Before,
+/// both served, each granting opens the other's share modes forbid
+/// (review).
+#[test]
+fn a_second_daemon_on_one_export_root_is_refused_or_waits() {
+    let (a, b) = (Scratch::new("root-one"), Scratch::new("root-two"));
+    std::fs::remove_dir(b.root()).unwrap();
+    std::os::unix::fs::symlink(a.root(), b.root()).unwrap();
+    let mut first = Filterd::start(&a, &[], &[]);
+    let mut second = Filterd::spawn(&b, &[], &[]);
+    let st = second.wait_exit(Duration::from_secs(20));
+    assert!(!st.success(), "{st:?}");
+    assert!(
+        second
+            .log_text()
+            .contains("another filterd serves export root"),
+        "{}",
+        second.log_text()
+    );
+    let standby = Filterd::spawn(&b, &["--standby"], &[]);
+    standby.wait_log(
+        "waiting for the filterd serving this export root",
+        Duration::from_secs(20),
+    );
+    first.kill9();
+    standby.wait_ready();
 }
