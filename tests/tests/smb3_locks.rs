@@ -805,28 +805,6 @@ fn cancelled_while_unknown(name: &str, point: &str, granted: bool) {
     script.finish();
 }
 
-/// Review of the fix above: the count of the handle's locks taken before
-/// a LOCK without a lock sequence is a filterd request that waits for
-/// every pending commit; a durable (not persistent) open's LOCK, which
-/// commits nothing and whose handle dies with filterd, made it too, so it
-/// waited for other clients' fsyncs. filterd is armed to die at the first
-/// such request: the durable open's LOCK never makes one.
-#[test]
-fn a_durable_opens_lock_asks_filterd_for_nothing_but_the_lock() {
-    let (s, d, srv) = armed("smb3-durable-lock-count", "request.handle:1:kill");
-    std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
-    let mut script = smb3_client_opening(&srv, "open f durable 60000");
-    said(&mut script, "lock 10 10 excl 0 0", SUCCESS);
-    assert!(
-        !d.log_text().contains("failpoint request.handle"),
-        "the LOCK asked filterd for the handle:\n{}",
-        d.log_text()
-    );
-    assert_eq!(locks_listed(&d), [(10, 10, "\"exclusive\"".to_owned())]);
-    script.say("done");
-    script.finish();
-}
-
 /// `lock 10 10 excl 0 0` on a persistent handle of f (which holds that
 /// lock already when `held`), filterd SIGKILLed at failpoint `point`
 /// while it handles it and started again: the LOCK is answered `want`,

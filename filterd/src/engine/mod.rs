@@ -885,15 +885,18 @@ impl Engine {
             )),
         };
         // What the reply shows: a listing shows everything, a request on a
-        // handle shows its file.
+        // handle shows its file. One handle's view shows its record, which
+        // only a commit of its file changes: it waited for every pending
+        // commit, so rksmbd's count of a handle's locks before a LOCK made
+        // a durable open's LOCK wait for other clients' fsyncs (review).
         match &req {
             Request::Status
             | Request::Handles { .. }
-            | Request::Handle { .. }
             | Request::Files { .. }
             | Request::Frontends
             | Request::Locks { .. } => self.depends_on_all(),
-            Request::Close { key, .. }
+            Request::Handle { key }
+            | Request::Close { key, .. }
             | Request::Detach { key }
             | Request::SetDeleteOnClose { key, .. }
             | Request::Rename { key, .. }

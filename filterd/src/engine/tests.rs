@@ -1002,6 +1002,27 @@ fn grants_whose_commit_fails_are_counted_refused() {
     assert_eq!(granted(&h), (1, 1, 1, 1), "the failed ones counted refused");
 }
 
+/// Review: one handle's view (`Request::Handle`) waited for every pending
+/// commit, so rksmbd's count of a handle's locks before a LOCK made the
+/// LOCK wait for other clients' fsyncs. It waits only for its own file's.
+#[test]
+fn one_handles_view_waits_only_for_its_own_file() {
+    let mut h = Harness::new();
+    let key = open_and_lock_byte_8(&mut h);
+    h.run(open("b", Rights::ALL));
+    let other = h.run(Request::Handle { key });
+    assert!(
+        matches!(h.reply(other), Some(Ok(_))),
+        "answered before another file's commit: {:?}",
+        h.reply(other)
+    );
+    let own = h.run(lock_10_at_200(key, false));
+    let view = h.run(Request::Handle { key });
+    assert!(h.reply(own).is_none() && h.reply(view).is_none());
+    h.commit(true);
+    assert!(matches!(h.reply(view), Some(Ok(_))), "{:?}", h.reply(view));
+}
+
 /// A request that builds on a failed one fails with it; one that does not
 /// is kept (group by group, as the committer retries).
 #[test]

@@ -256,9 +256,6 @@ pub struct Open {
     /// Granted durable (or persistent): on a lost connection the filterd
     /// handle is detached, not closed, so a DH2C can resume it.
     pub(crate) durable: bool,
-    /// Granted persistent: its filterd handle, with its locks, outlives
-    /// a filterd restart.
-    pub(crate) persistent: bool,
     /// The filterd lease key standing for this open's oplock, if any.
     pub(crate) oplock: Option<LeaseKey>,
     /// The lease key of this open's lease (or oplock), if any.

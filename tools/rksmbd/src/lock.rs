@@ -366,18 +366,13 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             return Ok(pending());
         }
     }
-    // A persistent handle's locks outlive filterd: killed after
-    // committing a grant and before its reply, filterd comes back with
-    // the lock, and the client, told the LOCK failed, would be refused by
-    // its own lock when it tried again. With a lock sequence filterd
-    // recognises the attempt made again; without one, a count of the
-    // handle's locks like this one, taken first, tells afterwards whether
-    // it was granted. Only for persistent opens: the count is a filterd
-    // request that waits for every pending commit (it shows the handle),
-    // which a durable open's LOCK, never committed, must not wait for
-    // (review); a durable handle dies with filterd anyway.
-    let persistent = c.opens.get(&open).is_some_and(|o| o.persistent);
-    let like = lock_like(key, &ops).filter(|_| persistent && filter_sequence.is_none());
+    // A durable handle's locks outlive filterd: killed after committing a
+    // grant and before its reply, filterd comes back with the lock, and
+    // the client, told the LOCK failed, would be refused by its own lock
+    // when it tried again. With a lock sequence filterd recognises the
+    // attempt made again; without one, a count of the handle's locks like
+    // this one, taken first, tells afterwards whether it was granted.
+    let like = lock_like(key, &ops).filter(|_| durable && filter_sequence.is_none());
     let held_before = like.and_then(|_| like_held(&client, key, &ops).ok());
     let grants_before = like
         .and_then(|l| c.waiting.granted.get(&l))
