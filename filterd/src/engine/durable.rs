@@ -882,6 +882,10 @@ impl Engine {
                 if let Some(f) = p.content {
                     self.content_change_abandoned(f);
                 }
+                if p.change.is_none() {
+                    // A truncating open (counted when answered).
+                    self.stats.opens_refused += 1;
+                }
                 if let (Some(w), Some(rid)) = (&p.writer, p.id) {
                     let frame = ServerFrame::Reply {
                         id: Some(rid),

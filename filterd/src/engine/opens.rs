@@ -491,14 +491,17 @@ impl Engine {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handles.insert(key);
         }
-        self.stats.opens += 1;
         let mut opened = opened;
         if let Some(lr) = o_lease {
             opened.lease = self.grant_lease(key, lr);
         }
         if park {
+            // Counted when it is answered (`finish_parked`): counted here,
+            // a parked open refused later stayed granted in `stats`
+            // (review).
             return Ok(None);
         }
+        self.stats.opens += 1;
         if !put.is_empty() {
             let kh = self
                 .handles
@@ -600,6 +603,7 @@ impl Engine {
             if let Some(f) = p.content {
                 self.content_change_abandoned(f);
             }
+            self.stats.opens_refused += 1;
             if let (Some(w), Some(rid)) = (&p.writer, p.id) {
                 let frame = ServerFrame::Reply {
                     id: Some(rid),
@@ -663,12 +667,17 @@ impl Engine {
             }
         };
         let fd = match result {
-            Ok(_) => self
-                .handles
-                .get(&p.key)
-                .and_then(|h| h.fd.as_ref())
-                .and_then(|f| f.try_clone().ok()),
-            Err(_) => None,
+            Ok(_) => {
+                self.stats.opens += 1;
+                self.handles
+                    .get(&p.key)
+                    .and_then(|h| h.fd.as_ref())
+                    .and_then(|f| f.try_clone().ok())
+            }
+            Err(_) => {
+                self.stats.opens_refused += 1;
+                None
+            }
         };
         if let (Some(w), Some(rid)) = (&p.writer, p.id) {
             let frame = ServerFrame::Reply {

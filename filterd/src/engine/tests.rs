@@ -1023,6 +1023,33 @@ fn one_handles_view_waits_only_for_its_own_file() {
     assert!(matches!(h.reply(view), Some(Ok(_))), "{:?}", h.reply(view));
 }
 
+/// Review of the test above's fix: an overwrite parks on its intent and
+/// was counted granted when it parked; its intent's commit failing
+/// refused it, and `stats` kept it. A parked open counts when answered.
+#[test]
+fn an_overwrite_is_counted_when_answered() {
+    let mut h = Harness::new();
+    let counted = |h: &Harness| (h.engine.stats.opens, h.engine.stats.opens_refused);
+    let failed = h.run(with_disposition(
+        open("b", Rights::ALL),
+        Disposition::Overwrite,
+    ));
+    h.commit(false);
+    assert!(
+        matches!(h.reply(failed), Some(Err(_))),
+        "{:?}",
+        h.reply(failed)
+    );
+    assert_eq!(counted(&h), (0, 1));
+    let made = h.run(with_disposition(
+        open("b", Rights::ALL),
+        Disposition::Overwrite,
+    ));
+    h.commit(true);
+    assert!(matches!(h.reply(made), Some(Ok(_))), "{:?}", h.reply(made));
+    assert_eq!(counted(&h), (1, 1));
+}
+
 /// A request that builds on a failed one fails with it; one that does not
 /// is kept (group by group, as the committer retries).
 #[test]
