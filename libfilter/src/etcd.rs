@@ -87,7 +87,9 @@
 //! keys; one that has not arrived whole within `PAGE_READ_TIMEOUT` (a
 //! member stalled in the middle of it) is asked again of the next member,
 //! with half as many keys and twice as long (up to 32 times as long) for
-//! each time in a row it did not arrive, so a slow link lets it through.
+//! each time in a row it did not arrive, so a slow link lets it through;
+//! each page that arrives doubles the next one's size again (up to what
+//! the client could decode) and shortens its deadline a step.
 //! The pages are gathered in key order and the copy is built whole
 //! from them (a bulk build, not one tree descent per key) and kept in
 //! memory; as the only writer the store applies each committed Txn to that
@@ -144,12 +146,14 @@ enum ReadMsg {
 }
 
 /// Where a range's read goes on after a failure: the next key, the page
-/// size to ask for, and how many times in a row a page of it did not
-/// arrive in time (each doubles its deadline, [`page_deadline`]).
+/// size to ask for, the largest the client could decode, and how many
+/// times in a row a page of it did not arrive in time (each doubles its
+/// deadline, [`page_deadline`]).
 #[derive(Clone)]
 struct Resume {
     from: Vec<u8>,
     limit: i64,
+    fits: i64,
     slow: u32,
 }
 
@@ -1468,6 +1472,7 @@ impl EtcdStore {
                     Resume {
                         from,
                         limit: PAGE,
+                        fits: PAGE,
                         slow: 0,
                     },
                 )
@@ -1496,6 +1501,7 @@ impl EtcdStore {
                     let Resume {
                         mut from,
                         mut limit,
+                        mut fits,
                         mut slow,
                     } = at;
                     loop {
@@ -1522,15 +1528,25 @@ impl EtcdStore {
                             Ok(r) => r,
                             Err(e) if too_large(&e) && limit > 1 => {
                                 limit = (limit / 2).max(1);
+                                fits = limit;
                                 continue;
                             }
                             Err(e) => {
-                                let at = Resume { from, limit, slow };
+                                let at = Resume {
+                                    from,
+                                    limit,
+                                    fits,
+                                    slow,
+                                };
                                 let _ = tx.send(ReadMsg::Done(i, Some((at, e))));
                                 return;
                             }
                         };
-                        slow = 0;
+                        // A page that arrived: the next may be bigger again
+                        // (one slow page left the rest of its range read
+                        // at its size: review), and its deadline shorter.
+                        slow = slow.saturating_sub(1);
+                        limit = limit.saturating_mul(2).min(fits);
                         let more = resp.more();
                         let kvs = resp.take_kvs();
                         let next = kvs.last().map(|kv| {
