@@ -1268,16 +1268,8 @@ mod tests {
             peer,
             committer: t,
         } = setup();
-        let g1 = store.gate(1);
-        pipe.submit(job(&pipe, 1, &w, b"one"));
-        wait_until("the first commit is sent", || {
-            store.entered.lock().unwrap().len() == 1
-        });
-        let g2 = store.gate(2);
-        pipe.submit(job(&pipe, 2, &w, b"two"));
-        wait_until("the second is sent", || {
-            store.entered.lock().unwrap().len() == 2
-        });
+        let g1 = sent_gated(&store, &pipe, &w, 1, b"one");
+        let g2 = sent_gated(&store, &pipe, &w, 2, b"two");
         g1.send(Err(StoreError::Full)).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         assert!(rx.try_recv().is_err(), "settled before the later one ended");
@@ -1300,6 +1292,24 @@ mod tests {
         assert_eq!(next_packet(&peer), b"two", "the later durable one goes");
         pipe.stop();
         t.join().unwrap();
+    }
+
+    /// Submits job `seq` (replying `tag`), its commit held at a gate of
+    /// `store`, and waits until the commit is sent (the `seq`th): the
+    /// gate's sender ends it.
+    fn sent_gated(
+        store: &Gated,
+        pipe: &Pipeline,
+        w: &Arc<ConnWriter>,
+        seq: u64,
+        tag: &[u8],
+    ) -> mpsc::Sender<Result<u64, StoreError>> {
+        let gate = store.gate(seq);
+        pipe.submit(job(pipe, seq, w, tag));
+        wait_until("the commit is sent", || {
+            store.entered.lock().unwrap().len() == usize::try_from(seq).unwrap()
+        });
+        gate
     }
 
     /// Whether a packet is waiting for the peer (without blocking).
@@ -1328,16 +1338,8 @@ mod tests {
             committer: t,
         } = setup();
         drop(rx);
-        let g1 = store.gate(1);
-        pipe.submit(job(&pipe, 1, &w, b"one"));
-        wait_until("the first commit is sent", || {
-            store.entered.lock().unwrap().len() == 1
-        });
-        let g2 = store.gate(2);
-        pipe.submit(job(&pipe, 2, &w, b"two"));
-        wait_until("the second is sent", || {
-            store.entered.lock().unwrap().len() == 2
-        });
+        let g1 = sent_gated(&store, &pipe, &w, 1, b"one");
+        let g2 = sent_gated(&store, &pipe, &w, 2, b"two");
         g1.send(Err(StoreError::Full)).unwrap();
         g2.send(Ok(2)).unwrap();
         pipe.stop();
@@ -1358,11 +1360,7 @@ mod tests {
             peer,
             committer: t,
         } = setup();
-        let g1 = store.gate(1);
-        pipe.submit(job(&pipe, 1, &w, b"one"));
-        wait_until("the first commit is sent", || {
-            store.entered.lock().unwrap().len() == 1
-        });
+        let g1 = sent_gated(&store, &pipe, &w, 1, b"one");
         g1.send(Err(StoreError::Full)).unwrap();
         match rx.recv_timeout(Duration::from_secs(20)).unwrap() {
             Command::CommitFailed { failed, .. } => assert_eq!(failed, vec![1]),
