@@ -540,6 +540,18 @@ impl FilterClient {
         order: Option<std::sync::MutexGuard<'_, ()>>,
     ) -> Result<(Reply, Vec<OwnedFd>, bool), ClientError> {
         let undo = late::LateUndo::of(&req);
+        self.call_undoing(id, req, order, undo)
+    }
+
+    /// As [`FilterClient::call_ordered`]; a late answer, should the call
+    /// give up, is undone by `undo` (nothing when `None`).
+    fn call_undoing(
+        &self,
+        id: u64,
+        req: Request,
+        order: Option<std::sync::MutexGuard<'_, ()>>,
+        undo: Option<late::LateUndo>,
+    ) -> Result<(Reply, Vec<OwnedFd>, bool), ClientError> {
         let reattach = matches!(req, Request::ReplayOpen(_) | Request::Resume(_));
         let bytes = proto::encode_request(self.inner.encoding, &RequestFrame { id, req })?;
         let slot = Arc::new(ReplySlot {
@@ -1103,6 +1115,29 @@ impl FilterClient {
             lock_sequence,
             lock_owner: None,
         })?)
+    }
+
+    /// As [`FilterClient::lock`] (without a lock sequence), for a caller
+    /// that learns itself whether a call that timed out was granted (rksmbd
+    /// counts the handle's locks like it, and answers its client by that
+    /// count): a late success is kept, not unlocked as [`late`] would. An
+    /// unlock sent after the caller had found the lock granted took it away
+    /// again from a client told it held it (review G, session 30).
+    pub fn lock_outcome_learnt(
+        &self,
+        key: ResumeKey,
+        locks: Vec<crate::locks::LockOp>,
+    ) -> Result<(), ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let req = Request::Lock {
+            key,
+            locks,
+            lock_sequence: None,
+            lock_owner: None,
+        };
+        let undo = Some(late::LateUndo::Keep { key });
+        let (reply, fds, _) = self.call_undoing(id, req, None, undo)?;
+        Self::expect_done((reply, fds))
     }
 
     /// As [`FilterClient::lock`], naming the protocol's lock-owner the

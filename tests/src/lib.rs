@@ -756,7 +756,18 @@ impl Shim {
         Shim::spawn(cmd, socket, instance, extra)
     }
 
-    fn spawn(mut cmd: Command, socket: &Path, instance: &str, extra: &[&str]) -> Shim {
+    fn spawn(cmd: Command, socket: &Path, instance: &str, extra: &[&str]) -> Shim {
+        Shim::spawn_to(cmd, socket, instance, extra, Stdio::inherit())
+    }
+
+    /// [`Shim::spawn`] with its standard error to `stderr`.
+    fn spawn_to(
+        mut cmd: Command,
+        socket: &Path,
+        instance: &str,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> Shim {
         let mut child = cmd
             .arg("--filter")
             .arg(socket)
@@ -767,7 +778,7 @@ impl Shim {
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn shim");
         let mut out = BufReader::new(child.stdout.take().expect("stdout"));
@@ -834,6 +845,16 @@ pub fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::net::TcpStream
     std::net::TcpStream::from(fd)
 }
 
+/// How [`RkSmbd::start_full`] starts rksmbd.
+enum Launch {
+    /// With the environment given, its log to the test's standard error.
+    Plain,
+    /// Under a descriptor limit (the environment given is not used).
+    Nofile(u64),
+    /// With the environment given, its log to this file.
+    Logged(std::fs::File),
+}
+
 /// A running rksmbd (the SMB 2/3 server) serving one share, with a users
 /// file made by `rksmbd hash-password`.
 pub struct RkSmbd {
@@ -858,7 +879,7 @@ impl RkSmbd {
         users: &[(&str, &str)],
         extra: &[&str],
     ) -> RkSmbd {
-        RkSmbd::start_full(s, instance, share, users, extra, None, &[])
+        RkSmbd::start_full(s, instance, share, users, extra, &[], Launch::Plain)
     }
 
     /// [`RkSmbd::start`] with extra environment (e.g.
@@ -870,7 +891,22 @@ impl RkSmbd {
         users: &[(&str, &str)],
         env: &[(&str, &str)],
     ) -> RkSmbd {
-        RkSmbd::start_full(s, instance, share, users, &[], None, env)
+        RkSmbd::start_full(s, instance, share, users, &[], env, Launch::Plain)
+    }
+
+    /// [`RkSmbd::start_with_env`], its log (standard error, `RUST_LOG`
+    /// `info` unless `env` says otherwise) written to the file returned.
+    pub fn start_logged(
+        s: &Scratch,
+        instance: &str,
+        share: &str,
+        users: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> (RkSmbd, PathBuf) {
+        let log = s.dir.join(format!("{instance}.log"));
+        let file = std::fs::File::create(&log).expect("rksmbd log file");
+        let srv = RkSmbd::start_full(s, instance, share, users, &[], env, Launch::Logged(file));
+        (srv, log)
     }
 
     /// [`RkSmbd::start`] under a descriptor limit of `nofile` (as
@@ -882,7 +918,7 @@ impl RkSmbd {
         users: &[(&str, &str)],
         nofile: u64,
     ) -> RkSmbd {
-        RkSmbd::start_full(s, instance, share, users, &[], Some(nofile), &[])
+        RkSmbd::start_full(s, instance, share, users, &[], &[], Launch::Nofile(nofile))
     }
 
     fn start_full(
@@ -891,8 +927,8 @@ impl RkSmbd {
         share: &str,
         users: &[(&str, &str)],
         extra: &[&str],
-        nofile: Option<u64>,
         env: &[(&str, &str)],
+        how: Launch,
     ) -> RkSmbd {
         let file = s.dir.join("users");
         let mut text = String::new();
@@ -915,12 +951,18 @@ impl RkSmbd {
         std::fs::write(&file, text).expect("users file");
         let users_arg = file.to_string_lossy().into_owned();
         let flags = [&["--share", share, "--users", &users_arg][..], extra].concat();
-        let shim = match nofile {
-            Some(n) => Shim::start_with_nofile("rksmbd", &s.socket(), instance, &flags, n),
-            None => {
-                let mut cmd = Command::new(bin("rksmbd"));
-                cmd.envs(env.iter().copied());
-                Shim::spawn(cmd, &s.socket(), instance, &flags)
+        let mut cmd = Command::new(bin("rksmbd"));
+        cmd.envs(env.iter().copied());
+        let shim = match how {
+            Launch::Nofile(n) => {
+                Shim::start_with_nofile("rksmbd", &s.socket(), instance, &flags, n)
+            }
+            Launch::Plain => Shim::spawn(cmd, &s.socket(), instance, &flags),
+            Launch::Logged(f) => {
+                if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
+                    cmd.env("RUST_LOG", "info");
+                }
+                Shim::spawn_to(cmd, &s.socket(), instance, &flags, Stdio::from(f))
             }
         };
         RkSmbd {

@@ -19,6 +19,8 @@
 //! - a `ReplayOpen` or `Resume`: the handle is detached, as when its client
 //!   goes away — a durable or persistent one stays resumable by its create
 //!   GUID, another is closed;
+//! - a `Lock` whose caller learns the outcome itself
+//!   ([`super::FilterClient::lock_outcome_learnt`]): nothing;
 //! - a `Lock` of ranges only, without a lock sequence: the ranges are
 //!   unlocked. With a lock sequence the client's replay of it is answered
 //!   from the record (exactly once), so the lock stays; a batch that also
@@ -56,6 +58,13 @@ pub(super) enum LateUndo {
     Close,
     /// A replay or resume: detach the handle it answers with.
     Detach,
+    /// A lock whose caller learns itself whether it was granted
+    /// ([`super::FilterClient::lock_outcome_learnt`]): a late success is
+    /// kept (and logged).
+    Keep {
+        /// The handle.
+        key: ResumeKey,
+    },
     /// A lock: unlock these ranges of this handle.
     Unlock {
         /// The handle.
@@ -94,6 +103,13 @@ impl LateUndo {
             (LateUndo::Close, Reply::Opened(info)) => Some(Undo::Close(info.key)),
             (LateUndo::Detach, Reply::Opened(info)) => Some(Undo::Detach(info.key)),
             (LateUndo::Unlock { key, unlocks }, Reply::Done) => Some(Undo::Unlock { key, unlocks }),
+            (LateUndo::Keep { key }, Reply::Done) => {
+                tracing::info!(
+                    resume_key = %key,
+                    "filterd granted a lock after the call gave up; its caller learns that itself, so the lock stays"
+                );
+                None
+            }
             _ => None,
         }
     }

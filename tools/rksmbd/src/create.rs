@@ -1357,6 +1357,8 @@ fn reconnect(
         return Err(status::OBJECT_NAME_NOT_FOUND);
     };
     let rec = view.record;
+    let unlearnt = sh.registry.take_unlearnt(key);
+    crate::lock::settle_reconnected(&sh.filter.client(), key, &rec.locks, &unlearnt);
     // With a lease the name must be the open's (an oplock's is ignored).
     if oplock.is_none()
         && held.is_some()

@@ -199,6 +199,34 @@ impl WaitingLocks {
         self.list = kept;
         gone
     }
+
+    /// Drops every waiting lock: their connection is gone. One that
+    /// filterd may have granted is settled first ([`settle_dropped`],
+    /// one try: the connection is ending); those filterd did not answer
+    /// for are returned, to be settled when their handle is reconnected
+    /// ([`settle_reconnected`]).
+    pub fn drop_all(
+        &mut self,
+        client: &libfilter::client::FilterClient,
+    ) -> Vec<(ResumeKey, Unlearnt)> {
+        std::mem::take(&mut self.list)
+            .into_iter()
+            .filter_map(|w| match settle_dropped(client, &w, &self.granted) {
+                Settled::Done => None,
+                Settled::FilterdAway(u) => Some((w.key, u)),
+            })
+            .collect()
+    }
+}
+
+/// A lock that filterd may hold for a handle, granted to a client that
+/// went away before it was told: its handle held `held` locks like `op`
+/// before. Settled when the handle is reconnected, before its client can
+/// lock again ([`settle_reconnected`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unlearnt {
+    op: LockOp,
+    held: usize,
 }
 
 /// A LOCK request's elements, decoded.
@@ -397,7 +425,13 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             None => Ok(Reply::ok(vec![4, 0, 0, 0])),
         };
     }
-    match client.lock(key, ops.clone(), filter_sequence) {
+    // Counted, its outcome is learnt by the count should the call give
+    // up: a late grant is kept (see `lock_attempt`).
+    let attempt = match held_before {
+        Some(_) => client.lock_outcome_learnt(key, ops.clone()),
+        None => client.lock(key, ops.clone(), filter_sequence),
+    };
+    match attempt {
         Ok(()) => {
             record_local(c, open, local);
             c.waiting.nudged |= !locking;
@@ -486,6 +520,116 @@ fn keeps_waiting(e: &ClientError) -> bool {
     ) || matches!(e, ClientError::Disconnected | ClientError::Timeout(_))
 }
 
+/// What [`settle_dropped`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Settled {
+    /// Nothing was to settle, or it is settled: the handle holds no lock
+    /// of the waiter's attempts.
+    Done,
+    /// filterd did not answer: the handle may hold the lock.
+    FilterdAway(Unlearnt),
+}
+
+/// Settles waiting lock `w`, which is dropped unanswered (its
+/// connection or channel is gone). When its last attempt's outcome is
+/// unknown and counted (no lock sequence), filterd may hold the lock
+/// for the handle, granted to a client never told so: kept, the
+/// client's own LOCK of the range after it reconnects would be refused
+/// by it. So its handle's locks like it are counted as for a retry, and
+/// one more than before the attempt (beyond grants this connection saw)
+/// is unlocked. With a lock sequence the client's replay is answered
+/// from filterd's record, and nothing is to settle.
+fn settle_dropped(
+    client: &libfilter::client::FilterClient,
+    w: &Waiting,
+    granted: &HashMap<LockLike, u64>,
+) -> Settled {
+    let (true, Some(before), Some(like), [op]) = (
+        w.uncertain,
+        w.held_before,
+        lock_like(w.key, &w.ops),
+        w.ops.as_slice(),
+    ) else {
+        return Settled::Done;
+    };
+    let seen = granted.get(&like).copied().unwrap_or(0);
+    let others = usize::try_from(seen.saturating_sub(w.grants_before)).unwrap_or(usize::MAX);
+    let u = Unlearnt {
+        op: *op,
+        held: before.saturating_add(others),
+    };
+    match like_held(client, w.key, &w.ops) {
+        Ok(now) if now > u.held => match unlock_unlearnt(client, w.key, &u) {
+            // Not sent again blindly: the next count tells.
+            Err(e) if outcome_unknown(&e) => Settled::FilterdAway(u),
+            _ => Settled::Done,
+        },
+        Ok(_) => Settled::Done,
+        Err(e) if outcome_unknown(&e) => Settled::FilterdAway(u),
+        // The handle is gone, and its locks with it.
+        Err(_) => Settled::Done,
+    }
+}
+
+/// Unlocks lock `u` of handle `key`, granted to nobody.
+fn unlock_unlearnt(
+    client: &libfilter::client::FilterClient,
+    key: ResumeKey,
+    u: &Unlearnt,
+) -> Result<(), ClientError> {
+    let unlock = LockOp {
+        unlock: true,
+        ..u.op
+    };
+    let done = client.lock(key, vec![unlock], None);
+    match &done {
+        Ok(()) => tracing::info!(
+            resume_key = %key,
+            "a lock granted to nobody (its LOCK's client went away before the outcome was known) was unlocked"
+        ),
+        Err(e) => tracing::warn!(
+            resume_key = %key,
+            error = %e,
+            "could not unlock a lock granted to nobody"
+        ),
+    }
+    done
+}
+
+/// Handle `key`, holding `held`, is being reconnected by its client:
+/// each of `unlearnt` (locks its client went away before learning the
+/// outcome of) that the handle holds is unlocked first, found by one
+/// more lock like it than before its attempt. Nothing else can have
+/// locked through the handle meanwhile: it was detached.
+pub fn settle_reconnected(
+    client: &libfilter::client::FilterClient,
+    key: ResumeKey,
+    held: &[libfilter::model::HeldLock],
+    unlearnt: &[Unlearnt],
+) {
+    let mut unlocked: Vec<LockOp> = Vec::new();
+    for u in unlearnt {
+        let gone = unlocked.iter().filter(|o| **o == u.op).count();
+        if count_like(held, &u.op).saturating_sub(gone) > u.held
+            && unlock_unlearnt(client, key, u).is_ok()
+        {
+            unlocked.push(u.op);
+        }
+    }
+}
+
+/// One attempt of waiting lock `w`. Without a lock sequence but with a
+/// count of its handle's locks taken first, a call that gives up is
+/// resolved by the next count, so libfilter must not unlock its late
+/// success: the count may already have answered the client SUCCESS
+/// (review G, session 30).
+fn lock_attempt(client: &libfilter::client::FilterClient, w: &Waiting) -> Result<(), ClientError> {
+    match (w.sequence, w.held_before) {
+        (None, Some(_)) => client.lock_outcome_learnt(w.key, w.ops.clone()),
+        _ => client.lock(w.key, w.ops.clone(), w.sequence),
+    }
+}
+
 /// Whether a call that failed with `e` may have been carried out.
 fn outcome_unknown(e: &ClientError) -> bool {
     matches!(e, ClientError::Disconnected | ClientError::Timeout(_))
@@ -552,16 +696,19 @@ fn attempt(c: &mut Connection, all: bool) {
     // granted now it would be a lock its client was never told of, and a
     // replay of it on another channel would wait behind it for good. It
     // holds nothing, so it is dropped, as `lost` drops a connection's.
+    // One whose last attempt's outcome is unknown is dropped once it is
+    // settled (see `settle_dropped`); until filterd answers it stays.
+    let client = c.sh.filter.client();
     let orphans: Vec<u64> = c
         .waiting
         .list
         .iter()
         .filter(|w| !c.reaches(w.head.conn))
+        .filter(|w| settle_dropped(&client, w, &c.waiting.granted) == Settled::Done)
         .map(|w| w.head.async_id)
         .collect();
     c.waiting
         .remove_where(|w| orphans.contains(&w.head.async_id));
-    let client = c.sh.filter.client();
     let mut done = Vec::new();
     let mut granted = Vec::new();
     for w in &mut c.waiting.list {
@@ -617,7 +764,7 @@ fn attempt(c: &mut Connection, all: bool) {
                 continue;
             }
         }
-        match client.lock(w.key, w.ops.clone(), w.sequence) {
+        match lock_attempt(&client, w) {
             Ok(()) => {
                 granted.push((w.open, w.local));
                 done.push((w.head.async_id, status::SUCCESS));

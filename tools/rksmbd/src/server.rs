@@ -1379,8 +1379,11 @@ impl Connection {
     /// filterd (kept for their timeout, for a DH2C), the others closed.
     pub fn lost(&mut self) {
         // Nobody is left to answer: waiting locks and CREATEs are just
-        // dropped.
-        self.waiting.remove_where(|_| true);
+        // dropped, a lock that filterd may have granted to nobody once
+        // it is settled (one try: the connection is ending).
+        for (key, u) in self.waiting.drop_all(&self.sh.filter.client()) {
+            self.sh.registry.unlearnt(key, u);
+        }
         self.pending_creates.clear();
         self.notify.clear();
         let mut ids: Vec<u64> = self.opens.keys().copied().collect();

@@ -187,6 +187,10 @@ pub struct Registry {
     /// The file position (FilePositionInformation) of a durable open
     /// that set one, by create GUID, for its reconnect.
     positions: Mutex<HashMap<uuid::Uuid, u64>>,
+    /// Locks filterd may hold for a durable handle whose client went
+    /// away before it learnt the outcome, by resume key: settled when the
+    /// handle is reconnected ([`crate::lock::settle_reconnected`]).
+    unlearnt: Mutex<HashMap<ResumeKey, Vec<crate::lock::Unlearnt>>>,
 }
 
 impl Registry {
@@ -351,6 +355,21 @@ impl Registry {
         } else if m.len() < MAX_V2_BY_FILE_ID {
             m.insert(create_guid, pos);
         }
+    }
+
+    /// Lock `u` of handle `key` is unlearnt: its client went away first.
+    pub fn unlearnt(&self, key: ResumeKey, u: crate::lock::Unlearnt) {
+        let mut m = lock(&self.unlearnt);
+        if m.len() < MAX_V2_BY_FILE_ID || m.contains_key(&key) {
+            m.entry(key).or_default().push(u);
+        } else {
+            tracing::warn!(resume_key = %key, "too many unlearnt locks kept: this one is forgotten");
+        }
+    }
+
+    /// The unlearnt locks of handle `key`, now being reconnected.
+    pub fn take_unlearnt(&self, key: ResumeKey) -> Vec<crate::lock::Unlearnt> {
+        lock(&self.unlearnt).remove(&key).unwrap_or_default()
     }
 
     /// The position a reconnected durable open resumes at (0 when none
