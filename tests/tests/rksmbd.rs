@@ -965,6 +965,23 @@ fn a_create_waiting_for_a_lease_break_pends_and_can_be_cancelled() {
     no_handles_left(&d);
 }
 
+/// A CREATE pending on a session that another connection then ends
+/// (PreviousSessionId) ends STATUS_USER_SESSION_DELETED once it could be
+/// granted, and leaves filterd holding nothing: a third client's
+/// share-none open of the file is granted (pending_create_ended_session.py).
+/// Before, the CREATE was granted on the ended session and its handle
+/// tracked by a session nobody released again: the old connection's next
+/// request forgot the open without closing it, and filterd kept the
+/// handle, its share mode and lease until rksmbd restarted.
+#[test]
+fn a_create_pending_on_an_ended_session_leaves_no_handle() {
+    let s = Scratch::new("rksmbd-pending-ended-session");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "pending_create_ended_session.py");
+    no_handles_left(&d);
+}
+
 /// What a bound channel does at its session's home is confined to it
 /// (issue 14's review): a forwarded compound's message of another session
 /// of the home connection is STATUS_USER_SESSION_DELETED, a CANCEL on the

@@ -265,7 +265,10 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
         }
     };
     let id = c.new_file_id();
-    c.add_open(id, open);
+    // A directory open holds nothing in filterd: refused, it is just
+    // dropped.
+    c.add_open(id, open)
+        .map_err(|_| status::USER_SESSION_DELETED)?;
     Ok(create_reply(action, &meta, id, id, 0, Vec::new()))
 }
 
@@ -797,6 +800,10 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
         // LOGOFF or TREE_DISCONNECT meanwhile: nothing to open for.
         let gone = match c.sessions.get(&p.prepared.f.session) {
             None => Some(status::USER_SESSION_DELETED),
+            // Ended by another connection (PreviousSessionId).
+            Some(s) if s.link.as_ref().is_some_and(|l| l.revoked()) => {
+                Some(status::USER_SESSION_DELETED)
+            }
             Some(s) if !s.trees.contains(&p.prepared.f.tree) => Some(status::NETWORK_NAME_DELETED),
             Some(_) => None,
         };
@@ -874,10 +881,7 @@ fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHand
 /// to try again, replays its CREATE by create GUID, or its timeout ends
 /// it. Another is closed again until filterd answers (`settle`).
 fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>, durable: bool) {
-    sh.notifier.handle_gone(&key);
-    if let Some(k) = leased {
-        sh.notifier.released(k);
-    }
+    forget_grant(sh, key, leased);
     let Err(e) = sh.filter.close(key) else {
         return;
     };
@@ -892,6 +896,30 @@ fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>, durable: boo
     } else {
         sh.unsettled.add(key);
     }
+}
+
+/// The handle and lease of an open not kept are none of the notifier's
+/// any more.
+fn forget_grant(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>) {
+    sh.notifier.handle_gone(&key);
+    if let Some(k) = leased {
+        sh.notifier.released(k);
+    }
+}
+
+/// [`give_back`] of an open whose CREATE fails after its delete on close
+/// was set: that must not delete the file.
+fn undo_open(
+    sh: &Shared,
+    key: ResumeKey,
+    leased: Option<LeaseKey>,
+    durable: bool,
+    delete_on_close: bool,
+) {
+    if delete_on_close {
+        let _ = sh.filter.client().set_delete_on_close(key, false, None);
+    }
+    give_back(sh, key, leased, durable);
 }
 
 /// The open of [`finish_open`], its create GUID claimed.
@@ -975,11 +1003,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     let meta = match Meta::of(&file) {
         Ok(m) => m,
         Err(st) => {
-            // The CREATE fails: its delete-on-close must not delete the file.
-            if delete_on_close {
-                let _ = sh.filter.client().set_delete_on_close(key, false, None);
-            }
-            give_back(&sh, key, leased, durable.is_some());
+            undo_open(&sh, key, leased, durable.is_some(), delete_on_close);
             return Err(st);
         }
     };
@@ -987,14 +1011,8 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     if oplock.is_some() {
         level = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
     }
-    if let (Some(_), false, Some(guid)) = (durable, v1, create_guid) {
-        sh.registry.v2_opened(pid, guid);
-    }
-    if let Some((app, guid)) = app {
-        sh.registry
-            .app_instance_opened(app, f.session, id, f.path.clone(), guid);
-    }
-    c.add_open(
+    let (session, path) = (f.session, f.path.clone());
+    let added = c.add_open(
         id,
         Open {
             session: f.session,
@@ -1024,6 +1042,20 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             counted: None,
         },
     );
+    if added.is_err() {
+        // Its session was ended meanwhile: the CREATE fails, and no open
+        // of the client's holds the handle (a durable one too: the client
+        // was never told of it).
+        undo_open(&sh, key, leased, durable.is_some(), delete_on_close);
+        return Err(status::USER_SESSION_DELETED);
+    }
+    if let (Some(_), false, Some(guid)) = (durable, v1, create_guid) {
+        sh.registry.v2_opened(pid, guid);
+    }
+    if let Some((app, guid)) = app {
+        sh.registry
+            .app_instance_opened(app, session, id, path, guid);
+    }
     Ok(create_reply(
         h.info.create_action,
         &meta,
@@ -1406,7 +1438,7 @@ fn reconnect(
         }
         _ => {}
     }
-    c.add_open(
+    let added = c.add_open(
         id,
         Open {
             session: req.hdr.session_id,
@@ -1427,6 +1459,13 @@ fn reconnect(
             counted: None,
         },
     );
+    if added.is_err() {
+        // Its session was ended meanwhile: disconnected again, for the
+        // client's DH2C on its new session.
+        forget_grant(&sh, key, held.map(|l| l.key));
+        let _ = sh.filter.detach(key);
+        return Err(status::USER_SESSION_DELETED);
+    }
     if !rc.v1 {
         sh.registry.v2_opened(pid, rc.create_guid);
     }

@@ -1414,25 +1414,37 @@ impl Connection {
     }
 
     /// A new open: kept by this connection, its filterd handle known to
-    /// its session's link.
-    pub fn add_open(&mut self, id: u64, mut open: Open) {
+    /// its session's link. Handed back, kept nowhere, when another
+    /// connection has ended its session (PreviousSessionId) since the
+    /// CREATE began — a pending one, or one racing the logon: the ending
+    /// released only the handles the session held then, so the caller
+    /// releases this one and answers STATUS_USER_SESSION_DELETED.
+    pub fn add_open(&mut self, id: u64, mut open: Open) -> Result<(), Box<Open>> {
+        if let Some(link) = self
+            .sessions
+            .get(&open.session)
+            .and_then(|s| s.link.as_ref())
+        {
+            let kept = match &open.kind {
+                crate::files::Kind::File { key, .. } => {
+                    link.track(id, *key, open.durable, open.create_guid, self.id)
+                }
+                crate::files::Kind::Dir { .. } => !link.revoked(),
+            };
+            if !kept {
+                return Err(Box::new(open));
+            }
+        }
         if open.counted.is_none() {
             // Counted even past the cap: the open is made (a CREATE
             // checks the cap before making one).
             open.counted = Some(self.sh.fds.force());
         }
-        if let (crate::files::Kind::File { key, .. }, Some(link)) = (
-            &open.kind,
-            self.sessions
-                .get(&open.session)
-                .and_then(|s| s.link.as_ref()),
-        ) {
-            link.track(id, *key, open.durable, open.create_guid, self.id);
-        }
         if let Some(g) = open.create_guid {
             self.sh.registry.held(g, self.id);
         }
         self.opens.insert(id, open);
+        Ok(())
     }
 
     /// Forgets open `id` and releases it in filterd (detach when the
@@ -1501,6 +1513,9 @@ impl Connection {
         let mut gone = link.take_closed_elsewhere();
         let revoked = link.revoked();
         if revoked {
+            // Its opens are forgotten here: none may leave its handle
+            // behind in filterd.
+            link.release_rest(&self.sh);
             gone.extend(
                 self.opens
                     .iter()

@@ -65,7 +65,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Link {
     /// Records an open of the session, held by connection `conn` under
-    /// `create_guid` if it has one.
+    /// `create_guid` if it has one. False, recording nothing, once
+    /// another connection has ended the session: the ending released the
+    /// handles tracked then and nobody would release this one (a CREATE
+    /// granted after it — one that was pending — would leave filterd
+    /// holding its handle, share mode and lease until rksmbd restarts);
+    /// the caller releases it.
+    #[must_use]
     pub fn track(
         &self,
         id: u64,
@@ -73,11 +79,14 @@ impl Link {
         durable: bool,
         create_guid: Option<uuid::Uuid>,
         conn: u64,
-    ) {
+    ) -> bool {
+        let mut st = lock(&self.state);
+        if st.revoked {
+            return false;
+        }
         let held = create_guid.map(|g| (g, conn));
-        lock(&self.state)
-            .live
-            .insert(id, Tracked { key, durable, held });
+        st.live.insert(id, Tracked { key, durable, held });
+        true
     }
 
     /// The owning connection releases open `id`: `release` (the filterd
@@ -116,23 +125,15 @@ impl Link {
     fn revoke(&self, sh: &Shared) {
         let mut st = lock(&self.state);
         st.revoked = true;
-        for (_, t) in st.live.drain() {
-            let Tracked { key, durable, held } = t;
-            if let Some((g, conn)) = held {
-                sh.registry.let_go(g, conn);
-            }
-            let r = if durable {
-                sh.filter.detach(key)
-            } else {
-                sh.filter.close(key)
-            };
-            if let Err(e) = r {
-                tracing::warn!(resume_key = %key, error = %e, "releasing a handle of an ended session");
-                if !durable && crate::settle::may_hold(&e) {
-                    sh.unsettled.add(key);
-                }
-            }
-        }
+        release_all(&mut st, sh);
+    }
+
+    /// The owning connection forgets its ended session: whatever the
+    /// session still tracks is released as [`Link::revoke`] releases it
+    /// (nothing, as [`Link::track`] refuses an ended session; kept so
+    /// that no path leaves a handle behind the forgotten opens).
+    pub fn release_rest(&self, sh: &Shared) {
+        release_all(&mut lock(&self.state), sh);
     }
 
     /// Closes open `id` from another connection; false when it is gone,
@@ -165,6 +166,28 @@ impl Link {
 
     fn is_live(&self, id: u64) -> bool {
         lock(&self.state).live.contains_key(&id)
+    }
+}
+
+/// Releases every handle a session tracks, as its ending does: durable
+/// ones detached in filterd, the others closed.
+fn release_all(st: &mut LinkState, sh: &Shared) {
+    for (_, t) in st.live.drain() {
+        let Tracked { key, durable, held } = t;
+        if let Some((g, conn)) = held {
+            sh.registry.let_go(g, conn);
+        }
+        let r = if durable {
+            sh.filter.detach(key)
+        } else {
+            sh.filter.close(key)
+        };
+        if let Err(e) = r {
+            tracing::warn!(resume_key = %key, error = %e, "releasing a handle of an ended session");
+            if !durable && crate::settle::may_hold(&e) {
+                sh.unsettled.add(key);
+            }
+        }
     }
 }
 
@@ -386,5 +409,31 @@ impl Registry {
         lock(&self.held)
             .get(&create_guid)
             .is_some_and(|c| *c != conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link() -> Link {
+        Link {
+            user: "alice".into(),
+            home: OnceLock::new(),
+            state: Mutex::default(),
+        }
+    }
+
+    /// A session another connection ended tracks no handle made after
+    /// (a CREATE that was pending): its caller releases it. Before, the
+    /// handle was tracked by a session nobody released again, and filterd
+    /// held it until rksmbd restarted.
+    #[test]
+    fn an_ended_session_tracks_no_new_handle() {
+        let l = link();
+        assert!(l.track(1, ResumeKey::new_random(), false, None, 7));
+        lock(&l.state).revoked = true;
+        assert!(!l.track(2, ResumeKey::new_random(), true, None, 7));
+        assert!(l.is_live(1) && !l.is_live(2));
     }
 }
