@@ -688,6 +688,25 @@ fn a_file_pending_delete_is_not_listed_nor_opened() {
     no_handles_left(&d);
 }
 
+/// QUERY_DIRECTORY takes the DOS wildcards as MS-FSA 2.1.4.4 has them:
+/// `foo<"*` (Win32's `foo*.*`) lists foo, foobar, foo.txt, foo1.txt and
+/// foo12.txt, `foo>>"*` (`foo??.*`) all but foobar (dos_wildcards.py).
+/// Before, `<` `>` `"` were taken as `*` `?` `.`, and Windows clients'
+/// listings missed names.
+#[test]
+fn dos_wildcards_list_what_windows_lists() {
+    let s = Scratch::new("rksmbd-dos-wildcards");
+    let dir = s.root().join("dos");
+    std::fs::create_dir(&dir).unwrap();
+    for name in ["foo", "foobar", "foo.txt", "foo1.txt", "foo12.txt"] {
+        std::fs::write(dir.join(name), name).unwrap();
+    }
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "dos_wildcards.py");
+    no_handles_left(&d);
+}
+
 /// A directory listing holds where it stands, not the directory: 64
 /// listings of a 20 000-entry directory started on one connection leave
 /// rksmbd's memory as it was (before, each first QUERY_DIRECTORY read and

@@ -1410,13 +1410,23 @@ const NAME_MAX: usize = 255;
 const WORDS: usize = 8;
 
 /// A QUERY_DIRECTORY search pattern, folded once per listing rather than
-/// once per entry: Windows wildcards, case-insensitive — `*`, `?`, and the
-/// DOS forms `<` `>` `"` taken as `*`, `?`, `.`. A run of `*` is one `*`.
-/// A pattern with more than NAME_MAX other characters (each matches
-/// exactly one character) matches no name, so it is `None` and costs
-/// nothing per entry: a client's 32K-character pattern cannot make a
-/// listing of 100 000 entries cost 32K × 255 steps each. A listing holds
-/// only this (at most a KiB); each QUERY_DIRECTORY builds its `Shape`.
+/// once per entry: Windows wildcards, case-insensitive, as MS-FSA 2.1.4.4
+/// (FsRtlIsNameInExpression) has them — `*` any characters, `?` any one;
+/// the DOS forms Win32 sends for `*.*`, `?` and `.` (FindFirstFile sends
+/// `foo*.*` as `foo<"*`, `foo??.*` as `foo>>"*`): `<` any characters up
+/// to (not including) the name's last '.', `>` any one character but '.'
+/// — or none before a '.' or at the end of the name — and `"` a '.', or
+/// none at the end of the name. A run of `*` and `<` with a `*` in it is
+/// one `*`, a run of `<` one `<`; a run of `>` or `"` longer than NAME_MAX
+/// is cut to NAME_MAX + 1 (no name has more characters for it to take).
+/// A pattern with more than NAME_MAX characters that each take exactly
+/// one (anything but `*` `<` `>` `"`) matches no name, so it is `None`
+/// and costs nothing per entry: a client's 32K-character pattern cannot
+/// make a listing of 100 000 entries cost 32K × 255 steps each; so is one
+/// left with more than 511 positions (only `>` and `"` take none, and a
+/// client would need hundreds of them between fixed characters). A
+/// listing holds only this (at most a KiB); each QUERY_DIRECTORY builds
+/// its `Shape`.
 struct Pattern(Option<Vec<char>>);
 
 /// A pattern made ready to match: a name is run against it as the set of
@@ -1425,53 +1435,93 @@ struct Pattern(Option<Vec<char>>);
 /// pass over its characters, a few operations per 64 positions each,
 /// whatever the pattern: the backtracking matcher this replaced cost
 /// pattern × name steps, so `*` + 127 × `a` + `b` against 100 000 names
-/// of 255 `a`s held a connection's thread for seconds.
+/// of 255 `a`s held a connection's thread for seconds. The positions a
+/// wildcard passes taking nothing depend on the character that comes
+/// next (`>` before a '.' or the end, `"` at the end): before each
+/// character they are passed over whole runs at once, by a carry.
 struct Shape {
     /// Machine words in use: the positions 0 ..= len.
     words: usize,
     /// Positions in the pattern; bit `len` set means matched.
     len: usize,
-    /// `*` positions.
+    /// `*` positions: any character stays there.
     star: [u64; WORDS],
-    /// `?` positions: what any character not in `chars` advances.
+    /// `<` positions: any character but the name's last '.' stays there.
+    dos_star: [u64; WORDS],
+    /// What a character other than '.' not in `chars` advances: `?` and
+    /// `>`.
     any: [u64; WORDS],
-    /// The pattern's distinct fixed characters, sorted, each with the
-    /// positions it advances (its own and every `?`).
+    /// What '.' advances: `?`, `"` and '.'.
+    dot: [u64; WORDS],
+    /// Positions passed taking nothing before a character other than
+    /// '.' (`*`, `<`), before a '.' (and `>`), at the end (and `"`).
+    skip: [[u64; WORDS]; 3],
+    /// The pattern's distinct fixed characters but '.', sorted, each with
+    /// the positions it advances (its own, every `?` and `>`).
     chars: Vec<(char, [u64; WORDS])>,
     /// An ASCII character's entry in `chars` plus one (0: none), so that
     /// the usual name costs no search per character.
     ascii: [u8; 128],
     /// The pattern is `*`: every name matches, none is read.
     all: bool,
-    /// What follows the pattern's last `*`, reversed, if it has one: a
-    /// name must end with it, which rules out most names in a few steps.
+    /// What follows the pattern's last `*`, reversed, if it has one and
+    /// that is only fixed characters and `?`: a name must end with it,
+    /// which rules out most names in a few steps.
     tail: Option<Vec<char>>,
     /// The pattern is `*` and `tail`: a name that ends so matches.
     star_then_tail: bool,
 }
 
+/// Which of [`Shape::skip`]: what comes next in the name.
+const BEFORE_OTHER: usize = 0;
+const BEFORE_DOT: usize = 1;
+const AT_END: usize = 2;
+
+/// The `*` and `<` a run of DOS wildcards folds into, if `c` joins one
+/// ending in `last`: `Some(None)` when `c` adds nothing, `Some(Some(x))`
+/// when the run's last character becomes `x`.
+fn star_run(last: Option<char>, c: char) -> Option<Option<char>> {
+    match (last, c) {
+        (Some('*'), '*' | '<') | (Some('<'), '<') => Some(None),
+        (Some('<'), '*') => Some(Some('*')),
+        _ => None,
+    }
+}
+
 impl Pattern {
     fn new(pattern: &str) -> Pattern {
         let mut p: Vec<char> = Vec::new();
-        let mut others = 0usize;
-        for c in pattern.chars() {
-            let c = match c {
-                '<' => '*',
-                '>' => '?',
-                '"' => '.',
-                c => fold(c),
-            };
-            if c == '*' {
-                if p.last() == Some(&'*') {
+        let (mut fixed, mut run) = (0usize, 0usize);
+        for c in pattern.chars().map(fold) {
+            match star_run(p.last().copied(), c) {
+                Some(None) => continue,
+                Some(Some(x)) => {
+                    if let Some(last) = p.last_mut() {
+                        *last = x;
+                    }
                     continue;
                 }
-            } else {
-                others += 1;
-                if others > NAME_MAX {
-                    return Pattern(None);
+                None => {}
+            }
+            match c {
+                '*' | '<' => {}
+                '>' | '"' => {
+                    run = if p.last() == Some(&c) { run + 1 } else { 1 };
+                    if run > NAME_MAX + 1 {
+                        continue;
+                    }
+                }
+                _ => {
+                    fixed += 1;
+                    if fixed > NAME_MAX {
+                        return Pattern(None);
+                    }
                 }
             }
             p.push(c);
+        }
+        if p.len() >= 64 * WORDS {
+            return Pattern(None);
         }
         Pattern(Some(p))
     }
@@ -1489,28 +1539,49 @@ fn set(bits: &mut [u64; WORDS], i: usize) {
 }
 
 impl Shape {
-    /// `p`: folded, runs of `*` made one, at most NAME_MAX other
-    /// characters — so fewer than 64 × WORDS positions.
+    /// `p`: as [`Pattern::new`] leaves it — so fewer than 64 × WORDS
+    /// positions.
     fn new(p: &[char]) -> Shape {
+        let last_star = p.iter().rposition(|c| *c == '*');
+        let tail = last_star
+            .and_then(|last| p.get(last + 1..))
+            .filter(|tail| !tail.iter().any(|c| matches!(c, '*' | '<' | '>' | '"')));
         let mut s = Shape {
             words: (p.len() + 1).div_ceil(64).min(WORDS),
             len: p.len(),
             star: [0; WORDS],
+            dos_star: [0; WORDS],
             any: [0; WORDS],
+            dot: [0; WORDS],
+            skip: [[0; WORDS]; 3],
             chars: Vec::new(),
             ascii: [0; 128],
             all: p == ['*'],
-            tail: p
-                .iter()
-                .rposition(|c| *c == '*')
-                .and_then(|last| p.get(last + 1..))
-                .map(|tail| tail.iter().rev().copied().collect()),
-            star_then_tail: p.iter().rposition(|c| *c == '*') == Some(0),
+            star_then_tail: last_star == Some(0) && tail.is_some(),
+            tail: tail.map(|tail| tail.iter().rev().copied().collect()),
         };
         for (i, c) in p.iter().enumerate() {
+            // What may pass position i taking nothing, before what.
+            let skips: &[usize] = match c {
+                '*' | '<' => &[BEFORE_OTHER, BEFORE_DOT, AT_END],
+                '>' => &[BEFORE_DOT, AT_END],
+                '"' => &[AT_END],
+                _ => &[],
+            };
+            for k in skips {
+                if let Some(bits) = s.skip.get_mut(*k) {
+                    set(bits, i);
+                }
+            }
             match c {
                 '*' => set(&mut s.star, i),
-                '?' => set(&mut s.any, i),
+                '<' => set(&mut s.dos_star, i),
+                '>' => set(&mut s.any, i),
+                '"' | '.' => set(&mut s.dot, i),
+                '?' => {
+                    set(&mut s.any, i);
+                    set(&mut s.dot, i);
+                }
                 c => {
                     if let Err(at) = s.chars.binary_search_by_key(c, |e| e.0) {
                         s.chars.insert(at, (*c, [0; WORDS]));
@@ -1538,6 +1609,9 @@ impl Shape {
     }
 
     fn advancing(&self, c: char) -> &[u64; WORDS] {
+        if c == '.' {
+            return &self.dot;
+        }
         if let Some(i) = self.ascii.get(c as usize) {
             let entry = usize::from(*i)
                 .checked_sub(1)
@@ -1550,28 +1624,49 @@ impl Shape {
         }
     }
 
-    /// One step over the name's next character `c` (None: from the
-    /// start state, before any). Returns whether any position is left.
-    fn step(&self, at: &mut [u64; WORDS], c: Option<char>) -> bool {
-        let adv = c.map(|c| self.advancing(c));
-        let (mut carry, mut closure, mut any) = (0u64, 0u64, 0u64);
-        let words = at.iter_mut().zip(&self.star).take(self.words);
-        for (w, (d, star)) in words.enumerate() {
-            let mut next = match adv {
-                // A fixed character or `?` moves on one; `*` eats it.
-                Some(adv) => {
-                    let moved = *d & adv.get(w).copied().unwrap_or(0);
-                    let next = (moved << 1) | carry | (*d & star);
-                    carry = moved >> 63;
-                    next
-                }
-                None => *d,
-            };
-            // `*` may also match nothing. Runs of `*` are one, so a
-            // position after a `*` is never a `*`: one pass closes.
-            let starred = next & star;
-            next |= (starred << 1) | closure;
-            closure = starred >> 63;
+    /// The positions passed taking nothing before `next` (None: the
+    /// name's end).
+    fn skip_before(&self, next: Option<char>) -> &[u64; WORDS] {
+        let k = match next {
+            Some('.') => BEFORE_DOT,
+            Some(_) => BEFORE_OTHER,
+            None => AT_END,
+        };
+        self.skip.get(k).unwrap_or(&self.star)
+    }
+
+    /// The positions the pattern stays at over `c` (`last_dot`: the name's
+    /// last '.').
+    fn staying(&self, w: usize, last_dot: bool) -> u64 {
+        let star = self.star.get(w).copied().unwrap_or(0);
+        match last_dot {
+            true => star,
+            false => star | self.dos_star.get(w).copied().unwrap_or(0),
+        }
+    }
+
+    /// Passes, from every position reached, the run of positions `skip`
+    /// lets pass taking nothing: adding a reached position of a run to
+    /// the run carries through its end.
+    fn pass(&self, at: &mut [u64; WORDS], skip: &[u64; WORDS]) {
+        let mut carry = false;
+        for (d, e) in at.iter_mut().zip(skip).take(self.words) {
+            let (sum, over) = e.overflowing_add(*d & e);
+            let (sum, over_too) = sum.overflowing_add(u64::from(carry));
+            carry = over || over_too;
+            *d |= sum ^ e;
+        }
+    }
+
+    /// One step over the name's next character `c`. Returns whether any
+    /// position is left.
+    fn read(&self, at: &mut [u64; WORDS], c: char, last_dot: bool) -> bool {
+        let adv = self.advancing(c);
+        let (mut carry, mut any) = (0u64, 0u64);
+        for (w, (d, adv)) in at.iter_mut().zip(adv).take(self.words).enumerate() {
+            let moved = *d & adv;
+            let next = (moved << 1) | carry | (*d & self.staying(w, last_dot));
+            carry = moved >> 63;
             *d = next;
             any |= next;
         }
@@ -1594,36 +1689,42 @@ impl Shape {
                 return true;
             }
         }
+        let last_dot = name.rfind('.');
         if self.words == 1 {
-            return self.matches_in_a_word(name);
+            return self.matches_in_a_word(name, last_dot);
         }
         let mut at = [0u64; WORDS];
         at[0] = 1;
-        self.step(&mut at, None);
-        for c in name.chars() {
-            if !self.step(&mut at, Some(fold(c))) {
+        for (i, c) in name.char_indices() {
+            let c = fold(c);
+            self.pass(&mut at, self.skip_before(Some(c)));
+            if !self.read(&mut at, c, Some(i) == last_dot) {
                 return false;
             }
         }
+        self.pass(&mut at, self.skip_before(None));
         at.get(self.len / 64)
             .is_some_and(|w| w & (1 << (self.len % 64)) != 0)
     }
 
     /// `matches` for a pattern of fewer than 64 positions (the usual
-    /// one), in one machine word.
-    fn matches_in_a_word(&self, name: &str) -> bool {
-        let [star, ..] = self.star;
+    /// one), in one machine word (no run of positions passes its end).
+    fn matches_in_a_word(&self, name: &str, last_dot: Option<usize>) -> bool {
+        let pass = |at: u64, next: Option<char>| {
+            let [e, ..] = *self.skip_before(next);
+            at | (e.wrapping_add(at & e) ^ e)
+        };
         let mut at = 1u64;
-        at |= (at & star) << 1;
-        for c in name.chars() {
-            let [adv, ..] = *self.advancing(fold(c));
-            at = ((at & adv) << 1) | (at & star);
-            at |= (at & star) << 1;
+        for (i, c) in name.char_indices() {
+            let c = fold(c);
+            at = pass(at, Some(c));
+            let [adv, ..] = *self.advancing(c);
+            at = ((at & adv) << 1) | (at & self.staying(0, Some(i) == last_dot));
             if at == 0 {
                 return false;
             }
         }
-        at & (1 << self.len) != 0
+        pass(at, None) & (1 << self.len) != 0
     }
 }
 
@@ -1853,42 +1954,124 @@ mod tests {
         assert!(matches("ÄB*", "äbc"));
     }
 
-    /// The backtracking matcher the shift-and one replaced: greedy with
-    /// one backtrack point, pattern × name steps.
+    /// MS-FSA 2.1.4.4 read literally, by backtracking (memoized, so
+    /// that long inputs finish): the reference the shift-and matcher is
+    /// held to.
     fn backtracking(pattern: &str, name: &str) -> bool {
-        let p: Vec<char> = pattern
-            .chars()
-            .map(|c| match c {
-                '<' => '*',
-                '>' => '?',
-                '"' => '.',
-                c => fold(c),
-            })
-            .collect();
+        let p: Vec<char> = pattern.chars().map(fold).collect();
         let n: Vec<char> = name.chars().map(fold).collect();
-        let (mut pi, mut ni) = (0usize, 0usize);
-        let mut star: Option<(usize, usize)> = None;
-        while ni < n.len() {
-            match (p.get(pi), n.get(ni)) {
-                (Some('*'), _) => {
-                    star = Some((pi, ni));
-                    pi += 1;
-                }
-                (Some(a), Some(b)) if *a == '?' || a == b => {
-                    pi += 1;
-                    ni += 1;
-                }
-                _ => match star {
-                    Some((sp, sn)) => {
-                        pi = sp + 1;
-                        ni = sn + 1;
-                        star = Some((sp, sn + 1));
-                    }
-                    None => return false,
-                },
-            }
+        let last_dot = n.iter().rposition(|c| *c == '.');
+        let mut memo = vec![None; (p.len() + 1) * (n.len() + 1)];
+        fsa(&p, &n, last_dot, (0, 0), &mut memo)
+    }
+
+    fn fsa(
+        p: &[char],
+        n: &[char],
+        last_dot: Option<usize>,
+        (pi, ni): (usize, usize),
+        memo: &mut Vec<Option<bool>>,
+    ) -> bool {
+        let slot = pi * (n.len() + 1) + ni;
+        if let Some(known) = memo[slot] {
+            return known;
         }
-        p.get(pi..).unwrap_or(&[]).iter().all(|c| *c == '*')
+        let c = n.get(ni).copied();
+        let mut go = |pi, ni| fsa(p, n, last_dot, (pi, ni), memo);
+        let r = match p.get(pi) {
+            None => c.is_none(),
+            // Zero characters, or one more.
+            Some('*') => go(pi + 1, ni) || (c.is_some() && go(pi, ni + 1)),
+            // As `*`, but never over the name's last '.'.
+            Some('<') => go(pi + 1, ni) || (c.is_some() && Some(ni) != last_dot && go(pi, ni + 1)),
+            // Nothing before a '.' or at the end, else one character.
+            Some('>') => match c {
+                None | Some('.') => go(pi + 1, ni),
+                Some(_) => go(pi + 1, ni + 1),
+            },
+            // A '.', or nothing at the end.
+            Some('"') => match c {
+                None => go(pi + 1, ni),
+                Some('.') => go(pi + 1, ni + 1),
+                Some(_) => false,
+            },
+            Some('?') => c.is_some() && go(pi + 1, ni + 1),
+            Some(l) => c == Some(*l) && go(pi + 1, ni + 1),
+        };
+        memo[slot] = Some(r);
+        r
+    }
+
+    /// The DOS wildcards as MS-FSA has them: Win32 sends `foo*.*` as
+    /// `foo<"*` and `foo??.*` as `foo>>"*`. Before, `<` `>` `"` were taken
+    /// as `*` `?` `.`: `foo<"*` matched foo.txt, foo1.txt and foo12.txt
+    /// but not foo or foobar, `foo>>"*` not foo nor foo.txt.
+    #[test]
+    fn dos_wildcards() {
+        let names = ["foo", "foobar", "foo.txt", "foo1.txt", "foo12.txt"];
+        let listed = |pattern: &str| -> Vec<&str> {
+            names.into_iter().filter(|n| matches(pattern, n)).collect()
+        };
+        assert_eq!(listed("foo<\"*"), names);
+        assert_eq!(
+            listed("foo>>\"*"),
+            ["foo", "foo.txt", "foo1.txt", "foo12.txt"]
+        );
+        for (pattern, name, expected) in [
+            ("foo<\"*", "foo", true),
+            ("foo>>\"*", "foobar", false),
+            ("foo>>\"*", "FOO1.TXT", true),
+            ("<.txt", "a.b.txt", true),
+            ("<.txt", "x.txt", true),
+            ("<", "a.b", false),
+            ("<", "ab", true),
+            ("<b", "a.b", false),
+            ("<.b", "a.b", true),
+            ("a<", "a", true),
+            ("<.<", "a.b.c", true),
+            ("a\"", "a", true),
+            ("a\"", "a.", true),
+            ("a\"", "ab", false),
+            ("a\"b", "ab", false),
+            ("a\"b", "a.b", true),
+            (">", "", true),
+            (">", ".", false),
+            (">.", ".", true),
+            ("a>", "a", true),
+            ("a>", "a.", false),
+            ("a>>.c", "ab.c", true),
+            ("a>>.c", "abcd.c", false),
+            ("*.txt", "a.b.txt", true),
+            ("*.txt", "a.txt.b", false),
+            ("*.TXT", "A.txt", true),
+            ("?", ".", true),
+        ] {
+            assert_eq!(matches(pattern, name), expected, "{pattern:?} / {name:?}");
+            assert_eq!(
+                backtracking(pattern, name),
+                expected,
+                "reference: {pattern:?} / {name:?}"
+            );
+        }
+        // The same across machine words: 100 fixed characters first.
+        let pad = "x".repeat(100);
+        assert!(matches(&format!("{pad}foo>>\"*"), &format!("{pad}foo.txt")));
+        assert!(!matches(&format!("{pad}foo>>\"*"), &format!("{pad}foobar")));
+        assert!(matches(&format!("{pad}<.txt"), &format!("{pad}a.b.txt")));
+        // A run of `>` passed taking nothing across a word's end.
+        let (a60, q10) = ("a".repeat(60), ">".repeat(10));
+        assert!(matches(&format!("{a60}{q10}.b"), &format!("{a60}.b")));
+        assert!(matches(&format!("{a60}{q10}.b"), &format!("{a60}cc.b")));
+        assert!(!matches(
+            &format!("{a60}{q10}.b"),
+            &format!("{a60}{}.b", "c".repeat(11))
+        ));
+        // Runs of `>` and `"` longer than any name are cut, not refused;
+        // a pattern left with more positions than the matcher holds
+        // (none a client sends) matches nothing.
+        assert!(matches(&">".repeat(30_000), "abc"));
+        assert!(matches(&format!("a{}", "\"".repeat(30_000)), "a..."));
+        assert!(Pattern::new(&">\"".repeat(300)).0.is_none());
     }
 
     proptest::proptest! {
@@ -1898,6 +2081,16 @@ mod tests {
         fn shift_and_matches_as_backtracking_does(
             pattern in "[abA*?<>\".]{0,150}",
             name in "[abB.]{0,200}",
+        ) {
+            proptest::prop_assert_eq!(matches(&pattern, &name), backtracking(&pattern, &name));
+        }
+
+        /// Short inputs, where a match is likely: DOS wildcards meet
+        /// dots and names' ends often.
+        #[test]
+        fn short_patterns_match_as_backtracking_does(
+            pattern in "[ab*?<>\".]{0,10}",
+            name in "[ab.]{0,10}",
         ) {
             proptest::prop_assert_eq!(matches(&pattern, &name), backtracking(&pattern, &name));
         }
