@@ -138,7 +138,7 @@ impl Engine {
             record,
             kernel_handle,
         };
-        self.run_change(conn, req_id, key, change, bracketed)
+        self.run_change(conn, req_id, key, change, bracketed, target)
     }
 
     /// Renames directory `from` (`Request::RenameDirectory`): refused
@@ -380,7 +380,7 @@ impl Engine {
             record,
             before,
         };
-        self.run_change(conn, req_id, key, change, bracketed)
+        self.run_change(conn, req_id, key, change, bracketed, None)
     }
 
     /// Removes a file by path (NFS-like REMOVE; delete on close).
@@ -444,6 +444,7 @@ impl Engine {
             ResumeKey(uuid::Uuid::nil()),
             change,
             bracketed,
+            None,
         )
     }
 
@@ -461,7 +462,8 @@ impl Engine {
     /// Performs a rename, remove or size change: bracketed by an intent
     /// (parked until it is durable) when it must survive a crash — the
     /// file has persistent handles (`persistent`), or the reply is
-    /// recorded — else at once.
+    /// recorded — else at once. `replaces`: the file a rename with replace
+    /// takes the name of.
     pub(super) fn run_change(
         &mut self,
         conn: ConnId,
@@ -469,6 +471,7 @@ impl Engine {
         key: ResumeKey,
         change: IntentChange,
         persistent: bool,
+        replaces: Option<FileId>,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
         let recorded = match &change {
             IntentChange::Rename { record, .. }
@@ -480,7 +483,7 @@ impl Engine {
             self.perform(&change, None)?;
             return Ok(Some((Reply::Done, None)));
         }
-        self.park_intent(conn, req_id, key, change.clone(), Some(change));
+        self.park_intent(conn, req_id, key, change.clone(), Some(change), replaces);
         Ok(None)
     }
 
@@ -549,7 +552,8 @@ impl Engine {
 
     /// Records `change` as an intent in this batch and parks request `req_id`
     /// until the intent is durable (`finish_parked`); `then` is the rename,
-    /// remove or size change to perform then (none: a truncating open).
+    /// remove or size change to perform then (none: a truncating open);
+    /// `replaces`, the file a rename with replace takes the name of.
     pub(super) fn park_intent(
         &mut self,
         conn: ConnId,
@@ -557,6 +561,7 @@ impl Engine {
         key: ResumeKey,
         change: IntentChange,
         then: Option<IntentChange>,
+        replaces: Option<FileId>,
     ) {
         let content = match &change {
             IntentChange::TruncatingOpen { record, .. } => Some(record.file),
@@ -583,6 +588,7 @@ impl Engine {
                 key,
                 change: then,
                 content,
+                replaces,
             },
         );
         self.batch.push(StoreOp::PutIntent(Box::new(intent)));
@@ -616,6 +622,7 @@ impl Engine {
                 key: gone.rec.key,
                 change: Some(change),
                 content: None,
+                replaces: None,
             },
         );
         self.last_unlink = Some(intent.id);

@@ -366,6 +366,10 @@ struct Parked {
     /// end-of-file change), counted in `content_changes` until it is done
     /// or abandoned — kept here, as its handle may be gone by then.
     content: Option<FileId>,
+    /// The file a rename with replace takes the target's name from (none:
+    /// no file was there, or not such a rename): no open may be granted
+    /// it until the rename is made or abandoned (`Engine::deletion_pending`).
+    replaces: Option<FileId>,
 }
 
 /// Most replay records a scope keeps, whatever the frontend asks.

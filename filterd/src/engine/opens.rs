@@ -154,6 +154,26 @@ impl Engine {
             _ => None,
         };
         self.refuse_paths_crossing_later_mounts(&o.path)?;
+        // A rename with replace whose intent is committing takes this path
+        // once it is durable: an open granted now (creating the file, or
+        // opening the one there) would lose its file to it. Asked before
+        // the open, so that a create waits too.
+        if let Some(file) = self.deletion_pending(&o.path, None) {
+            if o.no_wait {
+                return Err(self.busy());
+            }
+            self.wait_limit()?;
+            self.waiting.push(WaitingOpen {
+                file,
+                conn,
+                id: req_id,
+                protocol,
+                instance,
+                req: o,
+                replay,
+            });
+            return Ok(None);
+        }
         let of = self
             .fs
             .open(&o.path, o.access, o.disposition, marker.as_deref())
@@ -165,13 +185,15 @@ impl Engine {
             })?;
         crate::failpoint::hit("open.after_fs");
         // A delete on close of this file waits for its intent (its last
-        // persistent handle's close): the unlink would take the file from
-        // under this open once granted. The open breaks nothing and waits
-        // (below) for the unlink (`finish_parked`, or the close undone by
-        // a failed commit), then runs again against the file system as it
-        // is then — on Windows the file is delete-pending until that
-        // close is done.
-        let deleting = self.unlink_on_close_waiting(of.file);
+        // persistent handle's close), as does a remove of it or a rename
+        // with replace over it: the unlink (or rename) would take the file
+        // from under this open once granted. The open breaks nothing and
+        // waits (below, on the intent's file) for the change
+        // (`finish_parked`, or its intent abandoned with a failed commit),
+        // then runs again against the file system as it is then — on
+        // Windows the file is delete-pending until that close is done.
+        let deleting_by = self.deletion_pending(&o.path, Some(of.file));
+        let deleting = deleting_by.is_some();
         // A handle that lost its file to inode reuse decides nothing (its
         // record marked lost goes into the batch: first, so that the
         // dependency below covers it too).
@@ -287,12 +309,7 @@ impl Engine {
             && durability.is_persistent()
             && self.hint_size_change_of(of.file).is_some();
         if (breaking || hint_wait || gate_wait || deleting) && o.no_wait {
-            self.stats.opens_refused += 1;
-            self.stats.not_available += 1;
-            return Err(err(
-                ErrorCode::Busy,
-                "lease holders (or, for a truncation, other frontends; after a restart, the frontends attached before it) must acknowledge first, or the file's delete on close is in progress; retry",
-            ));
+            return Err(self.busy());
         }
         // A persistent handle of the file whose close is pending comes back
         // if that commit fails: a truncation made at once (not bracketed by
@@ -312,7 +329,7 @@ impl Engine {
                 self.restart_gate_hold(of.file);
             }
             self.waiting.push(WaitingOpen {
-                file: of.file,
+                file: deleting_by.unwrap_or(of.file),
                 conn,
                 id: req_id,
                 protocol,
@@ -459,7 +476,7 @@ impl Engine {
                 // only if it still is.
                 before: self.fs.stamp(of.fd.as_fd()).ok(),
             };
-            self.park_intent(conn, req_id, key, change, None);
+            self.park_intent(conn, req_id, key, change, None, None);
         } else {
             if truncation.is_some() {
                 self.fs.truncate(&rec.path, of.file)?;
@@ -1540,16 +1557,33 @@ impl Engine {
         }
     }
 
-    /// Whether the delete on close of `file` by its last persistent
-    /// handle waits for its intent (`park_unlink`): the unlink is still to
-    /// come, so no open may be granted the file meanwhile.
-    fn unlink_on_close_waiting(&self, file: FileId) -> bool {
-        self.parked.values().any(|p| {
-            matches!(
-                &p.change,
-                Some(IntentChange::Remove { file: f, on_close: true, .. }) if *f == file
-            )
+    /// A change waiting for its intent that will delete or replace what an
+    /// open of `path` gets — `file`, once opened: a remove of it (by path,
+    /// or a delete on close by its last persistent handle, `park_unlink`),
+    /// or a rename with replace onto `path` or over `file`. No open may be
+    /// granted it meanwhile. Returns the file the intent names, whose
+    /// waits run again once the change is made or abandoned.
+    fn deletion_pending(&self, path: &RelPath, file: Option<FileId>) -> Option<FileId> {
+        self.parked.values().find_map(|p| match &p.change {
+            Some(IntentChange::Remove { file: f, .. }) if Some(*f) == file => Some(*f),
+            Some(IntentChange::Rename {
+                to,
+                file: f,
+                replace: true,
+                ..
+            }) if to == path || (file.is_some() && p.replaces == file) => Some(*f),
+            _ => None,
         })
+    }
+
+    /// The refusal of an open asked not to wait where it would.
+    fn busy(&mut self) -> WireError {
+        self.stats.opens_refused += 1;
+        self.stats.not_available += 1;
+        err(
+            ErrorCode::Busy,
+            "lease holders (or, for a truncation, other frontends; after a restart, the frontends attached before it) must acknowledge first, or a delete, remove or rename over the file is in progress; retry",
+        )
     }
 
     /// The delete on close of the last open of a file (see

@@ -219,7 +219,7 @@ impl Engine {
                         // The handle's deletion committed: finish its
                         // delete-on-close — unless a stored handle of the
                         // file (one a build before opens waited for the
-                        // unlink, `Engine::unlink_on_close_waiting`, let
+                        // unlink, `Engine::deletion_pending`, let
                         // in) holds it: unlinked, that acknowledged handle
                         // would come back lost. The delete passes to it,
                         // as to any open that remains when a handle with

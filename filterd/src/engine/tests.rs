@@ -5108,3 +5108,111 @@ fn a_request_right_after_a_rollback_is_not_failed_with_it() {
         h.reply(status)
     );
 }
+
+/// An open sharing nothing from another client, of `path`.
+fn bobs_open(path: &str, no_wait: bool) -> Request {
+    let Request::Open(mut o) = open(path, Rights::NONE) else {
+        unreachable!()
+    };
+    o.client = ClientId::new("bob").unwrap();
+    o.no_wait = no_wait;
+    Request::Open(o)
+}
+
+/// Whether reply `id` granted an open whose file `path` names now (a
+/// refusal grants nothing, so it holds too).
+fn granted_what_the_path_names(h: &Harness, id: u64, path: &str) -> bool {
+    match h.reply(id) {
+        Some(Ok(libfilter::proto::Reply::Opened(o))) => {
+            h.fs.file(path).map(|f| f.ino) == Some(o.file.ino)
+        }
+        Some(Err(_)) => true,
+        other => panic!("request {id} was not answered: {other:?}"),
+    }
+}
+
+/// Review r1: an open of the target of a rename with replace whose
+/// intent is committing waits for that rename (or is told Busy, asked not
+/// to wait): granted at once — by creating the target, or opening the
+/// file there — it lost its file to the rename once the intent was
+/// durable (the client told it created, its data gone).
+#[test]
+fn an_open_of_a_pending_rename_target_waits_for_the_rename() {
+    for (target_exists, no_wait) in [(true, false), (false, false), (true, true), (false, true)] {
+        let mut h = Harness::new();
+        if target_exists {
+            h.fs.put("g", 5);
+        }
+        let a = h.run(open("a", Rights::ALL));
+        h.commit(true);
+        let a = h.opened(a);
+        let ren = h.run(Request::Rename {
+            key: a,
+            to: RelPath::new("g").unwrap(),
+            replace: true,
+            record: None,
+        });
+        assert!(h.reply(ren).is_none(), "parked for its intent");
+        let b = h.run(bobs_open("g", no_wait));
+        if !target_exists {
+            assert!(
+                h.fs.file("g").is_none(),
+                "a create that waits made its file"
+            );
+        }
+        h.commit(true);
+        // The engine's loop: what waited for the rename runs again.
+        h.engine.process_retries();
+        h.commit(true);
+        assert!(
+            matches!(h.reply(ren), Some(Ok(_))),
+            "{target_exists}: {:?}",
+            h.reply(ren)
+        );
+        if no_wait {
+            assert_eq!(h.refused(b), ErrorCode::Busy, "{target_exists}");
+        }
+        assert!(
+            granted_what_the_path_names(&h, b, "g"),
+            "{target_exists}: the open's file was replaced under it: {:?}",
+            h.reply(b)
+        );
+    }
+}
+
+/// Review r1: an open of a file whose remove is committing waits for the
+/// remove (Busy, asked not to wait): granted at once, its file was
+/// unlinked under it once the intent was durable.
+#[test]
+fn an_open_of_a_file_whose_remove_is_committing_waits_for_it() {
+    for no_wait in [false, true] {
+        let mut h = Harness::new();
+        h.fs.put("r", 5);
+        let rm = h.run(Request::Remove {
+            path: RelPath::new("r").unwrap(),
+            record: Some(RecordSpec {
+                scope: session(1),
+                op_id: 1,
+                reply: "ok".into(),
+                keep: 8,
+            }),
+        });
+        assert!(h.reply(rm).is_none(), "parked for its intent");
+        let b = h.run(bobs_open("r", no_wait));
+        h.commit(true);
+        h.engine.process_retries();
+        h.commit(true);
+        assert!(matches!(h.reply(rm), Some(Ok(_))), "{:?}", h.reply(rm));
+        if no_wait {
+            assert_eq!(h.refused(b), ErrorCode::Busy);
+        } else {
+            // Run again after the remove: it creates the file anew.
+            assert!(h.fs.file("r").is_some(), "{:?}", h.reply(b));
+        }
+        assert!(
+            granted_what_the_path_names(&h, b, "r"),
+            "the open's file was removed under it: {:?}",
+            h.reply(b)
+        );
+    }
+}
