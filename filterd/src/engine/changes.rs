@@ -651,12 +651,10 @@ impl Engine {
                 record,
                 kernel_handle,
             } => {
+                let dirs = self.dirs_to_sync(durable, &[from, to])?;
                 fs.rename(from, to, *file, kernel_handle.as_ref(), *replace)?;
-                if durable {
-                    let dirs = [fs.dir_of(from), fs.dir_of(to)];
-                    for d in dirs.into_iter().flatten() {
-                        self.batch.sync_fd(d);
-                    }
+                for d in dirs {
+                    self.batch.sync_fd(d);
                 }
                 // The path is the file's: every handle that named it by the
                 // old path follows (the renaming one whatever it named),
@@ -687,11 +685,10 @@ impl Engine {
                 kernel_handle,
                 ..
             } => {
+                let dirs = self.dirs_to_sync(durable, &[path])?;
                 fs.remove(path, *file, kernel_handle.as_ref())?;
-                if durable {
-                    if let Ok(d) = fs.dir_of(path) {
-                        self.batch.sync_fd(d);
-                    }
+                for d in dirs {
+                    self.batch.sync_fd(d);
                 }
                 if let Some(r) = record {
                     self.remember_reply(r.clone());
@@ -737,6 +734,35 @@ impl Engine {
 }
 
 impl Engine {
+    /// The directories holding `paths`, opened to be fsync'd before the
+    /// commit that records a change of their names (none unless
+    /// `durable`). Opened before the change: one that cannot be (no
+    /// descriptor left, a parent gone) fails the change, not made yet —
+    /// skipped, the completion committed (and was answered) with the
+    /// change's new names maybe not on disk.
+    pub(super) fn dirs_to_sync(
+        &self,
+        durable: bool,
+        paths: &[&RelPath],
+    ) -> Result<Vec<OwnedFd>, WireError> {
+        if !durable {
+            return Ok(Vec::new());
+        }
+        paths
+            .iter()
+            .map(|p| {
+                self.fs.dir_of(p).map_err(|e| {
+                    let mut w = self.fs.map_errno(&e, p);
+                    w.message = format!(
+                        "{p}: its directory cannot be opened to be synced: {}",
+                        w.message
+                    );
+                    w
+                })
+            })
+            .collect()
+    }
+
     /// Marks a file whose size change of intent `id` is made (after the
     /// `ftruncate`, before the fsync that precedes the completion commit):
     /// recovery's proof that the change happened, which the file's stamp

@@ -416,9 +416,22 @@ impl Engine {
             // The new name (and with it, on a journaling filesystem, the
             // new inode and its marker: one journal commit) is durable
             // before the commit that records the handle. One fsync per
-            // directory per batch.
-            if let Ok(d) = self.fs.dir_of(&o.path) {
-                self.batch.sync_fd(d);
+            // directory per batch. A directory that cannot be opened fails
+            // the open, its create undone (`Engine::dirs_to_sync`).
+            match self.dirs_to_sync(true, &[&o.path]) {
+                Ok(dirs) => dirs.into_iter().for_each(|d| self.batch.sync_fd(d)),
+                Err(e) => {
+                    self.stats.opens_refused += 1;
+                    if of.linked {
+                        self.undo_creates(vec![CreatedFile {
+                            path: o.path.clone(),
+                            file: of.file,
+                            kernel_handle,
+                            fd: Some(of.fd),
+                        }]);
+                    }
+                    return Err(e);
+                }
             }
         }
         let key = new_key(
@@ -596,6 +609,10 @@ impl Engine {
             if let (Ok(()), IntentChange::Rename { from, to, file, .. }) = (&result, change) {
                 self.renames_completing
                     .push((self.batch.seq(), file, [from, to]));
+            }
+            if let (Err(e), None) = (&result, &p.writer) {
+                // Nobody to answer (a delete on close): the log tells.
+                warn!(error = %e.message, "a change made after its intent failed; not made");
             }
             let result = result.map(|()| Reply::Done);
             if let (Some(w), Some(rid)) = (&p.writer, p.id) {

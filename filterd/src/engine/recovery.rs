@@ -104,8 +104,8 @@ impl Engine {
                     if fs.names(&to, file, kernel_handle.as_ref()) {
                         info!(resume_key = %key, %from, %to, "recovery finished an interrupted rename");
                         self.stats.intents_recovered += 1;
-                        sync.extend(fs.dir_of(&from).ok());
-                        sync.extend(fs.dir_of(&to).ok());
+                        sync.extend(dir_to_sync(fs, &from)?);
+                        sync.extend(dir_to_sync(fs, &to)?);
                         // The path is the file's: every handle that named
                         // it by the old path follows.
                         for r in store.all_handles()?.into_iter().flatten() {
@@ -211,7 +211,7 @@ impl Engine {
                     if !fs.names(&path, file, kernel_handle.as_ref()) {
                         info!(%path, "recovery finished an interrupted remove");
                         self.stats.intents_recovered += 1;
-                        sync.extend(fs.dir_of(&path).ok());
+                        sync.extend(dir_to_sync(fs, &path)?);
                         if let Some(r) = record {
                             finished.push(record_op(r));
                         }
@@ -263,7 +263,7 @@ impl Engine {
                                 Ok(()) => {
                                     info!(%path, "recovery finished an interrupted delete on close");
                                     self.stats.intents_recovered += 1;
-                                    sync.extend(fs.dir_of(&path).ok());
+                                    sync.extend(dir_to_sync(fs, &path)?);
                                 }
                                 Err(e) => {
                                     warn!(%path, error = %e.message, "interrupted delete on close could not be finished")
@@ -596,5 +596,30 @@ impl NameIndexes {
             }
             self.expiries.push(Reverse((r.expires_mono, r.key, 0)));
         }
+    }
+}
+
+/// The directory holding `path`, to be fsync'd before recovery's commit
+/// records a change of its names. One no longer there (removed, or
+/// replaced by a link, while filterd was down) is not synced: a warning.
+/// Any other failure (no descriptor left) fails recovery, as a failed
+/// fsync does, and the intent stays for the next start. Skipping the sync
+/// then would let the commit drop the intent while the change's names may
+/// not be on disk.
+fn dir_to_sync(fs: &dyn super::fs::Fs, path: &RelPath) -> anyhow::Result<Option<OwnedFd>> {
+    match fs.dir_of(path) {
+        Ok(d) => Ok(Some(d)),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
+            ) =>
+        {
+            warn!(%path, error = %e, "the directory of a change recovery finished is gone: not synced");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "{path}: its directory cannot be opened to be synced after recovery's changes: {e}"
+        )),
     }
 }

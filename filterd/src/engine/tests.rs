@@ -1923,6 +1923,11 @@ fn a_reused_inode_is_not_the_handles_file() {
 
 /// A fresh engine (epoch 2) on `fs` and `store`, recovered.
 fn recovered(fs: &MemFs, store: &Arc<MemStore>) -> Engine {
+    try_recovered(fs, store).unwrap()
+}
+
+/// [`recovered`], or why recovery failed.
+fn try_recovered(fs: &MemFs, store: &Arc<MemStore>) -> anyhow::Result<Engine> {
     let mut e = Engine::new(
         config(),
         Box::new(fs.clone()),
@@ -1931,8 +1936,8 @@ fn recovered(fs: &MemFs, store: &Arc<MemStore>) -> Engine {
         store.clone(),
         Arc::new(CommitCounters::default()),
     );
-    e.recover(store.as_ref()).unwrap();
-    e
+    e.recover(store.as_ref())?;
+    Ok(e)
 }
 
 /// A persistent handle's stored record of `path` on `fs` (smb, frontend
@@ -5109,6 +5114,48 @@ fn a_request_right_after_a_rollback_is_not_failed_with_it() {
     );
 }
 
+/// A recorded remove of `path` (so bracketed by an intent).
+fn removing(path: &str) -> Request {
+    Request::Remove {
+        path: RelPath::new(path).unwrap(),
+        record: Some(RecordSpec {
+            scope: session(1),
+            op_id: 1,
+            reply: "ok".into(),
+            keep: 8,
+        }),
+    }
+}
+
+/// Opens `a` persistently and asks to rename it to `to`: the handle and
+/// the rename's request id.
+fn renaming_a_to(h: &mut Harness, to: &str, replace: bool) -> (ResumeKey, u64) {
+    let a = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(a);
+    let id = h.run(Request::Rename {
+        key,
+        to: RelPath::new(to).unwrap(),
+        replace,
+        record: None,
+    });
+    (key, id)
+}
+
+/// Commits the intents waiting, then makes their changes with the next
+/// `dir_of` failing (EMFILE: filterd at its descriptor limit) and
+/// commits: what the filesystem saw meanwhile.
+fn finish_intents_with_dir_of_failing(h: &mut Harness) -> Vec<Logged> {
+    let ids = h.commit_holding_intents(true);
+    h.fs.take_log();
+    h.fs.fail_next("dir_of", libc::EMFILE);
+    for i in ids {
+        h.engine.finish_parked(i);
+    }
+    h.commit(true);
+    h.fs.take_log()
+}
+
 /// An open sharing nothing from another client, of `path`.
 fn bobs_open(path: &str, no_wait: bool) -> Request {
     let Request::Open(mut o) = open(path, Rights::NONE) else {
@@ -5119,16 +5166,40 @@ fn bobs_open(path: &str, no_wait: bool) -> Request {
     Request::Open(o)
 }
 
-/// Whether reply `id` granted an open whose file `path` names now (a
-/// refusal grants nothing, so it holds too).
-fn granted_what_the_path_names(h: &Harness, id: u64, path: &str) -> bool {
-    match h.reply(id) {
+/// Commits change `change` (a remove or rename with replace parked for
+/// its intent) with open `open` of `path` waiting for it, then runs what
+/// waited (as the engine's loop does): the change is made, and the open
+/// (Busy, asked not to wait) granted no file `path` no longer names.
+fn change_made_then_open_answered(
+    h: &mut Harness,
+    change: u64,
+    open: u64,
+    path: &str,
+    no_wait: bool,
+) {
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    assert!(
+        matches!(h.reply(change), Some(Ok(_))),
+        "{:?}",
+        h.reply(change)
+    );
+    if no_wait {
+        assert_eq!(h.refused(open), ErrorCode::Busy);
+    }
+    let kept = match h.reply(open) {
         Some(Ok(libfilter::proto::Reply::Opened(o))) => {
             h.fs.file(path).map(|f| f.ino) == Some(o.file.ino)
         }
         Some(Err(_)) => true,
-        other => panic!("request {id} was not answered: {other:?}"),
-    }
+        other => panic!("open {open} was not answered: {other:?}"),
+    };
+    assert!(
+        kept,
+        "the open's file was taken from under it: {:?}",
+        h.reply(open)
+    );
 }
 
 /// Review r1: an open of the target of a rename with replace whose
@@ -5143,15 +5214,7 @@ fn an_open_of_a_pending_rename_target_waits_for_the_rename() {
         if target_exists {
             h.fs.put("g", 5);
         }
-        let a = h.run(open("a", Rights::ALL));
-        h.commit(true);
-        let a = h.opened(a);
-        let ren = h.run(Request::Rename {
-            key: a,
-            to: RelPath::new("g").unwrap(),
-            replace: true,
-            record: None,
-        });
+        let (_, ren) = renaming_a_to(&mut h, "g", true);
         assert!(h.reply(ren).is_none(), "parked for its intent");
         let b = h.run(bobs_open("g", no_wait));
         if !target_exists {
@@ -5160,23 +5223,7 @@ fn an_open_of_a_pending_rename_target_waits_for_the_rename() {
                 "a create that waits made its file"
             );
         }
-        h.commit(true);
-        // The engine's loop: what waited for the rename runs again.
-        h.engine.process_retries();
-        h.commit(true);
-        assert!(
-            matches!(h.reply(ren), Some(Ok(_))),
-            "{target_exists}: {:?}",
-            h.reply(ren)
-        );
-        if no_wait {
-            assert_eq!(h.refused(b), ErrorCode::Busy, "{target_exists}");
-        }
-        assert!(
-            granted_what_the_path_names(&h, b, "g"),
-            "{target_exists}: the open's file was replaced under it: {:?}",
-            h.reply(b)
-        );
+        change_made_then_open_answered(&mut h, ren, b, "g", no_wait);
     }
 }
 
@@ -5188,31 +5235,106 @@ fn an_open_of_a_file_whose_remove_is_committing_waits_for_it() {
     for no_wait in [false, true] {
         let mut h = Harness::new();
         h.fs.put("r", 5);
-        let rm = h.run(Request::Remove {
-            path: RelPath::new("r").unwrap(),
-            record: Some(RecordSpec {
-                scope: session(1),
-                op_id: 1,
-                reply: "ok".into(),
-                keep: 8,
-            }),
-        });
+        let rm = h.run(removing("r"));
         assert!(h.reply(rm).is_none(), "parked for its intent");
         let b = h.run(bobs_open("r", no_wait));
-        h.commit(true);
-        h.engine.process_retries();
-        h.commit(true);
-        assert!(matches!(h.reply(rm), Some(Ok(_))), "{:?}", h.reply(rm));
-        if no_wait {
-            assert_eq!(h.refused(b), ErrorCode::Busy);
-        } else {
-            // Run again after the remove: it creates the file anew.
+        change_made_then_open_answered(&mut h, rm, b, "r", no_wait);
+        if !no_wait {
+            // Run again after the remove: it created the file anew.
             assert!(h.fs.file("r").is_some(), "{:?}", h.reply(b));
         }
-        assert!(
-            granted_what_the_path_names(&h, b, "r"),
-            "the open's file was removed under it: {:?}",
-            h.reply(b)
-        );
     }
+}
+
+/// Review r1: a durable rename whose directory cannot be opened to be
+/// synced (EMFILE: filterd at its descriptor limit) is refused, not made.
+/// The failure was skipped: the rename was made and its completion
+/// committed and answered with no directory synced, the new name maybe
+/// not on disk.
+#[test]
+fn a_rename_whose_directory_cannot_be_opened_for_fsync_is_refused_unmade() {
+    let mut h = Harness::new();
+    let (key, id) = renaming_a_to(&mut h, "x", false);
+    let log = finish_intents_with_dir_of_failing(&mut h);
+    assert!(
+        matches!(h.reply(id), Some(Err(_))),
+        "answered {:?} with {log:?}",
+        h.reply(id)
+    );
+    assert!(
+        !log.iter().any(|l| matches!(l, Logged::Rename(..))),
+        "{log:?}"
+    );
+    assert!(h.fs.file("a").is_some() && h.fs.file("x").is_none());
+    assert_eq!(h.engine.handles[&key].rec.path.as_str(), "a");
+    assert!(h.store.inner.lock().unwrap().intents.is_empty());
+}
+
+/// The same for a durable remove: refused, the file still there.
+#[test]
+fn a_remove_whose_directory_cannot_be_opened_for_fsync_is_refused_unmade() {
+    let mut h = Harness::new();
+    h.fs.put("r", 5);
+    let rm = h.run(removing("r"));
+    let log = finish_intents_with_dir_of_failing(&mut h);
+    assert!(matches!(h.reply(rm), Some(Err(_))), "{log:?}");
+    assert!(
+        !log.iter().any(|l| matches!(l, Logged::Remove(_))),
+        "{log:?}"
+    );
+    assert!(h.fs.file("r").is_some());
+}
+
+/// A persistent create whose directory cannot be opened to be synced is
+/// refused, its file unlinked again: answered "created", the handle's
+/// commit went through with the new name maybe not on disk.
+#[test]
+fn a_persistent_create_whose_directory_cannot_be_opened_for_fsync_is_refused() {
+    let mut h = Harness::new();
+    h.fs.fail_next("dir_of", libc::EMFILE);
+    let id = h.run(open("n", Rights::ALL));
+    h.commit(true);
+    assert!(matches!(h.reply(id), Some(Err(_))), "{:?}", h.reply(id));
+    assert!(h.engine.handles.is_empty());
+    assert!(h.store.inner.lock().unwrap().handles.is_empty());
+    assert!(h.fs.file("n").is_none(), "the refused create's file stays");
+}
+
+/// Recovery that finished an interrupted rename but cannot open its
+/// directory to sync it fails (the intent stays for the next start)
+/// rather than commit the rename as finished with nothing synced; a
+/// directory gone meanwhile has nothing to sync.
+#[test]
+fn recovery_fails_when_a_finished_rename_s_directory_cannot_be_synced() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    let ra = persistent_record(&fs, "a");
+    let intent = Intent {
+        id: IntentId(uuid::Uuid::new_v4()),
+        change: IntentChange::Rename {
+            key: ra.key,
+            from: ra.path.clone(),
+            to: RelPath::new("x").unwrap(),
+            file: ra.file,
+            replace: false,
+            record: None,
+            kernel_handle: ra.kernel_handle.clone(),
+        },
+        recorded_ms: 0,
+    };
+    fs.rename(&ra.path, &RelPath::new("x").unwrap(), ra.file, None, false)
+        .unwrap();
+    store
+        .commit(&[&[
+            StoreOp::PutHandle(Box::new(ra.clone())),
+            StoreOp::PutIntent(Box::new(intent)),
+        ]])
+        .unwrap();
+    fs.fail_next("dir_of", libc::EMFILE);
+    assert!(try_recovered(&fs, &store).is_err());
+    assert_eq!(store.inner.lock().unwrap().intents.len(), 1);
+    fs.take_log();
+    recovered(&fs, &store);
+    assert!(store.inner.lock().unwrap().intents.is_empty());
+    assert!(fs.take_log().contains(&Logged::Fsync("/".into())));
 }
