@@ -1173,14 +1173,6 @@ pub fn names(
         && sys::file_handle_of(fd.as_fd()).is_ok_and(|h| h == *kh)
 }
 
-/// The kernel handle of the file `path` names (not following a final
-/// symlink), if it has one.
-pub fn handle_at(root: BorrowedFd<'_>, path: &RelPath) -> Option<libfilter::model::KernelHandle> {
-    sys::openat2_beneath(root, path.as_str(), libc::O_PATH | libc::O_NOFOLLOW, 0)
-        .and_then(|fd| sys::file_handle_of(fd.as_fd()))
-        .ok()
-}
-
 /// The identity and kernel handle of the file `path` names (not following
 /// a final symlink), both of one descriptor: a name replaced between two
 /// looks cannot pair one file's number with another's handle.

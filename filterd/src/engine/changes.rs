@@ -392,10 +392,20 @@ impl Engine {
         path: RelPath,
         record: Option<RecordSpec>,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
-        let file = self
-            .fs
-            .file_at_checked(&path)?
-            .ok_or_else(|| err(ErrorCode::NotFound, format!("{path}: not found")))?;
+        // The file's number and kernel handle from one look at one file
+        // (`identity_at`): two looks paired one file's number with
+        // another's handle in the intent when a local process replaced the
+        // name between them. Without a kernel handle (or for the error of
+        // a path that leaves the root), the number alone.
+        let (file, kernel_handle) = match self.fs.identity_at(&path) {
+            Some((file, kh)) => (file, Some(kh)),
+            None => (
+                self.fs
+                    .file_at_checked(&path)?
+                    .ok_or_else(|| err(ErrorCode::NotFound, format!("{path}: not found")))?,
+                None,
+            ),
+        };
         // As for a rename's target.
         self.lose_handles_of_a_reused_inode_at(file, &path);
         self.depends_on_file(file);
@@ -430,7 +440,6 @@ impl Engine {
                 return self.wait_behind(seq, file, conn, req_id, req);
             }
         }
-        let kernel_handle = self.fs.handle_at(&path);
         let change = IntentChange::Remove {
             path,
             file,

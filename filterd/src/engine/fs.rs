@@ -178,9 +178,6 @@ pub trait Fs: Send {
     /// Whether `path` names the file `expect` (and `kh`) now.
     fn names(&self, path: &RelPath, expect: FileId, kh: Option<&KernelHandle>) -> bool;
 
-    /// The kernel handle of the file `path` names, if any.
-    fn handle_at(&self, path: &RelPath) -> Option<KernelHandle>;
-
     /// The identity and kernel handle of the file `path` names, both from
     /// one look at one file (`None`: nothing there, or no kernel handle).
     fn identity_at(&self, path: &RelPath) -> Option<(FileId, KernelHandle)>;
@@ -382,10 +379,6 @@ impl Fs for HostFs {
 
     fn names(&self, path: &RelPath, expect: FileId, kh: Option<&KernelHandle>) -> bool {
         fsops::names(self.root(), path, expect, kh)
-    }
-
-    fn handle_at(&self, path: &RelPath) -> Option<KernelHandle> {
-        fsops::handle_at(self.root(), path)
     }
 
     fn identity_at(&self, path: &RelPath) -> Option<(FileId, KernelHandle)> {

@@ -83,6 +83,9 @@ struct State {
     descs: HashMap<u64, Desc>,
     /// The next call of an operation fails with an errno.
     fail: Vec<(&'static str, i32)>,
+    /// Right before the next call of an operation, a local process
+    /// replaces a name with a new file.
+    replace: Vec<(&'static str, String)>,
     log: Vec<Logged>,
 }
 
@@ -170,6 +173,12 @@ impl MemFs {
         self.st().fail.push((op, errno));
     }
 
+    /// Right before the next call of `op`, a local process replaces
+    /// `path` with a new file (not logged: not the engine's).
+    pub(super) fn replace_before(&self, op: &'static str, path: &str) {
+        self.st().replace.push((op, path.to_owned()));
+    }
+
     /// Appends a commit to the log (the test plays the committer).
     pub(super) fn log_commit(&self, ops: Vec<&'static str>) {
         self.st().log.push(Logged::Commit(ops));
@@ -255,6 +264,16 @@ impl State {
         match self.fail.iter().position(|(o, _)| *o == op) {
             Some(i) => Err(errno(self.fail.remove(i).1)),
             None => Ok(()),
+        }
+    }
+
+    /// What a local process does right before `op` ([`MemFs::replace_before`]).
+    fn before(&mut self, op: &'static str) {
+        if let Some(i) = self.replace.iter().position(|(o, _)| *o == op) {
+            let (_, path) = self.replace.remove(i);
+            self.unlink(&path);
+            let obj = self.make_file(None);
+            self.names.insert(path, obj);
         }
     }
 
@@ -772,16 +791,9 @@ impl Fs for MemFs {
         self.st().names(path.as_str(), expect, kh)
     }
 
-    fn handle_at(&self, path: &RelPath) -> Option<KernelHandle> {
-        let st = self.st();
-        st.names
-            .get(path.as_str())
-            .and_then(|o| st.objs.get(o))
-            .map(kernel_handle)
-    }
-
     fn identity_at(&self, path: &RelPath) -> Option<(FileId, KernelHandle)> {
-        let st = self.st();
+        let mut st = self.st();
+        st.before("identity_at");
         st.names
             .get(path.as_str())
             .and_then(|o| st.objs.get(o))
@@ -789,7 +801,8 @@ impl Fs for MemFs {
     }
 
     fn file_at_checked(&self, path: &RelPath) -> Result<Option<FileId>, WireError> {
-        let st = self.st();
+        let mut st = self.st();
+        st.before("file_at_checked");
         Ok(st
             .names
             .get(path.as_str())

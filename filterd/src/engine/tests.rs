@@ -1952,7 +1952,7 @@ fn persistent_record(fs: &MemFs, path: &str) -> HandleRecord {
         create_guid: None,
         owner: None,
         file: fs.file_at_checked(&path).unwrap().unwrap(),
-        kernel_handle: fs.handle_at(&path),
+        kernel_handle: fs.identity_at(&path).map(|(_, kh)| kh),
         path,
         access: Access::new(Rights::READ).unwrap(),
         share: Rights::ALL,
@@ -2824,7 +2824,7 @@ fn recovery_redoes_a_size_change_only_over_an_untouched_file() {
     let h = Harness::new();
     let (fs, store) = (h.fs.clone(), h.store.clone());
     fs.put("e", 10);
-    let kh_of = |path: &str| fs.handle_at(&RelPath::new(path).unwrap()).unwrap();
+    let kh_of = |path: &str| fs.identity_at(&RelPath::new(path).unwrap()).unwrap().1;
     let scope = ReplayScope::Session(ScopeName::new("smb/s").unwrap());
     let set_size = |path: &str, stamped: bool, op_id: u64| {
         let before = stamped.then(|| super::memfs::stamp_of(&fs.file(path).unwrap()));
@@ -2980,7 +2980,7 @@ fn a_size_change_recovery_redoes_is_marked_until_recorded() {
     let h = Harness::new();
     let (fs, store) = (h.fs.clone(), h.store.clone());
     fs.put("b", 10);
-    let kh = fs.handle_at(&RelPath::new("b").unwrap()).unwrap();
+    let kh = fs.identity_at(&RelPath::new("b").unwrap()).unwrap().1;
     let scope = ReplayScope::Session(ScopeName::new("smb/s").unwrap());
     let intent = Intent {
         id: IntentId(uuid::Uuid::new_v4()),
@@ -5337,4 +5337,34 @@ fn recovery_fails_when_a_finished_rename_s_directory_cannot_be_synced() {
     recovered(&fs, &store);
     assert!(store.inner.lock().unwrap().intents.is_empty());
     assert!(fs.take_log().contains(&Logged::Fsync("/".into())));
+}
+
+/// Review r1: a REMOVE's intent names its file by number and kernel
+/// handle from one look at one file. Two looks (the number, then the
+/// handle) paired one file's number with another's handle when a local
+/// process replaced the name between them.
+#[test]
+fn a_remove_s_intent_names_one_file_by_number_and_handle() {
+    let mut h = Harness::new();
+    h.fs.put("r", 5);
+    for op in ["file_at_checked", "identity_at"] {
+        h.fs.replace_before(op, "r");
+    }
+    h.run(removing("r"));
+    h.commit_holding_intents(true);
+    let intents = h.store.inner.lock().unwrap().intents.clone();
+    let Some(IntentChange::Remove {
+        file,
+        kernel_handle: Some(kh),
+        ..
+    }) = intents.values().next().map(|i| i.change.clone())
+    else {
+        panic!("no remove intent with a kernel handle: {intents:?}")
+    };
+    let ino = kh
+        .bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes);
+    assert_eq!(ino, Some(file.ino), "the handle is another file's");
 }
