@@ -66,6 +66,25 @@ struct AliceWrote {
     fid: Value,
 }
 
+/// A new client at `addr` with a session of `user`: its connection and
+/// session id.
+fn new_client(addr: &str, user: &str) -> (LineClient, u64) {
+    let mut c = LineClient::connect(addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), user);
+    (c, sid)
+}
+
+/// filterd and smbshim (instance smb-a) in a new scratch dir `name`, and
+/// two clients there: alice and bob, each with its connection and session.
+fn alice_and_bob(name: &str) -> (Scratch, Filterd, Shim, (LineClient, u64), (LineClient, u64)) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let alice = new_client(&shim.addr, "alice");
+    let bob = new_client(&shim.addr, "bob");
+    (s, d, shim, alice, bob)
+}
+
 /// Sends `req` until it succeeds (20 s at most), its answer never
 /// `never` (a final status where the open is still there); the success.
 fn until_success(c: &mut LineClient, req: &Value, never: &str) -> Value {
@@ -266,13 +285,7 @@ fn failover_flows_a_and_b_with_replays() {
 
 #[test]
 fn locks_and_set_info() {
-    let s = Scratch::new("smb-locks");
-    let _d = Filterd::start(&s, &[], &[]);
-    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
-    let mut a = LineClient::connect(&shim.addr);
-    let mut b = LineClient::connect(&shim.addr);
-    let sa = session(&mut a, &uuid::Uuid::new_v4().to_string(), "alice");
-    let sb = session(&mut b, &uuid::Uuid::new_v4().to_string(), "bob");
+    let (s, _d, _shim, (mut a, sa), (mut b, sb)) = alice_and_bob("smb-locks");
     let guid = uuid::Uuid::new_v4().to_string();
     let fa = a.call(json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write", "delete"],
                            "share": ["read", "write", "delete"], "disposition": "create",
@@ -332,13 +345,7 @@ fn locks_and_set_info() {
 
 #[test]
 fn leases_are_granted_broken_and_acknowledged() {
-    let s = Scratch::new("smb-lease");
-    let _d = Filterd::start(&s, &[], &[]);
-    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
-    let mut a = LineClient::connect(&shim.addr);
-    let mut b = LineClient::connect(&shim.addr);
-    let sa = session(&mut a, &uuid::Uuid::new_v4().to_string(), "alice");
-    let sb = session(&mut b, &uuid::Uuid::new_v4().to_string(), "bob");
+    let (_s, _d, _shim, (mut a, sa), (mut b, sb)) = alice_and_bob("smb-lease");
     let lk = uuid::Uuid::new_v4().to_string();
     let r = a.call(
         json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
@@ -1065,4 +1072,43 @@ fn a_resume_refused_for_a_passing_cause_keeps_the_open() {
         "the resume's commit did not fail:\n{}",
         d.log_text()
     );
+}
+
+/// A persistent open's CLOSE frees its locked range for another open as
+/// soon as its reply is out: filterd kept the closed handle whole until the
+/// close's commit was known, its OFD locks too, and the committer sends the
+/// reply before the engine lets go — so another open's LOCK of the range
+/// right after the CLOSE was `STATUS_LOCK_NOT_GRANTED` (half the time),
+/// "a local process holds a conflicting lock". Locks do not wait: a client
+/// does not try again.
+#[test]
+fn a_closed_persistent_opens_range_is_free_for_another_open_at_once() {
+    let (_s, _d, _shim, (mut a, sa), (mut b, sb)) = alice_and_bob("smb-close-unlocks");
+    let rw = json!(["read", "write"]);
+    let all = json!(["read", "write", "delete"]);
+    let lock = |sid: u64, fid: &Value| {
+        json!({"cmd": "LOCK", "session_id": sid, "file_id": fid,
+               "locks": [{"offset": 0, "length": 10, "exclusive": true, "unlock": false}]})
+    };
+    for i in 0..20 {
+        let path = format!("q{i}");
+        let ra = a.call(
+            json!({"cmd": "CREATE", "session_id": sa, "path": path, "access": rw,
+            "share": all, "disposition": "create",
+            "durable": {"create_guid": uuid::Uuid::new_v4().to_string(),
+                        "persistent": true, "timeout_ms": 60000}}),
+        );
+        assert_eq!(ra["status"], "STATUS_SUCCESS", "{ra}");
+        let rb = b.call(
+            json!({"cmd": "CREATE", "session_id": sb, "path": path, "access": rw,
+            "share": all, "disposition": "open"}),
+        );
+        assert_eq!(rb["status"], "STATUS_SUCCESS", "{rb}");
+        let r = a.call(lock(sa, &ra["file_id"]));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        let r = a.call(json!({"cmd": "CLOSE", "session_id": sa, "file_id": ra["file_id"]}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        let r = b.call(lock(sb, &rb["file_id"]));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "round {i}: {r}");
+    }
 }

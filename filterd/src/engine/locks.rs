@@ -606,17 +606,8 @@ impl Engine {
     /// was removed or renamed since the lock), which left the handle's
     /// restored locks unmirrored (the engine's proptest of failed commits).
     pub(super) fn release_mirror(&mut self, key: ResumeKey) -> Result<(), WireError> {
-        let fs = &*self.fs;
-        let Some(h) = self.handles.get_mut(&key) else {
-            return Ok(());
-        };
-        let Some(fd) = h.lock_fd.as_ref() else {
-            return Ok(());
-        };
-        if let Err(e) = fs.mirror_ofd_locks(fd.as_fd(), &[]) {
-            // Closing our own open file description releases them.
-            warn!(resume_key = %key, error = %e, "cannot release OFD locks: closing their descriptor");
-            h.lock_fd = None;
+        if let Some(h) = self.handles.get_mut(&key) {
+            release_ofd_locks(&*self.fs, h);
         }
         Ok(())
     }
@@ -697,5 +688,18 @@ impl Engine {
                     err(ErrorCode::Internal, format!("OFD lock: {e}"))
                 }
             })
+    }
+}
+
+/// Releases the OFD locks of `h`'s lock descriptor, keeping the descriptor
+/// (a failed commit takes them again on it: [`Engine::release_mirror`]).
+pub(super) fn release_ofd_locks(fs: &dyn super::fs::Fs, h: &mut Handle) {
+    let Some(fd) = h.lock_fd.as_ref() else {
+        return;
+    };
+    if let Err(e) = fs.mirror_ofd_locks(fd.as_fd(), &[]) {
+        // Closing our own open file description releases them.
+        warn!(resume_key = %h.rec.key, error = %e, "cannot release OFD locks: closing their descriptor");
+        h.lock_fd = None;
     }
 }

@@ -1405,6 +1405,16 @@ impl Engine {
         if let Some(ev) = h.held_break.take() {
             self.pass_held_break(h.rec.file, ev);
         }
+        // Its OFD locks go now, with its table entries, though a handle
+        // whose removal commits is kept whole until then: kept, they
+        // refused a LOCK of the range by another open after the CLOSE's
+        // reply (the committer sends it before the engine drops the kept
+        // handle). A failed commit takes them again on the same descriptor
+        // (`rebuild_locks` of the reinserted handle's file; `unmirrored`
+        // and retried if a local process took the range meanwhile) — as
+        // an unlock releases them before it is durable
+        // (`Engine::release_mirror`).
+        super::locks::release_ofd_locks(&*self.fs, &mut h);
         let mut locks_emptied = false;
         if let Some(t) = self.locks.get_mut(&h.rec.file) {
             t.remove_owner(&key);

@@ -887,6 +887,39 @@ fn a_failed_unlock_of_a_removed_files_last_lock_keeps_its_ofd_lock() {
     assert!(h.engine.handles[&key].lock_fd.is_none());
 }
 
+/// Review: a persistent handle's close kept the whole handle until its
+/// deletion committed, its OFD locks too — so another open's LOCK of the
+/// range right after the CLOSE's reply met them and was refused. They go
+/// with the close; a close whose commit fails takes them again on the
+/// same descriptor.
+#[test]
+fn a_closes_ofd_locks_go_with_it_and_come_back_if_it_fails() {
+    let mut h = Harness::new();
+    let key = open_and_lock_byte_8(&mut h);
+    let ofd = h.engine.handles[&key]
+        .lock_fd
+        .as_ref()
+        .and_then(|f| f.try_clone().ok())
+        .expect("a lock descriptor");
+    let close = Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+    };
+    h.run(close.clone());
+    assert_eq!(h.fs.ofd_locks(ofd.as_fd()), vec![], "released at the close");
+    h.commit(false);
+    assert_eq!(
+        h.fs.ofd_locks(ofd.as_fd()),
+        h.engine.handles[&key].rec.locks,
+        "taken again when the close failed"
+    );
+    assert!(!h.engine.unmirrored.contains(&key));
+    h.run(close);
+    h.commit(true);
+    assert_eq!(h.fs.ofd_locks(ofd.as_fd()), vec![]);
+}
+
 /// A failed unlock's lock comes back; when a local process took the range
 /// meanwhile (the unlock released the OFD lock at once), it cannot be
 /// taken again yet: it is counted unmirrored (filterctl shows it) and

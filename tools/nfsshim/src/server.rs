@@ -3276,7 +3276,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
             let _ = sh.filter.close(k);
         }
         if e.code() == Some(ErrorCode::LockNotGranted) {
-            return Err(denied(sh, &e));
+            return Err(denied(sh, &e, held));
         }
         return Err(filter_fail(e));
     }
@@ -3422,11 +3422,24 @@ fn apply_ranges(
     }
 }
 
+/// The `denied` owner of a conflict filterd names no lock of: a local
+/// process's fcntl lock (filterd learns only that the kernel refused its
+/// OFD mirror, not whose lock it met).
+const LOCAL_LOCK_OWNER: &str = "local process";
+
 /// NFS4ERR_DENIED with the conflicting lock (its holder's lock-owner when
-/// it is one of ours).
-fn denied(sh: &Shared, e: &ClientError) -> Fail {
-    let detail = match e {
-        ClientError::Refused(w) => w.conflict.as_deref().map(|c| {
+/// it is one of ours). The spec gives every NFS4ERR_DENIED a `denied`: a
+/// conflict with a local process's lock, of which filterd reports nothing,
+/// names the range `asked` for, a write lock (the one type that conflicts
+/// with any request) and [`LOCAL_LOCK_OWNER`]. It came with none, and a
+/// client reading `denied` met an error without it.
+fn denied(sh: &Shared, e: &ClientError, asked: Held) -> Fail {
+    let conflict = match e {
+        ClientError::Refused(w) => w.conflict.as_deref(),
+        _ => None,
+    };
+    let detail = match conflict {
+        Some(c) => {
             let owner = sh
                 .global()
                 .ok()
@@ -3436,16 +3449,15 @@ fn denied(sh: &Shared, e: &ClientError) -> Fail {
             json!({"offset": c.range.offset, "length": c.range.length,
                    "type": if c.kind == LockKind::Exclusive { "write" } else { "read" },
                    "owner": owner})
-        }),
-        _ => None,
+        }
+        None => {
+            let (offset, length, _) = asked;
+            json!({"offset": offset, "length": length, "type": "write",
+                   "owner": LOCAL_LOCK_OWNER})
+        }
     };
     // `finish` moves the details from the message into `denied`.
-    Fail(
-        "NFS4ERR_DENIED",
-        detail
-            .map(|d| d.to_string())
-            .unwrap_or_else(|| "denied".into()),
-    )
+    Fail("NFS4ERR_DENIED", detail.to_string())
 }
 
 fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
