@@ -1074,6 +1074,68 @@ fn a_resume_refused_for_a_passing_cause_keeps_the_open() {
     );
 }
 
+/// The smb-like spec closes a disconnected non-persistent durable open only
+/// when a break takes its H; a break of R or W alone lowers its lease, and
+/// its RECONNECT shows the lower state. filterd purged it at any lowering
+/// (MS-SMB2's rule, which rksmbd keeps): a reader's CREATE, which breaks
+/// only W, made alice's RECONNECT not found.
+#[test]
+fn a_break_that_keeps_h_leaves_a_disconnected_durable_open_reconnectable() {
+    let s = Scratch::new("smb-break-keeps-h");
+    let d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let (guid, lk) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let mut a = LineClient::connect(&shim.addr);
+    let sa = session(&mut a, &client_guid, "alice");
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+               "share": ["read", "write", "delete"], "disposition": "open_if",
+               "lease": {"key": lk, "state": "RWH"},
+               "durable": {"create_guid": guid, "persistent": false, "timeout_ms": 60000}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["durable"]["persistent"], false, "{r}");
+    let fid = r["file_id"].clone();
+    drop(a);
+    wait_for(
+        "alice's open to be disconnected",
+        Duration::from_secs(10),
+        || {
+            d.control()
+                .handles()
+                .unwrap_or_default()
+                .iter()
+                .any(|h| {
+                    matches!(
+                        h.record.conn,
+                        libfilter::model::ConnState::Disconnected { .. }
+                    )
+                })
+                .then_some(())
+        },
+    );
+    // A reader breaks only W of alice's lease.
+    let (mut b, sb) = new_client(&shim.addr, "bob");
+    let rb = b.call(
+        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["read"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(rb["status"], "STATUS_SUCCESS", "{rb}");
+    let mut a = LineClient::connect(&shim.addr);
+    let sa = session(&mut a, &client_guid, "alice");
+    let r = a.call(json!({"cmd": "RECONNECT", "session_id": sa, "file_id": fid,
+               "create_guid": guid, "lease_key": lk}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(
+        r["lease"]["state"], "RH",
+        "the break shows as the lower state: {r}"
+    );
+}
+
 /// A persistent open's CLOSE frees its locked range for another open as
 /// soon as its reply is out: filterd kept the closed handle whole until the
 /// close's commit was known, its OFD locks too, and the committer sends the

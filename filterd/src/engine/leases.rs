@@ -198,11 +198,9 @@ impl Engine {
 
     /// Sets a lease's state on every handle of its key on the file (durably
     /// for persistent ones); bumps the epoch. A disconnected non-persistent
-    /// durable handle whose lease is lowered at all is purged, as MS-SMB2
-    /// 3.3.4.6 and 3.3.4.7 close an open without a connection that a break
-    /// reaches (its client could not learn of the break): the conflicting
-    /// open then finds the file as that close left it. Returns the new
-    /// epoch.
+    /// durable handle is purged when the break costs it what its protocol
+    /// says ([`purged_by_lowering`]): the conflicting open then finds the
+    /// file as that close left it. Returns the new epoch.
     pub(super) fn set_lease_state(&mut self, file: FileId, lk: LeaseKey, to: LeaseState) -> u16 {
         self.set_lease_state_with(file, lk, to, Epoch::OnChange)
     }
@@ -228,9 +226,7 @@ impl Engine {
             if l.key != lk {
                 continue;
             }
-            let lowered = [LeaseState::R, LeaseState::W, LeaseState::H]
-                .into_iter()
-                .any(|s| l.state.contains(s) && !to.contains(s));
+            let purged = purged_by_lowering(h.rec.protocol.as_str(), l.state, to);
             let bump = match epoch_step {
                 Epoch::OnChange => l.state != to,
                 Epoch::Bump => true,
@@ -241,7 +237,7 @@ impl Engine {
                 l.epoch = l.epoch.wrapping_add(1);
             }
             epoch = l.epoch;
-            if lowered && h.conn.is_none() && matches!(h.rec.durability, Durability::Durable { .. })
+            if purged && h.conn.is_none() && matches!(h.rec.durability, Durability::Durable { .. })
             {
                 purge.push(k);
             } else if h.rec.durability.is_persistent() && !h.parked {
@@ -815,5 +811,23 @@ impl Engine {
             self.set_lease_state(file, lk, b.to);
             self.retry_files.insert(file);
         }
+    }
+}
+
+/// Whether lowering a disconnected non-persistent durable handle's lease
+/// from `from` to `to` closes the handle. MS-SMB2 3.3.4.6 and 3.3.4.7 close
+/// an open without a connection that any break reaches (its client could
+/// not learn of the break; smbtorture's durable-open oplock, lease and
+/// open2-oplock tests check it): so for [`lease::MSFSA_PROTOCOL`]. The
+/// smb-like spec closes one only when its H is broken — a lower R or W
+/// shows at its RECONNECT instead — and nfs-like holders follow it.
+fn purged_by_lowering(protocol: &str, from: LeaseState, to: LeaseState) -> bool {
+    let lost = |s: LeaseState| from.contains(s) && !to.contains(s);
+    if protocol == lease::MSFSA_PROTOCOL {
+        [LeaseState::R, LeaseState::W, LeaseState::H]
+            .into_iter()
+            .any(lost)
+    } else {
+        lost(LeaseState::H)
     }
 }
