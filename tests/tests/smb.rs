@@ -1174,3 +1174,82 @@ fn a_closed_persistent_opens_range_is_free_for_another_open_at_once() {
         assert_eq!(r["status"], "STATUS_SUCCESS", "round {i}: {r}");
     }
 }
+
+/// A non-persistent durable CREATE of `doc` (overwrite_if) under create
+/// GUID `guid`, asking for lease `key` in `state`.
+fn durable_create(
+    c: &mut LineClient,
+    sid: u64,
+    (guid, key): (&str, &str),
+    state: &str,
+    replay: bool,
+) -> Value {
+    c.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": "doc", "access": ["read", "write"],
+               "share": ["read"], "disposition": "overwrite_if", "replay": replay,
+               "durable": {"create_guid": guid, "persistent": false, "timeout_ms": 0},
+               "lease": {"key": key, "state": state}}),
+    )
+}
+
+/// A replayed CREATE that asks for less than its original did (a lease
+/// without H) still finds the original durable open (review r4 #1): the
+/// same file_id and create action, nothing run again — no second
+/// truncation — and the open still durable. A CREATE that reuses the
+/// create GUID without replay, or from another client, is a duplicate.
+#[test]
+fn a_replay_asking_for_less_than_its_original_returns_the_original() {
+    let s = Scratch::new("smb-replay-less");
+    let d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let guid = uuid::Uuid::new_v4().to_string();
+    let key = uuid::Uuid::new_v4().to_string();
+    let ids = (guid.as_str(), key.as_str());
+    let mut c = LineClient::connect(&shim.addr);
+    let sid = session(&mut c, &client_guid, "alice");
+    let r = durable_create(&mut c, sid, ids, "RWH", false);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["create_action"], "created", "{r}");
+    assert_eq!(r["durable"]["persistent"], false, "{r}");
+    let fid = r["file_id"].clone();
+    let w = c.call(
+        json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0,
+                          "data": b64("important data"), "op_id": 1}),
+    );
+    assert_eq!(w["count"], 14, "{w}");
+    drop(c);
+    let ctl = d.control();
+    wait_for(
+        "the open to be disconnected",
+        Duration::from_secs(5),
+        || {
+            let hs = ctl.handles().ok()?;
+            matches!(
+                hs.first()?.record.conn,
+                libfilter::model::ConnState::Disconnected { .. }
+            )
+            .then_some(())
+        },
+    );
+    let mut c = LineClient::connect(&shim.addr);
+    let sid2 = session(&mut c, &client_guid, "alice");
+    let r = durable_create(&mut c, sid2, ids, "RW", true);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["file_id"], fid, "the original open: {r}");
+    assert_eq!(r["create_action"], "created", "{r}");
+    assert_eq!(r["size"], 14, "{r}");
+    assert_eq!(r["durable"]["create_guid"], guid.as_str(), "{r}");
+    assert_eq!(
+        std::fs::read(s.root().join("doc")).unwrap(),
+        b"important data",
+        "the replay truncated nothing"
+    );
+    let r = durable_create(&mut c, sid2, ids, "RW", false);
+    assert_eq!(r["status"], "STATUS_DUPLICATE_OBJECTID", "{r}");
+    let mut other = LineClient::connect(&shim.addr);
+    let osid = session(&mut other, &uuid::Uuid::new_v4().to_string(), "alice");
+    let r = durable_create(&mut other, osid, ids, "R", false);
+    assert_eq!(r["status"], "STATUS_DUPLICATE_OBJECTID", "{r}");
+    assert_eq!(ctl.handles().unwrap().len(), 1, "nothing else was opened");
+}

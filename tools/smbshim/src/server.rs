@@ -940,44 +940,10 @@ fn create_with(
             })
         }
     };
-    // Durable: persistent opens are always granted; a non-persistent durable
-    // open only together with an H lease (decided once the lease is known).
     let wants_h = lease_req.is_some_and(|l| l.state.contains(libfilter::lease::LeaseState::H));
-    let (durability, create_guid, granted) = match &f.durable {
-        Some(d) => {
-            let guid = uuid_of("create_guid", d.create_guid)?;
-            let persistent = d.persistent;
-            let t = u32::try_from(d.timeout_ms).map_err(|_| invalid("timeout_ms too large"))?;
-            let t = if t == 0 {
-                DEFAULT_DURABLE_TIMEOUT_MS
-            } else {
-                t.min(300_000)
-            };
-            if persistent {
-                (
-                    Durability::Persistent { timeout_ms: t },
-                    Some(guid),
-                    Some(Grant {
-                        create_guid: guid,
-                        persistent: true,
-                        timeout_ms: Some(t),
-                    }),
-                )
-            } else if wants_h {
-                (
-                    Durability::Durable { timeout_ms: t },
-                    Some(guid),
-                    Some(Grant {
-                        create_guid: guid,
-                        persistent: false,
-                        timeout_ms: Some(t),
-                    }),
-                )
-            } else {
-                (Durability::None, None, None)
-            }
-        }
-        None => (Durability::None, None, None),
+    let (durability, create_guid) = match &f.durable {
+        Some(d) => durable_request(d, wants_h)?,
+        None => (Durability::None, None),
     };
     let req = OpenRequest {
         create_guid: create_guid.map(CreateGuid),
@@ -1028,19 +994,7 @@ fn create_with(
     }
     note_locked(m, &h.info);
     let file_id = h.info.key.to_string();
-    // A durable (not persistent) open is granted only if the lease came with
-    // H; otherwise it is served as a plain open and closed on disconnect.
-    let granted = match durability {
-        Durability::Durable { .. }
-            if !h
-                .info
-                .lease
-                .is_some_and(|l| l.state.contains(libfilter::lease::LeaseState::H)) =>
-        {
-            None
-        }
-        _ => granted,
-    };
+    let granted = create_guid.and_then(|g| grant_of(&h.info, g));
     // Whether the session lives is checked under the opens lock, and the
     // open stored before it goes: a session that ended while filterd made
     // the open (a LOGOFF, or a SESSION_SETUP naming it as
@@ -1110,6 +1064,59 @@ fn create_with(
         durable: o.durable,
         lease: h.info.lease.or(o.lease).map(LeaseShown::of),
         file_id,
+    })
+}
+
+/// What a CREATE's `durable` asks filterd for: the durability, and the
+/// create GUID. The GUID goes with every CREATE that carries `durable`,
+/// granted or not: it is what finds the original open for a replay and
+/// refuses a duplicate (spec "Create replay"), and a replay may ask for
+/// less than the original did, e.g. a lease without H — it must still find
+/// the open and run nothing again (a second truncation, review r4 #1).
+/// Persistent opens are always durable; a non-persistent one only with an
+/// H lease asked for (and granted, [`grant_of`]).
+fn durable_request(
+    d: &DurableFields<'_>,
+    wants_h: bool,
+) -> Result<(Durability, Option<uuid::Uuid>), Fail> {
+    let guid = uuid_of("create_guid", d.create_guid)?;
+    let t = u32::try_from(d.timeout_ms).map_err(|_| invalid("timeout_ms too large"))?;
+    let timeout_ms = if t == 0 {
+        DEFAULT_DURABLE_TIMEOUT_MS
+    } else {
+        t.min(300_000)
+    };
+    let durability = if d.persistent {
+        Durability::Persistent { timeout_ms }
+    } else if wants_h {
+        Durability::Durable { timeout_ms }
+    } else {
+        Durability::None
+    };
+    Ok((durability, Some(guid)))
+}
+
+/// The durability an open made (or found by a replay) under create GUID
+/// `guid` holds, as the reply shows it: the open as it is, not as the
+/// request asked. A durable (not persistent) open counts only while its
+/// lease has H; without it, it is served as a plain open and closed on
+/// disconnect.
+fn grant_of(info: &libfilter::proto::Opened, guid: uuid::Uuid) -> Option<Grant> {
+    let persistent = match info.durability {
+        Durability::Persistent { .. } => true,
+        Durability::Durable { .. }
+            if info
+                .lease
+                .is_some_and(|l| l.state.contains(libfilter::lease::LeaseState::H)) =>
+        {
+            false
+        }
+        _ => return None,
+    };
+    Some(Grant {
+        create_guid: guid,
+        persistent,
+        timeout_ms: info.durability.timeout_ms(),
     })
 }
 
