@@ -1035,3 +1035,51 @@ fn a_lock_refused_by_a_local_fcntl_lock_carries_denied() {
                           "type": "read", "offset": 5, "length": 20}));
     assert_denied(&r, 5, 20, "write", "local process");
 }
+
+/// A READ or WRITE past the largest file offset is the client's mistake
+/// (review r4 #2): NFS4ERR_INVAL, never NFS4ERR_SERVERFAULT, and nothing
+/// is written; I/O the open's access does not allow is NFS4ERR_ACCESS.
+#[test]
+fn io_past_the_largest_file_offset_is_invalid_not_a_server_fault() {
+    let s = Scratch::new("nfs-io-range");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-a");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "0123456789abcdef");
+    let ro = ok(a.open("p1", "f", "read", "none", create()))["stateid"].clone();
+    let rw = ok(a.open("p2", "f", "both", "none", json!({})))["stateid"].clone();
+    let top = u64::try_from(i64::MAX).unwrap();
+    for (req, status) in [
+        (
+            json!({"op": "WRITE", "stateid": ro, "offset": 0, "data": b64("x")}),
+            "NFS4ERR_ACCESS",
+        ),
+        (
+            json!({"op": "READ", "stateid": rw, "offset": top + 1, "count": 1}),
+            "NFS4ERR_INVAL",
+        ),
+        (
+            json!({"op": "READ", "stateid": rw, "offset": u64::MAX, "count": 1}),
+            "NFS4ERR_INVAL",
+        ),
+        (
+            json!({"op": "READ", "stateid": rw, "offset": top, "count": 1}),
+            "NFS4ERR_INVAL",
+        ),
+        (
+            json!({"op": "WRITE", "stateid": rw, "offset": u64::MAX - 1, "data": b64("abc")}),
+            "NFS4ERR_INVAL",
+        ),
+        (
+            json!({"op": "WRITE", "stateid": rw, "offset": top - 1, "data": b64("abc")}),
+            "NFS4ERR_INVAL",
+        ),
+        (
+            json!({"op": "READ", "stateid": rw, "offset": top - 1, "count": 1}),
+            "NFS4_OK",
+        ),
+    ] {
+        let r = a.call(req.clone());
+        assert_eq!(r["status"], status, "{req}: {r}");
+    }
+    assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"");
+}

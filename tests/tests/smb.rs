@@ -1253,3 +1253,41 @@ fn a_replay_asking_for_less_than_its_original_returns_the_original() {
     assert_eq!(r["status"], "STATUS_DUPLICATE_OBJECTID", "{r}");
     assert_eq!(ctl.handles().unwrap().len(), 1, "nothing else was opened");
 }
+
+/// A client's mistake in a READ or WRITE is answered as one (review r4
+/// #2): I/O an open's access does not allow is STATUS_ACCESS_DENIED, a
+/// range past the largest file offset STATUS_INVALID_PARAMETER — never
+/// STATUS_DISK_FULL or STATUS_INTERNAL_ERROR — and nothing is written.
+#[test]
+fn io_the_open_or_the_file_cannot_take_is_refused_as_the_clients_mistake() {
+    let s = Scratch::new("smb-io-mistakes");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut c = LineClient::connect(&shim.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+    let mut open = |access: &[&str]| {
+        let r = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+                              "access": access, "share": ["read", "write", "delete"],
+                              "disposition": "open_if"}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        r["file_id"].clone()
+    };
+    let (ro, wo, rw) = (open(&["read"]), open(&["write"]), open(&["read", "write"]));
+    let top = u64::try_from(i64::MAX).unwrap();
+    let read = |fid: &Value, offset: u64, length: u64| json!({"cmd": "READ", "file_id": fid, "offset": offset, "length": length});
+    let write = |fid: &Value, offset: u64| json!({"cmd": "WRITE", "file_id": fid, "offset": offset, "data": b64("abc")});
+    for (mut req, status) in [
+        (write(&ro, 0), "STATUS_ACCESS_DENIED"),
+        (read(&wo, 0, 1), "STATUS_ACCESS_DENIED"),
+        (read(&rw, u64::MAX, 10), "STATUS_INVALID_PARAMETER"),
+        (read(&rw, top, 1), "STATUS_INVALID_PARAMETER"),
+        (write(&rw, u64::MAX - 1), "STATUS_INVALID_PARAMETER"),
+        (write(&rw, top - 1), "STATUS_INVALID_PARAMETER"),
+        (read(&rw, top - 1, 1), "STATUS_SUCCESS"),
+    ] {
+        req["session_id"] = json!(sid);
+        let r = c.call(req.clone());
+        assert_eq!(r["status"], status, "{req}: {r}");
+    }
+    assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"");
+}

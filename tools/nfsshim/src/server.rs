@@ -3097,6 +3097,7 @@ fn check_io<'a>(
 fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let offset = u64_field(obj, "offset")?;
     let count = u64_field(obj, "count")?.min(MAX_READ);
+    in_file_range(offset, count)?;
     let n = resolve(ctx, st, field(obj, "stateid")?)?;
     let o = st
         .opens
@@ -3110,9 +3111,7 @@ fn read(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let file = o
         .file_for(Rights::READ)
         .ok_or_else(|| Fail("NFS4ERR_ACCESS", "the open does not read".into()))?;
-    let got = file
-        .read_at(&mut buf, offset)
-        .map_err(|e| internal(e.to_string()))?;
+    let got = file.read_at(&mut buf, offset).map_err(|e| io_fail(&e))?;
     let eof = shimline::datasync::read_reached_eof(file, offset, got, buf.len());
     drop(pass);
     buf.truncate(got);
@@ -3130,6 +3129,7 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let data = base64::engine::general_purpose::STANDARD
         .decode(str_field(obj, "data")?)
         .map_err(|_| inval("data must be base64"))?;
+    in_file_range(offset, u64::try_from(data.len()).unwrap_or(u64::MAX))?;
     let n = resolve(ctx, st, field(obj, "stateid")?)?;
     let o = st
         .opens
@@ -3149,18 +3149,38 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         u64::try_from(data.len()).unwrap_or(u64::MAX),
         true,
     )?;
-    file.write_all_at(&data, offset)
-        .map_err(|e| Fail("NFS4ERR_NOSPC", e.to_string()))?;
+    file.write_all_at(&data, offset).map_err(|e| io_fail(&e))?;
     // Landed: a lock waiting for this frontend's hint or this checked
     // write may be granted now.
     drop(pass);
     // Every nfsl/1 open is a persistent handle: the data is on stable
     // storage before the reply (FILE_SYNC), shared with concurrent writers.
-    file.sync_written()
-        .map_err(|e| Fail("NFS4ERR_NOSPC", e.to_string()))?;
+    file.sync_written().map_err(|e| io_fail(&e))?;
     let mut m = Map::new();
     m.insert("count".into(), json!(data.len()));
     Ok(m)
+}
+
+/// NFS4ERR_INVAL for a READ or WRITE of `length` bytes at `offset` past
+/// the largest file offset (bad input, not a server failure).
+fn in_file_range(offset: u64, length: u64) -> Result<(), Fail> {
+    if shimline::datasync::in_file_range(offset, length) {
+        return Ok(());
+    }
+    Err(inval(format!(
+        "offset {offset} + count {length} is past the largest file offset"
+    )))
+}
+
+/// The status of a failed pread, pwrite or data sync: only out of space
+/// is NFS4ERR_NOSPC.
+fn io_fail(e: &std::io::Error) -> Fail {
+    let status = match shimline::datasync::IoFailure::of(e) {
+        shimline::datasync::IoFailure::NoSpace => "NFS4ERR_NOSPC",
+        shimline::datasync::IoFailure::BadRange => "NFS4ERR_INVAL",
+        shimline::datasync::IoFailure::Server => "NFS4ERR_SERVERFAULT",
+    };
+    Fail(status, e.to_string())
 }
 
 fn commit(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {

@@ -88,9 +88,65 @@ pub fn read_reached_eof(file: &File, offset: u64, got: usize, wanted: usize) -> 
     file.metadata().is_ok_and(|m| end >= m.len())
 }
 
+/// Whether `length` bytes at `offset` lie within the offsets a file can
+/// have (up to `i64::MAX`, the kernel's `loff_t`). A READ or WRITE past
+/// them is the client's mistake, answered as bad input before any
+/// pread/pwrite: the kernel's EINVAL or EFBIG for it would otherwise come
+/// back as a server or disk failure (review r4 #2).
+pub fn in_file_range(offset: u64, length: u64) -> bool {
+    offset
+        .checked_add(length)
+        .is_some_and(|end| i64::try_from(end).is_ok())
+}
+
+/// What a failed pread, pwrite or data sync says, for the protocol
+/// status: only running out of space (or quota) is a full disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoFailure {
+    /// ENOSPC or EDQUOT.
+    NoSpace,
+    /// EINVAL or EFBIG: a range the file system cannot hold (bad input).
+    BadRange,
+    /// Anything else: the server's own failure.
+    Server,
+}
+
+impl IoFailure {
+    /// The failure `e` is.
+    pub fn of(e: &std::io::Error) -> IoFailure {
+        match e.raw_os_error() {
+            Some(nix::libc::ENOSPC | nix::libc::EDQUOT) => IoFailure::NoSpace,
+            Some(nix::libc::EINVAL | nix::libc::EFBIG) => IoFailure::BadRange,
+            _ => IoFailure::Server,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_range_ends_at_the_largest_signed_offset() {
+        let top = u64::try_from(i64::MAX).unwrap();
+        assert!(in_file_range(0, 0));
+        assert!(in_file_range(top - 1, 1));
+        assert!(in_file_range(top, 0));
+        assert!(!in_file_range(top, 1));
+        assert!(!in_file_range(u64::MAX, 10));
+        assert!(!in_file_range(u64::MAX - 1, 3));
+    }
+
+    #[test]
+    fn only_running_out_of_space_is_a_full_disk() {
+        let of = |e| IoFailure::of(&std::io::Error::from_raw_os_error(e));
+        assert_eq!(of(nix::libc::ENOSPC), IoFailure::NoSpace);
+        assert_eq!(of(nix::libc::EDQUOT), IoFailure::NoSpace);
+        assert_eq!(of(nix::libc::EFBIG), IoFailure::BadRange);
+        assert_eq!(of(nix::libc::EINVAL), IoFailure::BadRange);
+        assert_eq!(of(nix::libc::EBADF), IoFailure::Server);
+        assert_eq!(of(nix::libc::EIO), IoFailure::Server);
+    }
     use std::os::unix::fs::FileExt;
     use std::sync::Arc;
 

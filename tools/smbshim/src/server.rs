@@ -17,6 +17,7 @@ use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
 use libfilter::settle::{may_hold, Unsettled};
 use serde_json::{json, Map, Value};
+use shimline::datasync::IoFailure;
 
 /// Longest request line (spec: 4 MiB).
 const MAX_LINE: usize = 4 << 20;
@@ -204,6 +205,8 @@ struct Open {
     file_key: FileId,
     session: u64,
     file: Arc<shimline::datasync::SyncedFile>,
+    /// What `file` may do, read once from it.
+    io: Io,
     durable: Option<Grant>,
     create_action: CreateAction,
     lease: Option<HeldLease>,
@@ -1048,6 +1051,7 @@ fn create_with(
                 key: h.info.key,
                 file_key: h.info.file,
                 session,
+                io: Io::of(&h.fd),
                 file: Arc::new(std::fs::File::from(h.fd).into()),
                 durable: granted,
                 create_action: h.info.create_action,
@@ -1287,6 +1291,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             key,
             file_key: h.info.file,
             session,
+            io: Io::of(&h.fd),
             file: Arc::new(std::fs::File::from(h.fd).into()),
             durable: Some(durable),
             create_action: h.info.create_action,
@@ -1309,8 +1314,76 @@ struct OpenRef {
     key: ResumeKey,
     file_key: FileId,
     file: Arc<shimline::datasync::SyncedFile>,
+    io: Io,
     durable: bool,
     persistent: bool,
+}
+
+/// Whether an open's descriptor may read and write. READ and WRITE check
+/// it before any pread/pwrite: a client that writes through an open made
+/// without write access (or reads without read) is told
+/// STATUS_ACCESS_DENIED, not a disk or server error made of the EBADF the
+/// kernel answers (review r4 #2). Taken from the descriptor itself, so an
+/// open a replay or a RECONNECT took over has its original's rights.
+#[derive(Clone, Copy)]
+struct Io {
+    read: bool,
+    write: bool,
+}
+
+impl Io {
+    fn of(fd: &impl std::os::fd::AsFd) -> Io {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let flags = fcntl(fd, FcntlArg::F_GETFL).map_or(OFlag::O_PATH, OFlag::from_bits_retain);
+        if flags.contains(OFlag::O_PATH) {
+            return Io {
+                read: false,
+                write: false,
+            };
+        }
+        let mode = flags & OFlag::O_ACCMODE;
+        Io {
+            read: mode == OFlag::O_RDONLY || mode == OFlag::O_RDWR,
+            write: mode == OFlag::O_WRONLY || mode == OFlag::O_RDWR,
+        }
+    }
+
+    /// STATUS_ACCESS_DENIED unless the open may `write` (else read).
+    fn allows(self, write: bool) -> Result<(), Fail> {
+        match (write, self.write, self.read) {
+            (true, true, _) | (false, _, true) => Ok(()),
+            (true, false, _) => Err(Fail(
+                "STATUS_ACCESS_DENIED",
+                "the open was made without write access".into(),
+            )),
+            (false, _, false) => Err(Fail(
+                "STATUS_ACCESS_DENIED",
+                "the open was made without read access".into(),
+            )),
+        }
+    }
+}
+
+/// STATUS_INVALID_PARAMETER for a READ or WRITE of `length` bytes at
+/// `offset` past the largest file offset (bad input, not a disk or server
+/// failure).
+fn in_file_range(offset: u64, length: u64) -> Result<(), Fail> {
+    if shimline::datasync::in_file_range(offset, length) {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "offset {offset} + length {length} is past the largest file offset"
+    )))
+}
+
+/// The status of a failed pread, pwrite or data sync.
+fn io_fail(e: &std::io::Error) -> Fail {
+    let status = match IoFailure::of(e) {
+        IoFailure::NoSpace => "STATUS_DISK_FULL",
+        IoFailure::BadRange => "STATUS_INVALID_PARAMETER",
+        IoFailure::Server => "STATUS_INTERNAL_ERROR",
+    };
+    Fail(status, e.to_string())
 }
 
 fn note_locked(m: &Member, info: &libfilter::proto::Opened) {
@@ -1339,6 +1412,7 @@ fn open_in(sh: &Shared, session: u64, file_id: &str) -> Result<OpenRef, Fail> {
             key: o.key,
             file_key: o.file_key,
             file: o.file.clone(),
+            io: o.io,
             durable: o.durable.is_some(),
             persistent: o.durable.is_some_and(|d| d.persistent),
             file_id: file_id.to_owned(),
@@ -1357,7 +1431,9 @@ fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     if length > MAX_LINE {
         return Err(invalid("length larger than 4 MiB"));
     }
+    in_file_range(offset, u64::try_from(length).unwrap_or(u64::MAX))?;
     let o = open_of(sh, obj)?;
+    o.io.allows(false)?;
     let file = o.file.clone();
     let pass = check_io(
         sh,
@@ -1367,9 +1443,7 @@ fn read(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         false,
     )?;
     let mut buf = vec![0u8; length];
-    let n = file
-        .read_at(&mut buf, offset)
-        .map_err(|e| Fail("STATUS_INTERNAL_ERROR", e.to_string()))?;
+    let n = file.read_at(&mut buf, offset).map_err(|e| io_fail(&e))?;
     drop(pass);
     buf.truncate(n);
     let mut m = Map::new();
@@ -1387,7 +1461,9 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         .decode(str_field(obj, "data")?)
         .map_err(|_| invalid("data must be base64"))?;
     let op_id = op_id_field(obj)?;
+    in_file_range(offset, u64::try_from(data.len()).unwrap_or(u64::MAX))?;
     let o = open_of(sh, obj)?;
+    o.io.allows(true)?;
     let (key, file, durable) = (o.key, o.file.clone(), o.durable);
     let member = sh.member(o.member)?;
     let scope = ReplayScope::Handle(key);
@@ -1418,15 +1494,13 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         u64::try_from(data.len()).unwrap_or(u64::MAX),
         true,
     )?;
-    file.write_all_at(&data, offset)
-        .map_err(|e| Fail("STATUS_DISK_FULL", e.to_string()))?;
+    file.write_all_at(&data, offset).map_err(|e| io_fail(&e))?;
     // Landed: a lock waiting for this frontend's hint or this checked
     // write may be granted now.
     drop(pass);
     if o.persistent {
         // On stable storage before the reply (continuous availability).
-        file.sync_written()
-            .map_err(|e| Fail("STATUS_DISK_FULL", e.to_string()))?;
+        file.sync_written().map_err(|e| io_fail(&e))?;
     }
     let mut m = Map::new();
     m.insert("count".into(), json!(data.len()));
