@@ -1291,3 +1291,41 @@ fn io_the_open_or_the_file_cannot_take_is_refused_as_the_clients_mistake() {
     }
     assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"");
 }
+
+/// A client's path with a newline and an escape sequence cannot forge rows
+/// of filterctl's tables or reach the operator's terminal (review r4 #3):
+/// `handles` and `files` show it quoted and escaped, one row; `--json`
+/// keeps it as it is.
+#[test]
+fn filterctl_tables_escape_a_clients_control_characters() {
+    let s = Scratch::new("smb-ctl-escape");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut c = LineClient::connect(&shim.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+    let path = "evil\nffffffff-0000  connected  none\u{1b}[2J\u{1b}]0;owned\u{7}";
+    let r = c.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read"],
+                          "share": ["read"], "disposition": "create"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let sock = s.socket().to_str().unwrap().to_owned();
+    for cmd in ["handles", "files"] {
+        let out = rkfilter_tests::filterctl(&["--socket", &sock, cmd]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(
+            out.stdout.lines().count(),
+            3,
+            "header, 1 row, footer:\n{}",
+            out.stdout
+        );
+        assert!(
+            !out.stdout.contains(['\u{1b}', '\u{7}']),
+            "{cmd}: {:?}",
+            out.stdout
+        );
+        assert!(out.stdout.contains(r"evil\nffff"), "{cmd}: {}", out.stdout);
+    }
+    let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    assert_eq!(v[0]["path"], path, "{v}");
+}

@@ -451,7 +451,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             } else {
                 out!("{}", render::handles(&views, libfilter::model::now_ms()))?;
                 for c in &corrupt {
-                    outln!("corrupt record: {c}")?;
+                    outln!("corrupt record: {}", render::text(c))?;
                 }
                 Ok(())
             }

@@ -4,10 +4,31 @@ use libfilter::model::{ConnState, HandleRecord};
 use libfilter::proto::{FileView, FrontendView, HandleView, Stats, StatusInfo};
 use libfilter::store::MetaInfo;
 
-/// An aligned table with a header row; columns are as wide as their widest cell.
+/// `s` as it may go to a terminal: as is, unless it holds a character
+/// that is not printed as itself (a control character — a newline, an
+/// escape sequence's ESC — or another one Rust's `escape_debug` escapes,
+/// such as a bidi override); then quoted with those escaped. Paths, client
+/// and owner names come from clients: printed raw, a path with a newline
+/// forged table rows and one with escape sequences drove the operator's
+/// terminal (review r4 #3). JSON output needs none of this.
+pub fn text(s: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |c: char| matches!(c, '\\' | '"' | '\'') || c.escape_debug().len() == 1;
+    if s.chars().all(plain) {
+        s.into()
+    } else {
+        format!("\"{}\"", s.escape_debug()).into()
+    }
+}
+
+/// An aligned table with a header row; columns are as wide as their widest
+/// cell. Every cell goes through [`text`].
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<std::borrow::Cow<'_, str>>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| text(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(c.chars().count());
@@ -27,8 +48,8 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         s.trim_end().to_owned() + "\n"
     };
     let mut out = line(header.to_vec());
-    for r in rows {
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    for r in &rows {
+        out.push_str(&line(r.iter().map(|c| c.as_ref()).collect()));
     }
     out
 }
@@ -152,7 +173,7 @@ pub fn handle(v: &HandleView, now: u64) -> String {
     ];
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.drain(..)
-        .map(|(k, v)| format!("{:<w$}  {v}\n", format!("{k}:"), w = w + 1))
+        .map(|(k, v)| format!("{:<w$}  {}\n", format!("{k}:"), text(&v), w = w + 1))
         .collect()
 }
 
@@ -324,7 +345,7 @@ fn kv(pairs: &[(&str, String)]) -> String {
     let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     pairs
         .iter()
-        .map(|(k, v)| format!("{:<w$}  {v}\n", format!("{k}:")))
+        .map(|(k, v)| format!("{:<w$}  {}\n", format!("{k}:"), text(v)))
         .collect()
 }
 
@@ -404,7 +425,7 @@ pub fn offline_status(
         ("corrupt records", corrupt.len().to_string()),
     ]);
     for c in corrupt {
-        out.push_str(&format!("  {c}\n"));
+        out.push_str(&format!("  {}\n", text(c)));
     }
     out
 }
@@ -454,6 +475,29 @@ mod tests {
         assert_eq!(lines[0], "A      LONG HEADER  C");
         assert_eq!(lines[1], "xxxxx  y            z");
         assert_eq!(lines[2], "1      2            3");
+    }
+
+    /// A client's path cannot add table rows or reach the terminal as
+    /// an escape sequence (review r4 #3); ordinary paths print as they are.
+    #[test]
+    fn cells_with_control_characters_are_quoted_and_escaped() {
+        let forged = "x\nKEY  connected\x1b[2J\u{9b}31m\u{202e}";
+        let t = table(
+            &["PATH", "N"],
+            &[
+                vec![forged.into(), "1".into()],
+                vec!["a b/é's \\".into(), "2".into()],
+            ],
+        );
+        assert_eq!(t.lines().count(), 3, "{t}");
+        assert!(!t.contains('\x1b') && !t.contains('\u{9b}') && !t.contains('\u{202e}'));
+        assert!(
+            t.contains(r#""x\nKEY  connected\u{1b}[2J\u{9b}31m\u{202e}""#),
+            "{t}"
+        );
+        assert!(t.contains("a b/é's \\  "), "{t}");
+        assert_eq!(text("plain/path"), "plain/path");
+        assert_eq!(kv(&[("k", "a\rb".into())]), "k:  \"a\\rb\"\n");
     }
 
     #[test]
