@@ -1331,12 +1331,26 @@ pub struct Strace(Child);
 impl Strace {
     /// Attaches to `pid` and waits until every thread of it is traced.
     pub fn attach(pid: u32, trace: &Path, syscalls: &[&str], injects: &[&str]) -> Strace {
+        Strace::attach_with(pid, trace, syscalls, injects, &[])
+    }
+
+    /// [`Strace::attach`] with strace's `flags` besides (e.g. `-yy`:
+    /// descriptors printed with their paths and sockets' addresses).
+    pub fn attach_with(
+        pid: u32,
+        trace: &Path,
+        syscalls: &[&str],
+        injects: &[&str],
+        flags: &[&str],
+    ) -> Strace {
         let strace = ["/usr/bin/strace", "/bin/strace"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .expect("strace is not installed: `apt-get install strace` (.ci/run installs it)");
         let mut cmd = Command::new(strace);
-        cmd.args(["-f", "-qq", "-o"])
+        cmd.args(["-f", "-qq"])
+            .args(flags)
+            .arg("-o")
             .arg(trace)
             .args(["-e", &format!("trace={}", syscalls.join(","))]);
         for i in injects {

@@ -1274,6 +1274,100 @@ fn a_pending_create_is_not_retried_on_every_close_elsewhere() {
     no_handles_left(&d);
 }
 
+/// Review finding (write-through): a WRITE flagged
+/// SMB2_WRITEFLAG_WRITE_THROUGH, a WRITE on an open made with
+/// FILE_WRITE_THROUGH and one on a persistent open are each on stable
+/// storage before they are answered: rksmbd's `fdatasync` of the file
+/// comes after its `pwrite64` and before its answer's `sendto` on the
+/// connection's thread. A plain WRITE on a plain open is never synced.
+/// Before, none was synced: the flag was never read, the option dropped,
+/// and a persistent open's FLUSH, which MS-SMB2 answers without flushing
+/// for a continuously available share, left its writes in the page cache.
+#[test]
+fn write_through_writes_are_synced_before_they_are_answered() {
+    let s = Scratch::new("rksmbd-write-through");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let trace = s.dir.join("strace");
+    let calls = [
+        "pwrite64",
+        "fdatasync",
+        "fsync",
+        "sendto",
+        "write",
+        "writev",
+    ];
+    let _strace =
+        rkfilter_tests::Strace::attach_with(srv.shim.pid(), &trace, &calls, &[], &["-yy"]);
+    smbprotocol_script_passes(&srv, "write_through.py");
+    let synced = |name: &str| {
+        let t = std::fs::read_to_string(&trace).unwrap_or_default();
+        synced_before_answer(&t, name)
+    };
+    for name in ["flagged.bin", "option.bin", "persistent.bin"] {
+        let was = rkfilter_tests::wait_for(
+            "the WRITE's answer in the trace",
+            std::time::Duration::from_secs(10),
+            || synced(name),
+        );
+        assert!(was, "{name}'s WRITE was answered before it was synced");
+    }
+    let plain = rkfilter_tests::wait_for(
+        "the plain WRITE's answer in the trace",
+        std::time::Duration::from_secs(10),
+        || synced("plain.bin"),
+    );
+    let t = std::fs::read_to_string(&trace).unwrap_or_default();
+    assert!(
+        !plain
+            && !t
+                .lines()
+                .any(|l| is_call_on(l, &["fdatasync", "fsync"], "/plain.bin>")),
+        "a plain WRITE was synced"
+    );
+    no_handles_left(&d);
+}
+
+/// Whether a strace `-f -yy` line (`TID call(FD<what>, …`) is one of
+/// `calls` on a descriptor whose decoding contains `on`.
+fn is_call_on(line: &str, calls: &[&str], on: &str) -> bool {
+    let call = line
+        .trim_start()
+        .split_once(' ')
+        .map_or(line, |(_, rest)| rest.trim_start());
+    calls.iter().any(|c| {
+        call.strip_prefix(c)
+            .and_then(|rest| rest.strip_prefix('('))
+            .and_then(|rest| rest.split_once(',').or_else(|| rest.split_once(')')))
+            .is_some_and(|(fd, _)| fd.contains(on))
+    })
+}
+
+/// In strace `-f -yy` output `trace`, what followed the `pwrite64` of file
+/// `name` on its thread: a sync of the file (true) or a write to a TCP
+/// socket — the answer — first (false); none when neither is there yet.
+fn synced_before_answer(trace: &str, name: &str) -> Option<bool> {
+    let file = format!("/{name}>");
+    let mut lines = trace.lines();
+    let tid = lines
+        .by_ref()
+        .find(|l| is_call_on(l, &["pwrite64"], &file))?
+        .split_whitespace()
+        .next()?
+        .to_owned();
+    lines
+        .filter(|l| l.split_whitespace().next() == Some(tid.as_str()))
+        .find_map(|l| {
+            if is_call_on(l, &["fdatasync", "fsync"], &file) {
+                Some(true)
+            } else if is_call_on(l, &["sendto", "write", "writev"], "TCP") {
+                Some(false)
+            } else {
+                None
+            }
+        })
+}
+
 /// The smb2.durable-v2-open tests rksmbd passes; one that stops passing
 /// fails this test (docs/smb3.md lists why the others fail).
 const DURABLE_V2_OPEN_PASSING: &[&str] = &[

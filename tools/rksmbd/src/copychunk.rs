@@ -160,20 +160,24 @@ pub fn copy_chunk(
     };
     let mut written: u32 = 0;
     let mut bytes: u32 = 0;
+    let mut failed = None;
     for chunk in &chunks {
         if let Err(st) = copy_one(c, src, dst, chunk) {
             // The chunks before it are copied; the answer says how many
             // (3.3.5.15.6).
-            return Ok(Copied {
-                status: st,
-                response: response(written, 0, bytes),
-            });
+            failed = Some(st);
+            break;
         }
         written += 1;
         bytes += chunk.len;
     }
+    // What was copied into a write-through target is on stable storage
+    // before the answer, as a WRITE's would be.
+    if written > 0 {
+        crate::files::sync_if_write_through(dst, false)?;
+    }
     Ok(Copied {
-        status: status::SUCCESS,
+        status: failed.unwrap_or(status::SUCCESS),
         response: response(written, 0, bytes),
     })
 }

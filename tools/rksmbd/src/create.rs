@@ -22,7 +22,7 @@ use crate::crypto::{Dialect, SigningAlgorithm};
 use crate::files::{
     channel_sequence_of, disposition, errno_status, granted_mask, lookup, open_dir,
     parent_and_leaf, parse_name, rights_of, status_of, Kind, Open, DELETE, FILE_DELETE_ON_CLOSE,
-    FILE_DIRECTORY_FILE, FILE_NON_DIRECTORY_FILE, GENERIC_ALL, MAXIMUM_ALLOWED,
+    FILE_DIRECTORY_FILE, FILE_NON_DIRECTORY_FILE, FILE_WRITE_THROUGH, GENERIC_ALL, MAXIMUM_ALLOWED,
 };
 use crate::info::{set_dos_attributes, Meta, ATTR_ARCHIVE, DOS_KEPT};
 use crate::server::{
@@ -119,10 +119,10 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     // A reconnect ignores every other field of the request but the name
     // (3.3.5.9.7, 3.3.5.9.12), including the oplock level.
     if let Some(pid) = ctxs.reconnect_v1 {
-        return reconnect(c, req, Reconnect::v1(pid), ctxs.lease, &name);
+        return reconnect(c, req, Reconnect::v1(pid), ctxs.lease, (&name, options));
     }
     if let Some(rc) = ctxs.reconnect_v2 {
-        return reconnect(c, req, rc.into(), ctxs.lease, &name);
+        return reconnect(c, req, rc.into(), ctxs.lease, (&name, options));
     }
     // Anonymous, Identification, Impersonation, Delegate (2.2.13); a
     // reconnect above is not refused for it (smbtorture durable-open.reopen2).
@@ -1022,6 +1022,8 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             delete_on_close,
             kind: Kind::File { key, file, fid },
             durable: durable.is_some(),
+            write_through: f.options & FILE_WRITE_THROUGH != 0
+                || durable.is_some_and(|(_, persistent)| persistent),
             oplock,
             lease: leased,
             create_guid: create_guid.filter(|_| durable.is_some()),
@@ -1313,13 +1315,14 @@ impl Reconnect {
 /// DH2C / DHnC (MS-SMB2 3.3.5.9.12, 3.3.5.9.7): resumes a disconnected
 /// durable or persistent filterd handle by its create GUID, for the same
 /// client; the FileId and the lease key (of a lease, not an oplock) must
-/// match the original open's.
+/// match the original open's. `(name, options)`: the request's name and
+/// create options.
 fn reconnect(
     c: &mut Connection,
     req: &Request<'_>,
     rc: Reconnect,
     lease: Option<LeaseV>,
-    name: &str,
+    (name, options): (&str, u32),
 ) -> Outcome {
     let sh = c.sh.clone();
     let user = c.logged_on(req)?.user.clone().unwrap_or_default();
@@ -1448,6 +1451,11 @@ fn reconnect(
             delete_on_close: rec.delete_on_close,
             kind: Kind::File { key, file, fid },
             durable: true,
+            // The reconnect's create options are the original's as a
+            // client sends them (Windows does); a persistent open is
+            // write-through whatever they say.
+            write_through: options & FILE_WRITE_THROUGH != 0
+                || matches!(rec.durability, Durability::Persistent { .. }),
             oplock,
             lease: held.map(|l| l.key),
             create_guid: Some(rc.create_guid),
@@ -1574,6 +1582,7 @@ fn dir_open(
             listing: None,
         },
         durable: false,
+        write_through: false,
         oplock: None,
         lease: None,
         create_guid: None,

@@ -61,6 +61,11 @@ pub(crate) const FILE_ALL_ACCESS: u32 = 0x001F_01FF;
 pub(crate) const FILE_DIRECTORY_FILE: u32 = 0x1;
 pub(crate) const FILE_NON_DIRECTORY_FILE: u32 = 0x40;
 pub(crate) const FILE_DELETE_ON_CLOSE: u32 = 0x1000;
+/// FILE_WRITE_THROUGH (create option, 2.2.13): the open's writes are on
+/// stable storage before they are answered.
+pub(crate) const FILE_WRITE_THROUGH: u32 = 0x2;
+/// SMB2_WRITEFLAG_WRITE_THROUGH (WRITE's Flags, 2.2.21): this write is.
+const WRITEFLAG_WRITE_THROUGH: u32 = 0x1;
 
 /// The one place filterd errors become NTSTATUS values.
 pub fn status_of(e: &ClientError) -> u32 {
@@ -256,6 +261,11 @@ pub struct Open {
     /// Granted durable (or persistent): on a lost connection the filterd
     /// handle is detached, not closed, so a DH2C can resume it.
     pub(crate) durable: bool,
+    /// Every WRITE through it is on stable storage before its reply: the
+    /// CREATE asked for FILE_WRITE_THROUGH, or the open is persistent (a
+    /// continuously available share's FLUSH on a persistent open does not
+    /// flush, MS-SMB2 3.3.5.11, trusting its writes to be durable already).
+    pub(crate) write_through: bool,
     /// The filterd lease key standing for this open's oplock, if any.
     pub(crate) oplock: Option<LeaseKey>,
     /// The lease key of this open's lease (or oplock), if any.
@@ -913,6 +923,9 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     let data_off = r.u16("data offset")?;
     let len = r.u32("length")?;
     let offset = r.u64("offset")?;
+    // FileId, Channel, RemainingBytes, WriteChannelInfoOffset and Length.
+    r.skip(16 + 4 + 4 + 2 + 2, "to flags")?;
+    let flags = r.u32("flags")?;
     let id = open_id(c, req, 16, related)?;
     let data = wire::buffer(req.msg, u32::from(data_off), len, "data")?;
     let o = get(c, id)?;
@@ -925,12 +938,27 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     }
     let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), true)?;
     file.write_all_at(data, offset).map_err(io_status)?;
-    // Landed: a lock waiting for it may be granted now.
+    // Landed: a lock waiting for it may be granted now (it need not wait
+    // for the sync too).
     drop(pass);
+    sync_if_write_through(o, flags & WRITEFLAG_WRITE_THROUGH != 0)?;
     break_read_caching(&c.sh, *key);
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
     Ok(Reply::ok(w.0))
+}
+
+/// After a write through open `o`: its data on stable storage before the
+/// reply when the open is write-through or the request asks (`asked`,
+/// SMB2_WRITEFLAG_WRITE_THROUGH). Any other write is answered from the
+/// page cache and waits on no sync. A connection runs one request at a
+/// time and an open belongs to one connection, so no other writer of the
+/// open could share the sync (smbshim's `SyncedFile` groups those).
+pub(crate) fn sync_if_write_through(o: &Open, asked: bool) -> Result<(), u32> {
+    match &o.kind {
+        Kind::File { file, .. } if o.write_through || asked => file.sync_data().map_err(io_status),
+        _ => Ok(()),
+    }
 }
 
 /// FSCTL_CREATE_OR_GET_OBJECT_ID ([MS-FSCC] 2.3.7): the file's object
