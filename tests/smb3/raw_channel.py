@@ -261,17 +261,26 @@ def server_side_established(port):
     return False
 
 
-def server_side_send_queue(port):
+def server_side_queues(port):
     """The bytes rksmbd's end of the connection from local port `port` has
-    queued to send (/proc/net/tcp{,6}: tx_queue), or None."""
+    queued to send and received but not read yet (/proc/net/tcp{,6}:
+    tx_queue, rx_queue), or None."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
                 local, remote = fields[1], fields[2]
                 if int(local.rsplit(":", 1)[1], 16) == PORT and int(remote.rsplit(":", 1)[1], 16) == port:
-                    return int(fields[4].split(":")[0], 16)
+                    tx, rx = fields[4].split(":")
+                    return int(tx, 16), int(rx, 16)
     return None
+
+
+def server_side_send_queue(port):
+    """The bytes rksmbd's end of the connection from local port `port` has
+    queued to send (/proc/net/tcp{,6}: tx_queue), or None."""
+    q = server_side_queues(port)
+    return q and q[0]
 
 
 def wait_until_writer_blocked(sock, limit=20):

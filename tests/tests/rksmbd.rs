@@ -946,12 +946,20 @@ fn change_notify_shares_one_inotify_and_is_bounded_per_connection() {
 /// answered STATUS_SUCCESS with the names.
 #[test]
 fn a_stalled_clients_notify_events_fold_into_an_overflow() {
-    let s = Scratch::new("rksmbd-notify-overflow");
+    watching_script_passes("rksmbd-notify-overflow", "notify_overflow.py");
+}
+
+/// Runs `tests/smb3/SCRIPT` against an rksmbd whose export has a
+/// directory `watched/`, with the export's path as its sixth argument
+/// (the script makes changes there itself), and checks that it passes
+/// and leaves no handle open.
+fn watching_script_passes(scratch: &str, script: &str) {
+    let s = Scratch::new(scratch);
     let d = Filterd::start(&s, &[], &[]);
     std::fs::create_dir_all(s.root().join("watched")).unwrap();
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let root = s.root().display().to_string();
-    smbprotocol_script_passes_with(&srv, "notify_overflow.py", &[&root]);
+    smbprotocol_script_passes_with(&srv, script, &[&root]);
     no_handles_left(&d);
 }
 
@@ -1165,6 +1173,16 @@ fn a_trickled_frame_is_not_waited_for_forever() {
     let _d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     smbprotocol_script_passes(&srv, "trickle.py");
+}
+
+/// A NetBIOS keep-alive sends the connection back to waiting for
+/// anything: a CHANGE_NOTIFY waiting when the keep-alive came is answered
+/// within seconds of a change, and the connection serves on. Before,
+/// rksmbd read on for the next frame's header after a keep-alive, serving
+/// nothing else meanwhile, and closed the connection 30 s later.
+#[test]
+fn a_keep_alive_does_not_hold_up_the_connection() {
+    watching_script_passes("rksmbd-keepalive", "keepalive_notify.py");
 }
 
 /// A 1 MiB WRITE sent at 32 KiB/s (about 33 s) is served: a frame gets

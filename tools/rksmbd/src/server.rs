@@ -737,6 +737,14 @@ enum Input {
     Gone,
 }
 
+/// A frame [`Connection::read_frame`] read.
+enum Received {
+    /// An SMB2 PDU.
+    Pdu(Vec<u8>),
+    /// A NetBIOS session keep-alive (RFC 1002 4.3.7): nothing to answer.
+    KeepAlive,
+}
+
 /// What [`Connection::poll_inputs`] found.
 enum Ready {
     Socket,
@@ -953,7 +961,11 @@ impl Connection {
             }
             let wait = locks.into_iter().chain(creates).min();
             match self.poll_inputs(wait) {
-                Ready::Socket => return self.read_frame().map_or(Input::Gone, Input::Pdu),
+                Ready::Socket => match self.read_frame() {
+                    Some(Received::Pdu(pdu)) => return Input::Pdu(pdu),
+                    Some(Received::KeepAlive) => {}
+                    None => return Input::Gone,
+                },
                 Ready::Inbox => return Input::Inbox,
                 Ready::Notify => crate::notify::deliver(self),
                 Ready::Nothing if wait.is_none() && self.io.is_none() => return Input::Gone,
@@ -1159,31 +1171,35 @@ impl Connection {
             .is_some_and(|o| !o.is_ended())
     }
 
-    /// The next PDU, or none when the connection is over (closed, broken,
+    /// The next frame, once the socket is readable: a PDU, a NetBIOS
+    /// keep-alive, or none when the connection is over (closed, broken,
     /// or a frame that is not SMB2 — then it is closed).
-    fn read_frame(&mut self) -> Option<Vec<u8>> {
+    fn read_frame(&mut self) -> Option<Received> {
         let (stream, _) = self.io.as_mut()?;
-        loop {
-            // The whole frame within FRAME_TIMEOUT of its first read, not
-            // 30 s of silence at a time (second adversarial review: a
-            // NEGOTIATE trickled a few bytes every 12 s was answered 60 s
-            // later).
-            let deadline = std::time::Instant::now() + FRAME_TIMEOUT;
-            let mut len = [0u8; 4];
-            read_within(stream, &mut len, deadline)?;
-            let n = match wire::frame(len, MAX_PDU) {
-                wire::Frame::KeepAlive => continue,
-                wire::Frame::Pdu(n) => n,
-                wire::Frame::Bad => {
-                    tracing::warn!(conn = self.id, header = ?len, "bad NetBIOS frame; closing");
-                    return None;
-                }
-            };
-            let slack = Duration::from_secs(u64::try_from(n).unwrap_or(u64::MAX) / FRAME_MIN_RATE);
-            let mut pdu = vec![0u8; n];
-            read_within(stream, &mut pdu, deadline + slack)?;
-            return Some(pdu);
-        }
+        // The whole frame within FRAME_TIMEOUT of its first read, not
+        // 30 s of silence at a time (second adversarial review: a
+        // NEGOTIATE trickled a few bytes every 12 s was answered 60 s
+        // later).
+        let deadline = std::time::Instant::now() + FRAME_TIMEOUT;
+        let mut len = [0u8; 4];
+        read_within(stream, &mut len, deadline)?;
+        let n = match wire::frame(len, MAX_PDU) {
+            // Back to polling: the next frame's deadline starts at its
+            // first byte. Reading on from here waited for it as for the
+            // rest of a frame — serving nothing else meanwhile (no
+            // CHANGE_NOTIFY answer, no lock or CREATE retry) — and a
+            // client that then stayed quiet 30 s was disconnected (review).
+            wire::Frame::KeepAlive => return Some(Received::KeepAlive),
+            wire::Frame::Pdu(n) => n,
+            wire::Frame::Bad => {
+                tracing::warn!(conn = self.id, header = ?len, "bad NetBIOS frame; closing");
+                return None;
+            }
+        };
+        let slack = Duration::from_secs(u64::try_from(n).unwrap_or(u64::MAX) / FRAME_MIN_RATE);
+        let mut pdu = vec![0u8; n];
+        read_within(stream, &mut pdu, deadline + slack)?;
+        Some(Received::Pdu(pdu))
     }
 
     /// Answers one PDU; false when the connection must end.
@@ -1335,11 +1351,12 @@ impl Connection {
         self.pump_depth += 1;
         match ready {
             Ready::Socket => match self.read_frame() {
-                Some(pdu) => {
+                Some(Received::Pdu(pdu)) => {
                     if !self.answer_own(&pdu) {
                         self.io = None;
                     }
                 }
+                Some(Received::KeepAlive) => {}
                 None => self.io = None,
             },
             Ready::Inbox => self.serve_inbox(),
