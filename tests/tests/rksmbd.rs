@@ -1185,6 +1185,21 @@ fn a_keep_alive_does_not_hold_up_the_connection() {
     watching_script_passes("rksmbd-keepalive", "keepalive_notify.py");
 }
 
+/// Review finding: a READ naming an open's volatile id with another
+/// persistent FileId half, and a CLOSE of a directory open named so, are
+/// STATUS_FILE_CLOSED (MS-SMB2 3.3.5: Open.DurableFileId); a FLUSH on a
+/// read-only open is STATUS_ACCESS_DENIED (3.3.5.11); a PDU whose first
+/// request is flagged related gets STATUS_INVALID_PARAMETER
+/// (3.3.5.2.7.2). Before: SUCCESS, SUCCESS and STATUS_FILE_CLOSED.
+#[test]
+fn requests_naming_no_open_or_lacking_access_are_refused() {
+    let s = Scratch::new("rksmbd-file-id-checks");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "file_id_checks.py");
+    no_handles_left(&d);
+}
+
 /// A 1 MiB WRITE sent at 32 KiB/s (about 33 s) is served: a frame gets
 /// 30 s plus its length at 8 KiB/s. Before, 30 s in all closed the
 /// connection mid-WRITE.

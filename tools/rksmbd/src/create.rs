@@ -266,9 +266,15 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     };
     let id = c.new_file_id();
     // A directory open holds nothing in filterd: refused, it is just
-    // dropped.
-    c.add_open(id, open)
-        .map_err(|_| status::USER_SESSION_DELETED)?;
+    // dropped. Its FileId is its volatile id twice.
+    c.add_open(
+        id,
+        Open {
+            persistent_id: id,
+            ..open
+        },
+    )
+    .map_err(|_| status::USER_SESSION_DELETED)?;
     Ok(create_reply(action, &meta, id, id, 0, Vec::new()))
 }
 
@@ -1024,6 +1030,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             durable: durable.is_some(),
             write_through: f.options & FILE_WRITE_THROUGH != 0
                 || durable.is_some_and(|(_, persistent)| persistent),
+            persistent_id: pid,
             oplock,
             lease: leased,
             create_guid: create_guid.filter(|_| durable.is_some()),
@@ -1456,6 +1463,7 @@ fn reconnect(
             // write-through whatever they say.
             write_through: options & FILE_WRITE_THROUGH != 0
                 || matches!(rec.durability, Durability::Persistent { .. }),
+            persistent_id: pid,
             oplock,
             lease: held.map(|l| l.key),
             create_guid: Some(rc.create_guid),
@@ -1583,6 +1591,8 @@ fn dir_open(
         },
         durable: false,
         write_through: false,
+        // Its volatile id, known once it is added (`create`).
+        persistent_id: 0,
         oplock: None,
         lease: None,
         create_guid: None,

@@ -266,6 +266,11 @@ pub struct Open {
     /// continuously available share's FLUSH on a persistent open does not
     /// flush, MS-SMB2 3.3.5.11, trusting its writes to be durable already).
     pub(crate) write_through: bool,
+    /// The persistent half of its FileId, as the CREATE answered it: a
+    /// request naming the open's volatile id with another persistent half
+    /// names no open (Open.DurableFileId, which each request's section of
+    /// MS-SMB2 3.3.5 compares, e.g. READ's 3.3.5.12).
+    pub(crate) persistent_id: u64,
     /// The filterd lease key standing for this open's oplock, if any.
     pub(crate) oplock: Option<LeaseKey>,
     /// The lease key of this open's lease (or oplock), if any.
@@ -635,13 +640,17 @@ pub(crate) fn open_id(
     r.skip(at, "to file id")?;
     let persistent = r.u64("file id")?;
     let volatile = r.u64("file id")?;
-    let id = if persistent == u64::MAX && volatile == u64::MAX {
-        related.ok_or(status::FILE_CLOSED)?
+    let (id, named) = if persistent == u64::MAX && volatile == u64::MAX {
+        (related.ok_or(status::FILE_CLOSED)?, None)
     } else {
-        volatile
+        (volatile, Some(persistent))
     };
     match c.opens.get(&id) {
-        Some(o) if o.session == req.hdr.session_id && o.tree == req.hdr.tree_id => {
+        Some(o)
+            if o.session == req.hdr.session_id
+                && o.tree == req.hdr.tree_id
+                && named.is_none_or(|p| p == o.persistent_id) =>
+        {
             // Once a request other than a CREATE uses the open, a replay
             // of its CREATE is a new open (as Samba does; smbtorture's
             // smb2.replay.replay6).
@@ -1021,7 +1030,10 @@ fn object_id_of(dev: u64, ino: u64, handle: Option<&libfilter::model::KernelHand
 /// FLUSH (2.2.17).
 fn flush(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome {
     let id = open_id(c, req, 8, related)?;
-    if let Kind::File { file, .. } = &get(c, id)?.kind {
+    let o = get(c, id)?;
+    // Only an open that may write has anything to flush (3.3.5.11).
+    may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
+    if let Kind::File { file, .. } = &o.kind {
         // A stat open's descriptor is O_PATH (filterd gives no readable
         // one): it wrote nothing, there is nothing to flush.
         if !libfilter::sys::is_path_only(file.as_fd()) {

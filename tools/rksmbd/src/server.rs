@@ -1614,9 +1614,14 @@ impl Connection {
         // closes the connection with nothing done.
         let chain = wire::compound(pdu)?;
         self.take_message_ids(&chain)?;
-        for (mut hdr, msg) in chain {
+        for (i, (mut hdr, msg)) in chain.into_iter().enumerate() {
             let mut file_override = None;
             let mut failed_related = None;
+            // A chain's first request has nothing to be related to
+            // (3.3.5.2.7.2).
+            if i == 0 && hdr.flags & wire::FLAG_RELATED != 0 {
+                failed_related = Some(status::INVALID_PARAMETER);
+            }
             if hdr.flags & wire::FLAG_RELATED != 0 {
                 if let Some((s, t, f, failed)) = prev {
                     if hdr.session_id == u64::MAX {
