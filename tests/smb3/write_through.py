@@ -7,6 +7,8 @@ Writes one line each into four files, each through an open of its own:
   flagged.bin     a plain open, a WRITE with SMB2_WRITEFLAG_WRITE_THROUGH
   option.bin      an open with FILE_WRITE_THROUGH, a plain WRITE
   persistent.bin  a persistent open (DH2Q), a plain WRITE
+  copied.bin      an open with FILE_WRITE_THROUGH, plain.bin's line
+                  copied in by FSCTL_SRV_COPYCHUNK_WRITE
 and closes each. The driver traces rksmbd's system calls and checks which
 WRITE was synced before its answer. Prints PASS; exits non-zero on any
 failure.
@@ -15,6 +17,16 @@ failure.
 import uuid
 
 from smbprotocol.create_contexts import DurableHandleFlags
+from smbprotocol.ioctl import (
+    CtlCode,
+    IOCTLFlags,
+    SMB2IOCTLRequest,
+    SMB2IOCTLResponse,
+    SMB2SrvCopyChunk,
+    SMB2SrvCopyChunkCopy,
+    SMB2SrvCopyChunkResponse,
+    SMB2SrvRequestResumeKey,
+)
 from smbprotocol.open import CreateDisposition, CreateOptions
 
 from smbtest import args, check, connect, create_rw, persistent_context
@@ -41,5 +53,37 @@ check(
     len(durable) == 1 and durable[0]["flags"].has_flag(DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT),
     "persistent.bin's open was granted persistent",
 )
+
+
+def fsctl(f, code, output_size, input_buffer=b""):
+    """FSCTL `code` on open `f`: the response's output buffer."""
+    req = SMB2IOCTLRequest()
+    req["ctl_code"] = code
+    req["file_id"] = f.file_id
+    req["max_output_response"] = output_size
+    req["flags"] = IOCTLFlags.SMB2_0_IOCTL_IS_FSCTL
+    req["buffer"] = input_buffer
+    sent = f.connection.send(req, f.tree_connect.session.session_id, f.tree_connect.tree_connect_id)
+    resp = SMB2IOCTLResponse()
+    resp.unpack(f.connection.receive(sent)["data"].get_value())
+    return resp["buffer"].get_value()
+
+
+src, _ = create_rw(tree, "plain.bin", CreateDisposition.FILE_OPEN)
+key = SMB2SrvRequestResumeKey()
+key.unpack(fsctl(src, CtlCode.FSCTL_SRV_REQUEST_RESUME_KEY, 32))
+dst, _ = create_rw(tree, "copied.bin", CreateDisposition.FILE_OVERWRITE_IF, options=CreateOptions.FILE_WRITE_THROUGH)
+chunk = SMB2SrvCopyChunk()
+chunk["source_offset"] = 0
+chunk["target_offset"] = 0
+chunk["length"] = len(b"plain.bin written\n")
+copy = SMB2SrvCopyChunkCopy()
+copy["source_key"] = key["resume_key"].get_value()
+copy["chunks"] = [chunk]
+copied = SMB2SrvCopyChunkResponse()
+copied.unpack(fsctl(dst, CtlCode.FSCTL_SRV_COPYCHUNK_WRITE, 12, copy))
+check(copied["chunks_written"].get_value() == 1, "plain.bin's line copied into copied.bin")
+dst.close()
+src.close()
 conn.disconnect()
 print("PASS", flush=True)
