@@ -28,7 +28,8 @@
 //!
 //! Every request's store operations form a *group* under a sequence of its
 //! own, with the earlier sequences it builds on. A merged commit that fails
-//! is retried group by group, so a request that cannot fit fails alone;
+//! in the store is retried group by group, so a request that cannot fit
+//! fails alone (one whose fsync failed fails whole: see `Started`);
 //! the committer tells the engine which failed ([`Command::CommitFailed`]),
 //! the engine restores its state from the store (which holds exactly what
 //! is durable), abandons every pending request that built on a failed one,
@@ -363,8 +364,13 @@ struct Started {
     requests: usize,
     n_ops: usize,
     started: Instant,
-    /// Failed on purpose (failpoint `commit.before`): every group fails.
-    injected: bool,
+    /// Failed before the store saw it — on purpose (failpoint
+    /// `commit.before`), or because an fsync of a filesystem change it
+    /// records failed: every group fails. Retried group by group, its
+    /// groups committed without the sync (review): Linux reports a
+    /// writeback error once, so a second fsync would say nothing and prove
+    /// nothing durable.
+    fails_whole: bool,
     outcome: Slot,
 }
 
@@ -521,14 +527,16 @@ pub fn run(
         };
         let started = Instant::now();
         let n_ops: usize = groups.iter().map(|g| g.ops.len()).sum();
-        let injected = failpoint::fails("commit.before");
         let outcome: Slot = Arc::new(Mutex::new(None));
-        if injected {
-            *outcome.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Err(StoreError::from(heed::Error::Io(
-                    std::io::Error::other("failpoint commit.before: failing on purpose"),
-                ))));
-        } else if let Err(e) = sync_all(&sync, &counters) {
+        let before = if failpoint::fails("commit.before") {
+            Err(StoreError::from(heed::Error::Io(std::io::Error::other(
+                "failpoint commit.before: failing on purpose",
+            ))))
+        } else {
+            sync_all(&sync, &counters)
+        };
+        let fails_whole = before.is_err();
+        if let Err(e) = before {
             *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
         } else if flight.is_empty() && depth == 1 {
             let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
@@ -573,7 +581,7 @@ pub fn run(
             requests,
             n_ops,
             started,
-            injected,
+            fails_whole,
             outcome,
         });
     }
@@ -670,8 +678,9 @@ fn settle(
                 counters.ops.fetch_add(c.n_ops as u64, Ordering::Relaxed);
                 timing = Some((c.requests, c.started.elapsed()));
             }
-            // An injected failure fails every group of the commit.
-            Err(_) if c.injected => failed.extend(c.groups.iter().map(|g| g.seq)),
+            // A failure before the store (injected, or a failed fsync of
+            // what it records) fails every group of the commit.
+            Err(_) if c.fails_whole => failed.extend(c.groups.iter().map(|g| g.seq)),
             // One request that cannot fit (or fails for any reason) fails
             // alone: each group is tried on its own, in order; a group that
             // builds on a failed one fails with it.
@@ -991,6 +1000,7 @@ mod tests {
         writer: Arc<ConnWriter>,
         peer: OwnedFd,
         committer: std::thread::JoinHandle<()>,
+        counters: Arc<CommitCounters>,
     }
 
     fn setup() -> Rig {
@@ -1021,8 +1031,9 @@ mod tests {
         let pipe = Arc::new(Pipeline::default());
         let (tx, rx) = EngineTx::for_test(channel);
         let (st, p) = (store.clone() as Arc<dyn StateStore>, pipe.clone());
-        let committer =
-            std::thread::spawn(move || run(st, p, tx, Arc::new(CommitCounters::default())));
+        let counters = Arc::new(CommitCounters::default());
+        let c = counters.clone();
+        let committer = std::thread::spawn(move || run(st, p, tx, c));
         Rig {
             store,
             pipe,
@@ -1030,6 +1041,7 @@ mod tests {
             writer: ConnWriter::for_test(a),
             peer: b,
             committer,
+            counters,
         }
     }
 
@@ -1267,6 +1279,7 @@ mod tests {
             writer: w,
             peer,
             committer: t,
+            ..
         } = setup();
         let g1 = sent_gated(&store, &pipe, &w, 1, b"one");
         let g2 = sent_gated(&store, &pipe, &w, 2, b"two");
@@ -1336,6 +1349,7 @@ mod tests {
             writer: w,
             peer,
             committer: t,
+            ..
         } = setup();
         drop(rx);
         let g1 = sent_gated(&store, &pipe, &w, 1, b"one");
@@ -1359,6 +1373,7 @@ mod tests {
             writer: w,
             peer,
             committer: t,
+            ..
         } = setup();
         let g1 = sent_gated(&store, &pipe, &w, 1, b"one");
         g1.send(Err(StoreError::Full)).unwrap();
@@ -1372,5 +1387,74 @@ mod tests {
             nothing_sent(&peer),
             "the failed commit's reply did not go out"
         );
+    }
+
+    /// One commit of two requests' groups, recording a change whose fsync
+    /// fails (a pipe's: EINVAL, as an EIO of a changed file would).
+    fn two_groups_whose_sync_fails(
+        pipe: &Pipeline,
+        w: &Arc<ConnWriter>,
+        completes_intent: bool,
+    ) -> (CommitJob, OwnedFd) {
+        let mut merged = job(pipe, 1, w, b"one");
+        merged.groups.extend(job(pipe, 2, w, b"two").groups);
+        merged.requests = 2;
+        if let Some(g) = merged.groups.last_mut() {
+            g.completes_intent = completes_intent;
+        }
+        let (r, wr) = nix::unistd::pipe().unwrap();
+        merged.sync.push(r);
+        (merged, wr)
+    }
+
+    /// Review: a failed fsync failed the merged commit, which was then
+    /// retried group by group with no sync at all: every group committed
+    /// and both replies went out as successes, the change never durable.
+    /// A failed sync fails every group of its commit (a writeback error is
+    /// reported once, so no retry could prove the change durable).
+    #[test]
+    fn a_failed_fsync_fails_every_group_of_its_commit() {
+        let Rig {
+            pipe,
+            rx,
+            writer: w,
+            peer,
+            committer: t,
+            counters,
+            ..
+        } = setup();
+        let (job, _write_end) = two_groups_whose_sync_fails(&pipe, &w, false);
+        pipe.submit(job);
+        match rx.recv_timeout(Duration::from_secs(20)).unwrap() {
+            Command::CommitFailed { failed, .. } => assert_eq!(failed, vec![1, 2]),
+            _ => panic!("expected CommitFailed"),
+        }
+        pipe.rolled_back([1, 2].into_iter().collect());
+        assert_ne!(next_packet(&peer), b"one", "acknowledged unsynced");
+        assert_ne!(next_packet(&peer), b"two", "acknowledged unsynced");
+        assert_eq!(counters.failed.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.commits.load(Ordering::Relaxed), 0);
+        pipe.stop();
+        t.join().unwrap();
+    }
+
+    /// A failed fsync under a commit one of whose groups completes a
+    /// durable intent stops for recovery, as with a single group.
+    #[test]
+    fn a_failed_fsync_under_an_intents_completion_stops_for_recovery() {
+        let Rig {
+            pipe,
+            writer: w,
+            peer,
+            committer: t,
+            ..
+        } = setup();
+        let (job, _write_end) = two_groups_whose_sync_fails(&pipe, &w, true);
+        pipe.submit(job);
+        // Stopped without it, the committer would return once the job is
+        // settled.
+        pipe.stop();
+        assert!(t.join().is_err(), "the committer stops for recovery");
+        assert!(nothing_sent(&peer), "nothing was acknowledged");
     }
 }
