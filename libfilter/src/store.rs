@@ -33,6 +33,13 @@ pub const SCHEMA_VERSION: u32 = 2;
 /// Default LMDB map size (sparse; grows the file only as used).
 pub const DEFAULT_MAP_SIZE: usize = 4 << 30;
 
+/// Commits between two clearings of the reader slots of dead processes
+/// ([`clear_stale_readers`]): a slot left by a killed reader pins
+/// its snapshot, so every commit meanwhile (a few pages) grows the file
+/// instead of reusing pages; this bounds that to a megabyte or so, at the
+/// cost of one scan of the reader table (no I/O) per that many fsyncs.
+const READER_CHECK_EVERY: u64 = 64;
+
 /// Store failures, one variant per cause.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -331,6 +338,9 @@ pub struct Store {
     /// store is open for writing: however the state dir's files are moved,
     /// renamed or linked, a second writer of the same environment is refused.
     _writer: Option<nix::fcntl::Flock<std::fs::File>>,
+    /// Commits since the reader slots were last cleared
+    /// ([`READER_CHECK_EVERY`]).
+    commits_since_reader_check: std::sync::atomic::AtomicU64,
 }
 
 /// A commit packed by [`StateStore::prepare`], not yet sent (what it holds
@@ -525,6 +535,20 @@ fn migrate(_txn: &mut heed::RwTxn<'_>, from: u32) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Frees the reader slots of processes that died inside a read transaction
+/// (`mdb_reader_check`). Best effort: a failure is logged, and the next
+/// check tries again.
+fn clear_stale_readers(env: &Env) {
+    match env.clear_stale_readers() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            slots = n,
+            "cleared the state store reader slots of dead processes (a killed filterctl?)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "checking the state store's reader slots failed"),
+    }
+}
+
 fn read_u64(b: Option<&[u8]>) -> u64 {
     b.and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_le_bytes)
@@ -558,6 +582,7 @@ impl Store {
             max_map: std::sync::atomic::AtomicUsize::new(0),
             fence: std::sync::atomic::AtomicU64::new(0),
             _writer: Some(writer),
+            commits_since_reader_check: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -566,6 +591,10 @@ impl Store {
     fn open_tables(db_dir: &Path, map_size: usize) -> Result<Tables, StoreError> {
         let env = crate::sys::open_lmdb(db_dir, 8, map_size, EnvFlags::empty())
             .map_err(StoreError::from_heed)?;
+        // LMDB resets the reader table only when no other process has the
+        // environment open: one killed in a read (a filterctl) while
+        // another (a second filterctl) kept it open left its slot behind.
+        clear_stale_readers(&env);
         let mut txn = env.write_txn()?;
         let meta: Database<Str, Bytes> = env.create_database(&mut txn, Some("meta"))?;
         let found = read_u32(meta.get(&txn, META_SCHEMA)?);
@@ -690,6 +719,7 @@ impl Store {
             max_map: std::sync::atomic::AtomicUsize::new(0),
             fence: std::sync::atomic::AtomicU64::new(0),
             _writer: None,
+            commits_since_reader_check: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -767,6 +797,7 @@ impl Store {
     /// Conditional on this handle's claim ([`Store::begin_epoch`]) still
     /// standing. Returns the transaction's id (ascending).
     pub fn apply_all(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+        self.clear_stale_readers_now_and_then();
         let r = self.apply_gated(batches);
         let r = match r {
             Err(StoreError::MapFull) if self.grow_map()? => self.apply_gated(batches),
@@ -1051,6 +1082,23 @@ impl Store {
         Ok(())
     }
 
+    /// Every [`READER_CHECK_EVERY`]th commit, clears the reader slots of
+    /// dead processes. A reader killed inside its read transaction (a
+    /// `filterctl --state` run over a live store, killed) leaves its slot
+    /// holding its snapshot, and LMDB reuses no page freed since: without
+    /// this, the data file grew by every commit's pages for good (review).
+    fn clear_stale_readers_now_and_then(&self) {
+        let n = self
+            .commits_since_reader_check
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % READER_CHECK_EVERY == READER_CHECK_EVERY - 1 {
+            let gate = self.gate();
+            if let Ok(t) = tables(&gate) {
+                clear_stale_readers(&t.env);
+            }
+        }
+    }
+
     /// Drops the map pages this process has resident (a full scan — restart
     /// recovery — maps the whole data file through fault-around): they stay
     /// in the page cache and are mapped again when read. Best effort.
@@ -1228,6 +1276,61 @@ mod tests {
 
     use super::*;
     use crate::model::*;
+
+    /// Review: a reader (`filterctl --state`) killed inside its read
+    /// transaction while filterd serves leaves its reader slot, pinning its
+    /// snapshot; nothing cleared it, so no page freed since was reused and
+    /// the data file grew by every commit's pages for good. The store
+    /// clears such slots every [`READER_CHECK_EVERY`] commits: with one,
+    /// the file stays within that many commits' pages of a store without.
+    #[test]
+    fn a_killed_readers_slot_is_cleared_and_the_file_stays_bounded() {
+        const CHILD: &str = "RKFILTER_TEST_STALE_READER_DIR";
+        if let Some(dir) = std::env::var_os(CHILD) {
+            let s = Store::open_read_only(Path::new(&dir)).unwrap();
+            let g = s.gate();
+            let t = tables(&g).unwrap();
+            let _txn = t.env.read_txn().unwrap();
+            nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL).unwrap();
+            unreachable!("killed");
+        }
+        let size_after = |stale: bool| -> u64 {
+            let dir =
+                std::env::temp_dir().join(format!("rk-stale-reader-{}", uuid::Uuid::new_v4()));
+            let s = Store::open(&dir, 1 << 28).unwrap();
+            for n in 0..50u8 {
+                s.apply(&[sample_intent([n; 16])]).unwrap();
+            }
+            if stale {
+                let status = std::process::Command::new(std::env::current_exe().unwrap())
+                    .args([
+                        "--exact",
+                        "store::tests::a_killed_readers_slot_is_cleared_and_the_file_stays_bounded",
+                    ])
+                    .env(CHILD, &dir)
+                    .status()
+                    .unwrap();
+                assert!(!status.success(), "the reader was killed in its read");
+            }
+            for i in 0..1000u32 {
+                let n = u8::try_from(i % 50).unwrap();
+                s.apply(&[sample_intent([n; 16])]).unwrap();
+            }
+            let len = std::fs::metadata(dir.join("lmdb/data.mdb")).unwrap().len();
+            let _ = std::fs::remove_dir_all(&dir);
+            len
+        };
+        let clean = size_after(false);
+        let stale = size_after(true);
+        eprintln!(
+            "data.mdb after 1000 commits: {clean} B without a dead reader, {stale} B with one"
+        );
+        // Unchecked, each commit here grew it by 16 KiB (four pages).
+        assert!(
+            stale <= clean + READER_CHECK_EVERY * (16 << 10),
+            "a dead reader's slot pinned every page since: {stale} B against {clean} B"
+        );
+    }
 
     fn rec(path: &str) -> HandleRecord {
         HandleRecord {
