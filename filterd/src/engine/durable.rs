@@ -71,14 +71,21 @@ pub(super) enum Undo {
     /// left `stats` counting opens and locks its clients were refused
     /// (review).
     Counts(Granted),
+    /// A handle's removal counted in `filterctl stats`, filed beside its
+    /// `Reinsert`: the handle is put back, so the close, expiry or purge is
+    /// taken back with it. Before, `stats` kept counting them, and an
+    /// expiry retried after a failed commit counted twice (review).
+    Uncount(Removed),
 }
 
-/// Grants one request counted in [`Stats`](libfilter::proto::Stats).
+/// What one request counted in [`Stats`](libfilter::proto::Stats) and
+/// its reply stands for: grants, and replies recorded for replay.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Granted {
     pub(super) opens: u64,
     pub(super) resumes: u64,
     pub(super) locks: u64,
+    pub(super) replies_recorded: u64,
 }
 
 impl Granted {
@@ -88,6 +95,7 @@ impl Granted {
             opens: stats.opens,
             resumes: stats.resumes,
             locks: stats.locks_granted,
+            replies_recorded: stats.replies_recorded,
         }
     }
 
@@ -97,6 +105,9 @@ impl Granted {
             opens: self.opens.saturating_sub(before.opens),
             resumes: self.resumes.saturating_sub(before.resumes),
             locks: self.locks.saturating_sub(before.locks),
+            replies_recorded: self
+                .replies_recorded
+                .saturating_sub(before.replies_recorded),
         }
     }
 
@@ -105,8 +116,41 @@ impl Granted {
         stats.opens = stats.opens.saturating_sub(self.opens);
         stats.resumes = stats.resumes.saturating_sub(self.resumes);
         stats.locks_granted = stats.locks_granted.saturating_sub(self.locks);
+        stats.replies_recorded = stats.replies_recorded.saturating_sub(self.replies_recorded);
         stats.opens_refused += self.opens;
         stats.locks_refused += self.locks;
+    }
+}
+
+/// How a handle was removed, as `filterctl stats` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Removed {
+    /// `stats.closes`.
+    Close,
+    /// `stats.expiries`.
+    Expiry,
+    /// `stats.purges`.
+    Purge,
+}
+
+impl Removed {
+    /// The removal a frontend is told of with `event`.
+    pub(super) fn announced_by(event: &Event) -> Option<Removed> {
+        match event {
+            Event::Expired { .. } => Some(Removed::Expiry),
+            Event::Purged { .. } => Some(Removed::Purge),
+            _ => None,
+        }
+    }
+
+    /// Takes the removal back from `stats`: the handle is back.
+    fn take_back(self, stats: &mut libfilter::proto::Stats) {
+        let n = match self {
+            Removed::Close => &mut stats.closes,
+            Removed::Expiry => &mut stats.expiries,
+            Removed::Purge => &mut stats.purges,
+        };
+        *n = n.saturating_sub(1);
     }
 }
 
@@ -451,6 +495,7 @@ impl Engine {
                 }
                 if pending {
                     kept.push(Undo::Reinsert(h));
+                    kept.extend(Removed::announced_by(&r.event).map(Undo::Uncount));
                 }
             }
             self.notify_after(dep, &r.frontend, r.event);
@@ -852,6 +897,7 @@ impl Engine {
                     }
                     Undo::Attachment(a) => self.put_back_attachment(&a),
                     Undo::Counts(c) => c.take_back(&mut self.stats),
+                    Undo::Uncount(r) => r.take_back(&mut self.stats),
                     Undo::Reinsert(_) | Undo::Lose(_) => {}
                 }
             }

@@ -782,7 +782,9 @@ impl Engine {
             self.undo_if_failed(durable::Undo::Record(Box::new(part)));
         }
         let granted = durable::Granted::counted(&self.stats).since(counted);
-        if matches!(outcome, Ok(Some(_))) && granted != durable::Granted::default() {
+        // Also for a parked request (a close answered once its delete on
+        // close is done): what it counted stands or falls with its commit.
+        if outcome.is_ok() && granted != durable::Granted::default() {
             self.undo_if_failed(durable::Undo::Counts(granted));
         }
         self.answer(conn, writer, id, outcome);
@@ -888,13 +890,15 @@ impl Engine {
                 "only a control connection may expire handles",
             )),
         };
-        // What the reply shows: a listing shows everything, a request on a
-        // handle shows its file. One handle's view shows its record, which
+        // What the reply shows: a listing shows everything (so do the
+        // counts in `stats`: shown at once, they counted requests whose
+        // commit was still to fail), a request on a handle shows its file. One handle's view shows its record, which
         // only a commit of its file changes: it waited for every pending
         // commit, so rksmbd's count of a handle's locks before a LOCK made
         // a durable open's LOCK wait for other clients' fsyncs (review).
         match &req {
             Request::Status
+            | Request::Stats
             | Request::Handles { .. }
             | Request::Files { .. }
             | Request::Frontends
@@ -1276,6 +1280,10 @@ impl Engine {
                 self.last_unlink = None;
                 self.remove(key);
                 self.stats.closes += 1;
+                if persistent {
+                    // Put back whole if its deletion does not commit.
+                    self.undo_if_this_group_fails(durable::Undo::Uncount(durable::Removed::Close));
+                }
                 self.write_records(put, delete);
                 if recording {
                     // The handle's removal and the records are batched

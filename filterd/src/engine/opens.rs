@@ -1478,6 +1478,7 @@ impl Engine {
                 let seq = self.batch.seq();
                 self.locks_gone_after(seq, h.rec.file);
             }
+            let removed = announce.as_ref().and_then(durable::Removed::announced_by);
             if let Some(event) = announce {
                 self.removals.push(durable::Removal {
                     frontend: h.rec.frontend.clone(),
@@ -1490,6 +1491,9 @@ impl Engine {
             // Until the deletion commits the handle may come back whole.
             let rec = h.rec.clone();
             self.keep_until_durable(h);
+            if let Some(r) = removed {
+                self.undo_if_this_group_fails(durable::Undo::Uncount(r));
+            }
             return Some(rec);
         }
         if locks_emptied {

@@ -1215,6 +1215,15 @@ impl Harness {
         }
     }
 
+    /// Asserts request `id` was answered with success.
+    fn answered(&self, id: u64) {
+        assert!(
+            matches!(self.reply(id), Some(Ok(_))),
+            "{:?}",
+            self.reply(id)
+        );
+    }
+
     /// The code request `id` was refused with.
     fn refused(&self, id: u64) -> ErrorCode {
         match self.reply(id) {
@@ -5400,4 +5409,95 @@ fn a_remove_s_intent_names_one_file_by_number_and_handle() {
         .and_then(|b| b.try_into().ok())
         .map(u64::from_le_bytes);
     assert_eq!(ino, Some(file.ino), "the handle is another file's");
+}
+
+/// Review: a persistent close whose commit fails is refused and its handle
+/// put back, but `stats.closes` kept counting it. It is taken back with
+/// the handle; the close that then commits counts once.
+#[test]
+fn a_close_whose_commit_fails_is_not_counted() {
+    let mut h = Harness::new();
+    let opened = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(opened);
+    let close = |h: &mut Harness| {
+        h.run(Request::Close {
+            key,
+            put: vec![],
+            delete: vec![],
+        })
+    };
+    let failed = close(&mut h);
+    h.commit(false);
+    h.refused(failed);
+    assert!(h.keys().contains(&key), "the handle is back");
+    assert_eq!(h.engine.stats.closes, 0, "a refused close counted");
+    let closed = close(&mut h);
+    h.commit(true);
+    h.answered(closed);
+    assert_eq!(h.engine.stats.closes, 1);
+}
+
+/// A reply recorded for replay whose commit fails is refused, and no
+/// longer counted in `stats.replies_recorded`.
+#[test]
+fn a_reply_recorded_whose_commit_fails_is_not_counted() {
+    let mut h = Harness::new();
+    let record = |h: &mut Harness, op_id| {
+        h.run(Request::RecordReply {
+            scope: session(1),
+            op_id,
+            reply: format!("reply {op_id}"),
+            keep: 3,
+        })
+    };
+    let failed = record(&mut h, 1);
+    h.commit(false);
+    h.refused(failed);
+    assert_eq!(h.engine.stats.replies_recorded, 0);
+    let recorded = record(&mut h, 2);
+    h.commit(true);
+    h.answered(recorded);
+    assert_eq!(h.engine.stats.replies_recorded, 1);
+}
+
+/// Review: an expiry whose commit fails puts the handle back and is tried
+/// again later, but `stats.expiries` kept the failed one: it counted
+/// twice. It is taken back with the handle.
+#[test]
+fn an_expiry_whose_commit_fails_is_not_counted() {
+    let mut h = Harness::new();
+    let opened = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(opened);
+    h.run(Request::Detach { key });
+    h.commit(true);
+    h.engine.expire_due(u64::MAX);
+    h.commit(false);
+    assert!(h.keys().contains(&key), "the handle is back");
+    assert_eq!(h.engine.stats.expiries, 0, "an expiry that failed counted");
+    h.engine.expire_due(u64::MAX);
+    h.commit(true);
+    assert!(!h.keys().contains(&key));
+    assert_eq!(h.engine.stats.expiries, 1);
+}
+
+/// Review: `stats` was answered at once, counting requests whose commit
+/// was still pending (and might fail). It waits for them, as a listing
+/// does.
+#[test]
+fn stats_wait_for_the_commits_they_count() {
+    let mut h = Harness::new();
+    let opened = h.run(open("a", Rights::ALL));
+    let stats = h.run(Request::Stats);
+    assert!(
+        h.reply(stats).is_none(),
+        "stats shown before the open commits"
+    );
+    h.commit(true);
+    h.answered(opened);
+    match h.reply(stats) {
+        Some(Ok(libfilter::proto::Reply::Stats(s))) => assert_eq!(s.opens, 1),
+        other => panic!("no stats: {other:?}"),
+    }
 }
