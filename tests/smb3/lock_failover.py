@@ -71,6 +71,7 @@ from smbprotocol.open import (
     LockFlags,
     RequestedOplockLevel,
     ShareAccess,
+    SMB2LockElement,
 )
 
 from server_messages import Requests
@@ -202,6 +203,19 @@ for line in sys.stdin:
             index, number = int(rest[2]), int(rest[3])
         st = status_of(lambda: lock_in_sequence(f, off, length, flags, index, number))
         print(f"{cmd} {st:#x}", flush=True)
+    elif cmd == "lockfirst":
+        # An exclusive FAIL_IMMEDIATELY LOCK without a lock sequence as the
+        # first request of a compound (a READ after it): it cannot go async.
+        e = SMB2LockElement()
+        e["offset"], e["length"] = int(rest[0]), int(rest[1])
+        e["flags"] = LockFlags.SMB2_LOCKFLAG_EXCLUSIVE_LOCK | LockFlags.SMB2_LOCKFLAG_FAIL_IMMEDIATELY
+        lock_req, _ = f.lock([e], send=False)
+        read_req, _ = f.read(0, 1, send=False)
+        session = f.tree_connect.session
+        sent = f.connection.send_compound([lock_req, read_req], session.session_id, f.tree_connect.tree_connect_id)
+        st = status_of(lambda: f.connection.receive(sent[0]))
+        status_of(lambda: f.connection.receive(sent[1]))
+        print(f"lockfirst {st:#x}", flush=True)
     elif cmd == "blocking":
         off, length, index, number = (int(w) for w in rest[:4])
         pending = lock_in_sequence(f, off, length, LockFlags.SMB2_LOCKFLAG_EXCLUSIVE_LOCK, index, number, wait=False)

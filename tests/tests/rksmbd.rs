@@ -906,8 +906,8 @@ fn another_user_cannot_reconnect_a_durable_open() {
 
 /// A stat open (attributes only) holds an O_PATH descriptor from filterd:
 /// beside a share-none holder rksmbd serves its QUERY_INFO classes, its
-/// SET_INFO basic information (times and DOS attributes), FLUSH and CLOSE
-/// with attributes, and refuses READ (issue 14).
+/// SET_INFO basic information (times and DOS attributes) and CLOSE with
+/// attributes, and refuses READ and FLUSH (issue 14; MS-SMB2 3.3.5.11).
 #[test]
 fn a_stat_open_is_served_without_a_readable_descriptor() {
     let s = Scratch::new("rksmbd-stat-open");

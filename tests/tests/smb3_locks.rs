@@ -829,6 +829,23 @@ fn a_lock_that_timed_out_and_was_counted_granted_stays_held() {
     script.finish();
 }
 
+/// The same stall for a LOCK that cannot go async (the first request of
+/// a compound): rksmbd answers it as failed when its call gives up, so
+/// filterd's late grant must be unlocked, as libfilter does for any lock;
+/// kept (it was made as one whose outcome rksmbd learns), the client held
+/// a lock it was told it did not get (review g1 of session 31).
+#[test]
+fn a_lock_answered_failed_after_its_call_gave_up_is_not_kept() {
+    let (_s, d, srv, log) = stalled_past_the_call_timeout("smb3-lock-late-refused");
+    let mut script = smb3_client_of_f(&srv);
+    said(&mut script, "lockfirst 10 10", FILE_NOT_AVAILABLE);
+    let late = logged_line(&log, "after the call gave up");
+    assert!(late.contains("was unlocked"), "{late}");
+    assert_eq!(locks_listed(&d), []);
+    script.say("done");
+    script.finish();
+}
+
 /// The same stall, for a blocking LOCK whose client goes away while its
 /// outcome is unknown: nobody is left to tell it was granted. rksmbd
 /// keeps what it knew (the handle's count of such locks before) and,

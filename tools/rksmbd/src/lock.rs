@@ -129,6 +129,27 @@ impl Waiting {
         }
     }
 
+    /// What is known of a lock filterd may have granted it (its last
+    /// attempt's outcome unknown, no lock sequence): `None` when it holds
+    /// none for sure, or its client's replay is recognised by its lock
+    /// sequence.
+    fn unlearnt(&self, granted: &HashMap<LockLike, u64>) -> Option<Unlearnt> {
+        let (true, Some(before), Some(like), [op]) = (
+            self.uncertain,
+            self.held_before,
+            lock_like(self.key, &self.ops),
+            self.ops.as_slice(),
+        ) else {
+            return None;
+        };
+        let seen = granted.get(&like).copied().unwrap_or(0);
+        let others = usize::try_from(seen.saturating_sub(self.grants_before)).unwrap_or(usize::MAX);
+        Some(Unlearnt {
+            op: *op,
+            held: before.saturating_add(others),
+        })
+    }
+
     /// Whether a LOCK of `ops` on open `open` with lock sequence `q` is
     /// this one's request again.
     fn replayed_by(&self, open: u64, q: LockSequence, ops: &[LockOp]) -> bool {
@@ -200,21 +221,15 @@ impl WaitingLocks {
         gone
     }
 
-    /// Drops every waiting lock: their connection is gone. One that
-    /// filterd may have granted is settled first ([`settle_dropped`],
-    /// one try: the connection is ending); those filterd did not answer
-    /// for are returned, to be settled when their handle is reconnected
-    /// ([`settle_reconnected`]).
-    pub fn drop_all(
-        &mut self,
-        client: &libfilter::client::FilterClient,
-    ) -> Vec<(ResumeKey, Unlearnt)> {
+    /// Drops every waiting lock: their connection is gone. Those filterd
+    /// may have granted are returned, to be settled when their handle is
+    /// reconnected ([`settle_reconnected`]); no filterd call is made here,
+    /// so a slow filterd does not hold up the release of the connection's
+    /// other handles (review g1 of session 31).
+    pub fn drop_all(&mut self) -> Vec<(ResumeKey, Unlearnt)> {
         std::mem::take(&mut self.list)
             .into_iter()
-            .filter_map(|w| match settle_dropped(client, &w, &self.granted) {
-                Settled::Done => None,
-                Settled::FilterdAway(u) => Some((w.key, u)),
-            })
+            .filter_map(|w| Some((w.key, w.unlearnt(&self.granted)?)))
             .collect()
     }
 }
@@ -421,11 +436,15 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             None => Ok(Reply::ok(vec![4, 0, 0, 0])),
         };
     }
-    // Counted, its outcome is learnt by the count should the call give
-    // up: a late grant is kept (see `lock_attempt`).
-    let attempt = match held_before {
-        Some(_) => client.lock_outcome_learnt(key, ops.clone()),
-        None => client.lock(key, ops.clone(), filter_sequence),
+    // Counted, and free to go async, its outcome is learnt by the count
+    // should the call give up: a late grant is kept (see `lock_attempt`).
+    // Otherwise a call that gives up is answered as failed, and libfilter
+    // unlocks the late grant (review g1 of session 31).
+    let learnt = held_before.is_some() && can_park(c, req);
+    let attempt = if learnt {
+        client.lock_outcome_learnt(key, ops.clone())
+    } else {
+        client.lock(key, ops.clone(), filter_sequence)
     };
     match attempt {
         Ok(()) => {
@@ -460,9 +479,8 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         Err(e)
             if outcome_unknown(&e)
                 && locking
-                && (filter_sequence.is_some() || held_before.is_some())
-                && req.hdr.next_command == 0
-                && c.waiting.list.len() < MAX_WAITING =>
+                && (filter_sequence.is_some() || learnt)
+                && can_park(c, req) =>
         {
             Ok(park(c, req, |head| Waiting {
                 uncertain: held_before.is_some(),
@@ -482,6 +500,12 @@ fn park(c: &mut Connection, req: &Request<'_>, make: impl FnOnce(AsyncHead) -> W
     let head = c.go_async(&req.hdr);
     c.waiting.list.push(make(head));
     pending()
+}
+
+/// Whether LOCK `req` may go async: only the last request of a PDU does
+/// (3.3.4.2), and at most [`MAX_WAITING`] wait per connection.
+fn can_park(c: &Connection, req: &Request<'_>) -> bool {
+    req.hdr.next_command == 0 && c.waiting.list.len() < MAX_WAITING
 }
 
 /// The interim response of a LOCK that went async (3.3.4.2).
@@ -516,6 +540,15 @@ fn keeps_waiting(e: &ClientError) -> bool {
     ) || matches!(e, ClientError::Disconnected | ClientError::Timeout(_))
 }
 
+/// Whether waiting lock `w`'s session was ended by another connection.
+fn session_ended(c: &Connection, w: &Waiting) -> bool {
+    c.opens
+        .get(&w.open)
+        .and_then(|o| c.sessions.get(&o.session))
+        .and_then(|s| s.link.as_ref())
+        .is_some_and(|l| l.revoked())
+}
+
 /// What [`settle_dropped`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Settled {
@@ -540,19 +573,8 @@ fn settle_dropped(
     w: &Waiting,
     granted: &HashMap<LockLike, u64>,
 ) -> Settled {
-    let (true, Some(before), Some(like), [op]) = (
-        w.uncertain,
-        w.held_before,
-        lock_like(w.key, &w.ops),
-        w.ops.as_slice(),
-    ) else {
+    let Some(u) = w.unlearnt(granted) else {
         return Settled::Done;
-    };
-    let seen = granted.get(&like).copied().unwrap_or(0);
-    let others = usize::try_from(seen.saturating_sub(w.grants_before)).unwrap_or(usize::MAX);
-    let u = Unlearnt {
-        op: *op,
-        held: before.saturating_add(others),
     };
     match like_held(client, w.key, &w.ops) {
         Ok(now) if now > u.held => match unlock_unlearnt(client, w.key, &u) {
@@ -694,20 +716,43 @@ fn attempt(c: &mut Connection, all: bool) {
     // holds nothing, so it is dropped, as `lost` drops a connection's.
     // One whose last attempt's outcome is unknown is dropped once it is
     // settled (see `settle_dropped`); until filterd answers it stays.
+    // A lock of a session another connection ended (PreviousSessionId)
+    // is dropped too: its handles were detached for the client's new
+    // session, which may reconnect them, and a retry granted now would
+    // lock through the reconnected handle for a client never told
+    // (review g1 of session 31). One filterd may have granted is settled
+    // at that reconnect.
     let client = c.sh.filter.client();
-    let orphans: Vec<u64> = c
+    let mut dropped = Vec::new();
+    for w in &c.waiting.list {
+        if session_ended(c, w) {
+            if let Some(u) = w.unlearnt(&c.waiting.granted) {
+                c.sh.registry.unlearnt(w.key, u);
+            }
+            dropped.push(w.head.async_id);
+        } else if !c.reaches(w.head.conn)
+            && settle_dropped(&client, w, &c.waiting.granted) == Settled::Done
+        {
+            dropped.push(w.head.async_id);
+        }
+    }
+    c.waiting
+        .remove_where(|w| dropped.contains(&w.head.async_id));
+    let unsettled: Vec<u64> = c
         .waiting
         .list
         .iter()
         .filter(|w| !c.reaches(w.head.conn))
-        .filter(|w| settle_dropped(&client, w, &c.waiting.granted) == Settled::Done)
         .map(|w| w.head.async_id)
         .collect();
-    c.waiting
-        .remove_where(|w| orphans.contains(&w.head.async_id));
     let mut done = Vec::new();
     let mut granted = Vec::new();
     for w in &mut c.waiting.list {
+        // An orphan left to settle is never attempted: granted, it would
+        // be a lock for nobody.
+        if unsettled.contains(&w.head.async_id) {
+            continue;
+        }
         if !c.opens.contains_key(&w.open) {
             done.push((w.head.async_id, status::FILE_CLOSED));
             continue;

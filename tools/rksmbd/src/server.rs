@@ -1398,7 +1398,7 @@ impl Connection {
         // Nobody is left to answer: waiting locks and CREATEs are just
         // dropped, a lock that filterd may have granted to nobody once
         // it is settled (one try: the connection is ending).
-        for (key, u) in self.waiting.drop_all(&self.sh.filter.client()) {
+        for (key, u) in self.waiting.drop_all() {
             self.sh.registry.unlearnt(key, u);
         }
         self.pending_creates.clear();
