@@ -898,7 +898,6 @@ impl Engine {
         // a durable open's LOCK wait for other clients' fsyncs (review).
         match &req {
             Request::Status
-            | Request::Stats
             | Request::Handles { .. }
             | Request::Files { .. }
             | Request::Frontends
@@ -1345,7 +1344,7 @@ impl Engine {
                 None,
             ))),
             Request::Stats => {
-                let mut s = self.stats.clone();
+                let mut s = self.durable_stats();
                 s.commits = self.commit_counters.commits.load(Ordering::Relaxed);
                 s.committed_ops = self.commit_counters.ops.load(Ordering::Relaxed);
                 s.local_opens_allowed = self.local_counters.allowed.load(Ordering::Relaxed);
