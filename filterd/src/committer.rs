@@ -133,6 +133,10 @@ pub struct CommitJob {
     /// Files and directories whose changes these groups record: made
     /// durable (fsync) before the transaction commits.
     pub sync: Vec<OwnedFd>,
+    /// The export root's descriptor when a change's directory could not be
+    /// opened to be fsync'd: its whole filesystem is made durable
+    /// (`syncfs`) before the transaction commits, after `sync`.
+    pub syncfs: Option<Arc<OwnedFd>>,
     /// Requests whose replies wait for this job (for the gathering rule).
     pub requests: usize,
 }
@@ -516,10 +520,12 @@ pub fn run(
         drop(s);
         let mut groups: Vec<Group> = Vec::new();
         let mut sync = Vec::new();
+        let mut syncfs = None;
         let mut requests = 0;
         for j in jobs {
             groups.extend(j.groups);
             sync.extend(j.sync);
+            syncfs = syncfs.or(j.syncfs);
             requests += j.requests;
         }
         let Some(through) = groups.iter().map(|g| g.seq).max() else {
@@ -533,7 +539,7 @@ pub fn run(
                 "failpoint commit.before: failing on purpose",
             ))))
         } else {
-            sync_all(&sync, &counters)
+            sync_all(&sync, syncfs.as_deref(), &counters)
         };
         let fails_whole = before.is_err();
         if let Err(e) = before {
@@ -559,6 +565,7 @@ pub fn run(
                         CommitJob {
                             groups,
                             sync,
+                            syncfs,
                             requests,
                         },
                     );
@@ -575,6 +582,7 @@ pub fn run(
             }
         }
         drop(sync);
+        drop(syncfs);
         flight.push_back(Started {
             groups,
             through,
@@ -820,8 +828,14 @@ fn fenced(e: &StoreError) {
     std::process::exit(75);
 }
 
-/// Makes the filesystem changes a commit records durable before it.
-fn sync_all(fds: &[OwnedFd], counters: &CommitCounters) -> Result<(), StoreError> {
+/// Makes the filesystem changes a commit records durable before it: each
+/// changed file or directory, then (a directory that could not be opened)
+/// the whole filesystem of `syncfs`. A failure fails the commit whole.
+fn sync_all(
+    fds: &[OwnedFd],
+    syncfs: Option<&OwnedFd>,
+    counters: &CommitCounters,
+) -> Result<(), StoreError> {
     // One fsync per file or directory, however many changes of the batch
     // touched it.
     let mut seen = std::collections::HashSet::new();
@@ -833,6 +847,13 @@ fn sync_all(fds: &[OwnedFd], counters: &CommitCounters) -> Result<(), StoreError
         }
         if let Err(e) = nix::unistd::fsync(fd.as_fd()) {
             warn!(error = %e, "fsync of a changed file or directory failed");
+            return Err(StoreError::from(heed::Error::Io(std::io::Error::from(e))));
+        }
+        counters.fs_syncs.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(fd) = syncfs {
+        if let Err(e) = nix::unistd::syncfs(fd.as_fd()) {
+            warn!(error = %e, "syncfs of the export root's filesystem failed");
             return Err(StoreError::from(heed::Error::Io(std::io::Error::from(e))));
         }
         counters.fs_syncs.fetch_add(1, Ordering::Relaxed);
@@ -987,6 +1008,7 @@ mod tests {
                 completes_intent: false,
             }],
             sync: Vec::new(),
+            syncfs: None,
             requests: 1,
         }
     }
@@ -1405,6 +1427,26 @@ mod tests {
         let (r, wr) = nix::unistd::pipe().unwrap();
         merged.sync.push(r);
         (merged, wr)
+    }
+
+    /// Review r1 b2: a job whose change's directory could not be opened
+    /// syncs its root's whole filesystem (counted) before its commit; a
+    /// syncfs that fails (here EBADF, on an `O_PATH` descriptor) fails
+    /// the commit, as a failed fsync does.
+    #[test]
+    fn a_job_s_syncfs_is_made_before_its_commit_and_its_failure_fails_it() {
+        let counters = CommitCounters::default();
+        let dir = std::env::temp_dir();
+        let root = OwnedFd::from(std::fs::File::open(&dir).unwrap());
+        sync_all(&[], Some(&root), &counters).unwrap();
+        assert_eq!(counters.fs_syncs.load(Ordering::Relaxed), 1);
+        let path_only = nix::fcntl::open(
+            &dir,
+            nix::fcntl::OFlag::O_PATH,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        assert!(sync_all(&[], Some(&path_only), &counters).is_err());
     }
 
     /// Review: a failed fsync failed the merged commit, which was then

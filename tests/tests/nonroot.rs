@@ -166,3 +166,37 @@ fn nonroot_create_replay_and_restart_reopen() {
         .unwrap();
     assert_eq!(&buf, b"mine");
 }
+
+/// Review r1 b2: in a directory nobody may write but not read (`0333`),
+/// filterd cannot open the directory to fsync it: a persistent create, a
+/// durable rename and a delete on close there are made all the same, the
+/// export's filesystem synced (`syncfs`) instead. Refused (2ef4b32), each
+/// failed after its change's intent had committed.
+#[test]
+fn nonroot_changes_in_a_write_only_directory_are_made() {
+    let Some(s) = nobodys_scratch("nonroot-wx") else {
+        return;
+    };
+    let wo = s.root().join("wo");
+    std::fs::create_dir(&wo).unwrap();
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    nix::unistd::chown(&wo, nobody, None).unwrap();
+    std::fs::set_permissions(&wo, std::fs::Permissions::from_mode(0o333)).unwrap();
+    let d = start_as_nobody(&s, &[]);
+    let fe = frontend(&s);
+    let req = OpenRequest {
+        access: Access::new(Rights::ALL).unwrap(),
+        ..persistent("alice", "wo/new", Disposition::Create)
+    };
+    let h = fe
+        .open(req)
+        .unwrap_or_else(|e| panic!("persistent create in -wx: {e}\n{}", d.log_text()));
+    assert!(wo.join("new").exists());
+    fe.rename(h.info.key, RelPath::new("wo/renamed").unwrap(), false, None)
+        .unwrap_or_else(|e| panic!("rename in -wx: {e}\n{}", d.log_text()));
+    assert!(wo.join("renamed").exists() && !wo.join("new").exists());
+    fe.set_delete_on_close(h.info.key, true, None).unwrap();
+    fe.close(h.info.key)
+        .unwrap_or_else(|e| panic!("close with delete on close in -wx: {e}\n{}", d.log_text()));
+    assert!(!wo.join("renamed").exists(), "deleted on close");
+}

@@ -662,9 +662,7 @@ impl Engine {
             } => {
                 let dirs = self.dirs_to_sync(durable, &[from, to])?;
                 fs.rename(from, to, *file, kernel_handle.as_ref(), *replace)?;
-                for d in dirs {
-                    self.batch.sync_fd(d);
-                }
+                self.batch.sync_changed(dirs);
                 // The path is the file's: every handle that named it by the
                 // old path follows (the renaming one whatever it named),
                 // and whether it passes a link is the new path's.
@@ -696,9 +694,7 @@ impl Engine {
             } => {
                 let dirs = self.dirs_to_sync(durable, &[path])?;
                 fs.remove(path, *file, kernel_handle.as_ref())?;
-                for d in dirs {
-                    self.batch.sync_fd(d);
-                }
+                self.batch.sync_changed(dirs);
                 if let Some(r) = record {
                     self.remember_reply(r.clone());
                 }
@@ -743,33 +739,31 @@ impl Engine {
 }
 
 impl Engine {
-    /// The directories holding `paths`, opened to be fsync'd before the
-    /// commit that records a change of their names (none unless
-    /// `durable`). Opened before the change: one that cannot be (no
-    /// descriptor left, a parent gone) fails the change, not made yet —
-    /// skipped, the completion committed (and was answered) with the
-    /// change's new names maybe not on disk.
+    /// What makes the names of `paths` durable before the commit that
+    /// records their change (nothing unless `durable`): their directories,
+    /// opened before the change, or the whole filesystem where one cannot
+    /// be opened ([`ToSync::add_dir_of`]). A directory gone fails the
+    /// change, not made yet.
     pub(super) fn dirs_to_sync(
         &self,
         durable: bool,
         paths: &[&RelPath],
-    ) -> Result<Vec<OwnedFd>, WireError> {
+    ) -> Result<ToSync, WireError> {
+        let mut sync = ToSync::default();
         if !durable {
-            return Ok(Vec::new());
+            return Ok(sync);
         }
-        paths
-            .iter()
-            .map(|p| {
-                self.fs.dir_of(p).map_err(|e| {
-                    let mut w = self.fs.map_errno(&e, p);
-                    w.message = format!(
-                        "{p}: its directory cannot be opened to be synced: {}",
-                        w.message
-                    );
-                    w
-                })
-            })
-            .collect()
+        for p in paths {
+            sync.add_dir_of(&*self.fs, p).map_err(|e| {
+                let mut w = self.fs.map_errno(&e, p);
+                w.message = format!(
+                    "{p}: its directory cannot be opened to be synced: {}",
+                    w.message
+                );
+                w
+            })?;
+        }
+        Ok(sync)
     }
 
     /// Marks a file whose size change of intent `id` is made (after the

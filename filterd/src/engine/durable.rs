@@ -29,15 +29,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use libfilter::locks::{Lock, LockTable};
 use libfilter::model::{
-    ConnState, FileId, HandleRecord, HeldLock, InstanceName, IntentChange, ReplayScope, ResumeKey,
+    ConnState, FileId, HandleRecord, HeldLock, InstanceName, IntentChange, RelPath, ReplayScope,
+    ResumeKey,
 };
 use libfilter::proto::{ErrorCode, Event, ServerFrame};
 use libfilter::store::StoreOp;
 use tracing::{debug, error, warn};
 
+use super::fs::Fs;
 use super::{err, Engine, Handle};
 use crate::committer::{CommitJob, Group};
 
@@ -293,6 +296,9 @@ pub(super) struct Batch {
     /// Descriptors of files and directories this round changed (fsync'd
     /// before its commit).
     sync: Vec<OwnedFd>,
+    /// The export root's filesystem, to be `syncfs`'d before this round's
+    /// commit: a change's directory could not be opened ([`ToSync`]).
+    syncfs: Option<Arc<OwnedFd>>,
     /// Requests whose replies wait for this round's groups.
     requests: usize,
     /// The highest sequence the request being handled depends on.
@@ -326,6 +332,7 @@ impl Default for Batch {
             completes_intent: false,
             groups: Vec::new(),
             sync: Vec::new(),
+            syncfs: None,
             requests: 0,
             dep: 0,
             last: 0,
@@ -390,6 +397,15 @@ impl Batch {
         self.sync.push(fd);
     }
 
+    /// What a change of names needs made durable before the round's
+    /// groups commit: its directories, or the whole filesystem.
+    pub(super) fn sync_changed(&mut self, s: ToSync) {
+        self.sync.extend(s.fds);
+        if s.filesystem.is_some() {
+            self.syncfs = s.filesystem;
+        }
+    }
+
     /// The sequence of the group being built.
     pub(super) fn seq(&self) -> u64 {
         self.seq
@@ -430,6 +446,47 @@ impl Batch {
             self.reads.insert(s);
         }
     }
+}
+
+/// What makes a change of names durable before the commit that records
+/// it: the descriptors of the directories holding them, each fsync'd, or
+/// — when one cannot be opened — the export root's whole filesystem,
+/// `syncfs`'d.
+#[derive(Default)]
+pub(super) struct ToSync {
+    pub(super) fds: Vec<OwnedFd>,
+    pub(super) filesystem: Option<Arc<OwnedFd>>,
+}
+
+impl ToSync {
+    /// Adds the directory holding `path`. One that cannot be opened (no
+    /// descriptor left: EMFILE; a directory an unprivileged filterd may
+    /// write but not read: EACCES) gives way to a `syncfs` on the root's
+    /// descriptor, which needs neither a descriptor nor a permission:
+    /// refused, the change failed for want of a directory's descriptor
+    /// (review r1 b2); skipped, it committed unsynced. `Err` only when the
+    /// directory is gone ([`dir_gone`]): nothing of it to sync.
+    pub(super) fn add_dir_of(&mut self, fs: &dyn Fs, path: &RelPath) -> std::io::Result<()> {
+        match fs.dir_of(path) {
+            Ok(d) => self.fds.push(d),
+            Err(e) if dir_gone(&e) => return Err(e),
+            Err(e) => {
+                debug!(%path, error = %e, "a changed name's directory cannot be opened: its filesystem is synced");
+                self.filesystem = Some(fs.filesystem());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `dir_of` failed because the directory is no longer there
+/// (removed, or replaced by a link), not for want of a descriptor or a
+/// permission.
+pub(super) fn dir_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
+    )
 }
 
 /// The file an intent's change is about, when the intent names it.
@@ -760,13 +817,15 @@ impl Engine {
         for (_, kh, path, id) in now {
             self.fs.clear_change_mark(&kh, path.as_ref(), id);
         }
-        if self.batch.groups.is_empty() && self.batch.sync.is_empty() {
+        if self.batch.groups.is_empty() && self.batch.sync.is_empty() && self.batch.syncfs.is_none()
+        {
             return;
         }
         let b = &mut self.batch;
         let job = CommitJob {
             groups: std::mem::take(&mut b.groups),
             sync: std::mem::take(&mut b.sync),
+            syncfs: b.syncfs.take(),
             requests: std::mem::take(&mut b.requests),
         };
         self.pipe.submit(job);

@@ -207,6 +207,16 @@ pub trait Fs: Send {
     /// The directory holding `path`, opened to be fsync'd.
     fn dir_of(&self, path: &RelPath) -> io::Result<OwnedFd>;
 
+    /// A descriptor on the export root's filesystem, the one this port
+    /// holds (no new descriptor): what a `syncfs` makes durable when a
+    /// change's directory cannot be opened to be fsync'd — no descriptor
+    /// left, or a directory filterd may write but not read
+    /// (`ToSync::add_dir_of`).
+    fn filesystem(&self) -> Arc<OwnedFd>;
+
+    /// Makes everything on the filesystem of `fd` durable (`syncfs`).
+    fn syncfs(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
+
     /// Makes a descriptor's changes durable (recovery; the committer
     /// syncs a round's descriptors itself).
     fn fsync(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
@@ -224,7 +234,8 @@ pub trait Fs: Send {
 /// The daemon's filesystem: the export root's descriptor and
 /// [`crate::fsops`].
 pub struct HostFs {
-    root: OwnedFd,
+    /// Shared with the committer for a `syncfs` ([`Fs::filesystem`]).
+    root: Arc<OwnedFd>,
     /// Whose ownership every change is fenced by ([`HostFs::fence`]).
     store: Arc<dyn StateStore>,
 }
@@ -233,7 +244,10 @@ impl HostFs {
     /// Over the export root's descriptor; every rename, remove, size
     /// change and create is made only while this daemon still owns `store`.
     pub fn new(root: OwnedFd, store: Arc<dyn StateStore>) -> HostFs {
-        HostFs { root, store }
+        HostFs {
+            root: Arc::new(root),
+            store,
+        }
     }
 
     fn root(&self) -> BorrowedFd<'_> {
@@ -412,6 +426,14 @@ impl Fs for HostFs {
 
     fn dir_of(&self, path: &RelPath) -> io::Result<OwnedFd> {
         fsops::dir_of(self.root(), path)
+    }
+
+    fn filesystem(&self) -> Arc<OwnedFd> {
+        Arc::clone(&self.root)
+    }
+
+    fn syncfs(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        nix::unistd::syncfs(fd).map_err(io::Error::from)
     }
 
     fn fsync(&self, fd: BorrowedFd<'_>) -> io::Result<()> {

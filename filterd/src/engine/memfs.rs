@@ -34,6 +34,8 @@ pub(super) enum Logged {
     ClearMarker(String),
     /// A descriptor (of a file or directory: its path) made durable.
     Fsync(String),
+    /// The whole filesystem made durable (`syncfs`).
+    Syncfs,
     /// A commit, by the names of its store operations.
     Commit(Vec<&'static str>),
     /// A reply the frontend received (request id, success).
@@ -87,6 +89,8 @@ struct State {
     /// replaces a name with a new file.
     replace: Vec<(&'static str, String)>,
     log: Vec<Logged>,
+    /// The root's descriptor [`Fs::filesystem`] gives, made on first use.
+    root: Option<Arc<OwnedFd>>,
 }
 
 /// The fake; clones share one filesystem (the test keeps one, the engine
@@ -835,6 +839,29 @@ impl Fs for MemFs {
             return Err(errno(libc::ENOENT));
         }
         st.new_desc(DescOf::Dir(parent))
+    }
+
+    fn filesystem(&self) -> Arc<OwnedFd> {
+        let mut st = self.st();
+        if let Some(r) = &st.root {
+            return Arc::clone(r);
+        }
+        let r = Arc::new(
+            st.new_desc(DescOf::Dir(String::new()))
+                .expect("a descriptor for the fake's root"),
+        );
+        st.root = Some(Arc::clone(&r));
+        r
+    }
+
+    fn syncfs(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let mut st = self.st();
+        st.check("syncfs")?;
+        if !st.descs.contains_key(&desc_ino(fd)?) {
+            return Err(errno(libc::EBADF));
+        }
+        st.log.push(Logged::Syncfs);
+        Ok(())
     }
 
     fn fsync(&self, fd: BorrowedFd<'_>) -> io::Result<()> {

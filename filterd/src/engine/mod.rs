@@ -41,6 +41,7 @@ use tracing::{debug, error, info, warn};
 use crate::committer::{CommitCounters, Pipeline};
 use crate::conn::{Poller, Ready};
 use crate::outbox::ConnWriter;
+use durable::ToSync;
 
 mod changes;
 mod checked_io;

@@ -416,10 +416,11 @@ impl Engine {
             // The new name (and with it, on a journaling filesystem, the
             // new inode and its marker: one journal commit) is durable
             // before the commit that records the handle. One fsync per
-            // directory per batch. A directory that cannot be opened fails
-            // the open, its create undone (`Engine::dirs_to_sync`).
+            // directory per batch; the whole filesystem where it cannot be
+            // opened. A directory gone fails the open, its create undone
+            // (`Engine::dirs_to_sync`).
             match self.dirs_to_sync(true, &[&o.path]) {
-                Ok(dirs) => dirs.into_iter().for_each(|d| self.batch.sync_fd(d)),
+                Ok(dirs) => self.batch.sync_changed(dirs),
                 Err(e) => {
                     self.stats.opens_refused += 1;
                     if of.linked {

@@ -18,7 +18,7 @@ impl Engine {
         // Dangling intents first: finish what a crash interrupted, so the
         // handle records they announce exist before handles are loaded.
         let mut finished = Vec::new();
-        let mut sync: Vec<OwnedFd> = Vec::new();
+        let mut sync = ToSync::default();
         // Files whose change mark proved a change: unmarked once that is
         // recorded.
         let mut unmark = Vec::new();
@@ -66,7 +66,7 @@ impl Engine {
                         Some(Ok(redone)) => {
                             match redone {
                                 SizeRedo::Redone(fd) => {
-                                    sync.push(fd);
+                                    sync.fds.push(fd);
                                     info!(resume_key = %record.key, path = %record.path, "recovery finished an interrupted overwrite");
                                 }
                                 _ => {
@@ -104,8 +104,8 @@ impl Engine {
                     if fs.names(&to, file, kernel_handle.as_ref()) {
                         info!(resume_key = %key, %from, %to, "recovery finished an interrupted rename");
                         self.stats.intents_recovered += 1;
-                        sync.extend(dir_to_sync(fs, &from)?);
-                        sync.extend(dir_to_sync(fs, &to)?);
+                        dir_to_sync(fs, &from, &mut sync);
+                        dir_to_sync(fs, &to, &mut sync);
                         // The path is the file's: every handle that named
                         // it by the old path follows.
                         for r in store.all_handles()?.into_iter().flatten() {
@@ -172,7 +172,7 @@ impl Engine {
                         Ok(redone) => {
                             match redone {
                                 SizeRedo::Redone(fd) => {
-                                    sync.push(fd);
+                                    sync.fds.push(fd);
                                     info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
                                 }
                                 _ => {
@@ -211,7 +211,7 @@ impl Engine {
                     if !fs.names(&path, file, kernel_handle.as_ref()) {
                         info!(%path, "recovery finished an interrupted remove");
                         self.stats.intents_recovered += 1;
-                        sync.extend(dir_to_sync(fs, &path)?);
+                        dir_to_sync(fs, &path, &mut sync);
                         if let Some(r) = record {
                             finished.push(record_op(r));
                         }
@@ -263,7 +263,7 @@ impl Engine {
                                 Ok(()) => {
                                     info!(%path, "recovery finished an interrupted delete on close");
                                     self.stats.intents_recovered += 1;
-                                    sync.extend(dir_to_sync(fs, &path)?);
+                                    dir_to_sync(fs, &path, &mut sync);
                                 }
                                 Err(e) => {
                                     warn!(%path, error = %e.message, "interrupted delete on close could not be finished")
@@ -280,10 +280,15 @@ impl Engine {
         if !finished.is_empty() {
             // What recovery changed on disk is durable before the commit
             // that records it.
-            for fd in &sync {
+            for fd in &sync.fds {
                 self.fs
                     .fsync(fd.as_fd())
                     .map_err(|e| anyhow::anyhow!("fsync after recovery's changes: {e}"))?;
+            }
+            if let Some(r) = &sync.filesystem {
+                self.fs
+                    .syncfs(r.as_fd())
+                    .map_err(|e| anyhow::anyhow!("syncfs after recovery's changes: {e}"))?;
             }
             // One request per intent (its changes end with deleting it),
             // so that each is atomic and a store that splits large commits
@@ -599,27 +604,16 @@ impl NameIndexes {
     }
 }
 
-/// The directory holding `path`, to be fsync'd before recovery's commit
-/// records a change of its names. One no longer there (removed, or
-/// replaced by a link, while filterd was down) is not synced: a warning.
-/// Any other failure (no descriptor left) fails recovery, as a failed
-/// fsync does, and the intent stays for the next start. Skipping the sync
-/// then would let the commit drop the intent while the change's names may
-/// not be on disk.
-fn dir_to_sync(fs: &dyn super::fs::Fs, path: &RelPath) -> anyhow::Result<Option<OwnedFd>> {
-    match fs.dir_of(path) {
-        Ok(d) => Ok(Some(d)),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
-            ) =>
-        {
-            warn!(%path, error = %e, "the directory of a change recovery finished is gone: not synced");
-            Ok(None)
-        }
-        Err(e) => Err(anyhow::anyhow!(
-            "{path}: its directory cannot be opened to be synced after recovery's changes: {e}"
-        )),
+/// Adds what makes durable the directory holding `path` before
+/// recovery's commit records a change of its names: the directory, or the
+/// whole filesystem where it cannot be opened ([`ToSync::add_dir_of`]; a
+/// failed `syncfs` then fails recovery, as a failed fsync does, and the
+/// intent stays for the next start). Failed, it kept filterd from coming
+/// up at all in a directory it may write but not read (review r1 b2). One
+/// no longer there (removed, or replaced by a link, while filterd was
+/// down) has nothing to sync: a warning.
+fn dir_to_sync(fs: &dyn super::fs::Fs, path: &RelPath, sync: &mut ToSync) {
+    if let Err(e) = sync.add_dir_of(fs, path) {
+        warn!(%path, error = %e, "the directory of a change recovery finished is gone: not synced");
     }
 }

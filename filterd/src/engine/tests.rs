@@ -366,10 +366,15 @@ impl Harness {
         self.store.inner.lock().unwrap().fail = !ok;
         let jobs = self.pipe.take_jobs();
         // As the committer: what the round changed on disk is durable
-        // before its commit.
+        // before its commit, which a failed syncfs fails whole.
         for j in &jobs {
             for fd in &j.sync {
                 self.fs.fsync(fd.as_fd()).unwrap();
+            }
+            if let Some(r) = &j.syncfs {
+                if self.fs.syncfs(r.as_fd()).is_err() {
+                    self.store.inner.lock().unwrap().fail = true;
+                }
             }
         }
         let groups: Vec<crate::committer::Group> =
@@ -5185,17 +5190,31 @@ fn renaming_a_to(h: &mut Harness, to: &str, replace: bool) -> (ResumeKey, u64) {
 }
 
 /// Commits the intents waiting, then makes their changes with the next
-/// `dir_of` failing (EMFILE: filterd at its descriptor limit) and
-/// commits: what the filesystem saw meanwhile.
-fn finish_intents_with_dir_of_failing(h: &mut Harness) -> Vec<Logged> {
+/// `dir_of` failing with `errno` (EMFILE: filterd at its descriptor
+/// limit; EACCES: a directory an unprivileged filterd may write but not
+/// read) and commits: what the filesystem saw meanwhile.
+fn finish_intents_with_dir_of_failing(h: &mut Harness, errno: i32) -> Vec<Logged> {
     let ids = h.commit_holding_intents(true);
     h.fs.take_log();
-    h.fs.fail_next("dir_of", libc::EMFILE);
+    h.fs.fail_next("dir_of", errno);
     for i in ids {
         h.engine.finish_parked(i);
     }
     h.commit(true);
     h.fs.take_log()
+}
+
+/// Whether `log` shows the filesystem synced after `change` and before
+/// the first commit after it.
+fn synced_whole_between(log: &[Logged], change: impl Fn(&Logged) -> bool) -> bool {
+    let Some(c) = log.iter().position(change) else {
+        return false;
+    };
+    let commit = log[c..]
+        .iter()
+        .position(|l| matches!(l, Logged::Commit(_)))
+        .map_or(log.len(), |i| c + i);
+    log[c..commit].contains(&Logged::Syncfs)
 }
 
 /// An open sharing nothing from another client, of `path`.
@@ -5288,97 +5307,156 @@ fn an_open_of_a_file_whose_remove_is_committing_waits_for_it() {
     }
 }
 
-/// Review r1: a durable rename whose directory cannot be opened to be
-/// synced (EMFILE: filterd at its descriptor limit) is refused, not made.
-/// The failure was skipped: the rename was made and its completion
-/// committed and answered with no directory synced, the new name maybe
-/// not on disk.
+/// Review r1 b2: a durable rename whose directory cannot be opened to be
+/// synced (EMFILE: filterd at its descriptor limit; EACCES: an
+/// unprivileged filterd in a directory it may write but not read) is
+/// made, and the whole filesystem synced before its completion commits.
+/// Refused (2ef4b32), every rename in a write-only directory failed;
+/// skipped (before review r1), it committed with nothing synced.
 #[test]
-fn a_rename_whose_directory_cannot_be_opened_for_fsync_is_refused_unmade() {
-    let mut h = Harness::new();
-    let (key, id) = renaming_a_to(&mut h, "x", false);
-    let log = finish_intents_with_dir_of_failing(&mut h);
-    assert!(
-        matches!(h.reply(id), Some(Err(_))),
-        "answered {:?} with {log:?}",
-        h.reply(id)
-    );
-    assert!(
-        !log.iter().any(|l| matches!(l, Logged::Rename(..))),
-        "{log:?}"
-    );
-    assert!(h.fs.file("a").is_some() && h.fs.file("x").is_none());
-    assert_eq!(h.engine.handles[&key].rec.path.as_str(), "a");
-    assert!(h.store.inner.lock().unwrap().intents.is_empty());
+fn a_rename_whose_directory_cannot_be_opened_is_made_its_filesystem_synced() {
+    for errno in [libc::EMFILE, libc::EACCES] {
+        let mut h = Harness::new();
+        let (key, id) = renaming_a_to(&mut h, "x", false);
+        let log = finish_intents_with_dir_of_failing(&mut h, errno);
+        assert!(
+            matches!(h.reply(id), Some(Ok(_))),
+            "answered {:?} with {log:?}",
+            h.reply(id)
+        );
+        assert!(
+            synced_whole_between(&log, |l| matches!(l, Logged::Rename(..))),
+            "{log:?}"
+        );
+        assert!(h.fs.file("a").is_none() && h.fs.file("x").is_some());
+        assert_eq!(h.engine.handles[&key].rec.path.as_str(), "x");
+        assert!(h.store.inner.lock().unwrap().intents.is_empty());
+    }
 }
 
-/// The same for a durable remove: refused, the file still there.
+/// The same for a durable remove: made, the filesystem synced.
 #[test]
-fn a_remove_whose_directory_cannot_be_opened_for_fsync_is_refused_unmade() {
-    let mut h = Harness::new();
-    h.fs.put("r", 5);
-    let rm = h.run(removing("r"));
-    let log = finish_intents_with_dir_of_failing(&mut h);
-    assert!(matches!(h.reply(rm), Some(Err(_))), "{log:?}");
-    assert!(
-        !log.iter().any(|l| matches!(l, Logged::Remove(_))),
-        "{log:?}"
-    );
-    assert!(h.fs.file("r").is_some());
+fn a_remove_whose_directory_cannot_be_opened_is_made_its_filesystem_synced() {
+    for errno in [libc::EMFILE, libc::EACCES] {
+        let mut h = Harness::new();
+        h.fs.put("r", 5);
+        let rm = h.run(removing("r"));
+        let log = finish_intents_with_dir_of_failing(&mut h, errno);
+        assert!(matches!(h.reply(rm), Some(Ok(_))), "{log:?}");
+        assert!(
+            synced_whole_between(&log, |l| matches!(l, Logged::Remove(_))),
+            "{log:?}"
+        );
+        assert!(h.fs.file("r").is_none());
+    }
 }
 
 /// A persistent create whose directory cannot be opened to be synced is
-/// refused, its file unlinked again: answered "created", the handle's
-/// commit went through with the new name maybe not on disk.
+/// made, the filesystem synced before the handle's commit; refused only
+/// when that syncfs fails (the commit fails whole, as for a failed
+/// fsync), its file unlinked again.
 #[test]
-fn a_persistent_create_whose_directory_cannot_be_opened_for_fsync_is_refused() {
+fn a_persistent_create_whose_directory_cannot_be_opened_syncs_its_filesystem() {
+    for syncfs_fails in [false, true] {
+        let mut h = Harness::new();
+        h.fs.fail_next("dir_of", libc::EACCES);
+        if syncfs_fails {
+            h.fs.fail_next("syncfs", libc::EIO);
+        }
+        h.fs.take_log();
+        let id = h.run(open("n", Rights::ALL));
+        h.commit(true);
+        let log = h.fs.take_log();
+        if syncfs_fails {
+            assert!(matches!(h.reply(id), Some(Err(_))), "{:?}", h.reply(id));
+            assert!(h.engine.handles.is_empty());
+            assert!(h.store.inner.lock().unwrap().handles.is_empty());
+            assert!(h.fs.file("n").is_none(), "the refused create's file stays");
+        } else {
+            let key = h.opened(id);
+            assert!(
+                synced_whole_between(&log, |l| matches!(l, Logged::Create(_))),
+                "{log:?}"
+            );
+            assert!(h.store.inner.lock().unwrap().handles.contains_key(&key));
+            assert!(h.fs.file("n").is_some());
+        }
+    }
+}
+
+/// Review r1 b2: a delete on close whose directory cannot be opened for
+/// fsync unlinks the file (the filesystem synced). Refused (2ef4b32),
+/// the unlink was never made, yet its intent was deleted: the file stayed
+/// for good, and the CLOSE got an error for a handle already gone.
+#[test]
+fn a_delete_on_close_whose_directory_cannot_be_opened_unlinks_its_file() {
     let mut h = Harness::new();
-    h.fs.fail_next("dir_of", libc::EMFILE);
-    let id = h.run(open("n", Rights::ALL));
+    let old = h.fs.file("c").map(|f| (f.ino, f.gen));
+    let (kc, close, _second) = closing_with_delete_on_close_then_opened(&mut h);
+    let log = finish_intents_with_dir_of_failing(&mut h, libc::EMFILE);
+    assert!(
+        matches!(h.reply(close), Some(Ok(_))),
+        "{:?} {log:?}",
+        h.reply(close)
+    );
+    assert!(!h.engine.handles.contains_key(&kc));
+    assert!(!h.store.inner.lock().unwrap().handles.contains_key(&kc));
+    assert!(
+        synced_whole_between(&log, |l| matches!(l, Logged::Remove(_))),
+        "{log:?}"
+    );
+    h.engine.process_retries();
     h.commit(true);
-    assert!(matches!(h.reply(id), Some(Err(_))), "{:?}", h.reply(id));
-    assert!(h.engine.handles.is_empty());
-    assert!(h.store.inner.lock().unwrap().handles.is_empty());
-    assert!(h.fs.file("n").is_none(), "the refused create's file stays");
+    let (fs, st) = (h.fs.clone(), h.store.clone());
+    let gone = |fs: &MemFs| fs.file("c").map(|f| (f.ino, f.gen)) != old;
+    assert!(gone(&fs), "the file deleted on close is still there");
+    drop(h);
+    let _e = recovered(&fs, &st);
+    assert!(gone(&fs), "the file deleted on close is still there");
 }
 
 /// Recovery that finished an interrupted rename but cannot open its
-/// directory to sync it fails (the intent stays for the next start)
-/// rather than commit the rename as finished with nothing synced; a
-/// directory gone meanwhile has nothing to sync.
+/// directory to sync it (EMFILE, or EACCES: a directory an unprivileged
+/// filterd may write but not read) syncs the whole filesystem; it fails
+/// (the intent stays for the next start) only when that syncfs fails.
+/// Failing on EACCES (2ef4b32), filterd never came up.
 #[test]
-fn recovery_fails_when_a_finished_rename_s_directory_cannot_be_synced() {
-    let h = Harness::new();
-    let (fs, store) = (h.fs.clone(), h.store.clone());
-    let ra = persistent_record(&fs, "a");
-    let intent = Intent {
-        id: IntentId(uuid::Uuid::new_v4()),
-        change: IntentChange::Rename {
-            key: ra.key,
-            from: ra.path.clone(),
-            to: RelPath::new("x").unwrap(),
-            file: ra.file,
-            replace: false,
-            record: None,
-            kernel_handle: ra.kernel_handle.clone(),
-        },
-        recorded_ms: 0,
-    };
-    fs.rename(&ra.path, &RelPath::new("x").unwrap(), ra.file, None, false)
-        .unwrap();
-    store
-        .commit(&[&[
-            StoreOp::PutHandle(Box::new(ra.clone())),
-            StoreOp::PutIntent(Box::new(intent)),
-        ]])
-        .unwrap();
-    fs.fail_next("dir_of", libc::EMFILE);
-    assert!(try_recovered(&fs, &store).is_err());
-    assert_eq!(store.inner.lock().unwrap().intents.len(), 1);
-    fs.take_log();
-    recovered(&fs, &store);
-    assert!(store.inner.lock().unwrap().intents.is_empty());
-    assert!(fs.take_log().contains(&Logged::Fsync("/".into())));
+fn recovery_syncs_the_filesystem_when_a_finished_rename_s_directory_cannot_be_opened() {
+    for errno in [libc::EMFILE, libc::EACCES] {
+        let h = Harness::new();
+        let (fs, store) = (h.fs.clone(), h.store.clone());
+        let ra = persistent_record(&fs, "a");
+        let intent = Intent {
+            id: IntentId(uuid::Uuid::new_v4()),
+            change: IntentChange::Rename {
+                key: ra.key,
+                from: ra.path.clone(),
+                to: RelPath::new("x").unwrap(),
+                file: ra.file,
+                replace: false,
+                record: None,
+                kernel_handle: ra.kernel_handle.clone(),
+            },
+            recorded_ms: 0,
+        };
+        fs.rename(&ra.path, &RelPath::new("x").unwrap(), ra.file, None, false)
+            .unwrap();
+        store
+            .commit(&[&[
+                StoreOp::PutHandle(Box::new(ra.clone())),
+                StoreOp::PutIntent(Box::new(intent)),
+            ]])
+            .unwrap();
+        fs.fail_next("dir_of", errno);
+        fs.fail_next("syncfs", libc::EIO);
+        assert!(try_recovered(&fs, &store).is_err());
+        assert_eq!(store.inner.lock().unwrap().intents.len(), 1);
+        fs.take_log();
+        fs.fail_next("dir_of", errno);
+        recovered(&fs, &store);
+        assert!(store.inner.lock().unwrap().intents.is_empty());
+        assert!(fs.take_log().contains(&Logged::Syncfs));
+    }
 }
 
 /// Review r1: a REMOVE's intent names its file by number and kernel
