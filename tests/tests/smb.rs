@@ -1329,3 +1329,99 @@ fn filterctl_tables_escape_a_clients_control_characters() {
     let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
     assert_eq!(v[0]["path"], path, "{v}");
 }
+
+/// An open's rights are the ones it was granted, not its descriptor's
+/// mode: filterd gives an open without `write` — a delete-only one too —
+/// a read-only descriptor, and a delete-only open that could READ would
+/// read a file whose other opens did not share `read`. READ and WRITE
+/// the open was not granted are STATUS_ACCESS_DENIED, after a replay that
+/// asks for more, and after a RECONNECT, too.
+#[test]
+fn io_needs_the_rights_the_open_was_granted_not_its_descriptors() {
+    let (s, d, shim, (mut a, asid), _) = alice_and_bob("smb-io-rights");
+    let r = a.call(json!({"cmd": "CREATE", "session_id": asid, "path": "f",
+                          "access": ["read", "write"], "share": ["delete"],
+                          "disposition": "create"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let afid = r["file_id"].clone();
+    let w = a.call(json!({"cmd": "WRITE", "session_id": asid, "file_id": afid,
+                          "offset": 0, "data": b64("secret")}));
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let bob_guid = uuid::Uuid::new_v4().to_string();
+    let guid = uuid::Uuid::new_v4().to_string();
+    let mut b = LineClient::connect(&shim.addr);
+    let bsid = session(&mut b, &bob_guid, "bob");
+    let create = |sid: u64, access: &[&str], replay: bool| {
+        json!({"cmd": "CREATE", "session_id": sid, "path": "f", "access": access,
+               "share": ["read", "write", "delete"], "disposition": "open",
+               "replay": replay,
+               "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}})
+    };
+    let r = b.call(create(bsid, &["read"], false));
+    assert_eq!(r["status"], "STATUS_SHARING_VIOLATION", "{r}");
+    let r = b.call(create(bsid, &["delete"], false));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let refused = |c: &mut LineClient, sid: u64| {
+        for req in [
+            json!({"cmd": "READ", "session_id": sid, "file_id": fid, "offset": 0, "length": 6}),
+            json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0,
+                   "data": b64("XXXXXX")}),
+        ] {
+            let r = c.call(req.clone());
+            assert_eq!(r["status"], "STATUS_ACCESS_DENIED", "{req}: {r}");
+        }
+    };
+    refused(&mut b, bsid);
+    let ctl = d.control();
+    let disconnected = || {
+        wait_for(
+            "bob's open to be disconnected",
+            Duration::from_secs(5),
+            || {
+                let hs = ctl.handles().ok()?;
+                hs.iter()
+                    .any(|h| {
+                        json!(h.record.key.to_string()) == fid
+                            && matches!(
+                                h.record.conn,
+                                libfilter::model::ConnState::Disconnected { .. }
+                            )
+                    })
+                    .then_some(())
+            },
+        )
+    };
+    // A replay asking for more finds the original, with its rights.
+    drop(b);
+    disconnected();
+    let mut b = LineClient::connect(&shim.addr);
+    let bsid = session(&mut b, &bob_guid, "bob");
+    let r = b.call(create(bsid, &["read", "delete"], true));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["file_id"], fid, "the original open: {r}");
+    refused(&mut b, bsid);
+    // A RECONNECT keeps them too.
+    drop(b);
+    disconnected();
+    let mut b = LineClient::connect(&shim.addr);
+    let bsid = session(&mut b, &bob_guid, "bob");
+    let r = b.call(
+        json!({"cmd": "RECONNECT", "session_id": bsid, "file_id": fid,
+                          "create_guid": guid}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    refused(&mut b, bsid);
+    // A read-only open still cannot write.
+    let r = a.call(json!({"cmd": "CREATE", "session_id": asid, "path": "g",
+                          "access": ["read"], "share": ["read", "write", "delete"],
+                          "disposition": "create"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let w = a.call(
+        json!({"cmd": "WRITE", "session_id": asid, "file_id": r["file_id"],
+                          "offset": 0, "data": b64("XXXXXX")}),
+    );
+    assert_eq!(w["status"], "STATUS_ACCESS_DENIED", "{w}");
+    assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"secret");
+    assert_eq!(std::fs::read(s.root().join("g")).unwrap(), b"");
+}

@@ -205,7 +205,8 @@ struct Open {
     file_key: FileId,
     session: u64,
     file: Arc<shimline::datasync::SyncedFile>,
-    /// What `file` may do, read once from it.
+    /// What READ and WRITE may do through `file`: the rights filterd
+    /// granted the open, narrowed by the descriptor's mode ([`Io`]).
     io: Io,
     durable: Option<Grant>,
     create_action: CreateAction,
@@ -998,6 +999,32 @@ fn create_with(
     note_locked(m, &h.info);
     let file_id = h.info.key.to_string();
     let granted = create_guid.and_then(|g| grant_of(&h.info, g));
+    // The rights the open holds: a fresh open has what it asked for; a
+    // replay may have found an original that asked for other rights, which
+    // are the record's (never the replay's request).
+    let rights = if replay {
+        match handle_view(m, h.info.key, || {
+            Fail(
+                "STATUS_FILE_NOT_AVAILABLE",
+                "the open was closed while it was replayed".into(),
+            )
+        }) {
+            Ok(v) => v.record.access.rights(),
+            Err(e) => {
+                // Taken over for nothing: let go of it unless the open
+                // is stored (the teardown lock keeps other takeovers out).
+                let stored = sh.opens.lock().map_or(true, |o| o.contains_key(&file_id));
+                if !stored {
+                    let key = h.info.key;
+                    drop(h);
+                    let_go(m, key, granted.is_some());
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        access.rights()
+    };
     // Whether the session lives is checked under the opens lock, and the
     // open stored before it goes: a session that ended while filterd made
     // the open (a LOGOFF, or a SESSION_SETUP naming it as
@@ -1016,11 +1043,7 @@ fn create_with(
             drop(opens);
             let key = h.info.key;
             drop(h);
-            let _ = if granted.is_some() {
-                m.filter.detach(key)
-            } else {
-                m.filter.close(key)
-            };
+            let_go(m, key, granted.is_some());
         }
         return Err(Fail(
             "STATUS_USER_SESSION_DELETED",
@@ -1051,7 +1074,7 @@ fn create_with(
                 key: h.info.key,
                 file_key: h.info.file,
                 session,
-                io: Io::of(&h.fd),
+                io: Io::of(&h.fd).within(rights),
                 file: Arc::new(std::fs::File::from(h.fd).into()),
                 durable: granted,
                 create_action: h.info.create_action,
@@ -1188,6 +1211,37 @@ enum Reply {
     Created(Answer<Created>),
 }
 
+/// The handle `key` as filterd knows it; `missing` if it has none.
+fn handle_view(
+    m: &Member,
+    key: ResumeKey,
+    missing: impl FnOnce() -> Fail,
+) -> Result<libfilter::proto::HandleView, Fail> {
+    match m
+        .filter
+        .client()
+        .call(libfilter::proto::Request::Handle { key })
+    {
+        Ok((libfilter::proto::Reply::Handle(v), _)) => Ok(v),
+        Ok(_) => Err(Fail(
+            "STATUS_INTERNAL_ERROR",
+            "filterd answered a handle query with something else".into(),
+        )),
+        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => Err(missing()),
+        Err(e) => Err(filter_fail(e)),
+    }
+}
+
+/// Lets go of handle `key`, attached for an open that was not stored: a
+/// `durable` one waits for its reconnect, any other is closed.
+fn let_go(m: &Member, key: ResumeKey, durable: bool) {
+    let _ = if durable {
+        m.filter.detach(key)
+    } else {
+        m.filter.close(key)
+    };
+}
+
 fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     let (session, client_guid, user) = session_of(sh, obj)?;
     let file_id = str_field(obj, "file_id")?.to_owned();
@@ -1212,21 +1266,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     // Only "no such handle" says there is no open to reconnect; filterd
     // away or stalled is the retry status (not found is final: the client
     // would give up an open that is there).
-    let view = match m
-        .filter
-        .client()
-        .call(libfilter::proto::Request::Handle { key })
-    {
-        Ok((libfilter::proto::Reply::Handle(v), _)) => v,
-        Ok(_) => {
-            return Err(Fail(
-                "STATUS_INTERNAL_ERROR",
-                "filterd answered a handle query with something else".into(),
-            ))
-        }
-        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => return Err(not_found()),
-        Err(e) => return Err(filter_fail(e)),
-    };
+    let view = handle_view(m, key, not_found)?;
     if view.record.create_guid != Some(CreateGuid(guid))
         || view.record.client.as_str() != client_guid.to_string()
     {
@@ -1291,7 +1331,8 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             key,
             file_key: h.info.file,
             session,
-            io: Io::of(&h.fd),
+            // The rights the open was granted, as its record keeps them.
+            io: Io::of(&h.fd).within(view.record.access.rights()),
             file: Arc::new(std::fs::File::from(h.fd).into()),
             durable: Some(durable),
             create_action: h.info.create_action,
@@ -1319,12 +1360,14 @@ struct OpenRef {
     persistent: bool,
 }
 
-/// Whether an open's descriptor may read and write. READ and WRITE check
-/// it before any pread/pwrite: a client that writes through an open made
-/// without write access (or reads without read) is told
-/// STATUS_ACCESS_DENIED, not a disk or server error made of the EBADF the
-/// kernel answers (review r4 #2). Taken from the descriptor itself, so an
-/// open a replay or a RECONNECT took over has its original's rights.
+/// Whether an open may read and write. READ and WRITE check it before any
+/// pread/pwrite: a client that writes through an open made without write
+/// access (or reads without read) is told STATUS_ACCESS_DENIED, not a disk
+/// or server error made of the EBADF the kernel answers (review r4 #2).
+/// The open's granted rights decide ([`Io::within`]); the descriptor's
+/// mode alone does not, since filterd gives an open without `write` (a
+/// delete-only one too) a read-only descriptor: such an open reading would
+/// bypass the share modes of opens that did not share `read`.
 #[derive(Clone, Copy)]
 struct Io {
     read: bool,
@@ -1345,6 +1388,15 @@ impl Io {
         Io {
             read: mode == OFlag::O_RDONLY || mode == OFlag::O_RDWR,
             write: mode == OFlag::O_WRONLY || mode == OFlag::O_RDWR,
+        }
+    }
+
+    /// What the descriptor may do and the open was granted (`rights`: at
+    /// create, the request's; after a replay or RECONNECT, the record's).
+    fn within(self, rights: Rights) -> Io {
+        Io {
+            read: self.read && rights.contains(Rights::READ),
+            write: self.write && rights.contains(Rights::WRITE),
         }
     }
 
