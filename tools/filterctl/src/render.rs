@@ -4,20 +4,66 @@ use libfilter::model::{ConnState, HandleRecord};
 use libfilter::proto::{FileView, FrontendView, HandleView, Stats, StatusInfo};
 use libfilter::store::MetaInfo;
 
-/// `s` as it may go to a terminal: as is, unless it holds a character
-/// that is not printed as itself (a control character — a newline, an
-/// escape sequence's ESC — or another one Rust's `escape_debug` escapes,
-/// such as a bidi override); then quoted with those escaped. Paths, client
-/// and owner names come from clients: printed raw, a path with a newline
+/// `s` as it may go to a terminal, or to a script that splits a table's
+/// columns on runs of spaces: as is, unless it could be taken for
+/// something else; then quoted, with `"`, `\\` and the characters not
+/// printed as themselves escaped (`\n`, `\u{1b}`). Paths, client and
+/// owner names come from clients: printed raw, a path with a newline
 /// forged table rows and one with escape sequences drove the operator's
-/// terminal (review r4 #3). JSON output needs none of this.
+/// terminal (review r4 #3). Quoting is unambiguous: a text that starts
+/// with `"` or holds a `\\` is itself quoted, so no text prints as another
+/// one's escaped form. Other non-ASCII text (accents, combining marks of
+/// NFD names) stays readable. JSON output needs none of this.
 pub fn text(s: &str) -> std::borrow::Cow<'_, str> {
-    let plain = |c: char| matches!(c, '\\' | '"' | '\'') || c.escape_debug().len() == 1;
-    if s.chars().all(plain) {
-        s.into()
-    } else {
-        format!("\"{}\"", s.escape_debug()).into()
+    if !needs_quotes(s) {
+        return s.into();
     }
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if hidden(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out.into()
+}
+
+/// Whether [`text`] must quote `s`: it holds a character not printed as
+/// itself, would read as a quoted text (a leading `"`, a `\\`), or would
+/// not read as one column (two spaces in a row, a space at either end).
+fn needs_quotes(s: &str) -> bool {
+    s.starts_with(['"', ' '])
+        || s.ends_with(' ')
+        || s.contains("  ")
+        || s.contains('\\')
+        || s.chars().any(hidden)
+}
+
+/// A character a terminal does not print as itself: a control character
+/// (C0, DEL, C1 — a newline, an escape sequence's ESC or CSI), a line or
+/// paragraph separator (line-splitting tools split on them), or an
+/// invisible format character (zero-width spaces and joiners, direction
+/// marks, bidi embeddings, overrides and isolates, the byte order mark).
+/// Not everything `escape_debug` escapes: it escapes combining marks too,
+/// which would quote every name in NFD form.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{feff}'
+        )
 }
 
 /// An aligned table with a header row; columns are as wide as their widest
@@ -486,7 +532,7 @@ mod tests {
             &["PATH", "N"],
             &[
                 vec![forged.into(), "1".into()],
-                vec!["a b/é's \\".into(), "2".into()],
+                vec!["a b/é's".into(), "2".into()],
             ],
         );
         assert_eq!(t.lines().count(), 3, "{t}");
@@ -495,9 +541,39 @@ mod tests {
             t.contains(r#""x\nKEY  connected\u{1b}[2J\u{9b}31m\u{202e}""#),
             "{t}"
         );
-        assert!(t.contains("a b/é's \\  "), "{t}");
+        assert!(t.contains("a b/é's  "), "{t}");
         assert_eq!(text("plain/path"), "plain/path");
         assert_eq!(kv(&[("k", "a\rb".into())]), "k:  \"a\\rb\"\n");
+    }
+
+    /// No text prints as another one's quoted form: a text
+    /// that looks quoted or holds a backslash is quoted itself.
+    #[test]
+    fn quoting_is_unambiguous() {
+        assert_ne!(text("\"x\\nK\""), text("x\nK"));
+        assert_eq!(text("\"x\\nK\""), r#""\"x\\nK\"""#);
+        assert_eq!(text("x\nK"), r#""x\nK""#);
+        assert_eq!(text("a\\b"), r#""a\\b""#);
+        assert_eq!(text("\"a"), r#""\"a""#);
+        assert_eq!(text("a\"b"), "a\"b", "a quote inside is not ambiguous");
+        assert_eq!(
+            text("\u{200b}\u{2028}\u{feff}"),
+            r#""\u{200b}\u{2028}\u{feff}""#
+        );
+    }
+
+    /// A name with a run of spaces (or a space at an end) would shift the
+    /// columns of a script that splits on them: it is quoted; one space
+    /// and non-ASCII text, combining marks of NFD names too, are not.
+    #[test]
+    fn texts_that_would_not_read_as_one_column_are_quoted() {
+        assert_eq!(text("bob  smith"), r#""bob  smith""#);
+        assert_eq!(text(" bob"), r#"" bob""#);
+        assert_eq!(text("bob "), r#""bob ""#);
+        assert_eq!(text("bob smith"), "bob smith");
+        let nfd = "cafe\u{301}/n\u{303}o\u{308}l";
+        assert_eq!(text(nfd), nfd);
+        assert_eq!(text("日本語/ファイル"), "日本語/ファイル");
     }
 
     #[test]
