@@ -3155,7 +3155,7 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     drop(pass);
     // Every nfsl/1 open is a persistent handle: the data is on stable
     // storage before the reply (FILE_SYNC), shared with concurrent writers.
-    file.sync_written().map_err(|e| io_fail(&e))?;
+    sync_written(file)?;
     let mut m = Map::new();
     m.insert("count".into(), json!(data.len()));
     Ok(m)
@@ -3183,6 +3183,13 @@ fn io_fail(e: &std::io::Error) -> Fail {
     Fail(status, e.to_string())
 }
 
+/// Makes the writes through `file` durable (WRITE, COMMIT); a failed data
+/// sync is classed as a failed pread/pwrite is ([`io_fail`]): out of
+/// space or quota is NFS4ERR_NOSPC, not the server's fault.
+fn sync_written(file: &shimline::datasync::SyncedFile) -> Result<(), Fail> {
+    file.sync_written().map_err(|e| io_fail(&e))
+}
+
 fn commit(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let n = resolve(ctx, st, field(obj, "stateid")?)?;
     let o = st
@@ -3190,7 +3197,7 @@ fn commit(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .get(open_other(&n))
         .ok_or_else(|| internal("open vanished"))?;
     for f in o.files() {
-        f.sync_written().map_err(|e| internal(e.to_string()))?;
+        sync_written(f)?;
     }
     Ok(Map::new())
 }
@@ -4299,6 +4306,21 @@ fn reaper(sh: Arc<Shared>) {
 mod status_tests {
     use super::*;
     use libfilter::proto::WireError;
+
+    /// A data sync that fails (WRITE's, COMMIT's) is classed by errno as
+    /// pread and pwrite failures are: COMMIT made every one SERVERFAULT.
+    /// `fdatasync` of a pipe fails with EINVAL.
+    #[test]
+    fn a_failed_data_sync_is_classed_by_errno() {
+        let (r, _w) = std::io::pipe().unwrap();
+        let file = shimline::datasync::SyncedFile::from(std::fs::File::from(
+            std::os::fd::OwnedFd::from(r),
+        ));
+        let Err(Fail(status, _)) = sync_written(&file) else {
+            panic!("fdatasync of a pipe succeeded");
+        };
+        assert_eq!(status, "NFS4ERR_INVAL");
+    }
 
     fn refused(code: ErrorCode) -> ClientError {
         ClientError::Refused(WireError::new(code, "refused"))
