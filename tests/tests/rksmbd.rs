@@ -1200,6 +1200,23 @@ fn requests_naming_no_open_or_lacking_access_are_refused() {
     no_handles_left(&d);
 }
 
+/// A request with a forged signature is STATUS_ACCESS_DENIED, answered
+/// unsigned, wherever it stands in a compound: first yet flagged
+/// related, related after a failed CREATE, or past the compound's bound
+/// (tests/smb3/forged_related.py). Before, those were refused for their
+/// place in the chain first, with responses signed by the session's key.
+#[test]
+fn a_forged_related_request_is_refused_unsigned() {
+    let s = Scratch::new("rksmbd-forged-related");
+    std::fs::File::create(s.root().join("big.bin"))
+        .and_then(|f| f.set_len(3 << 20))
+        .unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "forged_related.py");
+    no_handles_left(&d);
+}
+
 /// A 1 MiB WRITE sent at 32 KiB/s (about 33 s) is served: a frame gets
 /// 30 s plus its length at 8 KiB/s. Before, 30 s in all closed the
 /// connection mid-WRITE.

@@ -1741,14 +1741,19 @@ impl Connection {
             true => None,
             false => self.signing_for(req),
         };
-        let outcome = match (failed_related, self.check_signature(req, cmd)) {
+        // The signature is checked before any compound handling
+        // (3.3.5.2.4 before 3.3.5.2.7): a request that does not verify is
+        // ACCESS_DENIED unsigned whatever its place in the chain. Refused
+        // for its place first, a forged request got a response signed
+        // with the session's key (review).
+        let outcome = match (self.check_signature(req, cmd), failed_related) {
             _ if foreign => Err(status::USER_SESSION_DELETED),
-            (Some(st), _) => Err(st),
-            (None, Err(st)) => {
+            (Err(st), _) => {
                 sign = None;
                 Err(st)
             }
-            (None, Ok(())) => self.command(cmd, req, file_override),
+            (Ok(()), Some(st)) => Err(st),
+            (Ok(()), None) => self.command(cmd, req, file_override),
         };
         let (st, body, file, session_id, tree_id) = match outcome {
             Ok(r) => (
