@@ -377,6 +377,20 @@ def create_with(name, access=0xC0000000, disposition=5, oplock=0, ctxs=b""):
     return fixed + n + pad + ctxs
 
 
+def lease_break_sent(client, within):
+    """The lease break notification `client` (a SignedClient) is sent
+    within `within` seconds; fails the script otherwise."""
+    client.raw.s.settimeout(within)
+    try:
+        _, m = client.recv()
+    except (socket.timeout, TimeoutError):
+        m = None
+    check(m is not None, f"the leaseholder is sent something within {within} s")
+    cmd, mid = struct.unpack_from("<H", m, 12)[0], struct.unpack_from("<Q", m, 24)[0]
+    check((cmd, mid) == (0x12, 2**64 - 1), f"a lease break notification (command {cmd:#x})")
+    return m
+
+
 class SignedClient:
     """A raw connection of USER, logged on and connected to SHARE, whose
     requests are signed (`rcvbuf`: a small receive buffer, for a client

@@ -1379,6 +1379,32 @@ fn write_through_writes_are_synced_before_they_are_answered() {
     no_handles_left(&d);
 }
 
+/// A write-through WRITE and a server-side copy into a write-through
+/// open whose `fdatasync` fails (strace injects EIO) fail, yet what landed
+/// counts: another client's RH lease is broken, and the copy's answer
+/// says one chunk and 5 bytes were written (tests/smb3/failed_sync.py).
+/// Before, the failed sync returned before the break (the other client
+/// kept reading stale data from its cache) and before the copy's counts.
+#[test]
+fn a_failed_write_through_sync_still_breaks_read_caching() {
+    let s = Scratch::new("rksmbd-failed-sync");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let trace = s.dir.join("strace");
+    let _strace = rkfilter_tests::Strace::attach(
+        srv.shim.pid(),
+        &trace,
+        &["fdatasync"],
+        &["fdatasync:error=EIO"],
+    );
+    smbprotocol_script_passes(&srv, "failed_sync.py");
+    assert_eq!(
+        std::fs::read(s.root().join("leased.bin")).unwrap(),
+        b"hello"
+    );
+    no_handles_left(&d);
+}
+
 /// Whether a strace `-f -yy` line (`TID call(FD<what>, …`) is one of
 /// `calls` on a descriptor whose decoding contains `on`.
 fn is_call_on(line: &str, calls: &[&str], on: &str) -> bool {

@@ -172,9 +172,13 @@ pub fn copy_chunk(
         bytes += chunk.len;
     }
     // What was copied into a write-through target is on stable storage
-    // before the answer, as a WRITE's would be.
+    // before the answer, as a WRITE's would be. A failed sync fails the
+    // copy, but the answer still counts the chunks written (3.3.5.15.6):
+    // they are in the file, only maybe not on stable storage.
     if written > 0 {
-        crate::files::sync_if_write_through(dst, false)?;
+        if let Err(st) = crate::files::sync_if_write_through(dst, false) {
+            failed = failed.or(Some(st));
+        }
     }
     Ok(Copied {
         status: failed.unwrap_or(status::SUCCESS),

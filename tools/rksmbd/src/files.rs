@@ -948,10 +948,12 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), true)?;
     file.write_all_at(data, offset).map_err(io_status)?;
     // Landed: a lock waiting for it may be granted now (it need not wait
-    // for the sync too).
+    // for the sync too), and other clients' read caching goes whatever
+    // the sync does: the file holds the new data even when the sync
+    // fails (broken after it, a failed sync left R leases on stale data).
     drop(pass);
-    sync_if_write_through(o, flags & WRITEFLAG_WRITE_THROUGH != 0)?;
     break_read_caching(&c.sh, *key);
+    sync_if_write_through(o, flags & WRITEFLAG_WRITE_THROUGH != 0)?;
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
     Ok(Reply::ok(w.0))
