@@ -9,6 +9,9 @@ Writes one line each into four files, each through an open of its own:
   persistent.bin  a persistent open (DH2Q), a plain WRITE
   copied.bin      an open with FILE_WRITE_THROUGH, plain.bin's line
                   copied in by FSCTL_SRV_COPYCHUNK_WRITE
+  reconnected.bin a durable (not persistent) open with FILE_WRITE_THROUGH,
+                  its connection dropped, reconnected by a DH2C whose
+                  CREATE does not repeat the option, a plain WRITE
 and closes each. The driver traces rksmbd's system calls and checks which
 WRITE was synced before its answer. Prints PASS; exits non-zero on any
 failure.
@@ -29,7 +32,10 @@ from smbprotocol.ioctl import (
 )
 from smbprotocol.open import CreateDisposition, CreateOptions
 
-from smbtest import args, check, connect, create_rw, persistent_context
+from smbprotocol.create_contexts import CreateContextName, SMB2CreateDurableHandleRequestV2
+from smbprotocol.open import RequestedOplockLevel
+
+from smbtest import args, check, connect, context, create_rw, lease_context, persistent_context, reconnect_v2
 
 conn, tree = connect(*args())
 
@@ -85,5 +91,32 @@ copied.unpack(fsctl(dst, CtlCode.FSCTL_SRV_COPYCHUNK_WRITE, 12, copy))
 check(copied["chunks_written"].get_value() == 1, "plain.bin's line copied into copied.bin")
 dst.close()
 src.close()
+
+# The reconnect's CREATE need not repeat FILE_WRITE_THROUGH (MS-SMB2 takes
+# none of its other fields): the open stays write-through.
+client_guid, create_guid, lease_key = uuid.uuid4(), uuid.uuid4(), uuid.uuid4().bytes
+dh2q = SMB2CreateDurableHandleRequestV2()
+dh2q["timeout"] = 60000
+dh2q["create_guid"] = create_guid
+first, first_tree = connect(*args(), client_guid=client_guid)
+f, _ = create_rw(
+    first_tree,
+    "reconnected.bin",
+    CreateDisposition.FILE_OVERWRITE_IF,
+    [context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q), lease_context(lease_key)],
+    RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE,
+    options=CreateOptions.FILE_WRITE_THROUGH,
+)
+fid = f.file_id
+first.disconnect(close=False)
+again, again_tree = connect(*args(), client_guid=client_guid)
+g, st = reconnect_v2(
+    again_tree, "reconnected.bin", fid, create_guid, [lease_context(lease_key)], RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE
+)
+check(g is not None, f"the durable write-through open reconnected without the option (got {st:#010x})")
+g.write(b"reconnected.bin written\n", 0)
+g.close()
+print("ok: reconnected.bin written", flush=True)
+again.disconnect()
 conn.disconnect()
 print("PASS", flush=True)

@@ -1328,7 +1328,9 @@ fn a_pending_create_is_not_retried_on_every_close_elsewhere() {
 /// SMB2_WRITEFLAG_WRITE_THROUGH, a WRITE on an open made with
 /// FILE_WRITE_THROUGH, one on a persistent open and a server-side copy
 /// into a FILE_WRITE_THROUGH open are each on stable storage before they
-/// are answered: rksmbd's `fdatasync` of the file
+/// are answered, and so is a WRITE on a durable FILE_WRITE_THROUGH open
+/// reconnected by a DH2C that does not repeat the option (before, such a
+/// reconnect lost it): rksmbd's `fdatasync` of the file
 /// comes after its `pwrite64` and before its answer's `sendto` on the
 /// connection's thread. A plain WRITE on a plain open is never synced.
 /// Before, none was synced: the flag was never read, the option dropped,
@@ -1355,7 +1357,13 @@ fn write_through_writes_are_synced_before_they_are_answered() {
         let t = std::fs::read_to_string(&trace).unwrap_or_default();
         synced_before_answer(&t, name)
     };
-    for name in ["flagged.bin", "option.bin", "persistent.bin", "copied.bin"] {
+    for name in [
+        "flagged.bin",
+        "option.bin",
+        "persistent.bin",
+        "copied.bin",
+        "reconnected.bin",
+    ] {
         let was = rkfilter_tests::wait_for(
             "the WRITE's answer in the trace",
             std::time::Duration::from_secs(10),

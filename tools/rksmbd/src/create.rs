@@ -1061,6 +1061,10 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     if let (Some(_), false, Some(guid)) = (durable, v1, create_guid) {
         sh.registry.v2_opened(pid, guid);
     }
+    if let (Some(_), Some(guid)) = (durable, create_guid) {
+        sh.registry
+            .keep_write_through(guid, f.options & FILE_WRITE_THROUGH != 0);
+    }
     if let Some((app, guid)) = app {
         sh.registry
             .app_instance_opened(app, session, id, path, guid);
@@ -1448,6 +1452,20 @@ fn reconnect(
         }
         _ => {}
     }
+    // Write-through as the durable open was made: a client need not
+    // repeat FILE_WRITE_THROUGH in its DH2C/DHnC (MS-SMB2 takes none of
+    // a reconnect's other fields). Its create options count only when
+    // this rksmbd never saw the open made (it restarted since); a
+    // persistent open is write-through whatever they say.
+    let made_write_through = [Some(rc.create_guid), v2_guid.map(|g| g.0)]
+        .into_iter()
+        .flatten()
+        .find_map(|g| sh.registry.write_through(g))
+        .unwrap_or(options & FILE_WRITE_THROUGH != 0);
+    sh.registry
+        .keep_write_through(rc.create_guid, made_write_through);
+    let write_through =
+        made_write_through || matches!(rec.durability, Durability::Persistent { .. });
     let added = c.add_open(
         id,
         Open {
@@ -1458,11 +1476,7 @@ fn reconnect(
             delete_on_close: rec.delete_on_close,
             kind: Kind::File { key, file, fid },
             durable: true,
-            // The reconnect's create options are the original's as a
-            // client sends them (Windows does); a persistent open is
-            // write-through whatever they say.
-            write_through: options & FILE_WRITE_THROUGH != 0
-                || matches!(rec.durability, Durability::Persistent { .. }),
+            write_through,
             persistent_id: pid,
             oplock,
             lease: held.map(|l| l.key),

@@ -1482,7 +1482,7 @@ impl Connection {
                 }
             }
             if let (false, Some(g)) = (lost, open.create_guid) {
-                sh.registry.keep_position(g, 0);
+                sh.registry.durable_closed(g);
             }
             Ok(())
         };

@@ -210,6 +210,10 @@ pub struct Registry {
     /// The file position (FilePositionInformation) of a durable open
     /// that set one, by create GUID, for its reconnect.
     positions: Mutex<HashMap<uuid::Uuid, u64>>,
+    /// Whether a durable open was made write-through (FILE_WRITE_THROUGH),
+    /// by create GUID: its reconnect is, whatever the DH2C/DHnC's create
+    /// options say (MS-SMB2 takes none of a reconnect's other fields).
+    write_through: Mutex<HashMap<uuid::Uuid, bool>>,
     /// Locks filterd may hold for a durable handle whose client went
     /// away before it learnt the outcome, by resume key: settled when the
     /// handle is reconnected ([`crate::lock::settle_reconnected`]).
@@ -378,6 +382,30 @@ impl Registry {
         } else if m.len() < MAX_V2_BY_FILE_ID {
             m.insert(create_guid, pos);
         }
+    }
+
+    /// A durable open with `create_guid` is made (or reconnected);
+    /// `write_through`: whether it was made write-through. Up to
+    /// [`MAX_V2_BY_FILE_ID`] opens are remembered, by this rksmbd process
+    /// only.
+    pub fn keep_write_through(&self, create_guid: uuid::Uuid, write_through: bool) {
+        let mut m = lock(&self.write_through);
+        if m.len() < MAX_V2_BY_FILE_ID || m.contains_key(&create_guid) {
+            m.insert(create_guid, write_through);
+        }
+    }
+
+    /// Whether the durable open with `create_guid` was made write-through
+    /// (None: not known here, e.g. made before rksmbd restarted).
+    pub fn write_through(&self, create_guid: uuid::Uuid) -> Option<bool> {
+        lock(&self.write_through).get(&create_guid).copied()
+    }
+
+    /// The durable open with `create_guid` is closed for good: its
+    /// position and write-through are forgotten.
+    pub fn durable_closed(&self, create_guid: uuid::Uuid) {
+        self.keep_position(create_guid, 0);
+        lock(&self.write_through).remove(&create_guid);
     }
 
     /// Lock `u` of handle `key` is unlearnt: its client went away first.
