@@ -1190,7 +1190,9 @@ fn a_keep_alive_does_not_hold_up_the_connection() {
 /// STATUS_FILE_CLOSED (MS-SMB2 3.3.5: Open.DurableFileId); a FLUSH on a
 /// read-only open is STATUS_ACCESS_DENIED (3.3.5.11); a PDU whose first
 /// request is flagged related gets STATUS_INVALID_PARAMETER
-/// (3.3.5.2.7.2). Before: SUCCESS, SUCCESS and STATUS_FILE_CLOSED.
+/// (3.3.5.2.7.2); an OPLOCK_BREAK acknowledgment naming the open with
+/// another persistent half is STATUS_FILE_CLOSED. Before: SUCCESS,
+/// SUCCESS, STATUS_FILE_CLOSED and SUCCESS.
 #[test]
 fn requests_naming_no_open_or_lacking_access_are_refused() {
     let s = Scratch::new("rksmbd-file-id-checks");

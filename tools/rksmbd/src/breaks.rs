@@ -751,9 +751,9 @@ fn acknowledge_oplock(c: &mut Connection, req: &Request<'_>, mut r: Reader<'_>) 
     r.u32("reserved2")?;
     let file_id = r.array::<16>("file id")?;
     let mut fr = Reader::new(&file_id);
-    fr.u64("persistent")?;
-    let id = fr.u64("volatile")?;
-    let key = crate::files::oplock_of(c, req, id)?;
+    let persistent = fr.u64("persistent")?;
+    let volatile = fr.u64("volatile")?;
+    let key = crate::files::oplock_of(c, req, (persistent, volatile))?;
     let state = oplock_state(level).unwrap_or(LeaseState::NONE);
     let reply =
         c.sh.filter

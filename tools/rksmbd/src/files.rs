@@ -302,11 +302,16 @@ pub struct Open {
     pub(crate) counted: Option<shimline::descriptors::DescriptorSlot>,
 }
 
-/// The lease key of the oplock of open `id` (an OPLOCK_BREAK
-/// acknowledgment names the open by FileId).
-pub fn oplock_of(c: &Connection, req: &Request<'_>, id: u64) -> Result<LeaseKey, u32> {
-    match c.opens.get(&id) {
-        Some(o) if o.session == req.hdr.session_id => {
+/// The lease key of the oplock of the open an OPLOCK_BREAK
+/// acknowledgment names by FileId (`persistent`, `volatile`): both halves
+/// must be the open's, as for every other request ([`open_id`]).
+pub fn oplock_of(
+    c: &Connection,
+    req: &Request<'_>,
+    (persistent, volatile): (u64, u64),
+) -> Result<LeaseKey, u32> {
+    match c.opens.get(&volatile) {
+        Some(o) if o.session == req.hdr.session_id && o.persistent_id == persistent => {
             o.oplock.ok_or(status::INVALID_OPLOCK_PROTOCOL)
         }
         _ => Err(status::FILE_CLOSED),
