@@ -817,7 +817,7 @@ pub fn redo_size_change(
         .and_then(|name| sys::get_xattr(fd.as_fd(), name).ok().flatten())
         .is_some_and(|v| v == id.0.as_bytes());
     if marked {
-        return Ok(SizeRedo::Made);
+        return Ok(SizeRedo::Made(fd));
     }
     if let Some(b) = before {
         if !stamp(fd.as_fd())?.same_content_as(b) {

@@ -32,8 +32,11 @@ use crate::fsops::{self, OpenedFile};
 /// ([`Fs::redo_size_change`]).
 #[derive(Debug)]
 pub enum SizeRedo {
-    /// The file carries the change's mark: it was made before the crash.
-    Made,
+    /// The file carries the change's mark: it was made before the crash —
+    /// into the page cache at least: the completion's fsync may have
+    /// failed or never run, so the descriptor is to be fsync'd before the
+    /// commit that records it, as a redone change's is.
+    Made(OwnedFd),
     /// It had not been made (the file was untouched): made now; the
     /// descriptor is to be fsync'd before the commit that records it.
     Redone(OwnedFd),

@@ -582,7 +582,11 @@ impl Fs for MemFs {
             .and_then(|f| f.change_mark.as_deref())
             .is_some_and(|m| m == id.0.as_bytes())
         {
-            return Ok(super::fs::SizeRedo::Made);
+            // The descriptor recovery fsyncs before recording the change.
+            return self
+                .st()
+                .new_desc(DescOf::File(obj))
+                .map(super::fs::SizeRedo::Made);
         }
         if let Some(b) = before {
             if !now

@@ -69,9 +69,17 @@ impl Engine {
                                     sync.fds.push(fd);
                                     info!(resume_key = %record.key, path = %record.path, "recovery finished an interrupted overwrite");
                                 }
-                                _ => {
+                                SizeRedo::Made(fd) => {
+                                    // Fsync'd too: the mark proves the
+                                    // change reached the page cache, not
+                                    // the disk (its completion's fsync may
+                                    // have failed, or the crash came
+                                    // before it — review).
+                                    sync.push(fd);
                                     info!(resume_key = %record.key, path = %record.path, "interrupted overwrite had been made (its mark is on the file): not truncated again");
                                 }
+                                // Matched above.
+                                SizeRedo::Unknown => {}
                             }
                             // Made or redone (and marked by the redo): the
                             // mark goes once this is recorded.
@@ -175,9 +183,13 @@ impl Engine {
                                     sync.fds.push(fd);
                                     info!(resume_key = %key, size, "recovery finished an interrupted end-of-file change");
                                 }
-                                _ => {
+                                SizeRedo::Made(fd) => {
+                                    // Fsync'd too, as an overwrite's.
+                                    sync.push(fd);
                                     info!(resume_key = %key, size, "interrupted end-of-file change had been made (its mark is on the file): not done again");
                                 }
+                                // Matched above.
+                                SizeRedo::Unknown => {}
                             }
                             // Made or redone (and marked by the redo): the
                             // mark goes once this is recorded.

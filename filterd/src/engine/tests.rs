@@ -3087,6 +3087,84 @@ fn a_size_change_recovery_redoes_is_marked_until_recorded() {
     assert_eq!(fs.file("b").unwrap().change_mark, None, "the mark stays");
 }
 
+/// Review: recovery took a marked size change (an end-of-file change, a
+/// truncating open) as made and recorded it with no fsync: the mark
+/// proves the change reached the page cache, not the disk — the
+/// completion's fsync may have failed, or the crash came before it. Such
+/// a change is fsync'd before the commit that records it (here that
+/// commit fails, so the fsync is seen to come first), as one recovery
+/// redoes is.
+#[test]
+fn a_marked_size_change_is_fsynced_before_recovery_records_it() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    fs.put("e", 10);
+    fs.put("t", 10);
+    let kh_of = |path: &str| fs.identity_at(&RelPath::new(path).unwrap()).unwrap().1;
+    let stamp = |path: &str| Some(super::memfs::stamp_of(&fs.file(path).unwrap()));
+    let scope = ReplayScope::Session(ScopeName::new("smb/s").unwrap());
+    let set_size = Intent {
+        id: IntentId(uuid::Uuid::new_v4()),
+        change: IntentChange::SetSize {
+            key: ResumeKey::new_random(),
+            kernel_handle: kh_of("e"),
+            size: 4,
+            record: Some(RecordSpec {
+                scope: scope.clone(),
+                op_id: 1,
+                reply: "ok".into(),
+                keep: 8,
+            }),
+            before: stamp("e"),
+        },
+        recorded_ms: 0,
+    };
+    let rec = persistent_record(&fs, "t");
+    let overwrite = Intent {
+        id: IntentId(uuid::Uuid::new_v4()),
+        change: IntentChange::TruncatingOpen {
+            record: Box::new(rec.clone()),
+            before: stamp("t"),
+        },
+        recorded_ms: 0,
+    };
+    // Both changes made and marked; neither completion's fsync ran.
+    for (path, size, id) in [("e", 4, set_size.id), ("t", 0, overwrite.id)] {
+        let fd = fs.set_size_by_handle(&kh_of(path), None, size).unwrap();
+        fs.mark_change(fd.as_fd(), id).unwrap();
+    }
+    store
+        .commit(&[&[
+            StoreOp::PutIntent(Box::new(set_size)),
+            StoreOp::PutIntent(Box::new(overwrite)),
+        ]])
+        .unwrap();
+    fs.take_log();
+    store.inner.lock().unwrap().fail = true;
+    assert!(try_recovered(&fs, &store).is_err());
+    let log = fs.take_log();
+    for path in ["e", "t"] {
+        assert!(
+            log.contains(&Logged::Fsync(path.into())),
+            "{path}: a marked change recorded unsynced: {log:?}"
+        );
+    }
+    store.inner.lock().unwrap().fail = false;
+    recovered(&fs, &store);
+    let inner = store.inner.lock().unwrap();
+    assert!(inner.intents.is_empty());
+    assert_eq!(
+        inner
+            .replays
+            .get(&replay_key(&scope, 1))
+            .map(|r| r.reply.as_str()),
+        Some("ok")
+    );
+    assert!(inner.handles.contains_key(&rec.key));
+    drop(inner);
+    assert!(fs.take_log().contains(&Logged::Fsync("e".into())));
+}
+
 /// A size change or remove through a non-persistent handle of a file
 /// with persistent handles is bracketed by an intent like a persistent
 /// one's: recorded, then made, then completed.
