@@ -29,7 +29,8 @@
 //! Every request's store operations form a *group* under a sequence of its
 //! own, with the earlier sequences it builds on. A merged commit that fails
 //! in the store is retried group by group, so a request that cannot fit
-//! fails alone (one whose fsync failed fails whole: see `Started`);
+//! fails alone (and one whose change's fsync failed fails alone, without
+//! a retry: see `Started`);
 //! the committer tells the engine which failed ([`Command::CommitFailed`]),
 //! the engine restores its state from the store (which holds exactly what
 //! is durable), abandons every pending request that built on a failed one,
@@ -38,7 +39,7 @@
 //! Nothing built on state that never became durable is ever committed or
 //! acknowledged.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -130,12 +131,15 @@ pub struct Group {
 pub struct CommitJob {
     /// The groups, in sequence order.
     pub groups: Vec<Group>,
-    /// Files and directories whose changes these groups record: made
-    /// durable (fsync) before the transaction commits.
-    pub sync: Vec<OwnedFd>,
+    /// Files and directories whose changes these groups record, each with
+    /// the sequence of the group recording it: made durable (fsync) before
+    /// the transaction commits. A failed fsync fails the group it is tied
+    /// to, not every group merged into the commit.
+    pub sync: Vec<(u64, OwnedFd)>,
     /// The export root's descriptor when a change's directory could not be
     /// opened to be fsync'd: its whole filesystem is made durable
-    /// (`syncfs`) before the transaction commits, after `sync`.
+    /// (`syncfs`) before the transaction commits, after `sync`. A failed
+    /// syncfs is tied to no group: it fails the commit whole.
     pub syncfs: Option<Arc<OwnedFd>>,
     /// Requests whose replies wait for this job (for the gathering rule).
     pub requests: usize,
@@ -368,13 +372,18 @@ struct Started {
     requests: usize,
     n_ops: usize,
     started: Instant,
-    /// Failed before the store saw it — on purpose (failpoint
-    /// `commit.before`), or because an fsync of a filesystem change it
-    /// records failed: every group fails. Retried group by group, its
-    /// groups committed without the sync (review): Linux reports a
-    /// writeback error once, so a second fsync would say nothing and prove
-    /// nothing durable.
+    /// Failed before the store saw it on purpose (failpoint
+    /// `commit.before`), or an fsync failed whose group is not among its
+    /// own: every group fails.
     fails_whole: bool,
+    /// The groups whose changes' fsync failed (one of theirs, or one of
+    /// the same file or directory: fsyncs are deduplicated, and Linux
+    /// reports a writeback error once, so no second fsync could prove
+    /// the change durable): they fail, and the others — whose fsyncs all
+    /// succeeded — are committed one by one, as after a store failure
+    /// (review: a fault in one client's directory failed every group of
+    /// the commit and, under an intent's completion, stopped the daemon).
+    sync_failed: BTreeSet<u64>,
     outcome: Slot,
 }
 
@@ -534,14 +543,24 @@ pub fn run(
         let started = Instant::now();
         let n_ops: usize = groups.iter().map(|g| g.ops.len()).sum();
         let outcome: Slot = Arc::new(Mutex::new(None));
+        let mut sync_failed = BTreeSet::new();
         let before = if failpoint::fails("commit.before") {
             Err(StoreError::from(heed::Error::Io(std::io::Error::other(
                 "failpoint commit.before: failing on purpose",
             ))))
         } else {
-            sync_all(&sync, syncfs.as_deref(), &counters)
+            sync_all(&sync, syncfs.as_deref(), &counters).map_err(|(owners, e)| {
+                sync_failed = owners;
+                e
+            })
         };
-        let fails_whole = before.is_err();
+        // A failed fsync tied to no group of this commit: nothing says
+        // which of them recorded its change.
+        let fails_whole = before.is_err()
+            && (sync_failed.is_empty()
+                || !sync_failed
+                    .iter()
+                    .all(|s| groups.iter().any(|g| g.seq == *s)));
         if let Err(e) = before {
             *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
         } else if flight.is_empty() && depth == 1 {
@@ -590,6 +609,7 @@ pub fn run(
             n_ops,
             started,
             fails_whole,
+            sync_failed,
             outcome,
         });
     }
@@ -686,9 +706,16 @@ fn settle(
                 counters.ops.fetch_add(c.n_ops as u64, Ordering::Relaxed);
                 timing = Some((c.requests, c.started.elapsed()));
             }
-            // A failure before the store (injected, or a failed fsync of
-            // what it records) fails every group of the commit.
+            // An injected failure before the store fails every group of
+            // the commit.
             Err(_) if c.fails_whole => failed.extend(c.groups.iter().map(|g| g.seq)),
+            // A failed fsync fails the groups whose changes it was to make
+            // durable; the others are committed alone (not synced again:
+            // their fsyncs succeeded), those building on a failed one fail.
+            Err(_) if !c.sync_failed.is_empty() => {
+                failed.extend(c.sync_failed.iter().copied());
+                retry_alone(store, &c.groups, &mut failed);
+            }
             // One request that cannot fit (or fails for any reason) fails
             // alone: each group is tried on its own, in order; a group that
             // builds on a failed one fails with it.
@@ -776,15 +803,18 @@ fn settle(
     None
 }
 
-/// After a failed merged commit: each group on its own, in order. Adds the
-/// sequences that failed (on their own, or by building on one that did)
-/// to `failed`.
+/// After a failed merged commit: each group on its own, in order, but
+/// those already in `failed`. Adds the sequences that failed (on their own,
+/// or by building on one that did) to `failed`.
 fn retry_alone(store: &dyn StateStore, groups: &[Group], failed: &mut BTreeSet<u64>) {
     if groups.len() == 1 {
         failed.extend(groups.iter().map(|g| g.seq));
         return;
     }
     for g in groups {
+        if failed.contains(&g.seq) {
+            continue;
+        }
         if g.deps.iter().any(|d| failed.contains(d)) {
             failed.insert(g.seq);
             continue;
@@ -830,35 +860,59 @@ fn fenced(e: &StoreError) {
 
 /// Makes the filesystem changes a commit records durable before it: each
 /// changed file or directory, then (a directory that could not be opened)
-/// the whole filesystem of `syncfs`. A failure fails the commit whole.
+/// the whole filesystem of `syncfs`. Every descriptor is synced, whatever
+/// failed before it; `Err`: the groups (sequences) whose changes are not
+/// durable (none named: a failed syncfs, which fails the commit whole),
+/// and the first error.
 fn sync_all(
-    fds: &[OwnedFd],
+    fds: &[(u64, OwnedFd)],
     syncfs: Option<&OwnedFd>,
     counters: &CommitCounters,
-) -> Result<(), StoreError> {
+) -> Result<(), (BTreeSet<u64>, StoreError)> {
     // One fsync per file or directory, however many changes of the batch
-    // touched it.
-    let mut seen = std::collections::HashSet::new();
-    for fd in fds {
-        if let Ok(st) = nix::sys::stat::fstat(fd.as_fd()) {
-            if !seen.insert((st.st_dev, st.st_ino)) {
-                continue;
+    // touched it; each of those groups gets its outcome (an error is
+    // reported once: a second fsync would succeed).
+    let mut seen: HashMap<(libc::dev_t, libc::ino_t), bool> = HashMap::new();
+    let mut owners = BTreeSet::new();
+    let mut first = None;
+    for (seq, fd) in fds {
+        let id = nix::sys::stat::fstat(fd.as_fd())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino));
+        let synced = match id.and_then(|id| seen.get(&id)) {
+            Some(ok) => *ok,
+            None => {
+                let r = nix::unistd::fsync(fd.as_fd());
+                if let Err(e) = r {
+                    warn!(seq, error = %e, "fsync of a changed file or directory failed");
+                    first.get_or_insert(e);
+                } else {
+                    counters.fs_syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                seen.extend(id.map(|id| (id, r.is_ok())));
+                r.is_ok()
             }
+        };
+        if !synced {
+            owners.insert(*seq);
         }
-        if let Err(e) = nix::unistd::fsync(fd.as_fd()) {
-            warn!(error = %e, "fsync of a changed file or directory failed");
-            return Err(StoreError::from(heed::Error::Io(std::io::Error::from(e))));
-        }
-        counters.fs_syncs.fetch_add(1, Ordering::Relaxed);
     }
-    if let Some(fd) = syncfs {
-        if let Err(e) = nix::unistd::syncfs(fd.as_fd()) {
+    let whole = syncfs.and_then(|fd| match nix::unistd::syncfs(fd.as_fd()) {
+        Ok(()) => {
+            counters.fs_syncs.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        Err(e) => {
             warn!(error = %e, "syncfs of the export root's filesystem failed");
-            return Err(StoreError::from(heed::Error::Io(std::io::Error::from(e))));
+            Some(e)
         }
-        counters.fs_syncs.fetch_add(1, Ordering::Relaxed);
+    });
+    let io = |e: nix::errno::Errno| StoreError::from(heed::Error::Io(std::io::Error::from(e)));
+    match (whole, first) {
+        (None, None) => Ok(()),
+        (Some(e), _) => Err((BTreeSet::new(), io(e))),
+        (None, Some(e)) => Err((owners, io(e))),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -881,6 +935,8 @@ mod tests {
         /// fails once `run_prepared` has run.
         lose_claim_in_flight: bool,
         claim_lost: std::sync::atomic::AtomicBool,
+        /// Commits made with [`StateStore::commit`] (one group alone).
+        commits: AtomicU64,
     }
 
     impl StateStore for Gated {
@@ -891,6 +947,7 @@ mod tests {
             Ok((1, true))
         }
         fn commit(&self, _: &[&[StoreOp]]) -> Result<u64, StoreError> {
+            self.commits.fetch_add(1, Ordering::Relaxed);
             Ok(0)
         }
         fn pipelines(&self) -> bool {
@@ -1411,21 +1468,27 @@ mod tests {
         );
     }
 
-    /// One commit of two requests' groups, recording a change whose fsync
-    /// fails (a pipe's: EINVAL, as an EIO of a changed file would).
-    fn two_groups_whose_sync_fails(
+    /// One commit of two requests' groups, each recording a change to be
+    /// synced: group 1's fsync fails (a pipe's: EINVAL, as an EIO of a
+    /// changed file would), group 2's succeeds (a memfd's). The group
+    /// `completes` names completes a durable intent.
+    fn two_groups_one_sync_fails(
         pipe: &Pipeline,
         w: &Arc<ConnWriter>,
-        completes_intent: bool,
+        completes: u64,
     ) -> (CommitJob, OwnedFd) {
         let mut merged = job(pipe, 1, w, b"one");
         merged.groups.extend(job(pipe, 2, w, b"two").groups);
         merged.requests = 2;
-        if let Some(g) = merged.groups.last_mut() {
-            g.completes_intent = completes_intent;
+        for g in &mut merged.groups {
+            g.completes_intent = g.seq == completes;
         }
         let (r, wr) = nix::unistd::pipe().unwrap();
-        merged.sync.push(r);
+        merged.sync.push((1, r));
+        let synced =
+            nix::sys::memfd::memfd_create(c"synced", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
+        merged.sync.push((2, synced));
         (merged, wr)
     }
 
@@ -1449,39 +1512,47 @@ mod tests {
         assert!(sync_all(&[], Some(&path_only), &counters).is_err());
     }
 
-    /// Review: a failed fsync failed the merged commit, which was then
-    /// retried group by group with no sync at all: every group committed
-    /// and both replies went out as successes, the change never durable.
-    /// A failed sync fails every group of its commit (a writeback error is
-    /// reported once, so no retry could prove the change durable).
+    /// Review: a failed fsync failed every group merged into its commit,
+    /// and with one of them completing a durable intent the daemon stopped
+    /// for recovery — a fault in one client's directory restarted it for
+    /// everyone. The fsync fails the group whose change it was to make
+    /// durable (and nothing is acknowledged of it); the other group, its
+    /// own fsync done, commits alone and its reply goes out.
     #[test]
-    fn a_failed_fsync_fails_every_group_of_its_commit() {
+    fn a_failed_fsync_fails_only_the_group_whose_change_it_syncs() {
         let Rig {
+            store,
             pipe,
             rx,
             writer: w,
             peer,
             committer: t,
             counters,
-            ..
         } = setup();
-        let (job, _write_end) = two_groups_whose_sync_fails(&pipe, &w, false);
+        let (job, _write_end) = two_groups_one_sync_fails(&pipe, &w, 2);
         pipe.submit(job);
         match rx.recv_timeout(Duration::from_secs(20)).unwrap() {
-            Command::CommitFailed { failed, .. } => assert_eq!(failed, vec![1, 2]),
+            Command::CommitFailed { failed, .. } => assert_eq!(failed, vec![1]),
             _ => panic!("expected CommitFailed"),
         }
-        pipe.rolled_back([1, 2].into_iter().collect());
-        assert_ne!(next_packet(&peer), b"one", "acknowledged unsynced");
-        assert_ne!(next_packet(&peer), b"two", "acknowledged unsynced");
+        pipe.rolled_back([1].into_iter().collect());
+        let replies = [next_packet(&peer), next_packet(&peer)];
+        assert!(
+            !replies.iter().any(|r| r == b"one"),
+            "acknowledged unsynced"
+        );
+        assert!(
+            replies.iter().any(|r| r == b"two"),
+            "the synced group's reply did not go out"
+        );
+        assert_eq!(store.commits.load(Ordering::Relaxed), 1, "group 2 alone");
         assert_eq!(counters.failed.load(Ordering::Relaxed), 1);
-        assert_eq!(counters.commits.load(Ordering::Relaxed), 0);
         pipe.stop();
-        t.join().unwrap();
+        assert!(t.join().is_ok(), "the committer stopped for recovery");
     }
 
-    /// A failed fsync under a commit one of whose groups completes a
-    /// durable intent stops for recovery, as with a single group.
+    /// A failed fsync of the change a durable intent's completion records
+    /// stops for recovery, as any failure of such a group does.
     #[test]
     fn a_failed_fsync_under_an_intents_completion_stops_for_recovery() {
         let Rig {
@@ -1491,7 +1562,7 @@ mod tests {
             committer: t,
             ..
         } = setup();
-        let (job, _write_end) = two_groups_whose_sync_fails(&pipe, &w, true);
+        let (job, _write_end) = two_groups_one_sync_fails(&pipe, &w, 1);
         pipe.submit(job);
         // Stopped without it, the committer would return once the job is
         // settled.

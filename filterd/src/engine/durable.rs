@@ -294,8 +294,9 @@ pub(super) struct Batch {
     /// Groups closed this round, for the next flush.
     groups: Vec<Group>,
     /// Descriptors of files and directories this round changed (fsync'd
-    /// before its commit).
-    sync: Vec<OwnedFd>,
+    /// before its commit), each with the sequence of the group that
+    /// records its change: a failed fsync fails that group, not the round.
+    sync: Vec<(u64, OwnedFd)>,
     /// The export root's filesystem, to be `syncfs`'d before this round's
     /// commit: a change's directory could not be opened ([`ToSync`]).
     syncfs: Option<Arc<OwnedFd>>,
@@ -391,16 +392,18 @@ impl Batch {
         self.ops.push(op);
     }
 
-    /// A descriptor of a file or directory this round changed: it is
-    /// fsync'd before the round's groups commit.
+    /// A descriptor of a file or directory the current request changed:
+    /// it is fsync'd before the round's groups commit, and if that fails
+    /// the current request's group fails (the group recording the change).
     pub(super) fn sync_fd(&mut self, fd: OwnedFd) {
-        self.sync.push(fd);
+        self.sync.push((self.seq, fd));
     }
 
     /// What a change of names needs made durable before the round's
     /// groups commit: its directories, or the whole filesystem.
     pub(super) fn sync_changed(&mut self, s: ToSync) {
-        self.sync.extend(s.fds);
+        let seq = self.seq;
+        self.sync.extend(s.fds.into_iter().map(|fd| (seq, fd)));
         if s.filesystem.is_some() {
             self.syncfs = s.filesystem;
         }

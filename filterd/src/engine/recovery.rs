@@ -75,7 +75,7 @@ impl Engine {
                                     // the disk (its completion's fsync may
                                     // have failed, or the crash came
                                     // before it — review).
-                                    sync.push(fd);
+                                    sync.fds.push(fd);
                                     info!(resume_key = %record.key, path = %record.path, "interrupted overwrite had been made (its mark is on the file): not truncated again");
                                 }
                                 // Matched above.
@@ -185,7 +185,7 @@ impl Engine {
                                 }
                                 SizeRedo::Made(fd) => {
                                     // Fsync'd too, as an overwrite's.
-                                    sync.push(fd);
+                                    sync.fds.push(fd);
                                     info!(resume_key = %key, size, "interrupted end-of-file change had been made (its mark is on the file): not done again");
                                 }
                                 // Matched above.

@@ -368,7 +368,7 @@ impl Harness {
         // As the committer: what the round changed on disk is durable
         // before its commit, which a failed syncfs fails whole.
         for j in &jobs {
-            for fd in &j.sync {
+            for (_, fd) in &j.sync {
                 self.fs.fsync(fd.as_fd()).unwrap();
             }
             if let Some(r) = &j.syncfs {
