@@ -544,27 +544,6 @@ impl Engine {
         Ok(Some((Reply::Opened(opened), Some(key))))
     }
 
-    /// Whether `change` is a delete on close whose unlink `result` says
-    /// failed while its path still names the file: its intent is kept (not
-    /// deleted with the completion), so that recovery makes the unlink at
-    /// the next start (`Engine::recover`). Deleted, the file stayed for
-    /// good, although the handle that asked for its deletion was gone.
-    fn unlink_not_made(&self, change: &IntentChange, result: &Result<(), WireError>) -> bool {
-        match (change, result) {
-            (
-                IntentChange::Remove {
-                    path,
-                    file,
-                    kernel_handle,
-                    on_close: true,
-                    ..
-                },
-                Err(_),
-            ) => self.fs.names(path, *file, kernel_handle.as_ref()),
-            _ => false,
-        }
-    }
-
     /// Writes the records an open carries ([`OpenRequest::put`]) in its
     /// commit, each JSON object with an `"opened"` member completed with
     /// `opened`, and a `"kernel_handle"` member beside it with
@@ -622,11 +601,7 @@ impl Engine {
                 self.content_change_done(f);
             }
             crate::failpoint::hit("intent.after_fs");
-            let unlink_left = self.unlink_not_made(&change, &result);
-            let on_close = matches!(change, IntentChange::Remove { on_close: true, .. });
-            if !unlink_left {
-                self.batch.push(StoreOp::DeleteIntent(id));
-            }
+            self.batch.push(StoreOp::DeleteIntent(id));
             if let Some(f) = super::durable::intent_file(&change) {
                 // Opens and changes that waited for this one (its unlink,
                 // or its system call and completion) run again.
@@ -640,16 +615,7 @@ impl Engine {
                 // Nobody to answer (a delete on close): the log tells.
                 warn!(error = %e.message, "a change made after its intent failed; not made");
             }
-            // A delete on close answers its CLOSE done whatever the unlink
-            // did: the handle is gone (its deletion committed), and a
-            // failed CLOSE would keep it open in the frontend.
-            let result = match result {
-                Err(e) if on_close => {
-                    warn!(error = %e.message, left_for_recovery = unlink_left, "a delete on close failed after its handle's deletion committed");
-                    Ok(Reply::Done)
-                }
-                r => r.map(|()| Reply::Done),
-            };
+            let result = result.map(|()| Reply::Done);
             if let (Some(w), Some(rid)) = (&p.writer, p.id) {
                 let frame = ServerFrame::Reply {
                     id: Some(rid),

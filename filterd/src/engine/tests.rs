@@ -1524,13 +1524,6 @@ fn a_close_whose_commit_failed_puts_the_create_marker_back() {
 /// CLOSE and another open of "c" (a new create GUID) behind it: the key,
 /// the close's and the open's request ids.
 fn closing_with_delete_on_close_then_opened(h: &mut Harness) -> (ResumeKey, u64, u64) {
-    let (kc, close) = closing_with_delete_on_close(h);
-    (kc, close, h.run(open("c", Rights::ALL)))
-}
-
-/// Opens "c" persistent with delete on close (committed), then runs its
-/// CLOSE: the key and the close's request id.
-fn closing_with_delete_on_close(h: &mut Harness) -> (ResumeKey, u64) {
     let id = h.run(open("c", Rights::ALL));
     h.commit(true);
     let kc = h.opened(id);
@@ -1545,7 +1538,7 @@ fn closing_with_delete_on_close(h: &mut Harness) -> (ResumeKey, u64) {
         put: vec![],
         delete: vec![],
     });
-    (kc, close)
+    (kc, close, h.run(open("c", Rights::ALL)))
 }
 
 /// An open of a file whose delete on close is waiting for its intent (its
@@ -5498,35 +5491,6 @@ fn a_delete_on_close_whose_directory_cannot_be_opened_unlinks_its_file() {
     drop(h);
     let _e = recovered(&fs, &st);
     assert!(gone(&fs), "the file deleted on close is still there");
-}
-
-/// A delete on close whose unlink fails (EIO) keeps its intent, and its
-/// CLOSE is answered done (the handle is gone): recovery makes the
-/// unlink at the next start. Deleted with the completion, the intent
-/// took the last trace of the unlink owed.
-#[test]
-fn a_delete_on_close_whose_unlink_fails_is_left_for_recovery() {
-    let mut h = Harness::new();
-    let (kc, close) = closing_with_delete_on_close(&mut h);
-    let ids = h.commit_holding_intents(true);
-    h.fs.fail_next("remove", libc::EIO);
-    for i in ids {
-        h.engine.finish_parked(i);
-    }
-    h.commit(true);
-    assert!(
-        matches!(h.reply(close), Some(Ok(_))),
-        "{:?}",
-        h.reply(close)
-    );
-    assert!(!h.engine.handles.contains_key(&kc));
-    assert!(h.fs.file("c").is_some());
-    assert_eq!(h.store.inner.lock().unwrap().intents.len(), 1);
-    let (fs, st) = (h.fs.clone(), h.store.clone());
-    drop(h);
-    recovered(&fs, &st);
-    assert!(fs.file("c").is_none(), "the unlink owed was never made");
-    assert!(st.inner.lock().unwrap().intents.is_empty());
 }
 
 /// Recovery that finished an interrupted rename but cannot open its
