@@ -708,7 +708,11 @@ impl Engine {
     /// a disk-full burst refused it exactly when `commits_failed` mattered).
     pub(super) fn durable_stats(&self) -> libfilter::proto::Stats {
         let mut s = self.stats.clone();
-        for u in self.batch.pending.values().flat_map(|t| t.undo.iter()) {
+        // Pending: not yet durable. What is (its reply perhaps out) stays
+        // in `pending` until the next flush prunes it (review g4).
+        let after = self.pipe.committed().saturating_add(1);
+        let pending = self.batch.pending.range(after..).map(|(_, t)| t);
+        for u in pending.flat_map(|t| t.undo.iter()) {
             match u {
                 Undo::Counts(c) => c.not_yet(&mut s),
                 Undo::Uncount(r) => r.take_back(&mut s),
