@@ -754,6 +754,12 @@ fn attempt(c: &mut Connection, all: bool) {
             continue;
         }
         if !c.opens.contains_key(&w.open) {
+            // Gone with its session (ended by another connection, its
+            // handles detached): one filterd may have granted is settled
+            // at the handle's reconnect (review g4).
+            if let Some(u) = w.unlearnt(&c.waiting.granted) {
+                c.sh.registry.unlearnt(w.key, u);
+            }
             done.push((w.head.async_id, status::FILE_CLOSED));
             continue;
         }
