@@ -198,6 +198,12 @@ impl Pipeline {
         self.committed.load(Ordering::Acquire)
     }
 
+    /// Replies waiting now for a commit (`stats`'
+    /// `replies_awaiting_commit`).
+    pub fn replies_waiting(&self) -> usize {
+        self.lock().waiting.values().map(Vec::len).sum()
+    }
+
     /// Queues a batch. Never blocks on the committer's work.
     pub fn submit(&self, job: CommitJob) {
         let mut s = self.lock();

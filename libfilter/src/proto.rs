@@ -1270,6 +1270,11 @@ pub struct Stats {
     /// acknowledgements or a commit: what `--max-pending-breaks` caps.
     #[serde(default)]
     pub requests_waiting: u64,
+    /// Replies waiting now (a gauge) for the commit that makes what they
+    /// answer durable: the requests a pending (or stalled) group commit
+    /// holds. What `stats` counts leaves them out until it is durable.
+    #[serde(default)]
+    pub replies_awaiting_commit: u64,
     /// Commits that failed and were rolled back (with every request that
     /// built on them): counted once the rollback is done, so a request
     /// sent after this counter moved sees the rolled-back state.

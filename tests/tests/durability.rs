@@ -193,10 +193,17 @@ fn a_non_durable_open_never_waits_for_a_stalled_commit() {
         if i == 0 {
             wait_stalled(&d);
         }
+        // (Its reply waits for the stalled commit: `stats` counts opens
+        // only once durable, and shows the replies waiting.)
         wait_for(
             "the engine to take the open",
             Duration::from_secs(10),
-            || ctl.stats().ok().filter(|st| st.opens > i).map(|_| ()),
+            || {
+                ctl.stats()
+                    .ok()
+                    .filter(|st| st.replies_awaiting_commit > i)
+                    .map(|_| ())
+            },
         );
     }
     let fe = frontend(&s, "smb-plain");

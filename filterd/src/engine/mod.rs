@@ -1374,6 +1374,7 @@ impl Engine {
                 s.lease_claims = claims.claimed.load(Ordering::Relaxed);
                 s.lease_claims_missed = claims.unclaimed.load(Ordering::Relaxed);
                 s.requests_waiting = self.requests_waiting() as u64;
+                s.replies_awaiting_commit = self.pipe.replies_waiting() as u64;
                 Ok(Some((Reply::Stats(s), None)))
             }
             Request::Expire { key } => {
