@@ -602,6 +602,7 @@ impl Engine {
             }
             crate::failpoint::hit("intent.after_fs");
             self.batch.push(StoreOp::DeleteIntent(id));
+            let on_close = matches!(change, IntentChange::Remove { on_close: true, .. });
             if let Some(f) = super::durable::intent_file(&change) {
                 // Opens and changes that waited for this one (its unlink,
                 // or its system call and completion) run again.
@@ -615,7 +616,17 @@ impl Engine {
                 // Nobody to answer (a delete on close): the log tells.
                 warn!(error = %e.message, "a change made after its intent failed; not made");
             }
-            let result = result.map(|()| Reply::Done);
+            // A delete on close answers its CLOSE done whatever the unlink
+            // did: the handle is gone (its deletion committed), and a
+            // failed CLOSE made the frontends keep the open, served with no
+            // handle behind it (review g5). The file stays; the log tells.
+            let result = match result {
+                Err(e) if on_close => {
+                    warn!(error = %e.message, "a delete on close failed after its handle's deletion committed: the file stays");
+                    Ok(Reply::Done)
+                }
+                r => r.map(|()| Reply::Done),
+            };
             if let (Some(w), Some(rid)) = (&p.writer, p.id) {
                 let frame = ServerFrame::Reply {
                     id: Some(rid),

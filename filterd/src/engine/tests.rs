@@ -1524,6 +1524,13 @@ fn a_close_whose_commit_failed_puts_the_create_marker_back() {
 /// CLOSE and another open of "c" (a new create GUID) behind it: the key,
 /// the close's and the open's request ids.
 fn closing_with_delete_on_close_then_opened(h: &mut Harness) -> (ResumeKey, u64, u64) {
+    let (kc, close) = closing_with_delete_on_close(h);
+    (kc, close, h.run(open("c", Rights::ALL)))
+}
+
+/// Opens "c" persistent with delete on close (committed), then runs its
+/// CLOSE: the key and the close's request id.
+fn closing_with_delete_on_close(h: &mut Harness) -> (ResumeKey, u64) {
     let id = h.run(open("c", Rights::ALL));
     h.commit(true);
     let kc = h.opened(id);
@@ -1538,7 +1545,7 @@ fn closing_with_delete_on_close_then_opened(h: &mut Harness) -> (ResumeKey, u64,
         put: vec![],
         delete: vec![],
     });
-    (kc, close, h.run(open("c", Rights::ALL)))
+    (kc, close)
 }
 
 /// An open of a file whose delete on close is waiting for its intent (its
@@ -5491,6 +5498,31 @@ fn a_delete_on_close_whose_directory_cannot_be_opened_unlinks_its_file() {
     drop(h);
     let _e = recovered(&fs, &st);
     assert!(gone(&fs), "the file deleted on close is still there");
+}
+
+/// A delete on close whose unlink fails (EIO) answers its CLOSE done: the
+/// handle is gone, its deletion committed, and a failed CLOSE made the
+/// frontends keep the open, served with no handle behind it (review g5).
+/// The file stays (logged); no intent is kept — recovery then passed the
+/// delete to a later client's handle (review g4).
+#[test]
+fn a_delete_on_close_whose_unlink_fails_answers_its_close_done() {
+    let mut h = Harness::new();
+    let (kc, close) = closing_with_delete_on_close(&mut h);
+    let ids = h.commit_holding_intents(true);
+    h.fs.fail_next("remove", libc::EIO);
+    for i in ids {
+        h.engine.finish_parked(i);
+    }
+    h.commit(true);
+    assert!(
+        matches!(h.reply(close), Some(Ok(_))),
+        "{:?}",
+        h.reply(close)
+    );
+    assert!(!h.engine.handles.contains_key(&kc));
+    assert!(h.fs.file("c").is_some());
+    assert!(h.store.inner.lock().unwrap().intents.is_empty());
 }
 
 /// Recovery that finished an interrupted rename but cannot open its
