@@ -18,27 +18,13 @@ non-zero on any failure.
 import struct
 import uuid
 
-from raw_channel import CREATE, SUCCESS, SignedClient, check, create_body, create_with, lease_break_sent, lease_ctx
+from raw_channel import SUCCESS, SignedClient, check, create_body, create_with, fsctl, lease_break_sent, lease_ctx, opened
 
-WRITE, IOCTL = 9, 0xB
+WRITE = 9
 WRITEFLAG_WRITE_THROUGH = 0x1
 FSCTL_SRV_REQUEST_RESUME_KEY = 0x00140078
 FSCTL_SRV_COPYCHUNK_WRITE = 0x001480F2
 FILE_WRITE_THROUGH = 0x2
-
-
-def opened(client, body):
-    st, r = client.call(CREATE, body)
-    check(st == SUCCESS, f"opened (got {st:#010x})")
-    return r[64 + 64 : 64 + 80]
-
-
-def fsctl(client, fid, code, data, max_output):
-    """FSCTL `code` on `fid` with input `data`: its status and output."""
-    body = struct.pack("<HHI16sIIIIIIII", 57, 0, code, fid, 64 + 56, len(data), 0, 0, 0, max_output, 1, 0) + data
-    st, r = client.call(IOCTL, body)
-    off, n = struct.unpack_from("<II", r, 64 + 32)
-    return st, r[off : off + n]
 
 
 a = SignedClient()

@@ -36,6 +36,7 @@ from smbprotocol.tree import TreeConnect
 
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, CLOSE, READ, CANCEL, ECHO = 0, 1, 3, 5, 6, 8, 0xC, 0xD
+IOCTL = 0xB
 R, H, W = 1, 2, 4
 FLAG_SIGNED = 0x8
 BINDING = 0x1
@@ -389,6 +390,22 @@ def lease_break_sent(client, within):
     cmd, mid = struct.unpack_from("<H", m, 12)[0], struct.unpack_from("<Q", m, 24)[0]
     check((cmd, mid) == (0x12, 2**64 - 1), f"a lease break notification (command {cmd:#x})")
     return m
+
+
+def opened(client, body):
+    """The file id of the open `client` (a SignedClient) makes with CREATE
+    `body`; fails the script if the CREATE fails."""
+    st, r = client.call(CREATE, body)
+    check(st == SUCCESS, f"opened (got {st:#010x})")
+    return r[64 + 64 : 64 + 80]
+
+
+def fsctl(client, fid, code, data, max_output):
+    """FSCTL `code` on `fid` with input `data`: its status and output."""
+    body = struct.pack("<HHI16sIIIIIIII", 57, 0, code, fid, 64 + 56, len(data), 0, 0, 0, max_output, 1, 0) + data
+    st, r = client.call(IOCTL, body)
+    off, n = struct.unpack_from("<II", r, 64 + 32)
+    return st, r[off : off + n]
 
 
 class SignedClient:

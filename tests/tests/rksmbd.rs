@@ -1415,6 +1415,29 @@ fn a_failed_write_through_sync_still_breaks_read_caching() {
     no_handles_left(&d);
 }
 
+/// Review l1: a WRITE or copy whose pwrite failed returned before breaking
+/// other clients' read caching, yet a failed write may have landed in
+/// part (a short pwrite, then ENOSPC, EDQUOT or EIO on the next). With
+/// every pwrite of rksmbd failing (strace cannot make one short; the
+/// first failing stands for a later one), the failed WRITE and the failed
+/// copy each send the leaseholder a break of its read caching.
+#[test]
+fn a_failed_write_still_breaks_read_caching() {
+    let s = Scratch::new("rksmbd-failed-write");
+    let d = Filterd::start(&s, &[], &[]);
+    std::fs::write(s.root().join("src.bin"), b"hello").unwrap();
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let trace = s.dir.join("strace");
+    let _strace = rkfilter_tests::Strace::attach(
+        srv.shim.pid(),
+        &trace,
+        &["pwrite64"],
+        &["pwrite64:error=EIO:when=1+"],
+    );
+    smbprotocol_script_passes(&srv, "failed_write.py");
+    no_handles_left(&d);
+}
+
 /// Whether a strace `-f -yy` line (`TID call(FD<what>, …`) is one of
 /// `calls` on a descriptor whose decoding contains `on`.
 fn is_call_on(line: &str, calls: &[&str], on: &str) -> bool {

@@ -217,14 +217,14 @@ fn copy_one(c: &Connection, src: &Open, dst: &Open, chunk: &Chunk) -> Result<(),
             .read_exact_at(&mut buf, chunk.source)
             .map_err(|_| INVALID_VIEW_SIZE)?;
     }
-    {
+    let wrote = {
         let _pass = crate::files::check_io(&c.sh, *dkey, *dfid, chunk.target, len, true)?;
-        dfile
-            .write_all_at(&buf, chunk.target)
-            .map_err(crate::files::io_status)?;
-    }
+        dfile.write_all_at(&buf, chunk.target)
+    };
+    // Whether or not the write failed: a failed one may have landed in
+    // part (a short pwrite, then ENOSPC or EIO on the next).
     crate::files::break_read_caching(&c.sh, *dkey);
-    Ok(())
+    wrote.map_err(crate::files::io_status)
 }
 
 #[cfg(test)]

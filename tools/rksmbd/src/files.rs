@@ -951,13 +951,16 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         return Err(status::INVALID_PARAMETER);
     }
     let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), true)?;
-    file.write_all_at(data, offset).map_err(io_status)?;
-    // Landed: a lock waiting for it may be granted now (it need not wait
+    let wrote = file.write_all_at(data, offset);
+    // Done: a lock waiting for it may be granted now (it need not wait
     // for the sync too), and other clients' read caching goes whatever
-    // the sync does: the file holds the new data even when the sync
-    // fails (broken after it, a failed sync left R leases on stale data).
+    // the write or the sync did: a failed write may have landed in part
+    // (a short pwrite, then ENOSPC or EIO on the next), and the file
+    // holds the new data even when the sync fails (broken after either,
+    // a failure left R leases on stale data).
     drop(pass);
     break_read_caching(&c.sh, *key);
+    wrote.map_err(io_status)?;
     sync_if_write_through(o, flags & WRITEFLAG_WRITE_THROUGH != 0)?;
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
