@@ -138,11 +138,31 @@ pub struct CommitJob {
     pub sync: Vec<(u64, OwnedFd)>,
     /// The export root's descriptor when a change's directory could not be
     /// opened to be fsync'd: its whole filesystem is made durable
-    /// (`syncfs`) before the transaction commits, after `sync`. A failed
-    /// syncfs is tied to no group: it fails the commit whole.
+    /// (`syncfs`) before the transaction commits, after `sync`.
     pub syncfs: Option<Arc<OwnedFd>>,
+    /// The groups whose changes `syncfs` makes durable (those that asked
+    /// for it): a failed syncfs fails them, not every group merged into
+    /// the commit.
+    pub syncfs_for: BTreeSet<u64>,
     /// Requests whose replies wait for this job (for the gathering rule).
     pub requests: usize,
+}
+
+/// Drops the syncs of the `abandoned` groups (their groups are dropped
+/// unwritten): a failed fsync or syncfs tied to a group that is in no
+/// commit would fail the whole commit it is merged into, the retained
+/// groups with it.
+pub(crate) fn drop_abandoned_syncs(
+    sync: &mut Vec<(u64, OwnedFd)>,
+    syncfs: &mut Option<Arc<OwnedFd>>,
+    syncfs_for: &mut BTreeSet<u64>,
+    abandoned: &BTreeSet<u64>,
+) {
+    sync.retain(|(seq, _)| !abandoned.contains(seq));
+    syncfs_for.retain(|seq| !abandoned.contains(seq));
+    if syncfs_for.is_empty() {
+        *syncfs = None;
+    }
 }
 
 /// Counters the committer maintains.
@@ -304,6 +324,7 @@ impl Pipeline {
         let abandoned = s.rolled_back.take().unwrap_or_default();
         for j in &mut s.jobs {
             j.groups.retain(|g| !abandoned.contains(&g.seq));
+            drop_abandoned_syncs(&mut j.sync, &mut j.syncfs, &mut j.syncfs_for, &abandoned);
         }
         let mut refused = Vec::new();
         for seq in &abandoned {
@@ -536,11 +557,13 @@ pub fn run(
         let mut groups: Vec<Group> = Vec::new();
         let mut sync = Vec::new();
         let mut syncfs = None;
+        let mut syncfs_for = BTreeSet::new();
         let mut requests = 0;
         for j in jobs {
             groups.extend(j.groups);
             sync.extend(j.sync);
             syncfs = syncfs.or(j.syncfs);
+            syncfs_for.extend(j.syncfs_for);
             requests += j.requests;
         }
         let Some(through) = groups.iter().map(|g| g.seq).max() else {
@@ -555,7 +578,7 @@ pub fn run(
                 "failpoint commit.before: failing on purpose",
             ))))
         } else {
-            sync_all(&sync, syncfs.as_deref(), &counters).map_err(|(owners, e)| {
+            sync_all(&sync, syncfs.as_deref(), &syncfs_for, &counters).map_err(|(owners, e)| {
                 sync_failed = owners;
                 e
             })
@@ -591,6 +614,7 @@ pub fn run(
                             groups,
                             sync,
                             syncfs,
+                            syncfs_for,
                             requests,
                         },
                     );
@@ -866,13 +890,13 @@ fn fenced(e: &StoreError) {
 
 /// Makes the filesystem changes a commit records durable before it: each
 /// changed file or directory, then (a directory that could not be opened)
-/// the whole filesystem of `syncfs`. Every descriptor is synced, whatever
-/// failed before it; `Err`: the groups (sequences) whose changes are not
-/// durable (none named: a failed syncfs, which fails the commit whole),
-/// and the first error.
+/// the whole filesystem of `syncfs`, for the groups `syncfs_for`. Every
+/// descriptor is synced, whatever failed before it; `Err`: the groups
+/// (sequences) whose changes are not durable, and the first error.
 fn sync_all(
     fds: &[(u64, OwnedFd)],
     syncfs: Option<&OwnedFd>,
+    syncfs_for: &BTreeSet<u64>,
     counters: &CommitCounters,
 ) -> Result<(), (BTreeSet<u64>, StoreError)> {
     // One fsync per file or directory, however many changes of the batch
@@ -914,10 +938,12 @@ fn sync_all(
         }
     });
     let io = |e: nix::errno::Errno| StoreError::from(heed::Error::Io(std::io::Error::from(e)));
-    match (whole, first) {
-        (None, None) => Ok(()),
-        (Some(e), _) => Err((BTreeSet::new(), io(e))),
-        (None, Some(e)) => Err((owners, io(e))),
+    if whole.is_some() {
+        owners.extend(syncfs_for.iter().copied());
+    }
+    match whole.or(first) {
+        None => Ok(()),
+        Some(e) => Err((owners, io(e))),
     }
 }
 
@@ -1072,6 +1098,7 @@ mod tests {
             }],
             sync: Vec::new(),
             syncfs: None,
+            syncfs_for: BTreeSet::new(),
             requests: 1,
         }
     }
@@ -1507,7 +1534,7 @@ mod tests {
         let counters = CommitCounters::default();
         let dir = std::env::temp_dir();
         let root = OwnedFd::from(std::fs::File::open(&dir).unwrap());
-        sync_all(&[], Some(&root), &counters).unwrap();
+        sync_all(&[], Some(&root), &BTreeSet::new(), &counters).unwrap();
         assert_eq!(counters.fs_syncs.load(Ordering::Relaxed), 1);
         let path_only = nix::fcntl::open(
             &dir,
@@ -1515,7 +1542,7 @@ mod tests {
             nix::sys::stat::Mode::empty(),
         )
         .unwrap();
-        assert!(sync_all(&[], Some(&path_only), &counters).is_err());
+        assert!(sync_all(&[], Some(&path_only), &BTreeSet::new(), &counters).is_err());
     }
 
     /// Review: a failed fsync failed every group merged into its commit,
@@ -1537,12 +1564,26 @@ mod tests {
         } = setup();
         let (job, _write_end) = two_groups_one_sync_fails(&pipe, &w, 2);
         pipe.submit(job);
+        group_1_fails_alone(&store, &pipe, &rx, &peer);
+        assert_eq!(counters.failed.load(Ordering::Relaxed), 1);
+        pipe.stop();
+        assert!(t.join().is_ok(), "the committer stopped for recovery");
+    }
+
+    /// A commit of groups 1 ("one") and 2 ("two") fails group 1 alone:
+    /// group 2 commits on its own and only its reply goes out.
+    fn group_1_fails_alone(
+        store: &Gated,
+        pipe: &Pipeline,
+        rx: &crossbeam_channel::Receiver<Command>,
+        peer: &OwnedFd,
+    ) {
         match rx.recv_timeout(Duration::from_secs(20)).unwrap() {
             Command::CommitFailed { failed, .. } => assert_eq!(failed, vec![1]),
             _ => panic!("expected CommitFailed"),
         }
         pipe.rolled_back([1].into_iter().collect());
-        let replies = [next_packet(&peer), next_packet(&peer)];
+        let replies = [next_packet(peer), next_packet(peer)];
         assert!(
             !replies.iter().any(|r| r == b"one"),
             "acknowledged unsynced"
@@ -1552,9 +1593,80 @@ mod tests {
             "the synced group's reply did not go out"
         );
         assert_eq!(store.commits.load(Ordering::Relaxed), 1, "group 2 alone");
-        assert_eq!(counters.failed.load(Ordering::Relaxed), 1);
+    }
+
+    /// Review l2b: a failed syncfs (a change's directory could not be
+    /// opened) failed every group of its commit, and under an intent's
+    /// completion stopped the daemon. It fails the groups that asked for
+    /// it only: group 1's syncfs fails (EBADF, on an `O_PATH`
+    /// descriptor), group 2 — an intent's completion, its own fsync done
+    /// — commits alone and its reply goes out.
+    #[test]
+    fn a_failed_syncfs_fails_only_the_groups_that_asked_for_it() {
+        let Rig {
+            store,
+            pipe,
+            rx,
+            writer: w,
+            peer,
+            committer: t,
+            ..
+        } = setup();
+        let mut merged = job(&pipe, 1, &w, b"one");
+        merged.groups.extend(job(&pipe, 2, &w, b"two").groups);
+        merged.requests = 2;
+        merged.groups[1].completes_intent = true;
+        let synced =
+            nix::sys::memfd::memfd_create(c"synced", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
+        merged.sync.push((2, synced));
+        let path_only = nix::fcntl::open(
+            &std::env::temp_dir(),
+            nix::fcntl::OFlag::O_PATH,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        merged.syncfs = Some(Arc::new(path_only));
+        merged.syncfs_for.insert(1);
+        pipe.submit(merged);
+        group_1_fails_alone(&store, &pipe, &rx, &peer);
         pipe.stop();
         assert!(t.join().is_ok(), "the committer stopped for recovery");
+    }
+
+    /// Review l2a: the groups a failed commit abandons were dropped from
+    /// the queue, their syncs kept: an fsync of such a sync that failed
+    /// next was tied to no group of its commit and failed it whole. They
+    /// go with their groups.
+    #[test]
+    fn an_abandoned_group_s_syncs_go_with_it() {
+        let pipe = Pipeline::default();
+        let (w, _peer) = ConnWriter::pair_for_test();
+        let mut abandoned = job(&pipe, 2, &w, b"two");
+        let (r, _write_end) = nix::unistd::pipe().unwrap();
+        abandoned.sync.push((2, r));
+        abandoned.syncfs = Some(Arc::new(
+            nix::sys::memfd::memfd_create(c"fs", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+        ));
+        abandoned.syncfs_for.insert(2);
+        pipe.submit(abandoned);
+        let mut kept = job(&pipe, 3, &w, b"three");
+        let synced =
+            nix::sys::memfd::memfd_create(c"synced", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
+        kept.sync.push((3, synced));
+        pipe.submit(kept);
+        pipe.rolled_back([2].into_iter().collect());
+        assert!(pipe.settle_failure(1, true).is_some());
+        let jobs = pipe.take_jobs();
+        let syncs: Vec<u64> = jobs
+            .iter()
+            .flat_map(|j| j.sync.iter().map(|(s, _)| *s))
+            .collect();
+        assert_eq!(syncs, vec![3]);
+        assert!(jobs
+            .iter()
+            .all(|j| j.syncfs.is_none() && j.syncfs_for.is_empty()));
     }
 
     /// A failed fsync of the change a durable intent's completion records

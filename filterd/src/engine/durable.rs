@@ -300,6 +300,8 @@ pub(super) struct Batch {
     /// The export root's filesystem, to be `syncfs`'d before this round's
     /// commit: a change's directory could not be opened ([`ToSync`]).
     syncfs: Option<Arc<OwnedFd>>,
+    /// The groups that asked for `syncfs`: its failure fails them only.
+    syncfs_for: BTreeSet<u64>,
     /// Requests whose replies wait for this round's groups.
     requests: usize,
     /// The highest sequence the request being handled depends on.
@@ -334,6 +336,7 @@ impl Default for Batch {
             groups: Vec::new(),
             sync: Vec::new(),
             syncfs: None,
+            syncfs_for: BTreeSet::new(),
             requests: 0,
             dep: 0,
             last: 0,
@@ -406,6 +409,7 @@ impl Batch {
         self.sync.extend(s.fds.into_iter().map(|fd| (seq, fd)));
         if s.filesystem.is_some() {
             self.syncfs = s.filesystem;
+            self.syncfs_for.insert(seq);
         }
     }
 
@@ -833,6 +837,7 @@ impl Engine {
             groups: std::mem::take(&mut b.groups),
             sync: std::mem::take(&mut b.sync),
             syncfs: b.syncfs.take(),
+            syncfs_for: std::mem::take(&mut b.syncfs_for),
             requests: std::mem::take(&mut b.requests),
         };
         self.pipe.submit(job);
@@ -915,6 +920,15 @@ impl Engine {
             );
         }
         self.batch.groups.retain(|g| !abandoned.contains(&g.seq));
+        // Their syncs go with them: one tied to a group in no commit would
+        // fail the whole commit this round's retained groups go in.
+        let b = &mut self.batch;
+        crate::committer::drop_abandoned_syncs(
+            &mut b.sync,
+            &mut b.syncfs,
+            &mut b.syncfs_for,
+            &abandoned,
+        );
         warn!(
             through,
             abandoned = abandoned.len(),

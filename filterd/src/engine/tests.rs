@@ -8,7 +8,7 @@
 //! requests that rode on it. And invariant 3's order: intent commit, then
 //! the filesystem change, then the commit that completes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
@@ -167,6 +167,9 @@ struct Harness {
     events: Vec<libfilter::proto::Event>,
     /// Every frame received, in order.
     arrived: Vec<Arrived>,
+    /// The groups the last failed commit failed (what `CommitFailed`
+    /// named).
+    last_failed: Vec<u64>,
 }
 
 /// A frame that reached the frontend.
@@ -276,6 +279,7 @@ impl Harness {
             replies: BTreeMap::new(),
             events: Vec::new(),
             arrived: Vec::new(),
+            last_failed: Vec::new(),
         }
     }
 
@@ -366,14 +370,18 @@ impl Harness {
         self.store.inner.lock().unwrap().fail = !ok;
         let jobs = self.pipe.take_jobs();
         // As the committer: what the round changed on disk is durable
-        // before its commit, which a failed syncfs fails whole.
+        // before its commit; a failed fsync or syncfs fails the groups it
+        // is tied to (and those building on them), the others commit.
+        let mut failed = BTreeSet::new();
         for j in &jobs {
-            for (_, fd) in &j.sync {
-                self.fs.fsync(fd.as_fd()).unwrap();
+            for (seq, fd) in &j.sync {
+                if self.fs.fsync(fd.as_fd()).is_err() {
+                    failed.insert(*seq);
+                }
             }
             if let Some(r) = &j.syncfs {
                 if self.fs.syncfs(r.as_fd()).is_err() {
-                    self.store.inner.lock().unwrap().fail = true;
+                    failed.extend(j.syncfs_for.iter().copied());
                 }
             }
         }
@@ -384,40 +392,53 @@ impl Harness {
             self.drain_replies();
             return Vec::new();
         };
-        let batches: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
-        let result = self.store.commit(&batches);
+        for g in &groups {
+            if g.deps.iter().any(|d| failed.contains(d)) {
+                failed.insert(g.seq);
+            }
+        }
+        let kept: Vec<&crate::committer::Group> =
+            groups.iter().filter(|g| !failed.contains(&g.seq)).collect();
+        let batches: Vec<&[StoreOp]> = kept.iter().map(|g| g.ops.as_slice()).collect();
+        let result = if kept.is_empty() {
+            Ok(0)
+        } else {
+            self.store.commit(&batches)
+        };
         let mut notify = Vec::new();
-        if result.is_ok() {
+        if result.is_ok() && !kept.is_empty() {
             self.fs.log_commit(
-                groups
-                    .iter()
+                kept.iter()
                     .flat_map(|g| g.ops.iter())
                     .map(op_name)
                     .collect(),
             );
+            notify = kept.iter().flat_map(|g| g.notify.clone()).collect();
         }
-        match result {
-            Ok(_) => {
-                for d in self.pipe.settle_success(through) {
-                    d.send();
-                }
-                self.pipe.publish(through);
-                self.drain_replies();
-                notify = groups.iter().flat_map(|g| g.notify.clone()).collect();
+        if result.is_err() {
+            failed.extend(groups.iter().map(|g| g.seq));
+        }
+        if !failed.is_empty() {
+            self.last_failed = failed.iter().copied().collect();
+        }
+        if failed.is_empty() {
+            for d in self.pipe.settle_success(through) {
+                d.send();
             }
-            Err(_) => {
-                let failed: Vec<u64> = groups.iter().map(|g| g.seq).collect();
-                self.engine
-                    .roll_back(&failed, through, ErrorCode::DiskFull, "test");
-                let (ready, refused) = self.pipe.settle_failure(through, false).unwrap_or_default();
-                for d in ready {
-                    d.send();
-                }
-                for d in refused {
-                    d.fail(ErrorCode::DiskFull, "test");
-                }
-                self.pipe.publish(through);
+            self.pipe.publish(through);
+            self.drain_replies();
+        } else {
+            let failed: Vec<u64> = failed.into_iter().collect();
+            self.engine
+                .roll_back(&failed, through, ErrorCode::DiskFull, "test");
+            let (ready, refused) = self.pipe.settle_failure(through, false).unwrap_or_default();
+            for d in ready {
+                d.send();
             }
+            for d in refused {
+                d.fail(ErrorCode::DiskFull, "test");
+            }
+            self.pipe.publish(through);
         }
         self.store.inner.lock().unwrap().fail = false;
         self.drain_replies();
@@ -5467,6 +5488,31 @@ fn a_persistent_create_whose_directory_cannot_be_opened_syncs_its_filesystem() {
             assert!(h.fs.file("n").is_some());
         }
     }
+}
+
+/// Review l2c: a failed fsync of one request's change fails that
+/// request's group only. Two persistent creates in one round (in two
+/// directories); the first one's fsync fails: the commit fails its group
+/// alone (what `CommitFailed` names), its file is unlinked again, and
+/// the other create commits and is answered.
+#[test]
+fn a_failed_fsync_fails_only_the_request_whose_change_it_syncs() {
+    let mut h = Harness::new();
+    h.fs.take_log();
+    h.fs.fail_next("fsync", libc::EIO);
+    let first = h.run(open("n", Rights::ALL));
+    let second = h.run(open("d/m", Rights::ALL));
+    h.commit(true);
+    assert_eq!(h.last_failed.len(), 1, "{:?}", h.last_failed);
+    assert!(
+        matches!(h.reply(first), Some(Err(_))),
+        "{:?}",
+        h.reply(first)
+    );
+    assert!(h.fs.file("n").is_none(), "the refused create's file stays");
+    let key = h.opened(second);
+    assert!(h.store.inner.lock().unwrap().handles.contains_key(&key));
+    assert!(h.fs.file("d/m").is_some());
 }
 
 /// Review r1 b2: a delete on close whose directory cannot be opened for
