@@ -24,6 +24,36 @@ struct SyncState {
     /// A sync is running (its caller will cover everything asked before it
     /// started).
     running: bool,
+    /// A sync failed: the error (its errno) every later one reports. Linux
+    /// reports a writeback error to a file description once and may have
+    /// dropped the dirty pages it could not write, so a later `fdatasync`
+    /// that succeeds proves nothing about the writes before it: once one
+    /// failed, no write through this descriptor is promised durable again
+    /// (PostgreSQL's fsync lesson). Without it the writers that waited
+    /// behind the failed sync ran their own, got success and were told
+    /// their writes were durable (review: failed data sync reported once).
+    failed: Option<FailedSync>,
+}
+
+/// What a failed data sync said, kept to report again.
+#[derive(Clone, Copy)]
+enum FailedSync {
+    Errno(i32),
+    Kind(std::io::ErrorKind),
+}
+
+impl FailedSync {
+    fn of(e: &std::io::Error) -> FailedSync {
+        e.raw_os_error()
+            .map_or(FailedSync::Kind(e.kind()), FailedSync::Errno)
+    }
+
+    fn error(self) -> std::io::Error {
+        match self {
+            FailedSync::Errno(n) => std::io::Error::from_raw_os_error(n),
+            FailedSync::Kind(k) => std::io::Error::new(k, "an earlier data sync failed"),
+        }
+    }
 }
 
 impl From<File> for SyncedFile {
@@ -46,8 +76,15 @@ impl std::ops::Deref for SyncedFile {
 impl SyncedFile {
     /// Makes every write done through this file before the call durable:
     /// one `fdatasync` covers every writer that asked while it ran or
-    /// before it started.
+    /// before it started. Once a sync has failed, this fails for every
+    /// writer not already answered durable, and for every later call (see
+    /// `SyncState::failed`).
     pub fn sync_written(&self) -> std::io::Result<()> {
+        self.sync_written_by(|f| f.sync_data())
+    }
+
+    /// `sync_written`, with `sync` as the data sync (a test's can fail).
+    fn sync_written_by(&self, sync: impl Fn(&File) -> std::io::Result<()>) -> std::io::Result<()> {
         let lock = || self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut s = lock();
         s.asked += 1;
@@ -56,6 +93,9 @@ impl SyncedFile {
             if s.synced >= mine {
                 return Ok(());
             }
+            if let Some(failed) = s.failed {
+                return Err(failed.error());
+            }
             if s.running {
                 s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
                 continue;
@@ -63,11 +103,12 @@ impl SyncedFile {
             s.running = true;
             let covers = s.asked;
             drop(s);
-            let r = self.file.sync_data();
+            let r = sync(&self.file);
             s = lock();
             s.running = false;
-            if r.is_ok() {
-                s.synced = s.synced.max(covers);
+            match &r {
+                Ok(()) => s.synced = s.synced.max(covers),
+                Err(e) => s.failed = Some(FailedSync::of(e)),
             }
             self.done.notify_all();
             r?;
@@ -150,18 +191,70 @@ mod tests {
     use std::os::unix::fs::FileExt;
     use std::sync::Arc;
 
+    /// A new, empty file of this test run, named after `name`.
+    fn scratch(name: &str) -> (std::path::PathBuf, Arc<SyncedFile>) {
+        let p = std::env::temp_dir().join(format!("shimline-{name}-{}", std::process::id()));
+        let f = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        (p, Arc::new(SyncedFile::from(f)))
+    }
+
+    /// Writers Y and Z wait behind X's sync; the sync one of them runs for
+    /// both fails (EIO), and a sync after it succeeds, as Linux's does once
+    /// it has reported a writeback error. Neither Y nor Z may hear its
+    /// write is durable, nor may a writer after them.
+    #[test]
+    fn a_failed_sync_fails_every_writer_it_covered_and_later_ones() {
+        let (p, f) = scratch("syncfail");
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let asked = |f: &SyncedFile| f.state.lock().unwrap().asked;
+        let writer = || {
+            let (f, calls) = (f.clone(), calls.clone());
+            std::thread::spawn(move || {
+                f.sync_written_by(|_| {
+                    match calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                        // X's sync: returns once Y and Z wait behind it.
+                        0 => {
+                            while asked(&f) < 3 {
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            }
+                            Ok(())
+                        }
+                        1 => Err(std::io::Error::from_raw_os_error(nix::libc::EIO)),
+                        _ => Ok(()),
+                    }
+                })
+            })
+        };
+        let x = writer();
+        while !f.state.lock().unwrap().running {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let (y, z) = (writer(), writer());
+        assert!(x.join().unwrap().is_ok());
+        for t in [y, z] {
+            let e = t
+                .join()
+                .unwrap()
+                .expect_err("a writer the failed sync covered");
+            assert_eq!(e.raw_os_error(), Some(nix::libc::EIO));
+        }
+        let later = writer().join().unwrap();
+        assert_eq!(
+            later.map_err(|e| e.raw_os_error()),
+            Err(Some(nix::libc::EIO))
+        );
+        let _ = std::fs::remove_file(&p);
+    }
+
     #[test]
     fn concurrent_writers_all_return_durable() {
-        let p = std::env::temp_dir().join(format!("shimline-sync-{}", std::process::id()));
-        let f = Arc::new(SyncedFile::from(
-            File::options()
-                .create(true)
-                .truncate(true)
-                .read(true)
-                .write(true)
-                .open(&p)
-                .unwrap(),
-        ));
+        let (p, f) = scratch("sync");
         let ts: Vec<_> = (0..8u64)
             .map(|i| {
                 let f = f.clone();
