@@ -14,6 +14,8 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
+
 use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
     handle_paths, handles_on, smb_persistent_create, smb_session, wait_for, Filterd, LineClient,
@@ -567,4 +569,94 @@ fn nfsshim_a_delegreturn_whose_carrier_close_fails_keeps_the_delegation() {
     nfs_ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
     nfs_ok(a.call(json!({"op": "CLOSE", "stateid": sid})));
     assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
+}
+
+/// A replayed CREATE whose handle query (for the original's rights) times
+/// out, filterd stalled (`request.handle` sleeps past smbshim's call
+/// timeout): smbshim lets the original go back to waiting for the client
+/// — it detaches it — and that detach fails too (its commit, the fourth:
+/// create, the lost connection's detach, the replay's takeover, this one).
+/// The replay is told to retry; the handle must not stay attached to
+/// smbshim, which forgot it, holding the file for as long as smbshim runs,
+/// nor be closed, or the client's next replay would open anew (truncating
+/// the file again): it finds the original, its data there.
+#[test]
+fn a_replay_whose_handle_query_and_let_go_fail_leaves_the_original_waiting() {
+    let name = "smbshim-replay-let-go";
+    let s = Scratch::new(name);
+    let d = Filterd::start(
+        &s,
+        &[],
+        &[(
+            "RKFILTER_FAILPOINTS",
+            "request.handle:1:sleep1500,commit.before:4:fail",
+        )],
+    );
+    let smb = Shim::start_with_env(
+        "smbshim",
+        d.socket(),
+        name,
+        &[("RKFILTER_CALL_TIMEOUT_MS", "1000")],
+    );
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let guid = uuid::Uuid::new_v4().to_string();
+    let connect = || {
+        let mut c = LineClient::connect(&smb.addr);
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": "m"}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        let sid = r["session_id"].as_u64().expect("session_id");
+        (c, sid)
+    };
+    let create = |sid: u64, replay: bool| {
+        json!({"cmd": "CREATE", "session_id": sid, "path": "f", "access": ["read", "write"],
+               "share": ["read"], "disposition": "overwrite_if", "replay": replay,
+               "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}})
+    };
+    let data = base64::engine::general_purpose::STANDARD.encode("data");
+    let (mut c, sid) = connect();
+    let r = c.call(create(sid, false));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let w = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid,
+        "offset": 0, "data": data.clone()}));
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let ctl = d.control();
+    let conn_is = |state: &str| {
+        let hs = ctl.handles().ok()?;
+        let h = hs.first()?;
+        (serde_json::to_value(h.record.conn).ok()?["state"] == state).then_some(())
+    };
+    drop(c);
+    wait_for(
+        "the open to wait disconnected",
+        Duration::from_secs(10),
+        || conn_is("disconnected"),
+    );
+
+    let (mut c, sid) = connect();
+    let r = c.call(create(sid, true));
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "the handle query timed out: {r}"
+    );
+    wait_for(
+        "the detach's commit to fail",
+        Duration::from_secs(10),
+        || {
+            d.log_text()
+                .contains("failpoint commit.before: failing")
+                .then_some(())
+        },
+    );
+    wait_for(
+        "the handle to wait disconnected again",
+        Duration::from_secs(10),
+        || conn_is("disconnected"),
+    );
+    let r = c.call(create(sid, true));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["file_id"], fid, "the original open: {r}");
+    let rd = c.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid,
+        "offset": 0, "length": 10}));
+    assert_eq!(rd["data"], data, "not truncated again: {rd}");
 }

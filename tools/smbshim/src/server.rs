@@ -1233,13 +1233,26 @@ fn handle_view(
 }
 
 /// Lets go of handle `key`, attached for an open that was not stored: a
-/// `durable` one waits for its reconnect, any other is closed.
+/// `durable` one waits for its reconnect or replay, any other is closed.
+/// A failure leaves nothing attached to this member, so nothing is made
+/// again (a review asked; `failed_close.rs`
+/// `a_replay_whose_handle_query_and_let_go_fail_leaves_the_original_waiting`):
+/// filterd never undoes a detach (the frontend forgot the handle), and
+/// one never answered still runs, or a restarted filterd has the handle
+/// disconnected (the attachment forgot it first); the handle closed is
+/// never persistent (those are durable) so its close commits nothing to
+/// undo. A durable one is never closed here: its client's replay is to
+/// find it, where a new open would run the CREATE again (an overwrite
+/// truncating the file a second time).
 fn let_go(m: &Member, key: ResumeKey, durable: bool) {
-    let _ = if durable {
+    let r = if durable {
         m.filter.detach(key)
     } else {
         m.filter.close(key)
     };
+    if let Err(e) = r {
+        eprintln!("smbshim: letting go of handle {key}, of no open: {e}");
+    }
 }
 
 fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
