@@ -294,8 +294,11 @@ fn etcd_members_die_under_load() {
     let url = cluster.url("rk/quorum");
     let sa = node("etcd-quorum-a", &export);
     // A lease that outlives an etcd leader election (1 s by default) with
-    // the margin to spare: the killed member may be the leader.
-    let ttl = 4;
+    // the margin to spare: the killed member may be the leader. 8 s, not
+    // 4: with the whole etcd test file running at once (66 members on two
+    // cores) a 4 s lease lapsed once in CI during the election, and
+    // filterd stepped down mid-stream ("connection to filterd lost").
+    let ttl = 8;
     let mut a = start_node_ttl(&sa, &url, false, ttl);
     a.wait_ready();
     let smb = Shim::start("smbshim", a.socket(), "smb-q");
@@ -312,8 +315,10 @@ fn etcd_members_die_under_load() {
         let path = format!("f{i:02}");
         let r = smb_persistent_create(&mut c, sid, &path);
         assert_eq!(
-            r["status"], "STATUS_SUCCESS",
-            "{path} with one member down: {r}"
+            r["status"],
+            "STATUS_SUCCESS",
+            "{path} with one member down: {r}\nfilterd's log:\n{}",
+            a.log_text()
         );
         acked.push(path);
     }
