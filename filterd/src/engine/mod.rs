@@ -1277,6 +1277,26 @@ impl Engine {
                         "put: a close cannot record into the closed handle's own scope",
                     ));
                 }
+                // The last open of a file, non-persistent with delete on
+                // close, while a persistent handle's close of the file
+                // commits: the unlink waits for that commit
+                // (`delete_pending`), and so does the CLOSE, run again
+                // once it is resolved. Answered at once, the client was
+                // told its last open closed while the file was still
+                // there (CI, smb_semantics). Past the cap on waiting
+                // requests it is answered at once and the unlink follows.
+                if let Some((seq, file)) = self.delete_waits_for_close(key) {
+                    if self.requests_waiting() < self.cfg.max_pending_breaks {
+                        self.wait_for_commit(seq, file);
+                        let req = Request::Close {
+                            key,
+                            put: vec![],
+                            delete: vec![],
+                        };
+                        self.waiting_changes.push((file, conn, req_id, req));
+                        return Ok(None);
+                    }
+                }
                 self.last_unlink = None;
                 self.remove(key);
                 self.stats.closes += 1;

@@ -1551,6 +1551,25 @@ impl Engine {
         self.delete_or_pass(&gone.rec.path, file, gone.rec.kernel_handle.as_ref());
     }
 
+    /// The pending close (its sequence, and the file) a close of handle
+    /// `key` would leave its delete on close waiting for
+    /// (`delete_pending`): `key` is the last open of its file, not
+    /// persistent, and marked delete on close.
+    pub(super) fn delete_waits_for_close(&self, key: ResumeKey) -> Option<(u64, FileId)> {
+        let h = self.handles.get(&key)?;
+        if !h.rec.delete_on_close
+            || h.rec.conn == ConnState::Lost
+            || h.rec.durability.is_persistent()
+            || self
+                .by_file
+                .get(&h.rec.file)
+                .is_some_and(|v| v.iter().any(|k| *k != key))
+        {
+            return None;
+        }
+        Some((self.close_pending(h.rec.file)?, h.rec.file))
+    }
+
     /// A pending delete of `file` (at `path`): the file is removed now if
     /// no open of it remains, else the delete passes to the opens that do.
     fn delete_or_pass(
