@@ -1110,16 +1110,34 @@ fn a_flooded_home_still_serves_its_channels() {
 /// every request on the handle STATUS_ACCESS_DENIED.
 #[test]
 fn a_create_replayed_while_the_original_commits_gets_a_working_handle() {
-    let s = Scratch::new("rksmbd-replay-in-flight");
-    let d = Filterd::start(
+    replay_in_flight_passes("rksmbd-replay-in-flight", &[]);
+}
+
+/// As above, with the replay slower than the original's connection
+/// (rksmbd holds it 1.5 s between filterd's answer and its claim of the
+/// create GUID, as a loaded machine did in CI): the original's connection
+/// detaches the open and lets it go first. Before, the replay then
+/// claimed the handle filterd had answered it — detached since — and
+/// answered SUCCESS, then STATUS_ACCESS_DENIED on every request.
+#[test]
+fn a_create_replayed_slower_than_its_original_s_end_gets_a_working_handle() {
+    replay_in_flight_passes(
+        "rksmbd-replay-slow",
+        &[("RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS", "1500")],
+    );
+}
+
+/// tests/smb3/replay_in_flight.py against rksmbd (started with `env`),
+/// filterd's open path stalled 3 s by a failpoint.
+fn replay_in_flight_passes(name: &str, env: &[(&str, &str)]) {
+    let s = Scratch::new(name);
+    let _d = Filterd::start(
         &s,
         &[],
         &[("RKFILTER_FAILPOINTS", "open.after_fs:sleep3000")],
     );
-    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let (srv, _log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], env);
     smbprotocol_script_passes(&srv, "replay_in_flight.py");
-    drop(srv);
-    drop(d);
 }
 
 /// Channels that keep their home's queue full do not hold back a

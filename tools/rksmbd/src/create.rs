@@ -1134,21 +1134,26 @@ fn retry_while_held_elsewhere<T, E>(
 /// holding it leaves the open to it; a replay that finds another
 /// connection holding it waits up to [`HELD_ELSEWHERE_WAIT`] for that one
 /// to let go (detached, it is reattached here) and is
-/// STATUS_FILE_NOT_AVAILABLE otherwise.
+/// STATUS_FILE_NOT_AVAILABLE otherwise. A replay that claims gets the
+/// open from filterd again: the handle filterd answered it may be one the
+/// other connection detached since (it detaches, then lets go), and once
+/// this connection holds the claim nobody else detaches it. Before, a
+/// replay slower than the original's connection ending claimed at once,
+/// kept the detached handle, and answered SUCCESS and then
+/// STATUS_ACCESS_DENIED on every request (CI, under load).
 fn claim(
     c: &mut Connection,
     p: &Prepared,
-    mut h: libfilter::client::OpenedHandle,
+    h: libfilter::client::OpenedHandle,
 ) -> Result<libfilter::client::OpenedHandle, u32> {
     let Some(guid) = p.create_guid.filter(|_| durable_of(&h.info).is_some()) else {
         return Ok(h);
     };
+    if p.replay {
+        test_delay_before_a_replay_claims();
+    }
     let deadline = std::time::Instant::now() + HELD_ELSEWHERE_WAIT;
-    loop {
-        let other = match c.sh.registry.claim(guid, c.id) {
-            Ok(()) => return Ok(h),
-            Err(other) => other,
-        };
+    while let Err(other) = c.sh.registry.claim(guid, c.id) {
         if !p.replay || std::time::Instant::now() >= deadline {
             tracing::debug!(
                 conn = c.id,
@@ -1159,12 +1164,36 @@ fn claim(
             );
             return Err(status::FILE_NOT_AVAILABLE);
         }
-        drop(h);
         std::thread::sleep(std::time::Duration::from_millis(10));
-        h =
-            c.sh.filter
-                .replay_open(p.req.clone())
-                .map_err(|e| status_of(&e))?;
+    }
+    if !p.replay {
+        return Ok(h);
+    }
+    drop(h);
+    c.sh.filter.replay_open(p.req.clone()).map_err(|e| {
+        if !c.opens.values().any(|o| o.create_guid == Some(guid)) {
+            c.sh.registry.let_go(guid, c.id);
+        }
+        status_of(&e)
+    })
+}
+
+/// Tests only (debug builds): `$RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS` holds
+/// a replay between filterd's answer and its claim, as a loaded machine
+/// may (tests/smb3/replay_in_flight.py).
+fn test_delay_before_a_replay_claims() {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *DELAY.get_or_init(|| {
+        std::env::var("RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 

@@ -174,14 +174,17 @@ impl Link {
 fn release_all(st: &mut LinkState, sh: &Shared) {
     for (_, t) in st.live.drain() {
         let Tracked { key, durable, held } = t;
-        if let Some((g, conn)) = held {
-            sh.registry.let_go(g, conn);
-        }
         let r = if durable {
             sh.filter.detach(key)
         } else {
             sh.filter.close(key)
         };
+        // Only once it is detached: a replay that claims the create GUID
+        // meanwhile gets the open from filterd again, and must not get it
+        // before this detach (`create::claim`).
+        if let Some((g, conn)) = held {
+            sh.registry.let_go(g, conn);
+        }
         if let Err(e) = r {
             tracing::warn!(resume_key = %key, error = %e, "releasing a handle of an ended session");
             if !durable && crate::settle::may_hold(&e) {
