@@ -192,6 +192,29 @@ fn a_local_open_breaks_a_write_lease_and_waits_for_the_ack() {
 /// A restart with persistent handles under fanotify: recovery reopens their
 /// files, which must not wait on filterd's own (not yet read) group; once
 /// serving, the recovered handle's share mode refuses local opens again.
+/// A local open right after a persistent share-none handle's CLOSE was
+/// answered is let in, each of ten times. Before, filterd answered the
+/// CLOSE before its engine heard the commit was made, and an idle engine
+/// heard it only at its next tick (1 s): the local open was refused
+/// (EPERM) by the closed handle's share mode (review).
+#[test]
+fn a_local_open_right_after_a_persistent_close_is_let_in() {
+    let Some(s) = Scratch::with_tmpfs("fan-after-close") else {
+        return;
+    };
+    let _d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    for i in 0..10 {
+        let mut r = req("locked", Rights::NONE, None);
+        r.durability = Durability::Persistent { timeout_ms: 60_000 };
+        let h = fe.open(r).unwrap();
+        fe.close(h.info.key).unwrap();
+        if let Err(e) = std::fs::File::open(s.root().join("locked")) {
+            panic!("local open {i} after the close: {e}");
+        }
+    }
+}
+
 #[test]
 fn restart_with_persistent_handles_under_fanotify() {
     let Some(s) = Scratch::with_tmpfs("fan-restart") else {

@@ -575,37 +575,6 @@ impl Engine {
         }
     }
 
-    /// The holders of `file` whose removal (close, expiry, purge) has not
-    /// committed. A local open is decided as if they were still there: it
-    /// cannot wait for the commit, and the removal may fail and put them
-    /// back — so it never lets in a local open they would refuse, nor
-    /// leaves the file with an ignore mark while they may come back.
-    pub(super) fn pending_removed_holders(
-        &self,
-        file: FileId,
-    ) -> Vec<libfilter::share::Holder<ResumeKey>> {
-        self.batch
-            .pending
-            .values()
-            .flat_map(|t| t.undo.iter())
-            .filter_map(|u| match u {
-                // Stat and sharing-exempt opens refuse nobody, as in
-                // `holders_of`.
-                Undo::Reinsert(h) if h.rec.file == file && !h.rec.stat && !h.rec.share_exempt => {
-                    Some(libfilter::share::Holder {
-                        key: h.rec.key,
-                        mode: libfilter::share::ShareMode {
-                            access: h.rec.access.rights(),
-                            share: h.rec.share,
-                        },
-                        state: super::holder_state(h),
-                    })
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
     /// Sends `ev` to frontend `instance` once sequence `dep` is durable
     /// (dropped if its commit fails: what it announces did not happen).
     pub(super) fn notify_after(&mut self, dep: u64, instance: &InstanceName, ev: Event) {

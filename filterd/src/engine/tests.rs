@@ -3241,9 +3241,9 @@ fn a_change_through_a_non_persistent_handle_of_a_persistent_file_is_bracketed() 
     assert!(intent < change, "{log:?}");
 }
 
-/// A local open while an expiry's commit is pending is decided as if the
-/// handle were still there (it may come back): refused by its share mode,
-/// and allowed once the expiry is durable.
+/// A local open while an expiry's commit is pending waits for it (the
+/// handle may come back): refused by the share mode of the handle put
+/// back by a failed commit, allowed once the expiry is durable.
 #[test]
 fn a_local_open_during_a_pending_expiry_still_meets_its_share_mode() {
     use crate::command::Verdict;
@@ -3254,31 +3254,75 @@ fn a_local_open_during_a_pending_expiry_still_meets_its_share_mode() {
     let file = h.engine.handles[&key].rec.file;
     h.run(Request::Detach { key });
     h.commit(true);
-    let local_open = |h: &mut Harness| {
-        let got = Arc::new(Mutex::new(None));
-        let sink = got.clone();
-        let fd = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        h.engine.on_local_open(
-            file,
-            0,
-            fd,
-            LocalReply(Box::new(move |v| *sink.lock().unwrap() = Some(v))),
-        );
-        let v = *got.lock().unwrap();
-        v
-    };
-    assert_eq!(local_open(&mut h), Some(Verdict::Deny));
-    h.engine.expire_due(u64::MAX);
     assert_eq!(
-        local_open(&mut h),
-        Some(Verdict::Deny),
-        "a local open got past a handle whose expiry is not durable"
+        local_open(&mut h, file).try_recv().ok(),
+        Some(Verdict::Deny)
+    );
+    h.engine.expire_due(u64::MAX);
+    let waiting = local_open(&mut h, file);
+    assert!(
+        waiting.try_recv().is_err(),
+        "decided before the expiry commits"
     );
     h.commit(false);
+    h.engine.process_retries();
     assert!(h.engine.handles.contains_key(&key));
+    assert_eq!(
+        waiting.try_recv().ok(),
+        Some(Verdict::Deny),
+        "a local open got past a handle whose expiry failed"
+    );
     h.engine.expire_due(u64::MAX);
     h.commit(true);
-    assert_eq!(local_open(&mut h), Some(Verdict::Allow));
+    assert_eq!(
+        local_open(&mut h, file).try_recv().ok(),
+        Some(Verdict::Allow)
+    );
+}
+
+/// The first local open after a persistent share-none handle's CLOSE was
+/// answered, the engine not yet told the commit is resolved (the committer
+/// sends the reply first; an idle engine heard of it at its next tick),
+/// is let in once the engine hears. Before, it was refused (EPERM) by the
+/// closed handle's share mode, still filed for undo (review).
+#[test]
+fn a_local_open_right_after_a_close_s_reply_is_let_in() {
+    use crate::command::Verdict;
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::NONE));
+    h.commit(true);
+    let key = h.opened(id);
+    let file = h.engine.handles[&key].rec.file;
+    let close = h.run(Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+    });
+    // Durable and answered; the engine has not run since.
+    h.commit_once(true);
+    assert!(
+        matches!(h.reply(close), Some(Ok(_))),
+        "{:?}",
+        h.reply(close)
+    );
+    let verdict = local_open(&mut h, file);
+    h.engine.process_retries();
+    assert_eq!(verdict.try_recv().ok(), Some(Verdict::Allow));
+}
+
+/// A local open of `file` by pid 4242: where its verdict comes.
+fn local_open(h: &mut Harness, file: FileId) -> std::sync::mpsc::Receiver<crate::command::Verdict> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fd = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+    h.engine.on_local_open(
+        file,
+        4242,
+        fd,
+        LocalReply(Box::new(move |v| {
+            let _ = tx.send(v);
+        })),
+    );
+    rx
 }
 
 /// Issue 13, F3: a LOCK over a range another handle was let write
