@@ -1121,23 +1121,28 @@ fn a_create_replayed_while_the_original_commits_gets_a_working_handle() {
 /// answered SUCCESS, then STATUS_ACCESS_DENIED on every request.
 #[test]
 fn a_create_replayed_slower_than_its_original_s_end_gets_a_working_handle() {
-    replay_in_flight_passes(
+    let log = replay_in_flight_passes(
         "rksmbd-replay-slow",
         &[("RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS", "1500")],
+    );
+    assert!(
+        log.contains("a replay is held before its claim"),
+        "the replay was not held (a release build?): {log}"
     );
 }
 
 /// tests/smb3/replay_in_flight.py against rksmbd (started with `env`),
-/// filterd's open path stalled 3 s by a failpoint.
-fn replay_in_flight_passes(name: &str, env: &[(&str, &str)]) {
+/// filterd's open path stalled 3 s by a failpoint. Returns rksmbd's log.
+fn replay_in_flight_passes(name: &str, env: &[(&str, &str)]) -> String {
     let s = Scratch::new(name);
     let _d = Filterd::start(
         &s,
         &[],
         &[("RKFILTER_FAILPOINTS", "open.after_fs:sleep3000")],
     );
-    let (srv, _log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], env);
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], env);
     smbprotocol_script_passes(&srv, "replay_in_flight.py");
+    std::fs::read_to_string(log).unwrap_or_default()
 }
 
 /// Channels that keep their home's queue full do not hold back a

@@ -1137,7 +1137,11 @@ fn retry_while_held_elsewhere<T, E>(
 /// STATUS_FILE_NOT_AVAILABLE otherwise. A replay that claims gets the
 /// open from filterd again: the handle filterd answered it may be one the
 /// other connection detached since (it detaches, then lets go), and once
-/// this connection holds the claim nobody else detaches it. Before, a
+/// this connection holds the claim no original or replay elsewhere
+/// detaches it (a DH2C reconnect on a third connection takes no claim:
+/// left, docs/smb3.md). A failed second ask leaves the handle
+/// disconnected and lets the claim go; one no longer durable lets it go
+/// too (review of this fix). Before, a
 /// replay slower than the original's connection ending claimed at once,
 /// kept the detached handle, and answered SUCCESS and then
 /// STATUS_ACCESS_DENIED on every request (CI, under load).
@@ -1169,13 +1173,33 @@ fn claim(
     if !p.replay {
         return Ok(h);
     }
+    let key = h.info.key;
     drop(h);
-    c.sh.filter.replay_open(p.req.clone()).map_err(|e| {
-        if !c.opens.values().any(|o| o.create_guid == Some(guid)) {
-            c.sh.registry.let_go(guid, c.id);
+    // No open of this connection holds the GUID but the one being made:
+    // what goes wrong now lets it go.
+    let alone = !c.opens.values().any(|o| o.create_guid == Some(guid));
+    match c.sh.filter.replay_open(p.req.clone()) {
+        Ok(h) => {
+            // No longer durable (its lease lowered meanwhile): kept as a
+            // plain open, which holds no claim.
+            if alone && durable_of(&h.info).is_none() {
+                c.sh.registry.let_go(guid, c.id);
+            }
+            Ok(h)
         }
-        status_of(&e)
-    })
+        Err(e) => {
+            if alone {
+                // The first answer attached the handle here: it is left
+                // disconnected, for the client's next replay or its
+                // timeout, not attached with no open behind it (and
+                // forgotten first, so a restarted filterd's handle is not
+                // resumed here).
+                let _ = c.sh.filter.detach(key);
+                c.sh.registry.let_go(guid, c.id);
+            }
+            Err(status_of(&e))
+        }
+    }
 }
 
 /// Tests only (debug builds): `$RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS` holds
@@ -1193,6 +1217,7 @@ fn test_delay_before_a_replay_claims() {
             .unwrap_or(0)
     });
     if ms > 0 {
+        tracing::info!(ms, "test hook: a replay is held before its claim");
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
