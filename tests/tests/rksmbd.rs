@@ -1145,6 +1145,25 @@ fn replay_in_flight_passes(name: &str, env: &[(&str, &str)]) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
 
+/// A DH2C sent at once after the TCP drop of a connection holding six
+/// persistent opens, filterd's fsyncs slowed to 400 ms by strace: the old
+/// connection detaches them one by one, a commit each, and the DH2C of
+/// the last waits for it and succeeds. Before, it waited 1 s and was
+/// STATUS_OBJECT_NAME_NOT_FOUND (final for the client) for an open let go
+/// a moment later (review).
+#[test]
+fn a_reconnect_behind_slow_detaches_of_the_old_connection_succeeds() {
+    let s = Scratch::new("rksmbd-slow-detaches");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let _slow = rkfilter_tests::slow_syscalls(
+        d.pid(),
+        &s.dir.join("trace"),
+        &[("fdatasync", 400_000), ("fsync", 400_000)],
+    );
+    smbprotocol_script_passes(&srv, "reconnect_behind_slow_detaches.py");
+}
+
 /// Channels that keep their home's queue full do not hold back a
 /// CHANGE_NOTIFY answer of the home: channels' PDUs and notifications
 /// take turns. Before, a ready queue always went first, and the answer

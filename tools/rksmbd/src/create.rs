@@ -28,6 +28,7 @@ use crate::info::{set_dos_attributes, Meta, ATTR_ARCHIVE, DOS_KEPT};
 use crate::server::{
     AsyncHead, Connection, Outcome, Reply, Request, Shared, MAX_OPENS_PER_CONNECTION,
 };
+use crate::sessions::OpenHolder;
 use crate::wire::{self, status, Header, Reader, Writer, HEADER_LEN};
 
 /// RequestedOplockLevel: a lease (2.2.13).
@@ -58,9 +59,24 @@ const MAX_BACKOFF: Duration = Duration::from_millis(320);
 /// Most CREATEs one connection may have pending at once (a CREATE past
 /// them waits in place, serving the connection).
 const MAX_PENDING: usize = 256;
-/// How long a reconnect waits for another connection still holding the
-/// open to notice that its client has gone.
+/// How long a reconnect (or replay) waits for another connection still
+/// holding the open, serving its client, to notice that its client has
+/// gone.
 const HELD_ELSEWHERE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long it waits for a connection whose client has gone and that is
+/// detaching its durable opens one by one, each a filterd commit: 1 s
+/// was too short behind a few opens on a slow disk, and the reconnect
+/// was STATUS_OBJECT_NAME_NOT_FOUND — final — for an open let go a
+/// moment later (review).
+const LETTING_GO_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long a reconnect or replay waits for `holder` to let the open go.
+fn held_wait(holder: OpenHolder) -> Duration {
+    match holder {
+        OpenHolder::Live => HELD_ELSEWHERE_WAIT,
+        OpenHolder::LettingGo => LETTING_GO_WAIT,
+    }
+}
 /// Most bytes an AlSi context reserves (a client may write more, but an
 /// instant reservation of any size would let it fill the disk at once).
 const MAX_RESERVE: u64 = 64 << 20;
@@ -1094,8 +1110,9 @@ fn durable_of(info: &libfilter::proto::Opened) -> Option<(u32, bool)> {
 }
 
 /// Tries `attempt` (a reconnect's resume) until it succeeds, fails with
-/// no other connection holding the open (`held_elsewhere`), or `wait` has
-/// passed, 10 ms apart.
+/// no other connection holding the open (`held_elsewhere`), or the wait
+/// for the holder (`wait_for`) has passed, 10 ms apart. A failure says
+/// who held the open then, if another connection did.
 ///
 /// Who holds the open is asked *before* each attempt: a connection lets
 /// an open go only after filterd detached it, so an attempt made when no
@@ -1107,16 +1124,18 @@ fn durable_of(info: &libfilter::proto::Opened) -> Option<(u32, bool)> {
 /// (smbtorture smb2.durable-v2-open.durable-v2-setinfo, 1 run in 10
 /// under load).
 fn retry_while_held_elsewhere<T, E>(
-    wait: Duration,
-    mut held_elsewhere: impl FnMut() -> bool,
+    wait_for: impl Fn(OpenHolder) -> Duration,
+    mut held_elsewhere: impl FnMut() -> Option<OpenHolder>,
     mut attempt: impl FnMut() -> Result<T, E>,
-) -> Result<T, E> {
-    let deadline = Instant::now() + wait;
+) -> Result<T, (E, Option<OpenHolder>)> {
+    let start = Instant::now();
     loop {
         let held = held_elsewhere();
-        let r = attempt();
-        if r.is_ok() || !held || Instant::now() >= deadline {
-            return r;
+        match (attempt(), held) {
+            (Ok(t), _) => return Ok(t),
+            (Err(e), None) => return Err((e, None)),
+            (Err(e), Some(h)) if start.elapsed() >= wait_for(h) => return Err((e, Some(h))),
+            (Err(_), Some(_)) => {}
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -1156,9 +1175,10 @@ fn claim(
     if p.replay {
         test_delay_before_a_replay_claims();
     }
-    let deadline = std::time::Instant::now() + HELD_ELSEWHERE_WAIT;
+    let start = Instant::now();
     while let Err(other) = c.sh.registry.claim(guid, c.id) {
-        if !p.replay || std::time::Instant::now() >= deadline {
+        let holder = c.sh.registry.holder_other_than(guid, c.id);
+        if !p.replay || start.elapsed() >= held_wait(holder.unwrap_or(OpenHolder::Live)) {
             tracing::debug!(
                 conn = c.id,
                 other,
@@ -1424,10 +1444,15 @@ fn reconnect(
         [Some(rc.create_guid), v2_guid.map(|g| g.0)]
             .into_iter()
             .flatten()
-            .any(|g| sh.registry.held_by_other_connection(g, c.id))
+            .find_map(|g| sh.registry.holder_other_than(g, c.id))
     };
-    let r = retry_while_held_elsewhere(HELD_ELSEWHERE_WAIT, held_elsewhere, try_both);
-    let h = r.map_err(|e| match e.code() {
+    let r = retry_while_held_elsewhere(held_wait, held_elsewhere, try_both);
+    let h = r.map_err(|(e, held)| match e.code() {
+        // Still being let go by a connection whose client has gone: not
+        // gone, and the client may try again. (One that serves its
+        // client holds it: not found, as smbtorture's reopen tests and
+        // Samba have it.)
+        _ if held == Some(OpenHolder::LettingGo) => status::FILE_NOT_AVAILABLE,
         Some(ErrorCode::NoSuchHandle | ErrorCode::NotFound | ErrorCode::NotOwner) => {
             status::OBJECT_NAME_NOT_FOUND
         }
@@ -1705,8 +1730,8 @@ mod tests {
         let attached = Cell::new(true);
         let mut tries = 0;
         let r = retry_while_held_elsewhere(
-            Duration::from_secs(5),
-            || held.get(),
+            |_| Duration::from_secs(5),
+            || held.get().then_some(OpenHolder::Live),
             || {
                 tries += 1;
                 let refused = attached.get();
@@ -1731,31 +1756,61 @@ mod tests {
     fn a_reconnect_of_an_open_held_nowhere_does_not_wait() {
         let t0 = Instant::now();
         let mut tries = 0;
-        let r: Result<(), &str> = retry_while_held_elsewhere(
-            Duration::from_secs(5),
-            || false,
+        let r: Result<(), (&str, Option<OpenHolder>)> = retry_while_held_elsewhere(
+            |_| Duration::from_secs(5),
+            || None,
             || {
                 tries += 1;
                 Err("no open with that create GUID")
             },
         );
-        assert!(r.is_err());
+        assert_eq!(r, Err(("no open with that create GUID", None)));
         assert_eq!(tries, 1);
         assert!(t0.elapsed() < Duration::from_secs(1));
     }
 
     /// An open another connection keeps holding is waited for at most
-    /// `wait`.
+    /// the wait for that holder, and the failure says who held it.
     #[test]
     fn a_reconnect_waits_for_a_holding_connection_at_most_the_wait() {
         let t0 = Instant::now();
-        let r: Result<(), &str> = retry_while_held_elsewhere(
-            Duration::from_millis(100),
-            || true,
+        let r: Result<(), (&str, Option<OpenHolder>)> = retry_while_held_elsewhere(
+            |_| Duration::from_millis(100),
+            || Some(OpenHolder::Live),
             || Err("attached, not disconnected"),
         );
-        assert!(r.is_err());
+        assert_eq!(
+            r,
+            Err(("attached, not disconnected", Some(OpenHolder::Live)))
+        );
         let spent = t0.elapsed();
         assert!(spent >= Duration::from_millis(100), "{spent:?}");
+    }
+
+    /// A connection letting its opens go (its client gone) is waited for
+    /// longer than one that serves its client: 1 s was too short behind a
+    /// few detaches on a slow disk (review).
+    #[test]
+    fn a_reconnect_waits_longer_for_a_connection_letting_go() {
+        assert!(held_wait(OpenHolder::LettingGo) > held_wait(OpenHolder::Live));
+        let t0 = Instant::now();
+        let mut tries = 0;
+        let r: Result<u32, (&str, Option<OpenHolder>)> = retry_while_held_elsewhere(
+            |h| match h {
+                OpenHolder::Live => Duration::from_millis(50),
+                OpenHolder::LettingGo => Duration::from_secs(5),
+            },
+            || Some(OpenHolder::LettingGo),
+            || {
+                tries += 1;
+                // Let go after 300 ms, past the wait for a live holder.
+                if t0.elapsed() >= Duration::from_millis(300) {
+                    Ok(tries)
+                } else {
+                    Err("attached, not disconnected")
+                }
+            },
+        );
+        assert!(r.is_ok(), "{r:?}");
     }
 }

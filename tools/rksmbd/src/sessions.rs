@@ -221,6 +221,10 @@ pub struct Registry {
     /// away before it learnt the outcome, by resume key: settled when the
     /// handle is reconnected ([`crate::lock::settle_reconnected`]).
     unlearnt: Mutex<HashMap<ResumeKey, Vec<crate::lock::Unlearnt>>>,
+    /// Connections whose client went away, detaching their durable opens
+    /// one by one (`Connection::lost`): a reconnect or replay of one of
+    /// them waits for it longer than for a connection that lives on.
+    letting_go: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Registry {
@@ -437,10 +441,42 @@ impl Registry {
 
     /// Does a connection other than `conn` hold it?
     pub fn held_by_other_connection(&self, create_guid: uuid::Uuid, conn: u64) -> bool {
-        lock(&self.held)
-            .get(&create_guid)
-            .is_some_and(|c| *c != conn)
+        self.holder_other_than(create_guid, conn).is_some()
     }
+
+    /// Who holds the durable open with this create GUID, when another
+    /// connection than `conn` does.
+    pub fn holder_other_than(&self, create_guid: uuid::Uuid, conn: u64) -> Option<OpenHolder> {
+        let other = lock(&self.held)
+            .get(&create_guid)
+            .copied()
+            .filter(|c| *c != conn)?;
+        Some(if lock(&self.letting_go).contains(&other) {
+            OpenHolder::LettingGo
+        } else {
+            OpenHolder::Live
+        })
+    }
+
+    /// Connection `conn` has lost its client and lets its opens go now.
+    pub fn letting_go(&self, conn: u64) {
+        lock(&self.letting_go).insert(conn);
+    }
+
+    /// Connection `conn` has let every open go.
+    pub fn let_go_all(&self, conn: u64) {
+        lock(&self.letting_go).remove(&conn);
+    }
+}
+
+/// A connection holding an open another one wants.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OpenHolder {
+    /// Serving its client: it may hold the open for good.
+    Live,
+    /// Its client gone, it is detaching its opens one by one (each a
+    /// filterd commit): it lets this one go soon.
+    LettingGo,
 }
 
 #[cfg(test)]
@@ -466,5 +502,23 @@ mod tests {
         lock(&l.state).revoked = true;
         assert!(!l.track(2, ResumeKey::new_random(), true, None, 7));
         assert!(l.is_live(1) && !l.is_live(2));
+    }
+
+    /// An open held by a connection whose client went away is told apart
+    /// from one held by a live connection until that one has let all go.
+    #[test]
+    fn a_connection_letting_go_is_told_from_a_live_one() {
+        let r = Registry::default();
+        let g = uuid::Uuid::new_v4();
+        r.held(g, 1);
+        assert_eq!(r.holder_other_than(g, 1), None);
+        assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::Live));
+        r.letting_go(1);
+        assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::LettingGo));
+        r.let_go(g, 1);
+        r.let_go_all(1);
+        assert_eq!(r.holder_other_than(g, 2), None);
+        r.held(g, 1);
+        assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::Live));
     }
 }
