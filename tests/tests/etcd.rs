@@ -2,7 +2,7 @@
 //! etcd cluster on loopback (each member its own data dir and free ports).
 //! Node A (filterd + smbshim + nfsshim, its own runtime dir) owns the table;
 //! node B (the same, `--standby`, its own runtime dir) shares the export.
-//! SIGKILL all of A: B serves within the lease TTL + 1 s and clients of both
+//! SIGKILL all of A: B serves within the lease TTL + 3 s and clients of both
 //! protocols get their handles, locks and recorded replies back from B's
 //! frontends. Then B's filterd is SIGSTOPped past its lease while A comes
 //! back as standby and takes over: on SIGCONT, B changes nothing on disk or
@@ -137,8 +137,12 @@ fn another_machine_takes_over_and_a_stale_owner_steps_down() {
     a.kill9();
     b.wait_ready();
     let took = t0.elapsed();
+    // The lease runs out, etcd's lessor notices (it looks every 500 ms)
+    // and revokes it through raft, B's next poll sees it, claims, reads
+    // the table and recovers: 1 s past the lease was too tight on a loaded
+    // CI machine (3.5 s seen). The bound tells a takeover from none.
     assert!(
-        took <= Duration::from_secs(TTL + 1),
+        took <= Duration::from_secs(TTL + 3),
         "node B served {took:?} after node A died (lease {TTL} s)"
     );
     eprintln!("node B served {took:?} after node A was killed");
