@@ -189,9 +189,6 @@ fn a_local_open_breaks_a_write_lease_and_waits_for_the_ack() {
         .unwrap();
 }
 
-/// A restart with persistent handles under fanotify: recovery reopens their
-/// files, which must not wait on filterd's own (not yet read) group; once
-/// serving, the recovered handle's share mode refuses local opens again.
 /// A local open right after a persistent share-none handle's CLOSE was
 /// answered is let in, each of ten times. Before, filterd answered the
 /// CLOSE before its engine heard the commit was made, and an idle engine
@@ -215,6 +212,9 @@ fn a_local_open_right_after_a_persistent_close_is_let_in() {
     }
 }
 
+/// A restart with persistent handles under fanotify: recovery reopens their
+/// files, which must not wait on filterd's own (not yet read) group; once
+/// serving, the recovered handle's share mode refuses local opens again.
 #[test]
 fn restart_with_persistent_handles_under_fanotify() {
     let Some(s) = Scratch::with_tmpfs("fan-restart") else {

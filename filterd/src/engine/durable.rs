@@ -575,6 +575,43 @@ impl Engine {
         }
     }
 
+    /// The holders of `file` whose removal (close, expiry, purge) has not
+    /// committed: the removal may fail and put them back. A local open
+    /// waits for their commit when they would refuse it or be purged by
+    /// it (`on_local_open`), and is decided as if they were still there
+    /// otherwise — so the file gets no ignore mark while they may come
+    /// back. Only sequences past `committed`: the pending map is pruned
+    /// only at the end of an engine round, and an idle engine counted a
+    /// close committed and answered until its next tick (review: the first
+    /// local open after a persistent share-none handle's CLOSE reply was
+    /// refused, EPERM).
+    pub(super) fn pending_removed_holders(
+        &self,
+        file: FileId,
+    ) -> Vec<libfilter::share::Holder<ResumeKey>> {
+        let committed = self.pipe.committed();
+        self.batch
+            .pending
+            .range(committed + 1..)
+            .flat_map(|(_, t)| t.undo.iter())
+            .filter_map(|u| match u {
+                // Stat and sharing-exempt opens refuse nobody, as in
+                // `holders_of`.
+                Undo::Reinsert(h) if h.rec.file == file && !h.rec.stat && !h.rec.share_exempt => {
+                    Some(libfilter::share::Holder {
+                        key: h.rec.key,
+                        mode: libfilter::share::ShareMode {
+                            access: h.rec.access.rights(),
+                            share: h.rec.share,
+                        },
+                        state: super::holder_state(h),
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Sends `ev` to frontend `instance` once sequence `dep` is durable
     /// (dropped if its commit fails: what it announces did not happen).
     pub(super) fn notify_after(&mut self, dep: u64, instance: &InstanceName, ev: Event) {

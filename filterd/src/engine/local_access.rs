@@ -38,23 +38,15 @@ impl Engine {
         use crate::local::Verdict;
         // A step of its own: a purge it makes is settled by its own commit.
         self.begin_request();
-        // A commit of the file is pending; the open waits for its outcome
-        // (the reader's verdict deadline bounds the wait):
-        // - a persistent create (its handle may be closed already): if it
-        //   fails, the rollback unlinks the file, and a local process let
-        //   in now would be left writing to a file without a name
-        //   (refused when the create is undone);
-        // - the removal of a handle of the file (a close, expiry or
-        //   purge): if it fails, the handle is back, and the open then
-        //   meets its share mode. Decided at once as if the handle were
-        //   still there, the first local open after a persistent
-        //   handle's CLOSE reply was refused: the reply goes out before
-        //   the engine sees the commit resolved, and with nothing else to
-        //   do it saw that only at its next tick (review).
-        let create = self.create_pending(file);
-        if let Some(seq) = create.or_else(|| self.close_pending(file)) {
+        if let Some(seq) = self.create_pending(file) {
+            // A persistent create whose commit is pending (its handle
+            // may be closed already): if it fails, the rollback unlinks
+            // the file, and a local process let in now would be left
+            // writing to a file without a name. It waits for the outcome
+            // (refused when the create is undone); the reader's verdict
+            // deadline bounds the wait.
             self.stats.local_opens_waited_for_commit += 1;
-            debug!(pid, %file, create = create.is_some(), "local open of a file with a commit pending: waits");
+            debug!(pid, %file, "local open of a file whose create is committing: waits");
             self.waiting_local.push((file, pid, reply, fd));
             self.wait_for_commit(seq, file);
             return;
@@ -68,7 +60,29 @@ impl Engine {
             return;
         }
         self.lose_handles_of_a_reused_inode(file, fd.as_fd());
-        let holders = self.holders_of(file);
+        let mut holders = self.holders_of(file);
+        let pending = self.pending_removed_holders(file);
+        if !pending.is_empty() {
+            // A handle whose removal is committing would refuse this open
+            // (or be purged by it) were it back: the open waits for the
+            // outcome, then meets it only if a failed commit put it back.
+            // Decided at once as if it were there, a local open right
+            // after a share-none handle's CLOSE reply was refused (EPERM).
+            // Handles that would let it in change nothing: decided now.
+            let all: Vec<_> = holders.iter().chain(&pending).cloned().collect();
+            let clean = matches!(
+                share::decide(ShareMode::LOCAL_PROCESS, all),
+                ShareDecision::Grant { purge } if purge.is_empty()
+            );
+            if let Some(seq) = self.close_pending(file).filter(|_| !clean) {
+                self.stats.local_opens_waited_for_commit += 1;
+                debug!(pid, %file, "local open of a file whose handle's removal is committing: waits");
+                self.waiting_local.push((file, pid, reply, fd));
+                self.wait_for_commit(seq, file);
+                return;
+            }
+        }
+        holders.extend(pending);
         // No protocol state: no share-mode holder and no handle at all. A
         // stat or sharing-exempt open holds no share mode but may hold a
         // lease (smb2.lease.statopen), which this open must break; taken
@@ -131,9 +145,9 @@ impl Engine {
 
     /// Whether a local open of `file` would be allowed as it stands,
     /// with nothing to do but record its opener: the file has handles,
-    /// no create of it nor removal of a handle of it is committing, no
-    /// local open of it waits, the share modes let a local reader in
-    /// without purging anything, and no
+    /// no create of it is committing, no local open of it waits, the share
+    /// modes (of handles whose removal is committing too) let a local
+    /// reader in without purging anything, and no
     /// handle of it holds a lease nor is one being broken (conservative:
     /// any lease sends its local opens to the engine), and the open gate
     /// after a restart does not hold local opens (`restart_gate`).
@@ -144,11 +158,10 @@ impl Engine {
                 .get(&file)
                 .is_some_and(|&seq| seq > self.pipe.committed())
             || self.waiting_local.iter().any(|(f, ..)| *f == file)
-            || self.close_pending(file).is_some()
         {
             return false;
         }
-        let holders = self.holders_of(file);
+        let mut holders = self.holders_of(file);
         if holders.is_empty() {
             return false;
         }
@@ -163,6 +176,7 @@ impl Engine {
         {
             return false;
         }
+        holders.extend(self.pending_removed_holders(file));
         matches!(
             share::decide(ShareMode::LOCAL_PROCESS, holders),
             ShareDecision::Grant { purge } if purge.is_empty()

@@ -3310,6 +3310,42 @@ fn a_local_open_right_after_a_close_s_reply_is_let_in() {
     assert_eq!(verdict.try_recv().ok(), Some(Verdict::Allow));
 }
 
+/// A local open while a handle's close is committing waits for it only
+/// when that handle would refuse it: behind a share-none handle it is
+/// decided once the close commits (let in), behind one sharing all it is
+/// decided at once (review: waiting on every pending close held local
+/// opens behind other clients' commits, up to the verdict deadline).
+#[test]
+fn a_local_open_waits_for_a_pending_close_only_if_its_handle_would_refuse() {
+    use crate::command::Verdict;
+    for (share, waits) in [(Rights::NONE, true), (Rights::ALL, false)] {
+        let mut h = Harness::new();
+        let id = h.run(open("a", share));
+        h.commit(true);
+        let key = h.opened(id);
+        let file = h.engine.handles[&key].rec.file;
+        h.run(Request::Close {
+            key,
+            put: vec![],
+            delete: vec![],
+        });
+        let verdict = local_open(&mut h, file);
+        if waits {
+            assert!(
+                verdict.try_recv().is_err(),
+                "decided before the close commits"
+            );
+            h.commit_once(true);
+            h.engine.process_retries();
+        }
+        assert_eq!(
+            verdict.try_recv().ok(),
+            Some(Verdict::Allow),
+            "share {share:?}"
+        );
+    }
+}
+
 /// A local open of `file` by pid 4242: where its verdict comes.
 fn local_open(h: &mut Harness, file: FileId) -> std::sync::mpsc::Receiver<crate::command::Verdict> {
     let (tx, rx) = std::sync::mpsc::channel();
