@@ -1145,7 +1145,7 @@ fn replay_in_flight_passes(name: &str, env: &[(&str, &str)]) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
 
-/// A DH2C sent at once after the TCP drop of a connection holding six
+/// A DH2C sent at once after the TCP drop of a connection holding five
 /// persistent opens, filterd's fsyncs slowed to 400 ms by strace: the old
 /// connection detaches them one by one, a commit each, and the DH2C of
 /// the last waits for it and succeeds. Before, it waited 1 s and was

@@ -67,8 +67,12 @@ const HELD_ELSEWHERE_WAIT: std::time::Duration = std::time::Duration::from_secs(
 /// detaching its durable opens one by one, each a filterd commit: 1 s
 /// was too short behind a few opens on a slow disk, and the reconnect
 /// was STATUS_OBJECT_NAME_NOT_FOUND — final — for an open let go a
-/// moment later (review).
-const LETTING_GO_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// moment later (review). Past it the reconnect is
+/// STATUS_FILE_NOT_AVAILABLE, which the client may retry. Not longer:
+/// the wait holds the reconnecting connection's thread (no
+/// STATUS_PENDING), and its ECHOs and other requests wait with it (20 s
+/// was measured so, review of the first version).
+const LETTING_GO_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a reconnect or replay waits for `holder` to let the open go.
 fn held_wait(holder: OpenHolder) -> Duration {
@@ -1176,9 +1180,8 @@ fn claim(
         test_delay_before_a_replay_claims();
     }
     let start = Instant::now();
-    while let Err(other) = c.sh.registry.claim(guid, c.id) {
-        let holder = c.sh.registry.holder_other_than(guid, c.id);
-        if !p.replay || start.elapsed() >= held_wait(holder.unwrap_or(OpenHolder::Live)) {
+    while let Err((other, holder)) = c.sh.registry.claim(guid, c.id) {
+        if !p.replay || start.elapsed() >= held_wait(holder) {
             tracing::debug!(
                 conn = c.id,
                 other,
@@ -1452,7 +1455,9 @@ fn reconnect(
         // gone, and the client may try again. (One that serves its
         // client holds it: not found, as smbtorture's reopen tests and
         // Samba have it.)
-        _ if held == Some(OpenHolder::LettingGo) => status::FILE_NOT_AVAILABLE,
+        Some(ErrorCode::NoSuchHandle) if held == Some(OpenHolder::LettingGo) => {
+            status::FILE_NOT_AVAILABLE
+        }
         Some(ErrorCode::NoSuchHandle | ErrorCode::NotFound | ErrorCode::NotOwner) => {
             status::OBJECT_NAME_NOT_FOUND
         }

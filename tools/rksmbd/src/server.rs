@@ -1403,13 +1403,14 @@ impl Connection {
         }
         self.pending_creates.clear();
         self.notify.clear();
-        self.sh.registry.letting_go(self.id);
+        let sh = self.sh.clone();
+        let letting_go = sh.registry.letting_go(self.id);
         let mut ids: Vec<u64> = self.opens.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
             let _ = self.release_open(id, Ending::Lost);
         }
-        self.sh.registry.let_go_all(self.id);
+        drop(letting_go);
         if let Some((inbox, _)) = &self.inbox {
             inbox.close();
         }

@@ -359,15 +359,27 @@ impl Registry {
     }
 
     /// Connection `conn` takes the durable open with this create GUID,
-    /// unless another connection holds it (that one's number then).
-    pub fn claim(&self, create_guid: uuid::Uuid, conn: u64) -> Result<(), u64> {
+    /// unless another connection holds it (that one's number and kind
+    /// then, read under the same lock: read after, the holder could have
+    /// let go in between and a live one been reported).
+    pub fn claim(&self, create_guid: uuid::Uuid, conn: u64) -> Result<(), (u64, OpenHolder)> {
         let mut m = lock(&self.held);
         match m.get(&create_guid) {
-            Some(other) if *other != conn => Err(*other),
+            Some(other) if *other != conn => Err((*other, self.kind_of(*other))),
             _ => {
                 m.insert(create_guid, conn);
                 Ok(())
             }
+        }
+    }
+
+    /// Whether connection `conn` lets its opens go (lock order: `held`
+    /// first, then `letting_go`).
+    fn kind_of(&self, conn: u64) -> OpenHolder {
+        if lock(&self.letting_go).contains(&conn) {
+            OpenHolder::LettingGo
+        } else {
+            OpenHolder::Live
         }
     }
 
@@ -447,25 +459,34 @@ impl Registry {
     /// Who holds the durable open with this create GUID, when another
     /// connection than `conn` does.
     pub fn holder_other_than(&self, create_guid: uuid::Uuid, conn: u64) -> Option<OpenHolder> {
-        let other = lock(&self.held)
-            .get(&create_guid)
-            .copied()
-            .filter(|c| *c != conn)?;
-        Some(if lock(&self.letting_go).contains(&other) {
-            OpenHolder::LettingGo
-        } else {
-            OpenHolder::Live
-        })
+        let m = lock(&self.held);
+        let other = m.get(&create_guid).copied().filter(|c| *c != conn)?;
+        Some(self.kind_of(other))
     }
 
-    /// Connection `conn` has lost its client and lets its opens go now.
-    pub fn letting_go(&self, conn: u64) {
+    /// Connection `conn` has lost its client and lets its opens go now;
+    /// until the guard is dropped (also if the teardown panics), when
+    /// whatever it still holds is let go.
+    pub fn letting_go(&self, conn: u64) -> LettingGo<'_> {
         lock(&self.letting_go).insert(conn);
+        LettingGo {
+            registry: self,
+            conn,
+        }
     }
+}
 
-    /// Connection `conn` has let every open go.
-    pub fn let_go_all(&self, conn: u64) {
-        lock(&self.letting_go).remove(&conn);
+/// A connection letting its opens go ([`Registry::letting_go`]).
+pub struct LettingGo<'a> {
+    registry: &'a Registry,
+    conn: u64,
+}
+
+impl Drop for LettingGo<'_> {
+    fn drop(&mut self) {
+        let mut m = lock(&self.registry.held);
+        m.retain(|_, c| *c != self.conn);
+        lock(&self.registry.letting_go).remove(&self.conn);
     }
 }
 
@@ -513,12 +534,15 @@ mod tests {
         r.held(g, 1);
         assert_eq!(r.holder_other_than(g, 1), None);
         assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::Live));
-        r.letting_go(1);
+        let going = r.letting_go(1);
         assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::LettingGo));
-        r.let_go(g, 1);
-        r.let_go_all(1);
+        assert_eq!(r.claim(g, 2), Err((1, OpenHolder::LettingGo)));
+        // Ended without letting `g` go (a panic in the teardown): the
+        // guard lets it go.
+        drop(going);
         assert_eq!(r.holder_other_than(g, 2), None);
         r.held(g, 1);
         assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::Live));
+        assert_eq!(r.claim(g, 2), Err((1, OpenHolder::Live)));
     }
 }
