@@ -169,6 +169,76 @@ fn a_replayed_open_answered_late_is_detached_and_stays_resumable() {
     assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
 }
 
+/// Client `a` (session `sid`) of `smb` sends a persistent CREATE of `f`
+/// with `disposition` (sharing everything) that filterd answers late;
+/// waits for its handle to wait disconnected. Returns the CREATE, to be
+/// replayed.
+fn late_persistent_create(d: &Filterd, a: &mut LineClient, sid: u64, disposition: &str) -> Value {
+    let guid = uuid::Uuid::new_v4().to_string();
+    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": ["read", "write", "delete"],
+        "disposition": disposition,
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    answered_late(d, a, create.clone());
+    // Not closed: the client was told to try again and replays its GUID.
+    wait_detached(d);
+    let mut replay = create;
+    replay["replay"] = json!(true);
+    replay
+}
+
+/// A fresh persistent CREATE (create GUID G, overwrite_if) answered late.
+/// Its client was told STATUS_FILE_NOT_AVAILABLE, "retry later", and
+/// replays G. Before the fix the late open was closed, G with it, and the
+/// replay ran the CREATE again: after client b had written and closed the
+/// file, the replay answered "overwritten" and truncated b's acknowledged
+/// write. Now the late open is detached and the replay takes it back: the
+/// original's answer, the file as b left it.
+#[test]
+fn a_late_persistent_overwrite_is_replayed_not_run_again() {
+    let (s, d, smb) = setup("late-durable-overwrite");
+    std::fs::write(s.root().join("f"), "old contents").expect("write");
+    let (mut a, sid) = smb_session(&smb.addr);
+    let replay = late_persistent_create(&d, &mut a, sid, "overwrite_if");
+    let (mut b, bsid) = smb_session(&smb.addr);
+    let r = b.call(json!({"cmd": "CREATE", "session_id": bsid, "path": "f",
+        "access": ["read", "write"], "share": ["read", "write", "delete"], "disposition": "open"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "b's data");
+    let r = b.call(
+        json!({"cmd": "WRITE", "session_id": bsid, "file_id": fid, "offset": 0,
+        "data": data}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = b.call(json!({"cmd": "CLOSE", "session_id": bsid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+
+    let r = a.call(replay);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["create_action"], "overwritten", "the original's: {r}");
+    assert_eq!(
+        std::fs::read_to_string(s.root().join("f")).expect("read"),
+        "b's data",
+        "the replay did not overwrite again"
+    );
+    assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
+}
+
+/// As above with disposition create: the replay of a CREATE that made
+/// the file was answered STATUS_OBJECT_NAME_COLLISION before the fix (the
+/// file it collided with was its own); now it gets the original open.
+#[test]
+fn a_late_persistent_create_is_replayed_without_a_collision() {
+    let (_s, d, smb) = setup("late-durable-create");
+    let (mut a, sid) = smb_session(&smb.addr);
+    let replay = late_persistent_create(&d, &mut a, sid, "create");
+    let r = a.call(replay);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["create_action"], "created", "the original's: {r}");
+    assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
+}
+
 #[test]
 fn a_lock_answered_after_its_call_gave_up_is_unlocked() {
     let (_s, d, smb) = setup("late-lock");

@@ -15,7 +15,10 @@
 //! Per request kind (docs/ARCHITECTURE.md "Answers that come after the
 //! call gave up"):
 //! - a fresh `Open`: the handle is closed (its client was told the open
-//!   failed and will never name it);
+//!   failed and will never name it) — unless it is durable or persistent
+//!   with a create GUID: then it is detached as a replay's is, for its
+//!   client retries by replaying that GUID, which must find the handle
+//!   (a new open would run the CREATE again);
 //! - a `ReplayOpen` or `Resume`: the handle is detached, as when its client
 //!   goes away — a durable or persistent one stays resumable by its create
 //!   GUID, another is closed;
@@ -54,9 +57,11 @@ pub(super) const LATE_MAX: usize = 1024;
 /// What undoes a late success of a call that gave up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum LateUndo {
-    /// A fresh open: close the handle it answers with.
+    /// A fresh open (not durable, or without a create GUID): close the
+    /// handle it answers with.
     Close,
-    /// A replay or resume: detach the handle it answers with.
+    /// A replay or resume, or a fresh durable open with a create GUID:
+    /// detach the handle it answers with.
     Detach,
     /// A lock whose caller learns itself whether it was granted
     /// ([`super::FilterClient::lock_outcome_learnt`]): a late success is
@@ -78,6 +83,7 @@ impl LateUndo {
     /// What would undo `req` answered late; `None` when nothing should.
     pub(super) fn of(req: &Request) -> Option<LateUndo> {
         match req {
+            Request::Open(o) if resumable_by_guid(o) => Some(LateUndo::Detach),
             Request::Open(_) => Some(LateUndo::Close),
             Request::ReplayOpen(_) | Request::Resume(_) => Some(LateUndo::Detach),
             Request::Lock {
@@ -113,6 +119,18 @@ impl LateUndo {
             _ => None,
         }
     }
+}
+
+/// Whether open `o` asks for a handle its client's replay of its create
+/// GUID finds: durable or persistent, with a create GUID. Its client was
+/// told to try again (SMB's STATUS_FILE_NOT_AVAILABLE) and replays that
+/// GUID; closed, the GUID would name nothing, and the replay would run
+/// the CREATE again — an overwrite truncating the file a second time
+/// (over another client's acknowledged write), a create refused as a
+/// collision with the file this very CREATE made. Detached, the handle
+/// waits for that replay, or expires as a lost client's handle does.
+fn resumable_by_guid(o: &crate::proto::OpenRequest) -> bool {
+    o.create_guid.is_some() && o.durability != crate::model::Durability::None
 }
 
 /// A call that takes back what a late answer reported.
@@ -337,6 +355,43 @@ mod tests {
             None
         );
         assert_eq!(LateUndo::of(&Request::Status), None);
+    }
+
+    #[test]
+    fn a_fresh_open_is_closed_unless_its_create_guid_is_to_be_replayed() {
+        use crate::model::{Access, ClientId, CreateGuid, Disposition, Durability, RelPath};
+        let open = |durability, guid: bool| {
+            Request::Open(crate::proto::OpenRequest {
+                create_guid: guid.then_some(CreateGuid(uuid::Uuid::from_u128(9))),
+                ..crate::proto::OpenRequest::new(
+                    ClientId::new("c").expect("client"),
+                    RelPath::new("f").expect("path"),
+                    Access::new(crate::model::Rights::READ).expect("access"),
+                    crate::model::Rights::ALL,
+                    Disposition::OverwriteIf,
+                    durability,
+                )
+            })
+        };
+        let persistent = Durability::Persistent { timeout_ms: 0 };
+        let durable = Durability::Durable { timeout_ms: 0 };
+        assert_eq!(
+            LateUndo::of(&open(Durability::None, false)),
+            Some(LateUndo::Close)
+        );
+        assert_eq!(
+            LateUndo::of(&open(Durability::None, true)),
+            Some(LateUndo::Close)
+        );
+        assert_eq!(
+            LateUndo::of(&open(persistent, false)),
+            Some(LateUndo::Close)
+        );
+        assert_eq!(
+            LateUndo::of(&open(persistent, true)),
+            Some(LateUndo::Detach)
+        );
+        assert_eq!(LateUndo::of(&open(durable, true)), Some(LateUndo::Detach));
     }
 
     #[test]
