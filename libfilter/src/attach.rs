@@ -907,13 +907,19 @@ fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
                 // then refused "attached, not disconnected". Attached to
                 // this instance is resumed; its lock state unknown, its file
                 // is marked locked (every read and write checked).
+                // Its late answer is then not undone (`keep_attached`,
+                // before the look: the `Detach` detached the live open).
                 Err(e) if retry && e.code() == Some(ErrorCode::NoSuchHandle) => {
+                    client.keep_attached(key);
                     match attached_here(shared, client, key) {
-                        Some(file) => {
+                        Here::Attached(file) => {
                             out.locked.push(file);
                             out.resumed.push(key);
                         }
-                        None => out.lost.push(key),
+                        // The late answer's detach came first: resumed
+                        // again.
+                        Here::Disconnected => again.push((key, cid)),
+                        Here::Not => out.lost.push(key),
                     }
                 }
                 Err(e) if resume_refused_for_good(&e) => out.lost.push(key),
@@ -946,17 +952,33 @@ fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
     Some(out)
 }
 
-/// The file of handle `key` if filterd holds it attached to this
-/// attachment's instance (whose only live connection is `client`).
-fn attached_here(shared: &Shared, client: &FilterClient, key: ResumeKey) -> Option<FileId> {
+/// Where a handle whose resume was refused "attached" is.
+enum Here {
+    /// Attached to this attachment's instance: its file.
+    Attached(FileId),
+    /// Disconnected (a late answer's detach came first): to resume.
+    Disconnected,
+    /// Anywhere else, or gone.
+    Not,
+}
+
+/// Where filterd holds handle `key`: attached to this attachment's
+/// instance (whose only live connection is `client`), disconnected, or
+/// not here.
+fn attached_here(shared: &Shared, client: &FilterClient, key: ResumeKey) -> Here {
     match client.call(crate::proto::Request::Handle { key }) {
         Ok((crate::proto::Reply::Handle(v), _))
             if v.record.conn == crate::model::ConnState::Connected
                 && v.record.frontend == shared.instance =>
         {
-            Some(v.record.file)
+            Here::Attached(v.record.file)
         }
-        _ => None,
+        Ok((crate::proto::Reply::Handle(v), _))
+            if matches!(v.record.conn, crate::model::ConnState::Disconnected { .. }) =>
+        {
+            Here::Disconnected
+        }
+        _ => Here::Not,
     }
 }
 

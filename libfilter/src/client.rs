@@ -1254,6 +1254,34 @@ impl FilterClient {
         }
     }
 
+    /// The caller holds handle `key`, attached to this connection, though
+    /// no call was answered with it: an attachment whose resume gave up
+    /// found, retrying, that the resume had attached it after all. The
+    /// late answer of that resume (come or to come) is then not undone:
+    /// its `Detach` took the handle from under the frontend's live open
+    /// (every request on it then refused `NotOwner`, the handle expiring
+    /// under a connected client). Marked as a handed-out handle is, under
+    /// `reattach_order` and `pending`: an undo not yet sent is never sent
+    /// (`take_back_late` finds the handle unwatched; a late answer still
+    /// to come finds it handed out, [`late::LateAnswers::handed_out`]);
+    /// one sent before reached filterd first, so the caller's next look
+    /// at the handle (sent after this) finds it disconnected, and resumes
+    /// it again.
+    pub(crate) fn keep_attached(&self, key: ResumeKey) {
+        let Ok(_order) = self.inner.reattach_order.lock() else {
+            return;
+        };
+        let Ok(_p) = self.inner.pending.lock() else {
+            return;
+        };
+        if let Ok(mut w) = self.inner.watch.lock() {
+            w.remove(&key);
+        }
+        if let Ok(mut l) = self.inner.late.lock() {
+            l.handed_out(key);
+        }
+    }
+
     /// Resumes a disconnected handle by its resume key.
     pub fn resume(&self, client: ClientId, key: ResumeKey) -> Result<OpenedHandle, ClientError> {
         Self::expect_opened(self.call(Request::Resume(ResumeRequest {
@@ -1560,6 +1588,11 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -
 /// reports state the caller's client was told did not happen, the undo
 /// worker takes it back. Never waits (the reader must keep reading).
 fn late_answer(inner: &Inner, id: u64, result: &Result<Reply, WireError>) {
+    // Under `pending` from the choice to the watch: a handle marked held
+    // (`FilterClient::keep_attached`) between the two would be detached.
+    let Ok(p) = inner.pending.lock() else {
+        return;
+    };
     let Some(undo) = inner.late.lock().ok().and_then(|mut l| {
         let undo = l.take(id)?;
         let undo = result.as_ref().ok().and_then(|r| undo.undo(r));
@@ -1577,12 +1610,11 @@ fn late_answer(inner: &Inner, id: u64, result: &Result<Reply, WireError>) {
     };
     if let late::Undo::Detach(key) | late::Undo::Close(key) = &undo {
         // Under `pending` (see `FilterClient::take_back_late`).
-        if let Ok(_p) = inner.pending.lock() {
-            if let Ok(mut w) = inner.watch.lock() {
-                w.insert(*key);
-            }
+        if let Ok(mut w) = inner.watch.lock() {
+            w.insert(*key);
         }
     }
+    drop(p);
     let worker = inner.undoer.get_or_init(|| start_undoer(inner.me.clone()));
     if let Err(e) = worker.try_send(undo) {
         tracing::error!(
@@ -2252,6 +2284,26 @@ pub(crate) mod tests {
             owner: None,
         }));
         assert!(matches!(r, Ok((Reply::Opened(_), _))), "{r:?}");
+        undone(&c, 1);
+        assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
+        drop(c);
+        assert_eq!(daemon.join().expect("daemon"), ["stats"], "never detached");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An attachment whose resume gave up learns, retrying, that it
+    /// attached the handle after all, and marks it held
+    /// ([`FilterClient::keep_attached`]) before the late answer comes: the
+    /// late answer is left (its detach took the handle from under the
+    /// frontend's live open).
+    #[test]
+    fn a_late_resume_is_not_detached_once_marked_held() {
+        let key = ResumeKey(uuid::Uuid::new_v4());
+        let (dir, path, daemon) = late_daemon(key, 2);
+        let c = resume_timed_out(&path, key);
+        c.keep_attached(key);
+        // The second held request: answered after the late one.
+        assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
         undone(&c, 1);
         assert!(matches!(c.call(Request::Stats), Ok((Reply::Done, _))));
         drop(c);

@@ -239,6 +239,44 @@ fn a_late_persistent_create_is_replayed_without_a_collision() {
     assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
 }
 
+/// filterd is killed under smbshim's persistent open and restarted with
+/// its first resume stalled past smbshim's call timeout
+/// (`request.resume:sleep2500`). smbshim's attachment retries the resume,
+/// is refused "attached, not disconnected" (the first did attach it), and
+/// counts the handle resumed. Before the fix the first resume's late
+/// answer was still undone: its `Detach` took the handle from under the
+/// live open — READ, LOCK and CLOSE on it STATUS_ACCESS_DENIED, the
+/// handle disconnected and expiring under a connected client. Now the
+/// attachment marks the handle held before it looks, and the late answer
+/// is left.
+#[test]
+fn a_resume_answered_late_after_a_restart_leaves_the_open_attached() {
+    let (s, mut d, smb) = setup("late-resume-restart");
+    std::fs::write(s.root().join("f"), "hello world").expect("write");
+    let (mut a, sid) = smb_session(&smb.addr);
+    let guid = uuid::Uuid::new_v4().to_string();
+    let r = a.call(json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": ["read"], "disposition": "open",
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    d.kill9();
+    let fp = [("RKFILTER_FAILPOINTS", "request.resume:sleep2500")];
+    let d = Filterd::start(&s, &[], &fp);
+    // smbshim has resumed its handles (retried, refused, looked) by then;
+    // the late answer's detach, when made, came before.
+    d.wait_log(
+        "frontend seen before the restart resynced",
+        Duration::from_secs(30),
+    );
+    let r = a.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid,
+        "offset": 0, "length": 5}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(handles(&d), [("f".to_owned(), "connected".to_owned())]);
+    let r = a.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
 #[test]
 fn a_lock_answered_after_its_call_gave_up_is_unlocked() {
     let (_s, d, smb) = setup("late-lock");

@@ -21,7 +21,9 @@
 //!   (a new open would run the CREATE again);
 //! - a `ReplayOpen` or `Resume`: the handle is detached, as when its client
 //!   goes away — a durable or persistent one stays resumable by its create
-//!   GUID, another is closed;
+//!   GUID, another is closed — unless the caller learnt it holds the
+//!   handle after all ([`super::FilterClient::keep_attached`]: an
+//!   attachment's retried resume refused "attached");
 //! - a `Lock` whose caller learns the outcome itself
 //!   ([`super::FilterClient::lock_outcome_learnt`]): nothing;
 //! - a `Lock` of ranges only, without a lock sequence: the ranges are
