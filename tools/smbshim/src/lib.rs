@@ -3,4 +3,5 @@
 //! ([`server::Harness`]).
 #![forbid(unsafe_code)]
 
+mod handover;
 pub mod server;

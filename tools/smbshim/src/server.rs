@@ -19,6 +19,8 @@ use libfilter::settle::{may_hold, Unsettled};
 use serde_json::{json, Map, Value};
 use shimline::datasync::IoFailure;
 
+use crate::handover::{Handovers, Ident, LettingGo};
+
 /// Longest request line (spec: 4 MiB).
 const MAX_LINE: usize = 4 << 20;
 /// Op-id records kept per open.
@@ -28,6 +30,11 @@ const INLINE_MAX_LINE: usize = 4096;
 /// Requests of one connection queued behind the one being served; one
 /// more is answered STATUS_INSUFFICIENT_RESOURCES at once.
 const MAX_PIPELINED: usize = 128;
+/// How long a replayed CREATE or a RECONNECT waits for a session's end
+/// to let its open go (a filterd commit for each of the session's opens
+/// before it), as rksmbd does; then STATUS_FILE_NOT_AVAILABLE, which the
+/// client tries again.
+const LETTING_GO_WAIT: Duration = Duration::from_secs(20);
 
 /// Named limits on what peers can make smbshim hold (command-line flags).
 #[derive(Debug, Clone, Copy)]
@@ -204,6 +211,10 @@ struct Open {
     key: ResumeKey,
     file_key: FileId,
     session: u64,
+    /// Its client's GUID and the create GUID the open was made with, if
+    /// any: what a replayed CREATE names it by ([`Open::ident`]).
+    client: uuid::Uuid,
+    create_guid: Option<uuid::Uuid>,
     file: Arc<shimline::datasync::SyncedFile>,
     /// What READ and WRITE may do through `file`: the rights filterd
     /// granted the open, narrowed by the descriptor's mode ([`Io`]).
@@ -211,6 +222,16 @@ struct Open {
     durable: Option<Grant>,
     create_action: CreateAction,
     lease: Option<HeldLease>,
+}
+
+impl Open {
+    /// What a teardown and a takeover claim the open by.
+    fn ident(&self) -> Ident {
+        Ident {
+            key: Some(self.key),
+            guid: self.create_guid.map(|g| (self.client, g)),
+        }
+    }
 }
 
 struct Shared {
@@ -222,10 +243,12 @@ struct Shared {
     /// Each client connection's writer, for pushed LEASE_BREAKs.
     writers: shimline::Writers,
     next_session: AtomicU64,
-    /// Held while a session is torn down (its opens detached or closed) and
-    /// while a replayed CREATE or a RECONNECT takes an open over, so that a
-    /// detach in flight never lands after the open was taken over.
-    teardown: Mutex<()>,
+    /// The opens being let go (a session's end detaching or closing them)
+    /// and taken over (a replayed CREATE, a RECONNECT), each claimed
+    /// alone: a detach in flight never lands after its open was taken
+    /// over, and a takeover of an open being let go waits for it — while
+    /// other clients' takeovers do not ([`crate::handover`]).
+    handovers: Handovers,
     limits: Limits,
     /// Opens being made ([`open_slot`]).
     opening: AtomicUsize,
@@ -309,7 +332,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
         opens: Mutex::new(HashMap::new()),
         writers: shimline::Writers::default(),
         next_session: AtomicU64::new(1),
-        teardown: Mutex::new(()),
+        handovers: Handovers::default(),
         limits,
         opening: AtomicUsize::new(0),
     });
@@ -323,8 +346,8 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
             .name(format!("close-settler-{k}"))
             .spawn(move || {
                 if let Some(m) = sh.members.get(k) {
-                    // No lock held across the call (a stalled filterd would
-                    // hold every member's teardowns and replays): a key
+                    // Nothing is claimed across the call (`handovers`; a
+                    // stalled filterd would hold replays up): a key
                     // leaves `unsettled` only once its close is answered,
                     // so a replay that finds the handle before then is
                     // refused (`create`), and after it finds none.
@@ -568,7 +591,7 @@ fn answer_inline(sh: &Shared, line: &[u8]) -> Option<Reply> {
     let outcome = match obj.get("cmd").and_then(Value::as_str)? {
         "ECHO" => Ok(Map::new()),
         "CLOSE" => close(sh, &obj),
-        // A replay takes the teardown lock and may wait out a filterd
+        // A replay may wait for its open to be let go, or out a filterd
         // restart: the worker serves it, the reader keeps reading acks.
         "CREATE" if is_replay(&obj) => return None,
         "CREATE" => match create(sh, &obj, true) {
@@ -965,14 +988,18 @@ fn create_with(
     };
     let (member, m) = sh.member_for(client_guid)?;
     let replay = f.replay && create_guid.is_some();
-    let _teardown = if replay {
-        Some(
-            sh.teardown
-                .lock()
-                .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?,
-        )
-    } else {
-        None
+    // A replay claims its open by create GUID: one a session's end is
+    // letting go is waited for (filterd could otherwise hand it back
+    // still attached, and the detach land after), others are not.
+    let _takeover = match create_guid.filter(|_| replay) {
+        Some(g) => Some(take_over(
+            sh,
+            Ident {
+                key: None,
+                guid: Some((client_guid, g)),
+            },
+        )?),
+        None => None,
     };
     let _slot = open_slot(sh)?;
     let h = if replay {
@@ -1012,7 +1039,7 @@ fn create_with(
             Ok(v) => v.record.access.rights(),
             Err(e) => {
                 // Taken over for nothing: let go of it unless the open
-                // is stored (the teardown lock keeps other takeovers out).
+                // is stored (the claim keeps other takeovers out).
                 let stored = sh.opens.lock().map_or(true, |o| o.contains_key(&file_id));
                 if !stored {
                     let key = h.info.key;
@@ -1074,6 +1101,8 @@ fn create_with(
                 key: h.info.key,
                 file_key: h.info.file,
                 session,
+                client: client_guid,
+                create_guid,
                 io: Io::of(&h.fd).within(rights),
                 file: Arc::new(std::fs::File::from(h.fd).into()),
                 durable: granted,
@@ -1232,6 +1261,17 @@ fn handle_view(
     }
 }
 
+/// Claims open `id` for a takeover ([`Handovers::take_over`]), waiting up
+/// to [`LETTING_GO_WAIT`] for a session's end letting it go.
+fn take_over(sh: &Shared, id: Ident) -> Result<crate::handover::TakingOver<'_>, Fail> {
+    sh.handovers.take_over(id, LETTING_GO_WAIT).ok_or_else(|| {
+        Fail(
+            "STATUS_FILE_NOT_AVAILABLE",
+            "the open is still being let go by its session's end; try again".into(),
+        )
+    })
+}
+
 /// Lets go of handle `key`, attached for an open that was not stored: a
 /// `durable` one waits for its reconnect or replay, any other is closed.
 /// A failure leaves nothing attached to this member, so nothing is made
@@ -1271,10 +1311,16 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     // The member that owns the client's handles (they were opened through
     // it, by this smbshim or a predecessor with the same instance name).
     let (member, m) = sh.member_for(client_guid)?;
-    let _teardown = sh
-        .teardown
-        .lock()
-        .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
+    // Claimed for the whole takeover: a session's end letting the open
+    // go is waited for (the handle is still attached until its detach),
+    // and one that starts meanwhile waits before it detaches.
+    let _takeover = take_over(
+        sh,
+        Ident {
+            key: Some(key),
+            guid: Some((client_guid, guid)),
+        },
+    )?;
     // The handle as the filter knows it: same create GUID, same user.
     // Only "no such handle" says there is no open to reconnect; filterd
     // away or stalled is the retry status (not found is final: the client
@@ -1344,6 +1390,8 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             key,
             file_key: h.info.file,
             session,
+            client: client_guid,
+            create_guid: Some(guid),
             // The rights the open was granted, as its record keeps them.
             io: Io::of(&h.fd).within(view.record.access.rights()),
             file: Arc::new(std::fs::File::from(h.fd).into()),
@@ -1848,7 +1896,7 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     if let Err(e) = m.filter.close(key) {
         let unknown = !e.close_undone() && may_hold(&e);
         if e.close_undone() {
-            keep_open(sh, m, o.file_id, taken);
+            keep_open(sh, o.file_id, taken);
         } else if unknown {
             m.unsettled.add(key);
         }
@@ -1867,26 +1915,37 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
 /// again as the client asked (detached if that fails too, as a lost
 /// connection's durable open is) — left as it was, filterd would hold the
 /// handle and its share mode for as long as smbshim stays attached.
-fn keep_open(sh: &Shared, m: &Member, file_id: String, open: Open) {
-    let _teardown = sh.teardown.lock();
-    let alive = sh
-        .sessions
-        .lock()
-        .is_ok_and(|s| s.contains_key(&open.session));
-    if !alive {
-        if let Err(e) = m.filter.close(open.key) {
+///
+/// Whether the session lives is asked under the opens lock, as
+/// `create_with` does: `end_session` removes the session before it takes
+/// the opens lock, so an open put back while the session lived is among
+/// those it lets go. One not put back is let go here, claimed as a
+/// session's end claims its opens (a replay could find it meanwhile).
+fn keep_open(sh: &Shared, file_id: String, open: Open) {
+    let going = {
+        let Ok(mut opens) = sh.opens.lock() else {
+            return;
+        };
+        let alive = sh
+            .sessions
+            .lock()
+            .is_ok_and(|s| s.contains_key(&open.session));
+        if alive {
+            opens.entry(file_id).or_insert(open);
+            return;
+        }
+        Going::of(sh, file_id, &open)
+    };
+    going.let_go(sh, |m, key| {
+        if let Err(e) = m.filter.close(key) {
             eprintln!("smbshim: closing an open whose session ended: {e}");
             if e.close_undone() {
-                let _ = m.filter.detach(open.key);
+                let _ = m.filter.detach(key);
             } else if may_hold(&e) {
-                m.unsettled.add(open.key);
+                m.unsettled.add(key);
             }
         }
-        return;
-    }
-    if let Ok(mut opens) = sh.opens.lock() {
-        opens.entry(file_id).or_insert(open);
-    }
+    });
 }
 
 /// LOGOFF: every open of the session is closed first as a CLOSE would be,
@@ -1941,36 +2000,82 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 
 /// Ends a session: on LOGOFF every open closes; on a lost connection durable
 /// opens are detached (kept for their timeout) and the others close.
+///
+/// The opens leave the table, claimed as being let go, at once; their
+/// filterd calls (a commit each) follow with no lock held, one by one.
+/// Only a takeover of one of them waits for it, not other clients' (a
+/// lock held across them all held every replay and RECONNECT of every
+/// client for their sum, review).
 fn end_session(sh: &Shared, session: u64, logoff: bool) {
-    let _teardown = sh.teardown.lock();
     if let Ok(mut s) = sh.sessions.lock() {
         s.remove(&session);
     }
-    let mine: Vec<(String, ResumeKey, bool, FileId, usize)> = sh
+    let mine: Vec<(Going, bool)> = sh
         .opens
         .lock()
-        .map(|o| {
-            o.iter()
+        .map(|mut o| {
+            let ids: Vec<String> = o
+                .iter()
                 .filter(|(_, v)| v.session == session)
-                .map(|(k, v)| (k.clone(), v.key, v.durable.is_some(), v.file_key, v.member))
+                .map(|(k, _)| k.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| {
+                    let open = o.remove(&id)?;
+                    Some((Going::of(sh, id, &open), open.durable.is_some()))
+                })
                 .collect()
         })
         .unwrap_or_default();
-    if let Ok(mut o) = sh.opens.lock() {
-        for (file_id, ..) in &mine {
-            o.remove(file_id);
+    for (going, durable) in mine {
+        going.let_go(sh, |m, key| {
+            if durable && !logoff {
+                let _ = m.filter.detach(key);
+            } else if let Err(e) = m.filter.close(key) {
+                // Refused or unanswered: nobody can name the open any more.
+                if may_hold(&e) {
+                    m.unsettled.add(key);
+                }
+            }
+        });
+    }
+}
+
+/// An open taken out of the table to be let go in filterd, claimed so
+/// ([`Handovers::letting_go`]) until it is.
+struct Going<'a> {
+    file_id: String,
+    key: ResumeKey,
+    file_key: FileId,
+    member: usize,
+    claim: LettingGo<'a>,
+}
+
+impl<'a> Going<'a> {
+    /// Claims `open`, just taken out of the table (the opens lock held,
+    /// so that no takeover of it starts unseen between the two).
+    fn of(sh: &'a Shared, file_id: String, open: &Open) -> Going<'a> {
+        Going {
+            file_id,
+            key: open.key,
+            file_key: open.file_key,
+            member: open.member,
+            claim: sh.handovers.letting_go(open.ident()),
         }
     }
-    for (_, key, durable, file, member) in mine {
-        let Ok(m) = sh.member(member) else { continue };
-        drain(m, file);
-        if durable && !logoff {
-            let _ = m.filter.detach(key);
-        } else if let Err(e) = m.filter.close(key) {
-            // Refused or unanswered: nobody can name the open any more.
-            if may_hold(&e) {
-                m.unsettled.add(key);
-            }
+
+    /// Lets the open go with `how` (its member, its key) once no takeover
+    /// of it is in flight — unless one took it over meanwhile (stored it
+    /// again): that one holds it now.
+    fn let_go(self, sh: &Shared, how: impl FnOnce(&Member, ResumeKey)) {
+        self.claim.wait_takeovers();
+        let taken_over = sh.opens.lock().is_ok_and(|o| o.contains_key(&self.file_id));
+        let Ok(m) = sh.member(self.member) else {
+            return;
+        };
+        if !taken_over {
+            drain(m, self.file_key);
+            how(m, self.key);
         }
     }
 }
