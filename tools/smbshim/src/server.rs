@@ -32,8 +32,10 @@ const INLINE_MAX_LINE: usize = 4096;
 const MAX_PIPELINED: usize = 128;
 /// How long a replayed CREATE or a RECONNECT waits for a session's end
 /// to let its open go (a filterd commit for each of the session's opens
-/// before it), as rksmbd does; then STATUS_FILE_NOT_AVAILABLE, which the
-/// client tries again.
+/// before it); then STATUS_FILE_NOT_AVAILABLE, which the client tries
+/// again. Only the waiting request's own connection waits with it
+/// (rksmbd, whose SMB clients drop a connection whose ECHOs go
+/// unanswered, waits 5 s).
 const LETTING_GO_WAIT: Duration = Duration::from_secs(20);
 
 /// Named limits on what peers can make smbshim hold (command-line flags).
