@@ -1069,10 +1069,25 @@ fn create_with(
         // Let go as the session's end would have (a replay that found a
         // stored original leaves it to whoever holds it).
         if !opens.contains_key(&file_id) {
-            drop(opens);
             let key = h.info.key;
+            let claim = (!replay).then(|| {
+                sh.handovers.letting_go(Ident {
+                    key: Some(key),
+                    guid: create_guid.map(|g| (client_guid, g)),
+                })
+            });
+            drop(opens);
             drop(h);
-            let_go(m, key, granted.is_some());
+            let mine = match &claim {
+                Some(c) => {
+                    c.wait_takeovers();
+                    !sh.opens.lock().map_or(true, |o| o.contains_key(&file_id))
+                }
+                None => true,
+            };
+            if mine {
+                let_go(m, key, granted.is_some());
+            }
         }
         return Err(Fail(
             "STATUS_USER_SESSION_DELETED",
