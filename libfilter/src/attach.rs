@@ -886,6 +886,8 @@ fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(10);
     let mut retry = false;
+    // Handles whose late answer is no longer undone (`keep_attached`).
+    let mut held = HashSet::new();
     while !pending.is_empty() {
         let mut again = Vec::new();
         for (key, cid) in pending {
@@ -911,14 +913,18 @@ fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
                 // before the look: the `Detach` detached the live open).
                 Err(e) if retry && e.code() == Some(ErrorCode::NoSuchHandle) => {
                     client.keep_attached(key);
+                    held.insert(key);
                     match attached_here(shared, client, key) {
                         Here::Attached(file) => {
                             out.locked.push(file);
                             out.resumed.push(key);
                         }
                         // The late answer's detach came first: resumed
-                        // again.
-                        Here::Disconnected => again.push((key, cid)),
+                        // again. Or the look went unanswered (timed out,
+                        // busy): looked at again — reported lost, the
+                        // handle would stay attached to this live
+                        // connection with no open on it.
+                        Here::Disconnected | Here::Unknown => again.push((key, cid)),
                         Here::Not => out.lost.push(key),
                     }
                 }
@@ -949,7 +955,24 @@ fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
         pending = again;
         retry = true;
     }
+    let_go_of_held(client, &held, &out.lost);
     Some(out)
+}
+
+/// Detaches every handle of `lost` marked held (`keep_attached`): its late
+/// answer, no longer undone, may have attached it to this connection, and
+/// the frontend forgets a lost open — left so, it stayed attached to
+/// nobody until the connection died (reads on it FILE_CLOSED, other
+/// clients' opens refused as sharing violations, a reconnect not found).
+/// Detached, it waits disconnected for its durable timeout, resumable. A
+/// handle not attached here is refused (`NotOwner`, `NoSuchHandle`):
+/// harmless.
+fn let_go_of_held(client: &FilterClient, held: &HashSet<ResumeKey>, lost: &[ResumeKey]) {
+    for key in lost.iter().filter(|k| held.contains(k)) {
+        if let Err(e) = client.detach(*key) {
+            tracing::debug!(resume_key = %key, error = %e, "lost handle not detached");
+        }
+    }
 }
 
 /// Where a handle whose resume was refused "attached" is.
@@ -960,6 +983,9 @@ enum Here {
     Disconnected,
     /// Anywhere else, or gone.
     Not,
+    /// Not learnt: the look went unanswered or was refused for a passing
+    /// cause.
+    Unknown,
 }
 
 /// Where filterd holds handle `key`: attached to this attachment's
@@ -978,7 +1004,9 @@ fn attached_here(shared: &Shared, client: &FilterClient, key: ResumeKey) -> Here
         {
             Here::Disconnected
         }
-        _ => Here::Not,
+        Ok(_) => Here::Not,
+        Err(e) if resume_refused_for_good(&e) => Here::Not,
+        Err(_) => Here::Unknown,
     }
 }
 

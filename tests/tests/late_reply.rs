@@ -251,7 +251,29 @@ fn a_late_persistent_create_is_replayed_without_a_collision() {
 /// is left.
 #[test]
 fn a_resume_answered_late_after_a_restart_leaves_the_open_attached() {
-    let (s, mut d, smb) = setup("late-resume-restart");
+    resume_late_after_a_restart("late-resume-restart", "request.resume:sleep2500");
+}
+
+/// As above, and the attachment's look at the handle (a `Handle` view,
+/// after its retried resume was refused "attached") goes unanswered too
+/// (`request.handle:sleep2500`). Before the fix the unanswered look
+/// counted as "not attached here": the handle was reported lost, smbshim
+/// forgot the open (READ STATUS_FILE_CLOSED), yet filterd kept it attached
+/// to smbshim's live connection, nobody's open, with no detach ever sent.
+/// Now an unanswered look is looked at again, and the open keeps working.
+#[test]
+fn a_resume_whose_look_goes_unanswered_leaves_the_open_attached() {
+    resume_late_after_a_restart(
+        "late-resume-look",
+        "request.resume:sleep2500,request.handle:sleep2500",
+    );
+}
+
+/// smbshim's persistent open of `f`; filterd killed and restarted with
+/// failpoints `fp`; then the open must still work and its handle be
+/// connected.
+fn resume_late_after_a_restart(name: &str, fp: &str) {
+    let (s, mut d, smb) = setup(name);
     std::fs::write(s.root().join("f"), "hello world").expect("write");
     let (mut a, sid) = smb_session(&smb.addr);
     let guid = uuid::Uuid::new_v4().to_string();
@@ -261,8 +283,7 @@ fn a_resume_answered_late_after_a_restart_leaves_the_open_attached() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     let fid = r["file_id"].clone();
     d.kill9();
-    let fp = [("RKFILTER_FAILPOINTS", "request.resume:sleep2500")];
-    let d = Filterd::start(&s, &[], &fp);
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
     // smbshim has resumed its handles (retried, refused, looked) by then;
     // the late answer's detach, when made, came before.
     d.wait_log(
