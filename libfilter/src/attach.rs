@@ -572,6 +572,16 @@ impl Attachment {
         Ok(h)
     }
 
+    /// As [`Attachment::open`], for a caller whose client replays the
+    /// open's create GUID when told it failed
+    /// ([`FilterClient::open_replayed_by_guid`]).
+    pub fn open_replayed_by_guid(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
+        let client = req.client.clone();
+        let h = self.client().open_replayed_by_guid(req)?;
+        self.remember(&h, &client);
+        Ok(h)
+    }
+
     /// Replays an open and remembers the handle.
     pub fn replay_open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
         let client = req.client.clone();

@@ -872,6 +872,31 @@ impl FilterClient {
         Self::expect_opened(self.call(Request::Open(self.understood(req)))?)
     }
 
+    /// As [`FilterClient::open`], for a caller whose client, told the open
+    /// failed for want of an answer (SMB's STATUS_FILE_NOT_AVAILABLE, "try
+    /// again"), retries by replaying the request's create GUID (smbshim's
+    /// smbl clients). Answered late, the open is then detached, not closed,
+    /// when what filterd granted waits for that replay (persistent, or
+    /// durable with an H lease): closed, its GUID named nothing and the
+    /// replay ran the CREATE again — a second truncation, a collision with
+    /// the file the first made. [`FilterClient::open`] closes it always:
+    /// rksmbd's durable v1 opens carry GUIDs of its own making that no
+    /// client replays (and SMB clients replay only requests that got no
+    /// answer), so a detached handle would only hold the file until its
+    /// timeout.
+    pub fn open_replayed_by_guid(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
+        let req = self.understood(req);
+        let undo = Some(late::LateUndo::of_open_replayed(&req));
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        match self.call_undoing(id, Request::Open(req), None, undo)? {
+            (reply, fds, false) => Self::expect_opened((reply, fds)),
+            (reply, fds, true) => {
+                drop(fds);
+                Err(self.descriptors_cut(reply, true))
+            }
+        }
+    }
+
     /// Re-sends an open after a failure: returns the original open if the
     /// client's create GUID names one, else opens.
     pub fn replay_open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {

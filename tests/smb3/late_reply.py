@@ -17,6 +17,10 @@ STATUS_FILE_NOT_AVAILABLE.
    original's late answer is read meanwhile, and must not close it);
    prints "replayed" and waits (the driver checks the handle is
    attached), then closes it.
+3. A persistent (DH2Q) exclusive CREATE with create GUID H, not replayed
+   (an SMB client replays only a request that got no answer); prints
+   "gave up again" and waits (the driver SIGCONTs filterd and waits for
+   the late open to be closed, not left detached holding the file).
 
 Prints PASS; exits non-zero on any failure.
 """
@@ -111,6 +115,9 @@ def main():
     print(f"the replayed handle answered {n} WRITE+READs over 1.5 s", flush=True)
     pause("replayed")
     close(a, sid, key, tid, fid)
+
+    given_up(a, sid, key, tid, uuid.uuid4())
+    pause("gave up again")
     print("PASS", flush=True)
 
 

@@ -15,10 +15,12 @@
 //! Per request kind (docs/ARCHITECTURE.md "Answers that come after the
 //! call gave up"):
 //! - a fresh `Open`: the handle is closed (its client was told the open
-//!   failed and will never name it) — unless it is durable or persistent
-//!   with a create GUID: then it is detached as a replay's is, for its
-//!   client retries by replaying that GUID, which must find the handle
-//!   (a new open would run the CREATE again);
+//!   failed and will never name it) — unless its caller said the client
+//!   retries by replaying the open's create GUID
+//!   ([`super::FilterClient::open_replayed_by_guid`], smbshim) and filterd
+//!   granted an open that waits for that replay (persistent, or durable
+//!   with an H lease): then it is detached as a replay's is, for the
+//!   replay must find the handle (a new open would run the CREATE again);
 //! - a `ReplayOpen` or `Resume`: the handle is detached, as when its client
 //!   goes away — a durable or persistent one stays resumable by its create
 //!   GUID, another is closed — unless the caller learnt it holds the
@@ -59,12 +61,15 @@ pub(super) const LATE_MAX: usize = 1024;
 /// What undoes a late success of a call that gave up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum LateUndo {
-    /// A fresh open (not durable, or without a create GUID): close the
-    /// handle it answers with.
+    /// A fresh open: close the handle it answers with.
     Close,
-    /// A replay or resume, or a fresh durable open with a create GUID:
-    /// detach the handle it answers with.
+    /// A replay or resume: detach the handle it answers with.
     Detach,
+    /// A fresh open with a create GUID whose client replays that GUID
+    /// ([`super::FilterClient::open_replayed_by_guid`]): detach the handle
+    /// it answers with if the open granted waits disconnected for that
+    /// replay ([`waits_for_replay`]), else close it.
+    DetachIfWaiting,
     /// A lock whose caller learns itself whether it was granted
     /// ([`super::FilterClient::lock_outcome_learnt`]): a late success is
     /// kept (and logged).
@@ -85,7 +90,6 @@ impl LateUndo {
     /// What would undo `req` answered late; `None` when nothing should.
     pub(super) fn of(req: &Request) -> Option<LateUndo> {
         match req {
-            Request::Open(o) if resumable_by_guid(o) => Some(LateUndo::Detach),
             Request::Open(_) => Some(LateUndo::Close),
             Request::ReplayOpen(_) | Request::Resume(_) => Some(LateUndo::Detach),
             Request::Lock {
@@ -110,6 +114,10 @@ impl LateUndo {
         match (self, reply) {
             (LateUndo::Close, Reply::Opened(info)) => Some(Undo::Close(info.key)),
             (LateUndo::Detach, Reply::Opened(info)) => Some(Undo::Detach(info.key)),
+            (LateUndo::DetachIfWaiting, Reply::Opened(info)) if waits_for_replay(info) => {
+                Some(Undo::Detach(info.key))
+            }
+            (LateUndo::DetachIfWaiting, Reply::Opened(info)) => Some(Undo::Close(info.key)),
             (LateUndo::Unlock { key, unlocks }, Reply::Done) => Some(Undo::Unlock { key, unlocks }),
             (LateUndo::Keep { key }, Reply::Done) => {
                 tracing::info!(
@@ -123,16 +131,36 @@ impl LateUndo {
     }
 }
 
-/// Whether open `o` asks for a handle its client's replay of its create
-/// GUID finds: durable or persistent, with a create GUID. Its client was
-/// told to try again (SMB's STATUS_FILE_NOT_AVAILABLE) and replays that
-/// GUID; closed, the GUID would name nothing, and the replay would run
-/// the CREATE again — an overwrite truncating the file a second time
-/// (over another client's acknowledged write), a create refused as a
-/// collision with the file this very CREATE made. Detached, the handle
-/// waits for that replay, or expires as a lost client's handle does.
-fn resumable_by_guid(o: &crate::proto::OpenRequest) -> bool {
-    o.create_guid.is_some() && o.durability != crate::model::Durability::None
+impl LateUndo {
+    /// What undoes fresh open `o`, answered late, whose client (told to
+    /// try again, SMB's STATUS_FILE_NOT_AVAILABLE) retries by replaying
+    /// its create GUID: closed, the GUID would name nothing, and the
+    /// replay would run the CREATE again — an overwrite truncating the
+    /// file a second time (over another client's acknowledged write), a
+    /// create refused as a collision with the file this very CREATE made.
+    /// Without a create GUID or durability nothing can be replayed: closed.
+    pub(super) fn of_open_replayed(o: &crate::proto::OpenRequest) -> LateUndo {
+        if o.create_guid.is_some() && o.durability != crate::model::Durability::None {
+            LateUndo::DetachIfWaiting
+        } else {
+            LateUndo::Close
+        }
+    }
+}
+
+/// Whether the open `info` reports waits disconnected for its client's
+/// replay once detached: persistent, or durable with an H lease — what the
+/// frontends serve as durable (smbshim's `let_go`, rksmbd's `durable_of`).
+/// A durable open granted without H is served as a plain open; detached,
+/// it would only hold the file against everyone until its timeout.
+fn waits_for_replay(info: &crate::proto::Opened) -> bool {
+    match info.durability {
+        crate::model::Durability::Persistent { .. } => true,
+        crate::model::Durability::Durable { .. } => info
+            .lease
+            .is_some_and(|l| l.state.contains(crate::lease::LeaseState::H)),
+        crate::model::Durability::None => false,
+    }
 }
 
 /// A call that takes back what a late answer reported.
@@ -317,7 +345,9 @@ impl LateAnswers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::LeaseState;
     use crate::locks::LockRange;
+    use crate::model::Durability;
 
     fn lock(unlock: bool) -> LockOp {
         LockOp {
@@ -359,41 +389,75 @@ mod tests {
         assert_eq!(LateUndo::of(&Request::Status), None);
     }
 
+    fn open_req(durability: Durability, guid: bool) -> crate::proto::OpenRequest {
+        use crate::model::{Access, ClientId, CreateGuid, Disposition, RelPath};
+        crate::proto::OpenRequest {
+            create_guid: guid.then_some(CreateGuid(uuid::Uuid::from_u128(9))),
+            ..crate::proto::OpenRequest::new(
+                ClientId::new("c").expect("client"),
+                RelPath::new("f").expect("path"),
+                Access::new(crate::model::Rights::READ).expect("access"),
+                crate::model::Rights::ALL,
+                Disposition::OverwriteIf,
+                durability,
+            )
+        }
+    }
+
+    /// A late answer granting `durability` and a lease of `state`.
+    fn opened(durability: Durability, state: Option<LeaseState>) -> Reply {
+        Reply::Opened(crate::proto::Opened {
+            key: ResumeKey(uuid::Uuid::from_u128(5)),
+            create_action: crate::model::CreateAction::Created,
+            size: 0,
+            file: crate::model::FileId { dev: 1, ino: 2 },
+            durability,
+            lease: state.map(|state| crate::model::HeldLease {
+                key: crate::lease::LeaseKey(uuid::Uuid::from_u128(3)),
+                state,
+                epoch: 1,
+            }),
+            locked: false,
+        })
+    }
+
+    const PERSISTENT: Durability = Durability::Persistent { timeout_ms: 0 };
+    const DURABLE: Durability = Durability::Durable { timeout_ms: 0 };
+
+    /// A plain `open` (rksmbd: its durable v1 opens' GUIDs are its own,
+    /// and SMB clients replay only what got no answer) is closed late
+    /// whatever it asked for.
     #[test]
-    fn a_fresh_open_is_closed_unless_its_create_guid_is_to_be_replayed() {
-        use crate::model::{Access, ClientId, CreateGuid, Disposition, Durability, RelPath};
-        let open = |durability, guid: bool| {
-            Request::Open(crate::proto::OpenRequest {
-                create_guid: guid.then_some(CreateGuid(uuid::Uuid::from_u128(9))),
-                ..crate::proto::OpenRequest::new(
-                    ClientId::new("c").expect("client"),
-                    RelPath::new("f").expect("path"),
-                    Access::new(crate::model::Rights::READ).expect("access"),
-                    crate::model::Rights::ALL,
-                    Disposition::OverwriteIf,
-                    durability,
-                )
-            })
-        };
-        let persistent = Durability::Persistent { timeout_ms: 0 };
-        let durable = Durability::Durable { timeout_ms: 0 };
+    fn a_fresh_open_is_closed_unless_its_caller_opts_in() {
+        for (durability, guid) in [
+            (Durability::None, true),
+            (PERSISTENT, true),
+            (DURABLE, true),
+        ] {
+            let o = Request::Open(open_req(durability, guid));
+            assert_eq!(LateUndo::of(&o), Some(LateUndo::Close), "{durability:?}");
+        }
+    }
+
+    /// An open whose client replays its create GUID
+    /// (`open_replayed_by_guid`): detached only if what filterd granted
+    /// waits for that replay — persistent, or durable with H — else closed.
+    #[test]
+    fn an_opted_in_open_is_detached_only_if_granted_waiting() {
+        let of = LateUndo::of_open_replayed;
+        assert_eq!(of(&open_req(Durability::None, true)), LateUndo::Close);
+        assert_eq!(of(&open_req(PERSISTENT, false)), LateUndo::Close);
+        assert_eq!(of(&open_req(DURABLE, true)), LateUndo::DetachIfWaiting);
+        let key = ResumeKey(uuid::Uuid::from_u128(5));
+        let undo = |granted, lease| LateUndo::DetachIfWaiting.undo(&opened(granted, lease));
+        assert_eq!(undo(PERSISTENT, None), Some(Undo::Detach(key)));
         assert_eq!(
-            LateUndo::of(&open(Durability::None, false)),
-            Some(LateUndo::Close)
+            undo(DURABLE, Some(LeaseState::R.with(LeaseState::H))),
+            Some(Undo::Detach(key))
         );
-        assert_eq!(
-            LateUndo::of(&open(Durability::None, true)),
-            Some(LateUndo::Close)
-        );
-        assert_eq!(
-            LateUndo::of(&open(persistent, false)),
-            Some(LateUndo::Close)
-        );
-        assert_eq!(
-            LateUndo::of(&open(persistent, true)),
-            Some(LateUndo::Detach)
-        );
-        assert_eq!(LateUndo::of(&open(durable, true)), Some(LateUndo::Detach));
+        assert_eq!(undo(DURABLE, Some(LeaseState::R)), Some(Undo::Close(key)));
+        assert_eq!(undo(DURABLE, None), Some(Undo::Close(key)));
+        assert_eq!(undo(Durability::None, None), Some(Undo::Close(key)));
     }
 
     #[test]

@@ -1007,7 +1007,10 @@ fn create_with(
     let h = if replay {
         m.filter.replay_open(req)
     } else {
-        m.filter.open(req)
+        // Its client, told STATUS_FILE_NOT_AVAILABLE should filterd answer
+        // too late, replays the create GUID: a late durable open waits
+        // for that replay.
+        m.filter.open_replayed_by_guid(req)
     }
     .map_err(|e| match e.code() {
         // Only an open filterd refused for a lease break goes to the
