@@ -869,7 +869,9 @@ impl FilterClient {
 
     /// Opens a file.
     pub fn open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
-        Self::expect_opened(self.call(Request::Open(self.understood(req)))?)
+        let req = Request::Open(self.understood(req));
+        let undo = late::LateUndo::of(&req);
+        self.open_undoing(req, undo)
     }
 
     /// As [`FilterClient::open`], for a caller whose client, told the open
@@ -887,8 +889,17 @@ impl FilterClient {
     pub fn open_replayed_by_guid(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
         let req = self.understood(req);
         let undo = Some(late::LateUndo::of_open_replayed(&req));
+        self.open_undoing(Request::Open(req), undo)
+    }
+
+    /// A fresh open (`req`), its late answer undone by `undo`.
+    fn open_undoing(
+        &self,
+        req: Request,
+        undo: Option<late::LateUndo>,
+    ) -> Result<OpenedHandle, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        match self.call_undoing(id, Request::Open(req), None, undo)? {
+        match self.call_undoing(id, req, None, undo)? {
             (reply, fds, false) => Self::expect_opened((reply, fds)),
             (reply, fds, true) => {
                 drop(fds);
