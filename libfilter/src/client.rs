@@ -289,7 +289,11 @@ pub struct FilterClient {
     timeout: Duration,
 }
 
-fn connect_socket(path: &Path) -> Result<OwnedFd, ClientError> {
+/// Connects to `path`, waiting at most `within` for a listener whose
+/// backlog is full (a stopped or hung filterd: a Unix `connect` waits for
+/// room for as long as the socket's send timeout, set here and cleared
+/// again once connected, so later sends block as before).
+fn connect_socket(path: &Path, within: Duration) -> Result<OwnedFd, ClientError> {
     let err = |source: std::io::Error| ClientError::Connect {
         path: path.display().to_string(),
         source,
@@ -301,9 +305,32 @@ fn connect_socket(path: &Path) -> Result<OwnedFd, ClientError> {
         None,
     )
     .map_err(|e| err(e.into()))?;
+    set_send_timeout(&fd, within).map_err(|e| err(e.into()))?;
     let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
-    connect(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EAGAIN) => return Err(ClientError::Timeout(within)),
+        Err(e) => return Err(err(e.into())),
+    }
+    set_send_timeout(&fd, Duration::ZERO).map_err(|e| err(e.into()))?;
     Ok(fd)
+}
+
+/// `SO_SNDTIMEO` (zero: none).
+fn set_send_timeout(fd: &OwnedFd, t: Duration) -> nix::Result<()> {
+    nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::SendTimeout, &timeval(t))
+}
+
+/// `SO_RCVTIMEO` (zero: none).
+fn set_receive_timeout(fd: &OwnedFd, t: Duration) -> nix::Result<()> {
+    nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::ReceiveTimeout, &timeval(t))
+}
+
+fn timeval(t: Duration) -> nix::sys::time::TimeVal {
+    nix::sys::time::TimeVal::new(
+        i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+        i64::from(t.subsec_micros()),
+    )
 }
 
 impl FilterClient {
@@ -335,6 +362,13 @@ impl FilterClient {
         Self::connect(path, Role::Control)
     }
 
+    /// Attaches as an operator tool that gives up after `timeout`: on the
+    /// connect, the hello and every call (a hung daemon — stopped, or
+    /// stalled behind its disk — is reported, not waited for).
+    pub fn connect_control_within(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
+        Self::connect_within(path, Role::Control, 0, timeout)
+    }
+
     /// Connects and exchanges hellos (no optional features).
     pub fn connect(path: &Path, role: Role) -> Result<Self, ClientError> {
         Self::connect_with(path, role, 0)
@@ -349,7 +383,20 @@ impl FilterClient {
     /// that carry records) — to compare the encodings, or to read the
     /// frames in a trace.
     pub fn connect_with(path: &Path, role: Role, features: u64) -> Result<Self, ClientError> {
-        let sock = connect_socket(path)?;
+        Self::connect_within(path, role, features, call_timeout_from_env())
+    }
+
+    /// [`FilterClient::connect_with`] with `timeout` as the call timeout,
+    /// which also bounds the connect and the hello: a daemon that accepts
+    /// (the kernel does, into the backlog, for a stopped one) and never
+    /// answers no longer holds its caller forever.
+    fn connect_within(
+        path: &Path,
+        role: Role,
+        features: u64,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let sock = connect_socket(path, timeout)?;
         let binary = match std::env::var("RKFILTER_FRAMES").as_deref() {
             Ok("json") => 0,
             Ok("binary") => proto::FEATURE_BINARY_FRAMES,
@@ -367,8 +414,15 @@ impl FilterClient {
         })?;
         sys::send_packet(sock.as_fd(), &hello, None)?;
         let mut buf = vec![0u8; MAX_FRAME + 1];
+        set_receive_timeout(&sock, timeout).map_err(std::io::Error::from)?;
         // The hello reply carries no descriptor.
-        let reply = match sys::recv_packet(sock.as_fd(), &mut buf)? {
+        let received = match sys::recv_packet(sock.as_fd(), &mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(ClientError::Timeout(timeout))
+            }
+            r => r?,
+        };
+        let reply = match received {
             Packet::Data { len, .. } => proto::decode_server(buf.get(..len).unwrap_or_default())?,
             Packet::Eof => return Err(ClientError::Disconnected),
             Packet::Truncated => {
@@ -380,16 +434,8 @@ impl FilterClient {
             ServerFrame::Reply { result: Err(e), .. } => return Err(ClientError::Refused(e)),
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
-        let _ = nix::sys::socket::setsockopt(
-            &sock,
-            nix::sys::socket::sockopt::ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(
-                0,
-                i64::try_from(RECV_TICK.as_micros()).unwrap_or(50_000),
-            ),
-        );
+        let _ = set_receive_timeout(&sock, RECV_TICK);
         let (ev_tx, ev_rx) = bounded(EVENT_QUEUE_LIMIT);
-        let timeout = call_timeout_from_env();
         let inner = Arc::new_cyclic(|me| Inner {
             sock,
             next_id: AtomicU64::new(1),

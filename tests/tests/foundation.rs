@@ -1268,6 +1268,15 @@ fn a_usage_error_is_one_line_naming_the_flag_with_a_hint() {
         ("filterctl", &["--no-such-flag"], "--no-such-flag"),
         ("filterctl", &["--socket", "/x"], "status"),
         ("filterctl", &["--socket", "/x", "handle"], "KEY"),
+        // A malformed key is bad usage, said before any daemon is asked
+        // (it was exit 1, "cannot connect", with no word of the key).
+        ("filterctl", &["--socket", "/x", "handle", "notakey"], "KEY"),
+        ("filterctl", &["--socket", "/x", "expire", "notakey"], "KEY"),
+        (
+            "filterctl",
+            &["--socket", "/x", "--timeout-ms", "0", "status"],
+            "--timeout-ms",
+        ),
         (
             "filterctl",
             &["--socket", "/x", "--state", "/y", "status"],
@@ -1605,6 +1614,80 @@ fn filterctl_names_an_unreachable_etcd_in_one_line_quickly() {
         assert!(!out.stderr.contains("tonic"), "{}", out.stderr);
         assert!(took < Duration::from_secs(6), "took {took:?}");
     }
+}
+
+/// filterctl against a daemon that does not answer — stopped, a socket
+/// whose listener accepts and never replies, or one whose backlog is
+/// full — gives up after
+/// `--timeout-ms`, exit 1, in one line saying so. Before, it waited
+/// forever in the hello (the kernel accepts into the backlog for a
+/// stopped process), exactly when an operator or a monitor asks.
+#[test]
+fn filterctl_gives_up_on_a_daemon_that_does_not_answer() {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let s = Scratch::new("ctl-timeout");
+    let d = Filterd::start(&s, &[], &[]);
+    let sock = d.socket().to_str().expect("utf-8 path").to_owned();
+    let seqpacket = || {
+        socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket")
+    };
+    // A listener that never accepts (its backlog takes `backlog` + 1).
+    let listening = |name: &str, backlog: i32| {
+        let path = s.root().join("..").join(name);
+        let l = seqpacket();
+        bind(l.as_raw_fd(), &UnixAddr::new(&path).expect("addr")).expect("bind");
+        listen(&l, Backlog::new(backlog).expect("backlog")).expect("listen");
+        (l, path.to_str().expect("utf-8 path").to_owned())
+    };
+    let (_silent_listener, silent) = listening("silent.sock", 8);
+    // A listener whose backlog is full: a Unix connect waits for room.
+    let (_full_listener, full) = listening("full.sock", 0);
+    let filler = seqpacket();
+    nix::sys::socket::connect(
+        filler.as_raw_fd(),
+        &UnixAddr::new(full.as_str()).expect("addr"),
+    )
+    .expect("the backlog's one place");
+    d.stop();
+    for target in [&sock, &silent, &full] {
+        let mut child = std::process::Command::new(bin("filterctl"))
+            .args(["--socket", target, "--timeout-ms", "500", "status"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run filterctl");
+        // Polled, and killed if it still waits (the test fails, not hangs).
+        let t0 = std::time::Instant::now();
+        let code = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status.code();
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("filterctl --socket {target} still waiting after 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+            .expect("read stderr");
+        assert_eq!(code, Some(1), "{target}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("did not answer within 500ms"), "{err}");
+        assert!(err.contains(target.as_str()), "names the socket: {err}");
+    }
+    d.signal(nix::sys::signal::Signal::SIGCONT);
+    let out = filterctl(&["--socket", &sock, "--timeout-ms", "500", "status"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
 }
 
 /// A frontend started before filterd waits for it (it may be starting or

@@ -45,6 +45,12 @@ struct Args {
     /// Print one JSON document instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Give up on a live daemon that does not answer within this many
+    /// milliseconds (stopped, or stalled behind its disk): exit 1 saying
+    /// so, rather than wait for it.
+    #[arg(long, value_name = "MS", global = true, default_value_t = DEFAULT_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -58,7 +64,8 @@ enum Cmd {
     /// One handle in detail.
     Handle {
         /// Its resume key.
-        key: String,
+        #[arg(value_parser = parse_key)]
+        key: ResumeKey,
     },
     /// Files with handles, and who holds them.
     Files,
@@ -76,7 +83,8 @@ enum Cmd {
     /// Expire a disconnected handle now (live only).
     Expire {
         /// Its resume key.
-        key: String,
+        #[arg(value_parser = parse_key)]
+        key: ResumeKey,
     },
     /// Expire every disconnected handle now (live only).
     Purge {
@@ -102,6 +110,11 @@ macro_rules! outln {
         writeln!(std::io::stdout().lock(), $($arg)*)
     }};
 }
+
+/// How long a live daemon has to answer by default: long enough for a
+/// listing of a million handles behind a busy disk, short enough that a
+/// monitoring script learns of a hung daemon.
+const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 
 /// `--store` checked as the command line is parsed: a malformed one is bad
 /// usage (exit 2), as filterd's `--store` is.
@@ -156,8 +169,12 @@ impl Offline {
 }
 
 fn open_source(args: &Args) -> anyhow::Result<Source> {
+    let within = std::time::Duration::from_millis(args.timeout_ms);
+    let connect = |sock: &std::path::Path| FilterClient::connect_control_within(sock, within);
     if let Some(sock) = &args.socket {
-        return Ok(Source::Live(FilterClient::connect_control(sock)?));
+        return connect(sock)
+            .map(Source::Live)
+            .with_context(|| format!("filterd at {}", sock.display()));
     }
     if let Some(url) = &args.store {
         let parsed =
@@ -178,7 +195,7 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
     match libfilter::runtime::live(state) {
         Ok(Liveness::Running { record: Some(rec) }) => {
             let pid = rec.pid;
-            return match FilterClient::connect_control(&rec.socket) {
+            return match connect(&rec.socket) {
                 Ok(c) => Ok(Source::Live(c)),
                 Err(e) if rec.phase == Phase::Starting => Err(e).with_context(|| {
                     format!(
@@ -200,7 +217,7 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
             // Its record is gone (deleted, or not yet written): try the
             // default socket, and otherwise say so rather than "not running".
             let default = state.join("filterd.sock");
-            return FilterClient::connect_control(&default)
+            return connect(&default)
                 .map(Source::Live)
                 .with_context(|| {
                     format!(
@@ -227,8 +244,10 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
     Ok(Source::Offline(Offline::Lmdb(store)))
 }
 
-fn parse_key(s: &str) -> anyhow::Result<ResumeKey> {
-    s.parse::<ResumeKey>().map_err(|e| anyhow::anyhow!("{e}"))
+/// A resume key checked as the command line is parsed: a malformed one is
+/// bad usage (exit 2), said before any daemon is asked.
+fn parse_key(s: &str) -> Result<ResumeKey, String> {
+    s.parse::<ResumeKey>().map_err(|e| e.to_string())
 }
 
 /// The handles a restart of filterd on this store would show: every
@@ -457,7 +476,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         (Cmd::Handle { key }, src) => {
-            let key = parse_key(key)?;
+            let key = *key;
             let view = match src {
                 Source::Live(c) => match c.call(Request::Handle { key })?.0 {
                     Reply::Handle(v) => v,
@@ -555,7 +574,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             bail!("stats need the running daemon (counters live in its memory)")
         }
         (Cmd::Expire { key }, Source::Live(c)) => {
-            let key = parse_key(key)?;
+            let key = *key;
             c.call(Request::Expire { key })?;
             if args.json {
                 print_json(&serde_json::json!({ "expired": key }))
