@@ -922,16 +922,16 @@ impl FilterClient {
 
     /// As [`FilterClient::open`], for a caller whose client, told the open
     /// failed for want of an answer (SMB's STATUS_FILE_NOT_AVAILABLE, "try
-    /// again"), retries by replaying the request's create GUID (smbshim's
-    /// smbl clients). Answered late, the open is then detached, not closed,
+    /// again", to smbshim's smbl clients; STATUS_SERVER_UNAVAILABLE to
+    /// rksmbd's SMB 3 clients of a DH2Q open), retries by replaying the
+    /// request's create GUID. Answered late, the open is then detached, not closed,
     /// when what filterd granted waits for that replay (persistent, or
     /// durable with an H lease): closed, its GUID named nothing and the
     /// replay ran the CREATE again — a second truncation, a collision with
     /// the file the first made. [`FilterClient::open`] closes it always:
     /// rksmbd's durable v1 opens carry GUIDs of its own making that no
-    /// client replays (and SMB clients replay only requests that got no
-    /// answer), so a detached handle would only hold the file until its
-    /// timeout.
+    /// client replays, so a detached handle would only hold the file until
+    /// its timeout.
     pub fn open_replayed_by_guid(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
         let req = self.understood(req);
         let undo = Some(late::LateUndo::of_open_replayed(&req));

@@ -37,6 +37,9 @@ from smbprotocol.tree import TreeConnect
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, CLOSE, READ, CANCEL, ECHO = 0, 1, 3, 5, 6, 8, 0xC, 0xD
 IOCTL = 0xB
+WRITE = 9
+PENDING = 0x00000103
+FLAG_REPLAY = 0x20000000
 R, H, W = 1, 2, 4
 FLAG_SIGNED = 0x8
 BINDING = 0x1
@@ -183,6 +186,56 @@ def open_file(tree, name):
         CreateOptions.FILE_NON_DIRECTORY_FILE,
     )
     return f
+
+
+def final(r, pdu):
+    """Sends `pdu` (unless None: sent already) on `r`, skips interim
+    STATUS_PENDING answers: the final status and message."""
+    if pdu is not None:
+        r.send(pdu)
+    while True:
+        m = r.recv()
+        st = struct.unpack_from("<I", m, 8)[0]
+        if st != PENDING:
+            return st, m
+
+
+def signed_create(r, sid, key, tid, name, share=0, disposition=3, ctx=b"", oplock=0, replay=False):
+    """A signed CREATE of file `name` for read and write (by default an
+    exclusive OPEN_IF) with create context chain `ctx`, sent with
+    SMB2_FLAGS_REPLAY_OPERATION if `replay`."""
+    n = name.encode("utf-16-le")
+    end = 64 + 56 + len(n)
+    pad = -end % 8 if ctx else 0
+    ctx_off = end + pad if ctx else 0
+    fixed = (57, 0, oplock, 2, 0, 0, 0xC0000000, 0x80, share, disposition, 0x40, 64 + 56, len(n), ctx_off, len(ctx))
+    body = struct.pack("<HBBIQQIIIIIHHII", *fixed)
+    h = bytearray(r.header(CREATE, sid, tid=tid))
+    if replay:
+        struct.pack_into("<I", h, 16, FLAG_REPLAY)
+    return cmac_sign(key, bytes(h) + body + n + b"\0" * pad + ctx)
+
+
+def signed_close(r, sid, key, tid, fid):
+    """CLOSEs `fid`, which must succeed."""
+    st, _ = final(r, cmac_sign(key, r.header(CLOSE, sid, tid=tid) + struct.pack("<HHI16s", 24, 0, 0, fid)))
+    check(st == SUCCESS, f"CLOSE (got {st:#010x})")
+
+
+def signed_write(r, sid, key, tid, fid, data):
+    """WRITEs `data` at offset 0 of `fid`: the status."""
+    wr = struct.pack("<HHIQ16sIIHHI", 49, 112, len(data), 0, fid, 0, 0, 0, 0, 0) + data
+    return final(r, cmac_sign(key, r.header(WRITE, sid, tid=tid) + wr))[0]
+
+
+def signed_read(r, sid, key, tid, fid, n):
+    """READs up to `n` bytes at offset 0 of `fid`: the status and data."""
+    rd = struct.pack("<HBBIQ16sIIIHH", 49, 0, 0, n, 0, fid, 0, 0, 0, 0, 0) + b"\0"
+    st, m = final(r, cmac_sign(key, r.header(READ, sid, tid=tid) + rd))
+    if st != SUCCESS:
+        return st, b""
+    off, length = struct.unpack_from("<BxI", m, 64 + 2)
+    return st, m[off : off + length]
 
 
 def tree_connect_body():

@@ -380,15 +380,17 @@ fn setup_rksmbd_failing(
 /// while filterd is stopped fails with STATUS_FILE_NOT_AVAILABLE
 /// (docs/smb3.md); after SIGCONT its late open is closed and another
 /// client's exclusive open is granted. A persistent CREATE (DH2Q, create
-/// GUID G) fails the same way, and its replay (SMB2_FLAGS_REPLAY_OPERATION,
-/// G) is sent while filterd is still stopped: filterd answers the original
-/// (late) and the replay with the same handle, and the original's undo
-/// must leave the replay's handle attached and working. A persistent
-/// CREATE that fails so and is not replayed (SMB clients replay only what
-/// got no answer) is closed once answered late: rksmbd's opens are
-/// closed late whatever their durability (re-review of 4418b41, which
-/// detached them: the handle then held the file, disconnected, for its
-/// timeout with nobody to reconnect it).
+/// GUID G) fails with STATUS_SERVER_UNAVAILABLE, and its replay
+/// (SMB2_FLAGS_REPLAY_OPERATION, G) is sent while filterd is still
+/// stopped: filterd answers the original (late) and the replay with the
+/// same handle, and the original's undo must leave the replay's handle
+/// attached and working. A durable v1 CREATE (DHnQ: its create GUID is
+/// rksmbd's own, which no client replays) is closed once answered late,
+/// not left detached holding the file for its timeout with nobody to
+/// reconnect it (re-review of 4418b41). A persistent CREATE that fails so
+/// and is not replayed is left detached: its client, told
+/// STATUS_SERVER_UNAVAILABLE, may yet replay it
+/// (`rksmbd_replays_a_timed_out_persistent_create_without_running_it_again`).
 #[test]
 fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
     let (_s, d, srv) = setup_rksmbd("late-rksmbd", "2000");
@@ -413,8 +415,64 @@ fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
     script.say("go");
 
     late_create_closed(&d, &mut script, "gave up again");
+
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up on H");
+    d.signal(Signal::SIGCONT);
+    wait_for(
+        "the late persistent open to be left detached",
+        Duration::from_secs(10),
+        || (handles(&d) == [(file(), "disconnected".to_owned())]).then_some(()),
+    );
+    script.say("go");
     script.finish();
-    assert!(handles(&d).is_empty(), "closed");
+}
+
+/// rksmbd and a real SMB 3 client (`tests/smb3/late_replay.py`), rksmbd's
+/// calls giving up after 1 s: a persistent OVERWRITE_IF CREATE (DH2Q,
+/// create GUID G) of `late.txt` sent while filterd is stopped is answered
+/// STATUS_SERVER_UNAVAILABLE (MS-SMB2 3.2.5.7: the client replays it);
+/// filterd's late answer leaves the open detached; another client writes
+/// the file; the first client's connection drops and it replays the
+/// CREATE (SMB2_FLAGS_REPLAY_OPERATION, G) from a new connection. Before
+/// the fix the late open was closed (and the CREATE answered
+/// STATUS_FILE_NOT_AVAILABLE): the replay — which a client whose
+/// connection dropped before that answer sends all the same — ran the
+/// CREATE again and truncated the other client's acknowledged write. Now
+/// it gets the original open: its create action (overwritten), the file
+/// as the other client left it.
+#[test]
+fn rksmbd_replays_a_timed_out_persistent_create_without_running_it_again() {
+    let (s, d, srv) = setup_rksmbd("late-rksmbd-replay", "1000");
+    let path = s.root().join("late.txt");
+    std::fs::write(&path, "old contents").expect("write");
+    let mut script = Dialogue::start(&srv, "late_replay.py", Duration::from_secs(60));
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up");
+    d.signal(Signal::SIGCONT);
+    // Polled for up to 10 s; past that the script goes on, and its replay
+    // shows what the late answer left.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while handles(&d) != [("late.txt".to_owned(), "disconnected".to_owned())]
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    script.say("go");
+    script.expect("replayed");
+    assert_eq!(
+        handles(&d),
+        [("late.txt".to_owned(), "connected".to_owned())],
+        "the replay holds the handle\n{}",
+        script.log
+    );
+    assert_eq!(std::fs::read(&path).expect("read"), b"b's data");
+    script.say("go");
+    script.finish();
 }
 
 /// Lets `script` send a CREATE while filterd is stopped; once it says

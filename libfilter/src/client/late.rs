@@ -17,10 +17,11 @@
 //! - a fresh `Open`: the handle is closed (its client was told the open
 //!   failed and will never name it) — unless its caller said the client
 //!   retries by replaying the open's create GUID
-//!   ([`super::FilterClient::open_replayed_by_guid`], smbshim) and filterd
-//!   granted an open that waits for that replay (persistent, or durable
-//!   with an H lease): then it is detached as a replay's is, for the
-//!   replay must find the handle (a new open would run the CREATE again);
+//!   ([`super::FilterClient::open_replayed_by_guid`]: smbshim, and rksmbd
+//!   for DH2Q opens) and filterd granted an open that waits for that
+//!   replay (persistent, or durable with an H lease): then it is detached
+//!   as a replay's is, for the replay must find the handle (a new open
+//!   would run the CREATE again);
 //! - a `ReplayOpen` or `Resume`: the handle is detached, as when its client
 //!   goes away — a durable or persistent one stays resumable by its create
 //!   GUID, another is closed — unless the caller learnt it holds the
@@ -133,7 +134,8 @@ impl LateUndo {
 
 impl LateUndo {
     /// What undoes fresh open `o`, answered late, whose client (told to
-    /// try again, SMB's STATUS_FILE_NOT_AVAILABLE) retries by replaying
+    /// try again: SMB's STATUS_FILE_NOT_AVAILABLE to smbshim's smbl
+    /// clients, STATUS_SERVER_UNAVAILABLE to rksmbd's) retries by replaying
     /// its create GUID: closed, the GUID would name nothing, and the
     /// replay would run the CREATE again — an overwrite truncating the
     /// file a second time (over another client's acknowledged write), a

@@ -646,6 +646,9 @@ fn open_file(
         put: Vec::new(),
     };
     let replay = f.replay && create_guid.is_some();
+    // A DH2Q CREATE's client knows its create GUID and replays it
+    // (never a durable v1 one's: rksmbd makes that GUID up).
+    let by_guid = smb3 && ctxs.durable_v2.is_some() && create_guid.is_some();
     // AppInstanceId (3.3.5.9.13), with DH2Q: the application's earlier
     // open of the file, from whichever connection, is closed first — a
     // failed-over application takes its file back without a break.
@@ -667,16 +670,20 @@ fn open_file(
         app,
         req,
         replay,
+        by_guid,
     };
     match try_open(&sh, &p) {
         Err(e) if e.code() == Some(ErrorCode::Busy) => {}
-        r => return finish_open(c, p, r.map_err(|e| status_of(&e))?),
+        r => {
+            let h = r.map_err(|e| failed_status(c, &p, &e))?;
+            return finish_open(c, p, h);
+        }
     }
     // Lease holders must acknowledge a break first (filterd answered Busy
     // and sent the breaks). Only the last request of a PDU goes async
     // (3.3.4.2): an earlier one waits here, serving the connection.
     if hdr.next_command != 0 || c.pending_creates.list.len() >= MAX_PENDING {
-        let h = open_waiting_for_breaks(c, p.req.clone(), p.replay).map_err(|e| status_of(&e))?;
+        let h = open_waiting_for_breaks(c, &p).map_err(|e| failed_status(c, &p, &e))?;
         return finish_open(c, p, h);
     }
     let head = c.go_async(hdr);
@@ -710,15 +717,52 @@ pub struct Prepared {
     app: Option<([u8; 16], uuid::Uuid)>,
     req: OpenRequest,
     replay: bool,
+    /// A DH2Q open (SMB 3.x), whose client replays its create GUID when
+    /// answered STATUS_SERVER_UNAVAILABLE ([`failed_status`]).
+    by_guid: bool,
 }
 
 /// One filterd open of `p`, never waiting for lease breaks (filterd
-/// answers Busy then).
+/// answers Busy then). A fresh DH2Q open goes through
+/// `open_replayed_by_guid`: answered after the call gave up, its handle
+/// is detached, not closed, when it waits for a replay (persistent, or
+/// durable with H), so the client's replay of the create GUID finds it
+/// and gets the original's answer — closed, the replay ran the CREATE
+/// again (a second truncation over another client's write, a create
+/// answered with another create action). Any other fresh open is closed
+/// late: a durable v1 open's create GUID is rksmbd's own, which no
+/// client replays.
 fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle, ClientError> {
     if p.replay {
         sh.filter.replay_open(p.req.clone())
+    } else if p.by_guid {
+        sh.filter.open_replayed_by_guid(p.req.clone())
     } else {
         sh.filter.open(p.req.clone())
+    }
+}
+
+/// The status of file CREATE `p` that filterd failed with `e`. A DH2Q
+/// CREATE (fresh or a replay) whose call gave up (filterd stalled, or
+/// the connection to it lost) is STATUS_SERVER_UNAVAILABLE where its
+/// client replays a request so answered (MS-SMB2 3.2.5.7): filterd may yet make the open,
+/// left detached for that replay ([`try_open`]), and a client whose
+/// connection dropped before any answer replays it anyway — either way
+/// the replay takes the open the original made, if it made one. Others
+/// as [`status_of`] says (STATUS_FILE_NOT_AVAILABLE for a call that gave
+/// up, which the client does not replay).
+fn failed_status(c: &Connection, p: &Prepared, e: &ClientError) -> u32 {
+    unavailable_status(e, p.by_guid, c.dialect())
+}
+
+/// [`failed_status`] of a CREATE that is (`v2`) or is not a DH2Q open,
+/// on a connection of `dialect`.
+fn unavailable_status(e: &ClientError, v2: bool, dialect: Option<Dialect>) -> u32 {
+    let gave_up = matches!(e, ClientError::Timeout(_) | ClientError::Disconnected);
+    if v2 && gave_up && dialect.is_some_and(crate::server::client_replays_unavailable) {
+        status::SERVER_UNAVAILABLE
+    } else {
+        status_of(e)
     }
 }
 
@@ -849,7 +893,10 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
                 p.next_try = Instant::now() + p.backoff;
                 c.pending_creates.list.push(p);
             }
-            Err(e) => c.finish_async(&p.head, status_of(&e), &[]),
+            Err(e) => {
+                let st = failed_status(c, &p.prepared, &e);
+                c.finish_async(&p.head, st, &[]);
+            }
             Ok(h) => {
                 let head = p.head;
                 let ctxs = p.prepared.ctxs.clone();
@@ -1338,18 +1385,12 @@ fn file_id_bytes(persistent: u64, volatile: u64) -> [u8; 16] {
 /// retries, for up to [`BREAK_WAIT`].
 fn open_waiting_for_breaks(
     c: &mut Connection,
-    req: OpenRequest,
-    replay: bool,
+    p: &Prepared,
 ) -> Result<libfilter::client::OpenedHandle, ClientError> {
     let sh = c.sh.clone();
     let deadline = std::time::Instant::now() + BREAK_WAIT;
     loop {
-        let r = if replay {
-            sh.filter.replay_open(req.clone())
-        } else {
-            sh.filter.open(req.clone())
-        };
-        match r {
+        match try_open(&sh, p) {
             Err(e) if e.code() == Some(ErrorCode::Busy) && std::time::Instant::now() < deadline => {
                 c.pump(std::time::Duration::from_millis(20));
             }
@@ -1817,5 +1858,44 @@ mod tests {
             },
         );
         assert!(r.is_ok(), "{r:?}");
+    }
+
+    /// A DH2Q CREATE whose filterd call gave up is answered
+    /// STATUS_SERVER_UNAVAILABLE on SMB 3.x, which its client replays by
+    /// create GUID (MS-SMB2 3.2.5.7); any other CREATE, or SMB 2.1 (no
+    /// replays), keeps STATUS_FILE_NOT_AVAILABLE; a refusal keeps its own
+    /// status.
+    #[test]
+    fn only_a_timed_out_dh2q_create_is_answered_server_unavailable() {
+        let late = ClientError::Timeout(Duration::from_secs(1));
+        let smb3 = Some(Dialect::Smb302);
+        assert_eq!(
+            unavailable_status(&late, true, smb3),
+            status::SERVER_UNAVAILABLE
+        );
+        assert_eq!(
+            unavailable_status(&ClientError::Disconnected, true, Some(Dialect::Smb311)),
+            status::SERVER_UNAVAILABLE
+        );
+        assert_eq!(
+            unavailable_status(&late, false, smb3),
+            status::FILE_NOT_AVAILABLE
+        );
+        assert_eq!(
+            unavailable_status(&late, true, Some(Dialect::Smb210)),
+            status::FILE_NOT_AVAILABLE
+        );
+        assert_eq!(
+            unavailable_status(&late, true, None),
+            status::FILE_NOT_AVAILABLE
+        );
+        let refused = ClientError::Refused(libfilter::proto::WireError::new(
+            ErrorCode::SharingViolation,
+            "shared",
+        ));
+        assert_eq!(
+            unavailable_status(&refused, true, smb3),
+            status::SHARING_VIOLATION
+        );
     }
 }

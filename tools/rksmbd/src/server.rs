@@ -2677,6 +2677,15 @@ pub fn advertises_multichannel(dialect: Dialect) -> bool {
     capabilities_of(dialect) & CAP_MULTI_CHANNEL != 0
 }
 
+/// Whether a client of `dialect` replays a request answered
+/// STATUS_SERVER_UNAVAILABLE with SMB2_FLAGS_REPLAY_OPERATION (MS-SMB2
+/// 3.2.5.7: SMB 3.x, the server offering persistent handles or
+/// multichannel).
+pub fn client_replays_unavailable(dialect: Dialect) -> bool {
+    dialect.is_smb3()
+        && capabilities_of(dialect) & (CAP_PERSISTENT_HANDLES | CAP_MULTI_CHANNEL) != 0
+}
+
 fn capabilities_of(dialect: Dialect) -> u32 {
     if dialect.is_smb3() {
         CAP_LEASING | CAP_LARGE_MTU | CAP_PERSISTENT_HANDLES | CAP_MULTI_CHANNEL

@@ -465,6 +465,10 @@ pub mod status {
     pub const USER_SESSION_DELETED: u32 = 0xC000_0203;
     pub const DUPLICATE_OBJECTID: u32 = 0xC000_022A;
     pub const FILE_NOT_AVAILABLE: u32 = 0xC000_0467;
+    /// STATUS_SERVER_UNAVAILABLE: an SMB 3.x client of a server offering
+    /// persistent handles or multichannel replays the request so answered
+    /// (MS-SMB2 3.2.5.7).
+    pub const SERVER_UNAVAILABLE: u32 = 0xC000_0466;
 }
 
 #[cfg(test)]
