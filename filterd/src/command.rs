@@ -24,6 +24,105 @@ pub enum Verdict {
 /// Where the engine's verdict on a local open goes (the fanotify answerer).
 pub type VerdictSink = Box<dyn FnOnce(Verdict) + Send>;
 
+/// Who answers a local open's permission event, shared by the engine and
+/// the reader's answerer (whose watchdog refuses it at its verdict
+/// deadline). Writing the answer is deduplicated by the answerer (the
+/// first of the engine's verdict and the watchdog's refusal to reach it
+/// wins); this decides whether the engine may still *act* for the open —
+/// purge handles, break leases, record its opener — so that no open is
+/// refused by the watchdog after the engine acted for it, nor acted for
+/// after the watchdog refused it:
+///
+/// - the engine takes the event ([`EventClaim::engine_takes`]) before it
+///   decides it, every time it runs it (again), and gives it back
+///   ([`EventClaim::engine_lets_go`]) when it parks it having done
+///   nothing for it yet (waiting for a commit, the restart gate);
+/// - the watchdog refuses only an event the engine does not hold
+///   ([`EventClaim::watchdog_refuses`]); one it holds is left to the
+///   engine's verdict, which comes when the engine's own wait ends (a
+///   lease break's timeout) — refused regardless one more deadline later.
+///
+/// Before (review), a local open parked waiting for a commit past its
+/// deadline was refused by the watchdog and then run by the engine once
+/// the commit resolved: purges and lease breaks for an open that never
+/// happened.
+#[derive(Clone, Debug)]
+pub struct EventClaim(Arc<ClaimInner>);
+
+#[derive(Debug)]
+struct ClaimInner {
+    state: std::sync::atomic::AtomicU8,
+    /// The event's verdict deadline.
+    deadline: std::time::Instant,
+}
+
+/// Nobody holds the event: the watchdog may refuse it at its deadline.
+const CLAIM_OPEN: u8 = 0;
+/// The engine is deciding it: its verdict will come.
+const CLAIM_ENGINE: u8 = 1;
+/// Refused without the engine (the watchdog, or the engine's own
+/// letting go past the deadline): the engine must not act for it.
+const CLAIM_REFUSED: u8 = 2;
+
+impl EventClaim {
+    /// A fresh claim of an event whose verdict is due by `deadline`.
+    pub fn new(deadline: std::time::Instant) -> Self {
+        EventClaim(Arc::new(ClaimInner {
+            state: std::sync::atomic::AtomicU8::new(CLAIM_OPEN),
+            deadline,
+        }))
+    }
+
+    fn swap(&self, from: u8, to: u8) -> Result<u8, u8> {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.0
+            .state
+            .compare_exchange(from, to, AcqRel, std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The engine is about to decide the event: `false` when it was
+    /// refused without it meanwhile (it must then do nothing for it).
+    pub fn engine_takes(&self) -> bool {
+        match self.swap(CLAIM_OPEN, CLAIM_ENGINE) {
+            Ok(_) => true,
+            Err(now) => now == CLAIM_ENGINE,
+        }
+    }
+
+    /// The engine parks the event having done nothing for it: the
+    /// watchdog may refuse it again. Past its deadline it is refused at
+    /// once instead (`false`: the engine drops it, which refuses it).
+    pub fn engine_lets_go(&self) -> bool {
+        if std::time::Instant::now() >= self.0.deadline {
+            let _ = self.swap(CLAIM_ENGINE, CLAIM_REFUSED);
+            return false;
+        }
+        // Already open (never taken) is fine; refused cannot be (the
+        // engine held it).
+        self.swap(CLAIM_ENGINE, CLAIM_OPEN)
+            .map_or_else(|now| now != CLAIM_REFUSED, |_| true)
+    }
+
+    /// The watchdog, at the event's deadline: `true` if it may refuse it
+    /// (the engine will never act for it now); `false` while the engine
+    /// holds it.
+    pub fn watchdog_refuses(&self) -> bool {
+        match self.swap(CLAIM_OPEN, CLAIM_REFUSED) {
+            Ok(_) => true,
+            Err(now) => now == CLAIM_REFUSED,
+        }
+    }
+
+    /// The watchdog refuses the event whoever holds it (the engine held it
+    /// a whole deadline past its own): the engine must not act for it
+    /// any more.
+    pub fn watchdog_forces(&self) {
+        self.0
+            .state
+            .store(CLAIM_REFUSED, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Identifies one accepted connection for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId(pub u64);
@@ -107,7 +206,38 @@ pub enum Command {
         fd: std::sync::Arc<OwnedFd>,
         /// Where the verdict goes.
         reply: VerdictSink,
+        /// Whether the engine may still act for it (shared with the
+        /// reader's watchdog).
+        claim: EventClaim,
     },
     /// Stop: flush, then return.
     Shutdown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine's hold and the watchdog's refusal exclude each other:
+    /// the watchdog never refuses an open the engine holds (acting for
+    /// it), the engine never takes one the watchdog refused, and letting
+    /// go past the deadline refuses.
+    #[test]
+    fn the_engine_and_the_watchdog_never_both_have_an_event() {
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        let c = EventClaim::new(later);
+        assert!(c.engine_takes() && c.engine_takes(), "taken, and again");
+        assert!(!c.watchdog_refuses(), "held by the engine");
+        assert!(c.engine_lets_go());
+        assert!(c.watchdog_refuses() && c.watchdog_refuses());
+        assert!(!c.engine_takes(), "refused: the engine may not act");
+        let late = EventClaim::new(std::time::Instant::now());
+        assert!(late.engine_takes());
+        assert!(!late.engine_lets_go(), "past its deadline: refused");
+        assert!(!late.engine_takes());
+        let forced = EventClaim::new(later);
+        assert!(forced.engine_takes());
+        forced.watchdog_forces();
+        assert!(!forced.engine_takes());
+    }
 }

@@ -720,6 +720,9 @@ pub enum AnswerMsg {
 pub struct AnswerSlot {
     answer: Answer,
     deadline: std::time::Instant,
+    /// Whether the engine holds it (acting for it): the watchdog then
+    /// leaves it to the engine's verdict, up to one more deadline.
+    claim: crate::command::EventClaim,
 }
 
 /// Most local opens of the export waiting for a verdict at once
@@ -777,7 +780,10 @@ pub fn descriptor_reserve(fd_limit: u64) -> u64 {
 ///
 /// **The rule for undecided events** (the engine's queue stayed full, or
 /// the verdict did not come within `bound`, or the backlog was full): the
-/// open is refused (`EPERM`), counted, and logged. Refusing fails closed:
+/// open is refused (`EPERM`), counted, and logged — unless the engine
+/// holds it then, having acted for it (a purge, a lease break it waits
+/// for: [`crate::command::EventClaim`]), which leaves it to the engine's
+/// verdict for up to `bound` more. Refusing fails closed:
 /// an open a share mode would deny is never let through because filterd
 /// was overloaded; the local process may retry.
 ///
@@ -805,7 +811,7 @@ pub fn run(
         let reader = std::thread::current();
         let spawned = std::thread::Builder::new()
             .name("fanotify-answer".into())
-            .spawn(move || answerer(rx, counters, pending, reader));
+            .spawn(move || answerer(rx, counters, pending, reader, bound));
         if let Err(e) = &spawned {
             tracing::error!(error = %e, "cannot start the fanotify answerer; every local open of the export is refused");
         }
@@ -1105,9 +1111,11 @@ impl ToEngine {
         self.next_id += 1;
         let id = self.next_id;
         let fd = event.answer.fd.clone();
+        let claim = crate::command::EventClaim::new(event.deadline);
         let slot = AnswerSlot {
             answer: event.answer,
             deadline: event.deadline,
+            claim: claim.clone(),
         };
         // Registered before the engine can possibly answer. Should the
         // answerer be gone (it cannot, short of a panic), the slot comes
@@ -1131,6 +1139,7 @@ impl ToEngine {
             pid: event.pid,
             fd,
             reply: Box::new(move |v| to.send(v)),
+            claim,
         };
         self.send(cmd, event.deadline);
     }
@@ -1210,15 +1219,23 @@ fn allow_own(fan: &Fanotify, fd: OwnedFd) {
 /// Holds every undecided event; answers each with the engine's verdict, or
 /// by the rule for undecided events (refuse) when its deadline passes (the
 /// watchdog). A verdict the engine has sent is always taken before the
-/// watchdog looks. O(1) per event: deadlines come in order.
+/// watchdog looks, and each event is answered once: whichever of the two
+/// takes its slot out of `pending` first. An event the engine holds at
+/// its deadline ([`crate::command::EventClaim`]: it acted for it, a
+/// purge or a lease break, and waits for the break) is left to the
+/// engine's verdict for up to `grace` more, then refused all the same.
+/// O(1) per event: deadlines come in order.
 fn answerer(
     rx: crossbeam_channel::Receiver<AnswerMsg>,
     counters: Arc<LocalCounters>,
     count: Arc<AtomicU64>,
     reader: std::thread::Thread,
+    grace: Duration,
 ) {
     let mut pending: std::collections::HashMap<u64, Box<AnswerSlot>> = Default::default();
     let mut order: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
+    // Events the engine held at their deadline, by their last one.
+    let mut held: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
     let handle =
         |msg: AnswerMsg,
          pending: &mut std::collections::HashMap<u64, Box<AnswerSlot>>,
@@ -1253,9 +1270,11 @@ fn answerer(
         };
     loop {
         let now = std::time::Instant::now();
-        let wait = order
-            .front()
+        let wait = [order.front(), held.front()]
+            .into_iter()
+            .flatten()
             .map(|(d, _)| d.saturating_duration_since(now))
+            .min()
             .unwrap_or(Duration::from_secs(1));
         match rx.recv_timeout(wait) {
             Ok(msg) => handle(msg, &mut pending, &mut order),
@@ -1273,16 +1292,48 @@ fn answerer(
                 break;
             }
             order.pop_front();
+            let Some(slot) = pending.get(&id) else {
+                continue;
+            };
+            if !slot.claim.watchdog_refuses() {
+                // The engine acted for it and holds it: its verdict comes.
+                held.push_back((deadline + grace, id));
+                continue;
+            }
             if let Some(slot) = pending.remove(&id) {
-                count.fetch_sub(1, Ordering::Relaxed);
-                counters.watchdog.fetch_add(1, Ordering::Relaxed);
+                watchdog_refuses(slot.answer, &count, &counters);
                 tracing::warn!(event = id, "local open not decided in time: refused");
-                slot.answer.deny();
+            }
+        }
+        while let Some(&(last, id)) = held.front() {
+            if last > now {
+                break;
+            }
+            held.pop_front();
+            if let Some(slot) = pending.remove(&id) {
+                if !slot.claim.watchdog_refuses() {
+                    // Held by the engine a whole deadline more (it should
+                    // never be): refused, and the engine may not act for
+                    // it any more.
+                    slot.claim.watchdog_forces();
+                    tracing::error!(
+                        event = id,
+                        "local open held by the engine a deadline past its own: refused"
+                    );
+                }
+                watchdog_refuses(slot.answer, &count, &counters);
             }
         }
         // Answers free room: a reader waiting for it reads again.
         reader.unpark();
     }
+}
+
+/// The watchdog's refusal of an event not decided in time.
+fn watchdog_refuses(answer: Answer, count: &AtomicU64, counters: &LocalCounters) {
+    count.fetch_sub(1, Ordering::Relaxed);
+    counters.watchdog.fetch_add(1, Ordering::Relaxed);
+    answer.deny();
 }
 
 #[cfg(test)]

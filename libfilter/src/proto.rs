@@ -1214,6 +1214,12 @@ pub struct Stats {
     /// the commit's outcome (refused if the create was undone).
     #[serde(default)]
     pub local_opens_waited_for_commit: u64,
+    /// Local opens whose verdict deadline passed while they waited in
+    /// filterd (for a commit, the restart gate): refused (by the reader's
+    /// watchdog, or at once when the engine found it late), and dropped
+    /// by the engine without acting for them — no purge, no lease break.
+    #[serde(default)]
+    pub local_opens_past_deadline: u64,
     /// Files filterd claimed after its open broke a local process's kernel
     /// lease (held open until the retry's open, at most 10 s).
     #[serde(default)]

@@ -36,6 +36,12 @@ impl Engine {
         reply: LocalReply,
     ) {
         use crate::local::Verdict;
+        if !reply.take() {
+            // Refused by the reader's watchdog while it waited here:
+            // nothing is done for an open that did not happen.
+            self.local_open_past_deadline(file, pid);
+            return;
+        }
         // A step of its own: a purge it makes is settled by its own commit.
         self.begin_request();
         if let Some(seq) = self.create_pending(file) {
@@ -47,8 +53,9 @@ impl Engine {
             // deadline bounds the wait.
             self.stats.local_opens_waited_for_commit += 1;
             debug!(pid, %file, "local open of a file whose create is committing: waits");
-            self.waiting_local.push((file, pid, reply, fd));
-            self.wait_for_commit(seq, file);
+            if self.park_local(file, pid, reply, fd) {
+                self.wait_for_commit(seq, file);
+            }
             return;
         }
         if self.restart_gate_closed(None) {
@@ -77,8 +84,9 @@ impl Engine {
             if let Some(seq) = self.close_pending(file).filter(|_| !clean) {
                 self.stats.local_opens_waited_for_commit += 1;
                 debug!(pid, %file, "local open of a file whose handle's removal is committing: waits");
-                self.waiting_local.push((file, pid, reply, fd));
-                self.wait_for_commit(seq, file);
+                if self.park_local(file, pid, reply, fd) {
+                    self.wait_for_commit(seq, file);
+                }
                 return;
             }
         }
@@ -131,7 +139,11 @@ impl Engine {
             }
         }
         if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None, false) {
-            // Remembered already (pid 0 when it runs again).
+            // Remembered already (pid 0 when it runs again). Acted for:
+            // the engine keeps it until its verdict (the break's timeout
+            // bounds the wait), the watchdog does not refuse it meanwhile.
+            let mut reply = reply;
+            reply.acted = true;
             self.waiting_local.push((file, 0, reply, fd));
             return;
         }
@@ -141,6 +153,32 @@ impl Engine {
         if self.mediated.is_some() && !self.plain_files.contains(&file) {
             self.plain_files.push(file);
         }
+    }
+
+    /// Parks a local open in `waiting_local` until what it waits for is
+    /// resolved: `false` (dropped, refused at once) when its verdict
+    /// deadline passed already ([`LocalReply::park`]).
+    pub(super) fn park_local(
+        &mut self,
+        file: FileId,
+        pid: i32,
+        reply: LocalReply,
+        fd: Arc<OwnedFd>,
+    ) -> bool {
+        if !reply.park() {
+            self.local_open_past_deadline(file, pid);
+            return false;
+        }
+        self.waiting_local.push((file, pid, reply, fd));
+        true
+    }
+
+    /// A local open whose verdict deadline passed while it waited here
+    /// (refused by the reader's watchdog, or refused now by dropping its
+    /// verdict): dropped without acting for it, counted.
+    fn local_open_past_deadline(&mut self, file: FileId, pid: i32) {
+        self.stats.local_opens_past_deadline += 1;
+        debug!(pid, %file, "local open past its verdict deadline (refused): dropped, nothing done for it");
     }
 
     /// Whether a local open of `file` would be allowed as it stands,

@@ -310,9 +310,45 @@ pub struct Engine {
 }
 
 /// Where a local open's verdict goes.
-struct LocalReply(crate::command::VerdictSink);
+struct LocalReply {
+    sink: crate::command::VerdictSink,
+    /// Whether the engine may still act for the open (shared with the
+    /// reader's watchdog).
+    claim: crate::command::EventClaim,
+    /// The engine acted for it already (purged, broke leases): it keeps
+    /// the event until its verdict, never lets the watchdog have it.
+    acted: bool,
+}
 
 impl LocalReply {
+    fn new(sink: crate::command::VerdictSink, claim: crate::command::EventClaim) -> Self {
+        LocalReply {
+            sink,
+            claim,
+            acted: false,
+        }
+    }
+
+    /// A local open's reply with no deadline in sight (tests).
+    #[cfg(test)]
+    fn for_test(sink: crate::command::VerdictSink) -> Self {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        LocalReply::new(sink, crate::command::EventClaim::new(deadline))
+    }
+
+    /// The engine is about to decide the open: `false` when the watchdog
+    /// refused it meanwhile (nothing may be done for it).
+    fn take(&self) -> bool {
+        self.claim.engine_takes()
+    }
+
+    /// The engine parks the open: unless it acted for it already, the
+    /// watchdog may refuse it at its deadline meanwhile. `false` when its
+    /// deadline passed: the caller drops it (refused at once).
+    fn park(&self) -> bool {
+        self.acted || self.claim.engine_lets_go()
+    }
+
     /// Sends `v`, the engine's share of the event's descriptor `fd` let go
     /// first: the answer then closes the event's file before the opener
     /// goes on (`local::Answer`), so a probe of the file made after it
@@ -320,7 +356,7 @@ impl LocalReply {
     /// descriptor and take it for a local opener.
     fn send(self, v: crate::command::Verdict, fd: Arc<OwnedFd>) {
         drop(fd);
-        (self.0)(v);
+        (self.sink)(v);
     }
 }
 
@@ -615,7 +651,8 @@ impl Engine {
                 pid,
                 fd,
                 reply,
-            } => self.on_local_open(file, pid, fd, LocalReply(reply)),
+                claim,
+            } => self.on_local_open(file, pid, fd, LocalReply::new(reply, claim)),
             Command::IntentsDurable(ids) => {
                 for id in ids {
                     self.finish_parked(id);

@@ -79,8 +79,9 @@ impl Engine {
     ) {
         self.stats.local_opens_waited_for_frontends += 1;
         debug!(pid, %file, "local open after a restart waits for the frontends seen before it");
-        self.waiting_local.push((file, pid, reply, fd));
-        self.restart_gate_files.insert(file);
+        if self.park_local(file, pid, reply, fd) {
+            self.restart_gate_files.insert(file);
+        }
     }
 
     /// `instance` has resynced (or said hello without

@@ -2224,13 +2224,7 @@ fn a_local_open_of_a_create_still_committing_waits_for_its_outcome() {
     for (ok, closed) in [(false, false), (true, false), (false, true)] {
         let mut h = Harness::new();
         let id = h.run(open("n", Rights::ALL));
-        let (key, file) = h
-            .engine
-            .handles
-            .values()
-            .next()
-            .map(|h| (h.rec.key, h.rec.file))
-            .unwrap();
+        let (key, file) = only_handle(&h);
         if closed {
             h.run(Request::Close {
                 key,
@@ -2238,12 +2232,7 @@ fn a_local_open_of_a_create_still_committing_waits_for_its_outcome() {
                 delete: vec![],
             });
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let fd: Arc<OwnedFd> = Arc::new(std::fs::File::open("/dev/null").unwrap().into());
-        let reply = LocalReply(Box::new(move |v| {
-            let _ = tx.send(v);
-        }));
-        h.engine.on_local_open(file, 4242, fd, reply);
+        let rx = local_open(&mut h, file);
         assert!(rx.try_recv().is_err(), "decided before the create commits");
         assert_eq!(h.engine.stats.local_opens_waited_for_commit, 1);
         h.commit(ok);
@@ -2259,6 +2248,74 @@ fn a_local_open_of_a_create_still_committing_waits_for_its_outcome() {
             assert!(h.fs.file("n").is_none(), "{:?}", h.fs.snapshot());
         }
     }
+}
+
+/// Review: a local open waiting for its file's create to commit, refused
+/// by the reader's watchdog at its verdict deadline meanwhile, is dropped
+/// when the commit resolves — no lease broken, no state changed for an
+/// open that never happened. Before, the engine ran it then and broke
+/// the creator's lease. The same open not refused breaks it (the
+/// control), and one whose deadline passed before it could wait is
+/// dropped at once.
+#[test]
+fn a_local_open_the_watchdog_refused_while_it_waited_does_nothing() {
+    use crate::command::EventClaim;
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Event;
+    use std::time::Duration;
+    let is_break = |e: &Event| matches!(e, Event::LeaseBreak { .. });
+    for refused in [true, false] {
+        let mut h = Harness::new();
+        let Request::Open(mut o) = open("n", Rights::ALL) else {
+            unreachable!("open() makes an open")
+        };
+        o.lease = Some(LeaseRequest {
+            key: LeaseKey(uuid::Uuid::new_v4()),
+            state: LeaseState::parse("RWH").unwrap(),
+            epoch: 0,
+        });
+        let id = h.run(Request::Open(o));
+        let (key, file) = only_handle(&h);
+        let lease = h.engine.handles[&key].rec.lease;
+        let claim = EventClaim::new(std::time::Instant::now() + Duration::from_secs(3600));
+        let rx = local_open_claimed(&mut h, file, claim.clone());
+        assert_eq!(h.engine.stats.local_opens_waited_for_commit, 1);
+        if refused {
+            assert!(claim.watchdog_refuses(), "the engine let it go to wait");
+        }
+        h.commit(true);
+        h.engine.process_retries();
+        // A persistent holder's break goes out once its epoch is durable.
+        h.commit(true);
+        h.drain_replies();
+        h.opened(id);
+        assert!(rx.try_recv().is_err(), "waits for the break, or dropped");
+        if refused {
+            assert!(!h.events.iter().any(is_break), "{:?}", h.events);
+            assert!(h.engine.breaking.is_empty());
+            assert!(h.engine.waiting_local.is_empty());
+            assert_eq!(h.engine.handles[&key].rec.lease, lease);
+            assert_eq!(h.engine.stats.local_opens_past_deadline, 1);
+        } else {
+            assert!(!h.engine.breaking.is_empty());
+            assert!(h.events.iter().any(is_break), "{:?}", h.events);
+            assert!(!claim.watchdog_refuses(), "the engine holds it");
+            assert_eq!(h.engine.stats.local_opens_past_deadline, 0);
+        }
+    }
+    // Past its deadline before it could wait: dropped at once.
+    let mut h = Harness::new();
+    h.run(open("n", Rights::ALL));
+    let (_, file) = only_handle(&h);
+    let claim = EventClaim::new(std::time::Instant::now());
+    let rx = local_open_claimed(&mut h, file, claim.clone());
+    assert!(h.engine.waiting_local.is_empty());
+    assert!(rx.try_recv().is_err(), "no verdict: the drop refuses it");
+    assert_eq!(h.engine.stats.local_opens_past_deadline, 1);
+    assert!(
+        !claim.engine_takes(),
+        "refused: the engine may not act for it"
+    );
 }
 
 /// A non-persistent open by another client (no create GUID).
@@ -3348,17 +3405,35 @@ fn a_local_open_waits_for_a_pending_close_only_if_its_handle_would_refuse() {
 
 /// A local open of `file` by pid 4242: where its verdict comes.
 fn local_open(h: &mut Harness, file: FileId) -> std::sync::mpsc::Receiver<crate::command::Verdict> {
+    let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    local_open_claimed(h, file, crate::command::EventClaim::new(later))
+}
+
+/// [`local_open`] with `claim` shared with the test (as the reader's
+/// watchdog shares it).
+fn local_open_claimed(
+    h: &mut Harness,
+    file: FileId,
+    claim: crate::command::EventClaim,
+) -> std::sync::mpsc::Receiver<crate::command::Verdict> {
     let (tx, rx) = std::sync::mpsc::channel();
     let fd = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-    h.engine.on_local_open(
-        file,
-        4242,
-        fd,
-        LocalReply(Box::new(move |v| {
-            let _ = tx.send(v);
-        })),
-    );
+    let sink = Box::new(move |v| {
+        let _ = tx.send(v);
+    });
+    h.engine
+        .on_local_open(file, 4242, fd, LocalReply::new(sink, claim));
     rx
+}
+
+/// The key and file of the harness's only handle.
+fn only_handle(h: &Harness) -> (ResumeKey, FileId) {
+    h.engine
+        .handles
+        .values()
+        .next()
+        .map(|h| (h.rec.key, h.rec.file))
+        .expect("a handle")
 }
 
 /// Issue 13, F3: a LOCK over a range another handle was let write
@@ -4120,7 +4195,7 @@ fn local_opens_after_a_restart_wait_at_the_open_gate() {
             FileId { dev: 1, ino: 2 },
             4242,
             fd,
-            LocalReply(Box::new(move |v| *sink.lock().unwrap() = Some(v))),
+            LocalReply::for_test(Box::new(move |v| *sink.lock().unwrap() = Some(v))),
         );
         got
     };
@@ -4792,7 +4867,7 @@ fn a_local_open_breaks_the_lease_of_a_stat_open() {
         file,
         4242,
         fd,
-        LocalReply(Box::new(move |v| *sink.lock().unwrap() = Some(v))),
+        LocalReply::for_test(Box::new(move |v| *sink.lock().unwrap() = Some(v))),
     );
     h.drain_replies();
     assert_eq!(*got.lock().unwrap(), None, "waits for the break");
