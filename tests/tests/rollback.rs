@@ -98,19 +98,31 @@ impl Drop for LocalWriter {
 /// commit is in that fsync, with the create's answer to come on the
 /// receiver.
 fn create_failing(s: &Scratch, d: &Filterd) -> (Strace, mpsc::Receiver<Result<(), String>>) {
+    let inject = format!("fsync:error=EIO:delay_enter={WINDOW_US}:when=1");
+    let open = req("alice", "f", Rights::ALL, PERSISTENT);
+    let (strace, rx, _) = create_held(s, d, &inject, open);
+    (strace, rx)
+}
+
+/// The create `open` (of `f`) in a thread, its commit's first `fsync`
+/// given strace's `inject`; returns once the commit is in that fsync,
+/// with the create's answer to come on the receiver, and its frontend.
+fn create_held(
+    s: &Scratch,
+    d: &Filterd,
+    inject: &str,
+    open: OpenRequest,
+) -> (
+    Strace,
+    mpsc::Receiver<Result<(), String>>,
+    Arc<FilterClient>,
+) {
     let fe = Arc::new(frontend(s, "smb-a"));
-    let strace = Strace::attach(
-        d.pid(),
-        &s.dir.join("strace"),
-        &["fsync"],
-        &[&format!("fsync:error=EIO:delay_enter={WINDOW_US}:when=1")],
-    );
+    let strace = Strace::attach(d.pid(), &s.dir.join("strace"), &["fsync"], &[inject]);
     let (tx, rx) = mpsc::channel();
+    let creator = fe.clone();
     std::thread::spawn(move || {
-        let r = fe
-            .open(req("alice", "f", Rights::ALL, PERSISTENT))
-            .map(|_| ())
-            .map_err(|e| e.to_string());
+        let r = creator.open(open).map(|_| ()).map_err(|e| e.to_string());
         let _ = tx.send(r);
     });
     wait_for(
@@ -118,7 +130,19 @@ fn create_failing(s: &Scratch, d: &Filterd) -> (Strace, mpsc::Receiver<Result<()
         Duration::from_secs(20),
         || held_in_injected_syscall(d.pid(), "committer").then_some(()),
     );
-    (strace, rx)
+    (strace, rx, fe)
+}
+
+/// The create's answer, which must not have come before `then` (the
+/// create still committing then).
+fn answered_after(created: &mpsc::Receiver<Result<(), String>>, then: &str) -> Result<(), String> {
+    assert!(
+        created.try_recv().is_err(),
+        "the create is still committing when {then}"
+    );
+    created
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the create is answered")
 }
 
 /// F1: a local open of the file of a persistent create still committing
@@ -142,13 +166,7 @@ fn a_local_open_of_a_create_still_committing_waits_and_is_refused_when_undone() 
         Duration::from_secs(20),
         || (ctl.stats().ok()?.local_opens_waited_for_commit >= 1).then_some(()),
     );
-    assert!(
-        created.try_recv().is_err(),
-        "the create is still committing while the local open waits"
-    );
-    let r = created
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the create is answered");
+    let r = answered_after(&created, "the local open waits");
     assert!(r.is_err(), "the create's commit failed: {r:?}");
     match w.outcome() {
         Err(st) => {
@@ -170,6 +188,65 @@ fn a_local_open_of_a_create_still_committing_waits_and_is_refused_when_undone() 
             );
         }
     }
+}
+
+/// A local open that waited for its file's create to commit past its
+/// verdict deadline is refused by the watchdog (EPERM) — and then, once
+/// the commit is made, nothing is done for it: the creator's lease is not
+/// broken (counted `local_opens_past_deadline`). Before (review), the
+/// engine ran the refused open when the commit resolved and broke the
+/// lease for an open that never happened.
+#[test]
+fn a_local_open_refused_at_its_deadline_while_a_create_commits_breaks_no_lease() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Event;
+    let Some(s) = Scratch::with_tmpfs("rb-local-late") else {
+        return;
+    };
+    // Verdict deadline: break timeout + 2 s = 2.5 s, well inside the
+    // commit's held fsync (WINDOW_US).
+    let d = Filterd::start_mediated(&s, &["--break-timeout-ms", "500"]);
+    let mut open = req("alice", "f", Rights::ALL, PERSISTENT);
+    open.lease = Some(LeaseRequest {
+        key: LeaseKey(uuid::Uuid::new_v4()),
+        state: LeaseState::parse("RWH").unwrap(),
+        epoch: 0,
+    });
+    // The fsync skipped (it returns 0: tmpfs has nothing to sync), held
+    // at its entry for the window.
+    let inject = format!("fsync:retval=0:delay_enter={WINDOW_US}:when=1");
+    let (_strace, created, fe) = create_held(&s, &d, &inject, open);
+    let f = s.root().join("f");
+    let (tx, local) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::File::open(&f).map(|_| ()));
+    });
+    let e = local
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the local open is answered")
+        .expect_err("refused at its deadline, the create still committing");
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    let r = answered_after(&created, "the local open is refused");
+    assert!(r.is_ok(), "{r:?}");
+    let ctl = d.control();
+    let broken = wait_for(
+        "the refused local open dropped (or its lease break)",
+        Duration::from_secs(20),
+        || {
+            if let Ok(Event::LeaseBreak { .. }) = fe.events().try_recv() {
+                return Some(true);
+            }
+            (ctl.stats().ok()?.local_opens_past_deadline >= 1).then_some(false)
+        },
+    );
+    assert!(!broken, "a lease was broken for a refused local open");
+    let st = ctl.stats().unwrap();
+    assert!(st.local_opens_watchdog >= 1, "{st:?}");
+    let late: Vec<_> = fe.events().try_iter().collect();
+    assert!(
+        !late.iter().any(|e| matches!(e, Event::LeaseBreak { .. })),
+        "{late:?}"
+    );
 }
 
 /// filterd's own descriptor of the file named `name`, as `/proc/PID/fd/N`.
