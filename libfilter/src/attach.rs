@@ -558,6 +558,17 @@ impl Attachment {
         }
     }
 
+    /// `h`, remembered for `client` when it was opened.
+    fn remembering(
+        &self,
+        client: &ClientId,
+        h: Result<OpenedHandle, ClientError>,
+    ) -> Result<OpenedHandle, ClientError> {
+        let h = h?;
+        self.remember(&h, client);
+        Ok(h)
+    }
+
     fn forget(&self, key: ResumeKey) {
         if let Ok(mut m) = self.shared.handles.lock() {
             m.remove(&key);
@@ -567,34 +578,58 @@ impl Attachment {
     /// Opens and remembers the handle.
     pub fn open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
         let client = req.client.clone();
-        let h = self.client().open(req)?;
-        self.remember(&h, &client);
-        Ok(h)
+        self.remembering(&client, self.client().open(req))
     }
 
     /// As [`Attachment::open`], for a caller whose client replays the
     /// open's create GUID when told it failed
-    /// ([`FilterClient::open_replayed_by_guid`]).
-    pub fn open_replayed_by_guid(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
+    /// ([`FilterClient::open_replayed_by_guid`]), in the client's session
+    /// `end`.
+    pub fn open_replayed_by_guid(
+        &self,
+        req: OpenRequest,
+        end: &crate::client::SessionEnd,
+    ) -> Result<OpenedHandle, ClientError> {
         let client = req.client.clone();
-        let h = self.client().open_replayed_by_guid(req)?;
-        self.remember(&h, &client);
-        Ok(h)
+        self.remembering(&client, self.client().open_replayed_by_guid(req, end))
     }
 
     /// Replays an open and remembers the handle.
     pub fn replay_open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
         let client = req.client.clone();
-        let h = self.client().replay_open(req)?;
-        self.remember(&h, &client);
-        Ok(h)
+        self.remembering(&client, self.client().replay_open(req))
+    }
+
+    /// As [`Attachment::replay_open`], in the client's session `end`
+    /// ([`FilterClient::replay_open_for`]).
+    pub fn replay_open_for(
+        &self,
+        req: OpenRequest,
+        end: &crate::client::SessionEnd,
+    ) -> Result<OpenedHandle, ClientError> {
+        let client = req.client.clone();
+        self.remembering(&client, self.client().replay_open_for(req, end))
+    }
+
+    /// Takes a disconnected handle by create GUID to close it
+    /// ([`FilterClient::resume_by_guid_to_close`]), and remembers it until
+    /// its close is answered ([`Attachment::close`]).
+    pub fn resume_by_guid_to_close(
+        &self,
+        client: ClientId,
+        guid: CreateGuid,
+        owner: Option<String>,
+    ) -> Result<OpenedHandle, ClientError> {
+        let h = self
+            .client()
+            .resume_by_guid_to_close(client.clone(), guid, owner);
+        self.remembering(&client, h)
     }
 
     /// Resumes by key and remembers the handle.
     pub fn resume(&self, client: ClientId, key: ResumeKey) -> Result<OpenedHandle, ClientError> {
-        let h = self.client().resume(client.clone(), key)?;
-        self.remember(&h, &client);
-        Ok(h)
+        let h = self.client().resume(client.clone(), key);
+        self.remembering(&client, h)
     }
 
     /// Resumes by create GUID and remembers the handle.
@@ -614,11 +649,8 @@ impl Attachment {
         guid: CreateGuid,
         owner: Option<String>,
     ) -> Result<OpenedHandle, ClientError> {
-        let h = self
-            .client()
-            .resume_by_guid_of(client.clone(), guid, owner)?;
-        self.remember(&h, &client);
-        Ok(h)
+        let h = self.client().resume_by_guid_of(client.clone(), guid, owner);
+        self.remembering(&client, h)
     }
 
     /// Closes and forgets the handle.

@@ -37,6 +37,8 @@
 
 mod late;
 
+pub use late::SessionEnd;
+
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
@@ -783,8 +785,9 @@ impl FilterClient {
     fn undo_late(&self, undo: &late::Undo) -> bool {
         let key = undo.key();
         let done = match undo {
-            late::Undo::Close(_) => self.take_back_late(key, true),
-            late::Undo::Detach(_) => self.take_back_late(key, false),
+            late::Undo::Close(_) => self.take_back_late(key, true, None),
+            late::Undo::Detach(_) => self.take_back_late(key, false, None),
+            late::Undo::DetachUntil(_, end) => self.take_back_late(key, false, Some(end)),
             late::Undo::Unlock { unlocks, .. } => {
                 self.lock(key, unlocks.clone(), None).map(|_| "unlocked")
             }
@@ -833,7 +836,16 @@ impl FilterClient {
     /// again (or opens anew). The handle stays watched while the undo is
     /// in flight: should it fail and be tried again, a call answered with
     /// the handle meanwhile (sent after it) still keeps the retry off it.
-    fn take_back_late(&self, key: ResumeKey, close: bool) -> Result<&'static str, ClientError> {
+    /// A detach whose session has ended for good (`end`) by the time it is
+    /// sent is a close ([`SessionEnd`]): decided under `reattach_order`, so
+    /// a resume to close sent after the session ended reaches filterd
+    /// after a detach decided before.
+    fn take_back_late(
+        &self,
+        key: ResumeKey,
+        close: bool,
+        end: Option<&SessionEnd>,
+    ) -> Result<&'static str, ClientError> {
         let until = Instant::now() + self.timeout;
         loop {
             if self.inner.dead.load(Ordering::Acquire) {
@@ -874,7 +886,7 @@ impl FilterClient {
                 continue;
             }
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let (req, what) = if close {
+            let (req, what) = if close || end.is_some_and(SessionEnd::has_ended) {
                 let (put, delete) = (Vec::new(), Vec::new());
                 (Request::Close { key, put, delete }, "closed")
             } else {
@@ -930,11 +942,18 @@ impl FilterClient {
     /// replay ran the CREATE again — a second truncation, a collision with
     /// the file the first made. [`FilterClient::open`] closes it always:
     /// rksmbd's durable v1 opens carry GUIDs of its own making that no
-    /// client replays, so a detached handle would only hold the file until
-    /// its timeout.
-    pub fn open_replayed_by_guid(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
+    /// client replays (and SMB clients replay only requests that got no
+    /// answer), so a detached handle would only hold the file until its
+    /// timeout. Once `end` has ended (the client's session is over for
+    /// good: smbshim's LOGOFF) such an open is closed after all — nobody
+    /// will replay it ([`SessionEnd`]).
+    pub fn open_replayed_by_guid(
+        &self,
+        req: OpenRequest,
+        end: &SessionEnd,
+    ) -> Result<OpenedHandle, ClientError> {
         let req = self.understood(req);
-        let undo = Some(late::LateUndo::of_open_replayed(&req));
+        let undo = Some(late::LateUndo::of_open_replayed(&req, end));
         self.open_undoing(Request::Open(req), undo)
     }
 
@@ -945,19 +964,46 @@ impl FilterClient {
         undo: Option<late::LateUndo>,
     ) -> Result<OpenedHandle, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        match self.call_undoing(id, req, None, undo)? {
-            (reply, fds, false) => Self::expect_opened((reply, fds)),
-            (reply, fds, true) => {
-                drop(fds);
-                Err(self.descriptors_cut(reply, true))
-            }
-        }
+        let r = self.call_undoing(id, req, None, undo)?;
+        self.opened_or_cut(r, true)
     }
 
     /// Re-sends an open after a failure: returns the original open if the
     /// client's create GUID names one, else opens.
     pub fn replay_open(&self, req: OpenRequest) -> Result<OpenedHandle, ClientError> {
         Self::expect_opened(self.call(Request::ReplayOpen(self.understood(req)))?)
+    }
+
+    /// As [`FilterClient::replay_open`], for a client session `end`:
+    /// answered late, the handle is detached (for the client's next
+    /// replay) while the session lasts, closed once it has ended for good
+    /// ([`SessionEnd`]).
+    pub fn replay_open_for(
+        &self,
+        req: OpenRequest,
+        end: &SessionEnd,
+    ) -> Result<OpenedHandle, ClientError> {
+        let req = Request::ReplayOpen(self.understood(req));
+        let undo = Some(late::LateUndo::DetachUntil(end.clone()));
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let r = self.call_undoing(id, req, None, undo)?;
+        self.opened_or_cut(r, false)
+    }
+
+    /// The handle a call answered with (`r`); one whose descriptor was cut
+    /// is closed (`close`) or detached ([`FilterClient::descriptors_cut`]).
+    fn opened_or_cut(
+        &self,
+        r: (Reply, Vec<OwnedFd>, bool),
+        close: bool,
+    ) -> Result<OpenedHandle, ClientError> {
+        match r {
+            (reply, fds, false) => Self::expect_opened((reply, fds)),
+            (reply, fds, true) => {
+                drop(fds);
+                Err(self.descriptors_cut(reply, close))
+            }
+        }
     }
 
     /// `req` as this daemon understands it: without `share_exempt` when
@@ -1399,6 +1445,30 @@ impl FilterClient {
         }))?)
     }
 
+    /// Takes the disconnected handle of `client` with create GUID
+    /// `create_guid` (and protocol-level `owner`, as
+    /// [`FilterClient::resume_by_guid_of`]) to close it: the frontend's
+    /// session that made it ended for good, and its client never learnt
+    /// it (smbshim's LOGOFF after a durable CREATE it timed out). Answered
+    /// late, the handle is closed rather than detached. `NoSuchHandle`
+    /// when there is none disconnected (none at all, or one attached:
+    /// held, or made and not yet answered).
+    pub fn resume_by_guid_to_close(
+        &self,
+        client: ClientId,
+        create_guid: CreateGuid,
+        owner: Option<String>,
+    ) -> Result<OpenedHandle, ClientError> {
+        let req = Request::Resume(ResumeRequest {
+            client,
+            target: ResumeTarget::CreateGuid { create_guid },
+            owner: owner.filter(|_| self.checks_resume_owner()),
+        });
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let r = self.call_undoing(id, req, None, Some(late::LateUndo::Close))?;
+        self.opened_or_cut(r, true)
+    }
+
     /// Whether the daemon fills the `"kernel_handle"` member of a record an
     /// open carries ([`proto::FEATURE_OPEN_KERNEL_HANDLE`]).
     pub fn fills_open_kernel_handle(&self) -> bool {
@@ -1690,7 +1760,9 @@ fn late_answer(inner: &Inner, id: u64, result: &Result<Reply, WireError>) {
     }) else {
         return;
     };
-    if let late::Undo::Detach(key) | late::Undo::Close(key) = &undo {
+    if let late::Undo::Detach(key) | late::Undo::DetachUntil(key, _) | late::Undo::Close(key) =
+        &undo
+    {
         // Under `pending` (see `FilterClient::take_back_late`).
         if let Ok(mut w) = inner.watch.lock() {
             w.insert(*key);

@@ -789,3 +789,65 @@ fn smbshim_runs_no_replayed_set_info_whose_lookup_went_unanswered() {
         b"bbbb",
     );
 }
+
+/// Client b's exclusive CREATE of `f` (sharing nothing) succeeds at once:
+/// no handle is left in filterd to refuse it.
+fn nothing_left_of_f(d: &Filterd, smb: &Shim) {
+    let left = handles(d);
+    assert!(left.is_empty(), "no handle left: {left:?}");
+    let (mut b, bsid) = smb_session(&smb.addr);
+    let r = b.call(json!({"cmd": "CREATE", "session_id": bsid, "path": "f",
+        "access": ["read", "write"], "share": [], "disposition": "open_if"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+/// A persistent CREATE answered late is detached for the client's replay
+/// of its create GUID; the client logs off instead. LOGOFF closes every
+/// open of the session, durable ones too (spec), but the detached handle
+/// was in no session's table: before the fix it stayed disconnected for
+/// its durable timeout (60 s here) after the LOGOFF — refusing b's
+/// exclusive CREATE STATUS_FILE_NOT_AVAILABLE. Now the session remembers
+/// the GUID of the CREATE that got no answer and its LOGOFF closes the
+/// handle by it.
+#[test]
+fn a_late_persistent_create_detached_is_closed_by_logoff() {
+    let (_s, d, smb) = setup("late-durable-logoff");
+    let (mut a, sid) = smb_session(&smb.addr);
+    late_persistent_create(&d, &mut a, sid, "create");
+    let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    nothing_left_of_f(&d, &smb);
+}
+
+/// As above, the other order: the client logs off while filterd is still
+/// stopped, before the CREATE's late answer comes (the LOGOFF's own look
+/// for the handle by create GUID goes unanswered too). Before the fix the
+/// late answer detached the open after the session had ended, and it
+/// stayed disconnected for its durable timeout; now the session's end is
+/// marked first, and a late answer for an ended session is closed.
+#[test]
+fn a_late_persistent_create_answered_after_logoff_is_closed() {
+    let (_s, d, smb) = setup("late-durable-after-logoff");
+    let (mut a, sid) = smb_session(&smb.addr);
+    let guid = uuid::Uuid::new_v4().to_string();
+    d.stop();
+    let r = a.call(json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": ["read", "write", "delete"],
+        "disposition": "create",
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}}));
+    assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "gave up: {r}");
+    let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    d.signal(Signal::SIGCONT);
+    // filterd makes the open late, then it goes.
+    let sock = d.socket().display().to_string();
+    wait_for(
+        "the late open to be made and closed",
+        Duration::from_secs(10),
+        || {
+            let st = filterctl(&["--socket", &sock, "stats", "--json"]).json();
+            (st["opens"].as_u64() >= Some(1) && handles(&d).is_empty()).then_some(())
+        },
+    );
+    nothing_left_of_f(&d, &smb);
+}

@@ -18,15 +18,20 @@
 //!   failed and will never name it) — unless its caller said the client
 //!   retries by replaying the open's create GUID
 //!   ([`super::FilterClient::open_replayed_by_guid`]: smbshim, and rksmbd
-//!   for DH2Q opens) and filterd granted an open that waits for that
-//!   replay (persistent, or durable with an H lease): then it is detached
-//!   as a replay's is, for the replay must find the handle (a new open
-//!   would run the CREATE again);
+//!   for DH2Q opens) and filterd granted an open that waits for that replay (persistent, or durable
+//!   with an H lease): then it is detached as a replay's is, for the
+//!   replay must find the handle (a new open would run the CREATE again).
+//!   Not once the session the client would replay through has ended for
+//!   good ([`SessionEnd`], smbshim's LOGOFF): nobody replays it then, and
+//!   detached it would hold the file until its durable timeout; it is
+//!   closed;
 //! - a `ReplayOpen` or `Resume`: the handle is detached, as when its client
 //!   goes away — a durable or persistent one stays resumable by its create
 //!   GUID, another is closed — unless the caller learnt it holds the
 //!   handle after all ([`super::FilterClient::keep_attached`]: an
-//!   attachment's retried resume refused "attached");
+//!   attachment's retried resume refused "attached"), or its session has
+//!   ended for good ([`SessionEnd`]), or the caller resumed it only to
+//!   close it ([`super::FilterClient::resume_by_guid_to_close`]): closed;
 //! - a `Lock` whose caller learns the outcome itself
 //!   ([`super::FilterClient::lock_outcome_learnt`]): nothing;
 //! - a `Lock` of ranges only, without a lock sequence: the ranges are
@@ -45,6 +50,8 @@
 //! detaches its handles itself.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ClientError;
@@ -59,6 +66,54 @@ use crate::proto::{Reply, Request};
 /// before.
 pub(super) const LATE_MAX: usize = 1024;
 
+/// Whether the session a frontend's client would replay a create GUID
+/// through has ended for good (smbshim's LOGOFF, which closes every open
+/// of the session, durable ones too): a late open or replay made for that
+/// session is then closed, not detached for a replay that will not come.
+/// Cheap to clone: the frontend keeps one per session and hands a clone to
+/// each call whose late answer it governs; ending it reaches them all.
+///
+/// Read when the undo is sent, not when the late answer comes
+/// (`FilterClient::take_back_late`, under the connection's reattach
+/// order): a session that ends after a detach was decided but before it
+/// was sent still gets a close; one that ends after the detach was sent
+/// finds the handle disconnected, and a resume by create GUID sent then
+/// ([`super::FilterClient::resume_by_guid_to_close`]) reaches filterd
+/// after the detach and takes it, to close it. So the frontend that ends
+/// the session ([`SessionEnd::end`]) first and then closes the session's
+/// timed-out opens by GUID leaves none detached, whichever comes first.
+#[derive(Clone, Default)]
+pub struct SessionEnd(Arc<AtomicBool>);
+
+impl SessionEnd {
+    /// The session has ended for good: late answers made for it from now
+    /// on are closed.
+    pub fn end(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether [`SessionEnd::end`] was called.
+    pub fn has_ended(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl PartialEq for SessionEnd {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SessionEnd {}
+
+impl std::fmt::Debug for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SessionEnd")
+            .field(&self.has_ended())
+            .finish()
+    }
+}
+
 /// What undoes a late success of a call that gave up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum LateUndo {
@@ -66,11 +121,16 @@ pub(super) enum LateUndo {
     Close,
     /// A replay or resume: detach the handle it answers with.
     Detach,
+    /// A replay made for a session ([`super::FilterClient::replay_open_for`]):
+    /// detach the handle it answers with, or close it once the session has
+    /// ended for good.
+    DetachUntil(SessionEnd),
     /// A fresh open with a create GUID whose client replays that GUID
     /// ([`super::FilterClient::open_replayed_by_guid`]): detach the handle
     /// it answers with if the open granted waits disconnected for that
-    /// replay ([`waits_for_replay`]), else close it.
-    DetachIfWaiting,
+    /// replay ([`waits_for_replay`]) and its session has not ended for
+    /// good, else close it.
+    DetachIfWaiting(SessionEnd),
     /// A lock whose caller learns itself whether it was granted
     /// ([`super::FilterClient::lock_outcome_learnt`]): a late success is
     /// kept (and logged).
@@ -115,10 +175,13 @@ impl LateUndo {
         match (self, reply) {
             (LateUndo::Close, Reply::Opened(info)) => Some(Undo::Close(info.key)),
             (LateUndo::Detach, Reply::Opened(info)) => Some(Undo::Detach(info.key)),
-            (LateUndo::DetachIfWaiting, Reply::Opened(info)) if waits_for_replay(info) => {
-                Some(Undo::Detach(info.key))
+            (LateUndo::DetachUntil(end), Reply::Opened(info)) => {
+                Some(Undo::DetachUntil(info.key, end))
             }
-            (LateUndo::DetachIfWaiting, Reply::Opened(info)) => Some(Undo::Close(info.key)),
+            (LateUndo::DetachIfWaiting(end), Reply::Opened(info)) if waits_for_replay(info) => {
+                Some(Undo::DetachUntil(info.key, end))
+            }
+            (LateUndo::DetachIfWaiting(_), Reply::Opened(info)) => Some(Undo::Close(info.key)),
             (LateUndo::Unlock { key, unlocks }, Reply::Done) => Some(Undo::Unlock { key, unlocks }),
             (LateUndo::Keep { key }, Reply::Done) => {
                 tracing::info!(
@@ -141,9 +204,11 @@ impl LateUndo {
     /// file a second time (over another client's acknowledged write), a
     /// create refused as a collision with the file this very CREATE made.
     /// Without a create GUID or durability nothing can be replayed: closed.
-    pub(super) fn of_open_replayed(o: &crate::proto::OpenRequest) -> LateUndo {
+    /// So is one answered once `end` has ended: its client's session is
+    /// over, and nobody replays it.
+    pub(super) fn of_open_replayed(o: &crate::proto::OpenRequest, end: &SessionEnd) -> LateUndo {
         if o.create_guid.is_some() && o.durability != crate::model::Durability::None {
-            LateUndo::DetachIfWaiting
+            LateUndo::DetachIfWaiting(end.clone())
         } else {
             LateUndo::Close
         }
@@ -172,6 +237,9 @@ pub(super) enum Undo {
     Close(ResumeKey),
     /// Detach this handle.
     Detach(ResumeKey),
+    /// Detach this handle, or close it if the session has ended for good
+    /// by the time the undo is sent.
+    DetachUntil(ResumeKey, SessionEnd),
     /// Unlock these ranges of this handle.
     Unlock {
         /// The handle.
@@ -185,7 +253,10 @@ impl Undo {
     /// The handle it concerns.
     pub(super) fn key(&self) -> ResumeKey {
         match self {
-            Undo::Close(k) | Undo::Detach(k) | Undo::Unlock { key: k, .. } => *k,
+            Undo::Close(k)
+            | Undo::Detach(k)
+            | Undo::DetachUntil(k, _)
+            | Undo::Unlock { key: k, .. } => *k,
         }
     }
 }
@@ -446,18 +517,33 @@ mod tests {
     /// waits for that replay — persistent, or durable with H — else closed.
     #[test]
     fn an_opted_in_open_is_detached_only_if_granted_waiting() {
-        let of = LateUndo::of_open_replayed;
+        let end = SessionEnd::default();
+        let of = |o: &crate::proto::OpenRequest| LateUndo::of_open_replayed(o, &end);
         assert_eq!(of(&open_req(Durability::None, true)), LateUndo::Close);
         assert_eq!(of(&open_req(PERSISTENT, false)), LateUndo::Close);
-        assert_eq!(of(&open_req(DURABLE, true)), LateUndo::DetachIfWaiting);
+        assert_eq!(
+            of(&open_req(DURABLE, true)),
+            LateUndo::DetachIfWaiting(end.clone())
+        );
         let key = ResumeKey(uuid::Uuid::from_u128(5));
-        let undo = |granted, lease| LateUndo::DetachIfWaiting.undo(&opened(granted, lease));
-        assert_eq!(undo(PERSISTENT, None), Some(Undo::Detach(key)));
+        let undo =
+            |granted, lease| LateUndo::DetachIfWaiting(end.clone()).undo(&opened(granted, lease));
+        assert_eq!(
+            undo(PERSISTENT, None),
+            Some(Undo::DetachUntil(key, end.clone()))
+        );
         assert_eq!(
             undo(DURABLE, Some(LeaseState::R.with(LeaseState::H))),
-            Some(Undo::Detach(key))
+            Some(Undo::DetachUntil(key, end.clone()))
         );
         assert_eq!(undo(DURABLE, Some(LeaseState::R)), Some(Undo::Close(key)));
+        // The session's end is read when the undo is sent (`take_back_late`).
+        end.end();
+        assert_eq!(
+            undo(PERSISTENT, None),
+            Some(Undo::DetachUntil(key, end.clone()))
+        );
+        assert!(end.has_ended() && SessionEnd::default() != end);
         assert_eq!(undo(DURABLE, None), Some(Undo::Close(key)));
         assert_eq!(undo(Durability::None, None), Some(Undo::Close(key)));
     }

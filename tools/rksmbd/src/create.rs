@@ -736,7 +736,11 @@ fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle
     if p.replay {
         sh.filter.replay_open(p.req.clone())
     } else if p.by_guid {
-        sh.filter.open_replayed_by_guid(p.req.clone())
+        // Never ended: rksmbd's LOGOFF detaches a session's durable opens
+        // for a DH2C from a new session (smbtorture durable-open reopen4),
+        // and a late DH2Q open waits as they do.
+        sh.filter
+            .open_replayed_by_guid(p.req.clone(), &libfilter::client::SessionEnd::default())
     } else {
         sh.filter.open(p.req.clone())
     }

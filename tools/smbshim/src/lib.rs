@@ -5,3 +5,4 @@
 
 mod handover;
 pub mod server;
+mod unanswered;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine as _;
 use libfilter::attach::{Attachment, IoDecision, IoPass};
-use libfilter::client::ClientError;
+use libfilter::client::{ClientError, SessionEnd};
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
 use libfilter::settle::{may_hold, Unsettled};
@@ -20,6 +20,7 @@ use serde_json::{json, Map, Value};
 use shimline::datasync::IoFailure;
 
 use crate::handover::{Handovers, Ident, LettingGo};
+use crate::unanswered::Unanswered;
 
 /// Longest request line (spec: 4 MiB).
 const MAX_LINE: usize = 4 << 20;
@@ -159,6 +160,13 @@ struct Session {
     user: String,
     conn: u64,
     alive: bool,
+    /// Ended by the session's LOGOFF: filterd's late answers to its
+    /// CREATEs are closed from then on, not kept detached for a replay
+    /// ([`SessionEnd`]).
+    end: SessionEnd,
+    /// The create GUIDs of its CREATEs in flight or unanswered, for its
+    /// LOGOFF to close ([`close_unanswered`]).
+    unanswered: Unanswered,
 }
 
 /// Most filterd connections one smbshim keeps (`--filter-connections`).
@@ -838,6 +846,8 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
                 user,
                 conn,
                 alive: true,
+                end: SessionEnd::default(),
+                unanswered: Unanswered::default(),
             },
         );
     }
@@ -1004,15 +1014,28 @@ fn create_with(
         None => None,
     };
     let _slot = open_slot(sh)?;
-    let h = if replay {
-        m.filter.replay_open(req)
+    let end = session_end(sh, session)?;
+    // Remembered while the call is in flight, kept if it goes unanswered:
+    // the session's LOGOFF closes what filterd may make of it.
+    let in_flight = create_guid.map(|g| InFlight::note(sh, session, g));
+    let opened = if replay {
+        m.filter.replay_open_for(req, &end)
     } else {
         // Its client, told STATUS_FILE_NOT_AVAILABLE should filterd answer
         // too late, replays the create GUID: a late durable open waits
-        // for that replay.
-        m.filter.open_replayed_by_guid(req)
+        // for that replay (until the session's LOGOFF).
+        m.filter.open_replayed_by_guid(req, &end)
+    };
+    if let Some(f) = in_flight {
+        if matches!(
+            opened,
+            Err(ClientError::Timeout(_) | ClientError::Disconnected)
+        ) {
+            f.unanswered();
+        }
+        // Else answered: forgotten (a made open is stored or let go below).
     }
-    .map_err(|e| match e.code() {
+    let h = opened.map_err(|e| match e.code() {
         // Only an open filterd refused for a lease break goes to the
         // worker: after a timeout or a lost link it may have been made, and
         // running it again would not be exactly once (the client replays).
@@ -1088,7 +1111,10 @@ fn create_with(
                 }
                 None => true,
             };
-            if mine {
+            if mine && end.has_ended() {
+                // Ended by a LOGOFF, which closes durable opens too.
+                close_for_good(m, key);
+            } else if mine {
                 let_go(m, key, granted.is_some());
             }
         }
@@ -1131,6 +1157,9 @@ fn create_with(
             },
         );
     }
+    if let Some(g) = create_guid.filter(|_| replay) {
+        held_by_a_session(sh, client_guid, g);
+    }
     let o = opens
         .get(&file_id)
         .ok_or_else(|| Fail("STATUS_INTERNAL_ERROR", "open vanished".into()))?;
@@ -1141,6 +1170,74 @@ fn create_with(
         lease: h.info.lease.or(o.lease).map(LeaseShown::of),
         file_id,
     })
+}
+
+/// The marker of session `id`'s end for good ([`SessionEnd`]).
+fn session_end(sh: &Shared, id: u64) -> Result<SessionEnd, Fail> {
+    sh.sessions
+        .lock()
+        .ok()
+        .and_then(|s| s.get(&id).map(|x| x.end.clone()))
+        .ok_or_else(|| Fail("STATUS_USER_SESSION_DELETED", format!("no session {id}")))
+}
+
+/// A CREATE's create GUID, remembered by its session while the CREATE's
+/// filterd call is in flight and forgotten when it drops — unless the
+/// call went unanswered ([`InFlight::unanswered`]): then filterd may make
+/// the open late, and the session's LOGOFF closes it by GUID
+/// ([`close_unanswered`]). Remembered before the call, not after it
+/// failed: a LOGOFF (from another connection) while it is in flight takes
+/// it too, and finds the open detached or has it closed when its late
+/// answer comes ([`SessionEnd`]).
+struct InFlight<'a> {
+    sh: &'a Shared,
+    session: u64,
+    guid: uuid::Uuid,
+}
+
+impl<'a> InFlight<'a> {
+    fn note(sh: &'a Shared, session: u64, guid: uuid::Uuid) -> InFlight<'a> {
+        if let Some(s) = sh
+            .sessions
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|s| s.get_mut(&session))
+        {
+            s.unanswered.note(guid);
+        }
+        InFlight { sh, session, guid }
+    }
+
+    /// The call got no answer: the GUID stays for the LOGOFF.
+    fn unanswered(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self
+            .sh
+            .sessions
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|s| s.get_mut(&self.session))
+        {
+            s.unanswered.forget(self.guid);
+        }
+    }
+}
+
+/// The open of `client`'s create GUID `guid` is held by a session now (a
+/// replay or RECONNECT took it): no session's LOGOFF may close it by GUID.
+fn held_by_a_session(sh: &Shared, client: uuid::Uuid, guid: uuid::Uuid) {
+    if let Ok(mut s) = sh.sessions.lock() {
+        for x in s.values_mut().filter(|x| x.client_guid == client) {
+            x.unanswered.forget(guid);
+        }
+    }
 }
 
 /// What a CREATE's `durable` asks filterd for: the durability, and the
@@ -1317,6 +1414,7 @@ fn let_go(m: &Member, key: ResumeKey, durable: bool) {
 
 fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     let (session, client_guid, user) = session_of(sh, obj)?;
+    let end = session_end(sh, session)?;
     let file_id = str_field(obj, "file_id")?.to_owned();
     let guid = uuid_field(obj, "create_guid")?;
     let key: ResumeKey = file_id
@@ -1397,12 +1495,18 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     if !session_alive(sh, session) {
         drop(opens);
         drop(h.fd);
-        let _ = m.filter.detach(key);
+        if end.has_ended() {
+            // By a LOGOFF, which closes durable opens too.
+            close_for_good(m, key);
+        } else {
+            let _ = m.filter.detach(key);
+        }
         return Err(Fail(
             "STATUS_USER_SESSION_DELETED",
             format!("session {session} ended while the open was reconnected"),
         ));
     }
+    held_by_a_session(sh, client_guid, guid);
     opens.insert(
         file_id.clone(),
         Open {
@@ -2014,8 +2118,93 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             return Err(e);
         }
     }
-    end_session(sh, session, true);
+    if let Some(ended) = end_session(sh, session, true) {
+        close_unanswered(sh, ended);
+    }
     Ok(Map::new())
+}
+
+/// Closes the opens filterd may have made for CREATEs of `ended` (just
+/// ended by its LOGOFF) that got no answer in time: libfilter kept each
+/// detached for the client's replay of its create GUID, in no session's
+/// table, so the LOGOFF's closes missed it and it held its file for its
+/// durable timeout. Each is claimed as a session's end claims its opens
+/// and left to whoever holds it — a replay or RECONNECT of another
+/// session that took it over, stored in the table — else taken by its
+/// create GUID and closed.
+///
+/// Whatever its late answer's order: the session's [`SessionEnd`] was
+/// ended first, so an answer still to come, or whose detach is not yet
+/// sent, is closed by libfilter; a detach already sent reached filterd
+/// before this resume, which finds the handle disconnected. A handle
+/// attached here (made, its answer not yet read, or its undo to come) is
+/// refused `NoSuchHandle` and closed by that undo. A resume that goes
+/// unanswered is closed when its answer comes. Left: a resume filterd
+/// refused for a passing cause (a failed commit, busy) leaves the handle
+/// to its durable timeout, as every such handle was before (logged).
+fn close_unanswered(sh: &Shared, ended: Session) {
+    let Session {
+        client_guid,
+        user,
+        mut unanswered,
+        ..
+    } = ended;
+    let Ok(client) = client_id(client_guid) else {
+        return;
+    };
+    let held = |o: &HashMap<String, Open>, guid: uuid::Uuid| {
+        o.values()
+            .any(|v| v.client == client_guid && v.create_guid == Some(guid))
+    };
+    let Ok((_, m)) = sh.member_for(client_guid) else {
+        return;
+    };
+    for guid in unanswered.take() {
+        // Claimed under the opens lock, as `Going::of` claims an open.
+        let claim = {
+            let Ok(opens) = sh.opens.lock() else {
+                return;
+            };
+            if held(&opens, guid) {
+                continue;
+            }
+            sh.handovers.letting_go(Ident {
+                key: None,
+                guid: Some((client_guid, guid)),
+            })
+        };
+        claim.wait_takeovers();
+        if sh.opens.lock().map_or(true, |o| held(&o, guid)) {
+            continue;
+        }
+        match m
+            .filter
+            .resume_by_guid_to_close(client.clone(), CreateGuid(guid), Some(user.clone()))
+        {
+            Ok(h) => {
+                let key = h.info.key;
+                drop(h);
+                close_for_good(m, key);
+            }
+            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
+            // Unanswered: its answer, if it comes, is closed (libfilter).
+            Err(e) => {
+                eprintln!("smbshim: closing the open of unanswered CREATE {guid} at LOGOFF: {e}")
+            }
+        }
+    }
+}
+
+/// Closes handle `key`, of an open nobody can name any more; one whose
+/// close filterd refused or never answered goes to the member's settler,
+/// which closes it again until filterd answers.
+fn close_for_good(m: &Member, key: ResumeKey) {
+    if let Err(e) = m.filter.close(key) {
+        eprintln!("smbshim: closing handle {key} of an ended session: {e}");
+        if may_hold(&e) {
+            m.unsettled.add(key);
+        }
+    }
 }
 
 /// Ends a session: on LOGOFF every open closes; on a lost connection durable
@@ -2026,10 +2215,19 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// Only a takeover of one of them waits for it, not other clients' (a
 /// lock held across them all held every replay and RECONNECT of every
 /// client for their sum, review).
-fn end_session(sh: &Shared, session: u64, logoff: bool) {
-    if let Ok(mut s) = sh.sessions.lock() {
-        s.remove(&session);
-    }
+///
+/// Returns the session ended. A LOGOFF ends its [`SessionEnd`] as the
+/// session leaves the table (under the sessions lock, so a CREATE's
+/// [`InFlight`] GUID either is in the session returned or was never
+/// noted and its late answer is closed).
+fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<Session> {
+    let ended = sh.sessions.lock().ok().and_then(|mut s| {
+        let ended = s.remove(&session)?;
+        if logoff {
+            ended.end.end();
+        }
+        Some(ended)
+    });
     let mine: Vec<(Going, bool)> = sh
         .opens
         .lock()
@@ -2051,14 +2249,12 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) {
         going.let_go(sh, |m, key| {
             if durable && !logoff {
                 let _ = m.filter.detach(key);
-            } else if let Err(e) = m.filter.close(key) {
-                // Refused or unanswered: nobody can name the open any more.
-                if may_hold(&e) {
-                    m.unsettled.add(key);
-                }
+            } else {
+                close_for_good(m, key);
             }
         });
     }
+    ended
 }
 
 /// An open taken out of the table to be let go in filterd, claimed so
