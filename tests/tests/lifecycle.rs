@@ -228,6 +228,104 @@ fn filterctl_state_finds_the_live_daemon_and_offline_shows_what_a_restart_shows(
     assert!(d2.terminate().success());
 }
 
+/// The keys `filterctl --json CMD` names: each lease row's handles, each
+/// lock's handle, each file's holders.
+fn listed_keys(s: &Scratch, cmd: &str) -> Vec<String> {
+    let out = ctl_state(s, &[cmd, "--json"]);
+    assert_eq!(out.code, 0, "{cmd}: {}", out.stderr);
+    let v = out.json();
+    let rows = v.as_array().cloned().unwrap_or_default();
+    let field = |r: &Value, list: &str, key: Option<&str>| -> Vec<String> {
+        r[list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|k| match key {
+                Some(f) => k[f].as_str().map(str::to_owned),
+                None => k.as_str().map(str::to_owned),
+            })
+            .collect()
+    };
+    rows.iter()
+        .flat_map(|r| match cmd {
+            "leases" => field(r, "handles", None),
+            "files" => field(r, "holders", Some("key")),
+            _ => r["key"].as_str().map(str::to_owned).into_iter().collect(),
+        })
+        .collect()
+}
+
+/// A lost handle holds no lock, lease or place among a file's holders
+/// (filterd gives it none), so `locks`, `leases` and `files` leave it out,
+/// live and offline alike; `handles` still lists it, lost. Before, live
+/// `leases` showed its RWH lease beside the one granted since on the file
+/// now at its name, and the offline view showed its lock and file, which
+/// the restarted daemon does not (review).
+#[test]
+fn filterctl_shows_no_locks_leases_or_files_of_lost_handles_live_or_offline() {
+    use libfilter::model::{ClientId, CreateGuid, Durability, Rights};
+    let s = Scratch::new("ctl-lost");
+    let path = s.root().join("g1.txt");
+    std::fs::write(&path, b"data").unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = rkfilter_tests::attach(&s.socket(), "smb", "smb-a");
+    // A persistent read-write open of g1.txt with an RWH lease.
+    let leased = |client: &str, share| libfilter::proto::OpenRequest {
+        client: ClientId::new(client).unwrap(),
+        durability: Durability::Persistent { timeout_ms: 60_000 },
+        create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+        ..rkfilter_tests::rw_open_if(
+            "g1.txt",
+            share,
+            Some((libfilter::lease::LeaseKey(uuid::Uuid::new_v4()), "RWH")),
+        )
+    };
+    let frank = fe.open(leased("frank", Rights::READ)).unwrap();
+    assert!(frank.info.lease.is_some(), "{:?}", frank.info);
+    let lock = libfilter::locks::LockOp {
+        range: libfilter::locks::LockRange {
+            offset: 0,
+            length: 5,
+        },
+        exclusive: true,
+        unlock: false,
+    };
+    fe.lock(frank.info.key, vec![lock], None).unwrap();
+    let frank = frank.info.key.to_string();
+    assert!(listed_keys(&s, "locks").contains(&frank));
+    d.kill9();
+    drop(fe);
+
+    // The file is gone when filterd restarts: frank's handle is lost.
+    std::fs::remove_file(&path).unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    std::fs::write(&path, b"new").unwrap();
+    let fe = rkfilter_tests::attach(&s.socket(), "smb", "smb-a");
+    let gina = fe
+        .open(leased("gina", Rights::NONE))
+        .expect("nothing of the lost handle's conflicts");
+    let gina = gina.info.key.to_string();
+    for view in ["live", "offline"] {
+        let hs = handle_states(&ctl_state(&s, &["handles", "--json"]));
+        assert_eq!(hs[&frank].0, "lost", "{view}: {hs:?}");
+        assert_eq!(
+            listed_keys(&s, "leases"),
+            std::slice::from_ref(&gina),
+            "{view}"
+        );
+        assert_eq!(
+            listed_keys(&s, "files"),
+            std::slice::from_ref(&gina),
+            "{view}"
+        );
+        assert!(listed_keys(&s, "locks").is_empty(), "{view}");
+        if view == "live" {
+            d.kill9();
+        }
+    }
+    drop(fe);
+}
+
 /// A panic in the daemon ends it (abort), instead of leaving a process
 /// that holds the lock and the socket with a dead thread; restarted, it
 /// recovers the persistent handle the panicking commit made durable.

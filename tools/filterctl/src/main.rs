@@ -298,10 +298,12 @@ fn offline_handles(store: &Offline) -> anyhow::Result<(Vec<HandleView>, Vec<Stri
     Ok((views, corrupt))
 }
 
+/// The files the stored handles hold, as a restart shows them: a lost
+/// handle holds none ([`render::holds_state`]).
 fn offline_files(views: &[HandleView]) -> Vec<FileView> {
     let mut by_file: std::collections::BTreeMap<libfilter::model::FileId, FileView> =
         Default::default();
-    for v in views {
+    for v in views.iter().filter(|v| render::holds_state(v)) {
         let r = &v.record;
         by_file
             .entry(r.file)
@@ -355,6 +357,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 Source::Offline(store) => offline_handles(&store)?
                     .0
                     .iter()
+                    .filter(|v| render::holds_state(v))
                     .flat_map(|v| {
                         v.record.locks.iter().map(|l| libfilter::proto::LockView {
                             file: v.record.file,

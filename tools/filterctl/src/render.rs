@@ -306,10 +306,21 @@ pub struct LeaseRow {
     pub handles: Vec<libfilter::model::ResumeKey>,
 }
 
-/// Groups the handles' leases by (file, key).
+/// Whether a handle holds what its record names — its locks, its lease,
+/// its place among a file's holders. A lost handle holds none of them:
+/// filterd gives it no locks, no lease key and no file-index entry
+/// (`Engine::lose`, recovery), so it conflicts with nothing; showing them
+/// anyway listed a second RWH lease beside the one filterd granted, and
+/// the offline view differed from what a restart shows. `handles` still
+/// lists lost handles, with their state.
+pub fn holds_state(v: &HandleView) -> bool {
+    !matches!(v.record.conn, ConnState::Lost)
+}
+
+/// Groups the held leases ([`holds_state`]) by (file, key).
 pub fn lease_rows(views: &[HandleView]) -> Vec<LeaseRow> {
     let mut rows: Vec<LeaseRow> = Vec::new();
-    for v in views {
+    for v in views.iter().filter(|v| holds_state(v)) {
         let r = &v.record;
         let Some(l) = r.lease else { continue };
         match rows
