@@ -1165,16 +1165,28 @@ impl FilterClient {
     /// [`proto::FEATURE_RESYNCED`]; otherwise does nothing. A failed send
     /// means the connection is going: the next hello starts over.
     pub fn resynced(&self) {
-        if self.hello.features & proto::FEATURE_RESYNCED == 0
-            || self.inner.dead.load(Ordering::Acquire)
-        {
+        self.notify(proto::FEATURE_RESYNCED, Request::Resynced);
+    }
+
+    /// Tells the daemon this frontend answered `count` re-sent requests
+    /// from its own records ([`Request::ReplaysAnswered`], one way, no
+    /// reply) when the hello granted [`proto::FEATURE_REPLAY_REPORTS`];
+    /// otherwise does nothing. Counted in `replays_detected`; one lost
+    /// with the connection is not counted.
+    pub fn replays_answered(&self, count: u64) {
+        self.notify(
+            proto::FEATURE_REPLAY_REPORTS,
+            Request::ReplaysAnswered { count },
+        );
+    }
+
+    /// Sends the one-way notice `req` when the hello granted `feature`.
+    fn notify(&self, feature: u64, req: Request) {
+        if self.hello.features & feature == 0 || self.inner.dead.load(Ordering::Acquire) {
             return;
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = RequestFrame {
-            id,
-            req: Request::Resynced,
-        };
+        let frame = RequestFrame { id, req };
         if let Ok(bytes) = proto::encode_request(self.inner.encoding, &frame) {
             send_one_way(&self.inner, &bytes);
         }

@@ -43,7 +43,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_SHARE_EXEMPT
     | FEATURE_RESUME_OWNER
     | FEATURE_TIME_ORDERED_KEYS
-    | FEATURE_OPEN_KERNEL_HANDLE;
+    | FEATURE_OPEN_KERNEL_HANDLE
+    | FEATURE_REPLAY_REPORTS;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -171,6 +172,15 @@ pub const FEATURE_TIME_ORDERED_KEYS: u64 = 512;
 /// granted, writes the handle in a second commit after the create, as
 /// before the bit existed.
 pub const FEATURE_OPEN_KERNEL_HANDLE: u64 = 1024;
+/// Feature: the frontend reports the replays it answers
+/// ([`Request::ReplaysAnswered`]). Its [`Request::LookupReply`]s are then
+/// not counted as replays in [`Stats::replays_detected`]: nfsshim looks
+/// records up for other reasons (its registry at every attach, a slot's
+/// record to undo a request abandoned at its seqid) and answers a re-sent
+/// request from its own slot cache without asking filterd. A frontend
+/// without it has every lookup that finds a record counted, as before the
+/// bit (smbshim looks up only for a re-sent request). nfsshim asks for it.
+pub const FEATURE_REPLAY_REPORTS: u64 = 2048;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Listings are cut into pages of about this many bytes, so every reply
@@ -412,6 +422,14 @@ pub enum Request {
     /// lost. A restarted daemon's opens wait for it from every frontend
     /// seen before the restart. Frontend only.
     Resynced,
+    /// One-way, never answered ([`FEATURE_REPLAY_REPORTS`]): this frontend
+    /// answered `count` re-sent requests itself, from what it had
+    /// recorded (nfsshim's slot cache), counted in
+    /// [`Stats::replays_detected`]. Frontend only.
+    ReplaysAnswered {
+        /// How many.
+        count: u64,
+    },
     /// The holder of a lease acknowledges a break to `state` (at most what
     /// the break asked for). With no break in progress, the holder lowers
     /// its lease of its own accord (`state` at most what it holds; the
@@ -546,6 +564,7 @@ impl Request {
             Request::CheckIo { .. } => "check_io",
             Request::IoDone { .. } => "io_done",
             Request::Resynced => "resynced",
+            Request::ReplaysAnswered { .. } => "replays_answered",
             Request::Locks { .. } => "locks",
             Request::LeaseBreakAck { .. } => "lease_break_ack",
             Request::BreakReadCaching { .. } => "break_read_caching",
@@ -1153,7 +1172,11 @@ pub struct Stats {
     pub expiries: u64,
     /// Disconnected durable handles purged by a conflicting open.
     pub purges: u64,
-    /// Replayed requests recognised (create GUID, lock sequence, op id).
+    /// Replayed requests recognised (create GUID, lock sequence, op id),
+    /// and re-sent requests frontends answered from their own records
+    /// ([`Request::ReplaysAnswered`]: nfsshim's slot cache). A record
+    /// lookup counts only when the frontend did not ask for
+    /// [`FEATURE_REPLAY_REPORTS`], whose lookups are not all replays.
     pub replays_detected: u64,
     /// Lease breaks sent.
     pub breaks: u64,
@@ -2615,6 +2638,7 @@ mod binary_tests {
             ),
             any::<u64>().prop_map(|check| Request::IoDone { check }),
             Just(Request::Resynced),
+            any::<u64>().prop_map(|count| Request::ReplaysAnswered { count }),
             (
                 lease_key(),
                 lease_state(),
@@ -2685,6 +2709,7 @@ mod binary_tests {
                 | Request::CheckIo { .. }
                 | Request::IoDone { .. }
                 | Request::Resynced
+                | Request::ReplaysAnswered { .. }
                 | Request::LeaseBreakAck { .. }
                 | Request::BreakReadCaching { .. }
                 | Request::Rename { .. }

@@ -1083,3 +1083,56 @@ fn io_past_the_largest_file_offset_is_invalid_not_a_server_fault() {
     }
     assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"");
 }
+
+/// filterd's `replays_detected` (`filterctl stats`).
+fn replays_detected(s: &Scratch) -> u64 {
+    let sock = s.socket().display().to_string();
+    let out = rkfilter_tests::filterctl(&["--socket", &sock, "stats", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.json()["replays_detected"]
+        .as_u64()
+        .expect("replays_detected")
+}
+
+/// Waits for `replays_detected` to reach `n` (nfsshim's report is one
+/// way), then checks it went no further.
+fn replays_reach(s: &Scratch, n: u64) {
+    let seen = wait_for("replays_detected to count", Duration::from_secs(10), || {
+        let c = replays_detected(s);
+        (c >= n).then_some(c)
+    });
+    assert_eq!(seen, n, "one count per re-send");
+}
+
+/// `replays_detected` counts each re-send nfsshim answers from its slot
+/// cache once, before and after an nfsshim restart, and nothing else.
+/// Before, filterd counted every record lookup that found one: a re-sent
+/// OPEN or WRITE (answered from the cache, filterd never asked) counted
+/// nothing, and every nfsshim attach (its registry check) counted one
+/// (review).
+#[test]
+fn replays_detected_counts_each_resend_once_and_no_nfsshim_attach() {
+    let (s, _d, mut shim, mut a) = host_a("nfs-replay-count");
+    let start = replays_detected(&s);
+    let open = json!({"op": "OPEN", "owner": "o", "path": "f", "access": "both",
+                      "deny": "none", "create": {"mode": "unchecked"}});
+    let sid = ok(a.call(open.clone()))["stateid"].clone();
+    assert_eq!(ok(a.send(open))["stateid"], sid, "the cached reply");
+    replays_reach(&s, start + 1);
+    let write = json!({"op": "WRITE", "stateid": sid, "offset": 0, "data": b64("x")});
+    ok(a.call(write.clone()));
+    ok(a.send(write));
+    replays_reach(&s, start + 2);
+    let read = json!({"op": "READ", "stateid": sid, "offset": 0, "count": 1});
+    for round in 0..3 {
+        let before = replays_detected(&s);
+        shim.kill9();
+        shim = Shim::start("nfsshim", &s.socket(), "nfs-a");
+        a.c = LineClient::connect(&shim.addr);
+        // A new request is served: this nfsshim attached and restored.
+        assert_eq!(ok(a.call_patiently(read.clone()))["data"], b64("x"));
+        assert_eq!(replays_detected(&s), before, "round {round}: no replay");
+        ok(a.send(read.clone()));
+        replays_reach(&s, before + 1);
+    }
+}

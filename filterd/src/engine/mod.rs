@@ -975,7 +975,10 @@ impl Engine {
                 let (protocol, _) = need_frontend()?;
                 let scope = self.own_scope(conn, &protocol, scope)?;
                 self.depends_on_scope(&scope);
-                Ok(Some((self.lookup_reply(&scope, op_id)?, None)))
+                // A frontend that reports its replays itself looks records
+                // up for other reasons too: its lookups are not counted.
+                let counted = !self.granted(conn, proto::FEATURE_REPLAY_REPORTS);
+                Ok(Some((self.lookup_reply(&scope, op_id, counted)?, None)))
             }
             Request::Lock {
                 key,
@@ -1110,6 +1113,12 @@ impl Engine {
             Request::Resynced => {
                 need_frontend()?;
                 self.frontend_resynced(conn);
+                // One way: never answered.
+                Ok(None)
+            }
+            Request::ReplaysAnswered { count } => {
+                need_frontend()?;
+                self.stats.replays_detected = self.stats.replays_detected.saturating_add(count);
                 // One way: never answered.
                 Ok(None)
             }

@@ -6,7 +6,7 @@ use libfilter::proto::{MAX_KERNEL_HANDLE_JSON_BYTES, MAX_OPENED_JSON_BYTES};
 
 impl Engine {
     /// Whether connection `conn`'s hello was granted `feature`.
-    fn granted(&self, conn: ConnId, feature: u64) -> bool {
+    pub(super) fn granted(&self, conn: ConnId, feature: u64) -> bool {
         self.conns
             .get(&conn)
             .is_some_and(|c| c.features & feature != 0)

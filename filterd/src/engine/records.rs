@@ -133,13 +133,16 @@ impl Engine {
     /// The recorded reply of `op_id`; an error if recovery recorded its
     /// outcome as unknown ([`OUTCOME_UNKNOWN`]): the re-sent request is
     /// neither told it succeeded nor run again over what came after it.
+    /// A record found is a replay detected when `counted` (the frontend
+    /// does not report its replays itself, `FEATURE_REPLAY_REPORTS`).
     pub(super) fn lookup_reply(
         &mut self,
         scope: &ReplayScope,
         op_id: u64,
+        counted: bool,
     ) -> Result<Reply, WireError> {
         let record = self.replays.get(scope).and_then(|m| m.get(&op_id)).cloned();
-        if record.is_some() {
+        if counted && record.is_some() {
             self.stats.replays_detected += 1;
         }
         if record.as_ref().is_some_and(|r| r.reply == OUTCOME_UNKNOWN) {

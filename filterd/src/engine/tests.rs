@@ -3040,7 +3040,7 @@ fn recovery_redoes_a_size_change_only_over_an_untouched_file() {
     assert_eq!(fs.file("e").unwrap().change_mark, None, "the mark stays");
     drop(inner);
     assert!(
-        matches!(e.lookup_reply(&scope, 1), Err(x) if x.code == ErrorCode::Internal),
+        matches!(e.lookup_reply(&scope, 1, true), Err(x) if x.code == ErrorCode::Internal),
         "the replay of an unknown outcome is not an error"
     );
 }
@@ -5856,6 +5856,41 @@ fn a_reply_recorded_whose_commit_fails_is_not_counted() {
     h.commit(true);
     h.answered(recorded);
     assert_eq!(h.engine.stats.replies_recorded, 1);
+}
+
+/// A record lookup counts as a replay only for a frontend that does not
+/// report its replays itself (`FEATURE_REPLAY_REPORTS`, which nfsshim
+/// asks for); one that does is counted by its `ReplaysAnswered`. Review:
+/// every nfsshim attach counted one (its registry lookup), its re-sends
+/// answered from its slot cache none.
+#[test]
+fn a_lookup_counts_as_a_replay_only_without_replay_reports() {
+    let mut h = Harness::new();
+    let recorded = h.run(Request::RecordReply {
+        scope: session(1),
+        op_id: 1,
+        reply: "r".into(),
+        keep: 3,
+    });
+    h.commit(true);
+    h.answered(recorded);
+    let lookup = |h: &mut Harness| {
+        let id = h.run(Request::LookupReply {
+            scope: session(1),
+            op_id: 1,
+        });
+        assert!(h.reply(id).is_some_and(|r| r.is_ok()), "found");
+    };
+    lookup(&mut h);
+    assert_eq!(h.engine.stats.replays_detected, 1, "counted, as before");
+    if let Some(c) = h.engine.conns.get_mut(&h.conn) {
+        c.features = libfilter::proto::FEATURE_REPLAY_REPORTS;
+    }
+    lookup(&mut h);
+    assert_eq!(h.engine.stats.replays_detected, 1, "the frontend counts");
+    let id = h.run(Request::ReplaysAnswered { count: 2 });
+    assert!(h.reply(id).is_none(), "never answered");
+    assert_eq!(h.engine.stats.replays_detected, 3);
 }
 
 /// Review: an expiry whose commit fails puts the handle back and is tried

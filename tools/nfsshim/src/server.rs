@@ -192,12 +192,15 @@ fn status_of(e: &ClientError) -> &'static str {
 /// What nfsshim asks filterd for: lock hints, `Retry` told apart from
 /// `FileNotAvailable` (a transient race is NFS4ERR_DELAY, a disconnected
 /// persistent open holding the file NFS4ERR_SHARE_DENIED), time-ordered
-/// resume keys (it takes none apart), and an exclusive create's kernel
-/// handle filled into its verifier record.
+/// resume keys (it takes none apart), an exclusive create's kernel
+/// handle filled into its verifier record, and its own count of replays
+/// (it answers re-sends from its slot cache, and looks records up for
+/// other reasons).
 const FEATURES: u64 = libfilter::proto::FEATURE_LOCK_HINTS
     | libfilter::proto::FEATURE_RETRY_CODE
     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
-    | libfilter::proto::FEATURE_OPEN_KERNEL_HANDLE;
+    | libfilter::proto::FEATURE_OPEN_KERNEL_HANDLE
+    | libfilter::proto::FEATURE_REPLAY_REPORTS;
 
 /// NFS4ERR_DELAY because filterd cannot be reached: the slot does not
 /// advance (the client re-sends with the same seqid).
@@ -1504,7 +1507,9 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         && slot.digest.is_some_and(|d| d != digest_of(op, body));
     if seq.seqid == slot.seqid && !replay_of_restored && !restored_other {
         if let Some(cached) = slot.reply.as_ref().filter(|r| r.is_object()) {
-            // The cached reply, exactly, without executing.
+            // The cached reply, exactly, without executing: a replay
+            // filterd never sees, so it is told (`filterctl stats`).
+            sh.filter.client().replays_answered(1);
             return Sequenced::Shared(Arc::clone(cached));
         }
     }
