@@ -310,7 +310,9 @@ pub enum Request {
         /// The handle.
         key: ResumeKey,
     },
-    /// Expire every disconnected handle now. Control only.
+    /// Purge every handle without a connection now — disconnected or
+    /// lost — each counted in [`Stats::purges`] and announced to its
+    /// frontend as [`Event::Purged`]. Control only.
     PurgeDisconnected,
     /// Record the reply of a mutating request, durably (for persistent
     /// handles and sessions) before the reply to this request. Frontend only.
@@ -947,10 +949,13 @@ pub enum Reply {
         #[serde(default)]
         next: Option<FileId>,
     },
-    /// How many handles a purge expired.
+    /// How many handles a purge removed.
     Purged {
-        /// Handles expired.
+        /// Handles purged: disconnected and lost.
         count: u64,
+        /// Of them, lost ones (a daemon before this field: none told).
+        #[serde(default)]
+        lost: u64,
     },
 }
 
@@ -984,7 +989,8 @@ pub enum Event {
         key: ResumeKey,
     },
     /// A disconnected durable handle was closed so a conflicting open could
-    /// proceed.
+    /// proceed, or a handle without a connection was purged by the
+    /// operator.
     Purged {
         /// The handle.
         key: ResumeKey,
@@ -1170,7 +1176,8 @@ pub struct Stats {
     pub disconnects: u64,
     /// Disconnected handles expired.
     pub expiries: u64,
-    /// Disconnected durable handles purged by a conflicting open.
+    /// Disconnected durable handles purged by a conflicting open, and
+    /// handles purged by the operator ([`Request::PurgeDisconnected`]).
     pub purges: u64,
     /// Replayed requests recognised (create GUID, lock sequence, op id),
     /// and re-sent requests frontends answered from their own records
@@ -2880,7 +2887,7 @@ mod binary_tests {
                 proptest::option::of(file())
             )
                 .prop_map(|(locks, next)| Reply::Locks { locks, next }),
-            any::<u64>().prop_map(|count| Reply::Purged { count }),
+            (any::<u64>(), any::<u64>()).prop_map(|(count, lost)| Reply::Purged { count, lost }),
         ]
     }
 

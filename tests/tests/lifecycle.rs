@@ -326,6 +326,43 @@ fn filterctl_shows_no_locks_leases_or_files_of_lost_handles_live_or_offline() {
     drop(fe);
 }
 
+/// `purge --disconnected` purges lost handles too, and says so; it counts
+/// each under `purges`. Before, it said "purged 2 disconnected
+/// handle(s)" of one disconnected and one lost handle, and counted both
+/// as `expiries` (review).
+#[test]
+fn purge_says_which_handles_it_purged_and_counts_them_as_purges() {
+    let s = Scratch::new("ctl-purge");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    for f in ["gone", "kept"] {
+        let r = fe.cmd(open_cmd("alice", f, persistent(), None));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    d.kill9();
+    drop(fe);
+    std::fs::remove_file(s.root().join("gone")).unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut states: Vec<String> = handle_states(&ctl_state(&s, &["handles", "--json"]))
+        .into_values()
+        .map(|h| h.0)
+        .collect();
+    states.sort();
+    assert_eq!(states, ["disconnected", "lost"]);
+    let out = ctl_state(&s, &["purge", "--disconnected"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, "purged 2 handle(s): 1 disconnected, 1 lost\n");
+    assert!(handle_states(&ctl_state(&s, &["handles", "--json"])).is_empty());
+    let stats = ctl_state(&s, &["stats", "--json"]).json();
+    assert_eq!(
+        (&stats["purges"], &stats["expiries"]),
+        (&json!(2), &json!(0)),
+        "{stats}"
+    );
+    let again = ctl_state(&s, &["purge", "--disconnected", "--json"]).json();
+    assert_eq!(again, json!({"purged": 0, "lost": 0}));
+}
+
 /// A panic in the daemon ends it (abort), instead of leaving a process
 /// that holds the lock and the socket with a dead thread; restarted, it
 /// recovers the persistent handle the panicking commit made durable.

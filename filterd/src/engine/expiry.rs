@@ -44,6 +44,34 @@ impl Engine {
         }
     }
 
+    /// Purges a disconnected or lost handle at the operator's word
+    /// (`filterctl purge --disconnected`): a purge, counted and announced
+    /// as one, not an expiry (its timeout did not come).
+    fn purge_by_operator(&mut self, key: ResumeKey) {
+        if let Some(rec) = self.remove_as(key, Some(Event::Purged { key })) {
+            self.stats.purges += 1;
+            info!(resume_key = %key, path = %rec.path, lost = rec.conn == ConnState::Lost, "handle purged by the operator");
+        }
+    }
+
+    /// `purge --disconnected`: every handle with no connection —
+    /// disconnected, or lost (its file gone) — is purged. The reply says
+    /// how many of them were lost.
+    pub(super) fn purge_unattached(&mut self) -> Reply {
+        let keys: Vec<(ResumeKey, bool)> = self
+            .handles
+            .values()
+            .filter(|h| h.conn.is_none())
+            .map(|h| (h.rec.key, h.rec.conn == ConnState::Lost))
+            .collect();
+        let count = keys.len() as u64;
+        let lost = keys.iter().filter(|(_, lost)| *lost).count() as u64;
+        for (key, _) in keys {
+            self.purge_by_operator(key);
+        }
+        Reply::Purged { count, lost }
+    }
+
     pub(super) fn expire_due(&mut self, now: u64) {
         self.begin_request();
         // Locks not mirrored yet (a local process held a conflicting lock

@@ -1460,17 +1460,7 @@ impl Engine {
             }
             Request::PurgeDisconnected => {
                 need_control()?;
-                let keys: Vec<ResumeKey> = self
-                    .handles
-                    .values()
-                    .filter(|h| h.conn.is_none())
-                    .map(|h| h.rec.key)
-                    .collect();
-                let count = keys.len() as u64;
-                for k in keys {
-                    self.expire(k);
-                }
-                Ok(Some((Reply::Purged { count }, None)))
+                Ok(Some((self.purge_unattached(), None)))
             }
         }
     }
