@@ -1040,6 +1040,23 @@ pub struct HandleView {
     pub record: HandleRecord,
     /// Whether the daemon holds an open descriptor for it.
     pub fd_open: bool,
+    /// The break of its lease in progress, if one is: who stalls an open,
+    /// and for how long yet. Not stored (a restart ends every break).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaking: Option<BreakView>,
+}
+
+/// A lease break in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakView {
+    /// What the holder was asked to keep.
+    pub to: LeaseState,
+    /// Milliseconds until the break times out and the lease is taken down
+    /// to `to` without the holder's acknowledgement; `None` while the break
+    /// waits its turn behind an earlier step of its chain (not yet sent).
+    pub ms_left: Option<u64>,
+    /// Whether an open waits for it.
+    pub waiters: bool,
 }
 
 /// A byte-range lock as the daemon reports it.
@@ -2824,8 +2841,24 @@ mod binary_tests {
             },
         );
         let handle_view = || {
-            (handle_record(), any::<bool>())
-                .prop_map(|(record, fd_open)| HandleView { record, fd_open })
+            (
+                handle_record(),
+                any::<bool>(),
+                proptest::option::of((
+                    lease_state(),
+                    proptest::option::of(any::<u64>()),
+                    any::<bool>(),
+                )),
+            )
+                .prop_map(|(record, fd_open, breaking)| HandleView {
+                    record,
+                    fd_open,
+                    breaking: breaking.map(|(to, ms_left, waiters)| BreakView {
+                        to,
+                        ms_left,
+                        waiters,
+                    }),
+                })
         };
         let file_view =
             (file(), path(), key(), durability()).prop_map(|(file, path, key, durability)| {

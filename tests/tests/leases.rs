@@ -110,6 +110,20 @@ fn conflicting_open_waits_for_the_break_ack() {
         pending.recv_timeout(Duration::from_millis(200)).is_err(),
         "the conflicting open must wait for the acknowledgement"
     );
+    // The operator sees the break in progress: who stalls the open, what
+    // it was asked to keep, and how long it has left (it was invisible).
+    let sock = s.socket().to_str().unwrap().to_owned();
+    let out = rkfilter_tests::filterctl(&["--socket", &sock, "leases", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    let row = &v.as_array().unwrap()[0];
+    assert_eq!(row["breaking"]["to"], "RH", "{v}");
+    assert_eq!(row["breaking"]["waiters"], true, "{v}");
+    let left = row["breaking"]["ms_left"].as_u64().expect("a break sent");
+    assert!(left > 0 && left <= 35_000, "{v}");
+    let out = rkfilter_tests::filterctl(&["--socket", &sock, "leases"]);
+    assert!(out.stdout.contains("-> RH "), "{}", out.stdout);
+    assert!(out.stdout.contains(", open waits"), "{}", out.stdout);
     match smb
         .call(Request::LeaseBreakAck {
             lease_key: k1,
@@ -169,6 +183,7 @@ fn conflicting_open_waits_for_the_break_ack() {
     let v = out.json();
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
+    assert!(rows.iter().all(|r| r.get("breaking").is_none()), "{v}");
     assert!(
         rows.iter()
             .any(|r| r["lease_key"] == k1.to_string() && r["state"] == "RH"),

@@ -30,9 +30,9 @@ use libfilter::model::{
     MAX_REPLY_BYTES, OUTCOME_UNKNOWN,
 };
 use libfilter::proto::{
-    self, ErrorCode, Event, FileHolder, FileView, FrontendView, HandleView, Hello, HelloReply,
-    LockView, OpenRequest, Opened, Reply, Request, RequestFrame, ResumeRequest, ResumeTarget, Role,
-    ServerFrame, Stats, StatusInfo, WireError,
+    self, BreakView, ErrorCode, Event, FileHolder, FileView, FrontendView, HandleView, Hello,
+    HelloReply, LockView, OpenRequest, Opened, Reply, Request, RequestFrame, ResumeRequest,
+    ResumeTarget, Role, ServerFrame, Stats, StatusInfo, WireError,
 };
 use libfilter::share::{self, Holder, HolderState, ShareDecision, ShareMode};
 use libfilter::store::{StateStore, StoreError, StoreOp};
@@ -1392,13 +1392,13 @@ impl Engine {
                         .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
                     None => self.handles.range(..),
                 };
-                let (handles, next) = page(range.map(|(_, h)| view(h)), |v| v.record.key);
+                let (handles, next) = page(range.map(|(_, h)| self.view(h)), |v| v.record.key);
                 Ok(Some((Reply::Handles { handles, next }, None)))
             }
             Request::Handle { key } => self
                 .handles
                 .get(&key)
-                .map(|h| Some((Reply::Handle(view(h)), None)))
+                .map(|h| Some((Reply::Handle(self.view(h)), None)))
                 .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}"))),
             Request::Files { after } => {
                 let (files, next) = page(self.files(after), |f| f.file);
@@ -1549,10 +1549,25 @@ fn holder_state(h: &Handle) -> HolderState {
     }
 }
 
-fn view(h: &Handle) -> HandleView {
-    HandleView {
-        record: h.rec.clone(),
-        fd_open: h.fd.is_some(),
+impl Engine {
+    /// `h` as filterctl shows it, with its lease's break in progress.
+    fn view(&self, h: &Handle) -> HandleView {
+        let breaking = h
+            .rec
+            .lease
+            .as_ref()
+            .and_then(|l| self.breaking.get(&(h.rec.file, l.key)))
+            .map(|b| BreakView {
+                to: b.to,
+                // 0: queued behind an earlier step of its chain, not sent.
+                ms_left: (b.deadline_ms != 0).then(|| b.deadline_ms.saturating_sub(mono_ms())),
+                waiters: b.waiters,
+            });
+        HandleView {
+            record: h.rec.clone(),
+            fd_open: h.fd.is_some(),
+            breaking,
+        }
     }
 }
 

@@ -71,7 +71,8 @@ enum Cmd {
     Files,
     /// Byte-range locks (offline: as the stored handles hold them).
     Locks,
-    /// Leases by file and key (offline: as the stored handles hold them).
+    /// Leases by file and key, with any break in progress (offline: as the
+    /// stored handles hold them).
     Leases,
     /// Protocol clients: nfsl/1 client records (smbl/1 clients show as the
     /// CLIENT of their handles).
@@ -86,7 +87,8 @@ enum Cmd {
         #[arg(value_parser = parse_key)]
         key: ResumeKey,
     },
-    /// Expire every disconnected handle now (live only).
+    /// Purge every handle without a connection now, lost ones too (live
+    /// only).
     Purge {
         /// Required: purge disconnected handles.
         #[arg(long, required = true)]
@@ -290,6 +292,8 @@ fn offline_handles(store: &Offline) -> anyhow::Result<(Vec<HandleView>, Vec<Stri
             HandleView {
                 record,
                 fd_open: false,
+                // A restart ends every break.
+                breaking: None,
             }
         })
         .collect();

@@ -304,6 +304,10 @@ pub struct LeaseRow {
     pub client: String,
     /// The handles sharing it.
     pub handles: Vec<libfilter::model::ResumeKey>,
+    /// Its break in progress (live only): what the holder was asked to
+    /// keep, how long it has yet to acknowledge, whether an open waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaking: Option<libfilter::proto::BreakView>,
 }
 
 /// Whether a handle holds what its record names — its locks, its lease,
@@ -336,6 +340,7 @@ pub fn lease_rows(views: &[HandleView]) -> Vec<LeaseRow> {
                 epoch: l.epoch,
                 client: r.client.to_string(),
                 handles: vec![r.key],
+                breaking: v.breaking,
             }),
         }
     }
@@ -359,15 +364,39 @@ pub fn leases(rows: &[LeaseRow]) -> String {
                 l.epoch.to_string(),
                 l.client.clone(),
                 l.handles.len().to_string(),
+                l.breaking.map_or_else(|| "-".into(), breaking),
             ]
         })
         .collect();
     let mut out = table(
-        &["PATH", "LEASE KEY", "STATE", "EPOCH", "CLIENT", "HANDLES"],
+        &[
+            "PATH",
+            "LEASE KEY",
+            "STATE",
+            "EPOCH",
+            "CLIENT",
+            "HANDLES",
+            "BREAKING",
+        ],
         &cells,
     );
     out.push_str(&format!("{} lease(s)\n", rows.len()));
     out
+}
+
+/// A break in progress, as the `leases` table shows it: `→ RH 12.3s`
+/// (the state asked for and the time left to acknowledge it), `queued`
+/// for a step of a chain not yet sent, and `, open waits` when an open
+/// waits for it — the cause of a stalled open, and who stalls it.
+fn breaking(b: libfilter::proto::BreakView) -> String {
+    let to = b.to.to_string();
+    let to = if to.is_empty() { "none".to_owned() } else { to };
+    let left = match b.ms_left {
+        Some(ms) => format!("{}.{}s", ms / 1000, (ms % 1000) / 100),
+        None => "queued".to_owned(),
+    };
+    let waits = if b.waiters { ", open waits" } else { "" };
+    format!("-> {to} {left}{waits}")
 }
 
 /// The `frontends` table.
