@@ -264,6 +264,10 @@ pub struct Attachment {
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
+/// The least time a first attach's last attempt is given for its connect
+/// and hello ([`Attachment::connect_patiently`]).
+const MIN_ATTEMPT: Duration = Duration::from_millis(100);
+
 impl Attachment {
     /// Attaches and starts the supervisor.
     pub fn connect(
@@ -291,7 +295,21 @@ impl Attachment {
         let t0 = Instant::now();
         let mut said = false;
         loop {
-            match Self::connect_with(socket, protocol.clone(), instance.clone(), features) {
+            // Each attempt within what is left: a filterd that accepts and
+            // does not answer (stopped, hung) ends the wait at `within`, not
+            // at the call timeout — and, until the wait has been said, within
+            // a second, so that it is said then.
+            let mut left = within.saturating_sub(t0.elapsed()).max(MIN_ATTEMPT);
+            if !said {
+                left = left.min(Duration::from_secs(1));
+            }
+            match Self::attach(
+                socket,
+                protocol.clone(),
+                instance.clone(),
+                features,
+                Some(left),
+            ) {
                 Ok(a) => return Ok(a),
                 Err(e) if t0.elapsed() < within => {
                     if !said && t0.elapsed() >= Duration::from_secs(1) {
@@ -314,12 +332,25 @@ impl Attachment {
         instance: InstanceName,
         features: u64,
     ) -> Result<Self, ClientError> {
+        Self::attach(socket, protocol, instance, features, None)
+    }
+
+    /// [`Attachment::connect_with`], its connect and hello bounded by
+    /// `hello_within` when that is sooner than the call timeout.
+    fn attach(
+        socket: &Path,
+        protocol: Protocol,
+        instance: InstanceName,
+        features: u64,
+        hello_within: Option<Duration>,
+    ) -> Result<Self, ClientError> {
         let features = features | crate::proto::FEATURE_RESYNCED;
-        let client = FilterClient::connect_frontend_with(
+        let client = FilterClient::connect_frontend_within(
             socket,
             protocol.clone(),
             instance.clone(),
             features,
+            hello_within,
         )?;
         // A first attach has nothing to apply (a daemon restarted since
         // this process last attached waits for this, not for a reattach).

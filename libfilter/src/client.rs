@@ -309,10 +309,20 @@ fn connect_socket(path: &Path, within: Duration) -> Result<OwnedFd, ClientError>
     .map_err(|e| err(e.into()))?;
     set_send_timeout(&fd, within).map_err(|e| err(e.into()))?;
     let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
-    match connect(fd.as_raw_fd(), &addr) {
-        Ok(()) => {}
-        Err(nix::errno::Errno::EAGAIN) => return Err(ClientError::Timeout(within)),
-        Err(e) => return Err(err(e.into())),
+    let t0 = std::time::Instant::now();
+    loop {
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EAGAIN) => return Err(ClientError::Timeout(within)),
+            // With a send timeout set a signal interrupts the wait for
+            // room rather than restarting it: waited again for the rest.
+            Err(nix::errno::Errno::EINTR) if t0.elapsed() < within => {
+                set_send_timeout(&fd, within.saturating_sub(t0.elapsed()))
+                    .map_err(|e| err(e.into()))?;
+            }
+            Err(nix::errno::Errno::EINTR) => return Err(ClientError::Timeout(within)),
+            Err(e) => return Err(err(e.into())),
+        }
     }
     set_send_timeout(&fd, Duration::ZERO).map_err(|e| err(e.into()))?;
     Ok(fd)
@@ -354,9 +364,30 @@ impl FilterClient {
         instance: InstanceName,
         features: u64,
     ) -> Result<Self, ClientError> {
+        Self::connect_frontend_within(path, protocol, instance, features, None)
+    }
+
+    /// [`FilterClient::connect_frontend_with`] whose connect and hello give
+    /// up after `hello_within` if that is sooner than the call timeout (a
+    /// frontend waiting a bounded time for filterd to start).
+    pub fn connect_frontend_within(
+        path: &Path,
+        protocol: Protocol,
+        instance: InstanceName,
+        features: u64,
+        hello_within: Option<Duration>,
+    ) -> Result<Self, ClientError> {
         // Always asked for: it only tells `open` what it may send.
         let features = features | proto::FEATURE_SHARE_EXEMPT;
-        Self::connect_with(path, Role::Frontend { protocol, instance }, features)
+        let timeout = call_timeout_from_env();
+        let hello_within = hello_within.map_or(timeout, |w| w.min(timeout));
+        Self::connect_within(
+            path,
+            Role::Frontend { protocol, instance },
+            features,
+            timeout,
+            hello_within,
+        )
     }
 
     /// Attaches as an operator tool.
@@ -368,7 +399,7 @@ impl FilterClient {
     /// connect, the hello and every call (a hung daemon — stopped, or
     /// stalled behind its disk — is reported, not waited for).
     pub fn connect_control_within(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
-        Self::connect_within(path, Role::Control, 0, timeout)
+        Self::connect_within(path, Role::Control, 0, timeout, timeout)
     }
 
     /// Connects and exchanges hellos (no optional features).
@@ -385,20 +416,22 @@ impl FilterClient {
     /// that carry records) — to compare the encodings, or to read the
     /// frames in a trace.
     pub fn connect_with(path: &Path, role: Role, features: u64) -> Result<Self, ClientError> {
-        Self::connect_within(path, role, features, call_timeout_from_env())
+        let timeout = call_timeout_from_env();
+        Self::connect_within(path, role, features, timeout, timeout)
     }
 
     /// [`FilterClient::connect_with`] with `timeout` as the call timeout,
-    /// which also bounds the connect and the hello: a daemon that accepts
-    /// (the kernel does, into the backlog, for a stopped one) and never
-    /// answers no longer holds its caller forever.
+    /// and the connect and the hello bounded by `hello_within`: a daemon
+    /// that accepts (the kernel does, into the backlog, for a stopped one)
+    /// and never answers no longer holds its caller forever.
     fn connect_within(
         path: &Path,
         role: Role,
         features: u64,
         timeout: Duration,
+        hello_within: Duration,
     ) -> Result<Self, ClientError> {
-        let sock = connect_socket(path, timeout)?;
+        let sock = connect_socket(path, hello_within)?;
         let binary = match std::env::var("RKFILTER_FRAMES").as_deref() {
             Ok("json") => 0,
             Ok("binary") => proto::FEATURE_BINARY_FRAMES,
@@ -416,11 +449,11 @@ impl FilterClient {
         })?;
         sys::send_packet(sock.as_fd(), &hello, None)?;
         let mut buf = vec![0u8; MAX_FRAME + 1];
-        set_receive_timeout(&sock, timeout).map_err(std::io::Error::from)?;
+        set_receive_timeout(&sock, hello_within).map_err(std::io::Error::from)?;
         // The hello reply carries no descriptor.
         let received = match sys::recv_packet(sock.as_fd(), &mut buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(ClientError::Timeout(timeout))
+                return Err(ClientError::Timeout(hello_within))
             }
             r => r?,
         };

@@ -1686,7 +1686,7 @@ fn filterctl_gives_up_on_a_daemon_that_does_not_answer() {
         assert!(err.contains(target.as_str()), "names the socket: {err}");
     }
     d.signal(nix::sys::signal::Signal::SIGCONT);
-    let out = filterctl(&["--socket", &sock, "--timeout-ms", "500", "status"]);
+    let out = filterctl(&["--socket", &sock, "--timeout-ms", "5000", "status"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
 }
 
@@ -1738,6 +1738,52 @@ fn a_frontend_started_before_filterd_says_it_waits_then_attaches() {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// A frontend started against a filterd that accepts and does not answer
+/// (stopped) says it waits after a second and gives up at its start wait
+/// (30 s), exit non-zero, naming the cause — however long its call
+/// timeout. Before, it waited in the hello forever.
+#[test]
+fn a_frontend_started_against_a_stopped_filterd_gives_up_at_its_start_wait() {
+    use std::process::{Command, Stdio};
+    let s = Scratch::new("smbshim-stopped");
+    let d = Filterd::start(&s, &[], &[]);
+    d.stop();
+    let t0 = std::time::Instant::now();
+    let mut child = Command::new(bin("smbshim"))
+        .arg("--filter")
+        .arg(s.socket())
+        .args(["--listen", "127.0.0.1:0", "--instance", "stopped"])
+        .env("RKFILTER_CALL_TIMEOUT_MS", "120000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn smbshim");
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("smbshim still waiting for a stopped filterd after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = t0.elapsed();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("read stderr");
+    assert!(!status.success(), "{err}");
+    assert!(
+        took >= Duration::from_secs(25) && took < Duration::from_secs(50),
+        "took {took:?}: {err}"
+    );
+    assert!(err.contains("is not answering yet"), "said it waits: {err}");
+    assert!(err.contains("did not answer within"), "{err}");
+    d.signal(nix::sys::signal::Signal::SIGCONT);
 }
 
 /// Every file under `dir` with its bytes, for "wrote nothing" checks.
