@@ -81,8 +81,21 @@ impl EventClaim {
     }
 
     /// The engine is about to decide the event: `false` when it was
-    /// refused without it meanwhile (it must then do nothing for it).
+    /// refused without it meanwhile, or its deadline passed while nobody
+    /// held it (refused now): it must then do nothing for it. One the
+    /// engine holds already (it acted for it and runs it again) stays
+    /// its own to decide, past the deadline too.
+    ///
+    /// Before (review), an open parked for a commit that resolved just
+    /// past its deadline, before the watchdog woke, was taken and acted
+    /// for (purges, a lease break), and then held a second bound.
     pub fn engine_takes(&self) -> bool {
+        if std::time::Instant::now() >= self.0.deadline {
+            return match self.swap(CLAIM_OPEN, CLAIM_REFUSED) {
+                Ok(_) => false,
+                Err(now) => now == CLAIM_ENGINE,
+            };
+        }
         match self.swap(CLAIM_OPEN, CLAIM_ENGINE) {
             Ok(_) => true,
             Err(now) => now == CLAIM_ENGINE,
@@ -231,8 +244,20 @@ mod tests {
         assert!(c.engine_lets_go());
         assert!(c.watchdog_refuses() && c.watchdog_refuses());
         assert!(!c.engine_takes(), "refused: the engine may not act");
-        let late = EventClaim::new(std::time::Instant::now());
+        // Past its deadline, nobody holding it: refused, not taken (and
+        // the watchdog finds it refused).
+        let parked = EventClaim::new(std::time::Instant::now());
+        assert!(!parked.engine_takes(), "past its deadline: not taken");
+        assert!(parked.watchdog_refuses(), "refused");
+        // Held across its deadline: still the engine's; let go, refused.
+        let late =
+            EventClaim::new(std::time::Instant::now() + std::time::Duration::from_millis(20));
         assert!(late.engine_takes());
+        while std::time::Instant::now() < late.0.deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(late.engine_takes(), "held, past the deadline too");
+        assert!(!late.watchdog_refuses());
         assert!(!late.engine_lets_go(), "past its deadline: refused");
         assert!(!late.engine_takes());
         let forced = EventClaim::new(later);

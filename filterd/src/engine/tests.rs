@@ -2254,9 +2254,11 @@ fn a_local_open_of_a_create_still_committing_waits_for_its_outcome() {
 /// by the reader's watchdog at its verdict deadline meanwhile, is dropped
 /// when the commit resolves — no lease broken, no state changed for an
 /// open that never happened. Before, the engine ran it then and broke
-/// the creator's lease. The same open not refused breaks it (the
-/// control), and one whose deadline passed before it could wait is
-/// dropped at once.
+/// the creator's lease. So is one whose deadline passed while it waited,
+/// the commit resolving before the watchdog woke (before, review: the
+/// engine took it then and broke the lease). The same open in time
+/// breaks it (the control), and one whose deadline passed before it
+/// could wait is dropped at once.
 #[test]
 fn a_local_open_the_watchdog_refused_while_it_waited_does_nothing() {
     use crate::command::EventClaim;
@@ -2264,7 +2266,9 @@ fn a_local_open_the_watchdog_refused_while_it_waited_does_nothing() {
     use libfilter::proto::Event;
     use std::time::Duration;
     let is_break = |e: &Event| matches!(e, Event::LeaseBreak { .. });
-    for refused in [true, false] {
+    // Refused by the watchdog while it waited; its deadline passed while
+    // it waited, the watchdog not awake yet; neither (the control).
+    for (refused, late) in [(true, false), (false, true), (false, false)] {
         let mut h = Harness::new();
         let Request::Open(mut o) = open("n", Rights::ALL) else {
             unreachable!("open() makes an open")
@@ -2277,11 +2281,16 @@ fn a_local_open_the_watchdog_refused_while_it_waited_does_nothing() {
         let id = h.run(Request::Open(o));
         let (key, file) = only_handle(&h);
         let lease = h.engine.handles[&key].rec.lease;
-        let claim = EventClaim::new(std::time::Instant::now() + Duration::from_secs(3600));
+        let wait = Duration::from_millis(if late { 50 } else { 3_600_000 });
+        let deadline = std::time::Instant::now() + wait;
+        let claim = EventClaim::new(deadline);
         let rx = local_open_claimed(&mut h, file, claim.clone());
         assert_eq!(h.engine.stats.local_opens_waited_for_commit, 1);
         if refused {
             assert!(claim.watchdog_refuses(), "the engine let it go to wait");
+        }
+        while late && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
         h.commit(true);
         h.engine.process_retries();
@@ -2290,7 +2299,7 @@ fn a_local_open_the_watchdog_refused_while_it_waited_does_nothing() {
         h.drain_replies();
         h.opened(id);
         assert!(rx.try_recv().is_err(), "waits for the break, or dropped");
-        if refused {
+        if refused || late {
             assert!(!h.events.iter().any(is_break), "{:?}", h.events);
             assert!(h.engine.breaking.is_empty());
             assert!(h.engine.waiting_local.is_empty());
