@@ -106,14 +106,26 @@ impl EventClaim {
     /// watchdog may refuse it again. Past its deadline it is refused at
     /// once instead (`false`: the engine drops it, which refuses it).
     pub fn engine_lets_go(&self) -> bool {
-        if std::time::Instant::now() >= self.0.deadline {
-            let _ = self.swap(CLAIM_ENGINE, CLAIM_REFUSED);
+        self.lets_go_reading(std::time::Instant::now)
+    }
+
+    /// [`Self::engine_lets_go`] reading the clock with `now`. Let go
+    /// first, the clock read after: a watchdog looking meanwhile finds
+    /// the event nobody's and refuses it. Before (review), the clock was
+    /// read first, and a watchdog looking between saw the event held and
+    /// left it for a whole grace more.
+    fn lets_go_reading(&self, now: impl FnOnce() -> std::time::Instant) -> bool {
+        // Already open (never taken) is fine; refused cannot be (the
+        // engine held it) unless forced.
+        if self.swap(CLAIM_ENGINE, CLAIM_OPEN) == Err(CLAIM_REFUSED) {
             return false;
         }
-        // Already open (never taken) is fine; refused cannot be (the
-        // engine held it).
-        self.swap(CLAIM_ENGINE, CLAIM_OPEN)
-            .map_or_else(|now| now != CLAIM_REFUSED, |_| true)
+        if now() >= self.0.deadline {
+            // Refused now, or by the watchdog meanwhile: refused either way.
+            let _ = self.swap(CLAIM_OPEN, CLAIM_REFUSED);
+            return false;
+        }
+        true
     }
 
     /// The watchdog, at the event's deadline: `true` if it may refuse it
@@ -264,5 +276,26 @@ mod tests {
         assert!(forced.engine_takes());
         forced.watchdog_forces();
         assert!(!forced.engine_takes());
+    }
+
+    /// A watchdog looking while the engine lets go of an event past its
+    /// deadline (here: while it reads the clock) finds it nobody's and
+    /// refuses it; the engine then drops it. Before, the engine read the
+    /// clock before letting go, and the watchdog saw it held.
+    #[test]
+    fn a_watchdog_looking_while_the_engine_lets_go_refuses() {
+        let c = EventClaim::new(std::time::Instant::now());
+        assert!(
+            c.swap(CLAIM_OPEN, CLAIM_ENGINE).is_ok(),
+            "the engine holds it"
+        );
+        let mut looked = None;
+        let kept = c.lets_go_reading(|| {
+            looked = Some(c.watchdog_refuses());
+            std::time::Instant::now()
+        });
+        assert_eq!(looked, Some(true), "the watchdog refused it meanwhile");
+        assert!(!kept, "past its deadline: dropped");
+        assert!(!c.engine_takes());
     }
 }
