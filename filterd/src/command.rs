@@ -40,7 +40,8 @@ pub type VerdictSink = Box<dyn FnOnce(Verdict) + Send>;
 /// - the watchdog refuses only an event the engine does not hold
 ///   ([`EventClaim::watchdog_refuses`]); one it holds is left to the
 ///   engine's verdict, which comes when the engine's own wait ends (a
-///   lease break's timeout) — refused regardless one more deadline later.
+///   lease break's timeout) — refused regardless when the held grace
+///   ends (`local::held_grace`: the break timeout past the deadline).
 ///
 /// Before (review), a local open parked waiting for a commit past its
 /// deadline was refused by the watchdog and then run by the engine once
@@ -139,7 +140,7 @@ impl EventClaim {
     }
 
     /// The watchdog refuses the event whoever holds it (the engine held it
-    /// a whole deadline past its own): the engine must not act for it
+    /// a whole held grace past its deadline): the engine must not act for it
     /// any more.
     pub fn watchdog_forces(&self) {
         self.0

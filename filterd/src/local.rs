@@ -705,10 +705,28 @@ fn respond(fan: &Fanotify, fd: i32, response: u32) -> nix::Result<usize> {
     nix::unistd::write(fan.as_fd(), &r)
 }
 
+/// How the answerer writes an event's answer: the fanotify response
+/// ([`Answer`]), or, in tests, a record of it.
+trait Respond: Send + 'static {
+    /// Lets the open proceed.
+    fn allow(self);
+    /// Refuses it.
+    fn deny(self);
+}
+
+impl Respond for Answer {
+    fn allow(self) {
+        Answer::allow(self);
+    }
+    fn deny(self) {
+        Answer::deny(self);
+    }
+}
+
 /// What the answerer thread hears about.
-pub enum AnswerMsg {
+enum AnswerMsg<A = Answer> {
     /// An event waiting for its verdict.
-    Pending(u64, Box<AnswerSlot>),
+    Pending(u64, Box<AnswerSlot<A>>),
     /// The engine's verdict on event `id`.
     Verdict(u64, Verdict),
     /// Event `id` will not be decided (the engine's queue is full, or the
@@ -717,13 +735,35 @@ pub enum AnswerMsg {
 }
 
 /// An event being decided, with its deadline.
-pub struct AnswerSlot {
-    answer: Answer,
+struct AnswerSlot<A = Answer> {
+    answer: A,
     deadline: std::time::Instant,
     /// Whether the engine holds it (acting for it): the watchdog then
-    /// leaves it to the engine's verdict, up to one more deadline.
+    /// leaves it to the engine's verdict for up to the held grace
+    /// ([`held_grace`]).
     claim: crate::command::EventClaim,
 }
+
+/// How long past its deadline an event the engine holds then is left to
+/// the engine's verdict before the watchdog refuses it all the same: the
+/// break timeout, and [`HELD_SLACK`]. The engine holds an event only
+/// while it acts for it, and takes it only before its deadline
+/// (`EventClaim::engine_takes`); what it then waits for is a lease break
+/// it started, which ends (acknowledged or timed out) within the break
+/// timeout. Before (review), the grace was a whole verdict deadline (the
+/// break timeout + 2 s), and a held local open waited up to twice that.
+pub fn held_grace(break_timeout: Duration) -> Duration {
+    break_timeout.saturating_add(HELD_SLACK)
+}
+
+/// The room [`held_grace`] leaves the engine past a lease break's
+/// timeout: it wakes at the break's deadline (to the millisecond) and
+/// sends the verdict in the same step, unless busy with another.
+const HELD_SLACK: Duration = Duration::from_millis(500);
+
+/// How often the answerer looks again at the events the engine held at
+/// their deadline: one it let go of meanwhile is refused within a tick.
+const HELD_TICK: Duration = Duration::from_millis(10);
 
 /// Most local opens of the export waiting for a verdict at once
 /// (`--max-local-pending`); past it, new ones wait in the reader's
@@ -783,7 +823,10 @@ pub fn descriptor_reserve(fd_limit: u64) -> u64 {
 /// open is refused (`EPERM`), counted, and logged — unless the engine
 /// holds it then, having acted for it (a purge, a lease break it waits
 /// for: [`crate::command::EventClaim`]), which leaves it to the engine's
-/// verdict for up to `bound` more. Refusing fails closed:
+/// verdict for up to `held_grace` more ([`held_grace`]: the break
+/// timeout), and refuses it as soon as the engine lets go of it. So a
+/// local open waits at most `bound` + `held_grace`: twice the break
+/// timeout + 2.5 s. Refusing fails closed:
 /// an open a share mode would deny is never let through because filterd
 /// was overloaded; the local process may retry.
 ///
@@ -797,6 +840,7 @@ pub fn run(
     engine: EngineTx,
     counters: Arc<LocalCounters>,
     bound: Duration,
+    held_grace: Duration,
     max_pending: u64,
 ) {
     let me = i32::try_from(std::process::id()).unwrap_or(-1);
@@ -811,7 +855,7 @@ pub fn run(
         let reader = std::thread::current();
         let spawned = std::thread::Builder::new()
             .name("fanotify-answer".into())
-            .spawn(move || answerer(rx, counters, pending, reader, bound));
+            .spawn(move || answerer(rx, counters, pending, reader, held_grace));
         if let Err(e) = &spawned {
             tracing::error!(error = %e, "cannot start the fanotify answerer; every local open of the export is refused");
         }
@@ -1223,22 +1267,24 @@ fn allow_own(fan: &Fanotify, fd: OwnedFd) {
 /// takes its slot out of `pending` first. An event the engine holds at
 /// its deadline ([`crate::command::EventClaim`]: it acted for it, a
 /// purge or a lease break, and waits for the break) is left to the
-/// engine's verdict for up to `grace` more, then refused all the same.
-/// O(1) per event: deadlines come in order.
-fn answerer(
-    rx: crossbeam_channel::Receiver<AnswerMsg>,
+/// engine's verdict for up to `grace` more ([`held_grace`]), looked at
+/// again every [`HELD_TICK`]: refused as soon as the engine lets go of
+/// it, and at the end of the grace all the same. O(1) per event:
+/// deadlines come in order.
+fn answerer<A: Respond>(
+    rx: crossbeam_channel::Receiver<AnswerMsg<A>>,
     counters: Arc<LocalCounters>,
     count: Arc<AtomicU64>,
     reader: std::thread::Thread,
     grace: Duration,
 ) {
-    let mut pending: std::collections::HashMap<u64, Box<AnswerSlot>> = Default::default();
+    let mut pending: Pending<A> = Default::default();
     let mut order: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
-    // Events the engine held at their deadline, by their last one.
+    // Events the engine held at their deadline, by the end of their grace.
     let mut held: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
     let handle =
-        |msg: AnswerMsg,
-         pending: &mut std::collections::HashMap<u64, Box<AnswerSlot>>,
+        |msg: AnswerMsg<A>,
+         pending: &mut Pending<A>,
          order: &mut std::collections::VecDeque<(std::time::Instant, u64)>| {
             match msg {
                 AnswerMsg::Pending(id, slot) => {
@@ -1274,6 +1320,7 @@ fn answerer(
             .into_iter()
             .flatten()
             .map(|(d, _)| d.saturating_duration_since(now))
+            .chain(held.front().map(|_| HELD_TICK))
             .min()
             .unwrap_or(Duration::from_secs(1));
         match rx.recv_timeout(wait) {
@@ -1305,32 +1352,50 @@ fn answerer(
                 tracing::warn!(event = id, "local open not decided in time: refused");
             }
         }
-        while let Some(&(last, id)) = held.front() {
-            if last > now {
-                break;
-            }
-            held.pop_front();
-            if let Some(slot) = pending.remove(&id) {
-                if !slot.claim.watchdog_refuses() {
-                    // Held by the engine a whole deadline more (it should
-                    // never be): refused, and the engine may not act for
-                    // it any more.
-                    slot.claim.watchdog_forces();
-                    tracing::error!(
-                        event = id,
-                        "local open held by the engine a deadline past its own: refused"
-                    );
-                }
-                watchdog_refuses(slot.answer, &count, &counters);
-            }
-        }
+        held.retain(|&(last, id)| still_held(&mut pending, id, last, now, &count, &counters));
         // Answers free room: a reader waiting for it reads again.
         reader.unpark();
     }
 }
 
+/// The answerer's undecided events, by id.
+type Pending<A> = std::collections::HashMap<u64, Box<AnswerSlot<A>>>;
+
+/// Looks again at event `id`, which the engine held at its deadline:
+/// `false` once it is answered — by the engine's verdict, or refused now
+/// because the engine let go of it, or because its grace ended at `last`
+/// with the engine still holding it (it should never be: an error, and
+/// the engine may not act for it any more).
+fn still_held<A: Respond>(
+    pending: &mut Pending<A>,
+    id: u64,
+    last: std::time::Instant,
+    now: std::time::Instant,
+    count: &AtomicU64,
+    counters: &LocalCounters,
+) -> bool {
+    let Some(slot) = pending.get(&id) else {
+        return false;
+    };
+    if slot.claim.watchdog_refuses() {
+        tracing::warn!(event = id, "local open not decided in time: refused");
+    } else if last > now {
+        return true;
+    } else {
+        slot.claim.watchdog_forces();
+        tracing::error!(
+            event = id,
+            "local open held by the engine past its deadline and the break timeout: refused"
+        );
+    }
+    if let Some(slot) = pending.remove(&id) {
+        watchdog_refuses(slot.answer, count, counters);
+    }
+    false
+}
+
 /// The watchdog's refusal of an event not decided in time.
-fn watchdog_refuses(answer: Answer, count: &AtomicU64, counters: &LocalCounters) {
+fn watchdog_refuses<A: Respond>(answer: A, count: &AtomicU64, counters: &LocalCounters) {
     count.fetch_sub(1, Ordering::Relaxed);
     counters.watchdog.fetch_add(1, Ordering::Relaxed);
     answer.deny();
@@ -1354,5 +1419,141 @@ mod tests {
         // Made once: kept, never made again.
         let again = p.get(|| panic!("made twice")).map(|fd| fd.as_raw_fd());
         assert_eq!(again, made);
+    }
+
+    /// A fake answer: records which event it answered, and how.
+    struct Recorded(u64, crossbeam_channel::Sender<(u64, Verdict)>);
+
+    impl Respond for Recorded {
+        fn allow(self) {
+            let _ = self.1.send((self.0, Verdict::Allow));
+        }
+        fn deny(self) {
+            let _ = self.1.send((self.0, Verdict::Deny));
+        }
+    }
+
+    /// An answerer with fake answers and a held grace of `grace`.
+    struct Answers {
+        to: crossbeam_channel::Sender<AnswerMsg<Recorded>>,
+        written: crossbeam_channel::Receiver<(u64, Verdict)>,
+        written_to: crossbeam_channel::Sender<(u64, Verdict)>,
+        counters: Arc<LocalCounters>,
+    }
+
+    impl Answers {
+        fn start(grace: Duration) -> Self {
+            let (to, rx) = crossbeam_channel::unbounded();
+            let (written_to, written) = crossbeam_channel::unbounded();
+            let counters = Arc::new(LocalCounters::default());
+            let (c, reader) = (counters.clone(), std::thread::current());
+            std::thread::spawn(move || answerer(rx, c, Arc::default(), reader, grace));
+            Answers {
+                to,
+                written,
+                written_to,
+                counters,
+            }
+        }
+
+        /// Event `id`, due in `due`, the engine holding it if `held`.
+        fn pending(&self, id: u64, due: Duration, held: bool) -> crate::command::EventClaim {
+            let deadline = std::time::Instant::now() + due;
+            let claim = crate::command::EventClaim::new(deadline);
+            assert!(!held || claim.engine_takes(), "the engine takes it");
+            let slot = AnswerSlot {
+                answer: Recorded(id, self.written_to.clone()),
+                deadline,
+                claim: claim.clone(),
+            };
+            self.to
+                .send(AnswerMsg::Pending(id, Box::new(slot)))
+                .unwrap();
+            claim
+        }
+
+        /// The next answer written, within `within`.
+        fn next(&self, within: Duration) -> Option<(u64, Verdict)> {
+            self.written.recv_timeout(within).ok()
+        }
+    }
+
+    /// Review: the answerer's handling of an event the engine holds at
+    /// its deadline had no test — without it a held local open would be
+    /// refused under the engine acting for it, or never answered. Held,
+    /// it is not refused at its deadline, and the engine's verdict is
+    /// written, once.
+    #[test]
+    fn a_held_event_gets_the_engine_s_verdict_once() {
+        let a = Answers::start(Duration::from_secs(2));
+        let _claim = a.pending(1, Duration::from_millis(50), true);
+        assert_eq!(a.next(Duration::from_millis(300)), None, "held: waits");
+        a.to.send(AnswerMsg::Verdict(1, Verdict::Allow)).unwrap();
+        a.to.send(AnswerMsg::Undecided(1)).unwrap();
+        assert_eq!(a.next(Duration::from_secs(1)), Some((1, Verdict::Allow)));
+        assert_eq!(a.next(Duration::from_millis(2500)), None, "answered once");
+        assert_eq!(a.counters.watchdog.load(Ordering::Relaxed), 0);
+    }
+
+    /// Held at its deadline, then let go by the engine: refused within a
+    /// tick, by the watchdog itself (the engine's drop may come later).
+    /// Before (review), the watchdog looked again only at the end of the
+    /// grace, a whole deadline later.
+    #[test]
+    fn a_held_event_let_go_is_refused_at_once() {
+        let a = Answers::start(Duration::from_secs(30));
+        let claim = a.pending(1, Duration::from_millis(50), true);
+        assert_eq!(a.next(Duration::from_millis(200)), None, "held: waits");
+        let let_go = std::time::Instant::now();
+        assert!(!claim.engine_lets_go(), "past its deadline: refused");
+        assert_eq!(a.next(Duration::from_secs(5)), Some((1, Verdict::Deny)));
+        assert!(let_go.elapsed() < Duration::from_secs(1), "{let_go:?}");
+        assert_eq!(a.counters.watchdog.load(Ordering::Relaxed), 1);
+    }
+
+    /// Held past the end of its grace: refused all the same, and the
+    /// engine may not act for it any more.
+    #[test]
+    fn a_held_event_past_its_grace_is_refused() {
+        let grace = Duration::from_millis(300);
+        let a = Answers::start(grace);
+        let start = std::time::Instant::now();
+        let claim = a.pending(1, Duration::from_millis(50), true);
+        assert_eq!(a.next(Duration::from_secs(5)), Some((1, Verdict::Deny)));
+        assert!(start.elapsed() >= grace, "{:?}", start.elapsed());
+        assert!(!claim.engine_takes(), "the engine may not act for it");
+        assert_eq!(a.counters.watchdog.load(Ordering::Relaxed), 1);
+    }
+
+    /// An event nobody holds at its deadline is refused then; the engine
+    /// coming to it later (a commit resolved) may not take it — nothing is
+    /// acted for. Taken first past its deadline, the watchdog not awake
+    /// yet, it is refused too, never held for a grace.
+    #[test]
+    fn an_event_not_held_at_its_deadline_is_refused_then() {
+        let a = Answers::start(Duration::from_secs(30));
+        let claim = a.pending(1, Duration::from_millis(50), false);
+        assert_eq!(a.next(Duration::from_secs(5)), Some((1, Verdict::Deny)));
+        assert!(!claim.engine_takes(), "refused: not taken");
+        let late = crate::command::EventClaim::new(std::time::Instant::now());
+        assert!(!late.engine_takes(), "past its deadline: not taken");
+        let slot = AnswerSlot {
+            answer: Recorded(2, a.written_to.clone()),
+            deadline: std::time::Instant::now(),
+            claim: late,
+        };
+        a.to.send(AnswerMsg::Pending(2, Box::new(slot))).unwrap();
+        assert_eq!(a.next(Duration::from_secs(5)), Some((2, Verdict::Deny)));
+        assert_eq!(a.counters.watchdog.load(Ordering::Relaxed), 2);
+    }
+
+    /// The grace of a held event is the break timeout (what the engine
+    /// holding it waits for), not a whole verdict deadline more.
+    #[test]
+    fn a_held_event_s_grace_is_the_break_timeout() {
+        let bt = Duration::from_secs(35);
+        let bound = bt + Duration::from_secs(2);
+        assert!(held_grace(bt) >= bt);
+        assert!(held_grace(bt) < bound, "{:?}", held_grace(bt));
     }
 }

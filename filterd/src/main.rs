@@ -507,6 +507,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             mediated.clone(),
         );
         let bound = std::time::Duration::from_millis(args.break_timeout_ms.saturating_add(2000));
+        let held_grace = local::held_grace(std::time::Duration::from_millis(args.break_timeout_ms));
         let args_max_local_pending = args.max_local_pending;
         std::thread::Builder::new()
             .name("fanotify".into())
@@ -517,6 +518,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     tx,
                     counters,
                     bound,
+                    held_grace,
                     args_max_local_pending
                         .unwrap_or_else(|| local::max_pending(fd_limit))
                         .max(1),
