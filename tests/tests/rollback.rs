@@ -195,7 +195,10 @@ fn a_local_open_of_a_create_still_committing_waits_and_is_refused_when_undone() 
 /// the commit is made, nothing is done for it: the creator's lease is not
 /// broken (counted `local_opens_past_deadline`). Before (review), the
 /// engine ran the refused open when the commit resolved and broke the
-/// lease for an open that never happened.
+/// lease for an open that never happened. Refused at its deadline, not a
+/// grace later: the engine, waiting, does not hold it (review: the test
+/// passed as well when the engine never let go of it, refused by force
+/// a whole grace late).
 #[test]
 fn a_local_open_refused_at_its_deadline_while_a_create_commits_breaks_no_lease() {
     use libfilter::lease::{LeaseKey, LeaseState};
@@ -219,13 +222,19 @@ fn a_local_open_refused_at_its_deadline_while_a_create_commits_breaks_no_lease()
     let f = s.root().join("f");
     let (tx, local) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(std::fs::File::open(&f).map(|_| ()));
+        let start = std::time::Instant::now();
+        let opened = std::fs::File::open(&f).map(|_| ());
+        let _ = tx.send((opened, start.elapsed()));
     });
-    let e = local
+    let (opened, took) = local
         .recv_timeout(Duration::from_secs(30))
-        .expect("the local open is answered")
-        .expect_err("refused at its deadline, the create still committing");
+        .expect("the local open is answered");
+    let e = opened.expect_err("refused at its deadline, the create still committing");
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    assert!(
+        took < Duration::from_millis(2500 + 1000),
+        "refused {took:?} after it began, past its deadline (2.5 s) + 1 s"
+    );
     let r = answered_after(&created, "the local open is refused");
     assert!(r.is_ok(), "{r:?}");
     let ctl = d.control();
@@ -247,6 +256,8 @@ fn a_local_open_refused_at_its_deadline_while_a_create_commits_breaks_no_lease()
         !late.iter().any(|e| matches!(e, Event::LeaseBreak { .. })),
         "{late:?}"
     );
+    let log = d.log_text();
+    assert!(!log.contains("held by the engine"), "{log}");
 }
 
 /// filterd's own descriptor of the file named `name`, as `/proc/PID/fd/N`.
