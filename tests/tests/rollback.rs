@@ -198,7 +198,9 @@ fn a_local_open_of_a_create_still_committing_waits_and_is_refused_when_undone() 
 /// lease for an open that never happened. Refused at its deadline, not a
 /// grace later: the engine, waiting, does not hold it (review: the test
 /// passed as well when the engine never let go of it, refused by force
-/// a whole grace late).
+/// a whole grace late). That is read from the log (no forced refusal of
+/// an event the engine held), not from the time taken: the two differ by
+/// the grace (1 s here), which a loaded machine can take by itself.
 #[test]
 fn a_local_open_refused_at_its_deadline_while_a_create_commits_breaks_no_lease() {
     use libfilter::lease::{LeaseKey, LeaseState};
@@ -231,10 +233,7 @@ fn a_local_open_refused_at_its_deadline_while_a_create_commits_breaks_no_lease()
         .expect("the local open is answered");
     let e = opened.expect_err("refused at its deadline, the create still committing");
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
-    assert!(
-        took < Duration::from_millis(2500 + 1000),
-        "refused {took:?} after it began, past its deadline (2.5 s) + 1 s"
-    );
+    assert!(took >= Duration::from_millis(2000), "refused early, {took:?}");
     let r = answered_after(&created, "the local open is refused");
     assert!(r.is_ok(), "{r:?}");
     let ctl = d.control();
