@@ -1052,9 +1052,11 @@ pub struct BreakView {
     /// What the holder was asked to keep.
     pub to: LeaseState,
     /// Milliseconds until the break times out and the lease is taken down
-    /// to `to` without the holder's acknowledgement; `None` while the break
-    /// waits its turn behind an earlier step of its chain (not yet sent).
-    pub ms_left: Option<u64>,
+    /// to `to` without the holder's acknowledgement. The time runs from
+    /// when filterd decided the break; the event itself may still wait for
+    /// the commit of the state it shows, or for the reply of the open that
+    /// granted the lease, before it reaches the holder.
+    pub ms_left: u64,
     /// Whether an open waits for it.
     pub waiters: bool,
 }
@@ -2844,11 +2846,7 @@ mod binary_tests {
             (
                 handle_record(),
                 any::<bool>(),
-                proptest::option::of((
-                    lease_state(),
-                    proptest::option::of(any::<u64>()),
-                    any::<bool>(),
-                )),
+                proptest::option::of((lease_state(), any::<u64>(), any::<bool>())),
             )
                 .prop_map(|(record, fd_open, breaking)| HandleView {
                     record,

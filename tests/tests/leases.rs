@@ -119,7 +119,7 @@ fn conflicting_open_waits_for_the_break_ack() {
     let row = &v.as_array().unwrap()[0];
     assert_eq!(row["breaking"]["to"], "RH", "{v}");
     assert_eq!(row["breaking"]["waiters"], true, "{v}");
-    let left = row["breaking"]["ms_left"].as_u64().expect("a break sent");
+    let left = row["breaking"]["ms_left"].as_u64().expect("ms_left");
     assert!(left > 0 && left <= 35_000, "{v}");
     let out = rkfilter_tests::filterctl(&["--socket", &sock, "leases"]);
     assert!(out.stdout.contains("-> RH "), "{}", out.stdout);

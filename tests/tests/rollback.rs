@@ -233,7 +233,10 @@ fn a_local_open_refused_at_its_deadline_while_a_create_commits_breaks_no_lease()
         .expect("the local open is answered");
     let e = opened.expect_err("refused at its deadline, the create still committing");
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
-    assert!(took >= Duration::from_millis(2000), "refused early, {took:?}");
+    assert!(
+        took >= Duration::from_millis(2000),
+        "refused early, {took:?}"
+    );
     let r = answered_after(&created, "the local open is refused");
     assert!(r.is_ok(), "{r:?}");
     let ctl = d.control();

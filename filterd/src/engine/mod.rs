@@ -1559,8 +1559,8 @@ impl Engine {
             .and_then(|l| self.breaking.get(&(h.rec.file, l.key)))
             .map(|b| BreakView {
                 to: b.to,
-                // 0: queued behind an earlier step of its chain, not sent.
-                ms_left: (b.deadline_ms != 0).then(|| b.deadline_ms.saturating_sub(mono_ms())),
+                // Set when the break is sent (`send_break`), the only way in.
+                ms_left: b.deadline_ms.saturating_sub(mono_ms()),
                 waiters: b.waiters,
             });
         HandleView {

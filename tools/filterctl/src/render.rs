@@ -384,19 +384,16 @@ pub fn leases(rows: &[LeaseRow]) -> String {
     out
 }
 
-/// A break in progress, as the `leases` table shows it: `→ RH 12.3s`
-/// (the state asked for and the time left to acknowledge it), `queued`
-/// for a step of a chain not yet sent, and `, open waits` when an open
-/// waits for it — the cause of a stalled open, and who stalls it.
+/// A break in progress, as the `leases` table shows it: `-> RH 12.3s`
+/// (the state asked for and the time left to acknowledge it) and `, open
+/// waits` when an open waits for it — the cause of a stalled open, and
+/// who stalls it.
 fn breaking(b: libfilter::proto::BreakView) -> String {
     let to = b.to.to_string();
     let to = if to.is_empty() { "none".to_owned() } else { to };
-    let left = match b.ms_left {
-        Some(ms) => format!("{}.{}s", ms / 1000, (ms % 1000) / 100),
-        None => "queued".to_owned(),
-    };
+    let (s, tenths) = (b.ms_left / 1000, (b.ms_left % 1000) / 100);
     let waits = if b.waiters { ", open waits" } else { "" };
-    format!("-> {to} {left}{waits}")
+    format!("-> {to} {s}.{tenths}s{waits}")
 }
 
 /// The `frontends` table.
