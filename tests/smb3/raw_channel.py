@@ -216,6 +216,25 @@ def signed_create(r, sid, key, tid, name, share=0, disposition=3, ctx=b"", oploc
     return cmac_sign(key, bytes(h) + body + n + b"\0" * pad + ctx)
 
 
+def patient_share(client):
+    """A raw connection of client GUID `client` that waits up to 30 s
+    for each answer, USER logged on and the share connected: the
+    connection, the session id, its signing key and the tree id."""
+    r = Raw(client)
+    r.s.settimeout(30)
+    return (r, *connect_share(r))
+
+
+def persistent_create(r, sid, key, tid, name, create_guid, disposition, replay=False):
+    """A signed persistent (DH2Q, create GUID `create_guid`) CREATE of
+    `name` for read and write, sharing all, sent with
+    SMB2_FLAGS_REPLAY_OPERATION if `replay`."""
+    from smbtest import persistent_context
+
+    ctx = persistent_context(create_guid).pack()
+    return signed_create(r, sid, key, tid, name, 7, disposition, ctx, replay=replay)
+
+
 def signed_close(r, sid, key, tid, fid):
     """CLOSEs `fid`, which must succeed."""
     st, _ = final(r, cmac_sign(key, r.header(CLOSE, sid, tid=tid) + struct.pack("<HHI16s", 24, 0, 0, fid)))

@@ -475,6 +475,49 @@ fn rksmbd_replays_a_timed_out_persistent_create_without_running_it_again() {
     script.finish();
 }
 
+/// rksmbd and a real SMB 3 client (`tests/smb3/late_claim.py`), rksmbd's
+/// calls giving up after 1 s and a replay held 3 s before it claims its
+/// create GUID: a persistent CREATE succeeds, its connection drops, and
+/// its replay on a new connection is held; filterd is stopped meanwhile,
+/// so the claim's second ask of filterd gives up and the handle is left
+/// disconnected. Before the fix that replay was answered
+/// STATUS_FILE_NOT_AVAILABLE, the status of a call that gave up for a
+/// CREATE whose client does not replay it; now STATUS_SERVER_UNAVAILABLE,
+/// as any DH2Q CREATE whose call gave up, and the client's next replay
+/// takes the original open.
+#[test]
+fn rksmbd_answers_a_replay_whose_claim_gave_up_server_unavailable() {
+    let s = Scratch::new("late-rksmbd-claim");
+    let d = Filterd::start(&s, &[], &[]);
+    let env = [
+        ("RKFILTER_CALL_TIMEOUT_MS", "1000"),
+        ("RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS", "3000"),
+    ];
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let mut script = Dialogue::start(&srv, "late_claim.py", Duration::from_secs(60));
+    script.expect("replaying");
+    wait_for(
+        "the replay to be held before its claim",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("a replay is held before its claim")
+                .then_some(())
+        },
+    );
+    d.stop();
+    script.expect("gave up");
+    d.signal(Signal::SIGCONT);
+    wait_for(
+        "the handle to be left disconnected",
+        Duration::from_secs(10),
+        || (handles(&d) == [("claim.txt".to_owned(), "disconnected".to_owned())]).then_some(()),
+    );
+    script.say("go");
+    script.finish();
+}
+
 /// Lets `script` send a CREATE while filterd is stopped; once it says
 /// `gave_up` (the CREATE failed), lets filterd go on and waits for the
 /// late open to be closed.

@@ -957,14 +957,15 @@ fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHand
 /// disconnected, not attached with no open behind it: the client, told
 /// to try again, replays its CREATE by create GUID, or its timeout ends
 /// it. Another is closed again until filterd answers (`settle`).
-fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>, durable: bool) {
+/// Returns whether the handle was left disconnected so.
+fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>, durable: bool) -> bool {
     forget_grant(sh, key, leased);
     let Err(e) = sh.filter.close(key) else {
-        return;
+        return false;
     };
     tracing::warn!(resume_key = %key, error = %e, "closing the handle of a failed CREATE");
     if !crate::settle::may_hold(&e) {
-        return;
+        return false;
     }
     if durable {
         // Forgotten by the attachment first, so a restarted filterd's
@@ -973,6 +974,7 @@ fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>, durable: boo
     } else {
         sh.unsettled.add(key);
     }
+    durable
 }
 
 /// The handle and lease of an open not kept are none of the notifier's
@@ -1009,6 +1011,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         v1_pid,
         create_guid,
         app,
+        by_guid,
         ..
     } = p;
     let ctxs = &ctxs;
@@ -1057,8 +1060,11 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
         if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
-            give_back(&sh, key, leased, durable.is_some());
-            return Err(status_of(&e));
+            // Its close gave up too: the durable handle is left
+            // disconnected, and a DH2Q's client, answered as one whose
+            // call gave up, replays the CREATE and takes it.
+            let left = give_back(&sh, key, leased, durable.is_some());
+            return Err(unavailable_status(&e, by_guid && left, c.dialect()));
         }
         delete_on_close = true;
     }
@@ -1214,8 +1220,10 @@ fn retry_while_held_elsewhere<T, E>(
 /// this connection holds the claim no original or replay elsewhere
 /// detaches it (a DH2C reconnect on a third connection takes no claim:
 /// left, docs/smb3.md). A failed second ask leaves the handle
-/// disconnected and lets the claim go; one no longer durable lets it go
-/// too (review of this fix). Before, a
+/// disconnected and lets the claim go — one that gave up is answered as
+/// any DH2Q CREATE whose call gave up ([`failed_status`]), so the client
+/// replays again and takes it; one no longer durable lets it go too
+/// (review of this fix). Before, a
 /// replay slower than the original's connection ending claimed at once,
 /// kept the detached handle, and answered SUCCESS and then
 /// STATUS_ACCESS_DENIED on every request (CI, under load).
@@ -1271,7 +1279,9 @@ fn claim(
                 let _ = c.sh.filter.detach(key);
                 c.sh.registry.let_go(guid, c.id);
             }
-            Err(status_of(&e))
+            // Gave up: the client replays it again (a DH2Q's), and finds
+            // the handle left disconnected for it.
+            Err(failed_status(c, p, &e))
         }
     }
 }
