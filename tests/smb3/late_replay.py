@@ -4,7 +4,7 @@ replayed by its client from a new connection (raw SMB 3.0.2).
 Usage: late_replay.py HOST PORT SHARE USER PASSWORD
 
 Run against an rksmbd with a short call timeout (RKFILTER_CALL_TIMEOUT_MS);
-late.txt holds "old contents".
+late.txt does not exist.
 
 1. Client A (client GUID C) prints "ready" and waits (the driver SIGSTOPs
    filterd); sends a persistent (DH2Q, create GUID G) OVERWRITE_IF CREATE
@@ -18,8 +18,9 @@ late.txt holds "old contents".
    the answer reached it, which replays the CREATE too). A, on a new
    connection of client GUID C and a new session, replays the CREATE
    (SMB2_FLAGS_REPLAY_OPERATION, G): it must succeed with the original's
-   create action (FILE_OVERWRITTEN) and the file as B left it — the
-   CREATE did not run twice. Prints "replayed" and waits (the driver
+   create action (FILE_CREATED: run again, it would answer
+   FILE_OVERWRITTEN) and the file as B left it — the CREATE did not run
+   twice. Prints "replayed" and waits (the driver
    checks the handle is attached and the file), then closes it.
 
 Prints PASS; exits non-zero on any failure.
@@ -37,36 +38,32 @@ from raw_channel import (
     connect_share,
     create_body,
     final,
+    patient_share,
+    persistent_create,
     reset,
     signed_close,
-    signed_create,
     signed_read,
     signed_write,
 )
-from smbtest import pause, persistent_context
+from smbtest import pause
 
 SERVER_UNAVAILABLE = 0xC0000466
 OVERWRITE_IF = 5
-FILE_OVERWRITTEN = 3
+FILE_CREATED = 2
 B_DATA = b"b's data"
 
 
-def persistent_create(r, sid, key, tid, create_guid, replay=False):
-    """A persistent OVERWRITE_IF of late.txt, sharing all, with create
-    GUID `create_guid`."""
-    ctx = persistent_context(create_guid).pack()
-    return signed_create(r, sid, key, tid, "late.txt", 7, OVERWRITE_IF, ctx, replay=replay)
+def create(a, sid, key, tid, g, replay=False):
+    return persistent_create(a, sid, key, tid, "late.txt", g, OVERWRITE_IF, replay=replay)
 
 
 def main():
     client = uuid.uuid4()
-    a = Raw(client)
-    a.s.settimeout(30)
-    sid, key, tid = connect_share(a)
+    a, sid, key, tid = patient_share(client)
     g = uuid.uuid4()
 
     pause("ready")
-    st, _ = final(a, persistent_create(a, sid, key, tid, g))
+    st, _ = final(a, create(a, sid, key, tid, g))
     check(st == SERVER_UNAVAILABLE, f"the CREATE filterd answered late: STATUS_SERVER_UNAVAILABLE (got {st:#010x})")
     pause("gave up")
 
@@ -80,13 +77,11 @@ def main():
     signed_close(b, bsid, bkey, btid, bfid)
 
     reset(a.s)
-    a = Raw(client)
-    a.s.settimeout(30)
-    sid, key, tid = connect_share(a)
-    st, m = final(a, persistent_create(a, sid, key, tid, g, replay=True))
+    a, sid, key, tid = patient_share(client)
+    st, m = final(a, create(a, sid, key, tid, g, replay=True))
     check(st == SUCCESS, f"the replayed CREATE succeeds (got {st:#010x})")
     action = struct.unpack_from("<I", m, 64 + 4)[0]
-    check(action == FILE_OVERWRITTEN, f"with the original's create action, overwritten (got {action})")
+    check(action == FILE_CREATED, f"with the original's create action, created (got {action})")
     fid = m[128:144]
     _, got = signed_read(a, sid, key, tid, fid, 64)
     check(got == B_DATA, f"the file as the other client left it, not overwritten again (got {got!r})")

@@ -441,13 +441,15 @@ fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
 /// STATUS_FILE_NOT_AVAILABLE): the replay — which a client whose
 /// connection dropped before that answer sends all the same — ran the
 /// CREATE again and truncated the other client's acknowledged write. Now
-/// it gets the original open: its create action (overwritten), the file
+/// it gets the original open: its create action (created, where a CREATE
+/// run again answers overwritten: the file is missing at first), the file
 /// as the other client left it.
 #[test]
 fn rksmbd_replays_a_timed_out_persistent_create_without_running_it_again() {
     let (s, d, srv) = setup_rksmbd("late-rksmbd-replay", "1000");
+    // Missing: the original answers FILE_CREATED, a CREATE run again
+    // FILE_OVERWRITTEN.
     let path = s.root().join("late.txt");
-    std::fs::write(&path, "old contents").expect("write");
     let mut script = Dialogue::start(&srv, "late_replay.py", Duration::from_secs(60));
     script.expect("ready");
     d.stop();

@@ -646,9 +646,11 @@ fn open_file(
         put: Vec::new(),
     };
     let replay = f.replay && create_guid.is_some();
-    // A DH2Q CREATE's client knows its create GUID and replays it
-    // (never a durable v1 one's: rksmbd makes that GUID up).
-    let by_guid = smb3 && ctxs.durable_v2.is_some() && create_guid.is_some();
+    let by_guid = replayed_by_guid(
+        c.dialect(),
+        ctxs.durable_v2.is_some(),
+        create_guid.is_some(),
+    );
     // AppInstanceId (3.3.5.9.13), with DH2Q: the application's earlier
     // open of the file, from whichever connection, is closed first — a
     // failed-over application takes its file back without a break.
@@ -757,6 +759,16 @@ fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle
 /// up, which the client does not replay).
 fn failed_status(c: &Connection, p: &Prepared, e: &ClientError) -> u32 {
     unavailable_status(e, p.by_guid, c.dialect())
+}
+
+/// Whether a CREATE on a connection of `dialect`, with a DH2Q context
+/// (`v2`) or not, that asks filterd for a durable or persistent open
+/// (`durable`: it carries a create GUID) is a DH2Q open its client
+/// replays by that GUID. A DH2Q CREATE's client knows its create GUID;
+/// a durable v1 one's is rksmbd's own, which no client learns; and DH2Q
+/// is ignored before 3.x.
+fn replayed_by_guid(dialect: Option<Dialect>, v2: bool, durable: bool) -> bool {
+    dialect.is_some_and(Dialect::is_smb3) && v2 && durable
 }
 
 /// [`failed_status`] of a CREATE that is (`v2`) or is not a DH2Q open,
@@ -1874,41 +1886,47 @@ mod tests {
         assert!(r.is_ok(), "{r:?}");
     }
 
-    /// A DH2Q CREATE whose filterd call gave up is answered
-    /// STATUS_SERVER_UNAVAILABLE on SMB 3.x, which its client replays by
-    /// create GUID (MS-SMB2 3.2.5.7); any other CREATE, or SMB 2.1 (no
-    /// replays), keeps STATUS_FILE_NOT_AVAILABLE; a refusal keeps its own
-    /// status.
+    /// A DH2Q CREATE asking for a durable or persistent open whose
+    /// filterd call gave up is answered STATUS_SERVER_UNAVAILABLE on
+    /// every SMB 3.x dialect, and its client replays it by create GUID
+    /// (MS-SMB2 3.2.5.7); a durable v1, non-durable or plain CREATE (on
+    /// 3.x or 2.1) keeps STATUS_FILE_NOT_AVAILABLE; a refusal keeps its
+    /// own status. Only cases rksmbd can meet: `replayed_by_guid` decides
+    /// as `open_file` does.
     #[test]
     fn only_a_timed_out_dh2q_create_is_answered_server_unavailable() {
         let late = ClientError::Timeout(Duration::from_secs(1));
-        let smb3 = Some(Dialect::Smb302);
+        // (dialect, DH2Q, durable asked) of the CREATEs rksmbd serves.
+        let status = |e: &ClientError, d: Dialect, v2: bool, durable: bool| {
+            unavailable_status(e, replayed_by_guid(Some(d), v2, durable), Some(d))
+        };
+        for d in [Dialect::Smb300, Dialect::Smb302, Dialect::Smb311] {
+            // DH2Q, persistent or durable with H: replayed.
+            for e in [&late, &ClientError::Disconnected] {
+                assert_eq!(
+                    status(e, d, true, true),
+                    status::SERVER_UNAVAILABLE,
+                    "{d:?}"
+                );
+            }
+            // Durable v1 (DHnQ: rksmbd's own GUID), a DH2Q asking for no
+            // durability (no H, not persistent), a plain open.
+            for (v2, durable) in [(false, true), (true, false), (false, false)] {
+                assert_eq!(status(&late, d, v2, durable), status::FILE_NOT_AVAILABLE);
+            }
+        }
+        // SMB 2.1: durable v1 only (a DH2Q context asks nothing there).
         assert_eq!(
-            unavailable_status(&late, true, smb3),
-            status::SERVER_UNAVAILABLE
-        );
-        assert_eq!(
-            unavailable_status(&ClientError::Disconnected, true, Some(Dialect::Smb311)),
-            status::SERVER_UNAVAILABLE
-        );
-        assert_eq!(
-            unavailable_status(&late, false, smb3),
+            status(&late, Dialect::Smb210, false, true),
             status::FILE_NOT_AVAILABLE
         );
-        assert_eq!(
-            unavailable_status(&late, true, Some(Dialect::Smb210)),
-            status::FILE_NOT_AVAILABLE
-        );
-        assert_eq!(
-            unavailable_status(&late, true, None),
-            status::FILE_NOT_AVAILABLE
-        );
+        // A refusal is answered as what it is.
         let refused = ClientError::Refused(libfilter::proto::WireError::new(
             ErrorCode::SharingViolation,
             "shared",
         ));
         assert_eq!(
-            unavailable_status(&refused, true, smb3),
+            status(&refused, Dialect::Smb311, true, true),
             status::SHARING_VIOLATION
         );
     }
