@@ -17,11 +17,9 @@ failure.
 
 import uuid
 
-from smbprotocol.create_contexts import CreateContextName, SMB2CreateAppInstanceId
 from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.open import CreateDisposition
 
-from smbtest import args, check, connect, context, open_rw, pause, persistent_context
+from smbtest import args, check, connect, open_app_instance, pause
 
 SERVER = args()
 APP = uuid.uuid4().bytes
@@ -29,13 +27,7 @@ DATA = b"written after the failed takeover\n"
 
 
 def open_app(tree):
-    app = SMB2CreateAppInstanceId()
-    app["app_instance_id"] = APP
-    contexts = [
-        persistent_context(uuid.uuid4()),
-        context(CreateContextName.SMB2_CREATE_APP_INSTANCE_ID, app),
-    ]
-    return open_rw(tree, "app.txt", CreateDisposition.FILE_OPEN_IF, contexts)
+    return open_app_instance(tree, "app.txt", APP)
 
 
 a, a_tree = connect(*SERVER)

@@ -225,14 +225,14 @@ def patient_share(client):
     return (r, *connect_share(r))
 
 
-def persistent_create(r, sid, key, tid, name, create_guid, disposition, replay=False):
+def persistent_create(r, sid, key, tid, name, create_guid, disposition, replay=False, share=7):
     """A signed persistent (DH2Q, create GUID `create_guid`) CREATE of
-    `name` for read and write, sharing all, sent with
-    SMB2_FLAGS_REPLAY_OPERATION if `replay`."""
+    `name` for read and write, sharing `share` (all by default), sent
+    with SMB2_FLAGS_REPLAY_OPERATION if `replay`."""
     from smbtest import persistent_context
 
     ctx = persistent_context(create_guid).pack()
-    return signed_create(r, sid, key, tid, name, 7, disposition, ctx, replay=replay)
+    return signed_create(r, sid, key, tid, name, share, disposition, ctx, replay=replay)
 
 
 def signed_close(r, sid, key, tid, fid):

@@ -15,6 +15,7 @@ from smbprotocol.create_contexts import (
     CreateContextName,
     DurableHandleFlags,
     LeaseState,
+    SMB2CreateAppInstanceId,
     SMB2CreateContextRequest,
     SMB2CreateDurableHandleReconnectV2,
     SMB2CreateDurableHandleRequestV2,
@@ -221,3 +222,15 @@ def set_info_status(tree, op, info):
         return 0
     except SMBResponseException as e:
         return e.status
+
+
+def open_app_instance(tree, name, app):
+    """A persistent open (new create GUID) of file `name` for reading and
+    writing, sharing reading, under AppInstanceId `app` (16 bytes)."""
+    a = SMB2CreateAppInstanceId()
+    a["app_instance_id"] = app
+    contexts = [
+        persistent_context(uuid.uuid4()),
+        context(CreateContextName.SMB2_CREATE_APP_INSTANCE_ID, a),
+    ]
+    return open_rw(tree, name, CreateDisposition.FILE_OPEN_IF, contexts)

@@ -510,14 +510,99 @@ fn rksmbd_answers_a_replay_whose_claim_gave_up_server_unavailable() {
     );
     d.stop();
     script.expect("gave up");
-    d.signal(Signal::SIGCONT);
-    wait_for(
+    go_on_until(
+        &d,
         "the handle to be left disconnected",
-        Duration::from_secs(10),
-        || (handles(&d) == [("claim.txt".to_owned(), "disconnected".to_owned())]).then_some(()),
+        &[("claim.txt", "disconnected")],
     );
     script.say("go");
     script.finish();
+}
+
+/// rksmbd and a client that does not replay (`tests/smb3/late_logoff.py`),
+/// rksmbd's calls giving up after 1 s: a persistent exclusive CREATE sent
+/// while filterd is stopped is answered STATUS_SERVER_UNAVAILABLE, and
+/// its late open left detached for a replay that never comes; the client
+/// logs off. Before the fix the open was in no session's table, and
+/// stayed disconnected for its durable timeout after the LOGOFF, refusing
+/// every other client; now the LOGOFF closes it, and another client's
+/// exclusive CREATE succeeds at once.
+#[test]
+fn rksmbd_logoff_closes_a_late_persistent_open_never_replayed() {
+    let (_s, d, srv) = setup_rksmbd("late-rksmbd-logoff", "1000");
+    let mut script = Dialogue::start(&srv, "late_logoff.py", Duration::from_secs(60));
+    late_create_detached(&d, &mut script, "logoff.txt");
+    script.expect("logged off");
+    script.say("go");
+    script.finish();
+    assert!(handles(&d).is_empty(), "{:?}", handles(&d));
+}
+
+/// As above, filterd stopped until after the LOGOFF (whose own take of the
+/// open goes unanswered): the late open is answered after the session
+/// ended. Before the fix rksmbd's DH2Q opens were sent with a
+/// `SessionEnd` nothing ended, and the late answer was left detached
+/// after the LOGOFF; now the LOGOFF ends the session's, and the late open
+/// is closed.
+#[test]
+fn rksmbd_closes_a_late_persistent_open_answered_after_logoff() {
+    let (_s, d, srv) = setup_rksmbd("late-rksmbd-after-logoff", "1000");
+    let mut script = Dialogue::start(&srv, "late_logoff.py", Duration::from_secs(60));
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up");
+    script.say("go");
+    script.expect("logged off");
+    go_on_until(&d, "the late open to be closed", &[]);
+    script.say("go");
+    script.finish();
+}
+
+/// rksmbd and an application that fails over to another client
+/// (`tests/smb3/late_app_instance.py`), rksmbd's calls giving up after
+/// 1 s: a persistent CREATE under an AppInstanceId sent while filterd is
+/// stopped is answered STATUS_SERVER_UNAVAILABLE and its late open left
+/// detached; the instance's CREATE from another client must succeed at
+/// once, as MS-SMB2 3.3.5.9.13 closes the instance's earlier open. Before
+/// the fix the late open was no open the takeover knew of, and refused
+/// the new one for its durable timeout.
+#[test]
+fn rksmbd_app_instance_takeover_closes_a_late_open_never_replayed() {
+    let (_s, d, srv) = setup_rksmbd("late-rksmbd-app", "1000");
+    let mut script = Dialogue::start(&srv, "late_app_instance.py", Duration::from_secs(60));
+    late_create_detached(&d, &mut script, "app.txt");
+    script.finish();
+}
+
+/// Lets `script` send a CREATE of `file` while filterd is stopped; once it
+/// says "gave up" (answered STATUS_SERVER_UNAVAILABLE), lets filterd go
+/// on, waits for the late open to be left detached, and lets the script
+/// go on.
+fn late_create_detached(d: &Filterd, script: &mut Dialogue, file: &str) {
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up");
+    go_on_until(
+        d,
+        "the late open to be left detached",
+        &[(file, "disconnected")],
+    );
+    script.say("go");
+}
+
+/// Lets the stopped filterd go on and waits (`what`) until its handles
+/// are `want`: (path, connection state) each.
+fn go_on_until(d: &Filterd, what: &str, want: &[(&str, &str)]) {
+    d.signal(Signal::SIGCONT);
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(p, s)| ((*p).to_owned(), (*s).to_owned()))
+        .collect();
+    wait_for(what, Duration::from_secs(10), || {
+        (handles(d) == want).then_some(())
+    });
 }
 
 /// Lets `script` send a CREATE while filterd is stopped; once it says

@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use libfilter::client::ClientError;
+use libfilter::client::{ClientError, SessionEnd};
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::{
     Access, ClientId, CreateAction, CreateGuid, Disposition, Durability, HeldLease, LeaseRequest,
@@ -29,6 +29,7 @@ use crate::server::{
     AsyncHead, Connection, Outcome, Reply, Request, Shared, MAX_OPENS_PER_CONNECTION,
 };
 use crate::sessions::OpenHolder;
+use crate::unanswered::Unanswered;
 use crate::wire::{self, status, Header, Reader, Writer, HEADER_LEN};
 
 /// RequestedOplockLevel: a lease (2.2.13).
@@ -658,10 +659,20 @@ fn open_file(
         (Some(app), Some(d)) if smb3 => {
             sh.registry
                 .take_over_app_instance(&sh, app, &f.path, d.create_guid);
+            // And what the instance's CREATEs answered
+            // STATUS_SERVER_UNAVAILABLE may have left.
+            let left = sh.registry.unanswered_of_app(app, &f.path, d.create_guid);
+            crate::unanswered::close(&sh, c.id, left);
             Some((app, d.create_guid))
         }
         _ => None,
     };
+    let end = c
+        .sessions
+        .get(&f.session)
+        .and_then(|s| s.link.as_ref())
+        .map(|l| l.end().clone())
+        .unwrap_or_default();
     let p = Prepared {
         f,
         ctxs: ctxs.clone(),
@@ -673,6 +684,7 @@ fn open_file(
         req,
         replay,
         by_guid,
+        end,
     };
     match try_open(&sh, &p) {
         Err(e) if e.code() == Some(ErrorCode::Busy) => {}
@@ -722,6 +734,9 @@ pub struct Prepared {
     /// A DH2Q open (SMB 3.x), whose client replays its create GUID when
     /// answered STATUS_SERVER_UNAVAILABLE ([`failed_status`]).
     by_guid: bool,
+    /// Its session's end by LOGOFF, after which filterd's late answer to
+    /// it is closed, not left for a replay.
+    end: SessionEnd,
 }
 
 /// One filterd open of `p`, never waiting for lease breaks (filterd
@@ -736,13 +751,11 @@ pub struct Prepared {
 /// client replays.
 fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle, ClientError> {
     if p.replay {
-        sh.filter.replay_open(p.req.clone())
+        sh.filter.replay_open_for(p.req.clone(), &p.end)
     } else if p.by_guid {
-        // Never ended: rksmbd's LOGOFF detaches a session's durable opens
-        // for a DH2C from a new session (smbtorture durable-open reopen4),
-        // and a late DH2Q open waits as they do.
-        sh.filter
-            .open_replayed_by_guid(p.req.clone(), &libfilter::client::SessionEnd::default())
+        // Until the session's LOGOFF, which closes what its CREATEs
+        // answered STATUS_SERVER_UNAVAILABLE left (`unanswered`).
+        sh.filter.open_replayed_by_guid(p.req.clone(), &p.end)
     } else {
         sh.filter.open(p.req.clone())
     }
@@ -756,9 +769,48 @@ fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle
 /// connection dropped before any answer replays it anyway — either way
 /// the replay takes the open the original made, if it made one. Others
 /// as [`status_of`] says (STATUS_FILE_NOT_AVAILABLE for a call that gave
-/// up, which the client does not replay).
+/// up, which the client does not replay). A
+/// DH2Q CREATE so answered is remembered by its session, whose LOGOFF
+/// closes the open if no replay took it ([`note_unanswered`]).
 fn failed_status(c: &Connection, p: &Prepared, e: &ClientError) -> u32 {
-    unavailable_status(e, p.by_guid, c.dialect())
+    let st = unavailable_status(e, p.by_guid, c.dialect());
+    note_unanswered(
+        c,
+        st,
+        p.f.session,
+        &p.req,
+        p.app.map(|(a, _)| (a, &p.f.path)),
+    );
+    st
+}
+
+/// Remembers in session `session` a DH2Q CREATE (`req`, with
+/// AppInstanceId and file `app`) answered `st`, if that is
+/// STATUS_SERVER_UNAVAILABLE: a client that does not replay it never
+/// learns of the open filterd may yet make, and the session's LOGOFF or
+/// the app instance's takeover closes it (`unanswered`).
+fn note_unanswered(
+    c: &Connection,
+    st: u32,
+    session: u64,
+    req: &OpenRequest,
+    app: Option<([u8; 16], &RelPath)>,
+) {
+    let (status::SERVER_UNAVAILABLE, Some(guid)) = (st, req.create_guid) else {
+        return;
+    };
+    let Some(link) = c.sessions.get(&session).and_then(|s| s.link.as_ref()) else {
+        return;
+    };
+    if let Some((a, _)) = app {
+        c.sh.registry.app_unanswered(a);
+    }
+    link.unanswered(Unanswered {
+        guid: guid.0,
+        client: req.client.clone(),
+        owner: req.owner.clone(),
+        app: app.map(|(a, path)| (a, path.clone())),
+    });
 }
 
 /// Whether a CREATE on a connection of `dialect`, with a DH2Q context
@@ -1024,6 +1076,8 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         create_guid,
         app,
         by_guid,
+        req,
+        replay,
         ..
     } = p;
     let ctxs = &ctxs;
@@ -1076,7 +1130,9 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             // disconnected, and a DH2Q's client, answered as one whose
             // call gave up, replays the CREATE and takes it.
             let left = give_back(&sh, key, leased, durable.is_some());
-            return Err(unavailable_status(&e, by_guid && left, c.dialect()));
+            let st = unavailable_status(&e, by_guid && left, c.dialect());
+            note_unanswered(c, st, f.session, &req, app.map(|(a, _)| (a, &f.path)));
+            return Err(st);
         }
         delete_on_close = true;
     }
@@ -1149,6 +1205,10 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     }
     if let (Some(_), false, Some(guid)) = (durable, v1, create_guid) {
         sh.registry.v2_opened(pid, guid);
+    }
+    if let Some(guid) = create_guid.filter(|_| replay) {
+        // A session holds it now: no LOGOFF closes it as unanswered.
+        sh.registry.replay_took(guid);
     }
     if let (Some(_), Some(guid)) = (durable, create_guid) {
         sh.registry
@@ -1272,7 +1332,7 @@ fn claim(
     // No open of this connection holds the GUID but the one being made:
     // what goes wrong now lets it go.
     let alone = !c.opens.values().any(|o| o.create_guid == Some(guid));
-    match c.sh.filter.replay_open(p.req.clone()) {
+    match c.sh.filter.replay_open_for(p.req.clone(), &p.end) {
         Ok(h) => {
             // No longer durable (its lease lowered meanwhile): kept as a
             // plain open, which holds no claim.

@@ -46,5 +46,6 @@ pub mod server;
 pub mod sessions;
 pub mod settle;
 pub mod spnego;
+pub mod unanswered;
 pub mod users;
 pub mod wire;

@@ -2433,7 +2433,9 @@ impl Connection {
     /// LOGOFF (3.3.5.6): the session's opens go as on a lost connection
     /// — durable and persistent ones are detached in filterd, so that a
     /// DHnC / DH2C from a new session reconnects them (smbtorture's
-    /// durable-open reopen4), the others closed.
+    /// durable-open reopen4), the others closed. The opens its DH2Q
+    /// CREATEs answered STATUS_SERVER_UNAVAILABLE may have left, which
+    /// the client never learnt of, are closed ([`crate::unanswered`]).
     fn logoff(&mut self, req: &Request<'_>) -> Outcome {
         let id = req.hdr.session_id;
         let mut ids: Vec<u64> = self
@@ -2448,15 +2450,17 @@ impl Connection {
         // with it: the LOGOFF fails, the client may CLOSE it or log off
         // again (or drop the connection, which closes it as any open).
         self.release_opens(ids, Ending::Logoff)?;
-        if let Some(home) = self
-            .sessions
-            .remove(&id)
-            .and_then(|s| s.link)
-            .and_then(|l| l.home.get().cloned())
-        {
+        let link = self.sessions.remove(&id).and_then(|s| s.link);
+        // Its DH2Q CREATEs answered STATUS_SERVER_UNAVAILABLE and never
+        // replayed: their opens are closed, not left to their durable
+        // timeout (their client may never replay; the acknowledged
+        // durable opens above stay detached for a DH2C).
+        let unanswered = link.as_ref().map(|l| l.log_off()).unwrap_or_default();
+        if let Some(home) = link.and_then(|l| l.home.get().cloned()) {
             home.end();
         }
         self.sh.registry.ended(id);
+        crate::unanswered::close(&self.sh, self.id, unanswered);
         Ok(Reply::ok(vec![4, 0, 0, 0]))
     }
 

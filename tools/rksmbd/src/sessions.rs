@@ -12,8 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use libfilter::model::{RelPath, ResumeKey};
 
+use libfilter::client::SessionEnd;
+
 use crate::files::NotClosed;
 use crate::server::Shared;
+use crate::unanswered::{Unanswered, Unanswereds};
 
 /// Most sessions rksmbd tracks across all connections.
 const MAX_SESSIONS: usize = 65_536;
@@ -31,6 +34,9 @@ pub struct Link {
     /// Where an SMB 3.x session lives, for a channel that binds it
     /// (multichannel, see [`crate::channels`]).
     pub home: OnceLock<Arc<crate::channels::Home>>,
+    /// Ended by the session's LOGOFF: filterd's late answers to its
+    /// DH2Q CREATEs are closed from then on, not left for a replay.
+    end: SessionEnd,
     state: Mutex<LinkState>,
 }
 
@@ -43,6 +49,9 @@ struct LinkState {
     /// Opens another connection closed (AppInstanceId), for the owning
     /// connection to forget.
     closed_elsewhere: Vec<u64>,
+    /// Its DH2Q CREATEs answered STATUS_SERVER_UNAVAILABLE, whose opens
+    /// its LOGOFF closes.
+    unanswered: Unanswereds,
 }
 
 /// An open's filterd handle, as [`Link`] keeps it.
@@ -107,6 +116,28 @@ impl Link {
             st.live.insert(id, entry);
         }
         r
+    }
+
+    /// What ends with the session's LOGOFF, for the calls of its DH2Q
+    /// CREATEs ([`SessionEnd`]).
+    pub fn end(&self) -> &SessionEnd {
+        &self.end
+    }
+
+    /// A DH2Q CREATE of the session was answered STATUS_SERVER_UNAVAILABLE.
+    pub fn unanswered(&self, u: Unanswered) {
+        lock(&self.state).unanswered.note(u);
+    }
+
+    /// LOGOFF: late answers to the session's CREATEs are closed from now
+    /// on; the CREATEs answered STATUS_SERVER_UNAVAILABLE, for the caller
+    /// to close ([`crate::unanswered::close`]). Ended first, under the
+    /// lock: a detach not yet sent is a close, one sent already reaches
+    /// filterd before the caller's resume.
+    pub fn log_off(&self) -> Vec<Unanswered> {
+        let mut st = lock(&self.state);
+        self.end.end();
+        st.unanswered.take()
     }
 
     /// Ended by another connection?
@@ -207,6 +238,10 @@ struct AppOpen {
 pub struct Registry {
     sessions: Mutex<HashMap<u64, Arc<Link>>>,
     apps: Mutex<HashMap<[u8; 16], AppOpen>>,
+    /// AppInstanceIds of unanswered CREATEs some session may remember
+    /// ([`Registry::unanswered_of_app`] looks through the sessions only
+    /// for these), at most [`MAX_APP_INSTANCES`].
+    unanswered_apps: Mutex<std::collections::HashSet<[u8; 16]>>,
     v2_by_file_id: Mutex<HashMap<u64, uuid::Uuid>>,
     /// Durable opens held by a connection: create GUID → connection.
     held: Mutex<HashMap<uuid::Uuid, u64>>,
@@ -233,6 +268,7 @@ impl Registry {
         let link = Arc::new(Link {
             user: user.to_owned(),
             home: OnceLock::new(),
+            end: SessionEnd::default(),
             state: Mutex::default(),
         });
         let mut m = lock(&self.sessions);
@@ -303,6 +339,54 @@ impl Registry {
         }
     }
 
+    /// A DH2Q CREATE with AppInstanceId `app` was answered
+    /// STATUS_SERVER_UNAVAILABLE: the id's next takeover looks for it.
+    /// Beyond [`MAX_APP_INSTANCES`] ids it is not remembered (a LOGOFF
+    /// still closes its open).
+    pub fn app_unanswered(&self, app: [u8; 16]) {
+        let mut m = lock(&self.unanswered_apps);
+        if m.len() < MAX_APP_INSTANCES {
+            m.insert(app);
+        }
+    }
+
+    /// A replay took the open of create GUID `guid`: no session's LOGOFF
+    /// closes it as an unanswered CREATE's any more.
+    pub fn replay_took(&self, guid: uuid::Uuid) {
+        let links: Vec<Arc<Link>> = lock(&self.sessions).values().cloned().collect();
+        for l in links {
+            lock(&l.state).unanswered.forget(guid);
+        }
+    }
+
+    /// AppInstanceId (3.3.5.9.13) of a new open of `path`, create GUID
+    /// `guid`: the unanswered CREATEs of the same app instance and file
+    /// in any session, taken out for the caller to close as the id's
+    /// earlier open is closed ([`crate::unanswered::close`]).
+    pub fn unanswered_of_app(
+        &self,
+        app: [u8; 16],
+        path: &RelPath,
+        guid: uuid::Uuid,
+    ) -> Vec<Unanswered> {
+        if !lock(&self.unanswered_apps).remove(&app) {
+            return Vec::new();
+        }
+        let links: Vec<Arc<Link>> = lock(&self.sessions).values().cloned().collect();
+        let mut taken = Vec::new();
+        let mut more = false;
+        for l in links {
+            let mut st = lock(&l.state);
+            taken.extend(st.unanswered.take_app(app, path, guid));
+            more |= st.unanswered.has_app(app);
+        }
+        if more {
+            // Of another file: for a later takeover.
+            self.app_unanswered(app);
+        }
+        taken
+    }
+
     /// Remembers the open an AppInstanceId now names.
     pub fn app_instance_opened(
         &self,
@@ -371,6 +455,17 @@ impl Registry {
                 Ok(())
             }
         }
+    }
+
+    /// Connection `conn` takes the durable open with this create GUID if
+    /// no connection holds it, itself included: false if one does.
+    pub fn claim_free(&self, create_guid: uuid::Uuid, conn: u64) -> bool {
+        let mut m = lock(&self.held);
+        if m.contains_key(&create_guid) {
+            return false;
+        }
+        m.insert(create_guid, conn);
+        true
     }
 
     /// Whether connection `conn` lets its opens go (lock order: `held`
@@ -508,6 +603,7 @@ mod tests {
         Link {
             user: "alice".into(),
             home: OnceLock::new(),
+            end: SessionEnd::default(),
             state: Mutex::default(),
         }
     }
@@ -523,6 +619,48 @@ mod tests {
         lock(&l.state).revoked = true;
         assert!(!l.track(2, ResumeKey::new_random(), true, None, 7));
         assert!(l.is_live(1) && !l.is_live(2));
+    }
+
+    fn unanswered(n: u128, app: Option<u8>) -> Unanswered {
+        Unanswered {
+            guid: uuid::Uuid::from_u128(n),
+            client: libfilter::model::ClientId::new("c").expect("client id"),
+            owner: None,
+            app: app.map(|a| ([a; 16], RelPath::new("f").expect("path"))),
+        }
+    }
+
+    /// A session's LOGOFF ends its `SessionEnd` and hands over its
+    /// unanswered CREATEs, but not one a replay (from any session) took
+    /// since; an app instance's takeover takes that instance's, from
+    /// whichever session.
+    #[test]
+    fn logoff_hands_over_the_unanswered_creates_no_replay_took() {
+        let r = Registry::default();
+        let (s1, s2) = (r.logged_on(1, "alice"), r.logged_on(2, "alice"));
+        s1.unanswered(unanswered(10, None));
+        s1.unanswered(unanswered(11, None));
+        s2.unanswered(unanswered(12, Some(7)));
+        r.app_unanswered([7; 16]);
+        r.replay_took(uuid::Uuid::from_u128(11));
+        let f = RelPath::new("f").expect("path");
+        let other = RelPath::new("g").expect("path");
+        assert!(r
+            .unanswered_of_app([7; 16], &other, uuid::Uuid::from_u128(99))
+            .is_empty());
+        let taken = r.unanswered_of_app([7; 16], &f, uuid::Uuid::from_u128(99));
+        assert_eq!(taken.len(), 1);
+        assert!(r
+            .unanswered_of_app([7; 16], &f, uuid::Uuid::from_u128(99))
+            .is_empty());
+        assert!(!s1.end().has_ended());
+        let left = s1.log_off();
+        assert!(s1.end().has_ended() && !s2.end().has_ended());
+        assert_eq!(
+            left.iter().map(|u| u.guid.as_u128()).collect::<Vec<_>>(),
+            [10]
+        );
+        assert!(s2.log_off().is_empty());
     }
 
     /// An open held by a connection whose client went away is told apart

@@ -1,0 +1,172 @@
+//! The DH2Q CREATEs of a session answered STATUS_SERVER_UNAVAILABLE
+//! ([`Unanswered`]), for its LOGOFF, or an AppInstanceId's takeover, to
+//! close what filterd may have made of them.
+//!
+//! A DH2Q CREATE whose filterd call gave up is answered
+//! STATUS_SERVER_UNAVAILABLE (`create::failed_status`), and filterd's late
+//! open, if it waits for a replay (persistent, or durable with H), is left
+//! disconnected so that the client's replay of its create GUID takes it
+//! (`FilterClient::open_replayed_by_guid`). A client that does not replay
+//! (smbprotocol, Samba's libsmb, older Linux kernels) never learns of that
+//! open, and no session tracks it (`sessions::Link::track`): it refused
+//! the client's own retry and everyone else's until its durable timeout,
+//! through the session's LOGOFF and an AppInstanceId takeover. So each
+//! session remembers those create GUIDs until a replay takes the open
+//! (`sessions::Registry::replay_took`); its LOGOFF ends the session's
+//! `SessionEnd` (a late answer that comes after is closed by libfilter)
+//! and then closes the rest by GUID ([`close`]). A lost connection does
+//! not: that is when the client reconnects and replays.
+
+use std::collections::VecDeque;
+
+use libfilter::model::{ClientId, CreateGuid, RelPath};
+use libfilter::proto::ErrorCode;
+
+use crate::server::Shared;
+
+/// Most create GUIDs one session remembers; the oldest beyond is
+/// forgotten with a warning (its open, if filterd made it, waits for its
+/// durable timeout, as every one did before).
+pub const UNANSWERED_MAX: usize = 1024;
+
+/// A DH2Q CREATE answered STATUS_SERVER_UNAVAILABLE: what names its open.
+#[derive(Debug, Clone)]
+pub struct Unanswered {
+    /// The client's create GUID.
+    pub guid: uuid::Uuid,
+    /// The filterd client the open was asked for.
+    pub client: ClientId,
+    /// Its owner (the user).
+    pub owner: Option<String>,
+    /// Its AppInstanceId and file, if it carried one.
+    pub app: Option<([u8; 16], RelPath)>,
+}
+
+/// One session's [`Unanswered`] CREATEs, oldest first, at most
+/// [`UNANSWERED_MAX`].
+#[derive(Debug, Default)]
+pub struct Unanswereds(VecDeque<Unanswered>);
+
+impl Unanswereds {
+    /// `u` was answered STATUS_SERVER_UNAVAILABLE (again, for a replay).
+    pub fn note(&mut self, u: Unanswered) {
+        self.forget(u.guid);
+        self.0.push_back(u);
+        while self.0.len() > UNANSWERED_MAX {
+            if let Some(old) = self.0.pop_front() {
+                tracing::warn!(
+                    create_guid = %old.guid,
+                    "more than {UNANSWERED_MAX} unanswered DH2Q CREATEs in one session; \
+                     the oldest is forgotten (a LOGOFF will not close its open)"
+                );
+            }
+        }
+    }
+
+    /// A replay took the open of `guid`: a session holds it now.
+    pub fn forget(&mut self, guid: uuid::Uuid) {
+        self.0.retain(|u| u.guid != guid);
+    }
+
+    /// Those of AppInstanceId `app` on `path` but another create GUID
+    /// than `guid`'s (the client's own replay), taken out.
+    pub fn take_app(&mut self, app: [u8; 16], path: &RelPath, guid: uuid::Uuid) -> Vec<Unanswered> {
+        let (taken, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.0).into_iter().partition(|u| {
+                u.guid != guid && u.app.as_ref().is_some_and(|(a, p)| *a == app && p == path)
+            });
+        self.0 = kept.into();
+        taken
+    }
+
+    /// Whether one of AppInstanceId `app` is left.
+    pub fn has_app(&self, app: [u8; 16]) -> bool {
+        self.0
+            .iter()
+            .any(|u| u.app.as_ref().is_some_and(|(a, _)| *a == app))
+    }
+
+    /// All of them, for the session's LOGOFF (none are left).
+    pub fn take(&mut self) -> Vec<Unanswered> {
+        self.0.drain(..).collect()
+    }
+}
+
+/// Closes the opens filterd may have made for `gone` (CREATEs of a
+/// session that logged off, or of an app instance taken over), from
+/// connection `conn`. Each create GUID is claimed first
+/// (`Registry::claim_free`) and left to a connection that holds it (a
+/// replay taking the open, this connection's included);
+/// else its handle is taken by GUID, if disconnected, and closed. A
+/// handle still attached (a replay's answer being read, or the late
+/// answer's undo to come) is refused `NoSuchHandle`: its holder or undo
+/// decides (a late answer after a LOGOFF closes it, `SessionEnd`). A
+/// resume that goes unanswered is closed when its answer comes
+/// (`resume_by_guid_to_close`). Left: one filterd refused for a passing
+/// cause (a failed commit, busy) waits for its durable timeout (logged).
+pub fn close(sh: &Shared, conn: u64, gone: Vec<Unanswered>) {
+    for u in gone {
+        if !sh.registry.claim_free(u.guid, conn) {
+            continue;
+        }
+        match sh
+            .filter
+            .resume_by_guid_to_close(u.client, CreateGuid(u.guid), u.owner)
+        {
+            Ok(h) => {
+                let key = h.info.key;
+                drop(h);
+                if let Err(e) = sh.filter.close(key) {
+                    tracing::warn!(resume_key = %key, error = %e, "closing an unanswered CREATE's open");
+                    if crate::settle::may_hold(&e) {
+                        sh.unsettled.add(key);
+                    }
+                }
+            }
+            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
+            Err(e) => {
+                tracing::warn!(create_guid = %u.guid, error = %e, "taking an unanswered CREATE's open to close it")
+            }
+        }
+        sh.registry.let_go(u.guid, conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u(n: u128, app: Option<u8>) -> Unanswered {
+        Unanswered {
+            guid: uuid::Uuid::from_u128(n),
+            client: ClientId::new("c".to_owned()).expect("client id"),
+            owner: None,
+            app: app.map(|a| ([a; 16], RelPath::new("f").expect("path"))),
+        }
+    }
+
+    /// Bounded, the oldest forgotten; a replayed one leaves; a takeover
+    /// takes its app's others only.
+    #[test]
+    fn bounded_replayed_ones_leave_and_a_takeover_takes_its_app_s() {
+        let mut l = Unanswereds::default();
+        for n in 0..(UNANSWERED_MAX as u128 + 2) {
+            l.note(u(n, None));
+        }
+        l.forget(uuid::Uuid::from_u128(5));
+        l.note(u(9000, Some(1)));
+        l.note(u(9001, Some(1)));
+        let path = RelPath::new("f").expect("path");
+        let taken = l.take_app([1; 16], &path, uuid::Uuid::from_u128(9001));
+        assert_eq!(
+            taken.iter().map(|u| u.guid.as_u128()).collect::<Vec<_>>(),
+            [9000]
+        );
+        let left = l.take();
+        assert_eq!(left.len(), UNANSWERED_MAX - 1);
+        assert!(!left
+            .iter()
+            .any(|u| [0, 1, 2, 5].contains(&u.guid.as_u128())));
+        assert!(l.take().is_empty());
+    }
+}
