@@ -968,18 +968,20 @@ impl FilterClient {
     /// As [`FilterClient::open`], for a caller whose client, told the open
     /// failed for want of an answer (SMB's STATUS_FILE_NOT_AVAILABLE, "try
     /// again", to smbshim's smbl clients; STATUS_SERVER_UNAVAILABLE to
-    /// rksmbd's SMB 3 clients of a DH2Q open), retries by replaying the
-    /// request's create GUID. Answered late, the open is then detached, not closed,
-    /// when what filterd granted waits for that replay (persistent, or
-    /// durable with an H lease): closed, its GUID named nothing and the
-    /// replay ran the CREATE again — a second truncation, a collision with
-    /// the file the first made. [`FilterClient::open`] closes it always:
-    /// rksmbd's durable v1 opens carry GUIDs of its own making that no
-    /// client replays (and SMB clients replay only requests that got no
-    /// answer), so a detached handle would only hold the file until its
-    /// timeout. Once `end` has ended (the client's session is over for
-    /// good: smbshim's LOGOFF) such an open is closed after all — nobody
-    /// will replay it ([`SessionEnd`]).
+    /// rksmbd's SMB 3 clients of a DH2Q open, MS-SMB2 3.2.5.7), retries by
+    /// replaying the request's create GUID. Answered late, the open is then
+    /// detached, not closed, when what filterd granted waits for that
+    /// replay (persistent, or durable with an H lease): closed, its GUID
+    /// named nothing and the replay ran the CREATE again — a second
+    /// truncation, a collision with the file the first made.
+    /// [`FilterClient::open`] closes it always: rksmbd's durable v1 opens
+    /// carry GUIDs of its own making, which no client can replay into the
+    /// handle (a Linux client since 6.8 replays a CREATE answered
+    /// STATUS_FILE_NOT_AVAILABLE too, and so runs it again: exactly once
+    /// holds for what is sent here), so a detached handle would only hold
+    /// the file until its timeout. Once `end` has ended (the client's
+    /// session is over for good: smbshim's and rksmbd's LOGOFF) such an
+    /// open is closed after all — nobody will replay it ([`SessionEnd`]).
     pub fn open_replayed_by_guid(
         &self,
         req: OpenRequest,

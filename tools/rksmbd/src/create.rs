@@ -747,8 +747,9 @@ pub struct Prepared {
 /// and gets the original's answer — closed, the replay ran the CREATE
 /// again (a second truncation over another client's write, a create
 /// answered with another create action). Any other fresh open is closed
-/// late: a durable v1 open's create GUID is rksmbd's own, which no
-/// client replays.
+/// late: a durable v1 open's create GUID is rksmbd's own, which a
+/// client's replay cannot name (a Linux client that replays one answered
+/// STATUS_FILE_NOT_AVAILABLE runs it again: a known limit, docs/smb3.md).
 fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle, ClientError> {
     if p.replay {
         sh.filter.replay_open_for(p.req.clone(), &p.end)
@@ -769,7 +770,8 @@ fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle
 /// connection dropped before any answer replays it anyway — either way
 /// the replay takes the open the original made, if it made one. Others
 /// as [`status_of`] says (STATUS_FILE_NOT_AVAILABLE for a call that gave
-/// up, which the client does not replay). A
+/// up: its late open is closed, though a Linux client since 6.8 replays
+/// that status too and then runs the CREATE again — docs/smb3.md). A
 /// DH2Q CREATE so answered is remembered by its session, whose LOGOFF
 /// closes the open if no replay took it ([`note_unanswered`]).
 fn failed_status(c: &Connection, p: &Prepared, e: &ClientError) -> u32 {
