@@ -1496,7 +1496,8 @@ impl FilterClient {
     /// `create_guid` (and protocol-level `owner`, as
     /// [`FilterClient::resume_by_guid_of`]) to close it: the frontend's
     /// session that made it ended for good, and its client never learnt
-    /// it (smbshim's LOGOFF after a durable CREATE it timed out). Answered
+    /// it (a LOGOFF after a durable CREATE whose call timed out, in smbshim
+    /// or rksmbd). Answered
     /// late, the handle is closed rather than detached. `NoSuchHandle`
     /// when there is none disconnected (none at all, or one attached:
     /// held, or made and not yet answered).

@@ -22,7 +22,7 @@
 //!   with an H lease): then it is detached as a replay's is, for the
 //!   replay must find the handle (a new open would run the CREATE again).
 //!   Not once the session the client would replay through has ended for
-//!   good ([`SessionEnd`], smbshim's LOGOFF): nobody replays it then, and
+//!   good ([`SessionEnd`], a LOGOFF in smbshim or rksmbd): nobody replays it then, and
 //!   detached it would hold the file until its durable timeout; it is
 //!   closed;
 //! - a `ReplayOpen` or `Resume`: the handle is detached, as when its client
@@ -67,8 +67,9 @@ use crate::proto::{Reply, Request};
 pub(super) const LATE_MAX: usize = 1024;
 
 /// Whether the session a frontend's client would replay a create GUID
-/// through has ended for good (smbshim's LOGOFF, which closes every open
-/// of the session, durable ones too): a late open or replay made for that
+/// through has ended for good (a LOGOFF: smbshim's closes every open of
+/// the session, durable ones too; rksmbd's closes the late opens of the
+/// session's DH2Q CREATEs that got no answer): a late open or replay made for that
 /// session is then closed, not detached for a replay that will not come.
 /// Cheap to clone: the frontend keeps one per session and hands a clone to
 /// each call whose late answer it governs; ending it reaches them all.
@@ -497,8 +498,8 @@ mod tests {
     const PERSISTENT: Durability = Durability::Persistent { timeout_ms: 0 };
     const DURABLE: Durability = Durability::Durable { timeout_ms: 0 };
 
-    /// A plain `open` (rksmbd: its durable v1 opens' GUIDs are its own,
-    /// and SMB clients replay only what got no answer) is closed late
+    /// A plain `open` (rksmbd's durable v1 and plain opens: a v1 open's
+    /// GUID is rksmbd's own, so no replay can name it) is closed late
     /// whatever it asked for.
     #[test]
     fn a_fresh_open_is_closed_unless_its_caller_opts_in() {
