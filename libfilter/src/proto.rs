@@ -953,9 +953,11 @@ pub enum Reply {
     Purged {
         /// Handles purged: disconnected and lost.
         count: u64,
-        /// Of them, lost ones (a daemon before this field: none told).
-        #[serde(default)]
-        lost: u64,
+        /// Of them, lost ones; `None` from a daemon before this field,
+        /// which did not tell them apart (not "none lost": a new
+        /// `filterctl` printed "0 lost" for an older daemon's purge).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lost: Option<u64>,
     },
 }
 
@@ -2430,6 +2432,38 @@ mod tests {
         assert!(!sent.contains("client"), "{sent}");
     }
 
+    /// A purge's reply from a daemon older than its `lost` field decodes
+    /// as not telling (`None`), not as none lost, and one not telling is
+    /// sent as those daemons sent it.
+    #[test]
+    fn a_purge_reply_without_lost_is_the_frame_from_before() {
+        let old = Reply::Purged {
+            count: 3,
+            lost: None,
+        };
+        let frame = ServerFrame::Reply {
+            id: Some(7),
+            result: Ok(old.clone()),
+        };
+        let sent = String::from_utf8(encode(&frame).unwrap()).unwrap();
+        assert!(
+            sent.contains("\"count\":3") && !sent.contains("lost"),
+            "{sent}"
+        );
+        assert_eq!(decode_server(sent.as_bytes()).unwrap(), frame);
+        let new = sent.replace("\"count\":3", "\"count\":3,\"lost\":1");
+        let Ok(ServerFrame::Reply { result: Ok(r), .. }) = decode_server(new.as_bytes()) else {
+            panic!("{new}");
+        };
+        assert_eq!(
+            r,
+            Reply::Purged {
+                count: 3,
+                lost: Some(1)
+            }
+        );
+    }
+
     #[test]
     fn bad_requests_are_typed_errors() {
         let cases: &[&[u8]] = &[
@@ -2918,7 +2952,8 @@ mod binary_tests {
                 proptest::option::of(file())
             )
                 .prop_map(|(locks, next)| Reply::Locks { locks, next }),
-            (any::<u64>(), any::<u64>()).prop_map(|(count, lost)| Reply::Purged { count, lost }),
+            (any::<u64>(), proptest::option::of(any::<u64>()))
+                .prop_map(|(count, lost)| Reply::Purged { count, lost }),
         ]
     }
 

@@ -69,7 +69,10 @@ impl Engine {
         for (key, _) in keys {
             self.purge_by_operator(key);
         }
-        Reply::Purged { count, lost }
+        Reply::Purged {
+            count,
+            lost: Some(lost),
+        }
     }
 
     pub(super) fn expire_due(&mut self, now: u64) {

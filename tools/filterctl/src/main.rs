@@ -591,13 +591,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         (Cmd::Purge { .. }, Source::Live(c)) => match c.call(Request::PurgeDisconnected)?.0 {
-            Reply::Purged { count, lost } if args.json => {
-                print_json(&serde_json::json!({ "purged": count, "lost": lost }))
-            }
             Reply::Purged { count, lost } => {
-                let disconnected = count.saturating_sub(lost);
-                outln!("purged {count} handle(s): {disconnected} disconnected, {lost} lost")?;
-                Ok(())
+                let (line, json) = render::purged(count, lost);
+                if args.json {
+                    print_json(&json)
+                } else {
+                    outln!("{line}")?;
+                    Ok(())
+                }
             }
             other => bail!("unexpected reply {other:?}"),
         },

@@ -541,9 +541,50 @@ pub fn stats(s: &Stats) -> anyhow::Result<String> {
         .collect())
 }
 
+/// What `purge --disconnected` says of a purge of `count` handles, `lost`
+/// of them lost: a line and its JSON. An older daemon does not tell the
+/// lost apart (`None`): the line gives only the count and the JSON has no
+/// `lost`. Before, that read as "N disconnected, 0 lost".
+pub fn purged(count: u64, lost: Option<u64>) -> (String, serde_json::Value) {
+    match lost {
+        Some(lost) => (
+            format!(
+                "purged {count} handle(s): {} disconnected, {lost} lost",
+                count.saturating_sub(lost)
+            ),
+            serde_json::json!({ "purged": count, "lost": lost }),
+        ),
+        None => (
+            format!("purged {count} handle(s)"),
+            serde_json::json!({ "purged": count }),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An older daemon's purge reply (no `lost`) is not told as none
+    /// lost, in text or JSON.
+    #[test]
+    fn a_purge_without_lost_says_only_the_count() {
+        let frame = br#"{"frame":"reply","id":1,"result":{"Ok":{"kind":"purged","count":2}}}"#;
+        let old = libfilter::proto::decode_server(frame);
+        let Ok(libfilter::proto::ServerFrame::Reply {
+            result: Ok(libfilter::proto::Reply::Purged { count, lost }),
+            ..
+        }) = old
+        else {
+            panic!("{old:?}");
+        };
+        let (line, json) = purged(count, lost);
+        assert_eq!(line, "purged 2 handle(s)");
+        assert_eq!(json, serde_json::json!({ "purged": 2 }));
+        let (line, json) = purged(2, Some(1));
+        assert_eq!(line, "purged 2 handle(s): 1 disconnected, 1 lost");
+        assert_eq!(json, serde_json::json!({ "purged": 2, "lost": 1 }));
+    }
 
     #[test]
     fn table_aligns_columns() {
