@@ -181,6 +181,10 @@ pub const FEATURE_OPEN_KERNEL_HANDLE: u64 = 1024;
 /// without it has every lookup that finds a record counted, as before the
 /// bit (smbshim looks up only for a re-sent request). nfsshim asks for it.
 pub const FEATURE_REPLAY_REPORTS: u64 = 2048;
+/// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
+/// daemon refuses more (and 0), changing nothing. A frontend with more to
+/// tell sends it in several notices.
+pub const MAX_REPLAYS_ANSWERED: u64 = 1 << 20;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Listings are cut into pages of about this many bytes, so every reply
@@ -427,9 +431,10 @@ pub enum Request {
     /// One-way, never answered ([`FEATURE_REPLAY_REPORTS`]): this frontend
     /// answered `count` re-sent requests itself, from what it had
     /// recorded (nfsshim's slot cache), counted in
-    /// [`Stats::replays_detected`]. Frontend only.
+    /// [`Stats::replays_detected`]. Frontend only. Refused (answered with
+    /// the error, nothing counted) from a connection not granted the bit.
     ReplaysAnswered {
-        /// How many.
+        /// How many: 1 to [`MAX_REPLAYS_ANSWERED`], or refused.
         count: u64,
     },
     /// The holder of a lease acknowledges a break to `state` (at most what

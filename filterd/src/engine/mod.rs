@@ -1118,8 +1118,8 @@ impl Engine {
             }
             Request::ReplaysAnswered { count } => {
                 need_frontend()?;
-                self.stats.replays_detected = self.stats.replays_detected.saturating_add(count);
-                // One way: never answered.
+                self.replays_answered(conn, count)?;
+                // One way: never answered (a refusal is, as any error).
                 Ok(None)
             }
             Request::LeaseBreakAck {

@@ -130,6 +130,33 @@ impl Engine {
         Ok(Reply::Done)
     }
 
+    /// Counts `count` re-sends a frontend answered itself
+    /// ([`Request::ReplaysAnswered`](libfilter::proto::Request)). Only
+    /// from a connection granted `FEATURE_REPLAY_REPORTS` (one without it
+    /// has its lookups counted: its report would count twice), and only a
+    /// count from 1 to `MAX_REPLAYS_ANSWERED`: before, any frontend could
+    /// add any count (`u64::MAX` pinned the statistic there for good).
+    /// Refused, nothing changes.
+    pub(super) fn replays_answered(&mut self, conn: ConnId, count: u64) -> Result<(), WireError> {
+        if !self.granted(conn, proto::FEATURE_REPLAY_REPORTS) {
+            return Err(err(
+                ErrorCode::NotPermitted,
+                "replays_answered: the hello was not granted replay reports (2048)",
+            ));
+        }
+        if !(1..=proto::MAX_REPLAYS_ANSWERED).contains(&count) {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!(
+                    "replays_answered: count {count}, not 1 to {}",
+                    proto::MAX_REPLAYS_ANSWERED
+                ),
+            ));
+        }
+        self.stats.replays_detected = self.stats.replays_detected.saturating_add(count);
+        Ok(())
+    }
+
     /// The recorded reply of `op_id`; an error if recovery recorded its
     /// outcome as unknown ([`OUTCOME_UNKNOWN`]): the re-sent request is
     /// neither told it succeeded nor run again over what came after it.

@@ -5902,6 +5902,37 @@ fn a_lookup_counts_as_a_replay_only_without_replay_reports() {
     assert_eq!(h.engine.stats.replays_detected, 3);
 }
 
+/// Review: `ReplaysAnswered` was taken from any frontend, with or without
+/// `FEATURE_REPLAY_REPORTS` (whose lookups are counted already: twice),
+/// and with any count (`u64::MAX` pinned `replays_detected` there). It is
+/// refused, answered with the error, and counts nothing unless granted
+/// the bit and from 1 to `MAX_REPLAYS_ANSWERED`.
+#[test]
+fn replays_answered_needs_the_bit_and_a_sane_count() {
+    use libfilter::proto::{FEATURE_REPLAY_REPORTS, MAX_REPLAYS_ANSWERED};
+    let mut h = Harness::new();
+    let refused = |h: &mut Harness, count: u64, code: ErrorCode| {
+        let id = h.run(Request::ReplaysAnswered { count });
+        assert!(
+            matches!(h.reply(id), Some(Err(e)) if e.code == code),
+            "count {count} refused with {code:?}"
+        );
+        assert_eq!(h.engine.stats.replays_detected, 0, "nothing counted");
+    };
+    refused(&mut h, 1, ErrorCode::NotPermitted);
+    if let Some(c) = h.engine.conns.get_mut(&h.conn) {
+        c.features = FEATURE_REPLAY_REPORTS;
+    }
+    refused(&mut h, 0, ErrorCode::BadFrame);
+    refused(&mut h, MAX_REPLAYS_ANSWERED + 1, ErrorCode::BadFrame);
+    refused(&mut h, u64::MAX, ErrorCode::BadFrame);
+    let id = h.run(Request::ReplaysAnswered {
+        count: MAX_REPLAYS_ANSWERED,
+    });
+    assert!(h.reply(id).is_none(), "never answered");
+    assert_eq!(h.engine.stats.replays_detected, MAX_REPLAYS_ANSWERED);
+}
+
 /// Review: an expiry whose commit fails puts the handle back and is tried
 /// again later, but `stats.expiries` kept the failed one: it counted
 /// twice. It is taken back with the handle.
