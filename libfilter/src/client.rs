@@ -1203,16 +1203,28 @@ impl FilterClient {
         self.notify(proto::FEATURE_RESYNCED, Request::Resynced);
     }
 
-    /// Tells the daemon this frontend answered `count` re-sent requests
-    /// from its own records ([`Request::ReplaysAnswered`], one way, no
-    /// reply) when the hello granted [`proto::FEATURE_REPLAY_REPORTS`];
-    /// otherwise does nothing. Counted in `replays_detected`; one lost
-    /// with the connection is not counted.
-    pub fn replays_answered(&self, count: u64) {
-        self.notify(
-            proto::FEATURE_REPLAY_REPORTS,
-            Request::ReplaysAnswered { count },
-        );
+    /// Sends the one-way notice `req` when the hello granted `feature`,
+    /// without waiting for room: a statistic is not worth a request
+    /// thread's time nor, when the daemon does not read, the connection
+    /// ([`send_one_way`] gives that up after the call timeout).
+    fn try_notify(&self, feature: u64, req: Request) -> Notice {
+        if self.hello.features & feature == 0 {
+            return Notice::NotGranted;
+        }
+        if self.inner.dead.load(Ordering::Acquire) {
+            return Notice::NotNow;
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = RequestFrame { id, req };
+        let Ok(bytes) = proto::encode_request(self.inner.encoding, &frame) else {
+            return Notice::NotNow;
+        };
+        match sys::send_packet_nonblocking(self.inner.sock.as_fd(), &bytes, None) {
+            Ok(true) => Notice::Sent,
+            // No room (the daemon is not reading), or the connection is
+            // going: the next connection hears it.
+            Ok(false) | Err(_) => Notice::NotNow,
+        }
     }
 
     /// Sends the one-way notice `req` when the hello granted `feature`.
@@ -1560,6 +1572,67 @@ impl FilterClient {
 pub struct CheckedIo {
     inner: Option<Arc<Inner>>,
     check: u64,
+}
+
+/// What [`FilterClient::try_notify`] came to.
+enum Notice {
+    /// Sent.
+    Sent,
+    /// The hello did not grant the feature: the daemon would refuse it.
+    NotGranted,
+    /// Not sent now (no room, or the connection is going).
+    NotNow,
+}
+
+/// The re-sent requests a frontend answered itself, from what it had
+/// recorded, counted where it answers them and told to filterd later
+/// ([`Request::ReplaysAnswered`], with [`proto::FEATURE_REPLAY_REPORTS`])
+/// for `replays_detected`. Counting never blocks nor touches the
+/// connection: the answer to a re-send is often given under a lock, and a
+/// daemon that does not read would otherwise hold it for the call timeout
+/// and then lose the frontend its connection (review of 7d60aee: with
+/// filterd stopped, a cached re-send took the timeout, then every handle
+/// was disconnected). Also one notice carries many re-sends, so a client
+/// re-sending in a loop does not cost the daemon's engine a request each.
+#[derive(Debug, Default)]
+pub struct ReplayCounter {
+    /// Counted and not told yet.
+    untold: AtomicU64,
+}
+
+impl ReplayCounter {
+    /// One more re-send answered.
+    pub fn bump(&self) {
+        self.untold.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counted and not told yet.
+    pub fn untold(&self) -> u64 {
+        self.untold.load(Ordering::Relaxed)
+    }
+
+    /// Tells the daemon of `client` what was counted and not told yet, in
+    /// one notice (at most [`proto::MAX_REPLAYS_ANSWERED`]), without
+    /// waiting: call it now and then (a periodic thread). What could not
+    /// be sent — no room, the connection going — is kept for the next
+    /// time, on this connection or the next; with a daemon that did not
+    /// grant the feature (older) it is dropped, as it cannot be told.
+    pub fn flush(&self, client: &FilterClient) {
+        let n = self.untold.swap(0, Ordering::AcqRel);
+        if n == 0 {
+            return;
+        }
+        let count = n.min(proto::MAX_REPLAYS_ANSWERED);
+        let req = Request::ReplaysAnswered { count };
+        let keep = match client.try_notify(proto::FEATURE_REPLAY_REPORTS, req) {
+            Notice::Sent => n - count,
+            Notice::NotGranted => 0,
+            Notice::NotNow => n,
+        };
+        if keep > 0 {
+            self.untold.fetch_add(keep, Ordering::Relaxed);
+        }
+    }
 }
 
 impl CheckedIo {

@@ -183,7 +183,7 @@ pub const FEATURE_OPEN_KERNEL_HANDLE: u64 = 1024;
 pub const FEATURE_REPLAY_REPORTS: u64 = 2048;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
-/// tell sends it in several notices.
+/// tell sends it in several notices ([`crate::client::ReplayCounter`]).
 pub const MAX_REPLAYS_ANSWERED: u64 = 1 << 20;
 /// Largest frame either side sends or accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;

@@ -1104,6 +1104,48 @@ fn replays_reach(s: &Scratch, n: u64) {
     assert_eq!(seen, n, "one count per re-send");
 }
 
+/// A re-send nfsshim answers from its slot cache never waits for
+/// filterd. Review of 7d60aee: each one sent filterd a notice, under the
+/// client's lock, waiting for room; with filterd stopped the 279th waited
+/// the whole call timeout, and then nfsshim gave its connection up
+/// ("frontend lost", every handle disconnected). Now they are counted
+/// in nfsshim and told without waiting; what filterd could not take yet
+/// is told once it reads again.
+#[test]
+fn cached_resends_never_wait_for_a_stopped_filterd() {
+    let s = Scratch::new("nfs-replay-stopped");
+    let d = Filterd::start(&s, &[], &[]);
+    let timeout = [("RKFILTER_CALL_TIMEOUT_MS", "3000")];
+    let shim = Shim::start_with_env("nfsshim", &s.socket(), "nfs-a", &timeout);
+    let mut a = Nfs::connect(&shim.addr, "host-a", "0123456789abcdef");
+    let open = json!({"op": "OPEN", "owner": "o", "path": "f", "access": "both",
+                      "deny": "none", "create": {"mode": "unchecked"}});
+    let sid = ok(a.call(open))["stateid"].clone();
+    let read = json!({"op": "READ", "stateid": sid, "offset": 0, "count": 1});
+    ok(a.call(read.clone()));
+    let start = replays_detected(&s);
+    d.stop();
+    const RESENDS: u64 = 1000;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..RESENDS {
+        let t0 = std::time::Instant::now();
+        ok(a.send(read.clone()));
+        slowest = slowest.max(t0.elapsed());
+    }
+    d.signal(nix::sys::signal::Signal::SIGCONT);
+    // (Well under the 3 s call timeout the notice used to wait for.)
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a re-send took {slowest:?}"
+    );
+    replays_reach(&s, start + RESENDS);
+    assert!(
+        !d.log_text().contains("frontend lost"),
+        "nfsshim kept its connection"
+    );
+    ok(a.call(read));
+}
+
 /// `replays_detected` counts each re-send nfsshim answers from its slot
 /// cache once, before and after an nfsshim restart, and nothing else.
 /// Before, filterd counted every record lookup that found one: a re-sent

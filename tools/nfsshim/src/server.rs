@@ -401,6 +401,8 @@ struct Shared {
     chores: crossbeam_channel::Sender<Chore>,
     /// The descriptors the opens hold ([`descriptor_slot`]).
     fds: Arc<Descriptors>,
+    /// Re-sends answered here, told to filterd by the reaper.
+    replays: libfilter::client::ReplayCounter,
 }
 
 /// A filterd call that forgetting a handle leaves to do. Each is a commit,
@@ -514,6 +516,7 @@ fn start(
         tables,
         registered: std::sync::atomic::AtomicBool::new(false),
         fds: Descriptors::new(limits.max_descriptors),
+        replays: libfilter::client::ReplayCounter::default(),
     });
     let registered = shared
         .tables
@@ -1508,8 +1511,9 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     if seq.seqid == slot.seqid && !replay_of_restored && !restored_other {
         if let Some(cached) = slot.reply.as_ref().filter(|r| r.is_object()) {
             // The cached reply, exactly, without executing: a replay
-            // filterd never sees, so it is told (`filterctl stats`).
-            sh.filter.client().replays_answered(1);
+            // filterd never sees, so it is told (`filterctl stats`) —
+            // later, by the reaper: not under this lock.
+            sh.replays.bump();
             return Sequenced::Shared(Arc::clone(cached));
         }
     }
@@ -4264,6 +4268,8 @@ fn reaper(sh: Arc<Shared>) {
     let mut was_ready = true;
     loop {
         std::thread::sleep(Duration::from_millis(100));
+        // First, and even while filterd is away: it never waits.
+        sh.replays.flush(&sh.filter.client());
         let Ok(clients) = sh.global().map(|g| {
             g.clients
                 .iter()
