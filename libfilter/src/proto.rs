@@ -179,7 +179,8 @@ pub const FEATURE_OPEN_KERNEL_HANDLE: u64 = 1024;
 /// record to undo a request abandoned at its seqid) and answers a re-sent
 /// request from its own slot cache without asking filterd. A frontend
 /// without it has every lookup that finds a record counted, as before the
-/// bit (smbshim looks up only for a re-sent request). nfsshim asks for it.
+/// bit (smbshim looks up only for a re-sent request). nfsshim and rksmbd
+/// ask for it ([`crate::client::ReplayCounter`]).
 pub const FEATURE_REPLAY_REPORTS: u64 = 2048;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
@@ -1205,11 +1206,18 @@ pub struct Stats {
     /// Disconnected durable handles purged by a conflicting open, and
     /// handles purged by the operator ([`Request::PurgeDisconnected`]).
     pub purges: u64,
-    /// Replayed requests recognised (create GUID, lock sequence, op id),
-    /// and re-sent requests frontends answered from their own records
-    /// ([`Request::ReplaysAnswered`]: nfsshim's slot cache). A record
-    /// lookup counts only when the frontend did not ask for
-    /// [`FEATURE_REPLAY_REPORTS`], whose lookups are not all replays.
+    /// Replayed requests recognised. By filterd: an open replayed by its
+    /// create GUID, a durable handle's LOCK replayed by its lock
+    /// sequence, and a [`Request::LookupReply`] that finds a record from
+    /// a frontend not granted [`FEATURE_REPLAY_REPORTS`] (smbshim). Told
+    /// by frontends granted it ([`Request::ReplaysAnswered`], about
+    /// 100 ms late, or later while the daemon does not read; lost if the
+    /// frontend, or the daemon before reading it, stops): nfsshim's re-sends answered from its slot cache and
+    /// exclusive creates re-sent as new requests (its verifier record);
+    /// rksmbd's LOCKs replayed by a lock sequence it keeps itself (an
+    /// open that is not durable) and replays of a LOCK still waiting.
+    /// Not counted: rksmbd's replayed CREATE answered on its own
+    /// connection from the open it has (docs/ARCHITECTURE.md).
     pub replays_detected: u64,
     /// Lease breaks sent.
     pub breaks: u64,

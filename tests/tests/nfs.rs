@@ -1104,6 +1104,33 @@ fn replays_reach(s: &Scratch, n: u64) {
     assert_eq!(seen, n, "one count per re-send");
 }
 
+/// An exclusive create re-sent as a new request (the same verifier) is a
+/// replay nfsshim recognises from its verifier record: counted once. One
+/// with another verifier is no replay. Review of 7d60aee: filterd no
+/// longer counted nfsshim's lookups and nfsshim did not report this one.
+#[test]
+fn replays_detected_counts_a_resent_exclusive_create() {
+    let (s, _d, _shim, mut a) = host_a("nfs-replay-excl");
+    let excl = json!({"create": {"mode": "exclusive", "verifier": "0000000000000001"}});
+    assert_eq!(
+        ok(a.open("p", "x", "both", "none", excl.clone()))["created"],
+        true
+    );
+    let start = replays_detected(&s);
+    let o2 = ok(a.open("p", "x", "both", "none", excl));
+    assert_eq!(o2["created"], true, "{o2}");
+    replays_reach(&s, start + 1);
+    let other = json!({"create": {"mode": "exclusive", "verifier": "0000000000000002"}});
+    let r = a.open("p2", "x", "both", "none", other);
+    assert_eq!(r["status"], "NFS4ERR_EXIST");
+    // A re-sent READ after it: counted with anything counted before it,
+    // so one more and no other.
+    let read = json!({"op": "READ", "stateid": o2["stateid"], "offset": 0, "count": 1});
+    ok(a.call(read.clone()));
+    ok(a.send(read));
+    replays_reach(&s, start + 2);
+}
+
 /// A re-send nfsshim answers from its slot cache never waits for
 /// filterd. Review of 7d60aee: each one sent filterd a notice, under the
 /// client's lock, waiting for room; with filterd stopped the 279th waited

@@ -1293,14 +1293,37 @@ fn a_compound_of_reads_gets_a_bounded_response() {
 /// durable, persistent and resilient opens: the replayed exclusive LOCK
 /// was refused by its own lock (STATUS_LOCK_NOT_GRANTED), a replayed
 /// shared one was held twice, a replayed unlock released a re-lock.
+/// The three replays (answered by rksmbd: the open is not durable) are
+/// counted in filterd's `replays_detected`, which never saw them before.
 #[test]
 fn a_lock_replayed_on_another_channel_is_applied_once() {
     let s = Scratch::new("rksmbd-lock-channel-replay");
     std::fs::write(s.root().join("f"), vec![b'.'; 100]).unwrap();
     let d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let start = replays_detected(&d);
     smbprotocol_script_passes(&srv, "lock_channel_replay.py");
+    replays_reach(&d, start + 3);
     no_handles_left(&d);
+}
+
+/// filterd's `replays_detected`.
+fn replays_detected(d: &Filterd) -> u64 {
+    d.control().stats().expect("stats").replays_detected
+}
+
+/// Waits for `replays_detected` to reach `n` (rksmbd tells it every
+/// 100 ms), then checks it went no further.
+fn replays_reach(d: &Filterd, n: u64) {
+    let seen = rkfilter_tests::wait_for(
+        "replays_detected to count",
+        std::time::Duration::from_secs(10),
+        || {
+            let c = replays_detected(d);
+            (c >= n).then_some(c)
+        },
+    );
+    assert_eq!(seen, n, "one count per replay");
 }
 
 /// Review (rksmbd, finding 1): a blocking LOCK waiting at the session's
@@ -1310,13 +1333,28 @@ fn a_lock_replayed_on_another_channel_is_applied_once() {
 /// is dropped, and a replay of a waiting LOCK (same open and lock
 /// sequence) takes the waiting one over: the replay is granted within
 /// 2 s and the lock held once, with or without the first channel reset,
-/// and without a replay nothing is left locked.
+/// and without a replay nothing is left locked. A replay that finds its
+/// LOCK waiting is counted in `replays_detected` (rksmbd answers it;
+/// filterd never saw it before).
 #[test]
 fn a_waiting_lock_whose_channel_is_lost_is_granted_to_its_replay_or_to_nobody() {
     let s = Scratch::new("rksmbd-lock-channel-pending");
     let d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let start = replays_detected(&d);
     smbprotocol_script_passes(&srv, "lock_channel_pending.py");
+    // The replay while A lives finds its LOCK waiting; the one after A's
+    // reset does only if rksmbd has not dropped A's waiting LOCK yet
+    // (otherwise it is a new LOCK, no replay recognised).
+    let seen = rkfilter_tests::wait_for(
+        "replays_detected to count",
+        std::time::Duration::from_secs(10),
+        || {
+            let c = replays_detected(&d);
+            (c > start).then_some(c)
+        },
+    );
+    assert!(seen <= start + 2, "{seen}: one count per replay at most");
     no_handles_left(&d);
 }
 

@@ -2377,6 +2377,9 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                 let _ = sh.filter.close(h.info.key);
                 return Err(Fail("NFS4ERR_EXIST", format!("{path} exists")));
             }
+            // A re-send recognised here, not by filterd: its lookup is
+            // not counted for nfsshim (`FEATURE_REPLAY_REPORTS`).
+            sh.replays.bump();
             h
         }
         Err(e) => return Err(filter_fail(e)),

@@ -380,7 +380,9 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
     if let Some(q) = local {
         let o = c.opens.get_mut(&open).ok_or(status::FILE_CLOSED)?;
         if o.lock_sequences.contains(&(q.index, q.number)) {
-            // A replay: nothing applied (3.3.5.14).
+            // A replay: nothing applied (3.3.5.14). filterd never sees
+            // it: told (`replays_detected`).
+            c.sh.replays.bump();
             return Ok(Reply::ok(LOCK_RESPONSE.to_vec()));
         }
         // Invalid until this LOCK succeeds.
@@ -397,6 +399,7 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             // gets no final response, as on a lost channel); tried as a
             // new lock it would wait behind the first, once granted, for
             // good.
+            c.sh.replays.bump();
             let head = c.go_async(&req.hdr);
             let replayed = c.waiting.list.iter_mut();
             for w in replayed.filter(|w| w.replayed_by(open, q, &ops)) {

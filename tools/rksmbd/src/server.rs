@@ -148,6 +148,10 @@ pub struct Shared {
     pub fds: Arc<shimline::descriptors::Descriptors>,
     /// Handles of forgotten opens whose close filterd never answered.
     pub unsettled: crate::settle::Unsettled,
+    /// Replays answered here without filterd (a non-durable open's lock
+    /// sequence, a pending LOCK replayed), told to filterd every
+    /// [`REPLAY_REPORT_EVERY`] for `replays_detected`.
+    pub replays: libfilter::client::ReplayCounter,
     /// Connections not logged on yet.
     not_logged_on: NotLoggedOn,
     /// Connections logged on, per user.
@@ -265,11 +269,19 @@ fn opens_allowed() -> usize {
 
 /// What rksmbd asks filterd for beyond the attachment's own: directory
 /// renames that know the handles below them, reconnects checked against
-/// the open's user, and time-ordered resume keys (the persistent FileId
-/// takes the half of a key that differs: `create::persistent_id`).
+/// the open's user, time-ordered resume keys (the persistent FileId
+/// takes the half of a key that differs: `create::persistent_id`), and
+/// its own count of the replays it answers without filterd
+/// ([`Shared::replays`]). rksmbd looks no records up, so the bit stops
+/// counting nothing filterd counted for it: its create-GUID and durable
+/// lock-sequence replays go through filterd and are counted there.
 const FEATURES: u64 = libfilter::proto::FEATURE_RENAME_DIRECTORY
     | libfilter::proto::FEATURE_RESUME_OWNER
-    | libfilter::proto::FEATURE_TIME_ORDERED_KEYS;
+    | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
+    | libfilter::proto::FEATURE_REPLAY_REPORTS;
+
+/// How often the replays rksmbd answered itself are told to filterd.
+const REPLAY_REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Attaches to filterd, listens, serves forever.
 pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyhow::Result<()> {
@@ -324,6 +336,7 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
         dir_shares: Arc::default(),
         fds: shimline::descriptors::Descriptors::new(opens_allowed()),
         unsettled: crate::settle::Unsettled::default(),
+        replays: libfilter::client::ReplayCounter::default(),
         not_logged_on: NotLoggedOn::default(),
         per_user: PerUser::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
@@ -336,6 +349,18 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
     std::thread::Builder::new()
         .name("close-settler".into())
         .spawn(move || crate::settle::run(settling))?;
+    // Only a weak reference: the thread ends once the server is dropped
+    // (the fuzz harness drops it).
+    let reporting = Arc::downgrade(&shared);
+    std::thread::Builder::new()
+        .name("replay-reports".into())
+        .spawn(move || loop {
+            std::thread::sleep(REPLAY_REPORT_EVERY);
+            let Some(sh) = reporting.upgrade() else {
+                return;
+            };
+            sh.replays.flush(&sh.filter.client());
+        })?;
     Ok(shared)
 }
 
