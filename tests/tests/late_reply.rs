@@ -200,19 +200,7 @@ fn a_late_persistent_overwrite_is_replayed_not_run_again() {
     std::fs::write(s.root().join("f"), "old contents").expect("write");
     let (mut a, sid) = smb_session(&smb.addr);
     let replay = late_persistent_create(&d, &mut a, sid, "overwrite_if");
-    let (mut b, bsid) = smb_session(&smb.addr);
-    let r = b.call(json!({"cmd": "CREATE", "session_id": bsid, "path": "f",
-        "access": ["read", "write"], "share": ["read", "write", "delete"], "disposition": "open"}));
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
-    let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "b's data");
-    let r = b.call(
-        json!({"cmd": "WRITE", "session_id": bsid, "file_id": fid, "offset": 0,
-        "data": data}),
-    );
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let r = b.call(json!({"cmd": "CLOSE", "session_id": bsid, "file_id": fid}));
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    b_writes_f(&smb.addr);
 
     let r = a.call(replay);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
@@ -932,13 +920,26 @@ fn smbshim_runs_no_replayed_set_info_whose_lookup_went_unanswered() {
 
 /// Client b's exclusive CREATE of `f` (sharing nothing) succeeds at once:
 /// no handle is left in filterd to refuse it.
+///
+/// The LOGOFF closes after its reply (rr-logoff 4), and a close whose
+/// resume outlasts smbshim's call timeout is made when its answer comes:
+/// the handle is waited for. b's CREATE is retried while it is refused
+/// STATUS_FILE_NOT_AVAILABLE, the retry status (its own filterd call may
+/// give up under load, at 700 ms here).
 fn nothing_left_of_f(d: &Filterd, smb: &Shim) {
-    let left = handles(d);
-    assert!(left.is_empty(), "no handle left: {left:?}");
+    wait_for("no handle left", Duration::from_secs(20), || {
+        handles(d).is_empty().then_some(())
+    });
     let (mut b, bsid) = smb_session(&smb.addr);
-    let r = b.call(json!({"cmd": "CREATE", "session_id": bsid, "path": "f",
-        "access": ["read", "write"], "share": [], "disposition": "open_if"}));
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    wait_for("b's exclusive CREATE", Duration::from_secs(20), || {
+        let r = b.call(json!({"cmd": "CREATE", "session_id": bsid, "path": "f",
+            "access": ["read", "write"], "share": [], "disposition": "open_if"}));
+        match r["status"].as_str() {
+            Some("STATUS_SUCCESS") => Some(()),
+            Some("STATUS_FILE_NOT_AVAILABLE") => None,
+            _ => panic!("{r}"),
+        }
+    });
 }
 
 /// A persistent CREATE answered late is detached for the client's replay
@@ -951,7 +952,13 @@ fn nothing_left_of_f(d: &Filterd, smb: &Shim) {
 /// handle by it.
 #[test]
 fn a_late_persistent_create_detached_is_closed_by_logoff() {
-    let (_s, d, smb) = setup("late-durable-logoff");
+    detached_then_logoff("late-durable-logoff", &[]);
+}
+
+/// A persistent CREATE answered late (its handle detached), then its
+/// session's LOGOFF; filterd started with `env`: nothing is left.
+fn detached_then_logoff(name: &str, env: &[(&str, &str)]) {
+    let (_s, d, smb) = setup_failing(name, "smbshim", env);
     let (mut a, sid) = smb_session(&smb.addr);
     late_persistent_create(&d, &mut a, sid, "create");
     let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
@@ -990,4 +997,169 @@ fn a_late_persistent_create_answered_after_logoff_is_closed() {
         },
     );
     nothing_left_of_f(&d, &smb);
+}
+
+/// Two sessions of one client (one client GUID and user), each on its
+/// own connection; and the client GUID.
+fn two_sessions(addr: &str) -> ((LineClient, u64), (LineClient, u64), String) {
+    let guid = uuid::Uuid::new_v4().to_string();
+    let one = || {
+        let mut m = LineClient::connect(addr);
+        let r = m.call(json!({"cmd": "SESSION_SETUP", "client_guid": guid, "user": "m"}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        let sid = r["session_id"].as_u64().expect("session_id");
+        (m, sid)
+    };
+    let a = one();
+    let b = one();
+    (a, b, guid)
+}
+
+/// Waits until the LOGOFFs of client `client_guid` so far have closed
+/// what they close: smbshim closes a LOGOFF's unanswered CREATEs after
+/// its reply, in order, one client's on one thread; so once a later
+/// LOGOFF's own unanswered open (of file "barrier") is gone, the earlier
+/// ones are done.
+fn logoffs_done(d: &Filterd, addr: &str, client_guid: &str) {
+    let mut c = LineClient::connect(addr);
+    let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": "m"}));
+    let sid = r["session_id"].as_u64().expect("session_id");
+    answered_late(
+        d,
+        &mut c,
+        json!({"cmd": "CREATE", "session_id": sid, "path": "barrier",
+            "access": ["read"], "share": ["read", "write", "delete"], "disposition": "open_if",
+            "durable": {"create_guid": uuid::Uuid::new_v4().to_string(),
+                        "persistent": true, "timeout_ms": 60000}}),
+    );
+    let barrier = |state: &str| handles(d).iter().any(|(p, s)| p == "barrier" && s == state);
+    wait_for("the barrier's late open", Duration::from_secs(10), || {
+        barrier("disconnected").then_some(())
+    });
+    let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    wait_for(
+        "the barrier's LOGOFF to close it",
+        Duration::from_secs(20),
+        || handles(d).iter().all(|(p, _)| p != "barrier").then_some(()),
+    );
+}
+
+/// Another client, b, opens `f`, writes "b's data" over it and closes it.
+fn b_writes_f(addr: &str) {
+    let (mut b, bsid) = smb_session(addr);
+    let r = b.call(json!({"cmd": "CREATE", "session_id": bsid, "path": "f",
+        "access": ["read", "write"], "share": ["read", "write", "delete"], "disposition": "open"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "b's data");
+    let r = b.call(
+        json!({"cmd": "WRITE", "session_id": bsid, "file_id": fid, "offset": 0, "data": data}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = b.call(json!({"cmd": "CLOSE", "session_id": bsid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+/// Review rr-logoff 1. Session S1's CREATE G (persistent, overwrite_if)
+/// is answered late; the client replays G on its session S2, answered
+/// late too (kept detached for S2's next replay). Client b writes f. S1
+/// logs off. Before the fix S1's LOGOFF closed G's open, which S2 was to
+/// replay: S2's replay ran the CREATE again and truncated b's write. Now
+/// G is S2's once S2 replays it, and S1's LOGOFF leaves it.
+#[test]
+fn a_logoff_keeps_an_open_another_session_replays() {
+    let (s, d, smb) = setup("logoff-cross-session");
+    std::fs::write(s.root().join("f"), "old contents").expect("write");
+    let ((mut a1, sid1), (mut a2, sid2), client) = two_sessions(&smb.addr);
+    let mut replay = late_persistent_create(&d, &mut a1, sid1, "overwrite_if");
+    replay["session_id"] = json!(sid2);
+    answered_late(&d, &mut a2, replay.clone());
+    wait_detached(&d);
+    b_writes_f(&smb.addr);
+    let r = a1.call(json!({"cmd": "LOGOFF", "session_id": sid1}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    logoffs_done(&d, &smb.addr, &client);
+    let r = a2.call(replay);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(
+        std::fs::read_to_string(s.root().join("f")).expect("read"),
+        "b's data",
+        "the replay ran the CREATE again: {r}"
+    );
+    assert_eq!(r["create_action"], "overwritten", "the original's: {r}");
+}
+
+/// Review rr-logoff 2. S1's CREATE G and S1's replay of G are both
+/// answered late (before the fix G was noted twice, and only one copy
+/// left). The client replays G on S2: SUCCESS. S2's connection drops:
+/// the persistent open waits detached for the client's RECONNECT. Before
+/// the fix S1's LOGOFF closed it; now it is left for the RECONNECT.
+#[test]
+fn a_logoff_leaves_a_durable_open_another_session_got() {
+    let (_s, d, smb) = setup("logoff-taken-by-another");
+    let ((mut a1, sid1), (mut a2, sid2), client) = two_sessions(&smb.addr);
+    let replay = late_persistent_create(&d, &mut a1, sid1, "create");
+    answered_late(&d, &mut a1, replay.clone());
+    wait_detached(&d);
+    let mut r2 = replay;
+    r2["session_id"] = json!(sid2);
+    let r = a2.call(r2);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "S2's replay: {r}");
+    drop(a2);
+    wait_detached(&d);
+    let r = a1.call(json!({"cmd": "LOGOFF", "session_id": sid1}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    logoffs_done(&d, &smb.addr, &client);
+    assert_eq!(
+        handles(&d),
+        [("f".to_owned(), "disconnected".to_owned())],
+        "S2's durable open is kept for its RECONNECT"
+    );
+}
+
+/// Review rr-logoff 5: as `a_late_persistent_create_detached_is_closed_by_logoff`,
+/// with filterd's resume slower than smbshim's call timeout (as under
+/// load): the LOGOFF's resume goes unanswered, and its late answer is
+/// closed when it comes.
+#[test]
+fn a_late_persistent_create_detached_is_closed_by_logoff_despite_a_slow_resume() {
+    detached_then_logoff(
+        "late-durable-logoff-slow",
+        &[("RKFILTER_FAILPOINTS", "request.resume:sleep1000")],
+    );
+}
+
+/// Review rr-logoff 4. Four durable CREATEs go unanswered while filterd
+/// is stopped; the session logs off with filterd still stopped. Before
+/// the fix the LOGOFF's reply waited for a resume by GUID of each, one
+/// call timeout apiece (4 × 700 ms here, minutes at the default), and the
+/// connection's other requests waited behind it. Now it answers first.
+#[test]
+fn a_logoff_answers_before_closing_its_unanswered_creates() {
+    let (_s, d, smb) = setup("logoff-answers-first");
+    let (mut a, sid) = smb_session(&smb.addr);
+    d.stop();
+    for i in 0..4 {
+        let r = a.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": format!("f{i}"),
+            "access": ["read", "write"], "share": ["read"], "disposition": "create",
+            "durable": {"create_guid": uuid::Uuid::new_v4().to_string(),
+                        "persistent": true, "timeout_ms": 60000}}),
+        );
+        assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "{r}");
+    }
+    let t = std::time::Instant::now();
+    let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    let took = t.elapsed();
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    d.signal(Signal::SIGCONT);
+    assert!(
+        took < Duration::from_millis(1400),
+        "the LOGOFF waited for its closes: {took:?}"
+    );
+    // The late opens go: closed as answers for a logged-off session.
+    wait_for("the late opens to go", Duration::from_secs(20), || {
+        handles(&d).is_empty().then_some(())
+    });
 }

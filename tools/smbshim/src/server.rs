@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use shimline::datasync::IoFailure;
 
 use crate::handover::{Handovers, Ident, LettingGo};
-use crate::unanswered::Unanswered;
+use crate::unanswered::{Closer, LoggedOff, Unanswered};
 
 /// Longest request line (spec: 4 MiB).
 const MAX_LINE: usize = 4 << 20;
@@ -164,9 +164,6 @@ struct Session {
     /// CREATEs are closed from then on, not kept detached for a replay
     /// ([`SessionEnd`]).
     end: SessionEnd,
-    /// The create GUIDs of its CREATEs in flight or unanswered, for its
-    /// LOGOFF to close ([`close_unanswered`]).
-    unanswered: Unanswered,
 }
 
 /// Most filterd connections one smbshim keeps (`--filter-connections`).
@@ -185,6 +182,9 @@ struct Member {
     /// Handles of forgotten opens whose close filterd never answered: the
     /// member's `close-settler` thread closes them again until it does.
     unsettled: Unsettled,
+    /// LOGOFFs whose unanswered CREATEs' opens are still to be closed, by
+    /// the member's `logoff-closer` thread ([`close_unanswered`]).
+    closer: Closer,
 }
 
 /// The instance name of member `k` of smbshim instance `instance`: member
@@ -249,6 +249,10 @@ struct Shared {
     /// `members[member_of(client_guid)]`.
     members: Vec<Member>,
     sessions: Mutex<HashMap<u64, Session>>,
+    /// The create GUIDs of CREATEs in flight or unanswered, each owned by
+    /// one session, for its LOGOFF to close. Locked alone or inside the
+    /// sessions lock, never the other way.
+    unanswered: Mutex<Unanswered>,
     opens: Mutex<HashMap<String, Open>>,
     /// Each client connection's writer, for pushed LEASE_BREAKs.
     writers: shimline::Writers,
@@ -336,9 +340,11 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
                 filter,
                 locked_files: Mutex::new(std::collections::HashSet::new()),
                 unsettled: Unsettled::default(),
+                closer: Closer::default(),
             })
             .collect(),
         sessions: Mutex::new(HashMap::new()),
+        unanswered: Mutex::new(Unanswered::default()),
         opens: Mutex::new(HashMap::new()),
         writers: shimline::Writers::default(),
         next_session: AtomicU64::new(1),
@@ -362,6 +368,14 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
                     // so a replay that finds the handle before then is
                     // refused (`create`), and after it finds none.
                     m.unsettled.run(|key| m.filter.close(key));
+                }
+            })?;
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("logoff-closer-{k}"))
+            .spawn(move || {
+                if let Some(m) = sh.members.get(k) {
+                    m.closer.run(|job| close_unanswered(&sh, m, job));
                 }
             })?;
     }
@@ -847,7 +861,6 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
                 conn,
                 alive: true,
                 end: SessionEnd::default(),
-                unanswered: Unanswered::default(),
             },
         );
     }
@@ -1017,7 +1030,7 @@ fn create_with(
     let end = session_end(sh, session)?;
     // Remembered while the call is in flight, kept if it goes unanswered:
     // the session's LOGOFF closes what filterd may make of it.
-    let in_flight = create_guid.map(|g| InFlight::note(sh, session, g));
+    let in_flight = create_guid.map(|g| InFlight::note(sh, session, client_guid, g));
     let opened = if replay {
         m.filter.replay_open_for(req, &end)
     } else {
@@ -1189,24 +1202,35 @@ fn session_end(sh: &Shared, id: u64) -> Result<SessionEnd, Fail> {
 /// failed: a LOGOFF (from another connection) while it is in flight takes
 /// it too, and finds the open detached or has it closed when its late
 /// answer comes ([`SessionEnd`]).
+///
+/// The GUID is the noting session's alone from then on: a replay of it on
+/// another session of the client takes it from the session that sent it
+/// before, whose LOGOFF then leaves it (review rr-logoff 1; see
+/// [`Unanswered`]).
 struct InFlight<'a> {
     sh: &'a Shared,
     session: u64,
+    client: uuid::Uuid,
     guid: uuid::Uuid,
 }
 
 impl<'a> InFlight<'a> {
-    fn note(sh: &'a Shared, session: u64, guid: uuid::Uuid) -> InFlight<'a> {
-        if let Some(s) = sh
-            .sessions
-            .lock()
-            .ok()
-            .as_mut()
-            .and_then(|s| s.get_mut(&session))
-        {
-            s.unanswered.note(guid);
+    fn note(sh: &'a Shared, session: u64, client: uuid::Uuid, guid: uuid::Uuid) -> InFlight<'a> {
+        // Under the sessions lock: a session that ended (`end_session`)
+        // is not noted for.
+        if let Ok(s) = sh.sessions.lock() {
+            if s.contains_key(&session) {
+                if let Ok(mut u) = sh.unanswered.lock() {
+                    u.note(client, session, guid);
+                }
+            }
         }
-        InFlight { sh, session, guid }
+        InFlight {
+            sh,
+            session,
+            client,
+            guid,
+        }
     }
 
     /// The call got no answer: the GUID stays for the LOGOFF.
@@ -1217,26 +1241,20 @@ impl<'a> InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Some(s) = self
-            .sh
-            .sessions
-            .lock()
-            .ok()
-            .as_mut()
-            .and_then(|s| s.get_mut(&self.session))
-        {
-            s.unanswered.forget(self.guid);
+        if let Ok(mut u) = self.sh.unanswered.lock() {
+            u.answered(self.client, self.session, self.guid);
         }
     }
 }
 
 /// The open of `client`'s create GUID `guid` is held by a session now (a
-/// replay or RECONNECT took it): no session's LOGOFF may close it by GUID.
+/// replay or RECONNECT took it): no session's LOGOFF may close it by GUID,
+/// even one already logged off whose closer has yet to come to it, and
+/// even once the open is detached again (its session's connection lost,
+/// the client to RECONNECT it: review rr-logoff 2).
 fn held_by_a_session(sh: &Shared, client: uuid::Uuid, guid: uuid::Uuid) {
-    if let Ok(mut s) = sh.sessions.lock() {
-        for x in s.values_mut().filter(|x| x.client_guid == client) {
-            x.unanswered.forget(guid);
-        }
+    if let Ok(mut u) = sh.unanswered.lock() {
+        u.taken(client, guid);
     }
 }
 
@@ -2118,20 +2136,37 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             return Err(e);
         }
     }
-    if let Some(ended) = end_session(sh, session, true) {
-        close_unanswered(sh, ended);
+    if let Some((ended, guids)) = end_session(sh, session, true) {
+        if !guids.is_empty() {
+            // Closed after the reply, by the member's closer thread.
+            if let Ok((_, m)) = sh.member_for(ended.client_guid) {
+                m.closer.push(LoggedOff {
+                    session,
+                    client: ended.client_guid,
+                    user: ended.user,
+                    guids,
+                });
+            }
+        }
     }
     Ok(Map::new())
 }
 
-/// Closes the opens filterd may have made for CREATEs of `ended` (just
-/// ended by its LOGOFF) that got no answer in time: libfilter kept each
+/// Closes the opens filterd may have made for CREATEs of a logged-off
+/// session (`job`) that got no answer in time: libfilter kept each
 /// detached for the client's replay of its create GUID, in no session's
 /// table, so the LOGOFF's closes missed it and it held its file for its
-/// durable timeout. Each is claimed as a session's end claims its opens
-/// and left to whoever holds it — a replay or RECONNECT of another
-/// session that took it over, stored in the table — else taken by its
-/// create GUID and closed.
+/// durable timeout. Run by member `m`'s closer thread after the LOGOFF
+/// was answered ([`Closer`]).
+///
+/// Each GUID is claimed as a session's end claims its opens (a takeover
+/// that starts after waits for the close; one in flight is waited for),
+/// then closed only if the session still owns it ([`Unanswered::claim`]):
+/// checked after that wait and right before the close, so another
+/// session of the client that replayed the GUID since (it owns it now),
+/// or got its open (nobody does), is never robbed of it — whatever it did
+/// while this LOGOFF waited, and even if its connection dropped since and
+/// the open waits detached for its RECONNECT (review rr-logoff 1, 2).
 ///
 /// Whatever its late answer's order: the session's [`SessionEnd`] was
 /// ended first, so an answer still to come, or whose detach is not yet
@@ -2140,46 +2175,53 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// attached here (made, its answer not yet read, or its undo to come) is
 /// refused `NoSuchHandle` and closed by that undo. A resume that goes
 /// unanswered is closed when its answer comes. Left: a resume filterd
-/// refused for a passing cause (a failed commit, busy) leaves the handle
-/// to its durable timeout, as every such handle was before (logged).
-fn close_unanswered(sh: &Shared, ended: Session) {
-    let Session {
-        client_guid,
+/// refused for a passing cause (a failed commit, busy), or whose answer
+/// was lost with filterd's connection (filterd restarting), leaves the
+/// handle to its durable timeout, as every such handle was before
+/// (logged; docs/ARCHITECTURE.md).
+fn close_unanswered(sh: &Shared, m: &Member, job: LoggedOff) {
+    let LoggedOff {
+        session,
+        client: client_guid,
         user,
-        mut unanswered,
-        ..
-    } = ended;
-    let Ok(client) = client_id(client_guid) else {
-        return;
-    };
+        guids,
+    } = job;
     let held = |o: &HashMap<String, Open>, guid: uuid::Uuid| {
         o.values()
             .any(|v| v.client == client_guid && v.create_guid == Some(guid))
     };
-    let Ok((_, m)) = sh.member_for(client_guid) else {
-        return;
+    let mine = |guid: uuid::Uuid| {
+        sh.unanswered
+            .lock()
+            .is_ok_and(|mut u| u.claim(client_guid, session, guid))
     };
-    for guid in unanswered.take() {
+    for guid in guids {
         // Claimed under the opens lock, as `Going::of` claims an open.
         let claim = {
             let Ok(opens) = sh.opens.lock() else {
                 return;
             };
-            if held(&opens, guid) {
-                continue;
-            }
-            sh.handovers.letting_go(Ident {
-                key: None,
-                guid: Some((client_guid, guid)),
+            (!held(&opens, guid)).then(|| {
+                sh.handovers.letting_go(Ident {
+                    key: None,
+                    guid: Some((client_guid, guid)),
+                })
             })
         };
-        claim.wait_takeovers();
-        if sh.opens.lock().map_or(true, |o| held(&o, guid)) {
+        if let Some(c) = &claim {
+            c.wait_takeovers();
+        }
+        let stored = sh.opens.lock().map_or(true, |o| held(&o, guid));
+        // Claimed even when held, so that nothing of it is kept.
+        if !mine(guid) || stored || claim.is_none() {
             continue;
         }
+        let Ok(client) = client_id(client_guid) else {
+            continue;
+        };
         match m
             .filter
-            .resume_by_guid_to_close(client.clone(), CreateGuid(guid), Some(user.clone()))
+            .resume_by_guid_to_close(client, CreateGuid(guid), Some(user.clone()))
         {
             Ok(h) => {
                 let key = h.info.key;
@@ -2216,17 +2258,27 @@ fn close_for_good(m: &Member, key: ResumeKey) {
 /// lock held across them all held every replay and RECONNECT of every
 /// client for their sum, review).
 ///
-/// Returns the session ended. A LOGOFF ends its [`SessionEnd`] as the
-/// session leaves the table (under the sessions lock, so a CREATE's
-/// [`InFlight`] GUID either is in the session returned or was never
-/// noted and its late answer is closed).
-fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<Session> {
+/// Returns the session ended, with the create GUIDs it owns for its
+/// LOGOFF to close (none unless `logoff`). A LOGOFF ends its
+/// [`SessionEnd`] as the session leaves the table (under the sessions
+/// lock, so a CREATE's [`InFlight`] GUID either is among those returned
+/// or was never noted and its late answer is closed). A session ended
+/// otherwise owns none any more: its client replays them.
+fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<(Session, Vec<uuid::Uuid>)> {
     let ended = sh.sessions.lock().ok().and_then(|mut s| {
         let ended = s.remove(&session)?;
         if logoff {
             ended.end.end();
         }
-        Some(ended)
+        let guids = match sh.unanswered.lock() {
+            Ok(mut u) if logoff => u.logged_off(session),
+            Ok(mut u) => {
+                u.lost(ended.client_guid, session);
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        Some((ended, guids))
     });
     let mine: Vec<(Going, bool)> = sh
         .opens
