@@ -55,6 +55,9 @@ struct ClaimInner {
     state: std::sync::atomic::AtomicU8,
     /// The event's verdict deadline.
     deadline: std::time::Instant,
+    /// Tests: the deadline passed ([`EventClaim::pass_deadline`]).
+    #[cfg(test)]
+    passed: std::sync::atomic::AtomicBool,
 }
 
 /// Nobody holds the event: the watchdog may refuse it at its deadline.
@@ -71,6 +74,8 @@ impl EventClaim {
         EventClaim(Arc::new(ClaimInner {
             state: std::sync::atomic::AtomicU8::new(CLAIM_OPEN),
             deadline,
+            #[cfg(test)]
+            passed: Default::default(),
         }))
     }
 
@@ -91,7 +96,13 @@ impl EventClaim {
     /// past its deadline, before the watchdog woke, was taken and acted
     /// for (purges, a lease break), and then held a second bound.
     pub fn engine_takes(&self) -> bool {
-        if std::time::Instant::now() >= self.0.deadline {
+        self.engine_takes_at(std::time::Instant::now())
+    }
+
+    /// [`Self::engine_takes`] at `now`: tests take it at a fixed instant,
+    /// never depending on being scheduled before a near deadline.
+    pub fn engine_takes_at(&self, now: std::time::Instant) -> bool {
+        if self.past(now) {
             return match self.swap(CLAIM_OPEN, CLAIM_REFUSED) {
                 Ok(_) => false,
                 Err(now) => now == CLAIM_ENGINE,
@@ -121,12 +132,33 @@ impl EventClaim {
         if self.swap(CLAIM_ENGINE, CLAIM_OPEN) == Err(CLAIM_REFUSED) {
             return false;
         }
-        if now() >= self.0.deadline {
+        if self.past(now()) {
             // Refused now, or by the watchdog meanwhile: refused either way.
             let _ = self.swap(CLAIM_OPEN, CLAIM_REFUSED);
             return false;
         }
         true
+    }
+
+    /// Whether the event's deadline has passed at `now` (or a test moved
+    /// the event past it: [`Self::pass_deadline`]).
+    fn past(&self, now: std::time::Instant) -> bool {
+        #[cfg(test)]
+        if self.0.passed.load(std::sync::atomic::Ordering::Acquire) {
+            return true;
+        }
+        now >= self.0.deadline
+    }
+
+    /// Tests: the event's deadline has passed from now on, whatever the
+    /// clock says — the test advances the event's clock instead of
+    /// sleeping past a near deadline (which a loaded machine may overshoot
+    /// before the engine took it).
+    #[cfg(test)]
+    pub fn pass_deadline(&self) {
+        self.0
+            .passed
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The watchdog, at the event's deadline: `true` if it may refuse it
@@ -263,15 +295,21 @@ mod tests {
         assert!(!parked.engine_takes(), "past its deadline: not taken");
         assert!(parked.watchdog_refuses(), "refused");
         // Held across its deadline: still the engine's; let go, refused.
-        let late =
-            EventClaim::new(std::time::Instant::now() + std::time::Duration::from_millis(20));
-        assert!(late.engine_takes());
-        while std::time::Instant::now() < late.0.deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert!(late.engine_takes(), "held, past the deadline too");
+        // Fixed instants: never a sleep past a near deadline, which a
+        // loaded machine could overshoot before the first take (review).
+        let t0 = std::time::Instant::now();
+        let deadline = t0 + std::time::Duration::from_millis(20);
+        let late = EventClaim::new(deadline);
+        assert!(late.engine_takes_at(t0));
+        assert!(
+            late.engine_takes_at(deadline),
+            "held, past the deadline too"
+        );
         assert!(!late.watchdog_refuses());
-        assert!(!late.engine_lets_go(), "past its deadline: refused");
+        assert!(
+            !late.lets_go_reading(|| deadline),
+            "past its deadline: refused"
+        );
         assert!(!late.engine_takes());
         let forced = EventClaim::new(later);
         assert!(forced.engine_takes());

@@ -1458,9 +1458,11 @@ mod tests {
 
         /// Event `id`, due in `due`, the engine holding it if `held`.
         fn pending(&self, id: u64, due: Duration, held: bool) -> crate::command::EventClaim {
-            let deadline = std::time::Instant::now() + due;
-            let claim = crate::command::EventClaim::new(deadline);
-            assert!(!held || claim.engine_takes(), "the engine takes it");
+            let now = std::time::Instant::now();
+            let claim = crate::command::EventClaim::new(now + due);
+            // Taken at `now`, however late this thread runs (review).
+            assert!(!held || claim.engine_takes_at(now), "the engine takes it");
+            let deadline = now + due;
             let slot = AnswerSlot {
                 answer: Recorded(id, self.written_to.clone()),
                 deadline,
