@@ -87,6 +87,10 @@ pub struct LocalCounters {
     /// Local opens of the export held in the reader's backlog
     /// (`max_pending` others waited for verdicts).
     pub backlogged: AtomicU64,
+    /// Tests: times the answerer looked again at the events the engine
+    /// held at their deadline.
+    #[cfg(test)]
+    held_looks: AtomicU64,
 }
 
 /// What the fanotify mark covers. Either way the export's filesystem is
@@ -1270,7 +1274,9 @@ fn allow_own(fan: &Fanotify, fd: OwnedFd) {
 /// engine's verdict for up to `grace` more ([`held_grace`]), looked at
 /// again every [`HELD_TICK`]: refused as soon as the engine lets go of
 /// it, and at the end of the grace all the same. O(1) per event:
-/// deadlines come in order.
+/// deadlines come in order, and the held events are looked at once a
+/// tick, not after every message. Before (review), every message (each
+/// verdict) looked at all of them: 1.1 ms per answer with 16,384 held.
 fn answerer<A: Respond>(
     rx: crossbeam_channel::Receiver<AnswerMsg<A>>,
     counters: Arc<LocalCounters>,
@@ -1282,6 +1288,8 @@ fn answerer<A: Respond>(
     let mut order: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
     // Events the engine held at their deadline, by the end of their grace.
     let mut held: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
+    // When to look at `held` again (`None`: at once).
+    let mut next_look: Option<std::time::Instant> = None;
     let handle =
         |msg: AnswerMsg<A>,
          pending: &mut Pending<A>,
@@ -1316,11 +1324,11 @@ fn answerer<A: Respond>(
         };
     loop {
         let now = std::time::Instant::now();
-        let wait = [order.front(), held.front()]
+        let look = held.front().map(|_| next_look.unwrap_or(now));
+        let wait = [order.front().map(|&(d, _)| d), look]
             .into_iter()
             .flatten()
-            .map(|(d, _)| d.saturating_duration_since(now))
-            .chain(held.front().map(|_| HELD_TICK))
+            .map(|d| d.saturating_duration_since(now))
             .min()
             .unwrap_or(Duration::from_secs(1));
         match rx.recv_timeout(wait) {
@@ -1352,7 +1360,12 @@ fn answerer<A: Respond>(
                 tracing::warn!(event = id, "local open not decided in time: refused");
             }
         }
-        held.retain(|&(last, id)| still_held(&mut pending, id, last, now, &count, &counters));
+        if !held.is_empty() && next_look.is_none_or(|t| t <= now) {
+            #[cfg(test)]
+            counters.held_looks.fetch_add(1, Ordering::Relaxed);
+            held.retain(|&(last, id)| still_held(&mut pending, id, last, now, &count, &counters));
+            next_look = Some(now + HELD_TICK);
+        }
         // Answers free room: a reader waiting for it reads again.
         reader.unpark();
     }
@@ -1547,6 +1560,37 @@ mod tests {
         a.to.send(AnswerMsg::Pending(2, Box::new(slot))).unwrap();
         assert_eq!(a.next(Duration::from_secs(5)), Some((2, Verdict::Deny)));
         assert_eq!(a.counters.watchdog.load(Ordering::Relaxed), 2);
+    }
+
+    /// Review: the answerer looked at every held event after every
+    /// message — O(held) per answer (1.1 ms each with 16,384 held). It
+    /// looks once a tick: answers one at a time look at most once per
+    /// tick elapsed, not once each.
+    #[test]
+    fn held_events_are_looked_at_once_a_tick_not_per_answer() {
+        let a = Answers::start(Duration::from_secs(3600));
+        let held: Vec<_> = (1..=1000)
+            .map(|id| a.pending(id, Duration::from_millis(1), true))
+            .collect();
+        // Past their deadlines: held from the next message on.
+        std::thread::sleep(Duration::from_millis(5));
+        let looks = |a: &Answers| a.counters.held_looks.load(Ordering::Relaxed);
+        let (start, before) = (std::time::Instant::now(), looks(&a));
+        let answers = 300;
+        for id in 10_000..10_000 + answers {
+            let _ = a.pending(id, Duration::from_secs(3600), false);
+            a.to.send(AnswerMsg::Verdict(id, Verdict::Allow)).unwrap();
+            assert_eq!(a.next(Duration::from_secs(5)), Some((id, Verdict::Allow)));
+        }
+        let ticks = start.elapsed().as_nanos() / HELD_TICK.as_nanos();
+        let made = u128::from(looks(&a) - before);
+        assert!(made <= ticks + 2, "{made} looks in {ticks} ticks");
+        assert!(
+            made < u128::from(answers),
+            "{made} looks for {answers} answers"
+        );
+        assert_eq!(a.counters.watchdog.load(Ordering::Relaxed), 0);
+        drop(held);
     }
 
     /// The grace of a held event is the break timeout (what the engine
