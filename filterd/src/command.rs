@@ -41,7 +41,14 @@ pub type VerdictSink = Box<dyn FnOnce(Verdict) + Send>;
 ///   ([`EventClaim::watchdog_refuses`]); one it holds is left to the
 ///   engine's verdict, which comes when the engine's own wait ends (a
 ///   lease break's timeout) — refused regardless when the held grace
-///   ends (`local::held_grace`: the break timeout past the deadline).
+///   ends (`local::held_grace`: the break timeout + 0.5 s past the
+///   deadline). The grace suffices because the engine begins a wait for
+///   an event it holds (a break, a step of a break chain, a break again,
+///   a commit) only before the event's deadline; past it the engine
+///   refuses the event itself instead (`LocalReply::may_wait`), so every
+///   wait ends by the deadline + a break timeout. Before (review), a
+///   break chain, a commit wait or a failed commit's re-break could hold
+///   it past the grace, and the forced refusal came as an error.
 ///
 /// Before (review), a local open parked waiting for a commit past its
 /// deadline was refused by the watchdog and then run by the engine once
@@ -138,6 +145,12 @@ impl EventClaim {
             return false;
         }
         true
+    }
+
+    /// Whether the event's verdict deadline has passed (the engine holding
+    /// it may then begin no new wait for it: `LocalReply::may_wait`).
+    pub fn deadline_passed(&self) -> bool {
+        self.past(std::time::Instant::now())
     }
 
     /// Whether the event's deadline has passed at `now` (or a test moved

@@ -754,7 +754,9 @@ struct AnswerSlot<A = Answer> {
 /// while it acts for it, and takes it only before its deadline
 /// (`EventClaim::engine_takes`); what it then waits for is a lease break
 /// it started, which ends (acknowledged or timed out) within the break
-/// timeout. Before (review), the grace was a whole verdict deadline (the
+/// timeout — and it begins no new wait for it past its deadline (a step
+/// of a break chain, a break again, a commit: `LocalReply::may_wait`
+/// refuses it then), so every wait ends within the grace. Before (review), the grace was a whole verdict deadline (the
 /// break timeout + 2 s), and a held local open waited up to twice that.
 pub fn held_grace(break_timeout: Duration) -> Duration {
     break_timeout.saturating_add(HELD_SLACK)

@@ -588,6 +588,9 @@ impl Engine {
             }
         }
         if ack {
+            // The local opens waiting for the file's breaks wait for this
+            // one too: none held past its deadline begins that wait.
+            self.refuse_held_local_opens_past_deadline(file);
             info!(lease_key = %lk, from = %state, to = %b.to, waits = b.waiters, "lease break sent");
             let deadline_ms = mono_ms() + self.cfg.break_timeout_ms;
             self.breaking

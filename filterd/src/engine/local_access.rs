@@ -141,7 +141,13 @@ impl Engine {
         if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None, false) {
             // Remembered already (pid 0 when it runs again). Acted for:
             // the engine keeps it until its verdict (the break's timeout
-            // bounds the wait), the watchdog does not refuse it meanwhile.
+            // bounds the wait), the watchdog does not refuse it meanwhile
+            // — unless it ran again past its deadline (a failed commit
+            // forgot the break it waited for), when it may not wait again.
+            if !reply.may_wait() {
+                self.refuse_held_past_deadline(file, reply, fd);
+                return;
+            }
             let mut reply = reply;
             reply.acted = true;
             self.waiting_local.push((file, 0, reply, fd));
@@ -166,11 +172,35 @@ impl Engine {
         fd: Arc<OwnedFd>,
     ) -> bool {
         if !reply.park() {
-            self.local_open_past_deadline(file, pid);
+            match reply.acted {
+                true => self.refuse_held_past_deadline(file, reply, fd),
+                false => self.local_open_past_deadline(file, pid),
+            }
             return false;
         }
         self.waiting_local.push((file, pid, reply, fd));
         true
+    }
+
+    /// Refuses a local open the engine acted for (and holds) whose verdict
+    /// deadline passed before a new wait for it ([`LocalReply::may_wait`]).
+    fn refuse_held_past_deadline(&mut self, file: FileId, reply: LocalReply, fd: Arc<OwnedFd>) {
+        warn!(%file, "local open acted for, past its verdict deadline, would wait again: refused");
+        reply.send(crate::local::Verdict::Deny, fd);
+    }
+
+    /// Before a new lease break of `file` that local opens waiting for its
+    /// breaks then wait for too (a step of a chain, a break again): those
+    /// the engine acted for whose deadline passed are refused now, never
+    /// kept waiting past their held grace ([`LocalReply::may_wait`]).
+    pub(super) fn refuse_held_local_opens_past_deadline(&mut self, file: FileId) {
+        let (late, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_local)
+            .into_iter()
+            .partition(|(f, _, reply, _)| *f == file && !reply.may_wait());
+        self.waiting_local = kept;
+        for (file, _, reply, fd) in late {
+            self.refuse_held_past_deadline(file, reply, fd);
+        }
     }
 
     /// A local open whose verdict deadline passed while it waited here

@@ -344,9 +344,29 @@ impl LocalReply {
 
     /// The engine parks the open: unless it acted for it already, the
     /// watchdog may refuse it at its deadline meanwhile. `false` when its
-    /// deadline passed: the caller drops it (refused at once).
+    /// deadline passed: the caller refuses it at once (dropped, or, acted
+    /// for, [`Self::may_wait`]).
     fn park(&self) -> bool {
-        self.acted || self.claim.engine_lets_go()
+        match self.acted {
+            true => self.may_wait(),
+            false => self.claim.engine_lets_go(),
+        }
+    }
+
+    /// Whether the engine may begin a new wait for the open — a lease
+    /// break (again, or the next step of a chain), a commit: always for
+    /// one it has not acted for (the watchdog may have it meanwhile); for
+    /// one it acted for and holds, only before its verdict deadline, so
+    /// that the wait (a break timeout at most) ends within the held grace
+    /// (`local::held_grace`: the break timeout + 0.5 s past the deadline).
+    /// Past it the engine refuses the open itself, nothing more done for
+    /// it — the outcome the watchdog would force at the end of the grace,
+    /// decided by the engine. Before (review), a Windows break chain (an
+    /// overwrite meeting the lease mid-break), a commit wait or a failed
+    /// commit's re-break kept a held open waiting past the grace: refused
+    /// by force, as an error, while the engine might act for it.
+    fn may_wait(&self) -> bool {
+        !self.acted || !self.claim.deadline_passed()
     }
 
     /// Sends `v`, the engine's share of the event's descriptor `fd` let go

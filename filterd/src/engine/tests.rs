@@ -3844,6 +3844,27 @@ fn a_stat_open_that_could_change_the_file_is_an_ordinary_open() {
     h.opened(r);
 }
 
+/// A non-persistent read-write open of "a" with `disposition`, under lease
+/// `lease` (its key and state) if any.
+fn read_write_open_of_a(
+    disposition: Disposition,
+    lease: Option<(libfilter::lease::LeaseKey, &str)>,
+) -> Request {
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.access = Access::new(Rights::READ.union(Rights::WRITE)).unwrap();
+    o.disposition = disposition;
+    o.durability = Durability::None;
+    o.create_guid = None;
+    o.lease = lease.map(|(key, s)| LeaseRequest {
+        key,
+        state: libfilter::lease::LeaseState::parse(s).unwrap(),
+        epoch: 0,
+    });
+    Request::Open(o)
+}
+
 /// Windows' break chain (smbtorture smb2.lease.breaking3, MS-SMB2 3.3.4.7):
 /// an open waiting for an RWH lease's break to RH, and an overwrite that
 /// meets the lease mid-break, wait for the whole chain — RH, then R (one
@@ -3858,21 +3879,7 @@ fn a_lease_met_mid_break_is_broken_a_step_at_a_time() {
     fs.put("a", 10);
     let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
     let st = |s: &str| LeaseState::parse(s).unwrap();
-    let plain = |disposition: Disposition, lease: Option<(LeaseKey, &str)>| {
-        let Request::Open(mut o) = open("a", Rights::ALL) else {
-            unreachable!("open() makes an open")
-        };
-        o.access = Access::new(Rights::READ.union(Rights::WRITE)).unwrap();
-        o.disposition = disposition;
-        o.durability = Durability::None;
-        o.create_guid = None;
-        o.lease = lease.map(|(key, s)| LeaseRequest {
-            key,
-            state: st(s),
-            epoch: 0,
-        });
-        Request::Open(o)
-    };
+    let plain = read_write_open_of_a;
     let breaks = |h: &Harness| -> Vec<(LeaseState, LeaseState, u16, bool)> {
         h.events
             .iter()
@@ -5984,4 +5991,136 @@ fn stats_count_only_what_is_durable() {
     // engine's next flush: counted (review g4).
     let s = stats_now(&mut h);
     assert_eq!((s.opens, s.opens_refused), (1, 1), "committed");
+}
+
+/// Review (rr-watch2): a local open the engine acted for (a break RWH→RH)
+/// waited for a whole Windows break chain — an overwrite meeting the lease
+/// mid-break made the ack to RH start a step RH→R with a fresh break
+/// timeout — past its deadline + the held grace, and was then refused by
+/// the watchdog's force. An acted open begins no new wait past its
+/// deadline: the engine refuses it itself when the step goes out. Before
+/// its deadline (the control) it waits for the step. The deadline is an
+/// hour away and moved past by the test: nothing here hangs on timing.
+#[test]
+fn a_held_local_open_past_its_deadline_waits_for_no_new_break_step() {
+    use crate::command::{EventClaim, Verdict};
+    use libfilter::lease::LeaseState;
+    use std::time::{Duration, Instant};
+    for late in [true, false] {
+        let (mut h, k1) = a_windows_rwh_holder_of_a();
+        let (_, file) = only_handle(&h);
+        let claim = EventClaim::new(Instant::now() + Duration::from_secs(3600));
+        let rx = local_open_claimed(&mut h, file, claim.clone());
+        assert!(rx.try_recv().is_err(), "waits for the break RWH->RH");
+        let overwriter = h.run(read_write_open_of_a(Disposition::Overwrite, None));
+        h.commit(true);
+        assert!(h.reply(overwriter).is_none());
+        if late {
+            // The holder acknowledges just before the break timeout, past
+            // the open's deadline.
+            claim.pass_deadline();
+        }
+        h.run(Request::LeaseBreakAck {
+            lease_key: k1,
+            state: LeaseState::parse("RH").unwrap(),
+            client: None,
+        });
+        h.commit(true);
+        h.engine.process_retries();
+        h.drain_replies();
+        assert!(!h.engine.breaking.is_empty(), "step RH->R in flight");
+        if late {
+            assert_eq!(rx.try_recv().ok(), Some(Verdict::Deny), "refused now");
+            assert!(h.engine.waiting_local.is_empty());
+        } else {
+            assert!(rx.try_recv().is_err(), "waits for the step");
+            assert_eq!(h.engine.waiting_local.len(), 1);
+            assert!(!claim.watchdog_refuses(), "the engine holds it");
+        }
+    }
+}
+
+/// Review (rr-watch2): a failed commit forgets the break a held local open
+/// waited for (its persistent holder's epoch bump was in it), and the open
+/// runs again and breaks anew — a fresh break timeout, past its deadline +
+/// held grace. Run again past its deadline, the engine refuses it instead
+/// of waiting again; before it (the control), it waits for the new break.
+#[test]
+fn a_held_local_open_run_again_past_its_deadline_waits_no_more() {
+    use crate::command::{EventClaim, Verdict};
+    use std::time::{Duration, Instant};
+    for late in [true, false] {
+        let mut h = Harness::new();
+        let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+        h.run(with_rwh_lease(open("n", Rights::ALL), k));
+        h.commit(true);
+        h.drain_replies();
+        let (_, file) = only_handle(&h);
+        let claim = EventClaim::new(Instant::now() + Duration::from_secs(3600));
+        let rx = local_open_claimed(&mut h, file, claim.clone());
+        assert!(
+            !h.engine.breaking.is_empty(),
+            "the break waits for its epoch"
+        );
+        if late {
+            claim.pass_deadline();
+        }
+        h.commit(false);
+        h.engine.process_retries();
+        if late {
+            assert_eq!(rx.try_recv().ok(), Some(Verdict::Deny), "refused now");
+            assert!(h.engine.waiting_local.is_empty());
+        } else {
+            assert!(rx.try_recv().is_err(), "waits for the break sent again");
+            assert_eq!(h.engine.waiting_local.len(), 1);
+            assert!(!h.engine.breaking.is_empty(), "sent again");
+        }
+    }
+}
+
+/// Review (rr-watch2): a local open the engine acted for, parked again
+/// for a commit (a create or a handle's removal committing when it ran
+/// again), kept the event whatever the commit took — past its held grace.
+/// Past its deadline the engine refuses it instead of parking it; before
+/// (the control), it parks it, still holding it.
+#[test]
+fn a_held_local_open_past_its_deadline_is_not_parked_for_a_commit() {
+    use crate::command::{EventClaim, Verdict};
+    use std::time::{Duration, Instant};
+    for late in [true, false] {
+        let mut h = Harness::new();
+        h.run(open("n", Rights::ALL));
+        let (_, file) = only_handle(&h);
+        let claim = EventClaim::new(Instant::now() + Duration::from_secs(3600));
+        assert!(claim.engine_takes(), "the engine holds it");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Box::new(move |v| {
+            let _ = tx.send(v);
+        });
+        let mut reply = LocalReply::new(sink, claim.clone());
+        reply.acted = true;
+        if late {
+            claim.pass_deadline();
+        }
+        let fd = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let parked = h.engine.park_local(file, 0, reply, fd);
+        assert_eq!(parked, !late);
+        assert_eq!(h.engine.waiting_local.len(), usize::from(!late));
+        match late {
+            true => assert_eq!(rx.try_recv().ok(), Some(Verdict::Deny), "refused now"),
+            false => assert!(rx.try_recv().is_err() && !claim.watchdog_refuses()),
+        }
+    }
+}
+
+/// A Windows-protocol harness whose file "a" has a handle holding an RWH
+/// lease (committed), and the lease's key.
+fn a_windows_rwh_holder_of_a() -> (Harness, libfilter::lease::LeaseKey) {
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
+    let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    h.run(read_write_open_of_a(Disposition::Open, Some((k, "RWH"))));
+    h.commit(true);
+    (h, k)
 }
