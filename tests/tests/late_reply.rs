@@ -966,6 +966,30 @@ fn detached_then_logoff(name: &str, env: &[(&str, &str)]) {
     nothing_left_of_f(&d, &smb);
 }
 
+/// As above, but the client replays first, and the replay is answered the
+/// retry status after it found the open: its look at the handle goes
+/// unanswered (filterd stalled past smbshim's 700 ms), so smbshim detaches
+/// the open again for the next replay. Then the client logs off. Before
+/// the fix (review rr-logoff2 1) the replay's answer took the GUID from
+/// its session, and no LOGOFF closed the late open: it stayed for its
+/// durable timeout, refusing b's exclusive CREATE.
+#[test]
+fn a_late_create_whose_replay_was_told_to_retry_is_closed_by_logoff() {
+    let (_s, d, smb) = setup_failing(
+        "late-replay-retry-logoff",
+        "smbshim",
+        &[("RKFILTER_FAILPOINTS", "request.handle:1:sleep1500")],
+    );
+    let (mut a, sid) = smb_session(&smb.addr);
+    let replay = late_persistent_create(&d, &mut a, sid, "create");
+    let r = a.call(replay);
+    assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "retry: {r}");
+    wait_detached(&d);
+    let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    nothing_left_of_f(&d, &smb);
+}
+
 /// As above, the other order: the client logs off while filterd is still
 /// stopped, before the CREATE's late answer comes (the LOGOFF's own look
 /// for the handle by create GUID goes unanswered too). Before the fix the

@@ -1039,15 +1039,23 @@ fn create_with(
         // for that replay (until the session's LOGOFF).
         m.filter.open_replayed_by_guid(req, &end)
     };
-    if let Some(f) = in_flight {
-        if matches!(
-            opened,
-            Err(ClientError::Timeout(_) | ClientError::Disconnected)
-        ) {
-            f.unanswered();
+    // A fresh CREATE filterd refused made nothing: forgotten. Anything
+    // else keeps the GUID until the open is stored below: no answer (the
+    // open may be made late), a replay refused (its original may be there,
+    // detached: `Retry` while it is made), or an open made and then not
+    // handed out (the retry status below, the open detached for the next
+    // replay). A GUID kept for nothing costs its LOGOFF one `NoSuchHandle`
+    // (review rr-logoff2 1: a replay answered the retry status took the
+    // GUID from its session, and no LOGOFF closed the late open).
+    let in_flight = match (in_flight, &opened) {
+        (Some(f), Err(e))
+            if !replay && !matches!(e, ClientError::Timeout(_) | ClientError::Disconnected) =>
+        {
+            f.answered();
+            None
         }
-        // Else answered: forgotten (a made open is stored or let go below).
-    }
+        (f, _) => f,
+    };
     let h = opened.map_err(|e| match e.code() {
         // Only an open filterd refused for a lease break goes to the
         // worker: after a timeout or a lost link it may have been made, and
@@ -1173,6 +1181,10 @@ fn create_with(
     if let Some(g) = create_guid.filter(|_| replay) {
         held_by_a_session(sh, client_guid, g);
     }
+    // Stored: a LOGOFF closes it with the session's table, not by GUID.
+    if let Some(f) = in_flight {
+        f.answered();
+    }
     let o = opens
         .get(&file_id)
         .ok_or_else(|| Fail("STATUS_INTERNAL_ERROR", "open vanished".into()))?;
@@ -1195,10 +1207,12 @@ fn session_end(sh: &Shared, id: u64) -> Result<SessionEnd, Fail> {
 }
 
 /// A CREATE's create GUID, remembered by its session while the CREATE's
-/// filterd call is in flight and forgotten when it drops — unless the
-/// call went unanswered ([`InFlight::unanswered`]): then filterd may make
-/// the open late, and the session's LOGOFF closes it by GUID
-/// ([`close_unanswered`]). Remembered before the call, not after it
+/// filterd call is in flight and forgotten only when the CREATE is known
+/// to have left no open to close ([`InFlight::answered`]: refused fresh,
+/// or stored in the open table); dropped otherwise — an error returned
+/// anywhere after the call — it stays: filterd may make the open late, or
+/// made it and it waits detached, and the session's LOGOFF closes it by
+/// GUID ([`close_unanswered`]). Remembered before the call, not after it
 /// failed: a LOGOFF (from another connection) while it is in flight takes
 /// it too, and finds the open detached or has it closed when its late
 /// answer comes ([`SessionEnd`]).
@@ -1233,14 +1247,9 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    /// The call got no answer: the GUID stays for the LOGOFF.
-    fn unanswered(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
+    /// The CREATE left no open a LOGOFF must close by GUID: forgotten
+    /// (if its session still owns it).
+    fn answered(self) {
         if let Ok(mut u) = self.sh.unanswered.lock() {
             u.answered(self.client, self.session, self.guid);
         }
