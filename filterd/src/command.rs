@@ -45,8 +45,13 @@ pub type VerdictSink = Box<dyn FnOnce(Verdict) + Send>;
 ///   deadline). The grace suffices because the engine begins a wait for
 ///   an event it holds (a break, a step of a break chain, a break again,
 ///   a commit) only before the event's deadline; past it the engine
-///   refuses the event itself instead (`LocalReply::may_wait`), so every
-///   wait ends by the deadline + a break timeout. Before (review), a
+///   refuses the event itself instead (`LocalReply::may_wait`, also
+///   before acting for it again when it runs again), so every break it
+///   waits for ends by the deadline + a break timeout. A commit wait
+///   begun before the deadline is not bounded so: a store slower than
+///   the grace gets the forced refusal (logged), and the engine, finding
+///   the event refused when it runs it again, does nothing for it.
+///   Before (review), a
 ///   break chain, a commit wait or a failed commit's re-break could hold
 ///   it past the grace, and the forced refusal came as an error.
 ///

@@ -756,7 +756,10 @@ struct AnswerSlot<A = Answer> {
 /// it started, which ends (acknowledged or timed out) within the break
 /// timeout — and it begins no new wait for it past its deadline (a step
 /// of a break chain, a break again, a commit: `LocalReply::may_wait`
-/// refuses it then), so every wait ends within the grace. Before (review), the grace was a whole verdict deadline (the
+/// refuses it then), so every break it waits for ends within the grace;
+/// a commit wait begun before the deadline does not, and a store slower
+/// than the grace meets the forced refusal (logged; the engine does
+/// nothing more for the event). Before (review), the grace was a whole verdict deadline (the
 /// break timeout + 2 s), and a held local open waited up to twice that.
 pub fn held_grace(break_timeout: Duration) -> Duration {
     break_timeout.saturating_add(HELD_SLACK)

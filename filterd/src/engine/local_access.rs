@@ -42,6 +42,16 @@ impl Engine {
             self.local_open_past_deadline(file, pid);
             return;
         }
+        if !reply.may_wait() {
+            // Acted for already and run again past its deadline (a failed
+            // commit forgot the break it waited for, and put back a handle
+            // it purged): refused before anything is done for it again —
+            // a handle purged again, a lease broken again, for an open
+            // that may wait no more (re-review rr-w3r2 1: refused only
+            // after the break had gone out).
+            self.refuse_held_past_deadline(file, reply, fd);
+            return;
+        }
         // A step of its own: a purge it makes is settled by its own commit.
         self.begin_request();
         if let Some(seq) = self.create_pending(file) {

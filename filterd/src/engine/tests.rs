@@ -6066,10 +6066,20 @@ fn a_held_local_open_run_again_past_its_deadline_waits_no_more() {
             claim.pass_deadline();
         }
         h.commit(false);
+        let events_before = h.events.len();
         h.engine.process_retries();
         if late {
             assert_eq!(rx.try_recv().ok(), Some(Verdict::Deny), "refused now");
             assert!(h.engine.waiting_local.is_empty());
+            // Refused before acting again: no break sent again, none in
+            // progress, also once the step commits (re-review rr-w3r2 1).
+            h.commit(true);
+            h.drain_replies();
+            assert!(h.engine.breaking.is_empty(), "no break again");
+            let again = h.events[events_before..]
+                .iter()
+                .any(|e| matches!(e, libfilter::proto::Event::LeaseBreak { .. }));
+            assert!(!again, "{:?}", &h.events[events_before..]);
         } else {
             assert!(rx.try_recv().is_err(), "waits for the break sent again");
             assert_eq!(h.engine.waiting_local.len(), 1);
