@@ -547,6 +547,34 @@ fn rksmbd_closes_a_late_persistent_open_answered_after_logoff() {
     script.finish();
 }
 
+/// rksmbd and a client that retries a persistent CREATE answered
+/// STATUS_SERVER_UNAVAILABLE with the same create GUID but without the
+/// replay flag (`tests/smb3/late_fresh_retry.py`), rksmbd's calls giving
+/// up after 1 s: the late answer leaves nothing (FILE_CREATE of an
+/// existing file), so the retry is made fresh and answered SUCCESS. The
+/// LOGOFF must detach that open for a DH2C, as every acknowledged durable
+/// open. Before the fix only a replay made the session forget the GUID,
+/// and the LOGOFF closed the detached open by GUID: the DH2C failed
+/// (re-review unavail3 1).
+#[test]
+fn rksmbd_logoff_keeps_an_open_a_fresh_retry_of_an_unanswered_guid_got() {
+    let (_s, d, srv) = setup_rksmbd("late-rksmbd-fresh-retry", "1000");
+    let mut script = Dialogue::start(&srv, "late_fresh_retry.py", Duration::from_secs(60));
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up");
+    go_on_until(&d, "the late CREATE to be answered", &[]);
+    script.say("go");
+    script.expect("logged off");
+    assert_eq!(
+        handles(&d),
+        [("x.txt".to_owned(), "disconnected".to_owned())]
+    );
+    script.say("go");
+    script.finish();
+}
+
 /// rksmbd and an application that fails over to another client
 /// (`tests/smb3/late_app_instance.py`), rksmbd's calls giving up after
 /// 1 s: a persistent CREATE under an AppInstanceId sent while filterd is

@@ -1079,7 +1079,6 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         app,
         by_guid,
         req,
-        replay,
         ..
     } = p;
     let ctxs = &ctxs;
@@ -1208,9 +1207,10 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     if let (Some(_), false, Some(guid)) = (durable, v1, create_guid) {
         sh.registry.v2_opened(pid, guid);
     }
-    if let Some(guid) = create_guid.filter(|_| replay) {
-        // A session holds it now: no LOGOFF closes it as unanswered.
-        sh.registry.replay_took(guid);
+    if let Some(guid) = create_guid {
+        // A session holds it now, replayed or made fresh: no LOGOFF
+        // closes it as unanswered.
+        sh.registry.client_got(guid);
     }
     if let (Some(_), Some(guid)) = (durable, create_guid) {
         sh.registry
@@ -1712,6 +1712,8 @@ fn reconnect(
     if !rc.v1 {
         sh.registry.v2_opened(pid, rc.create_guid);
     }
+    // The client has it back: no LOGOFF closes it as unanswered.
+    sh.registry.client_got(rc.create_guid);
     tracing::info!(resume_key = %key, "durable handle reconnected");
     Ok(create_reply(
         CreateAction::Opened,

@@ -350,9 +350,14 @@ impl Registry {
         }
     }
 
-    /// A replay took the open of create GUID `guid`: no session's LOGOFF
-    /// closes it as an unanswered CREATE's any more.
-    pub fn replay_took(&self, guid: uuid::Uuid) {
+    /// The client was told SUCCESS for an open of create GUID `guid` (a
+    /// replay that took the late open, a fresh CREATE that reused the
+    /// GUID, a DH2C): no session's LOGOFF closes it as an unanswered
+    /// CREATE's any more. Only replays did before, and a retry without
+    /// the replay flag, made fresh once the late answer left nothing,
+    /// was closed by the LOGOFF that detached it for a DH2C (re-review
+    /// unavail3 1).
+    pub fn client_got(&self, guid: uuid::Uuid) {
         let links: Vec<Arc<Link>> = lock(&self.sessions).values().cloned().collect();
         for l in links {
             lock(&l.state).unanswered.forget(guid);
@@ -642,7 +647,7 @@ mod tests {
         s1.unanswered(unanswered(11, None));
         s2.unanswered(unanswered(12, Some(7)));
         r.app_unanswered([7; 16]);
-        r.replay_took(uuid::Uuid::from_u128(11));
+        r.client_got(uuid::Uuid::from_u128(11));
         let f = RelPath::new("f").expect("path");
         let other = RelPath::new("g").expect("path");
         assert!(r

@@ -11,8 +11,9 @@
 //! open, and no session tracks it (`sessions::Link::track`): it refused
 //! the client's own retry and everyone else's until its durable timeout,
 //! through the session's LOGOFF and an AppInstanceId takeover. So each
-//! session remembers those create GUIDs until a replay takes the open
-//! (`sessions::Registry::replay_took`); its LOGOFF ends the session's
+//! session remembers those create GUIDs until the client is told SUCCESS
+//! for an open of one (`sessions::Registry::client_got`: a replay, a fresh
+//! retry, a DH2C); its LOGOFF ends the session's
 //! `SessionEnd` (a late answer that comes after is closed by libfilter)
 //! and then closes the rest by GUID ([`close`]). A lost connection does
 //! not: that is when the client reconnects and replays.
@@ -63,7 +64,7 @@ impl Unanswereds {
         }
     }
 
-    /// A replay took the open of `guid`: a session holds it now.
+    /// The client got an open of `guid`: a session holds it now.
     pub fn forget(&mut self, guid: uuid::Uuid) {
         self.0.retain(|u| u.guid != guid);
     }
