@@ -661,8 +661,12 @@ fn open_file(
                 .take_over_app_instance(&sh, app, &f.path, d.create_guid);
             // And what the instance's CREATEs answered
             // STATUS_SERVER_UNAVAILABLE may have left.
-            let left = sh.registry.unanswered_of_app(app, &f.path, d.create_guid);
-            crate::unanswered::close(&sh, c.id, left);
+            // Closed by the closer thread, waited for at most one call
+            // timeout in all (not one per open, filterd stalled).
+            let left = sh
+                .registry
+                .to_close(|| sh.registry.unanswered_of_app(app, &f.path, d.create_guid));
+            crate::unanswered::close_before_open(&sh, left);
             Some((app, d.create_guid))
         }
         _ => None,

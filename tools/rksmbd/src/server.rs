@@ -148,6 +148,9 @@ pub struct Shared {
     pub fds: Arc<shimline::descriptors::Descriptors>,
     /// Handles of forgotten opens whose close filterd never answered.
     pub unsettled: crate::settle::Unsettled,
+    /// The `unanswered-closer` thread's queue: the opens of unanswered
+    /// CREATEs a LOGOFF or a takeover closes ([`crate::unanswered`]).
+    pub closer: crate::unanswered::Closer,
     /// Replays answered here without filterd (a non-durable open's lock
     /// sequence, a pending LOCK replayed), told to filterd every
     /// [`REPLAY_REPORT_EVERY`] for `replays_detected`.
@@ -324,6 +327,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
 fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
     use anyhow::Context;
     let root = crate::files::open_root(&attach).context("opening the export root")?;
+    let (closer, closing) = crate::unanswered::Closer::new();
     let shared = Arc::new(Shared {
         filter: attach,
         root,
@@ -336,6 +340,7 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
         dir_shares: Arc::default(),
         fds: shimline::descriptors::Descriptors::new(opens_allowed()),
         unsettled: crate::settle::Unsettled::default(),
+        closer,
         replays: libfilter::client::ReplayCounter::default(),
         not_logged_on: NotLoggedOn::default(),
         per_user: PerUser::default(),
@@ -349,6 +354,12 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
     std::thread::Builder::new()
         .name("close-settler".into())
         .spawn(move || crate::settle::run(settling))?;
+    // Only a weak reference, as below: the thread ends once the server
+    // is dropped (and with it the closer's sender).
+    let closing_for = Arc::downgrade(&shared);
+    std::thread::Builder::new()
+        .name("unanswered-closer".into())
+        .spawn(move || closing.run(&closing_for))?;
     // Only a weak reference: the thread ends once the server is dropped
     // (the fuzz harness drops it).
     let reporting = Arc::downgrade(&shared);
@@ -2480,12 +2491,18 @@ impl Connection {
         // replayed: their opens are closed, not left to their durable
         // timeout (their client may never replay; the acknowledged
         // durable opens above stay detached for a DH2C).
-        let unanswered = link.as_ref().map(|l| l.log_off()).unwrap_or_default();
+        let unanswered = self
+            .sh
+            .registry
+            .to_close(|| link.as_ref().map(|l| l.log_off()).unwrap_or_default());
         if let Some(home) = link.and_then(|l| l.home.get().cloned()) {
             home.end();
         }
         self.sh.registry.ended(id);
-        crate::unanswered::close(&self.sh, self.id, unanswered);
+        // After the reply, by the closer thread: each close may wait a
+        // call timeout while filterd is stalled, and this connection's
+        // other requests must not wait behind them (re-review unavail3 2).
+        self.sh.closer.push(unanswered);
         Ok(Reply::ok(vec![4, 0, 0, 0]))
     }
 

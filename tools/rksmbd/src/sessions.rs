@@ -242,6 +242,12 @@ pub struct Registry {
     /// ([`Registry::unanswered_of_app`] looks through the sessions only
     /// for these), at most [`MAX_APP_INSTANCES`].
     unanswered_apps: Mutex<std::collections::HashSet<[u8; 16]>>,
+    /// Create GUIDs taken from the sessions' lists for the closer thread
+    /// to close ([`Registry::to_close`]) and not yet claimed by it
+    /// ([`Registry::closing_claim`]): the client's getting an open of one
+    /// meanwhile takes it out ([`Registry::client_got`]). Locked before
+    /// `unanswered_apps`, `sessions` and a session's state.
+    closing: Mutex<std::collections::HashSet<uuid::Uuid>>,
     v2_by_file_id: Mutex<HashMap<u64, uuid::Uuid>>,
     /// Durable opens held by a connection: create GUID → connection.
     held: Mutex<HashMap<uuid::Uuid, u64>>,
@@ -357,11 +363,33 @@ impl Registry {
     /// the replay flag, made fresh once the late answer left nothing,
     /// was closed by the LOGOFF that detached it for a DH2C (re-review
     /// unavail3 1).
+    ///
+    /// Also out of those handed to the closer thread and not yet closed,
+    /// under the same lock as [`Registry::to_close`] took them: whenever
+    /// the SUCCESS came, the closer never closes the open.
     pub fn client_got(&self, guid: uuid::Uuid) {
+        let mut closing = lock(&self.closing);
+        closing.remove(&guid);
         let links: Vec<Arc<Link>> = lock(&self.sessions).values().cloned().collect();
         for l in links {
             lock(&l.state).unanswered.forget(guid);
         }
+    }
+
+    /// The unanswered CREATEs `take` takes from the sessions' lists (a
+    /// LOGOFF's, a takeover's), marked as handed to the closer thread.
+    pub fn to_close(&self, take: impl FnOnce() -> Vec<Unanswered>) -> Vec<Unanswered> {
+        let mut closing = lock(&self.closing);
+        let gone = take();
+        closing.extend(gone.iter().map(|u| u.guid));
+        gone
+    }
+
+    /// The closer thread is about to close the open of `guid`: false if
+    /// the client got it since it was handed over ([`Registry::client_got`])
+    /// or another hand-over's close claimed it already.
+    pub fn closing_claim(&self, guid: uuid::Uuid) -> bool {
+        lock(&self.closing).remove(&guid)
     }
 
     /// AppInstanceId (3.3.5.9.13) of a new open of `path`, create GUID

@@ -14,11 +14,14 @@
 //! session remembers those create GUIDs until the client is told SUCCESS
 //! for an open of one (`sessions::Registry::client_got`: a replay, a fresh
 //! retry, a DH2C); its LOGOFF ends the session's
-//! `SessionEnd` (a late answer that comes after is closed by libfilter)
-//! and then closes the rest by GUID ([`close`]). A lost connection does
+//! `SessionEnd` (a late answer that comes after is closed by libfilter),
+//! is answered, and the rest are closed by GUID on the closer thread
+//! ([`Closer`]). A lost connection does
 //! not: that is when the client reconnects and replays.
 
 use std::collections::VecDeque;
+use std::sync::{mpsc, Weak};
+use std::time::Duration;
 
 use libfilter::model::{ClientId, CreateGuid, RelPath};
 use libfilter::proto::ErrorCode;
@@ -93,21 +96,107 @@ impl Unanswereds {
     }
 }
 
+/// Connection number the closer claims create GUIDs as
+/// (`Registry::claim_free`): no client connection's (those count up from
+/// 0), so that a replay of one on any connection, the LOGOFF's own
+/// included, waits for the close rather than running beside it.
+const CLOSER_CONN: u64 = u64::MAX;
+
+/// Opens to close, and who waits for them (a takeover).
+struct Job {
+    gone: Vec<Unanswered>,
+    done: Option<mpsc::Sender<()>>,
+}
+
+/// The `unanswered-closer` thread's queue. A LOGOFF answers first and
+/// hands its unanswered CREATEs here: each close may wait a call timeout
+/// while filterd is stalled, and its connection's other requests waited
+/// behind them (five of them: five timeouts; re-review unavail3 2).
+pub struct Closer(mpsc::Sender<Job>);
+
+/// The closer thread's end of [`Closer`].
+pub struct Closing(mpsc::Receiver<Job>);
+
+impl Closer {
+    /// A queue and the end the closer thread runs ([`Closing::run`]).
+    pub fn new() -> (Closer, Closing) {
+        let (tx, rx) = mpsc::channel();
+        (Closer(tx), Closing(rx))
+    }
+
+    /// Closes `gone` (a LOGOFF's) after the caller's reply.
+    pub fn push(&self, gone: Vec<Unanswered>) {
+        if !gone.is_empty() {
+            let _ = self.0.send(Job { gone, done: None });
+        }
+    }
+}
+
+impl Closing {
+    /// Closes what is pushed until the server (`sh`) is gone.
+    pub fn run(self, sh: &Weak<Shared>) {
+        while let Ok(job) = self.0.recv() {
+            let Some(sh) = sh.upgrade() else {
+                return;
+            };
+            close(&sh, job.gone);
+            if let Some(done) = job.done {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// An AppInstanceId takeover's: closes `gone` before the takeover's own
+/// open, which the earlier open of the instance would refuse, but waits
+/// for them at most one call timeout in all, not one per open (filterd
+/// stalled, its own open would wait as long); the closer goes on after.
+pub fn close_before_open(sh: &Shared, gone: Vec<Unanswered>) {
+    if gone.is_empty() {
+        return;
+    }
+    let (tx, rx) = mpsc::channel();
+    if sh
+        .closer
+        .0
+        .send(Job {
+            gone,
+            done: Some(tx),
+        })
+        .is_ok()
+    {
+        let _ = rx.recv_timeout(call_timeout());
+    }
+}
+
+/// libfilter's call timeout (`RKFILTER_CALL_TIMEOUT_MS`, else its default).
+fn call_timeout() -> Duration {
+    std::env::var(libfilter::client::CALL_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(
+            libfilter::client::DEFAULT_CALL_TIMEOUT,
+            Duration::from_millis,
+        )
+}
+
 /// Closes the opens filterd may have made for `gone` (CREATEs of a
-/// session that logged off, or of an app instance taken over), from
-/// connection `conn`. Each create GUID is claimed first
-/// (`Registry::claim_free`) and left to a connection that holds it (a
-/// replay taking the open, this connection's included);
-/// else its handle is taken by GUID, if disconnected, and closed. A
-/// handle still attached (a replay's answer being read, or the late
-/// answer's undo to come) is refused `NoSuchHandle`: its holder or undo
-/// decides (a late answer after a LOGOFF closes it, `SessionEnd`). A
-/// resume that goes unanswered is closed when its answer comes
-/// (`resume_by_guid_to_close`). Left: one filterd refused for a passing
-/// cause (a failed commit, busy) waits for its durable timeout (logged).
-pub fn close(sh: &Shared, conn: u64, gone: Vec<Unanswered>) {
+/// session that logged off, or of an app instance taken over), on the
+/// closer thread. Each create GUID is skipped if the client got an open
+/// of it since it was handed over (`Registry::closing_claim`), then
+/// claimed (`Registry::claim_free`) and left to a connection that holds
+/// it (a replay taking the open); else its handle is taken by GUID, if
+/// disconnected, and closed. A handle still attached (a replay's answer
+/// being read, or the late answer's undo to come) is refused
+/// `NoSuchHandle`: its holder or undo decides (a late answer after a
+/// LOGOFF closes it, `SessionEnd`). A resume that goes unanswered is
+/// closed when its answer comes (`resume_by_guid_to_close`). Left: one
+/// filterd refused for a passing cause (a failed commit, busy), or whose
+/// answer was lost with filterd's connection (filterd stopped or
+/// restarting), waits for its durable timeout (logged; nothing retries it).
+fn close(sh: &Shared, gone: Vec<Unanswered>) {
     for u in gone {
-        if !sh.registry.claim_free(u.guid, conn) {
+        if !sh.registry.closing_claim(u.guid) || !sh.registry.claim_free(u.guid, CLOSER_CONN) {
             continue;
         }
         match sh
@@ -129,7 +218,7 @@ pub fn close(sh: &Shared, conn: u64, gone: Vec<Unanswered>) {
                 tracing::warn!(create_guid = %u.guid, error = %e, "taking an unanswered CREATE's open to close it")
             }
         }
-        sh.registry.let_go(u.guid, conn);
+        sh.registry.let_go(u.guid, CLOSER_CONN);
     }
 }
 
