@@ -811,12 +811,15 @@ fn note_unanswered(
     if let Some((a, _)) = app {
         c.sh.registry.app_unanswered(a);
     }
-    link.unanswered(Unanswered {
-        guid: guid.0,
-        client: req.client.clone(),
-        owner: req.owner.clone(),
-        app: app.map(|(a, path)| (a, path.clone())),
-    });
+    c.sh.registry.unanswered(
+        link,
+        Unanswered {
+            guid: guid.0,
+            client: req.client.clone(),
+            owner: req.owner.clone(),
+            app: app.map(|(a, path)| (a, path.clone())),
+        },
+    );
 }
 
 /// Whether a CREATE on a connection of `dialect`, with a DH2Q context

@@ -2491,10 +2491,11 @@ impl Connection {
         // replayed: their opens are closed, not left to their durable
         // timeout (their client may never replay; the acknowledged
         // durable opens above stay detached for a DH2C).
-        let unanswered = self
-            .sh
-            .registry
-            .to_close(|| link.as_ref().map(|l| l.log_off()).unwrap_or_default());
+        let unanswered = self.sh.registry.to_close(|| {
+            link.as_ref()
+                .map(|l| self.sh.registry.log_off(l))
+                .unwrap_or_default()
+        });
         if let Some(home) = link.and_then(|l| l.home.get().cloned()) {
             home.end();
         }

@@ -8,7 +8,7 @@
 //! ended its session or took over its app instance — never both.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use libfilter::model::{RelPath, ResumeKey};
 
@@ -38,6 +38,13 @@ pub struct Link {
     /// DH2Q CREATEs are closed from then on, not left for a replay.
     end: SessionEnd,
     state: Mutex<LinkState>,
+    /// Its DH2Q CREATEs answered STATUS_SERVER_UNAVAILABLE, whose opens
+    /// its LOGOFF closes. Under its own lock, not `state`'s: that one is
+    /// held across filterd calls ([`Link::close_elsewhere`]), and every
+    /// durable CREATE's [`Registry::client_got`] waited behind it
+    /// (re-review unavail4 1). Locked after [`Registry`]'s
+    /// `unanswered_guids`, never across a filterd call.
+    unanswered: Mutex<Unanswereds>,
 }
 
 #[derive(Default)]
@@ -49,9 +56,6 @@ struct LinkState {
     /// Opens another connection closed (AppInstanceId), for the owning
     /// connection to forget.
     closed_elsewhere: Vec<u64>,
-    /// Its DH2Q CREATEs answered STATUS_SERVER_UNAVAILABLE, whose opens
-    /// its LOGOFF closes.
-    unanswered: Unanswereds,
 }
 
 /// An open's filterd handle, as [`Link`] keeps it.
@@ -122,22 +126,6 @@ impl Link {
     /// CREATEs ([`SessionEnd`]).
     pub fn end(&self) -> &SessionEnd {
         &self.end
-    }
-
-    /// A DH2Q CREATE of the session was answered STATUS_SERVER_UNAVAILABLE.
-    pub fn unanswered(&self, u: Unanswered) {
-        lock(&self.state).unanswered.note(u);
-    }
-
-    /// LOGOFF: late answers to the session's CREATEs are closed from now
-    /// on; the CREATEs answered STATUS_SERVER_UNAVAILABLE, for the caller
-    /// to close ([`crate::unanswered::close`]). Ended first, under the
-    /// lock: a detach not yet sent is a close, one sent already reaches
-    /// filterd before the caller's resume.
-    pub fn log_off(&self) -> Vec<Unanswered> {
-        let mut st = lock(&self.state);
-        self.end.end();
-        st.unanswered.take()
     }
 
     /// Ended by another connection?
@@ -233,6 +221,39 @@ struct AppOpen {
     create_guid: uuid::Uuid,
 }
 
+/// Create GUID → the sessions that may list it as unanswered ([`Link`]'s
+/// `unanswered`). Entries of sessions gone are pruned as it grows.
+#[derive(Default)]
+struct UnansweredIndex {
+    by_guid: HashMap<uuid::Uuid, Vec<Weak<Link>>>,
+    /// Size at which the next prune runs.
+    prune_at: usize,
+}
+
+impl UnansweredIndex {
+    fn add(&mut self, guid: uuid::Uuid, link: &Arc<Link>) {
+        if self.by_guid.len() >= self.prune_at {
+            self.by_guid
+                .retain(|_, ls| ls.iter().any(|l| l.strong_count() > 0));
+            self.prune_at = (self.by_guid.len() * 2).max(1024);
+        }
+        let ls = self.by_guid.entry(guid).or_default();
+        if !ls.iter().any(|l| l.as_ptr() == Arc::as_ptr(link)) {
+            ls.push(Arc::downgrade(link));
+        }
+    }
+
+    /// `link` no longer lists `guid`.
+    fn remove(&mut self, guid: uuid::Uuid, link: &Link) {
+        if let Some(ls) = self.by_guid.get_mut(&guid) {
+            ls.retain(|l| !std::ptr::eq(l.as_ptr(), link));
+            if ls.is_empty() {
+                self.by_guid.remove(&guid);
+            }
+        }
+    }
+}
+
 /// Every connection's sessions, app instances and durable v2 FileIds.
 #[derive(Default)]
 pub struct Registry {
@@ -242,11 +263,18 @@ pub struct Registry {
     /// ([`Registry::unanswered_of_app`] looks through the sessions only
     /// for these), at most [`MAX_APP_INSTANCES`].
     unanswered_apps: Mutex<std::collections::HashSet<[u8; 16]>>,
+    /// The sessions whose lists of unanswered CREATEs may hold each create
+    /// GUID: [`Registry::client_got`], run by every durable CREATE, looks
+    /// at these only (none, nearly always) — it looked at every session,
+    /// under the `closing` lock, each under a lock also held across
+    /// filterd calls (re-review unavail4 1).
+    unanswered_guids: Mutex<UnansweredIndex>,
     /// Create GUIDs taken from the sessions' lists for the closer thread
     /// to close ([`Registry::to_close`]) and not yet claimed by it
     /// ([`Registry::closing_claim`]): the client's getting an open of one
     /// meanwhile takes it out ([`Registry::client_got`]). Locked before
-    /// `unanswered_apps`, `sessions` and a session's state.
+    /// `unanswered_apps`, `sessions`, `unanswered_guids` and a session's
+    /// state or list of unanswered CREATEs.
     closing: Mutex<std::collections::HashSet<uuid::Uuid>>,
     v2_by_file_id: Mutex<HashMap<u64, uuid::Uuid>>,
     /// Durable opens held by a connection: create GUID → connection.
@@ -276,6 +304,7 @@ impl Registry {
             home: OnceLock::new(),
             end: SessionEnd::default(),
             state: Mutex::default(),
+            unanswered: Mutex::default(),
         });
         let mut m = lock(&self.sessions);
         if m.len() < MAX_SESSIONS {
@@ -367,13 +396,47 @@ impl Registry {
     /// Also out of those handed to the closer thread and not yet closed,
     /// under the same lock as [`Registry::to_close`] took them: whenever
     /// the SUCCESS came, the closer never closes the open.
+    ///
+    /// Touches only the sessions that listed `guid` ([`UnansweredIndex`]),
+    /// under small locks none holds across a filterd call.
     pub fn client_got(&self, guid: uuid::Uuid) {
         let mut closing = lock(&self.closing);
         closing.remove(&guid);
-        let links: Vec<Arc<Link>> = lock(&self.sessions).values().cloned().collect();
-        for l in links {
-            lock(&l.state).unanswered.forget(guid);
+        let Some(links) = lock(&self.unanswered_guids).by_guid.remove(&guid) else {
+            return;
+        };
+        // `closing` held on: a LOGOFF's `to_close` takes the list
+        // under it, and must see `guid` forgotten or hand it over here.
+        for l in links.iter().filter_map(Weak::upgrade) {
+            lock(&l.unanswered).forget(guid);
         }
+    }
+
+    /// A DH2Q CREATE of session `link` was answered
+    /// STATUS_SERVER_UNAVAILABLE.
+    pub fn unanswered(&self, link: &Arc<Link>, u: Unanswered) {
+        let mut index = lock(&self.unanswered_guids);
+        let guid = u.guid;
+        for old in lock(&link.unanswered).note(u) {
+            index.remove(old, link);
+        }
+        index.add(guid, link);
+    }
+
+    /// LOGOFF of session `link`: late answers to its CREATEs are closed
+    /// from now on; the CREATEs answered STATUS_SERVER_UNAVAILABLE, for
+    /// the caller to close ([`crate::unanswered::close`]). Ended first,
+    /// under the list's lock: a detach not yet sent is a close, one sent
+    /// already reaches filterd before the caller's resume.
+    pub fn log_off(&self, link: &Link) -> Vec<Unanswered> {
+        let mut index = lock(&self.unanswered_guids);
+        let mut list = lock(&link.unanswered);
+        link.end.end();
+        let gone = list.take();
+        for u in &gone {
+            index.remove(u.guid, link);
+        }
+        gone
     }
 
     /// The unanswered CREATEs `take` takes from the sessions' lists (a
@@ -406,12 +469,17 @@ impl Registry {
             return Vec::new();
         }
         let links: Vec<Arc<Link>> = lock(&self.sessions).values().cloned().collect();
+        let mut index = lock(&self.unanswered_guids);
         let mut taken = Vec::new();
         let mut more = false;
         for l in links {
-            let mut st = lock(&l.state);
-            taken.extend(st.unanswered.take_app(app, path, guid));
-            more |= st.unanswered.has_app(app);
+            let mut list = lock(&l.unanswered);
+            let took = list.take_app(app, path, guid);
+            for u in &took {
+                index.remove(u.guid, &l);
+            }
+            taken.extend(took);
+            more |= list.has_app(app);
         }
         if more {
             // Of another file: for a later takeover.
@@ -638,6 +706,7 @@ mod tests {
             home: OnceLock::new(),
             end: SessionEnd::default(),
             state: Mutex::default(),
+            unanswered: Mutex::default(),
         }
     }
 
@@ -671,9 +740,9 @@ mod tests {
     fn logoff_hands_over_the_unanswered_creates_no_replay_took() {
         let r = Registry::default();
         let (s1, s2) = (r.logged_on(1, "alice"), r.logged_on(2, "alice"));
-        s1.unanswered(unanswered(10, None));
-        s1.unanswered(unanswered(11, None));
-        s2.unanswered(unanswered(12, Some(7)));
+        r.unanswered(&s1, unanswered(10, None));
+        r.unanswered(&s1, unanswered(11, None));
+        r.unanswered(&s2, unanswered(12, Some(7)));
         r.app_unanswered([7; 16]);
         r.client_got(uuid::Uuid::from_u128(11));
         let f = RelPath::new("f").expect("path");
@@ -687,13 +756,44 @@ mod tests {
             .unanswered_of_app([7; 16], &f, uuid::Uuid::from_u128(99))
             .is_empty());
         assert!(!s1.end().has_ended());
-        let left = s1.log_off();
+        let left = r.log_off(&s1);
         assert!(s1.end().has_ended() && !s2.end().has_ended());
         assert_eq!(
             left.iter().map(|u| u.guid.as_u128()).collect::<Vec<_>>(),
             [10]
         );
-        assert!(s2.log_off().is_empty());
+        assert!(r.log_off(&s2).is_empty());
+    }
+
+    /// `client_got` of a GUID no session lists waits for no session's
+    /// lock: every durable CREATE runs it, and it took every session's
+    /// state lock — held across filterd calls by an app instance
+    /// takeover's close — so one slow close stalled them all (re-review
+    /// unavail4 1). One of a GUID a session lists forgets it there.
+    #[test]
+    fn client_got_waits_for_no_unrelated_session() {
+        let r = Arc::new(Registry::default());
+        let (s1, s2) = (r.logged_on(1, "alice"), r.logged_on(2, "alice"));
+        r.unanswered(&s1, unanswered(10, None));
+        r.unanswered(&s2, unanswered(20, None));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            // Another connection's filterd call under s2's locks.
+            let _state = lock(&s2.state);
+            let _list = lock(&s2.unanswered);
+            let r2 = r.clone();
+            std::thread::spawn(move || {
+                r2.client_got(uuid::Uuid::from_u128(10));
+                r2.client_got(uuid::Uuid::from_u128(99));
+                let _ = tx.send(());
+            });
+            assert!(
+                rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok(),
+                "client_got waited for an unrelated session's lock"
+            );
+        }
+        assert!(r.log_off(&s1).is_empty());
+        assert_eq!(r.log_off(&s2).len(), 1);
     }
 
     /// An open held by a connection whose client went away is told apart

@@ -53,9 +53,12 @@ pub struct Unanswereds(VecDeque<Unanswered>);
 
 impl Unanswereds {
     /// `u` was answered STATUS_SERVER_UNAVAILABLE (again, for a replay).
-    pub fn note(&mut self, u: Unanswered) {
+    /// Returns the create GUIDs forgotten to stay within
+    /// [`UNANSWERED_MAX`].
+    pub fn note(&mut self, u: Unanswered) -> Vec<uuid::Uuid> {
         self.forget(u.guid);
         self.0.push_back(u);
+        let mut dropped = Vec::new();
         while self.0.len() > UNANSWERED_MAX {
             if let Some(old) = self.0.pop_front() {
                 tracing::warn!(
@@ -63,8 +66,10 @@ impl Unanswereds {
                     "more than {UNANSWERED_MAX} unanswered DH2Q CREATEs in one session; \
                      the oldest is forgotten (a LOGOFF will not close its open)"
                 );
+                dropped.push(old.guid);
             }
         }
+        dropped
     }
 
     /// The client got an open of `guid`: a session holds it now.
