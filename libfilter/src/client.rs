@@ -77,8 +77,10 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// overrides it per client.
 pub const CALL_TIMEOUT_ENV: &str = "RKFILTER_CALL_TIMEOUT_MS";
 
-/// The call timeout a new connection starts with ([`CALL_TIMEOUT_ENV`]).
-fn call_timeout_from_env() -> Duration {
+/// The call timeout a new connection starts with ([`CALL_TIMEOUT_ENV`]):
+/// public so that a frontend waiting as long as one call (rksmbd's
+/// AppInstanceId takeover) reads the variable as libfilter does.
+pub fn call_timeout_from_env() -> Duration {
     std::env::var(CALL_TIMEOUT_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())

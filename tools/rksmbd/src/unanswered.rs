@@ -174,15 +174,11 @@ pub fn close_before_open(sh: &Shared, gone: Vec<Unanswered>) {
     }
 }
 
-/// libfilter's call timeout (`RKFILTER_CALL_TIMEOUT_MS`, else its default).
+/// libfilter's call timeout, read as libfilter reads it. Parsed here
+/// before, "0" waited no time at all and " 1500" the two-minute default,
+/// unlike the calls (re-review unavail4 3).
 fn call_timeout() -> Duration {
-    std::env::var(libfilter::client::CALL_TIMEOUT_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(
-            libfilter::client::DEFAULT_CALL_TIMEOUT,
-            Duration::from_millis,
-        )
+    libfilter::client::call_timeout_from_env()
 }
 
 /// Closes the opens filterd may have made for `gone` (CREATEs of a
@@ -238,6 +234,21 @@ mod tests {
             owner: None,
             app: app.map(|a| ([a; 16], RelPath::new("f").expect("path"))),
         }
+    }
+
+    /// A takeover waits for its closes as long as libfilter's calls wait:
+    /// "0" is the default, blanks around the number are ignored.
+    #[test]
+    fn a_takeover_waits_libfilter_s_call_timeout() {
+        let env = libfilter::client::CALL_TIMEOUT_ENV;
+        let default = libfilter::client::DEFAULT_CALL_TIMEOUT;
+        std::env::remove_var(env);
+        assert_eq!(call_timeout(), default);
+        std::env::set_var(env, "0");
+        assert_eq!(call_timeout(), default);
+        std::env::set_var(env, " 1500");
+        assert_eq!(call_timeout(), Duration::from_millis(1500));
+        std::env::remove_var(env);
     }
 
     /// Bounded, the oldest forgotten; a replayed one leaves; a takeover
