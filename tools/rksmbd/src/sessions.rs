@@ -571,8 +571,12 @@ impl Registry {
 
     /// Whether connection `conn` lets its opens go (lock order: `held`
     /// first, then `letting_go`).
+    /// The unanswered-closer counts as letting go: it lets go after one
+    /// filterd call; counted live, a replay waiting for it gave up after
+    /// 1 s (STATUS_FILE_NOT_AVAILABLE) and a DH2C was answered a final
+    /// STATUS_OBJECT_NAME_NOT_FOUND (re-review unavail4 4).
     fn kind_of(&self, conn: u64) -> OpenHolder {
-        if lock(&self.letting_go).contains(&conn) {
+        if conn == crate::unanswered::CLOSER_CONN || lock(&self.letting_go).contains(&conn) {
             OpenHolder::LettingGo
         } else {
             OpenHolder::Live
@@ -794,6 +798,20 @@ mod tests {
         }
         assert!(r.log_off(&s1).is_empty());
         assert_eq!(r.log_off(&s2).len(), 1);
+    }
+
+    /// The unanswered-closer's claim counts as letting go: waiters give
+    /// it [`OpenHolder::LettingGo`]'s time, not a live holder's 1 s.
+    #[test]
+    fn the_closer_counts_as_letting_go() {
+        let r = Registry::default();
+        let g = uuid::Uuid::new_v4();
+        let closer = crate::unanswered::CLOSER_CONN;
+        assert!(r.claim_free(g, closer));
+        assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::LettingGo));
+        assert_eq!(r.claim(g, 2), Err((closer, OpenHolder::LettingGo)));
+        r.let_go(g, closer);
+        assert_eq!(r.claim(g, 2), Ok(()));
     }
 
     /// An open held by a connection whose client went away is told apart

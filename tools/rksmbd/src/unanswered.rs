@@ -103,9 +103,14 @@ impl Unanswereds {
 
 /// Connection number the closer claims create GUIDs as
 /// (`Registry::claim_free`): no client connection's (those count up from
-/// 0), so that a replay of one on any connection, the LOGOFF's own
-/// included, waits for the close rather than running beside it.
-const CLOSER_CONN: u64 = u64::MAX;
+/// 0). A CREATE of the GUID that filterd answered while the closer holds
+/// it (a replay, a fresh retry) waits for the closer to let go before it
+/// claims, as for a connection letting its opens go
+/// (`OpenHolder::LettingGo`): the closer's resume finds the CREATE's
+/// handle attached and leaves it. It does not make a replay wait for
+/// the close itself: a replay's ReplayOpen reaches filterd before its
+/// claim.
+pub const CLOSER_CONN: u64 = u64::MAX;
 
 /// Opens to close, and who waits for them (a takeover).
 struct Job {
