@@ -24,7 +24,7 @@ Prints PASS; exits non-zero on any failure.
 import struct
 import uuid
 
-from raw_channel import SUCCESS, check, cmac_sign, context, final, patient_share, persistent_create, signed_close, signed_create
+from raw_channel import SUCCESS, check, cmac_sign, context, final, patient_share, persistent_create, signed_close, signed_create, signed_made
 from smbprotocol.create_contexts import CreateContextName, DurableHandleFlags, SMB2CreateDurableHandleReconnectV2
 from smbtest import pause
 
@@ -47,9 +47,7 @@ def dh2c(fid, create_guid):
 def main():
     client, g = uuid.uuid4(), uuid.uuid4()
     a, sid, key, tid = patient_share(client)
-    st, m = final(a, signed_create(a, sid, key, tid, "x.txt", 7, OPEN_IF))
-    check(st == SUCCESS, f"x.txt made (got {st:#010x})")
-    signed_close(a, sid, key, tid, m[128:144])
+    signed_made(a, sid, key, tid, "x.txt")
     pause("ready")
     st, _ = final(a, persistent_create(a, sid, key, tid, "x.txt", g, FILE_CREATE))
     check(st == SERVER_UNAVAILABLE, f"the CREATE filterd answered late: STATUS_SERVER_UNAVAILABLE (got {st:#010x})")

@@ -241,6 +241,13 @@ def signed_close(r, sid, key, tid, fid):
     check(st == SUCCESS, f"CLOSE (got {st:#010x})")
 
 
+def signed_made(r, sid, key, tid, name):
+    """Makes file `name` (OPEN_IF, shared) and closes it; exits on failure."""
+    st, m = final(r, signed_create(r, sid, key, tid, name, 7, 3))
+    check(st == SUCCESS, f"{name} made (got {st:#010x})")
+    signed_close(r, sid, key, tid, m[128:144])
+
+
 def signed_write(r, sid, key, tid, fid, data):
     """WRITEs `data` at offset 0 of `fid`: the status."""
     wr = struct.pack("<HHIQ16sIIHHI", 49, 112, len(data), 0, fid, 0, 0, 0, 0, 0) + data

@@ -477,25 +477,11 @@ fn rksmbd_replays_a_timed_out_persistent_create_without_running_it_again() {
 /// takes the original open.
 #[test]
 fn rksmbd_answers_a_replay_whose_claim_gave_up_server_unavailable() {
-    let s = Scratch::new("late-rksmbd-claim");
-    let d = Filterd::start(&s, &[], &[]);
-    let env = [
-        ("RKFILTER_CALL_TIMEOUT_MS", "1000"),
-        ("RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS", "3000"),
-    ];
-    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let (_s, d, srv, log) =
+        setup_rksmbd_hooked("late-rksmbd-claim", "RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS");
     let mut script = Dialogue::start(&srv, "late_claim.py", Duration::from_secs(60));
     script.expect("replaying");
-    wait_for(
-        "the replay to be held before its claim",
-        Duration::from_secs(10),
-        || {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("a replay is held before its claim")
-                .then_some(())
-        },
-    );
+    wait_logged(&log, "a replay is held before its claim");
     d.stop();
     script.expect("gave up");
     go_on_until(
@@ -503,6 +489,60 @@ fn rksmbd_answers_a_replay_whose_claim_gave_up_server_unavailable() {
         "the handle to be left disconnected",
         &[("claim.txt", "disconnected")],
     );
+    script.say("go");
+    script.finish();
+}
+
+/// Runs a script that makes a persistent CREATE while filterd is stopped
+/// ("ready", "gave up": STATUS_SERVER_UNAVAILABLE) and logs off once
+/// filterd's late answer came, up to its "logged off".
+fn until_logged_off(script: &mut Dialogue, d: &Filterd) {
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up");
+    go_on_until(d, "the late CREATE to be answered", &[]);
+    script.say("go");
+    script.expect("logged off");
+}
+
+/// As [`setup_rksmbd`] with a 1 s call timeout, rksmbd's test hook
+/// `hook` (a delay) set to 3 s and its log kept in the file returned.
+fn setup_rksmbd_hooked(name: &str, hook: &str) -> (Scratch, Filterd, RkSmbd, std::path::PathBuf) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[]);
+    let env = [("RKFILTER_CALL_TIMEOUT_MS", "1000"), (hook, "3000")];
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    (s, d, srv, log)
+}
+
+/// Polls rksmbd's log (`log`) until it has `needle`.
+fn wait_logged(log: &std::path::Path, needle: &str) {
+    wait_for(needle, Duration::from_secs(10), || {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(needle)
+            .then_some(())
+    });
+}
+
+/// rksmbd (`tests/smb3/late_closer_fresh.py`), its calls giving up
+/// after 1 s and its unanswered-closer held 3 s after claiming a create
+/// GUID: a session's persistent CREATE of G is answered
+/// STATUS_SERVER_UNAVAILABLE, its late answer leaves nothing, and the
+/// session logs off; while the closer holds G another session's fresh
+/// CREATE (no replay flag) of G must succeed. Before the fix it met the
+/// closer's claim, was STATUS_FILE_NOT_AVAILABLE at once, and its handle
+/// was dropped attached with no open behind it (re-review unavail4 2).
+#[test]
+fn rksmbd_waits_for_the_closer_s_claim_before_a_fresh_create() {
+    let (_s, d, srv, log) = setup_rksmbd_hooked(
+        "late-rksmbd-closer-fresh",
+        "RKSMBD_TEST_CLOSER_CLAIM_DELAY_MS",
+    );
+    let mut script = Dialogue::start(&srv, "late_closer_fresh.py", Duration::from_secs(60));
+    until_logged_off(&mut script, &d);
+    wait_logged(&log, "the closer holds a create GUID");
     script.say("go");
     script.finish();
 }
@@ -586,13 +626,7 @@ fn rksmbd_closes_a_late_persistent_open_answered_after_logoff() {
 fn rksmbd_logoff_keeps_an_open_a_fresh_retry_of_an_unanswered_guid_got() {
     let (_s, d, srv) = setup_rksmbd("late-rksmbd-fresh-retry", "1000");
     let mut script = Dialogue::start(&srv, "late_fresh_retry.py", Duration::from_secs(60));
-    script.expect("ready");
-    d.stop();
-    script.say("go");
-    script.expect("gave up");
-    go_on_until(&d, "the late CREATE to be answered", &[]);
-    script.say("go");
-    script.expect("logged off");
+    until_logged_off(&mut script, &d);
     assert_eq!(
         handles(&d),
         [("x.txt".to_owned(), "disconnected".to_owned())]

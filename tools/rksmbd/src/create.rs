@@ -1380,18 +1380,29 @@ fn claim(
 /// a replay between filterd's answer and its claim, as a loaded machine
 /// may (tests/smb3/replay_in_flight.py).
 fn test_delay_before_a_replay_claims() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    test_delay(
+        &DELAY,
+        "RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS",
+        "a replay is held before its claim",
+    );
+}
+
+/// Tests only (debug builds): sleeps the milliseconds environment
+/// variable `var` names (read once, into `cell`), logging `what` first
+/// for the test to wait for.
+pub(crate) fn test_delay(cell: &std::sync::OnceLock<u64>, var: &str, what: &str) {
     if !cfg!(debug_assertions) {
         return;
     }
-    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let ms = *DELAY.get_or_init(|| {
-        std::env::var("RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS")
+    let ms = *cell.get_or_init(|| {
+        std::env::var(var)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     });
     if ms > 0 {
-        tracing::info!(ms, "test hook: a replay is held before its claim");
+        tracing::info!(ms, "test hook: {what}");
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

@@ -205,6 +205,7 @@ fn close(sh: &Shared, gone: Vec<Unanswered>) {
         if !sh.registry.closing_claim(u.guid) || !sh.registry.claim_free(u.guid, CLOSER_CONN) {
             continue;
         }
+        test_delay_after_the_closer_claims();
         match sh
             .filter
             .resume_by_guid_to_close(u.client, CreateGuid(u.guid), u.owner)
@@ -226,6 +227,19 @@ fn close(sh: &Shared, gone: Vec<Unanswered>) {
         }
         sh.registry.let_go(u.guid, CLOSER_CONN);
     }
+}
+
+/// Tests only (debug builds): `$RKSMBD_TEST_CLOSER_CLAIM_DELAY_MS`
+/// holds the closer between its claim of a create GUID and its resume, so
+/// that a CREATE of the GUID meets the claim
+/// (`rksmbd_waits_for_the_closer_s_claim_before_a_fresh_create`).
+fn test_delay_after_the_closer_claims() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    crate::create::test_delay(
+        &DELAY,
+        "RKSMBD_TEST_CLOSER_CLAIM_DELAY_MS",
+        "the closer holds a create GUID before its resume",
+    );
 }
 
 #[cfg(test)]
