@@ -81,8 +81,14 @@ pub const CALL_TIMEOUT_ENV: &str = "RKFILTER_CALL_TIMEOUT_MS";
 /// public so that a frontend waiting as long as one call (rksmbd's
 /// AppInstanceId takeover) reads the variable as libfilter does.
 pub fn call_timeout_from_env() -> Duration {
-    std::env::var(CALL_TIMEOUT_ENV)
-        .ok()
+    call_timeout_of(std::env::var(CALL_TIMEOUT_ENV).ok().as_deref())
+}
+
+/// The call timeout [`CALL_TIMEOUT_ENV`] set to `value` means: its
+/// milliseconds, surrounding blanks allowed; unset, unparsable or 0, the
+/// default.
+pub fn call_timeout_of(value: Option<&str>) -> Duration {
+    value
         .and_then(|v| v.trim().parse::<u64>().ok())
         .filter(|ms| *ms > 0)
         .map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis)
