@@ -22,31 +22,18 @@ and RKSMBD_TEST_CLOSER_CLAIM_DELAY_MS.
 Prints PASS; exits non-zero on any failure.
 """
 
-import struct
 import uuid
 
-from raw_channel import SUCCESS, check, cmac_sign, final, patient_share, persistent_create, signed_close, signed_made
-from smbtest import pause
+from raw_channel import SUCCESS, check, final, patient_share, persistent_create, signed_close, signed_made, unanswered_then_logged_off
 
-SERVER_UNAVAILABLE = 0xC0000466
-FILE_CREATE = 2
 OPEN_IF = 3
-LOGOFF = 2
 
 
 def main():
-    client, g = uuid.uuid4(), uuid.uuid4()
-    a, sid, key, tid = patient_share(client)
-    signed_made(a, sid, key, tid, "x.txt")
-    b, bsid, bkey, btid = patient_share(client)
-    pause("ready")
-    st, _ = final(a, persistent_create(a, sid, key, tid, "x.txt", g, FILE_CREATE))
-    check(st == SERVER_UNAVAILABLE, f"the CREATE filterd answered late: STATUS_SERVER_UNAVAILABLE (got {st:#010x})")
-    pause("gave up")
-
-    st, _ = final(a, cmac_sign(key, a.header(LOGOFF, sid) + struct.pack("<HH", 4, 0)))
-    check(st == SUCCESS, f"A logs off (got {st:#010x})")
-    pause("logged off")
+    # x.txt exists: the late answer to A's FILE_CREATE is an error.
+    made, sid, key, tid = patient_share(uuid.uuid4())
+    signed_made(made, sid, key, tid, "x.txt")
+    (b, bsid, bkey, btid), g = unanswered_then_logged_off("x.txt", 2)
 
     st, m = final(b, persistent_create(b, bsid, bkey, btid, "x.txt", g, OPEN_IF))
     check(st == SUCCESS, f"a fresh CREATE of G meeting the closer's claim succeeds (got {st:#010x})")

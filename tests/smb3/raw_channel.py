@@ -512,3 +512,28 @@ class SignedClient:
             st, r = self.recv()
             if st != 0x103 and struct.unpack_from("<Q", r, 24)[0] != 2**64 - 1:
                 return st, r
+
+
+def unanswered_then_logged_off(name, disposition):
+    """Client A and B (one client GUID) with sessions on the share; prints
+    "ready" and waits (the driver stops filterd). A's persistent (DH2Q,
+    new create GUID G) CREATE of `name` with `disposition` must be answered
+    STATUS_SERVER_UNAVAILABLE; prints "gave up" and waits (the driver lets
+    filterd go on). A logs off (must succeed); prints "logged off" and
+    waits. Returns B's (connection, session id, key, tree id) and G."""
+    client, g = uuid.uuid4(), uuid.uuid4()
+    a, sid, key, tid = patient_share(client)
+    b = patient_share(client)
+    _pause("ready")
+    st, _ = final(a, persistent_create(a, sid, key, tid, name, g, disposition))
+    check(st == 0xC0000466, f"the CREATE filterd answered late: STATUS_SERVER_UNAVAILABLE (got {st:#010x})")
+    _pause("gave up")
+    st, _ = final(a, cmac_sign(key, a.header(2, sid) + struct.pack("<HH", 4, 0)))
+    check(st == SUCCESS, f"A logs off (got {st:#010x})")
+    _pause("logged off")
+    return b, g
+
+
+def _pause(line):
+    print(line, flush=True)
+    sys.stdin.readline()

@@ -509,9 +509,20 @@ fn until_logged_off(script: &mut Dialogue, d: &Filterd) {
 /// As [`setup_rksmbd`] with a 1 s call timeout, rksmbd's test hook
 /// `hook` (a delay) set to 3 s and its log kept in the file returned.
 fn setup_rksmbd_hooked(name: &str, hook: &str) -> (Scratch, Filterd, RkSmbd, std::path::PathBuf) {
+    setup_rksmbd_hooked_for(name, hook, "3000", "1000")
+}
+
+/// As [`setup_rksmbd_hooked`], the delay `ms` milliseconds and the call
+/// timeout `timeout_ms`.
+fn setup_rksmbd_hooked_for(
+    name: &str,
+    hook: &str,
+    ms: &str,
+    timeout_ms: &str,
+) -> (Scratch, Filterd, RkSmbd, std::path::PathBuf) {
     let s = Scratch::new(name);
     let d = Filterd::start(&s, &[], &[]);
-    let env = [("RKFILTER_CALL_TIMEOUT_MS", "1000"), (hook, "3000")];
+    let env = [("RKFILTER_CALL_TIMEOUT_MS", timeout_ms), (hook, ms)];
     let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
     (s, d, srv, log)
 }
@@ -545,6 +556,45 @@ fn rksmbd_waits_for_the_closer_s_claim_before_a_fresh_create() {
     wait_logged(&log, "the closer holds a create GUID");
     script.say("go");
     script.finish();
+}
+
+/// rksmbd (`tests/smb3/late_closer_replay.py`), its calls giving up
+/// after 4 s (a closer may hold a GUID for two calls: 9 s) and its
+/// unanswered-closer held 7 s after claiming a create GUID — past a
+/// replay's usual 5 s wait for a connection letting go: a
+/// session's persistent CREATE of G is answered STATUS_SERVER_UNAVAILABLE,
+/// its late open left detached, and the session logs off; while the
+/// closer holds G another session replays the CREATE. filterd hands the
+/// replay the late open; it must wait for the closer (whose resume finds
+/// the open attached and leaves it) and answer as the original. Before
+/// the fix it gave up after 5 s, STATUS_FILE_NOT_AVAILABLE, and dropped
+/// the handle attached with no open behind it (re-review rr-unavail4 1).
+#[test]
+fn rksmbd_a_replay_waits_for_the_closer_s_claim_as_long_as_it_holds_it() {
+    let (_s, d, srv, log) = setup_rksmbd_hooked_for(
+        "late-rksmbd-closer-replay",
+        "RKSMBD_TEST_CLOSER_CLAIM_DELAY_MS",
+        "7000",
+        "4000",
+    );
+    let mut script = Dialogue::start(&srv, "late_closer_replay.py", Duration::from_secs(60));
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up");
+    go_on_until(
+        &d,
+        "the late open to be left detached",
+        &[("y.txt", "disconnected")],
+    );
+    script.say("go");
+    script.expect("logged off");
+    wait_logged(&log, "the closer holds a create GUID");
+    script.say("go");
+    script.finish();
+    wait_for("nothing left", Duration::from_secs(10), || {
+        handles(&d).is_empty().then_some(())
+    });
 }
 
 /// rksmbd and a client that does not replay (`tests/smb3/late_logoff.py`),

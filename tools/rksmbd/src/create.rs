@@ -75,6 +75,16 @@ const HELD_ELSEWHERE_WAIT: std::time::Duration = std::time::Duration::from_secs(
 /// was measured so, review of the first version).
 const LETTING_GO_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a replay waits for the unanswered-closer to let go of its
+/// GUID: its resume and its close, each at most a call timeout, and a
+/// second of room — never less than for a connection letting go.
+fn closer_wait() -> Duration {
+    libfilter::client::call_timeout_from_env()
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(1))
+        .max(LETTING_GO_WAIT)
+}
+
 /// How long a reconnect or replay waits for `holder` to let the open go.
 fn held_wait(holder: OpenHolder) -> Duration {
     match holder {
@@ -1326,7 +1336,17 @@ fn claim(
         // and dropped the handle, attached with no open behind it
         // (re-review unavail4 2).
         let closer = other == crate::unanswered::CLOSER_CONN;
-        if !(p.replay || closer) || start.elapsed() >= held_wait(holder) {
+        // A replay waits for the closer as long as it holds the GUID (one
+        // resume and one close, each bounded by the call timeout): given
+        // up after the usual wait, it dropped the handle filterd
+        // reattached for it, attached with no open behind it, and a
+        // detach would let the closer's resume take and close it under
+        // the client's next replay (re-review rr-unavail4 1).
+        let wait = match closer && p.replay {
+            true => closer_wait(),
+            false => held_wait(holder),
+        };
+        if !(p.replay || closer) || start.elapsed() >= wait {
             tracing::debug!(
                 conn = c.id,
                 other,
