@@ -1284,6 +1284,14 @@ pub struct Stats {
     /// by the engine without acting for them — no purge, no lease break.
     #[serde(default)]
     pub local_opens_past_deadline: u64,
+    /// Local opens the engine acted for (it broke a lease or purged for
+    /// them, and held their event) whose verdict deadline passed before
+    /// it would have waited for them again (a further step of a break
+    /// chain, a break sent again after a failed commit, a commit to
+    /// wait for): refused by the engine itself, not by the watchdog, so
+    /// not in `local_opens_watchdog`.
+    #[serde(default)]
+    pub local_opens_refused_after_acting: u64,
     /// Files filterd claimed after its open broke a local process's kernel
     /// lease (held open until the retry's open, at most 10 s).
     #[serde(default)]

@@ -195,6 +195,7 @@ impl Engine {
     /// Refuses a local open the engine acted for (and holds) whose verdict
     /// deadline passed before a new wait for it ([`LocalReply::may_wait`]).
     fn refuse_held_past_deadline(&mut self, file: FileId, reply: LocalReply, fd: Arc<OwnedFd>) {
+        self.stats.local_opens_refused_after_acting += 1;
         warn!(%file, "local open acted for, past its verdict deadline, would wait again: refused");
         reply.send(crate::local::Verdict::Deny, fd);
     }

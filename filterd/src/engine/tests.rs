@@ -6032,6 +6032,7 @@ fn a_held_local_open_past_its_deadline_waits_for_no_new_break_step() {
         if late {
             assert_eq!(rx.try_recv().ok(), Some(Verdict::Deny), "refused now");
             assert!(h.engine.waiting_local.is_empty());
+            assert_eq!(h.engine.stats.local_opens_refused_after_acting, 1);
         } else {
             assert!(rx.try_recv().is_err(), "waits for the step");
             assert_eq!(h.engine.waiting_local.len(), 1);
@@ -6071,6 +6072,7 @@ fn a_held_local_open_run_again_past_its_deadline_waits_no_more() {
         if late {
             assert_eq!(rx.try_recv().ok(), Some(Verdict::Deny), "refused now");
             assert!(h.engine.waiting_local.is_empty());
+            assert_eq!(h.engine.stats.local_opens_refused_after_acting, 1);
             // Refused before acting again: no break sent again, none in
             // progress, also once the step commits (re-review rr-w3r2 1).
             h.commit(true);
@@ -6120,6 +6122,11 @@ fn a_held_local_open_past_its_deadline_is_not_parked_for_a_commit() {
             true => assert_eq!(rx.try_recv().ok(), Some(Verdict::Deny), "refused now"),
             false => assert!(rx.try_recv().is_err() && !claim.watchdog_refuses()),
         }
+        assert_eq!(
+            h.engine.stats.local_opens_refused_after_acting,
+            u64::from(late),
+            "counted when refused"
+        );
     }
 }
 
