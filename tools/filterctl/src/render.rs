@@ -216,11 +216,59 @@ pub fn handle(v: &HandleView, now: u64) -> String {
             "daemon descriptor",
             if v.fd_open { "open" } else { "none" }.into(),
         ),
+        ("lease", handle_lease(v)),
+        (
+            "lock owner",
+            r.lock_owner.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("locks", r.locks.len().to_string()),
     ];
+    // One row per byte-range lock, as `locks` shows them: what `--json`
+    // shows of the handle, text omitted before.
+    rows.extend(r.locks.iter().map(|l| ("lock", lock_text(l.range, l.kind))));
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.drain(..)
         .map(|(k, v)| format!("{:<w$}  {}\n", format!("{k}:"), text(&v), w = w + 1))
         .collect()
+}
+
+/// A handle's lease, as `handle KEY` shows it: its key, state and epoch,
+/// and any break in progress (as the `leases` table shows one).
+fn handle_lease(v: &HandleView) -> String {
+    let Some(l) = v.record.lease else {
+        return "none".into();
+    };
+    let state = l.state.to_string();
+    let state = if state.is_empty() {
+        "none".into()
+    } else {
+        state
+    };
+    let mut s = format!("{} {state} (epoch {})", l.key, l.epoch);
+    if let Some(b) = v.breaking {
+        s.push_str(&format!(", breaking {}", breaking(b)));
+    }
+    s
+}
+
+/// A byte-range lock in one line: `exclusive, offset 0, length 100`
+/// (`length to EOF` for a lock to the end of the file).
+fn lock_text(range: libfilter::locks::LockRange, kind: libfilter::locks::LockKind) -> String {
+    format!(
+        "{}, offset {}, length {}",
+        format!("{kind:?}").to_lowercase(),
+        range.offset,
+        lock_length(range.length)
+    )
+}
+
+/// A lock's length as the tables show it: `to EOF` for `u64::MAX`.
+fn lock_length(length: u64) -> String {
+    if length == u64::MAX {
+        "to EOF".to_string()
+    } else {
+        length.to_string()
+    }
 }
 
 /// The `files` table: one row per holder.
@@ -260,11 +308,7 @@ pub fn locks(locks: &[libfilter::proto::LockView]) -> String {
     let rows: Vec<Vec<String>> = locks
         .iter()
         .map(|l| {
-            let len = if l.range.length == u64::MAX {
-                "to EOF".to_string()
-            } else {
-                l.range.length.to_string()
-            };
+            let len = lock_length(l.range.length);
             vec![
                 l.file.to_string(),
                 l.key.to_string(),

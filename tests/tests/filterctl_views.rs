@@ -1,0 +1,84 @@
+//! End-to-end tests of what `filterctl` shows an operator, live and
+//! offline: `handle KEY` showing a handle's locks and lease in text as
+//! `--json` does.
+
+use libfilter::lease::LeaseKey;
+use libfilter::locks::{LockOp, LockRange};
+use libfilter::model::{ClientId, CreateGuid, Durability, Rights};
+use rkfilter_tests::{attach, filterctl, CtlOutput, Filterd, Scratch};
+
+/// `filterctl --state S ARGS…`.
+fn ctl_state(s: &Scratch, args: &[&str]) -> CtlOutput {
+    let st = s.state();
+    let mut a = vec!["--state", st.to_str().unwrap()];
+    a.extend_from_slice(args);
+    filterctl(&a)
+}
+
+/// `filterctl --socket S ARGS…`.
+fn ctl_live(s: &Scratch, args: &[&str]) -> CtlOutput {
+    let sock = s.socket();
+    let mut a = vec!["--socket", sock.to_str().unwrap()];
+    a.extend_from_slice(args);
+    filterctl(&a)
+}
+
+/// A running filterd with frontend smb/smb-a attached, holding a
+/// persistent read-write open of `f.txt` with an RWH lease and an
+/// exclusive lock on bytes 0..5: the handle's key and its lease key.
+fn daemon_with_a_leased_locked_handle(
+    s: &Scratch,
+) -> (Filterd, libfilter::client::FilterClient, String, LeaseKey) {
+    std::fs::write(s.root().join("f.txt"), b"data").unwrap();
+    let d = Filterd::start(s, &[], &[]);
+    let fe = attach(&s.socket(), "smb", "smb-a");
+    let lease = LeaseKey(uuid::Uuid::new_v4());
+    let req = libfilter::proto::OpenRequest {
+        client: ClientId::new("frank").unwrap(),
+        durability: Durability::Persistent { timeout_ms: 60_000 },
+        create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+        ..rkfilter_tests::rw_open_if("f.txt", Rights::READ, Some((lease, "RWH")))
+    };
+    let h = fe.open(req).expect("open");
+    let lock = LockOp {
+        range: LockRange {
+            offset: 0,
+            length: 5,
+        },
+        exclusive: true,
+        unlock: false,
+    };
+    fe.lock(h.info.key, vec![lock], None).expect("lock");
+    (d, fe, h.info.key.to_string(), lease)
+}
+/// Text `handle KEY` shows the handle's lease and byte-range locks, live
+/// and offline, as `--json` does. Before, the text left both out.
+#[test]
+fn handle_text_shows_its_locks_and_lease() {
+    let s = Scratch::new("ctl-handle-text");
+    let (mut d, fe, key, lease) = daemon_with_a_leased_locked_handle(&s);
+    let check = |view: &str, out: CtlOutput| {
+        assert_eq!(out.code, 0, "{view}: {}", out.stderr);
+        let t = out.stdout;
+        let line = |name: &str| {
+            t.lines()
+                .find(|l| l.starts_with(&format!("{name}:")))
+                .unwrap_or_else(|| panic!("{view}: no {name} line: {t}"))
+                .to_owned()
+        };
+        let l = line("lease");
+        assert!(
+            l.contains(&lease.to_string()) && l.contains("RWH"),
+            "{view}: {t}"
+        );
+        assert!(line("locks").ends_with(" 1"), "{view}: {t}");
+        assert!(
+            line("lock").ends_with("exclusive, offset 0, length 5"),
+            "{view}: {t}"
+        );
+    };
+    check("live", ctl_live(&s, &["handle", &key]));
+    drop(fe);
+    assert!(d.terminate().success());
+    check("offline", ctl_state(&s, &["handle", &key]));
+}
