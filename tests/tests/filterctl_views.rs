@@ -1,6 +1,7 @@
 //! End-to-end tests of what `filterctl` shows an operator, live and
-//! offline: `handle KEY` showing a handle's locks and lease in text as
-//! `--json` does.
+//! offline: `frontends` counts that say which handles they count, and
+//! `handle KEY` showing a handle's locks and lease in text as `--json`
+//! does.
 
 use libfilter::lease::LeaseKey;
 use libfilter::locks::{LockOp, LockRange};
@@ -51,6 +52,39 @@ fn daemon_with_a_leased_locked_handle(
     fe.lock(h.info.key, vec![lock], None).expect("lock");
     (d, fe, h.info.key.to_string(), lease)
 }
+/// `frontends` counts under one name one fact: `handles` (`ATTACHED
+/// HANDLES`) are those a frontend holds through its attachment, live and
+/// offline (none offline: nothing is attached); the handles the store
+/// names an instance in are `stored_handles` (`STORED HANDLES`). Before,
+/// offline `handles`/`HANDLES` counted stored handles, live ones attached.
+#[test]
+fn frontends_name_attached_and_stored_handles_apart() {
+    let s = Scratch::new("ctl-frontends");
+    let (mut d, fe, _, _) = daemon_with_a_leased_locked_handle(&s);
+    let live = ctl_live(&s, &["frontends", "--json"]);
+    assert_eq!(live.code, 0, "{}", live.stderr);
+    let live = live.json();
+    assert_eq!(live[0]["instance"], "smb-a", "{live}");
+    assert_eq!(live[0]["handles"], 1, "{live}");
+    assert_eq!(live[0]["attached"], true, "{live}");
+    let text = ctl_live(&s, &["frontends"]).stdout;
+    assert!(text.contains("ATTACHED HANDLES"), "{text}");
+    drop(fe);
+    assert!(d.terminate().success());
+    let offline = ctl_state(&s, &["frontends", "--json"]);
+    assert_eq!(offline.code, 0, "{}", offline.stderr);
+    let offline = offline.json();
+    assert_eq!(offline[0]["instance"], "smb-a", "{offline}");
+    assert_eq!(offline[0]["attached"], false, "{offline}");
+    assert_eq!(offline[0]["handles"], 0, "nothing is attached: {offline}");
+    assert_eq!(offline[0]["stored_handles"], 1, "{offline}");
+    let text = ctl_state(&s, &["frontends"]).stdout;
+    assert!(
+        text.contains("STORED HANDLES") && !text.contains("ATTACHED HANDLES"),
+        "{text}"
+    );
+}
+
 /// Text `handle KEY` shows the handle's lease and byte-range locks, live
 /// and offline, as `--json` does. Before, the text left both out.
 #[test]

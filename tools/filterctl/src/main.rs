@@ -328,6 +328,19 @@ fn offline_files(views: &[HandleView]) -> Vec<FileView> {
     by_file.into_values().collect()
 }
 
+/// Live `frontends --json`: each attached frontend, marked `attached`
+/// as the offline rows are; `handles` counts the handles it holds through
+/// its attachment, as offline.
+fn live_frontends_json(fs: &[libfilter::proto::FrontendView]) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(fs)?;
+    for f in v.as_array_mut().into_iter().flatten() {
+        if let Some(o) = f.as_object_mut() {
+            o.insert("attached".into(), true.into());
+        }
+    }
+    Ok(v)
+}
+
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     outln!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
@@ -517,7 +530,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         (Cmd::Frontends, Source::Live(c)) => match c.call(Request::Frontends)?.0 {
-            Reply::Frontends { frontends } if args.json => print_json(&frontends),
+            Reply::Frontends { frontends } if args.json => {
+                print_json(&live_frontends_json(&frontends)?)
+            }
             Reply::Frontends { frontends } => {
                 out!(
                     "{}",
@@ -537,22 +552,37 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
             // An LMDB store read offline has no daemon; an etcd table may
             // have an owner serving on another node, whose frontends this
-            // read cannot see: their attachment is unknown (JSON null).
-            let (attached, attached_text) = match store.owner() {
+            // read cannot see: their attachment, and the handles they hold
+            // through it, are unknown (JSON null). `handles` means what it
+            // means live — the handles the instance holds through its
+            // attachment: none when nothing is attached. The handles the
+            // store names the instance in are `stored_handles` (offline
+            // `handles` counted them before, the same name for another
+            // fact).
+            let (attached, held, attached_text) = match store.owner() {
                 Some(o) if o != "none" => (
+                    serde_json::Value::Null,
                     serde_json::Value::Null,
                     format!("unknown (owner {o} serves the table)"),
                 ),
                 Some(_) => (
                     serde_json::json!(false),
+                    serde_json::json!(0),
                     "no (the table has no owner)".into(),
                 ),
-                None => (serde_json::json!(false), "no (daemon down)".into()),
+                None => (
+                    serde_json::json!(false),
+                    serde_json::json!(0),
+                    "no (daemon down)".into(),
+                ),
             };
             if args.json {
                 let v: Vec<_> = names
                     .iter()
-                    .map(|((p, i), n)| serde_json::json!({"protocol": p, "instance": i, "handles": n, "attached": attached}))
+                    .map(|((p, i), n)| {
+                        serde_json::json!({"protocol": p, "instance": i, "attached": attached,
+                                           "handles": held, "stored_handles": n})
+                    })
                     .collect();
                 print_json(&v)
             } else {
@@ -564,7 +594,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     .collect();
                 out!(
                     "{}",
-                    render::table(&["PROTOCOL", "INSTANCE", "HANDLES", "ATTACHED"], &rows)
+                    render::table(
+                        &["PROTOCOL", "INSTANCE", "STORED HANDLES", "ATTACHED"],
+                        &rows
+                    )
                 )?;
                 Ok(())
             }

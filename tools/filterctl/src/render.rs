@@ -440,7 +440,9 @@ fn breaking(b: libfilter::proto::BreakView) -> String {
     format!("-> {to} {s}.{tenths}s{waits}")
 }
 
-/// The `frontends` table.
+/// The `frontends` table, live: `ATTACHED HANDLES` are those the
+/// frontend holds through its attachment (offline, `STORED HANDLES` are
+/// those the store names its instance in: another fact, another name).
 pub fn frontends(fs: &[FrontendView], now: u64) -> String {
     let rows: Vec<Vec<String>> = fs
         .iter()
@@ -461,7 +463,7 @@ pub fn frontends(fs: &[FrontendView], now: u64) -> String {
             "INSTANCE",
             "PID",
             "UID",
-            "HANDLES",
+            "ATTACHED HANDLES",
             "ATTACHED FOR",
         ],
         &rows,
