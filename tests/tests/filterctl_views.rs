@@ -1,12 +1,13 @@
 //! End-to-end tests of what `filterctl` shows an operator, live and
-//! offline: `frontends` counts that say which handles they count, and
-//! `handle KEY` showing a handle's locks and lease in text as `--json`
-//! does.
+//! offline: the same fact under the same name in `status --json` either
+//! way, `frontends` counts that say which handles they count, and `handle
+//! KEY` showing a handle's locks and lease in text as `--json` does.
 
 use libfilter::lease::LeaseKey;
 use libfilter::locks::{LockOp, LockRange};
 use libfilter::model::{ClientId, CreateGuid, Durability, Rights};
 use rkfilter_tests::{attach, filterctl, CtlOutput, Filterd, Scratch};
+use serde_json::Value;
 
 /// `filterctl --state S ARGS…`.
 fn ctl_state(s: &Scratch, args: &[&str]) -> CtlOutput {
@@ -52,6 +53,54 @@ fn daemon_with_a_leased_locked_handle(
     fe.lock(h.info.key, vec![lock], None).expect("lock");
     (d, fe, h.info.key.to_string(), lease)
 }
+/// Live and offline `status --json` give the facts both know under the
+/// same names, with the same values where the fact is the same. Before,
+/// the two shared no field name: live `epoch`, `handles_connected`…,
+/// offline `meta.epoch`, `handles`.
+#[test]
+fn status_json_names_the_same_facts_alike_live_and_offline() {
+    let s = Scratch::new("ctl-status-names");
+    let (mut d, fe, _, _) = daemon_with_a_leased_locked_handle(&s);
+    let live = ctl_live(&s, &["status", "--json"]);
+    assert_eq!(live.code, 0, "{}", live.stderr);
+    let live = live.json();
+    drop(fe);
+    assert!(d.terminate().success());
+    let offline = ctl_state(&s, &["status", "--json"]);
+    assert_eq!(offline.code, 0, "{}", offline.stderr);
+    let offline = offline.json();
+    for name in [
+        "daemon",
+        "epoch",
+        "schema_version",
+        "store",
+        "state_dir",
+        "handles",
+        "handles_connected",
+        "handles_disconnected",
+        "handles_lost",
+    ] {
+        for (side, v) in [("live", &live), ("offline", &offline)] {
+            assert!(
+                v.get(name).is_some_and(|x| !x.is_null()),
+                "{side} status lacks {name}: {v}"
+            );
+        }
+    }
+    assert_eq!(live["daemon"], "running", "{live}");
+    assert_eq!(offline["daemon"], "not running", "{offline}");
+    for same in ["epoch", "schema_version", "store", "handles"] {
+        assert_eq!(live[same], offline[same], "{same}: {live} vs {offline}");
+    }
+    assert_eq!(live["handles_connected"], 1, "{live}");
+    // Offline, as a restart will show it: the handle waits, disconnected.
+    assert_eq!(offline["handles_connected"], 0, "{offline}");
+    assert_eq!(offline["handles_disconnected"], 1, "{offline}");
+    // The names scripts used before stay.
+    assert_eq!(offline["meta"]["epoch"], offline["epoch"], "{offline}");
+    assert_eq!(offline["corrupt_records"], Value::Array(vec![]));
+}
+
 /// `frontends` counts under one name one fact: `handles` (`ATTACHED
 /// HANDLES`) are those a frontend holds through its attachment, live and
 /// offline (none offline: nothing is attached); the handles the store

@@ -328,6 +328,57 @@ fn offline_files(views: &[HandleView]) -> Vec<FileView> {
     by_file.into_values().collect()
 }
 
+/// Live `status --json`: the daemon's [`StatusInfo`], with `daemon` and
+/// `handles` (the total) — names the offline document gives the same
+/// facts ([`offline_status_json`]).
+fn live_status_json(s: &libfilter::proto::StatusInfo) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(s)?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("daemon".into(), "running".into());
+        let total = s.handles_connected + s.handles_disconnected + s.handles_lost;
+        o.insert("handles".into(), total.into());
+    }
+    Ok(v)
+}
+
+/// Offline `status --json`. A fact the live document also gives carries
+/// its name there (`daemon`, `epoch`, `schema_version`, `store`,
+/// `state_dir`, `handles`, `handles_connected`, `handles_disconnected`,
+/// `handles_lost`), counted as a restart will show the handles; what only
+/// the store tells (`clean_shutdown`, `corrupt_records`, `owner`) is
+/// offline only. `meta` repeats the store's record as before.
+fn offline_status_json(
+    args: &Args,
+    store: &Offline,
+    meta: &MetaInfo,
+    views: &[HandleView],
+    corrupt: &[String],
+) -> serde_json::Value {
+    let count = |f: fn(&ConnState) -> bool| views.iter().filter(|v| f(&v.record.conn)).count();
+    let (daemon, kind) = match store {
+        Offline::Lmdb(_) => ("not running", "lmdb".to_owned()),
+        Offline::Etcd(_) => (
+            "read from the store",
+            args.store.clone().unwrap_or_default(),
+        ),
+    };
+    serde_json::json!({
+        "daemon": daemon,
+        "owner": store.owner(),
+        "epoch": meta.epoch,
+        "schema_version": meta.schema_version,
+        "clean_shutdown": meta.clean_shutdown,
+        "store": kind,
+        "state_dir": args.state.as_ref().map(|d| d.display().to_string()),
+        "handles": views.len(),
+        "handles_connected": count(|c| matches!(c, ConnState::Connected)),
+        "handles_disconnected": count(|c| matches!(c, ConnState::Disconnected { .. })),
+        "handles_lost": count(|c| matches!(c, ConnState::Lost)),
+        "meta": meta,
+        "corrupt_records": corrupt,
+    })
+}
+
 /// Live `frontends --json`: each attached frontend, marked `attached`
 /// as the offline rows are; `handles` counts the handles it holds through
 /// its attachment, as offline.
@@ -450,7 +501,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         (Cmd::Status, Source::Live(c)) => match c.call(Request::Status)?.0 {
-            Reply::Status(s) if args.json => print_json(&s),
+            Reply::Status(s) if args.json => print_json(&live_status_json(&s)?),
             Reply::Status(s) => {
                 out!("{}", render::status(&s))?;
                 Ok(())
@@ -461,13 +512,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             let meta = store.meta()?;
             let (views, corrupt) = offline_handles(&store)?;
             if args.json {
-                print_json(&serde_json::json!({
-                    "daemon": if store.owner().is_some() { "read from the store" } else { "not running" },
-                    "owner": store.owner(),
-                    "meta": meta,
-                    "handles": views.len(),
-                    "corrupt_records": corrupt,
-                }))
+                print_json(&offline_status_json(args, &store, &meta, &views, &corrupt))
             } else {
                 out!(
                     "{}",
