@@ -1,11 +1,14 @@
 //! End-to-end tests of what `filterctl` shows an operator, live and
 //! offline: the same fact under the same name in `status --json` either
-//! way, `frontends` counts that say which handles they count, and `handle
-//! KEY` showing a handle's locks and lease in text as `--json` does.
+//! way, listings whose shape does not depend on the data (an unreadable
+//! stored record is named on stderr and fails the command, exit 1),
+//! `frontends` counts that say which handles they count, and `handle KEY`
+//! showing a handle's locks and lease in text as `--json` does.
 
 use libfilter::lease::LeaseKey;
 use libfilter::locks::{LockOp, LockRange};
 use libfilter::model::{ClientId, CreateGuid, Durability, Rights};
+use libfilter::store::Store;
 use rkfilter_tests::{attach, filterctl, CtlOutput, Filterd, Scratch};
 use serde_json::Value;
 
@@ -53,6 +56,7 @@ fn daemon_with_a_leased_locked_handle(
     fe.lock(h.info.key, vec![lock], None).expect("lock");
     (d, fe, h.info.key.to_string(), lease)
 }
+
 /// Live and offline `status --json` give the facts both know under the
 /// same names, with the same values where the fact is the same. Before,
 /// the two shared no field name: live `epoch`, `handles_connected`…,
@@ -99,6 +103,75 @@ fn status_json_names_the_same_facts_alike_live_and_offline() {
     // The names scripts used before stay.
     assert_eq!(offline["meta"]["epoch"], offline["epoch"], "{offline}");
     assert_eq!(offline["corrupt_records"], Value::Array(vec![]));
+}
+
+/// The key of the corrupt handle record [`corrupt_the_store`] writes, as
+/// filterctl names it (hex).
+const BAD_KEY_HEX: &str = "09090909090909090909090909090909";
+
+/// With filterd stopped, writes an unreadable handle record (key
+/// [`BAD_KEY_HEX`]) and an unreadable nfsshim client record into the store.
+fn corrupt_the_store(s: &Scratch) {
+    let store = Store::open(&s.state(), 1 << 24).expect("open the stopped daemon's store");
+    store
+        .put_raw("handles", &[9; 16], b"\x09from the future")
+        .unwrap();
+    let scope = libfilter::model::ReplayScope::Session(
+        libfilter::model::ScopeName::new("nfs/nfs-a/clients").unwrap(),
+    );
+    store
+        .put_raw(
+            "replay",
+            &libfilter::store::replay_key(&scope, 7),
+            b"\x09garbage",
+        )
+        .unwrap();
+}
+
+/// Offline, a corrupt stored record changes no listing's shape: `handles
+/// --json` is still an array (a script's `jq '.[]'` works on), every
+/// readable record is shown, and the unreadable one is named on stderr
+/// with exit 1 — for every command that reads the stored records. Before,
+/// `handles --json` became an object, and `files`, `locks`, `leases`,
+/// `frontends`, `clients` and `handle KEY` skipped the record and exited 0.
+#[test]
+fn offline_listings_keep_their_shape_and_name_unreadable_records() {
+    let s = Scratch::new("ctl-corrupt");
+    let (mut d, fe, key, _) = daemon_with_a_leased_locked_handle(&s);
+    drop(fe);
+    assert!(d.terminate().success());
+    corrupt_the_store(&s);
+    for cmd in ["handles", "files", "locks", "leases", "frontends"] {
+        let out = ctl_state(&s, &[cmd, "--json"]);
+        assert_eq!(out.code, 1, "{cmd}: {}{}", out.stdout, out.stderr);
+        let v = out.json();
+        let rows = v
+            .as_array()
+            .unwrap_or_else(|| panic!("{cmd} --json is an array: {v}"));
+        assert_eq!(rows.len(), 1, "{cmd}: the readable handle is shown: {v}");
+        assert!(out.stderr.contains(BAD_KEY_HEX), "{cmd}: {}", out.stderr);
+        let text = ctl_state(&s, &[cmd]);
+        assert_eq!(text.code, 1, "{cmd}: {}{}", text.stdout, text.stderr);
+        assert!(text.stderr.contains(BAD_KEY_HEX), "{cmd}: {}", text.stderr);
+    }
+    let one = ctl_state(&s, &["handle", &key, "--json"]);
+    assert_eq!(one.code, 1, "{}{}", one.stdout, one.stderr);
+    assert_eq!(one.json()["key"], key.as_str());
+    assert!(one.stderr.contains(BAD_KEY_HEX), "{}", one.stderr);
+    let clients = ctl_state(&s, &["clients", "--json"]);
+    assert_eq!(clients.code, 1, "{}{}", clients.stdout, clients.stderr);
+    assert_eq!(clients.json(), Value::Array(vec![]));
+    assert!(
+        clients.stderr.contains("client record 7"),
+        "{}",
+        clients.stderr
+    );
+    let status = ctl_state(&s, &["status", "--json"]);
+    assert_eq!(status.code, 1, "{}{}", status.stdout, status.stderr);
+    assert_eq!(
+        status.json()["corrupt_records"].as_array().map(Vec::len),
+        Some(1)
+    );
 }
 
 /// `frontends` counts under one name one fact: `handles` (`ATTACHED

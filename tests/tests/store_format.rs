@@ -234,16 +234,26 @@ fn a_record_of_unknown_version_is_reported_and_skipped() {
     assert_eq!(contents(&h.fd), "fine");
     drop(fe);
     d.terminate();
-    let v = offline_handles(&s);
+    // Listed with the good handle; the two bad ones named on stderr, exit 1.
+    let state = s.state();
+    let out = filterctl(&["--state", state.to_str().unwrap(), "handles", "--json"]);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("unknown record version 9"),
+        "{}",
+        out.stderr
+    );
+    assert!(out
+        .json()
+        .as_array()
+        .expect("an array")
+        .iter()
+        .any(|h| h["key"] == good.key.to_string()));
+    let v = filterctl(&["--state", state.to_str().unwrap(), "status", "--json"]).json();
     let corrupt = v["corrupt_records"].as_array().expect("corrupt records");
     assert_eq!(corrupt.len(), 2, "{v}");
     assert!(corrupt.iter().any(|c| c
         .as_str()
         .unwrap_or_default()
         .contains("unknown record version 9")));
-    assert!(v["handles"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|h| h["key"] == good.key.to_string()));
 }

@@ -328,6 +328,35 @@ fn offline_files(views: &[HandleView]) -> Vec<FileView> {
     by_file.into_values().collect()
 }
 
+/// The nfsl/1 client records of every nfsshim instance's table in the
+/// store, by op id; a record that cannot be read goes to `unreadable`,
+/// named by its key (it was skipped without a word before).
+fn offline_clients(
+    store: &Offline,
+    unreadable: &mut Vec<String>,
+) -> anyhow::Result<Vec<(u64, String)>> {
+    let mut recs = Vec::new();
+    for (k, r) in store.replays()? {
+        let Some((scope, op)) = libfilter::store::parse_replay_key(&k) else {
+            continue;
+        };
+        if !is_nfs_clients_scope(&scope) {
+            continue;
+        }
+        match r {
+            Ok(r) => recs.push((op, r.reply)),
+            Err(e) => unreadable.push(format!(
+                "{e} (client record {op} of {})",
+                match &scope {
+                    libfilter::model::ReplayScope::Session(name) => name.as_str(),
+                    libfilter::model::ReplayScope::Handle(_) => "a handle",
+                }
+            )),
+        }
+    }
+    Ok(recs)
+}
+
 /// Live `status --json`: the daemon's [`StatusInfo`], with `daemon` and
 /// `handles` (the total) — names the offline document gives the same
 /// facts ([`offline_status_json`]).
@@ -416,14 +445,45 @@ fn is_nfs_clients_scope(scope: &libfilter::model::ReplayScope) -> bool {
     }
 }
 
+/// Runs the command; then names on stderr each stored record it could not
+/// read, and fails (exit 1) if there was one. The output keeps its shape
+/// whatever the data (`handles --json` is an array, corrupt records or
+/// not: a script's `jq '.[]'` works on), and shows every readable record;
+/// the exit status and stderr say it is not the whole store. Before, offline
+/// `handles --json` became an object when a record was corrupt, and
+/// `files`, `locks`, `leases`, `frontends`, `clients` and `handle KEY`
+/// left the record out without a word.
 fn run(args: &Args) -> anyhow::Result<()> {
+    let mut unreadable = Vec::new();
+    let result = run_command(args, &mut unreadable);
+    for r in &unreadable {
+        eprintln!("filterctl: unreadable: {}", render::text(r));
+    }
+    result?;
+    if !unreadable.is_empty() {
+        bail!(
+            "{} stored record(s) could not be read (named above); the output shows the others",
+            unreadable.len()
+        );
+    }
+    Ok(())
+}
+
+/// The command itself: its output, and in `unreadable` what it could not
+/// read ([`run`] reports them).
+fn run_command(args: &Args, unreadable: &mut Vec<String>) -> anyhow::Result<()> {
     let src = open_source(args)?;
+    // The stored handles, their unreadable records kept for [`run`].
+    let mut read_handles = |store: &Offline| -> anyhow::Result<Vec<HandleView>> {
+        let (views, corrupt) = offline_handles(store)?;
+        unreadable.extend(corrupt);
+        Ok(views)
+    };
     match (&args.command, src) {
         (Cmd::Locks, src) => {
             let locks = match src {
                 Source::Live(c) => c.locks()?,
-                Source::Offline(store) => offline_handles(&store)?
-                    .0
+                Source::Offline(store) => read_handles(&store)?
                     .iter()
                     .filter(|v| render::holds_state(v))
                     .flat_map(|v| {
@@ -452,7 +512,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         (Cmd::Leases, src) => {
             let views = match src {
                 Source::Live(c) => c.handles()?,
-                Source::Offline(store) => offline_handles(&store)?.0,
+                Source::Offline(store) => read_handles(&store)?,
             };
             let leases = render::lease_rows(&views);
             if args.json {
@@ -476,18 +536,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     }
                     all
                 }
-                Source::Offline(store) => store
-                    .replays()?
-                    .into_iter()
-                    .filter_map(|(k, r)| {
-                        let (scope, op) = libfilter::store::parse_replay_key(&k)?;
-                        is_nfs_clients_scope(&scope).then_some((op, r.ok()?.reply))
-                    })
-                    .collect(),
+                Source::Offline(store) => offline_clients(&store, unreadable)?,
             };
             let clients: Vec<serde_json::Value> = recs
                 .iter()
-                .filter_map(|(_, text)| serde_json::from_str(text).ok())
+                .filter_map(|(op, text)| match serde_json::from_str(text) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        unreadable.push(format!("client record {op}: not JSON: {e}"));
+                        None
+                    }
+                })
                 .map(|mut v: serde_json::Value| {
                     v["protocol"] = serde_json::json!("nfs");
                     v
@@ -511,6 +570,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         (Cmd::Status, Source::Offline(store)) => {
             let meta = store.meta()?;
             let (views, corrupt) = offline_handles(&store)?;
+            unreadable.extend(corrupt.iter().cloned());
             if args.json {
                 print_json(&offline_status_json(args, &store, &meta, &views, &corrupt))
             } else {
@@ -522,21 +582,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         (Cmd::Handles, src) => {
-            let (views, corrupt) = match src {
-                Source::Live(c) => (c.handles()?, vec![]),
-                Source::Offline(store) => offline_handles(&store)?,
+            let views = match src {
+                Source::Live(c) => c.handles()?,
+                Source::Offline(store) => read_handles(&store)?,
             };
             if args.json {
-                if corrupt.is_empty() {
-                    print_json(&views)
-                } else {
-                    print_json(&serde_json::json!({ "handles": views, "corrupt_records": corrupt }))
-                }
+                print_json(&views)
             } else {
                 out!("{}", render::handles(&views, libfilter::model::now_ms()))?;
-                for c in &corrupt {
-                    outln!("corrupt record: {}", render::text(c))?;
-                }
                 Ok(())
             }
         }
@@ -547,8 +600,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     Reply::Handle(v) => v,
                     other => bail!("unexpected reply {other:?}"),
                 },
-                Source::Offline(store) => offline_handles(&store)?
-                    .0
+                Source::Offline(store) => read_handles(&store)?
                     .into_iter()
                     .find(|v| v.record.key == key)
                     .with_context(|| {
@@ -565,7 +617,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         (Cmd::Files, src) => {
             let files = match src {
                 Source::Live(c) => c.files()?,
-                Source::Offline(store) => offline_files(&offline_handles(&store)?.0),
+                Source::Offline(store) => offline_files(&read_handles(&store)?),
             };
             if args.json {
                 print_json(&files)
@@ -588,7 +640,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             other => bail!("unexpected reply {other:?}"),
         },
         (Cmd::Frontends, Source::Offline(store)) => {
-            let (views, _) = offline_handles(&store)?;
+            let views = read_handles(&store)?;
             let mut names: std::collections::BTreeMap<(String, String), u64> = Default::default();
             for v in &views {
                 *names
