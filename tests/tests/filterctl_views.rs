@@ -103,6 +103,14 @@ fn status_json_names_the_same_facts_alike_live_and_offline() {
     // The names scripts used before stay.
     assert_eq!(offline["meta"]["epoch"], offline["epoch"], "{offline}");
     assert_eq!(offline["corrupt_records"], Value::Array(vec![]));
+    // A relative `--state` names the dir as the live daemon does.
+    let rel = std::process::Command::new(rkfilter_tests::bin("filterctl"))
+        .current_dir(&s.dir)
+        .args(["--state", "./state", "status", "--json"])
+        .output()
+        .expect("run filterctl");
+    let rel: Value = serde_json::from_slice(&rel.stdout).expect("JSON");
+    assert_eq!(rel["state_dir"], live["state_dir"], "{rel} vs {live}");
 }
 
 /// The key of the corrupt handle record [`corrupt_the_store`] writes, as

@@ -398,7 +398,14 @@ fn offline_status_json(
         "schema_version": meta.schema_version,
         "clean_shutdown": meta.clean_shutdown,
         "store": kind,
-        "state_dir": args.state.as_ref().map(|d| d.display().to_string()),
+        // Canonical, as filterd shows its own: `--state ./state` and the
+        // live daemon's absolute path name the same dir alike.
+        "state_dir": args.state.as_ref().map(|d| {
+            d.canonicalize()
+                .unwrap_or_else(|_| d.clone())
+                .display()
+                .to_string()
+        }),
         "handles": views.len(),
         "handles_connected": count(|c| matches!(c, ConnState::Connected)),
         "handles_disconnected": count(|c| matches!(c, ConnState::Disconnected { .. })),
