@@ -121,6 +121,46 @@ impl AliceWrote {
     }
 }
 
+/// A session id is the only thing a request shows for its session, and
+/// any connection may name it: counted from 1, another peer could LOGOFF
+/// a client's session by naming 1, 2, 3… — closing its persistent opens
+/// (review rv-shims 1). Session ids are random now: nearby and small ids
+/// name nobody's session, and the victim's open and session live on.
+#[test]
+fn a_session_id_cannot_be_guessed_by_another_connection() {
+    let s = Scratch::new("smb-guess");
+    let d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let (_, _, mut alice, sid, fid) = alice_persistent_f(&shim.addr);
+    let mut mallory = LineClient::connect(&shim.addr);
+    let own = session(&mut mallory, &uuid::Uuid::new_v4().to_string(), "mallory");
+    for id in [sid, own] {
+        assert!(
+            id > 0 && id < 1 << 53,
+            "{id}: kept exactly by every JSON reader"
+        );
+    }
+    let guesses = (1..=64u64).chain((1..=64).flat_map(|k| [own.wrapping_sub(k), own + k]));
+    for id in guesses.filter(|&id| id != own) {
+        let r = mallory.call(json!({"cmd": "LOGOFF", "session_id": id}));
+        assert_eq!(
+            r["status"], "STATUS_USER_SESSION_DELETED",
+            "LOGOFF {id}: {r}"
+        );
+    }
+    let w = alice.call(
+        json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0,
+                              "data": b64("still"), "op_id": 1}),
+    );
+    assert_eq!(w["count"], 5, "{w}");
+    assert_eq!(
+        rkfilter_tests::handles_on(&s, "f").len(),
+        1,
+        "alice's open lives on"
+    );
+    drop(d);
+}
+
 #[test]
 fn basic_commands_and_malformed_input() {
     let s = Scratch::new("smb-basic");

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -256,7 +256,6 @@ struct Shared {
     opens: Mutex<HashMap<String, Open>>,
     /// Each client connection's writer, for pushed LEASE_BREAKs.
     writers: shimline::Writers,
-    next_session: AtomicU64,
     /// The opens being let go (a session's end detaching or closing them)
     /// and taken over (a replayed CREATE, a RECONNECT), each claimed
     /// alone: a detach in flight never lands after its open was taken
@@ -347,7 +346,6 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
         unanswered: Mutex::new(Unanswered::default()),
         opens: Mutex::new(HashMap::new()),
         writers: shimline::Writers::default(),
-        next_session: AtomicU64::new(1),
         handovers: Handovers::default(),
         limits,
         opening: AtomicUsize::new(0),
@@ -844,8 +842,11 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
             end_session(sh, prev, false);
         }
     }
-    let id = sh.next_session.fetch_add(1, Ordering::Relaxed);
-    if let Ok(mut s) = sh.sessions.lock() {
+    let id = {
+        let mut s = sh
+            .sessions
+            .lock()
+            .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
         let max = sh.limits.max_sessions_per_connection;
         if s.values().filter(|x| x.conn == conn).count() >= max {
             return Err(Fail(
@@ -853,6 +854,7 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
                 format!("this connection has {max} sessions (--max-sessions-per-connection)"),
             ));
         }
+        let id = new_session_id(|id| s.contains_key(&id));
         s.insert(
             id,
             Session {
@@ -863,7 +865,8 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
                 end: SessionEnd::default(),
             },
         );
-    }
+        id
+    };
     let mut m = Map::new();
     m.insert("session_id".into(), json!(id));
     m.insert("dialect".into(), json!("smbl/1"));
@@ -872,6 +875,26 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
         json!(["durable_v2", "persistent", "leasing", "lock_sequence"]),
     );
     Ok(m)
+}
+
+/// Largest session id handed out: 2^53 - 1, the largest integer every
+/// JSON reader keeps exactly (a double's mantissa: JavaScript, jq).
+const MAX_SESSION_ID: u64 = (1 << 53) - 1;
+
+/// A fresh session id: random, non-zero, at most [`MAX_SESSION_ID`], and
+/// not `taken`. A session id is the only thing a request shows for its
+/// session — any connection may name it (a client's new connection goes
+/// on with its session) — so it must not be guessable: counted from 1,
+/// any peer could LOGOFF (or CREATE and LOCK in) every other client's
+/// session by naming 1, 2, 3…, closing their persistent opens
+/// (review rv-shims 1).
+fn new_session_id(taken: impl Fn(u64) -> bool) -> u64 {
+    loop {
+        let id = uuid::Uuid::new_v4().as_u64_pair().0 & MAX_SESSION_ID;
+        if id != 0 && !taken(id) {
+            return id;
+        }
+    }
 }
 
 fn disposition(s: &str) -> Result<Disposition, Fail> {
