@@ -49,6 +49,28 @@ fn host_a(name: &str) -> (Scratch, Filterd, Shim, Nfs) {
     (s, d, shim, a)
 }
 
+/// A failed mutating request's reply is kept on its slot, in nfsshim and
+/// as filterd's record: its `error` quoted the client's path whole, so a
+/// REMOVE of a 2,600-byte path of control characters (six bytes each in
+/// JSON) stored a 16 KiB record per slot — a peer's clients could fill
+/// filterd's store (review rv-shims 4). The text is cut short now; the
+/// re-send gets the same short reply.
+#[test]
+fn a_failed_request_s_recorded_reply_does_not_quote_its_input_whole() {
+    let (_s, _d, _shim, mut a) = host_a("nfs-long-error");
+    let path = "\u{1}".repeat(2600);
+    let r = a.call(json!({"op": "REMOVE", "path": path}));
+    assert_ne!(r["status"], "NFS4_OK", "{r}");
+    let line = r.to_string();
+    assert!(line.len() < 2048, "{} bytes: {}", line.len(), &line[..100]);
+    let again = a.send(json!({"op": "REMOVE", "path": path}));
+    assert_eq!(
+        (&again["status"], &again["error"]),
+        (&r["status"], &r["error"]),
+        "the slot's reply"
+    );
+}
+
 #[test]
 fn identity_sessions_slots_and_stateids() {
     let (s, _d, _shim, mut a) = host_a("nfs-basic");

@@ -1007,10 +1007,32 @@ fn finish(o: Outcome) -> Map<String, Value> {
                     return m;
                 }
             }
-            m.insert("error".into(), json!(error));
+            m.insert("error".into(), json!(clipped(error)));
             m
         }
     }
+}
+
+/// Most bytes of an `error` text in a reply.
+const MAX_ERROR_BYTES: usize = 256;
+
+/// `error` cut to [`MAX_ERROR_BYTES`] (at a character's boundary, marked
+/// with `…`). The text is for people, and a mutating request's reply is
+/// kept on its slot — in nfsshim's memory and as a record in filterd:
+/// a text quoting the client's input (a 4 KiB path of control
+/// characters, six bytes each in JSON) made every slot's record up to
+/// 16 KiB, so a peer's clients could fill filterd's store with them
+/// (review rv-shims 4).
+fn clipped(mut error: String) -> String {
+    if error.len() > MAX_ERROR_BYTES {
+        let mut end = MAX_ERROR_BYTES;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+        error.push('…');
+    }
+    error
 }
 
 fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a Value, Fail> {
