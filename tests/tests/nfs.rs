@@ -1227,3 +1227,60 @@ fn replays_detected_counts_each_resend_once_and_no_nfsshim_attach() {
         replays_reach(&s, before + 1);
     }
 }
+
+/// nfsshim's name for an exclusive create's verifier record: FNV-1a of
+/// the path (`state::fnv64`).
+fn fnv64(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// filterd keeps 4096 records of a scope and drops the lowest op ids
+/// beyond that; an exclusive create's verifier record is named by its
+/// path's hash, so once the table was full a new verifier with a smaller
+/// hash than every stored one was dropped in its own commit, and its
+/// client's re-send (a new request with the same verifier) was
+/// NFS4ERR_EXIST for its own create (review rv-shims 2). nfsshim keeps
+/// the table below the cap itself, dropping the oldest records: the new
+/// verifier is found, the oldest (`f0`) is gone, a newer one (`f1000`)
+/// is still there.
+#[test]
+fn a_full_exclusive_create_table_drops_its_oldest_verifier() {
+    let (_s, _d, shim, mut a) = host_a("nfs-excl-full");
+    let excl = |v: usize| json!({"create": {"mode": "exclusive", "verifier": format!("{v:016x}")}});
+    // f0 first, then four clients at once (sharing filterd's commits).
+    ok(a.open("p", "f0", "both", "none", excl(0)));
+    ok(a.open("p", "f1", "both", "none", excl(1)));
+    std::thread::scope(|t| {
+        for c in 0..4 {
+            let addr = shim.addr.clone();
+            t.spawn(move || {
+                let mut b = Nfs::connect(&addr, &format!("host-{c}"), "0123456789abcdef");
+                for i in (2 + c..4096).step_by(4) {
+                    ok(b.open("p", &format!("f{i}"), "both", "none", excl(i)));
+                }
+            });
+        }
+    });
+    let least = (0..4096)
+        .map(|i| fnv64(&format!("f{i}")))
+        .min()
+        .unwrap_or(0);
+    let name = (0..)
+        .map(|k| format!("n{k}"))
+        .find(|n| fnv64(n) < least)
+        .expect("a name");
+    let o = ok(a.open("p", &name, "both", "none", excl(9999)));
+    assert_eq!(o["created"], true, "{o}");
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let again = ok(a.open("p", &name, "both", "none", excl(9999)));
+    assert_eq!(again["created"], true, "the verifier is kept: {again}");
+    let oldest = a.open("p", "f0", "both", "none", excl(0));
+    assert_eq!(
+        oldest["status"], "NFS4ERR_EXIST",
+        "the oldest went: {oldest}"
+    );
+    let newer = ok(a.open("p", "f1000", "both", "none", excl(1000)));
+    assert_eq!(newer["created"], true, "{newer}");
+}

@@ -27,6 +27,7 @@ use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest, Request, MAX_OPENED_JSON_BYTES};
 use serde_json::{json, Map, Value};
 
+mod excl;
 mod wire;
 use shimline::descriptors::{Counted, DescriptorSlot, Descriptors};
 
@@ -403,6 +404,8 @@ struct Shared {
     fds: Arc<Descriptors>,
     /// Re-sends answered here, told to filterd by the reaper.
     replays: libfilter::client::ReplayCounter,
+    /// The `excl` table's records and their ages ([`excl`]).
+    excl: Mutex<excl::Ages>,
 }
 
 /// A filterd call that forgetting a handle leaves to do. Each is a commit,
@@ -410,7 +413,8 @@ struct Shared {
 /// for every client — hands them to a thread of their own instead of
 /// waiting for an fsync; a request thread does them itself.
 enum Chore {
-    /// Delete an open state's record.
+    /// Delete a record (an open state's, an old exclusive-create
+    /// verifier).
     DeleteState { scope: String, num: u64 },
     /// Close another handle of the open that went.
     Close(ResumeKey),
@@ -517,6 +521,7 @@ fn start(
         registered: std::sync::atomic::AtomicBool::new(false),
         fds: Descriptors::new(limits.max_descriptors),
         replays: libfilter::client::ReplayCounter::default(),
+        excl: Mutex::new(excl::Ages::default()),
     });
     let registered = shared
         .tables
@@ -539,7 +544,22 @@ fn start(
             })?;
     }
     restore(&shared).context("restoring nfsl/1 state from filterd")?;
+    restore_verifier_ages(&shared).context("reading the exclusive-create table")?;
     Ok(shared)
+}
+
+/// Enters the `excl` table's records with their ages ([`excl`]); a record
+/// of an nfsshim before ages counts as the oldest.
+fn restore_verifier_ages(sh: &Shared) -> Result<(), ClientError> {
+    let recs = state::list::<Value>(&sh.filter, &sh.tables.excl())?;
+    let mut ages = sh
+        .excl
+        .lock()
+        .map_err(|_| ClientError::Unexpected("excl lock".into()))?;
+    for (op, rec) in recs {
+        ages.found(op, rec[excl::MADE].as_u64().unwrap_or(0));
+    }
+    Ok(())
 }
 
 /// nfsshim's request handling without its listener, for fuzzing: lines go
@@ -2303,7 +2323,11 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         share_exempt: false,
         put: Vec::new(),
     };
+    let mut excl_claim = None;
     if let Some(v) = &excl_verifier {
+        let claim = VerifierClaim::begin(sh, path.as_str())?;
+        let made = claim.made();
+        excl_claim = Some(claim);
         // The verifier and the file it made: in the open's own commit, so
         // a create that committed is always found by its re-send (apart,
         // the re-send of a create whose verifier record was lost with
@@ -2315,9 +2339,9 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         req.put.push(RecordSpec {
             scope: state::scope(&sh.tables.excl()).map_err(filter_fail)?,
             op_id: fnv64(path.as_str()),
-            reply:
-                json!({"path": path.as_str(), "verifier": v, "kernel_handle": null, "opened": null})
-                    .to_string(),
+            reply: json!({"path": path.as_str(), "verifier": v, excl::MADE: made,
+                          "kernel_handle": null, "opened": null})
+            .to_string(),
             keep: state::KEEP,
         });
     }
@@ -2353,6 +2377,10 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     let h = match sh.filter.replay_open(req.clone()) {
         Ok(h) => h,
         Err(e) if e.code() == Some(ErrorCode::Collision) && excl_verifier.is_some() => {
+            // The file was there: this create wrote no verifier record.
+            if let Some(c) = &mut excl_claim {
+                c.written = false;
+            }
             // An exclusive create re-sent: the same verifier, stored for
             // this very file (not merely this path), opens the file as if
             // it had created it.
@@ -2406,11 +2434,15 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         }
         Err(e) => return Err(filter_fail(e)),
     };
-    if let (Some(v), false, CreateAction::Created) =
-        (&excl_verifier, created_by_resend, h.info.create_action)
-    {
+    let excl_made = excl_claim.take().map(|c| c.made());
+    if let (Some(v), Some(made), false, CreateAction::Created) = (
+        &excl_verifier,
+        excl_made,
+        created_by_resend,
+        h.info.create_action,
+    ) {
         if !sh.filter.client().fills_open_kernel_handle() {
-            remember_created_handle(sh, &path, v, &h);
+            remember_created_handle(sh, &path, (v, made), &h);
         }
     }
     note_locked(sh, &h.info);
@@ -2936,7 +2968,7 @@ fn abandon(ctx: &Ctx<'_>, st: &mut State, rec: &SlotRec) -> Result<(), Fail> {
 fn remember_created_handle(
     sh: &Shared,
     path: &RelPath,
-    verifier: &str,
+    (verifier, made): (&str, u64),
     h: &libfilter::client::OpenedHandle,
 ) {
     let Ok(kh) = libfilter::sys::file_handle_of(std::os::fd::AsFd::as_fd(&h.fd)) else {
@@ -2948,6 +2980,7 @@ fn remember_created_handle(
     let reply = json!({
         "path": path.as_str(),
         "verifier": verifier,
+        excl::MADE: made,
         "file": h.info.file,
         "handle": kh,
     });
@@ -4052,7 +4085,68 @@ fn file_at(ctx: &Ctx<'_>, path: &RelPath) -> AtName {
 
 /// A removed or renamed-over name's exclusive-create verifier goes with it.
 fn forget_verifier(sh: &Shared, path: &str) {
-    let _ = state::delete(&sh.filter, &sh.tables.excl(), fnv64(path));
+    let op = fnv64(path);
+    if let Ok(mut ages) = sh.excl.lock() {
+        ages.forget(op);
+    }
+    let _ = state::delete(&sh.filter, &sh.tables.excl(), op);
+}
+
+/// An exclusive create's claim on the `excl` table ([`excl::Ages`]),
+/// ended when dropped: its record entered (unless `written` was cleared:
+/// the file was there), and the oldest records deleted by the chores
+/// thread down to the margin below the cap.
+struct VerifierClaim<'a> {
+    sh: &'a Shared,
+    claim: Option<excl::Claim>,
+    /// Whether the create may have written its record.
+    written: bool,
+}
+
+impl<'a> VerifierClaim<'a> {
+    /// Claims room for the record of an exclusive create of `path`,
+    /// first deleting the oldest records should the creates under way
+    /// pass filterd's cap, so that filterd never trims the table by op
+    /// id ([`excl`]). A delete that fails is logged: filterd's trim then
+    /// takes the smallest hash, as before ages.
+    fn begin(sh: &'a Shared, path: &str) -> Result<Self, Fail> {
+        let (claim, old) = sh
+            .excl
+            .lock()
+            .map_err(|_| internal("excl lock"))?
+            .begin(fnv64(path), excl::cap());
+        for op in old {
+            if let Err(e) = state::delete(&sh.filter, &sh.tables.excl(), op) {
+                eprintln!("nfsshim: making room in the exclusive-create table: {e}");
+            }
+        }
+        Ok(VerifierClaim {
+            sh,
+            claim: Some(claim),
+            written: true,
+        })
+    }
+
+    /// The age the record is written with.
+    fn made(&self) -> u64 {
+        self.claim.as_ref().map_or(0, |c| c.made)
+    }
+}
+
+impl Drop for VerifierClaim<'_> {
+    fn drop(&mut self) {
+        let (Some(claim), Ok(mut ages)) = (self.claim.take(), self.sh.excl.lock()) else {
+            return;
+        };
+        let old = ages.end(claim, self.written, excl::cap());
+        drop(ages);
+        for num in old {
+            let _ = self.sh.chores.send(Chore::DeleteState {
+                scope: self.sh.tables.excl(),
+                num,
+            });
+        }
+    }
 }
 
 /// REMOVE / RENAME against an open without delete share: FILE_OPEN.

@@ -13,9 +13,11 @@
 //! | `<instance>/excl` | hash of the path | exclusive-create verifier |
 //! | `instances` (shared) | hash of the instance name | the instance name (filterctl finds the tables by it) |
 //!
-//! filterd keeps at most [`KEEP`] records per scope and evicts the oldest
-//! beyond that; nfsshim's named limits (server.rs `Limits`) keep every
-//! table but `excl` below it, so no client's record is ever evicted.
+//! filterd keeps at most [`KEEP`] records per scope and evicts the lowest
+//! op ids beyond that; nfsshim's named limits (server.rs `Limits`) keep
+//! every table but `excl` below it, so no client's record is ever
+//! evicted, and nfsshim keeps `excl` (op ids: path hashes) below it
+//! itself, oldest first (server/excl.rs).
 //! Every write is a filterd commit on stable storage before it returns.
 
 use libfilter::attach::Attachment;
