@@ -419,6 +419,13 @@ impl Attachment {
         }
     }
 
+    /// How many reattaches the frontend has applied ([`Attachment::resynced`]
+    /// with a later generation): work that failed for want of filterd
+    /// (a [`crate::closer::Closer`]'s) is tried again when it grows.
+    pub fn reattaches(&self) -> u64 {
+        self.shared.synced.load(Ordering::Acquire)
+    }
+
     /// Decides one read or write of `file`, in this order under the gate:
     /// [`Attachment::io_ready`], `live` (the frontend's handle of it is not
     /// lost or forgotten), the file's flag in `checked`. An

@@ -16,6 +16,8 @@
 //!   events. A third-party file server needs nothing else.
 //! - [`attach`]: a reconnecting attachment that resumes a frontend's handles
 //!   by itself after a daemon restart.
+//! - [`closer`]: closes a frontend makes after a reply (a LOGOFF's), tried
+//!   again once it has reattached to filterd.
 //! - [`settle`]: closes again, until filterd answers, the handles whose
 //!   close was never answered.
 //! - [`runtime`]: the live daemon's record in its state dir (pid, socket),
@@ -31,6 +33,7 @@ pub mod attach;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
+pub mod closer;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod lease;

@@ -741,6 +741,21 @@ impl Shim {
         Shim::spawn(cmd, socket, instance, &[])
     }
 
+    /// As [`Shim::start_with_env`], its standard error written to `log`
+    /// (to be polled for what it says).
+    pub fn start_logged(
+        bin_name: &str,
+        socket: &Path,
+        instance: &str,
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Shim {
+        let mut cmd = Command::new(bin(bin_name));
+        cmd.envs(env.iter().copied());
+        let file = std::fs::File::create(log).expect("shim log file");
+        Shim::spawn_to(cmd, socket, instance, &[], Stdio::from(file))
+    }
+
     /// As [`Shim::start_with`], under a descriptor limit of `nofile`
     /// (soft and hard, set by util-linux `prlimit`).
     pub fn start_with_nofile(

@@ -578,16 +578,7 @@ fn rksmbd_a_replay_waits_for_the_closer_s_claim_as_long_as_it_holds_it() {
         "4000",
     );
     let mut script = Dialogue::start(&srv, "late_closer_replay.py", Duration::from_secs(60));
-    script.expect("ready");
-    d.stop();
-    script.say("go");
-    script.expect("gave up");
-    go_on_until(
-        &d,
-        "the late open to be left detached",
-        &[("y.txt", "disconnected")],
-    );
-    script.say("go");
+    late_create_detached(&d, &mut script, "y.txt");
     script.expect("logged off");
     wait_logged(&log, "the closer holds a create GUID");
     script.say("go");
@@ -638,6 +629,32 @@ fn rksmbd_logoff_answers_before_closing_its_unanswered_creates() {
     script.say("go");
     script.expect("logged off");
     go_on_until(&d, "the late opens to be closed", &[]);
+    script.say("go");
+    script.finish();
+}
+
+/// As `rksmbd_logoff_closes_a_late_persistent_open_never_replayed`,
+/// filterd killed before the LOGOFF: the unanswered-closer's take of the
+/// late open by create GUID fails (the connection lost), and filterd,
+/// restarted, recovers the persistent open disconnected. Before the fix
+/// the closer forgot the GUID after that one failure and the open held
+/// logoff.txt for its durable timeout (B's exclusive CREATE refused); now
+/// the closer tries it again once rksmbd has reattached.
+#[test]
+fn rksmbd_logoff_s_close_that_failed_while_filterd_was_down_is_made_after_reattach() {
+    let s = Scratch::new("late-rksmbd-logoff-filterd-down");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let env = [("RKFILTER_CALL_TIMEOUT_MS", "1000")];
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let mut script = Dialogue::start(&srv, "late_logoff.py", Duration::from_secs(90));
+    late_create_left_detached(&d, &mut script, "logoff.txt");
+    d.kill9();
+    script.say("go");
+    script.expect("logged off");
+    // The closer tried, and failed: filterd is gone.
+    wait_logged(&log, "taking an unanswered CREATE's open to close it");
+    let d = Filterd::start(&s, &[], &[]);
+    closed_soon_after_restart(&d);
     script.say("go");
     script.finish();
 }
@@ -706,6 +723,13 @@ fn rksmbd_app_instance_takeover_closes_a_late_open_never_replayed() {
 /// on, waits for the late open to be left detached, and lets the script
 /// go on.
 fn late_create_detached(d: &Filterd, script: &mut Dialogue, file: &str) {
+    late_create_left_detached(d, script, file);
+    script.say("go");
+}
+
+/// As [`late_create_detached`], up to the late open left detached: the
+/// script waits.
+fn late_create_left_detached(d: &Filterd, script: &mut Dialogue, file: &str) {
     script.expect("ready");
     d.stop();
     script.say("go");
@@ -715,7 +739,6 @@ fn late_create_detached(d: &Filterd, script: &mut Dialogue, file: &str) {
         "the late open to be left detached",
         &[(file, "disconnected")],
     );
-    script.say("go");
 }
 
 /// Lets the stopped filterd go on and waits (`what`) until its handles
@@ -1102,6 +1125,50 @@ fn detached_then_logoff(name: &str, env: &[(&str, &str)]) {
     let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     nothing_left_of_f(&d, &smb);
+}
+
+/// As `a_late_persistent_create_detached_is_closed_by_logoff`, filterd
+/// killed before the LOGOFF: the closer's take of the late open by create
+/// GUID fails (the connection lost), and filterd, restarted, recovers the
+/// persistent open disconnected. Before the fix the closer forgot the
+/// GUID after that one failure and the open held f for its durable
+/// timeout (60 s here, refusing b's exclusive CREATE); now the closer
+/// tries it again once smbshim has reattached, and it goes within
+/// seconds.
+#[test]
+fn a_logoff_s_close_that_failed_while_filterd_was_down_is_made_after_reattach() {
+    let name = "late-logoff-filterd-down";
+    let s = Scratch::new(name);
+    let mut d = Filterd::start(&s, &[], &[]);
+    let log = s.dir.join("smbshim.log");
+    let env = [("RKFILTER_CALL_TIMEOUT_MS", CALL_TIMEOUT_MS)];
+    let smb = Shim::start_logged("smbshim", d.socket(), name, &env, &log);
+    let (mut a, sid) = smb_session(&smb.addr);
+    late_persistent_create(&d, &mut a, sid, "create");
+    d.kill9();
+    let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // The closer tried, and failed: filterd is gone.
+    wait_logged(&log, "closing the open of unanswered CREATE");
+    let d = Filterd::start(&s, &[], &[]);
+    closed_soon_after_restart(&d);
+    nothing_left_of_f(&d, &smb);
+}
+
+/// Waits for filterd, restarted (its handles recovered disconnected, each
+/// with a fresh durable timeout of 60 s here), to hold no handle: far
+/// sooner than that timeout.
+fn closed_soon_after_restart(d: &Filterd) {
+    let restarted = std::time::Instant::now();
+    wait_for(
+        "the late open to be closed after the frontend reattached",
+        Duration::from_secs(20),
+        || handles(d).is_empty().then_some(()),
+    );
+    eprintln!(
+        "the late open was closed {:?} after filterd restarted",
+        restarted.elapsed()
+    );
 }
 
 /// As above, but the client replays first, and the replay is answered the

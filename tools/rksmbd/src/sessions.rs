@@ -270,9 +270,11 @@ pub struct Registry {
     /// filterd calls (re-review unavail4 1).
     unanswered_guids: Mutex<UnansweredIndex>,
     /// Create GUIDs taken from the sessions' lists for the closer thread
-    /// to close ([`Registry::to_close`]) and not yet claimed by it
-    /// ([`Registry::closing_claim`]): the client's getting an open of one
-    /// meanwhile takes it out ([`Registry::client_got`]). Locked before
+    /// to close ([`Registry::to_close`]) that it is not done with yet
+    /// ([`Registry::closing_claim`]; a close that failed is tried again):
+    /// the client's getting an open of one meanwhile takes it out
+    /// ([`Registry::client_got`]), and so does another session's noting
+    /// it ([`Registry::unanswered`]). Locked before
     /// `unanswered_apps`, `sessions`, `unanswered_guids` and a session's
     /// state or list of unanswered CREATEs.
     closing: Mutex<std::collections::HashSet<uuid::Uuid>>,
@@ -414,7 +416,12 @@ impl Registry {
 
     /// A DH2Q CREATE of session `link` was answered
     /// STATUS_SERVER_UNAVAILABLE.
+    /// The GUID is that session's from now on: one handed to the closer
+    /// thread (another session's LOGOFF, or a takeover, still trying its
+    /// close) is left to this session, whose client replays it.
     pub fn unanswered(&self, link: &Arc<Link>, u: Unanswered) {
+        let mut closing = lock(&self.closing);
+        closing.remove(&u.guid);
         let mut index = lock(&self.unanswered_guids);
         let guid = u.guid;
         for old in lock(&link.unanswered).note(u) {
@@ -448,11 +455,20 @@ impl Registry {
         gone
     }
 
-    /// The closer thread is about to close the open of `guid`: false if
-    /// the client got it since it was handed over ([`Registry::client_got`])
-    /// or another hand-over's close claimed it already.
+    /// The closer thread is done with the open of `guid` (closed, found
+    /// gone, or given up): false if the client got it since it was handed
+    /// over ([`Registry::client_got`]) or another hand-over's close was
+    /// done with it already.
     pub fn closing_claim(&self, guid: uuid::Uuid) -> bool {
         lock(&self.closing).remove(&guid)
+    }
+
+    /// Whether the closer thread may close the open of `guid`: handed over
+    /// and not got by the client since. It stays handed over until the
+    /// closer is done with it ([`Registry::closing_claim`]): a close that
+    /// failed is tried again, and a SUCCESS meanwhile must still be seen.
+    pub fn closing_owns(&self, guid: uuid::Uuid) -> bool {
+        lock(&self.closing).contains(&guid)
     }
 
     /// AppInstanceId (3.3.5.9.13) of a new open of `path`, create GUID
@@ -734,6 +750,27 @@ mod tests {
             owner: None,
             app: app.map(|a| ([a; 16], RelPath::new("f").expect("path"))),
         }
+    }
+
+    /// A create GUID handed to the closer stays handed over while the
+    /// closer looks at it (a close that failed is tried again) — until
+    /// the client got an open of it, another session's replay was told
+    /// to retry (that session's now), or the closer is done with it.
+    #[test]
+    fn a_guid_handed_to_the_closer_stays_until_got_noted_or_done() {
+        let r = Registry::default();
+        let (s1, s2) = (r.logged_on(1, "alice"), r.logged_on(2, "alice"));
+        let [x, y, z] = [10, 11, 12].map(uuid::Uuid::from_u128);
+        for n in 10..13 {
+            r.unanswered(&s1, unanswered(n, None));
+        }
+        assert_eq!(r.to_close(|| r.log_off(&s1)).len(), 3);
+        assert!(r.closing_owns(x) && r.closing_owns(x), "looking keeps it");
+        r.client_got(x);
+        assert!(!r.closing_owns(x), "the client got it");
+        r.unanswered(&s2, unanswered(11, None));
+        assert!(!r.closing_owns(y), "S2's replay was told to retry");
+        assert!(r.closing_claim(z) && !r.closing_owns(z), "done");
     }
 
     /// A session's LOGOFF ends its `SessionEnd` and hands over its

@@ -20,9 +20,10 @@
 //! not: that is when the client reconnects and replays.
 
 use std::collections::VecDeque;
-use std::sync::{mpsc, Weak};
+use std::sync::{mpsc, Arc, Weak};
 use std::time::Duration;
 
+use libfilter::closer::Tried;
 use libfilter::model::{ClientId, CreateGuid, RelPath};
 use libfilter::proto::ErrorCode;
 
@@ -112,71 +113,65 @@ impl Unanswereds {
 /// claim.
 pub const CLOSER_CONN: u64 = u64::MAX;
 
-/// Opens to close, and who waits for them (a takeover).
-struct Job {
-    gone: Vec<Unanswered>,
-    done: Option<mpsc::Sender<()>>,
-}
-
 /// The `unanswered-closer` thread's queue. A LOGOFF answers first and
 /// hands its unanswered CREATEs here: each close may wait a call timeout
 /// while filterd is stalled, and its connection's other requests waited
-/// behind them (five of them: five timeouts; re-review unavail3 2).
-pub struct Closer(mpsc::Sender<Job>);
+/// behind them (five of them: five timeouts; re-review unavail3 2). One
+/// that failed for a passing cause (filterd down or restarting) is tried
+/// again once rksmbd has reattached (`libfilter::closer`); its create GUID
+/// stays handed over (`Registry::to_close`) meanwhile. Dropped with the
+/// server, it ends the thread.
+pub struct Closer(Arc<libfilter::closer::Closer<Unanswered>>);
 
 /// The closer thread's end of [`Closer`].
-pub struct Closing(mpsc::Receiver<Job>);
+pub struct Closing(Arc<libfilter::closer::Closer<Unanswered>>);
 
 impl Closer {
     /// A queue and the end the closer thread runs ([`Closing::run`]).
     pub fn new() -> (Closer, Closing) {
-        let (tx, rx) = mpsc::channel();
-        (Closer(tx), Closing(rx))
+        let q = Arc::new(libfilter::closer::Closer::default());
+        (Closer(q.clone()), Closing(q))
     }
 
     /// Closes `gone` (a LOGOFF's) after the caller's reply.
     pub fn push(&self, gone: Vec<Unanswered>) {
-        if !gone.is_empty() {
-            let _ = self.0.send(Job { gone, done: None });
-        }
+        self.0.push(gone, None);
+    }
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
 impl Closing {
     /// Closes what is pushed until the server (`sh`) is gone.
     pub fn run(self, sh: &Weak<Shared>) {
-        while let Ok(job) = self.0.recv() {
-            let Some(sh) = sh.upgrade() else {
-                return;
-            };
-            close(&sh, job.gone);
-            if let Some(done) = job.done {
-                let _ = done.send(());
-            }
-        }
+        self.0.run(
+            || sh.upgrade().map(|s| s.filter.clone()),
+            |u| sh.upgrade().map_or(Tried::Done, |s| close(&s, u)),
+            |u| {
+                if let Some(s) = sh.upgrade() {
+                    s.registry.closing_claim(u.guid);
+                }
+            },
+        );
     }
 }
 
 /// An AppInstanceId takeover's: closes `gone` before the takeover's own
 /// open, which the earlier open of the instance would refuse, but waits
-/// for them at most one call timeout in all, not one per open (filterd
-/// stalled, its own open would wait as long); the closer goes on after.
+/// for their first tries at most one call timeout in all, not one per
+/// open (filterd stalled, its own open would wait as long); the closer
+/// goes on after.
 pub fn close_before_open(sh: &Shared, gone: Vec<Unanswered>) {
     if gone.is_empty() {
         return;
     }
     let (tx, rx) = mpsc::channel();
-    if sh
-        .closer
-        .0
-        .send(Job {
-            gone,
-            done: Some(tx),
-        })
-        .is_ok()
-    {
-        let _ = rx.recv_timeout(call_timeout());
-    }
+    sh.closer.0.push(gone, Some(tx));
+    let _ = rx.recv_timeout(call_timeout());
 }
 
 /// libfilter's call timeout, read as libfilter reads it. Parsed here
@@ -186,46 +181,65 @@ fn call_timeout() -> Duration {
     libfilter::client::call_timeout_from_env()
 }
 
-/// Closes the opens filterd may have made for `gone` (CREATEs of a
-/// session that logged off, or of an app instance taken over), on the
-/// closer thread. Each create GUID is skipped if the client got an open
-/// of it since it was handed over (`Registry::closing_claim`), then
-/// claimed (`Registry::claim_free`) and left to a connection that holds
-/// it (a replay taking the open); else its handle is taken by GUID, if
-/// disconnected, and closed. A handle still attached (a replay's answer
-/// being read, or the late answer's undo to come) is refused
-/// `NoSuchHandle`: its holder or undo decides (a late answer after a
-/// LOGOFF closes it, `SessionEnd`). A resume that goes unanswered is
-/// closed when its answer comes (`resume_by_guid_to_close`). Left: one
-/// filterd refused for a passing cause (a failed commit, busy), or whose
-/// answer was lost with filterd's connection (filterd stopped or
-/// restarting), waits for its durable timeout (logged; nothing retries it).
-fn close(sh: &Shared, gone: Vec<Unanswered>) {
-    for u in gone {
-        if !sh.registry.closing_claim(u.guid) || !sh.registry.claim_free(u.guid, CLOSER_CONN) {
-            continue;
-        }
+/// Closes the open filterd may have made for `u` (a CREATE of a session
+/// that logged off, or of an app instance taken over), on the closer
+/// thread. The create GUID is claimed (`Registry::claim_free`) and left
+/// to a connection that holds it (a replay taking the open), then skipped
+/// if the client got an open of it since it was handed over
+/// (`Registry::closing_owns`, under the claim); else its handle is taken
+/// by GUID, if disconnected, and closed. A handle still attached (a
+/// replay's answer being read, or the late answer's undo to come) is
+/// refused `NoSuchHandle`: its holder or undo decides (a late answer
+/// after a LOGOFF closes it, `SessionEnd`). A resume that goes unanswered
+/// is closed when its answer comes (`resume_by_guid_to_close`). One that
+/// failed for a passing cause (filterd down or restarting, a failed
+/// commit, busy) is [`Tried::Again`], still handed over: before, it was
+/// forgotten and the open waited for its durable timeout.
+fn close(sh: &Shared, u: &Unanswered) -> Tried {
+    if !sh.registry.claim_free(u.guid, CLOSER_CONN) {
+        sh.registry.closing_claim(u.guid);
+        return Tried::Done;
+    }
+    let tried = if sh.registry.closing_owns(u.guid) {
         test_delay_after_the_closer_claims();
-        match sh
-            .filter
-            .resume_by_guid_to_close(u.client, CreateGuid(u.guid), u.owner)
-        {
-            Ok(h) => {
-                let key = h.info.key;
-                drop(h);
-                if let Err(e) = sh.filter.close(key) {
-                    tracing::warn!(resume_key = %key, error = %e, "closing an unanswered CREATE's open");
-                    if crate::settle::may_hold(&e) {
-                        sh.unsettled.add(key);
-                    }
+        take_and_close(sh, u)
+    } else {
+        Tried::Done
+    };
+    if tried == Tried::Done {
+        sh.registry.closing_claim(u.guid);
+    }
+    sh.registry.let_go(u.guid, CLOSER_CONN);
+    tried
+}
+
+/// Takes `u`'s open by GUID and closes it.
+fn take_and_close(sh: &Shared, u: &Unanswered) -> Tried {
+    match sh
+        .filter
+        .resume_by_guid_to_close(u.client.clone(), CreateGuid(u.guid), u.owner.clone())
+    {
+        Ok(h) => {
+            let key = h.info.key;
+            drop(h);
+            if let Err(e) = sh.filter.close(key) {
+                tracing::warn!(resume_key = %key, error = %e, "closing an unanswered CREATE's open");
+                if crate::settle::may_hold(&e) {
+                    sh.unsettled.add(key);
                 }
             }
-            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
-            Err(e) => {
-                tracing::warn!(create_guid = %u.guid, error = %e, "taking an unanswered CREATE's open to close it")
-            }
+            Tried::Done
         }
-        sh.registry.let_go(u.guid, CLOSER_CONN);
+        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => Tried::Done,
+        Err(e) if libfilter::closer::passing(&e) => {
+            tracing::warn!(create_guid = %u.guid, error = %e,
+                "taking an unanswered CREATE's open to close it: tried again once filterd serves");
+            Tried::Again
+        }
+        Err(e) => {
+            tracing::warn!(create_guid = %u.guid, error = %e, "taking an unanswered CREATE's open to close it");
+            Tried::Done
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use anyhow::Context;
 use base64::Engine as _;
 use libfilter::attach::{Attachment, IoDecision, IoPass};
 use libfilter::client::{ClientError, SessionEnd};
+use libfilter::closer::Tried;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
 use libfilter::settle::{may_hold, Unsettled};
@@ -20,7 +21,7 @@ use serde_json::{json, Map, Value};
 use shimline::datasync::IoFailure;
 
 use crate::handover::{Handovers, Ident, LettingGo};
-use crate::unanswered::{Closer, LoggedOff, Unanswered};
+use crate::unanswered::{Closer, ToClose, Unanswered};
 
 /// Longest request line (spec: 4 MiB).
 const MAX_LINE: usize = 4 << 20;
@@ -373,7 +374,11 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
             .name(format!("logoff-closer-{k}"))
             .spawn(move || {
                 if let Some(m) = sh.members.get(k) {
-                    m.closer.run(|job| close_unanswered(&sh, m, job));
+                    m.closer.run(
+                        || Some(m.filter.clone()),
+                        |t| close_unanswered(&sh, m, t),
+                        |t| forget_unanswered(&sh, t),
+                    );
                 }
             })?;
     }
@@ -2172,28 +2177,29 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         if !guids.is_empty() {
             // Closed after the reply, by the member's closer thread.
             if let Ok((_, m)) = sh.member_for(ended.client_guid) {
-                m.closer.push(LoggedOff {
+                let each = guids.into_iter().map(|guid| ToClose {
                     session,
                     client: ended.client_guid,
-                    user: ended.user,
-                    guids,
+                    user: ended.user.clone(),
+                    guid,
                 });
+                m.closer.push(each.collect(), None);
             }
         }
     }
     Ok(Map::new())
 }
 
-/// Closes the opens filterd may have made for CREATEs of a logged-off
-/// session (`job`) that got no answer in time: libfilter kept each
-/// detached for the client's replay of its create GUID, in no session's
-/// table, so the LOGOFF's closes missed it and it held its file for its
-/// durable timeout. Run by member `m`'s closer thread after the LOGOFF
-/// was answered ([`Closer`]).
+/// Closes the open filterd may have made for a CREATE of a logged-off
+/// session (`t`) that got no answer in time: libfilter kept it detached
+/// for the client's replay of its create GUID, in no session's table, so
+/// the LOGOFF's closes missed it and it held its file for its durable
+/// timeout. Run by member `m`'s closer thread after the LOGOFF was
+/// answered ([`Closer`]).
 ///
-/// Each GUID is claimed as a session's end claims its opens (a takeover
+/// The GUID is claimed as a session's end claims its opens (a takeover
 /// that starts after waits for the close; one in flight is waited for),
-/// then closed only if the session still owns it ([`Unanswered::claim`]):
+/// then closed only if the session still owns it ([`Unanswered::owns`]):
 /// checked after that wait and right before the close, so another
 /// session of the client that replayed the GUID since (it owns it now),
 /// or got its open (nobody does), is never robbed of it — whatever it did
@@ -2206,66 +2212,89 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// before this resume, which finds the handle disconnected. A handle
 /// attached here (made, its answer not yet read, or its undo to come) is
 /// refused `NoSuchHandle` and closed by that undo. A resume that goes
-/// unanswered is closed when its answer comes. Left: a resume filterd
-/// refused for a passing cause (a failed commit, busy), or whose answer
-/// was lost with filterd's connection (filterd restarting), leaves the
-/// handle to its durable timeout, as every such handle was before
-/// (logged; docs/ARCHITECTURE.md).
-fn close_unanswered(sh: &Shared, m: &Member, job: LoggedOff) {
-    let LoggedOff {
+/// unanswered is closed when its answer comes. A resume that failed for a
+/// passing cause (filterd down or restarting, no answer in time, a failed
+/// commit, busy) is [`Tried::Again`]: the session keeps owning the GUID,
+/// and the closer tries it again once the member has reattached (before,
+/// the GUID was forgotten and the open held its file for its durable
+/// timeout).
+fn close_unanswered(sh: &Shared, m: &Member, t: &ToClose) -> Tried {
+    let ToClose {
         session,
         client: client_guid,
-        user,
-        guids,
-    } = job;
-    let held = |o: &HashMap<String, Open>, guid: uuid::Uuid| {
+        ref user,
+        guid,
+    } = *t;
+    let held = |o: &HashMap<String, Open>| {
         o.values()
             .any(|v| v.client == client_guid && v.create_guid == Some(guid))
     };
-    let mine = |guid: uuid::Uuid| {
-        sh.unanswered
-            .lock()
-            .is_ok_and(|mut u| u.claim(client_guid, session, guid))
-    };
-    for guid in guids {
-        // Claimed under the opens lock, as `Going::of` claims an open.
-        let claim = {
-            let Ok(opens) = sh.opens.lock() else {
-                return;
-            };
-            (!held(&opens, guid)).then(|| {
-                sh.handovers.letting_go(Ident {
-                    key: None,
-                    guid: Some((client_guid, guid)),
-                })
+    // Claimed under the opens lock, as `Going::of` claims an open.
+    let claim = {
+        let Ok(opens) = sh.opens.lock() else {
+            return Tried::Done;
+        };
+        (!held(&opens)).then(|| {
+            sh.handovers.letting_go(Ident {
+                key: None,
+                guid: Some((client_guid, guid)),
             })
-        };
-        if let Some(c) = &claim {
-            c.wait_takeovers();
-        }
-        let stored = sh.opens.lock().map_or(true, |o| held(&o, guid));
-        // Claimed even when held, so that nothing of it is kept.
-        if !mine(guid) || stored || claim.is_none() {
-            continue;
-        }
-        let Ok(client) = client_id(client_guid) else {
-            continue;
-        };
-        match m
-            .filter
-            .resume_by_guid_to_close(client, CreateGuid(guid), Some(user.clone()))
-        {
-            Ok(h) => {
-                let key = h.info.key;
-                drop(h);
-                close_for_good(m, key);
+        })
+    };
+    if let Some(c) = &claim {
+        c.wait_takeovers();
+    }
+    let stored = sh.opens.lock().map_or(true, |o| held(&o));
+    let mine = sh
+        .unanswered
+        .lock()
+        .is_ok_and(|u| u.owns(client_guid, session, guid));
+    let client = client_id(client_guid);
+    let tried = match (mine && !stored, &claim, client) {
+        (true, Some(_), Ok(client)) => {
+            match m
+                .filter
+                .resume_by_guid_to_close(client, CreateGuid(guid), Some(user.clone()))
+            {
+                Ok(h) => {
+                    let key = h.info.key;
+                    drop(h);
+                    close_for_good(m, key);
+                    Tried::Done
+                }
+                Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => Tried::Done,
+                // Unanswered: its answer, if it comes, is closed
+                // (libfilter); tried again all the same, in case that
+                // answer is lost with the connection.
+                Err(e) if libfilter::closer::passing(&e) => {
+                    eprintln!(
+                        "smbshim: closing the open of unanswered CREATE {guid} at LOGOFF: {e}; \
+                         tried again once filterd serves"
+                    );
+                    Tried::Again
+                }
+                Err(e) => {
+                    eprintln!(
+                        "smbshim: closing the open of unanswered CREATE {guid} at LOGOFF: {e}"
+                    );
+                    Tried::Done
+                }
             }
-            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
-            // Unanswered: its answer, if it comes, is closed (libfilter).
-            Err(e) => {
-                eprintln!("smbshim: closing the open of unanswered CREATE {guid} at LOGOFF: {e}")
-            }
         }
+        // Not the session's, held, or no valid client: nothing to close.
+        _ => Tried::Done,
+    };
+    if tried == Tried::Done {
+        forget_unanswered(sh, t);
+    }
+    tried
+}
+
+/// The closer is done with `t` (closed, not the session's to close, or
+/// given up): the session owns its GUID no more.
+fn forget_unanswered(sh: &Shared, t: &ToClose) {
+    if let Ok(mut u) = sh.unanswered.lock() {
+        u.claim(t.client, t.session, t.guid);
     }
 }
 

@@ -21,13 +21,14 @@
 //! RECONNECT that got the open ([`Unanswered::taken`]) leaves it nobody's
 //! (rr-logoff 2: the open may be detached again when that session's
 //! connection drops, waiting for the client's RECONNECT). The owner is
-//! kept after its session ended, until its LOGOFF's closer claims the GUID
-//! ([`Unanswered::claim`]) — checked right before the close, after any
+//! kept after its session ended, until its LOGOFF's closer is done with
+//! the GUID ([`Unanswered::claim`]; a close that failed is tried again
+//! meanwhile): [`Unanswered::owns`] is checked right before each try of
+//! the close, after any
 //! takeover in flight was waited for, so a note or take between the
 //! LOGOFF and the close is never missed.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Condvar, Mutex};
 
 type Guid = uuid::Uuid;
 
@@ -102,7 +103,15 @@ impl Unanswered {
     }
 
     /// Whether `session` (logged off) still owns `guid`, for its closer to
-    /// close the open; it owns it no more either way.
+    /// close the open: it keeps owning it (a close that fails is tried
+    /// again, and a note or take by another session meanwhile must still
+    /// be seen).
+    pub fn owns(&self, client: Guid, session: u64, guid: Guid) -> bool {
+        self.owner.get(&(client, guid)) == Some(&session)
+    }
+
+    /// Whether `session` (logged off) still owns `guid`; it owns it no
+    /// more either way (its closer is done with it).
     pub fn claim(&mut self, client: Guid, session: u64, guid: Guid) -> bool {
         let mine = self.owner.get(&(client, guid)) == Some(&session);
         if mine {
@@ -121,53 +130,25 @@ impl Unanswered {
     }
 }
 
-/// A logged-off session's unanswered create GUIDs, for its member's
-/// closer ([`Closer`]).
-#[derive(Debug)]
-pub struct LoggedOff {
+/// One unanswered create GUID of a logged-off session, for its member's
+/// `logoff-closer` thread ([`Closer`]).
+#[derive(Debug, Clone)]
+pub struct ToClose {
     pub session: u64,
     pub client: Guid,
     pub user: String,
-    pub guids: Vec<Guid>,
+    pub guid: Guid,
 }
 
-/// A member's LOGOFFs whose unanswered GUIDs are still to be closed, in
-/// the order they came, closed by the member's `logoff-closer` thread:
-/// each close is a resume and a close in filterd, bounded by the call
-/// timeout only, so a LOGOFF answers first and never holds its
-/// connection's other requests (nor its end) behind them (rr-logoff 4).
-#[derive(Debug, Default)]
-pub struct Closer {
-    jobs: Mutex<VecDeque<LoggedOff>>,
-    ready: Condvar,
-}
-
-impl Closer {
-    /// Queues `job` for the closer thread.
-    pub fn push(&self, job: LoggedOff) {
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(job);
-        self.ready.notify_one();
-    }
-
-    /// The closer thread: runs `close` on each job, oldest first, forever.
-    pub fn run(&self, mut close: impl FnMut(LoggedOff)) {
-        loop {
-            let job = {
-                let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-                loop {
-                    match q.pop_front() {
-                        Some(j) => break j,
-                        None => q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner()),
-                    }
-                }
-            };
-            close(job);
-        }
-    }
-}
+/// A member's create GUIDs of logged-off sessions whose opens are still
+/// to be closed, by the member's `logoff-closer` thread: each close is a
+/// resume and a close in filterd, bounded by the call timeout only, so a
+/// LOGOFF answers first and never holds its connection's other requests
+/// (nor its end) behind them (rr-logoff 4). One that failed for a passing
+/// cause (filterd down or restarting) is tried again once the member has
+/// reattached (`libfilter::closer`), the session still owning the GUID
+/// meanwhile.
+pub type Closer = libfilter::closer::Closer<ToClose>;
 
 #[cfg(test)]
 mod tests {
@@ -210,7 +191,8 @@ mod tests {
 
     /// rr-logoff 2: between a LOGOFF and its closer's claim, another
     /// session's note or take of the GUID (its replay got the open) keeps
-    /// the closer off it.
+    /// the closer off it. The closer's looks keep it the session's (a
+    /// close that failed is tried again) until then.
     #[test]
     fn a_guid_noted_or_taken_after_the_logoff_is_not_claimed() {
         let (c, x, y) = (g(100), g(7), g(8));
@@ -218,8 +200,10 @@ mod tests {
         u.note(c, 1, x);
         u.note(c, 1, y);
         assert_eq!(u.logged_off(1), [x, y]);
+        assert!(u.owns(c, 1, x) && u.owns(c, 1, x), "looking keeps it");
         u.note(c, 2, x);
         u.taken(c, y);
+        assert!(!u.owns(c, 1, x) && !u.owns(c, 1, y));
         assert!(!u.claim(c, 1, x), "S2 replays it");
         assert!(!u.claim(c, 1, y), "a session holds it");
         u.answered(c, 2, x);

@@ -1,0 +1,309 @@
+//! Closes a frontend hands to a thread of its own, tried again after a
+//! passing failure ([`Closer`]).
+//!
+//! smbshim's and rksmbd's LOGOFF close the opens filterd may have made
+//! for CREATEs it did not answer in time (opens kept detached for a
+//! replay that never came), after the LOGOFF's reply, by create GUID.
+//! Such a close that failed because filterd was down or restarting (the
+//! connection lost, no answer in time, a retry status) was forgotten:
+//! the open lived on detached until its durable timeout, minutes, holding
+//! its share modes and lease against every other client. A [`Closer`]
+//! keeps it and tries it again once the frontend has reattached to
+//! filterd ([`Attachment::reattaches`]; with backoff while filterd
+//! answers but refuses), until it is done or the longest durable timeout
+//! a frontend asks for has passed ([`PATIENCE`]).
+//!
+//! First tries come before tries again, and a hand-over's items take
+//! turns with the others' (one each in turn): a stalled filterd, or one
+//! client's backlog, holds another's closes back by one call at most per
+//! item before them, as it did before this retried anything.
+
+use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::attach::Attachment;
+use crate::client::ClientError;
+use crate::proto::ErrorCode;
+
+/// How long an item is tried again at most after its first failure (or
+/// after the latest reattach since: a restarted filterd gives a
+/// disconnected handle a fresh timeout): the longest durable timeout
+/// smbshim and rksmbd ask for (filterd caps them at its own
+/// `--durable-timeout-max-ms`), past which the open is gone anyway.
+pub const PATIENCE: Duration = Duration::from_secs(300);
+
+/// Most items waiting to be tried again; the oldest beyond is given up
+/// with a warning (its open waits for its durable timeout, as every one
+/// did before).
+pub const AGAIN_MAX: usize = 4096;
+
+/// First pause before a try again while filterd answers (doubled up to
+/// [`MAX_BACKOFF`]; a reattach makes the next try due at once).
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Longest pause between tries again while filterd answers.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How often a closer with items to try again looks whether the frontend
+/// has reattached.
+const POLL: Duration = Duration::from_millis(250);
+
+/// How one try of an item ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tried {
+    /// Nothing more to do: closed, found gone, or not this closer's to
+    /// close any more.
+    Done,
+    /// Failed for a passing cause ([`passing`]): try again later.
+    Again,
+}
+
+/// Whether a take or close failed for a cause that passes: filterd gone
+/// or restarting (the connection lost, no answer in time), or answering
+/// that it cannot now (busy, a failed commit, retry later).
+pub fn passing(e: &ClientError) -> bool {
+    match e {
+        ClientError::Refused(w) => matches!(
+            w.code,
+            ErrorCode::FileNotAvailable
+                | ErrorCode::Busy
+                | ErrorCode::Retry
+                | ErrorCode::DiskFull
+                | ErrorCode::LimitReached
+                | ErrorCode::Internal
+        ),
+        ClientError::Unexpected(_) => false,
+        ClientError::Connect { .. }
+        | ClientError::Disconnected
+        | ClientError::Timeout(_)
+        | ClientError::Io(_)
+        | ClientError::DescriptorsCut(_) => true,
+    }
+}
+
+/// One hand-over's items not yet tried, and who waits for their first
+/// tries.
+struct Job<T> {
+    items: VecDeque<T>,
+    done: Option<mpsc::Sender<()>>,
+}
+
+/// An item to try again, until `until`.
+struct Again<T> {
+    item: T,
+    until: Instant,
+}
+
+struct Queue<T> {
+    /// Hand-overs with items never tried, taking turns.
+    jobs: VecDeque<Job<T>>,
+    /// Items to try again, oldest first, at most [`AGAIN_MAX`].
+    again: VecDeque<Again<T>>,
+    /// When the next try again may run.
+    due: Instant,
+    backoff: Duration,
+    /// The frontend's reattaches seen ([`Attachment::reattaches`]).
+    seen: u64,
+    stopped: bool,
+}
+
+/// What the closer's thread does next.
+enum Next<T> {
+    First(T, Option<mpsc::Sender<()>>),
+    Again(Again<T>),
+    /// Nothing yet: look again.
+    Idle,
+}
+
+/// A frontend's queue of closes, run by one thread of its own
+/// ([`Closer::run`]).
+pub struct Closer<T> {
+    queue: Mutex<Queue<T>>,
+    ready: Condvar,
+}
+
+impl<T> Default for Closer<T> {
+    fn default() -> Self {
+        Closer {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                again: VecDeque::new(),
+                due: Instant::now(),
+                backoff: MIN_BACKOFF,
+                seen: 0,
+                stopped: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+}
+
+impl<T: Debug> Closer<T> {
+    fn lock(&self) -> MutexGuard<'_, Queue<T>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `items` (one hand-over: a LOGOFF's, a takeover's); `done`
+    /// is told once each was tried once.
+    pub fn push(&self, items: Vec<T>, done: Option<mpsc::Sender<()>>) {
+        if items.is_empty() {
+            if let Some(d) = done {
+                let _ = d.send(());
+            }
+            return;
+        }
+        self.lock().jobs.push_back(Job {
+            items: items.into(),
+            done,
+        });
+        self.ready.notify_one();
+    }
+
+    /// Ends [`Closer::run`] (the frontend is gone).
+    pub fn stop(&self) {
+        self.lock().stopped = true;
+        self.ready.notify_all();
+    }
+
+    /// Items waiting to be tried again.
+    pub fn waiting(&self) -> usize {
+        self.lock().again.len()
+    }
+
+    /// The closer thread: tries each item with `close` until
+    /// [`Closer::stop`] or `attachment` (the frontend's filterd
+    /// attachment) is `None`. An item `close` says [`Tried::Again`] for
+    /// is tried again once the frontend reattached, or after a backoff
+    /// while it stays attached, and handed to `give_up` past [`PATIENCE`]
+    /// or [`AGAIN_MAX`].
+    pub fn run(
+        &self,
+        attachment: impl Fn() -> Option<Attachment>,
+        mut close: impl FnMut(&T) -> Tried,
+        mut give_up: impl FnMut(&T),
+    ) {
+        loop {
+            let Some(att) = attachment() else { return };
+            let next = self.next(&att, &mut give_up);
+            drop(att);
+            match next {
+                None => return,
+                Some(Next::Idle) => {}
+                Some(Next::First(item, done)) => {
+                    let t = close(&item);
+                    self.tried(item, t, None, &mut give_up);
+                    if let Some(d) = done {
+                        let _ = d.send(());
+                    }
+                }
+                Some(Next::Again(a)) => {
+                    let t = close(&a.item);
+                    self.tried(a.item, t, Some(a.until), &mut give_up);
+                }
+            }
+        }
+    }
+
+    /// The next item to try: a first try before any try again; `None`
+    /// once stopped. Waits a while when there is none.
+    fn next(&self, att: &Attachment, give_up: &mut impl FnMut(&T)) -> Option<Next<T>> {
+        let mut q = self.lock();
+        if q.stopped {
+            return None;
+        }
+        let now = Instant::now();
+        let reattaches = att.reattaches();
+        if reattaches != q.seen {
+            // Back on filterd (maybe a restarted one: fresh timeouts).
+            q.seen = reattaches;
+            q.due = now;
+            q.backoff = MIN_BACKOFF;
+            for a in q.again.iter_mut() {
+                a.until = a.until.max(now + PATIENCE);
+            }
+        }
+        while q.again.front().is_some_and(|a| a.until <= now) {
+            if let Some(a) = q.again.pop_front() {
+                tracing::warn!(item = ?a.item, "a close tried again past its durable timeout: given up");
+                give_up(&a.item);
+            }
+        }
+        if let Some(mut job) = q.jobs.pop_front() {
+            let Some(item) = job.items.pop_front() else {
+                return Some(Next::Idle);
+            };
+            let done = if job.items.is_empty() {
+                job.done.take()
+            } else {
+                // Its next item after the other hand-overs' next ones.
+                q.jobs.push_back(job);
+                None
+            };
+            return Some(Next::First(item, done));
+        }
+        if !q.again.is_empty() && now >= q.due && att.io_ready() {
+            return q.again.pop_front().map(Next::Again);
+        }
+        let wait = if q.again.is_empty() {
+            Duration::from_secs(60)
+        } else {
+            q.due
+                .saturating_duration_since(now)
+                .clamp(Duration::from_millis(1), POLL)
+        };
+        drop(
+            self.ready
+                .wait_timeout(q, wait)
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        Some(Next::Idle)
+    }
+
+    /// `item` was tried (`t`); `until` is its time to give up if it was
+    /// tried before.
+    fn tried(&self, item: T, t: Tried, until: Option<Instant>, give_up: &mut impl FnMut(&T)) {
+        let mut q = self.lock();
+        let now = Instant::now();
+        match t {
+            Tried::Done => {
+                if until.is_some() {
+                    // filterd serves again: the others at once.
+                    q.due = now;
+                    q.backoff = MIN_BACKOFF;
+                }
+            }
+            Tried::Again => {
+                q.due = now + q.backoff;
+                q.backoff = (q.backoff * 2).min(MAX_BACKOFF);
+                if q.again.len() >= AGAIN_MAX {
+                    if let Some(old) = q.again.pop_front() {
+                        tracing::warn!(item = ?old.item, "more than {AGAIN_MAX} closes to try again: the oldest is given up");
+                        give_up(&old.item);
+                    }
+                }
+                q.again.push_back(Again {
+                    item,
+                    until: until.unwrap_or(now + PATIENCE),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_passing_failures_are_tried_again() {
+        let refused = |code| ClientError::Refused(crate::proto::WireError::new(code, "x"));
+        assert!(passing(&ClientError::Disconnected));
+        assert!(passing(&ClientError::Timeout(Duration::from_secs(1))));
+        assert!(passing(&refused(ErrorCode::FileNotAvailable)));
+        assert!(passing(&refused(ErrorCode::Busy)));
+        assert!(!passing(&refused(ErrorCode::NotOwner)));
+        assert!(!passing(&refused(ErrorCode::NoSuchHandle)));
+    }
+}
