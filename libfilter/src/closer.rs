@@ -109,6 +109,15 @@ struct Queue<T> {
     stopped: bool,
 }
 
+/// The frontend's attachment as the closer's thread saw it.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    /// [`Attachment::reattaches`].
+    reattaches: u64,
+    /// [`Attachment::io_ready`]: attached, the latest reattach applied.
+    ready: bool,
+}
+
 /// What the closer's thread does next.
 enum Next<T> {
     First(T, Option<mpsc::Sender<()>>),
@@ -186,9 +195,12 @@ impl<T: Debug> Closer<T> {
     ) {
         loop {
             let Some(att) = attachment() else { return };
-            let next = self.next(&att, &mut give_up);
+            let link = Link {
+                reattaches: att.reattaches(),
+                ready: att.io_ready(),
+            };
             drop(att);
-            match next {
+            match self.next(link, &mut give_up) {
                 None => return,
                 Some(Next::Idle) => {}
                 Some(Next::First(item, done)) => {
@@ -208,13 +220,13 @@ impl<T: Debug> Closer<T> {
 
     /// The next item to try: a first try before any try again; `None`
     /// once stopped. Waits a while when there is none.
-    fn next(&self, att: &Attachment, give_up: &mut impl FnMut(&T)) -> Option<Next<T>> {
+    fn next(&self, link: Link, give_up: &mut impl FnMut(&T)) -> Option<Next<T>> {
         let mut q = self.lock();
         if q.stopped {
             return None;
         }
         let now = Instant::now();
-        let reattaches = att.reattaches();
+        let reattaches = link.reattaches;
         if reattaches != q.seen {
             // Back on filterd (maybe a restarted one: fresh timeouts).
             q.seen = reattaches;
@@ -243,7 +255,7 @@ impl<T: Debug> Closer<T> {
             };
             return Some(Next::First(item, done));
         }
-        if !q.again.is_empty() && now >= q.due && att.io_ready() {
+        if !q.again.is_empty() && now >= q.due && link.ready {
             return q.again.pop_front().map(Next::Again);
         }
         let wait = if q.again.is_empty() {
@@ -295,6 +307,63 @@ impl<T: Debug> Closer<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DOWN: Link = Link {
+        reattaches: 0,
+        ready: false,
+    };
+    const BACK: Link = Link {
+        reattaches: 1,
+        ready: true,
+    };
+
+    fn first(c: &Closer<u32>, link: Link) -> (u32, bool) {
+        match c.next(link, &mut |_| {}) {
+            Some(Next::First(i, done)) => (i, done.is_some()),
+            _ => panic!("a first try expected"),
+        }
+    }
+
+    /// Hand-overs take turns, one item each; `done` goes with a
+    /// hand-over's last item.
+    #[test]
+    fn hand_overs_take_turns() {
+        let c = Closer::default();
+        let (tx, _rx) = mpsc::channel();
+        c.push(vec![1, 2, 3], Some(tx));
+        c.push(vec![10], None);
+        let order: Vec<_> = (0..4).map(|_| first(&c, DOWN)).collect();
+        assert_eq!(order, [(1, false), (10, false), (2, false), (3, true)]);
+    }
+
+    /// An item tried in vain is tried again only once the frontend has
+    /// reattached, and after every first try waiting; given up past its
+    /// time.
+    #[test]
+    fn tried_again_after_a_reattach_and_after_first_tries() {
+        let c = Closer::default();
+        c.tried(7, Tried::Again, None, &mut |_| {});
+        assert!(matches!(c.next(DOWN, &mut |_| {}), Some(Next::Idle)));
+        c.push(vec![8], None);
+        assert_eq!(first(&c, BACK), (8, false));
+        match c.next(BACK, &mut |_| {}) {
+            Some(Next::Again(a)) => assert_eq!(a.item, 7),
+            _ => panic!("tried again after the reattach"),
+        }
+        let mut given_up = Vec::new();
+        let past = Instant::now();
+        c.tried(9, Tried::Again, Some(past), &mut |_| {});
+        c.tried(11, Tried::Again, None, &mut |_| {});
+        // 11 is tried again once due (Idle until then); 9 is past its time.
+        let next = c.next(BACK, &mut |i| given_up.push(*i));
+        assert!(matches!(
+            next,
+            Some(Next::Idle | Next::Again(Again { item: 11, .. }))
+        ));
+        assert_eq!(given_up, [9]);
+        c.stop();
+        assert!(c.next(BACK, &mut |_| {}).is_none());
+    }
 
     #[test]
     fn only_passing_failures_are_tried_again() {
