@@ -7,7 +7,10 @@ FILE_DELETE_ON_CLOSE and closes that open: the file is now pending delete,
 kept by the first open. A QUERY_DIRECTORY of the share root must not list
 it (as Windows and Samba do; smbtorture's deltree loops forever
 otherwise), while kept.txt is listed; an open of it is
-STATUS_DELETE_PENDING. Prints PASS, or exits non-zero.
+STATUS_DELETE_PENDING. Then gone.txt is written, marked delete pending by
+SET_INFO FileDispositionInformation and closed, as Windows Explorer
+deletes: it is gone (the test checks that rksmbd keeps no descriptor of
+it). Prints PASS, or exits non-zero.
 """
 
 import sys
@@ -15,7 +18,7 @@ import uuid
 
 from smbprotocol.connection import Connection
 from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.file_info import FileInformationClass
+from smbprotocol.file_info import FileDispositionInformation, FileInformationClass
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
@@ -28,6 +31,7 @@ from smbprotocol.open import (
 )
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
+from smbtest import set_info_status
 
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 STATUS_DELETE_PENDING = 0xC0000056
@@ -91,6 +95,18 @@ def main():
     print("listed after the last close:", names)
     if "pending.txt" in names:
         sys.exit("the file pending delete outlived its last open")
+    gone = open_file(tree, "gone.txt", rw | FilePipePrinterAccessMask.DELETE, 0)
+    gone.write(b"x" * 65536, 0)
+    disposition = FileDispositionInformation()
+    disposition["delete_pending"] = True
+    status = set_info_status(tree, gone, disposition)
+    if status != 0:
+        sys.exit(f"SET_INFO FileDispositionInformation: {status:#x}")
+    gone.close()
+    names = listing(tree)
+    print("listed after the disposition's close:", names)
+    if "gone.txt" in names:
+        sys.exit("the file deleted by disposition outlived its close")
     print("PASS")
 
 

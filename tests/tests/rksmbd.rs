@@ -676,7 +676,10 @@ fn smbprotocol_script_passes_with(srv: &RkSmbd, script: &str, extra: &[&str]) {
 /// QUERY_DIRECTORY leaves out a file pending delete that another open
 /// keeps, and a CREATE of it is STATUS_DELETE_PENDING (smbtorture's
 /// deltree loops forever otherwise); the others are listed; the file goes
-/// with its last open.
+/// with its last open. A file deleted by SET_INFO disposition and CLOSE
+/// (as Windows Explorer deletes) is gone from the disk too: review found
+/// rksmbd kept a descriptor of every file marked pending delete, so a
+/// deleted file's blocks stayed used until rksmbd restarted.
 #[test]
 fn a_file_pending_delete_is_not_listed_nor_opened() {
     let s = Scratch::new("rksmbd-delete-pending");
@@ -684,8 +687,27 @@ fn a_file_pending_delete_is_not_listed_nor_opened() {
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     smbprotocol_script_passes(&srv, "delete_pending_listing.py");
     assert!(!s.root().join("pending.txt").exists());
+    assert!(!s.root().join("gone.txt").exists());
     assert!(s.root().join("kept.txt").exists());
     no_handles_left(&d);
+    let fds = format!("/proc/{}/fd", srv.shim.pid());
+    let deleted_held = || -> Vec<String> {
+        std::fs::read_dir(&fds)
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|l| l.display().to_string())
+            .filter(|l| l.ends_with("(deleted)"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !deleted_held().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        deleted_held(),
+        Vec::<String>::new(),
+        "rksmbd holds deleted files"
+    );
 }
 
 /// QUERY_DIRECTORY takes the DOS wildcards as MS-FSA 2.1.4.4 has them:

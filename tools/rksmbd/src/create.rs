@@ -205,7 +205,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     // A file pending delete opens no more (MS-FSA 2.1.5.1.2.1).
     if existing
         .as_ref()
-        .is_some_and(|m| sh.delete_pending.hides(m))
+        .is_some_and(|m| crate::files::pending_delete(&sh, &path, m))
     {
         return Err(status::DELETE_PENDING);
     }

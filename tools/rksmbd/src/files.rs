@@ -152,19 +152,33 @@ pub fn open_root(attach: &libfilter::attach::Attachment) -> anyhow::Result<Owned
 /// Most files [`DeletePending`] keeps.
 const MAX_DELETE_PENDING: usize = 4096;
 
+/// A file's identity that outlives its descriptors: device and inode
+/// numbers, and the kernel file handle, which carries the inode's
+/// generation where the filesystem has one (ext4, xfs, tmpfs, btrfs), so a
+/// file given a removed file's inode number is another file. `None` where
+/// the filesystem gives no handle: the numbers alone then.
+type Identity = Option<libfilter::model::KernelHandle>;
+
 /// The files pending delete through this rksmbd — FileDisposition set,
 /// or an open with delete on close closed while other opens keep the
 /// file — while they still have a name: QUERY_DIRECTORY leaves them out,
 /// as Samba does, and a CREATE of one is STATUS_DELETE_PENDING
 /// (smbtorture's deltree would otherwise delete such a file again and
-/// again). Each is held by a descriptor of its own, so its inode number
-/// cannot be reused while it is here; one whose last link is gone is
-/// forgotten.
+/// again).
+///
+/// Each is known by its [`Identity`], never by a descriptor: a descriptor
+/// kept here held a deleted file's blocks until rksmbd restarted, and
+/// was outside the descriptor cap (review: a 200 MiB file deleted by
+/// SET_INFO disposition and CLOSE stayed on disk; 250 marked files took
+/// the last descriptors). An entry goes when it is unmarked, when a close
+/// through rksmbd finds its file without a name ([`DeletePending::closed`]),
+/// or when a name with its inode number turns out to be another file
+/// (inode reuse after the delete was made elsewhere).
 #[derive(Default)]
-pub struct DeletePending(std::sync::Mutex<HashMap<(u64, u64), std::fs::File>>);
+pub struct DeletePending(std::sync::Mutex<HashMap<(u64, u64), Identity>>);
 
 impl DeletePending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), std::fs::File>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Identity>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -180,29 +194,69 @@ impl DeletePending {
             m.remove(&id);
             return;
         }
-        if m.len() >= MAX_DELETE_PENDING {
-            m.retain(|_, f| linked(f));
-        }
-        if m.len() < MAX_DELETE_PENDING {
-            if let Ok(own) = fd.try_clone_to_owned() {
-                m.insert(id, std::fs::File::from(own));
-            }
+        // Full: a file whose delete was made outside rksmbd's closes is
+        // still here; the mark is not kept (the file is listed), as before.
+        if m.len() < MAX_DELETE_PENDING || m.contains_key(&id) {
+            m.insert(id, libfilter::sys::file_handle_of(fd).ok());
         }
     }
 
-    /// Whether the entry with this metadata is pending delete (a file
-    /// whose pending delete has happened is forgotten).
-    pub(crate) fn hides(&self, m: &Meta) -> bool {
-        let mut map = self.lock();
-        match map.get(&(m.dev, m.ino)) {
-            Some(f) if linked(f) => true,
-            Some(_) => {
-                map.remove(&(m.dev, m.ino));
-                false
-            }
-            None => false,
+    /// A close through rksmbd of an open of the file open as `fd`: once
+    /// the file has no name its pending delete has happened, and it is
+    /// forgotten (the descriptor still holds the inode, so its numbers
+    /// are this file's).
+    pub(crate) fn closed(&self, fd: std::os::fd::BorrowedFd<'_>) {
+        let Ok(st) = nix::sys::stat::fstat(fd) else {
+            return;
+        };
+        if st.st_nlink == 0 {
+            self.lock().remove(&(st.st_dev, st.st_ino));
         }
     }
+
+    /// Whether the entry with this metadata is pending delete; `handle`
+    /// gives its kernel file handle, asked only when its inode number is
+    /// marked. A file of that number that is another file (the marked
+    /// one was deleted and its number reused) is not, and the mark goes.
+    pub(crate) fn hides(&self, m: &Meta, handle: impl FnOnce() -> Identity) -> bool {
+        let key = (m.dev, m.ino);
+        let Some(marked) = self.lock().get(&key).cloned() else {
+            return false;
+        };
+        let same = marked == handle();
+        if !same {
+            let mut map = self.lock();
+            // Unless it was marked again meanwhile.
+            if map.get(&key) == Some(&marked) {
+                map.remove(&key);
+            }
+        }
+        same
+    }
+}
+
+/// The kernel file handle of `leaf` in `dir` (not following a symbolic
+/// link), for [`DeletePending::hides`].
+pub(crate) fn handle_at(dir: std::os::fd::BorrowedFd<'_>, leaf: &str) -> Identity {
+    let fd = nix::fcntl::openat(
+        dir,
+        leaf,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    libfilter::sys::file_handle_of(fd.as_fd()).ok()
+}
+
+/// Whether the file at `path`, with metadata `m`, is pending delete.
+pub(crate) fn pending_delete(sh: &Shared, path: &Option<RelPath>, m: &Meta) -> bool {
+    sh.delete_pending.hides(m, || match path {
+        None => libfilter::sys::file_handle_of(sh.root.as_fd()).ok(),
+        Some(p) => {
+            let (parent, leaf) = parent_and_leaf(sh, p).ok()?;
+            handle_at(parent.as_fd(), leaf)
+        }
+    })
 }
 
 /// Whether the file still has a name.
@@ -443,6 +497,8 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
             }
         }
     }
+    // A pending delete this close made happen is forgotten.
+    sh.delete_pending.closed(open.fd());
     answer
 }
 
@@ -1841,7 +1897,7 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
         let name = if l.dots == 0 { "." } else { ".." };
         if matches(name) {
             let own = Meta::of(fd)?;
-            if !pending.hides(&own) {
+            if !pending.hides(&own, || libfilter::sys::file_handle_of(fd.as_fd()).ok()) {
                 if !page.push(name, &own)? {
                     break;
                 }
@@ -1874,7 +1930,7 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
                     let st = nix::sys::stat::fstatat(fd, n, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
                     Some((n, Meta::from_stat(&st)))
                 })
-                .filter(|(_, m)| !pending.hides(m));
+                .filter(|(n, m)| !pending.hides(m, || handle_at(fd.as_fd(), n)));
             if let Some((name, meta)) = shown {
                 if !page.push(name, &meta)? {
                     full = true;
@@ -1939,6 +1995,39 @@ impl Page {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A marked file is hidden while it is that file; a file under its
+    /// inode number with another handle (another generation: inode
+    /// reuse) is not, and the mark goes; a close finding the file
+    /// without a name forgets it; and nothing holds a descriptor of it.
+    #[test]
+    fn delete_pending_knows_files_by_identity_not_descriptor() {
+        let dir = std::env::temp_dir().join(format!("rksmbd-dp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let f = std::fs::File::create(&path).unwrap();
+        let st = nix::sys::stat::fstat(f.as_fd()).unwrap();
+        let m = Meta::from_stat(&st);
+        let own = libfilter::sys::file_handle_of(f.as_fd()).ok();
+        let dp = DeletePending::default();
+        dp.set(f.as_fd(), true);
+        assert!(dp.hides(&m, || own.clone()));
+        let other = own.clone().map(|mut h| {
+            h.handle_type ^= 1;
+            h
+        });
+        if own.is_some() {
+            assert!(!dp.hides(&m, || other.clone()), "another file, same number");
+            assert!(!dp.hides(&m, || own.clone()), "the mark went");
+        }
+        dp.set(f.as_fd(), true);
+        dp.closed(f.as_fd());
+        assert!(dp.hides(&m, || own.clone()), "still named: still marked");
+        std::fs::remove_file(&path).unwrap();
+        dp.closed(f.as_fd());
+        assert!(!dp.hides(&m, || own.clone()), "deleted: forgotten");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn io_ranges_stay_within_a_signed_file_offset() {
