@@ -14,8 +14,15 @@ first answered STATUS_INVALID_PARAMETER, the second the CREATE's status,
 the third STATUS_INSUFFICIENT_RESOURCES, every one signed with the
 session's key: anyone on the wire got server-signed responses for the
 message ids and commands they chose. Then a rightly signed ECHO still
-succeeds. Prints one line per step and PASS; exits non-zero on any
-failure.
+succeeds.
+
+Then a forged CANCEL: one open of big.bin holds an exclusive lock of its
+first byte, another's blocking LOCK of it pends (STATUS_PENDING); a
+CANCEL of that LOCK (by AsyncId) flagged signed with a garbage signature
+must be dropped unanswered: a signed ECHO is answered next (not the LOCK
+with STATUS_CANCELLED, as before), and once the holder unlocks the
+pending LOCK is granted. Prints one line per step and PASS; exits
+non-zero on any failure.
 """
 
 import struct
@@ -24,6 +31,10 @@ import sys
 from raw_channel import FAILURES, CREATE, ECHO, FLAG_SIGNED, READ, SUCCESS, SignedClient, charge_for, check, cmac_sign, create_body
 
 FLAG_RELATED = 0x4
+FLAG_ASYNC = 0x2
+LOCK, CANCEL = 0xA, 0xC
+LOCK_EXCLUSIVE, LOCK_UNLOCK, LOCK_FAIL_IMMEDIATELY = 0x2, 0x4, 0x10
+PENDING = 0x103
 ACCESS_DENIED = 0xC0000022
 MIB = 1 << 20
 
@@ -91,6 +102,45 @@ refused_unsigned(answers[3], "a forged related request past the compound bound")
 
 st, _ = c.call(ECHO, struct.pack("<HH", 4, 0))
 check(st == SUCCESS, f"a rightly signed ECHO still succeeds (got {st:#010x})")
+
+
+def lock_body(fid, flags):
+    """A LOCK of byte 0 of `fid` with `flags`."""
+    return struct.pack("<HHI16sQQII", 48, 1, 0, fid, 0, 1, flags, 0)
+
+
+def open_big():
+    st, r = c.call(CREATE, create_body("big.bin", disposition=1))
+    check(st == SUCCESS, f"big.bin opened for writing (got {st:#010x})")
+    return r[64 + 64 : 64 + 80]
+
+
+holder, waiter = open_big(), open_big()
+st, _ = c.call(LOCK, lock_body(holder, LOCK_EXCLUSIVE | LOCK_FAIL_IMMEDIATELY))
+check(st == SUCCESS, f"the holder locks byte 0 (got {st:#010x})")
+lock_mid = c.raw.mid
+c.send(LOCK, lock_body(waiter, LOCK_EXCLUSIVE))
+st, r = c.recv()
+check(st == PENDING, f"the blocking LOCK pends (got {st:#010x})")
+async_id = struct.unpack_from("<Q", r, 32)[0]
+cancel = struct.pack(
+    "<4sHHIHHIIQQQ16s", b"\xfeSMB", 64, 0, 0, CANCEL, 0, FLAG_ASYNC | FLAG_SIGNED, 0, lock_mid, async_id, c.sid, b"\x5a" * 16
+) + struct.pack("<HH", 4, 0)
+c.raw.send(cancel)
+c.send(ECHO, struct.pack("<HH", 4, 0))
+st, r = c.recv()
+cmd = struct.unpack_from("<H", r, 12)[0]
+check(cmd == ECHO and st == SUCCESS, f"a forged CANCEL is dropped: the ECHO is answered next (got command {cmd:#x}, {st:#010x})")
+unlock_mid = c.raw.mid
+c.send(LOCK, lock_body(holder, LOCK_UNLOCK))
+answers = {}
+while len(answers) < 2:
+    st, r = c.recv()
+    mid = struct.unpack_from("<Q", r, 24)[0]
+    if st != PENDING:
+        answers[mid] = st
+check(answers.get(unlock_mid) == SUCCESS, f"the holder unlocks (got {answers})")
+check(answers.get(lock_mid) == SUCCESS, f"the pending LOCK is granted after the unlock (got {answers})")
 if FAILURES:
     sys.exit(1)
 print("PASS", flush=True)

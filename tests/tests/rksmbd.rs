@@ -1271,6 +1271,9 @@ fn requests_naming_no_open_or_lacking_access_are_refused() {
 /// related, related after a failed CREATE, or past the compound's bound
 /// (tests/smb3/forged_related.py). Before, those were refused for their
 /// place in the chain first, with responses signed by the session's key.
+/// A CANCEL with a forged signature is dropped: the blocking LOCK it
+/// names stays pending (an ECHO is answered next) and is granted once its
+/// holder unlocks; before, it ended with STATUS_CANCELLED.
 #[test]
 fn a_forged_related_request_is_refused_unsigned() {
     let s = Scratch::new("rksmbd-forged-related");

@@ -1747,7 +1747,13 @@ impl Connection {
         let cmd = Command::from_code(req.hdr.command);
         if cmd == Command::Cancel {
             // CANCEL gets no response; a waiting lock or CREATE it names
-            // does.
+            // does. Its signature is checked first like any request's
+            // (3.3.5.2.4): one that does not verify is dropped unanswered.
+            // Before, an unsigned or forged CANCEL ended a signed
+            // session's pending LOCK, CREATE or CHANGE_NOTIFY (review).
+            if self.check_signature(req, cmd).is_err() {
+                return (None, None);
+            }
             crate::lock::cancel(self, req);
             crate::create::cancel_pending(self, req);
             crate::notify::cancel(self, req);
