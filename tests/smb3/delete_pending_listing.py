@@ -22,7 +22,6 @@ from smbprotocol.file_info import FileDispositionInformation, FileInformationCla
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
-    DirectoryAccessMask,
     FileAttributes,
     FilePipePrinterAccessMask,
     ImpersonationLevel,
@@ -31,7 +30,7 @@ from smbprotocol.open import (
 )
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
-from smbtest import set_info_status
+from smbtest import open_dir, set_info_status
 
 HOST, PORT, SHARE, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 STATUS_DELETE_PENDING = 0xC0000056
@@ -52,15 +51,7 @@ def open_file(tree, name, access, options):
 
 
 def listing(tree):
-    d = Open(tree, "")
-    d.create(
-        ImpersonationLevel.Impersonation,
-        DirectoryAccessMask.FILE_LIST_DIRECTORY,
-        FileAttributes.FILE_ATTRIBUTE_DIRECTORY,
-        SHARE_ALL,
-        CreateDisposition.FILE_OPEN,
-        CreateOptions.FILE_DIRECTORY_FILE,
-    )
+    d = open_dir(tree, "")
     entries = d.query_directory("*", FileInformationClass.FILE_NAMES_INFORMATION)
     d.close()
     return sorted(e["file_name"].get_value().decode("utf-16-le") for e in entries)

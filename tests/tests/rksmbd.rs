@@ -653,6 +653,22 @@ fn opens_stay_below_the_descriptor_limit() {
     no_handles_left(&d);
 }
 
+/// Review: the open cap was server-wide, so under a descriptor limit of
+/// 512 (cap 320) bob's 320 opens of a directory refused every CREATE of
+/// alice's. Now a user holds at most a quarter of the cap (80), counted
+/// across its connections: bob's next CREATE is
+/// STATUS_INSUFFICIENT_RESOURCES, alice's succeed (per_user_opens.py).
+#[test]
+fn one_user_holds_at_most_its_share_of_the_opens() {
+    let s = Scratch::new("rksmbd-per-user-opens");
+    std::fs::create_dir(s.root().join("d")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let users = [("alice", "pw"), ("bob", "bob pw")];
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &users, 512);
+    smbprotocol_script_passes_with(&srv, "per_user_opens.py", &["bob", "bob pw", "80"]);
+    no_handles_left(&d);
+}
+
 /// As [`smbprotocol_script_passes`], with `extra` arguments after the
 /// usual five.
 fn smbprotocol_script_passes_with(srv: &RkSmbd, script: &str, extra: &[&str]) {

@@ -111,6 +111,13 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
         );
         return Err(status::INSUFFICIENT_RESOURCES);
     }
+    if c.user_opens_full(req) {
+        tracing::info!(
+            conn = c.id,
+            "CREATE refused: the user holds its share of the opens"
+        );
+        return Err(status::INSUFFICIENT_RESOURCES);
+    }
     let mut r = Reader::new(req.body);
     if r.u16("structure size")? != 57 {
         return Err(status::INVALID_PARAMETER);

@@ -351,9 +351,10 @@ pub struct Open {
     /// LOCKs applied, one per index.
     pub(crate) lock_sequences: Vec<(u8, u8)>,
     /// Its descriptor, counted under the server's cap
-    /// ([`crate::server::Shared::fds`]) from [`Connection::add_open`]
-    /// until the open is dropped.
-    pub(crate) counted: Option<shimline::descriptors::DescriptorSlot>,
+    /// ([`crate::server::Shared::fds`]) and its user's share of it
+    /// ([`crate::server::UserOpens`]) from [`Connection::add_open`] until
+    /// the open is dropped.
+    pub(crate) counted: Option<crate::server::OpenSlots>,
 }
 
 /// The lease key of the oplock of the open an OPLOCK_BREAK

@@ -159,6 +159,8 @@ pub struct Shared {
     not_logged_on: NotLoggedOn,
     /// Connections logged on, per user.
     per_user: PerUser,
+    /// Opens held, per user: each user's share of [`Shared::fds`].
+    pub user_opens: Arc<UserOpens>,
     next_session: AtomicU64,
 }
 
@@ -244,6 +246,74 @@ impl PerUser {
                 if *n == 0 {
                     m.remove(user);
                 }
+            }
+        }
+    }
+}
+
+/// The fewest opens a user may hold ([`UserOpens::share`]), unless the
+/// cap itself is smaller.
+const MIN_OPENS_PER_USER: usize = 64;
+
+/// Opens held per user, across that user's connections (as [`PerUser`]
+/// counts connections): a user holds at most a quarter of the open cap
+/// ([`Shared::fds`]), or [`MIN_OPENS_PER_USER`] where that is more, and a
+/// CREATE past it is STATUS_INSUFFICIENT_RESOURCES for that user only.
+/// Before (review), the cap was server-wide and one user's directory opens
+/// (which filterd never sees) took all of it: under a descriptor limit of
+/// 512, 320 opens of one directory, and every other user's CREATE was
+/// refused.
+#[derive(Default)]
+pub struct UserOpens(Mutex<HashMap<String, usize>>);
+
+impl UserOpens {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The opens one user may hold under a cap of `cap`.
+    pub fn share(cap: usize) -> usize {
+        (cap / 4).max(MIN_OPENS_PER_USER.min(cap))
+    }
+
+    /// Whether `user` holds its share of `cap` already.
+    pub fn full(&self, user: &str, cap: usize) -> bool {
+        self.lock()
+            .get(user)
+            .is_some_and(|n| *n >= Self::share(cap))
+    }
+
+    /// One more open of `user`, counted until the slot is dropped (even
+    /// past its share: the open is made; a CREATE checks before).
+    pub fn count(self: &Arc<Self>, user: &str) -> UserSlot {
+        *self.lock().entry(user.to_owned()).or_default() += 1;
+        UserSlot {
+            opens: self.clone(),
+            user: user.to_owned(),
+        }
+    }
+}
+
+/// An open's counts: its descriptor under the open cap, itself under its
+/// user's share ([`UserOpens`]); each given back when this is dropped.
+pub struct OpenSlots {
+    _fd: shimline::descriptors::DescriptorSlot,
+    _user: Option<UserSlot>,
+}
+
+/// One open counted in [`UserOpens`] until this is dropped.
+pub struct UserSlot {
+    opens: Arc<UserOpens>,
+    user: String,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut m = self.opens.lock();
+        if let Some(n) = m.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.user);
             }
         }
     }
@@ -344,6 +414,7 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
         replays: libfilter::client::ReplayCounter::default(),
         not_logged_on: NotLoggedOn::default(),
         per_user: PerUser::default(),
+        user_opens: Arc::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
     });
     let events = shared.clone();
@@ -1492,9 +1563,16 @@ impl Connection {
             }
         }
         if open.counted.is_none() {
-            // Counted even past the cap: the open is made (a CREATE
-            // checks the cap before making one).
-            open.counted = Some(self.sh.fds.force());
+            // Counted even past the caps: the open is made (a CREATE
+            // checks them before making one).
+            let user = self
+                .sessions
+                .get(&open.session)
+                .and_then(|s| s.user.as_ref());
+            open.counted = Some(OpenSlots {
+                _fd: self.sh.fds.force(),
+                _user: user.map(|u| self.sh.user_opens.count(u)),
+            });
         }
         if let Some(g) = open.create_guid {
             self.sh.registry.held(g, self.id);
@@ -2033,6 +2111,15 @@ impl Connection {
     }
 
     /// The request's session, which must be logged on.
+    /// Whether the request's user holds its share of the open cap
+    /// ([`UserOpens`]).
+    pub fn user_opens_full(&self, req: &Request<'_>) -> bool {
+        self.logged_on(req)
+            .ok()
+            .and_then(|s| s.user.as_ref())
+            .is_some_and(|u| self.sh.user_opens.full(u, self.sh.fds.cap()))
+    }
+
     pub fn logged_on(&self, req: &Request<'_>) -> Result<&Session, u32> {
         match self.sessions.get(&req.hdr.session_id) {
             Some(s) if s.user.is_some() => Ok(s),
@@ -2784,6 +2871,23 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
+
+    /// A user's share is a quarter of the cap, at least 64 (the whole
+    /// cap if smaller); each user is counted apart, across slots, until
+    /// the slots go.
+    #[test]
+    fn each_user_holds_its_share_of_the_opens() {
+        assert_eq!(UserOpens::share(320), 80);
+        assert_eq!(UserOpens::share(100), 64);
+        assert_eq!(UserOpens::share(32), 32);
+        let opens = Arc::new(UserOpens::default());
+        let bob: Vec<UserSlot> = (0..64).map(|_| opens.count("bob")).collect();
+        assert!(opens.full("bob", 100));
+        assert!(!opens.full("alice", 100));
+        drop(bob);
+        assert!(!opens.full("bob", 100));
+        assert!(opens.lock().is_empty(), "no user left counted");
+    }
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
