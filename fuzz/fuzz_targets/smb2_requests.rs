@@ -85,6 +85,7 @@ fuzz_target!(|data: &[u8]| {
             share: "share".into(),
             users,
             server_name: "rksmbd".into(),
+            logon_timeout: rksmbd::server::LOGON_TIMEOUT,
         };
         Harness::attach(&sock, "smb2-fuzz", config).expect("attach")
     });

@@ -1245,6 +1245,43 @@ fn logons_are_bounded_per_peer_and_per_user() {
     no_handles_left(&d);
 }
 
+/// A client that never logs on holds little: a security blob over 16 KiB
+/// or an NTLM NEGOTIATE over 1 KiB is STATUS_INVALID_PARAMETER, a
+/// connection may have 4 sessions half made (the fifth is
+/// STATUS_INSUFFICIENT_RESOURCES, the four may still log on), and 64
+/// connections × 128 hostile first legs grow rksmbd's RSS by under
+/// 100 MiB (tests/smb3/preauth_limits.py). Before, each half-made session
+/// kept two copies of a NEGOTIATE of up to 64 KiB, 64 of them per
+/// connection: 120 connections held 1 GB.
+#[test]
+fn half_made_sessions_hold_little() {
+    let s = Scratch::new("rksmbd-preauth-memory");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let pid = srv.shim.pid().to_string();
+    smbprotocol_script_passes_with(&srv, "preauth_limits.py", &["memory", &pid]);
+    no_handles_left(&d);
+}
+
+/// A connection with no session logged on is ended at `--logon-timeout`
+/// (3 s here), whether it sent nothing or left a session half made; one
+/// logged on meanwhile is still served (tests/smb3/preauth_limits.py).
+/// Before, such connections stayed as long as they liked.
+#[test]
+fn a_connection_that_does_not_log_on_in_time_is_ended() {
+    let s = Scratch::new("rksmbd-logon-timeout");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with(
+        &s,
+        "rksmbd",
+        "data",
+        &[("alice", "pw")],
+        &["--logon-timeout", "3"],
+    );
+    smbprotocol_script_passes_with(&srv, "preauth_limits.py", &["deadline", "3"]);
+    no_handles_left(&d);
+}
+
 /// A frame trickled a byte every 4 s is not waited for past 30 s from its
 /// first byte. Before, the read timeout restarted with every byte.
 #[test]

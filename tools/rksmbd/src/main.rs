@@ -2,7 +2,7 @@
 //! over the `rksmbd` library).
 //!
 //! Serve: `rksmbd --filter SOCKET --listen HOST:PORT [--instance NAME]
-//! --share NAME --users FILE [--channel-memory MIB]` prints `listening on HOST:PORT` as its first
+//! --share NAME --users FILE [--channel-memory MIB] [--logon-timeout SECS]` prints `listening on HOST:PORT` as its first
 //! stdout line, then serves. `rksmbd hash-password USER [--uid N]` reads a
 //! password from stdin and prints a users-file (smbpasswd) line for it.
 #![forbid(unsafe_code)]
@@ -46,6 +46,11 @@ struct Args {
     #[arg(long, value_name = "MIB", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     channel_memory: u32,
+    /// Seconds a connection may go without a logged-on session before it
+    /// is ended (a client logs on right after connecting).
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    logon_timeout: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -100,6 +105,7 @@ fn run() -> anyhow::Result<()> {
         share,
         users,
         server_name: "RKSMBD".into(),
+        logon_timeout: std::time::Duration::from_secs(args.logon_timeout),
     };
     rksmbd::server::run(
         &filter,

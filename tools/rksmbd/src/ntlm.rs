@@ -32,6 +32,14 @@ const NEGOTIATE_128: u32 = 0x2000_0000;
 const NEGOTIATE_KEY_EXCH: u32 = 0x4000_0000;
 const NEGOTIATE_56: u32 = 0x8000_0000;
 
+/// The longest NEGOTIATE message taken. A client's is 32 bytes of fixed
+/// fields, an 8-byte version and at most a domain and a workstation name
+/// (a few dozen bytes); the NEGOTIATE is kept until the AUTHENTICATE (for
+/// its MIC), and before this bound a client could park 64 KiB of it in
+/// every half-made session (adversarial review: 120 connections held
+/// 1 GB).
+pub const MAX_NEGOTIATE: usize = 1024;
+
 /// Why a logon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -94,6 +102,9 @@ fn av_pair(w: &mut Writer, id: u16, value: &[u8]) {
 
 /// Answers a NEGOTIATE message with a CHALLENGE message.
 pub fn challenge(negotiate: &[u8], server: &str) -> Result<(Pending, Vec<u8>), AuthError> {
+    if negotiate.len() > MAX_NEGOTIATE {
+        return Err(WireError::Bad("NTLMSSP NEGOTIATE too long").into());
+    }
     let mut r = Reader::new(negotiate);
     if r.array::<8>("ntlmssp signature")? != *SIGNATURE || r.u32("message type")? != 1 {
         return Err(WireError::Bad("NTLMSSP NEGOTIATE").into());

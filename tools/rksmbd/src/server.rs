@@ -74,6 +74,24 @@ const MAX_COMPOUND_OUT: usize = 2 * MAX_IO as usize;
 pub const MAX_OPENS_PER_CONNECTION: usize = 16_384;
 /// Sessions one connection may hold.
 const MAX_SESSIONS_PER_CONNECTION: usize = 64;
+/// Sessions one connection may have half made (a SESSION_SETUP answered
+/// STATUS_MORE_PROCESSING_REQUIRED, or a binding under way): a client
+/// logs on one session at a time, binding a channel one more. Each holds
+/// the client's NTLM NEGOTIATE until its AUTHENTICATE; before this bound
+/// all 64 sessions of a connection could be half made by a client that
+/// never logged on (adversarial review: 120 such connections held 1 GB).
+const MAX_HALF_SESSIONS_PER_CONNECTION: usize = 4;
+/// The longest security blob a SESSION_SETUP may carry. Only NTLMSSP is
+/// offered: its AUTHENTICATE, the largest leg, is a few hundred bytes
+/// plus the target info and names, well under this; a longer blob (a
+/// Kerberos ticket, which would be refused anyway) is
+/// STATUS_INVALID_PARAMETER before it is decoded.
+const MAX_SECURITY_BLOB: usize = 16 * 1024;
+/// How long a connection may stay without a logged-on session before it
+/// is ended, unless `--logon-timeout` says otherwise: a client logs on
+/// right after NEGOTIATE, and one that never does held a slot (and its
+/// half-made sessions) for as long as it liked.
+pub const LOGON_TIMEOUT: Duration = Duration::from_secs(60);
 /// Tree connects one session may hold.
 const MAX_TREES_PER_SESSION: usize = 64;
 /// How deeply requests served while another waits may nest.
@@ -118,6 +136,9 @@ pub struct Config {
     pub users: Users,
     /// The name rksmbd gives itself in NTLM.
     pub server_name: String,
+    /// How long a connection may go without a logged-on session
+    /// ([`LOGON_TIMEOUT`] by default).
+    pub logon_timeout: Duration,
 }
 
 /// What every connection shares: the filterd attachment, the export root
@@ -661,7 +682,11 @@ pub struct Session {
     signing_key: Option<[u8; 16]>,
     signing_required: bool,
     preauth: [u8; 64],
-    pending: Option<(ntlm::Pending, spnego::ClientToken)>,
+    /// Between CHALLENGE and AUTHENTICATE: the NTLM state (which holds
+    /// the client's NEGOTIATE, for the MIC) and the SPNEGO mechTypes of
+    /// the first leg (for the mechListMIC) — not the whole first token,
+    /// which was a second copy of the NEGOTIATE.
+    pending: Option<(ntlm::Pending, Option<Vec<u8>>)>,
     /// Tree ids connected in this session.
     pub trees: Vec<u32>,
     /// Its filterd handles as other connections see them, once logged on.
@@ -810,6 +835,9 @@ pub struct Connection {
     /// Counted among the connections not logged on yet
     /// ([`NotLoggedOn`]).
     not_logged_on: bool,
+    /// When the connection is ended unless a session has logged on by
+    /// then ([`Config::logon_timeout`]).
+    logon_by: Option<Instant>,
     /// The users logged on over this connection, each counted once in
     /// [`PerUser`].
     users_counted: Vec<String>,
@@ -930,6 +958,7 @@ impl Connection {
             inbox_went_last: false,
             notify_went_first: false,
             not_logged_on: false,
+            logon_by: None,
             users_counted: Vec::new(),
             channel_writers: HashMap::new(),
             outbox: None,
@@ -986,6 +1015,7 @@ impl Connection {
         let peer = stream.peer_addr().ok().map(|a| a.ip());
         self.sh.not_logged_on.arrived(self.id, peer, &stream);
         self.not_logged_on = true;
+        self.logon_by = Instant::now().checked_add(self.sh.config.logon_timeout);
         self.sh.notifier.connected(self.id, writer.clone());
         self.io = Some((stream, writer));
         loop {
@@ -1005,6 +1035,7 @@ impl Connection {
             self.after_pdu();
         }
         self.sh.not_logged_on.left(self.id);
+        self.not_logged_on = false;
         self.io = None;
         if let Some(o) = self.outbox.take() {
             o.end();
@@ -1039,6 +1070,20 @@ impl Connection {
         }
     }
 
+    /// While no session has logged on: how long it has left to
+    /// ([`Config::logon_timeout`]).
+    fn logon_left(&self) -> Option<Duration> {
+        let by = self.logon_by.filter(|_| self.not_logged_on)?;
+        Some(by.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether the connection may start one more half-made session
+    /// ([`MAX_HALF_SESSIONS_PER_CONNECTION`]) and hold one more session.
+    fn room_for_a_session(&self) -> bool {
+        let half = self.sessions.values().filter(|s| s.user.is_none()).count();
+        half < MAX_HALF_SESSIONS_PER_CONNECTION && self.sessions.len() < MAX_SESSIONS_PER_CONNECTION
+    }
+
     /// Whether a session of this connection still has channels.
     fn has_channels(&self) -> bool {
         self.sessions.values().any(|s| {
@@ -1066,7 +1111,15 @@ impl Connection {
                 crate::create::retry_pending(self, false);
                 continue;
             }
-            let wait = locks.into_iter().chain(creates).min();
+            let logon = self.logon_left();
+            if logon.is_some_and(|w| w.is_zero()) {
+                tracing::info!(
+                    conn = self.id,
+                    "ending a connection that did not log on in time"
+                );
+                return Input::Gone;
+            }
+            let wait = locks.into_iter().chain(creates).chain(logon).min();
             match self.poll_inputs(wait) {
                 Ready::Socket => match self.read_frame() {
                     Some(Received::Pdu(pdu)) => return Input::Pdu(pdu),
@@ -2271,6 +2324,9 @@ impl Connection {
         let off = r.u16("blob offset")?;
         let len = r.u16("blob length")?;
         let previous = r.u64("previous session")?;
+        if usize::from(len) > MAX_SECURITY_BLOB {
+            return Err(status::INVALID_PARAMETER);
+        }
         let blob = wire::buffer(req.msg, u32::from(off), u32::from(len), "security blob")?;
         let new = req.hdr.session_id == 0;
         let flagged = !new && flags & SESSION_FLAG_BINDING != 0;
@@ -2300,7 +2356,7 @@ impl Connection {
             }
         }
         let id = if new {
-            if self.sessions.len() >= MAX_SESSIONS_PER_CONNECTION {
+            if !self.room_for_a_session() {
                 return Err(status::INSUFFICIENT_RESOURCES);
             }
             let id = self.sh.next_session.fetch_add(1, Ordering::Relaxed);
@@ -2398,9 +2454,7 @@ impl Connection {
         if home.conn == self.id {
             return Err(status::REQUEST_NOT_ACCEPTED);
         }
-        if home.channels() >= MAX_CHANNELS_PER_SESSION
-            || self.sessions.len() >= MAX_SESSIONS_PER_CONNECTION
-        {
+        if home.channels() >= MAX_CHANNELS_PER_SESSION || !self.room_for_a_session() {
             return Err(status::INSUFFICIENT_RESOURCES);
         }
         self.sessions
@@ -2493,7 +2547,7 @@ impl Connection {
             (1, _) => {
                 let (pending, chal) = ntlm::challenge(&token.ntlm, &server_name)
                     .map_err(|_| status::INVALID_PARAMETER)?;
-                s.pending = Some((pending, token));
+                s.pending = Some((pending, token.mech_types));
                 let mut reply = Reply::with_status(
                     status::MORE_PROCESSING_REQUIRED,
                     session_setup_body(0, &spnego::challenge_response(&chal)),
@@ -2501,7 +2555,7 @@ impl Connection {
                 reply.session_id = Some(id);
                 Ok(reply)
             }
-            (3, Some((pending, first))) => {
+            (3, Some((pending, first_mechs))) => {
                 let logged = match ntlm::authenticate(&pending, &token.ntlm, &self.sh.config.users)
                 {
                     Ok(l) => l,
@@ -2511,7 +2565,7 @@ impl Connection {
                     }
                 };
                 // SPNEGO mechListMIC: check the client's, answer with ours.
-                let mic = match (&first.mech_types, &token.mic) {
+                let mic = match (&first_mechs, &token.mic) {
                     (Some(mechs), Some(got)) => {
                         let want =
                             ntlm::first_signature(&logged, ntlm::Direction::FromClient, mechs);
