@@ -8,7 +8,8 @@
 //! - [`crypto`]: signing (HMAC-SHA256, AES-CMAC, AES-GMAC), the SP800-108
 //!   KDF and the 3.1.1 preauth integrity hash.
 //! - [`spnego`] and [`ntlm`]: authentication — SPNEGO-wrapped NTLMSSP,
-//!   NTLMv2 checked against the NT hashes of [`users`] (smbpasswd format).
+//!   NTLMv2 checked against the NT hashes of [`users`] (smbpasswd format);
+//!   [`logons`] how fast failed logons may be retried.
 //! - [`server`]: connections, compounding, signing, NEGOTIATE,
 //!   SESSION_SETUP, TREE_CONNECT, IOCTL and the other non-file commands;
 //!   [`credits`] the credits and message ids a connection allows.
@@ -40,6 +41,7 @@ pub mod dirshare;
 pub mod files;
 pub mod info;
 pub mod lock;
+pub mod logons;
 pub mod notify;
 pub mod ntlm;
 pub mod server;

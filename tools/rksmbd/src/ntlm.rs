@@ -203,11 +203,19 @@ fn mic_present(client_blob: &[u8]) -> bool {
     false
 }
 
-/// Checks an AUTHENTICATE message against the users file.
-pub fn authenticate(p: &Pending, auth: &[u8], users: &Users) -> Result<LoggedOn, AuthError> {
+/// The fields of an AUTHENTICATE message that a logon checks.
+struct AuthFields<'a> {
+    nt: &'a [u8],
+    domain: String,
+    user: String,
+    enc_key: &'a [u8],
+    flags: u32,
+}
+
+fn auth_fields(auth: &[u8]) -> Result<AuthFields<'_>, WireError> {
     let mut r = Reader::new(auth);
     if r.array::<8>("ntlmssp signature")? != *SIGNATURE || r.u32("message type")? != 3 {
-        return Err(WireError::Bad("NTLMSSP AUTHENTICATE").into());
+        return Err(WireError::Bad("NTLMSSP AUTHENTICATE"));
     }
     let _lm = field(auth, &mut r, "lm response")?;
     let nt = field(auth, &mut r, "nt response")?;
@@ -224,8 +232,31 @@ pub fn authenticate(p: &Pending, auth: &[u8], users: &Users) -> Result<LoggedOn,
             Ok(String::from_utf8_lossy(b).into_owned())
         }
     };
-    let user = text(user, "user name")?;
-    let domain = text(domain, "domain name")?;
+    Ok(AuthFields {
+        nt,
+        domain: text(domain, "domain name")?,
+        user: text(user, "user name")?,
+        enc_key,
+        flags,
+    })
+}
+
+/// The user an AUTHENTICATE message names, before anything is checked
+/// (failed logons are counted per user: [`crate::logons`]); empty when
+/// it does not decode.
+pub fn user_of(auth: &[u8]) -> String {
+    auth_fields(auth).map(|f| f.user).unwrap_or_default()
+}
+
+/// Checks an AUTHENTICATE message against the users file.
+pub fn authenticate(p: &Pending, auth: &[u8], users: &Users) -> Result<LoggedOn, AuthError> {
+    let AuthFields {
+        nt,
+        domain,
+        user,
+        enc_key,
+        flags,
+    } = auth_fields(auth)?;
     if user.is_empty() {
         return Err(AuthError::Unsupported("anonymous"));
     }

@@ -182,6 +182,8 @@ pub struct Shared {
     per_user: PerUser,
     /// Opens held, per user: each user's share of [`Shared::fds`].
     pub user_opens: Arc<UserOpens>,
+    /// Failed logons, by peer address and user.
+    logon_failures: crate::logons::Failures,
     next_session: AtomicU64,
 }
 
@@ -436,6 +438,7 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
         not_logged_on: NotLoggedOn::default(),
         per_user: PerUser::default(),
         user_opens: Arc::default(),
+        logon_failures: crate::logons::Failures::default(),
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
     });
     let events = shared.clone();
@@ -838,6 +841,11 @@ pub struct Connection {
     /// When the connection is ended unless a session has logged on by
     /// then ([`Config::logon_timeout`]).
     logon_by: Option<Instant>,
+    /// The client's address.
+    peer: Option<std::net::IpAddr>,
+    /// Logons failed on this connection: at
+    /// [`crate::logons::MAX_FAILURES_PER_CONNECTION`] it is ended.
+    logon_failures: u32,
     /// The users logged on over this connection, each counted once in
     /// [`PerUser`].
     users_counted: Vec<String>,
@@ -959,6 +967,8 @@ impl Connection {
             notify_went_first: false,
             not_logged_on: false,
             logon_by: None,
+            peer: None,
+            logon_failures: 0,
             users_counted: Vec::new(),
             channel_writers: HashMap::new(),
             outbox: None,
@@ -1013,6 +1023,7 @@ impl Connection {
             }
         };
         let peer = stream.peer_addr().ok().map(|a| a.ip());
+        self.peer = peer;
         self.sh.not_logged_on.arrived(self.id, peer, &stream);
         self.not_logged_on = true;
         self.logon_by = Instant::now().checked_add(self.sh.config.logon_timeout);
@@ -1021,7 +1032,7 @@ impl Connection {
         loop {
             match self.next_input() {
                 Input::Pdu(pdu) => {
-                    if !self.answer(&pdu) {
+                    if !self.answer(&pdu) || self.too_many_logon_failures() {
                         break;
                     }
                 }
@@ -1068,6 +1079,37 @@ impl Connection {
         if self.pending_creates.take_nudged() {
             crate::create::retry_pending(self, true);
         }
+    }
+
+    /// Whether the connection is ended for its failed logons (once the
+    /// last one is answered).
+    fn too_many_logon_failures(&self) -> bool {
+        if self.logon_failures < crate::logons::MAX_FAILURES_PER_CONNECTION {
+            return false;
+        }
+        tracing::info!(
+            conn = self.id,
+            failures = self.logon_failures,
+            "ending a connection for its failed logons"
+        );
+        if let Some((s, _)) = &self.io {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        true
+    }
+
+    /// A logon of `user` failed (`why`): counted for its address and user
+    /// and for this connection, logged within [`crate::logons`]' bound.
+    fn logon_failed(&mut self, user: &str, why: &dyn std::fmt::Display) -> u32 {
+        self.sh.logon_failures.failed(self.peer, user);
+        self.logon_failures = self.logon_failures.saturating_add(1);
+        if let Some(unlogged) = self.sh.logon_failures.log_refusal() {
+            if unlogged > 0 {
+                tracing::warn!(unlogged, "more logons were refused than were logged");
+            }
+            tracing::warn!(conn = self.id, peer = ?self.peer, user = ?user, error = %why, "logon refused");
+        }
+        status::LOGON_FAILURE
     }
 
     /// While no session has logged on: how long it has left to
@@ -2556,13 +2598,20 @@ impl Connection {
                 Ok(reply)
             }
             (3, Some((pending, first_mechs))) => {
+                // After failures of this user from this address, wait
+                // for its turn before the password is checked.
+                let named = ntlm::user_of(&token.ntlm);
+                match self.sh.logon_failures.turn(self.peer, &named) {
+                    crate::logons::Turn::Now => {}
+                    crate::logons::Turn::After(wait) => std::thread::sleep(wait),
+                    crate::logons::Turn::Refused => {
+                        return Err(self.logon_failed(&named, &"too many failed logons"));
+                    }
+                }
                 let logged = match ntlm::authenticate(&pending, &token.ntlm, &self.sh.config.users)
                 {
                     Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(conn = conn_id, error = %e, "logon refused");
-                        return Err(status::LOGON_FAILURE);
-                    }
+                    Err(e) => return Err(self.logon_failed(&named, &e)),
                 };
                 // SPNEGO mechListMIC: check the client's, answer with ours.
                 let mic = match (&first_mechs, &token.mic) {
@@ -2570,8 +2619,7 @@ impl Connection {
                         let want =
                             ntlm::first_signature(&logged, ntlm::Direction::FromClient, mechs);
                         if got.as_slice() != want {
-                            tracing::warn!(conn = conn_id, "bad SPNEGO mechListMIC");
-                            return Err(status::LOGON_FAILURE);
+                            return Err(self.logon_failed(&named, &"bad SPNEGO mechListMIC"));
                         }
                         Some(ntlm::first_signature(
                             &logged,
@@ -2593,6 +2641,7 @@ impl Connection {
                     &logged.session_key,
                     &s.preauth,
                 ));
+                self.sh.logon_failures.succeeded(self.peer, &named);
                 tracing::info!(conn = conn_id, user = %logged.user, session = id, "logged on");
                 s.user = Some(logged.user);
                 // Out of the not-logged-on table before the reply goes out:

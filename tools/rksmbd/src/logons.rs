@@ -1,0 +1,202 @@
+//! Failed logons: how fast a client may guess passwords, and how much of
+//! the log its guesses take.
+//!
+//! Before, a failed SESSION_SETUP dropped its half-made session and
+//! nothing else: one connection tried 1,500 passwords in 6.3 s, then
+//! logged on with the right one, and left 1,500 `logon refused` warnings
+//! (adversarial review). Now:
+//! - a connection is ended after [`MAX_FAILURES_PER_CONNECTION`] failed
+//!   logons (the third answered `STATUS_LOGON_FAILURE` first): Windows
+//!   clients give up after one, smbclient and Linux cifs retry on a new
+//!   connection;
+//! - after a failure, the next attempts of the same user from the same
+//!   peer address take turns, [`STEP`] × its failures apart (at most
+//!   [`MAX_DELAY`]), on whichever connections they come: each waits in
+//!   its own connection's thread before its password is checked (so the
+//!   wait tells a guesser nothing), and one further ahead than
+//!   [`MAX_QUEUE`] is refused unchecked. Other users and other addresses
+//!   are not slowed; a logon that succeeds forgets the failures;
+//! - at most [`LOG_PER_WINDOW`] refusals a [`LOG_WINDOW`] are logged, the
+//!   rest summed up in one line.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Failed logons after which a connection is ended.
+pub const MAX_FAILURES_PER_CONNECTION: u32 = 3;
+/// The wait one failure adds between attempts of its user and address.
+const STEP: Duration = Duration::from_millis(500);
+/// The longest wait between two attempts.
+const MAX_DELAY: Duration = Duration::from_secs(5);
+/// The furthest ahead an attempt may be queued; past it, refused at once.
+const MAX_QUEUE: Duration = Duration::from_secs(30);
+/// How long failures are remembered after the last one.
+const FORGET: Duration = Duration::from_secs(15 * 60);
+/// Most (address, user) pairs remembered: past it the stale ones go,
+/// then the one that failed longest ago.
+const MAX_KEYS: usize = 4096;
+/// Refused logons logged one by one per [`LOG_WINDOW`].
+const LOG_PER_WINDOW: u32 = 10;
+/// See [`LOG_PER_WINDOW`].
+const LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// A peer address and a user name (lowercased: names match
+/// case-insensitively).
+type Key = (Option<IpAddr>, String);
+
+/// The failures of one (address, user).
+struct Record {
+    failures: u32,
+    /// When its next attempt may be checked.
+    next: Instant,
+    last: Instant,
+}
+
+/// When an attempt to log on may be checked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// Now.
+    Now,
+    /// After this wait.
+    After(Duration),
+    /// Never: refused unchecked.
+    Refused,
+}
+
+/// Failed logons by (peer address, user), and the refusals logged.
+#[derive(Default)]
+pub struct Failures {
+    records: Mutex<HashMap<Key, Record>>,
+    log: Mutex<LogWindow>,
+}
+
+#[derive(Default)]
+struct LogWindow {
+    start: Option<Instant>,
+    logged: u32,
+    unlogged: u64,
+}
+
+fn key(peer: Option<IpAddr>, user: &str) -> Key {
+    (peer, user.to_lowercase())
+}
+
+/// The wait after `failures` failures.
+fn delay(failures: u32) -> Duration {
+    STEP.saturating_mul(failures).min(MAX_DELAY)
+}
+
+impl Failures {
+    /// An attempt of `user` from `peer`: when its password may be
+    /// checked. It takes the next turn of its (address, user), if that
+    /// has failed lately.
+    pub fn turn(&self, peer: Option<IpAddr>, user: &str) -> Turn {
+        let now = Instant::now();
+        let Ok(mut m) = self.records.lock() else {
+            return Turn::Now;
+        };
+        let k = key(peer, user);
+        let Some(r) = m.get_mut(&k) else {
+            return Turn::Now;
+        };
+        if now.saturating_duration_since(r.last) > FORGET {
+            m.remove(&k);
+            return Turn::Now;
+        }
+        let at = r.next.max(now);
+        let wait = at.saturating_duration_since(now);
+        if wait > MAX_QUEUE {
+            return Turn::Refused;
+        }
+        r.next = at + delay(r.failures);
+        if wait.is_zero() {
+            Turn::Now
+        } else {
+            Turn::After(wait)
+        }
+    }
+
+    /// A logon of `user` from `peer` failed.
+    pub fn failed(&self, peer: Option<IpAddr>, user: &str) {
+        let now = Instant::now();
+        let Ok(mut m) = self.records.lock() else {
+            return;
+        };
+        let k = key(peer, user);
+        if !m.contains_key(&k) && m.len() >= MAX_KEYS {
+            m.retain(|_, r| now.saturating_duration_since(r.last) <= FORGET);
+            if m.len() >= MAX_KEYS {
+                let oldest = m.iter().min_by_key(|(_, r)| r.last).map(|(k, _)| k.clone());
+                if let Some(o) = oldest {
+                    m.remove(&o);
+                }
+            }
+        }
+        let r = m.entry(k).or_insert(Record {
+            failures: 0,
+            next: now,
+            last: now,
+        });
+        r.failures = r.failures.saturating_add(1);
+        r.last = now;
+        r.next = r.next.max(now + delay(r.failures));
+    }
+
+    /// A logon of `user` from `peer` succeeded: its failures are forgotten.
+    pub fn succeeded(&self, peer: Option<IpAddr>, user: &str) {
+        if let Ok(mut m) = self.records.lock() {
+            m.remove(&key(peer, user));
+        }
+    }
+
+    /// Whether a refused logon is logged (and how many before it were
+    /// not): at most [`LOG_PER_WINDOW`] a [`LOG_WINDOW`].
+    pub fn log_refusal(&self) -> Option<u64> {
+        let now = Instant::now();
+        let Ok(mut w) = self.log.lock() else {
+            return None;
+        };
+        if w.start
+            .is_none_or(|s| now.saturating_duration_since(s) > LOG_WINDOW)
+        {
+            w.start = Some(now);
+            w.logged = 0;
+        }
+        if w.logged >= LOG_PER_WINDOW {
+            w.unlogged = w.unlogged.saturating_add(1);
+            return None;
+        }
+        w.logged += 1;
+        Some(std::mem::take(&mut w.unlogged))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_after_failures_take_turns_and_success_forgets() {
+        let f = Failures::default();
+        let peer = Some(IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(f.turn(peer, "alice"), Turn::Now);
+        f.failed(peer, "Alice");
+        assert!(matches!(f.turn(peer, "ALICE"), Turn::After(w) if w <= STEP));
+        assert!(matches!(f.turn(peer, "alice"), Turn::After(w) if w > STEP));
+        assert_eq!(f.turn(peer, "bob"), Turn::Now);
+        assert_eq!(f.turn(None, "alice"), Turn::Now);
+        f.succeeded(peer, "alice");
+        assert_eq!(f.turn(peer, "alice"), Turn::Now);
+    }
+
+    #[test]
+    fn refusals_past_the_window_are_counted_not_logged() {
+        let f = Failures::default();
+        for _ in 0..LOG_PER_WINDOW {
+            assert_eq!(f.log_refusal(), Some(0));
+        }
+        assert_eq!(f.log_refusal(), None);
+    }
+}
