@@ -215,6 +215,14 @@ fn frontends_name_attached_and_stored_handles_apart() {
     );
 }
 
+/// The line of `handle KEY`'s text that gives `name` (`lease: …`).
+fn field(view: &str, t: &str, name: &str) -> String {
+    t.lines()
+        .find(|l| l.starts_with(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("{view}: no {name} line: {t}"))
+        .to_owned()
+}
+
 /// Text `handle KEY` shows the handle's lease and byte-range locks, live
 /// and offline, as `--json` does. Before, the text left both out.
 #[test]
@@ -224,12 +232,7 @@ fn handle_text_shows_its_locks_and_lease() {
     let check = |view: &str, out: CtlOutput| {
         assert_eq!(out.code, 0, "{view}: {}", out.stderr);
         let t = out.stdout;
-        let line = |name: &str| {
-            t.lines()
-                .find(|l| l.starts_with(&format!("{name}:")))
-                .unwrap_or_else(|| panic!("{view}: no {name} line: {t}"))
-                .to_owned()
-        };
+        let line = |name: &str| field(view, &t, name);
         let l = line("lease");
         assert!(
             l.contains(&lease.to_string()) && l.contains("RWH"),
@@ -244,5 +247,39 @@ fn handle_text_shows_its_locks_and_lease() {
     check("live", ctl_live(&s, &["handle", &key]));
     drop(fe);
     assert!(d.terminate().success());
+    check("offline", ctl_state(&s, &["handle", &key]));
+}
+
+/// A lost handle holds no lease and no locks (filterd enforces none of
+/// them), whatever its record still names: text `handle KEY` says so, as
+/// `locks` and `leases` do, live and offline. Before, it showed the
+/// record's lease and locks as held.
+#[test]
+fn handle_text_of_a_lost_handle_shows_no_lease_or_locks_held() {
+    let s = Scratch::new("ctl-handle-lost");
+    let (mut d, fe, key, lease) = daemon_with_a_leased_locked_handle(&s);
+    drop(fe);
+    d.kill9();
+    std::fs::remove_file(s.root().join("f.txt")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let check = |view: &str, out: CtlOutput| {
+        assert_eq!(out.code, 0, "{view}: {}", out.stderr);
+        let t = out.stdout;
+        let line = |name: &str| field(view, &t, name);
+        assert!(line("state").contains("lost"), "{view}: {t}");
+        let l = line("lease");
+        assert!(
+            l.contains("none (lost; was") && l.contains(&lease.to_string()),
+            "{view}: {t}"
+        );
+        assert!(line("locks").contains(" 0 (lost"), "{view}: {t}");
+        assert!(!t.lines().any(|l| l.starts_with("lock:")), "{view}: {t}");
+    };
+    let none = Value::Array(vec![]);
+    assert_eq!(ctl_live(&s, &["locks", "--json"]).json(), none);
+    assert_eq!(ctl_live(&s, &["leases", "--json"]).json(), none);
+    check("live", ctl_live(&s, &["handle", &key]));
+    drop(d);
+    assert_eq!(ctl_state(&s, &["locks", "--json"]).json(), none);
     check("offline", ctl_state(&s, &["handle", &key]));
 }

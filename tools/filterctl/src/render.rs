@@ -221,11 +221,13 @@ pub fn handle(v: &HandleView, now: u64) -> String {
             "lock owner",
             r.lock_owner.clone().unwrap_or_else(|| "-".into()),
         ),
-        ("locks", r.locks.len().to_string()),
+        ("locks", handle_locks(v)),
     ];
     // One row per byte-range lock, as `locks` shows them: what `--json`
-    // shows of the handle, text omitted before.
-    rows.extend(r.locks.iter().map(|l| ("lock", lock_text(l.range, l.kind))));
+    // shows of the handle, text omitted before. A lost handle's are what
+    // it held, said so.
+    let held = if holds_state(v) { "lock" } else { "lock (was)" };
+    rows.extend(r.locks.iter().map(|l| (held, lock_text(l.range, l.kind))));
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.drain(..)
         .map(|(k, v)| format!("{:<w$}  {}\n", format!("{k}:"), text(&v), w = w + 1))
@@ -233,7 +235,10 @@ pub fn handle(v: &HandleView, now: u64) -> String {
 }
 
 /// A handle's lease, as `handle KEY` shows it: its key, state and epoch,
-/// and any break in progress (as the `leases` table shows one).
+/// and any break in progress (as the `leases` table shows one). A lost
+/// handle holds no lease ([`holds_state`]) whatever its record still
+/// names: `none (lost; was KEY RWH)`, as `leases` leaves it out. Before,
+/// it read as held.
 fn handle_lease(v: &HandleView) -> String {
     let Some(l) = v.record.lease else {
         return "none".into();
@@ -244,11 +249,25 @@ fn handle_lease(v: &HandleView) -> String {
     } else {
         state
     };
+    if !holds_state(v) {
+        return format!("none (lost; was {} {state})", l.key);
+    }
     let mut s = format!("{} {state} (epoch {})", l.key, l.epoch);
     if let Some(b) = v.breaking {
         s.push_str(&format!(", breaking {}", breaking(b)));
     }
     s
+}
+
+/// A handle's lock count, as `handle KEY` shows it: a lost handle holds
+/// none ([`holds_state`]), as `locks` shows: `0 (lost; held 2)`.
+fn handle_locks(v: &HandleView) -> String {
+    let n = v.record.locks.len();
+    if holds_state(v) || n == 0 {
+        n.to_string()
+    } else {
+        format!("0 (lost; held {n})")
+    }
 }
 
 /// A byte-range lock in one line: `exclusive, offset 0, length 100`
