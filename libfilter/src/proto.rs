@@ -1129,8 +1129,26 @@ pub struct FrontendView {
     pub uid: u32,
     /// When it attached, Unix ms.
     pub attached_ms: u64,
-    /// Handles it holds.
+    /// Handles it holds through its attachment.
     pub handles: u64,
+    /// Whether it is attached now. An instance the handle table names but
+    /// that is not attached (its frontend died, or has not come back since
+    /// a restart) is listed too, `false`, with `pid`, `uid` and
+    /// `attached_ms` 0 and `handles` 0, so the live listing has the rows
+    /// the offline one has. An older daemon lists attached ones only:
+    /// absent reads as `true`.
+    #[serde(default = "yes")]
+    pub attached: bool,
+    /// The handles in the handle table that name this instance, attached
+    /// or not (what offline `frontends` counts from the store). `None`:
+    /// an older daemon, which did not say.
+    #[serde(default)]
+    pub stored_handles: Option<u64>,
+}
+
+/// `true`: the serde default of [`FrontendView::attached`].
+fn yes() -> bool {
+    true
 }
 
 /// Daemon status.
@@ -2951,6 +2969,8 @@ mod binary_tests {
                         uid: 0,
                         attached_ms: n,
                         handles: n,
+                        attached: n % 2 == 0,
+                        stored_handles: Some(n).filter(|n| n % 3 == 0),
                     }],
                 }
             }),

@@ -283,3 +283,51 @@ fn handle_text_of_a_lost_handle_shows_no_lease_or_locks_held() {
     assert_eq!(ctl_state(&s, &["locks", "--json"]).json(), none);
     check("offline", ctl_state(&s, &["handle", &key]));
 }
+
+/// Live `frontends` lists the same rows offline does: an instance whose
+/// frontend is gone but whose handles wait is listed, `attached` false
+/// and `handles` 0, and every row counts `stored_handles` as offline
+/// does. Before, live left the instance out and had no `stored_handles`.
+#[test]
+fn frontends_list_the_same_rows_live_and_offline() {
+    let s = Scratch::new("ctl-frontends-rows");
+    let (mut d, fe, _, _) = daemon_with_a_leased_locked_handle(&s);
+    let attached = ctl_live(&s, &["frontends", "--json"]).json();
+    assert_eq!(attached[0]["stored_handles"], 1, "{attached}");
+    drop(fe);
+    let live = rkfilter_tests::wait_for(
+        "the frontend to be gone",
+        std::time::Duration::from_secs(10),
+        || {
+            let v = ctl_live(&s, &["frontends", "--json"]).json();
+            (v[0]["attached"] == false).then_some(v)
+        },
+    );
+    let text = ctl_live(&s, &["frontends"]);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(text.stdout.contains("not attached"), "{}", text.stdout);
+    assert!(d.terminate().success());
+    let offline = ctl_state(&s, &["frontends", "--json"]);
+    assert_eq!(offline.code, 0, "{}", offline.stderr);
+    let offline = offline.json();
+    let rows = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("an array: {v}"))
+            .iter()
+            .map(|r| {
+                let f = [
+                    "protocol",
+                    "instance",
+                    "attached",
+                    "handles",
+                    "stored_handles",
+                ];
+                f.iter().map(|k| r[*k].clone()).collect()
+            })
+            .collect()
+    };
+    assert_eq!(rows(&live), rows(&offline), "{live} vs {offline}");
+    assert_eq!(rows(&live).len(), 1, "{live}");
+    assert_eq!(live[0]["handles"], 0, "{live}");
+    assert_eq!(live[0]["stored_handles"], 1, "{live}");
+}

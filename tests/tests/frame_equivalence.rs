@@ -1083,7 +1083,10 @@ fn nfs_run(frames: &str, granted: u64, export: &Path) -> Vec<String> {
         || {
             let f = ctl(&["--socket", &sock], "frontends");
             f.as_array()
-                .is_some_and(|a| a.iter().any(|x| x["instance"] == INSTANCE))
+                .is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x["instance"] == INSTANCE && x["attached"] == true)
+                })
                 .then_some(())
         },
     );

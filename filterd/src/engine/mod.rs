@@ -1537,7 +1537,18 @@ impl Engine {
         })
     }
 
+    /// The attached frontends, and the instances the handle table names
+    /// that are not attached (`attached: false`), each with the handles
+    /// the table names it in (`stored_handles`): the rows offline
+    /// `filterctl frontends` finds in the store. Before, an instance whose
+    /// frontend had died was missing here while its handles waited.
     fn frontends(&self) -> Vec<FrontendView> {
+        let mut stored: BTreeMap<(&Protocol, &InstanceName), u64> = BTreeMap::new();
+        for h in self.handles.values() {
+            *stored
+                .entry((&h.rec.protocol, &h.rec.frontend))
+                .or_default() += 1;
+        }
         let mut v: Vec<FrontendView> = self
             .conns
             .values()
@@ -1549,11 +1560,27 @@ impl Engine {
                     uid: c.peer.uid,
                     attached_ms: c.attached_ms,
                     handles: c.handles.len() as u64,
+                    attached: true,
+                    stored_handles: Some(stored.remove(&(protocol, instance)).unwrap_or(0)),
                 }),
                 Role::Control => None,
             })
             .collect();
-        v.sort_by(|a, b| a.instance.cmp(&b.instance));
+        v.extend(
+            stored
+                .into_iter()
+                .map(|((protocol, instance), n)| FrontendView {
+                    protocol: protocol.clone(),
+                    instance: instance.clone(),
+                    pid: 0,
+                    uid: 0,
+                    attached_ms: 0,
+                    handles: 0,
+                    attached: false,
+                    stored_handles: Some(n),
+                }),
+        );
+        v.sort_by(|a, b| (&a.instance, &a.protocol).cmp(&(&b.instance, &b.protocol)));
         v
     }
 }

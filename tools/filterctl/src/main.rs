@@ -415,14 +415,20 @@ fn offline_status_json(
     })
 }
 
-/// Live `frontends --json`: each attached frontend, marked `attached`
-/// as the offline rows are; `handles` counts the handles it holds through
-/// its attachment, as offline.
+/// Live `frontends --json`: each attached frontend, and each instance the
+/// handle table names that is not attached, marked `attached` as the
+/// offline rows are; `handles` counts the handles it holds through its
+/// attachment and `stored_handles` those the table names it in, as
+/// offline (null from an older daemon, which did not say). An
+/// unattached instance has no process: its `pid`, `uid` and
+/// `attached_ms` are null.
 fn live_frontends_json(fs: &[libfilter::proto::FrontendView]) -> anyhow::Result<serde_json::Value> {
     let mut v = serde_json::to_value(fs)?;
-    for f in v.as_array_mut().into_iter().flatten() {
-        if let Some(o) = f.as_object_mut() {
-            o.insert("attached".into(), true.into());
+    for (f, view) in v.as_array_mut().into_iter().flatten().zip(fs) {
+        if let Some(o) = f.as_object_mut().filter(|_| !view.attached) {
+            for absent in ["pid", "uid", "attached_ms"] {
+                o.insert(absent.into(), serde_json::Value::Null);
+            }
         }
     }
     Ok(v)

@@ -460,19 +460,32 @@ fn breaking(b: libfilter::proto::BreakView) -> String {
 }
 
 /// The `frontends` table, live: `ATTACHED HANDLES` are those the
-/// frontend holds through its attachment (offline, `STORED HANDLES` are
-/// those the store names its instance in: another fact, another name).
+/// frontend holds through its attachment, `STORED HANDLES` those the
+/// handle table names its instance in (as offline: `-` from an older
+/// daemon). An instance that is not attached shows `-` for its process
+/// and `not attached` for how long.
 pub fn frontends(fs: &[FrontendView], now: u64) -> String {
     let rows: Vec<Vec<String>> = fs
         .iter()
         .map(|f| {
+            let (pid, uid, since) = if f.attached {
+                (
+                    f.pid.to_string(),
+                    f.uid.to_string(),
+                    duration_ms(now.saturating_sub(f.attached_ms)),
+                )
+            } else {
+                ("-".into(), "-".into(), "not attached".into())
+            };
             vec![
                 f.protocol.to_string(),
                 f.instance.to_string(),
-                f.pid.to_string(),
-                f.uid.to_string(),
+                pid,
+                uid,
                 f.handles.to_string(),
-                duration_ms(now.saturating_sub(f.attached_ms)),
+                f.stored_handles
+                    .map_or_else(|| "-".into(), |n| n.to_string()),
+                since,
             ]
         })
         .collect();
@@ -483,6 +496,7 @@ pub fn frontends(fs: &[FrontendView], now: u64) -> String {
             "PID",
             "UID",
             "ATTACHED HANDLES",
+            "STORED HANDLES",
             "ATTACHED FOR",
         ],
         &rows,
