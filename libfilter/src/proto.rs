@@ -1186,6 +1186,71 @@ pub struct StatusInfo {
     pub store: String,
     /// Schema version of the store.
     pub schema_version: u32,
+    /// The stored records recovery could not read and skipped (left in
+    /// the store for inspection: a corrupt or unknown-version handle,
+    /// intent or replay record), named as [`CorruptRecords::note`] names
+    /// them: the first [`CORRUPT_NAMES_KEPT`]. `None`: an older daemon,
+    /// which did not say — unknown, not none.
+    #[serde(default)]
+    pub corrupt_records: Option<Vec<String>>,
+    /// How many there were in all (`corrupt_records` keeps the first
+    /// [`CORRUPT_NAMES_KEPT`]). `None` from an older daemon.
+    #[serde(default)]
+    pub corrupt_records_total: Option<u64>,
+}
+
+/// How many unreadable stored records filterd names in
+/// [`StatusInfo::corrupt_records`]: enough to find them, bounded so that
+/// a store of a million bad records does not make a status reply of
+/// megabytes.
+pub const CORRUPT_NAMES_KEPT: usize = 100;
+
+/// The stored records that could not be read, as filterd's recovery and
+/// filterctl's offline view both name and count them: `status` reports
+/// them alike on either side.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CorruptRecords {
+    /// The first [`CORRUPT_NAMES_KEPT`] names.
+    pub names: Vec<String>,
+    /// All of them.
+    pub total: u64,
+}
+
+impl CorruptRecords {
+    /// Counts one unreadable record, and keeps its name while there is room.
+    pub fn note(&mut self, name: String) {
+        self.total += 1;
+        if self.names.len() < CORRUPT_NAMES_KEPT {
+            self.names.push(name);
+        }
+    }
+
+    /// Notes a replay-table record that does not decode (`error`), or
+    /// whose key does not parse (`error` `None`), by its scope and op id
+    /// (its key in hex when the key does not parse): the store's error
+    /// names no key for this table.
+    pub fn note_replay(&mut self, key: &[u8], error: Option<&dyn std::fmt::Display>) {
+        let name = match (crate::store::parse_replay_key(key), error) {
+            (Some((scope, op)), Some(e)) => {
+                format!("{e} (replay record {op} of {})", scope_name(&scope))
+            }
+            (None, _) => format!(
+                "replay key {} does not parse",
+                key.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ),
+            (Some(_), None) => return,
+        };
+        self.note(name);
+    }
+}
+
+/// A replay scope as [`CorruptRecords::note_replay`] names it: a session
+/// scope by its name, a handle's by its resume key.
+fn scope_name(scope: &ReplayScope) -> String {
+    match scope {
+        ReplayScope::Session(n) => n.as_str().to_owned(),
+        ReplayScope::Handle(k) => format!("handle {k}"),
+    }
 }
 
 /// Counters since daemon start.
@@ -2913,6 +2978,8 @@ mod binary_tests {
                 mediation: "off".into(),
                 store,
                 schema_version: 2,
+                corrupt_records: recovering.then(|| vec![root.to_string()]),
+                corrupt_records_total: recovering.then_some(n),
             },
         );
         let handle_view = || {

@@ -1,7 +1,8 @@
 //! End-to-end tests of what `filterctl` shows an operator, live and
 //! offline: the same fact under the same name in `status --json` either
 //! way, listings whose shape does not depend on the data (an unreadable
-//! stored record is named on stderr and fails the command, exit 1),
+//! stored record is named on stderr; `status` alone fails for it, exit 1,
+//! live and offline),
 //! `frontends` counts that say which handles they count, and `handle KEY`
 //! showing a handle's locks and lease in text as `--json` does.
 
@@ -103,6 +104,9 @@ fn status_json_names_the_same_facts_alike_live_and_offline() {
     // The names scripts used before stay.
     assert_eq!(offline["meta"]["epoch"], offline["epoch"], "{offline}");
     assert_eq!(offline["corrupt_records"], Value::Array(vec![]));
+    for name in ["corrupt_records", "corrupt_records_total"] {
+        assert_eq!(live[name], offline[name], "{name}: {live} vs {offline}");
+    }
     // A relative `--state` names the dir as the live daemon does.
     let rel = std::process::Command::new(rkfilter_tests::bin("filterctl"))
         .current_dir(&s.dir)
@@ -136,14 +140,17 @@ fn corrupt_the_store(s: &Scratch) {
         .unwrap();
 }
 
-/// Offline, a corrupt stored record changes no listing's shape: `handles
-/// --json` is still an array (a script's `jq '.[]'` works on), every
-/// readable record is shown, and the unreadable one is named on stderr
-/// with exit 1 — for every command that reads the stored records. Before,
-/// `handles --json` became an object, and `files`, `locks`, `leases`,
-/// `frontends`, `clients` and `handle KEY` skipped the record and exited 0.
+/// One rule for unreadable stored records, live and offline: no listing
+/// changes shape (`handles --json` is still an array a script's `jq
+/// '.[]'` works on), every readable record is shown, the unreadable ones
+/// a listing meets offline are named on stderr, and it exits 0; `status`,
+/// the health check, names every one (the replay table's too) and exits
+/// 1 — live too, where filterd's recovery skipped them. Before, offline
+/// every listing exited 1 for good after one bad record, offline `status`
+/// missed the client record (exit 0 while `clients` failed), and live
+/// commands never heard of either.
 #[test]
-fn offline_listings_keep_their_shape_and_name_unreadable_records() {
+fn unreadable_records_fail_status_alone_live_and_offline() {
     let s = Scratch::new("ctl-corrupt");
     let (mut d, fe, key, _) = daemon_with_a_leased_locked_handle(&s);
     drop(fe);
@@ -151,7 +158,7 @@ fn offline_listings_keep_their_shape_and_name_unreadable_records() {
     corrupt_the_store(&s);
     for cmd in ["handles", "files", "locks", "leases", "frontends"] {
         let out = ctl_state(&s, &[cmd, "--json"]);
-        assert_eq!(out.code, 1, "{cmd}: {}{}", out.stdout, out.stderr);
+        assert_eq!(out.code, 0, "{cmd}: {}{}", out.stdout, out.stderr);
         let v = out.json();
         let rows = v
             .as_array()
@@ -159,27 +166,61 @@ fn offline_listings_keep_their_shape_and_name_unreadable_records() {
         assert_eq!(rows.len(), 1, "{cmd}: the readable handle is shown: {v}");
         assert!(out.stderr.contains(BAD_KEY_HEX), "{cmd}: {}", out.stderr);
         let text = ctl_state(&s, &[cmd]);
-        assert_eq!(text.code, 1, "{cmd}: {}{}", text.stdout, text.stderr);
+        assert_eq!(text.code, 0, "{cmd}: {}{}", text.stdout, text.stderr);
         assert!(text.stderr.contains(BAD_KEY_HEX), "{cmd}: {}", text.stderr);
     }
     let one = ctl_state(&s, &["handle", &key, "--json"]);
-    assert_eq!(one.code, 1, "{}{}", one.stdout, one.stderr);
+    assert_eq!(one.code, 0, "{}{}", one.stdout, one.stderr);
     assert_eq!(one.json()["key"], key.as_str());
     assert!(one.stderr.contains(BAD_KEY_HEX), "{}", one.stderr);
     let clients = ctl_state(&s, &["clients", "--json"]);
-    assert_eq!(clients.code, 1, "{}{}", clients.stdout, clients.stderr);
+    assert_eq!(clients.code, 0, "{}{}", clients.stdout, clients.stderr);
     assert_eq!(clients.json(), Value::Array(vec![]));
     assert!(
-        clients.stderr.contains("client record 7"),
+        clients
+            .stderr
+            .contains("replay record 7 of nfs/nfs-a/clients"),
         "{}",
         clients.stderr
     );
-    let status = ctl_state(&s, &["status", "--json"]);
-    assert_eq!(status.code, 1, "{}{}", status.stdout, status.stderr);
-    assert_eq!(
-        status.json()["corrupt_records"].as_array().map(Vec::len),
-        Some(1)
+    // Both records fail `status`, the client record too.
+    let offline = ctl_state(&s, &["status", "--json"]);
+    assert_eq!(offline.code, 1, "{}{}", offline.stdout, offline.stderr);
+    let offline = offline.json();
+    assert_eq!(offline["corrupt_records_total"], 2, "{offline}");
+    let text = ctl_state(&s, &["status"]);
+    assert_eq!(text.code, 1, "{}{}", text.stdout, text.stderr);
+    assert!(
+        text.stdout.contains("corrupt records:  2"),
+        "{}",
+        text.stdout
     );
+    // Live: recovery skipped both; `status` names them as offline does.
+    let _d = Filterd::start(&s, &[], &[]);
+    let live = ctl_live(&s, &["status", "--json"]);
+    assert_eq!(live.code, 1, "{}{}", live.stdout, live.stderr);
+    let live = live.json();
+    for name in ["corrupt_records", "corrupt_records_total"] {
+        assert_eq!(live[name], offline[name], "{name}: {live} vs {offline}");
+    }
+    assert!(
+        live["corrupt_records"].to_string().contains(BAD_KEY_HEX),
+        "{live}"
+    );
+    let text = ctl_live(&s, &["status"]);
+    assert_eq!(text.code, 1, "{}{}", text.stdout, text.stderr);
+    assert!(text.stdout.contains(BAD_KEY_HEX), "{}", text.stdout);
+    for cmd in [
+        "handles",
+        "files",
+        "locks",
+        "leases",
+        "frontends",
+        "clients",
+    ] {
+        let out = ctl_live(&s, &[cmd, "--json"]);
+        assert_eq!(out.code, 0, "{cmd}: {}{}", out.stdout, out.stderr);
+    }
 }
 
 /// `frontends` counts under one name one fact: `handles` (`ATTACHED

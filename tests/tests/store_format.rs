@@ -202,8 +202,8 @@ fn a_state_dir_with_json_records_opens_and_its_handles_resume() {
 }
 
 /// A record of an unknown version, and a version-2 record cut short, are
-/// each reported (log and filterctl) and skipped; the daemon still serves
-/// the good handle beside them.
+/// each reported (log, and filterctl's `status`, live and offline) and
+/// skipped; the daemon still serves the good handle beside them.
 #[test]
 fn a_record_of_unknown_version_is_reported_and_skipped() {
     let s = Scratch::new("fmt-unknown");
@@ -232,12 +232,18 @@ fn a_record_of_unknown_version_is_reported_and_skipped() {
         .resume(alice(), good.key)
         .expect("the good handle resumes");
     assert_eq!(contents(&h.fd), "fine");
+    // The live daemon's `status` names the two it skipped, and fails.
+    let sock = s.socket();
+    let live = filterctl(&["--socket", sock.to_str().unwrap(), "status", "--json"]);
+    assert_eq!(live.code, 1, "{}{}", live.stdout, live.stderr);
+    assert_eq!(live.json()["corrupt_records_total"], 2, "{}", live.stdout);
     drop(fe);
     d.terminate();
-    // Listed with the good handle; the two bad ones named on stderr, exit 1.
+    // Listed with the good handle; the two bad ones named on stderr, exit
+    // 0: a listing is not the health check.
     let state = s.state();
     let out = filterctl(&["--state", state.to_str().unwrap(), "handles", "--json"]);
-    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(
         out.stderr.contains("unknown record version 9"),
         "{}",
@@ -249,7 +255,11 @@ fn a_record_of_unknown_version_is_reported_and_skipped() {
         .expect("an array")
         .iter()
         .any(|h| h["key"] == good.key.to_string()));
-    let v = filterctl(&["--state", state.to_str().unwrap(), "status", "--json"]).json();
+    // `status` is: it names both and fails, exit 1.
+    let st = filterctl(&["--state", state.to_str().unwrap(), "status", "--json"]);
+    assert_eq!(st.code, 1, "{}{}", st.stdout, st.stderr);
+    let v = st.json();
+    assert_eq!(v["corrupt_records_total"], 2, "{v}");
     let corrupt = v["corrupt_records"].as_array().expect("corrupt records");
     assert_eq!(corrupt.len(), 2, "{v}");
     assert!(corrupt.iter().any(|c| c

@@ -240,6 +240,9 @@ pub struct Engine {
     /// Handles per (protocol, client) and per frontend instance (limits).
     per_client: HashMap<(Protocol, ClientId), usize>,
     per_frontend: HashMap<InstanceName, usize>,
+    /// The stored records the last recovery could not read and left in
+    /// the store (`status` reports them).
+    corrupt: libfilter::proto::CorruptRecords,
     /// Lock hints: the connections told that a file has locks.
     lock_hints: HashMap<FileId, HashSet<ConnId>>,
     /// Lock hints: a first lock on a file waits until these connections
@@ -511,6 +514,7 @@ impl Engine {
             lock_hints: HashMap::new(),
             per_client: HashMap::new(),
             per_frontend: HashMap::new(),
+            corrupt: Default::default(),
             hint_waits: HashMap::new(),
             hint_gave_up: HashSet::new(),
             frontends_seen: Default::default(),
@@ -1504,6 +1508,8 @@ impl Engine {
             mediation: self.mediation.clone(),
             store: self.store.describe(),
             schema_version: libfilter::store::SCHEMA_VERSION,
+            corrupt_records: Some(self.corrupt.names.clone()),
+            corrupt_records_total: Some(self.corrupt.total),
         }
     }
 

@@ -5,6 +5,7 @@
 
 use super::fs::SizeRedo;
 use super::*;
+use libfilter::proto::CorruptRecords;
 
 impl Engine {
     /// Restart recovery: reopens every persistent handle in the store by its
@@ -26,11 +27,16 @@ impl Engine {
         // delete on close first asks (not per intent: a crash amid a burst
         // of them would read 100k records as often).
         let mut stored_by_file: Option<HashMap<FileId, Vec<HandleRecord>>> = None;
+        // The records skipped as unreadable, named for `status`
+        // (`StatusInfo::corrupt_records`): a log line alone went by
+        // unseen, and live filterctl could not tell.
+        let mut corrupt = CorruptRecords::default();
         for i in store.all_intents()? {
             let intent = match i {
                 Ok(i) => i,
                 Err(e) => {
                     error!(error = %e, "stored intent does not decode; left in place for inspection");
+                    corrupt.note(e.to_string());
                     continue;
                 }
             };
@@ -318,14 +324,19 @@ impl Engine {
                 (Some((scope, op_id)), Ok(rec)) => {
                     self.replays.entry(scope).or_default().insert(op_id, rec);
                 }
-                (_, Err(e)) => error!(error = %e, "stored replay record does not decode; ignored"),
-                (None, _) => error!("stored replay key does not parse; ignored"),
+                (_, Err(e)) => {
+                    error!(error = %e, "stored replay record does not decode; ignored");
+                    corrupt.note_replay(&k, Some(&e));
+                }
+                (None, _) => {
+                    error!("stored replay key does not parse; ignored");
+                    corrupt.note_replay(&k, None);
+                }
             }
         }
         let replays_done = t0.elapsed();
         let mut updates = Vec::new();
         let now = now_ms();
-        let mut corrupt = 0u64;
         // Each record moves once, from the store's decode into the box the
         // handle table keeps, as it is read (a record is some 400 bytes: a
         // vector of 100k of them first was tens of MB of copies and page
@@ -338,7 +349,7 @@ impl Engine {
             Ok(rec) => updates.push(StoreOp::DeleteHandle(Box::new(rec))),
             Err(e) => {
                 error!(error = %e, "stored handle record does not decode; left in place for inspection");
-                corrupt += 1;
+                corrupt.note(e.to_string());
             }
         })?;
         let read_done = t0.elapsed();
@@ -553,7 +564,7 @@ impl Engine {
         info!(
             recovered = self.stats.recoveries,
             lost = self.stats.recoveries_lost,
-            corrupt,
+            corrupt = corrupt.total,
             elapsed_ms = millis(t0.elapsed()),
             intents_and_replays_ms = millis(replays_done),
             read_ms = millis(read_done - replays_done),
@@ -561,6 +572,7 @@ impl Engine {
             indexed_ms = millis(indexed_done - located_done),
             "recovery done"
         );
+        self.corrupt = corrupt;
         Ok(())
     }
 }

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 use libfilter::client::FilterClient;
 use libfilter::model::HandleRecord;
 use libfilter::model::{ConnState, Intent, IntentChange, ResumeKey};
-use libfilter::proto::{FileView, HandleView, Reply, Request};
+use libfilter::proto::{CorruptRecords, FileView, HandleView, Reply, Request};
 use libfilter::runtime::{Liveness, Phase};
 use libfilter::store::{MetaInfo, StateStore, Store, StoreError};
 
@@ -258,9 +258,15 @@ fn parse_key(s: &str) -> Result<ResumeKey, String> {
 /// fresh timeout — whatever state the dead daemon last wrote — or lost if
 /// it was lost already or has no kernel handle to reopen by. (Recovery also
 /// marks lost a handle whose file is gone; only a restart can tell.)
-fn offline_handles(store: &Offline) -> anyhow::Result<(Vec<HandleView>, Vec<String>)> {
+/// The records that cannot be read go to `corrupt`, named as filterd's
+/// recovery names them, in its order: intents, then (`replays_too`, for
+/// `status`) the replay table's, then handles.
+fn offline_handles(
+    store: &Offline,
+    corrupt: &mut CorruptRecords,
+    replays_too: bool,
+) -> anyhow::Result<Vec<HandleView>> {
     let mut records = Vec::new();
-    let mut corrupt = Vec::new();
     for i in store.intents()? {
         match i {
             Ok(Intent {
@@ -268,13 +274,21 @@ fn offline_handles(store: &Offline) -> anyhow::Result<(Vec<HandleView>, Vec<Stri
                 ..
             }) => records.push(*record),
             Ok(_) => {}
-            Err(e) => corrupt.push(e.to_string()),
+            Err(e) => corrupt.note(e.to_string()),
+        }
+    }
+    if replays_too {
+        for (k, r) in store.replays()? {
+            match r {
+                Ok(_) => corrupt.note_replay(&k, None),
+                Err(e) => corrupt.note_replay(&k, Some(&e)),
+            }
         }
     }
     for r in store.handles()? {
         match r {
             Ok(record) => records.push(record),
-            Err(e) => corrupt.push(e.to_string()),
+            Err(e) => corrupt.note(e.to_string()),
         }
     }
     let now = libfilter::model::now_ms();
@@ -299,7 +313,7 @@ fn offline_handles(store: &Offline) -> anyhow::Result<(Vec<HandleView>, Vec<Stri
         .collect();
     views.sort_by_key(|v| v.record.key);
     views.dedup_by_key(|v| v.record.key);
-    Ok((views, corrupt))
+    Ok(views)
 }
 
 /// The files the stored handles hold, as a restart shows them: a lost
@@ -333,7 +347,7 @@ fn offline_files(views: &[HandleView]) -> Vec<FileView> {
 /// named by its key (it was skipped without a word before).
 fn offline_clients(
     store: &Offline,
-    unreadable: &mut Vec<String>,
+    unreadable: &mut CorruptRecords,
 ) -> anyhow::Result<Vec<(u64, String)>> {
     let mut recs = Vec::new();
     for (k, r) in store.replays()? {
@@ -345,13 +359,7 @@ fn offline_clients(
         }
         match r {
             Ok(r) => recs.push((op, r.reply)),
-            Err(e) => unreadable.push(format!(
-                "{e} (client record {op} of {})",
-                match &scope {
-                    libfilter::model::ReplayScope::Session(name) => name.as_str(),
-                    libfilter::model::ReplayScope::Handle(_) => "a handle",
-                }
-            )),
+            Err(e) => unreadable.note_replay(&k, Some(&e)),
         }
     }
     Ok(recs)
@@ -373,15 +381,16 @@ fn live_status_json(s: &libfilter::proto::StatusInfo) -> anyhow::Result<serde_js
 /// Offline `status --json`. A fact the live document also gives carries
 /// its name there (`daemon`, `epoch`, `schema_version`, `store`,
 /// `state_dir`, `handles`, `handles_connected`, `handles_disconnected`,
-/// `handles_lost`), counted as a restart will show the handles; what only
-/// the store tells (`clean_shutdown`, `corrupt_records`, `owner`) is
-/// offline only. `meta` repeats the store's record as before.
+/// `handles_lost`, `corrupt_records`, `corrupt_records_total`), counted as
+/// a restart will show the handles; what only the store tells
+/// (`clean_shutdown`, `owner`) is offline only. `meta` repeats the
+/// store's record as before.
 fn offline_status_json(
     args: &Args,
     store: &Offline,
     meta: &MetaInfo,
     views: &[HandleView],
-    corrupt: &[String],
+    corrupt: &CorruptRecords,
 ) -> serde_json::Value {
     let count = |f: fn(&ConnState) -> bool| views.iter().filter(|v| f(&v.record.conn)).count();
     let (daemon, kind) = match store {
@@ -411,7 +420,8 @@ fn offline_status_json(
         "handles_disconnected": count(|c| matches!(c, ConnState::Disconnected { .. })),
         "handles_lost": count(|c| matches!(c, ConnState::Lost)),
         "meta": meta,
-        "corrupt_records": corrupt,
+        "corrupt_records": corrupt.names,
+        "corrupt_records_total": corrupt.total,
     })
 }
 
@@ -459,38 +469,46 @@ fn is_nfs_clients_scope(scope: &libfilter::model::ReplayScope) -> bool {
 }
 
 /// Runs the command; then names on stderr each stored record it could not
-/// read, and fails (exit 1) if there was one. The output keeps its shape
-/// whatever the data (`handles --json` is an array, corrupt records or
-/// not: a script's `jq '.[]'` works on), and shows every readable record;
-/// the exit status and stderr say it is not the whole store. Before, offline
-/// `handles --json` became an object when a record was corrupt, and
-/// `files`, `locks`, `leases`, `frontends`, `clients` and `handle KEY`
-/// left the record out without a word.
+/// read. One rule live and offline: `status` is the health check — it
+/// fails (exit 1) after its normal output when any stored record is
+/// unreadable (filterd's recovery skipped it, or the offline read finds
+/// it) — and a listing is not: it keeps its shape whatever the data
+/// (`handles --json` is an array: a script's `jq '.[]'` works on), shows
+/// every readable record, names each unreadable one it met on stderr and
+/// exits 0. Before, offline every listing failed for good after one bad
+/// record while live ones never heard of it.
 fn run(args: &Args) -> anyhow::Result<()> {
-    let mut unreadable = Vec::new();
+    let mut unreadable = CorruptRecords::default();
     let result = run_command(args, &mut unreadable);
-    for r in &unreadable {
+    for r in &unreadable.names {
         eprintln!("filterctl: unreadable: {}", render::text(r));
     }
-    result?;
-    if !unreadable.is_empty() {
-        bail!(
-            "{} stored record(s) could not be read (named above); the output shows the others",
-            unreadable.len()
-        );
+    let more = unreadable.total - unreadable.names.len() as u64;
+    if more > 0 {
+        eprintln!("filterctl: unreadable: and {more} more");
     }
-    Ok(())
+    result
+}
+
+/// `status`'s verdict after its output: exit 1 when stored records
+/// cannot be read (`total`), as a health check should.
+fn status_health(total: Option<u64>) -> anyhow::Result<()> {
+    match total {
+        Some(n) if n > 0 => bail!(
+            "{n} stored record(s) could not be read (see corrupt records above); \
+             filterd skips them and leaves them in the store"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The command itself: its output, and in `unreadable` what it could not
 /// read ([`run`] reports them).
-fn run_command(args: &Args, unreadable: &mut Vec<String>) -> anyhow::Result<()> {
+fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<()> {
     let src = open_source(args)?;
     // The stored handles, their unreadable records kept for [`run`].
     let mut read_handles = |store: &Offline| -> anyhow::Result<Vec<HandleView>> {
-        let (views, corrupt) = offline_handles(store)?;
-        unreadable.extend(corrupt);
-        Ok(views)
+        offline_handles(store, unreadable, false)
     };
     match (&args.command, src) {
         (Cmd::Locks, src) => {
@@ -541,9 +559,15 @@ fn run_command(args: &Args, unreadable: &mut Vec<String>) -> anyhow::Result<()> 
             let recs: Vec<(u64, String)> = match src {
                 Source::Live(c) => {
                     let mut all = Vec::new();
-                    for (_, text) in c.list_records(session_scope("nfs/instances")?)? {
-                        let Ok(inst) = serde_json::from_str::<String>(&text) else {
-                            continue;
+                    for (op, text) in c.list_records(session_scope("nfs/instances")?)? {
+                        let inst = match serde_json::from_str::<String>(&text) {
+                            Ok(inst) => inst,
+                            Err(e) => {
+                                unreadable.note(format!(
+                                    "instance record {op} of nfs/instances: not a JSON string: {e}"
+                                ));
+                                continue;
+                            }
                         };
                         all.extend(c.list_records(session_scope(&format!("nfs/{inst}/clients"))?)?);
                     }
@@ -556,7 +580,7 @@ fn run_command(args: &Args, unreadable: &mut Vec<String>) -> anyhow::Result<()> 
                 .filter_map(|(op, text)| match serde_json::from_str(text) {
                     Ok(v) => Some(v),
                     Err(e) => {
-                        unreadable.push(format!("client record {op}: not JSON: {e}"));
+                        unreadable.note(format!("client record {op}: not JSON: {e}"));
                         None
                     }
                 })
@@ -573,26 +597,31 @@ fn run_command(args: &Args, unreadable: &mut Vec<String>) -> anyhow::Result<()> 
             }
         }
         (Cmd::Status, Source::Live(c)) => match c.call(Request::Status)?.0 {
-            Reply::Status(s) if args.json => print_json(&live_status_json(&s)?),
             Reply::Status(s) => {
-                out!("{}", render::status(&s))?;
-                Ok(())
+                if args.json {
+                    print_json(&live_status_json(&s)?)?;
+                } else {
+                    out!("{}", render::status(&s))?;
+                }
+                status_health(s.corrupt_records_total)
             }
             other => bail!("unexpected reply {other:?}"),
         },
         (Cmd::Status, Source::Offline(store)) => {
             let meta = store.meta()?;
-            let (views, corrupt) = offline_handles(&store)?;
-            unreadable.extend(corrupt.iter().cloned());
+            // Every table recovery reads, replay records too; named in
+            // the output, not again on stderr.
+            let mut corrupt = CorruptRecords::default();
+            let views = offline_handles(&store, &mut corrupt, true)?;
             if args.json {
-                print_json(&offline_status_json(args, &store, &meta, &views, &corrupt))
+                print_json(&offline_status_json(args, &store, &meta, &views, &corrupt))?;
             } else {
                 out!(
                     "{}",
                     render::offline_status(&meta, store.owner().as_deref(), &views, &corrupt)
                 )?;
-                Ok(())
             }
+            status_health(Some(corrupt.total))
         }
         (Cmd::Handles, src) => {
             let views = match src {

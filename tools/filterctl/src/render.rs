@@ -1,7 +1,7 @@
 //! Human-readable rendering: aligned tables and key: value listings.
 
 use libfilter::model::{ConnState, HandleRecord};
-use libfilter::proto::{FileView, FrontendView, HandleView, Stats, StatusInfo};
+use libfilter::proto::{CorruptRecords, FileView, FrontendView, HandleView, Stats, StatusInfo};
 use libfilter::store::MetaInfo;
 
 /// `s` as it may go to a terminal, or to a script that splits a table's
@@ -513,7 +513,7 @@ fn kv(pairs: &[(&str, String)]) -> String {
 
 /// `status`, live.
 pub fn status(s: &StatusInfo) -> String {
-    kv(&[
+    let mut out = kv(&[
         (
             "daemon",
             format!("running (pid {}, epoch {})", s.pid, s.epoch),
@@ -540,7 +540,30 @@ pub fn status(s: &StatusInfo) -> String {
         ),
         ("store", s.store.clone()),
         ("schema version", s.schema_version.to_string()),
-    ])
+    ]);
+    match (&s.corrupt_records, s.corrupt_records_total) {
+        (Some(names), Some(total)) => out.push_str(&corrupt_records(names, total)),
+        _ => out.push_str(&kv(&[(
+            "corrupt records",
+            "unknown (this filterd does not say)".into(),
+        )])),
+    }
+    out
+}
+
+/// The `corrupt records` line of `status`, live and offline alike: how
+/// many stored records could not be read, then each one named (the first
+/// [`libfilter::proto::CORRUPT_NAMES_KEPT`]).
+fn corrupt_records(names: &[String], total: u64) -> String {
+    let mut out = kv(&[("corrupt records", total.to_string())]);
+    for c in names {
+        out.push_str(&format!("  {}\n", text(c)));
+    }
+    let more = total.saturating_sub(names.len() as u64);
+    if more > 0 {
+        out.push_str(&format!("  and {more} more\n"));
+    }
+    out
 }
 
 /// `status`, offline.
@@ -548,7 +571,7 @@ pub fn offline_status(
     meta: &MetaInfo,
     owner: Option<&str>,
     views: &[HandleView],
-    corrupt: &[String],
+    corrupt: &CorruptRecords,
 ) -> String {
     let count = |f: fn(&ConnState) -> bool| views.iter().filter(|v| f(&v.record.conn)).count();
     let daemon = match owner {
@@ -584,11 +607,8 @@ pub fn offline_status(
                 count(|c| matches!(c, ConnState::Lost))
             ),
         ),
-        ("corrupt records", corrupt.len().to_string()),
     ]);
-    for c in corrupt {
-        out.push_str(&format!("  {}\n", text(c)));
-    }
+    out.push_str(&corrupt_records(&corrupt.names, corrupt.total));
     out
 }
 
