@@ -200,6 +200,12 @@ fn raise_fd_limit() -> u64 {
 /// owner stopped cleanly.
 type Claimed = (Arc<dyn StateStore>, u64, bool);
 
+/// `--store` as `status` names it: `lmdb`, or the etcd URL in its
+/// canonical form (`EtcdUrl`'s), as filterctl's offline view prints it.
+fn store_display(store: &str) -> String {
+    libfilter::etcd::EtcdUrl::parse(store).map_or_else(|_| store.to_owned(), |u| u.to_string())
+}
+
 /// Opens and claims the resume-key table the flags name. `None`: a standby
 /// was stopped by a signal before it took over.
 fn open_store(
@@ -459,6 +465,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_durable_timeout_ms: args.durable_timeout_max_ms,
             root_display: root_path.display().to_string(),
             state_display: state.display().to_string(),
+            store_display: store_display(&args.store),
             fanotify: !args.no_fanotify,
             break_timeout_ms: args.break_timeout_ms,
             max_handles_per_client: args.max_handles_per_client,

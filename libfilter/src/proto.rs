@@ -1181,9 +1181,17 @@ pub struct StatusInfo {
     /// either way).
     #[serde(default)]
     pub mediation: String,
-    /// The state store's kind (`lmdb`).
+    /// The state store: `lmdb`, or an etcd table's canonical URL
+    /// (`etcd://HOST:PORT,…/PREFIX`, as `EtcdUrl` prints it), so that
+    /// filterctl's offline view names the same store alike. Empty from a
+    /// daemon older than the field.
     #[serde(default)]
     pub store: String,
+    /// The store described for a person: for etcd the URL with this
+    /// daemon's owner name, fencing revision, lease and margin. Empty from
+    /// an older daemon (whose `store` said this).
+    #[serde(default)]
+    pub store_detail: String,
     /// Schema version of the store.
     pub schema_version: u32,
     /// The stored records recovery could not read and skipped (left in
@@ -2976,6 +2984,7 @@ mod binary_tests {
                 recovering,
                 fanotify: !recovering,
                 mediation: "off".into(),
+                store_detail: store.clone(),
                 store,
                 schema_version: 2,
                 corrupt_records: recovering.then(|| vec![root.to_string()]),

@@ -35,8 +35,17 @@ fn ctl_live(s: &Scratch, args: &[&str]) -> CtlOutput {
 fn daemon_with_a_leased_locked_handle(
     s: &Scratch,
 ) -> (Filterd, libfilter::client::FilterClient, String, LeaseKey) {
+    daemon_on_with_a_leased_locked_handle(s, &[])
+}
+
+/// [`daemon_with_a_leased_locked_handle`], filterd started with `flags`
+/// (`--store etcd://…`).
+fn daemon_on_with_a_leased_locked_handle(
+    s: &Scratch,
+    flags: &[&str],
+) -> (Filterd, libfilter::client::FilterClient, String, LeaseKey) {
     std::fs::write(s.root().join("f.txt"), b"data").unwrap();
-    let d = Filterd::start(s, &[], &[]);
+    let d = Filterd::start(s, flags, &[]);
     let fe = attach(&s.socket(), "smb", "smb-a");
     let lease = LeaseKey(uuid::Uuid::new_v4());
     let req = libfilter::proto::OpenRequest {
@@ -371,4 +380,69 @@ fn frontends_list_the_same_rows_live_and_offline() {
     assert_eq!(rows(&live).len(), 1, "{live}");
     assert_eq!(live[0]["handles"], 0, "{live}");
     assert_eq!(live[0]["stored_handles"], 1, "{live}");
+}
+
+/// With an etcd table, `status --json` gives the same fact alike live and
+/// offline (`--store`): `store` is the table's canonical URL on both sides
+/// (the owner, fencing revision and lease in `store_detail`, live),
+/// whatever spelling `--store` was given; `epoch` is the owner's fencing
+/// revision, and null once no owner holds the table (etcd keeps no
+/// revision of a gone one); and while an owner serves, `handles` and the
+/// per-state counts are null offline (the owner's to say; `stored_handles`
+/// counts the records). Before, live `store` was the description, offline
+/// the argument as typed; offline `epoch` became 0 with the owner gone;
+/// and offline counts contradicted the owner's under the same names.
+#[test]
+fn status_json_with_etcd_names_the_same_facts_alike() {
+    if !rkfilter_tests::etcd::etcd_available("status_json_with_etcd_names_the_same_facts_alike") {
+        return;
+    }
+    let s = Scratch::new("ctl-status-etcd");
+    let cluster = rkfilter_tests::etcd::Cluster::start(&s, 1);
+    let canonical = cluster.url("rk/ctl");
+    // Spelled another way (a trailing slash), as an operator may.
+    let typed = format!("{canonical}/");
+    let flags = ["--store", typed.as_str(), "--lease-ttl-secs", "2"];
+    let (mut d, fe, _, _) = daemon_on_with_a_leased_locked_handle(&s, &flags);
+    let offline = || {
+        let out = filterctl(&["--store", &typed, "status", "--json"]);
+        assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+        out.json()
+    };
+    let live = ctl_live(&s, &["status", "--json"]);
+    assert_eq!(live.code, 0, "{}", live.stderr);
+    let live = live.json();
+    assert_eq!(live["store"], canonical.as_str(), "{live}");
+    assert!(
+        live["store_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("fencing revision")),
+        "{live}"
+    );
+    let serving = offline();
+    for same in ["store", "epoch", "schema_version"] {
+        assert_eq!(live[same], serving[same], "{same}: {live} vs {serving}");
+    }
+    assert!(live["epoch"].as_u64().is_some_and(|e| e > 0), "{live}");
+    for unknown in [
+        "handles",
+        "handles_connected",
+        "handles_disconnected",
+        "handles_lost",
+    ] {
+        assert!(serving[unknown].is_null(), "{unknown}: {serving}");
+    }
+    assert_eq!(serving["stored_handles"], 1, "{serving}");
+    drop(fe);
+    assert!(d.terminate().success());
+    // No owner now: the table keeps no fencing revision.
+    let gone = rkfilter_tests::wait_for(
+        "the owner to be gone",
+        std::time::Duration::from_secs(30),
+        || Some(offline()).filter(|v| v["owner"] == "none"),
+    );
+    assert!(gone["epoch"].is_null(), "{gone}");
+    assert_eq!(gone["store"], canonical.as_str(), "{gone}");
+    assert_eq!(gone["handles"], 1, "{gone}");
+    assert_eq!(gone["handles_disconnected"], 1, "{gone}");
 }

@@ -71,6 +71,10 @@ pub struct Config {
     pub root_display: String,
     /// State dir, for status.
     pub state_display: String,
+    /// The store as status names it: `lmdb`, or the etcd table's
+    /// canonical URL (its owner, fencing revision and lease are in
+    /// `StatusInfo::store_detail`).
+    pub store_display: String,
     /// Whether fanotify mediation is on.
     pub fanotify: bool,
     /// How long an open waits for a lease-break acknowledgement.
@@ -1506,7 +1510,8 @@ impl Engine {
             recovering: false,
             fanotify: self.cfg.fanotify,
             mediation: self.mediation.clone(),
-            store: self.store.describe(),
+            store: self.cfg.store_display.clone(),
+            store_detail: self.store.describe(),
             schema_version: libfilter::store::SCHEMA_VERSION,
             corrupt_records: Some(self.corrupt.names.clone()),
             corrupt_records_total: Some(self.corrupt.total),

@@ -212,6 +212,7 @@ fn config() -> Config {
         max_durable_timeout_ms: 300_000,
         root_display: "test".into(),
         state_display: "memory".into(),
+        store_display: "memory".into(),
         fanotify: false,
         break_timeout_ms: 1000,
         max_handles_per_client: 1000,

@@ -133,39 +133,63 @@ enum Source {
 /// A store read without a daemon: LMDB files or an etcd table.
 enum Offline {
     Lmdb(Store),
-    Etcd(Box<libfilter::etcd::EtcdStore>),
+    /// The table, and its URL in canonical form (`EtcdUrl`'s).
+    Etcd(Box<libfilter::etcd::EtcdStore>, String),
 }
 
 impl Offline {
     fn intents(&self) -> Result<Vec<Result<Intent, StoreError>>, StoreError> {
         match self {
             Offline::Lmdb(s) => s.intents(),
-            Offline::Etcd(s) => s.all_intents(),
+            Offline::Etcd(s, _) => s.all_intents(),
         }
     }
     fn handles(&self) -> Result<Vec<Result<HandleRecord, StoreError>>, StoreError> {
         match self {
             Offline::Lmdb(s) => s.handles(),
-            Offline::Etcd(s) => s.all_handles(),
+            Offline::Etcd(s, _) => s.all_handles(),
         }
     }
     fn replays(&self) -> Result<Vec<libfilter::store::RawReplay>, StoreError> {
         match self {
             Offline::Lmdb(s) => s.replays(),
-            Offline::Etcd(s) => s.all_replays(),
+            Offline::Etcd(s, _) => s.all_replays(),
         }
     }
     fn meta(&self) -> Result<MetaInfo, StoreError> {
         match self {
             Offline::Lmdb(s) => s.meta(),
-            Offline::Etcd(s) => Ok(s.meta()),
+            Offline::Etcd(s, _) => Ok(s.meta()),
         }
     }
     /// For a shared store: where it is and who owns it now.
     fn owner(&self) -> Option<String> {
         match self {
             Offline::Lmdb(_) => None,
-            Offline::Etcd(s) => Some(s.last_owner()),
+            Offline::Etcd(s, _) => Some(s.last_owner()),
+        }
+    }
+    /// The owner serving the table now, if any (a shared store's): what
+    /// it holds live — attachments, handles' connections — this read
+    /// cannot see.
+    fn serving_owner(&self) -> Option<String> {
+        self.owner().filter(|o| o != "none" && !o.is_empty())
+    }
+    /// The store as filterd's `status` names it: `lmdb`, or the etcd
+    /// table's canonical URL.
+    fn name(&self) -> String {
+        match self {
+            Offline::Lmdb(_) => "lmdb".into(),
+            Offline::Etcd(_, url) => url.clone(),
+        }
+    }
+    /// The epoch filterd's `status` would give: the LMDB store's last
+    /// one; for etcd the owner's fencing revision, unknown (`None`) once
+    /// no owner holds the table (etcd keeps no revision of a gone one).
+    fn epoch(&self, meta: &MetaInfo) -> Option<u64> {
+        match self {
+            Offline::Lmdb(_) => Some(meta.epoch),
+            Offline::Etcd(..) => Some(meta.epoch).filter(|e| *e != 0),
         }
     }
 }
@@ -183,7 +207,10 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
             libfilter::etcd::EtcdUrl::parse(url).map_err(|e| anyhow::anyhow!("--store {e}"))?;
         let store = libfilter::etcd::EtcdStore::open_read_only(&parsed)
             .with_context(|| format!("reading the etcd table {parsed}"))?;
-        return Ok(Source::Offline(Offline::Etcd(Box::new(store))));
+        return Ok(Source::Offline(Offline::Etcd(
+            Box::new(store),
+            parsed.to_string(),
+        )));
     }
     let state = args
         .state
@@ -367,13 +394,17 @@ fn offline_clients(
 
 /// Live `status --json`: the daemon's [`StatusInfo`], with `daemon` and
 /// `handles` (the total) — names the offline document gives the same
-/// facts ([`offline_status_json`]).
+/// facts ([`offline_status_json`]). An older daemon's empty `store` (it
+/// did not say) is null.
 fn live_status_json(s: &libfilter::proto::StatusInfo) -> anyhow::Result<serde_json::Value> {
     let mut v = serde_json::to_value(s)?;
     if let Some(o) = v.as_object_mut() {
         o.insert("daemon".into(), "running".into());
         let total = s.handles_connected + s.handles_disconnected + s.handles_lost;
         o.insert("handles".into(), total.into());
+        if s.store.is_empty() {
+            o.insert("store".into(), serde_json::Value::Null);
+        }
     }
     Ok(v)
 }
@@ -383,8 +414,12 @@ fn live_status_json(s: &libfilter::proto::StatusInfo) -> anyhow::Result<serde_js
 /// `state_dir`, `handles`, `handles_connected`, `handles_disconnected`,
 /// `handles_lost`, `corrupt_records`, `corrupt_records_total`), counted as
 /// a restart will show the handles; what only the store tells
-/// (`clean_shutdown`, `owner`) is offline only. `meta` repeats the
-/// store's record as before.
+/// (`clean_shutdown`, `owner`, `stored_handles`: the persistent handles a
+/// restart or takeover recovers) is offline only. `meta` repeats the
+/// store's record as before. What the read cannot know is null: the
+/// `epoch` of an etcd table no owner holds, and — while an owner serves
+/// the table elsewhere — `handles` and the per-state counts, which are
+/// the owner's to say (as `frontends` leaves attachments null).
 fn offline_status_json(
     args: &Args,
     store: &Offline,
@@ -392,21 +427,22 @@ fn offline_status_json(
     views: &[HandleView],
     corrupt: &CorruptRecords,
 ) -> serde_json::Value {
-    let count = |f: fn(&ConnState) -> bool| views.iter().filter(|v| f(&v.record.conn)).count();
-    let (daemon, kind) = match store {
-        Offline::Lmdb(_) => ("not running", "lmdb".to_owned()),
-        Offline::Etcd(_) => (
-            "read from the store",
-            args.store.clone().unwrap_or_default(),
-        ),
+    let serving = store.serving_owner().is_some();
+    let count = |f: fn(&ConnState) -> bool| {
+        let n = views.iter().filter(|v| f(&v.record.conn)).count();
+        Some(n).filter(|_| !serving)
+    };
+    let daemon = match store {
+        Offline::Lmdb(_) => "not running",
+        Offline::Etcd(..) => "read from the store",
     };
     serde_json::json!({
         "daemon": daemon,
         "owner": store.owner(),
-        "epoch": meta.epoch,
+        "epoch": store.epoch(meta),
         "schema_version": meta.schema_version,
         "clean_shutdown": meta.clean_shutdown,
-        "store": kind,
+        "store": store.name(),
         // Canonical, as filterd shows its own: `--state ./state` and the
         // live daemon's absolute path name the same dir alike.
         "state_dir": args.state.as_ref().map(|d| {
@@ -415,7 +451,8 @@ fn offline_status_json(
                 .display()
                 .to_string()
         }),
-        "handles": views.len(),
+        "handles": count(|_| true),
+        "stored_handles": views.len(),
         "handles_connected": count(|c| matches!(c, ConnState::Connected)),
         "handles_disconnected": count(|c| matches!(c, ConnState::Disconnected { .. })),
         "handles_lost": count(|c| matches!(c, ConnState::Lost)),
@@ -618,7 +655,13 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
             } else {
                 out!(
                     "{}",
-                    render::offline_status(&meta, store.owner().as_deref(), &views, &corrupt)
+                    render::offline_status(
+                        &meta,
+                        store.epoch(&meta),
+                        store.owner().as_deref(),
+                        &views,
+                        &corrupt
+                    )
                 )?;
             }
             status_health(Some(corrupt.total))
@@ -698,18 +741,18 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
             // store names the instance in are `stored_handles` (offline
             // `handles` counted them before, the same name for another
             // fact).
-            let (attached, held, attached_text) = match store.owner() {
-                Some(o) if o != "none" => (
+            let (attached, held, attached_text) = match (store.serving_owner(), store.owner()) {
+                (Some(o), _) => (
                     serde_json::Value::Null,
                     serde_json::Value::Null,
                     format!("unknown (owner {o} serves the table)"),
                 ),
-                Some(_) => (
+                (None, Some(_)) => (
                     serde_json::json!(false),
                     serde_json::json!(0),
                     "no (the table has no owner)".into(),
                 ),
-                None => (
+                (None, None) => (
                     serde_json::json!(false),
                     serde_json::json!(0),
                     "no (daemon down)".into(),

@@ -538,7 +538,16 @@ pub fn status(s: &StatusInfo) -> String {
                 "off".into()
             },
         ),
-        ("store", s.store.clone()),
+        (
+            "store",
+            // The description (for etcd: owner, fencing revision, lease)
+            // when the daemon gives one.
+            if s.store_detail.is_empty() {
+                s.store.clone()
+            } else {
+                s.store_detail.clone()
+            },
+        ),
         ("schema version", s.schema_version.to_string()),
     ]);
     match (&s.corrupt_records, s.corrupt_records_total) {
@@ -569,6 +578,7 @@ fn corrupt_records(names: &[String], total: u64) -> String {
 /// `status`, offline.
 pub fn offline_status(
     meta: &MetaInfo,
+    epoch: Option<u64>,
     owner: Option<&str>,
     views: &[HandleView],
     corrupt: &CorruptRecords,
@@ -587,7 +597,7 @@ pub fn offline_status(
             } else {
                 "last epoch"
             },
-            meta.epoch.to_string(),
+            epoch.map_or_else(|| "unknown (no owner)".into(), |e| e.to_string()),
         ),
         (
             "last shutdown",
