@@ -1,7 +1,7 @@
 //! Limits give a clear error to the client that reaches them and leave
 //! other clients working.
 
-use rkfilter_tests::{wait_for, Filterd, LineClient, Nfs, Scratch, Shim};
+use rkfilter_tests::{connect_from, wait_for, Filterd, LineClient, Nfs, Scratch, Shim};
 use serde_json::json;
 use serde_json::Value;
 use std::time::Duration;
@@ -99,7 +99,13 @@ fn disk_full_is_an_error_and_service_resumes() {
     let ballast = s.state().join("ballast");
     std::fs::write(&ballast, vec![0u8; 1 << 20]).unwrap();
     let _d = Filterd::start(&s, &[], &[]);
-    let shim = Shim::start("smbshim", &s.socket(), "smb-f");
+    // One client fills the state dir: it may hold all of smbshim's opens.
+    let shim = Shim::start_with(
+        "smbshim",
+        &s.socket(),
+        "smb-f",
+        &["--max-opens-per-peer", "20000"],
+    );
     let mut a = LineClient::connect(&shim.addr);
     let r = a.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "a"}));
     let sid = r["session_id"].as_u64().unwrap();
@@ -453,7 +459,8 @@ fn an_over_long_line_closes_only_its_connection() {
 /// the client that held the opens went away (here: open 244 failed so; on
 /// cb8c26b's release binaries under a limit of 200, 189 opens held, the
 /// next 111 failed so). Now smbshim refuses the opens past its limit with
-/// STATUS_INSUFFICIENT_RESOURCES and serves on.
+/// STATUS_INSUFFICIENT_RESOURCES and serves on. (One peer reaches the
+/// limit here only with a share of all of it, `--max-opens-per-peer`.)
 #[test]
 fn opens_past_the_descriptor_limit_are_refused_and_others_are_served() {
     let s = Scratch::new("limit-shim-descriptors");
@@ -462,7 +469,7 @@ fn opens_past_the_descriptor_limit_are_refused_and_others_are_served() {
         "smbshim",
         &s.socket(),
         "smb-fd",
-        &["--max-connections", "8"],
+        &["--max-connections", "8", "--max-opens-per-peer", "1000"],
         256,
     );
     let session = |c: &mut LineClient, user: &str| {
@@ -503,6 +510,89 @@ fn opens_past_the_descriptor_limit_are_refused_and_others_are_served() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     let r = create(&mut a, sa, "again");
     assert_eq!(r["status"], "STATUS_SUCCESS", "A after a close: {r}");
+}
+
+/// Review rv-shims 3: smbshim's open cap was server-wide, so one peer
+/// could take all of it (under a descriptor limit of 200, one
+/// connection's 120 opens, and another client's first CREATE was
+/// refused); client GUIDs, which a peer chooses, bound nothing. Now each
+/// peer address holds at most its share: here the cap is 256 - 64 - 8 =
+/// 184 and the share max(184 / 4, 64) = 64, counted over all sessions
+/// and connections from 127.0.0.1. Peer 127.0.0.2 is served, a close or
+/// the connection's loss gives the count back.
+#[test]
+fn one_peer_holds_at_most_its_share_of_the_opens() {
+    let s = Scratch::new("limit-shim-peer-opens");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with_nofile(
+        "smbshim",
+        &s.socket(),
+        "smb-peer",
+        &["--max-connections", "8"],
+        256,
+    );
+    let from = |ip: [u8; 4]| LineClient::over(connect_from(ip.into(), &shim.addr));
+    let session = |c: &mut LineClient| {
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "u"}));
+        r["session_id"].as_u64().expect("session")
+    };
+    let create = |c: &mut LineClient, sid: u64, path: &str| {
+        c.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read"],
+                   "share": ["read", "write", "delete"], "disposition": "open_if"}),
+        )
+    };
+    let mut a = from([127, 0, 0, 1]);
+    // Two sessions under two client GUIDs: one peer all the same.
+    let sa = [session(&mut a), session(&mut a)];
+    let mut held = Vec::new();
+    let refused = loop {
+        let sid = sa[held.len() % 2];
+        let r = create(&mut a, sid, &format!("a{}", held.len()));
+        if r["status"] != "STATUS_SUCCESS" || held.len() > 184 {
+            break r;
+        }
+        held.push((sid, r["file_id"].clone()));
+    };
+    assert_eq!(
+        held.len(),
+        64,
+        "opens of one peer before a refusal: {refused}"
+    );
+    assert_eq!(
+        refused["status"], "STATUS_INSUFFICIENT_RESOURCES",
+        "{refused}"
+    );
+    let why = refused["error"].as_str().unwrap_or_default();
+    assert!(why.contains("--max-opens-per-peer 64"), "{refused}");
+    // Another connection from the same address is the same peer.
+    let mut a2 = from([127, 0, 0, 1]);
+    let sa2 = session(&mut a2);
+    let r = create(&mut a2, sa2, "a-other");
+    assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
+    // Another peer is served.
+    let mut b = from([127, 0, 0, 2]);
+    let sb = session(&mut b);
+    let r = create(&mut b, sb, "b");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "B with A at its share: {r}");
+    // A opens again once it closed one.
+    let (sid, fid) = held.pop().expect("an open");
+    let r = a.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = create(&mut a2, sa2, "a-again");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "A after a close: {r}");
+    let r = create(&mut a2, sa2, "a-over");
+    assert_eq!(
+        r["status"], "STATUS_INSUFFICIENT_RESOURCES",
+        "A at its share again: {r}"
+    );
+    // The opens of a lost connection no longer count.
+    drop(a);
+    wait_for(
+        "A's lost opens to be given back",
+        Duration::from_secs(10),
+        || (create(&mut a2, sa2, "a-after-loss")["status"] == "STATUS_SUCCESS").then_some(()),
+    );
 }
 
 /// Old code: a plain CREATE whose session ended while filterd made the

@@ -81,6 +81,14 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_sessions_per_connection: u32,
+    /// Most opens the sessions of one IP address may hold at once; one
+    /// more CREATE or RECONNECT from it is refused with
+    /// STATUS_INSUFFICIENT_RESOURCES, other peers' are served. Default: a
+    /// quarter of the opens smbshim's descriptor limit allows, or 64 where
+    /// that is more (all of them if fewer).
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_opens_per_peer: Option<u32>,
     #[command(flatten)]
     lines: shimline::LineArgs,
     #[command(subcommand)]
@@ -115,14 +123,18 @@ fn run() -> anyhow::Result<()> {
             client_cli::run(&addr, timeout)
         }
         (None, Some(filter), Some(listen)) => {
+            let max_opens =
+                server::opens_allowed(usize::try_from(args.max_connections).unwrap_or(usize::MAX));
             let limits = server::Limits {
                 max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
                 max_connections_per_peer: usize::try_from(args.max_connections_per_peer)
                     .unwrap_or(usize::MAX),
                 max_sessions_per_connection: usize::try_from(args.max_sessions_per_connection)
                     .unwrap_or(usize::MAX),
-                max_opens: server::opens_allowed(
-                    usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                max_opens,
+                max_opens_per_peer: args.max_opens_per_peer.map_or_else(
+                    || server::opens_per_peer(max_opens),
+                    |n| usize::try_from(n).unwrap_or(usize::MAX),
                 ),
             };
             args.lines.apply();

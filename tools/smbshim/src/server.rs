@@ -2,7 +2,7 @@
 //! errors become smbl/1 statuses ([`status_of`]).
 
 use std::collections::HashMap;
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,6 +53,10 @@ pub struct Limits {
     /// and a descriptor filterd sends when none is free is lost with the
     /// filterd connection ([`opens_allowed`]).
     pub max_opens: usize,
+    /// Most opens held (and being made) at once by the sessions of one
+    /// peer ([`Peer`]): its share of `max_opens` ([`opens_per_peer`] by
+    /// default), so one peer cannot take them all from the others.
+    pub max_opens_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -62,6 +66,7 @@ impl Default for Limits {
             max_connections_per_peer: shimline::DEFAULT_MAX_CONNECTIONS_PER_PEER,
             max_sessions_per_connection: 64,
             max_opens: usize::MAX,
+            max_opens_per_peer: usize::MAX,
         }
     }
 }
@@ -77,6 +82,111 @@ impl Default for Limits {
 /// instead.
 pub fn opens_allowed(max_connections: usize) -> usize {
     shimline::descriptors::opens_allowed(max_connections)
+}
+
+/// The fewest opens a peer may hold by default ([`opens_per_peer`]),
+/// unless the whole cap is smaller.
+const MIN_OPENS_PER_PEER: usize = 64;
+
+/// The opens one peer may hold by default under a cap of `max_opens`: a
+/// quarter of it, or [`MIN_OPENS_PER_PEER`] where that is more (the whole
+/// cap if smaller: a tiny limit still serves one peer). Before (review
+/// rv-shims 3) the cap was server-wide: under a descriptor limit of 200,
+/// one connection's 120 opens refused every other client's CREATE.
+pub fn opens_per_peer(max_opens: usize) -> usize {
+    (max_opens / 4).max(MIN_OPENS_PER_PEER.min(max_opens))
+}
+
+/// Whom an open is counted under for [`Limits::max_opens_per_peer`]: the
+/// IP address of the connection its session was set up on — which a peer
+/// cannot choose, unlike client GUIDs (one connection may set up 64
+/// sessions under any GUIDs it likes) — or that connection itself when
+/// its address is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Peer {
+    Addr(IpAddr),
+    Connection(u64),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Addr(ip) => write!(f, "peer {ip}"),
+            Peer::Connection(c) => write!(f, "connection {c}"),
+        }
+    }
+}
+
+/// Opens held and being made, per [`Peer`].
+#[derive(Default)]
+struct PeerOpens(Mutex<HashMap<Peer, usize>>);
+
+impl PeerOpens {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Peer, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One more open of `peer`, counted until the slot is dropped; or the
+    /// opens it holds when that is `max` already.
+    fn reserve(self: &Arc<Self>, peer: Peer, max: usize) -> Result<PeerSlot, usize> {
+        let mut m = self.lock();
+        let held = m.get(&peer).copied().unwrap_or(0);
+        if held >= max {
+            return Err(held);
+        }
+        *m.entry(peer).or_default() += 1;
+        Ok(PeerSlot {
+            opens: self.clone(),
+            peer,
+        })
+    }
+}
+
+/// One open of a peer, counted in [`PeerOpens`] from before it is asked of
+/// filterd until it leaves the open table (kept in its [`Open`]), on every
+/// path: CLOSE, LOGOFF, the connection's loss (a detached durable open
+/// holds no descriptor of smbshim's), a handle filterd forgot.
+struct PeerSlot {
+    opens: Arc<PeerOpens>,
+    peer: Peer,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.opens.lock();
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// A slot for one more open of session `session`'s peer, or
+/// STATUS_INSUFFICIENT_RESOURCES naming the limit when the peer holds its
+/// share ([`Limits::max_opens_per_peer`]): only that peer is refused.
+fn peer_slot(sh: &Shared, session: u64) -> Result<PeerSlot, Fail> {
+    let peer = sh
+        .sessions
+        .lock()
+        .ok()
+        .and_then(|s| s.get(&session).map(|x| x.peer))
+        .ok_or_else(|| {
+            Fail(
+                "STATUS_USER_SESSION_DELETED",
+                format!("no session {session}"),
+            )
+        })?;
+    let max = sh.limits.max_opens_per_peer;
+    sh.peer_opens.reserve(peer, max).map_err(|held| {
+        Fail(
+            "STATUS_INSUFFICIENT_RESOURCES",
+            format!(
+                "{peer} holds {held} opens, its share of smbshim's (--max-opens-per-peer {max}; close some)"
+            ),
+        )
+    })
 }
 
 /// An open being made: counted against [`Limits::max_opens`] until the
@@ -160,6 +270,8 @@ struct Session {
     client_guid: uuid::Uuid,
     user: String,
     conn: u64,
+    /// Whom its opens are counted under ([`PeerSlot`]).
+    peer: Peer,
     alive: bool,
     /// Ended by the session's LOGOFF: filterd's late answers to its
     /// CREATEs are closed from then on, not kept detached for a replay
@@ -233,6 +345,8 @@ struct Open {
     durable: Option<Grant>,
     create_action: CreateAction,
     lease: Option<HeldLease>,
+    /// Counted under its session's peer's share until it leaves the table.
+    counted: PeerSlot,
 }
 
 impl Open {
@@ -266,6 +380,10 @@ struct Shared {
     limits: Limits,
     /// Opens being made ([`open_slot`]).
     opening: AtomicUsize,
+    /// Each client connection's peer address, while it is served.
+    peers: Mutex<HashMap<u64, IpAddr>>,
+    /// Opens held and being made, per peer ([`peer_slot`]).
+    peer_opens: Arc<PeerOpens>,
 }
 
 /// Attaches to filterd over `connections` connections (instances
@@ -350,6 +468,8 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
         handovers: Handovers::default(),
         limits,
         opening: AtomicUsize::new(0),
+        peers: Mutex::new(HashMap::new()),
+        peer_opens: Arc::default(),
     });
     for k in 0..shared.members.len() {
         let sh = shared.clone();
@@ -502,6 +622,9 @@ impl Pipeline {
 /// Requests waiting there are charged to the request budget: a connection
 /// that would pass it is dropped and its waiting requests discarded.
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
+    if let (Ok(a), Ok(mut p)) = (stream.peer_addr(), sh.peers.lock()) {
+        p.insert(conn, a.ip());
+    }
     let mut worker: Option<(Arc<Pipeline>, std::thread::JoinHandle<()>)> = None;
     let mut writer = None;
     sh.writers.serve(
@@ -562,6 +685,9 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
         let _ = j.join();
     }
     connection_lost(&sh, conn);
+    if let Ok(mut p) = sh.peers.lock() {
+        p.remove(&conn);
+    }
 }
 
 /// Whether a line is a LEASE_BREAK_ACK (answered out of order, at once).
@@ -847,6 +973,12 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
             end_session(sh, prev, false);
         }
     }
+    let peer = sh
+        .peers
+        .lock()
+        .ok()
+        .and_then(|p| p.get(&conn).copied())
+        .map_or(Peer::Connection(conn), Peer::Addr);
     let id = {
         let mut s = sh
             .sessions
@@ -866,6 +998,7 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
                 client_guid,
                 user,
                 conn,
+                peer,
                 alive: true,
                 end: SessionEnd::default(),
             },
@@ -1054,6 +1187,7 @@ fn create_with(
         )?),
         None => None,
     };
+    let counted = peer_slot(sh, session)?;
     let _slot = open_slot(sh)?;
     let end = session_end(sh, session)?;
     // Remembered while the call is in flight, kept if it goes unanswered:
@@ -1188,6 +1322,8 @@ fn create_with(
             ));
         }
         existing.session = session;
+        // Counted under its new session's peer from now on.
+        existing.counted = counted;
     } else {
         opens.insert(
             file_id.clone(),
@@ -1203,6 +1339,7 @@ fn create_with(
                 durable: granted,
                 create_action: h.info.create_action,
                 lease: h.info.lease,
+                counted,
             },
         );
     }
@@ -1519,6 +1656,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             ));
         }
     }
+    let counted = peer_slot(sh, session)?;
     let _slot = open_slot(sh)?;
     let h = m
         .filter
@@ -1577,6 +1715,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             durable: Some(durable),
             create_action: h.info.create_action,
             lease: h.info.lease,
+            counted,
         },
     );
     drop(opens);
@@ -2645,6 +2784,28 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer's default share is a quarter of the cap, at least 64 (the
+    /// whole cap if smaller); each peer is counted apart until its slots
+    /// go.
+    #[test]
+    fn each_peer_holds_its_share_of_the_opens() {
+        assert_eq!(opens_per_peer(184), 64);
+        assert_eq!(opens_per_peer(1000), 250);
+        assert_eq!(opens_per_peer(32), 32);
+        let opens = Arc::new(PeerOpens::default());
+        let a = Peer::Addr([127, 0, 0, 1].into());
+        let b = Peer::Addr([127, 0, 0, 2].into());
+        let held: Vec<_> = (0..2).filter_map(|_| opens.reserve(a, 2).ok()).collect();
+        assert_eq!(held.len(), 2);
+        assert_eq!(opens.reserve(a, 2).err(), Some(2));
+        let other = opens.reserve(b, 2);
+        assert!(other.is_ok());
+        drop(held);
+        assert!(opens.reserve(a, 2).is_ok());
+        drop(other);
+        assert!(opens.lock().is_empty(), "counts given back");
+    }
 
     /// The typed `durable` and `lease` write what their `Value` maps wrote
     /// (the smb-like spec's lines stay byte for byte what clients saw).
