@@ -1,7 +1,9 @@
 //! Limits give a clear error to the client that reaches them and leave
 //! other clients working.
 
-use rkfilter_tests::{connect_from, wait_for, Filterd, LineClient, Nfs, Scratch, Shim};
+use rkfilter_tests::{
+    connect_from, smb_persistent_create, wait_for, Filterd, LineClient, Nfs, Scratch, Shim,
+};
 use serde_json::json;
 use serde_json::Value;
 use std::time::Duration;
@@ -532,23 +534,14 @@ fn one_peer_holds_at_most_its_share_of_the_opens() {
         256,
     );
     let from = |ip: [u8; 4]| LineClient::over(connect_from(ip.into(), &shim.addr));
-    let session = |c: &mut LineClient| {
-        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "u"}));
-        r["session_id"].as_u64().expect("session")
-    };
-    let create = |c: &mut LineClient, sid: u64, path: &str| {
-        c.call(
-            json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read"],
-                   "share": ["read", "write", "delete"], "disposition": "open_if"}),
-        )
-    };
+    let session = |c: &mut LineClient| setup(c, &uuid::Uuid::new_v4().to_string());
     let mut a = from([127, 0, 0, 1]);
     // Two sessions under two client GUIDs: one peer all the same.
     let sa = [session(&mut a), session(&mut a)];
     let mut held = Vec::new();
     let refused = loop {
         let sid = sa[held.len() % 2];
-        let r = create(&mut a, sid, &format!("a{}", held.len()));
+        let r = plain_create(&mut a, sid, &format!("a{}", held.len()));
         if r["status"] != "STATUS_SUCCESS" || held.len() > 184 {
             break r;
         }
@@ -568,20 +561,20 @@ fn one_peer_holds_at_most_its_share_of_the_opens() {
     // Another connection from the same address is the same peer.
     let mut a2 = from([127, 0, 0, 1]);
     let sa2 = session(&mut a2);
-    let r = create(&mut a2, sa2, "a-other");
+    let r = plain_create(&mut a2, sa2, "a-other");
     assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
     // Another peer is served.
     let mut b = from([127, 0, 0, 2]);
     let sb = session(&mut b);
-    let r = create(&mut b, sb, "b");
+    let r = plain_create(&mut b, sb, "b");
     assert_eq!(r["status"], "STATUS_SUCCESS", "B with A at its share: {r}");
     // A opens again once it closed one.
     let (sid, fid) = held.pop().expect("an open");
     let r = a.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let r = create(&mut a2, sa2, "a-again");
+    let r = plain_create(&mut a2, sa2, "a-again");
     assert_eq!(r["status"], "STATUS_SUCCESS", "A after a close: {r}");
-    let r = create(&mut a2, sa2, "a-over");
+    let r = plain_create(&mut a2, sa2, "a-over");
     assert_eq!(
         r["status"], "STATUS_INSUFFICIENT_RESOURCES",
         "A at its share again: {r}"
@@ -591,8 +584,78 @@ fn one_peer_holds_at_most_its_share_of_the_opens() {
     wait_for(
         "A's lost opens to be given back",
         Duration::from_secs(10),
-        || (create(&mut a2, sa2, "a-after-loss")["status"] == "STATUS_SUCCESS").then_some(()),
+        || (plain_create(&mut a2, sa2, "a-after-loss")["status"] == "STATUS_SUCCESS").then_some(()),
     );
+}
+
+/// An smbl/1 session of client `guid`, user u, on `c`.
+fn setup(c: &mut LineClient, guid: &str) -> u64 {
+    let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": guid, "user": "u"}));
+    r["session_id"].as_u64().expect("session")
+}
+
+/// A plain CREATE (open_if, read, sharing all) of `path`; the reply.
+fn plain_create(c: &mut LineClient, sid: u64, path: &str) -> Value {
+    c.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": path, "access": ["read"],
+               "share": ["read", "write", "delete"], "disposition": "open_if"}),
+    )
+}
+
+/// Review rv-shims 3, the RECONNECT path: a durable open detached when
+/// its connection from 127.0.0.1 was lost, then RECONNECTed from
+/// 127.0.0.2, counts under 127.0.0.2's share (here 3), and no longer
+/// under 127.0.0.1's.
+#[test]
+fn a_reconnected_open_counts_under_the_reconnecting_peer() {
+    let s = Scratch::new("limit-shim-peer-reconnect");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with(
+        "smbshim",
+        &s.socket(),
+        "smb-peer-r",
+        &["--max-opens-per-peer", "3"],
+    );
+    let from = |ip: [u8; 4]| LineClient::over(connect_from(ip.into(), &shim.addr));
+    let guid = uuid::Uuid::new_v4().to_string();
+    let mut a = from([127, 0, 0, 1]);
+    let sa = setup(&mut a, &guid);
+    let r = smb_persistent_create(&mut a, sa, "durable");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let (fid, create_guid) = (r["file_id"].clone(), r["durable"]["create_guid"].clone());
+    for p in ["a1", "a2"] {
+        let r = plain_create(&mut a, sa, p);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+    let r = plain_create(&mut a, sa, "a3");
+    assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
+    let mut b = from([127, 0, 0, 2]);
+    let sb = setup(&mut b, &uuid::Uuid::new_v4().to_string());
+    for p in ["b1", "b2"] {
+        let r = plain_create(&mut b, sb, p);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+    drop(a);
+    // The client comes back from the other address and RECONNECTs.
+    let sg = setup(&mut b, &guid);
+    wait_for("the RECONNECT", Duration::from_secs(10), || {
+        let r = b.call(
+            json!({"cmd": "RECONNECT", "session_id": sg, "file_id": fid, "create_guid": create_guid}),
+        );
+        (r["status"] == "STATUS_SUCCESS").then_some(())
+    });
+    let r = plain_create(&mut b, sb, "b3");
+    assert_eq!(
+        r["status"], "STATUS_INSUFFICIENT_RESOURCES",
+        "B holds 3 with the reconnected open: {r}"
+    );
+    // 127.0.0.1 holds nothing now: its whole share again.
+    let mut a = from([127, 0, 0, 1]);
+    let sa = setup(&mut a, &uuid::Uuid::new_v4().to_string());
+    for p in ["a4", "a5", "a6"] {
+        let r = plain_create(&mut a, sa, p);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
 }
 
 /// Old code: a plain CREATE whose session ended while filterd made the
