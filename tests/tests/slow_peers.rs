@@ -325,10 +325,16 @@ fn requests_before_a_half_close_are_all_answered() {
     let _d = Filterd::start(&s, &[], &[]);
     let shim = Shim::start("smbshim", &s.socket(), "smb-hc");
     let mut c = std::net::TcpStream::connect(&shim.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut replies = BufReader::new(c.try_clone().unwrap()).lines();
     let guid = uuid::Uuid::new_v4().to_string();
+    let setup = json!({"cmd": "SESSION_SETUP", "mid": 1, "client_guid": guid, "user": "h"});
+    c.write_all(format!("{setup}\n").as_bytes()).unwrap();
+    let first: Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
+    // Session ids are random (not guessable): the one it was given.
+    let sid = first["session_id"].as_u64().expect("a session");
     let lines = [
-        json!({"cmd": "SESSION_SETUP", "mid": 1, "client_guid": guid, "user": "h"}),
-        json!({"cmd": "CREATE", "mid": 2, "session_id": 1, "path": "hc", "access": ["read", "write"],
+        json!({"cmd": "CREATE", "mid": 2, "session_id": sid, "path": "hc", "access": ["read", "write"],
                "share": ["read"], "disposition": "open_if"}),
         json!({"cmd": "ECHO", "mid": 3}),
     ];
@@ -336,11 +342,18 @@ fn requests_before_a_half_close_are_all_answered() {
         c.write_all(format!("{l}\n").as_bytes()).unwrap();
     }
     c.shutdown(std::net::Shutdown::Write).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut mids: Vec<u64> = BufReader::new(c)
-        .lines()
+    let rest: Vec<Value> = replies
         .map_while(Result::ok)
         .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .collect();
+    let created = rest.iter().find(|v| v["mid"] == 2);
+    assert_eq!(
+        created.map(|v| &v["status"]),
+        Some(&json!("STATUS_SUCCESS")),
+        "{rest:?}"
+    );
+    let mut mids: Vec<u64> = std::iter::once(&first)
+        .chain(&rest)
         .filter_map(|v| v["mid"].as_u64())
         .collect();
     mids.sort_unstable();
