@@ -1236,51 +1236,84 @@ fn fnv64(text: &str) -> u64 {
     })
 }
 
+/// An exclusive create with the verifier `v`.
+fn excl(v: usize) -> Value {
+    json!({"create": {"mode": "exclusive", "verifier": format!("{v:016x}")}})
+}
+
 /// filterd keeps 4096 records of a scope and drops the lowest op ids
 /// beyond that; an exclusive create's verifier record is named by its
 /// path's hash, so once the table was full a new verifier with a smaller
 /// hash than every stored one was dropped in its own commit, and its
 /// client's re-send (a new request with the same verifier) was
 /// NFS4ERR_EXIST for its own create (review rv-shims 2). nfsshim keeps
-/// the table below the cap itself, dropping the oldest records: the new
-/// verifier is found, the oldest (`f0`) is gone, a newer one (`f1000`)
-/// is still there.
+/// the table within the cap itself, deleting the oldest records before a
+/// create writes: with eight clients creating at once (re-review
+/// rr-shimfix 1: deletes queued to one thread let them pass the cap, and
+/// 1,744 of the last 3,000 verifiers went), the newest 1,000 are all
+/// kept, the new smallest-hash one too, and the oldest (`f0`) is gone.
 #[test]
-fn a_full_exclusive_create_table_drops_its_oldest_verifier() {
+fn a_full_exclusive_create_table_drops_its_oldest_verifiers() {
     let (_s, _d, shim, mut a) = host_a("nfs-excl-full");
-    let excl = |v: usize| json!({"create": {"mode": "exclusive", "verifier": format!("{v:016x}")}});
-    // f0 first, then four clients at once (sharing filterd's commits).
+    const N: usize = 5600;
     ok(a.open("p", "f0", "both", "none", excl(0)));
-    ok(a.open("p", "f1", "both", "none", excl(1)));
     std::thread::scope(|t| {
-        for c in 0..4 {
+        for c in 0..8 {
             let addr = shim.addr.clone();
             t.spawn(move || {
                 let mut b = Nfs::connect(&addr, &format!("host-{c}"), "0123456789abcdef");
-                for i in (2 + c..4096).step_by(4) {
+                for i in (1 + c..N).step_by(8) {
                     ok(b.open("p", &format!("f{i}"), "both", "none", excl(i)));
                 }
             });
         }
     });
-    let least = (0..4096)
-        .map(|i| fnv64(&format!("f{i}")))
-        .min()
-        .unwrap_or(0);
+    let least = (0..N).map(|i| fnv64(&format!("f{i}"))).min().unwrap_or(0);
     let name = (0..)
         .map(|k| format!("n{k}"))
         .find(|n| fnv64(n) < least)
         .expect("a name");
-    let o = ok(a.open("p", &name, "both", "none", excl(9999)));
+    let o = ok(a.open("p", &name, "both", "none", excl(99_999)));
     assert_eq!(o["created"], true, "{o}");
     ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let again = ok(a.open("p", &name, "both", "none", excl(9999)));
+    let again = ok(a.open("p", &name, "both", "none", excl(99_999)));
     assert_eq!(again["created"], true, "the verifier is kept: {again}");
     let oldest = a.open("p", "f0", "both", "none", excl(0));
     assert_eq!(
         oldest["status"], "NFS4ERR_EXIST",
         "the oldest went: {oldest}"
     );
-    let newer = ok(a.open("p", "f1000", "both", "none", excl(1000)));
-    assert_eq!(newer["created"], true, "{newer}");
+    let mut z = Nfs::connect(&shim.addr, "host-z", "0123456789abcdef");
+    let lost: Vec<usize> = (N - 1000..N)
+        .filter(|i| z.open("p", &format!("f{i}"), "both", "none", excl(*i))["status"] != "NFS4_OK")
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of the newest 1000 lost: {lost:?}",
+        lost.len()
+    );
+}
+
+/// A refused exclusive create writes no verifier record and takes no
+/// room: before (re-review rr-shimfix 2), each counted as written and
+/// 4,200 of them (no such directory) pushed a real verifier out.
+#[test]
+fn refused_exclusive_creates_push_no_verifier_out() {
+    let (_s, _d, shim, mut a) = host_a("nfs-excl-refused");
+    let o = ok(a.open("p", "mine", "both", "none", excl(7)));
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    std::thread::scope(|t| {
+        for c in 0..4 {
+            let addr = shim.addr.clone();
+            t.spawn(move || {
+                let mut b = Nfs::connect(&addr, &format!("host-{c}"), "0123456789abcdef");
+                for i in (c..4200).step_by(4) {
+                    let r = b.open("p", &format!("nodir/x{i}"), "both", "none", excl(i));
+                    assert_eq!(r["status"], "NFS4ERR_NOENT", "{r}");
+                }
+            });
+        }
+    });
+    let again = ok(a.open("p", "mine", "both", "none", excl(7)));
+    assert_eq!(again["created"], true, "the verifier is kept: {again}");
 }

@@ -2374,13 +2374,22 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         ctx.delete_state(*num);
     }
     let mut created_by_resend = false;
-    let h = match sh.filter.replay_open(req.clone()) {
+    if let Some(c) = &mut excl_claim {
+        // From here its record may be written (an answer lost with the
+        // connection leaves it so).
+        c.written = true;
+    }
+    let first = sh.filter.replay_open(req.clone());
+    if let (Err(e), Some(c)) = (&first, &mut excl_claim) {
+        // Refused by filterd (the file there, no directory, no room…):
+        // nothing of the open committed, its record neither.
+        if e.code().is_some() {
+            c.written = false;
+        }
+    }
+    let h = match first {
         Ok(h) => h,
         Err(e) if e.code() == Some(ErrorCode::Collision) && excl_verifier.is_some() => {
-            // The file was there: this create wrote no verifier record.
-            if let Some(c) = &mut excl_claim {
-                c.written = false;
-            }
             // An exclusive create re-sent: the same verifier, stored for
             // this very file (not merely this path), opens the file as if
             // it had created it.
@@ -4085,17 +4094,31 @@ fn file_at(ctx: &Ctx<'_>, path: &RelPath) -> AtName {
 
 /// A removed or renamed-over name's exclusive-create verifier goes with it.
 fn forget_verifier(sh: &Shared, path: &str) {
-    let op = fnv64(path);
-    if let Ok(mut ages) = sh.excl.lock() {
-        ages.forget(op);
+    delete_verifier(sh, fnv64(path));
+}
+
+/// Deletes the verifier record `op`, counted as still there while the
+/// delete is under way and entered again if it fails ([`excl::Ages`]);
+/// not while a create writes it.
+fn delete_verifier(sh: &Shared, op: u64) {
+    let tracked = sh.excl.lock().map(|mut a| a.deleting(op)).unwrap_or(false);
+    if tracked {
+        let ok = state::delete(&sh.filter, &sh.tables.excl(), op).is_ok();
+        deleted_verifier(sh, op, ok, tracked);
     }
-    let _ = state::delete(&sh.filter, &sh.tables.excl(), op);
+}
+
+/// The delete of verifier record `op` is done (`ok` or not); `tracked`
+/// if it was marked as under way.
+fn deleted_verifier(sh: &Shared, op: u64, ok: bool, tracked: bool) {
+    if let (true, Ok(mut a)) = (tracked, sh.excl.lock()) {
+        a.deleted(op, ok);
+    }
 }
 
 /// An exclusive create's claim on the `excl` table ([`excl::Ages`]),
-/// ended when dropped: its record entered (unless `written` was cleared:
-/// the file was there), and the oldest records deleted by the chores
-/// thread down to the margin below the cap.
+/// ended when dropped: its record entered if `written` (it may have been:
+/// set once the open is sent, cleared when filterd refused it).
 struct VerifierClaim<'a> {
     sh: &'a Shared,
     claim: Option<excl::Claim>,
@@ -4105,26 +4128,46 @@ struct VerifierClaim<'a> {
 
 impl<'a> VerifierClaim<'a> {
     /// Claims room for the record of an exclusive create of `path`,
-    /// first deleting the oldest records should the creates under way
-    /// pass filterd's cap, so that filterd never trims the table by op
-    /// id ([`excl`]). A delete that fails is logged: filterd's trim then
-    /// takes the smallest hash, as before ages.
+    /// first deleting — here, before the open — the oldest records should
+    /// the table with what is under way pass filterd's cap, so that
+    /// filterd never trims it by op id ([`excl`]). A delete that fails,
+    /// or a delete of this very record under way, is `NFS4ERR_DELAY`:
+    /// the client re-sends, nothing done.
     fn begin(sh: &'a Shared, path: &str) -> Result<Self, Fail> {
-        let (claim, old) = sh
+        let begun = sh
             .excl
             .lock()
             .map_err(|_| internal("excl lock"))?
             .begin(fnv64(path), excl::cap());
-        for op in old {
-            if let Err(e) = state::delete(&sh.filter, &sh.tables.excl(), op) {
-                eprintln!("nfsshim: making room in the exclusive-create table: {e}");
-            }
-        }
-        Ok(VerifierClaim {
+        let Ok((claim, old)) = begun else {
+            return Err(Fail(
+                "NFS4ERR_DELAY",
+                format!("{path}: its exclusive-create record is being deleted; retry"),
+            ));
+        };
+        let me = VerifierClaim {
             sh,
             claim: Some(claim),
-            written: true,
-        })
+            written: false,
+        };
+        let mut failed = None;
+        for op in old {
+            if failed.is_some() {
+                // After one failed, the rest are not tried: still there.
+                deleted_verifier(sh, op, false, true);
+                continue;
+            }
+            let r = state::delete(&sh.filter, &sh.tables.excl(), op);
+            deleted_verifier(sh, op, r.is_ok(), true);
+            failed = r.err();
+        }
+        if let Some(e) = failed {
+            return Err(Fail(
+                "NFS4ERR_DELAY",
+                format!("making room in the exclusive-create table: {e}; retry"),
+            ));
+        }
+        Ok(me)
     }
 
     /// The age the record is written with.
@@ -4135,16 +4178,8 @@ impl<'a> VerifierClaim<'a> {
 
 impl Drop for VerifierClaim<'_> {
     fn drop(&mut self) {
-        let (Some(claim), Ok(mut ages)) = (self.claim.take(), self.sh.excl.lock()) else {
-            return;
-        };
-        let old = ages.end(claim, self.written, excl::cap());
-        drop(ages);
-        for num in old {
-            let _ = self.sh.chores.send(Chore::DeleteState {
-                scope: self.sh.tables.excl(),
-                num,
-            });
+        if let (Some(claim), Ok(mut ages)) = (self.claim.take(), self.sh.excl.lock()) {
+            ages.end(claim, self.written);
         }
     }
 }

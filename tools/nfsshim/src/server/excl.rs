@@ -11,11 +11,13 @@
 //! commit, and any client's flood of exclusive creates under names with
 //! large hashes dropped every other verifier (review rv-shims 2). Each
 //! record now carries its age (`made`, a count), and nfsshim keeps the
-//! table below filterd's cap itself, deleting the oldest records: after
-//! a create, down to [`MARGIN`] below the cap (off the request's path);
-//! before one, only when the creates under way would otherwise pass the
-//! cap. A create that finds its file there (a re-send, or
-//! `NFS4ERR_EXIST`) writes no record and takes no room.
+//! table within filterd's cap itself: a create that may add a record
+//! first deletes the oldest ones, in its own thread and before its open,
+//! when the table, the creates under way and the deletes under way would
+//! otherwise pass the cap. So the store never holds more than the cap,
+//! whatever runs at once (re-review rr-shimfix 1: deletes left to a
+//! queue let twelve clients' creates pass it, and filterd's trim took
+//! verifiers already answered).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -24,19 +26,23 @@ use crate::state;
 /// The record member that holds a record's age.
 pub const MADE: &str = "made";
 
-/// Room kept free below the cap after each create, for the creates under
-/// way, so that none has to wait for a delete.
-pub const MARGIN: usize = 64;
-
 /// The records nfsshim believes the table holds, by op id, with their
-/// ages, and the creates under way that may each add one. A record whose
-/// fate is unknown (its commit's answer lost) counts as written.
+/// ages; the creates under way that may each add one; the deletes under
+/// way. The table never holds a record this does not count: a record
+/// whose commit's answer was lost counts as written, and one whose
+/// delete failed is entered again.
 #[derive(Default)]
 pub struct Ages {
     by_op: HashMap<u64, u64>,
     by_age: BTreeSet<(u64, u64)>,
     /// Creates under way of records not in `by_op`.
     under_way: usize,
+    /// Records being deleted, with their ages: still in the table.
+    deleting: HashMap<u64, u64>,
+    /// Records being written, with how many creates write each: none is
+    /// deleted meanwhile (a delete landing after the write would take
+    /// the new verifier).
+    creating: HashMap<u64, usize>,
     next: u64,
 }
 
@@ -50,6 +56,14 @@ pub struct Claim {
     adds: bool,
 }
 
+/// Why a create may not begin now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// Its own record is being deleted (it was the oldest): the create
+    /// waits for that delete, or its record could go with it.
+    Deleting,
+}
+
 impl Ages {
     /// A record found in the table (at a restore) with age `made` (0 for
     /// a record of an nfsshim before ages: the oldest).
@@ -58,37 +72,85 @@ impl Ages {
         self.next = self.next.max(made.saturating_add(1));
     }
 
-    /// A create about to write record `op`: its claim, and the records to
-    /// delete before its commit (oldest first) so that the table and the
-    /// creates under way stay within `cap`.
-    pub fn begin(&mut self, op: u64, cap: usize) -> (Claim, Vec<u64>) {
+    /// A create about to write record `op`: its claim, and the records it
+    /// must delete first (oldest first, each marked as being deleted:
+    /// [`Self::deleted`] for each) so that the table, the creates under
+    /// way and the deletes under way stay within `cap`.
+    pub fn begin(&mut self, op: u64, cap: usize) -> Result<(Claim, Vec<u64>), Busy> {
+        if self.deleting.contains_key(&op) {
+            return Err(Busy::Deleting);
+        }
         let made = self.next.max(1);
         self.next = made.saturating_add(1);
         let adds = !self.by_op.contains_key(&op);
         if adds {
             self.under_way += 1;
         }
-        let drop = self.trim(cap, op);
-        (Claim { op, made, adds }, drop)
+        *self.creating.entry(op).or_default() += 1;
+        // Records being deleted count until their delete is done: each
+        // create deletes the excess it sees, before its own write.
+        let total = self.by_op.len() + self.under_way + self.deleting.len();
+        let mut excess = total.saturating_sub(cap.max(1));
+        let mut drop = Vec::new();
+        while excess > 0 {
+            let creating = &self.creating;
+            let Some(&(old_made, old)) =
+                self.by_age.iter().find(|(_, o)| !creating.contains_key(o))
+            else {
+                break;
+            };
+            self.by_age.remove(&(old_made, old));
+            self.by_op.remove(&old);
+            self.deleting.insert(old, old_made);
+            drop.push(old);
+            excess -= 1;
+        }
+        Ok((Claim { op, made, adds }, drop))
     }
 
     /// The create of `claim` is done: `written` unless its record was
-    /// certainly not written (its file was there). The records to delete
-    /// now so that the table is [`MARGIN`] below `cap`.
-    pub fn end(&mut self, claim: Claim, written: bool, cap: usize) -> Vec<u64> {
+    /// certainly not written (refused, or its file was there).
+    pub fn end(&mut self, claim: Claim, written: bool) {
         if claim.adds {
             self.under_way = self.under_way.saturating_sub(1);
+        }
+        if let Some(n) = self.creating.get_mut(&claim.op) {
+            *n -= 1;
+            if *n == 0 {
+                self.creating.remove(&claim.op);
+            }
         }
         if written {
             self.enter(claim.op, claim.made);
         }
-        self.trim(cap.saturating_sub(MARGIN), claim.op)
     }
 
-    /// The record `op` is deleted.
-    pub fn forget(&mut self, op: u64) {
-        if let Some(made) = self.by_op.remove(&op) {
-            self.by_age.remove(&(made, op));
+    /// Marks record `op` as being deleted (a name removed or renamed
+    /// over): `false` if nothing is known of it, a delete is under way, or
+    /// a create writes it — then it is not deleted: a create that writes
+    /// it made the name anew (the record it replaces names the old file,
+    /// which a re-send's identity check tells apart anyway).
+    pub fn deleting(&mut self, op: u64) -> bool {
+        if self.creating.contains_key(&op) {
+            return false;
+        }
+        match self.by_op.remove(&op) {
+            Some(made) => {
+                self.by_age.remove(&(made, op));
+                self.deleting.insert(op, made);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The delete of `op` is done: `ok`, or failed — the record is still
+    /// there, entered again with its age.
+    pub fn deleted(&mut self, op: u64, ok: bool) {
+        if let Some(made) = self.deleting.remove(&op) {
+            if !ok && !self.by_op.contains_key(&op) {
+                self.enter(op, made);
+            }
         }
     }
 
@@ -98,23 +160,10 @@ impl Ages {
         self.by_op.len()
     }
 
-    /// Drops the oldest records (never `keep`) while the table and the
-    /// creates under way are more than `cap`.
-    fn trim(&mut self, cap: usize, keep: u64) -> Vec<u64> {
-        let mut drop = Vec::new();
-        while self.by_op.len() + self.under_way > cap.max(1) {
-            let Some(&(made, op)) = self.by_age.iter().find(|(_, op)| *op != keep) else {
-                break;
-            };
-            self.by_age.remove(&(made, op));
-            self.by_op.remove(&op);
-            drop.push(op);
-        }
-        drop
-    }
-
     fn enter(&mut self, op: u64, made: u64) {
-        self.forget(op);
+        if let Some(old) = self.by_op.remove(&op) {
+            self.by_age.remove(&(old, op));
+        }
         self.by_op.insert(op, made);
         self.by_age.insert((made, op));
     }
@@ -129,38 +178,65 @@ pub fn cap() -> usize {
 mod tests {
     use super::*;
 
-    /// The oldest go first, whatever their op ids; a create whose file was
-    /// there takes no room; a path written again is one record.
+    /// The oldest go first, whatever their op ids; deletes under way and
+    /// creates under way count against the cap until they are done.
     #[test]
-    fn the_oldest_records_make_room_whatever_their_op_ids() {
-        let cap = MARGIN + 3;
+    fn the_table_and_what_is_under_way_stay_within_the_cap() {
         let mut a = Ages::default();
-        for op in 100..100 + cap as u64 {
-            a.found(op, op);
-        }
         a.found(10, 0);
-        assert_eq!(a.len(), cap + 1);
-        // Before a create, the table and the creates under way fit.
-        let (c1, drop) = a.begin(1, cap);
-        assert_eq!(drop, vec![10, 100], "the oldest (made 0) first");
-        let (c2, drop) = a.begin(2, cap);
-        assert_eq!(drop, vec![101]);
-        // Its file was there: no record; the oldest go down to the
-        // margin below the cap, counting the create still under way.
-        assert_eq!(a.end(c2, false, cap).len(), MARGIN - 1);
+        a.found(5, 7);
+        a.found(6, 8);
+        let (c1, drop) = a.begin(1, 3).expect("begins");
+        assert_eq!(drop, vec![10], "the oldest (made 0)");
+        // The delete of 10 is under way: a second create deletes the next.
+        let (c2, drop) = a.begin(2, 3).expect("begins");
+        assert_eq!(drop, vec![5, 6], "10's delete, c1 and c2 count too");
+        a.deleted(10, true);
+        a.deleted(5, true);
+        // A failed delete: the record is there still, entered again.
+        a.deleted(6, false);
+        assert!(a.by_op.contains_key(&6));
+        // Refused: no record, no room kept.
+        a.end(c2, false);
+        a.end(c1, true);
         assert_eq!(a.len(), 2);
-        assert!(!a.by_op.contains_key(&2));
-        // Written: entered, within the margin.
-        assert!(a.end(c1, true, cap).is_empty());
-        assert_eq!(a.len(), 3);
-        assert!(a.by_op.contains_key(&1));
-        // A path written again takes no more room.
-        let (c, drop) = a.begin(1, cap);
-        assert!(drop.is_empty() && !c.adds);
-        let made = c.made;
-        assert!(a.end(c, true, cap).is_empty());
-        assert_eq!(a.by_op.get(&1), Some(&made));
-        a.forget(1);
-        assert!(!a.by_op.contains_key(&1));
+        assert!(a.by_op.contains_key(&1) && !a.by_op.contains_key(&2));
+    }
+
+    /// A create of a path whose record is being deleted waits for it; a
+    /// path written again takes no more room.
+    #[test]
+    fn a_record_being_deleted_is_not_written_meanwhile() {
+        let mut a = Ages::default();
+        a.found(7, 1);
+        assert!(a.deleting(7));
+        assert_eq!(a.begin(7, 10), Err(Busy::Deleting));
+        a.deleted(7, true);
+        let (c, drop) = a.begin(7, 10).expect("begins");
+        assert!(drop.is_empty() && c.adds);
+        a.end(c, true);
+        let (c, _) = a.begin(7, 1).expect("begins");
+        assert!(!c.adds, "already there");
+        a.end(c, true);
+        assert_eq!(a.len(), 1);
+        assert!(!a.deleting(8), "nothing known of 8");
+    }
+
+    /// A record a create writes is neither trimmed for another create nor
+    /// deleted for a removed name while the create is under way.
+    #[test]
+    fn a_record_being_written_is_not_deleted_meanwhile() {
+        let mut a = Ages::default();
+        a.found(3, 1);
+        a.found(4, 2);
+        let (c3, drop) = a.begin(3, 2).expect("begins");
+        assert!(drop.is_empty() && !c3.adds);
+        let (c5, drop) = a.begin(5, 2).expect("begins");
+        assert_eq!(drop, vec![4], "not 3, the oldest, being written");
+        assert!(!a.deleting(3), "a removed name's delete leaves it be");
+        a.deleted(4, true);
+        a.end(c3, true);
+        a.end(c5, true);
+        assert!(a.deleting(3));
     }
 }
