@@ -148,6 +148,17 @@ class Raw:
         return st, r[off : off + length]
 
 
+def ended(raw, within=10):
+    """Whether the server ended `raw`'s connection (it reads EOF)."""
+    raw.s.settimeout(within)
+    try:
+        return raw.s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except OSError:
+        return False
+
+
 def reset(sock):
     """Closes `sock` with an RST (linger 0); shut down for reading first,
     so that a thread blocked reading it (smbprotocol's) lets go of it."""
@@ -277,6 +288,23 @@ def create_body(name, access=0xC0000000, attributes=0x80, disposition=3, options
         "<HBBIQQIIIIIHHII", 57, 0, 0, 2, 0, 0, access, attributes, 7, disposition, options, 64 + 56, len(n), 0, 0
     )
     return fixed + n
+
+
+def auth_leg(raw, user, password):
+    """Runs the first NTLM leg of a logon of `user` with `password` on
+    `raw` and builds its AUTHENTICATE leg, not sent: (status of the first
+    leg, session id, the leg's PDU)."""
+    ctx = spnego.client(user, password, service="cifs", hostname=HOST, protocol="negotiate")
+    token = ctx.step(None)
+    body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(token), 0) + token
+    st, r = raw.call(raw.header(SESSION_SETUP, 0) + body)
+    if st != MORE_PROCESSING:
+        return st, 0, b""
+    sid = struct.unpack_from("<Q", r, 40)[0]
+    off, length = struct.unpack_from("<HH", r, 64 + 4)
+    token = ctx.step(r[off : off + length])
+    body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(token), 0) + token
+    return st, sid, raw.header(SESSION_SETUP, sid) + body
 
 
 def logon_legs(raw):

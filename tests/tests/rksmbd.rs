@@ -1301,6 +1301,29 @@ fn password_guessing_is_slowed_and_ends_connections() {
     no_handles_left(&d);
 }
 
+/// Failed logons on a connection another user's session shares
+/// (tests/smb3/logon_shared_connection.py): bob's failures next to
+/// alice's session do not end the connection, and while bob's attempt
+/// waits its turn alice's ECHO is answered; a connection nobody logged on
+/// is still ended after three failures, the last one answered first.
+/// Before, bob's third failure ended alice's connection, and his waiting
+/// attempt slept in the connection's thread, alice's ECHO behind it.
+#[test]
+fn failed_logons_spare_other_sessions_of_the_connection() {
+    alice_script_passes("rksmbd-logon-shared", &[], "logon_shared_connection.py");
+}
+
+/// Runs `tests/smb3/SCRIPT` against a fresh filterd and rksmbd (started
+/// with `extra` flags, user alice) in scratch `name`; filterd is left
+/// holding nothing.
+fn alice_script_passes(name: &str, extra: &[&str], script: &str) {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with(&s, "rksmbd", "data", &[("alice", "pw")], extra);
+    smbprotocol_script_passes(&srv, script);
+    no_handles_left(&d);
+}
+
 /// A frame trickled a byte every 4 s is not waited for past 30 s from its
 /// first byte. Before, the read timeout restarted with every byte.
 #[test]

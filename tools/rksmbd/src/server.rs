@@ -661,6 +661,34 @@ fn write_by(w: &mut TcpStream, frame: &[u8], deadline: Instant) -> std::io::Resu
     result
 }
 
+/// How long [`linger_close`] reads what a client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Ends a connection so that the replies written reach the client: its
+/// end of the stream (FIN) goes after them, then what the client still
+/// sends is read and dropped, for at most [`LINGER`]. Shut down at once
+/// with the client's next requests unread, the socket was reset, and a
+/// reset makes the client drop what it had not read yet: a pipelining
+/// client never saw its last STATUS_LOGON_FAILURE (review).
+fn linger_close(s: &TcpStream) {
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now()
+        .checked_add(LINGER)
+        .unwrap_or_else(Instant::now);
+    let mut reader = s;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || reader.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        if !matches!(reader.read(&mut buf), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Read);
+}
+
 /// Shuts a connection down (its reader ends it; every writer fails at
 /// once), once the write in progress, if any, returned.
 pub(crate) fn shut_down(wr: &crate::breaks::ConnWriter) {
@@ -844,8 +872,20 @@ pub struct Connection {
     /// The client's address.
     peer: Option<std::net::IpAddr>,
     /// Logons failed on this connection: at
-    /// [`crate::logons::MAX_FAILURES_PER_CONNECTION`] it is ended.
+    /// [`crate::logons::MAX_FAILURES_PER_CONNECTION`] it is ended, unless
+    /// a session is logged on over it (other users' sessions share a
+    /// connection: a terminal server's, a cifs `multiuser` mount's).
     logon_failures: u32,
+    /// AUTHENTICATE legs waiting for their turns ([`crate::logons`]):
+    /// when each is due, and the PDU. They wait here, answered by
+    /// [`Connection::next_input`] when due, never in a sleep of this
+    /// thread, which serves the connection's other sessions meanwhile.
+    deferred_logons: Vec<(Instant, Vec<u8>)>,
+    /// The turn taken for the AUTHENTICATE leg being answered, when it
+    /// was taken before the leg ran (a deferred leg: [`Turn::Now`]).
+    ///
+    /// [`Turn::Now`]: crate::logons::Turn::Now
+    logon_turn: Option<crate::logons::Turn>,
     /// The users logged on over this connection, each counted once in
     /// [`PerUser`].
     users_counted: Vec<String>,
@@ -874,6 +914,8 @@ struct PerConn {
 enum Input {
     /// A PDU from its own socket.
     Pdu(Vec<u8>),
+    /// A deferred AUTHENTICATE leg whose turn came.
+    Logon(Vec<u8>),
     /// PDUs channels queued in its inbox.
     Inbox,
     /// Its socket is gone.
@@ -969,6 +1011,8 @@ impl Connection {
             logon_by: None,
             peer: None,
             logon_failures: 0,
+            deferred_logons: Vec::new(),
+            logon_turn: None,
             users_counted: Vec::new(),
             channel_writers: HashMap::new(),
             outbox: None,
@@ -1036,6 +1080,14 @@ impl Connection {
                         break;
                     }
                 }
+                Input::Logon(pdu) => {
+                    self.logon_turn = Some(crate::logons::Turn::Now);
+                    let ok = self.answer(&pdu);
+                    self.logon_turn = None;
+                    if !ok || self.too_many_logon_failures() {
+                        break;
+                    }
+                }
                 Input::Inbox => self.serve_inbox(),
                 Input::Gone => break,
             }
@@ -1048,6 +1100,7 @@ impl Connection {
         self.sh.not_logged_on.left(self.id);
         self.not_logged_on = false;
         self.io = None;
+        self.deferred_logons.clear();
         if let Some(o) = self.outbox.take() {
             o.end();
         }
@@ -1057,7 +1110,7 @@ impl Connection {
         while self.has_channels() {
             match self.next_input() {
                 Input::Inbox => self.serve_inbox(),
-                Input::Pdu(_) | Input::Gone => {}
+                Input::Pdu(_) | Input::Logon(_) | Input::Gone => {}
             }
             self.after_pdu();
         }
@@ -1082,9 +1135,15 @@ impl Connection {
     }
 
     /// Whether the connection is ended for its failed logons (once the
-    /// last one is answered).
+    /// last one is answered): never while a session is logged on over it,
+    /// whose user must not lose it to another user's failures on the same
+    /// connection (a terminal server's, a cifs `multiuser` mount's) — the
+    /// failing half-made session alone is dropped, and the turns of
+    /// [`crate::logons`] still slow its guesses.
     fn too_many_logon_failures(&self) -> bool {
-        if self.logon_failures < crate::logons::MAX_FAILURES_PER_CONNECTION {
+        if self.logon_failures < crate::logons::MAX_FAILURES_PER_CONNECTION
+            || self.sessions.values().any(|s| s.user.is_some())
+        {
             return false;
         }
         tracing::info!(
@@ -1093,9 +1152,75 @@ impl Connection {
             "ending a connection for its failed logons"
         );
         if let Some((s, _)) = &self.io {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            linger_close(s);
         }
         true
+    }
+
+    /// The user an AUTHENTICATE leg names, when `pdu` is one alone (no
+    /// compound) for a half-made session of this connection, not a
+    /// binding: the leg whose turn [`Connection::defer_logon`] takes.
+    fn authenticate_leg_user(&self, pdu: &[u8]) -> Option<String> {
+        let hdr = Header::decode(pdu).ok()?;
+        if Command::from_code(hdr.command) != Command::SessionSetup || hdr.next_command != 0 {
+            return None;
+        }
+        let s = self.sessions.get(&hdr.session_id)?;
+        if s.user.is_some() || s.bound.is_some() || s.pending.is_none() {
+            return None;
+        }
+        let mut r = Reader::new(pdu.get(HEADER_LEN..)?);
+        r.skip(12, "session setup fields").ok()?;
+        let off = r.u16("blob offset").ok()?;
+        let len = r.u16("blob length").ok()?;
+        let blob = wire::buffer(pdu, u32::from(off), u32::from(len), "security blob").ok()?;
+        let token = spnego::parse_client(blob).ok()?;
+        let mut tr = Reader::new(&token.ntlm);
+        tr.skip(8, "ntlmssp signature").ok()?;
+        (tr.u32("message type").ok()? == 3).then(|| ntlm::user_of(&token.ntlm))
+    }
+
+    /// An AUTHENTICATE leg that must wait for its turn after failed logons
+    /// of its user and address: kept, to be answered when due
+    /// ([`Connection::next_input`]), while the connection serves its other
+    /// sessions (true). Otherwise the turn taken is left for the leg
+    /// (false).
+    fn defer_logon(&mut self, pdu: &[u8]) -> bool {
+        if self.logon_turn.is_some() || self.via.is_some() {
+            return false;
+        }
+        let Some(user) = self.authenticate_leg_user(pdu) else {
+            return false;
+        };
+        let turn = self.sh.logon_failures.turn(self.peer, &user);
+        if let crate::logons::Turn::After(wait) = turn {
+            let room = self.deferred_logons.len() < MAX_HALF_SESSIONS_PER_CONNECTION;
+            if let (true, Some(due)) = (room, Instant::now().checked_add(wait)) {
+                self.deferred_logons.push((due, pdu.to_vec()));
+                return true;
+            }
+        }
+        self.logon_turn = Some(turn);
+        false
+    }
+
+    /// A deferred AUTHENTICATE leg that is due, if any.
+    fn due_logon(&mut self) -> Option<Vec<u8>> {
+        let now = Instant::now();
+        let i = self
+            .deferred_logons
+            .iter()
+            .position(|(due, _)| *due <= now)?;
+        Some(self.deferred_logons.remove(i).1)
+    }
+
+    /// How long until the next deferred AUTHENTICATE leg is due.
+    fn next_logon_in(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.deferred_logons
+            .iter()
+            .map(|(due, _)| due.saturating_duration_since(now))
+            .min()
     }
 
     /// A logon of `user` failed (`why`): counted for its address and user
@@ -1153,6 +1278,10 @@ impl Connection {
                 crate::create::retry_pending(self, false);
                 continue;
             }
+            if let Some(pdu) = self.due_logon() {
+                return Input::Logon(pdu);
+            }
+            let logons = self.next_logon_in();
             let logon = self.logon_left();
             if logon.is_some_and(|w| w.is_zero()) {
                 tracing::info!(
@@ -1161,7 +1290,12 @@ impl Connection {
                 );
                 return Input::Gone;
             }
-            let wait = locks.into_iter().chain(creates).chain(logon).min();
+            let wait = locks
+                .into_iter()
+                .chain(creates)
+                .chain(logon)
+                .chain(logons)
+                .min();
             match self.poll_inputs(wait) {
                 Ready::Socket => match self.read_frame() {
                     Some(Received::Pdu(pdu)) => return Input::Pdu(pdu),
@@ -1406,10 +1540,15 @@ impl Connection {
 
     /// Answers one PDU; false when the connection must end.
     fn answer(&mut self, pdu: &[u8]) -> bool {
+        if self.defer_logon(pdu) {
+            return true;
+        }
         let handled = match self.channel_of(pdu) {
             Some(home) => self.forward(&home, pdu),
             None => self.handle_pdu(pdu),
         };
+        // A turn its leg did not use (refused before) is no other leg's.
+        self.logon_turn = None;
         let out = match handled {
             Ok(out) => out,
             Err(e) => {
@@ -2598,15 +2737,18 @@ impl Connection {
                 Ok(reply)
             }
             (3, Some((pending, first_mechs))) => {
-                // After failures of this user from this address, wait
-                // for its turn before the password is checked.
+                // After failures of this user from this address, the
+                // password is checked in its turn only: a leg that came
+                // alone waited for it in `deferred_logons`; one that could
+                // not (in a compound, or too many waiting) is refused
+                // unchecked, as is one whose turn is too far off.
                 let named = ntlm::user_of(&token.ntlm);
-                match self.sh.logon_failures.turn(self.peer, &named) {
-                    crate::logons::Turn::Now => {}
-                    crate::logons::Turn::After(wait) => std::thread::sleep(wait),
-                    crate::logons::Turn::Refused => {
-                        return Err(self.logon_failed(&named, &"too many failed logons"));
-                    }
+                let turn = match self.logon_turn.take() {
+                    Some(t) => t,
+                    None => self.sh.logon_failures.turn(self.peer, &named),
+                };
+                if turn != crate::logons::Turn::Now {
+                    return Err(self.logon_failed(&named, &"too many failed logons"));
                 }
                 let logged = match ntlm::authenticate(&pending, &token.ntlm, &self.sh.config.users)
                 {
