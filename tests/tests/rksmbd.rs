@@ -1313,6 +1313,20 @@ fn failed_logons_spare_other_sessions_of_the_connection() {
     alice_script_passes("rksmbd-logon-shared", &[], "logon_shared_connection.py");
 }
 
+/// A flood of logons refused unchecked does not lock the right password
+/// out once it stops (tests/smb3/logon_flood.py, a queue bound of 1 s).
+/// Before, every refusal counted as a failure and pushed the next turn
+/// on, so a client retrying kept itself (and any other device of its
+/// address and user) refused for ever.
+#[test]
+fn refused_logons_do_not_lock_out_the_right_password() {
+    alice_script_passes(
+        "rksmbd-logon-flood",
+        &["--logon-queue", "1"],
+        "logon_flood.py",
+    );
+}
+
 /// Runs `tests/smb3/SCRIPT` against a fresh filterd and rksmbd (started
 /// with `extra` flags, user alice) in scratch `name`; filterd is left
 /// holding nothing.

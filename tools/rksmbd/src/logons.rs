@@ -12,10 +12,13 @@
 //! - after a failure, the next attempts of the same user from the same
 //!   peer address take turns, [`STEP`] × its failures apart (at most
 //!   [`MAX_DELAY`]), on whichever connections they come: each waits in
-//!   its own connection's thread before its password is checked (so the
-//!   wait tells a guesser nothing), and one further ahead than
-//!   [`MAX_QUEUE`] is refused unchecked. Other users and other addresses
-//!   are not slowed; a logon that succeeds forgets the failures;
+//!   its connection before its password is checked (so the wait tells a
+//!   guesser nothing), the connection serving its other sessions
+//!   meanwhile, and one further ahead than [`MAX_QUEUE`] (or the
+//!   configured bound) is refused unchecked — not counted as a failure,
+//!   so a device retrying behind a shared address does not keep the real
+//!   user out once it stops. Other users and other addresses are not
+//!   slowed; a logon that succeeds forgets the failures;
 //! - at most [`LOG_PER_WINDOW`] refusals a [`LOG_WINDOW`] are logged, the
 //!   rest summed up in one line.
 
@@ -30,8 +33,9 @@ pub const MAX_FAILURES_PER_CONNECTION: u32 = 3;
 const STEP: Duration = Duration::from_millis(500);
 /// The longest wait between two attempts.
 const MAX_DELAY: Duration = Duration::from_secs(5);
-/// The furthest ahead an attempt may be queued; past it, refused at once.
-const MAX_QUEUE: Duration = Duration::from_secs(30);
+/// The furthest ahead an attempt may be queued by default; past it,
+/// refused at once.
+pub const MAX_QUEUE: Duration = Duration::from_secs(30);
 /// How long failures are remembered after the last one.
 const FORGET: Duration = Duration::from_secs(15 * 60);
 /// Most (address, user) pairs remembered: past it the stale ones go,
@@ -66,10 +70,17 @@ pub enum Turn {
 }
 
 /// Failed logons by (peer address, user), and the refusals logged.
-#[derive(Default)]
 pub struct Failures {
     records: Mutex<HashMap<Key, Record>>,
     log: Mutex<LogWindow>,
+    /// The furthest ahead an attempt may be queued.
+    max_queue: Duration,
+}
+
+impl Default for Failures {
+    fn default() -> Self {
+        Failures::new(MAX_QUEUE)
+    }
 }
 
 #[derive(Default)]
@@ -89,10 +100,21 @@ fn delay(failures: u32) -> Duration {
 }
 
 impl Failures {
+    /// No failures yet; attempts queued at most `max_queue` ahead.
+    pub fn new(max_queue: Duration) -> Self {
+        Failures {
+            records: Mutex::default(),
+            log: Mutex::default(),
+            max_queue,
+        }
+    }
+
     /// An attempt of `user` from `peer`: when its password may be
     /// checked. It takes the next turn of its (address, user), if that
-    /// has failed lately.
-    pub fn turn(&self, peer: Option<IpAddr>, user: &str) -> Turn {
+    /// has failed lately — unless it is refused (too far off, or not now
+    /// for one that cannot wait, `may_wait` false), which changes
+    /// nothing.
+    pub fn turn(&self, peer: Option<IpAddr>, user: &str, may_wait: bool) -> Turn {
         let now = Instant::now();
         let Ok(mut m) = self.records.lock() else {
             return Turn::Now;
@@ -107,7 +129,7 @@ impl Failures {
         }
         let at = r.next.max(now);
         let wait = at.saturating_duration_since(now);
-        if wait > MAX_QUEUE {
+        if wait > self.max_queue || (!may_wait && !wait.is_zero()) {
             return Turn::Refused;
         }
         r.next = at + delay(r.failures);
@@ -181,14 +203,28 @@ mod tests {
     fn attempts_after_failures_take_turns_and_success_forgets() {
         let f = Failures::default();
         let peer = Some(IpAddr::from([127, 0, 0, 1]));
-        assert_eq!(f.turn(peer, "alice"), Turn::Now);
+        assert_eq!(f.turn(peer, "alice", true), Turn::Now);
         f.failed(peer, "Alice");
-        assert!(matches!(f.turn(peer, "ALICE"), Turn::After(w) if w <= STEP));
-        assert!(matches!(f.turn(peer, "alice"), Turn::After(w) if w > STEP));
-        assert_eq!(f.turn(peer, "bob"), Turn::Now);
-        assert_eq!(f.turn(None, "alice"), Turn::Now);
+        assert!(matches!(f.turn(peer, "ALICE", true), Turn::After(w) if w <= STEP));
+        assert!(matches!(f.turn(peer, "alice", true), Turn::After(w) if w > STEP));
+        assert_eq!(f.turn(peer, "bob", true), Turn::Now);
+        assert_eq!(f.turn(None, "alice", true), Turn::Now);
         f.succeeded(peer, "alice");
-        assert_eq!(f.turn(peer, "alice"), Turn::Now);
+        assert_eq!(f.turn(peer, "alice", true), Turn::Now);
+    }
+
+    #[test]
+    fn refused_attempts_take_no_turn() {
+        let f = Failures::new(STEP);
+        let peer = Some(IpAddr::from([127, 0, 0, 1]));
+        f.failed(peer, "alice");
+        assert_eq!(f.turn(peer, "alice", false), Turn::Refused);
+        assert!(matches!(f.turn(peer, "alice", true), Turn::After(w) if w <= STEP));
+        // The next turn is now more than STEP off: refused, and taking
+        // none, so the one after it is no further off.
+        assert_eq!(f.turn(peer, "alice", true), Turn::Refused);
+        assert_eq!(f.turn(peer, "alice", true), Turn::Refused);
+        assert!(matches!(f.turn(peer, "alice", false), Turn::Refused));
     }
 
     #[test]

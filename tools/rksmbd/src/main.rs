@@ -2,7 +2,8 @@
 //! over the `rksmbd` library).
 //!
 //! Serve: `rksmbd --filter SOCKET --listen HOST:PORT [--instance NAME]
-//! --share NAME --users FILE [--channel-memory MIB] [--logon-timeout SECS]` prints `listening on HOST:PORT` as its first
+//! --share NAME --users FILE [--channel-memory MIB] [--logon-timeout SECS]
+//! [--logon-queue SECS]` prints `listening on HOST:PORT` as its first
 //! stdout line, then serves. `rksmbd hash-password USER [--uid N]` reads a
 //! password from stdin and prints a users-file (smbpasswd) line for it.
 #![forbid(unsafe_code)]
@@ -51,6 +52,12 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     logon_timeout: u64,
+    /// Seconds ahead a logon may be queued for its turn after failed
+    /// logons of its user and address; one further ahead is refused
+    /// unchecked.
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    logon_queue: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -106,6 +113,7 @@ fn run() -> anyhow::Result<()> {
         users,
         server_name: "RKSMBD".into(),
         logon_timeout: std::time::Duration::from_secs(args.logon_timeout),
+        logon_queue: std::time::Duration::from_secs(args.logon_queue),
     };
     rksmbd::server::run(
         &filter,

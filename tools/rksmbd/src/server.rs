@@ -139,6 +139,10 @@ pub struct Config {
     /// How long a connection may go without a logged-on session
     /// ([`LOGON_TIMEOUT`] by default).
     pub logon_timeout: Duration,
+    /// How far ahead a logon may be queued for its turn after failed
+    /// logons of its user and address (`--logon-queue`): one further
+    /// ahead is refused unchecked ([`crate::logons`]).
+    pub logon_queue: Duration,
 }
 
 /// What every connection shares: the filterd attachment, the export root
@@ -419,6 +423,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
 /// forward filterd's events and settle unanswered closes running.
 fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
     use anyhow::Context;
+    let logon_failures = crate::logons::Failures::new(config.logon_queue);
     let root = crate::files::open_root(&attach).context("opening the export root")?;
     let (closer, closing) = crate::unanswered::Closer::new();
     let shared = Arc::new(Shared {
@@ -438,7 +443,7 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
         not_logged_on: NotLoggedOn::default(),
         per_user: PerUser::default(),
         user_opens: Arc::default(),
-        logon_failures: crate::logons::Failures::default(),
+        logon_failures,
         next_session: AtomicU64::new(u64::from(u32::from_le_bytes(ntlm::random_bytes())) << 32 | 1),
     });
     let events = shared.clone();
@@ -1192,10 +1197,10 @@ impl Connection {
         let Some(user) = self.authenticate_leg_user(pdu) else {
             return false;
         };
-        let turn = self.sh.logon_failures.turn(self.peer, &user);
+        let room = self.deferred_logons.len() < MAX_HALF_SESSIONS_PER_CONNECTION;
+        let turn = self.sh.logon_failures.turn(self.peer, &user, room);
         if let crate::logons::Turn::After(wait) = turn {
-            let room = self.deferred_logons.len() < MAX_HALF_SESSIONS_PER_CONNECTION;
-            if let (true, Some(due)) = (room, Instant::now().checked_add(wait)) {
+            if let Some(due) = Instant::now().checked_add(wait) {
                 self.deferred_logons.push((due, pdu.to_vec()));
                 return true;
             }
@@ -1223,18 +1228,32 @@ impl Connection {
             .min()
     }
 
+    /// A logon of `user` refused unchecked, its turn too far off: logged
+    /// within [`crate::logons`]' bound and counted for this connection,
+    /// but not as a failure of the address and user — a refusal that
+    /// counted kept one retrying device behind a shared address (a NAT)
+    /// ahead of the real user for ever.
+    fn logon_refused(&mut self, user: &str, why: &dyn std::fmt::Display) -> u32 {
+        self.logon_failures = self.logon_failures.saturating_add(1);
+        self.log_refusal(user, why);
+        status::LOGON_FAILURE
+    }
+
     /// A logon of `user` failed (`why`): counted for its address and user
     /// and for this connection, logged within [`crate::logons`]' bound.
     fn logon_failed(&mut self, user: &str, why: &dyn std::fmt::Display) -> u32 {
         self.sh.logon_failures.failed(self.peer, user);
-        self.logon_failures = self.logon_failures.saturating_add(1);
+        self.logon_refused(user, why)
+    }
+
+    /// Logs a refused logon, within [`crate::logons`]' bound.
+    fn log_refusal(&self, user: &str, why: &dyn std::fmt::Display) {
         if let Some(unlogged) = self.sh.logon_failures.log_refusal() {
             if unlogged > 0 {
                 tracing::warn!(unlogged, "more logons were refused than were logged");
             }
             tracing::warn!(conn = self.id, peer = ?self.peer, user = ?user, error = %why, "logon refused");
         }
-        status::LOGON_FAILURE
     }
 
     /// While no session has logged on: how long it has left to
@@ -2745,10 +2764,10 @@ impl Connection {
                 let named = ntlm::user_of(&token.ntlm);
                 let turn = match self.logon_turn.take() {
                     Some(t) => t,
-                    None => self.sh.logon_failures.turn(self.peer, &named),
+                    None => self.sh.logon_failures.turn(self.peer, &named, false),
                 };
                 if turn != crate::logons::Turn::Now {
-                    return Err(self.logon_failed(&named, &"too many failed logons"));
+                    return Err(self.logon_refused(&named, &"too many failed logons"));
                 }
                 let logged = match ntlm::authenticate(&pending, &token.ntlm, &self.sh.config.users)
                 {
