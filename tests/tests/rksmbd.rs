@@ -669,6 +669,21 @@ fn one_user_holds_at_most_its_share_of_the_opens() {
     no_handles_left(&d);
 }
 
+/// Review: the share was checked before a CREATE was known to be a
+/// reconnect, so a client that reset its connection and reconnected its
+/// 80 durable opens at once had each DH2C refused while the old
+/// connection still held (and counted) them. A reconnect of an open
+/// another connection holds adds none: every one succeeds
+/// (per_user_reconnects.py).
+#[test]
+fn a_reconnect_is_not_refused_for_the_users_share() {
+    let s = Scratch::new("rksmbd-per-user-reconnects");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &[("alice", "pw")], 512);
+    smbprotocol_script_passes_with(&srv, "per_user_reconnects.py", &["80"]);
+    no_handles_left(&d);
+}
+
 /// As [`smbprotocol_script_passes`], with `extra` arguments after the
 /// usual five.
 fn smbprotocol_script_passes_with(srv: &RkSmbd, script: &str, extra: &[&str]) {

@@ -111,13 +111,6 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
         );
         return Err(status::INSUFFICIENT_RESOURCES);
     }
-    if c.user_opens_full(req) {
-        tracing::info!(
-            conn = c.id,
-            "CREATE refused: the user holds its share of the opens"
-        );
-        return Err(status::INSUFFICIENT_RESOURCES);
-    }
     let mut r = Reader::new(req.body);
     if r.u16("structure size")? != 57 {
         return Err(status::INVALID_PARAMETER);
@@ -194,6 +187,13 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
             (false, Some((_, true))) => return Err(status::DUPLICATE_OBJECTID),
             _ => {}
         }
+    }
+    let replay_guid = ctxs
+        .durable_v2
+        .filter(|_| req.hdr.flags & wire::FLAG_REPLAY != 0)
+        .map(|d| d.create_guid);
+    if over_user_share(c, req.hdr.session_id, replay_guid) {
+        return Err(status::INSUFFICIENT_RESOURCES);
     }
     let disp = disposition(disp)?;
     let path = parse_name(&name)?;
@@ -439,6 +439,26 @@ fn oplock_rank(level: u8) -> u8 {
         0x09 => 3,
         _ => 0,
     }
+}
+
+/// Whether a CREATE of session `session` is refused because its user
+/// holds its share of the open cap ([`crate::server::UserOpens`]). Asked
+/// only of a CREATE that may add an open: a reconnect ([`reconnect`]) or
+/// a replay (`replay_guid`) of an open another connection of this rksmbd
+/// still holds adds none — that open is counted there under the same
+/// user until the connection lets it go, which a client reconnecting at
+/// once after dropping TCP beats (review: 80 durable opens at the share
+/// of 80, the connection reset, and every DH2C was refused).
+fn over_user_share(c: &Connection, session: u64, replay_guid: Option<uuid::Uuid>) -> bool {
+    let held = replay_guid.is_some_and(|g| c.sh.registry.held_by_other_connection(g, c.id));
+    let full = !held && c.user_opens_full(session);
+    if full {
+        tracing::info!(
+            conn = c.id,
+            "CREATE refused: the user holds its share of the opens"
+        );
+    }
+    full
 }
 
 /// Answers a replayed CREATE with the original open `id`
@@ -978,6 +998,14 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
         if now < p.next_try && now < p.deadline {
             waiting_out_backoff = true;
             c.pending_creates.list.push(p);
+            continue;
+        }
+        // Checked again: the user's other CREATEs (up to MAX_PENDING on
+        // each connection, all checked before any was granted) may have
+        // taken its share meanwhile.
+        let replay_guid = p.prepared.create_guid.filter(|_| p.prepared.replay);
+        if over_user_share(c, p.prepared.f.session, replay_guid) {
+            c.finish_async(&p.head, status::INSUFFICIENT_RESOURCES, &[]);
             continue;
         }
         match try_open(&sh, &p.prepared) {
@@ -1632,6 +1660,12 @@ fn reconnect(
             .flatten()
             .find_map(|g| sh.registry.holder_other_than(g, c.id))
     };
+    // Another connection of this rksmbd holding the open counts it under
+    // this user until it lets go: the reconnect adds no open then.
+    let rejoins = held_elsewhere().is_none();
+    if rejoins && over_user_share(c, req.hdr.session_id, None) {
+        return Err(status::INSUFFICIENT_RESOURCES);
+    }
     let r = retry_while_held_elsewhere(held_wait, held_elsewhere, try_both);
     let h = r.map_err(|(e, held)| match e.code() {
         // Still being let go by a connection whose client has gone: not

@@ -1873,7 +1873,10 @@ impl Connection {
         crate::notify::open_closing(self, id);
         // Only now, with the handle detached, may a reconnect stop
         // waiting for this connection.
-        if let Some(open) = self.opens.remove(&id) {
+        if let Some(mut open) = self.opens.remove(&id) {
+            // Its counts first: a reconnect that finds it let go must find
+            // it no longer counted under its user either.
+            open.counted = None;
             self.let_go(&open);
         }
         // Its locks are gone: a lock waiting on another open may be in,
@@ -2363,16 +2366,16 @@ impl Connection {
         }
     }
 
-    /// The request's session, which must be logged on.
-    /// Whether the request's user holds its share of the open cap
-    /// ([`UserOpens`]).
-    pub fn user_opens_full(&self, req: &Request<'_>) -> bool {
-        self.logged_on(req)
-            .ok()
+    /// Whether the user of session `session` holds its share of the open
+    /// cap ([`UserOpens`]).
+    pub fn user_opens_full(&self, session: u64) -> bool {
+        self.sessions
+            .get(&session)
             .and_then(|s| s.user.as_ref())
             .is_some_and(|u| self.sh.user_opens.full(u, self.sh.fds.cap()))
     }
 
+    /// The request's session, which must be logged on.
     pub fn logged_on(&self, req: &Request<'_>) -> Result<&Session, u32> {
         match self.sessions.get(&req.hdr.session_id) {
             Some(s) if s.user.is_some() => Ok(s),

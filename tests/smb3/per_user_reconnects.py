@@ -1,0 +1,61 @@
+"""A durable reconnect adds no open: it is not refused for the user's share
+(review; run under `prlimit --nofile=LIMIT`).
+
+Usage: per_user_reconnects.py HOST PORT SHARE USER PASSWORD SHARE_OF_USER
+
+USER holds SHARE_OF_USER persistent opens on connection A (one more
+CREATE is STATUS_INSUFFICIENT_RESOURCES), has connection B ready, resets A
+(RST) and at once reconnects every open on B with DH2C: every reconnect
+succeeds, though A may not have let its opens go yet (rksmbd counts them
+under USER until it does). Before, each was refused
+STATUS_INSUFFICIENT_RESOURCES while A still held them. Then one more
+fresh CREATE is refused again: the reconnected opens count once. Prints
+PASS, or exits non-zero.
+"""
+
+import sys
+import uuid
+
+from smbprotocol.exceptions import SMBResponseException
+from smbprotocol.open import CreateDisposition
+
+from raw_channel import reset
+from smbtest import args, check, connect, open_rw, persistent_context, reconnect_v2
+
+HOST, PORT, SHARE, USER, PASSWORD = args()
+SHARE_OF_USER = int(sys.argv[6])
+INSUFFICIENT_RESOURCES = 0xC000009A
+SERVER = (HOST, PORT, SHARE, USER, PASSWORD)
+
+
+def refusal(name):
+    try:
+        open_rw(tree_b, name, CreateDisposition.FILE_OVERWRITE_IF)
+    except SMBResponseException as e:
+        return e.status
+    return 0
+
+
+conn_a, tree_a = connect(*SERVER)
+held = []
+for i in range(SHARE_OF_USER):
+    guid = uuid.uuid4()
+    f = open_rw(tree_a, f"f{i}", CreateDisposition.FILE_OVERWRITE_IF, [persistent_context(guid)])
+    held.append((f"f{i}", f.file_id, guid))
+conn_b, tree_b = connect(*SERVER)
+check(refusal("one_more") == INSUFFICIENT_RESOURCES, f"{USER} holds its share, {SHARE_OF_USER} opens")
+
+reset(conn_a.transport._sock)
+failed, reopened = [], []
+for name, file_id, guid in held:
+    f, st = reconnect_v2(tree_b, name, file_id, guid)
+    if f is None:
+        failed.append((name, hex(st)))
+    else:
+        reopened.append(f)
+check(not failed, f"every reconnect right after the reset succeeds (refused: {failed[:5]})")
+check(refusal("one_more") == INSUFFICIENT_RESOURCES, "the reconnected opens count once: still at its share")
+for f in reopened:
+    f.close()
+conn_b.disconnect()
+print("PASS", flush=True)
