@@ -151,13 +151,18 @@ pub fn open_root(attach: &libfilter::attach::Attachment) -> anyhow::Result<Owned
 
 /// Most files [`DeletePending`] keeps.
 const MAX_DELETE_PENDING: usize = 4096;
+/// Most marks a full [`DeletePending`] looks at, per new mark, for files
+/// already gone.
+const DELETE_PENDING_PROBES: usize = 64;
 
-/// A file's identity that outlives its descriptors: device and inode
-/// numbers, and the kernel file handle, which carries the inode's
-/// generation where the filesystem has one (ext4, xfs, tmpfs, btrfs), so a
-/// file given a removed file's inode number is another file. `None` where
-/// the filesystem gives no handle: the numbers alone then.
-type Identity = Option<libfilter::model::KernelHandle>;
+/// A file's identity that outlives its descriptors: the kernel file
+/// handle, which carries the inode's generation where the filesystem has
+/// one (ext4, xfs, tmpfs, btrfs), so a file given a removed file's inode
+/// number is another file.
+type Identity = libfilter::model::KernelHandle;
+
+/// A file's place in [`DeletePending`]: device and inode numbers.
+type FileKey = (u64, u64);
 
 /// The files pending delete through this rksmbd — FileDisposition set,
 /// or an open with delete on close closed while other opens keep the
@@ -172,33 +177,146 @@ type Identity = Option<libfilter::model::KernelHandle>;
 /// SET_INFO disposition and CLOSE stayed on disk; 250 marked files took
 /// the last descriptors). An entry goes when it is unmarked, when a close
 /// through rksmbd finds its file without a name ([`DeletePending::closed`]),
-/// or when a name with its inode number turns out to be another file
-/// (inode reuse after the delete was made elsewhere).
+/// when a name with its inode number turns out to be another file
+/// (inode reuse after the delete was made elsewhere), or when the table is
+/// full ([`MAX_DELETE_PENDING`]) and it is found gone or is the oldest.
+/// A file whose filesystem gives no handle (FUSE, exfat, some overlayfs)
+/// is never marked: its inode number alone cannot tell it from a later
+/// file given the number once its delete is made outside rksmbd's closes
+/// (re-review: such a file was hidden, and its CREATE refused, until
+/// rksmbd restarted).
 #[derive(Default)]
-pub struct DeletePending(std::sync::Mutex<HashMap<(u64, u64), Identity>>);
+pub struct DeletePending(std::sync::Mutex<Marks>);
+
+/// The marks of [`DeletePending`], with the order they were made in.
+#[derive(Default)]
+struct Marks {
+    by_file: HashMap<FileKey, (Identity, u64)>,
+    /// Each mark's number (in the order made) to its file.
+    order: std::collections::BTreeMap<u64, FileKey>,
+    next: u64,
+    /// Where the next look for files gone starts (a mark's number).
+    probe_from: u64,
+}
+
+impl Marks {
+    fn remove(&mut self, key: &FileKey) -> Option<Identity> {
+        let (id, n) = self.by_file.remove(key)?;
+        self.order.remove(&n);
+        Some(id)
+    }
+
+    fn insert(&mut self, key: FileKey, id: Identity) {
+        self.remove(&key);
+        self.next += 1;
+        self.by_file.insert(key, (id, self.next));
+        self.order.insert(self.next, key);
+    }
+
+    fn full(&self, key: &FileKey) -> bool {
+        self.by_file.len() >= MAX_DELETE_PENDING && !self.by_file.contains_key(key)
+    }
+
+    /// The next [`DELETE_PENDING_PROBES`] marks to look at for files
+    /// gone, from where the last look stopped (then from the start).
+    fn next_looks(&mut self) -> Vec<(u64, FileKey, Identity)> {
+        let looks: Vec<_> = self
+            .order
+            .range(self.probe_from..)
+            .chain(self.order.range(..self.probe_from))
+            .take(DELETE_PENDING_PROBES)
+            .filter_map(|(n, k)| Some((*n, *k, self.by_file.get(k)?.0.clone())))
+            .collect();
+        if let Some((n, _, _)) = looks.last() {
+            self.probe_from = n + 1;
+        }
+        looks
+    }
+
+    /// Room for one more mark: the marks in `gone` go (unless made again
+    /// since they were looked at), or the oldest if none did.
+    fn make_room(&mut self, gone: &[(u64, FileKey)]) {
+        let mut freed = false;
+        for (n, key) in gone {
+            if self.by_file.get(key).is_some_and(|(_, made)| made == n) {
+                self.remove(key);
+                freed = true;
+            }
+        }
+        if !freed {
+            if let Some((_, oldest)) = self.order.pop_first() {
+                self.by_file.remove(&oldest);
+            }
+        }
+    }
+}
 
 impl DeletePending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Identity>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Marks> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The file open as `fd` is marked (`true`) or no longer marked
-    /// delete on close.
-    pub(crate) fn set(&self, fd: std::os::fd::BorrowedFd<'_>, pending: bool) {
+    /// delete on close; `root`: the export root, through which a full
+    /// table looks for marked files already gone.
+    pub(crate) fn set(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        pending: bool,
+        root: std::os::fd::BorrowedFd<'_>,
+    ) {
         let Ok(st) = nix::sys::stat::fstat(fd) else {
             return;
         };
-        let id = (st.st_dev, st.st_ino);
-        let mut m = self.lock();
+        let key = (st.st_dev, st.st_ino);
         if !pending {
-            m.remove(&id);
+            self.lock().remove(&key);
             return;
         }
-        // Full: a file whose delete was made outside rksmbd's closes is
-        // still here; the mark is not kept (the file is listed), as before.
-        if m.len() < MAX_DELETE_PENDING || m.contains_key(&id) {
-            m.insert(id, libfilter::sys::file_handle_of(fd).ok());
+        let root_dev = nix::sys::stat::fstat(root).ok().map(|s| s.st_dev);
+        self.mark(key, libfilter::sys::file_handle_of(fd), |k, id| {
+            root_dev == Some(k.0) && is_gone(root, id)
+        });
+    }
+
+    /// Marks file `key`, whose identity lookup gave `id`. A file without
+    /// a handle is not marked (see [`DeletePending`]). In a full table,
+    /// up to [`DELETE_PENDING_PROBES`] marks, from where the last look
+    /// stopped, are dropped if `gone` finds their file gone (its delete
+    /// made outside rksmbd's closes: filterd expiring a durable
+    /// delete-on-close open, another frontend, a local rm); if none was,
+    /// the oldest mark goes. Before (re-review), a full table kept no new
+    /// mark at all, and such stale marks never went: 4,096 of them, which
+    /// any user could make, and no pending delete was hidden again until
+    /// rksmbd restarted.
+    fn mark(
+        &self,
+        key: FileKey,
+        id: std::io::Result<Identity>,
+        mut gone: impl FnMut(&FileKey, &Identity) -> bool,
+    ) {
+        let Ok(id) = id else {
+            return;
+        };
+        let looks = {
+            let mut m = self.lock();
+            if !m.full(&key) {
+                m.insert(key, id);
+                return;
+            }
+            m.next_looks()
+        };
+        // Looked at without the lock: a look is a system call or two.
+        let gone: Vec<(u64, FileKey)> = looks
+            .into_iter()
+            .filter(|(_, k, marked)| gone(k, marked))
+            .map(|(n, k, _)| (n, k))
+            .collect();
+        let mut m = self.lock();
+        if m.full(&key) {
+            m.make_room(&gone);
         }
+        m.insert(key, id);
     }
 
     /// A close through rksmbd of an open of the file open as `fd`: once
@@ -218,16 +336,26 @@ impl DeletePending {
     /// gives its kernel file handle, asked only when its inode number is
     /// marked. A file of that number that is another file (the marked
     /// one was deleted and its number reused) is not, and the mark goes.
-    pub(crate) fn hides(&self, m: &Meta, handle: impl FnOnce() -> Identity) -> bool {
+    /// A lookup that fails (EMFILE, the name gone meanwhile) tells
+    /// nothing: the mark stays, and hides (re-review: it was taken for
+    /// another file, and a live mark dropped).
+    pub(crate) fn hides(
+        &self,
+        m: &Meta,
+        handle: impl FnOnce() -> std::io::Result<Identity>,
+    ) -> bool {
         let key = (m.dev, m.ino);
-        let Some(marked) = self.lock().get(&key).cloned() else {
+        let Some(marked) = self.lock().by_file.get(&key).map(|(id, _)| id.clone()) else {
             return false;
         };
-        let same = marked == handle();
+        let Ok(found) = handle() else {
+            return true;
+        };
+        let same = marked == found;
         if !same {
             let mut map = self.lock();
             // Unless it was marked again meanwhile.
-            if map.get(&key) == Some(&marked) {
+            if map.by_file.get(&key).is_some_and(|(id, _)| *id == marked) {
                 map.remove(&key);
             }
         }
@@ -235,25 +363,35 @@ impl DeletePending {
     }
 }
 
+/// Whether the file with handle `id`, on the filesystem of `root`, is
+/// gone: no longer there (`ESTALE`), or without a name. Anything else
+/// (no CAP_DAC_READ_SEARCH, EMFILE) tells nothing: false.
+fn is_gone(root: std::os::fd::BorrowedFd<'_>, id: &Identity) -> bool {
+    match libfilter::sys::open_by_handle(root, id, OFlag::O_PATH.bits()) {
+        Ok(fd) => nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink == 0),
+        Err(e) => e.raw_os_error() == Some(nix::errno::Errno::ESTALE as i32),
+    }
+}
+
 /// The kernel file handle of `leaf` in `dir` (not following a symbolic
 /// link), for [`DeletePending::hides`].
-pub(crate) fn handle_at(dir: std::os::fd::BorrowedFd<'_>, leaf: &str) -> Identity {
+pub(crate) fn handle_at(dir: std::os::fd::BorrowedFd<'_>, leaf: &str) -> std::io::Result<Identity> {
     let fd = nix::fcntl::openat(
         dir,
         leaf,
         OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
-    )
-    .ok()?;
-    libfilter::sys::file_handle_of(fd.as_fd()).ok()
+    )?;
+    libfilter::sys::file_handle_of(fd.as_fd())
 }
 
 /// Whether the file at `path`, with metadata `m`, is pending delete.
 pub(crate) fn pending_delete(sh: &Shared, path: &Option<RelPath>, m: &Meta) -> bool {
     sh.delete_pending.hides(m, || match path {
-        None => libfilter::sys::file_handle_of(sh.root.as_fd()).ok(),
+        None => libfilter::sys::file_handle_of(sh.root.as_fd()),
         Some(p) => {
-            let (parent, leaf) = parent_and_leaf(sh, p).ok()?;
+            let (parent, leaf) = parent_and_leaf(sh, p)
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::NotFound))?;
             handle_at(parent.as_fd(), leaf)
         }
     })
@@ -489,7 +627,7 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
         // file leaves it pending delete (MS-FSA 2.1.5.4).
         Kind::File { file, .. } => {
             if !detach && open.delete_on_close && linked(file) {
-                sh.delete_pending.set(file.as_fd(), true);
+                sh.delete_pending.set(file.as_fd(), true, sh.root.as_fd());
             }
         }
         Kind::Dir { fd, .. } => {
@@ -1273,7 +1411,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
-                sh.delete_pending.set(o.fd(), delete);
+                sh.delete_pending.set(o.fd(), delete, sh.root.as_fd());
             }
         }
         // FilePositionInformation (MS-FSCC 2.4.35).
@@ -1898,7 +2036,7 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
         let name = if l.dots == 0 { "." } else { ".." };
         if matches(name) {
             let own = Meta::of(fd)?;
-            if !pending.hides(&own, || libfilter::sys::file_handle_of(fd.as_fd()).ok()) {
+            if !pending.hides(&own, || libfilter::sys::file_handle_of(fd.as_fd())) {
                 if !page.push(name, &own)? {
                     break;
                 }
@@ -2009,25 +2147,150 @@ mod tests {
         let f = std::fs::File::create(&path).unwrap();
         let st = nix::sys::stat::fstat(f.as_fd()).unwrap();
         let m = Meta::from_stat(&st);
-        let own = libfilter::sys::file_handle_of(f.as_fd()).ok();
+        let Ok(own) = libfilter::sys::file_handle_of(f.as_fd()) else {
+            eprintln!("skipped: the temporary directory gives no file handles");
+            return;
+        };
+        let root = std::fs::File::open(&dir).unwrap();
         let dp = DeletePending::default();
-        dp.set(f.as_fd(), true);
-        assert!(dp.hides(&m, || own.clone()));
-        let other = own.clone().map(|mut h| {
-            h.handle_type ^= 1;
-            h
-        });
-        if own.is_some() {
-            assert!(!dp.hides(&m, || other.clone()), "another file, same number");
-            assert!(!dp.hides(&m, || own.clone()), "the mark went");
-        }
-        dp.set(f.as_fd(), true);
+        dp.set(f.as_fd(), true, root.as_fd());
+        assert!(dp.hides(&m, || Ok(own.clone())));
+        let mut other = own.clone();
+        other.handle_type ^= 1;
+        assert!(
+            !dp.hides(&m, || Ok(other.clone())),
+            "another file, same number"
+        );
+        assert!(!dp.hides(&m, || Ok(own.clone())), "the mark went");
+        dp.set(f.as_fd(), true, root.as_fd());
         dp.closed(f.as_fd());
-        assert!(dp.hides(&m, || own.clone()), "still named: still marked");
+        assert!(
+            dp.hides(&m, || Ok(own.clone())),
+            "still named: still marked"
+        );
+        assert!(!is_gone(root.as_fd(), &own), "there and named: not gone");
         std::fs::remove_file(&path).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            assert!(is_gone(root.as_fd(), &own), "held but without a name: gone");
+        }
         dp.closed(f.as_fd());
-        assert!(!dp.hides(&m, || own.clone()), "deleted: forgotten");
+        assert!(!dp.hides(&m, || Ok(own.clone())), "deleted: forgotten");
+        drop(f);
+        if nix::unistd::geteuid().is_root() {
+            assert!(
+                is_gone(root.as_fd(), &own),
+                "deleted and closed: gone (ESTALE)"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A made-up handle for file number `ino`.
+    fn handle(ino: u64) -> Identity {
+        Identity {
+            handle_type: 1,
+            bytes: ino.to_le_bytes().to_vec(),
+        }
+    }
+
+    fn meta(ino: u64) -> Meta {
+        Meta {
+            dev: 1,
+            ino,
+            ..Meta::default()
+        }
+    }
+
+    fn marked(dp: &DeletePending, ino: u64) -> bool {
+        dp.hides(&meta(ino), || Ok(handle(ino)))
+    }
+
+    /// Re-review: a full table kept no new mark, and marks of files
+    /// deleted outside rksmbd's closes stayed for ever. Now a full table
+    /// drops the marks it finds gone, looking at a bounded number per
+    /// new mark, from where it stopped; with none gone, the oldest.
+    #[test]
+    fn a_full_delete_pending_table_drops_files_gone_then_the_oldest() {
+        let dp = DeletePending::default();
+        let never = |_: &FileKey, _: &Identity| false;
+        let max = MAX_DELETE_PENDING as u64;
+        for ino in 0..max {
+            dp.mark((1, ino), Ok(handle(ino)), never);
+        }
+        // Nothing gone: the oldest makes room.
+        dp.mark((1, max), Ok(handle(max)), never);
+        assert!(marked(&dp, max), "a new mark is kept when full");
+        assert!(!marked(&dp, 0), "the oldest went");
+        assert!(marked(&dp, 1));
+        // The files of the first two looks' marks are there, the rest
+        // gone: each look starts past the last, drops what it finds
+        // gone, and the oldest goes only when it found none.
+        let probes = std::cell::Cell::new(0);
+        let gone = |k: &FileKey, _: &Identity| {
+            probes.set(probes.get() + 1);
+            k.1 >= 2 * DELETE_PENDING_PROBES as u64
+        };
+        dp.mark((1, max + 1), Ok(handle(max + 1)), gone);
+        assert!(
+            probes.get() <= DELETE_PENDING_PROBES,
+            "bounded work per mark"
+        );
+        assert!(marked(&dp, max + 1));
+        assert!(
+            !marked(&dp, 1),
+            "nothing gone among the first looked at: the oldest"
+        );
+        dp.mark((1, max + 2), Ok(handle(max + 2)), gone);
+        assert!(
+            probes.get() <= 2 * DELETE_PENDING_PROBES,
+            "bounded work per mark"
+        );
+        assert!(marked(&dp, max + 2));
+        assert!(
+            marked(&dp, 2),
+            "a live mark stays while gone ones make room"
+        );
+        let left = dp.lock().by_file.len();
+        assert_eq!(
+            left,
+            MAX_DELETE_PENDING - DELETE_PENDING_PROBES + 1,
+            "the gone ones went"
+        );
+    }
+
+    /// Re-review: where the filesystem gives no file handle, every
+    /// identity was `None`, equal to any other, so a new file given a
+    /// stale mark's inode number was hidden and its CREATE refused until
+    /// rksmbd restarted. Such a file is not marked now.
+    #[test]
+    fn a_file_without_a_handle_is_not_hidden_by_its_number() {
+        let dp = DeletePending::default();
+        let unsupported = || {
+            Err(std::io::Error::from_raw_os_error(
+                nix::errno::Errno::EOPNOTSUPP as i32,
+            ))
+        };
+        dp.mark((1, 7), unsupported(), |_, _| false);
+        assert!(
+            !dp.hides(&meta(7), unsupported),
+            "a later file with number 7"
+        );
+    }
+
+    /// Re-review: a lookup that failed (EMFILE) was taken for another file,
+    /// and the live mark dropped. It tells nothing now: still hidden, still
+    /// marked.
+    #[test]
+    fn a_failed_identity_lookup_keeps_the_mark() {
+        let dp = DeletePending::default();
+        dp.mark((1, 7), Ok(handle(7)), |_, _| false);
+        let emfile = || {
+            Err(std::io::Error::from_raw_os_error(
+                nix::errno::Errno::EMFILE as i32,
+            ))
+        };
+        assert!(dp.hides(&meta(7), emfile), "hidden while the lookup fails");
+        assert!(marked(&dp, 7), "and still marked after");
     }
 
     #[test]
