@@ -684,6 +684,20 @@ fn a_reconnect_is_not_refused_for_the_users_share() {
     no_handles_left(&d);
 }
 
+/// Review: CREATEs waiting for a lease break passed the user's share
+/// before any was granted, and were all granted later, past it. Each is
+/// checked again when granted: of three waiting with one open left to
+/// the share, one is granted, two refused (per_user_pending.py).
+#[test]
+fn creates_granted_after_a_lease_break_stay_within_the_users_share() {
+    let s = Scratch::new("rksmbd-per-user-pending");
+    std::fs::create_dir(s.root().join("d")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &[("alice", "pw")], 512);
+    smbprotocol_script_passes_with(&srv, "per_user_pending.py", &["80"]);
+    no_handles_left(&d);
+}
+
 /// As [`smbprotocol_script_passes`], with `extra` arguments after the
 /// usual five.
 fn smbprotocol_script_passes_with(srv: &RkSmbd, script: &str, extra: &[&str]) {
