@@ -10,8 +10,11 @@
 //! its share modes and lease against every other client. A [`Closer`]
 //! keeps it and tries it again once the frontend has reattached to
 //! filterd ([`Attachment::reattaches`]; with backoff while filterd
-//! answers but refuses), until it is done or the longest durable timeout
-//! a frontend asks for has passed ([`PATIENCE`]).
+//! answers but refuses), until it is done or, while attached,
+//! the longest durable timeout a frontend asks for has passed since its
+//! first failure or the latest reattach ([`PATIENCE`]): time detached
+//! does not count, as filterd's recovery gives every handle a fresh
+//! timeout.
 //!
 //! First tries come before tries again, and a hand-over's items take
 //! turns with the others' (one each in turn): a stalled filterd, or one
@@ -27,11 +30,14 @@ use crate::attach::Attachment;
 use crate::client::ClientError;
 use crate::proto::ErrorCode;
 
-/// How long an item is tried again at most after its first failure (or
-/// after the latest reattach since: a restarted filterd gives a
-/// disconnected handle a fresh timeout): the longest durable timeout
-/// smbshim and rksmbd ask for (filterd caps them at its own
-/// `--durable-timeout-max-ms`), past which the open is gone anyway.
+/// How long an item is tried again at most after its first failure or
+/// after the latest reattach since, counted while the frontend is
+/// attached: the longest durable timeout smbshim and rksmbd ask for
+/// (filterd caps them at its own `--durable-timeout-max-ms`), past which
+/// the open is gone anyway. Never given up while detached: a filterd down
+/// longer than this (etcd without quorum, a slow recovery) gives every
+/// recovered handle a fresh timeout (time down does not count), so the
+/// open would outlive an item given up then by its whole timeout.
 pub const PATIENCE: Duration = Duration::from_secs(300);
 
 /// Most items waiting to be tried again; the oldest beyond is given up
@@ -90,7 +96,7 @@ struct Job<T> {
     done: Option<mpsc::Sender<()>>,
 }
 
-/// An item to try again, until `until`.
+/// An item to try again, until `until` (counted while attached).
 struct Again<T> {
     item: T,
     until: Instant,
@@ -186,7 +192,7 @@ impl<T: Debug> Closer<T> {
     /// attachment) is `None`. An item `close` says [`Tried::Again`] for
     /// is tried again once the frontend reattached, or after a backoff
     /// while it stays attached, and handed to `give_up` past [`PATIENCE`]
-    /// or [`AGAIN_MAX`].
+    /// (counted while attached) or [`AGAIN_MAX`].
     pub fn run(
         &self,
         attachment: impl Fn() -> Option<Attachment>,
@@ -236,11 +242,17 @@ impl<T: Debug> Closer<T> {
                 a.until = a.until.max(now + PATIENCE);
             }
         }
-        while q.again.front().is_some_and(|a| a.until <= now) {
-            if let Some(a) = q.again.pop_front() {
-                tracing::warn!(item = ?a.item, "a close tried again past its durable timeout: given up");
-                give_up(&a.item);
-            }
+        if link.ready {
+            // Detached, the time does not count (filterd's recovery gives
+            // each handle a fresh timeout): nothing is given up.
+            q.again.retain(|a| {
+                let keep = a.until > now;
+                if !keep {
+                    tracing::warn!(item = ?a.item, "a close tried again past its durable timeout: given up");
+                    give_up(&a.item);
+                }
+                keep
+            });
         }
         if let Some(mut job) = q.jobs.pop_front() {
             let Some(item) = job.items.pop_front() else {
@@ -363,6 +375,25 @@ mod tests {
         assert_eq!(given_up, [9]);
         c.stop();
         assert!(c.next(BACK, &mut |_| {}).is_none());
+    }
+
+    /// Detached, nothing is given up however long it stays so (filterd's
+    /// recovery gives each handle a fresh timeout): the item is tried
+    /// again after the reattach; given up past its time only while
+    /// attached.
+    #[test]
+    fn nothing_is_given_up_while_detached() {
+        let c = Closer::default();
+        let mut given_up = Vec::new();
+        c.tried(9, Tried::Again, Some(Instant::now()), &mut |_| {});
+        let next = c.next(DOWN, &mut |i| given_up.push(*i));
+        assert!(matches!(next, Some(Next::Idle)));
+        assert!(given_up.is_empty(), "given up while filterd was down");
+        match c.next(BACK, &mut |i| given_up.push(*i)) {
+            Some(Next::Again(a)) => assert_eq!(a.item, 9),
+            _ => panic!("tried again after the reattach"),
+        }
+        assert!(given_up.is_empty());
     }
 
     #[test]
