@@ -53,7 +53,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How often a closer with items to try again looks whether the frontend
-/// has reattached.
+/// has reattached (and how long it waits while detached: it polled every
+/// millisecond once an item was due).
 const POLL: Duration = Duration::from_millis(250);
 
 /// How one try of an item ended.
@@ -100,6 +101,13 @@ struct Job<T> {
 struct Again<T> {
     item: T,
     until: Instant,
+}
+
+impl<T> Again<T> {
+    /// Whether it may be tried again on `link`.
+    fn may_try(&self, link: Link) -> bool {
+        link.ready
+    }
 }
 
 struct Queue<T> {
@@ -267,15 +275,18 @@ impl<T: Debug> Closer<T> {
             };
             return Some(Next::First(item, done));
         }
-        if !q.again.is_empty() && now >= q.due && link.ready {
-            return q.again.pop_front().map(Next::Again);
+        let first = q.again.iter().position(|a| a.may_try(link));
+        if let (Some(i), true) = (first, now >= q.due) {
+            return q.again.remove(i).map(Next::Again);
         }
-        let wait = if q.again.is_empty() {
-            Duration::from_secs(60)
-        } else {
-            q.due
+        let wait = match first {
+            None if q.again.is_empty() => Duration::from_secs(60),
+            // Detached: look again later.
+            None => POLL,
+            Some(_) => q
+                .due
                 .saturating_duration_since(now)
-                .clamp(Duration::from_millis(1), POLL)
+                .clamp(Duration::from_millis(1), POLL),
         };
         drop(
             self.ready
@@ -394,6 +405,22 @@ mod tests {
             _ => panic!("tried again after the reattach"),
         }
         assert!(given_up.is_empty());
+    }
+
+    /// Detached with an item due, the closer looks every [`POLL`], not
+    /// every millisecond.
+    #[test]
+    fn a_detached_closer_waits_a_poll_between_looks() {
+        let c = Closer::default();
+        c.tried(7, Tried::Again, None, &mut |_| {});
+        c.lock().due = Instant::now();
+        let start = Instant::now();
+        let mut looks = 0;
+        while start.elapsed() < Duration::from_millis(500) {
+            assert!(matches!(c.next(DOWN, &mut |_| {}), Some(Next::Idle)));
+            looks += 1;
+        }
+        assert!(looks <= 4, "{looks} looks in 500 ms");
     }
 
     #[test]
