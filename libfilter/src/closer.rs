@@ -10,7 +10,8 @@
 //! its share modes and lease against every other client. A [`Closer`]
 //! keeps it and tries it again once the frontend has reattached to
 //! filterd ([`Attachment::reattaches`]; with backoff while filterd
-//! answers but refuses), until it is done or, while attached,
+//! answers but refuses; one whose call went unanswered only after a
+//! reattach, [`Tried::Unanswered`]), until it is done or, while attached,
 //! the longest durable timeout a frontend asks for has passed since its
 //! first failure or the latest reattach ([`PATIENCE`]): time detached
 //! does not count, as filterd's recovery gives every handle a fresh
@@ -65,6 +66,24 @@ pub enum Tried {
     Done,
     /// Failed for a passing cause ([`passing`]): try again later.
     Again,
+    /// No answer in time ([`ClientError::Timeout`]) on a connection that
+    /// may live on: tried again only once the frontend has reattached
+    /// since. Its answer, if it comes, is undone by libfilter on that
+    /// connection (a resume's late answer closed); a try on the same
+    /// connection before would queue behind it and find the handle it
+    /// attached (`NoSuchHandle`), ending the item while that undo may yet
+    /// be lost with the connection. A reattach means the connection is
+    /// gone and filterd detached what it attached.
+    Unanswered,
+}
+
+/// How an item whose call failed for a passing cause ([`passing`]) is
+/// tried again: [`Tried::Unanswered`] for a timeout, else [`Tried::Again`].
+pub fn tried_again(e: &ClientError) -> Tried {
+    match e {
+        ClientError::Timeout(_) => Tried::Unanswered,
+        _ => Tried::Again,
+    }
 }
 
 /// Whether a take or close failed for a cause that passes: filterd gone
@@ -101,12 +120,15 @@ struct Job<T> {
 struct Again<T> {
     item: T,
     until: Instant,
+    /// [`Tried::Unanswered`]: [`Attachment::reattaches`] at that failure;
+    /// tried again only once it has grown past.
+    after: Option<u64>,
 }
 
 impl<T> Again<T> {
     /// Whether it may be tried again on `link`.
     fn may_try(&self, link: Link) -> bool {
-        link.ready
+        link.ready && self.after.is_none_or(|g| link.reattaches > g)
     }
 }
 
@@ -199,8 +221,9 @@ impl<T: Debug> Closer<T> {
     /// [`Closer::stop`] or `attachment` (the frontend's filterd
     /// attachment) is `None`. An item `close` says [`Tried::Again`] for
     /// is tried again once the frontend reattached, or after a backoff
-    /// while it stays attached, and handed to `give_up` past [`PATIENCE`]
-    /// (counted while attached) or [`AGAIN_MAX`].
+    /// while it stays attached ([`Tried::Unanswered`]: only once it
+    /// reattached), and handed to `give_up` past [`PATIENCE`] (counted
+    /// while attached) or [`AGAIN_MAX`].
     pub fn run(
         &self,
         attachment: impl Fn() -> Option<Attachment>,
@@ -219,14 +242,16 @@ impl<T: Debug> Closer<T> {
                 Some(Next::Idle) => {}
                 Some(Next::First(item, done)) => {
                     let t = close(&item);
-                    self.tried(item, t, None, &mut give_up);
+                    let at = reattaches_at(&attachment, link);
+                    self.tried(item, t, None, at, &mut give_up);
                     if let Some(d) = done {
                         let _ = d.send(());
                     }
                 }
                 Some(Next::Again(a)) => {
                     let t = close(&a.item);
-                    self.tried(a.item, t, Some(a.until), &mut give_up);
+                    let at = reattaches_at(&attachment, link);
+                    self.tried(a.item, t, Some(a.until), at, &mut give_up);
                 }
             }
         }
@@ -281,7 +306,7 @@ impl<T: Debug> Closer<T> {
         }
         let wait = match first {
             None if q.again.is_empty() => Duration::from_secs(60),
-            // Detached: look again later.
+            // Detached, or all waiting for a reattach: look again later.
             None => POLL,
             Some(_) => q
                 .due
@@ -297,8 +322,15 @@ impl<T: Debug> Closer<T> {
     }
 
     /// `item` was tried (`t`); `until` is its time to give up if it was
-    /// tried before.
-    fn tried(&self, item: T, t: Tried, until: Option<Instant>, give_up: &mut impl FnMut(&T)) {
+    /// tried before; `reattaches` the frontend's right after the try.
+    fn tried(
+        &self,
+        item: T,
+        t: Tried,
+        until: Option<Instant>,
+        reattaches: u64,
+        give_up: &mut impl FnMut(&T),
+    ) {
         let mut q = self.lock();
         let now = Instant::now();
         match t {
@@ -309,7 +341,7 @@ impl<T: Debug> Closer<T> {
                     q.backoff = MIN_BACKOFF;
                 }
             }
-            Tried::Again => {
+            Tried::Again | Tried::Unanswered => {
                 q.due = now + q.backoff;
                 q.backoff = (q.backoff * 2).min(MAX_BACKOFF);
                 if q.again.len() >= AGAIN_MAX {
@@ -321,10 +353,17 @@ impl<T: Debug> Closer<T> {
                 q.again.push_back(Again {
                     item,
                     until: until.unwrap_or(now + PATIENCE),
+                    after: (t == Tried::Unanswered).then_some(reattaches),
                 });
             }
         }
     }
+}
+
+/// The frontend's reattaches right after a try (`link`'s if it is gone):
+/// read at once, so that a reattach after the failure is one past it.
+fn reattaches_at(attachment: &impl Fn() -> Option<Attachment>, link: Link) -> u64 {
+    attachment().map_or(link.reattaches, |a| a.reattaches())
 }
 
 #[cfg(test)]
@@ -365,7 +404,7 @@ mod tests {
     #[test]
     fn tried_again_after_a_reattach_and_after_first_tries() {
         let c = Closer::default();
-        c.tried(7, Tried::Again, None, &mut |_| {});
+        c.tried(7, Tried::Again, None, 0, &mut |_| {});
         assert!(matches!(c.next(DOWN, &mut |_| {}), Some(Next::Idle)));
         c.push(vec![8], None);
         assert_eq!(first(&c, BACK), (8, false));
@@ -375,8 +414,8 @@ mod tests {
         }
         let mut given_up = Vec::new();
         let past = Instant::now();
-        c.tried(9, Tried::Again, Some(past), &mut |_| {});
-        c.tried(11, Tried::Again, None, &mut |_| {});
+        c.tried(9, Tried::Again, Some(past), 1, &mut |_| {});
+        c.tried(11, Tried::Again, None, 1, &mut |_| {});
         // 11 is tried again once due (Idle until then); 9 is past its time.
         let next = c.next(BACK, &mut |i| given_up.push(*i));
         assert!(matches!(
@@ -396,7 +435,7 @@ mod tests {
     fn nothing_is_given_up_while_detached() {
         let c = Closer::default();
         let mut given_up = Vec::new();
-        c.tried(9, Tried::Again, Some(Instant::now()), &mut |_| {});
+        c.tried(9, Tried::Again, Some(Instant::now()), 0, &mut |_| {});
         let next = c.next(DOWN, &mut |i| given_up.push(*i));
         assert!(matches!(next, Some(Next::Idle)));
         assert!(given_up.is_empty(), "given up while filterd was down");
@@ -412,7 +451,7 @@ mod tests {
     #[test]
     fn a_detached_closer_waits_a_poll_between_looks() {
         let c = Closer::default();
-        c.tried(7, Tried::Again, None, &mut |_| {});
+        c.tried(7, Tried::Again, None, 0, &mut |_| {});
         c.lock().due = Instant::now();
         let start = Instant::now();
         let mut looks = 0;
@@ -421,6 +460,31 @@ mod tests {
             looks += 1;
         }
         assert!(looks <= 4, "{looks} looks in 500 ms");
+    }
+
+    /// An item whose call went unanswered is not tried again on the same
+    /// connection (its try would find the handle the unanswered one
+    /// attached and end): only once the frontend has reattached since.
+    #[test]
+    fn an_unanswered_item_is_tried_again_only_after_a_reattach() {
+        let c = Closer::default();
+        c.tried(7, Tried::Unanswered, None, 1, &mut |_| {});
+        c.lock().due = Instant::now();
+        assert!(
+            matches!(c.next(BACK, &mut |_| {}), Some(Next::Idle)),
+            "not due before a reattach"
+        );
+        let again = Link {
+            reattaches: 2,
+            ready: true,
+        };
+        match c.next(again, &mut |_| {}) {
+            Some(Next::Again(a)) => assert_eq!(a.item, 7),
+            _ => panic!("tried again after the reattach"),
+        }
+        let timeout = ClientError::Timeout(Duration::from_secs(1));
+        assert_eq!(tried_again(&timeout), Tried::Unanswered);
+        assert_eq!(tried_again(&ClientError::Disconnected), Tried::Again);
     }
 
     #[test]

@@ -191,10 +191,13 @@ fn call_timeout() -> Duration {
 /// replay's answer being read, or the late answer's undo to come) is
 /// refused `NoSuchHandle`: its holder or undo decides (a late answer
 /// after a LOGOFF closes it, `SessionEnd`). A resume that goes unanswered
-/// is closed when its answer comes (`resume_by_guid_to_close`). One that
-/// failed for a passing cause (filterd down or restarting, a failed
-/// commit, busy) is [`Tried::Again`], still handed over: before, it was
-/// forgotten and the open waited for its durable timeout.
+/// is closed when its answer comes (`resume_by_guid_to_close`), and tried
+/// again only once rksmbd has reattached ([`Tried::Unanswered`]: that
+/// answer's close is lost with the connection; a try on it before found
+/// the handle the unanswered resume attached, `NoSuchHandle`, and ended).
+/// One that failed for another passing cause (filterd down or restarting,
+/// a failed commit, busy) is [`Tried::Again`]; both still handed over:
+/// before, it was forgotten and the open waited for its durable timeout.
 fn close(sh: &Shared, u: &Unanswered) -> Tried {
     if !sh.registry.claim_free(u.guid, CLOSER_CONN) {
         sh.registry.closing_claim(u.guid);
@@ -234,7 +237,7 @@ fn take_and_close(sh: &Shared, u: &Unanswered) -> Tried {
         Err(e) if libfilter::closer::passing(&e) => {
             tracing::warn!(create_guid = %u.guid, error = %e,
                 "taking an unanswered CREATE's open to close it: tried again once filterd serves");
-            Tried::Again
+            libfilter::closer::tried_again(&e)
         }
         Err(e) => {
             tracing::warn!(create_guid = %u.guid, error = %e, "taking an unanswered CREATE's open to close it");

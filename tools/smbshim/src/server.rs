@@ -2351,12 +2351,16 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// before this resume, which finds the handle disconnected. A handle
 /// attached here (made, its answer not yet read, or its undo to come) is
 /// refused `NoSuchHandle` and closed by that undo. A resume that goes
-/// unanswered is closed when its answer comes. A resume that failed for a
-/// passing cause (filterd down or restarting, no answer in time, a failed
-/// commit, busy) is [`Tried::Again`]: the session keeps owning the GUID,
-/// and the closer tries it again once the member has reattached (before,
-/// the GUID was forgotten and the open held its file for its durable
-/// timeout).
+/// unanswered is closed when its answer comes, and tried again only once
+/// the member has reattached ([`Tried::Unanswered`]: that answer's close
+/// is lost with the connection; a try on it before queued behind the
+/// unanswered resume, found the handle it attached, `NoSuchHandle`, and
+/// dropped the GUID). A resume that failed for another passing cause
+/// (filterd down or restarting, a failed commit, busy) is
+/// [`Tried::Again`]: either way the session keeps owning the GUID, and the
+/// closer tries it again once the member has reattached (with backoff
+/// while it stays attached; before, the GUID was forgotten and the open
+/// held its file for its durable timeout).
 fn close_unanswered(sh: &Shared, m: &Member, t: &ToClose) -> Tried {
     let ToClose {
         session,
@@ -2403,14 +2407,15 @@ fn close_unanswered(sh: &Shared, m: &Member, t: &ToClose) -> Tried {
                 }
                 Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => Tried::Done,
                 // Unanswered: its answer, if it comes, is closed
-                // (libfilter); tried again all the same, in case that
-                // answer is lost with the connection.
+                // (libfilter); tried again only once the member has
+                // reattached (`Tried::Unanswered`), in case that answer is
+                // lost with the connection.
                 Err(e) if libfilter::closer::passing(&e) => {
                     eprintln!(
                         "smbshim: closing the open of unanswered CREATE {guid} at LOGOFF: {e}; \
                          tried again once filterd serves"
                     );
-                    Tried::Again
+                    libfilter::closer::tried_again(&e)
                 }
                 Err(e) => {
                     eprintln!(
