@@ -1262,7 +1262,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     if let Some(guid) = create_guid {
         // A session holds it now, replayed or made fresh: no LOGOFF
         // closes it as unanswered.
-        sh.registry.client_got(guid);
+        sh.registry.client_got(&req.client, guid);
     }
     if let (Some(_), Some(guid)) = (durable, create_guid) {
         sh.registry
@@ -1800,8 +1800,10 @@ fn reconnect(
     if !rc.v1 {
         sh.registry.v2_opened(pid, rc.create_guid);
     }
-    // The client has it back: no LOGOFF closes it as unanswered.
-    sh.registry.client_got(rc.create_guid);
+    // The client has it back: no LOGOFF closes it as unanswered (as
+    // whichever of the two it was resumed as).
+    sh.registry.client_got(&by_client, rc.create_guid);
+    sh.registry.client_got(&by_user, rc.create_guid);
     tracing::info!(resume_key = %key, "durable handle reconnected");
     Ok(create_reply(
         CreateAction::Opened,

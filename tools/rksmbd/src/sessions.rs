@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-use libfilter::model::{RelPath, ResumeKey};
+use libfilter::model::{ClientId, RelPath, ResumeKey};
 
 use libfilter::client::SessionEnd;
 
@@ -269,15 +269,17 @@ pub struct Registry {
     /// under the `closing` lock, each under a lock also held across
     /// filterd calls (re-review unavail4 1).
     unanswered_guids: Mutex<UnansweredIndex>,
-    /// Create GUIDs taken from the sessions' lists for the closer thread
-    /// to close ([`Registry::to_close`]) that it is not done with yet
+    /// Opens (filterd client, create GUID: as filterd names them, so that
+    /// another user's reuse of a GUID is another open) taken from the
+    /// sessions' lists for the closer thread to close
+    /// ([`Registry::to_close`]) that it is not done with yet
     /// ([`Registry::closing_claim`]; a close that failed is tried again):
     /// the client's getting an open of one meanwhile takes it out
     /// ([`Registry::client_got`]), and so does another session's noting
     /// it ([`Registry::unanswered`]). Locked before
     /// `unanswered_apps`, `sessions`, `unanswered_guids` and a session's
     /// state or list of unanswered CREATEs.
-    closing: Mutex<std::collections::HashSet<uuid::Uuid>>,
+    closing: Mutex<std::collections::HashSet<(ClientId, uuid::Uuid)>>,
     v2_by_file_id: Mutex<HashMap<u64, uuid::Uuid>>,
     /// Durable opens held by a connection: create GUID → connection.
     held: Mutex<HashMap<uuid::Uuid, u64>>,
@@ -387,7 +389,8 @@ impl Registry {
         }
     }
 
-    /// The client was told SUCCESS for an open of create GUID `guid` (a
+    /// The client was told SUCCESS for an open of create GUID `guid` as
+    /// filterd client `client` (a
     /// replay that took the late open, a fresh CREATE that reused the
     /// GUID, a DH2C): no session's LOGOFF closes it as an unanswered
     /// CREATE's any more. Only replays did before, and a retry without
@@ -399,18 +402,32 @@ impl Registry {
     /// under the same lock as [`Registry::to_close`] took them: whenever
     /// the SUCCESS came, the closer never closes the open.
     ///
+    /// Only `client`'s: filterd names an open by client and create GUID,
+    /// and another user's (or client's) CREATE reusing the GUID is
+    /// another open — its SUCCESS took the GUID out for every client,
+    /// cancelling the close of this one (kept for minutes now that a
+    /// failed close is tried again).
+    ///
     /// Touches only the sessions that listed `guid` ([`UnansweredIndex`]),
     /// under small locks none holds across a filterd call.
-    pub fn client_got(&self, guid: uuid::Uuid) {
+    pub fn client_got(&self, client: &ClientId, guid: uuid::Uuid) {
         let mut closing = lock(&self.closing);
-        closing.remove(&guid);
+        closing.remove(&(client.clone(), guid));
         let Some(links) = lock(&self.unanswered_guids).by_guid.remove(&guid) else {
             return;
         };
         // `closing` held on: a LOGOFF's `to_close` takes the list
         // under it, and must see `guid` forgotten or hand it over here.
-        for l in links.iter().filter_map(Weak::upgrade) {
-            lock(&l.unanswered).forget(guid);
+        let listing: Vec<_> = links
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|l| lock(&l.unanswered).forget(client, guid))
+            .collect();
+        // Still listed for another client (the index is locked before a
+        // session's list).
+        let mut index = lock(&self.unanswered_guids);
+        for l in &listing {
+            index.add(guid, l);
         }
     }
 
@@ -421,7 +438,7 @@ impl Registry {
     /// close) is left to this session, whose client replays it.
     pub fn unanswered(&self, link: &Arc<Link>, u: Unanswered) {
         let mut closing = lock(&self.closing);
-        closing.remove(&u.guid);
+        closing.remove(&(u.client.clone(), u.guid));
         let mut index = lock(&self.unanswered_guids);
         let guid = u.guid;
         for old in lock(&link.unanswered).note(u) {
@@ -451,7 +468,7 @@ impl Registry {
     pub fn to_close(&self, take: impl FnOnce() -> Vec<Unanswered>) -> Vec<Unanswered> {
         let mut closing = lock(&self.closing);
         let gone = take();
-        closing.extend(gone.iter().map(|u| u.guid));
+        closing.extend(gone.iter().map(|u| (u.client.clone(), u.guid)));
         gone
     }
 
@@ -459,16 +476,16 @@ impl Registry {
     /// gone, or given up): false if the client got it since it was handed
     /// over ([`Registry::client_got`]) or another hand-over's close was
     /// done with it already.
-    pub fn closing_claim(&self, guid: uuid::Uuid) -> bool {
-        lock(&self.closing).remove(&guid)
+    pub fn closing_claim(&self, client: &ClientId, guid: uuid::Uuid) -> bool {
+        lock(&self.closing).remove(&(client.clone(), guid))
     }
 
     /// Whether the closer thread may close the open of `guid`: handed over
     /// and not got by the client since. It stays handed over until the
     /// closer is done with it ([`Registry::closing_claim`]): a close that
     /// failed is tried again, and a SUCCESS meanwhile must still be seen.
-    pub fn closing_owns(&self, guid: uuid::Uuid) -> bool {
-        lock(&self.closing).contains(&guid)
+    pub fn closing_owns(&self, client: &ClientId, guid: uuid::Uuid) -> bool {
+        lock(&self.closing).contains(&(client.clone(), guid))
     }
 
     /// AppInstanceId (3.3.5.9.13) of a new open of `path`, create GUID
@@ -743,10 +760,14 @@ mod tests {
         assert!(l.is_live(1) && !l.is_live(2));
     }
 
+    fn c() -> ClientId {
+        ClientId::new("c").expect("client id")
+    }
+
     fn unanswered(n: u128, app: Option<u8>) -> Unanswered {
         Unanswered {
             guid: uuid::Uuid::from_u128(n),
-            client: libfilter::model::ClientId::new("c").expect("client id"),
+            client: c(),
             owner: None,
             app: app.map(|a| ([a; 16], RelPath::new("f").expect("path"))),
         }
@@ -765,12 +786,46 @@ mod tests {
             r.unanswered(&s1, unanswered(n, None));
         }
         assert_eq!(r.to_close(|| r.log_off(&s1)).len(), 3);
-        assert!(r.closing_owns(x) && r.closing_owns(x), "looking keeps it");
-        r.client_got(x);
-        assert!(!r.closing_owns(x), "the client got it");
+        assert!(
+            r.closing_owns(&c(), x) && r.closing_owns(&c(), x),
+            "looking keeps it"
+        );
+        r.client_got(&c(), x);
+        assert!(!r.closing_owns(&c(), x), "the client got it");
         r.unanswered(&s2, unanswered(11, None));
-        assert!(!r.closing_owns(y), "S2's replay was told to retry");
-        assert!(r.closing_claim(z) && !r.closing_owns(z), "done");
+        assert!(!r.closing_owns(&c(), y), "S2's replay was told to retry");
+        assert!(r.closing_claim(&c(), z) && !r.closing_owns(&c(), z), "done");
+    }
+
+    /// Another user's CREATE reusing a create GUID (another open in
+    /// filterd, which names opens by client and GUID) leaves alice's
+    /// alone: one handed to the closer stays handed over whether bob's
+    /// was answered STATUS_SERVER_UNAVAILABLE or SUCCESS, and one a live
+    /// session lists stays listed for its LOGOFF.
+    #[test]
+    fn another_user_s_create_of_the_guid_leaves_the_close_alone() {
+        let r = Registry::default();
+        let (s1, s2) = (r.logged_on(1, "alice"), r.logged_on(2, "bob"));
+        let s3 = r.logged_on(3, "alice");
+        let [x, y, z] = [10, 20, 21].map(uuid::Uuid::from_u128);
+        let bob = ClientId::new("smb-user:bob").expect("client id");
+        r.unanswered(&s1, unanswered(10, None));
+        assert_eq!(r.to_close(|| r.log_off(&s1)).len(), 1);
+        let bob_s = Unanswered {
+            client: bob.clone(),
+            ..unanswered(10, None)
+        };
+        r.unanswered(&s2, bob_s);
+        assert!(r.closing_owns(&c(), x), "bob's told to retry");
+        r.client_got(&bob, x);
+        assert!(r.closing_owns(&c(), x), "bob's told SUCCESS");
+        r.unanswered(&s3, unanswered(20, None));
+        r.unanswered(&s3, unanswered(21, None));
+        r.client_got(&bob, y);
+        r.client_got(&bob, z);
+        r.client_got(&c(), z);
+        let left = r.log_off(&s3);
+        assert_eq!(left.iter().map(|u| u.guid).collect::<Vec<_>>(), [y]);
     }
 
     /// A session's LOGOFF ends its `SessionEnd` and hands over its
@@ -785,7 +840,7 @@ mod tests {
         r.unanswered(&s1, unanswered(11, None));
         r.unanswered(&s2, unanswered(12, Some(7)));
         r.app_unanswered([7; 16]);
-        r.client_got(uuid::Uuid::from_u128(11));
+        r.client_got(&c(), uuid::Uuid::from_u128(11));
         let f = RelPath::new("f").expect("path");
         let other = RelPath::new("g").expect("path");
         assert!(r
@@ -824,8 +879,8 @@ mod tests {
             let _list = lock(&s2.unanswered);
             let r2 = r.clone();
             std::thread::spawn(move || {
-                r2.client_got(uuid::Uuid::from_u128(10));
-                r2.client_got(uuid::Uuid::from_u128(99));
+                r2.client_got(&c(), uuid::Uuid::from_u128(10));
+                r2.client_got(&c(), uuid::Uuid::from_u128(99));
                 let _ = tx.send(());
             });
             assert!(

@@ -57,7 +57,7 @@ impl Unanswereds {
     /// Returns the create GUIDs forgotten to stay within
     /// [`UNANSWERED_MAX`].
     pub fn note(&mut self, u: Unanswered) -> Vec<uuid::Uuid> {
-        self.forget(u.guid);
+        self.0.retain(|o| o.guid != u.guid);
         self.0.push_back(u);
         let mut dropped = Vec::new();
         while self.0.len() > UNANSWERED_MAX {
@@ -73,9 +73,13 @@ impl Unanswereds {
         dropped
     }
 
-    /// The client got an open of `guid`: a session holds it now.
-    pub fn forget(&mut self, guid: uuid::Uuid) {
-        self.0.retain(|u| u.guid != guid);
+    /// Filterd client `client` got an open of `guid`: a session holds it
+    /// now. Returns whether `guid` is still listed (another client's,
+    /// another open in filterd: another user's reuse of the GUID leaves
+    /// this one to the LOGOFF).
+    pub fn forget(&mut self, client: &ClientId, guid: uuid::Uuid) -> bool {
+        self.0.retain(|u| u.guid != guid || u.client != *client);
+        self.0.iter().any(|u| u.guid == guid)
     }
 
     /// Those of AppInstanceId `app` on `path` but another create GUID
@@ -153,7 +157,7 @@ impl Closing {
             |u| sh.upgrade().map_or(Tried::Done, |s| close(&s, u)),
             |u| {
                 if let Some(s) = sh.upgrade() {
-                    s.registry.closing_claim(u.guid);
+                    s.registry.closing_claim(&u.client, u.guid);
                 }
             },
         );
@@ -200,17 +204,17 @@ fn call_timeout() -> Duration {
 /// before, it was forgotten and the open waited for its durable timeout.
 fn close(sh: &Shared, u: &Unanswered) -> Tried {
     if !sh.registry.claim_free(u.guid, CLOSER_CONN) {
-        sh.registry.closing_claim(u.guid);
+        sh.registry.closing_claim(&u.client, u.guid);
         return Tried::Done;
     }
-    let tried = if sh.registry.closing_owns(u.guid) {
+    let tried = if sh.registry.closing_owns(&u.client, u.guid) {
         test_delay_after_the_closer_claims();
         take_and_close(sh, u)
     } else {
         Tried::Done
     };
     if tried == Tried::Done {
-        sh.registry.closing_claim(u.guid);
+        sh.registry.closing_claim(&u.client, u.guid);
     }
     sh.registry.let_go(u.guid, CLOSER_CONN);
     tried
@@ -294,7 +298,8 @@ mod tests {
         for n in 0..(UNANSWERED_MAX as u128 + 2) {
             l.note(u(n, None));
         }
-        l.forget(uuid::Uuid::from_u128(5));
+        let c = ClientId::new("c".to_owned()).expect("client id");
+        assert!(!l.forget(&c, uuid::Uuid::from_u128(5)));
         l.note(u(9000, Some(1)));
         l.note(u(9001, Some(1)));
         let path = RelPath::new("f").expect("path");
