@@ -1317,3 +1317,52 @@ fn refused_exclusive_creates_push_no_verifier_out() {
     let again = ok(a.open("p", "mine", "both", "none", excl(7)));
     assert_eq!(again["created"], true, "the verifier is kept: {again}");
 }
+
+/// A REMOVE's delete of the name's verifier ran after the change, so it
+/// could take the verifier of another client's exclusive create of the
+/// name made just after the remove: that client's re-send of its own
+/// create was NFS4ERR_EXIST (re-review rr-share 1: 11 of 400 races).
+/// The name is held from before the REMOVE is sent until its verifier is
+/// deleted; a create of it meanwhile is NFS4ERR_DELAY and re-sent.
+#[test]
+fn a_remove_takes_no_verifier_of_a_create_made_after_it() {
+    let (_s, _d, shim, mut a) = host_a("nfs-excl-remove-race");
+    let mut b = Nfs::connect(&shim.addr, "host-b", "0123456789abcdef");
+    for r in 0..300 {
+        let o = ok(a.open("p", "P", "both", "none", excl(1)));
+        ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+        let mut create = excl(1000 + r);
+        for (k, v) in [
+            ("op", "OPEN"),
+            ("owner", "p"),
+            ("path", "P"),
+            ("access", "both"),
+            ("deny", "none"),
+        ] {
+            create[k] = json!(v);
+        }
+        let o = std::thread::scope(|t| {
+            let remover = t.spawn(|| ok(a.call(json!({"op": "REMOVE", "path": "P"}))));
+            let o = loop {
+                // A DELAY is re-sent on its seqid, as a client does.
+                b.seqid += 1;
+                let o = b.resend_patiently(&create, Duration::from_secs(10));
+                match o["status"].as_str() {
+                    Some("NFS4_OK") => break o,
+                    Some("NFS4ERR_EXIST") => {}
+                    _ => panic!("{o}"),
+                }
+            };
+            remover.join().expect("remover");
+            o
+        });
+        ok(b.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+        let again = b.open("p", "P", "both", "none", excl(1000 + r));
+        assert_eq!(
+            again["status"], "NFS4_OK",
+            "round {r}: its verifier went: {again}"
+        );
+        ok(b.call(json!({"op": "CLOSE", "stateid": again["stateid"]})));
+        ok(b.call(json!({"op": "REMOVE", "path": "P"})));
+    }
+}

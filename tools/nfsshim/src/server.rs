@@ -2443,7 +2443,10 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         }
         Err(e) => return Err(filter_fail(e)),
     };
-    let excl_made = excl_claim.take().map(|c| c.made());
+    // The claim ends after the record is written again below (a record
+    // rewritten after it ended would be one nfsshim does not count:
+    // re-review rr-share 3).
+    let excl_made = excl_claim.as_ref().map(VerifierClaim::made);
     if let (Some(v), Some(made), false, CreateAction::Created) = (
         &excl_verifier,
         excl_made,
@@ -2454,6 +2457,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             remember_created_handle(sh, &path, (v, made), &h);
         }
     }
+    drop(excl_claim);
     note_locked(sh, &h.info);
     let created = created_by_resend || h.info.create_action == CreateAction::Created;
     let size = h.info.size;
@@ -3978,9 +3982,12 @@ fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let path = path_field(obj, "path")?;
     ctx.digest.set(request_digest("REMOVE", &[path.as_str()]));
     if changed_before(ctx, st)? {
-        forget_verifier(ctx.sh, path.as_str());
+        // Removed by the earlier try, whose verifier delete may not have
+        // run: left be (a record naming the removed file is told apart by
+        // a re-send's identity check), never one a create wrote since.
         return Ok(recorded());
     }
+    let held = NameChange::hold(ctx.sh, &[path.as_str()]);
     lower_own_delegations(ctx, st, &[&path]);
     match ctx
         .sh
@@ -3989,7 +3996,7 @@ fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         .remove(path.clone(), Some(slot_record(ctx)?))
     {
         Ok(()) => {
-            forget_verifier(ctx.sh, path.as_str());
+            held.made();
             Ok(recorded())
         }
         Err(e) => Err(namespace_fail(e)),
@@ -4092,26 +4099,51 @@ fn file_at(ctx: &Ctx<'_>, path: &RelPath) -> AtName {
     }
 }
 
-/// A removed or renamed-over name's exclusive-create verifier goes with it.
-fn forget_verifier(sh: &Shared, path: &str) {
-    delete_verifier(sh, fnv64(path));
+/// The exclusive-create verifiers of names being removed or renamed:
+/// held from before the change is sent ([`excl::Ages::hold`]), so no
+/// create of a name writes a verifier meanwhile; deleted once the change
+/// is made ([`NameChange::made`]), left as they were if it is not.
+struct NameChange<'a> {
+    sh: &'a Shared,
+    /// The held op ids, and whether each is in the table.
+    held: Vec<(u64, bool)>,
 }
 
-/// Deletes the verifier record `op`, counted as still there while the
-/// delete is under way and entered again if it fails ([`excl::Ages`]);
-/// not while a create writes it.
-fn delete_verifier(sh: &Shared, op: u64) {
-    let tracked = sh.excl.lock().map(|mut a| a.deleting(op)).unwrap_or(false);
-    if tracked {
-        let ok = state::delete(&sh.filter, &sh.tables.excl(), op).is_ok();
-        deleted_verifier(sh, op, ok, tracked);
+impl<'a> NameChange<'a> {
+    fn hold(sh: &'a Shared, paths: &[&str]) -> Self {
+        let held = match sh.excl.lock() {
+            Ok(mut a) => paths
+                .iter()
+                .filter_map(|p| {
+                    let op = fnv64(p);
+                    a.hold(op).map(|tracked| (op, tracked))
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        NameChange { sh, held }
+    }
+
+    /// The change is made: the names' verifiers go.
+    fn made(mut self) {
+        for (op, tracked) in std::mem::take(&mut self.held) {
+            let ok = !tracked || state::delete(&self.sh.filter, &self.sh.tables.excl(), op).is_ok();
+            deleted_verifier(self.sh, op, ok);
+        }
     }
 }
 
-/// The delete of verifier record `op` is done (`ok` or not); `tracked`
-/// if it was marked as under way.
-fn deleted_verifier(sh: &Shared, op: u64, ok: bool, tracked: bool) {
-    if let (true, Ok(mut a)) = (tracked, sh.excl.lock()) {
+impl Drop for NameChange<'_> {
+    fn drop(&mut self) {
+        for (op, _) in std::mem::take(&mut self.held) {
+            deleted_verifier(self.sh, op, false);
+        }
+    }
+}
+
+/// The delete of verifier record `op` is done (`ok`) or not made.
+fn deleted_verifier(sh: &Shared, op: u64, ok: bool) {
+    if let Ok(mut a) = sh.excl.lock() {
         a.deleted(op, ok);
     }
 }
@@ -4154,11 +4186,11 @@ impl<'a> VerifierClaim<'a> {
         for op in old {
             if failed.is_some() {
                 // After one failed, the rest are not tried: still there.
-                deleted_verifier(sh, op, false, true);
+                deleted_verifier(sh, op, false);
                 continue;
             }
             let r = state::delete(&sh.filter, &sh.tables.excl(), op);
-            deleted_verifier(sh, op, r.is_ok(), true);
+            deleted_verifier(sh, op, r.is_ok());
             failed = r.err();
         }
         if let Some(e) = failed {
@@ -4201,11 +4233,12 @@ fn rename(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let (from_s, to_s) = (from.as_str().to_owned(), to.as_str().to_owned());
     ctx.digest.set(request_digest("RENAME", &[&from_s, &to_s]));
     if !changed_before(ctx, st)? {
+        // As REMOVE's: the names' verifiers go with the change made now.
+        let held = NameChange::hold(sh, &[&from_s, &to_s]);
         lower_own_delegations(ctx, st, &[&from, &to]);
         rename_in_filter(ctx, from, to)?;
+        held.made();
     }
-    forget_verifier(sh, &from_s);
-    forget_verifier(sh, &to_s);
     // This client's opens of the file follow it (its own later REMOVE or
     // RENAME of the new name finds their delegations). Saved first: when
     // their records do not commit, the re-send moves them again and writes

@@ -37,8 +37,9 @@ pub struct Ages {
     by_age: BTreeSet<(u64, u64)>,
     /// Creates under way of records not in `by_op`.
     under_way: usize,
-    /// Records being deleted, with their ages: still in the table.
-    deleting: HashMap<u64, u64>,
+    /// Records being deleted (or names being removed or renamed), with
+    /// their ages if they are in the table: a create of one waits.
+    deleting: HashMap<u64, Option<u64>>,
     /// Records being written, with how many creates write each: none is
     /// deleted meanwhile (a delete landing after the write would take
     /// the new verifier).
@@ -101,7 +102,7 @@ impl Ages {
             };
             self.by_age.remove(&(old_made, old));
             self.by_op.remove(&old);
-            self.deleting.insert(old, old_made);
+            self.deleting.insert(old, Some(old_made));
             drop.push(old);
             excess -= 1;
         }
@@ -125,30 +126,39 @@ impl Ages {
         }
     }
 
-    /// Marks record `op` as being deleted (a name removed or renamed
-    /// over): `false` if nothing is known of it, a delete is under way, or
-    /// a create writes it — then it is not deleted: a create that writes
-    /// it made the name anew (the record it replaces names the old file,
-    /// which a re-send's identity check tells apart anyway).
-    pub fn deleting(&mut self, op: u64) -> bool {
-        if self.creating.contains_key(&op) {
-            return false;
+    /// Holds record `op` for a name being removed or renamed, before the
+    /// change is sent: a create of the name meanwhile waits
+    /// ([`Busy::Deleting`]), so the change's delete of the record cannot
+    /// take a verifier a create wrote after the change (re-review
+    /// rr-share 1). `None` if a create writes it now or it is held
+    /// already — then it is left be: a create that writes it made the
+    /// name anew, and a record naming the old file is told apart by a
+    /// re-send's identity check anyway. `Some(true)` if the record is in
+    /// the table.
+    pub fn hold(&mut self, op: u64) -> Option<bool> {
+        if self.creating.contains_key(&op) || self.deleting.contains_key(&op) {
+            return None;
         }
-        match self.by_op.remove(&op) {
-            Some(made) => {
-                self.by_age.remove(&(made, op));
-                self.deleting.insert(op, made);
-                true
-            }
-            None => false,
+        let made = self.by_op.remove(&op);
+        if let Some(m) = made {
+            self.by_age.remove(&(m, op));
         }
+        self.deleting.insert(op, made);
+        Some(made.is_some())
     }
 
-    /// The delete of `op` is done: `ok`, or failed — the record is still
-    /// there, entered again with its age.
+    /// Marks record `op` as being deleted: [`Self::hold`] of one that is
+    /// in the table.
+    #[cfg(test)]
+    pub fn deleting(&mut self, op: u64) -> bool {
+        self.hold(op) == Some(true)
+    }
+
+    /// The delete of `op` is done (`ok`), or was not made — the record,
+    /// if it was there, is there still, entered again with its age.
     pub fn deleted(&mut self, op: u64, ok: bool) {
         if let Some(made) = self.deleting.remove(&op) {
-            if !ok && !self.by_op.contains_key(&op) {
+            if let (false, Some(made), false) = (ok, made, self.by_op.contains_key(&op)) {
                 self.enter(op, made);
             }
         }
@@ -220,6 +230,13 @@ mod tests {
         a.end(c, true);
         assert_eq!(a.len(), 1);
         assert!(!a.deleting(8), "nothing known of 8");
+        // A name held for its change, nothing of it in the table: a create
+        // of it waits until the change is done.
+        a.deleted(8, true);
+        assert_eq!(a.hold(9), Some(false));
+        assert_eq!(a.begin(9, 10), Err(Busy::Deleting));
+        a.deleted(9, true);
+        assert!(a.begin(9, 10).is_ok());
     }
 
     /// A record a create writes is neither trimmed for another create nor
