@@ -911,7 +911,7 @@ fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
 
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
     if let (Ok(peer), Ok(mut g)) = (stream.peer_addr(), sh.global()) {
-        g.conn_peer.insert(conn, peer.ip());
+        g.conn_peer.insert(conn, shimline::peer_key(peer.ip()));
     }
     sh.writers
         .serve(conn, stream, "xid", "NFS4ERR_INVAL", |line, _| {

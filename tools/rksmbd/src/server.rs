@@ -1071,7 +1071,7 @@ impl Connection {
                 return;
             }
         };
-        let peer = stream.peer_addr().ok().map(|a| a.ip());
+        let peer = stream.peer_addr().ok().map(|a| shimline::peer_key(a.ip()));
         self.peer = peer;
         self.sh.not_logged_on.arrived(self.id, peer, &stream);
         self.not_logged_on = true;

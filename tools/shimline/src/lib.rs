@@ -763,6 +763,23 @@ pub struct Listen {
 
 /// Accepts connections forever, serving each on a thread of its own
 /// (`{prefix}-conn-N`, N numbering the connections from 1), at most
+/// The peer a connection from `ip` counts under, for every per-peer
+/// limit: an IPv4 address (an IPv4-mapped IPv6 one too), or an IPv6
+/// address's /64 — a host picks any address of its /64 at will, so keyed
+/// by the whole address one host would count as as many peers as it
+/// liked (re-review rr-share 4).
+pub fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
 /// `max_connections` at once and `max_connections_per_peer` from one IP
 /// address: one more gets a single line
 /// `{id_field: null, "status": busy_status, "error": ...}` naming the cap,
@@ -795,7 +812,7 @@ pub fn accept_forever(
         // until the peer's (delayed) acknowledgement of the first.
         let _ = stream.set_nodelay(true);
         next += 1;
-        let peer = stream.peer_addr().map(|a| a.ip()).ok();
+        let peer = stream.peer_addr().map(|a| peer_key(a.ip())).ok();
         if let Err(why) = admit(&live, peer, &cfg) {
             refuse(stream, &cfg, &why);
             continue;
@@ -1164,6 +1181,17 @@ pub fn str_field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One host is one peer: the addresses of an IPv6 /64 count as one,
+    /// an IPv4-mapped address as its IPv4 one; IPv4 addresses apart.
+    #[test]
+    fn a_peer_is_an_ipv4_address_or_an_ipv6_64() {
+        let key = |s: &str| peer_key(s.parse().expect("address"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:127.0.0.2"), key("127.0.0.2"));
+        assert_ne!(key("127.0.0.1"), key("127.0.0.2"));
+    }
 
     /// Lines sent straight to the socket, cut short by a full socket buffer
     /// (the rest queued for the writer thread) and queued behind others all

@@ -623,7 +623,7 @@ impl Pipeline {
 /// that would pass it is dropped and its waiting requests discarded.
 fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
     if let (Ok(a), Ok(mut p)) = (stream.peer_addr(), sh.peers.lock()) {
-        p.insert(conn, a.ip());
+        p.insert(conn, shimline::peer_key(a.ip()));
     }
     let mut worker: Option<(Arc<Pipeline>, std::thread::JoinHandle<()>)> = None;
     let mut writer = None;
