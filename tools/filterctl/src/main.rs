@@ -57,7 +57,9 @@ struct Args {
 
 #[derive(Subcommand, Debug, Clone)]
 enum Cmd {
-    /// Daemon status (or, offline, what the store says).
+    /// Daemon status (or, offline, what the store says). Exits 0 whenever
+    /// it can report: unreadable stored records are shown (`corrupt
+    /// records`) and named on stderr, never a failure.
     Status,
     /// Every handle.
     Handles,
@@ -506,14 +508,16 @@ fn is_nfs_clients_scope(scope: &libfilter::model::ReplayScope) -> bool {
 }
 
 /// Runs the command; then names on stderr each stored record it could not
-/// read. One rule live and offline: `status` is the health check — it
-/// fails (exit 1) after its normal output when any stored record is
-/// unreadable (filterd's recovery skipped it, or the offline read finds
-/// it) — and a listing is not: it keeps its shape whatever the data
-/// (`handles --json` is an array: a script's `jq '.[]'` works on), shows
-/// every readable record, names each unreadable one it met on stderr and
-/// exits 0. Before, offline every listing failed for good after one bad
-/// record while live ones never heard of it.
+/// read. One rule for every command, live and offline: none fails because
+/// of unreadable stored records. `status` exits 0 whenever it can report
+/// (filterd is ready once `status` answers: README's quick start and
+/// scripts loop `until filterctl … status`), shows them in its output
+/// (`corrupt records`, JSON `corrupt_records`/`corrupt_records_total`)
+/// and names them on stderr too; a listing keeps its shape whatever the
+/// data (`handles --json` is an array: a script's `jq '.[]'` works on),
+/// shows every readable record, names each unreadable one it met on
+/// stderr and exits 0. Before, `status` exited 1 for them, so a daemon
+/// serving a store with one bad record never looked ready.
 fn run(args: &Args) -> anyhow::Result<()> {
     let mut unreadable = CorruptRecords::default();
     let result = run_command(args, &mut unreadable);
@@ -525,18 +529,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
         eprintln!("filterctl: unreadable: and {more} more");
     }
     result
-}
-
-/// `status`'s verdict after its output: exit 1 when stored records
-/// cannot be read (`total`), as a health check should.
-fn status_health(total: Option<u64>) -> anyhow::Result<()> {
-    match total {
-        Some(n) if n > 0 => bail!(
-            "{n} stored record(s) could not be read (see corrupt records above); \
-             filterd skips them and leaves them in the store"
-        ),
-        _ => Ok(()),
-    }
 }
 
 /// The command itself: its output, and in `unreadable` what it could not
@@ -640,14 +632,19 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
                 } else {
                     out!("{}", render::status(&s))?;
                 }
-                status_health(s.corrupt_records_total)
+                // Named on stderr as every command names them.
+                *unreadable = CorruptRecords {
+                    names: s.corrupt_records.unwrap_or_default(),
+                    total: s.corrupt_records_total.unwrap_or(0),
+                };
+                Ok(())
             }
             other => bail!("unexpected reply {other:?}"),
         },
         (Cmd::Status, Source::Offline(store)) => {
             let meta = store.meta()?;
             // Every table recovery reads, replay records too; named in
-            // the output, not again on stderr.
+            // the output and, as every command names them, on stderr.
             let mut corrupt = CorruptRecords::default();
             let views = offline_handles(&store, &mut corrupt, true)?;
             if args.json {
@@ -664,7 +661,8 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
                     )
                 )?;
             }
-            status_health(Some(corrupt.total))
+            *unreadable = corrupt;
+            Ok(())
         }
         (Cmd::Handles, src) => {
             let views = match src {
