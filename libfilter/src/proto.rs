@@ -1131,17 +1131,18 @@ pub struct FrontendView {
     pub attached_ms: u64,
     /// Handles it holds through its attachment.
     pub handles: u64,
-    /// Whether it is attached now. An instance the handle table names but
-    /// that is not attached (its frontend died, or has not come back since
+    /// Whether it is attached now. An instance the stored handle table
+    /// names (a persistent handle) but that is not attached (its frontend died, or has not come back since
     /// a restart) is listed too, `false`, with `pid`, `uid` and
     /// `attached_ms` 0 and `handles` 0, so the live listing has the rows
     /// the offline one has. An older daemon lists attached ones only:
     /// absent reads as `true`.
     #[serde(default = "yes")]
     pub attached: bool,
-    /// The handles in the handle table that name this instance, attached
-    /// or not (what offline `frontends` counts from the store). `None`:
-    /// an older daemon, which did not say.
+    /// The handles the stored handle table holds for this instance — its
+    /// persistent ones, attached or not; durable and non-durable handles
+    /// are not stored — what offline `frontends` counts from the store.
+    /// `None`: an older daemon, which did not say.
     #[serde(default)]
     pub stored_handles: Option<u64>,
 }

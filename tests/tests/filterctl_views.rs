@@ -356,23 +356,55 @@ fn handle_text_of_a_lost_handle_shows_no_lease_or_locks_held() {
     check("offline", ctl_state(&s, &["handle", &key]));
 }
 
-/// Live `frontends` lists the same rows offline does: an instance whose
-/// frontend is gone but whose handles wait is listed, `attached` false
-/// and `handles` 0, and every row counts `stored_handles` as offline
-/// does. Before, live left the instance out and had no `stored_handles`.
+/// An open of `path` by `fe` with `durability` (a create GUID for the
+/// durable and persistent ones, as SMB gives).
+fn open_with(fe: &libfilter::client::FilterClient, path: &str, durability: Durability) {
+    let req = libfilter::proto::OpenRequest {
+        client: ClientId::new("frank").unwrap(),
+        create_guid: (durability != Durability::None).then(|| CreateGuid(uuid::Uuid::new_v4())),
+        durability,
+        ..rkfilter_tests::rw_open_if(path, Rights::READ, None)
+    };
+    fe.open(req).expect("open");
+}
+
+/// Live `frontends` lists the same rows offline does, in the same order
+/// (protocol, then instance): an instance whose frontend is gone but whose
+/// persistent handles wait is listed, `attached` false and `handles` 0;
+/// every row counts as `stored_handles` the persistent handles alone (the
+/// only ones stored), as offline does; and an instance whose gone
+/// frontend left only a durable handle (in memory, not stored) is not
+/// listed. Before, live left the instance out and had no
+/// `stored_handles`; then it counted durable and non-durable handles as
+/// stored, listed an instance with only those, and sorted by instance
+/// first.
 #[test]
 fn frontends_list_the_same_rows_live_and_offline() {
     let s = Scratch::new("ctl-frontends-rows");
     let (mut d, fe, _, _) = daemon_with_a_leased_locked_handle(&s);
+    // nfs/z-nfs sorts first by protocol, last by instance.
+    let nfs = attach(&s.socket(), "nfs", "z-nfs");
+    open_with(&nfs, "p.txt", Durability::Persistent { timeout_ms: 60_000 });
+    open_with(&nfs, "d.txt", Durability::Durable { timeout_ms: 60_000 });
+    open_with(&nfs, "n.txt", Durability::None);
+    let smb_d = attach(&s.socket(), "smb", "smb-d");
+    open_with(&smb_d, "e.txt", Durability::Durable { timeout_ms: 60_000 });
     let attached = ctl_live(&s, &["frontends", "--json"]).json();
+    assert_eq!(attached[0]["instance"], "z-nfs", "{attached}");
+    assert_eq!(attached[0]["handles"], 3, "{attached}");
     assert_eq!(attached[0]["stored_handles"], 1, "{attached}");
-    drop(fe);
+    assert_eq!(attached[1]["instance"], "smb-a", "{attached}");
+    assert_eq!(attached[1]["stored_handles"], 1, "{attached}");
+    assert_eq!(attached[2]["instance"], "smb-d", "{attached}");
+    assert_eq!(attached[2]["stored_handles"], 0, "{attached}");
+    drop((fe, nfs, smb_d));
     let live = rkfilter_tests::wait_for(
-        "the frontend to be gone",
+        "the frontends to be gone",
         std::time::Duration::from_secs(10),
         || {
             let v = ctl_live(&s, &["frontends", "--json"]).json();
-            (v[0]["attached"] == false).then_some(v)
+            let rows = v.as_array()?;
+            rows.iter().all(|r| r["attached"] == false).then_some(v)
         },
     );
     let text = ctl_live(&s, &["frontends"]);
@@ -399,9 +431,12 @@ fn frontends_list_the_same_rows_live_and_offline() {
             .collect()
     };
     assert_eq!(rows(&live), rows(&offline), "{live} vs {offline}");
-    assert_eq!(rows(&live).len(), 1, "{live}");
-    assert_eq!(live[0]["handles"], 0, "{live}");
+    assert_eq!(rows(&live).len(), 2, "{live}");
+    assert_eq!(live[0]["instance"], "z-nfs", "{live}");
     assert_eq!(live[0]["stored_handles"], 1, "{live}");
+    assert_eq!(live[1]["instance"], "smb-a", "{live}");
+    assert_eq!(live[1]["handles"], 0, "{live}");
+    assert_eq!(live[1]["stored_handles"], 1, "{live}");
 }
 
 /// With an etcd table, `status --json` gives the same fact alike live and

@@ -1548,14 +1548,20 @@ impl Engine {
         })
     }
 
-    /// The attached frontends, and the instances the handle table names
-    /// that are not attached (`attached: false`), each with the handles
-    /// the table names it in (`stored_handles`): the rows offline
-    /// `filterctl frontends` finds in the store. Before, an instance whose
-    /// frontend had died was missing here while its handles waited.
+    /// The attached frontends, and the instances the stored handle table
+    /// names that are not attached (`attached: false`), each with the
+    /// handles the table stores for it (`stored_handles`: its persistent
+    /// ones — durable and non-durable handles live in memory only): the
+    /// rows offline `filterctl frontends` finds in the store, in its order
+    /// (protocol, then instance). Before, every handle counted and the rows
+    /// were sorted by instance first, so live and offline differed.
     fn frontends(&self) -> Vec<FrontendView> {
         let mut stored: BTreeMap<(&Protocol, &InstanceName), u64> = BTreeMap::new();
-        for h in self.handles.values() {
+        for h in self
+            .handles
+            .values()
+            .filter(|h| h.rec.durability.is_persistent())
+        {
             *stored
                 .entry((&h.rec.protocol, &h.rec.frontend))
                 .or_default() += 1;
@@ -1591,7 +1597,7 @@ impl Engine {
                     stored_handles: Some(n),
                 }),
         );
-        v.sort_by(|a, b| (&a.instance, &a.protocol).cmp(&(&b.instance, &b.protocol)));
+        v.sort_by(|a, b| (&a.protocol, &a.instance).cmp(&(&b.protocol, &b.instance)));
         v
     }
 }
