@@ -1183,9 +1183,11 @@ pub struct StatusInfo {
     #[serde(default)]
     pub mediation: String,
     /// The state store: `lmdb`, or an etcd table's canonical URL
-    /// (`etcd://HOST:PORT,…/PREFIX`, as `EtcdUrl` prints it), so that
+    /// (`etcd://HOST:PORT,…/PREFIX`, as `EtcdUrl` prints it: the URL as
+    /// given, endpoints in their order, the trailing `/` dropped), so that
     /// filterctl's offline view names the same store alike. Empty from a
-    /// daemon older than the field.
+    /// daemon older than the field; a daemon older than `store_detail`
+    /// sent its description here.
     #[serde(default)]
     pub store: String,
     /// The store described for a person: for etcd the URL with this

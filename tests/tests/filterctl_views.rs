@@ -442,7 +442,7 @@ fn frontends_list_the_same_rows_live_and_offline() {
 /// With an etcd table, `status --json` gives the same fact alike live and
 /// offline (`--store`): `store` is the table's canonical URL on both sides
 /// (the owner, fencing revision and lease in `store_detail`, live),
-/// whatever spelling `--store` was given; `epoch` is the owner's fencing
+/// with or without the PREFIX's trailing `/`; `epoch` is the owner's fencing
 /// revision, and null once no owner holds the table (etcd keeps no
 /// revision of a gone one); and while an owner serves, `handles` and the
 /// per-state counts are null offline (the owner's to say; `stored_handles`

@@ -396,19 +396,37 @@ fn offline_clients(
 
 /// Live `status --json`: the daemon's [`StatusInfo`], with `daemon` and
 /// `handles` (the total) — names the offline document gives the same
-/// facts ([`offline_status_json`]). An older daemon's empty `store` (it
-/// did not say) is null.
+/// facts ([`offline_status_json`]). An older daemon, which sent no
+/// `store_detail`, sent its store's description as `store` (etcd:
+/// `etcd://…/PREFIX (owner …, fencing revision …)`): split as this one
+/// sends it ([`old_store`]), so `store` is the canonical name on both
+/// sides whatever the daemon's age.
 fn live_status_json(s: &libfilter::proto::StatusInfo) -> anyhow::Result<serde_json::Value> {
     let mut v = serde_json::to_value(s)?;
     if let Some(o) = v.as_object_mut() {
         o.insert("daemon".into(), "running".into());
         let total = s.handles_connected + s.handles_disconnected + s.handles_lost;
         o.insert("handles".into(), total.into());
-        if s.store.is_empty() {
-            o.insert("store".into(), serde_json::Value::Null);
+        if s.store_detail.is_empty() {
+            let (store, detail) = old_store(&s.store);
+            o.insert("store".into(), store);
+            o.insert("store_detail".into(), detail);
         }
     }
     Ok(v)
+}
+
+/// An older daemon's `store` (its description) as `store` and
+/// `store_detail`: the name before ` (`, and the whole description; null
+/// both when it said nothing.
+fn old_store(described: &str) -> (serde_json::Value, serde_json::Value) {
+    if described.is_empty() {
+        return (serde_json::Value::Null, serde_json::Value::Null);
+    }
+    let name = described
+        .split_once(" (")
+        .map_or(described, |(name, _)| name);
+    (name.into(), described.into())
 }
 
 /// Offline `status --json`. A fact the live document also gives carries
@@ -841,4 +859,50 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status as a filterd older than `store_detail` sent it.
+    fn old_status(store: &str) -> libfilter::proto::StatusInfo {
+        libfilter::proto::StatusInfo {
+            pid: 1,
+            epoch: 7,
+            root: "/srv".into(),
+            state_dir: "/var/lib/rk".into(),
+            uptime_ms: 0,
+            handles_connected: 0,
+            handles_disconnected: 0,
+            handles_lost: 0,
+            frontends: 0,
+            recovering: false,
+            fanotify: false,
+            mediation: String::new(),
+            store: store.into(),
+            store_detail: String::new(),
+            schema_version: 2,
+            corrupt_records: None,
+            corrupt_records_total: None,
+        }
+    }
+
+    /// An older filterd's `store` was its description: `--json` splits
+    /// it into the canonical `store` and `store_detail`, as a current
+    /// daemon sends them. Before, only an empty one was touched (nulled),
+    /// and an older daemon never sent one empty.
+    #[test]
+    fn an_older_daemons_store_is_split_into_store_and_detail() {
+        let etcd =
+            "etcd://e1:2379,e2:2379/rk (owner n1, fencing revision 5, lease 10 s, margin 500 ms)";
+        let v = live_status_json(&old_status(etcd)).unwrap();
+        assert_eq!(v["store"], "etcd://e1:2379,e2:2379/rk", "{v}");
+        assert_eq!(v["store_detail"], etcd, "{v}");
+        let v = live_status_json(&old_status("lmdb")).unwrap();
+        assert_eq!(v["store"], "lmdb", "{v}");
+        assert_eq!(v["store_detail"], "lmdb", "{v}");
+        let v = live_status_json(&old_status("")).unwrap();
+        assert!(v["store"].is_null() && v["store_detail"].is_null(), "{v}");
+    }
 }
