@@ -1197,11 +1197,16 @@ pub struct StatusInfo {
     pub store_detail: String,
     /// Schema version of the store.
     pub schema_version: u32,
-    /// The stored records recovery could not read and skipped (left in
-    /// the store for inspection: a corrupt or unknown-version handle,
-    /// intent or replay record), named as [`CorruptRecords::note`] names
-    /// them: the first [`CORRUPT_NAMES_KEPT`]. `None`: an older daemon,
-    /// which did not say — unknown, not none.
+    /// The stored records filterd's last recovery (its start, or its
+    /// takeover of an etcd table) could not read and skipped (left in the
+    /// store for inspection: a corrupt or unknown-version handle, intent
+    /// or replay record), named as [`CorruptRecords::note`] names them:
+    /// the first [`CORRUPT_NAMES_KEPT`]. As of that recovery: filterd
+    /// does not count again, so a record it has deleted since (a dropped
+    /// or trimmed replay scope, a closed handle's scope) or that was
+    /// deleted by hand stays named until the next restart; offline
+    /// `filterctl status` counts what the store holds now. `None`: an
+    /// older daemon, which did not say — unknown, not none.
     #[serde(default)]
     pub corrupt_records: Option<Vec<String>>,
     /// How many there were in all (`corrupt_records` keeps the first

@@ -221,6 +221,13 @@ fn unreadable_records_are_named_and_fail_no_command_live_or_offline() {
     let text = ctl_live(&s, &["status"]);
     assert_eq!(text.code, 0, "{}{}", text.stdout, text.stderr);
     assert!(text.stdout.contains(BAD_KEY_HEX), "{}", text.stdout);
+    // Live counts as of recovery, and says so; offline counts now.
+    assert!(
+        text.stdout
+            .contains("corrupt records:  2 (found at filterd's last recovery)"),
+        "{}",
+        text.stdout
+    );
     for cmd in [
         "handles",
         "files",

@@ -245,7 +245,9 @@ pub struct Engine {
     per_client: HashMap<(Protocol, ClientId), usize>,
     per_frontend: HashMap<InstanceName, usize>,
     /// The stored records the last recovery could not read and left in
-    /// the store (`status` reports them).
+    /// the store (`status` reports them), as of that recovery: set once
+    /// there and not updated when a committed op later deletes one
+    /// (`StatusInfo::corrupt_records` says so).
     corrupt: libfilter::proto::CorruptRecords,
     /// Lock hints: the connections told that a file has locks.
     lock_hints: HashMap<FileId, HashSet<ConnId>>,

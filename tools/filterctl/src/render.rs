@@ -551,7 +551,9 @@ pub fn status(s: &StatusInfo) -> String {
         ("schema version", s.schema_version.to_string()),
     ]);
     match (&s.corrupt_records, s.corrupt_records_total) {
-        (Some(names), Some(total)) => out.push_str(&corrupt_records(names, total)),
+        (Some(names), Some(total)) => {
+            out.push_str(&corrupt_records(names, total, AT_RECOVERY));
+        }
         _ => out.push_str(&kv(&[(
             "corrupt records",
             "unknown (this filterd does not say)".into(),
@@ -560,11 +562,19 @@ pub fn status(s: &StatusInfo) -> String {
     out
 }
 
+/// What live `status`'s count of corrupt records is as of: filterd
+/// counted them when it recovered the store (at its start or takeover)
+/// and does not count again — a record filterd has deleted since (a
+/// dropped or trimmed replay scope, a closed handle's) is still named
+/// until the next restart. Offline counts what the store holds now.
+const AT_RECOVERY: &str = " (found at filterd's last recovery)";
+
 /// The `corrupt records` line of `status`, live and offline alike: how
-/// many stored records could not be read, then each one named (the first
+/// many stored records could not be read (`as_of`: when, if not now),
+/// then each one named (the first
 /// [`libfilter::proto::CORRUPT_NAMES_KEPT`]).
-fn corrupt_records(names: &[String], total: u64) -> String {
-    let mut out = kv(&[("corrupt records", total.to_string())]);
+fn corrupt_records(names: &[String], total: u64, as_of: &str) -> String {
+    let mut out = kv(&[("corrupt records", format!("{total}{as_of}"))]);
     for c in names {
         out.push_str(&format!("  {}\n", text(c)));
     }
@@ -618,7 +628,7 @@ pub fn offline_status(
             ),
         ),
     ]);
-    out.push_str(&corrupt_records(&corrupt.names, corrupt.total));
+    out.push_str(&corrupt_records(&corrupt.names, corrupt.total, ""));
     out
 }
 
