@@ -928,8 +928,13 @@ pub enum Reply {
     },
     /// Frontends.
     Frontends {
-        /// The frontends.
+        /// The frontends: as many as fit about [`PAGE_BYTES`], in
+        /// (protocol, instance) order.
         frontends: Vec<FrontendView>,
+        /// How many more rows there were, left off to keep the reply
+        /// within a frame. 0 from an older daemon, which sent them all.
+        #[serde(default)]
+        more: u64,
     },
     /// Counters.
     Stats(Stats),
@@ -1232,12 +1237,19 @@ pub struct CorruptRecords {
     pub total: u64,
 }
 
+/// Longest name [`CorruptRecords`] keeps, in bytes (then `…`): a
+/// record's error can quote much of the record, and
+/// [`CORRUPT_NAMES_KEPT`] long ones would push a `Status` reply past
+/// [`MAX_FRAME`] — which rksmbd asks for at startup.
+pub const CORRUPT_NAME_BYTES: usize = 200;
+
 impl CorruptRecords {
-    /// Counts one unreadable record, and keeps its name while there is room.
+    /// Counts one unreadable record, and keeps its name (cut to
+    /// [`CORRUPT_NAME_BYTES`]) while there is room.
     pub fn note(&mut self, name: String) {
         self.total += 1;
         if self.names.len() < CORRUPT_NAMES_KEPT {
-            self.names.push(name);
+            self.names.push(clipped(name, CORRUPT_NAME_BYTES));
         }
     }
 
@@ -1258,6 +1270,21 @@ impl CorruptRecords {
         };
         self.note(name);
     }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, `…` added
+/// when cut: a text for people that must stay bounded (a reply, a
+/// record).
+pub fn clipped(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// A replay scope as [`CorruptRecords::note_replay`] names it: a session
@@ -2484,6 +2511,46 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, WireError> {
 
 #[cfg(test)]
 mod tests {
+    /// A `Status` reply naming [`CORRUPT_NAMES_KEPT`] unreadable records
+    /// whose errors are long stays within a frame: each name is cut to
+    /// [`CORRUPT_NAME_BYTES`]. Before, 100 names of a kilobyte made a reply
+    /// filterd could not send, to rksmbd's startup `Status` too.
+    #[test]
+    fn a_status_of_many_long_corrupt_names_fits_a_frame() {
+        let mut corrupt = CorruptRecords::default();
+        for i in 0..1000 {
+            corrupt.note(format!("{i} {}", "é".repeat(2000)));
+        }
+        assert!(corrupt
+            .names
+            .iter()
+            .all(|n| n.len() <= CORRUPT_NAME_BYTES + 3));
+        let status = StatusInfo {
+            pid: u32::MAX,
+            epoch: u64::MAX,
+            root: "/".repeat(4096),
+            state_dir: "/".repeat(4096),
+            uptime_ms: u64::MAX,
+            handles_connected: u64::MAX,
+            handles_disconnected: u64::MAX,
+            handles_lost: u64::MAX,
+            frontends: u64::MAX,
+            recovering: false,
+            fanotify: false,
+            mediation: String::new(),
+            store: String::new(),
+            store_detail: String::new(),
+            schema_version: u32::MAX,
+            corrupt_records: Some(corrupt.names),
+            corrupt_records_total: Some(corrupt.total),
+        };
+        let frame = ServerFrame::Reply {
+            id: Some(u64::MAX),
+            result: Ok(Reply::Status(status)),
+        };
+        encode_server(Encoding::Json, &frame).expect("the reply fits a frame");
+    }
+
     use super::*;
     use crate::model::Rights;
 
@@ -3056,6 +3123,7 @@ mod binary_tests {
                         attached: n % 2 == 0,
                         stored_handles: Some(n).filter(|n| n % 3 == 0),
                     }],
+                    more: n % 5,
                 }
             }),
             any::<u64>().prop_map(|n| Reply::Stats(Stats {

@@ -368,7 +368,7 @@ fn rksmbd_resumes_a_handle_whose_detach_was_never_answered() {
         || {
             let attached = matches!(
                 d.control().call(libfilter::proto::Request::Frontends),
-                Ok((libfilter::proto::Reply::Frontends { frontends }, _)) if frontends.iter().any(|f| f.attached)
+                Ok((libfilter::proto::Reply::Frontends { frontends, .. }, _)) if frontends.iter().any(|f| f.attached)
             );
             let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
             let states: Vec<&str> = v

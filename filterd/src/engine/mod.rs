@@ -1434,12 +1434,7 @@ impl Engine {
                 let (files, next) = page(self.files(after), |f| f.file);
                 Ok(Some((Reply::Files { files, next }, None)))
             }
-            Request::Frontends => Ok(Some((
-                Reply::Frontends {
-                    frontends: self.frontends(),
-                },
-                None,
-            ))),
+            Request::Frontends => Ok(Some((frontends_reply(self.frontends()), None))),
             Request::Stats => {
                 let mut s = self.durable_stats();
                 s.commits = self.commit_counters.commits.load(Ordering::Relaxed);
@@ -1647,6 +1642,18 @@ fn create_marker(client: &ClientId, guid: &CreateGuid) -> Vec<u8> {
     m.extend_from_slice(client.as_str().as_bytes());
     m.truncate(1024);
     m
+}
+
+/// The `Frontends` reply: the rows that fit a page ([`page`]), and how
+/// many were left off (`more`), so that a store naming thousands of
+/// instances cannot make a reply larger than a frame (which filterd
+/// could not send). The listing has no cursor: the rows left off are
+/// counted, not paged.
+fn frontends_reply(rows: Vec<FrontendView>) -> Reply {
+    let all = rows.len();
+    let (frontends, _) = page(rows.into_iter(), |_| ());
+    let more = (all - frontends.len()) as u64;
+    Reply::Frontends { frontends, more }
 }
 
 /// Takes items while their encoded size fits a page; returns them and, if

@@ -6142,3 +6142,35 @@ fn a_windows_rwh_holder_of_a() -> (Harness, libfilter::lease::LeaseKey) {
     h.commit(true);
     (h, k)
 }
+
+/// A `Frontends` reply stays within a frame whatever the number of
+/// instances: the rows past a page are counted in `more`, not sent.
+/// Before, every row was sent, and a store naming a few hundred
+/// instances with long names made a reply filterd could not encode.
+#[test]
+fn a_frontends_reply_of_many_instances_fits_a_frame() {
+    let rows: Vec<libfilter::proto::FrontendView> = (0..2000)
+        .map(|i| libfilter::proto::FrontendView {
+            protocol: Protocol::new("p".repeat(64)).unwrap(),
+            instance: InstanceName::new(format!("{i:0>64}")).unwrap(),
+            pid: i32::MAX,
+            uid: u32::MAX,
+            attached_ms: u64::MAX,
+            handles: u64::MAX,
+            attached: true,
+            stored_handles: Some(u64::MAX),
+        })
+        .collect();
+    let reply = super::frontends_reply(rows);
+    let libfilter::proto::Reply::Frontends { frontends, more } = &reply else {
+        panic!("{reply:?}");
+    };
+    assert!(!frontends.is_empty());
+    assert_eq!(frontends.len() as u64 + more, 2000);
+    let frame = libfilter::proto::ServerFrame::Reply {
+        id: Some(u64::MAX),
+        result: Ok(reply),
+    };
+    libfilter::proto::encode_server(libfilter::proto::Encoding::Json, &frame)
+        .expect("the reply fits a frame");
+}

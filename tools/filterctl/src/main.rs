@@ -79,7 +79,9 @@ enum Cmd {
     /// Protocol clients: nfsl/1 client records (smbl/1 clients show as the
     /// CLIENT of their handles).
     Clients,
-    /// Attached frontends (offline: the instances named by stored handles).
+    /// Frontend instances: the attached ones and those stored handles name
+    /// (offline: the latter), one row each; live, past about 48 KiB of
+    /// rows the rest are counted (`…and N more`), not listed.
     Frontends,
     /// Counters since the daemon started (live only).
     Stats,
@@ -727,19 +729,31 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
                 Ok(())
             }
         }
-        (Cmd::Frontends, Source::Live(c)) => match c.call(Request::Frontends)?.0 {
-            Reply::Frontends { frontends } if args.json => {
-                print_json(&live_frontends_json(&frontends)?)
+        (Cmd::Frontends, Source::Live(c)) => {
+            match c.call(Request::Frontends)?.0 {
+                // The reply is bounded (a frame): rows past it are counted,
+                // said after the table, or on stderr for JSON (the array
+                // keeps its shape).
+                Reply::Frontends { frontends, more } if args.json => {
+                    print_json(&live_frontends_json(&frontends)?)?;
+                    if more > 0 {
+                        eprintln!("filterctl: frontends: and {more} more (not listed: the reply is bounded)");
+                    }
+                    Ok(())
+                }
+                Reply::Frontends { frontends, more } => {
+                    out!(
+                        "{}",
+                        render::frontends(&frontends, libfilter::model::now_ms())
+                    )?;
+                    if more > 0 {
+                        outln!("…and {more} more (not listed: the reply is bounded)")?;
+                    }
+                    Ok(())
+                }
+                other => bail!("unexpected reply {other:?}"),
             }
-            Reply::Frontends { frontends } => {
-                out!(
-                    "{}",
-                    render::frontends(&frontends, libfilter::model::now_ms())
-                )?;
-                Ok(())
-            }
-            other => bail!("unexpected reply {other:?}"),
-        },
+        }
         (Cmd::Frontends, Source::Offline(store)) => {
             let views = read_handles(&store)?;
             let mut names: std::collections::BTreeMap<(String, String), u64> = Default::default();

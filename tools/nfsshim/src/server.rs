@@ -1043,16 +1043,8 @@ const MAX_ERROR_BYTES: usize = 256;
 /// characters, six bytes each in JSON) made every slot's record up to
 /// 16 KiB, so a peer's clients could fill filterd's store with them
 /// (review rv-shims 4).
-fn clipped(mut error: String) -> String {
-    if error.len() > MAX_ERROR_BYTES {
-        let mut end = MAX_ERROR_BYTES;
-        while !error.is_char_boundary(end) {
-            end -= 1;
-        }
-        error.truncate(end);
-        error.push('…');
-    }
-    error
+fn clipped(error: String) -> String {
+    libfilter::proto::clipped(error, MAX_ERROR_BYTES)
 }
 
 fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a Value, Fail> {
