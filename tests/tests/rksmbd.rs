@@ -1342,6 +1342,29 @@ fn failed_logons_spare_other_sessions_of_the_connection() {
     alice_script_passes("rksmbd-logon-shared", &[], "logon_shared_connection.py");
 }
 
+/// A logon leg held for its turn leaves its connection's credits alone
+/// (tests/smb3/logon_held_credits.py): alice's ECHOs go on past 16,384
+/// message ids above bob's held leg. Before, the held leg's id stayed
+/// unused, pinning the credit window: alice got no credits until bob's
+/// leg was answered.
+#[test]
+fn a_held_logon_leg_leaves_its_connection_credits() {
+    alice_script_passes("rksmbd-logon-credits", &[], "logon_held_credits.py");
+}
+
+/// A logon leg held for its turn and dropped unchecked (its connection
+/// closed) gives the turn back (tests/smb3/logon_given_back.py, a queue
+/// bound of 1 s): the right password then takes it. Before, the turn was
+/// gone, the next one past the queue bound: refused unchecked.
+#[test]
+fn a_dropped_held_logon_gives_its_turn_back() {
+    alice_script_passes(
+        "rksmbd-logon-given-back",
+        &["--logon-queue", "1"],
+        "logon_given_back.py",
+    );
+}
+
 /// A flood of logons refused unchecked does not lock the right password
 /// out once it stops (tests/smb3/logon_flood.py, a queue bound of 1 s).
 /// Before, every refusal counted as a failure and pushed the next turn

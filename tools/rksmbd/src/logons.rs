@@ -50,12 +50,19 @@ const LOG_WINDOW: Duration = Duration::from_secs(60);
 /// case-insensitively).
 type Key = (Option<IpAddr>, String);
 
+/// Turns given back one (address, user) remembers: more are dropped (the
+/// later turns stay where they are, only further off).
+const MAX_FREE: usize = 64;
+
 /// The failures of one (address, user).
 struct Record {
     failures: u32,
     /// When its next attempt may be checked.
     next: Instant,
     last: Instant,
+    /// Turns given back before `next` ([`Failures::give_back`]): handed
+    /// out again, earliest first, before a turn at `next`.
+    free: Vec<Instant>,
 }
 
 /// When an attempt to log on may be checked.
@@ -63,8 +70,9 @@ struct Record {
 pub enum Turn {
     /// Now.
     Now,
-    /// After this wait.
-    After(Duration),
+    /// At this time (later than now): the turn's, to be given back with
+    /// [`Failures::give_back`] if its attempt is dropped unchecked.
+    After(Instant),
     /// Never: refused unchecked.
     Refused,
 }
@@ -127,16 +135,47 @@ impl Failures {
             m.remove(&k);
             return Turn::Now;
         }
-        let at = r.next.max(now);
+        r.free.retain(|t| *t >= now);
+        let given_back = r.free.iter().copied().enumerate().min_by_key(|(_, t)| *t);
+        let at = given_back.map_or(r.next.max(now), |(_, t)| t);
         let wait = at.saturating_duration_since(now);
         if wait > self.max_queue || (!may_wait && !wait.is_zero()) {
             return Turn::Refused;
         }
-        r.next = at + delay(r.failures);
+        match given_back {
+            Some((i, _)) => {
+                r.free.swap_remove(i);
+            }
+            None => r.next = at + delay(r.failures),
+        }
         if wait.is_zero() {
             Turn::Now
         } else {
-            Turn::After(wait)
+            Turn::After(at)
+        }
+    }
+
+    /// The turn at `at` of `user` from `peer` ([`Turn::After`]) was not
+    /// used: its attempt was dropped before its password was checked (its
+    /// connection went, or its session). The turn is handed out again —
+    /// else a client behind the same address could use up the real
+    /// user's turns, pushing them past the queue bound, with attempts it
+    /// drops unchecked. The last turn handed out moves `next` back;
+    /// another is kept to be handed out first.
+    pub fn give_back(&self, peer: Option<IpAddr>, user: &str, at: Instant) {
+        let Ok(mut m) = self.records.lock() else {
+            return;
+        };
+        let Some(r) = m.get_mut(&key(peer, user)) else {
+            return; // forgotten, or a logon succeeded since
+        };
+        if at >= r.next {
+            return; // no longer handed out (failures forgot it)
+        }
+        if at.checked_add(delay(r.failures)) == Some(r.next) {
+            r.next = at;
+        } else if r.free.len() < MAX_FREE {
+            r.free.push(at);
         }
     }
 
@@ -160,6 +199,7 @@ impl Failures {
             failures: 0,
             next: now,
             last: now,
+            free: Vec::new(),
         });
         r.failures = r.failures.saturating_add(1);
         r.last = now;
@@ -205,8 +245,9 @@ mod tests {
         let peer = Some(IpAddr::from([127, 0, 0, 1]));
         assert_eq!(f.turn(peer, "alice", true), Turn::Now);
         f.failed(peer, "Alice");
-        assert!(matches!(f.turn(peer, "ALICE", true), Turn::After(w) if w <= STEP));
-        assert!(matches!(f.turn(peer, "alice", true), Turn::After(w) if w > STEP));
+        let soon = Instant::now() + STEP;
+        assert!(matches!(f.turn(peer, "ALICE", true), Turn::After(t) if t <= soon));
+        assert!(matches!(f.turn(peer, "alice", true), Turn::After(t) if t > soon));
         assert_eq!(f.turn(peer, "bob", true), Turn::Now);
         assert_eq!(f.turn(None, "alice", true), Turn::Now);
         f.succeeded(peer, "alice");
@@ -219,12 +260,37 @@ mod tests {
         let peer = Some(IpAddr::from([127, 0, 0, 1]));
         f.failed(peer, "alice");
         assert_eq!(f.turn(peer, "alice", false), Turn::Refused);
-        assert!(matches!(f.turn(peer, "alice", true), Turn::After(w) if w <= STEP));
+        assert!(
+            matches!(f.turn(peer, "alice", true), Turn::After(t) if t <= Instant::now() + STEP)
+        );
         // The next turn is now more than STEP off: refused, and taking
         // none, so the one after it is no further off.
         assert_eq!(f.turn(peer, "alice", true), Turn::Refused);
         assert_eq!(f.turn(peer, "alice", true), Turn::Refused);
         assert!(matches!(f.turn(peer, "alice", false), Turn::Refused));
+    }
+
+    /// An attempt dropped unchecked gives its turn back: the next attempt
+    /// takes it, never a later one (a client behind the same address
+    /// cannot use up the real user's turns).
+    #[test]
+    fn turns_given_back_are_handed_out_again() {
+        let f = Failures::default();
+        let peer = Some(IpAddr::from([127, 0, 0, 1]));
+        f.failed(peer, "bob");
+        let turn = |f: &Failures| match f.turn(peer, "bob", true) {
+            Turn::After(t) => t,
+            other => panic!("{other:?}"),
+        };
+        let (first, second) = (turn(&f), turn(&f));
+        assert_eq!(second, first + STEP);
+        // The last turn handed out: the next one is it again.
+        f.give_back(peer, "bob", second);
+        assert_eq!(turn(&f), second);
+        // One before the last: handed out first, then the later ones.
+        f.give_back(peer, "bob", first);
+        assert_eq!(turn(&f), first);
+        assert_eq!(turn(&f), second + STEP);
     }
 
     #[test]

@@ -885,7 +885,10 @@ pub struct Connection {
     /// when each is due, and the PDU. They wait here, answered by
     /// [`Connection::next_input`] when due, never in a sleep of this
     /// thread, which serves the connection's other sessions meanwhile.
-    deferred_logons: Vec<(Instant, Vec<u8>)>,
+    deferred_logons: Vec<DeferredLogon>,
+    /// Whether the PDU being answered used its message ids already: a
+    /// deferred AUTHENTICATE leg's, used when it was deferred.
+    ids_taken: bool,
     /// The turn taken for the AUTHENTICATE leg being answered, when it
     /// was taken before the leg ran (a deferred leg: [`Turn::Now`]).
     ///
@@ -920,11 +923,20 @@ enum Input {
     /// A PDU from its own socket.
     Pdu(Vec<u8>),
     /// A deferred AUTHENTICATE leg whose turn came.
-    Logon(Vec<u8>),
+    Logon(DeferredLogon),
     /// PDUs channels queued in its inbox.
     Inbox,
     /// Its socket is gone.
     Gone,
+}
+
+/// An AUTHENTICATE leg waiting for its turn ([`crate::logons`]).
+struct DeferredLogon {
+    /// Its turn: when it is answered.
+    due: Instant,
+    pdu: Vec<u8>,
+    /// The user it names, whose turn it holds.
+    user: String,
 }
 
 /// A frame [`Connection::read_frame`] read.
@@ -1017,6 +1029,7 @@ impl Connection {
             peer: None,
             logon_failures: 0,
             deferred_logons: Vec::new(),
+            ids_taken: false,
             logon_turn: None,
             users_counted: Vec::new(),
             channel_writers: HashMap::new(),
@@ -1085,11 +1098,8 @@ impl Connection {
                         break;
                     }
                 }
-                Input::Logon(pdu) => {
-                    self.logon_turn = Some(crate::logons::Turn::Now);
-                    let ok = self.answer(&pdu);
-                    self.logon_turn = None;
-                    if !ok || self.too_many_logon_failures() {
+                Input::Logon(leg) => {
+                    if !self.answer_deferred(leg) || self.too_many_logon_failures() {
                         break;
                     }
                 }
@@ -1104,8 +1114,10 @@ impl Connection {
         }
         self.sh.not_logged_on.left(self.id);
         self.not_logged_on = false;
+        // Before the socket closes: a client that sees it closed finds the
+        // turns given back.
+        self.drop_deferred_logons();
         self.io = None;
-        self.deferred_logons.clear();
         if let Some(o) = self.outbox.take() {
             o.end();
         }
@@ -1199,24 +1211,47 @@ impl Connection {
         };
         let room = self.deferred_logons.len() < MAX_HALF_SESSIONS_PER_CONNECTION;
         let turn = self.sh.logon_failures.turn(self.peer, &user, room);
-        if let crate::logons::Turn::After(wait) = turn {
-            if let Some(due) = Instant::now().checked_add(wait) {
-                self.deferred_logons.push((due, pdu.to_vec()));
-                return true;
-            }
+        let crate::logons::Turn::After(due) = turn else {
+            self.logon_turn = Some(turn);
+            return false;
+        };
+        // Its message id is used now, as any request's: left unused while
+        // the leg waits, it pinned the bottom of the credit window, and
+        // the connection's other sessions ran out of credits 16,384 ids
+        // above it until the leg was answered (re-review). Its answer
+        // grants its credits when it comes.
+        let taken = match wire::compound(pdu) {
+            Ok(chain) => self.take_message_ids(&chain).is_ok(),
+            Err(_) => false,
+        };
+        if !taken {
+            // Answered now: `handle_pdu` ends the connection for it.
+            self.sh.logon_failures.give_back(self.peer, &user, due);
+            return false;
         }
-        self.logon_turn = Some(turn);
-        false
+        self.deferred_logons.push(DeferredLogon {
+            due,
+            pdu: pdu.to_vec(),
+            user,
+        });
+        true
+    }
+
+    /// Drops the AUTHENTICATE legs waiting for their turns (the
+    /// connection is gone), giving their turns back unused.
+    fn drop_deferred_logons(&mut self) {
+        for leg in self.deferred_logons.drain(..) {
+            self.sh
+                .logon_failures
+                .give_back(self.peer, &leg.user, leg.due);
+        }
     }
 
     /// A deferred AUTHENTICATE leg that is due, if any.
-    fn due_logon(&mut self) -> Option<Vec<u8>> {
+    fn due_logon(&mut self) -> Option<DeferredLogon> {
         let now = Instant::now();
-        let i = self
-            .deferred_logons
-            .iter()
-            .position(|(due, _)| *due <= now)?;
-        Some(self.deferred_logons.remove(i).1)
+        let i = self.deferred_logons.iter().position(|l| l.due <= now)?;
+        Some(self.deferred_logons.remove(i))
     }
 
     /// How long until the next deferred AUTHENTICATE leg is due.
@@ -1224,7 +1259,7 @@ impl Connection {
         let now = Instant::now();
         self.deferred_logons
             .iter()
-            .map(|(due, _)| due.saturating_duration_since(now))
+            .map(|l| l.due.saturating_duration_since(now))
             .min()
     }
 
@@ -1297,8 +1332,8 @@ impl Connection {
                 crate::create::retry_pending(self, false);
                 continue;
             }
-            if let Some(pdu) = self.due_logon() {
-                return Input::Logon(pdu);
+            if let Some(leg) = self.due_logon() {
+                return Input::Logon(leg);
             }
             let logons = self.next_logon_in();
             let logon = self.logon_left();
@@ -1568,6 +1603,30 @@ impl Connection {
         };
         // A turn its leg did not use (refused before) is no other leg's.
         self.logon_turn = None;
+        self.send_answer(handled)
+    }
+
+    /// Answers a deferred AUTHENTICATE leg whose turn came; its message
+    /// ids were used when it was deferred. False when the connection must
+    /// end.
+    fn answer_deferred(&mut self, leg: DeferredLogon) -> bool {
+        self.logon_turn = Some(crate::logons::Turn::Now);
+        self.ids_taken = true;
+        let handled = self.handle_pdu(&leg.pdu);
+        self.ids_taken = false;
+        if self.logon_turn.take().is_some() {
+            // Answered without its password checked (its session went
+            // meanwhile): the turn was not used.
+            self.sh
+                .logon_failures
+                .give_back(self.peer, &leg.user, leg.due);
+        }
+        self.send_answer(handled)
+    }
+
+    /// Sends what [`Connection::handle_pdu`] answered; false when the
+    /// connection must end.
+    fn send_answer(&mut self, handled: Result<Vec<u8>, WireError>) -> bool {
         let out = match handled {
             Ok(out) => out,
             Err(e) => {
@@ -1986,7 +2045,9 @@ impl Connection {
         // of it runs: a malformed message or an id not granted further on
         // closes the connection with nothing done.
         let chain = wire::compound(pdu)?;
-        self.take_message_ids(&chain)?;
+        if !std::mem::take(&mut self.ids_taken) {
+            self.take_message_ids(&chain)?;
+        }
         for (i, (mut hdr, msg)) in chain.into_iter().enumerate() {
             let mut file_override = None;
             let mut failed_related = None;
