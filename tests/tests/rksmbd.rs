@@ -1365,6 +1365,15 @@ fn a_dropped_held_logon_gives_its_turn_back() {
     );
 }
 
+/// Binding legs refused unchecked (their user's turn not yet come) do
+/// not end the channel's connection (tests/smb3/logon_binding_refused.py):
+/// once the turn comes a binding on it succeeds. Before, each refusal
+/// counted as a failed logon of the connection, and the third ended it.
+#[test]
+fn refused_binding_legs_do_not_end_the_channel() {
+    alice_script_passes("rksmbd-logon-binding", &[], "logon_binding_refused.py");
+}
+
 /// A flood of logons refused unchecked does not lock the right password
 /// out once it stops (tests/smb3/logon_flood.py, a queue bound of 1 s).
 /// Before, every refusal counted as a failure and pushed the next turn

@@ -6,7 +6,8 @@
 //! logged on with the right one, and left 1,500 `logon refused` warnings
 //! (adversarial review). Now:
 //! - a connection is ended after [`MAX_FAILURES_PER_CONNECTION`] failed
-//!   logons (the third answered `STATUS_LOGON_FAILURE` first): Windows
+//!   logons, refusals unchecked not counted (the third answered
+//!   `STATUS_LOGON_FAILURE` first): Windows
 //!   clients give up after one, smbclient and Linux cifs retry on a new
 //!   connection;
 //! - after a failure, the next attempts of the same user from the same
@@ -15,8 +16,8 @@
 //!   its connection before its password is checked (so the wait tells a
 //!   guesser nothing), the connection serving its other sessions
 //!   meanwhile, and one further ahead than [`MAX_QUEUE`] (or the
-//!   configured bound) is refused unchecked — not counted as a failure,
-//!   so a device retrying behind a shared address does not keep the real
+//!   configured bound), or that cannot wait (a binding's), is refused
+//!   unchecked — not counted as a failure, so a device retrying behind a shared address does not keep the real
 //!   user out once it stops. Other users and other addresses are not
 //!   slowed; a logon that succeeds forgets the failures;
 //! - at most [`LOG_PER_WINDOW`] refusals a [`LOG_WINDOW`] are logged, the

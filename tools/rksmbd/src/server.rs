@@ -876,7 +876,8 @@ pub struct Connection {
     logon_by: Option<Instant>,
     /// The client's address.
     peer: Option<std::net::IpAddr>,
-    /// Logons failed on this connection: at
+    /// Logons failed on this connection (passwords checked; refusals
+    /// unchecked are not counted): at
     /// [`crate::logons::MAX_FAILURES_PER_CONNECTION`] it is ended, unless
     /// a session is logged on over it (other users' sessions share a
     /// connection: a terminal server's, a cifs `multiuser` mount's).
@@ -1263,13 +1264,16 @@ impl Connection {
             .min()
     }
 
-    /// A logon of `user` refused unchecked, its turn too far off: logged
-    /// within [`crate::logons`]' bound and counted for this connection,
-    /// but not as a failure of the address and user — a refusal that
-    /// counted kept one retrying device behind a shared address (a NAT)
-    /// ahead of the real user for ever.
+    /// A logon of `user` refused unchecked, its turn not now (too far
+    /// off, or a leg that cannot wait: a binding's, one in a compound):
+    /// logged within [`crate::logons`]' bound, but counted neither as a
+    /// failure of the address and user — a refusal that counted kept one
+    /// retrying device behind a shared address (a NAT) ahead of the real
+    /// user for ever — nor for this connection: no password was checked,
+    /// so it guesses nothing, and counted, three binding legs refused
+    /// because the user's turn was not yet (after a failure elsewhere)
+    /// ended a fresh channel's connection (re-review).
     fn logon_refused(&mut self, user: &str, why: &dyn std::fmt::Display) -> u32 {
-        self.logon_failures = self.logon_failures.saturating_add(1);
         self.log_refusal(user, why);
         status::LOGON_FAILURE
     }
@@ -1278,6 +1282,7 @@ impl Connection {
     /// and for this connection, logged within [`crate::logons`]' bound.
     fn logon_failed(&mut self, user: &str, why: &dyn std::fmt::Display) -> u32 {
         self.sh.logon_failures.failed(self.peer, user);
+        self.logon_failures = self.logon_failures.saturating_add(1);
         self.logon_refused(user, why)
     }
 
