@@ -684,6 +684,21 @@ fn a_reconnect_is_not_refused_for_the_users_share() {
     no_handles_left(&d);
 }
 
+/// Review: a CREATE with the replay flag and a DH2Q naming a create GUID
+/// another connection holds skipped the user's share whatever it opened:
+/// a user at its share got every replay-flagged directory open. Only a
+/// replay that resumes the held open skips it now: such directory and
+/// fresh file CREATEs are refused (per_user_replay_share.py).
+#[test]
+fn a_replay_flag_lets_no_fresh_open_past_the_users_share() {
+    let s = Scratch::new("rksmbd-per-user-replay");
+    std::fs::create_dir(s.root().join("d")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &[("alice", "pw")], 512);
+    smbprotocol_script_passes_with(&srv, "per_user_replay_share.py", &["80"]);
+    no_handles_left(&d);
+}
+
 /// Review: CREATEs waiting for a lease break passed the user's share
 /// before any was granted, and were all granted later, past it. Each is
 /// checked again when granted: of three waiting with one open left to

@@ -195,6 +195,10 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     if over_user_share(c, req.hdr.session_id, replay_guid) {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
+    // Let through only as a replay that may resume the open held
+    // elsewhere: checked again wherever the CREATE turns out not to
+    // (a directory, or a file open made fresh: [`share_deferred_refused`]).
+    let share_deferred = replay_guid.is_some();
     let disp = disposition(disp)?;
     let path = parse_name(&name)?;
     if options & FILE_DIRECTORY_FILE != 0 && options & FILE_NON_DIRECTORY_FILE != 0 {
@@ -227,6 +231,9 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 Disposition::Create => return Err(status::OBJECT_NAME_COLLISION),
                 _ => return Err(status::INVALID_PARAMETER),
             }
+            if share_deferred_refused(c, share_deferred, session) {
+                return Err(status::INSUFFICIENT_RESOURCES);
+            }
             let (fd, meta, place) = open_dir_shared(&sh, &path, access, share)?;
             (
                 dir_open(
@@ -250,6 +257,9 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 Disposition::Create | Disposition::OpenIf => {}
                 Disposition::Open => return Err(status::OBJECT_NAME_NOT_FOUND),
                 _ => return Err(status::INVALID_PARAMETER),
+            }
+            if share_deferred_refused(c, share_deferred, session) {
+                return Err(status::INSUFFICIENT_RESOURCES);
             }
             let (parent, leaf) = parent_and_leaf(&sh, p)?;
             // Another client's CREATE of the same directory may make it
@@ -295,6 +305,7 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 tree,
                 user,
                 replay: req.hdr.flags & wire::FLAG_REPLAY != 0,
+                share_deferred,
                 channel_sequence: channel_sequence_of(req),
                 oplock,
                 attrs,
@@ -391,6 +402,10 @@ struct FileCreate {
     tree: u32,
     user: String,
     replay: bool,
+    /// The user's share of the opens was not checked: the CREATE is a
+    /// replay naming a create GUID another connection holds
+    /// ([`over_user_share`]).
+    share_deferred: bool,
     /// The CREATE's channel sequence: the open's first (3.3.5.9).
     channel_sequence: u16,
     oplock: u8,
@@ -459,6 +474,18 @@ fn over_user_share(c: &Connection, session: u64, replay_guid: Option<uuid::Uuid>
         );
     }
     full
+}
+
+/// Whether a CREATE whose share check was deferred (`deferred`: a replay
+/// naming a create GUID another connection holds, [`over_user_share`])
+/// is refused now that it is known not to resume that open: a directory,
+/// or a file open filterd is not asked to replay. Only the replay filterd
+/// answers with the held open ([`claim`] takes it over from the other
+/// connection) adds no open to the user's. Before, the replay flag and a
+/// held GUID let any CREATE past the share (review: 200 of 200
+/// replay-flagged directory opens granted to a user at its share).
+fn share_deferred_refused(c: &Connection, deferred: bool, session: u64) -> bool {
+    deferred && over_user_share(c, session, None)
 }
 
 /// Answers a replayed CREATE with the original open `id`
@@ -684,6 +711,11 @@ fn open_file(
         put: Vec::new(),
     };
     let replay = f.replay && create_guid.is_some();
+    // Not asked of filterd as a replay (no durability to be granted): a
+    // fresh open, which the held open's GUID does not let past the share.
+    if !replay && share_deferred_refused(c, f.share_deferred, f.session) {
+        return Err(status::INSUFFICIENT_RESOURCES);
+    }
     let by_guid = replayed_by_guid(
         c.dialect(),
         ctxs.durable_v2.is_some(),
