@@ -192,6 +192,9 @@ pub struct DeletePending(std::sync::Mutex<Marks>);
 #[derive(Default)]
 struct Marks {
     by_file: HashMap<FileKey, (Identity, u64)>,
+    /// The name each file was marked through, where known: the name its
+    /// delete removes ([`DeletePending::closed`]).
+    names: HashMap<FileKey, RelPath>,
     /// Each mark's number (in the order made) to its file.
     order: std::collections::BTreeMap<u64, FileKey>,
     next: u64,
@@ -201,6 +204,7 @@ struct Marks {
 
 impl Marks {
     fn remove(&mut self, key: &FileKey) -> Option<Identity> {
+        self.names.remove(key);
         let (id, n) = self.by_file.remove(key)?;
         self.order.remove(&n);
         Some(id)
@@ -246,6 +250,7 @@ impl Marks {
         if !freed {
             if let Some((_, oldest)) = self.order.pop_first() {
                 self.by_file.remove(&oldest);
+                self.names.remove(&oldest);
             }
         }
     }
@@ -256,14 +261,15 @@ impl DeletePending {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The file open as `fd` is marked (`true`) or no longer marked
-    /// delete on close; `root`: the export root, through which a full
-    /// table looks for marked files already gone.
+    /// The file open as `fd`, by the name `name`, is marked (`true`) or
+    /// no longer marked delete on close; `root`: the export root, through
+    /// which a full table looks for marked files already gone.
     pub(crate) fn set(
         &self,
         fd: std::os::fd::BorrowedFd<'_>,
         pending: bool,
         root: std::os::fd::BorrowedFd<'_>,
+        name: Option<&RelPath>,
     ) {
         let Ok(st) = nix::sys::stat::fstat(fd) else {
             return;
@@ -277,6 +283,12 @@ impl DeletePending {
         self.mark(key, libfilter::sys::file_handle_of(fd), |k, id| {
             root_dev == Some(k.0) && is_gone(root, id)
         });
+        if let Some(n) = name {
+            let mut m = self.lock();
+            if m.by_file.contains_key(&key) {
+                m.names.insert(key, n.clone());
+            }
+        }
     }
 
     /// Marks file `key`, whose identity lookup gave `id`. A file without
@@ -320,15 +332,35 @@ impl DeletePending {
     }
 
     /// A close through rksmbd of an open of the file open as `fd`: once
-    /// the file has no name its pending delete has happened, and it is
-    /// forgotten (the descriptor still holds the inode, so its numbers
-    /// are this file's).
-    pub(crate) fn closed(&self, fd: std::os::fd::BorrowedFd<'_>) {
+    /// the file has no name, or the name it was marked through no longer
+    /// names it (`names(name, file)` false), its pending delete has
+    /// happened, and it is forgotten (the descriptor still holds the
+    /// inode, so its numbers are this file's). Before, only a file
+    /// without a name was: a hard-linked file's mark, kept by its inode,
+    /// outlived its delete and hid its other names until rksmbd
+    /// restarted (review: h2 STATUS_DELETE_PENDING after h1's delete).
+    pub(crate) fn closed(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        names: impl FnOnce(&RelPath, FileKey) -> bool,
+    ) {
         let Ok(st) = nix::sys::stat::fstat(fd) else {
             return;
         };
+        let key = (st.st_dev, st.st_ino);
         if st.st_nlink == 0 {
-            self.lock().remove(&(st.st_dev, st.st_ino));
+            self.lock().remove(&key);
+            return;
+        }
+        let Some(name) = self.lock().names.get(&key).cloned() else {
+            return;
+        };
+        if !names(&name, key) {
+            let mut m = self.lock();
+            // Unless it was marked again meanwhile.
+            if m.names.get(&key) == Some(&name) {
+                m.remove(&key);
+            }
         }
     }
 
@@ -370,6 +402,19 @@ fn is_gone(root: std::os::fd::BorrowedFd<'_>, id: &Identity) -> bool {
     match libfilter::sys::open_by_handle(root, id, OFlag::O_PATH.bits()) {
         Ok(fd) => nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink == 0),
         Err(e) => e.raw_os_error() == Some(nix::errno::Errno::ESTALE as i32),
+    }
+}
+
+/// Whether `name` still names file `file` (device and inode numbers); a
+/// lookup that fails but for the name (or a directory of its path) being
+/// gone tells nothing: true.
+fn still_names(sh: &Shared, name: &RelPath, file: FileKey) -> bool {
+    let Ok((parent, leaf)) = parent_and_leaf(sh, name) else {
+        return false;
+    };
+    match nix::sys::stat::fstatat(&parent, leaf, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => (st.st_dev, st.st_ino) == file,
+        Err(e) => !matches!(e, nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR),
     }
 }
 
@@ -627,7 +672,8 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
         // file leaves it pending delete (MS-FSA 2.1.5.4).
         Kind::File { file, .. } => {
             if !detach && open.delete_on_close && linked(file) {
-                sh.delete_pending.set(file.as_fd(), true, sh.root.as_fd());
+                sh.delete_pending
+                    .set(file.as_fd(), true, sh.root.as_fd(), open.path.as_ref());
             }
         }
         Kind::Dir { fd, .. } => {
@@ -637,7 +683,8 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
         }
     }
     // A pending delete this close made happen is forgotten.
-    sh.delete_pending.closed(open.fd());
+    sh.delete_pending
+        .closed(open.fd(), |name, file| still_names(sh, name, file));
     answer
 }
 
@@ -1411,7 +1458,8 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
-                sh.delete_pending.set(o.fd(), delete, sh.root.as_fd());
+                sh.delete_pending
+                    .set(o.fd(), delete, sh.root.as_fd(), o.path.as_ref());
             }
         }
         // FilePositionInformation (MS-FSCC 2.4.35).
@@ -2153,7 +2201,7 @@ mod tests {
         };
         let root = std::fs::File::open(&dir).unwrap();
         let dp = DeletePending::default();
-        dp.set(f.as_fd(), true, root.as_fd());
+        dp.set(f.as_fd(), true, root.as_fd(), None);
         assert!(dp.hides(&m, || Ok(own.clone())));
         let mut other = own.clone();
         other.handle_type ^= 1;
@@ -2162,8 +2210,8 @@ mod tests {
             "another file, same number"
         );
         assert!(!dp.hides(&m, || Ok(own.clone())), "the mark went");
-        dp.set(f.as_fd(), true, root.as_fd());
-        dp.closed(f.as_fd());
+        dp.set(f.as_fd(), true, root.as_fd(), None);
+        dp.closed(f.as_fd(), |_, _| true);
         assert!(
             dp.hides(&m, || Ok(own.clone())),
             "still named: still marked"
@@ -2173,7 +2221,7 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             assert!(is_gone(root.as_fd(), &own), "held but without a name: gone");
         }
-        dp.closed(f.as_fd());
+        dp.closed(f.as_fd(), |_, _| true);
         assert!(!dp.hides(&m, || Ok(own.clone())), "deleted: forgotten");
         drop(f);
         if nix::unistd::geteuid().is_root() {
