@@ -684,6 +684,21 @@ fn a_reconnect_is_not_refused_for_the_users_share() {
     no_handles_left(&d);
 }
 
+/// Re-review: after a new session named the old one as
+/// PreviousSessionId, the old connection (idle) still counted the opens
+/// it no longer held until its next request, so every DH2C of them was
+/// refused for the user's share. An open's count now goes with its
+/// handle: every DH2C succeeds, and the next fresh CREATE is refused
+/// (per_user_previous_session.py).
+#[test]
+fn a_reconnect_after_previous_session_is_not_refused_for_the_users_share() {
+    let s = Scratch::new("rksmbd-per-user-previous");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &[("alice", "pw")], 512);
+    smbprotocol_script_passes_with(&srv, "per_user_previous_session.py", &["80"]);
+    no_handles_left(&d);
+}
+
 /// Review: a CREATE with the replay flag and a DH2Q naming a create GUID
 /// another connection holds skipped the user's share whatever it opened:
 /// a user at its share got every replay-flagged directory open. Only a

@@ -534,9 +534,11 @@ pub struct Open {
     /// LOCKs applied, one per index.
     pub(crate) lock_sequences: Vec<(u8, u8)>,
     /// Its descriptor, counted under the server's cap
-    /// ([`crate::server::Shared::fds`]) and its user's share of it
-    /// ([`crate::server::UserOpens`]) from [`Connection::add_open`] until
-    /// the open is dropped.
+    /// ([`crate::server::Shared::fds`]) from [`Connection::add_open`]
+    /// until the open is dropped, and (a directory, or a file of a
+    /// session without a [`crate::sessions::Link`]) its user's share of
+    /// it ([`crate::server::UserOpens`]); a file's user count goes with
+    /// its handle in the session's link instead.
     pub(crate) counted: Option<crate::server::OpenSlots>,
 }
 

@@ -1864,15 +1864,32 @@ impl Connection {
     /// released only the handles the session held then, so the caller
     /// releases this one and answers STATUS_USER_SESSION_DELETED.
     pub fn add_open(&mut self, id: u64, mut open: Open) -> Result<(), Box<Open>> {
+        // Counted even past the caps: the open is made (a CREATE checks
+        // them before making one).
+        let mut user_slot = match open.counted {
+            Some(_) => None,
+            None => self
+                .sessions
+                .get(&open.session)
+                .and_then(|s| s.user.as_ref())
+                .map(|u| self.sh.user_opens.count(u)),
+        };
         if let Some(link) = self
             .sessions
             .get(&open.session)
             .and_then(|s| s.link.as_ref())
         {
             let kept = match &open.kind {
-                crate::files::Kind::File { key, .. } => {
-                    link.track(id, *key, open.durable, open.create_guid, self.id)
-                }
+                // A file's user count goes with its filterd handle: given
+                // back by whoever releases that ([`crate::sessions::Link`]).
+                crate::files::Kind::File { key, .. } => link.track(
+                    id,
+                    *key,
+                    open.durable,
+                    open.create_guid,
+                    self.id,
+                    user_slot.take(),
+                ),
                 crate::files::Kind::Dir { .. } => !link.revoked(),
             };
             if !kept {
@@ -1880,15 +1897,9 @@ impl Connection {
             }
         }
         if open.counted.is_none() {
-            // Counted even past the caps: the open is made (a CREATE
-            // checks them before making one).
-            let user = self
-                .sessions
-                .get(&open.session)
-                .and_then(|s| s.user.as_ref());
             open.counted = Some(OpenSlots {
                 _fd: self.sh.fds.force(),
-                _user: user.map(|u| self.sh.user_opens.count(u)),
+                _user: user_slot,
             });
         }
         if let Some(g) = open.create_guid {

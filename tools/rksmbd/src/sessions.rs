@@ -59,7 +59,6 @@ struct LinkState {
 }
 
 /// An open's filterd handle, as [`Link`] keeps it.
-#[derive(Clone, Copy)]
 struct Tracked {
     key: ResumeKey,
     durable: bool,
@@ -70,6 +69,13 @@ struct Tracked {
     /// GUID held by it for good — the handle it got back attached then
     /// had no open behind it (review, session 28).
     held: Option<(uuid::Uuid, u64)>,
+    /// The open counted under its user's share
+    /// ([`crate::server::UserOpens`]), given back with the handle,
+    /// whoever releases it: kept by the owning connection's open until
+    /// that connection noticed, an ended session's opens were counted
+    /// twice by a DH2C of them on the new session, and each was refused
+    /// (re-review: 80 held, 80 of 80 DH2C refused after PreviousSessionId).
+    user: Option<crate::server::UserSlot>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -78,7 +84,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Link {
     /// Records an open of the session, held by connection `conn` under
-    /// `create_guid` if it has one. False, recording nothing, once
+    /// `create_guid` if it has one, and counted under its user by `user`
+    /// until released (by whoever releases it). False, recording nothing, once
     /// another connection has ended the session: the ending released the
     /// handles tracked then and nobody would release this one (a CREATE
     /// granted after it — one that was pending — would leave filterd
@@ -92,13 +99,22 @@ impl Link {
         durable: bool,
         create_guid: Option<uuid::Uuid>,
         conn: u64,
+        user: Option<crate::server::UserSlot>,
     ) -> bool {
         let mut st = lock(&self.state);
         if st.revoked {
             return false;
         }
         let held = create_guid.map(|g| (g, conn));
-        st.live.insert(id, Tracked { key, durable, held });
+        st.live.insert(
+            id,
+            Tracked {
+                key,
+                durable,
+                held,
+                user,
+            },
+        );
         true
     }
 
@@ -119,6 +135,8 @@ impl Link {
         if r.is_err_and(|e| e.kept) {
             st.live.insert(id, entry);
         }
+        // Its count goes with the handle (`entry` dropped), before the
+        // owner lets its create GUID go.
         r
     }
 
@@ -176,7 +194,11 @@ impl Link {
                 sh.unsettled.add(key);
             }
         }
-        if let Some((g, conn)) = t.held {
+        let Tracked { held, user, .. } = t;
+        // Counted no more once closed: a reconnect that finds the GUID
+        // let go must not find the open counted either.
+        drop(user);
+        if let Some((g, conn)) = held {
             sh.registry.let_go(g, conn);
         }
         st.closed_elsewhere.push(id);
@@ -192,12 +214,20 @@ impl Link {
 /// ones detached in filterd, the others closed.
 fn release_all(st: &mut LinkState, sh: &Shared) {
     for (_, t) in st.live.drain() {
-        let Tracked { key, durable, held } = t;
+        let Tracked {
+            key,
+            durable,
+            held,
+            user,
+        } = t;
         let r = if durable {
             sh.filter.detach(key)
         } else {
             sh.filter.close(key)
         };
+        // Counted no more (the owning connection may notice only at its
+        // next request), before a DH2C can find the GUID let go.
+        drop(user);
         // Only once it is detached: a replay that claims the create GUID
         // meanwhile gets the open from filterd again, and must not get it
         // before this detach (`create::claim`).
@@ -754,9 +784,9 @@ mod tests {
     #[test]
     fn an_ended_session_tracks_no_new_handle() {
         let l = link();
-        assert!(l.track(1, ResumeKey::new_random(), false, None, 7));
+        assert!(l.track(1, ResumeKey::new_random(), false, None, 7, None));
         lock(&l.state).revoked = true;
-        assert!(!l.track(2, ResumeKey::new_random(), true, None, 7));
+        assert!(!l.track(2, ResumeKey::new_random(), true, None, 7, None));
         assert!(l.is_live(1) && !l.is_live(2));
     }
 
