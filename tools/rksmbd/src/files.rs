@@ -176,7 +176,8 @@ type FileKey = (u64, u64);
 /// was outside the descriptor cap (review: a 200 MiB file deleted by
 /// SET_INFO disposition and CLOSE stayed on disk; 250 marked files took
 /// the last descriptors). An entry goes when it is unmarked, when a close
-/// through rksmbd finds its file without a name ([`DeletePending::closed`]),
+/// through rksmbd finds its file with fewer links than when it was marked
+/// ([`DeletePending::closed`]),
 /// when a name with its inode number turns out to be another file
 /// (inode reuse after the delete was made elsewhere), or when the table is
 /// full ([`MAX_DELETE_PENDING`]) and it is found gone or is the oldest.
@@ -192,9 +193,9 @@ pub struct DeletePending(std::sync::Mutex<Marks>);
 #[derive(Default)]
 struct Marks {
     by_file: HashMap<FileKey, (Identity, u64)>,
-    /// The name each file was marked through, where known: the name its
-    /// delete removes ([`DeletePending::closed`]).
-    names: HashMap<FileKey, RelPath>,
+    /// Each file's link count when it was marked: a delete lowers it, a
+    /// rename does not ([`DeletePending::closed`]).
+    links: HashMap<FileKey, u64>,
     /// Each mark's number (in the order made) to its file.
     order: std::collections::BTreeMap<u64, FileKey>,
     next: u64,
@@ -204,7 +205,7 @@ struct Marks {
 
 impl Marks {
     fn remove(&mut self, key: &FileKey) -> Option<Identity> {
-        self.names.remove(key);
+        self.links.remove(key);
         let (id, n) = self.by_file.remove(key)?;
         self.order.remove(&n);
         Some(id)
@@ -250,7 +251,7 @@ impl Marks {
         if !freed {
             if let Some((_, oldest)) = self.order.pop_first() {
                 self.by_file.remove(&oldest);
-                self.names.remove(&oldest);
+                self.links.remove(&oldest);
             }
         }
     }
@@ -261,15 +262,14 @@ impl DeletePending {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The file open as `fd`, by the name `name`, is marked (`true`) or
-    /// no longer marked delete on close; `root`: the export root, through
-    /// which a full table looks for marked files already gone.
+    /// The file open as `fd` is marked (`true`) or no longer marked
+    /// delete on close; `root`: the export root, through which a full
+    /// table looks for marked files already gone.
     pub(crate) fn set(
         &self,
         fd: std::os::fd::BorrowedFd<'_>,
         pending: bool,
         root: std::os::fd::BorrowedFd<'_>,
-        name: Option<&RelPath>,
     ) {
         let Ok(st) = nix::sys::stat::fstat(fd) else {
             return;
@@ -283,11 +283,9 @@ impl DeletePending {
         self.mark(key, libfilter::sys::file_handle_of(fd), |k, id| {
             root_dev == Some(k.0) && is_gone(root, id)
         });
-        if let Some(n) = name {
-            let mut m = self.lock();
-            if m.by_file.contains_key(&key) {
-                m.names.insert(key, n.clone());
-            }
+        let mut m = self.lock();
+        if m.by_file.contains_key(&key) {
+            m.links.insert(key, st.st_nlink);
         }
     }
 
@@ -332,35 +330,26 @@ impl DeletePending {
     }
 
     /// A close through rksmbd of an open of the file open as `fd`: once
-    /// the file has no name, or the name it was marked through no longer
-    /// names it (`names(name, file)` false), its pending delete has
+    /// the file has fewer links than when it was marked (none, or a
+    /// hard-linked file's one name deleted), its pending delete has
     /// happened, and it is forgotten (the descriptor still holds the
     /// inode, so its numbers are this file's). Before, only a file
-    /// without a name was: a hard-linked file's mark, kept by its inode,
-    /// outlived its delete and hid its other names until rksmbd
-    /// restarted (review: h2 STATUS_DELETE_PENDING after h1's delete).
-    pub(crate) fn closed(
-        &self,
-        fd: std::os::fd::BorrowedFd<'_>,
-        names: impl FnOnce(&RelPath, FileKey) -> bool,
-    ) {
+    /// without a name was: a hard-linked file's mark outlived its delete
+    /// and hid its other names until rksmbd restarted (review: h2
+    /// STATUS_DELETE_PENDING after h1's delete). Counted by links, not by
+    /// the name it was marked through: a rename keeps the count, and a
+    /// mark dropped because its name had moved let the pending file be
+    /// opened again and its new data deleted with it (re-review rr-rk3a
+    /// 1).
+    pub(crate) fn closed(&self, fd: std::os::fd::BorrowedFd<'_>) {
         let Ok(st) = nix::sys::stat::fstat(fd) else {
             return;
         };
         let key = (st.st_dev, st.st_ino);
-        if st.st_nlink == 0 {
-            self.lock().remove(&key);
-            return;
-        }
-        let Some(name) = self.lock().names.get(&key).cloned() else {
-            return;
-        };
-        if !names(&name, key) {
-            let mut m = self.lock();
-            // Unless it was marked again meanwhile.
-            if m.names.get(&key) == Some(&name) {
-                m.remove(&key);
-            }
+        let mut m = self.lock();
+        let marked = m.links.get(&key).copied().unwrap_or(1);
+        if m.by_file.contains_key(&key) && st.st_nlink < marked {
+            m.remove(&key);
         }
     }
 
@@ -402,19 +391,6 @@ fn is_gone(root: std::os::fd::BorrowedFd<'_>, id: &Identity) -> bool {
     match libfilter::sys::open_by_handle(root, id, OFlag::O_PATH.bits()) {
         Ok(fd) => nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink == 0),
         Err(e) => e.raw_os_error() == Some(nix::errno::Errno::ESTALE as i32),
-    }
-}
-
-/// Whether `name` still names file `file` (device and inode numbers); a
-/// lookup that fails but for the name (or a directory of its path) being
-/// gone tells nothing: true.
-fn still_names(sh: &Shared, name: &RelPath, file: FileKey) -> bool {
-    let Ok((parent, leaf)) = parent_and_leaf(sh, name) else {
-        return false;
-    };
-    match nix::sys::stat::fstatat(&parent, leaf, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => (st.st_dev, st.st_ino) == file,
-        Err(e) => !matches!(e, nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR),
     }
 }
 
@@ -674,8 +650,7 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
         // file leaves it pending delete (MS-FSA 2.1.5.4).
         Kind::File { file, .. } => {
             if !detach && open.delete_on_close && linked(file) {
-                sh.delete_pending
-                    .set(file.as_fd(), true, sh.root.as_fd(), open.path.as_ref());
+                sh.delete_pending.set(file.as_fd(), true, sh.root.as_fd());
             }
         }
         Kind::Dir { fd, .. } => {
@@ -685,8 +660,7 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
         }
     }
     // A pending delete this close made happen is forgotten.
-    sh.delete_pending
-        .closed(open.fd(), |name, file| still_names(sh, name, file));
+    sh.delete_pending.closed(open.fd());
     answer
 }
 
@@ -1460,8 +1434,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
-                sh.delete_pending
-                    .set(o.fd(), delete, sh.root.as_fd(), o.path.as_ref());
+                sh.delete_pending.set(o.fd(), delete, sh.root.as_fd());
             }
         }
         // FilePositionInformation (MS-FSCC 2.4.35).
@@ -2203,7 +2176,7 @@ mod tests {
         };
         let root = std::fs::File::open(&dir).unwrap();
         let dp = DeletePending::default();
-        dp.set(f.as_fd(), true, root.as_fd(), None);
+        dp.set(f.as_fd(), true, root.as_fd());
         assert!(dp.hides(&m, || Ok(own.clone())));
         let mut other = own.clone();
         other.handle_type ^= 1;
@@ -2212,8 +2185,8 @@ mod tests {
             "another file, same number"
         );
         assert!(!dp.hides(&m, || Ok(own.clone())), "the mark went");
-        dp.set(f.as_fd(), true, root.as_fd(), None);
-        dp.closed(f.as_fd(), |_, _| true);
+        dp.set(f.as_fd(), true, root.as_fd());
+        dp.closed(f.as_fd());
         assert!(
             dp.hides(&m, || Ok(own.clone())),
             "still named: still marked"
@@ -2223,7 +2196,7 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             assert!(is_gone(root.as_fd(), &own), "held but without a name: gone");
         }
-        dp.closed(f.as_fd(), |_, _| true);
+        dp.closed(f.as_fd());
         assert!(!dp.hides(&m, || Ok(own.clone())), "deleted: forgotten");
         drop(f);
         if nix::unistd::geteuid().is_root() {
@@ -2232,6 +2205,37 @@ mod tests {
                 "deleted and closed: gone (ESTALE)"
             );
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A mark goes when its file loses a link (its delete made, also of
+    /// one name of a hard-linked file), not when it is renamed: dropped
+    /// for a rename, the pending file could be opened again under its
+    /// new name and its new data deleted with it (re-review rr-rk3a 1).
+    #[test]
+    fn a_mark_outlives_a_rename_and_goes_with_a_link() {
+        let dir = std::env::temp_dir().join(format!("rksmbd-dp-links-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b, h) = (dir.join("a"), dir.join("b"), dir.join("h"));
+        let f = std::fs::File::create(&a).unwrap();
+        let m = Meta::from_stat(&nix::sys::stat::fstat(f.as_fd()).unwrap());
+        let Ok(own) = libfilter::sys::file_handle_of(f.as_fd()) else {
+            eprintln!("skipped: the temporary directory gives no file handles");
+            return;
+        };
+        let root = std::fs::File::open(&dir).unwrap();
+        let dp = DeletePending::default();
+        std::fs::hard_link(&a, &h).unwrap();
+        dp.set(f.as_fd(), true, root.as_fd());
+        std::fs::rename(&a, &b).unwrap();
+        dp.closed(f.as_fd());
+        assert!(dp.hides(&m, || Ok(own.clone())), "renamed: still marked");
+        std::fs::remove_file(&b).unwrap();
+        dp.closed(f.as_fd());
+        assert!(
+            !dp.hides(&m, || Ok(own.clone())),
+            "a link deleted: forgotten"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
