@@ -9,13 +9,15 @@
 //! the open lived on detached until its durable timeout, minutes, holding
 //! its share modes and lease against every other client. A [`Closer`]
 //! keeps it and tries it again once the frontend has reattached to
-//! filterd ([`Attachment::reattaches`]; with backoff while filterd
-//! answers but refuses; one whose call went unanswered only after a
-//! reattach, [`Tried::Unanswered`]), until it is done or, while attached,
-//! the longest durable timeout a frontend asks for has passed since its
-//! first failure or the latest reattach ([`PATIENCE`]): time detached
-//! does not count, as filterd's recovery gives every handle a fresh
-//! timeout.
+//! filterd ([`Attachment::reattaches`]), and with backoff while it stays
+//! attached, until it is done or, while attached, the longest durable
+//! timeout a frontend asks for has passed since its first failure or the
+//! latest reattach ([`PATIENCE`]): time detached does not count, as
+//! filterd's recovery gives every handle a fresh timeout. An item whose call went
+//! unanswered ([`Tried::Unanswered`]) is tried again with backoff too (a
+//! late refusal is undone by nobody), but a later "no such handle" on the
+//! same connection does not end it ([`no_such_handle`]): that may be the
+//! handle its own unanswered resume attached.
 //!
 //! First tries come before tries again, and a hand-over's items take
 //! turns with the others' (one each in turn): a stalled filterd, or one
@@ -67,14 +69,31 @@ pub enum Tried {
     /// Failed for a passing cause ([`passing`]): try again later.
     Again,
     /// No answer in time ([`ClientError::Timeout`]) on a connection that
-    /// may live on: tried again only once the frontend has reattached
-    /// since. Its answer, if it comes, is undone by libfilter on that
-    /// connection (a resume's late answer closed); a try on the same
-    /// connection before would queue behind it and find the handle it
-    /// attached (`NoSuchHandle`), ending the item while that undo may yet
-    /// be lost with the connection. A reattach means the connection is
-    /// gone and filterd detached what it attached.
+    /// may live on: tried again with backoff, as [`Tried::Again`] (a late
+    /// answer is undone by libfilter only if it is an open: one that
+    /// refuses leaves the handle disconnected, and nothing else would try
+    /// it while the connection lives). The item remembers it: a try on the same connection
+    /// that finds no disconnected handle says [`Tried::Reattach`]
+    /// ([`no_such_handle`]).
     Unanswered,
+    /// No disconnected handle found after an earlier try went unanswered
+    /// on this connection: maybe the handle that unanswered resume
+    /// attached, whose undo (a close) may yet be lost with the
+    /// connection. Tried again only once the frontend has reattached
+    /// (filterd then detached what that connection attached, and a
+    /// resume finds it), or given up past its time.
+    Reattach,
+}
+
+/// What a try that found no disconnected handle (`NoSuchHandle`) means:
+/// done, unless an earlier try of the item went unanswered on the same
+/// connection (`unanswered`, as [`Closer::run`] tells `close`).
+pub fn no_such_handle(unanswered: bool) -> Tried {
+    if unanswered {
+        Tried::Reattach
+    } else {
+        Tried::Done
+    }
 }
 
 /// How an item whose call failed for a passing cause ([`passing`]) is
@@ -120,15 +139,24 @@ struct Job<T> {
 struct Again<T> {
     item: T,
     until: Instant,
-    /// [`Tried::Unanswered`]: [`Attachment::reattaches`] at that failure;
-    /// tried again only once it has grown past.
+    /// [`Tried::Reattach`]: [`Attachment::reattaches`] right after that
+    /// try; tried again only once it has grown past.
     after: Option<u64>,
+    /// [`Attachment::reattaches`] right after its latest
+    /// [`Tried::Unanswered`] try, if any.
+    unanswered: Option<u64>,
 }
 
 impl<T> Again<T> {
     /// Whether it may be tried again on `link`.
     fn may_try(&self, link: Link) -> bool {
         link.ready && self.after.is_none_or(|g| link.reattaches > g)
+    }
+
+    /// Whether an earlier try went unanswered on `link`'s connection (no
+    /// reattach since).
+    fn unanswered_on(&self, link: Link) -> bool {
+        self.unanswered.is_some_and(|g| link.reattaches <= g)
     }
 }
 
@@ -219,15 +247,17 @@ impl<T: Debug> Closer<T> {
 
     /// The closer thread: tries each item with `close` until
     /// [`Closer::stop`] or `attachment` (the frontend's filterd
-    /// attachment) is `None`. An item `close` says [`Tried::Again`] for
-    /// is tried again once the frontend reattached, or after a backoff
-    /// while it stays attached ([`Tried::Unanswered`]: only once it
-    /// reattached), and handed to `give_up` past [`PATIENCE`] (counted
-    /// while attached) or [`AGAIN_MAX`].
+    /// attachment) is `None`. An item `close` says [`Tried::Again`] or
+    /// [`Tried::Unanswered`] for is tried again once the frontend
+    /// reattached, or after a backoff while it stays attached
+    /// ([`Tried::Reattach`]: only once it reattached), and handed to
+    /// `give_up` past [`PATIENCE`] (counted while attached) or
+    /// [`AGAIN_MAX`]. `close` is told whether an earlier try of the item
+    /// went unanswered on the connection it is tried on now.
     pub fn run(
         &self,
         attachment: impl Fn() -> Option<Attachment>,
-        mut close: impl FnMut(&T) -> Tried,
+        mut close: impl FnMut(&T, bool) -> Tried,
         mut give_up: impl FnMut(&T),
     ) {
         loop {
@@ -241,17 +271,17 @@ impl<T: Debug> Closer<T> {
                 None => return,
                 Some(Next::Idle) => {}
                 Some(Next::First(item, done)) => {
-                    let t = close(&item);
+                    let t = close(&item, false);
                     let at = reattaches_at(&attachment, link);
-                    self.tried(item, t, None, at, &mut give_up);
+                    self.tried(item, t, None, None, at, &mut give_up);
                     if let Some(d) = done {
                         let _ = d.send(());
                     }
                 }
                 Some(Next::Again(a)) => {
-                    let t = close(&a.item);
+                    let t = close(&a.item, a.unanswered_on(link));
                     let at = reattaches_at(&attachment, link);
-                    self.tried(a.item, t, Some(a.until), at, &mut give_up);
+                    self.tried(a.item, t, Some(a.until), a.unanswered, at, &mut give_up);
                 }
             }
         }
@@ -322,12 +352,14 @@ impl<T: Debug> Closer<T> {
     }
 
     /// `item` was tried (`t`); `until` is its time to give up if it was
-    /// tried before; `reattaches` the frontend's right after the try.
+    /// tried before, `unanswered` its [`Again::unanswered`];
+    /// `reattaches` the frontend's right after the try.
     fn tried(
         &self,
         item: T,
         t: Tried,
         until: Option<Instant>,
+        unanswered: Option<u64>,
         reattaches: u64,
         give_up: &mut impl FnMut(&T),
     ) {
@@ -341,9 +373,16 @@ impl<T: Debug> Closer<T> {
                     q.backoff = MIN_BACKOFF;
                 }
             }
-            Tried::Again | Tried::Unanswered => {
-                q.due = now + q.backoff;
-                q.backoff = (q.backoff * 2).min(MAX_BACKOFF);
+            Tried::Again | Tried::Unanswered | Tried::Reattach => {
+                if t != Tried::Reattach {
+                    q.due = now + q.backoff;
+                    q.backoff = (q.backoff * 2).min(MAX_BACKOFF);
+                }
+                let until = until.unwrap_or(now + PATIENCE);
+                let mut unanswered = unanswered;
+                if t == Tried::Unanswered {
+                    unanswered = Some(reattaches);
+                }
                 if q.again.len() >= AGAIN_MAX {
                     if let Some(old) = q.again.pop_front() {
                         tracing::warn!(item = ?old.item, "more than {AGAIN_MAX} closes to try again: the oldest is given up");
@@ -352,8 +391,9 @@ impl<T: Debug> Closer<T> {
                 }
                 q.again.push_back(Again {
                     item,
-                    until: until.unwrap_or(now + PATIENCE),
-                    after: (t == Tried::Unanswered).then_some(reattaches),
+                    until,
+                    after: (t == Tried::Reattach).then_some(reattaches),
+                    unanswered,
                 });
             }
         }
@@ -404,7 +444,7 @@ mod tests {
     #[test]
     fn tried_again_after_a_reattach_and_after_first_tries() {
         let c = Closer::default();
-        c.tried(7, Tried::Again, None, 0, &mut |_| {});
+        c.tried(7, Tried::Again, None, None, 0, &mut |_| {});
         assert!(matches!(c.next(DOWN, &mut |_| {}), Some(Next::Idle)));
         c.push(vec![8], None);
         assert_eq!(first(&c, BACK), (8, false));
@@ -414,8 +454,8 @@ mod tests {
         }
         let mut given_up = Vec::new();
         let past = Instant::now();
-        c.tried(9, Tried::Again, Some(past), 1, &mut |_| {});
-        c.tried(11, Tried::Again, None, 1, &mut |_| {});
+        c.tried(9, Tried::Again, Some(past), None, 1, &mut |_| {});
+        c.tried(11, Tried::Again, None, None, 1, &mut |_| {});
         // 11 is tried again once due (Idle until then); 9 is past its time.
         let next = c.next(BACK, &mut |i| given_up.push(*i));
         assert!(matches!(
@@ -435,7 +475,7 @@ mod tests {
     fn nothing_is_given_up_while_detached() {
         let c = Closer::default();
         let mut given_up = Vec::new();
-        c.tried(9, Tried::Again, Some(Instant::now()), 0, &mut |_| {});
+        c.tried(9, Tried::Again, Some(Instant::now()), None, 0, &mut |_| {});
         let next = c.next(DOWN, &mut |i| given_up.push(*i));
         assert!(matches!(next, Some(Next::Idle)));
         assert!(given_up.is_empty(), "given up while filterd was down");
@@ -451,7 +491,7 @@ mod tests {
     #[test]
     fn a_detached_closer_waits_a_poll_between_looks() {
         let c = Closer::default();
-        c.tried(7, Tried::Again, None, 0, &mut |_| {});
+        c.tried(7, Tried::Again, None, None, 0, &mut |_| {});
         c.lock().due = Instant::now();
         let start = Instant::now();
         let mut looks = 0;
@@ -462,13 +502,46 @@ mod tests {
         assert!(looks <= 4, "{looks} looks in 500 ms");
     }
 
-    /// An item whose call went unanswered is not tried again on the same
-    /// connection (its try would find the handle the unanswered one
-    /// attached and end): only once the frontend has reattached since.
+    /// An item whose call went unanswered is tried again after the
+    /// backoff, with no reattach (a late refusal is undone by nobody), and
+    /// `close` is told so on the same connection, not after a reattach.
     #[test]
-    fn an_unanswered_item_is_tried_again_only_after_a_reattach() {
+    fn an_unanswered_item_is_tried_again_after_the_backoff() {
         let c = Closer::default();
-        c.tried(7, Tried::Unanswered, None, 1, &mut |_| {});
+        c.tried(7, Tried::Unanswered, None, None, 1, &mut |_| {});
+        c.lock().due = Instant::now();
+        match c.next(BACK, &mut |_| {}) {
+            Some(Next::Again(a)) => {
+                assert_eq!(a.item, 7);
+                assert!(a.unanswered_on(BACK));
+                let again = Link {
+                    reattaches: 2,
+                    ready: true,
+                };
+                assert!(!a.unanswered_on(again), "a reattach since");
+            }
+            _ => panic!("tried again after the backoff, without a reattach"),
+        }
+        let timeout = ClientError::Timeout(Duration::from_secs(1));
+        assert_eq!(tried_again(&timeout), Tried::Unanswered);
+        assert_eq!(tried_again(&ClientError::Disconnected), Tried::Again);
+    }
+
+    /// "No such handle" after an unanswered try on the same connection
+    /// does not end the item (maybe the handle that resume attached): it
+    /// is tried again only once the frontend has reattached.
+    #[test]
+    fn no_such_handle_after_an_unanswered_try_waits_for_a_reattach() {
+        assert_eq!(no_such_handle(false), Tried::Done);
+        let c = Closer::default();
+        c.tried(7, Tried::Unanswered, None, None, 1, &mut |_| {});
+        c.lock().due = Instant::now();
+        let Some(Next::Again(a)) = c.next(BACK, &mut |_| {}) else {
+            panic!("tried again after the backoff");
+        };
+        let t = no_such_handle(a.unanswered_on(BACK));
+        c.tried(a.item, t, Some(a.until), a.unanswered, 1, &mut |_| {});
+        assert_eq!(c.waiting(), 1, "not done");
         c.lock().due = Instant::now();
         assert!(
             matches!(c.next(BACK, &mut |_| {}), Some(Next::Idle)),
@@ -479,12 +552,12 @@ mod tests {
             ready: true,
         };
         match c.next(again, &mut |_| {}) {
-            Some(Next::Again(a)) => assert_eq!(a.item, 7),
+            Some(Next::Again(a)) => {
+                assert_eq!(a.item, 7);
+                assert!(!a.unanswered_on(again));
+            }
             _ => panic!("tried again after the reattach"),
         }
-        let timeout = ClientError::Timeout(Duration::from_secs(1));
-        assert_eq!(tried_again(&timeout), Tried::Unanswered);
-        assert_eq!(tried_again(&ClientError::Disconnected), Tried::Again);
     }
 
     #[test]

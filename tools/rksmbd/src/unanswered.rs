@@ -154,7 +154,10 @@ impl Closing {
     pub fn run(self, sh: &Weak<Shared>) {
         self.0.run(
             || sh.upgrade().map(|s| s.filter.clone()),
-            |u| sh.upgrade().map_or(Tried::Done, |s| close(&s, u)),
+            |u, unanswered| {
+                sh.upgrade()
+                    .map_or(Tried::Done, |s| close(&s, u, unanswered))
+            },
             |u| {
                 if let Some(s) = sh.upgrade() {
                     s.registry.closing_claim(&u.client, u.guid);
@@ -195,21 +198,23 @@ fn call_timeout() -> Duration {
 /// replay's answer being read, or the late answer's undo to come) is
 /// refused `NoSuchHandle`: its holder or undo decides (a late answer
 /// after a LOGOFF closes it, `SessionEnd`). A resume that goes unanswered
-/// is closed when its answer comes (`resume_by_guid_to_close`), and tried
-/// again only once rksmbd has reattached ([`Tried::Unanswered`]: that
-/// answer's close is lost with the connection; a try on it before found
-/// the handle the unanswered resume attached, `NoSuchHandle`, and ended).
+/// is closed when its answer comes if that answer is an open
+/// (`resume_by_guid_to_close`; a late refusal leaves the handle
+/// disconnected), and tried again with backoff ([`Tried::Unanswered`]); a
+/// try on the same connection that finds no disconnected handle (maybe the
+/// one that resume attached, whose close may be lost with the connection)
+/// waits for a reattach ([`Tried::Reattach`]) instead of ending.
 /// One that failed for another passing cause (filterd down or restarting,
 /// a failed commit, busy) is [`Tried::Again`]; both still handed over:
 /// before, it was forgotten and the open waited for its durable timeout.
-fn close(sh: &Shared, u: &Unanswered) -> Tried {
+fn close(sh: &Shared, u: &Unanswered, unanswered: bool) -> Tried {
     if !sh.registry.claim_free(u.guid, CLOSER_CONN) {
         sh.registry.closing_claim(&u.client, u.guid);
         return Tried::Done;
     }
     let tried = if sh.registry.closing_owns(&u.client, u.guid) {
         test_delay_after_the_closer_claims();
-        take_and_close(sh, u)
+        take_and_close(sh, u, unanswered)
     } else {
         Tried::Done
     };
@@ -220,8 +225,9 @@ fn close(sh: &Shared, u: &Unanswered) -> Tried {
     tried
 }
 
-/// Takes `u`'s open by GUID and closes it.
-fn take_and_close(sh: &Shared, u: &Unanswered) -> Tried {
+/// Takes `u`'s open by GUID and closes it; `unanswered`: an earlier try
+/// went unanswered on this connection ([`libfilter::closer::no_such_handle`]).
+fn take_and_close(sh: &Shared, u: &Unanswered, unanswered: bool) -> Tried {
     match sh
         .filter
         .resume_by_guid_to_close(u.client.clone(), CreateGuid(u.guid), u.owner.clone())
@@ -237,7 +243,9 @@ fn take_and_close(sh: &Shared, u: &Unanswered) -> Tried {
             }
             Tried::Done
         }
-        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => Tried::Done,
+        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {
+            libfilter::closer::no_such_handle(unanswered)
+        }
         Err(e) if libfilter::closer::passing(&e) => {
             tracing::warn!(create_guid = %u.guid, error = %e,
                 "taking an unanswered CREATE's open to close it: tried again once filterd serves");

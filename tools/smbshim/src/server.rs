@@ -496,7 +496,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
                 if let Some(m) = sh.members.get(k) {
                     m.closer.run(
                         || Some(m.filter.clone()),
-                        |t| close_unanswered(&sh, m, t),
+                        |t, unanswered| close_unanswered(&sh, m, t, unanswered),
                         |t| forget_unanswered(&sh, t),
                     );
                 }
@@ -2351,17 +2351,19 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// before this resume, which finds the handle disconnected. A handle
 /// attached here (made, its answer not yet read, or its undo to come) is
 /// refused `NoSuchHandle` and closed by that undo. A resume that goes
-/// unanswered is closed when its answer comes, and tried again only once
-/// the member has reattached ([`Tried::Unanswered`]: that answer's close
-/// is lost with the connection; a try on it before queued behind the
-/// unanswered resume, found the handle it attached, `NoSuchHandle`, and
-/// dropped the GUID). A resume that failed for another passing cause
+/// unanswered is closed when its answer comes if that answer is an open
+/// (a late refusal leaves the handle disconnected), and tried again with
+/// backoff ([`Tried::Unanswered`]); a try on the same connection that
+/// finds no disconnected handle (`unanswered`: maybe the one that resume
+/// attached, whose close may be lost with the connection) does not drop
+/// the GUID but waits for a reattach ([`Tried::Reattach`]). A resume that
+/// failed for another passing cause
 /// (filterd down or restarting, a failed commit, busy) is
 /// [`Tried::Again`]: either way the session keeps owning the GUID, and the
 /// closer tries it again once the member has reattached (with backoff
 /// while it stays attached; before, the GUID was forgotten and the open
 /// held its file for its durable timeout).
-fn close_unanswered(sh: &Shared, m: &Member, t: &ToClose) -> Tried {
+fn close_unanswered(sh: &Shared, m: &Member, t: &ToClose, unanswered: bool) -> Tried {
     let ToClose {
         session,
         client: client_guid,
@@ -2405,11 +2407,14 @@ fn close_unanswered(sh: &Shared, m: &Member, t: &ToClose) -> Tried {
                     close_for_good(m, key);
                     Tried::Done
                 }
-                Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => Tried::Done,
-                // Unanswered: its answer, if it comes, is closed
-                // (libfilter); tried again only once the member has
-                // reattached (`Tried::Unanswered`), in case that answer is
-                // lost with the connection.
+                // Maybe the handle an unanswered try attached: then only
+                // after a reattach (`no_such_handle`).
+                Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {
+                    libfilter::closer::no_such_handle(unanswered)
+                }
+                // Unanswered: an open's late answer is closed (libfilter),
+                // a refusal's is not: tried again with backoff
+                // (`Tried::Unanswered`).
                 Err(e) if libfilter::closer::passing(&e) => {
                     eprintln!(
                         "smbshim: closing the open of unanswered CREATE {guid} at LOGOFF: {e}; \
