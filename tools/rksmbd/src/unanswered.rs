@@ -28,6 +28,7 @@ use libfilter::model::{ClientId, CreateGuid, RelPath};
 use libfilter::proto::ErrorCode;
 
 use crate::server::Shared;
+use crate::sessions::Registry;
 
 /// Most create GUIDs one session remembers; the oldest beyond is
 /// forgotten with a warning (its open, if filterd made it, waits for its
@@ -190,8 +191,9 @@ fn call_timeout() -> Duration {
 
 /// Closes the open filterd may have made for `u` (a CREATE of a session
 /// that logged off, or of an app instance taken over), on the closer
-/// thread. The create GUID is claimed (`Registry::claim_free`) and left
-/// to a connection that holds it (a replay taking the open), then skipped
+/// thread. The create GUID is claimed (`Registry::claim_free`); while a
+/// connection holds it, tried again unless the client got the open
+/// ([`held_elsewhere`]: the holder may be another user's), then skipped
 /// if the client got an open of it since it was handed over
 /// (`Registry::closing_owns`, under the claim); else its handle is taken
 /// by GUID, if disconnected, and closed. A handle still attached (a
@@ -209,8 +211,7 @@ fn call_timeout() -> Duration {
 /// before, it was forgotten and the open waited for its durable timeout.
 fn close(sh: &Shared, u: &Unanswered, unanswered: bool) -> Tried {
     if !sh.registry.claim_free(u.guid, CLOSER_CONN) {
-        sh.registry.closing_claim(&u.client, u.guid);
-        return Tried::Done;
+        return held_elsewhere(&sh.registry, u);
     }
     let tried = if sh.registry.closing_owns(&u.client, u.guid) {
         test_delay_after_the_closer_claims();
@@ -223,6 +224,23 @@ fn close(sh: &Shared, u: &Unanswered, unanswered: bool) -> Tried {
     }
     sh.registry.let_go(u.guid, CLOSER_CONN);
     tried
+}
+
+/// The closer found `u`'s create GUID held by a connection
+/// (`Registry::claim_free` refused). Holds are keyed by GUID alone: the
+/// holder may be another user's open reusing the GUID, which says nothing
+/// of `u`'s open — ended as done then, the close of `u`'s was dropped.
+/// Done only once `u`'s client got an open of it (its replay, a retry:
+/// `Registry::client_got` took it out of the hand-over); else tried again
+/// later, when the holder may have let go (bounded by the closer's
+/// patience).
+fn held_elsewhere(registry: &Registry, u: &Unanswered) -> Tried {
+    if registry.closing_owns(&u.client, u.guid) {
+        Tried::Again
+    } else {
+        registry.closing_claim(&u.client, u.guid);
+        Tried::Done
+    }
 }
 
 /// Takes `u`'s open by GUID and closes it; `unanswered`: an earlier try
@@ -282,6 +300,22 @@ mod tests {
             owner: None,
             app: app.map(|a| ([a; 16], RelPath::new("f").expect("path"))),
         }
+    }
+
+    /// A GUID held by a connection (another user's open reusing it, or
+    /// the client's own replay) ends the close only once the client got
+    /// its open; another user's SUCCESS for it leaves it to try again.
+    #[test]
+    fn a_guid_held_elsewhere_is_tried_again_until_the_client_got_it() {
+        let r = Registry::default();
+        let alice = u(10, None);
+        assert_eq!(r.to_close(|| vec![alice.clone()]).len(), 1);
+        let bob = ClientId::new("smb-user:bob".to_owned()).expect("client id");
+        r.client_got(&bob, alice.guid);
+        assert_eq!(held_elsewhere(&r, &alice), Tried::Again, "bob's hold");
+        assert!(r.closing_owns(&alice.client, alice.guid));
+        r.client_got(&alice.client, alice.guid);
+        assert_eq!(held_elsewhere(&r, &alice), Tried::Done, "alice's replay");
     }
 
     /// A takeover waits for its closes as long as libfilter's calls wait:
