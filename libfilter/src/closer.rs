@@ -11,9 +11,10 @@
 //! keeps it and tries it again once the frontend has reattached to
 //! filterd ([`Attachment::reattaches`]), and with backoff while it stays
 //! attached, until it is done or, while attached, the longest durable
-//! timeout a frontend asks for has passed since its first failure or the
-//! latest reattach ([`PATIENCE`]): time detached does not count, as
-//! filterd's recovery gives every handle a fresh timeout. An item whose call went
+//! timeout a frontend asks for has passed since its first failure, the
+//! latest reattach or its latest unanswered call ([`PATIENCE`]): time
+//! detached, or filterd did not answer, does not count, as filterd's
+//! recovery gives every handle a fresh timeout. An item whose call went
 //! unanswered ([`Tried::Unanswered`]) is tried again with backoff too (a
 //! late refusal is undone by nobody), but a later "no such handle" on the
 //! same connection does not end it ([`no_such_handle`]): that may be the
@@ -72,7 +73,9 @@ pub enum Tried {
     /// may live on: tried again with backoff, as [`Tried::Again`] (a late
     /// answer is undone by libfilter only if it is an open: one that
     /// refuses leaves the handle disconnected, and nothing else would try
-    /// it while the connection lives). The item remembers it: a try on the same connection
+    /// it while the connection lives), its time to give up pushed to
+    /// [`PATIENCE`] from now (filterd stalled but connected counts as
+    /// attached). The item remembers it: a try on the same connection
     /// that finds no disconnected handle says [`Tried::Reattach`]
     /// ([`no_such_handle`]).
     Unanswered,
@@ -378,9 +381,11 @@ impl<T: Debug> Closer<T> {
                     q.due = now + q.backoff;
                     q.backoff = (q.backoff * 2).min(MAX_BACKOFF);
                 }
-                let until = until.unwrap_or(now + PATIENCE);
+                let mut until = until.unwrap_or(now + PATIENCE);
                 let mut unanswered = unanswered;
                 if t == Tried::Unanswered {
+                    // Time filterd did not answer in does not count.
+                    until = until.max(now + PATIENCE);
                     unanswered = Some(reattaches);
                 }
                 if q.again.len() >= AGAIN_MAX {
@@ -558,6 +563,28 @@ mod tests {
             }
             _ => panic!("tried again after the reattach"),
         }
+    }
+
+    /// An unanswered try pushes the item's time to give up to
+    /// [`PATIENCE`] from now: a filterd stalled but connected counts as
+    /// attached, and the time it did not answer must not count.
+    #[test]
+    fn an_unanswered_try_does_not_count_against_patience() {
+        let c = Closer::default();
+        let mut given_up = Vec::new();
+        // Attached all along (no reattach to push the time).
+        c.lock().seen = BACK.reattaches;
+        let past = Instant::now();
+        c.tried(7, Tried::Unanswered, Some(past), None, 1, &mut |_| {});
+        c.lock().due = Instant::now();
+        match c.next(BACK, &mut |i| given_up.push(*i)) {
+            Some(Next::Again(a)) => assert_eq!(a.item, 7),
+            _ => panic!("tried again, not given up"),
+        }
+        assert!(
+            given_up.is_empty(),
+            "given up for time filterd did not answer"
+        );
     }
 
     #[test]
