@@ -278,20 +278,26 @@ mod tests {
     fn turns_given_back_are_handed_out_again() {
         let f = Failures::default();
         let peer = Some(IpAddr::from([127, 0, 0, 1]));
-        f.failed(peer, "bob");
+        // Turns seconds apart: a test thread held up a while (parallel
+        // tests on a loaded machine) finds none of them past.
+        let failures = 10;
+        for _ in 0..failures {
+            f.failed(peer, "bob");
+        }
+        let step = delay(failures);
         let turn = |f: &Failures| match f.turn(peer, "bob", true) {
             Turn::After(t) => t,
             other => panic!("{other:?}"),
         };
         let (first, second) = (turn(&f), turn(&f));
-        assert_eq!(second, first + STEP);
+        assert_eq!(second, first + step);
         // The last turn handed out: the next one is it again.
         f.give_back(peer, "bob", second);
         assert_eq!(turn(&f), second);
         // One before the last: handed out first, then the later ones.
         f.give_back(peer, "bob", first);
         assert_eq!(turn(&f), first);
-        assert_eq!(turn(&f), second + STEP);
+        assert_eq!(turn(&f), second + step);
     }
 
     #[test]
