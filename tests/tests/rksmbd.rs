@@ -757,11 +757,15 @@ fn deleting_one_name_of_a_hard_linked_file_leaves_the_others() {
     let s = Scratch::new("rksmbd-hardlinked-delete");
     std::fs::write(s.root().join("h1"), b"data").unwrap();
     std::fs::hard_link(s.root().join("h1"), s.root().join("h2")).unwrap();
+    std::fs::write(s.root().join("h3"), b"data").unwrap();
+    std::fs::hard_link(s.root().join("h3"), s.root().join("h4")).unwrap();
     let d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     smbprotocol_script_passes(&srv, "hardlinked_delete_pending.py");
     assert!(!s.root().join("h1").exists());
     assert!(s.root().join("h2").exists());
+    assert!(!s.root().join("h3").exists());
+    assert!(s.root().join("h4").exists());
     no_handles_left(&d);
 }
 

@@ -176,8 +176,7 @@ type FileKey = (u64, u64);
 /// was outside the descriptor cap (review: a 200 MiB file deleted by
 /// SET_INFO disposition and CLOSE stayed on disk; 250 marked files took
 /// the last descriptors). An entry goes when it is unmarked, when a close
-/// through rksmbd finds its file with fewer links than when it was marked
-/// ([`DeletePending::closed`]),
+/// through rksmbd finds its delete made ([`DeletePending::closed`]),
 /// when a name with its inode number turns out to be another file
 /// (inode reuse after the delete was made elsewhere), or when the table is
 /// full ([`MAX_DELETE_PENDING`]) and it is found gone or is the oldest.
@@ -196,6 +195,9 @@ struct Marks {
     /// Each file's link count when it was marked: a delete lowers it, a
     /// rename does not ([`DeletePending::closed`]).
     links: HashMap<FileKey, u64>,
+    /// The name each file was marked through, where known: the name its
+    /// delete removes ([`DeletePending::closed`]).
+    names: HashMap<FileKey, RelPath>,
     /// Each mark's number (in the order made) to its file.
     order: std::collections::BTreeMap<u64, FileKey>,
     next: u64,
@@ -206,6 +208,7 @@ struct Marks {
 impl Marks {
     fn remove(&mut self, key: &FileKey) -> Option<Identity> {
         self.links.remove(key);
+        self.names.remove(key);
         let (id, n) = self.by_file.remove(key)?;
         self.order.remove(&n);
         Some(id)
@@ -252,6 +255,7 @@ impl Marks {
             if let Some((_, oldest)) = self.order.pop_first() {
                 self.by_file.remove(&oldest);
                 self.links.remove(&oldest);
+                self.names.remove(&oldest);
             }
         }
     }
@@ -262,14 +266,15 @@ impl DeletePending {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The file open as `fd` is marked (`true`) or no longer marked
-    /// delete on close; `root`: the export root, through which a full
-    /// table looks for marked files already gone.
+    /// The file open as `fd`, by the name `name`, is marked (`true`) or
+    /// no longer marked delete on close; `root`: the export root, through
+    /// which a full table looks for marked files already gone.
     pub(crate) fn set(
         &self,
         fd: std::os::fd::BorrowedFd<'_>,
         pending: bool,
         root: std::os::fd::BorrowedFd<'_>,
+        name: Option<&RelPath>,
     ) {
         let Ok(st) = nix::sys::stat::fstat(fd) else {
             return;
@@ -286,6 +291,10 @@ impl DeletePending {
         let mut m = self.lock();
         if m.by_file.contains_key(&key) {
             m.links.insert(key, st.st_nlink);
+            match name {
+                Some(n) => m.names.insert(key, n.clone()),
+                None => m.names.remove(&key),
+            };
         }
     }
 
@@ -330,26 +339,48 @@ impl DeletePending {
     }
 
     /// A close through rksmbd of an open of the file open as `fd`: once
-    /// the file has fewer links than when it was marked (none, or a
-    /// hard-linked file's one name deleted), its pending delete has
-    /// happened, and it is forgotten (the descriptor still holds the
-    /// inode, so its numbers are this file's). Before, only a file
-    /// without a name was: a hard-linked file's mark outlived its delete
-    /// and hid its other names until rksmbd restarted (review: h2
-    /// STATUS_DELETE_PENDING after h1's delete). Counted by links, not by
-    /// the name it was marked through: a rename keeps the count, and a
-    /// mark dropped because its name had moved let the pending file be
-    /// opened again and its new data deleted with it (re-review rr-rk3a
-    /// 1).
-    pub(crate) fn closed(&self, fd: std::os::fd::BorrowedFd<'_>) {
+    /// the file has no name, or has fewer links than when it was marked
+    /// and the name it was marked through no longer names it
+    /// (`names(name, file)` false), its pending delete has happened, and
+    /// it is forgotten (the descriptor still holds the inode, so its
+    /// numbers are this file's). Both, not either: by the name alone, a
+    /// rename of the pending file dropped the mark, and it could be
+    /// opened again under its new name and its new data deleted with it
+    /// (re-review rr-rk3a 1); by the link count alone, another name
+    /// removed elsewhere dropped it the same way (rr-final 2). Before
+    /// either, a hard-linked file's mark outlived its delete and hid its
+    /// other names until rksmbd restarted (review: h2
+    /// STATUS_DELETE_PENDING after h1's delete).
+    pub(crate) fn closed(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        names: impl FnOnce(&RelPath, FileKey) -> bool,
+    ) {
         let Ok(st) = nix::sys::stat::fstat(fd) else {
             return;
         };
         let key = (st.st_dev, st.st_ino);
-        let mut m = self.lock();
-        let marked = m.links.get(&key).copied().unwrap_or(1);
-        if m.by_file.contains_key(&key) && st.st_nlink < marked {
-            m.remove(&key);
+        let (fewer, name) = {
+            let mut m = self.lock();
+            if !m.by_file.contains_key(&key) {
+                return;
+            }
+            if st.st_nlink == 0 {
+                m.remove(&key);
+                return;
+            }
+            let marked = m.links.get(&key).copied().unwrap_or(1);
+            (st.st_nlink < marked, m.names.get(&key).cloned())
+        };
+        let Some(name) = name.filter(|_| fewer) else {
+            return;
+        };
+        if !names(&name, key) {
+            let mut m = self.lock();
+            // Unless it was marked again meanwhile.
+            if m.names.get(&key) == Some(&name) {
+                m.remove(&key);
+            }
         }
     }
 
@@ -421,6 +452,27 @@ pub(crate) fn pending_delete(sh: &Shared, path: &Option<RelPath>, m: &Meta) -> b
 /// Whether the file still has a name.
 fn linked(f: &std::fs::File) -> bool {
     nix::sys::stat::fstat(f.as_fd()).is_ok_and(|st| st.st_nlink > 0)
+}
+
+/// Whether `name` (if known) still names file `f`.
+fn named_by(sh: &Shared, name: Option<&RelPath>, f: &std::fs::File) -> bool {
+    let Ok(st) = nix::sys::stat::fstat(f.as_fd()) else {
+        return false;
+    };
+    name.is_none_or(|n| still_names(sh, n, (st.st_dev, st.st_ino)))
+}
+
+/// Whether `name` still names file `file` (device and inode numbers); a
+/// lookup that fails but for the name (or a directory of its path) being
+/// gone tells nothing: true.
+fn still_names(sh: &Shared, name: &RelPath, file: FileKey) -> bool {
+    let Ok((parent, leaf)) = parent_and_leaf(sh, name) else {
+        return false;
+    };
+    match nix::sys::stat::fstatat(&parent, leaf, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => (st.st_dev, st.st_ino) == file,
+        Err(e) => !matches!(e, nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR),
+    }
 }
 
 /// What an open is.
@@ -649,8 +701,16 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
         // Closing an open with delete on close while others keep the
         // file leaves it pending delete (MS-FSA 2.1.5.4).
         Kind::File { file, .. } => {
-            if !detach && open.delete_on_close && linked(file) {
-                sh.delete_pending.set(file.as_fd(), true, sh.root.as_fd());
+            // Marked only while its name still names it: else filterd's
+            // close made the delete (one name of a hard-linked file), and
+            // a mark would hide the other names (rr-final 1).
+            if !detach
+                && open.delete_on_close
+                && linked(file)
+                && named_by(sh, open.path.as_ref(), file)
+            {
+                sh.delete_pending
+                    .set(file.as_fd(), true, sh.root.as_fd(), open.path.as_ref());
             }
         }
         Kind::Dir { fd, .. } => {
@@ -660,7 +720,8 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
         }
     }
     // A pending delete this close made happen is forgotten.
-    sh.delete_pending.closed(open.fd());
+    sh.delete_pending
+        .closed(open.fd(), |name, file| still_names(sh, name, file));
     answer
 }
 
@@ -1434,7 +1495,8 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
-                sh.delete_pending.set(o.fd(), delete, sh.root.as_fd());
+                sh.delete_pending
+                    .set(o.fd(), delete, sh.root.as_fd(), o.path.as_ref());
             }
         }
         // FilePositionInformation (MS-FSCC 2.4.35).
@@ -2176,7 +2238,7 @@ mod tests {
         };
         let root = std::fs::File::open(&dir).unwrap();
         let dp = DeletePending::default();
-        dp.set(f.as_fd(), true, root.as_fd());
+        dp.set(f.as_fd(), true, root.as_fd(), None);
         assert!(dp.hides(&m, || Ok(own.clone())));
         let mut other = own.clone();
         other.handle_type ^= 1;
@@ -2185,8 +2247,8 @@ mod tests {
             "another file, same number"
         );
         assert!(!dp.hides(&m, || Ok(own.clone())), "the mark went");
-        dp.set(f.as_fd(), true, root.as_fd());
-        dp.closed(f.as_fd());
+        dp.set(f.as_fd(), true, root.as_fd(), None);
+        dp.closed(f.as_fd(), |_, _| true);
         assert!(
             dp.hides(&m, || Ok(own.clone())),
             "still named: still marked"
@@ -2196,7 +2258,7 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             assert!(is_gone(root.as_fd(), &own), "held but without a name: gone");
         }
-        dp.closed(f.as_fd());
+        dp.closed(f.as_fd(), |_, _| true);
         assert!(!dp.hides(&m, || Ok(own.clone())), "deleted: forgotten");
         drop(f);
         if nix::unistd::geteuid().is_root() {
@@ -2208,12 +2270,14 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A mark goes when its file loses a link (its delete made, also of
-    /// one name of a hard-linked file), not when it is renamed: dropped
-    /// for a rename, the pending file could be opened again under its
-    /// new name and its new data deleted with it (re-review rr-rk3a 1).
+    /// A mark goes when its file has lost a link and the name it was
+    /// marked through no longer names it (its delete made, also of one
+    /// name of a hard-linked file) — not when it is renamed (re-review
+    /// rr-rk3a 1: the pending file could be opened again under its new
+    /// name and its new data deleted with it), nor when another of its
+    /// names is removed elsewhere (rr-final 2: the same).
     #[test]
-    fn a_mark_outlives_a_rename_and_goes_with_a_link() {
+    fn a_mark_outlives_a_rename_and_another_name_and_goes_with_its_own() {
         let dir = std::env::temp_dir().join(format!("rksmbd-dp-links-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (a, b, h) = (dir.join("a"), dir.join("b"), dir.join("h"));
@@ -2225,16 +2289,29 @@ mod tests {
         };
         let root = std::fs::File::open(&dir).unwrap();
         let dp = DeletePending::default();
+        let name = RelPath::new("a").expect("path");
+        // Whether the marked name (`a`, here in `dir`) still names it.
+        let names = |_: &RelPath, _: FileKey| a.exists();
         std::fs::hard_link(&a, &h).unwrap();
-        dp.set(f.as_fd(), true, root.as_fd());
+        dp.set(f.as_fd(), true, root.as_fd(), Some(&name));
+        std::fs::remove_file(&h).unwrap();
+        dp.closed(f.as_fd(), names);
+        assert!(
+            dp.hides(&m, || Ok(own.clone())),
+            "another name gone: marked"
+        );
+        dp.set(f.as_fd(), true, root.as_fd(), Some(&name));
         std::fs::rename(&a, &b).unwrap();
-        dp.closed(f.as_fd());
-        assert!(dp.hides(&m, || Ok(own.clone())), "renamed: still marked");
-        std::fs::remove_file(&b).unwrap();
-        dp.closed(f.as_fd());
+        dp.closed(f.as_fd(), names);
+        assert!(dp.hides(&m, || Ok(own.clone())), "renamed: marked");
+        std::fs::rename(&b, &a).unwrap();
+        std::fs::hard_link(&a, &h).unwrap();
+        dp.set(f.as_fd(), true, root.as_fd(), Some(&name));
+        std::fs::remove_file(&a).unwrap();
+        dp.closed(f.as_fd(), names);
         assert!(
             !dp.hides(&m, || Ok(own.clone())),
-            "a link deleted: forgotten"
+            "its own name deleted: forgotten"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
