@@ -86,6 +86,7 @@ fuzz_target!(|data: &[u8]| {
             users,
             server_name: "rksmbd".into(),
             logon_timeout: rksmbd::server::LOGON_TIMEOUT,
+            logon_queue: rksmbd::logons::MAX_QUEUE,
         };
         Harness::attach(&sock, "smb2-fuzz", config).expect("attach")
     });
