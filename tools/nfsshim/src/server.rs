@@ -4097,8 +4097,8 @@ fn file_at(ctx: &Ctx<'_>, path: &RelPath) -> AtName {
 /// is made ([`NameChange::made`]), left as they were if it is not.
 struct NameChange<'a> {
     sh: &'a Shared,
-    /// The held op ids, and whether each is in the table.
-    held: Vec<(u64, bool)>,
+    /// The held op ids (each in the table).
+    held: Vec<u64>,
 }
 
 impl<'a> NameChange<'a> {
@@ -4106,10 +4106,8 @@ impl<'a> NameChange<'a> {
         let held = match sh.excl.lock() {
             Ok(mut a) => paths
                 .iter()
-                .filter_map(|p| {
-                    let op = fnv64(p);
-                    a.hold(op).map(|tracked| (op, tracked))
-                })
+                .map(|p| fnv64(p))
+                .filter(|op| a.hold(*op))
                 .collect(),
             Err(_) => Vec::new(),
         };
@@ -4118,8 +4116,8 @@ impl<'a> NameChange<'a> {
 
     /// The change is made: the names' verifiers go.
     fn made(mut self) {
-        for (op, tracked) in std::mem::take(&mut self.held) {
-            let ok = !tracked || state::delete(&self.sh.filter, &self.sh.tables.excl(), op).is_ok();
+        for op in std::mem::take(&mut self.held) {
+            let ok = state::delete(&self.sh.filter, &self.sh.tables.excl(), op).is_ok();
             deleted_verifier(self.sh, op, ok);
         }
     }
@@ -4127,7 +4125,7 @@ impl<'a> NameChange<'a> {
 
 impl Drop for NameChange<'_> {
     fn drop(&mut self) {
-        for (op, _) in std::mem::take(&mut self.held) {
+        for op in std::mem::take(&mut self.held) {
             deleted_verifier(self.sh, op, false);
         }
     }

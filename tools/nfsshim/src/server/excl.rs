@@ -37,9 +37,9 @@ pub struct Ages {
     by_age: BTreeSet<(u64, u64)>,
     /// Creates under way of records not in `by_op`.
     under_way: usize,
-    /// Records being deleted (or names being removed or renamed), with
-    /// their ages if they are in the table: a create of one waits.
-    deleting: HashMap<u64, Option<u64>>,
+    /// Records being deleted (made room for, or of names being removed
+    /// or renamed), with their ages: a create of one waits.
+    deleting: HashMap<u64, u64>,
     /// Records being written, with how many creates write each: none is
     /// deleted meanwhile (a delete landing after the write would take
     /// the new verifier).
@@ -102,7 +102,7 @@ impl Ages {
             };
             self.by_age.remove(&(old_made, old));
             self.by_op.remove(&old);
-            self.deleting.insert(old, Some(old_made));
+            self.deleting.insert(old, old_made);
             drop.push(old);
             excess -= 1;
         }
@@ -130,36 +130,38 @@ impl Ages {
     /// change is sent: a create of the name meanwhile waits
     /// ([`Busy::Deleting`]), so the change's delete of the record cannot
     /// take a verifier a create wrote after the change (re-review
-    /// rr-share 1). `None` if a create writes it now or it is held
-    /// already — then it is left be: a create that writes it made the
-    /// name anew, and a record naming the old file is told apart by a
-    /// re-send's identity check anyway — or if it has no record.
-    pub fn hold(&mut self, op: u64) -> Option<bool> {
+    /// rr-share 1). `false` (nothing held, nothing to delete) if a create
+    /// writes it now or it is held already — then it is left be: a
+    /// create that writes it made the name anew, and a record naming the
+    /// old file is told apart by a re-send's identity check anyway — or
+    /// if it has no record.
+    pub fn hold(&mut self, op: u64) -> bool {
         if self.creating.contains_key(&op) || self.deleting.contains_key(&op) {
-            return None;
+            return false;
         }
         // A name without a record holds nothing: there is nothing its
         // change would delete, so a create of it need not wait (held, any
         // peer's REMOVEs of an absent name kept another's create of it in
         // NFS4ERR_DELAY, and counted against the cap: re-review rr-last 1).
-        let made = self.by_op.remove(&op)?;
+        let Some(made) = self.by_op.remove(&op) else {
+            return false;
+        };
         self.by_age.remove(&(made, op));
-        self.deleting.insert(op, Some(made));
-        Some(true)
+        self.deleting.insert(op, made);
+        true
     }
 
-    /// Marks record `op` as being deleted: [`Self::hold`] of one that is
-    /// in the table.
+    /// Marks record `op` as being deleted ([`Self::hold`]).
     #[cfg(test)]
     pub fn deleting(&mut self, op: u64) -> bool {
-        self.hold(op) == Some(true)
+        self.hold(op)
     }
 
     /// The delete of `op` is done (`ok`), or was not made — the record,
     /// if it was there, is there still, entered again with its age.
     pub fn deleted(&mut self, op: u64, ok: bool) {
         if let Some(made) = self.deleting.remove(&op) {
-            if let (false, Some(made), false) = (ok, made, self.by_op.contains_key(&op)) {
+            if !ok && !self.by_op.contains_key(&op) {
                 self.enter(op, made);
             }
         }
@@ -233,7 +235,7 @@ mod tests {
         assert!(!a.deleting(8), "nothing known of 8");
         // A name without a record is not held: a create of it goes on,
         // and nothing counts against the cap.
-        assert_eq!(a.hold(9), None);
+        assert!(!a.hold(9));
         let (_, drop) = a.begin(9, 2).expect("begins");
         assert!(drop.is_empty(), "{drop:?}");
     }
