@@ -12,8 +12,9 @@
 //! filterd ([`Attachment::reattaches`]), and with backoff while it stays
 //! attached, until it is done or, while attached, the longest durable
 //! timeout a frontend asks for has passed since its first failure, the
-//! latest reattach or its latest unanswered call ([`PATIENCE`]): time
-//! detached, or filterd did not answer, does not count, as filterd's
+//! latest reattach or the latest unanswered call, its own or another's
+//! (the one thread waited in it) ([`PATIENCE`]): time detached, or
+//! filterd did not answer, does not count, as filterd's
 //! recovery gives every handle a fresh timeout. An item whose call went
 //! unanswered ([`Tried::Unanswered`]) is tried again with backoff too (a
 //! late refusal is undone by nobody), but a later "no such handle" on the
@@ -384,9 +385,14 @@ impl<T: Debug> Closer<T> {
                 let mut until = until.unwrap_or(now + PATIENCE);
                 let mut unanswered = unanswered;
                 if t == Tried::Unanswered {
-                    // Time filterd did not answer in does not count.
+                    // Time filterd did not answer in does not count, for
+                    // this item nor for those that waited behind it (the
+                    // one thread was blocked in its call meanwhile).
                     until = until.max(now + PATIENCE);
                     unanswered = Some(reattaches);
+                    for a in q.again.iter_mut() {
+                        a.until = a.until.max(now + PATIENCE);
+                    }
                 }
                 if q.again.len() >= AGAIN_MAX {
                     if let Some(old) = q.again.pop_front() {
@@ -584,6 +590,28 @@ mod tests {
         assert!(
             given_up.is_empty(),
             "given up for time filterd did not answer"
+        );
+    }
+
+    /// An unanswered try pushes every waiting item's time to give up to
+    /// [`PATIENCE`] from now, not only its own: the one closer thread was
+    /// blocked in that call, so the others could not be tried meanwhile.
+    #[test]
+    fn an_unanswered_try_spares_the_items_queued_behind_it() {
+        let c = Closer::default();
+        let mut given_up = Vec::new();
+        c.lock().seen = BACK.reattaches;
+        let past = Instant::now();
+        c.tried(8, Tried::Again, Some(past), None, 1, &mut |_| {});
+        c.tried(7, Tried::Unanswered, Some(past), None, 1, &mut |_| {});
+        c.lock().due = Instant::now();
+        match c.next(BACK, &mut |i| given_up.push(*i)) {
+            Some(Next::Again(a)) => assert_eq!(a.item, 8),
+            _ => panic!("the item queued behind tried again"),
+        }
+        assert!(
+            given_up.is_empty(),
+            "given up while the closer waited on another item's call"
         );
     }
 
