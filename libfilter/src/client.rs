@@ -94,6 +94,22 @@ pub fn call_timeout_of(value: Option<&str>) -> Duration {
         .map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis)
 }
 
+/// What [`FilterClient::set_delete_on_close_learnt`] came to.
+#[derive(Debug)]
+pub enum DeleteOnCloseOutcome {
+    /// The flag is as asked: answered, or learnt after the call gave up.
+    Done,
+    /// The flag is not as asked (refused, or learnt unchanged after the call
+    /// gave up): the client is told the error, and the flag stays as the
+    /// client last set it.
+    Failed(ClientError),
+    /// The call and the query after it went unanswered (or the connection
+    /// went): the flag may be either. The client is told the error; the
+    /// frontend sets the flag back to what the client last set before the
+    /// handle goes.
+    Unknown(ClientError),
+}
+
 /// Client failures.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -1261,6 +1277,38 @@ impl FilterClient {
             delete,
             record,
         })?)
+    }
+
+    /// [`FilterClient::set_delete_on_close`] for a frontend that answers
+    /// its client by the outcome: a call that went unanswered is followed,
+    /// on this connection, by a `Handle` query of `key`, which filterd runs
+    /// after the change (it runs one connection's requests in order, and a
+    /// request of a handle whose delete on close waits for lease breaks
+    /// waits behind it), so the flag it shows is the change's outcome.
+    /// Before (review of session 32) the frontend answered a timed-out call
+    /// STATUS_FILE_NOT_AVAILABLE while filterd set the flag late: a client
+    /// that then closed without retrying had its file deleted. Undoing the
+    /// late change instead, as [`late`] does for locks, would race the
+    /// client's own retry (the undo landing after it); the query is answered
+    /// before the client is, so its retry comes after.
+    pub fn set_delete_on_close_learnt(
+        &self,
+        key: ResumeKey,
+        delete: bool,
+        record: Option<crate::model::RecordSpec>,
+    ) -> DeleteOnCloseOutcome {
+        match self.set_delete_on_close(key, delete, record) {
+            Ok(()) => DeleteOnCloseOutcome::Done,
+            Err(e @ ClientError::Timeout(_)) => match self.call(Request::Handle { key }) {
+                Ok((Reply::Handle(v), _)) if v.record.delete_on_close == delete => {
+                    DeleteOnCloseOutcome::Done
+                }
+                Ok((Reply::Handle(_), _)) => DeleteOnCloseOutcome::Failed(e),
+                Ok(_) | Err(_) => DeleteOnCloseOutcome::Unknown(e),
+            },
+            Err(e @ ClientError::Disconnected) => DeleteOnCloseOutcome::Unknown(e),
+            Err(e) => DeleteOnCloseOutcome::Failed(e),
+        }
     }
 
     /// Removes a file by path; with `record`, the reply is recorded for

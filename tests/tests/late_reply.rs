@@ -320,6 +320,66 @@ fn a_lock_answered_after_its_call_gave_up_is_unlocked() {
     );
 }
 
+/// Client `a` (session `sid`) creates `f` with delete access: its file id.
+fn deletable_open(a: &mut LineClient, sid: u64) -> Value {
+    let r = a.call(json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write", "delete"], "share": ["read", "write", "delete"],
+        "disposition": "open_if"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    r["file_id"].clone()
+}
+
+fn set_delete_on_close(sid: u64, fid: &Value) -> Value {
+    json!({"cmd": "SET_INFO", "session_id": sid, "file_id": fid, "delete_on_close": true})
+}
+
+/// A SET_INFO `delete_on_close` that filterd answers after smbshim's call
+/// gave up, and a query of the handle after it too: the client is told
+/// STATUS_FILE_NOT_AVAILABLE, and closes without retrying. Before the fix
+/// the flag filterd set late stood and the close deleted the file the
+/// client was told would stay (review of session 32); now smbshim sets the
+/// flag back to what the client was told before the close.
+#[test]
+fn smbshim_a_delete_on_close_set_after_its_call_gave_up_is_set_back_before_close() {
+    let (s, d, smb) = setup("late-doc-unknown");
+    let (mut a, sid) = smb_session(&smb.addr);
+    let fid = deletable_open(&mut a, sid);
+    answered_late(&d, &mut a, set_delete_on_close(sid, &fid));
+    let r = a.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        s.root().join("f").exists(),
+        "told its delete on close failed, the client's file is deleted"
+    );
+}
+
+/// A SET_INFO `delete_on_close` whose filterd call gives up (filterd's
+/// engine stalled 1 s on it, smbshim waiting 700 ms) but whose outcome the
+/// query after it learns: the client is told it succeeded, and the close
+/// deletes the file. Before the fix it was told STATUS_FILE_NOT_AVAILABLE
+/// while the flag stood.
+#[test]
+fn smbshim_a_delete_on_close_learnt_after_its_call_gave_up_is_answered_by_its_outcome() {
+    let (s, _d, smb) = setup_failing(
+        "late-doc-learnt",
+        "smbshim",
+        &[(
+            "RKFILTER_FAILPOINTS",
+            "request.set_delete_on_close:sleep1000",
+        )],
+    );
+    let (mut a, sid) = smb_session(&smb.addr);
+    let fid = deletable_open(&mut a, sid);
+    let r = a.call(set_delete_on_close(sid, &fid));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = a.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        !s.root().join("f").exists(),
+        "told delete on close, f stays"
+    );
+}
+
 /// nfsshim: an OPEN (a `ReplayOpen` carrying the open's records) that
 /// filterd answers after nfsshim answered `NFS4ERR_DELAY`. Before the fix
 /// its handle stayed attached to nfsshim, named by no stateid the client
@@ -416,6 +476,84 @@ fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
     );
     script.say("go");
     script.finish();
+}
+
+/// rksmbd and a real SMB 3 client (`tests/smb3/late_delete_on_close.py`),
+/// rksmbd's calls giving up after 1 s. A delete-pending SET_INFO sent while
+/// filterd is stopped fails (STATUS_FILE_NOT_AVAILABLE: the call and the
+/// query of its outcome gave up); filterd sets the flag late; the client
+/// closes without retrying. Before the fix the file was deleted under a
+/// client told the change failed (review of session 32); now rksmbd sets
+/// the flag back to what it told the client before the close. Then a
+/// delete-pending SET_INFO filterd stalls 1.5 s on (its third
+/// SetDeleteOnClose, the second being that set-back): the call gives up,
+/// the query after it learns the flag set, the client is told SUCCESS,
+/// and its close deletes the file.
+#[test]
+fn rksmbd_answers_a_delete_on_close_by_filterd_s_flag_after_its_call_gave_up() {
+    let env = [(
+        "RKFILTER_FAILPOINTS",
+        "request.set_delete_on_close:3:sleep1500",
+    )];
+    let (s, d, srv) = setup_rksmbd_failing("late-rksmbd-doc", "1000", &env);
+    let mut script = Dialogue::start(&srv, "late_delete_on_close.py", Duration::from_secs(60));
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up");
+    d.signal(Signal::SIGCONT);
+    script.say("go");
+    script.expect("closed");
+    assert!(
+        s.root().join("doc.txt").exists(),
+        "told its delete on close failed, the client's file is deleted\n{}",
+        script.log
+    );
+    script.say("go");
+    script.expect("closed");
+    assert!(
+        !s.root().join("learnt.txt").exists(),
+        "told delete pending, the file stays\n{}",
+        script.log
+    );
+    script.say("go");
+    script.finish();
+}
+
+/// rksmbd and a real SMB 3 client (`tests/smb3/late_delete_on_close_create.py`),
+/// rksmbd's calls giving up after 1 s, filterd's engine stalled 2.5 s on
+/// the delete on close a CREATE (FILE_DELETE_ON_CLOSE) of an existing file
+/// asks for: the call and the query of its outcome give up, the CREATE
+/// fails and its handle is closed. Before the fix the close, run after the
+/// late set, deleted the file of a client told its CREATE failed; now the
+/// flag is cleared first (sent after the set, so filterd runs it after).
+#[test]
+fn rksmbd_a_create_whose_delete_on_close_gave_up_leaves_the_file() {
+    let env = [(
+        "RKFILTER_FAILPOINTS",
+        "request.set_delete_on_close:sleep2500",
+    )];
+    let (s, d, srv) = setup_rksmbd_failing("late-rksmbd-doc-create", "1000", &env);
+    std::fs::write(s.root().join("kept.txt"), b"kept").expect("write kept.txt");
+    let mut script = Dialogue::start(
+        &srv,
+        "late_delete_on_close_create.py",
+        Duration::from_secs(60),
+    );
+    script.expect("failed");
+    script.finish();
+    // The handle's close, after filterd went on: the file stays.
+    wait_for(
+        "the failed CREATE's handle to go",
+        Duration::from_secs(10),
+        || handles(&d).is_empty().then_some(()),
+    );
+    assert_eq!(
+        std::fs::read(s.root().join("kept.txt")).ok().as_deref(),
+        Some(&b"kept"[..]),
+        "told its CREATE failed, the client's file is deleted\n{}",
+        script.log
+    );
 }
 
 /// rksmbd and a real SMB 3 client (`tests/smb3/late_replay.py`), rksmbd's

@@ -929,6 +929,20 @@ impl Engine {
         }
     }
 
+    /// The file of a `SetDeleteOnClose` of `key` sent by `conn` that waits
+    /// for lease breaks: a later `Handle` or `SetDeleteOnClose` of `key`
+    /// from `conn` waits behind it, so that they run in the order sent. A
+    /// frontend whose change went unanswered learns its outcome by a
+    /// `Handle` query (`FilterClient::set_delete_on_close_learnt`); answered
+    /// at once, the query showed the flag as it was while the change still
+    /// waited, and the change set it after the client was told it failed.
+    fn delete_on_close_parked(&self, conn: ConnId, key: ResumeKey) -> Option<FileId> {
+        self.waiting_changes.iter().find_map(|(f, c, _, r)| {
+            let same = matches!(r, Request::SetDeleteOnClose { key: k, .. } if *k == key);
+            (*c == conn && same).then_some(*f)
+        })
+    }
+
     /// Runs one request. Returns the reply and, for opens and resumes, the
     /// handle whose descriptor goes with it.
     /// `Ok(None)`: the request is parked and will be answered later.
@@ -1194,6 +1208,16 @@ impl Engine {
                 record,
             } => {
                 let (protocol, _) = need_frontend()?;
+                if let Some(file) = self.delete_on_close_parked(conn, key) {
+                    let req = Request::SetDeleteOnClose {
+                        key,
+                        delete,
+                        record,
+                    };
+                    self.wait_limit()?;
+                    self.waiting_changes.push((file, conn, req_id, req));
+                    return Ok(None);
+                }
                 let record = record
                     .map(|r| self.own_record(conn, &protocol, r))
                     .transpose()?;
@@ -1425,11 +1449,18 @@ impl Engine {
                 let (handles, next) = page(range.map(|(_, h)| self.view(h)), |v| v.record.key);
                 Ok(Some((Reply::Handles { handles, next }, None)))
             }
-            Request::Handle { key } => self
-                .handles
-                .get(&key)
-                .map(|h| Some((Reply::Handle(self.view(h)), None)))
-                .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}"))),
+            Request::Handle { key } => {
+                if let Some(file) = self.delete_on_close_parked(conn, key) {
+                    self.wait_limit()?;
+                    let req = Request::Handle { key };
+                    self.waiting_changes.push((file, conn, req_id, req));
+                    return Ok(None);
+                }
+                self.handles
+                    .get(&key)
+                    .map(|h| Some((Reply::Handle(self.view(h)), None)))
+                    .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))
+            }
             Request::Files { after } => {
                 let (files, next) = page(self.files(after), |f| f.file);
                 Ok(Some((Reply::Files { files, next }, None)))

@@ -3866,6 +3866,68 @@ fn read_write_open_of_a(
     Request::Open(o)
 }
 
+/// A `Handle` query and a `SetDeleteOnClose` of a handle whose delete on
+/// close waits for a lease break (MS-FSA's rule, `MSFSA_PROTOCOL`) wait
+/// behind it, from the same connection: they run in the order sent. A
+/// frontend whose `SetDeleteOnClose` went unanswered learns its outcome
+/// by a `Handle` query (`FilterClient::set_delete_on_close_learnt`); before,
+/// the query was answered at once with the flag unset, its client was told
+/// the change failed, and the change set the flag after the break.
+#[test]
+fn a_handle_query_waits_behind_its_delete_on_close_waiting_for_a_break() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Reply;
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
+    let k = LeaseKey(uuid::Uuid::new_v4());
+    let holder = h.run(read_write_open_of_a(Disposition::Open, Some((k, "RH"))));
+    h.commit(true);
+    h.opened(holder);
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.durability = Durability::None;
+    o.create_guid = None;
+    let deleter = h.run(Request::Open(o));
+    h.commit(true);
+    let key = h.opened(deleter);
+    let set = |delete| Request::SetDeleteOnClose {
+        key,
+        delete,
+        record: None,
+    };
+    let doc = h.run(set(true));
+    let query = h.run(Request::Handle { key });
+    let clear = h.run(set(false));
+    let last = h.run(Request::Handle { key });
+    h.commit(true);
+    assert!(
+        h.reply(doc).is_none(),
+        "the delete on close waits for the break"
+    );
+    assert!(h.reply(query).is_none(), "the query waits behind it");
+    assert!(h.reply(clear).is_none(), "so does the next change");
+    assert!(h.reply(last).is_none());
+    h.run(Request::LeaseBreakAck {
+        lease_key: k,
+        state: LeaseState::parse("R").unwrap(),
+        client: None,
+    });
+    h.commit(true);
+    h.engine.process_retries();
+    h.drain_replies();
+    h.commit(true);
+    let flag = |h: &Harness, id| match h.reply(id) {
+        Some(Ok(Reply::Handle(v))) => v.record.delete_on_close,
+        r => panic!("a handle view: {r:?}"),
+    };
+    assert!(matches!(h.reply(doc), Some(Ok(Reply::Done))));
+    assert!(flag(&h, query), "the query shows the change made");
+    assert!(matches!(h.reply(clear), Some(Ok(Reply::Done))));
+    assert!(!flag(&h, last), "the later change ran after");
+}
+
 /// Windows' break chain (smbtorture smb2.lease.breaking3, MS-SMB2 3.3.4.7):
 /// an open waiting for an RWH lease's break to RH, and an overwrite that
 /// meets the lease mid-break, wait for the whole chain — RH, then R (one

@@ -1136,6 +1136,30 @@ fn forget_grant(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>) {
     }
 }
 
+/// Sets the delete on close a CREATE asked for (FILE_DELETE_ON_CLOSE). A
+/// call that went unanswered is answered by what filterd shows after it
+/// (`FilterClient::set_delete_on_close_learnt`); when that is unknown too,
+/// the flag is cleared again, sent after the set so filterd runs it after,
+/// before the CREATE fails and its handle goes: a late set closed it with
+/// the file deleted, under a client told its CREATE failed (review of
+/// session 32).
+fn delete_on_close_at_create(
+    client: &libfilter::client::FilterClient,
+    key: ResumeKey,
+) -> Result<(), libfilter::client::ClientError> {
+    use libfilter::client::DeleteOnCloseOutcome as Outcome;
+    match client.set_delete_on_close_learnt(key, true, None) {
+        Outcome::Done => Ok(()),
+        Outcome::Failed(e) => Err(e),
+        Outcome::Unknown(e) => {
+            if let Err(again) = client.set_delete_on_close(key, false, None) {
+                tracing::warn!(resume_key = %key, error = %again, "delete on close not cleared");
+            }
+            Err(e)
+        }
+    }
+}
+
 /// [`give_back`] of an open whose CREATE fails after its delete on close
 /// was set: that must not delete the file.
 fn undo_open(
@@ -1210,7 +1234,8 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     let leased = held.map(|l| l.key);
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
-        if let Err(e) = sh.filter.client().set_delete_on_close(key, true, None) {
+        let client = sh.filter.client();
+        if let Err(e) = delete_on_close_at_create(&client, key) {
             // Its close gave up too: the durable handle is left
             // disconnected, and a DH2Q's client, answered as one whose
             // call gave up, replays the CREATE and takes it.
@@ -1256,6 +1281,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             path: Some(f.path),
             granted: granted_mask(f.access),
             delete_on_close,
+            delete_unsure: false,
             kind: Kind::File { key, file, fid },
             durable: durable.is_some(),
             write_through: f.options & FILE_WRITE_THROUGH != 0
@@ -1807,6 +1833,7 @@ fn reconnect(
             path: Some(rec.path),
             granted: mask_of_rights(rec.access.rights()),
             delete_on_close: rec.delete_on_close,
+            delete_unsure: false,
             kind: Kind::File { key, file, fid },
             durable: true,
             write_through,
@@ -1935,6 +1962,7 @@ fn dir_open(
         path,
         granted: granted_mask(access),
         delete_on_close: options & FILE_DELETE_ON_CLOSE != 0,
+        delete_unsure: false,
         kind: Kind::Dir {
             _share: share,
             fd,

@@ -23,7 +23,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use libfilter::attach::IoPass;
-use libfilter::client::ClientError;
+use libfilter::client::{ClientError, DeleteOnCloseOutcome};
 use libfilter::lease::LeaseKey;
 use libfilter::locks::LockRange;
 use libfilter::model::{Disposition, FileId, RelPath, ResumeKey, Rights};
@@ -522,6 +522,11 @@ pub struct Open {
     pub(crate) path: Option<RelPath>,
     pub(crate) granted: u32,
     pub(crate) delete_on_close: bool,
+    /// A change of its delete on close went unanswered, and the flag filterd
+    /// holds may differ from `delete_on_close`, what the client was told:
+    /// set back to it before the handle is closed or detached
+    /// ([`delete_on_close_learnt`]).
+    pub(crate) delete_unsure: bool,
     pub(crate) kind: Kind,
     /// Granted durable (or persistent): on a lost connection the filterd
     /// handle is detached, not closed, so a DH2C can resume it.
@@ -651,6 +656,14 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
     let mut answer = Ok(());
     let detach = matches!(ending, Ending::Lost | Ending::Logoff) && open.durable;
     if let Kind::File { key, .. } = &open.kind {
+        if open.delete_unsure {
+            // Sent after the change that went unanswered, so filterd runs
+            // it after: the handle goes with the flag its client was told.
+            let told = open.delete_on_close;
+            if let Err(e) = sh.filter.client().set_delete_on_close(*key, told, None) {
+                tracing::warn!(resume_key = %key, error = %e, "delete on close not set back");
+            }
+        }
         if detach {
             if let Err(e) = sh.filter.detach(*key) {
                 tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
@@ -1480,9 +1493,10 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                     // filterd answers once other keys' handle caching is
                     // broken and acknowledged, maybe by this very client.
                     let key = *key;
-                    serving(c, move |client| {
-                        client.set_delete_on_close(key, delete, None)
-                    })?
+                    let outcome = serving(c, move |client| {
+                        client.set_delete_on_close_learnt(key, delete, None)
+                    })?;
+                    delete_on_close_learnt(c, id, outcome)?;
                 }
                 Kind::Dir { fd, .. } => {
                     if o.path.is_none() {
@@ -1495,6 +1509,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
+                o.delete_unsure = false;
                 sh.delete_pending
                     .set(o.fd(), delete, sh.root.as_fd(), o.path.as_ref());
             }
@@ -1546,6 +1561,30 @@ fn set_times(fd: std::os::fd::BorrowedFd<'_>, atime: u64, mtime: u64) -> Result<
     libfilter::sys::set_times(fd, *spec(atime).as_ref(), *spec(mtime).as_ref()).map_err(io_status)
 }
 
+/// What a FileDispositionInformation of open `id` answers by filterd's
+/// `outcome` (`FilterClient::set_delete_on_close_learnt`): a call that
+/// went unanswered is answered by the flag filterd shows after it, not
+/// STATUS_FILE_NOT_AVAILABLE over a flag filterd set late — a client that
+/// closed then had its file deleted (review of session 32). When even
+/// that is unknown, the open is marked: its flag is set back to what the
+/// client was last told (`Open::delete_on_close`) before its handle goes.
+fn delete_on_close_learnt(
+    c: &mut Connection,
+    id: u64,
+    outcome: DeleteOnCloseOutcome,
+) -> Result<(), u32> {
+    match outcome {
+        DeleteOnCloseOutcome::Done => Ok(()),
+        DeleteOnCloseOutcome::Failed(e) => Err(status_of(&e)),
+        DeleteOnCloseOutcome::Unknown(e) => {
+            if let Some(o) = c.opens.get_mut(&id) {
+                o.delete_unsure = true;
+            }
+            Err(status_of(&e))
+        }
+    }
+}
+
 /// Renames filterd handle `key`'s file. filterd answers once other keys'
 /// handle caching is broken and acknowledged (MS-FSA 2.1.5.14.11) — and
 /// the acknowledgement may come from this very client, on this very
@@ -1557,16 +1596,16 @@ fn rename_serving(
     to: RelPath,
     replace: bool,
 ) -> Result<(), u32> {
-    serving(c, move |client| client.rename(key, to, replace, None))
+    serving(c, move |client| client.rename(key, to, replace, None))?.map_err(|e| status_of(&e))
 }
 
 /// Runs a filterd call that may wait for lease-break acknowledgements on
 /// a thread of its own while this connection keeps being served (the
 /// acknowledgement may come from this very connection).
-fn serving(
+fn serving<T: Send + 'static>(
     c: &mut Connection,
-    call: impl FnOnce(&libfilter::client::FilterClient) -> Result<(), ClientError> + Send + 'static,
-) -> Result<(), u32> {
+    call: impl FnOnce(&libfilter::client::FilterClient) -> T + Send + 'static,
+) -> Result<T, u32> {
     use std::sync::mpsc::{sync_channel, RecvTimeoutError};
     let client = c.sh.filter.client();
     let (tx, rx) = sync_channel(1);
@@ -1578,7 +1617,7 @@ fn serving(
         .map_err(|_| status::INSUFFICIENT_RESOURCES)?;
     loop {
         match rx.recv_timeout(std::time::Duration::from_millis(5)) {
-            Ok(r) => return r.map_err(|e| status_of(&e)),
+            Ok(r) => return Ok(r),
             Err(RecvTimeoutError::Timeout) => c.pump(std::time::Duration::from_millis(20)),
             Err(RecvTimeoutError::Disconnected) => return Err(status::INSUFFICIENT_RESOURCES),
         }

@@ -347,6 +347,13 @@ struct Open {
     lease: Option<HeldLease>,
     /// Counted under its session's peer's share until it leaves the table.
     counted: PeerSlot,
+    /// The delete on close its client was last told it has; None when
+    /// smbshim does not know it (a replay found the open in filterd).
+    delete_told: Option<bool>,
+    /// A change of its delete on close went unanswered: filterd's flag may
+    /// differ from `delete_told`, to which it is set back before the handle
+    /// goes ([`set_delete_on_close`]).
+    delete_unsure: bool,
 }
 
 impl Open {
@@ -1340,6 +1347,9 @@ fn create_with(
                 create_action: h.info.create_action,
                 lease: h.info.lease,
                 counted,
+                // A fresh open has none; a replay's original may have.
+                delete_told: (!replay).then_some(false),
+                delete_unsure: false,
             },
         );
     }
@@ -1716,6 +1726,8 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             create_action: h.info.create_action,
             lease: h.info.lease,
             counted,
+            delete_told: Some(view.record.delete_on_close),
+            delete_unsure: false,
         },
     );
     drop(opens);
@@ -2063,7 +2075,13 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let scope = ReplayScope::Handle(key);
     if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
         match m.filter.client().lookup_reply(scope.clone(), op) {
-            Ok(Some(_)) => return Ok(Map::new()),
+            Ok(Some(_)) => {
+                // The change was made, with its record, and stands.
+                if let InfoChange::DeleteOnClose(d) = &change {
+                    note_delete(sh, &o, Some(*d), false);
+                }
+                return Ok(Map::new());
+            }
             Ok(None) => {}
             // The filter refuses the lookup of a change whose outcome it
             // cannot know (it stopped during it and the file changed
@@ -2088,10 +2106,87 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     match change {
         InfoChange::Rename { to, replace } => c.rename(key, to, replace, record),
         InfoChange::EndOfFile(size) => c.set_end_of_file(key, size, record),
-        InfoChange::DeleteOnClose(d) => c.set_delete_on_close(key, d, record),
+        InfoChange::DeleteOnClose(d) => return set_delete_on_close(sh, &o, d, record),
     }
     .map_err(filter_fail)?;
     Ok(Map::new())
+}
+
+/// SET_INFO `delete_on_close` of open `o`. A call that went unanswered is
+/// answered by the flag filterd shows after it
+/// (`FilterClient::set_delete_on_close_learnt`): answered
+/// STATUS_FILE_NOT_AVAILABLE over a flag filterd set late, a client that
+/// closed without retrying had its file deleted (review of session 32).
+/// When that is unknown too, the open is marked and its flag set back to
+/// what its client was last told before its handle goes
+/// ([`restore_delete`]); a later change answered, or a replay found
+/// recorded, settles it.
+fn set_delete_on_close(
+    sh: &Shared,
+    o: &OpenRef,
+    delete: bool,
+    record: Option<RecordSpec>,
+) -> Outcome {
+    use libfilter::client::DeleteOnCloseOutcome as Learnt;
+    let m = sh.member(o.member)?;
+    let c = m.filter.client();
+    let told = delete_told(sh, &c, o);
+    match c.set_delete_on_close_learnt(o.key, delete, record) {
+        Learnt::Done => {
+            note_delete(sh, o, Some(delete), false);
+            Ok(Map::new())
+        }
+        Learnt::Failed(e) => Err(filter_fail(e)),
+        Learnt::Unknown(e) => {
+            note_delete(sh, o, told, true);
+            Err(filter_fail(e))
+        }
+    }
+}
+
+/// The delete on close open `o`'s client was last told it has: learnt from
+/// filterd when smbshim does not know it (a replay found the open).
+fn delete_told(sh: &Shared, c: &libfilter::client::FilterClient, o: &OpenRef) -> Option<bool> {
+    let known = sh
+        .opens
+        .lock()
+        .ok()
+        .and_then(|opens| opens.get(&o.file_id).and_then(|x| x.delete_told));
+    known.or_else(
+        || match c.call(libfilter::proto::Request::Handle { key: o.key }) {
+            Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v.record.delete_on_close),
+            _ => None,
+        },
+    )
+}
+
+/// Notes what open `o`'s client was told of its delete on close, and
+/// whether filterd's flag may differ.
+fn note_delete(sh: &Shared, o: &OpenRef, told: Option<bool>, unsure: bool) {
+    if let Ok(mut opens) = sh.opens.lock() {
+        if let Some(x) = opens.get_mut(&o.file_id).filter(|x| x.key == o.key) {
+            x.delete_told = told;
+            x.delete_unsure = unsure;
+        }
+    }
+}
+
+/// What `open`'s delete on close is set back to before its handle goes:
+/// what its client was last told, when a change went unanswered.
+fn delete_to_restore(open: &Open) -> Option<bool> {
+    open.delete_told.filter(|_| open.delete_unsure)
+}
+
+/// Sets `key`'s delete on close back to `told` (see
+/// [`set_delete_on_close`]): sent after the change that went unanswered,
+/// so filterd runs it after, and the handle goes with the flag its client
+/// was told.
+fn restore_delete(m: &Member, key: ResumeKey, told: Option<bool>) {
+    if let Some(d) = told {
+        if let Err(e) = m.filter.client().set_delete_on_close(key, d, None) {
+            eprintln!("smbshim: delete on close not set back: {e}");
+        }
+    }
 }
 
 /// What a SET_INFO changes.
@@ -2211,6 +2306,7 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     // A WRITE of this open (from another connection of the session) may
     // be in its pwrite: it lands before filterd forgets the handle.
     drain(m, o.file_key);
+    restore_delete(m, key, delete_to_restore(&taken));
     if let Err(e) = m.filter.close(key) {
         let unknown = !e.close_undone() && may_hold(&e);
         if e.close_undone() {
@@ -2527,6 +2623,8 @@ struct Going<'a> {
     file_key: FileId,
     member: usize,
     claim: LettingGo<'a>,
+    /// Its delete on close to set back first ([`delete_to_restore`]).
+    delete_back: Option<bool>,
 }
 
 impl<'a> Going<'a> {
@@ -2539,6 +2637,7 @@ impl<'a> Going<'a> {
             file_key: open.file_key,
             member: open.member,
             claim: sh.handovers.letting_go(open.ident()),
+            delete_back: delete_to_restore(open),
         }
     }
 
@@ -2553,6 +2652,7 @@ impl<'a> Going<'a> {
         };
         if !taken_over {
             drain(m, self.file_key);
+            restore_delete(m, self.key, self.delete_back);
             how(m, self.key);
         }
     }
