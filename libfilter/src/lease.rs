@@ -7,7 +7,9 @@
 //!
 //! Grant: a key gets what it asks for, less W when any open of the file by
 //! another key (or without a lease) exists — W caching needs the file to
-//! itself. R and H are shared among keys.
+//! itself. R and H are shared among keys. A delegation (a lease asked
+//! through an NFS-like frontend, [`DELEGATION_PROTOCOL`]) gets nothing
+//! while another client's open may write the file.
 //!
 //! Break (an open by another key, a local open, a rename or delete):
 //!
@@ -163,6 +165,27 @@ pub fn break_to(held: LeaseState, t: BreakTrigger) -> Option<LeaseState> {
 /// (MS-FSA 2.1.5.1.2.2, as Windows and Samba apply them to SMB 2/3
 /// leases) rather than the table above: rksmbd's.
 pub const MSFSA_PROTOCOL: &str = "smb2";
+
+/// The protocol name of frontends whose leases are NFS-like delegations
+/// (spec/nfs-like.md "Delegations", RFC 8881 §10.4): nfsshim's. A
+/// delegation is granted only while no other client may write the file
+/// ([`grantable_delegation`]).
+pub const DELEGATION_PROTOCOL: &str = "nfs";
+
+/// What a delegation request is granted, [`grantable`] having given
+/// `granted`: nothing while another client's open (or a local process)
+/// may write the file (`others_write`). Such a writer's WRITEs recall no
+/// read delegation — writes through an SMB-style open do not break read
+/// caching by Windows' rules, nor does a local write — so the holder
+/// would serve stale cached data; RFC 8881 §10.4 grants a delegation only
+/// where no conflicting open exists.
+pub fn grantable_delegation(granted: LeaseState, others_write: bool) -> LeaseState {
+    if others_write {
+        LeaseState::NONE
+    } else {
+        granted
+    }
+}
 
 /// The first bytes of the lease keys an SMB 2/3 frontend makes for the
 /// oplocks it models as leases (level II R, exclusive RW, batch RWH):

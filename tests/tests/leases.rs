@@ -141,9 +141,11 @@ fn conflicting_open_waits_for_the_break_ack() {
         .unwrap()
         .unwrap();
     assert!(b.info.lease.is_none());
-    // A second key asking for RWH while others have the file open gets RH.
+    // A second key asking for RWH while others have the file open gets RH
+    // (through smb: an "nfs" frontend's lease is a delegation, granted
+    // nothing beside alice's open for write).
     let k2 = LeaseKey(uuid::Uuid::new_v4());
-    let c = nfs
+    let c = smb
         .open(req(
             "carol",
             Rights::READ,

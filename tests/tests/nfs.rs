@@ -460,6 +460,44 @@ fn cross_protocol_locks_delegations_and_namespace() {
     );
 }
 
+/// Review rv-cross (1): a read delegation was granted while another
+/// client held the file open for writing (an smbl/1 open, or another
+/// nfsl/1 client's), whose WRITEs recall nothing: the delegation's client
+/// served stale cached data. RFC 8881 §10.4 grants one only where no
+/// conflicting open exists: none is granted then, and once the writer
+/// closed, one is.
+#[test]
+fn no_read_delegation_beside_another_clients_write_open() {
+    let s = Scratch::new("nfs-deleg-writer");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-w");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-w");
+    let (mut m, msid) = rkfilter_tests::smb_session(&smb.addr);
+    let w = m.call(
+        json!({"cmd": "CREATE", "session_id": msid, "path": "f", "access": ["write"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let want = json!({"want_delegation": "read"});
+    let mut n = Nfs::connect(&nfs.addr, "host-n", "0000000000000e01");
+    let o = ok(n.open("p", "f", "read", "none", want.clone()));
+    assert_eq!(o["delegation"], Value::Null, "beside an smbl/1 writer: {o}");
+    ok(n.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let r = m.call(json!({"cmd": "CLOSE", "session_id": msid, "file_id": w["file_id"]}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // Another nfsl/1 client's open for writing likewise.
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "0000000000000e02");
+    let ob = ok(b.open("q", "f", "write", "none", json!({})));
+    let o = ok(n.open("p", "f", "read", "none", want.clone()));
+    assert_eq!(o["delegation"], Value::Null, "beside an nfsl/1 writer: {o}");
+    ok(n.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    ok(b.call(json!({"op": "CLOSE", "stateid": ob["stateid"]})));
+    // No writer left: granted.
+    let o = ok(n.open("p", "f", "read", "none", want));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+}
+
 #[test]
 fn time_down_does_not_count_against_a_lease() {
     let s = Scratch::new("nfs-downtime");

@@ -252,7 +252,33 @@ impl Engine {
         epoch
     }
 
-    /// Grants (or upgrades) the lease of a new open.
+    /// Whether a handle of `keys` other than `key`'s client's own may
+    /// write the file: an open for write of another client (or another
+    /// frontend), one whose writes no read delegation of `key`'s would
+    /// hear of (a write through an open breaks no R or RH lease by
+    /// Windows' rules, `break_read_caching`). Lost handles and stat opens
+    /// write nothing.
+    fn another_client_writes(&self, key: ResumeKey, keys: &[ResumeKey]) -> bool {
+        let Some(me) = self.handles.get(&key) else {
+            return false;
+        };
+        keys.iter()
+            .filter(|k| **k != key)
+            .filter_map(|k| self.handles.get(k))
+            .filter(|h| h.rec.conn != ConnState::Lost && !h.rec.stat)
+            .filter(|h| h.rec.client != me.rec.client || h.rec.frontend != me.rec.frontend)
+            .any(|h| {
+                h.rec
+                    .access
+                    .rights()
+                    .contains(libfilter::model::Rights::WRITE)
+            })
+    }
+
+    /// Grants (or upgrades) the lease of a new open. A delegation (a
+    /// lease asked for through a frontend of [`lease::DELEGATION_PROTOCOL`])
+    /// is not granted at all while another client may write the file
+    /// ([`lease::grantable_delegation`]).
     pub(super) fn grant_lease(
         &mut self,
         key: ResumeKey,
@@ -284,8 +310,18 @@ impl Engine {
             }
         }
         // A local process holding the file is another open (no lease).
-        others_open |= self.local_openers.get(&file).is_some_and(|l| l.present());
+        let local = self.local_openers.get(&file).is_some_and(|l| l.present());
+        others_open |= local;
         let mut granted = lease::grantable(lr.state, others_open);
+        if self
+            .handles
+            .get(&key)
+            .is_some_and(|h| h.rec.protocol.as_str() == lease::DELEGATION_PROTOCOL)
+        {
+            // A local opener's mode is not known: it may write.
+            let others_write = local || self.another_client_writes(key, &keys);
+            granted = lease::grantable_delegation(granted, others_write);
+        }
         if self.handles.get(&key).is_some_and(|h| h.rec.stat) {
             // A stat open broke nothing on its way in (`Engine::open`):
             // none beside another key's write caching.
