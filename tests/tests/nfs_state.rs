@@ -1111,6 +1111,81 @@ fn a_clients_remove_finds_its_own_delegation_by_the_file_not_the_name() {
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
 }
 
+/// Review rv-cross (2): a delegation nfsshim dropped left its lease (H, what
+/// filterd lowers RH to for a writer) in filterd, answered by nobody.
+/// Here the delegation's lease is lowered while nfsshim is down (an smbl/1
+/// writer), and nfsshim, restarted, drops the delegation: old code kept
+/// the H lease, and the smbl/1 RENAME of the file waited out the whole
+/// break timeout for a recall nfsshim did not answer. Now nfsshim gives
+/// it back as it drops the delegation.
+#[test]
+fn a_delegation_dropped_across_an_nfsshim_restart_gives_its_lease_back() {
+    let s = Scratch::new("nfs-deleg-given-back");
+    std::fs::write(s.root().join("d"), b"d").unwrap();
+    let timeout = Duration::from_millis(3000);
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "3000"], &[]);
+    let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-gb");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-gb");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000a7");
+    let od = ok(a.open("p", "d", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(od["delegation"]["type"], "read", "{od}");
+    shim.kill9_in_place();
+    let (mut m, sid) = smb_session(&smb.addr);
+    let w = m.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": "d", "access": ["read", "write", "delete"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let fid = w["file_id"].clone();
+    let r = m.call(
+        json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0,
+                          "data": b64("W")}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-gb");
+    // Given back as nfsshim restored its state (before it listens): found
+    // from filterd's leases, so also after a crash between a drop and its
+    // give-back.
+    let no_lease_left = |when: &str| {
+        let left = lease_states(&s);
+        assert!(
+            left.iter().all(|st| st == "\"\""),
+            "a lease is left {when}: {left:?}"
+        );
+    };
+    no_lease_left("after the restart");
+    let rename = |m: &mut LineClient, fid: &Value, to: &str| {
+        let t0 = Instant::now();
+        let r = m.call(
+            json!({"cmd": "SET_INFO", "session_id": sid, "file_id": fid, "rename": {"to": to}}),
+        );
+        let took = t0.elapsed();
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        assert!(
+            took < timeout / 2,
+            "the RENAME to {to} waited {took:?} for a lease nobody answers"
+        );
+    };
+    rename(&mut m, &fid, "e");
+    no_lease_left("after the rename");
+    // A recall nobody answers: filterd lowers the delegation (RH to H) at
+    // the break timeout and nfsshim revokes it. Old code kept the H lease
+    // (and the key, recalled again for the RENAME: a second timeout).
+    std::fs::write(s.root().join("r"), b"r").unwrap();
+    let mut a = Nfs::connect(&shim.addr, "host-a2", "00000000000000a8");
+    let od = ok(a.open("p", "r", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(od["delegation"]["type"], "read", "{od}");
+    let w = m.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": "r", "access": ["read", "write", "delete"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    rkfilter_tests::wait_for("the give-back", Duration::from_secs(5), || {
+        lease_states(&s).iter().all(|st| st == "\"\"").then_some(())
+    });
+    rename(&mut m, &w["file_id"], "r2");
+}
+
 /// filterd and nfsshim (instance `name`) on a scratch dir holding a file
 /// `f` of `content`, and a client with a session.
 fn one_client(name: &str, content: &[u8]) -> (Scratch, Filterd, Shim, Nfs) {

@@ -381,6 +381,10 @@ struct Global {
     /// Delegations filterd lowered without a recall (nothing to ack), per
     /// client: revoked at the client's next request, under its lock.
     revoked: HashMap<String, Vec<uuid::Uuid>>,
+    /// Lease keys of OPENs in flight that ask for a delegation (not yet in
+    /// `lease_client`), with a break filterd sent meanwhile (whether it
+    /// needs an answer): handled once the OPEN is done ([`Opening`]).
+    opening: HashMap<uuid::Uuid, Option<bool>>,
     /// Handles filterd dropped while their client's request was running,
     /// per client: forgotten at the client's next request.
     forgotten: HashMap<String, Vec<ResumeKey>>,
@@ -418,6 +422,8 @@ enum Chore {
     DeleteState { scope: String, num: u64 },
     /// Close another handle of the open that went.
     Close(ResumeKey),
+    /// Give a lease no delegation answers for back ([`give_back`]).
+    GiveBack(LeaseKey),
 }
 
 fn do_chores(sh: &Shared, chores: impl IntoIterator<Item = Chore>) {
@@ -425,6 +431,7 @@ fn do_chores(sh: &Shared, chores: impl IntoIterator<Item = Chore>) {
         let r = match &c {
             Chore::DeleteState { scope, num } => state::delete(&sh.filter, scope, *num),
             Chore::Close(k) => sh.filter.close(*k),
+            Chore::GiveBack(k) => give_back(sh, *k),
         };
         if let Err(e) = r {
             eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
@@ -719,6 +726,19 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                                 st.closed.insert(d.other.clone(), (cid.clone(), Some(by)));
                             }
                             deleg_gone.push((cid.clone(), snum, o.clone()));
+                        }
+                    }
+                    // Whatever else the open's handles hold, no delegation
+                    // answers for: given back, or every later conflicting
+                    // change of the file would wait out the break timeout.
+                    // Found from filterd's leases, not nfsshim's records, so
+                    // a give-back a crash cut off is done here after all.
+                    let deleg_key = o.deleg.as_ref().map(|d| d.lease_key);
+                    for l in &leases {
+                        if Some(l.key.0) != deleg_key && !l.state.is_none() {
+                            if let Err(e) = give_back(sh, l.key) {
+                                eprintln!("nfsshim: giving back lease {}: {e}", l.key);
+                            }
                         }
                     }
                     note_locked(sh, &h.info);
@@ -2294,6 +2314,11 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         state,
         epoch: 0,
     });
+    // Until this OPEN is done, a break of its lease waits for it.
+    let _opening = lease
+        .as_ref()
+        .map(|l| Opening::new(sh, l.key))
+        .transpose()?;
     let mut req = OpenRequest {
         client: ctx.client_id()?,
         path: path.clone(),
@@ -2473,13 +2498,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                 // state. The lease this OPEN was granted besides goes at
                 // once, or it would be a lease nobody recalls.
                 if l.key.0 != o.rec.deleg.as_ref().map_or(l.key.0, |d| d.lease_key) {
-                    let _ = sh.filter.client().call(Request::LeaseBreakAck {
-                        lease_key: l.key,
-                        state: LeaseState::NONE,
-                        // nfsshim's lease keys are its own, one per OPEN
-                        // (`filter_name`): the key alone names the lease.
-                        client: None,
-                    });
+                    let _ = give_back(sh, l.key);
                     deleg_granted = None;
                 }
             }
@@ -4403,19 +4422,81 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
     chores
 }
 
+/// Gives lease `lease_key` back to filterd whole: an acknowledgement of
+/// none, which with no break in progress gives it up of nfsshim's own
+/// accord. For a lease no delegation answers for (dropped, revoked, or
+/// granted beside one already held): what filterd lowered without an
+/// answer is H at least (RH broken by a writer, or at the break timeout),
+/// and a lease left behind would make every later rename, delete or
+/// conflicting open of its file wait out the whole break timeout for a
+/// recall nobody answers. One filterd no longer holds is fine.
+fn give_back(sh: &Shared, lease_key: LeaseKey) -> Result<(), ClientError> {
+    let r = sh.filter.client().call(Request::LeaseBreakAck {
+        lease_key,
+        state: LeaseState::NONE,
+        // nfsshim's lease keys are its own, one per OPEN (`filter_name`):
+        // the key alone names the lease.
+        client: None,
+    });
+    gone_is_fine(r.map(|_| ()))
+}
+
+/// An OPEN in flight that asks for a delegation, its lease key entered in
+/// [`Global::opening`] until the OPEN is done: a break filterd sends before
+/// the delegation is known (its key in `lease_client`) waits for that,
+/// then is handled as any ([`recall`]) — or, when the OPEN took no
+/// delegation under the key, the lease is given back.
+struct Opening<'a> {
+    sh: &'a Shared,
+    key: LeaseKey,
+}
+
+impl<'a> Opening<'a> {
+    fn new(sh: &'a Shared, key: LeaseKey) -> Result<Opening<'a>, Fail> {
+        sh.global()?.opening.insert(key.0, None);
+        Ok(Opening { sh, key })
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let Ok(mut g) = self.sh.global() else {
+            return;
+        };
+        if let Some(Some(ack_required)) = g.opening.remove(&self.key.0) {
+            drop(g);
+            recall(self.sh, self.key, ack_required);
+        }
+    }
+}
+
 /// A delegation's lease must go: CB_RECALL to its client. Without an ack
 /// required the filter lowered it already: the delegation is revoked (at
-/// the client's next request). Never waits for a client's lock, so the
-/// event thread is never held up by a client's request in progress.
+/// the client's next request) and what is left of its lease given back.
+/// A lease of no delegation nfsshim knows is given back at once, unless
+/// its OPEN is still in flight ([`Opening`]). Never waits for a client's
+/// lock, so the event thread is never held up by a client's request in
+/// progress; the give-back, a commit, goes to the chores thread.
 fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
     let Ok(mut g) = sh.global() else {
         return;
     };
     let Some((cid, other)) = g.lease_client.get(&lease_key.0).cloned() else {
+        if let Some(early) = g.opening.get_mut(&lease_key.0) {
+            *early = Some(early.unwrap_or(false) || ack_required);
+            return;
+        }
+        drop(g);
+        let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
     };
     if !ack_required {
         g.revoked.entry(cid).or_default().push(lease_key.0);
+        // A later break of what is left finds no delegation: given back
+        // here, it is not recalled from a client that no longer holds it.
+        g.lease_client.remove(&lease_key.0);
+        drop(g);
+        let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
     }
     let writer = g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c));
