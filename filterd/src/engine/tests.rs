@@ -3928,6 +3928,57 @@ fn a_handle_query_waits_behind_its_delete_on_close_waiting_for_a_break() {
     assert!(!flag(&h, last), "the later change ran after");
 }
 
+/// Review rv-cross (1): a delegation (a lease asked through an NFS-like
+/// frontend) was granted RH beside another client's open for write, whose
+/// writes break no read caching: its holder served stale data. Now it gets
+/// nothing then; the writer's own client still gets one, and an open for
+/// write by another client while one is held breaks RH to H, waiting for
+/// the holder's answer (a recall).
+#[test]
+fn a_delegation_is_not_granted_beside_another_clients_writer() {
+    use libfilter::lease::{LeaseKey, LeaseState, DELEGATION_PROTOCOL};
+    use libfilter::proto::Event;
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, DELEGATION_PROTOCOL);
+    let st = |s: &str| LeaseState::parse(s).unwrap();
+    let by = |client: &str, access: Rights, lease: Option<(LeaseKey, &str)>| {
+        let Request::Open(mut o) = read_write_open_of_a(Disposition::Open, lease) else {
+            unreachable!("read_write_open_of_a makes an open")
+        };
+        o.client = ClientId::new(client).unwrap();
+        o.access = Access::new(access).unwrap();
+        Request::Open(o)
+    };
+    let key = || LeaseKey(uuid::Uuid::new_v4());
+    let writer = h.run(by("w", Rights::READ.union(Rights::WRITE), None));
+    h.commit(true);
+    h.opened(writer);
+    let other = h.run(by("n", Rights::READ, Some((key(), "RH"))));
+    h.commit(true);
+    assert_eq!(h.lease_of(other).map(|l| l.state), Some(st("")));
+    let own = h.run(by("w", Rights::READ, Some((key(), "RH"))));
+    h.commit(true);
+    assert_eq!(h.lease_of(own).map(|l| l.state), Some(st("RH")));
+    let later = h.run(by("x", Rights::WRITE, None));
+    h.commit(true);
+    assert!(h.reply(later).is_none(), "waits for the recall");
+    let breaks: Vec<_> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::LeaseBreak {
+                current_state,
+                new_state,
+                ack_required,
+                ..
+            } => Some((*current_state, *new_state, *ack_required)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(breaks, vec![(st("RH"), st("H"), true)]);
+}
+
 /// Windows' break chain (smbtorture smb2.lease.breaking3, MS-SMB2 3.3.4.7):
 /// an open waiting for an RWH lease's break to RH, and an overwrite that
 /// meets the lease mid-break, wait for the whole chain — RH, then R (one
