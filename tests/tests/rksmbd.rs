@@ -1804,6 +1804,26 @@ fn synced_before_answer(trace: &str, name: &str) -> Option<bool> {
         })
 }
 
+/// Review rv-data (3): an open with FILE_APPEND_DATA but not
+/// FILE_WRITE_DATA wrote at offset 0 and set the end of file, destroying
+/// what was there (filterd's write right stands for either), and
+/// FileAllocation answered success on any open, even GENERIC_READ, and
+/// did nothing. Now the append-only WRITE within the file and its end of
+/// file and allocation are STATUS_ACCESS_DENIED, its WRITE at offset -1
+/// lands at the end of file, a GENERIC_READ open's allocation is
+/// STATUS_ACCESS_DENIED, and an allocation below the end of file
+/// truncates the file (size_access.py).
+#[test]
+fn an_append_only_open_neither_overwrites_nor_resizes() {
+    let s = Scratch::new("rksmbd-size-access");
+    std::fs::write(s.root().join("size.bin"), b"0123456789").unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "size_access.py");
+    assert_eq!(std::fs::read(s.root().join("size.bin")).unwrap(), b"0123");
+    no_handles_left(&d);
+}
+
 /// The smb2.durable-v2-open tests rksmbd passes; one that stops passing
 /// fails this test (docs/smb3.md lists why the others fail).
 const DURABLE_V2_OPEN_PASSING: &[&str] = &[

@@ -1239,6 +1239,7 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         return Err(status::INVALID_DEVICE_REQUEST);
     };
     may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
+    let offset = write_offset(o, offset, len)?;
     if !io_range_ok(offset, len) {
         return Err(status::INVALID_PARAMETER);
     }
@@ -1257,6 +1258,28 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
     Ok(Reply::ok(w.0))
+}
+
+/// Where a WRITE of `len` bytes at `offset` through open `o` lands.
+/// Offset 0xFFFF_FFFF_FFFF_FFFF (-1) is the end of file (MS-FSA 2.1.5.4:
+/// a negative ByteOffset writes at the end of the stream). An open with
+/// FILE_APPEND_DATA but not FILE_WRITE_DATA may only add to the file: a
+/// write starting within it is `STATUS_ACCESS_DENIED` (MS-SMB2 3.3.5.13)
+/// — before, it was written anywhere and overwrote what was there.
+fn write_offset(o: &Open, offset: u64, len: u32) -> Result<u64, u32> {
+    const AT_END: u64 = u64::MAX;
+    let append_only = o.granted & FILE_WRITE_DATA == 0;
+    if offset != AT_END && (!append_only || len == 0) {
+        return Ok(offset);
+    }
+    let size = o.meta()?.size;
+    if offset == AT_END {
+        Ok(size)
+    } else if offset < size {
+        Err(status::ACCESS_DENIED)
+    } else {
+        Ok(offset)
+    }
 }
 
 /// After a write through open `o`: its data on stable storage before the
@@ -1525,15 +1548,34 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 }
             }
         }
-        // FileAllocationInformation: accepted, nothing to do.
-        19 => {}
-        // FileEndOfFileInformation.
+        // FileAllocationInformation (MS-FSA 2.1.5.15.1): needs
+        // FILE_WRITE_DATA; below the end of file it truncates the file
+        // (through filterd, as an end of file would), at or above it
+        // changes nothing (no space is reserved). A directory's is
+        // accepted and changes nothing.
+        19 => {
+            let alloc = b.u64("allocation size")?;
+            let o = get(c, id)?;
+            if let Kind::File { key, .. } = &o.kind {
+                may(o, FILE_WRITE_DATA)?;
+                if alloc < o.meta()?.size {
+                    sh.filter
+                        .client()
+                        .set_end_of_file(*key, alloc, None)
+                        .map_err(|e| status_on_open(&e))?;
+                }
+            }
+        }
+        // FileEndOfFileInformation (MS-FSA 2.1.5.15.4): needs
+        // FILE_WRITE_DATA, which an append-only open lacks (filterd's
+        // write right stands for either).
         20 => {
             let size = b.u64("end of file")?;
             let o = get(c, id)?;
             let Kind::File { key, .. } = &o.kind else {
                 return Err(status::INVALID_PARAMETER);
             };
+            may(o, FILE_WRITE_DATA)?;
             sh.filter
                 .client()
                 .set_end_of_file(*key, size, None)
