@@ -1783,25 +1783,38 @@ fn is_call_on(line: &str, calls: &[&str], on: &str) -> bool {
 /// `name` on its thread: a sync of the file (true) or a write to a TCP
 /// socket — the answer — first (false); none when neither is there yet.
 fn synced_before_answer(trace: &str, name: &str) -> Option<bool> {
+    events_after(trace, "pwrite64", name)
+        .first()
+        .map(|e| *e != "answer")
+}
+
+/// In strace `-f -yy` output `trace`, what followed the first `call` on
+/// file `name` on its thread, in order: each `fsync` or `fdatasync` of the
+/// file (by that name) and each write to a TCP socket (`answer`).
+fn events_after(trace: &str, call: &str, name: &str) -> Vec<&'static str> {
     let file = format!("/{name}>");
     let mut lines = trace.lines();
-    let tid = lines
+    let Some(tid) = lines
         .by_ref()
-        .find(|l| is_call_on(l, &["pwrite64"], &file))?
-        .split_whitespace()
-        .next()?
-        .to_owned();
+        .find(|l| is_call_on(l, &[call], &file))
+        .and_then(|l| l.split_whitespace().next())
+    else {
+        return Vec::new();
+    };
     lines
-        .filter(|l| l.split_whitespace().next() == Some(tid.as_str()))
-        .find_map(|l| {
-            if is_call_on(l, &["fdatasync", "fsync"], &file) {
-                Some(true)
+        .filter(|l| l.split_whitespace().next() == Some(tid))
+        .filter_map(|l| {
+            if is_call_on(l, &["fdatasync"], &file) {
+                Some("fdatasync")
+            } else if is_call_on(l, &["fsync"], &file) {
+                Some("fsync")
             } else if is_call_on(l, &["sendto", "write", "writev"], "TCP") {
-                Some(false)
+                Some("answer")
             } else {
                 None
             }
         })
+        .collect()
 }
 
 /// Review rv-data (3): an open with FILE_APPEND_DATA but not
@@ -1821,6 +1834,72 @@ fn an_append_only_open_neither_overwrites_nor_resizes() {
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     smbprotocol_script_passes(&srv, "size_access.py");
     assert_eq!(std::fs::read(s.root().join("size.bin")).unwrap(), b"0123");
+    no_handles_left(&d);
+}
+
+/// Review rv-data (4): FLUSH was an fdatasync, which leaves out changes
+/// of times and extended attributes alone, so a FileBasic SET_INFO
+/// (`utimensat` and the DOS attributes' xattr) was never made durable;
+/// not even on a write-through open, and a directory's FLUSH synced
+/// nothing. Now (metadata_sync.py, rksmbd traced): after flushed.bin's
+/// `utimensat` its SET_INFO is answered, then its FLUSH fsyncs it before
+/// its answer, and nothing fdatasyncs it; through.bin (write-through) is
+/// fsync'd before its SET_INFO is answered; directory d's FLUSH fsyncs it.
+#[test]
+fn file_basic_changes_are_made_durable_by_flush_and_write_through() {
+    let s = Scratch::new("rksmbd-metadata-sync");
+    std::fs::create_dir(s.root().join("d")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let trace = s.dir.join("strace");
+    let calls = [
+        "utimensat",
+        "fdatasync",
+        "fsync",
+        "sendto",
+        "write",
+        "writev",
+    ];
+    let _strace =
+        rkfilter_tests::Strace::attach_with(srv.shim.pid(), &trace, &calls, &[], &["-yy"]);
+    smbprotocol_script_passes(&srv, "metadata_sync.py");
+    let read = || std::fs::read_to_string(&trace).unwrap_or_default();
+    let flushed = rkfilter_tests::wait_for(
+        "flushed.bin's FLUSH answered in the trace",
+        std::time::Duration::from_secs(10),
+        || {
+            let e = events_after(&read(), "utimensat", "flushed.bin");
+            (e.len() >= 3 || e.contains(&"fdatasync")).then_some(e)
+        },
+    );
+    assert_eq!(
+        flushed.get(..3),
+        Some(&["answer", "fsync", "answer"][..]),
+        "flushed.bin's FLUSH did not fsync it before its answer"
+    );
+    let through = rkfilter_tests::wait_for(
+        "through.bin's SET_INFO answered in the trace",
+        std::time::Duration::from_secs(10),
+        || {
+            let e = events_after(&read(), "utimensat", "through.bin");
+            e.contains(&"answer").then_some(e)
+        },
+    );
+    assert_eq!(
+        through.first(),
+        Some(&"fsync"),
+        "through.bin's FileBasic was answered before it was synced"
+    );
+    rkfilter_tests::wait_for(
+        "directory d's FLUSH fsyncing it",
+        std::time::Duration::from_secs(10),
+        || {
+            read()
+                .lines()
+                .any(|l| is_call_on(l, &["fsync"], "/d>"))
+                .then_some(())
+        },
+    );
     no_handles_left(&d);
 }
 

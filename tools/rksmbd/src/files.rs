@@ -1358,14 +1358,22 @@ fn flush(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     let o = get(c, id)?;
     // Only an open that may write has anything to flush (3.3.5.11).
     may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
-    if let Kind::File { file, .. } = &o.kind {
-        // A stat open's descriptor is O_PATH (filterd gives no readable
-        // one): it wrote nothing, there is nothing to flush.
-        if !libfilter::sys::is_path_only(file.as_fd()) {
-            file.sync_data().map_err(io_status)?;
-        }
-    }
+    sync_all(o.fd())?;
     Ok(Reply::ok(vec![4, 0, 0, 0]))
+}
+
+/// fsync of open descriptor `fd`: a file's data and metadata, a
+/// directory's entries. Not fdatasync, which leaves out changes of times
+/// and extended attributes alone (a FileBasic SET_INFO: `utimensat` and
+/// the DOS attributes' xattr); FLUSH used it, and a directory's FLUSH
+/// synced nothing. A stat open's descriptor is O_PATH (filterd gives no
+/// readable one), which cannot be synced: it wrote no data, and nothing
+/// is synced for it.
+fn sync_all(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), u32> {
+    if libfilter::sys::is_path_only(fd) {
+        return Ok(());
+    }
+    nix::unistd::fsync(fd).map_err(errno_status)
 }
 
 /// A QUERY_INFO / QUERY_DIRECTORY response body: StructureSize 9, the
@@ -1489,6 +1497,12 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             set_times(o.fd(), atime, mtime)?;
             if let (Kind::File { file, .. }, true) = (&o.kind, attrs != 0) {
                 info::set_dos_attributes(file, attrs)?;
+            }
+            // On stable storage before the reply on a write-through or
+            // persistent open, as its WRITEs are: before, it waited for
+            // no sync even there.
+            if o.write_through {
+                sync_all(o.fd())?;
             }
         }
         // FileRenameInformation (MS-FSCC 2.4.37.2).
