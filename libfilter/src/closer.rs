@@ -12,9 +12,9 @@
 //! filterd ([`Attachment::reattaches`]), and with backoff while it stays
 //! attached, until it is done or, while attached, the longest durable
 //! timeout a frontend asks for has passed since its first failure, the
-//! latest reattach or the latest unanswered call, its own or another's
-//! (the one thread waited in it) ([`PATIENCE`]): time detached, or
-//! filterd did not answer, does not count, as filterd's
+//! latest reattach or its latest unanswered call ([`PATIENCE`]): time
+//! detached, or filterd did not answer (its own call's or another's, the
+//! one thread waiting in it), does not count, as filterd's
 //! recovery gives every handle a fresh timeout. An item whose call went
 //! unanswered ([`Tried::Unanswered`]) is tried again with backoff too (a
 //! late refusal is undone by nobody), but a later "no such handle" on the
@@ -275,7 +275,9 @@ impl<T: Debug> Closer<T> {
                 None => return,
                 Some(Next::Idle) => {}
                 Some(Next::First(item, done)) => {
+                    let started = Instant::now();
                     let t = close(&item, false);
+                    self.spare(t, started.elapsed());
                     let at = reattaches_at(&attachment, link);
                     self.tried(item, t, None, None, at, &mut give_up);
                     if let Some(d) = done {
@@ -283,7 +285,9 @@ impl<T: Debug> Closer<T> {
                     }
                 }
                 Some(Next::Again(a)) => {
+                    let started = Instant::now();
                     let t = close(&a.item, a.unanswered_on(link));
+                    self.spare(t, started.elapsed());
                     let at = reattaches_at(&attachment, link);
                     self.tried(a.item, t, Some(a.until), a.unanswered, at, &mut give_up);
                 }
@@ -355,6 +359,22 @@ impl<T: Debug> Closer<T> {
         Some(Next::Idle)
     }
 
+    /// A try that ended `t` held the one closer thread `blocked`: if
+    /// filterd did not answer it, that time counts against none of the
+    /// items waiting meanwhile, whose time to give up moves on by as much
+    /// (by that much only: an item that never gets an answer must not keep
+    /// the others, answered in between, for ever). Before (review rr-final,
+    /// session 34), only the item tried was spared, and those queued behind
+    /// a stalled filterd's call timeouts were given up before their next
+    /// try.
+    fn spare(&self, t: Tried, blocked: Duration) {
+        if t == Tried::Unanswered {
+            for a in self.lock().again.iter_mut() {
+                a.until += blocked;
+            }
+        }
+    }
+
     /// `item` was tried (`t`); `until` is its time to give up if it was
     /// tried before, `unanswered` its [`Again::unanswered`];
     /// `reattaches` the frontend's right after the try.
@@ -385,14 +405,9 @@ impl<T: Debug> Closer<T> {
                 let mut until = until.unwrap_or(now + PATIENCE);
                 let mut unanswered = unanswered;
                 if t == Tried::Unanswered {
-                    // Time filterd did not answer in does not count, for
-                    // this item nor for those that waited behind it (the
-                    // one thread was blocked in its call meanwhile).
+                    // Time filterd did not answer in does not count.
                     until = until.max(now + PATIENCE);
                     unanswered = Some(reattaches);
-                    for a in q.again.iter_mut() {
-                        a.until = a.until.max(now + PATIENCE);
-                    }
                 }
                 if q.again.len() >= AGAIN_MAX {
                     if let Some(old) = q.again.pop_front() {
@@ -593,17 +608,26 @@ mod tests {
         );
     }
 
-    /// An unanswered try pushes every waiting item's time to give up to
-    /// [`PATIENCE`] from now, not only its own: the one closer thread was
-    /// blocked in that call, so the others could not be tried meanwhile.
+    /// An unanswered try moves every waiting item's time to give up on by
+    /// as long as the call held the one closer thread, not only its own:
+    /// the others could not be tried meanwhile. By that much only: an
+    /// answered try spares nobody, and an item that is never answered does
+    /// not keep the others for ever.
     #[test]
     fn an_unanswered_try_spares_the_items_queued_behind_it() {
         let c = Closer::default();
         let mut given_up = Vec::new();
         c.lock().seen = BACK.reattaches;
-        let past = Instant::now();
-        c.tried(8, Tried::Again, Some(past), None, 1, &mut |_| {});
-        c.tried(7, Tried::Unanswered, Some(past), None, 1, &mut |_| {});
+        let soon = Instant::now() + Duration::from_millis(50);
+        c.tried(8, Tried::Again, Some(soon), None, 1, &mut |_| {});
+        c.tried(9, Tried::Again, Some(soon), None, 1, &mut |_| {});
+        // A call unanswered for 120 s while 8 and 9 waited; one answered.
+        c.spare(Tried::Unanswered, Duration::from_secs(120));
+        c.spare(Tried::Again, Duration::from_secs(3600));
+        let until =
+            |c: &Closer<u32>, i| c.lock().again.iter().find(|a| a.item == i).map(|a| a.until);
+        assert_eq!(until(&c, 8), Some(soon + Duration::from_secs(120)));
+        std::thread::sleep(Duration::from_millis(60));
         c.lock().due = Instant::now();
         match c.next(BACK, &mut |i| given_up.push(*i)) {
             Some(Next::Again(a)) => assert_eq!(a.item, 8),
@@ -613,6 +637,7 @@ mod tests {
             given_up.is_empty(),
             "given up while the closer waited on another item's call"
         );
+        assert_eq!(until(&c, 9), Some(soon + Duration::from_secs(120)));
     }
 
     #[test]
