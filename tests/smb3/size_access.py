@@ -10,27 +10,24 @@ a WRITE at offset 0xFFFFFFFFFFFFFFFF lands at the end of file (MS-FSA
 2.1.5.4) and one at the end of file succeeds. Through a GENERIC_READ
 open, FileAllocation is STATUS_ACCESS_DENIED. Through a read-write open,
 an allocation above the end of file changes nothing and one below it
-truncates the file. The file is read back after each step; the driver
-checks it holds "0123" at the end. Prints PASS; exits non-zero on any
-failure.
+truncates the file. A durable (v2) append-only open, its connection
+dropped and reconnected by a DH2C, is still append-only: a WRITE at
+offset 0, FileEndOfFile and FileAllocation are STATUS_ACCESS_DENIED. The
+file is read back after each step; the driver checks it holds "0123" at
+the end. Prints PASS; exits non-zero on any failure.
 """
+
+import uuid
 
 from collections import OrderedDict
 
 from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.file_info import FileEndOfFileInformation, InfoType
-from smbprotocol.open import (
-    CreateDisposition,
-    CreateOptions,
-    FileAttributes,
-    FilePipePrinterAccessMask,
-    ImpersonationLevel,
-    Open,
-    ShareAccess,
-)
+from smbprotocol.create_contexts import CreateContextName, SMB2CreateDurableHandleRequestV2
+from smbprotocol.open import CreateDisposition, FilePipePrinterAccessMask, RequestedOplockLevel, ShareAccess
 from smbprotocol.structure import IntField, Structure
 
-from smbtest import args, check, connect, create_rw, set_info_status
+from smbtest import args, check, connect, context, create_file, create_rw, lease_context, reconnect_v2, set_info_status
 
 ACCESS_DENIED = 0xC0000022
 SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
@@ -47,18 +44,10 @@ class FileAllocationInformation(Structure):
         super().__init__()
 
 
-def opened(tree, access):
-    """An open of size.bin with `access`, sharing everything."""
-    f = Open(tree, "size.bin")
-    f.create(
-        ImpersonationLevel.Impersonation,
-        access,
-        FileAttributes.FILE_ATTRIBUTE_NORMAL,
-        SHARE_ALL,
-        CreateDisposition.FILE_OPEN,
-        CreateOptions.FILE_NON_DIRECTORY_FILE,
-    )
-    return f
+def opened(tree, access, contexts=(), oplock_level=0):
+    """An open of size.bin with `access` (and create contexts `contexts`),
+    sharing everything."""
+    return create_file(tree, "size.bin", access, SHARE_ALL, contexts=contexts, oplock_level=oplock_level)[0]
 
 
 def end_of_file(tree, f, size):
@@ -120,4 +109,35 @@ check(st == 0, f"an allocation below the end of file succeeds ({st:#x})")
 holds(b"0123", "after the allocation below the end of file")
 rw.close()
 reader.close()
+
+# A reconnect keeps the access the open was made with: filterd's one write
+# right stands for FILE_WRITE_DATA too, and the DH2C's own access counts
+# for nothing (reconnect_v2 asks for GENERIC_READ | GENERIC_WRITE).
+client_guid, create_guid, lease_key = uuid.uuid4(), uuid.uuid4(), uuid.uuid4().bytes
+dh2q = SMB2CreateDurableHandleRequestV2()
+dh2q["timeout"] = 60000
+dh2q["create_guid"] = create_guid
+first, first_tree = connect(*args(), client_guid=client_guid)
+durable = opened(
+    first_tree,
+    FilePipePrinterAccessMask.FILE_APPEND_DATA | FilePipePrinterAccessMask.FILE_READ_ATTRIBUTES,
+    [context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q), lease_context(lease_key)],
+    RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE,
+)
+fid = durable.file_id
+first.disconnect(close=False)
+again, again_tree = connect(*args(), client_guid=client_guid)
+g, st = reconnect_v2(again_tree, "size.bin", fid, create_guid, [lease_context(lease_key)], RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE)
+check(g is not None, f"the durable append-only open reconnected ({st:#x})")
+st = write_status(g, b"XX", 0)
+check(st == ACCESS_DENIED, f"a reconnected append-only WRITE at offset 0 is STATUS_ACCESS_DENIED ({st:#x})")
+st = end_of_file(again_tree, g, 1)
+check(st == ACCESS_DENIED, f"a reconnected append-only open's end of file is STATUS_ACCESS_DENIED ({st:#x})")
+st = allocation(again_tree, g, 1)
+check(st == ACCESS_DENIED, f"a reconnected append-only open's allocation is STATUS_ACCESS_DENIED ({st:#x})")
+g.close()
+reader = opened(tree, FilePipePrinterAccessMask.GENERIC_READ)
+holds(b"0123", "after the reconnected open's refused changes")
+reader.close()
+again.disconnect()
 print("PASS", flush=True)

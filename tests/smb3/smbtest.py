@@ -141,14 +141,15 @@ def open_rw(tree, name, disposition, contexts=(), oplock_level=0):
     return create_rw(tree, name, disposition, contexts, oplock_level)[0]
 
 
-def create_rw(tree, name, disposition, contexts=(), oplock_level=0, share=ShareAccess.FILE_SHARE_READ, extra=0, options=0):
-    """An open of file `name` for reading and writing (and the access
-    rights `extra`, with the create options `options`), sharing `share`:
-    the Open and the create contexts of the response."""
+def create_file(tree, name, access, share, disposition=CreateDisposition.FILE_OPEN, options=0, contexts=(), oplock_level=0):
+    """An open of file `name` with `access`, sharing `share`, with the
+    create options `options` besides FILE_NON_DIRECTORY_FILE and the
+    create contexts `contexts`: the Open and the create contexts of the
+    response."""
     f = Open(tree, name)
     resp = f.create(
         ImpersonationLevel.Impersonation,
-        FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE | extra,
+        access,
         FileAttributes.FILE_ATTRIBUTE_NORMAL,
         share,
         disposition,
@@ -157,6 +158,14 @@ def create_rw(tree, name, disposition, contexts=(), oplock_level=0, share=ShareA
         oplock_level=oplock_level,
     )
     return f, resp or []
+
+
+def create_rw(tree, name, disposition, contexts=(), oplock_level=0, share=ShareAccess.FILE_SHARE_READ, extra=0, options=0):
+    """An open of file `name` for reading and writing (and the access
+    rights `extra`, with the create options `options`), sharing `share`:
+    the Open and the create contexts of the response."""
+    access = FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE | extra
+    return create_file(tree, name, access, share, disposition, options, contexts, oplock_level)
 
 
 def open_exclusive(server, name, data):

@@ -1825,7 +1825,11 @@ fn events_after(trace: &str, call: &str, name: &str) -> Vec<&'static str> {
 /// file and allocation are STATUS_ACCESS_DENIED, its WRITE at offset -1
 /// lands at the end of file, a GENERIC_READ open's allocation is
 /// STATUS_ACCESS_DENIED, and an allocation below the end of file
-/// truncates the file (size_access.py).
+/// truncates the file (size_access.py). A re-review found that any
+/// DH2C reconnect dropped the limit (its open had the mask of filterd's
+/// rights, FILE_WRITE_DATA included): a durable append-only open,
+/// dropped and reconnected, is now still refused the WRITE at 0, the
+/// end of file and the allocation.
 #[test]
 fn an_append_only_open_neither_overwrites_nor_resizes() {
     let s = Scratch::new("rksmbd-size-access");

@@ -28,7 +28,7 @@ use crate::info::{set_dos_attributes, Meta, ATTR_ARCHIVE, DOS_KEPT};
 use crate::server::{
     AsyncHead, Connection, Outcome, Reply, Request, Shared, MAX_OPENS_PER_CONNECTION,
 };
-use crate::sessions::OpenHolder;
+use crate::sessions::{Made, OpenHolder};
 use crate::unanswered::Unanswered;
 use crate::wire::{self, status, Header, Reader, Writer, HEADER_LEN};
 
@@ -1323,8 +1323,13 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         sh.registry.client_got(&req.client, guid);
     }
     if let (Some(_), Some(guid)) = (durable, create_guid) {
-        sh.registry
-            .keep_write_through(guid, f.options & FILE_WRITE_THROUGH != 0);
+        sh.registry.keep_made(
+            guid,
+            Made {
+                write_through: f.options & FILE_WRITE_THROUGH != 0,
+                granted: granted_mask(f.access),
+            },
+        );
     }
     if let Some((app, guid)) = app {
         sh.registry
@@ -1811,27 +1816,39 @@ fn reconnect(
         }
         _ => {}
     }
-    // Write-through as the durable open was made: a client need not
-    // repeat FILE_WRITE_THROUGH in its DH2C/DHnC (MS-SMB2 takes none of
-    // a reconnect's other fields). Its create options count only when
-    // this rksmbd never saw the open made (it restarted since); a
-    // persistent open is write-through whatever they say.
-    let made_write_through = [Some(rc.create_guid), v2_guid.map(|g| g.0)]
+    // Write-through and granted access as the durable open was made: a
+    // client need not repeat FILE_WRITE_THROUGH in its DH2C/DHnC (MS-SMB2
+    // takes none of a reconnect's other fields), and an append-only open
+    // stays one (filterd's write right stands for FILE_WRITE_DATA too:
+    // before, every reconnect could overwrite and resize). Its create
+    // options and filterd's rights count only when this rksmbd never saw
+    // the open made (it restarted since); a persistent open is
+    // write-through whatever they say.
+    let rights_mask = mask_of_rights(rec.access.rights());
+    let made = [Some(rc.create_guid), v2_guid.map(|g| g.0)]
         .into_iter()
         .flatten()
-        .find_map(|g| sh.registry.write_through(g))
-        .unwrap_or(options & FILE_WRITE_THROUGH != 0);
-    sh.registry
-        .keep_write_through(rc.create_guid, made_write_through);
+        .find_map(|g| sh.registry.made(g))
+        .map_or(
+            Made {
+                write_through: options & FILE_WRITE_THROUGH != 0,
+                granted: rights_mask,
+            },
+            |m| Made {
+                write_through: m.write_through,
+                granted: m.granted & rights_mask,
+            },
+        );
+    sh.registry.keep_made(rc.create_guid, made);
     let write_through =
-        made_write_through || matches!(rec.durability, Durability::Persistent { .. });
+        made.write_through || matches!(rec.durability, Durability::Persistent { .. });
     let added = c.add_open(
         id,
         Open {
             session: req.hdr.session_id,
             tree: req.hdr.tree_id,
             path: Some(rec.path),
-            granted: mask_of_rights(rec.access.rights()),
+            granted: made.granted,
             delete_on_close: rec.delete_on_close,
             delete_unsure: false,
             kind: Kind::File { key, file, fid },
