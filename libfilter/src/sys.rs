@@ -752,6 +752,23 @@ fn parse_dirents(mut b: &[u8]) -> Vec<DirEntry> {
     out
 }
 
+/// Writes as much of `buf` as one write takes at the end of the file `fd`
+/// refers to, as the end is when the write runs: `pwritev2` with
+/// `RWF_APPEND` (Linux 4.16), the per-write `O_APPEND`, which ignores the
+/// offset (0 here: the descriptor's file position is left alone; -1 would
+/// move it). Two appends never land at the same offset. The bytes
+/// written, which may be fewer than `buf` holds, as for `pwrite`.
+pub fn append(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr().cast_mut().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, which the kernel only reads and which
+    // outlives the call; the count of one matches the single iovec.
+    let r = unsafe { libc::pwritev2(fd.as_raw_fd(), &iov, 1, 0, libc::RWF_APPEND) };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
 /// Whether `fd` is an `O_PATH` descriptor (it reaches its file for
 /// `fstat`, `fstatfs` and path-relative calls, never for I/O).
 pub fn is_path_only(fd: BorrowedFd<'_>) -> bool {

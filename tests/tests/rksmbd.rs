@@ -1841,6 +1841,26 @@ fn an_append_only_open_neither_overwrites_nor_resizes() {
     no_handles_left(&d);
 }
 
+/// Review of rv-data (2): a WRITE at offset -1 read the end of file with
+/// `fstat` and wrote there later, so two clients' end-of-file WRITEs
+/// landed at the same offset and one overwrote the other, both answered
+/// success. Now each appends atomically (`pwritev2` RWF_APPEND): two
+/// connections' 300 end-of-file WRITEs each, of 8-byte records of their
+/// own, leave every record in the file whole (concurrent_append.py).
+#[test]
+fn end_of_file_writes_from_two_clients_all_land() {
+    let s = Scratch::new("rksmbd-concurrent-append");
+    std::fs::write(s.root().join("append.bin"), b"").unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "concurrent_append.py");
+    let data = std::fs::read(s.root().join("append.bin")).unwrap();
+    assert_eq!(data.len(), 2 * 300 * 8, "every record's bytes are there");
+    let records: std::collections::HashSet<&[u8]> = data.chunks(8).collect();
+    assert_eq!(records.len(), 2 * 300, "every record is there, whole");
+    no_handles_left(&d);
+}
+
 /// Review rv-data (4): FLUSH was an fdatasync, which leaves out changes
 /// of times and extended attributes alone, so a FileBasic SET_INFO
 /// (`utimensat` and the DOS attributes' xattr) was never made durable;

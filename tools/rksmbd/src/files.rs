@@ -1239,12 +1239,25 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         return Err(status::INVALID_DEVICE_REQUEST);
     };
     may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
+    let at_end = offset == AT_END_OF_FILE;
     let offset = write_offset(o, offset, len)?;
     if !io_range_ok(offset, len) {
         return Err(status::INVALID_PARAMETER);
     }
-    let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), true)?;
-    let wrote = file.write_all_at(data, offset);
+    // An end-of-file write lands where the end is when it runs, which
+    // another writer may have moved since `offset` was read: its check
+    // covers every byte from there on.
+    let checked = if at_end && len > 0 {
+        u64::MAX
+    } else {
+        u64::from(len)
+    };
+    let pass = check_io(&c.sh, *key, *fid, offset, checked, true)?;
+    let wrote = if at_end {
+        append_all(file, data)
+    } else {
+        file.write_all_at(data, offset)
+    };
     // Done: a lock waiting for it may be granted now (it need not wait
     // for the sync too), and other clients' read caching goes whatever
     // the write or the sync did: a failed write may have landed in part
@@ -1260,20 +1273,44 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     Ok(Reply::ok(w.0))
 }
 
+/// A WRITE's offset 0xFFFF_FFFF_FFFF_FFFF (-1): at the end of file.
+const AT_END_OF_FILE: u64 = u64::MAX;
+
+/// Appends all of `data` to `file`, each write at the end of file as it is
+/// when the write runs (`pwritev2` with RWF_APPEND): two end-of-file
+/// WRITEs, of this rksmbd's connections or anyone's, never land at the
+/// same offset. Before, the end was read by `fstat` and written at later,
+/// so two writers could write at the same offset, one overwriting the
+/// other, both answered success. A short write (a full disk) is continued
+/// by another append, which lands after whatever another writer appended
+/// meanwhile, or fails, as a short `pwrite` continued by `write_all_at`
+/// does.
+fn append_all(file: &std::fs::File, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match libfilter::sys::append(file.as_fd(), data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = data.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Where a WRITE of `len` bytes at `offset` through open `o` lands.
 /// Offset 0xFFFF_FFFF_FFFF_FFFF (-1) is the end of file (MS-FSA 2.1.5.4:
-/// a negative ByteOffset writes at the end of the stream). An open with
+/// a negative ByteOffset writes at the end of the stream) as it is now:
+/// the write itself appends ([`append_all`]) wherever the end is then. An open with
 /// FILE_APPEND_DATA but not FILE_WRITE_DATA may only add to the file: a
 /// write starting within it is `STATUS_ACCESS_DENIED` (MS-SMB2 3.3.5.13)
 /// — before, it was written anywhere and overwrote what was there.
 fn write_offset(o: &Open, offset: u64, len: u32) -> Result<u64, u32> {
-    const AT_END: u64 = u64::MAX;
     let append_only = o.granted & FILE_WRITE_DATA == 0;
-    if offset != AT_END && (!append_only || len == 0) {
+    if offset != AT_END_OF_FILE && (!append_only || len == 0) {
         return Ok(offset);
     }
     let size = o.meta()?.size;
-    if offset == AT_END {
+    if offset == AT_END_OF_FILE {
         Ok(size)
     } else if offset < size {
         Err(status::ACCESS_DENIED)
