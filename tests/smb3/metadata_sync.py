@@ -6,17 +6,27 @@ Usage: metadata_sync.py HOST PORT SHARE USER PASSWORD
                HIDDEN attribute), then FLUSH
   through.bin  an open with FILE_WRITE_THROUGH: SET_INFO FileBasic alone
   d            a directory opened with FILE_ADD_FILE: FLUSH
+  stat.bin     made, then opened with FILE_WRITE_ATTRIBUTES and
+               SYNCHRONIZE alone (a stat open, as Windows and cifs set
+               times) and FILE_WRITE_THROUGH: SET_INFO FileBasic
 
 The driver traces rksmbd's system calls and checks that the FLUSH
 fsyncs flushed.bin (fdatasync leaves times and xattrs out), that
 through.bin's SET_INFO fsyncs it before its answer, and that the
-directory's FLUSH fsyncs it. Prints PASS; exits non-zero on any failure.
+directory's FLUSH fsyncs it, and that stat.bin's SET_INFO syncs its
+filesystem before its answer. Prints PASS; exits non-zero on any failure.
 """
 
 from smbprotocol.file_info import FileBasicInformation
-from smbprotocol.open import CreateDisposition, CreateOptions, DirectoryAccessMask
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    DirectoryAccessMask,
+    FilePipePrinterAccessMask,
+    ShareAccess,
+)
 
-from smbtest import args, check, connect, create_rw, open_dir, set_info_status
+from smbtest import args, check, connect, create_file, create_rw, open_dir, set_info_status
 
 HIDDEN = 0x2
 # 2020-01-01T00:00:00Z as a FILETIME.
@@ -46,4 +56,17 @@ d = open_dir(tree, "d", DirectoryAccessMask.FILE_LIST_DIRECTORY | DirectoryAcces
 d.flush()
 print("ok: d flushed", flush=True)
 d.close()
+create_rw(tree, "stat.bin", CreateDisposition.FILE_OVERWRITE_IF)[0].close()
+f = create_file(
+    tree,
+    "stat.bin",
+    FilePipePrinterAccessMask.FILE_WRITE_ATTRIBUTES | FilePipePrinterAccessMask.SYNCHRONIZE,
+    ShareAccess.FILE_SHARE_READ,
+    options=CreateOptions.FILE_WRITE_THROUGH,
+)[0]
+info = FileBasicInformation()
+info["last_write_time"] = WRITE_TIME
+st = set_info_status(tree, f, info)
+check(st == 0, f"stat.bin's FileBasic is set through a stat open ({st:#x})")
+f.close()
 print("PASS", flush=True)

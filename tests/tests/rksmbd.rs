@@ -1790,7 +1790,8 @@ fn synced_before_answer(trace: &str, name: &str) -> Option<bool> {
 
 /// In strace `-f -yy` output `trace`, what followed the first `call` on
 /// file `name` on its thread, in order: each `fsync` or `fdatasync` of the
-/// file (by that name) and each write to a TCP socket (`answer`).
+/// file (by that name), each `syncfs` (of any filesystem) and each write
+/// to a TCP socket (`answer`).
 fn events_after(trace: &str, call: &str, name: &str) -> Vec<&'static str> {
     let file = format!("/{name}>");
     let mut lines = trace.lines();
@@ -1806,6 +1807,8 @@ fn events_after(trace: &str, call: &str, name: &str) -> Vec<&'static str> {
         .filter_map(|l| {
             if is_call_on(l, &["fdatasync"], &file) {
                 Some("fdatasync")
+            } else if is_call_on(l, &["syncfs"], "") {
+                Some("syncfs")
             } else if is_call_on(l, &["fsync"], &file) {
                 Some("fsync")
             } else if is_call_on(l, &["sendto", "write", "writev"], "TCP") {
@@ -1869,6 +1872,9 @@ fn end_of_file_writes_from_two_clients_all_land() {
 /// `utimensat` its SET_INFO is answered, then its FLUSH fsyncs it before
 /// its answer, and nothing fdatasyncs it; through.bin (write-through) is
 /// fsync'd before its SET_INFO is answered; directory d's FLUSH fsyncs it.
+/// stat.bin's write-through stat open (FILE_WRITE_ATTRIBUTES, an O_PATH
+/// descriptor, which fsync refuses) syncs its filesystem (`syncfs`)
+/// before its SET_INFO is answered: it synced nothing.
 #[test]
 fn file_basic_changes_are_made_durable_by_flush_and_write_through() {
     let s = Scratch::new("rksmbd-metadata-sync");
@@ -1880,6 +1886,7 @@ fn file_basic_changes_are_made_durable_by_flush_and_write_through() {
         "utimensat",
         "fdatasync",
         "fsync",
+        "syncfs",
         "sendto",
         "write",
         "writev",
@@ -1901,18 +1908,25 @@ fn file_basic_changes_are_made_durable_by_flush_and_write_through() {
         Some(&["answer", "fsync", "answer"][..]),
         "flushed.bin's FLUSH did not fsync it before its answer"
     );
-    let through = rkfilter_tests::wait_for(
-        "through.bin's SET_INFO answered in the trace",
-        std::time::Duration::from_secs(10),
-        || {
-            let e = events_after(&read(), "utimensat", "through.bin");
-            e.contains(&"answer").then_some(e)
-        },
-    );
+    let set_info_answered = |name: &str| {
+        rkfilter_tests::wait_for(
+            &format!("{name}'s SET_INFO answered in the trace"),
+            std::time::Duration::from_secs(10),
+            || {
+                let e = events_after(&read(), "utimensat", name);
+                e.contains(&"answer").then_some(e)
+            },
+        )
+    };
     assert_eq!(
-        through.first(),
+        set_info_answered("through.bin").first(),
         Some(&"fsync"),
         "through.bin's FileBasic was answered before it was synced"
+    );
+    assert_eq!(
+        set_info_answered("stat.bin").first(),
+        Some(&"syncfs"),
+        "stat.bin's FileBasic through a stat open was answered before it was synced"
     );
     rkfilter_tests::wait_for(
         "directory d's FLUSH fsyncing it",

@@ -1404,13 +1404,39 @@ fn flush(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
 /// and extended attributes alone (a FileBasic SET_INFO: `utimensat` and
 /// the DOS attributes' xattr); FLUSH used it, and a directory's FLUSH
 /// synced nothing. A stat open's descriptor is O_PATH (filterd gives no
-/// readable one), which cannot be synced: it wrote no data, and nothing
-/// is synced for it.
+/// readable one), which cannot be synced: FLUSH refuses a stat open
+/// (it has no write access) before this is reached, and FileBasic syncs
+/// one through [`sync_attributes`].
 fn sync_all(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), u32> {
     if libfilter::sys::is_path_only(fd) {
         return Ok(());
     }
     nix::unistd::fsync(fd).map_err(errno_status)
+}
+
+/// A FileBasic change through open `o` on stable storage: its descriptor
+/// fsync'd, or, for a stat open's `O_PATH` descriptor (FILE_WRITE_ATTRIBUTES
+/// and SYNCHRONIZE: how Windows and cifs set times), which neither fsync
+/// nor syncfs takes, its filesystem synced through a readable descriptor
+/// of the export root when the file is on the root's filesystem, else
+/// every filesystem (`sync`: a mount beneath the root). Reopening the
+/// file itself for reading would take the `/proc/self/fd` magic link and
+/// count as an open for leases. Before, such an open was answered with
+/// nothing synced.
+fn sync_attributes(sh: &Shared, o: &Open) -> Result<(), u32> {
+    let fd = o.fd();
+    if !libfilter::sys::is_path_only(fd) {
+        return nix::unistd::fsync(fd).map_err(errno_status);
+    }
+    let dev = o.meta()?.dev;
+    let root = open_dir(sh, &None)?;
+    let root_dev = nix::sys::stat::fstat(&root).map_err(errno_status)?.st_dev;
+    if root_dev == dev {
+        nix::unistd::syncfs(&root).map_err(errno_status)
+    } else {
+        nix::unistd::sync();
+        Ok(())
+    }
 }
 
 /// A QUERY_INFO / QUERY_DIRECTORY response body: StructureSize 9, the
@@ -1539,7 +1565,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             // persistent open, as its WRITEs are: before, it waited for
             // no sync even there.
             if o.write_through {
-                sync_all(o.fd())?;
+                sync_attributes(&sh, o)?;
             }
         }
         // FileRenameInformation (MS-FSCC 2.4.37.2).
