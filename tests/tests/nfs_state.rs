@@ -1186,6 +1186,51 @@ fn a_delegation_dropped_across_an_nfsshim_restart_gives_its_lease_back() {
     rename(&mut m, &w["file_id"], "r2");
 }
 
+/// Review deleg2 (1): a write delegation whose lease lost W while nfsshim
+/// was down (an smbl/1 open for read lowers RWH to RH; the holder is not
+/// attached, so nobody is asked) was kept as a write delegation: restore
+/// asked only whether the lease still had R. The client kept caching
+/// writes nobody would recall while others read the file's stale data.
+/// Now it is revoked (NFS4ERR_EXPIRED) and what is left of its lease is
+/// given back.
+#[test]
+fn a_write_delegation_lowered_to_read_across_an_nfsshim_restart_is_revoked() {
+    let s = Scratch::new("nfs-wdeleg-lowered");
+    std::fs::write(s.root().join("d"), b"d").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "3000"], &[]);
+    let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-wl");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-wl");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000a9");
+    let od = ok(a.open(
+        "p",
+        "d",
+        "both",
+        "none",
+        json!({"want_delegation": "write"}),
+    ));
+    assert_eq!(od["delegation"]["type"], "write", "{od}");
+    shim.kill9_in_place();
+    let (mut m, sid) = smb_session(&smb.addr);
+    let r = m.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": "d", "access": ["read"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-wl");
+    a.c = LineClient::connect(&shim.addr);
+    let r = a.call(json!({"op": "DELEGRETURN", "stateid": od["delegation"]["stateid"]}));
+    assert_eq!(
+        r["status"], "NFS4ERR_EXPIRED",
+        "the write delegation lost W while nfsshim was down: {r}"
+    );
+    let left = lease_states(&s);
+    assert!(
+        left.iter().all(|st| st == "\"\""),
+        "a lease is left on the file: {left:?}"
+    );
+    ok(a.call(json!({"op": "CLOSE", "stateid": od["stateid"]})));
+}
+
 /// filterd and nfsshim (instance `name`) on a scratch dir holding a file
 /// `f` of `content`, and a client with a session.
 fn one_client(name: &str, content: &[u8]) -> (Scratch, Filterd, Shim, Nfs) {

@@ -708,11 +708,12 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                     let held = o.deleg.as_ref().is_some_and(|d| {
                         leases
                             .iter()
-                            .any(|l| l.key.0 == d.lease_key && l.state.contains(LeaseState::R))
+                            .any(|l| l.key.0 == d.lease_key && still_delegates(d, l.state))
                     });
                     if !held {
                         if let Some(d) = o.deleg.take() {
-                            // Revoked (broken without an answer) while
+                            // Revoked (broken without an answer, or a
+                            // write delegation's lowered to read) while
                             // nfsshim was down: the client learns it.
                             eprintln!(
                                 "nfsshim: delegation {} of client {cid} was revoked while nfsshim was down",
@@ -4420,6 +4421,16 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
         st.expired.add(g);
     }
     chores
+}
+
+/// Whether a delegation's lease, found `state` at restore, still grants
+/// what the delegation promised its client: R for any delegation, and W
+/// too for a write delegation. One whose lease lost W while nfsshim was
+/// down (another client opened the file meanwhile) is revoked like one
+/// that lost R: kept, its client would go on caching writes while others
+/// read the file's stale data, and nobody would recall it.
+fn still_delegates(d: &DelegRec, state: LeaseState) -> bool {
+    state.contains(LeaseState::R) && (!d.write || state.contains(LeaseState::W))
 }
 
 /// Gives lease `lease_key` back to filterd whole: an acknowledgement of
