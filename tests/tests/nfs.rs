@@ -498,6 +498,29 @@ fn no_read_delegation_beside_another_clients_write_open() {
     assert_eq!(o["delegation"]["type"], "read", "{o}");
 }
 
+/// Review deleg2 (3): a client's own open for write recalled its own read
+/// delegation — its OPEN got NFS4ERR_DELAY until it returned the
+/// delegation to itself. spec/nfs-like.md recalls for a conflicting open
+/// "from anyone else" (RFC 8881 §10.4: a client resolves conflicts among
+/// its own opens). Another client's open for write still recalls it.
+#[test]
+fn a_clients_own_write_open_does_not_recall_its_delegation() {
+    let s = Scratch::new("nfs-deleg-own-writer");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-ow");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "0000000000000e11");
+    let o = ok(a.open("p", "f", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    // Another open-owner of the same client, for writing.
+    let r = a.open("q", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4_OK", "its own write open: {r}");
+    ok(a.call(json!({"op": "CLOSE", "stateid": r["stateid"]})));
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "0000000000000e12");
+    let r = b.open("q", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "another client's: {r}");
+}
+
 #[test]
 fn time_down_does_not_count_against_a_lease() {
     let s = Scratch::new("nfs-downtime");

@@ -37,17 +37,26 @@ impl Engine {
     /// acknowledgements. Leases held through a frontend of
     /// [`lease::MSFSA_PROTOCOL`] break by Windows' rules
     /// ([`lease::break_to_on_open`]), others by [`lease::break_to`].
+    /// A delegation (a lease of [`lease::DELEGATION_PROTOCOL`]) of the
+    /// opener's own client through the same frontend (`opener`) is not
+    /// broken: spec/nfs-like.md recalls a delegation for a conflicting
+    /// open "from anyone else" (RFC 8881 §10.4: the client resolves
+    /// conflicts among its own opens), and a recall of its own would make
+    /// the client's OPEN wait (NFS4ERR_DELAY) for a DELEGRETURN of its own.
     pub(super) fn break_leases_for(
         &mut self,
         file: FileId,
         requester: Option<LeaseKey>,
         mode: ShareMode,
         group: Option<&super::opens::ShareGroup>,
+        opener: Option<(&libfilter::model::ClientId, &InstanceName)>,
         truncates: bool,
     ) -> bool {
         self.break_leases(file, requester, |lk, state, keys, this| {
             let own = |k: &ResumeKey| {
-                group.is_some_and(|g| this.handles.get(k).is_some_and(|h| g.holds(h)))
+                this.handles
+                    .get(k)
+                    .is_some_and(|h| group.is_some_and(|g| g.holds(h)) || own_delegation(h, opener))
             };
             if keys.iter().all(own) {
                 // The requester's own share reservation: nothing to break.
@@ -869,4 +878,18 @@ fn purged_by_lowering(protocol: &str, from: LeaseState, to: LeaseState) -> bool 
     } else {
         lost(LeaseState::H)
     }
+}
+
+/// Whether `h` carries a delegation of the opener's own client (`opener`:
+/// its client and frontend), which its open does not break
+/// ([`Engine::break_leases_for`]).
+fn own_delegation(
+    h: &Handle,
+    opener: Option<(&libfilter::model::ClientId, &InstanceName)>,
+) -> bool {
+    opener.is_some_and(|(client, frontend)| {
+        h.rec.protocol.as_str() == lease::DELEGATION_PROTOCOL
+            && h.rec.client == *client
+            && h.rec.frontend == *frontend
+    })
 }

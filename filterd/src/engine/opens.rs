@@ -267,6 +267,7 @@ impl Engine {
                 o.lease.map(|l| l.key),
                 break_mode,
                 group.as_ref(),
+                Some((&o.client, &instance)),
                 truncation.is_some(),
             );
         if self.stats.purges != purges {
