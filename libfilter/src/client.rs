@@ -1214,6 +1214,31 @@ impl FilterClient {
         Self::expect_done(self.call(Request::SetEndOfFile { key, size, record })?)
     }
 
+    /// After a write (or a copy, or a size change made by the frontend)
+    /// through `key`: other keys' read caching of its file is broken, the
+    /// holders' acknowledgements not waited for. One way
+    /// ([`Request::Wrote`]) when the hello granted
+    /// [`proto::FEATURE_WRITE_NOTICES`]: sent before the write's reply, so
+    /// filterd applies it before any later request of this connection.
+    /// Else a call ([`Request::BreakReadCaching`]).
+    pub fn wrote(&self, key: ResumeKey) -> Result<(), ClientError> {
+        if self.hello.features & proto::FEATURE_WRITE_NOTICES == 0 {
+            return Self::expect_done(self.call(Request::BreakReadCaching { key })?);
+        }
+        if self.inner.dead.load(Ordering::Acquire) {
+            return Err(ClientError::Disconnected);
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = RequestFrame {
+            id,
+            req: Request::Wrote { key },
+        };
+        let bytes = proto::encode_request(self.inner.encoding, &frame)
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        send_one_way(&self.inner, &bytes);
+        Ok(())
+    }
+
     /// Lock hints: acknowledges [`Event::LocksPresent`] for `file`.
     pub fn lock_hint_ack(&self, file: crate::model::FileId) -> Result<(), ClientError> {
         Self::expect_done(self.call(Request::LockHintAck { file })?)

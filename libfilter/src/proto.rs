@@ -44,7 +44,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_RESUME_OWNER
     | FEATURE_TIME_ORDERED_KEYS
     | FEATURE_OPEN_KERNEL_HANDLE
-    | FEATURE_REPLAY_REPORTS;
+    | FEATURE_REPLAY_REPORTS
+    | FEATURE_WRITE_NOTICES;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -182,6 +183,13 @@ pub const FEATURE_OPEN_KERNEL_HANDLE: u64 = 1024;
 /// bit (smbshim looks up only for a re-sent request). nfsshim and rksmbd
 /// ask for it ([`crate::client::ReplayCounter`]).
 pub const FEATURE_REPLAY_REPORTS: u64 = 2048;
+/// Feature: [`Request::Wrote`], the one-way form of
+/// [`Request::BreakReadCaching`]. A frontend tells filterd of every write
+/// (and size change it makes itself) without a round trip: the write's
+/// reply does not wait for filterd, and a file nobody caches costs the
+/// frontend one send. Without the bit the frontend calls
+/// `BreakReadCaching` ([`crate::client::FilterClient::wrote`]).
+pub const FEATURE_WRITE_NOTICES: u64 = 4096;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
 /// tell sends it in several notices ([`crate::client::ReplayCounter`]).
@@ -468,6 +476,15 @@ pub enum Request {
         /// The handle written through.
         key: ResumeKey,
     },
+    /// One-way, never answered ([`FEATURE_WRITE_NOTICES`]; an error is):
+    /// [`Request::BreakReadCaching`] without the round trip. A frame sent
+    /// before the write's reply, so filterd applies it before any later
+    /// request of this connection. Frontend only; refused from a
+    /// connection not granted the bit.
+    Wrote {
+        /// The handle written through.
+        key: ResumeKey,
+    },
     /// Rename the file of a handle attached to this connection (needs delete
     /// access; every other open must share delete). Non-idempotent: for a
     /// persistent handle or with `record`, bracketed by an intent, and the
@@ -576,6 +593,7 @@ impl Request {
             Request::Locks { .. } => "locks",
             Request::LeaseBreakAck { .. } => "lease_break_ack",
             Request::BreakReadCaching { .. } => "break_read_caching",
+            Request::Wrote { .. } => "wrote",
             Request::Rename { .. } => "rename",
             Request::Remove { .. } => "remove",
             Request::RenameDirectory { .. } => "rename_directory",
@@ -2897,6 +2915,7 @@ mod binary_tests {
                     client: c.map(|c| ClientId::new(c).expect("valid identity")),
                 }),
             key().prop_map(|key| Request::BreakReadCaching { key }),
+            key().prop_map(|key| Request::Wrote { key }),
             (key(), path(), any::<bool>(), record_spec()).prop_map(|(key, to, replace, record)| {
                 Request::Rename {
                     key,
@@ -2959,6 +2978,7 @@ mod binary_tests {
                 | Request::ReplaysAnswered { .. }
                 | Request::LeaseBreakAck { .. }
                 | Request::BreakReadCaching { .. }
+                | Request::Wrote { .. }
                 | Request::Rename { .. }
                 | Request::SetEndOfFile { .. }
                 | Request::SetDeleteOnClose { .. }

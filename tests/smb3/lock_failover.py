@@ -14,6 +14,7 @@ Reads commands from stdin, one a line, and answers each with one line:
                           context asking for a timeout of MS ms and an
                           RWH lease (v2) -> "opened lease STATE timeout T"
                           (what was granted)
+  open NAME durable MS rh the same asking for an RH lease
   lock OFF LEN KIND I N   LOCK (KIND excl or shared, FAIL_IMMEDIATELY)
                           with LockSequenceIndex I and Number N (I 0:
                           none) -> "lock STATUS"
@@ -93,6 +94,7 @@ CREATE_GUID = uuid.uuid4()
 LEASE_KEY = uuid.uuid4().bytes
 FILE_NOT_AVAILABLE = 0xC0000467
 STATUS_PENDING = 0x103
+RWH, RH = 7, 3
 SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
 
 
@@ -174,7 +176,8 @@ for line in sys.stdin:
         if plain:
             opened_with = []
         elif durable:
-            opened_with = [durable_context(int(rest[2])), lease_context(LEASE_KEY)]
+            state = RH if rest[3:] == ["rh"] else RWH
+            opened_with = [durable_context(int(rest[2])), lease_context(LEASE_KEY, state)]
         else:
             opened_with = [persistent_context(CREATE_GUID)]
         try:

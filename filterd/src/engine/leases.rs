@@ -109,33 +109,67 @@ impl Engine {
     }
 
     /// A write or a byte-range lock through handle `key` (attached to
-    /// `conn`): other keys' read-only leases on its file go to none at
-    /// once (they need no acknowledgement), and so do — for a handle of
-    /// [`lease::MSFSA_PROTOCOL`] — their RH leases, whose holders are
-    /// asked to acknowledge ([`lease::break_for_write`]); the write does
-    /// not wait. See `Request::BreakReadCaching`.
+    /// `conn`): see [`Self::break_read_caching_of`]. See
+    /// `Request::BreakReadCaching`.
     pub(super) fn break_read_caching(
         &mut self,
         conn: ConnId,
         key: ResumeKey,
     ) -> Result<(), WireError> {
-        let Some(h) = self.handles.get(&key).filter(|h| h.conn == Some(conn)) else {
+        if !self.handles.get(&key).is_some_and(|h| h.conn == Some(conn)) {
             return Err(err(
                 ErrorCode::NoSuchHandle,
                 format!("handle {key} is not attached to this connection"),
             ));
+        }
+        self.break_read_caching_of(key);
+        Ok(())
+    }
+
+    /// The file of handle `key` changed (a write, a byte-range lock, a
+    /// new end of file): every other key's read caching of it goes, by
+    /// the holder's protocol's rule — an SMB 2/3 holder's R and RH (and
+    /// level II oplocks) go to none (MS-FSA 2.1.4.12, 2.1.5.15.4;
+    /// [`lease::break_for_write`]), another protocol's lease loses what a
+    /// writer breaks ([`lease::break_to`]). Holders that are disconnected
+    /// (a durable handle whose client will reconnect) are lowered at once,
+    /// so a reconnect finds the lease broken; attached ones are told. The
+    /// change does not wait for acknowledgements. The writer's own lease
+    /// stays, and so does one held only by handles of its share group (an
+    /// nfsl/1 open-owner's delegation, written through a lock-owner's
+    /// handle of its own).
+    pub(super) fn break_read_caching_of(&mut self, key: ResumeKey) {
+        let Some(h) = self.handles.get(&key) else {
+            return;
         };
         let (file, own) = (h.rec.file, h.rec.lease.map(|l| l.key));
-        let windows = h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL;
-        self.break_leases(file, own, |_, state, _, _| {
+        let group = super::opens::ShareGroup::of_handle(h);
+        self.break_leases(file, own, |_, state, keys, this| {
+            let ours = |k: &ResumeKey| {
+                group
+                    .as_ref()
+                    .is_some_and(|g| this.handles.get(k).is_some_and(|h| g.holds(h)))
+            };
+            if keys.iter().all(ours) {
+                return None;
+            }
+            let windows = keys
+                .iter()
+                .filter_map(|k| this.handles.get(k))
+                .any(|h| h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL);
             let to = if windows {
                 lease::break_for_write(state)
             } else {
-                (state == LeaseState::R).then_some(LeaseState::NONE)
+                lease::break_to(
+                    state,
+                    BreakTrigger {
+                        writes: true,
+                        handle_conflict: false,
+                    },
+                )
             };
             to.map(|to| (to, false))
         });
-        Ok(())
     }
 
     /// Breaks every lease of another key on `file` that `target` says must

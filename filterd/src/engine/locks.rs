@@ -586,6 +586,12 @@ impl Engine {
             let dep = self.request_dependency();
             self.close_lock_fd_after(dep, key);
         }
+        if result.is_ok() && adding > 0 {
+            // A lock breaks other keys' read caching as a write does
+            // (MS-FSA 2.1.4.12, LOCK_CONTROL; smb2.lease.lock1), for every
+            // frontend's lock.
+            self.break_read_caching_of(key);
+        }
         if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
             if result.is_ok() {
                 self.locks_present(file);

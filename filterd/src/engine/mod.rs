@@ -1180,6 +1180,18 @@ impl Engine {
                 self.break_read_caching(conn, key)?;
                 Ok(Some((Reply::Done, None)))
             }
+            Request::Wrote { key } => {
+                need_frontend()?;
+                if !self.granted(conn, libfilter::proto::FEATURE_WRITE_NOTICES) {
+                    return Err(err(
+                        ErrorCode::NotPermitted,
+                        "wrote: the hello was not granted write notices (4096)",
+                    ));
+                }
+                self.break_read_caching(conn, key)?;
+                // One way: never answered (a refusal is, as any error).
+                Ok(None)
+            }
             Request::Rename {
                 key,
                 to,

@@ -1770,6 +1770,16 @@ impl ShareGroup {
         })
     }
 
+    /// The group handle `h` joined, if any.
+    pub(super) fn of_handle(h: &Handle) -> Option<ShareGroup> {
+        h.rec.share_group.as_ref().map(|name| ShareGroup {
+            client: h.rec.client.clone(),
+            protocol: h.rec.protocol.clone(),
+            frontend: h.rec.frontend.clone(),
+            name: name.clone(),
+        })
+    }
+
     /// Whether `h` belongs to the group: its modes do not count against
     /// the group's own opens.
     pub(super) fn holds(&self, h: &Handle) -> bool {

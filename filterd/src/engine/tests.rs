@@ -2520,10 +2520,11 @@ fn a_failed_commit_undoes_a_lock_but_not_a_lease_change_made_meanwhile() {
         lock_owner: None,
     });
     assert!(h.reply(bobs_lock).is_none(), "waits for the commit");
-    // Bob gives up H of its own accord: that waits for nothing.
+    // The persistent handle's lock broke bob's read caching (RH to H, as
+    // a write does); bob acknowledges: that waits for nothing.
     let lowered = h.run(Request::LeaseBreakAck {
         lease_key: lk,
-        state: st("R"),
+        state: st("H"),
         client: None,
     });
     assert!(
@@ -2539,7 +2540,7 @@ fn a_failed_commit_undoes_a_lock_but_not_a_lease_change_made_meanwhile() {
     let rec = &h.engine.handles[&kb].rec;
     assert!(rec.locks.is_empty(), "{:?}", rec.locks);
     let now = rec.lease.expect("still leased");
-    assert_eq!((now.state, now.epoch), (st("R"), before.epoch + 1));
+    assert_eq!((now.state, now.epoch), (st("H"), before.epoch + 1));
 }
 
 /// A non-durable open of `path` by `client` under lease `key`.
@@ -6286,4 +6287,53 @@ fn a_frontends_reply_of_many_instances_fits_a_frame() {
     };
     libfilter::proto::encode_server(libfilter::proto::Encoding::Json, &frame)
         .expect("the reply fits a frame");
+}
+
+/// `Wrote`, the one-way `BreakReadCaching`: refused (answered with the
+/// error, nothing broken) from a connection not granted
+/// `FEATURE_WRITE_NOTICES`; granted it, never answered, and another key's
+/// read caching of the file goes.
+#[test]
+fn wrote_breaks_other_keys_read_caching_one_way_and_needs_the_bit() {
+    let mut h = Harness::new();
+    let st = |s: &str| libfilter::lease::LeaseState::parse(s).unwrap();
+    let new_key = || libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let shared = |r: Request, access: Rights| {
+        let Request::Open(mut o) = r else {
+            unreachable!("an open")
+        };
+        o.share = Rights::ALL;
+        o.access = libfilter::model::Access::new(access).unwrap();
+        Request::Open(o)
+    };
+    let a = h.run(shared(
+        leased_open("alice", "a", new_key(), st("R"), 0),
+        Rights::READ,
+    ));
+    h.commit(true);
+    let holder = h.opened(a);
+    // (An open for writing would break the R lease itself.)
+    let b = h.run(shared(open("a", Rights::READ), Rights::READ));
+    h.commit(true);
+    let writer = h.opened(b);
+    let state = |h: &Harness, k| {
+        h.engine
+            .handles
+            .get(&k)
+            .and_then(|x| x.rec.lease)
+            .map(|l| l.state)
+    };
+    let id = h.run(Request::Wrote { key: writer });
+    assert!(
+        matches!(h.reply(id), Some(Err(e)) if e.code == ErrorCode::NotPermitted),
+        "refused without the bit"
+    );
+    assert_eq!(state(&h, holder), Some(st("R")), "nothing broken");
+    if let Some(c) = h.engine.conns.get_mut(&h.conn) {
+        c.features = libfilter::proto::FEATURE_WRITE_NOTICES;
+    }
+    let id = h.run(Request::Wrote { key: writer });
+    h.commit(true);
+    assert!(h.reply(id).is_none(), "never answered");
+    assert_eq!(state(&h, holder), Some(libfilter::lease::LeaseState::NONE));
 }

@@ -3328,10 +3328,17 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
         u64::try_from(data.len()).unwrap_or(u64::MAX),
         true,
     )?;
-    file.write_all_at(&data, offset).map_err(|e| io_fail(&e))?;
+    let wrote = file.write_all_at(&data, offset);
     // Landed: a lock waiting for this frontend's hint or this checked
     // write may be granted now.
     drop(pass);
+    // Other clients' read caching (an SMB client's R or RH lease) goes,
+    // also after a failed write (it may have landed in part).
+    let key = io_key(o, &n);
+    if let Err(e) = ctx.sh.filter.client().wrote(key) {
+        eprintln!("nfsshim: read caching of handle {key}'s file not broken: {e}");
+    }
+    wrote.map_err(|e| io_fail(&e))?;
     // Every nfsl/1 open is a persistent handle: the data is on stable
     // storage before the reply (FILE_SYNC), shared with concurrent writers.
     sync_written(file)?;

@@ -1203,20 +1203,16 @@ fn read_full(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<
     Ok(done)
 }
 
-/// After a WRITE or a LOCK through filterd handle `key`: other keys'
+/// After a WRITE or a COPYCHUNK through filterd handle `key`: other keys'
 /// read caching of the file goes (MS-FSA 2.1.4.12: R and RH leases and
-/// level II oplocks break to none); only asked while some lease is held
-/// through this rksmbd at all. The request does not wait for the
-/// acknowledgements.
+/// level II oplocks break to none), asked on every write — the holder may
+/// be a client of another frontend, of another rksmbd, or one whose
+/// connection dropped (a durable handle, lowered at once so its reconnect
+/// finds the lease broken). The request does not wait for the
+/// acknowledgements. (A LOCK breaks them in filterd, as it grants.)
 pub(crate) fn break_read_caching(sh: &Shared, key: ResumeKey) {
-    if sh.notifier.any_held() {
-        if let Err(e) = sh
-            .filter
-            .client()
-            .call(libfilter::proto::Request::BreakReadCaching { key })
-        {
-            tracing::warn!(resume_key = %key, error = %e, "read caching not broken");
-        }
+    if let Err(e) = sh.filter.client().wrote(key) {
+        tracing::warn!(resume_key = %key, error = %e, "read caching not broken");
     }
 }
 

@@ -454,11 +454,8 @@ pub fn lock(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             record_local(c, open, local);
             c.waiting.nudged |= !locking;
             c.waiting.saw_granted(lock_like(key, &ops));
-            if locking {
-                // A lock breaks other keys' read caching as a write does
-                // (MS-FSA 2.1.4.12, LOCK_CONTROL; smb2.lease.lock1).
-                crate::files::break_read_caching(&c.sh, key);
-            }
+            // (A lock breaks other keys' read caching as a write does:
+            // filterd does it as it grants, MS-FSA 2.1.4.12.)
             Ok(Reply::ok(vec![4, 0, 0, 0]))
         }
         // Only the last request of a PDU goes async (3.3.4.2).

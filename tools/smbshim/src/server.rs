@@ -1937,10 +1937,16 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         u64::try_from(data.len()).unwrap_or(u64::MAX),
         true,
     )?;
-    file.write_all_at(&data, offset).map_err(|e| io_fail(&e))?;
+    let wrote = file.write_all_at(&data, offset);
     // Landed: a lock waiting for this frontend's hint or this checked
     // write may be granted now.
     drop(pass);
+    // Other clients' read caching goes, also after a failed write (it may
+    // have landed in part): MS-FSA 2.1.4.12.
+    if let Err(e) = member.filter.client().wrote(key) {
+        eprintln!("smbshim: read caching of handle {key}'s file not broken: {e}");
+    }
+    wrote.map_err(|e| io_fail(&e))?;
     if o.persistent {
         // On stable storage before the reply (continuous availability).
         file.sync_written().map_err(|e| io_fail(&e))?;
