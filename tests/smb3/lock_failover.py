@@ -20,6 +20,7 @@ Reads commands from stdin, one a line, and answers each with one line:
                           none) -> "lock STATUS"
   unlock OFF LEN I N      an unlock, the same way -> "unlock STATUS"
   write OFF TEXT          WRITE -> "write STATUS"
+  eof SIZE                SET_INFO FileEndOfFileInformation -> "eof STATUS"
   rename NAME             SET_INFO FileRenameInformation to NAME, not
                           replacing -> "rename STATUS"
   drop                    drop the TCP connection without LOGOFF
@@ -64,7 +65,7 @@ from smbprotocol.create_contexts import (
     SMB2CreateDurableHandleRequestV2,
 )
 from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.file_info import FileRenameInformation
+from smbprotocol.file_info import FileEndOfFileInformation, FileRenameInformation
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
@@ -253,6 +254,10 @@ for line in sys.stdin:
     elif cmd == "write":
         st = status_of(lambda: f.write(rest[1].encode(), int(rest[0])))
         print(f"write {st:#x}", flush=True)
+    elif cmd == "eof":
+        info = FileEndOfFileInformation()
+        info["end_of_file"] = int(rest[0])
+        print(f"eof {set_info_status(f.tree_connect, f, info):#x}", flush=True)
     elif cmd == "rename":
         st = rename_to(f, rest[0])
         if st == 0:

@@ -1302,14 +1302,27 @@ fn rh_holder_of_f(srv: &RkSmbd) -> Dialogue {
     script
 }
 
+/// An smbl/1 client of `smbshim` with `f` open for reading and writing,
+/// sharing everything: the client, its session and the file id.
+fn smbl_client_of_f(smbshim: &Shim) -> (rkfilter_tests::LineClient, u64, Value) {
+    let (mut m, msid) = smb_session(&smbshim.addr);
+    let r = smb_patiently(
+        &mut m,
+        json!({"cmd": "CREATE", "session_id": msid, "path": "f", "access": ["read", "write"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    (m, msid, r["file_id"].clone())
+}
+
 /// The client closes its handle.
 fn closed(script: &mut Dialogue) {
     script.say("done");
     script.finish();
 }
 
-/// The RH holder is sent a break of its lease to none (MS-FSA 2.1.4.12:
-/// a write or a lock by another opener).
+/// The RH holder is sent a break of its lease to none (MS-FSA 2.1.4.12,
+/// 2.1.5.15.4: a write, a lock or a new end of file by another opener).
 fn rh_broken_to_none(holder: &mut Dialogue) {
     holder.say("break 10");
     let line = holder.expect("break");
@@ -1367,17 +1380,9 @@ fn a_write_through_another_rksmbd_breaks_an_rh_lease() {
 fn writes_and_locks_through_smbshim_and_nfsshim_break_an_rh_lease() {
     let (_s, _d, srv, nfsshim, smbshim) = setup("smb3-rh-shims");
     let mut holder = rh_holder_of_f(&srv);
-    let (mut m, msid) = smb_session(&smbshim.addr);
-    let r = smb_patiently(
-        &mut m,
-        json!({"cmd": "CREATE", "session_id": msid, "path": "f", "access": ["read", "write"],
-               "share": ["read", "write", "delete"], "disposition": "open"}),
-    );
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let r = m.call(
-        json!({"cmd": "WRITE", "session_id": msid, "file_id": r["file_id"],
-        "offset": 0, "data": b64(b"smb")}),
-    );
+    let (mut m, msid, fid) = smbl_client_of_f(&smbshim);
+    let r = m.call(json!({"cmd": "WRITE", "session_id": msid, "file_id": fid,
+        "offset": 0, "data": b64(b"smb")}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     rh_broken_to_none(&mut holder);
 
@@ -1392,4 +1397,28 @@ fn writes_and_locks_through_smbshim_and_nfsshim_break_an_rh_lease() {
     let r = nfs_lock(&mut n, &sid, 0, 10);
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     rh_broken_to_none(&mut holder);
+}
+
+/// MS-FSA 2.1.5.15.4: SET_INFO FileEndOfFileInformation by another opener
+/// — through rksmbd, or smbshim's SET_INFO end_of_file — breaks R and RH
+/// leases to none (review: it broke nothing).
+#[test]
+fn a_new_end_of_file_breaks_an_rh_lease() {
+    let (_s, d, srv, _nfsshim, smbshim) = setup("smb3-rh-eof");
+    let mut holder = rh_holder_of_f(&srv);
+    let mut writer = smb3_client_opening(&srv, "open f plain");
+    said(&mut writer, "eof 50", SUCCESS);
+    rh_broken_to_none(&mut holder);
+    closed(&mut writer);
+
+    // The same through smbshim's SET_INFO end_of_file.
+    let mut holder = rh_holder_of_f(&srv);
+    let (mut m, msid, fid) = smbl_client_of_f(&smbshim);
+    let r = m.call(
+        json!({"cmd": "SET_INFO", "session_id": msid, "file_id": fid,
+        "end_of_file": 20}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    rh_broken_to_none(&mut holder);
+    drop(d);
 }

@@ -373,6 +373,9 @@ impl Engine {
                 return self.wait_for_close(seq, file, conn, req_id, req);
             }
         }
+        // Other keys' read caching goes (MS-FSA 2.1.5.15.4: a new end of
+        // file breaks R and RH to none), whatever the change's outcome.
+        self.break_read_caching_of(key);
         let change = IntentChange::SetSize {
             key,
             kernel_handle,
