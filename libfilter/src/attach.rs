@@ -1072,7 +1072,10 @@ enum Here {
 /// instance (whose only live connection is `client`), disconnected, or
 /// not here.
 fn attached_here(shared: &Shared, client: &FilterClient, key: ResumeKey) -> Here {
-    match client.call(crate::proto::Request::Handle { key }) {
+    match client.call(crate::proto::Request::Handle {
+        key,
+        learning: false,
+    }) {
         Ok((crate::proto::Reply::Handle(v), _))
             if v.record.conn == crate::model::ConnState::Connected
                 && v.record.frontend == shared.instance =>

@@ -1306,10 +1306,11 @@ impl FilterClient {
 
     /// [`FilterClient::set_delete_on_close`] for a frontend that answers
     /// its client by the outcome: a call that went unanswered is followed,
-    /// on this connection, by a `Handle` query of `key`, which filterd runs
-    /// after the change (it runs one connection's requests in order, and a
-    /// request of a handle whose delete on close waits for lease breaks
-    /// waits behind it), so the flag it shows is the change's outcome.
+    /// on this connection, by a `Handle` query of `key` marked `learning`,
+    /// which filterd runs after the change (it runs one connection's
+    /// requests in order, and a learning query of a handle whose delete on
+    /// close waits for lease breaks waits behind it; other queries do not),
+    /// so the flag it shows is the change's outcome.
     /// Before (review of session 32) the frontend answered a timed-out call
     /// STATUS_FILE_NOT_AVAILABLE while filterd set the flag late: a client
     /// that then closed without retrying had its file deleted. Undoing the
@@ -1324,7 +1325,10 @@ impl FilterClient {
     ) -> DeleteOnCloseOutcome {
         match self.set_delete_on_close(key, delete, record) {
             Ok(()) => DeleteOnCloseOutcome::Done,
-            Err(e @ ClientError::Timeout(_)) => match self.call(Request::Handle { key }) {
+            Err(e @ ClientError::Timeout(_)) => match self.call(Request::Handle {
+                key,
+                learning: true,
+            }) {
                 Ok((Reply::Handle(v), _)) if v.record.delete_on_close == delete => {
                     DeleteOnCloseOutcome::Done
                 }

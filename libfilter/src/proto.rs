@@ -307,6 +307,16 @@ pub enum Request {
     Handle {
         /// The handle.
         key: ResumeKey,
+        /// The query learns the outcome of this connection's
+        /// `SetDeleteOnClose` of `key` that went unanswered
+        /// (`FilterClient::set_delete_on_close_learnt`): it waits behind
+        /// that change while it waits for lease breaks. Any other query is
+        /// answered at once: a frontend shares one connection among all its
+        /// clients, and rksmbd's lock and create checks that waited (review
+        /// of 1624469) held a LOCK for the break timeout, or were refused
+        /// when the parked requests reached their limit.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        learning: bool,
     },
     /// Open files and their holders, a page at a time (by file id).
     Files {
@@ -2850,7 +2860,7 @@ mod binary_tests {
             key().prop_map(|key| Request::Detach { key }),
             Just(Request::Status),
             proptest::option::of(key()).prop_map(|after| Request::Handles { after }),
-            key().prop_map(|key| Request::Handle { key }),
+            (key(), any::<bool>()).prop_map(|(key, learning)| Request::Handle { key, learning }),
             proptest::option::of(file()).prop_map(|after| Request::Files { after }),
             Just(Request::Frontends),
             Just(Request::Stats),

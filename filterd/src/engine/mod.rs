@@ -930,8 +930,9 @@ impl Engine {
     }
 
     /// The file of a `SetDeleteOnClose` of `key` sent by `conn` that waits
-    /// for lease breaks: a later `Handle` or `SetDeleteOnClose` of `key`
-    /// from `conn` waits behind it, so that they run in the order sent. A
+    /// for lease breaks: a later learning `Handle` query or
+    /// `SetDeleteOnClose` of `key` from `conn` waits behind it, so that they
+    /// run in the order sent. A
     /// frontend whose change went unanswered learns its outcome by a
     /// `Handle` query (`FilterClient::set_delete_on_close_learnt`); answered
     /// at once, the query showed the flag as it was while the change still
@@ -984,7 +985,7 @@ impl Engine {
             | Request::Files { .. }
             | Request::Frontends
             | Request::Locks { .. } => self.depends_on_all(),
-            Request::Handle { key }
+            Request::Handle { key, .. }
             | Request::Close { key, .. }
             | Request::Detach { key }
             | Request::SetDeleteOnClose { key, .. }
@@ -1461,10 +1462,17 @@ impl Engine {
                 let (handles, next) = page(range.map(|(_, h)| self.view(h)), |v| v.record.key);
                 Ok(Some((Reply::Handles { handles, next }, None)))
             }
-            Request::Handle { key } => {
-                if let Some(file) = self.delete_on_close_parked(conn, key) {
-                    self.wait_limit()?;
-                    let req = Request::Handle { key };
+            Request::Handle { key, learning } => {
+                // Only the query that learns a change's outcome waits: the
+                // frontend's other queries of the handle share its
+                // connection (review of 1624469). Not held to `wait_limit`:
+                // refused, the frontend could not learn the outcome of a
+                // change that is itself parked within the limit.
+                let parked = learning
+                    .then(|| self.delete_on_close_parked(conn, key))
+                    .flatten();
+                if let Some(file) = parked {
+                    let req = Request::Handle { key, learning };
                     self.waiting_changes.push((file, conn, req_id, req));
                     return Ok(None);
                 }

@@ -1070,14 +1070,20 @@ fn one_handles_view_waits_only_for_its_own_file() {
     let mut h = Harness::new();
     let key = open_and_lock_byte_8(&mut h);
     h.run(open("b", Rights::ALL));
-    let other = h.run(Request::Handle { key });
+    let other = h.run(Request::Handle {
+        key,
+        learning: false,
+    });
     assert!(
         matches!(h.reply(other), Some(Ok(_))),
         "answered before another file's commit: {:?}",
         h.reply(other)
     );
     let own = h.run(lock_10_at_200(key, false));
-    let view = h.run(Request::Handle { key });
+    let view = h.run(Request::Handle {
+        key,
+        learning: false,
+    });
     assert!(h.reply(own).is_none() && h.reply(view).is_none());
     h.commit(true);
     assert!(matches!(h.reply(view), Some(Ok(_))), "{:?}", h.reply(view));
@@ -3867,21 +3873,14 @@ fn read_write_open_of_a(
     Request::Open(o)
 }
 
-/// A `Handle` query and a `SetDeleteOnClose` of a handle whose delete on
-/// close waits for a lease break (MS-FSA's rule, `MSFSA_PROTOCOL`) wait
-/// behind it, from the same connection: they run in the order sent. A
-/// frontend whose `SetDeleteOnClose` went unanswered learns its outcome
-/// by a `Handle` query (`FilterClient::set_delete_on_close_learnt`); before,
-/// the query was answered at once with the flag unset, its client was told
-/// the change failed, and the change set the flag after the break.
-#[test]
-fn a_handle_query_waits_behind_its_delete_on_close_waiting_for_a_break() {
-    use libfilter::lease::{LeaseKey, LeaseState};
-    use libfilter::proto::Reply;
+/// A harness (MS-FSA's rule) with `a` open under an RH lease (the lease
+/// key returned) and a plain open of `a` with DELETE (its handle
+/// returned), whose delete on close waits for that lease's break.
+fn a_deleter_beside_an_rh_lease() -> (Harness, libfilter::lease::LeaseKey, ResumeKey) {
     let fs = MemFs::new();
     fs.put("a", 10);
     let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
-    let k = LeaseKey(uuid::Uuid::new_v4());
+    let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
     let holder = h.run(read_write_open_of_a(Disposition::Open, Some((k, "RH"))));
     h.commit(true);
     h.opened(holder);
@@ -3893,15 +3892,48 @@ fn a_handle_query_waits_behind_its_delete_on_close_waiting_for_a_break() {
     let deleter = h.run(Request::Open(o));
     h.commit(true);
     let key = h.opened(deleter);
+    (h, k, key)
+}
+
+/// Lease `k`'s break to R acknowledged, and what waited for it run.
+fn break_to_r_acknowledged(h: &mut Harness, k: libfilter::lease::LeaseKey) {
+    h.run(Request::LeaseBreakAck {
+        lease_key: k,
+        state: libfilter::lease::LeaseState::parse("R").unwrap(),
+        client: None,
+    });
+    h.commit(true);
+    h.engine.process_retries();
+    h.drain_replies();
+    h.commit(true);
+}
+
+/// A `Handle` query and a `SetDeleteOnClose` of a handle whose delete on
+/// close waits for a lease break (MS-FSA's rule, `MSFSA_PROTOCOL`) wait
+/// behind it, from the same connection: they run in the order sent. A
+/// frontend whose `SetDeleteOnClose` went unanswered learns its outcome
+/// by a `Handle` query (`FilterClient::set_delete_on_close_learnt`); before,
+/// the query was answered at once with the flag unset, its client was told
+/// the change failed, and the change set the flag after the break.
+#[test]
+fn a_handle_query_waits_behind_its_delete_on_close_waiting_for_a_break() {
+    use libfilter::proto::Reply;
+    let (mut h, k, key) = a_deleter_beside_an_rh_lease();
     let set = |delete| Request::SetDeleteOnClose {
         key,
         delete,
         record: None,
     };
     let doc = h.run(set(true));
-    let query = h.run(Request::Handle { key });
+    let query = h.run(Request::Handle {
+        key,
+        learning: true,
+    });
     let clear = h.run(set(false));
-    let last = h.run(Request::Handle { key });
+    let last = h.run(Request::Handle {
+        key,
+        learning: true,
+    });
     h.commit(true);
     assert!(
         h.reply(doc).is_none(),
@@ -3910,15 +3942,7 @@ fn a_handle_query_waits_behind_its_delete_on_close_waiting_for_a_break() {
     assert!(h.reply(query).is_none(), "the query waits behind it");
     assert!(h.reply(clear).is_none(), "so does the next change");
     assert!(h.reply(last).is_none());
-    h.run(Request::LeaseBreakAck {
-        lease_key: k,
-        state: LeaseState::parse("R").unwrap(),
-        client: None,
-    });
-    h.commit(true);
-    h.engine.process_retries();
-    h.drain_replies();
-    h.commit(true);
+    break_to_r_acknowledged(&mut h, k);
     let flag = |h: &Harness, id| match h.reply(id) {
         Some(Ok(Reply::Handle(v))) => v.record.delete_on_close,
         r => panic!("a handle view: {r:?}"),
@@ -3978,6 +4002,46 @@ fn a_delegation_is_not_granted_beside_another_clients_writer() {
         })
         .collect();
     assert_eq!(breaks, vec![(st("RH"), st("H"), true)]);
+}
+
+/// Review of 1624469: every `Handle` query of a handle from the connection
+/// whose delete on close of it waited for a lease break waited too, not
+/// only the query that learns that change's outcome. A frontend shares one
+/// connection among its clients: rksmbd's lock and create checks held a
+/// LOCK for the break timeout (the LOCK's pump could not read the break's
+/// acknowledgement) or were refused at `--max-pending-breaks`. A plain
+/// query is answered at once; the learning one still waits.
+#[test]
+fn only_the_learning_handle_query_waits_behind_a_delete_on_close() {
+    use libfilter::proto::Reply;
+    let (mut h, k, key) = a_deleter_beside_an_rh_lease();
+    let doc = h.run(Request::SetDeleteOnClose {
+        key,
+        delete: true,
+        record: None,
+    });
+    let plain = h.run(Request::Handle {
+        key,
+        learning: false,
+    });
+    let learning = h.run(Request::Handle {
+        key,
+        learning: true,
+    });
+    h.commit(true);
+    assert!(h.reply(doc).is_none(), "the delete on close waits");
+    assert!(
+        matches!(h.reply(plain), Some(Ok(Reply::Handle(v))) if !v.record.delete_on_close),
+        "a plain query is answered at once: {:?}",
+        h.reply(plain)
+    );
+    assert!(h.reply(learning).is_none(), "the learning query waits");
+    break_to_r_acknowledged(&mut h, k);
+    assert!(matches!(h.reply(doc), Some(Ok(Reply::Done))));
+    assert!(
+        matches!(h.reply(learning), Some(Ok(Reply::Handle(v))) if v.record.delete_on_close),
+        "the learning query shows the change made"
+    );
 }
 
 /// Windows' break chain (smbtorture smb2.lease.breaking3, MS-SMB2 3.3.4.7):

@@ -699,7 +699,13 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
         (Cmd::Handle { key }, src) => {
             let key = *key;
             let view = match src {
-                Source::Live(c) => match c.call(Request::Handle { key })?.0 {
+                Source::Live(c) => match c
+                    .call(Request::Handle {
+                        key,
+                        learning: false,
+                    })?
+                    .0
+                {
                     Reply::Handle(v) => v,
                     other => bail!("unexpected reply {other:?}"),
                 },

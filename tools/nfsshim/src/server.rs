@@ -3547,7 +3547,10 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
 /// The name filterd has for handle `key`'s file now (it follows every
 /// rename, also another client's or a local one), else `known`.
 fn current_path(sh: &Shared, key: ResumeKey, known: &str) -> String {
-    match sh.filter.client().call(Request::Handle { key }) {
+    match sh.filter.client().call(Request::Handle {
+        key,
+        learning: false,
+    }) {
         Ok((libfilter::proto::Reply::Handle(v), _)) => v.record.path.as_str().to_owned(),
         _ => known.to_owned(),
     }
@@ -3558,7 +3561,10 @@ type Held = (u64, u64, bool);
 
 /// The filter handle `key`'s locks, as held ranges.
 fn filter_locks(sh: &Shared, key: ResumeKey) -> Option<Vec<Held>> {
-    match sh.filter.client().call(Request::Handle { key }) {
+    match sh.filter.client().call(Request::Handle {
+        key,
+        learning: false,
+    }) {
         Ok((libfilter::proto::Reply::Handle(v), _)) => {
             let mut h: Vec<Held> = v
                 .record

@@ -732,12 +732,10 @@ fn lease_gone(c: &Connection, key: LeaseKey) -> bool {
     }) else {
         return true;
     };
-    match c
-        .sh
-        .filter
-        .client()
-        .call(FilterRequest::Handle { key: resume_key })
-    {
+    match c.sh.filter.client().call(FilterRequest::Handle {
+        key: resume_key,
+        learning: false,
+    }) {
         Ok((FilterReply::Handle(v), _)) => {
             v.record.lease.is_none_or(|l| l.state == LeaseState::NONE)
         }

@@ -507,11 +507,10 @@ fn replayed(c: &mut Connection, id: u64, oplock: u8, lease: Option<&LeaseV>) -> 
         (Some(_), None) => return Err(status::ACCESS_DENIED),
         _ => {}
     }
-    let held = match sh
-        .filter
-        .client()
-        .call(libfilter::proto::Request::Handle { key: *key })
-    {
+    let held = match sh.filter.client().call(libfilter::proto::Request::Handle {
+        key: *key,
+        learning: false,
+    }) {
         Ok((libfilter::proto::Reply::Handle(v), _)) => v.record.lease,
         _ => r.held,
     };
@@ -1754,11 +1753,10 @@ fn reconnect(
         (None, _) => true,
     };
     let pid_ok = rc.v1 || rc.persistent_file_id == persistent_id(key);
-    let view = match sh
-        .filter
-        .client()
-        .call(libfilter::proto::Request::Handle { key })
-    {
+    let view = match sh.filter.client().call(libfilter::proto::Request::Handle {
+        key,
+        learning: false,
+    }) {
         Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v),
         _ => None,
     };

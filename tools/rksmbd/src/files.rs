@@ -1741,11 +1741,10 @@ fn serving<T: Send + 'static>(
 
 /// The path filterd's record of handle `key` names now, if it answers.
 fn recorded_path(sh: &Shared, key: ResumeKey) -> Option<RelPath> {
-    match sh
-        .filter
-        .client()
-        .call(libfilter::proto::Request::Handle { key })
-    {
+    match sh.filter.client().call(libfilter::proto::Request::Handle {
+        key,
+        learning: false,
+    }) {
         Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v.record.path),
         _ => None,
     }

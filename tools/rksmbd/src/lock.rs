@@ -665,7 +665,10 @@ fn like_held(
     let [op] = ops else {
         return Err(unexpected());
     };
-    match client.call(libfilter::proto::Request::Handle { key })? {
+    match client.call(libfilter::proto::Request::Handle {
+        key,
+        learning: false,
+    })? {
         (libfilter::proto::Reply::Handle(v), _) => Ok(count_like(&v.record.locks, op)),
         _ => Err(unexpected()),
     }

@@ -1565,11 +1565,10 @@ fn handle_view(
     key: ResumeKey,
     missing: impl FnOnce() -> Fail,
 ) -> Result<libfilter::proto::HandleView, Fail> {
-    match m
-        .filter
-        .client()
-        .call(libfilter::proto::Request::Handle { key })
-    {
+    match m.filter.client().call(libfilter::proto::Request::Handle {
+        key,
+        learning: false,
+    }) {
         Ok((libfilter::proto::Reply::Handle(v), _)) => Ok(v),
         Ok(_) => Err(Fail(
             "STATUS_INTERNAL_ERROR",
@@ -2158,12 +2157,15 @@ fn delete_told(sh: &Shared, c: &libfilter::client::FilterClient, o: &OpenRef) ->
         .lock()
         .ok()
         .and_then(|opens| opens.get(&o.file_id).and_then(|x| x.delete_told));
-    known.or_else(
-        || match c.call(libfilter::proto::Request::Handle { key: o.key }) {
+    known.or_else(|| {
+        match c.call(libfilter::proto::Request::Handle {
+            key: o.key,
+            learning: false,
+        }) {
             Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v.record.delete_on_close),
             _ => None,
-        },
-    )
+        }
+    })
 }
 
 /// Notes what open `o`'s client was told of its delete on close, and
