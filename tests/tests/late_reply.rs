@@ -478,6 +478,29 @@ fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
     script.finish();
 }
 
+/// Drives the first part of `late_delete_on_close.py` and
+/// `late_delete_on_close_previous_session.py`: filterd stopped while
+/// doc.txt's delete on close is asked ("ready" to "gave up"), let go on,
+/// and doc.txt still there once its client says "closed".
+fn doc_txt_stays_after_its_delete_on_close_gave_up(
+    s: &Scratch,
+    d: &Filterd,
+    script: &mut Dialogue,
+) {
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up");
+    d.signal(Signal::SIGCONT);
+    script.say("go");
+    script.expect("closed");
+    assert!(
+        s.root().join("doc.txt").exists(),
+        "told its delete on close failed, the client's file is deleted\n{}",
+        script.log
+    );
+}
+
 /// rksmbd and a real SMB 3 client (`tests/smb3/late_delete_on_close.py`),
 /// rksmbd's calls giving up after 1 s. A delete-pending SET_INFO sent while
 /// filterd is stopped fails (STATUS_FILE_NOT_AVAILABLE: the call and the
@@ -497,18 +520,7 @@ fn rksmbd_answers_a_delete_on_close_by_filterd_s_flag_after_its_call_gave_up() {
     )];
     let (s, d, srv) = setup_rksmbd_failing("late-rksmbd-doc", "1000", &env);
     let mut script = Dialogue::start(&srv, "late_delete_on_close.py", Duration::from_secs(60));
-    script.expect("ready");
-    d.stop();
-    script.say("go");
-    script.expect("gave up");
-    d.signal(Signal::SIGCONT);
-    script.say("go");
-    script.expect("closed");
-    assert!(
-        s.root().join("doc.txt").exists(),
-        "told its delete on close failed, the client's file is deleted\n{}",
-        script.log
-    );
+    doc_txt_stays_after_its_delete_on_close_gave_up(&s, &d, &mut script);
     script.say("go");
     script.expect("closed");
     assert!(
@@ -516,6 +528,29 @@ fn rksmbd_answers_a_delete_on_close_by_filterd_s_flag_after_its_call_gave_up() {
         "told delete pending, the file stays\n{}",
         script.log
     );
+    script.say("go");
+    script.finish();
+}
+
+/// rksmbd and a real SMB 3 client
+/// (`tests/smb3/late_delete_on_close_previous_session.py`), rksmbd's calls
+/// giving up after 1 s: a persistent open's delete-pending SET_INFO sent
+/// while filterd is stopped fails, its outcome unknown, and filterd sets
+/// the flag late. The client then sets up a session with PreviousSessionId
+/// naming the old one, reconnects the open (DH2C) and closes it. Before
+/// the fix the ended session's handles were detached with filterd's flag
+/// (only the old connection's own release set it back, and that
+/// connection forgot its opens): the DH2C took the flag over and the
+/// CLOSE deleted the file its client was told stays (review of 1624469).
+#[test]
+fn rksmbd_sets_an_unsure_delete_on_close_back_when_another_session_ends_its_own() {
+    let (s, d, srv) = setup_rksmbd_failing("late-rksmbd-doc-prev", "1000", &[]);
+    let mut script = Dialogue::start(
+        &srv,
+        "late_delete_on_close_previous_session.py",
+        Duration::from_secs(60),
+    );
+    doc_txt_stays_after_its_delete_on_close_gave_up(&s, &d, &mut script);
     script.say("go");
     script.finish();
 }

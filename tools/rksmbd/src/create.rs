@@ -1280,7 +1280,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             path: Some(f.path),
             granted: granted_mask(f.access),
             delete_on_close,
-            delete_unsure: false,
+            delete_unsure: crate::files::DeleteUnsure::default(),
             kind: Kind::File { key, file, fid },
             durable: durable.is_some(),
             write_through: f.options & FILE_WRITE_THROUGH != 0
@@ -1848,7 +1848,7 @@ fn reconnect(
             path: Some(rec.path),
             granted: made.granted,
             delete_on_close: rec.delete_on_close,
-            delete_unsure: false,
+            delete_unsure: crate::files::DeleteUnsure::default(),
             kind: Kind::File { key, file, fid },
             durable: true,
             write_through,
@@ -1977,7 +1977,7 @@ fn dir_open(
         path,
         granted: granted_mask(access),
         delete_on_close: options & FILE_DELETE_ON_CLOSE != 0,
-        delete_unsure: false,
+        delete_unsure: crate::files::DeleteUnsure::default(),
         kind: Kind::Dir {
             _share: share,
             fd,

@@ -513,6 +513,52 @@ pub(crate) struct Listing {
     end: bool,
 }
 
+/// The delete on close an open's client was last told, while filterd's
+/// flag may differ (a change of it went unanswered, and so did the query
+/// of its outcome). Shared by the open and its session's record of the
+/// handle ([`crate::sessions::Link`]): a PreviousSessionId or an
+/// AppInstanceId releases the handle from another connection, and when
+/// only the open's `release` set the flag back, the detach or close went
+/// with filterd's flag — a DH2C took it over and its CLOSE deleted the
+/// file its client was told stays (review of 1624469).
+#[derive(Clone, Debug, Default)]
+pub struct DeleteUnsure(std::sync::Arc<std::sync::Mutex<Option<bool>>>);
+
+impl DeleteUnsure {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<bool>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the flag unsure; `told` is what the client was last told.
+    pub fn mark(&self, told: bool) {
+        *self.slot() = Some(told);
+    }
+
+    /// A change answered: filterd's flag is the told one again.
+    pub fn clear(&self) {
+        *self.slot() = None;
+    }
+
+    /// When marked, sets filterd's flag of `key` back to what the client
+    /// was told: sent after the change that went unanswered (and after
+    /// the query of it), so filterd runs it after, and the handle goes
+    /// with the told flag. Made, the mark is cleared (whichever of the
+    /// open's and the session's release comes second sends nothing);
+    /// refused or unanswered, it is logged and the mark kept, for a
+    /// later release to try again.
+    pub fn set_back(&self, sh: &Shared, key: ResumeKey) {
+        let Some(told) = *self.slot() else {
+            return;
+        };
+        match sh.filter.client().set_delete_on_close(key, told, None) {
+            Ok(()) => self.clear(),
+            Err(e) => {
+                tracing::warn!(resume_key = %key, error = %e, "delete on close not set back");
+            }
+        }
+    }
+}
+
 /// An open of this connection.
 pub struct Open {
     /// Its session.
@@ -525,8 +571,9 @@ pub struct Open {
     /// A change of its delete on close went unanswered, and the flag filterd
     /// holds may differ from `delete_on_close`, what the client was told:
     /// set back to it before the handle is closed or detached
-    /// ([`delete_on_close_learnt`]).
-    pub(crate) delete_unsure: bool,
+    /// ([`delete_on_close_learnt`]). Shared with the session's record of
+    /// the handle, which another connection may release.
+    pub(crate) delete_unsure: DeleteUnsure,
     pub(crate) kind: Kind,
     /// Granted durable (or persistent): on a lost connection the filterd
     /// handle is detached, not closed, so a DH2C can resume it.
@@ -656,14 +703,7 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
     let mut answer = Ok(());
     let detach = matches!(ending, Ending::Lost | Ending::Logoff) && open.durable;
     if let Kind::File { key, .. } = &open.kind {
-        if open.delete_unsure {
-            // Sent after the change that went unanswered, so filterd runs
-            // it after: the handle goes with the flag its client was told.
-            let told = open.delete_on_close;
-            if let Err(e) = sh.filter.client().set_delete_on_close(*key, told, None) {
-                tracing::warn!(resume_key = %key, error = %e, "delete on close not set back");
-            }
-        }
+        open.delete_unsure.set_back(sh, *key);
         if detach {
             if let Err(e) = sh.filter.detach(*key) {
                 tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
@@ -1605,7 +1645,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
-                o.delete_unsure = false;
+                o.delete_unsure.clear();
                 sh.delete_pending
                     .set(o.fd(), delete, sh.root.as_fd(), o.path.as_ref());
             }
@@ -1692,8 +1732,8 @@ fn delete_on_close_learnt(
         DeleteOnCloseOutcome::Done => Ok(()),
         DeleteOnCloseOutcome::Failed(e) => Err(status_of(&e)),
         DeleteOnCloseOutcome::Unknown(e) => {
-            if let Some(o) = c.opens.get_mut(&id) {
-                o.delete_unsure = true;
+            if let Some(o) = c.opens.get(&id) {
+                o.delete_unsure.mark(o.delete_on_close);
             }
             Err(status_of(&e))
         }

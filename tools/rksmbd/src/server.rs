@@ -1889,6 +1889,7 @@ impl Connection {
                     open.create_guid,
                     self.id,
                     user_slot.take(),
+                    open.delete_unsure.clone(),
                 ),
                 crate::files::Kind::Dir { .. } => !link.revoked(),
             };

@@ -76,6 +76,9 @@ struct Tracked {
     /// twice by a DH2C of them on the new session, and each was refused
     /// (re-review: 80 held, 80 of 80 DH2C refused after PreviousSessionId).
     user: Option<crate::server::UserSlot>,
+    /// The open's delete-on-close mark: set back before whoever releases
+    /// the handle detaches or closes it.
+    unsure: crate::files::DeleteUnsure,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -92,6 +95,7 @@ impl Link {
     /// holding its handle, share mode and lease until rksmbd restarts);
     /// the caller releases it.
     #[must_use]
+    #[allow(clippy::too_many_arguments)]
     pub fn track(
         &self,
         id: u64,
@@ -100,6 +104,7 @@ impl Link {
         create_guid: Option<uuid::Uuid>,
         conn: u64,
         user: Option<crate::server::UserSlot>,
+        unsure: crate::files::DeleteUnsure,
     ) -> bool {
         let mut st = lock(&self.state);
         if st.revoked {
@@ -113,6 +118,7 @@ impl Link {
                 durable,
                 held,
                 user,
+                unsure,
             },
         );
         true
@@ -182,6 +188,7 @@ impl Link {
             return false;
         };
         let key = t.key;
+        t.unsure.set_back(sh, key);
         if let Err(e) = sh.filter.close(key) {
             tracing::warn!(resume_key = %key, error = %e, "closing the open of an app instance");
             if e.close_undone() {
@@ -219,7 +226,9 @@ fn release_all(st: &mut LinkState, sh: &Shared) {
             durable,
             held,
             user,
+            unsure,
         } = t;
+        unsure.set_back(sh, key);
         let r = if durable {
             sh.filter.detach(key)
         } else {
@@ -795,9 +804,25 @@ mod tests {
     #[test]
     fn an_ended_session_tracks_no_new_handle() {
         let l = link();
-        assert!(l.track(1, ResumeKey::new_random(), false, None, 7, None));
+        assert!(l.track(
+            1,
+            ResumeKey::new_random(),
+            false,
+            None,
+            7,
+            None,
+            Default::default()
+        ));
         lock(&l.state).revoked = true;
-        assert!(!l.track(2, ResumeKey::new_random(), true, None, 7, None));
+        assert!(!l.track(
+            2,
+            ResumeKey::new_random(),
+            true,
+            None,
+            7,
+            None,
+            Default::default()
+        ));
         assert!(l.is_live(1) && !l.is_live(2));
     }
 
