@@ -174,9 +174,20 @@ fn a_replayed_open_answered_late_is_detached_and_stays_resumable() {
 /// waits for its handle to wait disconnected. Returns the CREATE, to be
 /// replayed.
 fn late_persistent_create(d: &Filterd, a: &mut LineClient, sid: u64, disposition: &str) -> Value {
+    late_persistent_create_with(d, a, sid, disposition, json!(["read", "write"]))
+}
+
+/// [`late_persistent_create`] asking for `access`.
+fn late_persistent_create_with(
+    d: &Filterd,
+    a: &mut LineClient,
+    sid: u64,
+    disposition: &str,
+    access: Value,
+) -> Value {
     let guid = uuid::Uuid::new_v4().to_string();
     let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
-        "access": ["read", "write"], "share": ["read", "write", "delete"],
+        "access": access, "share": ["read", "write", "delete"],
         "disposition": disposition,
         "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
     answered_late(d, a, create.clone());
@@ -333,6 +344,24 @@ fn set_delete_on_close(sid: u64, fid: &Value) -> Value {
     json!({"cmd": "SET_INFO", "session_id": sid, "file_id": fid, "delete_on_close": true})
 }
 
+/// Open `fid`'s SET_INFO `delete_on_close` answered late (filterd
+/// stopped), then its CLOSE: `f` stays, its client told the change failed.
+fn late_delete_on_close_then_close_leaves_f(
+    s: &Scratch,
+    d: &Filterd,
+    a: &mut LineClient,
+    sid: u64,
+    fid: &Value,
+) {
+    answered_late(d, a, set_delete_on_close(sid, fid));
+    let r = a.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        s.root().join("f").exists(),
+        "told its delete on close failed, the client's file is deleted"
+    );
+}
+
 /// A SET_INFO `delete_on_close` that filterd answers after smbshim's call
 /// gave up, and a query of the handle after it too: the client is told
 /// STATUS_FILE_NOT_AVAILABLE, and closes without retrying. Before the fix
@@ -344,13 +373,25 @@ fn smbshim_a_delete_on_close_set_after_its_call_gave_up_is_set_back_before_close
     let (s, d, smb) = setup("late-doc-unknown");
     let (mut a, sid) = smb_session(&smb.addr);
     let fid = deletable_open(&mut a, sid);
-    answered_late(&d, &mut a, set_delete_on_close(sid, &fid));
-    let r = a.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    late_delete_on_close_then_close_leaves_f(&s, &d, &mut a, sid, &fid);
+}
+
+/// The same on an open a replay found in filterd (a persistent CREATE
+/// answered late, replayed): smbshim does not know its flag and asks
+/// filterd first, stopped too. Before the fix the change was sent all the
+/// same and, its outcome unknown, nothing was set back (what to set it
+/// back to was unknown): the close deleted the file. Now a change whose
+/// told flag cannot be learnt is not sent (review of 1624469).
+#[test]
+fn smbshim_sends_no_delete_on_close_it_could_not_set_back() {
+    let (s, d, smb) = setup("late-doc-replayed");
+    let (mut a, sid) = smb_session(&smb.addr);
+    let access = json!(["read", "write", "delete"]);
+    let replay = late_persistent_create_with(&d, &mut a, sid, "open_if", access);
+    let r = a.call(replay);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    assert!(
-        s.root().join("f").exists(),
-        "told its delete on close failed, the client's file is deleted"
-    );
+    let fid = r["file_id"].clone();
+    late_delete_on_close_then_close_leaves_f(&s, &d, &mut a, sid, &fid);
 }
 
 /// A SET_INFO `delete_on_close` whose filterd call gives up (filterd's

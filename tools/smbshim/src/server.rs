@@ -2125,7 +2125,12 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// When that is unknown too, the open is marked and its flag set back to
 /// what its client was last told before its handle goes
 /// ([`restore_delete`]); a later change answered, or a replay found
-/// recorded, settles it.
+/// recorded, settles it. So when what the client was told cannot be
+/// learnt (a replay found the open in filterd, and the query of its flag
+/// failed), the change is not sent: answered failed, it changes nothing.
+/// Before (review of 1624469) it was sent, and when its outcome was
+/// unknown too nothing was set back: the close deleted the file of a
+/// client told its delete on close failed.
 fn set_delete_on_close(
     sh: &Shared,
     o: &OpenRef,
@@ -2135,7 +2140,7 @@ fn set_delete_on_close(
     use libfilter::client::DeleteOnCloseOutcome as Learnt;
     let m = sh.member(o.member)?;
     let c = m.filter.client();
-    let told = delete_told(sh, &c, o);
+    let told = delete_told(sh, &c, o).map_err(filter_fail)?;
     match c.set_delete_on_close_learnt(o.key, delete, record) {
         Learnt::Done => {
             note_delete(sh, o, Some(delete), false);
@@ -2143,7 +2148,7 @@ fn set_delete_on_close(
         }
         Learnt::Failed(e) => Err(filter_fail(e)),
         Learnt::Unknown(e) => {
-            note_delete(sh, o, told, true);
+            note_delete(sh, o, Some(told), true);
             Err(filter_fail(e))
         }
     }
@@ -2151,21 +2156,28 @@ fn set_delete_on_close(
 
 /// The delete on close open `o`'s client was last told it has: learnt from
 /// filterd when smbshim does not know it (a replay found the open).
-fn delete_told(sh: &Shared, c: &libfilter::client::FilterClient, o: &OpenRef) -> Option<bool> {
+fn delete_told(
+    sh: &Shared,
+    c: &libfilter::client::FilterClient,
+    o: &OpenRef,
+) -> Result<bool, ClientError> {
     let known = sh
         .opens
         .lock()
         .ok()
         .and_then(|opens| opens.get(&o.file_id).and_then(|x| x.delete_told));
-    known.or_else(|| {
-        match c.call(libfilter::proto::Request::Handle {
-            key: o.key,
-            learning: false,
-        }) {
-            Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v.record.delete_on_close),
-            _ => None,
-        }
-    })
+    if let Some(told) = known {
+        return Ok(told);
+    }
+    match c.call(libfilter::proto::Request::Handle {
+        key: o.key,
+        learning: false,
+    })? {
+        (libfilter::proto::Reply::Handle(v), _) => Ok(v.record.delete_on_close),
+        (other, _) => Err(ClientError::Unexpected(format!(
+            "a handle query answered {other:?}"
+        ))),
+    }
 }
 
 /// Notes what open `o`'s client was told of its delete on close, and
