@@ -20,13 +20,11 @@ Prints PASS; exits non-zero on any failure.
 
 import uuid
 
-from smbprotocol.file_info import FileDispositionInformation
 from smbprotocol.open import CreateDisposition
 
 from previous_session_replay import with_previous_session
-from smbtest import SHARE_ALL, args, check, connect, create_rw, pause, persistent_context, reconnect_v2, set_info_status
+from smbtest import SHARE_ALL, args, check, connect, create_rw, delete_pending_gives_up, pause, persistent_context, reconnect_v2
 
-FILE_NOT_AVAILABLE = 0xC0000467
 DELETE = 0x00010000
 HOST, PORT, SHARE, USER, PASSWORD = args()
 CLIENT_GUID = uuid.uuid4()
@@ -39,11 +37,7 @@ def main():
         old_tree, "doc.txt", CreateDisposition.FILE_OPEN_IF, [persistent_context(CREATE_GUID)], share=SHARE_ALL, extra=DELETE
     )
     pause("ready")
-    info = FileDispositionInformation()
-    info["delete_pending"] = True
-    st = set_info_status(old_tree, f, info)
-    check(st == FILE_NOT_AVAILABLE, f"the delete-pending SET_INFO failed with FILE_NOT_AVAILABLE (got {st:#010x})")
-    pause("gave up")
+    delete_pending_gives_up(old_tree, f)
     old_session = old_tree.session.session_id
     conn, tree = with_previous_session(old_session, lambda: connect(HOST, PORT, SHARE, USER, PASSWORD, CLIENT_GUID))
     again, st = reconnect_v2(tree, "doc.txt", f.file_id, CREATE_GUID)

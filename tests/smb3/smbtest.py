@@ -22,6 +22,7 @@ from smbprotocol.create_contexts import (
     SMB2CreateRequestLeaseV2,
 )
 from smbprotocol.exceptions import SMBResponseException
+from smbprotocol.file_info import FileDispositionInformation
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
@@ -243,3 +244,14 @@ def open_app_instance(tree, name, app):
         context(CreateContextName.SMB2_CREATE_APP_INSTANCE_ID, a),
     ]
     return open_rw(tree, name, CreateDisposition.FILE_OPEN_IF, contexts)
+
+
+def delete_pending_gives_up(tree, f):
+    """A delete-pending SET_INFO on open `f` sent while the driver stopped
+    filterd: it must fail with STATUS_FILE_NOT_AVAILABLE (the call and the
+    query of its outcome gave up). Prints "gave up" and waits for a line."""
+    info = FileDispositionInformation()
+    info["delete_pending"] = True
+    st = set_info_status(tree, f, info)
+    check(st == 0xC0000467, f"the delete-pending SET_INFO failed with FILE_NOT_AVAILABLE (got {st:#010x})")
+    pause("gave up")

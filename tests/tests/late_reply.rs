@@ -519,21 +519,9 @@ fn rksmbd_undoes_creates_answered_after_its_call_gave_up() {
     script.finish();
 }
 
-/// Drives the first part of `late_delete_on_close.py` and
-/// `late_delete_on_close_previous_session.py`: filterd stopped while
-/// doc.txt's delete on close is asked ("ready" to "gave up"), let go on,
-/// and doc.txt still there once its client says "closed".
-fn doc_txt_stays_after_its_delete_on_close_gave_up(
-    s: &Scratch,
-    d: &Filterd,
-    script: &mut Dialogue,
-) {
-    script.expect("ready");
-    d.stop();
-    script.say("go");
-    script.expect("gave up");
-    d.signal(Signal::SIGCONT);
-    script.say("go");
+/// Waits for `script` to say "closed", then checks doc.txt is still
+/// there: its client was told its delete on close failed.
+fn doc_txt_stays(s: &Scratch, script: &mut Dialogue) {
     script.expect("closed");
     assert!(
         s.root().join("doc.txt").exists(),
@@ -559,9 +547,9 @@ fn rksmbd_answers_a_delete_on_close_by_filterd_s_flag_after_its_call_gave_up() {
         "RKFILTER_FAILPOINTS",
         "request.set_delete_on_close:3:sleep1500",
     )];
-    let (s, d, srv) = setup_rksmbd_failing("late-rksmbd-doc", "1000", &env);
-    let mut script = Dialogue::start(&srv, "late_delete_on_close.py", Duration::from_secs(60));
-    doc_txt_stays_after_its_delete_on_close_gave_up(&s, &d, &mut script);
+    let (s, _d, _srv, mut script) =
+        delete_on_close_given_up("late-rksmbd-doc", "late_delete_on_close.py", &env);
+    doc_txt_stays(&s, &mut script);
     script.say("go");
     script.expect("closed");
     assert!(
@@ -585,14 +573,48 @@ fn rksmbd_answers_a_delete_on_close_by_filterd_s_flag_after_its_call_gave_up() {
 /// CLOSE deleted the file its client was told stays (review of 1624469).
 #[test]
 fn rksmbd_sets_an_unsure_delete_on_close_back_when_another_session_ends_its_own() {
-    let (s, d, srv) = setup_rksmbd_failing("late-rksmbd-doc-prev", "1000", &[]);
-    let mut script = Dialogue::start(
-        &srv,
+    let (s, _d, _srv, mut script) = delete_on_close_given_up(
+        "late-rksmbd-doc-prev",
         "late_delete_on_close_previous_session.py",
-        Duration::from_secs(60),
+        &[],
     );
-    doc_txt_stays_after_its_delete_on_close_gave_up(&s, &d, &mut script);
+    doc_txt_stays(&s, &mut script);
     script.say("go");
+    script.finish();
+}
+
+/// rksmbd (1 s call timeout; filterd run with `env`) and `script`, which
+/// opens a file and prints "ready", asks its delete on close while filterd
+/// is stopped, prints "gave up" once it failed, and goes on once filterd
+/// does.
+fn delete_on_close_given_up(
+    name: &str,
+    script: &str,
+    env: &[(&str, &str)],
+) -> (Scratch, Filterd, RkSmbd, Dialogue) {
+    let (s, d, srv) = setup_rksmbd_failing(name, "1000", env);
+    let mut script = Dialogue::start(&srv, script, Duration::from_secs(60));
+    script.expect("ready");
+    d.stop();
+    script.say("go");
+    script.expect("gave up");
+    d.signal(Signal::SIGCONT);
+    script.say("go");
+    (s, d, srv, script)
+}
+
+/// The same with an AppInstanceId
+/// (`tests/smb3/late_delete_on_close_app_instance.py`): another client's
+/// open under the same AppInstanceId closes the marked open from its own
+/// connection (`close_elsewhere`). Before the fix that close went with the
+/// flag filterd set late, and the file was deleted at once.
+#[test]
+fn rksmbd_sets_an_unsure_delete_on_close_back_before_an_app_instance_takeover() {
+    let (_s, _d, _srv, mut script) = delete_on_close_given_up(
+        "late-rksmbd-doc-app",
+        "late_delete_on_close_app_instance.py",
+        &[],
+    );
     script.finish();
 }
 
