@@ -382,77 +382,12 @@ struct Global {
     /// client: revoked at the client's next request, under its lock.
     revoked: HashMap<String, Vec<uuid::Uuid>>,
     /// Lease keys of OPENs in flight that ask for a delegation (not yet in
-    /// `lease_client`): handled once the OPEN is done ([`Opening`]).
-    opening: HashMap<uuid::Uuid, OpeningState>,
-    /// Lease keys with a give-back queued ([`Chore::GiveBack`]) and not yet
-    /// done, and how many: no OPEN grants a delegation under one
-    /// ([`Global::may_delegate`]).
-    giving_back: HashMap<uuid::Uuid, usize>,
+    /// `lease_client`), with a break filterd sent meanwhile (whether it
+    /// needs an answer): handled once the OPEN is done ([`Opening`]).
+    opening: HashMap<uuid::Uuid, Option<bool>>,
     /// Handles filterd dropped while their client's request was running,
     /// per client: forgotten at the client's next request.
     forgotten: HashMap<String, Vec<ResumeKey>>,
-}
-
-/// An OPEN in flight under a lease key ([`Global::opening`]).
-#[derive(Debug, Default)]
-struct OpeningState {
-    /// A break filterd sent meanwhile (whether it needs an answer).
-    broken: Option<bool>,
-    /// A give-back of the key was queued when the OPEN started: the lease
-    /// the OPEN finds may be taken from under it at any moment.
-    given_back: bool,
-}
-
-impl Global {
-    /// An OPEN asking for a delegation under `key` starts ([`Opening`]).
-    /// A give-back of `key` queued before (a break of the lease of an
-    /// earlier try of this very OPEN — the same request, the same key —
-    /// that nfsshim knew no delegation of) is noted for the OPEN's whole
-    /// life: its ack may come after filterd answered the OPEN with the
-    /// lease still held, and then the count is down to none again.
-    fn opening_starts(&mut self, key: uuid::Uuid) {
-        let given_back = self.giving_back.contains_key(&key);
-        self.opening.insert(
-            key,
-            OpeningState {
-                broken: None,
-                given_back,
-            },
-        );
-    }
-
-    /// A give-back of `key` is queued ([`recall`]).
-    fn give_back_queued(&mut self, key: uuid::Uuid) {
-        *self.giving_back.entry(key).or_default() += 1;
-    }
-
-    /// A queued give-back of `key` is done (acked, or failed).
-    fn give_back_done(&mut self, key: uuid::Uuid) {
-        if let Some(n) = self.giving_back.get_mut(&key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.giving_back.remove(&key);
-            }
-        }
-    }
-
-    /// Whether an OPEN may grant a delegation under lease `key`: not while
-    /// a give-back of it is queued or was when the OPEN started, or the
-    /// give-back would ack the lease away (none) behind a delegation the
-    /// client believes it holds — no recall would ever reach it.
-    fn may_delegate(&self, key: uuid::Uuid) -> bool {
-        !self.giving_back.contains_key(&key)
-            && !self.opening.get(&key).is_some_and(|o| o.given_back)
-    }
-}
-
-/// Whether this OPEN may grant a delegation under lease `key`
-/// ([`Global::may_delegate`]). Asked once filterd answered the OPEN: the
-/// OPEN's [`Opening`] has been in place since before it asked, and
-/// [`recall`] queues no give-back of a key with one, so nothing that could
-/// change the answer can happen between this and `lease_client.insert`.
-fn may_delegate(sh: &Shared, key: LeaseKey) -> bool {
-    sh.global().is_ok_and(|g| g.may_delegate(key.0))
 }
 
 struct Shared {
@@ -496,13 +431,7 @@ fn do_chores(sh: &Shared, chores: impl IntoIterator<Item = Chore>) {
         let r = match &c {
             Chore::DeleteState { scope, num } => state::delete(&sh.filter, scope, *num),
             Chore::Close(k) => sh.filter.close(*k),
-            Chore::GiveBack(k) => {
-                let r = give_back(sh, *k);
-                if let Ok(mut g) = sh.global() {
-                    g.give_back_done(k.0);
-                }
-                r
-            }
+            Chore::GiveBack(k) => give_back(sh, *k),
         };
         if let Err(e) = r {
             eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
@@ -2550,10 +2479,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     note_locked(sh, &h.info);
     let created = created_by_resend || h.info.create_action == CreateAction::Created;
     let size = h.info.size;
-    let mut deleg_granted = h
-        .info
-        .lease
-        .filter(|l| l.state.contains(LeaseState::R) && may_delegate(sh, l.key));
+    let mut deleg_granted = h.info.lease.filter(|l| l.state.contains(LeaseState::R));
     // The same owner's open of the same file: one open state, upgraded.
     let existing = st
         .opens
@@ -2821,19 +2747,6 @@ fn open_recorded(
     let mut slot_rec = slot_rec;
     slot_rec.opened = Some(h.info.clone());
     slot_rec.settle();
-    if rec
-        .deleg
-        .as_ref()
-        .is_some_and(|d| !may_delegate(sh, LeaseKey(d.lease_key)))
-    {
-        // Its lease is being given back: no delegation. The records
-        // committed with the open name it, so a restore finds it gone and
-        // revoked, as it is.
-        rec.deleg = None;
-        if let Value::Object(m) = &mut slot_rec.reply {
-            m.insert("delegation".into(), Value::Null);
-        }
-    }
     let key = rec.key;
     let deleg = rec.deleg.as_ref().map(|d| (d.other.clone(), d.lease_key));
     st.opens.insert(
@@ -4564,7 +4477,7 @@ struct Opening<'a> {
 
 impl<'a> Opening<'a> {
     fn new(sh: &'a Shared, key: LeaseKey) -> Result<Opening<'a>, Fail> {
-        sh.global()?.opening_starts(key.0);
+        sh.global()?.opening.insert(key.0, None);
         Ok(Opening { sh, key })
     }
 }
@@ -4574,11 +4487,7 @@ impl Drop for Opening<'_> {
         let Ok(mut g) = self.sh.global() else {
             return;
         };
-        if let Some(OpeningState {
-            broken: Some(ack_required),
-            ..
-        }) = g.opening.remove(&self.key.0)
-        {
+        if let Some(Some(ack_required)) = g.opening.remove(&self.key.0) {
             drop(g);
             recall(self.sh, self.key, ack_required);
         }
@@ -4598,10 +4507,9 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
     };
     let Some((cid, other)) = g.lease_client.get(&lease_key.0).cloned() else {
         if let Some(early) = g.opening.get_mut(&lease_key.0) {
-            early.broken = Some(early.broken.unwrap_or(false) || ack_required);
+            *early = Some(early.unwrap_or(false) || ack_required);
             return;
         }
-        g.give_back_queued(lease_key.0);
         drop(g);
         let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
@@ -4611,7 +4519,6 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
         // A later break of what is left finds no delegation: given back
         // here, it is not recalled from a client that no longer holds it.
         g.lease_client.remove(&lease_key.0);
-        g.give_back_queued(lease_key.0);
         drop(g);
         let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
@@ -4745,44 +4652,5 @@ mod status_tests {
         }
         // A lease being broken stays a DELAY.
         assert_eq!(status_of(&refused(ErrorCode::Busy)), "NFS4ERR_DELAY");
-    }
-}
-
-#[cfg(test)]
-mod give_back_tests {
-    use super::*;
-
-    /// Review deleg2 (2): a break of the lease of an OPEN's earlier try,
-    /// which nfsshim knew no delegation of, queues a give-back of its key;
-    /// the OPEN's re-send uses the same key. Granted a delegation because
-    /// filterd still had the lease (its ack pending) when it answered, the
-    /// re-send lost it to the give-back right after: filterd held no
-    /// lease while the client believed it held a delegation.
-    #[test]
-    fn no_delegation_under_a_lease_being_given_back() {
-        let k = uuid::Uuid::new_v4();
-        let mut g = Global::default();
-        g.give_back_queued(k);
-        assert!(!g.may_delegate(k), "a give-back of the key is queued");
-        g.opening_starts(k);
-        assert!(!g.may_delegate(k));
-        // The ack may come after filterd answered the OPEN with the lease.
-        g.give_back_done(k);
-        assert!(
-            !g.may_delegate(k),
-            "the give-back was queued before this OPEN started"
-        );
-        g.opening.remove(&k);
-        assert!(g.may_delegate(k), "a later OPEN finds the lease given back");
-        // One started with no give-back queued may delegate; one queued
-        // meanwhile (the revoked path) holds it back until done.
-        g.opening_starts(k);
-        assert!(g.may_delegate(k));
-        g.give_back_queued(k);
-        g.give_back_queued(k);
-        g.give_back_done(k);
-        assert!(!g.may_delegate(k), "one of two give-backs is still queued");
-        g.give_back_done(k);
-        assert!(g.may_delegate(k));
     }
 }
