@@ -6,15 +6,17 @@ Usage: metadata_sync.py HOST PORT SHARE USER PASSWORD
                HIDDEN attribute), then FLUSH
   through.bin  an open with FILE_WRITE_THROUGH: SET_INFO FileBasic alone
   d            a directory opened with FILE_ADD_FILE: FLUSH
-  stat.bin     made, then opened with FILE_WRITE_ATTRIBUTES and
-               SYNCHRONIZE alone (a stat open, as Windows and cifs set
-               times) and FILE_WRITE_THROUGH: SET_INFO FileBasic
+  m\stat.bin   in directory m (made by the driver), made, then opened
+               with FILE_WRITE_ATTRIBUTES and SYNCHRONIZE alone (a stat
+               open, as Windows and cifs set times) and
+               FILE_WRITE_THROUGH: SET_INFO FileBasic
 
 The driver traces rksmbd's system calls and checks that the FLUSH
 fsyncs flushed.bin (fdatasync leaves times and xattrs out), that
 through.bin's SET_INFO fsyncs it before its answer, and that the
 directory's FLUSH fsyncs it, and that stat.bin's SET_INFO syncs its
-filesystem before its answer. Prints PASS; exits non-zero on any failure.
+filesystem (syncfs of m, never sync) before its answer. Prints PASS;
+exits non-zero on any failure.
 """
 
 from smbprotocol.file_info import FileBasicInformation
@@ -56,10 +58,10 @@ d = open_dir(tree, "d", DirectoryAccessMask.FILE_LIST_DIRECTORY | DirectoryAcces
 d.flush()
 print("ok: d flushed", flush=True)
 d.close()
-create_rw(tree, "stat.bin", CreateDisposition.FILE_OVERWRITE_IF)[0].close()
+create_rw(tree, "m\\stat.bin", CreateDisposition.FILE_OVERWRITE_IF)[0].close()
 f = create_file(
     tree,
-    "stat.bin",
+    "m\\stat.bin",
     FilePipePrinterAccessMask.FILE_WRITE_ATTRIBUTES | FilePipePrinterAccessMask.SYNCHRONIZE,
     ShareAccess.FILE_SHARE_READ,
     options=CreateOptions.FILE_WRITE_THROUGH,

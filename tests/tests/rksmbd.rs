@@ -1874,11 +1874,16 @@ fn end_of_file_writes_from_two_clients_all_land() {
 /// fsync'd before its SET_INFO is answered; directory d's FLUSH fsyncs it.
 /// stat.bin's write-through stat open (FILE_WRITE_ATTRIBUTES, an O_PATH
 /// descriptor, which fsync refuses) syncs its filesystem (`syncfs`)
-/// before its SET_INFO is answered: it synced nothing.
+/// before its SET_INFO is answered: it synced nothing. A re-review found
+/// that it synced the export root's filesystem, and when the file's
+/// st_dev differed from the root's (a btrfs subvolume) every filesystem
+/// of the host (`sync(2)`): stat.bin lies in directory m, and its
+/// filesystem is synced by `syncfs` of m, its parent, never by `sync`.
 #[test]
 fn file_basic_changes_are_made_durable_by_flush_and_write_through() {
     let s = Scratch::new("rksmbd-metadata-sync");
     std::fs::create_dir(s.root().join("d")).unwrap();
+    std::fs::create_dir(s.root().join("m")).unwrap();
     let d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let trace = s.dir.join("strace");
@@ -1887,6 +1892,7 @@ fn file_basic_changes_are_made_durable_by_flush_and_write_through() {
         "fdatasync",
         "fsync",
         "syncfs",
+        "sync",
         "sendto",
         "write",
         "writev",
@@ -1927,6 +1933,15 @@ fn file_basic_changes_are_made_durable_by_flush_and_write_through() {
         set_info_answered("stat.bin").first(),
         Some(&"syncfs"),
         "stat.bin's FileBasic through a stat open was answered before it was synced"
+    );
+    let trace_now = read();
+    assert!(
+        trace_now.lines().any(|l| is_call_on(l, &["syncfs"], "/m>")),
+        "stat.bin's filesystem was synced through its directory m"
+    );
+    assert!(
+        !trace_now.lines().any(|l| is_call_on(l, &["sync"], "")),
+        "sync(2), every filesystem of the host, was called"
     );
     rkfilter_tests::wait_for(
         "directory d's FLUSH fsyncing it",

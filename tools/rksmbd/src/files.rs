@@ -1453,26 +1453,33 @@ fn sync_all(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), u32> {
 /// A FileBasic change through open `o` on stable storage: its descriptor
 /// fsync'd, or, for a stat open's `O_PATH` descriptor (FILE_WRITE_ATTRIBUTES
 /// and SYNCHRONIZE: how Windows and cifs set times), which neither fsync
-/// nor syncfs takes, its filesystem synced through a readable descriptor
-/// of the export root when the file is on the root's filesystem, else
-/// every filesystem (`sync`: a mount beneath the root). Reopening the
-/// file itself for reading would take the `/proc/self/fd` magic link and
-/// count as an open for leases. Before, such an open was answered with
-/// nothing synced.
+/// nor syncfs takes, its filesystem synced: `syncfs` of a readable
+/// descriptor of the file's parent directory, opened beneath the root
+/// ([`sync_dir_of`]): the file's own filesystem, as no path beneath the
+/// root crosses a mount (`RESOLVE_NO_XDEV`) and a rename never crosses
+/// filesystems. Before, the export root's filesystem was synced, and a
+/// file whose st_dev differed from the root's (a btrfs subvolume) took
+/// `sync(2)`, which syncs every filesystem of the host (a hung NFS mount
+/// anywhere hung the thread) and reports no error. `syncfs` reports writeback errors (Linux 5.8), answered as
+/// the failure. Reopening the file itself for reading would take the
+/// `/proc/self/fd` magic link and count as an open for leases. Each such
+/// change pays a `syncfs` of its own.
 fn sync_attributes(sh: &Shared, o: &Open) -> Result<(), u32> {
     let fd = o.fd();
     if !libfilter::sys::is_path_only(fd) {
         return nix::unistd::fsync(fd).map_err(errno_status);
     }
-    let dev = o.meta()?.dev;
-    let root = open_dir(sh, &None)?;
-    let root_dev = nix::sys::stat::fstat(&root).map_err(errno_status)?.st_dev;
-    if root_dev == dev {
-        nix::unistd::syncfs(&root).map_err(errno_status)
-    } else {
-        nix::unistd::sync();
-        Ok(())
-    }
+    let dir = sync_dir_of(o.path.as_ref());
+    let dir = open_dir(sh, &dir).or_else(|_| open_dir(sh, &None))?;
+    nix::unistd::syncfs(&dir).map_err(errno_status)
+}
+
+/// The directory whose filesystem a stat open of `path` syncs: its
+/// parent, the root for a file at the top of the share (or the share
+/// root itself). Should another process have renamed the parent away,
+/// [`sync_attributes`] syncs the root's filesystem instead.
+fn sync_dir_of(path: Option<&RelPath>) -> Option<RelPath> {
+    path.and_then(RelPath::parent)
 }
 
 /// A QUERY_INFO / QUERY_DIRECTORY response body: StructureSize 9, the
