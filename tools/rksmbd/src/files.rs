@@ -1276,19 +1276,27 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     };
     may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
     let at_end = offset == AT_END_OF_FILE;
-    let offset = write_offset(o, offset, len)?;
-    if !io_range_ok(offset, len) {
-        return Err(status::INVALID_PARAMETER);
-    }
-    // An end-of-file write lands where the end is when it runs, which
-    // another writer may have moved since `offset` was read: its check
-    // covers every byte from there on.
-    let checked = if at_end && len > 0 {
-        u64::MAX
+    let (offset, pass) = if at_end && len > 0 {
+        // An end-of-file write lands where the end is when it runs, which
+        // another writer may have moved since the size was read: its check
+        // covers every byte from there on.
+        end_of_file_pass(
+            || Ok(o.meta()?.size),
+            |at| {
+                if !io_range_ok(at, len) {
+                    return Err(status::INVALID_PARAMETER);
+                }
+                check_io(&c.sh, *key, *fid, at, u64::MAX, true)
+            },
+        )?
     } else {
-        u64::from(len)
+        let offset = write_offset(o, offset, len)?;
+        if !io_range_ok(offset, len) {
+            return Err(status::INVALID_PARAMETER);
+        }
+        let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), true)?;
+        (offset, pass)
     };
-    let pass = check_io(&c.sh, *key, *fid, offset, checked, true)?;
     let wrote = if at_end {
         append_all(file, data)
     } else {
@@ -1311,6 +1319,38 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
 
 /// A WRITE's offset 0xFFFF_FFFF_FFFF_FFFF (-1): at the end of file.
 const AT_END_OF_FILE: u64 = u64::MAX;
+
+/// Most times an end-of-file WRITE checks its locks again after the end
+/// moved below the range checked ([`end_of_file_pass`]).
+const END_OF_FILE_TRIES: usize = 8;
+
+/// The offset an end-of-file WRITE's lock check starts at (the size of
+/// the file, read by `size`) and the pass of that check (`check`, over
+/// every byte from the offset on). The size is read again once the check
+/// passed: a truncate committed between the first read and the check was
+/// not held back by it, and the append would land below the checked
+/// range, perhaps inside another open's exclusive lock. Then the pass is
+/// dropped and the check made again from the new size, at most
+/// [`END_OF_FILE_TRIES`] times, then `STATUS_FILE_LOCK_CONFLICT`. While a
+/// pass is held, filterd holds back a size change bracketed by an intent
+/// (a file with persistent handles: it waits for the checked writes in
+/// flight), so there the size read after the check stays a floor until
+/// the write is done. Another size change is made at once: one between
+/// the second read and the write is still missed (docs/smb3.md, Left).
+fn end_of_file_pass<P>(
+    mut size: impl FnMut() -> Result<u64, u32>,
+    mut check: impl FnMut(u64) -> Result<P, u32>,
+) -> Result<(u64, P), u32> {
+    for _ in 0..END_OF_FILE_TRIES {
+        let at = size()?;
+        let pass = check(at)?;
+        if size()? >= at {
+            return Ok((at, pass));
+        }
+        drop(pass);
+    }
+    Err(status::FILE_LOCK_CONFLICT)
+}
 
 /// Appends all of `data` to `file`, each write at the end of file as it is
 /// when the write runs (`pwritev2` with RWF_APPEND): two end-of-file
@@ -2419,6 +2459,57 @@ impl Page {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pass whose drop is counted.
+    struct Pass<'a>(&'a Cell<usize>);
+
+    impl Drop for Pass<'_> {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    /// An end-of-file WRITE whose file shrank between reading the size and
+    /// its lock check passing checks again from the new size, dropping the
+    /// first pass; one whose file keeps shrinking gives up with
+    /// STATUS_FILE_LOCK_CONFLICT; one whose file only grew keeps its pass.
+    #[test]
+    fn an_end_of_file_pass_is_checked_again_below_a_truncate() {
+        let dropped = Cell::new(0);
+        let sizes = std::cell::RefCell::new(vec![100, 40, 40].into_iter());
+        let checked = std::cell::RefCell::new(Vec::new());
+        let (at, pass) = end_of_file_pass(
+            || Ok(sizes.borrow_mut().next().unwrap_or(40)),
+            |at| {
+                checked.borrow_mut().push(at);
+                Ok(Pass(&dropped))
+            },
+        )
+        .unwrap();
+        assert_eq!((at, checked.borrow().clone()), (40, vec![100, 40]));
+        assert_eq!(dropped.get(), 1, "the pass checked from 100 was dropped");
+        drop(pass);
+
+        let shrinking = Cell::new(1000_u64);
+        let r = end_of_file_pass(
+            || {
+                shrinking.set(shrinking.get() - 1);
+                Ok(shrinking.get())
+            },
+            |_| Ok(()),
+        );
+        assert_eq!(r, Err(status::FILE_LOCK_CONFLICT));
+
+        let growing = Cell::new(0_u64);
+        let grown = end_of_file_pass(
+            || {
+                growing.set(growing.get() + 8);
+                Ok(growing.get())
+            },
+            Ok,
+        );
+        assert_eq!(grown, Ok((8, 8)), "a grown file needs no second check");
+    }
 
     /// A marked file is hidden while it is that file; a file under its
     /// inode number with another handle (another generation: inode
