@@ -401,8 +401,9 @@ impl FilterClient {
         features: u64,
         hello_within: Option<Duration>,
     ) -> Result<Self, ClientError> {
-        // Always asked for: it only tells `open` what it may send.
-        let features = features | proto::FEATURE_SHARE_EXEMPT;
+        // Always asked for: they only tell `open` what it may send and
+        // `set_delete_on_close_learnt` what a query's flag means.
+        let features = features | proto::FEATURE_SHARE_EXEMPT | proto::FEATURE_ORDERED_DELETE_QUERY;
         let timeout = call_timeout_from_env();
         let hello_within = hello_within.map_or(timeout, |w| w.min(timeout));
         Self::connect_within(
@@ -1317,6 +1318,10 @@ impl FilterClient {
     /// late change instead, as [`late`] does for locks, would race the
     /// client's own retry (the undo landing after it); the query is answered
     /// before the client is, so its retry comes after.
+    /// A daemon that did not grant [`proto::FEATURE_ORDERED_DELETE_QUERY`]
+    /// answers the query at once, the change perhaps still parked: a flag
+    /// not as asked is then `Unknown`, not `Failed` (the frontend marks the
+    /// open and sets the flag back before its handle goes).
     pub fn set_delete_on_close_learnt(
         &self,
         key: ResumeKey,
@@ -1332,12 +1337,21 @@ impl FilterClient {
                 Ok((Reply::Handle(v), _)) if v.record.delete_on_close == delete => {
                     DeleteOnCloseOutcome::Done
                 }
-                Ok((Reply::Handle(_), _)) => DeleteOnCloseOutcome::Failed(e),
+                Ok((Reply::Handle(_), _)) if self.orders_delete_queries() => {
+                    DeleteOnCloseOutcome::Failed(e)
+                }
                 Ok(_) | Err(_) => DeleteOnCloseOutcome::Unknown(e),
             },
             Err(e @ ClientError::Disconnected) => DeleteOnCloseOutcome::Unknown(e),
             Err(e) => DeleteOnCloseOutcome::Failed(e),
         }
+    }
+
+    /// Whether the daemon runs a learning `Handle` query after the same
+    /// connection's parked `SetDeleteOnClose`
+    /// ([`proto::FEATURE_ORDERED_DELETE_QUERY`]).
+    fn orders_delete_queries(&self) -> bool {
+        self.hello.features & proto::FEATURE_ORDERED_DELETE_QUERY != 0
     }
 
     /// Removes a file by path; with `record`, the reply is recorded for
@@ -2505,6 +2519,75 @@ pub(crate) mod tests {
                 "the hello asks for the bit"
             );
             assert_eq!(sent, granted != 0, "granted {granted}: flag sent {sent}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// A handle view of `key` whose delete on close is unset.
+    fn view_without_delete_on_close(key: ResumeKey) -> HandleView {
+        HandleView {
+            record: crate::model::HandleRecord {
+                key,
+                ..crate::store::tests::rec("f")
+            },
+            fd_open: true,
+            breaking: None,
+        }
+    }
+
+    /// A delete on close that times out, learnt by a query showing the flag
+    /// unset: `Failed` from a daemon that granted
+    /// `FEATURE_ORDERED_DELETE_QUERY` (the query ran after the change), but
+    /// `Unknown` from one that did not (an older daemon answers the query
+    /// at once, the change perhaps still parked behind a lease break). Read
+    /// as `Failed` there (review of 1624469), the frontend neither marked
+    /// the open nor set the flag back, and the late change deleted the file.
+    #[test]
+    fn a_mismatch_learnt_from_a_daemon_without_ordered_queries_is_unknown() {
+        let key = ResumeKey::new_random();
+        for granted in [0, proto::FEATURE_ORDERED_DELETE_QUERY] {
+            let (dir, path, daemon) = fake_daemon_granting(granted, move |c, buf, asked| {
+                let mut next = || {
+                    let Ok(Packet::Data { len, .. }) = sys::recv_packet(c.as_fd(), buf) else {
+                        panic!("no request");
+                    };
+                    proto::decode_request(&buf[..len]).expect("request")
+                };
+                // The change goes unanswered; the query is answered.
+                let change = next();
+                assert!(matches!(change.req, Request::SetDeleteOnClose { .. }));
+                let query = next();
+                assert!(matches!(query.req, Request::Handle { learning: true, .. }));
+                let reply = ServerFrame::Reply {
+                    id: Some(query.id),
+                    result: Ok(Reply::Handle(view_without_delete_on_close(key))),
+                };
+                sys::send_packet(c.as_fd(), &proto::encode(&reply).expect("encode"), None)
+                    .expect("send reply");
+                asked
+            });
+            let mut c = FilterClient::connect_frontend_with(
+                &path,
+                Protocol::new("smb3").expect("protocol"),
+                InstanceName::new("x").expect("instance"),
+                0,
+            )
+            .expect("connect");
+            c.set_timeout(Duration::from_millis(200));
+            let outcome = c.set_delete_on_close_learnt(key, true, None);
+            let asked = daemon.join().expect("daemon");
+            assert_ne!(asked & proto::FEATURE_ORDERED_DELETE_QUERY, 0, "asked");
+            if granted == 0 {
+                assert!(
+                    matches!(outcome, DeleteOnCloseOutcome::Unknown(_)),
+                    "{outcome:?}"
+                );
+            } else {
+                assert!(
+                    matches!(outcome, DeleteOnCloseOutcome::Failed(_)),
+                    "{outcome:?}"
+                );
+            }
             let _ = std::fs::remove_dir_all(&dir);
         }
     }

@@ -45,7 +45,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_TIME_ORDERED_KEYS
     | FEATURE_OPEN_KERNEL_HANDLE
     | FEATURE_REPLAY_REPORTS
-    | FEATURE_WRITE_NOTICES;
+    | FEATURE_WRITE_NOTICES
+    | FEATURE_ORDERED_DELETE_QUERY;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -190,6 +191,17 @@ pub const FEATURE_REPLAY_REPORTS: u64 = 2048;
 /// frontend one send. Without the bit the frontend calls
 /// `BreakReadCaching` ([`crate::client::FilterClient::wrote`]).
 pub const FEATURE_WRITE_NOTICES: u64 = 4096;
+/// Feature: the daemon runs a learning `Handle` query
+/// ([`Request::Handle`]'s `learning`) of a handle after the same
+/// connection's `SetDeleteOnClose` of it that waits for lease breaks, so
+/// the flag it shows is that change's outcome. A daemon without it answers
+/// the query at once, the change perhaps still waiting:
+/// [`crate::client::FilterClient::set_delete_on_close_learnt`] then takes a
+/// flag not as asked for an unknown outcome, not a failure (review of
+/// 1624469: read as failed, the frontend neither marked the open nor set
+/// its flag back, and the late change deleted the file). A frontend's
+/// hello always asks for it.
+pub const FEATURE_ORDERED_DELETE_QUERY: u64 = 8192;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
 /// tell sends it in several notices ([`crate::client::ReplayCounter`]).

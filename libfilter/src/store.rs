@@ -1195,7 +1195,7 @@ pub(crate) fn sample_intent(id: [u8; 16]) -> StoreOp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #[test]
     fn a_fenced_claimant_writes_nothing() {
         let dir = std::env::temp_dir().join(format!("rkf-fence-{}", uuid::Uuid::new_v4()));
@@ -1332,7 +1332,8 @@ mod tests {
         );
     }
 
-    fn rec(path: &str) -> HandleRecord {
+    /// A persistent handle record of `path`, unlocked, delete on close unset.
+    pub(crate) fn rec(path: &str) -> HandleRecord {
         HandleRecord {
             key: ResumeKey::new_random(),
             protocol: Protocol::new("smb").unwrap(),
