@@ -944,6 +944,33 @@ impl Engine {
         })
     }
 
+    /// A `Close` or `Detach` of `key` by `conn`: that connection's
+    /// `SetDeleteOnClose` and learning `Handle` query of `key`, parked
+    /// behind lease breaks, are answered an error and dropped. Left parked,
+    /// the change ran when the break ended: after a detach and a resume of
+    /// the handle on the same connection (a frontend shares one among its
+    /// clients, and a DH2C comes back on it), it set the flag of the
+    /// resumed handle, whose client had been told it failed or never knew
+    /// of it (review of 1624469).
+    fn withdraw_parked_delete_on_close(&mut self, conn: ConnId, key: ResumeKey) {
+        let (gone, kept) = std::mem::take(&mut self.waiting_changes)
+            .into_iter()
+            .partition(|(_, c, _, r)| {
+                *c == conn
+                    && matches!(r, Request::SetDeleteOnClose { key: k, .. }
+                        | Request::Handle { key: k, learning: true } if *k == key)
+            });
+        let gone: Vec<_> = gone;
+        self.waiting_changes = kept;
+        let Some(w) = self.conns.get(&conn).map(|c| c.writer.clone()) else {
+            return;
+        };
+        for (_, _, id, _) in gone {
+            let e = err(ErrorCode::NotFound, "its handle was closed or detached");
+            self.answer(conn, &w, id, Err(e));
+        }
+    }
+
     /// Runs one request. Returns the reply and, for opens and resumes, the
     /// handle whose descriptor goes with it.
     /// `Ok(None)`: the request is parked and will be answered later.
@@ -1221,13 +1248,16 @@ impl Engine {
                 record,
             } => {
                 let (protocol, _) = need_frontend()?;
+                // Not held to `wait_limit`, as the learning query is not:
+                // it is the frontend's set-back of a change parked within
+                // the limit, or its client's retry (review of 1624469:
+                // refused, the handle went with the parked change's flag).
                 if let Some(file) = self.delete_on_close_parked(conn, key) {
                     let req = Request::SetDeleteOnClose {
                         key,
                         delete,
                         record,
                     };
-                    self.wait_limit()?;
                     self.waiting_changes.push((file, conn, req_id, req));
                     return Ok(None);
                 }
@@ -1390,6 +1420,7 @@ impl Engine {
                         "put: a close cannot record into the closed handle's own scope",
                     ));
                 }
+                self.withdraw_parked_delete_on_close(conn, key);
                 // The last open of a file, non-persistent with delete on
                 // close, while a persistent handle's close of the file
                 // commits: the unlink waits for that commit
@@ -1438,6 +1469,7 @@ impl Engine {
             Request::Detach { key } => {
                 need_frontend()?;
                 self.attached_to(conn, key)?;
+                self.withdraw_parked_delete_on_close(conn, key);
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.handles.remove(&key);
                 }
