@@ -521,50 +521,22 @@ pub(crate) struct Listing {
 /// only the open's `release` set the flag back, the detach or close went
 /// with filterd's flag — a DH2C took it over and its CLOSE deleted the
 /// file its client was told stays (review of 1624469).
-///
-/// Marked before a change is sent, with the flag the client was told so
-/// far, and settled when it is answered: marked only once the outcome was
-/// learnt unknown, a release on another thread while the change was in
-/// flight set nothing back (review of 1624469). A set-back holds the mark
-/// across its call, so a change begins before or after it, and bumps the
-/// generation, so a change answered while it ran stays marked (the
-/// set-back may have landed after it): before, a set-back that had read
-/// the mark could undo a change answered since, its clear overwritten.
 #[derive(Clone, Debug, Default)]
-pub struct DeleteUnsure(std::sync::Arc<std::sync::Mutex<Unsure>>);
-
-/// [`DeleteUnsure`]'s state.
-#[derive(Debug, Default)]
-pub struct Unsure {
-    /// What to set filterd's flag back to: what the client was last told.
-    told: Option<bool>,
-    /// Bumped by each change begun and each set-back sent.
-    generation: u64,
-}
+pub struct DeleteUnsure(std::sync::Arc<std::sync::Mutex<Option<bool>>>);
 
 impl DeleteUnsure {
-    fn slot(&self) -> std::sync::MutexGuard<'_, Unsure> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<bool>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Before a change of the flag is sent: marked unsure with `told`,
-    /// what the client was told so far. Returns the change's generation,
-    /// for [`DeleteUnsure::settle`]. An outcome learnt unknown leaves the
-    /// mark.
-    pub fn begin(&self, told: bool) -> u64 {
-        let mut s = self.slot();
-        s.told = Some(told);
-        s.generation += 1;
-        s.generation
+    /// Marks the flag unsure; `told` is what the client was last told.
+    pub fn mark(&self, told: bool) {
+        *self.slot() = Some(told);
     }
 
-    /// The change of `generation` answered (done or refused): filterd's
-    /// flag is `told`, what the client is now told. Still marked, with
-    /// `told`, when a set-back was sent meanwhile (it may have landed after
-    /// the change).
-    pub fn settle(&self, generation: u64, told: bool) {
-        let mut s = self.slot();
-        s.told = (s.generation != generation).then_some(told);
+    /// A change answered: filterd's flag is the told one again.
+    pub fn clear(&self) {
+        *self.slot() = None;
     }
 
     /// When marked, sets filterd's flag of `key` back to what the client
@@ -575,25 +547,14 @@ impl DeleteUnsure {
     /// refused or unanswered, it is logged and the mark kept, for a
     /// later release to try again.
     pub fn set_back(&self, sh: &Shared, key: ResumeKey) {
-        self.set_back_by(|told| {
-            sh.filter
-                .client()
-                .set_delete_on_close(key, told, None)
-                .map_err(|e| {
-                    tracing::warn!(resume_key = %key, error = %e, "delete on close not set back");
-                })
-        });
-    }
-
-    /// [`DeleteUnsure::set_back`] by `send`, called with the mark held.
-    fn set_back_by(&self, send: impl FnOnce(bool) -> Result<(), ()>) {
-        let mut s = self.slot();
-        let Some(told) = s.told else {
+        let Some(told) = *self.slot() else {
             return;
         };
-        s.generation += 1;
-        if send(told).is_ok() {
-            s.told = None;
+        match sh.filter.client().set_delete_on_close(key, told, None) {
+            Ok(()) => self.clear(),
+            Err(e) => {
+                tracing::warn!(resume_key = %key, error = %e, "delete on close not set back");
+            }
         }
     }
 }
@@ -1713,14 +1674,10 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                     // filterd answers once other keys' handle caching is
                     // broken and acknowledged, maybe by this very client.
                     let key = *key;
-                    let unsure = o.delete_unsure.clone();
-                    let generation = unsure.begin(o.delete_on_close);
-                    let told = o.delete_on_close;
                     let outcome = serving(c, move |client| {
                         client.set_delete_on_close_learnt(key, delete, None)
                     })?;
-                    delete_on_close_learnt(&unsure, generation, told, outcome)?;
-                    unsure.settle(generation, delete);
+                    delete_on_close_learnt(c, id, outcome)?;
                 }
                 Kind::Dir { fd, .. } => {
                     if o.path.is_none() {
@@ -1733,6 +1690,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             if let Some(o) = c.opens.get_mut(&id) {
                 o.delete_on_close = delete;
+                o.delete_unsure.clear();
                 sh.delete_pending
                     .set(o.fd(), delete, sh.root.as_fd(), o.path.as_ref());
             }
@@ -1808,22 +1766,22 @@ fn set_times(fd: std::os::fd::BorrowedFd<'_>, atime: u64, mtime: u64) -> Result<
 /// went unanswered is answered by the flag filterd shows after it, not
 /// STATUS_FILE_NOT_AVAILABLE over a flag filterd set late — a client that
 /// closed then had its file deleted (review of session 32). When even
-/// that is unknown, the open stays marked (`unsure`, marked with `told`
-/// before the change was sent as `generation`): its flag is set back to
-/// what the client was last told before its handle goes.
+/// that is unknown, the open is marked: its flag is set back to what the
+/// client was last told (`Open::delete_on_close`) before its handle goes.
 fn delete_on_close_learnt(
-    unsure: &DeleteUnsure,
-    generation: u64,
-    told: bool,
+    c: &mut Connection,
+    id: u64,
     outcome: DeleteOnCloseOutcome,
 ) -> Result<(), u32> {
     match outcome {
         DeleteOnCloseOutcome::Done => Ok(()),
-        DeleteOnCloseOutcome::Failed(e) => {
-            unsure.settle(generation, told);
+        DeleteOnCloseOutcome::Failed(e) => Err(status_of(&e)),
+        DeleteOnCloseOutcome::Unknown(e) => {
+            if let Some(o) = c.opens.get(&id) {
+                o.delete_unsure.mark(o.delete_on_close);
+            }
             Err(status_of(&e))
         }
-        DeleteOnCloseOutcome::Unknown(e) => Err(status_of(&e)),
     }
 }
 
@@ -2555,39 +2513,6 @@ mod tests {
             Ok,
         );
         assert_eq!(grown, Ok((8, 8)), "a grown file needs no second check");
-    }
-
-    /// A set-back sent while a change of the flag is in flight (a release
-    /// from another connection) leaves the open marked with what the
-    /// change's answer tells its client: the set-back may have landed after
-    /// the change. Before (review of 1624469) the change's answer cleared
-    /// the mark, and the handle went with the flag set back under a client
-    /// told the change was made. A set-back holds the mark across its call,
-    /// so no change begins meanwhile.
-    #[test]
-    fn a_change_answered_around_a_set_back_stays_unsure() {
-        let unsure = DeleteUnsure::default();
-        let generation = unsure.begin(false);
-        let mut sent = Vec::new();
-        unsure.set_back_by(|told| {
-            assert!(unsure.0.try_lock().is_err(), "the mark is held");
-            sent.push(told);
-            Ok(())
-        });
-        assert_eq!(sent, [false], "marked before the change was answered");
-        unsure.settle(generation, true);
-        unsure.set_back_by(|told| {
-            sent.push(told);
-            Ok(())
-        });
-        assert_eq!(sent, [false, true], "set back to what the client is told");
-        let generation = unsure.begin(true);
-        unsure.settle(generation, false);
-        unsure.set_back_by(|told| {
-            sent.push(told);
-            Ok(())
-        });
-        assert_eq!(sent, [false, true], "a change answered alone settles it");
     }
 
     /// A marked file is hidden while it is that file; a file under its
