@@ -158,6 +158,12 @@ const MAX_BATCH: usize = 1024;
 /// `Engine::frontend_pids`).
 const MAX_FRONTENDS_GONE: usize = 64;
 
+/// Requests of one connection about one key parked behind its own parked
+/// `SetDeleteOnClose` (the change counted) that are not held to
+/// `--max-pending-breaks` (`Engine::park_behind_delete_on_close`): the
+/// change, its learning query, its set-back, and a retry.
+const FOLLOWERS_EXEMPT: usize = 4;
+
 /// The engine.
 pub struct Engine {
     cfg: Config,
@@ -944,6 +950,43 @@ impl Engine {
         })
     }
 
+    /// Requests of `conn` about `key` parked behind its parked
+    /// `SetDeleteOnClose` of `key` (the change itself counted too).
+    fn parked_behind_delete_on_close(&self, conn: ConnId, key: ResumeKey) -> usize {
+        self.waiting_changes
+            .iter()
+            .filter(|(_, c, _, r)| {
+                *c == conn
+                    && matches!(r, Request::SetDeleteOnClose { key: k, .. }
+                        | Request::Handle { key: k, learning: true } if *k == key)
+            })
+            .count()
+    }
+
+    /// Parks a learning query or a `SetDeleteOnClose` of `key` behind
+    /// `conn`'s own parked change of it (`file`'s). The first few are not
+    /// held to `wait_limit` — the learning query and the set-back of a
+    /// change parked within the limit: refused, the frontend could not
+    /// learn its outcome or set it back (review of 1624469) — but past
+    /// [`FOLLOWERS_EXEMPT`] they are: a frontend sending them in a loop
+    /// filled the waiting list without bound and had every other client's
+    /// waiting request refused (re-review rr-doc3).
+    fn park_behind_delete_on_close(
+        &mut self,
+        file: FileId,
+        conn: ConnId,
+        req_id: u64,
+        req: Request,
+    ) -> Result<(), WireError> {
+        if let Request::SetDeleteOnClose { key, .. } | Request::Handle { key, .. } = &req {
+            if self.parked_behind_delete_on_close(conn, *key) >= FOLLOWERS_EXEMPT {
+                self.wait_limit()?;
+            }
+        }
+        self.waiting_changes.push((file, conn, req_id, req));
+        Ok(())
+    }
+
     /// A `Close` or `Detach` of `key` by `conn`: that connection's
     /// `SetDeleteOnClose` and learning `Handle` query of `key`, parked
     /// behind lease breaks, are answered an error and dropped. Left parked,
@@ -1258,7 +1301,7 @@ impl Engine {
                         delete,
                         record,
                     };
-                    self.waiting_changes.push((file, conn, req_id, req));
+                    self.park_behind_delete_on_close(file, conn, req_id, req)?;
                     return Ok(None);
                 }
                 let record = record
@@ -1505,7 +1548,7 @@ impl Engine {
                     .flatten();
                 if let Some(file) = parked {
                     let req = Request::Handle { key, learning };
-                    self.waiting_changes.push((file, conn, req_id, req));
+                    self.park_behind_delete_on_close(file, conn, req_id, req)?;
                     return Ok(None);
                 }
                 self.handles

@@ -4116,6 +4116,34 @@ fn a_change_behind_its_own_parked_delete_on_close_is_not_limited() {
     assert!(!h.engine.handles[&key].rec.delete_on_close);
 }
 
+/// Only the first few requests parked behind a connection's own parked
+/// delete on close escape `--max-pending-breaks`: a frontend sending
+/// them in a loop filled the waiting list without bound, and every other
+/// client's waiting request was refused (re-review rr-doc3).
+#[test]
+fn followers_of_a_parked_delete_on_close_are_limited_past_a_few() {
+    use libfilter::proto::ErrorCode;
+    let (mut h, _k, key) = a_deleter_beside_an_rh_lease();
+    let doc = set_delete_on_close(&mut h, key, true);
+    h.commit(true);
+    assert!(h.reply(doc).is_none(), "the delete on close waits");
+    h.engine.cfg.max_pending_breaks = 1;
+    let parked: Vec<_> = (1..FOLLOWERS_EXEMPT)
+        .map(|i| set_delete_on_close(&mut h, key, i % 2 == 0))
+        .collect();
+    h.commit(true);
+    for id in parked {
+        assert!(h.reply(id).is_none(), "parked within the few");
+    }
+    let past = set_delete_on_close(&mut h, key, false);
+    h.commit(true);
+    assert!(
+        matches!(h.reply(past), Some(Err(ref e)) if e.code == ErrorCode::LimitReached),
+        "{:?}",
+        h.reply(past)
+    );
+}
+
 /// Windows' break chain (smbtorture smb2.lease.breaking3, MS-SMB2 3.3.4.7):
 /// an open waiting for an RWH lease's break to RH, and an overwrite that
 /// meets the lease mid-break, wait for the whole chain — RH, then R (one
