@@ -515,10 +515,23 @@ fn a_clients_own_write_open_does_not_recall_its_delegation() {
     // Another open-owner of the same client, for writing.
     let r = a.open("q", "f", "write", "none", json!({}));
     assert_eq!(r["status"], "NFS4_OK", "its own write open: {r}");
-    ok(a.call(json!({"op": "CLOSE", "stateid": r["stateid"]})));
+    // A WRITE and a LOCK through that other open-owner do not recall it
+    // either (`break_read_caching_of`): a recall would come as a line
+    // before the next reply, or on its own.
+    let q = r["stateid"].clone();
+    ok(a.call(json!({"op": "WRITE", "stateid": q, "offset": 0, "data": b64("g")})));
+    ok(a.call(
+        json!({"op": "LOCK", "stateid": q, "owner": "lo-q", "type": "write", "offset": 0, "length": 1}),
+    ));
+    a.c.set_read_timeout(Duration::from_millis(300));
+    assert_eq!(a.c.next_line(), None, "no recall of its own delegation");
+    a.c.set_read_timeout(Duration::from_secs(60));
     let mut b = Nfs::connect(&nfs.addr, "host-b", "0000000000000e12");
     let r = b.open("q", "f", "write", "none", json!({}));
     assert_eq!(r["status"], "NFS4ERR_DELAY", "another client's: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
 }
 
 #[test]

@@ -140,18 +140,22 @@ impl Engine {
     /// change does not wait for acknowledgements. The writer's own lease
     /// stays, and so does one held only by handles of its share group (an
     /// nfsl/1 open-owner's delegation, written through a lock-owner's
-    /// handle of its own).
+    /// handle of its own) or a delegation of the writer's own client
+    /// through the same frontend (RFC 8881 §10.4: the client resolves
+    /// conflicts among its own opens, as [`Self::break_leases_for`]).
     pub(super) fn break_read_caching_of(&mut self, key: ResumeKey) {
         let Some(h) = self.handles.get(&key) else {
             return;
         };
         let (file, own) = (h.rec.file, h.rec.lease.map(|l| l.key));
         let group = super::opens::ShareGroup::of_handle(h);
+        let writer = (h.rec.client.clone(), h.rec.frontend.clone());
         self.break_leases(file, own, |_, state, keys, this| {
             let ours = |k: &ResumeKey| {
-                group
-                    .as_ref()
-                    .is_some_and(|g| this.handles.get(k).is_some_and(|h| g.holds(h)))
+                this.handles.get(k).is_some_and(|h| {
+                    group.as_ref().is_some_and(|g| g.holds(h))
+                        || own_delegation(h, Some((&writer.0, &writer.1)))
+                })
             };
             if keys.iter().all(ours) {
                 return None;
