@@ -133,6 +133,16 @@ struct Shared {
     synced: AtomicU64,
     /// Unchecked I/O in flight, per file.
     gate: IoGate,
+    /// Write notices that could not be sent when the write was made
+    /// ([`Attachment::wrote`]), one per key, for the `write-notices`
+    /// thread. Bounded by the handles written since the last flush.
+    /// Each key's value is the `deferred` count of its latest deferral, so
+    /// that a flush takes out only notices it sent, not a later one.
+    unsent: Mutex<HashMap<ResumeKey, u64>>,
+    /// Signalled when a key is put in `unsent`.
+    unsent_added: Condvar,
+    /// Write notices ever deferred (for tests and operators).
+    deferred: AtomicU64,
 }
 
 /// The I/O gate: which files have unchecked reads or writes in flight, and
@@ -368,6 +378,9 @@ impl Attachment {
             generation: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             gate: IoGate::default(),
+            unsent: Mutex::new(HashMap::new()),
+            unsent_added: Condvar::new(),
+            deferred: AtomicU64::new(0),
         });
         let sup = shared.clone();
         std::thread::Builder::new()
@@ -377,6 +390,10 @@ impl Attachment {
         std::thread::Builder::new()
             .name("lock-hint-acks".into())
             .spawn(move || acknowledge_hints(acks))?;
+        let notices = shared.clone();
+        std::thread::Builder::new()
+            .name("write-notices".into())
+            .spawn(move || flush_write_notices(notices))?;
         Ok(Attachment { shared, events: rx })
     }
 
@@ -730,6 +747,26 @@ impl Attachment {
         self.client().detach(key)
     }
 
+    /// After a write (or a copy) through `key`: other keys' read caching
+    /// of its file must go ([`FilterClient::try_wrote`]). Never waits and
+    /// never fails the connection: a notice that cannot go now (filterd's
+    /// socket is full — it is stopped or busy —, or it is away, or this
+    /// frontend has not applied its reattach yet) is kept, once per key,
+    /// and sent by the `write-notices` thread as soon as it can, after a
+    /// reattach to the new daemon. Before, a stopped filterd held every
+    /// write for the call timeout and then lost the whole frontend.
+    pub fn wrote(&self, key: ResumeKey) {
+        if self.io_ready() && matches!(self.client().try_wrote(key), Ok(true)) {
+            return;
+        }
+        defer_wrote(&self.shared, key);
+    }
+
+    /// Write notices deferred so far ([`Attachment::wrote`]).
+    pub fn deferred_write_notices(&self) -> u64 {
+        self.shared.deferred.load(Ordering::Relaxed)
+    }
+
     /// Handles this attachment would resume after a daemon restart.
     pub fn remembered(&self) -> usize {
         self.shared.handles.lock().map(|m| m.len()).unwrap_or(0)
@@ -738,10 +775,85 @@ impl Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        // The supervisor and the hint-ack thread hold their own Arcs; only
-        // the last handle stops them.
-        if Arc::strong_count(&self.shared) <= 3 {
+        // The supervisor, the hint-ack and the write-notice threads hold
+        // their own Arcs; only the last handle stops them.
+        if Arc::strong_count(&self.shared) <= 4 {
             self.shared.stop.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Keeps `key`'s write notice for the `write-notices` thread.
+fn defer_wrote(shared: &Shared, key: ResumeKey) {
+    let Ok(mut unsent) = shared.unsent.lock() else {
+        return;
+    };
+    if unsent.is_empty() {
+        tracing::warn!(resume_key = %key, "write notice deferred: filterd is not taking them now");
+    }
+    unsent.insert(key, shared.deferred.fetch_add(1, Ordering::Relaxed));
+    shared.unsent_added.notify_one();
+}
+
+/// How long the `write-notices` thread waits before trying again while
+/// filterd takes no notices.
+const NOTICE_RETRY: Duration = Duration::from_millis(20);
+
+/// The `write-notices` thread: sends the deferred write notices whenever
+/// the frontend is attached and synced and filterd's socket has room,
+/// until the attachment stops. A notice for a handle closed meanwhile is
+/// refused by filterd (nothing else to break through it).
+fn flush_write_notices(shared: Arc<Shared>) {
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let keys: Vec<(ResumeKey, u64)> = {
+            let Ok(unsent) = shared.unsent.lock() else {
+                return;
+            };
+            let Ok((unsent, _)) =
+                shared
+                    .unsent_added
+                    .wait_timeout_while(unsent, Duration::from_millis(200), |u| u.is_empty())
+            else {
+                return;
+            };
+            unsent.iter().map(|(k, n)| (*k, *n)).collect()
+        };
+        if keys.is_empty() {
+            continue;
+        }
+        let ready =
+            shared.synced.load(Ordering::Acquire) == shared.generation.load(Ordering::Acquire);
+        let client = match shared.current.read() {
+            Ok(c) => c.clone(),
+            Err(_) => return,
+        };
+        let mut sent = Vec::new();
+        if ready && !client.peer_gone() {
+            for (key, n) in keys {
+                if !matches!(client.try_wrote(key), Ok(true)) {
+                    break;
+                }
+                sent.push((key, n));
+            }
+        }
+        let left = match shared.unsent.lock() {
+            Ok(mut unsent) => {
+                for (k, n) in &sent {
+                    if unsent.get(k) == Some(n) {
+                        unsent.remove(k);
+                    }
+                }
+                unsent.len()
+            }
+            Err(_) => return,
+        };
+        if left > 0 {
+            std::thread::sleep(NOTICE_RETRY);
+        } else {
+            tracing::info!("deferred write notices sent");
         }
     }
 }

@@ -1226,6 +1226,13 @@ impl FilterClient {
         if self.hello.features & proto::FEATURE_WRITE_NOTICES == 0 {
             return Self::expect_done(self.call(Request::BreakReadCaching { key })?);
         }
+        let bytes = self.wrote_frame(key)?;
+        send_one_way(&self.inner, &bytes);
+        Ok(())
+    }
+
+    /// The encoded [`Request::Wrote`] of `key`, on a live connection.
+    fn wrote_frame(&self, key: ResumeKey) -> Result<Vec<u8>, ClientError> {
         if self.inner.dead.load(Ordering::Acquire) {
             return Err(ClientError::Disconnected);
         }
@@ -1234,10 +1241,25 @@ impl FilterClient {
             id,
             req: Request::Wrote { key },
         };
-        let bytes = proto::encode_request(self.inner.encoding, &frame)
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-        send_one_way(&self.inner, &bytes);
-        Ok(())
+        proto::encode_request(self.inner.encoding, &frame)
+            .map_err(|e| ClientError::Unexpected(e.to_string()))
+    }
+
+    /// [`FilterClient::wrote`] that never waits: `Ok(false)` when the
+    /// notice could not go now (filterd's socket buffer is full — a stopped
+    /// or busy daemon) and nothing was sent, so the caller can keep the key
+    /// and send it later ([`crate::attach::Attachment::wrote`]). A full
+    /// buffer does not fail the connection: a write must not wait for, nor
+    /// drop, a daemon that is only slow. Against a daemon without
+    /// [`proto::FEATURE_WRITE_NOTICES`] it is the (blocking) call.
+    pub fn try_wrote(&self, key: ResumeKey) -> Result<bool, ClientError> {
+        if self.hello.features & proto::FEATURE_WRITE_NOTICES == 0 {
+            self.wrote(key)?;
+            return Ok(true);
+        }
+        let bytes = self.wrote_frame(key)?;
+        sys::send_packet_nonblocking(self.inner.sock.as_fd(), &bytes, None)
+            .map_err(|_| ClientError::Disconnected)
     }
 
     /// Lock hints: acknowledges [`Event::LocksPresent`] for `file`.
@@ -1966,7 +1988,15 @@ fn late_answer(inner: &Inner, id: u64, result: &Result<Reply, WireError>) {
         return;
     };
     let Some(undo) = inner.late.lock().ok().and_then(|mut l| {
-        let undo = l.take(id)?;
+        let Some(undo) = l.take(id) else {
+            // No call waits for it: a refused one-way request (a write
+            // notice through a handle closed meanwhile, an `IoDone`) is
+            // said, not dropped in silence.
+            if let Err(e) = result {
+                tracing::warn!(id, error = %e, "filterd refused a one-way request");
+            }
+            return None;
+        };
         let undo = result.as_ref().ok().and_then(|r| undo.undo(r));
         // A replay or resume was answered with it already: it is held.
         let handed = undo.as_ref().is_some_and(|u| l.handed_out_since(u.key()));

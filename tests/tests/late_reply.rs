@@ -1630,3 +1630,56 @@ fn a_logoff_answers_before_closing_its_unanswered_creates() {
         handles(&d).is_empty().then_some(())
     });
 }
+
+/// Every WRITE tells filterd (`Request::Wrote`) so that other keys' read
+/// caching breaks. Before the fix the notice was a blocking send: with
+/// filterd stopped, its socket filled after a few hundred notices, every
+/// later WRITE waited the call timeout, and then the connection was given
+/// up — filterd took the whole frontend as lost and detached its handles.
+/// Now a notice that cannot go at once is kept and sent later: thousands
+/// of WRITEs to files without locks finish promptly while filterd is
+/// stopped, and afterwards every handle is still attached.
+#[test]
+fn writes_go_on_while_filterd_is_stopped_and_lose_no_handle() {
+    let (_s, d, smb) = setup("stopped-writes");
+    let (mut c, sid) = smb_session(&smb.addr);
+    let fids: Vec<Value> = (0..4)
+        .map(|i| {
+            let r = c.call(
+                json!({"cmd": "CREATE", "session_id": sid, "path": format!("w{i}"),
+                "access": ["read", "write"], "share": ["read", "write"], "disposition": "create"}),
+            );
+            assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+            r["file_id"].clone()
+        })
+        .collect();
+    let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 4096]);
+    d.stop();
+    let t0 = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..3000u64 {
+        let w0 = std::time::Instant::now();
+        let fid = &fids[usize::try_from(i % 4).unwrap()];
+        let r = c.call(json!({"cmd": "WRITE", "session_id": sid, "file_id": fid,
+            "offset": (i / 4) * 4096, "data": data}));
+        slowest = slowest.max(w0.elapsed());
+        assert_eq!(r["status"], "STATUS_SUCCESS", "write {i}: {r}");
+        assert!(
+            slowest < Duration::from_millis(500),
+            "write {i} waited for the stopped filterd: {slowest:?}"
+        );
+    }
+    d.signal(Signal::SIGCONT);
+    eprintln!(
+        "3000 writes with filterd stopped: {:?}, the slowest {slowest:?}",
+        t0.elapsed()
+    );
+    // No handle was detached: all four still attached, and usable.
+    let h = handles(&d);
+    assert_eq!(h.len(), 4, "{h:?}");
+    assert!(h.iter().all(|(_, st)| st != "disconnected"), "{h:?}");
+    for fid in &fids {
+        let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+}

@@ -201,7 +201,8 @@ const FEATURES: u64 = libfilter::proto::FEATURE_LOCK_HINTS
     | libfilter::proto::FEATURE_RETRY_CODE
     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
     | libfilter::proto::FEATURE_OPEN_KERNEL_HANDLE
-    | libfilter::proto::FEATURE_REPLAY_REPORTS;
+    | libfilter::proto::FEATURE_REPLAY_REPORTS
+    | libfilter::proto::FEATURE_WRITE_NOTICES;
 
 /// NFS4ERR_DELAY because filterd cannot be reached: the slot does not
 /// advance (the client re-sends with the same seqid).
@@ -3248,9 +3249,9 @@ fn write(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     // Other clients' read caching (an SMB client's R or RH lease) goes,
     // also after a failed write (it may have landed in part).
     let key = io_key(o, &n);
-    if let Err(e) = ctx.sh.filter.client().wrote(key) {
-        eprintln!("nfsshim: read caching of handle {key}'s file not broken: {e}");
-    }
+    // Never waits (this holds the client's state): a notice filterd
+    // cannot take now is sent later.
+    ctx.sh.filter.wrote(key);
     wrote.map_err(|e| io_fail(&e))?;
     // Every nfsl/1 open is a persistent handle: the data is on stable
     // storage before the reply (FILE_SYNC), shared with concurrent writers.

@@ -1251,9 +1251,8 @@ fn read_full(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<
 /// finds the lease broken). The request does not wait for the
 /// acknowledgements. (A LOCK breaks them in filterd, as it grants.)
 pub(crate) fn break_read_caching(sh: &Shared, key: ResumeKey) {
-    if let Err(e) = sh.filter.client().wrote(key) {
-        tracing::warn!(resume_key = %key, error = %e, "read caching not broken");
-    }
+    // Never waits: a notice filterd cannot take now is sent later.
+    sh.filter.wrote(key);
 }
 
 /// WRITE (2.2.21).

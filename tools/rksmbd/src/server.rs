@@ -378,7 +378,8 @@ fn opens_allowed() -> usize {
 const FEATURES: u64 = libfilter::proto::FEATURE_RENAME_DIRECTORY
     | libfilter::proto::FEATURE_RESUME_OWNER
     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
-    | libfilter::proto::FEATURE_REPLAY_REPORTS;
+    | libfilter::proto::FEATURE_REPLAY_REPORTS
+    | libfilter::proto::FEATURE_WRITE_NOTICES;
 
 /// How often the replays rksmbd answered itself are told to filterd.
 const REPLAY_REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);

@@ -441,8 +441,11 @@ fn attach_members(
                 filter,
                 protocol.clone(),
                 name.clone(),
-                // Its `file_id` is the whole resume key.
-                libfilter::proto::FEATURE_LOCK_HINTS | libfilter::proto::FEATURE_TIME_ORDERED_KEYS,
+                // Its `file_id` is the whole resume key; write notices one
+                // way (a WRITE never waits for filterd).
+                libfilter::proto::FEATURE_LOCK_HINTS
+                    | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
+                    | libfilter::proto::FEATURE_WRITE_NOTICES,
                 shimline::cli::FILTERD_START_WAIT,
                 &mut shimline::cli::say_waiting_for_filterd(
                     "smbshim",
@@ -1942,9 +1945,8 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     drop(pass);
     // Other clients' read caching goes, also after a failed write (it may
     // have landed in part): MS-FSA 2.1.4.12.
-    if let Err(e) = member.filter.client().wrote(key) {
-        eprintln!("smbshim: read caching of handle {key}'s file not broken: {e}");
-    }
+    // Never waits: a notice filterd cannot take now is sent later.
+    member.filter.wrote(key);
     wrote.map_err(|e| io_fail(&e))?;
     if o.persistent {
         // On stable storage before the reply (continuous availability).
