@@ -116,15 +116,12 @@ impl Engine {
         conn: ConnId,
         key: ResumeKey,
     ) -> Result<(), WireError> {
-        // Only a handle that may write can change the file: a read-only or
-        // stat open must not break other keys' caching (a byte-range lock
-        // breaks it on its own path, `locks.rs`).
-        self.attached_with(
-            conn,
-            key,
-            libfilter::model::Rights::WRITE,
-            "a write notice needs a handle opened for writing",
-        )?;
+        if !self.handles.get(&key).is_some_and(|h| h.conn == Some(conn)) {
+            return Err(err(
+                ErrorCode::NoSuchHandle,
+                format!("handle {key} is not attached to this connection"),
+            ));
+        }
         self.break_read_caching_of(key);
         Ok(())
     }
