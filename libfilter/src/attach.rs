@@ -721,6 +721,7 @@ impl Attachment {
         put: Vec<crate::model::RecordSpec>,
         delete: Vec<(crate::model::ReplayScope, u64)>,
     ) -> Result<(), ClientError> {
+        self.send_kept_notice(key);
         let r = self.client().close_recording(key, put, delete);
         // Forgotten only once filterd answered that the handle is not
         // (or no longer) this frontend's: after any other failure (gone,
@@ -744,7 +745,30 @@ impl Attachment {
     /// whoever the client reconnects through, not by this attachment.
     pub fn detach(&self, key: ResumeKey) -> Result<(), ClientError> {
         self.forget(key);
+        self.send_kept_notice(key);
         self.client().detach(key)
+    }
+
+    /// Sends `key`'s kept write notice, if one waits, before a request that
+    /// ends this connection's hold on the handle (a close, a detach), in
+    /// order on the same socket, waiting for room as that request will.
+    /// Sent after it by the `write-notices` thread, filterd refused it (the
+    /// handle no longer this connection's) and the break was lost: another
+    /// key's R lease kept stale data after a write and a close, which a
+    /// merely busy filterd's full socket was enough for (re-review
+    /// rr-rcache2).
+    fn send_kept_notice(&self, key: ResumeKey) {
+        let kept = self
+            .shared
+            .unsent
+            .lock()
+            .map(|mut u| u.remove(&key).is_some())
+            .unwrap_or(false);
+        if kept {
+            if let Err(e) = self.client().wrote(key) {
+                tracing::warn!(resume_key = %key, error = %e, "a kept write notice not sent before its handle went");
+            }
+        }
     }
 
     /// After a write (or a copy) through `key`: other keys' read caching
@@ -1208,7 +1232,59 @@ fn attached_here(shared: &Shared, client: &FilterClient, key: ResumeKey) -> Here
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::tests::pushing_daemon;
+    use crate::client::tests::{fake_daemon_granting, pushing_daemon};
+
+    /// A write notice kept for the `write-notices` thread goes before a
+    /// close of its handle, on the same socket: sent after it, filterd
+    /// refused it (the handle gone) and the break was lost (re-review
+    /// rr-rcache2).
+    #[test]
+    fn a_kept_write_notice_goes_before_its_handles_close() {
+        use crate::proto::{self, Reply, Request, ServerFrame};
+        use crate::sys::{self, Packet};
+        use std::os::fd::AsFd;
+        let key = ResumeKey::new_random();
+        let (dir, path, daemon) =
+            fake_daemon_granting(proto::FEATURE_WRITE_NOTICES, move |c, buf, _| {
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(Packet::Data { len, .. }) = sys::recv_packet(c.as_fd(), buf) else {
+                        return seen;
+                    };
+                    let Ok(f) = proto::decode_request(&buf[..len]) else {
+                        return seen;
+                    };
+                    match f.req {
+                        Request::Wrote { key: k } if k == key => seen.push("wrote"),
+                        Request::Close { key: k, .. } if k == key => {
+                            seen.push("close");
+                            let reply = ServerFrame::Reply {
+                                id: Some(f.id),
+                                result: Ok(Reply::Done),
+                            };
+                            let bytes = proto::encode(&reply).expect("encode");
+                            sys::send_packet(c.as_fd(), &bytes, None).expect("reply");
+                            return seen;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        let a = Attachment::connect(
+            &path,
+            Protocol::new("t").expect("protocol"),
+            InstanceName::new("t").expect("instance"),
+        )
+        .expect("attach");
+        // filterd took no notice now: kept for the write-notices thread.
+        defer_wrote(&a.shared, key);
+        a.close(key).expect("close");
+        let seen = daemon.join().expect("daemon");
+        assert_eq!(seen.first(), Some(&"wrote"), "{seen:?}");
+        assert_eq!(seen.last(), Some(&"close"));
+        drop(a);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Issue 13 #2: the supervisor used try_send into bounded(1024) and
     /// dropped events when the frontend fell behind. Now a frontend that

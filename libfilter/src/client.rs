@@ -2200,7 +2200,7 @@ pub(crate) mod tests {
     /// [`fake_daemon`] granting `granted` in the hello; `serve` also gets
     /// the features the client asked for, and the thread returns what it
     /// returns.
-    fn fake_daemon_granting<T: Send + 'static>(
+    pub(crate) fn fake_daemon_granting<T: Send + 'static>(
         granted: u64,
         serve: impl FnOnce(OwnedFd, &mut [u8], u64) -> T + Send + 'static,
     ) -> (
