@@ -757,6 +757,9 @@ impl Attachment {
     /// key's R lease kept stale data after a write and a close, which a
     /// merely busy filterd's full socket was enough for (re-review
     /// rr-rcache2).
+    /// It never gives the connection up: not sent within the call timeout
+    /// (filterd stopped), the notice is kept again and the close goes on,
+    /// as it would have alone.
     fn send_kept_notice(&self, key: ResumeKey) {
         let kept = self
             .shared
@@ -764,9 +767,15 @@ impl Attachment {
             .lock()
             .map(|mut u| u.remove(&key).is_some())
             .unwrap_or(false);
-        if kept {
-            if let Err(e) = self.client().wrote(key) {
+        if !kept {
+            return;
+        }
+        match self.client().wrote_waiting(key) {
+            Ok(true) => {}
+            Ok(false) => defer_wrote(&self.shared, key),
+            Err(e) => {
                 tracing::warn!(resume_key = %key, error = %e, "a kept write notice not sent before its handle went");
+                defer_wrote(&self.shared, key);
             }
         }
     }

@@ -1231,6 +1231,23 @@ impl FilterClient {
         Ok(())
     }
 
+    /// [`FilterClient::wrote`] that waits for room up to the call timeout
+    /// but never gives the connection up: `Ok(false)` when the notice could
+    /// not go in that time (nothing sent). A kept notice sent before its
+    /// handle's close ([`crate::attach::Attachment`]) must not cost the
+    /// frontend its connection where the close itself would only time out
+    /// (re-review rr-final35: `wrote`'s `send_one_way` gave the connection
+    /// up, and filterd detached every handle of the frontend).
+    pub fn wrote_waiting(&self, key: ResumeKey) -> Result<bool, ClientError> {
+        if self.hello.features & proto::FEATURE_WRITE_NOTICES == 0 {
+            return Self::expect_done(self.call(Request::BreakReadCaching { key })?).map(|()| true);
+        }
+        let bytes = self.wrote_frame(key)?;
+        let deadline = Instant::now() + self.timeout;
+        sys::send_packet_until(self.inner.sock.as_fd(), &bytes, None, deadline)
+            .map_err(|_| ClientError::Disconnected)
+    }
+
     /// The encoded [`Request::Wrote`] of `key`, on a live connection.
     fn wrote_frame(&self, key: ResumeKey) -> Result<Vec<u8>, ClientError> {
         if self.inner.dead.load(Ordering::Acquire) {
@@ -2563,6 +2580,41 @@ pub(crate) mod tests {
             fd_open: true,
             breaking: None,
         }
+    }
+
+    /// A write notice that waits for room ([`FilterClient::wrote_waiting`],
+    /// a kept notice sent before its handle's close) and finds none within
+    /// the call timeout is not sent, and the connection is kept: `wrote`'s
+    /// send gave it up, and filterd detached every handle of the frontend
+    /// (re-review rr-final35).
+    #[test]
+    fn a_waiting_write_notice_to_a_daemon_that_reads_nothing_keeps_the_connection() {
+        let key = ResumeKey::new_random();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (dir, path, daemon) =
+            fake_daemon_granting(proto::FEATURE_WRITE_NOTICES, move |c, _, _| {
+                // Reads nothing until told.
+                let _ = held.recv();
+                drop(c);
+            });
+        let mut c = FilterClient::connect_frontend_with(
+            &path,
+            Protocol::new("smb3").expect("protocol"),
+            InstanceName::new("x").expect("instance"),
+            proto::FEATURE_WRITE_NOTICES,
+        )
+        .expect("connect");
+        c.set_timeout(Duration::from_millis(200));
+        let mut sent = 0;
+        while c.try_wrote(key).expect("try") {
+            sent += 1;
+            assert!(sent < 1_000_000, "the socket never filled");
+        }
+        assert_eq!(c.wrote_waiting(key).ok(), Some(false), "not sent in time");
+        assert!(!c.is_dead(), "the connection was given up");
+        let _ = release.send(());
+        daemon.join().expect("daemon");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A delete on close that times out, learnt by a query showing the flag
