@@ -158,10 +158,14 @@ const MAX_BATCH: usize = 1024;
 /// `Engine::frontend_pids`).
 const MAX_FRONTENDS_GONE: usize = 64;
 
-/// Requests of one connection about one key parked behind its own parked
-/// `SetDeleteOnClose` (the change counted) that are not held to
-/// `--max-pending-breaks` (`Engine::park_behind_delete_on_close`): the
-/// change, its learning query, its set-back, and a retry.
+/// Requests of each kind — changes (the parked one counted) and learning
+/// queries — of one connection about one key parked behind its own parked
+/// `SetDeleteOnClose` that are not held to `--max-pending-breaks`
+/// (`Engine::park_behind_delete_on_close`): the change, a retry, another
+/// and the set-back, each change with at most one learning query. Counted
+/// together, a change, its query, a retry and its query already made
+/// four, and the set-back was refused under other clients' load, the file
+/// deleted (re-review rr-final35).
 const FOLLOWERS_EXEMPT: usize = 4;
 
 /// The engine.
@@ -950,15 +954,23 @@ impl Engine {
         })
     }
 
-    /// Requests of `conn` about `key` parked behind its parked
-    /// `SetDeleteOnClose` of `key` (the change itself counted too).
-    fn parked_behind_delete_on_close(&self, conn: ConnId, key: ResumeKey) -> usize {
+    /// Requests of `conn` about `key` of the same kind as `req` (changes, or
+    /// learning queries) parked behind its parked `SetDeleteOnClose` of
+    /// `key` (the change itself counted with the changes).
+    fn parked_behind_delete_on_close(&self, conn: ConnId, key: ResumeKey, req: &Request) -> usize {
+        let query = matches!(req, Request::Handle { .. });
         self.waiting_changes
             .iter()
             .filter(|(_, c, _, r)| {
                 *c == conn
-                    && matches!(r, Request::SetDeleteOnClose { key: k, .. }
-                        | Request::Handle { key: k, learning: true } if *k == key)
+                    && match r {
+                        Request::SetDeleteOnClose { key: k, .. } => !query && *k == key,
+                        Request::Handle {
+                            key: k,
+                            learning: true,
+                        } => query && *k == key,
+                        _ => false,
+                    }
             })
             .count()
     }
@@ -979,7 +991,7 @@ impl Engine {
         req: Request,
     ) -> Result<(), WireError> {
         if let Request::SetDeleteOnClose { key, .. } | Request::Handle { key, .. } = &req {
-            if self.parked_behind_delete_on_close(conn, *key) >= FOLLOWERS_EXEMPT {
+            if self.parked_behind_delete_on_close(conn, *key, &req) >= FOLLOWERS_EXEMPT {
                 self.wait_limit()?;
             }
         }
@@ -1291,7 +1303,7 @@ impl Engine {
                 record,
             } => {
                 let (protocol, _) = need_frontend()?;
-                // Not held to `wait_limit`, as the learning query is not:
+                // The first few not held to `wait_limit` (`park_behind_delete_on_close`):
                 // it is the frontend's set-back of a change parked within
                 // the limit, or its client's retry (review of 1624469:
                 // refused, the handle went with the parked change's flag).
@@ -1540,7 +1552,7 @@ impl Engine {
             Request::Handle { key, learning } => {
                 // Only the query that learns a change's outcome waits: the
                 // frontend's other queries of the handle share its
-                // connection (review of 1624469). Not held to `wait_limit`:
+                // connection (review of 1624469). The first few not held to `wait_limit`:
                 // refused, the frontend could not learn the outcome of a
                 // change that is itself parked within the limit.
                 let parked = learning
