@@ -1325,12 +1325,14 @@ const AT_END_OF_FILE: u64 = u64::MAX;
 /// passed: a truncate committed between the first read and the check was
 /// not held back by it, and the append would land below the checked
 /// range, perhaps inside another open's exclusive lock. Then the pass is
-/// dropped and every byte of the file checked instead, once: wherever the
-/// end is when the write runs, it lands in the range checked, and a
-/// conflict then is a real one. (A first version checked again from each
-/// new size, up to 8 times, then answered STATUS_FILE_LOCK_CONFLICT with
-/// no lock in the way: a client truncating in a loop made other clients'
-/// appends fail — re-review rr-setinfo3.) While a pass is held, filterd
+/// dropped and the check made again from the new size; should the file
+/// shrink once more, every byte of the file is checked instead, once:
+/// wherever the end is when the write runs, it lands in the range
+/// checked. (A first version checked again from each new size, up to 8
+/// times, then answered STATUS_FILE_LOCK_CONFLICT with no lock in the
+/// way: a client truncating in a loop made other clients' appends fail —
+/// re-review rr-setinfo3; the next checked the whole file at once, which
+/// any lock below the end refused — rr-final35.) While a pass is held, filterd
 /// holds back a size change bracketed by an intent (a file with
 /// persistent handles: it waits for the checked writes in flight), so
 /// there the size read after the check stays a floor until the write is
@@ -1342,8 +1344,14 @@ fn end_of_file_pass<P>(
 ) -> Result<(u64, P), u32> {
     let at = size()?;
     let pass = check(at)?;
-    if size()? >= at {
+    let now = size()?;
+    if now >= at {
         return Ok((at, pass));
+    }
+    drop(pass);
+    let pass = check(now)?;
+    if size()? >= now {
+        return Ok((now, pass));
     }
     drop(pass);
     Ok((0, check(0)?))
@@ -2467,9 +2475,10 @@ mod tests {
     }
 
     /// An end-of-file WRITE whose file shrank between reading the size and
-    /// its lock check passing checks the whole file, once, dropping the
-    /// first pass (one whose file keeps shrinking is not refused for a
-    /// lock that is not there); one whose file only grew keeps its pass.
+    /// its lock check passing checks again from the new size, dropping the
+    /// first pass (a lock below the new end refuses nothing); one whose
+    /// file keeps shrinking checks the whole file, once, never refused for
+    /// a lock that is not there; one whose file only grew keeps its pass.
     #[test]
     fn an_end_of_file_pass_is_checked_again_below_a_truncate() {
         let dropped = Cell::new(0);
@@ -2483,12 +2492,26 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!((at, checked.borrow().clone()), (0, vec![100, 0]));
+        assert_eq!((at, checked.borrow().clone()), (40, vec![100, 40]));
         assert_eq!(dropped.get(), 1, "the pass checked from 100 was dropped");
         drop(pass);
 
-        // A file that keeps shrinking: checked whole, once, never refused
-        // for a lock that is not there.
+        // A lock below the new end does not refuse the append at it.
+        let sizes = std::cell::RefCell::new(vec![100, 40, 40].into_iter());
+        let r = end_of_file_pass(
+            || Ok(sizes.borrow_mut().next().unwrap_or(40)),
+            |at| {
+                if at < 20 {
+                    Err(status::FILE_LOCK_CONFLICT)
+                } else {
+                    Ok(at)
+                }
+            },
+        );
+        assert_eq!(r, Ok((40, 40)));
+
+        // A file that keeps shrinking: checked whole, then, once, never
+        // refused for a lock that is not there.
         let shrinking = Cell::new(1000_u64);
         let tries = Cell::new(0);
         let r = end_of_file_pass(
@@ -2501,7 +2524,7 @@ mod tests {
                 Ok(at)
             },
         );
-        assert_eq!((r, tries.get()), (Ok((0, 0)), 2));
+        assert_eq!((r, tries.get()), (Ok((0, 0)), 3));
 
         let growing = Cell::new(0_u64);
         let grown = end_of_file_pass(
