@@ -996,12 +996,14 @@ fn real_nfsshim_stores_the_same_under_every_frame_encoding() {
     // (32, every attachment asks for it), sharing-exempt opens (128, every
     // frontend client asks for it), time-ordered keys (512), the kernel
     // handle filled into an open's record (1024), replays reported by
-    // nfsshim itself (2048), and the frames each value asks for.
+    // nfsshim itself (2048), write notices (4096, every frontend asks),
+    // ordered delete-on-close queries (8192, every frontend asks), and the
+    // frames each value asks for.
     let runs: Vec<(&str, Vec<String>)> = [
-        ("", 3775),
-        ("compact", 3767),
-        ("binary", 3763),
-        ("json", 3761),
+        ("", 16063),
+        ("compact", 16055),
+        ("binary", 16051),
+        ("json", 16049),
     ]
     .into_iter()
     .map(|(frames, granted)| (frames, nfs_run(frames, granted, &export.root())))
