@@ -721,7 +721,15 @@ impl Attachment {
         put: Vec<crate::model::RecordSpec>,
         delete: Vec<(crate::model::ReplayScope, u64)>,
     ) -> Result<(), ClientError> {
-        self.send_kept_notice(key);
+        if !self.send_kept_notice(key) {
+            // Sent now, the close could overtake its own notice, which the
+            // write-notices thread sends later and filterd refuses then:
+            // the break lost (re-review rr36: filterd reading again between
+            // one call timeout and two). Failed as a close whose send timed
+            // out fails, the handle remembered and its notice kept: the
+            // caller's retry sends both, in order, once filterd reads.
+            return Err(ClientError::Timeout(self.client().call_timeout()));
+        }
         let r = self.client().close_recording(key, put, delete);
         // Forgotten only once filterd answered that the handle is not
         // (or no longer) this frontend's: after any other failure (gone,
@@ -745,7 +753,11 @@ impl Attachment {
     /// whoever the client reconnects through, not by this attachment.
     pub fn detach(&self, key: ResumeKey) -> Result<(), ClientError> {
         self.forget(key);
-        self.send_kept_notice(key);
+        // Not held back like a close: its callers do not try a detach
+        // again, and a detach never sent left the handle attached to this
+        // live connection. Left: a notice not sent within the call timeout
+        // can follow the detach and be refused (docs/ARCHITECTURE.md).
+        let _ = self.send_kept_notice(key);
         self.client().detach(key)
     }
 
@@ -758,9 +770,12 @@ impl Attachment {
     /// merely busy filterd's full socket was enough for (re-review
     /// rr-rcache2).
     /// It never gives the connection up: not sent within the call timeout
-    /// (filterd stopped), the notice is kept again and the close goes on,
-    /// as it would have alone.
-    fn send_kept_notice(&self, key: ResumeKey) {
+    /// (filterd stopped), the notice is kept again and false returned — a
+    /// close then is not sent (see [`Attachment::close_recording`]); a
+    /// detach goes on as it would have alone. True when no notice waited,
+    /// it was sent, or filterd refused it (the request after it fails
+    /// alike).
+    fn send_kept_notice(&self, key: ResumeKey) -> bool {
         let kept = self
             .shared
             .unsent
@@ -768,14 +783,18 @@ impl Attachment {
             .map(|mut u| u.remove(&key).is_some())
             .unwrap_or(false);
         if !kept {
-            return;
+            return true;
         }
         match self.client().wrote_waiting(key) {
-            Ok(true) => {}
-            Ok(false) => defer_wrote(&self.shared, key),
+            Ok(true) => true,
+            Ok(false) => {
+                defer_wrote(&self.shared, key);
+                false
+            }
             Err(e) => {
                 tracing::warn!(resume_key = %key, error = %e, "a kept write notice not sent before its handle went");
                 defer_wrote(&self.shared, key);
+                true
             }
         }
     }
@@ -1243,54 +1262,123 @@ mod tests {
     use super::*;
     use crate::client::tests::{fake_daemon_granting, pushing_daemon};
 
+    /// A fake filterd granting write notices that reads nothing until
+    /// `held` says so (or its sender goes), then records, in order, the
+    /// write notices and the close of `key` it gets, answers the close and
+    /// returns them.
+    fn notice_and_close_daemon(
+        key: ResumeKey,
+        held: std::sync::mpsc::Receiver<()>,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::thread::JoinHandle<Vec<&'static str>>,
+    ) {
+        use crate::proto::{self, Reply, Request, ServerFrame};
+        use crate::sys::{self, Packet};
+        use std::os::fd::AsFd;
+        fake_daemon_granting(proto::FEATURE_WRITE_NOTICES, move |c, buf, _| {
+            let _ = held.recv();
+            let mut seen = Vec::new();
+            loop {
+                let Ok(Packet::Data { len, .. }) = sys::recv_packet(c.as_fd(), buf) else {
+                    return seen;
+                };
+                let Ok(f) = proto::decode_request(&buf[..len]) else {
+                    return seen;
+                };
+                match f.req {
+                    Request::Wrote { key: k } if k == key => seen.push("wrote"),
+                    Request::Close { key: k, .. } if k == key => {
+                        seen.push("close");
+                        let reply = ServerFrame::Reply {
+                            id: Some(f.id),
+                            result: Ok(Reply::Done),
+                        };
+                        let bytes = proto::encode(&reply).expect("encode");
+                        sys::send_packet(c.as_fd(), &bytes, None).expect("reply");
+                        return seen;
+                    }
+                    _ => {}
+                }
+            }
+        })
+    }
+
+    /// An attachment of protocol and instance "t" to the daemon at `path`.
+    fn attach_t(path: &std::path::Path) -> Attachment {
+        Attachment::connect(
+            path,
+            Protocol::new("t").expect("protocol"),
+            InstanceName::new("t").expect("instance"),
+        )
+        .expect("attach")
+    }
+
     /// A write notice kept for the `write-notices` thread goes before a
     /// close of its handle, on the same socket: sent after it, filterd
     /// refused it (the handle gone) and the break was lost (re-review
     /// rr-rcache2).
     #[test]
     fn a_kept_write_notice_goes_before_its_handles_close() {
-        use crate::proto::{self, Reply, Request, ServerFrame};
-        use crate::sys::{self, Packet};
-        use std::os::fd::AsFd;
         let key = ResumeKey::new_random();
-        let (dir, path, daemon) =
-            fake_daemon_granting(proto::FEATURE_WRITE_NOTICES, move |c, buf, _| {
-                let mut seen = Vec::new();
-                loop {
-                    let Ok(Packet::Data { len, .. }) = sys::recv_packet(c.as_fd(), buf) else {
-                        return seen;
-                    };
-                    let Ok(f) = proto::decode_request(&buf[..len]) else {
-                        return seen;
-                    };
-                    match f.req {
-                        Request::Wrote { key: k } if k == key => seen.push("wrote"),
-                        Request::Close { key: k, .. } if k == key => {
-                            seen.push("close");
-                            let reply = ServerFrame::Reply {
-                                id: Some(f.id),
-                                result: Ok(Reply::Done),
-                            };
-                            let bytes = proto::encode(&reply).expect("encode");
-                            sys::send_packet(c.as_fd(), &bytes, None).expect("reply");
-                            return seen;
-                        }
-                        _ => {}
-                    }
-                }
-            });
-        let a = Attachment::connect(
-            &path,
-            Protocol::new("t").expect("protocol"),
-            InstanceName::new("t").expect("instance"),
-        )
-        .expect("attach");
+        let (_, held) = std::sync::mpsc::channel::<()>();
+        let (dir, path, daemon) = notice_and_close_daemon(key, held);
+        let a = attach_t(&path);
         // filterd took no notice now: kept for the write-notices thread.
         defer_wrote(&a.shared, key);
         a.close(key).expect("close");
         let seen = daemon.join().expect("daemon");
         assert_eq!(seen.first(), Some(&"wrote"), "{seen:?}");
         assert_eq!(seen.last(), Some(&"close"));
+        drop(a);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A close whose kept write notice could not go within the call
+    /// timeout is not sent either: sent, it waited for room too, and a
+    /// filterd reading again before that second wait ended took the close
+    /// first, refused the notice the write-notices thread sent after it
+    /// (the handle gone) and the break was lost (re-review rr36). It fails
+    /// as a timed-out close, and the caller's retry sends both, in order.
+    #[test]
+    fn a_close_whose_kept_notice_cannot_go_is_not_sent_ahead_of_it() {
+        let key = ResumeKey::new_random();
+        let filler = ResumeKey::new_random();
+        let timeout = Duration::from_millis(300);
+        // Reads nothing until told: between one call timeout and two after
+        // the close began.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (dir, path, daemon) = notice_and_close_daemon(key, held);
+        let a = attach_t(&path);
+        a.shared
+            .current
+            .write()
+            .expect("current")
+            .set_timeout(timeout);
+        let client = a.client();
+        let mut sent = 0;
+        while client.try_wrote(filler).expect("try") {
+            sent += 1;
+            assert!(sent < 1_000_000, "the socket never filled");
+        }
+        defer_wrote(&a.shared, key);
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(timeout + timeout / 2);
+            let _ = release.send(());
+        });
+        let t0 = Instant::now();
+        let first = a.close(key);
+        if first.is_err() {
+            assert!(
+                t0.elapsed() < timeout * 2,
+                "the close waited past its timeout"
+            );
+            a.close(key).expect("the close tried again");
+        }
+        let seen = daemon.join().expect("daemon");
+        releaser.join().expect("releaser");
+        assert_eq!(seen, vec!["wrote", "close"], "first close: {first:?}");
         drop(a);
         let _ = std::fs::remove_dir_all(&dir);
     }

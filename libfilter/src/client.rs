@@ -574,6 +574,11 @@ impl FilterClient {
         self.timeout = t;
     }
 
+    /// How long a call waits for its reply ([`FilterClient::set_timeout`]).
+    pub(crate) fn call_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Sends any request and waits for its reply (and descriptors).
     ///
     /// A reply whose descriptors were cut from the message (this process's
