@@ -1186,6 +1186,102 @@ fn a_delegation_dropped_across_an_nfsshim_restart_gives_its_lease_back() {
     rename(&mut m, &w["file_id"], "r2");
 }
 
+/// filterd's handles of `path`: each one's connection state.
+fn handle_conns(s: &Scratch, path: &str) -> Vec<String> {
+    let sock = s.socket().display().to_string();
+    let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
+    v.as_array()
+        .expect("a list")
+        .iter()
+        .map(|h| {
+            if h["record"].is_object() {
+                &h["record"]
+            } else {
+                h
+            }
+        })
+        .filter(|r| r["path"] == path)
+        .map(|r| r["conn"]["state"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Re-review rr-deleg: a re-sent OPEN reuses its lease key. The first
+/// try's answer is lost (filterd stopped past nfsshim's call timeout:
+/// NFS4ERR_DELAY), and another client's OPEN for write, behind it in
+/// filterd, breaks the lease that try was granted before nfsshim drops
+/// the late answer (detaches its handle). nfsshim knows no delegation
+/// under the key and queues a give-back, held here by a test hook until
+/// the re-send is answered. Old code granted the re-send a delegation
+/// (its replay found the lease still RH, mid-break) and the give-back
+/// then acked that lease away: the client held a delegation filterd held
+/// no lease for, which no conflicting open would ever recall. Now the
+/// re-send asks for none, decided before its open commits — so a replay
+/// of its slot after an nfsshim restart answers the very same.
+#[test]
+fn a_resent_open_takes_no_delegation_whose_lease_is_being_given_back() {
+    use nix::sys::signal::Signal;
+    let s = Scratch::new("nfs-resend-gb");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let d = Filterd::start(&s, &["--break-timeout-ms", "60000"], &[]);
+    let log = s.dir.join("nfsshim.log");
+    let env = [
+        ("RKFILTER_CALL_TIMEOUT_MS", "700"),
+        ("NFSSHIM_TEST_GIVE_BACK_DELAY_MS", "5000"),
+    ];
+    let mut shim = Shim::start_logged("nfsshim", &s.socket(), "nfs-rgb", &env, &log);
+    let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000b1");
+    let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000b2");
+    let open = json!({"op": "OPEN", "owner": "p", "path": "f", "access": "both",
+                      "deny": "none", "want_delegation": "write"});
+    d.stop();
+    let r = a.call(open.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "gave up: {r}");
+    // Sent to filterd after a's: it breaks the lease a's open gets (RWH)
+    // to RH, a recall.
+    let r = b.open("q", "f", "read", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "gave up: {r}");
+    d.signal(Signal::SIGCONT);
+    rkfilter_tests::wait_for(
+        "the give-back of the first try's lease",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("test hook: the give-back of lease")
+                .then_some(())
+        },
+    );
+    rkfilter_tests::wait_for(
+        "the late answer's handle to be detached",
+        Duration::from_secs(10),
+        || (handle_conns(&s, "f") == ["disconnected"]).then_some(()),
+    );
+    let t0 = Instant::now();
+    let r = ok(a.send(open.clone()));
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the re-send took {:?}: the held give-back may have gone first",
+        t0.elapsed()
+    );
+    // The held give-back is done: the lease is none.
+    rkfilter_tests::wait_for("the give-back", Duration::from_secs(15), || {
+        lease_states(&s).iter().all(|st| st == "\"\"").then_some(())
+    });
+    assert!(
+        r["delegation"].is_null(),
+        "the client holds a delegation filterd holds no lease for ({:?}): {r}",
+        lease_states(&s)
+    );
+    // The same answer from the slot's record after an nfsshim restart.
+    shim.kill9_in_place();
+    let shim = Shim::start("nfsshim", &s.socket(), "nfs-rgb");
+    a.c = LineClient::connect(&shim.addr);
+    let again = a.resend_patiently(&open, Duration::from_secs(10));
+    assert_eq!(again["status"], "NFS4_OK", "{again}");
+    assert_eq!(again["stateid"], r["stateid"], "{again} vs {r}");
+    assert_eq!(again["delegation"], r["delegation"], "{again} vs {r}");
+}
+
 /// Review deleg2 (1): a write delegation whose lease lost W while nfsshim
 /// was down (an smbl/1 open for read lowers RWH to RH; the holder is not
 /// attached, so nobody is asked) was kept as a write delegation: restore

@@ -386,6 +386,14 @@ struct Global {
     /// `lease_client`), with a break filterd sent meanwhile (whether it
     /// needs an answer): handled once the OPEN is done ([`Opening`]).
     opening: HashMap<uuid::Uuid, Option<bool>>,
+    /// Lease keys with a give-back queued ([`Chore::GiveBack`]) and not yet
+    /// done: a lease nfsshim knew no delegation of — the lease of an OPEN
+    /// try whose answer was lost, which a re-send of that OPEN (the same
+    /// request, the same key: `filter_name`) would find again — or one it
+    /// revoked. An OPEN under such a key asks for no delegation
+    /// ([`Opening::new`]). Kept after a give-back that failed, so that the
+    /// re-send gives the lease back itself once its replay holds it again.
+    giving_back: HashSet<uuid::Uuid>,
     /// Handles filterd dropped while their client's request was running,
     /// per client: forgotten at the client's next request.
     forgotten: HashMap<String, Vec<ResumeKey>>,
@@ -432,7 +440,16 @@ fn do_chores(sh: &Shared, chores: impl IntoIterator<Item = Chore>) {
         let r = match &c {
             Chore::DeleteState { scope, num } => state::delete(&sh.filter, scope, *num),
             Chore::Close(k) => sh.filter.close(*k),
-            Chore::GiveBack(k) => give_back(sh, *k),
+            Chore::GiveBack(k) => {
+                test_delay_give_back(*k);
+                let r = give_back(sh, *k);
+                if r.is_ok() {
+                    if let Ok(mut g) = sh.global() {
+                        g.giving_back.remove(&k.0);
+                    }
+                }
+                r
+            }
         };
         if let Err(e) = r {
             eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
@@ -2311,16 +2328,26 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         .as_ref()
         .and_then(|(m, v)| (m == "exclusive").then(|| v.clone()).flatten());
     let guid = filter_name("open");
-    let lease = lease_state.map(|state| LeaseRequest {
+    let mut lease = lease_state.map(|state| LeaseRequest {
         key: LeaseKey(filter_name("lease")),
         state,
         epoch: 0,
     });
     // Until this OPEN is done, a break of its lease waits for it.
-    let _opening = lease
+    let opening = lease
         .as_ref()
         .map(|l| Opening::new(sh, l.key))
         .transpose()?;
+    // A give-back of this very key is queued (a break of the lease of an
+    // earlier try of this OPEN whose answer was lost): this OPEN asks for
+    // no delegation, decided before anything is sent, so the records its
+    // open commits say what it answers, on a replay after a restart too.
+    // Granted one, the queued ack of none would take its lease away behind
+    // it and no recall would ever reach the client (re-review rr-deleg).
+    let refused = opening.as_ref().filter(|o| o.given_back).map(|o| o.key);
+    if refused.is_some() {
+        lease = None;
+    }
     let mut req = OpenRequest {
         client: ctx.client_id()?,
         path: path.clone(),
@@ -2377,7 +2404,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             deny: deny_w,
             want,
         };
-        return open_recorded(ctx, st, req, words, access, slot, earlier);
+        return open_recorded(ctx, st, req, words, access, slot, earlier, refused);
     }
     // An earlier try of this OPEN that committed as an owner's first open
     // (its descriptor cut, or filterd gone before the answer) left an open
@@ -2480,7 +2507,11 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     note_locked(sh, &h.info);
     let created = created_by_resend || h.info.create_action == CreateAction::Created;
     let size = h.info.size;
-    let mut deleg_granted = h.info.lease.filter(|l| l.state.contains(LeaseState::R));
+    give_back_refused(sh, refused, &h.info);
+    let mut deleg_granted = h
+        .info
+        .lease
+        .filter(|l| refused.is_none() && l.state.contains(LeaseState::R));
     // The same owner's open of the same file: one open state, upgraded.
     let existing = st
         .opens
@@ -2633,7 +2664,9 @@ struct Words {
 /// for filterd to complete with its answer, so they commit with the handle
 /// — one commit per OPEN. A restore derives the resume key, `created`,
 /// `size` and the delegation from that answer (`OpenRec::settle`,
-/// `SlotRec::settle`).
+/// `SlotRec::settle`). `refused`: the OPEN asks for no delegation
+/// ([`Opening::given_back`]).
+#[allow(clippy::too_many_arguments)]
 fn open_recorded(
     ctx: &Ctx<'_>,
     st: &mut State,
@@ -2642,6 +2675,7 @@ fn open_recorded(
     access: Rights,
     slot: DescriptorSlot,
     earlier: Option<SlotRec>,
+    refused: Option<LeaseKey>,
 ) -> Outcome {
     let sh = ctx.sh;
     let (path, lease) = (req.path.clone(), req.lease);
@@ -2741,6 +2775,7 @@ fn open_recorded(
     req.put = put;
     let h = sh.filter.replay_open(req).map_err(filter_fail)?;
     note_locked(sh, &h.info);
+    give_back_refused(sh, refused, &h.info);
     // Memory as a restore would derive it from the records just committed.
     let mut rec = rec;
     rec.opened = Some(h.info.clone());
@@ -4474,12 +4509,71 @@ fn give_back(sh: &Shared, lease_key: LeaseKey) -> Result<(), ClientError> {
 struct Opening<'a> {
     sh: &'a Shared,
     key: LeaseKey,
+    /// A give-back of the key was queued and not yet done as the OPEN
+    /// started ([`Global::giving_back`]): the OPEN asks for no delegation.
+    /// Read under the lock that enters the key in [`Global::opening`]:
+    /// [`recall`] queues no give-back of a key in there, so the answer
+    /// holds for the OPEN's whole life.
+    given_back: bool,
 }
 
 impl<'a> Opening<'a> {
     fn new(sh: &'a Shared, key: LeaseKey) -> Result<Opening<'a>, Fail> {
-        sh.global()?.opening.insert(key.0, None);
-        Ok(Opening { sh, key })
+        let mut g = sh.global()?;
+        g.opening.insert(key.0, None);
+        let given_back = g.giving_back.contains(&key.0);
+        Ok(Opening {
+            sh,
+            key,
+            given_back,
+        })
+    }
+}
+
+/// An OPEN that asked for no delegation because a give-back of its lease
+/// key was queued (`refused`, [`Opening::given_back`]) may still have been
+/// answered that lease: a replay of its earlier try returns that try's
+/// handle as it is. The lease goes back now, the handle attached here
+/// again (the queued give-back may have failed on it detached), so that
+/// nothing conflicting waits for a recall nobody answers.
+fn give_back_refused(sh: &Shared, refused: Option<LeaseKey>, opened: &libfilter::proto::Opened) {
+    let Some(key) = refused else {
+        return;
+    };
+    if !opened
+        .lease
+        .is_some_and(|l| l.key == key && !l.state.is_none())
+    {
+        return;
+    }
+    match give_back(sh, key) {
+        Ok(()) => {
+            if let Ok(mut g) = sh.global() {
+                g.giving_back.remove(&key.0);
+            }
+        }
+        Err(e) => eprintln!("nfsshim: giving back lease {key}: {e}"),
+    }
+}
+
+/// Tests only (debug builds): `$NFSSHIM_TEST_GIVE_BACK_DELAY_MS` holds a
+/// queued give-back (the chores thread) before its ack, so that a re-sent
+/// OPEN of the key meets it
+/// (`nfs_state.rs::a_resent_open_takes_no_delegation_whose_lease_is_being_given_back`).
+fn test_delay_give_back(key: LeaseKey) {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let ms = *DELAY.get_or_init(|| {
+        std::env::var("NFSSHIM_TEST_GIVE_BACK_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        eprintln!("nfsshim: test hook: the give-back of lease {key} waits {ms} ms");
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
 
@@ -4511,6 +4605,7 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
             *early = Some(early.unwrap_or(false) || ack_required);
             return;
         }
+        g.giving_back.insert(lease_key.0);
         drop(g);
         let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
@@ -4520,6 +4615,7 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
         // A later break of what is left finds no delegation: given back
         // here, it is not recalled from a client that no longer holds it.
         g.lease_client.remove(&lease_key.0);
+        g.giving_back.insert(lease_key.0);
         drop(g);
         let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
