@@ -575,6 +575,23 @@ fn spawn_refuser() -> Option<Sender<(OwnedFd, String)>> {
         .map(|_| tx)
 }
 
+/// Whether `accept4` failing with `e` passes: the listener is sound and a
+/// later accept may succeed. Before (review rvx), an ENOMEM or ENOBUFS
+/// ended the listener while filterd lived on, nobody able to attach.
+fn accept_error_passes(e: nix::errno::Errno) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e,
+        Errno::EMFILE
+            | Errno::ENFILE
+            | Errno::ENOMEM
+            | Errno::ENOBUFS
+            | Errno::EPROTO
+            | Errno::EPERM
+            | Errno::EAGAIN
+    )
+}
+
 /// Accepts connections forever and hands them to the engine.
 pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
     let next_id = AtomicU64::new(1);
@@ -582,18 +599,30 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
         .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
         .unwrap_or(0);
     let refuser = spawn_refuser();
+    let mut said_at: Option<std::time::Instant> = None;
     loop {
         let raw = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
             Ok(fd) => fd,
             Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
-            Err(nix::errno::Errno::EMFILE) | Err(nix::errno::Errno::ENFILE) => {
-                tracing::error!("out of file descriptors; not accepting for 100 ms");
+            Err(e) if accept_error_passes(e) => {
+                // Out of descriptors or kernel memory: the next connection
+                // waits queued until there is room again. Said once every
+                // 10 s.
+                if said_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::error!(error = %e, "accept failed; not accepting for 100 ms");
+                    said_at = Some(std::time::Instant::now());
+                }
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
             Err(e) => {
-                tracing::error!(error = %e, "accept failed; listener stops");
-                return;
+                // The listener itself is broken: a daemon nobody can attach
+                // to (no frontend back after a restart, no filterctl) would
+                // go on holding the state dir, which no standby then takes
+                // over. Exits as a crash would: recovery and replays cover
+                // it.
+                tracing::error!(error = %e, "accept failed: the listener cannot serve; exiting");
+                std::process::exit(71);
             }
         };
         let sock = sys::own_accepted(raw);

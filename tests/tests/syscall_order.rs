@@ -68,12 +68,13 @@ fn start_traced(s: &Scratch, trace: &Path) -> Traced {
     start_traced_with(
         s,
         trace,
-        "trace=linkat,renameat2,ftruncate,unlinkat,fsync,fdatasync,sendmsg",
+        &["trace=linkat,renameat2,ftruncate,unlinkat,fsync,fdatasync,sendmsg"],
     )
 }
 
-/// filterd under `strace -f`, tracing the system calls `filter` names.
-fn start_traced_with(s: &Scratch, trace: &Path, filter: &str) -> Traced {
+/// filterd under `strace -f`, with strace's `-e` expressions `exprs`
+/// (which system calls to trace, faults to inject).
+fn start_traced_with(s: &Scratch, trace: &Path, exprs: &[&str]) -> Traced {
     let strace = ["/usr/bin/strace", "/bin/strace"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -81,7 +82,7 @@ fn start_traced_with(s: &Scratch, trace: &Path, filter: &str) -> Traced {
     let child = Command::new(strace)
         .args(["-f", "-qq", "-o"])
         .arg(trace)
-        .args(["-e", filter])
+        .args(exprs.iter().flat_map(|e| ["-e", e]))
         .arg(bin("filterd"))
         .arg("--root")
         .arg(s.root())
@@ -274,7 +275,7 @@ fn open_if(name: String) -> OpenRequest {
 fn a_lone_request_costs_one_receive_call() {
     let s = Scratch::new("strace-recv");
     let trace = s.dir.join("trace");
-    let t = start_traced_with(&s, &trace, "trace=recvmsg,recvmmsg");
+    let t = start_traced_with(&s, &trace, &["trace=recvmsg,recvmmsg"]);
     let fe = FilterClient::connect_frontend(
         &s.socket(),
         Protocol::new("smb").unwrap(),
@@ -316,7 +317,7 @@ fn an_open_if_of_an_existing_file_costs_one_openat2() {
         std::fs::write(s.root().join(format!("old{i}")), b"x").unwrap();
     }
     let trace = s.dir.join("trace");
-    let t = start_traced_with(&s, &trace, "trace=openat2");
+    let t = start_traced_with(&s, &trace, &["trace=openat2"]);
     let fe = FilterClient::connect_frontend(
         &s.socket(),
         Protocol::new("smb").unwrap(),
@@ -352,4 +353,32 @@ fn an_open_if_of_an_existing_file_costs_one_openat2() {
         );
     }
     assert!(s.root().join("new0").exists());
+}
+
+/// An `accept4` that fails for want of memory (ENOMEM, as the kernel may
+/// answer under pressure) passes: filterd waits and accepts the waiting
+/// connection. Before (review rvx), it ended the listener while the
+/// daemon lived on holding the state dir: no frontend could attach again,
+/// filterctl was refused, and no standby took over.
+#[test]
+fn an_accept_failing_for_want_of_memory_does_not_end_the_listener() {
+    let s = Scratch::new("strace-accept");
+    let trace = s.dir.join("trace");
+    // The readiness poll's connection is the first accept; the next three
+    // fail.
+    let _t = start_traced_with(
+        &s,
+        &trace,
+        &["trace=accept4", "inject=accept4:error=ENOMEM:when=2..4"],
+    );
+    wait_for(
+        "filterd to serve a connection after its failed accepts",
+        Duration::from_secs(30),
+        || FilterClient::connect_control(&s.socket()).ok(),
+    );
+    let text = std::fs::read_to_string(&trace).expect("trace");
+    assert!(
+        text.contains("ENOMEM") && text.contains("INJECTED"),
+        "no accept failed: {text}"
+    );
 }

@@ -791,11 +791,13 @@ pub fn accept_forever(
         let stream = match stream {
             Ok(stream) => stream,
             Err(e) => {
-                // Out of descriptors: the connection stays queued until one
-                // is free; wait a little rather than spin on `accept`.
-                let errno = e.raw_os_error();
-                if errno == Some(nix::errno::Errno::EMFILE as i32)
-                    || errno == Some(nix::errno::Errno::ENFILE as i32)
+                // Out of descriptors or memory: the connection stays queued
+                // until there is room; wait a little rather than spin on
+                // `accept` (before, only EMFILE and ENFILE waited: a lasting
+                // ENOBUFS or ENOMEM spun a core, review rvx). A connection
+                // the peer reset before it was accepted goes on at once.
+                if e.kind() != std::io::ErrorKind::ConnectionAborted
+                    && e.kind() != std::io::ErrorKind::Interrupted
                 {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
