@@ -392,8 +392,12 @@ struct Global {
     /// request, the same key: `filter_name`) would find again — or one it
     /// revoked. An OPEN under such a key asks for no delegation
     /// ([`Opening::new`]). Kept after a give-back that failed, so that the
-    /// re-send gives the lease back itself once its replay holds it again.
-    giving_back: HashSet<uuid::Uuid>,
+    /// re-send gives the lease back itself once its replay holds it again;
+    /// since when, so that the reaper forgets a key no re-send came for
+    /// within two lease periods, ten minutes at least (its client's state
+    /// is released by then, and a re-send refused with it; re-review
+    /// rr-deleg36: kept for ever before).
+    giving_back: HashMap<uuid::Uuid, Instant>,
     /// Handles filterd dropped while their client's request was running,
     /// per client: forgotten at the client's next request.
     forgotten: HashMap<String, Vec<ResumeKey>>,
@@ -4512,8 +4516,10 @@ struct Opening<'a> {
     /// A give-back of the key was queued and not yet done as the OPEN
     /// started ([`Global::giving_back`]): the OPEN asks for no delegation.
     /// Read under the lock that enters the key in [`Global::opening`]:
-    /// [`recall`] queues no give-back of a key in there, so the answer
-    /// holds for the OPEN's whole life.
+    /// [`recall`] queues no give-back of an unknown key in there (a break
+    /// of it waits for the OPEN), so the answer holds for the OPEN's whole
+    /// life; a revocation's give-back (a key nfsshim knows) ends as the
+    /// waiting break would.
     given_back: bool,
 }
 
@@ -4521,7 +4527,7 @@ impl<'a> Opening<'a> {
     fn new(sh: &'a Shared, key: LeaseKey) -> Result<Opening<'a>, Fail> {
         let mut g = sh.global()?;
         g.opening.insert(key.0, None);
-        let given_back = g.giving_back.contains(&key.0);
+        let given_back = g.giving_back.contains_key(&key.0);
         Ok(Opening {
             sh,
             key,
@@ -4605,7 +4611,7 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
             *early = Some(early.unwrap_or(false) || ack_required);
             return;
         }
-        g.giving_back.insert(lease_key.0);
+        g.giving_back.insert(lease_key.0, Instant::now());
         drop(g);
         let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
@@ -4615,7 +4621,7 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
         // A later break of what is left finds no delegation: given back
         // here, it is not recalled from a client that no longer holds it.
         g.lease_client.remove(&lease_key.0);
-        g.giving_back.insert(lease_key.0);
+        g.giving_back.insert(lease_key.0, Instant::now());
         drop(g);
         let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
@@ -4649,6 +4655,12 @@ fn reaper(sh: Arc<Shared>) {
         std::thread::sleep(Duration::from_millis(100));
         // First, and even while filterd is away: it never waits.
         sh.replays.flush(&sh.filter.client());
+        if let Ok(mut g) = sh.global() {
+            // Ten minutes at least: a give-back still queued behind a
+            // stalled filterd must find its key there when it runs.
+            let keep = (sh.lease * 2).max(Duration::from_secs(600));
+            g.giving_back.retain(|_, since| since.elapsed() < keep);
+        }
         let Ok(clients) = sh.global().map(|g| {
             g.clients
                 .iter()
