@@ -19,55 +19,19 @@ the end. Prints PASS; exits non-zero on any failure.
 
 import uuid
 
-from collections import OrderedDict
-
-from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.file_info import FileEndOfFileInformation, InfoType
 from smbprotocol.create_contexts import CreateContextName, SMB2CreateDurableHandleRequestV2
 from smbprotocol.open import CreateDisposition, FilePipePrinterAccessMask, RequestedOplockLevel, ShareAccess
-from smbprotocol.structure import IntField, Structure
 
-from smbtest import args, check, connect, context, create_file, create_rw, lease_context, reconnect_v2, set_info_status
+from smbtest import allocation, args, check, connect, context, create_file, create_rw, end_of_file, lease_context, reconnect_v2, write_status
 
 ACCESS_DENIED = 0xC0000022
 SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
-
-
-class FileAllocationInformation(Structure):
-    """[MS-FSCC] 2.4.4 FileAllocationInformation (smbprotocol has none)."""
-
-    INFO_TYPE = InfoType.SMB2_0_INFO_FILE
-    INFO_CLASS = 19
-
-    def __init__(self):
-        self.fields = OrderedDict([("allocation_size", IntField(size=8))])
-        super().__init__()
 
 
 def opened(tree, access, contexts=(), oplock_level=0):
     """An open of size.bin with `access` (and create contexts `contexts`),
     sharing everything."""
     return create_file(tree, "size.bin", access, SHARE_ALL, contexts=contexts, oplock_level=oplock_level)[0]
-
-
-def end_of_file(tree, f, size):
-    info = FileEndOfFileInformation()
-    info["end_of_file"] = size
-    return set_info_status(tree, f, info)
-
-
-def allocation(tree, f, size):
-    info = FileAllocationInformation()
-    info["allocation_size"] = size
-    return set_info_status(tree, f, info)
-
-
-def write_status(f, data, offset):
-    try:
-        f.write(data, offset)
-        return 0
-    except SMBResponseException as e:
-        return e.status
 
 
 conn, tree = connect(*args())

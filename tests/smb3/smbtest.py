@@ -8,6 +8,7 @@ alone (include_str!) and runs it from elsewhere.
 
 import sys
 import uuid
+from collections import OrderedDict
 
 from smbprotocol import connection
 from smbprotocol.connection import Connection
@@ -22,7 +23,7 @@ from smbprotocol.create_contexts import (
     SMB2CreateRequestLeaseV2,
 )
 from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.file_info import FileDispositionInformation
+from smbprotocol.file_info import FileDispositionInformation, FileEndOfFileInformation, InfoType
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
@@ -37,6 +38,7 @@ from smbprotocol.open import (
     ShareAccess,
 )
 from smbprotocol.header import Smb2Flags
+from smbprotocol.structure import IntField, Structure
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 
@@ -255,3 +257,37 @@ def delete_pending_gives_up(tree, f):
     st = set_info_status(tree, f, info)
     check(st == 0xC0000467, f"the delete-pending SET_INFO failed with FILE_NOT_AVAILABLE (got {st:#010x})")
     pause("gave up")
+
+
+class FileAllocationInformation(Structure):
+    """[MS-FSCC] 2.4.4 FileAllocationInformation (smbprotocol has none)."""
+
+    INFO_TYPE = InfoType.SMB2_0_INFO_FILE
+    INFO_CLASS = 19
+
+    def __init__(self):
+        self.fields = OrderedDict([("allocation_size", IntField(size=8))])
+        super().__init__()
+
+
+def end_of_file(tree, f, size):
+    """SET_INFO FileEndOfFile `size` on open `f`: the status (0 on success)."""
+    info = FileEndOfFileInformation()
+    info["end_of_file"] = size
+    return set_info_status(tree, f, info)
+
+
+def allocation(tree, f, size):
+    """SET_INFO FileAllocation `size` on open `f`: the status (0 on success)."""
+    info = FileAllocationInformation()
+    info["allocation_size"] = size
+    return set_info_status(tree, f, info)
+
+
+def write_status(f, data, offset):
+    """WRITE of `data` at `offset` on open `f`: the status (0 on success)."""
+    try:
+        f.write(data, offset)
+        return 0
+    except SMBResponseException as e:
+        return e.status

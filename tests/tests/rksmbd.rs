@@ -1670,21 +1670,8 @@ fn write_through_writes_are_synced_before_they_are_answered() {
     let d = Filterd::start(&s, &[], &[]);
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let trace = s.dir.join("strace");
-    let calls = [
-        "pwrite64",
-        "fdatasync",
-        "fsync",
-        "sendto",
-        "write",
-        "writev",
-    ];
-    let _strace =
-        rkfilter_tests::Strace::attach_with(srv.shim.pid(), &trace, &calls, &[], &["-yy"]);
+    let _strace = trace_writes(&srv, &trace);
     smbprotocol_script_passes(&srv, "write_through.py");
-    let synced = |name: &str| {
-        let t = std::fs::read_to_string(&trace).unwrap_or_default();
-        synced_before_answer(&t, name)
-    };
     for name in [
         "flagged.bin",
         "option.bin",
@@ -1692,18 +1679,12 @@ fn write_through_writes_are_synced_before_they_are_answered() {
         "copied.bin",
         "reconnected.bin",
     ] {
-        let was = rkfilter_tests::wait_for(
-            "the WRITE's answer in the trace",
-            std::time::Duration::from_secs(10),
-            || synced(name),
+        assert!(
+            first_write_synced(&trace, name),
+            "{name}'s WRITE was answered before it was synced"
         );
-        assert!(was, "{name}'s WRITE was answered before it was synced");
     }
-    let plain = rkfilter_tests::wait_for(
-        "the plain WRITE's answer in the trace",
-        std::time::Duration::from_secs(10),
-        || synced("plain.bin"),
-    );
+    let plain = first_write_synced(&trace, "plain.bin");
     let t = std::fs::read_to_string(&trace).unwrap_or_default();
     assert!(
         !plain
@@ -1713,6 +1694,30 @@ fn write_through_writes_are_synced_before_they_are_answered() {
         "a plain WRITE was synced"
     );
     no_handles_left(&d);
+}
+
+/// Traces rksmbd `srv`'s WRITEs, syncs and answers into `trace` (strace
+/// `-f -yy`) while the value lives.
+fn trace_writes(srv: &RkSmbd, trace: &std::path::Path) -> rkfilter_tests::Strace {
+    let calls = [
+        "pwrite64",
+        "fdatasync",
+        "fsync",
+        "sendto",
+        "write",
+        "writev",
+    ];
+    rkfilter_tests::Strace::attach_with(srv.shim.pid(), trace, &calls, &[], &["-yy"])
+}
+
+/// Whether the first WRITE of file `name` in `trace` ([`trace_writes`])
+/// was synced before its answer, waiting for the answer to show (10 s).
+fn first_write_synced(trace: &std::path::Path, name: &str) -> bool {
+    rkfilter_tests::wait_for(
+        &format!("{name}'s WRITE answered in the trace"),
+        std::time::Duration::from_secs(10),
+        || synced_before_answer(&std::fs::read_to_string(trace).unwrap_or_default(), name),
+    )
 }
 
 /// A write-through WRITE and a server-side copy into a write-through
@@ -1842,6 +1847,77 @@ fn an_append_only_open_neither_overwrites_nor_resizes() {
     smbprotocol_script_passes(&srv, "size_access.py");
     assert_eq!(std::fs::read(s.root().join("size.bin")).unwrap(), b"0123");
     no_handles_left(&d);
+}
+
+/// Review: a durable open's granted access and write-through were kept
+/// by the rksmbd process only (a registry by create GUID, which also
+/// kept the entries of every handle its client did not close itself):
+/// after rksmbd was SIGKILLed and replaced, a DH2C/DHnC reconnect had the
+/// mask of filterd's rights, whose one write right stands for
+/// FILE_WRITE_DATA too, so a durable append-only open could overwrite and
+/// truncate the file, and a write-through open lost write-through. Now
+/// the open's handle in filterd keeps a record of how it was made
+/// (`rksmbd::made`): after the restart the durable v2, durable v1 (DHnC)
+/// and persistent append-only opens are still refused the WRITE at 0,
+/// the end of file and the allocation, so is the open a replay of a
+/// durable append-only open's CREATE returns (asking for more access),
+/// and the durable write-through open's WRITE is synced before its
+/// answer (restart_access.py).
+fn access_kept_across(outage: Outage) {
+    let s = Scratch::new(&format!("rksmbd-restart-access-{outage:?}"));
+    for name in ["v2.bin", "replay.bin", "v1.bin", "ca.bin"] {
+        std::fs::write(s.root().join(name), b"0123456789").unwrap();
+    }
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "restart_access.py",
+        std::time::Duration::from_secs(90),
+    );
+    script.expect("dropped");
+    srv.shim.kill9_in_place();
+    let mode = match outage {
+        Outage::BothKilled => {
+            d.kill9();
+            d = Filterd::start(&s, &[], &[]);
+            "both"
+        }
+        _ => "rksmbd",
+    };
+    srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let trace = s.dir.join("strace");
+    let _strace = trace_writes(&srv, &trace);
+    script.say(&format!("{} {mode}", srv.port()));
+    script.finish();
+    let appended: &[&str] = match outage {
+        Outage::BothKilled => &["ca.bin"],
+        _ => &["v2.bin", "replay.bin", "v1.bin", "ca.bin"],
+    };
+    for name in appended {
+        assert_eq!(
+            std::fs::read(s.root().join(name)).unwrap(),
+            b"0123456789ab",
+            "{name}: only appended to"
+        );
+    }
+    if !matches!(outage, Outage::BothKilled) {
+        assert!(
+            first_write_synced(&trace, "through.bin"),
+            "through.bin's WRITE was answered before it was synced"
+        );
+    }
+    no_handles_left(&d);
+}
+
+#[test]
+fn durable_opens_keep_their_access_and_write_through_across_an_rksmbd_restart() {
+    access_kept_across(Outage::RksmbdKilled);
+}
+
+#[test]
+fn a_persistent_append_only_open_stays_one_across_a_filterd_and_rksmbd_restart() {
+    access_kept_across(Outage::BothKilled);
 }
 
 /// Review of rv-data (2): a WRITE at offset -1 read the end of file with

@@ -25,10 +25,11 @@ use crate::files::{
     FILE_DIRECTORY_FILE, FILE_NON_DIRECTORY_FILE, FILE_WRITE_THROUGH, GENERIC_ALL, MAXIMUM_ALLOWED,
 };
 use crate::info::{set_dos_attributes, Meta, ATTR_ARCHIVE, DOS_KEPT};
+use crate::made::{mask_of_rights, Made};
 use crate::server::{
     AsyncHead, Connection, Outcome, Reply, Request, Shared, MAX_OPENS_PER_CONNECTION,
 };
-use crate::sessions::{Made, OpenHolder};
+use crate::sessions::OpenHolder;
 use crate::unanswered::Unanswered;
 use crate::wire::{self, status, Header, Reader, Writer, HEADER_LEN};
 
@@ -1186,6 +1187,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         app,
         by_guid,
         req,
+        replay,
         ..
     } = p;
     let ctxs = &ctxs;
@@ -1231,6 +1233,26 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         _ => {}
     }
     let leased = held.map(|l| l.key);
+    // How a durable open was made, kept with its handle before the
+    // CREATE is answered, for its reconnects (crate::made).
+    let mut made = Made {
+        write_through: f.options & FILE_WRITE_THROUGH != 0,
+        granted: granted_mask(f.access),
+    };
+    if let Some((_, persistent)) = durable {
+        match made_kept(&sh, key, made, (persistent, req.access.rights()), replay) {
+            Ok(m) => made = m,
+            Err(e) => {
+                // Not kept (its close gave up too: the handle is left
+                // disconnected, and a DH2Q's client, answered as one
+                // whose call gave up, replays the CREATE, which keeps it).
+                let left = give_back(&sh, key, leased, true);
+                let st = unavailable_status(&e, by_guid && left, c.dialect());
+                note_unanswered(c, st, f.session, &req, app.map(|(a, _)| (a, &f.path)));
+                return Err(st);
+            }
+        }
+    }
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
         let client = sh.filter.client();
@@ -1278,13 +1300,12 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             session: f.session,
             tree: f.tree,
             path: Some(f.path),
-            granted: granted_mask(f.access),
+            granted: made.granted,
             delete_on_close,
             delete_unsure: crate::files::DeleteUnsure::default(),
             kind: Kind::File { key, file, fid },
             durable: durable.is_some(),
-            write_through: f.options & FILE_WRITE_THROUGH != 0
-                || durable.is_some_and(|(_, persistent)| persistent),
+            write_through: made.write_through || durable.is_some_and(|(_, persistent)| persistent),
             persistent_id: pid,
             oplock,
             lease: leased,
@@ -1321,15 +1342,6 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         // closes it as unanswered.
         sh.registry.client_got(&req.client, guid);
     }
-    if let (Some(_), Some(guid)) = (durable, create_guid) {
-        sh.registry.keep_made(
-            guid,
-            Made {
-                write_through: f.options & FILE_WRITE_THROUGH != 0,
-                granted: granted_mask(f.access),
-            },
-        );
-    }
     if let Some((app, guid)) = app {
         sh.registry
             .app_instance_opened(app, session, id, path, guid);
@@ -1342,6 +1354,31 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         level,
         contexts,
     ))
+}
+
+/// How durable open `key` was made, as [`keep_open`] answers it: as
+/// `asked` (the CREATE's mask and write-through), kept with the handle
+/// when that says more than its `rights` (`persistent` or not) do. A
+/// replay (`replay`) that returned an open made before answers with that
+/// open as it was made (MS-SMB2 3.3.5.9.10: the replay changes nothing),
+/// as its handle's record says; one without the record, as `asked`.
+fn made_kept(
+    sh: &Shared,
+    key: ResumeKey,
+    asked: Made,
+    (persistent, rights): (bool, Rights),
+    replay: bool,
+) -> Result<Made, ClientError> {
+    let client = sh.filter.client();
+    if replay {
+        if let Some(m) = crate::made::of(&client, key)? {
+            return Ok(m);
+        }
+    }
+    if asked.needs_record(rights, persistent) {
+        crate::made::keep(&client, key, asked)?;
+    }
+    Ok(asked)
 }
 
 /// The durability an open stands with: (timeout, persistent). A durable
@@ -1765,6 +1802,29 @@ fn reconnect(
         return Err(status::OBJECT_NAME_NOT_FOUND);
     };
     let rec = view.record;
+    // Write-through and granted access as the durable open was made, as
+    // its handle's record says (crate::made): a client need not repeat
+    // FILE_WRITE_THROUGH in its DH2C/DHnC (MS-SMB2 takes none of a
+    // reconnect's other fields), and an append-only open stays one, also
+    // after rksmbd restarted (filterd's write right stands for
+    // FILE_WRITE_DATA too: before, such a reconnect could overwrite and
+    // resize). An open without the record has the mask of filterd's
+    // rights, and write-through as the reconnect's create options say; a
+    // persistent open is write-through whatever they say.
+    let rights = rec.access.rights();
+    let made = match crate::made::of(&sh.filter.client(), key) {
+        Ok(Some(m)) => m.within(rights),
+        Ok(None) => Made {
+            write_through: options & FILE_WRITE_THROUGH != 0,
+            granted: mask_of_rights(rights),
+        },
+        Err(e) => {
+            // Resumed but not answered: disconnected again, for the
+            // client's next DH2C.
+            let _ = sh.filter.detach(key);
+            return Err(status_of(&e));
+        }
+    };
     let unlearnt = sh.registry.take_unlearnt(key);
     crate::lock::settle_reconnected(&sh.filter.client(), key, &rec.locks, &unlearnt);
     // With a lease the name must be the open's (an oplock's is ignored).
@@ -1814,30 +1874,6 @@ fn reconnect(
         }
         _ => {}
     }
-    // Write-through and granted access as the durable open was made: a
-    // client need not repeat FILE_WRITE_THROUGH in its DH2C/DHnC (MS-SMB2
-    // takes none of a reconnect's other fields), and an append-only open
-    // stays one (filterd's write right stands for FILE_WRITE_DATA too:
-    // before, every reconnect could overwrite and resize). Its create
-    // options and filterd's rights count only when this rksmbd never saw
-    // the open made (it restarted since); a persistent open is
-    // write-through whatever they say.
-    let rights_mask = mask_of_rights(rec.access.rights());
-    let made = [Some(rc.create_guid), v2_guid.map(|g| g.0)]
-        .into_iter()
-        .flatten()
-        .find_map(|g| sh.registry.made(g))
-        .map_or(
-            Made {
-                write_through: options & FILE_WRITE_THROUGH != 0,
-                granted: rights_mask,
-            },
-            |m| Made {
-                write_through: m.write_through,
-                granted: m.granted & rights_mask,
-            },
-        );
-    sh.registry.keep_made(rc.create_guid, made);
     let write_through =
         made.write_through || matches!(rec.durability, Durability::Persistent { .. });
     let added = c.add_open(
@@ -1887,22 +1923,6 @@ fn reconnect(
         level,
         contexts,
     ))
-}
-
-/// An access mask for filterd rights (after a reconnect, when the original
-/// SMB mask is no longer known).
-fn mask_of_rights(r: Rights) -> u32 {
-    let mut m = 0x0012_0080; // read attributes, read control, synchronize
-    if r.contains(Rights::READ) {
-        m |= 0x0012_0089;
-    }
-    if r.contains(Rights::WRITE) {
-        m |= 0x0012_0116;
-    }
-    if r.contains(Rights::DELETE) {
-        m |= DELETE;
-    }
-    m
 }
 
 /// Opens directory `path` and takes its place among the directory opens

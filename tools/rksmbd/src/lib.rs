@@ -22,7 +22,8 @@
 //!   knows which are in progress.
 //!
 //! [`sessions`] holds what crosses connections: PreviousSessionId and
-//! AppInstanceId; [`channels`] multichannel (a session bound to several
+//! AppInstanceId; [`made`] how a durable open was made (granted access,
+//! write-through), kept with its filterd handle; [`channels`] multichannel (a session bound to several
 //! connections, served by the thread of the one that set it up);
 //! [`settle`] closes again the handles whose close filterd never answered.
 //!
@@ -42,6 +43,7 @@ pub mod files;
 pub mod info;
 pub mod lock;
 pub mod logons;
+pub mod made;
 pub mod notify;
 pub mod ntlm;
 pub mod server;

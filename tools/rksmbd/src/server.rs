@@ -372,9 +372,11 @@ fn opens_allowed() -> usize {
 /// the open's user, time-ordered resume keys (the persistent FileId
 /// takes the half of a key that differs: `create::persistent_id`), and
 /// its own count of the replays it answers without filterd
-/// ([`Shared::replays`]). rksmbd looks no records up, so the bit stops
-/// counting nothing filterd counted for it: its create-GUID and durable
-/// lock-sequence replays go through filterd and are counted there.
+/// ([`Shared::replays`]). The only records rksmbd looks up are its
+/// handles' records of how they were made ([`crate::made`]), no replays:
+/// the bit keeps those lookups from being counted as replays, and its
+/// create-GUID and durable lock-sequence replays go through filterd and
+/// are counted there.
 const FEATURES: u64 = libfilter::proto::FEATURE_RENAME_DIRECTORY
     | libfilter::proto::FEATURE_RESUME_OWNER
     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS

@@ -293,17 +293,6 @@ impl UnansweredIndex {
     }
 }
 
-/// How a durable open was made, kept for its reconnects: filterd's
-/// handle record has only its rights, whose one write right stands for
-/// FILE_WRITE_DATA and FILE_APPEND_DATA alike.
-#[derive(Clone, Copy, Debug)]
-pub struct Made {
-    /// Made with FILE_WRITE_THROUGH.
-    pub write_through: bool,
-    /// The SMB access mask it was granted.
-    pub granted: u32,
-}
-
 /// Every connection's sessions, app instances and durable v2 FileIds.
 #[derive(Default)]
 pub struct Registry {
@@ -336,11 +325,6 @@ pub struct Registry {
     /// The file position (FilePositionInformation) of a durable open
     /// that set one, by create GUID, for its reconnect.
     positions: Mutex<HashMap<uuid::Uuid, u64>>,
-    /// How a durable open was made, by create GUID: its reconnect is
-    /// write-through and has the granted access as the open was made,
-    /// whatever the DH2C/DHnC's create options say (MS-SMB2 takes none
-    /// of a reconnect's other fields).
-    made: Mutex<HashMap<uuid::Uuid, Made>>,
     /// Locks filterd may hold for a durable handle whose client went
     /// away before it learnt the outcome, by resume key: settled when the
     /// handle is reconnected ([`crate::lock::settle_reconnected`]).
@@ -687,27 +671,10 @@ impl Registry {
         }
     }
 
-    /// A durable open with `create_guid` is made (or reconnected), as
-    /// `made` says. Up to [`MAX_V2_BY_FILE_ID`] opens are remembered, by
-    /// this rksmbd process only.
-    pub fn keep_made(&self, create_guid: uuid::Uuid, made: Made) {
-        let mut m = lock(&self.made);
-        if m.len() < MAX_V2_BY_FILE_ID || m.contains_key(&create_guid) {
-            m.insert(create_guid, made);
-        }
-    }
-
-    /// How the durable open with `create_guid` was made (None: not known
-    /// here, e.g. made before rksmbd restarted).
-    pub fn made(&self, create_guid: uuid::Uuid) -> Option<Made> {
-        lock(&self.made).get(&create_guid).copied()
-    }
-
     /// The durable open with `create_guid` is closed for good: its
-    /// position and how it was made are forgotten.
+    /// position is forgotten.
     pub fn durable_closed(&self, create_guid: uuid::Uuid) {
         self.keep_position(create_guid, 0);
-        lock(&self.made).remove(&create_guid);
     }
 
     /// Lock `u` of handle `key` is unlearnt: its client went away first.

@@ -1,0 +1,180 @@
+//! How a durable or persistent open was made — the SMB access mask it was
+//! granted and whether it is write-through — kept with filterd's handle,
+//! for its DH2C/DHnC reconnects and the replays of its CREATE.
+//!
+//! filterd's handle record holds only the open's rights, whose one write
+//! right stands for FILE_WRITE_DATA and FILE_APPEND_DATA alike: without
+//! more, a reconnected append-only open could overwrite and resize the
+//! file. So the open's handle scope holds one record ([`MADE_OP_ID`])
+//! saying how it was made, written before the CREATE is answered. A
+//! handle-scope record lives exactly as long as the handle: filterd drops
+//! it with the handle however that goes (closed by anyone, expired,
+//! purged, taken over), stores it with a persistent handle (so it
+//! survives a filterd restart as the handle does), and it is found after
+//! an rksmbd restart. Before, an in-process registry by create GUID kept
+//! it: lost when rksmbd restarted, and left behind by every handle its
+//! client did not close itself.
+//!
+//! The record is written only when it says more than filterd's rights:
+//! an open whose mask is theirs ([`mask_of_rights`]) and that is not
+//! write-through beyond its durability costs no extra filterd call. An
+//! open without the record (made so, or made by an rksmbd before the
+//! record existed) is reconnected with the mask of filterd's rights, and
+//! write-through as the reconnect's create options say.
+
+use libfilter::client::{ClientError, FilterClient};
+use libfilter::model::{ReplayScope, ResumeKey, Rights};
+
+use crate::files::DELETE;
+
+/// The op id of the record in the handle's scope: its only one, and the
+/// last to go should others ever share the scope (oldest op ids go first).
+pub const MADE_OP_ID: u64 = u64::MAX;
+
+/// What the record's text starts with (a version: a later format gets
+/// another tag, and this rksmbd reads it as no record).
+const TAG: &str = "rksmbd-made/1";
+
+/// How a durable open was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Made {
+    /// Made with FILE_WRITE_THROUGH.
+    pub write_through: bool,
+    /// The SMB access mask it was granted.
+    pub granted: u32,
+}
+
+impl Made {
+    /// The record's text.
+    pub fn encode(&self) -> String {
+        format!(
+            "{TAG} granted={:#010x} write_through={}",
+            self.granted,
+            u8::from(self.write_through)
+        )
+    }
+
+    /// The record read back; None for anything else (no panic on any text).
+    pub fn decode(text: &str) -> Option<Made> {
+        let mut parts = text.split(' ');
+        if parts.next()? != TAG {
+            return None;
+        }
+        let granted = parts.next()?.strip_prefix("granted=0x")?;
+        let granted = u32::from_str_radix(granted, 16).ok()?;
+        let write_through = match parts.next()? {
+            "write_through=0" => false,
+            "write_through=1" => true,
+            _ => return None,
+        };
+        parts.next().is_none().then_some(Made {
+            write_through,
+            granted,
+        })
+    }
+
+    /// Whether a handle with `rights` (persistent or not) needs the record:
+    /// without it a reconnect would get more access than the open was
+    /// granted, or lose its write-through (a persistent open is
+    /// write-through anyway).
+    pub fn needs_record(&self, rights: Rights, persistent: bool) -> bool {
+        let theirs = mask_of_rights(rights);
+        self.granted & theirs != theirs || (self.write_through && !persistent)
+    }
+
+    /// What a reconnect of a handle with `rights` gets: this open within
+    /// filterd's rights (never more than either).
+    pub fn within(&self, rights: Rights) -> Made {
+        Made {
+            write_through: self.write_through,
+            granted: self.granted & mask_of_rights(rights),
+        }
+    }
+}
+
+/// An access mask for filterd rights: what an open without the record is
+/// reconnected with.
+pub fn mask_of_rights(r: Rights) -> u32 {
+    let mut m = 0x0012_0080; // read attributes, read control, synchronize
+    if r.contains(Rights::READ) {
+        m |= 0x0012_0089;
+    }
+    if r.contains(Rights::WRITE) {
+        m |= 0x0012_0116;
+    }
+    if r.contains(Rights::DELETE) {
+        m |= DELETE;
+    }
+    m
+}
+
+/// Keeps `made` with handle `key` (attached to this rksmbd): durable with
+/// a persistent handle before this returns.
+pub fn keep(client: &FilterClient, key: ResumeKey, made: Made) -> Result<(), ClientError> {
+    client.record_reply(ReplayScope::Handle(key), MADE_OP_ID, made.encode(), 1)
+}
+
+/// How handle `key` (attached to this rksmbd) was made, if its scope
+/// says (None: no record, or one this rksmbd cannot read).
+pub fn of(client: &FilterClient, key: ResumeKey) -> Result<Option<Made>, ClientError> {
+    let record = client.lookup_reply(ReplayScope::Handle(key), MADE_OP_ID)?;
+    Ok(record.and_then(|r| {
+        let made = Made::decode(&r.reply);
+        if made.is_none() {
+            tracing::warn!(resume_key = %key, "a handle's record of how it was made is not read");
+        }
+        made
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_made_record_reads_back_and_nothing_else_does() {
+        for made in [
+            Made {
+                write_through: true,
+                granted: 0x84,
+            },
+            Made {
+                write_through: false,
+                granted: u32::MAX,
+            },
+        ] {
+            assert_eq!(Made::decode(&made.encode()), Some(made));
+        }
+        for bad in [
+            "",
+            "rksmbd-made/1",
+            "rksmbd-made/2 granted=0x00000084 write_through=1",
+            "rksmbd-made/1 granted=0x00000084 write_through=2",
+            "rksmbd-made/1 granted=0x100000000 write_through=1",
+            "rksmbd-made/1 granted=84 write_through=1",
+            "rksmbd-made/1 granted=0x00000084 write_through=1 more",
+        ] {
+            assert_eq!(Made::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_an_open_beyond_filterds_rights_needs_the_record() {
+        let rw = Rights::READ.union(Rights::WRITE);
+        let made = |granted, write_through| Made {
+            write_through,
+            granted,
+        };
+        // GENERIC_READ | GENERIC_WRITE: filterd's rights say it all.
+        assert!(!made(0x0012_019F, false).needs_record(rw, false));
+        // Append-only: filterd's write right would give FILE_WRITE_DATA.
+        assert!(made(0x84, false).needs_record(Rights::WRITE, false));
+        // Write-through, unless persistent (always write-through).
+        assert!(made(0x0012_019F, true).needs_record(rw, false));
+        assert!(!made(0x0012_019F, true).needs_record(rw, true));
+        assert_eq!(
+            made(0x001F_01FF, false).within(Rights::WRITE).granted,
+            0x0012_0196
+        );
+    }
+}
