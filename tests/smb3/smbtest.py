@@ -291,3 +291,16 @@ def write_status(f, data, offset):
         return 0
     except SMBResponseException as e:
         return e.status
+
+
+def refused_within(tree, f, what):
+    """Open `f` (append-only: no FILE_WRITE_DATA) is refused a WRITE at
+    offset 0, FileEndOfFile and FileAllocation, each
+    STATUS_ACCESS_DENIED; `what` names it in the checks."""
+    denied = 0xC0000022
+    st = write_status(f, b"XX", 0)
+    check(st == denied, f"{what}: a WRITE at offset 0 is STATUS_ACCESS_DENIED ({st:#x})")
+    st = end_of_file(tree, f, 1)
+    check(st == denied, f"{what}: the end of file is STATUS_ACCESS_DENIED ({st:#x})")
+    st = allocation(tree, f, 1)
+    check(st == denied, f"{what}: the allocation is STATUS_ACCESS_DENIED ({st:#x})")
