@@ -1122,26 +1122,40 @@ impl Engine {
                         Ok((fd, id, size))
                     }
                 });
+            let path = h.rec.path.clone();
             match reopened {
-                Ok((fd, _, _)) => h.fd = Some(fd),
-                // A local process's kernel lease is being broken (the open
-                // does not wait for it): the file is there, retry.
-                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-                    self.stats.not_available += 1;
-                    return Err(err(
-                        ErrorCode::Busy,
-                        format!("handle {key}: a local process holds a lease on its file, being broken; retry"),
-                    ));
+                Ok((fd, _, _)) => {
+                    // A resume takes a descriptor as an open does: not the
+                    // last ones, kept for reading local opens. Refused, the
+                    // descriptor is closed and the handle left as it was.
+                    self.keep_descriptor_reserve(&path, fd.as_fd())?;
+                    if let Some(h) = self.handles.get_mut(&key) {
+                        h.fd = Some(fd);
+                    }
                 }
-                Err(e) => {
-                    self.lose(key);
-                    return Err(err(
-                        ErrorCode::NoSuchHandle,
-                        format!("handle {key} lost its file: {e}"),
-                    ));
-                }
+                Err(e) => match reopen_refusal(key, &e) {
+                    // Gone (or no longer beneath the root): lost for good.
+                    None => {
+                        self.lose(key);
+                        return Err(err(
+                            ErrorCode::NoSuchHandle,
+                            format!("handle {key} lost its file: {e}"),
+                        ));
+                    }
+                    // filterd's problem, or a moment's: the handle stays
+                    // disconnected and resumable, nothing is stored.
+                    Some(refusal) => {
+                        if refusal.code == ErrorCode::Busy {
+                            self.stats.not_available += 1;
+                        }
+                        return Err(refusal);
+                    }
+                },
             }
         }
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+        };
         let size = match &h.fd {
             Some(fd) => self.fs.stat(fd.as_fd()).map(|(_, s)| s).unwrap_or(0),
             None => 0,
@@ -2182,4 +2196,43 @@ thread_local! {
 #[cfg(test)]
 pub(super) fn reset_keys(seed: u64) {
     NEXT_KEY.with(|n| n.set((seed, 0)));
+}
+
+/// What a resume answers when the lazy reopen of a recovered handle's file
+/// failed with `e`: `None` when the file is gone — unlinked, replaced (its
+/// kernel handle names another inode generation, `ESTALE`), renamed out of
+/// reach, or no longer beneath the root (`EXDEV`, `ELOOP`: the proof of
+/// `fsops::open_by_handle_beneath` or `openat2` refused it) — and the
+/// handle lost its file. Any other failure says nothing about the file:
+/// out of descriptors or memory is filterd's problem, as recovery treats it
+/// (`Engine::recover` refuses to start rather than mark handles lost), and
+/// an interrupted or would-block open is a moment's. The handle is kept
+/// (disconnected, its locks, share mode and timeout as they were) and the
+/// resume is refused with a code the frontends answer as "retry"
+/// (`LimitReached`: SMB STATUS_INSUFFICIENT_RESOURCES, NFS
+/// NFS4ERR_RESOURCE; `Busy`: STATUS_FILE_NOT_AVAILABLE, NFS4ERR_DELAY).
+/// Before review rvx every failure lost the handle for good: a resume at
+/// filterd's descriptor limit dropped a persistent open's share mode and
+/// locks, and another client's conflicting open went through.
+fn reopen_refusal(key: ResumeKey, e: &std::io::Error) -> Option<WireError> {
+    match e.raw_os_error() {
+        Some(libc::ESTALE | libc::ENOENT | libc::ENOTDIR | libc::EXDEV | libc::ELOOP) => None,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS) => Some(err(
+            ErrorCode::LimitReached,
+            format!(
+                "handle {key}: its file cannot be reopened now ({e}); the handle is kept, retry"
+            ),
+        )),
+        // A local process's kernel lease is being broken (the open does
+        // not wait for it), or the open was interrupted: the file is
+        // there, retry.
+        Some(libc::EWOULDBLOCK | libc::EINTR) => Some(err(
+            ErrorCode::Busy,
+            format!("handle {key}: its file cannot be reopened this moment ({e}); retry"),
+        )),
+        _ => Some(err(
+            ErrorCode::Internal,
+            format!("handle {key}: its file cannot be reopened ({e}); the handle is kept"),
+        )),
+    }
 }

@@ -6510,3 +6510,96 @@ fn wrote_breaks_other_keys_read_caching_one_way_and_needs_the_bit() {
     assert!(h.reply(id).is_none(), "never answered");
     assert_eq!(state(&h, holder), Some(libfilter::lease::LeaseState::NONE));
 }
+
+/// Review rvx: a recovered handle takes its descriptor when it is resumed
+/// (or its open replayed by create GUID), and that reopen failing for lack
+/// of descriptors or memory, or interrupted, says nothing about the file.
+/// The handle is kept — disconnected, its share mode, stored record and
+/// timeout as they were — the resume is refused with a code the frontends
+/// answer as "retry", another client's conflicting open is still refused,
+/// and the same resume succeeds once the reopen can be made. Before, any
+/// reopen error but `EWOULDBLOCK` lost the handle for good (refused
+/// `NoSuchHandle`, recorded lost), and the conflicting open went through.
+#[test]
+fn a_resume_that_cannot_reopen_for_lack_of_descriptors_keeps_the_handle() {
+    let mut h = Harness::new();
+    // Alice's persistent open denies writers.
+    let Request::Open(o) = open("a", Rights::READ) else {
+        unreachable!("open() makes an open")
+    };
+    let id = h.run(Request::Open(o.clone()));
+    h.commit(true);
+    let key = h.opened(id);
+    let mut h = h.restarted();
+    assert!(h.engine.handles[&key].fd.is_none());
+    let before = h.digest();
+    let stored = h.store.inner.lock().unwrap().handles[&key].clone();
+    let resume = Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("alice").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key },
+        owner: None,
+    });
+    let mut bob = o.clone();
+    bob.client = ClientId::new("bob").unwrap();
+    bob.create_guid = None;
+    let refused = |h: &mut Harness, req: Request| {
+        let id = h.run(req);
+        if h.reply(id).is_none() {
+            h.commit(true);
+        }
+        h.refused(id)
+    };
+    for (errno, code) in [
+        (libc::EMFILE, ErrorCode::LimitReached),
+        (libc::ENFILE, ErrorCode::LimitReached),
+        (libc::ENOMEM, ErrorCode::LimitReached),
+        (libc::EINTR, ErrorCode::Busy),
+    ] {
+        h.fs.fail_next("reopen", errno);
+        assert_eq!(refused(&mut h, resume.clone()), code, "errno {errno}");
+        // The replay of the open by its create GUID reopens the same way.
+        h.fs.fail_next("reopen", errno);
+        assert_eq!(
+            refused(&mut h, Request::ReplayOpen(o.clone())),
+            code,
+            "errno {errno}"
+        );
+        assert_eq!(h.digest(), before, "errno {errno}: the handle is kept");
+        assert_eq!(h.store.inner.lock().unwrap().handles[&key], stored);
+        // A disconnected persistent open's share mode: "retry later".
+        assert_eq!(
+            refused(&mut h, Request::Open(bob.clone())),
+            ErrorCode::FileNotAvailable,
+            "errno {errno}: the share mode still holds"
+        );
+    }
+    let r = h.run(resume);
+    h.commit(true);
+    assert_eq!(h.opened(r), key);
+    assert_eq!(h.engine.handles[&key].rec.conn, ConnState::Connected);
+    assert_eq!(
+        refused(&mut h, Request::Open(bob)),
+        ErrorCode::SharingViolation
+    );
+}
+
+/// A resume whose file is gone (its kernel handle names no file, `ESTALE`)
+/// still loses the handle: only failures that say nothing about the file
+/// keep it.
+#[test]
+fn a_resume_whose_file_is_gone_loses_the_handle() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::READ));
+    h.commit(true);
+    let key = h.opened(id);
+    let mut h = h.restarted();
+    h.fs.fail_next("reopen", libc::ESTALE);
+    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("alice").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key },
+        owner: None,
+    }));
+    h.commit(true);
+    assert_eq!(h.refused(r), ErrorCode::NoSuchHandle);
+    assert_eq!(h.engine.handles[&key].rec.conn, ConnState::Lost);
+}
