@@ -508,3 +508,95 @@ fn a_starved_first_answer_does_not_leave_later_local_files_open() {
         "{held} of 300 local opens let go on with filterd's descriptor of the file open"
     );
 }
+
+/// The code `r` was refused with.
+fn refusal<T: std::fmt::Debug>(
+    r: Result<T, libfilter::client::ClientError>,
+) -> libfilter::proto::WireError {
+    match r {
+        Err(libfilter::client::ClientError::Refused(w)) => w,
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+/// Review rvx: a recovered persistent handle takes its descriptor when it
+/// is resumed. filterd out of descriptors then (its limit lowered to what
+/// it holds) refuses the resume with `LimitReached` — a retry, not "no
+/// such handle" — and so it does when the reopened descriptor would eat
+/// into the reserve kept for reading local opens; the handle stays
+/// disconnected, its share mode keeps another client's writer out
+/// throughout, and once the limit is raised the same resume succeeds.
+/// Before, the reopen's EMFILE lost the handle for good (recorded lost,
+/// its locks and share mode gone: the writer got in), and a resume took
+/// the reserve's last descriptors.
+#[test]
+fn a_resume_out_of_descriptors_is_refused_and_keeps_the_handle() {
+    let Some(s) = Scratch::with_tmpfs("fan-resume-emfile") else {
+        return;
+    };
+    std::fs::write(s.root().join("f"), b"x").unwrap();
+    let mut d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    let alice = ClientId::new("alice").unwrap();
+    // Alice's persistent open denies writers.
+    let held = fe
+        .open(OpenRequest {
+            share: Rights::READ,
+            durability: Durability::Persistent {
+                timeout_ms: 600_000,
+            },
+            ..plain_open("alice", "f")
+        })
+        .unwrap();
+    let key = held.info.key;
+    drop(held);
+    d.kill9();
+    drop(fe);
+    let d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    let writer = || {
+        fe.open(OpenRequest {
+            access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+            ..plain_open("bob", "f")
+        })
+    };
+    let kept = |what: &str| {
+        let hs = d.control().handles().unwrap();
+        let h = hs
+            .iter()
+            .find(|h| h.record.key == key)
+            .unwrap_or_else(|| panic!("{what}: the handle is gone"));
+        assert!(
+            matches!(h.record.conn, ConnState::Disconnected { .. }),
+            "{what}: {:?}",
+            h.record.conn
+        );
+    };
+    assert_eq!(
+        refusal(writer()).code,
+        libfilter::proto::ErrorCode::FileNotAvailable
+    );
+    // No descriptor free: the reopen fails EMFILE.
+    set_fd_limit(d.pid(), lowest_free_fd(d.pid()));
+    let e = refusal(fe.resume(alice.clone(), key));
+    assert_eq!(e.code, libfilter::proto::ErrorCode::LimitReached, "{e:?}");
+    // A few free, fewer than the reserve: the reopened descriptor is
+    // given back.
+    set_fd_limit(d.pid(), lowest_free_fd(d.pid()) + 4);
+    let e = refusal(fe.resume(alice.clone(), key));
+    assert_eq!(e.code, libfilter::proto::ErrorCode::LimitReached, "{e:?}");
+    assert!(e.message.contains("descriptors"), "{e:?}");
+    set_fd_limit(d.pid(), 4096);
+    kept("after the refused resumes");
+    assert_eq!(
+        refusal(writer()).code,
+        libfilter::proto::ErrorCode::FileNotAvailable,
+        "the share mode still holds"
+    );
+    let back = fe.resume(alice, key).unwrap();
+    assert_eq!(back.info.key, key);
+    assert_eq!(
+        refusal(writer()).code,
+        libfilter::proto::ErrorCode::SharingViolation
+    );
+}
