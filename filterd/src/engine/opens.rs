@@ -2198,39 +2198,69 @@ pub(super) fn reset_keys(seed: u64) {
     NEXT_KEY.with(|n| n.set((seed, 0)));
 }
 
+/// What a failed open of a handle's file by its kernel handle (a resume's
+/// lazy reopen, recovery's look) says about the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReopenFailure {
+    /// The file is gone — unlinked, replaced (its kernel handle names
+    /// another inode generation, `ESTALE`), renamed out of reach — or no
+    /// longer beneath the root (`EXDEV`, `ELOOP`: the proof of
+    /// `fsops::open_by_handle_beneath` or `openat2` refused it): the
+    /// handle lost its file.
+    Gone,
+    /// filterd is out of descriptors or memory: its problem, not the
+    /// handle's.
+    Resources,
+    /// A moment's: a local process's kernel lease is being broken (the
+    /// open does not wait for it), or the open was interrupted.
+    Moment,
+    /// Anything else (an I/O error, a permission): nothing is known about
+    /// the file, so the handle is not given up on.
+    Other,
+}
+
+impl ReopenFailure {
+    pub(super) fn of(e: &std::io::Error) -> ReopenFailure {
+        match e.raw_os_error() {
+            Some(libc::ESTALE | libc::ENOENT | libc::ENOTDIR | libc::EXDEV | libc::ELOOP) => {
+                ReopenFailure::Gone
+            }
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS) => {
+                ReopenFailure::Resources
+            }
+            Some(libc::EWOULDBLOCK | libc::EINTR) => ReopenFailure::Moment,
+            _ => ReopenFailure::Other,
+        }
+    }
+}
+
 /// What a resume answers when the lazy reopen of a recovered handle's file
-/// failed with `e`: `None` when the file is gone — unlinked, replaced (its
-/// kernel handle names another inode generation, `ESTALE`), renamed out of
-/// reach, or no longer beneath the root (`EXDEV`, `ELOOP`: the proof of
-/// `fsops::open_by_handle_beneath` or `openat2` refused it) — and the
-/// handle lost its file. Any other failure says nothing about the file:
-/// out of descriptors or memory is filterd's problem, as recovery treats it
-/// (`Engine::recover` refuses to start rather than mark handles lost), and
-/// an interrupted or would-block open is a moment's. The handle is kept
-/// (disconnected, its locks, share mode and timeout as they were) and the
-/// resume is refused with a code the frontends answer as "retry"
-/// (`LimitReached`: SMB STATUS_INSUFFICIENT_RESOURCES, NFS
+/// failed with `e`: `None` when the file is gone ([`ReopenFailure::Gone`])
+/// and the handle lost its file. Any other failure says nothing about the
+/// file: out of descriptors or memory is filterd's problem, as recovery
+/// treats it, and an interrupted or would-block open is a moment's. The
+/// handle is kept (disconnected, its locks, share mode and timeout as they
+/// were) and the resume is refused with a code the frontends answer as
+/// "retry" (`LimitReached`: SMB STATUS_INSUFFICIENT_RESOURCES, NFS
 /// NFS4ERR_RESOURCE; `Busy`: STATUS_FILE_NOT_AVAILABLE, NFS4ERR_DELAY).
-/// Before review rvx every failure lost the handle for good: a resume at
-/// filterd's descriptor limit dropped a persistent open's share mode and
-/// locks, and another client's conflicting open went through.
+/// Before review rvx every failure but `EWOULDBLOCK` lost the handle for
+/// good: a resume at filterd's descriptor limit dropped a persistent
+/// open's share mode and locks, and another client's conflicting open went
+/// through.
 fn reopen_refusal(key: ResumeKey, e: &std::io::Error) -> Option<WireError> {
-    match e.raw_os_error() {
-        Some(libc::ESTALE | libc::ENOENT | libc::ENOTDIR | libc::EXDEV | libc::ELOOP) => None,
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS) => Some(err(
+    match ReopenFailure::of(e) {
+        ReopenFailure::Gone => None,
+        ReopenFailure::Resources => Some(err(
             ErrorCode::LimitReached,
             format!(
                 "handle {key}: its file cannot be reopened now ({e}); the handle is kept, retry"
             ),
         )),
-        // A local process's kernel lease is being broken (the open does
-        // not wait for it), or the open was interrupted: the file is
-        // there, retry.
-        Some(libc::EWOULDBLOCK | libc::EINTR) => Some(err(
+        ReopenFailure::Moment => Some(err(
             ErrorCode::Busy,
             format!("handle {key}: its file cannot be reopened this moment ({e}); retry"),
         )),
-        _ => Some(err(
+        ReopenFailure::Other => Some(err(
             ErrorCode::Internal,
             format!("handle {key}: its file cannot be reopened ({e}); the handle is kept"),
         )),

@@ -441,23 +441,28 @@ impl Engine {
             let timeout = u64::from(rec.durability.timeout_ms().unwrap_or(0));
             let found = match found {
                 Some(Ok(file)) => Some(file),
-                // Out of descriptors or memory is our problem, not the
-                // handle's: refuse to start rather than mark it lost.
-                Some(Err(e))
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM)
-                    ) =>
-                {
-                    anyhow::bail!(
-                        "cannot reopen persistent handles: {e}; raise the descriptor limit (LimitNOFILE=) \
-                         — filterd needs one descriptor per handle"
-                    );
-                }
-                Some(Err(e)) => {
-                    warn!(resume_key = %rec.key, path = %rec.path, error = %e, "persistent handle lost: file cannot be reopened");
-                    None
-                }
+                Some(Err(e)) => match super::opens::ReopenFailure::of(&e) {
+                    // Out of descriptors or memory is our problem, not the
+                    // handle's: refuse to start rather than mark it lost.
+                    super::opens::ReopenFailure::Resources => {
+                        anyhow::bail!(
+                            "cannot reopen persistent handles: {e}; raise the descriptor limit (LimitNOFILE=) \
+                             — filterd needs one descriptor per handle"
+                        );
+                    }
+                    super::opens::ReopenFailure::Gone => {
+                        warn!(resume_key = %rec.key, path = %rec.path, error = %e, "persistent handle lost: file cannot be reopened");
+                        None
+                    }
+                    // Says nothing about the file (an I/O error, an
+                    // interrupted open): kept under the file it recorded;
+                    // its resume reopens it by kernel handle and decides
+                    // then (review rvx: lost for good before).
+                    super::opens::ReopenFailure::Moment | super::opens::ReopenFailure::Other => {
+                        warn!(resume_key = %rec.key, path = %rec.path, error = %e, "persistent handle kept unchecked: its file could not be looked at");
+                        Some(rec.file)
+                    }
+                },
                 None => None,
             };
             // The look proves the file is there; a descriptor is taken when

@@ -6603,3 +6603,38 @@ fn a_resume_whose_file_is_gone_loses_the_handle() {
     assert_eq!(h.refused(r), ErrorCode::NoSuchHandle);
     assert_eq!(h.engine.handles[&key].rec.conn, ConnState::Lost);
 }
+
+/// Review rvx, at recovery: a look at a persistent handle's file that
+/// fails for a reason that says nothing about the file (an I/O error, an
+/// interrupted open) keeps the handle disconnected under the file it
+/// recorded — its share mode holds, nothing is stored — and its resume
+/// reopens it. Before, any failure but running out of descriptors or
+/// memory (which refuses the start) recorded the handle lost for good.
+#[test]
+fn recovery_keeps_a_handle_whose_file_could_not_be_looked_at() {
+    for errno in [libc::EIO, libc::EINTR] {
+        let mut h = Harness::new();
+        let id = h.run(open("a", Rights::READ));
+        h.commit(true);
+        let key = h.opened(id);
+        let stored = h.store.inner.lock().unwrap().handles[&key].clone();
+        h.fs.fail_next("reopen", errno);
+        let mut h = h.restarted();
+        assert!(
+            matches!(
+                h.engine.handles[&key].rec.conn,
+                ConnState::Disconnected { .. }
+            ),
+            "errno {errno}"
+        );
+        assert_eq!(h.store.inner.lock().unwrap().handles[&key], stored);
+        assert!(h.engine.by_file.values().flatten().any(|k| *k == key));
+        let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
+            client: ClientId::new("alice").unwrap(),
+            target: libfilter::proto::ResumeTarget::Key { key },
+            owner: None,
+        }));
+        h.commit(true);
+        assert_eq!(h.opened(r), key, "errno {errno}");
+    }
+}
