@@ -2,8 +2,9 @@
 //! the fanotify reader never waits on the engine, an open filterd cannot
 //! decide in time is refused — never let through past a share mode —,
 //! mediation survives running out of descriptors, protocol opens keep a
-//! descriptor reserve for it, and once the engine stops every local open
-//! is refused at once.
+//! descriptor reserve for it (resumes too), a resume out of descriptors
+//! keeps its handle, and once the engine stops every local open is
+//! refused at once.
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
@@ -599,4 +600,63 @@ fn a_resume_out_of_descriptors_is_refused_and_keeps_the_handle() {
         refusal(writer()).code,
         libfilter::proto::ErrorCode::SharingViolation
     );
+}
+
+/// Review rvx through smbshim, as found: a RECONNECT of a persistent open
+/// after filterd restarted, while filterd is at its descriptor limit, is
+/// answered `STATUS_INSUFFICIENT_RESOURCES` (the client may retry), not
+/// `STATUS_OBJECT_NAME_NOT_FOUND`; another client's writer is kept out
+/// throughout, and once the limit is raised the same RECONNECT succeeds.
+#[test]
+fn an_smb_reconnect_at_filterds_descriptor_limit_may_be_retried() {
+    use rkfilter_tests::{LineClient, Shim};
+    use serde_json::json;
+    let Some(s) = Scratch::with_tmpfs("fan-reconnect-emfile") else {
+        return;
+    };
+    let mut d = Filterd::start_mediated(&s, &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let session = |c: &mut LineClient, guid: &str| {
+        let r = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": guid, "user": "m"}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        r["session_id"].as_u64().unwrap()
+    };
+    let mut c = LineClient::connect(&shim.addr);
+    let sid = session(&mut c, &client_guid);
+    // Persistent, sharing read only: writers are denied.
+    let r = rkfilter_tests::smb_persistent_create(&mut c, sid, "f");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let guid = r["durable"]["create_guid"].clone();
+    assert!(guid.is_string(), "{r}");
+    shim.kill9();
+    drop(c);
+    d.kill9();
+    let d = Filterd::start_mediated(&s, &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut bob = LineClient::connect(&shim.addr);
+    let bsid = session(&mut bob, &uuid::Uuid::new_v4().to_string());
+    let mut writer = || {
+        let r = bob.call(json!({"cmd": "CREATE", "session_id": bsid, "path": "f",
+            "access": ["read", "write"], "share": ["read", "write", "delete"], "disposition": "open"}));
+        r["status"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(writer(), "STATUS_FILE_NOT_AVAILABLE");
+    let mut c = LineClient::connect(&shim.addr);
+    let sid = session(&mut c, &client_guid);
+    let reconnect =
+        json!({"cmd": "RECONNECT", "session_id": sid, "file_id": fid, "create_guid": guid});
+    set_fd_limit(d.pid(), lowest_free_fd(d.pid()));
+    let r = c.call(reconnect.clone());
+    assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
+    set_fd_limit(d.pid(), 4096);
+    assert_eq!(
+        writer(),
+        "STATUS_FILE_NOT_AVAILABLE",
+        "the share mode holds"
+    );
+    let r = c.call(reconnect);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(writer(), "STATUS_SHARING_VIOLATION");
 }
