@@ -78,8 +78,8 @@ impl Made {
     /// granted, or lose its write-through (a persistent open is
     /// write-through anyway).
     pub fn needs_record(&self, rights: Rights, persistent: bool) -> bool {
-        let theirs = mask_of_rights(rights);
-        self.granted & theirs != theirs || (self.write_through && !persistent)
+        let missing = mask_of_rights(rights) & !self.granted & !READ_METADATA;
+        missing != 0 || (self.write_through && !persistent)
     }
 
     /// What a reconnect of a handle with `rights` gets: this open within
@@ -91,6 +91,24 @@ impl Made {
         }
     }
 }
+
+/// FILE_READ_EA, FILE_READ_ATTRIBUTES, READ_CONTROL and SYNCHRONIZE: an
+/// open granted less than filterd's rights only by these needs no record
+/// (re-review rr-mask36: GENERIC_WRITE alone lacks FILE_READ_ATTRIBUTES,
+/// and every Linux O_WRONLY open of a persistent handle paid a second
+/// commit for it); reconnected without one, it may read its file's
+/// attributes, EAs and security descriptor, nothing more.
+const READ_METADATA: u32 = 0x0000_0008 | 0x0000_0080 | 0x0002_0000 | 0x0010_0000;
+
+/// What a reconnect of a handle whose record this rksmbd cannot read (one
+/// a later rksmbd wrote) is granted, within filterd's rights: read, append
+/// and metadata, write-through — the narrowest open a client may still
+/// use, never FILE_WRITE_DATA the record may have withheld (re-review
+/// rr-mask36: read as no record, an append-only open became writable).
+const UNREADABLE: Made = Made {
+    write_through: true,
+    granted: 0x0012_0089 | 0x0000_0004,
+};
 
 /// An access mask for filterd rights: what an open without the record is
 /// reconnected with.
@@ -115,16 +133,19 @@ pub fn keep(client: &FilterClient, key: ResumeKey, made: Made) -> Result<(), Cli
 }
 
 /// How handle `key` (attached to this rksmbd) was made, if its scope
-/// says (None: no record, or one this rksmbd cannot read).
+/// says (None: no record; [`UNREADABLE`] for one this rksmbd cannot read).
 pub fn of(client: &FilterClient, key: ResumeKey) -> Result<Option<Made>, ClientError> {
     let record = client.lookup_reply(ReplayScope::Handle(key), MADE_OP_ID)?;
-    Ok(record.and_then(|r| {
-        let made = Made::decode(&r.reply);
-        if made.is_none() {
-            tracing::warn!(resume_key = %key, "a handle's record of how it was made is not read");
-        }
-        made
-    }))
+    Ok(record.map(|r| read_or_narrowest(key, &r.reply)))
+}
+
+/// The record `text` of handle `key`, or [`UNREADABLE`] when it does not
+/// read.
+fn read_or_narrowest(key: ResumeKey, text: &str) -> Made {
+    Made::decode(text).unwrap_or_else(|| {
+        tracing::warn!(resume_key = %key, "a handle's record of how it was made is not read: reconnected read and append only");
+        UNREADABLE
+    })
 }
 
 #[cfg(test)]
@@ -159,6 +180,21 @@ mod tests {
     }
 
     #[test]
+    fn a_record_that_does_not_read_reconnects_read_and_append_only() {
+        let key = ResumeKey::new_random();
+        let later = "rksmbd-made/2 granted=0x00000084 write_through=0 more";
+        let m = read_or_narrowest(key, later).within(Rights::READ.union(Rights::WRITE));
+        assert_eq!(m.granted & 0x2, 0, "FILE_WRITE_DATA granted: {m:?}");
+        assert_ne!(m.granted & 0x4, 0, "no append: {m:?}");
+        assert!(m.write_through);
+        let append = Made {
+            write_through: false,
+            granted: 0x84,
+        };
+        assert_eq!(read_or_narrowest(key, &append.encode()), append);
+    }
+
+    #[test]
     fn only_an_open_beyond_filterds_rights_needs_the_record() {
         let rw = Rights::READ.union(Rights::WRITE);
         let made = |granted, write_through| Made {
@@ -167,6 +203,12 @@ mod tests {
         };
         // GENERIC_READ | GENERIC_WRITE: filterd's rights say it all.
         assert!(!made(0x0012_019F, false).needs_record(rw, false));
+        // GENERIC_WRITE alone (Linux O_WRONLY), FILE_READ_DATA alone: short
+        // of filterd's rights only by metadata reads.
+        assert!(!made(0x0012_0116, false).needs_record(Rights::WRITE, false));
+        assert!(!made(0x0000_0001, false).needs_record(Rights::READ, false));
+        // Append-only with read attributes, as Windows asks.
+        assert!(made(0x0012_0184, false).needs_record(Rights::WRITE, false));
         // Append-only: filterd's write right would give FILE_WRITE_DATA.
         assert!(made(0x84, false).needs_record(Rights::WRITE, false));
         // Write-through, unless persistent (always write-through).
