@@ -51,6 +51,7 @@ fn main() {
             key,
             put: Vec::new(),
             delete: Vec::new(),
+            delete_on_close: None,
         },
     };
     let done = ServerFrame::Reply {

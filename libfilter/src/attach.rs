@@ -721,16 +721,40 @@ impl Attachment {
         put: Vec<crate::model::RecordSpec>,
         delete: Vec<(crate::model::ReplayScope, u64)>,
     ) -> Result<(), ClientError> {
-        if !self.send_kept_notice(key) {
-            // Sent now, the close could overtake its own notice, which the
-            // write-notices thread sends later and filterd refuses then:
-            // the break lost (re-review rr36: filterd reading again between
-            // one call timeout and two). Failed as a close whose send timed
-            // out fails, the handle remembered and its notice kept: the
-            // caller's retry sends both, in order, once filterd reads.
-            return Err(ClientError::Timeout(self.client().call_timeout()));
-        }
+        self.notice_before_close(key)?;
         let r = self.client().close_recording(key, put, delete);
+        self.forget_if_closed(key, r)
+    }
+
+    /// Closes a handle with the delete on close its client was last told
+    /// ([`FilterClient::close_told`]), and forgets the handle.
+    pub fn close_told(&self, key: ResumeKey, told: Option<bool>) -> Result<(), ClientError> {
+        self.notice_before_close(key)?;
+        let r = self.client().close_told(key, told);
+        self.forget_if_closed(key, r)
+    }
+
+    /// Sends `key`'s kept write notice before its close; fails, the close
+    /// not to be sent, when the notice could not go. Sent then, the close
+    /// could overtake its own notice, which the write-notices thread sends
+    /// later and filterd refuses: the break lost (re-review rr36: filterd
+    /// reading again between one call timeout and two). Failed as a close
+    /// whose send timed out fails, the handle remembered and its notice
+    /// kept: the caller's retry sends both, in order, once filterd reads.
+    fn notice_before_close(&self, key: ResumeKey) -> Result<(), ClientError> {
+        if self.send_kept_notice(key) {
+            Ok(())
+        } else {
+            Err(ClientError::Timeout(self.client().call_timeout()))
+        }
+    }
+
+    /// A close's outcome `r`: the handle forgotten when filterd closed it.
+    fn forget_if_closed(
+        &self,
+        key: ResumeKey,
+        r: Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
         // Forgotten only once filterd answered that the handle is not
         // (or no longer) this frontend's: after any other failure (gone,
         // reset, timed out; or a close filterd refused or undid, the handle
@@ -752,13 +776,19 @@ impl Attachment {
     /// Detaches (client went away) and forgets the handle: it is resumed by
     /// whoever the client reconnects through, not by this attachment.
     pub fn detach(&self, key: ResumeKey) -> Result<(), ClientError> {
+        self.detach_told(key, None)
+    }
+
+    /// Detaches the handle with the delete on close its client was last
+    /// told ([`FilterClient::detach_told`]), and forgets it.
+    pub fn detach_told(&self, key: ResumeKey, told: Option<bool>) -> Result<(), ClientError> {
         self.forget(key);
         // Not held back like a close: its callers do not try a detach
         // again, and a detach never sent left the handle attached to this
         // live connection. Left: a notice not sent within the call timeout
         // can follow the detach and be refused (docs/ARCHITECTURE.md).
         let _ = self.send_kept_notice(key);
-        self.client().detach(key)
+        self.client().detach_told(key, told)
     }
 
     /// Sends `key`'s kept write notice, if one waits, before a request that

@@ -403,7 +403,10 @@ impl FilterClient {
     ) -> Result<Self, ClientError> {
         // Always asked for: they only tell `open` what it may send and
         // `set_delete_on_close_learnt` what a query's flag means.
-        let features = features | proto::FEATURE_SHARE_EXEMPT | proto::FEATURE_ORDERED_DELETE_QUERY;
+        let features = features
+            | proto::FEATURE_SHARE_EXEMPT
+            | proto::FEATURE_ORDERED_DELETE_QUERY
+            | proto::FEATURE_CLOSE_DELETE_ON_CLOSE;
         let timeout = call_timeout_from_env();
         let hello_within = hello_within.map_or(timeout, |w| w.min(timeout));
         Self::connect_within(
@@ -623,7 +626,10 @@ impl FilterClient {
                 Err(e) => format!("handle {key} could not be closed: {e}"),
             }
         } else {
-            match self.call(Request::Detach { key }) {
+            match self.call(Request::Detach {
+                key,
+                delete_on_close: None,
+            }) {
                 Ok(_) => format!("handle {key} was detached"),
                 Err(e) => format!("handle {key} could not be detached: {e}"),
             }
@@ -951,9 +957,25 @@ impl FilterClient {
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
             let (req, what) = if close || end.is_some_and(SessionEnd::has_ended) {
                 let (put, delete) = (Vec::new(), Vec::new());
-                (Request::Close { key, put, delete }, "closed")
+                let delete_on_close = None;
+                (
+                    Request::Close {
+                        key,
+                        put,
+                        delete,
+                        delete_on_close,
+                    },
+                    "closed",
+                )
             } else {
-                (Request::Detach { key }, "detached")
+                let delete_on_close = None;
+                (
+                    Request::Detach {
+                        key,
+                        delete_on_close,
+                    },
+                    "detached",
+                )
             };
             let (reply, _, _) = self.call_ordered(id, req, Some(order))?;
             return Self::expect_done((reply, Vec::new())).map(|()| what);
@@ -1698,12 +1720,63 @@ impl FilterClient {
         put: Vec<crate::model::RecordSpec>,
         delete: Vec<(ReplayScope, u64)>,
     ) -> Result<(), ClientError> {
-        Self::expect_done(self.call(Request::Close { key, put, delete })?)
+        Self::expect_done(self.call(Request::Close {
+            key,
+            put,
+            delete,
+            delete_on_close: None,
+        })?)
     }
 
     /// Tells the daemon the handle's client went away.
     pub fn detach(&self, key: ResumeKey) -> Result<(), ClientError> {
-        Self::expect_done(self.call(Request::Detach { key })?)
+        self.detach_told(key, None)
+    }
+
+    /// Whether the daemon sets the flag a close or detach carries
+    /// ([`proto::FEATURE_CLOSE_DELETE_ON_CLOSE`]).
+    pub fn closes_with_told_flag(&self) -> bool {
+        self.hello.features & proto::FEATURE_CLOSE_DELETE_ON_CLOSE != 0
+    }
+
+    /// Before the bit: the told flag set back by a call of its own, sent
+    /// before the close or detach (filterd runs it after the change whose
+    /// outcome is unknown, and the close or detach withdraws both when it
+    /// is still parked). Refused or unanswered, it is only logged.
+    fn set_back_before(&self, key: ResumeKey, told: Option<bool>) {
+        let Some(told) = told.filter(|_| !self.closes_with_told_flag()) else {
+            return;
+        };
+        if let Err(e) = self.set_delete_on_close(key, told, None) {
+            tracing::warn!(resume_key = %key, error = %e, "delete on close not set back");
+        }
+    }
+
+    /// Closes a handle for good with the delete on close its client was
+    /// last told (`told`, None: filterd's flag), set in the close's own
+    /// step ([`proto::FEATURE_CLOSE_DELETE_ON_CLOSE`]): a change of the
+    /// flag whose outcome the frontend does not know, still parked or run,
+    /// does not decide whether the file goes.
+    pub fn close_told(&self, key: ResumeKey, told: Option<bool>) -> Result<(), ClientError> {
+        self.set_back_before(key, told);
+        let delete_on_close = told.filter(|_| self.closes_with_told_flag());
+        Self::expect_done(self.call(Request::Close {
+            key,
+            put: Vec::new(),
+            delete: Vec::new(),
+            delete_on_close,
+        })?)
+    }
+
+    /// Detaches a handle with the delete on close its client was last
+    /// told, as [`FilterClient::close_told`] closes it.
+    pub fn detach_told(&self, key: ResumeKey, told: Option<bool>) -> Result<(), ClientError> {
+        self.set_back_before(key, told);
+        let delete_on_close = told.filter(|_| self.closes_with_told_flag());
+        Self::expect_done(self.call(Request::Detach {
+            key,
+            delete_on_close,
+        })?)
     }
 }
 
@@ -2470,7 +2543,7 @@ pub(crate) mod tests {
                 let f = proto::decode_request(&buf[..len]).expect("request");
                 let (reply, fds) = match f.req {
                     Request::Resume(_) => (opened(key), 5),
-                    Request::Detach { key } => {
+                    Request::Detach { key, .. } => {
                         detached = Some(key);
                         (Reply::Done, 0)
                     }

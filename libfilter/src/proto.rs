@@ -46,7 +46,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_OPEN_KERNEL_HANDLE
     | FEATURE_REPLAY_REPORTS
     | FEATURE_WRITE_NOTICES
-    | FEATURE_ORDERED_DELETE_QUERY;
+    | FEATURE_ORDERED_DELETE_QUERY
+    | FEATURE_CLOSE_DELETE_ON_CLOSE;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -202,6 +203,19 @@ pub const FEATURE_WRITE_NOTICES: u64 = 4096;
 /// its flag back, and the late change deleted the file). A frontend's
 /// hello always asks for it.
 pub const FEATURE_ORDERED_DELETE_QUERY: u64 = 8192;
+/// Feature: [`Request::Close`] and [`Request::Detach`] carry
+/// `delete_on_close`, the flag the handle's client was last told, which
+/// the daemon sets in the same step as the close or detach (after
+/// withdrawing the connection's parked `SetDeleteOnClose` of the handle),
+/// so the handle goes with the told flag. A frontend whose change of the
+/// flag went unanswered (or is still in flight) needs no separate set-back
+/// call, which rksmbd made on another connection's thread holding the
+/// session's lock, and a release while the change is in flight goes with
+/// the told flag too (review of 1624469). A daemon without it ignores the
+/// field: [`crate::client::FilterClient::close_told`] then sets the flag
+/// back by a `SetDeleteOnClose` first, as before the bit. A frontend's
+/// hello always asks for it.
+pub const FEATURE_CLOSE_DELETE_ON_CLOSE: u64 = 16384;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
 /// tell sends it in several notices ([`crate::client::ReplayCounter`]).
@@ -299,6 +313,12 @@ pub enum Request {
         /// the open state).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         delete: Vec<(ReplayScope, u64)>,
+        /// The delete on close the handle's client was last told, set in
+        /// the same step as the close ([`FEATURE_CLOSE_DELETE_ON_CLOSE`]):
+        /// the handle goes with it, whatever a change of the flag whose
+        /// outcome the frontend does not know did. Absent: filterd's flag.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delete_on_close: Option<bool>,
     },
     /// The handle's client lost its connection: a durable or persistent handle
     /// becomes disconnected (its timeout starts), another one is closed.
@@ -306,6 +326,10 @@ pub enum Request {
     Detach {
         /// The handle.
         key: ResumeKey,
+        /// As [`Request::Close`]'s: the flag the handle keeps, stored
+        /// with the detach (a persistent handle's durably).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delete_on_close: Option<bool>,
     },
     /// Daemon status.
     Status,
@@ -1789,6 +1813,8 @@ struct CloseBody {
     put: Vec<RecordSpec>,
     #[serde(default)]
     delete: Vec<(ReplayScope, u64)>,
+    #[serde(default)]
+    delete_on_close: Option<bool>,
 }
 
 /// A binary `[id, request]` frame of an open, replay open or close
@@ -1812,6 +1838,7 @@ fn fast_bin_request(bytes: &[u8]) -> Option<(u64, Request)> {
                 key: b.key,
                 put: b.put,
                 delete: b.delete,
+                delete_on_close: b.delete_on_close,
             }
         }
         _ => return None,
@@ -2081,13 +2108,25 @@ mod compact {
                     records(&mut out, &o.put);
                 }
             }
-            Request::Close { key, put, delete } if put.is_empty() && delete.is_empty() => {
+            // A close carrying the told flag has no compact form: it is
+            // written as JSON or binary.
+            Request::Close {
+                key,
+                put,
+                delete,
+                delete_on_close: None,
+            } if put.is_empty() && delete.is_empty() => {
                 out = Vec::with_capacity(START);
                 out.extend_from_slice(&[MARK, CLOSE]);
                 varint(&mut out, frame.id);
                 out.extend_from_slice(key.0.as_bytes());
             }
-            Request::Close { key, put, delete } if with_records => {
+            Request::Close {
+                key,
+                put,
+                delete,
+                delete_on_close: None,
+            } if with_records => {
                 out = Vec::with_capacity(START + records_len(put) + 32 * delete.len());
                 out.extend_from_slice(&[MARK, CLOSE_RECORDS]);
                 varint(&mut out, frame.id);
@@ -2406,6 +2445,7 @@ mod compact {
                     key: ResumeKey(r.uuid("resume key")?),
                     put: Vec::new(),
                     delete: Vec::new(),
+                    delete_on_close: None,
                 },
                 CLOSE_RECORDS => {
                     let key = ResumeKey(r.uuid("resume key")?);
@@ -2419,7 +2459,12 @@ mod compact {
                     for _ in 0..m {
                         delete.push((r.scope()?, r.varint("op id")?));
                     }
-                    Request::Close { key, put, delete }
+                    Request::Close {
+                        key,
+                        put,
+                        delete,
+                        delete_on_close: None,
+                    }
                 }
                 k => return Err(format!("unknown compact request kind {k}")),
             };
@@ -2862,14 +2907,21 @@ mod binary_tests {
             (
                 key(),
                 proptest::collection::vec(record_spec(), 0..2),
-                proptest::collection::vec((scope(), any::<u64>()), 0..2)
+                proptest::collection::vec((scope(), any::<u64>()), 0..2),
+                proptest::option::of(any::<bool>())
             )
-                .prop_map(|(key, put, delete)| Request::Close {
+                .prop_map(|(key, put, delete, delete_on_close)| Request::Close {
                     key,
                     put: put.into_iter().flatten().collect(),
                     delete,
+                    delete_on_close,
                 }),
-            key().prop_map(|key| Request::Detach { key }),
+            (key(), proptest::option::of(any::<bool>())).prop_map(|(key, delete_on_close)| {
+                Request::Detach {
+                    key,
+                    delete_on_close,
+                }
+            }),
             Just(Request::Status),
             proptest::option::of(key()).prop_map(|after| Request::Handles { after }),
             (key(), any::<bool>()).prop_map(|(key, learning)| Request::Handle { key, learning }),
@@ -3553,7 +3605,12 @@ mod binary_tests {
     fn hot_request(f: &RequestFrame) -> bool {
         matches!(
             f.req,
-            Request::Open(_) | Request::ReplayOpen(_) | Request::Close { .. }
+            Request::Open(_)
+                | Request::ReplayOpen(_)
+                | Request::Close {
+                    delete_on_close: None,
+                    ..
+                }
         )
     }
 
@@ -3633,7 +3690,12 @@ mod binary_tests {
     fn compact_request(f: &RequestFrame) -> bool {
         match &f.req {
             Request::Open(o) | Request::ReplayOpen(o) => o.put.is_empty(),
-            Request::Close { put, delete, .. } => put.is_empty() && delete.is_empty(),
+            Request::Close {
+                put,
+                delete,
+                delete_on_close: None,
+                ..
+            } => put.is_empty() && delete.is_empty(),
             _ => false,
         }
     }
@@ -3756,6 +3818,7 @@ mod binary_tests {
                 key: ResumeKey::new_random(),
                 put: Vec::new(),
                 delete: Vec::new(),
+                delete_on_close: None,
             },
         };
         let json = encode_request(Encoding::Json, &frame).expect("encodes");

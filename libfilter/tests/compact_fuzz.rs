@@ -76,6 +76,7 @@ fn reqs() -> Vec<RequestFrame> {
                         200,
                     ),
                 ],
+                delete_on_close: None,
             },
         },
     ]

@@ -473,6 +473,7 @@ fn workload(f: &mut Front) -> Vec<ResumeKey> {
         key: k2,
         put: vec![slot_reply(20)],
         delete: vec![(session("states/c1"), 2)],
+        delete_on_close: None,
     })
     .expect("close with records");
     // A close that only deletes.
@@ -481,6 +482,7 @@ fn workload(f: &mut Front) -> Vec<ResumeKey> {
         key: only_delete,
         put: vec![],
         delete: vec![(session("states/c1"), 3)],
+        delete_on_close: None,
     })
     .expect("close that deletes");
     // Refused: records into the closed handle's own scope; a
@@ -490,6 +492,7 @@ fn workload(f: &mut Front) -> Vec<ResumeKey> {
         key: own,
         put: vec![record(ReplayScope::Handle(own), 1, "mine", 4)],
         delete: vec![],
+        delete_on_close: None,
     })
     .expect_err("records into the closed handle's scope");
     // It closes with a record and no deletion (no deletions in the
@@ -498,6 +501,7 @@ fn workload(f: &mut Front) -> Vec<ResumeKey> {
         key: own,
         put: vec![slot_reply(22)],
         delete: vec![],
+        delete_on_close: None,
     })
     .expect("close with a record only");
     odd.remove(0);
@@ -512,12 +516,14 @@ fn workload(f: &mut Front) -> Vec<ResumeKey> {
         key: passing,
         put: vec![slot_reply(21)],
         delete: vec![],
+        delete_on_close: None,
     })
     .expect_err("records on a non-persistent close");
     f.call(Request::Close {
         key: passing,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     })
     .expect("plain close");
     // A durable (not persistent) open with records, whose close may not
@@ -532,12 +538,14 @@ fn workload(f: &mut Front) -> Vec<ResumeKey> {
         key: durable,
         put: vec![],
         delete: vec![(session("states/c1"), 13)],
+        delete_on_close: None,
     })
     .expect_err("records on a durable close");
     f.call(Request::Close {
         key: durable,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     })
     .expect("durable close");
     // A record-only update and a deletion (nfsshim's DELEGRETURN, its
@@ -997,13 +1005,14 @@ fn real_nfsshim_stores_the_same_under_every_frame_encoding() {
     // frontend client asks for it), time-ordered keys (512), the kernel
     // handle filled into an open's record (1024), replays reported by
     // nfsshim itself (2048), write notices (4096, every frontend asks),
-    // ordered delete-on-close queries (8192, every frontend asks), and the
-    // frames each value asks for.
+    // ordered delete-on-close queries (8192, every frontend asks), the
+    // told delete on close a close or detach carries (16384, every
+    // frontend asks), and the frames each value asks for.
     let runs: Vec<(&str, Vec<String>)> = [
-        ("", 16063),
-        ("compact", 16055),
-        ("binary", 16051),
-        ("json", 16049),
+        ("", 32447),
+        ("compact", 32439),
+        ("binary", 32435),
+        ("json", 32433),
     ]
     .into_iter()
     .map(|(frames, granted)| (frames, nfs_run(frames, granted, &export.root())))

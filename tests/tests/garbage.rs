@@ -265,6 +265,7 @@ fn malformed_binary_frames_get_errors_and_change_nothing() {
                     key: h.info.key,
                     put: Vec::new(),
                     delete: Vec::new(),
+                    delete_on_close: None,
                 },
             },
         )
@@ -452,6 +453,7 @@ fn compact_frames_are_negotiated_and_damaged_ones_change_nothing() {
             key,
             put: Vec::new(),
             delete: Vec::new(),
+            delete_on_close: None,
         };
         send_packet(raw.fd.as_fd(), &compact(2, close), None).unwrap();
         let (bytes, f, _) = raw.recv();
@@ -475,6 +477,7 @@ fn compact_frames_are_negotiated_and_damaged_ones_change_nothing() {
                 key: h.info.key,
                 put: Vec::new(),
                 delete: Vec::new(),
+                delete_on_close: None,
             },
         )
     };

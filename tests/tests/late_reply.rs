@@ -421,6 +421,55 @@ fn smbshim_a_delete_on_close_learnt_after_its_call_gave_up_is_answered_by_its_ou
     );
 }
 
+/// A CLOSE of an open from another connection of its session while the
+/// open's SET_INFO `delete_on_close` is still in flight (filterd's engine
+/// stalled 1.5 s on the change; smbshim waits 5 s): filterd runs the
+/// change, then the close. Before the fix smbshim marked an open unsure
+/// only once a change's outcome was learnt unknown, so the close went
+/// with the change's flag and deleted the file, and the SET_INFO, its
+/// learning query finding the handle gone, was answered a failure: a
+/// client told its delete on close failed had its file deleted (review
+/// of 1624469). Now the open is marked while the change is in flight and
+/// the close carries the flag its client was last told (`Close`'s
+/// `delete_on_close`), which filterd sets in the close's own step: the
+/// file stays, and the SET_INFO is answered STATUS_FILE_CLOSED.
+#[test]
+fn smbshim_a_close_from_elsewhere_while_a_delete_on_close_is_in_flight_keeps_the_file() {
+    let s = Scratch::new("late-doc-in-flight");
+    let d = Filterd::start(
+        &s,
+        &[],
+        &[(
+            "RKFILTER_FAILPOINTS",
+            "request.set_delete_on_close:sleep1500",
+        )],
+    );
+    let smb = Shim::start_with_env(
+        "smbshim",
+        d.socket(),
+        "late-doc-in-flight",
+        &[("RKFILTER_CALL_TIMEOUT_MS", "5000")],
+    );
+    let (mut a, sid) = smb_session(&smb.addr);
+    let fid = deletable_open(&mut a, sid);
+    let set = set_delete_on_close(sid, &fid);
+    let setter = std::thread::spawn(move || a.call(set));
+    // The change is in filterd's engine, stalled there.
+    d.wait_log(
+        "failpoint request.set_delete_on_close: stalling",
+        Duration::from_secs(10),
+    );
+    let mut b = LineClient::connect(&smb.addr);
+    let r = b.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = setter.join().expect("the SET_INFO's thread");
+    assert_eq!(r["status"], "STATUS_FILE_CLOSED", "{r}");
+    assert!(
+        s.root().join("f").exists(),
+        "closed while its delete on close was in flight, the client's file is deleted"
+    );
+}
+
 /// nfsshim: an OPEN (a `ReplayOpen` carrying the open's records) that
 /// filterd answers after nfsshim answered `NFS4ERR_DELAY`. Before the fix
 /// its handle stayed attached to nfsshim, named by no stateid the client

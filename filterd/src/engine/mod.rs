@@ -1026,6 +1026,43 @@ impl Engine {
         }
     }
 
+    /// Refuses a `Close` or `Detach` whose told delete on close is set on
+    /// a handle without delete access (as `SetDeleteOnClose` refuses it),
+    /// before anything is done.
+    fn may_be_told(&self, key: ResumeKey, told: Option<bool>) -> Result<(), WireError> {
+        let allowed = self.handles.get(&key).is_none_or(|h| {
+            h.rec
+                .access
+                .rights()
+                .contains(libfilter::model::Rights::DELETE)
+        });
+        if told == Some(true) && !allowed {
+            return Err(err(
+                ErrorCode::AccessDenied,
+                "delete_on_close needs delete access",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A `Close` or `Detach` of `key` carrying the delete on close its
+    /// client was last told ([`libfilter::proto::FEATURE_CLOSE_DELETE_ON_CLOSE`]):
+    /// set in the same step, after the connection's parked change of it
+    /// was withdrawn, so the handle goes with the told flag whatever a
+    /// change whose outcome its frontend does not know did (review of
+    /// 1624469: a release from another connection while the change was in
+    /// flight went with the change's flag, and the file its client was
+    /// told stays was deleted). A close's removal and a detach's record
+    /// carry it into the store.
+    fn set_told(&mut self, key: ResumeKey, told: Option<bool>) {
+        let Some(told) = told else {
+            return;
+        };
+        if let Some(h) = self.handles.get_mut(&key) {
+            h.rec.delete_on_close = told;
+        }
+    }
+
     /// Runs one request. Returns the reply and, for opens and resumes, the
     /// handle whose descriptor goes with it.
     /// `Ok(None)`: the request is parked and will be answered later.
@@ -1069,7 +1106,7 @@ impl Engine {
             | Request::Locks { .. } => self.depends_on_all(),
             Request::Handle { key, .. }
             | Request::Close { key, .. }
-            | Request::Detach { key }
+            | Request::Detach { key, .. }
             | Request::SetDeleteOnClose { key, .. }
             | Request::Rename { key, .. }
             | Request::SetEndOfFile { key, .. } => self.depends_on_handle(*key),
@@ -1437,9 +1474,15 @@ impl Engine {
                 self.batch.push(StoreOp::DeleteReplayScope(scope));
                 Ok(Some((Reply::Done, None)))
             }
-            Request::Close { key, put, delete } => {
+            Request::Close {
+                key,
+                put,
+                delete,
+                delete_on_close,
+            } => {
                 let (protocol, _) = need_frontend()?;
                 self.attached_to(conn, key)?;
+                self.may_be_told(key, delete_on_close)?;
                 // A close refused before anything is done, for testing a
                 // frontend's answer to a refusal (a non-persistent close
                 // commits nothing, so `commit.before` cannot fail it).
@@ -1476,6 +1519,7 @@ impl Engine {
                     ));
                 }
                 self.withdraw_parked_delete_on_close(conn, key);
+                self.set_told(key, delete_on_close);
                 // The last open of a file, non-persistent with delete on
                 // close, while a persistent handle's close of the file
                 // commits: the unlink waits for that commit
@@ -1487,10 +1531,12 @@ impl Engine {
                 if let Some((seq, file)) = self.delete_waits_for_close(key) {
                     if self.requests_waiting() < self.cfg.max_pending_breaks {
                         self.wait_for_commit(seq, file);
+                        // The told flag is the handle's already.
                         let req = Request::Close {
                             key,
                             put: vec![],
                             delete: vec![],
+                            delete_on_close: None,
                         };
                         self.waiting_changes.push((file, conn, req_id, req));
                         return Ok(None);
@@ -1521,10 +1567,17 @@ impl Engine {
                 }
                 Ok(Some((Reply::Done, None)))
             }
-            Request::Detach { key } => {
+            Request::Detach {
+                key,
+                delete_on_close,
+            } => {
                 need_frontend()?;
                 self.attached_to(conn, key)?;
+                self.may_be_told(key, delete_on_close)?;
                 self.withdraw_parked_delete_on_close(conn, key);
+                // Before the detach, which writes a persistent handle's
+                // record: the flag is stored with it.
+                self.set_told(key, delete_on_close);
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.handles.remove(&key);
                 }

@@ -685,6 +685,7 @@ impl Harness {
                 key: key(h)?,
                 put: vec![],
                 delete: vec![],
+                delete_on_close: None,
             },
             Op::Record(s, op_id) => Request::RecordReply {
                 scope: session(s),
@@ -774,7 +775,7 @@ proptest! {
         let durable = h.opened(id);
         h.run(Request::SetDeleteOnClose { key: durable, delete: true, record: None });
         for key in n.into_iter().chain([durable]) {
-            h.run(Request::Detach { key });
+            h.run(Request::Detach { key, delete_on_close: None });
         }
         h.commit(true);
         h.fs.take_log();
@@ -932,6 +933,7 @@ fn a_closes_ofd_locks_go_with_it_and_come_back_if_it_fails() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     };
     h.run(close.clone());
     assert_eq!(h.fs.ofd_locks(ofd.as_fd()), vec![], "released at the close");
@@ -1429,6 +1431,7 @@ fn size_changes_removes_and_deletes_on_close_wait_for_their_intent() {
         key: c,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     assert!(h.fs.file("c").is_some());
     h.commit(true);
@@ -1540,6 +1543,7 @@ fn a_close_whose_commit_failed_puts_the_create_marker_back() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     assert_eq!(h.fs.file("n").and_then(|f| f.marker), None);
     h.commit(false);
@@ -1572,6 +1576,7 @@ fn closing_with_delete_on_close(h: &mut Harness) -> (ResumeKey, u64) {
         key: kc,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     (kc, close)
 }
@@ -1726,6 +1731,7 @@ fn a_size_change_whose_handle_went_while_it_waited_lets_io_go_on() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     assert!(!h.engine.content_changes.is_empty());
     h.commit(true);
@@ -1912,6 +1918,7 @@ fn no_such_handle_waits_for_the_removal_it_shows() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     };
     h.run(close());
     let again = h.run(close());
@@ -1962,6 +1969,7 @@ fn a_parked_open_closed_meanwhile_is_answered() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     h.commit(true);
     assert_eq!(h.refused(id), ErrorCode::NoSuchHandle);
@@ -1998,6 +2006,7 @@ fn a_reused_inode_is_not_the_handles_file() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     h.commit(true);
     assert_eq!(h.fs.file("a"), Some(new), "{:?}", h.fs.take_log());
@@ -2237,6 +2246,7 @@ fn a_local_open_of_a_create_still_committing_waits_for_its_outcome() {
                 key,
                 put: vec![],
                 delete: vec![],
+                delete_on_close: None,
             });
         }
         let rx = local_open(&mut h, file);
@@ -2371,6 +2381,7 @@ fn changes_made_at_once_wait_for_a_pending_close_of_their_file() {
                 key: p,
                 put: vec![],
                 delete: vec![],
+                delete_on_close: None,
             });
             let req = match case {
                 "overwrite" => bobs("b", rw, Disposition::Overwrite),
@@ -2439,11 +2450,13 @@ fn a_delete_on_close_waits_for_a_pending_close_of_the_file() {
             key: p,
             put: vec![],
             delete: vec![],
+            delete_on_close: None,
         });
         let close_n = h.run(Request::Close {
             key: n,
             put: vec![],
             delete: vec![],
+            delete_on_close: None,
         });
         assert_eq!(h.fs.file("b"), before, "unlinked before the close commits");
         // Its CLOSE waits too: answered at once, the client was told its
@@ -2616,6 +2629,7 @@ fn a_lease_key_names_one_file_of_its_clients() {
             key: k,
             put: vec![],
             delete: vec![],
+            delete_on_close: None,
         });
         h.commit(true);
     }
@@ -2885,7 +2899,10 @@ fn an_expiry_whose_commit_fails_is_undone_and_tried_again() {
         lock_sequence: None,
         lock_owner: None,
     });
-    h.run(Request::Detach { key });
+    h.run(Request::Detach {
+        key,
+        delete_on_close: None,
+    });
     h.commit(true);
     let before = h.digest();
     h.engine.expire_due(u64::MAX);
@@ -2937,7 +2954,10 @@ fn a_purge_whose_commit_fails_is_undone() {
         delete: true,
         record: None,
     });
-    h.run(Request::Detach { key });
+    h.run(Request::Detach {
+        key,
+        delete_on_close: None,
+    });
     h.commit(true);
     let before = h.digest();
     // A persistent open that does not share delete purges it.
@@ -3327,7 +3347,10 @@ fn a_local_open_during_a_pending_expiry_still_meets_its_share_mode() {
     h.commit(true);
     let key = h.opened(id);
     let file = h.engine.handles[&key].rec.file;
-    h.run(Request::Detach { key });
+    h.run(Request::Detach {
+        key,
+        delete_on_close: None,
+    });
     h.commit(true);
     assert_eq!(
         local_open(&mut h, file).try_recv().ok(),
@@ -3372,6 +3395,7 @@ fn a_local_open_right_after_a_close_s_reply_is_let_in() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     // Durable and answered; the engine has not run since.
     h.commit_once(true);
@@ -3403,6 +3427,7 @@ fn a_local_open_waits_for_a_pending_close_only_if_its_handle_would_refuse() {
             key,
             put: vec![],
             delete: vec![],
+            delete_on_close: None,
         });
         let verdict = local_open(&mut h, file);
         if waits {
@@ -4069,7 +4094,10 @@ fn a_detach_withdraws_its_parked_delete_on_close() {
     let query = query_handle(&mut h, key, true);
     h.commit(true);
     assert!(h.reply(doc).is_none(), "the delete on close waits");
-    h.run(Request::Detach { key });
+    h.run(Request::Detach {
+        key,
+        delete_on_close: None,
+    });
     h.commit(true);
     let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
         client: ClientId::new("alice").unwrap(),
@@ -4269,6 +4297,7 @@ fn a_close_carries_records_only_for_a_persistent_handle_and_not_into_its_own_sco
         key: b,
         put: vec![spec(session(1))],
         delete: vec![],
+        delete_on_close: None,
     });
     h.commit(false);
     assert_eq!(h.refused(id), ErrorCode::BadFrame);
@@ -4277,6 +4306,7 @@ fn a_close_carries_records_only_for_a_persistent_handle_and_not_into_its_own_sco
         key: p,
         put: vec![spec(ReplayScope::Handle(p))],
         delete: vec![],
+        delete_on_close: None,
     });
     h.commit(true);
     assert_eq!(h.refused(id), ErrorCode::BadFrame);
@@ -4722,6 +4752,7 @@ fn a_directory_rename_is_refused_by_handles_below_and_waits_for_their_close() {
             key: below,
             put: vec![],
             delete: vec![],
+            delete_on_close: None,
         });
         let id = h.run(mv());
         assert!(h.reply(id).is_none(), "answered before the close commits");
@@ -4939,6 +4970,7 @@ fn a_directory_rename_is_refused_while_a_change_below_is_in_progress() {
         key: g,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     let held = h.commit_holding_intents(true);
     assert!(!held.is_empty() && h.fs.file("d/g").is_some());
@@ -4990,6 +5022,7 @@ fn a_directory_rename_waits_for_a_rename_below_to_complete() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     for id in held {
         h.engine.finish_parked(id);
@@ -5122,7 +5155,10 @@ fn a_resume_whose_commit_fails_is_undone_and_a_detach_is_not() {
     assert_eq!(h.opened(id), key, "the retry resumes it");
     assert_eq!(h.engine.handles[&key].conn, Some(h.conn));
 
-    let id = h.run(Request::Detach { key });
+    let id = h.run(Request::Detach {
+        key,
+        delete_on_close: None,
+    });
     h.commit(false);
     assert_eq!(h.refused(id), ErrorCode::DiskFull);
     assert_eq!(h.engine.handles[&key].conn, None);
@@ -5229,6 +5265,7 @@ fn a_file_without_handles_leaves_the_mediated_set_after_lingering() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     };
     let lingered = |h: &mut Harness| {
         for (until, _) in h.engine.lingering.iter_mut() {
@@ -5542,7 +5579,10 @@ fn resume_carol_behind_a_pending_lock(
     let d = h.run(Request::Open(o));
     h.commit(true);
     let (p, d) = (h.opened(p), h.opened(d));
-    h.run(Request::Detach { key: d });
+    h.run(Request::Detach {
+        key: d,
+        delete_on_close: None,
+    });
     h.commit(true);
     let was = h.engine.handles[&d].rec.conn;
     h.run(lock_byte_8(p, false));
@@ -5706,6 +5746,7 @@ fn a_request_right_after_a_rollback_is_not_failed_with_it() {
         key,
         put: vec![],
         delete: vec![],
+        delete_on_close: None,
     });
     h.engine.flush();
     let jobs = h.pipe.take_jobs();
@@ -6127,6 +6168,7 @@ fn a_close_whose_commit_fails_is_not_counted() {
             key,
             put: vec![],
             delete: vec![],
+            delete_on_close: None,
         })
     };
     let failed = close(&mut h);
@@ -6238,7 +6280,10 @@ fn an_expiry_whose_commit_fails_is_not_counted() {
     let opened = h.run(open("a", Rights::ALL));
     h.commit(true);
     let key = h.opened(opened);
-    h.run(Request::Detach { key });
+    h.run(Request::Detach {
+        key,
+        delete_on_close: None,
+    });
     h.commit(true);
     h.engine.expire_due(u64::MAX);
     h.commit(false);

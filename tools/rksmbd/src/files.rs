@@ -514,13 +514,17 @@ pub(crate) struct Listing {
 }
 
 /// The delete on close an open's client was last told, while filterd's
-/// flag may differ (a change of it went unanswered, and so did the query
-/// of its outcome). Shared by the open and its session's record of the
-/// handle ([`crate::sessions::Link`]): a PreviousSessionId or an
-/// AppInstanceId releases the handle from another connection, and when
-/// only the open's `release` set the flag back, the detach or close went
-/// with filterd's flag — a DH2C took it over and its CLOSE deleted the
-/// file its client was told stays (review of 1624469).
+/// flag may differ (a change of it is in flight, or went unanswered and so
+/// did the query of its outcome). Shared by the open and its session's
+/// record of the handle ([`crate::sessions::Link`]): a PreviousSessionId
+/// or an AppInstanceId releases the handle from another connection, and
+/// when only the open's `release` set the flag back, the detach or close
+/// went with filterd's flag — a DH2C took it over and its CLOSE deleted
+/// the file its client was told stays (review of 1624469). Every release
+/// carries it in its close or detach ([`DeleteUnsure::told`]), which
+/// filterd sets in the same step: no separate set-back call (one made on
+/// another connection's thread under the session's lock), and a release
+/// while the change is in flight goes with the told flag too.
 #[derive(Clone, Debug, Default)]
 pub struct DeleteUnsure(std::sync::Arc<std::sync::Mutex<Option<bool>>>);
 
@@ -530,8 +534,9 @@ impl DeleteUnsure {
     }
 
     /// Marks the flag unsure; `told` is what the client was last told.
-    pub fn mark(&self, told: bool) {
-        *self.slot() = Some(told);
+    /// Returns whether it was marked before.
+    pub fn mark(&self, told: bool) -> bool {
+        self.slot().replace(told).is_some()
     }
 
     /// A change answered: filterd's flag is the told one again.
@@ -539,23 +544,11 @@ impl DeleteUnsure {
         *self.slot() = None;
     }
 
-    /// When marked, sets filterd's flag of `key` back to what the client
-    /// was told: sent after the change that went unanswered (and after
-    /// the query of it), so filterd runs it after, and the handle goes
-    /// with the told flag. Made, the mark is cleared (whichever of the
-    /// open's and the session's release comes second sends nothing);
-    /// refused or unanswered, it is logged and the mark kept, for a
-    /// later release to try again.
-    pub fn set_back(&self, sh: &Shared, key: ResumeKey) {
-        let Some(told) = *self.slot() else {
-            return;
-        };
-        match sh.filter.client().set_delete_on_close(key, told, None) {
-            Ok(()) => self.clear(),
-            Err(e) => {
-                tracing::warn!(resume_key = %key, error = %e, "delete on close not set back");
-            }
-        }
+    /// The flag the handle's close or detach carries
+    /// (`FilterClient::close_told`): what the client was told while
+    /// marked, None (filterd's flag, the told one) otherwise.
+    pub fn told(&self) -> Option<bool> {
+        *self.slot()
     }
 }
 
@@ -703,9 +696,9 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
     let mut answer = Ok(());
     let detach = matches!(ending, Ending::Lost | Ending::Logoff) && open.durable;
     if let Kind::File { key, .. } = &open.kind {
-        open.delete_unsure.set_back(sh, *key);
+        let told = open.delete_unsure.told();
         if detach {
-            if let Err(e) = sh.filter.detach(*key) {
+            if let Err(e) = sh.filter.detach_told(*key, told) {
                 tracing::warn!(resume_key = %key, error = %e, "detach in filterd failed");
             }
             // Its position comes back with its reconnect, also where
@@ -713,7 +706,7 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
             if let Some(g) = open.create_guid {
                 sh.registry.keep_position(g, open.position);
             }
-        } else if let Err(e) = sh.filter.close(*key) {
+        } else if let Err(e) = sh.filter.close_told(*key, told) {
             tracing::warn!(resume_key = %key, error = %e, ?ending, "close in filterd failed");
             // Refused or undone: the handle is back, the open stays.
             if ending != Ending::Lost && e.close_undone() {
@@ -1681,10 +1674,15 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                     // filterd answers once other keys' handle caching is
                     // broken and acknowledged, maybe by this very client.
                     let key = *key;
+                    // Marked while the change is in flight: a release
+                    // meanwhile (a CLOSE served in this call's pump,
+                    // another connection's revoke) carries the told flag,
+                    // and filterd withdraws the parked change with it.
+                    let was_unsure = o.delete_unsure.mark(o.delete_on_close);
                     let outcome = serving(c, move |client| {
                         client.set_delete_on_close_learnt(key, delete, None)
                     })?;
-                    delete_on_close_learnt(c, id, outcome)?;
+                    delete_on_close_learnt(c, id, outcome, was_unsure)?;
                 }
                 Kind::Dir { fd, .. } => {
                     if o.path.is_none() {
@@ -1695,12 +1693,15 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                     }
                 }
             }
-            if let Some(o) = c.opens.get_mut(&id) {
-                o.delete_on_close = delete;
-                o.delete_unsure.clear();
-                sh.delete_pending
-                    .set(o.fd(), delete, sh.root.as_fd(), o.path.as_ref());
-            }
+            let Some(o) = c.opens.get_mut(&id) else {
+                // Closed while the change was in flight (a CLOSE served in
+                // its pump): the handle went with the told flag.
+                return Err(status::FILE_CLOSED);
+            };
+            o.delete_on_close = delete;
+            o.delete_unsure.clear();
+            sh.delete_pending
+                .set(o.fd(), delete, sh.root.as_fd(), o.path.as_ref());
         }
         // FilePositionInformation (MS-FSCC 2.4.35).
         14 => {
@@ -1773,16 +1774,24 @@ fn set_times(fd: std::os::fd::BorrowedFd<'_>, atime: u64, mtime: u64) -> Result<
 /// went unanswered is answered by the flag filterd shows after it, not
 /// STATUS_FILE_NOT_AVAILABLE over a flag filterd set late — a client that
 /// closed then had its file deleted (review of session 32). When even
-/// that is unknown, the open is marked: its flag is set back to what the
-/// client was last told (`Open::delete_on_close`) before its handle goes.
+/// that is unknown, the open stays marked (as it was while the change was
+/// in flight): its handle's close or detach carries what the client was
+/// last told (`Open::delete_on_close`). A change that failed leaves the
+/// mark as it was before it (`was_unsure`).
 fn delete_on_close_learnt(
     c: &mut Connection,
     id: u64,
     outcome: DeleteOnCloseOutcome,
+    was_unsure: bool,
 ) -> Result<(), u32> {
     match outcome {
         DeleteOnCloseOutcome::Done => Ok(()),
-        DeleteOnCloseOutcome::Failed(e) => Err(status_of(&e)),
+        DeleteOnCloseOutcome::Failed(e) => {
+            if let (Some(o), false) = (c.opens.get(&id), was_unsure) {
+                o.delete_unsure.clear();
+            }
+            Err(status_of(&e))
+        }
         DeleteOnCloseOutcome::Unknown(e) => {
             if let Some(o) = c.opens.get(&id) {
                 o.delete_unsure.mark(o.delete_on_close);

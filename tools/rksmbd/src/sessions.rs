@@ -76,8 +76,8 @@ struct Tracked {
     /// twice by a DH2C of them on the new session, and each was refused
     /// (re-review: 80 held, 80 of 80 DH2C refused after PreviousSessionId).
     user: Option<crate::server::UserSlot>,
-    /// The open's delete-on-close mark: set back before whoever releases
-    /// the handle detaches or closes it.
+    /// The open's delete-on-close mark: whoever releases the handle
+    /// detaches or closes it with the told flag it holds.
     unsure: crate::files::DeleteUnsure,
 }
 
@@ -188,8 +188,9 @@ impl Link {
             return false;
         };
         let key = t.key;
-        t.unsure.set_back(sh, key);
-        if let Err(e) = sh.filter.close(key) {
+        // The told flag rides on the close: no set-back call of its own
+        // on this (another) connection's thread under the session's lock.
+        if let Err(e) = sh.filter.close_told(key, t.unsure.told()) {
             tracing::warn!(resume_key = %key, error = %e, "closing the open of an app instance");
             if e.close_undone() {
                 st.live.insert(id, t);
@@ -228,11 +229,11 @@ fn release_all(st: &mut LinkState, sh: &Shared) {
             user,
             unsure,
         } = t;
-        unsure.set_back(sh, key);
+        let told = unsure.told();
         let r = if durable {
-            sh.filter.detach(key)
+            sh.filter.detach_told(key, told)
         } else {
-            sh.filter.close(key)
+            sh.filter.close_told(key, told)
         };
         // Counted no more (the owning connection may notice only at its
         // next request), before a DH2C can find the GUID let go.

@@ -350,9 +350,9 @@ struct Open {
     /// The delete on close its client was last told it has; None when
     /// smbshim does not know it (a replay found the open in filterd).
     delete_told: Option<bool>,
-    /// A change of its delete on close went unanswered: filterd's flag may
-    /// differ from `delete_told`, to which it is set back before the handle
-    /// goes ([`set_delete_on_close`]).
+    /// A change of its delete on close is in flight or went unanswered:
+    /// filterd's flag may differ from `delete_told`, which the handle's
+    /// close or detach carries ([`set_delete_on_close`]).
     delete_unsure: bool,
 }
 
@@ -1306,7 +1306,7 @@ fn create_with(
             };
             if mine && end.has_ended() {
                 // Ended by a LOGOFF, which closes durable opens too.
-                close_for_good(m, key);
+                close_for_good(m, key, None);
             } else if mine {
                 let_go(m, key, granted.is_some());
             }
@@ -1702,7 +1702,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
         drop(h.fd);
         if end.has_ended() {
             // By a LOGOFF, which closes durable opens too.
-            close_for_good(m, key);
+            close_for_good(m, key, None);
         } else {
             let _ = m.filter.detach(key);
         }
@@ -2124,10 +2124,10 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// (`FilterClient::set_delete_on_close_learnt`): answered
 /// STATUS_FILE_NOT_AVAILABLE over a flag filterd set late, a client that
 /// closed without retrying had its file deleted (review of session 32).
-/// When that is unknown too, the open is marked and its flag set back to
-/// what its client was last told before its handle goes
-/// ([`restore_delete`]); a later change answered, or a replay found
-/// recorded, settles it. So when what the client was told cannot be
+/// While the change is in flight, and when its outcome is unknown too, the
+/// open is marked: its close or detach carries the flag its client was
+/// last told, which filterd sets in the same step ([`delete_to_restore`]);
+/// a later change answered, or a replay found recorded, settles it. So when what the client was told cannot be
 /// learnt (a replay found the open in filterd, and the query of its flag
 /// failed), the change is not sent: answered failed, it changes nothing.
 /// Before (review of 1624469) it was sent, and when its outcome was
@@ -2143,12 +2143,27 @@ fn set_delete_on_close(
     let m = sh.member(o.member)?;
     let c = m.filter.client();
     let told = delete_told(sh, &c, o).map_err(filter_fail)?;
+    // Marked while the change is in flight: a close or detach of the open
+    // meanwhile (another connection's CLOSE, a session's end) carries the
+    // told flag, and filterd sets it in the same step, whatever the change
+    // did. Marked only once its outcome was learnt unknown (review of
+    // 1624469), such a close went with the change's flag.
+    let was_unsure = note_delete(sh, o, Some(told), true).unwrap_or(false);
     match c.set_delete_on_close_learnt(o.key, delete, record) {
-        Learnt::Done => {
-            note_delete(sh, o, Some(delete), false);
-            Ok(Map::new())
+        Learnt::Done => match note_delete(sh, o, Some(delete), false) {
+            Some(_) => Ok(Map::new()),
+            // Closed (or let go) while the change was in flight: its
+            // handle went with the told flag, not this one.
+            None => Err(Fail(
+                "STATUS_FILE_CLOSED",
+                format!("open {} was closed meanwhile", o.file_id),
+            )),
+        },
+        Learnt::Failed(e) => {
+            // Nothing changed: unsure only if it was before.
+            note_delete(sh, o, Some(told), was_unsure);
+            Err(filter_fail(e))
         }
-        Learnt::Failed(e) => Err(filter_fail(e)),
         Learnt::Unknown(e) => {
             note_delete(sh, o, Some(told), true);
             Err(filter_fail(e))
@@ -2183,32 +2198,21 @@ fn delete_told(
 }
 
 /// Notes what open `o`'s client was told of its delete on close, and
-/// whether filterd's flag may differ.
-fn note_delete(sh: &Shared, o: &OpenRef, told: Option<bool>, unsure: bool) {
-    if let Ok(mut opens) = sh.opens.lock() {
-        if let Some(x) = opens.get_mut(&o.file_id).filter(|x| x.key == o.key) {
-            x.delete_told = told;
-            x.delete_unsure = unsure;
-        }
-    }
+/// whether filterd's flag may differ; returns whether it might before,
+/// None when the open is no longer in the table.
+fn note_delete(sh: &Shared, o: &OpenRef, told: Option<bool>, unsure: bool) -> Option<bool> {
+    let mut opens = sh.opens.lock().ok()?;
+    let x = opens.get_mut(&o.file_id).filter(|x| x.key == o.key)?;
+    x.delete_told = told;
+    Some(std::mem::replace(&mut x.delete_unsure, unsure))
 }
 
-/// What `open`'s delete on close is set back to before its handle goes:
-/// what its client was last told, when a change went unanswered.
+/// The delete on close `open`'s handle goes with, carried by its close or
+/// detach (`FilterClient::close_told`): what its client was last told,
+/// when a change is in flight or went unanswered; None (filterd's flag,
+/// the told one) otherwise.
 fn delete_to_restore(open: &Open) -> Option<bool> {
     open.delete_told.filter(|_| open.delete_unsure)
-}
-
-/// Sets `key`'s delete on close back to `told` (see
-/// [`set_delete_on_close`]): sent after the change that went unanswered,
-/// so filterd runs it after, and the handle goes with the flag its client
-/// was told.
-fn restore_delete(m: &Member, key: ResumeKey, told: Option<bool>) {
-    if let Some(d) = told {
-        if let Err(e) = m.filter.client().set_delete_on_close(key, d, None) {
-            eprintln!("smbshim: delete on close not set back: {e}");
-        }
-    }
 }
 
 /// What a SET_INFO changes.
@@ -2328,8 +2332,7 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     // A WRITE of this open (from another connection of the session) may
     // be in its pwrite: it lands before filterd forgets the handle.
     drain(m, o.file_key);
-    restore_delete(m, key, delete_to_restore(&taken));
-    if let Err(e) = m.filter.close(key) {
+    if let Err(e) = m.filter.close_told(key, delete_to_restore(&taken)) {
         let unknown = !e.close_undone() && may_hold(&e);
         if e.close_undone() {
             keep_open(sh, o.file_id, taken);
@@ -2372,8 +2375,8 @@ fn keep_open(sh: &Shared, file_id: String, open: Open) {
         }
         Going::of(sh, file_id, &open)
     };
-    going.let_go(sh, |m, key| {
-        if let Err(e) = m.filter.close(key) {
+    going.let_go(sh, |m, key, told| {
+        if let Err(e) = m.filter.close_told(key, told) {
             eprintln!("smbshim: closing an open whose session ended: {e}");
             if e.close_undone() {
                 let _ = m.filter.detach(key);
@@ -2522,7 +2525,7 @@ fn close_unanswered(sh: &Shared, m: &Member, t: &ToClose, unanswered: bool) -> T
                 Ok(h) => {
                     let key = h.info.key;
                     drop(h);
-                    close_for_good(m, key);
+                    close_for_good(m, key, None);
                     Tried::Done
                 }
                 // Maybe the handle an unanswered try attached: then only
@@ -2568,8 +2571,8 @@ fn forget_unanswered(sh: &Shared, t: &ToClose) {
 /// Closes handle `key`, of an open nobody can name any more; one whose
 /// close filterd refused or never answered goes to the member's settler,
 /// which closes it again until filterd answers.
-fn close_for_good(m: &Member, key: ResumeKey) {
-    if let Err(e) = m.filter.close(key) {
+fn close_for_good(m: &Member, key: ResumeKey, told: Option<bool>) {
+    if let Err(e) = m.filter.close_told(key, told) {
         eprintln!("smbshim: closing handle {key} of an ended session: {e}");
         if may_hold(&e) {
             m.unsettled.add(key);
@@ -2626,11 +2629,11 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<(Session, Vec<
         })
         .unwrap_or_default();
     for (going, durable) in mine {
-        going.let_go(sh, |m, key| {
+        going.let_go(sh, |m, key, told| {
             if durable && !logoff {
-                let _ = m.filter.detach(key);
+                let _ = m.filter.detach_told(key, told);
             } else {
-                close_for_good(m, key);
+                close_for_good(m, key, told);
             }
         });
     }
@@ -2645,7 +2648,8 @@ struct Going<'a> {
     file_key: FileId,
     member: usize,
     claim: LettingGo<'a>,
-    /// Its delete on close to set back first ([`delete_to_restore`]).
+    /// The delete on close its close or detach carries
+    /// ([`delete_to_restore`]).
     delete_back: Option<bool>,
 }
 
@@ -2663,10 +2667,11 @@ impl<'a> Going<'a> {
         }
     }
 
-    /// Lets the open go with `how` (its member, its key) once no takeover
+    /// Lets the open go with `how` (its member, its key, the delete on
+    /// close its handle goes with) once no takeover
     /// of it is in flight — unless one took it over meanwhile (stored it
     /// again): that one holds it now.
-    fn let_go(self, sh: &Shared, how: impl FnOnce(&Member, ResumeKey)) {
+    fn let_go(self, sh: &Shared, how: impl FnOnce(&Member, ResumeKey, Option<bool>)) {
         self.claim.wait_takeovers();
         let taken_over = sh.opens.lock().is_ok_and(|o| o.contains_key(&self.file_id));
         let Ok(m) = sh.member(self.member) else {
@@ -2674,8 +2679,7 @@ impl<'a> Going<'a> {
         };
         if !taken_over {
             drain(m, self.file_key);
-            restore_delete(m, self.key, self.delete_back);
-            how(m, self.key);
+            how(m, self.key, self.delete_back);
         }
     }
 }
