@@ -526,6 +526,29 @@ fn workload(f: &mut Front) -> Vec<ResumeKey> {
         delete_on_close: None,
     })
     .expect("plain close");
+    // A close carrying the delete on close its client was last told
+    // (never compact): the flag set, the close goes with the told one and
+    // the file stays for what follows (lost in an encoding, it is gone).
+    let told = f.opened(Request::Open(OpenRequest {
+        durability: Durability::None,
+        share: Rights::ALL,
+        access: Access::new(Rights::READ.union(Rights::DELETE)).expect("access"),
+        create_guid: None,
+        ..nfs_open(FILES[1], 14, false, vec![])
+    }));
+    f.call(Request::SetDeleteOnClose {
+        key: told,
+        delete: true,
+        record: None,
+    })
+    .expect("delete on close");
+    f.call(Request::Close {
+        key: told,
+        put: vec![],
+        delete: vec![],
+        delete_on_close: Some(false),
+    })
+    .expect("close with the told flag");
     // A durable (not persistent) open with records, whose close may not
     // carry any; timeouts at the top of their range (filterd caps them).
     let durable = f.opened(Request::ReplayOpen(OpenRequest {

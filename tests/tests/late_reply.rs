@@ -584,17 +584,17 @@ fn doc_txt_stays(s: &Scratch, script: &mut Dialogue) {
 /// filterd is stopped fails (STATUS_FILE_NOT_AVAILABLE: the call and the
 /// query of its outcome gave up); filterd sets the flag late; the client
 /// closes without retrying. Before the fix the file was deleted under a
-/// client told the change failed (review of session 32); now rksmbd sets
-/// the flag back to what it told the client before the close. Then a
-/// delete-pending SET_INFO filterd stalls 1.5 s on (its third
-/// SetDeleteOnClose, the second being that set-back): the call gives up,
+/// client told the change failed (review of session 32); now rksmbd's
+/// close carries the flag it told the client. Then a delete-pending
+/// SET_INFO filterd stalls 1.5 s on (its second SetDeleteOnClose: the
+/// close's told flag needs no set-back call of its own): the call gives up,
 /// the query after it learns the flag set, the client is told SUCCESS,
 /// and its close deletes the file.
 #[test]
 fn rksmbd_answers_a_delete_on_close_by_filterd_s_flag_after_its_call_gave_up() {
     let env = [(
         "RKFILTER_FAILPOINTS",
-        "request.set_delete_on_close:3:sleep1500",
+        "request.set_delete_on_close:2:sleep1500",
     )];
     let (s, _d, _srv, mut script) =
         delete_on_close_given_up("late-rksmbd-doc", "late_delete_on_close.py", &env);

@@ -6683,3 +6683,83 @@ fn recovery_keeps_a_handle_whose_file_could_not_be_looked_at() {
         assert_eq!(h.opened(r), key, "errno {errno}");
     }
 }
+
+/// Review of 1624469: a frontend whose `SetDeleteOnClose` is in flight or
+/// went unanswered closes the handle with the flag its client was last
+/// told (`Close`'s `delete_on_close`), set in the close's own step: a
+/// change run first (here answered, as one whose answer never reached
+/// the frontend) does not delete the file. Without the field the close
+/// goes with filterd's flag, as before.
+#[test]
+fn a_close_carrying_the_told_flag_goes_with_it() {
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    fs.put("b", 10);
+    let mut h = Harness::on(fs);
+    let mut close_with = |path: &str, told: Option<bool>| {
+        let key = h.run(plain_open(path));
+        h.commit(true);
+        let key = h.opened(key);
+        let set = set_delete_on_close(&mut h, key, true);
+        h.commit(true);
+        h.answered(set);
+        let close = h.run(Request::Close {
+            key,
+            put: vec![],
+            delete: vec![],
+            delete_on_close: told,
+        });
+        h.commit(true);
+        h.answered(close);
+        h.fs.file(path).is_some()
+    };
+    assert!(close_with("a", Some(false)), "told it stays, a is deleted");
+    assert!(!close_with("b", None), "filterd's flag: b is deleted");
+}
+
+/// The same for a persistent handle's detach: its record is stored with
+/// the told flag, so a resume after a restart gets it too. A told flag
+/// set on a handle without delete access is refused, nothing done.
+#[test]
+fn a_detach_carrying_the_told_flag_stores_it() {
+    let mut h = Harness::new();
+    let key = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(key);
+    let set = set_delete_on_close(&mut h, key, true);
+    h.commit(true);
+    h.answered(set);
+    let detach = h.run(Request::Detach {
+        key,
+        delete_on_close: Some(false),
+    });
+    h.commit(true);
+    h.answered(detach);
+    let stored = h.store.inner.lock().unwrap().handles.get(&key).cloned();
+    assert!(
+        stored.is_some_and(|r| !r.delete_on_close),
+        "the stored record keeps the change's flag"
+    );
+    assert!(!h.engine.handles[&key].rec.delete_on_close);
+
+    let Request::Open(mut o) = plain_open("b") else {
+        unreachable!("plain_open makes an open")
+    };
+    o.access = Access::new(Rights::READ).unwrap();
+    let reader = h.run(Request::Open(o));
+    h.commit(true);
+    let reader = h.opened(reader);
+    let close = h.run(Request::Close {
+        key: reader,
+        put: vec![],
+        delete: vec![],
+        delete_on_close: Some(true),
+    });
+    h.commit(true);
+    assert_eq!(h.refused(close), ErrorCode::AccessDenied);
+    assert!(
+        h.engine.handles.contains_key(&reader),
+        "refused, still open"
+    );
+    assert!(!h.engine.handles[&reader].rec.delete_on_close);
+}

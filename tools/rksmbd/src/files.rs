@@ -561,9 +561,9 @@ pub struct Open {
     pub(crate) path: Option<RelPath>,
     pub(crate) granted: u32,
     pub(crate) delete_on_close: bool,
-    /// A change of its delete on close went unanswered, and the flag filterd
-    /// holds may differ from `delete_on_close`, what the client was told:
-    /// set back to it before the handle is closed or detached
+    /// A change of its delete on close is in flight or went unanswered, and
+    /// the flag filterd holds may differ from `delete_on_close`, what the
+    /// client was told: the handle's close or detach carries that
     /// ([`delete_on_close_learnt`]). Shared with the session's record of
     /// the handle, which another connection may release.
     pub(crate) delete_unsure: DeleteUnsure,
