@@ -667,6 +667,37 @@ fn rksmbd_sets_an_unsure_delete_on_close_back_before_an_app_instance_takeover() 
     script.finish();
 }
 
+/// rksmbd (calls waiting 5 s) and a real SMB 3 client
+/// (`tests/smb3/in_flight_delete_on_close_app_instance.py`), filterd's
+/// engine stalled 1.5 s on the delete on close: client A's delete-pending
+/// SET_INFO is in flight when client B's open under the same AppInstanceId
+/// closes A's open from B's connection (`close_elsewhere`). Before the fix
+/// the open was marked only once a change's outcome was learnt unknown, so
+/// that close went with the flag the change set just before it, and the
+/// file A was never told goes was deleted under B's open; now the close
+/// carries the flag A was last told, which filterd sets in the close's own
+/// step.
+#[test]
+fn rksmbd_an_app_instance_takeover_while_a_delete_on_close_is_in_flight_keeps_the_file() {
+    let env = [(
+        "RKFILTER_FAILPOINTS",
+        "request.set_delete_on_close:sleep1500",
+    )];
+    let (_s, d, srv) = setup_rksmbd_failing("late-rksmbd-doc-in-flight", "5000", &env);
+    let mut script = Dialogue::start(
+        &srv,
+        "in_flight_delete_on_close_app_instance.py",
+        Duration::from_secs(60),
+    );
+    script.expect("sent");
+    d.wait_log(
+        "failpoint request.set_delete_on_close: stalling",
+        Duration::from_secs(10),
+    );
+    script.say("go");
+    script.finish();
+}
+
 /// rksmbd and a real SMB 3 client (`tests/smb3/late_delete_on_close_create.py`),
 /// rksmbd's calls giving up after 1 s, filterd's engine stalled 2.5 s on
 /// the delete on close a CREATE (FILE_DELETE_ON_CLOSE) of an existing file

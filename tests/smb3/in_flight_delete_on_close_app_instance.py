@@ -1,0 +1,68 @@
+"""An AppInstanceId takeover while the taken open's delete on close is
+in flight (rksmbd, smbprotocol).
+
+Usage: in_flight_delete_on_close_app_instance.py HOST PORT SHARE USER PASSWORD
+
+Run against an rksmbd whose calls wait long enough (5 s) and a filterd
+whose engine stalls 1.5 s on the delete on close (a failpoint).
+
+Client A opens app.txt (created, persistent, with DELETE) under an
+AppInstanceId and writes to it, sends a delete-pending SET_INFO without
+waiting for its answer, prints "sent" and waits (the driver waits until
+filterd's engine is in the change). Client B opens app.txt (FILE_OPEN)
+under the same AppInstanceId, which closes A's open first, from B's
+connection, while A's change is in flight: A was never told its file
+goes, so it must be there, with what A wrote. Prints PASS; exits
+non-zero on any failure.
+"""
+
+import uuid
+
+from smbprotocol.create_contexts import CreateContextName, SMB2CreateAppInstanceId
+from smbprotocol.exceptions import SMBResponseException
+from smbprotocol.file_info import FileDispositionInformation
+from smbprotocol.open import CreateDisposition, SMB2SetInfoRequest
+
+from smbtest import SHARE_ALL, args, check, connect, context, create_rw, pause, persistent_context
+
+DELETE = 0x00010000
+SERVER = args()
+APP = uuid.uuid4().bytes
+DATA = b"never told it goes\n"
+
+
+def open_app(tree, disposition):
+    """app.txt opened persistent under AppInstanceId APP, with DELETE."""
+    a = SMB2CreateAppInstanceId()
+    a["app_instance_id"] = APP
+    contexts = [persistent_context(uuid.uuid4()), context(CreateContextName.SMB2_CREATE_APP_INSTANCE_ID, a)]
+    return create_rw(tree, "app.txt", disposition, contexts, share=SHARE_ALL, extra=DELETE)[0]
+
+
+def main():
+    a, a_tree = connect(*SERVER)
+    f = open_app(a_tree, CreateDisposition.FILE_OPEN_IF)
+    f.write(DATA, 0)
+    info = FileDispositionInformation()
+    info["delete_pending"] = True
+    req = SMB2SetInfoRequest()
+    req["info_type"] = info.INFO_TYPE
+    req["file_info_class"] = info.INFO_CLASS
+    req["file_id"] = f.file_id
+    req["buffer"] = info
+    conn = a_tree.session.connection
+    conn.send(req, sid=a_tree.session.session_id, tid=a_tree.tree_connect_id)
+    pause("sent")
+    b, b_tree = connect(*SERVER)
+    try:
+        g = open_app(b_tree, CreateDisposition.FILE_OPEN)
+    except SMBResponseException as e:
+        check(False, f"the takeover opens the file A was never told goes ({e.status:#x})")
+    check(g.read(0, len(DATA)) == DATA, "the file holds what A wrote")
+    g.close()
+    b.disconnect()
+    a.disconnect(close=False)
+    print("PASS", flush=True)
+
+
+main()
