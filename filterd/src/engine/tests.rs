@@ -6763,3 +6763,36 @@ fn a_detach_carrying_the_told_flag_stores_it() {
     );
     assert!(!h.engine.handles[&reader].rec.delete_on_close);
 }
+
+/// A persistent handle's close carrying a told flag whose commit fails:
+/// the handle is put back whole, with the flag it had before the close
+/// (what the store still holds: a failed commit restores persistent
+/// handles from it), not the told one.
+#[test]
+fn a_failed_close_carrying_the_told_flag_puts_the_flag_back() {
+    let mut h = Harness::new();
+    let key = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(key);
+    let set = set_delete_on_close(&mut h, key, true);
+    h.commit(true);
+    h.answered(set);
+    let close = h.run(Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+        delete_on_close: Some(false),
+    });
+    h.commit(false);
+    assert!(
+        matches!(h.reply(close), Some(Err(_))),
+        "{:?}",
+        h.reply(close)
+    );
+    assert!(
+        h.engine.handles[&key].rec.delete_on_close,
+        "put back with the told flag, which the store does not hold"
+    );
+    let stored = h.store.inner.lock().unwrap().handles.get(&key).cloned();
+    assert!(stored.is_some_and(|r| r.delete_on_close));
+}
