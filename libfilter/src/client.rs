@@ -2695,6 +2695,68 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// `close_told` and `detach_told`: to a daemon that granted
+    /// `FEATURE_CLOSE_DELETE_ON_CLOSE` the told flag rides on the close or
+    /// detach; to one that did not (which ignores the field) it goes by a
+    /// `SetDeleteOnClose` first, and the close or detach carries nothing.
+    #[test]
+    fn the_told_flag_rides_on_the_close_only_where_granted() {
+        let key = ResumeKey::new_random();
+        for granted in [0, proto::FEATURE_CLOSE_DELETE_ON_CLOSE] {
+            let (dir, path, daemon) = fake_daemon_granting(granted, move |c, buf, asked| {
+                let mut seen = Vec::new();
+                for _ in 0..if granted == 0 { 4 } else { 2 } {
+                    let Ok(Packet::Data { len, .. }) = sys::recv_packet(c.as_fd(), buf) else {
+                        panic!("no request");
+                    };
+                    let f = proto::decode_request(&buf[..len]).expect("request");
+                    let reply = ServerFrame::Reply {
+                        id: Some(f.id),
+                        result: Ok(Reply::Done),
+                    };
+                    sys::send_packet(c.as_fd(), &proto::encode(&reply).expect("encode"), None)
+                        .expect("send reply");
+                    seen.push(f.req);
+                }
+                (asked, seen)
+            });
+            let c = FilterClient::connect_frontend_with(
+                &path,
+                Protocol::new("smb3").expect("protocol"),
+                InstanceName::new("x").expect("instance"),
+                0,
+            )
+            .expect("connect");
+            c.close_told(key, Some(false)).expect("close");
+            c.detach_told(key, Some(true)).expect("detach");
+            // Gone, a daemon waiting for more requests sees the end.
+            drop(c);
+            let (asked, seen) = daemon.join().expect("daemon");
+            assert_ne!(asked & proto::FEATURE_CLOSE_DELETE_ON_CLOSE, 0, "asked");
+            let close = |d| Request::Close {
+                key,
+                put: vec![],
+                delete: vec![],
+                delete_on_close: d,
+            };
+            let detach = |d| Request::Detach {
+                key,
+                delete_on_close: d,
+            };
+            let set = |delete| Request::SetDeleteOnClose {
+                key,
+                delete,
+                record: None,
+            };
+            if granted == 0 {
+                assert_eq!(seen, vec![set(false), close(None), set(true), detach(None)]);
+            } else {
+                assert_eq!(seen, vec![close(Some(false)), detach(Some(true))]);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     /// A delete on close that times out, learnt by a query showing the flag
     /// unset: `Failed` from a daemon that granted
     /// `FEATURE_ORDERED_DELETE_QUERY` (the query ran after the change), but
