@@ -789,7 +789,9 @@ fn settle(
         stop_for_recovery("the completion of a durable intent cannot commit", &error);
     }
     let (code, message) = match error {
-        Some(e @ (StoreError::Full | StoreError::MapFull)) => (ErrorCode::DiskFull, e.to_string()),
+        Some(e @ (StoreError::Full | StoreError::MapFull | StoreError::Reserved { .. })) => {
+            (ErrorCode::DiskFull, e.to_string())
+        }
         Some(e) => (ErrorCode::Internal, e.to_string()),
         None => (ErrorCode::Internal, "commit failed".to_owned()),
     };
