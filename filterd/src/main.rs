@@ -118,8 +118,9 @@ struct Args {
     /// LMDB map size in MiB (the file grows only as used).
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
     map_size_mib: usize,
-    /// The LMDB map doubles when it fills, up to this size (MiB); beyond,
-    /// persistent changes get DISK_FULL.
+    /// The LMDB map doubles when it fills, up to this size (MiB). Its last
+    /// sixteenth is kept for closes, expiries and purges: a persistent
+    /// change that would grow the tables into it gets DISK_FULL.
     #[arg(long, value_name = "MIB", default_value_t = 1 << 20)]
     max_map_size_mib: usize,
 }
