@@ -1241,3 +1241,59 @@ fn nfs_records(d: &Filterd, instance: &str, what: &str) -> Vec<(u64, Value)> {
         .map(|(op, text)| (op, serde_json::from_str(&text).expect("a JSON record")))
         .collect()
 }
+
+/// Review (rvx): with the map filled to `--max-map-size-mib` by persistent
+/// CREATEs, some CLOSEs got STATUS_DISK_FULL for good (before the fix, 177
+/// of 3,022 here) and so did LOGOFF. Now the CREATE that would reach the
+/// reserve kept for deletes is refused, and every CLOSE and both LOGOFFs
+/// succeed.
+#[test]
+fn a_full_map_still_takes_every_close_and_logoff() {
+    let s = Scratch::new("limit-map-close");
+    let _d = Filterd::start(&s, &["--map-size-mib", "1", "--max-map-size-mib", "1"], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-m");
+    let (mut a, sid_a) = rkfilter_tests::smb_session(&shim.addr);
+    let (mut b, sid_b) = rkfilter_tests::smb_session(&shim.addr);
+    // Every fourth handle on session b, left for its LOGOFF; a's to close.
+    let mut closing = Vec::new();
+    let refused = (0..20_000).find_map(|i| {
+        let path = format!("f{i:05}-{}", "m".repeat(60));
+        let (c, sid) = if i % 4 == 0 {
+            (&mut b, sid_b)
+        } else {
+            (&mut a, sid_a)
+        };
+        let r = rkfilter_tests::smb_persistent_create(c, sid, &path);
+        if r["status"] != "STATUS_SUCCESS" {
+            return Some(r);
+        }
+        if i % 4 != 0 {
+            closing.push(r["file_id"].clone());
+        }
+        None
+    });
+    let refused = refused.expect("a 1 MiB map fills up");
+    assert_eq!(refused["status"], "STATUS_DISK_FULL", "{refused}");
+    let failed: Vec<Value> = closing
+        .iter()
+        .map(|f| a.call(json!({"cmd": "CLOSE", "session_id": sid_a, "file_id": f})))
+        .filter(|r| r["status"] != "STATUS_SUCCESS")
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} CLOSEs failed in a full map, first: {}",
+        failed.len(),
+        closing.len(),
+        failed[0]
+    );
+    for (c, sid) in [(&mut b, sid_b), (&mut a, sid_a)] {
+        let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("kept for deletes")),
+        "the CREATE is refused at the reserve, before the map is full: {refused}"
+    );
+}
