@@ -590,7 +590,11 @@ fn open_by_handle_or_path_with(
         sys::open_by_handle(root, h, flags)
     };
     let e = match opened {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => e,
+        // Not permitted by handle, or opened by it with no name to prove
+        // it beneath the root (review rr-emfile36: taken for a file moved
+        // out of the export, a persistent handle resumed after its dentry
+        // was evicted was lost for good): the recorded path decides.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTCONN)) => e,
         Ok(fd) => {
             return finish_open(fd, flags);
         }
@@ -606,22 +610,31 @@ fn open_by_handle_or_path_with(
             return Err(e);
         }
     };
+    // The file is there (opened by handle) but its place unknown: not
+    // found at its recorded path, it is not taken for gone (`ENOTCONN`
+    // kept), only not proven beneath the root.
+    let nameless = e.raw_os_error() == Some(libc::ENOTCONN);
     let Some(path) = path else {
         return Err(e);
     };
     let fd = match sys::openat2_beneath(root, path.as_str(), flags, 0) {
         Ok(fd) => fd,
-        Err(e) => {
-            if broke_a_lease(&e, flags) {
+        Err(e2) => {
+            if broke_a_lease(&e2, flags) {
                 if let Ok(anchor) = sys::openat2_beneath(root, path.as_str(), libc::O_PATH, 0) {
                     crate::lease_claim::after_break(anchor, flags);
                 }
+                return Err(e2);
             }
-            return Err(e);
+            return Err(if nameless { e } else { e2 });
         }
     };
     if sys::file_handle_of(fd.as_fd())? != *h {
-        return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        return Err(if nameless {
+            e
+        } else {
+            io::Error::from_raw_os_error(libc::ESTALE)
+        });
     }
     finish_open(fd, flags)
 }
@@ -1091,7 +1104,9 @@ pub fn path_has_link(root: BorrowedFd<'_>, path: &RelPath) -> bool {
 /// name beneath the root with `openat2` finds the same file (same kernel
 /// handle). A file moved out of the export, or deleted, fails with `EXDEV`
 /// / `ESTALE` (invariant 5: a handle reopened by file handle must still lie
-/// beneath the root).
+/// beneath the root). One whose dentry has no name (disconnected), or
+/// whose name leads elsewhere by the time it is resolved (a rename in
+/// between), fails with `ENOTCONN`: nothing is known of where it lies.
 pub fn prove_beneath(
     root: BorrowedFd<'_>,
     fd: BorrowedFd<'_>,
@@ -1099,6 +1114,14 @@ pub fn prove_beneath(
 ) -> io::Result<()> {
     let root_path = root_path(root)?;
     let name = fd_path(fd)?;
+    if name == std::path::Path::new("/") && root_path != std::path::Path::new("/") {
+        // A dentry the kernel made for the handle with no name (the file's
+        // own was evicted: a cold cache after a restart, memory pressure):
+        // where the file lies cannot be read from it, which says nothing
+        // about the file (`ENOTCONN`; the caller looks at its recorded
+        // name instead).
+        return Err(io::Error::from_raw_os_error(libc::ENOTCONN));
+    }
     let rel = name
         .strip_prefix(root_path)
         .map_err(|_| io::Error::from_raw_os_error(libc::EXDEV))?;
@@ -1106,9 +1129,19 @@ pub fn prove_beneath(
         .to_str()
         .filter(|r| !r.is_empty() && !r.ends_with(" (deleted)"))
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
-    let again = sys::openat2_beneath(root, rel, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    // The name read a moment ago no longer leads to the file: renamed
+    // meanwhile (review rr-emfile36: taken for gone, the handle was lost),
+    // so where it lies is not known — as for a nameless dentry.
+    let not_known = || io::Error::from_raw_os_error(libc::ENOTCONN);
+    let again =
+        sys::openat2_beneath(root, rel, libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(|e| match e
+            .raw_os_error()
+        {
+            Some(libc::ENOENT | libc::ENOTDIR) => not_known(),
+            _ => e,
+        })?;
     if sys::file_handle_of(again.as_fd())? != *h {
-        return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        return Err(not_known());
     }
     Ok(())
 }

@@ -469,3 +469,56 @@ fn a_lost_handles_lease_key_is_free_for_the_file_that_replaced_it() {
         .expect("the client's open of the new file under its lease key");
     assert!(again.info.lease.is_some(), "{:?}", again.info);
 }
+
+/// Review rr-emfile36: a recovered persistent handle holds no descriptor,
+/// and its resume opens the file by kernel handle. Once the file's dentry
+/// has been evicted (a cold cache after a restart, memory pressure), the
+/// kernel gives a dentry with no name, whose `/proc/self/fd` link reads
+/// "/": taken for a file moved out of the export (`EXDEV`), the handle was
+/// lost for good — its share mode, locks and lease — though the file was
+/// there all along. Now the recorded path, beneath the root and with the
+/// same kernel handle, proves it.
+#[test]
+fn a_resume_after_the_files_dentry_was_evicted_finds_the_file() {
+    let Some(s) = Scratch::with_ext4("id-evicted") else {
+        return;
+    };
+    std::fs::create_dir_all(s.root().join("d")).unwrap();
+    std::fs::write(s.root().join("d/f"), b"x").unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let held = fe
+        .open(req(
+            "d/f",
+            "alice",
+            Rights::READ,
+            Durability::Persistent {
+                timeout_ms: 600_000,
+            },
+        ))
+        .unwrap();
+    let key = held.info.key;
+    drop(held);
+    d.kill9();
+    drop(fe);
+    let d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    // Every unused dentry and inode of the host goes (the file's among
+    // them: nothing holds it open now).
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", b"2\n").expect("drop caches");
+    let r = fe.resume(ClientId::new("alice").unwrap(), key);
+    let conn = d
+        .control()
+        .handles()
+        .unwrap()
+        .into_iter()
+        .find(|h| h.record.key == key)
+        .map(|h| h.record.conn);
+    let resumed = r.unwrap_or_else(|e| panic!("resume refused: {e}; the handle is {conn:?}"));
+    assert_eq!(resumed.info.key, key);
+    // Its share mode holds: a writer is refused.
+    let other = frontend(&s, "smb-b");
+    let w = other.open(req("d/f", "bob", Rights::ALL, Durability::None));
+    assert!(w.is_err(), "a writer got in beside a deny-write open");
+}
