@@ -393,11 +393,14 @@ struct Global {
     /// revoked. An OPEN under such a key asks for no delegation
     /// ([`Opening::new`]). Kept after a give-back that failed, so that the
     /// re-send gives the lease back itself once its replay holds it again;
-    /// since when, so that the reaper forgets a key no re-send came for
-    /// within two lease periods, ten minutes at least (its client's state
-    /// is released by then, and a re-send refused with it; re-review
-    /// rr-deleg36: kept for ever before).
-    giving_back: HashMap<uuid::Uuid, Instant>,
+    /// with when it failed (None while it is queued or running), so that
+    /// the reaper forgets a key no re-send came for within two lease
+    /// periods, ten minutes at least, after its give-back failed (its
+    /// client's state is released by then, and a re-send refused with it;
+    /// re-review rr-deleg36: kept for ever before). A queued one is never
+    /// forgotten: its stale ack would take a re-send's fresh delegation
+    /// (rr-emfile36).
+    giving_back: HashMap<uuid::Uuid, Option<Instant>>,
     /// Handles filterd dropped while their client's request was running,
     /// per client: forgotten at the client's next request.
     forgotten: HashMap<String, Vec<ResumeKey>>,
@@ -447,9 +450,11 @@ fn do_chores(sh: &Shared, chores: impl IntoIterator<Item = Chore>) {
             Chore::GiveBack(k) => {
                 test_delay_give_back(*k);
                 let r = give_back(sh, *k);
-                if r.is_ok() {
-                    if let Ok(mut g) = sh.global() {
+                if let Ok(mut g) = sh.global() {
+                    if r.is_ok() {
                         g.giving_back.remove(&k.0);
+                    } else if let Some(since) = g.giving_back.get_mut(&k.0) {
+                        *since = Some(Instant::now());
                     }
                 }
                 r
@@ -4611,7 +4616,7 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
             *early = Some(early.unwrap_or(false) || ack_required);
             return;
         }
-        g.giving_back.insert(lease_key.0, Instant::now());
+        g.giving_back.insert(lease_key.0, None);
         drop(g);
         let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
@@ -4621,7 +4626,7 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
         // A later break of what is left finds no delegation: given back
         // here, it is not recalled from a client that no longer holds it.
         g.lease_client.remove(&lease_key.0);
-        g.giving_back.insert(lease_key.0, Instant::now());
+        g.giving_back.insert(lease_key.0, None);
         drop(g);
         let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
@@ -4656,10 +4661,10 @@ fn reaper(sh: Arc<Shared>) {
         // First, and even while filterd is away: it never waits.
         sh.replays.flush(&sh.filter.client());
         if let Ok(mut g) = sh.global() {
-            // Ten minutes at least: a give-back still queued behind a
-            // stalled filterd must find its key there when it runs.
+            // Ten minutes at least after the give-back failed.
             let keep = (sh.lease * 2).max(Duration::from_secs(600));
-            g.giving_back.retain(|_, since| since.elapsed() < keep);
+            g.giving_back
+                .retain(|_, failed| failed.is_none_or(|t| t.elapsed() < keep));
         }
         let Ok(clients) = sh.global().map(|g| {
             g.clients
