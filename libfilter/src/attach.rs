@@ -1122,7 +1122,7 @@ struct Resumed {
 /// frontend's to resume: gone, expired, lost its file, another client's,
 /// owner's or instance's. Any other failure (busy, a commit that failed,
 /// no answer in time) may pass.
-fn resume_refused_for_good(e: &ClientError) -> bool {
+pub fn resume_refused_for_good(e: &ClientError) -> bool {
     matches!(
         e.code(),
         Some(ErrorCode::NoSuchHandle) | Some(ErrorCode::NotOwner) | Some(ErrorCode::AccessDenied)

@@ -660,3 +660,107 @@ fn an_smb_reconnect_at_filterds_descriptor_limit_may_be_retried() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     assert_eq!(writer(), "STATUS_SHARING_VIOLATION");
 }
+
+/// nfsshim's restore while filterd is short of descriptors for the reopen
+/// (after a filterd restart its handles hold none): a resume refused
+/// `LimitReached` — the open's own handle's, then, with room for one
+/// reopen only, its upgrade's — is tried again until filterd has room,
+/// and the open its client was granted is kept whole: its stateid still
+/// reads and writes, another client's writer stays out. Before, nfsshim
+/// took every refusal but a cut descriptor for a gone handle: it closed
+/// the open's handles and deleted its record (the client's stateid was
+/// expired, the writer got in).
+#[test]
+fn an_nfs_open_restored_while_filterd_is_out_of_descriptors_is_kept() {
+    use rkfilter_tests::{LineClient, Nfs, Shim};
+    use serde_json::json;
+    let Some(s) = Scratch::with_tmpfs("fan-nfs-restore-emfile") else {
+        return;
+    };
+    std::fs::write(s.root().join("f"), b"x").unwrap();
+    let mut d = Filterd::start_mediated(&s, &[]);
+    let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-a");
+    let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000aa");
+    // Read, denying writers; then upgraded to write (a second handle).
+    let r = a.open("oa", "f", "read", "write", json!({}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let r = a.open("oa", "f", "write", "write", json!({}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let sid = r["stateid"].clone();
+    shim.kill9_in_place();
+    d.kill9();
+    let d = Filterd::start_mediated(&s, &[]);
+    let fe = frontend(&s);
+    let writer = || {
+        fe.open(OpenRequest {
+            access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+            ..plain_open("bob", "f")
+        })
+    };
+    assert_eq!(
+        refusal(writer()).code,
+        libfilter::proto::ErrorCode::FileNotAvailable
+    );
+    // Room to accept nfsshim's connections, not for a reopen (fewer free
+    // than filterd's reserve, 16 at this limit).
+    set_fd_limit(d.pid(), lowest_free_fd(d.pid()) + 4);
+    let log = s.dir.join("nfsshim.log");
+    let starting = {
+        let (sock, log) = (s.socket(), log.clone());
+        std::thread::spawn(move || Shim::start_logged("nfsshim", &sock, "nfs-a", &[], &log))
+    };
+    // How many handles nfsshim said it tries the resume of again.
+    let refused = || {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(!t.contains("dropping"), "{t}");
+        t.lines()
+            .filter(|l| l.contains("refused for now"))
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .collect::<std::collections::BTreeSet<&str>>()
+            .len()
+    };
+    wait_for(
+        "nfsshim to try a resume again",
+        Duration::from_secs(30),
+        || (refused() >= 1).then_some(()),
+    );
+    assert!(writer().is_err(), "the share mode holds meanwhile");
+    // Room for one reopen: the open's own handle's; its upgrade's waits.
+    // filterd counts the descriptors it has open (and a reopen takes one
+    // more for a moment): the limit is raised a step at a time until so.
+    let open_now = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count();
+    let open_now = u32::try_from(open_now).unwrap();
+    let upgrade_waits = (16..=24).any(|room| {
+        set_fd_limit(d.pid(), open_now + room);
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(3) {
+            if refused() >= 2 {
+                return true;
+            }
+            assert!(!starting.is_finished(), "both reopened at {room} free");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    assert!(upgrade_waits, "the upgrade's resume was tried again");
+    set_fd_limit(d.pid(), 4096);
+    let shim = starting.join().expect("nfsshim starts");
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!said.contains("dropping"), "{said}");
+    a.c = LineClient::connect(&shim.addr);
+    let r = a.call_patiently(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4_OK", "the open is kept: {r}");
+    let r = a.call(json!({"op": "WRITE", "stateid": sid, "offset": 0, "data": "eQ=="}));
+    assert_eq!(r["status"], "NFS4_OK", "its upgrade too: {r}");
+    assert_eq!(
+        refusal(writer()).code,
+        libfilter::proto::ErrorCode::SharingViolation
+    );
+    let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000bb");
+    let r = b.open("ob", "f", "write", "none", json!({}));
+    assert_ne!(r["status"], "NFS4_OK", "{r}");
+    let r = a.call(json!({"op": "CLOSE", "stateid": sid}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+}

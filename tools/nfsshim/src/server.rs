@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine as _;
-use libfilter::attach::{AttachEvent, Attachment, IoDecision, IoPass};
-use libfilter::client::ClientError;
+use libfilter::attach::{
+    resume_refused_for_good, AttachEvent, Attachment, IoDecision, IoPass, RESUME_PATIENCE,
+};
+use libfilter::client::{ClientError, OpenedHandle};
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::locks::{LockKind, LockOp, LockRange};
 use libfilter::model::*;
@@ -672,11 +674,8 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
             if let Some(p) = paths.get(&o.key) {
                 o.path.clone_from(p);
             }
-            match f.resume(ClientId::new(cid.clone()).map_err(unexpected)?, o.key) {
-                // No room for the open's descriptor (the limit is below
-                // the opens to hold): fail the start loudly rather than
-                // drop an open its client was granted.
-                Err(e @ ClientError::DescriptorsCut(_)) => return Err(e),
+            let client = ClientId::new(cid.clone()).map_err(unexpected)?;
+            match resume_patiently(f, client, o.key, &o.other)? {
                 Ok(h) => {
                     let mut extra = Vec::new();
                     let mut attached = vec![o.key];
@@ -686,7 +685,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                     let mut leases: Vec<_> = h.info.lease.into_iter().collect();
                     for e in &o.extra {
                         let client = ClientId::new(cid.clone()).map_err(unexpected)?;
-                        match f.resume(client, e.key) {
+                        match resume_patiently(f, client, e.key, &o.other)? {
                             Ok(x) => {
                                 attached.push(e.key);
                                 leases.extend(x.info.lease);
@@ -695,7 +694,6 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                                 // granted it.
                                 extra.push((rights, open_file(x.fd, sh.fds.force())));
                             }
-                            Err(e @ ClientError::DescriptorsCut(_)) => return Err(e),
                             // One that only carried a delegation was
                             // closed with its DELEGRETURN, whose record may
                             // not have been written: nothing of the open's
@@ -711,9 +709,8 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                             break;
                         }
                         let client = ClientId::new(cid.clone()).map_err(unexpected)?;
-                        match f.resume(client, k) {
+                        match resume_patiently(f, client, k, &o.other)? {
                             Ok(_) => attached.push(k),
-                            Err(e @ ClientError::DescriptorsCut(_)) => return Err(e),
                             Err(err) => gone = Some(err),
                         }
                     }
@@ -934,6 +931,57 @@ fn close_strays(
 /// at restore: those in `attached` are attached already, the others are
 /// resumed first (a disconnected handle is closed by its instance once
 /// reattached). Best effort: a handle that is gone is gone.
+/// Resumes `key` (a handle of open state `open`) at the start: `Ok(Ok)`
+/// resumed, `Ok(Err)` refused for good
+/// ([`libfilter::attach::resume_refused_for_good`]: gone, expired, not
+/// this client's), the only refusal the open is dropped for. Any other
+/// refusal may pass — filterd out of descriptors or memory for the
+/// reopen (`LimitReached`, the handle kept), interrupted or busy, a
+/// commit that failed, no answer in time — and is tried again with
+/// backoff for up to [`RESUME_PATIENCE`]; still refused then, or a reply
+/// whose descriptor did not fit this process's table (the limit is below
+/// the opens to hold), is `Err`: the start fails loudly, and the open
+/// its client was granted is kept for the next start. (Every refusal
+/// dropped the open before: its handles closed, its record deleted, the
+/// client's share reservation and locks lost for one filterd short of
+/// descriptors while it reopened files after a restart.)
+fn resume_patiently(
+    f: &Attachment,
+    client: ClientId,
+    key: ResumeKey,
+    open: &str,
+) -> Result<Result<OpenedHandle, ClientError>, ClientError> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(10);
+    // A resume that timed out may have attached the handle after all:
+    // until its late answer is undone (detached), a retry is refused
+    // "attached, not disconnected" — not a sign the handle is gone.
+    let mut timed_out = false;
+    loop {
+        let e = match f.resume(client.clone(), key) {
+            Ok(h) => return Ok(Ok(h)),
+            Err(e @ ClientError::DescriptorsCut(_)) => return Err(e),
+            Err(e) => e,
+        };
+        let ambiguous = timed_out && e.code() == Some(ErrorCode::NoSuchHandle);
+        if resume_refused_for_good(&e) && !ambiguous {
+            return Ok(Err(e));
+        }
+        timed_out |= matches!(e, ClientError::Timeout(_));
+        if started.elapsed() >= RESUME_PATIENCE {
+            eprintln!(
+                "nfsshim: resume of handle {key} of open {open} still refused after {RESUME_PATIENCE:?} ({e}); not starting, the open is kept"
+            );
+            return Err(e);
+        }
+        eprintln!(
+            "nfsshim: resume of handle {key} of open {open} refused for now ({e}); trying again"
+        );
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
 fn discard(f: &Attachment, cid: &str, o: &OpenRec, attached: &[ResumeKey]) {
     let keys = std::iter::once(o.key)
         .chain(o.extra.iter().map(|e| e.key))
