@@ -35,19 +35,33 @@ pub fn may_hold(e: &ClientError) -> bool {
 /// frontend may hold (each open's handle is added at most once).
 #[derive(Default)]
 pub struct Unsettled {
-    keys: Mutex<Vec<ResumeKey>>,
+    /// Each with the delete on close its client was last told, carried by
+    /// every try of its close (`Attachment::close_told`).
+    keys: Mutex<Vec<(ResumeKey, Option<bool>)>>,
     added: Condvar,
 }
 
-fn lock(m: &Mutex<Vec<ResumeKey>>) -> MutexGuard<'_, Vec<ResumeKey>> {
+type Keys = Vec<(ResumeKey, Option<bool>)>;
+
+fn lock(m: &Mutex<Keys>) -> MutexGuard<'_, Keys> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Unsettled {
     /// Handle `key` of a forgotten open may still be held: close it.
     pub fn add(&self, key: ResumeKey) {
+        self.add_told(key, None);
+    }
+
+    /// [`Unsettled::add`] for a handle whose close carries `told`, the
+    /// delete on close its client was last told: every try carries it
+    /// again. Before (re-review rr-told36), the retry went with filterd's
+    /// flag — a failed persistent close puts back the stored one, which may
+    /// be an unanswered change's — and the file went with a flag its
+    /// client was never told.
+    pub fn add_told(&self, key: ResumeKey, told: Option<bool>) {
         tracing::warn!(resume_key = %key, "close outcome unknown: closing it again until filterd answers");
-        lock(&self.keys).push(key);
+        lock(&self.keys).push((key, told));
         self.added.notify_one();
     }
 
@@ -55,7 +69,7 @@ impl Unsettled {
     /// hand it to a client again (a replayed create finding it), as the
     /// close the client asked for first is still being made.
     pub fn contains(&self, key: ResumeKey) -> bool {
-        lock(&self.keys).contains(&key)
+        lock(&self.keys).iter().any(|(k, _)| *k == key)
     }
 
     /// Handles waiting to be closed again.
@@ -70,11 +84,12 @@ impl Unsettled {
 
     /// The settling loop, for a thread of its own that lives as long as
     /// the frontend: closes each added handle with `close` (the frontend's
-    /// [`crate::attach::Attachment::close`]) until it answers closed,
+    /// [`crate::attach::Attachment::close_told`], with the told flag it was
+    /// added with) until it answers closed,
     /// `NoSuchHandle` or `NotOwner`, pausing with backoff up to
     /// [`MAX_BACKOFF`] between rounds that left some. A handle stays
     /// [`Unsettled::contains`] until its close was answered so.
-    pub fn run(&self, close: impl Fn(ResumeKey) -> Result<(), ClientError>) {
+    pub fn run(&self, close: impl Fn(ResumeKey, Option<bool>) -> Result<(), ClientError>) {
         let mut backoff = Duration::from_millis(10);
         loop {
             let keys = {
@@ -90,8 +105,8 @@ impl Unsettled {
                 keys.clone()
             };
             let mut settled = Vec::new();
-            for key in keys {
-                match close(key) {
+            for (key, told) in keys {
+                match close(key, told) {
                     Ok(()) => {
                         tracing::info!(resume_key = %key, "unsettled close made");
                         settled.push(key);
@@ -108,7 +123,7 @@ impl Unsettled {
             }
             let left = {
                 let mut keys = lock(&self.keys);
-                keys.retain(|k| !settled.contains(k));
+                keys.retain(|(k, _)| !settled.contains(k));
                 keys.len()
             };
             if left > 0 {
@@ -116,5 +131,36 @@ impl Unsettled {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every try of an unsettled close carries the delete on close its
+    /// client was last told (re-review rr-told36: the retry went with
+    /// filterd's flag, which a failed persistent close had put back to an
+    /// unanswered change's, and the file went with a flag its client was
+    /// never told).
+    #[test]
+    fn an_unsettled_close_is_tried_with_its_told_flag() {
+        let u = std::sync::Arc::new(Unsettled::default());
+        let (told_key, plain_key) = (ResumeKey::new_random(), ResumeKey::new_random());
+        u.add_told(told_key, Some(false));
+        u.add(plain_key);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = u.clone();
+        std::thread::spawn(move || {
+            runner.run(|key, told| {
+                let _ = tx.send((key, told));
+                Ok(())
+            })
+        });
+        let mut tried: Vec<_> = (0..2)
+            .map(|_| rx.recv_timeout(Duration::from_secs(10)).expect("tried"))
+            .collect();
+        tried.sort_by_key(|(k, _)| *k == plain_key);
+        assert_eq!(tried, vec![(told_key, Some(false)), (plain_key, None)]);
     }
 }

@@ -12,8 +12,9 @@ waiting for its answer, prints "sent" and waits (the driver waits until
 filterd's engine is in the change). Client B opens app.txt (FILE_OPEN)
 under the same AppInstanceId, which closes A's open first, from B's
 connection, while A's change is in flight: A was never told its file
-goes, so it must be there, with what A wrote. Prints PASS; exits
-non-zero on any failure.
+goes, so it must be there, with what A wrote, and A's SET_INFO, undone
+by that close, is answered STATUS_FILE_CLOSED, not SUCCESS. Prints PASS;
+exits non-zero on any failure.
 """
 
 import uuid
@@ -51,7 +52,7 @@ def main():
     req["file_id"] = f.file_id
     req["buffer"] = info
     conn = a_tree.session.connection
-    conn.send(req, sid=a_tree.session.session_id, tid=a_tree.tree_connect_id)
+    sent = conn.send(req, sid=a_tree.session.session_id, tid=a_tree.tree_connect_id)
     pause("sent")
     b, b_tree = connect(*SERVER)
     try:
@@ -59,6 +60,13 @@ def main():
     except SMBResponseException as e:
         check(False, f"the takeover opens the file A was never told goes ({e.status:#x})")
     check(g.read(0, len(DATA)) == DATA, "the file holds what A wrote")
+    # A's change was undone by the takeover's close: it is not answered a
+    # success (it was, before, for a file kept against what A was told).
+    try:
+        conn.receive(sent)
+        check(False, "A's delete-pending SET_INFO answered SUCCESS for a change the takeover undid")
+    except SMBResponseException as e:
+        check(e.status == 0xC0000128, f"A's SET_INFO is STATUS_FILE_CLOSED ({e.status:#x})")
     g.close()
     b.disconnect()
     a.disconnect(close=False)

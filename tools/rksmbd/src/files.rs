@@ -526,29 +526,62 @@ pub(crate) struct Listing {
 /// another connection's thread under the session's lock), and a release
 /// while the change is in flight goes with the told flag too.
 #[derive(Clone, Debug, Default)]
-pub struct DeleteUnsure(std::sync::Arc<std::sync::Mutex<Option<bool>>>);
+pub struct DeleteUnsure(std::sync::Arc<std::sync::Mutex<Unsure>>);
+
+/// [`DeleteUnsure`]'s state.
+#[derive(Debug, Default)]
+struct Unsure {
+    /// What the client was last told, while marked.
+    told: Option<bool>,
+    /// Released by another connection (an AppInstanceId takeover, a
+    /// PreviousSessionId), its close or detach carrying `told`.
+    released: bool,
+}
 
 impl DeleteUnsure {
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<bool>> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Unsure> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Marks the flag unsure; `told` is what the client was last told.
     /// Returns whether it was marked before.
     pub fn mark(&self, told: bool) -> bool {
-        self.slot().replace(told).is_some()
+        self.slot().told.replace(told).is_some()
     }
 
     /// A change answered: filterd's flag is the told one again.
     pub fn clear(&self) {
-        *self.slot() = None;
+        self.slot().told = None;
+    }
+
+    /// A change answered done: unmarked, true — unless another connection
+    /// released the handle meanwhile with the told flag, which undid the
+    /// change: false, and the change must not be answered a success
+    /// (re-review rr-told36: a SET_INFO answered SUCCESS for a change an
+    /// AppInstanceId takeover's close had just set back).
+    pub fn settle_done(&self) -> bool {
+        let mut u = self.slot();
+        if u.released {
+            return false;
+        }
+        u.told = None;
+        true
     }
 
     /// The flag the handle's close or detach carries
     /// (`FilterClient::close_told`): what the client was told while
     /// marked, None (filterd's flag, the told one) otherwise.
     pub fn told(&self) -> Option<bool> {
-        *self.slot()
+        self.slot().told
+    }
+
+    /// [`DeleteUnsure::told`] for a release from another connection,
+    /// noted under the same lock, so that a change answered after it is
+    /// not answered a success ([`DeleteUnsure::settle_done`]).
+    pub fn release_told(&self) -> Option<bool> {
+        let mut u = self.slot();
+        u.released = true;
+        u.told
     }
 }
 
@@ -722,7 +755,7 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
             // this open's handle (NoSuchHandle, NotOwner): filterd holds
             // nothing of it, the close is made.
             if crate::settle::may_hold(&e) {
-                sh.unsettled.add(*key);
+                sh.unsettled.add_told(*key, told);
             }
             // A CLOSE whose outcome is unknown is not a success either.
             if ending == Ending::Close && e.code().is_none() {
@@ -1677,8 +1710,18 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                     // Marked while the change is in flight: a release
                     // meanwhile (a CLOSE served in this call's pump,
                     // another connection's revoke) carries the told flag,
-                    // and filterd withdraws the parked change with it.
-                    let was_unsure = o.delete_unsure.mark(o.delete_on_close);
+                    // and filterd withdraws the parked change with it. Not
+                    // against a daemon that takes no told flag on a close
+                    // (re-review rr-told36): each release would send a
+                    // set-back call of its own, parked behind this change
+                    // — a CLOSE in this call's pump froze the connection
+                    // (b0ec135) — so marked, as before, only once the
+                    // outcome is learnt unknown.
+                    let was_unsure = if sh.filter.client().closes_with_told_flag() {
+                        o.delete_unsure.mark(o.delete_on_close)
+                    } else {
+                        o.delete_unsure.told().is_some()
+                    };
                     let outcome = serving(c, move |client| {
                         client.set_delete_on_close_learnt(key, delete, None)
                     })?;
@@ -1698,8 +1741,13 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 // its pump): the handle went with the told flag.
                 return Err(status::FILE_CLOSED);
             };
+            if !o.delete_unsure.settle_done() {
+                // Released by another connection while the change was in
+                // flight: the handle went with the told flag, not this
+                // change.
+                return Err(status::FILE_CLOSED);
+            }
             o.delete_on_close = delete;
-            o.delete_unsure.clear();
             sh.delete_pending
                 .set(o.fd(), delete, sh.root.as_fd(), o.path.as_ref());
         }

@@ -190,7 +190,8 @@ impl Link {
         let key = t.key;
         // The told flag rides on the close: no set-back call of its own
         // on this (another) connection's thread under the session's lock.
-        if let Err(e) = sh.filter.close_told(key, t.unsure.told()) {
+        let told = t.unsure.release_told();
+        if let Err(e) = sh.filter.close_told(key, told) {
             tracing::warn!(resume_key = %key, error = %e, "closing the open of an app instance");
             if e.close_undone() {
                 st.live.insert(id, t);
@@ -199,7 +200,7 @@ impl Link {
             // Unknown outcome: the open is forgotten, the handle closed
             // again until filterd answers.
             if crate::settle::may_hold(&e) {
-                sh.unsettled.add(key);
+                sh.unsettled.add_told(key, told);
             }
         }
         let Tracked { held, user, .. } = t;
@@ -229,7 +230,7 @@ fn release_all(st: &mut LinkState, sh: &Shared) {
             user,
             unsure,
         } = t;
-        let told = unsure.told();
+        let told = unsure.release_told();
         let r = if durable {
             sh.filter.detach_told(key, told)
         } else {
@@ -247,7 +248,7 @@ fn release_all(st: &mut LinkState, sh: &Shared) {
         if let Err(e) = r {
             tracing::warn!(resume_key = %key, error = %e, "releasing a handle of an ended session");
             if !durable && crate::settle::may_hold(&e) {
-                sh.unsettled.add(key);
+                sh.unsettled.add_told(key, told);
             }
         }
     }

@@ -11,5 +11,6 @@ use crate::server::Shared;
 
 /// The settling thread: runs for the life of rksmbd.
 pub fn run(sh: Arc<Shared>) {
-    sh.unsettled.run(|key| sh.filter.close(key));
+    sh.unsettled
+        .run(|key, told| sh.filter.close_told(key, told));
 }

@@ -496,7 +496,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
                     // leaves `unsettled` only once its close is answered,
                     // so a replay that finds the handle before then is
                     // refused (`create`), and after it finds none.
-                    m.unsettled.run(|key| m.filter.close(key));
+                    m.unsettled.run(|key, told| m.filter.close_told(key, told));
                 }
             })?;
         let sh = shared.clone();
@@ -2147,8 +2147,22 @@ fn set_delete_on_close(
     // meanwhile (another connection's CLOSE, a session's end) carries the
     // told flag, and filterd sets it in the same step, whatever the change
     // did. Marked only once its outcome was learnt unknown (review of
-    // 1624469), such a close went with the change's flag.
-    let was_unsure = note_delete(sh, o, Some(told), true).unwrap_or(false);
+    // 1624469), such a close went with the change's flag. Not against a
+    // daemon that takes no told flag on a close (re-review rr-told36):
+    // there each close would send a set-back call of its own, parked
+    // behind this change for as long as its break waits.
+    let was_unsure = if c.closes_with_told_flag() {
+        note_delete(sh, o, Some(told), true).unwrap_or(false)
+    } else {
+        sh.opens
+            .lock()
+            .ok()
+            .and_then(|opens| {
+                let x = opens.get(&o.file_id).filter(|x| x.key == o.key)?;
+                Some(x.delete_unsure)
+            })
+            .unwrap_or(false)
+    };
     match c.set_delete_on_close_learnt(o.key, delete, record) {
         Learnt::Done => match note_delete(sh, o, Some(delete), false) {
             Some(_) => Ok(Map::new()),
@@ -2332,12 +2346,13 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     // A WRITE of this open (from another connection of the session) may
     // be in its pwrite: it lands before filterd forgets the handle.
     drain(m, o.file_key);
-    if let Err(e) = m.filter.close_told(key, delete_to_restore(&taken)) {
+    let told = delete_to_restore(&taken);
+    if let Err(e) = m.filter.close_told(key, told) {
         let unknown = !e.close_undone() && may_hold(&e);
         if e.close_undone() {
             keep_open(sh, o.file_id, taken);
         } else if unknown {
-            m.unsettled.add(key);
+            m.unsettled.add_told(key, told);
         }
         return Err(CloseFailed {
             fail: filter_fail(e),
@@ -2379,9 +2394,12 @@ fn keep_open(sh: &Shared, file_id: String, open: Open) {
         if let Err(e) = m.filter.close_told(key, told) {
             eprintln!("smbshim: closing an open whose session ended: {e}");
             if e.close_undone() {
-                let _ = m.filter.detach(key);
+                // With the told flag too (re-review rr-told36: the plain
+                // detach left the store's flag, maybe an unanswered
+                // change's, for a later resume's close or the expiry).
+                let _ = m.filter.detach_told(key, told);
             } else if may_hold(&e) {
-                m.unsettled.add(key);
+                m.unsettled.add_told(key, told);
             }
         }
     });
@@ -2575,7 +2593,7 @@ fn close_for_good(m: &Member, key: ResumeKey, told: Option<bool>) {
     if let Err(e) = m.filter.close_told(key, told) {
         eprintln!("smbshim: closing handle {key} of an ended session: {e}");
         if may_hold(&e) {
-            m.unsettled.add(key);
+            m.unsettled.add_told(key, told);
         }
     }
 }
