@@ -611,9 +611,17 @@ fn open_by_handle_or_path_with(
         }
     };
     // The file is there (opened by handle) but its place unknown: not
-    // found at its recorded path, it is not taken for gone (`ENOTCONN`
-    // kept), only not proven beneath the root.
+    // found at its recorded path it is not proven beneath the root, and is
+    // taken for one that left it (`EXDEV`), as before: the kernel prints a
+    // file moved outside a bind-mounted root's subtree as "/" too, and
+    // kept, such a handle held its share mode and locks to its timeout,
+    // each resume refused (re-review rr-map36).
     let nameless = e.raw_os_error() == Some(libc::ENOTCONN);
+    let e = if nameless {
+        io::Error::from_raw_os_error(libc::EXDEV)
+    } else {
+        e
+    };
     let Some(path) = path else {
         return Err(e);
     };
@@ -1104,9 +1112,12 @@ pub fn path_has_link(root: BorrowedFd<'_>, path: &RelPath) -> bool {
 /// name beneath the root with `openat2` finds the same file (same kernel
 /// handle). A file moved out of the export, or deleted, fails with `EXDEV`
 /// / `ESTALE` (invariant 5: a handle reopened by file handle must still lie
-/// beneath the root). One whose dentry has no name (disconnected), or
-/// whose name leads elsewhere by the time it is resolved (a rename in
-/// between), fails with `ENOTCONN`: nothing is known of where it lies.
+/// beneath the root). One whose dentry has no name (disconnected, or
+/// outside a bind-mounted root's subtree: both read "/"), or whose name
+/// leads elsewhere by the time it is resolved (a rename in between), fails
+/// with `ENOTCONN`: [`open_by_handle_or_path`] then looks at its recorded
+/// path, and takes it for one that left the export (`EXDEV`) when not
+/// found there.
 pub fn prove_beneath(
     root: BorrowedFd<'_>,
     fd: BorrowedFd<'_>,

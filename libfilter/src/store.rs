@@ -962,8 +962,19 @@ impl Store {
             }
         }
         // Dropping the transaction aborts it: a refused commit writes
-        // nothing.
-        self.keep_delete_reserve(t, before, table_pages(t, &txn)?)?;
+        // nothing. One that removes a handle or completes an intent may
+        // grow the tables into the reserve by a page or two (a close with
+        // delete on close parks a Remove intent; an intent's completion
+        // rewrites its handle): refused there, a persistent close stayed
+        // DISK_FULL for good, and a completion, which must not fail,
+        // stopped filterd (re-review rr-map36).
+        let removes = batches
+            .iter()
+            .flat_map(|b| b.iter())
+            .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)));
+        if !removes {
+            self.keep_delete_reserve(t, before, table_pages(t, &txn)?)?;
+        }
         txn.commit().map_err(StoreError::from_heed)?;
         Ok(id)
     }
@@ -1513,6 +1524,60 @@ pub(crate) mod tests {
                 Err(e) => return (taken, e),
             }
         }
+    }
+
+    /// Re-review rr-map36: at the reserve, a close that parks a Remove
+    /// intent (a persistent handle with delete on close) and an intent's
+    /// completion that rewrites its handle grow the tables by a page or
+    /// two; refused there, the close stayed DISK_FULL for good and the
+    /// completion, which must not fail, stopped filterd. A commit that
+    /// removes a handle or an intent may use the reserve.
+    #[test]
+    fn a_close_parking_an_intent_and_a_completion_commit_at_the_reserve() {
+        let (dir, s) = capped("mapfull-intent", 1 << 20);
+        let intent_id = |n: u8| {
+            let mut id = [0u8; 16];
+            id[0] = 1;
+            id[1] = n;
+            id
+        };
+        let (taken, refused) = fill(&s);
+        assert!(matches!(refused, StoreError::Reserved { .. }), "{refused}");
+        // Closes with delete on close, each parking its Remove intent and
+        // then completing it, as filterd does.
+        for (i, r) in taken.iter().take(40).enumerate() {
+            let id = intent_id(u8::try_from(i).unwrap());
+            s.apply(&[
+                StoreOp::DeleteHandle(Box::new(r.clone())),
+                sample_intent(id),
+            ])
+            .unwrap_or_else(|e| panic!("close {i} parking its Remove: {e}"));
+            s.apply(&[StoreOp::DeleteIntent(crate::model::IntentId(
+                uuid::Uuid::from_bytes(id),
+            ))])
+            .unwrap_or_else(|e| panic!("close {i} completing its Remove: {e}"));
+        }
+        // Two intents parked, then the tables back at the reserve: the
+        // first completion rewrites its handle (a new leaf, maybe).
+        for r in taken.iter().skip(40).take(200) {
+            s.apply(&[StoreOp::DeleteHandle(Box::new(r.clone()))])
+                .unwrap();
+        }
+        s.apply(&[sample_intent(intent_id(200))]).unwrap();
+        s.apply(&[sample_intent(intent_id(201))]).unwrap();
+        let (_, refused) = fill(&s);
+        assert!(matches!(refused, StoreError::Reserved { .. }), "{refused}");
+        for n in [200, 201] {
+            let mut r = rec("some/directory/of/the/export/a-completed-one.txt");
+            r.key = ResumeKey::new_time_ordered();
+            s.apply(&[
+                StoreOp::PutHandle(Box::new(r)),
+                StoreOp::DeleteIntent(crate::model::IntentId(uuid::Uuid::from_bytes(intent_id(n)))),
+            ])
+            .unwrap_or_else(|e| panic!("completion {n}: {e}"));
+        }
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Review (rvx): filled to its largest map, a store refused some

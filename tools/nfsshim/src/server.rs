@@ -964,7 +964,17 @@ fn resume_patiently(
             Err(e) => e,
         };
         let ambiguous = timed_out && e.code() == Some(ErrorCode::NoSuchHandle);
-        if resume_refused_for_good(&e) && !ambiguous {
+        // Waited for: filterd out of descriptors or memory, busy, or not
+        // answering. Any other refusal (an `Internal` reopen error) would
+        // not pass by waiting, and failing the start for it kept every
+        // client out, restart after restart, until the handle's timeout
+        // (re-review rr-map36): taken for good, as before.
+        let passing = e.code().is_none()
+            || matches!(
+                e.code(),
+                Some(ErrorCode::LimitReached | ErrorCode::Busy | ErrorCode::Retry)
+            );
+        if (resume_refused_for_good(&e) || !passing) && !ambiguous {
             return Ok(Err(e));
         }
         timed_out |= matches!(e, ClientError::Timeout(_));
@@ -4607,8 +4617,16 @@ fn give_back_refused(sh: &Shared, refused: Option<LeaseKey>, opened: &libfilter:
     }
     match give_back(sh, key) {
         Ok(()) => {
+            // Only a key whose own give-back failed: one still queued
+            // would ack away the delegation a later re-send is granted
+            // once the key is gone (re-review rr-map36).
             if let Ok(mut g) = sh.global() {
-                g.giving_back.remove(&key.0);
+                if g.giving_back
+                    .get(&key.0)
+                    .is_some_and(|failed| failed.is_some())
+                {
+                    g.giving_back.remove(&key.0);
+                }
             }
         }
         Err(e) => eprintln!("nfsshim: giving back lease {key}: {e}"),

@@ -583,6 +583,11 @@ impl DeleteUnsure {
         u.released = true;
         u.told
     }
+
+    /// A release filterd refused or undid: the handle is still the open's.
+    pub fn release_undone(&self) {
+        self.slot().released = false;
+    }
 }
 
 /// An open of this connection.

@@ -194,6 +194,9 @@ impl Link {
         if let Err(e) = sh.filter.close_told(key, told) {
             tracing::warn!(resume_key = %key, error = %e, "closing the open of an app instance");
             if e.close_undone() {
+                // Not released after all: the open stays its connection's,
+                // and a change of it answered later is its own.
+                t.unsure.release_undone();
                 st.live.insert(id, t);
                 return false;
             }
