@@ -580,7 +580,10 @@ impl DeleteUnsure {
     /// not answered a success ([`DeleteUnsure::settle_done`]).
     pub fn release_told(&self) -> Option<bool> {
         let mut u = self.slot();
-        u.released = true;
+        // Only a release that carries a flag undoes a change; an unmarked
+        // open's (a daemon without the told flag, no outcome unknown) goes
+        // with filterd's flag, the change's (re-review rr-told36b).
+        u.released = u.told.is_some();
         u.told
     }
 

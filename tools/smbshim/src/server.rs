@@ -2151,7 +2151,8 @@ fn set_delete_on_close(
     // daemon that takes no told flag on a close (re-review rr-told36):
     // there each close would send a set-back call of its own, parked
     // behind this change for as long as its break waits.
-    let was_unsure = if c.closes_with_told_flag() {
+    let marked_now = c.closes_with_told_flag();
+    let was_unsure = if marked_now {
         note_delete(sh, o, Some(told), true).unwrap_or(false)
     } else {
         sh.opens
@@ -2166,6 +2167,11 @@ fn set_delete_on_close(
     match c.set_delete_on_close_learnt(o.key, delete, record) {
         Learnt::Done => match note_delete(sh, o, Some(delete), false) {
             Some(_) => Ok(Map::new()),
+            // Closed (or let go) while the change was in flight, unmarked
+            // (a daemon without the told flag, no outcome unknown before):
+            // its handle went with filterd's flag, this change's
+            // (re-review rr-told36b).
+            None if !marked_now && !was_unsure => Ok(Map::new()),
             // Closed (or let go) while the change was in flight: its
             // handle went with the told flag, not this one.
             None => Err(Fail(
