@@ -1109,8 +1109,20 @@ fn finish_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHand
 /// it. Another is closed again until filterd answers (`settle`).
 /// Returns whether the handle was left disconnected so.
 fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>, durable: bool) -> bool {
+    give_back_told(sh, key, leased, durable, None)
+}
+
+/// [`give_back`], the handle's close, detach and every retry carrying
+/// `told`, the delete on close the handle must go with.
+fn give_back_told(
+    sh: &Shared,
+    key: ResumeKey,
+    leased: Option<LeaseKey>,
+    durable: bool,
+    told: Option<bool>,
+) -> bool {
     forget_grant(sh, key, leased);
-    let Err(e) = sh.filter.close(key) else {
+    let Err(e) = sh.filter.close_told(key, told) else {
         return false;
     };
     tracing::warn!(resume_key = %key, error = %e, "closing the handle of a failed CREATE");
@@ -1120,9 +1132,9 @@ fn give_back(sh: &Shared, key: ResumeKey, leased: Option<LeaseKey>, durable: boo
     if durable {
         // Forgotten by the attachment first, so a restarted filterd's
         // recovered handle is not resumed here.
-        let _ = sh.filter.detach(key);
+        let _ = sh.filter.detach_told(key, told);
     } else {
-        sh.unsettled.add(key);
+        sh.unsettled.add_told(key, told);
     }
     durable
 }
@@ -1169,10 +1181,11 @@ fn undo_open(
     durable: bool,
     delete_on_close: bool,
 ) {
-    if delete_on_close {
-        let _ = sh.filter.client().set_delete_on_close(key, false, None);
-    }
-    give_back(sh, key, leased, durable);
+    // Carried by the close itself (and by its retries, which went with
+    // filterd's flag, maybe the late set's, before: re-review
+    // rr-told36b); a daemon without the told flag gets a clearing change
+    // first from `close_told`.
+    give_back_told(sh, key, leased, durable, delete_on_close.then_some(false));
 }
 
 /// The open of [`finish_open`], its create GUID claimed.
