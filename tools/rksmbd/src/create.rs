@@ -1273,7 +1273,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             // Its close gave up too: the durable handle is left
             // disconnected, and a DH2Q's client, answered as one whose
             // call gave up, replays the CREATE and takes it.
-            let left = give_back(&sh, key, leased, durable.is_some());
+            let left = give_back_told(&sh, key, leased, durable.is_some(), Some(false));
             let st = unavailable_status(&e, by_guid && left, c.dialect());
             note_unanswered(c, st, f.session, &req, app.map(|(a, _)| (a, &f.path)));
             return Err(st);
