@@ -634,7 +634,21 @@ fn open_by_handle_or_path_with(
                 }
                 return Err(e2);
             }
-            return Err(if nameless { e } else { e2 });
+            // Out of descriptors or memory, or interrupted: that says
+            // nothing of the file (re-review rr-last36: taken for EXDEV,
+            // the handle was lost at a descriptor shortage).
+            let passing = matches!(
+                e2.raw_os_error(),
+                Some(
+                    libc::EMFILE
+                        | libc::ENFILE
+                        | libc::ENOMEM
+                        | libc::ENOBUFS
+                        | libc::EINTR
+                        | libc::EWOULDBLOCK
+                )
+            );
+            return Err(if nameless && !passing { e } else { e2 });
         }
     };
     if sys::file_handle_of(fd.as_fd())? != *h {

@@ -968,10 +968,16 @@ impl Store {
         // rewrites its handle): refused there, a persistent close stayed
         // DISK_FULL for good, and a completion, which must not fail,
         // stopped filterd (re-review rr-map36).
-        let removes = batches
-            .iter()
-            .flat_map(|b| b.iter())
-            .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)));
+        // Every group of it: one growing group merged with a close used
+        // the reserve too, and under load opens riding with closes filled
+        // the map to the last page, where a completion failed and stopped
+        // filterd (re-review rr-last36). A merged commit refused so is
+        // retried group by group, and the removing groups commit alone.
+        let removes = !batches.is_empty()
+            && batches.iter().all(|b| {
+                b.iter()
+                    .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)))
+            });
         if !removes {
             self.keep_delete_reserve(t, before, table_pages(t, &txn)?)?;
         }
@@ -1575,6 +1581,38 @@ pub(crate) mod tests {
                 StoreOp::DeleteIntent(crate::model::IntentId(uuid::Uuid::from_bytes(intent_id(n)))),
             ])
             .unwrap_or_else(|e| panic!("completion {n}: {e}"));
+        }
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Re-review rr-last36: a growing group merged into a commit with a
+    /// close used the reserve too, and under load the map filled to its
+    /// last page (`MapFull` after two merged commits). Only a commit whose
+    /// every group removes something may use the reserve; a merged one
+    /// refused so is retried group by group by the committer.
+    #[test]
+    fn growing_groups_merged_with_a_close_do_not_use_the_reserve() {
+        let (dir, s) = capped("mapfull-merged", 1 << 20);
+        let (taken, refused) = fill(&s);
+        assert!(matches!(refused, StoreError::Reserved { .. }), "{refused}");
+        for r in taken.iter().take(30) {
+            let close = [StoreOp::DeleteHandle(Box::new(r.clone()))];
+            let opens: Vec<Vec<StoreOp>> = (0..3)
+                .map(|_| {
+                    let mut n = rec("some/directory/of/the/export/a-file-name.txt");
+                    n.key = ResumeKey::new_time_ordered();
+                    vec![StoreOp::PutHandle(Box::new(n))]
+                })
+                .collect();
+            let mut batches: Vec<&[StoreOp]> = vec![&close];
+            batches.extend(opens.iter().map(Vec::as_slice));
+            match s.apply_all(&batches) {
+                Ok(_) | Err(StoreError::Reserved { .. }) => {}
+                Err(e) => panic!("a merged commit at the reserve: {e}"),
+            }
+            s.apply(&close)
+                .unwrap_or_else(|e| panic!("the close alone: {e}"));
         }
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();

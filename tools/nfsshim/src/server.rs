@@ -934,10 +934,12 @@ fn close_strays(
 /// Resumes `key` (a handle of open state `open`) at the start: `Ok(Ok)`
 /// resumed, `Ok(Err)` refused for good
 /// ([`libfilter::attach::resume_refused_for_good`]: gone, expired, not
-/// this client's), the only refusal the open is dropped for. Any other
-/// refusal may pass — filterd out of descriptors or memory for the
-/// reopen (`LimitReached`, the handle kept), interrupted or busy, a
-/// commit that failed, no answer in time — and is tried again with
+/// this client's) or for a cause waiting does not cure (`Internal`: a
+/// reopen that failed otherwise), the refusals the open is dropped for.
+/// One that may pass — filterd out of descriptors or memory for the
+/// reopen (`LimitReached`, the handle kept), interrupted or busy (`Busy`,
+/// `Retry`, `FileNotAvailable`), its store full (`DiskFull`), no answer
+/// in time — is tried again with
 /// backoff for up to [`RESUME_PATIENCE`]; still refused then, or a reply
 /// whose descriptor did not fit this process's table (the limit is below
 /// the opens to hold), is `Err`: the start fails loudly, and the open
@@ -972,7 +974,13 @@ fn resume_patiently(
         let passing = e.code().is_none()
             || matches!(
                 e.code(),
-                Some(ErrorCode::LimitReached | ErrorCode::Busy | ErrorCode::Retry)
+                Some(
+                    ErrorCode::LimitReached
+                        | ErrorCode::Busy
+                        | ErrorCode::Retry
+                        | ErrorCode::FileNotAvailable
+                        | ErrorCode::DiskFull
+                )
             );
         if (resume_refused_for_good(&e) || !passing) && !ambiguous {
             return Ok(Err(e));

@@ -1710,6 +1710,10 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             let delete = b.u8("delete pending")? != 0;
             let o = get(c, id)?;
             may(o, DELETE)?;
+            // A change sent unmarked (a daemon without the told flag, no
+            // outcome unknown before): a release during it carries no flag,
+            // so the change stands.
+            let mut unmarked = false;
             match &o.kind {
                 Kind::File { key, .. } => {
                     // filterd answers once other keys' handle caching is
@@ -1730,6 +1734,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                     } else {
                         o.delete_unsure.told().is_some()
                     };
+                    unmarked = o.delete_unsure.told().is_none();
                     let outcome = serving(c, move |client| {
                         client.set_delete_on_close_learnt(key, delete, None)
                     })?;
@@ -1746,7 +1751,12 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             }
             let Some(o) = c.opens.get_mut(&id) else {
                 // Closed while the change was in flight (a CLOSE served in
-                // its pump): the handle went with the told flag.
+                // its pump): the handle went with the told flag — or, sent
+                // unmarked, with filterd's, the change's, which stands
+                // (re-review rr-last36).
+                if unmarked {
+                    return Ok(Reply::ok(vec![2, 0]));
+                }
                 return Err(status::FILE_CLOSED);
             };
             if !o.delete_unsure.settle_done() {

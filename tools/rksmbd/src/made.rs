@@ -85,12 +85,24 @@ impl Made {
     /// What a reconnect of a handle with `rights` gets: this open within
     /// filterd's rights (never more than either).
     pub fn within(&self, rights: Rights) -> Made {
+        // Only the bits filterd's rights stand for are clipped: FILE_EXECUTE
+        // (which a READ right stands for), WRITE_DAC and the like stay as
+        // granted (re-review rr-last36: an execute-only open's reconnect
+        // lost FILE_EXECUTE and was refused its READs).
+        let modelled = mask_of_rights(Rights::ALL) | FILE_EXECUTE;
+        let mut allowed = mask_of_rights(rights) | !modelled;
+        if rights.contains(Rights::READ) {
+            allowed |= FILE_EXECUTE;
+        }
         Made {
             write_through: self.write_through,
-            granted: self.granted & mask_of_rights(rights),
+            granted: self.granted & allowed,
         }
     }
 }
+
+/// FILE_EXECUTE (MS-SMB2 2.2.13.1.1).
+const FILE_EXECUTE: u32 = 0x0000_0020;
 
 /// FILE_READ_EA, FILE_READ_ATTRIBUTES, READ_CONTROL and SYNCHRONIZE: an
 /// open granted less than filterd's rights only by these needs no record
@@ -216,7 +228,12 @@ mod tests {
         assert!(!made(0x0012_019F, true).needs_record(rw, true));
         assert_eq!(
             made(0x001F_01FF, false).within(Rights::WRITE).granted,
-            0x0012_0196
+            0x001E_01D6
+        );
+        // An execute-only open (FILE_GENERIC_EXECUTE) keeps FILE_EXECUTE.
+        assert_eq!(
+            made(0x0012_00A0, false).within(Rights::READ).granted,
+            0x0012_00A0
         );
     }
 }
