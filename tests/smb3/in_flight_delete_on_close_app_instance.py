@@ -19,12 +19,11 @@ exits non-zero on any failure.
 
 import uuid
 
-from smbprotocol.create_contexts import CreateContextName, SMB2CreateAppInstanceId
 from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.file_info import FileDispositionInformation
-from smbprotocol.open import CreateDisposition, SMB2SetInfoRequest
+from smbprotocol.open import CreateDisposition
 
-from smbtest import SHARE_ALL, args, check, connect, context, create_rw, pause, persistent_context
+from smbtest import SHARE_ALL, args, check, connect, open_app_instance, pause, send_set_info
 
 DELETE = 0x00010000
 SERVER = args()
@@ -34,10 +33,7 @@ DATA = b"never told it goes\n"
 
 def open_app(tree, disposition):
     """app.txt opened persistent under AppInstanceId APP, with DELETE."""
-    a = SMB2CreateAppInstanceId()
-    a["app_instance_id"] = APP
-    contexts = [persistent_context(uuid.uuid4()), context(CreateContextName.SMB2_CREATE_APP_INSTANCE_ID, a)]
-    return create_rw(tree, "app.txt", disposition, contexts, share=SHARE_ALL, extra=DELETE)[0]
+    return open_app_instance(tree, "app.txt", APP, disposition, share=SHARE_ALL, extra=DELETE)
 
 
 def main():
@@ -46,13 +42,7 @@ def main():
     f.write(DATA, 0)
     info = FileDispositionInformation()
     info["delete_pending"] = True
-    req = SMB2SetInfoRequest()
-    req["info_type"] = info.INFO_TYPE
-    req["file_info_class"] = info.INFO_CLASS
-    req["file_id"] = f.file_id
-    req["buffer"] = info
-    conn = a_tree.session.connection
-    sent = conn.send(req, sid=a_tree.session.session_id, tid=a_tree.tree_connect_id)
+    sent = send_set_info(a_tree, f, info)
     pause("sent")
     b, b_tree = connect(*SERVER)
     try:
@@ -63,7 +53,7 @@ def main():
     # A's change was undone by the takeover's close: it is not answered a
     # success (it was, before, for a file kept against what A was told).
     try:
-        conn.receive(sent)
+        a_tree.session.connection.receive(sent)
         check(False, "A's delete-pending SET_INFO answered SUCCESS for a change the takeover undid")
     except SMBResponseException as e:
         check(e.status == 0xC0000128, f"A's SET_INFO is STATUS_FILE_CLOSED ({e.status:#x})")

@@ -18,11 +18,10 @@ failure.
 
 import uuid
 
-from smbprotocol.create_contexts import CreateContextName, SMB2CreateAppInstanceId
 from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import CreateDisposition
 
-from smbtest import SHARE_ALL, args, check, connect, context, create_rw, delete_pending_gives_up, pause, persistent_context
+from smbtest import SHARE_ALL, args, check, connect, delete_pending_gives_up, open_app_instance, pause
 
 DELETE = 0x00010000
 SERVER = args()
@@ -32,10 +31,7 @@ DATA = b"told it stays\n"
 
 def open_app(tree, disposition):
     """app.txt opened persistent under AppInstanceId APP, with DELETE."""
-    a = SMB2CreateAppInstanceId()
-    a["app_instance_id"] = APP
-    contexts = [persistent_context(uuid.uuid4()), context(CreateContextName.SMB2_CREATE_APP_INSTANCE_ID, a)]
-    return create_rw(tree, "app.txt", disposition, contexts, share=SHARE_ALL, extra=DELETE)[0]
+    return open_app_instance(tree, "app.txt", APP, disposition, share=SHARE_ALL, extra=DELETE)
 
 
 def main():

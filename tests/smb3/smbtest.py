@@ -219,16 +219,22 @@ def sent_as_replay(call):
         connection.SMB2HeaderRequest = made
 
 
-def set_info_status(tree, op, info):
+def send_set_info(tree, op, info):
     """Sends SET_INFO of `info` (a smbprotocol file information structure)
-    on open `op`; returns the status (0 on success)."""
+    on open `op` without waiting: the request, for `receive`."""
     req = SMB2SetInfoRequest()
     req["info_type"] = info.INFO_TYPE
     req["file_info_class"] = info.INFO_CLASS
     req["file_id"] = op.file_id
     req["buffer"] = info
+    return tree.session.connection.send(req, sid=tree.session.session_id, tid=tree.tree_connect_id)
+
+
+def set_info_status(tree, op, info):
+    """Sends SET_INFO of `info` on open `op`; returns the status (0 on
+    success)."""
     conn = tree.session.connection
-    sent = conn.send(req, sid=tree.session.session_id, tid=tree.tree_connect_id)
+    sent = send_set_info(tree, op, info)
     try:
         SMB2SetInfoResponse().unpack(conn.receive(sent)["data"].get_value())
         return 0
@@ -236,16 +242,17 @@ def set_info_status(tree, op, info):
         return e.status
 
 
-def open_app_instance(tree, name, app):
+def open_app_instance(tree, name, app, disposition=CreateDisposition.FILE_OPEN_IF, share=ShareAccess.FILE_SHARE_READ, extra=0):
     """A persistent open (new create GUID) of file `name` for reading and
-    writing, sharing reading, under AppInstanceId `app` (16 bytes)."""
+    writing (and the access rights `extra`), sharing `share`, under
+    AppInstanceId `app` (16 bytes)."""
     a = SMB2CreateAppInstanceId()
     a["app_instance_id"] = app
     contexts = [
         persistent_context(uuid.uuid4()),
         context(CreateContextName.SMB2_CREATE_APP_INSTANCE_ID, a),
     ]
-    return open_rw(tree, name, CreateDisposition.FILE_OPEN_IF, contexts)
+    return create_rw(tree, name, disposition, contexts, share=share, extra=extra)[0]
 
 
 def delete_pending_gives_up(tree, f):

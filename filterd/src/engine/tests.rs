@@ -3936,6 +3936,18 @@ fn set_delete_on_close(h: &mut Harness, key: ResumeKey, delete: bool) -> u64 {
     })
 }
 
+/// Opens with request `open`, then sets the handle's delete on close,
+/// each committed: its key.
+fn opened_with_delete_on_close(h: &mut Harness, open: Request) -> ResumeKey {
+    let key = h.run(open);
+    h.commit(true);
+    let key = h.opened(key);
+    let set = set_delete_on_close(h, key, true);
+    h.commit(true);
+    h.answered(set);
+    key
+}
+
 /// Runs a `Handle` query of `key`; its request id.
 fn query_handle(h: &mut Harness, key: ResumeKey, learning: bool) -> u64 {
     h.run(Request::Handle { key, learning })
@@ -6697,12 +6709,7 @@ fn a_close_carrying_the_told_flag_goes_with_it() {
     fs.put("b", 10);
     let mut h = Harness::on(fs);
     let mut close_with = |path: &str, told: Option<bool>| {
-        let key = h.run(plain_open(path));
-        h.commit(true);
-        let key = h.opened(key);
-        let set = set_delete_on_close(&mut h, key, true);
-        h.commit(true);
-        h.answered(set);
+        let key = opened_with_delete_on_close(&mut h, plain_open(path));
         let close = h.run(Request::Close {
             key,
             put: vec![],
@@ -6723,12 +6730,7 @@ fn a_close_carrying_the_told_flag_goes_with_it() {
 #[test]
 fn a_detach_carrying_the_told_flag_stores_it() {
     let mut h = Harness::new();
-    let key = h.run(open("a", Rights::ALL));
-    h.commit(true);
-    let key = h.opened(key);
-    let set = set_delete_on_close(&mut h, key, true);
-    h.commit(true);
-    h.answered(set);
+    let key = opened_with_delete_on_close(&mut h, open("a", Rights::ALL));
     let detach = h.run(Request::Detach {
         key,
         delete_on_close: Some(false),
@@ -6738,7 +6740,7 @@ fn a_detach_carrying_the_told_flag_stores_it() {
     let stored = h.store.inner.lock().unwrap().handles.get(&key).cloned();
     assert!(
         stored.is_some_and(|r| !r.delete_on_close),
-        "the stored record keeps the change's flag"
+        "the stored record has the told flag, not the change's"
     );
     assert!(!h.engine.handles[&key].rec.delete_on_close);
 
@@ -6771,12 +6773,7 @@ fn a_detach_carrying_the_told_flag_stores_it() {
 #[test]
 fn a_failed_close_carrying_the_told_flag_puts_the_flag_back() {
     let mut h = Harness::new();
-    let key = h.run(open("a", Rights::ALL));
-    h.commit(true);
-    let key = h.opened(key);
-    let set = set_delete_on_close(&mut h, key, true);
-    h.commit(true);
-    h.answered(set);
+    let key = opened_with_delete_on_close(&mut h, open("a", Rights::ALL));
     let close = h.run(Request::Close {
         key,
         put: vec![],
