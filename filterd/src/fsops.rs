@@ -1127,11 +1127,10 @@ pub fn path_has_link(root: BorrowedFd<'_>, path: &RelPath) -> bool {
 /// handle). A file moved out of the export, or deleted, fails with `EXDEV`
 /// / `ESTALE` (invariant 5: a handle reopened by file handle must still lie
 /// beneath the root). One whose dentry has no name (disconnected, or
-/// outside a bind-mounted root's subtree: both read "/"), or whose name
-/// leads elsewhere by the time it is resolved (a rename in between), fails
-/// with `ENOTCONN`: [`open_by_handle_or_path`] then looks at its recorded
-/// path, and takes it for one that left the export (`EXDEV`) when not
-/// found there.
+/// outside a bind-mounted root's subtree: both read "/") fails with
+/// `ENOTCONN`: [`open_by_handle_or_path`] then looks at its recorded path,
+/// and takes it for one that left the export (`EXDEV`) when not found
+/// there.
 pub fn prove_beneath(
     root: BorrowedFd<'_>,
     fd: BorrowedFd<'_>,
@@ -1154,19 +1153,14 @@ pub fn prove_beneath(
         .to_str()
         .filter(|r| !r.is_empty() && !r.ends_with(" (deleted)"))
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
-    // The name read a moment ago no longer leads to the file: renamed
-    // meanwhile (review rr-emfile36: taken for gone, the handle was lost),
-    // so where it lies is not known — as for a nameless dentry.
-    let not_known = || io::Error::from_raw_os_error(libc::ENOTCONN);
-    let again =
-        sys::openat2_beneath(root, rel, libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(|e| match e
-            .raw_os_error()
-        {
-            Some(libc::ENOENT | libc::ENOTDIR) => not_known(),
-            _ => e,
-        })?;
+    // A name that no longer leads to the file (a rename or an unlink in
+    // between) answers as it always did: `ENOENT`, `ESTALE`. Taken for a
+    // nameless file (review rr-emfile36's rename race), an unlink racing a
+    // persistent overwrite's truncation was answered "resolves outside
+    // the export root" instead of a retry (`open_races.rs`).
+    let again = sys::openat2_beneath(root, rel, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
     if sys::file_handle_of(again.as_fd())? != *h {
-        return Err(not_known());
+        return Err(io::Error::from_raw_os_error(libc::ESTALE));
     }
     Ok(())
 }
