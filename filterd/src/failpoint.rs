@@ -23,7 +23,9 @@
 //! `engine::fs::HostFs::fence`), `engine.request` (the engine thread, per request),
 //! `local.unignore` (removing a file's ignore mark; `fail` makes it fail),
 //! `local.probe` (the write-lease probe, its lease held), `local.scan`
-//! (a `/proc` scan for a file's local openers begins),
+//! (a `/proc` scan for a file's local openers begins), `fs.prove_beneath`
+//! (a file opened by kernel handle: its name read, not yet resolved
+//! beneath the root; `sleepMS` lets a test rename it there),
 //! `request.NAME` (the engine begins a request of that kind, `NAME` as
 //! `proto::Request::name` has it: `request.set_delete_on_close`),
 //! `shutdown.after_engine` (stopping: the engine thread has returned),

@@ -1131,7 +1131,43 @@ pub fn path_has_link(root: BorrowedFd<'_>, path: &RelPath) -> bool {
 /// `ENOTCONN`: [`open_by_handle_or_path`] then looks at its recorded path,
 /// and takes it for one that left the export (`EXDEV`) when not found
 /// there.
+///
+/// A name that stops leading to the file between its read and its
+/// resolution while the file is still linked (a local rename racing the
+/// proof) is read again, up to [`PROVE_TRIES`] times; a file renamed at
+/// every try fails with `EAGAIN` (a retry: the handle is kept), never as a
+/// file that is gone (re-review rr-emfile36: the resumed handle was lost
+/// for good).
 pub fn prove_beneath(
+    root: BorrowedFd<'_>,
+    fd: BorrowedFd<'_>,
+    h: &libfilter::model::KernelHandle,
+) -> io::Result<()> {
+    for _ in 0..PROVE_TRIES {
+        match prove_beneath_once(root, fd, h) {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENOTDIR | libc::ESTALE)
+                ) =>
+            {
+                // Unlinked (or a name the kernel marks deleted): gone, as
+                // it always answered. Still linked: its name moved on.
+                if !fstat(fd).is_ok_and(|st| st.st_nlink > 0) {
+                    return Err(e);
+                }
+            }
+            done => return done,
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+}
+
+/// How often [`prove_beneath`] reads a still-linked file's name again.
+const PROVE_TRIES: usize = 4;
+
+/// One try of [`prove_beneath`].
+fn prove_beneath_once(
     root: BorrowedFd<'_>,
     fd: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
@@ -1154,10 +1190,12 @@ pub fn prove_beneath(
         .filter(|r| !r.is_empty() && !r.ends_with(" (deleted)"))
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
     // A name that no longer leads to the file (a rename or an unlink in
-    // between) answers as it always did: `ENOENT`, `ESTALE`. Taken for a
-    // nameless file (review rr-emfile36's rename race), an unlink racing a
-    // persistent overwrite's truncation was answered "resolves outside
-    // the export root" instead of a retry (`open_races.rs`).
+    // between) answers `ENOENT`, `ESTALE` (the caller reads it again while
+    // the file is linked). Taken for a nameless file (review
+    // rr-emfile36's rename race), an unlink racing a persistent
+    // overwrite's truncation was answered "resolves outside the export
+    // root" instead of a retry (`open_races.rs`).
+    crate::failpoint::hit("fs.prove_beneath");
     let again = sys::openat2_beneath(root, rel, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
     if sys::file_handle_of(again.as_fd())? != *h {
         return Err(io::Error::from_raw_os_error(libc::ESTALE));

@@ -22,6 +22,32 @@ fn frontend(s: &Scratch, instance: &str) -> FilterClient {
     .expect("attach")
 }
 
+/// A persistent read handle of alice's (deny write) on `path` (made, with
+/// its directory), left by a filterd killed with SIGKILL: its key.
+fn persistent_handle_of_a_killed_filterd(s: &Scratch, path: &str) -> ResumeKey {
+    let file = s.root().join(path);
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(&file, b"x").unwrap();
+    let mut d = Filterd::start(s, &[], &[]);
+    let fe = frontend(s, "smb-a");
+    let held = fe
+        .open(req(
+            path,
+            "alice",
+            Rights::READ,
+            Durability::Persistent {
+                timeout_ms: 600_000,
+            },
+        ))
+        .unwrap();
+    let key = held.info.key;
+    drop(held);
+    d.kill9();
+    key
+}
+
 fn req(path: &str, client: &str, share: Rights, durability: Durability) -> OpenRequest {
     OpenRequest {
         access: Access::new(Rights::READ.union(Rights::WRITE).union(Rights::DELETE)).unwrap(),
@@ -483,24 +509,7 @@ fn a_resume_after_the_files_dentry_was_evicted_finds_the_file() {
     let Some(s) = Scratch::with_ext4("id-evicted") else {
         return;
     };
-    std::fs::create_dir_all(s.root().join("d")).unwrap();
-    std::fs::write(s.root().join("d/f"), b"x").unwrap();
-    let mut d = Filterd::start(&s, &[], &[]);
-    let fe = frontend(&s, "smb-a");
-    let held = fe
-        .open(req(
-            "d/f",
-            "alice",
-            Rights::READ,
-            Durability::Persistent {
-                timeout_ms: 600_000,
-            },
-        ))
-        .unwrap();
-    let key = held.info.key;
-    drop(held);
-    d.kill9();
-    drop(fe);
+    let key = persistent_handle_of_a_killed_filterd(&s, "d/f");
     let d = Filterd::start(&s, &[], &[]);
     let fe = frontend(&s, "smb-a");
     // Every unused dentry and inode of the host goes (the file's among
@@ -520,5 +529,39 @@ fn a_resume_after_the_files_dentry_was_evicted_finds_the_file() {
     // Its share mode holds: a writer is refused.
     let other = frontend(&s, "smb-b");
     let w = other.open(req("d/f", "bob", Rights::ALL, Durability::None));
+    assert!(w.is_err(), "a writer got in beside a deny-write open");
+}
+
+/// Re-review rr-emfile36: a local rename of a persistent handle's file
+/// between filterd's read of the file's name and its resolution beneath
+/// the root (the proof of a resume's reopen by kernel handle) was taken
+/// for a file that is gone, and the handle was lost for good — its share
+/// mode with it. Now the name is read again while the file is linked.
+#[test]
+fn a_resume_racing_a_local_rename_of_the_file_keeps_the_handle() {
+    let s = Scratch::new("id-prove-race");
+    let key = persistent_handle_of_a_killed_filterd(&s, "d/f");
+    // The proof stalls once, after it read the file's name.
+    let d = Filterd::start(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "fs.prove_beneath:1:sleep2000")],
+    );
+    let fe = frontend(&s, "smb-a");
+    let resumed = std::thread::scope(|t| {
+        let resume = t.spawn(|| fe.resume(ClientId::new("alice").unwrap(), key));
+        wait_for("the proof to stall", Duration::from_secs(20), || {
+            d.log_text()
+                .contains("failpoint fs.prove_beneath: stalling")
+                .then_some(())
+        });
+        std::fs::rename(s.root().join("d/f"), s.root().join("d/g")).unwrap();
+        resume.join().expect("resume thread")
+    });
+    let resumed = resumed.unwrap_or_else(|e| panic!("resume refused: {e}"));
+    assert_eq!(resumed.info.key, key);
+    // Its share mode holds at the file's new name: a writer is refused.
+    let other = frontend(&s, "smb-b");
+    let w = other.open(req("d/g", "bob", Rights::ALL, Durability::None));
     assert!(w.is_err(), "a writer got in beside a deny-write open");
 }
