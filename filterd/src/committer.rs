@@ -838,23 +838,91 @@ fn settle(
 /// After a failed merged commit: each group on its own, in order, but
 /// those already in `failed`. Adds the sequences that failed (on their own,
 /// or by building on one that did) to `failed`.
+///
+/// A group that completes an intent must not fail. One that builds on
+/// groups refused only for growing into the delete reserve
+/// ([`StoreError::Reserved`]: an open or a lock of the file whose
+/// truncation it completes, merged into its commit) commits together with
+/// them in one transaction that may use the reserve (re-review rr37: the
+/// completion failed with them and filterd stopped, exit 70). Only
+/// completions pull groups in, so opens do not ride with closes into the
+/// reserve.
 fn retry_alone(store: &dyn StateStore, groups: &[Group], failed: &mut BTreeSet<u64>) {
     if groups.len() == 1 {
+        // The merged commit was this group alone (a completion alone,
+        // which removes its intent, may use the reserve already).
         failed.extend(groups.iter().map(|g| g.seq));
         return;
     }
+    // Groups that failed for the reserve alone (or by building only on
+    // such groups): a completion building on them may take them along.
+    let mut reserved: BTreeSet<u64> = BTreeSet::new();
     for g in groups {
         if failed.contains(&g.seq) {
             continue;
         }
-        if g.deps.iter().any(|d| failed.contains(d)) {
-            failed.insert(g.seq);
-            continue;
+        let failed_deps: Vec<u64> = g
+            .deps
+            .iter()
+            .copied()
+            .filter(|d| failed.contains(d))
+            .collect();
+        if failed_deps.is_empty() {
+            match store.commit(&[&g.ops]) {
+                Ok(_) => continue,
+                Err(e) => {
+                    fenced(&e);
+                    if matches!(e, StoreError::Reserved { .. }) {
+                        reserved.insert(g.seq);
+                    } else {
+                        warn!(seq = g.seq, error = %e, "a request's commit fails on its own");
+                    }
+                    failed.insert(g.seq);
+                    continue;
+                }
+            }
         }
-        if let Err(e) = store.commit(&[&g.ops]) {
+        let only_reserved = failed_deps.iter().all(|d| reserved.contains(d));
+        if g.completes_intent && only_reserved {
+            // The chain it builds on, in order, then itself.
+            let mut chain: BTreeSet<u64> = BTreeSet::new();
+            let mut todo = failed_deps;
+            while let Some(d) = todo.pop() {
+                if chain.insert(d) {
+                    if let Some(dg) = groups.iter().find(|x| x.seq == d) {
+                        todo.extend(dg.deps.iter().copied().filter(|x| failed.contains(x)));
+                    }
+                }
+            }
+            let members: Vec<&Group> = groups
+                .iter()
+                .filter(|x| chain.contains(&x.seq) || x.seq == g.seq)
+                .collect();
+            if chain.iter().all(|d| reserved.contains(d)) && commit_completion(store, &members) {
+                for d in &chain {
+                    failed.remove(d);
+                    reserved.remove(d);
+                }
+                continue;
+            }
+        }
+        failed.insert(g.seq);
+        if only_reserved {
+            reserved.insert(g.seq);
+        }
+    }
+}
+
+/// Commits `members` (groups in order, the last a completion) in one
+/// transaction that may use the delete reserve; whether it committed.
+fn commit_completion(store: &dyn StateStore, members: &[&Group]) -> bool {
+    let batches: Vec<&[StoreOp]> = members.iter().map(|g| g.ops.as_slice()).collect();
+    match store.commit_completion(&batches) {
+        Ok(_) => true,
+        Err(e) => {
             fenced(&e);
-            warn!(seq = g.seq, error = %e, "a request's commit fails on its own");
-            failed.insert(g.seq);
+            warn!(error = %e, groups = members.len(), "an intent's completion and what it builds on cannot commit");
+            false
         }
     }
 }
@@ -1689,5 +1757,123 @@ mod tests {
         pipe.stop();
         assert!(t.join().is_err(), "the committer stops for recovery");
         assert!(nothing_sent(&peer), "nothing was acknowledged");
+    }
+}
+
+#[cfg(test)]
+mod reserve_tests {
+    use super::*;
+    use libfilter::model::*;
+    use libfilter::store::Store;
+
+    fn rec(n: u64) -> HandleRecord {
+        let mut r =
+            libfilter::testing::persistent_record("some/directory/of/the/export/a-file-name.txt");
+        r.key = ResumeKey::new_time_ordered();
+        r.file = FileId { dev: 1, ino: n };
+        r
+    }
+
+    fn intent(n: u8) -> (IntentId, StoreOp) {
+        let id = IntentId(uuid::Uuid::from_bytes([n; 16]));
+        (
+            id,
+            StoreOp::PutIntent(Box::new(Intent {
+                id,
+                change: IntentChange::Remove {
+                    path: RelPath::new("f").unwrap(),
+                    file: FileId { dev: 1, ino: 2 },
+                    record: None,
+                    kernel_handle: None,
+                    on_close: false,
+                },
+                recorded_ms: 0,
+            })),
+        )
+    }
+
+    /// Re-review rr37: at the reserve, a growing group (an open or a lock
+    /// of file F) and an intent's completion that builds on it (it
+    /// rewrites a handle of F) are merged into one commit: refused whole
+    /// (not every group removes), the growing group refused alone, the
+    /// completion failed with it and the committer stopped filterd. Now
+    /// the completion commits with what it builds on, using the reserve.
+    #[test]
+    fn a_completion_building_on_a_growing_group_at_the_reserve_commits() {
+        let dir = std::env::temp_dir().join(format!("rr37-{}", uuid::Uuid::new_v4()));
+        let map = 1 << 20;
+        let s = Store::open(&dir, map).unwrap();
+        s.set_max_map_size(map);
+        s.begin_epoch().unwrap();
+        // Intents parked before the store filled (under load).
+        let (done_id, put) = intent(1);
+        s.apply(&[put, intent(2).1, intent(3).1]).unwrap();
+        let mut taken = Vec::new();
+        let refused = loop {
+            let r = rec(100);
+            match s.apply(&[StoreOp::PutHandle(Box::new(r.clone()))]) {
+                Ok(()) => taken.push(r),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(refused, StoreError::Reserved { .. }), "{refused}");
+        // Group 1: another client's persistent open of file F (ino 7).
+        let open = rec(7);
+        // Group 2: the completion of the truncating open of handle H1 of F.
+        let mut h1 = taken[0].clone();
+        h1.file = FileId { dev: 1, ino: 7 };
+        let (open_key, h1_key) = (open.key, h1.key);
+        let groups = vec![
+            Group {
+                seq: 1,
+                ops: vec![StoreOp::PutHandle(Box::new(open))],
+                deps: Vec::new(),
+                notify: Vec::new(),
+                completes_intent: false,
+            },
+            Group {
+                seq: 2,
+                ops: vec![
+                    StoreOp::PutHandle(Box::new(h1)),
+                    StoreOp::DeleteIntent(done_id),
+                ],
+                deps: vec![1],
+                notify: Vec::new(),
+                completes_intent: true,
+            },
+        ];
+        let store: Arc<dyn StateStore> = Arc::new(s);
+        let pipe = Arc::new(Pipeline::default());
+        let (tx, _rx) = EngineTx::for_test(crossbeam_channel::unbounded());
+        let (st, p) = (store.clone(), pipe.clone());
+        let committer =
+            std::thread::spawn(move || run(st, p, tx, Arc::new(CommitCounters::default())));
+        pipe.submit(CommitJob {
+            groups,
+            sync: Vec::new(),
+            syncfs: None,
+            syncfs_for: BTreeSet::new(),
+            requests: 2,
+        });
+        pipe.stop();
+        let r = committer.join();
+        if let Err(e) = r {
+            let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+            panic!("committer panicked: {msg}");
+        }
+        // Both groups are in the store, the intent gone.
+        let stored = |k| store.handle(k).ok().flatten().map(|r| r.file.ino);
+        assert_eq!(
+            stored(open_key),
+            Some(7),
+            "the open the completion built on"
+        );
+        assert_eq!(stored(h1_key), Some(7), "the completion's handle");
+        let intents = store.all_intents().unwrap_or_default();
+        assert!(
+            intents.iter().flatten().all(|i| i.id != done_id),
+            "the completed intent is still stored"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

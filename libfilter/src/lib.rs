@@ -24,6 +24,7 @@
 //!   how filterctl finds it.
 //! - `cli` (feature `cli`): the programs' command lines — a usage error is
 //!   one line naming what is wrong, exit 2.
+//! - `testing` (tests, feature `test-util`): values the crates' tests build.
 //! - [`sys`]: the syscall backend (openat2, file handles, SCM_RIGHTS), the one
 //!   module allowed `unsafe`.
 #![deny(unsafe_code)]
@@ -46,3 +47,5 @@ pub mod settle;
 pub mod share;
 pub mod store;
 pub mod sys;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;

@@ -417,6 +417,13 @@ pub trait StateStore: Send + Sync {
     /// while this daemon's claim stands ([`StoreError::Fenced`] otherwise,
     /// with nothing written). Returns the commit's sequence number.
     fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError>;
+    /// [`StateStore::commit`] of an intent's completion and the groups it
+    /// builds on, which must not fail for want of room a delete could use:
+    /// it may use the delete reserve the embedded store keeps (a store
+    /// without one commits as usual).
+    fn commit_completion(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+        self.commit(batches)
+    }
     /// Whether new handles get time-ordered resume keys
     /// ([`ResumeKey::new_time_ordered`]) rather than random ones (for
     /// frontends that were granted [`crate::proto::FEATURE_TIME_ORDERED_KEYS`]):
@@ -506,6 +513,17 @@ pub trait StateStore: Send + Sync {
     fn release_read_pages(&self) {}
 }
 
+/// Whether a commit may grow the tables into the delete reserve
+/// ([`delete_reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// Only when every batch of it removes a handle or an intent.
+    IfEveryBatchRemoves,
+    /// Yes: an intent's completion and what it builds on, which must not
+    /// fail.
+    Usable,
+}
+
 impl StateStore for Store {
     fn kind(&self) -> &'static str {
         "lmdb"
@@ -519,6 +537,9 @@ impl StateStore for Store {
     }
     fn commit(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
         self.apply_all(batches)
+    }
+    fn commit_completion(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+        self.apply_all_with(batches, Reserve::Usable)
     }
     fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
         Store::handle(self, key)
@@ -839,10 +860,19 @@ impl Store {
     /// Conditional on this handle's claim ([`Store::begin_epoch`]) still
     /// standing. Returns the transaction's id (ascending).
     pub fn apply_all(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+        self.apply_all_with(batches, Reserve::IfEveryBatchRemoves)
+    }
+
+    /// [`Store::apply_all`], the delete reserve usable as `reserve` says.
+    pub fn apply_all_with(
+        &self,
+        batches: &[&[StoreOp]],
+        reserve: Reserve,
+    ) -> Result<u64, StoreError> {
         self.clear_stale_readers_now_and_then();
-        let r = self.apply_gated(batches);
+        let r = self.apply_gated(batches, reserve);
         let r = match r {
-            Err(StoreError::MapFull) if self.grow_map()? => self.apply_gated(batches),
+            Err(StoreError::MapFull) if self.grow_map()? => self.apply_gated(batches, reserve),
             r => r,
         };
         if r.is_err() {
@@ -851,10 +881,11 @@ impl Store {
         r
     }
 
-    fn apply_gated(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+    fn apply_gated(&self, batches: &[&[StoreOp]], reserve: Reserve) -> Result<u64, StoreError> {
         let gate = self.gate();
         let t = tables(&gate)?;
-        self.apply_ops(t, batches).map_err(|e| Self::explain(t, e))
+        self.apply_ops(t, batches, reserve)
+            .map_err(|e| Self::explain(t, e))
     }
 
     /// Lets the map grow, doubling, up to `max_bytes` when it fills (0: it
@@ -910,7 +941,12 @@ impl Store {
         }
     }
 
-    fn apply_ops(&self, t: &Tables, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
+    fn apply_ops(
+        &self,
+        t: &Tables,
+        batches: &[&[StoreOp]],
+        reserve: Reserve,
+    ) -> Result<u64, StoreError> {
         let mut txn = t.env.write_txn().map_err(StoreError::from_heed)?;
         let mine = self.fence.load(std::sync::atomic::Ordering::Acquire);
         if mine != 0 {
@@ -973,11 +1009,14 @@ impl Store {
         // the map to the last page, where a completion failed and stopped
         // filterd (re-review rr-last36). A merged commit refused so is
         // retried group by group, and the removing groups commit alone.
-        let removes = !batches.is_empty()
-            && batches.iter().all(|b| {
-                b.iter()
-                    .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)))
-            });
+        // An intent's completion and the groups it builds on may use it
+        // too (`Reserve::Usable`, re-review rr37).
+        let removes = reserve == Reserve::Usable
+            || !batches.is_empty()
+                && batches.iter().all(|b| {
+                    b.iter()
+                        .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)))
+                });
         if !removes {
             self.keep_delete_reserve(t, before, table_pages(t, &txn)?)?;
         }
@@ -1447,35 +1486,7 @@ pub(crate) mod tests {
 
     /// A persistent handle record of `path`, unlocked, delete on close unset.
     pub(crate) fn rec(path: &str) -> HandleRecord {
-        HandleRecord {
-            key: ResumeKey::new_random(),
-            protocol: Protocol::new("smb").unwrap(),
-            frontend: InstanceName::new("smb1").unwrap(),
-            client: ClientId::new("c").unwrap(),
-            create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
-            owner: None,
-            path: RelPath::new(path).unwrap(),
-            file: FileId { dev: 1, ino: 2 },
-            kernel_handle: Some(KernelHandle {
-                handle_type: 1,
-                bytes: vec![1, 2, 3],
-            }),
-            access: Access::new(Rights::READ).unwrap(),
-            share: Rights::ALL,
-            durability: Durability::Persistent { timeout_ms: 1000 },
-            conn: ConnState::Connected,
-            create_action: CreateAction::Created,
-            opened_ms: 5,
-            locks: Vec::new(),
-            lock_sequence: Vec::new(),
-            lease: None,
-            delete_on_close: false,
-            share_group: None,
-            lock_owner: None,
-            stat: false,
-            share_exempt: false,
-            through_link: false,
-        }
+        crate::testing::persistent_record(path)
     }
 
     #[test]

@@ -23,35 +23,20 @@ fn file_and_record(root: &Path, name: &str, data: &str, guid: CreateGuid) -> Han
     std::fs::write(root.join(name), data).unwrap();
     let f = std::fs::File::open(root.join(name)).unwrap();
     let st = nix::sys::stat::fstat(f.as_fd()).unwrap();
-    HandleRecord {
-        key: ResumeKey::new_random(),
-        protocol: Protocol::new("smb").unwrap(),
-        frontend: InstanceName::new("smb-a").unwrap(),
-        client: ClientId::new("alice").unwrap(),
-        create_guid: Some(guid),
-        owner: None,
-        path: RelPath::new(name).unwrap(),
-        file: FileId {
-            dev: st.st_dev,
-            ino: st.st_ino,
-        },
-        kernel_handle: Some(libfilter::sys::file_handle_of(f.as_fd()).unwrap()),
-        access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
-        share: Rights::READ,
-        durability: PERSISTENT,
-        conn: ConnState::Connected,
-        create_action: CreateAction::Created,
-        opened_ms: now_ms(),
-        locks: Vec::new(),
-        lock_sequence: Vec::new(),
-        lease: None,
-        delete_on_close: false,
-        share_group: None,
-        lock_owner: None,
-        stat: false,
-        share_exempt: false,
-        through_link: false,
-    }
+    let mut r = libfilter::testing::persistent_record(name);
+    r.frontend = InstanceName::new("smb-a").unwrap();
+    r.client = ClientId::new("alice").unwrap();
+    r.create_guid = Some(guid);
+    r.file = FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
+    r.kernel_handle = Some(libfilter::sys::file_handle_of(f.as_fd()).unwrap());
+    r.access = Access::new(Rights::READ.union(Rights::WRITE)).unwrap();
+    r.share = Rights::READ;
+    r.durability = PERSISTENT;
+    r.opened_ms = now_ms();
+    r
 }
 
 fn frontend(s: &Scratch) -> FilterClient {

@@ -2035,32 +2035,16 @@ fn try_recovered(fs: &MemFs, store: &Arc<MemStore>) -> anyhow::Result<Engine> {
 /// smb-t, client alice, no create GUID), as recovery finds it.
 fn persistent_record(fs: &MemFs, path: &str) -> HandleRecord {
     let path = RelPath::new(path).unwrap();
-    HandleRecord {
-        key: ResumeKey::new_random(),
-        protocol: Protocol::new("smb").unwrap(),
-        frontend: InstanceName::new("smb-t").unwrap(),
-        client: ClientId::new("alice").unwrap(),
-        create_guid: None,
-        owner: None,
-        file: fs.file_at_checked(&path).unwrap().unwrap(),
-        kernel_handle: fs.identity_at(&path).map(|(_, kh)| kh),
-        path,
-        access: Access::new(Rights::READ).unwrap(),
-        share: Rights::ALL,
-        durability: Durability::Persistent { timeout_ms: 60_000 },
-        conn: ConnState::Connected,
-        create_action: CreateAction::Opened,
-        opened_ms: 0,
-        locks: Vec::new(),
-        lock_sequence: Vec::new(),
-        lease: None,
-        delete_on_close: false,
-        share_group: None,
-        lock_owner: None,
-        stat: false,
-        share_exempt: false,
-        through_link: false,
-    }
+    let mut r = libfilter::testing::persistent_record(path.as_str());
+    r.frontend = InstanceName::new("smb-t").unwrap();
+    r.client = ClientId::new("alice").unwrap();
+    r.create_guid = None;
+    r.file = fs.file_at_checked(&path).unwrap().unwrap();
+    r.kernel_handle = fs.identity_at(&path).map(|(_, kh)| kh);
+    r.durability = Durability::Persistent { timeout_ms: 60_000 };
+    r.create_action = CreateAction::Opened;
+    r.opened_ms = 0;
+    r
 }
 
 /// Restart recovery without files: an interrupted rename whose change
