@@ -105,7 +105,9 @@ echo "Samba $(smbd --version | sed 's/^Version //') on 127.0.0.1:$SAMBA_PORT" >&
 # --- rksmbd --------------------------------------------------------------
 R="$D/rk"
 mkdir -p "$R"
-printf '%s\n' "$PASSWORD" | "$BIN/rksmbd" hash-password "$USER_NAME" >"$R/smbpasswd"
+# 0600 (the umask in a subshell): rksmbd refuses a users file group or
+# others may read or write.
+(umask 077; printf '%s\n' "$PASSWORD" | "$BIN/rksmbd" hash-password "$USER_NAME" >"$R/smbpasswd")
 
 # Starts a fresh filterd + rksmbd on export $R/N; sets RK_PORT.
 start_rksmbd() { # N

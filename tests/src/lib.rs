@@ -860,6 +860,14 @@ pub fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::net::TcpStream
     std::net::TcpStream::from(fd)
 }
 
+/// Writes `bytes` as rksmbd's users file `path`, mode 0600 (rksmbd
+/// refuses one group or others may read or write).
+pub fn write_users_file(path: &Path, bytes: &[u8]) {
+    rksmbd::users::create_file(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
 /// How [`RkSmbd::start_full`] starts rksmbd.
 enum Launch {
     /// With the environment given, its log to the test's standard error.
@@ -881,7 +889,7 @@ pub struct RkSmbd {
 
 impl RkSmbd {
     /// Writes `users` (name, password) into `DIR/users` in smbpasswd
-    /// format and starts rksmbd on filterd's socket, sharing `share`.
+    /// format (mode 0600) and starts rksmbd on filterd's socket, sharing `share`.
     pub fn start(s: &Scratch, instance: &str, share: &str, users: &[(&str, &str)]) -> RkSmbd {
         RkSmbd::start_with(s, instance, share, users, &[])
     }
@@ -963,7 +971,7 @@ impl RkSmbd {
             assert!(out.status.success(), "rksmbd hash-password failed");
             text.push_str(&String::from_utf8_lossy(&out.stdout));
         }
-        std::fs::write(&file, text).expect("users file");
+        write_users_file(&file, text.as_bytes());
         let users_arg = file.to_string_lossy().into_owned();
         let flags = [&["--share", share, "--users", &users_arg][..], extra].concat();
         let mut cmd = Command::new(bin("rksmbd"));

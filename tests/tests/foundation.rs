@@ -1466,7 +1466,7 @@ fn frontends_that_cannot_listen_say_why_in_one_line() {
         use std::io::Write;
         hash.stdin.take().unwrap().write_all(b"pw\n").unwrap();
     }
-    std::fs::write(&users, hash.wait_with_output().unwrap().stdout).unwrap();
+    rkfilter_tests::write_users_file(&users, &hash.wait_with_output().unwrap().stdout);
     for (prog, extra) in [
         ("smbshim", vec![]),
         ("nfsshim", vec![]),

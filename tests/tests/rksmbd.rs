@@ -226,6 +226,83 @@ fn hash_password_writes_smbpasswd_lines() {
     );
 }
 
+/// Runs `rksmbd hash-password NAME` with `password` on stdin and its
+/// stdout appended to `file` (as `>> FILE` would).
+fn hash_password_into(name: &str, password: &str, file: &std::path::Path) -> Output {
+    let out = std::fs::OpenOptions::new()
+        .append(true)
+        .open(file)
+        .expect("open the users file");
+    Command::new(rkfilter_tests::bin("rksmbd"))
+        .args(["hash-password", name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            if let Some(mut i) = c.stdin.take() {
+                writeln!(i, "{password}")?;
+            }
+            c.wait_with_output()
+        })
+        .expect("rksmbd hash-password")
+}
+
+/// Review: the users file's NT hashes are as good as passwords for
+/// NTLMv2, and the documented `hash-password >> FILE` made it 0644, so any
+/// local user could log on as anyone. rksmbd now refuses to start on a
+/// users file group or others may read or write, naming the chmod; and
+/// `hash-password` appending to such a file warns on stderr.
+#[test]
+fn a_users_file_others_can_read_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = Scratch::new("rksmbd-users-mode");
+    let users = s.dir.join("users");
+    std::fs::write(&users, "").unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = hash_password_into("alice", "pw", &users);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("mode 0644") && err.contains("chmod 600"),
+        "{}",
+        text(&o)
+    );
+    let shown = users.display().to_string();
+    for mode in [0o644, 0o640, 0o602] {
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(mode)).unwrap();
+        // No filterd: the file is refused before rksmbd looks for one.
+        let o = Command::new(rkfilter_tests::bin("rksmbd"))
+            .arg("--filter")
+            .arg(s.socket())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--share",
+                "data",
+                "--users",
+                &shown,
+            ])
+            .output()
+            .expect("run rksmbd");
+        assert_eq!(o.status.code(), Some(1), "{mode:o}: {}", text(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr),
+            format!(
+                "rksmbd: users file {shown} is readable or writable by group or others \
+                 (mode {mode:04o}); chmod 600 {shown}\n"
+            ),
+            "{}",
+            text(&o)
+        );
+    }
+    // A 0600 file takes another line without a word.
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = hash_password_into("bob", "pw2", &users);
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&users).unwrap().lines().count(), 2);
+}
+
 /// Raw SMB2 over TCP, for input smbclient never sends.
 mod raw {
     use std::io::{Read, Write};

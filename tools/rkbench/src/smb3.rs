@@ -167,7 +167,8 @@ pub fn rksmbd(
         bail!("rksmbd hash-password failed");
     }
     let users = dir.join("smb3/smbpasswd");
-    std::fs::write(&users, &out.stdout)?;
+    // 0600: rksmbd refuses a users file group or others may read.
+    rksmbd::users::create_file(&users)?.write_all(&out.stdout)?;
     let users = users.to_string_lossy().into_owned();
     let srv = crate::smb::Shim::start_with(
         rksmbd,

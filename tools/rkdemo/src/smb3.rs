@@ -68,7 +68,8 @@ pub fn act(s: &mut Story, stage: &Stage, given: Option<&Path>) -> anyhow::Result
     if !out.status.success() {
         bail!("rksmbd hash-password failed");
     }
-    std::fs::write(&users, &out.stdout)?;
+    // 0600: rksmbd refuses a users file group or others may read.
+    rksmbd::users::create_file(&users)?.write_all(&out.stdout)?;
     let users = users.display().to_string();
     let flags = ["--share", "data", "--users", users.as_str()];
     let (pid, addr) = s.start_frontend(stage, "rksmbd", "rksmbd-demo", &flags)?;

@@ -6,6 +6,7 @@
 //! [--logon-queue SECS]` prints `listening on HOST:PORT` as its first
 //! stdout line, then serves. `rksmbd hash-password USER [--uid N]` reads a
 //! password from stdin and prints a users-file (smbpasswd) line for it.
+//! rksmbd refuses a users file group or others may read or write.
 #![forbid(unsafe_code)]
 
 use std::io::BufRead;
@@ -38,7 +39,8 @@ struct Args {
     /// The share's name (the export root of filterd).
     #[arg(long, value_name = "NAME", required = true)]
     share: Option<String>,
-    /// Users file in Samba's smbpasswd format (NT hashes).
+    /// Users file in Samba's smbpasswd format (NT hashes); refused unless
+    /// only its owner may read or write it (chmod 600).
     #[arg(long, value_name = "FILE", required = true)]
     users: Option<PathBuf>,
     /// Most MiB of answers all multichannel channels' outboxes hold
@@ -65,7 +67,9 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Read a password from stdin (first line) and print a users-file line
-    /// for USER: `name:uid:XXXX…:NTHASH:[U          ]:LCT-…:`.
+    /// for USER: `name:uid:XXXX…:NTHASH:[U          ]:LCT-…:`. Append it
+    /// with `(umask 077; rksmbd hash-password USER >> FILE)`: rksmbd refuses
+    /// a users file group or others may read or write.
     HashPassword {
         /// The user name.
         user: String,
@@ -79,6 +83,27 @@ fn main() -> std::process::ExitCode {
     shimline::cli::exit_status("rksmbd", run())
 }
 
+/// `hash-password` appending to a file group or others may read (made
+/// under umask 022): says so on stderr, as rksmbd will refuse that file.
+fn warn_if_stdout_exposed() {
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_file() && mode & 0o077 != 0 {
+        eprintln!(
+            "rksmbd: warning: the file written is readable or writable by group or others \
+             (mode {mode:04o}) and rksmbd refuses such a users file: chmod 600 it, \
+             or write it with `(umask 077; rksmbd hash-password NAME >> FILE)`"
+        );
+    }
+}
+
 fn run() -> anyhow::Result<()> {
     let args: Args = libfilter::cli::parse();
     if let Some(Command::HashPassword { user, uid }) = args.command {
@@ -89,6 +114,7 @@ fn run() -> anyhow::Result<()> {
         std::io::stdin().lock().read_line(&mut pw)?;
         let pw = pw.trim_end_matches(['\n', '\r']);
         print!("{}", rksmbd::users::line(&user, uid, pw));
+        warn_if_stdout_exposed();
         return Ok(());
     }
     let (Some(filter), Some(listen), Some(share), Some(users)) =
@@ -105,8 +131,11 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let users = rksmbd::users::Users::load(&users)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", users.display()))?;
+    let users = rksmbd::users::Users::load(&users).map_err(|e| match e {
+        // Names the file itself, with the chmod that fixes it.
+        e @ rksmbd::users::UsersError::Exposed { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(users.display().to_string()),
+    })?;
     rksmbd::channels::set_memory(args.channel_memory as usize * (1 << 20));
     let config = rksmbd::server::Config {
         share,

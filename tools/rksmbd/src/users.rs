@@ -4,6 +4,10 @@
 //! are never stored. Accounts flagged `D` (disabled) or with no NT hash
 //! (`XXXX…`, `NO PASSWORD…`) cannot log on. Names match case-insensitively,
 //! as Windows user names do.
+//!
+//! An NT hash is as good as the password for NTLMv2, so [`Users::load`]
+//! refuses a file that group or others may read or write (as ssh does for
+//! keys): `(umask 077; rksmbd hash-password NAME >> FILE)` makes one right.
 
 use md4::{Digest, Md4};
 
@@ -17,6 +21,17 @@ pub enum UsersError {
     /// The file could not be read.
     #[error("reading the users file")]
     Read(#[from] std::io::Error),
+    /// Group or others may read or write the file: its NT hashes are as
+    /// good as passwords.
+    #[error(
+        "users file {path} is readable or writable by group or others (mode {mode:04o}); chmod 600 {path}"
+    )]
+    Exposed {
+        /// The file as named.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A line is not in smbpasswd format.
     #[error("users file line {line}: {why}")]
     Line {
@@ -43,9 +58,24 @@ fn hex16(s: &str) -> Option<[u8; 16]> {
 }
 
 impl Users {
-    /// Reads and parses a users file.
+    /// Reads and parses a users file, refusing it ([`UsersError::Exposed`])
+    /// when its mode has any group or other bit. The mode checked is that
+    /// of the file opened and read (fstat), not of whatever the path named
+    /// a moment earlier.
     pub fn load(path: &std::path::Path) -> Result<Users, UsersError> {
-        Users::parse(&std::fs::read_to_string(path)?)
+        use std::io::Read as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut file = std::fs::File::open(path)?;
+        let mode = file.metadata()?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(UsersError::Exposed {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        Users::parse(&text)
     }
 
     /// Parses smbpasswd text. Blank lines and `#` comments are skipped.
@@ -102,6 +132,22 @@ impl Users {
     }
 }
 
+/// Creates (or empties) the users file `path` as [`Users::load`] accepts
+/// it: mode 0600 whatever the umask, an existing file set to 0600 once
+/// emptied. What the tests, the demo and the bench write their
+/// `hash-password` lines into.
+pub fn create_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
 /// The NT hash of a password: MD4 of its UTF-16LE encoding.
 pub fn nt_hash(password: &str) -> NtHash {
     let mut h = Md4::new();
@@ -133,6 +179,47 @@ mod tests {
         // MS-NLMP 4.2.2.1.2: NTOWFv1("Password").
         let want = hex16("A4F49C406510BDCAB6824EE7C30FD852").unwrap();
         assert_eq!(nt_hash("Password").0, want);
+    }
+
+    /// A users file group or others may read or write is refused with the
+    /// chmod that fixes it; 0600 and 0400 are read.
+    #[test]
+    fn a_users_file_group_or_others_can_reach_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("rksmbd-users-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("smbpasswd");
+        std::fs::write(&path, line("alice", 1000, "pw")).unwrap();
+        let shown = path.display().to_string();
+        for mode in [0o644, 0o640, 0o604, 0o620, 0o602, 0o610, 0o601] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Users::load(&path).unwrap_err();
+            assert!(
+                matches!(err, UsersError::Exposed { mode: m, .. } if m == mode),
+                "{mode:o}: {err}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "users file {shown} is readable or writable by group or others \
+                     (mode {mode:04o}); chmod 600 {shown}"
+                )
+            );
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(Users::load(&path).unwrap().len(), 1, "{mode:o}");
+        }
+        // create_file makes a file load accepts, an existing 0644 one too.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let fresh = dir.join("fresh");
+        for p in [&path, &fresh] {
+            use std::io::Write as _;
+            let mut f = create_file(p).unwrap();
+            f.write_all(line("bob", 1001, "pw").as_bytes()).unwrap();
+            assert_eq!(Users::load(p).unwrap().len(), 1, "{}", p.display());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
