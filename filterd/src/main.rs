@@ -377,6 +377,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             .mode(0o750)
             .create(&args.state)
             .with_context(|| format!("creating state dir {}", args.state.display()))?;
+    } else {
+        statedir::tighten(&args.state);
     }
     let state = args.state.canonicalize()?;
     let root_path = args

@@ -12,17 +12,24 @@
 //! A `--standby` daemon waits for the lock on a helper thread while the
 //! main thread waits for SIGTERM/SIGINT on a signalfd, so a waiting standby
 //! can be stopped at once (exit 0) instead of taking over later.
+//!
+//! Nobody but filterd's user (and the state dir's group) may be able to
+//! take these locks, or a local user could keep filterd from starting by
+//! holding one: an existing state dir is tightened to 0750 ([`tighten`]),
+//! and the export root's lock ([`lock_root`]) is a private file under
+//! `/run/rkfilter/roots`, not the root directory anyone may open.
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::stat::{fstat, stat};
-use tracing::info;
+use tracing::{info, warn};
 
 /// The held lock; released when dropped or when the process dies.
 pub struct StateLock {
@@ -91,41 +98,196 @@ pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked
     }
 }
 
-/// The export root's own lock, held beside the state dir's with the LMDB
-/// store; released when dropped or when the process dies.
-pub struct RootLock {
-    _dir: Flock<File>,
+/// Takes away group write and every permission of other users from an
+/// existing state dir (`mode & !0o027`, as filterd creates it: 0750), so
+/// no other user can open it — and so none can hold its `flock` to keep
+/// filterd from starting, restarting or taking over (review rvacl: `flock
+/// -x STATE sleep 1e9` as nobody on a 0755 state dir did). The dir's own
+/// `flock` stays the daemon lock: `filterctl --state` probes it
+/// (`runtime::lock_is_held`) and older filterds take it. A process that
+/// opened the directory before it was tightened keeps its descriptor.
+pub fn tighten(state: &Path) {
+    let Ok(meta) = std::fs::metadata(state) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    let tight = mode & !0o027;
+    if tight == mode {
+        return;
+    }
+    match std::fs::set_permissions(state, std::fs::Permissions::from_mode(tight)) {
+        Ok(()) => warn!(
+            state = %state.display(),
+            was = format!("{mode:04o}"),
+            now = format!("{tight:04o}"),
+            "state dir tightened: other users could open it and hold its lock"
+        ),
+        Err(e) => warn!(
+            state = %state.display(),
+            mode = format!("{mode:04o}"),
+            error = %e,
+            "cannot tighten the state dir: any user who can open it can hold its lock and keep filterd from starting"
+        ),
+    }
 }
 
-/// Takes an exclusive `flock` on the export root directory itself, so a
-/// second daemon serving the same root with *another* state dir is
-/// refused (or, `standby`, waits): each would grant opens the other's
-/// share modes and locks forbid, and neither's fanotify group would see
-/// the other's opens (review). `None` with the lock: a standby stopped by
-/// a signal while it waited. Only with the LMDB store: with etcd the
-/// table's owner key decides, on every machine, and a flock on a network
-/// filesystem would reach across machines.
-pub fn lock_root(root: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Option<RootLock>> {
-    let dir =
-        File::open(root).with_context(|| format!("opening export root {}", root.display()))?;
-    let held = match lock_now(dir) {
-        Ok(l) => l,
-        Err((dir, nix::errno::Errno::EWOULDBLOCK)) => {
-            if !standby {
-                bail!(
-                    "another filterd serves export root {} (with another state dir); one export root has one filterd: stop the other, or start this one with --standby to take over when it dies",
-                    root.display()
-                );
-            }
-            info!("standby: waiting for the filterd serving this export root to exit");
-            match wait_for_lock(dir, sigs)? {
-                Ok(l) => l,
-                Err(_) => return Ok(None),
+/// The export root's own lock, held beside the state dir's with the LMDB
+/// store; released when dropped or when the process dies. A lock file is
+/// removed when dropped (still held, so a daemon that opened it meanwhile
+/// finds it gone once it has it, and locks again).
+pub struct RootLock {
+    held: Flock<File>,
+    file: Option<PathBuf>,
+}
+
+impl RootLock {
+    /// The file (or directory) whose `flock` this is.
+    fn what(file: Option<&Path>, root: &Path) -> String {
+        match file {
+            Some(f) => format!("lock file {}", f.display()),
+            None => format!(
+                "a flock on the directory {} itself, which any process that can open it may hold",
+                root.display()
+            ),
+        }
+    }
+}
+
+impl Drop for RootLock {
+    fn drop(&mut self) {
+        if let Some(file) = &self.file {
+            if still_at_path(&self.held, file).unwrap_or(false) {
+                let _ = std::fs::remove_file(file);
             }
         }
-        Err((_, e)) => return Err(e).context("locking the export root"),
-    };
-    Ok(Some(RootLock { _dir: held }))
+    }
+}
+
+/// Where root filterds keep their export roots' lock files.
+const ROOT_LOCK_DIR: &str = "/run/rkfilter/roots";
+
+/// The directory for the export roots' lock files: [`ROOT_LOCK_DIR`] as
+/// root; else `$XDG_RUNTIME_DIR/rkfilter/roots` when that is set and this
+/// user's; `None` (a warning said so): the root directory's own flock.
+fn root_lock_dir() -> anyhow::Result<Option<PathBuf>> {
+    let me = nix::unistd::geteuid();
+    if me.is_root() {
+        return make_private_dirs(Path::new(ROOT_LOCK_DIR)).map(Some);
+    }
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute())
+        .filter(|d| {
+            std::fs::symlink_metadata(d)
+                .is_ok_and(|m| m.is_dir() && m.uid() == me.as_raw() && m.mode() & 0o022 == 0)
+        });
+    match runtime {
+        Some(d) => make_private_dirs(&d.join("rkfilter/roots")).map(Some),
+        None => {
+            warn!("not root and no XDG_RUNTIME_DIR of this user: the export root is locked by a flock on its directory, which any local user who can open it can hold to keep filterd from starting");
+            Ok(None)
+        }
+    }
+}
+
+/// Creates `dir` and the missing directories above it with mode 0700, and
+/// checks that each it may have to trust — `dir` and its parent — is a
+/// directory (not a symbolic link) of this user that nobody else may
+/// write.
+fn make_private_dirs(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let m = std::fs::symlink_metadata(d).with_context(|| format!("{}", d.display()))?;
+        if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+            bail!(
+                "{} must be a directory of uid {me} that no other user may write (it holds the export roots' lock files)",
+                d.display()
+            );
+        }
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Opens (creating, mode 0600) the lock file `path`, never through a
+/// symbolic link; one left with a wider mode is narrowed, so no other
+/// user can open it.
+fn open_lock_file(path: &Path) -> anyhow::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("opening the export root's lock file {}", path.display()))?;
+    let m = file.metadata()?;
+    if !m.is_file() || m.uid() != nix::unistd::geteuid().as_raw() {
+        bail!(
+            "{} is not a regular file of filterd's user; remove it",
+            path.display()
+        );
+    }
+    if m.mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+/// Takes an exclusive lock for the export root, so a second daemon
+/// serving the same root with *another* state dir is refused (or,
+/// `standby`, waits): each would grant opens the other's share modes and
+/// locks forbid, and neither's fanotify group would see the other's opens
+/// (review). `None` with the lock: a standby stopped by a signal while it
+/// waited. Only with the LMDB store: with etcd the table's owner key
+/// decides, on every machine, and a flock on a network filesystem would
+/// reach across machines.
+///
+/// The lock is a `flock` on a file no other user can open,
+/// `ROOT_LOCK_DIR/DEV-INO.lock` named by the root directory's device and
+/// inode (a bind mount of the root is the same root), created as needed.
+/// Before (review rvacl) it was a flock on the root directory itself,
+/// which any local user who can read the root could hold to keep filterd
+/// from starting; that is still the fallback of a non-root filterd
+/// without an `XDG_RUNTIME_DIR` of its own.
+pub fn lock_root(root: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Option<RootLock>> {
+    let id = stat(root).with_context(|| format!("export root {}", root.display()))?;
+    let file = root_lock_dir()?.map(|d| d.join(format!("{}-{}.lock", id.st_dev, id.st_ino)));
+    loop {
+        let target = match &file {
+            Some(f) => open_lock_file(f)?,
+            None => File::open(root)
+                .with_context(|| format!("opening export root {}", root.display()))?,
+        };
+        let held = match lock_now(target) {
+            Ok(l) => l,
+            Err((target, nix::errno::Errno::EWOULDBLOCK)) => {
+                if !standby {
+                    bail!(
+                        "another filterd serves export root {} (with another state dir; it holds {}); one export root has one filterd: stop the other, or start this one with --standby to take over when it dies",
+                        root.display(),
+                        RootLock::what(file.as_deref(), root)
+                    );
+                }
+                info!("standby: waiting for the filterd serving this export root to exit");
+                match wait_for_lock(target, sigs)? {
+                    Ok(l) => l,
+                    Err(_) => return Ok(None),
+                }
+            }
+            Err((_, e)) => return Err(e).context("locking the export root"),
+        };
+        match &file {
+            Some(f) if !still_at_path(&held, f)? => {
+                info!("the export root's lock file was removed while it was being locked; locking it again");
+            }
+            _ => return Ok(Some(RootLock { held, file })),
+        }
+    }
 }
 
 /// How long a busy lock is retried before another daemon is taken to hold

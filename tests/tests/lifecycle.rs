@@ -647,3 +647,135 @@ fn a_second_daemon_on_one_export_root_is_refused_or_waits() {
     first.kill9();
     standby.wait_ready();
 }
+
+/// `flock -x PATH sleep 60` run as uid 65534 in a process group of its
+/// own (flock's `sleep` holds the lock too); the group is killed when
+/// dropped.
+struct NobodysFlock {
+    child: std::process::Child,
+}
+
+impl NobodysFlock {
+    fn spawn(path: &std::path::Path) -> NobodysFlock {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args(["flock", "-x"])
+            .arg(path)
+            .args(["sleep", "60"])
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("setpriv flock");
+        NobodysFlock { child }
+    }
+}
+
+impl Drop for NobodysFlock {
+    fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether some process holds an exclusive flock on `path`.
+fn flock_busy(path: &std::path::Path) -> bool {
+    let f = std::fs::File::open(path).expect("open");
+    matches!(
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK))
+    )
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// A bind mount, detached when dropped.
+struct BindMount(std::path::PathBuf);
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// An unprivileged local user cannot keep filterd from (re)starting by
+/// holding a flock: filterd locks the export root through a file of its
+/// own under /run/rkfilter/roots, not the root directory anyone may open,
+/// and takes other users' permissions off an existing 0755 state dir, so
+/// they cannot open it to lock it. Before (review rvacl), `flock -x ROOT
+/// sleep 1e9` as nobody made every new filterd exit "another filterd
+/// serves export root", and a standby wait forever. A second filterd on
+/// the same root (through a bind mount of it) with another state dir is
+/// still refused, and told which lock file. Root only.
+#[test]
+fn a_local_users_flock_on_the_root_or_state_dir_keeps_no_filterd_out() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: needs root to run a process as uid 65534");
+        return;
+    }
+    let s = Scratch::new("flock-dos");
+    for d in [s.dir.clone(), s.root(), s.state()] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut d = Filterd::start(&s, &[], &[]);
+    assert_eq!(mode_of(&s.state()), 0o750, "the state dir is tightened");
+    d.kill9();
+
+    // Nobody holds the root directory's flock...
+    let _on_root = NobodysFlock::spawn(&s.root());
+    wait_for(
+        "nobody to hold the export root's flock",
+        Duration::from_secs(10),
+        || flock_busy(&s.root()).then_some(()),
+    );
+    // ...and tries the state dir's.
+    let mut on_state = NobodysFlock::spawn(&s.state());
+    let tried = wait_for(
+        "nobody's flock of the state dir to fail or hold",
+        Duration::from_secs(10),
+        || match on_state.child.try_wait() {
+            Ok(Some(st)) => Some(Some(st)),
+            _ => flock_busy(&s.state()).then_some(None),
+        },
+    );
+
+    // filterd restarts and serves.
+    let mut d = Filterd::start(&s, &[], &[]);
+    assert!(
+        tried.is_some_and(|st| !st.success()),
+        "nobody could not open the state dir: {tried:?}"
+    );
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let r = fe.cmd(open_cmd("alice", "p1", persistent(), None));
+    assert_eq!(r["ok"], true, "{r}");
+
+    // One export root still has one filterd, whatever path leads to it.
+    let b = Scratch::new("flock-dos-b");
+    nix::mount::mount(
+        Some(&s.root()),
+        &b.root(),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind mount");
+    let _bound = BindMount(b.root());
+    let mut second = Filterd::spawn(&b, &[], &[]);
+    let st = second.wait_exit(Duration::from_secs(20));
+    assert!(!st.success(), "{st:?}");
+    let log = second.log_text();
+    assert!(
+        log.contains("another filterd serves export root") && log.contains("/run/rkfilter/roots/"),
+        "{log}"
+    );
+    drop(fe);
+    d.kill9();
+}
