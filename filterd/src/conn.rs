@@ -484,9 +484,15 @@ impl Poller {
 }
 
 /// Creates the listening socket at `path`: refuses to steal a live socket,
-/// replaces a stale one, sets mode 0660.
+/// replaces a stale one, refuses anything else found there (a file given as
+/// `--socket` by mistake was replaced by the socket, review rvacl), sets
+/// mode 0660.
 pub fn listen_at(path: &Path) -> anyhow::Result<OwnedFd> {
-    if path.exists() {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(found) = std::fs::symlink_metadata(path) {
+        if !found.file_type().is_socket() {
+            bail!("{} exists and is not a socket", path.display());
+        }
         let probe = socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -514,26 +520,44 @@ pub fn listen_at(path: &Path) -> anyhow::Result<OwnedFd> {
 }
 
 /// Whether a peer may attach: root, our own user, or a member of the
-/// socket's group — as its primary group or one of its supplementary
-/// groups (read from `/proc/PID/status`). The 0660 mode already limits who
-/// can connect; this is the check that holds when the mode is wider. An
-/// unreadable status (the peer already exited) refuses.
-fn peer_allowed(peer: &Peer, sock_gid: u32) -> Result<(), String> {
+/// socket's group `sock_gid` — as its primary group or one of its
+/// supplementary groups `groups` ([`peer_groups`]). The 0660 mode already
+/// limits who can connect; this is the check that holds when the mode is
+/// wider.
+fn peer_allowed(
+    peer: &Peer,
+    groups: impl FnOnce() -> Option<Vec<u32>>,
+    sock_gid: u32,
+) -> Result<(), String> {
     let me = nix::unistd::geteuid().as_raw();
     if peer.uid == 0 || peer.uid == me || peer.gid == sock_gid {
         return Ok(());
     }
-    if peer_groups(peer.pid).is_some_and(|g| g.contains(&sock_gid)) {
+    if groups().is_some_and(|g| g.contains(&sock_gid)) {
         return Ok(());
     }
+    let name = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(sock_gid))
+        .ok()
+        .flatten()
+        .map_or_else(String::new, |g| format!(" {}", g.name));
     Err(format!(
-        "uid {} is not filterd's user and not in the socket's group (gid {sock_gid}); access refused",
+        "uid {} is not filterd's user and not in the socket's group (gid {sock_gid}{name}); access refused",
         peer.uid
     ))
 }
 
-/// The supplementary groups of process `pid` (`Groups:` of its status).
-fn peer_groups(pid: i32) -> Option<Vec<u32>> {
+/// The supplementary groups of the peer on `sock`, as the kernel recorded
+/// them at its connect (`SO_PEERGROUPS`); where the kernel lacks that
+/// option, those of process `pid` (`Groups:` of its status, which a
+/// process that reused the pid could answer). `None`: unknown (an
+/// unreadable status: the peer already exited), which refuses a peer
+/// that is not otherwise admitted.
+fn peer_groups(sock: std::os::fd::BorrowedFd<'_>, pid: i32) -> Option<Vec<u32>> {
+    match sys::peer_groups(sock) {
+        Ok(Some(g)) => return Some(g),
+        Ok(None) => {}
+        Err(_) => return None,
+    }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
     Some(
@@ -541,6 +565,29 @@ fn peer_groups(pid: i32) -> Option<Vec<u32>> {
             .filter_map(|g| g.parse().ok())
             .collect(),
     )
+}
+
+/// The socket file at its path: (device, inode, group).
+fn socket_file(path: &Path) -> Option<(u64, u64, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.gid()))
+}
+
+/// The group whose members may attach: the socket file's group, read
+/// again at every accept so that an operator's `chgrp` of the socket
+/// counts from the next connection on (review rvacl: it was read once at
+/// start). `made`: the socket file this daemon bound; when the path no
+/// longer names it (removed, or another daemon's socket now), the group
+/// last read stays.
+fn socket_group(path: &Path, made: Option<(u64, u64)>, last: &mut u32) -> u32 {
+    if let Some((dev, ino, gid)) = socket_file(path) {
+        if made == Some((dev, ino)) {
+            *last = gid;
+        }
+    }
+    *last
 }
 
 /// Refused peers waiting for their refusal frame; beyond this many, a
@@ -595,9 +642,9 @@ fn accept_error_passes(e: nix::errno::Errno) -> bool {
 /// Accepts connections forever and hands them to the engine.
 pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
     let next_id = AtomicU64::new(1);
-    let sock_gid = std::fs::metadata(&socket_path)
-        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
-        .unwrap_or(0);
+    let made = socket_file(&socket_path);
+    let mut sock_gid = made.map_or(0, |(_, _, gid)| gid);
+    let made = made.map(|(dev, ino, _)| (dev, ino));
     let refuser = spawn_refuser();
     let mut said_at: Option<std::time::Instant> = None;
     loop {
@@ -637,11 +684,13 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
                 continue;
             }
         };
-        if let Err(why) = peer_allowed(&peer, sock_gid) {
+        let sock_gid = socket_group(&socket_path, made, &mut sock_gid);
+        if let Err(why) = peer_allowed(&peer, || peer_groups(sock.as_fd(), peer.pid), sock_gid) {
             tracing::warn!(
                 pid = peer.pid,
                 uid = peer.uid,
                 gid = peer.gid,
+                socket_gid = sock_gid,
                 "peer not allowed (user/group); refusing"
             );
             if let Some(r) = &refuser {
@@ -664,4 +713,33 @@ fn reject(writer: &ConnWriter, id: Option<u64>, err: WireError) {
         },
         None,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer's groups are the ones the kernel took at its connect
+    /// (`SO_PEERGROUPS`), not those of whatever process has its pid now
+    /// (review rvacl: `/proc/PID/status`, racing pid reuse): a pid that
+    /// names no process still gives them.
+    #[test]
+    fn peer_groups_come_from_the_socket_not_the_pid() {
+        let (ours, _theirs) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let mut want: Vec<u32> = nix::unistd::getgroups()
+            .expect("getgroups")
+            .iter()
+            .map(|g| g.as_raw())
+            .collect();
+        want.sort_unstable();
+        let mut got = peer_groups(ours.as_fd(), i32::MAX).expect("the peer's groups");
+        got.sort_unstable();
+        assert_eq!(got, want);
+    }
 }

@@ -1117,6 +1117,45 @@ pub fn queued_bytes(fd: BorrowedFd<'_>) -> io::Result<i32> {
     Ok(n)
 }
 
+/// The supplementary groups of a Unix socket's peer as they were when it
+/// connected (`SO_PEERGROUPS`, Linux 4.13 and later): taken by the kernel
+/// with its `SO_PEERCRED`, so unlike `/proc/PID/status` they cannot belong
+/// to another process that reused the peer's pid. `Ok(None)`: the kernel
+/// does not know the option.
+pub fn peer_groups(sock: BorrowedFd<'_>) -> io::Result<Option<Vec<libc::gid_t>>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    // At most a few rounds: the groups of a connected peer do not change,
+    // so the size the kernel asks for after ERANGE is enough.
+    for _ in 0..4 {
+        let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
+            .map_err(|_| io::Error::from_raw_os_error(libc::ERANGE))?;
+        // SAFETY: the kernel writes at most `len` bytes into `groups`,
+        // which holds that many, and stores the size used (or, with
+        // ERANGE, needed) in `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let used = usize::try_from(len).unwrap_or(usize::MAX) / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(used);
+            return Ok(Some(groups));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOPROTOOPT) => return Ok(None),
+            Some(libc::ERANGE) if used > groups.len() => groups.resize(used, 0),
+            _ => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ERANGE))
+}
+
 /// The UUID of the filesystem `fd` lives on (`FS_IOC_GETFSUUID`, Linux
 /// 6.5 and later), when it has one that is not all zeros (an image made
 /// without one says zeros, as any other such image would).

@@ -779,3 +779,23 @@ fn a_local_users_flock_on_the_root_or_state_dir_keeps_no_filterd_out() {
     drop(fe);
     d.kill9();
 }
+
+/// `--socket PATH` naming something that is not a socket (a config file
+/// given by mistake) refuses to start and leaves it as it was. Before
+/// (review rvacl), a failed probe connect had filterd remove whatever was
+/// there and bind its socket in its place.
+#[test]
+fn a_socket_path_naming_a_file_is_refused_and_the_file_kept() {
+    let s = Scratch::new("sock-file");
+    let file = s.dir.join("filterd.toml");
+    std::fs::write(&file, "keep me\n").unwrap();
+    let mut d = Filterd::spawn_on(&s, Some(&file), &[], &[], &[]);
+    let st = d.wait_exit(Duration::from_secs(20));
+    assert!(!st.success(), "{st:?}");
+    assert!(
+        d.log_text().contains("exists and is not a socket"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me\n");
+}

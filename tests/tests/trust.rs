@@ -77,14 +77,41 @@ fn the_peer_check_admits_the_sockets_group_and_tells_others_why_not() {
     let out = status_as_nobody(&sock, &["--regid=65534", "--clear-groups"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ermission denied"), "{err}");
-    // ...and with the mode widened, the peer check alone still does.
+    // ...and with the mode widened, the peer check alone still does. (filterd
+    // took other users' search permission off the state dir at start, so
+    // none can hold its lock: given back here, so that nobody reaches the
+    // socket at all.)
+    assert_eq!(
+        std::fs::metadata(s.state()).unwrap().permissions().mode() & 0o7777,
+        0o2750,
+        "the state dir tightened"
+    );
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o2775)).unwrap();
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = status_as_nobody(&sock, &["--regid=65534", "--clear-groups"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "nobody must be refused: {err}");
     assert!(
-        err.contains("NotPermitted") && err.contains("not in the socket's group"),
-        "an explicit refusal, not a reset: {err}"
+        err.contains("NotPermitted")
+            && err.contains(&format!("not in the socket's group (gid {SOCKET_GID}")),
+        "an explicit refusal naming the group, not a reset: {err}"
+    );
+    // The socket's group is read at every connection: an operator's chgrp
+    // counts from the next one on (it was read once at start, and the
+    // refusal named the old group).
+    let nogroup = nix::unistd::Gid::from_raw(65534);
+    nix::unistd::chown(&sock, None, Some(nogroup)).unwrap();
+    let out = status_as_nobody(&sock, &["--regid=65534", "--clear-groups"]);
+    assert!(
+        out.status.success(),
+        "a member of the socket's new group must be admitted: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = status_as_nobody(&sock, &["--regid=4343", "--clear-groups"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NotPermitted") && err.contains("not in the socket's group (gid 65534"),
+        "the refusal names the group checked: {err}"
     );
     // Root still can.
     assert_eq!(
