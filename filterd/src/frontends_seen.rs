@@ -200,7 +200,7 @@ impl FrontendsSeen {
             text.push_str(&format!("{} {} {start}\n", s.name.as_str(), s.pid));
         }
         let tmp = path.with_extension("seen.tmp");
-        let r = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+        let r = libfilter::runtime::replace_file(path, &tmp, text.as_bytes(), 0o600);
         if let Err(e) = r {
             warn!(file = %path.display(), error = %e, "cannot record the frontends seen: a lock after a restart may not wait for them");
         }
@@ -230,6 +230,13 @@ mod tests {
         s.insert(&gone, i32::MAX, |_| true);
         s.insert(&a, me, |_| true);
         assert_eq!(names(&FrontendsSeen::load(&dir)), [a.clone(), b.clone()]);
+        let mode = std::fs::metadata(dir.join(FILE))
+            .expect("saved")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         assert!(!s.another_alive(&a, me), "the same process");
         assert!(
             s.another_alive(&a, me + 1),

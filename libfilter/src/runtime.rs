@@ -68,24 +68,38 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
     }
 }
 
-/// Writes the record (atomically: a temporary file renamed over it).
+/// Writes the record (atomically: a temporary file renamed over it), mode
+/// 0640: filterctl of the state dir's group reads it.
 pub fn write(state: &Path, rec: &DaemonRecord) -> Result<(), RuntimeError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = state.join(RUNTIME_FILE);
     let tmp = state.join(format!("{RUNTIME_FILE}.tmp"));
     let text = serde_json::to_string(rec).map_err(|source| RuntimeError::Corrupt {
         path: path.display().to_string(),
         source,
     })?;
+    replace_file(&path, &tmp, text.as_bytes(), 0o640).map_err(io_err(&path))
+}
+
+/// Replaces `path` with a file holding `bytes` (mode `mode`), written to
+/// `tmp` first and renamed over it. `tmp` is always a file of our own: a
+/// leftover at its name (a crash mid-write, or a symbolic link someone
+/// planted) is removed and the file made anew with `O_EXCL|O_NOFOLLOW`,
+/// so the write never follows a link out of the state dir (review rvacl).
+pub fn replace_file(path: &Path, tmp: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(tmp, path)
 }
 
 /// Reads the record; `None` when there is none.
@@ -205,6 +219,31 @@ mod tests {
         assert!(matches!(read(&dir), Err(RuntimeError::Corrupt { .. })));
         remove(&dir);
         assert_eq!(read(&dir).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The temporary file is made anew, never written through a symbolic
+    /// link left at its name (review rvacl: it followed one out of the
+    /// state dir), and the record gets mode 0640.
+    #[test]
+    fn the_record_is_never_written_through_a_link_at_its_temporary_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rkf-runtime-link-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let outside = dir.join("outside");
+        std::fs::write(&outside, b"keep me").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join(format!("{RUNTIME_FILE}.tmp"))).unwrap();
+        let rec = DaemonRecord {
+            pid: 7,
+            socket: dir.join("s.sock"),
+            phase: Phase::Starting,
+        };
+        write(&dir, &rec).unwrap();
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+        assert_eq!(read(&dir).unwrap(), Some(rec));
+        let meta = std::fs::symlink_metadata(dir.join(RUNTIME_FILE)).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

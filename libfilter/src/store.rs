@@ -627,10 +627,20 @@ impl Store {
     /// Opens (creating if needed) the store in `dir` for writing.
     pub fn open(dir: &Path, map_size: usize) -> Result<Store, StoreError> {
         let db_dir = dir.join("lmdb");
-        std::fs::create_dir_all(&db_dir).map_err(|source| StoreError::Dir {
-            path: db_dir.display().to_string(),
-            source,
-        })?;
+        // Mode 0700 whatever the umask (before: `create_dir_all`, 0777
+        // under umask 000, review rvacl): its `flock` is the writer's
+        // lock, which nobody else may hold.
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&db_dir)
+                .map_err(|source| StoreError::Dir {
+                    path: db_dir.display().to_string(),
+                    source,
+                })?;
+        }
         let dirf = std::fs::File::open(&db_dir).map_err(|source| StoreError::Dir {
             path: db_dir.display().to_string(),
             source,
@@ -1348,6 +1358,23 @@ pub(crate) fn sample_intent(id: [u8; 16]) -> StoreOp {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    /// `lmdb/` is made 0700 whatever the umask (review rvacl: it was
+    /// `create_dir_all`'s 0777 less the umask), so nobody else can open
+    /// it, nor hold the writer's lock on it.
+    #[test]
+    fn the_lmdb_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rkf-private-{}", uuid::Uuid::new_v4()));
+        let s = Store::open(&dir, 1 << 24).unwrap();
+        let mode = std::fs::metadata(dir.join("lmdb"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "lmdb/ mode {mode:o}");
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_fenced_claimant_writes_nothing() {
         let dir = std::env::temp_dir().join(format!("rkf-fence-{}", uuid::Uuid::new_v4()));
