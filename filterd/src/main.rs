@@ -44,9 +44,12 @@ struct Args {
     root: PathBuf,
     /// State directory: LMDB environment, runtime record (filterd.run),
     /// default socket. The directory itself is locked: one active daemon.
+    /// An existing one is made private to filterd's user and group (mode
+    /// less 0027), so no other user can hold its lock.
     #[arg(long, value_name = "DIR")]
     state: PathBuf,
     /// Unix socket frontends and filterctl attach to [default: STATE/filterd.sock].
+    /// A stale socket there is replaced; anything else there refuses the start.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Do not mediate local access with fanotify.
