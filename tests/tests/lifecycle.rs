@@ -639,13 +639,33 @@ fn a_second_daemon_on_one_export_root_is_refused_or_waits() {
         "{}",
         second.log_text()
     );
-    let standby = Filterd::spawn(&b, &["--standby"], &[]);
+    let mut standby = Filterd::spawn(&b, &["--standby"], &[]);
     standby.wait_log(
         "waiting for the filterd serving this export root",
         Duration::from_secs(20),
     );
     first.kill9();
     standby.wait_ready();
+    // A clean shutdown removes the root's lock file while it holds it: a
+    // standby waiting on that file takes the lock, finds the file gone,
+    // and locks the one at the path — so a third daemon is still refused.
+    let waiting = Filterd::spawn(&a, &["--standby"], &[]);
+    waiting.wait_log(
+        "waiting for the filterd serving this export root",
+        Duration::from_secs(20),
+    );
+    assert!(standby.terminate().success());
+    waiting.wait_ready();
+    let mut third = Filterd::spawn(&b, &[], &[]);
+    let st = third.wait_exit(Duration::from_secs(20));
+    assert!(!st.success(), "{st:?}");
+    assert!(
+        third
+            .log_text()
+            .contains("another filterd serves export root"),
+        "{}",
+        third.log_text()
+    );
 }
 
 /// `flock -x PATH sleep 60` run as uid 65534 in a process group of its
