@@ -200,3 +200,40 @@ fn nonroot_changes_in_a_write_only_directory_are_made() {
         .unwrap_or_else(|e| panic!("close with delete on close in -wx: {e}\n{}", d.log_text()));
     assert!(!wo.join("renamed").exists(), "deleted on close");
 }
+
+/// A non-root filterd keeps the export root's lock file in its own
+/// `XDG_RUNTIME_DIR` (no other user can open it there, unlike the root
+/// directory), and a second one on the same root with another state dir
+/// is refused, told which file.
+#[test]
+fn nonroot_root_lock_is_a_file_in_the_users_runtime_dir() {
+    let (Some(s), Some(b)) = (
+        nobodys_scratch("nonroot-rootlock"),
+        nobodys_scratch("nonroot-rootlock-b"),
+    ) else {
+        return;
+    };
+    let run = s.dir.join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+    nix::unistd::chown(&run, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let env = [("XDG_RUNTIME_DIR", run.to_str().unwrap())];
+    let mut d = start_as_nobody(&s, &env);
+    let files: Vec<String> = std::fs::read_dir(run.join("rkfilter/roots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.len() == 1 && files[0].ends_with(".lock"), "{files:?}");
+    std::fs::remove_dir(b.root()).unwrap();
+    std::os::unix::fs::symlink(s.root(), b.root()).unwrap();
+    let mut second = Filterd::spawn_on(&b, None, &NOBODY, &[], &env);
+    let st = second.wait_exit(std::time::Duration::from_secs(20));
+    assert!(!st.success(), "{st:?}");
+    let log = second.log_text();
+    assert!(
+        log.contains("another filterd serves export root")
+            && log.contains(&format!("{}", run.join("rkfilter/roots").display())),
+        "{log}"
+    );
+    d.kill9();
+}
