@@ -82,6 +82,14 @@ pub fn map_errno(e: &io::Error, root: BorrowedFd<'_>, path: &RelPath) -> WireErr
         Some(libc::EISDIR) | Some(libc::ENXIO) => ErrorCode::NotAFile,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
         Some(libc::ENAMETOOLONG) => ErrorCode::BadFrame,
+        // A file renamed at every look while filterd proved where it lies
+        // (`prove_beneath`), or an interrupted call: a moment's.
+        Some(libc::EINTR) => {
+            return WireError::new(
+                ErrorCode::Busy,
+                format!("{path}: moved while opened; retry"),
+            )
+        }
         // A local process holds a kernel lease on the file: filterd's
         // open does not wait for it (see [`open_nb`]); the kernel has
         // started the break.
@@ -1134,73 +1142,117 @@ pub fn path_has_link(root: BorrowedFd<'_>, path: &RelPath) -> bool {
 ///
 /// A name that stops leading to the file between its read and its
 /// resolution while the file is still linked (a local rename racing the
-/// proof) is read again, up to [`PROVE_TRIES`] times; a file renamed at
-/// every try fails with `EAGAIN` (a retry: the handle is kept), never as a
+/// proof, a directory on the way swapped for a link) is read again while
+/// each read gives a new name, up to [`PROVE_TRIES`] times; a file renamed
+/// at every try fails with `EINTR` (a retry: the handle is kept; not
+/// `EWOULDBLOCK`, which says a local lease is being broken), never as a
 /// file that is gone (re-review rr-emfile36: the resumed handle was lost
-/// for good).
+/// for good). The same name failing twice fails as it did (re-review
+/// rr37b: a name that can never be proved — one ending " (deleted)", one
+/// that is not UTF-8 — was refused "retry" until the handle's timeout).
 pub fn prove_beneath(
     root: BorrowedFd<'_>,
     fd: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
 ) -> io::Result<()> {
+    let mut last: Option<std::path::PathBuf> = None;
     for _ in 0..PROVE_TRIES {
-        match prove_beneath_once(root, fd, h) {
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT | libc::ENOTDIR | libc::ESTALE)
-                ) =>
-            {
-                // Unlinked (or a name the kernel marks deleted): gone, as
-                // it always answered. Still linked: its name moved on.
-                if !fstat(fd).is_ok_and(|st| st.st_nlink > 0) {
+        let (result, name) = prove_beneath_once(root, fd, h);
+        match result {
+            Err(Proof::Moved(e)) => {
+                // Unlinked: gone, as it always answered. Still linked
+                // under a name not read before: its name moved on.
+                let linked = fstat(fd).is_ok_and(|st| st.st_nlink > 0);
+                if !linked || name.is_none() || name == last {
                     return Err(e);
                 }
+                last = name;
             }
-            done => return done,
+            Err(Proof::Refused(e)) => return Err(e),
+            Ok(()) => return Ok(()),
         }
     }
-    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+    Err(io::Error::from_raw_os_error(libc::EINTR))
 }
 
 /// How often [`prove_beneath`] reads a still-linked file's name again.
 const PROVE_TRIES: usize = 4;
 
-/// One try of [`prove_beneath`].
+/// Why one try of [`prove_beneath`] failed.
+enum Proof {
+    /// The name read did not lead to the file (it may have moved on).
+    Moved(io::Error),
+    /// Anything else, final.
+    Refused(io::Error),
+}
+
+/// One try of [`prove_beneath`], and the name it read.
 fn prove_beneath_once(
     root: BorrowedFd<'_>,
     fd: BorrowedFd<'_>,
     h: &libfilter::model::KernelHandle,
-) -> io::Result<()> {
-    let root_path = root_path(root)?;
-    let name = fd_path(fd)?;
+) -> (Result<(), Proof>, Option<std::path::PathBuf>) {
+    let root_path = match root_path(root) {
+        Ok(p) => p,
+        Err(e) => return (Err(Proof::Refused(e)), None),
+    };
+    let name = match fd_path(fd) {
+        Ok(n) => n,
+        Err(e) => return (Err(Proof::Refused(e)), None),
+    };
+    let result = prove_name(root, root_path, &name, h);
+    (result, Some(name))
+}
+
+/// Whether `name`, the kernel's name of a file opened by kernel handle
+/// `h`, lies beneath the root and leads to that file.
+fn prove_name(
+    root: BorrowedFd<'_>,
+    root_path: &std::path::Path,
+    name: &std::path::Path,
+    h: &libfilter::model::KernelHandle,
+) -> Result<(), Proof> {
+    let errno = |n| io::Error::from_raw_os_error(n);
     if name == std::path::Path::new("/") && root_path != std::path::Path::new("/") {
         // A dentry the kernel made for the handle with no name (the file's
         // own was evicted: a cold cache after a restart, memory pressure):
         // where the file lies cannot be read from it, which says nothing
         // about the file (`ENOTCONN`; the caller looks at its recorded
         // name instead).
-        return Err(io::Error::from_raw_os_error(libc::ENOTCONN));
+        return Err(Proof::Refused(errno(libc::ENOTCONN)));
     }
     let rel = name
         .strip_prefix(root_path)
-        .map_err(|_| io::Error::from_raw_os_error(libc::EXDEV))?;
+        .map_err(|_| Proof::Refused(errno(libc::EXDEV)))?;
+    // A name ending " (deleted)" is resolved as it is: the kernel appends
+    // that to a name unlinked since (it then leads nowhere, or to another
+    // file), but a client may choose such a name too, and the kernel
+    // handle decides (re-review rr37b). A name that is not UTF-8 (a local
+    // rename) cannot be resolved here.
     let rel = rel
         .to_str()
-        .filter(|r| !r.is_empty() && !r.ends_with(" (deleted)"))
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| Proof::Moved(errno(libc::ESTALE)))?;
     // A name that no longer leads to the file (a rename or an unlink in
-    // between) answers `ENOENT`, `ESTALE` (the caller reads it again while
-    // the file is linked). Taken for a nameless file (review
-    // rr-emfile36's rename race), an unlink racing a persistent
+    // between, a directory on the way replaced by a link) answers
+    // `ENOENT`, `ENOTDIR`, `ESTALE`, `EXDEV` or `ELOOP`; the caller reads
+    // the name again while the file is linked. Taken for a nameless file
+    // (review rr-emfile36's rename race), an unlink racing a persistent
     // overwrite's truncation was answered "resolves outside the export
     // root" instead of a retry (`open_races.rs`).
     crate::failpoint::hit("fs.prove_beneath");
-    let again = sys::openat2_beneath(root, rel, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-    if sys::file_handle_of(again.as_fd())? != *h {
-        return Err(io::Error::from_raw_os_error(libc::ESTALE));
+    let again =
+        sys::openat2_beneath(root, rel, libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(|e| match e
+            .raw_os_error()
+        {
+            Some(libc::ENOENT | libc::ENOTDIR | libc::EXDEV | libc::ELOOP) => Proof::Moved(e),
+            _ => Proof::Refused(e),
+        })?;
+    match sys::file_handle_of(again.as_fd()) {
+        Ok(found) if found == *h => Ok(()),
+        Ok(_) => Err(Proof::Moved(errno(libc::ESTALE))),
+        Err(e) => Err(Proof::Refused(e)),
     }
-    Ok(())
 }
 
 /// Runs right before a filesystem change is made (the `renameat2`,

@@ -519,8 +519,10 @@ pub trait StateStore: Send + Sync {
 pub enum Reserve {
     /// Only when every batch of it removes a handle or an intent.
     IfEveryBatchRemoves,
-    /// Yes: an intent's completion and what it builds on, which must not
-    /// fail.
+    /// A quarter of it: an intent's completion and what it builds on,
+    /// which must not fail (the rest stays for closes and other
+    /// completions; the reserve counts the tables' pages only, and a
+    /// store at half of it already ran out of map in a test).
     Usable,
 }
 
@@ -1019,16 +1021,17 @@ impl Store {
         // the map to the last page, where a completion failed and stopped
         // filterd (re-review rr-last36). A merged commit refused so is
         // retried group by group, and the removing groups commit alone.
-        // An intent's completion and the groups it builds on may use it
-        // too (`Reserve::Usable`, re-review rr37).
-        let removes = reserve == Reserve::Usable
-            || !batches.is_empty()
-                && batches.iter().all(|b| {
-                    b.iter()
-                        .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)))
-                });
+        // An intent's completion and the groups it builds on may use a
+        // quarter of it (`Reserve::Usable`, re-review rr37; the rest stays
+        // for closes and later completions, rr37b).
+        let removes = reserve == Reserve::IfEveryBatchRemoves
+            && !batches.is_empty()
+            && batches.iter().all(|b| {
+                b.iter()
+                    .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)))
+            });
         if !removes {
-            self.keep_delete_reserve(t, before, table_pages(t, &txn)?)?;
+            self.keep_delete_reserve(t, before, table_pages(t, &txn)?, reserve)?;
         }
         txn.commit().map_err(StoreError::from_heed)?;
         Ok(id)
@@ -1038,11 +1041,14 @@ impl Store {
     /// `after` pages into the [`delete_reserve`] of the largest map; one
     /// that does not grow them (a close, an expiry, a purge, and a mixed
     /// group that frees as much as it adds) may use the reserve.
+    ///
+    /// [`Reserve::Usable`] keeps three quarters of it.
     fn keep_delete_reserve(
         &self,
         t: &Tables,
         before: usize,
         after: usize,
+        usable: Reserve,
     ) -> Result<(), StoreError> {
         if after <= before {
             return Ok(());
@@ -1056,7 +1062,10 @@ impl Store {
             .unwrap_or(4096)
             .max(1);
         let max_pages = max / page;
-        let reserve = delete_reserve(max_pages);
+        let reserve = match usable {
+            Reserve::IfEveryBatchRemoves => delete_reserve(max_pages),
+            Reserve::Usable => delete_reserve(max_pages) - delete_reserve(max_pages) / 4,
+        };
         if after.saturating_add(reserve) > max_pages {
             return Err(StoreError::Reserved {
                 pages: after,
@@ -1651,6 +1660,53 @@ pub(crate) mod tests {
             }
             s.apply(&close)
                 .unwrap_or_else(|e| panic!("the close alone: {e}"));
+        }
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Re-review rr37b: a completion's commit with the groups it builds on
+    /// (`Reserve::Usable`) may use a quarter of the reserve and no more, so
+    /// closes and later completions keep the rest: at the reserve a few
+    /// opens go with it, a run of them that would take more is refused
+    /// (not `MapFull`), and closes still commit after.
+    #[test]
+    fn a_completions_commit_uses_a_quarter_of_the_reserve_at_most() {
+        let (dir, s) = capped("mapfull-usable", 1 << 20);
+        let (taken, refused) = fill(&s);
+        let StoreError::Reserved { reserve, .. } = refused else {
+            panic!("{refused}");
+        };
+        let opens = |n: usize| -> Vec<StoreOp> {
+            (0..n)
+                .map(|_| {
+                    let mut r = rec("some/directory/of/the/export/a-file-name.txt");
+                    r.key = ResumeKey::new_time_ordered();
+                    StoreOp::PutHandle(Box::new(r))
+                })
+                .collect()
+        };
+        s.apply_all_with(&[&opens(2)], Reserve::Usable)
+            .unwrap_or_else(|e| panic!("two opens with a completion: {e}"));
+        // More, a few at a time: refused with three quarters of the
+        // reserve left, never
+        // taking the map to its last page.
+        let mut went = 2;
+        let e = loop {
+            match s.apply_all_with(&[&opens(4)], Reserve::Usable) {
+                Ok(_) => went += 4,
+                Err(e) => break e,
+            }
+        };
+        match e {
+            StoreError::Reserved { reserve: kept, .. } => {
+                assert_eq!(kept, reserve - reserve / 4)
+            }
+            e => panic!("after {went} opens: {e}"),
+        }
+        for r in taken.iter().take(10) {
+            s.apply(&[StoreOp::DeleteHandle(Box::new(r.clone()))])
+                .unwrap_or_else(|e| panic!("a close after: {e}"));
         }
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();

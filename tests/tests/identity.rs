@@ -539,7 +539,30 @@ fn a_resume_after_the_files_dentry_was_evicted_finds_the_file() {
 /// mode with it. Now the name is read again while the file is linked.
 #[test]
 fn a_resume_racing_a_local_rename_of_the_file_keeps_the_handle() {
-    let s = Scratch::new("id-prove-race");
+    resume_racing("id-prove-race", |root| {
+        std::fs::rename(root.join("d/f"), root.join("d/g")).unwrap();
+        "d/g"
+    });
+}
+
+/// Re-review rr37b: the same race, the file's directory renamed and a
+/// link out of the export put in its place (the name read resolves
+/// outside the root, `EXDEV`).
+#[test]
+fn a_resume_racing_a_directory_swapped_for_a_link_keeps_the_handle() {
+    resume_racing("id-prove-link", |root| {
+        std::fs::rename(root.join("d"), root.join("d2")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("d")).unwrap();
+        "d2/f"
+    });
+}
+
+/// A persistent handle of `d/f` resumed after a restart while `change`
+/// (returning the file's new name) runs between the proof's read of the
+/// file's name and its resolution: the resume succeeds and the handle's
+/// share mode holds at the new name.
+fn resume_racing(name: &str, change: impl FnOnce(&std::path::Path) -> &'static str) {
+    let s = Scratch::new(name);
     let key = persistent_handle_of_a_killed_filterd(&s, "d/f");
     // The proof stalls once, after it read the file's name.
     let d = Filterd::start(
@@ -548,20 +571,36 @@ fn a_resume_racing_a_local_rename_of_the_file_keeps_the_handle() {
         &[("RKFILTER_FAILPOINTS", "fs.prove_beneath:1:sleep2000")],
     );
     let fe = frontend(&s, "smb-a");
-    let resumed = std::thread::scope(|t| {
+    let (resumed, now) = std::thread::scope(|t| {
         let resume = t.spawn(|| fe.resume(ClientId::new("alice").unwrap(), key));
         wait_for("the proof to stall", Duration::from_secs(20), || {
             d.log_text()
                 .contains("failpoint fs.prove_beneath: stalling")
                 .then_some(())
         });
-        std::fs::rename(s.root().join("d/f"), s.root().join("d/g")).unwrap();
-        resume.join().expect("resume thread")
+        let now = change(&s.root());
+        (resume.join().expect("resume thread"), now)
     });
     let resumed = resumed.unwrap_or_else(|e| panic!("resume refused: {e}"));
     assert_eq!(resumed.info.key, key);
     // Its share mode holds at the file's new name: a writer is refused.
     let other = frontend(&s, "smb-b");
-    let w = other.open(req("d/g", "bob", Rights::ALL, Durability::None));
+    let w = other.open(req(now, "bob", Rights::ALL, Durability::None));
     assert!(w.is_err(), "a writer got in beside a deny-write open");
+}
+
+/// Re-review rr37b: a file a client named `x (deleted)` — the suffix the
+/// kernel gives an unlinked name — was taken for an unlinked one when its
+/// persistent handle was resumed after a restart: lost, then (with the
+/// rename race's retry) refused "retry" until its timeout.
+#[test]
+fn a_resume_of_a_file_named_like_a_deleted_one_finds_it() {
+    let s = Scratch::new("id-deleted-name");
+    let key = persistent_handle_of_a_killed_filterd(&s, "d/x (deleted)");
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = frontend(&s, "smb-a");
+    let resumed = fe
+        .resume(ClientId::new("alice").unwrap(), key)
+        .unwrap_or_else(|e| panic!("resume refused: {e}"));
+    assert_eq!(resumed.info.key, key);
 }
