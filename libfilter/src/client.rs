@@ -420,14 +420,15 @@ impl FilterClient {
 
     /// Attaches as an operator tool.
     pub fn connect_control(path: &Path) -> Result<Self, ClientError> {
-        Self::connect(path, Role::Control)
+        Self::connect_with(path, Role::Control, proto::FEATURE_PAGED_WITHIN_FILE)
     }
 
     /// Attaches as an operator tool that gives up after `timeout`: on the
     /// connect, the hello and every call (a hung daemon — stopped, or
     /// stalled behind its disk — is reported, not waited for).
     pub fn connect_control_within(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
-        Self::connect_within(path, Role::Control, 0, timeout, timeout)
+        let features = proto::FEATURE_PAGED_WITHIN_FILE;
+        Self::connect_within(path, Role::Control, features, timeout, timeout)
     }
 
     /// Connects and exchanges hellos (no optional features).
@@ -1196,16 +1197,33 @@ impl FilterClient {
         }
     }
 
-    /// Every file with handles, fetching page after page.
+    /// Every file with handles, fetching page after page. A file a page
+    /// ended inside ([`proto::FEATURE_PAGED_WITHIN_FILE`]) comes back as
+    /// one [`FileView`] with all its holders.
     pub fn files(&self) -> Result<Vec<FileView>, ClientError> {
-        let mut out = Vec::new();
-        let mut after = None;
+        let mut out: Vec<FileView> = Vec::new();
+        let (mut after, mut holders_after) = (None, None);
         loop {
-            match self.call(Request::Files { after })?.0 {
-                Reply::Files { files, next } => {
-                    out.extend(files);
+            match self
+                .call(Request::Files {
+                    after,
+                    holders_after,
+                })?
+                .0
+            {
+                Reply::Files {
+                    files,
+                    next,
+                    next_holder,
+                } => {
+                    for f in files {
+                        match out.last_mut() {
+                            Some(last) if last.file == f.file => last.holders.extend(f.holders),
+                            _ => out.push(f),
+                        }
+                    }
                     match next {
-                        Some(f) => after = Some(f),
+                        Some(f) => (after, holders_after) = (Some(f), next_holder),
                         None => return Ok(out),
                     }
                 }
@@ -1570,13 +1588,17 @@ impl FilterClient {
     /// Every byte-range lock, fetching page after page.
     pub fn locks(&self) -> Result<Vec<crate::proto::LockView>, ClientError> {
         let mut out = Vec::new();
-        let mut after = None;
+        let (mut after, mut locks_after) = (None, None);
         loop {
-            match self.call(Request::Locks { after })?.0 {
-                Reply::Locks { locks, next } => {
+            match self.call(Request::Locks { after, locks_after })?.0 {
+                Reply::Locks {
+                    locks,
+                    next,
+                    next_lock,
+                } => {
                     out.extend(locks);
                     match next {
-                        Some(f) => after = Some(f),
+                        Some(f) => (after, locks_after) = (Some(f), next_lock),
                         None => return Ok(out),
                     }
                 }

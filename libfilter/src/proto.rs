@@ -47,7 +47,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_REPLAY_REPORTS
     | FEATURE_WRITE_NOTICES
     | FEATURE_ORDERED_DELETE_QUERY
-    | FEATURE_CLOSE_DELETE_ON_CLOSE;
+    | FEATURE_CLOSE_DELETE_ON_CLOSE
+    | FEATURE_PAGED_WITHIN_FILE;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -216,6 +217,19 @@ pub const FEATURE_ORDERED_DELETE_QUERY: u64 = 8192;
 /// back by a `SetDeleteOnClose` first, as before the bit. A frontend's
 /// hello always asks for it.
 pub const FEATURE_CLOSE_DELETE_ON_CLOSE: u64 = 16384;
+/// Feature: the `Files` and `Locks` listings page inside a file (review
+/// rvcx). Granted, a page may end part-way through a file's holders or
+/// locks: its reply names where ([`Reply::Files`]'s `next_holder`,
+/// [`Reply::Locks`]'s `next_lock`), the next request passes that back
+/// (`holders_after`, `locks_after`), and a file split across pages comes
+/// in several [`FileView`]s of the same file id, one after another
+/// ([`crate::client::FilterClient::files`] joins them). Not granted (an
+/// older filterctl), a page holds whole files, as before, except a file
+/// too large for a page on its own: it is cut to what fits, the rest of
+/// its holders or locks left off (before, the reply could not be encoded
+/// and the listing failed at that file). Control connections ask for it;
+/// a frontend may.
+pub const FEATURE_PAGED_WITHIN_FILE: u64 = 32768;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
 /// tell sends it in several notices ([`crate::client::ReplayCounter`]).
@@ -354,11 +368,17 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         learning: bool,
     },
-    /// Open files and their holders, a page at a time (by file id).
+    /// Open files and their holders, a page at a time (by file id, then
+    /// a file's holders by resume key).
     Files {
         /// File id the previous page ended with (`next` of its reply).
         #[serde(default)]
         after: Option<FileId>,
+        /// The previous page ended inside file `after`, after this holder
+        /// (`next_holder` of its reply; [`FEATURE_PAGED_WITHIN_FILE`]):
+        /// the page goes on with that file's later holders.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        holders_after: Option<ResumeKey>,
     },
     /// Attached frontends.
     Frontends,
@@ -611,11 +631,17 @@ pub enum Request {
         #[serde(default)]
         expect: Option<FileId>,
     },
-    /// Byte-range locks, a page at a time (by file id).
+    /// Byte-range locks, a page at a time (by file id, then a file's
+    /// locks in its table's order: range, kind, holder).
     Locks {
         /// File id the previous page ended with.
         #[serde(default)]
         after: Option<FileId>,
+        /// The previous page ended inside file `after`, after this lock
+        /// (`next_lock` of its reply; [`FEATURE_PAGED_WITHIN_FILE`]): the
+        /// page goes on with that file's later locks.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        locks_after: Option<LockCursor>,
     },
 }
 
@@ -989,6 +1015,11 @@ pub enum Reply {
         /// Pass as `after` for the next page; none when this was the last.
         #[serde(default)]
         next: Option<FileId>,
+        /// The page ended inside file `next`, after this holder: pass it
+        /// as `holders_after` with `after` = `next`
+        /// ([`FEATURE_PAGED_WITHIN_FILE`]; never set without it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_holder: Option<ResumeKey>,
     },
     /// Frontends.
     Frontends {
@@ -1023,6 +1054,11 @@ pub enum Reply {
         /// Pass as `after` for the next page.
         #[serde(default)]
         next: Option<FileId>,
+        /// The page ended inside file `next`, after this lock: pass it as
+        /// `locks_after` with `after` = `next`
+        /// ([`FEATURE_PAGED_WITHIN_FILE`]; never set without it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_lock: Option<LockCursor>,
     },
     /// How many handles a purge removed.
     Purged {
@@ -1157,6 +1193,25 @@ pub struct LockView {
     /// one (filterd keeps trying). Local processes do not see it meanwhile.
     #[serde(default)]
     pub unmirrored: bool,
+}
+
+/// Where a `Locks` page ended inside a file: its last lock, by what
+/// orders a file's locks (range, kind, holder), so the next page starts
+/// at the first lock after it — the same place whatever locks were taken
+/// or released between the pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockCursor {
+    /// The lock's range.
+    pub range: LockRange,
+    /// Shared or exclusive.
+    pub kind: LockKind,
+    /// The holding handle.
+    pub key: ResumeKey,
+    /// How many locks equal to it (a handle's stacked shared locks of
+    /// one range) come before it in the file's table: the next page
+    /// starts past them too.
+    #[serde(default)]
+    pub nth: u32,
 }
 
 /// A file with open handles.
@@ -2925,7 +2980,12 @@ mod binary_tests {
             Just(Request::Status),
             proptest::option::of(key()).prop_map(|after| Request::Handles { after }),
             (key(), any::<bool>()).prop_map(|(key, learning)| Request::Handle { key, learning }),
-            proptest::option::of(file()).prop_map(|after| Request::Files { after }),
+            (proptest::option::of(file()), proptest::option::of(key())).prop_map(
+                |(after, holders_after)| Request::Files {
+                    after,
+                    holders_after
+                }
+            ),
             Just(Request::Frontends),
             Just(Request::Stats),
             key().prop_map(|key| Request::Expire { key }),
@@ -3017,7 +3077,11 @@ mod binary_tests {
                     expect
                 }
             ),
-            proptest::option::of(file()).prop_map(|after| Request::Locks { after }),
+            (
+                proptest::option::of(file()),
+                proptest::option::of(lock_cursor())
+            )
+                .prop_map(|(after, locks_after)| Request::Locks { after, locks_after }),
         ]
     }
 
@@ -3062,6 +3126,21 @@ mod binary_tests {
                 | Request::Locks { .. } => {}
             }
         }
+    }
+
+    fn lock_cursor() -> impl Strategy<Value = LockCursor> {
+        (range(), any::<bool>(), key(), any::<u32>()).prop_map(|(range, excl, key, nth)| {
+            LockCursor {
+                range,
+                kind: if excl {
+                    LockKind::Exclusive
+                } else {
+                    LockKind::Shared
+                },
+                key,
+                nth,
+            }
+        })
     }
 
     fn lock_view() -> impl Strategy<Value = LockView> {
@@ -3202,9 +3281,14 @@ mod binary_tests {
             handle_view().prop_map(Reply::Handle),
             (
                 proptest::collection::vec(file_view, 0..3),
-                proptest::option::of(file())
+                proptest::option::of(file()),
+                proptest::option::of(key())
             )
-                .prop_map(|(files, next)| Reply::Files { files, next }),
+                .prop_map(|(files, next, next_holder)| Reply::Files {
+                    files,
+                    next,
+                    next_holder
+                }),
             (name(), name(), any::<i32>(), any::<u64>()).prop_map(|(p, i, pid, n)| {
                 Reply::Frontends {
                     frontends: vec![FrontendView {
@@ -3236,9 +3320,14 @@ mod binary_tests {
                 .prop_map(|(records, next)| Reply::Records { records, next }),
             (
                 proptest::collection::vec(lock_view(), 0..3),
-                proptest::option::of(file())
+                proptest::option::of(file()),
+                proptest::option::of(lock_cursor())
             )
-                .prop_map(|(locks, next)| Reply::Locks { locks, next }),
+                .prop_map(|(locks, next, next_lock)| Reply::Locks {
+                    locks,
+                    next,
+                    next_lock
+                }),
             (any::<u64>(), proptest::option::of(any::<u64>()))
                 .prop_map(|(count, lost)| Reply::Purged { count, lost }),
         ]

@@ -510,3 +510,140 @@ fn status_json_with_etcd_names_the_same_facts_alike() {
     assert_eq!(gone["handles"], 1, "{gone}");
     assert_eq!(gone["handles_disconnected"], 1, "{gone}");
 }
+
+/// `filterctl files` and `filterctl locks` list every holder and every
+/// lock of a file however many or long they are: a listing page ends
+/// inside a file when the file does not fit it (`FEATURE_PAGED_WITHIN_FILE`).
+/// Before (review rvcx), a page held whole files: 700 opens of one file,
+/// or 256 locks with 200-byte lock owners, made a reply over a frame, and
+/// both commands failed, exit 1, "reply could not be encoded". Also a
+/// file of 256 stacked shared locks of one range, so a page ends between
+/// locks that are equal in the table's order. And a control client that
+/// does not ask for the bit (an older filterctl) still gets every page:
+/// the one file too large for a page cut to what fits, the files after
+/// it listed.
+#[test]
+fn files_and_locks_list_every_entry_of_a_file_larger_than_a_frame() {
+    use libfilter::model::{Access, FileId};
+    use std::collections::BTreeSet;
+    let s = Scratch::new("ctl-big-files");
+    for f in ["hot", "cold", "lk", "stack"] {
+        std::fs::write(s.root().join(f), vec![0u8; 10]).unwrap();
+    }
+    let mut d = Filterd::start(&s, &[], &[("RUST_LOG", "warn")]);
+    let fe = attach(&s.socket(), "smb", "smb-a");
+    let mut hot = BTreeSet::new();
+    for _ in 0..700 {
+        let h = fe.open(rkfilter_tests::plain_open("a", "hot")).unwrap();
+        hot.insert(h.info.key.to_string());
+    }
+    let cold = fe.open(rkfilter_tests::plain_open("b", "cold")).unwrap();
+    let files = ctl_live(&s, &["files", "--json"]);
+    assert_eq!(files.code, 0, "{}", files.stderr);
+    let files = files.json();
+    let files = files.as_array().unwrap();
+    let paths: Vec<&str> = files.iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!(paths.len(), 2, "each file once: {paths:?}");
+    let holders = |path: &str| -> BTreeSet<String> {
+        let f = files.iter().find(|f| f["path"] == path).unwrap();
+        f["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(holders("hot"), hot, "every holder of hot");
+    assert_eq!(holders("cold").len(), 1);
+    let text = ctl_live(&s, &["files"]);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(text.stdout.ends_with("2 file(s)\n"), "{}", text.stdout);
+    assert_eq!(
+        text.stdout
+            .lines()
+            .filter(|l| l.starts_with("hot "))
+            .count(),
+        700
+    );
+    // A control connection without the bit, as an older filterctl's.
+    let old =
+        libfilter::client::FilterClient::connect(&s.socket(), libfilter::proto::Role::Control)
+            .unwrap();
+    let listed = old.files().expect("an older client's listing");
+    let hot_id: FileId = listed
+        .iter()
+        .find(|f| f.path.as_str() == "hot")
+        .unwrap()
+        .file;
+    let cut = listed.iter().filter(|f| f.file == hot_id).count();
+    assert_eq!(cut, 1);
+    assert!(
+        listed.iter().any(|f| f.file == cold.info.file),
+        "{listed:?}"
+    );
+
+    // 4 clients, each 64 exclusive locks of "lk" and 64 stacked shared
+    // locks of one range of "stack", all with 200-byte lock owners;
+    // persistent, so the offline listing shows them too.
+    let mut locks = BTreeSet::new();
+    for c in 0..4u64 {
+        for path in ["lk", "stack"] {
+            let req = libfilter::proto::OpenRequest {
+                access: Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+                owner: Some(format!("{c}{}", "o".repeat(200))),
+                durability: Durability::Persistent { timeout_ms: 60_000 },
+                create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+                ..rkfilter_tests::plain_open(&format!("lc{c}"), path)
+            };
+            let h = fe.open(req).unwrap();
+            let ops: Vec<LockOp> = (0..64u64)
+                .map(|i| LockOp {
+                    range: LockRange {
+                        offset: if path == "lk" { c * 64 + i } else { 0 },
+                        length: 1,
+                    },
+                    exclusive: path == "lk",
+                    unlock: false,
+                })
+                .collect();
+            fe.lock(h.info.key, ops, None).unwrap();
+            for i in 0..64u64 {
+                let offset = if path == "lk" { c * 64 + i } else { 0 };
+                locks.insert((h.info.key.to_string(), offset, i));
+            }
+        }
+    }
+    // Each listed lock as (holder, offset, its place among the holder's
+    // equal locks).
+    let listed = |out: CtlOutput| -> (usize, BTreeSet<(String, u64, u64)>) {
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let v = out.json();
+        let all = v.as_array().unwrap();
+        let mut seen = std::collections::BTreeMap::<(String, u64), u64>::new();
+        let mut set = BTreeSet::new();
+        for l in all {
+            assert_eq!(l["owner"].as_str().unwrap().len(), 201, "{l}");
+            let key = l["key"].as_str().unwrap().to_string();
+            let offset = l["offset"].as_u64().unwrap();
+            let n = seen.entry((key.clone(), offset)).or_default();
+            let nth = if l["kind"] == "shared" {
+                *n
+            } else {
+                offset % 64
+            };
+            *n += 1;
+            set.insert((key, offset, nth));
+        }
+        (all.len(), set)
+    };
+    let (n, live) = listed(ctl_live(&s, &["locks", "--json"]));
+    assert_eq!(n, 512, "every lock once");
+    assert_eq!(live, locks, "every lock");
+    let text = ctl_live(&s, &["locks"]);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    drop(old);
+    drop(fe);
+    assert!(d.terminate().success());
+    let (n, offline) = listed(ctl_state(&s, &["locks", "--json"]));
+    assert_eq!((n, offline), (512, locks), "offline, the same locks");
+}

@@ -30,9 +30,9 @@ use libfilter::model::{
     MAX_REPLY_BYTES, OUTCOME_UNKNOWN,
 };
 use libfilter::proto::{
-    self, BreakView, ErrorCode, Event, FileHolder, FileView, FrontendView, HandleView, Hello,
-    HelloReply, LockView, OpenRequest, Opened, Reply, Request, RequestFrame, ResumeRequest,
-    ResumeTarget, Role, ServerFrame, Stats, StatusInfo, WireError,
+    self, BreakView, ErrorCode, Event, FileView, FrontendView, HandleView, Hello, HelloReply,
+    LockView, OpenRequest, Opened, Reply, Request, RequestFrame, ResumeRequest, ResumeTarget, Role,
+    ServerFrame, Stats, StatusInfo, WireError,
 };
 use libfilter::share::{self, Holder, HolderState, ShareDecision, ShareMode};
 use libfilter::store::{StateStore, StoreError, StoreOp};
@@ -49,6 +49,7 @@ mod durable;
 mod expiry;
 pub mod fs;
 mod leases;
+mod listings;
 mod local_access;
 mod locks;
 #[cfg(test)]
@@ -451,8 +452,9 @@ struct Parked {
 /// Most replay records a scope keeps, whatever the frontend asks.
 const MAX_KEEP: u32 = 4096;
 /// Most byte-range locks on one file (all its opens together): a handle's
-/// locks travel in its record and a file's in one `Locks` page, both of
-/// which must fit a frame.
+/// locks travel in its record, which must fit a frame. (A file's locks
+/// no longer need fit one `Locks` page: with long lock owners they did
+/// not, review rvcx; the listing pages inside a file, `listings`.)
 const MAX_LOCKS_PER_FILE: usize = 256;
 /// Most byte-range locks one protocol client holds on one file (all its
 /// opens together): a quarter of the file's, so one client cannot lock
@@ -724,7 +726,9 @@ impl Engine {
             Role::Frontend { .. } => {
                 hello.features & proto::FEATURES & !crate::failpoint::withheld_features()
             }
-            Role::Control => hello.features & proto::FEATURE_BINARY_FRAMES,
+            Role::Control => {
+                hello.features & (proto::FEATURE_BINARY_FRAMES | proto::FEATURE_PAGED_WITHIN_FILE)
+            }
         };
         if let Role::Frontend { protocol, instance } = &hello.role {
             // A replacement may say hello before the dead instance's EOF has
@@ -1402,24 +1406,8 @@ impl Engine {
                 let (protocol, _) = need_frontend()?;
                 self.remove_path(conn, req_id, &protocol, path, record)
             }
-            Request::Locks { after } => {
-                let range = match after {
-                    Some(f) => self
-                        .locks
-                        .range((std::ops::Bound::Excluded(f), std::ops::Bound::Unbounded)),
-                    None => self.locks.range(..),
-                };
-                let views: Vec<(FileId, Vec<LockView>)> = range
-                    .map(|(f, t)| {
-                        (
-                            *f,
-                            t.locks().iter().map(|l| self.lock_view(*f, l)).collect(),
-                        )
-                    })
-                    .collect();
-                let (pages, next) = page(views.into_iter(), |(f, _)| *f);
-                let locks = pages.into_iter().flat_map(|(_, v)| v).collect();
-                Ok(Some((Reply::Locks { locks, next }, None)))
+            Request::Locks { after, locks_after } => {
+                Ok(Some((self.locks_page(conn, after, locks_after), None)))
             }
             Request::ListRecords { scope, after } => {
                 // A frontend lists its own protocol's scopes; filterctl
@@ -1621,10 +1609,10 @@ impl Engine {
                     .map(|h| Some((Reply::Handle(self.view(h)), None)))
                     .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))
             }
-            Request::Files { after } => {
-                let (files, next) = page(self.files(after), |f| f.file);
-                Ok(Some((Reply::Files { files, next }, None)))
-            }
+            Request::Files {
+                after,
+                holders_after,
+            } => Ok(Some((self.files_page(conn, after, holders_after), None))),
             Request::Frontends => Ok(Some((frontends_reply(self.frontends()), None))),
             Request::Stats => {
                 let mut s = self.durable_stats();
@@ -1704,36 +1692,6 @@ impl Engine {
             corrupt_records: Some(self.corrupt.names.clone()),
             corrupt_records_total: Some(self.corrupt.total),
         }
-    }
-
-    fn files(&self, after: Option<FileId>) -> impl Iterator<Item = FileView> + '_ {
-        let range = match after {
-            Some(f) => self
-                .by_file
-                .range((std::ops::Bound::Excluded(f), std::ops::Bound::Unbounded)),
-            None => self.by_file.range(..),
-        };
-        range.filter_map(|(file, keys)| {
-            let hs: Vec<&Handle> = keys
-                .iter()
-                .filter_map(|k| self.handles.get(k).map(|h| &**h))
-                .collect();
-            let first = hs.first()?;
-            Some(FileView {
-                file: *file,
-                path: first.rec.path.clone(),
-                holders: hs
-                    .iter()
-                    .map(|h| FileHolder {
-                        key: h.rec.key,
-                        access: h.rec.access,
-                        share: h.rec.share,
-                        durability: h.rec.durability,
-                        conn: h.rec.conn,
-                    })
-                    .collect(),
-            })
-        })
     }
 
     /// The attached frontends, and the instances the stored handle table
