@@ -227,6 +227,9 @@ pub(super) struct Attachment {
     pub(super) key: ResumeKey,
     /// Its connection state (a disconnected one's deadline kept).
     pub(super) state: ConnState,
+    /// A disconnected one's expiry deadline on the monotonic clock, put
+    /// back as it was (`Handle::expires_mono`).
+    pub(super) expires_mono: u64,
     /// The connection it was attached to.
     pub(super) conn: Option<super::ConnId>,
     /// The frontend instance it belonged to.
@@ -242,6 +245,9 @@ pub(super) struct Loss {
     pub(super) key: ResumeKey,
     /// Its connection state before (disconnected, with its deadline).
     pub(super) conn: ConnState,
+    /// Its expiry deadline before, on the monotonic clock
+    /// (`Handle::expires_mono`).
+    pub(super) expires_mono: u64,
     /// Its locks' descriptor (carrying their OFD mirror).
     pub(super) lock_fd: Option<OwnedFd>,
     /// Its locks were not mirrored yet (`Engine::unmirrored`).
@@ -1220,7 +1226,10 @@ impl Engine {
     }
 
     /// Undoes a resume whose commit failed: the handle is attached as it
-    /// was, a disconnected one with its old deadline. A connection gone
+    /// was, a disconnected one with its old deadline (the monotonic one it
+    /// had: rebuilt from the record's wall-clock deadline, a step of the
+    /// wall clock since its disconnect moved it by the step, review
+    /// rvclock). A connection gone
     /// meanwhile is not attached again (its frontend is gone: the handle
     /// stays disconnected, as it would be).
     fn put_back_attachment(&mut self, a: &Attachment) {
@@ -1266,9 +1275,10 @@ impl Engine {
             }
             *self.per_frontend.entry(a.frontend.clone()).or_default() += 1;
         }
-        if let ConnState::Disconnected { expires_ms, .. } = a.state {
-            let due = super::mono_ms() + expires_ms.saturating_sub(libfilter::model::now_ms());
-            self.expiries.push(std::cmp::Reverse((due, a.key, gen)));
+        if let ConnState::Disconnected { .. } = a.state {
+            h.expires_mono = a.expires_mono;
+            self.expiries
+                .push(std::cmp::Reverse((a.expires_mono, a.key, gen)));
         }
     }
 
@@ -1286,16 +1296,11 @@ impl Engine {
         h.rec.conn = loss.conn;
         h.lock_fd = loss.lock_fd;
         h.gen += 1;
+        h.expires_mono = loss.expires_mono;
         let (file, gen) = (h.rec.file, h.gen);
         let lease = h.rec.lease.map(|l| (h.rec.client.clone(), l.key));
-        let mono = super::mono_ms();
-        let due = match loss.conn {
-            ConnState::Disconnected { expires_ms, .. } => {
-                mono + expires_ms.saturating_sub(libfilter::model::now_ms())
-            }
-            ConnState::Lost | ConnState::Connected => mono,
-        };
-        self.expiries.push(std::cmp::Reverse((due, key, gen)));
+        self.expiries
+            .push(std::cmp::Reverse((loss.expires_mono, key, gen)));
         let filed = self.by_file.entry(file).or_default();
         if !filed.contains(&key) {
             filed.push(key);
@@ -1340,15 +1345,9 @@ impl Engine {
             None => {
                 // Disconnected or lost, as it was (an expiry or purge that
                 // did not commit): its expiry is tried again, at its
-                // deadline and not before EXPIRY_RETRY_MS from now.
-                let mono = super::mono_ms();
-                let due = match h.rec.conn {
-                    ConnState::Disconnected { expires_ms, .. } => {
-                        mono + expires_ms.saturating_sub(libfilter::model::now_ms())
-                    }
-                    ConnState::Lost | ConnState::Connected => mono,
-                };
-                let retry = due.max(mono + EXPIRY_RETRY_MS);
+                // deadline (the monotonic one it kept) and not before
+                // EXPIRY_RETRY_MS from now.
+                let retry = h.expires_mono.max(super::mono_ms() + EXPIRY_RETRY_MS);
                 self.expiries.push(std::cmp::Reverse((retry, key, h.gen)));
             }
             Some(_) => {
@@ -1360,8 +1359,9 @@ impl Engine {
                     expires_ms: now + timeout,
                 };
                 h.gen += 1;
+                h.expires_mono = super::mono_ms() + timeout;
                 self.expiries
-                    .push(std::cmp::Reverse((super::mono_ms() + timeout, key, h.gen)));
+                    .push(std::cmp::Reverse((h.expires_mono, key, h.gen)));
             }
         }
         warn!(resume_key = %key, "a close, expiry or purge whose commit failed is undone");
@@ -1420,10 +1420,12 @@ impl Engine {
                     since_ms: now,
                     expires_ms: now + timeout,
                 };
+                let mut h = Handle::detached(rec);
+                h.expires_mono = super::mono_ms() + timeout;
                 self.expiries
-                    .push(std::cmp::Reverse((super::mono_ms() + timeout, key, 0)));
+                    .push(std::cmp::Reverse((h.expires_mono, key, 0)));
                 warn!(resume_key = %key, "a close whose commit failed is undone: the handle is disconnected");
-                self.insert(Handle::detached(rec));
+                self.insert(h);
             }
             (None, false) => {}
         }

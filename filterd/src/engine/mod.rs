@@ -110,6 +110,13 @@ struct Handle {
     /// Bumped at every disconnect, so an older expiry timer never reaps a
     /// handle that was resumed and disconnected again since.
     gen: u64,
+    /// When its expiry is due on the monotonic clock (`mono_ms`), while
+    /// it is disconnected or lost (its last one's, else). An undo puts
+    /// this back as it was — never rebuilt from the record's wall-clock
+    /// `expires_ms`, which a step of the wall clock would move (review
+    /// rvclock: a failed resume's undo after a forward step expired the
+    /// handle at once).
+    expires_mono: u64,
     /// Its open waits for an intent to be durable (not yet acknowledged).
     parked: bool,
     /// A read-write descriptor of its own (its own open file description)
@@ -142,6 +149,7 @@ impl Handle {
             fd: None,
             conn: None,
             gen: 0,
+            expires_mono: 0,
             parked: false,
             lock_fd: None,
             linked: false,

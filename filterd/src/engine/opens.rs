@@ -512,6 +512,7 @@ impl Engine {
             fd: Some(stat_fd.unwrap_or(of.fd)),
             conn: Some(conn),
             gen: 0,
+            expires_mono: 0,
             parked: park,
             lock_fd: None,
             linked: of.linked,
@@ -1000,14 +1001,15 @@ impl Engine {
         h.rec.conn = ConnState::Lost;
         h.gen += 1;
         let timeout = u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
-        self.expiries
-            .push(Reverse((mono_ms() + timeout, key, h.gen)));
+        let expires_mono = std::mem::replace(&mut h.expires_mono, mono_ms() + timeout);
+        self.expiries.push(Reverse((h.expires_mono, key, h.gen)));
         if persistent {
             self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
             self.undo_if_this_group_fails(super::durable::Undo::Lose(Box::new(
                 super::durable::Loss {
                     key,
                     conn: was,
+                    expires_mono,
                     lock_fd,
                     unmirrored,
                 },
@@ -1163,6 +1165,7 @@ impl Engine {
         let before = super::durable::Attachment {
             key,
             state: h.rec.conn,
+            expires_mono: h.expires_mono,
             conn: h.conn,
             frontend: h.rec.frontend.clone(),
         };
@@ -1713,8 +1716,8 @@ impl Engine {
         };
         h.conn = None;
         h.gen += 1;
-        self.expiries
-            .push(Reverse((mono_ms() + u64::from(timeout), key, h.gen)));
+        h.expires_mono = mono_ms() + u64::from(timeout);
+        self.expiries.push(Reverse((h.expires_mono, key, h.gen)));
         // A handle whose open waits for its intent is not in the store
         // until its completion writes it as it is then (`finish_parked`).
         // Written now, the record outlived an open that recovery drops

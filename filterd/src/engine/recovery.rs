@@ -373,6 +373,10 @@ impl Engine {
         let mut probes = Vec::with_capacity(persistent.len());
         let mut names = Vec::with_capacity(persistent.len());
         for (i, h) in persistent.iter_mut().enumerate() {
+            // A lost handle stays visible until its timeout too, then goes
+            // (it protects nothing: its file is gone).
+            let expires_mono = mono_now + u64::from(h.rec.durability.timeout_ms().unwrap_or(0));
+            h.expires_mono = expires_mono;
             // Disjoint fields: the look reads the kernel handle and path,
             // the indexing thread rewrites the names.
             let HandleRecord {
@@ -383,7 +387,6 @@ impl Engine {
                 create_guid,
                 path,
                 kernel_handle,
-                durability,
                 conn,
                 ..
             } = &mut h.rec;
@@ -399,9 +402,7 @@ impl Engine {
                 frontend,
                 client,
                 create_guid: *create_guid,
-                // A lost handle stays visible until its timeout too, then
-                // goes (it protects nothing: its file is gone).
-                expires_mono: mono_now + u64::from(durability.timeout_ms().unwrap_or(0)),
+                expires_mono,
             });
         }
         let (found, named) = std::thread::scope(|s| {

@@ -6777,3 +6777,118 @@ fn a_failed_close_carrying_the_told_flag_puts_the_flag_back() {
     let stored = h.store.inner.lock().unwrap().handles.get(&key).cloned();
     assert!(stored.is_some_and(|r| r.delete_on_close));
 }
+
+/// As if the wall clock had stepped by `by_ms` since handle `key`
+/// disconnected (NTP, `date -s`): its record's wall-clock deadline, as the
+/// engine reads it against `now_ms()`, is `by_ms` off. Its monotonic one
+/// is not moved (as the step does not move it).
+fn wall_clock_stepped(h: &mut Harness, key: ResumeKey, by_ms: i64) {
+    let shift = |t: u64| t.saturating_add_signed(-by_ms);
+    let hd = h.engine.handles.get_mut(&key).expect("the handle");
+    let ConnState::Disconnected {
+        since_ms,
+        expires_ms,
+    } = hd.rec.conn
+    else {
+        panic!("not disconnected: {:?}", hd.rec.conn);
+    };
+    hd.rec.conn = ConnState::Disconnected {
+        since_ms: shift(since_ms),
+        expires_ms: shift(expires_ms),
+    };
+}
+
+/// A persistent handle of `a` (60 s), disconnected by a restart, and the
+/// resume its client sends.
+fn disconnected_by_a_restart() -> (Harness, ResumeKey, Request) {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    let h = h.restarted();
+    let resume = Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("alice").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key },
+        owner: None,
+    });
+    (h, key, resume)
+}
+
+const TWO_HOURS_MS: i64 = 2 * 3600 * 1000;
+
+/// Review rvclock: the wall clock steps forward while a persistent
+/// handle is disconnected with 60 s to go; its client's resume fails to
+/// commit and is undone. The undo rebuilt the monotonic deadline from the
+/// wall-clock one (already past): the handle expired at once, and the
+/// retry a second later found nothing. It keeps its monotonic deadline.
+#[test]
+fn a_failed_resume_after_a_wall_clock_step_keeps_the_deadline() {
+    let (mut h, key, resume) = disconnected_by_a_restart();
+    wall_clock_stepped(&mut h, key, TWO_HOURS_MS);
+    let id = h.run(resume.clone());
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    // One second later on the monotonic clock.
+    h.engine.expire_due(mono_ms() + 1_000);
+    h.commit(true);
+    assert!(h.engine.handles.contains_key(&key), "expired at once");
+    let id = h.run(resume);
+    h.commit(true);
+    assert_eq!(h.opened(id), key, "the retry a second later resumes it");
+}
+
+/// Review rvclock: the same with the wall clock stepped two hours back:
+/// the handle expires when its 60 s are up, not two hours later.
+#[test]
+fn a_failed_resume_after_a_step_back_still_expires() {
+    let (mut h, key, resume) = disconnected_by_a_restart();
+    wall_clock_stepped(&mut h, key, -TWO_HOURS_MS);
+    let id = h.run(resume);
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    h.engine.expire_due(mono_ms() + 61_000);
+    h.commit(true);
+    assert!(
+        !h.engine.handles.contains_key(&key),
+        "61 s later the 60 s handle is still there"
+    );
+}
+
+/// Review rvclock: a purge whose commit fails puts the handle back with
+/// the monotonic deadline it had, whatever the wall clock did meanwhile
+/// (rebuilt from the wall clock after a forward step, it expired
+/// `EXPIRY_RETRY_MS` later instead of a minute later).
+#[test]
+fn a_failed_purge_after_a_wall_clock_step_keeps_the_deadline() {
+    let mut h = Harness::new();
+    let Request::Open(mut o) = open("c", Rights::READ.union(Rights::WRITE)) else {
+        unreachable!()
+    };
+    o.durability = Durability::Durable { timeout_ms: 60_000 };
+    o.create_guid = None;
+    let id = h.run(Request::Open(o));
+    h.commit(true);
+    let key = h.opened(id);
+    h.run(Request::Detach {
+        key,
+        delete_on_close: None,
+    });
+    h.commit(true);
+    wall_clock_stepped(&mut h, key, TWO_HOURS_MS);
+    // A persistent open that does not share write purges it; its commit
+    // fails.
+    let id = h.run(open("c", Rights::READ));
+    h.commit(false);
+    assert_eq!(h.refused(id), ErrorCode::DiskFull);
+    assert!(h.engine.handles.contains_key(&key), "the purge is undone");
+    h.engine
+        .expire_due(mono_ms() + super::durable::EXPIRY_RETRY_MS + 1_000);
+    h.commit(true);
+    assert!(
+        h.engine.handles.contains_key(&key),
+        "expired with most of its minute to go"
+    );
+    h.engine.expire_due(mono_ms() + 61_000);
+    h.commit(true);
+    assert!(!h.engine.handles.contains_key(&key), "expired in time");
+}
