@@ -41,6 +41,8 @@ use crate::outbox::{self, ConnWriter};
 const MAX_PACKETS_PER_ROUND: usize = 32;
 /// The epoll token of the wake-up eventfd.
 const WAKE_TOKEN: u64 = 0;
+/// Most times one wait asks epoll again at once after `EINTR`.
+const MAX_EINTR_RETRIES: usize = 64;
 
 /// How other threads reach the engine: a bounded channel and a wake-up.
 #[derive(Clone)]
@@ -141,6 +143,11 @@ pub struct Poller {
     /// Connections accepted, oldest first, with when: those still without
     /// a hello at `HELLO_WAIT` are closed.
     ungreeted: std::collections::VecDeque<(std::time::Instant, ConnId)>,
+    /// Bytes each connection had queued when a deadline came due
+    /// ([`Poller::note_arrived`]), still to be read before the engine
+    /// enforces it; a connection leaves once that much is read, its socket
+    /// is drained, or it is closed.
+    arrived: HashMap<ConnId, u64>,
 }
 
 /// What one poll round found.
@@ -175,6 +182,7 @@ impl Poller {
                 events: vec![EpollEvent::empty(); 256],
                 flusher: outbox::Flusher::start()?,
                 ungreeted: std::collections::VecDeque::new(),
+                arrived: HashMap::new(),
             },
             EngineTx { tx, wake },
         ))
@@ -190,11 +198,26 @@ impl Poller {
             ),
             None => timeout,
         };
-        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-        let n = self
-            .epoll
-            .wait(&mut self.events, EpollTimeout::from(ms))
-            .unwrap_or_default();
+        let mut ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut retries = 0;
+        let n = loop {
+            match self.epoll.wait(&mut self.events, EpollTimeout::from(ms)) {
+                Ok(n) => break n,
+                // Interrupted — also by a stop and SIGCONT with no handler
+                // (signal(7)): what is ready is asked for again at once.
+                // Taken for "nothing", the engine enforced the deadlines of
+                // replies that had come in time before reading them
+                // (review rvclock).
+                Err(nix::errno::Errno::EINTR) if retries < MAX_EINTR_RETRIES => {
+                    retries += 1;
+                    ms = 0;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed");
+                    break 0;
+                }
+            }
+        };
         let mut out = Vec::with_capacity(n + 1);
         for ev in self.events.iter().take(n) {
             if ev.data() == WAKE_TOKEN {
@@ -213,6 +236,40 @@ impl Poller {
     /// Queued commands from other threads.
     pub fn commands(&self) -> impl Iterator<Item = Command> + '_ {
         self.rx.try_iter()
+    }
+
+    /// Notes what every connection has queued now (`FIONREAD`): a
+    /// deadline came due, and what had arrived by then is read before it
+    /// is enforced ([`Poller::arrived_unread`]). What comes later does not
+    /// count, so a peer that keeps sending holds no deadline off longer
+    /// than it takes to read what it had sent. True when anything was
+    /// queued.
+    pub fn note_arrived(&mut self) -> bool {
+        self.arrived = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| {
+                let n = sys::queued_bytes(c.sock.as_fd()).ok()?;
+                u64::try_from(n).ok().filter(|n| *n > 0).map(|n| (*id, n))
+            })
+            .collect();
+        !self.arrived.is_empty()
+    }
+
+    /// What to read before the noted deadline is enforced: the
+    /// connections whose input noted by [`Poller::note_arrived`] is not
+    /// all read yet (and queued commands, which a read may depend on).
+    pub fn arrived_unread(&self) -> Vec<Ready> {
+        let mut out: Vec<Ready> = self.arrived.keys().map(|c| Ready::Conn(*c)).collect();
+        if !out.is_empty() && !self.rx.is_empty() {
+            out.insert(0, Ready::Commands);
+        }
+        out
+    }
+
+    /// Forgets what [`Poller::note_arrived`] noted (read or not).
+    pub fn forget_arrived(&mut self) {
+        self.arrived.clear();
     }
 
     /// Starts reading a newly accepted connection — unless its process has
@@ -319,6 +376,7 @@ impl Poller {
     }
 
     fn remove(&mut self, conn: ConnId) {
+        self.arrived.remove(&conn);
         if let Some(c) = self.conns.remove(&conn) {
             let _ = self.epoll.delete(c.sock.as_fd());
         }
@@ -333,21 +391,36 @@ impl Poller {
     /// a second one that finds the socket empty (issue 16).
     pub fn read(&mut self, conn: ConnId, out: &mut Vec<Command>) {
         let mut batch = std::mem::take(&mut self.batch);
-        self.read_batches(conn, &mut batch, out);
+        let (bytes, drained) = self.read_batches(conn, &mut batch, out);
         self.batch = batch;
+        // Input noted for a deadline: done with once read (or drained).
+        if let Some(left) = self.arrived.get_mut(&conn) {
+            *left = left.saturating_sub(bytes);
+            if *left == 0 || drained {
+                self.arrived.remove(&conn);
+            }
+        }
     }
 
-    fn read_batches(&mut self, conn: ConnId, batch: &mut PacketBatch, out: &mut Vec<Command>) {
+    /// One round of `conn`'s packets: how many bytes they were, and
+    /// whether the socket is drained (or closed).
+    fn read_batches(
+        &mut self,
+        conn: ConnId,
+        batch: &mut PacketBatch,
+        out: &mut Vec<Command>,
+    ) -> (u64, bool) {
         let mut left = MAX_PACKETS_PER_ROUND;
+        let mut read = 0u64;
         while left > 0 {
             let Some(c) = self.conns.get(&conn) else {
-                return;
+                return (read, true);
             };
             let n = match batch.recv_nonblocking(c.sock.as_fd()) {
                 Ok(n) => n,
                 Err(_) => {
                     self.close(conn, out);
-                    return;
+                    return (read, true);
                 }
             };
             for i in 0..n {
@@ -356,15 +429,22 @@ impl Poller {
                 let Some((packet, bytes)) = batch.get(i) else {
                     break;
                 };
+                read += match packet {
+                    Packet::Data { len, .. } => u64::try_from(*len).unwrap_or(u64::MAX),
+                    // At least this much was queued for it.
+                    Packet::Truncated => u64::try_from(MAX_FRAME + 1).unwrap_or(u64::MAX),
+                    Packet::Eof => 0,
+                };
                 if !self.on_packet(conn, packet, bytes, out) {
-                    return;
+                    return (read, true);
                 }
             }
             if n < batch.slots() {
-                return;
+                return (read, true);
             }
             left = left.saturating_sub(n);
         }
+        (read, false)
     }
 
     /// Handles one packet of `conn`; false when the connection was closed.
@@ -718,6 +798,7 @@ fn reject(writer: &ConnWriter, id: Option<u64>, err: WireError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::socket::socketpair;
 
     /// A peer's groups are the ones the kernel took at its connect
     /// (`SO_PEERGROUPS`), not those of whatever process has its pid now
@@ -725,7 +806,7 @@ mod tests {
     /// names no process still gives them.
     #[test]
     fn peer_groups_come_from_the_socket_not_the_pid() {
-        let (ours, _theirs) = nix::sys::socket::socketpair(
+        let (ours, _theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
             None,
@@ -741,5 +822,80 @@ mod tests {
         let mut got = peer_groups(ours.as_fd(), i32::MAX).expect("the peer's groups");
         got.sort_unstable();
         assert_eq!(got, want);
+    }
+
+    /// Sends requests on `sock` without waiting until `n` are sent or the
+    /// socket is full; how many were sent.
+    fn send_requests(sock: &OwnedFd, n: usize) -> usize {
+        (0..n)
+            .take_while(|i| {
+                let req = format!(r#"{{"id":{i},"op":"stats"}}"#);
+                sys::send_packet_nonblocking(sock.as_fd(), req.as_bytes(), None).is_ok()
+            })
+            .count()
+    }
+
+    /// Review rvclock: before a deadline is enforced, what had arrived
+    /// when it was found due is read, past the per-round cap; what comes
+    /// later is not waited for, so a peer that keeps sending cannot hold
+    /// the deadline off.
+    #[test]
+    fn input_noted_for_a_deadline_is_read_and_later_input_is_not_waited_for() {
+        let (mut poller, _tx) = Poller::new(16).expect("a poller");
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("a socket pair");
+        let conn = ConnId(1);
+        let peer = Peer {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+        };
+        poller.add(conn, ours, peer);
+        sys::send_packet(
+            theirs.as_fd(),
+            br#"{"version":1,"role":{"kind":"control"}}"#,
+            None,
+        )
+        .expect("hello");
+        let noted = 3 * MAX_PACKETS_PER_ROUND;
+        assert_eq!(send_requests(&theirs, noted), noted);
+        assert!(poller.note_arrived());
+        // More comes after the deadline was found due.
+        let later = send_requests(&theirs, 10_000);
+        assert!(later > MAX_PACKETS_PER_ROUND, "room for only {later} more");
+        let mut cmds = Vec::new();
+        let mut rounds = 0;
+        loop {
+            let ready = poller.arrived_unread();
+            if ready.is_empty() {
+                break;
+            }
+            for r in ready {
+                if let Ready::Conn(c) = r {
+                    poller.read(c, &mut cmds);
+                }
+            }
+            rounds += 1;
+            assert!(rounds <= 4, "still reading after {rounds} rounds");
+        }
+        let requests = cmds
+            .iter()
+            .filter(|c| matches!(c, Command::Request { .. }))
+            .count();
+        assert!(
+            requests >= noted,
+            "{requests} of the {noted} noted requests read"
+        );
+        assert!(
+            requests <= noted + MAX_PACKETS_PER_ROUND,
+            "{requests} read: the later ones were waited for"
+        );
+        poller.forget_arrived();
+        assert!(poller.arrived_unread().is_empty());
     }
 }

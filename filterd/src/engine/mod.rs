@@ -469,6 +469,11 @@ const MAX_LOCKS_PER_FILE: usize = 256;
 /// everyone else out of the file's lock capacity.
 const MAX_LOCKS_PER_CLIENT_PER_FILE: usize = 64;
 
+/// Most read rounds ([`crate::conn`]: up to 32 frames of each connection
+/// each) before a deadline that came due is enforced (`read_arrived`):
+/// 2048 frames of each connection, more than its socket holds.
+const MAX_ARRIVED_ROUNDS: usize = 64;
+
 /// Milliseconds on the monotonic clock (since the first call). Every timer
 /// — lease breaks, lock hints, expiries — runs on it, so a step of the
 /// wall clock neither expires a handle early nor stalls a break; only what
@@ -584,48 +589,18 @@ impl Engine {
             // Before acting on anything: the reader's plain files are
             // taken back, and the openers it allowed are known.
             self.take_back_plain_files();
-            for ready in ready {
-                self.stop_unless_owner();
-                match ready {
-                    Ready::Commands => {
-                        let queued: Vec<Command> = poller.commands().take(MAX_BATCH).collect();
-                        for c in queued {
-                            match c {
-                                Command::Accepted { conn, sock, peer } => {
-                                    poller.add(conn, sock, peer)
-                                }
-                                other => stop |= self.handle(other),
-                            }
-                        }
-                    }
-                    Ready::Conn(conn) => poller.read(conn, &mut cmds),
-                }
-                for c in cmds.drain(..) {
-                    match c {
-                        Command::Hello {
-                            conn,
-                            hello,
-                            peer,
-                            writer,
-                        } => {
-                            let r = self.on_hello(conn, hello, peer, writer);
-                            let mut closed = Vec::new();
-                            poller.answer_hello(conn, r, &mut closed);
-                            for c in closed {
-                                self.handle(c);
-                            }
-                        }
-                        other => stop |= self.handle(other),
-                    }
-                }
-            }
+            stop |= self.serve(&mut poller, ready, &mut cmds);
             // Connections without their hello in time (none of them is
             // the engine's: nothing to tell it).
             poller.close_silent(&mut cmds);
             for c in cmds.drain(..) {
                 stop |= self.handle(c);
             }
-            self.expire_due(mono_ms());
+            let now = mono_ms();
+            if !stop && self.next_deadline().is_some_and(|t| t <= now) {
+                stop |= self.read_arrived(&mut poller, &mut cmds);
+            }
+            self.expire_due(now);
             self.process_retries();
             self.flush();
             if !stop {
@@ -636,6 +611,74 @@ impl Engine {
         self.take_back_plain_files();
         self.flush();
         info!("engine stopped");
+    }
+
+    /// Reads and handles what `ready` names: commands of other threads,
+    /// connections' frames. Returns true to stop.
+    fn serve(&mut self, poller: &mut Poller, ready: Vec<Ready>, cmds: &mut Vec<Command>) -> bool {
+        let mut stop = false;
+        for ready in ready {
+            self.stop_unless_owner();
+            match ready {
+                Ready::Commands => {
+                    let queued: Vec<Command> = poller.commands().take(MAX_BATCH).collect();
+                    for c in queued {
+                        match c {
+                            Command::Accepted { conn, sock, peer } => poller.add(conn, sock, peer),
+                            other => stop |= self.handle(other),
+                        }
+                    }
+                }
+                Ready::Conn(conn) => poller.read(conn, cmds),
+            }
+            for c in cmds.drain(..) {
+                match c {
+                    Command::Hello {
+                        conn,
+                        hello,
+                        peer,
+                        writer,
+                    } => {
+                        let r = self.on_hello(conn, hello, peer, writer);
+                        let mut closed = Vec::new();
+                        poller.answer_hello(conn, r, &mut closed);
+                        for c in closed {
+                            self.handle(c);
+                        }
+                    }
+                    other => stop |= self.handle(other),
+                }
+            }
+        }
+        stop
+    }
+
+    /// A deadline came due (a lock hint's or a checked write's
+    /// acknowledgement, a lease break's, a disconnected handle's expiry,
+    /// the restart gate's): before it is enforced, what peers had sent by
+    /// now is read and handled — the acknowledgement, the resume may be
+    /// among it. After a stall of the engine (SIGSTOP, a cgroup freeze, a
+    /// debugger, a long preemption) replies that came in time wait in the
+    /// sockets, possibly behind more than one round's worth of other
+    /// frames ([`crate::conn`]'s per-connection cap); enforced first, they
+    /// dropped a frontend that had acknowledged in time or expired a
+    /// handle whose resume had come (review rvclock). Bounded: only what
+    /// was queued when the deadline was found due is waited for (what
+    /// comes later is read in later rounds, after it), and at most
+    /// [`MAX_ARRIVED_ROUNDS`] rounds. Returns true to stop.
+    fn read_arrived(&mut self, poller: &mut Poller, cmds: &mut Vec<Command>) -> bool {
+        let mut stop = false;
+        if poller.note_arrived() {
+            for _ in 0..MAX_ARRIVED_ROUNDS {
+                let ready = poller.arrived_unread();
+                if ready.is_empty() || stop {
+                    break;
+                }
+                stop |= self.serve(poller, ready, cmds);
+            }
+            poller.forget_arrived();
+        }
+        stop
     }
 
     /// A shared store's owner whose lease may have run out acts on nothing
@@ -650,18 +693,26 @@ impl Engine {
         }
     }
 
-    fn next_wakeup(&self) -> Duration {
-        let now = mono_ms();
+    /// The earliest deadline `expire_due` enforces, on the monotonic clock.
+    fn next_deadline(&self) -> Option<u64> {
         let next_expiry = self.expiries.peek().map(|Reverse((t, _, _))| *t);
         let next_break = self.breaking.values().map(|b| b.deadline_ms).min();
         let next_hint = self.hint_waits.values().map(|w| w.deadline).min();
         let next_io = self.checked_io.next_deadline();
-        match next_expiry
+        next_expiry
             .into_iter()
             .chain(next_break)
             .chain(next_hint)
             .chain(next_io)
             .chain(self.restart_gate_deadline)
+            .min()
+    }
+
+    fn next_wakeup(&self) -> Duration {
+        let now = mono_ms();
+        match self
+            .next_deadline()
+            .into_iter()
             // Links still to find: the next chunk at once, between the
             // requests that come meanwhile.
             .chain(self.links_pending.then_some(now))
