@@ -105,6 +105,16 @@ struct Args {
     /// there, every handle it could not find would be marked lost.
     #[arg(long)]
     rebind_root: bool,
+    /// LMDB store: the directory of the export roots' lock files (one
+    /// filterd per export root) [default: /run/rkfilter/roots as root;
+    /// without it a non-root filterd locks the root directory itself,
+    /// which any user who can open the root can hold]. Every filterd
+    /// serving one export root must use the same directory: give one on
+    /// a shared filesystem when they run in containers or sandboxes with
+    /// /run of their own (or /run read-only). It must be filterd's user's,
+    /// writable by nobody else (created 0700 when missing).
+    #[arg(long, value_name = "DIR")]
+    root_lock_dir: Option<PathBuf>,
     /// Where the resume-key table lives: `lmdb` (embedded, in the state
     /// dir) or `etcd://HOST:PORT[,HOST:PORT…]/PREFIX` (an etcd v3 cluster,
     /// shared with standbys on other machines; README "Two machines").
@@ -380,8 +390,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             .mode(0o750)
             .create(&args.state)
             .with_context(|| format!("creating state dir {}", args.state.display()))?;
-    } else {
-        statedir::tighten(&args.state);
     }
     let state = args.state.canonicalize()?;
     let root_path = args
@@ -398,8 +406,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    // Only once the state dir is ours: a second daemon that is refused
+    // leaves the live one's state dir as it is.
+    statedir::tighten(&state);
     let _root_lock = if args.store == "lmdb" {
-        match statedir::lock_root(&root_path, args.standby, &sigs)? {
+        match statedir::lock_root(
+            &root_path,
+            args.root_lock_dir.as_deref(),
+            args.standby,
+            &sigs,
+        )? {
             Some(l) => Some(l),
             None => {
                 info!("standby stopped before taking over");

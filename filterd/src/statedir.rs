@@ -17,7 +17,8 @@
 //! take these locks, or a local user could keep filterd from starting by
 //! holding one: an existing state dir is tightened to 0750 ([`tighten`]),
 //! and the export root's lock ([`lock_root`]) is a private file under
-//! `/run/rkfilter/roots`, not the root directory anyone may open.
+//! `/run/rkfilter/roots` (or `--root-lock-dir`), not the root directory
+//! anyone may open.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -102,7 +103,9 @@ pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked
 /// existing state dir (`mode & !0o027`, as filterd creates it: 0750), so
 /// no other user can open it — and so none can hold its `flock` to keep
 /// filterd from starting, restarting or taking over (review rvacl: `flock
-/// -x STATE sleep 1e9` as nobody on a 0755 state dir did). The dir's own
+/// -x STATE sleep 1e9` as nobody on a 0755 state dir did). Called once the
+/// state dir's lock is held, so a second daemon that is refused leaves the
+/// live one's dir as it is (review rr37b). The dir's own
 /// `flock` stays the daemon lock: `filterctl --state` probes it
 /// (`runtime::lock_is_held`) and older filterds take it. A process that
 /// opened the directory before it was tightened keeps its descriptor.
@@ -163,37 +166,40 @@ impl Drop for RootLock {
     }
 }
 
-/// Where root filterds keep their export roots' lock files.
+/// Where root filterds keep their export roots' lock files unless
+/// `--root-lock-dir` says otherwise.
 const ROOT_LOCK_DIR: &str = "/run/rkfilter/roots";
 
-/// The directory for the export roots' lock files: [`ROOT_LOCK_DIR`] as
-/// root; else `$XDG_RUNTIME_DIR/rkfilter/roots` when that is set and this
-/// user's; `None` (a warning said so): the root directory's own flock.
-fn root_lock_dir() -> anyhow::Result<Option<PathBuf>> {
-    let me = nix::unistd::geteuid();
-    if me.is_root() {
-        return make_private_dirs(Path::new(ROOT_LOCK_DIR)).map(Some);
-    }
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|d| d.is_absolute())
-        .filter(|d| {
-            std::fs::symlink_metadata(d)
-                .is_ok_and(|m| m.is_dir() && m.uid() == me.as_raw() && m.mode() & 0o022 == 0)
-        });
-    match runtime {
-        Some(d) => make_private_dirs(&d.join("rkfilter/roots")).map(Some),
+/// The directory for the export roots' lock files: `option`
+/// (`--root-lock-dir`) when given, else [`ROOT_LOCK_DIR`] as root; `None`
+/// (a warning said so) for a non-root filterd without the option: the
+/// root directory's own flock. Never chosen by the environment, so every
+/// filterd of one user on one root takes the same lock (review rr37b: a
+/// service without `XDG_RUNTIME_DIR` and a login shell's filterd with it
+/// both served). A directory that cannot be made or trusted is an error
+/// naming the option.
+fn root_lock_dir(option: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    let dir = match option {
+        Some(d) if d.is_relative() => std::env::current_dir()?.join(d),
+        Some(d) => d.to_path_buf(),
+        None if nix::unistd::geteuid().is_root() => PathBuf::from(ROOT_LOCK_DIR),
         None => {
-            warn!("not root and no XDG_RUNTIME_DIR of this user: the export root is locked by a flock on its directory, which any local user who can open it can hold to keep filterd from starting");
-            Ok(None)
+            warn!("not root and no --root-lock-dir: the export root is locked by a flock on its directory, which any local user who can open it can hold to keep filterd from starting");
+            return Ok(None);
         }
-    }
+    };
+    make_private_dirs(&dir).map(Some).with_context(|| {
+        format!(
+            "the export roots' lock dir {} cannot be used; give --root-lock-dir DIR, a directory of filterd's user that no other user may write, shared by every filterd serving this export root",
+            dir.display()
+        )
+    })
 }
 
 /// Creates `dir` and the missing directories above it with mode 0700, and
 /// checks that each it may have to trust — `dir` and its parent — is a
-/// directory (not a symbolic link) of this user that nobody else may
-/// write.
+/// directory (not a symbolic link) that nobody else may write: `dir` of
+/// this user, its parent of this user or root.
 fn make_private_dirs(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -201,16 +207,85 @@ fn make_private_dirs(dir: &Path) -> anyhow::Result<PathBuf> {
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     let me = nix::unistd::geteuid().as_raw();
-    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+    for (d, owners) in [(Some(dir), [me, me]), (dir.parent(), [me, 0])] {
+        let Some(d) = d else { continue };
         let m = std::fs::symlink_metadata(d).with_context(|| format!("{}", d.display()))?;
-        if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+        if !m.is_dir() || !owners.contains(&m.uid()) || m.mode() & 0o022 != 0 {
             bail!(
-                "{} must be a directory of uid {me} that no other user may write (it holds the export roots' lock files)",
-                d.display()
+                "{} must be a directory of uid {} that no other user may write (it holds the export roots' lock files)",
+                d.display(),
+                owners.iter().map(u32::to_string).collect::<Vec<_>>().join(" or ")
             );
         }
     }
     Ok(dir.to_path_buf())
+}
+
+/// The name of `root`'s lock file: its device and kernel file handle
+/// (`DEV-hTYPE-HANDLE.lock`, hex), which a new directory that reuses a
+/// deleted root's inode number does not share (the handle carries the
+/// inode's generation); `DEV-INO.lock` where the filesystem gives no file
+/// handle (or one too long for a file name). The device is the same through every bind mount and mount
+/// namespace.
+fn lock_file_name(root: &Path) -> anyhow::Result<String> {
+    let dir =
+        File::open(root).with_context(|| format!("opening export root {}", root.display()))?;
+    let id = fstat(dir.as_fd()).with_context(|| format!("export root {}", root.display()))?;
+    Ok(match libfilter::sys::file_handle_of(dir.as_fd()) {
+        // At most 2 × 100 hex digits: the name stays within NAME_MAX
+        // (common filesystems' directory handles have 8 to 24 bytes).
+        Ok(h) if h.bytes.len() <= 100 => {
+            let mut name = format!("{:x}-h{:x}-", id.st_dev, h.handle_type);
+            for b in &h.bytes {
+                name.push_str(&format!("{b:02x}"));
+            }
+            name.push_str(".lock");
+            name
+        }
+        _ => format!("{}-{}.lock", id.st_dev, id.st_ino),
+    })
+}
+
+/// Most entries of the lock dir [`sweep`] looks at per start.
+const SWEEP_MAX: usize = 256;
+
+/// Removes the lock files in `dir` that no process holds (left by killed
+/// filterds, or by roots long gone), looking at up to [`SWEEP_MAX`]
+/// entries. Each is removed only while this process holds its lock and the
+/// path still names the file locked, so no lock a daemon holds or is about
+/// to get is lost: a daemon that opened a file removed here before it
+/// locked it finds, once it has the lock, the path gone or naming another
+/// file, and locks again ([`lock_root`]'s check after locking).
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut removed = 0usize;
+    for entry in entries.take(SWEEP_MAX).flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "lock") {
+            continue;
+        }
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&path)
+        else {
+            continue;
+        };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let Ok(held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        if still_at_path(&held, &path).unwrap_or(false) && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        info!(dir = %dir.display(), removed, "removed lock files no filterd held");
+    }
 }
 
 /// Opens (creating, mode 0600) the lock file `path`, never through a
@@ -247,16 +322,27 @@ fn open_lock_file(path: &Path) -> anyhow::Result<File> {
 /// decides, on every machine, and a flock on a network filesystem would
 /// reach across machines.
 ///
-/// The lock is a `flock` on a file no other user can open,
-/// `ROOT_LOCK_DIR/DEV-INO.lock` named by the root directory's device and
-/// inode (a bind mount of the root is the same root), created as needed.
-/// Before (review rvacl) it was a flock on the root directory itself,
-/// which any local user who can read the root could hold to keep filterd
-/// from starting; that is still the fallback of a non-root filterd
-/// without an `XDG_RUNTIME_DIR` of its own.
-pub fn lock_root(root: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Option<RootLock>> {
-    let id = stat(root).with_context(|| format!("export root {}", root.display()))?;
-    let file = root_lock_dir()?.map(|d| d.join(format!("{}-{}.lock", id.st_dev, id.st_ino)));
+/// The lock is a `flock` on a file no other user can open, named by the
+/// root's device and kernel file handle ([`lock_file_name`]; a bind mount
+/// of the root is the same root) in the lock dir ([`root_lock_dir`]:
+/// `--root-lock-dir`, else `/run/rkfilter/roots` as root), created as
+/// needed; stale files there are swept first ([`sweep`]). Before (review
+/// rvacl) it was a flock on the root directory itself, which any local
+/// user who can read the root could hold to keep filterd from starting;
+/// that is still what a non-root filterd without `--root-lock-dir` takes.
+pub fn lock_root(
+    root: &Path,
+    lock_dir: Option<&Path>,
+    standby: bool,
+    sigs: &SigSet,
+) -> anyhow::Result<Option<RootLock>> {
+    let file = match root_lock_dir(lock_dir)? {
+        Some(dir) => {
+            sweep(&dir);
+            Some(dir.join(lock_file_name(root)?))
+        }
+        None => None,
+    };
     loop {
         let target = match &file {
             Some(f) => open_lock_file(f)?,

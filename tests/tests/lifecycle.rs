@@ -800,6 +800,115 @@ fn a_local_users_flock_on_the_root_or_state_dir_keeps_no_filterd_out() {
     d.kill9();
 }
 
+/// A second filterd refused on a live daemon's state dir leaves that dir's
+/// mode as it is: the state dir is tightened only once its lock is held.
+/// Before (review rr37b), the refused daemon had already narrowed the live
+/// one's 0755 dir to 0750 on its way to the refusal.
+#[test]
+fn a_refused_second_filterd_leaves_the_live_ones_state_dir_mode_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("tighten-refused");
+    let mut first = Filterd::start(&s, &[], &[]);
+    // The operator opens the live daemon's state dir to other users.
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut second = Filterd::spawn(&s, &[], &[]);
+    let st = second.wait_exit(Duration::from_secs(20));
+    assert!(!st.success(), "{st:?}");
+    assert!(
+        second.log_text().contains("is active on state dir"),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(mode_of(&s.state()), 0o755, "the live daemon's state dir");
+    first.kill9();
+}
+
+/// The `.lock` file names in `dir`.
+fn lock_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".lock"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `--root-lock-dir DIR` puts the export root's lock file in DIR, so
+/// filterds with /run of their own (containers, sandboxes) that are all
+/// given one shared DIR still exclude each other on one root; the file is
+/// named by the root's device and kernel file handle, so a new root that
+/// reuses a deleted one's inode number gets a file of its own. At start the
+/// dir is swept: a lock file nobody holds (left by a killed filterd) is
+/// removed, one a process holds is kept. A DIR that cannot be used refuses
+/// the start naming the option. Before (review rr37b) the lock file was
+/// always under /run/rkfilter/roots, named by device and inode only, and
+/// every killed filterd's file stayed.
+#[test]
+fn filterds_given_one_root_lock_dir_exclude_each_other_and_sweep_it() {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let (a, b) = (Scratch::new("lockdir-a"), Scratch::new("lockdir-b"));
+    std::fs::remove_dir(b.root()).unwrap();
+    std::os::unix::fs::symlink(a.root(), b.root()).unwrap();
+    let locks = a.dir.join("locks");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&locks)
+        .unwrap();
+    let stale = locks.join("1-2.lock");
+    let held = locks.join("3-4.lock");
+    let other = locks.join("notes.txt");
+    for f in [&stale, &held, &other] {
+        std::fs::write(f, "").unwrap();
+    }
+    let _holder = nix::fcntl::Flock::lock(
+        std::fs::File::open(&held).unwrap(),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .unwrap();
+    let arg = ["--root-lock-dir", locks.to_str().unwrap()];
+
+    let mut first = Filterd::start(&a, &arg, &[]);
+    assert!(!stale.exists(), "a lock file nobody held was swept");
+    assert!(held.exists(), "a held lock file is kept");
+    assert!(other.exists(), "only .lock files are swept");
+    let names = lock_files(&locks);
+    let own: Vec<&String> = names.iter().filter(|n| *n != "3-4.lock").collect();
+    assert_eq!(own.len(), 1, "{names:?}");
+    let root = std::fs::File::open(a.root()).unwrap();
+    let dev = root.metadata().unwrap().dev();
+    if let Ok(h) = libfilter::sys::file_handle_of(std::os::fd::AsFd::as_fd(&root)) {
+        let hex: String = h.bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            own[0].starts_with(&format!("{dev:x}-h")) && own[0].ends_with(&format!("-{hex}.lock")),
+            "named by the root's file handle: {own:?}"
+        );
+    }
+
+    let mut second = Filterd::spawn(&b, &arg, &[]);
+    let st = second.wait_exit(Duration::from_secs(20));
+    assert!(!st.success(), "{st:?}");
+    let log = second.log_text();
+    assert!(
+        log.contains("another filterd serves export root")
+            && log.contains(&format!("{}/", locks.display())),
+        "{log}"
+    );
+
+    let open = a.dir.join("open-to-all");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut third = Filterd::spawn(&b, &["--root-lock-dir", open.to_str().unwrap()], &[]);
+    let st = third.wait_exit(Duration::from_secs(20));
+    assert!(!st.success(), "{st:?}");
+    assert!(
+        third.log_text().contains("--root-lock-dir"),
+        "{}",
+        third.log_text()
+    );
+    first.kill9();
+}
+
 /// `--socket PATH` naming something that is not a socket (a config file
 /// given by mistake) refuses to start and leaves it as it was. Before
 /// (review rvacl), a failed probe connect had filterd remove whatever was
