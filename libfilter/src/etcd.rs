@@ -113,7 +113,7 @@ use tracing::{debug, error, info, warn};
 use crate::model::{HandleRecord, Intent, ReplayRecord, ReplayScope, ResumeKey};
 use crate::store::{
     decode_record, encode_record, parse_replay_key, replay_key, replay_prefix, MetaInfo, Prepared,
-    RawReplay, StateStore, StoreError, StoreOp, SCHEMA_VERSION,
+    RawReplay, ReplayTrim, StateStore, StoreError, StoreOp, SCHEMA_VERSION,
 };
 
 /// Most operations in one Txn (etcd's `--max-txn-ops` default).
@@ -1811,28 +1811,32 @@ impl EtcdStore {
         view: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     ) -> Result<BTreeMap<Vec<u8>, Option<Vec<u8>>>, StoreError> {
         let mut d: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        // The keys of a replay scope now: the table, then this commit's
-        // earlier changes, then this request's own.
-        let scope_keys = |d: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, scope: &ReplayScope| {
-            let p = self.replay_key(&replay_prefix(scope));
-            let mut keys: BTreeSet<Vec<u8>> = table
-                .range(p.clone()..)
-                .take_while(|(k, _)| k.starts_with(&p))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for layer in [view, d] {
-                for (k, v) in layer
+        // The keys of a replay scope now (those below op id `below` when
+        // given): the table, then this commit's earlier changes, then this
+        // request's own.
+        let keys_below =
+            |d: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, scope: &ReplayScope, below: Option<u64>| {
+                let p = self.replay_key(&replay_prefix(scope));
+                let end = below.map(|op_id| self.replay_key(&replay_key(scope, op_id)));
+                let within = |k: &Vec<u8>| k.starts_with(&p) && end.as_ref().is_none_or(|e| k < e);
+                let mut keys: BTreeSet<Vec<u8>> = table
                     .range(p.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&p))
-                {
-                    if v.is_some() {
-                        keys.insert(k.clone());
-                    } else {
-                        keys.remove(k);
+                    .take_while(|(k, _)| within(k))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for layer in [view, d] {
+                    for (k, v) in layer.range(p.clone()..).take_while(|(k, _)| within(k)) {
+                        if v.is_some() {
+                            keys.insert(k.clone());
+                        } else {
+                            keys.remove(k);
+                        }
                     }
                 }
-            }
-            keys
+                keys
+            };
+        let scope_keys = |d: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, scope: &ReplayScope| {
+            keys_below(d, scope, None)
         };
         for op in ops {
             match op {
@@ -1852,17 +1856,27 @@ impl EtcdStore {
                     scope,
                     op_id,
                     record,
-                    keep,
+                    trim,
                 } => {
                     d.insert(
                         self.replay_key(&replay_key(scope, *op_id)),
                         Some(encode_record(record)?),
                     );
-                    let keys = scope_keys(&d, scope);
-                    let excess = keys
-                        .len()
-                        .saturating_sub(usize::try_from(*keep).unwrap_or(usize::MAX));
-                    for k in keys.into_iter().take(excess) {
+                    // `Below`: a range up to the first key kept, not the
+                    // whole scope (see `ReplayTrim`).
+                    let dropped: Vec<Vec<u8>> = match trim {
+                        ReplayTrim::Below(oldest) => {
+                            keys_below(&d, scope, Some(*oldest)).into_iter().collect()
+                        }
+                        ReplayTrim::Keep(keep) => {
+                            let keys = scope_keys(&d, scope);
+                            let excess = keys
+                                .len()
+                                .saturating_sub(usize::try_from(*keep).unwrap_or(usize::MAX));
+                            keys.into_iter().take(excess).collect()
+                        }
+                    };
+                    for k in dropped {
                         d.insert(k, None);
                     }
                 }
@@ -2934,13 +2948,25 @@ mod tests {
             scope: scope.clone(),
             op_id,
             record: rec.clone(),
-            keep: 2,
+            trim: ReplayTrim::Keep(2),
         };
         // Three records with keep=2: the oldest is deleted by key.
         let chunks = s.pack(&[&[put(1), put(2), put(3)]]).unwrap();
         let kept: Vec<_> = chunks[0].ops.iter().filter(|(_, v)| v.is_some()).collect();
         let dropped: Vec<_> = chunks[0].ops.iter().filter(|(_, v)| v.is_none()).collect();
         assert_eq!((kept.len(), dropped.len()), (2, 1));
+        assert_eq!(dropped[0].0, &s.replay_key(&replay_key(&scope, 1)));
+        // filterd's trim names the lowest op id it keeps: the same delete.
+        let below = |op_id: u64, oldest: u64| StoreOp::PutReplay {
+            scope: scope.clone(),
+            op_id,
+            record: rec.clone(),
+            trim: ReplayTrim::Below(oldest),
+        };
+        let chunks = s.pack(&[&[below(1, 1), below(2, 1), below(3, 2)]]).unwrap();
+        let dropped: Vec<_> = chunks[0].ops.iter().filter(|(_, v)| v.is_none()).collect();
+        assert_eq!(chunks[0].ops.len(), 3);
+        assert_eq!(dropped.len(), 1);
         assert_eq!(dropped[0].0, &s.replay_key(&replay_key(&scope, 1)));
         let chunks = s
             .pack(&[
@@ -2967,7 +2993,7 @@ mod tests {
                 reply: "ok".into(),
                 recorded_ms: 0,
             },
-            keep: 4,
+            trim: ReplayTrim::Keep(4),
         };
         let first = s.prepare(&[&[put.clone(), intent(1)]]).unwrap();
         assert!(first.is_some(), "nothing in flight: it may go");

@@ -245,6 +245,20 @@ pub(crate) fn corrupt(table: &'static str) -> impl Fn(RecordError) -> StoreError
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Keys the replay trims of this thread's commits looked at.
+    static TRIM_VISITS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts `n` keys a replay trim looked at (tests only: the work per put).
+fn trim_visited(n: usize) {
+    #[cfg(test)]
+    TRIM_VISITS.with(|v| v.set(v.get() + n));
+    #[cfg(not(test))]
+    let _ = n;
+}
+
 /// Key prefix of a replay scope in the `replay` table.
 pub fn replay_prefix(scope: &ReplayScope) -> Vec<u8> {
     match scope {
@@ -309,8 +323,8 @@ pub enum StoreOp {
     PutHandle(Box<HandleRecord>),
     /// Remove a handle record, its index entries and its replay records.
     DeleteHandle(Box<HandleRecord>),
-    /// Record the reply of a mutating request; keep at most `keep` records in
-    /// its scope (the oldest op ids go first).
+    /// Record the reply of a mutating request, and drop the scope's older
+    /// records `trim` says (the lowest op ids go first).
     PutReplay {
         /// Where the op id lives.
         scope: ReplayScope,
@@ -318,8 +332,8 @@ pub enum StoreOp {
         op_id: u64,
         /// The recorded reply.
         record: ReplayRecord,
-        /// Most records kept in the scope.
-        keep: u32,
+        /// Which of the scope's records go with it.
+        trim: ReplayTrim,
     },
     /// Drop one replay record.
     DeleteReplay {
@@ -334,6 +348,28 @@ pub enum StoreOp {
     PutIntent(Box<Intent>),
     /// The change an intent announced is done (or was abandoned).
     DeleteIntent(IntentId),
+}
+
+/// Which of its scope's records a [`StoreOp::PutReplay`] drops: the lowest
+/// op ids, up to a bound its writer knows ([`ReplayTrim::Below`]) or
+/// beyond a count ([`ReplayTrim::Keep`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayTrim {
+    /// Those with op ids below this one: the lowest its writer keeps.
+    /// filterd holds every persistent scope whole in memory (loaded at
+    /// start, put back from the store when a commit fails), evicts from
+    /// it when a record goes over the scope's `keep`, and passes the
+    /// lowest op id it still holds: the store drops just what memory
+    /// dropped, stepping from the scope's first key to the first it keeps
+    /// — one step per record dropped and one more, however many it keeps.
+    /// Counting the scope on every put walked and copied all its keys (a
+    /// full scope: 4096 of up to ~270 bytes) on the committer thread,
+    /// which every durable reply waits for (review rvcx).
+    Below(u64),
+    /// All but the newest this many, counted: for a writer that does not
+    /// hold the scope (recovery writes records before it loads them).
+    /// Walks the whole scope.
+    Keep(u32),
 }
 
 /// What `meta` says.
@@ -988,12 +1024,17 @@ impl Store {
                     scope,
                     op_id,
                     record,
-                    keep,
+                    trim,
                 } => {
                     t.replay
                         .put(&mut txn, &replay_key(scope, *op_id), record)
                         .map_err(StoreError::from_heed)?;
-                    Self::trim_scope(t, &mut txn, scope, *keep)?;
+                    match trim {
+                        ReplayTrim::Below(oldest) => {
+                            Self::trim_below(t, &mut txn, scope, *oldest)?;
+                        }
+                        ReplayTrim::Keep(keep) => Self::trim_scope(t, &mut txn, scope, *keep)?,
+                    }
                 }
                 StoreOp::DeleteReplayScope(scope) => Self::delete_scope(t, &mut txn, scope)?,
                 StoreOp::DeleteReplay { scope, op_id } => {
@@ -1114,6 +1155,31 @@ impl Store {
         Ok(())
     }
 
+    /// Drops the records of a scope whose op ids are below `oldest` (keys
+    /// sort by op id): takes the scope's first key until it is one to keep,
+    /// so the work is the records dropped, not the records kept.
+    fn trim_below(
+        t: &Tables,
+        txn: &mut heed::RwTxn<'_>,
+        scope: &ReplayScope,
+        oldest: u64,
+    ) -> Result<(), StoreError> {
+        let prefix = replay_prefix(scope);
+        let keep_from = replay_key(scope, oldest);
+        let raw = t.replay.remap_types::<Bytes, heed::types::DecodeIgnore>();
+        loop {
+            trim_visited(1);
+            let first = match raw.prefix_iter(txn, &prefix)?.next() {
+                Some(item) => item?.0.to_vec(),
+                None => return Ok(()),
+            };
+            if first >= keep_from {
+                return Ok(());
+            }
+            raw.delete(txn, &first)?;
+        }
+    }
+
     /// Keeps the newest `keep` records of a scope (keys sort by op id).
     fn trim_scope(
         t: &Tables,
@@ -1122,6 +1188,7 @@ impl Store {
         keep: u32,
     ) -> Result<(), StoreError> {
         let keys = Self::scope_keys(t, txn, scope)?;
+        trim_visited(keys.len());
         let excess = keys
             .len()
             .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
@@ -1792,6 +1859,87 @@ pub(crate) mod tests {
         );
         assert!(s.handle(taken[1].key).unwrap().is_some());
         assert!(s.handle(added[0].key).unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Review rvcx: every replay put counted its scope, walking and
+    /// copying every key (4096 of ~270 bytes in a full scope) on the
+    /// committer thread. A put that names the lowest op id it keeps
+    /// (`ReplayTrim::Below`, filterd's) looks at the records it drops and
+    /// one more, whatever the scope holds; and a full scope still keeps
+    /// exactly its newest `keep`. `ReplayTrim::Keep` (recovery's) keeps
+    /// counting, also over a scope stored with a larger keep.
+    #[test]
+    fn a_replay_put_looks_at_what_it_drops_not_at_what_the_scope_keeps() {
+        const KEEP: u64 = 4096;
+        let dir = std::env::temp_dir().join(format!("rkf-trim-{}", uuid::Uuid::new_v4()));
+        let s = Store::open(&dir, 1 << 28).unwrap();
+        let long = ReplayScope::Session(ScopeName::new("s".repeat(246)).unwrap());
+        let other = ReplayScope::Session(ScopeName::new("other").unwrap());
+        let put = |scope: &ReplayScope, op_id: u64, trim| StoreOp::PutReplay {
+            scope: scope.clone(),
+            op_id,
+            record: ReplayRecord {
+                reply: "r".repeat(200),
+                recorded_ms: 0,
+            },
+            trim,
+        };
+        // As filterd puts: the lowest op id memory keeps after the put.
+        let engine_put = |scope: &ReplayScope, op_id: u64| {
+            put(
+                scope,
+                op_id,
+                ReplayTrim::Below((op_id + 1).saturating_sub(KEEP)),
+            )
+        };
+        let visits = || TRIM_VISITS.with(|v| v.replace(0));
+        let ops: Vec<StoreOp> = (0..KEEP).map(|op| engine_put(&long, op)).collect();
+        s.apply(&ops).unwrap();
+        s.apply(&[engine_put(&other, 0)]).unwrap();
+        visits();
+        // 64 puts into the empty scope, then 64 into the full one, each
+        // its own commit as filterd's committer makes them.
+        for op in 1..=64 {
+            s.apply(&[engine_put(&other, op)]).unwrap();
+        }
+        let empty = visits();
+        for op in KEEP..KEEP + 64 {
+            s.apply(&[engine_put(&long, op)]).unwrap();
+        }
+        let full = visits();
+        assert_eq!(empty, 64, "a put that drops nothing looks at one key");
+        assert_eq!(
+            full, 128,
+            "a put into a full scope looks at the one it drops and the next"
+        );
+        let ids = |scope: &ReplayScope| -> Vec<u64> {
+            s.replays_in(scope)
+                .unwrap()
+                .into_iter()
+                .map(|(op, _)| op)
+                .collect()
+        };
+        assert_eq!(
+            ids(&long),
+            (64..KEEP + 64).collect::<Vec<_>>(),
+            "the newest 4096"
+        );
+        assert_eq!(
+            ids(&other),
+            (0..=64).collect::<Vec<_>>(),
+            "nothing else goes"
+        );
+        // A bound over several (a smaller keep): all below it go at once,
+        // neighbours untouched.
+        s.apply(&[put(&long, KEEP + 64, ReplayTrim::Below(68))])
+            .unwrap();
+        assert_eq!(visits(), 5);
+        assert_eq!(ids(&long), (68..=KEEP + 64).collect::<Vec<_>>());
+        assert_eq!(ids(&other).len(), 65);
+        // Counting (recovery's) keeps the newest `keep` of what is stored.
+        s.apply(&[put(&other, 100, ReplayTrim::Keep(3))]).unwrap();
+        assert_eq!(ids(&other), vec![63, 64, 100]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

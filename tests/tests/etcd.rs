@@ -651,7 +651,7 @@ fn put_replay(
             reply,
             recorded_ms: 0,
         },
-        keep: 1000,
+        trim: libfilter::store::ReplayTrim::Keep(1000),
     }
 }
 

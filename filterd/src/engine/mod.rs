@@ -35,7 +35,7 @@ use libfilter::proto::{
     ServerFrame, Stats, StatusInfo, WireError,
 };
 use libfilter::share::{self, Holder, HolderState, ShareDecision, ShareMode};
-use libfilter::store::{StateStore, StoreError, StoreOp};
+use libfilter::store::{ReplayTrim, StateStore, StoreError, StoreOp};
 use tracing::{debug, error, info, warn};
 
 use crate::committer::{CommitCounters, Pipeline};
@@ -1893,7 +1893,10 @@ fn page<T: serde::Serialize, C>(
     (out, next)
 }
 
-/// The store operation that records a reply.
+/// The store operation that records a reply, for recovery: it writes
+/// before it loads the scope into memory, so the store counts the scope
+/// to keep its newest `keep` ([`ReplayTrim::Keep`]; the engine's own
+/// records name what memory dropped, `Engine::put_reply`).
 fn record_op(r: RecordSpec) -> StoreOp {
     StoreOp::PutReplay {
         scope: r.scope,
@@ -1902,7 +1905,7 @@ fn record_op(r: RecordSpec) -> StoreOp {
             reply: r.reply,
             recorded_ms: now_ms(),
         },
-        keep: r.keep,
+        trim: ReplayTrim::Keep(r.keep),
     }
 }
 

@@ -56,16 +56,38 @@ impl Engine {
 
     pub(super) fn remember_reply(&mut self, r: RecordSpec) {
         let record = ReplayRecord {
-            reply: r.reply.clone(),
+            reply: r.reply,
             recorded_ms: now_ms(),
         };
-        let recs = self.replays.entry(r.scope.clone()).or_default();
-        recs.insert(r.op_id, record);
-        while recs.len() > usize::try_from(r.keep).unwrap_or(usize::MAX) {
+        self.put_reply(r.scope, r.op_id, record, r.keep);
+    }
+
+    /// Records a reply in memory and, for a persistent scope, in the
+    /// store, keeping the scope's newest `keep` (the lowest op ids go).
+    /// Memory holds every persistent scope whole (loaded at start, put
+    /// back from the store when a commit fails), so the store is told to
+    /// drop what memory dropped, below the lowest op id memory keeps
+    /// ([`ReplayTrim::Below`]): a step per record dropped, where counting
+    /// the scope's keys on every put cost a full scope's 4096 keys on the
+    /// committer thread (review rvcx).
+    fn put_reply(&mut self, scope: ReplayScope, op_id: u64, record: ReplayRecord, keep: u32) {
+        let recs = self.replays.entry(scope.clone()).or_default();
+        recs.insert(op_id, record.clone());
+        while recs.len() > usize::try_from(keep).unwrap_or(usize::MAX) {
             recs.pop_first();
         }
-        if self.scope_is_persistent(&r.scope) {
-            self.batch.push(record_op(r));
+        let trim = match recs.first_key_value() {
+            Some((oldest, _)) => ReplayTrim::Below(*oldest),
+            // `keep` 0 (callers clamp it to 1): none kept, as many stored.
+            None => ReplayTrim::Keep(keep),
+        };
+        if self.scope_is_persistent(&scope) {
+            self.batch.push(StoreOp::PutReplay {
+                scope,
+                op_id,
+                record,
+                trim,
+            });
         }
         self.stats.replies_recorded += 1;
     }
@@ -113,20 +135,7 @@ impl Engine {
             reply,
             recorded_ms: now_ms(),
         };
-        let recs = self.replays.entry(scope.clone()).or_default();
-        recs.insert(op_id, record.clone());
-        while recs.len() > usize::try_from(keep).unwrap_or(usize::MAX) {
-            recs.pop_first();
-        }
-        if self.scope_is_persistent(&scope) {
-            self.batch.push(StoreOp::PutReplay {
-                scope,
-                op_id,
-                record,
-                keep,
-            });
-        }
-        self.stats.replies_recorded += 1;
+        self.put_reply(scope, op_id, record, keep);
         Ok(Reply::Done)
     }
 
