@@ -1112,6 +1112,22 @@ fn a_stat_open_is_served_without_a_readable_descriptor() {
     no_handles_left(&d);
 }
 
+/// Review rvclock: SET_INFO FileBasicInformation took a write time of -2
+/// ("resume automatic updates") for a date in the year 58000 (ext4
+/// stored 2446), skipped times before 1970 while answering success, and
+/// took other negative times. Now 0, -1 and -2 leave the time, -1 keeps
+/// the open's WRITEs and end-of-file changes from moving it and -2 lets
+/// them again, 1969 is stored, and a negative time other than -1 and -2
+/// is STATUS_INVALID_PARAMETER and changes nothing (basic_times.py).
+#[test]
+fn basic_information_times_follow_ms_fsa() {
+    let s = Scratch::new("rksmbd-basic-times");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "basic_times.py");
+    no_handles_left(&d);
+}
+
 /// CHANGE_NOTIFY's limits (issue 16, 8): 140 connections waiting with a
 /// CHANGE_NOTIFY each — more than `fs.inotify.max_user_instances`' 128 —
 /// are all answered (old code made an inotify instance per connection,

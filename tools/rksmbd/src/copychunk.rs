@@ -12,6 +12,7 @@
 //! it is the open's id and this server's GUID (a client cannot name
 //! another session's open, nor guess one of another server).
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 use crate::files::{Kind, Open};
@@ -219,7 +220,8 @@ fn copy_one(c: &Connection, src: &Open, dst: &Open, chunk: &Chunk) -> Result<(),
     }
     let wrote = {
         let _pass = crate::files::check_io(&c.sh, *dkey, *dfid, chunk.target, len, true)?;
-        dfile.write_all_at(&buf, chunk.target)
+        dst.frozen
+            .kept_around(dfile.as_fd(), || dfile.write_all_at(&buf, chunk.target))
     };
     // Whether or not the write failed: a failed one may have landed in
     // part (a short pwrite, then ENOSPC or EIO on the next).

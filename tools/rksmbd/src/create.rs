@@ -1337,6 +1337,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             }),
             resilient_ms: None,
             lock_sequences: Vec::new(),
+            frozen: Default::default(),
             counted: None,
         },
     );
@@ -1912,6 +1913,7 @@ fn reconnect(
             replay: None,
             resilient_ms: None,
             lock_sequences: Vec::new(),
+            frozen: Default::default(),
             counted: None,
         },
     );
@@ -2030,6 +2032,7 @@ fn dir_open(
         replay: None,
         resilient_ms: None,
         lock_sequences: Vec::new(),
+        frozen: Default::default(),
         counted: None,
     }
 }

@@ -30,11 +30,13 @@ use libfilter::model::{Disposition, FileId, RelPath, ResumeKey, Rights};
 use libfilter::proto::ErrorCode;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
+use nix::sys::time::TimeSpec;
 
 use crate::create::CreateReplay;
 use crate::crypto::Dialect;
 use crate::info::{self, FileFacts, Meta};
 use crate::server::{Connection, Outcome, Reply, Request, Shared, MAX_IO};
+use crate::times::{BasicTimes, FrozenTimes};
 use crate::wire::{self, status, Command, Reader, Writer, HEADER_LEN};
 
 /// Bytes of directory entries read from the kernel at a time while
@@ -654,6 +656,9 @@ pub struct Open {
     /// it ([`crate::server::UserOpens`]); a file's user count goes with
     /// its handle in the session's link instead.
     pub(crate) counted: Option<crate::server::OpenSlots>,
+    /// The times a FileBasicInformation of -1 froze for this open: its
+    /// WRITEs and size changes put them back ([`crate::times`]).
+    pub(crate) frozen: FrozenTimes,
 }
 
 /// The lease key of the oplock of the open an OPLOCK_BREAK
@@ -1330,11 +1335,13 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), true)?;
         (offset, pass)
     };
-    let wrote = if at_end {
-        append_all(file, data)
-    } else {
-        file.write_all_at(data, offset)
-    };
+    let wrote = o.frozen.kept_around(file.as_fd(), || {
+        if at_end {
+            append_all(file, data)
+        } else {
+            file.write_all_at(data, offset)
+        }
+    });
     // Done: a lock waiting for it may be granted now (it need not wait
     // for the sync too), and other clients' read caching goes whatever
     // the write or the sync did: a failed write may have landed in part
@@ -1666,11 +1673,12 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
         4 => {
             let o = get(c, id)?;
             may(o, FILE_WRITE_ATTRIBUTES)?;
-            b.u64("creation")?;
+            let creation = b.u64("creation")?;
             let atime = b.u64("access time")?;
             let mtime = b.u64("write time")?;
-            b.u64("change time")?;
+            let change = b.u64("change time")?;
             let attrs = b.u32("file attributes")?;
+            let times = BasicTimes::of(creation, atime, mtime, change)?;
             // A file is not made a directory, nor a directory temporary
             // (MS-FSA 2.1.5.14.2; smbtorture smb2.create.dosattr_tmp_dir).
             const DIRECTORY: u32 = 0x10;
@@ -1679,7 +1687,7 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             if attrs & if is_dir { TEMPORARY } else { DIRECTORY } != 0 {
                 return Err(status::INVALID_PARAMETER);
             }
-            set_times(o.fd(), atime, mtime)?;
+            set_times(o.fd(), times)?;
             if let (Kind::File { file, .. }, true) = (&o.kind, attrs != 0) {
                 info::set_dos_attributes(file, attrs)?;
             }
@@ -1688,6 +1696,9 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             // no sync even there.
             if o.write_through {
                 sync_attributes(&sh, o)?;
+            }
+            if let Some(o) = c.opens.get_mut(&id) {
+                o.frozen = o.frozen.after(times);
             }
         }
         // FileRenameInformation (MS-FSCC 2.4.37.2).
@@ -1791,9 +1802,10 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
             if let Kind::File { key, .. } = &o.kind {
                 may(o, FILE_WRITE_DATA)?;
                 if alloc < o.meta()?.size {
-                    sh.filter
-                        .client()
-                        .set_end_of_file(*key, alloc, None)
+                    o.frozen
+                        .kept_around(o.fd(), || {
+                            sh.filter.client().set_end_of_file(*key, alloc, None)
+                        })
                         .map_err(|e| status_on_open(&e))?;
                 }
             }
@@ -1808,9 +1820,10 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
                 return Err(status::INVALID_PARAMETER);
             };
             may(o, FILE_WRITE_DATA)?;
-            sh.filter
-                .client()
-                .set_end_of_file(*key, size, None)
+            o.frozen
+                .kept_around(o.fd(), || {
+                    sh.filter.client().set_end_of_file(*key, size, None)
+                })
                 .map_err(|e| status_on_open(&e))?;
         }
         _ => return Err(status::INVALID_INFO_CLASS),
@@ -1818,21 +1831,16 @@ fn set_info(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outc
     Ok(Reply::ok(vec![2, 0]))
 }
 
-/// Sets access and write times; 0 and -1 leave a time unchanged. Through
-/// `utimensat(fd, "", AT_EMPTY_PATH)`, which also takes the `O_PATH`
-/// descriptor of a stat open (`futimens` refuses it).
-fn set_times(fd: std::os::fd::BorrowedFd<'_>, atime: u64, mtime: u64) -> Result<(), u32> {
-    use nix::sys::time::TimeSpec;
-    let spec = |t: u64| -> TimeSpec {
-        if t == 0 || t == u64::MAX || t < 116_444_736_000_000_000 {
-            return TimeSpec::UTIME_OMIT;
-        }
-        let unix = t - 116_444_736_000_000_000;
-        let secs = i64::try_from(unix / 10_000_000).unwrap_or(i64::MAX);
-        let nsecs = i64::try_from((unix % 10_000_000) * 100).unwrap_or(0);
-        TimeSpec::new(secs, nsecs)
-    };
-    libfilter::sys::set_times(fd, *spec(atime).as_ref(), *spec(mtime).as_ref()).map_err(io_status)
+/// Sets the access and write times `times` asks for (0, -1 and -2 leave a
+/// time as it is, [`crate::times`]). Through `utimensat(fd, "",
+/// AT_EMPTY_PATH)`, which also takes the `O_PATH` descriptor of a stat
+/// open (`futimens` refuses it).
+fn set_times(fd: std::os::fd::BorrowedFd<'_>, times: BasicTimes) -> Result<(), u32> {
+    let (atime, mtime) = (times.access.spec(), times.write.spec());
+    if atime == TimeSpec::UTIME_OMIT && mtime == TimeSpec::UTIME_OMIT {
+        return Ok(());
+    }
+    libfilter::sys::set_times(fd, *atime.as_ref(), *mtime.as_ref()).map_err(io_status)
 }
 
 /// What a FileDispositionInformation of open `id` answers by filterd's

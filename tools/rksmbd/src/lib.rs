@@ -16,7 +16,8 @@
 //! - [`files`] and [`create`]: CREATE, CLOSE, READ, WRITE, FLUSH, QUERY_INFO, SET_INFO,
 //!   QUERY_DIRECTORY over filterd handles, durable and persistent handles
 //!   and leases; [`contexts`] decodes and encodes CREATE contexts, [`info`]
-//!   the MS-FSCC information classes, [`lock`] byte-range locks, [`notify`]
+//!   the MS-FSCC information classes, [`times`] the times SET_INFO sets
+//!   (and those an open froze), [`lock`] byte-range locks, [`notify`]
 //!   CHANGE_NOTIFY; [`breaks`] forwards filterd's lease
 //!   breaks to the clients and their acknowledgments back, [`breaking`]
 //!   knows which are in progress.
@@ -50,6 +51,7 @@ pub mod server;
 pub mod sessions;
 pub mod settle;
 pub mod spnego;
+pub mod times;
 pub mod unanswered;
 pub mod users;
 pub mod wire;
