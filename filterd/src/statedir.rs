@@ -246,6 +246,22 @@ fn lock_file_name(root: &Path) -> anyhow::Result<String> {
     })
 }
 
+/// Whether `name` is one [`lock_file_name`] gives: `DEV-hTYPE-HEX.lock`
+/// (hex digits) or `DEV-INO.lock` (decimal).
+fn is_root_lock_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".lock") else {
+        return false;
+    };
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let dec = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = stem.split('-').collect();
+    match parts.as_slice() {
+        [dev, ty, handle] => hex(dev) && ty.strip_prefix('h').is_some_and(hex) && hex(handle),
+        [dev, ino] => dec(dev) && dec(ino),
+        _ => false,
+    }
+}
+
 /// Most entries of the lock dir [`sweep`] looks at per start.
 const SWEEP_MAX: usize = 256;
 
@@ -263,7 +279,10 @@ fn sweep(dir: &Path) {
     let mut removed = 0usize;
     for entry in entries.take(SWEEP_MAX).flatten() {
         let path = entry.path();
-        if path.extension().is_none_or(|e| e != "lock") {
+        // Only names [`lock_file_name`] gives: the dir may be one an
+        // operator shares with other programs (re-review rr37d: an unheld
+        // `Cargo.lock`, a `.pwd.lock` held by `fcntl`, were removed).
+        if !entry.file_name().to_str().is_some_and(is_root_lock_name) {
             continue;
         }
         let Ok(file) = std::fs::OpenOptions::new()
@@ -273,7 +292,8 @@ fn sweep(dir: &Path) {
         else {
             continue;
         };
-        if !file.metadata().is_ok_and(|m| m.is_file()) {
+        // filterd's lock files stay empty.
+        if !file.metadata().is_ok_and(|m| m.is_file() && m.len() == 0) {
             continue;
         }
         let Ok(held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
@@ -438,6 +458,32 @@ fn wait_for_lock(dir: File, sigs: &SigSet) -> anyhow::Result<Result<Flock<File>,
         }
         if let Ok(r) = rx.try_recv() {
             return r.map(Ok).context("waiting for the state lock");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sweep touches only the names filterd gives its lock files.
+    #[test]
+    fn only_filterds_lock_names_are_swept() {
+        for good in ["fd00-h1-81e09800f949ed9f.lock", "64768-1234.lock"] {
+            assert!(is_root_lock_name(good), "{good}");
+        }
+        for bad in [
+            "Cargo.lock",
+            ".pwd.lock",
+            "xtables.lock",
+            "fd00-h1-81e0.lck",
+            "fd00-x1-81e0.lock",
+            "1-2-3-4.lock",
+            "a-2.lock",
+            "-2.lock",
+            ".lock",
+        ] {
+            assert!(!is_root_lock_name(bad), "{bad}");
         }
     }
 }

@@ -858,9 +858,14 @@ fn filterds_given_one_root_lock_dir_exclude_each_other_and_sweep_it() {
     let stale = locks.join("1-2.lock");
     let held = locks.join("3-4.lock");
     let other = locks.join("notes.txt");
-    for f in [&stale, &held, &other] {
+    // Another program's unheld lock files, named unlike filterd's, or with
+    // content (re-review rr37d: `Cargo.lock` was swept).
+    let foreign = locks.join("Cargo.lock");
+    let written = locks.join("5-6.lock");
+    for f in [&stale, &held, &other, &foreign] {
         std::fs::write(f, "").unwrap();
     }
+    std::fs::write(&written, "pid 42").unwrap();
     let _holder = nix::fcntl::Flock::lock(
         std::fs::File::open(&held).unwrap(),
         nix::fcntl::FlockArg::LockExclusive,
@@ -872,8 +877,13 @@ fn filterds_given_one_root_lock_dir_exclude_each_other_and_sweep_it() {
     assert!(!stale.exists(), "a lock file nobody held was swept");
     assert!(held.exists(), "a held lock file is kept");
     assert!(other.exists(), "only .lock files are swept");
+    assert!(foreign.exists(), "only names filterd gives are swept");
+    assert!(written.exists(), "only empty lock files are swept");
     let names = lock_files(&locks);
-    let own: Vec<&String> = names.iter().filter(|n| *n != "3-4.lock").collect();
+    let own: Vec<&String> = names
+        .iter()
+        .filter(|n| !["3-4.lock", "Cargo.lock", "5-6.lock"].contains(&n.as_str()))
+        .collect();
     assert_eq!(own.len(), 1, "{names:?}");
     let root = std::fs::File::open(a.root()).unwrap();
     let dev = root.metadata().unwrap().dev();
