@@ -474,6 +474,11 @@ const MAX_LOCKS_PER_CLIENT_PER_FILE: usize = 64;
 /// 2048 frames of each connection, more than its socket holds.
 const MAX_ARRIVED_ROUNDS: usize = 64;
 
+/// Most connection reads (up to 32 frames each) of one `read_arrived`
+/// pass, whatever the number of connections: the pass stays bounded in
+/// time (a few thousand frames) however many peers had input queued.
+const MAX_ARRIVED_READS: usize = 256;
+
 /// Milliseconds on the monotonic clock (since the first call). Every timer
 /// — lease breaks, lock hints, expiries — runs on it, so a step of the
 /// wall clock neither expires a handle early nor stalls a break; only what
@@ -665,16 +670,25 @@ impl Engine {
     /// handle whose resume had come (review rvclock). Bounded: only what
     /// was queued when the deadline was found due is waited for (what
     /// comes later is read in later rounds, after it), and at most
-    /// [`MAX_ARRIVED_ROUNDS`] rounds. Returns true to stop.
+    /// [`MAX_ARRIVED_ROUNDS`] rounds and [`MAX_ARRIVED_READS`] connection
+    /// reads. What each round handled goes to the committer before the next
+    /// is read (re-review rr37c: one peer's deep queue held every other
+    /// client's durable reply back for the whole pass). Returns true to
+    /// stop.
     fn read_arrived(&mut self, poller: &mut Poller, cmds: &mut Vec<Command>) -> bool {
         let mut stop = false;
         if poller.note_arrived() {
+            let mut reads = 0;
             for _ in 0..MAX_ARRIVED_ROUNDS {
-                let ready = poller.arrived_unread();
+                let mut ready = poller.arrived_unread();
+                ready.truncate(MAX_ARRIVED_READS.saturating_sub(reads));
                 if ready.is_empty() || stop {
                     break;
                 }
+                reads += ready.len();
                 stop |= self.serve(poller, ready, cmds);
+                self.process_retries();
+                self.flush();
             }
             poller.forget_arrived();
         }
