@@ -533,7 +533,9 @@ fn files_and_locks_list_every_entry_of_a_file_larger_than_a_frame() {
     let mut d = Filterd::start(&s, &[], &[("RUST_LOG", "warn")]);
     let fe = attach(&s.socket(), "smb", "smb-a");
     let mut hot = BTreeSet::new();
-    for _ in 0..700 {
+    // More than a page's worth of holders is chosen from at a time
+    // (`HOLDERS_PER_PAGE_MAX`, 2,048).
+    for _ in 0..2500 {
         let h = fe.open(rkfilter_tests::plain_open("a", "hot")).unwrap();
         hot.insert(h.info.key.to_string());
     }
@@ -563,7 +565,7 @@ fn files_and_locks_list_every_entry_of_a_file_larger_than_a_frame() {
             .lines()
             .filter(|l| l.starts_with("hot "))
             .count(),
-        700
+        2500
     );
     // A control connection without the bit, as an older filterctl's.
     let old =

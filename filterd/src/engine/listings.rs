@@ -31,6 +31,11 @@ type PageEnd = Option<(FileId, bool)>;
 /// The bytes a file id and its field names take in a page, about.
 const FILE_ID_BYTES: usize = 96;
 
+/// More holders of a file than a page can hold (each is more than 48
+/// bytes of JSON: its resume key alone is 44): a page is made from the
+/// first this many after the cursor.
+const HOLDERS_PER_PAGE_MAX: usize = 2 * PAGE_BYTES / 48;
+
 /// `item`'s size as JSON (no smaller than its binary form).
 fn json_len<T: serde::Serialize>(item: &T) -> usize {
     serde_json::to_vec(item).map_or(PAGE_BYTES, |v| v.len())
@@ -131,13 +136,22 @@ impl Engine {
                 // The path of the file's first open: the same on every
                 // page the file is split across.
                 let path = hs.first()?.rec.path.clone();
+                if let Some((_, k)) = resume.filter(|(f, _)| f == file) {
+                    hs.retain(|h| h.rec.key > k);
+                }
+                // The first of them by key, no more than a page can hold,
+                // chosen without sorting them all: a file split over many
+                // pages costs each page one pass over its holders
+                // (re-review rr37d: each page sorted and sized every
+                // holder, quadratic in a file's opens on the engine
+                // thread).
+                if hs.len() > HOLDERS_PER_PAGE_MAX {
+                    hs.select_nth_unstable_by_key(HOLDERS_PER_PAGE_MAX, |h| h.rec.key);
+                    hs.truncate(HOLDERS_PER_PAGE_MAX);
+                }
                 hs.sort_by_key(|h| h.rec.key);
                 let items = hs
                     .iter()
-                    .filter(|h| match resume {
-                        Some((f, k)) if f == *file => h.rec.key > k,
-                        _ => true,
-                    })
                     .map(|h| FileHolder {
                         key: h.rec.key,
                         access: h.rec.access,

@@ -1449,6 +1449,12 @@ fn write_offset(o: &Open, offset: u64, len: u32) -> Result<u64, u32> {
 /// open could share the sync (smbshim's `SyncedFile` groups those).
 pub(crate) fn sync_if_write_through(o: &Open, asked: bool) -> Result<(), u32> {
     match &o.kind {
+        // A frozen time was put back after the write: an inode change of
+        // timestamps only, which fdatasync does not force out (re-review
+        // rr37d), so the whole inode goes.
+        Kind::File { file, .. } if (o.write_through || asked) && o.frozen.any() => {
+            file.sync_all().map_err(io_status)
+        }
         Kind::File { file, .. } if o.write_through || asked => file.sync_data().map_err(io_status),
         _ => Ok(()),
     }
