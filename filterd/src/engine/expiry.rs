@@ -170,7 +170,7 @@ impl Engine {
                     };
                     self.event_after(dep, writer, ev);
                 }
-                self.retry_files.insert(file);
+                self.break_over(file);
             }
         }
         while let Some(Reverse((t, key, gen))) = self.expiries.peek().copied() {

@@ -16,15 +16,22 @@ pub(super) enum Epoch {
 
 impl Engine {
     /// The leases on a file by key: their state and their handles.
+    /// In the order their keys are first met among the file's handles.
+    /// One pass, the keys found so far in a map: before (review rvcx) a
+    /// linear search of them per handle cost handles × keys.
     pub(super) fn leases_on(&self, file: FileId) -> Vec<(LeaseKey, LeaseState, Vec<ResumeKey>)> {
         let mut out: Vec<(LeaseKey, LeaseState, Vec<ResumeKey>)> = Vec::new();
+        let mut at: HashMap<LeaseKey, usize> = HashMap::new();
         for k in self.by_file.get(&file).into_iter().flatten() {
             let Some(l) = self.handles.get(k).and_then(|h| h.rec.lease) else {
                 continue;
             };
-            match out.iter_mut().find(|(lk, _, _)| *lk == l.key) {
+            match at.get(&l.key).and_then(|i| out.get_mut(*i)) {
                 Some(e) => e.2.push(*k),
-                None => out.push((l.key, l.state, vec![*k])),
+                None => {
+                    at.insert(l.key, out.len());
+                    out.push((l.key, l.state, vec![*k]));
+                }
             }
         }
         out
@@ -43,6 +50,7 @@ impl Engine {
     /// open "from anyone else" (RFC 8881 §10.4: the client resolves
     /// conflicts among its own opens), and a recall of its own would make
     /// the client's OPEN wait (NFS4ERR_DELAY) for a DELEGRETURN of its own.
+    /// The open waits for the breaks returned (none: it need not wait).
     pub(super) fn break_leases_for(
         &mut self,
         file: FileId,
@@ -51,7 +59,7 @@ impl Engine {
         group: Option<&super::opens::ShareGroup>,
         opener: Option<(&libfilter::model::ClientId, &InstanceName)>,
         truncates: bool,
-    ) -> bool {
+    ) -> Vec<(LeaseKey, u64)> {
         self.break_leases(file, requester, |lk, state, keys, this| {
             let own = |k: &ResumeKey| {
                 this.handles
@@ -103,9 +111,11 @@ impl Engine {
         file: FileId,
         requester: Option<LeaseKey>,
     ) -> bool {
-        self.break_leases(file, requester, |_, state, _, _| {
-            lease::break_for_namespace(state).map(|to| (to, true))
-        })
+        !self
+            .break_leases(file, requester, |_, state, _, _| {
+                lease::break_for_namespace(state).map(|to| (to, true))
+            })
+            .is_empty()
     }
 
     /// A write or a byte-range lock through handle `key` (attached to
@@ -181,28 +191,34 @@ impl Engine {
     /// acknowledgement when one is needed; see `break_leases_for`. A lease
     /// already being broken is not broken again: what the change needs is
     /// noted for when the holder acknowledges ([`Breaking::required`]).
+    /// Returns the breaks (in progress when this returns: lease key and
+    /// [`Breaking::id`]) the change waits for: none when it need not wait.
     pub(super) fn break_leases(
         &mut self,
         file: FileId,
         requester: Option<LeaseKey>,
         target: impl Fn(LeaseKey, LeaseState, &[ResumeKey], &Self) -> Option<(LeaseState, bool)>,
-    ) -> bool {
-        let mut wait = false;
+    ) -> Vec<(LeaseKey, u64)> {
+        let mut waits_for = Vec::new();
         for (lk, state, keys) in self.leases_on(file) {
             if Some(lk) == requester {
                 continue;
             }
             let wanted = target(lk, state, &keys, self);
             if let Some(b) = self.breaking.get_mut(&(file, lk)) {
-                match wanted {
+                let wait = match wanted {
                     Some((to, must_wait)) => {
                         b.required = b.required.and(to);
-                        wait |= must_wait || (b.waiters && b.required != b.to);
+                        let wait = must_wait || (b.waiters && b.required != b.to);
                         b.waiters |= must_wait;
+                        wait
                     }
                     // Nothing needed of the lease, but opens wait for the
                     // rest of its break chain: this one waits behind them.
-                    None => wait |= b.waiters && b.required != b.to,
+                    None => b.waiters && b.required != b.to,
+                };
+                if wait {
+                    waits_for.push((lk, b.id));
                 }
                 continue;
             }
@@ -219,28 +235,37 @@ impl Engine {
             // The epoch goes up when the break is sent (MS-SMB2 3.3.4.7),
             // also while the holder keeps its state until it acknowledges:
             // an open under its key meanwhile sees the new epoch.
+            // `keys` are the lease's holders: the work of each break
+            // touches them alone, not every handle of the file (review
+            // rvcx: a walk of the file's n handles per lease of n).
             let epoch = match ack {
-                true => self.set_lease_state_with(file, lk, state, Epoch::Bump),
-                false => self.set_lease_state(file, lk, to),
+                true => self.set_lease_state_of(&keys, lk, state, Epoch::Bump),
+                false => self.set_lease_state_of(&keys, lk, to, Epoch::OnChange),
             };
+            self.last_break_id += 1;
             let chain = Breaking {
                 to,
                 required: to,
                 waiters: must_wait,
                 deadline_ms: 0,
+                id: self.last_break_id,
             };
             self.send_break(
                 attached.first().copied(),
-                file,
-                lk,
+                (file, lk),
+                &keys,
                 state,
                 epoch,
                 ack,
                 chain,
             );
-            wait |= ack && must_wait;
+            // (An ack is awaited only for a break now in progress:
+            // `send_break`.)
+            if ack && must_wait {
+                waits_for.push((lk, self.last_break_id));
+            }
         }
-        wait
+        waits_for
     }
 
     /// Sets a lease's state on every handle of its key on the file (durably
@@ -260,10 +285,22 @@ impl Engine {
         to: LeaseState,
         epoch_step: Epoch,
     ) -> u16 {
-        let keys: Vec<ResumeKey> = self.by_file.get(&file).cloned().unwrap_or_default();
+        let keys = self.lease_holder_keys(file, lk);
+        self.set_lease_state_of(&keys, lk, to, epoch_step)
+    }
+
+    /// [`Self::set_lease_state_with`] on the handles `keys` (those of
+    /// the file under `lk`; any other is left alone).
+    fn set_lease_state_of(
+        &mut self,
+        keys: &[ResumeKey],
+        lk: LeaseKey,
+        to: LeaseState,
+        epoch_step: Epoch,
+    ) -> u16 {
         let mut epoch = 0;
         let mut purge = Vec::new();
-        for k in keys {
+        for &k in keys {
             let Some(h) = self.handles.get_mut(&k) else {
                 continue;
             };
@@ -586,9 +623,7 @@ impl Engine {
         let windows = self.lease_follows_msfsa(file, lk);
         match lease::next_break_step(state, b.required) {
             Some(next) if windows => self.break_next_step(conn, file, lk, state, next, &b),
-            _ => {
-                self.retry_files.insert(file);
-            }
+            _ => self.break_over(file),
         }
         Ok(Reply::Lease(HeldLease {
             key: lk,
@@ -612,32 +647,35 @@ impl Engine {
     ) {
         let ack = lease::ack_required(state);
         self.stats.breaks += 1;
+        let holders = self.lease_holder_keys(file, lk);
         let epoch = match ack {
-            true => self.set_lease_state_with(file, lk, state, Epoch::Keep),
-            false => self.set_lease_state_with(file, lk, next, Epoch::Keep),
+            true => self.set_lease_state_of(&holders, lk, state, Epoch::Keep),
+            false => self.set_lease_state_of(&holders, lk, next, Epoch::Keep),
         };
         let step = Breaking {
             to: next,
             required: chain.required,
             waiters: chain.waiters,
             deadline_ms: 0,
+            id: chain.id,
         };
-        self.send_break(Some(conn), file, lk, state, epoch, ack, step);
+        self.send_break(Some(conn), (file, lk), &holders, state, epoch, ack, step);
         if !ack {
-            self.retry_files.insert(file);
+            self.break_over(file);
         }
     }
 
-    /// Sends the break of lease `lk` from `state` to `b.to` to connection
-    /// `conn` (none: a disconnected holder learns nothing); one that needs
-    /// an acknowledgement is in progress until it comes, or until the
-    /// break timeout from now.
+    /// Sends the break of lease `lk` on `file` (held by the handles
+    /// `holders`) from `state` to `b.to` to connection `conn` (none: a
+    /// disconnected holder learns nothing); one that needs an
+    /// acknowledgement is in progress until it comes, or until the break
+    /// timeout from now.
     #[allow(clippy::too_many_arguments)]
     fn send_break(
         &mut self,
         conn: Option<ConnId>,
-        file: FileId,
-        lk: LeaseKey,
+        (file, lk): (FileId, LeaseKey),
+        holders: &[ResumeKey],
         state: LeaseState,
         epoch: u16,
         ack: bool,
@@ -649,9 +687,9 @@ impl Engine {
         {
             // If the commit `dep` names fails, the rollback forgets the
             // break (`Engine::roll_back`) so it is sent again.
-            let dep = self.break_dependency(file, lk);
+            let dep = self.break_dependency_among(holders, lk);
             let parked = self
-                .lease_holders(file, lk)
+                .lease_holders_among(holders, lk)
                 .find(|h| h.parked)
                 .map(|h| h.rec.key);
             let ev = Event::LeaseBreak {
@@ -691,23 +729,36 @@ impl Engine {
     /// lease and waits for a commit (`Handle::shown_at`): the frontend
     /// would not know the lease yet and drop the break.
     pub(super) fn break_dependency(&self, file: FileId, lk: LeaseKey) -> u64 {
-        let persistent = self
-            .lease_holders(file, lk)
-            .any(|h| h.rec.durability.is_persistent());
-        let shown = self
-            .lease_holders(file, lk)
-            .map(|h| h.shown_at)
-            .max()
-            .unwrap_or(0);
+        self.break_dependency_among(self.by_file.get(&file).map_or(&[], |v| &v[..]), lk)
+    }
+
+    /// [`Self::break_dependency`], the lease's holders among `keys`.
+    fn break_dependency_among(&self, keys: &[ResumeKey], lk: LeaseKey) -> u64 {
+        let (persistent, shown) = self
+            .lease_holders_among(keys, lk)
+            .fold((false, 0), |(p, s), h| {
+                (p || h.rec.durability.is_persistent(), s.max(h.shown_at))
+            });
         if persistent { self.batch.dep() } else { 0 }.max(shown)
     }
 
     /// The handles of `file` under lease key `lk`.
     fn lease_holders(&self, file: FileId, lk: LeaseKey) -> impl Iterator<Item = &Handle> + '_ {
-        self.by_file
-            .get(&file)
-            .into_iter()
-            .flatten()
+        self.lease_holders_among(self.by_file.get(&file).map_or(&[], |v| &v[..]), lk)
+    }
+
+    /// Their keys.
+    fn lease_holder_keys(&self, file: FileId, lk: LeaseKey) -> Vec<ResumeKey> {
+        self.lease_holders(file, lk).map(|h| h.rec.key).collect()
+    }
+
+    /// The handles among `keys` under lease key `lk`.
+    fn lease_holders_among<'a>(
+        &'a self,
+        keys: &'a [ResumeKey],
+        lk: LeaseKey,
+    ) -> impl Iterator<Item = &'a Handle> + 'a {
+        keys.iter()
             .filter_map(|k| self.handles.get(k).map(|h| &**h))
             .filter(move |h| h.rec.lease.is_some_and(|l| l.key == lk))
     }
@@ -827,10 +878,24 @@ impl Engine {
     pub(super) fn process_retries(&mut self) {
         self.commits_resolved();
         let files = std::mem::take(&mut self.retry_files);
+        let breaks_over = std::mem::take(&mut self.break_over_files);
+        for f in breaks_over.difference(&files) {
+            self.retry_waiting(*f, false);
+        }
         for f in files {
-            self.retry_waiting(f);
+            self.retry_waiting(f, true);
         }
         self.learn_links_step();
+    }
+
+    /// A break of a lease on `file` ended by its holder's acknowledgement
+    /// or by its timeout: what waited for it runs again — an open that
+    /// waits for breaks alone once the last of them is over
+    /// ([`Self::retry_waiting`]). Every other way a break ends (its
+    /// holder closed, lost, detached, a failed commit) retries the file
+    /// in full.
+    pub(super) fn break_over(&mut self, file: FileId) {
+        self.break_over_files.insert(file);
     }
 
     /// Runs a request that waited, if its connection is still there.
@@ -845,8 +910,14 @@ impl Engine {
         self.run_request(conn, &writer, &role, id, req);
     }
 
-    /// Runs again the opens of `file` that waited for lease breaks.
-    pub(super) fn retry_waiting(&mut self, file: FileId) {
+    /// Runs again the opens of `file` that waited for lease breaks. With
+    /// `all` unset (only breaks ended, `Self::break_over`), an open that
+    /// waits for breaks alone keeps waiting while one of them (that
+    /// break, a later step of its chain included, not one begun anew) is
+    /// still in progress: run again now, it would only wait again, at the cost of
+    /// a whole open (before, review rvcx: n acknowledgements of one open's
+    /// n breaks ran it n times, each time over every lease of the file).
+    pub(super) fn retry_waiting(&mut self, file: FileId, all: bool) {
         self.retry_deferred_deletes(file);
         let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_changes)
             .into_iter()
@@ -862,14 +933,24 @@ impl Engine {
         for (f, pid, reply, fd) in now {
             self.on_local_open(f, pid, fd, reply);
         }
-        let (now, later): (Vec<WaitingOpen>, Vec<WaitingOpen>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|w| w.file == file);
+        let (now, mut later): (Vec<WaitingOpen>, Vec<WaitingOpen>) =
+            std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(|w| w.file == file);
+        let (now, still): (Vec<WaitingOpen>, Vec<WaitingOpen>) = now.into_iter().partition(|w| {
+            all || !self.conns.contains_key(&w.conn)
+                || !w
+                    .breaks
+                    .iter()
+                    .any(|(lk, id)| self.breaking.get(&(file, *lk)).is_some_and(|b| b.id == *id))
+        });
+        later.extend(still);
         self.waiting = later;
         for w in now {
             let Some(writer) = self.conns.get(&w.conn).map(|c| c.writer.clone()) else {
                 continue; // its frontend went away meanwhile
             };
+            self.open_reruns += 1;
             self.begin_request();
             let outcome = self.open(w.conn, w.id, w.protocol, w.instance, w.req, w.replay);
             self.answer(w.conn, &writer, w.id, outcome);

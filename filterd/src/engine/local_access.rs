@@ -148,7 +148,10 @@ impl Engine {
                 l.saw(pid, &frontends);
             }
         }
-        if self.break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None, None, false) {
+        if !self
+            .break_leases_for(file, None, ShareMode::LOCAL_PROCESS, None, None, false)
+            .is_empty()
+        {
             // Remembered already (pid 0 when it runs again). Acted for:
             // the engine keeps it until its verdict (the break's timeout
             // bounds the wait), the watchdog does not refuse it meanwhile

@@ -171,6 +171,7 @@ impl Engine {
                 instance,
                 req: o,
                 replay,
+                breaks: Vec::new(),
             });
             return Ok(None);
         }
@@ -259,17 +260,18 @@ impl Engine {
         } else {
             mode
         };
-        let breaking = !stat
-            && !deleting
-            && !gate_wait
-            && self.break_leases_for(
+        let breaks = match !stat && !deleting && !gate_wait {
+            true => self.break_leases_for(
                 of.file,
                 o.lease.map(|l| l.key),
                 break_mode,
                 group.as_ref(),
                 Some((&o.client, &instance)),
                 truncation.is_some(),
-            );
+            ),
+            false => Vec::new(),
+        };
+        let breaking = !breaks.is_empty();
         if self.stats.purges != purges {
             // A purged holder's close may have deleted the file (delete on
             // close) or given up a share reservation: open again from the
@@ -293,6 +295,7 @@ impl Engine {
                     instance,
                     req: o,
                     replay,
+                    breaks: Vec::new(),
                 });
                 return Ok(None);
             }
@@ -329,6 +332,9 @@ impl Engine {
             if gate_wait {
                 self.restart_gate_hold(of.file);
             }
+            // Waiting for breaks alone, it runs again once they are all
+            // over (`retry_waiting`); for anything else, at every retry.
+            let only_breaks = !hint_wait && !gate_wait && !deleting && closing.is_none();
             self.waiting.push(WaitingOpen {
                 file: deleting_by.unwrap_or(of.file),
                 conn,
@@ -337,6 +343,7 @@ impl Engine {
                 instance,
                 req: o,
                 replay,
+                breaks: if only_breaks { breaks } else { Vec::new() },
             });
             return Ok(None);
         }

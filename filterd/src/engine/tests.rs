@@ -6994,3 +6994,104 @@ fn a_failed_purge_after_a_wall_clock_step_keeps_the_deadline() {
     h.commit(true);
     assert!(!h.engine.handles.contains_key(&key), "expired in time");
 }
+
+/// How a holder's break ends, in
+/// [`an_open_waiting_for_many_breaks_runs_again_once_they_are_all_over`].
+#[derive(Clone, Copy, Debug)]
+enum BreakEnd {
+    Acknowledged,
+    HolderClosed,
+    TimedOut,
+}
+
+/// Review rvcx: an open waiting for the breaks of n holders' leases ran
+/// again from scratch at every acknowledgement (each time over every
+/// lease of the file): n runs for one open, a second and more of the
+/// engine's time for 2000 holders. It runs again once, when the last of
+/// its breaks is over — acknowledged, timed out, or its holder closed —
+/// and never waits for ever.
+#[test]
+fn an_open_waiting_for_many_breaks_runs_again_once_they_are_all_over() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Event;
+    const N: usize = 40;
+    for last in [
+        BreakEnd::Acknowledged,
+        BreakEnd::HolderClosed,
+        BreakEnd::TimedOut,
+    ] {
+        let mut h = Harness::new();
+        let mut holders = BTreeMap::new();
+        for _ in 0..N {
+            let k = LeaseKey(uuid::Uuid::new_v4());
+            let Request::Open(mut reader) =
+                read_write_open_of_a(Disposition::Open, Some((k, "RH")))
+            else {
+                unreachable!("an open")
+            };
+            reader.access = Access::new(Rights::READ).unwrap();
+            let id = h.run(Request::Open(reader));
+            h.commit(true);
+            assert_eq!(
+                h.lease_of(id).map(|l| l.state),
+                Some(LeaseState::parse("RH").unwrap())
+            );
+            holders.insert(k, h.opened(id));
+        }
+        let writer = h.run(read_write_open_of_a(Disposition::Open, None));
+        h.commit(true);
+        let breaks: Vec<(LeaseKey, LeaseState)> = h
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::LeaseBreak {
+                    lease_key,
+                    new_state,
+                    ack_required: true,
+                    ..
+                } => Some((*lease_key, *new_state)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(breaks.len(), N, "{last:?}: every holder's lease breaks");
+        let before = h.engine.open_reruns;
+        for (i, (k, to)) in breaks.iter().enumerate() {
+            let end = if i + 1 == N {
+                last
+            } else {
+                BreakEnd::Acknowledged
+            };
+            match end {
+                BreakEnd::Acknowledged => {
+                    h.run(Request::LeaseBreakAck {
+                        lease_key: *k,
+                        state: *to,
+                        client: None,
+                    });
+                }
+                BreakEnd::HolderClosed => {
+                    h.run(Request::Close {
+                        key: holders[k],
+                        put: vec![],
+                        delete: vec![],
+                        delete_on_close: None,
+                    });
+                }
+                BreakEnd::TimedOut => h.engine.expire_due(u64::MAX),
+            }
+            h.commit(true);
+            h.engine.process_retries();
+            h.drain_replies();
+            h.commit(true);
+            if i + 1 < N {
+                assert!(h.reply(writer).is_none(), "{last:?}: waits for the rest");
+            }
+        }
+        h.opened(writer);
+        let runs = h.engine.open_reruns - before;
+        assert!(
+            runs <= 2,
+            "{last:?}: the waiting open ran again {runs} times for {N} breaks"
+        );
+    }
+}
