@@ -619,8 +619,11 @@ impl Engine {
             return Ok(self.settle_lease(file, lk, state));
         };
         // The break's epoch was bumped when it was sent.
-        let epoch = self.set_lease_state_with(file, lk, state, Epoch::Keep);
-        let windows = self.lease_follows_msfsa(file, lk);
+        let holders = self.lease_holder_keys(file, lk);
+        let epoch = self.set_lease_state_of(&holders, lk, state, Epoch::Keep);
+        let windows = self
+            .lease_holders_among(&holders, lk)
+            .any(|h| h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL);
         match lease::next_break_step(state, b.required) {
             Some(next) if windows => self.break_next_step(conn, file, lk, state, next, &b),
             _ => self.break_over(file),
@@ -933,18 +936,19 @@ impl Engine {
         for (f, pid, reply, fd) in now {
             self.on_local_open(f, pid, fd, reply);
         }
-        let (now, mut later): (Vec<WaitingOpen>, Vec<WaitingOpen>) =
+        let (mine, mut later): (Vec<WaitingOpen>, Vec<WaitingOpen>) =
             std::mem::take(&mut self.waiting)
                 .into_iter()
                 .partition(|w| w.file == file);
-        let (now, still): (Vec<WaitingOpen>, Vec<WaitingOpen>) = now.into_iter().partition(|w| {
-            all || !self.conns.contains_key(&w.conn)
-                || !w
-                    .breaks
-                    .iter()
-                    .any(|(lk, id)| self.breaking.get(&(file, *lk)).is_some_and(|b| b.id == *id))
-        });
-        later.extend(still);
+        let mut now = Vec::new();
+        for mut w in mine {
+            if all || !self.conns.contains_key(&w.conn) || self.breaks_all_over(file, &mut w.breaks)
+            {
+                now.push(w);
+            } else {
+                later.push(w);
+            }
+        }
         self.waiting = later;
         for w in now {
             let Some(writer) = self.conns.get(&w.conn).map(|c| c.writer.clone()) else {
@@ -955,6 +959,21 @@ impl Engine {
             let outcome = self.open(w.conn, w.id, w.protocol, w.instance, w.req, w.replay);
             self.answer(w.conn, &writer, w.id, outcome);
         }
+    }
+
+    /// Whether none of `breaks` (on `file`) is in progress any more. Those
+    /// over are dropped from the front, and the look stops at the first
+    /// still in progress: acknowledged in the order they were sent, n
+    /// breaks cost n looks in all, not one per break still waited for at
+    /// each acknowledgement.
+    fn breaks_all_over(&self, file: FileId, breaks: &mut VecDeque<(LeaseKey, u64)>) -> bool {
+        while let Some((lk, id)) = breaks.front() {
+            if self.breaking.get(&(file, *lk)).is_some_and(|b| b.id == *id) {
+                return false;
+            }
+            breaks.pop_front();
+        }
+        true
     }
 
     /// A break in progress whose lease no attached open holds any more can

@@ -15,7 +15,7 @@
 //! [`libfilter::share`] algebra.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -450,7 +450,7 @@ struct WaitingOpen {
     /// The breaks (lease keys on `file`, with the id of each break) it
     /// waits for, when it waits for nothing else; empty, it runs again
     /// at every retry.
-    breaks: Vec<(LeaseKey, u64)>,
+    breaks: VecDeque<(LeaseKey, u64)>,
 }
 
 /// An open parked until its intent is durable.

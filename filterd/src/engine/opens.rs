@@ -171,7 +171,7 @@ impl Engine {
                 instance,
                 req: o,
                 replay,
-                breaks: Vec::new(),
+                breaks: VecDeque::new(),
             });
             return Ok(None);
         }
@@ -295,7 +295,7 @@ impl Engine {
                     instance,
                     req: o,
                     replay,
-                    breaks: Vec::new(),
+                    breaks: VecDeque::new(),
                 });
                 return Ok(None);
             }
@@ -343,7 +343,11 @@ impl Engine {
                 instance,
                 req: o,
                 replay,
-                breaks: if only_breaks { breaks } else { Vec::new() },
+                breaks: if only_breaks {
+                    breaks.into()
+                } else {
+                    VecDeque::new()
+                },
             });
             return Ok(None);
         }
