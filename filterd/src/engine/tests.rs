@@ -7095,3 +7095,60 @@ fn an_open_waiting_for_many_breaks_runs_again_once_they_are_all_over() {
         );
     }
 }
+
+/// An open that waits for a break runs again once that break is over,
+/// also when a later open began a new break of the same lease in the
+/// same step (the engine retries after the step's requests): it waits
+/// for the break it met, not for the lease key (`Breaking::id`). Here
+/// the new break (of H, for an open the holder's share mode refuses)
+/// asks nothing the writer needs, so the writer goes on, as it did when
+/// every acknowledgement ran it again.
+#[test]
+fn an_open_waits_for_the_break_it_met_not_a_new_one_of_the_same_lease() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Event;
+    let mut h = Harness::new();
+    let k = LeaseKey(uuid::Uuid::new_v4());
+    let Request::Open(mut reader) = read_write_open_of_a(Disposition::Open, Some((k, "RH"))) else {
+        unreachable!("an open")
+    };
+    reader.access = Access::new(Rights::READ).unwrap();
+    reader.share = Rights::READ.union(Rights::WRITE);
+    let holder = h.run(Request::Open(reader));
+    h.commit(true);
+    assert_eq!(
+        h.lease_of(holder).map(|l| l.state),
+        Some(LeaseState::parse("RH").unwrap())
+    );
+    let writer = h.run(read_write_open_of_a(Disposition::Open, None));
+    h.commit(true);
+    assert!(h.reply(writer).is_none(), "waits for the break of R");
+    let to = h
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::LeaseBreak { new_state, .. } => Some(*new_state),
+            _ => None,
+        })
+        .expect("a break");
+    h.run(Request::LeaseBreakAck {
+        lease_key: k,
+        state: to,
+        client: None,
+    });
+    // In the same step, an open the holder's share mode refuses breaks
+    // its H: a new break of the same lease.
+    let Request::Open(mut deleter) = open("a", Rights::ALL) else {
+        unreachable!("an open")
+    };
+    deleter.access = Access::new(Rights::DELETE).unwrap();
+    deleter.durability = Durability::None;
+    deleter.create_guid = None;
+    let deleter = h.run(Request::Open(deleter));
+    h.commit(true);
+    assert!(h.reply(deleter).is_none(), "waits for the break of H");
+    h.engine.process_retries();
+    h.drain_replies();
+    h.commit(true);
+    h.opened(writer);
+}
