@@ -7001,6 +7001,8 @@ fn a_failed_purge_after_a_wall_clock_step_keeps_the_deadline() {
 enum BreakEnd {
     Acknowledged,
     HolderClosed,
+    /// Its (durable) handle detached: its client cannot acknowledge.
+    HolderDetached,
     TimedOut,
 }
 
@@ -7008,8 +7010,8 @@ enum BreakEnd {
 /// again from scratch at every acknowledgement (each time over every
 /// lease of the file): n runs for one open, a second and more of the
 /// engine's time for 2000 holders. It runs again once, when the last of
-/// its breaks is over — acknowledged, timed out, or its holder closed —
-/// and never waits for ever.
+/// its breaks is over — acknowledged, timed out, its holder closed or
+/// detached — and never waits for ever.
 #[test]
 fn an_open_waiting_for_many_breaks_runs_again_once_they_are_all_over() {
     use libfilter::lease::{LeaseKey, LeaseState};
@@ -7018,6 +7020,7 @@ fn an_open_waiting_for_many_breaks_runs_again_once_they_are_all_over() {
     for last in [
         BreakEnd::Acknowledged,
         BreakEnd::HolderClosed,
+        BreakEnd::HolderDetached,
         BreakEnd::TimedOut,
     ] {
         let mut h = Harness::new();
@@ -7030,6 +7033,8 @@ fn an_open_waiting_for_many_breaks_runs_again_once_they_are_all_over() {
                 unreachable!("an open")
             };
             reader.access = Access::new(Rights::READ).unwrap();
+            reader.durability = Durability::Durable { timeout_ms: 60_000 };
+            reader.create_guid = Some(CreateGuid(uuid::Uuid::new_v4()));
             let id = h.run(Request::Open(reader));
             h.commit(true);
             assert_eq!(
@@ -7074,6 +7079,12 @@ fn an_open_waiting_for_many_breaks_runs_again_once_they_are_all_over() {
                         key: holders[k],
                         put: vec![],
                         delete: vec![],
+                        delete_on_close: None,
+                    });
+                }
+                BreakEnd::HolderDetached => {
+                    h.run(Request::Detach {
+                        key: holders[k],
                         delete_on_close: None,
                     });
                 }
