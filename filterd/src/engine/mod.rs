@@ -493,9 +493,13 @@ const MAX_LOCKS_PER_CLIENT_PER_FILE: usize = 64;
 const MAX_ARRIVED_ROUNDS: usize = 64;
 
 /// Most connection reads (up to 32 frames each) of one `read_arrived`
-/// pass, whatever the number of connections: the pass stays bounded in
-/// time (a few thousand frames) however many peers had input queued.
-const MAX_ARRIVED_READS: usize = 256;
+/// pass, whatever the number of connections: 64 connections with input
+/// queued are read to [`MAX_ARRIVED_ROUNDS`]' depth, more to less (256:
+/// 512 frames each); the pass stays bounded (~130k frames, about a
+/// second of the engine) however many peers had input queued. At 256
+/// reads in all (re-review rr37e) an answer 600 frames deep was enforced
+/// over with 16 connections busy.
+const MAX_ARRIVED_READS: usize = 4096;
 
 /// Milliseconds on the monotonic clock (since the first call). Every timer
 /// — lease breaks, lock hints, expiries — runs on it, so a step of the
