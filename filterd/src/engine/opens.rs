@@ -4,6 +4,9 @@
 use super::*;
 use libfilter::proto::{MAX_KERNEL_HANDLE_JSON_BYTES, MAX_OPENED_JSON_BYTES};
 
+/// The longest owner an open may name ([`OpenRequest::owner`]), in bytes.
+const MAX_OPEN_OWNER_BYTES: usize = 4096;
+
 impl Engine {
     /// Whether connection `conn`'s hello was granted `feature`.
     pub(super) fn granted(&self, conn: ConnId, feature: u64) -> bool {
@@ -55,6 +58,16 @@ impl Engine {
         o: OpenRequest,
         replay: bool,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
+        // An owner is shown in listings and stored with the handle: one
+        // of many kilobytes (a third-party frontend's) made a lock view
+        // too large for a listing page, which then failed at it for good
+        // (re-review rr37d). The shipped frontends send at most 1 KiB.
+        if o.owner
+            .as_ref()
+            .is_some_and(|w| w.len() > MAX_OPEN_OWNER_BYTES)
+        {
+            return Err(err(ErrorCode::BadFrame, "owner: at most 4 KiB"));
+        }
         let durability = o.durability.normalized(self.cfg.max_durable_timeout_ms);
         // The records an open carries, checked and mapped into the
         // filter's scopes before anything is done (`o.put` stays as sent,

@@ -7163,3 +7163,26 @@ fn an_open_waits_for_the_break_it_met_not_a_new_one_of_the_same_lease() {
     h.commit(true);
     h.opened(writer);
 }
+
+/// Re-review rr37d: an open's owner had no length limit; one of many
+/// kilobytes (a third-party frontend's) made a lock view too large for a
+/// listing page, which then failed at it for good. Refused past 4 KiB,
+/// nothing opened.
+#[test]
+fn an_open_naming_an_owner_of_many_kilobytes_is_refused() {
+    let mut h = Harness::new();
+    let with_owner = |n: usize| match open("a", Rights::ALL) {
+        Request::Open(o) => Request::Open(OpenRequest {
+            owner: Some("o".repeat(n)),
+            ..o
+        }),
+        other => other,
+    };
+    let id = h.run(with_owner(4097));
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::BadFrame);
+    assert!(h.engine.handles.is_empty(), "nothing opened");
+    let id = h.run(with_owner(4096));
+    h.commit(true);
+    h.opened(id);
+}
