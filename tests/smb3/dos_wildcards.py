@@ -19,11 +19,11 @@ QUERY_DIRECTORY = 0xE
 FILE_NAMES_INFORMATION = 12
 
 
-def listed(client, pattern):
-    """The names (but `.` and `..`) a fresh listing of `dos` gives for
-    `pattern`."""
-    st, r = client.call(CREATE, create_body("dos", access=0x1, attributes=0x10, disposition=1, options=0x1))
-    check(st == 0, f"dos opened ({st:#010x})")
+def listed(client, pattern, directory="dos"):
+    """The names (but `.` and `..`) a fresh listing of `directory` gives
+    for `pattern`."""
+    st, r = client.call(CREATE, create_body(directory, access=0x1, attributes=0x10, disposition=1, options=0x1))
+    check(st == 0, f"{directory} opened ({st:#010x})")
     fid = r[64 + 64 : 64 + 80]
     p = pattern.encode("utf-16-le")
     body = struct.pack("<HBBI16sHHI", 33, FILE_NAMES_INFORMATION, 0, 0, fid, 64 + 32, len(p), 65536) + p

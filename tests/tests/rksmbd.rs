@@ -902,6 +902,33 @@ fn dos_wildcards_list_what_windows_lists() {
     no_handles_left(&d);
 }
 
+/// Review rvnames: a local file named `a\b` was listed as is, and a
+/// client opening, renaming or deleting what it was shown reached `a/b`;
+/// `x:y` and names with control characters were listed but could not be
+/// opened (smbclient failed the whole listing); and a pattern without
+/// wildcards matched case-blind, so `del foo.txt` deleted `FOO.TXT` too.
+/// Now such names are not listed, and an exact name lists that entry
+/// alone (names_shown.py).
+#[test]
+fn listings_show_only_names_a_client_can_use_and_exact_names_alone() {
+    let s = Scratch::new("rksmbd-names-shown");
+    let (odd, case) = (s.root().join("odd"), s.root().join("case"));
+    std::fs::create_dir(&odd).unwrap();
+    std::fs::create_dir(odd.join("a")).unwrap();
+    std::fs::create_dir(&case).unwrap();
+    for name in ["plain", "a\\b", "x:y", "ctl\u{1}"] {
+        std::fs::write(odd.join(name), name).unwrap();
+    }
+    std::fs::write(odd.join("a/b"), "victim").unwrap();
+    for name in ["foo.txt", "FOO.TXT", "other"] {
+        std::fs::write(case.join(name), name).unwrap();
+    }
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "names_shown.py");
+    no_handles_left(&d);
+}
+
 /// A directory listing holds where it stands, not the directory: 64
 /// listings of a 20 000-entry directory started on one connection leave
 /// rksmbd's memory as it was (before, each first QUERY_DIRECTORY read and

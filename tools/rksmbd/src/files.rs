@@ -507,6 +507,12 @@ pub(crate) enum Kind {
 /// its directory handle's telldir/seekdir.
 pub(crate) struct Listing {
     pattern: Pattern,
+    /// The pattern, when it has no wildcard and names an entry byte for
+    /// byte: only that entry matches (review rvnames: `del foo.txt`
+    /// listed `foo.txt` and `FOO.TXT` by the case-blind match and deleted
+    /// both). A pattern naming no entry exactly matches case-blind, as
+    /// before.
+    exact: Option<String>,
     /// `.` and `..` used up (0 to 2).
     dots: u8,
     /// The directory offset after the last entry used up (0: the start).
@@ -893,6 +899,18 @@ pub(crate) fn parse_name(name: &str) -> Result<Option<RelPath>, u32> {
     RelPath::new(parts.join("/"))
         .map(Some)
         .map_err(|_| status::OBJECT_NAME_INVALID)
+}
+
+/// Whether a host name can be shown to an SMB client: one [`parse_name`]
+/// takes back as itself. A local file named `a\b` was listed as is, and a
+/// client that opened, renamed or deleted what it was shown reached `a/b`
+/// instead; one with `:` or a control character was listed but could not
+/// be opened (review rvnames). Such names are not listed, as names that
+/// are not UTF-8 are not.
+pub(crate) fn shown_to_smb(name: &str) -> bool {
+    !name
+        .chars()
+        .any(|ch| ch < ' ' || "\\/:*?\"<>|".contains(ch))
 }
 
 /// The parent directory of `path` (opened `O_PATH` beneath the root) and
@@ -2427,8 +2445,16 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
     let restart = flags & (0x01 | 0x10) != 0;
     let first = listing.is_none() || restart;
     if first {
+        let exact = (!pattern.is_empty()
+            && pattern != "."
+            && pattern != ".."
+            && !pattern.chars().any(|ch| "*?<>\"/\\".contains(ch))
+            && nix::sys::stat::fstatat(fd.as_fd(), pattern.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .is_ok())
+        .then(|| pattern.clone());
         *listing = Some(Listing {
             pattern: Pattern::new(if pattern.is_empty() { "*" } else { &pattern }),
+            exact,
             dots: 0,
             at: 0,
             end: false,
@@ -2448,7 +2474,11 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
     };
     let mut full = false;
     let shape = l.pattern.shape();
-    let matches = |name: &str| shape.as_ref().is_some_and(|s| s.matches(name));
+    let exact = l.exact.clone();
+    let matches = |name: &str| match &exact {
+        Some(e) => name == e,
+        None => shape.as_ref().is_some_and(|s| s.matches(name)),
+    };
     // `.` and `..` first, both with the directory's own metadata (nothing
     // above the export root is ever looked at).
     while l.dots < 2 && !full {
@@ -2480,10 +2510,11 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
             l.end = true;
         }
         for e in batch {
-            // Names that are not UTF-8 cannot be shown to SMB.
+            // Names that are not UTF-8, or that a client could not name
+            // back (`shown_to_smb`), cannot be shown to SMB.
             let shown = std::str::from_utf8(&e.name)
                 .ok()
-                .filter(|n| *n != "." && *n != ".." && matches(n))
+                .filter(|n| *n != "." && *n != ".." && shown_to_smb(n) && matches(n))
                 .and_then(|n| {
                     let st = nix::sys::stat::fstatat(fd, n, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
                     Some((n, Meta::from_stat(&st)))

@@ -578,7 +578,13 @@ pub fn deliver(c: &mut Connection) {
             if e.mask.contains(AddWatchFlags::IN_DELETE_SELF) {
                 st.removed = true;
             }
-            let name = e.name.as_ref().and_then(|n| n.to_str());
+            // A name a client could not name back is not told, as it is
+            // not listed (`files::shown_to_smb`).
+            let name = e
+                .name
+                .as_ref()
+                .and_then(|n| n.to_str())
+                .filter(|n| crate::files::shown_to_smb(n));
             if let (Some(action), Some(name)) = (action(e, st.filter), name) {
                 st.keep((action, name.to_owned()));
             }
