@@ -15,8 +15,12 @@ pub enum LogFormat {
 /// Installs the subscriber.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or journald got escape
+    // sequences in every line (review rvobs's captures).
+    use std::io::IsTerminal as _;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.with_target(false).init(),

@@ -649,3 +649,57 @@ fn files_and_locks_list_every_entry_of_a_file_larger_than_a_frame() {
     let (n, offline) = listed(ctl_state(&s, &["locks", "--json"]));
     assert_eq!((n, offline), (512, locks), "offline, the same locks");
 }
+
+/// Review rvobs: at `RUST_LOG=debug` the request span carried the resume
+/// key only for opens and resumes, and a successful unlock or close
+/// logged no line at all. Every request now logs one line, with the key
+/// of the handle it names.
+#[test]
+fn each_request_logs_one_line_with_the_handle_it_names() {
+    let s = Scratch::new("ctl-request-lines");
+    std::fs::write(s.root().join("f"), b"x").unwrap();
+    let d = Filterd::start(&s, &[], &[("RUST_LOG", "filterd=debug")]);
+    let fe = attach(&s.socket(), "smb", "smb-a");
+    let h = fe.open(rkfilter_tests::plain_open("a", "f")).unwrap();
+    let key = h.info.key;
+    let range = LockRange {
+        offset: 0,
+        length: 10,
+    };
+    let lock = LockOp {
+        range,
+        exclusive: true,
+        unlock: false,
+    };
+    fe.lock(key, vec![lock], None).unwrap();
+    fe.lock(
+        key,
+        vec![LockOp {
+            unlock: true,
+            ..lock
+        }],
+        None,
+    )
+    .unwrap();
+    fe.close(key).unwrap();
+    let shown = format!("resume_key={key}");
+    for op in ["open", "lock", "close"] {
+        rkfilter_tests::wait_for(
+            &format!("a line of the {op} with its key"),
+            std::time::Duration::from_secs(10),
+            || {
+                let log = d.log_text();
+                let lines = log
+                    .lines()
+                    .filter(|l| {
+                        l.contains(&format!("op=\"{op}\""))
+                            && l.contains(&shown)
+                            && l.contains("handled")
+                    })
+                    .count();
+                let want = if op == "lock" { 2 } else { 1 };
+                (lines == want).then_some(())
+            },
+        );
+    }
+}

@@ -501,6 +501,37 @@ const MAX_ARRIVED_ROUNDS: usize = 64;
 /// over with 16 connections busy.
 const MAX_ARRIVED_READS: usize = 4096;
 
+/// The handle a request names, if any: its `key`, or the handle whose
+/// replay scope it reads or writes.
+fn named_handle(req: &Request) -> Option<ResumeKey> {
+    match req {
+        Request::Resume(ResumeRequest {
+            target: libfilter::proto::ResumeTarget::Key { key },
+            ..
+        }) => Some(*key),
+        Request::Close { key, .. }
+        | Request::Detach { key, .. }
+        | Request::Handle { key, .. }
+        | Request::Expire { key, .. }
+        | Request::Lock { key, .. }
+        | Request::CheckIo { key, .. }
+        | Request::BreakReadCaching { key, .. }
+        | Request::Wrote { key, .. }
+        | Request::Rename { key, .. }
+        | Request::SetEndOfFile { key, .. }
+        | Request::SetDeleteOnClose { key, .. } => Some(*key),
+        Request::RecordReply {
+            scope: ReplayScope::Handle(key),
+            ..
+        }
+        | Request::LookupReply {
+            scope: ReplayScope::Handle(key),
+            ..
+        } => Some(*key),
+        _ => None,
+    }
+}
+
 /// Milliseconds on the monotonic clock (since the first call). Every timer
 /// — lease breaks, lock hints, expiries — runs on it, so a step of the
 /// wall clock neither expires a handle early nor stalls a break; only what
@@ -929,9 +960,18 @@ impl Engine {
             op = frame.req.name(),
             resume_key = tracing::field::Empty
         );
+        // The handle a request names, in its span from the start (review
+        // rvobs: only opens and resumes carried it; a lock, close or
+        // delete on close logged without it, or not at all). An open's is
+        // recorded once it is known.
+        if let Some(key) = named_handle(&frame.req) {
+            span.record("resume_key", tracing::field::display(key));
+        }
         let _enter = span.enter();
         crate::failpoint::hit("engine.request");
         self.run_request(conn, &writer, &role, frame.id, frame.req);
+        // One line per request (`RUST_LOG=debug`), with its resume key.
+        tracing::debug!("handled");
     }
 
     /// Runs one request and answers it, or parks it to be answered later.
