@@ -226,6 +226,14 @@ fn basic_commands_and_malformed_input() {
         (Some("STATUS_INVALID_PARAMETER"), Some(77))
     );
     assert_eq!(c.call(json!({"cmd": "ECHO"}))["status"], "STATUS_SUCCESS");
+    // A user name over 1 KiB (every open's owner in filterd, which refuses
+    // one over 4 KiB): refused at SESSION_SETUP, not as a session whose
+    // every CREATE fails (re-review rr37f).
+    let long_user = c.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "u".repeat(5000)}));
+    assert_eq!(
+        long_user["status"], "STATUS_INVALID_PARAMETER",
+        "{long_user}"
+    );
     assert_eq!(
         c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}))["status"],
         "STATUS_SUCCESS"

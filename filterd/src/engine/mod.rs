@@ -505,10 +505,8 @@ const MAX_ARRIVED_READS: usize = 4096;
 /// replay scope it reads or writes.
 fn named_handle(req: &Request) -> Option<ResumeKey> {
     match req {
-        Request::Resume(ResumeRequest {
-            target: libfilter::proto::ResumeTarget::Key { key },
-            ..
-        }) => Some(*key),
+        // A resume records the handle it resumed itself (by key or by
+        // create GUID): recorded twice, the text log showed it twice.
         Request::Close { key, .. }
         | Request::Detach { key, .. }
         | Request::Handle { key, .. }

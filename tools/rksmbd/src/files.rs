@@ -510,9 +510,12 @@ pub(crate) struct Listing {
     /// The pattern, when it has no wildcard and names an entry byte for
     /// byte: only that entry matches (review rvnames: `del foo.txt`
     /// listed `foo.txt` and `FOO.TXT` by the case-blind match and deleted
-    /// both). A pattern naming no entry exactly matches case-blind, as
-    /// before.
+    /// both). A pattern naming no entry exactly matches case-blind.
     exact: Option<String>,
+    /// The pattern has no wildcard: the listing gives one entry at most,
+    /// the exact one or the first case-blind match (re-review rr37f:
+    /// `del Foo.Txt` still listed and deleted both; Samba gives one).
+    one: bool,
     /// `.` and `..` used up (0 to 2).
     dots: u8,
     /// The directory offset after the last entry used up (0: the start).
@@ -2445,16 +2448,18 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
     let restart = flags & (0x01 | 0x10) != 0;
     let first = listing.is_none() || restart;
     if first {
-        let exact = (!pattern.is_empty()
+        let one = !pattern.is_empty() && !pattern.chars().any(|ch| "*?<>\"".contains(ch));
+        let exact = (one
             && pattern != "."
             && pattern != ".."
-            && !pattern.chars().any(|ch| "*?<>\"/\\".contains(ch))
+            && !pattern.chars().any(|ch| "/\\".contains(ch))
             && nix::sys::stat::fstatat(fd.as_fd(), pattern.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
                 .is_ok())
         .then(|| pattern.clone());
         *listing = Some(Listing {
             pattern: Pattern::new(if pattern.is_empty() { "*" } else { &pattern }),
             exact,
+            one,
             dots: 0,
             at: 0,
             end: false,
@@ -2490,6 +2495,12 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
                     break;
                 }
                 full = single;
+                if l.one {
+                    // The one entry a name without wildcards lists.
+                    l.dots = 2;
+                    l.end = true;
+                    break;
+                }
             }
         }
         l.dots += 1;
@@ -2526,6 +2537,11 @@ fn query_directory(c: &mut Connection, req: &Request<'_>, related: Option<u64>) 
                     break;
                 }
                 full = single;
+                if l.one {
+                    l.at = e.next;
+                    l.end = true;
+                    break;
+                }
             }
             l.at = e.next;
             if full {

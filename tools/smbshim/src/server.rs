@@ -966,9 +966,20 @@ fn client_id(guid: uuid::Uuid) -> Result<ClientId, Fail> {
     ClientId::new(guid.to_string()).map_err(|e| invalid(e.to_string()))
 }
 
+/// The longest user name SESSION_SETUP takes, in bytes.
+const MAX_USER_BYTES: usize = 1024;
+
 fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
     let client_guid = uuid_field(obj, "client_guid")?;
     let user = str_field(obj, "user")?.to_owned();
+    // The user is every open's owner in filterd, which refuses one over
+    // 4 KiB: a longer name made a session whose every CREATE failed
+    // (re-review rr37f).
+    if user.len() > MAX_USER_BYTES {
+        return Err(invalid(format!(
+            "user must be at most {MAX_USER_BYTES} bytes"
+        )));
+    }
     if let Some(prev) = obj.get("previous_session_id").and_then(Value::as_u64) {
         let same = sh
             .sessions
