@@ -1462,9 +1462,15 @@ pub struct Stats {
     /// rksmbd's LOCKs replayed by a lock sequence it keeps itself (an
     /// open that is not durable) and replays of a LOCK still waiting.
     /// Not counted: rksmbd's replayed CREATE answered on its own
-    /// connection from the open it has (docs/ARCHITECTURE.md).
+    /// connection from the open it has (docs/ARCHITECTURE.md). A replay
+    /// whose reply fails with its commit is not counted.
     pub replays_detected: u64,
-    /// Lease breaks sent.
+    /// Lease breaks sent: break events handed to a holder's connection
+    /// (each step of a break chain counts), once the commit they wait for
+    /// (a persistent holder's epoch bump) is durable. Not counted: breaks
+    /// of disconnected holders (nothing is sent; their lease is lowered),
+    /// a break whose commit failed (it is sent, and counted, anew), and
+    /// the notice of a lowering after a break timed out.
     pub breaks: u64,
     /// Lock requests granted.
     pub locks_granted: u64,

@@ -79,6 +79,12 @@ pub(super) enum Undo {
     /// taken back with it. Before, `stats` kept counting them, and an
     /// expiry retried after a failed commit counted twice (review).
     Uncount(Removed),
+    /// A lease break event handed to its holder's connection behind this
+    /// commit, counted in `stats.breaks`: the event goes down with a failed
+    /// commit (and the break is sent anew), so the count is taken back.
+    /// Before, a break retried after a failed commit counted twice, and
+    /// one never sent once (review rvobs).
+    BreakSent,
 }
 
 /// What one request counted in [`Stats`](libfilter::proto::Stats) and
@@ -89,6 +95,10 @@ pub(super) struct Granted {
     pub(super) resumes: u64,
     pub(super) locks: u64,
     pub(super) replies_recorded: u64,
+    /// Replays answered (`stats.replays_detected`): one whose reply fails
+    /// with the commit was not answered (review rvobs: a replayed open
+    /// whose reattachment failed to commit stayed counted).
+    pub(super) replays: u64,
 }
 
 impl Granted {
@@ -99,6 +109,7 @@ impl Granted {
             resumes: stats.resumes,
             locks: stats.locks_granted,
             replies_recorded: stats.replies_recorded,
+            replays: stats.replays_detected,
         }
     }
 
@@ -111,6 +122,7 @@ impl Granted {
             replies_recorded: self
                 .replies_recorded
                 .saturating_sub(before.replies_recorded),
+            replays: self.replays.saturating_sub(before.replays),
         }
     }
 
@@ -128,6 +140,7 @@ impl Granted {
         stats.resumes = stats.resumes.saturating_sub(self.resumes);
         stats.locks_granted = stats.locks_granted.saturating_sub(self.locks);
         stats.replies_recorded = stats.replies_recorded.saturating_sub(self.replies_recorded);
+        stats.replays_detected = stats.replays_detected.saturating_sub(self.replays);
     }
 }
 
@@ -718,7 +731,7 @@ impl Engine {
 
     /// `filterctl stats` as durable now: what requests whose commit is
     /// still pending counted (grants, closes, expiries, purges, replies
-    /// recorded) is left out. Answered at once, so it neither shows what a
+    /// recorded, replays answered, breaks sent) is left out. Answered at once, so it neither shows what a
     /// failed commit takes back nor waits on an fsync, nor fails with a
     /// commit it does not change (review g3 of session 31: it waited, and
     /// a disk-full burst refused it exactly when `commits_failed` mattered).
@@ -732,6 +745,7 @@ impl Engine {
             match u {
                 Undo::Counts(c) => c.not_yet(&mut s),
                 Undo::Uncount(r) => r.take_back(&mut s),
+                Undo::BreakSent => s.breaks = s.breaks.saturating_sub(1),
                 _ => {}
             }
         }
@@ -740,7 +754,11 @@ impl Engine {
 
     /// Files an undo entry under the sequence the current request waits for.
     pub(super) fn undo_if_failed(&mut self, undo: Undo) {
-        let dep = self.batch.dep;
+        self.undo_if_seq_fails(self.batch.dep, undo);
+    }
+
+    /// Files an undo entry under sequence `dep`, if it is not durable yet.
+    pub(super) fn undo_if_seq_fails(&mut self, dep: u64, undo: Undo) {
         if dep > self.pipe.committed() {
             self.batch.pending.entry(dep).or_default().undo.push(undo);
         }
@@ -1014,6 +1032,7 @@ impl Engine {
                     Undo::Attachment(a) => self.put_back_attachment(&a),
                     Undo::Counts(c) => c.take_back(&mut self.stats),
                     Undo::Uncount(r) => r.take_back(&mut self.stats),
+                    Undo::BreakSent => self.stats.breaks = self.stats.breaks.saturating_sub(1),
                     Undo::Reinsert(_) | Undo::Lose(_) => {}
                 }
             }

@@ -231,7 +231,6 @@ impl Engine {
                 .filter_map(|h| h.conn)
                 .collect();
             let ack = lease::ack_required(state) && !attached.is_empty();
-            self.stats.breaks += 1;
             // The epoch goes up when the break is sent (MS-SMB2 3.3.4.7),
             // also while the holder keeps its state until it acknowledges:
             // an open under its key meanwhile sees the new epoch.
@@ -649,7 +648,6 @@ impl Engine {
         chain: &Breaking,
     ) {
         let ack = lease::ack_required(state);
-        self.stats.breaks += 1;
         let holders = self.lease_holder_keys(file, lk);
         let epoch = match ack {
             true => self.set_lease_state_of(&holders, lk, state, Epoch::Keep),
@@ -706,20 +704,53 @@ impl Engine {
             match parked.and_then(|k| self.handles.get_mut(&k)) {
                 // Its open waits for an intent: the reply granting the
                 // lease is not even built. The break follows it
-                // (`finish_parked`).
+                // (`finish_parked`), and is counted when it goes.
                 Some(h) => h.held_break = Some(ev),
-                None => self.event_after(dep, writer, ev),
+                None => self.break_event_after(dep, writer, ev),
             }
+        } else {
+            // Neither sent nor counted in `stats.breaks`.
+            debug!(lease_key = %lk, from = %state, to = %b.to, "lease break of a disconnected holder: not sent");
         }
         if ack {
             // The local opens waiting for the file's breaks wait for this
             // one too: none held past its deadline begins that wait.
             self.refuse_held_local_opens_past_deadline(file);
-            info!(lease_key = %lk, from = %state, to = %b.to, waits = b.waiters, "lease break sent");
             let deadline_ms = mono_ms() + self.cfg.break_timeout_ms;
             self.breaking
                 .insert((file, lk), Breaking { deadline_ms, ..b });
         }
+    }
+
+    /// Hands the break event `ev` to `writer`, behind sequence `dep`
+    /// ([`Engine::event_after`]), and counts it in `stats.breaks`: the
+    /// only place a break is counted, so a break held for a parked open's
+    /// reply counts when it goes, and one of a disconnected holder never.
+    /// If `dep`'s commit fails the event is dropped (and the break sent
+    /// anew by the open that wants it): the count is taken back with it
+    /// (`Undo::BreakSent`). Before (review rvobs) a break counted when it
+    /// was decided: a holder sent one break after a failed commit was
+    /// counted two, and a disconnected holder's break one.
+    pub(super) fn break_event_after(
+        &mut self,
+        dep: u64,
+        writer: std::sync::Arc<crate::outbox::ConnWriter>,
+        ev: Event,
+    ) {
+        if let Event::LeaseBreak {
+            lease_key,
+            current_state,
+            new_state,
+            epoch,
+            ack_required,
+            ..
+        } = &ev
+        {
+            info!(lease_key = %lease_key, from = %current_state, to = %new_state, epoch, ack = ack_required, "lease break sent");
+        }
+        self.stats.breaks += 1;
+        self.undo_if_seq_fails(dep, super::durable::Undo::BreakSent);
+        self.event_after(dep, writer, ev);
     }
 
     /// The commit a break of lease `lk` on `file` (or any event showing
@@ -804,7 +835,7 @@ impl Engine {
         match to {
             Some((shown, writer)) => {
                 let dep = self.request_dependency().max(shown);
-                self.event_after(dep, writer, ev);
+                self.break_event_after(dep, writer, ev);
             }
             None => self.settle_unackable_break(file, lk),
         }

@@ -771,7 +771,7 @@ impl Engine {
             .and_then(|c| self.conns.get(&c))
             .map(|c| c.writer.clone());
         match (held, writer) {
-            (Some(ev), Some(w)) => self.event_after(dep, w, ev),
+            (Some(ev), Some(w)) => self.break_event_after(dep, w, ev),
             // Detached while it waited (its frontend's connection went):
             // the lease's other holders are told instead (review, session
             // 29: dropped here, the break stayed in progress).

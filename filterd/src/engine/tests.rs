@@ -4444,6 +4444,101 @@ fn a_break_whose_commit_failed_is_sent_again() {
     assert_eq!(h.break_epochs(), vec![e0 + 1], "the break is sent again");
 }
 
+/// A harness (MS-FSA's rule) with alice's persistent open of `a` under an
+/// RWH lease, committed: the harness and the holder's handle.
+fn a_persistent_rwh_holder_of_a() -> (Harness, ResumeKey) {
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
+    let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let holder = h.run(with_rwh_lease(open("a", Rights::ALL), k));
+    h.commit(true);
+    let holder = h.opened(holder);
+    (h, holder)
+}
+
+/// Review rvobs: `stats.breaks` counted a break when it was decided, so a
+/// break whose event went down with a failed commit (never sent) was
+/// counted, and counted again when the open sent it anew: the holder got
+/// one break, `stats` said 2. A break counts when its event is handed to
+/// the holder's connection, and a failed commit takes it back.
+#[test]
+fn a_break_whose_commit_failed_is_counted_once() {
+    let (mut h, _) = a_persistent_rwh_holder_of_a();
+    h.run(bobs("a", Rights::READ, Disposition::Open));
+    assert_eq!(h.engine.durable_stats().breaks, 0, "pending: not yet");
+    h.commit(false);
+    h.drain_replies();
+    assert!(h.break_epochs().is_empty(), "nothing sent");
+    assert_eq!(h.engine.durable_stats().breaks, 0, "nothing sent");
+    h.engine.process_retries();
+    h.run(bobs("a", Rights::READ, Disposition::Open));
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(h.break_epochs().len(), 1, "one break sent");
+    assert_eq!(h.engine.stats.breaks, 1, "counted once");
+    assert_eq!(h.engine.durable_stats().breaks, 1);
+}
+
+/// Review rvobs: a disconnected persistent holder's break (no connection:
+/// nothing sent, the lease lowered at once) was counted as sent. It is
+/// not counted.
+#[test]
+fn a_disconnected_holders_break_is_not_counted() {
+    let (mut h, holder) = a_persistent_rwh_holder_of_a();
+    h.run(Request::Detach {
+        key: holder,
+        delete_on_close: None,
+    });
+    h.commit(true);
+    let bob = h.run(bobs("a", Rights::READ, Disposition::Open));
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    assert!(h.reply(bob).is_some(), "bob's open was answered");
+    assert!(h.break_epochs().is_empty(), "nothing sent");
+    assert_eq!(h.engine.stats.breaks, 0, "nothing counted");
+}
+
+/// Runs `open`, detaches the handle it opens, both committed: its key.
+fn opened_and_detached(h: &mut Harness, open: Request) -> ResumeKey {
+    let opened = h.run(open);
+    h.commit(true);
+    let key = h.opened(opened);
+    h.run(Request::Detach {
+        key,
+        delete_on_close: None,
+    });
+    h.commit(true);
+    key
+}
+
+/// Review rvobs: a replayed open (its create GUID names a disconnected
+/// handle) counted in `stats.replays_detected` before its reattachment
+/// committed, and a failed commit, which refuses the reply, kept it. Only
+/// a replay answered counts.
+#[test]
+fn a_replayed_open_whose_commit_fails_is_not_counted() {
+    let mut h = Harness::new();
+    let req = open("a", Rights::ALL);
+    let key = opened_and_detached(&mut h, req.clone());
+    let Request::Open(o) = req else {
+        unreachable!("open() makes an open")
+    };
+    let req = Request::ReplayOpen(o);
+    let replay = h.run(req.clone());
+    assert!(h.reply(replay).is_none(), "waits for the reattachment");
+    assert_eq!(h.engine.durable_stats().replays_detected, 0, "pending");
+    h.commit(false);
+    assert!(h.reply(replay).is_some_and(|r| r.is_err()), "refused");
+    assert_eq!(h.engine.stats.replays_detected, 0, "refused: not counted");
+    let replay = h.run(req);
+    h.commit(true);
+    assert_eq!(h.opened(replay), key, "the same handle");
+    assert_eq!(h.engine.stats.replays_detected, 1, "answered: counted");
+}
+
 /// A plain (non-durable) open of `path` by alice, read and write, sharing
 /// nothing.
 fn plain_exclusive_open(path: &str, disposition: Disposition) -> Request {
@@ -6375,14 +6470,7 @@ fn replays_answered_needs_the_bit_and_a_sane_count() {
 #[test]
 fn an_expiry_whose_commit_fails_is_not_counted() {
     let mut h = Harness::new();
-    let opened = h.run(open("a", Rights::ALL));
-    h.commit(true);
-    let key = h.opened(opened);
-    h.run(Request::Detach {
-        key,
-        delete_on_close: None,
-    });
-    h.commit(true);
+    let key = opened_and_detached(&mut h, open("a", Rights::ALL));
     h.engine.expire_due(u64::MAX);
     h.commit(false);
     assert!(h.keys().contains(&key), "the handle is back");
