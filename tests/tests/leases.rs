@@ -384,3 +384,46 @@ fn rename_breaks_handle_caching_first() {
     rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
     assert!(s.root().join("g").exists() && !s.root().join("f").exists());
 }
+
+/// Review rvobs: `stats.breaks` counted a break when filterd decided it.
+/// A persistent holder's break waits for the commit of its epoch bump;
+/// when that commit failed the break was never sent, the open sent it
+/// again, and `stats` counted 2 for the one break the holder got. It
+/// counts the breaks handed to the holder's connection.
+#[test]
+fn a_break_sent_again_after_a_failed_commit_counts_once() {
+    let s = Scratch::new("lease-count");
+    let _d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    let smb = frontend(&s, "smb", "smb-1");
+    let nfs = frontend(&s, "nfs", "nfs-1");
+    let k1 = LeaseKey(uuid::Uuid::new_v4());
+    let persistent = Durability::Persistent { timeout_ms: 60_000 };
+    smb.open(req("alice", RW, Rights::ALL, persistent, Some((k1, "RWH"))))
+        .unwrap();
+    let pending = open_async(
+        &nfs,
+        req("bob", Rights::READ, Rights::ALL, Durability::None, None),
+    );
+    let (key, cur, new, ack) = next_break(&smb);
+    assert_eq!((key, cur, new, ack), (k1, st("RWH"), st("RH"), true));
+    smb.call(Request::LeaseBreakAck {
+        lease_key: k1,
+        state: st("RH"),
+        client: None,
+    })
+    .unwrap();
+    let bob = pending.recv_timeout(Duration::from_secs(10)).unwrap();
+    let stats = FilterClient::connect_control(&s.socket()).unwrap();
+    let counted = match stats.call(Request::Stats).unwrap().0 {
+        Reply::Stats(c) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(counted.commits_failed, 1, "the failpoint hit: {bob:?}");
+    let more = smb
+        .events()
+        .try_iter()
+        .filter(|e| matches!(e, Event::LeaseBreak { .. }))
+        .count();
+    assert_eq!(more, 0, "one break sent");
+    assert_eq!(counted.breaks, 1, "counted once: {bob:?}");
+}
