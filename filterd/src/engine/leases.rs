@@ -746,7 +746,16 @@ impl Engine {
             ..
         } = &ev
         {
-            info!(lease_key = %lease_key, from = %current_state, to = %new_state, epoch, ack = ack_required, "lease break sent");
+            // At INFO those that need an acknowledgement, as before; the
+            // others (a read lease broken by a write) would flood it.
+            match ack_required {
+                true => {
+                    info!(lease_key = %lease_key, from = %current_state, to = %new_state, epoch, "lease break sent")
+                }
+                false => {
+                    debug!(lease_key = %lease_key, from = %current_state, to = %new_state, epoch, "lease break sent")
+                }
+            }
         }
         self.stats.breaks += 1;
         self.undo_if_seq_fails(dep, super::durable::Undo::BreakSent);
