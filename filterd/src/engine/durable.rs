@@ -981,10 +981,11 @@ impl Engine {
         // right after a failed close, 3 in 30 runs of
         // `a_failed_close_keeps_a_handle_seen_below_through_its_link`
         // once the committer published after its sends).
-        b.last = (b.committed..=through)
+        let settled = (b.committed..=through)
             .rev()
             .find(|s| !abandoned.contains(s))
             .unwrap_or(b.committed);
+        b.last = settled;
         for (s, t) in b.pending.range(through + 1..) {
             for f in &t.files {
                 b.file_seq.insert(*f, *s);
@@ -1000,9 +1001,14 @@ impl Engine {
         // (one that built on the failed commit, which `committed` never
         // passes) would be dropped with it (review, session 29; no test
         // reaches two commits in flight here).
+        // The last sequence up to `through` that was not abandoned, as
+        // `b.last`: `through` itself is abandoned when the whole commit
+        // failed, and a break made to wait for it was refused by the
+        // pipeline, never sent, its opener waiting out the break timeout
+        // (re-review rr37g; no test of its own).
         for h in self.handles.values_mut() {
             if abandoned.contains(&h.shown_at) {
-                h.shown_at = through;
+                h.shown_at = settled;
             }
         }
         // In-memory effects first, newest first.
