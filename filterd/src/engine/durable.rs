@@ -437,6 +437,12 @@ impl Batch {
         self.seq
     }
 
+    /// The newest pending sequence (tests).
+    #[cfg(test)]
+    pub(super) fn last_pending(&self) -> Option<u64> {
+        self.pending.keys().next_back().copied()
+    }
+
     /// The highest sequence the request being handled depends on.
     pub(super) fn dep(&self) -> u64 {
         self.dep
@@ -981,10 +987,19 @@ impl Engine {
         // right after a failed close, 3 in 30 runs of
         // `a_failed_close_keeps_a_handle_seen_below_through_its_link`
         // once the committer published after its sends).
-        let settled = (b.committed..=through)
-            .rev()
-            .find(|s| !abandoned.contains(s))
-            .unwrap_or(b.committed);
+        // Taken from what is still pending (abandoned sequences, this
+        // rollback's and earlier ones', are gone from it; the pipeline
+        // refuses them all): a sequence an earlier rollback abandoned
+        // was taken for settled here (re-review rr37h).
+        let last_pending_to = |pending: &BTreeMap<u64, Touched>, upto: u64, committed: u64| {
+            pending
+                .range(..=upto)
+                .next_back()
+                .map(|(s, _)| *s)
+                .filter(|s| *s > committed)
+                .unwrap_or(committed)
+        };
+        let settled = last_pending_to(&b.pending, through, b.committed);
         b.last = settled;
         for (s, t) in b.pending.range(through + 1..) {
             for f in &t.files {
@@ -1001,14 +1016,16 @@ impl Engine {
         // (one that built on the failed commit, which `committed` never
         // passes) would be dropped with it (review, session 29; no test
         // reaches two commits in flight here).
-        // The last sequence up to `through` that was not abandoned, as
-        // `b.last`: `through` itself is abandoned when the whole commit
+        // The last sequence below it still pending (or the last
+        // committed): `through` itself is abandoned when the whole commit
         // failed, and a break made to wait for it was refused by the
         // pipeline, never sent, its opener waiting out the break timeout
-        // (re-review rr37g; no test of its own).
+        // (re-review rr37g); one below the old value, not below
+        // `through`, so a reply still queued past `through` goes first
+        // (rr37h). No test of its own.
         for h in self.handles.values_mut() {
             if abandoned.contains(&h.shown_at) {
-                h.shown_at = settled;
+                h.shown_at = last_pending_to(&b.pending, h.shown_at.saturating_sub(1), b.committed);
             }
         }
         // In-memory effects first, newest first.
