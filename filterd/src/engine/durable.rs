@@ -530,6 +530,17 @@ pub(super) fn intent_file(c: &IntentChange) -> Option<FileId> {
     }
 }
 
+/// The last sequence of `pending` up to `upto` above `committed`, or 0
+/// when there is none (what is resolved needs no wait; see `roll_back`).
+fn last_pending_to(pending: &BTreeMap<u64, Touched>, upto: u64, committed: u64) -> u64 {
+    pending
+        .range(..=upto)
+        .next_back()
+        .map(|(s, _)| *s)
+        .filter(|s| *s > committed)
+        .unwrap_or(0)
+}
+
 impl Engine {
     /// Starts a request (or an internal step that changes state): it gets
     /// a group of its own and depends on nothing yet.
@@ -990,15 +1001,12 @@ impl Engine {
         // Taken from what is still pending (abandoned sequences, this
         // rollback's and earlier ones', are gone from it; the pipeline
         // refuses them all): a sequence an earlier rollback abandoned
-        // was taken for settled here (re-review rr37h).
-        let last_pending_to = |pending: &BTreeMap<u64, Touched>, upto: u64, committed: u64| {
-            pending
-                .range(..=upto)
-                .next_back()
-                .map(|(s, _)| *s)
-                .filter(|s| *s > committed)
-                .unwrap_or(committed)
-        };
+        // was taken for settled here (re-review rr37h). None: 0, which
+        // every reply and event passes at once — not `committed`, which
+        // an earlier whole failure may have abandoned, and `reply_after`
+        // refuses an abandoned sequence even below what is published
+        // (re-review rr37i: every status query failed in a disk-full
+        // burst).
         let settled = last_pending_to(&b.pending, through, b.committed);
         b.last = settled;
         for (s, t) in b.pending.range(through + 1..) {
@@ -1009,24 +1017,6 @@ impl Engine {
                 b.scope_seq.insert(c.clone(), *s);
             }
             b.last = b.last.max(*s);
-        }
-        // A reply that showed a handle and waited for an abandoned commit
-        // went out as a failure: the handle's breaks need not wait for it.
-        // A break made to wait for an abandoned sequence after `through`
-        // (one that built on the failed commit, which `committed` never
-        // passes) would be dropped with it (review, session 29; no test
-        // reaches two commits in flight here).
-        // The last sequence below it still pending (or the last
-        // committed): `through` itself is abandoned when the whole commit
-        // failed, and a break made to wait for it was refused by the
-        // pipeline, never sent, its opener waiting out the break timeout
-        // (re-review rr37g); one below the old value, not below
-        // `through`, so a reply still queued past `through` goes first
-        // (rr37h). No test of its own.
-        for h in self.handles.values_mut() {
-            if abandoned.contains(&h.shown_at) {
-                h.shown_at = last_pending_to(&b.pending, h.shown_at.saturating_sub(1), b.committed);
-            }
         }
         // In-memory effects first, newest first.
         let mut undone = undone;
@@ -1058,6 +1048,24 @@ impl Engine {
                     Undo::BreakSent => self.stats.breaks = self.stats.breaks.saturating_sub(1),
                     Undo::Reinsert(_) | Undo::Lose(_) => {}
                 }
+            }
+        }
+        // A reply that showed a handle and waited for an abandoned commit
+        // went out as a failure: the handle's breaks need not wait for it.
+        // A break made to wait for an abandoned sequence after `through`
+        // (one that built on the failed commit, which `committed` never
+        // passes) would be dropped with it (review, session 29). It takes
+        // the last sequence below the old one still pending (or none):
+        // `through` itself is abandoned when the whole commit failed, and
+        // a break made to wait for it was refused by the pipeline, never
+        // sent, its opener waiting out the break timeout (re-review
+        // rr37g); one below the old value, not below `through`, so a reply
+        // still queued past `through` goes first (rr37h). After the undo
+        // above, so handles it put back are seen too (rr37i).
+        let (pending, committed) = (&self.batch.pending, self.batch.committed);
+        for h in self.handles.values_mut() {
+            if abandoned.contains(&h.shown_at) {
+                h.shown_at = last_pending_to(pending, h.shown_at.saturating_sub(1), committed);
             }
         }
         let mut handles = BTreeSet::new();
