@@ -432,6 +432,14 @@ impl Filterd {
         st
     }
 
+    /// Waits for a daemon that is to refuse to start to exit, asserts it
+    /// failed, and returns its log (which says why).
+    pub fn refused(&mut self) -> String {
+        let st = self.wait_exit(Duration::from_secs(20));
+        assert!(!st.success(), "filterd started: {st:?}");
+        self.log_text()
+    }
+
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let c = self.child.as_mut().expect("running");

@@ -559,9 +559,7 @@ fn a_state_dir_started_on_another_export_root_refuses_and_keeps_its_handles() {
     std::fs::rename(s.root(), &real).unwrap();
     std::fs::create_dir(s.root()).unwrap();
     let mut wrong = Filterd::spawn(&s, &[], &[]);
-    let st = wrong.wait_exit(Duration::from_secs(20));
-    assert!(!st.success(), "{st:?}");
-    let log = wrong.log_text();
+    let log = wrong.refused();
     assert!(
         log.contains("is not the one this state belongs to") && log.contains("--rebind-root"),
         "{log}"
@@ -630,15 +628,8 @@ fn a_second_daemon_on_one_export_root_is_refused_or_waits() {
     std::os::unix::fs::symlink(a.root(), b.root()).unwrap();
     let mut first = Filterd::start(&a, &[], &[]);
     let mut second = Filterd::spawn(&b, &[], &[]);
-    let st = second.wait_exit(Duration::from_secs(20));
-    assert!(!st.success(), "{st:?}");
-    assert!(
-        second
-            .log_text()
-            .contains("another filterd serves export root"),
-        "{}",
-        second.log_text()
-    );
+    let log = second.refused();
+    assert!(log.contains("another filterd serves export root"), "{log}");
     let mut standby = Filterd::spawn(&b, &["--standby"], &[]);
     standby.wait_log(
         "waiting for the filterd serving this export root",
@@ -657,15 +648,8 @@ fn a_second_daemon_on_one_export_root_is_refused_or_waits() {
     assert!(standby.terminate().success());
     waiting.wait_ready();
     let mut third = Filterd::spawn(&b, &[], &[]);
-    let st = third.wait_exit(Duration::from_secs(20));
-    assert!(!st.success(), "{st:?}");
-    assert!(
-        third
-            .log_text()
-            .contains("another filterd serves export root"),
-        "{}",
-        third.log_text()
-    );
+    let log = third.refused();
+    assert!(log.contains("another filterd serves export root"), "{log}");
 }
 
 /// `flock -x PATH sleep 60` run as uid 65534 in a process group of its
@@ -789,9 +773,7 @@ fn a_local_users_flock_on_the_root_or_state_dir_keeps_no_filterd_out() {
     .expect("bind mount");
     let _bound = BindMount(b.root());
     let mut second = Filterd::spawn(&b, &[], &[]);
-    let st = second.wait_exit(Duration::from_secs(20));
-    assert!(!st.success(), "{st:?}");
-    let log = second.log_text();
+    let log = second.refused();
     assert!(
         log.contains("another filterd serves export root") && log.contains("/run/rkfilter/roots/"),
         "{log}"
@@ -812,13 +794,8 @@ fn a_refused_second_filterd_leaves_the_live_ones_state_dir_mode_alone() {
     // The operator opens the live daemon's state dir to other users.
     std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut second = Filterd::spawn(&s, &[], &[]);
-    let st = second.wait_exit(Duration::from_secs(20));
-    assert!(!st.success(), "{st:?}");
-    assert!(
-        second.log_text().contains("is active on state dir"),
-        "{}",
-        second.log_text()
-    );
+    let log = second.refused();
+    assert!(log.contains("is active on state dir"), "{log}");
     assert_eq!(mode_of(&s.state()), 0o755, "the live daemon's state dir");
     first.kill9();
 }
@@ -896,9 +873,7 @@ fn filterds_given_one_root_lock_dir_exclude_each_other_and_sweep_it() {
     }
 
     let mut second = Filterd::spawn(&b, &arg, &[]);
-    let st = second.wait_exit(Duration::from_secs(20));
-    assert!(!st.success(), "{st:?}");
-    let log = second.log_text();
+    let log = second.refused();
     assert!(
         log.contains("another filterd serves export root")
             && log.contains(&format!("{}/", locks.display())),
@@ -909,13 +884,8 @@ fn filterds_given_one_root_lock_dir_exclude_each_other_and_sweep_it() {
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
     let mut third = Filterd::spawn(&b, &["--root-lock-dir", open.to_str().unwrap()], &[]);
-    let st = third.wait_exit(Duration::from_secs(20));
-    assert!(!st.success(), "{st:?}");
-    assert!(
-        third.log_text().contains("--root-lock-dir"),
-        "{}",
-        third.log_text()
-    );
+    let log = third.refused();
+    assert!(log.contains("--root-lock-dir"), "{log}");
     first.kill9();
 }
 
@@ -929,12 +899,7 @@ fn a_socket_path_naming_a_file_is_refused_and_the_file_kept() {
     let file = s.dir.join("filterd.toml");
     std::fs::write(&file, "keep me\n").unwrap();
     let mut d = Filterd::spawn_on(&s, Some(&file), &[], &[], &[]);
-    let st = d.wait_exit(Duration::from_secs(20));
-    assert!(!st.success(), "{st:?}");
-    assert!(
-        d.log_text().contains("exists and is not a socket"),
-        "{}",
-        d.log_text()
-    );
+    let log = d.refused();
+    assert!(log.contains("exists and is not a socket"), "{log}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me\n");
 }
