@@ -1002,11 +1002,9 @@ impl Engine {
         // rollback's and earlier ones', are gone from it; the pipeline
         // refuses them all): a sequence an earlier rollback abandoned
         // was taken for settled here (re-review rr37h). None: 0, which
-        // every reply and event passes at once — not `committed`, which
-        // an earlier whole failure may have abandoned, and `reply_after`
-        // refuses an abandoned sequence even below what is published
-        // (re-review rr37i: every status query failed in a disk-full
-        // burst).
+        // every reply and event passes at once (`committed` would do the
+        // same: a reply waiting at or below it is sent without asking the
+        // pipeline, re-review rr38).
         let settled = last_pending_to(&b.pending, through, b.committed);
         b.last = settled;
         for (s, t) in b.pending.range(through + 1..) {

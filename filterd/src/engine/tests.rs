@@ -382,6 +382,23 @@ impl Harness {
         }
     }
 
+    /// Fails, whole, every group flushed to the committer, as its
+    /// rollback does before it publishes the failure; the last sequence
+    /// failed (`through`).
+    fn roll_back_flushed(&mut self) -> u64 {
+        self.engine.flush();
+        let failed: Vec<u64> = self
+            .pipe
+            .take_jobs()
+            .iter()
+            .flat_map(|j| j.groups.iter().map(|g| g.seq))
+            .collect();
+        let through = failed.iter().copied().max().expect("a group to fail");
+        self.engine
+            .roll_back(&failed, through, ErrorCode::DiskFull, "test");
+        through
+    }
+
     fn commit_once(&mut self, ok: bool) {
         for id in self.commit_holding_intents(ok) {
             self.engine.finish_parked(id);
@@ -5864,15 +5881,7 @@ fn a_request_right_after_a_rollback_is_not_failed_with_it() {
         delete: vec![],
         delete_on_close: None,
     });
-    h.engine.flush();
-    let jobs = h.pipe.take_jobs();
-    let failed: Vec<u64> = jobs
-        .iter()
-        .flat_map(|j| j.groups.iter().map(|g| g.seq))
-        .collect();
-    let through = *failed.iter().max().expect("the close's group");
-    h.engine
-        .roll_back(&failed, through, ErrorCode::DiskFull, "test");
+    let through = h.roll_back_flushed();
     // The committer has not settled the failure yet.
     let status = h.run(Request::Status);
     let (ready, refused) = h.pipe.settle_failure(through, false).unwrap_or_default();
@@ -7309,5 +7318,48 @@ fn a_rollback_leaves_no_handle_shown_at_an_abandoned_commit() {
     assert!(
         shown.is_some_and(|s| s <= before),
         "shown at {shown:?}, an abandoned sequence (resolved up to {before})"
+    );
+}
+
+/// Re-review rr38 of d837ff2, as requests do it: a detached persistent
+/// handle is resumed (its reply waits for the resume's group) and closed
+/// (a group of its own that keeps the whole handle), and the commit of
+/// both fails whole. The undo puts the handle back (`Undo::Reinsert`)
+/// with the resume's abandoned sequence as `shown_at`: with the fix-up
+/// before the undo it stayed so.
+#[test]
+fn a_resumed_then_closed_handle_put_back_is_not_shown_at_an_abandoned_commit() {
+    let mut h = Harness::new();
+    let a = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let a = h.opened(a);
+    h.run(Request::Detach {
+        key: a,
+        delete_on_close: None,
+    });
+    h.commit(true);
+    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("alice").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key: a },
+        owner: None,
+    }));
+    let resumed_at = h.engine.handles.get(&a).map(|x| x.shown_at);
+    assert!(
+        resumed_at.is_some_and(|s| s > h.pipe.committed()),
+        "the resume's reply waits: {resumed_at:?}"
+    );
+    h.run(Request::Close {
+        key: a,
+        put: vec![],
+        delete: vec![],
+        delete_on_close: None,
+    });
+    let before = h.pipe.committed();
+    h.roll_back_flushed();
+    let back = h.engine.handles.get(&a).map(|x| x.shown_at);
+    assert!(back.is_some(), "the close is undone: the handle is back");
+    assert!(
+        back.is_some_and(|s| s <= before),
+        "shown at {back:?}, an abandoned sequence (resolved up to {before}); resume {r}"
     );
 }
