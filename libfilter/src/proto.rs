@@ -1466,11 +1466,13 @@ pub struct Stats {
     /// whose reply fails with its commit is not counted.
     pub replays_detected: u64,
     /// Lease breaks sent: break events handed to a holder's connection
-    /// (each step of a break chain counts), once the commit they wait for
-    /// (a persistent holder's epoch bump) is durable. Not counted: breaks
-    /// of disconnected holders (nothing is sent; their lease is lowered),
-    /// a break whose commit failed (it is sent, and counted, anew), and
-    /// the notice of a lowering after a break timed out.
+    /// (each step of a break chain counts), counted when the event is
+    /// made — one that waits for a commit (a persistent holder's epoch
+    /// bump) is taken back if that commit fails (it is sent, and counted,
+    /// anew), and stays counted if the holder's connection goes before it
+    /// is delivered. Not counted: breaks of disconnected holders (nothing
+    /// is sent; their lease is lowered) and the notice of a lowering after
+    /// a break timed out.
     pub breaks: u64,
     /// Lock requests granted.
     pub locks_granted: u64,
