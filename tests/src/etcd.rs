@@ -15,7 +15,7 @@ pub fn etcd_available(test: &str) -> bool {
         .unwrap_or(false);
     if !found {
         assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
+            !crate::in_ci(),
             "etcd is not installed (Debian etcd-server); .ci/run installs it"
         );
         eprintln!(

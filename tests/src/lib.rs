@@ -92,12 +92,21 @@ impl Scratch {
     }
 }
 
-/// Whether this runs as root (mounting `what` for test `name`); says on
-/// stderr that the test is skipped otherwise.
-fn root_or_skip(name: &str, what: &str) -> bool {
+/// Whether CI runs this (`CI=true`, as `.ci/run` is run): there a test
+/// whose tool or privilege is missing fails instead of skipping, since a
+/// skipped test passes having run nothing.
+pub fn in_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// Whether this runs as root, which test `name` needs (`why`); says on
+/// stderr that the test is skipped otherwise — and fails it under CI,
+/// which runs as root.
+pub fn root_or_skip(name: &str, why: &str) -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
-        eprintln!("skipping: {name} needs root to mount {what}");
+        assert!(!in_ci(), "{name} needs root ({why}); CI runs as root");
+        eprintln!("skipping: {name} needs root ({why})");
     }
     root
 }
@@ -107,7 +116,7 @@ impl Scratch {
     /// can mediate local access with fanotify). `None`, with a note on
     /// stderr, when not root or mounting fails; CI runs as root.
     pub fn with_tmpfs(name: &str) -> Option<Scratch> {
-        if !root_or_skip(name, "a tmpfs") {
+        if !root_or_skip(name, "to mount a tmpfs") {
             return None;
         }
         let s = Scratch::new(name);
@@ -134,7 +143,7 @@ impl Scratch {
     /// stderr, when not root or the image cannot be made or mounted
     /// (`mkfs.ext4`, loop devices).
     pub fn with_ext4(name: &str) -> Option<Scratch> {
-        if !root_or_skip(name, "an ext4 image") {
+        if !root_or_skip(name, "to mount an ext4 image") {
             return None;
         }
         let s = Scratch::new(name);
@@ -152,6 +161,10 @@ impl Scratch {
                 .arg(&img)
                 .arg(s.root())))
         {
+            assert!(
+                !in_ci(),
+                "{name} cannot make an ext4 loop mount (mkfs.ext4 from e2fsprogs, loop devices)"
+            );
             eprintln!("skipping: {name} cannot make an ext4 loop mount (mkfs.ext4, loop devices)");
             return None;
         }
@@ -166,7 +179,7 @@ impl Scratch {
     /// a container's /tmp may be). `None`, with a note on stderr, when not
     /// root.
     pub fn with_overlay(name: &str, lower: impl FnOnce(&Path)) -> Option<Scratch> {
-        if !root_or_skip(name, "an overlayfs") {
+        if !root_or_skip(name, "to mount an overlayfs") {
             return None;
         }
         let s = Scratch::new(name);
@@ -206,7 +219,7 @@ impl Scratch {
     /// A scratch dir whose state dir is a small tmpfs of `size` (e.g.
     /// "2m"), to run out of space on purpose. `None` when not root.
     pub fn with_small_state(name: &str, size: &str) -> Option<Scratch> {
-        if !root_or_skip(name, "a tmpfs") {
+        if !root_or_skip(name, "to mount a tmpfs") {
             return None;
         }
         let s = Scratch::new(name);

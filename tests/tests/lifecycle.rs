@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use rkfilter_tests::{filterctl, wait_for, Filterd, Scratch, TestFront};
+use rkfilter_tests::{filterctl, root_or_skip, wait_for, Filterd, Scratch, TestFront};
 use serde_json::{json, Value};
 
 fn open_cmd(client: &str, path: &str, dur: Value, guid: Option<&str>) -> Value {
@@ -721,8 +721,7 @@ impl Drop for BindMount {
 #[test]
 fn a_local_users_flock_on_the_root_or_state_dir_keeps_no_filterd_out() {
     use std::os::unix::fs::PermissionsExt;
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root to run a process as uid 65534");
+    if !root_or_skip("flock-dos", "to run a process as uid 65534") {
         return;
     }
     let s = Scratch::new("flock-dos");

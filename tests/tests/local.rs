@@ -14,7 +14,7 @@ use libfilter::client::FilterClient;
 use libfilter::lease::LeaseKey;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, Event, OpenRequest, Reply, Request};
-use rkfilter_tests::{wait_for, Filterd, Scratch};
+use rkfilter_tests::{root_or_skip, wait_for, Filterd, Scratch};
 
 fn frontend(s: &Scratch) -> FilterClient {
     FilterClient::connect_frontend(
@@ -40,8 +40,7 @@ fn local_open(path: std::path::PathBuf) -> crossbeam_channel::Receiver<std::io::
 
 #[test]
 fn fanotify_needs_the_root_to_be_a_mount_point() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: fanotify needs root");
+    if !root_or_skip("fan-nomount", "fanotify") {
         return;
     }
     let s = Scratch::new("fan-nomount");
@@ -798,9 +797,7 @@ fn a_local_reader_whose_main_thread_exited_still_counts() {
         .stdout(Stdio::null())
         .spawn()
     else {
-        eprintln!("skipping: no python3");
-        close(&fe, first);
-        return;
+        panic!("python3 cannot be run");
     };
     let holder = LocalHolder(child);
     let pid = holder.0.id();
@@ -872,8 +869,7 @@ fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Unmount {
 /// `fs` in a new scratch dir, whose directory `real` is bind-mounted as the
 /// export root. The tmpfs is detached when the [`Unmount`] is dropped.
 fn subtree_export(name: &str) -> Option<(Scratch, std::path::PathBuf, Unmount)> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: fanotify needs root");
+    if !root_or_skip(name, "fanotify and a bind mount") {
         return None;
     }
     let s = Scratch::new(name);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
-use rkfilter_tests::{filterctl, plain_open, Filterd, Scratch};
+use rkfilter_tests::{filterctl, plain_open, root_or_skip, Filterd, Scratch};
 
 const NOBODY: [&str; 5] = [
     "setpriv",
@@ -27,8 +27,7 @@ const NOBODY: [&str; 5] = [
 /// A scratch dir whose export and state dir belong to uid 65534; `None`
 /// (with a note) when not root.
 fn nobodys_scratch(name: &str) -> Option<Scratch> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: {name} switches to uid 65534 and needs root for that");
+    if !root_or_skip(name, "to switch to uid 65534") {
         return None;
     }
     let s = Scratch::new(name);

@@ -20,7 +20,8 @@ use libfilter::locks::{LockOp, LockRange};
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
 use rkfilter_tests::{
-    handle_paths, held_in_injected_syscall, plain_open, wait_for, Filterd, Scratch, Strace,
+    handle_paths, held_in_injected_syscall, plain_open, root_or_skip, wait_for, Filterd, Scratch,
+    Strace,
 };
 
 /// How long strace holds the failing sync: the window the test acts in.
@@ -285,8 +286,7 @@ fn filterds_descriptor_of(pid: u32, name: &str) -> std::path::PathBuf {
 /// the file with the local data in it.
 #[test]
 fn a_create_undone_never_unlinks_a_file_a_local_process_holds() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: fanotify needs root");
+    if !root_or_skip("rb-local-holder", "fanotify") {
         return;
     }
     let s = Scratch::new("rb-local-holder");

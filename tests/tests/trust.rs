@@ -10,7 +10,7 @@ use std::process::Command;
 
 use libfilter::model::{RecordSpec, ReplayScope, ScopeName};
 use libfilter::proto::ErrorCode;
-use rkfilter_tests::{attach, bin, filterctl, Filterd, Scratch, TestFront};
+use rkfilter_tests::{attach, bin, filterctl, root_or_skip, Filterd, Scratch, TestFront};
 use serde_json::json;
 
 /// The group the socket is given in these tests (no user has it).
@@ -38,8 +38,7 @@ fn status_as_nobody(sock: &std::path::Path, groups: &[&str]) -> std::process::Ou
 /// with a bare reset. Root only (it switches users).
 #[test]
 fn the_peer_check_admits_the_sockets_group_and_tells_others_why_not() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root to run peers as other users");
+    if !root_or_skip("peercred", "to run peers as other users") {
         return;
     }
     let s = Scratch::new("peercred");
