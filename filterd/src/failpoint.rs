@@ -66,17 +66,55 @@ fn parse_action(s: &str) -> Option<Action> {
     }
 }
 
-static ANY_ARMED: AtomicBool = AtomicBool::new(false);
-static ARMED: OnceLock<Mutex<HashMap<String, (u64, Action)>>> = OnceLock::new();
+/// Every point a `hit`/`fails` (or the etcd store's hook) names, besides
+/// `request.NAME` for each [`libfilter::proto::Request::NAMES`]: [`init`]
+/// refuses any other name, so a misspelled or renamed point cannot be
+/// armed and then never fire (a test reads the sources to keep this list
+/// and the call sites equal).
+pub const POINTS: &[&str] = &[
+    "open.after_fs",
+    "open.records_batched",
+    "close.records_batched",
+    "close.refuse",
+    "commit.before",
+    "commit.after",
+    "reply.before_send",
+    "lock.granted",
+    "intent.after_commit",
+    "intent.after_fs",
+    "fs.before_change",
+    "fs.prove_beneath",
+    "engine.request",
+    "local.unignore",
+    "local.probe",
+    "local.scan",
+    "shutdown.after_engine",
+    "etcd.txn.sent",
+    "etcd.gen.moved",
+    "etcd.claim.before_txn",
+];
 
-/// Reads the environment once at start.
-pub fn init() {
-    let spec = std::env::var(ENV).unwrap_or_default();
+/// Whether `name` is a point filterd has.
+fn known(name: &str) -> bool {
+    POINTS.contains(&name)
+        || name
+            .strip_prefix("request.")
+            .is_some_and(|r| libfilter::proto::Request::NAMES.contains(&r))
+}
+
+/// Parses [`ENV`]'s value: each armed point with its count and action, or
+/// why the spec is refused (an unknown point or action).
+fn parse(spec: &str) -> Result<HashMap<String, (u64, Action)>, String> {
     let mut map = HashMap::new();
-    'items: for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         // name[:n][:action]: each part after the name is a count or an action.
         let mut parts = item.split(':');
         let name = parts.next().unwrap_or_default();
+        if !known(name) {
+            return Err(format!(
+                "{ENV}: unknown failpoint {name:?} in {item:?} (docs/ARCHITECTURE.md, Failpoints)"
+            ));
+        }
         let (mut n, mut action) = (1, Action::Kill);
         for p in parts {
             if let Ok(count) = p.parse() {
@@ -84,20 +122,31 @@ pub fn init() {
             } else if let Some(a) = parse_action(p) {
                 action = a;
             } else {
-                tracing::error!(
-                    failpoint = item,
-                    "unknown failpoint action (kill, panic, sleepMS, fail): ignored"
-                );
-                continue 'items;
+                return Err(format!(
+                    "{ENV}: unknown failpoint action {p:?} in {item:?} (kill, panic, sleepMS, fail)"
+                ));
             }
         }
         map.insert(name.to_owned(), (n, action));
     }
+    Ok(map)
+}
+
+static ANY_ARMED: AtomicBool = AtomicBool::new(false);
+static ARMED: OnceLock<Mutex<HashMap<String, (u64, Action)>>> = OnceLock::new();
+
+/// Reads the environment once at start; an unknown point or action is an
+/// error (filterd then refuses to start), never a point that silently
+/// does not fire.
+pub fn init() -> Result<(), String> {
+    let spec = std::env::var(ENV).unwrap_or_default();
+    let map = parse(&spec)?;
     if !map.is_empty() {
         tracing::warn!(failpoints = %spec, "failpoints armed: this daemon will kill, stall or panic itself on purpose");
         ANY_ARMED.store(true, Ordering::Release);
     }
     let _ = ARMED.set(Mutex::new(map));
+    Ok(())
 }
 
 /// The environment variable naming feature bits (`proto::FEATURE_*`, a
@@ -187,6 +236,107 @@ pub fn fails(name: &str) -> bool {
             eprintln!("failpoint {name}: killing filterd");
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
             std::process::abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_points_and_actions_are_refused() {
+        let m = parse("commit.before:2:sleep300, request.set_delete_on_close:fail").expect("known");
+        assert_eq!(m.get("commit.before"), Some(&(2, Action::Sleep(300))));
+        assert_eq!(
+            m.get("request.set_delete_on_close"),
+            Some(&(1, Action::Fail))
+        );
+        assert!(parse("").expect("empty").is_empty());
+        for bad in [
+            "commit.befor",
+            "commit.before,lock.grant",
+            "request.nonesuch",
+            "request.",
+            "commit.before:sleepy",
+            "open.after_fs:2:explode",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    /// The source files of filterd and libfilter (where the etcd store's
+    /// points are).
+    fn sources() -> Vec<(std::path::PathBuf, String)> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, String)>) {
+            for e in std::fs::read_dir(dir).expect("source dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&p).expect("source file");
+                    out.push((p, text));
+                }
+            }
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut out = Vec::new();
+        walk(&root.join("src"), &mut out);
+        walk(&root.join("../libfilter/src"), &mut out);
+        assert!(out.len() > 10, "sources not found");
+        out
+    }
+
+    /// Every literal point a call site names is in [`POINTS`], and every
+    /// entry of [`POINTS`] is named by some call site and documented: the
+    /// list cannot drift from the code.
+    #[test]
+    fn points_are_the_call_sites() {
+        const CALLS: [&str; 4] = [
+            "failpoint::hit(\"",
+            "failpoint::fails(\"",
+            "self.failpoint(\"",
+            "reply_point = Some(\"",
+        ];
+        let mut named = std::collections::BTreeSet::new();
+        for (path, text) in sources() {
+            if path.ends_with("failpoint.rs") {
+                continue;
+            }
+            for call in CALLS {
+                for (at, _) in text.match_indices(call) {
+                    let rest = &text[at + call.len()..];
+                    let end = rest.find('"').expect("closing quote");
+                    named.insert(rest[..end].to_owned());
+                }
+            }
+            // A point passed on in a variable (`p`: a reply's point, set
+            // by `reply_point = Some("…")` above) is one of those literals;
+            // any other call naming its point at run time is a new form.
+            for call in ["failpoint::hit(", "failpoint::fails(", "self.failpoint("] {
+                for (at, _) in text.match_indices(call) {
+                    let rest = &text[at + call.len()..];
+                    assert!(
+                        rest.starts_with('"') || rest.starts_with("p)"),
+                        "{}: a point named at run time: {call}{}; add its names to POINTS and this test",
+                        path.display(),
+                        rest.lines().next().unwrap_or_default()
+                    );
+                }
+            }
+        }
+        let listed: std::collections::BTreeSet<String> =
+            POINTS.iter().map(|p| (*p).to_owned()).collect();
+        assert_eq!(named, listed, "call sites vs failpoint::POINTS");
+        let docs = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ARCHITECTURE.md"),
+        )
+        .expect("docs");
+        for p in POINTS {
+            assert!(
+                docs.contains(&format!("| `{p}` |")),
+                "{p} not in the docs' table"
+            );
         }
     }
 }

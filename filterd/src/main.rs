@@ -153,7 +153,11 @@ fn main() {
     let args: Args = libfilter::cli::parse();
     observability::init(args.log_format);
     abort_on_panic();
-    failpoint::init();
+    if let Err(e) = failpoint::init() {
+        error!("{e}");
+        eprintln!("filterd: {e}");
+        std::process::exit(2);
+    }
     failpoint::withheld_features();
     if let Err(e) = run(args) {
         error!("{e:#}");

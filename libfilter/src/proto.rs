@@ -646,6 +646,46 @@ pub enum Request {
 }
 
 impl Request {
+    /// Every [`Request::name`], one per variant: filterd's failpoints
+    /// `request.NAME` are these, and it refuses any other (a test checks
+    /// that every variant's name is here).
+    pub const NAMES: &'static [&'static str] = &[
+        "open",
+        "replay_open",
+        "record_reply",
+        "lookup_reply",
+        "drop_scope",
+        "list_records",
+        "delete_record",
+        "write_records",
+        "lock",
+        "check_io",
+        "io_done",
+        "resynced",
+        "replays_answered",
+        "locks",
+        "lease_break_ack",
+        "break_read_caching",
+        "wrote",
+        "rename",
+        "remove",
+        "rename_directory",
+        "lock_hint_ack",
+        "set_end_of_file",
+        "set_delete_on_close",
+        "resume",
+        "close",
+        "detach",
+        "status",
+        "handles",
+        "handle",
+        "files",
+        "frontends",
+        "stats",
+        "expire",
+        "purge_disconnected",
+    ];
+
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -3134,6 +3174,18 @@ mod binary_tests {
                 | Request::Locks { .. } => {}
             }
         }
+        // One name per variant above (34), none twice: with the property
+        // test's check that every generated request's name is listed, a
+        // variant added to `name()` but not to `NAMES` fails here.
+        let mut names = Request::NAMES.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Request::NAMES.len(), "a name twice");
+        assert_eq!(
+            Request::NAMES.len(),
+            34,
+            "update NAMES with the match above"
+        );
     }
 
     fn lock_cursor() -> impl Strategy<Value = LockCursor> {
@@ -3399,6 +3451,7 @@ mod binary_tests {
 
         #[test]
         fn requests_roundtrip_in_both_encodings(id in any::<u64>(), req in request()) {
+            prop_assert!(Request::NAMES.contains(&req.name()), "{} not in Request::NAMES", req.name());
             let frame = RequestFrame { id, req };
             for enc in [Encoding::Binary, Encoding::Json, Encoding::Compact, Encoding::CompactRecords] {
                 let bytes = encode_request(enc, &frame).expect("encodes");

@@ -388,6 +388,45 @@ fn a_panicking_filterd_exits_and_a_restart_recovers_its_handles() {
     assert_eq!(r["ok"], true, "the committed open is recovered: {r}");
 }
 
+/// A failpoint filterd does not have — misspelled, or renamed in the code
+/// since the test was written — is refused at start (exit 2, the log says
+/// which), not armed to never fire: a test that armed it would otherwise
+/// pass without the crash or stall it is about. The same for an unknown
+/// action; `request.NAME` is known for every request kind.
+#[test]
+fn filterd_refuses_to_start_with_an_unknown_failpoint() {
+    use std::os::unix::process::ExitStatusExt;
+    for (spec, says) in [
+        ("commit.befor:2", "unknown failpoint \"commit.befor\""),
+        (
+            "commit.before:2,request.set_delete_on_clos:sleep300",
+            "unknown failpoint \"request.set_delete_on_clos\"",
+        ),
+        (
+            "local.scan:sleeep300",
+            "unknown failpoint action \"sleeep300\"",
+        ),
+    ] {
+        let s = Scratch::new("fp-unknown");
+        let mut d = Filterd::spawn(&s, &[], &[("RKFILTER_FAILPOINTS", spec)]);
+        let st = d.wait_exit(Duration::from_secs(20));
+        let log = d.log_text();
+        assert_eq!((st.code(), st.signal()), (Some(2), None), "{spec}: {log}");
+        assert!(log.contains(says), "{spec}: {log}");
+    }
+    // Known names start (and, armed for a later hit, do nothing yet).
+    let s = Scratch::new("fp-known");
+    let mut d = Filterd::start(
+        &s,
+        &[],
+        &[(
+            "RKFILTER_FAILPOINTS",
+            "commit.before:1000,request.set_delete_on_close:sleep1,etcd.gen.moved:fail",
+        )],
+    );
+    assert!(d.exited().is_none(), "{}", d.log_text());
+}
+
 /// The LMDB environment itself is locked while a daemon writes it: moving
 /// (or linking) the state dir's `lmdb` directory to another state dir does
 /// not let a second daemon open it and serve beside the first (found by
