@@ -572,6 +572,20 @@ fn commits(d: &Filterd) -> u64 {
     d.control().stats().expect("stats").commits
 }
 
+/// The commits of an exclusive nfsl/1 OPEN (a dry run checks it: a
+/// matrix over fewer would prove less, over none nothing; before, a
+/// count of 0 ran no case and passed).
+const EXCL_COMMITS: u64 = 2;
+
+/// The commits of a truncating nfsl/1 OPEN (a dry run checks it): the
+/// intent, the truncation's end, the open with its state and slot reply.
+const TRUNC_COMMITS: u64 = 3;
+
+/// The commits of an nfsl/1 RENAME of a file its client has open (a dry
+/// run checks it): the intent, the rename's end with its slot reply, the
+/// moved open state.
+const RENAME_COMMITS: u64 = 3;
+
 /// The open-state records of nfsshim instance `instance`'s client `cid`.
 fn nfs_states(d: &Filterd, instance: &str, cid: &str) -> Vec<(u64, String)> {
     let scope =
@@ -892,9 +906,12 @@ fn nfs_exclusive_create_is_its_own_across_a_crash_at_every_commit() {
         assert_eq!(r["created"], true, "{r}");
         (c0, commits(&d))
     };
+    assert_eq!(after - before, EXCL_COMMITS, "an exclusive OPEN's commits");
+    let mut ran = 0;
     for n in before + 1..=after {
         for fp in [format!("commit.before:{n}"), format!("commit.after:{n}")] {
             for restart_shim in [false, true] {
+                ran += 1;
                 let case = format!("exclusive OPEN at {fp}, nfsshim restarted: {restart_shim}");
                 let s = Scratch::new("cm-nfs-excl");
                 let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
@@ -914,6 +931,11 @@ fn nfs_exclusive_create_is_its_own_across_a_crash_at_every_commit() {
             }
         }
     }
+    assert_eq!(
+        ran,
+        EXCL_COMMITS * 4,
+        "every commit, both points, both ways"
+    );
 }
 
 /// A truncating nfsl/1 OPEN commits in steps (the truncation bracketed by
@@ -941,10 +963,13 @@ fn nfs_truncating_open_is_not_redone_over_a_later_write() {
         assert_eq!(r["size"], 0, "{r}");
         (c0, commits(&d))
     };
+    assert_eq!(after - before, TRUNC_COMMITS, "a truncating OPEN's commits");
     // The first commit is the intent, before the truncation.
+    let mut ran = 0;
     for n in before + 2..=after {
         let fp = format!("commit.before:{n}");
         for restart_shim in [false, true] {
+            ran += 1;
             let case = format!("truncating OPEN at {fp}, nfsshim restarted: {restart_shim}");
             let s = Scratch::new("cm-nfs-trunc");
             std::fs::write(s.root().join("f"), b"0123456789").unwrap();
@@ -986,6 +1011,11 @@ fn nfs_truncating_open_is_not_redone_over_a_later_write() {
             );
         }
     }
+    assert_eq!(
+        ran,
+        (TRUNC_COMMITS - 1) * 2,
+        "every commit after the intent's, both ways"
+    );
 }
 
 /// A RENAME moves the renaming client's open states to the new name. When
@@ -1041,10 +1071,13 @@ fn nfs_rename_moves_open_states_once_across_a_crash_of_its_commit() {
         assert_eq!(r["status"], "NFS4_OK", "{r}");
         (c0, commits(&d))
     };
+    assert_eq!(after - before, RENAME_COMMITS, "a RENAME's commits");
     let points = (before + 1..=after)
         .flat_map(|n| [format!("commit.before:{n}"), format!("commit.after:{n}")]);
+    let mut ran = 0;
     for fp in points {
         for restart_shim in [true, false] {
+            ran += 1;
             let case = format!("RENAME at {fp}, nfsshim restarted with filterd: {restart_shim}");
             let s = setup();
             let (d, mut shim, mut a, stateid) = start_locked(&s, Some(&fp), &case);
@@ -1076,4 +1109,9 @@ fn nfs_rename_moves_open_states_once_across_a_crash_of_its_commit() {
             drop(d);
         }
     }
+    assert_eq!(
+        ran,
+        RENAME_COMMITS * 4,
+        "every commit, both points, both ways"
+    );
 }
