@@ -23,6 +23,7 @@ fn short_soak_has_no_violations() {
         stdout.contains("violations                      0"),
         "{stdout}"
     );
+    worked(&stdout);
     let failovers = count(&stdout, "failovers");
     assert!(failovers >= 5, "the chaos loop ran: {stdout}");
     let post_mortems = count(&stdout, "post-mortems compared");
@@ -72,6 +73,7 @@ fn short_soak_against_etcd_has_no_violations() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("etcd store"), "{stdout}");
+    worked(&stdout);
     assert!(
         stdout.contains("violations                      0"),
         "{stdout}"
@@ -84,6 +86,16 @@ fn short_soak_against_etcd_has_no_violations() {
         count(&stdout, "post-mortems compared") + count(&stdout, "restarts while stopped") >= 1,
         "filterd was killed and restarted on the etcd table: {stdout}"
     );
+}
+
+/// The clients' work was acknowledged and checked: 0 violations over no
+/// operations would prove nothing.
+fn worked(stdout: &str) {
+    assert!(
+        count(stdout, "operations acknowledged") > 0,
+        "no operation acknowledged: {stdout}"
+    );
+    assert!(count(stdout, "  checks ") > 0, "nothing checked: {stdout}");
 }
 
 /// The figure on the summary line labelled `label` (0 if absent).
