@@ -2,7 +2,7 @@
 still commits gives the client a handle that works (rksmbd, issue 14;
 raw SMB 3.0.2).
 
-Usage: replay_in_flight.py HOST PORT SHARE USER PASSWORD
+Usage: replay_in_flight.py HOST PORT SHARE USER PASSWORD FILTERD_LOG
 
 filterd runs with its open path stalled for a few seconds (a failpoint).
 Connection A sends a persistent DH2Q CREATE (create GUID G) and is reset
@@ -18,6 +18,7 @@ Prints one line per step; exits non-zero on any failure.
 
 import socket
 import struct
+import sys
 import time
 import uuid
 
@@ -63,11 +64,24 @@ def create(r, sid, key, tid, replay):
     return cmac_sign(key, bytes(h) + body + NAME + b"\0" * pad + ctx)
 
 
+def wait_stalled(log, line, timeout=20):
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        with open(log, errors="replace") as f:
+            if line in f.read():
+                return
+        time.sleep(0.02)
+    check(False, f"filterd's log says {line!r} within {timeout} s")
+
+
 def main():
     guid = uuid.uuid4()
     a, sid, key, tid = connect(guid)
     a.send(create(a, sid, key, tid, False))
-    time.sleep(0.2)
+    # Reset A only once filterd stalls in A's open (its log says so): a
+    # fixed wait could reset A before its CREATE reached filterd, or with
+    # no stall at all, and prove nothing.
+    wait_stalled(sys.argv[6], "failpoint open.after_fs: stalling")
     a.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     a.s.close()
     print("A sent a persistent CREATE and was reset before its answer", flush=True)

@@ -445,6 +445,15 @@ impl Filterd {
         st
     }
 
+    /// Waits until the thread that reached the failpoint armed as `armed`
+    /// (`name[:n]:sleepMS`) is stalling there, so that what a test does
+    /// next happens inside the stall and not after it (or with no stall at
+    /// all: a misspelled point or one the path never reaches times out).
+    pub fn wait_stalled_at(&self, armed: &str, timeout: Duration) {
+        let name = armed.split(':').next().unwrap_or(armed);
+        self.wait_log(&format!("failpoint {name}: stalling"), timeout);
+    }
+
     /// Waits for a daemon that is to refuse to start to exit, asserts it
     /// failed, and returns its log (which says why).
     pub fn refused(&mut self) -> String {

@@ -289,6 +289,11 @@ fn resume_late_after_a_restart(name: &str, fp: &str) {
         "frontend seen before the restart resynced",
         Duration::from_secs(30),
     );
+    // Every armed stall happened (a point never reached would leave this
+    // test about nothing).
+    for armed in fp.split(',') {
+        d.wait_stalled_at(armed, Duration::from_secs(30));
+    }
     let r = a.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid,
         "offset": 0, "length": 5}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");

@@ -1370,16 +1370,19 @@ fn a_create_replayed_slower_than_its_original_s_end_gets_a_working_handle() {
 }
 
 /// tests/smb3/replay_in_flight.py against rksmbd (started with `env`),
-/// filterd's open path stalled 3 s by a failpoint. Returns rksmbd's log.
+/// filterd's open path stalled 3 s by a failpoint: the script resets the
+/// original's connection once filterd's log shows the stall (it fails
+/// if the stall never comes). Returns rksmbd's log.
 fn replay_in_flight_passes(name: &str, env: &[(&str, &str)]) -> String {
     let s = Scratch::new(name);
-    let _d = Filterd::start(
+    let d = Filterd::start(
         &s,
         &[],
         &[("RKFILTER_FAILPOINTS", "open.after_fs:sleep3000")],
     );
     let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], env);
-    smbprotocol_script_passes(&srv, "replay_in_flight.py");
+    let filterd_log = d.log.display().to_string();
+    smbprotocol_script_passes_with(&srv, "replay_in_flight.py", &[&filterd_log]);
     std::fs::read_to_string(log).unwrap_or_default()
 }
 

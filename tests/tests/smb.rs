@@ -1581,9 +1581,17 @@ fn a_replay_of_a_create_in_flight_when_its_session_ended_stays_attached() {
                "share": ["read"], "disposition": "open", "replay": false,
                "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}}),
     );
-    // Time for the CREATE to reach filterd's commit (1 s long): only the
-    // window the test aims at, not a readiness wait.
-    std::thread::sleep(Duration::from_millis(300));
+    // The CREATE is in filterd's commit (1 s long), its answer waiting for
+    // it: the window the test aims at (a fixed wait could end the session
+    // before the CREATE reached filterd, or after its commit).
+    wait_for(
+        "the CREATE's commit to be in flight",
+        Duration::from_secs(10),
+        || {
+            let st = d.control().stats().ok()?;
+            (st.replies_awaiting_commit >= 1).then_some(())
+        },
+    );
     let mut b = LineClient::connect(&shim.addr);
     let r = b.call(
         json!({"cmd": "SESSION_SETUP", "client_guid": cg, "user": "alice",
@@ -1593,9 +1601,9 @@ fn a_replay_of_a_create_in_flight_when_its_session_ended_stays_attached() {
     let sb = r["session_id"].as_u64().unwrap();
     let r = persistent_create(&mut b, sb, "f", &guid, "open", true);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    // The original is answered after its let-go.
-    let orig = a.next_line();
-    eprintln!("original: {orig:?}");
+    // The original is answered after its let-go: its session is gone.
+    let orig = a.next_line().expect("the original CREATE answered");
+    assert_eq!(orig["status"], "STATUS_USER_SESSION_DELETED", "{orig}");
     held_attached_and_closes(&d, &mut b, sb, &r);
 }
 
