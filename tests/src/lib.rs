@@ -445,6 +445,27 @@ impl Filterd {
         st
     }
 
+    /// Waits for it to die at the failpoint it was armed with, `armed` as
+    /// in `RKFILTER_FAILPOINTS` (`name[:n][:kill]`): it must have logged
+    /// that point's kill line and ended by SIGKILL. A daemon that died
+    /// anywhere else (a crash, a panic, a kill at another point) fails the
+    /// test instead of passing as a crash at the point under test.
+    pub fn wait_killed_at(&mut self, armed: &str, timeout: Duration) {
+        use std::os::unix::process::ExitStatusExt;
+        let name = armed.split(':').next().unwrap_or(armed);
+        let st = self.wait_exit(timeout);
+        let log = self.log_text();
+        assert!(
+            log.contains(&format!("failpoint {name}: killing filterd")),
+            "filterd exited ({st:?}), but not killed at failpoint {armed}; log:\n{log}"
+        );
+        assert_eq!(
+            st.signal(),
+            Some(nix::sys::signal::Signal::SIGKILL as i32),
+            "filterd killed at {armed}, by SIGKILL"
+        );
+    }
+
     /// Waits until the thread that reached the failpoint armed as `armed`
     /// (`name[:n]:sleepMS`) is stalling there, so that what a test does
     /// next happens inside the stall and not after it (or with no stall at

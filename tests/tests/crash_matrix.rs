@@ -59,6 +59,8 @@ fn delete_on_close_at_every_failpoint() {
         "commit.before:4",
         "commit.after:4",
         "reply.before_send:3",
+        // The remove prepared, its system call not made.
+        "fs.before_change:1",
     ] {
         let s = Scratch::new("cm-doc");
         std::fs::write(s.root().join("f"), b"doomed").unwrap();
@@ -71,7 +73,7 @@ fn delete_on_close_at_every_failpoint() {
             fe.close(h.info.key).is_err(),
             "{fp}: filterd dies before the CLOSE is answered"
         );
-        d.wait_exit(Duration::from_secs(10));
+        d.wait_killed_at(fp, Duration::from_secs(10));
         drop(fe);
         let _d = Filterd::start(&s, &[], &[]);
         let fe = frontend(&s);
@@ -110,6 +112,8 @@ fn rename_with_replace_at_every_failpoint() {
         "commit.before:3",
         "commit.after:3",
         "reply.before_send:2",
+        // The rename prepared (its intent durable), not yet made.
+        "fs.before_change:1",
     ] {
         let s = Scratch::new("cm-replace");
         std::fs::write(s.root().join("s"), b"source").unwrap();
@@ -130,7 +134,7 @@ fn rename_with_replace_at_every_failpoint() {
             r.is_err(),
             "{fp}: filterd dies before the rename is answered"
         );
-        d.wait_exit(Duration::from_secs(10));
+        d.wait_killed_at(fp, Duration::from_secs(10));
         drop(fe);
         let _d = Filterd::start(&s, &[], &[]);
         let fe = frontend(&s);
@@ -598,22 +602,24 @@ fn resend(nfs: &mut rkfilter_tests::Nfs, req: &serde_json::Value) -> serde_json:
     nfs.resend_patiently(req, Duration::from_secs(30))
 }
 
-/// Sends `req`, which kills filterd at its failpoint (DELAY), starts filterd
+/// Sends `req`, which kills filterd at its failpoint `fp` (DELAY), starts filterd
 /// again (and nfsshim too if `restart_shim`), and re-sends `req` on the same
 /// slot and seqid until it is answered, twice: the same answer both times.
 /// Returns the new filterd and that answer (without its xid).
+#[allow(clippy::too_many_arguments)]
 fn crash_and_resend(
     s: &Scratch,
     mut d: Filterd,
     shim: &mut Shim,
     nfs: &mut rkfilter_tests::Nfs,
     req: &serde_json::Value,
+    fp: &str,
     restart_shim: bool,
     case: &str,
 ) -> (Filterd, serde_json::Value) {
     let r = nfs.call(req.clone());
     assert_eq!(r["status"], "NFS4ERR_DELAY", "{case}: filterd died: {r}");
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at(fp, Duration::from_secs(10));
     let d = Filterd::start(s, &[], &[]);
     if restart_shim {
         shim.kill9_in_place();
@@ -683,7 +689,7 @@ fn nfs_open_and_close_commit_once_across_a_crash_at_every_point() {
                 json!({"op": "CLOSE", "stateid": r["stateid"]})
             };
             let (d, first) =
-                crash_and_resend(&s, d, &mut shim, &mut nfs, &req, restart_shim, &case);
+                crash_and_resend(&s, d, &mut shim, &mut nfs, &req, &fp, restart_shim, &case);
             let (handles, states) = (handles_on(&s, "f").len(), nfs_states(&d, "nfs-cm", &cid));
             if op == "OPEN" {
                 assert_eq!(handles, 1, "{case}: one filter handle");
@@ -747,8 +753,16 @@ fn nfs_upgrade_open_applies_once_across_a_crash_of_its_commit() {
             let r = nfs.call(open.clone());
             assert_eq!(r["status"], "NFS4_OK", "{case}: {r}");
             let other = r["stateid"]["other"].clone();
-            let (d, first) =
-                crash_and_resend(&s, d, &mut shim, &mut nfs, &upgrade, restart_shim, &case);
+            let (d, first) = crash_and_resend(
+                &s,
+                d,
+                &mut shim,
+                &mut nfs,
+                &upgrade,
+                &fp,
+                restart_shim,
+                &case,
+            );
             assert_eq!(
                 first["stateid"],
                 json!({"other": other, "seqid": 2}),
@@ -815,7 +829,7 @@ fn nfs_lock_applies_once_across_a_crash_of_its_commit() {
             assert_eq!(o["status"], "NFS4_OK", "{case}: {o}");
             let req = lock(&o["stateid"]);
             let (_d, first) =
-                crash_and_resend(&s, d, &mut shim, &mut nfs, &req, restart_shim, &case);
+                crash_and_resend(&s, d, &mut shim, &mut nfs, &req, &fp, restart_shim, &case);
             assert_eq!(
                 first["lock_stateid"]["seqid"], 1,
                 "{case}: the lock state made once: {first}"
@@ -871,7 +885,7 @@ fn nfs_remove_and_rename_answer_once_across_a_crash_at_every_point() {
                 let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
                 let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
                 let (_d, _) =
-                    crash_and_resend(&s, d, &mut shim, &mut nfs, req, restart_shim, &case);
+                    crash_and_resend(&s, d, &mut shim, &mut nfs, req, &fp, restart_shim, &case);
                 assert!(!s.root().join("f").exists(), "{case}: f is gone");
                 assert_eq!(
                     s.root().join("g").exists(),
@@ -918,7 +932,7 @@ fn nfs_exclusive_create_is_its_own_across_a_crash_at_every_commit() {
                 let mut shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
                 let mut nfs = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
                 let (_d, first) =
-                    crash_and_resend(&s, d, &mut shim, &mut nfs, &open, restart_shim, &case);
+                    crash_and_resend(&s, d, &mut shim, &mut nfs, &open, &fp, restart_shim, &case);
                 assert_eq!(first["created"], true, "{case}: {first}");
                 assert_eq!(handles_on(&s, "f").len(), 1, "{case}: one filter handle");
                 let r = nfs.call(json!({"op": "CLOSE", "stateid": first["stateid"]}));
@@ -978,7 +992,7 @@ fn nfs_truncating_open_is_not_redone_over_a_later_write() {
             let mut a = Nfs::connect(&shim.addr, "host-a", "00000000000000a1");
             let r = a.call(open.clone());
             assert_eq!(r["status"], "NFS4ERR_DELAY", "{case}: filterd died: {r}");
-            d.wait_exit(Duration::from_secs(10));
+            d.wait_killed_at(&fp, Duration::from_secs(10));
             let _d = Filterd::start(&s, &[], &[]);
             if restart_shim {
                 shim.kill9_in_place();
@@ -1081,7 +1095,8 @@ fn nfs_rename_moves_open_states_once_across_a_crash_of_its_commit() {
             let case = format!("RENAME at {fp}, nfsshim restarted with filterd: {restart_shim}");
             let s = setup();
             let (d, mut shim, mut a, stateid) = start_locked(&s, Some(&fp), &case);
-            let (d, _) = crash_and_resend(&s, d, &mut shim, &mut a, &rename, restart_shim, &case);
+            let (d, _) =
+                crash_and_resend(&s, d, &mut shim, &mut a, &rename, &fp, restart_shim, &case);
             if !restart_shim {
                 shim.kill9_in_place();
                 shim = Shim::start("nfsshim", &s.socket(), "nfs-cm");
