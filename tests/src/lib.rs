@@ -1175,6 +1175,80 @@ impl LineClient {
     }
 }
 
+/// A smbl/1 request sent on a thread of its own while the test goes on
+/// (kills filterd, say), whose outcome the test must then get: a reply, or
+/// the connection ended. A request that got no answer at all (a hang) or
+/// whose thread panicked fails the test — it is not "not acknowledged".
+pub struct InFlight {
+    rx: std::sync::mpsc::Receiver<Option<Value>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    got: Option<Option<Value>>,
+}
+
+impl InFlight {
+    /// Sends `req` on `c` ([`LineClient::try_call`]) from a new thread.
+    pub fn send(mut c: LineClient, req: Value) -> InFlight {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let _ = tx.send(c.try_call(req));
+        });
+        InFlight {
+            rx,
+            thread: Some(thread),
+            got: None,
+        }
+    }
+
+    /// Whether its outcome came within `within` (kept for
+    /// [`InFlight::outcome`]).
+    pub fn early(&mut self, within: Duration) -> bool {
+        if self.got.is_none() {
+            match self.rx.recv_timeout(within) {
+                Ok(r) => self.got = Some(r),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => self.panicked(),
+            }
+        }
+        self.got.is_some()
+    }
+
+    /// Waits up to `timeout` for the outcome: `Some(reply)`, or `None` if
+    /// the connection ended first. Panics if no outcome came (a hang) or
+    /// the client thread panicked; joins the thread.
+    pub fn outcome(mut self, what: &str, timeout: Duration) -> Option<Value> {
+        if !self.early(timeout) {
+            panic!("{what}: no answer in {timeout:?} (a hang)");
+        }
+        if let Some(t) = self.thread.take() {
+            if let Err(e) = t.join() {
+                std::panic::resume_unwind(e);
+            }
+        }
+        self.got.take().flatten()
+    }
+
+    fn panicked(&mut self) -> ! {
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Err(e)) => std::panic::resume_unwind(e),
+            _ => panic!("the client thread ended without an outcome"),
+        }
+    }
+}
+
+/// Asserts that `r`, smbshim's answer to a request in flight as filterd
+/// was killed, is one the kill explains: done (`STATUS_SUCCESS`), or
+/// "retry later" because smbshim's connection to filterd was lost.
+pub fn assert_answered_across_a_kill(what: &str, r: &Value) {
+    let lost = r["status"] == "STATUS_FILE_NOT_AVAILABLE"
+        && r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connection to filterd lost"));
+    assert!(
+        r["status"] == "STATUS_SUCCESS" || lost,
+        "{what}: not an answer a kill of filterd explains: {r}"
+    );
+}
+
 /// Sends a smbl/1 request until the answer is not the retry status
 /// (smbshim reattaching to a restarted filterd, or re-learning its locks).
 pub fn smb_patiently(m: &mut LineClient, req: Value) -> Value {

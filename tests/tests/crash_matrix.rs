@@ -7,14 +7,13 @@
 //! have seen without the crash — nothing applied twice, nothing
 //! acknowledged lost.
 
-use std::sync::mpsc;
 use std::time::Duration;
 
 use libfilter::client::FilterClient;
 use libfilter::model::*;
 use libfilter::proto::OpenRequest;
 use libfilter::store::Store;
-use rkfilter_tests::{plain_open, wait_for, Filterd, LineClient, Scratch, Shim};
+use rkfilter_tests::{plain_open, wait_for, Filterd, InFlight, LineClient, Scratch, Shim};
 use serde_json::json;
 
 fn frontend(s: &Scratch) -> FilterClient {
@@ -254,16 +253,23 @@ fn end_of_file_with_a_concurrent_write(points: &[&str], separate: bool) {
             Duration::from_secs(10),
             || d.log_text().contains(&stalled).then_some(()),
         );
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let word = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"DATA");
-            let _ = tx.send(b.call(json!({"cmd": "WRITE", "session_id": sb, "file_id": fb, "offset": 50, "data": word, "op_id": 3})));
-        });
-        let early = rx.recv_timeout(Duration::from_millis(800)).ok();
-        let answered_before_the_kill = early.is_some();
+        let word = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"DATA");
+        let mut write = InFlight::send(
+            b,
+            json!({"cmd": "WRITE", "session_id": sb, "file_id": fb, "offset": 50, "data": word, "op_id": 3}),
+        );
+        let answered_before_the_kill = write.early(Duration::from_millis(800));
         d.kill9();
         let d2 = Filterd::start(&s, &[], &[]);
-        let write = early.or_else(|| rx.recv_timeout(Duration::from_secs(30)).ok());
+        // An answer is required: no answer (a hang, a panicked client
+        // thread) is a failure, not a WRITE that was "not acknowledged".
+        let write = write
+            .outcome(&format!("{point}: bob's WRITE"), Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("{point}: bob's WRITE answered, its connection kept"));
+        rkfilter_tests::assert_answered_across_a_kill(
+            &format!("{point}: the WRITE's answer"),
+            &write,
+        );
         // Alice moves to a new connection (tearing her old session down),
         // reconnects her open and re-sends her SET_INFO with the replay flag.
         let mut a2 = LineClient::connect(&shim.addr);
@@ -285,7 +291,7 @@ fn end_of_file_with_a_concurrent_write(points: &[&str], separate: bool) {
         assert_eq!(
             r["status"],
             "STATUS_SUCCESS",
-            "{point}: the re-sent SET_INFO: {r}; the WRITE got {write:?}; recovery: {}",
+            "{point}: the re-sent SET_INFO: {r}; the WRITE got {write}; recovery: {}",
             d2.log_text()
                 .lines()
                 .filter(|l| l.contains("end-of-file"))
@@ -295,15 +301,11 @@ fn end_of_file_with_a_concurrent_write(points: &[&str], separate: bool) {
         let content = std::fs::read(s.root().join("f")).unwrap();
         eprintln!(
             "{point}: the WRITE got {}, the file has {} bytes",
-            write
-                .as_ref()
-                .map_or("nothing".into(), |w| w["status"].to_string()),
+            write["status"],
             content.len()
         );
         assert_eq!(content.get(..10), Some(&[b'x'; 10][..]), "{point}");
-        let acknowledged = write
-            .as_ref()
-            .is_some_and(|w| w["status"] == "STATUS_SUCCESS");
+        let acknowledged = write["status"] == "STATUS_SUCCESS";
         // Stalled before the intent's commit, nothing of the SET_INFO is
         // done yet: a WRITE that got through then (smbshim not yet told
         // to check the file's I/O) comes before the truncate, and the

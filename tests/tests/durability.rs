@@ -315,7 +315,7 @@ fn a_failed_commit_leaves_no_lock_behind() {
 /// write may be lost — the WRITE must wait for the change (or be refused).
 #[test]
 fn a_size_change_in_flight_never_loses_an_acknowledged_write() {
-    use rkfilter_tests::{LineClient, Shim};
+    use rkfilter_tests::{InFlight, LineClient, Shim};
     use serde_json::json;
     let s = Scratch::new("dur-setsize");
     let mut d = Filterd::start(
@@ -356,36 +356,36 @@ fn a_size_change_in_flight_never_loses_an_acknowledged_write() {
             .contains("failpoint intent.after_fs: stalling")
             .then_some(())
     });
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let word = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"DATA");
-        let r = b.call(json!({"cmd": "WRITE", "session_id": sb, "file_id": fb, "offset": 50, "data": word, "op_id": 3}));
-        let _ = tx.send(r);
-    });
-    let early = rx.recv_timeout(Duration::from_millis(1500)).ok();
+    let word = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"DATA");
+    let mut write = InFlight::send(
+        b,
+        json!({"cmd": "WRITE", "session_id": sb, "file_id": fb, "offset": 50, "data": word, "op_id": 3}),
+    );
+    let answered_early = write.early(Duration::from_millis(1500));
     d.kill9();
     let _d = Filterd::start(&s, &[], &[]);
-    let answered_early = early.is_some();
-    let reply = early.or_else(|| rx.recv_timeout(Duration::from_secs(30)).ok());
+    // An answer is required: no answer (a hang, a panicked client thread)
+    // is a failure, not a WRITE that was "not acknowledged".
+    let reply = write.outcome("bob's WRITE", Duration::from_secs(30));
     let content = std::fs::read(s.root().join("f")).unwrap();
     eprintln!(
         "WRITE answered early: {answered_early}; reply {reply:?}; file {} bytes",
         content.len()
     );
-    if let Some(r) = &reply {
-        if r["status"] == "STATUS_SUCCESS" {
-            assert_eq!(
-                content.get(50..54),
-                Some(&b"DATA"[..]),
-                "an acknowledged WRITE was lost (file is {} bytes); it was answered {}",
-                content.len(),
-                if answered_early {
-                    "during the change"
-                } else {
-                    "after recovery"
-                }
-            );
-        }
+    let r = reply.expect("bob's WRITE answered, its connection kept");
+    rkfilter_tests::assert_answered_across_a_kill("the WRITE's answer", &r);
+    if r["status"] == "STATUS_SUCCESS" {
+        assert_eq!(
+            content.get(50..54),
+            Some(&b"DATA"[..]),
+            "an acknowledged WRITE was lost (file is {} bytes); it was answered {}",
+            content.len(),
+            if answered_early {
+                "during the change"
+            } else {
+                "after recovery"
+            }
+        );
     }
     drop(shim);
 }
