@@ -158,7 +158,7 @@ fn crash_and_replay(
     match &first {
         Ok(_) => d.kill9(),
         Err(_) => {
-            d.wait_exit(Duration::from_secs(10));
+            d.wait_killed_at(fp, Duration::from_secs(10));
         }
     }
     let d2 = Filterd::start(&s, &store_flags(etcd, true), &[]);
@@ -291,7 +291,7 @@ fn recorded_replies_survive_a_crash_after_commit_only() {
             r.is_err(),
             "{fp}: the daemon must die before replying: {r:?}"
         );
-        d.wait_exit(Duration::from_secs(10));
+        d.wait_killed_at(fp, Duration::from_secs(10));
         let _d2 = Filterd::start(&s, &[], &[]);
         let fe = frontend(&s);
         let h = fe
@@ -553,7 +553,7 @@ fn close_survives_a_crash_at_every_commit_step() {
             fe.close(h.info.key).is_err(),
             "{fp}: the daemon must die before confirming the close"
         );
-        d.wait_exit(Duration::from_secs(10));
+        d.wait_killed_at(fp, Duration::from_secs(10));
         let _d2 = Filterd::start(&s, &[], &[]);
         let fe = frontend(&s);
         // The client reconnects (if the handle is still there) and closes.

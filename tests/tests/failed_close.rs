@@ -118,7 +118,7 @@ fn smbshim_settles_an_unanswered_close(
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
         "filterd died before the close: not done, retry: {r}"
     );
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at("request.close:1:kill", Duration::from_secs(10));
     let d = Filterd::start(&s, &[], &[]);
     wait_for("filterd to hold no handle", Duration::from_secs(20), || {
         handle_paths(d.socket()).is_empty().then_some(())
@@ -173,7 +173,7 @@ fn smbshim_hands_out_no_open_whose_close_is_being_made_again() {
     let fid = r["file_id"].clone();
     let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
     assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "{r}");
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at("request.close:1:kill", Duration::from_secs(10));
     let _d = Filterd::start(&s, &[], &[]);
     let mut replay = create;
     replay["replay"] = json!(true);
@@ -312,7 +312,7 @@ fn rksmbd_across_a_killed_commit(
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let mut script = Dialogue::start(&srv, script, Duration::from_secs(60));
     until_killed(&mut script);
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
     let d = Filterd::start(&s, &[], &[]);
     (s, srv, d, script)
 }

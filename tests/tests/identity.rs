@@ -82,7 +82,7 @@ fn delete_on_close_unlinks_only_after_its_close_commits() {
         fe.close(h.info.key).is_err(),
         "filterd dies in the close's commit"
     );
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at("commit.before:3", Duration::from_secs(10));
     assert!(
         s.root().join("f").exists(),
         "nothing was unlinked before the close committed"
@@ -112,7 +112,7 @@ fn recovery_finishes_an_interrupted_delete_on_close() {
         .unwrap();
     fe.set_delete_on_close(h.info.key, true, None).unwrap();
     assert!(fe.close(h.info.key).is_err());
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at("intent.after_commit", Duration::from_secs(10));
     assert!(s.root().join("f").exists(), "killed before the unlink");
     let _d = Filterd::start(&s, &[], &[]);
     assert!(!s.root().join("f").exists(), "recovery unlinked it");

@@ -620,11 +620,17 @@ fn crashing(point: &str, n: u32) -> (Scratch, String, Filterd, Shim, Nfs) {
     (s, fp, d, shim, a)
 }
 
-/// filterd `d` dies of its failpoint: a new one is started on the scratch
+/// filterd `d` dies of its failpoint `fp`: a new one is started on the scratch
 /// dir and `req` re-sent on slot 0 at its current seqid until the answer is
 /// not DELAY (nfsshim reattaching).
-fn restart_and_resend(s: &Scratch, d: &mut Filterd, a: &mut Nfs, req: &Value) -> (Filterd, Value) {
-    d.wait_exit(Duration::from_secs(10));
+fn restart_and_resend(
+    s: &Scratch,
+    d: &mut Filterd,
+    fp: &str,
+    a: &mut Nfs,
+    req: &Value,
+) -> (Filterd, Value) {
+    d.wait_killed_at(fp, Duration::from_secs(10));
     let d2 = Filterd::start(s, &[], &[]);
     (d2, a.resend_patiently(req, Duration::from_secs(10)))
 }
@@ -648,7 +654,7 @@ fn open_is_exactly_once_across_a_filterd_crash_at_every_commit() {
                 first["status"], "NFS4ERR_DELAY",
                 "{fp}: the crash shows as DELAY: {first}"
             );
-            let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &open);
+            let (_d2, r) = restart_and_resend(&s, &mut d, &fp, &mut a, &open);
             assert_eq!(r["status"], "NFS4_OK", "{fp}: {r}");
             assert_eq!(
                 r["created"], true,
@@ -694,7 +700,7 @@ fn close_is_exactly_once_across_a_filterd_crash_at_every_commit() {
             a.seqid += 1;
             let first = a.send(close.clone());
             assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
-            let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &close);
+            let (_d2, r) = restart_and_resend(&s, &mut d, &fp, &mut a, &close);
             assert_eq!(r["status"], "NFS4_OK", "{fp}: {r}");
             let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
             let left: Vec<_> = ctl.handles().unwrap();
@@ -725,7 +731,7 @@ fn lock_is_exactly_once_when_filterd_dies_and_nfsshim_survives() {
     a.seqid += 1;
     let first = a.send(lock.clone());
     assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at(&fp, Duration::from_secs(10));
     let _d2 = Filterd::start(&s, &[], &[]);
     let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
     assert_eq!(
@@ -804,14 +810,14 @@ fn after_a_delayed_open(
     let live;
     let (_d2, r) = if shim_too {
         shim.kill9();
-        d.wait_exit(Duration::from_secs(10));
+        d.wait_killed_at(&fp, Duration::from_secs(10));
         let d2 = Filterd::start(&s, &[], &[]);
         live = Shim::start("nfsshim", &s.socket(), "nfs-c");
         a.c = LineClient::connect(&live.addr);
         (d2, a.resend_patiently(&second, Duration::from_secs(10)))
     } else {
         live = shim;
-        restart_and_resend(&s, &mut d, &mut a, &second)
+        restart_and_resend(&s, &mut d, &fp, &mut a, &second)
     };
     assert_eq!(r["status"], "NFS4_OK", "{fp}: the second request: {r}");
     check(&s, &mut a, &r);
@@ -884,7 +890,7 @@ fn a_different_lock_at_a_delayed_locks_seqid_sets_its_range_back() {
     a.seqid += 1;
     let first = a.send(lock(0));
     assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
-    let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &lock(20));
+    let (_d2, r) = restart_and_resend(&s, &mut d, &fp, &mut a, &lock(20));
     assert_eq!(r["status"], "NFS4_OK", "{fp}: the second LOCK: {r}");
     let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
     let locks = ctl.locks().unwrap();
@@ -970,7 +976,7 @@ fn a_delegreturn_resent_after_both_daemons_restart_is_ok() {
     let first = a.send(ret.clone());
     assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
     shim.kill9();
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at(&fp, Duration::from_secs(10));
     let _d2 = Filterd::start(&s, &[], &[]);
     let shim = Shim::start("nfsshim", &s.socket(), "nfs-c");
     a.c = LineClient::connect(&shim.addr);
@@ -1067,7 +1073,7 @@ fn a_different_lock_at_a_delayed_locks_seqid_locks_its_own_file() {
     assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
     let second = json!({"op": "LOCK", "owner": "l3", "stateid": g["stateid"], "type": "write",
                         "offset": 5, "length": 1});
-    let (_d2, r) = restart_and_resend(&s, &mut d, &mut a, &second);
+    let (_d2, r) = restart_and_resend(&s, &mut d, &fp, &mut a, &second);
     assert_eq!(r["status"], "NFS4_OK", "{fp}: the second LOCK: {r}");
 }
 
@@ -1092,7 +1098,7 @@ fn an_abandoned_locku_whose_range_was_taken_does_not_hold_the_slot() {
     let first = a.send(json!({"op": "LOCKU", "lock_stateid": l["lock_stateid"],
                               "offset": 0, "length": 10}));
     assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at(&fp, Duration::from_secs(10));
     let _d2 = Filterd::start(&s, &[], &[]);
     another_client_locks_0_10(&shim);
     let write = json!({"op": "WRITE", "stateid": o["stateid"], "offset": 100, "data": b64("w")});

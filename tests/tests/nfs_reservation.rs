@@ -141,7 +141,7 @@ fn delegreturn_is_exactly_once_across_a_filterd_crash() {
         let deleg = o["delegation"]["stateid"].clone();
         let first = a.call(json!({"op": "DELEGRETURN", "stateid": deleg}));
         assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
-        d.wait_exit(Duration::from_secs(10));
+        d.wait_killed_at(&fp, Duration::from_secs(10));
         let _d = Filterd::start(&s, &[], &[]);
         let again =
             rkfilter_tests::wait_for("the re-send's answer", Duration::from_secs(10), || {

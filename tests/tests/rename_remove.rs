@@ -170,7 +170,7 @@ fn rename_is_exactly_once_across_a_crash_at_every_step() {
         if first.is_ok() {
             d.kill9();
         } else {
-            d.wait_exit(Duration::from_secs(10));
+            d.wait_killed_at(fp, Duration::from_secs(10));
         }
         drop(fe);
         let _d2 = Filterd::start(&s, &[], &[]);
@@ -237,7 +237,7 @@ fn remove_is_exactly_once_across_a_crash_at_every_step() {
         if first.is_ok() {
             d.kill9();
         } else {
-            d.wait_exit(Duration::from_secs(10));
+            d.wait_killed_at(fp, Duration::from_secs(10));
         }
         let _d2 = Filterd::start(&s, &[], &[]);
         let fe = frontend(&s);
@@ -285,7 +285,7 @@ fn end_of_file_is_exactly_once_across_a_crash_at_every_step() {
         if truncate(&fe).is_ok() {
             d.kill9();
         } else {
-            d.wait_exit(Duration::from_secs(10));
+            d.wait_killed_at(fp, Duration::from_secs(10));
         }
         drop(fe);
         let _d2 = Filterd::start(&s, &[], &[]);
