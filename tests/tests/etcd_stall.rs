@@ -339,11 +339,31 @@ fn under_load(name: &str) -> Loaded {
 /// own view of a lease ran out revoke it although the new leader renewed
 /// it (etcd-io/etcd#15247, fixed upstream in 2024 by #16822), and no
 /// owner survives that (docs/ARCHITECTURE.md, "The lease clock").
+///
+/// A run whose live members elected no leader in time proves nothing
+/// (below): it is run again, up to 3 runs; under `CI=true` the test fails
+/// if no run was conclusive (before, one inconclusive run passed).
 #[test]
 fn a_stalled_etcd_leader_does_not_make_the_owner_step_down() {
     if !etcd_available("a_stalled_etcd_leader_does_not_make_the_owner_step_down") {
         return;
     }
+    for run in 1..=3 {
+        if leader_stall_run() {
+            return;
+        }
+        eprintln!("run {run} inconclusive");
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "3 runs, none conclusive: the live members never had a new leader in time"
+    );
+    eprintln!("3 runs, none conclusive (a failure under CI=true)");
+}
+
+/// One run of [`a_stalled_etcd_leader_does_not_make_the_owner_step_down`]:
+/// false if inconclusive (no new leader in time, filterd stepped down).
+fn leader_stall_run() -> bool {
     let Loaded {
         s,
         cluster,
@@ -402,7 +422,7 @@ fn a_stalled_etcd_leader_does_not_make_the_owner_step_down() {
         eprintln!(
             "inconclusive: the live members had no new leader in time ({elected:?} after the stop); filterd stepped down"
         );
-        return;
+        return false;
     }
     assert_eq!(
         after,
@@ -433,6 +453,7 @@ fn a_stalled_etcd_leader_does_not_make_the_owner_step_down() {
     if std::env::var_os("RK_STALL_LOG").is_some() {
         eprintln!("{}", f.log_text());
     }
+    true
 }
 
 /// The other side of the overlapping renewals: with two of three members
