@@ -639,6 +639,7 @@ fn a_replay_whose_handle_query_and_let_go_fail_leaves_the_original_waiting() {
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
         "the handle query timed out: {r}"
     );
+    d.wait_stalled_at("request.handle", Duration::from_secs(10));
     wait_for(
         "the detach's commit to fail",
         Duration::from_secs(10),

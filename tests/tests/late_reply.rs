@@ -406,7 +406,7 @@ fn smbshim_sends_no_delete_on_close_it_could_not_set_back() {
 /// while the flag stood.
 #[test]
 fn smbshim_a_delete_on_close_learnt_after_its_call_gave_up_is_answered_by_its_outcome() {
-    let (s, _d, smb) = setup_failing(
+    let (s, d, smb) = setup_failing(
         "late-doc-learnt",
         "smbshim",
         &[(
@@ -418,6 +418,7 @@ fn smbshim_a_delete_on_close_learnt_after_its_call_gave_up_is_answered_by_its_ou
     let fid = deletable_open(&mut a, sid);
     let r = a.call(set_delete_on_close(sid, &fid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    d.wait_stalled_at("request.set_delete_on_close", Duration::from_secs(10));
     let r = a.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     assert!(
@@ -601,11 +602,12 @@ fn rksmbd_answers_a_delete_on_close_by_filterd_s_flag_after_its_call_gave_up() {
         "RKFILTER_FAILPOINTS",
         "request.set_delete_on_close:2:sleep1500",
     )];
-    let (s, _d, _srv, mut script) =
+    let (s, d, _srv, mut script) =
         delete_on_close_given_up("late-rksmbd-doc", "late_delete_on_close.py", &env);
     doc_txt_stays(&s, &mut script);
     script.say("go");
     script.expect("closed");
+    d.wait_stalled_at("request.set_delete_on_close", Duration::from_secs(10));
     assert!(
         !s.root().join("learnt.txt").exists(),
         "told delete pending, the file stays\n{}",
@@ -725,6 +727,7 @@ fn rksmbd_a_create_whose_delete_on_close_gave_up_leaves_the_file() {
     );
     script.expect("failed");
     script.finish();
+    d.wait_stalled_at("request.set_delete_on_close", Duration::from_secs(10));
     // The handle's close, after filterd went on: the file stays.
     wait_for(
         "the failed CREATE's handle to go",
@@ -1336,6 +1339,7 @@ fn a_replay_whose_lookup_goes_unanswered_runs_nothing(
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
         "the lookup went unanswered: retry, nothing run: {r}"
     );
+    d.wait_stalled_at("request.lookup_reply", Duration::from_secs(10));
     assert_eq!(
         std::fs::read(s.root().join("f")).expect("f"),
         want,
@@ -1446,6 +1450,12 @@ fn detached_then_logoff(name: &str, env: &[(&str, &str)]) {
     let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     nothing_left_of_f(&d, &smb);
+    // Each stall armed (`env`) happened.
+    for (_, fps) in env.iter().filter(|(k, _)| *k == "RKFILTER_FAILPOINTS") {
+        for armed in fps.split(',') {
+            d.wait_stalled_at(armed, Duration::from_secs(10));
+        }
+    }
 }
 
 /// As `a_late_persistent_create_detached_is_closed_by_logoff`, filterd
@@ -1510,6 +1520,7 @@ fn a_late_create_whose_replay_was_told_to_retry_is_closed_by_logoff() {
     let replay = late_persistent_create(&d, &mut a, sid, "create");
     let r = a.call(replay);
     assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "retry: {r}");
+    d.wait_stalled_at("request.handle", Duration::from_secs(10));
     wait_detached(&d);
     let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");

@@ -938,7 +938,7 @@ fn a_file_opened_through_another_mount_while_being_created_is_still_mediated() {
         return;
     };
     // The create stalls between making the file and taking it in.
-    let _d = Filterd::start_mediated_with(
+    let d = Filterd::start_mediated_with(
         &s,
         &[],
         &[("RKFILTER_FAILPOINTS", "open.after_fs:1:sleep2000")],
@@ -947,11 +947,9 @@ fn a_file_opened_through_another_mount_while_being_created_is_still_mediated() {
     let creating =
         std::thread::spawn(move || fe.open(req("new", Rights::NONE, None)).map(|h| (fe, h)));
     let other = fs.join("real/new");
-    wait_for(
-        "the create to make its file",
-        Duration::from_secs(10),
-        || other.exists().then_some(()),
-    );
+    // The create made its file and stalls before taking it in.
+    d.wait_stalled_at("open.after_fs", Duration::from_secs(10));
+    assert!(other.exists(), "the create made its file");
     drop(std::fs::File::open(&other).expect("a file filterd does not know yet opens"));
     let (_fe, _h) = creating.join().unwrap().expect("the create");
     let through_other = std::fs::OpenOptions::new().append(true).open(&other);
@@ -1657,6 +1655,7 @@ fn a_local_open_held_at_the_gate_is_refused_when_filterd_stops() {
         .expect("an answer once the engine stopped");
     shim.signal(nix::sys::signal::Signal::SIGCONT);
     eprintln!("answered {:?} after SIGTERM: {r:?}", at - stopped);
+    d.wait_stalled_at("shutdown.after_engine", Duration::from_secs(10));
     assert_eq!(
         r.map_err(|e| e.raw_os_error()),
         Err(Some(libc::EPERM)),

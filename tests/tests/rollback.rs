@@ -529,6 +529,12 @@ fn a_completion_built_on_a_failed_commit_stops_filterd() {
     let st = d.wait_exit(Duration::from_secs(20));
     assert_eq!(st.code(), Some(70), "{st:?}\n{}", d.log_text());
     assert!(
+        d.log_text()
+            .contains("failpoint intent.after_commit: stalling"),
+        "the completion was held as armed: {}",
+        d.log_text()
+    );
+    assert!(
         renamer.join().unwrap().is_err(),
         "the rename is not acknowledged"
     );

@@ -818,6 +818,7 @@ fn a_lock_that_timed_out_and_was_counted_granted_stays_held() {
     let (_s, d, srv, log) = stalled_past_the_call_timeout("smb3-lock-late-granted");
     let mut script = smb3_client_of_f(&srv);
     said(&mut script, "lock 10 10 excl 0 0", SUCCESS);
+    d.wait_stalled_at("lock.granted", Duration::from_secs(10));
     // The late grant reaches rksmbd, which keeps it (or, as before,
     // unlocks it: the warning says so once the unlock is made).
     let late = logged_line(&log, "after the call gave up");
@@ -839,6 +840,7 @@ fn a_lock_answered_failed_after_its_call_gave_up_is_not_kept() {
     let (_s, d, srv, log) = stalled_past_the_call_timeout("smb3-lock-late-refused");
     let mut script = smb3_client_of_f(&srv);
     said(&mut script, "lockfirst 10 10", FILE_NOT_AVAILABLE);
+    d.wait_stalled_at("lock.granted", Duration::from_secs(10));
     let late = logged_line(&log, "after the call gave up");
     assert!(late.contains("was unlocked"), "{late}");
     assert_eq!(locks_listed(&d), []);
@@ -862,6 +864,7 @@ fn a_lock_granted_to_a_client_gone_meanwhile_is_let_go() {
     script.expect("dropped");
     // filterd answers the LOCK at last; the client reconnects its handle.
     logged_line(&log, "so the lock stays");
+    d.wait_stalled_at("lock.granted", Duration::from_secs(10));
     reconnected_gets_the_range(&mut script, &srv, &d);
 }
 
