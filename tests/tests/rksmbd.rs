@@ -1630,6 +1630,17 @@ fn a_forged_related_request_is_refused_unsigned() {
     no_handles_left(&d);
 }
 
+/// A signed request of one connection replayed as it was on another (one
+/// that never logged on, or where a binding of the session is under way)
+/// is STATUS_USER_SESSION_DELETED, answered unsigned
+/// (tests/smb3/replayed_request.py). Before (review rvcrypto), the answer
+/// was signed with the session's key: under AES-GMAC a second answer
+/// under the real one's nonce, which gives the GHASH key away.
+#[test]
+fn a_request_replayed_on_another_connection_is_answered_unsigned() {
+    alice_script_passes("rksmbd-replayed-request", &[], "replayed_request.py");
+}
+
 /// A 1 MiB WRITE sent at 32 KiB/s (about 33 s) is served: a frame gets
 /// 30 s plus its length at 8 KiB/s. Before, 30 s in all closed the
 /// connection mid-WRITE.

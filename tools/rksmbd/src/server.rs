@@ -2247,12 +2247,19 @@ impl Connection {
                 _ => None,
             };
         }
-        // An error for a session this connection does not hold (a
-        // binding refused, a channel not bound here) is signed with the
-        // session's own key when the request was, as the client signed it
-        // (3.3.5.5.2).
+        // A refused binding leg is signed with the session's own key when
+        // the request was, as the client signed it (3.3.5.5.2). Nothing
+        // else naming a session this connection does not hold is: it is
+        // STATUS_USER_SESSION_DELETED unsigned (3.3.5.2.4). Signed with
+        // the session's key, any signed request of the session replayed
+        // on another connection got a second answer under the real
+        // answer's AES-GMAC nonce (MessageId, response), which gives
+        // away GHASH's key, and made rksmbd a signing oracle for every
+        // algorithm (review rvcrypto; tests/smb3/replayed_request.py).
         if sign.is_none()
             && st != status::SUCCESS
+            && cmd == Command::SessionSetup
+            && asks_binding(req.body)
             && req.hdr.flags & wire::FLAG_SIGNED != 0
             && self
                 .sessions
@@ -2747,8 +2754,8 @@ impl Connection {
     }
 
     /// The signing key of a session that lives on another connection,
-    /// when request `msg` was signed with it (never a signature for
-    /// whoever merely names the session).
+    /// when request `msg` (a binding leg) was signed with it (never a
+    /// signature for whoever merely names the session).
     fn foreign_session_key(&self, id: u64, msg: &[u8]) -> Option<(SigningAlgorithm, [u8; 16])> {
         let home = self.sh.registry.link(id)?.home.get()?.clone();
         let (alg, key) = home.sign;
@@ -3185,6 +3192,12 @@ fn capabilities_of(dialect: Dialect) -> u32 {
 /// The body of an error response (MS-SMB2 2.2.2).
 pub fn error_body() -> Vec<u8> {
     vec![9, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// Whether a SESSION_SETUP request body asks to bind its session to this
+/// connection (SMB2_SESSION_FLAG_BINDING).
+fn asks_binding(body: &[u8]) -> bool {
+    body.get(2).is_some_and(|f| f & SESSION_FLAG_BINDING != 0)
 }
 
 fn push_context(w: &mut Writer, kind: u16, data: &[u8]) {
