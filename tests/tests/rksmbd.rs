@@ -226,6 +226,39 @@ fn hash_password_writes_smbpasswd_lines() {
     );
 }
 
+/// `hash-password` with nothing on stdin, or an empty first line, prints
+/// no line and exits 1 saying why. Before (review rvcrypto), `rksmbd
+/// hash-password eve < /dev/null` exited 0 with the empty password's
+/// hash, an account that logged on with no password.
+#[test]
+fn hash_password_refuses_an_empty_password() {
+    for (input, why) in [
+        (&b""[..], "no password on stdin"),
+        (b"\n", "refusing an empty password"),
+    ] {
+        let out = Command::new(rkfilter_tests::bin("rksmbd"))
+            .args(["hash-password", "eve"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                if let Some(mut i) = c.stdin.take() {
+                    i.write_all(input)?;
+                }
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{input:?}: {}", text(&out));
+        assert!(out.stdout.is_empty(), "{input:?}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(why),
+            "{input:?}: {}",
+            text(&out)
+        );
+    }
+}
+
 /// Runs `rksmbd hash-password NAME` with `password` on stdin and its
 /// stdout appended to `file` (as `>> FILE` would).
 fn hash_password_into(name: &str, password: &str, file: &std::path::Path) -> Output {

@@ -9,7 +9,6 @@
 //! rksmbd refuses a users file group or others may read or write.
 #![forbid(unsafe_code)]
 
-use std::io::BufRead;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -66,8 +65,9 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Read a password from stdin (first line) and print a users-file line
-    /// for USER: `name:uid:XXXX…:NTHASH:[U          ]:LCT-…:`. Append it
+    /// Read a password from stdin (first line; an empty one or none is
+    /// refused, exit 1) and print a users-file line for USER:
+    /// `name:uid:XXXX…:NTHASH:[U          ]:LCT-…:`. Append it
     /// with `(umask 077; rksmbd hash-password USER >> FILE)`: rksmbd refuses
     /// a users file group or others may read or write.
     HashPassword {
@@ -110,10 +110,8 @@ fn run() -> anyhow::Result<()> {
         if user.is_empty() || user.contains(':') {
             anyhow::bail!("USER must be non-empty and contain no ':'");
         }
-        let mut pw = String::new();
-        std::io::stdin().lock().read_line(&mut pw)?;
-        let pw = pw.trim_end_matches(['\n', '\r']);
-        print!("{}", rksmbd::users::line(&user, uid, pw));
+        let pw = rksmbd::users::read_password(&mut std::io::stdin().lock())?;
+        print!("{}", rksmbd::users::line(&user, uid, &pw));
         warn_if_stdout_exposed();
         return Ok(());
     }

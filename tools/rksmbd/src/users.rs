@@ -1,9 +1,10 @@
 //! The users file: Samba's smbpasswd format, one user per line,
 //! `name:uid:LMHASH:NTHASH:[FLAGS]:LCT-HEX:`. Only the NT hash (MD4 of the
 //! UTF-16LE password) is used; LM hashes are ignored and plain passwords
-//! are never stored. Accounts flagged `D` (disabled) or with no NT hash
-//! (`XXXX…`, `NO PASSWORD…`) cannot log on. Names match case-insensitively,
-//! as Windows user names do.
+//! are never stored. Accounts flagged `D` (disabled), with no NT hash
+//! (`XXXX…`, `NO PASSWORD…`), or with the empty password's NT hash unless
+//! flagged `N` (no password required) cannot log on. Names match
+//! case-insensitively, as Windows user names do.
 //!
 //! An NT hash is as good as the password for NTLMv2, so [`Users::load`]
 //! refuses a file that group or others may read or write (as ssh does for
@@ -41,6 +42,25 @@ pub enum UsersError {
         why: &'static str,
     },
 }
+
+/// Why `rksmbd hash-password` printed no line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PasswordError {
+    /// Standard input ended before a line (`< /dev/null`).
+    #[error("no password on stdin (its first line is the password)")]
+    Missing,
+    /// The first line is empty: its hash would log on with no password.
+    #[error("refusing an empty password (its NT hash logs on with no password)")]
+    Empty,
+    /// Standard input could not be read.
+    #[error("reading the password from stdin: {0}")]
+    Read(std::io::ErrorKind),
+}
+
+/// The NT hash of the empty password.
+const EMPTY_PASSWORD: NtHash = NtHash([
+    0x31, 0xD6, 0xCF, 0xE0, 0xD1, 0x6A, 0xE9, 0x31, 0xB7, 0x3C, 0x59, 0xD7, 0xE0, 0xC0, 0x89, 0xC0,
+]);
 
 /// The accounts that may log on.
 #[derive(Debug, Clone, Default)]
@@ -104,6 +124,18 @@ impl Users {
                 continue;
             }
             match hex16(nt) {
+                Some(h) if NtHash(h) == EMPTY_PASSWORD && !flags.contains('N') => {
+                    // Before (review rvcrypto), `hash-password` read an
+                    // empty stdin as the empty password, whose account
+                    // then logged on with none.
+                    tracing::warn!(
+                        line = i + 1,
+                        user = %name,
+                        "users file: account with the empty password's hash and no N flag; \
+                         it cannot log on"
+                    );
+                    continue;
+                }
                 Some(h) => users.push(((*name).to_owned(), NtHash(h))),
                 None if nt.starts_with('X') || nt.starts_with("NO PASSWORD") => continue,
                 None => return Err(bad("NT hash must be 32 hex digits")),
@@ -153,6 +185,22 @@ pub fn nt_hash(password: &str) -> NtHash {
     let mut h = Md4::new();
     h.update(crate::wire::to_utf16(password));
     NtHash(h.finalize().into())
+}
+
+/// The password `rksmbd hash-password` reads: the first line of `input`
+/// without its line end; an empty one, or none, is refused.
+pub fn read_password(input: &mut impl std::io::BufRead) -> Result<String, PasswordError> {
+    let mut pw = String::new();
+    match input.read_line(&mut pw) {
+        Ok(0) => return Err(PasswordError::Missing),
+        Ok(_) => {}
+        Err(e) => return Err(PasswordError::Read(e.kind())),
+    }
+    let pw = pw.trim_end_matches(['\n', '\r']);
+    if pw.is_empty() {
+        return Err(PasswordError::Empty);
+    }
+    Ok(pw.to_owned())
 }
 
 /// An smbpasswd line for `name` with `password` (what `rksmbd
@@ -237,5 +285,32 @@ mod tests {
         for bad in ["x", "a:b:c:d:e:f:", "a:1:X:1234:[U]:L:", ":1:X:X:[U]:L:"] {
             assert!(Users::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// An account with the empty password's NT hash logs on only when
+    /// flagged `N` (no password required), as Samba has it (review
+    /// rvcrypto: `hash-password eve < /dev/null` made one that logged on
+    /// with no password).
+    #[test]
+    fn the_empty_passwords_hash_logs_on_only_flagged_n() {
+        assert_eq!(nt_hash(""), EMPTY_PASSWORD);
+        let eve = line("eve", 1, "");
+        let u = Users::parse(&eve).unwrap();
+        assert!(u.lookup("eve").is_none() && u.is_empty());
+        let u = Users::parse(&eve.replacen("[U          ]", "[NU         ]", 1)).unwrap();
+        assert_eq!(u.lookup("eve").map(|x| x.1), Some(EMPTY_PASSWORD));
+    }
+
+    /// hash-password's input: the first line, its line end taken off; an
+    /// empty line or none at all is refused.
+    #[test]
+    fn hash_password_refuses_an_empty_password() {
+        let read = |s: &str| read_password(&mut std::io::Cursor::new(s.as_bytes()));
+        assert_eq!(read("pw\nmore\n"), Ok("pw".to_owned()));
+        assert_eq!(read("pw\r\n"), Ok("pw".to_owned()));
+        assert_eq!(read("pw"), Ok("pw".to_owned()));
+        assert_eq!(read(""), Err(PasswordError::Missing));
+        assert_eq!(read("\n"), Err(PasswordError::Empty));
+        assert_eq!(read("\r\n"), Err(PasswordError::Empty));
     }
 }
