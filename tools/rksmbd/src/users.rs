@@ -1,10 +1,12 @@
 //! The users file: Samba's smbpasswd format, one user per line,
 //! `name:uid:LMHASH:NTHASH:[FLAGS]:LCT-HEX:`. Only the NT hash (MD4 of the
 //! UTF-16LE password) is used; LM hashes are ignored and plain passwords
-//! are never stored. Accounts flagged `D` (disabled), with no NT hash
+//! are never stored. Accounts that Samba would not log on as users cannot
+//! log on: flagged `D` (disabled), `L` (auto-locked), `W`, `S` or `I`
+//! (workstation, server, interdomain trust accounts), with no NT hash
 //! (`XXXX…`, `NO PASSWORD…`), or with the empty password's NT hash unless
-//! flagged `N` (no password required) cannot log on. Names match
-//! case-insensitively, as Windows user names do.
+//! flagged `N` (no password required). Names match case-insensitively, as
+//! Windows user names do.
 //!
 //! An NT hash is as good as the password for NTLMv2, so [`Users::load`]
 //! refuses a file that group or others may read or write (as ssh does for
@@ -56,6 +58,11 @@ pub enum PasswordError {
     #[error("reading the password from stdin: {0}")]
     Read(std::io::ErrorKind),
 }
+
+/// The flags (smbpasswd's `[…]` field) of an account Samba does not log
+/// on as a user: `D` disabled, `L` auto-locked, `W` / `S` / `I`
+/// workstation, server and interdomain trust accounts.
+const NO_LOGON_FLAGS: [char; 5] = ['D', 'L', 'W', 'S', 'I'];
 
 /// The NT hash of the empty password.
 const EMPTY_PASSWORD: NtHash = NtHash([
@@ -120,7 +127,7 @@ impl Users {
             if !(flags.starts_with('[') && flags.ends_with(']')) {
                 return Err(bad("flags must be in brackets"));
             }
-            if flags.contains('D') {
+            if flags.contains(NO_LOGON_FLAGS) {
                 continue;
             }
             match hex16(nt) {
@@ -285,6 +292,34 @@ mod tests {
         for bad in ["x", "a:b:c:d:e:f:", "a:1:X:1234:[U]:L:", ":1:X:X:[U]:L:"] {
             assert!(Users::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Accounts Samba does not log on as users do not log on here either
+    /// (review rvcrypto: only `D` was honoured, so `carol [LU]`, locked,
+    /// and `host$ [W]`, a workstation trust account, logged on).
+    #[test]
+    fn locked_and_trust_accounts_cannot_log_on() {
+        let pw = line("x", 1, "pw");
+        let with = |name: &str, flags: &str| {
+            pw.replacen("x:1:", &format!("{name}:1:"), 1)
+                .replacen("[U          ]", flags, 1)
+        };
+        let text: String = [
+            with("alice", "[U          ]"),
+            with("xavier", "[UX         ]"),
+            with("carol", "[LU         ]"),
+            with("dave", "[DU         ]"),
+            with("host$", "[W          ]"),
+            with("server$", "[S          ]"),
+            with("domain$", "[I          ]"),
+        ]
+        .concat();
+        let u = Users::parse(&text).unwrap();
+        assert!(u.lookup("alice").is_some() && u.lookup("xavier").is_some());
+        for name in ["carol", "dave", "host$", "server$", "domain$"] {
+            assert!(u.lookup(name).is_none(), "{name} logs on");
+        }
+        assert_eq!(u.len(), 2);
     }
 
     /// An account with the empty password's NT hash logs on only when
