@@ -529,6 +529,30 @@ fn hostile_requests_change_nothing_and_the_server_keeps_serving() {
     no_handles_left(&d);
 }
 
+/// A NEGOTIATE flagged SMB2_FLAGS_SIGNED (nothing can have signed it) is
+/// STATUS_INVALID_PARAMETER, for any dialect (MS-SMB2 3.3.5.2.4; Samba
+/// answers so too), and the connection may still negotiate. Before
+/// (review rvcrypto), it was served.
+#[test]
+fn a_negotiate_flagged_signed_is_refused() {
+    let s = Scratch::new("rksmbd-negotiate-signed");
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    for dialects in [&[0x0210, 0x0302][..], &[0x0210], &[0x0300]] {
+        let mut c = raw::connect(&srv.shim.addr);
+        let count = u16::try_from(dialects.len()).unwrap();
+        let mut m = raw::negotiate(0, dialects, count);
+        m[16] |= 0x08; // SMB2_FLAGS_SIGNED
+        raw::send(&mut c, &m);
+        let r = raw::recv(&mut c).expect("an answer");
+        assert_eq!(raw::status(&r), 0xC000_000D, "{dialects:x?}");
+        assert_eq!(r[16] & 0x08, 0, "answered unsigned");
+        raw::send(&mut c, &raw::negotiate(1, dialects, count));
+        let r = raw::recv(&mut c).expect("an answer");
+        assert_eq!(raw::status(&r), 0, "then negotiated {dialects:x?}");
+    }
+}
+
 /// An SMB 3.1.1 NEGOTIATE offering the signing algorithms `algs` (ids of
 /// MS-SMB2 2.2.3.1.7, in that order): the algorithm id rksmbd's
 /// SMB2_SIGNING_CAPABILITIES answer names.

@@ -2383,10 +2383,15 @@ impl Connection {
     }
 
     /// A signed request must verify; a session that requires signing
-    /// refuses unsigned ones.
+    /// refuses unsigned ones. A NEGOTIATE flagged signed (nothing can
+    /// have signed it) is STATUS_INVALID_PARAMETER (MS-SMB2 3.3.5.2.4,
+    /// as Samba answers it; before, review rvcrypto, it was served).
     fn check_signature(&self, req: &Request<'_>, cmd: Command) -> Result<(), u32> {
         if matches!(cmd, Command::Negotiate) {
-            return Ok(());
+            return match req.hdr.flags & wire::FLAG_SIGNED {
+                0 => Ok(()),
+                _ => Err(status::INVALID_PARAMETER),
+            };
         }
         let Some(s) = self.sessions.get(&req.hdr.session_id) else {
             return Ok(());
