@@ -2247,8 +2247,11 @@ impl Connection {
                 _ => None,
             };
         }
-        // A refused binding leg is signed with the session's own key when
-        // the request was, as the client signed it (3.3.5.5.2). Nothing
+        // A refused SESSION_SETUP naming a session of another connection
+        // (a binding leg, or one without SMB2_SESSION_FLAG_BINDING) is
+        // signed with the session's own key when the request was, as the
+        // client signed it (3.3.5.5.2; Windows does the same for the one
+        // without the flag, smbtorture's bind_negative_* want it). Nothing
         // else naming a session this connection does not hold is: it is
         // STATUS_USER_SESSION_DELETED unsigned (3.3.5.2.4). Signed with
         // the session's key, any signed request of the session replayed
@@ -2259,7 +2262,6 @@ impl Connection {
         if sign.is_none()
             && st != status::SUCCESS
             && cmd == Command::SessionSetup
-            && asks_binding(req.body)
             && req.hdr.flags & wire::FLAG_SIGNED != 0
             && self
                 .sessions
@@ -2755,7 +2757,7 @@ impl Connection {
     }
 
     /// The signing key of a session that lives on another connection,
-    /// when request `msg` (a binding leg) was signed with it (never a
+    /// when request `msg` (a SESSION_SETUP) was signed with it (never a
     /// signature for whoever merely names the session).
     fn foreign_session_key(&self, id: u64, msg: &[u8]) -> Option<(SigningAlgorithm, [u8; 16])> {
         let home = self.sh.registry.link(id)?.home.get()?.clone();
@@ -3193,12 +3195,6 @@ fn capabilities_of(dialect: Dialect) -> u32 {
 /// The body of an error response (MS-SMB2 2.2.2).
 pub fn error_body() -> Vec<u8> {
     vec![9, 0, 0, 0, 0, 0, 0, 0, 0]
-}
-
-/// Whether a SESSION_SETUP request body asks to bind its session to this
-/// connection (SMB2_SESSION_FLAG_BINDING).
-fn asks_binding(body: &[u8]) -> bool {
-    body.get(2).is_some_and(|f| f & SESSION_FLAG_BINDING != 0)
 }
 
 fn push_context(w: &mut Writer, kind: u16, data: &[u8]) {
