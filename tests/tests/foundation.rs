@@ -1169,7 +1169,7 @@ fn failpoints_prove_no_reply_before_commit() {
         r.create_guid = Some(g);
         let res = fe.open(r);
         assert!(res.is_err(), "{fp}: no reply may arrive: {res:?}");
-        d.wait_exit(Duration::from_secs(10));
+        d.wait_killed_at(fp, Duration::from_secs(10));
         let _d2 = Filterd::start(&s, &[], &[]);
         let fe2 = frontend(&s, "smb", "smb-a");
         let resumed = fe2.resume_by_guid(ClientId::new("alice").unwrap(), g);

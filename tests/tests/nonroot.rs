@@ -119,7 +119,7 @@ fn nonroot_create_replay_and_restart_reopen() {
     let fe = frontend(&s);
     let req = persistent("alice", "new", Disposition::Create);
     assert!(fe.open(req.clone()).is_err(), "no reply before the commit");
-    d.wait_exit(Duration::from_secs(10));
+    d.wait_killed_at("commit.before", Duration::from_secs(10));
     assert!(s.root().join("new").exists(), "the create reached the disk");
     drop(fe);
 

@@ -167,11 +167,11 @@ fn rename_is_exactly_once_across_a_crash_at_every_step() {
         let fe = frontend(&s);
         fe.replay_open(req()).unwrap();
         let first = rename(&fe);
-        if first.is_ok() {
-            d.kill9();
-        } else {
-            d.wait_killed_at(fp, Duration::from_secs(10));
-        }
+        assert!(
+            first.is_err(),
+            "{fp}: filterd dies before the answer: {first:?}"
+        );
+        d.wait_killed_at(fp, Duration::from_secs(10));
         drop(fe);
         let _d2 = Filterd::start(&s, &[], &[]);
         let fe = frontend(&s);
@@ -234,11 +234,11 @@ fn remove_is_exactly_once_across_a_crash_at_every_step() {
         };
         let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
         let first = remove(&frontend(&s));
-        if first.is_ok() {
-            d.kill9();
-        } else {
-            d.wait_killed_at(fp, Duration::from_secs(10));
-        }
+        assert!(
+            first.is_err(),
+            "{fp}: filterd dies before the answer: {first:?}"
+        );
+        d.wait_killed_at(fp, Duration::from_secs(10));
         let _d2 = Filterd::start(&s, &[], &[]);
         let fe = frontend(&s);
         match fe.lookup_reply(scope.clone(), 7).unwrap() {
@@ -282,11 +282,12 @@ fn end_of_file_is_exactly_once_across_a_crash_at_every_step() {
         let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
         let fe = frontend(&s);
         fe.replay_open(req()).unwrap();
-        if truncate(&fe).is_ok() {
-            d.kill9();
-        } else {
-            d.wait_killed_at(fp, Duration::from_secs(10));
-        }
+        let first = truncate(&fe);
+        assert!(
+            first.is_err(),
+            "{fp}: filterd dies before the answer: {first:?}"
+        );
+        d.wait_killed_at(fp, Duration::from_secs(10));
         drop(fe);
         let _d2 = Filterd::start(&s, &[], &[]);
         let fe = frontend(&s);
