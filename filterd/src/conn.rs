@@ -566,8 +566,13 @@ impl Poller {
 /// Creates the listening socket at `path`: refuses to steal a live socket,
 /// replaces a stale one, refuses anything else found there (a file given as
 /// `--socket` by mistake was replaced by the socket, review rvacl), sets
-/// mode 0660.
-pub fn listen_at(path: &Path) -> anyhow::Result<OwnedFd> {
+/// mode 0660. The second value says whether the kernel refuses
+/// descriptors sent to filterd ([`sys::refuse_descriptors`], set before
+/// `listen` so that every accepted connection has it): a descriptor a
+/// peer sent would be closed by a thread of filterd, and its close can
+/// block as long as the sender likes (a TCP socket whose peer never
+/// reads, lingering; review rvunsafe).
+pub fn listen_at(path: &Path) -> anyhow::Result<(OwnedFd, bool)> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(found) = std::fs::symlink_metadata(path) {
         if !found.file_type().is_socket() {
@@ -595,8 +600,10 @@ pub fn listen_at(path: &Path) -> anyhow::Result<OwnedFd> {
     let addr = UnixAddr::new(path).with_context(|| format!("socket path {}", path.display()))?;
     bind(fd.as_raw_fd(), &addr).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let refused = sys::refuse_descriptors(fd.as_fd())
+        .with_context(|| format!("refusing descriptors on {}", path.display()))?;
     listen(&fd, Backlog::new(128)?)?;
-    Ok(fd)
+    Ok((fd, refused))
 }
 
 /// Whether a peer may attach: root, our own user, or a member of the

@@ -586,7 +586,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .name("engine".into())
         .spawn(move || eng.run(poller))?;
 
-    let listener = conn::listen_at(&socket_path)?;
+    let (listener, descriptors_refused) = conn::listen_at(&socket_path)?;
+    if descriptors_refused {
+        info!("the kernel refuses descriptors peers send to filterd (SO_PASSRIGHTS)");
+    } else {
+        warn!(
+            "this kernel lacks SO_PASSRIGHTS (Linux 6.16): descriptors peers send to filterd still arrive"
+        );
+    }
     // The socket file this daemon made: removed at shutdown only if the
     // path still names it (another daemon may have bound the path since
     // this one's file was removed, and must not lose its socket to this

@@ -675,6 +675,38 @@ pub fn send_packet_until(
     }
 }
 
+/// `SO_PASSRIGHTS` from `<asm-generic/socket.h>` (Linux 6.16; the libc
+/// crate may not name it yet).
+const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// Makes the kernel refuse descriptors sent to `sock` (`SO_PASSRIGHTS` 0):
+/// a peer's `sendmsg` with `SCM_RIGHTS` fails `EPERM`. Set on a listening
+/// socket before `listen`, it holds for every connection accepted from it,
+/// those still queued included. `Ok(false)`: this kernel lacks the option
+/// (before Linux 6.16), and descriptors still arrive.
+pub fn refuse_descriptors(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    let off: libc::c_int = 0;
+    // SAFETY: `off` is a c_int that outlives the call, and the length
+    // passed is its size; setsockopt only reads it.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            (&off as *const libc::c_int).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOPROTOOPT) | Some(libc::EINVAL) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 /// Takes ownership of a descriptor `accept4` just returned.
 pub fn own_accepted(fd: std::os::fd::RawFd) -> OwnedFd {
     // SAFETY: the caller passes a descriptor freshly returned by accept4,

@@ -36,3 +36,34 @@ pub fn persistent_record(path: &str) -> HandleRecord {
         through_link: false,
     }
 }
+
+/// A TCP socket whose close blocks for as long as its peer lives (review
+/// rvunsafe): connected on loopback to a peer that never reads, its send
+/// buffer full, `SO_LINGER` on with a timeout of days. Returns it and that
+/// peer; dropping the peer (which resets the connection) ends a close
+/// waiting on the socket. A descriptor a hostile peer could send filterd.
+pub fn lingering_socket() -> (std::os::fd::OwnedFd, std::net::TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    use std::io::Write;
+    let srv = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback listener");
+    setsockopt(&srv, sockopt::RcvBuf, &4096).expect("SO_RCVBUF");
+    let addr = srv.local_addr().expect("its address");
+    let mut cli = std::net::TcpStream::connect(addr).expect("connect");
+    let (reader, _) = srv.accept().expect("accept");
+    setsockopt(&cli, sockopt::SndBuf, &4096).expect("SO_SNDBUF");
+    cli.set_nonblocking(true).expect("non-blocking");
+    let chunk = vec![b'x'; 65536];
+    loop {
+        match cli.write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the send buffer: {e}"),
+        }
+    }
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 1_000_000,
+    };
+    setsockopt(&cli, sockopt::Linger, &linger).expect("SO_LINGER");
+    (std::os::fd::OwnedFd::from(cli), reader)
+}

@@ -123,3 +123,104 @@ fn connections_that_never_say_hello_are_bounded_and_closed() {
     );
     assert!(fds() <= fds_before + 1, "{} then {}", fds_before, fds());
 }
+
+/// Whether filterd answers another process (`filterctl stats`) within 5 s.
+fn answers_promptly(socket: &std::path::Path) -> Result<(), String> {
+    let socket = socket.to_str().expect("a UTF-8 path");
+    let st = rkfilter_tests::filterctl(&["--socket", socket, "--timeout-ms", "5000", "stats"]);
+    if st.code == 0 {
+        Ok(())
+    } else {
+        Err(format!("filterctl stats: {}", st.stderr))
+    }
+}
+
+/// Sends `bytes` with descriptor `fd` on `sock`: `Ok(false)` when the
+/// kernel refused the descriptor (`EPERM`: filterd's socket has
+/// `SO_PASSRIGHTS` off).
+fn send_with_fd(
+    sock: std::os::fd::BorrowedFd<'_>,
+    bytes: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> Result<bool, std::io::Error> {
+    match send_packet(sock, bytes, Some(fd)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Closes the test's copy of the lingering socket once filterd has one
+/// (`sent`), so that filterd holds the last reference; else keeps it, for
+/// its close would block the test until the socket's reader is gone.
+fn let_go(sent: bool, lingering: std::os::fd::OwnedFd) -> Option<std::os::fd::OwnedFd> {
+    (!sent).then_some(lingering)
+}
+
+/// Review rvunsafe: filterd took descriptors from any peer (before its
+/// hello, too) and closed them on the engine thread, where a close can
+/// block as long as the sender likes — a TCP socket whose peer never
+/// reads, its send buffer full, lingering for days. One such descriptor
+/// with a bad hello stopped filterd answering anyone. Now the kernel
+/// refuses it (`SO_PASSRIGHTS` off on the listening socket) or, on a
+/// kernel without that option, a closer thread closes it: either way
+/// another peer is answered while the socket still lingers.
+#[test]
+fn a_lingering_descriptor_sent_to_filterd_stalls_nobody() {
+    let s = Scratch::new("lingering-fd");
+    let _d = Filterd::start(&s, &[], &[]);
+    let (lingering, reader) = libfilter::testing::lingering_socket();
+    let fd = rkfilter_tests::raw_socket(&s.socket());
+    let hello = br#"{"version":1,"features":0,"role":{"Operator":null}}"#;
+    let sent = send_with_fd(fd.as_fd(), hello, lingering.as_fd()).expect("send");
+    let kept = let_go(sent, lingering);
+    let answered = answers_promptly(&s.socket());
+    // Ends a close still waiting on the socket (ours too, which would
+    // wait here).
+    drop(reader);
+    drop(kept);
+    answered.unwrap_or_else(|e| panic!("descriptor sent: {sent}; {e}"));
+}
+
+/// The same descriptor queued on a connection filterd refuses without
+/// reading it (its process has 256 waiting for their hello already):
+/// dropping that connection closed the descriptor on the engine thread.
+#[test]
+fn a_lingering_descriptor_on_a_refused_connection_stalls_nobody() {
+    let s = Scratch::new("lingering-refused");
+    let _d = Filterd::start(&s, &[], &[]);
+    let (lingering, reader) = libfilter::testing::lingering_socket();
+    // The engine takes connections in in order: the 257th is refused.
+    let waiting: Vec<_> = (0..256)
+        .map(|_| rkfilter_tests::raw_socket(&s.socket()))
+        .collect();
+    let fd = rkfilter_tests::raw_socket(&s.socket());
+    nix::sys::socket::setsockopt(
+        &fd,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(20, 0),
+    )
+    .unwrap();
+    let sent = send_with_fd(fd.as_fd(), b"never read", lingering.as_fd()).expect("send");
+    let kept = let_go(sent, lingering);
+    if sent {
+        // It went through the refusal, unread (which may reset the
+        // connection before the refusal is read).
+        let mut buf = vec![0u8; 70_000];
+        let text = (0..2)
+            .find_map(|_| match recv_packet(fd.as_fd(), &mut buf) {
+                Ok(Packet::Data { len, .. }) => {
+                    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => None,
+                other => panic!("not refused: {other:?}"),
+            })
+            .expect("a refusal");
+        assert!(text.contains("limit_reached"), "{text}");
+    }
+    let answered = answers_promptly(&s.socket());
+    drop(reader);
+    drop(kept);
+    drop(waiting);
+    answered.unwrap_or_else(|e| panic!("descriptor sent: {sent}; {e}"));
+}
