@@ -364,10 +364,11 @@ fn recv_packet_flags(
 /// As [`recv_packet`] (or, with `nonblocking`, [`recv_packet_nonblocking`]),
 /// except for a packet that arrived whole while some of its descriptors did
 /// not (`MSG_CTRUNC` without `MSG_TRUNC`: this process's descriptor table
-/// was full, and the kernel closed what it could not install): that one is
-/// [`Packet::Data`] with the descriptors that did arrive, and `true` beside
-/// it — its frame can still be read and answered, where [`recv_packet`]
-/// calls it [`Packet::Truncated`].
+/// was full, or the packet carried more than the four there is room for;
+/// the kernel closed what it did not install): that one is
+/// [`Packet::Data`] with the descriptors that did arrive, owned (and
+/// closed with it), and `true` beside it — its frame can still be read and
+/// answered, where [`recv_packet`] calls it [`Packet::Truncated`].
 pub fn recv_packet_cut(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
@@ -391,45 +392,56 @@ pub fn recv_packet_cut(
     )))
 }
 
+/// Room for [`recv_packet`]'s ancillary data, in `u64` words (aligned for
+/// `cmsghdr`): one `SCM_RIGHTS` message of four descriptors.
+const RECV_CMSG_WORDS: usize = 4;
+
 /// One `recvmsg`: the bytes read, the message flags, and the descriptors
-/// it carried (owned).
+/// it carried (owned) — those that did arrive when the message was cut
+/// (`MSG_CTRUNC`) too. nix's `cmsgs()` gives none at all then, and the
+/// descriptors the kernel had installed stayed open for good (review
+/// rvunsafe); the control buffer is read by [`scm_rights`], as
+/// [`PacketBatch`] reads its own.
 fn recv_raw(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     extra: nix::sys::socket::MsgFlags,
 ) -> io::Result<(usize, nix::sys::socket::MsgFlags, Vec<OwnedFd>)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
-    let (len, flags, raw_fds) = loop {
-        let mut iov = [std::io::IoSliceMut::new(buf)];
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC | extra,
-        ) {
-            Ok(msg) => {
-                let mut fds = Vec::new();
-                if let Ok(cmsgs) = msg.cmsgs() {
-                    for c in cmsgs {
-                        if let ControlMessageOwned::ScmRights(v) = c {
-                            fds.extend(v);
-                        }
-                    }
-                }
-                break (msg.bytes, msg.flags, fds);
-            }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(io::Error::from(e)),
+    use nix::sys::socket::MsgFlags;
+    let mut control = [0u64; RECV_CMSG_WORDS];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr is a plain C struct for which all-zero bytes
+        // (null pointers, zero lengths) are a valid value.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: `hdr` points at one iovec over `buf` and at `control`,
+        // both of which live (and are not otherwise borrowed) until the
+        // call returns; the kernel writes only within the lengths given.
+        let n = unsafe {
+            libc::recvmsg(
+                sock.as_raw_fd(),
+                &mut hdr,
+                libc::MSG_CMSG_CLOEXEC | extra.bits(),
+            )
+        };
+        if n >= 0 {
+            // Every descriptor the kernel installed is owned from here on.
+            let fds = scm_rights(&hdr);
+            let len = usize::try_from(n).unwrap_or(0);
+            return Ok((len, MsgFlags::from_bits_truncate(hdr.msg_flags), fds));
         }
-    };
-    let fds: Vec<OwnedFd> = raw_fds
-        .into_iter()
-        // SAFETY: SCM_RIGHTS just installed these descriptors in our table;
-        // nothing else owns them, so each is wrapped exactly once.
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
-    Ok((len, flags, fds))
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// What a received packet was: cut short (its descriptors closed), the
@@ -1289,6 +1301,72 @@ pub fn no_malloc_fastbins() -> bool {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// How many of this process's descriptors are memfds named `name`
+    /// (tests run on threads of one process: only these are counted).
+    fn memfds_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .filter_map(Result::ok)
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|l| l.to_string_lossy().contains(name))
+            .count()
+    }
+
+    /// Review rvunsafe: a packet carrying more descriptors than
+    /// [`recv_packet`] has room for (`MSG_CTRUNC`) left the four the kernel
+    /// did install open for good (nix's `cmsgs()` yields nothing then).
+    /// Now they are owned and closed with the packet, and
+    /// [`recv_packet_cut`] hands them over.
+    #[test]
+    fn descriptors_of_a_cut_packet_are_closed_not_leaked() {
+        use nix::sys::socket::{
+            sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
+        };
+        let name = format!("rkf-cut-{}", uuid::Uuid::new_v4());
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("a socket pair");
+        let send_five = || {
+            let files: Vec<OwnedFd> = (0..5)
+                .map(|_| {
+                    nix::sys::memfd::memfd_create(
+                        name.as_str(),
+                        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+                    )
+                    .expect("a memfd")
+                })
+                .collect();
+            let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+            sendmsg::<()>(
+                theirs.as_raw_fd(),
+                &[std::io::IoSlice::new(b"five")],
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::empty(),
+                None,
+            )
+            .expect("sent");
+        };
+        let mut buf = [0u8; 16];
+        send_five();
+        let p = recv_packet(ours.as_fd(), &mut buf).expect("received");
+        assert!(matches!(p, Packet::Truncated), "{p:?}");
+        drop(p);
+        assert_eq!(memfds_named(&name), 0, "every descriptor closed");
+        send_five();
+        let got = recv_packet_cut(ours.as_fd(), &mut buf, false).expect("received");
+        match &got {
+            Some((Packet::Data { len: 4, fds }, true)) => assert_eq!(fds.len(), 4),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(memfds_named(&name), 4, "the four that arrived");
+        drop(got);
+        assert_eq!(memfds_named(&name), 0, "every descriptor closed");
+    }
 
     #[test]
     fn a_directory_read_resumes_at_an_entrys_offset() {
