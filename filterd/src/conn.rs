@@ -34,6 +34,7 @@ use nix::sys::socket::{
 
 use nix::sys::time::TimeVal;
 
+use crate::closer::Closer;
 use crate::command::{Command, ConnId, Peer};
 use crate::outbox::{self, ConnWriter};
 
@@ -148,6 +149,9 @@ pub struct Poller {
     /// enforces it; a connection leaves once that much is read, its socket
     /// is drained, or it is closed.
     arrived: HashMap<ConnId, u64>,
+    /// Closes what peers sent and the connections dropped, where the
+    /// kernel does not refuse descriptors sent to filterd.
+    closer: Arc<Closer>,
 }
 
 /// What one poll round found.
@@ -160,7 +164,7 @@ pub enum Ready {
 
 impl Poller {
     /// A poller and the sender other threads use to reach the engine.
-    pub fn new(capacity: usize) -> anyhow::Result<(Poller, EngineTx)> {
+    pub fn new(capacity: usize, closer: Arc<Closer>) -> anyhow::Result<(Poller, EngineTx)> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let wake = Arc::new(EventFd::from_flags(
             EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
@@ -183,6 +187,7 @@ impl Poller {
                 flusher: outbox::Flusher::start()?,
                 ungreeted: std::collections::VecDeque::new(),
                 arrived: HashMap::new(),
+                closer,
             },
             EngineTx { tx, wake },
         ))
@@ -302,6 +307,8 @@ impl Poller {
             if let Ok(bytes) = proto::encode(&refusal) {
                 let _ = sys::send_packet_nonblocking(sock.as_fd(), &bytes, None);
             }
+            // Dropped unread: what its peer queued is closed elsewhere.
+            self.closer.close_socket(Arc::new(sock));
             return;
         }
         if waiting.len() >= MAX_UNGREETED {
@@ -320,6 +327,7 @@ impl Poller {
             .add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, conn.0))
         {
             tracing::error!(error = %e, "cannot watch a new connection");
+            self.closer.close_socket(sock);
             return;
         }
         let writer = ConnWriter::new(sock.clone(), Some(self.flusher.clone()));
@@ -379,6 +387,7 @@ impl Poller {
         self.arrived.remove(&conn);
         if let Some(c) = self.conns.remove(&conn) {
             let _ = self.epoll.delete(c.sock.as_fd());
+            self.closer.close_socket(c.sock);
         }
     }
 
@@ -423,12 +432,18 @@ impl Poller {
                     return (read, true);
                 }
             };
+            // Peers never send filterd descriptors (one that does is
+            // closed below); where the kernel lets them through, they are
+            // closed on the closer thread, never here.
+            self.closer.close_fds(batch.take_descriptors());
             for i in 0..n {
-                // Peers never send us descriptors: they are closed with
-                // the batch.
                 let Some((packet, bytes)) = batch.get(i) else {
                     break;
                 };
+                if batch.carried_descriptors(i) {
+                    self.refuse_descriptors(conn, out);
+                    return (read, true);
+                }
                 read += match packet {
                     Packet::Data { len, .. } => u64::try_from(*len).unwrap_or(u64::MAX),
                     // At least this much was queued for it.
@@ -445,6 +460,28 @@ impl Poller {
             left = left.saturating_sub(n);
         }
         (read, false)
+    }
+
+    /// Closes `conn`, which sent descriptors: filterd asks its peers for
+    /// none, and a peer that sends some anyway is broken or hostile.
+    fn refuse_descriptors(&mut self, conn: ConnId, out: &mut Vec<Command>) {
+        if let Some(c) = self.conns.get(&conn) {
+            tracing::warn!(
+                pid = c.peer.pid,
+                "a peer sent descriptors: connection closed"
+            );
+            reject(
+                &c.writer,
+                None,
+                WireError::new(
+                    ErrorCode::ProtocolViolation,
+                    "filterd takes no descriptors from its peers".to_owned(),
+                ),
+            );
+            c.writer.kill();
+        }
+        out.push(Command::BadFrame);
+        self.close(conn, out);
     }
 
     /// Handles one packet of `conn`; false when the connection was closed.
@@ -686,16 +723,26 @@ const MAX_REFUSALS_QUEUED: usize = 64;
 /// a second), then sends the refusal as the hello's reply and closes. The
 /// hello is read first because closing a socket with unread data resets
 /// the peer's connection, and the refusal would be lost.
-fn spawn_refuser() -> Option<Sender<(OwnedFd, String)>> {
+/// Descriptors the hello carried, and the connection, are closed by the
+/// `closer`.
+fn spawn_refuser(closer: Arc<Closer>) -> Option<Sender<(OwnedFd, String)>> {
     let (tx, rx) = crossbeam_channel::bounded::<(OwnedFd, String)>(MAX_REFUSALS_QUEUED);
     std::thread::Builder::new()
         .name("refuser".into())
         .spawn(move || {
-            let mut buf = vec![0u8; MAX_FRAME + 1];
+            let mut batch = PacketBatch::new(1, MAX_FRAME + 1);
             for (sock, why) in rx {
-                let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::new(1, 0));
                 let _ = setsockopt(&sock, sockopt::SendTimeout, &TimeVal::new(1, 0));
-                let _ = sys::recv_packet(sock.as_fd(), &mut buf);
+                let mut ready = [nix::poll::PollFd::new(
+                    sock.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                if nix::poll::poll(&mut ready, nix::poll::PollTimeout::from(1000u16))
+                    .is_ok_and(|n| n > 0)
+                {
+                    let _ = batch.recv_nonblocking(sock.as_fd());
+                    closer.close_fds(batch.take_descriptors());
+                }
                 let frame = ServerFrame::Reply {
                     id: None,
                     result: Err(WireError::new(ErrorCode::NotPermitted, why)),
@@ -703,6 +750,7 @@ fn spawn_refuser() -> Option<Sender<(OwnedFd, String)>> {
                 if let Ok(bytes) = proto::encode(&frame) {
                     let _ = sys::send_packet(sock.as_fd(), &bytes, None);
                 }
+                closer.close_socket(Arc::new(sock));
             }
         })
         .ok()
@@ -727,12 +775,13 @@ fn accept_error_passes(e: nix::errno::Errno) -> bool {
 }
 
 /// Accepts connections forever and hands them to the engine.
-pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
+/// Connections it drops go to `closer`.
+pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx, closer: Arc<Closer>) {
     let next_id = AtomicU64::new(1);
     let made = socket_file(&socket_path);
     let mut sock_gid = made.map_or(0, |(_, _, gid)| gid);
     let made = made.map(|(dev, ino, _)| (dev, ino));
-    let refuser = spawn_refuser();
+    let refuser = spawn_refuser(closer.clone());
     let mut said_at: Option<std::time::Instant> = None;
     loop {
         let raw = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
@@ -768,6 +817,7 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
             },
             Err(e) => {
                 tracing::warn!(error = %e, "no peer credentials; refusing");
+                closer.close_socket(Arc::new(sock));
                 continue;
             }
         };
@@ -780,8 +830,12 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx) {
                 socket_gid = sock_gid,
                 "peer not allowed (user/group); refusing"
             );
-            if let Some(r) = &refuser {
-                let _ = r.try_send((sock, why));
+            let unsent = match &refuser {
+                Some(r) => r.try_send((sock, why)).err().map(|e| e.into_inner().0),
+                None => Some(sock),
+            };
+            if let Some(sock) = unsent {
+                closer.close_socket(Arc::new(sock));
             }
             continue;
         }
@@ -831,6 +885,99 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// A socket pair, `filterd`'s end first.
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("a socket pair")
+    }
+
+    /// Review rvunsafe, on a kernel that lets descriptors through to
+    /// filterd (no `SO_PASSRIGHTS`; a socket pair here): a hello carrying
+    /// a lingering TCP socket was closed on the engine thread, which
+    /// waited as long as the socket lingered. Now the connection is
+    /// closed as broken, told why, and the descriptor is closed on the
+    /// closer thread while the engine reads on.
+    #[test]
+    fn a_peer_that_sends_a_descriptor_is_closed_and_its_close_waits_for_nobody() {
+        let (mut poller, _tx) =
+            Poller::new(16, Closer::start().expect("a closer")).expect("a poller");
+        let (ours, theirs) = pair();
+        let peer = Peer {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+        };
+        poller.add(ConnId(1), ours, peer);
+        let (lingering, reader) = libfilter::testing::lingering_socket();
+        sys::send_packet(
+            theirs.as_fd(),
+            br#"{"version":1,"role":{"kind":"control"}}"#,
+            Some(lingering.as_fd()),
+        )
+        .expect("sent");
+        // In flight: filterd will hold the last reference.
+        drop(lingering);
+        let mut cmds = Vec::new();
+        let reader = crate::closer::unless_blocked(reader, || poller.read(ConnId(1), &mut cmds));
+        assert!(reader.is_some(), "the engine waited for the close");
+        assert!(cmds.iter().any(|c| matches!(c, Command::BadFrame)));
+        assert!(!cmds.iter().any(|c| matches!(c, Command::Hello { .. })));
+        let mut buf = vec![0u8; MAX_FRAME + 1];
+        match sys::recv_packet(theirs.as_fd(), &mut buf) {
+            Ok(Packet::Data { len, .. }) => {
+                let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                assert!(text.contains("no descriptors"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            sys::recv_packet(theirs.as_fd(), &mut buf),
+            Ok(Packet::Eof)
+        ));
+    }
+
+    /// Review rvunsafe: a connection refused without being read (its
+    /// process has [`MAX_UNGREETED_PER_PEER`] waiting for their hello)
+    /// was closed on the engine thread with a lingering TCP socket queued
+    /// on it, and the kernel's close of that socket held the engine. Now
+    /// the closer thread closes what was queued.
+    #[test]
+    fn a_refused_connection_with_a_descriptor_queued_is_closed_off_the_engine() {
+        let (mut poller, _tx) =
+            Poller::new(16, Closer::start().expect("a closer")).expect("a poller");
+        let peer = Peer {
+            pid: 7,
+            uid: 0,
+            gid: 0,
+        };
+        let mut waiting = Vec::new();
+        for i in 0..MAX_UNGREETED_PER_PEER {
+            let (ours, theirs) = pair();
+            poller.add(ConnId(u64::try_from(i).expect("an id") + 1), ours, peer);
+            waiting.push(theirs);
+        }
+        let (ours, theirs) = pair();
+        let (lingering, reader) = libfilter::testing::lingering_socket();
+        sys::send_packet(theirs.as_fd(), b"never read", Some(lingering.as_fd())).expect("sent");
+        drop(lingering);
+        let reader =
+            crate::closer::unless_blocked(reader, || poller.add(ConnId(100_000), ours, peer));
+        assert!(reader.is_some(), "the engine waited for the close");
+        let mut buf = vec![0u8; MAX_FRAME + 1];
+        match sys::recv_packet(theirs.as_fd(), &mut buf) {
+            Ok(Packet::Data { len, .. }) => {
+                let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                assert!(text.contains("limit_reached"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// Sends requests on `sock` without waiting until `n` are sent or the
     /// socket is full; how many were sent.
     fn send_requests(sock: &OwnedFd, n: usize) -> usize {
@@ -848,7 +995,8 @@ mod tests {
     /// the deadline off.
     #[test]
     fn input_noted_for_a_deadline_is_read_and_later_input_is_not_waited_for() {
-        let (mut poller, _tx) = Poller::new(16).expect("a poller");
+        let (mut poller, _tx) =
+            Poller::new(16, Closer::start().expect("a closer")).expect("a poller");
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,

@@ -7,6 +7,7 @@
 //! per connection, the engine, the committer) — see `docs/ARCHITECTURE.md`.
 #![forbid(unsafe_code)]
 
+mod closer;
 mod command;
 mod committer;
 mod conn;
@@ -483,7 +484,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     check_root(&args, store.as_ref(), &identity, &root_path)?;
     info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
 
-    let (poller, cmd_tx) = conn::Poller::new(args.command_queue.max(16))?;
+    let closer = closer::Closer::start()?;
+    let (poller, cmd_tx) = conn::Poller::new(args.command_queue.max(16), closer.clone())?;
     let pipe = Arc::new(committer::Pipeline::default());
     let counters = Arc::new(committer::CommitCounters::default());
     let mut eng = engine::Engine::new(
@@ -587,11 +589,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || eng.run(poller))?;
 
     let (listener, descriptors_refused) = conn::listen_at(&socket_path)?;
+    closer.set_kernel_refuses(descriptors_refused);
     if descriptors_refused {
         info!("the kernel refuses descriptors peers send to filterd (SO_PASSRIGHTS)");
     } else {
         warn!(
-            "this kernel lacks SO_PASSRIGHTS (Linux 6.16): descriptors peers send to filterd still arrive"
+            "this kernel lacks SO_PASSRIGHTS (Linux 6.16): descriptors peers send to filterd arrive; \
+             each closes its connection and is closed on the closer thread, as are dropped connections"
         );
     }
     // The socket file this daemon made: removed at shutdown only if the
@@ -603,7 +607,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let (tx, p) = (cmd_tx.clone(), socket_path.clone());
         std::thread::Builder::new()
             .name("listener".into())
-            .spawn(move || conn::accept_loop(listener, p, tx))?;
+            .spawn(move || conn::accept_loop(listener, p, tx, closer))?;
     }
     record.phase = Phase::Serving;
     libfilter::runtime::write(&state, &record).context("writing the runtime record")?;

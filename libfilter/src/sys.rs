@@ -458,9 +458,13 @@ fn classify(len: usize, truncated: bool, fds: Vec<OwnedFd>) -> Packet {
 
 /// Most packets one [`PacketBatch`] receives in one system call.
 pub const MAX_BATCH: usize = 8;
+/// Most descriptors one message can carry (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
 /// Room for one packet's ancillary data, in `u64` words (aligned for
-/// `cmsghdr`): as much as [`recv_packet`] takes, four descriptors.
-const CMSG_WORDS: usize = 8;
+/// `cmsghdr`): a header and as many descriptors as a message can carry,
+/// so that the kernel never closes one it could not fit (`MSG_CTRUNC`)
+/// on the receiving thread — that close can block (review rvunsafe).
+const CMSG_WORDS: usize = (16 + 4 * SCM_MAX_FD).div_ceil(8);
 
 /// Receives up to [`MAX_BATCH`] `SOCK_SEQPACKET` packets with one
 /// `recvmmsg(2)` without blocking, each into a slot of its own that is
@@ -469,6 +473,12 @@ const CMSG_WORDS: usize = 8;
 /// [`recv_packet`] does). Fewer packets than slots means the socket was
 /// drained: unlike a loop of non-blocking `recvmsg` calls, the reader
 /// needs no extra call that finds the socket empty (issue 16).
+///
+/// Descriptors the packets carried are not in their [`Packet::Data`]:
+/// they are kept aside, across calls, until [`PacketBatch::take_descriptors`]
+/// takes them, so that the caller chooses the thread that closes them (a
+/// close can block as long as the sender likes; review rvunsafe);
+/// [`PacketBatch::carried_descriptors`] tells which packets had some.
 #[derive(Default)]
 pub struct PacketBatch {
     slot: usize,
@@ -476,6 +486,11 @@ pub struct PacketBatch {
     data: Vec<u8>,
     control: Vec<u64>,
     got: Vec<Packet>,
+    /// Per packet of `got`: whether it carried descriptors (or had some
+    /// cut, `MSG_CTRUNC`).
+    carried: Vec<bool>,
+    /// The descriptors received and not taken yet.
+    fds: Vec<OwnedFd>,
 }
 
 impl PacketBatch {
@@ -488,6 +503,8 @@ impl PacketBatch {
             data: vec![0u8; slots * slot],
             control: vec![0u64; slots * CMSG_WORDS],
             got: Vec::with_capacity(slots),
+            carried: Vec::with_capacity(slots),
+            fds: Vec::new(),
         }
     }
 
@@ -498,11 +515,12 @@ impl PacketBatch {
 
     /// Receives what is queued on `sock`, up to [`Self::slots`] packets,
     /// without blocking; returns how many (0: nothing was queued). The
-    /// previous call's packets and their descriptors are dropped. An
-    /// error the kernel met after the first packet is reported by the
-    /// next call.
+    /// previous call's packets are dropped, not the descriptors they
+    /// carried ([`PacketBatch::take_descriptors`]). An error the kernel
+    /// met after the first packet is reported by the next call.
     pub fn recv_nonblocking(&mut self, sock: BorrowedFd<'_>) -> io::Result<usize> {
         self.got.clear();
+        self.carried.clear();
         // SAFETY: iovec and mmsghdr are plain C structs for which all-zero
         // bytes (null pointers, zero lengths) are valid values.
         let mut iov: [libc::iovec; MAX_BATCH] = unsafe { std::mem::zeroed() };
@@ -551,11 +569,34 @@ impl PacketBatch {
         };
         for m in msgs.iter().take(n.min(slots)) {
             let fds = scm_rights(&m.msg_hdr);
-            let truncated = m.msg_hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0;
+            let carried = !fds.is_empty() || m.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0;
+            self.fds.extend(fds);
+            let truncated = m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             let len = usize::try_from(m.msg_len).unwrap_or(usize::MAX);
-            self.got.push(classify(len, truncated, fds));
+            self.got.push(if carried && !truncated {
+                // Not the end of the connection, even if empty.
+                Packet::Data {
+                    len,
+                    fds: Vec::new(),
+                }
+            } else {
+                classify(len, truncated, Vec::new())
+            });
+            self.carried.push(carried);
         }
         Ok(self.got.len())
+    }
+
+    /// Whether packet `i` of the last call carried descriptors (kept
+    /// aside for [`PacketBatch::take_descriptors`]) or had some cut from
+    /// it (`MSG_CTRUNC`: this process's descriptor table was full).
+    pub fn carried_descriptors(&self, i: usize) -> bool {
+        self.carried.get(i).copied().unwrap_or(false)
+    }
+
+    /// Takes the descriptors received and not taken yet.
+    pub fn take_descriptors(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.fds)
     }
 
     /// Packet `i` of the last call and its bytes.

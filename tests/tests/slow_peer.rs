@@ -150,6 +150,35 @@ fn send_with_fd(
     }
 }
 
+/// Held by each test with a lingering socket: a process this test
+/// process spawns holds copies of its descriptors between fork and exec,
+/// and its exec would block closing another test's lingering socket were
+/// that copy the last — two such tests at once could wait on each other.
+static LINGERING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The lingering socket's reader, dropped when this is (which ends a
+/// close waiting on the socket) or after 30 s at the latest, so that no
+/// close of it — filterd's, or a spawned process's — waits for good.
+struct Held(Option<crossbeam_channel::Sender<()>>);
+
+impl Held {
+    fn new(reader: std::net::TcpStream) -> Held {
+        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+        std::thread::spawn(move || {
+            let _ = rx.recv_timeout(Duration::from_secs(30));
+            drop(reader);
+        });
+        Held(Some(tx))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Disconnected: the thread drops the reader at once.
+        drop(self.0.take());
+    }
+}
+
 /// Closes the test's copy of the lingering socket once filterd has one
 /// (`sent`), so that filterd holds the last reference; else keeps it, for
 /// its close would block the test until the socket's reader is gone.
@@ -167,9 +196,11 @@ fn let_go(sent: bool, lingering: std::os::fd::OwnedFd) -> Option<std::os::fd::Ow
 /// another peer is answered while the socket still lingers.
 #[test]
 fn a_lingering_descriptor_sent_to_filterd_stalls_nobody() {
+    let _one_at_a_time = LINGERING.lock().unwrap_or_else(|e| e.into_inner());
     let s = Scratch::new("lingering-fd");
     let _d = Filterd::start(&s, &[], &[]);
     let (lingering, reader) = libfilter::testing::lingering_socket();
+    let reader = Held::new(reader);
     let fd = rkfilter_tests::raw_socket(&s.socket());
     let hello = br#"{"version":1,"features":0,"role":{"Operator":null}}"#;
     let sent = send_with_fd(fd.as_fd(), hello, lingering.as_fd()).expect("send");
@@ -187,9 +218,11 @@ fn a_lingering_descriptor_sent_to_filterd_stalls_nobody() {
 /// dropping that connection closed the descriptor on the engine thread.
 #[test]
 fn a_lingering_descriptor_on_a_refused_connection_stalls_nobody() {
+    let _one_at_a_time = LINGERING.lock().unwrap_or_else(|e| e.into_inner());
     let s = Scratch::new("lingering-refused");
     let _d = Filterd::start(&s, &[], &[]);
     let (lingering, reader) = libfilter::testing::lingering_socket();
+    let reader = Held::new(reader);
     // The engine takes connections in in order: the 257th is refused.
     let waiting: Vec<_> = (0..256)
         .map(|_| rkfilter_tests::raw_socket(&s.socket()))
