@@ -28,8 +28,8 @@ use libfilter::sys::{self, Packet, PacketBatch};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
-    accept4, bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily,
-    Backlog, SockFlag, SockType, UnixAddr,
+    bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog,
+    SockFlag, SockType, UnixAddr,
 };
 
 use nix::sys::time::TimeVal;
@@ -784,7 +784,9 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx, cl
     let refuser = spawn_refuser(closer.clone());
     let mut said_at: Option<std::time::Instant> = None;
     loop {
-        let raw = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+        let accepted = sys::accept(listener.as_fd(), SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)));
+        let sock = match accepted {
             Ok(fd) => fd,
             Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
             Err(e) if accept_error_passes(e) => {
@@ -808,7 +810,6 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx, cl
                 std::process::exit(71);
             }
         };
-        let sock = sys::own_accepted(raw);
         let peer = match getsockopt(&sock, sockopt::PeerCredentials) {
             Ok(c) => Peer {
                 pid: c.pid(),

@@ -2256,7 +2256,7 @@ impl Drop for Closer {
 pub(crate) mod tests {
     use super::*;
     use crate::model::FileId;
-    use nix::sys::socket::{accept, bind, listen, Backlog};
+    use nix::sys::socket::{bind, listen, Backlog};
 
     thread_local! {
         /// Condvar wake-ups `ReplySlot::put` made on this thread.
@@ -2331,7 +2331,8 @@ pub(crate) mod tests {
         let l = listen_at(&path);
         let daemon = std::thread::spawn(move || {
             let mut buf = vec![0u8; MAX_FRAME + 1];
-            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
+            let c =
+                sys::accept(l.as_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC).expect("accept");
             let asked = answer_hello_granting(&c, &mut buf, granted);
             serve(c, &mut buf, asked)
         });
@@ -2350,7 +2351,8 @@ pub(crate) mod tests {
         let l = listen_at(path);
         std::thread::spawn(move || {
             let mut buf = vec![0u8; MAX_FRAME + 1];
-            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
+            let c =
+                sys::accept(l.as_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC).expect("accept");
             answer_hello(&c, &mut buf);
             let mut shut = false;
             for ino in 0..n {
@@ -2368,7 +2370,8 @@ pub(crate) mod tests {
             if !then_hello {
                 return (shut, false);
             }
-            let c2 = sys::own_accepted(accept(l.as_raw_fd()).expect("accept again"));
+            let c2 = sys::accept(l.as_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC)
+                .expect("accept again");
             answer_hello(&c2, &mut buf);
             // Keep it open until the client goes.
             let _ = sys::recv_packet(c2.as_fd(), &mut buf);
@@ -2490,7 +2493,8 @@ pub(crate) mod tests {
         let (sent_tx, sent_rx) = crossbeam_channel::bounded::<()>(0);
         let daemon = std::thread::spawn(move || {
             let mut buf = vec![0u8; MAX_FRAME + 1];
-            let c = sys::own_accepted(accept(l.as_raw_fd()).expect("accept"));
+            let c =
+                sys::accept(l.as_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC).expect("accept");
             answer_hello(&c, &mut buf);
             for ids in go_rx.iter() {
                 for id in ids {

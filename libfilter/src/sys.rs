@@ -760,11 +760,15 @@ pub fn refuse_descriptors(sock: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
-/// Takes ownership of a descriptor `accept4` just returned.
-pub fn own_accepted(fd: std::os::fd::RawFd) -> OwnedFd {
-    // SAFETY: the caller passes a descriptor freshly returned by accept4,
-    // which nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// Accepts a connection on `listener` (`accept4` with `flags`), owned.
+/// Review rvunsafe: this was a safe `own_accepted(RawFd)` that wrapped
+/// whatever number it was given, so safe code could make two owners of
+/// one descriptor.
+pub fn accept(listener: BorrowedFd<'_>, flags: nix::sys::socket::SockFlag) -> io::Result<OwnedFd> {
+    let fd = nix::sys::socket::accept4(listener.as_raw_fd(), flags).map_err(io::Error::from)?;
+    // SAFETY: accept4 just returned this descriptor; nothing else owns
+    // it, so it is wrapped exactly once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `/proc/self/fd/N` of a descriptor of this process: the name by which

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use libfilter::sys::{self, Packet};
 use nix::sys::socket::{
-    accept4, bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
 };
 
 use crate::report::Figure;
@@ -80,7 +80,7 @@ pub fn echo_server(path: &Path) -> anyhow::Result<()> {
     )?;
     bind(l.as_raw_fd(), &UnixAddr::new(path)?)?;
     listen(&l, Backlog::new(4)?)?;
-    let c = sys::own_accepted(accept4(l.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?);
+    let c = sys::accept(l.as_fd(), SockFlag::SOCK_CLOEXEC)?;
     let mut buf = vec![0u8; 70_000];
     loop {
         match sys::recv_packet(c.as_fd(), &mut buf)? {
