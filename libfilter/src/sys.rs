@@ -1358,6 +1358,71 @@ mod tests {
             .count()
     }
 
+    /// Review rvunsafe: a [`PacketBatch`] keeps the descriptors packets
+    /// carried aside until taken (the caller picks the thread that closes
+    /// them), says which packets had some, and takes an empty packet with
+    /// descriptors for data, not the end of the connection; a packet with
+    /// descriptors was `Truncated` when they did not fit (answered "frame
+    /// exceeds 65536 bytes"), now it has room for the most a message can
+    /// carry.
+    #[test]
+    fn a_batch_keeps_the_descriptors_packets_carried_until_taken() {
+        use nix::sys::socket::{
+            sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
+        };
+        let name = format!("rkf-batch-{}", uuid::Uuid::new_v4());
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("a socket pair");
+        let send = |bytes: &[u8], n: usize| {
+            let files: Vec<OwnedFd> = (0..n)
+                .map(|_| {
+                    nix::sys::memfd::memfd_create(
+                        name.as_str(),
+                        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+                    )
+                    .expect("a memfd")
+                })
+                .collect();
+            let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+            let cmsg = [ControlMessage::ScmRights(&raw)];
+            let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+            sendmsg::<()>(
+                theirs.as_raw_fd(),
+                &[std::io::IoSlice::new(bytes)],
+                cmsgs,
+                MsgFlags::empty(),
+                None,
+            )
+            .expect("sent");
+        };
+        send(b"", 200);
+        send(b"plain", 0);
+        let mut batch = PacketBatch::new(MAX_BATCH, 64);
+        assert_eq!(batch.recv_nonblocking(ours.as_fd()).expect("received"), 2);
+        assert!(matches!(
+            batch.get(0),
+            Some((Packet::Data { len: 0, .. }, _))
+        ));
+        assert!(batch.carried_descriptors(0));
+        assert!(matches!(
+            batch.get(1),
+            Some((Packet::Data { len: 5, .. }, b"plain"))
+        ));
+        assert!(!batch.carried_descriptors(1));
+        // Kept across calls, closed only once taken and dropped.
+        assert_eq!(batch.recv_nonblocking(ours.as_fd()).expect("received"), 0);
+        assert_eq!(memfds_named(&name), 200);
+        let fds = batch.take_descriptors();
+        assert_eq!(fds.len(), 200);
+        drop(fds);
+        assert_eq!(memfds_named(&name), 0);
+    }
+
     /// Review rvunsafe: a packet carrying more descriptors than
     /// [`recv_packet`] has room for (`MSG_CTRUNC`) left the four the kernel
     /// did install open for good (nix's `cmsgs()` yields nothing then).
