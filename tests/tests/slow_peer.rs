@@ -2,7 +2,7 @@
 //! the engine never waits on its socket, other peers keep being answered,
 //! and once what is queued for it passes its limit it is dropped.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use libfilter::client::FilterClient;
@@ -179,11 +179,31 @@ impl Drop for Held {
     }
 }
 
-/// Closes the test's copy of the lingering socket once filterd has one
-/// (`sent`), so that filterd holds the last reference; else keeps it, for
-/// its close would block the test until the socket's reader is gone.
-fn let_go(sent: bool, lingering: std::os::fd::OwnedFd) -> Option<std::os::fd::OwnedFd> {
-    (!sent).then_some(lingering)
+/// A lingering socket ([`libfilter::testing::lingering_socket`]) queued
+/// on a socket pair: the end that holds it in its queue, the other end,
+/// and the socket's reader. Sent inside that end, the lingering socket
+/// never has its last reference in the test, however soon filterd closes
+/// what it gets: the close of that end closes it (on the closing thread).
+fn lingering_in_a_carrier() -> (OwnedFd, OwnedFd, Held) {
+    let (lingering, reader) = libfilter::testing::lingering_socket();
+    let reader = Held::new(reader);
+    let (inner, carrier) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    send_packet(inner.as_fd(), b"lingering", Some(lingering.as_fd())).unwrap();
+    (carrier, inner, reader)
+}
+
+/// Closes the test's copy of what holds the lingering socket once filterd
+/// has one (`sent`), so that filterd holds the last reference; else keeps
+/// it, for its close would block the test until the socket's reader is
+/// gone.
+fn let_go(sent: bool, carrier: OwnedFd) -> Option<OwnedFd> {
+    (!sent).then_some(carrier)
 }
 
 /// Review rvunsafe: filterd took descriptors from any peer (before its
@@ -199,12 +219,11 @@ fn a_lingering_descriptor_sent_to_filterd_stalls_nobody() {
     let _one_at_a_time = LINGERING.lock().unwrap_or_else(|e| e.into_inner());
     let s = Scratch::new("lingering-fd");
     let _d = Filterd::start(&s, &[], &[]);
-    let (lingering, reader) = libfilter::testing::lingering_socket();
-    let reader = Held::new(reader);
+    let (carrier, _inner, reader) = lingering_in_a_carrier();
     let fd = rkfilter_tests::raw_socket(&s.socket());
     let hello = br#"{"version":1,"features":0,"role":{"Operator":null}}"#;
-    let sent = send_with_fd(fd.as_fd(), hello, lingering.as_fd()).expect("send");
-    let kept = let_go(sent, lingering);
+    let sent = send_with_fd(fd.as_fd(), hello, carrier.as_fd()).expect("send");
+    let kept = let_go(sent, carrier);
     let answered = answers_promptly(&s.socket());
     // Ends a close still waiting on the socket (ours too, which would
     // wait here).
@@ -221,8 +240,7 @@ fn a_lingering_descriptor_on_a_refused_connection_stalls_nobody() {
     let _one_at_a_time = LINGERING.lock().unwrap_or_else(|e| e.into_inner());
     let s = Scratch::new("lingering-refused");
     let _d = Filterd::start(&s, &[], &[]);
-    let (lingering, reader) = libfilter::testing::lingering_socket();
-    let reader = Held::new(reader);
+    let (carrier, _inner, reader) = lingering_in_a_carrier();
     // The engine takes connections in in order: the 257th is refused.
     let waiting: Vec<_> = (0..256)
         .map(|_| rkfilter_tests::raw_socket(&s.socket()))
@@ -234,8 +252,8 @@ fn a_lingering_descriptor_on_a_refused_connection_stalls_nobody() {
         &nix::sys::time::TimeVal::new(20, 0),
     )
     .unwrap();
-    let sent = send_with_fd(fd.as_fd(), b"never read", lingering.as_fd()).expect("send");
-    let kept = let_go(sent, lingering);
+    let sent = send_with_fd(fd.as_fd(), b"never read", carrier.as_fd()).expect("send");
+    let kept = let_go(sent, carrier);
     if sent {
         // It went through the refusal, unread (which may reset the
         // connection before the refusal is read).
