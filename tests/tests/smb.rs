@@ -685,9 +685,15 @@ fn the_readers_typed_fast_path_answers_as_the_parsed_object_path() {
     let r = c.raw(b"[\"CREATE\", 6, 1]\n").unwrap();
     assert_eq!(r["status"], "STATUS_INVALID_PARAMETER", "{r}");
     assert!(r["error"].as_str().unwrap().contains("object"), "{r}");
-    // A non-bool replay counts as no replay.
+    // A non-bool replay is a mistyped field: refused, nothing made (it
+    // counted as no replay before; rvspec 5).
     let r = c.raw(format!("{{\"cmd\":\"CREATE\",\"mid\":7,\"session_id\":{sid},\"path\":\"g\",\"access\":[\"read\"],\"share\":[],\"disposition\":\"open_if\",\"replay\":\"yes\"}}\n").as_bytes()).unwrap();
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(
+        (r["status"].as_str(), r["mid"].as_u64()),
+        (Some("STATUS_INVALID_PARAMETER"), Some(7)),
+        "{r}"
+    );
+    assert!(!s.root().join("g").exists());
     // A repeated key: the last one counts.
     let r = c
         .raw(format!("{{\"cmd\":\"CLOSE\",\"mid\":8,\"session_id\":{sid},\"file_id\":\"zz\",\"file_id\":\"{fid}\"}}\n").as_bytes())
@@ -1670,4 +1676,77 @@ fn a_session_end_leaves_an_open_a_replay_in_flight_took_over() {
     // would do wrong (a detach) shows within this time.
     std::thread::sleep(Duration::from_secs(2));
     held_attached_and_closes(&d, &mut b, sb, &r);
+}
+
+/// A present optional field of the wrong type is STATUS_INVALID_PARAMETER
+/// and changes nothing, as the spec says of every mistyped field
+/// (rvspec 5): a string `previous_session_id` was ignored (the old
+/// session lived on, and a new one was made), a non-bool `replay` read as
+/// false (a CREATE executed, a CLOSE closed).
+#[test]
+fn a_mistyped_optional_field_is_invalid_and_changes_nothing() {
+    let (s, _d, shim, (mut a, _), _bob) = alice_and_bob("smb-mistyped");
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let sid = session(&mut a, &client_guid, "alice");
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sid, "path": "f", "access": ["read", "write"],
+                          "share": ["read"], "disposition": "create"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let mut c = LineClient::connect(&shim.addr);
+    for prev in [json!(sid.to_string()), json!(-1), json!(true), json!(1.5)] {
+        let r = c.call(
+            json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": "alice",
+                              "previous_session_id": prev}),
+        );
+        assert_eq!(r["status"], "STATUS_INVALID_PARAMETER", "{prev}: {r}");
+    }
+    let read = |a: &mut LineClient| {
+        a.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid, "offset": 0, "length": 1}))
+    };
+    assert_eq!(
+        read(&mut a)["status"],
+        "STATUS_SUCCESS",
+        "the old session went"
+    );
+    // Each command, inline or not, with a mistyped replay.
+    for (cmd, extra) in [
+        ("ECHO", json!({})),
+        ("CLOSE", json!({"session_id": sid, "file_id": fid})),
+        (
+            "WRITE",
+            json!({"session_id": sid, "file_id": fid, "offset": 0, "data": b64("x"), "op_id": 1}),
+        ),
+        (
+            "CREATE",
+            json!({"session_id": sid, "path": "g", "access": ["read"], "share": [],
+                          "disposition": "create"}),
+        ),
+    ] {
+        for replay in [json!("yes"), json!(1)] {
+            let mut req = extra.clone();
+            req["cmd"] = json!(cmd);
+            req["replay"] = replay.clone();
+            let r = a.call(req);
+            assert_eq!(
+                r["status"], "STATUS_INVALID_PARAMETER",
+                "{cmd} {replay}: {r}"
+            );
+        }
+    }
+    assert_eq!(
+        read(&mut a)["status"],
+        "STATUS_SUCCESS",
+        "the open was closed"
+    );
+    assert!(!s.root().join("g").exists(), "a CREATE ran");
+    assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"");
+    // Well typed, the old session goes.
+    let r = c.call(
+        json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": "alice",
+                          "previous_session_id": sid, "replay": null}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(read(&mut a)["status"], "STATUS_USER_SESSION_DELETED");
 }

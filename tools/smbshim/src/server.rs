@@ -751,12 +751,16 @@ fn answer_inline(sh: &Shared, line: &[u8]) -> Option<Reply> {
         return answer;
     }
     let (obj, mid) = shimline::parse_request(line, "mid", "STATUS_INVALID_PARAMETER").ok()?;
+    // A mistyped `replay`: the worker words its error.
+    if is_replay(&obj).is_err() {
+        return None;
+    }
     let outcome = match obj.get("cmd").and_then(Value::as_str)? {
         "ECHO" => Ok(Map::new()),
         "CLOSE" => close(sh, &obj),
         // A replay may wait for its open to be let go, or out a filterd
         // restart: the worker serves it, the reader keeps reading acks.
-        "CREATE" if is_replay(&obj) => return None,
+        "CREATE" if is_replay(&obj).unwrap_or(true) => return None,
         "CREATE" => match create(sh, &obj, true) {
             Err(Fail(INLINE_BUSY, _)) => return None,
             other => other,
@@ -851,6 +855,8 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
     let obj = &obj;
     let cmd = obj.get("cmd").and_then(Value::as_str).unwrap_or("");
     let outcome = match cmd {
+        // Any request may carry `replay`; a mistyped one changes nothing.
+        _ if is_replay(obj).is_err() => is_replay(obj).map(|_| Map::new()),
         "ECHO" => Ok(Map::new()),
         "SESSION_SETUP" => session_setup(sh, conn, obj),
         "CREATE" => create(sh, obj, false),
@@ -930,8 +936,14 @@ fn rights_of(name: &str, words: &[&str]) -> Result<Rights, Fail> {
     Rights::from_words(words.iter().copied()).map_err(|e| invalid(format!("{name}: {e}")))
 }
 
-fn is_replay(obj: &Map<String, Value>) -> bool {
-    obj.get("replay").and_then(Value::as_bool).unwrap_or(false)
+/// The optional `replay` flag. One of another type is
+/// STATUS_INVALID_PARAMETER, as the spec says of every mistyped field
+/// (before, it was read as false: rvspec 5).
+fn is_replay(obj: &Map<String, Value>) -> Result<bool, Fail> {
+    match obj.get("replay") {
+        None | Some(Value::Null) => Ok(false),
+        Some(v) => v.as_bool().ok_or_else(|| invalid("replay must be a bool")),
+    }
 }
 
 /// The session named by the request, which must be alive.
@@ -980,7 +992,13 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
             "user must be at most {MAX_USER_BYTES} bytes"
         )));
     }
-    if let Some(prev) = obj.get("previous_session_id").and_then(Value::as_u64) {
+    // A mistyped previous_session_id is refused before anything is torn
+    // down (before, one of another type was ignored: rvspec 5).
+    let previous = match obj.get("previous_session_id") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(u64_field(obj, "previous_session_id")?),
+    };
+    if let Some(prev) = previous {
         let same = sh
             .sessions
             .lock()
@@ -1131,7 +1149,7 @@ impl<'a> CreateFields<'a> {
             disposition,
             lease,
             durable,
-            replay: is_replay(obj),
+            replay: is_replay(obj)?,
         })
     }
 }
@@ -1923,7 +1941,7 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (key, file, durable) = (o.key, o.file.clone(), o.durable);
     let member = sh.member(o.member)?;
     let scope = ReplayScope::Handle(key);
-    if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
+    if let (Some(op), true, true) = (op_id, durable, is_replay(obj)?) {
         // Run again only when the filter answered that it has no record:
         // a lookup that failed (filterd away, stalled past the call
         // timeout, or refusing) may hide a write that landed and was
@@ -2091,7 +2109,7 @@ fn set_info(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (key, durable) = (o.key, o.durable);
     let m = sh.member(o.member)?;
     let scope = ReplayScope::Handle(key);
-    if let (Some(op), true, true) = (op_id, durable, is_replay(obj)) {
+    if let (Some(op), true, true) = (op_id, durable, is_replay(obj)?) {
         match m.filter.client().lookup_reply(scope.clone(), op) {
             Ok(Some(_)) => {
                 // The change was made, with its record, and stands.
