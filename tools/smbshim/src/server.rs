@@ -1979,7 +1979,7 @@ fn write(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     wrote.map_err(|e| io_fail(&e))?;
     if o.persistent {
         // On stable storage before the reply (continuous availability).
-        file.sync_written().map_err(|e| io_fail(&e))?;
+        sync_written(&file)?;
     }
     let mut m = Map::new();
     m.insert("count".into(), json!(data.len()));
@@ -2325,10 +2325,15 @@ fn op_id_field(obj: &Map<String, Value>) -> Result<Option<u64>, Fail> {
 
 fn flush(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let o = open_of(sh, obj)?;
-    o.file
-        .sync_written()
-        .map_err(|e| Fail("STATUS_INTERNAL_ERROR", e.to_string()))?;
+    sync_written(&o.file)?;
     Ok(Map::new())
+}
+
+/// Syncs what was written to `file`; a failure classed by errno as a
+/// WRITE's is (ENOSPC, EDQUOT: STATUS_DISK_FULL). Before, FLUSH made every
+/// failure STATUS_INTERNAL_ERROR (rvspec 6c).
+fn sync_written(file: &shimline::datasync::SyncedFile) -> Result<(), Fail> {
+    file.sync_written().map_err(|e| io_fail(&e))
 }
 
 fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
@@ -2973,6 +2978,21 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// FLUSH's failed data sync is classed by errno, as WRITE's is:
+    /// before, every one was STATUS_INTERNAL_ERROR (ENOSPC too).
+    /// `fdatasync` of a pipe fails with EINVAL.
+    #[test]
+    fn a_failed_flush_sync_is_classed_by_errno() {
+        let (r, _w) = std::io::pipe().unwrap();
+        let file = shimline::datasync::SyncedFile::from(std::fs::File::from(
+            std::os::fd::OwnedFd::from(r),
+        ));
+        let Err(Fail(status, _)) = sync_written(&file) else {
+            panic!("fdatasync of a pipe succeeded");
+        };
+        assert_eq!(status, "STATUS_INVALID_PARAMETER");
+    }
 
     /// A peer's default share is a quarter of the cap, at least 64 (the
     /// whole cap if smaller); each peer is counted apart until its slots
