@@ -1449,3 +1449,36 @@ fn a_remove_takes_no_verifier_of_a_create_made_after_it() {
         ok(b.call(json!({"op": "REMOVE", "path": "P"})));
     }
 }
+
+/// Forms the spec refuses (rvspec 7): an exclusive create's verifier
+/// that is not 16 hex digits ("zz" made the file), and a lock range past
+/// 2^64 that is not "to end of file" (RFC 8881 18.10.4: NFS4ERR_INVAL;
+/// it was granted). Refused, nothing made or locked; a one-byte lock at
+/// 2^64-1 and one to end of file are fine.
+#[test]
+fn a_bad_create_verifier_and_a_lock_range_past_2_64_are_invalid() {
+    let (s, _d, _shim, mut a) = host_a("nfs-forms");
+    for v in ["zz", "0123", "0123456789abcdeg"] {
+        let excl = json!({"create": {"mode": "exclusive", "verifier": v}});
+        let r = a.open("x", "made", "both", "none", excl);
+        assert_eq!(r["status"], "NFS4ERR_INVAL", "verifier {v}: {r}");
+    }
+    assert!(!s.root().join("made").exists(), "a refused create made it");
+    let excl = json!({"create": {"mode": "exclusive", "verifier": "0123456789ABCDEF"}});
+    let sid = ok(a.open("x", "made", "both", "none", excl))["stateid"].clone();
+    let lock = |a: &mut Nfs, owner: &str, offset: u64, length: u64| {
+        a.call(
+            json!({"op": "LOCK", "stateid": sid, "owner": owner, "type": "write",
+                      "offset": offset, "length": length}),
+        )
+    };
+    for (offset, length) in [(u64::MAX, 2), (100, u64::MAX - 1), (3, u64::MAX - 1)] {
+        let r = lock(&mut a, "lo", offset, length);
+        assert_eq!(r["status"], "NFS4ERR_INVAL", "{offset}+{length}: {r}");
+    }
+    // Nothing was locked: another owner takes the bytes the refused
+    // ranges named.
+    ok(lock(&mut a, "lo2", 100, 10));
+    ok(lock(&mut a, "lo", u64::MAX, 1));
+    ok(lock(&mut a, "lo3", 1 << 40, u64::MAX));
+}

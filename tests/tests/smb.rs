@@ -1750,3 +1750,54 @@ fn a_mistyped_optional_field_is_invalid_and_changes_nothing() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     assert_eq!(read(&mut a)["status"], "STATUS_USER_SESSION_DELETED");
 }
+
+/// Lease states and lock lists the spec does not have (rvspec 7): a lease
+/// of "H" alone (no such SMB lease; it was granted, durable too) or a
+/// reordered spelling ("WR"); an empty `locks` list (MS-SMB2: LockCount 0
+/// is STATUS_INVALID_PARAMETER; it succeeded); a range past 2^64
+/// (STATUS_INVALID_LOCK_RANGE; it was granted). Refused, nothing made or
+/// locked; a one-byte lock at 2^64-1 is fine.
+#[test]
+fn a_lease_state_or_lock_range_the_spec_lacks_is_refused() {
+    let (s, _d, _shim, (mut a, sid), (mut b, bsid)) = alice_and_bob("smb-forms");
+    for state in ["H", "WR", "HR", "HRW", "RHW", "W", ""] {
+        let r = a.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": "f", "access": ["read"],
+                              "share": ["read", "write"], "disposition": "create",
+                              "lease": {"key": uuid::Uuid::new_v4().to_string(), "state": state},
+                              "durable": {"create_guid": uuid::Uuid::new_v4().to_string(),
+                                          "persistent": false, "timeout_ms": 0}}),
+        );
+        assert_eq!(r["status"], "STATUS_INVALID_PARAMETER", "{state:?}: {r}");
+    }
+    assert!(!s.root().join("f").exists(), "a refused CREATE made f");
+    let open = |c: &mut LineClient, sid: u64| {
+        let r = c.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": "f", "access": ["read", "write"],
+                              "share": ["read", "write"], "disposition": "open_if"}),
+        );
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        r["file_id"].clone()
+    };
+    let (fid, bfid) = (open(&mut a, sid), open(&mut b, bsid));
+    let lock = |c: &mut LineClient, sid: u64, fid: &Value, locks: Value| {
+        c.call(json!({"cmd": "LOCK", "session_id": sid, "file_id": fid, "locks": locks}))
+    };
+    let one = |offset: u64, length: u64| json!([{"offset": offset, "length": length, "exclusive": true, "unlock": false}]);
+    let r = lock(&mut a, sid, &fid, json!([]));
+    assert_eq!(r["status"], "STATUS_INVALID_PARAMETER", "{r}");
+    for (offset, length) in [(u64::MAX, 2), (100, u64::MAX), (2, u64::MAX)] {
+        let r = lock(&mut a, sid, &fid, one(offset, length));
+        assert_eq!(
+            r["status"], "STATUS_INVALID_LOCK_RANGE",
+            "{offset}+{length}: {r}"
+        );
+    }
+    // Nothing was locked: the other open takes those bytes.
+    for (offset, length) in [(0, 1), (200, 1), (u64::MAX - 1, 1)] {
+        let r = lock(&mut b, bsid, &bfid, one(offset, length));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{offset}+{length}: {r}");
+    }
+    let r = lock(&mut a, sid, &fid, one(u64::MAX, 1));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}

@@ -2213,6 +2213,15 @@ fn open_fields(obj: &(impl Fields + ?Sized)) -> Result<OpenFields, Fail> {
         None => None,
         Some((mode, verifier)) => {
             let verifier = verifier.map(str::to_ascii_lowercase);
+            // The spec's verifier is hex (16 digits, NFSv4's verifier4 of
+            // 8 bytes, as EXCHANGE_ID's); before, any string was taken
+            // ("zz": rvspec 7).
+            if verifier
+                .as_deref()
+                .is_some_and(|v| v.len() != 16 || !v.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(inval("create's verifier must be 16 hex digits"));
+            }
             match mode {
                 "unchecked" | "guarded" => {}
                 "exclusive" if verifier.is_some() => {}
@@ -3420,6 +3429,10 @@ fn range_of(obj: &Map<String, Value>) -> Result<LockRange, Fail> {
     }
     let length = if length == EOF_LENGTH {
         u64::MAX - offset
+    } else if offset.checked_add(length - 1).is_none() {
+        // RFC 8881 18.10.4: a range past 2^64 (not "to end of file") is
+        // NFS4ERR_INVAL; before, it was granted (rvspec 7).
+        return Err(inval("offset + length is past 2^64"));
     } else {
         length
     };

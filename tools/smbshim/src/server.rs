@@ -1182,8 +1182,12 @@ fn create_with(
         None => None,
         Some(l) => {
             let key = libfilter::lease::LeaseKey(uuid_of("key", l.key)?);
-            let state = libfilter::lease::LeaseState::parse(l.state)
-                .filter(|s| !s.is_none())
+            // The spec's four spellings only: "H" alone (which SMB has
+            // no such lease for) and reordered ones ("WR") were taken
+            // before (rvspec 7).
+            let state = Some(l.state)
+                .filter(|s| matches!(*s, "R" | "RH" | "RW" | "RWH"))
+                .and_then(libfilter::lease::LeaseState::parse)
                 .ok_or_else(|| invalid("lease state must be R, RH, RW or RWH"))?;
             Some(LeaseRequest {
                 key,
@@ -2055,6 +2059,11 @@ fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let list = field(obj, "locks")?
         .as_array()
         .ok_or_else(|| invalid("locks must be a list"))?;
+    // MS-SMB2 3.3.5.14: a LockCount of 0 is STATUS_INVALID_PARAMETER
+    // (before, an empty list succeeded: rvspec 7).
+    if list.is_empty() {
+        return Err(invalid("locks must not be empty"));
+    }
     let mut ops = Vec::with_capacity(list.len());
     for l in list {
         let l = l
@@ -2065,11 +2074,17 @@ fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
                 .as_bool()
                 .ok_or_else(|| invalid(format!("{name} must be a bool")))
         };
+        let (offset, length) = (u64_field(l, "offset")?, u64_field(l, "length")?);
+        // MS-SMB2 3.3.5.14: a range past 2^64 is STATUS_INVALID_LOCK_RANGE
+        // (before, it was granted: rvspec 7); one byte at 2^64-1 is fine.
+        if length != 0 && offset.checked_add(length - 1).is_none() {
+            return Err(Fail(
+                "STATUS_INVALID_LOCK_RANGE",
+                format!("offset {offset} + length {length} is past 2^64"),
+            ));
+        }
         ops.push(libfilter::locks::LockOp {
-            range: libfilter::locks::LockRange {
-                offset: u64_field(l, "offset")?,
-                length: u64_field(l, "length")?,
-            },
+            range: libfilter::locks::LockRange { offset, length },
             exclusive: b("exclusive")?,
             unlock: b("unlock")?,
         });
