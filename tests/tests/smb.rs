@@ -475,13 +475,14 @@ fn a_lease_break_goes_to_and_is_acknowledged_by_its_own_client_only() {
         o.set_read_timeout(Duration::from_millis(100));
         assert_eq!(o.next_line(), None, "another client was sent bob's break");
     }
-    // Alice acknowledges under the same key: her own lease (on f, no
-    // break) is lowered; bob's break is still on.
+    // Alice acknowledges under the same key: no break of her lease is in
+    // progress, so it is refused (MS-SMB2 3.3.5.22.2); bob's break is
+    // still on.
     let (a, sa) = &mut others[0];
     a.set_read_timeout(Duration::from_secs(60));
     let ack =
         a.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": *sa, "lease_key": lk, "state": to}));
-    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    assert_eq!(ack["status"], "STATUS_UNSUCCESSFUL", "{ack}");
     assert!(
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
         "carol got in on alice's ack"
@@ -1799,5 +1800,79 @@ fn a_lease_state_or_lock_range_the_spec_lacks_is_refused() {
         assert_eq!(r["status"], "STATUS_SUCCESS", "{offset}+{length}: {r}");
     }
     let r = lock(&mut a, sid, &fid, one(u64::MAX, 1));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+/// A LEASE_BREAK_ACK with no break in progress is STATUS_UNSUCCESSFUL
+/// (MS-SMB2 3.3.5.22.2) and changes nothing (rvspec 7): one never asked
+/// for lowered the lease and bumped its epoch (so the next conflicting
+/// open found nothing to break), and one after the break timed out
+/// bumped the epoch again.
+#[test]
+fn a_lease_break_ack_with_no_break_in_progress_is_refused() {
+    let s = Scratch::new("smb-ack-unasked");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let (mut a, sa) = new_client(&shim.addr, "alice");
+    let (mut b, sb) = new_client(&shim.addr, "bob");
+    let lk = uuid::Uuid::new_v4().to_string();
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+               "share": ["read", "write", "delete"], "disposition": "create",
+               "lease": {"key": lk, "state": "RWH"}}),
+    );
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    let ack = |a: &mut LineClient| {
+        a.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": lk, "state": "RH"}))
+    };
+    let r = ack(&mut a);
+    assert_eq!(r["status"], "STATUS_UNSUCCESSFUL", "{r}");
+    // The lease is as it was: bob's read open breaks it from RWH.
+    let open = |b: &mut LineClient, access: &str| {
+        b.send_only(
+            "mid",
+            json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": [access],
+                   "share": ["read", "write", "delete"], "disposition": "open"}),
+        )
+    };
+    let mid = open(&mut b, "read");
+    a.set_read_timeout(Duration::from_secs(10));
+    let n = a.next_line().expect("LEASE_BREAK");
+    assert_eq!(
+        (
+            n["current_state"].as_str(),
+            n["new_state"].as_str(),
+            n["ack_required"].as_bool()
+        ),
+        (Some("RWH"), Some("RH"), Some(true)),
+        "{n}"
+    );
+    // Not acknowledged: lowered at the break timeout, and alice told.
+    b.set_read_timeout(Duration::from_secs(10));
+    let (r, _) = b.reply_to("mid", mid).expect("bob's CREATE");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let n = a.next_line().expect("the lowering");
+    assert_eq!(
+        (n["new_state"].as_str(), n["ack_required"].as_bool()),
+        (Some("RH"), Some(false)),
+        "{n}"
+    );
+    let lowered = n["epoch"].as_u64().expect("an epoch");
+    // A late ack: refused, the epoch stays.
+    let r = ack(&mut a);
+    assert_eq!(r["status"], "STATUS_UNSUCCESSFUL", "{r}");
+    let mid = open(&mut b, "write");
+    let n = a.next_line().expect("LEASE_BREAK");
+    assert_eq!(
+        (n["current_state"].as_str(), n["epoch"].as_u64()),
+        (Some("RH"), Some(lowered + 1)),
+        "{n}"
+    );
+    // Acknowledged in time: taken.
+    let to = n["new_state"].clone();
+    let r =
+        a.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": lk, "state": to}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let (r, _) = b.reply_to("mid", mid).expect("bob's CREATE");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }

@@ -391,6 +391,12 @@ struct Shared {
     peers: Mutex<HashMap<u64, IpAddr>>,
     /// Opens held and being made, per peer ([`peer_slot`]).
     peer_opens: Arc<PeerOpens>,
+    /// The leases (client GUID, lease key) with a break in progress
+    /// (MS-SMB2 Lease.Breaking): from a LEASE_BREAK that asks for an ack
+    /// until the ack, or a break without one (filterd lowered the lease at
+    /// its break timeout). A LEASE_BREAK_ACK of any other lease is
+    /// STATUS_UNSUCCESSFUL (3.3.5.22.2), as rksmbd answers.
+    breaking: Mutex<std::collections::HashSet<(uuid::Uuid, libfilter::lease::LeaseKey)>>,
 }
 
 /// Attaches to filterd over `connections` connections (instances
@@ -480,6 +486,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
         opening: AtomicUsize::new(0),
         peers: Mutex::new(HashMap::new()),
         peer_opens: Arc::default(),
+        breaking: Mutex::default(),
     });
     for k in 0..shared.members.len() {
         let sh = shared.clone();
@@ -2792,6 +2799,21 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let key = libfilter::lease::LeaseKey(uuid_field(obj, "lease_key")?);
     let state = libfilter::lease::LeaseState::parse(str_field(obj, "state")?)
         .ok_or_else(|| invalid("state must be \"\", R, RH, RW or RWH"))?;
+    // No break in progress (none asked for, already acknowledged, or
+    // lowered at the break timeout): refused, nothing changed. Before,
+    // filterd took it as a lowering of the client's own accord and the
+    // epoch grew (rvspec 7).
+    let in_progress = sh
+        .breaking
+        .lock()
+        .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?
+        .remove(&(client_guid, key));
+    if !in_progress {
+        return Err(Fail(
+            "STATUS_UNSUCCESSFUL",
+            format!("no break of lease {key} is in progress"),
+        ));
+    }
     let reply = m
         .filter
         .client()
@@ -2803,7 +2825,13 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             // alone could name another client's lease there.
             client: Some(client_id(client_guid)?),
         })
-        .map_err(filter_fail)?;
+        .map_err(|e| {
+            // Refused: the break is still in progress.
+            if let Ok(mut b) = sh.breaking.lock() {
+                b.insert((client_guid, key));
+            }
+            filter_fail(e)
+        })?;
     let mut m = Map::new();
     if let libfilter::proto::Reply::Lease(l) = reply.0 {
         m.insert("lease".into(), lease_json(Some(l)));
@@ -2980,6 +3008,14 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
             }
             session
         });
+        let guid = session.and_then(|s| Some(sh.sessions.lock().ok()?.get(&s)?.client_guid));
+        if let (Some(g), Ok(mut b)) = (guid, sh.breaking.lock()) {
+            // Before the client can see it: its ack finds it.
+            match ack_required {
+                true => b.insert((g, lease_key)),
+                false => b.remove(&(g, lease_key)),
+            };
+        }
         if let Some(w) = session.and_then(|s| writer_of(&sh, s)) {
             shimline::send(
                 &w,
