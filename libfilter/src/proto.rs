@@ -752,11 +752,8 @@ pub struct OpenRequest {
     #[serde(default)]
     pub lease: Option<LeaseRequest>,
     /// Fail with [`ErrorCode::Busy`] instead of waiting when lease holders
-    /// must acknowledge a break first (the breaks are sent all the same),
-    /// or a rename or restart gate holds the file: nfsl/1 answers such
-    /// opens NFS4ERR_DELAY. A truncating persistent open still waits for
-    /// the frontends to acknowledge its size-change hint (bounded by the
-    /// break timeout, no client's answer needed).
+    /// must acknowledge a break first (the breaks are sent all the same):
+    /// nfsl/1 answers such opens NFS4ERR_DELAY.
     #[serde(default)]
     pub no_wait: bool,
     /// One share reservation across several handles: this client's handles

@@ -325,12 +325,7 @@ impl Engine {
             && truncation.is_some()
             && durability.is_persistent()
             && self.hint_size_change_of(of.file).is_some();
-        // A `no_wait` open waits for that hint all the same: it is bounded
-        // (the break timeout) and needs no client's answer, only the
-        // frontends' acknowledgments, which their event threads send; a
-        // Busy here answered every truncating nfsl/1 OPEN of a file with
-        // another handle NFS4ERR_DELAY first (review rvspec n2/n7).
-        if (breaking || gate_wait || deleting) && o.no_wait {
+        if (breaking || hint_wait || gate_wait || deleting) && o.no_wait {
             return Err(self.busy());
         }
         // A persistent handle of the file whose close is pending comes back
@@ -1691,7 +1686,7 @@ impl Engine {
         self.stats.not_available += 1;
         err(
             ErrorCode::Busy,
-            "lease holders (or, after a restart, the frontends attached before it) must acknowledge first, or a delete, remove or rename over the file is in progress; retry",
+            "lease holders (or, for a truncation, other frontends; after a restart, the frontends attached before it) must acknowledge first, or a delete, remove or rename over the file is in progress; retry",
         )
     }
 
