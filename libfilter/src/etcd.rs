@@ -112,8 +112,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::model::{HandleRecord, Intent, ReplayRecord, ReplayScope, ResumeKey};
 use crate::store::{
-    decode_record, encode_record, parse_replay_key, replay_key, replay_prefix, MetaInfo, Prepared,
-    RawReplay, ReplayTrim, StateStore, StoreError, StoreOp, SCHEMA_VERSION,
+    counted_trim, decode_record, encode_record, parse_replay_key, replay_key, replay_prefix,
+    stored_age, MetaInfo, Prepared, RawReplay, ReplayTrim, StateStore, StoreError, StoreOp,
+    SCHEMA_VERSION,
 };
 
 /// Most operations in one Txn (etcd's `--max-txn-ops` default).
@@ -1811,32 +1812,30 @@ impl EtcdStore {
         view: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     ) -> Result<BTreeMap<Vec<u8>, Option<Vec<u8>>>, StoreError> {
         let mut d: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        // The keys of a replay scope now (those below op id `below` when
-        // given): the table, then this commit's earlier changes, then this
-        // request's own.
-        let keys_below =
-            |d: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, scope: &ReplayScope, below: Option<u64>| {
-                let p = self.replay_key(&replay_prefix(scope));
-                let end = below.map(|op_id| self.replay_key(&replay_key(scope, op_id)));
-                let within = |k: &Vec<u8>| k.starts_with(&p) && end.as_ref().is_none_or(|e| k < e);
-                let mut keys: BTreeSet<Vec<u8>> = table
+        // The records of a replay scope now, by key: the table, then this
+        // commit's earlier changes, then this request's own.
+        let scope_records = |d: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, scope: &ReplayScope| {
+            let p = self.replay_key(&replay_prefix(scope));
+            let mut records: BTreeMap<Vec<u8>, Vec<u8>> = table
+                .range(p.clone()..)
+                .take_while(|(k, _)| k.starts_with(&p))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for layer in [view, d] {
+                for (k, v) in layer
                     .range(p.clone()..)
-                    .take_while(|(k, _)| within(k))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for layer in [view, d] {
-                    for (k, v) in layer.range(p.clone()..).take_while(|(k, _)| within(k)) {
-                        if v.is_some() {
-                            keys.insert(k.clone());
-                        } else {
-                            keys.remove(k);
-                        }
-                    }
+                    .take_while(|(k, _)| k.starts_with(&p))
+                {
+                    match v {
+                        Some(v) => records.insert(k.clone(), v.clone()),
+                        None => records.remove(k),
+                    };
                 }
-                keys
-            };
+            }
+            records
+        };
         let scope_keys = |d: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, scope: &ReplayScope| {
-            keys_below(d, scope, None)
+            scope_records(d, scope).into_keys().collect::<BTreeSet<_>>()
         };
         for op in ops {
             match op {
@@ -1858,26 +1857,34 @@ impl EtcdStore {
                     record,
                     trim,
                 } => {
-                    d.insert(
-                        self.replay_key(&replay_key(scope, *op_id)),
-                        Some(encode_record(record)?),
-                    );
-                    // `Below`: a range up to the first key kept, not the
-                    // whole scope (see `ReplayTrim`).
-                    let dropped: Vec<Vec<u8>> = match trim {
-                        ReplayTrim::Below(oldest) => {
-                            keys_below(&d, scope, Some(*oldest)).into_iter().collect()
-                        }
+                    let key = self.replay_key(&replay_key(scope, *op_id));
+                    // `Evicted`: the keys named, not the scope (see
+                    // `ReplayTrim`); `Keep`: the scope read and counted.
+                    let (record, dropped) = match trim {
+                        ReplayTrim::Evicted(dropped) => (encode_record(record)?, dropped.clone()),
                         ReplayTrim::Keep(keep) => {
-                            let keys = scope_keys(&d, scope);
-                            let excess = keys
-                                .len()
-                                .saturating_sub(usize::try_from(*keep).unwrap_or(usize::MAX));
-                            keys.into_iter().take(excess).collect()
+                            // A key is the scope's prefix, then the op
+                            // id's 8 bytes in hex.
+                            let p = self.replay_key(&replay_prefix(scope)).len();
+                            let others = scope_records(&d, scope)
+                                .iter()
+                                .filter(|(k, _)| **k != key)
+                                .filter_map(|(k, v)| {
+                                    let op: [u8; 8] = unhex(k.get(p..)?)?.try_into().ok()?;
+                                    Some(stored_age(u64::from_be_bytes(op), v))
+                                })
+                                .collect();
+                            let (seq, dropped) = counted_trim(others, *keep);
+                            let record = ReplayRecord {
+                                seq: Some(seq),
+                                ..record.clone()
+                            };
+                            (encode_record(&record)?, dropped)
                         }
                     };
-                    for k in dropped {
-                        d.insert(k, None);
+                    d.insert(key, Some(record));
+                    for op in dropped {
+                        d.insert(self.replay_key(&replay_key(scope, op)), None);
                     }
                 }
                 StoreOp::DeleteReplay { scope, op_id } => {
@@ -2249,9 +2256,13 @@ impl EtcdStore {
         ops.iter()
             .filter_map(|op| match op {
                 StoreOp::DeleteHandle(rec) => Some(ReplayScope::Handle(rec.key)),
-                StoreOp::PutReplay { scope, .. } | StoreOp::DeleteReplayScope(scope) => {
-                    Some(scope.clone())
+                // A put that names what it evicts reads nothing.
+                StoreOp::PutReplay {
+                    scope,
+                    trim: ReplayTrim::Keep(_),
+                    ..
                 }
+                | StoreOp::DeleteReplayScope(scope) => Some(scope.clone()),
                 _ => None,
             })
             .map(|scope| self.replay_key(&replay_prefix(&scope)))
@@ -2943,6 +2954,7 @@ mod tests {
         let rec = crate::model::ReplayRecord {
             reply: "ok".into(),
             recorded_ms: 0,
+            seq: None,
         };
         let put = |op_id: u64| StoreOp::PutReplay {
             scope: scope.clone(),
@@ -2956,18 +2968,23 @@ mod tests {
         let dropped: Vec<_> = chunks[0].ops.iter().filter(|(_, v)| v.is_none()).collect();
         assert_eq!((kept.len(), dropped.len()), (2, 1));
         assert_eq!(dropped[0].0, &s.replay_key(&replay_key(&scope, 1)));
-        // filterd's trim names the lowest op id it keeps: the same delete.
-        let below = |op_id: u64, oldest: u64| StoreOp::PutReplay {
+        // filterd's trim names what memory evicted: the same delete.
+        let evicted = |op_id: u64, dropped: &[u64]| StoreOp::PutReplay {
             scope: scope.clone(),
             op_id,
             record: rec.clone(),
-            trim: ReplayTrim::Below(oldest),
+            trim: ReplayTrim::Evicted(dropped.to_vec()),
         };
-        let chunks = s.pack(&[&[below(1, 1), below(2, 1), below(3, 2)]]).unwrap();
+        let chunks = s
+            .pack(&[&[evicted(1, &[]), evicted(2, &[]), evicted(3, &[1])]])
+            .unwrap();
         let dropped: Vec<_> = chunks[0].ops.iter().filter(|(_, v)| v.is_none()).collect();
         assert_eq!(chunks[0].ops.len(), 3);
         assert_eq!(dropped.len(), 1);
         assert_eq!(dropped[0].0, &s.replay_key(&replay_key(&scope, 1)));
+        // And reads no scope: nothing of it need wait for a commit in
+        // flight.
+        assert!(s.scopes_read(&[evicted(4, &[2])]).is_empty());
         let chunks = s
             .pack(&[
                 &[put(1), put(2)],
@@ -2982,6 +2999,44 @@ mod tests {
         assert_eq!(chunks[0].ops.len(), 2);
     }
 
+    /// Review rvspec: the oldest recorded goes, not the lowest op id, in
+    /// the etcd store's counted trim too (recovery's); the record put is
+    /// placed after the scope's newest, and records of an older filterd
+    /// (no `seq`) are the oldest, by op id.
+    #[test]
+    fn a_counted_replay_trim_drops_the_oldest_recorded_not_the_lowest_op_id() {
+        let s = offline();
+        let scope = ReplayScope::Handle(ResumeKey::new_random());
+        let put = |op_id: u64, seq: Option<u64>, trim| StoreOp::PutReplay {
+            scope: scope.clone(),
+            op_id,
+            record: crate::model::ReplayRecord {
+                reply: "ok".into(),
+                recorded_ms: 0,
+                seq,
+            },
+            trim,
+        };
+        let high = 1_000_000_000;
+        let chunks = s
+            .pack(&[&[
+                put(high + 9, None, ReplayTrim::Evicted(vec![])),
+                put(high + 3, None, ReplayTrim::Evicted(vec![])),
+                put(5, None, ReplayTrim::Keep(2)),
+                put(high + 1, None, ReplayTrim::Keep(2)),
+            ]])
+            .unwrap();
+        let ops = &chunks[0].ops;
+        let stored = |op_id: u64| ops.get(&s.replay_key(&replay_key(&scope, op_id))).cloned();
+        assert_eq!(stored(high + 3), Some(None), "unnumbered: the lowest first");
+        assert_eq!(stored(high + 9), Some(None), "then the other, not 5");
+        let seq = |op_id: u64| {
+            let v = stored(op_id).flatten().expect("kept");
+            decode_record::<ReplayRecord>(&v).unwrap().seq
+        };
+        assert_eq!((seq(5), seq(high + 1)), (Some(1), Some(2)), "5 stays");
+    }
+
     #[test]
     fn a_commit_touching_what_one_in_flight_changes_is_not_overlapped() {
         let s = offline();
@@ -2992,6 +3047,7 @@ mod tests {
             record: crate::model::ReplayRecord {
                 reply: "ok".into(),
                 recorded_ms: 0,
+                seq: None,
             },
             trim: ReplayTrim::Keep(4),
         };

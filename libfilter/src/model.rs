@@ -779,6 +779,22 @@ pub struct ReplayRecord {
     pub reply: String,
     /// When it was recorded, Unix ms.
     pub recorded_ms: u64,
+    /// Its place in its scope's recording order: one past the scope's
+    /// newest when it was recorded (a record put again moves to the
+    /// newest). A scope over its `keep` loses its oldest first, whatever
+    /// their op ids. `None` in a record an older filterd wrote: those
+    /// order before every numbered one, by op id, as they went then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+impl ReplayRecord {
+    /// Where it stands in its scope's recording order (oldest first):
+    /// its [`seq`](Self::seq) (an older filterd's record, none, before
+    /// every numbered one), then its op id.
+    pub fn age(&self, op_id: u64) -> (u64, u64) {
+        (self.seq.unwrap_or(0), op_id)
+    }
 }
 
 /// Names one intent.

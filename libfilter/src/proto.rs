@@ -3371,7 +3371,11 @@ mod binary_tests {
             })),
             held_lease().prop_map(Reply::Lease),
             proptest::option::of((text(), any::<u64>())).prop_map(|r| Reply::Recorded {
-                record: r.map(|(reply, recorded_ms)| ReplayRecord { reply, recorded_ms }),
+                record: r.map(|(reply, recorded_ms)| ReplayRecord {
+                    reply,
+                    recorded_ms,
+                    seq: None
+                }),
             }),
             (
                 proptest::collection::vec((any::<u64>(), text()), 0..3),

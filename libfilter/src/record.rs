@@ -33,6 +33,13 @@
 //! Version 4 added [`HandleRecord::share_exempt`] after it, the same way: a
 //! record is written as version 4 only when that field is set, else as
 //! version 3 or 2, so older builds refuse just those records.
+//!
+//! A [`ReplayRecord`]'s version 3 added [`ReplayRecord::seq`], its place
+//! in its scope's recording order (eviction goes by it, not by op id:
+//! review rvspec). filterd writes it on every record it records since;
+//! a record of an older filterd (version 2, no `seq`) still reads, and
+//! orders before every numbered one. A build from before reads such a
+//! version-3 record as unreadable (bytes after its end) and reports it.
 
 use std::collections::HashMap;
 
@@ -595,21 +602,31 @@ pub struct ReplayRecordV2<'a> {
     recorded_ms: u64,
 }
 
+/// [`ReplayRecord`]'s fields added in version 3 (version 4 added none:
+/// its layout is the same). Field order is the layout: frozen.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplayRecordV3Ext {
+    seq: u64,
+}
+
 impl StoredRecord for ReplayRecord {
     type V2<'a> = ReplayRecordV2<'a>;
-    type Ext = NoExt;
-    type V3Ext = NoExt;
+    type Ext = ReplayRecordV3Ext;
+    type V3Ext = ReplayRecordV3Ext;
 
-    fn ext(&self) -> Option<NoExt> {
-        None
+    fn ext(&self) -> Option<ReplayRecordV3Ext> {
+        self.seq.map(|seq| ReplayRecordV3Ext { seq })
     }
 
-    fn ext_as_v3(_: &NoExt) -> Option<NoExt> {
-        Some(NoExt)
+    fn ext_as_v3(ext: &ReplayRecordV3Ext) -> Option<ReplayRecordV3Ext> {
+        Some(ReplayRecordV3Ext { seq: ext.seq })
     }
 
-    fn with_ext(self, _: NoExt) -> ReplayRecord {
-        self
+    fn with_ext(self, ext: ReplayRecordV3Ext) -> ReplayRecord {
+        ReplayRecord {
+            seq: Some(ext.seq),
+            ..self
+        }
     }
 
     fn to_v2(&self) -> ReplayRecordV2<'_> {
@@ -623,6 +640,8 @@ impl StoredRecord for ReplayRecord {
         Ok(ReplayRecord {
             reply: v.reply.to_owned(),
             recorded_ms: v.recorded_ms,
+            // Added in version 3 (`with_ext`).
+            seq: None,
         })
     }
 }
@@ -1132,8 +1151,13 @@ pub(crate) mod tests {
     }
 
     fn replay_record() -> impl Strategy<Value = ReplayRecord> {
-        (".{0,200}", any::<u64>())
-            .prop_map(|(reply, recorded_ms)| ReplayRecord { reply, recorded_ms })
+        (".{0,200}", any::<u64>(), proptest::option::of(any::<u64>())).prop_map(
+            |(reply, recorded_ms, seq)| ReplayRecord {
+                reply,
+                recorded_ms,
+                seq,
+            },
+        )
     }
 
     /// Every form a record may be stored in gives the record back; the
@@ -1300,7 +1324,18 @@ pub(crate) mod tests {
         );
         let replay = include_bytes!("../../fuzz/corpus/store_records/replay-v2");
         let r = decode_record::<ReplayRecord>(replay).expect("decodes");
-        assert_eq!((r.reply.as_str(), r.recorded_ms), ("done", 1));
+        assert_eq!((r.reply.as_str(), r.recorded_ms, r.seq), ("done", 1, None));
+        assert_eq!(encode_record(&r).expect("encodes"), replay);
+        // A replay record's version 3: version 2's bytes, then its place
+        // in its scope's recording order (`seq`, a varint).
+        let golden_v3 = include_bytes!("../../fuzz/corpus/store_records/replay-v3");
+        let mut v3 = vec![RECORD_V3_POSTCARD];
+        v3.extend_from_slice(replay.get(1..).expect("a version byte"));
+        v3.push(7);
+        assert_eq!(v3, golden_v3);
+        let seq = ReplayRecord { seq: Some(7), ..r };
+        assert_eq!(encode_record(&seq).expect("encodes"), v3);
+        assert_eq!(decode_record::<ReplayRecord>(&v3).expect("decodes"), seq);
     }
 
     #[test]

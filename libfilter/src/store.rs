@@ -324,7 +324,8 @@ pub enum StoreOp {
     /// Remove a handle record, its index entries and its replay records.
     DeleteHandle(Box<HandleRecord>),
     /// Record the reply of a mutating request, and drop the scope's older
-    /// records `trim` says (the lowest op ids go first).
+    /// records `trim` says (the oldest recorded go first, whatever their
+    /// op ids).
     PutReplay {
         /// Where the op id lives.
         scope: ReplayScope,
@@ -350,26 +351,52 @@ pub enum StoreOp {
     DeleteIntent(IntentId),
 }
 
-/// Which of its scope's records a [`StoreOp::PutReplay`] drops: the lowest
-/// op ids, up to a bound its writer knows ([`ReplayTrim::Below`]) or
-/// beyond a count ([`ReplayTrim::Keep`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which of its scope's records a [`StoreOp::PutReplay`] drops: those
+/// its writer names ([`ReplayTrim::Evicted`]), or the oldest beyond a
+/// count ([`ReplayTrim::Keep`]). Oldest is by recording order
+/// ([`ReplayRecord::seq`]), never by op id: an smbl/1 client chooses its
+/// op ids, in no order, and a record that went by its low op id while its
+/// request was still in flight had a replay of it run again (review
+/// rvspec: a low op id after 1024 high ones was dropped in its own commit).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayTrim {
-    /// Those with op ids below this one: the lowest its writer keeps.
-    /// filterd holds every persistent scope whole in memory (loaded at
-    /// start, put back from the store when a commit fails), evicts from
-    /// it when a record goes over the scope's `keep`, and passes the
-    /// lowest op id it still holds: the store drops just what memory
-    /// dropped, stepping from the scope's first key to the first it keeps
-    /// — one step per record dropped and one more, however many it keeps.
-    /// Counting the scope on every put walked and copied all its keys (a
-    /// full scope: 4096 of up to ~270 bytes) on the committer thread,
-    /// which every durable reply waits for (review rvcx).
-    Below(u64),
-    /// All but the newest this many, counted: for a writer that does not
-    /// hold the scope (recovery writes records before it loads them).
-    /// Walks the whole scope.
+    /// These op ids: the records its writer evicted. filterd holds every
+    /// persistent scope whole in memory (loaded at start, put back from
+    /// the store when a commit fails), evicts the oldest recorded from it
+    /// when a record goes over the scope's `keep`, and names them: the
+    /// store deletes just those keys — a key per record dropped, however
+    /// many the scope keeps. The record put carries its own `seq` (one
+    /// past the scope's newest in memory). Counting the scope on every
+    /// put walked and copied all its keys (a full scope: 4096 of up to
+    /// ~270 bytes) on the committer thread, which every durable reply
+    /// waits for (review rvcx).
+    Evicted(Vec<u64>),
+    /// All but the newest this many, counted, the record put placed after
+    /// the scope's newest (the store sets its `seq`: [`counted_trim`]): for
+    /// a writer that does not hold the scope (recovery writes records
+    /// before it loads them). Reads the whole scope.
     Keep(u32),
+}
+
+/// What a counted put ([`ReplayTrim::Keep`]) does to its scope, given the
+/// ages ([`ReplayRecord::age`]) of the scope's other records (an
+/// unreadable one's: [`stored_age`]): the `seq` of the record put, one
+/// past the scope's newest, and the op ids that go, oldest first, so that
+/// the scope keeps `keep` with the record put (always kept: it is the
+/// newest).
+pub fn counted_trim(mut others: Vec<(u64, u64)>, keep: u32) -> (u64, Vec<u64>) {
+    let newest = others.iter().map(|&(seq, _)| seq).max().unwrap_or(0);
+    others.sort_unstable();
+    let keep = usize::try_from(keep).unwrap_or(usize::MAX).max(1);
+    let excess = (others.len() + 1).saturating_sub(keep);
+    let dropped = others.into_iter().take(excess).map(|(_, op)| op).collect();
+    (newest.saturating_add(1), dropped)
+}
+
+/// The age of a stored replay record of op `op_id` ([`ReplayRecord::age`]);
+/// one that does not decode counts as the oldest, by its op id.
+pub fn stored_age(op_id: u64, value: &[u8]) -> (u64, u64) {
+    decode_record::<ReplayRecord>(value).map_or((0, op_id), |r| r.age(op_id))
 }
 
 /// What `meta` says.
@@ -1025,17 +1052,20 @@ impl Store {
                     op_id,
                     record,
                     trim,
-                } => {
-                    t.replay
-                        .put(&mut txn, &replay_key(scope, *op_id), record)
-                        .map_err(StoreError::from_heed)?;
-                    match trim {
-                        ReplayTrim::Below(oldest) => {
-                            Self::trim_below(t, &mut txn, scope, *oldest)?;
+                } => match trim {
+                    ReplayTrim::Evicted(dropped) => {
+                        t.replay
+                            .put(&mut txn, &replay_key(scope, *op_id), record)
+                            .map_err(StoreError::from_heed)?;
+                        trim_visited(dropped.len());
+                        for op in dropped {
+                            t.replay.delete(&mut txn, &replay_key(scope, *op))?;
                         }
-                        ReplayTrim::Keep(keep) => Self::trim_scope(t, &mut txn, scope, *keep)?,
                     }
-                }
+                    ReplayTrim::Keep(keep) => {
+                        Self::put_counted(t, &mut txn, scope, *op_id, record, *keep)?;
+                    }
+                },
                 StoreOp::DeleteReplayScope(scope) => Self::delete_scope(t, &mut txn, scope)?,
                 StoreOp::DeleteReplay { scope, op_id } => {
                     t.replay.delete(&mut txn, &replay_key(scope, *op_id))?;
@@ -1155,45 +1185,37 @@ impl Store {
         Ok(())
     }
 
-    /// Drops the records of a scope whose op ids are below `oldest` (keys
-    /// sort by op id): takes the scope's first key until it is one to keep,
-    /// so the work is the records dropped, not the records kept.
-    fn trim_below(
+    /// Puts `record` as its scope's newest and keeps the scope's newest
+    /// `keep`, counted ([`ReplayTrim::Keep`], [`counted_trim`]): reads
+    /// every record of the scope for its place.
+    fn put_counted(
         t: &Tables,
         txn: &mut heed::RwTxn<'_>,
         scope: &ReplayScope,
-        oldest: u64,
-    ) -> Result<(), StoreError> {
-        let prefix = replay_prefix(scope);
-        let keep_from = replay_key(scope, oldest);
-        let raw = t.replay.remap_types::<Bytes, heed::types::DecodeIgnore>();
-        loop {
-            trim_visited(1);
-            let first = match raw.prefix_iter(txn, &prefix)?.next() {
-                Some(item) => item?.0.to_vec(),
-                None => return Ok(()),
-            };
-            if first >= keep_from {
-                return Ok(());
-            }
-            raw.delete(txn, &first)?;
-        }
-    }
-
-    /// Keeps the newest `keep` records of a scope (keys sort by op id).
-    fn trim_scope(
-        t: &Tables,
-        txn: &mut heed::RwTxn<'_>,
-        scope: &ReplayScope,
+        op_id: u64,
+        record: &ReplayRecord,
         keep: u32,
     ) -> Result<(), StoreError> {
-        let keys = Self::scope_keys(t, txn, scope)?;
-        trim_visited(keys.len());
-        let excess = keys
-            .len()
-            .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
-        for k in keys.into_iter().take(excess) {
-            t.replay.delete(txn, &k)?;
+        let raw = t.replay.remap_types::<Bytes, Bytes>();
+        let mut others = Vec::new();
+        for item in raw.prefix_iter(txn, &replay_prefix(scope))? {
+            let (k, v) = item?;
+            match parse_replay_key(k) {
+                Some((_, op)) if op != op_id => others.push(stored_age(op, v)),
+                _ => {}
+            }
+        }
+        trim_visited(others.len());
+        let (seq, dropped) = counted_trim(others, keep);
+        let record = ReplayRecord {
+            seq: Some(seq),
+            ..record.clone()
+        };
+        t.replay
+            .put(txn, &replay_key(scope, op_id), &record)
+            .map_err(StoreError::from_heed)?;
+        for op in dropped {
+            t.replay.delete(txn, &replay_key(scope, op))?;
         }
         Ok(())
     }
@@ -1864,11 +1886,11 @@ pub(crate) mod tests {
 
     /// Review rvcx: every replay put counted its scope, walking and
     /// copying every key (4096 of ~270 bytes in a full scope) on the
-    /// committer thread. A put that names the lowest op id it keeps
-    /// (`ReplayTrim::Below`, filterd's) looks at the records it drops and
-    /// one more, whatever the scope holds; and a full scope still keeps
-    /// exactly its newest `keep`. `ReplayTrim::Keep` (recovery's) keeps
-    /// counting, also over a scope stored with a larger keep.
+    /// committer thread. A put that names what its writer evicted
+    /// (`ReplayTrim::Evicted`, filterd's) looks at the records it drops
+    /// and no other, whatever the scope holds; and a full scope still
+    /// keeps exactly its newest `keep`. `ReplayTrim::Keep` (recovery's)
+    /// keeps counting, also over a scope stored with a larger keep.
     #[test]
     fn a_replay_put_looks_at_what_it_drops_not_at_what_the_scope_keeps() {
         const KEEP: u64 = 4096;
@@ -1876,22 +1898,21 @@ pub(crate) mod tests {
         let s = Store::open(&dir, 1 << 28).unwrap();
         let long = ReplayScope::Session(ScopeName::new("s".repeat(246)).unwrap());
         let other = ReplayScope::Session(ScopeName::new("other").unwrap());
-        let put = |scope: &ReplayScope, op_id: u64, trim| StoreOp::PutReplay {
+        let put = |scope: &ReplayScope, op_id: u64, seq: Option<u64>, trim| StoreOp::PutReplay {
             scope: scope.clone(),
             op_id,
             record: ReplayRecord {
                 reply: "r".repeat(200),
                 recorded_ms: 0,
+                seq,
             },
             trim,
         };
-        // As filterd puts: the lowest op id memory keeps after the put.
+        // As filterd puts (op ids in recording order here): the one op
+        // id memory evicted past `KEEP`, if any.
         let engine_put = |scope: &ReplayScope, op_id: u64| {
-            put(
-                scope,
-                op_id,
-                ReplayTrim::Below((op_id + 1).saturating_sub(KEEP)),
-            )
+            let dropped = op_id.checked_sub(KEEP).into_iter().collect();
+            put(scope, op_id, Some(op_id + 1), ReplayTrim::Evicted(dropped))
         };
         let visits = || TRIM_VISITS.with(|v| v.replace(0));
         let ops: Vec<StoreOp> = (0..KEEP).map(|op| engine_put(&long, op)).collect();
@@ -1908,10 +1929,10 @@ pub(crate) mod tests {
             s.apply(&[engine_put(&long, op)]).unwrap();
         }
         let full = visits();
-        assert_eq!(empty, 64, "a put that drops nothing looks at one key");
+        assert_eq!(empty, 0, "a put that drops nothing looks at no key");
         assert_eq!(
-            full, 128,
-            "a put into a full scope looks at the one it drops and the next"
+            full, 64,
+            "a put into a full scope looks at the one it drops"
         );
         let ids = |scope: &ReplayScope| -> Vec<u64> {
             s.replays_in(scope)
@@ -1930,16 +1951,91 @@ pub(crate) mod tests {
             (0..=64).collect::<Vec<_>>(),
             "nothing else goes"
         );
-        // A bound over several (a smaller keep): all below it go at once,
+        // Several evicted at once (a smaller keep): just those go,
         // neighbours untouched.
-        s.apply(&[put(&long, KEEP + 64, ReplayTrim::Below(68))])
-            .unwrap();
-        assert_eq!(visits(), 5);
+        s.apply(&[put(
+            &long,
+            KEEP + 64,
+            Some(KEEP + 65),
+            ReplayTrim::Evicted(vec![64, 65, 66, 67]),
+        )])
+        .unwrap();
+        assert_eq!(visits(), 4);
         assert_eq!(ids(&long), (68..=KEEP + 64).collect::<Vec<_>>());
         assert_eq!(ids(&other).len(), 65);
-        // Counting (recovery's) keeps the newest `keep` of what is stored.
-        s.apply(&[put(&other, 100, ReplayTrim::Keep(3))]).unwrap();
+        // Counting (recovery's) keeps the newest `keep` of what is
+        // stored, the record put after the scope's newest.
+        s.apply(&[put(&other, 100, None, ReplayTrim::Keep(3))])
+            .unwrap();
         assert_eq!(ids(&other), vec![63, 64, 100]);
+        let stored = s.replay(&other, 100).unwrap().unwrap();
+        assert_eq!(stored.seq, Some(66), "one past the newest (64's, 65)");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Review rvspec: a scope over its `keep` lost its lowest op ids, so
+    /// an smbl/1 client's low op id recorded after 1024 high ones went in
+    /// its own commit, and a replay of it ran again. The oldest recorded
+    /// goes, whatever the op ids: counted (recovery's `ReplayTrim::Keep`)
+    /// as filterd's memory does; records an older filterd wrote (no
+    /// `seq`) are older than every numbered one and go first, by op id as
+    /// then; the order is the stored one, so it survives a reopen.
+    #[test]
+    fn a_replay_put_drops_the_oldest_recorded_not_the_lowest_op_id() {
+        let dir = std::env::temp_dir().join(format!("rkf-trim-{}", uuid::Uuid::new_v4()));
+        let scope = ReplayScope::Session(ScopeName::new("smb/open").unwrap());
+        let put = |op_id: u64, seq: Option<u64>, trim| StoreOp::PutReplay {
+            scope: scope.clone(),
+            op_id,
+            record: ReplayRecord {
+                reply: format!("reply {op_id}"),
+                recorded_ms: 0,
+                seq,
+            },
+            trim,
+        };
+        let ids = |s: &Store| -> Vec<u64> {
+            s.replays_in(&scope)
+                .unwrap()
+                .into_iter()
+                .map(|(op, _)| op)
+                .collect()
+        };
+        let high = 1_000_000_000;
+        {
+            let s = Store::open(&dir, 1 << 24).unwrap();
+            // An older filterd's records (written as they were: no `seq`).
+            for op in [high + 9, high + 3, high + 7] {
+                s.apply(&[put(op, None, ReplayTrim::Evicted(vec![]))])
+                    .unwrap();
+            }
+            // The lowest op id, recorded last: the oldest (op id order
+            // among the unnumbered) goes, not it.
+            s.apply(&[put(5, None, ReplayTrim::Keep(3))]).unwrap();
+            assert_eq!(ids(&s), vec![5, high + 7, high + 9]);
+            assert_eq!(s.replay(&scope, 5).unwrap().unwrap().seq, Some(1));
+        }
+        let s = Store::open(&dir, 1 << 24).unwrap();
+        s.apply(&[put(high + 1, None, ReplayTrim::Keep(3))])
+            .unwrap();
+        assert_eq!(ids(&s), vec![5, high + 1, high + 9]);
+        s.apply(&[put(4, None, ReplayTrim::Keep(3))]).unwrap();
+        assert_eq!(ids(&s), vec![4, 5, high + 1], "5 stays: recorded after 9");
+        s.apply(&[put(2, None, ReplayTrim::Keep(3))]).unwrap();
+        assert_eq!(ids(&s), vec![2, 4, high + 1], "5, the oldest, goes");
+        // Put again: the record moves to the newest.
+        s.apply(&[put(high + 1, None, ReplayTrim::Keep(3))])
+            .unwrap();
+        s.apply(&[put(1, None, ReplayTrim::Keep(3))]).unwrap();
+        assert_eq!(ids(&s), vec![1, 2, high + 1]);
+        let seqs: Vec<Option<u64>> = s
+            .replays_in(&scope)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.seq)
+            .collect();
+        assert_eq!(seqs, vec![Some(6), Some(4), Some(5)]);
+        drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -650,6 +650,7 @@ fn put_replay(
         record: libfilter::model::ReplayRecord {
             reply,
             recorded_ms: 0,
+            seq: None,
         },
         trim: libfilter::store::ReplayTrim::Keep(1000),
     }

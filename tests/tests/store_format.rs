@@ -110,6 +110,7 @@ fn a_state_dir_with_json_records_opens_and_its_handles_resume() {
         reply.extend(json(&ReplayRecord {
             reply: "done".into(),
             recorded_ms: 1,
+            seq: None,
         }));
         store
             .put_raw("replay", &replay_key(&scope, 7), &reply)

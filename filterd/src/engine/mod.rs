@@ -340,7 +340,7 @@ pub struct Engine {
     removals: Vec<durable::Removal>,
     /// Recorded replies by scope, mirrored from the `replay` table (and,
     /// for non-persistent handles, only here).
-    replays: HashMap<ReplayScope, BTreeMap<u64, ReplayRecord>>,
+    replays: HashMap<ReplayScope, records::ScopeReplies>,
     /// Where batches go and replies wait for durability.
     pipe: Arc<Pipeline>,
     /// The store, read to undo what a failed commit's requests did.
@@ -1585,7 +1585,7 @@ impl Engine {
                 let scope = self.own_scope(conn, &protocol, scope)?;
                 let persistent = self.scope_is_persistent(&scope);
                 if let Some(recs) = self.replays.get_mut(&scope) {
-                    if recs.remove(&op_id).is_some() && persistent {
+                    if recs.remove(op_id).is_some() && persistent {
                         self.batch.push(StoreOp::DeleteReplay { scope, op_id });
                     }
                 }
@@ -1972,8 +1972,9 @@ fn page<T: serde::Serialize, C>(
 
 /// The store operation that records a reply, for recovery: it writes
 /// before it loads the scope into memory, so the store counts the scope
-/// to keep its newest `keep` ([`ReplayTrim::Keep`]; the engine's own
-/// records name what memory dropped, `Engine::put_reply`).
+/// to keep its newest `keep` and places the record after the scope's
+/// newest ([`ReplayTrim::Keep`]; the engine's own records name what
+/// memory dropped, `Engine::put_reply`).
 fn record_op(r: RecordSpec) -> StoreOp {
     StoreOp::PutReplay {
         scope: r.scope,
@@ -1981,6 +1982,8 @@ fn record_op(r: RecordSpec) -> StoreOp {
         record: ReplayRecord {
             reply: r.reply,
             recorded_ms: now_ms(),
+            // The store places it after the scope's newest.
+            seq: None,
         },
         trim: ReplayTrim::Keep(r.keep),
     }

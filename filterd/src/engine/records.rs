@@ -1,7 +1,68 @@
 //! Recorded replies (exactly once for op ids and session slots): scopes,
 //! recording, lookup.
 
+use std::collections::BTreeSet;
+
 use super::*;
+
+/// One scope's recorded replies: by op id (lookups, listings: read
+/// through `Deref`) and in the order they were recorded
+/// ([`ReplayRecord::age`]), which eviction follows. Changed only through
+/// its methods, which keep the two in step.
+#[derive(Debug, Default)]
+pub(super) struct ScopeReplies {
+    by_op: BTreeMap<u64, ReplayRecord>,
+    /// Every record's age, oldest first.
+    by_age: BTreeSet<(u64, u64)>,
+}
+
+impl ScopeReplies {
+    /// Holds `record` as op `op_id`'s, at the place its `seq` says.
+    pub(super) fn insert(&mut self, op_id: u64, record: ReplayRecord) {
+        let age = record.age(op_id);
+        if let Some(old) = self.by_op.insert(op_id, record) {
+            self.by_age.remove(&old.age(op_id));
+        }
+        self.by_age.insert(age);
+    }
+
+    pub(super) fn remove(&mut self, op_id: u64) -> Option<ReplayRecord> {
+        let old = self.by_op.remove(&op_id)?;
+        self.by_age.remove(&old.age(op_id));
+        Some(old)
+    }
+
+    /// The `seq` a record recorded now takes: one past the newest's.
+    fn next_seq(&self) -> u64 {
+        self.by_age
+            .last()
+            .map_or(1, |&(seq, _)| seq.saturating_add(1))
+    }
+
+    /// Drops the oldest recorded, and says its op id.
+    fn pop_oldest(&mut self) -> Option<u64> {
+        let (_, op_id) = self.by_age.pop_first()?;
+        self.by_op.remove(&op_id);
+        Some(op_id)
+    }
+}
+
+impl std::ops::Deref for ScopeReplies {
+    type Target = BTreeMap<u64, ReplayRecord>;
+    fn deref(&self) -> &Self::Target {
+        &self.by_op
+    }
+}
+
+impl FromIterator<(u64, ReplayRecord)> for ScopeReplies {
+    fn from_iter<I: IntoIterator<Item = (u64, ReplayRecord)>>(records: I) -> Self {
+        let mut s = ScopeReplies::default();
+        for (op_id, record) in records {
+            s.insert(op_id, record);
+        }
+        s
+    }
+}
 
 impl Engine {
     pub(super) fn own_record(
@@ -44,7 +105,7 @@ impl Engine {
         for (scope, op_id) in delete {
             let persistent = self.scope_is_persistent(&scope);
             if let Some(recs) = self.replays.get_mut(&scope) {
-                if recs.remove(&op_id).is_some() && persistent {
+                if recs.remove(op_id).is_some() && persistent {
                     self.batch.push(StoreOp::DeleteReplay { scope, op_id });
                 }
             }
@@ -58,35 +119,38 @@ impl Engine {
         let record = ReplayRecord {
             reply: r.reply,
             recorded_ms: now_ms(),
+            seq: None,
         };
         self.put_reply(r.scope, r.op_id, record, r.keep);
     }
 
     /// Records a reply in memory and, for a persistent scope, in the
-    /// store, keeping the scope's newest `keep` (the lowest op ids go).
-    /// Memory holds every persistent scope whole (loaded at start, put
-    /// back from the store when a commit fails), so the store is told to
-    /// drop what memory dropped, below the lowest op id memory keeps
-    /// ([`ReplayTrim::Below`]): a step per record dropped, where counting
-    /// the scope's keys on every put cost a full scope's 4096 keys on the
-    /// committer thread (review rvcx).
-    fn put_reply(&mut self, scope: ReplayScope, op_id: u64, record: ReplayRecord, keep: u32) {
+    /// store, keeping the scope's newest `keep` by recording order: the
+    /// record takes the scope's next `seq` (put again, it moves to the
+    /// newest), and the oldest recorded go, whatever their op ids —
+    /// not the lowest op ids: an smbl/1 client chooses its op ids in no
+    /// order, and a low one recorded after 1024 high ones went in its own
+    /// commit, so a replay of it ran again (review rvspec). Memory holds
+    /// every persistent scope whole (loaded at start, put back from the
+    /// store when a commit fails), so the store is told just the op ids
+    /// memory dropped ([`ReplayTrim::Evicted`]): a key per record
+    /// dropped, where counting the scope's keys on every put cost a full
+    /// scope's 4096 keys on the committer thread (review rvcx).
+    fn put_reply(&mut self, scope: ReplayScope, op_id: u64, mut record: ReplayRecord, keep: u32) {
         let recs = self.replays.entry(scope.clone()).or_default();
+        record.seq = Some(recs.next_seq());
         recs.insert(op_id, record.clone());
-        while recs.len() > usize::try_from(keep).unwrap_or(usize::MAX) {
-            recs.pop_first();
+        let keep = usize::try_from(keep).unwrap_or(usize::MAX).max(1);
+        let mut dropped = Vec::new();
+        while recs.len() > keep {
+            dropped.extend(recs.pop_oldest());
         }
-        let trim = match recs.first_key_value() {
-            Some((oldest, _)) => ReplayTrim::Below(*oldest),
-            // `keep` 0 (callers clamp it to 1): none kept, as many stored.
-            None => ReplayTrim::Keep(keep),
-        };
         if self.scope_is_persistent(&scope) {
             self.batch.push(StoreOp::PutReplay {
                 scope,
                 op_id,
                 record,
-                trim,
+                trim: ReplayTrim::Evicted(dropped),
             });
         }
         self.stats.replies_recorded += 1;
@@ -134,6 +198,7 @@ impl Engine {
         let record = ReplayRecord {
             reply,
             recorded_ms: now_ms(),
+            seq: None,
         };
         self.put_reply(scope, op_id, record, keep);
         Ok(Reply::Done)
@@ -177,7 +242,16 @@ impl Engine {
         op_id: u64,
         counted: bool,
     ) -> Result<Reply, WireError> {
-        let record = self.replays.get(scope).and_then(|m| m.get(&op_id)).cloned();
+        // Its place in the scope is not the frontend's business: the
+        // reply goes as it did before `seq`.
+        let record = self
+            .replays
+            .get(scope)
+            .and_then(|m| m.get(&op_id))
+            .map(|r| ReplayRecord {
+                seq: None,
+                ..r.clone()
+            });
         if counted && record.is_some() {
             self.stats.replays_detected += 1;
         }

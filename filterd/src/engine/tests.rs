@@ -78,28 +78,32 @@ impl StateStore for MemStore {
                     record,
                     trim,
                 } => {
-                    m.replays.insert(replay_key(scope, *op_id), record.clone());
-                    let prefix = libfilter::store::replay_prefix(scope);
-                    let dropped: Vec<Vec<u8>> = match trim {
-                        ReplayTrim::Below(oldest) => m
-                            .replays
-                            .range(prefix.clone()..replay_key(scope, *oldest))
-                            .map(|(k, _)| k.clone())
-                            .collect(),
+                    let key = replay_key(scope, *op_id);
+                    let (record, dropped) = match trim {
+                        ReplayTrim::Evicted(dropped) => (record.clone(), dropped.clone()),
                         ReplayTrim::Keep(keep) => {
                             m.counted_scopes += 1;
-                            let keys: Vec<Vec<u8>> = m
+                            let prefix = libfilter::store::replay_prefix(scope);
+                            let others = m
                                 .replays
                                 .range(prefix.clone()..)
                                 .take_while(|(k, _)| k.starts_with(&prefix))
-                                .map(|(k, _)| k.clone())
+                                .filter(|(k, _)| **k != key)
+                                .filter_map(|(k, r)| {
+                                    libfilter::store::parse_replay_key(k).map(|(_, op)| r.age(op))
+                                })
                                 .collect();
-                            let excess = keys.len().saturating_sub(*keep as usize);
-                            keys.into_iter().take(excess).collect()
+                            let (seq, dropped) = libfilter::store::counted_trim(others, *keep);
+                            let record = ReplayRecord {
+                                seq: Some(seq),
+                                ..record.clone()
+                            };
+                            (record, dropped)
                         }
                     };
-                    for k in dropped {
-                        m.replays.remove(&k);
+                    m.replays.insert(key, record);
+                    for op in dropped {
+                        m.replays.remove(&replay_key(scope, op));
                     }
                 }
                 StoreOp::DeleteReplay { scope, op_id } => {
@@ -6330,13 +6334,15 @@ fn a_reply_recorded_whose_commit_fails_is_not_counted() {
     assert_eq!(h.engine.stats.replies_recorded, 1);
 }
 
-/// The records memory evicts past a scope's `keep` are the ones the store
-/// drops, named by the lowest op id memory keeps (`ReplayTrim::Below`),
-/// never by having the store count the scope (review rvcx: counting
-/// walked a full scope's 4096 keys on the committer thread per put). Also
-/// with op ids out of order, through `WriteRecords`, after a restart and
-/// over a scope stored with a larger `keep` (an older daemon's, or an
-/// earlier request's): memory and store hold the same records.
+/// The records memory evicts past a scope's `keep` are the oldest
+/// recorded, whatever their op ids (review rvspec), and the ones the
+/// store drops, named by op id (`ReplayTrim::Evicted`), never by having
+/// the store count the scope (review rvcx: counting walked a full
+/// scope's 4096 keys on the committer thread per put). Also with op ids
+/// out of order, a record put again, through `WriteRecords`, after a
+/// restart and over a scope stored with a larger `keep` (an older
+/// daemon's, or an earlier request's): memory and store hold the same
+/// records.
 #[test]
 fn replay_records_memory_evicts_are_the_ones_the_store_drops() {
     let mut h = Harness::new();
@@ -6375,13 +6381,19 @@ fn replay_records_memory_evicts_are_the_ones_the_store_drops() {
     // A smaller keep: four go at once.
     record(&mut h, 9, 5);
     agree(&h, &[5, 6, 7, 8, 9]);
-    // An op id below the scope's (nfsshim's `excl` uses path hashes): it
-    // is the lowest, and goes at once.
+    // An op id below the scope's (a client's choice; nfsshim's `excl`
+    // uses path hashes): recorded last, it stays, and the oldest
+    // recorded goes. Review rvspec: the lowest op id went, so this one
+    // went in its own commit and a replay of it ran again.
     record(&mut h, 2, 5);
-    agree(&h, &[5, 6, 7, 8, 9]);
+    agree(&h, &[2, 6, 7, 8, 9]);
     record(&mut h, 7_000, 5);
-    agree(&h, &[6, 7, 8, 9, 7_000]);
-    // `WriteRecords`: deletes, then puts, each evicting.
+    agree(&h, &[2, 7, 8, 9, 7_000]);
+    // Recorded again, a record moves to the newest: 8 goes, not 7.
+    record(&mut h, 7, 5);
+    record(&mut h, 3, 5);
+    agree(&h, &[2, 3, 7, 9, 7_000]);
+    // `WriteRecords`: deletes, then puts, each evicting the oldest.
     let spec = |op_id: u64| RecordSpec {
         scope: session(1),
         op_id,
@@ -6390,21 +6402,26 @@ fn replay_records_memory_evicts_are_the_ones_the_store_drops() {
     };
     let id = h.run(Request::WriteRecords {
         put: vec![spec(10), spec(11)],
-        delete: vec![(session(1), 8)],
+        delete: vec![(session(1), 9)],
     });
     h.commit(true);
     h.answered(id);
-    agree(&h, &[9, 10, 11, 7_000]);
-    // A restart loads what the store holds; a larger keep stored before
-    // (12 records) is trimmed by the next put with a smaller one.
+    agree(&h, &[3, 7, 10, 11]);
+    // A restart loads what the store holds, in the order it was
+    // recorded: a low op id recorded after it still evicts the oldest
+    // (7, recorded again before 3), not itself.
     for op_id in 20..=27 {
         record(&mut h, op_id, 12);
     }
-    agree(&h, &[9, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 7_000]);
+    agree(&h, &[3, 7, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27]);
     let mut h = h.restarted();
-    agree(&h, &[9, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 7_000]);
+    agree(&h, &[3, 7, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27]);
+    record(&mut h, 1, 12);
+    agree(&h, &[1, 3, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27]);
+    // A larger keep stored before is trimmed by the next put with a
+    // smaller one.
     record(&mut h, 28, 3);
-    agree(&h, &[27, 28, 7_000]);
+    agree(&h, &[1, 27, 28]);
 }
 
 /// A record lookup counts as a replay only for a frontend that does not
