@@ -1876,3 +1876,102 @@ fn a_lease_break_ack_with_no_break_in_progress_is_refused() {
     let (r, _) = b.reply_to("mid", mid).expect("bob's CREATE");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
+
+/// Sends `reqs` on `c`, at most 64 in flight, and checks each is answered
+/// STATUS_SUCCESS (in any order).
+fn all_succeed_in_flight(c: &mut LineClient, reqs: Vec<Value>) {
+    for chunk in reqs.chunks(64) {
+        let mut mids: std::collections::BTreeSet<u64> = chunk
+            .iter()
+            .map(|r| c.send_only("mid", r.clone()))
+            .collect();
+        while !mids.is_empty() {
+            let r = c.next_line().expect("a reply");
+            assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+            assert!(mids.remove(&r["mid"].as_u64().unwrap_or(0)), "{r}");
+        }
+    }
+}
+
+/// Review rvspec: op-id replay keeps an open's last 1024 recorded replies
+/// in the order they were recorded. Before, the lowest op ids went (an
+/// op id is the client's choice, in no order): a WRITE with op id 5 after
+/// 1024 with op ids from 10^9 lost its record in its own commit, and its
+/// replay ran it again over a WRITE acknowledged since ("AAAA" where
+/// "CCCC" was); a SET_INFO end_of_file's replay cut acknowledged data.
+/// Also after filterd is killed and restarted: the order is stored, so a
+/// WRITE with a new high op id after the restart does not take op 5's
+/// record.
+#[test]
+fn a_low_op_id_after_1024_high_ones_is_replayed_not_run_again() {
+    let s = Scratch::new("smb-replay-window");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let (_, _, mut c, sid, fid) = alice_persistent_f(&shim.addr);
+    let write = |op_id: Option<u64>, offset: u64, data: &str, replay: bool| {
+        let mut w = json!({"cmd": "WRITE", "session_id": sid, "file_id": fid,
+                           "offset": offset, "data": b64(data), "replay": replay});
+        if let Some(op) = op_id {
+            w["op_id"] = json!(op);
+        }
+        w
+    };
+    let eof = |op_id: u64, size: u64, replay: bool| {
+        json!({"cmd": "SET_INFO", "session_id": sid, "file_id": fid, "end_of_file": size,
+               "op_id": op_id, "replay": replay})
+    };
+    let high = 1_000_000_000u64;
+    all_succeed_in_flight(
+        &mut c,
+        (0..1024)
+            .map(|i| write(Some(high + i), 100, "z", false))
+            .collect(),
+    );
+    let w = c.call(write(Some(5), 0, "AAAA", false));
+    assert_eq!(
+        (&w["status"], &w["count"]),
+        (&json!("STATUS_SUCCESS"), &json!(4)),
+        "{w}"
+    );
+    let w = c.call(write(None, 0, "CCCC", false));
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let w = c.call(write(Some(5), 0, "AAAA", true));
+    assert_eq!(
+        (&w["status"], &w["count"]),
+        (&json!("STATUS_SUCCESS"), &json!(4)),
+        "{w}"
+    );
+    let f = || std::fs::read(s.root().join("f")).unwrap();
+    assert_eq!(
+        f().get(..4),
+        Some(&b"CCCC"[..]),
+        "the replay of op 5 ran the WRITE again"
+    );
+    // A truncate replayed after an extending WRITE.
+    let w = c.call(write(None, 0, "xxxxxxxxxx", false));
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let r = c.call(eof(6, 10, false));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let w = c.call(write(None, 10, "acknowledged data", false));
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let r = c.call(eof(6, 10, true));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let want = b"xxxxxxxxxxacknowledged data";
+    assert_eq!(f(), want, "the replay of op 6 truncated again");
+    // filterd killed and restarted: the records come back in their
+    // order; one more with a high op id evicts the oldest high one.
+    d.kill9();
+    let _d = Filterd::start(&s, &[], &[]);
+    // (The byte that is there: the content stays.)
+    let w = smb_patiently(&mut c, write(Some(high + 5_000), 10, "a", false));
+    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let w = smb_patiently(&mut c, write(Some(5), 0, "AAAA", true));
+    assert_eq!(
+        (&w["status"], &w["count"]),
+        (&json!("STATUS_SUCCESS"), &json!(4)),
+        "{w}"
+    );
+    let r = smb_patiently(&mut c, eof(6, 10, true));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(f(), want, "a replay after the restart ran again");
+}

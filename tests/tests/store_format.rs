@@ -138,10 +138,18 @@ fn a_state_dir_with_json_records_opens_and_its_handles_resume() {
     assert_eq!(rb.info.key, b.key);
     assert_eq!(contents(&rb.fd), "beta");
     let rec = fe
-        .lookup_reply(scope, 7)
+        .lookup_reply(scope.clone(), 7)
         .unwrap()
         .expect("the reply is kept");
     assert_eq!(rec.reply, "done");
+    // A record of this build is newer than the older build's, whatever
+    // the op ids (review rvspec: the lowest op id went): kept one, the
+    // older build's goes.
+    fe.record_reply(scope.clone(), 3, "three".into(), 1)
+        .unwrap();
+    assert!(fe.lookup_reply(scope.clone(), 7).unwrap().is_none());
+    let rec = fe.lookup_reply(scope, 3).unwrap().expect("the new reply");
+    assert_eq!(rec.reply, "three");
     // A record written now is version 2.
     let c = fe
         .open(OpenRequest {
