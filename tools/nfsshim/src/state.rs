@@ -13,8 +13,9 @@
 //! | `<instance>/excl` | hash of the path | exclusive-create verifier |
 //! | `instances` (shared) | hash of the instance name | the instance name (filterctl finds the tables by it) |
 //!
-//! filterd keeps at most [`KEEP`] records per scope and evicts the lowest
-//! op ids beyond that; nfsshim's named limits (server.rs `Limits`) keep
+//! filterd keeps at most [`KEEP`] records per scope and evicts the oldest
+//! recorded beyond that (before review rvspec: the lowest op ids); nfsshim's
+//! named limits (server.rs `Limits`) keep
 //! every table but `excl` below it, so no client's record is ever
 //! evicted, and nfsshim keeps `excl` (op ids: path hashes) below it
 //! itself, oldest first (server/excl.rs).

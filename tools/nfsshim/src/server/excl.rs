@@ -4,8 +4,9 @@
 //! A verifier's record is named by its path's hash (`fnv64`), so that a
 //! re-send — on its slot or not, after any restart — finds it by the
 //! path alone. filterd keeps at most [`state::KEEP`] records a scope and
-//! drops the lowest op ids beyond that: for this table, the smallest
-//! hashes, not the oldest records. Once the table was full (files made
+//! dropped the lowest op ids beyond that (it drops the oldest recorded
+//! since review rvspec, but nfsshim never lets it choose): for this table,
+//! the smallest hashes, not the oldest records. Once the table was full (files made
 //! by exclusive creates and never removed through nfsshim), a new
 //! verifier whose hash was below every stored one was dropped in its own
 //! commit, and any client's flood of exclusive creates under names with
