@@ -100,7 +100,7 @@
 //! commits. Every `compact_every` the store compacts etcd's history up to
 //! the revision it saw one interval earlier.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -116,6 +116,33 @@ use crate::store::{
     stored_age, MetaInfo, Prepared, RawReplay, ReplayTrim, StateStore, StoreError, StoreOp,
     SCHEMA_VERSION,
 };
+
+/// The records of a replay scope (its keys start with `p`) as a commit
+/// being packed sees them: the table, then each layer of changes in turn
+/// (the commit's earlier requests', then this request's own).
+fn scope_now<'a>(
+    p: &[u8],
+    table: &'a BTreeMap<Vec<u8>, Vec<u8>>,
+    layers: [&'a BTreeMap<Vec<u8>, Option<Vec<u8>>>; 2],
+) -> BTreeMap<&'a [u8], &'a [u8]> {
+    let mut records: BTreeMap<&[u8], &[u8]> = table
+        .range(p.to_vec()..)
+        .take_while(|(k, _)| k.starts_with(p))
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    for layer in layers {
+        for (k, v) in layer
+            .range(p.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(p))
+        {
+            match v {
+                Some(v) => records.insert(k, v),
+                None => records.remove(k.as_slice()),
+            };
+        }
+    }
+    records
+}
 
 /// Most operations in one Txn (etcd's `--max-txn-ops` default).
 pub const MAX_TXN_OPS: usize = 128;
@@ -1812,30 +1839,12 @@ impl EtcdStore {
         view: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     ) -> Result<BTreeMap<Vec<u8>, Option<Vec<u8>>>, StoreError> {
         let mut d: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        // The records of a replay scope now, by key: the table, then this
-        // commit's earlier changes, then this request's own.
-        let scope_records = |d: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, scope: &ReplayScope| {
-            let p = self.replay_key(&replay_prefix(scope));
-            let mut records: BTreeMap<Vec<u8>, Vec<u8>> = table
-                .range(p.clone()..)
-                .take_while(|(k, _)| k.starts_with(&p))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            for layer in [view, d] {
-                for (k, v) in layer
-                    .range(p.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&p))
-                {
-                    match v {
-                        Some(v) => records.insert(k.clone(), v.clone()),
-                        None => records.remove(k),
-                    };
-                }
-            }
-            records
-        };
+        let prefix = |scope: &ReplayScope| self.replay_key(&replay_prefix(scope));
         let scope_keys = |d: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, scope: &ReplayScope| {
-            scope_records(d, scope).into_keys().collect::<BTreeSet<_>>()
+            scope_now(&prefix(scope), table, [view, d])
+                .into_keys()
+                .map(<[u8]>::to_vec)
+                .collect::<Vec<_>>()
         };
         for op in ops {
             match op {
@@ -1865,20 +1874,19 @@ impl EtcdStore {
                         ReplayTrim::Keep(keep) => {
                             // A key is the scope's prefix, then the op
                             // id's 8 bytes in hex.
-                            let p = self.replay_key(&replay_prefix(scope)).len();
-                            let others = scope_records(&d, scope)
-                                .iter()
-                                .filter(|(k, _)| **k != key)
-                                .filter_map(|(k, v)| {
-                                    let op: [u8; 8] = unhex(k.get(p..)?)?.try_into().ok()?;
-                                    Some(stored_age(u64::from_be_bytes(op), v))
-                                })
-                                .collect();
-                            let (seq, dropped) = counted_trim(others, *keep);
-                            let record = ReplayRecord {
-                                seq: Some(seq),
-                                ..record.clone()
-                            };
+                            let p = prefix(scope);
+                            let mut held = None;
+                            let mut others = Vec::new();
+                            for (k, v) in scope_now(&p, table, [view, &d]) {
+                                if k == key.as_slice() {
+                                    held = decode_record::<ReplayRecord>(v).ok();
+                                } else if let Some(op) = unhex(k.get(p.len()..).unwrap_or_default())
+                                    .and_then(|op| <[u8; 8]>::try_from(op).ok())
+                                {
+                                    others.push(stored_age(u64::from_be_bytes(op), v));
+                                }
+                            }
+                            let (record, dropped) = counted_trim(record, held, others, *keep);
                             (encode_record(&record)?, dropped)
                         }
                     };

@@ -378,19 +378,33 @@ pub enum ReplayTrim {
     Keep(u32),
 }
 
-/// What a counted put ([`ReplayTrim::Keep`]) does to its scope, given the
-/// ages ([`ReplayRecord::age`]) of the scope's other records (an
-/// unreadable one's: [`stored_age`]): the `seq` of the record put, one
-/// past the scope's newest, and the op ids that go, oldest first, so that
-/// the scope keeps `keep` with the record put (always kept: it is the
-/// newest).
-pub fn counted_trim(mut others: Vec<(u64, u64)>, keep: u32) -> (u64, Vec<u64>) {
+/// What a counted put ([`ReplayTrim::Keep`]) of `record` does to its
+/// scope, given what the scope holds under its op id (`held`) and the ages
+/// ([`ReplayRecord::age`]) of the scope's other records (an unreadable
+/// one's: [`stored_age`]): the record to store, placed one past the
+/// scope's newest, and the op ids that go, oldest first, so that the scope
+/// keeps `keep` with it (always kept: it is the newest). The same put
+/// applied again (a retried request: the record held, same reply and
+/// time) keeps the place it took, so that it changes nothing again.
+pub fn counted_trim(
+    record: &ReplayRecord,
+    held: Option<ReplayRecord>,
+    mut others: Vec<(u64, u64)>,
+    keep: u32,
+) -> (ReplayRecord, Vec<u64>) {
     let newest = others.iter().map(|&(seq, _)| seq).max().unwrap_or(0);
+    let again = held
+        .filter(|h| (&h.reply, h.recorded_ms) == (&record.reply, record.recorded_ms))
+        .and_then(|h| h.seq);
+    let record = ReplayRecord {
+        seq: Some(again.unwrap_or(newest.saturating_add(1))),
+        ..record.clone()
+    };
     others.sort_unstable();
     let keep = usize::try_from(keep).unwrap_or(usize::MAX).max(1);
     let excess = (others.len() + 1).saturating_sub(keep);
     let dropped = others.into_iter().take(excess).map(|(_, op)| op).collect();
-    (newest.saturating_add(1), dropped)
+    (record, dropped)
 }
 
 /// The age of a stored replay record of op `op_id` ([`ReplayRecord::age`]);
@@ -1198,19 +1212,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         let raw = t.replay.remap_types::<Bytes, Bytes>();
         let mut others = Vec::new();
+        let mut held = None;
         for item in raw.prefix_iter(txn, &replay_prefix(scope))? {
             let (k, v) = item?;
             match parse_replay_key(k) {
-                Some((_, op)) if op != op_id => others.push(stored_age(op, v)),
-                _ => {}
+                Some((_, op)) if op == op_id => held = decode_record::<ReplayRecord>(v).ok(),
+                Some((_, op)) => others.push(stored_age(op, v)),
+                None => {}
             }
         }
         trim_visited(others.len());
-        let (seq, dropped) = counted_trim(others, keep);
-        let record = ReplayRecord {
-            seq: Some(seq),
-            ..record.clone()
-        };
+        let (record, dropped) = counted_trim(record, held, others, keep);
         t.replay
             .put(txn, &replay_key(scope, op_id), &record)
             .map_err(StoreError::from_heed)?;
@@ -2023,9 +2035,16 @@ pub(crate) mod tests {
         assert_eq!(ids(&s), vec![4, 5, high + 1], "5 stays: recorded after 9");
         s.apply(&[put(2, None, ReplayTrim::Keep(3))]).unwrap();
         assert_eq!(ids(&s), vec![2, 4, high + 1], "5, the oldest, goes");
-        // Put again: the record moves to the newest.
-        s.apply(&[put(high + 1, None, ReplayTrim::Keep(3))])
-            .unwrap();
+        // The same put again (a retried request) changes nothing; a new
+        // reply recorded again moves the record to the newest.
+        let before = s.replays_in(&scope).unwrap();
+        s.apply(&[put(2, None, ReplayTrim::Keep(3))]).unwrap();
+        assert_eq!(s.replays_in(&scope).unwrap(), before, "applied again");
+        let mut again = put(high + 1, None, ReplayTrim::Keep(3));
+        if let StoreOp::PutReplay { record, .. } = &mut again {
+            record.reply = "another".into();
+        }
+        s.apply(&[again]).unwrap();
         s.apply(&[put(1, None, ReplayTrim::Keep(3))]).unwrap();
         assert_eq!(ids(&s), vec![1, 2, high + 1]);
         let seqs: Vec<Option<u64>> = s

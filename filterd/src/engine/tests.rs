@@ -84,6 +84,7 @@ impl StateStore for MemStore {
                         ReplayTrim::Keep(keep) => {
                             m.counted_scopes += 1;
                             let prefix = libfilter::store::replay_prefix(scope);
+                            let held = m.replays.get(&key).cloned();
                             let others = m
                                 .replays
                                 .range(prefix.clone()..)
@@ -93,11 +94,8 @@ impl StateStore for MemStore {
                                     libfilter::store::parse_replay_key(k).map(|(_, op)| r.age(op))
                                 })
                                 .collect();
-                            let (seq, dropped) = libfilter::store::counted_trim(others, *keep);
-                            let record = ReplayRecord {
-                                seq: Some(seq),
-                                ..record.clone()
-                            };
+                            let (record, dropped) =
+                                libfilter::store::counted_trim(record, held, others, *keep);
                             (record, dropped)
                         }
                     };
