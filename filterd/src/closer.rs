@@ -122,6 +122,40 @@ impl Closer {
     }
 }
 
+/// A socket accepted but not yet served (on its way to the engine): let
+/// go through the closer wherever it is dropped unserved — the listener
+/// when the engine is gone, the engine's channel when it goes with
+/// commands still queued (review rr38d: those were closed on the engine
+/// thread at shutdown, which a descriptor queued on one held for as long
+/// as its sender liked, and main's join of the engine with it).
+pub struct Unserved {
+    sock: Option<OwnedFd>,
+    closer: Arc<Closer>,
+}
+
+impl Unserved {
+    /// `sock`, let go through `closer` unless taken.
+    pub fn new(sock: OwnedFd, closer: Arc<Closer>) -> Unserved {
+        Unserved {
+            sock: Some(sock),
+            closer,
+        }
+    }
+
+    /// The socket, to serve (the taker lets it go through the closer).
+    pub fn take(mut self) -> Option<OwnedFd> {
+        self.sock.take()
+    }
+}
+
+impl Drop for Unserved {
+    fn drop(&mut self) {
+        if let Some(sock) = self.sock.take() {
+            self.closer.close_socket(Arc::new(sock));
+        }
+    }
+}
+
 /// Shuts `sock`'s receiving side (its peer's sends fail from now on) and
 /// closes the descriptors of every packet queued on it.
 fn drain(sock: &OwnedFd, batch: &mut PacketBatch) {

@@ -220,8 +220,8 @@ pub enum Command {
     Accepted {
         /// Its id.
         conn: ConnId,
-        /// The socket.
-        sock: OwnedFd,
+        /// The socket (let go through the closer if dropped unserved).
+        sock: crate::closer::Unserved,
         /// Its credentials.
         peer: Peer,
     },

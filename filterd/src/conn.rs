@@ -154,6 +154,20 @@ pub struct Poller {
     closer: Arc<Closer>,
 }
 
+impl Drop for Poller {
+    /// At shutdown (the engine returns): every connection still open is let
+    /// go through the closer, as one dropped while serving is. Closed here,
+    /// one with a descriptor queued on it held the engine thread, and
+    /// main's join of it, for as long as the descriptor's sender liked
+    /// (review rr38d). Accepted connections still queued for the engine go
+    /// there too when the channel drops them ([`crate::closer::Unserved`]).
+    fn drop(&mut self) {
+        for (_, c) in self.conns.drain() {
+            self.closer.close_socket(c.sock);
+        }
+    }
+}
+
 /// What one poll round found.
 pub enum Ready {
     /// Commands queued by other threads.
@@ -841,6 +855,9 @@ pub fn accept_loop(listener: OwnedFd, socket_path: PathBuf, engine: EngineTx, cl
             continue;
         }
         let conn = ConnId(next_id.fetch_add(1, Ordering::Relaxed));
+        // Unserved: should the engine be gone, the command comes back and
+        // is dropped here, and the socket goes through the closer.
+        let sock = crate::closer::Unserved::new(sock, closer.clone());
         if engine.send(Command::Accepted { conn, sock, peer }).is_err() {
             return;
         }
@@ -977,6 +994,69 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Review rr38d, on a kernel that lets descriptors through to filterd:
+    /// at shutdown the engine dropped its poller, closing every connection
+    /// still open and every accepted one still queued for it on the engine
+    /// thread; one with a lingering TCP socket queued unread held the
+    /// engine, and main's join of it (no clean shutdown, the state dir's
+    /// lock kept). Now both go through the closer.
+    #[test]
+    fn a_poller_dropped_with_a_descriptor_queued_closes_off_the_engine() {
+        let peer = Peer {
+            pid: 7,
+            uid: 0,
+            gid: 0,
+        };
+        // A connection being served.
+        let closer = Closer::start().expect("a closer");
+        let (mut poller, tx) = Poller::new(16, closer).expect("a poller");
+        let (ours, theirs) = pair();
+        poller.add(ConnId(1), ours, peer);
+        let (lingering, reader) = libfilter::testing::lingering_socket();
+        sys::send_packet(theirs.as_fd(), b"never read", Some(lingering.as_fd())).expect("sent");
+        drop(lingering);
+        let reader = crate::closer::unless_blocked(reader, || drop((poller, tx)));
+        assert!(reader.is_some(), "dropping a served connection waited");
+        // One accepted, still queued for the engine.
+        let closer = Closer::start().expect("a closer");
+        let (poller, tx) = Poller::new(16, closer.clone()).expect("a poller");
+        let (ours, theirs) = pair();
+        let (lingering, reader) = libfilter::testing::lingering_socket();
+        sys::send_packet(theirs.as_fd(), b"never read", Some(lingering.as_fd())).expect("sent");
+        drop(lingering);
+        let sock = crate::closer::Unserved::new(ours, closer);
+        assert!(tx
+            .send(Command::Accepted {
+                conn: ConnId(2),
+                sock,
+                peer,
+            })
+            .is_ok());
+        let reader = crate::closer::unless_blocked(reader, || drop((poller, tx)));
+        assert!(reader.is_some(), "dropping an accepted connection waited");
+        // One accepted after the engine is gone (the listener's send fails).
+        let closer = Closer::start().expect("a closer");
+        let (poller, tx) = Poller::new(16, closer.clone()).expect("a poller");
+        drop(poller);
+        let (ours, theirs) = pair();
+        let (lingering, reader) = libfilter::testing::lingering_socket();
+        sys::send_packet(theirs.as_fd(), b"never read", Some(lingering.as_fd())).expect("sent");
+        drop(lingering);
+        let sock = crate::closer::Unserved::new(ours, closer);
+        let reader = crate::closer::unless_blocked(reader, || {
+            let sent = tx.send(Command::Accepted {
+                conn: ConnId(3),
+                sock,
+                peer,
+            });
+            assert!(sent.is_err(), "the engine is gone");
+        });
+        assert!(
+            reader.is_some(),
+            "an accepted connection the engine never took waited"
+        );
     }
 
     /// Sends requests on `sock` without waiting until `n` are sent or the

@@ -683,7 +683,11 @@ impl Engine {
                     let queued: Vec<Command> = poller.commands().take(MAX_BATCH).collect();
                     for c in queued {
                         match c {
-                            Command::Accepted { conn, sock, peer } => poller.add(conn, sock, peer),
+                            Command::Accepted { conn, sock, peer } => {
+                                if let Some(sock) = sock.take() {
+                                    poller.add(conn, sock, peer);
+                                }
+                            }
                             other => stop |= self.handle(other),
                         }
                     }
