@@ -728,9 +728,43 @@ pub fn send_packet_until(
     }
 }
 
-/// `SO_PASSRIGHTS` from `<asm-generic/socket.h>` (Linux 6.16; the libc
-/// crate may not name it yet).
-const SO_PASSRIGHTS: libc::c_int = 83;
+/// `SO_PASSRIGHTS` (Linux 6.16; the libc crate may not name it yet): 83
+/// in `<asm-generic/socket.h>` and on alpha and mips, 0x5c on sparc, 0x4051
+/// on parisc (which has no Rust target).
+#[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
+pub const SO_PASSRIGHTS: libc::c_int = 83;
+/// `SO_PASSRIGHTS` on sparc (`arch/sparc/include/uapi/asm/socket.h`).
+#[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
+pub const SO_PASSRIGHTS: libc::c_int = 0x5c;
+
+/// Whether this kernel has `SO_PASSRIGHTS` (asked with `getsockopt` on a
+/// fresh Unix socket, independently of [`refuse_descriptors`]): then a
+/// listener that [`refuse_descriptors`] turned it off on must refuse a
+/// peer's descriptors. For tests.
+pub fn kernel_has_passrights() -> bool {
+    let Ok(sock) = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    let mut val: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: `val` and `len` are live locals for the call; `len` holds
+    // `val`'s size, and getsockopt writes at most that much into `val`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0
+}
 
 /// Makes the kernel refuse descriptors sent to `sock` (`SO_PASSRIGHTS` 0):
 /// a peer's `sendmsg` with `SCM_RIGHTS` fails `EPERM`. Set on a listening

@@ -206,6 +206,18 @@ fn let_go(sent: bool, carrier: OwnedFd) -> Option<OwnedFd> {
     (!sent).then_some(carrier)
 }
 
+/// Where the kernel has `SO_PASSRIGHTS` (Linux 6.16), filterd's socket
+/// has it off and the descriptor was refused (`EPERM`): "either
+/// protection" alone let the option's setting go untested (review rr38d).
+fn refused_where_the_kernel_can(sent: bool) {
+    if libfilter::sys::kernel_has_passrights() {
+        assert!(
+            !sent,
+            "this kernel has SO_PASSRIGHTS, yet filterd took a descriptor"
+        );
+    }
+}
+
 /// Review rvunsafe: filterd took descriptors from any peer (before its
 /// hello, too) and closed them on the engine thread, where a close can
 /// block as long as the sender likes — a TCP socket whose peer never
@@ -224,6 +236,7 @@ fn a_lingering_descriptor_sent_to_filterd_stalls_nobody() {
     let hello = br#"{"version":1,"features":0,"role":{"Operator":null}}"#;
     let sent = send_with_fd(fd.as_fd(), hello, carrier.as_fd()).expect("send");
     let kept = let_go(sent, carrier);
+    refused_where_the_kernel_can(sent);
     let answered = answers_promptly(&s.socket());
     // Ends a close still waiting on the socket (ours too, which would
     // wait here).
@@ -254,6 +267,7 @@ fn a_lingering_descriptor_on_a_refused_connection_stalls_nobody() {
     .unwrap();
     let sent = send_with_fd(fd.as_fd(), b"never read", carrier.as_fd()).expect("send");
     let kept = let_go(sent, carrier);
+    refused_where_the_kernel_can(sent);
     if sent {
         // It went through the refusal, unread (which may reset the
         // connection before the refusal is read).
