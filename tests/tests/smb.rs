@@ -1975,3 +1975,52 @@ fn a_low_op_id_after_1024_high_ones_is_replayed_not_run_again() {
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     assert_eq!(f(), want, "a replay after the restart ran again");
 }
+
+/// A break's holder that closes instead of acknowledging ends the break:
+/// smbshim forgets it (rr38e 1). Before, the (client, lease key) stayed
+/// in progress for good — one client grew the set with each key — and an
+/// ack under the key after a reopen, with no break in progress, got
+/// through to filterd, which took it as a lowering.
+#[test]
+fn a_break_ends_with_its_holders_last_open() {
+    let s = Scratch::new("smb-break-closed");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let (mut a, sa) = new_client(&shim.addr, "alice");
+    let (mut b, sb) = new_client(&shim.addr, "bob");
+    let lk = uuid::Uuid::new_v4().to_string();
+    let create = |a: &mut LineClient| {
+        a.call(
+            json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+                   "share": ["read", "write", "delete"], "disposition": "open_if",
+                   "lease": {"key": lk, "state": "RWH"}}),
+        )
+    };
+    a.set_read_timeout(Duration::from_secs(10));
+    b.set_read_timeout(Duration::from_secs(10));
+    for round in 0..2 {
+        let r = create(&mut a);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "round {round}: {r}");
+        let fid = r["file_id"].clone();
+        let mid = b.send_only(
+            "mid",
+            json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["write"],
+                   "share": ["read", "write", "delete"], "disposition": "open"}),
+        );
+        let n = a.next_line().expect("LEASE_BREAK");
+        assert_eq!(n["ack_required"], true, "round {round}: {n}");
+        // Closed, not acknowledged: the break is over.
+        let r = a.call(json!({"cmd": "CLOSE", "session_id": sa, "file_id": fid}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "round {round}: {r}");
+        let (r, _) = b.reply_to("mid", mid).expect("bob's CREATE");
+        assert_eq!(r["status"], "STATUS_SUCCESS", "round {round}: {r}");
+        let r = b.call(json!({"cmd": "CLOSE", "session_id": sb, "file_id": r["file_id"]}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "round {round}: {r}");
+    }
+    // Reopened under the key, no break in progress: an ack is refused.
+    let r = create(&mut a);
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    let r =
+        a.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": lk, "state": ""}));
+    assert_eq!(r["status"], "STATUS_UNSUCCESSFUL", "{r}");
+}

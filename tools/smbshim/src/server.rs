@@ -395,8 +395,40 @@ struct Shared {
     /// (MS-SMB2 Lease.Breaking): from a LEASE_BREAK that asks for an ack
     /// until the ack, or a break without one (filterd lowered the lease at
     /// its break timeout). A LEASE_BREAK_ACK of any other lease is
-    /// STATUS_UNSUCCESSFUL (3.3.5.22.2), as rksmbd answers.
-    breaking: Mutex<std::collections::HashSet<(uuid::Uuid, libfilter::lease::LeaseKey)>>,
+    /// STATUS_UNSUCCESSFUL (3.3.5.22.2), as rksmbd answers. Only a lease
+    /// an open in `opens` holds is in it (set and cleared under the opens
+    /// lock, [`end_breaks`]): the break of one whose last open went (closed
+    /// instead of acknowledged, its session ended, forgotten) or whose
+    /// member reattached (filterd restarted) is over. Before, those stayed
+    /// for good: the set grew without bound, and let a later unasked ack
+    /// through (rr38e 1).
+    breaking: Mutex<std::collections::HashSet<Breaking>>,
+}
+
+/// A lease with a break in progress: its client's GUID and its key.
+type Breaking = (uuid::Uuid, libfilter::lease::LeaseKey);
+
+/// The lease open `o` holds, named as [`Shared::breaking`] names it.
+fn breaking_of(o: &Open) -> Option<Breaking> {
+    o.lease.map(|l| (o.client, l.key))
+}
+
+/// The leases `gone` (of opens that left `opens`, the table, locked) have
+/// no break in progress any more unless another open of the client still
+/// holds them.
+fn end_breaks(
+    sh: &Shared,
+    opens: &HashMap<String, Open>,
+    gone: impl IntoIterator<Item = Breaking>,
+) {
+    let Ok(mut b) = sh.breaking.lock() else {
+        return;
+    };
+    for g in gone {
+        if b.contains(&g) && !opens.values().any(|v| breaking_of(v) == Some(g)) {
+            b.remove(&g);
+        }
+    }
 }
 
 /// Attaches to filterd over `connections` connections (instances
@@ -2409,6 +2441,13 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     // be in its pwrite: it lands before filterd forgets the handle.
     drain(m, o.file_key);
     let told = delete_to_restore(&taken);
+    let lease = breaking_of(&taken);
+    // After the close: one undone put the open back, its break still on.
+    let end_break = || {
+        if let Ok(opens) = sh.opens.lock() {
+            end_breaks(sh, &opens, lease);
+        }
+    };
     if let Err(e) = m.filter.close_told(key, told) {
         let unknown = !e.close_undone() && may_hold(&e);
         if e.close_undone() {
@@ -2416,11 +2455,13 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
         } else if unknown {
             m.unsettled.add_told(key, told);
         }
+        end_break();
         return Err(CloseFailed {
             fail: filter_fail(e),
             unknown,
         });
     }
+    end_break();
     Ok(())
 }
 
@@ -2700,12 +2741,17 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<(Session, Vec<
                 .filter(|(_, v)| v.session == session)
                 .map(|(k, _)| k.clone())
                 .collect();
-            ids.into_iter()
+            let mut leases = Vec::new();
+            let going = ids
+                .into_iter()
                 .filter_map(|id| {
                     let open = o.remove(&id)?;
+                    leases.extend(breaking_of(&open));
                     Some((Going::of(sh, id, &open), open.durable.is_some()))
                 })
-                .collect()
+                .collect();
+            end_breaks(sh, &o, leases);
+            going
         })
         .unwrap_or_default();
     for (going, durable) in mine {
@@ -2826,9 +2872,20 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             client: Some(client_id(client_guid)?),
         })
         .map_err(|e| {
-            // Refused: the break is still in progress.
-            if let Ok(mut b) = sh.breaking.lock() {
-                b.insert((client_guid, key));
+            // The break may still be in progress: filterd did not answer,
+            // could not commit, or refused the state (the client may ack
+            // again) — if an open still holds the lease. Not after another
+            // refusal (no such lease here any more: rr38e 1).
+            let again = libfilter::closer::passing(&e) || e.code() == Some(ErrorCode::BadFrame);
+            if again {
+                if let Ok(opens) = sh.opens.lock() {
+                    let held = opens
+                        .values()
+                        .any(|v| breaking_of(v) == Some((client_guid, key)));
+                    if let (true, Ok(mut b)) = (held, sh.breaking.lock()) {
+                        b.insert((client_guid, key));
+                    }
+                }
             }
             filter_fail(e)
         })?;
@@ -2855,13 +2912,16 @@ fn forget_opens(sh: &Shared, keys: &[ResumeKey]) -> Vec<(HeldLease, u64)> {
     // under one key, each on its own file (review: a key still held on
     // another client's file kept this one's break from being sent).
     let mut gone = Vec::new();
+    let mut leases = Vec::new();
     o.retain(|_, v| {
         if !keys.contains(&v.key) {
             return true;
         }
         gone.extend(v.lease.map(|l| (l, v.session, v.file_key)));
+        leases.extend(breaking_of(v));
         false
     });
+    end_breaks(sh, &o, leases);
     // A lease a resumed (persistent) open still holds stays.
     gone.retain(|(l, _, f)| {
         !o.values()
@@ -2959,6 +3019,11 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 locked,
                 ..
             } => {
+                // No break is in progress in a restarted filterd: this
+                // member's clients' acks are refused until the next one.
+                if let Ok(mut b) = sh.breaking.lock() {
+                    b.retain(|(g, _)| member_of(*g, sh.members.len()) != k);
+                }
                 // Durable (in-memory) opens do not survive a filterd
                 // crash. No unchecked I/O meanwhile.
                 let gone = {
@@ -3003,19 +3068,19 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 }
                 if let Some(l) = x.lease.as_mut().filter(|l| l.key == lease_key) {
                     (l.state, l.epoch) = (new_state, epoch);
-                    session = session.or(Some(x.session));
+                    session = session.or(Some((x.session, x.client)));
                 }
             }
-            session
+            // Before the client can see it (its ack finds it), and under
+            // the opens lock (an open that goes meanwhile ends it).
+            if let (Some((_, g)), Ok(mut b)) = (session, sh.breaking.lock()) {
+                match ack_required {
+                    true => b.insert((g, lease_key)),
+                    false => b.remove(&(g, lease_key)),
+                };
+            }
+            session.map(|(s, _)| s)
         });
-        let guid = session.and_then(|s| Some(sh.sessions.lock().ok()?.get(&s)?.client_guid));
-        if let (Some(g), Ok(mut b)) = (guid, sh.breaking.lock()) {
-            // Before the client can see it: its ack finds it.
-            match ack_required {
-                true => b.insert((g, lease_key)),
-                false => b.remove(&(g, lease_key)),
-            };
-        }
         if let Some(w) = session.and_then(|s| writer_of(&sh, s)) {
             shimline::send(
                 &w,
