@@ -56,6 +56,40 @@ impl FailedSync {
     }
 }
 
+/// The error of a call made after a sync of the file had failed (it
+/// covered no write of this call): the failure is the earlier sync's, not
+/// this call's ([`SyncedFile::sync_written`]). A protocol may answer it
+/// apart — smbshim does: a client that freed space and retries must not
+/// hear "disk full" for good.
+#[derive(Debug)]
+pub struct EarlierSyncFailed(std::io::Error);
+
+impl std::fmt::Display for EarlierSyncFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "an earlier data sync of this open failed ({}): reopen and rewrite",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for EarlierSyncFailed {}
+
+impl EarlierSyncFailed {
+    fn error(failed: FailedSync) -> std::io::Error {
+        let e = failed.error();
+        std::io::Error::new(e.kind(), EarlierSyncFailed(e))
+    }
+
+    /// The earlier failure `e` reports, if it is one.
+    pub fn of(e: &std::io::Error) -> Option<&std::io::Error> {
+        e.get_ref()?
+            .downcast_ref::<EarlierSyncFailed>()
+            .map(|x| &x.0)
+    }
+}
+
 impl From<File> for SyncedFile {
     fn from(file: File) -> Self {
         SyncedFile {
@@ -77,16 +111,24 @@ impl SyncedFile {
     /// Makes every write done through this file before the call durable:
     /// one `fdatasync` covers every writer that asked while it ran or
     /// before it started. Once a sync has failed, this fails for every
-    /// writer not already answered durable, and for every later call (see
+    /// writer not already answered durable with its error, and for every
+    /// later call with an [`EarlierSyncFailed`] of it (see
     /// `SyncState::failed`).
     pub fn sync_written(&self) -> std::io::Result<()> {
         self.sync_written_by(|f| f.sync_data())
     }
 
     /// `sync_written`, with `sync` as the data sync (a test's can fail).
-    fn sync_written_by(&self, sync: impl Fn(&File) -> std::io::Result<()>) -> std::io::Result<()> {
+    #[doc(hidden)]
+    pub fn sync_written_by(
+        &self,
+        sync: impl Fn(&File) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let lock = || self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut s = lock();
+        if let Some(failed) = s.failed {
+            return Err(EarlierSyncFailed::error(failed));
+        }
         s.asked += 1;
         let mine = s.asked;
         loop {
@@ -155,6 +197,8 @@ pub enum IoFailure {
 impl IoFailure {
     /// The failure `e` is.
     pub fn of(e: &std::io::Error) -> IoFailure {
+        // An earlier sync's failure is classed as that sync's was.
+        let e = EarlierSyncFailed::of(e).unwrap_or(e);
         match e.raw_os_error() {
             Some(nix::libc::ENOSPC | nix::libc::EDQUOT) => IoFailure::NoSpace,
             Some(nix::libc::EINVAL | nix::libc::EFBIG) => IoFailure::BadRange,
@@ -244,11 +288,13 @@ mod tests {
                 .expect_err("a writer the failed sync covered");
             assert_eq!(e.raw_os_error(), Some(nix::libc::EIO));
         }
-        let later = writer().join().unwrap();
+        let later = writer().join().unwrap().expect_err("a later writer");
         assert_eq!(
-            later.map_err(|e| e.raw_os_error()),
-            Err(Some(nix::libc::EIO))
+            EarlierSyncFailed::of(&later).and_then(|e| e.raw_os_error()),
+            Some(nix::libc::EIO),
+            "{later}"
         );
+        assert_eq!(IoFailure::of(&later), IoFailure::Server);
         let _ = std::fs::remove_file(&p);
     }
 

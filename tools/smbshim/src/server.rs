@@ -2383,11 +2383,26 @@ fn flush(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     Ok(Map::new())
 }
 
-/// Syncs what was written to `file`; a failure classed by errno as a
-/// WRITE's is (ENOSPC, EDQUOT: STATUS_DISK_FULL). Before, FLUSH made every
-/// failure STATUS_INTERNAL_ERROR (rvspec 6c).
+/// Syncs what was written to `file` (a FLUSH, a persistent WRITE)
+/// ([`sync_fail`]).
 fn sync_written(file: &shimline::datasync::SyncedFile) -> Result<(), Fail> {
-    file.sync_written().map_err(|e| io_fail(&e))
+    file.sync_written().map_err(|e| sync_fail(&e))
+}
+
+/// A failed data sync's status: ENOSPC, EDQUOT STATUS_DISK_FULL, as a
+/// WRITE's (before, FLUSH made every failure STATUS_INTERNAL_ERROR, rvspec
+/// 6c); any other STATUS_INTERNAL_ERROR — EINVAL too, which a sync has no
+/// range to blame for. A failure is sticky for the open: a later sync's
+/// is STATUS_INTERNAL_ERROR, whatever the first was, so a client that
+/// freed space does not hear "disk full" for good (rr38e 2).
+fn sync_fail(e: &std::io::Error) -> Fail {
+    let status = match IoFailure::of(e) {
+        IoFailure::NoSpace if shimline::datasync::EarlierSyncFailed::of(e).is_none() => {
+            "STATUS_DISK_FULL"
+        }
+        _ => "STATUS_INTERNAL_ERROR",
+    };
+    Fail(status, e.to_string())
 }
 
 fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
@@ -3096,8 +3111,9 @@ mod tests {
     use super::*;
 
     /// FLUSH's failed data sync is classed by errno, as WRITE's is:
-    /// before, every one was STATUS_INTERNAL_ERROR (ENOSPC too).
-    /// `fdatasync` of a pipe fails with EINVAL.
+    /// before, every one was STATUS_INTERNAL_ERROR (ENOSPC too). A sync
+    /// has no range: its EINVAL is the server's failure (before,
+    /// STATUS_INVALID_PARAMETER). `fdatasync` of a pipe fails with EINVAL.
     #[test]
     fn a_failed_flush_sync_is_classed_by_errno() {
         let (r, _w) = std::io::pipe().unwrap();
@@ -3107,7 +3123,27 @@ mod tests {
         let Err(Fail(status, _)) = sync_written(&file) else {
             panic!("fdatasync of a pipe succeeded");
         };
-        assert_eq!(status, "STATUS_INVALID_PARAMETER");
+        assert_eq!(status, "STATUS_INTERNAL_ERROR");
+    }
+
+    /// A sync that runs out of space is STATUS_DISK_FULL; every later sync
+    /// of the open fails (sticky) with STATUS_INTERNAL_ERROR, not "disk
+    /// full" for good after the client freed space (rr38e 2).
+    #[test]
+    fn a_full_disk_is_told_once_then_the_sticky_failure() {
+        let (r, _w) = std::io::pipe().unwrap();
+        let file = shimline::datasync::SyncedFile::from(std::fs::File::from(
+            std::os::fd::OwnedFd::from(r),
+        ));
+        let full = file
+            .sync_written_by(|_| Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC)))
+            .map_err(|e| sync_fail(&e));
+        assert_eq!(full.map_err(|Fail(s, _)| s), Err("STATUS_DISK_FULL"));
+        let Err(Fail(status, error)) = sync_written(&file) else {
+            panic!("a sync after a failed one succeeded");
+        };
+        assert_eq!(status, "STATUS_INTERNAL_ERROR", "{error}");
+        assert!(error.contains("earlier data sync"), "{error}");
     }
 
     /// A peer's default share is a quarter of the cap, at least 64 (the
