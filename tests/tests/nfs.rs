@@ -1451,19 +1451,28 @@ fn a_remove_takes_no_verifier_of_a_create_made_after_it() {
 }
 
 /// Forms the spec refuses (rvspec 7): an exclusive create's verifier
-/// that is not 16 hex digits ("zz" made the file), and a lock range past
+/// that is not hex ("zz" made the file), and a lock range past
 /// 2^64 that is not "to end of file" (RFC 8881 18.10.4: NFS4ERR_INVAL;
 /// it was granted). Refused, nothing made or locked; a one-byte lock at
-/// 2^64-1 and one to end of file are fine.
+/// 2^64-1 and one to end of file are fine. The spec's create verifier is
+/// any `hex` (rr38e 3: "0123" was refused), and an unchecked or guarded
+/// create's, ignored, is not checked.
 #[test]
 fn a_bad_create_verifier_and_a_lock_range_past_2_64_are_invalid() {
     let (s, _d, _shim, mut a) = host_a("nfs-forms");
-    for v in ["zz", "0123", "0123456789abcdeg"] {
+    let long = "a".repeat(65);
+    for v in ["zz", "", "0123456789abcdeg", long.as_str()] {
         let excl = json!({"create": {"mode": "exclusive", "verifier": v}});
         let r = a.open("x", "made", "both", "none", excl);
         assert_eq!(r["status"], "NFS4ERR_INVAL", "verifier {v}: {r}");
     }
     assert!(!s.root().join("made").exists(), "a refused create made it");
+    for (owner, v) in [("x1", "0123"), ("x2", "0123abcd")] {
+        let excl = json!({"create": {"mode": "exclusive", "verifier": v}});
+        ok(a.open(owner, &format!("made-{v}"), "both", "none", excl));
+    }
+    let unchecked = json!({"create": {"mode": "unchecked", "verifier": "zz"}});
+    ok(a.open("x3", "made-unchecked", "both", "none", unchecked));
     let excl = json!({"create": {"mode": "exclusive", "verifier": "0123456789ABCDEF"}});
     let sid = ok(a.open("x", "made", "both", "none", excl))["stateid"].clone();
     let lock = |a: &mut Nfs, owner: &str, offset: u64, length: u64| {

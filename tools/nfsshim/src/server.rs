@@ -1253,6 +1253,10 @@ use state::fnv64;
 /// (NFS4ERR_INVAL) refused before anything is asked of filterd (review N4).
 const MAX_OWNER_BYTES: usize = 1024;
 
+/// Most hex digits an exclusive create's verifier may have (the spec's
+/// `hex`; NFSv4's verifier4 is 16).
+const MAX_CREATE_VERIFIER: usize = 64;
+
 /// `owner` (the request's field `name`) if it is at most
 /// [`MAX_OWNER_BYTES`] long.
 fn bounded_owner(owner: &str, name: &str) -> Result<String, Fail> {
@@ -2213,22 +2217,31 @@ fn open_fields(obj: &(impl Fields + ?Sized)) -> Result<OpenFields, Fail> {
         None => None,
         Some((mode, verifier)) => {
             let verifier = verifier.map(str::to_ascii_lowercase);
-            // The spec's verifier is hex (16 digits, NFSv4's verifier4 of
-            // 8 bytes, as EXCHANGE_ID's); before, any string was taken
-            // ("zz": rvspec 7).
-            if verifier
-                .as_deref()
-                .is_some_and(|v| v.len() != 16 || !v.bytes().all(|b| b.is_ascii_hexdigit()))
-            {
-                return Err(inval("create's verifier must be 16 hex digits"));
-            }
             match mode {
-                "unchecked" | "guarded" => {}
-                "exclusive" if verifier.is_some() => {}
-                "exclusive" => return Err(inval("exclusive create needs a verifier")),
+                // The verifier is ignored: not checked either (kept for
+                // the request's digest, as before).
+                "unchecked" | "guarded" => Some((mode.to_owned(), verifier)),
+                "exclusive" => {
+                    // The spec's create verifier is `hex` (its 16 digits
+                    // are EXCHANGE_ID's field's): any non-empty hex string
+                    // up to MAX_CREATE_VERIFIER digits. Before rvspec 7
+                    // any string was taken ("zz"); after it, only 16
+                    // digits (rr38e 3).
+                    let Some(v) = verifier else {
+                        return Err(inval("exclusive create needs a verifier"));
+                    };
+                    if v.is_empty()
+                        || v.len() > MAX_CREATE_VERIFIER
+                        || !v.bytes().all(|b| b.is_ascii_hexdigit())
+                    {
+                        return Err(inval(format!(
+                            "create's verifier must be 1 to {MAX_CREATE_VERIFIER} hex digits"
+                        )));
+                    }
+                    Some((mode.to_owned(), Some(v)))
+                }
                 other => return Err(inval(format!("unknown create mode {other:?}"))),
             }
-            Some((mode.to_owned(), verifier))
         }
     };
     let want = obj.opt_str("want_delegation")?.unwrap_or("none").to_owned();
