@@ -1801,6 +1801,12 @@ fn a_lease_state_or_lock_range_the_spec_lacks_is_refused() {
     }
     let r = lock(&mut a, sid, &fid, one(u64::MAX, 1));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // An unlock past 2^64 is not refused so (rr38e 4): a lock granted so
+    // before the check, kept by a persistent open, must come off. This
+    // one was never locked.
+    let off = json!([{"offset": 100, "length": u64::MAX, "exclusive": true, "unlock": true}]);
+    let r = lock(&mut a, sid, &fid, off);
+    assert_eq!(r["status"], "STATUS_RANGE_NOT_LOCKED", "{r}");
 }
 
 /// A LEASE_BREAK_ACK with no break in progress is STATUS_UNSUCCESSFUL

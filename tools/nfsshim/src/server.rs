@@ -2311,7 +2311,7 @@ fn lock_fields(obj: &Map<String, Value>) -> Result<LockFields<'_>, Fail> {
         "write" => true,
         other => return Err(inval(format!("type must be read or write, not {other:?}"))),
     };
-    let range = range_of(obj)?;
+    let range = range_of(obj, false)?;
     let stateid = field(obj, "stateid")?;
     Ok(LockFields {
         owner,
@@ -3434,7 +3434,8 @@ fn commit(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     Ok(Map::new())
 }
 
-fn range_of(obj: &Map<String, Value>) -> Result<LockRange, Fail> {
+/// A LOCK's or (`unlock`) LOCKU's range.
+fn range_of(obj: &Map<String, Value>, unlock: bool) -> Result<LockRange, Fail> {
     let offset = u64_field(obj, "offset")?;
     let length = u64_field(obj, "length")?;
     if length == 0 {
@@ -3442,9 +3443,12 @@ fn range_of(obj: &Map<String, Value>) -> Result<LockRange, Fail> {
     }
     let length = if length == EOF_LENGTH {
         u64::MAX - offset
-    } else if offset.checked_add(length - 1).is_none() {
+    } else if !unlock && offset.checked_add(length - 1).is_none() {
         // RFC 8881 18.10.4: a range past 2^64 (not "to end of file") is
-        // NFS4ERR_INVAL; before, it was granted (rvspec 7).
+        // NFS4ERR_INVAL; before, it was granted (rvspec 7). Not for a
+        // LOCKU: a lock granted so before (kept in the open's record) must
+        // still come off as it was named (rr38e 4); its end saturates at
+        // 2^64 ([`ranges::without`]).
         return Err(inval("offset + length is past 2^64"));
     } else {
         length
@@ -3731,7 +3735,7 @@ fn denied(sh: &Shared, e: &ClientError, asked: Held) -> Fail {
 
 fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     let sh = ctx.sh;
-    let range = range_of(obj)?;
+    let range = range_of(obj, true)?;
     let n = resolve(ctx, st, field(obj, "lock_stateid")?)?;
     let Named::Lock(other, lock_other) = n else {
         return Err(Fail("NFS4ERR_BAD_STATEID", "not a lock stateid".into()));

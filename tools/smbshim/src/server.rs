@@ -2114,9 +2114,13 @@ fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
                 .ok_or_else(|| invalid(format!("{name} must be a bool")))
         };
         let (offset, length) = (u64_field(l, "offset")?, u64_field(l, "length")?);
+        let unlock = b("unlock")?;
         // MS-SMB2 3.3.5.14: a range past 2^64 is STATUS_INVALID_LOCK_RANGE
         // (before, it was granted: rvspec 7); one byte at 2^64-1 is fine.
-        if length != 0 && offset.checked_add(length - 1).is_none() {
+        // Not for an unlock: a lock granted so before (kept by a
+        // persistent open) must still come off (rr38e 4); one of a range
+        // not locked is STATUS_RANGE_NOT_LOCKED, as any.
+        if !unlock && length != 0 && offset.checked_add(length - 1).is_none() {
             return Err(Fail(
                 "STATUS_INVALID_LOCK_RANGE",
                 format!("offset {offset} + length {length} is past 2^64"),
@@ -2125,7 +2129,7 @@ fn lock(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         ops.push(libfilter::locks::LockOp {
             range: libfilter::locks::LockRange { offset, length },
             exclusive: b("exclusive")?,
-            unlock: b("unlock")?,
+            unlock,
         });
     }
     let seq = match obj.get("lock_sequence") {
