@@ -1982,8 +1982,8 @@ fn a_low_op_id_after_1024_high_ones_is_replayed_not_run_again() {
     assert_eq!(f(), want, "a replay after the restart ran again");
 }
 
-/// A break's holder that closes instead of acknowledging ends the break:
-/// smbshim forgets it (rr38e 1). Before, the (client, lease key) stayed
+/// A break's holder that closes instead of acknowledging, or whose
+/// session ends, ends the break: smbshim forgets it (rr38e 1). Before, the (client, lease key) stayed
 /// in progress for good — one client grew the set with each key — and an
 /// ack under the key after a reopen, with no break in progress, got
 /// through to filterd, which took it as a lowering.
@@ -2028,5 +2028,40 @@ fn a_break_ends_with_its_holders_last_open() {
     assert_eq!(r["lease"]["state"], "RWH", "{r}");
     let r =
         a.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": lk, "state": ""}));
+    assert_eq!(r["status"], "STATUS_UNSUCCESSFUL", "{r}");
+    // A session's end ends its breaks too: client C's connection drops
+    // mid-break; back on a new one, it reopens under the key and acks.
+    let guid = uuid::Uuid::new_v4().to_string();
+    let lk2 = uuid::Uuid::new_v4().to_string();
+    let create = |c: &mut LineClient, sid: u64| {
+        c.call(
+            json!({"cmd": "CREATE", "session_id": sid, "path": "g", "access": ["read", "write"],
+                   "share": ["read", "write", "delete"], "disposition": "open_if",
+                   "lease": {"key": lk2, "state": "RWH"}}),
+        )
+    };
+    let mut c = LineClient::connect(&shim.addr);
+    c.set_read_timeout(Duration::from_secs(10));
+    let sc = session(&mut c, &guid, "carol");
+    let r = create(&mut c, sc);
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    let mid = b.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sb, "path": "g", "access": ["write"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    let n = c.next_line().expect("LEASE_BREAK");
+    assert_eq!(n["ack_required"], true, "{n}");
+    drop(c);
+    let (r, _) = b.reply_to("mid", mid).expect("bob's CREATE");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = b.call(json!({"cmd": "CLOSE", "session_id": sb, "file_id": r["file_id"]}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let mut c = LineClient::connect(&shim.addr);
+    let sc = session(&mut c, &guid, "carol");
+    let r = create(&mut c, sc);
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    let r =
+        c.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sc, "lease_key": lk2, "state": ""}));
     assert_eq!(r["status"], "STATUS_UNSUCCESSFUL", "{r}");
 }
