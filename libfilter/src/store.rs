@@ -29,7 +29,10 @@ pub use crate::record::{decode_record, encode_record, RecordError, StoredRecord}
 /// The schema this build writes. Bump it together with a step in [`migrate`].
 /// 2: record values are written as version 2 (postcard, [`crate::record`]);
 /// version-1 (JSON) values are still read.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: replay records carry their place in their scope's recording order
+/// (`ReplayRecord::seq`, record version 3), which a schema-2 build cannot
+/// read.
+pub const SCHEMA_VERSION: u32 = 3;
 /// Default LMDB map size (sparse; grows the file only as used).
 pub const DEFAULT_MAP_SIZE: usize = 4 << 30;
 
@@ -670,6 +673,13 @@ const META_ROOT: &str = "export_root";
 /// that a schema-1 build, which cannot read version-2 values, refuses the
 /// state dir ([`StoreError::SchemaTooNew`]) instead of calling its records
 /// corrupt.
+///
+/// 2 → 3 (replay records with `seq`, evicted oldest-recorded first) moves
+/// only the number too, for the same reason: a schema-2 build would call
+/// every replay record written since corrupt and serve on without them —
+/// smbl/1 op-id replays run again, nfsshim's clients, sessions, slots and
+/// states gone (re-review rr38g) — and its trim by op id would then delete
+/// records below the lowest it could read.
 fn migrate(_txn: &mut heed::RwTxn<'_>, from: u32) -> Result<(), StoreError> {
     if from > SCHEMA_VERSION {
         return Err(StoreError::SchemaTooNew { found: from });

@@ -164,7 +164,10 @@ fn a_state_dir_with_json_records_opens_and_its_handles_resume() {
     drop(fe);
     d.terminate();
     let store = Store::open_read_only(&s.state()).unwrap();
-    assert_eq!(store.meta().unwrap().schema_version, 2);
+    assert_eq!(
+        store.meta().unwrap().schema_version,
+        libfilter::store::SCHEMA_VERSION
+    );
     let raw = store.raw_values("handles").unwrap();
     let first_byte = |k: &ResumeKey| {
         raw.iter()
