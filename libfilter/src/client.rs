@@ -25,6 +25,7 @@
 //!     owner: None,
 //!     lease: None,
 //!     no_wait: false,
+//!     wait_for_hints: false,
 //!     share_group: None,
 //!     stat: false,
 //!     share_exempt: false,
@@ -405,6 +406,7 @@ impl FilterClient {
         // `set_delete_on_close_learnt` what a query's flag means.
         let features = features
             | proto::FEATURE_SHARE_EXEMPT
+            | proto::FEATURE_WAIT_FOR_HINTS
             | proto::FEATURE_ORDERED_DELETE_QUERY
             | proto::FEATURE_CLOSE_DELETE_ON_CLOSE;
         let timeout = call_timeout_from_env();
@@ -1095,11 +1097,16 @@ impl FilterClient {
     }
 
     /// `req` as this daemon understands it: without `share_exempt` when
-    /// the hello did not grant [`proto::FEATURE_SHARE_EXEMPT`] (an older
-    /// daemon refuses the flag).
+    /// the hello did not grant [`proto::FEATURE_SHARE_EXEMPT`], without
+    /// `wait_for_hints` when it did not grant
+    /// [`proto::FEATURE_WAIT_FOR_HINTS`] (an older daemon refuses either
+    /// compact flag).
     fn understood(&self, mut req: OpenRequest) -> OpenRequest {
         if self.hello.features & proto::FEATURE_SHARE_EXEMPT == 0 {
             req.share_exempt = false;
+        }
+        if self.hello.features & proto::FEATURE_WAIT_FOR_HINTS == 0 {
+            req.wait_for_hints = false;
         }
         req
     }
@@ -2623,11 +2630,13 @@ pub(crate) mod tests {
     /// An exempt open goes to a daemon that granted
     /// `FEATURE_SHARE_EXEMPT` with its flag, and to one that did not (an
     /// older daemon, which refuses the compact flag as unknown) without
-    /// it; a frontend's hello always asks for the bit.
+    /// it; a frontend's hello always asks for the bit. The same for
+    /// `wait_for_hints` and `FEATURE_WAIT_FOR_HINTS`.
     #[test]
     fn share_exempt_goes_only_to_a_daemon_that_knows_it() {
         use crate::model::{Access, ClientId, Disposition, Durability, RelPath, Rights};
-        for granted in [0, proto::FEATURE_SHARE_EXEMPT] {
+        let (se, wfh) = (proto::FEATURE_SHARE_EXEMPT, proto::FEATURE_WAIT_FOR_HINTS);
+        for granted in [0, se, wfh, se | wfh] {
             let (dir, path, daemon) = fake_daemon_granting(granted, |c, buf, asked| {
                 let Ok(Packet::Data { len, .. }) = sys::recv_packet(c.as_fd(), buf) else {
                     panic!("no open");
@@ -2642,7 +2651,7 @@ pub(crate) mod tests {
                 };
                 sys::send_packet(c.as_fd(), &proto::encode(&refused).expect("encode"), None)
                     .expect("send reply");
-                (asked, o.share_exempt)
+                (asked, o.share_exempt, o.wait_for_hints)
             });
             let c = FilterClient::connect_frontend_with(
                 &path,
@@ -2653,6 +2662,7 @@ pub(crate) mod tests {
             .expect("connect");
             let req = OpenRequest {
                 share_exempt: true,
+                wait_for_hints: true,
                 ..OpenRequest::new(
                     ClientId::new("c").expect("client"),
                     RelPath::new("f").expect("path"),
@@ -2663,13 +2673,18 @@ pub(crate) mod tests {
                 )
             };
             assert!(c.open(req).is_err(), "the fake daemon refuses every open");
-            let (asked, sent) = daemon.join().expect("daemon");
-            assert_ne!(
-                asked & proto::FEATURE_SHARE_EXEMPT,
-                0,
-                "the hello asks for the bit"
+            let (asked, sent, sent_wfh) = daemon.join().expect("daemon");
+            assert_eq!(asked & (se | wfh), se | wfh, "the hello asks for the bits");
+            assert_eq!(
+                sent,
+                granted & se != 0,
+                "granted {granted}: flag sent {sent}"
             );
-            assert_eq!(sent, granted != 0, "granted {granted}: flag sent {sent}");
+            assert_eq!(
+                sent_wfh,
+                granted & wfh != 0,
+                "granted {granted}: wait_for_hints sent {sent_wfh}"
+            );
             let _ = std::fs::remove_dir_all(&dir);
         }
     }

@@ -48,7 +48,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_WRITE_NOTICES
     | FEATURE_ORDERED_DELETE_QUERY
     | FEATURE_CLOSE_DELETE_ON_CLOSE
-    | FEATURE_PAGED_WITHIN_FILE;
+    | FEATURE_PAGED_WITHIN_FILE
+    | FEATURE_WAIT_FOR_HINTS;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -76,7 +77,7 @@ pub const FEATURE_BINARY_FRAMES: u64 = 2;
 ///                     client:str path:str [create_guid:uuid] [owner:str]
 ///                     [lease key:uuid state epoch:varint] [share_group:str]
 ///     flags: 1 create_guid, 2 owner, 4 lease, 8 no_wait, 16 share_group,
-///            32 stat (others must be 0); access and share: the rights
+///            32 stat, 64 share_exempt, 128 wait_for_hints; access and share: the rights
 ///            bits (1 read, 2 write, 4 delete); disposition 0..=5 in the
 ///            order of `Disposition`; state: the lease state bits
 /// close               c1 03 id:varint key:uuid
@@ -230,6 +231,13 @@ pub const FEATURE_CLOSE_DELETE_ON_CLOSE: u64 = 16384;
 /// and the listing failed at that file). Control connections ask for it;
 /// a frontend may.
 pub const FEATURE_PAGED_WITHIN_FILE: u64 = 32768;
+/// Feature: the daemon knows [`OpenRequest::wait_for_hints`] (review
+/// rvspec n2/n7). A daemon without it refuses the compact open flag for
+/// it as unknown (`BadFrame`), so [`crate::client::FilterClient`] always
+/// asks for the bit and, when it is not granted, sends such an open
+/// without the flag: a `no_wait` truncating open is then refused `Busy`
+/// while the size-change hint waits, as before the bit.
+pub const FEATURE_WAIT_FOR_HINTS: u64 = 65536;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
 /// tell sends it in several notices ([`crate::client::ReplayCounter`]).
@@ -752,10 +760,26 @@ pub struct OpenRequest {
     #[serde(default)]
     pub lease: Option<LeaseRequest>,
     /// Fail with [`ErrorCode::Busy`] instead of waiting when lease holders
-    /// must acknowledge a break first (the breaks are sent all the same):
-    /// nfsl/1 answers such opens NFS4ERR_DELAY.
+    /// must acknowledge a break first (the breaks are sent all the same),
+    /// a rename, delete or restart gate holds the file, or — unless
+    /// [`Self::wait_for_hints`] — a truncating persistent open must wait
+    /// for the frontends to acknowledge its size-change hint: nfsl/1
+    /// answers such opens NFS4ERR_DELAY.
     #[serde(default)]
     pub no_wait: bool,
+    /// With [`Self::no_wait`]: a truncating persistent open waits for the
+    /// frontends with handles of the file to acknowledge its size-change
+    /// hint (bounded by the break timeout; no client's answer needed, the
+    /// frontends' event threads send the acknowledgments) instead of being
+    /// refused `Busy`. nfsshim sets it (review rvspec n2/n7: every
+    /// truncating OPEN of a file with another handle was NFS4ERR_DELAY
+    /// first). smbshim and rksmbd leave it unset: their opens are sent
+    /// from the thread that reads the client's connection, which must not
+    /// wait on other frontends (a stalled one would hold the client's
+    /// lease-break acknowledgments unread behind the CREATE). Sent only
+    /// to a daemon that granted [`FEATURE_WAIT_FOR_HINTS`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wait_for_hints: bool,
     /// One share reservation across several handles: this client's handles
     /// with the same group, opened through the same frontend instance (so
     /// no other peer can join them), never conflict with each
@@ -830,6 +854,7 @@ impl OpenRequest {
             owner: None,
             lease: None,
             no_wait: false,
+            wait_for_hints: false,
             share_group: None,
             share_exempt: false,
             stat: false,
@@ -2054,7 +2079,7 @@ mod compact {
     const F_SHARE_GROUP: u8 = 16;
     const F_STAT: u8 = 32;
     const F_SHARE_EXEMPT: u8 = 64;
-    const OPEN_FLAGS: u8 = 127;
+    const F_WAIT_FOR_HINTS: u8 = 128;
     // `Opened` flags.
     const O_LEASE: u8 = 1;
     const O_LOCKED: u8 = 2;
@@ -2115,6 +2140,7 @@ mod compact {
             (o.share_group.is_some(), F_SHARE_GROUP),
             (o.stat, F_STAT),
             (o.share_exempt, F_SHARE_EXEMPT),
+            (o.wait_for_hints, F_WAIT_FOR_HINTS),
         ] {
             if set {
                 flags |= bit;
@@ -2376,10 +2402,9 @@ mod compact {
             Ok((key, state, self.u16("lease epoch")?))
         }
         fn open(&mut self) -> R<OpenRequest> {
+            // Every bit of an open's flags has a meaning (128, the last,
+            // `wait_for_hints`): none is unknown.
             let flags = self.byte("flags")?;
-            if flags & !OPEN_FLAGS != 0 {
-                return Err(format!("unknown open flags {flags:#x}"));
-            }
             let a = self.byte("access")?;
             let access = Rights::from_bits(a)
                 .and_then(|r| Access::new(r).ok())
@@ -2430,6 +2455,7 @@ mod compact {
                 owner,
                 lease,
                 no_wait: flags & F_NO_WAIT != 0,
+                wait_for_hints: flags & F_WAIT_FOR_HINTS != 0,
                 share_group,
                 stat: flags & F_STAT != 0,
                 share_exempt: flags & F_SHARE_EXEMPT != 0,
@@ -2949,13 +2975,23 @@ mod binary_tests {
                 proptest::option::of(text()),
                 any::<bool>(),
                 any::<bool>(),
+                any::<bool>(),
             ),
             proptest::collection::vec(record_spec(), 0..2),
         )
             .prop_map(
                 |(
                     (client, path, access, share, disp, durability),
-                    (create_guid, owner, lease, no_wait, share_group, stat, share_exempt),
+                    (
+                        create_guid,
+                        owner,
+                        lease,
+                        no_wait,
+                        share_group,
+                        stat,
+                        share_exempt,
+                        wait_for_hints,
+                    ),
                     put,
                 )| OpenRequest {
                     client: ClientId::new(client).expect("valid identity"),
@@ -2975,6 +3011,7 @@ mod binary_tests {
                     owner,
                     lease: lease.map(|(key, state, epoch)| LeaseRequest { key, state, epoch }),
                     no_wait,
+                    wait_for_hints,
                     share_group,
                     stat,
                     share_exempt,
@@ -3868,6 +3905,9 @@ mod binary_tests {
             b
         };
         assert!(decode_request(&open(0, 1, 0, b"f")).is_ok());
+        assert!(
+            matches!(decode_request(&open(128, 1, 0, b"f")), Ok(RequestFrame { req: Request::Open(o), .. }) if o.wait_for_hints && !o.no_wait)
+        );
         let cases: Vec<(Vec<u8>, Option<u64>)> = vec![
             (vec![m], None),
             (vec![m, 1], None),
@@ -3876,7 +3916,9 @@ mod binary_tests {
             // An id of eleven varint bytes, and one past 64 bits.
             ([&[m, 3][..], &[0xff; 10], &[1]].concat(), None),
             ([&[m, 3][..], &[0xff; 9], &[2]].concat(), None),
-            (open(128, 1, 0, b"f"), Some(7)),
+            // The owner flag, and the frame ends before the owner (every
+            // flag bit has a meaning: 128 is `wait_for_hints`).
+            (open(2, 1, 0, b"f"), Some(7)),
             (open(0, 0, 0, b"f"), Some(7)),
             (open(0, 8, 0, b"f"), Some(7)),
             (open(0, 1, 6, b"f"), Some(7)),

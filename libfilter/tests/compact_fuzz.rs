@@ -30,6 +30,7 @@ fn reqs() -> Vec<RequestFrame> {
             epoch: 3,
         }),
         no_wait: true,
+        wait_for_hints: true,
         share_group: Some("g".into()),
         stat: true,
         share_exempt: true,

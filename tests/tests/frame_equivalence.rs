@@ -243,6 +243,7 @@ fn nfs_open(path: &str, n: u128, lease: bool, put: Vec<RecordSpec>) -> OpenReque
             epoch: 0,
         }),
         no_wait: true,
+        wait_for_hints: true,
         share_group: Some(owner),
         stat: false,
         share_exempt: false,
@@ -1053,12 +1054,13 @@ fn real_nfsshim_stores_the_same_under_every_frame_encoding() {
     // nfsshim itself (2048), write notices (4096, every frontend asks),
     // ordered delete-on-close queries (8192, every frontend asks), the
     // told delete on close a close or detach carries (16384, every
-    // frontend asks), and the frames each value asks for.
+    // frontend asks), no-wait opens that wait for size-change hints
+    // (65536, every frontend asks), and the frames each value asks for.
     let runs: Vec<(&str, Vec<String>)> = [
-        ("", 32447),
-        ("compact", 32439),
-        ("binary", 32435),
-        ("json", 32433),
+        ("", 97983),
+        ("compact", 97975),
+        ("binary", 97971),
+        ("json", 97969),
     ]
     .into_iter()
     .map(|(frames, granted)| (frames, nfs_run(frames, granted, &export.root())))

@@ -502,7 +502,8 @@ fn compact_frames_are_negotiated_and_damaged_ones_change_nothing() {
         (cut, Some(7)),
         (trailing, Some(8)),
         (vec![0xc1, 9, 9], Some(9)),
-        (open(10, 0x80, b"x", &[1]), Some(10)),
+        // The owner flag, and the frame ends before the owner.
+        (open(10, 2, b"x", &[1]), Some(10)),
         (open(11, 0, b"../x", &[4]), Some(11)),
         (open(12, 0, b"x", &[0xff, 0xff, 0x03]), Some(12)),
         (vec![0xc1], None),

@@ -1475,3 +1475,32 @@ fn a_locku_whose_record_would_not_fit_unlocks_nothing() {
     );
     assert_eq!(r["status"], "NFS4ERR_DENIED", "{at} is still locked: {r}");
 }
+
+/// Review rvspec n2/n7: a truncating OPEN of a file that had another handle
+/// (the same owner's, another owner's of the same client, another
+/// client's) was always answered NFS4ERR_DELAY first: nfsshim opens with
+/// `no_wait`, and filterd answered Busy instead of waiting for the
+/// frontends to acknowledge the size change's hint. That wait is bounded
+/// and needs no client: nfsshim's opens ask for it (`wait_for_hints`), and
+/// the OPEN is answered at once.
+#[test]
+fn a_truncating_open_beside_other_handles_is_answered_without_delay() {
+    let (s, _d, shim, mut a) = one_client("nfs-trunc-beside", b"hello");
+    let o = ok(a.open("o1", "f", "both", "none", json!({})));
+    ok(
+        a.call(json!({"op": "WRITE", "stateid": o["stateid"], "offset": 0,
+                     "data": b64("hello world")})),
+    );
+    // Another owner of the same client.
+    let r = a.open("o2", "f", "both", "none", json!({"truncate": true}));
+    assert_eq!(r["status"], "NFS4_OK", "another owner's: {r}");
+    assert_eq!(r["size"], 0, "{r}");
+    // The same owner again (an upgrade).
+    let r = a.open("o1", "f", "both", "none", json!({"truncate": true}));
+    assert_eq!(r["status"], "NFS4_OK", "the same owner's: {r}");
+    // Another client.
+    let mut b = Nfs::connect(&shim.addr, "host-b", "00000000000000bb");
+    let r = b.open("p", "f", "both", "none", json!({"truncate": true}));
+    assert_eq!(r["status"], "NFS4_OK", "another client's: {r}");
+    assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 0);
+}

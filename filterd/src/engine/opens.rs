@@ -325,7 +325,15 @@ impl Engine {
             && truncation.is_some()
             && durability.is_persistent()
             && self.hint_size_change_of(of.file).is_some();
-        if (breaking || hint_wait || gate_wait || deleting) && o.no_wait {
+        // A `no_wait` open that asks to (`wait_for_hints`, nfsshim's) waits
+        // for that hint all the same: it is bounded (the break timeout) and
+        // needs no client's answer, only the frontends' acknowledgments,
+        // which their event threads send; Busy here answered every
+        // truncating nfsl/1 OPEN of a file with another handle
+        // NFS4ERR_DELAY first (review rvspec n2/n7). Without it (smbshim's
+        // and rksmbd's, sent from the thread reading the client's
+        // connection, which must not wait on other frontends) it is Busy.
+        if (breaking || gate_wait || deleting || (hint_wait && !o.wait_for_hints)) && o.no_wait {
             return Err(self.busy());
         }
         // A persistent handle of the file whose close is pending comes back

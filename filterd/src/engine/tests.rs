@@ -7378,3 +7378,52 @@ fn a_resumed_then_closed_handle_put_back_is_not_shown_at_an_abandoned_commit() {
         "shown at {back:?}, an abandoned sequence (resolved up to {before}); resume {r}"
     );
 }
+
+/// Review rvspec n2/n7: a `no_wait` truncating persistent open of a file
+/// whose frontend takes lock hints waits for the size-change hint's
+/// acknowledgment when it asks to (`wait_for_hints`, nfsshim's opens) and
+/// is refused `Busy` when it does not (smbshim's and rksmbd's, sent from
+/// the thread that reads their client's connection, which must not wait
+/// on other frontends).
+#[test]
+fn a_no_wait_truncating_open_waits_for_the_hint_only_when_it_asks_to() {
+    for wait_for_hints in [false, true] {
+        let mut h = Harness::new();
+        if let Some(c) = h.engine.conns.get_mut(&h.conn) {
+            c.features = libfilter::proto::FEATURE_LOCK_HINTS;
+        }
+        let first = h.run(open("a", Rights::ALL));
+        h.commit(true);
+        let first = h.opened(first);
+        let file = h.engine.handles[&first].rec.file;
+        let Request::Open(mut o) = with_disposition(open("a", Rights::ALL), Disposition::Overwrite)
+        else {
+            unreachable!("open() makes an open")
+        };
+        o.client = ClientId::new("bob").unwrap();
+        o.no_wait = true;
+        o.wait_for_hints = wait_for_hints;
+        let id = h.run(Request::Open(o));
+        if !wait_for_hints {
+            assert_eq!(h.refused(id), ErrorCode::Busy, "without the flag: Busy");
+            continue;
+        }
+        assert!(
+            h.reply(id).is_none(),
+            "held for the hint: {:?}",
+            h.reply(id)
+        );
+        assert!(h.engine.hint_waits.contains_key(&file), "a hint wait");
+        h.run(Request::LockHintAck { file });
+        h.engine.process_retries();
+        h.drain_replies();
+        h.commit(true);
+        h.commit(true);
+        h.drain_replies();
+        assert!(
+            matches!(h.reply(id), Some(Ok(_))),
+            "answered once acknowledged: {:?}",
+            h.reply(id)
+        );
+    }
+}

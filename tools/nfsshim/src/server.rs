@@ -2461,6 +2461,11 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         owner: Some(owner.clone()),
         lease,
         no_wait: true,
+        // A truncating OPEN waits for the frontends to acknowledge its
+        // size-change hint (bounded, no client's answer needed: their
+        // event threads send it) rather than be DELAY first (review
+        // rvspec n2/n7).
+        wait_for_hints: true,
         share_group: Some(owner.clone()),
         stat: false,
         share_exempt: false,
@@ -3508,6 +3513,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     owner: Some(owner.clone()),
                     lease: None,
                     no_wait: true,
+                    wait_for_hints: true,
                     share_group: Some(o.rec.owner.clone()),
                     stat: false,
                     share_exempt: false,

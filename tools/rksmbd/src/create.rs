@@ -702,6 +702,11 @@ fn open_file(
         // holder may be this very client, whose acknowledgment arrives on
         // this connection (see open_waiting_for_breaks).
         no_wait: true,
+        // Nor on the other frontends' acknowledgment of a truncation's
+        // size-change hint: a stalled frontend would hold this client's
+        // lease-break acknowledgments unread behind the CREATE (Busy,
+        // retried as a lease break's open is).
+        wait_for_hints: false,
         share_group: None,
         stat: is_oplock_stat_open(f.access),
         // For extended attributes, WRITE_DAC, WRITE_OWNER: exempt from
