@@ -1699,6 +1699,17 @@ fn a_request_replayed_on_another_connection_is_answered_unsigned() {
     alice_script_passes("rksmbd-replayed-request", &[], "replayed_request.py");
 }
 
+/// The final response of a request that went async is signed as its
+/// request was: a CHANGE_NOTIFY's (told of a change, cancelled, cleaned
+/// up by the directory's CLOSE, overflowing with STATUS_NOTIFY_ENUM_DIR)
+/// and a blocking LOCK's, each verified (tests/smb3/signed_completions.py).
+/// Before (review rr38c), every CHANGE_NOTIFY completion went unsigned,
+/// and a client requiring signing (Windows 11's default) rejected it.
+#[test]
+fn async_completions_are_signed_as_their_requests() {
+    alice_script_passes("rksmbd-signed-completions", &[], "signed_completions.py");
+}
+
 /// A 1 MiB WRITE sent at 32 KiB/s (about 33 s) is served: a frame gets
 /// 30 s plus its length at 8 KiB/s. Before, 30 s in all closed the
 /// connection mid-WRITE.

@@ -18,7 +18,7 @@ use nix::sys::stat::Mode;
 
 use crate::breaks::{self, lease_bits, lease_state, Holder};
 use crate::contexts::{self, CreateContexts, LeaseV, ReconnectV2, ResponseContexts};
-use crate::crypto::{Dialect, SigningAlgorithm};
+use crate::crypto::Dialect;
 use crate::files::{
     channel_sequence_of, disposition, errno_status, granted_mask, lookup, open_dir,
     parent_and_leaf, parse_name, rights_of, status_of, Kind, Open, DELETE, FILE_DELETE_ON_CLOSE,
@@ -967,13 +967,6 @@ impl PendingCreates {
     pub fn next_retry_in(&self) -> Duration {
         self.last_retry
             .map_or(Duration::ZERO, |t| RETRY.saturating_sub(t.elapsed()))
-    }
-
-    /// Sets how the final response of CREATE `async_id` is signed.
-    pub fn set_sign(&mut self, async_id: u64, sign: Option<(SigningAlgorithm, [u8; 16])>) {
-        if let Some(p) = self.list.iter_mut().find(|p| p.head.async_id == async_id) {
-            p.head.sign = sign;
-        }
     }
 
     /// Whether a pending CREATE asks for a DH2Q with `create_guid`.

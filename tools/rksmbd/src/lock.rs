@@ -34,7 +34,6 @@ use libfilter::locks::{LockOp, LockRange};
 use libfilter::model::{LockSequence, ResumeKey};
 use libfilter::proto::ErrorCode;
 
-use crate::crypto::SigningAlgorithm;
 use crate::files::{file_of, open_id, status_on_open};
 use crate::server::{AsyncHead, Connection, Outcome, Reply, Request};
 use crate::wire::{status, Reader};
@@ -190,13 +189,6 @@ impl WaitingLocks {
             .map(|w| w.due.saturating_duration_since(now))
             .min()
             .unwrap_or(RETRY)
-    }
-
-    /// Sets how the final response of lock `async_id` is signed.
-    pub fn set_sign(&mut self, async_id: u64, sign: Option<(SigningAlgorithm, [u8; 16])>) {
-        if let Some(w) = self.list.iter_mut().find(|w| w.head.async_id == async_id) {
-            w.head.sign = sign;
-        }
     }
 
     /// A lock like `like` was granted on this connection: counted when a

@@ -843,6 +843,12 @@ pub struct Connection {
     /// The AsyncId of a request that went async in the request being
     /// answered, for its interim response.
     queued_async: Option<u64>,
+    /// How the response of the request whose command is running is
+    /// signed: [`Connection::go_async`] gives it to the final response of
+    /// a request that goes async, whatever the command (before, each kind
+    /// of waiting request had it set after the fact, and CHANGE_NOTIFY's
+    /// never was: its completions went unsigned, review rr38c).
+    request_signing: Option<(SigningAlgorithm, [u8; 16])>,
     /// Where channels of this connection's sessions hand their PDUs, and
     /// the end that wakes this thread (none when no socket pair could be
     /// made: the sessions then cannot be bound).
@@ -1022,6 +1028,7 @@ impl Connection {
             notify: crate::notify::Watches::default(),
             next_async: 0,
             queued_async: None,
+            request_signing: None,
             inbox: crate::channels::Inbox::new().ok(),
             via: None,
             outer: Vec::new(),
@@ -1042,7 +1049,8 @@ impl Connection {
     }
 
     /// Makes request `hdr` async: a fresh AsyncId, given to its interim
-    /// response by [`Connection::dispatch`].
+    /// response by [`Connection::dispatch`]; its final response is signed
+    /// as the request's would have been.
     pub fn go_async(&mut self, hdr: &Header) -> AsyncHead {
         self.next_async += 1;
         self.queued_async = Some(self.next_async);
@@ -1052,7 +1060,7 @@ impl Connection {
             session_id: hdr.session_id,
             credit_charge: hdr.credit_charge,
             command: hdr.command,
-            sign: None,
+            sign: self.request_signing,
             conn: self.origin(),
         }
     }
@@ -2213,7 +2221,14 @@ impl Connection {
                 Err(st)
             }
             (Ok(()), Some(st)) => Err(st),
-            (Ok(()), None) => self.command(cmd, req, file_override),
+            (Ok(()), None) => {
+                // Saved and put back: a command may serve other requests
+                // while it waits (`pump`).
+                let outer = std::mem::replace(&mut self.request_signing, sign);
+                let r = self.command(cmd, req, file_override);
+                self.request_signing = outer;
+                r
+            }
         };
         let (st, body, file, session_id, tree_id) = match outcome {
             Ok(r) => (
@@ -2271,12 +2286,11 @@ impl Connection {
             sign = self.foreign_session_key(session_id, req.msg);
         }
         // A request gone async: its interim response has the AsyncId and
-        // is never signed (3.3.4.1.1); the final one is, as asked.
+        // is never signed (3.3.4.1.1); the final one is, as asked
+        // (`go_async` gave it the request's signing).
         let async_id = match (st, self.queued_async.take()) {
             (status::PENDING, Some(a)) => {
-                let sign = sign.take();
-                self.waiting.set_sign(a, sign);
-                self.pending_creates.set_sign(a, sign);
+                sign = None;
                 Some(a)
             }
             _ => None,
