@@ -1392,6 +1392,29 @@ mod tests {
             .count()
     }
 
+    /// Sends `bytes` on `sock` with `n` fresh memfds named `name` (none
+    /// when `n` is 0), closing this side's copies.
+    fn send_memfds(sock: &OwnedFd, name: &str, bytes: &[u8], n: usize) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let files: Vec<OwnedFd> = (0..n)
+            .map(|_| {
+                nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                    .expect("a memfd")
+            })
+            .collect();
+        let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+        sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[std::io::IoSlice::new(bytes)],
+            cmsgs,
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sent");
+    }
+
     /// Review rvunsafe: a [`PacketBatch`] keeps the descriptors packets
     /// carried aside until taken (the caller picks the thread that closes
     /// them), says which packets had some, and takes an empty packet with
@@ -1401,9 +1424,7 @@ mod tests {
     /// carry.
     #[test]
     fn a_batch_keeps_the_descriptors_packets_carried_until_taken() {
-        use nix::sys::socket::{
-            sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
-        };
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let name = format!("rkf-batch-{}", uuid::Uuid::new_v4());
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -1412,30 +1433,8 @@ mod tests {
             SockFlag::SOCK_CLOEXEC,
         )
         .expect("a socket pair");
-        let send = |bytes: &[u8], n: usize| {
-            let files: Vec<OwnedFd> = (0..n)
-                .map(|_| {
-                    nix::sys::memfd::memfd_create(
-                        name.as_str(),
-                        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-                    )
-                    .expect("a memfd")
-                })
-                .collect();
-            let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
-            let cmsg = [ControlMessage::ScmRights(&raw)];
-            let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
-            sendmsg::<()>(
-                theirs.as_raw_fd(),
-                &[std::io::IoSlice::new(bytes)],
-                cmsgs,
-                MsgFlags::empty(),
-                None,
-            )
-            .expect("sent");
-        };
-        send(b"", 200);
-        send(b"plain", 0);
+        send_memfds(&theirs, &name, b"", 200);
+        send_memfds(&theirs, &name, b"plain", 0);
         let mut batch = PacketBatch::new(MAX_BATCH, 64);
         assert_eq!(batch.recv_nonblocking(ours.as_fd()).expect("received"), 2);
         assert!(matches!(
@@ -1464,9 +1463,7 @@ mod tests {
     /// [`recv_packet_cut`] hands them over.
     #[test]
     fn descriptors_of_a_cut_packet_are_closed_not_leaked() {
-        use nix::sys::socket::{
-            sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
-        };
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let name = format!("rkf-cut-{}", uuid::Uuid::new_v4());
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -1475,33 +1472,13 @@ mod tests {
             SockFlag::SOCK_CLOEXEC,
         )
         .expect("a socket pair");
-        let send_five = || {
-            let files: Vec<OwnedFd> = (0..5)
-                .map(|_| {
-                    nix::sys::memfd::memfd_create(
-                        name.as_str(),
-                        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-                    )
-                    .expect("a memfd")
-                })
-                .collect();
-            let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
-            sendmsg::<()>(
-                theirs.as_raw_fd(),
-                &[std::io::IoSlice::new(b"five")],
-                &[ControlMessage::ScmRights(&raw)],
-                MsgFlags::empty(),
-                None,
-            )
-            .expect("sent");
-        };
         let mut buf = [0u8; 16];
-        send_five();
+        send_memfds(&theirs, &name, b"five", 5);
         let p = recv_packet(ours.as_fd(), &mut buf).expect("received");
         assert!(matches!(p, Packet::Truncated), "{p:?}");
         drop(p);
         assert_eq!(memfds_named(&name), 0, "every descriptor closed");
-        send_five();
+        send_memfds(&theirs, &name, b"five", 5);
         let got = recv_packet_cut(ours.as_fd(), &mut buf, false).expect("received");
         match &got {
             Some((Packet::Data { len: 4, fds }, true)) => assert_eq!(fds.len(), 4),
