@@ -153,7 +153,10 @@ fn main() {
     libfilter::sys::no_malloc_fastbins();
     let args: Args = libfilter::cli::parse();
     observability::init(args.log_format);
-    abort_on_panic();
+    // A panic anywhere ends the process: the service manager restarts it
+    // (README: `Restart=always`) and recovery brings back every persistent
+    // handle.
+    libfilter::cli::abort_on_panic();
     if let Err(e) = failpoint::init() {
         error!("{e}");
         eprintln!("filterd: {e}");
@@ -165,20 +168,6 @@ fn main() {
         eprintln!("filterd: {e:#}");
         std::process::exit(1);
     }
-}
-
-/// A panic anywhere in filterd ends the process (after the usual message),
-/// like `panic = "abort"`: a daemon whose engine or committer thread died
-/// would otherwise keep its socket and lock while serving nobody. The
-/// service manager restarts it (README: `Restart=always`) and recovery
-/// brings back every persistent handle.
-fn abort_on_panic() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default(info);
-        error!("panic: {info}; aborting so that a restart recovers the state");
-        std::process::abort();
-    }));
 }
 
 /// Whether this process may open files by kernel handle

@@ -67,6 +67,23 @@ fn summary(rendered: &str) -> String {
     line.strip_prefix("error: ").unwrap_or(&line).to_owned()
 }
 
+/// A panic in any thread ends the process (after the usual message), like
+/// `panic = "abort"`. Every rkfilter daemon calls it first thing: a thread
+/// that unwound would leave the rest serving half-broken — filterd's
+/// engine or committer gone while its socket still accepts; a frontend's
+/// connection thread gone with its sessions' handles still held (every
+/// reconnect refused), a poisoned table lock failing every later request,
+/// a break or recall never sent (review rvpanic). A process that ends is
+/// restarted under the same instance name and takes its handles back.
+pub fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        tracing::error!("panic: {info}; aborting so that a restart recovers the state");
+        std::process::abort();
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +116,40 @@ mod tests {
             "{l}"
         );
         assert!(!l.contains('\n') && !l.contains("Usage"), "{l}");
+    }
+
+    /// Run as a child of the test below: installs the hook, then panics
+    /// on another thread and waits for it.
+    #[test]
+    fn child_panicking_on_a_thread() {
+        if std::env::var_os("RKFILTER_ABORT_ON_PANIC_CHILD").is_none() {
+            return;
+        }
+        abort_on_panic();
+        let _ = std::thread::spawn(|| panic!("a connection thread panics")).join();
+        // Without the hook the join returns the panic and we get here.
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn a_panic_on_any_thread_aborts_the_process() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let exe = std::env::current_exe().expect("the test binary");
+        let status = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "cli::tests::child_panicking_on_a_thread",
+                "--nocapture",
+            ])
+            .env("RKFILTER_ABORT_ON_PANIC_CHILD", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run the child");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "child ended {status:?}"
+        );
     }
 }

@@ -112,6 +112,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    libfilter::cli::abort_on_panic();
     shimline::cli::exit_status("nfsshim", run())
 }
 

@@ -80,6 +80,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    libfilter::cli::abort_on_panic();
     shimline::cli::exit_status("rksmbd", run())
 }
 
