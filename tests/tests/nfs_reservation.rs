@@ -191,3 +191,189 @@ fn a_delegation_revoked_while_nfsshim_was_down_is_revoked_after() {
     let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
     assert_ne!(r["status"], "NFS4_OK", "{r}");
 }
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Another client's `owner` OPEN of `path` for writing: NFS4ERR_DELAY while
+/// `a`'s delegation `deleg` is recalled (its CB_RECALL checked), NFS4_OK
+/// once `a` returned it.
+fn recalled_then_opened(a: &mut Nfs, b: &mut Nfs, path: &str, deleg: &Value) {
+    let r = b.open("ob", path, "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    assert_eq!(cb["stateid"]["other"], deleg["other"], "{cb}");
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
+    let again = json!({"op": "OPEN", "owner": "ob", "path": path, "access": "write",
+                       "deny": "none"});
+    ok(b.resend_patiently(&again, Duration::from_secs(10)));
+}
+
+/// Review rvspec n8/n11: CLOSE dropped the open's delegation with it — a
+/// conflicting OPEN by another client was granted at once with no
+/// CB_RECALL, and the holder's DELEGRETURN, READ or WRITE under the
+/// delegation's stateid was NFS4ERR_BAD_STATEID (writes it deferred under
+/// a write delegation were lost). RFC 8881 §10.4: the delegation outlives
+/// the CLOSE; only the open's stateid is gone. Its one handle stays until
+/// DELEGRETURN, and the same owner may open the file again meanwhile.
+#[test]
+fn a_delegation_outlives_the_close_of_its_open() {
+    let s = Scratch::new("nfs-deleg-close");
+    std::fs::write(s.root().join("f"), b"old").unwrap();
+    std::fs::write(s.root().join("w"), b"").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcl");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    // A read delegation, its open closed.
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 3}));
+    assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "the open's: {r}");
+    let r = a.call(json!({"op": "CLOSE", "stateid": o["stateid"]}));
+    assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "a second CLOSE: {r}");
+    let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+    assert_eq!(r["data"], b64("old"), "{r}");
+    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    // The same owner opens the file again beside it, and closes it.
+    let again = ok(a.open("oo", "f", "read", "none", json!({})));
+    ok(a.call(json!({"op": "CLOSE", "stateid": again["stateid"]})));
+    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    recalled_then_opened(&mut a, &mut b, "f", &deleg);
+    // The delegation's handle went with the DELEGRETURN: b's is the one.
+    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    let r = a.call(json!({"op": "DELEGRETURN", "stateid": deleg}));
+    assert_ne!(r["status"], "NFS4_OK", "returned already: {r}");
+
+    // A write delegation: what the holder deferred, written back after
+    // the CLOSE under the delegation's stateid, lands.
+    let o = ok(a.open(
+        "oo",
+        "w",
+        "both",
+        "none",
+        json!({"want_delegation": "write"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    ok(a.call(json!({"op": "WRITE", "stateid": deleg, "offset": 0, "data": b64("deferred")})));
+    ok(a.call(json!({"op": "COMMIT", "stateid": deleg})));
+    recalled_then_opened(&mut a, &mut b, "w", &deleg);
+    assert_eq!(std::fs::read(s.root().join("w")).unwrap(), b"deferred");
+}
+
+/// A delegation kept past its open's CLOSE is restored with it after
+/// nfsshim restarts (its record says the open is closed), and goes at the
+/// recall timeout when its client never returns it: its handle closed,
+/// its stateid NFS4ERR_EXPIRED.
+#[test]
+fn a_delegation_kept_past_close_is_restored_and_revoked_at_the_recall_timeout() {
+    let s = Scratch::new("nfs-deleg-close-restart");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "1500"], &[]);
+    let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcr");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    nfs.kill9_in_place();
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcr");
+    a.c = LineClient::connect(&nfs.addr);
+    let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "the open's: {r}");
+    ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1})));
+    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    // Recalled, never returned: revoked at the recall timeout.
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let r = b.open("ob", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
+                       "deny": "none"});
+    ok(b.resend_patiently(&again, Duration::from_secs(10)));
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    rkfilter_tests::wait_for("a's handle closed", Duration::from_secs(10), || {
+        (handles_on(&s, "f").len() == 1).then_some(())
+    });
+}
+
+/// A CLOSE that keeps its open's delegation, and the DELEGRETURN that
+/// ends it, are exactly once across a filterd crash at each of their
+/// commits: 1-2 the client and session, 3 the OPEN, 4 the CLOSE's state
+/// and slot reply, 5 the DELEGRETURN's mark (`DelegRec::returning`), 6 the
+/// lease given up, 7 the delegation's handle closed with the state's
+/// deletion and the slot reply. Every re-send is NFS4_OK, and nothing of
+/// the client's stays in the way of another client's write OPEN.
+#[test]
+fn a_close_keeping_a_delegation_and_its_delegreturn_across_a_filterd_crash() {
+    for n in [4, 5, 6, 7] {
+        let s = Scratch::new("nfs-deleg-close-crash");
+        std::fs::write(s.root().join("f"), b"f").unwrap();
+        let fp = format!("commit.after:{n}:kill");
+        let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
+        let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcc");
+        let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+        let o = ok(a.open(
+            "oo",
+            "f",
+            "read",
+            "none",
+            json!({"want_delegation": "read"}),
+        ));
+        let deleg = o["delegation"]["stateid"].clone();
+        let mut crashed = None;
+        for req in [
+            json!({"op": "CLOSE", "stateid": o["stateid"]}),
+            json!({"op": "DELEGRETURN", "stateid": deleg}),
+        ] {
+            let first = a.call(req.clone());
+            if first["status"] == "NFS4_OK" {
+                continue;
+            }
+            assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {req}: {first}");
+            assert!(crashed.is_none(), "{fp}: one crash");
+            d.wait_killed_at(&fp, Duration::from_secs(10));
+            crashed = Some(Filterd::start(&s, &[], &[]));
+            let again =
+                rkfilter_tests::wait_for("the re-send's answer", Duration::from_secs(10), || {
+                    let r = a.send(req.clone());
+                    (r["status"] != "NFS4ERR_DELAY").then_some(r)
+                });
+            assert_eq!(
+                again["status"], "NFS4_OK",
+                "{fp}: {req}: first {first}, again {again}"
+            );
+        }
+        assert!(crashed.is_some(), "{fp}: the crash came");
+        let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+        let t0 = Instant::now();
+        ok(b.open("ob", "f", "write", "none", json!({})));
+        assert!(t0.elapsed() < Duration::from_secs(5), "{fp}");
+        assert_eq!(
+            handles_on(&s, "f").len(),
+            1,
+            "{fp}: {:?}",
+            handles_on(&s, "f")
+        );
+    }
+}

@@ -134,6 +134,11 @@ impl<V> Recent<V> {
     fn contains(&self, k: &str) -> bool {
         self.map.contains_key(k)
     }
+    fn remove(&mut self, k: &str) {
+        if self.map.remove(k).is_some() {
+            self.order.retain(|o| o != k);
+        }
+    }
 }
 
 impl Recent<()> {
@@ -727,6 +732,9 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                         let _ = state::delete(f, &t.states(&cid), snum);
                         st.closed.insert(o.other.clone(), (cid.clone(), None));
                         st.expired.add(o.other.clone());
+                        if let Some(d) = &o.deleg {
+                            st.expired.add(d.other.clone());
+                        }
                         continue;
                     }
                     let held = o.deleg.as_ref().is_some_and(|d| {
@@ -750,8 +758,17 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                             if let Some(by) = d.returning {
                                 st.closed.insert(d.other.clone(), (cid.clone(), Some(by)));
                             }
-                            deleg_gone.push((cid.clone(), snum, o.clone()));
+                            if !o.closed {
+                                deleg_gone.push((cid.clone(), snum, o.clone()));
+                            }
                         }
+                    }
+                    if o.closed && o.deleg.is_none() {
+                        // CLOSEd, kept only for the delegation that went:
+                        // the state goes too (its handle with it).
+                        discard(f, &cid, &o, &attached);
+                        let _ = state::delete(f, &t.states(&cid), snum);
+                        continue;
                     }
                     // Whatever else the open's handles hold, no delegation
                     // answers for: given back, or every later conflicting
@@ -810,6 +827,10 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                     let _ = state::delete(f, &t.states(&cid), snum);
                     st.closed.insert(o.other.clone(), (cid.clone(), None));
                     st.expired.add(o.other.clone());
+                    // Its delegation with it (revoked, not unknown).
+                    if let Some(d) = &o.deleg {
+                        st.expired.add(d.other.clone());
+                    }
                 }
             }
         }
@@ -1698,7 +1719,8 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         Err(f) => return finish(Err(f)).into(),
     };
     for lease in revoked {
-        revoke(&mut st, lease);
+        let chores = revoke(sh, &mut st, lease);
+        do_chores(sh, chores);
     }
     for key in forgotten {
         let chores = forget_handle(sh, &mut st, key);
@@ -2618,7 +2640,12 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     let existing = st
         .opens
         .iter()
-        .find(|(_, o)| o.clientid == ctx.cid && o.rec.owner == owner && o.file_key == h.info.file)
+        .find(|(_, o)| {
+            o.clientid == ctx.cid
+                && o.rec.owner == owner
+                && o.file_key == h.info.file
+                && !o.rec.closed
+        })
         .map(|(k, _)| k.clone());
     // A further handle this OPEN added to an existing open state.
     let mut added = None;
@@ -2701,6 +2728,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                         key_access: None,
                         extra: Vec::new(),
                         opened: None,
+                        closed: false,
                     },
                     num,
                     clientid: ctx.cid.to_owned(),
@@ -2718,11 +2746,16 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     };
     let mut deleg_json = Value::Null;
     if let Some(l) = deleg_granted {
+        let own = o.rec.key;
         let d = o.rec.deleg.get_or_insert_with(|| DelegRec {
             other: new_id("D"),
             lease_key: l.key.0,
             write: l.state.contains(LeaseState::W),
             returning: None,
+            // The handle this OPEN opened carries the lease, with this
+            // OPEN's deny mode.
+            survives_close: deny_w == "none",
+            carrier: (h.info.key != own).then_some(h.info.key),
         });
         deleg_json = json!({"stateid": stateid_json(&d.other, 1),
                             "type": if d.write { "write" } else { "read" }});
@@ -2805,6 +2838,8 @@ fn open_recorded(
         lease_key: l.key.0,
         write: w.want == "write",
         returning: None,
+        survives_close: w.deny == "none",
+        carrier: None,
     });
     let rec = OpenRec {
         other: other.clone(),
@@ -2819,6 +2854,7 @@ fn open_recorded(
         key_access: None,
         extra: Vec::new(),
         opened: None,
+        closed: false,
     };
     let deleg_json = |write: bool| {
         json!({"stateid": stateid_json(&deleg_other, 1),
@@ -3211,6 +3247,10 @@ fn resolve_parts(ctx: &Ctx<'_>, st: &State, other: &str, seqid: u64) -> Result<N
         ));
     }
     let (current, named) = match named {
+        // CLOSEd, kept only for its delegation.
+        Some(_) if o.rec.closed => {
+            return Err(Fail("NFS4ERR_BAD_STATEID", format!("{other} is closed")));
+        }
         Some(n) => (o.rec.seqid, n),
         None => match (o.rec.locks.iter().find(|l| l.other == other), &o.rec.deleg) {
             (Some(l), _) => (l.seqid, Named::Lock(open_other.clone(), other.to_owned())),
@@ -3896,6 +3936,18 @@ fn close(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         return Err(Fail("NFS4ERR_LOCKS_HELD", "unlock first".into()));
     }
     let num = o.num;
+    // A delegation outlives the open (RFC 8881 §10.4): kept, with the
+    // handle carrying its lease, until DELEGRETURN or revocation.
+    let carrier = o
+        .rec
+        .deleg
+        .as_ref()
+        .filter(|d| d.survives_close)
+        .map(|d| d.carrier.unwrap_or(o.rec.key))
+        .filter(|k| o.keys().contains(k));
+    if let Some(carrier) = carrier {
+        return close_keeping_delegation(ctx, st, &other, carrier);
+    }
     // The further handles (upgrades, lock-owners) first; then the open's
     // own handle, whose close carries the state's deletion and the slot
     // reply: one commit (a crash leaves the open state whole, with its own
@@ -3961,6 +4013,104 @@ fn close(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     Ok(Map::new())
 }
 
+/// CLOSE of open state `other` whose delegation outlives it (RFC 8881
+/// §10.4; review rvspec n8/n11: the delegation went with the open, so a
+/// conflicting OPEN recalled nothing and the holder's later DELEGRETURN or
+/// WRITE under it was NFS4ERR_BAD_STATEID). Every handle of the open but
+/// `carrier`, which holds the delegation's lease and denies nothing, is
+/// closed, each leaving the state once filterd closed it; then the state,
+/// marked closed with `carrier` as its one handle, is recorded with the
+/// slot reply in one commit. A crash before that commit leaves a record
+/// naming a closed handle: the restore drops the state (the delegation
+/// revoked, `NFS4ERR_EXPIRED`) and the CLOSE re-sent is `NFS4_OK`.
+fn close_keeping_delegation(
+    ctx: &Ctx<'_>,
+    st: &mut State,
+    other: &str,
+    carrier: ResumeKey,
+) -> Outcome {
+    let sh = ctx.sh;
+    let Some(o) = st.opens.get(other) else {
+        return Err(internal("open vanished"));
+    };
+    let own = o.rec.key;
+    let further: Vec<ResumeKey> = o
+        .keys()
+        .into_iter()
+        .skip(1)
+        .filter(|k| *k != carrier)
+        .collect();
+    let mut trimmed = false;
+    let failed = |st: &State, trimmed: bool, e: ClientError| {
+        if let (true, Some(o)) = (trimmed, st.opens.get(other)) {
+            ctx.put_state(o.num, &o.rec)?;
+        }
+        Err(filter_fail(e))
+    };
+    for k in further {
+        match sh.filter.close(k) {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
+            Err(e) => return failed(st, trimmed, e),
+        }
+        drop_further_handle(sh, st, other, k, true)?;
+        trimmed = true;
+    }
+    if carrier != own {
+        match sh.filter.close(own) {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
+            Err(e) => return failed(st, trimmed, e),
+        }
+    }
+    let Some(o) = st.opens.get_mut(other) else {
+        return Err(internal("open vanished"));
+    };
+    if carrier != own {
+        // The carrier becomes the state's own handle.
+        let Some(i) = o.rec.extra.iter().position(|e| e.key == carrier) else {
+            return Err(internal("delegation carrier vanished"));
+        };
+        let e = o.rec.extra.remove(i);
+        if i < o.extra.len() {
+            let (rights, file) = o.extra.remove(i);
+            o.file = file;
+            o.rights = rights;
+        }
+        o.rec.key = carrier;
+        o.rec.access = e.access;
+    } else if let Some(a) = o.rec.key_access.take() {
+        o.rec.access = a;
+    }
+    o.rec.key_access = None;
+    o.rec.extra.clear();
+    o.extra.clear();
+    o.rec.deny = "none".into();
+    o.rec.closed = true;
+    if let Some(d) = &mut o.rec.deleg {
+        d.carrier = None;
+    }
+    let locks: Vec<String> = o.rec.locks.drain(..).map(|l| l.other).collect();
+    let (num, rec) = (o.num, o.rec.clone());
+    for l in locks {
+        st.aliases.remove(&l);
+    }
+    st.closed.insert(
+        other.to_owned(),
+        (ctx.cid.to_owned(), Some(ctx.request_name("close"))),
+    );
+    {
+        let mut g = sh.global()?;
+        g.lock_owner.remove(&carrier);
+        if carrier != own {
+            g.handle_client.remove(&own);
+            g.lock_owner.remove(&own);
+        }
+    }
+    ctx.put_state(num, &rec)?;
+    Ok(Map::new())
+}
+
 /// A further handle `key` of open state `other` (an upgrade's, a
 /// delegation carrier's, a lock-owner's) was closed in filterd: the state
 /// no longer names it. With `revoking`, a delegation whose carrier it was
@@ -4001,7 +4151,8 @@ fn drop_further_handle(
     if let Some(lease) = lease {
         g.lease_client.remove(&lease);
         drop(g);
-        revoke(st, lease);
+        let chores = revoke(sh, st, lease);
+        do_chores(sh, chores);
     }
     Ok(())
 }
@@ -4018,7 +4169,18 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
     {
         // This very request returned it already; its reply was lost (the
         // record of it did not reach filterd, also across a restart of
-        // nfsshim: `DelegRec::returning`): the same answer again.
+        // nfsshim: `DelegRec::returning`): the same answer again. A return
+        // of a CLOSEd open's delegation that filterd went away in the
+        // middle of, its state still here, is finished first.
+        let closed_state = named
+            .get("other")
+            .and_then(Value::as_str)
+            .and_then(|d| st.aliases.get(d))
+            .filter(|o| st.opens.get(*o).is_some_and(|o| o.rec.closed))
+            .cloned();
+        if let Some(other) = closed_state {
+            return delegreturn_closed(ctx, st, &other, me);
+        }
         return Ok(Map::new());
     }
     let n = resolve(ctx, st, named)?;
@@ -4064,6 +4226,9 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
                 return Err(filter_fail(e));
             }
         }
+    }
+    if o.rec.closed {
+        return delegreturn_closed(ctx, st, &other, me);
     }
     // Handles kept only to carry a delegation go with it: closed first,
     // each leaving the state once filterd closed it. One whose close
@@ -4113,6 +4278,64 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
         return Err(internal("open vanished"));
     };
     ctx.put_state(o.num, &o.rec)?;
+    Ok(Map::new())
+}
+
+/// DELEGRETURN of a delegation whose open its client CLOSEd
+/// ([`OpenRec::closed`]): the state goes with it, its one handle (the
+/// delegation's carrier) closed in the commit that deletes its record and
+/// stores the slot reply, so a crash leaves the state whole or gone with
+/// the reply recorded.
+fn delegreturn_closed(ctx: &Ctx<'_>, st: &mut State, other: &str, me: String) -> Outcome {
+    let sh = ctx.sh;
+    let Some(o) = st.opens.get(other) else {
+        return Err(internal("open vanished"));
+    };
+    let (key, num) = (o.rec.key, o.num);
+    let put = vec![slot_record(ctx)?];
+    let delete = vec![(
+        state::scope(&sh.tables.states(ctx.cid)).map_err(filter_fail)?,
+        num,
+    )];
+    // Until filterd answers, the outcome is unknown: should it go away
+    // after the commit, the reattach finds the handle gone and drops the
+    // state, and this very request re-sent is answered NFS4_OK (the check
+    // at the top of `delegreturn`), or finishes the return when filterd
+    // did not make it.
+    let deleg_other = o.rec.deleg.as_ref().map(|d| d.other.clone());
+    if let Some(d) = &deleg_other {
+        st.closed
+            .insert(d.clone(), (ctx.cid.to_owned(), Some(me.clone())));
+    }
+    let recorded_with_close = match sh.filter.close_recording(key, put, delete) {
+        Ok(()) => true,
+        // Closed already (a re-send after a crash whose close committed
+        // without its reply reaching us): the records go the usual way.
+        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => false,
+        Err(e) => {
+            if let (Some(d), Some(_)) = (&deleg_other, e.code()) {
+                // Refused: nothing changed, the delegation is still held.
+                st.closed.remove(d);
+            }
+            return Err(filter_fail(e));
+        }
+    };
+    if let Some(o) = st.opens.remove(other) {
+        let mut g = sh.global()?;
+        g.handle_client.remove(&key);
+        g.lock_owner.remove(&key);
+        if let Some(d) = &o.rec.deleg {
+            g.lease_client.remove(&d.lease_key);
+            drop(g);
+            st.aliases.remove(&d.other);
+            st.closed
+                .insert(d.other.clone(), (ctx.cid.to_owned(), Some(me)));
+        }
+    }
+    if recorded_with_close {
+        return Ok(recorded());
+    }
+    ctx.delete_state(num);
     Ok(Map::new())
 }
 
@@ -4751,16 +4974,39 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
     }
 }
 
-/// Revokes a delegation filterd lowered without a recall.
-fn revoke(st: &mut State, lease: uuid::Uuid) {
-    for o in st.opens.values_mut() {
+/// Revokes a delegation filterd lowered without a recall. A state its
+/// client CLOSEd, kept only for the delegation ([`OpenRec::closed`]), goes
+/// with it: the returned chores close its handle and delete its record.
+#[must_use]
+fn revoke(sh: &Shared, st: &mut State, lease: uuid::Uuid) -> Vec<Chore> {
+    let mut emptied = Vec::new();
+    for (other, o) in st.opens.iter_mut() {
         if o.rec.deleg.as_ref().is_some_and(|d| d.lease_key == lease) {
             if let Some(d) = o.rec.deleg.take() {
                 st.aliases.remove(&d.other);
                 st.expired.add(d.other);
             }
+            if o.rec.closed {
+                emptied.push(other.clone());
+            }
         }
     }
+    let mut chores = Vec::new();
+    for other in emptied {
+        let Some(o) = st.opens.remove(&other) else {
+            continue;
+        };
+        chores.push(Chore::Close(o.rec.key));
+        chores.push(Chore::DeleteState {
+            scope: sh.tables.states(&o.clientid),
+            num: o.num,
+        });
+        if let Ok(mut g) = sh.global() {
+            g.handle_client.remove(&o.rec.key);
+            g.lock_owner.remove(&o.rec.key);
+        }
+    }
+    chores
 }
 
 /// Releases the state of clients whose lease lapsed.

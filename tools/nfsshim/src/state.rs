@@ -168,6 +168,15 @@ pub struct OpenRec {
     /// [`OpenRec::settle`]) and whether the delegation was granted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opened: Option<Opened>,
+    /// CLOSEd by its client while it held a delegation that may outlive
+    /// the open ([`DelegRec::survives_close`]): the state is kept only for
+    /// that delegation (RFC 8881 §10.4), its one handle `key` the one
+    /// carrying the delegation's lease. The open's stateid is gone
+    /// (`NFS4ERR_BAD_STATEID`); the state goes with the delegation
+    /// (DELEGRETURN, revocation, the client released). Absent in records
+    /// of an nfsshim before it: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed: bool,
 }
 
 impl OpenRec {
@@ -229,6 +238,19 @@ pub struct DelegRec {
     /// down is NFS4ERR_EXPIRED (review N3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub returning: Option<String>,
+    /// The handle carrying the delegation's lease denies nothing (the
+    /// OPEN that was granted it had deny `none`), so a CLOSE of the open
+    /// keeps that handle, and the delegation, until DELEGRETURN or
+    /// revocation ([`OpenRec::closed`]). False (records of an nfsshim
+    /// before it, or a granting OPEN that denied something): a CLOSE
+    /// gives the delegation up with the open.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub survives_close: bool,
+    /// The further handle ([`OpenRec::extra`]) carrying the delegation's
+    /// lease, when an OPEN that upgraded the open state was granted it;
+    /// absent, the open's own handle (`key`) carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<ResumeKey>,
 }
 
 /// One instance's table names.
