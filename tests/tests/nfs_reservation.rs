@@ -377,3 +377,45 @@ fn a_close_keeping_a_delegation_and_its_delegreturn_across_a_filterd_crash() {
         );
     }
 }
+
+/// Re-review D1: a CLOSE keeping its open's delegation marked the state
+/// closed in memory before its commit; when that commit failed
+/// (`commit.before:4:fail`: 1-2 the client and session, 3 the OPEN, 4 the
+/// CLOSE) the answer was DELAY, but the re-send found the open closed and
+/// answered NFS4_OK with nothing stored, so after a restart of nfsshim the
+/// open was back. Now memory changes only after the commit (the failure
+/// is the answer, NFS4ERR_SERVERFAULT, as a plain CLOSE's): the next CLOSE
+/// closes the open for good, and after the restart the open's stateid is
+/// NFS4ERR_BAD_STATEID while the delegation's still reads.
+#[test]
+fn a_close_keeping_a_delegation_whose_commit_failed_is_stored_by_its_resend() {
+    let s = Scratch::new("nfs-deleg-close-fail");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:4:fail")]);
+    let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcf");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    let close = json!({"op": "CLOSE", "stateid": o["stateid"]});
+    let first = a.call(close.clone());
+    assert_ne!(first["status"], "NFS4_OK", "the commit failed: {first}");
+    // Re-sent (DELAY) or sent again (a final error): closed now.
+    if first["status"] == "NFS4ERR_DELAY" {
+        ok(a.resend_patiently(&close, Duration::from_secs(10)));
+    } else {
+        ok(a.call(close));
+    }
+    nfs.kill9_in_place();
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcf");
+    a.c = LineClient::connect(&nfs.addr);
+    let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "closed for good: {r}");
+    ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1})));
+    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+}

@@ -4056,16 +4056,15 @@ fn close_keeping_delegation(
         drop_further_handle(sh, st, other, k, true)?;
         trimmed = true;
     }
-    if carrier != own {
-        match sh.filter.close(own) {
-            Ok(()) => {}
-            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {}
-            Err(e) => return failed(st, trimmed, e),
-        }
-    }
-    let Some(o) = st.opens.get_mut(other) else {
+    let Some(o) = st.opens.get(other) else {
         return Err(internal("open vanished"));
     };
+    // The state as it is once closed, made aside: nothing in memory
+    // changes until its record and the slot reply are durable (re-review
+    // D1: marked closed first, a commit that failed left it closed in
+    // memory only, the re-send answered NFS4_OK from that, and a restart
+    // brought the open back).
+    let mut o = o.clone();
     if carrier != own {
         // The carrier becomes the state's own handle.
         let Some(i) = o.rec.extra.iter().position(|e| e.key == carrier) else {
@@ -4091,10 +4090,37 @@ fn close_keeping_delegation(
         d.carrier = None;
     }
     let locks: Vec<String> = o.rec.locks.drain(..).map(|l| l.other).collect();
-    let (num, rec) = (o.num, o.rec.clone());
+    ctx.state_fits(&o.rec)?;
+    let put = vec![
+        RecordSpec {
+            scope: state::scope(&sh.tables.states(ctx.cid)).map_err(filter_fail)?,
+            op_id: o.num,
+            reply: state::encode(&o.rec).map_err(filter_fail)?,
+            keep: state::KEEP,
+        },
+        slot_record(ctx)?,
+    ];
+    // One commit: the open's own handle closed (when it does not carry
+    // the lease), the state's record marked closed and the slot reply.
+    let committed = if carrier == own {
+        sh.filter.client().write_records(put, Vec::new())
+    } else {
+        match sh.filter.close_recording(own, put.clone(), Vec::new()) {
+            // Closed already (a re-send after a crash whose close
+            // committed without its reply reaching us): the records alone.
+            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {
+                sh.filter.client().write_records(put, Vec::new())
+            }
+            r => r,
+        }
+    };
+    if let Err(e) = committed {
+        return failed(st, trimmed, e);
+    }
     for l in locks {
         st.aliases.remove(&l);
     }
+    st.opens.insert(other.to_owned(), o);
     st.closed.insert(
         other.to_owned(),
         (ctx.cid.to_owned(), Some(ctx.request_name("close"))),
@@ -4107,8 +4133,7 @@ fn close_keeping_delegation(
             g.lock_owner.remove(&own);
         }
     }
-    ctx.put_state(num, &rec)?;
-    Ok(Map::new())
+    Ok(recorded())
 }
 
 /// A further handle `key` of open state `other` (an upgrade's, a
