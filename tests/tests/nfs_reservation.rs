@@ -419,3 +419,48 @@ fn a_close_keeping_a_delegation_whose_commit_failed_is_stored_by_its_resend() {
     ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1})));
     assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
 }
+
+/// Re-review D4: when a delegation kept past its open's CLOSE was revoked
+/// (recalled, never returned), the state's record was deleted whatever
+/// the close of its handle did: a close that failed (`close.refuse:1:fail`,
+/// the first close filterd is asked for) left a handle no record named,
+/// holding the file until its timeout. Now the record goes in the commit
+/// that closes the handle, and a failed close is tried again at the
+/// client's next request.
+#[test]
+fn a_revoked_kept_delegation_whose_close_failed_is_closed_later() {
+    let s = Scratch::new("nfs-deleg-close-revoke-fail");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(
+        &s,
+        &["--break-timeout-ms", "1500"],
+        &[("RKFILTER_FAILPOINTS", "close.refuse:1:fail")],
+    );
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcv");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let r = b.open("ob", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
+                       "deny": "none"});
+    ok(b.resend_patiently(&again, Duration::from_secs(10)));
+    // The revocation's close is refused: a's handle stays, named.
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_eq!(handles_on(&s, "f").len(), 2, "{:?}", handles_on(&s, "f"));
+    // a's next request closes it.
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+}

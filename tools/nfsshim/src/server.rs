@@ -352,6 +352,9 @@ struct State {
     /// An OPEN of this client failed: filterd may hold a handle of it that
     /// no open state names (see [`release_client`]).
     may_hold_strays: bool,
+    /// A CLOSEd state's delegation was revoked: its handle and record are
+    /// still to go ([`retire_revoked`]).
+    revoked_closed: bool,
     /// Being released (reboot, expiry, destroy), and a step of it in
     /// filterd failed: the release is retried (by the next request naming
     /// the client, or the lease reaper) until it is done, and meanwhile
@@ -1719,9 +1722,9 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         Err(f) => return finish(Err(f)).into(),
     };
     for lease in revoked {
-        let chores = revoke(sh, &mut st, lease);
-        do_chores(sh, chores);
+        revoke(&mut st, lease);
     }
+    retire_revoked(sh, &mut st);
     for key in forgotten {
         let chores = forget_handle(sh, &mut st, key);
         do_chores(sh, chores);
@@ -4176,8 +4179,8 @@ fn drop_further_handle(
     if let Some(lease) = lease {
         g.lease_client.remove(&lease);
         drop(g);
-        let chores = revoke(sh, st, lease);
-        do_chores(sh, chores);
+        revoke(st, lease);
+        retire_revoked(sh, st);
     }
     Ok(())
 }
@@ -5000,38 +5003,65 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
 }
 
 /// Revokes a delegation filterd lowered without a recall. A state its
-/// client CLOSEd, kept only for the delegation ([`OpenRec::closed`]), goes
-/// with it: the returned chores close its handle and delete its record.
-#[must_use]
-fn revoke(sh: &Shared, st: &mut State, lease: uuid::Uuid) -> Vec<Chore> {
-    let mut emptied = Vec::new();
-    for (other, o) in st.opens.iter_mut() {
+/// client CLOSEd, kept only for the delegation ([`OpenRec::closed`]), is
+/// left with no delegation: [`retire_revoked`] closes its handle and
+/// deletes its record.
+fn revoke(st: &mut State, lease: uuid::Uuid) {
+    for o in st.opens.values_mut() {
         if o.rec.deleg.as_ref().is_some_and(|d| d.lease_key == lease) {
             if let Some(d) = o.rec.deleg.take() {
                 st.aliases.remove(&d.other);
                 st.expired.add(d.other);
             }
-            if o.rec.closed {
-                emptied.push(other.clone());
+            st.revoked_closed |= o.rec.closed;
+        }
+    }
+}
+
+/// The states a client CLOSEd whose delegation went ([`revoke`]): each
+/// one's handle is closed in the commit that deletes its record, and only
+/// then does the state leave memory. One whose close fails stays, still
+/// naming its handle, and is tried again at the client's next request
+/// (its release closes it with the others; a restore drops it). Re-review
+/// D4: the record was deleted whatever the close did, so a handle whose
+/// close failed was named by nothing and held its file until its timeout.
+fn retire_revoked(sh: &Shared, st: &mut State) {
+    if !std::mem::take(&mut st.revoked_closed) {
+        return;
+    }
+    let gone: Vec<(String, ResumeKey, u64, String)> = st
+        .opens
+        .iter()
+        .filter(|(_, o)| o.rec.closed && o.rec.deleg.is_none())
+        .map(|(k, o)| (k.clone(), o.rec.key, o.num, o.clientid.clone()))
+        .collect();
+    for (other, key, num, cid) in gone {
+        let retired = state::scope(&sh.tables.states(&cid)).and_then(|scope| {
+            match sh
+                .filter
+                .close_recording(key, Vec::new(), vec![(scope.clone(), num)])
+            {
+                // Closed already: the record alone.
+                Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {
+                    sh.filter.client().delete_record(scope, num)
+                }
+                r => r,
             }
-        }
-    }
-    let mut chores = Vec::new();
-    for other in emptied {
-        let Some(o) = st.opens.remove(&other) else {
-            continue;
-        };
-        chores.push(Chore::Close(o.rec.key));
-        chores.push(Chore::DeleteState {
-            scope: sh.tables.states(&o.clientid),
-            num: o.num,
         });
+        if let Err(e) = retired {
+            eprintln!(
+                "nfsshim: closing handle {key} of a revoked delegation's closed open: {e}; \
+                 trying again at the client's next request"
+            );
+            st.revoked_closed = true;
+            continue;
+        }
+        st.opens.remove(&other);
         if let Ok(mut g) = sh.global() {
-            g.handle_client.remove(&o.rec.key);
-            g.lock_owner.remove(&o.rec.key);
+            g.handle_client.remove(&key);
+            g.lock_owner.remove(&key);
         }
     }
-    chores
 }
 
 /// Releases the state of clients whose lease lapsed.
