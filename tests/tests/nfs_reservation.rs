@@ -464,3 +464,72 @@ fn a_revoked_kept_delegation_whose_close_failed_is_closed_later() {
     assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
     assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
 }
+
+/// Re-review D2: delegations kept past their opens' CLOSE counted against
+/// the client's open limit (`--max-opens-per-client`) with nothing
+/// reclaiming them, so every later OPEN of the client was
+/// NFS4ERR_RESOURCE. Now an OPEN at the limit recalls a kept delegation
+/// (CB_RECALL, the OPEN NFS4ERR_DELAY): returned, the OPEN re-sent is
+/// granted; never returned, it is revoked a lease period later
+/// (NFS4ERR_EXPIRED, its handle closed) and the OPEN re-sent is granted.
+#[test]
+fn kept_delegations_are_recalled_to_make_room_at_the_open_limit() {
+    let s = Scratch::new("nfs-deleg-close-limit");
+    for f in ["f", "g", "h"] {
+        std::fs::write(s.root().join(f), f).unwrap();
+    }
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start_with(
+        "nfsshim",
+        &s.socket(),
+        "nfs-dcm",
+        &["--max-opens-per-client", "1", "--lease-ms", "2000"],
+    );
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let keep = |a: &mut Nfs, path: &str| {
+        let o = ok(a.open(
+            "oo",
+            path,
+            "read",
+            "none",
+            json!({"want_delegation": "read"}),
+        ));
+        ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+        o["delegation"]["stateid"].clone()
+    };
+    // The OPEN's answer, and the CB_RECALL sent on the same connection
+    // before it.
+    let recalling = |a: &mut Nfs, req: &Value, deleg: &Value| {
+        a.seqid += 1;
+        let mut req = req.clone();
+        req["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
+        let id = a.c.send_only("xid", req);
+        let (r, seen) = a.c.reply_to("xid", id).expect("the OPEN's answer");
+        assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+        assert!(
+            seen.iter()
+                .any(|cb| cb["op"] == "CB_RECALL" && cb["stateid"]["other"] == deleg["other"]),
+            "{seen:?}"
+        );
+    };
+    // Returned when recalled.
+    let deleg = keep(&mut a, "f");
+    let open_g = json!({"op": "OPEN", "owner": "oo", "path": "g", "access": "read",
+                        "deny": "none"});
+    recalling(&mut a, &open_g, &deleg);
+    let r = a.send(open_g.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "until returned: {r}");
+    // (On the slot the OPEN answered DELAY left where it was.)
+    ok(a.send(json!({"op": "DELEGRETURN", "stateid": deleg})));
+    let g = ok(a.call_patiently(open_g));
+    ok(a.call(json!({"op": "CLOSE", "stateid": g["stateid"]})));
+    // Never returned: revoked a lease period later.
+    let deleg = keep(&mut a, "f");
+    let open_h = json!({"op": "OPEN", "owner": "oo", "path": "h", "access": "read",
+                        "deny": "none"});
+    recalling(&mut a, &open_h, &deleg);
+    ok(a.resend_patiently(&open_h, Duration::from_secs(10)));
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
+}

@@ -355,6 +355,10 @@ struct State {
     /// A CLOSEd state's delegation was revoked: its handle and record are
     /// still to go ([`retire_revoked`]).
     revoked_closed: bool,
+    /// The delegation (its open state's `other`) of a CLOSEd state this
+    /// client was sent CB_RECALL for to make room for an OPEN at its
+    /// limit, and when ([`room_for_an_open`]).
+    room_recall: Option<(String, Instant)>,
     /// Being released (reboot, expiry, destroy), and a step of it in
     /// filterd failed: the release is retried (by the next request naming
     /// the client, or the lease reaper) until it is done, and meanwhile
@@ -2700,13 +2704,9 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             other
         }
         None => {
-            let max = sh.limits.max_opens_per_client;
-            if st.opens.len() >= max {
+            if let Err(f) = room_for_an_open(sh, st) {
                 let _ = sh.filter.close(h.info.key);
-                return Err(Fail(
-                    "NFS4ERR_RESOURCE",
-                    format!("this client has {max} open states (--max-opens-per-client)"),
-                ));
+                return Err(f);
             }
             let (other, num) = match earlier {
                 Some((num, other)) => (other, num),
@@ -2789,6 +2789,85 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     Ok(m)
 }
 
+/// Whether client state `st` may have one more open state
+/// (`--max-opens-per-client`). At the limit, a state kept only for the
+/// delegation of an open the client CLOSEd ([`OpenRec::closed`]) makes
+/// room: its delegation is recalled (CB_RECALL, the OPEN answered
+/// NFS4ERR_DELAY, as when another client's open recalls one), and revoked
+/// when the client has not returned it a lease period later (the OPEN
+/// re-sent then finds room). Only a limit held by open opens is
+/// NFS4ERR_RESOURCE. Re-review D2: kept delegations counted against the
+/// limit with nothing reclaiming them, so a client could fill it with
+/// closed opens' delegations and have every OPEN refused.
+fn room_for_an_open(sh: &Shared, st: &mut State) -> Result<(), Fail> {
+    let max = sh.limits.max_opens_per_client;
+    if st.opens.len() < max {
+        st.room_recall = None;
+        return Ok(());
+    }
+    let kept = |st: &State, other: &str| {
+        st.opens
+            .get(other)
+            .filter(|o| o.rec.closed)
+            .and_then(|o| o.rec.deleg.as_ref())
+            .map(|d| (d.other.clone(), d.lease_key))
+    };
+    let outstanding = st
+        .room_recall
+        .as_ref()
+        .and_then(|(other, at)| Some((other.clone(), *at, kept(st, other)?)));
+    if let Some((other, at, (_, lease))) = outstanding {
+        if at.elapsed() < sh.lease {
+            return Err(Fail(
+                "NFS4ERR_DELAY",
+                format!("recalling delegation of {other} to make room for this open"),
+            ));
+        }
+        // Not returned in time: revoked.
+        eprintln!("nfsshim: revoking the delegation of {other}, recalled for room, not returned");
+        if let Ok(mut g) = sh.global() {
+            g.lease_client.remove(&lease);
+        }
+        st.room_recall = None;
+        revoke(st, lease);
+        retire_revoked(sh, st);
+        if st.opens.len() < max {
+            return Ok(());
+        }
+        return Err(Fail(
+            "NFS4ERR_DELAY",
+            format!("closing the handle of {other}'s revoked delegation"),
+        ));
+    }
+    st.room_recall = None;
+    let Some((other, deleg)) = st
+        .opens
+        .keys()
+        .find_map(|k| kept(st, k).map(|(d, _)| (k.clone(), d)))
+    else {
+        return Err(Fail(
+            "NFS4ERR_RESOURCE",
+            format!("this client has {max} open states (--max-opens-per-client)"),
+        ));
+    };
+    let cid = st.opens.get(&other).map(|o| o.clientid.clone());
+    let writer = cid.and_then(|cid| {
+        let g = sh.global().ok()?;
+        g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c))
+    });
+    if let Some(w) = writer {
+        shimline::send(
+            &w,
+            &json!({"op": "CB_RECALL", "stateid": stateid_json(&deleg, 1)}),
+        );
+    }
+    st.room_recall = Some((other.clone(), Instant::now()));
+    Err(Fail(
+        "NFS4ERR_DELAY",
+        format!("recalling delegation of {other} to make room for this open"),
+    ))
+}
+
 /// An OPEN's modes as the client gave them.
 struct Words {
     owner: String,
@@ -2817,13 +2896,7 @@ fn open_recorded(
 ) -> Outcome {
     let sh = ctx.sh;
     let (path, lease) = (req.path.clone(), req.lease);
-    let max = sh.limits.max_opens_per_client;
-    if st.opens.len() >= max {
-        return Err(Fail(
-            "NFS4ERR_RESOURCE",
-            format!("this client has {max} open states (--max-opens-per-client)"),
-        ));
-    }
+    room_for_an_open(sh, st)?;
     let slots = sh.tables.slots(&ctx.seq.sessionid);
     let slot_op = u64::try_from(ctx.seq.slot).unwrap_or(0);
     // A re-send after filterd went away mid-OPEN: if the OPEN committed,
