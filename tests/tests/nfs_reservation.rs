@@ -533,3 +533,56 @@ fn kept_delegations_are_recalled_to_make_room_at_the_open_limit() {
     assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
     assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
 }
+
+/// Re-review D3: the handle kept to carry a delegation past its open's
+/// CLOSE stayed in the closed open-owner's share group with that open's
+/// access, so the same client's OPEN under another open-owner that denied
+/// that access was NFS4ERR_SHARE_DENIED — a delegation denied its own
+/// client's open. Now the OPEN is granted (the kept handle reopened in
+/// the new owner's group, the lease kept), the delegation works on,
+/// across a restart of nfsshim too, and its DELEGRETURN leaves only the
+/// new open's handle.
+#[test]
+fn a_kept_delegation_does_not_deny_its_clients_other_owner() {
+    let s = Scratch::new("nfs-deleg-close-own");
+    std::fs::write(s.root().join("f"), b"old").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-dco");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "both",
+        "none",
+        json!({"want_delegation": "write"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let o2 = ok(a.open("o2", "f", "read", "write", json!({})));
+    ok(a.call(json!({"op": "READ", "stateid": o2["stateid"], "offset": 0, "count": 3})));
+    let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+    assert_eq!(r["data"], b64("old"), "{r}");
+    assert_eq!(handles_on(&s, "f").len(), 2, "{:?}", handles_on(&s, "f"));
+    nfs.kill9_in_place();
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dco");
+    a.c = LineClient::connect(&nfs.addr);
+    let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+    assert_eq!(r["data"], b64("old"), "{r}");
+    // Another client's write open recalls the delegation, and is then
+    // denied by o2's deny.
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let r = b.open("ob", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    assert_eq!(cb["stateid"]["other"], deleg["other"], "{cb}");
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
+    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
+                       "deny": "none"});
+    let r = b.resend_patiently(&again, Duration::from_secs(10));
+    assert_eq!(r["status"], "NFS4ERR_SHARE_DENIED", "o2 denies writes: {r}");
+    ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
+    assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
+}

@@ -2453,6 +2453,9 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     let excl_verifier = create
         .as_ref()
         .and_then(|(m, v)| (m == "exclusive").then(|| v.clone()).flatten());
+    if deny_w != "none" {
+        recarry_kept_delegations(ctx, st, &owner, &path)?;
+    }
     let guid = filter_name("open");
     let mut lease = lease_state.map(|state| LeaseRequest {
         key: LeaseKey(filter_name("lease")),
@@ -2732,6 +2735,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                         extra: Vec::new(),
                         opened: None,
                         closed: false,
+                        group: None,
                     },
                     num,
                     clientid: ctx.cid.to_owned(),
@@ -2868,6 +2872,130 @@ fn room_for_an_open(sh: &Shared, st: &mut State) -> Result<(), Fail> {
     ))
 }
 
+/// Before an OPEN by `owner` that denies something: a handle this client
+/// keeps only to carry the delegation of an open it CLOSEd
+/// ([`OpenRec::closed`]) on the same file is reopened in `owner`'s share
+/// group, holding the same lease key (so the lease is not broken), and
+/// the old one closed in the commit that records the new one; the OPEN
+/// then does not meet it. A delegation is its client's: its other
+/// open-owners' opens must not conflict with it (RFC 8881 §10.4). Re-review
+/// D3: the kept handle, in the closed open's owner's group, made the
+/// client's own OPEN under another owner NFS4ERR_SHARE_DENIED. A reopen
+/// filterd refuses (another open denies it) leaves the handle as it was.
+fn recarry_kept_delegations(
+    ctx: &Ctx<'_>,
+    st: &mut State,
+    owner: &str,
+    path: &RelPath,
+) -> Result<(), Fail> {
+    let sh = ctx.sh;
+    let kept: Vec<String> = st
+        .opens
+        .iter()
+        .filter(|(_, o)| {
+            o.rec.closed
+                && o.rec.deleg.is_some()
+                && o.rec.group.as_deref().unwrap_or(&o.rec.owner) != owner
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for other in kept {
+        let Some(o) = st.opens.get(&other) else {
+            continue;
+        };
+        let Some(d) = o.rec.deleg.clone() else {
+            continue;
+        };
+        let now = current_path(sh, o.rec.key, &o.rec.path);
+        if now != path.as_str() {
+            continue;
+        }
+        let slot = descriptor_slot(sh)?;
+        let state = if d.write {
+            LeaseState::R.with(LeaseState::W).with(LeaseState::H)
+        } else {
+            LeaseState::R.with(LeaseState::H)
+        };
+        let opened = sh.filter.replay_open(OpenRequest {
+            client: ctx.client_id()?,
+            path: RelPath::new(now).map_err(|e| internal(e.to_string()))?,
+            access: Access::new(access_of(&o.rec.access)?).map_err(|e| internal(e.to_string()))?,
+            share: Rights::ALL,
+            disposition: Disposition::Open,
+            durability: Durability::Persistent {
+                timeout_ms: HANDLE_TIMEOUT_MS,
+            },
+            // This request's own: its re-send finds the same handle.
+            create_guid: Some(CreateGuid(ctx.request_guid(&format!("carrier/{other}")))),
+            owner: Some(o.rec.owner.clone()),
+            lease: Some(LeaseRequest {
+                key: LeaseKey(d.lease_key),
+                state,
+                epoch: 0,
+            }),
+            no_wait: true,
+            wait_for_hints: true,
+            share_group: Some(owner.to_owned()),
+            stat: false,
+            share_exempt: false,
+            put: Vec::new(),
+        });
+        let h = match opened {
+            Ok(h) => h,
+            Err(e) if e.code().is_some() => {
+                eprintln!(
+                    "nfsshim: reopening the handle of delegation {}: {e}",
+                    d.other
+                );
+                continue;
+            }
+            Err(e) => return Err(filter_fail(e)),
+        };
+        let carries = h.info.file == o.file_key
+            && h.info
+                .lease
+                .is_some_and(|l| l.key.0 == d.lease_key && still_delegates(&d, l.state));
+        if !carries {
+            let _ = sh.filter.close(h.info.key);
+            continue;
+        }
+        let (old, num) = (o.rec.key, o.num);
+        let mut rec = o.rec.clone();
+        rec.key = h.info.key;
+        rec.group = Some(owner.to_owned());
+        let put = vec![RecordSpec {
+            scope: state::scope(&sh.tables.states(ctx.cid)).map_err(filter_fail)?,
+            op_id: num,
+            reply: state::encode(&rec).map_err(filter_fail)?,
+            keep: state::KEEP,
+        }];
+        let committed = match sh.filter.close_recording(old, put.clone(), Vec::new()) {
+            Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {
+                sh.filter.client().write_records(put, Vec::new())
+            }
+            r => r,
+        };
+        if let Err(e) = committed {
+            if e.code().is_some() {
+                // Refused: nothing changed but the new handle.
+                let _ = sh.filter.close(h.info.key);
+            } else {
+                // Unknown: the re-send finds the new handle again.
+                st.may_hold_strays = true;
+            }
+            return Err(filter_fail(e));
+        }
+        if let Some(o) = st.opens.get_mut(&other) {
+            o.rec = rec;
+            o.file = open_file(h.fd, slot);
+        }
+        let mut g = sh.global()?;
+        g.handle_client.remove(&old);
+        g.handle_client.insert(h.info.key, ctx.cid.to_owned());
+    }
+    Ok(())
+}
+
 /// An OPEN's modes as the client gave them.
 struct Words {
     owner: String,
@@ -2931,6 +3059,7 @@ fn open_recorded(
         extra: Vec::new(),
         opened: None,
         closed: false,
+        group: None,
     };
     let deleg_json = |write: bool| {
         json!({"stateid": stateid_json(&deleg_other, 1),

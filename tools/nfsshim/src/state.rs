@@ -177,6 +177,12 @@ pub struct OpenRec {
     /// of an nfsshim before it: false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub closed: bool,
+    /// The share group `key` was opened in when it is not `owner`'s: a
+    /// CLOSEd state's handle reopened in the group of another open-owner of
+    /// the client whose OPEN it would have denied (a delegation does not
+    /// deny its own client's opens). Absent: `owner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl OpenRec {
