@@ -319,17 +319,21 @@ fn a_delegation_kept_past_close_is_restored_and_revoked_at_the_recall_timeout() 
 
 /// A CLOSE that keeps its open's delegation, and the DELEGRETURN that
 /// ends it, are exactly once across a filterd crash at each of their
-/// commits: 1-2 the client and session, 3 the OPEN, 4 the CLOSE's state
-/// and slot reply, 5 the DELEGRETURN's mark (`DelegRec::returning`), 6 the
-/// lease given up, 7 the delegation's handle closed with the state's
-/// deletion and the slot reply. Every re-send is NFS4_OK, and nothing of
+/// commits, before it is durable and after: 1-2 the client and session, 3
+/// the OPEN, 4 the CLOSE's state and slot reply, 5 the DELEGRETURN's mark
+/// (`DelegRec::returning`), 6 the lease given up, 7 the delegation's handle
+/// closed with the state's deletion and the slot reply. Every re-send is NFS4_OK, and nothing of
 /// the client's stays in the way of another client's write OPEN.
 #[test]
 fn a_close_keeping_a_delegation_and_its_delegreturn_across_a_filterd_crash() {
-    for n in [4, 5, 6, 7] {
+    for (at, n) in [4, 5, 6, 7]
+        .map(|n| ("after", n))
+        .into_iter()
+        .chain([4, 5, 6, 7].map(|n| ("before", n)))
+    {
         let s = Scratch::new("nfs-deleg-close-crash");
         std::fs::write(s.root().join("f"), b"f").unwrap();
-        let fp = format!("commit.after:{n}:kill");
+        let fp = format!("commit.{at}:{n}:kill");
         let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
         let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcc");
         let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
