@@ -86,7 +86,9 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_sessions_per_client: u32,
     /// Most open states per client (OPEN of a further file:
-    /// NFS4ERR_RESOURCE). At most 4096, filterd's records per scope.
+    /// NFS4ERR_RESOURCE; a delegation kept past its open's CLOSE is
+    /// recalled first, the OPEN NFS4ERR_DELAY). At most 4096, filterd's
+    /// records per scope.
     #[arg(long, value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_opens_per_client: u32,
