@@ -590,3 +590,41 @@ fn a_kept_delegation_does_not_deny_its_clients_other_owner() {
     ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
     assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
 }
+
+/// A delegation granted to an OPEN that joined an open state already
+/// there (its handle a further one of the state's) outlives the CLOSE
+/// too: the open's own handle is closed in the commit that records the
+/// state closed, the delegation's handle becomes the state's, and it is
+/// restored after a restart of nfsshim and recalled by another client.
+#[test]
+fn a_delegation_carried_by_a_further_handle_outlives_the_close() {
+    let s = Scratch::new("nfs-deleg-close-further");
+    std::fs::write(s.root().join("f"), b"old").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcu");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let first = ok(a.open("oo", "f", "read", "none", json!({})));
+    assert!(first["delegation"].is_null(), "{first}");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    assert_eq!(handles_on(&s, "f").len(), 2, "{:?}", handles_on(&s, "f"));
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    nfs.kill9_in_place();
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcu");
+    a.c = LineClient::connect(&nfs.addr);
+    let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 3}));
+    assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "the open's: {r}");
+    let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+    assert_eq!(r["data"], b64("old"), "{r}");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    recalled_then_opened(&mut a, &mut b, "f", &deleg);
+    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+}
