@@ -2065,3 +2065,156 @@ fn a_break_ends_with_its_holders_last_open() {
         c.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": sc, "lease_key": lk2, "state": ""}));
     assert_eq!(r["status"], "STATUS_UNSUCCESSFUL", "{r}");
 }
+
+/// Alice's CREATE of `f` under lease key `lk` (RWH), answered by filterd
+/// and held by smbshim's test hook before it stores the open, and bob's
+/// conflicting CREATE in flight, whose lease break filterd has sent.
+struct EarlyBreak {
+    s: Scratch,
+    _d: Filterd,
+    shim: Shim,
+    alice: String,
+    a: LineClient,
+    sa: u64,
+    lk: String,
+    mid: u64,
+    bobs: Option<rkfilter_tests::InFlight>,
+    /// What smbshim did with the break (its test hook's line).
+    fate: String,
+}
+
+impl EarlyBreak {
+    fn set_up(name: &str) -> EarlyBreak {
+        let s = Scratch::new(name);
+        // A break timeout no step of the tests waits out.
+        let d = Filterd::start(&s, &["--break-timeout-ms", "120000"], &[]);
+        let log = s.dir.join("smbshim.log");
+        let release = s.dir.join("release-store").to_string_lossy().into_owned();
+        let shim = Shim::start_logged(
+            "smbshim",
+            &s.socket(),
+            "smb-a",
+            &[("SMBSHIM_TEST_HOLD_STORE", &release)],
+            &log,
+        );
+        let alice = uuid::Uuid::new_v4().to_string();
+        let mut a = LineClient::connect(&shim.addr);
+        let sa = session(&mut a, &alice, "alice");
+        let (b, sb) = new_client(&shim.addr, "bob");
+        let lk = uuid::Uuid::new_v4().to_string();
+        let logged = |needle: &str| {
+            wait_for(needle, Duration::from_secs(20), || {
+                let text = std::fs::read_to_string(&log).ok()?;
+                text.lines().find(|l| l.contains(needle)).map(str::to_owned)
+            })
+        };
+        let mid = a.send_only(
+            "mid",
+            json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+                   "share": ["read", "write", "delete"], "disposition": "open_if",
+                   "lease": {"key": lk, "state": "RWH"}}),
+        );
+        logged("a CREATE filterd answered waits");
+        let bobs = rkfilter_tests::InFlight::send(
+            b,
+            json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["write"],
+                   "share": ["read", "write", "delete"], "disposition": "open"}),
+        );
+        let fate = logged(&format!("the break of lease {lk}"));
+        assert!(
+            !fate.ends_with(" sent"),
+            "the break came after the open was stored: {fate}"
+        );
+        a.set_read_timeout(Duration::from_secs(20));
+        EarlyBreak {
+            s,
+            _d: d,
+            shim,
+            alice,
+            a,
+            sa,
+            lk,
+            mid,
+            bobs: Some(bobs),
+            fate,
+        }
+    }
+
+    /// Lets alice's CREATE be stored.
+    fn release(&self) {
+        std::fs::write(self.s.dir.join("release-store"), b"").expect("release the CREATE");
+    }
+
+    /// Bob's CREATE succeeded, well before the break timeout.
+    fn bob_opened(&mut self) {
+        let r = self
+            .bobs
+            .take()
+            .expect("bob's CREATE in flight")
+            .outcome("bob's CREATE", Duration::from_secs(20))
+            .expect("bob's reply");
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+}
+
+/// A lease break filterd sends right after it granted a CREATE's lease,
+/// before smbshim has stored the open, waits for the open and goes to its
+/// client behind the CREATE's reply (re-review rr38h). Before, it found no
+/// open and was dropped: the breaking CREATE waited out the whole break
+/// timeout and the client kept a lease it no longer held. smbshim's test
+/// hook holds alice's answered CREATE until the test lets it go, once
+/// bob's conflicting CREATE has had filterd send the break.
+#[test]
+fn a_break_before_its_open_is_stored_waits_for_it() {
+    let mut t = EarlyBreak::set_up("smb-early-break");
+    t.release();
+    let (r, before) = t.a.reply_to("mid", t.mid).expect("alice's CREATE");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    assert!(before.is_empty(), "ahead of the reply: {before:?}");
+    let n =
+        t.a.next_line()
+            .unwrap_or_else(|| panic!("no LEASE_BREAK for alice ({})", t.fate));
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(n["lease_key"], t.lk.as_str(), "{n}");
+    assert_eq!(n["ack_required"], true, "{n}");
+    let r = t.a.call(
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": t.sa, "lease_key": t.lk,
+               "state": n["new_state"]}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    t.bob_opened();
+}
+
+/// A break waiting for a CREATE that then fails (its session ended while
+/// filterd made the open) is dropped: smbshim lets the open go, which ends
+/// the break in filterd at once — the breaking CREATE does not wait out
+/// the break timeout — and no later open under the key is handed it (an
+/// ack of it is refused: no break is in progress).
+#[test]
+fn a_break_waiting_for_a_create_that_fails_is_dropped() {
+    let mut t = EarlyBreak::set_up("smb-early-break-fails");
+    let mut c = LineClient::connect(&t.shim.addr);
+    let r = c.call(
+        json!({"cmd": "SESSION_SETUP", "client_guid": t.alice, "user": "alice",
+                          "previous_session_id": t.sa}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let sc = r["session_id"].as_u64().unwrap();
+    t.release();
+    let (r, _) = t.a.reply_to("mid", t.mid).expect("alice's CREATE");
+    assert_eq!(r["status"], "STATUS_USER_SESSION_DELETED", "{r}");
+    t.bob_opened();
+    let lk = &t.lk;
+    let r = c.call(
+        json!({"cmd": "CREATE", "session_id": sc, "path": "f", "access": ["read"],
+               "share": ["read", "write", "delete"], "disposition": "open",
+               "lease": {"key": lk, "state": "R"}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = c.call(
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": sc, "lease_key": lk,
+                          "state": ""}),
+    );
+    assert_eq!(r["status"], "STATUS_UNSUCCESSFUL", "{r}");
+}

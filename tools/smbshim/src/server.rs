@@ -20,6 +20,7 @@ use libfilter::settle::{may_hold, Unsettled};
 use serde_json::{json, Map, Value};
 use shimline::datasync::IoFailure;
 
+use crate::early_breaks::{Break, EarlyBreaks};
 use crate::handover::{Handovers, Ident, LettingGo};
 use crate::unanswered::{Closer, ToClose, Unanswered};
 
@@ -298,6 +299,9 @@ struct Member {
     /// LOGOFFs whose unanswered CREATEs' opens are still to be closed, by
     /// the member's `logoff-closer` thread ([`close_unanswered`]).
     closer: Closer,
+    /// Lease breaks that came before their open was stored, and the
+    /// CREATEs and RECONNECTs in flight that may store it.
+    early: EarlyBreaks,
 }
 
 /// The instance name of member `k` of smbshim instance `instance`: member
@@ -507,6 +511,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
                 locked_files: Mutex::new(std::collections::HashSet::new()),
                 unsettled: Unsettled::default(),
                 closer: Closer::default(),
+                early: EarlyBreaks::default(),
             })
             .collect(),
         sessions: Mutex::new(HashMap::new()),
@@ -586,14 +591,14 @@ impl Harness {
 
     /// The reply to one request line.
     pub fn handle(&self, line: &[u8]) -> Value {
-        handle_line(&self.0, 1, line)
+        handle_line(&self.0, 1, line, &mut AfterReply::default())
     }
 
     /// The reply the connection's reader gives `line` itself (its fast
     /// path for CREATE, CLOSE and ECHO, typed lines first), or `None` when
     /// it hands the line to the worker ([`Harness::handle`]).
     pub fn handle_inline(&self, line: &[u8]) -> Option<Value> {
-        let reply = answer_inline(&self.0, line)?;
+        let reply = answer_inline(&self.0, line, &mut AfterReply::default())?;
         Some(serde_json::to_value(reply).unwrap_or_else(
             |e| serde_json::json!({"status": "UNSERIALIZABLE", "error": e.to_string()}),
         ))
@@ -683,36 +688,45 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
         "STATUS_INVALID_PARAMETER",
         |line, w| {
             if is_lease_break_ack(line) {
-                return Some(Reply::Json(handle_line(&sh, conn, line)));
+                return Some(Reply::Json(handle_line(
+                    &sh,
+                    conn,
+                    line,
+                    &mut AfterReply::default(),
+                )));
             }
             if worker.as_ref().is_none_or(|(p, _)| p.idle()) {
-                if let Some(reply) = answer_inline(&sh, line) {
-                    return Some(reply);
+                let mut after = AfterReply::default();
+                if let Some(reply) = answer_inline(&sh, line, &mut after) {
+                    return after.behind(reply, w);
                 }
             }
             if worker.is_none() {
                 let p = Arc::new(Pipeline::default());
-                let (shw, w, pw) = (sh.clone(), w.clone(), p.clone());
+                let (shw, ww, pw) = (sh.clone(), w.clone(), p.clone());
                 writer = Some(w.clone());
                 let spawned = std::thread::Builder::new()
                     .name(format!("smb-conn-{conn}-work"))
                     .spawn(move || {
                         while let Some(line) = pw.next() {
-                            if w.over_budget() {
+                            if ww.over_budget() {
                                 continue;
                             }
-                            if !shimline::send(&w, &handle_line(&shw, conn, &line)) {
+                            let mut after = AfterReply::default();
+                            let reply = handle_line(&shw, conn, &line, &mut after);
+                            if !shimline::send(&ww, &reply) {
                                 return;
                             }
+                            after.send(&ww);
                         }
                     });
                 match spawned {
                     Ok(j) => worker = Some((p, j)),
-                    Err(_) => return Some(Reply::Json(handle_line(&sh, conn, line))),
+                    Err(_) => return handle_now(&sh, conn, line, w),
                 }
             }
             let Some((p, _)) = worker.as_ref() else {
-                return Some(Reply::Json(handle_line(&sh, conn, line)));
+                return handle_now(&sh, conn, line, w);
             };
             let Some(charge) = w.charge_queued(line.len()) else {
                 return Some(Reply::Json(busy(line, "over the request budget")));
@@ -737,6 +751,43 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
     if let Ok(mut p) = sh.peers.lock() {
         p.remove(&conn);
     }
+}
+
+/// What goes to a client after the reply to its request: the LEASE_BREAKs
+/// of leases its CREATE or RECONNECT was granted that filterd broke before
+/// smbshim had stored the open ([`deliver_early_breaks`]). Sent behind the
+/// reply, as filterd sent them behind its own: a client that saw the break
+/// first would take the reply's lease state over the one broken to.
+#[derive(Default)]
+struct AfterReply(Vec<Value>);
+
+impl AfterReply {
+    /// Sends what waits, behind a reply already sent on `w`.
+    fn send(self, w: &shimline::Writer) {
+        for note in self.0 {
+            shimline::send(w, &note);
+        }
+    }
+
+    /// `reply`, for the connection's reader to send — or, with something
+    /// to send behind it, sent now on `w` followed by that.
+    fn behind(self, reply: Reply, w: &shimline::Writer) -> Option<Reply> {
+        if self.0.is_empty() {
+            return Some(reply);
+        }
+        if shimline::send(w, &reply) {
+            self.send(w);
+        }
+        None
+    }
+}
+
+/// The reply to `line`, handled on the connection's reader: sent (and
+/// whatever goes behind it) or for the reader to send.
+fn handle_now(sh: &Shared, conn: u64, line: &[u8], w: &shimline::Writer) -> Option<Reply> {
+    let mut after = AfterReply::default();
+    let reply = Reply::Json(handle_line(sh, conn, line, &mut after));
+    after.behind(reply, w)
 }
 
 /// Whether a line is a LEASE_BREAK_ACK (answered out of order, at once).
@@ -780,13 +831,13 @@ fn busy(line: &[u8], why: &str) -> Value {
 /// runs it again from the start and waits there while the reader reads
 /// the acks. The caller makes sure nothing of the connection is waiting
 /// or being served, so requests stay in order.
-fn answer_inline(sh: &Shared, line: &[u8]) -> Option<Reply> {
+fn answer_inline(sh: &Shared, line: &[u8], after: &mut AfterReply) -> Option<Reply> {
     // Other lines (a WRITE's may be megabytes) are not parsed twice.
     let named = |cmd: &[u8]| mentions(line, cmd);
     if line.len() > INLINE_MAX_LINE || !(named(b"CREATE") || named(b"CLOSE") || named(b"ECHO")) {
         return None;
     }
-    if let Some(answer) = answer_typed(sh, line) {
+    if let Some(answer) = answer_typed(sh, line, after) {
         return answer;
     }
     let (obj, mid) = shimline::parse_request(line, "mid", "STATUS_INVALID_PARAMETER").ok()?;
@@ -800,7 +851,7 @@ fn answer_inline(sh: &Shared, line: &[u8]) -> Option<Reply> {
         // A replay may wait for its open to be let go, or out a filterd
         // restart: the worker serves it, the reader keeps reading acks.
         "CREATE" if is_replay(&obj).unwrap_or(true) => return None,
-        "CREATE" => match create(sh, &obj, true) {
+        "CREATE" => match create(sh, &obj, true, after) {
             Err(Fail(INLINE_BUSY, _)) => return None,
             other => other,
         },
@@ -837,7 +888,7 @@ struct InlineLine<'a> {
 /// line needs parsing into an object (then everything, errors included,
 /// goes as before), else what `answer_inline` answers. Gives the same
 /// answers as the object path for every line it decodes.
-fn answer_typed(sh: &Shared, line: &[u8]) -> Option<Option<Reply>> {
+fn answer_typed(sh: &Shared, line: &[u8], after: &mut AfterReply) -> Option<Option<Reply>> {
     // serde would take a JSON array for the struct too; smbl/1 says a
     // request is an object.
     if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -866,7 +917,7 @@ fn answer_typed(sh: &Shared, line: &[u8]) -> Option<Option<Reply>> {
                 // As in answer_inline: the worker serves replays.
                 return Some(None);
             }
-            match session_by_id(sh, sid).and_then(|s| create_with(sh, s, &f, true)) {
+            match session_by_id(sh, sid).and_then(|s| create_with(sh, s, &f, true, after)) {
                 Err(Fail(INLINE_BUSY, _)) => return Some(None),
                 Err(f) => Err(f),
                 // The reply straight from the typed fields, no Map.
@@ -886,7 +937,7 @@ fn answer_typed(sh: &Shared, line: &[u8]) -> Option<Option<Reply>> {
     Some(Some(Reply::Json(reply_of(outcome, l.mid))))
 }
 
-fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
+fn handle_line(sh: &Shared, conn: u64, line: &[u8], after: &mut AfterReply) -> Value {
     let (obj, mid) = match shimline::parse_request(line, "mid", "STATUS_INVALID_PARAMETER") {
         Ok(x) => x,
         Err(reply) => return reply,
@@ -898,8 +949,8 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Value {
         _ if is_replay(obj).is_err() => is_replay(obj).map(|_| Map::new()),
         "ECHO" => Ok(Map::new()),
         "SESSION_SETUP" => session_setup(sh, conn, obj),
-        "CREATE" => create(sh, obj, false),
-        "RECONNECT" => reconnect(sh, conn, obj),
+        "CREATE" => create(sh, obj, false, after),
+        "RECONNECT" => reconnect(sh, conn, obj, after),
         "READ" => read(sh, obj),
         "WRITE" => write(sh, obj),
         "FLUSH" => flush(sh, obj),
@@ -1195,9 +1246,9 @@ impl<'a> CreateFields<'a> {
 
 /// CREATE; with `no_wait`, a needed lease break fails it with
 /// STATUS_FILE_NOT_AVAILABLE instead of waiting (the breaks are sent).
-fn create(sh: &Shared, obj: &Map<String, Value>, no_wait: bool) -> Outcome {
+fn create(sh: &Shared, obj: &Map<String, Value>, no_wait: bool, after: &mut AfterReply) -> Outcome {
     let session = session_of(sh, obj)?;
-    let created = create_with(sh, session, &CreateFields::of(obj)?, no_wait)?;
+    let created = create_with(sh, session, &CreateFields::of(obj)?, no_wait, after)?;
     match serde_json::to_value(created) {
         Ok(Value::Object(m)) => Ok(m),
         _ => Err(Fail("STATUS_INTERNAL_ERROR", "reply encoding".into())),
@@ -1210,6 +1261,7 @@ fn create_with(
     (session, client_guid, user): (u64, uuid::Uuid, String),
     f: &CreateFields<'_>,
     no_wait: bool,
+    after: &mut AfterReply,
 ) -> Result<Created, Fail> {
     let path =
         RelPath::new(f.path).map_err(|e| Fail("STATUS_OBJECT_NAME_INVALID", e.to_string()))?;
@@ -1275,6 +1327,9 @@ fn create_with(
     // Remembered while the call is in flight, kept if it goes unanswered:
     // the session's LOGOFF closes what filterd may make of it.
     let in_flight = create_guid.map(|g| InFlight::note(sh, session, client_guid, g));
+    // Until the open is stored (or the CREATE failed), a break of its
+    // lease waits for it ([`crate::early_breaks`]).
+    let _making = m.early.begin();
     let opened = if replay {
         m.filter.replay_open_for(req, &end)
     } else {
@@ -1307,6 +1362,7 @@ fn create_with(
         Some(ErrorCode::Busy) if no_wait => Fail(INLINE_BUSY, e.to_string()),
         _ => filter_fail(e),
     })?;
+    test_hold_store();
     // A replay that found the handle of an open whose CLOSE filterd never
     // answered: that CLOSE came first and is being made again (`settle`),
     // so the open is not handed out again, to be closed under the client.
@@ -1428,6 +1484,7 @@ fn create_with(
             },
         );
     }
+    deliver_early_breaks(sh, m, &mut opens, &file_id, after);
     if let Some(g) = create_guid.filter(|_| replay) {
         held_by_a_session(sh, client_guid, g);
     }
@@ -1688,7 +1745,7 @@ fn let_go(m: &Member, key: ResumeKey, durable: bool) {
     }
 }
 
-fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
+fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>, after: &mut AfterReply) -> Outcome {
     let (session, client_guid, user) = session_of(sh, obj)?;
     let end = session_end(sh, session)?;
     let file_id = str_field(obj, "file_id")?.to_owned();
@@ -1742,6 +1799,8 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
     }
     let counted = peer_slot(sh, session)?;
     let _slot = open_slot(sh)?;
+    // As for a CREATE: a break of its lease waits for the open's store.
+    let _making = m.early.begin();
     let h = m
         .filter
         .resume(client_id(client_guid)?, key)
@@ -1804,6 +1863,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>) -> Outcome {
             delete_unsure: false,
         },
     );
+    deliver_early_breaks(sh, m, &mut opens, &file_id, after);
     drop(opens);
     let mut m = Map::new();
     m.insert("file_id".into(), json!(file_id));
@@ -3039,10 +3099,12 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 ..
             } => {
                 // No break is in progress in a restarted filterd: this
-                // member's clients' acks are refused until the next one.
+                // member's clients' acks are refused until the next one,
+                // and no break parked for an open goes.
                 if let Ok(mut b) = sh.breaking.lock() {
                     b.retain(|(g, _)| member_of(*g, sh.members.len()) != k);
                 }
+                m.early.clear();
                 // Durable (in-memory) opens do not survive a filterd
                 // crash. No unchecked I/O meanwhile.
                 let gone = {
@@ -3073,12 +3135,21 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
         else {
             continue;
         };
+        let b = Break {
+            lease_key,
+            current_state,
+            new_state,
+            epoch,
+            ack_required,
+            file,
+        };
         // The opens under the lease hold what it was broken to (a break
         // of a lease filterd then forgets starts from there). Clients'
         // keys reach filterd as they chose them: two clients here may use
         // one key, each on its own file, and the break is of the lease on
         // `file` only (review: it went to whichever client's open came
         // first, and set that client's lease state too).
+        let mut parked = false;
         let session = sh.opens.lock().ok().and_then(|mut o| {
             let mut session = None;
             for x in o.values_mut() {
@@ -3090,24 +3161,116 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                     session = session.or(Some((x.session, x.client)));
                 }
             }
-            // Before the client can see it (its ack finds it), and under
-            // the opens lock (an open that goes meanwhile ends it).
-            if let (Some((_, g)), Ok(mut b)) = (session, sh.breaking.lock()) {
-                match ack_required {
-                    true => b.insert((g, lease_key)),
-                    false => b.remove(&(g, lease_key)),
-                };
+            match session {
+                // Before the client can see it (its ack finds it), and
+                // under the opens lock (an open that goes meanwhile ends
+                // it).
+                Some((s, g)) => {
+                    note_break(sh.as_ref(), g, &b);
+                    Some(s)
+                }
+                // Its open may be made and not stored yet: it waits for
+                // that, under the opens lock too (rr38h).
+                None => {
+                    parked = m.early.park(b);
+                    None
+                }
             }
-            session.map(|(s, _)| s)
         });
+        test_note_break(&b, session.is_some(), parked);
         if let Some(w) = session.and_then(|s| writer_of(&sh, s)) {
-            shimline::send(
-                &w,
-                &json!({"cmd": "LEASE_BREAK", "lease_key": lease_key, "current_state": current_state.to_string(),
-                        "new_state": new_state.to_string(), "epoch": epoch, "ack_required": ack_required}),
-            );
+            shimline::send(&w, &break_json(&b));
         }
     }
+}
+
+/// The lease of client `client` that break `b` is of has a break in
+/// progress from now (an ack is asked for) or none ([`Shared::breaking`]).
+/// Called under the opens lock.
+fn note_break(sh: &Shared, client: uuid::Uuid, b: &Break) {
+    if let Ok(mut set) = sh.breaking.lock() {
+        match b.ack_required {
+            true => set.insert((client, b.lease_key)),
+            false => set.remove(&(client, b.lease_key)),
+        };
+    }
+}
+
+/// The smbl/1 LEASE_BREAK notification of break `b`.
+fn break_json(b: &Break) -> Value {
+    json!({"cmd": "LEASE_BREAK", "lease_key": b.lease_key, "current_state": b.current_state.to_string(),
+           "new_state": b.new_state.to_string(), "epoch": b.epoch, "ack_required": b.ack_required})
+}
+
+/// The breaks of the lease of open `file_id` — just stored in `opens`,
+/// locked, by member `m` — that filterd sent before it was stored and that
+/// found no open ([`crate::early_breaks`]): applied to the open as
+/// [`forward_breaks`] applies a break, their notifications sent behind
+/// the reply (`after`). Before, they were dropped (re-review rr38h).
+fn deliver_early_breaks(
+    sh: &Shared,
+    m: &Member,
+    opens: &mut HashMap<String, Open>,
+    file_id: &str,
+    after: &mut AfterReply,
+) {
+    let Some(o) = opens.get_mut(file_id) else {
+        return;
+    };
+    let (client, file) = (o.client, o.file_key);
+    let Some(l) = o.lease.as_mut() else {
+        return;
+    };
+    for b in m.early.take(l.key, file) {
+        (l.state, l.epoch) = (b.new_state, b.epoch);
+        note_break(sh, client, &b);
+        after.0.push(break_json(&b));
+    }
+}
+
+/// The test hook (debug builds): `$SMBSHIM_TEST_HOLD_STORE`, a path — a
+/// CREATE filterd answered is not stored until that path exists (60 s at
+/// most), and every lease break filterd sends is logged with what became
+/// of it, so that a test can have a break come while a CREATE's open is
+/// not stored yet (`smb.rs::a_break_before_its_open_is_stored_waits_for_it`).
+fn test_hold_path() -> Option<&'static Path> {
+    static PATH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    PATH.get_or_init(|| std::env::var_os("SMBSHIM_TEST_HOLD_STORE").map(Into::into))
+        .as_deref()
+}
+
+/// [`test_hold_path`]: waits for the path, if set.
+fn test_hold_store() {
+    let Some(path) = test_hold_path() else {
+        return;
+    };
+    eprintln!(
+        "smbshim: test hook: a CREATE filterd answered waits for {}",
+        path.display()
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !path.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// [`test_hold_path`]: logs what became of break `b`, if set.
+fn test_note_break(b: &Break, sent: bool, parked: bool) {
+    if test_hold_path().is_none() {
+        return;
+    }
+    let what = match (sent, parked) {
+        (true, _) => "sent",
+        (false, true) => "parked",
+        (false, false) => "dropped",
+    };
+    eprintln!(
+        "smbshim: test hook: the break of lease {} {what}",
+        b.lease_key
+    );
 }
 
 #[cfg(test)]
