@@ -1324,6 +1324,25 @@ fn a_bound_channel_acts_only_on_its_own_session_and_requests() {
     no_handles_left(&d);
 }
 
+/// A bound channel reads and answers its socket while it waits for its
+/// session's home (review rvpanic): a rename and a compound CREATE sent on
+/// the channel wait at the home for a lease break the client acknowledges
+/// on that channel; an ECHO sent meanwhile is answered at once, the
+/// acknowledgment STATUS_SUCCESS, and both requests go through well within
+/// filterd's break timeout (10 s here); two ECHOs charging 6,000 credits
+/// each then pass on the channel (the home's grants reach the channel's
+/// credits). Before, the channel's thread served only its inbox while it
+/// waited: the ECHO and the acknowledgment lay unread until the break timed
+/// out (35 s by default), and the acknowledgment was then refused.
+#[test]
+fn a_channel_serves_its_socket_while_its_home_waits_for_a_break_ack() {
+    let s = Scratch::new("rksmbd-channel-break-ack");
+    let d = Filterd::start(&s, &["--break-timeout-ms", "10000"], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes_with(&srv, "channel_break_ack.py", &["5"]);
+    no_handles_left(&d);
+}
+
 /// A bound channel whose client sends 64 READs of 1 MiB and stops reading
 /// its socket does not stall its session's home connection: the home's
 /// CREATE+CLOSE is answered within seconds, rksmbd ends the channel (its

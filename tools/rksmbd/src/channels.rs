@@ -14,7 +14,11 @@
 //! NEGOTIATE, for FSCTL_VALIDATE_NEGOTIATE_INFO). The home queues the
 //! answer in the channel's [`Outbox`], before it serves anything else (so
 //! a final async response, queued later, cannot overtake its interim
-//! one), and tells the channel thread its credits. The home never writes
+//! one), and tells the channel thread the credits it granted
+//! ([`Via::granted`]: the channel thread used the PDU's message ids before
+//! handing it over, and reads and answers its own socket while it waits
+//! for the home — a lease break acknowledgment the home waits for may come
+//! on the channel, review rvpanic). The home never writes
 //! to a channel's socket: the outbox's own writer thread does, so a
 //! channel whose client stops reading stalls only that writer. While the
 //! answers it holds pass [`MAX_OUTBOX`] bytes (or all outboxes together
@@ -67,8 +71,14 @@ pub struct Via {
     pub outbox: Arc<Outbox>,
     /// The channel's signing algorithm and key.
     pub sign: (SigningAlgorithm, [u8; 16]),
-    /// The credits the channel's client holds (updated by the answer).
+    /// A copy of the credits the channel's client holds, the PDU's
+    /// message ids used (the channel's thread used them): what the
+    /// answer's grants are counted on.
     pub credits: Box<crate::credits::Credits>,
+    /// Where the home adds the credits its answer grants, before the
+    /// answer is queued: the channel's thread adds them to its credits
+    /// before it uses any, also while it waits for this answer.
+    pub granted: Arc<std::sync::atomic::AtomicU64>,
     /// What the client said in the channel's own NEGOTIATE (what its
     /// FSCTL_VALIDATE_NEGOTIATE_INFO is checked against).
     pub client: Box<crate::server::ClientNegotiate>,
@@ -80,11 +90,10 @@ pub struct Forwarded {
     pub pdu: Vec<u8>,
     /// Where it came from.
     pub via: Via,
-    /// The answer, once the home queued the response in the channel's
-    /// outbox: nothing (empty) and the channel's credits after it, or
-    /// `None` when the PDU was malformed or the outbox full, and the
-    /// channel must close.
-    pub reply: SyncSender<Option<(Vec<u8>, crate::credits::Credits)>>,
+    /// Sent once the home queued the response in the channel's outbox:
+    /// true, or false when the PDU was malformed or the channel ended, and
+    /// the channel must close.
+    pub reply: SyncSender<bool>,
 }
 
 /// The queue of PDUs channels hand to one connection thread, with a

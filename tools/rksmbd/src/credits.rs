@@ -74,6 +74,22 @@ impl Credits {
         true
     }
 
+    /// The credits granted since these credits were `before` (a copy made
+    /// after the requests answered used their ids).
+    pub fn granted_since(&self, before: &Credits) -> u64 {
+        self.end.saturating_sub(before.end)
+    }
+
+    /// Adds `granted` credits granted on a copy of these credits: a
+    /// channel's PDU is answered on such a copy by the session's home
+    /// thread while the channel answers other requests of its socket. The
+    /// grants of both add up, so [`MAX_CREDITS`] and [`MAX_RANGE`] may be
+    /// passed by the grants of the requests answered meanwhile (at most
+    /// one PDU's per nested wait).
+    pub fn add_granted(&mut self, granted: u64) {
+        self.end = self.end.saturating_add(granted);
+    }
+
     /// Grants credits for a response to a request that asked for `asked`:
     /// what it asked for, never so many that the client holds more than
     /// [`MAX_CREDITS`] or its ids reach [`MAX_RANGE`] past the lowest
@@ -215,6 +231,24 @@ mod tests {
         assert_eq!(c.used.len() as u64, MAX_RANGE - 1);
         assert!(c.take(0, 1));
         assert!(c.used.is_empty() && c.low == MAX_RANGE);
+    }
+
+    #[test]
+    fn grants_made_on_a_copy_add_up_with_the_ids_used_meanwhile() {
+        // A channel uses its forwarded PDU's id (0), hands the home a copy;
+        // meanwhile it answers another request itself (id 1, granted 4).
+        let mut c = Credits::default();
+        assert_eq!(c.grant(1), 1);
+        assert!(c.take(0, 1));
+        let sent = c.clone();
+        assert!(c.take(1, 1));
+        c.grant(4);
+        let mut home = sent.clone();
+        assert_eq!(home.grant(8), 8);
+        c.add_granted(home.granted_since(&sent));
+        assert!(!c.take(0, 1) && !c.take(1, 1), "ids used stay used");
+        assert_eq!(c.held(), 12, "ids 2 ..= 13: both answers' grants");
+        assert!(c.take(13, 1) && !c.take(14, 1));
     }
 
     proptest! {

@@ -868,6 +868,9 @@ pub struct Connection {
     /// When this connection is a channel: where its home threads queue
     /// the answers for its socket.
     outbox: Option<Arc<crate::channels::Outbox>>,
+    /// When this connection is a channel: the credits its homes granted
+    /// for its PDUs, not yet added to [`Connection::credits`].
+    granted: Arc<AtomicU64>,
     /// PDUs read from the socket in a row while something else was ready
     /// too (see [`SOCKET_TURN`]).
     socket_streak: u32,
@@ -1045,6 +1048,7 @@ impl Connection {
             users_counted: Vec::new(),
             channel_writers: HashMap::new(),
             outbox: None,
+            granted: Arc::default(),
         }
     }
 
@@ -1485,6 +1489,7 @@ impl Connection {
         self.channel_writers.retain(|_, w| w.strong_count() > 0);
         self.channel_writers
             .insert(via.conn, Arc::downgrade(&via.outbox));
+        let sent = via.credits.clone();
         let saved = self.swap_state(PerConn {
             via: Some(ViaNow {
                 conn: via.conn,
@@ -1495,7 +1500,10 @@ impl Connection {
             client: *via.client,
         });
         self.outer.push(saved);
+        // The channel used its message ids before handing it over.
+        self.ids_taken = true;
         let out = self.handle_pdu(&pdu);
+        self.ids_taken = false;
         let saved = self.outer.pop().unwrap_or_default();
         let credits = self.swap_state(saved).credits;
         // A failed negotiate validation ends the channel, not this one.
@@ -1505,12 +1513,17 @@ impl Connection {
         // otherwise see its final response (queued from here) overtake
         // its interim one. Never written from here: a channel whose client
         // stops reading must not stall this thread (its outbox ends it).
-        let out = out.ok().and_then(|b| {
+        // Its grants are the channel's before the client can see them: the
+        // channel thread reads its socket while it waits for this reply
+        // (`await_home`), and the client's next request may use them.
+        let out = out.ok().is_some_and(|b| {
+            via.granted
+                .fetch_add(credits.granted_since(&sent), Ordering::AcqRel);
             if !b.is_empty() && !via.outbox.push(b) {
                 tracing::debug!(conn = via.conn, "channel ended");
-                return None;
+                return false;
             }
-            Some((Vec::new(), credits))
+            true
         });
         let _ = reply.send(out);
     }
@@ -1654,7 +1667,10 @@ impl Connection {
             }
         };
         if out.is_empty() {
-            return true;
+            // Nothing to send here (a channel's answer went to its outbox):
+            // the connection goes on while its socket does, which a PDU
+            // served meanwhile may have found closed.
+            return self.io.is_some();
         }
         self.io.as_ref().is_some_and(|(_, w)| write_frame(w, &out))
     }
@@ -1709,6 +1725,15 @@ impl Connection {
                 }
             }
         }
+        // Its message ids are used here, on the channel's own thread, before
+        // it is handed over: the channel reads and answers its socket while
+        // it waits for the home (`await_home`), and the requests it answers
+        // meanwhile must find these ids used. The home answers on a copy of
+        // the credits and adds what its answer grants to `granted`, which
+        // this thread adds to its credits before it uses or grants any
+        // (before, the copy came back in place of the credits, which would
+        // have undone what was answered meanwhile).
+        self.take_message_ids(&wire::compound(pdu)?)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let f = crate::channels::Forwarded {
             pdu: pdu.to_vec(),
@@ -1718,6 +1743,7 @@ impl Connection {
                 session,
                 sign: (self.signing, key),
                 credits: Box::new(self.credits.clone()),
+                granted: self.granted.clone(),
                 client: Box::new(self.client.clone()),
             },
             reply: tx,
@@ -1727,36 +1753,49 @@ impl Connection {
             Err(_) => None,
         };
         match answer {
-            Some(Some((out, credits))) => {
-                self.credits = credits;
+            Some(true) => {
                 // Only a LOGOFF that ended the session unbinds: one that
                 // failed (a close filterd refused) changed nothing.
                 if Command::from_code(hdr.command) == Command::Logoff && home.is_ended() {
                     self.unbind(session);
                 }
-                Ok(out)
+                Ok(Vec::new())
             }
-            Some(None) => Err(WireError::Bad("forwarded PDU, or answers left unread")),
+            Some(false) => Err(WireError::Bad("forwarded PDU, or answers left unread")),
             None => {
                 // The home thread is gone, and the session with it.
                 self.unbind(session);
-                self.handle_pdu(pdu)
+                self.ids_taken = true;
+                let out = self.handle_pdu(pdu);
+                self.ids_taken = false;
+                out
             }
         }
     }
 
     /// Waits for the home's answer to a forwarded PDU, serving meanwhile
-    /// what channels hand to this connection: two connections that are
-    /// each a channel of the other's session must not wait on each other.
-    fn await_home(
-        &mut self,
-        rx: &std::sync::mpsc::Receiver<Option<(Vec<u8>, Credits)>>,
-    ) -> Option<Option<(Vec<u8>, Credits)>> {
+    /// what channels hand to this connection (two connections that are
+    /// each a channel of the other's session must not wait on each other)
+    /// and, as [`Connection::pump`] does, this connection's own socket: the
+    /// home may be waiting for what only the client can give — a lease
+    /// break acknowledgment, which the client may send on this channel
+    /// (MS-SMB2 lets it use any channel of the session). Before, the
+    /// acknowledgment lay unread here until filterd's break timeout (35 s)
+    /// let the home's request through, and was then refused, and every
+    /// other request of the channel (ECHO, CANCEL) waited as long (review
+    /// rvpanic; tests/smb3/channel_break_ack.py). Requests read here are
+    /// answered as they would be next (forwarded to their home, which
+    /// serves its inbox while it waits), nested at most `MAX_PUMP_DEPTH`
+    /// deep; beyond that only the inbox is served.
+    fn await_home(&mut self, rx: &std::sync::mpsc::Receiver<bool>) -> Option<bool> {
         use std::sync::mpsc::RecvTimeoutError;
         loop {
             match rx.recv_timeout(Duration::from_millis(5)) {
                 Ok(a) => return Some(a),
                 Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) if self.pump_depth < MAX_PUMP_DEPTH => {
+                    self.pump(Duration::ZERO)
+                }
                 Err(RecvTimeoutError::Timeout) => self.serve_inbox(),
             }
         }
@@ -2356,7 +2395,19 @@ impl Connection {
     /// Credits for a response (MS-SMB2 3.3.1.2): what the client asks
     /// for, within [`Credits::grant`]'s bounds.
     fn grant_credits(&mut self, hdr: &Header) -> u16 {
+        self.take_channel_grants();
         self.credits.grant(hdr.credits)
+    }
+
+    /// Adds to this connection's own credits what homes granted for the
+    /// PDUs it forwarded as a channel (see [`Connection::forward`]); a
+    /// channel's credits, swapped in while its PDU is answered here, are
+    /// left alone.
+    fn take_channel_grants(&mut self) {
+        if self.via.is_none() {
+            let granted = self.granted.swap(0, Ordering::AcqRel);
+            self.credits.add_granted(granted);
+        }
     }
 
     /// Uses the message ids of every request of a compound (3.3.5.2.3)
@@ -2367,6 +2418,7 @@ impl Connection {
         // Every dialect served (2.1 and later) is multi-credit; before the
         // NEGOTIATE none is.
         let multi_credit = self.dialect.is_some();
+        self.take_channel_grants();
         for (hdr, _) in chain {
             if Command::from_code(hdr.command) == Command::Cancel {
                 continue;
