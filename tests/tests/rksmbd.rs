@@ -1114,6 +1114,20 @@ fn a_directory_open_with_a_stale_path_renames_no_other_directory() {
     no_handles_left(&d);
 }
 
+/// Review rvfailover t7: an end-of-file WRITE (offset -1) replayed with
+/// SMB2_FLAGS_REPLAY_OPERATION after a DH2C, or again on the same
+/// connection, was appended a second time. rksmbd now answers a replay
+/// of the open's last append, its bytes still where it landed, without
+/// appending (`files::LastAppend`); other replays are run again.
+#[test]
+fn a_replayed_append_is_not_appended_twice() {
+    let s = Scratch::new("rksmbd-replayed-append");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "replayed_append.py");
+    no_handles_left(&d);
+}
+
 /// Review B-4: lease keys went to filterd as the client chose them, so a
 /// second client (another client GUID) opening a file under the first's
 /// key joined its lease — both were granted RWH at once, no break sent.

@@ -1336,6 +1336,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             resilient_ms: None,
             lock_sequences: Vec::new(),
             frozen: Default::default(),
+            last_append: Cell::new(None),
             counted: None,
         },
     );
@@ -1913,6 +1914,7 @@ fn reconnect(
             lock_sequences: Vec::new(),
             frozen: Default::default(),
             counted: None,
+            last_append: Cell::new(sh.registry.last_append(rc.create_guid)),
         },
     );
     if added.is_err() {
@@ -2031,6 +2033,7 @@ fn dir_open(
         resilient_ms: None,
         lock_sequences: Vec::new(),
         frozen: Default::default(),
+        last_append: Cell::new(None),
         counted: None,
     }
 }

@@ -668,6 +668,46 @@ pub struct Open {
     /// The times a FileBasicInformation of -1 froze for this open: its
     /// WRITEs and size changes put them back ([`crate::times`]).
     pub(crate) frozen: FrozenTimes,
+    /// The last end-of-file WRITE through it, while no other WRITE came
+    /// after it: a replay of it is answered, not appended again
+    /// ([`LastAppend`]).
+    pub(crate) last_append: Cell<Option<LastAppend>>,
+}
+
+/// Where an end-of-file WRITE (offset -1) landed: its offset, length and
+/// the SHA-256 of its bytes. A WRITE at offset -1 sent again with
+/// SMB2_FLAGS_REPLAY_OPERATION (after a lost connection and a DH2C, or on
+/// another channel) whose bytes are these, while these bytes are still
+/// where it landed and no other WRITE came through the open since, is the
+/// client's resend of this one: answered with its result, not appended a
+/// second time (before, an end of file as it is now made every replay
+/// land again, after the first: review rvfailover t7). SMB2 carries no
+/// operation id, so a replay of a second, identical append that never
+/// reached rksmbd is answered so too (docs/smb3.md). A durable open's is
+/// kept across its reconnect by this rksmbd process only
+/// ([`crate::sessions::Registry::keep_append`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct LastAppend {
+    at: u64,
+    len: u32,
+    digest: [u8; 32],
+}
+
+impl LastAppend {
+    fn digest(data: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(data).into()
+    }
+
+    /// Whether `data`, written at the end of `file` again, is this append
+    /// resent: the same bytes, still where this one put them.
+    fn resent(&self, file: &std::fs::File, data: &[u8]) -> bool {
+        if usize::try_from(self.len).ok() != Some(data.len()) || Self::digest(data) != self.digest {
+            return false;
+        }
+        let mut there = vec![0; data.len()];
+        file.read_exact_at(&mut there, self.at).is_ok() && Self::digest(&there) == self.digest
+    }
 }
 
 /// The lease key of the oplock of the open an OPLOCK_BREAK
@@ -760,6 +800,7 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
             // READs moved it.
             if let Some(g) = open.create_guid {
                 sh.registry.keep_position(g, open.position);
+                sh.registry.keep_append(g, open.last_append.get());
             }
         } else if let Err(e) = sh.filter.close_told(*key, told) {
             tracing::warn!(resume_key = %key, error = %e, ?ending, "close in filterd failed");
@@ -1335,6 +1376,16 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     };
     may(o, FILE_WRITE_DATA | FILE_APPEND_DATA)?;
     let at_end = offset == AT_END_OF_FILE;
+    // Any other WRITE between an append and its replay: that replay is
+    // run again, as every other replayed WRITE is.
+    let last = o.last_append.take();
+    if at_end
+        && req.hdr.flags & wire::FLAG_REPLAY != 0
+        && last.is_some_and(|l| l.resent(file, data))
+    {
+        o.last_append.set(last);
+        return Ok(written_reply(len));
+    }
     let (offset, pass) = if at_end && len > 0 {
         // An end-of-file write lands where the end is when it runs, which
         // another writer may have moved since the size was read: its check
@@ -1373,9 +1424,28 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
     break_read_caching(&c.sh, *key);
     wrote.map_err(io_status)?;
     sync_if_write_through(o, flags & WRITEFLAG_WRITE_THROUGH != 0)?;
+    if at_end && len > 0 {
+        // Where it landed: the end now, less its length, unless another
+        // writer appended meanwhile — then a replay finds other bytes
+        // there and is appended again.
+        let at = file
+            .metadata()
+            .map_or(0, |m| m.len())
+            .checked_sub(len.into());
+        o.last_append.set(at.map(|at| LastAppend {
+            at,
+            len,
+            digest: LastAppend::digest(data),
+        }));
+    }
+    Ok(written_reply(len))
+}
+
+/// A WRITE's success response (2.2.22) for `len` bytes written.
+fn written_reply(len: u32) -> Reply {
     let mut w = Writer::new();
     w.u16(17).u16(0).u32(len).u32(0).u16(0).u16(0).u8(0);
-    Ok(Reply::ok(w.0))
+    Reply::ok(w.0)
 }
 
 /// A WRITE's offset 0xFFFF_FFFF_FFFF_FFFF (-1): at the end of file.

@@ -330,6 +330,9 @@ pub struct Registry {
     /// The file position (FilePositionInformation) of a durable open
     /// that set one, by create GUID, for its reconnect.
     positions: Mutex<HashMap<uuid::Uuid, u64>>,
+    /// The last end-of-file WRITE of a durable open, by create GUID, for
+    /// its reconnect: a replay of it is not appended again.
+    appends: Mutex<HashMap<uuid::Uuid, crate::files::LastAppend>>,
     /// Locks filterd may hold for a durable handle whose client went
     /// away before it learnt the outcome, by resume key: settled when the
     /// handle is reconnected ([`crate::lock::settle_reconnected`]).
@@ -680,6 +683,28 @@ impl Registry {
     /// position is forgotten.
     pub fn durable_closed(&self, create_guid: uuid::Uuid) {
         self.keep_position(create_guid, 0);
+        self.keep_append(create_guid, None);
+    }
+
+    /// A durable open's last end-of-file WRITE, as it is detached (none:
+    /// another WRITE came after it). Up to [`MAX_V2_BY_FILE_ID`] are
+    /// remembered, by this rksmbd process only.
+    pub fn keep_append(&self, create_guid: uuid::Uuid, last: Option<crate::files::LastAppend>) {
+        let mut m = lock(&self.appends);
+        match last {
+            None => {
+                m.remove(&create_guid);
+            }
+            Some(l) if m.len() < MAX_V2_BY_FILE_ID || m.contains_key(&create_guid) => {
+                m.insert(create_guid, l);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The last end-of-file WRITE a reconnected durable open resumes with.
+    pub fn last_append(&self, create_guid: uuid::Uuid) -> Option<crate::files::LastAppend> {
+        lock(&self.appends).get(&create_guid).copied()
     }
 
     /// Lock `u` of handle `key` is unlearnt: its client went away first.
