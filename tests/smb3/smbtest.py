@@ -118,14 +118,15 @@ def persistent_context(create_guid, timeout_ms=60000):
     return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q)
 
 
-def reconnect_v2(tree, name, file_id, create_guid, contexts=(), oplock_level=0):
-    """A DH2C (persistent) of open `file_id` (create GUID `create_guid`)
-    of file `name` on `tree`, with `contexts` besides: (the Open, 0), or
-    (None, the status it failed with)."""
+def reconnect_v2(tree, name, file_id, create_guid, contexts=(), oplock_level=0, persistent=True):
+    """A DH2C (persistent, unless `persistent` is False: no
+    SMB2_DHANDLE_FLAG_PERSISTENT) of open `file_id` (create GUID
+    `create_guid`) of file `name` on `tree`, with `contexts` besides: (the
+    Open, 0), or (None, the status it failed with)."""
     dh2c = SMB2CreateDurableHandleReconnectV2()
     dh2c["file_id"] = file_id
     dh2c["create_guid"] = create_guid
-    dh2c["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT
+    dh2c["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT if persistent else 0
     try:
         f, _ = create_rw(
             tree,

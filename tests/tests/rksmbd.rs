@@ -1128,6 +1128,20 @@ fn a_replayed_append_is_not_appended_twice() {
     no_handles_left(&d);
 }
 
+/// Review rvfailover: a DH2C's SMB2_DHANDLE_FLAG_PERSISTENT was parsed
+/// and dropped, so a persistent open was reconnected without it. MS-SMB2
+/// 3.3.5.9.12 refuses that STATUS_OBJECT_NAME_NOT_FOUND; the handle stays
+/// disconnected for a DH2C with the flag, and a durable open is
+/// reconnected either way.
+#[test]
+fn a_persistent_open_is_reconnected_only_as_persistent() {
+    let s = Scratch::new("rksmbd-reconnect-persistent-flag");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "reconnect_persistent_flag.py");
+    no_handles_left(&d);
+}
+
 /// Review B-4: lease keys went to filterd as the client chose them, so a
 /// second client (another client GUID) opening a file under the first's
 /// key joined its lease — both were granted RWH at once, no break sent.

@@ -1693,6 +1693,9 @@ struct Reconnect {
     v1: bool,
     /// A DHnC, which may also name a durable v2 open by its FileId.
     dhnc: bool,
+    /// A DH2C with SMB2_DHANDLE_FLAG_PERSISTENT: a persistent open is
+    /// reconnected only so (3.3.5.9.12).
+    persistent: bool,
 }
 
 impl From<ReconnectV2> for Reconnect {
@@ -1702,6 +1705,7 @@ impl From<ReconnectV2> for Reconnect {
             // names it (and never a v2 open, whose create GUID is set).
             return Reconnect {
                 dhnc: false,
+                persistent: rc.persistent,
                 ..Reconnect::v1(rc.persistent_file_id)
             };
         }
@@ -1710,6 +1714,7 @@ impl From<ReconnectV2> for Reconnect {
             persistent_file_id: rc.persistent_file_id,
             v1: false,
             dhnc: false,
+            persistent: rc.persistent,
         }
     }
 }
@@ -1721,6 +1726,7 @@ impl Reconnect {
             persistent_file_id,
             v1: true,
             dhnc: true,
+            persistent: false,
         }
     }
 }
@@ -1812,6 +1818,16 @@ fn reconnect(
         Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v),
         _ => None,
     };
+    // A persistent open's DH2C must say so (3.3.5.9.12: Open.IsPersistent
+    // and no SMB2_DHANDLE_FLAG_PERSISTENT is STATUS_OBJECT_NAME_NOT_FOUND;
+    // before, the flag was parsed and dropped — review rvfailover). A DHnC
+    // has no flag, and a durable open's DH2C with the flag is not refused:
+    // MS-SMB2 uses the flag then only to look the open up by create GUID.
+    // Known only once filterd has resumed the handle: detached again, as
+    // for every other mismatch here, for a DH2C that says so.
+    let view = view.filter(|v| {
+        rc.dhnc || rc.persistent || !matches!(v.record.durability, Durability::Persistent { .. })
+    });
     let (Some(view), true, true) = (view, lease_ok, pid_ok) else {
         let _ = sh.filter.detach(key);
         return Err(status::OBJECT_NAME_NOT_FOUND);
