@@ -1142,6 +1142,20 @@ fn a_persistent_open_is_reconnected_only_as_persistent() {
     no_handles_left(&d);
 }
 
+/// Review rvfailover: a CREATE replayed on another connection (same
+/// create GUID) under another lease key was answered success under the
+/// key asked while filterd's lease stayed the original's; the same replay
+/// on the original's connection is STATUS_ACCESS_DENIED. Now both are,
+/// and the open stays disconnected for a replay under its own key.
+#[test]
+fn a_replay_elsewhere_under_another_lease_key_is_refused() {
+    let s = Scratch::new("rksmbd-replay-other-lease-key");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "replay_other_lease_key.py");
+    no_handles_left(&d);
+}
+
 /// Review B-4: lease keys went to filterd as the client chose them, so a
 /// second client (another client GUID) opening a file under the first's
 /// key joined its lease — both were granted RWH at once, no break sent.

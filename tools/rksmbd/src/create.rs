@@ -1217,6 +1217,19 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
         None => id,
     };
     let oplock = oplock_key.filter(|_| held.is_some());
+    // A replay that filterd answered with the original durable open under
+    // another lease key (or the original's oplock) is refused, as one on
+    // the original's connection is ([`replayed`]): the open is detached
+    // again, for a replay or DH2C under its own key. Before, it was
+    // answered success under the key asked while filterd's lease stayed
+    // the original's (review rvfailover). A fresh open holds the key asked.
+    if let (true, Some(_), Some(l), Some(asked)) = (replay, durable, held, &lease) {
+        if l.key != breaks::scoped_key(c.client_guid, asked.key) {
+            tracing::debug!(resume_key = %key, "replayed create asks for another lease key");
+            let _ = sh.filter.detach(key);
+            return Err(status::ACCESS_DENIED);
+        }
+    }
     let mut lease = lease;
     match (held, &mut lease, oplock) {
         (Some(l), Some(asked), _) => {
