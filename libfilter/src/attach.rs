@@ -422,6 +422,23 @@ impl Attachment {
         }
     }
 
+    /// Whether the attachment is attached to a restarted filterd whose
+    /// [`AttachEvent::Reattached`] the frontend has not applied yet
+    /// ([`Attachment::resynced`]): its clients may still cache under
+    /// leases of handles that filterd forgot, and the frontend's own
+    /// opens, which filterd's open gate does not hold, should wait. False
+    /// while filterd is gone (an open fails then as it would).
+    pub fn resync_pending(&self) -> bool {
+        let g = self.shared.generation.load(Ordering::Acquire);
+        if self.shared.synced.load(Ordering::Acquire) == g {
+            return false;
+        }
+        match self.shared.current.read() {
+            Ok(c) => !c.peer_gone(),
+            Err(_) => false,
+        }
+    }
+
     /// The frontend has applied the `Reattached` of `generation` (marked
     /// its `locked` files, sent its clients the breaks of leases whose
     /// handles are `lost`): I/O on other files may go unchecked again, and

@@ -1156,6 +1156,41 @@ fn a_replay_elsewhere_under_another_lease_key_is_refused() {
     no_handles_left(&d);
 }
 
+/// Review rvfailover: after a filterd restart, rksmbd writes the breaks
+/// of the leases whose handles filterd forgot and only then resyncs;
+/// filterd's open gate holds other frontends' opens until then, but not
+/// rksmbd's own, so another client of the same rksmbd was granted an open
+/// of the file at once while the holder, told nothing yet, still cached.
+/// rksmbd now holds its own fresh CREATEs until it has resynced. The
+/// breaks are held 1.5 s here (`RKSMBD_TEST_FORGOTTEN_BREAKS_DELAY_MS`).
+#[test]
+fn a_fresh_create_after_a_filterd_restart_waits_for_the_forgotten_breaks() {
+    let s = Scratch::new("rksmbd-restart-fresh-create");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let env = [("RKSMBD_TEST_FORGOTTEN_BREAKS_DELAY_MS", "1500")];
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "restart_fresh_create.py",
+        std::time::Duration::from_secs(60),
+    );
+    script.expect("ready");
+    d.kill9();
+    let d = Filterd::start(&s, &[], &[]);
+    rkfilter_tests::wait_for(
+        "rksmbd to reattach and hold the breaks of forgotten leases",
+        std::time::Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("the breaks of forgotten leases are held"))
+        },
+    );
+    script.say("go");
+    script.finish();
+    drop(d);
+}
+
 /// Review B-4: lease keys went to filterd as the client chose them, so a
 /// second client (another client GUID) opening a file under the first's
 /// key joined its lease — both were granted RWH at once, no break sent.

@@ -479,6 +479,7 @@ pub fn forward(sh: Arc<Shared>) {
             // of forgotten leases go first: `resynced` tells filterd,
             // which holds other frontends' opens until then, so none of
             // them is granted before a holder was sent its break.
+            test_delay_before_the_forgotten_breaks();
             leases_forgotten(&sh, &lost);
             sh.filter.resynced(generation);
             continue;
@@ -618,6 +619,18 @@ fn write_waiting(id: usize) {
             let _ = d.send(());
         }
     }
+}
+
+/// Tests only (debug builds): `$RKSMBD_TEST_FORGOTTEN_BREAKS_DELAY_MS`
+/// holds the breaks of forgotten leases (and so the resync) after a
+/// reattach, as a client that does not read may (tests/smb3/restart_fresh_create.py).
+fn test_delay_before_the_forgotten_breaks() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    crate::create::test_delay(
+        &DELAY,
+        "RKSMBD_TEST_FORGOTTEN_BREAKS_DELAY_MS",
+        "the breaks of forgotten leases are held",
+    );
 }
 
 /// Longest the breaks of forgotten leases are waited for before rksmbd

@@ -828,7 +828,23 @@ pub struct Prepared {
 /// late: a durable v1 open's create GUID is rksmbd's own, which a
 /// client's replay cannot name (a Linux client that replays one answered
 /// STATUS_FILE_NOT_AVAILABLE runs it again: a known limit, docs/smb3.md).
+///
+/// A fresh open waits (answered Busy here: pending, retried as one waiting
+/// for lease breaks, at most [`BREAK_WAIT`]) while rksmbd is attached to a
+/// restarted filterd but has not yet written the breaks of the leases
+/// whose handles it forgot ([`crate::breaks::forward`]): filterd's open
+/// gate holds other frontends' opens until rksmbd's `Resynced`, but not
+/// rksmbd's own, so another client of this rksmbd could be granted RWH
+/// on a file whose holder still caches under a forgotten lease, up to the
+/// 1 s those breaks may take (review rvfailover). A replay or reconnect
+/// resumes an open filterd kept and is not held.
 fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle, ClientError> {
+    if !p.replay && sh.filter.resync_pending() {
+        return Err(ClientError::Refused(libfilter::proto::WireError::new(
+            ErrorCode::Busy,
+            "the breaks of leases filterd forgot are not written yet",
+        )));
+    }
     if p.replay {
         sh.filter.replay_open_for(p.req.clone(), &p.end)
     } else if p.by_guid {
