@@ -359,11 +359,61 @@ struct State {
     /// client was sent CB_RECALL for to make room for an OPEN at its
     /// limit, and when ([`room_for_an_open`]).
     room_recall: Option<(String, Instant)>,
+    /// Commits in flight or of unknown outcome that close an open state's
+    /// handle and record the state naming another one, by the handle they
+    /// close ([`Swap`]).
+    swaps: HashMap<ResumeKey, Swap>,
     /// Being released (reboot, expiry, destroy), and a step of it in
     /// filterd failed: the release is retried (by the next request naming
     /// the client, or the lease reaper) until it is done, and meanwhile
     /// the client's state serves nothing (see [`release_client`]).
     releasing: bool,
+}
+
+/// An open state as a commit that closes its handle `old` (the key of
+/// [`State::swaps`]) records it: the CLOSE that keeps a delegation on a
+/// further handle ([`close_keeping_delegation`]), the reopen of a kept
+/// delegation's handle in another share group
+/// ([`recarry_kept_delegations`]). Noted before the call and dropped when
+/// filterd answers it; when filterd goes away after the commit and before
+/// its answer, it reports `old` lost at the reattach, and the state
+/// becomes this instead of going ([`forget_handle`]): dropped, it lost
+/// the delegation and left the handle the record names open with nothing
+/// naming it (re-review rr39a D, E).
+struct Swap {
+    other: String,
+    open: Open,
+    /// The CLOSE that made it (its re-send is answered NFS4_OK).
+    closed_by: Option<String>,
+    /// Lock stateids that go with it.
+    gone_aliases: Vec<String>,
+}
+
+/// Makes open state `sw.other` what swap `sw` of its handle `old`
+/// recorded: filterd committed it.
+fn apply_swap(sh: &Shared, st: &mut State, old: ResumeKey, sw: Swap) {
+    let before = st.opens.get(&sw.other).map(Open::keys).unwrap_or_default();
+    let after = sw.open.keys();
+    let cid = sw.open.clientid.clone();
+    for l in &sw.gone_aliases {
+        st.aliases.remove(l);
+    }
+    if let Some(by) = sw.closed_by {
+        st.closed.insert(sw.other.clone(), (cid.clone(), Some(by)));
+    }
+    st.opens.insert(sw.other, sw.open);
+    if let Ok(mut g) = sh.global() {
+        for k in before.iter().chain(&after).chain([&old]) {
+            // A CLOSEd state locks nothing.
+            g.lock_owner.remove(k);
+            if !after.contains(k) {
+                g.handle_client.remove(k);
+            }
+        }
+        for k in after {
+            g.handle_client.insert(k, cid.clone());
+        }
+    }
 }
 
 /// What routes requests and events to a client, and what outlives it. Held
@@ -396,6 +446,11 @@ struct Global {
     /// Delegations filterd lowered without a recall (nothing to ack), per
     /// client: revoked at the client's next request, under its lock.
     revoked: HashMap<String, Vec<uuid::Uuid>>,
+    /// Delegation lease keys CB_RECALL was sent for, and when: until the
+    /// delegation ends (its key leaves `lease_client`), filterd may end
+    /// the break at its timeout and refuse another open by the handle
+    /// before nfsshim hears of the revocation ([`open_refused`]).
+    recalled: HashMap<uuid::Uuid, Instant>,
     /// Lease keys of OPENs in flight that ask for a delegation (not yet in
     /// `lease_client`), with a break filterd sent meanwhile (whether it
     /// needs an answer): handled once the OPEN is done ([`Opening`]).
@@ -772,10 +827,13 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                     }
                     if o.closed && o.deleg.is_none() {
                         // CLOSEd, kept only for the delegation that went:
-                        // the state goes too (its handle with it).
-                        discard(f, &cid, &o, &attached);
-                        let _ = state::delete(f, &t.states(&cid), snum);
-                        continue;
+                        // the state goes too, its handle closed in the
+                        // commit that deletes its record, as any revoked
+                        // one's ([`retire_revoked`], which tries again
+                        // while that fails). Closed here whatever the
+                        // close did, a record deleted left a handle nobody
+                        // named (re-review rr39a).
+                        st.revoked_closed = true;
                     }
                     // Whatever else the open's handles hold, no delegation
                     // answers for: given back, or every later conflicting
@@ -1715,20 +1773,14 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     if let Some(c) = st.client.as_mut() {
         c.deadline = Instant::now() + sh.lease;
     }
-    let (revoked, forgotten) = match sh.global() {
+    let forgotten = match sh.global() {
         Ok(mut g) => {
             g.client_conn.insert(cid.clone(), conn);
-            (
-                g.revoked.remove(&cid).unwrap_or_default(),
-                g.forgotten.remove(&cid).unwrap_or_default(),
-            )
+            g.forgotten.remove(&cid).unwrap_or_default()
         }
         Err(f) => return finish(Err(f)).into(),
     };
-    for lease in revoked {
-        revoke(&mut st, lease);
-    }
-    retire_revoked(sh, &mut st);
+    settle_revocations(sh, &mut st, &cid);
     for key in forgotten {
         let chores = forget_handle(sh, &mut st, key);
         do_chores(sh, chores);
@@ -2547,6 +2599,21 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     // goes (the open joins one of the owner's states, or fails): kept, a
     // restore would resume the handle for a state the client never heard
     // of, then drop the one it was answered as gone (review wD).
+    // At the open limit, an OPEN that cannot upgrade one of this owner's
+    // open states (none of them is of a file at this path) needs room
+    // before filterd opens anything: checked after, its DELAY came with
+    // the file created or truncated, and its re-send, opening afresh,
+    // found the client's own guarded create NFS4ERR_EXIST or truncated
+    // again (re-review rr39a C).
+    if st.opens.len() >= sh.limits.max_opens_per_client
+        && !st.opens.values().any(|o| {
+            o.rec.owner == owner
+                && !o.rec.closed
+                && current_path(sh, o.rec.key, &o.rec.path) == path.as_str()
+        })
+    {
+        room_for_an_open(sh, st)?;
+    }
     let earlier = earlier
         .and_then(|r| Some((r.state?, earlier_id(Some(&r.reply))?)))
         .filter(|(_, other)| !st.opens.contains_key(other));
@@ -2621,7 +2688,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             sh.replays.bump();
             h
         }
-        Err(e) => return Err(filter_fail(e)),
+        Err(e) => return Err(open_refused(sh, e)),
     };
     // The claim ends after the record is written again below (a record
     // rewritten after it ended would be one nfsshim does not count:
@@ -2708,7 +2775,16 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         }
         None => {
             if let Err(f) = room_for_an_open(sh, st) {
-                let _ = sh.filter.close(h.info.key);
+                if f.0 == "NFS4ERR_DELAY" {
+                    // Kept for the re-send, which filterd answers with
+                    // this very handle (its create GUID is the
+                    // request's): what this open did (a create, a
+                    // truncation) is not done again. Until then no open
+                    // state names it.
+                    st.may_hold_strays = true;
+                } else {
+                    let _ = sh.filter.close(h.info.key);
+                }
                 return Err(f);
             }
             let (other, num) = match earlier {
@@ -2963,12 +3039,24 @@ fn recarry_kept_delegations(
         let mut rec = o.rec.clone();
         rec.key = h.info.key;
         rec.group = Some(owner.to_owned());
+        let mut after = o.clone();
+        after.rec = rec.clone();
+        after.file = open_file(h.fd, slot);
         let put = vec![RecordSpec {
             scope: state::scope(&sh.tables.states(ctx.cid)).map_err(filter_fail)?,
             op_id: num,
             reply: state::encode(&rec).map_err(filter_fail)?,
             keep: state::KEEP,
         }];
+        st.swaps.insert(
+            old,
+            Swap {
+                other: other.clone(),
+                open: after,
+                closed_by: None,
+                gone_aliases: Vec::new(),
+            },
+        );
         let committed = match sh.filter.close_recording(old, put.clone(), Vec::new()) {
             Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {
                 sh.filter.client().write_records(put, Vec::new())
@@ -2978,20 +3066,18 @@ fn recarry_kept_delegations(
         if let Err(e) = committed {
             if e.code().is_some() {
                 // Refused: nothing changed but the new handle.
+                st.swaps.remove(&old);
                 let _ = sh.filter.close(h.info.key);
             } else {
-                // Unknown: the re-send finds the new handle again.
+                // Unknown: the re-send finds the new handle again, and a
+                // reattach that finds `old` closed switches to it.
                 st.may_hold_strays = true;
             }
             return Err(filter_fail(e));
         }
-        if let Some(o) = st.opens.get_mut(&other) {
-            o.rec = rec;
-            o.file = open_file(h.fd, slot);
+        if let Some(sw) = st.swaps.remove(&old) {
+            apply_swap(sh, st, old, sw);
         }
-        let mut g = sh.global()?;
-        g.handle_client.remove(&old);
-        g.handle_client.insert(h.info.key, ctx.cid.to_owned());
     }
     Ok(())
 }
@@ -3116,7 +3202,10 @@ fn open_recorded(
         ));
     }
     req.put = put;
-    let h = sh.filter.replay_open(req).map_err(filter_fail)?;
+    let h = sh
+        .filter
+        .replay_open(req)
+        .map_err(|e| open_refused(sh, e))?;
     note_locked(sh, &h.info);
     give_back_refused(sh, refused, &h.info);
     // Memory as a restore would derive it from the records just committed.
@@ -4305,6 +4394,15 @@ fn close_keeping_delegation(
         },
         slot_record(ctx)?,
     ];
+    st.swaps.insert(
+        own,
+        Swap {
+            other: other.to_owned(),
+            open: o,
+            closed_by: Some(ctx.request_name("close")),
+            gone_aliases: locks,
+        },
+    );
     // One commit: the open's own handle closed (when it does not carry
     // the lease), the state's record marked closed and the slot reply.
     let committed = if carrier == own {
@@ -4320,23 +4418,15 @@ fn close_keeping_delegation(
         }
     };
     if let Err(e) = committed {
+        // Kept while the outcome is unknown and `own` closed by it: the
+        // reattach then reports `own` lost ([`Swap`]).
+        if e.code().is_some() || carrier == own {
+            st.swaps.remove(&own);
+        }
         return failed(st, trimmed, e);
     }
-    for l in locks {
-        st.aliases.remove(&l);
-    }
-    st.opens.insert(other.to_owned(), o);
-    st.closed.insert(
-        other.to_owned(),
-        (ctx.cid.to_owned(), Some(ctx.request_name("close"))),
-    );
-    {
-        let mut g = sh.global()?;
-        g.lock_owner.remove(&carrier);
-        if carrier != own {
-            g.handle_client.remove(&own);
-            g.lock_owner.remove(&own);
-        }
+    if let Some(sw) = st.swaps.remove(&own) {
+        apply_swap(sh, st, own, sw);
     }
     Ok(recorded())
 }
@@ -4424,6 +4514,15 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
         .opens
         .get(&other)
         .ok_or_else(|| internal("open vanished"))?;
+    if o.rec.closed {
+        // No acknowledgement first: filterd ends the break (and runs
+        // again what waited for it) when the lease's one handle closes,
+        // which `delegreturn_closed` does in the commit that deletes the
+        // state. Given up first, the lease let a waiting open run while
+        // the handle, not yet closed, still denied it (re-review rr39a A:
+        // an SMB open denying read was STATUS_SHARING_VIOLATION).
+        return delegreturn_closed(ctx, st, &other, me);
+    }
     if let Some(d) = &o.rec.deleg {
         // First the record says which request gives the lease up: should
         // nfsshim die before this request's records commit, its restore
@@ -4456,9 +4555,6 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
                 return Err(filter_fail(e));
             }
         }
-    }
-    if o.rec.closed {
-        return delegreturn_closed(ctx, st, &other, me);
     }
     // Handles kept only to carry a delegation go with it: closed first,
     // each leaving the state once filterd closed it. One whose close
@@ -4994,6 +5090,18 @@ fn forget(sh: &Shared, keys: &[ResumeKey]) {
 /// filterd calls that go with it (see [`Chore`]).
 #[must_use]
 fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
+    if let Some(sw) = st.swaps.remove(&key) {
+        if st
+            .opens
+            .get(&sw.other)
+            .is_some_and(|o| o.keys().contains(&key))
+        {
+            // Closed by a commit whose answer filterd did not send: the
+            // state is what that commit recorded.
+            apply_swap(sh, st, key, sw);
+            return Vec::new();
+        }
+    }
     let mut chores = Vec::new();
     let gone: Vec<String> = st
         .opens
@@ -5195,6 +5303,7 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool) {
         return;
     }
     let writer = g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c));
+    g.recalled.insert(lease_key.0, Instant::now());
     drop(g);
     if let Some(w) = writer {
         shimline::send(
@@ -5218,6 +5327,58 @@ fn revoke(st: &mut State, lease: uuid::Uuid) {
             st.revoked_closed |= o.rec.closed;
         }
     }
+}
+
+/// Revokes the delegations of client `cid` that filterd lowered without a
+/// recall ([`Global::revoked`]) and retires the CLOSEd states they leave
+/// ([`retire_revoked`]); only then are they off the list, so an OPEN
+/// meanwhile refused by such a state's handle is answered NFS4ERR_DELAY,
+/// not NFS4ERR_SHARE_DENIED ([`open_refused`]). Run at the client's next
+/// request and by the reaper (within its tick of the revocation, the
+/// client idle or not: re-review rr39a A, the handle of a revoked kept
+/// delegation denied other clients' opens until its holder's next
+/// request).
+fn settle_revocations(sh: &Shared, st: &mut State, cid: &str) {
+    let revoked = match sh.global() {
+        Ok(g) => g.revoked.get(cid).cloned().unwrap_or_default(),
+        Err(_) => return,
+    };
+    for lease in &revoked {
+        revoke(st, *lease);
+    }
+    retire_revoked(sh, st);
+    if let Ok(mut g) = sh.global() {
+        if let Some(v) = g.revoked.get_mut(cid) {
+            v.retain(|l| !revoked.contains(l));
+            if v.is_empty() {
+                g.revoked.remove(cid);
+            }
+        }
+    }
+}
+
+/// `e`, filterd's refusal of an OPEN, as the OPEN's answer: a sharing
+/// violation while a delegation is being recalled (filterd revokes it at
+/// its break timeout, and may refuse an open by its handle before
+/// nfsshim hears of that), or while a revoked delegation's handle is yet
+/// to be closed ([`settle_revocations`]), is NFS4ERR_DELAY — the handle
+/// goes within the reaper's tick of the revocation, and the re-send is
+/// granted — not NFS4ERR_SHARE_DENIED.
+fn open_refused(sh: &Shared, e: ClientError) -> Fail {
+    let settling = e.code() == Some(ErrorCode::SharingViolation)
+        && sh.global().is_ok_and(|g| {
+            g.recalled
+                .iter()
+                .any(|(l, at)| g.lease_client.contains_key(l) && at.elapsed() < sh.lease)
+                || g.revoked.values().any(|v| !v.is_empty())
+        });
+    if settling {
+        return Fail(
+            "NFS4ERR_DELAY",
+            format!("{e}; a revoked delegation's handle is being closed"),
+        );
+    }
+    filter_fail(e)
 }
 
 /// The states a client CLOSEd whose delegation went ([`revoke`]): each
@@ -5278,6 +5439,10 @@ fn reaper(sh: Arc<Shared>) {
             let keep = (sh.lease * 2).max(Duration::from_secs(600));
             g.giving_back
                 .retain(|_, failed| failed.is_none_or(|t| t.elapsed() < keep));
+            let g = &mut *g;
+            let (held, lease) = (&g.lease_client, sh.lease);
+            g.recalled
+                .retain(|l, at| held.contains_key(l) && at.elapsed() < lease);
         }
         let Ok(clients) = sh.global().map(|g| {
             g.clients
@@ -5309,6 +5474,9 @@ fn reaper(sh: Arc<Shared>) {
         for (cid, cl) in clients {
             // A client with a request running is alive; look next time.
             let Ok(mut st) = cl.try_lock() else { continue };
+            // Revoked delegations' handles go now, not at the client's
+            // next request: they deny others' opens until then.
+            settle_revocations(&sh, &mut st, &cid);
             if st.client.as_ref().is_some_and(|c| c.deadline <= now) {
                 if !st.releasing {
                     eprintln!("nfsshim: client {cid} let its lease lapse; releasing its state");
