@@ -444,7 +444,8 @@ struct Global {
     /// Client → the connection its last request came on (callbacks).
     client_conn: HashMap<String, u64>,
     /// Delegations filterd lowered without a recall (nothing to ack), per
-    /// client: revoked at the client's next request, under its lock.
+    /// client: revoked under its lock, at its next request or the reaper's
+    /// next tick ([`settle_revocations`]).
     revoked: HashMap<String, Vec<uuid::Uuid>>,
     /// Delegation lease keys CB_RECALL was sent for, and when: until the
     /// delegation ends (its key leaves `lease_client`), filterd may end
@@ -2592,13 +2593,6 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         };
         return open_recorded(ctx, st, req, words, access, slot, earlier, refused);
     }
-    // An earlier try of this OPEN that committed as an owner's first open
-    // (its descriptor cut, or filterd gone before the answer) left an open
-    // state record naming the very handle the replay below returns. This
-    // OPEN's state takes that record's number (a new state) or the record
-    // goes (the open joins one of the owner's states, or fails): kept, a
-    // restore would resume the handle for a state the client never heard
-    // of, then drop the one it was answered as gone (review wD).
     // At the open limit, an OPEN that cannot upgrade one of this owner's
     // open states (none of them is of a file at this path) needs room
     // before filterd opens anything: checked after, its DELAY came with
@@ -2614,6 +2608,13 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
     {
         room_for_an_open(sh, st)?;
     }
+    // An earlier try of this OPEN that committed as an owner's first open
+    // (its descriptor cut, or filterd gone before the answer) left an open
+    // state record naming the very handle the replay below returns. This
+    // OPEN's state takes that record's number (a new state) or the record
+    // goes (the open joins one of the owner's states, or fails): kept, a
+    // restore would resume the handle for a state the client never heard
+    // of, then drop the one it was answered as gone (review wD).
     let earlier = earlier
         .and_then(|r| Some((r.state?, earlier_id(Some(&r.reply))?)))
         .filter(|(_, other)| !st.opens.contains_key(other));
@@ -5384,8 +5385,9 @@ fn open_refused(sh: &Shared, e: ClientError) -> Fail {
 /// The states a client CLOSEd whose delegation went ([`revoke`]): each
 /// one's handle is closed in the commit that deletes its record, and only
 /// then does the state leave memory. One whose close fails stays, still
-/// naming its handle, and is tried again at the client's next request
-/// (its release closes it with the others; a restore drops it). Re-review
+/// naming its handle, and is tried again at the reaper's next tick or the
+/// client's next request ([`settle_revocations`]; its release closes it
+/// with the others). Re-review
 /// D4: the record was deleted whatever the close did, so a handle whose
 /// close failed was named by nothing and held its file until its timeout.
 fn retire_revoked(sh: &Shared, st: &mut State) {
@@ -5414,7 +5416,7 @@ fn retire_revoked(sh: &Shared, st: &mut State) {
         if let Err(e) = retired {
             eprintln!(
                 "nfsshim: closing handle {key} of a revoked delegation's closed open: {e}; \
-                 trying again at the client's next request"
+                 trying again"
             );
             st.revoked_closed = true;
             continue;
