@@ -881,9 +881,11 @@ fn a_kept_delegations_reopen_survives_a_filterd_crash_at_its_commit() {
         d.wait_killed_at(&fp, Duration::from_secs(10));
         let _d2 = Filterd::start(&s, &[], &[]);
         let o2 = ok(a.resend_patiently(&open2, Duration::from_secs(20)));
-        let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+        // (DELAY while nfsshim catches up with the reattach: re-sent.)
+        let r =
+            ok(a.call_patiently(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
         assert_eq!(r["data"], b64("old"), "{fp}: {r}");
-        ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
+        ok(a.call_patiently(json!({"op": "DELEGRETURN", "stateid": deleg})));
         assert_eq!(
             handles_on(&s, "f").len(),
             1,
@@ -931,7 +933,9 @@ fn a_close_moving_a_delegation_to_its_further_handle_survives_a_filterd_crash() 
         d.wait_killed_at(&fp, Duration::from_secs(10));
         let _d2 = Filterd::start(&s, &[], &[]);
         ok(a.resend_patiently(&close, Duration::from_secs(20)));
-        let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+        // (DELAY while nfsshim catches up with the reattach: re-sent.)
+        let r =
+            ok(a.call_patiently(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
         assert_eq!(r["data"], b64("old"), "{fp}: {r}");
         assert_eq!(
             handles_on(&s, "f").len(),
