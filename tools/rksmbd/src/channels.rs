@@ -235,6 +235,10 @@ struct Queued {
     /// Bytes of `pdus` and of the PDU being written (counted in
     /// [`OUTBOXES`] too until the outbox ends).
     bytes: usize,
+    /// Bytes set aside for the answers of PDUs forwarded and not answered
+    /// yet ([`Outbox::reserve`]; counted in [`OUTBOXES`] too, also after
+    /// the outbox ends, until released).
+    reserved: usize,
     /// PDUs written so far (the writer's progress).
     written: u64,
     /// When the writer last finished a PDU, or the outbox last became
@@ -282,9 +286,33 @@ impl Outbox {
         true
     }
 
+    /// Sets aside `bytes` for the answers of a PDU the channel forwards,
+    /// until [`Outbox::release`]: [`Outbox::room`] counts them as held.
+    /// A channel reads its socket while the home answers what it forwarded
+    /// (`Connection::await_home`) and may forward again meanwhile; without
+    /// the reservation every such PDU found the outbox as empty as the
+    /// first did, and a channel could have five PDUs' answers (up to ~15
+    /// MiB) on their way past its bound and past the bound of all
+    /// outboxes together (re-review rr39c).
+    pub fn reserve(&self, bytes: usize) {
+        let mut q = lock(&self.state);
+        q.reserved = q.reserved.saturating_add(bytes);
+        OUTBOXES.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Gives back what [`Outbox::reserve`] set aside (the answers are
+    /// queued, or will never come).
+    pub fn release(&self, bytes: usize) {
+        let mut q = lock(&self.state);
+        let b = bytes.min(q.reserved);
+        q.reserved -= b;
+        OUTBOXES.fetch_sub(b, Ordering::Relaxed);
+    }
+
     /// Whether the channel may forward another PDU, waiting at most
     /// `wait` for room. The outbox is full past [`MAX_OUTBOX`], or when it
-    /// holds anything while all outboxes hold [`MAX_OUTBOXES`]; a full
+    /// holds anything while all outboxes hold [`MAX_OUTBOXES`] — what it
+    /// holds counting what is reserved for answers on their way; a full
     /// outbox whose writer has finished nothing for [`OUTBOX_STALL`] ends
     /// the channel (its client stopped reading). Called by the channel's
     /// own thread, so a client that reads a channel slowly slows only
@@ -296,8 +324,9 @@ impl Outbox {
             if q.ended {
                 return Room::Ended;
             }
-            let full = q.bytes >= MAX_OUTBOX
-                || (q.bytes > 0
+            let held = q.bytes.saturating_add(q.reserved);
+            let full = held >= MAX_OUTBOX
+                || (held > 0
                     && OUTBOXES.load(Ordering::Relaxed) >= OUTBOXES_BOUND.load(Ordering::Relaxed));
             if !full {
                 return Room::Free;
@@ -452,5 +481,31 @@ impl Home {
     /// Whether the session logged off.
     pub fn is_ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PDU forwarded and not yet answered holds its outbox's room as
+    /// its queued answers would: a channel reading its socket while the
+    /// home answers (`await_home`) cannot forward past its bound.
+    #[test]
+    fn answers_on_their_way_count_against_the_outbox() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let ours = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (_theirs, _) = listener.accept().expect("accept");
+        let outbox = Outbox::start(1, Arc::new(Mutex::new(ours))).expect("outbox");
+        assert_eq!(outbox.room(Duration::ZERO), Room::Free);
+        outbox.reserve(MAX_OUTBOX / 2);
+        assert_eq!(outbox.room(Duration::ZERO), Room::Free);
+        outbox.reserve(MAX_OUTBOX / 2);
+        assert_eq!(outbox.room(Duration::ZERO), Room::Full);
+        outbox.release(MAX_OUTBOX / 2);
+        assert_eq!(outbox.room(Duration::ZERO), Room::Free);
+        outbox.release(MAX_OUTBOX);
+        assert_eq!(lock(&outbox.state).reserved, 0);
+        outbox.end();
     }
 }

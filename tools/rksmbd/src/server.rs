@@ -1733,13 +1733,16 @@ impl Connection {
         // this thread adds to its credits before it uses or grants any
         // (before, the copy came back in place of the credits, which would
         // have undone what was answered meanwhile).
-        self.take_message_ids(&wire::compound(pdu)?)?;
+        let chain = wire::compound(pdu)?;
+        self.take_message_ids(&chain)?;
+        let reserved = answers_bound(&chain);
+        outbox.reserve(reserved);
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let f = crate::channels::Forwarded {
             pdu: pdu.to_vec(),
             via: crate::channels::Via {
                 conn: self.id,
-                outbox,
+                outbox: outbox.clone(),
                 session,
                 sign: (self.signing, key),
                 credits: Box::new(self.credits.clone()),
@@ -1752,6 +1755,8 @@ impl Connection {
             Ok(()) => self.await_home(&rx),
             Err(_) => None,
         };
+        // The answers are queued (counted as held), or will never come.
+        outbox.release(reserved);
         match answer {
             Some(true) => {
                 // Only a LOGOFF that ended the session unbinds: one that
@@ -3267,6 +3272,25 @@ pub fn error_body() -> Vec<u8> {
     vec![9, 0, 0, 0, 0, 0, 0, 0, 0]
 }
 
+/// At most how many bytes the answers to a compound `chain` take, for a
+/// channel's [`Outbox::reserve`](crate::channels::Outbox::reserve): each
+/// message's header and fixed part, plus what it may carry back
+/// ([`crate::credits::payload_size`]), together never more than a
+/// compound's answers can be (past [`MAX_COMPOUND_OUT`] a data-carrying
+/// message is refused).
+fn answers_bound(chain: &[(Header, &[u8])]) -> usize {
+    const PER_MESSAGE: usize = 256;
+    let total = chain.iter().fold(0usize, |sum, (hdr, msg)| {
+        let body = msg.get(HEADER_LEN..).unwrap_or(&[]);
+        let carried = crate::credits::payload_size(Command::from_code(hdr.command), body)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0)
+            .min(MAX_IO as usize);
+        sum.saturating_add(PER_MESSAGE).saturating_add(carried)
+    });
+    total.min(MAX_COMPOUND_OUT + MAX_IO as usize)
+}
+
 fn push_context(w: &mut Writer, kind: u16, data: &[u8]) {
     w.align(8);
     w.u16(kind).u16(wire::len16(data.len())).u32(0).bytes(data);
@@ -3303,6 +3327,33 @@ mod tests {
     /// A user's share is a quarter of the cap, at least 64 (the whole
     /// cap if smaller); each user is counted apart, across slots, until
     /// the slots go.
+    #[test]
+    fn a_compounds_answers_are_bounded_by_what_its_messages_may_carry() {
+        // Command codes (MS-SMB2 2.2.1.2): READ 8, ECHO 13.
+        let msg = |code: u16, length: u32| {
+            let mut m = vec![0u8; HEADER_LEN + 48];
+            m[..4].copy_from_slice(&wire::PROTOCOL_ID);
+            m[4..6].copy_from_slice(&64u16.to_le_bytes());
+            m[12..14].copy_from_slice(&code.to_le_bytes());
+            m[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&length.to_le_bytes());
+            m
+        };
+        let one = |m: Vec<u8>| -> (Header, Vec<u8>) { (Header::decode(&m).expect("header"), m) };
+        let read = one(msg(8, 1 << 20));
+        let echo = one(msg(13, 0));
+        let chain = |ms: &[&(Header, Vec<u8>)]| -> usize {
+            let v: Vec<(Header, &[u8])> =
+                ms.iter().map(|(h, m)| (h.clone(), m.as_slice())).collect();
+            answers_bound(&v)
+        };
+        assert_eq!(chain(&[&echo]), 256);
+        assert_eq!(chain(&[&read]), 256 + (1 << 20));
+        assert_eq!(
+            chain(&[&read, &read, &read, &read, &read]),
+            MAX_COMPOUND_OUT + MAX_IO as usize
+        );
+    }
+
     #[test]
     fn each_user_holds_its_share_of_the_opens() {
         assert_eq!(UserOpens::share(320), 80);
