@@ -507,7 +507,8 @@ impl Engine {
     /// Handle `key` (of `client`, on `file`) no longer holds lease key
     /// `lk` (removed, or lost): one handle fewer holds the key, and a break
     /// of it on `file` that no other handle of the file holds is over (what
-    /// waited on it is retried).
+    /// waited on it is retried), as is one no attached handle holds
+    /// ([`Engine::settle_unackable_break`]).
     pub(super) fn lease_key_released(
         &mut self,
         key: ResumeKey,
@@ -524,7 +525,11 @@ impl Engine {
             .filter(|k| **k != key)
             .filter_map(|k| self.handles.get(k))
             .any(|o| o.rec.lease.is_some_and(|x| x.key == lk));
-        if !still_held && self.breaking.remove(&(file, lk)).is_some() {
+        if still_held {
+            // Perhaps by disconnected handles only, which no ack comes
+            // for: as at a detach (re-review rr39b 4).
+            self.settle_unackable_break(file, lk);
+        } else if self.breaking.remove(&(file, lk)).is_some() {
             self.retry_files.insert(file);
         }
     }

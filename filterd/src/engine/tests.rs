@@ -4520,6 +4520,44 @@ fn a_disconnected_holders_break_is_not_counted() {
     assert_eq!(h.engine.stats.breaks, 0, "nothing counted");
 }
 
+/// A break whose attached holder closes, leaving only a disconnected
+/// (durable) handle under the key, is over at once: no ack can come for
+/// it. Before, only a detach settled such a break (`lease_key_released`
+/// counted the disconnected handle as holding the lease), and the breaking
+/// open waited out the break timeout (re-review rr39b 4).
+#[test]
+fn a_break_whose_last_attached_holder_closes_is_over_at_once() {
+    let mut h = Harness::new();
+    let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let durable = opened_and_detached(&mut h, with_rwh_lease(open("a", Rights::ALL), k));
+    let attached = h.run(leased_open(
+        "alice",
+        "a",
+        k,
+        libfilter::lease::LeaseState::parse("RWH").unwrap(),
+        0,
+    ));
+    h.commit(true);
+    let attached = h.opened(attached);
+    assert_ne!(attached, durable);
+    let bob = h.run(bobs("a", Rights::WRITE, Disposition::Open));
+    h.commit(true);
+    h.drain_replies();
+    assert!(!h.break_epochs().is_empty(), "alice's lease is broken");
+    assert!(h.reply(bob).is_none(), "waits for alice's ack");
+    h.run(Request::Close {
+        key: attached,
+        put: vec![],
+        delete: vec![],
+        delete_on_close: None,
+    });
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    assert!(h.reply(bob).is_some(), "bob's open still waits for an ack");
+}
+
 /// Runs `open`, detaches the handle it opens, both committed: its key.
 fn opened_and_detached(h: &mut Harness, open: Request) -> ResumeKey {
     let opened = h.run(open);
