@@ -2068,7 +2068,9 @@ fn a_break_ends_with_its_holders_last_open() {
 
 /// Alice's CREATE of `f` under lease key `lk` (RWH), answered by filterd
 /// and held by smbshim's test hook before it stores the open, and bob's
-/// conflicting CREATE in flight, whose lease break filterd has sent.
+/// conflicting CREATE in flight, whose lease break filterd has sent —
+/// with [`EarlyBreak::set_up_long`], while a third call on the filterd
+/// connection waits for an ack that never comes.
 struct EarlyBreak {
     s: Scratch,
     _d: Filterd,
@@ -2081,10 +2083,22 @@ struct EarlyBreak {
     bobs: Option<rkfilter_tests::InFlight>,
     /// What smbshim did with the break (its test hook's line).
     fate: String,
+    /// The long call's clients (dave, holding `g`, never acks the break
+    /// carol's CREATE of `g` waits for).
+    _long: Option<(LineClient, rkfilter_tests::InFlight)>,
 }
 
 impl EarlyBreak {
     fn set_up(name: &str) -> EarlyBreak {
+        EarlyBreak::set_up_with(name, false)
+    }
+
+    /// As [`EarlyBreak::set_up`], with a long call in flight before.
+    fn set_up_long(name: &str) -> EarlyBreak {
+        EarlyBreak::set_up_with(name, true)
+    }
+
+    fn set_up_with(name: &str, long: bool) -> EarlyBreak {
         let s = Scratch::new(name);
         // A break timeout no step of the tests waits out.
         let d = Filterd::start(&s, &["--break-timeout-ms", "120000"], &[]);
@@ -2102,19 +2116,49 @@ impl EarlyBreak {
         let sa = session(&mut a, &alice, "alice");
         let (b, sb) = new_client(&shim.addr, "bob");
         let lk = uuid::Uuid::new_v4().to_string();
-        let logged = |needle: &str| {
+        // The `nth` line (from 1) with `needle`.
+        let logged_nth = |needle: &str, nth: usize| {
             wait_for(needle, Duration::from_secs(20), || {
                 let text = std::fs::read_to_string(&log).ok()?;
-                text.lines().find(|l| l.contains(needle)).map(str::to_owned)
+                text.lines()
+                    .filter(|l| l.contains(needle))
+                    .nth(nth - 1)
+                    .map(str::to_owned)
             })
         };
+        let logged = |needle: &str| logged_nth(needle, 1);
+        let long = long.then(|| {
+            std::fs::write(&release, b"").expect("let CREATEs be stored");
+            let (mut dave, sd) = new_client(&shim.addr, "dave");
+            dave.set_read_timeout(Duration::from_secs(20));
+            let r = dave.call(
+                json!({"cmd": "CREATE", "session_id": sd, "path": "g", "access": ["read", "write"],
+                       "share": ["read", "write", "delete"], "disposition": "open_if",
+                       "lease": {"key": uuid::Uuid::new_v4().to_string(), "state": "RWH"}}),
+            );
+            assert_eq!(r["lease"]["state"], "RWH", "{r}");
+            let (carol, sc) = new_client(&shim.addr, "carol");
+            let carols = rkfilter_tests::InFlight::send(
+                carol,
+                json!({"cmd": "CREATE", "session_id": sc, "path": "g", "access": ["write"],
+                       "share": ["read", "write", "delete"], "disposition": "open"}),
+            );
+            let n = dave.next_line().expect("dave's LEASE_BREAK");
+            assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+            std::fs::remove_file(&release).expect("hold CREATEs again");
+            (dave, carols)
+        });
         let mid = a.send_only(
             "mid",
             json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
                    "share": ["read", "write", "delete"], "disposition": "open_if",
                    "lease": {"key": lk, "state": "RWH"}}),
         );
-        logged("a CREATE filterd answered waits");
+        // Dave's CREATE logged the hook's line too.
+        logged_nth(
+            "a CREATE filterd answered waits",
+            if long.is_some() { 2 } else { 1 },
+        );
         let bobs = rkfilter_tests::InFlight::send(
             b,
             json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["write"],
@@ -2137,6 +2181,7 @@ impl EarlyBreak {
             mid,
             bobs: Some(bobs),
             fate,
+            _long: long,
         }
     }
 
@@ -2193,7 +2238,23 @@ fn a_break_before_its_open_is_stored_waits_for_it() {
 /// ack of it is refused: no break is in progress).
 #[test]
 fn a_break_waiting_for_a_create_that_fails_is_dropped() {
-    let mut t = EarlyBreak::set_up("smb-early-break-fails");
+    a_failed_creates_break_goes_to_no_later_open(EarlyBreak::set_up("smb-early-break-fails"));
+}
+
+/// As [`a_break_waiting_for_a_create_that_fails_is_dropped`], while
+/// another call on the filterd connection, begun before the break came,
+/// is still in flight (a CREATE waiting for an ack that never comes): the
+/// break stays parked for that call, and alice's later CREATE under the
+/// key — begun after the break, granted its lease anew — does not take it
+/// (re-review rr39b 1: it did, and alice was told a break of RWH to H at
+/// epoch 2 of a lease she held as R at epoch 1, whose ack filterd
+/// refused).
+#[test]
+fn a_parked_break_goes_to_no_open_of_a_later_call() {
+    a_failed_creates_break_goes_to_no_later_open(EarlyBreak::set_up_long("smb-early-break-stale"));
+}
+
+fn a_failed_creates_break_goes_to_no_later_open(mut t: EarlyBreak) {
     let mut c = LineClient::connect(&t.shim.addr);
     let r = c.call(
         json!({"cmd": "SESSION_SETUP", "client_guid": t.alice, "user": "alice",
@@ -2212,9 +2273,84 @@ fn a_break_waiting_for_a_create_that_fails_is_dropped() {
                "lease": {"key": lk, "state": "R"}}),
     );
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["lease"]["state"], "R", "{r}");
+    // Anything sent behind the CREATE's reply comes before the ECHO's.
+    let mid = c.send_only("mid", json!({"cmd": "ECHO"}));
+    let (r, before) = c.reply_to("mid", mid).expect("the ECHO");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        before.is_empty(),
+        "a stale break after the CREATE: {before:?}"
+    );
     let r = c.call(
         json!({"cmd": "LEASE_BREAK_ACK", "session_id": sc, "lease_key": lk,
                           "state": ""}),
     );
     assert_eq!(r["status"], "STATUS_UNSUCCESSFUL", "{r}");
+}
+
+/// A lease break filterd sends once smbshim has stored the open granted
+/// the lease, but before the CREATE's reply is queued, goes behind that
+/// reply (re-review rr39b 2: it went out at once, ahead of the reply, and
+/// the client took the reply's lease state over the one broken to).
+/// smbshim's test hook holds alice's stored CREATE's reply until the test
+/// lets it go, once bob's conflicting CREATE has had filterd send the
+/// break.
+#[test]
+fn a_break_after_its_open_is_stored_waits_for_its_reply() {
+    let s = Scratch::new("smb-break-before-reply");
+    let d = Filterd::start(&s, &["--break-timeout-ms", "120000"], &[]);
+    let log = s.dir.join("smbshim.log");
+    let release = s.dir.join("release-store");
+    std::fs::write(&release, b"").expect("let CREATEs be stored");
+    let hold = s.dir.join("release-store.hold-reply");
+    std::fs::write(&hold, b"").expect("hold CREATE replies");
+    let shim = Shim::start_logged(
+        "smbshim",
+        &s.socket(),
+        "smb-a",
+        &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
+        &log,
+    );
+    let logged = |needle: &str| {
+        wait_for(needle, Duration::from_secs(20), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.lines().find(|l| l.contains(needle)).map(str::to_owned)
+        })
+    };
+    let (mut a, sa) = new_client(&shim.addr, "alice");
+    a.set_read_timeout(Duration::from_secs(20));
+    let (b, sb) = new_client(&shim.addr, "bob");
+    let lk = uuid::Uuid::new_v4().to_string();
+    let mid = a.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+               "share": ["read", "write", "delete"], "disposition": "open_if",
+               "lease": {"key": lk, "state": "RWH"}}),
+    );
+    logged("a stored CREATE's reply waits");
+    let bobs = rkfilter_tests::InFlight::send(
+        b,
+        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["write"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    let fate = logged(&format!("the break of lease {lk}"));
+    std::fs::remove_file(&hold).expect("let the reply go");
+    let (r, before) = a.reply_to("mid", mid).expect("alice's CREATE");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    assert!(before.is_empty(), "ahead of the reply ({fate}): {before:?}");
+    let n = a.next_line().expect("alice's LEASE_BREAK");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(n["lease_key"], lk.as_str(), "{n}");
+    let r = a.call(
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": lk,
+               "state": n["new_state"]}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = bobs
+        .outcome("bob's CREATE", Duration::from_secs(20))
+        .expect("bob's reply");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    drop(d);
 }

@@ -10,7 +10,11 @@
 //! a lease it no longer held (re-review rr38h). Now a break that finds no
 //! open is parked here while a call that makes an open is in flight on
 //! the member ([`EarlyBreaks::begin`]), taken by the first open stored
-//! under its lease key on its file ([`EarlyBreaks::take`]), and dropped
+//! under its lease key on its file by one of the calls in flight when it
+//! came ([`EarlyBreaks::take`]: only such a call can have been granted the
+//! lease — a later one, say the same client opening the file again under
+//! the key after the break ended, holds a lease filterd granted anew, and
+//! took a stale break before: re-review rr39b 1), and dropped
 //! once every call that was in flight when it came has ended without
 //! storing one — that open was refused, or let go or closed (filterd ends
 //! the break of a lease no attached open holds any more at once: its
@@ -41,6 +45,17 @@ pub(crate) struct Break {
     pub epoch: u16,
     pub ack_required: bool,
     pub file: Option<FileId>,
+}
+
+/// What [`EarlyBreaks::park`] did with a break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Parked {
+    /// Not parked: no call is in flight.
+    Not,
+    Yes,
+    /// Parked, and the oldest parked break, of this lease, dropped for it
+    /// ([`PARKED_MAX`]).
+    Dropping(LeaseKey),
 }
 
 /// One member's parked breaks and its calls in flight that make opens.
@@ -75,6 +90,14 @@ pub(crate) struct Making<'a> {
     n: u64,
 }
 
+impl Making<'_> {
+    /// The call's number: it may take the breaks parked while it was in
+    /// flight ([`EarlyBreaks::take`]).
+    pub(crate) fn number(&self) -> u64 {
+        self.n
+    }
+}
+
 impl Drop for Making<'_> {
     fn drop(&mut self) {
         if let Ok(mut i) = self.early.0.lock() {
@@ -96,38 +119,39 @@ impl EarlyBreaks {
         Making { early: self, n }
     }
 
-    /// Parks `b`, which found no open, for a call in flight; false (not
-    /// parked) when none is. Called under the open table's lock, as
-    /// [`EarlyBreaks::take`] is.
-    pub(crate) fn park(&self, b: Break) -> bool {
+    /// Parks `b`, which found no open, for a call in flight. Called under
+    /// the open table's lock, as [`EarlyBreaks::take`] is; the caller logs
+    /// a break dropped for room once out of it.
+    pub(crate) fn park(&self, b: Break) -> Parked {
         let Ok(mut i) = self.0.lock() else {
-            return false;
+            return Parked::Not;
         };
         if i.in_flight.is_empty() {
-            return false;
+            return Parked::Not;
         }
-        if i.parked.len() >= PARKED_MAX {
-            if let Some((_, old)) = i.parked.pop_front() {
-                eprintln!(
-                    "smbshim: over {PARKED_MAX} lease breaks wait for opens: the break of lease {} dropped",
-                    old.lease_key
-                );
-            }
-        }
+        let dropped = match i.parked.len() >= PARKED_MAX {
+            true => i.parked.pop_front().map(|(_, old)| old.lease_key),
+            false => None,
+        };
         let seen = i.next;
         i.parked.push_back((seen, b));
-        true
+        match dropped {
+            Some(k) => Parked::Dropping(k),
+            None => Parked::Yes,
+        }
     }
 
-    /// The parked breaks of lease `key` on `file` (an open under it was
-    /// just stored), oldest first; they are no longer parked.
-    pub(crate) fn take(&self, key: LeaseKey, file: FileId) -> Vec<Break> {
+    /// The parked breaks of lease `key` on `file` that call `call` (its
+    /// [`Making::number`]) may have been granted the lease of — those that
+    /// came while it was in flight — oldest first; an open under the key
+    /// was just stored by it. They are no longer parked.
+    pub(crate) fn take(&self, key: LeaseKey, file: FileId, call: u64) -> Vec<Break> {
         let Ok(mut i) = self.0.lock() else {
             return Vec::new();
         };
         let mut taken = Vec::new();
-        i.parked.retain(|(_, b)| {
-            let mine = b.lease_key == key && b.file.is_none_or(|f| f == file);
+        i.parked.retain(|(seen, b)| {
+            let mine = *seen > call && b.lease_key == key && b.file.is_none_or(|f| f == file);
             if mine {
                 taken.push(*b);
             }
@@ -176,16 +200,16 @@ mod tests {
     #[test]
     fn a_break_is_parked_only_for_the_calls_in_flight_when_it_came() {
         let e = EarlyBreaks::default();
-        assert!(!e.park(brk(key(), None)));
+        assert_eq!(e.park(brk(key(), None)), Parked::Not);
         let first = e.begin();
-        assert!(e.park(brk(key(), None)));
+        assert_eq!(e.park(brk(key(), None)), Parked::Yes);
         let later = e.begin();
         assert_eq!(e.parked(), 1);
         drop(first);
         assert_eq!(e.parked(), 0, "the call it waited for failed");
         // One parked for both calls stays while either is in flight.
         let again = e.begin();
-        assert!(e.park(brk(key(), None)));
+        assert_eq!(e.park(brk(key(), None)), Parked::Yes);
         drop(later);
         assert_eq!(e.parked(), 1);
         drop(again);
@@ -197,7 +221,7 @@ mod tests {
     #[test]
     fn an_open_takes_the_breaks_of_its_lease_on_its_file() {
         let e = EarlyBreaks::default();
-        let _m = e.begin();
+        let m = e.begin();
         let (k, other) = (key(), key());
         let (f, g) = (FileId { dev: 1, ino: 2 }, FileId { dev: 1, ino: 3 });
         for b in [
@@ -206,10 +230,11 @@ mod tests {
             brk(other, Some(f)),
             brk(k, None),
         ] {
-            assert!(e.park(b));
+            assert_eq!(e.park(b), Parked::Yes);
         }
-        assert_eq!(e.take(k, f), vec![brk(k, Some(f)), brk(k, None)]);
-        assert!(e.take(k, f).is_empty(), "taken once");
+        let n = m.number();
+        assert_eq!(e.take(k, f, n), vec![brk(k, Some(f)), brk(k, None)]);
+        assert!(e.take(k, f, n).is_empty(), "taken once");
         assert_eq!(e.parked(), 2);
         e.clear();
         assert_eq!(e.parked(), 0);
@@ -220,13 +245,33 @@ mod tests {
     #[test]
     fn the_parked_breaks_are_bounded() {
         let e = EarlyBreaks::default();
-        let _m = e.begin();
-        let last = key();
-        for _ in 0..PARKED_MAX + 10 {
-            assert!(e.park(brk(key(), None)));
+        let m = e.begin();
+        let (first, last) = (key(), key());
+        assert_eq!(e.park(brk(first, None)), Parked::Yes);
+        for _ in 1..PARKED_MAX {
+            assert_eq!(e.park(brk(key(), None)), Parked::Yes);
         }
-        assert!(e.park(brk(last, None)));
+        assert_eq!(e.park(brk(last, None)), Parked::Dropping(first));
         assert_eq!(e.parked(), PARKED_MAX);
-        assert_eq!(e.take(last, FileId { dev: 0, ino: 0 }).len(), 1);
+        let f = FileId { dev: 0, ino: 0 };
+        assert_eq!(e.take(last, f, m.number()).len(), 1);
+        assert!(e.take(first, f, m.number()).is_empty(), "dropped for room");
+    }
+
+    /// A break parked before a call began is not that call's: the call
+    /// was granted its lease after the break (re-review rr39b 1: a client
+    /// that opened a file again under the key took a stale break, of a
+    /// lease it no longer held as the break said). Calls in flight when it
+    /// came still may take it.
+    #[test]
+    fn a_break_goes_only_to_a_call_in_flight_when_it_came() {
+        let e = EarlyBreaks::default();
+        let (k, f) = (key(), FileId { dev: 1, ino: 2 });
+        let long = e.begin();
+        assert_eq!(e.park(brk(k, Some(f))), Parked::Yes);
+        let again = e.begin();
+        assert!(e.take(k, f, again.number()).is_empty());
+        assert_eq!(e.parked(), 1);
+        assert_eq!(e.take(k, f, long.number()), vec![brk(k, Some(f))]);
     }
 }

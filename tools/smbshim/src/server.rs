@@ -20,7 +20,7 @@ use libfilter::settle::{may_hold, Unsettled};
 use serde_json::{json, Map, Value};
 use shimline::datasync::IoFailure;
 
-use crate::early_breaks::{Break, EarlyBreaks};
+use crate::early_breaks::{Break, EarlyBreaks, Parked};
 use crate::handover::{Handovers, Ident, LettingGo};
 use crate::unanswered::{Closer, ToClose, Unanswered};
 
@@ -358,6 +358,10 @@ struct Open {
     /// filterd's flag may differ from `delete_told`, which the handle's
     /// close or detach carries ([`set_delete_on_close`]).
     delete_unsure: bool,
+    /// The notifications held behind the reply of the call that stored
+    /// it (or found it, a replay), while that reply is not yet queued
+    /// ([`HeldNotes`]); None for an open without a lease.
+    held: Option<Arc<HeldNotes>>,
 }
 
 impl Open {
@@ -753,32 +757,103 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
     }
 }
 
-/// What goes to a client after the reply to its request: the LEASE_BREAKs
-/// of leases its CREATE or RECONNECT was granted that filterd broke before
-/// smbshim had stored the open ([`deliver_early_breaks`]). Sent behind the
-/// reply, as filterd sent them behind its own: a client that saw the break
-/// first would take the reply's lease state over the one broken to.
-#[derive(Default)]
-struct AfterReply(Vec<Value>);
+/// The LEASE_BREAKs of an open's lease that go behind the reply of the
+/// call that stored the open (a CREATE or RECONNECT), held here until that
+/// reply is queued: those filterd sent before the open was stored
+/// ([`deliver_early_breaks`]) and those [`forward_breaks`] finds the open
+/// for after it was stored (re-review rr39b 2: those went out at once,
+/// ahead of the reply). filterd sent them behind its own reply: a client
+/// that saw a break first would take the reply's lease state over the one
+/// broken to.
+struct HeldNotes {
+    /// The call's number ([`crate::early_breaks::Making::number`]): a
+    /// break of a lease several opens hold goes behind the latest reply.
+    call: u64,
+    /// The notifications; None once the reply (and they) are queued.
+    q: Mutex<Option<Vec<Value>>>,
+}
 
-impl AfterReply {
-    /// Sends what waits, behind a reply already sent on `w`.
-    fn send(self, w: &shimline::Writer) {
-        for note in self.0 {
-            shimline::send(w, &note);
+impl HeldNotes {
+    /// Holds `note` behind the reply; gives it back once the reply has
+    /// been queued (it goes at once then).
+    fn hold(&self, note: Value) -> Result<(), Value> {
+        match self.q.lock() {
+            Ok(mut q) => match q.as_mut() {
+                Some(held) => {
+                    held.push(note);
+                    Ok(())
+                }
+                None => Err(note),
+            },
+            Err(_) => Err(note),
         }
     }
 
-    /// `reply`, for the connection's reader to send — or, with something
-    /// to send behind it, sent now on `w` followed by that.
+    /// Whether the reply is not yet queued.
+    fn waiting(&self) -> bool {
+        self.q.lock().is_ok_and(|q| q.is_some())
+    }
+
+    /// The reply is queued: what waits goes behind it on `w` (nowhere
+    /// without one: its connection is gone), queued under the lock so that
+    /// a break [`forward_breaks`] sends itself from now on comes after.
+    /// Never blocks: `shimline::send` queues.
+    fn release(&self, w: Option<&shimline::Writer>) {
+        let Ok(mut q) = self.q.lock() else {
+            return;
+        };
+        if let (Some(notes), Some(w)) = (q.take(), w) {
+            for note in notes {
+                shimline::send(w, &note);
+            }
+        }
+    }
+}
+
+/// What goes to a client after the reply to its request: the LEASE_BREAKs
+/// held for the open its CREATE or RECONNECT stored ([`HeldNotes`]).
+#[derive(Default)]
+struct AfterReply(Option<Arc<HeldNotes>>);
+
+impl AfterReply {
+    /// The notes of call `call`'s reply, held until it is queued.
+    fn held(&mut self, call: u64) -> Arc<HeldNotes> {
+        self.0
+            .get_or_insert_with(|| {
+                Arc::new(HeldNotes {
+                    call,
+                    q: Mutex::new(Some(Vec::new())),
+                })
+            })
+            .clone()
+    }
+
+    /// Sends what waits, behind a reply already sent on `w`.
+    fn send(mut self, w: &shimline::Writer) {
+        if let Some(h) = self.0.take() {
+            h.release(Some(w));
+        }
+    }
+
+    /// `reply`, for the connection's reader to send — or, with notes
+    /// held behind it, sent now on `w` followed by them.
     fn behind(self, reply: Reply, w: &shimline::Writer) -> Option<Reply> {
-        if self.0.is_empty() {
+        if self.0.is_none() {
             return Some(reply);
         }
         if shimline::send(w, &reply) {
             self.send(w);
         }
         None
+    }
+}
+
+impl Drop for AfterReply {
+    /// A reply that did not go: later breaks go at once.
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.release(None);
+        }
     }
 }
 
@@ -1329,7 +1404,7 @@ fn create_with(
     let in_flight = create_guid.map(|g| InFlight::note(sh, session, client_guid, g));
     // Until the open is stored (or the CREATE failed), a break of its
     // lease waits for it ([`crate::early_breaks`]).
-    let _making = m.early.begin();
+    let making = m.early.begin();
     let opened = if replay {
         m.filter.replay_open_for(req, &end)
     } else {
@@ -1481,10 +1556,11 @@ fn create_with(
                 // A fresh open has none; a replay's original may have.
                 delete_told: (!replay).then_some(false),
                 delete_unsure: false,
+                held: None,
             },
         );
     }
-    deliver_early_breaks(sh, m, &mut opens, &file_id, after);
+    deliver_early_breaks(sh, m, &mut opens, &file_id, making.number(), after);
     if let Some(g) = create_guid.filter(|_| replay) {
         held_by_a_session(sh, client_guid, g);
     }
@@ -1495,13 +1571,18 @@ fn create_with(
     let o = opens
         .get(&file_id)
         .ok_or_else(|| Fail("STATUS_INTERNAL_ERROR", "open vanished".into()))?;
-    Ok(Created {
+    let created = Created {
         create_action: o.create_action.to_string(),
         size: h.info.size,
         durable: o.durable,
         lease: h.info.lease.or(o.lease).map(LeaseShown::of),
         file_id,
-    })
+    };
+    drop(opens);
+    if after.0.is_some() {
+        test_hold_reply();
+    }
+    Ok(created)
 }
 
 /// The marker of session `id`'s end for good ([`SessionEnd`]).
@@ -1800,7 +1881,7 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>, after: &mut Afte
     let counted = peer_slot(sh, session)?;
     let _slot = open_slot(sh)?;
     // As for a CREATE: a break of its lease waits for the open's store.
-    let _making = m.early.begin();
+    let making = m.early.begin();
     let h = m
         .filter
         .resume(client_id(client_guid)?, key)
@@ -1861,9 +1942,10 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>, after: &mut Afte
             counted,
             delete_told: Some(view.record.delete_on_close),
             delete_unsure: false,
+            held: None,
         },
     );
-    deliver_early_breaks(sh, m, &mut opens, &file_id, after);
+    deliver_early_breaks(sh, m, &mut opens, &file_id, making.number(), after);
     drop(opens);
     let mut m = Map::new();
     m.insert("file_id".into(), json!(file_id));
@@ -3149,9 +3231,13 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
         // one key, each on its own file, and the break is of the lease on
         // `file` only (review: it went to whichever client's open came
         // first, and set that client's lease state too).
-        let mut parked = false;
+        let mut parked = Parked::Not;
+        let mut held = false;
         let session = sh.opens.lock().ok().and_then(|mut o| {
             let mut session = None;
+            // The latest reply, not yet queued, of a call that stored an
+            // open under the lease: the break goes behind it.
+            let mut behind: Option<Arc<HeldNotes>> = None;
             for x in o.values_mut() {
                 if file.is_some_and(|f| f != x.file_key) {
                     continue;
@@ -3159,6 +3245,14 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 if let Some(l) = x.lease.as_mut().filter(|l| l.key == lease_key) {
                     (l.state, l.epoch) = (new_state, epoch);
                     session = session.or(Some((x.session, x.client)));
+                    if x.held.as_ref().is_some_and(|h| !h.waiting()) {
+                        x.held = None;
+                    }
+                    if let Some(h) = x.held.as_ref() {
+                        if behind.as_ref().is_none_or(|b| b.call < h.call) {
+                            behind = Some(h.clone());
+                        }
+                    }
                 }
             }
             match session {
@@ -3167,7 +3261,8 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 // it).
                 Some((s, g)) => {
                     note_break(sh.as_ref(), g, &b);
-                    Some(s)
+                    held = behind.is_some_and(|h| h.hold(break_json(&b)).is_ok());
+                    (!held).then_some(s)
                 }
                 // Its open may be made and not stored yet: it waits for
                 // that, under the opens lock too (rr38h).
@@ -3177,7 +3272,19 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 }
             }
         });
-        test_note_break(&b, session.is_some(), parked);
+        if let Parked::Dropping(k) = parked {
+            eprintln!(
+                "smbshim: over {} lease breaks wait for opens: the break of lease {k} dropped",
+                crate::early_breaks::PARKED_MAX
+            );
+        }
+        let fate = match (session.is_some(), held, parked) {
+            (true, _, _) => "sent",
+            (_, true, _) => "held behind its reply",
+            (_, _, Parked::Not) => "dropped",
+            _ => "parked",
+        };
+        test_note_break(&b, fate);
         if let Some(w) = session.and_then(|s| writer_of(&sh, s)) {
             shimline::send(&w, &break_json(&b));
         }
@@ -3202,16 +3309,18 @@ fn break_json(b: &Break) -> Value {
            "new_state": b.new_state.to_string(), "epoch": b.epoch, "ack_required": b.ack_required})
 }
 
-/// The breaks of the lease of open `file_id` — just stored in `opens`,
-/// locked, by member `m` — that filterd sent before it was stored and that
-/// found no open ([`crate::early_breaks`]): applied to the open as
-/// [`forward_breaks`] applies a break, their notifications sent behind
-/// the reply (`after`). Before, they were dropped (re-review rr38h).
+/// Open `file_id`, just stored in `opens` (locked) by call `call` of
+/// member `m`: the LEASE_BREAKs of its lease are held behind the call's
+/// reply until that is queued ([`HeldNotes`]), first those filterd sent
+/// before it was stored that found no open ([`crate::early_breaks`]),
+/// applied to the open as [`forward_breaks`] applies a break. Before,
+/// those were dropped (re-review rr38h).
 fn deliver_early_breaks(
     sh: &Shared,
     m: &Member,
     opens: &mut HashMap<String, Open>,
     file_id: &str,
+    call: u64,
     after: &mut AfterReply,
 ) {
     let Some(o) = opens.get_mut(file_id) else {
@@ -3221,11 +3330,13 @@ fn deliver_early_breaks(
     let Some(l) = o.lease.as_mut() else {
         return;
     };
-    for b in m.early.take(l.key, file) {
+    let held = after.held(call);
+    for b in m.early.take(l.key, file, call) {
         (l.state, l.epoch) = (b.new_state, b.epoch);
         note_break(sh, client, &b);
-        after.0.push(break_json(&b));
+        let _ = held.hold(break_json(&b));
     }
+    o.held = Some(held);
 }
 
 /// The test hook (debug builds): `$SMBSHIM_TEST_HOLD_STORE`, a path — a
@@ -3257,18 +3368,33 @@ fn test_hold_store() {
     }
 }
 
-/// [`test_hold_path`]: logs what became of break `b`, if set.
-fn test_note_break(b: &Break, sent: bool, parked: bool) {
+/// [`test_hold_path`]: while `<path>.hold-reply` exists (60 s at most), a
+/// CREATE that stored an open with a lease waits before its reply is
+/// queued (`smb.rs::a_break_after_its_open_is_stored_waits_for_its_reply`).
+fn test_hold_reply() {
+    let Some(path) = test_hold_path() else {
+        return;
+    };
+    let mut hold = path.as_os_str().to_owned();
+    hold.push(".hold-reply");
+    let hold = std::path::PathBuf::from(hold);
+    if !hold.exists() {
+        return;
+    }
+    eprintln!("smbshim: test hook: a stored CREATE's reply waits");
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while hold.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// [`test_hold_path`]: logs what became of break `b` (`fate`), if set.
+fn test_note_break(b: &Break, fate: &str) {
     if test_hold_path().is_none() {
         return;
     }
-    let what = match (sent, parked) {
-        (true, _) => "sent",
-        (false, true) => "parked",
-        (false, false) => "dropped",
-    };
     eprintln!(
-        "smbshim: test hook: the break of lease {} {what}",
+        "smbshim: test hook: the break of lease {} {fate}",
         b.lease_key
     );
 }
