@@ -902,6 +902,10 @@ pub struct Connection {
     /// Whether the PDU being answered used its message ids already: a
     /// deferred AUTHENTICATE leg's, used when it was deferred.
     ids_taken: bool,
+    /// The last request (not a CANCEL) run: the connection it came on,
+    /// its session and its MessageId. A synchronous CANCEL with MessageId
+    /// 0 names it (see [`Connection::cancel_named`]).
+    last_request: Option<(u64, u64, u64)>,
     /// The turn taken for the AUTHENTICATE leg being answered, when it
     /// was taken before the leg ran (a deferred leg: [`Turn::Now`]).
     ///
@@ -1044,6 +1048,7 @@ impl Connection {
             logon_failures: 0,
             deferred_logons: Vec::new(),
             ids_taken: false,
+            last_request: None,
             logon_turn: None,
             users_counted: Vec::new(),
             channel_writers: HashMap::new(),
@@ -1066,6 +1071,34 @@ impl Connection {
             command: hdr.command,
             sign: self.request_signing,
             conn: self.origin(),
+        }
+    }
+
+    /// The request CANCEL `req` names. A synchronous CANCEL names one by
+    /// its MessageId (3.3.5.16), but Samba's client (4.17) sends MessageId
+    /// 0 in a CANCEL of a request it has no interim response for yet
+    /// whenever the connection signs with anything but AES-GMAC (GMAC's
+    /// nonce being the MessageId, it puts the request's own there then).
+    /// MessageId 0 is the NEGOTIATE's and never names a pending request,
+    /// so such a CANCEL is taken to name the request run just before it
+    /// on the same connection for the same session: Samba sends it right
+    /// after that request, before the answer came. Before, it named
+    /// nothing, the request waited on, and smbtorture hung in every
+    /// smb2.notify test that cancels at once under AES-CMAC or SMB 3.0.2
+    /// (Samba's own smbd 4.17 hangs the same; docs/smb3.md, Signing).
+    fn cancel_named<'a>(&self, req: &Request<'a>) -> Request<'a> {
+        let mut hdr = req.hdr.clone();
+        if hdr.flags & wire::FLAG_ASYNC == 0 && hdr.message_id == 0 {
+            if let Some((conn, session, mid)) = self.last_request {
+                if conn == self.origin() && session == hdr.session_id {
+                    hdr.message_id = mid;
+                }
+            }
+        }
+        Request {
+            hdr,
+            msg: req.msg,
+            body: req.body,
         }
     }
 
@@ -2157,6 +2190,9 @@ impl Connection {
             }
             let body = msg.get(HEADER_LEN..).unwrap_or(&[]);
             let req = Request { hdr, msg, body };
+            if Command::from_code(req.hdr.command) != Command::Cancel {
+                self.last_request = Some((self.origin(), req.hdr.session_id, req.hdr.message_id));
+            }
             let (resp, file) = self.dispatch(&req, file_override, failed_related);
             if let Some((st, r)) = resp {
                 out_bytes = out_bytes.saturating_add(r.bytes.len());
@@ -2221,6 +2257,8 @@ impl Connection {
             if self.check_signature(req, cmd).is_err() {
                 return (None, None);
             }
+            let named = self.cancel_named(req);
+            let req = &named;
             crate::lock::cancel(self, req);
             crate::create::cancel_pending(self, req);
             crate::notify::cancel(self, req);
