@@ -553,6 +553,84 @@ fn a_negotiate_flagged_signed_is_refused() {
     }
 }
 
+/// An SMB 3.1.1 NEGOTIATE offering the signing algorithms `algs` (ids of
+/// MS-SMB2 2.2.3.1.7, in that order): the algorithm id rksmbd's
+/// SMB2_SIGNING_CAPABILITIES answer names.
+fn signing_algorithm_chosen(addr: &str, algs: &[u16]) -> u16 {
+    let le = |v: u16| v.to_le_bytes();
+    let mut m = raw::header(raw::NEGOTIATE, 0, 0);
+    let fixed = 36 + 2 + 2; // one dialect, the contexts 8-aligned
+    m.extend_from_slice(&le(36));
+    m.extend_from_slice(&le(1)); // one dialect
+    m.extend_from_slice(&le(1)); // signing enabled
+    m.extend_from_slice(&[0; 2 + 4 + 16]);
+    m.extend_from_slice(&u32::try_from(64 + fixed).unwrap().to_le_bytes());
+    m.extend_from_slice(&le(2)); // two contexts
+    m.extend_from_slice(&[0; 2]);
+    m.extend_from_slice(&le(0x0311));
+    m.extend_from_slice(&[0; 2]);
+    // SMB2_PREAUTH_INTEGRITY_CAPABILITIES: SHA-512, a 32-byte salt.
+    m.extend_from_slice(&le(1));
+    m.extend_from_slice(&le(38));
+    m.extend_from_slice(&[0; 4]);
+    m.extend_from_slice(&le(1));
+    m.extend_from_slice(&le(32));
+    m.extend_from_slice(&le(1));
+    m.extend_from_slice(&[7; 32]);
+    m.extend_from_slice(&[0; 2]); // pad to 8
+                                  // SMB2_SIGNING_CAPABILITIES.
+    let n = u16::try_from(algs.len()).unwrap();
+    m.extend_from_slice(&le(8));
+    m.extend_from_slice(&le(2 + 2 * n));
+    m.extend_from_slice(&[0; 4]);
+    m.extend_from_slice(&le(n));
+    for a in algs {
+        m.extend_from_slice(&le(*a));
+    }
+    let mut c = raw::connect(addr);
+    raw::send(&mut c, &m);
+    let r = raw::recv(&mut c).expect("negotiate reply");
+    assert_eq!(raw::status(&r), 0, "3.1.1 negotiated offering {algs:?}");
+    let u16_at = |at: usize| u16::from_le_bytes(r[at..at + 2].try_into().unwrap());
+    let count = u16_at(64 + 6);
+    let mut at = u32::from_le_bytes(r[64 + 60..64 + 64].try_into().unwrap()) as usize;
+    for _ in 0..count {
+        let (kind, len) = (u16_at(at), usize::from(u16_at(at + 2)));
+        if kind == 8 {
+            assert_eq!(u16_at(at + 8), 1, "one algorithm chosen");
+            return u16_at(at + 10);
+        }
+        at = (at + 8 + len + 7) & !7;
+    }
+    panic!("no SMB2_SIGNING_CAPABILITIES answered to {algs:?}");
+}
+
+/// SMB 3.1.1 signs with the first algorithm of the client's list that
+/// rksmbd supports, AES-GMAC only when the client offers nothing else
+/// (docs/smb3.md, Signing: the first binding leg of every channel is
+/// signed under one GMAC nonce). Before (review rvcrypto), GMAC won
+/// wherever it stood and a client offering only HMAC-SHA256 got AES-CMAC.
+#[test]
+fn smb3_11_signs_with_the_clients_first_algorithm_gmac_last() {
+    let s = Scratch::new("rksmbd-signing-algorithm");
+    let _d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let (hmac, cmac, gmac) = (0, 1, 2);
+    for (offered, want) in [
+        (&[gmac, cmac][..], cmac),
+        (&[gmac, cmac, hmac], cmac),
+        (&[hmac], hmac),
+        (&[hmac, cmac], hmac),
+        (&[gmac], gmac),
+    ] {
+        assert_eq!(
+            signing_algorithm_chosen(&srv.shim.addr, offered),
+            want,
+            "offered {offered:?}"
+        );
+    }
+}
+
 #[test]
 fn credits_granted_never_exceed_the_window() {
     let s = Scratch::new("rksmbd-credits");

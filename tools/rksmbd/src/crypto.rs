@@ -77,6 +77,33 @@ impl SigningAlgorithm {
             SigningAlgorithm::AesGmac => 2,
         }
     }
+
+    /// The algorithm of an id, if it is one rksmbd signs with.
+    pub fn from_id(id: u16) -> Option<SigningAlgorithm> {
+        match id {
+            0 => Some(SigningAlgorithm::HmacSha256),
+            1 => Some(SigningAlgorithm::AesCmac),
+            2 => Some(SigningAlgorithm::AesGmac),
+            _ => None,
+        }
+    }
+
+    /// The algorithm an SMB 3.1.1 connection signs with, from the ids of
+    /// the client's SMB2_SIGNING_CAPABILITIES in its order: the first
+    /// one rksmbd supports (MS-SMB2 3.3.5.4) — passing over AES-GMAC
+    /// whenever the client offers another, since AES-GMAC's nonce is
+    /// (MessageId, role) and a session key signs the answers to the
+    /// first binding leg of every channel under the same nonce (MessageId
+    /// 1, response; see docs/smb3.md). AES-CMAC when the client offers
+    /// none rksmbd supports.
+    pub fn choose(offered: &[u16]) -> SigningAlgorithm {
+        let mut supported = offered.iter().filter_map(|&id| Self::from_id(id));
+        let first = supported.clone().next();
+        supported
+            .find(|a| *a != SigningAlgorithm::AesGmac)
+            .or(first)
+            .unwrap_or(SigningAlgorithm::AesCmac)
+    }
 }
 
 /// SP800-108 KDF in counter mode with HMAC-SHA256, one 128-bit block
@@ -221,6 +248,29 @@ mod tests {
             assert!(!verify(alg, &key, &msg), "{alg:?}");
         }
         assert!(!verify(SigningAlgorithm::AesCmac, &key, &[0; 10]));
+    }
+
+    /// The client's order decides, AES-GMAC only when it is all the
+    /// client offers (review rvcrypto: GMAC won wherever it stood, and a
+    /// client offering only HMAC-SHA256 got AES-CMAC).
+    #[test]
+    fn the_signing_algorithm_is_the_clients_first_gmac_last() {
+        use SigningAlgorithm::{AesCmac, AesGmac, HmacSha256};
+        for (offered, want) in [
+            (&[2, 1][..], AesCmac),
+            (&[2, 1, 0], AesCmac),
+            (&[2, 0, 1], HmacSha256),
+            (&[0], HmacSha256),
+            (&[0, 1], HmacSha256),
+            (&[1, 0], AesCmac),
+            (&[2], AesGmac),
+            (&[9, 2, 7], AesGmac),
+            (&[9, 0], HmacSha256),
+            (&[9], AesCmac),
+            (&[], AesCmac),
+        ] {
+            assert_eq!(SigningAlgorithm::choose(offered), want, "{offered:?}");
+        }
     }
 
     #[test]

@@ -2681,11 +2681,7 @@ impl Connection {
             push_context(&mut contexts, 1, &c.0);
             ctx_n += 1;
             if let Some(algs) = signing_offered {
-                self.signing = if algs.contains(&2) {
-                    SigningAlgorithm::AesGmac
-                } else {
-                    SigningAlgorithm::AesCmac
-                };
+                self.signing = SigningAlgorithm::choose(&algs);
                 let mut c = Writer::new();
                 c.u16(1).u16(self.signing.id());
                 push_context(&mut contexts, 8, &c.0);
