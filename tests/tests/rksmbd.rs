@@ -1884,6 +1884,17 @@ fn async_completions_are_signed_as_their_requests() {
     alice_script_passes("rksmbd-signed-completions", &[], "signed_completions.py");
 }
 
+/// A synchronous CANCEL with MessageId 0 names the request run just
+/// before it on its connection and session: a CHANGE_NOTIFY cancelled
+/// so before its interim response ends STATUS_CANCELLED, and one with an
+/// ECHO run between is not cancelled (tests/smb3/cancel_message_id_zero.py).
+/// Samba's client sends such CANCELs unless it signs with AES-GMAC;
+/// before, they named nothing and the CHANGE_NOTIFY waited on.
+#[test]
+fn a_cancel_with_message_id_zero_names_the_request_before_it() {
+    alice_script_passes("rksmbd-cancel-mid-zero", &[], "cancel_message_id_zero.py");
+}
+
 /// A 1 MiB WRITE sent at 32 KiB/s (about 33 s) is served: a frame gets
 /// 30 s plus its length at 8 KiB/s. Before, 30 s in all closed the
 /// connection mid-WRITE.

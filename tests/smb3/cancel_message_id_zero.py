@@ -1,0 +1,83 @@
+"""A synchronous CANCEL with MessageId 0 names the request run just before
+it on the same connection and session (rksmbd; raw SMB 3.0.2, AES-CMAC).
+
+Usage: cancel_message_id_zero.py HOST PORT SHARE USER PASSWORD
+
+Samba's client (4.17) sends such a CANCEL for a request it has no interim
+response for yet whenever the connection does not sign with AES-GMAC.
+Client C (every request signed) opens directory w; client D (its own
+connection) makes changes.
+
+1. C sends a CHANGE_NOTIFY and at once a CANCEL with MessageId 0, before
+   the interim response: the CHANGE_NOTIFY ends STATUS_CANCELLED.
+2. C sends a CHANGE_NOTIFY, waits for its interim response, runs an ECHO,
+   then sends a CANCEL with MessageId 0: it names the ECHO, not the
+   CHANGE_NOTIFY, which is still waiting and is told of D's change.
+
+Before, the CANCEL of step 1 named nothing and the CHANGE_NOTIFY waited on
+(smbtorture's smb2.notify tests hung under AES-CMAC and SMB 3.0.2).
+
+Prints one line per step and PASS; exits non-zero on any failure.
+"""
+
+import struct
+
+from raw_channel import (
+    CANCEL,
+    CANCELLED,
+    FAILURES,
+    PENDING,
+    SUCCESS,
+    SignedClient,
+    check,
+    cmac_sign,
+    create_body,
+    opened,
+    signed_made,
+)
+
+CHANGE_NOTIFY, ECHO = 0xF, 0xD
+FILE_NAME = 0x1
+
+
+def notify(c, fid):
+    c.send(CHANGE_NOTIFY, struct.pack("<HHI16sII", 32, 0, 4096, fid, FILE_NAME, 0))
+
+
+def cancel_message_id_zero(c):
+    cancel = c.raw.header(CANCEL, c.sid, tid=c.tid, mid=0) + struct.pack("<HH", 4, 0)
+    c.raw.send(cmac_sign(c.key, cancel))
+
+
+def final(c, what):
+    """The next response on `c` that is not an interim one: its status."""
+    while True:
+        st, m = c.recv()
+        if st != PENDING:
+            check(struct.unpack_from("<H", m, 12)[0] == CHANGE_NOTIFY, f"{what}: the CHANGE_NOTIFY's answer", False)
+            return st
+
+
+def main():
+    c, d = SignedClient(), SignedClient()
+    w = opened(c, create_body("w", access=0x1, attributes=0x10, disposition=3, options=0x1))
+
+    notify(c, w)
+    cancel_message_id_zero(c)
+    st = final(c, "CANCEL before the interim response")
+    check(st == CANCELLED, f"CANCEL with MessageId 0 right after it: STATUS_CANCELLED (got {st:#010x})")
+
+    notify(c, w)
+    st, _ = c.recv()
+    check(st == PENDING, f"a second CHANGE_NOTIFY waits (got {st:#010x})")
+    st, _ = c.call(ECHO, struct.pack("<HH", 4, 0))
+    check(st == SUCCESS, f"an ECHO runs after it (got {st:#010x})")
+    cancel_message_id_zero(c)
+    signed_made(d.raw, d.sid, d.key, d.tid, "w\\made")
+    st = final(c, "CANCEL after another request")
+    check(st == SUCCESS, f"a CANCEL with MessageId 0 after the ECHO names the ECHO (got {st:#010x})")
+    check(not FAILURES, f"no step failed ({len(FAILURES)} did)")
+    print("PASS", flush=True)
+
+
+main()
