@@ -2296,28 +2296,133 @@ fn a_failed_creates_break_goes_to_no_later_open(mut t: EarlyBreak) {
 /// smbshim's test hook holds alice's stored CREATE's reply until the test
 /// lets it go, once bob's conflicting CREATE has had filterd send the
 /// break.
-#[test]
-fn a_break_after_its_open_is_stored_waits_for_its_reply() {
-    let s = Scratch::new("smb-break-before-reply");
-    let d = Filterd::start(&s, &["--break-timeout-ms", "120000"], &[]);
-    let log = s.dir.join("smbshim.log");
-    let release = s.dir.join("release-store");
-    std::fs::write(&release, b"").expect("let CREATEs be stored");
-    let hold = s.dir.join("release-store.hold-reply");
-    std::fs::write(&hold, b"").expect("hold CREATE replies");
-    let shim = Shim::start_logged(
-        "smbshim",
-        &s.socket(),
-        "smb-a",
-        &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
-        &log,
-    );
-    let logged = |needle: &str| {
+/// filterd and smbshim with its test hook: CREATEs stored at once, their
+/// replies held while `hold` exists, every break logged with its fate.
+struct HeldReplies {
+    _s: Scratch,
+    _d: Filterd,
+    shim: Shim,
+    log: std::path::PathBuf,
+    hold: std::path::PathBuf,
+}
+
+impl HeldReplies {
+    fn start(name: &str) -> HeldReplies {
+        let s = Scratch::new(name);
+        // A break timeout no step of the tests waits out.
+        let d = Filterd::start(&s, &["--break-timeout-ms", "120000"], &[]);
+        let log = s.dir.join("smbshim.log");
+        let release = s.dir.join("release-store");
+        std::fs::write(&release, b"").expect("let CREATEs be stored");
+        let shim = Shim::start_logged(
+            "smbshim",
+            &s.socket(),
+            "smb-a",
+            &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
+            &log,
+        );
+        let hold = s.dir.join("release-store.hold-reply");
+        HeldReplies {
+            _s: s,
+            _d: d,
+            shim,
+            log,
+            hold,
+        }
+    }
+
+    /// The first line of smbshim's log holding `needle` (waited for).
+    fn logged(&self, needle: &str) -> String {
         wait_for(needle, Duration::from_secs(20), || {
-            let text = std::fs::read_to_string(&log).ok()?;
+            let text = std::fs::read_to_string(&self.log).ok()?;
             text.lines().find(|l| l.contains(needle)).map(str::to_owned)
         })
+    }
+}
+
+/// `n`, alice's LEASE_BREAK of `lk`, acknowledged: bob's CREATE waiting
+/// for it is then answered.
+fn acked_break_lets_bob_in(
+    a: &mut LineClient,
+    sa: u64,
+    lk: &str,
+    n: &Value,
+    bobs: rkfilter_tests::InFlight,
+) {
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(n["lease_key"], lk, "{n}");
+    let r = a.call(
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": lk,
+               "state": n["new_state"]}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = bobs
+        .outcome("bob's CREATE", Duration::from_secs(20))
+        .expect("bob's reply");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+}
+
+/// A break held behind the reply of a CREATE that named its session on
+/// another connection goes to the session's connection when the reply's
+/// connection is gone (any connection may name a session): before, it was
+/// lost with that connection, the client kept its lease on the session's
+/// connection and the breaker waited the whole break timeout (re-review
+/// rr39f).
+#[test]
+fn a_break_held_behind_a_reply_whose_connection_died_goes_to_the_session() {
+    let h = HeldReplies::start("smb-break-held-conn-died");
+    let (shim, hold) = (&h.shim, &h.hold);
+    let (mut a, sa) = new_client(&shim.addr, "alice");
+    a.set_read_timeout(Duration::from_secs(20));
+    let lk = uuid::Uuid::new_v4().to_string();
+    let create = |access: &[&str]| {
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": access,
+               "share": ["read", "write", "delete"], "disposition": "open_if",
+               "lease": {"key": lk, "state": "RWH"}})
     };
+    let r = a.call(create(&["read", "write"]));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    // A second connection of alice's names her session; its CREATE's reply
+    // is held once the open is stored.
+    std::fs::write(hold, b"").expect("hold CREATE replies");
+    let stream = std::net::TcpStream::connect(&shim.addr).expect("connect");
+    let raw = stream.try_clone().expect("clone");
+    let mut a2 = LineClient::over(stream);
+    a2.send_only("mid", create(&["read"]));
+    h.logged("a stored CREATE's reply waits");
+    let (b, sb) = new_client(&shim.addr, "bob");
+    let bobs = rkfilter_tests::InFlight::send(
+        b,
+        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["write"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    let fate = h.logged(&format!("the break of lease {lk}"));
+    assert!(fate.contains("held behind its reply"), "{fate}");
+    // The second connection dies (reset: nothing more can be written to it).
+    nix::sys::socket::setsockopt(
+        &raw,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .expect("SO_LINGER 0");
+    drop(a2);
+    drop(raw);
+    std::fs::remove_file(hold).expect("let the reply go");
+    let n = a
+        .next_line()
+        .expect("alice's LEASE_BREAK on her session's connection");
+    acked_break_lets_bob_in(&mut a, sa, &lk, &n, bobs);
+}
+
+#[test]
+fn a_break_after_its_open_is_stored_waits_for_its_reply() {
+    let h = HeldReplies::start("smb-break-before-reply");
+    let (shim, hold) = (&h.shim, &h.hold);
+    std::fs::write(hold, b"").expect("hold CREATE replies");
     let (mut a, sa) = new_client(&shim.addr, "alice");
     a.set_read_timeout(Duration::from_secs(20));
     let (b, sb) = new_client(&shim.addr, "bob");
@@ -2328,29 +2433,18 @@ fn a_break_after_its_open_is_stored_waits_for_its_reply() {
                "share": ["read", "write", "delete"], "disposition": "open_if",
                "lease": {"key": lk, "state": "RWH"}}),
     );
-    logged("a stored CREATE's reply waits");
+    h.logged("a stored CREATE's reply waits");
     let bobs = rkfilter_tests::InFlight::send(
         b,
         json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["write"],
                "share": ["read", "write", "delete"], "disposition": "open"}),
     );
-    let fate = logged(&format!("the break of lease {lk}"));
-    std::fs::remove_file(&hold).expect("let the reply go");
+    let fate = h.logged(&format!("the break of lease {lk}"));
+    std::fs::remove_file(hold).expect("let the reply go");
     let (r, before) = a.reply_to("mid", mid).expect("alice's CREATE");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     assert_eq!(r["lease"]["state"], "RWH", "{r}");
     assert!(before.is_empty(), "ahead of the reply ({fate}): {before:?}");
     let n = a.next_line().expect("alice's LEASE_BREAK");
-    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
-    assert_eq!(n["lease_key"], lk.as_str(), "{n}");
-    let r = a.call(
-        json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": lk,
-               "state": n["new_state"]}),
-    );
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let r = bobs
-        .outcome("bob's CREATE", Duration::from_secs(20))
-        .expect("bob's reply");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    drop(d);
+    acked_break_lets_bob_in(&mut a, sa, &lk, &n, bobs);
 }

@@ -771,6 +771,19 @@ struct HeldNotes {
     call: u64,
     /// The notifications; None once the reply (and they) are queued.
     q: Mutex<Option<Vec<Value>>>,
+    /// Where they go when the reply's connection cannot take them: any
+    /// connection may name a session (smb-like.md), and the reply's may
+    /// be gone while the session's lives on ([`HeldNotes::fall_back_to`]).
+    fallback: Mutex<Fallback>,
+}
+
+/// Where [`HeldNotes`] go when the reply's connection cannot take them.
+#[derive(Default)]
+struct Fallback {
+    /// The connection of the session the break was for.
+    to: Option<shimline::Writer>,
+    /// Notes the reply's connection could not take before `to` was known.
+    waiting: Vec<Value>,
 }
 
 impl HeldNotes {
@@ -794,19 +807,51 @@ impl HeldNotes {
         self.q.lock().is_ok_and(|q| q.is_some())
     }
 
-    /// The reply is queued: what waits goes behind it on `w` (nowhere
-    /// without one: its connection is gone), queued under the lock so that
-    /// a break [`forward_breaks`] sends itself from now on comes after.
-    /// Never blocks: `shimline::send` queues.
+    /// The reply is queued: what waits goes behind it on `w`, queued
+    /// under the lock so that a break [`forward_breaks`] sends itself from
+    /// now on comes after. Without `w` (the reply did not go: its
+    /// connection is gone), or where `w` takes a note no more, the note
+    /// goes to the session's connection instead: a client whose CREATE
+    /// named its session on another connection that then died still holds
+    /// the lease there, and would keep it while the breaker waits the
+    /// whole break timeout (re-review rr39f). Never blocks:
+    /// `shimline::send` queues.
     fn release(&self, w: Option<&shimline::Writer>) {
         let Ok(mut q) = self.q.lock() else {
             return;
         };
-        if let (Some(notes), Some(w)) = (q.take(), w) {
-            for note in notes {
-                shimline::send(w, &note);
-            }
+        let Some(notes) = q.take() else {
+            return;
+        };
+        let left: Vec<Value> = notes
+            .into_iter()
+            .filter(|note| !w.is_some_and(|w| shimline::send(w, note)))
+            .collect();
+        if left.is_empty() {
+            return;
         }
+        let Ok(mut f) = self.fallback.lock() else {
+            return;
+        };
+        match f.to.clone() {
+            Some(to) => left.iter().for_each(|note| {
+                shimline::send(&to, note);
+            }),
+            None => f.waiting.extend(left),
+        }
+    }
+
+    /// The session's connection, where notes the reply's connection
+    /// cannot take go ([`HeldNotes::release`]); those already waiting go
+    /// now.
+    fn fall_back_to(&self, to: shimline::Writer) {
+        let Ok(mut f) = self.fallback.lock() else {
+            return;
+        };
+        for note in std::mem::take(&mut f.waiting) {
+            shimline::send(&to, &note);
+        }
+        f.to = Some(to);
     }
 }
 
@@ -823,6 +868,7 @@ impl AfterReply {
                 Arc::new(HeldNotes {
                     call,
                     q: Mutex::new(Some(Vec::new())),
+                    fallback: Mutex::default(),
                 })
             })
             .clone()
@@ -3232,7 +3278,7 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
         // `file` only (review: it went to whichever client's open came
         // first, and set that client's lease state too).
         let mut parked = Parked::Not;
-        let mut held = false;
+        let mut held: Option<(u64, Arc<HeldNotes>)> = None;
         let session = sh.opens.lock().ok().and_then(|mut o| {
             let mut session = None;
             // The latest reply, not yet queued, of a call that stored an
@@ -3261,8 +3307,10 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 // it).
                 Some((s, g)) => {
                     note_break(sh.as_ref(), g, &b);
-                    held = behind.is_some_and(|h| h.hold(break_json(&b)).is_ok());
-                    (!held).then_some(s)
+                    held = behind
+                        .filter(|h| h.hold(break_json(&b)).is_ok())
+                        .map(|h| (s, h));
+                    held.is_none().then_some(s)
                 }
                 // Its open may be made and not stored yet: it waits for
                 // that, under the opens lock too (rr38h).
@@ -3278,7 +3326,7 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 crate::early_breaks::PARKED_MAX
             );
         }
-        let fate = match (session.is_some(), held, parked) {
+        let fate = match (session.is_some(), held.is_some(), parked) {
             (true, _, _) => "sent",
             (_, true, _) => "held behind its reply",
             (_, _, Parked::Not) => "dropped",
@@ -3287,6 +3335,11 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
         test_note_break(&b, fate);
         if let Some(w) = session.and_then(|s| writer_of(&sh, s)) {
             shimline::send(&w, &break_json(&b));
+        }
+        if let Some((s, h)) = held {
+            if let Some(w) = writer_of(&sh, s) {
+                h.fall_back_to(w);
+            }
         }
     }
 }
