@@ -13,6 +13,10 @@ connection) makes changes.
 2. C sends a CHANGE_NOTIFY, waits for its interim response, runs an ECHO,
    then sends a CANCEL with MessageId 0: it names the ECHO, not the
    CHANGE_NOTIFY, which is still waiting and is told of D's change.
+3. C sends two CHANGE_NOTIFYs (directories w and w2) and a CANCEL with
+   MessageId 0: with two waiting it names neither (it was meant for one of
+   them, and taking it for the latter cancelled a request nobody
+   cancelled: re-review rr39g A1); each is told of its own change.
 
 Before, the CANCEL of step 1 named nothing and the CHANGE_NOTIFY waited on
 (smbtorture's smb2.notify tests hung under AES-CMAC and SMB 3.0.2).
@@ -76,6 +80,17 @@ def main():
     signed_made(d.raw, d.sid, d.key, d.tid, "w\\made")
     st = final(c, "CANCEL after another request")
     check(st == SUCCESS, f"a CANCEL with MessageId 0 after the ECHO names the ECHO (got {st:#010x})")
+
+    w2 = opened(c, create_body("w2", access=0x1, attributes=0x10, disposition=3, options=0x1))
+    notify(c, w)
+    notify(c, w2)
+    cancel_message_id_zero(c)
+    signed_made(d.raw, d.sid, d.key, d.tid, "w2\\made")
+    st = final(c, "CANCEL after two pipelined requests")
+    check(st == SUCCESS, f"a CANCEL with MessageId 0 after two waiting requests names neither: the second is told of its change (got {st:#010x})")
+    signed_made(d.raw, d.sid, d.key, d.tid, "w\\made2")
+    st = final(c, "the first of two pipelined requests")
+    check(st == SUCCESS, f"the first still waits and is told of its change (got {st:#010x})")
     check(not FAILURES, f"no step failed ({len(FAILURES)} did)")
     print("PASS", flush=True)
 

@@ -964,6 +964,12 @@ pub struct PendingCreates {
 }
 
 impl PendingCreates {
+    /// The heads of the requests waiting here (for a CANCEL naming one
+    /// by MessageId 0: `Connection::cancel_named`).
+    pub fn heads(&self) -> impl Iterator<Item = &crate::server::AsyncHead> {
+        self.list.iter().map(|w| &w.head)
+    }
+
     /// Whether no CREATE is pending.
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()

@@ -369,6 +369,12 @@ pub struct Watches {
 }
 
 impl Watches {
+    /// The heads of the requests waiting here (for a CANCEL naming one
+    /// by MessageId 0: `Connection::cancel_named`).
+    pub fn heads(&self) -> impl Iterator<Item = &crate::server::AsyncHead> {
+        self.list.iter().map(|w| &w.head)
+    }
+
     /// The descriptor to poll while directory opens are watched.
     pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         match self.standing.is_empty() {

@@ -69,6 +69,11 @@ const FRAME_MIN_RATE: u64 = 8 * 1024;
 /// memory bounds (the adversarial review of issue 14: 8 compounds of 64
 /// READs held 1 GiB).
 const MAX_COMPOUND_OUT: usize = 2 * MAX_IO as usize;
+
+/// Most connections whose last request a connection thread remembers
+/// ([`Connection::last_requests`]): its own and its channels' (the least
+/// recently served goes first).
+const LAST_REQUESTS: usize = 64;
 /// Opens one connection may hold (directory opens hold a descriptor in
 /// rksmbd; file opens are also limited per client by filterd).
 pub const MAX_OPENS_PER_CONNECTION: usize = 16_384;
@@ -902,10 +907,14 @@ pub struct Connection {
     /// Whether the PDU being answered used its message ids already: a
     /// deferred AUTHENTICATE leg's, used when it was deferred.
     ids_taken: bool,
-    /// The last request (not a CANCEL) run: the connection it came on,
-    /// its session and its MessageId. A synchronous CANCEL with MessageId
-    /// 0 names it (see [`Connection::cancel_named`]).
-    last_request: Option<(u64, u64, u64)>,
+    /// The last request (not a CANCEL, not a SESSION_SETUP) run from each
+    /// connection (this one, and each channel whose PDUs it serves), at
+    /// most [`LAST_REQUESTS`]: the connection, its session and its
+    /// MessageId. A synchronous CANCEL with MessageId 0 may name it (see
+    /// [`Connection::cancel_named`]). One slot for all of them let a
+    /// channel's request, or the home's, overwrite another connection's
+    /// (re-review rr39g A2).
+    last_requests: std::collections::VecDeque<(u64, u64, u64)>,
     /// The turn taken for the AUTHENTICATE leg being answered, when it
     /// was taken before the leg ran (a deferred leg: [`Turn::Now`]).
     ///
@@ -1048,7 +1057,7 @@ impl Connection {
             logon_failures: 0,
             deferred_logons: Vec::new(),
             ids_taken: false,
-            last_request: None,
+            last_requests: std::collections::VecDeque::new(),
             logon_turn: None,
             users_counted: Vec::new(),
             channel_writers: HashMap::new(),
@@ -1086,11 +1095,30 @@ impl Connection {
     /// nothing, the request waited on, and smbtorture hung in every
     /// smb2.notify test that cancels at once under AES-CMAC or SMB 3.0.2
     /// (Samba's own smbd 4.17 hangs the same; docs/smb3.md, Signing).
+    ///
+    /// Only when that is unambiguous: the request run just before is the
+    /// one request of that connection and session still waiting. With two
+    /// waiting (the client pipelined a second before it cancelled the
+    /// first), the CANCEL names nothing, as before: taking it for the
+    /// latter cancelled a request nobody cancelled (re-review rr39g A1).
     fn cancel_named<'a>(&self, req: &Request<'a>) -> Request<'a> {
         let mut hdr = req.hdr.clone();
         if hdr.flags & wire::FLAG_ASYNC == 0 && hdr.message_id == 0 {
-            if let Some((conn, session, mid)) = self.last_request {
-                if conn == self.origin() && session == hdr.session_id {
+            let origin = self.origin();
+            let last = self
+                .last_requests
+                .iter()
+                .find(|&&(conn, _, _)| conn == origin)
+                .filter(|&&(_, session, _)| session == hdr.session_id)
+                .map(|&(_, _, mid)| mid);
+            let mut waiting = self
+                .waiting
+                .heads()
+                .chain(self.pending_creates.heads())
+                .chain(self.notify.heads())
+                .filter(|h| h.conn == origin && h.session_id == hdr.session_id);
+            if let (Some(only), None, Some(mid)) = (waiting.next(), waiting.next(), last) {
+                if only.message_id == mid {
                     hdr.message_id = mid;
                 }
             }
@@ -1100,6 +1128,17 @@ impl Connection {
             msg: req.msg,
             body: req.body,
         }
+    }
+
+    /// Notes the request about to run as the last of its connection
+    /// ([`Connection::last_requests`]).
+    fn note_last_request(&mut self, session: u64, mid: u64) {
+        let origin = self.origin();
+        self.last_requests.retain(|&(conn, _, _)| conn != origin);
+        if self.last_requests.len() >= LAST_REQUESTS {
+            self.last_requests.pop_back();
+        }
+        self.last_requests.push_front((origin, session, mid));
     }
 
     /// The connection the request being answered came on: a channel's
@@ -2190,8 +2229,11 @@ impl Connection {
             }
             let body = msg.get(HEADER_LEN..).unwrap_or(&[]);
             let req = Request { hdr, msg, body };
-            if Command::from_code(req.hdr.command) != Command::Cancel {
-                self.last_request = Some((self.origin(), req.hdr.session_id, req.hdr.message_id));
+            if !matches!(
+                Command::from_code(req.hdr.command),
+                Command::Cancel | Command::SessionSetup
+            ) {
+                self.note_last_request(req.hdr.session_id, req.hdr.message_id);
             }
             let (resp, file) = self.dispatch(&req, file_override, failed_related);
             if let Some((st, r)) = resp {
