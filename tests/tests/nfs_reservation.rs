@@ -953,3 +953,144 @@ fn a_close_moving_a_delegation_to_its_further_handle_survives_a_filterd_crash() 
         );
     }
 }
+
+/// Re-review rr39d F1: while any recall was outstanding on the nfsshim (or
+/// any revocation unsettled), every sharing violation was answered
+/// NFS4ERR_DELAY, whatever the file: a genuine SHARE_DENIED of another
+/// file was DELAY for the whole break timeout (35 s here, the default).
+/// Now only an OPEN of the recalled file is: the other file's denial is
+/// SHARE_DENIED at once, the recalled one's still DELAY.
+#[test]
+fn an_unrelated_share_denied_stays_share_denied_while_a_recall_is_out() {
+    let s = Scratch::new("nfs-deleg-mask");
+    for f in ["f", "g"] {
+        std::fs::write(s.root().join(f), f).unwrap();
+    }
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dmk");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.open("og", "g", "read", "write", json!({})));
+    let r = b.open("ob", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    // (A DELAY leaves the slot's seqid where it was.)
+    let other = json!({"op": "OPEN", "owner": "og", "path": "g", "access": "write",
+                       "deny": "none"});
+    let r = b.send(other);
+    assert_eq!(r["status"], "NFS4ERR_SHARE_DENIED", "another file: {r}");
+    // The recalled file's own refusal (deny read against a's handle) is
+    // still DELAY while the break is in progress.
+    let r = b.open("od", "f", "read", "read", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "the recalled file: {r}");
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
+}
+
+/// Re-review rr39d F3: a revoked kept delegation whose handle's close
+/// failed (`close.refuse:1:fail`, the first close filterd is asked for)
+/// came off the revocation list anyway, so another client's OPEN refused
+/// by that handle (deny read) was answered NFS4ERR_SHARE_DENIED until the
+/// close was retried, though the handle was on its way out. Now the
+/// revocation stays listed until the close is done: every answer is
+/// DELAY until the OPEN is granted.
+#[test]
+fn an_open_refused_by_a_revoked_handle_whose_close_failed_is_delay() {
+    let s = Scratch::new("nfs-deleg-revoke-fail-delay");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(
+        &s,
+        &["--break-timeout-ms", "1000"],
+        &[("RKFILTER_FAILPOINTS", "close.refuse:1:fail")],
+    );
+    let log = s.dir.join("nfsshim.log");
+    let nfs = Shim::start_logged("nfsshim", &s.socket(), "nfs-drd", &[], &log);
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let mut c = Nfs::connect(&nfs.addr, "host-c", "00000000000000cc");
+    // b's OPEN shares with a's handle: granted at the recall timeout,
+    // which revokes a's delegation; its handle's close then fails once.
+    let r = b.open("ob", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
+                       "deny": "none"});
+    ok(b.resend_patiently(&again, Duration::from_secs(10)));
+    // c's denies what a's handle does: DELAY while it is being closed
+    // (the first try failed, the next one within the reaper's tick),
+    // never SHARE_DENIED, then granted.
+    rkfilter_tests::wait_for("the failed close", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("of a revoked delegation's closed open")
+            .then_some(())
+    });
+    ok(c.call_patiently(
+        json!({"op": "OPEN", "owner": "oc", "path": "f", "access": "read", "deny": "read"}),
+    ));
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+}
+
+/// Re-review rr39d (the flake of
+/// `a_delegation_kept_past_close_is_restored_and_revoked_at_the_recall_timeout`):
+/// filterd grants a conflicting OPEN once the recall timeout lowered the
+/// delegation's lease, but nfsshim heard of the revocation on its events
+/// thread, maybe after answering that OPEN, and meanwhile served the
+/// holder's READ under the revoked delegation NFS4_OK. The events thread
+/// held here (`NFSSHIM_TEST_REVOCATION_DELAY_MS`), the READ after the
+/// OPEN's answer is NFS4ERR_EXPIRED all the same: nfsshim asks filterd
+/// about the recalled lease before it answers the OPEN.
+#[test]
+fn a_read_after_a_granted_conflicting_open_is_expired_however_late_the_revocation_event() {
+    let s = Scratch::new("nfs-deleg-late-event");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let nfs = Shim::start_with_env(
+        "nfsshim",
+        &s.socket(),
+        "nfs-dle",
+        &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "3000")],
+    );
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let r = b.open("ob", "f", "write", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
+                       "deny": "none"});
+    let t0 = Instant::now();
+    ok(b.resend_patiently(&again, Duration::from_secs(10)));
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    // (The revocation's event was still held then.)
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+}
