@@ -390,6 +390,29 @@ struct Swap {
     closed_by: Option<String>,
     /// Lock stateids that go with it.
     gone_aliases: Vec<String>,
+    /// [`Global::reattaches`] when it was noted: a reattach after, which
+    /// did not report `old` lost (it was resumed), shows the commit never
+    /// landed, and the note goes ([`prune_swaps`]).
+    reattaches: u64,
+}
+
+/// Drops the notes of [`State::swaps`] that can no longer apply: their
+/// state no longer names their handle, or a reattach (`reattaches`, the
+/// count read with the client's forgotten handles, all of them handled
+/// now) came after them and resumed their handle. Kept, each held its
+/// open's descriptor until the same handle was swapped again (re-review
+/// rr39d F4).
+fn prune_swaps(st: &mut State, reattaches: u64) {
+    let opens = &st.opens;
+    st.swaps.retain(|old, sw| {
+        sw.reattaches >= reattaches && opens.get(&sw.other).is_some_and(|o| o.keys().contains(old))
+    });
+}
+
+/// [`Global::reattaches`] now (0 when the lock is poisoned: the note is
+/// then dropped at the first reattach seen).
+fn reattaches_now(sh: &Shared) -> u64 {
+    sh.global().map(|g| g.reattaches).unwrap_or(0)
 }
 
 /// Makes open state `sw.other` what swap `sw` of its handle `old`
@@ -487,6 +510,10 @@ struct Global {
     /// Handles filterd dropped while their client's request was running,
     /// per client: forgotten at the client's next request.
     forgotten: HashMap<String, Vec<ResumeKey>>,
+    /// Reattaches to filterd handled so far (counted once their lost
+    /// handles are in `forgotten` or forgotten): a [`Swap`] noted before
+    /// one whose handle was not lost in it never committed.
+    reattaches: u64,
 }
 
 struct Shared {
@@ -1788,10 +1815,10 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     if let Some(c) = st.client.as_mut() {
         c.deadline = Instant::now() + sh.lease;
     }
-    let forgotten = match sh.global() {
+    let (forgotten, reattaches) = match sh.global() {
         Ok(mut g) => {
             g.client_conn.insert(cid.clone(), conn);
-            g.forgotten.remove(&cid).unwrap_or_default()
+            (g.forgotten.remove(&cid).unwrap_or_default(), g.reattaches)
         }
         Err(f) => return finish(Err(f)).into(),
     };
@@ -1800,6 +1827,7 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         let chores = forget_handle(sh, &mut st, key);
         do_chores(sh, chores);
     }
+    prune_swaps(&mut st, reattaches);
     let ctx = Ctx {
         sh,
         pending: Default::default(),
@@ -3080,6 +3108,7 @@ fn recarry_kept_delegations(
                 open: after,
                 closed_by: None,
                 gone_aliases: Vec::new(),
+                reattaches: reattaches_now(sh),
             },
         );
         let committed = match sh.filter.close_recording(old, put.clone(), Vec::new()) {
@@ -4428,6 +4457,7 @@ fn close_keeping_delegation(
             open: o,
             closed_by: Some(ctx.request_name("close")),
             gone_aliases: locks,
+            reattaches: reattaches_now(sh),
         },
     );
     // One commit: the open's own handle closed (when it does not carry
@@ -5080,6 +5110,10 @@ fn events(sh: Arc<Shared>) {
                 // changes.
                 let _quiet = sh.filter.exclusive_io();
                 forget(&sh, &lost);
+                // After its lost handles are forgotten or listed.
+                if let Ok(mut g) = sh.global() {
+                    g.reattaches += 1;
+                }
                 // What the resumes said about locks, before any I/O goes
                 // unchecked again.
                 sh.filter
@@ -5779,5 +5813,75 @@ mod status_tests {
         }
         // A lease being broken stays a DELAY.
         assert_eq!(status_of(&refused(ErrorCode::Busy)), "NFS4ERR_DELAY");
+    }
+}
+
+#[cfg(test)]
+mod swap_tests {
+    use super::*;
+
+    fn open(other: &str, key: ResumeKey, fds: &Arc<Descriptors>) -> Open {
+        let (r, _w) = std::io::pipe().unwrap();
+        Open {
+            rec: OpenRec {
+                other: other.to_owned(),
+                seqid: 1,
+                owner: "o".to_owned(),
+                path: "f".to_owned(),
+                key,
+                access: "read".to_owned(),
+                deny: "none".to_owned(),
+                locks: Vec::new(),
+                deleg: None,
+                key_access: None,
+                extra: Vec::new(),
+                opened: None,
+                closed: false,
+                group: None,
+            },
+            num: 1,
+            clientid: "c".to_owned(),
+            file: open_file(std::os::fd::OwnedFd::from(r), fds.force()),
+            rights: Rights::READ,
+            extra: Vec::new(),
+            file_key: FileId { dev: 1, ino: 1 },
+        }
+    }
+
+    fn note(other: &str, open: Open, reattaches: u64) -> Swap {
+        Swap {
+            other: other.to_owned(),
+            open,
+            closed_by: None,
+            gone_aliases: Vec::new(),
+            reattaches,
+        }
+    }
+
+    /// Re-review rr39d F4: a swap note whose commit never landed stayed
+    /// (holding its open's descriptor) until the same handle was swapped
+    /// again. A note goes once its state no longer names its handle, or a
+    /// reattach after it resumed the handle; one that may still apply
+    /// stays.
+    #[test]
+    fn swap_notes_that_can_no_longer_apply_go() {
+        let fds = Descriptors::new(8);
+        let (k1, k2, gone) = (
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+        );
+        let mut st = State::default();
+        st.opens.insert("s1".into(), open("s1", k1, &fds));
+        st.opens.insert("s2".into(), open("s2", k2, &fds));
+        st.swaps.insert(k1, note("s1", open("s1", k1, &fds), 3));
+        st.swaps.insert(gone, note("s2", open("s2", k2, &fds), 3));
+        st.swaps.insert(k2, note("s3", open("s3", k2, &fds), 3));
+        prune_swaps(&mut st, 3);
+        assert_eq!(st.swaps.keys().collect::<Vec<_>>(), vec![&k1]);
+        prune_swaps(&mut st, 4);
+        assert!(st.swaps.is_empty());
+        // Their descriptors went with them: the two states' only.
+        assert_eq!(fds.held(), 2);
     }
 }
