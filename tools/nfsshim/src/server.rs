@@ -427,8 +427,16 @@ fn apply_swap(sh: &Shared, st: &mut State, old: ResumeKey, sw: Swap) {
     if let Some(by) = sw.closed_by {
         st.closed.insert(sw.other.clone(), (cid.clone(), Some(by)));
     }
+    // The delegation's lease may be carried by another handle now.
+    let held = LeaseHolder::of(&cid, &sw.open.rec);
     st.opens.insert(sw.other, sw.open);
     if let Ok(mut g) = sh.global() {
+        if let Some((lease, held)) = held {
+            // Only while it is held: a revoked one stays gone.
+            if let Some(e) = g.lease_client.get_mut(&lease) {
+                *e = held;
+            }
+        }
         for k in before.iter().chain(&after).chain([&old]) {
             // A CLOSEd state locks nothing.
             g.lock_owner.remove(k);
